@@ -1,0 +1,8 @@
+//! PostgreSQL frontend pieces for Fluxbase that stand on their own:
+//!
+//! * [`wire`]: an async frontend connection on `postgres-protocol` that keeps results in
+//!   PostgreSQL's text format (with type OIDs), for the SQL API and, later, the replication client.
+//! * [`values`]: the value codec: PostgreSQL text values to JSON exactly as `to_json()` renders them,
+//!   and JSON request parameters to PostgreSQL text input. Shared by the SQL API and the change stream.
+pub mod values;
+pub mod wire;

@@ -1,0 +1,1357 @@
+//! A small async PostgreSQL frontend connection that keeps results in the TEXT format.
+//!
+//! # Why not tokio-postgres
+//!
+//! The SQL-over-HTTP endpoint has to answer with each value exactly as PostgreSQL prints it, plus
+//! the column's type OID so that [`crate::values`] can render it as JSON. tokio-postgres asks for
+//! binary results in the extended protocol, and its `simple_query` (text results) drops the
+//! RowDescription's type OIDs. So this module speaks the
+//! [frontend/backend protocol](https://www.postgresql.org/docs/current/protocol-flow.html)
+//! itself, on top of the `postgres-protocol` crate (the tokio-free encoder/decoder under
+//! tokio-postgres).
+//!
+//! # Layers
+//!
+//! ```text
+//!  Connection::simple_query / prepare / execute_prepared      query logic, result assembly
+//!        │ recv(): ParameterStatus, NoticeResponse,            session state (parameters,
+//!        │         NotificationResponse absorbed here          transaction status, broken flag)
+//!  Transport: read_message() / write_buf + flush()             framing only, bytes <-> Message
+//!        │
+//!  TCP or unix socket (no TLS: loopback/unix only)
+//! ```
+//!
+//! The logical replication client will reuse [`Transport`] for copy-both mode: the only message it
+//! needs that `postgres-protocol` 0.6 does not decode is CopyBothResponse (`W`), which belongs in
+//! `Transport::read_message` next to the header check.
+//!
+//! # Protocol notes
+//!
+//! * Simple query: a string with several statements runs in one implicit transaction (unless it
+//!   has its own BEGIN/COMMIT); after an ErrorResponse the rest is skipped and the server still
+//!   ends with ReadyForQuery, which is where the transaction status is read
+//!   ([docs](https://www.postgresql.org/docs/current/protocol-flow.html#PROTOCOL-FLOW-MULTI-STATEMENT)).
+//! * Extended query: everything up to Sync is pipelined in one write; after an error the server
+//!   skips to Sync, so every operation reads until ReadyForQuery and the connection stays usable.
+//!   Errors before BindComplete are reported with [`Phase::Bind`] (a bad parameter value).
+//! * Rows beyond `max_rows` are read and dropped as they arrive: memory stays bounded by
+//!   `max_rows` and the largest single message, whatever the query returns.
+//! * COPY FROM STDIN is refused with CopyFail; COPY TO STDOUT data is drained and dropped.
+//! * A FATAL/PANIC ErrorResponse, an I/O or protocol error, or an operation whose future was
+//!   dropped half way (e.g. by a timeout) leaves the connection [`Connection::is_broken`]: the pool
+//!   must discard it. To stop a slow query and keep the connection, use [`cancel`] and keep
+//!   awaiting the query, which then fails with SQLSTATE 57014.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::io;
+use std::time::Duration;
+
+use bytes::{BufMut, BytesMut};
+use fallible_iterator::FallibleIterator;
+use postgres_protocol::authentication::md5_hash;
+use postgres_protocol::authentication::sasl::{ChannelBinding, ScramSha256, SCRAM_SHA_256};
+use postgres_protocol::message::backend::{
+    AuthenticationSaslBody, DataRowBody, ErrorFields, Header, Message, ReadyForQueryBody,
+    RowDescriptionBody,
+};
+use postgres_protocol::message::frontend;
+use postgres_protocol::IsNull;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tracing::debug;
+
+/// PostgreSQL never sends a message larger than this (`MaxAllocSize`); a larger length means the
+/// stream is corrupt, and refusing it keeps a bogus header from reserving gigabytes.
+const MAX_MESSAGE_LEN: usize = 1 << 30;
+const READ_CHUNK: usize = 16 * 1024;
+
+/// How to reach and log in to a PostgreSQL server.
+#[derive(Clone)]
+pub struct ConnectConfig {
+    /// Hostname or IP address, or an absolute directory path for the unix socket
+    /// `{host}/.s.PGSQL.{port}`.
+    pub host: String,
+    pub port: u16,
+    pub user: String,
+    /// Needed when the server asks for a password (cleartext, MD5 or SCRAM-SHA-256).
+    pub password: Option<String>,
+    pub database: String,
+    pub application_name: Option<String>,
+    /// Settings (GUCs) applied at session start, sent as `-c name=value` in the startup
+    /// `options`, e.g. `("statement_timeout", "30000")`, `("DateStyle", "ISO, MDY")`.
+    pub options: Vec<(String, String)>,
+    /// Sends `replication=database` (logical replication walsender connection).
+    pub replication: bool,
+    /// Bounds connecting plus authentication, and [`cancel`].
+    pub connect_timeout: Duration,
+}
+
+impl Default for ConnectConfig {
+    fn default() -> Self {
+        ConnectConfig {
+            host: "127.0.0.1".into(),
+            port: 5432,
+            user: "postgres".into(),
+            password: None,
+            database: "postgres".into(),
+            application_name: None,
+            options: Vec::new(),
+            replication: false,
+            connect_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+impl fmt::Debug for ConnectConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ConnectConfig")
+            .field("host", &self.host)
+            .field("port", &self.port)
+            .field("user", &self.user)
+            .field("password", &self.password.as_ref().map(|_| "<redacted>"))
+            .field("database", &self.database)
+            .field("application_name", &self.application_name)
+            .field("options", &self.options)
+            .field("replication", &self.replication)
+            .field("connect_timeout", &self.connect_timeout)
+            .finish()
+    }
+}
+
+/// One result column, from RowDescription.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Column {
+    pub name: String,
+    pub type_oid: u32,
+    pub type_modifier: i32,
+    /// 0 when the column is not a plain table column.
+    pub table_oid: u32,
+    pub column_id: i16,
+}
+
+/// The outcome of one statement.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct StatementResult {
+    /// Empty when the statement returns no rows (NoData / no RowDescription).
+    pub columns: Vec<Column>,
+    /// Values in PostgreSQL's text format; `None` is SQL NULL. At most `max_rows` rows.
+    pub rows: Vec<Vec<Option<String>>>,
+    /// More rows arrived than `max_rows`; they were read and dropped.
+    pub truncated: bool,
+    /// The server's command tag, e.g. `SELECT 3` (counting all rows, kept or not), `INSERT 0 1`.
+    pub command_tag: String,
+}
+
+/// What [`Connection::simple_query`] returns.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SimpleOutcome {
+    /// The last statement's result; `None` for an empty query string.
+    pub last: Option<StatementResult>,
+    /// How many statements completed (CommandComplete messages).
+    pub statements: usize,
+}
+
+/// What [`Connection::prepare`] returns.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Prepared {
+    /// Parameter type OIDs as the server inferred them.
+    pub param_types: Vec<u32>,
+    /// Empty when the statement returns no rows.
+    pub columns: Vec<Column>,
+}
+
+/// Transaction status from the last ReadyForQuery.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TransactionStatus {
+    Idle,
+    InTransaction,
+    /// In a failed transaction block: everything fails until ROLLBACK.
+    Failed,
+}
+
+/// Which step of an operation the server rejected.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    /// Startup or authentication.
+    Startup,
+    /// A simple query.
+    Query,
+    /// Parse/Describe in [`Connection::prepare`]: the statement itself is wrong.
+    Parse,
+    /// Bind in [`Connection::execute_prepared`]: a parameter value (or count) was refused.
+    Bind,
+    /// Executing a bound statement.
+    Execute,
+}
+
+/// An ErrorResponse from the server
+/// ([fields](https://www.postgresql.org/docs/current/protocol-error-fields.html)).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{severity}: {message} (SQLSTATE {code})")]
+pub struct DbError {
+    /// Non-localized severity when the server sends it: ERROR, FATAL, PANIC.
+    pub severity: String,
+    /// SQLSTATE.
+    pub code: String,
+    pub message: String,
+    pub detail: Option<String>,
+    pub hint: Option<String>,
+    /// 1-based character position in the query text.
+    pub position: Option<u32>,
+    pub internal_position: Option<u32>,
+    pub internal_query: Option<String>,
+    /// CONTEXT, e.g. `unnamed portal parameter $1 = '...'`.
+    pub where_: Option<String>,
+    pub schema: Option<String>,
+    pub table: Option<String>,
+    pub column: Option<String>,
+    pub datatype: Option<String>,
+    pub constraint: Option<String>,
+    pub phase: Phase,
+}
+
+impl DbError {
+    fn parse(mut fields: ErrorFields<'_>, phase: Phase) -> io::Result<DbError> {
+        let mut e = DbError {
+            severity: String::new(),
+            code: String::new(),
+            message: String::new(),
+            detail: None,
+            hint: None,
+            position: None,
+            internal_position: None,
+            internal_query: None,
+            where_: None,
+            schema: None,
+            table: None,
+            column: None,
+            datatype: None,
+            constraint: None,
+            phase,
+        };
+        while let Some(field) = fields.next()? {
+            let value = String::from_utf8_lossy(field.value_bytes()).into_owned();
+            match field.type_() {
+                b'S' if e.severity.is_empty() => e.severity = value,
+                b'V' => e.severity = value,
+                b'C' => e.code = value,
+                b'M' => e.message = value,
+                b'D' => e.detail = Some(value),
+                b'H' => e.hint = Some(value),
+                b'P' => e.position = value.parse().ok(),
+                b'p' => e.internal_position = value.parse().ok(),
+                b'q' => e.internal_query = Some(value),
+                b'W' => e.where_ = Some(value),
+                b's' => e.schema = Some(value),
+                b't' => e.table = Some(value),
+                b'c' => e.column = Some(value),
+                b'd' => e.datatype = Some(value),
+                b'n' => e.constraint = Some(value),
+                _ => {}
+            }
+        }
+        Ok(e)
+    }
+
+    /// FATAL and PANIC errors end the session.
+    pub fn is_fatal(&self) -> bool {
+        matches!(self.severity.as_str(), "FATAL" | "PANIC")
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum WireError {
+    /// The server refused something. The connection stays usable unless the error is fatal
+    /// (check [`Connection::is_broken`]).
+    #[error("{0}")]
+    Db(DbError),
+    #[error("I/O error: {0}")]
+    Io(#[from] io::Error),
+    /// The server sent something this client cannot make sense of.
+    #[error("protocol error: {0}")]
+    Protocol(String),
+    /// Unsupported authentication method, missing password, failed SCRAM exchange.
+    #[error("authentication failed: {0}")]
+    Auth(String),
+    /// The request could not be encoded (e.g. a NUL byte in the SQL or a parameter, too many
+    /// parameters). Nothing was sent; the connection is unaffected.
+    #[error("invalid input: {0}")]
+    InvalidInput(String),
+    /// Connecting, authenticating or cancelling took longer than `connect_timeout`.
+    #[error("timed out")]
+    Timeout,
+    /// The server closed the connection, or it was already unusable.
+    #[error("connection closed")]
+    Closed,
+}
+
+impl WireError {
+    /// The server's error, if this is one.
+    pub fn as_db(&self) -> Option<&DbError> {
+        match self {
+            WireError::Db(e) => Some(e),
+            _ => None,
+        }
+    }
+
+    fn protocol(what: impl fmt::Display) -> WireError {
+        WireError::Protocol(what.to_string())
+    }
+}
+
+/// A byte stream to the server: TCP, unix socket, or an in-memory pipe in tests.
+trait Socket: AsyncRead + AsyncWrite + Unpin + Send + Sync {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send + Sync> Socket for T {}
+
+/// Framing only: backend messages out of a buffered reader, frontend messages into `write_buf`.
+struct Transport {
+    socket: Box<dyn Socket>,
+    read_buf: BytesMut,
+    write_buf: BytesMut,
+}
+
+impl Transport {
+    fn new(socket: Box<dyn Socket>) -> Transport {
+        Transport {
+            socket,
+            read_buf: BytesMut::with_capacity(READ_CHUNK),
+            write_buf: BytesMut::with_capacity(1024),
+        }
+    }
+
+    async fn read_message(&mut self) -> Result<Message, WireError> {
+        loop {
+            if let Some(header) = Header::parse(&self.read_buf).map_err(WireError::protocol)? {
+                if header.len() as usize > MAX_MESSAGE_LEN {
+                    return Err(WireError::protocol(format!(
+                        "message of {} bytes (tag {:?})",
+                        header.len(),
+                        char::from(header.tag())
+                    )));
+                }
+            }
+            if let Some(message) =
+                Message::parse(&mut self.read_buf).map_err(WireError::protocol)?
+            {
+                return Ok(message);
+            }
+            self.read_buf.reserve(READ_CHUNK);
+            if self.socket.read_buf(&mut self.read_buf).await? == 0 {
+                return Err(WireError::Closed);
+            }
+        }
+    }
+
+    /// Encodes into `write_buf`; on failure nothing of it stays there to be sent.
+    fn encode<E: fmt::Display>(
+        &mut self,
+        encode: impl FnOnce(&mut BytesMut) -> Result<(), E>,
+    ) -> Result<(), WireError> {
+        let start = self.write_buf.len();
+        encode(&mut self.write_buf).map_err(|e| {
+            self.write_buf.truncate(start);
+            WireError::InvalidInput(e.to_string())
+        })
+    }
+
+    async fn flush(&mut self) -> Result<(), WireError> {
+        self.socket.write_all(&self.write_buf).await?;
+        self.write_buf.clear();
+        self.socket.flush().await?;
+        Ok(())
+    }
+}
+
+/// One session with the server, used by one task at a time.
+pub struct Connection {
+    transport: Transport,
+    parameters: HashMap<String, String>,
+    backend_key: (i32, i32),
+    status: TransactionStatus,
+    broken: bool,
+    /// Set while an operation has sent its request but not yet read ReadyForQuery. Still set
+    /// afterwards only if the operation's future was dropped half way.
+    in_progress: bool,
+}
+
+impl fmt::Debug for Connection {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Connection")
+            .field("pid", &self.backend_key.0)
+            .field("status", &self.status)
+            .field("broken", &self.is_broken())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Connection {
+    /// Opens a session: TCP or unix socket, startup, authentication, up to the first
+    /// ReadyForQuery, all within `cfg.connect_timeout`.
+    pub async fn connect(cfg: &ConnectConfig) -> Result<Connection, WireError> {
+        tokio::time::timeout(cfg.connect_timeout, async {
+            let socket = open_socket(cfg).await?;
+            Connection::handshake(socket, cfg).await
+        })
+        .await
+        .map_err(|_| WireError::Timeout)?
+    }
+
+    async fn handshake(
+        socket: Box<dyn Socket>,
+        cfg: &ConnectConfig,
+    ) -> Result<Connection, WireError> {
+        let mut conn = Connection {
+            transport: Transport::new(socket),
+            parameters: HashMap::new(),
+            backend_key: (0, 0),
+            status: TransactionStatus::Idle,
+            broken: false,
+            in_progress: true,
+        };
+        let params = startup_parameters(cfg);
+        conn.transport.encode(|buf| {
+            frontend::startup_message(params.iter().map(|(k, v)| (*k, v.as_str())), buf)
+        })?;
+        conn.send().await?;
+        conn.authenticate(cfg).await?;
+        loop {
+            match conn.recv().await? {
+                Message::BackendKeyData(key) => {
+                    conn.backend_key = (key.process_id(), key.secret_key())
+                }
+                Message::ErrorResponse(body) => {
+                    return Err(conn.server_error(body.fields(), Phase::Startup))
+                }
+                Message::ReadyForQuery(body) => {
+                    conn.ready(&body)?;
+                    break;
+                }
+                other => return Err(conn.unexpected(&other, "startup")),
+            }
+        }
+        debug!(
+            pid = conn.backend_key.0,
+            server_version = conn.parameter("server_version"),
+            "connected"
+        );
+        Ok(conn)
+    }
+
+    async fn authenticate(&mut self, cfg: &ConnectConfig) -> Result<(), WireError> {
+        let password = || {
+            cfg.password.as_deref().ok_or_else(|| {
+                WireError::Auth("the server asks for a password, none is configured".into())
+            })
+        };
+        loop {
+            match self.recv().await? {
+                Message::AuthenticationOk => return Ok(()),
+                Message::AuthenticationCleartextPassword => {
+                    debug!("authenticating with cleartext password");
+                    let password = password()?;
+                    self.transport
+                        .encode(|buf| frontend::password_message(password.as_bytes(), buf))?;
+                    self.send().await?;
+                }
+                Message::AuthenticationMd5Password(body) => {
+                    debug!("authenticating with MD5");
+                    let hash = md5_hash(cfg.user.as_bytes(), password()?.as_bytes(), body.salt());
+                    self.transport
+                        .encode(|buf| frontend::password_message(hash.as_bytes(), buf))?;
+                    self.send().await?;
+                }
+                Message::AuthenticationSasl(body) => self.scram(&body, password()?).await?,
+                Message::ErrorResponse(body) => {
+                    return Err(self.server_error(body.fields(), Phase::Startup))
+                }
+                other => {
+                    self.broken = true;
+                    return Err(WireError::Auth(format!(
+                        "unsupported authentication method ({})",
+                        message_name(&other)
+                    )));
+                }
+            }
+        }
+    }
+
+    /// SCRAM-SHA-256 without channel binding (there is no TLS to bind to).
+    async fn scram(
+        &mut self,
+        body: &AuthenticationSaslBody,
+        password: &str,
+    ) -> Result<(), WireError> {
+        let mechanisms: Vec<String> = body
+            .mechanisms()
+            .map(|m| Ok(m.to_owned()))
+            .collect()
+            .map_err(|e| self.fail(WireError::protocol(e)))?;
+        if !mechanisms.iter().any(|m| m == SCRAM_SHA_256) {
+            self.broken = true;
+            return Err(WireError::Auth(format!(
+                "unsupported SASL mechanisms {mechanisms:?}"
+            )));
+        }
+        debug!("authenticating with SCRAM-SHA-256");
+        let mut scram = ScramSha256::new(password.as_bytes(), ChannelBinding::unsupported());
+        self.transport
+            .encode(|buf| frontend::sasl_initial_response(SCRAM_SHA_256, scram.message(), buf))?;
+        self.send().await?;
+
+        match self.recv().await? {
+            Message::AuthenticationSaslContinue(body) => scram
+                .update(body.data())
+                .map_err(|e| self.fail(WireError::Auth(format!("SCRAM: {e}"))))?,
+            Message::ErrorResponse(body) => {
+                return Err(self.server_error(body.fields(), Phase::Startup))
+            }
+            other => return Err(self.unexpected(&other, "SCRAM")),
+        }
+        self.transport
+            .encode(|buf| frontend::sasl_response(scram.message(), buf))?;
+        self.send().await?;
+
+        match self.recv().await? {
+            Message::AuthenticationSaslFinal(body) => scram
+                .finish(body.data())
+                .map_err(|e| self.fail(WireError::Auth(format!("SCRAM: {e}")))),
+            Message::ErrorResponse(body) => Err(self.server_error(body.fields(), Phase::Startup)),
+            other => Err(self.unexpected(&other, "SCRAM")),
+        }
+    }
+
+    /// Runs `sql` with the simple query protocol and returns the last statement's result (at
+    /// most `max_rows` rows kept) and how many statements completed. Several statements run as
+    /// PostgreSQL runs them: one implicit transaction unless the text has its own BEGIN/COMMIT.
+    /// Earlier statements' rows are dropped as they stream. On an ErrorResponse the rest of the
+    /// response is read (the connection stays usable) and the error returned.
+    pub async fn simple_query(
+        &mut self,
+        sql: &str,
+        max_rows: usize,
+    ) -> Result<SimpleOutcome, WireError> {
+        self.ensure_usable()?;
+        self.transport.encode(|buf| frontend::query(sql, buf))?;
+        self.send().await?;
+
+        let mut current: Option<ResultBuilder> = None;
+        let mut outcome = SimpleOutcome::default();
+        let mut error = None;
+        loop {
+            match self.recv().await? {
+                Message::RowDescription(body) => {
+                    outcome.last = None;
+                    current = Some(ResultBuilder::new(self.columns(&body)?, max_rows));
+                }
+                Message::DataRow(row) => match current.as_mut() {
+                    Some(builder) => builder.push(&row).map_err(|e| self.fail(e))?,
+                    None => {
+                        return Err(self.fail(WireError::protocol("DataRow without RowDescription")))
+                    }
+                },
+                Message::CommandComplete(body) => {
+                    let tag = body.tag().map_err(|e| self.fail(WireError::protocol(e)))?;
+                    let builder = current
+                        .take()
+                        .unwrap_or_else(|| ResultBuilder::new(Vec::new(), 0));
+                    outcome.last = Some(builder.finish(tag));
+                    outcome.statements += 1;
+                }
+                Message::EmptyQueryResponse => current = None,
+                Message::ErrorResponse(body) => {
+                    error = Some(self.recoverable_error(&body, Phase::Query)?)
+                }
+                Message::CopyInResponse(_) => self.refuse_copy_in(false).await?,
+                Message::CopyOutResponse(_) | Message::CopyData(_) | Message::CopyDone => {}
+                Message::ReadyForQuery(body) => {
+                    self.ready(&body)?;
+                    break;
+                }
+                other => return Err(self.unexpected(&other, "simple query")),
+            }
+        }
+        debug!(
+            pid = self.backend_key.0,
+            statements = outcome.statements,
+            failed = error.is_some(),
+            "simple query done"
+        );
+        match error {
+            Some(e) => Err(WireError::Db(e)),
+            None => Ok(outcome),
+        }
+    }
+
+    /// Parses `sql` as the unnamed statement (parameter types left to the server) and describes
+    /// it: Parse + Describe + Sync. Errors carry [`Phase::Parse`].
+    pub async fn prepare(&mut self, sql: &str) -> Result<Prepared, WireError> {
+        self.ensure_usable()?;
+        self.transport.encode(|buf| {
+            frontend::parse("", sql, std::iter::empty(), buf)?;
+            frontend::describe(b'S', "", buf)?;
+            frontend::sync(buf);
+            Ok::<_, io::Error>(())
+        })?;
+        self.send().await?;
+
+        let mut prepared = Prepared::default();
+        let mut error = None;
+        loop {
+            match self.recv().await? {
+                Message::ParseComplete | Message::NoData => {}
+                Message::ParameterDescription(body) => {
+                    prepared.param_types = body
+                        .parameters()
+                        .collect()
+                        .map_err(|e| self.fail(WireError::protocol(e)))?;
+                }
+                Message::RowDescription(body) => prepared.columns = self.columns(&body)?,
+                Message::ErrorResponse(body) => {
+                    error = Some(self.recoverable_error(&body, Phase::Parse)?)
+                }
+                Message::ReadyForQuery(body) => {
+                    self.ready(&body)?;
+                    break;
+                }
+                other => return Err(self.unexpected(&other, "prepare")),
+            }
+        }
+        debug!(
+            pid = self.backend_key.0,
+            params = prepared.param_types.len(),
+            failed = error.is_some(),
+            "prepared"
+        );
+        match error {
+            Some(e) => Err(WireError::Db(e)),
+            None => Ok(prepared),
+        }
+    }
+
+    /// Binds the unnamed statement from [`Connection::prepare`] with text parameters (`None` is
+    /// NULL), describes the portal, executes it to the end and syncs. A parameter the server
+    /// refuses comes back as a [`WireError::Db`] with [`Phase::Bind`], its `where_` naming the
+    /// parameter (`unnamed portal parameter $1 = '...'`).
+    pub async fn execute_prepared(
+        &mut self,
+        params: &[Option<String>],
+        max_rows: usize,
+    ) -> Result<StatementResult, WireError> {
+        self.ensure_usable()?;
+        self.transport
+            .encode(|buf| encode_bind_execute(params, buf))?;
+        self.send().await?;
+
+        let mut phase = Phase::Bind;
+        let mut builder = ResultBuilder::new(Vec::new(), max_rows);
+        let mut result = None;
+        let mut error = None;
+        loop {
+            match self.recv().await? {
+                Message::BindComplete => phase = Phase::Execute,
+                Message::RowDescription(body) => builder.columns = self.columns(&body)?,
+                Message::NoData => {}
+                Message::DataRow(row) => builder.push(&row).map_err(|e| self.fail(e))?,
+                Message::CommandComplete(body) => {
+                    let tag = body.tag().map_err(|e| self.fail(WireError::protocol(e)))?;
+                    let done = std::mem::replace(&mut builder, ResultBuilder::new(Vec::new(), 0));
+                    result = Some(done.finish(tag));
+                }
+                Message::EmptyQueryResponse => result = Some(StatementResult::default()),
+                Message::ErrorResponse(body) => error = Some(self.recoverable_error(&body, phase)?),
+                Message::CopyInResponse(_) => self.refuse_copy_in(true).await?,
+                Message::CopyOutResponse(_) | Message::CopyData(_) | Message::CopyDone => {}
+                Message::ReadyForQuery(body) => {
+                    self.ready(&body)?;
+                    break;
+                }
+                other => return Err(self.unexpected(&other, "execute")),
+            }
+        }
+        debug!(
+            pid = self.backend_key.0,
+            failed = error.is_some(),
+            "executed prepared statement"
+        );
+        match (error, result) {
+            (Some(e), _) => Err(WireError::Db(e)),
+            (None, Some(result)) => Ok(result),
+            (None, None) => {
+                Err(self.fail(WireError::protocol("execute ended without CommandComplete")))
+            }
+        }
+    }
+
+    /// From the last ReadyForQuery.
+    pub fn transaction_status(&self) -> TransactionStatus {
+        self.status
+    }
+
+    /// A run-time parameter the server reports (ParameterStatus): `server_version`, `DateStyle`,
+    /// `TimeZone`, `IntervalStyle`, `integer_datetimes`, ... Kept up to date after `SET`.
+    pub fn parameter(&self, name: &str) -> Option<&str> {
+        self.parameters.get(name).map(String::as_str)
+    }
+
+    /// (process id, secret key) from BackendKeyData, for [`cancel`].
+    pub fn backend_key(&self) -> (i32, i32) {
+        self.backend_key
+    }
+
+    /// The connection must not be reused: an I/O, protocol or fatal server error happened, or an
+    /// operation was abandoned half way.
+    pub fn is_broken(&self) -> bool {
+        self.broken || self.in_progress
+    }
+
+    /// Sends Terminate and closes the socket; errors are ignored (the session is over anyway).
+    pub async fn close(mut self) {
+        debug!(pid = self.backend_key.0, "closing");
+        frontend::terminate(&mut self.transport.write_buf);
+        let _ = self.transport.flush().await;
+        let _ = self.transport.socket.shutdown().await;
+    }
+
+    fn ensure_usable(&self) -> Result<(), WireError> {
+        if self.is_broken() {
+            return Err(WireError::Closed);
+        }
+        Ok(())
+    }
+
+    async fn send(&mut self) -> Result<(), WireError> {
+        self.in_progress = true;
+        self.transport.flush().await.map_err(|e| self.fail(e))
+    }
+
+    /// The next message that belongs to the current operation; messages that can arrive at any
+    /// time are absorbed here.
+    async fn recv(&mut self) -> Result<Message, WireError> {
+        loop {
+            let message = self
+                .transport
+                .read_message()
+                .await
+                .map_err(|e| self.fail(e))?;
+            match message {
+                Message::ParameterStatus(body) => {
+                    let (name, value) = match (body.name(), body.value()) {
+                        (Ok(name), Ok(value)) => (name.to_owned(), value.to_owned()),
+                        _ => {
+                            return Err(
+                                self.fail(WireError::protocol("ParameterStatus is not UTF-8"))
+                            )
+                        }
+                    };
+                    debug!(pid = self.backend_key.0, %name, %value, "parameter status");
+                    self.parameters.insert(name, value);
+                }
+                Message::NoticeResponse(body) => {
+                    if let Ok(notice) = DbError::parse(body.fields(), Phase::Query) {
+                        debug!(
+                            pid = self.backend_key.0,
+                            severity = %notice.severity,
+                            code = %notice.code,
+                            message = %notice.message,
+                            "notice"
+                        );
+                    }
+                }
+                Message::NotificationResponse(body) => {
+                    debug!(
+                        pid = self.backend_key.0,
+                        sender = body.process_id(),
+                        channel = body.channel().unwrap_or("?"),
+                        "notification (dropped)"
+                    );
+                }
+                message => return Ok(message),
+            }
+        }
+    }
+
+    fn ready(&mut self, body: &ReadyForQueryBody) -> Result<(), WireError> {
+        self.status = match body.status() {
+            b'I' => TransactionStatus::Idle,
+            b'T' => TransactionStatus::InTransaction,
+            b'E' => TransactionStatus::Failed,
+            other => {
+                return Err(self.fail(WireError::protocol(format!(
+                    "ReadyForQuery status {other:#04x}"
+                ))))
+            }
+        };
+        self.in_progress = false;
+        Ok(())
+    }
+
+    /// An ErrorResponse as the error to return right away (startup, or a fatal one).
+    fn server_error(&mut self, fields: ErrorFields<'_>, phase: Phase) -> WireError {
+        match DbError::parse(fields, phase) {
+            Ok(e) => {
+                if e.is_fatal() || phase == Phase::Startup {
+                    self.broken = true;
+                }
+                WireError::Db(e)
+            }
+            Err(e) => self.fail(WireError::protocol(e)),
+        }
+    }
+
+    /// An ErrorResponse after which the server goes on to ReadyForQuery; a fatal one is returned
+    /// as `Err` at once since the server closes the connection instead.
+    fn recoverable_error(
+        &mut self,
+        body: &postgres_protocol::message::backend::ErrorResponseBody,
+        phase: Phase,
+    ) -> Result<DbError, WireError> {
+        match self.server_error(body.fields(), phase) {
+            WireError::Db(e) if !e.is_fatal() => Ok(e),
+            other => Err(other),
+        }
+    }
+
+    /// COPY FROM STDIN has no data source here. In the extended protocol the server ignores the
+    /// Sync already sent while in copy-in mode, so another one follows the CopyFail.
+    async fn refuse_copy_in(&mut self, extended: bool) -> Result<(), WireError> {
+        self.transport.encode(|buf| {
+            frontend::copy_fail("COPY FROM STDIN is not supported by this client", buf)?;
+            if extended {
+                frontend::sync(buf);
+            }
+            Ok::<_, io::Error>(())
+        })?;
+        self.send().await
+    }
+
+    fn columns(&mut self, body: &RowDescriptionBody) -> Result<Vec<Column>, WireError> {
+        body.fields()
+            .map(|f| {
+                Ok(Column {
+                    name: f.name().to_owned(),
+                    type_oid: f.type_oid(),
+                    type_modifier: f.type_modifier(),
+                    table_oid: f.table_oid(),
+                    column_id: f.column_id(),
+                })
+            })
+            .collect()
+            .map_err(|e| self.fail(WireError::protocol(e)))
+    }
+
+    fn unexpected(&mut self, message: &Message, during: &str) -> WireError {
+        self.fail(WireError::protocol(format!(
+            "unexpected {} during {during}",
+            message_name(message)
+        )))
+    }
+
+    /// Marks the connection broken when `e` leaves the stream in an unknown state.
+    fn fail(&mut self, e: WireError) -> WireError {
+        if !matches!(e, WireError::Db(_) | WireError::InvalidInput(_)) {
+            self.broken = true;
+        }
+        e
+    }
+}
+
+/// Bind (text parameters, text results) + Describe portal + Execute (all rows) + Sync.
+fn encode_bind_execute(params: &[Option<String>], buf: &mut BytesMut) -> Result<(), String> {
+    frontend::bind(
+        "",
+        "",
+        std::iter::empty(), // no parameter formats: all text
+        params,
+        |param, buf| match param {
+            Some(text) => {
+                buf.put_slice(text.as_bytes());
+                Ok(IsNull::No)
+            }
+            None => Ok(IsNull::Yes),
+        },
+        std::iter::empty(), // no result formats: all text
+        buf,
+    )
+    .map_err(|e| match e {
+        frontend::BindError::Conversion(e) => e.to_string(),
+        frontend::BindError::Serialization(e) => e.to_string(),
+    })?;
+    frontend::describe(b'P', "", buf).map_err(|e| e.to_string())?;
+    frontend::execute("", 0, buf).map_err(|e| e.to_string())?;
+    frontend::sync(buf);
+    Ok(())
+}
+
+/// Accumulates one statement's rows, keeping at most `max_rows`.
+struct ResultBuilder {
+    columns: Vec<Column>,
+    rows: Vec<Vec<Option<String>>>,
+    max_rows: usize,
+    truncated: bool,
+}
+
+impl ResultBuilder {
+    fn new(columns: Vec<Column>, max_rows: usize) -> ResultBuilder {
+        ResultBuilder {
+            columns,
+            rows: Vec::new(),
+            max_rows,
+            truncated: false,
+        }
+    }
+
+    fn push(&mut self, row: &DataRowBody) -> Result<(), WireError> {
+        if self.rows.len() >= self.max_rows {
+            self.truncated = true;
+            return Ok(());
+        }
+        let buf = row.buffer();
+        let values: Vec<Option<String>> = row
+            .ranges()
+            .map(|range| Ok(range.map(|r| String::from_utf8_lossy(&buf[r]).into_owned())))
+            .collect()
+            .map_err(WireError::protocol)?;
+        if values.len() != self.columns.len() {
+            return Err(WireError::protocol(format!(
+                "DataRow with {} values for {} columns",
+                values.len(),
+                self.columns.len()
+            )));
+        }
+        self.rows.push(values);
+        Ok(())
+    }
+
+    fn finish(self, command_tag: &str) -> StatementResult {
+        StatementResult {
+            columns: self.columns,
+            rows: self.rows,
+            truncated: self.truncated,
+            command_tag: command_tag.to_owned(),
+        }
+    }
+}
+
+/// Sends a CancelRequest for the session `backend_key` over a fresh connection and waits for the
+/// server to close it, as libpq does. Success means the request was delivered, not that a query
+/// was running; the cancelled query fails with SQLSTATE 57014.
+pub async fn cancel(cfg: &ConnectConfig, backend_key: (i32, i32)) -> Result<(), WireError> {
+    tokio::time::timeout(cfg.connect_timeout, async {
+        let mut socket = open_socket(cfg).await?;
+        let mut buf = BytesMut::new();
+        frontend::cancel_request(backend_key.0, backend_key.1, &mut buf);
+        socket.write_all(&buf).await?;
+        socket.flush().await?;
+        let mut sink = [0u8; 64];
+        while socket.read(&mut sink).await? > 0 {}
+        debug!(pid = backend_key.0, "cancel request sent");
+        Ok(())
+    })
+    .await
+    .map_err(|_| WireError::Timeout)?
+}
+
+async fn open_socket(cfg: &ConnectConfig) -> Result<Box<dyn Socket>, WireError> {
+    if cfg.host.starts_with('/') {
+        let path = format!("{}/.s.PGSQL.{}", cfg.host, cfg.port);
+        Ok(Box::new(tokio::net::UnixStream::connect(path).await?))
+    } else {
+        let stream = tokio::net::TcpStream::connect((cfg.host.as_str(), cfg.port)).await?;
+        stream.set_nodelay(true)?;
+        Ok(Box::new(stream))
+    }
+}
+
+fn startup_parameters(cfg: &ConnectConfig) -> Vec<(&'static str, String)> {
+    let mut params = vec![
+        ("user", cfg.user.clone()),
+        ("database", cfg.database.clone()),
+        ("client_encoding", "UTF8".to_owned()),
+    ];
+    if let Some(name) = &cfg.application_name {
+        params.push(("application_name", name.clone()));
+    }
+    if !cfg.options.is_empty() {
+        params.push(("options", startup_options(&cfg.options)));
+    }
+    if cfg.replication {
+        params.push(("replication", "database".to_owned()));
+    }
+    params
+}
+
+/// The startup `options` value: `-c name=value` per setting. The server splits it on whitespace
+/// with backslash as the escape character (`pg_split_opts`), so both are escaped.
+fn startup_options(options: &[(String, String)]) -> String {
+    let mut out = String::new();
+    for (name, value) in options {
+        if !out.is_empty() {
+            out.push(' ');
+        }
+        out.push_str("-c ");
+        escape_option(&mut out, name);
+        out.push('=');
+        escape_option(&mut out, value);
+    }
+    out
+}
+
+fn escape_option(out: &mut String, s: &str) {
+    for c in s.chars() {
+        // C isspace() in the server, plus the escape character itself.
+        if matches!(c, ' ' | '\t' | '\n' | '\r' | '\x0b' | '\x0c' | '\\') {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+}
+
+fn message_name(message: &Message) -> &'static str {
+    match message {
+        Message::AuthenticationCleartextPassword => "AuthenticationCleartextPassword",
+        Message::AuthenticationGss => "AuthenticationGSS",
+        Message::AuthenticationKerberosV5 => "AuthenticationKerberosV5",
+        Message::AuthenticationMd5Password(_) => "AuthenticationMD5Password",
+        Message::AuthenticationOk => "AuthenticationOk",
+        Message::AuthenticationScmCredential => "AuthenticationSCMCredential",
+        Message::AuthenticationSspi => "AuthenticationSSPI",
+        Message::AuthenticationGssContinue(_) => "AuthenticationGSSContinue",
+        Message::AuthenticationSasl(_) => "AuthenticationSASL",
+        Message::AuthenticationSaslContinue(_) => "AuthenticationSASLContinue",
+        Message::AuthenticationSaslFinal(_) => "AuthenticationSASLFinal",
+        Message::BackendKeyData(_) => "BackendKeyData",
+        Message::BindComplete => "BindComplete",
+        Message::CloseComplete => "CloseComplete",
+        Message::CommandComplete(_) => "CommandComplete",
+        Message::CopyData(_) => "CopyData",
+        Message::CopyDone => "CopyDone",
+        Message::CopyInResponse(_) => "CopyInResponse",
+        Message::CopyOutResponse(_) => "CopyOutResponse",
+        Message::DataRow(_) => "DataRow",
+        Message::EmptyQueryResponse => "EmptyQueryResponse",
+        Message::ErrorResponse(_) => "ErrorResponse",
+        Message::NoData => "NoData",
+        Message::NoticeResponse(_) => "NoticeResponse",
+        Message::NotificationResponse(_) => "NotificationResponse",
+        Message::ParameterDescription(_) => "ParameterDescription",
+        Message::ParameterStatus(_) => "ParameterStatus",
+        Message::ParseComplete => "ParseComplete",
+        Message::PortalSuspended => "PortalSuspended",
+        Message::ReadyForQuery(_) => "ReadyForQuery",
+        Message::RowDescription(_) => "RowDescription",
+        _ => "unknown message",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! Exchanges with a scripted server over an in-memory pipe: the authentication methods the
+    //! shared test cluster does not use, and server input no real server sends. Everything else is
+    //! tested against PostgreSQL in `tests/it/wire.rs`.
+    use super::*;
+    use tokio::io::DuplexStream;
+
+    fn backend(tag: u8, body: &[u8]) -> Vec<u8> {
+        let mut out = vec![tag];
+        out.extend_from_slice(&(body.len() as i32 + 4).to_be_bytes());
+        out.extend_from_slice(body);
+        out
+    }
+
+    fn auth(code: i32, extra: &[u8]) -> Vec<u8> {
+        let mut body = code.to_be_bytes().to_vec();
+        body.extend_from_slice(extra);
+        backend(b'R', &body)
+    }
+
+    fn cstr(s: &str) -> Vec<u8> {
+        let mut out = s.as_bytes().to_vec();
+        out.push(0);
+        out
+    }
+
+    fn session_start() -> Vec<u8> {
+        let mut out = auth(0, &[]);
+        out.extend(backend(
+            b'S',
+            &[cstr("server_version"), cstr("15.0")].concat(),
+        ));
+        out.extend(backend(
+            b'K',
+            &[7i32.to_be_bytes(), 99i32.to_be_bytes()].concat(),
+        ));
+        out.extend(backend(b'Z', b"I"));
+        out
+    }
+
+    fn error_response(fields: &[(u8, &str)]) -> Vec<u8> {
+        let mut body = Vec::new();
+        for (kind, value) in fields {
+            body.push(*kind);
+            body.extend(cstr(value));
+        }
+        body.push(0);
+        backend(b'E', &body)
+    }
+
+    async fn read_startup(s: &mut DuplexStream) -> Vec<u8> {
+        let len = s.read_i32().await.unwrap() as usize;
+        let mut body = vec![0; len - 4];
+        s.read_exact(&mut body).await.unwrap();
+        body
+    }
+
+    async fn read_frontend(s: &mut DuplexStream) -> (u8, Vec<u8>) {
+        let tag = s.read_u8().await.unwrap();
+        let len = s.read_i32().await.unwrap() as usize;
+        let mut body = vec![0; len - 4];
+        s.read_exact(&mut body).await.unwrap();
+        (tag, body)
+    }
+
+    fn config() -> ConnectConfig {
+        ConnectConfig {
+            user: "alice".into(),
+            password: Some("s3cret".into()),
+            ..ConnectConfig::default()
+        }
+    }
+
+    /// Runs `server` on one end of a pipe and the client handshake on the other.
+    async fn handshake_with<F, Fut>(cfg: &ConnectConfig, server: F) -> Result<Connection, WireError>
+    where
+        F: FnOnce(DuplexStream) -> Fut,
+        Fut: std::future::Future<Output = ()> + Send + 'static,
+    {
+        let (client, server_end) = tokio::io::duplex(64 * 1024);
+        tokio::spawn(server(server_end));
+        Connection::handshake(Box::new(client), cfg).await
+    }
+
+    /// A connected client whose server answers the first query with `reply`, then idles.
+    async fn connection_answering(reply: Vec<u8>) -> Connection {
+        handshake_with(&config(), |mut s| async move {
+            read_startup(&mut s).await;
+            s.write_all(&session_start()).await.unwrap();
+            read_frontend(&mut s).await;
+            s.write_all(&reply).await.unwrap();
+            let mut sink = Vec::new();
+            let _ = s.read_to_end(&mut sink).await;
+        })
+        .await
+        .unwrap()
+    }
+
+    #[test]
+    fn options_escape_spaces_and_backslashes() {
+        let options = vec![
+            ("DateStyle".to_owned(), "ISO, MDY".to_owned()),
+            ("search_path".to_owned(), r"a\b".to_owned()),
+            ("statement_timeout".to_owned(), "30000".to_owned()),
+        ];
+        assert_eq!(
+            startup_options(&options),
+            r"-c DateStyle=ISO,\ MDY -c search_path=a\\b -c statement_timeout=30000"
+        );
+    }
+
+    #[test]
+    fn options_and_replication_are_sent_only_when_asked_for() {
+        let keys = |cfg: &ConnectConfig| -> Vec<&'static str> {
+            startup_parameters(cfg)
+                .into_iter()
+                .map(|(k, _)| k)
+                .collect()
+        };
+        assert_eq!(keys(&config()), ["user", "database", "client_encoding"]);
+        let cfg = ConnectConfig {
+            application_name: Some("fluxbase".into()),
+            options: vec![("TimeZone".into(), "UTC".into())],
+            replication: true,
+            ..config()
+        };
+        let params = startup_parameters(&cfg);
+        assert!(params.contains(&("options", "-c TimeZone=UTC".into())));
+        assert!(params.contains(&("replication", "database".into())));
+        assert!(params.contains(&("application_name", "fluxbase".into())));
+    }
+
+    #[test]
+    fn debug_output_hides_the_password() {
+        assert!(!format!("{:?}", config()).contains("s3cret"));
+    }
+
+    #[tokio::test]
+    async fn md5_authentication_sends_the_salted_hash() {
+        let conn = handshake_with(&config(), |mut s| async move {
+            let startup = read_startup(&mut s).await;
+            assert!(startup.windows(6).any(|w| w == b"alice\0"));
+            s.write_all(&auth(5, &[1, 2, 3, 4])).await.unwrap();
+            let (tag, body) = read_frontend(&mut s).await;
+            assert_eq!(tag, b'p');
+            assert_eq!(body, cstr(&md5_hash(b"alice", b"s3cret", [1, 2, 3, 4])));
+            s.write_all(&session_start()).await.unwrap();
+        })
+        .await
+        .unwrap();
+        assert_eq!(conn.parameter("server_version"), Some("15.0"));
+        assert_eq!(conn.backend_key(), (7, 99));
+        assert_eq!(conn.transaction_status(), TransactionStatus::Idle);
+        assert!(!conn.is_broken());
+    }
+
+    #[tokio::test]
+    async fn cleartext_authentication_sends_the_password() {
+        let conn = handshake_with(&config(), |mut s| async move {
+            read_startup(&mut s).await;
+            s.write_all(&auth(3, &[])).await.unwrap();
+            assert_eq!(read_frontend(&mut s).await, (b'p', cstr("s3cret")));
+            s.write_all(&session_start()).await.unwrap();
+        })
+        .await;
+        assert!(conn.is_ok());
+    }
+
+    #[tokio::test]
+    async fn a_password_request_without_a_password_is_an_auth_error() {
+        let cfg = ConnectConfig {
+            password: None,
+            ..config()
+        };
+        let err = handshake_with(&cfg, |mut s| async move {
+            read_startup(&mut s).await;
+            s.write_all(&auth(3, &[])).await.unwrap();
+        })
+        .await
+        .unwrap_err();
+        assert!(matches!(err, WireError::Auth(_)), "{err:?}");
+    }
+
+    #[tokio::test]
+    async fn an_unsupported_authentication_method_is_an_auth_error() {
+        let err = handshake_with(&config(), |mut s| async move {
+            read_startup(&mut s).await;
+            s.write_all(&auth(7, &[])).await.unwrap(); // GSS
+        })
+        .await
+        .unwrap_err();
+        assert!(
+            matches!(&err, WireError::Auth(m) if m.contains("GSS")),
+            "{err:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_startup_error_comes_back_with_all_its_fields() {
+        let err = handshake_with(&config(), |mut s| async move {
+            read_startup(&mut s).await;
+            s.write_all(&error_response(&[
+                (b'S', "FATAL"),
+                (b'V', "FATAL"),
+                (b'C', "28P01"),
+                (b'M', "password authentication failed for user \"alice\""),
+                (b'D', "detail"),
+                (b'H', "hint"),
+                (b'P', "12"),
+                (b'W', "context"),
+                (b'Z', "a field this client does not know"),
+            ]))
+            .await
+            .unwrap();
+        })
+        .await
+        .unwrap_err();
+        let db = err.as_db().expect("a server error");
+        assert_eq!(
+            (db.severity.as_str(), db.code.as_str(), db.phase),
+            ("FATAL", "28P01", Phase::Startup)
+        );
+        assert_eq!(db.detail.as_deref(), Some("detail"));
+        assert_eq!(db.hint.as_deref(), Some("hint"));
+        assert_eq!(db.position, Some(12));
+        assert_eq!(db.where_.as_deref(), Some("context"));
+        assert!(db.is_fatal());
+    }
+
+    #[tokio::test]
+    async fn malformed_server_input_is_a_protocol_error_and_breaks_the_connection() {
+        let row_description = backend(
+            b'T',
+            &[
+                &1u16.to_be_bytes()[..],
+                &cstr("a"),
+                &[0; 4],
+                &[0; 2],
+                &25u32.to_be_bytes(),
+                &[0; 8],
+            ]
+            .concat(),
+        );
+        let data_row = |body: &[u8]| [row_description.clone(), backend(b'D', body)].concat();
+        let cases: Vec<(&str, Vec<u8>)> = vec![
+            ("unknown tag", backend(b'?', b"")),
+            ("length below 4", vec![b'Z', 0, 0, 0, 3, b'I']),
+            ("length above 1 GiB", vec![b'D', 0x7f, 0xff, 0xff, 0xff]),
+            ("ReadyForQuery status", backend(b'Z', b"X")),
+            ("trailing bytes", backend(b'Z', b"II")),
+            ("DataRow before RowDescription", backend(b'D', &[0, 0])),
+            (
+                "DataRow value past the end",
+                data_row(&[&1u16.to_be_bytes()[..], &100i32.to_be_bytes(), b"abc"].concat()),
+            ),
+            (
+                "DataRow with too many values",
+                data_row(
+                    &[
+                        &2u16.to_be_bytes()[..],
+                        &(-1i32).to_be_bytes(),
+                        &(-1i32).to_be_bytes(),
+                    ]
+                    .concat(),
+                ),
+            ),
+            ("truncated RowDescription", backend(b'T', &[0, 1, b'a'])),
+            ("unterminated ErrorResponse", backend(b'E', b"Mboom")),
+            ("unterminated CommandComplete", backend(b'C', b"SELECT 1")),
+            ("ParameterStatus not UTF-8", backend(b'S', b"a\0\xff\0")),
+            ("BindComplete in a simple query", backend(b'2', b"")),
+        ];
+        for (case, reply) in cases {
+            let mut conn = connection_answering(reply).await;
+            let err = conn.simple_query("SELECT 1", 10).await.unwrap_err();
+            assert!(matches!(err, WireError::Protocol(_)), "{case}: {err:?}");
+            assert!(conn.is_broken(), "{case}");
+            let again = conn.simple_query("SELECT 1", 10).await.unwrap_err();
+            assert!(matches!(again, WireError::Closed), "{case}: {again:?}");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_server_that_hangs_up_mid_message_closes_the_connection() {
+        let mut conn = connection_answering(vec![b'C', 0, 0, 0, 20, b'S']).await;
+        let err = conn.simple_query("SELECT 1", 10).await.unwrap_err();
+        assert!(matches!(err, WireError::Closed), "{err:?}");
+        assert!(conn.is_broken());
+    }
+
+    #[tokio::test]
+    async fn an_abandoned_query_leaves_the_connection_broken() {
+        let mut conn = connection_answering(Vec::new()).await;
+        let abandoned =
+            tokio::time::timeout(Duration::from_millis(50), conn.simple_query("SELECT 1", 10))
+                .await;
+        assert!(abandoned.is_err());
+        assert!(conn.is_broken());
+    }
+
+    #[tokio::test]
+    async fn a_nul_byte_in_the_sql_is_refused_before_sending() {
+        let ok = [backend(b'I', b""), backend(b'Z', b"I")].concat();
+        let mut conn = connection_answering(ok).await;
+        let err = conn.simple_query("SELECT '\0'", 10).await.unwrap_err();
+        assert!(matches!(err, WireError::InvalidInput(_)), "{err:?}");
+        assert!(!conn.is_broken());
+        let outcome = conn.simple_query("", 10).await.unwrap();
+        assert_eq!(outcome, SimpleOutcome::default());
+    }
+}

@@ -1,0 +1,243 @@
+//! Users and login sessions: sign-up, login, logout, `me`.
+//!
+//! Passwords are hashed with Argon2id (RFC 9106 defaults of the `argon2` crate) on a blocking
+//! thread; session tokens are 256-bit random values stored as SHA-256 hashes, expiring after
+//! `session_ttl_secs`. Emails are unique case-insensitively.
+
+use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
+use argon2::Argon2;
+use chrono::{DateTime, Utc};
+use serde::Deserialize;
+use serde_json::{json, Value};
+use warp::http::StatusCode;
+
+use crate::app::App;
+use crate::auth::{Principal, SESSION_PREFIX};
+use crate::error::{ApiError, ApiResult};
+use crate::secrets::{random_base62, random_bytes, sha256};
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct SignupRequest {
+    pub email: String,
+    pub password: String,
+    pub display_name: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LoginRequest {
+    pub email: String,
+    pub password: String,
+}
+
+pub struct User {
+    pub id: String,
+    pub email: String,
+    pub display_name: Option<String>,
+}
+
+impl User {
+    pub fn json(&self) -> Value {
+        json!({ "id": self.id, "email": self.email, "displayName": self.display_name })
+    }
+}
+
+fn validate_email(email: &str) -> ApiResult<()> {
+    let ok = email.len() <= 254
+        && !email.chars().any(|c| c.is_whitespace() || c.is_control())
+        && matches!(email.split_once('@'), Some((l, d)) if !l.is_empty() && d.contains('.') && !d.starts_with('.') && !d.ends_with('.') && !d.contains('@'));
+    if ok {
+        Ok(())
+    } else {
+        Err(ApiError::BadRequest(format!("email: {email:?} is not a valid email address")))
+    }
+}
+
+fn validate_password(password: &str) -> ApiResult<()> {
+    if password.chars().count() < 8 || password.len() > 1024 {
+        return Err(ApiError::BadRequest(
+            "password: must be between 8 and 1024 characters".into(),
+        ));
+    }
+    Ok(())
+}
+
+pub async fn hash_password(password: String) -> anyhow::Result<String> {
+    tokio::task::spawn_blocking(move || {
+        let salt = SaltString::encode_b64(&random_bytes::<16>())
+            .map_err(|e| anyhow::anyhow!("salt: {e}"))?;
+        Argon2::default()
+            .hash_password(password.as_bytes(), &salt)
+            .map(|h| h.to_string())
+            .map_err(|e| anyhow::anyhow!("argon2: {e}"))
+    })
+    .await?
+}
+
+async fn verify_password(password: String, hash: Option<String>) -> bool {
+    tokio::task::spawn_blocking(move || {
+        // Unknown users are checked against a fixed hash so both paths take the same time.
+        const DUMMY: &str = "$argon2id$v=19$m=19456,t=2,p=1$c29tZXNhbHRzb21lc2FsdA$2k9Ic3Mdg1xGv+xNkNu3fvWXyLBzKKWmXtYRtRbX3Co";
+        let stored = hash.as_deref().unwrap_or(DUMMY);
+        let ok = PasswordHash::new(stored)
+            .map(|h| Argon2::default().verify_password(password.as_bytes(), &h).is_ok())
+            .unwrap_or(false);
+        ok && hash.is_some()
+    })
+    .await
+    .unwrap_or(false)
+}
+
+impl App {
+    /// Creates a user; a clash on the email (any case) is a 409.
+    pub async fn create_user(&self, req: SignupRequest) -> ApiResult<User> {
+        let email = req.email.trim().to_string();
+        validate_email(&email)?;
+        validate_password(&req.password)?;
+        let display_name = req.display_name.map(|d| d.trim().to_string()).filter(|d| !d.is_empty());
+        if display_name.as_ref().is_some_and(|d| d.len() > 200) {
+            return Err(ApiError::BadRequest("displayName: at most 200 characters".into()));
+        }
+        let hash = hash_password(req.password).await?;
+        let id = format!("usr_{}", random_base62(16));
+        let client = self.control.get().await?;
+        let inserted = client
+            .execute(
+                "INSERT INTO fluxbase.users (id, email, display_name, password_hash)
+                 VALUES ($1, $2, $3, $4) ON CONFLICT DO NOTHING",
+                &[&id, &email, &display_name, &hash],
+            )
+            .await?;
+        if inserted == 0 {
+            return Err(ApiError::Conflict(
+                "An account with this email already exists.".into(),
+            ));
+        }
+        Ok(User { id, email, display_name })
+    }
+
+    /// A new session for `user_id`: (token, expiry).
+    pub async fn create_session(&self, user_id: &str) -> ApiResult<(String, DateTime<Utc>)> {
+        let token = format!("{SESSION_PREFIX}{}", random_base62(43));
+        let expires = Utc::now() + chrono::Duration::seconds(self.config.session_ttl_secs as i64);
+        let client = self.control.get().await?;
+        client
+            .execute(
+                "INSERT INTO fluxbase.sessions (token_hash, user_id, expires_at) VALUES ($1, $2, $3)",
+                &[&sha256(token.as_bytes()), &user_id, &expires],
+            )
+            .await?;
+        client
+            .execute("DELETE FROM fluxbase.sessions WHERE expires_at < now() - interval '7 days'", &[])
+            .await?;
+        Ok((token, expires))
+    }
+
+    pub async fn load_user(&self, user_id: &str) -> ApiResult<User> {
+        let client = self.control.get().await?;
+        let row = client
+            .query_one(
+                "SELECT id, email, display_name FROM fluxbase.users WHERE id = $1",
+                &[&user_id],
+            )
+            .await?;
+        Ok(User {
+            id: row.get(0),
+            email: row.get(1),
+            display_name: row.get(2),
+        })
+    }
+
+    pub async fn signup(&self, req: SignupRequest) -> ApiResult<(StatusCode, Value)> {
+        let user = self.create_user(req).await?;
+        let (token, expires_at) = self.create_session(&user.id).await?;
+        Ok((
+            StatusCode::CREATED,
+            json!({ "success": true, "user": user.json(), "token": token, "expiresAt": expires_at }),
+        ))
+    }
+
+    pub async fn login(&self, req: LoginRequest) -> ApiResult<(StatusCode, Value)> {
+        let client = self.control.get().await?;
+        let row = client
+            .query_opt(
+                "SELECT id, email, display_name, password_hash FROM fluxbase.users
+                 WHERE lower(email) = lower($1)",
+                &[&req.email.trim()],
+            )
+            .await?;
+        drop(client);
+        let hash = row.as_ref().map(|r| r.get::<_, String>(3));
+        if !verify_password(req.password, hash).await {
+            return Err(ApiError::AuthRequired("Wrong email or password.".into()));
+        }
+        let row = row.expect("verified users exist");
+        let user = User {
+            id: row.get(0),
+            email: row.get(1),
+            display_name: row.get(2),
+        };
+        let (token, expires_at) = self.create_session(&user.id).await?;
+        Ok((
+            StatusCode::OK,
+            json!({ "success": true, "user": user.json(), "token": token, "expiresAt": expires_at }),
+        ))
+    }
+
+    pub async fn logout(&self, principal: &Principal) -> ApiResult<(StatusCode, Value)> {
+        let Principal::Session { token_hash, .. } = principal else {
+            return Err(ApiError::ScopeMismatch("Logout needs a session token, not an API key.".into()));
+        };
+        let client = self.control.get().await?;
+        client
+            .execute("DELETE FROM fluxbase.sessions WHERE token_hash = $1", &[token_hash])
+            .await?;
+        Ok((StatusCode::OK, json!({ "success": true })))
+    }
+
+    pub async fn me(&self, principal: &Principal) -> ApiResult<(StatusCode, Value)> {
+        let user_id = principal.require_session()?;
+        let user = self.load_user(user_id).await?;
+        let client = self.control.get().await?;
+        let projects: Vec<Value> = client
+            .query(
+                "SELECT p.id, p.name, m.role FROM fluxbase.members m
+                 JOIN fluxbase.projects p ON p.id = m.project_id
+                 WHERE m.user_id = $1 ORDER BY p.created_at",
+                &[&user_id],
+            )
+            .await?
+            .iter()
+            .map(|r| json!({ "id": r.get::<_, String>(0), "name": r.get::<_, String>(1), "role": r.get::<_, String>(2) }))
+            .collect();
+        Ok((
+            StatusCode::OK,
+            json!({ "success": true, "user": user.json(), "projects": projects }),
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn emails_are_checked_for_shape() {
+        assert!(validate_email("a@b.co").is_ok());
+        for bad in ["", "a", "a@b", "@b.co", "a b@c.de", "a@.b", "a@b.", "a@b@c.d"] {
+            assert!(validate_email(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[tokio::test]
+    async fn password_hashes_verify_and_differ_per_salt() {
+        let h1 = hash_password("correct horse".into()).await.unwrap();
+        let h2 = hash_password("correct horse".into()).await.unwrap();
+        assert!(h1.starts_with("$argon2id$"));
+        assert_ne!(h1, h2);
+        assert!(verify_password("correct horse".into(), Some(h1.clone())).await);
+        assert!(!verify_password("wrong horse".into(), Some(h1)).await);
+        assert!(!verify_password("correct horse".into(), None).await);
+    }
+}

@@ -1,0 +1,132 @@
+//! The shared state of a running server and its start-up sequence.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use anyhow::{Context, Result};
+
+use crate::config::Config;
+use crate::db::ClusterTarget;
+use crate::embedded;
+use crate::metrics::Metrics;
+use crate::ratelimit::RateLimiter;
+use crate::secrets::Secrets;
+use crate::sql::SqlPools;
+
+/// Everything a request handler needs. Cheap to clone (an `Arc`).
+pub struct App {
+    pub config: Config,
+    pub secrets: Secrets,
+    pub cluster: ClusterTarget,
+    pub control: deadpool_postgres::Pool,
+    pub sql: SqlPools,
+    pub rate: RateLimiter,
+    pub metrics: Metrics,
+    /// When each API key's `last_used_at` was last written (written at most once a minute).
+    pub key_touched: Mutex<HashMap<String, Instant>>,
+    /// Keeps the embedded cluster alive as long as the server; stopped on shutdown.
+    pub embedded: Option<embedded::Cluster>,
+}
+
+pub type SharedApp = Arc<App>;
+
+impl App {
+    /// Opens (or starts) the database, applies migrations and brings project databases up to
+    /// date. `extra_pg` adds settings to an embedded cluster (tests use `fsync=off`).
+    pub async fn open(config: Config, extra_pg: &[(&str, &str)]) -> Result<SharedApp> {
+        std::fs::create_dir_all(&config.data_dir)
+            .with_context(|| format!("creating {}", config.data_dir.display()))?;
+        let secrets = Secrets::load_or_create(&config.data_dir)?;
+        let (cluster, embedded) = match &config.database_url {
+            Some(url) => (ClusterTarget::from_url(url)?, None),
+            None => {
+                let pg_dir = config.data_dir.join("pg");
+                let password = secrets.pg_password.clone();
+                let extra: Vec<(String, String)> = extra_pg
+                    .iter()
+                    .map(|(k, v)| (k.to_string(), v.to_string()))
+                    .collect();
+                let cluster = tokio::task::spawn_blocking(move || {
+                    let extra: Vec<(&str, &str)> =
+                        extra.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+                    embedded::Cluster::start(&pg_dir, &password, &extra)
+                })
+                .await??;
+                let target = ClusterTarget::from_url(&cluster.url("fluxbase"))?;
+                (target, Some(cluster))
+            }
+        };
+        let control = crate::db::open_control(&cluster, 8).await?;
+        let app = Arc::new(App {
+            sql: SqlPools::new(&config, &cluster),
+            rate: RateLimiter::new(config.rate_limit_requests, config.rate_limit_window_secs),
+            metrics: Metrics::default(),
+            key_touched: Mutex::new(HashMap::new()),
+            config,
+            secrets,
+            cluster,
+            control,
+            embedded,
+        });
+        crate::projects::migrate_all(&app).await?;
+        Ok(app)
+    }
+
+    /// Stops what the server started (the embedded cluster).
+    pub fn shutdown(&self) {
+        self.sql.clear();
+        if let Some(cluster) = &self.embedded {
+            if let Err(e) = cluster.stop() {
+                tracing::warn!(error = %e, "stopping the embedded cluster");
+            }
+        }
+    }
+}
+
+/// A server listening on a socket, for `serve` and for tests.
+pub struct Running {
+    pub addr: SocketAddr,
+    pub app: SharedApp,
+    shutdown: Option<tokio::sync::oneshot::Sender<()>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Running {
+    /// Binds `config.listen` (port 0 picks a free one) and serves in a background task.
+    pub async fn start(app: SharedApp) -> Result<Running> {
+        let listener = tokio::net::TcpListener::bind(app.config.listen)
+            .await
+            .with_context(|| format!("binding {}", app.config.listen))?;
+        let addr = listener.local_addr()?;
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let routes = crate::http::routes(app.clone());
+        let task = tokio::spawn(async move {
+            warp::serve(routes)
+                .incoming(listener)
+                .graceful(async move {
+                    let _ = rx.await;
+                })
+                .run()
+                .await;
+        });
+        tracing::info!(%addr, "serving HTTP and WebSocket");
+        Ok(Running {
+            addr,
+            app,
+            shutdown: Some(tx),
+            task,
+        })
+    }
+
+    /// Stops accepting, lets in-flight requests finish, then stops the embedded cluster.
+    pub async fn stop(mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(10), &mut self.task).await;
+        let app = self.app.clone();
+        let _ = tokio::task::spawn_blocking(move || app.shutdown()).await;
+    }
+}

@@ -1,0 +1,334 @@
+//! Who is calling, and what they may do with a project.
+//!
+//! A request carries `Authorization: Bearer <token>`: an API key (`flx_live_…`, bound to one
+//! project and one scope) or a user session (`flx_sess_…`, acting through the user's membership
+//! role). Both are looked up by their SHA-256 hash. The resulting [`Access`] names the PostgreSQL
+//! role the caller's SQL runs as; PostgreSQL's own privileges then enforce the scope table.
+
+use chrono::{DateTime, Utc};
+
+use crate::app::App;
+use crate::error::{ApiError, ApiResult};
+use crate::secrets::sha256;
+
+pub const KEY_PREFIX: &str = "flx_live_";
+pub const SESSION_PREFIX: &str = "flx_sess_";
+
+/// The scope of an API key (the guide's scope table).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Scope {
+    Read,
+    ReadWrite,
+    Admin,
+}
+
+impl Scope {
+    pub fn parse(s: &str) -> Option<Scope> {
+        match s {
+            "read" => Some(Scope::Read),
+            "readwrite" => Some(Scope::ReadWrite),
+            "admin" => Some(Scope::Admin),
+            _ => None,
+        }
+    }
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Scope::Read => "read",
+            Scope::ReadWrite => "readwrite",
+            Scope::Admin => "admin",
+        }
+    }
+    pub fn db_role(self) -> DbRole {
+        match self {
+            Scope::Read => DbRole::Read,
+            Scope::ReadWrite => DbRole::ReadWrite,
+            Scope::Admin => DbRole::Owner,
+        }
+    }
+}
+
+/// A member's role in a project.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MemberRole {
+    Admin,
+    Developer,
+    Viewer,
+}
+
+impl MemberRole {
+    pub fn parse(s: &str) -> Option<MemberRole> {
+        match s {
+            "admin" => Some(MemberRole::Admin),
+            "developer" => Some(MemberRole::Developer),
+            "viewer" => Some(MemberRole::Viewer),
+            _ => None,
+        }
+    }
+    pub fn as_str(self) -> &'static str {
+        match self {
+            MemberRole::Admin => "admin",
+            MemberRole::Developer => "developer",
+            MemberRole::Viewer => "viewer",
+        }
+    }
+    /// viewer → read; developer and admin → owner.
+    pub fn db_role(self) -> DbRole {
+        match self {
+            MemberRole::Viewer => DbRole::Read,
+            MemberRole::Developer | MemberRole::Admin => DbRole::Owner,
+        }
+    }
+}
+
+/// The PostgreSQL login role a caller's SQL runs as.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum DbRole {
+    Read,
+    ReadWrite,
+    Owner,
+}
+
+impl DbRole {
+    pub const ALL: [DbRole; 3] = [DbRole::Owner, DbRole::ReadWrite, DbRole::Read];
+
+    /// `fx_<project>_<suffix>`: the role's name in the cluster.
+    pub fn role_name(self, project_id: &str) -> String {
+        let suffix = match self {
+            DbRole::Read => "read",
+            DbRole::ReadWrite => "readwrite",
+            DbRole::Owner => "owner",
+        };
+        format!("fx_{project_id}_{suffix}")
+    }
+}
+
+/// The authenticated caller.
+#[derive(Clone, Debug)]
+pub enum Principal {
+    Key {
+        key_id: String,
+        project_id: String,
+        scope: Scope,
+    },
+    Session {
+        user_id: String,
+        token_hash: Vec<u8>,
+    },
+}
+
+impl Principal {
+    pub fn user_id(&self) -> Option<&str> {
+        match self {
+            Principal::Session { user_id, .. } => Some(user_id),
+            Principal::Key { .. } => None,
+        }
+    }
+
+    /// Only a user session may do this (e.g. create projects).
+    pub fn require_session(&self) -> ApiResult<&str> {
+        self.user_id().ok_or_else(|| {
+            ApiError::ScopeMismatch("This endpoint needs a user session token, not an API key.".into())
+        })
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct Project {
+    pub id: String,
+    pub name: String,
+    pub status: String,
+    pub realtime_public: bool,
+    pub db_name: String,
+    pub created_at: DateTime<Utc>,
+}
+
+/// What a principal may do with one project.
+#[derive(Clone, Debug)]
+pub struct Access {
+    pub project: Project,
+    pub db_role: DbRole,
+    pub admin: bool,
+    pub principal: Principal,
+    pub member_role: Option<MemberRole>,
+}
+
+impl Access {
+    /// Admin keys and admin members only.
+    pub fn require_admin(&self) -> ApiResult<()> {
+        if self.admin {
+            return Ok(());
+        }
+        Err(match self.principal {
+            Principal::Key { .. } => {
+                ApiError::ScopeMismatch("This action needs an API key with the admin scope.".into())
+            }
+            Principal::Session { .. } => {
+                ApiError::InsufficientPermissions("Only project admins can perform this action.".into())
+            }
+        })
+    }
+}
+
+pub fn is_project_id(id: &str) -> bool {
+    id.len() == 16 && id.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+}
+
+impl App {
+    /// Resolves the bearer token of a request and applies the caller's rate limit.
+    pub async fn authenticate(&self, authorization: Option<&str>) -> ApiResult<Principal> {
+        let missing = || {
+            ApiError::AuthRequired(
+                "API key missing or malformed. Include Authorization: Bearer <key>.".into(),
+            )
+        };
+        let header = authorization.ok_or_else(missing)?.trim();
+        let (scheme, token) = header.split_once(' ').ok_or_else(missing)?;
+        if !scheme.eq_ignore_ascii_case("bearer") {
+            return Err(missing());
+        }
+        let token = token.trim();
+        let hash = sha256(token.as_bytes());
+        let client = self.control.get().await?;
+        let principal = if token.starts_with(KEY_PREFIX) {
+            let row = client
+                .query_opt(
+                    "SELECT id, project_id, scope FROM fluxbase.api_keys
+                     WHERE key_hash = $1 AND revoked_at IS NULL",
+                    &[&hash],
+                )
+                .await?
+                .ok_or_else(|| ApiError::AuthRequired("Invalid or revoked API key.".into()))?;
+            let key_id: String = row.get(0);
+            self.touch_key(&key_id);
+            Principal::Key {
+                key_id,
+                project_id: row.get(1),
+                scope: Scope::parse(row.get(2)).ok_or_else(|| anyhow::anyhow!("bad scope"))?,
+            }
+        } else if token.starts_with(SESSION_PREFIX) {
+            let row = client
+                .query_opt(
+                    "SELECT user_id, expires_at <= now() FROM fluxbase.sessions WHERE token_hash = $1",
+                    &[&hash],
+                )
+                .await?
+                .ok_or_else(|| ApiError::AuthRequired("Invalid session token. Log in again.".into()))?;
+            if row.get::<_, bool>(1) {
+                return Err(ApiError::TokenExpired);
+            }
+            Principal::Session {
+                user_id: row.get(0),
+                token_hash: hash,
+            }
+        } else {
+            return Err(missing());
+        };
+        let caller = match &principal {
+            Principal::Key { key_id, .. } => format!("key:{key_id}"),
+            Principal::Session { token_hash, .. } => format!("session:{}", hex::encode(token_hash)),
+        };
+        self.rate.check(&caller)?;
+        Ok(principal)
+    }
+
+    /// Writes `last_used_at` at most once a minute per key, off the request path.
+    fn touch_key(self: &App, key_id: &str) {
+        let now = std::time::Instant::now();
+        {
+            let mut touched = self.key_touched.lock().expect("poisoned");
+            if touched
+                .get(key_id)
+                .is_some_and(|t| now.duration_since(*t).as_secs() < 60)
+            {
+                return;
+            }
+            touched.insert(key_id.to_string(), now);
+        }
+        let pool = self.control.clone();
+        let key_id = key_id.to_string();
+        tokio::spawn(async move {
+            if let Ok(client) = pool.get().await {
+                let _ = client
+                    .execute(
+                        "UPDATE fluxbase.api_keys SET last_used_at = now() WHERE id = $1",
+                        &[&key_id],
+                    )
+                    .await;
+            }
+        });
+    }
+
+    pub async fn load_project(&self, project_id: &str) -> ApiResult<Option<Project>> {
+        if !is_project_id(project_id) {
+            return Ok(None);
+        }
+        let client = self.control.get().await?;
+        let row = client
+            .query_opt(
+                "SELECT id, name, status, realtime_public, db_name, created_at
+                 FROM fluxbase.projects WHERE id = $1",
+                &[&project_id],
+            )
+            .await?;
+        Ok(row.map(|r| Project {
+            id: r.get(0),
+            name: r.get(1),
+            status: r.get(2),
+            realtime_public: r.get(3),
+            db_name: r.get(4),
+            created_at: r.get(5),
+        }))
+    }
+
+    /// What `principal` may do with `project_id`; refuses suspended projects.
+    pub async fn project_access(&self, principal: &Principal, project_id: &str) -> ApiResult<Access> {
+        let project = self
+            .load_project(project_id)
+            .await?
+            .ok_or(ApiError::ProjectNotFound)?;
+        let access = match principal {
+            Principal::Key {
+                project_id: key_project,
+                scope,
+                ..
+            } => {
+                if key_project != &project.id {
+                    return Err(ApiError::ScopeMismatch(
+                        "API key does not have access to this project.".into(),
+                    ));
+                }
+                Access {
+                    db_role: scope.db_role(),
+                    admin: *scope == Scope::Admin,
+                    principal: principal.clone(),
+                    member_role: None,
+                    project,
+                }
+            }
+            Principal::Session { user_id, .. } => {
+                let client = self.control.get().await?;
+                let role: String = client
+                    .query_opt(
+                        "SELECT role FROM fluxbase.members WHERE project_id = $1 AND user_id = $2",
+                        &[&project.id, user_id],
+                    )
+                    .await?
+                    .map(|r| r.get(0))
+                    // Not a member: the project is not revealed to exist.
+                    .ok_or(ApiError::ProjectNotFound)?;
+                let role = MemberRole::parse(&role).ok_or_else(|| anyhow::anyhow!("bad role"))?;
+                Access {
+                    db_role: role.db_role(),
+                    admin: role == MemberRole::Admin,
+                    principal: principal.clone(),
+                    member_role: Some(role),
+                    project,
+                }
+            }
+        };
+        if access.project.status == "suspended" {
+            return Err(ApiError::ProjectSuspended);
+        }
+        Ok(access)
+    }
+}

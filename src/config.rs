@@ -1,0 +1,281 @@
+//! Configuration: defaults in code, then an optional `fluxbase.toml`, then `FLUXBASE_*`
+//! environment variables (highest precedence). Unknown keys in the file are refused.
+//! Secrets (the database URL's password) are never logged: `Debug` redacts them.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use serde::Deserialize;
+
+/// Every setting of the server. The same names work in `fluxbase.toml` (lowercase) and in the
+/// environment (`FLUXBASE_` + uppercase).
+#[derive(Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Address the HTTP and WebSocket server listens on.
+    pub listen: SocketAddr,
+    /// Directory for the embedded cluster, local storage and generated secrets.
+    pub data_dir: PathBuf,
+    /// An existing PostgreSQL cluster (its database is the control database). Unset: embedded.
+    pub database_url: Option<String>,
+    /// The URL clients use to reach this server (printed by `init`, used in links).
+    pub public_url: Option<String>,
+    /// Storage backend: `local` or `s3` (storage endpoints arrive with the storage issue).
+    pub storage: String,
+    pub s3_bucket: Option<String>,
+    pub s3_endpoint: Option<String>,
+    pub s3_region: Option<String>,
+    /// Let webhooks reach loopback and private addresses (development and tests only).
+    pub webhook_allow_private: bool,
+    /// Server-side statement timeout for `/api/execute-sql`, in milliseconds.
+    pub statement_timeout_ms: u64,
+    /// Rows returned by `/api/execute-sql` before `truncated: true`.
+    pub max_rows: usize,
+    /// Largest accepted request body, in bytes (then 413).
+    pub max_body_bytes: usize,
+    /// Requests allowed per key or session in each rate window (0 disables the limit).
+    pub rate_limit_requests: u32,
+    /// Length of the rate window, in seconds.
+    pub rate_limit_window_secs: u64,
+    /// Lifetime of a login session, in seconds.
+    pub session_ttl_secs: u64,
+    /// Connections per project and scope in the SQL pool.
+    pub pool_size: usize,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            listen: "127.0.0.1:8080".parse().expect("static address"),
+            data_dir: PathBuf::from(".fluxbase"),
+            database_url: None,
+            public_url: None,
+            storage: "local".into(),
+            s3_bucket: None,
+            s3_endpoint: None,
+            s3_region: None,
+            webhook_allow_private: false,
+            statement_timeout_ms: 30_000,
+            max_rows: 10_000,
+            max_body_bytes: 1024 * 1024,
+            rate_limit_requests: 50,
+            rate_limit_window_secs: 10,
+            session_ttl_secs: 24 * 3600,
+            pool_size: 16,
+        }
+    }
+}
+
+impl std::fmt::Debug for Config {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Config")
+            .field("listen", &self.listen)
+            .field("data_dir", &self.data_dir)
+            .field("database_url", &self.database_url.as_deref().map(redact_url))
+            .field("public_url", &self.public_url)
+            .field("storage", &self.storage)
+            .field("statement_timeout_ms", &self.statement_timeout_ms)
+            .field("max_rows", &self.max_rows)
+            .field("max_body_bytes", &self.max_body_bytes)
+            .field("rate_limit_requests", &self.rate_limit_requests)
+            .field("rate_limit_window_secs", &self.rate_limit_window_secs)
+            .finish_non_exhaustive()
+    }
+}
+
+/// `postgres://user:secret@host/db` → `postgres://user:***@host/db`.
+pub fn redact_url(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(s), Some(at)) if at > s => {
+            let creds = &url[s + 3..at];
+            match creds.find(':') {
+                Some(c) => format!("{}{}:***{}", &url[..s + 3], &creds[..c], &url[at..]),
+                None => url.to_string(),
+            }
+        }
+        _ => url.to_string(),
+    }
+}
+
+impl Config {
+    /// Loads `fluxbase.toml` (or the file named by `FLUXBASE_CONFIG`) and the environment.
+    pub fn load() -> Result<Config> {
+        let explicit = std::env::var_os("FLUXBASE_CONFIG").map(PathBuf::from);
+        let path = explicit.clone().unwrap_or_else(|| PathBuf::from("fluxbase.toml"));
+        let mut config = if path.exists() {
+            Self::from_file(&path)?
+        } else if explicit.is_some() {
+            bail!("configuration file {} does not exist", path.display());
+        } else {
+            Config::default()
+        };
+        config.apply_env(|k| std::env::var(k).ok())?;
+        Ok(config)
+    }
+
+    pub fn from_file(path: &Path) -> Result<Config> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("reading {}", path.display()))?;
+        toml::from_str(&text).with_context(|| format!("in {}", path.display()))
+    }
+
+    /// Applies `FLUXBASE_*` overrides read through `get`.
+    pub fn apply_env(&mut self, get: impl Fn(&str) -> Option<String>) -> Result<()> {
+        fn parse<T: std::str::FromStr>(key: &str, v: &str) -> Result<T>
+        where
+            T::Err: std::fmt::Display,
+        {
+            v.parse()
+                .map_err(|e| anyhow::anyhow!("{key}={v:?} is not valid: {e}"))
+        }
+        fn flag(key: &str, v: &str) -> Result<bool> {
+            match v.to_ascii_lowercase().as_str() {
+                "1" | "true" | "yes" | "on" => Ok(true),
+                "0" | "false" | "no" | "off" | "" => Ok(false),
+                _ => bail!("{key}={v:?} is not a boolean (true/false)"),
+            }
+        }
+        let opt = |v: String| if v.is_empty() { None } else { Some(v) };
+        macro_rules! env {
+            ($name:literal, $apply:expr) => {
+                if let Some(v) = get($name) {
+                    #[allow(clippy::redundant_closure_call)]
+                    ($apply)($name, v)?;
+                }
+            };
+        }
+        env!("FLUXBASE_LISTEN", |k, v: String| -> Result<()> {
+            self.listen = parse(k, &v)?;
+            Ok(())
+        });
+        env!("FLUXBASE_DATA_DIR", |_, v: String| -> Result<()> {
+            self.data_dir = PathBuf::from(v);
+            Ok(())
+        });
+        env!("FLUXBASE_DATABASE_URL", |_, v| -> Result<()> {
+            self.database_url = opt(v);
+            Ok(())
+        });
+        env!("FLUXBASE_PUBLIC_URL", |_, v| -> Result<()> {
+            self.public_url = opt(v);
+            Ok(())
+        });
+        env!("FLUXBASE_STORAGE", |_, v: String| -> Result<()> {
+            self.storage = v;
+            Ok(())
+        });
+        env!("FLUXBASE_S3_BUCKET", |_, v| -> Result<()> {
+            self.s3_bucket = opt(v);
+            Ok(())
+        });
+        env!("FLUXBASE_S3_ENDPOINT", |_, v| -> Result<()> {
+            self.s3_endpoint = opt(v);
+            Ok(())
+        });
+        env!("FLUXBASE_S3_REGION", |_, v| -> Result<()> {
+            self.s3_region = opt(v);
+            Ok(())
+        });
+        env!("FLUXBASE_WEBHOOK_ALLOW_PRIVATE", |k, v: String| -> Result<()> {
+            self.webhook_allow_private = flag(k, &v)?;
+            Ok(())
+        });
+        env!("FLUXBASE_STATEMENT_TIMEOUT_MS", |k, v: String| -> Result<()> {
+            self.statement_timeout_ms = parse(k, &v)?;
+            Ok(())
+        });
+        env!("FLUXBASE_MAX_ROWS", |k, v: String| -> Result<()> {
+            self.max_rows = parse(k, &v)?;
+            Ok(())
+        });
+        env!("FLUXBASE_MAX_BODY_BYTES", |k, v: String| -> Result<()> {
+            self.max_body_bytes = parse(k, &v)?;
+            Ok(())
+        });
+        env!("FLUXBASE_RATE_LIMIT_REQUESTS", |k, v: String| -> Result<()> {
+            self.rate_limit_requests = parse(k, &v)?;
+            Ok(())
+        });
+        env!("FLUXBASE_RATE_LIMIT_WINDOW_SECS", |k, v: String| -> Result<()> {
+            self.rate_limit_window_secs = parse(k, &v)?;
+            Ok(())
+        });
+        env!("FLUXBASE_SESSION_TTL_SECS", |k, v: String| -> Result<()> {
+            self.session_ttl_secs = parse(k, &v)?;
+            Ok(())
+        });
+        env!("FLUXBASE_POOL_SIZE", |k, v: String| -> Result<()> {
+            self.pool_size = parse(k, &v)?;
+            Ok(())
+        });
+        self.validate()
+    }
+
+    fn validate(&self) -> Result<()> {
+        if !matches!(self.storage.as_str(), "local" | "s3") {
+            bail!("storage must be `local` or `s3`, not {:?}", self.storage);
+        }
+        if self.max_rows == 0 || self.pool_size == 0 || self.rate_limit_window_secs == 0 {
+            bail!("max_rows, pool_size and rate_limit_window_secs must be positive");
+        }
+        Ok(())
+    }
+
+    pub fn statement_timeout(&self) -> Duration {
+        Duration::from_millis(self.statement_timeout_ms)
+    }
+
+    /// The base URL printed to users.
+    pub fn base_url(&self) -> String {
+        self.public_url
+            .clone()
+            .unwrap_or_else(|| format!("http://{}", self.listen))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn environment_overrides_defaults() {
+        let mut c = Config::default();
+        c.apply_env(|k| match k {
+            "FLUXBASE_LISTEN" => Some("127.0.0.1:9999".into()),
+            "FLUXBASE_MAX_ROWS" => Some("5".into()),
+            "FLUXBASE_WEBHOOK_ALLOW_PRIVATE" => Some("true".into()),
+            _ => None,
+        })
+        .unwrap();
+        assert_eq!(c.listen.port(), 9999);
+        assert_eq!(c.max_rows, 5);
+        assert!(c.webhook_allow_private);
+    }
+
+    #[test]
+    fn bad_values_and_unknown_keys_are_refused() {
+        let mut c = Config::default();
+        let err = c
+            .apply_env(|k| (k == "FLUXBASE_MAX_ROWS").then(|| "many".into()))
+            .unwrap_err();
+        assert!(err.to_string().contains("FLUXBASE_MAX_ROWS"));
+        assert!(toml::from_str::<Config>("listen = \"127.0.0.1:1\"\nbogus = 1").is_err());
+        let ok: Config = toml::from_str("max_rows = 7").unwrap();
+        assert_eq!(ok.max_rows, 7);
+    }
+
+    #[test]
+    fn urls_are_redacted_in_debug_output() {
+        assert_eq!(
+            redact_url("postgres://fx:s3cret@host:5/db"),
+            "postgres://fx:***@host:5/db"
+        );
+        let c = Config {
+            database_url: Some("postgres://a:pw@h/d".into()),
+            ..Config::default()
+        };
+        assert!(!format!("{c:?}").contains("pw@"));
+    }
+}

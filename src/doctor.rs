@@ -1,0 +1,72 @@
+//! `fluxbase doctor`: checks that a cluster can host Fluxbase and says how to fix what is not.
+
+use crate::db::ClusterTarget;
+
+pub struct Finding {
+    pub problem: String,
+    pub fix: String,
+}
+
+/// Checks wal_level, slots, WAL senders, version and the admin role's privileges.
+pub async fn check(target: &ClusterTarget) -> anyhow::Result<Vec<Finding>> {
+    let client = match target.connect(&target.control_db).await {
+        Ok(c) => c,
+        Err(_) => target.connect("postgres").await?,
+    };
+    let mut findings = Vec::new();
+    let setting = |name: &'static str| {
+        let client = &client;
+        async move {
+            client
+                .query_one("SELECT current_setting($1)", &[&name])
+                .await
+                .map(|r| r.get::<_, String>(0))
+        }
+    };
+    let version: i32 = setting("server_version_num").await?.parse()?;
+    if version < 140000 {
+        findings.push(Finding {
+            problem: format!("PostgreSQL {version} is too old"),
+            fix: "use PostgreSQL 14 or newer (logical decoding messages and streaming need it)".into(),
+        });
+    }
+    let wal_level = setting("wal_level").await?;
+    if wal_level != "logical" {
+        findings.push(Finding {
+            problem: format!("wal_level is {wal_level}, change data capture needs logical"),
+            fix: "ALTER SYSTEM SET wal_level = logical; then restart PostgreSQL".into(),
+        });
+    }
+    for (name, min) in [("max_replication_slots", 16), ("max_wal_senders", 16)] {
+        let v: i64 = setting(name).await?.parse()?;
+        if v < min {
+            findings.push(Finding {
+                problem: format!("{name} is {v}; each project uses one"),
+                fix: format!("ALTER SYSTEM SET {name} = 256; then restart PostgreSQL"),
+            });
+        }
+    }
+    let row = client
+        .query_one(
+            "SELECT rolsuper, rolcreatedb, rolcreaterole, rolreplication FROM pg_roles
+             WHERE rolname = current_user",
+            &[],
+        )
+        .await?;
+    let (sup, createdb, createrole, replication): (bool, bool, bool, bool) =
+        (row.get(0), row.get(1), row.get(2), row.get(3));
+    let user = &target.admin_user;
+    for (ok, attr) in [
+        (createdb, "CREATEDB"),
+        (createrole, "CREATEROLE"),
+        (replication, "REPLICATION"),
+    ] {
+        if !sup && !ok {
+            findings.push(Finding {
+                problem: format!("role {user} lacks {attr}"),
+                fix: format!("ALTER ROLE \"{user}\" {attr};"),
+            });
+        }
+    }
+    Ok(findings)
+}

@@ -1,0 +1,309 @@
+//! The embedded PostgreSQL cluster used when no `FLUXBASE_DATABASE_URL` is configured.
+//!
+//! `make run` must work on a fresh machine with nothing but Debian's PostgreSQL packages, so the
+//! server runs the system's `initdb` and `pg_ctl` itself. PostgreSQL refuses to run as root and
+//! these machines (like many containers) run everything as root: in that case the cluster's files
+//! belong to, and its processes run as, an unprivileged system user (`postgres` by default, the
+//! user Debian's packages create; `FLUXBASE_PG_USER` picks another).
+//!
+//! ```text
+//!  $FLUXBASE_DATA_DIR/pg/          owned by the cluster user
+//!    ├── data/                     PGDATA (wal_level=logical, loopback only, SCRAM passwords)
+//!    └── server.log                PostgreSQL's own log
+//! ```
+//!
+//! The cluster listens on 127.0.0.1 only, on a free port chosen at each start, with no unix socket.
+//! A watchdog process stops it when the process that started it disappears (even after
+//! `kill -9`), so no cluster outlives its server or test binary.
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+use anyhow::{anyhow, bail, Context, Result};
+
+/// The superuser every embedded cluster is initialised with.
+pub const SUPERUSER: &str = "fluxbase";
+
+/// Settings applied to every embedded cluster (see the module docs for why each matters).
+const SETTINGS: &[(&str, &str)] = &[
+    ("listen_addresses", "'127.0.0.1'"),
+    ("unix_socket_directories", "''"),
+    ("wal_level", "logical"),
+    ("max_replication_slots", "256"),
+    ("max_wal_senders", "256"),
+    ("max_connections", "300"),
+    ("password_encryption", "'scram-sha-256'"),
+    ("log_min_messages", "warning"),
+    ("log_line_prefix", "'%m [%p] %q%u@%d '"),
+];
+
+/// A running embedded cluster.
+#[derive(Debug)]
+pub struct Cluster {
+    root: PathBuf,
+    bindir: PathBuf,
+    run_as: Option<(u32, u32)>,
+    pub port: u16,
+    pub password: String,
+}
+
+impl Cluster {
+    /// Creates the cluster under `root` if it does not exist yet, then starts it on a free
+    /// loopback port. `extra` adds server settings for this start only (tests use `fsync=off`).
+    pub fn start(root: &Path, password: &str, extra: &[(&str, &str)]) -> Result<Cluster> {
+        let bindir = find_bindir()?;
+        let run_as = cluster_user()?;
+        std::fs::create_dir_all(root).with_context(|| format!("creating {}", root.display()))?;
+        let root = root.canonicalize()?;
+        if let Some((uid, gid)) = run_as {
+            std::os::unix::fs::chown(&root, Some(uid), Some(gid))
+                .with_context(|| format!("giving {} to the cluster user", root.display()))?;
+            check_reachable(&root, uid)?;
+        }
+        let cluster = Cluster {
+            root,
+            bindir,
+            run_as,
+            port: 0,
+            password: password.to_string(),
+        };
+        if !cluster.data_dir().join("PG_VERSION").exists() {
+            cluster.initdb()?;
+        }
+        cluster.start_server(extra)
+    }
+
+    pub fn data_dir(&self) -> PathBuf {
+        self.root.join("data")
+    }
+
+    pub fn log_file(&self) -> PathBuf {
+        self.root.join("server.log")
+    }
+
+    /// A `postgres://` URL for the superuser and the given database.
+    pub fn url(&self, database: &str) -> String {
+        format!(
+            "postgres://{SUPERUSER}:{}@127.0.0.1:{}/{database}",
+            self.password, self.port
+        )
+    }
+
+    fn command(&self, program: &str) -> Command {
+        let mut cmd = Command::new(self.bindir.join(program));
+        if let Some((uid, gid)) = self.run_as {
+            use std::os::unix::process::CommandExt;
+            cmd.uid(uid).gid(gid);
+            cmd.env("HOME", &self.root);
+        }
+        cmd.current_dir(&self.root);
+        cmd
+    }
+
+    fn initdb(&self) -> Result<()> {
+        tracing::info!(dir = %self.data_dir().display(), "creating the embedded PostgreSQL cluster");
+        let pwfile = self.root.join(".pwfile");
+        std::fs::write(&pwfile, &self.password)?;
+        if let Some((uid, gid)) = self.run_as {
+            std::os::unix::fs::chown(&pwfile, Some(uid), Some(gid))?;
+        }
+        let out = self
+            .command("initdb")
+            .arg("-D")
+            .arg(self.data_dir())
+            .args(["-U", SUPERUSER, "--auth=scram-sha-256", "--encoding=UTF8"])
+            .args(["--locale=C.UTF-8", "--no-instructions"])
+            .arg(format!("--pwfile={}", pwfile.display()))
+            .stdin(Stdio::null())
+            .output()
+            .context("running initdb")?;
+        let _ = std::fs::remove_file(&pwfile);
+        if !out.status.success() {
+            bail!(
+                "initdb failed: {}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        let mut conf = String::from("\n# Fluxbase embedded cluster\n");
+        for (k, v) in SETTINGS {
+            conf.push_str(&format!("{k} = {v}\n"));
+        }
+        let path = self.data_dir().join("postgresql.conf");
+        let mut existing = std::fs::read_to_string(&path)?;
+        existing.push_str(&conf);
+        std::fs::write(&path, existing)?;
+        let hba = "# Fluxbase: loopback only, passwords always\n\
+                   host all all 127.0.0.1/32 scram-sha-256\n\
+                   host replication all 127.0.0.1/32 scram-sha-256\n";
+        std::fs::write(self.data_dir().join("pg_hba.conf"), hba)?;
+        Ok(())
+    }
+
+    fn start_server(mut self, extra: &[(&str, &str)]) -> Result<Cluster> {
+        if self.is_running() {
+            tracing::warn!("an earlier embedded PostgreSQL is still running; restarting it");
+            self.stop()?;
+        }
+        self.port = free_port()?;
+        let mut opts = format!("-p {}", self.port);
+        for (k, v) in extra {
+            opts.push_str(&format!(" -c {k}={v}"));
+        }
+        let out = self
+            .command("pg_ctl")
+            .arg("-D")
+            .arg(self.data_dir())
+            .arg("-l")
+            .arg(self.log_file())
+            .args(["-w", "-t", "120", "-o", &opts, "start"])
+            .stdin(Stdio::null())
+            .output()
+            .context("running pg_ctl start")?;
+        if !out.status.success() {
+            let log = std::fs::read_to_string(self.log_file()).unwrap_or_default();
+            let tail: Vec<&str> = log.lines().rev().take(15).collect();
+            bail!(
+                "PostgreSQL did not start: {}{}\nlast lines of {}:\n{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr),
+                self.log_file().display(),
+                tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+            );
+        }
+        self.spawn_watchdog()?;
+        tracing::info!(port = self.port, "embedded PostgreSQL is up");
+        Ok(self)
+    }
+
+    /// Stops the cluster when this process is gone, however it ended.
+    fn spawn_watchdog(&self) -> Result<()> {
+        let script = format!(
+            "while [ -d /proc/{pid} ]; do sleep 1; done; exec '{pg_ctl}' -D '{data}' -m fast stop",
+            pid = std::process::id(),
+            pg_ctl = self.bindir.join("pg_ctl").display(),
+            data = self.data_dir().display(),
+        );
+        let mut cmd = Command::new("sh");
+        cmd.args(["-c", &script])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .current_dir(&self.root);
+        if let Some((uid, gid)) = self.run_as {
+            use std::os::unix::process::CommandExt;
+            cmd.uid(uid).gid(gid);
+        }
+        cmd.spawn().context("starting the cluster watchdog")?;
+        Ok(())
+    }
+
+    fn is_running(&self) -> bool {
+        self.command("pg_ctl")
+            .arg("-D")
+            .arg(self.data_dir())
+            .arg("status")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .map(|s| s.success())
+            .unwrap_or(false)
+    }
+
+    /// Stops the cluster (fast shutdown: open sessions are rolled back).
+    pub fn stop(&self) -> Result<()> {
+        let out = self
+            .command("pg_ctl")
+            .arg("-D")
+            .arg(self.data_dir())
+            .args(["-m", "fast", "-w", "stop"])
+            .stdin(Stdio::null())
+            .output()
+            .context("running pg_ctl stop")?;
+        if !out.status.success() && self.is_running() {
+            bail!("pg_ctl stop failed: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        Ok(())
+    }
+}
+
+/// The directory holding `initdb` and `pg_ctl`: `FLUXBASE_PG_BINDIR`, else the newest
+/// `/usr/lib/postgresql/<version>/bin` (Debian's layout), else `pg_config --bindir`.
+pub fn find_bindir() -> Result<PathBuf> {
+    if let Ok(dir) = std::env::var("FLUXBASE_PG_BINDIR") {
+        return Ok(PathBuf::from(dir));
+    }
+    let mut versions: Vec<(u32, PathBuf)> = std::fs::read_dir("/usr/lib/postgresql")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| {
+            let v = e.file_name().to_str()?.parse::<u32>().ok()?;
+            let bin = e.path().join("bin");
+            bin.join("initdb").exists().then_some((v, bin))
+        })
+        .collect();
+    versions.sort();
+    if let Some((_, bin)) = versions.pop() {
+        return Ok(bin);
+    }
+    if let Ok(out) = Command::new("pg_config").arg("--bindir").output() {
+        let dir = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
+        if out.status.success() && dir.join("initdb").exists() {
+            return Ok(dir);
+        }
+    }
+    Err(anyhow!(
+        "PostgreSQL server binaries (initdb, pg_ctl) were not found. Install them with \
+         `apt-get install postgresql` (Debian/Ubuntu), set FLUXBASE_PG_BINDIR to their directory, \
+         or point FLUXBASE_DATABASE_URL at an existing cluster"
+    ))
+}
+
+/// `Some((uid, gid))` of the unprivileged user to run PostgreSQL as when we are root.
+fn cluster_user() -> Result<Option<(u32, u32)>> {
+    if id(&["-u"], None)? != 0 {
+        return Ok(None);
+    }
+    let name = std::env::var("FLUXBASE_PG_USER").unwrap_or_else(|_| "postgres".into());
+    let uid = id(&["-u"], Some(&name)).with_context(|| {
+        format!(
+            "PostgreSQL cannot run as root and there is no user `{name}` to run it as: install \
+             Debian's postgresql package (it creates `postgres`), or create one with \
+             `useradd --system {name}` or set FLUXBASE_PG_USER"
+        )
+    })?;
+    let gid = id(&["-g"], Some(&name))?;
+    Ok(Some((uid, gid)))
+}
+
+fn id(flag: &[&str], user: Option<&str>) -> Result<u32> {
+    let out = Command::new("id").args(flag).args(user).output()?;
+    if !out.status.success() {
+        bail!("{}", String::from_utf8_lossy(&out.stderr).trim());
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).trim().parse()?)
+}
+
+/// The cluster user must be able to walk down to its directory.
+fn check_reachable(dir: &Path, uid: u32) -> Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    for ancestor in dir.ancestors().skip(1) {
+        let meta = std::fs::metadata(ancestor)?;
+        let others_x = meta.mode() & 0o001 != 0;
+        if !others_x && meta.uid() != uid {
+            bail!(
+                "the PostgreSQL user (uid {uid}) cannot enter {}: run `chmod o+x {}` or choose \
+                 another FLUXBASE_DATA_DIR",
+                ancestor.display(),
+                ancestor.display()
+            );
+        }
+    }
+    Ok(())
+}
+
+fn free_port() -> Result<u16> {
+    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}

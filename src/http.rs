@@ -1,0 +1,295 @@
+//! HTTP routing. Warp extracts the method, path, query, headers and body stream; one
+//! dispatcher maps `(method, path)` to a handler, so every failure — unknown route, wrong
+//! method, oversized or malformed body — answers in the one error shape of [`ApiError`].
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::{Buf, Bytes, BytesMut};
+use futures_util::{Stream, StreamExt};
+use serde::de::DeserializeOwned;
+use serde_json::{json, Value};
+use warp::http::{HeaderMap, Method, StatusCode};
+use warp::reply::{Reply, Response};
+use warp::Filter;
+
+use crate::app::{App, SharedApp};
+use crate::error::{ApiError, ApiResult};
+
+/// All routes of the server.
+pub fn routes(app: SharedApp) -> impl Filter<Extract = (Response,), Error = warp::Rejection> + Clone {
+    warp::method()
+        .and(warp::path::full())
+        .and(warp::query::raw().or(warp::any().map(String::new)).unify())
+        .and(warp::header::headers_cloned())
+        .and(warp::body::stream())
+        .then(move |method: Method, path: warp::path::FullPath, query: String, headers: HeaderMap, body| {
+            let app = app.clone();
+            async move { handle(app, method, path.as_str().to_string(), query, headers, body).await }
+        })
+}
+
+/// Everything a handler may need from the request.
+pub struct Request {
+    pub method: Method,
+    pub path: String,
+    pub query: HashMap<String, String>,
+    pub headers: HeaderMap,
+    body: Option<Bytes>,
+}
+
+impl Request {
+    fn authorization(&self) -> Option<&str> {
+        self.headers
+            .get(warp::http::header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+    }
+
+    /// The JSON body as `T`; a malformed body or a missing or mistyped field is a 400 that
+    /// names the field.
+    pub fn json<T: DeserializeOwned>(&self) -> ApiResult<T> {
+        let body = self.body.as_deref().unwrap_or_default();
+        if body.iter().all(|b| b.is_ascii_whitespace()) {
+            return Err(ApiError::BadRequest("request body: expected a JSON object".into()));
+        }
+        serde_json::from_slice(body)
+            .map_err(|e| ApiError::BadRequest(format!("invalid request body: {e}")))
+    }
+
+    /// A required query-string parameter.
+    pub fn param(&self, name: &str) -> ApiResult<&str> {
+        self.query
+            .get(name)
+            .map(String::as_str)
+            .filter(|v| !v.is_empty())
+            .ok_or_else(|| ApiError::BadRequest(format!("missing query parameter `{name}`")))
+    }
+}
+
+async fn handle<S, B>(
+    app: SharedApp,
+    method: Method,
+    path: String,
+    query: String,
+    headers: HeaderMap,
+    body: S,
+) -> Response
+where
+    S: Stream<Item = Result<B, warp::Error>> + Send + 'static,
+    B: Buf,
+{
+    let started = Instant::now();
+    let route = route_name(&path);
+    let outcome = async {
+        let query = serde_urlencoded::from_str::<HashMap<String, String>>(&query)
+            .map_err(|e| ApiError::BadRequest(format!("invalid query string: {e}")))?;
+        let body = if method == Method::GET || method == Method::HEAD {
+            None
+        } else {
+            Some(read_body(body, &headers, app.config.max_body_bytes).await?)
+        };
+        let req = Request {
+            method,
+            path,
+            query,
+            headers,
+            body,
+        };
+        dispatch(&app, &req).await
+    }
+    .await;
+    let response = match outcome {
+        Ok(r) => r,
+        Err(e) => error_response(&e),
+    };
+    let status = response.status().as_u16();
+    app.metrics.observe_request(route, status);
+    tracing::info!(
+        route,
+        status,
+        ms = started.elapsed().as_secs_f64() * 1000.0,
+        "request"
+    );
+    response
+}
+
+/// Reads the body up to `limit` bytes; a declared or actual larger body is a 413.
+async fn read_body<S, B>(body: S, headers: &HeaderMap, limit: usize) -> ApiResult<Bytes>
+where
+    S: Stream<Item = Result<B, warp::Error>>,
+    B: Buf,
+{
+    let declared = headers
+        .get(warp::http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > limit as u64) {
+        return Err(ApiError::PayloadTooLarge(limit));
+    }
+    let mut buf = BytesMut::new();
+    futures_util::pin_mut!(body);
+    while let Some(chunk) = body.next().await {
+        let mut chunk = chunk.map_err(|e| ApiError::BadRequest(format!("reading the body: {e}")))?;
+        if buf.len() + chunk.remaining() > limit {
+            return Err(ApiError::PayloadTooLarge(limit));
+        }
+        while chunk.has_remaining() {
+            let part = chunk.chunk();
+            buf.extend_from_slice(part);
+            let n = part.len();
+            chunk.advance(n);
+        }
+    }
+    Ok(buf.freeze())
+}
+
+/// A low-cardinality label for metrics and logs.
+fn route_name(path: &str) -> &'static str {
+    match path {
+        "/health" => "/health",
+        "/ready" => "/ready",
+        "/metrics" => "/metrics",
+        "/api/execute-sql" => "/api/execute-sql",
+        "/api/auth/signup" | "/api/auth/login" | "/api/auth/logout" | "/api/auth/me" => "/api/auth",
+        "/api/projects" => "/api/projects",
+        "/api/keys" | "/api/keys/rotate" => "/api/keys",
+        _ => "other",
+    }
+}
+
+pub fn json_response(status: StatusCode, body: &Value) -> Response {
+    raw_json_response(status, body.to_string())
+}
+
+pub fn raw_json_response(status: StatusCode, body: String) -> Response {
+    warp::reply::with_status(
+        warp::reply::with_header(body, "content-type", "application/json"),
+        status,
+    )
+    .into_response()
+}
+
+pub fn error_response(e: &ApiError) -> Response {
+    let mut response = json_response(e.status(), &e.body());
+    if let Some(secs) = e.retry_after() {
+        response
+            .headers_mut()
+            .insert("retry-after", secs.to_string().parse().expect("digits"));
+    }
+    response
+}
+
+fn ok((status, body): (StatusCode, Value)) -> ApiResult<Response> {
+    Ok(json_response(status, &body))
+}
+
+/// Projects are named in the body for POST/PATCH and in the query string for GET/DELETE.
+fn project_id_from_body(req: &Request) -> ApiResult<String> {
+    #[derive(serde::Deserialize)]
+    #[serde(rename_all = "camelCase")]
+    struct P {
+        project_id: Value,
+    }
+    let p: P = req.json()?;
+    match p.project_id {
+        Value::String(s) if !s.is_empty() => Ok(s),
+        _ => Err(ApiError::BadRequest("projectId: expected a non-empty string".into())),
+    }
+}
+
+async fn dispatch(app: &Arc<App>, req: &Request) -> ApiResult<Response> {
+    use Method as M;
+    let path = req.path.trim_end_matches('/');
+    let path = if path.is_empty() { "/" } else { path };
+    match (&req.method, path) {
+        (&M::GET, "/health") => ok((StatusCode::OK, json!({ "status": "ok" }))),
+        (&M::GET, "/ready") => {
+            let ready = match app.control.get().await {
+                Ok(c) => c.simple_query("SELECT 1").await.is_ok(),
+                Err(_) => false,
+            };
+            if ready {
+                ok((StatusCode::OK, json!({ "status": "ready" })))
+            } else {
+                Err(ApiError::DatabaseUnavailable("control database unreachable".into()))
+            }
+        }
+        (&M::GET, "/metrics") => Ok(warp::reply::with_header(
+            app.metrics.render(app.sql.connection_count()),
+            "content-type",
+            "text/plain; version=0.0.4",
+        )
+        .into_response()),
+
+        (&M::POST, "/api/auth/signup") => ok(app.signup(req.json()?).await?),
+        (&M::POST, "/api/auth/login") => ok(app.login(req.json()?).await?),
+        (&M::POST, "/api/auth/logout") => {
+            let p = app.authenticate(req.authorization()).await?;
+            ok(app.logout(&p).await?)
+        }
+        (&M::GET, "/api/auth/me") => {
+            let p = app.authenticate(req.authorization()).await?;
+            ok(app.me(&p).await?)
+        }
+
+        (&M::POST, "/api/projects") => {
+            let p = app.authenticate(req.authorization()).await?;
+            ok(app.create_project_endpoint(&p, req.json()?).await?)
+        }
+        (&M::GET, "/api/projects") => {
+            let p = app.authenticate(req.authorization()).await?;
+            ok(app.list_projects(&p).await?)
+        }
+        (&M::PATCH, "/api/projects") => {
+            let p = app.authenticate(req.authorization()).await?;
+            let access = app.project_access(&p, &project_id_from_body(req)?).await?;
+            ok(app.patch_project(&access, req.json()?).await?)
+        }
+
+        (&M::GET, "/api/keys") => {
+            let p = app.authenticate(req.authorization()).await?;
+            let access = app.project_access(&p, req.param("projectId")?).await?;
+            ok(app.list_keys(&access).await?)
+        }
+        (&M::POST, "/api/keys") => {
+            let p = app.authenticate(req.authorization()).await?;
+            let access = app.project_access(&p, &project_id_from_body(req)?).await?;
+            ok(app.create_key(&access, req.json()?).await?)
+        }
+        (&M::POST, "/api/keys/rotate") => {
+            let p = app.authenticate(req.authorization()).await?;
+            let access = app.project_access(&p, &project_id_from_body(req)?).await?;
+            ok(app.rotate_key(&access, req.json()?).await?)
+        }
+        (&M::DELETE, "/api/keys") => {
+            let p = app.authenticate(req.authorization()).await?;
+            let access = app.project_access(&p, req.param("projectId")?).await?;
+            ok(app.delete_key(&access, req.param("keyId")?).await?)
+        }
+
+        (&M::POST, "/api/execute-sql") => {
+            let p = app.authenticate(req.authorization()).await?;
+            let sql: crate::sql::SqlRequest = req.json()?;
+            let access = app.project_access(&p, &sql.project_id).await?;
+            Ok(raw_json_response(StatusCode::OK, app.execute_sql(&access, sql).await?))
+        }
+
+        (_, p) if KNOWN_PATHS.contains(&p) => Err(ApiError::MethodNotAllowed),
+        (_, p) => Err(ApiError::NotFound(format!("No route for {} {p}", req.method))),
+    }
+}
+
+const KNOWN_PATHS: &[&str] = &[
+    "/health",
+    "/ready",
+    "/metrics",
+    "/api/auth/signup",
+    "/api/auth/login",
+    "/api/auth/logout",
+    "/api/auth/me",
+    "/api/projects",
+    "/api/keys",
+    "/api/keys/rotate",
+    "/api/execute-sql",
+];

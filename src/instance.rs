@@ -1,0 +1,117 @@
+//! First-run set-up (`fluxbase init`, and `serve` on a fresh data directory): a default user,
+//! a default project and one key of each scope, printed once. Idempotent: later runs find the
+//! instance row and print only what is not secret.
+
+use serde_json::{json, Value};
+
+use crate::accounts::SignupRequest;
+use crate::app::App;
+use crate::secrets::random_base62;
+
+pub const DEFAULT_EMAIL: &str = "admin@fluxbase.local";
+
+/// What `init` reports. `secrets` is present only on the run that created them.
+pub struct InitReport {
+    pub created: bool,
+    pub json: Value,
+}
+
+impl App {
+    pub async fn init_instance(&self) -> anyhow::Result<InitReport> {
+        let base_url = self.config.base_url();
+        let ws_url = base_url.replacen("http", "ws", 1);
+        let client = self.control.get().await?;
+        // One initializer at a time, across processes.
+        client.execute("SELECT pg_advisory_lock(7245002)", &[]).await?;
+        let existing = client
+            .query_opt(
+                "SELECT i.default_project, p.name, u.email FROM fluxbase.instance i
+                 LEFT JOIN fluxbase.projects p ON p.id = i.default_project
+                 LEFT JOIN fluxbase.users u ON u.id = i.default_user",
+                &[],
+            )
+            .await;
+        let result = async {
+            if let Some(row) = existing? {
+                return Ok(InitReport {
+                    created: false,
+                    json: json!({
+                        "created": false,
+                        "baseUrl": base_url,
+                        "wsUrl": ws_url,
+                        "user": { "email": row.get::<_, Option<String>>(2) },
+                        "project": { "id": row.get::<_, Option<String>>(0), "name": row.get::<_, Option<String>>(1) },
+                    }),
+                });
+            }
+            let password = random_base62(20);
+            let user = self
+                .create_user(SignupRequest {
+                    email: DEFAULT_EMAIL.into(),
+                    password: password.clone(),
+                    display_name: Some("Admin".into()),
+                })
+                .await
+                .map_err(|e| anyhow::anyhow!("creating the default user: {e}"))?;
+            let (project, keys) = self
+                .create_project(&user.id, "Default project")
+                .await
+                .map_err(|e| anyhow::anyhow!("creating the default project: {e}"))?;
+            client
+                .execute(
+                    "INSERT INTO fluxbase.instance (default_user, default_project) VALUES ($1, $2)",
+                    &[&user.id, &project.id],
+                )
+                .await?;
+            let mut api_keys = serde_json::Map::new();
+            for k in &keys {
+                api_keys.insert(k.scope.as_str().into(), json!(k.secret));
+            }
+            Ok(InitReport {
+                created: true,
+                json: json!({
+                    "created": true,
+                    "baseUrl": base_url,
+                    "wsUrl": ws_url,
+                    "user": { "id": user.id, "email": user.email, "password": password },
+                    "project": { "id": project.id, "name": project.name },
+                    "apiKeys": api_keys,
+                }),
+            })
+        }
+        .await;
+        let _ = client.execute("SELECT pg_advisory_unlock(7245002)", &[]).await;
+        result
+    }
+
+    /// The default user's id (for `fluxbase project create`).
+    pub async fn default_user(&self) -> anyhow::Result<String> {
+        let client = self.control.get().await?;
+        let row = client
+            .query_opt("SELECT default_user FROM fluxbase.instance", &[])
+            .await?;
+        row.and_then(|r| r.get::<_, Option<String>>(0))
+            .ok_or_else(|| anyhow::anyhow!("no default user: run `fluxbase init` first"))
+    }
+}
+
+/// The human-readable form of an init report.
+pub fn describe(report: &InitReport) -> String {
+    let j = &report.json;
+    let mut out = String::new();
+    out.push_str(&format!("Fluxbase is ready.\n  Base URL:      {}\n  WebSocket URL: {}\n", j["baseUrl"].as_str().unwrap_or(""), j["wsUrl"].as_str().unwrap_or("")));
+    out.push_str(&format!("  Project ID:    {}\n", j["project"]["id"].as_str().unwrap_or("?")));
+    if report.created {
+        out.push_str(&format!(
+            "  Login:         {} / {}\n  API keys (shown once, store them now):\n    read:      {}\n    readwrite: {}\n    admin:     {}\n",
+            j["user"]["email"].as_str().unwrap_or(""),
+            j["user"]["password"].as_str().unwrap_or(""),
+            j["apiKeys"]["read"].as_str().unwrap_or(""),
+            j["apiKeys"]["readwrite"].as_str().unwrap_or(""),
+            j["apiKeys"]["admin"].as_str().unwrap_or(""),
+        ));
+    } else {
+        out.push_str("  (keys were printed on the first start; create new ones with POST /api/keys)\n");
+    }
+    out
+}

@@ -1,0 +1,22 @@
+//! Fluxbase: a backend-as-a-service in front of PostgreSQL.
+//!
+//! The server is one binary: a warp HTTP API (SQL over HTTP with scoped API keys, accounts,
+//! projects, keys) in front of a control database and one PostgreSQL database per project. See
+//! the README for the architecture; each module's docs explain its part.
+
+pub mod accounts;
+pub mod app;
+pub mod auth;
+pub mod config;
+pub mod db;
+pub mod doctor;
+pub mod embedded;
+pub mod error;
+pub mod http;
+pub mod instance;
+pub mod keys;
+pub mod metrics;
+pub mod projects;
+pub mod ratelimit;
+pub mod secrets;
+pub mod sql;

@@ -1,0 +1,83 @@
+//! Prometheus text metrics at `GET /metrics`: request counts by route and status, SQL latency
+//! histogram and outcome counts, pooled connections.
+
+use std::collections::BTreeMap;
+use std::fmt::Write;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+use std::time::Duration;
+
+const BUCKETS_MS: [f64; 12] = [
+    1.0, 2.5, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 5000.0, 30000.0,
+];
+
+#[derive(Default)]
+pub struct Metrics {
+    requests: Mutex<BTreeMap<(String, u16), u64>>,
+    sql_ok: AtomicU64,
+    sql_failed: AtomicU64,
+    sql_buckets: [AtomicU64; BUCKETS_MS.len()],
+    sql_sum_us: AtomicU64,
+}
+
+impl Metrics {
+    pub fn observe_request(&self, route: &str, status: u16) {
+        *self
+            .requests
+            .lock()
+            .expect("poisoned")
+            .entry((route.to_string(), status))
+            .or_default() += 1;
+    }
+
+    pub fn observe_sql(&self, elapsed: Duration, ok: bool) {
+        if ok { &self.sql_ok } else { &self.sql_failed }.fetch_add(1, Ordering::Relaxed);
+        let ms = elapsed.as_secs_f64() * 1000.0;
+        for (i, le) in BUCKETS_MS.iter().enumerate() {
+            if ms <= *le {
+                self.sql_buckets[i].fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        self.sql_sum_us
+            .fetch_add(elapsed.as_micros() as u64, Ordering::Relaxed);
+    }
+
+    pub fn render(&self, pooled_connections: usize) -> String {
+        let mut out = String::new();
+        out.push_str("# HELP fluxbase_http_requests_total HTTP requests by route and status.\n");
+        out.push_str("# TYPE fluxbase_http_requests_total counter\n");
+        for ((route, status), n) in self.requests.lock().expect("poisoned").iter() {
+            let _ = writeln!(
+                out,
+                "fluxbase_http_requests_total{{route=\"{route}\",status=\"{status}\"}} {n}"
+            );
+        }
+        let ok = self.sql_ok.load(Ordering::Relaxed);
+        let failed = self.sql_failed.load(Ordering::Relaxed);
+        out.push_str("# HELP fluxbase_sql_queries_total Queries run by /api/execute-sql.\n");
+        out.push_str("# TYPE fluxbase_sql_queries_total counter\n");
+        let _ = writeln!(out, "fluxbase_sql_queries_total{{outcome=\"ok\"}} {ok}");
+        let _ = writeln!(out, "fluxbase_sql_queries_total{{outcome=\"error\"}} {failed}");
+        out.push_str("# HELP fluxbase_sql_duration_seconds Time to run a query, pool wait included.\n");
+        out.push_str("# TYPE fluxbase_sql_duration_seconds histogram\n");
+        for (i, le) in BUCKETS_MS.iter().enumerate() {
+            let n = self.sql_buckets[i].load(Ordering::Relaxed);
+            let _ = writeln!(
+                out,
+                "fluxbase_sql_duration_seconds_bucket{{le=\"{}\"}} {n}",
+                le / 1000.0
+            );
+        }
+        let _ = writeln!(out, "fluxbase_sql_duration_seconds_bucket{{le=\"+Inf\"}} {}", ok + failed);
+        let _ = writeln!(
+            out,
+            "fluxbase_sql_duration_seconds_sum {}",
+            self.sql_sum_us.load(Ordering::Relaxed) as f64 / 1e6
+        );
+        let _ = writeln!(out, "fluxbase_sql_duration_seconds_count {}", ok + failed);
+        out.push_str("# HELP fluxbase_sql_pooled_connections Open project database connections.\n");
+        out.push_str("# TYPE fluxbase_sql_pooled_connections gauge\n");
+        let _ = writeln!(out, "fluxbase_sql_pooled_connections {pooled_connections}");
+        out
+    }
+}

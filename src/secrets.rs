@@ -1,0 +1,118 @@
+//! Random identifiers, tokens and the instance secrets kept in `$FLUXBASE_DATA_DIR/secrets.json`.
+//!
+//! The instance secret derives the passwords of the per-project PostgreSQL roles
+//! (HMAC-SHA256, so nothing about them is stored anywhere) and will sign realtime tokens and
+//! pre-signed URLs. The file is created once with mode 0600 and reused on every start.
+
+use std::path::Path;
+
+use anyhow::{Context, Result};
+use ring::hmac;
+use ring::rand::{SecureRandom, SystemRandom};
+use serde::{Deserialize, Serialize};
+
+const BASE62: &[u8] = b"0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz";
+
+/// `n` random bytes from the operating system's CSPRNG.
+pub fn random_bytes<const N: usize>() -> [u8; N] {
+    let mut buf = [0u8; N];
+    SystemRandom::new()
+        .fill(&mut buf)
+        .expect("the system random source failed");
+    buf
+}
+
+/// `len` uniformly random base62 characters (rejection sampling, no modulo bias).
+pub fn random_base62(len: usize) -> String {
+    let mut out = String::with_capacity(len);
+    while out.len() < len {
+        for b in random_bytes::<64>() {
+            if b < 248 && out.len() < len {
+                out.push(BASE62[(b % 62) as usize] as char);
+            }
+        }
+    }
+    out
+}
+
+/// Lowercase hex of `N` random bytes.
+pub fn random_hex<const N: usize>() -> String {
+    hex::encode(random_bytes::<N>())
+}
+
+/// SHA-256 of a presented secret, the form stored at rest.
+pub fn sha256(data: &[u8]) -> Vec<u8> {
+    ring::digest::digest(&ring::digest::SHA256, data)
+        .as_ref()
+        .to_vec()
+}
+
+#[derive(Clone, Serialize, Deserialize)]
+pub struct Secrets {
+    /// 32 random bytes, hex.
+    pub instance_secret: String,
+    /// Password of the embedded cluster's superuser.
+    pub pg_password: String,
+}
+
+impl std::fmt::Debug for Secrets {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Secrets(***)")
+    }
+}
+
+impl Secrets {
+    /// Loads the secrets file under `data_dir`, creating it on first use.
+    pub fn load_or_create(data_dir: &Path) -> Result<Secrets> {
+        let path = data_dir.join("secrets.json");
+        if path.exists() {
+            let text = std::fs::read_to_string(&path)?;
+            return serde_json::from_str(&text).with_context(|| format!("{}", path.display()));
+        }
+        std::fs::create_dir_all(data_dir)?;
+        let secrets = Secrets {
+            instance_secret: random_hex::<32>(),
+            pg_password: random_base62(32),
+        };
+        use std::io::Write;
+        use std::os::unix::fs::OpenOptionsExt;
+        let mut file = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&path)
+            .with_context(|| format!("creating {}", path.display()))?;
+        file.write_all(serde_json::to_string_pretty(&secrets)?.as_bytes())?;
+        Ok(secrets)
+    }
+
+    /// HMAC-SHA256 of `purpose` under the instance secret, hex: stable per instance, unguessable.
+    pub fn derive(&self, purpose: &str) -> String {
+        let key = hmac::Key::new(hmac::HMAC_SHA256, self.instance_secret.as_bytes());
+        hex::encode(hmac::sign(&key, purpose.as_bytes()).as_ref())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn base62_tokens_have_the_requested_length_and_alphabet() {
+        let t = random_base62(32);
+        assert_eq!(t.len(), 32);
+        assert!(t.bytes().all(|b| BASE62.contains(&b)));
+        assert_ne!(t, random_base62(32));
+    }
+
+    #[test]
+    fn derived_secrets_are_stable_and_distinct() {
+        let s = Secrets {
+            instance_secret: "a".repeat(64),
+            pg_password: String::new(),
+        };
+        assert_eq!(s.derive("x"), s.derive("x"));
+        assert_ne!(s.derive("x"), s.derive("y"));
+        assert_eq!(s.derive("x").len(), 64);
+    }
+}

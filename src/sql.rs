@@ -1,0 +1,480 @@
+//! `POST /api/execute-sql`: the caller's SQL, run as the project role of its scope.
+//!
+//! ```text
+//!  request ─► Access (scope → role) ─► pool[(project, role)] ─► wire::Connection (text results)
+//!                                                                   │ rows: text + type OID
+//!                              response JSON ◄─ values::write_json ◄┘ (PostgreSQL's to_json rules)
+//! ```
+//! Without `params` the text goes through the simple query protocol, so a script of several
+//! statements runs in one implicit transaction and answers with its last statement's result.
+//! With `params` it is one statement through the extended protocol: PostgreSQL infers each
+//! parameter's type and the JSON value is converted to that type's text input.
+//!
+//! Connections log in as `fx_<project>_<role>`: never a superuser, never a role that can
+//! `SET ROLE` to a stronger one. After each request the connection is reset (`ROLLBACK` if a
+//! transaction was left open, then `DISCARD ALL`) off the response path; one that cannot be reset
+//! is dropped. A statement that outlives `statement_timeout` (which the caller could lower or
+//! disable with `SET`) is cancelled by the server side guard here as well.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+use deadpool::managed::{self, Metrics as PoolMetrics, Object, RecycleError, RecycleResult};
+use fluxbase_replication::values::{self, TypeRegistry};
+use fluxbase_replication::wire::{
+    self, ConnectConfig, Connection, DbError, Phase, StatementResult, TransactionStatus, WireError,
+};
+use serde::Deserialize;
+use serde_json::Value;
+
+use crate::app::App;
+use crate::auth::{Access, DbRole};
+use crate::config::Config;
+use crate::db::ClusterTarget;
+use crate::error::{ApiError, ApiResult};
+
+/// Extra time past `statement_timeout` before the server cancels a statement itself.
+const GUARD_GRACE: Duration = Duration::from_secs(2);
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SqlRequest {
+    pub project_id: String,
+    pub query: String,
+    #[serde(default)]
+    pub params: Option<Vec<Value>>,
+    /// The end user a trusted backend acts for (row-level security, see the RLS issue).
+    #[serde(default)]
+    pub auth_uid: Option<String>,
+}
+
+pub struct WireManager {
+    cfg: ConnectConfig,
+}
+
+impl managed::Manager for WireManager {
+    type Type = Connection;
+    type Error = WireError;
+
+    async fn create(&self) -> Result<Connection, WireError> {
+        Connection::connect(&self.cfg).await
+    }
+
+    async fn recycle(&self, conn: &mut Connection, _: &PoolMetrics) -> RecycleResult<WireError> {
+        if conn.is_broken() {
+            return Err(RecycleError::message("connection is broken"));
+        }
+        Ok(())
+    }
+}
+
+type Pool = managed::Pool<WireManager>;
+
+#[derive(Clone)]
+struct RolePool {
+    pool: Pool,
+    cfg: ConnectConfig,
+}
+
+/// Connection pools per (project, role) and the per-project type catalogs.
+pub struct SqlPools {
+    host: String,
+    port: u16,
+    pool_size: usize,
+    statement_timeout: Duration,
+    pools: Mutex<HashMap<(String, DbRole), RolePool>>,
+    types: Mutex<HashMap<String, Arc<RwLock<TypeRegistry>>>>,
+}
+
+impl SqlPools {
+    pub fn new(config: &Config, cluster: &ClusterTarget) -> SqlPools {
+        SqlPools {
+            host: cluster.host.clone(),
+            port: cluster.port,
+            pool_size: config.pool_size,
+            statement_timeout: config.statement_timeout(),
+            pools: Mutex::new(HashMap::new()),
+            types: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Closes every pooled connection of a project (suspension, deletion).
+    pub fn forget_project(&self, project_id: &str) {
+        let mut pools = self.pools.lock().expect("poisoned");
+        pools.retain(|(p, _), rp| {
+            if p == project_id {
+                rp.pool.close();
+                false
+            } else {
+                true
+            }
+        });
+        self.types.lock().expect("poisoned").remove(project_id);
+    }
+
+    pub fn clear(&self) {
+        for (_, rp) in self.pools.lock().expect("poisoned").drain() {
+            rp.pool.close();
+        }
+    }
+
+    fn types(&self, project_id: &str) -> Arc<RwLock<TypeRegistry>> {
+        self.types
+            .lock()
+            .expect("poisoned")
+            .entry(project_id.to_string())
+            .or_insert_with(|| Arc::new(RwLock::new(TypeRegistry::new())))
+            .clone()
+    }
+
+    /// Pooled connections (idle and in use) across all projects.
+    pub fn connection_count(&self) -> usize {
+        self.pools
+            .lock()
+            .expect("poisoned")
+            .values()
+            .map(|rp| rp.pool.status().size)
+            .sum()
+    }
+}
+
+impl App {
+    fn role_pool(&self, access: &Access) -> ApiResult<RolePool> {
+        let key = (access.project.id.clone(), access.db_role);
+        let mut pools = self.sql.pools.lock().expect("poisoned");
+        if let Some(rp) = pools.get(&key) {
+            return Ok(rp.clone());
+        }
+        let user = access.db_role.role_name(&access.project.id);
+        let cfg = ConnectConfig {
+            host: self.sql.host.clone(),
+            port: self.sql.port,
+            password: Some(self.role_password(&user)),
+            user,
+            database: access.project.db_name.clone(),
+            application_name: Some("fluxbase-sql".into()),
+            options: vec![
+                (
+                    "statement_timeout".into(),
+                    self.sql.statement_timeout.as_millis().to_string(),
+                ),
+                ("DateStyle".into(), "ISO, MDY".into()),
+                ("IntervalStyle".into(), "postgres".into()),
+                ("TimeZone".into(), "UTC".into()),
+                ("extra_float_digits".into(), "1".into()),
+                ("idle_in_transaction_session_timeout".into(), "60000".into()),
+            ],
+            replication: false,
+            connect_timeout: Duration::from_secs(5),
+        };
+        let pool = Pool::builder(WireManager { cfg: cfg.clone() })
+            .max_size(self.sql.pool_size)
+            .wait_timeout(Some(Duration::from_secs(10)))
+            .create_timeout(Some(Duration::from_secs(10)))
+            .runtime(deadpool::Runtime::Tokio1)
+            .build()
+            .map_err(|e| anyhow::anyhow!("building a pool: {e}"))?;
+        let rp = RolePool { pool, cfg };
+        pools.insert(key, rp.clone());
+        Ok(rp)
+    }
+
+    /// Runs a request's SQL and renders the guide's success or SQL_EXEC_ERROR body.
+    pub async fn execute_sql(&self, access: &Access, req: SqlRequest) -> ApiResult<String> {
+        let started = Instant::now();
+        let rp = self.role_pool(access)?;
+        let mut conn = rp.pool.get().await.map_err(|e| match e {
+            managed::PoolError::Backend(WireError::Auth(m)) => {
+                ApiError::Internal(anyhow::anyhow!("project role login failed: {m}"))
+            }
+            other => ApiError::DatabaseUnavailable(other.to_string()),
+        })?;
+        let types = self.sql.types(&access.project.id);
+        let budget = self.sql.statement_timeout + GUARD_GRACE;
+        let backend_key = conn.backend_key();
+        let outcome = {
+            let run = run(&mut conn, &req, self.config.max_rows, &types);
+            tokio::pin!(run);
+            tokio::select! {
+                r = &mut run => r,
+                _ = tokio::time::sleep(budget) => {
+                    tracing::warn!(project_id = %access.project.id, "statement outlived its budget; cancelling");
+                    let _ = wire::cancel(&rp.cfg, backend_key).await;
+                    match tokio::time::timeout(Duration::from_secs(5), &mut run).await {
+                        Ok(r) => r,
+                        Err(_) => Err(SqlFailure::Wire(WireError::Timeout)),
+                    }
+                }
+            }
+        };
+        reset_later(conn);
+        let elapsed = started.elapsed();
+        self.metrics.observe_sql(elapsed, outcome.is_ok());
+        match outcome {
+            Ok(result) => {
+                let reg = types.read().expect("poisoned");
+                Ok(render_success(result.as_ref(), &reg, elapsed))
+            }
+            Err(SqlFailure::Param { index, message }) => Ok(render_sql_error(
+                &format!("invalid value for parameter ${index}: {message}"),
+                "22023",
+                "ERROR",
+            )),
+            Err(SqlFailure::Wire(WireError::Db(e))) if !e.is_fatal() => Ok(render_db_error(&e)),
+            Err(SqlFailure::Wire(WireError::InvalidInput(m))) => {
+                Ok(render_sql_error(&m, "22021", "ERROR"))
+            }
+            Err(SqlFailure::Wire(e)) => Err(ApiError::DatabaseUnavailable(e.to_string())),
+        }
+    }
+}
+
+enum SqlFailure {
+    Wire(WireError),
+    Param { index: usize, message: String },
+}
+
+impl From<WireError> for SqlFailure {
+    fn from(e: WireError) -> Self {
+        SqlFailure::Wire(e)
+    }
+}
+
+async fn run(
+    conn: &mut Connection,
+    req: &SqlRequest,
+    max_rows: usize,
+    types: &RwLock<TypeRegistry>,
+) -> Result<Option<StatementResult>, SqlFailure> {
+    let result = match req.params.as_deref() {
+        None | Some([]) => conn.simple_query(&req.query, max_rows).await?.last,
+        Some(params) => {
+            let prepared = conn.prepare(&req.query).await?;
+            learn_types(conn, types, &prepared.param_types).await?;
+            let texts = {
+                let reg = types.read().expect("poisoned");
+                let mut texts = Vec::with_capacity(params.len());
+                for (i, value) in params.iter().enumerate() {
+                    let oid = prepared.param_types.get(i).copied().unwrap_or(25);
+                    texts.push(values::param_to_text(value, oid, &reg).map_err(|e| {
+                        SqlFailure::Param {
+                            index: i + 1,
+                            message: e.to_string(),
+                        }
+                    })?);
+                }
+                texts
+            };
+            match conn.execute_prepared(&texts, max_rows).await {
+                Err(WireError::Db(e)) if e.phase == Phase::Bind => {
+                    return Err(bind_failure(e));
+                }
+                other => Some(other?),
+            }
+        }
+    };
+    if let Some(result) = &result {
+        let oids: Vec<u32> = result.columns.iter().map(|c| c.type_oid).collect();
+        // A failed transaction cannot run the catalog query; unknown types then render as text.
+        if conn.transaction_status() != TransactionStatus::Failed {
+            learn_types(conn, types, &oids).await?;
+        }
+    }
+    Ok(result)
+}
+
+/// Teaches the project's registry the user-defined types among `oids` (enums, domains,
+/// composites, their arrays) by querying the catalog until nothing is missing.
+async fn learn_types(
+    conn: &mut Connection,
+    types: &RwLock<TypeRegistry>,
+    oids: &[u32],
+) -> Result<(), SqlFailure> {
+    for _ in 0..8 {
+        let missing = types.read().expect("poisoned").missing(oids);
+        if missing.is_empty() {
+            return Ok(());
+        }
+        let outcome = conn
+            .simple_query(&TypeRegistry::catalog_query(&missing), usize::MAX)
+            .await?;
+        let rows = outcome.last.map(|r| r.rows).unwrap_or_default();
+        if let Err(e) = types.write().expect("poisoned").absorb(&rows) {
+            tracing::warn!(error = %e, "could not learn types from the catalog");
+            return Ok(());
+        }
+    }
+    Ok(())
+}
+
+/// A parameter PostgreSQL refused at Bind: name it (`$N`) in the error.
+fn bind_failure(e: DbError) -> SqlFailure {
+    let index = e
+        .where_
+        .as_deref()
+        .and_then(|w| w.split('$').nth(1))
+        .and_then(|rest| rest.split(|c: char| !c.is_ascii_digit()).next())
+        .and_then(|n| n.parse::<usize>().ok());
+    match index {
+        Some(index) => SqlFailure::Param {
+            index,
+            message: e.message,
+        },
+        None => SqlFailure::Wire(WireError::Db(e)),
+    }
+}
+
+/// Returns the connection to its pool after a reset, off the response path.
+fn reset_later(conn: Object<WireManager>) {
+    tokio::spawn(async move {
+        let mut conn = conn;
+        if conn.is_broken() {
+            let _ = Object::take(conn);
+            return;
+        }
+        if conn.transaction_status() != TransactionStatus::Idle
+            && conn.simple_query("ROLLBACK", 0).await.is_err()
+        {
+            let _ = Object::take(conn);
+            return;
+        }
+        if conn.simple_query("DISCARD ALL", 0).await.is_err() {
+            let _ = Object::take(conn);
+        }
+    });
+}
+
+/// The verb of a command tag: `INSERT 0 1` → `INSERT`, `CREATE TABLE` → `CREATE TABLE`.
+pub fn operation(tag: &str) -> String {
+    tag.split(' ')
+        .filter(|w| !w.is_empty() && !w.bytes().all(|b| b.is_ascii_digit()))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// Rows returned or affected: the tag's count, else the rows we have.
+pub fn row_count(tag: &str, rows: usize) -> u64 {
+    tag.rsplit(' ')
+        .next()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(rows as u64)
+}
+
+fn json_str(s: &str) -> String {
+    serde_json::to_string(s).expect("strings serialize")
+}
+
+fn render_success(result: Option<&StatementResult>, reg: &TypeRegistry, elapsed: Duration) -> String {
+    let empty = StatementResult::default();
+    let r = result.unwrap_or(&empty);
+    let op = operation(&r.command_tag);
+    let count = row_count(&r.command_tag, r.rows.len());
+    let names: Vec<String> = r.columns.iter().map(|c| json_str(&c.name)).collect();
+    let mut out = String::with_capacity(128 + r.rows.len() * 64);
+    out.push_str("{\"success\":true,\"result\":{\"rows\":[");
+    for (i, row) in r.rows.iter().enumerate() {
+        if i > 0 {
+            out.push(',');
+        }
+        out.push('{');
+        for (j, (col, value)) in r.columns.iter().zip(row).enumerate() {
+            if j > 0 {
+                out.push(',');
+            }
+            out.push_str(&names[j]);
+            out.push(':');
+            values::write_json(&mut out, col.type_oid, value.as_deref(), reg);
+        }
+        out.push('}');
+    }
+    out.push_str("],\"columns\":[");
+    out.push_str(&names.join(","));
+    out.push_str("],\"rowCount\":");
+    out.push_str(&count.to_string());
+    out.push_str(",\"message\":");
+    if op == "SELECT" || r.command_tag.is_empty() {
+        out.push_str("null");
+    } else {
+        out.push_str(&json_str(&r.command_tag));
+    }
+    out.push_str(",\"truncated\":");
+    out.push_str(if r.truncated { "true" } else { "false" });
+    out.push_str("},\"executionInfo\":{\"time\":");
+    out.push_str(&json_str(&format!("{}ms", elapsed.as_millis())));
+    out.push_str(",\"rowCount\":");
+    out.push_str(&count.to_string());
+    out.push_str(",\"operation\":");
+    if op.is_empty() {
+        out.push_str("null");
+    } else {
+        out.push_str(&json_str(&op));
+    }
+    out.push_str("}}");
+    out
+}
+
+fn render_db_error(e: &DbError) -> String {
+    let mut error = serde_json::json!({
+        "message": e.message,
+        "code": "SQL_EXEC_ERROR",
+        "details": format!("{}:  {}", if e.severity.is_empty() { "ERROR" } else { &e.severity }, e.code),
+    });
+    for (field, value) in [("hint", &e.hint), ("detail", &e.detail)] {
+        if let Some(v) = value {
+            error[field] = Value::String(v.clone());
+        }
+    }
+    if let Some(p) = e.position {
+        error["position"] = Value::from(p);
+    }
+    serde_json::json!({ "success": false, "error": error }).to_string()
+}
+
+fn render_sql_error(message: &str, sqlstate: &str, severity: &str) -> String {
+    serde_json::json!({
+        "success": false,
+        "error": { "message": message, "code": "SQL_EXEC_ERROR", "details": format!("{severity}:  {sqlstate}") }
+    })
+    .to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn operations_and_counts_come_from_the_command_tag() {
+        assert_eq!(operation("SELECT 3"), "SELECT");
+        assert_eq!(operation("INSERT 0 12"), "INSERT");
+        assert_eq!(operation("CREATE TABLE"), "CREATE TABLE");
+        assert_eq!(row_count("INSERT 0 12", 0), 12);
+        assert_eq!(row_count("UPDATE 4", 0), 4);
+        assert_eq!(row_count("CREATE TABLE", 0), 0);
+    }
+
+    #[test]
+    fn bind_errors_name_the_parameter() {
+        let e = DbError {
+            severity: "ERROR".into(),
+            code: "22P02".into(),
+            message: "invalid input syntax for type integer: \"x\"".into(),
+            detail: None,
+            hint: None,
+            position: None,
+            internal_position: None,
+            internal_query: None,
+            where_: Some("unnamed portal parameter $2 = '...'".into()),
+            schema: None,
+            table: None,
+            column: None,
+            datatype: None,
+            constraint: None,
+            phase: Phase::Bind,
+        };
+        match bind_failure(e) {
+            SqlFailure::Param { index, .. } => assert_eq!(index, 2),
+            SqlFailure::Wire(_) => panic!("expected a parameter failure"),
+        }
+    }
+}

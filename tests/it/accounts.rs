@@ -1,0 +1,250 @@
+//! Accounts, sessions, projects, keys and the guide's auth error codes.
+
+use serde_json::json;
+
+use crate::support::spawn_app;
+
+#[tokio::test]
+async fn signup_login_me_and_logout_work_and_logout_kills_the_token() {
+    let app = spawn_app().await;
+    let (token, user_id, email) = app.signup().await;
+    assert!(token.starts_with("flx_sess_"));
+    assert!(user_id.starts_with("usr_"));
+
+    let (status, body) = app
+        .call("POST", "/api/auth/login", None, Some(json!({ "email": email.to_uppercase(), "password": "correct horse battery" })))
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let token2 = body["token"].as_str().unwrap().to_string();
+    assert_eq!(body["user"]["id"], user_id.as_str());
+
+    let (status, body) = app.call("GET", "/api/auth/me", Some(&token2), None).await;
+    assert_eq!(status, 200);
+    assert_eq!(body["user"]["email"], email.as_str());
+    assert_eq!(body["projects"], json!([]));
+
+    let (status, _) = app.call("POST", "/api/auth/logout", Some(&token2), None).await;
+    assert_eq!(status, 200);
+    let (status, body) = app.call("GET", "/api/auth/me", Some(&token2), None).await;
+    assert_eq!(status, 401);
+    assert_eq!(body["error"]["code"], "AUTH_REQUIRED");
+    // The other session is untouched.
+    let (status, _) = app.call("GET", "/api/auth/me", Some(&token), None).await;
+    assert_eq!(status, 200);
+}
+
+#[tokio::test]
+async fn wrong_password_and_duplicate_email_are_refused() {
+    let app = spawn_app().await;
+    let (_, _, email) = app.signup().await;
+    let (status, body) = app
+        .call("POST", "/api/auth/login", None, Some(json!({ "email": email, "password": "wrong password" })))
+        .await;
+    assert_eq!(status, 401);
+    assert_eq!(body["error"]["code"], "AUTH_REQUIRED");
+    let (status, body) = app
+        .call("POST", "/api/auth/signup", None, Some(json!({ "email": email.to_uppercase(), "password": "another password" })))
+        .await;
+    assert_eq!(status, 409, "{body}");
+    let (status, body) = app
+        .call("POST", "/api/auth/signup", None, Some(json!({ "email": "not-an-email", "password": "long enough pw" })))
+        .await;
+    assert_eq!(status, 400);
+    assert_eq!(body["error"]["code"], "BAD_REQUEST");
+    assert!(body["error"]["message"].as_str().unwrap().contains("email"));
+}
+
+#[tokio::test]
+async fn expired_session_tokens_get_token_expired() {
+    let app = crate::support::spawn_app_with(|c| c.session_ttl_secs = 1).await;
+    let (token, _, _) = app.signup().await;
+    tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
+    let (status, body) = app.call("GET", "/api/auth/me", Some(&token), None).await;
+    assert_eq!(status, 401);
+    assert_eq!(body["error"]["code"], "TOKEN_EXPIRED");
+}
+
+#[tokio::test]
+async fn project_creation_returns_three_scoped_keys_and_the_creator_is_admin() {
+    let app = spawn_app().await;
+    let f = app.fixture().await;
+    assert_eq!(f.project.len(), 16);
+    for key in [&f.read, &f.readwrite, &f.admin] {
+        assert!(key.starts_with("flx_live_") && key.len() == 9 + 32, "{key}");
+    }
+    let (_, me) = app.call("GET", "/api/auth/me", Some(&f.token), None).await;
+    assert_eq!(me["projects"][0]["id"], f.project.as_str());
+    assert_eq!(me["projects"][0]["role"], "admin");
+
+    let (status, list) = app.call("GET", &format!("/api/keys?projectId={}", f.project), Some(&f.admin), None).await;
+    assert_eq!(status, 200, "{list}");
+    let keys = list["keys"].as_array().unwrap();
+    assert_eq!(keys.len(), 3);
+    for k in keys {
+        let prefix = k["prefix"].as_str().unwrap();
+        assert!(prefix.starts_with("flx_live_") && prefix.len() < 20);
+        assert!(k["id"].as_str().unwrap().starts_with("key_"));
+    }
+    // Keys are stored only as hashes.
+    let pg = crate::support::pg().await;
+    let ctl = app.app.cluster.control_db.clone();
+    let rows = pg
+        .client(&ctl)
+        .await
+        .query("SELECT count(*) FROM fluxbase.api_keys WHERE key_hash = sha256(convert_to($1, 'UTF8')) OR prefix = $1", &[&f.admin])
+        .await
+        .unwrap();
+    assert_eq!(rows[0].get::<_, i64>(0), 1, "the hash of the key is stored, not the key");
+    let plain = pg
+        .client(&ctl)
+        .await
+        .query("SELECT count(*) FROM fluxbase.api_keys k WHERE position($1 in k::text) > 0", &[&&f.admin[9..]])
+        .await
+        .unwrap();
+    assert_eq!(plain[0].get::<_, i64>(0), 0);
+}
+
+#[tokio::test]
+async fn rotated_key_is_refused_on_the_next_request() {
+    let app = spawn_app().await;
+    let f = app.fixture().await;
+    let (_, list) = app.call("GET", &format!("/api/keys?projectId={}", f.project), Some(&f.admin), None).await;
+    let read_id = list["keys"].as_array().unwrap().iter().find(|k| k["scope"] == "read").unwrap()["id"].clone();
+    assert_eq!(app.rows(&f.read, &f.project, "SELECT 1 AS one").await[0]["one"], 1);
+
+    let (status, body) = app
+        .call("POST", "/api/keys/rotate", Some(&f.admin), Some(json!({ "projectId": f.project, "keyId": read_id })))
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let new_secret = body["secret"].as_str().unwrap().to_string();
+    assert_eq!(body["key"]["scope"], "read");
+
+    let (status, body) = app
+        .call("POST", "/api/execute-sql", Some(&f.read), Some(json!({ "projectId": f.project, "query": "SELECT 1" })))
+        .await;
+    assert_eq!(status, 401);
+    assert_eq!(body["error"]["code"], "AUTH_REQUIRED");
+    assert_eq!(app.rows(&new_secret, &f.project, "SELECT 2 AS two").await[0]["two"], 2);
+}
+
+#[tokio::test]
+async fn keys_can_be_created_and_deleted_by_admins_only() {
+    let app = spawn_app().await;
+    let f = app.fixture().await;
+    let (status, body) = app
+        .call("POST", "/api/keys", Some(&f.admin), Some(json!({ "projectId": f.project, "scope": "readwrite", "name": "backend" })))
+        .await;
+    assert_eq!(status, 201, "{body}");
+    let secret = body["secret"].as_str().unwrap().to_string();
+    let id = body["key"]["id"].as_str().unwrap().to_string();
+    assert_eq!(app.rows(&secret, &f.project, "SELECT 1 AS x").await.len(), 1);
+
+    // A readwrite key cannot manage keys.
+    let (status, body) = app
+        .call("POST", "/api/keys", Some(&f.readwrite), Some(json!({ "projectId": f.project, "scope": "admin" })))
+        .await;
+    assert_eq!(status, 403);
+    assert_eq!(body["error"]["code"], "SCOPE_MISMATCH");
+    let (status, body) = app
+        .call("POST", "/api/keys", Some(&f.admin), Some(json!({ "projectId": f.project, "scope": "root" })))
+        .await;
+    assert_eq!(status, 400, "{body}");
+
+    let (status, _) = app
+        .call("DELETE", &format!("/api/keys?projectId={}&keyId={id}", f.project), Some(&f.admin), None)
+        .await;
+    assert_eq!(status, 200);
+    let (status, _) = app
+        .call("POST", "/api/execute-sql", Some(&secret), Some(json!({ "projectId": f.project, "query": "SELECT 1" })))
+        .await;
+    assert_eq!(status, 401);
+}
+
+#[tokio::test]
+async fn auth_error_codes_follow_the_guide() {
+    let app = spawn_app().await;
+    let f = app.fixture().await;
+    let g = app.fixture().await;
+    let body = |p: &str| Some(json!({ "projectId": p, "query": "SELECT 1" }));
+
+    let (status, b) = app.call("POST", "/api/execute-sql", None, body(&f.project)).await;
+    assert_eq!((status, b["error"]["code"].as_str()), (401, Some("AUTH_REQUIRED")));
+    let (status, b) = app.call("POST", "/api/execute-sql", Some("flx_live_nope"), body(&f.project)).await;
+    assert_eq!((status, b["error"]["code"].as_str()), (401, Some("AUTH_REQUIRED")));
+    let resp = app
+        .http
+        .post(app.url("/api/execute-sql"))
+        .header("Authorization", format!("Basic {}", f.admin))
+        .json(&json!({ "projectId": f.project, "query": "SELECT 1" }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 401);
+
+    // A key of another project.
+    let (status, b) = app.call("POST", "/api/execute-sql", Some(&g.admin), body(&f.project)).await;
+    assert_eq!((status, b["error"]["code"].as_str()), (403, Some("SCOPE_MISMATCH")));
+    // A project that does not exist.
+    let (status, b) = app.call("POST", "/api/execute-sql", Some(&f.admin), body("0123456789abcdef")).await;
+    assert_eq!((status, b["error"]["code"].as_str()), (404, Some("PROJECT_NOT_FOUND")));
+    // A session of a non-member: the project is not revealed.
+    let (status, b) = app.call("POST", "/api/execute-sql", Some(&g.token), body(&f.project)).await;
+    assert_eq!((status, b["error"]["code"].as_str()), (404, Some("PROJECT_NOT_FOUND")));
+    // A member session works and runs as the owner role.
+    let rows = app.rows(&f.token, &f.project, "SELECT current_user AS u").await;
+    assert_eq!(rows[0]["u"], format!("fx_{}_owner", f.project));
+
+    // Unknown route, wrong method.
+    let (status, b) = app.call("GET", "/api/nope", Some(&f.admin), None).await;
+    assert_eq!((status, b["error"]["code"].as_str()), (404, Some("NOT_FOUND")));
+    let (status, _) = app.call("GET", "/api/execute-sql", Some(&f.admin), None).await;
+    assert_eq!(status, 405);
+}
+
+#[tokio::test]
+async fn a_suspended_project_answers_project_suspended_until_resumed() {
+    let app = spawn_app().await;
+    let f = app.fixture().await;
+    app.app.set_project_status(&f.project, "suspended").await.unwrap();
+    let (status, b) = app
+        .call("POST", "/api/execute-sql", Some(&f.admin), Some(json!({ "projectId": f.project, "query": "SELECT 1" })))
+        .await;
+    assert_eq!((status, b["error"]["code"].as_str()), (403, Some("PROJECT_SUSPENDED")));
+    let (status, b) = app.call("GET", &format!("/api/keys?projectId={}", f.project), Some(&f.admin), None).await;
+    assert_eq!((status, b["error"]["code"].as_str()), (403, Some("PROJECT_SUSPENDED")));
+    app.app.set_project_status(&f.project, "active").await.unwrap();
+    assert_eq!(app.rows(&f.admin, &f.project, "SELECT 1 AS x").await.len(), 1);
+}
+
+#[tokio::test]
+async fn project_settings_can_be_patched_by_admins() {
+    let app = spawn_app().await;
+    let f = app.fixture().await;
+    let (status, b) = app
+        .call("PATCH", "/api/projects", Some(&f.token), Some(json!({ "projectId": f.project, "name": "renamed", "realtimePublic": true })))
+        .await;
+    assert_eq!(status, 200, "{b}");
+    assert_eq!(b["project"]["name"], "renamed");
+    assert_eq!(b["project"]["realtimePublic"], true);
+    let (status, b) = app
+        .call("PATCH", "/api/projects", Some(&f.read), Some(json!({ "projectId": f.project, "name": "x" })))
+        .await;
+    assert_eq!((status, b["error"]["code"].as_str()), (403, Some("SCOPE_MISMATCH")));
+    let (status, b) = app.call("GET", "/api/projects", Some(&f.token), None).await;
+    assert_eq!(status, 200);
+    assert_eq!(b["projects"][0]["name"], "renamed");
+}
+
+#[tokio::test]
+async fn health_ready_and_metrics_answer() {
+    let app = spawn_app().await;
+    let (status, b) = app.call("GET", "/health", None, None).await;
+    assert_eq!((status, b["status"].as_str()), (200, Some("ok")));
+    let (status, b) = app.call("GET", "/ready", None, None).await;
+    assert_eq!((status, b["status"].as_str()), (200, Some("ready")));
+    let f = app.fixture().await;
+    app.rows(&f.admin, &f.project, "SELECT 1 AS x").await;
+    let text = app.http.get(app.url("/metrics")).send().await.unwrap().text().await.unwrap();
+    assert!(text.contains("fluxbase_sql_queries_total{outcome=\"ok\"} 1"), "{text}");
+    assert!(text.contains("fluxbase_http_requests_total{route=\"/api/execute-sql\",status=\"200\"}"));
+}

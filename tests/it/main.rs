@@ -1,0 +1,6 @@
+//! Integration tests: real PostgreSQL, real HTTP, one binary (see `support`).
+
+mod support;
+
+mod accounts;
+mod sql;

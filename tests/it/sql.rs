@@ -1,0 +1,359 @@
+//! `POST /api/execute-sql`: the guide's shapes, the scope table enforced by PostgreSQL,
+//! escalation attempts, parameters, scripts and limits.
+
+use serde_json::{json, Value};
+
+use crate::support::{spawn_app, spawn_app_with};
+
+#[tokio::test]
+async fn select_answers_in_the_guides_shape() {
+    let app = spawn_app().await;
+    let f = app.fixture().await;
+    app.rows(&f.admin, &f.project, "CREATE TABLE users (id serial PRIMARY KEY, name text, email text)").await;
+    let body = app
+        .sql(&f.admin, &f.project, "INSERT INTO users (name, email) VALUES ('Alice', 'alice@example.com'), ('Bob', 'b@x.io')")
+        .await;
+    assert_eq!(body["executionInfo"]["operation"], "INSERT");
+    assert_eq!(body["result"]["rowCount"], 2);
+    let body = app.sql(&f.read, &f.project, "SELECT * FROM users ORDER BY id LIMIT 10;").await;
+    assert_eq!(body["success"], true);
+    assert_eq!(body["result"]["rows"][0], json!({ "id": 1, "name": "Alice", "email": "alice@example.com" }));
+    assert_eq!(body["result"]["columns"], json!(["id", "name", "email"]));
+    assert_eq!(body["result"]["rowCount"], 2);
+    assert_eq!(body["result"]["message"], Value::Null);
+    assert_eq!(body["executionInfo"]["rowCount"], 2);
+    assert_eq!(body["executionInfo"]["operation"], "SELECT");
+    let time = body["executionInfo"]["time"].as_str().unwrap();
+    assert!(time.ends_with("ms") && time.trim_end_matches("ms").parse::<u64>().is_ok(), "{time}");
+
+    let body = app.sql(&f.admin, &f.project, "CREATE TABLE t2 (x int)").await;
+    assert_eq!(body["executionInfo"]["operation"], "CREATE TABLE");
+    assert_eq!(body["result"]["message"], "CREATE TABLE");
+}
+
+#[tokio::test]
+async fn sql_errors_are_200_with_sql_exec_error_and_the_sqlstate() {
+    let app = spawn_app().await;
+    let f = app.fixture().await;
+    let (status, body) = app
+        .call("POST", "/api/execute-sql", Some(&f.admin), Some(json!({ "projectId": f.project, "query": "SELECT * FROM usrs" })))
+        .await;
+    assert_eq!(status, 200);
+    assert_eq!(
+        body,
+        json!({ "success": false, "error": { "message": "relation \"usrs\" does not exist", "code": "SQL_EXEC_ERROR", "details": "ERROR:  42P01", "position": 15 } })
+    );
+    assert_eq!(app.sql_error(&f.admin, &f.project, "SELEC 1").await, "42601");
+    // The connection that failed is fine for the next request.
+    assert_eq!(app.rows(&f.admin, &f.project, "SELECT 1 AS ok").await[0]["ok"], 1);
+}
+
+#[tokio::test]
+async fn each_scope_gets_exactly_the_guides_privileges() {
+    let app = spawn_app().await;
+    let f = app.fixture().await;
+    app.rows(&f.admin, &f.project, "CREATE TABLE items (id serial PRIMARY KEY, v text); INSERT INTO items (v) VALUES ('a')").await;
+
+    // read: SELECT only.
+    assert_eq!(app.rows(&f.read, &f.project, "SELECT v FROM items").await.len(), 1);
+    for q in [
+        "INSERT INTO items (v) VALUES ('r')",
+        "UPDATE items SET v = 'r'",
+        "DELETE FROM items",
+        "TRUNCATE items",
+        "CREATE TABLE r (x int)",
+        "DROP TABLE items",
+    ] {
+        let code = app.sql_error(&f.read, &f.project, q).await;
+        assert!(code == "42501", "read scope ran {q}: {code}");
+    }
+
+    // readwrite: SELECT, INSERT, UPDATE; no DELETE, TRUNCATE or DDL.
+    app.rows(&f.readwrite, &f.project, "INSERT INTO items (v) VALUES ('rw')").await;
+    app.rows(&f.readwrite, &f.project, "UPDATE items SET v = 'rw2' WHERE v = 'rw'").await;
+    for q in [
+        "DELETE FROM items",
+        "TRUNCATE items",
+        "CREATE TABLE rw (x int)",
+        "ALTER TABLE items ADD COLUMN z int",
+        "DROP TABLE items",
+        "CREATE INDEX ON items (v)",
+    ] {
+        let code = app.sql_error(&f.readwrite, &f.project, q).await;
+        assert!(code == "42501", "readwrite scope ran {q}: {code}");
+    }
+
+    // admin: full DDL and DML, and tables it creates later get the same grants.
+    app.rows(&f.admin, &f.project, "DELETE FROM items WHERE v = 'a'").await;
+    app.rows(&f.admin, &f.project, "CREATE TABLE later (x int); INSERT INTO later VALUES (1)").await;
+    assert_eq!(app.rows(&f.read, &f.project, "SELECT x FROM later").await[0]["x"], 1);
+    app.rows(&f.readwrite, &f.project, "INSERT INTO later VALUES (2)").await;
+    app.rows(&f.admin, &f.project, "CREATE SCHEMA app; CREATE TABLE app.t (x int); INSERT INTO app.t VALUES (7)").await;
+    assert_eq!(app.rows(&f.read, &f.project, "SELECT x FROM app.t").await[0]["x"], 7);
+    app.rows(&f.admin, &f.project, "TRUNCATE items; DROP TABLE items").await;
+}
+
+#[tokio::test]
+async fn escalation_attempts_are_refused_for_every_scope() {
+    let app = spawn_app().await;
+    let f = app.fixture().await;
+    let g = app.fixture().await;
+    let other_owner = format!("fx_{}_owner", g.project);
+    let own_owner = format!("fx_{}_owner", f.project);
+    let control = app.app.cluster.control_db.clone();
+    for key in [&f.read, &f.readwrite, &f.admin] {
+        let attempts = vec![
+            format!("SET ROLE {own_owner}"),
+            format!("SET ROLE {other_owner}"),
+            "SET ROLE fluxbase".to_string(),
+            "SET SESSION AUTHORIZATION fluxbase".to_string(),
+            "SELECT set_config('role', 'fluxbase', false)".to_string(),
+            "SELECT pg_read_file('/etc/passwd')".to_string(),
+            "COPY (SELECT 1) TO PROGRAM 'id'".to_string(),
+            "ALTER SYSTEM SET work_mem = '1GB'".to_string(),
+            "CREATE ROLE evil SUPERUSER".to_string(),
+            "ALTER ROLE CURRENT_USER SUPERUSER".to_string(),
+            "CREATE EXTENSION dblink".to_string(),
+            "SELECT 1; SET ROLE fluxbase; SELECT current_user".to_string(),
+            "SELECT 1; SELECT pg_read_file('/etc/passwd')".to_string(),
+        ];
+        for q in attempts {
+            let body = app.sql(key, &f.project, &q).await;
+            assert_eq!(body["success"], false, "{q} succeeded: {body}");
+        }
+        // RESET ROLE is allowed but changes nothing: the session user is the scope's role.
+        let rows = app.rows(key, &f.project, "RESET ROLE; SELECT current_user AS u, session_user AS s").await;
+        assert_eq!(rows[0]["u"], rows[0]["s"]);
+        assert!(rows[0]["u"].as_str().unwrap().starts_with(&format!("fx_{}_", f.project)));
+        let rows = app.rows(key, &f.project, "SELECT rolsuper, rolcreaterole, rolcreatedb, rolreplication, rolbypassrls FROM pg_roles WHERE rolname = current_user").await;
+        assert_eq!(rows[0], json!({ "rolsuper": false, "rolcreaterole": false, "rolcreatedb": false, "rolreplication": false, "rolbypassrls": false }));
+        let rows = app.rows(key, &f.project, "SELECT count(*) AS n FROM pg_auth_members m JOIN pg_roles r ON r.oid = m.member WHERE r.rolname = current_user").await;
+        assert_eq!(rows[0]["n"], 0, "project roles are members of nothing");
+    }
+    // Another project's database and the control database cannot be reached by a project role.
+    let pg = crate::support::pg().await;
+    for (db, role) in [(format!("fx_{}", g.project), own_owner.clone()), (control.clone(), own_owner.clone())] {
+        let password = app.app.role_password(&role);
+        let url = format!("postgres://{role}:{password}@127.0.0.1:{}/{db}", pg.port);
+        let err = tokio_postgres::connect(&url, tokio_postgres::NoTls).await.err();
+        let err = err.expect("a project role reached a database that is not its own");
+        assert_eq!(err.code(), Some(&tokio_postgres::error::SqlState::INSUFFICIENT_PRIVILEGE), "{err}");
+    }
+    // Its own database works with the same credentials (so the refusal above is about privilege).
+    let password = app.app.role_password(&own_owner);
+    let url = format!("postgres://{own_owner}:{password}@127.0.0.1:{}/fx_{}", pg.port, f.project);
+    assert!(tokio_postgres::connect(&url, tokio_postgres::NoTls).await.is_ok());
+}
+
+#[tokio::test]
+async fn pooled_connections_carry_no_state_between_requests() {
+    let app = spawn_app_with(|c| c.pool_size = 1).await;
+    let f = app.fixture().await;
+    app.rows(&f.admin, &f.project, "SET statement_timeout = 1; SET search_path = nowhere; CREATE TEMP TABLE tmp_x (x int); PREPARE p AS SELECT 1").await;
+    // An open transaction left behind is rolled back, not committed.
+    app.rows(&f.admin, &f.project, "CREATE TABLE kept (x int)").await;
+    app.rows(&f.admin, &f.project, "BEGIN; INSERT INTO kept VALUES (1)").await;
+    let rows = app
+        .rows(&f.admin, &f.project, "SELECT current_setting('statement_timeout') AS t, current_setting('search_path') AS p, to_regclass('tmp_x') IS NULL AS no_tmp, (SELECT count(*) FROM pg_prepared_statements) AS prepared, (SELECT count(*) FROM kept) AS kept")
+        .await;
+    assert_eq!(rows[0], json!({ "t": "30s", "p": "\"$user\", public", "no_tmp": true, "prepared": 0, "kept": 0 }));
+}
+
+#[tokio::test]
+async fn a_script_of_several_statements_runs_in_one_transaction_and_answers_the_last() {
+    let app = spawn_app().await;
+    let f = app.fixture().await;
+    let body = app
+        .sql(&f.admin, &f.project, "CREATE TABLE s (id int PRIMARY KEY); INSERT INTO s VALUES (1), (2); SELECT count(*) AS n FROM s;")
+        .await;
+    assert_eq!(body["result"]["rows"], json!([{ "n": 2 }]));
+    assert_eq!(body["executionInfo"]["operation"], "SELECT");
+    // A failure in the middle rolls back the whole script.
+    let code = app.sql_error(&f.admin, &f.project, "INSERT INTO s VALUES (3); INSERT INTO s VALUES (1); INSERT INTO s VALUES (4)").await;
+    assert_eq!(code, "23505");
+    assert_eq!(app.rows(&f.admin, &f.project, "SELECT count(*) AS n FROM s").await[0]["n"], 2);
+}
+
+#[tokio::test]
+async fn params_of_each_json_kind_bind_to_the_inferred_types() {
+    let app = spawn_app().await;
+    let f = app.fixture().await;
+    app.rows(&f.admin, &f.project, "CREATE TABLE p (b bool, i int, big int8, n numeric, t text, a int[], ta text[], j jsonb, ts timestamptz, u uuid)").await;
+    let body = app
+        .sql_params(
+            &f.readwrite,
+            &f.project,
+            "INSERT INTO p VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) RETURNING *",
+            json!([true, 42, 9007199254740993i64, 3.25, "it's \"quoted\"", [1, null, 3], ["a,b", "{x}", null], { "k": [1, "two"] }, "2024-01-02T03:04:05Z", "a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11"]),
+        )
+        .await;
+    assert_eq!(body["success"], true, "{body}");
+    let row = &body["result"]["rows"][0];
+    assert_eq!(row["b"], true);
+    assert_eq!(row["i"], 42);
+    assert_eq!(row["big"].to_string(), "9007199254740993");
+    assert_eq!(row["n"], 3.25);
+    assert_eq!(row["t"], "it's \"quoted\"");
+    assert_eq!(row["a"], json!([1, null, 3]));
+    assert_eq!(row["ta"], json!(["a,b", "{x}", null]));
+    assert_eq!(row["j"], json!({ "k": [1, "two"] }));
+    assert_eq!(row["ts"], "2024-01-02T03:04:05+00:00");
+    assert_eq!(row["u"], "a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11");
+
+    // The guide's own usage: a boolean parameter.
+    app.rows(&f.admin, &f.project, "CREATE TABLE users (id serial, name text, active bool); INSERT INTO users (name, active) VALUES ('A', true), ('B', false)").await;
+    let body = app.sql_params(&f.read, &f.project, "SELECT id, name FROM users WHERE active = $1", json!([true])).await;
+    assert_eq!(body["result"]["rows"], json!([{ "id": 1, "name": "A" }]));
+    // NULL and hostile strings are values, never SQL.
+    let body = app.sql_params(&f.read, &f.project, "SELECT $1::text AS x, $2::text AS y", json!([null, "'; DROP TABLE users; --"])).await;
+    assert_eq!(body["result"]["rows"][0], json!({ "x": null, "y": "'; DROP TABLE users; --" }));
+    assert_eq!(app.rows(&f.read, &f.project, "SELECT count(*) AS n FROM users").await[0]["n"], 2);
+}
+
+#[tokio::test]
+async fn a_parameter_that_does_not_fit_is_an_sql_error_naming_it() {
+    let app = spawn_app().await;
+    let f = app.fixture().await;
+    let body = app.sql_params(&f.read, &f.project, "SELECT $1::int + $2::int AS s", json!([1, "twelve"])).await;
+    assert_eq!(body["success"], false, "{body}");
+    assert_eq!(body["error"]["code"], "SQL_EXEC_ERROR");
+    let msg = body["error"]["message"].as_str().unwrap();
+    assert!(msg.contains("$2"), "{msg}");
+    let body = app.sql_params(&f.read, &f.project, "SELECT $1::int AS s", json!([{ "an": "object" }])).await;
+    assert_eq!(body["success"], false, "{body}");
+    assert!(body["error"]["message"].as_str().unwrap().contains("$1"));
+    let body = app.sql_params(&f.read, &f.project, "SELECT $1::int AS a, $2::int AS b", json!([1])).await;
+    assert_eq!(body["success"], false, "{body}");
+}
+
+#[tokio::test]
+async fn malformed_and_mistyped_bodies_are_bad_requests_naming_the_field() {
+    let app = spawn_app().await;
+    let f = app.fixture().await;
+    let send = |body: &'static str| {
+        app.http
+            .post(app.url("/api/execute-sql"))
+            .bearer_auth(&f.admin)
+            .header("content-type", "application/json")
+            .body(body)
+            .send()
+    };
+    let resp = send("{not json").await.unwrap();
+    assert_eq!(resp.status(), 400);
+    let b: Value = resp.json().await.unwrap();
+    assert_eq!(b["success"], false);
+    assert_eq!(b["error"]["code"], "BAD_REQUEST");
+    let b: Value = send(r#"{"projectId": "x"}"#).await.unwrap().json().await.unwrap();
+    assert!(b["error"]["message"].as_str().unwrap().contains("query"), "{b}");
+    let b: Value = send(r#"{"projectId": 5, "query": "SELECT 1"}"#).await.unwrap().json().await.unwrap();
+    assert!(b["error"]["message"].as_str().unwrap().contains("invalid type"), "{b}");
+    let b: Value = send(&*Box::leak(format!(r#"{{"projectId": "{}", "query": "SELECT 1", "params": "nope"}}"#, f.project).into_boxed_str())).await.unwrap().json().await.unwrap();
+    assert_eq!(b["error"]["code"], "BAD_REQUEST", "{b}");
+    let resp = send("").await.unwrap();
+    assert_eq!(resp.status(), 400);
+}
+
+#[tokio::test]
+async fn bodies_over_the_cap_get_413() {
+    let app = spawn_app_with(|c| c.max_body_bytes = 4096).await;
+    let f = app.fixture().await;
+    let big = format!("SELECT '{}'", "x".repeat(5000));
+    let (status, b) = app
+        .call("POST", "/api/execute-sql", Some(&f.admin), Some(json!({ "projectId": f.project, "query": big })))
+        .await;
+    assert_eq!((status, b["error"]["code"].as_str()), (413, Some("PAYLOAD_TOO_LARGE")));
+    // A chunked body without Content-Length is capped too.
+    let chunks: Vec<Result<String, std::io::Error>> = (0..10).map(|_| Ok("x".repeat(1000))).collect();
+    let resp = app
+        .http
+        .post(app.url("/api/execute-sql"))
+        .bearer_auth(&f.admin)
+        .body(reqwest::Body::wrap_stream(futures_util::stream::iter(chunks)))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 413);
+}
+
+#[tokio::test]
+async fn the_row_cap_truncates_and_says_so() {
+    let app = spawn_app_with(|c| c.max_rows = 100).await;
+    let f = app.fixture().await;
+    let body = app.sql(&f.read, &f.project, "SELECT g FROM generate_series(1, 1000) g").await;
+    assert_eq!(body["result"]["rows"].as_array().unwrap().len(), 100);
+    assert_eq!(body["result"]["truncated"], true);
+    assert_eq!(body["result"]["rowCount"], 1000);
+    let body = app.sql(&f.read, &f.project, "SELECT g FROM generate_series(1, 100) g").await;
+    assert_eq!(body["result"]["truncated"], false);
+}
+
+#[tokio::test]
+async fn statement_timeout_stops_slow_queries_even_when_the_caller_disables_it() {
+    let app = spawn_app_with(|c| c.statement_timeout_ms = 500).await;
+    let f = app.fixture().await;
+    let started = std::time::Instant::now();
+    let code = app.sql_error(&f.read, &f.project, "SELECT pg_sleep(10)").await;
+    assert_eq!(code, "57014");
+    assert!(started.elapsed().as_secs() < 5);
+    let started = std::time::Instant::now();
+    let code = app.sql_error(&f.read, &f.project, "SET statement_timeout = 0; SELECT pg_sleep(30)").await;
+    assert_eq!(code, "57014");
+    assert!(started.elapsed().as_secs() < 10, "{:?}", started.elapsed());
+    assert_eq!(app.rows(&f.read, &f.project, "SELECT 1 AS ok").await[0]["ok"], 1);
+}
+
+#[tokio::test]
+async fn the_rate_limit_answers_429_with_retry_after() {
+    let app = spawn_app_with(|c| {
+        c.rate_limit_requests = 50;
+        c.rate_limit_window_secs = 10;
+    })
+    .await;
+    let f = app.fixture().await;
+    let mut limited = None;
+    for i in 0..60 {
+        let resp = app
+            .http
+            .post(app.url("/api/execute-sql"))
+            .bearer_auth(&f.read)
+            .json(&json!({ "projectId": f.project, "query": "SELECT 1" }))
+            .send()
+            .await
+            .unwrap();
+        if resp.status() == 429 {
+            let retry: u64 = resp.headers()["retry-after"].to_str().unwrap().parse().unwrap();
+            assert!((1..=10).contains(&retry));
+            let b: Value = resp.json().await.unwrap();
+            assert_eq!(b["error"]["code"], "RATE_LIMIT");
+            limited = Some(i);
+            break;
+        }
+    }
+    assert_eq!(limited, Some(50), "the 51st request in the window is refused");
+    // Another key of the same project has its own budget.
+    assert_eq!(app.rows(&f.readwrite, &f.project, "SELECT 1 AS x").await.len(), 1);
+}
+
+#[tokio::test]
+async fn an_unreachable_project_database_is_503_database_connection_error() {
+    let app = spawn_app().await;
+    let f = app.fixture().await;
+    // Take the database away from under the server.
+    let pg = crate::support::pg().await;
+    pg.client("postgres")
+        .await
+        .batch_execute(&format!("ALTER DATABASE fx_{0} ALLOW_CONNECTIONS false; SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = 'fx_{0}'", f.project))
+        .await
+        .unwrap();
+    app.app.sql.forget_project(&f.project);
+    let (status, b) = app
+        .call("POST", "/api/execute-sql", Some(&f.admin), Some(json!({ "projectId": f.project, "query": "SELECT 1" })))
+        .await;
+    assert_eq!((status, b["error"]["code"].as_str()), (503, Some("DATABASE_CONNECTION_ERROR")), "{b}");
+    pg.client("postgres")
+        .await
+        .batch_execute(&format!("ALTER DATABASE fx_{} ALLOW_CONNECTIONS true", f.project))
+        .await
+        .unwrap();
+    assert_eq!(app.rows(&f.admin, &f.project, "SELECT 1 AS x").await.len(), 1);
+}
