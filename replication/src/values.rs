@@ -114,8 +114,13 @@ enum Kind<'a> {
     Json,
     Timestamp,
     TimestampTz,
-    Array { elem: u32, delim: u8 },
-    Vector { elem: u32 },
+    Array {
+        elem: u32,
+        delim: u8,
+    },
+    Vector {
+        elem: u32,
+    },
     Composite(&'a [Attribute]),
     Hstore,
     /// Rendered as a JSON string: text, uuid, date (already XSD under DateStyle ISO), enums, ...
@@ -224,9 +229,9 @@ const BUILTIN_TEXT: &[u32] = &[
     0, 17, 18, 19, 24, 25, 26, 27, 28, 29, 32, 142, 194, 269, 325, 600, 601, 602, 603, 604, 628,
     650, 705, 718, 774, 790, 829, 869, 1033, 1042, 1043, 1082, 1083, 1186, 1266, 1560, 1562, 1790,
     2202, 2203, 2204, 2205, 2206, 2249, 2275, 2276, 2278, 2279, 2280, 2281, 2283, 2776, 2950, 2970,
-    3115, 3220, 3310, 3361, 3402, 3500, 3614, 3615, 3642, 3734, 3769, 3831, 3838, 3904, 3906,
-    3908, 3910, 3912, 3926, 4072, 4089, 4096, 4191, 4451, 4532, 4533, 4534, 4535, 4536, 4537,
-    4538, 4600, 4601, 5017, 5038, 5069, 5077, 5078, 5079, 5080,
+    3115, 3220, 3310, 3361, 3402, 3500, 3614, 3615, 3642, 3734, 3769, 3831, 3838, 3904, 3906, 3908,
+    3910, 3912, 3926, 4072, 4089, 4096, 4191, 4451, 4532, 4533, 4534, 4535, 4536, 4537, 4538, 4600,
+    4601, 5017, 5038, 5069, 5077, 5078, 5079, 5080,
 ];
 
 fn builtin(oid: u32) -> Option<Kind<'static>> {
@@ -495,11 +500,15 @@ pub fn to_json_value(type_oid: u32, text: Option<&str>, reg: &TypeRegistry) -> V
 struct Malformed;
 
 fn write_value(out: &mut String, oid: u32, text: &str, reg: &TypeRegistry, depth: usize) {
+    write_kind(out, reg.resolve(oid), text, reg, depth);
+}
+
+fn write_kind(out: &mut String, kind: Kind<'_>, text: &str, reg: &TypeRegistry, depth: usize) {
     if depth > MAX_DEPTH {
         return write_string(out, text);
     }
     let start = out.len();
-    let written = match reg.resolve(oid) {
+    let written = match kind {
         Kind::Bool if text == "t" || text == "f" => {
             out.push_str(if text == "t" { "true" } else { "false" });
             Ok(())
@@ -517,11 +526,12 @@ fn write_value(out: &mut String, oid: u32, text: &str, reg: &TypeRegistry, depth
         Kind::Array { elem, delim } => write_array(out, text, elem, delim, reg, depth),
         Kind::Vector { elem } => {
             out.push('[');
+            let elem = reg.resolve(elem);
             for (i, item) in text.split(' ').filter(|s| !s.is_empty()).enumerate() {
                 if i > 0 {
                     out.push(',');
                 }
-                write_value(out, elem, item, reg, depth + 1);
+                write_kind(out, elem, item, reg, depth + 1);
             }
             out.push(']');
             Ok(())
@@ -867,6 +877,7 @@ fn write_array(
         /// After an element or a nested `}`: a delimiter or `}`.
         DelimOrClose,
     }
+    let elem = reg.resolve(elem);
     let mut level = 0usize;
     let mut expect = Expect::Next;
     let mut buf = String::new();
@@ -896,7 +907,7 @@ fn write_array(
             }
             b'"' if expect != Expect::DelimOrClose && level > 0 => {
                 i = read_quoted(text, i + 1, &mut buf)?;
-                write_value(out, elem, &buf, reg, depth + 1);
+                write_kind(out, elem, &buf, reg, depth + 1);
                 expect = Expect::DelimOrClose;
             }
             _ if expect != Expect::DelimOrClose && level > 0 => {
@@ -914,7 +925,7 @@ fn write_array(
                 if item.eq_ignore_ascii_case("NULL") {
                     out.push_str("null");
                 } else {
-                    write_value(out, elem, item, reg, depth + 1);
+                    write_kind(out, elem, item, reg, depth + 1);
                 }
                 expect = Expect::DelimOrClose;
                 i += len;
@@ -1043,7 +1054,10 @@ fn write_hstore(out: &mut String, text: &str) -> Result<(), Malformed> {
         if b.get(i) == Some(&b'"') {
             i = read_quoted(text, i + 1, &mut buf)?;
             write_string(out, &buf);
-        } else if b.get(i..i + 4).is_some_and(|w| w.eq_ignore_ascii_case(b"NULL")) {
+        } else if b
+            .get(i..i + 4)
+            .is_some_and(|w| w.eq_ignore_ascii_case(b"NULL"))
+        {
             i += 4;
             out.push_str("null");
         } else {
@@ -1107,15 +1121,7 @@ fn param_text(
                 Kind::Json | Kind::Array { .. } | Kind::Vector { .. }
             );
             let mut out = String::new();
-            write_array_literal(
-                &mut out,
-                items,
-                elem,
-                delim,
-                elem_takes_arrays,
-                reg,
-                depth,
-            )?;
+            write_array_literal(&mut out, items, elem, delim, elem_takes_arrays, reg, depth)?;
             out
         }
         (Value::Object(map), Kind::Composite(attrs)) => {
@@ -1450,9 +1456,17 @@ mod tests {
             (TIMESTAMP, "2020-01-02 03:04:05", "2020-01-02T03:04:05"),
             (TIMESTAMP, "2020-01-02 03:04:05.5", "2020-01-02T03:04:05.5"),
             (TIMESTAMP, "20000-01-01 10:00:00", "20000-01-01T10:00:00"),
-            (TIMESTAMP, "0044-03-15 10:00:00 BC", "0044-03-15T10:00:00 BC"),
+            (
+                TIMESTAMP,
+                "0044-03-15 10:00:00 BC",
+                "0044-03-15T10:00:00 BC",
+            ),
             (TIMESTAMP, "infinity", "infinity"),
-            (TIMESTAMPTZ, "2020-01-02 03:04:05+00", "2020-01-02T03:04:05+00:00"),
+            (
+                TIMESTAMPTZ,
+                "2020-01-02 03:04:05+00",
+                "2020-01-02T03:04:05+00:00",
+            ),
             (
                 TIMESTAMPTZ,
                 "2020-01-02 03:04:05.123456+05:30",
@@ -1468,12 +1482,24 @@ mod tests {
                 "0044-03-15 10:00:00-04:56:02 BC",
                 "0044-03-15T10:00:00-04:56:02 BC",
             ),
-            (TIMESTAMPTZ, "2020-01-02 03:04:05-08 BC", "2020-01-02T03:04:05-08:00 BC"),
+            (
+                TIMESTAMPTZ,
+                "2020-01-02 03:04:05-08 BC",
+                "2020-01-02T03:04:05-08:00 BC",
+            ),
             (TIMESTAMPTZ, "-infinity", "-infinity"),
             // Not DateStyle ISO: kept as is.
-            (TIMESTAMPTZ, "28/11/2026 01:31:25 CET", "28/11/2026 01:31:25 CET"),
+            (
+                TIMESTAMPTZ,
+                "28/11/2026 01:31:25 CET",
+                "28/11/2026 01:31:25 CET",
+            ),
             (TIMESTAMPTZ, "2020-01-02 03:04:05", "2020-01-02 03:04:05"),
-            (TIMESTAMP, "2020-01-02 03:04:05+00", "2020-01-02 03:04:05+00"),
+            (
+                TIMESTAMP,
+                "2020-01-02 03:04:05+00",
+                "2020-01-02 03:04:05+00",
+            ),
             (TIMESTAMP, "2020-01-02 03:04:05.", "2020-01-02 03:04:05."),
             (TIMESTAMP, "202-01-02 03:04:05", "202-01-02 03:04:05"),
         ];
@@ -1485,7 +1511,10 @@ mod tests {
     #[test]
     fn arrays_with_quotes_backslashes_delimiters_and_nulls() {
         assert_eq!(
-            value(TEXT_ARRAY, r#"{"a\"b","c\\d","",NULL,"NULL",x,"{","}","a,b","x y",é}"#),
+            value(
+                TEXT_ARRAY,
+                r#"{"a\"b","c\\d","",NULL,"NULL",x,"{","}","a,b","x y",é}"#
+            ),
             json!(["a\"b", "c\\d", "", null, "NULL", "x", "{", "}", "a,b", "x y", "é"])
         );
         assert_eq!(value(INT4_ARRAY, "{}"), json!([]));
@@ -1499,8 +1528,7 @@ mod tests {
         assert_eq!(value(BOOL_ARRAY, "{t,f,NULL}"), json!([true, false, null]));
         assert_eq!(
             value(1231, "{1.5,NaN,123456789012345678901234567890}"),
-            serde_json::from_str::<Value>(r#"[1.5,"NaN",123456789012345678901234567890]"#)
-                .unwrap()
+            serde_json::from_str::<Value>(r#"[1.5,"NaN",123456789012345678901234567890]"#).unwrap()
         );
         assert_eq!(
             render(1231, "{123456789012345678901234567890}"),
@@ -1607,9 +1635,27 @@ mod tests {
         };
         let reg = registry();
         let oids = [
-            BOOL, INT4, FLOAT8, NUMERIC, JSONB, DATE, TIMESTAMP, TIMESTAMPTZ, INT4_ARRAY,
-            TEXT_ARRAY, JSONB_ARRAY, BOX_ARRAY, 22, 1006, MOOD_ARRAY, PAIR, PAIR_ARRAY, NESTED,
-            HSTORE, DOC, POSINT,
+            BOOL,
+            INT4,
+            FLOAT8,
+            NUMERIC,
+            JSONB,
+            DATE,
+            TIMESTAMP,
+            TIMESTAMPTZ,
+            INT4_ARRAY,
+            TEXT_ARRAY,
+            JSONB_ARRAY,
+            BOX_ARRAY,
+            22,
+            1006,
+            MOOD_ARRAY,
+            PAIR,
+            PAIR_ARRAY,
+            NESTED,
+            HSTORE,
+            DOC,
+            POSINT,
         ];
         for _ in 0..20_000 {
             let len = (next() % 24) as usize;
@@ -1675,10 +1721,7 @@ mod tests {
             vec![short],
             vec![std::mem::take(&mut bad_attrs)],
         ] {
-            assert!(matches!(
-                reg.absorb(&rows),
-                Err(ValueError::Catalog { .. })
-            ));
+            assert!(matches!(reg.absorb(&rows), Err(ValueError::Catalog { .. })));
         }
         assert!(!reg.is_known(MOOD));
         // Built-ins are never overridden by catalog rows.
@@ -1737,8 +1780,11 @@ mod tests {
     #[test]
     fn array_params_quote_every_element() {
         assert_eq!(
-            param(json!(["a\"b", "c\\d", "", null, "NULL", "x,y", "{}", " "]), TEXT_ARRAY)
-                .as_deref(),
+            param(
+                json!(["a\"b", "c\\d", "", null, "NULL", "x,y", "{}", " "]),
+                TEXT_ARRAY
+            )
+            .as_deref(),
             Some(r#"{"a\"b","c\\d","",NULL,"NULL","x,y","{}"," "}"#)
         );
         assert_eq!(param(json!([]), INT4_ARRAY).as_deref(), Some("{}"));
@@ -1765,11 +1811,20 @@ mod tests {
     fn array_params_round_trip_through_the_renderer() {
         let reg = registry();
         for (value, oid) in [
-            (json!(["a\"b", "c\\d", "", null, "NULL", "x,y", "{", "}", " ", "é\n"]), TEXT_ARRAY),
+            (
+                json!(["a\"b", "c\\d", "", null, "NULL", "x,y", "{", "}", " ", "é\n"]),
+                TEXT_ARRAY,
+            ),
             (json!([[1, 2], [3, null]]), INT4_ARRAY),
             (json!([[[1]], [[-2]]]), INT4_ARRAY),
-            (json!([{"a": [1, "x\\\""]}, [1], "s", 2.5, null]), JSONB_ARRAY),
-            (json!([{"a": 1, "b": "(x, \"y\")"}, null, {"a": null, "b": ""}]), PAIR_ARRAY),
+            (
+                json!([{"a": [1, "x\\\""]}, [1], "s", 2.5, null]),
+                JSONB_ARRAY,
+            ),
+            (
+                json!([{"a": 1, "b": "(x, \"y\")"}, null, {"a": null, "b": ""}]),
+                PAIR_ARRAY,
+            ),
             (json!({"a": "1", "b c": null, "q\\\"": ""}), HSTORE),
             (
                 json!({"p": {"a": 1, "b": "x y"}, "tags": ["a", null], "m": ["happy"],

@@ -59,3 +59,10 @@ CREATE TABLE fluxbase.instance (
     default_project text REFERENCES fluxbase.projects (id) ON DELETE SET NULL,
     initialized_at  timestamptz NOT NULL DEFAULT now()
 );
+
+-- Only the server's own role may connect to the control database.
+DO $$
+BEGIN
+    EXECUTE format('REVOKE ALL ON DATABASE %I FROM PUBLIC', current_database());
+END $$;
+REVOKE ALL ON SCHEMA fluxbase FROM PUBLIC;
