@@ -77,6 +77,7 @@ impl App {
     /// Stops what the server started (the embedded cluster).
     pub fn shutdown(&self) {
         self.sql.clear();
+        self.control.close();
         if let Some(cluster) = &self.embedded {
             if let Err(e) = cluster.stop() {
                 tracing::warn!(error = %e, "stopping the embedded cluster");

@@ -177,13 +177,22 @@ impl Cluster {
         Ok(self)
     }
 
-    /// Stops the cluster when this process is gone, however it ended.
+    /// Stops this cluster instance when this process is gone, however it ended. The watchdog
+    /// follows one postmaster: it exits when that postmaster stops, so a watchdog left from an
+    /// earlier process never touches a later start of the same cluster.
     fn spawn_watchdog(&self) -> Result<()> {
+        let pid_file = std::fs::read_to_string(self.data_dir().join("postmaster.pid"))
+            .context("reading postmaster.pid")?;
+        let postmaster: u32 = pid_file
+            .lines()
+            .next()
+            .and_then(|l| l.trim().parse().ok())
+            .ok_or_else(|| anyhow!("postmaster.pid has no process id"))?;
+        // SIGINT is PostgreSQL's fast shutdown.
         let script = format!(
-            "while [ -d /proc/{pid} ]; do sleep 1; done; exec '{pg_ctl}' -D '{data}' -m fast stop",
-            pid = std::process::id(),
-            pg_ctl = self.bindir.join("pg_ctl").display(),
-            data = self.data_dir().display(),
+            "while [ -d /proc/{owner} ] && [ -d /proc/{postmaster} ]; do sleep 1; done; \
+             [ -d /proc/{postmaster} ] && kill -INT {postmaster}; exit 0",
+            owner = std::process::id(),
         );
         let mut cmd = Command::new("sh");
         cmd.args(["-c", &script])

@@ -490,6 +490,7 @@ pub fn write_json(out: &mut String, type_oid: u32, text: Option<&str>, reg: &Typ
 
 /// [`write_json`] parsed into a [`serde_json::Value`]. Without serde_json's `arbitrary_precision`
 /// feature, numbers beyond `i64`/`u64`/`f64` precision lose digits here: prefer [`write_json`].
+/// A document nested deeper than serde_json's recursion limit (128) comes back as a string.
 pub fn to_json_value(type_oid: u32, text: Option<&str>, reg: &TypeRegistry) -> Value {
     let mut out = String::new();
     write_json(&mut out, type_oid, text, reg);

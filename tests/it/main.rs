@@ -3,4 +3,6 @@
 mod support;
 
 mod accounts;
+mod cli;
+mod guide;
 mod sql;

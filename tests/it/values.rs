@@ -61,7 +61,10 @@ async fn learn(client: &Client, registry: &mut TypeRegistry, oids: &[u32]) -> us
         if missing.is_empty() {
             return rounds;
         }
-        assert!(rounds < 5, "types still missing after {rounds} rounds: {missing:?}");
+        assert!(
+            rounds < 5,
+            "types still missing after {rounds} rounds: {missing:?}"
+        );
         let rows = text_rows(client, &TypeRegistry::catalog_query(&missing)).await;
         registry.absorb(&rows).expect("absorbing the catalog rows");
         rounds += 1;
@@ -480,7 +483,11 @@ async fn params_round_trip_through_postgres() {
         (json!({"a": 1, "b": "x \"y\" (z), \\"}), "pair", None),
         (json!({"b": ""}), "pair", Some(r#"{"a": null, "b": ""}"#)),
         (json!({"a": 3}), "pairdom", Some(r#"{"a": 3, "b": null}"#)),
-        (json!("(7,seven)"), "pair", Some(r#"{"a": 7, "b": "seven"}"#)),
+        (
+            json!("(7,seven)"),
+            "pair",
+            Some(r#"{"a": 7, "b": "seven"}"#),
+        ),
         (
             json!([{"a": 1, "b": "x"}, null, {"a": null, "b": "a,b"}]),
             "pair[]",

@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# Makes sure what `make run` and `make test` need is installed: PostgreSQL's server binaries
+# (initdb, pg_ctl, pgbench, pg_recvlogical) and, for the tests, Node.js and curl. As root on
+# Debian/Ubuntu it installs missing pieces from the distribution's packages; otherwise it says
+# exactly what to install.
+set -euo pipefail
+need_test_tools=${1:-}
+
+missing=()
+have_pg() { ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || { [ -n "${FLUXBASE_PG_BINDIR:-}" ] && [ -x "$FLUXBASE_PG_BINDIR/initdb" ]; }; }
+have_pg || missing+=(postgresql postgresql-contrib)
+if [ "$need_test_tools" = "test" ]; then
+  command -v node >/dev/null 2>&1 || missing+=(nodejs)
+  command -v curl >/dev/null 2>&1 || missing+=(curl)
+fi
+command -v cargo >/dev/null 2>&1 || { echo "cargo is missing: install Rust with rustup (https://rustup.rs)"; exit 1; }
+
+if [ ${#missing[@]} -eq 0 ]; then exit 0; fi
+if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+  echo "Installing ${missing[*]} from Debian's packages..."
+  # Fluxbase runs its own cluster; do not let the package create and start a system one.
+  mkdir -p /etc/postgresql-common
+  if [ ! -f /etc/postgresql-common/createcluster.conf ] || ! grep -q '^create_main_cluster' /etc/postgresql-common/createcluster.conf; then
+    echo "create_main_cluster = false" >> /etc/postgresql-common/createcluster.conf
+  fi
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+  have_pg || { echo "PostgreSQL was installed but initdb is still not found"; exit 1; }
+else
+  echo "Missing: ${missing[*]}."
+  echo "Install them with: sudo apt-get install ${missing[*]}"
+  echo "(or set FLUXBASE_PG_BINDIR to a directory holding initdb and pg_ctl,"
+  echo " or FLUXBASE_DATABASE_URL to an existing PostgreSQL cluster)"
+  exit 1
+fi
