@@ -24,6 +24,7 @@ pub struct App {
     pub sql: SqlPools,
     pub rate: RateLimiter,
     pub metrics: Metrics,
+    pub auth_cache: crate::auth::AuthCache,
     /// When each API key's `last_used_at` was last written (written at most once a minute).
     pub key_touched: Mutex<HashMap<String, Instant>>,
     /// Keeps the embedded cluster alive as long as the server; stopped on shutdown.
@@ -63,6 +64,7 @@ impl App {
             sql: SqlPools::new(&config, &cluster),
             rate: RateLimiter::new(config.rate_limit_requests, config.rate_limit_window_secs),
             metrics: Metrics::default(),
+            auth_cache: Default::default(),
             key_touched: Mutex::new(HashMap::new()),
             config,
             secrets,
@@ -71,6 +73,7 @@ impl App {
             embedded,
         });
         crate::projects::migrate_all(&app).await?;
+        tokio::spawn(crate::auth::run_cache_listener(Arc::downgrade(&app)));
         Ok(app)
     }
 

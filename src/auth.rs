@@ -188,24 +188,36 @@ impl App {
         }
         let token = token.trim();
         let hash = sha256(token.as_bytes());
-        let client = self.control.get().await?;
         let principal = if token.starts_with(KEY_PREFIX) {
-            let row = client
-                .query_opt(
-                    "SELECT id, project_id, scope FROM fluxbase.api_keys
-                     WHERE key_hash = $1 AND revoked_at IS NULL",
-                    &[&hash],
-                )
-                .await?
-                .ok_or_else(|| ApiError::AuthRequired("Invalid or revoked API key.".into()))?;
-            let key_id: String = row.get(0);
-            self.touch_key(&key_id);
+            let key = match self.auth_cache.get(&self.auth_cache.keys, hash.as_slice()) {
+                Some(k) => k,
+                None => {
+                    let client = self.control.get().await?;
+                    let row = client
+                        .query_opt(
+                            "SELECT id, project_id, scope FROM fluxbase.api_keys
+                             WHERE key_hash = $1 AND revoked_at IS NULL",
+                            &[&hash],
+                        )
+                        .await?
+                        .ok_or_else(|| ApiError::AuthRequired("Invalid or revoked API key.".into()))?;
+                    let key = CachedKey {
+                        key_id: row.get(0),
+                        project_id: row.get(1),
+                        scope: Scope::parse(row.get(2)).ok_or_else(|| anyhow::anyhow!("bad scope"))?,
+                    };
+                    self.auth_cache.put(&self.auth_cache.keys, hash.clone(), key.clone());
+                    key
+                }
+            };
+            self.touch_key(&key.key_id);
             Principal::Key {
-                key_id,
-                project_id: row.get(1),
-                scope: Scope::parse(row.get(2)).ok_or_else(|| anyhow::anyhow!("bad scope"))?,
+                key_id: key.key_id,
+                project_id: key.project_id,
+                scope: key.scope,
             }
         } else if token.starts_with(SESSION_PREFIX) {
+            let client = self.control.get().await?;
             let row = client
                 .query_opt(
                     "SELECT user_id, expires_at <= now() FROM fluxbase.sessions WHERE token_hash = $1",
@@ -262,6 +274,9 @@ impl App {
         if !is_project_id(project_id) {
             return Ok(None);
         }
+        if let Some(p) = self.auth_cache.get(&self.auth_cache.projects, project_id) {
+            return Ok(Some(p));
+        }
         let client = self.control.get().await?;
         let row = client
             .query_opt(
@@ -270,14 +285,18 @@ impl App {
                 &[&project_id],
             )
             .await?;
-        Ok(row.map(|r| Project {
+        let project = row.map(|r| Project {
             id: r.get(0),
             name: r.get(1),
             status: r.get(2),
             realtime_public: r.get(3),
             db_name: r.get(4),
             created_at: r.get(5),
-        }))
+        });
+        if let Some(p) = &project {
+            self.auth_cache.put(&self.auth_cache.projects, p.id.clone(), p.clone());
+        }
+        Ok(project)
     }
 
     /// What `principal` may do with `project_id`; refuses suspended projects.
@@ -330,5 +349,145 @@ impl App {
             return Err(ApiError::ProjectSuspended);
         }
         Ok(access)
+    }
+}
+
+/// Recently resolved API keys and projects, so the hot path (`execute-sql` with a key) does not
+/// query the control database twice per request.
+///
+/// Correctness over speed: the cache is used only while a `LISTEN fluxbase_cache` connection to
+/// the control database is up. Every change that can revoke or restrict access (key rotation
+/// or deletion, project suspension or update, also from the CLI in another process) sends
+/// `NOTIFY fluxbase_cache`, which empties the cache of every server; the process that made the
+/// change empties its own synchronously, so a rotated key is refused on the very next request.
+/// Entries also expire after [`AuthCache::TTL`]. Unknown keys are never cached.
+#[derive(Default)]
+pub struct AuthCache {
+    live: std::sync::atomic::AtomicBool,
+    keys: std::sync::Mutex<std::collections::HashMap<Vec<u8>, (CachedKey, std::time::Instant)>>,
+    projects: std::sync::Mutex<std::collections::HashMap<String, (Project, std::time::Instant)>>,
+}
+
+#[derive(Clone)]
+pub struct CachedKey {
+    key_id: String,
+    project_id: String,
+    scope: Scope,
+}
+
+pub const CACHE_CHANNEL: &str = "fluxbase_cache";
+
+impl AuthCache {
+    pub const TTL: std::time::Duration = std::time::Duration::from_secs(60);
+
+    fn get<K: std::hash::Hash + Eq + ?Sized, V: Clone>(
+        &self,
+        map: &std::sync::Mutex<std::collections::HashMap<K::Owned, (V, std::time::Instant)>>,
+        key: &K,
+    ) -> Option<V>
+    where
+        K: ToOwned,
+        K::Owned: std::hash::Hash + Eq + std::borrow::Borrow<K>,
+    {
+        if !self.live.load(std::sync::atomic::Ordering::Acquire) {
+            return None;
+        }
+        let map = map.lock().expect("poisoned");
+        map.get(key)
+            .filter(|(_, at)| at.elapsed() < Self::TTL)
+            .map(|(v, _)| v.clone())
+    }
+
+    fn put<K: std::hash::Hash + Eq, V>(
+        &self,
+        map: &std::sync::Mutex<std::collections::HashMap<K, (V, std::time::Instant)>>,
+        key: K,
+        value: V,
+    ) {
+        if !self.live.load(std::sync::atomic::Ordering::Acquire) {
+            return;
+        }
+        let mut map = map.lock().expect("poisoned");
+        if map.len() > 100_000 {
+            map.clear();
+        }
+        map.insert(key, (value, std::time::Instant::now()));
+    }
+
+    pub fn clear(&self) {
+        self.keys.lock().expect("poisoned").clear();
+        self.projects.lock().expect("poisoned").clear();
+    }
+
+    fn set_live(&self, live: bool) {
+        self.live.store(live, std::sync::atomic::Ordering::Release);
+        self.clear();
+    }
+}
+
+impl App {
+    /// Empties the access caches here and, through NOTIFY, in every other server.
+    pub async fn invalidate_access(&self) {
+        self.auth_cache.clear();
+        match self.control.get().await {
+            Ok(c) => {
+                if let Err(e) = c.execute("SELECT pg_notify($1, '')", &[&CACHE_CHANNEL]).await {
+                    tracing::warn!(error = %e, "could not notify other servers of an access change");
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "could not notify other servers of an access change"),
+        }
+        self.auth_cache.clear();
+    }
+}
+
+/// Keeps a `LISTEN` connection open for the cache's lifetime; the cache is used only while
+/// it is up. Ends when the app is dropped.
+pub async fn run_cache_listener(app: std::sync::Weak<App>) {
+    use futures_util::StreamExt;
+    loop {
+        let Some(strong) = app.upgrade() else { return };
+        let cfg = strong.cluster.pg_config(&strong.cluster.control_db);
+        drop(strong);
+        match cfg.connect(tokio_postgres::NoTls).await {
+            Ok((client, mut connection)) => {
+                let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<()>();
+                let driver = tokio::spawn(async move {
+                    let mut messages = futures_util::stream::poll_fn(move |cx| connection.poll_message(cx));
+                    while let Some(Ok(message)) = messages.next().await {
+                        if let tokio_postgres::AsyncMessage::Notification(_) = message {
+                            if tx.send(()).is_err() {
+                                return;
+                            }
+                        }
+                    }
+                });
+                if client.batch_execute(&format!("LISTEN {CACHE_CHANNEL}")).await.is_ok() {
+                    if let Some(a) = app.upgrade() {
+                        a.auth_cache.set_live(true);
+                    }
+                    loop {
+                        let event = tokio::time::timeout(std::time::Duration::from_secs(5), rx.recv()).await;
+                        let Some(a) = app.upgrade() else {
+                            driver.abort();
+                            return;
+                        };
+                        match event {
+                            Ok(Some(())) => a.auth_cache.clear(),
+                            Ok(None) => break,
+                            Err(_) if client.is_closed() => break,
+                            Err(_) => {}
+                        }
+                    }
+                }
+                driver.abort();
+                if let Some(a) = app.upgrade() {
+                    a.auth_cache.set_live(false);
+                }
+                tracing::warn!("access cache listener disconnected; caching is off until it reconnects");
+            }
+            Err(e) => tracing::debug!(error = %e, "access cache listener cannot connect"),
+        }
+        tokio::time::sleep(std::time::Duration::from_secs(1)).await;
     }
 }

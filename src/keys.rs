@@ -133,6 +133,8 @@ impl App {
             )
             .await?
             .ok_or_else(|| ApiError::NotFound(format!("keyId: no key {:?} in this project", req.key_id)))?;
+        drop(client);
+        self.invalidate_access().await;
         let key = NewKey {
             id: req.key_id,
             name: row.get(0),
@@ -156,6 +158,8 @@ impl App {
         if n == 0 {
             return Err(ApiError::NotFound(format!("keyId: no key {key_id:?} in this project")));
         }
+        drop(client);
+        self.invalidate_access().await;
         Ok((StatusCode::OK, json!({ "success": true })))
     }
 }

@@ -257,6 +257,8 @@ impl App {
                 &[&access.project.id, &name, &req.realtime_public],
             )
             .await?;
+        drop(client);
+        self.invalidate_access().await;
         let project = self
             .load_project(&access.project.id)
             .await?
@@ -276,6 +278,8 @@ impl App {
         if n == 0 {
             anyhow::bail!("no project {project_id}");
         }
+        drop(client);
+        self.invalidate_access().await;
         self.sql.forget_project(project_id);
         Ok(())
     }

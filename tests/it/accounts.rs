@@ -248,3 +248,30 @@ async fn health_ready_and_metrics_answer() {
     assert!(text.contains("fluxbase_sql_queries_total{outcome=\"ok\"} 1"), "{text}");
     assert!(text.contains("fluxbase_http_requests_total{route=\"/api/execute-sql\",status=\"200\"}"));
 }
+
+#[tokio::test]
+async fn access_changes_made_by_another_process_reach_a_running_server() {
+    let app = spawn_app().await;
+    let f = app.fixture().await;
+    // Warm the server's access cache.
+    for _ in 0..3 {
+        app.rows(&f.admin, &f.project, "SELECT 1 AS x").await;
+    }
+    // Another process on the same control database (as `fluxbase project suspend` is).
+    let mut config = app.app.config.clone();
+    config.database_url = Some(crate::support::pg().await.url(&app.app.cluster.control_db));
+    let other = fluxbase::app::App::open(config, &[]).await.unwrap();
+    other.set_project_status(&f.project, "suspended").await.unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(3);
+    loop {
+        let (status, b) = app
+            .call("POST", "/api/execute-sql", Some(&f.admin), Some(json!({ "projectId": f.project, "query": "SELECT 1" })))
+            .await;
+        if status == 403 {
+            assert_eq!(b["error"]["code"], "PROJECT_SUSPENDED");
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "the running server still serves a suspended project");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}
