@@ -361,3 +361,53 @@ async fn an_unreachable_project_database_is_503_database_connection_error() {
         .unwrap();
     assert_eq!(app.rows(&f.admin, &f.project, "SELECT 1 AS x").await.len(), 1);
 }
+
+/// One value of each common type through the whole API path equals PostgreSQL's own `to_json`
+/// of the same value (computed in the same query as the oracle).
+#[tokio::test]
+async fn values_of_each_common_type_come_back_exactly_as_to_json_renders_them() {
+    let app = spawn_app().await;
+    let f = app.fixture().await;
+    app.rows(&f.admin, &f.project, "CREATE TYPE mood AS ENUM ('sad', 'ok', 'happy'); CREATE DOMAIN posint AS int CHECK (VALUE > 0); CREATE TYPE pair AS (a int, b text)").await;
+    let cases = [
+        "true::bool", "32767::int2", "(-2147483648)::int4", "9223372036854775807::int8",
+        "1.5::float4", "'NaN'::float8", "'Infinity'::float8", "'-Infinity'::float4", "1e+20::float8", "0.1::float8",
+        "123456789012345678901234567890.123456789::numeric", "'NaN'::numeric",
+        "E'multi\\nline \"quoted\" \\\\ back'::text", "'a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11'::uuid",
+        "'2024-02-29'::date", "'infinity'::date", "'2024-01-02 03:04:05.123456'::timestamp",
+        "'2024-01-02 03:04:05+05:30'::timestamptz", "'1 year 2 mons 3 days 04:05:06.7'::interval",
+        "'{\"a\": [1, 2.50, null]}'::json", "'{\"b\": {\"c\": true}, \"a\": 1}'::jsonb", "'\\xdeadbeef'::bytea",
+        "ARRAY[1, NULL, 3]::int[]", "ARRAY[['a', NULL], ['c', 'd\"e']]::text[]", "'{}'::int[]",
+        "'happy'::mood", "ARRAY['sad', 'ok']::mood[]", "5::posint", "ROW(1, 'x,y')::pair",
+        "ARRAY[ROW(2, NULL)::pair]", "'12:34:56'::time", "'192.168.0.1/24'::inet", "'[1,5)'::int4range",
+        "NULL::int", "'$1.50'::money",
+    ];
+    for lit in cases {
+        let q = format!("SELECT v, to_json(v) AS oracle FROM (SELECT {lit} AS v) s");
+        let rows = app.rows(&f.admin, &f.project, &q).await;
+        assert_eq!(rows[0]["v"], rows[0]["oracle"], "{lit}");
+    }
+    // Exact digits: compare the raw text of big numbers, not a float approximation.
+    let body = app.http.post(app.url("/api/execute-sql")).bearer_auth(&f.read)
+        .json(&json!({ "projectId": f.project, "query": "SELECT 9223372036854775807::int8 AS a, 123456789012345678901234567890.5::numeric AS b" }))
+        .send().await.unwrap().text().await.unwrap();
+    assert!(body.contains("\"a\":9223372036854775807"), "{body}");
+    assert!(body.contains("\"b\":123456789012345678901234567890.5"), "{body}");
+}
+
+#[tokio::test]
+async fn internal_errors_are_500_with_a_request_id_and_no_internals() {
+    let app = spawn_app().await;
+    let f = app.fixture().await;
+    // Break the control database under the server: membership lookups now fail.
+    let pg = crate::support::pg().await;
+    pg.client(&app.app.cluster.control_db).await.batch_execute("ALTER TABLE fluxbase.members RENAME TO members_gone").await.unwrap();
+    let (status, b) = app
+        .call("POST", "/api/execute-sql", Some(&f.token), Some(json!({ "projectId": f.project, "query": "SELECT 1" })))
+        .await;
+    assert_eq!(status, 500, "{b}");
+    assert_eq!(b["error"]["code"], "INTERNAL_ERROR");
+    assert_eq!(b["error"]["details"]["requestId"].as_str().unwrap().len(), 16);
+    let text = b.to_string();
+    assert!(!text.contains("members") && !text.contains("relation"), "{text}");
+}
