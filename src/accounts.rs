@@ -50,7 +50,9 @@ fn validate_email(email: &str) -> ApiResult<()> {
     if ok {
         Ok(())
     } else {
-        Err(ApiError::BadRequest(format!("email: {email:?} is not a valid email address")))
+        Err(ApiError::BadRequest(format!(
+            "email: {email:?} is not a valid email address"
+        )))
     }
 }
 
@@ -95,9 +97,14 @@ impl App {
         let email = req.email.trim().to_string();
         validate_email(&email)?;
         validate_password(&req.password)?;
-        let display_name = req.display_name.map(|d| d.trim().to_string()).filter(|d| !d.is_empty());
+        let display_name = req
+            .display_name
+            .map(|d| d.trim().to_string())
+            .filter(|d| !d.is_empty());
         if display_name.as_ref().is_some_and(|d| d.len() > 200) {
-            return Err(ApiError::BadRequest("displayName: at most 200 characters".into()));
+            return Err(ApiError::BadRequest(
+                "displayName: at most 200 characters".into(),
+            ));
         }
         let hash = hash_password(req.password).await?;
         let id = format!("usr_{}", random_base62(16));
@@ -114,7 +121,11 @@ impl App {
                 "An account with this email already exists.".into(),
             ));
         }
-        Ok(User { id, email, display_name })
+        Ok(User {
+            id,
+            email,
+            display_name,
+        })
     }
 
     /// A new session for `user_id`: (token, expiry).
@@ -129,7 +140,10 @@ impl App {
             )
             .await?;
         client
-            .execute("DELETE FROM fluxbase.sessions WHERE expires_at < now() - interval '7 days'", &[])
+            .execute(
+                "DELETE FROM fluxbase.sessions WHERE expires_at < now() - interval '7 days'",
+                &[],
+            )
             .await?;
         Ok((token, expires))
     }
@@ -187,11 +201,16 @@ impl App {
 
     pub async fn logout(&self, principal: &Principal) -> ApiResult<(StatusCode, Value)> {
         let Principal::Session { token_hash, .. } = principal else {
-            return Err(ApiError::ScopeMismatch("Logout needs a session token, not an API key.".into()));
+            return Err(ApiError::ScopeMismatch(
+                "Logout needs a session token, not an API key.".into(),
+            ));
         };
         let client = self.control.get().await?;
         client
-            .execute("DELETE FROM fluxbase.sessions WHERE token_hash = $1", &[token_hash])
+            .execute(
+                "DELETE FROM fluxbase.sessions WHERE token_hash = $1",
+                &[token_hash],
+            )
             .await?;
         Ok((StatusCode::OK, json!({ "success": true })))
     }
@@ -225,7 +244,9 @@ mod tests {
     #[test]
     fn emails_are_checked_for_shape() {
         assert!(validate_email("a@b.co").is_ok());
-        for bad in ["", "a", "a@b", "@b.co", "a b@c.de", "a@.b", "a@b.", "a@b@c.d"] {
+        for bad in [
+            "", "a", "a@b", "@b.co", "a b@c.de", "a@.b", "a@b.", "a@b@c.d",
+        ] {
             assert!(validate_email(bad).is_err(), "{bad}");
         }
     }

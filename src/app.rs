@@ -50,8 +50,10 @@ impl App {
                     .map(|(k, v)| (k.to_string(), v.to_string()))
                     .collect();
                 let cluster = tokio::task::spawn_blocking(move || {
-                    let extra: Vec<(&str, &str)> =
-                        extra.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+                    let extra: Vec<(&str, &str)> = extra
+                        .iter()
+                        .map(|(k, v)| (k.as_str(), v.as_str()))
+                        .collect();
                     embedded::Cluster::start(&pg_dir, &password, &extra)
                 })
                 .await??;

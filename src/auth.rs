@@ -127,7 +127,9 @@ impl Principal {
     /// Only a user session may do this (e.g. create projects).
     pub fn require_session(&self) -> ApiResult<&str> {
         self.user_id().ok_or_else(|| {
-            ApiError::ScopeMismatch("This endpoint needs a user session token, not an API key.".into())
+            ApiError::ScopeMismatch(
+                "This endpoint needs a user session token, not an API key.".into(),
+            )
         })
     }
 }
@@ -162,9 +164,9 @@ impl Access {
             Principal::Key { .. } => {
                 ApiError::ScopeMismatch("This action needs an API key with the admin scope.".into())
             }
-            Principal::Session { .. } => {
-                ApiError::InsufficientPermissions("Only project admins can perform this action.".into())
-            }
+            Principal::Session { .. } => ApiError::InsufficientPermissions(
+                "Only project admins can perform this action.".into(),
+            ),
         })
     }
 }
@@ -200,13 +202,17 @@ impl App {
                             &[&hash],
                         )
                         .await?
-                        .ok_or_else(|| ApiError::AuthRequired("Invalid or revoked API key.".into()))?;
+                        .ok_or_else(|| {
+                            ApiError::AuthRequired("Invalid or revoked API key.".into())
+                        })?;
                     let key = CachedKey {
                         key_id: row.get(0),
                         project_id: row.get(1),
-                        scope: Scope::parse(row.get(2)).ok_or_else(|| anyhow::anyhow!("bad scope"))?,
+                        scope: Scope::parse(row.get(2))
+                            .ok_or_else(|| anyhow::anyhow!("bad scope"))?,
                     };
-                    self.auth_cache.put(&self.auth_cache.keys, hash.clone(), key.clone());
+                    self.auth_cache
+                        .put(&self.auth_cache.keys, hash.clone(), key.clone());
                     key
                 }
             };
@@ -294,13 +300,18 @@ impl App {
             created_at: r.get(5),
         });
         if let Some(p) = &project {
-            self.auth_cache.put(&self.auth_cache.projects, p.id.clone(), p.clone());
+            self.auth_cache
+                .put(&self.auth_cache.projects, p.id.clone(), p.clone());
         }
         Ok(project)
     }
 
     /// What `principal` may do with `project_id`; refuses suspended projects.
-    pub async fn project_access(&self, principal: &Principal, project_id: &str) -> ApiResult<Access> {
+    pub async fn project_access(
+        &self,
+        principal: &Principal,
+        project_id: &str,
+    ) -> ApiResult<Access> {
         let project = self
             .load_project(project_id)
             .await?
@@ -380,13 +391,13 @@ pub const CACHE_CHANNEL: &str = "fluxbase_cache";
 impl AuthCache {
     pub const TTL: std::time::Duration = std::time::Duration::from_secs(60);
 
-    fn get<K: std::hash::Hash + Eq + ?Sized, V: Clone>(
+    fn get<K, V: Clone>(
         &self,
         map: &std::sync::Mutex<std::collections::HashMap<K::Owned, (V, std::time::Instant)>>,
         key: &K,
     ) -> Option<V>
     where
-        K: ToOwned,
+        K: ToOwned + std::hash::Hash + Eq + ?Sized,
         K::Owned: std::hash::Hash + Eq + std::borrow::Borrow<K>,
     {
         if !self.live.load(std::sync::atomic::Ordering::Acquire) {
@@ -431,11 +442,16 @@ impl App {
         self.auth_cache.clear();
         match self.control.get().await {
             Ok(c) => {
-                if let Err(e) = c.execute("SELECT pg_notify($1, '')", &[&CACHE_CHANNEL]).await {
+                if let Err(e) = c
+                    .execute("SELECT pg_notify($1, '')", &[&CACHE_CHANNEL])
+                    .await
+                {
                     tracing::warn!(error = %e, "could not notify other servers of an access change");
                 }
             }
-            Err(e) => tracing::warn!(error = %e, "could not notify other servers of an access change"),
+            Err(e) => {
+                tracing::warn!(error = %e, "could not notify other servers of an access change")
+            }
         }
         self.auth_cache.clear();
     }
@@ -453,7 +469,8 @@ pub async fn run_cache_listener(app: std::sync::Weak<App>) {
             Ok((client, mut connection)) => {
                 let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<()>();
                 let driver = tokio::spawn(async move {
-                    let mut messages = futures_util::stream::poll_fn(move |cx| connection.poll_message(cx));
+                    let mut messages =
+                        futures_util::stream::poll_fn(move |cx| connection.poll_message(cx));
                     while let Some(Ok(message)) = messages.next().await {
                         if let tokio_postgres::AsyncMessage::Notification(_) = message {
                             if tx.send(()).is_err() {
@@ -462,12 +479,18 @@ pub async fn run_cache_listener(app: std::sync::Weak<App>) {
                         }
                     }
                 });
-                if client.batch_execute(&format!("LISTEN {CACHE_CHANNEL}")).await.is_ok() {
+                if client
+                    .batch_execute(&format!("LISTEN {CACHE_CHANNEL}"))
+                    .await
+                    .is_ok()
+                {
                     if let Some(a) = app.upgrade() {
                         a.auth_cache.set_live(true);
                     }
                     loop {
-                        let event = tokio::time::timeout(std::time::Duration::from_secs(5), rx.recv()).await;
+                        let event =
+                            tokio::time::timeout(std::time::Duration::from_secs(5), rx.recv())
+                                .await;
                         let Some(a) = app.upgrade() else {
                             driver.abort();
                             return;
@@ -484,7 +507,9 @@ pub async fn run_cache_listener(app: std::sync::Weak<App>) {
                 if let Some(a) = app.upgrade() {
                     a.auth_cache.set_live(false);
                 }
-                tracing::warn!("access cache listener disconnected; caching is off until it reconnects");
+                tracing::warn!(
+                    "access cache listener disconnected; caching is off until it reconnects"
+                );
             }
             Err(e) => tracing::debug!(error = %e, "access cache listener cannot connect"),
         }

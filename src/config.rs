@@ -73,7 +73,10 @@ impl std::fmt::Debug for Config {
         f.debug_struct("Config")
             .field("listen", &self.listen)
             .field("data_dir", &self.data_dir)
-            .field("database_url", &self.database_url.as_deref().map(redact_url))
+            .field(
+                "database_url",
+                &self.database_url.as_deref().map(redact_url),
+            )
             .field("public_url", &self.public_url)
             .field("storage", &self.storage)
             .field("statement_timeout_ms", &self.statement_timeout_ms)
@@ -103,7 +106,9 @@ impl Config {
     /// Loads `fluxbase.toml` (or the file named by `FLUXBASE_CONFIG`) and the environment.
     pub fn load() -> Result<Config> {
         let explicit = std::env::var_os("FLUXBASE_CONFIG").map(PathBuf::from);
-        let path = explicit.clone().unwrap_or_else(|| PathBuf::from("fluxbase.toml"));
+        let path = explicit
+            .clone()
+            .unwrap_or_else(|| PathBuf::from("fluxbase.toml"));
         let mut config = if path.exists() {
             Self::from_file(&path)?
         } else if explicit.is_some() {
@@ -116,8 +121,8 @@ impl Config {
     }
 
     pub fn from_file(path: &Path) -> Result<Config> {
-        let text = std::fs::read_to_string(path)
-            .with_context(|| format!("reading {}", path.display()))?;
+        let text =
+            std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
         toml::from_str(&text).with_context(|| format!("in {}", path.display()))
     }
 
@@ -178,11 +183,15 @@ impl Config {
             self.s3_region = opt(v);
             Ok(())
         });
-        env!("FLUXBASE_WEBHOOK_ALLOW_PRIVATE", |k, v: String| -> Result<()> {
+        env!("FLUXBASE_WEBHOOK_ALLOW_PRIVATE", |k,
+                                                v: String|
+         -> Result<()> {
             self.webhook_allow_private = flag(k, &v)?;
             Ok(())
         });
-        env!("FLUXBASE_STATEMENT_TIMEOUT_MS", |k, v: String| -> Result<()> {
+        env!("FLUXBASE_STATEMENT_TIMEOUT_MS", |k,
+                                               v: String|
+         -> Result<()> {
             self.statement_timeout_ms = parse(k, &v)?;
             Ok(())
         });
@@ -194,11 +203,15 @@ impl Config {
             self.max_body_bytes = parse(k, &v)?;
             Ok(())
         });
-        env!("FLUXBASE_RATE_LIMIT_REQUESTS", |k, v: String| -> Result<()> {
+        env!("FLUXBASE_RATE_LIMIT_REQUESTS", |k,
+                                              v: String|
+         -> Result<()> {
             self.rate_limit_requests = parse(k, &v)?;
             Ok(())
         });
-        env!("FLUXBASE_RATE_LIMIT_WINDOW_SECS", |k, v: String| -> Result<()> {
+        env!("FLUXBASE_RATE_LIMIT_WINDOW_SECS", |k,
+                                                 v: String|
+         -> Result<()> {
             self.rate_limit_window_secs = parse(k, &v)?;
             Ok(())
         });

@@ -27,7 +27,8 @@ pub async fn check(target: &ClusterTarget) -> anyhow::Result<Vec<Finding>> {
     if version < 140000 {
         findings.push(Finding {
             problem: format!("PostgreSQL {version} is too old"),
-            fix: "use PostgreSQL 14 or newer (logical decoding messages and streaming need it)".into(),
+            fix: "use PostgreSQL 14 or newer (logical decoding messages and streaming need it)"
+                .into(),
         });
     }
     let wal_level = setting("wal_level").await?;

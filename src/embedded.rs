@@ -231,7 +231,10 @@ impl Cluster {
             .output()
             .context("running pg_ctl stop")?;
         if !out.status.success() && self.is_running() {
-            bail!("pg_ctl stop failed: {}", String::from_utf8_lossy(&out.stderr));
+            bail!(
+                "pg_ctl stop failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
         }
         Ok(())
     }

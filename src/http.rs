@@ -18,7 +18,9 @@ use crate::app::{App, SharedApp};
 use crate::error::{ApiError, ApiResult};
 
 /// All routes of the server.
-pub fn routes(app: SharedApp) -> impl Filter<Extract = (Response,), Error = warp::Rejection> + Clone {
+pub fn routes(
+    app: SharedApp,
+) -> impl Filter<Extract = (Response,), Error = warp::Rejection> + Clone {
     warp::method()
         .and(warp::path::full())
         .and(warp::query::raw().or(warp::any().map(String::new)).unify())
@@ -51,7 +53,9 @@ impl Request {
     pub fn json<T: DeserializeOwned>(&self) -> ApiResult<T> {
         let body = self.body.as_deref().unwrap_or_default();
         if body.iter().all(|b| b.is_ascii_whitespace()) {
-            return Err(ApiError::BadRequest("request body: expected a JSON object".into()));
+            return Err(ApiError::BadRequest(
+                "request body: expected a JSON object".into(),
+            ));
         }
         serde_json::from_slice(body)
             .map_err(|e| ApiError::BadRequest(format!("invalid request body: {e}")))
@@ -130,7 +134,8 @@ where
     let mut buf = BytesMut::new();
     futures_util::pin_mut!(body);
     while let Some(chunk) = body.next().await {
-        let mut chunk = chunk.map_err(|e| ApiError::BadRequest(format!("reading the body: {e}")))?;
+        let mut chunk =
+            chunk.map_err(|e| ApiError::BadRequest(format!("reading the body: {e}")))?;
         if buf.len() + chunk.remaining() > limit {
             return Err(ApiError::PayloadTooLarge(limit));
         }
@@ -194,7 +199,9 @@ fn project_id_from_body(req: &Request) -> ApiResult<String> {
     let p: P = req.json()?;
     match p.project_id {
         Value::String(s) if !s.is_empty() => Ok(s),
-        _ => Err(ApiError::BadRequest("projectId: expected a non-empty string".into())),
+        _ => Err(ApiError::BadRequest(
+            "projectId: expected a non-empty string".into(),
+        )),
     }
 }
 
@@ -212,7 +219,9 @@ async fn dispatch(app: &Arc<App>, req: &Request) -> ApiResult<Response> {
             if ready {
                 ok((StatusCode::OK, json!({ "status": "ready" })))
             } else {
-                Err(ApiError::DatabaseUnavailable("control database unreachable".into()))
+                Err(ApiError::DatabaseUnavailable(
+                    "control database unreachable".into(),
+                ))
             }
         }
         (&M::GET, "/metrics") => Ok(warp::reply::with_header(
@@ -272,11 +281,17 @@ async fn dispatch(app: &Arc<App>, req: &Request) -> ApiResult<Response> {
             let p = app.authenticate(req.authorization()).await?;
             let sql: crate::sql::SqlRequest = req.json()?;
             let access = app.project_access(&p, &sql.project_id).await?;
-            Ok(raw_json_response(StatusCode::OK, app.execute_sql(&access, sql).await?))
+            Ok(raw_json_response(
+                StatusCode::OK,
+                app.execute_sql(&access, sql).await?,
+            ))
         }
 
         (_, p) if KNOWN_PATHS.contains(&p) => Err(ApiError::MethodNotAllowed),
-        (_, p) => Err(ApiError::NotFound(format!("No route for {} {p}", req.method))),
+        (_, p) => Err(ApiError::NotFound(format!(
+            "No route for {} {p}",
+            req.method
+        ))),
     }
 }
 

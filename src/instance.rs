@@ -22,7 +22,9 @@ impl App {
         let ws_url = base_url.replacen("http", "ws", 1);
         let client = self.control.get().await?;
         // One initializer at a time, across processes.
-        client.execute("SELECT pg_advisory_lock(7245002)", &[]).await?;
+        client
+            .execute("SELECT pg_advisory_lock(7245002)", &[])
+            .await?;
         let existing = client
             .query_opt(
                 "SELECT i.default_project, p.name, u.email FROM fluxbase.instance i
@@ -80,7 +82,9 @@ impl App {
             })
         }
         .await;
-        let _ = client.execute("SELECT pg_advisory_unlock(7245002)", &[]).await;
+        let _ = client
+            .execute("SELECT pg_advisory_unlock(7245002)", &[])
+            .await;
         result
     }
 
@@ -99,8 +103,15 @@ impl App {
 pub fn describe(report: &InitReport) -> String {
     let j = &report.json;
     let mut out = String::new();
-    out.push_str(&format!("Fluxbase is ready.\n  Base URL:      {}\n  WebSocket URL: {}\n", j["baseUrl"].as_str().unwrap_or(""), j["wsUrl"].as_str().unwrap_or("")));
-    out.push_str(&format!("  Project ID:    {}\n", j["project"]["id"].as_str().unwrap_or("?")));
+    out.push_str(&format!(
+        "Fluxbase is ready.\n  Base URL:      {}\n  WebSocket URL: {}\n",
+        j["baseUrl"].as_str().unwrap_or(""),
+        j["wsUrl"].as_str().unwrap_or("")
+    ));
+    out.push_str(&format!(
+        "  Project ID:    {}\n",
+        j["project"]["id"].as_str().unwrap_or("?")
+    ));
     if report.created {
         out.push_str(&format!(
             "  Login:         {} / {}\n  API keys (shown once, store them now):\n    read:      {}\n    readwrite: {}\n    admin:     {}\n",
@@ -111,7 +122,9 @@ pub fn describe(report: &InitReport) -> String {
             j["apiKeys"]["admin"].as_str().unwrap_or(""),
         ));
     } else {
-        out.push_str("  (keys were printed on the first start; create new ones with POST /api/keys)\n");
+        out.push_str(
+            "  (keys were printed on the first start; create new ones with POST /api/keys)\n",
+        );
     }
     out
 }

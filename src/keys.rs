@@ -99,7 +99,11 @@ impl App {
         Ok((StatusCode::OK, json!({ "success": true, "keys": keys })))
     }
 
-    pub async fn create_key(&self, access: &Access, req: CreateKey) -> ApiResult<(StatusCode, Value)> {
+    pub async fn create_key(
+        &self,
+        access: &Access,
+        req: CreateKey,
+    ) -> ApiResult<(StatusCode, Value)> {
         access.require_admin()?;
         let scope = Scope::parse(&req.scope).ok_or_else(|| {
             ApiError::BadRequest("scope: must be one of read, readwrite, admin".into())
@@ -120,7 +124,11 @@ impl App {
         ))
     }
 
-    pub async fn rotate_key(&self, access: &Access, req: RotateKey) -> ApiResult<(StatusCode, Value)> {
+    pub async fn rotate_key(
+        &self,
+        access: &Access,
+        req: RotateKey,
+    ) -> ApiResult<(StatusCode, Value)> {
         access.require_admin()?;
         let (secret, hash, prefix) = new_secret();
         let client = self.control.get().await?;
@@ -132,7 +140,9 @@ impl App {
                 &[&req.key_id, &access.project.id, &hash, &prefix],
             )
             .await?
-            .ok_or_else(|| ApiError::NotFound(format!("keyId: no key {:?} in this project", req.key_id)))?;
+            .ok_or_else(|| {
+                ApiError::NotFound(format!("keyId: no key {:?} in this project", req.key_id))
+            })?;
         drop(client);
         self.invalidate_access().await;
         let key = NewKey {
@@ -142,10 +152,17 @@ impl App {
             prefix,
             secret,
         };
-        Ok((StatusCode::OK, json!({ "success": true, "key": key.json(), "secret": key.secret })))
+        Ok((
+            StatusCode::OK,
+            json!({ "success": true, "key": key.json(), "secret": key.secret }),
+        ))
     }
 
-    pub async fn delete_key(&self, access: &Access, key_id: &str) -> ApiResult<(StatusCode, Value)> {
+    pub async fn delete_key(
+        &self,
+        access: &Access,
+        key_id: &str,
+    ) -> ApiResult<(StatusCode, Value)> {
         access.require_admin()?;
         let client = self.control.get().await?;
         let n = client
@@ -156,7 +173,9 @@ impl App {
             )
             .await?;
         if n == 0 {
-            return Err(ApiError::NotFound(format!("keyId: no key {key_id:?} in this project")));
+            return Err(ApiError::NotFound(format!(
+                "keyId: no key {key_id:?} in this project"
+            )));
         }
         drop(client);
         self.invalidate_access().await;

@@ -8,7 +8,11 @@ use fluxbase::db::ClusterTarget;
 use fluxbase::instance::describe;
 
 #[derive(Parser)]
-#[command(name = "fluxbase", version, about = "Backend-as-a-service in front of PostgreSQL")]
+#[command(
+    name = "fluxbase",
+    version,
+    about = "Backend-as-a-service in front of PostgreSQL"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Option<Command>,

@@ -57,8 +57,13 @@ impl Metrics {
         out.push_str("# HELP fluxbase_sql_queries_total Queries run by /api/execute-sql.\n");
         out.push_str("# TYPE fluxbase_sql_queries_total counter\n");
         let _ = writeln!(out, "fluxbase_sql_queries_total{{outcome=\"ok\"}} {ok}");
-        let _ = writeln!(out, "fluxbase_sql_queries_total{{outcome=\"error\"}} {failed}");
-        out.push_str("# HELP fluxbase_sql_duration_seconds Time to run a query, pool wait included.\n");
+        let _ = writeln!(
+            out,
+            "fluxbase_sql_queries_total{{outcome=\"error\"}} {failed}"
+        );
+        out.push_str(
+            "# HELP fluxbase_sql_duration_seconds Time to run a query, pool wait included.\n",
+        );
         out.push_str("# TYPE fluxbase_sql_duration_seconds histogram\n");
         for (i, le) in BUCKETS_MS.iter().enumerate() {
             let n = self.sql_buckets[i].load(Ordering::Relaxed);
@@ -68,7 +73,11 @@ impl Metrics {
                 le / 1000.0
             );
         }
-        let _ = writeln!(out, "fluxbase_sql_duration_seconds_bucket{{le=\"+Inf\"}} {}", ok + failed);
+        let _ = writeln!(
+            out,
+            "fluxbase_sql_duration_seconds_bucket{{le=\"+Inf\"}} {}",
+            ok + failed
+        );
         let _ = writeln!(
             out,
             "fluxbase_sql_duration_seconds_sum {}",

@@ -73,7 +73,8 @@ impl App {
         let admin = self.cluster.connect(&self.cluster.control_db).await?;
         for role in DbRole::ALL {
             let name = role.role_name(project_id);
-            let verifier = postgres_protocol::password::scram_sha_256(self.role_password(&name).as_bytes());
+            let verifier =
+                postgres_protocol::password::scram_sha_256(self.role_password(&name).as_bytes());
             admin
                 .batch_execute(&format!(
                     "CREATE ROLE {} LOGIN NOSUPERUSER NOCREATEDB NOCREATEROLE NOREPLICATION \
@@ -103,7 +104,12 @@ impl App {
     }
 
     /// Applies the bootstrap migrations above `from` to a project's database.
-    async fn migrate_project(&self, project_id: &str, db_name: &str, from: i32) -> anyhow::Result<()> {
+    async fn migrate_project(
+        &self,
+        project_id: &str,
+        db_name: &str,
+        from: i32,
+    ) -> anyhow::Result<()> {
         let pending: Vec<_> = PROJECT_MIGRATIONS.iter().filter(|m| m.0 > from).collect();
         if pending.is_empty() {
             return Ok(());
@@ -112,13 +118,21 @@ impl App {
         for (version, name, sql) in pending {
             let sql = sql
                 .replace("{db}", &quote_ident(db_name))
-                .replace("{owner}", &quote_ident(&DbRole::Owner.role_name(project_id)))
-                .replace("{readwrite}", &quote_ident(&DbRole::ReadWrite.role_name(project_id)))
+                .replace(
+                    "{owner}",
+                    &quote_ident(&DbRole::Owner.role_name(project_id)),
+                )
+                .replace(
+                    "{readwrite}",
+                    &quote_ident(&DbRole::ReadWrite.role_name(project_id)),
+                )
                 .replace("{read}", &quote_ident(&DbRole::Read.role_name(project_id)));
             client
                 .batch_execute(&format!("BEGIN;\n{sql}\nCOMMIT;"))
                 .await
-                .map_err(|e| anyhow::anyhow!("project {project_id} migration {version} ({name}): {e}"))?;
+                .map_err(|e| {
+                    anyhow::anyhow!("project {project_id} migration {version} ({name}): {e}")
+                })?;
             let control = self.control.get().await?;
             control
                 .execute(
@@ -136,9 +150,15 @@ impl App {
         let Ok(admin) = self.cluster.connect(&self.cluster.control_db).await else {
             return;
         };
-        let mut sql = format!("DROP DATABASE IF EXISTS {} WITH (FORCE);", quote_ident(db_name));
+        let mut sql = format!(
+            "DROP DATABASE IF EXISTS {} WITH (FORCE);",
+            quote_ident(db_name)
+        );
         for role in DbRole::ALL {
-            sql.push_str(&format!("DROP ROLE IF EXISTS {};", quote_ident(&role.role_name(project_id))));
+            sql.push_str(&format!(
+                "DROP ROLE IF EXISTS {};",
+                quote_ident(&role.role_name(project_id))
+            ));
         }
         if let Err(e) = admin.batch_execute(&sql).await {
             tracing::warn!(project_id, error = %e, "cleaning up a project");
@@ -146,7 +166,11 @@ impl App {
     }
 
     /// Creates a project owned by `user_id` (its admin) with one key of each scope.
-    pub async fn create_project(&self, user_id: &str, name: &str) -> ApiResult<(Project, Vec<NewKey>)> {
+    pub async fn create_project(
+        &self,
+        user_id: &str,
+        name: &str,
+    ) -> ApiResult<(Project, Vec<NewKey>)> {
         let name = validate_name(name)?;
         let id = random_hex::<8>();
         let db_name = format!("fx_{id}");
@@ -162,7 +186,12 @@ impl App {
                 .query_one(
                     "INSERT INTO fluxbase.projects (id, name, db_name, bootstrap_version)
                      VALUES ($1, $2, $3, $4) RETURNING created_at",
-                    &[&id, &name, &db_name, &PROJECT_MIGRATIONS.last().map(|m| m.0).unwrap_or(0)],
+                    &[
+                        &id,
+                        &name,
+                        &db_name,
+                        &PROJECT_MIGRATIONS.last().map(|m| m.0).unwrap_or(0),
+                    ],
                 )
                 .await?;
             tx.execute(
@@ -172,7 +201,15 @@ impl App {
             .await?;
             let mut keys = Vec::new();
             for scope in [Scope::Read, Scope::ReadWrite, Scope::Admin] {
-                keys.push(crate::keys::insert_key(&tx, &id, scope, &format!("Default {} key", scope.as_str())).await?);
+                keys.push(
+                    crate::keys::insert_key(
+                        &tx,
+                        &id,
+                        scope,
+                        &format!("Default {} key", scope.as_str()),
+                    )
+                    .await?,
+                );
             }
             tx.commit().await?;
             Ok((
@@ -194,7 +231,11 @@ impl App {
         result
     }
 
-    pub async fn create_project_endpoint(&self, principal: &Principal, req: CreateProject) -> ApiResult<(StatusCode, Value)> {
+    pub async fn create_project_endpoint(
+        &self,
+        principal: &Principal,
+        req: CreateProject,
+    ) -> ApiResult<(StatusCode, Value)> {
         let user_id = principal.require_session()?;
         let (project, keys) = self.create_project(user_id, &req.name).await?;
         let mut api_keys = serde_json::Map::new();
@@ -243,10 +284,17 @@ impl App {
                 })
             })
             .collect();
-        Ok((StatusCode::OK, json!({ "success": true, "projects": projects })))
+        Ok((
+            StatusCode::OK,
+            json!({ "success": true, "projects": projects }),
+        ))
     }
 
-    pub async fn patch_project(&self, access: &Access, req: PatchProject) -> ApiResult<(StatusCode, Value)> {
+    pub async fn patch_project(
+        &self,
+        access: &Access,
+        req: PatchProject,
+    ) -> ApiResult<(StatusCode, Value)> {
         access.require_admin()?;
         let name = req.name.as_deref().map(validate_name).transpose()?;
         let client = self.control.get().await?;
@@ -263,7 +311,10 @@ impl App {
             .load_project(&access.project.id)
             .await?
             .ok_or(ApiError::ProjectNotFound)?;
-        Ok((StatusCode::OK, json!({ "success": true, "project": project_json(&project) })))
+        Ok((
+            StatusCode::OK,
+            json!({ "success": true, "project": project_json(&project) }),
+        ))
     }
 
     /// `fluxbase project suspend|resume <id>`.

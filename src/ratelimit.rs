@@ -38,7 +38,10 @@ impl RateLimiter {
             hits.retain(|_, q| q.back().is_some_and(|t| now.duration_since(*t) < window));
         }
         let q = hits.entry(caller.to_string()).or_default();
-        while q.front().is_some_and(|t| now.duration_since(*t) >= self.window) {
+        while q
+            .front()
+            .is_some_and(|t| now.duration_since(*t) >= self.window)
+        {
             q.pop_front();
         }
         if q.len() >= self.limit as usize {

@@ -309,7 +309,7 @@ async fn learn_types(
 }
 
 /// A parameter PostgreSQL refused at Bind: name it (`$N`) in the error.
-fn bind_failure(e: DbError) -> SqlFailure {
+fn bind_failure(e: Box<DbError>) -> SqlFailure {
     let index = e
         .where_
         .as_deref()
@@ -365,7 +365,11 @@ fn json_str(s: &str) -> String {
     serde_json::to_string(s).expect("strings serialize")
 }
 
-fn render_success(result: Option<&StatementResult>, reg: &TypeRegistry, elapsed: Duration) -> String {
+fn render_success(
+    result: Option<&StatementResult>,
+    reg: &TypeRegistry,
+    elapsed: Duration,
+) -> String {
     let empty = StatementResult::default();
     let r = result.unwrap_or(&empty);
     let op = operation(&r.command_tag);
@@ -472,7 +476,7 @@ mod tests {
             constraint: None,
             phase: Phase::Bind,
         };
-        match bind_failure(e) {
+        match bind_failure(Box::new(e)) {
             SqlFailure::Param { index, .. } => assert_eq!(index, 2),
             SqlFailure::Wire(_) => panic!("expected a parameter failure"),
         }

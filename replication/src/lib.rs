@@ -2,7 +2,10 @@
 //!
 //! * [`wire`]: an async frontend connection on `postgres-protocol` that keeps results in
 //!   PostgreSQL's text format (with type OIDs), for the SQL API and, later, the replication client.
+//! * [`pgoutput`]: the pgoutput logical replication message decoder: plain functions from bytes
+//!   to typed messages, no I/O.
 //! * [`values`]: the value codec: PostgreSQL text values to JSON exactly as `to_json()` renders them,
 //!   and JSON request parameters to PostgreSQL text input. Shared by the SQL API and the change stream.
+pub mod pgoutput;
 pub mod values;
 pub mod wire;

@@ -178,7 +178,9 @@ pub enum Phase {
     Query,
     /// Parse/Describe in [`Connection::prepare`]: the statement itself is wrong.
     Parse,
-    /// Bind in [`Connection::execute_prepared`]: a parameter value (or count) was refused.
+    /// Bind in [`Connection::execute_prepared`]: a parameter value (or count) was refused. The
+    /// server also plans the unnamed statement at Bind, so an error while folding constants
+    /// (`1 / $1` with `0`) shows up here too.
     Bind,
     /// Executing a bound statement.
     Execute,
@@ -264,7 +266,7 @@ pub enum WireError {
     /// The server refused something. The connection stays usable unless the error is fatal
     /// (check [`Connection::is_broken`]).
     #[error("{0}")]
-    Db(DbError),
+    Db(Box<DbError>),
     #[error("I/O error: {0}")]
     Io(#[from] io::Error),
     /// The server sent something this client cannot make sense of.
@@ -792,7 +794,7 @@ impl Connection {
                 if e.is_fatal() || phase == Phase::Startup {
                     self.broken = true;
                 }
-                WireError::Db(e)
+                WireError::Db(Box::new(e))
             }
             Err(e) => self.fail(WireError::protocol(e)),
         }
@@ -804,7 +806,7 @@ impl Connection {
         &mut self,
         body: &postgres_protocol::message::backend::ErrorResponseBody,
         phase: Phase,
-    ) -> Result<DbError, WireError> {
+    ) -> Result<Box<DbError>, WireError> {
         match self.server_error(body.fields(), phase) {
             WireError::Db(e) if !e.is_fatal() => Ok(e),
             other => Err(other),
@@ -1094,7 +1096,7 @@ mod tests {
         backend(b'E', &body)
     }
 
-    async fn read_startup(s: &mut DuplexStream) -> Vec<u8> {
+    async fn read_startup(s: &mut (impl AsyncRead + Unpin)) -> Vec<u8> {
         let len = s.read_i32().await.unwrap() as usize;
         let mut body = vec![0; len - 4];
         s.read_exact(&mut body).await.unwrap();
@@ -1128,15 +1130,18 @@ mod tests {
         Connection::handshake(Box::new(client), cfg).await
     }
 
-    /// A connected client whose server answers the first query with `reply`, then idles.
-    async fn connection_answering(reply: Vec<u8>) -> Connection {
-        handshake_with(&config(), |mut s| async move {
+    /// A connected client whose server answers the first query with `reply`, then hangs up or
+    /// idles.
+    async fn connection_answering(reply: Vec<u8>, hang_up: bool) -> Connection {
+        handshake_with(&config(), move |mut s| async move {
             read_startup(&mut s).await;
             s.write_all(&session_start()).await.unwrap();
             read_frontend(&mut s).await;
             s.write_all(&reply).await.unwrap();
-            let mut sink = Vec::new();
-            let _ = s.read_to_end(&mut sink).await;
+            if !hang_up {
+                let mut sink = Vec::new();
+                let _ = s.read_to_end(&mut sink).await;
+            }
         })
         .await
         .unwrap()
@@ -1198,6 +1203,26 @@ mod tests {
         assert_eq!(conn.backend_key(), (7, 99));
         assert_eq!(conn.transaction_status(), TransactionStatus::Idle);
         assert!(!conn.is_broken());
+    }
+
+    #[tokio::test]
+    async fn a_directory_host_connects_over_its_unix_socket() {
+        let dir = std::env::temp_dir().join(format!("fluxbase-wire-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let listener = tokio::net::UnixListener::bind(dir.join(".s.PGSQL.6543")).unwrap();
+        tokio::spawn(async move {
+            let (mut s, _) = listener.accept().await.unwrap();
+            read_startup(&mut s).await;
+            s.write_all(&session_start()).await.unwrap();
+        });
+        let cfg = ConnectConfig {
+            host: dir.to_str().unwrap().to_owned(),
+            port: 6543,
+            ..config()
+        };
+        let conn = Connection::connect(&cfg).await;
+        std::fs::remove_dir_all(&dir).unwrap();
+        assert_eq!(conn.unwrap().backend_key(), (7, 99));
     }
 
     #[tokio::test]
@@ -1317,7 +1342,7 @@ mod tests {
             ("BindComplete in a simple query", backend(b'2', b"")),
         ];
         for (case, reply) in cases {
-            let mut conn = connection_answering(reply).await;
+            let mut conn = connection_answering(reply, true).await;
             let err = conn.simple_query("SELECT 1", 10).await.unwrap_err();
             assert!(matches!(err, WireError::Protocol(_)), "{case}: {err:?}");
             assert!(conn.is_broken(), "{case}");
@@ -1328,7 +1353,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_server_that_hangs_up_mid_message_closes_the_connection() {
-        let mut conn = connection_answering(vec![b'C', 0, 0, 0, 20, b'S']).await;
+        let mut conn = connection_answering(vec![b'C', 0, 0, 0, 20, b'S'], true).await;
         let err = conn.simple_query("SELECT 1", 10).await.unwrap_err();
         assert!(matches!(err, WireError::Closed), "{err:?}");
         assert!(conn.is_broken());
@@ -1336,7 +1361,7 @@ mod tests {
 
     #[tokio::test]
     async fn an_abandoned_query_leaves_the_connection_broken() {
-        let mut conn = connection_answering(Vec::new()).await;
+        let mut conn = connection_answering(Vec::new(), false).await;
         let abandoned =
             tokio::time::timeout(Duration::from_millis(50), conn.simple_query("SELECT 1", 10))
                 .await;
@@ -1347,7 +1372,7 @@ mod tests {
     #[tokio::test]
     async fn a_nul_byte_in_the_sql_is_refused_before_sending() {
         let ok = [backend(b'I', b""), backend(b'Z', b"I")].concat();
-        let mut conn = connection_answering(ok).await;
+        let mut conn = connection_answering(ok, false).await;
         let err = conn.simple_query("SELECT '\0'", 10).await.unwrap_err();
         assert!(matches!(err, WireError::InvalidInput(_)), "{err:?}");
         assert!(!conn.is_broken());

@@ -12,7 +12,12 @@ async fn signup_login_me_and_logout_work_and_logout_kills_the_token() {
     assert!(user_id.starts_with("usr_"));
 
     let (status, body) = app
-        .call("POST", "/api/auth/login", None, Some(json!({ "email": email.to_uppercase(), "password": "correct horse battery" })))
+        .call(
+            "POST",
+            "/api/auth/login",
+            None,
+            Some(json!({ "email": email.to_uppercase(), "password": "correct horse battery" })),
+        )
         .await;
     assert_eq!(status, 200, "{body}");
     let token2 = body["token"].as_str().unwrap().to_string();
@@ -23,7 +28,9 @@ async fn signup_login_me_and_logout_work_and_logout_kills_the_token() {
     assert_eq!(body["user"]["email"], email.as_str());
     assert_eq!(body["projects"], json!([]));
 
-    let (status, _) = app.call("POST", "/api/auth/logout", Some(&token2), None).await;
+    let (status, _) = app
+        .call("POST", "/api/auth/logout", Some(&token2), None)
+        .await;
     assert_eq!(status, 200);
     let (status, body) = app.call("GET", "/api/auth/me", Some(&token2), None).await;
     assert_eq!(status, 401);
@@ -38,16 +45,31 @@ async fn wrong_password_and_duplicate_email_are_refused() {
     let app = spawn_app().await;
     let (_, _, email) = app.signup().await;
     let (status, body) = app
-        .call("POST", "/api/auth/login", None, Some(json!({ "email": email, "password": "wrong password" })))
+        .call(
+            "POST",
+            "/api/auth/login",
+            None,
+            Some(json!({ "email": email, "password": "wrong password" })),
+        )
         .await;
     assert_eq!(status, 401);
     assert_eq!(body["error"]["code"], "AUTH_REQUIRED");
     let (status, body) = app
-        .call("POST", "/api/auth/signup", None, Some(json!({ "email": email.to_uppercase(), "password": "another password" })))
+        .call(
+            "POST",
+            "/api/auth/signup",
+            None,
+            Some(json!({ "email": email.to_uppercase(), "password": "another password" })),
+        )
         .await;
     assert_eq!(status, 409, "{body}");
     let (status, body) = app
-        .call("POST", "/api/auth/signup", None, Some(json!({ "email": "not-an-email", "password": "long enough pw" })))
+        .call(
+            "POST",
+            "/api/auth/signup",
+            None,
+            Some(json!({ "email": "not-an-email", "password": "long enough pw" })),
+        )
         .await;
     assert_eq!(status, 400);
     assert_eq!(body["error"]["code"], "BAD_REQUEST");
@@ -76,7 +98,14 @@ async fn project_creation_returns_three_scoped_keys_and_the_creator_is_admin() {
     assert_eq!(me["projects"][0]["id"], f.project.as_str());
     assert_eq!(me["projects"][0]["role"], "admin");
 
-    let (status, list) = app.call("GET", &format!("/api/keys?projectId={}", f.project), Some(&f.admin), None).await;
+    let (status, list) = app
+        .call(
+            "GET",
+            &format!("/api/keys?projectId={}", f.project),
+            Some(&f.admin),
+            None,
+        )
+        .await;
     assert_eq!(status, 200, "{list}");
     let keys = list["keys"].as_array().unwrap();
     assert_eq!(keys.len(), 3);
@@ -94,11 +123,18 @@ async fn project_creation_returns_three_scoped_keys_and_the_creator_is_admin() {
         .query("SELECT count(*) FROM fluxbase.api_keys WHERE key_hash = sha256(convert_to($1, 'UTF8')) OR prefix = $1", &[&f.admin])
         .await
         .unwrap();
-    assert_eq!(rows[0].get::<_, i64>(0), 1, "the hash of the key is stored, not the key");
+    assert_eq!(
+        rows[0].get::<_, i64>(0),
+        1,
+        "the hash of the key is stored, not the key"
+    );
     let plain = pg
         .client(&ctl)
         .await
-        .query("SELECT count(*) FROM fluxbase.api_keys k WHERE position($1 in k::text) > 0", &[&&f.admin[9..]])
+        .query(
+            "SELECT count(*) FROM fluxbase.api_keys k WHERE position($1 in k::text) > 0",
+            &[&&f.admin[9..]],
+        )
         .await
         .unwrap();
     assert_eq!(plain[0].get::<_, i64>(0), 0);
@@ -108,23 +144,52 @@ async fn project_creation_returns_three_scoped_keys_and_the_creator_is_admin() {
 async fn rotated_key_is_refused_on_the_next_request() {
     let app = spawn_app().await;
     let f = app.fixture().await;
-    let (_, list) = app.call("GET", &format!("/api/keys?projectId={}", f.project), Some(&f.admin), None).await;
-    let read_id = list["keys"].as_array().unwrap().iter().find(|k| k["scope"] == "read").unwrap()["id"].clone();
-    assert_eq!(app.rows(&f.read, &f.project, "SELECT 1 AS one").await[0]["one"], 1);
+    let (_, list) = app
+        .call(
+            "GET",
+            &format!("/api/keys?projectId={}", f.project),
+            Some(&f.admin),
+            None,
+        )
+        .await;
+    let read_id = list["keys"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|k| k["scope"] == "read")
+        .unwrap()["id"]
+        .clone();
+    assert_eq!(
+        app.rows(&f.read, &f.project, "SELECT 1 AS one").await[0]["one"],
+        1
+    );
 
     let (status, body) = app
-        .call("POST", "/api/keys/rotate", Some(&f.admin), Some(json!({ "projectId": f.project, "keyId": read_id })))
+        .call(
+            "POST",
+            "/api/keys/rotate",
+            Some(&f.admin),
+            Some(json!({ "projectId": f.project, "keyId": read_id })),
+        )
         .await;
     assert_eq!(status, 200, "{body}");
     let new_secret = body["secret"].as_str().unwrap().to_string();
     assert_eq!(body["key"]["scope"], "read");
 
     let (status, body) = app
-        .call("POST", "/api/execute-sql", Some(&f.read), Some(json!({ "projectId": f.project, "query": "SELECT 1" })))
+        .call(
+            "POST",
+            "/api/execute-sql",
+            Some(&f.read),
+            Some(json!({ "projectId": f.project, "query": "SELECT 1" })),
+        )
         .await;
     assert_eq!(status, 401);
     assert_eq!(body["error"]["code"], "AUTH_REQUIRED");
-    assert_eq!(app.rows(&new_secret, &f.project, "SELECT 2 AS two").await[0]["two"], 2);
+    assert_eq!(
+        app.rows(&new_secret, &f.project, "SELECT 2 AS two").await[0]["two"],
+        2
+    );
 }
 
 #[tokio::test]
@@ -132,30 +197,58 @@ async fn keys_can_be_created_and_deleted_by_admins_only() {
     let app = spawn_app().await;
     let f = app.fixture().await;
     let (status, body) = app
-        .call("POST", "/api/keys", Some(&f.admin), Some(json!({ "projectId": f.project, "scope": "readwrite", "name": "backend" })))
+        .call(
+            "POST",
+            "/api/keys",
+            Some(&f.admin),
+            Some(json!({ "projectId": f.project, "scope": "readwrite", "name": "backend" })),
+        )
         .await;
     assert_eq!(status, 201, "{body}");
     let secret = body["secret"].as_str().unwrap().to_string();
     let id = body["key"]["id"].as_str().unwrap().to_string();
-    assert_eq!(app.rows(&secret, &f.project, "SELECT 1 AS x").await.len(), 1);
+    assert_eq!(
+        app.rows(&secret, &f.project, "SELECT 1 AS x").await.len(),
+        1
+    );
 
     // A readwrite key cannot manage keys.
     let (status, body) = app
-        .call("POST", "/api/keys", Some(&f.readwrite), Some(json!({ "projectId": f.project, "scope": "admin" })))
+        .call(
+            "POST",
+            "/api/keys",
+            Some(&f.readwrite),
+            Some(json!({ "projectId": f.project, "scope": "admin" })),
+        )
         .await;
     assert_eq!(status, 403);
     assert_eq!(body["error"]["code"], "SCOPE_MISMATCH");
     let (status, body) = app
-        .call("POST", "/api/keys", Some(&f.admin), Some(json!({ "projectId": f.project, "scope": "root" })))
+        .call(
+            "POST",
+            "/api/keys",
+            Some(&f.admin),
+            Some(json!({ "projectId": f.project, "scope": "root" })),
+        )
         .await;
     assert_eq!(status, 400, "{body}");
 
     let (status, _) = app
-        .call("DELETE", &format!("/api/keys?projectId={}&keyId={id}", f.project), Some(&f.admin), None)
+        .call(
+            "DELETE",
+            &format!("/api/keys?projectId={}&keyId={id}", f.project),
+            Some(&f.admin),
+            None,
+        )
         .await;
     assert_eq!(status, 200);
     let (status, _) = app
-        .call("POST", "/api/execute-sql", Some(&secret), Some(json!({ "projectId": f.project, "query": "SELECT 1" })))
+        .call(
+            "POST",
+            "/api/execute-sql",
+            Some(&secret),
+            Some(json!({ "projectId": f.project, "query": "SELECT 1" })),
+        )
         .await;
     assert_eq!(status, 401);
 }
@@ -167,10 +260,25 @@ async fn auth_error_codes_follow_the_guide() {
     let g = app.fixture().await;
     let body = |p: &str| Some(json!({ "projectId": p, "query": "SELECT 1" }));
 
-    let (status, b) = app.call("POST", "/api/execute-sql", None, body(&f.project)).await;
-    assert_eq!((status, b["error"]["code"].as_str()), (401, Some("AUTH_REQUIRED")));
-    let (status, b) = app.call("POST", "/api/execute-sql", Some("flx_live_nope"), body(&f.project)).await;
-    assert_eq!((status, b["error"]["code"].as_str()), (401, Some("AUTH_REQUIRED")));
+    let (status, b) = app
+        .call("POST", "/api/execute-sql", None, body(&f.project))
+        .await;
+    assert_eq!(
+        (status, b["error"]["code"].as_str()),
+        (401, Some("AUTH_REQUIRED"))
+    );
+    let (status, b) = app
+        .call(
+            "POST",
+            "/api/execute-sql",
+            Some("flx_live_nope"),
+            body(&f.project),
+        )
+        .await;
+    assert_eq!(
+        (status, b["error"]["code"].as_str()),
+        (401, Some("AUTH_REQUIRED"))
+    );
     let resp = app
         .http
         .post(app.url("/api/execute-sql"))
@@ -182,22 +290,49 @@ async fn auth_error_codes_follow_the_guide() {
     assert_eq!(resp.status(), 401);
 
     // A key of another project.
-    let (status, b) = app.call("POST", "/api/execute-sql", Some(&g.admin), body(&f.project)).await;
-    assert_eq!((status, b["error"]["code"].as_str()), (403, Some("SCOPE_MISMATCH")));
+    let (status, b) = app
+        .call("POST", "/api/execute-sql", Some(&g.admin), body(&f.project))
+        .await;
+    assert_eq!(
+        (status, b["error"]["code"].as_str()),
+        (403, Some("SCOPE_MISMATCH"))
+    );
     // A project that does not exist.
-    let (status, b) = app.call("POST", "/api/execute-sql", Some(&f.admin), body("0123456789abcdef")).await;
-    assert_eq!((status, b["error"]["code"].as_str()), (404, Some("PROJECT_NOT_FOUND")));
+    let (status, b) = app
+        .call(
+            "POST",
+            "/api/execute-sql",
+            Some(&f.admin),
+            body("0123456789abcdef"),
+        )
+        .await;
+    assert_eq!(
+        (status, b["error"]["code"].as_str()),
+        (404, Some("PROJECT_NOT_FOUND"))
+    );
     // A session of a non-member: the project is not revealed.
-    let (status, b) = app.call("POST", "/api/execute-sql", Some(&g.token), body(&f.project)).await;
-    assert_eq!((status, b["error"]["code"].as_str()), (404, Some("PROJECT_NOT_FOUND")));
+    let (status, b) = app
+        .call("POST", "/api/execute-sql", Some(&g.token), body(&f.project))
+        .await;
+    assert_eq!(
+        (status, b["error"]["code"].as_str()),
+        (404, Some("PROJECT_NOT_FOUND"))
+    );
     // A member session works and runs as the owner role.
-    let rows = app.rows(&f.token, &f.project, "SELECT current_user AS u").await;
+    let rows = app
+        .rows(&f.token, &f.project, "SELECT current_user AS u")
+        .await;
     assert_eq!(rows[0]["u"], format!("fx_{}_owner", f.project));
 
     // Unknown route, wrong method.
     let (status, b) = app.call("GET", "/api/nope", Some(&f.admin), None).await;
-    assert_eq!((status, b["error"]["code"].as_str()), (404, Some("NOT_FOUND")));
-    let (status, _) = app.call("GET", "/api/execute-sql", Some(&f.admin), None).await;
+    assert_eq!(
+        (status, b["error"]["code"].as_str()),
+        (404, Some("NOT_FOUND"))
+    );
+    let (status, _) = app
+        .call("GET", "/api/execute-sql", Some(&f.admin), None)
+        .await;
     assert_eq!(status, 405);
 }
 
@@ -205,15 +340,42 @@ async fn auth_error_codes_follow_the_guide() {
 async fn a_suspended_project_answers_project_suspended_until_resumed() {
     let app = spawn_app().await;
     let f = app.fixture().await;
-    app.app.set_project_status(&f.project, "suspended").await.unwrap();
+    app.app
+        .set_project_status(&f.project, "suspended")
+        .await
+        .unwrap();
     let (status, b) = app
-        .call("POST", "/api/execute-sql", Some(&f.admin), Some(json!({ "projectId": f.project, "query": "SELECT 1" })))
+        .call(
+            "POST",
+            "/api/execute-sql",
+            Some(&f.admin),
+            Some(json!({ "projectId": f.project, "query": "SELECT 1" })),
+        )
         .await;
-    assert_eq!((status, b["error"]["code"].as_str()), (403, Some("PROJECT_SUSPENDED")));
-    let (status, b) = app.call("GET", &format!("/api/keys?projectId={}", f.project), Some(&f.admin), None).await;
-    assert_eq!((status, b["error"]["code"].as_str()), (403, Some("PROJECT_SUSPENDED")));
-    app.app.set_project_status(&f.project, "active").await.unwrap();
-    assert_eq!(app.rows(&f.admin, &f.project, "SELECT 1 AS x").await.len(), 1);
+    assert_eq!(
+        (status, b["error"]["code"].as_str()),
+        (403, Some("PROJECT_SUSPENDED"))
+    );
+    let (status, b) = app
+        .call(
+            "GET",
+            &format!("/api/keys?projectId={}", f.project),
+            Some(&f.admin),
+            None,
+        )
+        .await;
+    assert_eq!(
+        (status, b["error"]["code"].as_str()),
+        (403, Some("PROJECT_SUSPENDED"))
+    );
+    app.app
+        .set_project_status(&f.project, "active")
+        .await
+        .unwrap();
+    assert_eq!(
+        app.rows(&f.admin, &f.project, "SELECT 1 AS x").await.len(),
+        1
+    );
 }
 
 #[tokio::test]
@@ -221,15 +383,28 @@ async fn project_settings_can_be_patched_by_admins() {
     let app = spawn_app().await;
     let f = app.fixture().await;
     let (status, b) = app
-        .call("PATCH", "/api/projects", Some(&f.token), Some(json!({ "projectId": f.project, "name": "renamed", "realtimePublic": true })))
+        .call(
+            "PATCH",
+            "/api/projects",
+            Some(&f.token),
+            Some(json!({ "projectId": f.project, "name": "renamed", "realtimePublic": true })),
+        )
         .await;
     assert_eq!(status, 200, "{b}");
     assert_eq!(b["project"]["name"], "renamed");
     assert_eq!(b["project"]["realtimePublic"], true);
     let (status, b) = app
-        .call("PATCH", "/api/projects", Some(&f.read), Some(json!({ "projectId": f.project, "name": "x" })))
+        .call(
+            "PATCH",
+            "/api/projects",
+            Some(&f.read),
+            Some(json!({ "projectId": f.project, "name": "x" })),
+        )
         .await;
-    assert_eq!((status, b["error"]["code"].as_str()), (403, Some("SCOPE_MISMATCH")));
+    assert_eq!(
+        (status, b["error"]["code"].as_str()),
+        (403, Some("SCOPE_MISMATCH"))
+    );
     let (status, b) = app.call("GET", "/api/projects", Some(&f.token), None).await;
     assert_eq!(status, 200);
     assert_eq!(b["projects"][0]["name"], "renamed");
@@ -244,9 +419,22 @@ async fn health_ready_and_metrics_answer() {
     assert_eq!((status, b["status"].as_str()), (200, Some("ready")));
     let f = app.fixture().await;
     app.rows(&f.admin, &f.project, "SELECT 1 AS x").await;
-    let text = app.http.get(app.url("/metrics")).send().await.unwrap().text().await.unwrap();
-    assert!(text.contains("fluxbase_sql_queries_total{outcome=\"ok\"} 1"), "{text}");
-    assert!(text.contains("fluxbase_http_requests_total{route=\"/api/execute-sql\",status=\"200\"}"));
+    let text = app
+        .http
+        .get(app.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        text.contains("fluxbase_sql_queries_total{outcome=\"ok\"} 1"),
+        "{text}"
+    );
+    assert!(
+        text.contains("fluxbase_http_requests_total{route=\"/api/execute-sql\",status=\"200\"}")
+    );
 }
 
 #[tokio::test]
@@ -261,17 +449,28 @@ async fn access_changes_made_by_another_process_reach_a_running_server() {
     let mut config = app.app.config.clone();
     config.database_url = Some(crate::support::pg().await.url(&app.app.cluster.control_db));
     let other = fluxbase::app::App::open(config, &[]).await.unwrap();
-    other.set_project_status(&f.project, "suspended").await.unwrap();
+    other
+        .set_project_status(&f.project, "suspended")
+        .await
+        .unwrap();
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(3);
     loop {
         let (status, b) = app
-            .call("POST", "/api/execute-sql", Some(&f.admin), Some(json!({ "projectId": f.project, "query": "SELECT 1" })))
+            .call(
+                "POST",
+                "/api/execute-sql",
+                Some(&f.admin),
+                Some(json!({ "projectId": f.project, "query": "SELECT 1" })),
+            )
             .await;
         if status == 403 {
             assert_eq!(b["error"]["code"], "PROJECT_SUSPENDED");
             break;
         }
-        assert!(std::time::Instant::now() < deadline, "the running server still serves a suspended project");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the running server still serves a suspended project"
+        );
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
 }

@@ -50,15 +50,23 @@ async fn the_guides_query_snippet_works_unchanged_in_node() {
                 .expect("node is installed (make test installs it)")
         })
     };
-    let out = run(f.read.clone(), script.clone(), f.project.clone()).await.unwrap();
+    let out = run(f.read.clone(), script.clone(), f.project.clone())
+        .await
+        .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{stdout}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(stdout.contains("{ id: 1, name: 'Alice' }"), "{stdout}");
     assert!(stdout.contains("{ id: 3, name: 'Carol' }"), "{stdout}");
     assert!(!stdout.contains("Bob"), "{stdout}");
 
     // Errors surface as the snippet expects: `json.error.message` thrown.
-    let out = run("flx_live_wrong".into(), script, f.project.clone()).await.unwrap();
+    let out = run("flx_live_wrong".into(), script, f.project.clone())
+        .await
+        .unwrap();
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("Invalid or revoked API key"));
 }
@@ -68,7 +76,10 @@ async fn curl_can_run_sql_with_the_guides_headers() {
     let app = spawn_app().await;
     let f = app.fixture().await;
     let url = app.url("/api/execute-sql");
-    let body = format!(r#"{{"projectId": "{}", "query": "SELECT 1 AS one, 'x' AS two"}}"#, f.project);
+    let body = format!(
+        r#"{{"projectId": "{}", "query": "SELECT 1 AS one, 'x' AS two"}}"#,
+        f.project
+    );
     let key = f.read.clone();
     let out = tokio::task::spawn_blocking(move || {
         Command::new("curl")

@@ -6,3 +6,5 @@ mod accounts;
 mod cli;
 mod guide;
 mod sql;
+mod values;
+mod wire;

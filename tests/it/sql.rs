@@ -9,24 +9,43 @@ use crate::support::{spawn_app, spawn_app_with};
 async fn select_answers_in_the_guides_shape() {
     let app = spawn_app().await;
     let f = app.fixture().await;
-    app.rows(&f.admin, &f.project, "CREATE TABLE users (id serial PRIMARY KEY, name text, email text)").await;
+    app.rows(
+        &f.admin,
+        &f.project,
+        "CREATE TABLE users (id serial PRIMARY KEY, name text, email text)",
+    )
+    .await;
     let body = app
         .sql(&f.admin, &f.project, "INSERT INTO users (name, email) VALUES ('Alice', 'alice@example.com'), ('Bob', 'b@x.io')")
         .await;
     assert_eq!(body["executionInfo"]["operation"], "INSERT");
     assert_eq!(body["result"]["rowCount"], 2);
-    let body = app.sql(&f.read, &f.project, "SELECT * FROM users ORDER BY id LIMIT 10;").await;
+    let body = app
+        .sql(
+            &f.read,
+            &f.project,
+            "SELECT * FROM users ORDER BY id LIMIT 10;",
+        )
+        .await;
     assert_eq!(body["success"], true);
-    assert_eq!(body["result"]["rows"][0], json!({ "id": 1, "name": "Alice", "email": "alice@example.com" }));
+    assert_eq!(
+        body["result"]["rows"][0],
+        json!({ "id": 1, "name": "Alice", "email": "alice@example.com" })
+    );
     assert_eq!(body["result"]["columns"], json!(["id", "name", "email"]));
     assert_eq!(body["result"]["rowCount"], 2);
     assert_eq!(body["result"]["message"], Value::Null);
     assert_eq!(body["executionInfo"]["rowCount"], 2);
     assert_eq!(body["executionInfo"]["operation"], "SELECT");
     let time = body["executionInfo"]["time"].as_str().unwrap();
-    assert!(time.ends_with("ms") && time.trim_end_matches("ms").parse::<u64>().is_ok(), "{time}");
+    assert!(
+        time.ends_with("ms") && time.trim_end_matches("ms").parse::<u64>().is_ok(),
+        "{time}"
+    );
 
-    let body = app.sql(&f.admin, &f.project, "CREATE TABLE t2 (x int)").await;
+    let body = app
+        .sql(&f.admin, &f.project, "CREATE TABLE t2 (x int)")
+        .await;
     assert_eq!(body["executionInfo"]["operation"], "CREATE TABLE");
     assert_eq!(body["result"]["message"], "CREATE TABLE");
 }
@@ -36,26 +55,47 @@ async fn sql_errors_are_200_with_sql_exec_error_and_the_sqlstate() {
     let app = spawn_app().await;
     let f = app.fixture().await;
     let (status, body) = app
-        .call("POST", "/api/execute-sql", Some(&f.admin), Some(json!({ "projectId": f.project, "query": "SELECT * FROM usrs" })))
+        .call(
+            "POST",
+            "/api/execute-sql",
+            Some(&f.admin),
+            Some(json!({ "projectId": f.project, "query": "SELECT * FROM usrs" })),
+        )
         .await;
     assert_eq!(status, 200);
     assert_eq!(
         body,
         json!({ "success": false, "error": { "message": "relation \"usrs\" does not exist", "code": "SQL_EXEC_ERROR", "details": "ERROR:  42P01", "position": 15 } })
     );
-    assert_eq!(app.sql_error(&f.admin, &f.project, "SELEC 1").await, "42601");
+    assert_eq!(
+        app.sql_error(&f.admin, &f.project, "SELEC 1").await,
+        "42601"
+    );
     // The connection that failed is fine for the next request.
-    assert_eq!(app.rows(&f.admin, &f.project, "SELECT 1 AS ok").await[0]["ok"], 1);
+    assert_eq!(
+        app.rows(&f.admin, &f.project, "SELECT 1 AS ok").await[0]["ok"],
+        1
+    );
 }
 
 #[tokio::test]
 async fn each_scope_gets_exactly_the_guides_privileges() {
     let app = spawn_app().await;
     let f = app.fixture().await;
-    app.rows(&f.admin, &f.project, "CREATE TABLE items (id serial PRIMARY KEY, v text); INSERT INTO items (v) VALUES ('a')").await;
+    app.rows(
+        &f.admin,
+        &f.project,
+        "CREATE TABLE items (id serial PRIMARY KEY, v text); INSERT INTO items (v) VALUES ('a')",
+    )
+    .await;
 
     // read: SELECT only.
-    assert_eq!(app.rows(&f.read, &f.project, "SELECT v FROM items").await.len(), 1);
+    assert_eq!(
+        app.rows(&f.read, &f.project, "SELECT v FROM items")
+            .await
+            .len(),
+        1
+    );
     for q in [
         "INSERT INTO items (v) VALUES ('r')",
         "UPDATE items SET v = 'r'",
@@ -69,8 +109,18 @@ async fn each_scope_gets_exactly_the_guides_privileges() {
     }
 
     // readwrite: SELECT, INSERT, UPDATE; no DELETE, TRUNCATE or DDL.
-    app.rows(&f.readwrite, &f.project, "INSERT INTO items (v) VALUES ('rw')").await;
-    app.rows(&f.readwrite, &f.project, "UPDATE items SET v = 'rw2' WHERE v = 'rw'").await;
+    app.rows(
+        &f.readwrite,
+        &f.project,
+        "INSERT INTO items (v) VALUES ('rw')",
+    )
+    .await;
+    app.rows(
+        &f.readwrite,
+        &f.project,
+        "UPDATE items SET v = 'rw2' WHERE v = 'rw'",
+    )
+    .await;
     for q in [
         "DELETE FROM items",
         "TRUNCATE items",
@@ -84,13 +134,32 @@ async fn each_scope_gets_exactly_the_guides_privileges() {
     }
 
     // admin: full DDL and DML, and tables it creates later get the same grants.
-    app.rows(&f.admin, &f.project, "DELETE FROM items WHERE v = 'a'").await;
-    app.rows(&f.admin, &f.project, "CREATE TABLE later (x int); INSERT INTO later VALUES (1)").await;
-    assert_eq!(app.rows(&f.read, &f.project, "SELECT x FROM later").await[0]["x"], 1);
-    app.rows(&f.readwrite, &f.project, "INSERT INTO later VALUES (2)").await;
-    app.rows(&f.admin, &f.project, "CREATE SCHEMA app; CREATE TABLE app.t (x int); INSERT INTO app.t VALUES (7)").await;
-    assert_eq!(app.rows(&f.read, &f.project, "SELECT x FROM app.t").await[0]["x"], 7);
-    app.rows(&f.admin, &f.project, "TRUNCATE items; DROP TABLE items").await;
+    app.rows(&f.admin, &f.project, "DELETE FROM items WHERE v = 'a'")
+        .await;
+    app.rows(
+        &f.admin,
+        &f.project,
+        "CREATE TABLE later (x int); INSERT INTO later VALUES (1)",
+    )
+    .await;
+    assert_eq!(
+        app.rows(&f.read, &f.project, "SELECT x FROM later").await[0]["x"],
+        1
+    );
+    app.rows(&f.readwrite, &f.project, "INSERT INTO later VALUES (2)")
+        .await;
+    app.rows(
+        &f.admin,
+        &f.project,
+        "CREATE SCHEMA app; CREATE TABLE app.t (x int); INSERT INTO app.t VALUES (7)",
+    )
+    .await;
+    assert_eq!(
+        app.rows(&f.read, &f.project, "SELECT x FROM app.t").await[0]["x"],
+        7
+    );
+    app.rows(&f.admin, &f.project, "TRUNCATE items; DROP TABLE items")
+        .await;
 }
 
 #[tokio::test]
@@ -126,27 +195,53 @@ async fn escalation_attempts_are_refused_for_every_scope() {
             assert_eq!(body["success"], false, "{q} succeeded: {body}");
         }
         // RESET ROLE is allowed but changes nothing: the session user is the scope's role.
-        let rows = app.rows(key, &f.project, "RESET ROLE; SELECT current_user AS u, session_user AS s").await;
+        let rows = app
+            .rows(
+                key,
+                &f.project,
+                "RESET ROLE; SELECT current_user AS u, session_user AS s",
+            )
+            .await;
         assert_eq!(rows[0]["u"], rows[0]["s"]);
-        assert!(rows[0]["u"].as_str().unwrap().starts_with(&format!("fx_{}_", f.project)));
+        assert!(rows[0]["u"]
+            .as_str()
+            .unwrap()
+            .starts_with(&format!("fx_{}_", f.project)));
         let rows = app.rows(key, &f.project, "SELECT rolsuper, rolcreaterole, rolcreatedb, rolreplication, rolbypassrls FROM pg_roles WHERE rolname = current_user").await;
-        assert_eq!(rows[0], json!({ "rolsuper": false, "rolcreaterole": false, "rolcreatedb": false, "rolreplication": false, "rolbypassrls": false }));
+        assert_eq!(
+            rows[0],
+            json!({ "rolsuper": false, "rolcreaterole": false, "rolcreatedb": false, "rolreplication": false, "rolbypassrls": false })
+        );
         let rows = app.rows(key, &f.project, "SELECT count(*) AS n FROM pg_auth_members m JOIN pg_roles r ON r.oid = m.member WHERE r.rolname = current_user").await;
         assert_eq!(rows[0]["n"], 0, "project roles are members of nothing");
     }
     // Another project's database and the control database cannot be reached by a project role.
     let pg = crate::support::pg().await;
-    for (db, role) in [(format!("fx_{}", g.project), own_owner.clone()), (control.clone(), own_owner.clone())] {
+    for (db, role) in [
+        (format!("fx_{}", g.project), own_owner.clone()),
+        (control.clone(), own_owner.clone()),
+    ] {
         let password = app.app.role_password(&role);
         let url = format!("postgres://{role}:{password}@127.0.0.1:{}/{db}", pg.port);
-        let err = tokio_postgres::connect(&url, tokio_postgres::NoTls).await.err();
+        let err = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+            .await
+            .err();
         let err = err.expect("a project role reached a database that is not its own");
-        assert_eq!(err.code(), Some(&tokio_postgres::error::SqlState::INSUFFICIENT_PRIVILEGE), "{err}");
+        assert_eq!(
+            err.code(),
+            Some(&tokio_postgres::error::SqlState::INSUFFICIENT_PRIVILEGE),
+            "{err}"
+        );
     }
     // Its own database works with the same credentials (so the refusal above is about privilege).
     let password = app.app.role_password(&own_owner);
-    let url = format!("postgres://{own_owner}:{password}@127.0.0.1:{}/fx_{}", pg.port, f.project);
-    assert!(tokio_postgres::connect(&url, tokio_postgres::NoTls).await.is_ok());
+    let url = format!(
+        "postgres://{own_owner}:{password}@127.0.0.1:{}/fx_{}",
+        pg.port, f.project
+    );
+    assert!(tokio_postgres::connect(&url, tokio_postgres::NoTls)
+        .await
+        .is_ok());
 }
 
 #[tokio::test]
@@ -155,12 +250,17 @@ async fn pooled_connections_carry_no_state_between_requests() {
     let f = app.fixture().await;
     app.rows(&f.admin, &f.project, "SET statement_timeout = '5min'; SET search_path = nowhere; CREATE TEMP TABLE tmp_x (x int); PREPARE p AS SELECT 1").await;
     // An open transaction left behind is rolled back, not committed.
-    app.rows(&f.admin, &f.project, "CREATE TABLE kept (x int)").await;
-    app.rows(&f.admin, &f.project, "BEGIN; INSERT INTO kept VALUES (1)").await;
+    app.rows(&f.admin, &f.project, "CREATE TABLE kept (x int)")
+        .await;
+    app.rows(&f.admin, &f.project, "BEGIN; INSERT INTO kept VALUES (1)")
+        .await;
     let rows = app
         .rows(&f.admin, &f.project, "SELECT current_setting('statement_timeout') AS t, current_setting('search_path') AS p, to_regclass('tmp_x') IS NULL AS no_tmp, (SELECT count(*) FROM pg_prepared_statements) AS prepared, (SELECT count(*) FROM kept) AS kept")
         .await;
-    assert_eq!(rows[0], json!({ "t": "30s", "p": "\"$user\", public", "no_tmp": true, "prepared": 0, "kept": 0 }));
+    assert_eq!(
+        rows[0],
+        json!({ "t": "30s", "p": "\"$user\", public", "no_tmp": true, "prepared": 0, "kept": 0 })
+    );
 }
 
 #[tokio::test]
@@ -173,9 +273,19 @@ async fn a_script_of_several_statements_runs_in_one_transaction_and_answers_the_
     assert_eq!(body["result"]["rows"], json!([{ "n": 2 }]));
     assert_eq!(body["executionInfo"]["operation"], "SELECT");
     // A failure in the middle rolls back the whole script.
-    let code = app.sql_error(&f.admin, &f.project, "INSERT INTO s VALUES (3); INSERT INTO s VALUES (1); INSERT INTO s VALUES (4)").await;
+    let code = app
+        .sql_error(
+            &f.admin,
+            &f.project,
+            "INSERT INTO s VALUES (3); INSERT INTO s VALUES (1); INSERT INTO s VALUES (4)",
+        )
+        .await;
     assert_eq!(code, "23505");
-    assert_eq!(app.rows(&f.admin, &f.project, "SELECT count(*) AS n FROM s").await[0]["n"], 2);
+    assert_eq!(
+        app.rows(&f.admin, &f.project, "SELECT count(*) AS n FROM s")
+            .await[0]["n"],
+        2
+    );
 }
 
 #[tokio::test]
@@ -206,27 +316,69 @@ async fn params_of_each_json_kind_bind_to_the_inferred_types() {
 
     // The guide's own usage: a boolean parameter.
     app.rows(&f.admin, &f.project, "CREATE TABLE users (id serial, name text, active bool); INSERT INTO users (name, active) VALUES ('A', true), ('B', false)").await;
-    let body = app.sql_params(&f.read, &f.project, "SELECT id, name FROM users WHERE active = $1", json!([true])).await;
+    let body = app
+        .sql_params(
+            &f.read,
+            &f.project,
+            "SELECT id, name FROM users WHERE active = $1",
+            json!([true]),
+        )
+        .await;
     assert_eq!(body["result"]["rows"], json!([{ "id": 1, "name": "A" }]));
     // NULL and hostile strings are values, never SQL.
-    let body = app.sql_params(&f.read, &f.project, "SELECT $1::text AS x, $2::text AS y", json!([null, "'; DROP TABLE users; --"])).await;
-    assert_eq!(body["result"]["rows"][0], json!({ "x": null, "y": "'; DROP TABLE users; --" }));
-    assert_eq!(app.rows(&f.read, &f.project, "SELECT count(*) AS n FROM users").await[0]["n"], 2);
+    let body = app
+        .sql_params(
+            &f.read,
+            &f.project,
+            "SELECT $1::text AS x, $2::text AS y",
+            json!([null, "'; DROP TABLE users; --"]),
+        )
+        .await;
+    assert_eq!(
+        body["result"]["rows"][0],
+        json!({ "x": null, "y": "'; DROP TABLE users; --" })
+    );
+    assert_eq!(
+        app.rows(&f.read, &f.project, "SELECT count(*) AS n FROM users")
+            .await[0]["n"],
+        2
+    );
 }
 
 #[tokio::test]
 async fn a_parameter_that_does_not_fit_is_an_sql_error_naming_it() {
     let app = spawn_app().await;
     let f = app.fixture().await;
-    let body = app.sql_params(&f.read, &f.project, "SELECT $1::int + $2::int AS s", json!([1, "twelve"])).await;
+    let body = app
+        .sql_params(
+            &f.read,
+            &f.project,
+            "SELECT $1::int + $2::int AS s",
+            json!([1, "twelve"]),
+        )
+        .await;
     assert_eq!(body["success"], false, "{body}");
     assert_eq!(body["error"]["code"], "SQL_EXEC_ERROR");
     let msg = body["error"]["message"].as_str().unwrap();
     assert!(msg.contains("$2"), "{msg}");
-    let body = app.sql_params(&f.read, &f.project, "SELECT $1::int AS s", json!([{ "an": "object" }])).await;
+    let body = app
+        .sql_params(
+            &f.read,
+            &f.project,
+            "SELECT $1::int AS s",
+            json!([{ "an": "object" }]),
+        )
+        .await;
     assert_eq!(body["success"], false, "{body}");
     assert!(body["error"]["message"].as_str().unwrap().contains("$1"));
-    let body = app.sql_params(&f.read, &f.project, "SELECT $1::int AS a, $2::int AS b", json!([1])).await;
+    let body = app
+        .sql_params(
+            &f.read,
+            &f.project,
+            "SELECT $1::int AS a, $2::int AS b",
+            json!([1]),
+        )
+        .await;
     assert_eq!(body["success"], false, "{body}");
 }
 
@@ -247,11 +399,41 @@ async fn malformed_and_mistyped_bodies_are_bad_requests_naming_the_field() {
     let b: Value = resp.json().await.unwrap();
     assert_eq!(b["success"], false);
     assert_eq!(b["error"]["code"], "BAD_REQUEST");
-    let b: Value = send(r#"{"projectId": "x"}"#).await.unwrap().json().await.unwrap();
-    assert!(b["error"]["message"].as_str().unwrap().contains("query"), "{b}");
-    let b: Value = send(r#"{"projectId": 5, "query": "SELECT 1"}"#).await.unwrap().json().await.unwrap();
-    assert!(b["error"]["message"].as_str().unwrap().contains("invalid type"), "{b}");
-    let b: Value = send(&*Box::leak(format!(r#"{{"projectId": "{}", "query": "SELECT 1", "params": "nope"}}"#, f.project).into_boxed_str())).await.unwrap().json().await.unwrap();
+    let b: Value = send(r#"{"projectId": "x"}"#)
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert!(
+        b["error"]["message"].as_str().unwrap().contains("query"),
+        "{b}"
+    );
+    let b: Value = send(r#"{"projectId": 5, "query": "SELECT 1"}"#)
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert!(
+        b["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("invalid type"),
+        "{b}"
+    );
+    let b: Value = send(&*Box::leak(
+        format!(
+            r#"{{"projectId": "{}", "query": "SELECT 1", "params": "nope"}}"#,
+            f.project
+        )
+        .into_boxed_str(),
+    ))
+    .await
+    .unwrap()
+    .json()
+    .await
+    .unwrap();
     assert_eq!(b["error"]["code"], "BAD_REQUEST", "{b}");
     let resp = send("").await.unwrap();
     assert_eq!(resp.status(), 400);
@@ -263,16 +445,27 @@ async fn bodies_over_the_cap_get_413() {
     let f = app.fixture().await;
     let big = format!("SELECT '{}'", "x".repeat(5000));
     let (status, b) = app
-        .call("POST", "/api/execute-sql", Some(&f.admin), Some(json!({ "projectId": f.project, "query": big })))
+        .call(
+            "POST",
+            "/api/execute-sql",
+            Some(&f.admin),
+            Some(json!({ "projectId": f.project, "query": big })),
+        )
         .await;
-    assert_eq!((status, b["error"]["code"].as_str()), (413, Some("PAYLOAD_TOO_LARGE")));
+    assert_eq!(
+        (status, b["error"]["code"].as_str()),
+        (413, Some("PAYLOAD_TOO_LARGE"))
+    );
     // A chunked body without Content-Length is capped too.
-    let chunks: Vec<Result<String, std::io::Error>> = (0..10).map(|_| Ok("x".repeat(1000))).collect();
+    let chunks: Vec<Result<String, std::io::Error>> =
+        (0..10).map(|_| Ok("x".repeat(1000))).collect();
     let resp = app
         .http
         .post(app.url("/api/execute-sql"))
         .bearer_auth(&f.admin)
-        .body(reqwest::Body::wrap_stream(futures_util::stream::iter(chunks)))
+        .body(reqwest::Body::wrap_stream(futures_util::stream::iter(
+            chunks,
+        )))
         .send()
         .await
         .unwrap();
@@ -283,11 +476,23 @@ async fn bodies_over_the_cap_get_413() {
 async fn the_row_cap_truncates_and_says_so() {
     let app = spawn_app_with(|c| c.max_rows = 100).await;
     let f = app.fixture().await;
-    let body = app.sql(&f.read, &f.project, "SELECT g FROM generate_series(1, 1000) g").await;
+    let body = app
+        .sql(
+            &f.read,
+            &f.project,
+            "SELECT g FROM generate_series(1, 1000) g",
+        )
+        .await;
     assert_eq!(body["result"]["rows"].as_array().unwrap().len(), 100);
     assert_eq!(body["result"]["truncated"], true);
     assert_eq!(body["result"]["rowCount"], 1000);
-    let body = app.sql(&f.read, &f.project, "SELECT g FROM generate_series(1, 100) g").await;
+    let body = app
+        .sql(
+            &f.read,
+            &f.project,
+            "SELECT g FROM generate_series(1, 100) g",
+        )
+        .await;
     assert_eq!(body["result"]["truncated"], false);
 }
 
@@ -296,14 +501,25 @@ async fn statement_timeout_stops_slow_queries_even_when_the_caller_disables_it()
     let app = spawn_app_with(|c| c.statement_timeout_ms = 500).await;
     let f = app.fixture().await;
     let started = std::time::Instant::now();
-    let code = app.sql_error(&f.read, &f.project, "SELECT pg_sleep(10)").await;
+    let code = app
+        .sql_error(&f.read, &f.project, "SELECT pg_sleep(10)")
+        .await;
     assert_eq!(code, "57014");
     assert!(started.elapsed().as_secs() < 5);
     let started = std::time::Instant::now();
-    let code = app.sql_error(&f.read, &f.project, "SET statement_timeout = 0; SELECT pg_sleep(30)").await;
+    let code = app
+        .sql_error(
+            &f.read,
+            &f.project,
+            "SET statement_timeout = 0; SELECT pg_sleep(30)",
+        )
+        .await;
     assert_eq!(code, "57014");
     assert!(started.elapsed().as_secs() < 10, "{:?}", started.elapsed());
-    assert_eq!(app.rows(&f.read, &f.project, "SELECT 1 AS ok").await[0]["ok"], 1);
+    assert_eq!(
+        app.rows(&f.read, &f.project, "SELECT 1 AS ok").await[0]["ok"],
+        1
+    );
 }
 
 #[tokio::test]
@@ -325,7 +541,11 @@ async fn the_rate_limit_answers_429_with_retry_after() {
             .await
             .unwrap();
         if resp.status() == 429 {
-            let retry: u64 = resp.headers()["retry-after"].to_str().unwrap().parse().unwrap();
+            let retry: u64 = resp.headers()["retry-after"]
+                .to_str()
+                .unwrap()
+                .parse()
+                .unwrap();
             assert!((1..=10).contains(&retry));
             let b: Value = resp.json().await.unwrap();
             assert_eq!(b["error"]["code"], "RATE_LIMIT");
@@ -333,9 +553,18 @@ async fn the_rate_limit_answers_429_with_retry_after() {
             break;
         }
     }
-    assert_eq!(limited, Some(50), "the 51st request in the window is refused");
+    assert_eq!(
+        limited,
+        Some(50),
+        "the 51st request in the window is refused"
+    );
     // Another key of the same project has its own budget.
-    assert_eq!(app.rows(&f.readwrite, &f.project, "SELECT 1 AS x").await.len(), 1);
+    assert_eq!(
+        app.rows(&f.readwrite, &f.project, "SELECT 1 AS x")
+            .await
+            .len(),
+        1
+    );
 }
 
 #[tokio::test]
@@ -351,15 +580,30 @@ async fn an_unreachable_project_database_is_503_database_connection_error() {
         .unwrap();
     app.app.sql.forget_project(&f.project);
     let (status, b) = app
-        .call("POST", "/api/execute-sql", Some(&f.admin), Some(json!({ "projectId": f.project, "query": "SELECT 1" })))
+        .call(
+            "POST",
+            "/api/execute-sql",
+            Some(&f.admin),
+            Some(json!({ "projectId": f.project, "query": "SELECT 1" })),
+        )
         .await;
-    assert_eq!((status, b["error"]["code"].as_str()), (503, Some("DATABASE_CONNECTION_ERROR")), "{b}");
+    assert_eq!(
+        (status, b["error"]["code"].as_str()),
+        (503, Some("DATABASE_CONNECTION_ERROR")),
+        "{b}"
+    );
     pg.client("postgres")
         .await
-        .batch_execute(&format!("ALTER DATABASE fx_{} ALLOW_CONNECTIONS true", f.project))
+        .batch_execute(&format!(
+            "ALTER DATABASE fx_{} ALLOW_CONNECTIONS true",
+            f.project
+        ))
         .await
         .unwrap();
-    assert_eq!(app.rows(&f.admin, &f.project, "SELECT 1 AS x").await.len(), 1);
+    assert_eq!(
+        app.rows(&f.admin, &f.project, "SELECT 1 AS x").await.len(),
+        1
+    );
 }
 
 /// One value of each common type through the whole API path equals PostgreSQL's own `to_json`
@@ -370,17 +614,41 @@ async fn values_of_each_common_type_come_back_exactly_as_to_json_renders_them() 
     let f = app.fixture().await;
     app.rows(&f.admin, &f.project, "CREATE TYPE mood AS ENUM ('sad', 'ok', 'happy'); CREATE DOMAIN posint AS int CHECK (VALUE > 0); CREATE TYPE pair AS (a int, b text)").await;
     let cases = [
-        "true::bool", "32767::int2", "(-2147483648)::int4", "9223372036854775807::int8",
-        "1.5::float4", "'NaN'::float8", "'Infinity'::float8", "'-Infinity'::float4", "1e+20::float8", "0.1::float8",
-        "123456789012345678901234567890.123456789::numeric", "'NaN'::numeric",
-        "E'multi\\nline \"quoted\" \\\\ back'::text", "'a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11'::uuid",
-        "'2024-02-29'::date", "'infinity'::date", "'2024-01-02 03:04:05.123456'::timestamp",
-        "'2024-01-02 03:04:05+05:30'::timestamptz", "'1 year 2 mons 3 days 04:05:06.7'::interval",
-        "'{\"a\": [1, 2.50, null]}'::json", "'{\"b\": {\"c\": true}, \"a\": 1}'::jsonb", "'\\xdeadbeef'::bytea",
-        "ARRAY[1, NULL, 3]::int[]", "ARRAY[['a', NULL], ['c', 'd\"e']]::text[]", "'{}'::int[]",
-        "'happy'::mood", "ARRAY['sad', 'ok']::mood[]", "5::posint", "ROW(1, 'x,y')::pair",
-        "ARRAY[ROW(2, NULL)::pair]", "'12:34:56'::time", "'192.168.0.1/24'::inet", "'[1,5)'::int4range",
-        "NULL::int", "'$1.50'::money",
+        "true::bool",
+        "32767::int2",
+        "(-2147483648)::int4",
+        "9223372036854775807::int8",
+        "1.5::float4",
+        "'NaN'::float8",
+        "'Infinity'::float8",
+        "'-Infinity'::float4",
+        "1e+20::float8",
+        "0.1::float8",
+        "123456789012345678901234567890.123456789::numeric",
+        "'NaN'::numeric",
+        "E'multi\\nline \"quoted\" \\\\ back'::text",
+        "'a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11'::uuid",
+        "'2024-02-29'::date",
+        "'infinity'::date",
+        "'2024-01-02 03:04:05.123456'::timestamp",
+        "'2024-01-02 03:04:05+05:30'::timestamptz",
+        "'1 year 2 mons 3 days 04:05:06.7'::interval",
+        "'{\"a\": [1, 2.50, null]}'::json",
+        "'{\"b\": {\"c\": true}, \"a\": 1}'::jsonb",
+        "'\\xdeadbeef'::bytea",
+        "ARRAY[1, NULL, 3]::int[]",
+        "ARRAY[['a', NULL], ['c', 'd\"e']]::text[]",
+        "'{}'::int[]",
+        "'happy'::mood",
+        "ARRAY['sad', 'ok']::mood[]",
+        "5::posint",
+        "ROW(1, 'x,y')::pair",
+        "ARRAY[ROW(2, NULL)::pair]",
+        "'12:34:56'::time",
+        "'192.168.0.1/24'::inet",
+        "'[1,5)'::int4range",
+        "NULL::int",
+        "'$1.50'::money",
     ];
     for lit in cases {
         let q = format!("SELECT v, to_json(v) AS oracle FROM (SELECT {lit} AS v) s");
@@ -392,7 +660,10 @@ async fn values_of_each_common_type_come_back_exactly_as_to_json_renders_them() 
         .json(&json!({ "projectId": f.project, "query": "SELECT 9223372036854775807::int8 AS a, 123456789012345678901234567890.5::numeric AS b" }))
         .send().await.unwrap().text().await.unwrap();
     assert!(body.contains("\"a\":9223372036854775807"), "{body}");
-    assert!(body.contains("\"b\":123456789012345678901234567890.5"), "{body}");
+    assert!(
+        body.contains("\"b\":123456789012345678901234567890.5"),
+        "{body}"
+    );
 }
 
 #[tokio::test]
@@ -401,13 +672,28 @@ async fn internal_errors_are_500_with_a_request_id_and_no_internals() {
     let f = app.fixture().await;
     // Break the control database under the server: membership lookups now fail.
     let pg = crate::support::pg().await;
-    pg.client(&app.app.cluster.control_db).await.batch_execute("ALTER TABLE fluxbase.members RENAME TO members_gone").await.unwrap();
+    pg.client(&app.app.cluster.control_db)
+        .await
+        .batch_execute("ALTER TABLE fluxbase.members RENAME TO members_gone")
+        .await
+        .unwrap();
     let (status, b) = app
-        .call("POST", "/api/execute-sql", Some(&f.token), Some(json!({ "projectId": f.project, "query": "SELECT 1" })))
+        .call(
+            "POST",
+            "/api/execute-sql",
+            Some(&f.token),
+            Some(json!({ "projectId": f.project, "query": "SELECT 1" })),
+        )
         .await;
     assert_eq!(status, 500, "{b}");
     assert_eq!(b["error"]["code"], "INTERNAL_ERROR");
-    assert_eq!(b["error"]["details"]["requestId"].as_str().unwrap().len(), 16);
+    assert_eq!(
+        b["error"]["details"]["requestId"].as_str().unwrap().len(),
+        16
+    );
     let text = b.to_string();
-    assert!(!text.contains("members") && !text.contains("relation"), "{text}");
+    assert!(
+        !text.contains("members") && !text.contains("relation"),
+        "{text}"
+    );
 }

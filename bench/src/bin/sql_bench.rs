@@ -17,7 +17,10 @@ use anyhow::{bail, Context, Result};
 use serde_json::{json, Value};
 
 fn env_or(name: &str, default: u64) -> u64 {
-    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
 }
 
 fn pg_bindir() -> Result<PathBuf> {
@@ -27,7 +30,8 @@ fn pg_bindir() -> Result<PathBuf> {
         .filter(|p| p.join("pgbench").exists())
         .collect();
     dirs.sort();
-    dirs.pop().context("pgbench not found under /usr/lib/postgresql/*/bin")
+    dirs.pop()
+        .context("pgbench not found under /usr/lib/postgresql/*/bin")
 }
 
 struct Server {
@@ -36,7 +40,9 @@ struct Server {
 
 impl Drop for Server {
     fn drop(&mut self) {
-        let _ = Command::new("kill").args(["-INT", &self.child.id().to_string()]).status();
+        let _ = Command::new("kill")
+            .args(["-INT", &self.child.id().to_string()])
+            .status();
         let _ = self.child.wait();
     }
 }
@@ -45,7 +51,9 @@ impl Drop for Server {
 async fn main() -> Result<()> {
     let clients = env_or("BENCH_CLIENTS", 8) as usize;
     let seconds = env_or("BENCH_SECONDS", 10);
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..").canonicalize()?;
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("..")
+        .canonicalize()?;
     let binary = root.join("target/release/fluxbase");
     if !binary.exists() {
         bail!("build the server first: cargo build --release --bin fluxbase");
@@ -53,7 +61,9 @@ async fn main() -> Result<()> {
     let data = root.join("target/bench-data");
     let _ = std::fs::remove_dir_all(&data);
     std::fs::create_dir_all(&data)?;
-    let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
     let base = format!("http://127.0.0.1:{port}");
     let envs = [
         ("FLUXBASE_DATA_DIR", data.display().to_string()),
@@ -63,14 +73,26 @@ async fn main() -> Result<()> {
         ("FLUXBASE_LOG", "warn".into()),
     ];
 
-    eprintln!("[bench] initialising a fresh instance in {}", data.display());
-    let out = Command::new(&binary).args(["init", "--json"]).envs(envs.clone()).output()?;
+    eprintln!(
+        "[bench] initialising a fresh instance in {}",
+        data.display()
+    );
+    let out = Command::new(&binary)
+        .args(["init", "--json"])
+        .envs(envs.clone())
+        .output()?;
     if !out.status.success() {
         bail!("init failed: {}", String::from_utf8_lossy(&out.stderr));
     }
     let init: Value = serde_json::from_slice(&out.stdout)?;
-    let project = init["project"]["id"].as_str().context("project id")?.to_string();
-    let read_key = init["apiKeys"]["read"].as_str().context("read key")?.to_string();
+    let project = init["project"]["id"]
+        .as_str()
+        .context("project id")?
+        .to_string();
+    let read_key = init["apiKeys"]["read"]
+        .as_str()
+        .context("read key")?
+        .to_string();
 
     let _server = Server {
         child: Command::new(&binary)
@@ -80,7 +102,9 @@ async fn main() -> Result<()> {
             .stderr(Stdio::null())
             .spawn()?,
     };
-    let http = reqwest::Client::builder().pool_max_idle_per_host(clients * 2).build()?;
+    let http = reqwest::Client::builder()
+        .pool_max_idle_per_host(clients * 2)
+        .build()?;
     let deadline = Instant::now() + Duration::from_secs(60);
     while http.get(format!("{base}/health")).send().await.is_err() {
         if Instant::now() > deadline {
@@ -91,9 +115,18 @@ async fn main() -> Result<()> {
 
     // The embedded cluster's port and superuser password, for pgbench.
     let pid_file = std::fs::read_to_string(data.join("pg/data/postmaster.pid"))?;
-    let pg_port = pid_file.lines().nth(3).context("port in postmaster.pid")?.trim().to_string();
-    let secrets: Value = serde_json::from_str(&std::fs::read_to_string(data.join("secrets.json"))?)?;
-    let pg_password = secrets["pg_password"].as_str().context("pg password")?.to_string();
+    let pg_port = pid_file
+        .lines()
+        .nth(3)
+        .context("port in postmaster.pid")?
+        .trim()
+        .to_string();
+    let secrets: Value =
+        serde_json::from_str(&std::fs::read_to_string(data.join("secrets.json"))?)?;
+    let pg_password = secrets["pg_password"]
+        .as_str()
+        .context("pg password")?
+        .to_string();
     let bindir = pg_bindir()?;
     let db = format!("fx_{project}");
     let pg = |program: &str| {
@@ -104,7 +137,11 @@ async fn main() -> Result<()> {
     };
 
     eprintln!("[bench] loading pgbench tables (scale 1) into {db}");
-    let st = pg("pgbench").args(["-i", "-s", "1", "-q", &db]).stdout(Stdio::null()).stderr(Stdio::null()).status()?;
+    let st = pg("pgbench")
+        .args(["-i", "-s", "1", "-q", &db])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()?;
     if !st.success() {
         bail!("pgbench -i failed");
     }
@@ -116,7 +153,17 @@ async fn main() -> Result<()> {
 
     eprintln!("[bench] reference: pgbench -S -c {clients} -T {seconds}");
     let out = pg("pgbench")
-        .args(["-S", "-n", "-c", &clients.to_string(), "-j", "2", "-T", &seconds.to_string(), &db])
+        .args([
+            "-S",
+            "-n",
+            "-c",
+            &clients.to_string(),
+            "-j",
+            "2",
+            "-T",
+            &seconds.to_string(),
+            &db,
+        ])
         .output()?;
     let text = String::from_utf8_lossy(&out.stdout);
     let pg_tps: f64 = text
@@ -146,7 +193,8 @@ async fn main() -> Result<()> {
     let started = Instant::now();
     let mut tasks = Vec::new();
     for c in 0..clients {
-        let (http, url, key, project) = (http.clone(), url.clone(), read_key.clone(), project.clone());
+        let (http, url, key, project) =
+            (http.clone(), url.clone(), read_key.clone(), project.clone());
         tasks.push(tokio::spawn(async move {
             let mut latencies = Vec::new();
             let mut errors = 0u64;
@@ -164,7 +212,11 @@ async fn main() -> Result<()> {
                     .send()
                     .await
                 {
-                    Ok(r) => r.json::<Value>().await.map(|v| v["success"] == true).unwrap_or(false),
+                    Ok(r) => r
+                        .json::<Value>()
+                        .await
+                        .map(|v| v["success"] == true)
+                        .unwrap_or(false),
                     Err(_) => false,
                 };
                 if ok {
@@ -194,7 +246,10 @@ async fn main() -> Result<()> {
         pct(0.99).as_secs_f64() * 1e3,
         latencies.len()
     );
-    println!("ratio             : {:.2}x pgbench (target >= 0.50x)", tps / pg_tps);
+    println!(
+        "ratio             : {:.2}x pgbench (target >= 0.50x)",
+        tps / pg_tps
+    );
     if errors > 0 {
         bail!("{errors} requests failed");
     }

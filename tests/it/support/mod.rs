@@ -41,7 +41,9 @@ fn sweep_stale() {
     for entry in std::fs::read_dir(&base).into_iter().flatten().flatten() {
         let name = entry.file_name().to_string_lossy().into_owned();
         if let Some(pid) = name.strip_prefix("it-").and_then(|r| r.split('-').next()) {
-            if pid != std::process::id().to_string() && !PathBuf::from(format!("/proc/{pid}")).exists() {
+            if pid != std::process::id().to_string()
+                && !PathBuf::from(format!("/proc/{pid}")).exists()
+            {
                 let _ = std::fs::remove_dir_all(entry.path());
             }
         }
@@ -58,7 +60,11 @@ pub async fn pg() -> &'static Pg {
             Cluster::start(
                 &root,
                 &password,
-                &[("fsync", "off"), ("synchronous_commit", "off"), ("full_page_writes", "off")],
+                &[
+                    ("fsync", "off"),
+                    ("synchronous_commit", "off"),
+                    ("full_page_writes", "off"),
+                ],
             )
         })
         .await
@@ -126,7 +132,9 @@ pub async fn spawn_app_with(tweak: impl FnOnce(&mut Config)) -> TestApp {
     };
     tweak(&mut config);
     let app = App::open(config, &[]).await.expect("opening the app");
-    let running = Running::start(app.clone()).await.expect("starting the server");
+    let running = Running::start(app.clone())
+        .await
+        .expect("starting the server");
     TestApp {
         base: format!("http://{}", running.addr),
         http: reqwest::Client::builder()
@@ -161,10 +169,14 @@ impl TestApp {
     }
 
     /// Sends `method path` with an optional bearer token and JSON body; returns (status, body).
-    pub async fn call(&self, method: &str, path: &str, token: Option<&str>, body: Option<Value>) -> (u16, Value) {
-        let mut req = self
-            .http
-            .request(method.parse().unwrap(), self.url(path));
+    pub async fn call(
+        &self,
+        method: &str,
+        path: &str,
+        token: Option<&str>,
+        body: Option<Value>,
+    ) -> (u16, Value) {
+        let mut req = self.http.request(method.parse().unwrap(), self.url(path));
         if let Some(t) = token {
             req = req.bearer_auth(t);
         }
@@ -199,7 +211,12 @@ impl TestApp {
     pub async fn fixture(&self) -> Fixture {
         let (token, user_id, email) = self.signup().await;
         let (status, body) = self
-            .call("POST", "/api/projects", Some(&token), Some(json!({ "name": "test" })))
+            .call(
+                "POST",
+                "/api/projects",
+                Some(&token),
+                Some(json!({ "name": "test" })),
+            )
             .await;
         assert_eq!(status, 201, "{body}");
         let key = |s: &str| body["apiKeys"][s].as_str().unwrap().to_string();
@@ -217,7 +234,12 @@ impl TestApp {
     /// `POST /api/execute-sql`; asserts HTTP 200 and returns the body.
     pub async fn sql(&self, key: &str, project: &str, query: &str) -> Value {
         let (status, body) = self
-            .call("POST", "/api/execute-sql", Some(key), Some(json!({ "projectId": project, "query": query })))
+            .call(
+                "POST",
+                "/api/execute-sql",
+                Some(key),
+                Some(json!({ "projectId": project, "query": query })),
+            )
             .await;
         assert_eq!(status, 200, "{body}");
         body

@@ -1,0 +1,2106 @@
+//! Decoder for the messages of PostgreSQL's `pgoutput` logical replication plugin, and for the
+//! CopyData payloads of the streaming replication protocol that carry them.
+//!
+//! ```text
+//!  CopyData payload ──parse_copy_data──► ReplicationMessage::XLogData { data, .. }
+//!                                                                      │
+//!                   LogicalReplicationMessage ◄──decode(data, ctx)─────┘
+//!
+//!  StandbyStatus ──encode_standby_status──► CopyData payload ('r')
+//! ```
+//!
+//! # A pure layer
+//!
+//! Like `postgres-protocol` beneath `tokio-postgres`, this module is plain functions from
+//! [`Bytes`] to enums: no I/O, no async, no state kept between calls. The replication stream,
+//! which owns the connection and the LSN feedback, stays small, and the decoder can be tested
+//! with hand-built bytes and fuzzed (`replication/fuzz`). Every input yields a message or a
+//! [`DecodeError`] naming the offset and what was expected; a count or length read from the input
+//! is checked against the bytes that remain before anything is allocated; text and binary column
+//! values are zero-copy slices of the input.
+//!
+//! # Why the caller says whether it is inside a stream
+//!
+//! With `streaming` on (protocol 2 and later) PostgreSQL sends a large transaction in chunks,
+//! each between Stream Start and Stream Stop, before it commits. Inside a chunk, Relation, Type,
+//! Insert, Update, Delete, Truncate and Message carry an extra leading XID, and nothing in the
+//! bytes says so: the tags are the same as outside a stream. Only the caller, who saw the Stream
+//! Start, knows, hence [`DecodeContext::in_stream`]; [`DecodeContext::observe`] keeps it up to
+//! date. Likewise Stream Abort carries an abort LSN and timestamp only with protocol 4 and
+//! `streaming = parallel`: they are decoded when the protocol version allows them and the bytes
+//! are there.
+//!
+//! Specification: [Logical Replication Message Formats] and, for XLogData, the primary keepalive
+//! and the standby status update, [Streaming Replication Protocol].
+//!
+//! [Logical Replication Message Formats]: https://www.postgresql.org/docs/current/protocol-logicalrep-message-formats.html
+//! [Streaming Replication Protocol]: https://www.postgresql.org/docs/current/protocol-replication.html
+
+use std::fmt;
+use std::str::FromStr;
+
+use bytes::{BufMut, Bytes, BytesMut};
+
+/// A PostgreSQL object identifier (relation, type).
+pub type Oid = u32;
+/// A PostgreSQL transaction id.
+pub type Xid = u32;
+
+/// A position in the write-ahead log, displayed and parsed as PostgreSQL does: `16/B374D848`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Lsn(pub u64);
+
+impl fmt::Display for Lsn {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:X}/{:X}", self.0 >> 32, self.0 & 0xFFFF_FFFF)
+    }
+}
+
+/// The error for a string that is not an LSN in PostgreSQL's `X/X` form.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid LSN {0:?}: expected two hexadecimal numbers of 1 to 8 digits separated by '/'")]
+pub struct ParseLsnError(String);
+
+impl FromStr for Lsn {
+    type Err = ParseLsnError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let half = |part: &str| {
+            let hex =
+                !part.is_empty() && part.len() <= 8 && part.bytes().all(|b| b.is_ascii_hexdigit());
+            hex.then(|| u32::from_str_radix(part, 16).ok()).flatten()
+        };
+        let (hi, lo) = s
+            .split_once('/')
+            .ok_or_else(|| ParseLsnError(s.to_owned()))?;
+        match (half(hi), half(lo)) {
+            (Some(hi), Some(lo)) => Ok(Lsn(u64::from(hi) << 32 | u64::from(lo))),
+            _ => Err(ParseLsnError(s.to_owned())),
+        }
+    }
+}
+
+/// A PostgreSQL `TimestampTz` as sent on the wire: microseconds since 2000-01-01 00:00:00 UTC.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct PgTimestamp(pub i64);
+
+impl PgTimestamp {
+    /// Microseconds from the Unix epoch to PostgreSQL's epoch (2000-01-01 00:00:00 UTC).
+    pub const UNIX_EPOCH_OFFSET_MICROS: i64 = 946_684_800_000_000;
+
+    /// Microseconds since 1970-01-01 00:00:00 UTC (saturating, so `infinity` stays at the edge).
+    pub fn to_unix_micros(self) -> i64 {
+        self.0.saturating_add(Self::UNIX_EPOCH_OFFSET_MICROS)
+    }
+
+    /// The timestamp `unix_micros` microseconds after 1970-01-01 00:00:00 UTC (saturating).
+    pub fn from_unix_micros(unix_micros: i64) -> Self {
+        PgTimestamp(unix_micros.saturating_sub(Self::UNIX_EPOCH_OFFSET_MICROS))
+    }
+}
+
+/// What [`decode`] must know that the bytes of a message do not say.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DecodeContext {
+    /// The `proto_version` given to `START_REPLICATION` (1 to 4).
+    pub protocol_version: u32,
+    /// Whether the message lies between Stream Start and Stream Stop.
+    pub in_stream: bool,
+}
+
+impl DecodeContext {
+    /// The context before the first message: outside any stream.
+    pub fn new(protocol_version: u32) -> Self {
+        DecodeContext {
+            protocol_version,
+            in_stream: false,
+        }
+    }
+
+    /// Follows a decoded message: Stream Start enters a stream, Stream Stop leaves it.
+    pub fn observe(&mut self, message: &LogicalReplicationMessage) {
+        match message {
+            LogicalReplicationMessage::StreamStart(_) => self.in_stream = true,
+            LogicalReplicationMessage::StreamStop => self.in_stream = false,
+            _ => {}
+        }
+    }
+}
+
+/// Why bytes could not be decoded. Offsets count from the start of the buffer given to
+/// [`decode`] or [`parse_copy_data`].
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DecodeError {
+    #[error("{what} at offset {offset} needs {needed} bytes but only {available} remain")]
+    Truncated {
+        offset: usize,
+        what: &'static str,
+        needed: usize,
+        available: usize,
+    },
+    #[error("unknown message type {} at offset {offset}", show_byte(*.tag))]
+    UnknownMessageType { offset: usize, tag: u8 },
+    #[error("expected {expected} at offset {offset}, found {}", show_byte(*.found))]
+    UnexpectedByte {
+        offset: usize,
+        expected: &'static str,
+        found: u8,
+    },
+    #[error("{what} at offset {offset} has no terminating NUL byte")]
+    UnterminatedString { offset: usize, what: &'static str },
+    #[error("{what} at offset {offset} is not valid UTF-8")]
+    InvalidUtf8 { offset: usize, what: &'static str },
+    #[error("{count} unexpected bytes at offset {offset} after the end of the {what} message")]
+    TrailingBytes {
+        offset: usize,
+        what: &'static str,
+        count: usize,
+    },
+}
+
+/// A message of the `pgoutput` plugin, as carried in [`XLogData::data`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LogicalReplicationMessage {
+    Begin(Begin),
+    Commit(Commit),
+    Origin(Origin),
+    Relation(Relation),
+    Type(Type),
+    Insert(Insert),
+    Update(Update),
+    Delete(Delete),
+    Truncate(Truncate),
+    /// A logical decoding message (`pg_logical_emit_message`), sent with `messages = true`.
+    Message(LogicalDecodingMessage),
+    StreamStart(StreamStart),
+    StreamStop,
+    StreamCommit(StreamCommit),
+    StreamAbort(StreamAbort),
+    BeginPrepare(BeginPrepare),
+    Prepare(Prepare),
+    CommitPrepared(CommitPrepared),
+    RollbackPrepared(RollbackPrepared),
+    StreamPrepare(Prepare),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Begin {
+    /// The LSN of the transaction's commit record.
+    pub final_lsn: Lsn,
+    pub commit_timestamp: PgTimestamp,
+    pub xid: Xid,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Commit {
+    /// Currently unused (0).
+    pub flags: u8,
+    pub commit_lsn: Lsn,
+    /// The end of the commit record: the LSN to confirm once the transaction is applied.
+    pub end_lsn: Lsn,
+    pub commit_timestamp: PgTimestamp,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Origin {
+    /// The commit LSN on the origin server.
+    pub commit_lsn: Lsn,
+    pub name: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Relation {
+    /// Set inside a stream.
+    pub xid: Option<Xid>,
+    pub id: Oid,
+    /// The schema; empty for `pg_catalog`.
+    pub namespace: String,
+    pub name: String,
+    pub replica_identity: ReplicaIdentity,
+    pub columns: Vec<RelationColumn>,
+}
+
+/// `REPLICA IDENTITY` of a relation, which decides what old values Update and Delete carry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReplicaIdentity {
+    /// The primary key, if any.
+    Default,
+    Nothing,
+    /// The whole old row.
+    Full,
+    /// The columns of a chosen unique index.
+    Index,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RelationColumn {
+    /// Part of the replica identity key.
+    pub is_key: bool,
+    pub name: String,
+    pub type_id: Oid,
+    /// `atttypmod`, -1 when the type has none.
+    pub type_modifier: i32,
+}
+
+/// Describes a non-built-in type before a Relation that uses it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Type {
+    /// Set inside a stream.
+    pub xid: Option<Xid>,
+    pub id: Oid,
+    /// The schema; empty for `pg_catalog`.
+    pub namespace: String,
+    pub name: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Insert {
+    /// Set inside a stream.
+    pub xid: Option<Xid>,
+    pub relation_id: Oid,
+    pub new: Tuple,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Update {
+    /// Set inside a stream.
+    pub xid: Option<Xid>,
+    pub relation_id: Oid,
+    /// Present when the key changed (`Key`) or with `REPLICA IDENTITY FULL` (`Row`).
+    pub old: Option<OldTuple>,
+    pub new: Tuple,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Delete {
+    /// Set inside a stream.
+    pub xid: Option<Xid>,
+    pub relation_id: Oid,
+    pub old: OldTuple,
+}
+
+/// The old values an Update or Delete carries, per the relation's [`ReplicaIdentity`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum OldTuple {
+    /// `'K'`: only the replica identity key columns are set; the others are [`Column::Null`].
+    Key(Tuple),
+    /// `'O'`: the whole old row (`REPLICA IDENTITY FULL`).
+    Row(Tuple),
+}
+
+/// One row's column values, in the relation's column order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Tuple(pub Vec<Column>);
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Column {
+    Null,
+    /// A TOASTed value the change did not touch; PostgreSQL does not resend it.
+    UnchangedToast,
+    /// The value in PostgreSQL's text format.
+    Text(Bytes),
+    /// The value in the type's binary format (with `binary = true`).
+    Binary(Bytes),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Truncate {
+    /// Set inside a stream.
+    pub xid: Option<Xid>,
+    pub options: TruncateOptions,
+    pub relation_ids: Vec<Oid>,
+}
+
+/// The option bits of a Truncate.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct TruncateOptions(pub u8);
+
+impl TruncateOptions {
+    pub const CASCADE: u8 = 1;
+    pub const RESTART_IDENTITY: u8 = 2;
+
+    pub fn cascade(self) -> bool {
+        self.0 & Self::CASCADE != 0
+    }
+
+    pub fn restart_identity(self) -> bool {
+        self.0 & Self::RESTART_IDENTITY != 0
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LogicalDecodingMessage {
+    /// Set inside a stream.
+    pub xid: Option<Xid>,
+    pub transactional: bool,
+    pub lsn: Lsn,
+    pub prefix: String,
+    pub content: Bytes,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StreamStart {
+    pub xid: Xid,
+    /// The first chunk of this transaction.
+    pub first_segment: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StreamCommit {
+    pub xid: Xid,
+    /// Currently unused (0).
+    pub flags: u8,
+    pub commit_lsn: Lsn,
+    pub end_lsn: Lsn,
+    pub commit_timestamp: PgTimestamp,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StreamAbort {
+    pub xid: Xid,
+    /// The aborted subtransaction, or `xid` itself when the whole transaction aborted.
+    pub subtransaction_xid: Xid,
+    /// Protocol 4 with `streaming = parallel` only.
+    pub abort_lsn: Option<Lsn>,
+    /// Protocol 4 with `streaming = parallel` only.
+    pub abort_timestamp: Option<PgTimestamp>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BeginPrepare {
+    pub prepare_lsn: Lsn,
+    pub end_lsn: Lsn,
+    pub prepare_timestamp: PgTimestamp,
+    pub xid: Xid,
+    /// The user-chosen global transaction id of `PREPARE TRANSACTION`.
+    pub gid: String,
+}
+
+/// Prepare (`'P'`) and Stream Prepare (`'p'`) have the same fields.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Prepare {
+    /// Currently unused (0).
+    pub flags: u8,
+    pub prepare_lsn: Lsn,
+    pub end_lsn: Lsn,
+    pub prepare_timestamp: PgTimestamp,
+    pub xid: Xid,
+    pub gid: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CommitPrepared {
+    /// Currently unused (0).
+    pub flags: u8,
+    pub commit_lsn: Lsn,
+    pub end_lsn: Lsn,
+    pub commit_timestamp: PgTimestamp,
+    pub xid: Xid,
+    pub gid: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RollbackPrepared {
+    /// Currently unused (0).
+    pub flags: u8,
+    pub prepare_end_lsn: Lsn,
+    pub rollback_end_lsn: Lsn,
+    pub prepare_timestamp: PgTimestamp,
+    pub rollback_timestamp: PgTimestamp,
+    pub xid: Xid,
+    pub gid: String,
+}
+
+/// Decodes one `pgoutput` message: the whole of `buf`, which must hold nothing else.
+pub fn decode(buf: Bytes, ctx: DecodeContext) -> Result<LogicalReplicationMessage, DecodeError> {
+    use LogicalReplicationMessage as M;
+
+    let mut r = Reader::new(buf);
+    let tag = r.u8("message type")?;
+    let stream_xid = |r: &mut Reader| ctx.in_stream.then(|| r.u32("xid")).transpose();
+    let (message, name) = match tag {
+        b'B' => (
+            M::Begin(Begin {
+                final_lsn: r.lsn("final LSN")?,
+                commit_timestamp: r.timestamp("commit timestamp")?,
+                xid: r.u32("xid")?,
+            }),
+            "Begin",
+        ),
+        b'C' => (
+            M::Commit(Commit {
+                flags: r.u8("flags")?,
+                commit_lsn: r.lsn("commit LSN")?,
+                end_lsn: r.lsn("end LSN")?,
+                commit_timestamp: r.timestamp("commit timestamp")?,
+            }),
+            "Commit",
+        ),
+        b'O' => (
+            M::Origin(Origin {
+                commit_lsn: r.lsn("origin commit LSN")?,
+                name: r.string("origin name")?,
+            }),
+            "Origin",
+        ),
+        b'R' => (
+            M::Relation(Relation {
+                xid: stream_xid(&mut r)?,
+                id: r.u32("relation id")?,
+                namespace: r.string("namespace")?,
+                name: r.string("relation name")?,
+                replica_identity: r.replica_identity()?,
+                columns: r.relation_columns()?,
+            }),
+            "Relation",
+        ),
+        b'Y' => (
+            M::Type(Type {
+                xid: stream_xid(&mut r)?,
+                id: r.u32("type id")?,
+                namespace: r.string("namespace")?,
+                name: r.string("type name")?,
+            }),
+            "Type",
+        ),
+        b'I' => (
+            M::Insert(Insert {
+                xid: stream_xid(&mut r)?,
+                relation_id: r.u32("relation id")?,
+                new: {
+                    r.expect(b'N', "new tuple tag 'N'")?;
+                    r.tuple()?
+                },
+            }),
+            "Insert",
+        ),
+        b'U' => {
+            let xid = stream_xid(&mut r)?;
+            let relation_id = r.u32("relation id")?;
+            let offset = r.pos;
+            let old = match r.u8("tuple tag ('K', 'O' or 'N')")? {
+                b'K' => Some(OldTuple::Key(r.tuple()?)),
+                b'O' => Some(OldTuple::Row(r.tuple()?)),
+                b'N' => None,
+                found => return Err(unexpected(offset, "tuple tag ('K', 'O' or 'N')", found)),
+            };
+            if old.is_some() {
+                r.expect(b'N', "new tuple tag 'N'")?;
+            }
+            let new = r.tuple()?;
+            (
+                M::Update(Update {
+                    xid,
+                    relation_id,
+                    old,
+                    new,
+                }),
+                "Update",
+            )
+        }
+        b'D' => {
+            let xid = stream_xid(&mut r)?;
+            let relation_id = r.u32("relation id")?;
+            let offset = r.pos;
+            let old = match r.u8("old tuple tag ('K' or 'O')")? {
+                b'K' => OldTuple::Key(r.tuple()?),
+                b'O' => OldTuple::Row(r.tuple()?),
+                found => return Err(unexpected(offset, "old tuple tag ('K' or 'O')", found)),
+            };
+            (
+                M::Delete(Delete {
+                    xid,
+                    relation_id,
+                    old,
+                }),
+                "Delete",
+            )
+        }
+        b'T' => {
+            let xid = stream_xid(&mut r)?;
+            let count_offset = r.pos;
+            let count = r.u32("relation count")? as usize;
+            let options = TruncateOptions(r.u8("truncate options")?);
+            if count > r.remaining() / 4 {
+                return Err(DecodeError::Truncated {
+                    offset: count_offset,
+                    what: "relation ids",
+                    needed: count.saturating_mul(4),
+                    available: r.remaining(),
+                });
+            }
+            let relation_ids = (0..count)
+                .map(|_| r.u32("relation id"))
+                .collect::<Result<_, _>>()?;
+            (
+                M::Truncate(Truncate {
+                    xid,
+                    options,
+                    relation_ids,
+                }),
+                "Truncate",
+            )
+        }
+        b'M' => (
+            M::Message(LogicalDecodingMessage {
+                xid: stream_xid(&mut r)?,
+                transactional: r.u8("flags")? & 1 != 0,
+                lsn: r.lsn("message LSN")?,
+                prefix: r.string("message prefix")?,
+                content: r.length_prefixed("message content")?,
+            }),
+            "Message",
+        ),
+        b'S' => (
+            M::StreamStart(StreamStart {
+                xid: r.u32("xid")?,
+                first_segment: r.u8("first segment flag")? == 1,
+            }),
+            "Stream Start",
+        ),
+        b'E' => (M::StreamStop, "Stream Stop"),
+        b'c' => (
+            M::StreamCommit(StreamCommit {
+                xid: r.u32("xid")?,
+                flags: r.u8("flags")?,
+                commit_lsn: r.lsn("commit LSN")?,
+                end_lsn: r.lsn("end LSN")?,
+                commit_timestamp: r.timestamp("commit timestamp")?,
+            }),
+            "Stream Commit",
+        ),
+        b'A' => {
+            let xid = r.u32("xid")?;
+            let subtransaction_xid = r.u32("subtransaction xid")?;
+            let (abort_lsn, abort_timestamp) = if ctx.protocol_version >= 4 && r.remaining() > 0 {
+                (
+                    Some(r.lsn("abort LSN")?),
+                    Some(r.timestamp("abort timestamp")?),
+                )
+            } else {
+                (None, None)
+            };
+            let abort = StreamAbort {
+                xid,
+                subtransaction_xid,
+                abort_lsn,
+                abort_timestamp,
+            };
+            (M::StreamAbort(abort), "Stream Abort")
+        }
+        b'b' => (
+            M::BeginPrepare(BeginPrepare {
+                prepare_lsn: r.lsn("prepare LSN")?,
+                end_lsn: r.lsn("end LSN")?,
+                prepare_timestamp: r.timestamp("prepare timestamp")?,
+                xid: r.u32("xid")?,
+                gid: r.string("gid")?,
+            }),
+            "Begin Prepare",
+        ),
+        b'P' => (M::Prepare(r.prepare()?), "Prepare"),
+        b'p' => (M::StreamPrepare(r.prepare()?), "Stream Prepare"),
+        b'K' => (
+            M::CommitPrepared(CommitPrepared {
+                flags: r.u8("flags")?,
+                commit_lsn: r.lsn("commit LSN")?,
+                end_lsn: r.lsn("end LSN")?,
+                commit_timestamp: r.timestamp("commit timestamp")?,
+                xid: r.u32("xid")?,
+                gid: r.string("gid")?,
+            }),
+            "Commit Prepared",
+        ),
+        b'r' => (
+            M::RollbackPrepared(RollbackPrepared {
+                flags: r.u8("flags")?,
+                prepare_end_lsn: r.lsn("prepare end LSN")?,
+                rollback_end_lsn: r.lsn("rollback end LSN")?,
+                prepare_timestamp: r.timestamp("prepare timestamp")?,
+                rollback_timestamp: r.timestamp("rollback timestamp")?,
+                xid: r.u32("xid")?,
+                gid: r.string("gid")?,
+            }),
+            "Rollback Prepared",
+        ),
+        tag => return Err(DecodeError::UnknownMessageType { offset: 0, tag }),
+    };
+    r.finish(name)?;
+    Ok(message)
+}
+
+/// A CopyData payload from the server during `START_REPLICATION`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ReplicationMessage {
+    XLogData(XLogData),
+    PrimaryKeepalive(PrimaryKeepalive),
+}
+
+/// `'w'`: WAL data; with `pgoutput`, exactly one logical replication message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct XLogData {
+    /// Where `data` starts in the WAL.
+    pub wal_start: Lsn,
+    /// The current end of WAL on the server.
+    pub wal_end: Lsn,
+    /// The server's clock when it sent the message.
+    pub server_clock: PgTimestamp,
+    /// The `pgoutput` message, for [`decode`].
+    pub data: Bytes,
+}
+
+/// `'k'`: a primary keepalive.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PrimaryKeepalive {
+    /// The current end of WAL on the server.
+    pub wal_end: Lsn,
+    pub server_clock: PgTimestamp,
+    /// The server asks for a standby status update now, to avoid a timeout disconnect.
+    pub reply_requested: bool,
+}
+
+/// Decodes the payload of a CopyData message received during `START_REPLICATION`.
+pub fn parse_copy_data(buf: Bytes) -> Result<ReplicationMessage, DecodeError> {
+    let mut r = Reader::new(buf);
+    match r.u8("replication message type")? {
+        b'w' => {
+            let wal_start = r.lsn("WAL start")?;
+            let wal_end = r.lsn("WAL end")?;
+            let server_clock = r.timestamp("server clock")?;
+            let data = r.rest();
+            Ok(ReplicationMessage::XLogData(XLogData {
+                wal_start,
+                wal_end,
+                server_clock,
+                data,
+            }))
+        }
+        b'k' => {
+            let keepalive = PrimaryKeepalive {
+                wal_end: r.lsn("WAL end")?,
+                server_clock: r.timestamp("server clock")?,
+                reply_requested: r.u8("reply flag")? == 1,
+            };
+            r.finish("primary keepalive")?;
+            Ok(ReplicationMessage::PrimaryKeepalive(keepalive))
+        }
+        tag => Err(DecodeError::UnknownMessageType { offset: 0, tag }),
+    }
+}
+
+/// A standby status update: how far the client has got, which lets the server recycle WAL.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StandbyStatus {
+    /// The last WAL byte + 1 received and written.
+    pub written: Lsn,
+    /// The last WAL byte + 1 made durable.
+    pub flushed: Lsn,
+    /// The last WAL byte + 1 applied; the slot's `confirmed_flush_lsn` follows `flushed`.
+    pub applied: Lsn,
+    /// The client's clock when sending.
+    pub client_clock: PgTimestamp,
+    /// Ask the server to answer at once with a keepalive.
+    pub reply_requested: bool,
+}
+
+/// Encodes the CopyData payload (`'r'`, 34 bytes) of a standby status update.
+pub fn encode_standby_status(status: &StandbyStatus) -> Bytes {
+    let mut buf = BytesMut::with_capacity(34);
+    buf.put_u8(b'r');
+    buf.put_u64(status.written.0);
+    buf.put_u64(status.flushed.0);
+    buf.put_u64(status.applied.0);
+    buf.put_i64(status.client_clock.0);
+    buf.put_u8(u8::from(status.reply_requested));
+    buf.freeze()
+}
+
+fn show_byte(byte: u8) -> String {
+    if byte.is_ascii_graphic() {
+        format!("'{}'", char::from(byte))
+    } else {
+        format!("0x{byte:02x}")
+    }
+}
+
+fn unexpected(offset: usize, expected: &'static str, found: u8) -> DecodeError {
+    DecodeError::UnexpectedByte {
+        offset,
+        expected,
+        found,
+    }
+}
+
+/// A cursor over the input that checks every read against what remains.
+struct Reader {
+    buf: Bytes,
+    pos: usize,
+}
+
+impl Reader {
+    fn new(buf: Bytes) -> Self {
+        Reader { buf, pos: 0 }
+    }
+
+    fn remaining(&self) -> usize {
+        self.buf.len() - self.pos
+    }
+
+    fn take(&mut self, len: usize, what: &'static str) -> Result<&[u8], DecodeError> {
+        if len > self.remaining() {
+            return Err(DecodeError::Truncated {
+                offset: self.pos,
+                what,
+                needed: len,
+                available: self.remaining(),
+            });
+        }
+        let start = self.pos;
+        self.pos += len;
+        Ok(&self.buf[start..self.pos])
+    }
+
+    fn array<const N: usize>(&mut self, what: &'static str) -> Result<[u8; N], DecodeError> {
+        let mut out = [0; N];
+        out.copy_from_slice(self.take(N, what)?);
+        Ok(out)
+    }
+
+    fn u8(&mut self, what: &'static str) -> Result<u8, DecodeError> {
+        Ok(self.array::<1>(what)?[0])
+    }
+
+    fn u16(&mut self, what: &'static str) -> Result<u16, DecodeError> {
+        self.array(what).map(u16::from_be_bytes)
+    }
+
+    fn u32(&mut self, what: &'static str) -> Result<u32, DecodeError> {
+        self.array(what).map(u32::from_be_bytes)
+    }
+
+    fn i32(&mut self, what: &'static str) -> Result<i32, DecodeError> {
+        self.array(what).map(i32::from_be_bytes)
+    }
+
+    fn lsn(&mut self, what: &'static str) -> Result<Lsn, DecodeError> {
+        self.array(what).map(|b| Lsn(u64::from_be_bytes(b)))
+    }
+
+    fn timestamp(&mut self, what: &'static str) -> Result<PgTimestamp, DecodeError> {
+        self.array(what).map(|b| PgTimestamp(i64::from_be_bytes(b)))
+    }
+
+    fn expect(&mut self, expected_byte: u8, expected: &'static str) -> Result<(), DecodeError> {
+        let offset = self.pos;
+        match self.u8(expected)? {
+            found if found == expected_byte => Ok(()),
+            found => Err(unexpected(offset, expected, found)),
+        }
+    }
+
+    /// A NUL-terminated UTF-8 string.
+    fn string(&mut self, what: &'static str) -> Result<String, DecodeError> {
+        let offset = self.pos;
+        let rest = &self.buf[offset..];
+        let len = rest
+            .iter()
+            .position(|&b| b == 0)
+            .ok_or(DecodeError::UnterminatedString { offset, what })?;
+        let text = std::str::from_utf8(&rest[..len])
+            .map_err(|_| DecodeError::InvalidUtf8 { offset, what })?;
+        let text = text.to_owned();
+        self.pos += len + 1;
+        Ok(text)
+    }
+
+    /// An Int32 length, then that many bytes, sliced from the input without copying.
+    /// Errors name the offset of the length, which is what is wrong when it exceeds the input.
+    fn length_prefixed(&mut self, what: &'static str) -> Result<Bytes, DecodeError> {
+        let offset = self.pos;
+        let len = self.u32(what)? as usize;
+        let available = self.remaining();
+        if len > available {
+            return Err(DecodeError::Truncated {
+                offset,
+                what,
+                needed: len,
+                available,
+            });
+        }
+        self.pos += len;
+        Ok(self.buf.slice(self.pos - len..self.pos))
+    }
+
+    fn rest(&mut self) -> Bytes {
+        let rest = self.buf.slice(self.pos..);
+        self.pos = self.buf.len();
+        rest
+    }
+
+    fn finish(&self, what: &'static str) -> Result<(), DecodeError> {
+        match self.remaining() {
+            0 => Ok(()),
+            count => Err(DecodeError::TrailingBytes {
+                offset: self.pos,
+                what,
+                count,
+            }),
+        }
+    }
+
+    fn replica_identity(&mut self) -> Result<ReplicaIdentity, DecodeError> {
+        const EXPECTED: &str = "replica identity ('d', 'n', 'f' or 'i')";
+        let offset = self.pos;
+        match self.u8(EXPECTED)? {
+            b'd' => Ok(ReplicaIdentity::Default),
+            b'n' => Ok(ReplicaIdentity::Nothing),
+            b'f' => Ok(ReplicaIdentity::Full),
+            b'i' => Ok(ReplicaIdentity::Index),
+            found => Err(unexpected(offset, EXPECTED, found)),
+        }
+    }
+
+    fn relation_columns(&mut self) -> Result<Vec<RelationColumn>, DecodeError> {
+        // Flags, an empty name's NUL, type id and modifier: no column is shorter.
+        const MIN_COLUMN_LEN: usize = 1 + 1 + 4 + 4;
+        let count = usize::from(self.u16("column count")?);
+        let mut columns = Vec::with_capacity(count.min(self.remaining() / MIN_COLUMN_LEN));
+        for _ in 0..count {
+            columns.push(RelationColumn {
+                is_key: self.u8("column flags")? & 1 != 0,
+                name: self.string("column name")?,
+                type_id: self.u32("column type id")?,
+                type_modifier: self.i32("column type modifier")?,
+            });
+        }
+        Ok(columns)
+    }
+
+    fn tuple(&mut self) -> Result<Tuple, DecodeError> {
+        const EXPECTED: &str = "column kind ('n', 'u', 't' or 'b')";
+        let count = usize::from(self.u16("column count")?);
+        // Every column takes at least its kind byte.
+        let mut columns = Vec::with_capacity(count.min(self.remaining()));
+        for _ in 0..count {
+            let offset = self.pos;
+            columns.push(match self.u8(EXPECTED)? {
+                b'n' => Column::Null,
+                b'u' => Column::UnchangedToast,
+                b't' => Column::Text(self.length_prefixed("text column value")?),
+                b'b' => Column::Binary(self.length_prefixed("binary column value")?),
+                found => return Err(unexpected(offset, EXPECTED, found)),
+            });
+        }
+        Ok(Tuple(columns))
+    }
+
+    fn prepare(&mut self) -> Result<Prepare, DecodeError> {
+        Ok(Prepare {
+            flags: self.u8("flags")?,
+            prepare_lsn: self.lsn("prepare LSN")?,
+            end_lsn: self.lsn("end LSN")?,
+            prepare_timestamp: self.timestamp("prepare timestamp")?,
+            xid: self.u32("xid")?,
+            gid: self.string("gid")?,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::LogicalReplicationMessage as M;
+    use super::*;
+
+    const V1: DecodeContext = DecodeContext {
+        protocol_version: 1,
+        in_stream: false,
+    };
+    const V2_STREAM: DecodeContext = DecodeContext {
+        protocol_version: 2,
+        in_stream: true,
+    };
+    const V4_STREAM: DecodeContext = DecodeContext {
+        protocol_version: 4,
+        in_stream: true,
+    };
+
+    /// Test-only encoder, the inverse of [`decode`], so that fixtures read as values.
+    #[derive(Default)]
+    struct Wire(BytesMut);
+
+    impl Wire {
+        fn u8(mut self, v: u8) -> Self {
+            self.0.put_u8(v);
+            self
+        }
+        fn u16(mut self, v: u16) -> Self {
+            self.0.put_u16(v);
+            self
+        }
+        fn u32(mut self, v: u32) -> Self {
+            self.0.put_u32(v);
+            self
+        }
+        fn i32(mut self, v: i32) -> Self {
+            self.0.put_i32(v);
+            self
+        }
+        fn lsn(mut self, v: Lsn) -> Self {
+            self.0.put_u64(v.0);
+            self
+        }
+        fn ts(mut self, v: PgTimestamp) -> Self {
+            self.0.put_i64(v.0);
+            self
+        }
+        fn raw(mut self, v: &[u8]) -> Self {
+            self.0.put_slice(v);
+            self
+        }
+        fn cstr(self, v: &str) -> Self {
+            self.raw(v.as_bytes()).u8(0)
+        }
+        fn xid(self, xid: Option<Xid>) -> Self {
+            match xid {
+                Some(xid) => self.u32(xid),
+                None => self,
+            }
+        }
+        fn tuple(self, tuple: &Tuple) -> Self {
+            let mut w = self.u16(tuple.0.len() as u16);
+            for column in &tuple.0 {
+                w = match column {
+                    Column::Null => w.u8(b'n'),
+                    Column::UnchangedToast => w.u8(b'u'),
+                    Column::Text(v) => w.u8(b't').u32(v.len() as u32).raw(v),
+                    Column::Binary(v) => w.u8(b'b').u32(v.len() as u32).raw(v),
+                };
+            }
+            w
+        }
+        fn old(self, old: &OldTuple) -> Self {
+            match old {
+                OldTuple::Key(t) => self.u8(b'K').tuple(t),
+                OldTuple::Row(t) => self.u8(b'O').tuple(t),
+            }
+        }
+        fn prepare(self, p: &Prepare) -> Self {
+            self.u8(p.flags)
+                .lsn(p.prepare_lsn)
+                .lsn(p.end_lsn)
+                .ts(p.prepare_timestamp)
+                .u32(p.xid)
+                .cstr(&p.gid)
+        }
+        fn bytes(self) -> Bytes {
+            self.0.freeze()
+        }
+    }
+
+    fn encode(message: &LogicalReplicationMessage) -> Bytes {
+        let w = Wire::default();
+        match message {
+            M::Begin(m) => w
+                .u8(b'B')
+                .lsn(m.final_lsn)
+                .ts(m.commit_timestamp)
+                .u32(m.xid),
+            M::Commit(m) => w
+                .u8(b'C')
+                .u8(m.flags)
+                .lsn(m.commit_lsn)
+                .lsn(m.end_lsn)
+                .ts(m.commit_timestamp),
+            M::Origin(m) => w.u8(b'O').lsn(m.commit_lsn).cstr(&m.name),
+            M::Relation(m) => {
+                let identity = match m.replica_identity {
+                    ReplicaIdentity::Default => b'd',
+                    ReplicaIdentity::Nothing => b'n',
+                    ReplicaIdentity::Full => b'f',
+                    ReplicaIdentity::Index => b'i',
+                };
+                let mut w = w
+                    .u8(b'R')
+                    .xid(m.xid)
+                    .u32(m.id)
+                    .cstr(&m.namespace)
+                    .cstr(&m.name)
+                    .u8(identity);
+                w = w.u16(m.columns.len() as u16);
+                for c in &m.columns {
+                    w = w
+                        .u8(u8::from(c.is_key))
+                        .cstr(&c.name)
+                        .u32(c.type_id)
+                        .i32(c.type_modifier);
+                }
+                w
+            }
+            M::Type(m) => w
+                .u8(b'Y')
+                .xid(m.xid)
+                .u32(m.id)
+                .cstr(&m.namespace)
+                .cstr(&m.name),
+            M::Insert(m) => w
+                .u8(b'I')
+                .xid(m.xid)
+                .u32(m.relation_id)
+                .u8(b'N')
+                .tuple(&m.new),
+            M::Update(m) => {
+                let w = w.u8(b'U').xid(m.xid).u32(m.relation_id);
+                let w = match &m.old {
+                    Some(old) => w.old(old),
+                    None => w,
+                };
+                w.u8(b'N').tuple(&m.new)
+            }
+            M::Delete(m) => w.u8(b'D').xid(m.xid).u32(m.relation_id).old(&m.old),
+            M::Truncate(m) => {
+                let mut w = w
+                    .u8(b'T')
+                    .xid(m.xid)
+                    .u32(m.relation_ids.len() as u32)
+                    .u8(m.options.0);
+                for id in &m.relation_ids {
+                    w = w.u32(*id);
+                }
+                w
+            }
+            M::Message(m) => w
+                .u8(b'M')
+                .xid(m.xid)
+                .u8(u8::from(m.transactional))
+                .lsn(m.lsn)
+                .cstr(&m.prefix)
+                .u32(m.content.len() as u32)
+                .raw(&m.content),
+            M::StreamStart(m) => w.u8(b'S').u32(m.xid).u8(u8::from(m.first_segment)),
+            M::StreamStop => w.u8(b'E'),
+            M::StreamCommit(m) => w
+                .u8(b'c')
+                .u32(m.xid)
+                .u8(m.flags)
+                .lsn(m.commit_lsn)
+                .lsn(m.end_lsn)
+                .ts(m.commit_timestamp),
+            M::StreamAbort(m) => {
+                let w = w.u8(b'A').u32(m.xid).u32(m.subtransaction_xid);
+                match (m.abort_lsn, m.abort_timestamp) {
+                    (Some(lsn), Some(ts)) => w.lsn(lsn).ts(ts),
+                    _ => w,
+                }
+            }
+            M::BeginPrepare(m) => w
+                .u8(b'b')
+                .lsn(m.prepare_lsn)
+                .lsn(m.end_lsn)
+                .ts(m.prepare_timestamp)
+                .u32(m.xid)
+                .cstr(&m.gid),
+            M::Prepare(m) => w.u8(b'P').prepare(m),
+            M::StreamPrepare(m) => w.u8(b'p').prepare(m),
+            M::CommitPrepared(m) => w
+                .u8(b'K')
+                .u8(m.flags)
+                .lsn(m.commit_lsn)
+                .lsn(m.end_lsn)
+                .ts(m.commit_timestamp)
+                .u32(m.xid)
+                .cstr(&m.gid),
+            M::RollbackPrepared(m) => w
+                .u8(b'r')
+                .u8(m.flags)
+                .lsn(m.prepare_end_lsn)
+                .lsn(m.rollback_end_lsn)
+                .ts(m.prepare_timestamp)
+                .ts(m.rollback_timestamp)
+                .u32(m.xid)
+                .cstr(&m.gid),
+        }
+        .bytes()
+    }
+
+    fn text(v: &'static str) -> Column {
+        Column::Text(Bytes::from_static(v.as_bytes()))
+    }
+
+    fn tuple(columns: impl IntoIterator<Item = Column>) -> Tuple {
+        Tuple(columns.into_iter().collect())
+    }
+
+    fn hex(s: &str) -> Bytes {
+        let digits: Vec<u8> = s.bytes().filter(|b| !b.is_ascii_whitespace()).collect();
+        let nibble = |d: u8| (d as char).to_digit(16).expect("hex digit") as u8;
+        digits
+            .chunks(2)
+            .map(|pair| nibble(pair[0]) << 4 | nibble(pair[1]))
+            .collect::<Vec<_>>()
+            .into()
+    }
+
+    fn items_relation(xid: Option<Xid>) -> Relation {
+        let column = |is_key, name: &str, type_id, type_modifier| RelationColumn {
+            is_key,
+            name: name.into(),
+            type_id,
+            type_modifier,
+        };
+        Relation {
+            xid,
+            id: 16389,
+            namespace: "public".into(),
+            name: "items".into(),
+            replica_identity: ReplicaIdentity::Default,
+            columns: vec![
+                column(true, "id", 23, -1),
+                column(false, "name", 25, -1),
+                column(false, "price", 1700, (10 << 16 | 2) + 4),
+                column(false, "m", 16385, -1),
+                column(false, "big", 25, -1),
+            ],
+        }
+    }
+
+    /// One message of every kind and variant, with the context to decode it in.
+    fn samples() -> Vec<(DecodeContext, LogicalReplicationMessage)> {
+        let lsn = Lsn(0x1_0000_00F0);
+        let ts = PgTimestamp(800_000_000_000_000);
+        let row = tuple([
+            text("1"),
+            Column::Null,
+            Column::UnchangedToast,
+            Column::Binary(Bytes::from_static(&[0, 1])),
+        ]);
+        let key = tuple([text("1"), Column::Null, Column::Null, Column::Null]);
+        let prepare = Prepare {
+            flags: 0,
+            prepare_lsn: lsn,
+            end_lsn: Lsn(lsn.0 + 8),
+            prepare_timestamp: ts,
+            xid: 9,
+            gid: "g1".into(),
+        };
+        let mut samples = vec![
+            (
+                V1,
+                M::Begin(Begin {
+                    final_lsn: lsn,
+                    commit_timestamp: ts,
+                    xid: 730,
+                }),
+            ),
+            (
+                V1,
+                M::Commit(Commit {
+                    flags: 0,
+                    commit_lsn: lsn,
+                    end_lsn: Lsn(lsn.0 + 48),
+                    commit_timestamp: ts,
+                }),
+            ),
+            (
+                V1,
+                M::Origin(Origin {
+                    commit_lsn: lsn,
+                    name: "upstream".into(),
+                }),
+            ),
+            (
+                V1,
+                M::Type(Type {
+                    xid: None,
+                    id: 16385,
+                    namespace: "public".into(),
+                    name: "mood".into(),
+                }),
+            ),
+            (
+                V1,
+                M::Insert(Insert {
+                    xid: None,
+                    relation_id: 16389,
+                    new: row.clone(),
+                }),
+            ),
+            (
+                V1,
+                M::Update(Update {
+                    xid: None,
+                    relation_id: 16389,
+                    old: None,
+                    new: row.clone(),
+                }),
+            ),
+            (
+                V1,
+                M::Update(Update {
+                    xid: None,
+                    relation_id: 16389,
+                    old: Some(OldTuple::Key(key.clone())),
+                    new: row.clone(),
+                }),
+            ),
+            (
+                V1,
+                M::Update(Update {
+                    xid: None,
+                    relation_id: 16389,
+                    old: Some(OldTuple::Row(row.clone())),
+                    new: row.clone(),
+                }),
+            ),
+            (
+                V1,
+                M::Delete(Delete {
+                    xid: None,
+                    relation_id: 16389,
+                    old: OldTuple::Key(key.clone()),
+                }),
+            ),
+            (
+                V1,
+                M::Delete(Delete {
+                    xid: None,
+                    relation_id: 16389,
+                    old: OldTuple::Row(row.clone()),
+                }),
+            ),
+            (
+                V1,
+                M::Truncate(Truncate {
+                    xid: None,
+                    options: TruncateOptions(3),
+                    relation_ids: vec![16389, 16396],
+                }),
+            ),
+            (
+                V1,
+                M::Message(LogicalDecodingMessage {
+                    xid: None,
+                    transactional: true,
+                    lsn,
+                    prefix: "fx".into(),
+                    content: Bytes::from_static(b"hello"),
+                }),
+            ),
+            (
+                V1,
+                M::Message(LogicalDecodingMessage {
+                    xid: None,
+                    transactional: false,
+                    lsn,
+                    prefix: String::new(),
+                    content: Bytes::new(),
+                }),
+            ),
+            (
+                V2_STREAM,
+                M::StreamStart(StreamStart {
+                    xid: 735,
+                    first_segment: true,
+                }),
+            ),
+            (V2_STREAM, M::StreamStop),
+            (
+                V2_STREAM,
+                M::StreamCommit(StreamCommit {
+                    xid: 735,
+                    flags: 0,
+                    commit_lsn: lsn,
+                    end_lsn: Lsn(lsn.0 + 48),
+                    commit_timestamp: ts,
+                }),
+            ),
+            (
+                V2_STREAM,
+                M::StreamAbort(StreamAbort {
+                    xid: 735,
+                    subtransaction_xid: 736,
+                    abort_lsn: None,
+                    abort_timestamp: None,
+                }),
+            ),
+            (
+                V4_STREAM,
+                M::StreamAbort(StreamAbort {
+                    xid: 735,
+                    subtransaction_xid: 735,
+                    abort_lsn: Some(lsn),
+                    abort_timestamp: Some(ts),
+                }),
+            ),
+            (
+                V1,
+                M::BeginPrepare(BeginPrepare {
+                    prepare_lsn: lsn,
+                    end_lsn: Lsn(lsn.0 + 8),
+                    prepare_timestamp: ts,
+                    xid: 9,
+                    gid: "g1".into(),
+                }),
+            ),
+            (V1, M::Prepare(prepare.clone())),
+            (V2_STREAM, M::StreamPrepare(prepare)),
+            (
+                V1,
+                M::CommitPrepared(CommitPrepared {
+                    flags: 0,
+                    commit_lsn: lsn,
+                    end_lsn: Lsn(lsn.0 + 8),
+                    commit_timestamp: ts,
+                    xid: 9,
+                    gid: "g1".into(),
+                }),
+            ),
+            (
+                V1,
+                M::RollbackPrepared(RollbackPrepared {
+                    flags: 0,
+                    prepare_end_lsn: lsn,
+                    rollback_end_lsn: Lsn(lsn.0 + 8),
+                    prepare_timestamp: ts,
+                    rollback_timestamp: PgTimestamp(ts.0 + 1),
+                    xid: 9,
+                    gid: "g1".into(),
+                }),
+            ),
+        ];
+        for ctx in [V1, V2_STREAM] {
+            let xid = ctx.in_stream.then_some(735);
+            samples.extend([
+                (ctx, M::Relation(items_relation(xid))),
+                (
+                    ctx,
+                    M::Relation(Relation {
+                        columns: vec![],
+                        replica_identity: ReplicaIdentity::Nothing,
+                        ..items_relation(xid)
+                    }),
+                ),
+                (
+                    ctx,
+                    M::Relation(Relation {
+                        replica_identity: ReplicaIdentity::Index,
+                        ..items_relation(xid)
+                    }),
+                ),
+                (
+                    ctx,
+                    M::Relation(Relation {
+                        replica_identity: ReplicaIdentity::Full,
+                        ..items_relation(xid)
+                    }),
+                ),
+            ]);
+        }
+        let streamed = [
+            M::Type(Type {
+                xid: Some(735),
+                id: 16385,
+                namespace: "public".into(),
+                name: "mood".into(),
+            }),
+            M::Insert(Insert {
+                xid: Some(735),
+                relation_id: 16389,
+                new: row.clone(),
+            }),
+            M::Update(Update {
+                xid: Some(735),
+                relation_id: 16389,
+                old: Some(OldTuple::Key(key.clone())),
+                new: row.clone(),
+            }),
+            M::Update(Update {
+                xid: Some(735),
+                relation_id: 16389,
+                old: None,
+                new: row.clone(),
+            }),
+            M::Delete(Delete {
+                xid: Some(735),
+                relation_id: 16389,
+                old: OldTuple::Row(row),
+            }),
+            M::Truncate(Truncate {
+                xid: Some(735),
+                options: TruncateOptions(0),
+                relation_ids: vec![16389],
+            }),
+            M::Message(LogicalDecodingMessage {
+                xid: Some(735),
+                transactional: true,
+                lsn,
+                prefix: "p".into(),
+                content: Bytes::from_static(b"\0\xff"),
+            }),
+        ];
+        samples.extend(streamed.into_iter().map(|m| (V2_STREAM, m)));
+        samples
+    }
+
+    /// Bytes captured from PostgreSQL 15 with `pg_logical_slot_get_binary_changes`, and what
+    /// they must decode to: the check that the test encoder and the decoder agree with the server.
+    fn server_fixtures() -> Vec<(DecodeContext, Bytes, LogicalReplicationMessage)> {
+        let ts = PgTimestamp(0x0003_044a_66fe_b0f4);
+        let big = Column::Text(Bytes::from("x".repeat(5000)));
+        let items_row = |name| tuple([text("1"), text(name), text("1.50"), text("happy")]);
+        let v3 = DecodeContext {
+            protocol_version: 3,
+            in_stream: false,
+        };
+        let mut fixtures = vec![
+            (V1, hex("42 00000000 0152f1d0 0003044a66feb0f4 000002da"), M::Begin(Begin { final_lsn: Lsn(0x152_f1d0), commit_timestamp: ts, xid: 730 })),
+            (V1, hex("59 00004001 7075626c696300 6d6f6f6400"), M::Type(Type { xid: None, id: 16385, namespace: "public".into(), name: "mood".into() })),
+            (
+                V1,
+                hex("52 00004005 7075626c696300 6974656d7300 64 0005
+                     01 696400 00000017 ffffffff  00 6e616d6500 00000019 ffffffff
+                     00 707269636500 000006a4 000a0006  00 6d00 00004001 ffffffff
+                     00 62696700 00000019 ffffffff"),
+                M::Relation(items_relation(None)),
+            ),
+            (
+                V1,
+                Wire::default().raw(&hex("49 00004005 4e 0005 74000000013174000000056170706c657400000004312e35307400000005686170707974 00001388")).raw("x".repeat(5000).as_bytes()).bytes(),
+                M::Insert(Insert { xid: None, relation_id: 16389, new: tuple(items_row("apple").0.into_iter().chain([big])) }),
+            ),
+            (
+                V1,
+                hex("55 00004005 4e 0005 7400000001317400000004706561727400000004312e35307400000005686170707975"),
+                M::Update(Update { xid: None, relation_id: 16389, old: None, new: tuple(items_row("pear").0.into_iter().chain([Column::UnchangedToast])) }),
+            ),
+            (
+                V1,
+                hex("55 00004005 4b 0005 7400000001326e6e6e6e 4e 0005 7400000001336e6e6e6e"),
+                M::Update(Update {
+                    xid: None,
+                    relation_id: 16389,
+                    old: Some(OldTuple::Key(tuple([text("2"), Column::Null, Column::Null, Column::Null, Column::Null]))),
+                    new: tuple([text("3"), Column::Null, Column::Null, Column::Null, Column::Null]),
+                }),
+            ),
+            (
+                V1,
+                hex("44 00004005 4b 0005 7400000001336e6e6e6e"),
+                M::Delete(Delete { xid: None, relation_id: 16389, old: OldTuple::Key(tuple([text("3"), Column::Null, Column::Null, Column::Null, Column::Null])) }),
+            ),
+            (
+                V1,
+                hex("55 0000400c 4f 0002 7400000001377400000005736576656e 4e 0002 7400000001377400000005534556454e"),
+                M::Update(Update {
+                    xid: None,
+                    relation_id: 16396,
+                    old: Some(OldTuple::Row(tuple([text("7"), text("seven")]))),
+                    new: tuple([text("7"), text("SEVEN")]),
+                }),
+            ),
+            (
+                V1,
+                hex("44 0000400c 4f 0002 7400000001377400000005534556454e"),
+                M::Delete(Delete { xid: None, relation_id: 16396, old: OldTuple::Row(tuple([text("7"), text("SEVEN")])) }),
+            ),
+            (
+                V1,
+                hex("4d 01 00000000 0152f1d0 667800 00000005 68656c6c6f"),
+                M::Message(LogicalDecodingMessage { xid: None, transactional: true, lsn: Lsn(0x152_f1d0), prefix: "fx".into(), content: Bytes::from_static(b"hello") }),
+            ),
+            (
+                V1,
+                hex("43 00 00000000 0152f1d0 00000000 0152f200 0003044a66feb0f4"),
+                M::Commit(Commit { flags: 0, commit_lsn: Lsn(0x152_f1d0), end_lsn: Lsn(0x152_f200), commit_timestamp: ts }),
+            ),
+            (
+                V1,
+                hex("4d 00 00000000 0152f238 6e7400 00000002 00ff"),
+                M::Message(LogicalDecodingMessage { xid: None, transactional: false, lsn: Lsn(0x152_f238), prefix: "nt".into(), content: Bytes::from_static(b"\0\xff") }),
+            ),
+            (V1, hex("54 00000002 03 00004005 0000400c"), M::Truncate(Truncate { xid: None, options: TruncateOptions(3), relation_ids: vec![16389, 16396] })),
+            (
+                V1,
+                hex("49 00004005 4e 0005 62 00000004 0000000a 62 00000001 62 62 0000000a 0001000000000002 0002 62 00000003 736164 6e"),
+                M::Insert(Insert {
+                    xid: None,
+                    relation_id: 16389,
+                    new: tuple(
+                        [&[0, 0, 0, 10][..], b"b", &[0, 1, 0, 0, 0, 0, 0, 2, 0, 2], b"sad"]
+                            .map(|v| Column::Binary(Bytes::copy_from_slice(v)))
+                            .into_iter()
+                            .chain([Column::Null]),
+                    ),
+                }),
+            ),
+            (V1, hex("4f 00000000 00abcdef 757073747265616d00"), M::Origin(Origin { commit_lsn: Lsn(0xab_cdef), name: "upstream".into() })),
+            (V1, hex("53 000002df 01"), M::StreamStart(StreamStart { xid: 735, first_segment: true })),
+            (
+                V2_STREAM,
+                hex("52 000002df 0000400c 7075626c696300 66756c6c5f726f777300 66 0002 01 696400 00000017 ffffffff 01 7600 00000019 ffffffff"),
+                M::Relation(Relation {
+                    xid: Some(735),
+                    id: 16396,
+                    namespace: "public".into(),
+                    name: "full_rows".into(),
+                    replica_identity: ReplicaIdentity::Full,
+                    columns: vec![
+                        RelationColumn { is_key: true, name: "id".into(), type_id: 23, type_modifier: -1 },
+                        RelationColumn { is_key: true, name: "v".into(), type_id: 25, type_modifier: -1 },
+                    ],
+                }),
+            ),
+            (
+                V2_STREAM,
+                Wire::default().raw(&hex("49 000002e3 0000400c 4e 0002 74 00000001 31 74 00000064")).raw("s".repeat(100).as_bytes()).bytes(),
+                M::Insert(Insert { xid: Some(739), relation_id: 16396, new: tuple([text("1"), Column::Text(Bytes::from("s".repeat(100)))]) }),
+            ),
+            (V2_STREAM, hex("45"), M::StreamStop),
+            (V1, hex("41 000002df 000002e0"), M::StreamAbort(StreamAbort { xid: 735, subtransaction_xid: 736, abort_lsn: None, abort_timestamp: None })),
+            (
+                V1,
+                hex("63 000002df 00 00000000 015cd7e0 00000000 015cd810 0003044a66fed3b7"),
+                M::StreamCommit(StreamCommit { xid: 735, flags: 0, commit_lsn: Lsn(0x15c_d7e0), end_lsn: Lsn(0x15c_d810), commit_timestamp: PgTimestamp(0x0003_044a_66fe_d3b7) }),
+            ),
+            (
+                v3,
+                hex("62 00000000 015cd858 00000000 015cd950 0003044a66fee59a 000002e1 67783100"),
+                M::BeginPrepare(BeginPrepare { prepare_lsn: Lsn(0x15c_d858), end_lsn: Lsn(0x15c_d950), prepare_timestamp: PgTimestamp(0x0003_044a_66fe_e59a), xid: 737, gid: "gx1".into() }),
+            ),
+            (
+                v3,
+                hex("50 00 00000000 015cd858 00000000 015cd950 0003044a66fee59a 000002e1 67783100"),
+                M::Prepare(Prepare { flags: 0, prepare_lsn: Lsn(0x15c_d858), end_lsn: Lsn(0x15c_d950), prepare_timestamp: PgTimestamp(0x0003_044a_66fe_e59a), xid: 737, gid: "gx1".into() }),
+            ),
+            (
+                v3,
+                hex("4b 00 00000000 015cd950 00000000 015cd988 0003044a66fee6d1 000002e1 67783100"),
+                M::CommitPrepared(CommitPrepared { flags: 0, commit_lsn: Lsn(0x15c_d950), end_lsn: Lsn(0x15c_d988), commit_timestamp: PgTimestamp(0x0003_044a_66fe_e6d1), xid: 737, gid: "gx1".into() }),
+            ),
+            (
+                v3,
+                hex("72 00 00000000 015cdac8 00000000 015cdb00 0003044a66fee7c5 0003044a66fee880 000002e2 67783200"),
+                M::RollbackPrepared(RollbackPrepared {
+                    flags: 0,
+                    prepare_end_lsn: Lsn(0x15c_dac8),
+                    rollback_end_lsn: Lsn(0x15c_db00),
+                    prepare_timestamp: PgTimestamp(0x0003_044a_66fe_e7c5),
+                    rollback_timestamp: PgTimestamp(0x0003_044a_66fe_e880),
+                    xid: 738,
+                    gid: "gx2".into(),
+                }),
+            ),
+        ];
+        fixtures.shrink_to_fit();
+        fixtures
+    }
+
+    /// Every valid input the tests know: server captures and encoded samples.
+    fn valid_inputs() -> Vec<(DecodeContext, Bytes)> {
+        let captured = server_fixtures()
+            .into_iter()
+            .map(|(ctx, bytes, _)| (ctx, bytes));
+        captured
+            .chain(samples().iter().map(|(ctx, m)| (*ctx, encode(m))))
+            .collect()
+    }
+
+    #[test]
+    fn server_captured_bytes_decode_to_the_expected_messages() {
+        for (ctx, bytes, expected) in server_fixtures() {
+            assert_eq!(
+                decode(bytes.clone(), ctx),
+                Ok(expected.clone()),
+                "{bytes:x?}"
+            );
+            assert_eq!(
+                encode(&expected),
+                bytes,
+                "the test encoder disagrees with the server on {expected:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn every_message_kind_round_trips_through_the_test_encoder() {
+        for (ctx, message) in samples() {
+            assert_eq!(decode(encode(&message), ctx), Ok(message));
+        }
+    }
+
+    #[test]
+    fn column_values_are_slices_of_the_input() {
+        let message = M::Insert(Insert {
+            xid: None,
+            relation_id: 1,
+            new: tuple([
+                text("hello"),
+                Column::Binary(Bytes::from_static(b"\x01\x02")),
+            ]),
+        });
+        let input = encode(&message);
+        let input_range = input.as_ptr_range();
+        let M::Insert(insert) = decode(input.clone(), V1).unwrap() else {
+            panic!("not an insert")
+        };
+        for column in &insert.new.0 {
+            let (Column::Text(v) | Column::Binary(v)) = column else {
+                panic!("{column:?}")
+            };
+            assert!(input_range.contains(&v.as_ptr()), "{column:?} was copied");
+        }
+    }
+
+    #[test]
+    fn a_streamed_change_needs_in_stream_to_decode() {
+        let (_, streamed_insert, _) = server_fixtures()
+            .into_iter()
+            .find(|(ctx, b, _)| ctx.in_stream && b[0] == b'I')
+            .unwrap();
+        // Read as a plain Insert, the xid is taken for the relation id and the real relation id's
+        // first byte for the 'N' tag.
+        assert_eq!(
+            decode(streamed_insert, V1),
+            Err(DecodeError::UnexpectedByte {
+                offset: 5,
+                expected: "new tuple tag 'N'",
+                found: 0
+            })
+        );
+    }
+
+    #[test]
+    fn observe_enters_and_leaves_the_stream() {
+        let mut ctx = DecodeContext::new(2);
+        ctx.observe(&M::StreamStart(StreamStart {
+            xid: 1,
+            first_segment: false,
+        }));
+        assert!(ctx.in_stream);
+        ctx.observe(&M::Begin(Begin {
+            final_lsn: Lsn(1),
+            commit_timestamp: PgTimestamp(0),
+            xid: 1,
+        }));
+        assert!(ctx.in_stream);
+        ctx.observe(&M::StreamStop);
+        assert!(!ctx.in_stream);
+    }
+
+    #[test]
+    fn stream_abort_reads_the_parallel_fields_only_from_protocol_4() {
+        let with_fields = hex("41 00000007 00000008 00000000 000000ff 0000000000000010");
+        let without_fields = hex("41 00000007 00000008");
+        let M::StreamAbort(abort) = decode(with_fields.clone(), V4_STREAM).unwrap() else {
+            panic!()
+        };
+        assert_eq!(
+            (abort.abort_lsn, abort.abort_timestamp),
+            (Some(Lsn(0xff)), Some(PgTimestamp(16)))
+        );
+        let M::StreamAbort(abort) = decode(without_fields, V4_STREAM).unwrap() else {
+            panic!()
+        };
+        assert_eq!((abort.abort_lsn, abort.abort_timestamp), (None, None));
+        assert_eq!(
+            decode(with_fields, V2_STREAM),
+            Err(DecodeError::TrailingBytes {
+                offset: 9,
+                what: "Stream Abort",
+                count: 16
+            })
+        );
+    }
+
+    #[test]
+    fn truncate_options_name_their_bits() {
+        assert!(TruncateOptions(3).cascade() && TruncateOptions(3).restart_identity());
+        assert!(TruncateOptions(1).cascade() && !TruncateOptions(1).restart_identity());
+        assert!(!TruncateOptions(2).cascade() && TruncateOptions(2).restart_identity());
+    }
+
+    #[test]
+    fn every_truncation_of_a_valid_message_is_an_error() {
+        for (ctx, bytes) in valid_inputs() {
+            for len in 0..bytes.len() {
+                match decode(bytes.slice(..len), ctx) {
+                    Err(_) => {}
+                    // A protocol 4 Stream Abort without its optional fields is still whole.
+                    Ok(M::StreamAbort(StreamAbort {
+                        abort_lsn: None, ..
+                    })) if len == 9 => {}
+                    Ok(message) => panic!(
+                        "{:x?} cut to {len} bytes decoded as {message:?}",
+                        &bytes[..]
+                    ),
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_byte_after_a_valid_message_is_an_error() {
+        for (ctx, bytes) in valid_inputs() {
+            let longer = Wire::default().raw(&bytes).u8(0).bytes();
+            assert!(
+                decode(longer, ctx).is_err(),
+                "{:x?} + one byte decoded",
+                &bytes[..]
+            );
+        }
+    }
+
+    #[test]
+    fn absurd_counts_and_lengths_are_refused_before_allocating() {
+        let cases = [
+            (
+                "49 00000001 4e ffff 6e",
+                "column kind ('n', 'u', 't' or 'b')",
+                9,
+                1,
+                0,
+            ),
+            (
+                "49 00000001 4e 0001 74 7fffffff 41",
+                "text column value",
+                12,
+                0x7fff_ffff,
+                1,
+            ),
+            (
+                "49 00000001 4e 0001 62 ffffffff",
+                "binary column value",
+                12,
+                0xffff_ffff,
+                0,
+            ),
+            (
+                "54 ffffffff 00 00000001",
+                "relation ids",
+                1,
+                4 * 0xffff_ffff,
+                4,
+            ),
+            (
+                "4d 00 0000000000000001 00 80000000 00",
+                "message content",
+                15,
+                0x8000_0000,
+                1,
+            ),
+            ("52 00000001 00 00 64 ffff 00", "column name", 10, 0, 0),
+        ];
+        for (input, what, offset, needed, available) in cases {
+            let error = decode(hex(input), V1).unwrap_err();
+            match error {
+                DecodeError::Truncated { .. } => {
+                    assert_eq!(
+                        error,
+                        DecodeError::Truncated {
+                            offset,
+                            what,
+                            needed,
+                            available
+                        },
+                        "{input}"
+                    )
+                }
+                DecodeError::UnterminatedString { .. } => {
+                    assert_eq!(
+                        error,
+                        DecodeError::UnterminatedString { offset, what },
+                        "{input}"
+                    )
+                }
+                other => panic!("{input}: {other}"),
+            }
+        }
+    }
+
+    #[test]
+    fn malformed_bytes_are_named_with_their_offset() {
+        let cases = [
+            (
+                "",
+                DecodeError::Truncated {
+                    offset: 0,
+                    what: "message type",
+                    needed: 1,
+                    available: 0,
+                },
+            ),
+            (
+                "5a",
+                DecodeError::UnknownMessageType {
+                    offset: 0,
+                    tag: b'Z',
+                },
+            ),
+            (
+                "49 00000001 4e 0001 78",
+                DecodeError::UnexpectedByte {
+                    offset: 8,
+                    expected: "column kind ('n', 'u', 't' or 'b')",
+                    found: b'x',
+                },
+            ),
+            (
+                "55 00000001 44",
+                DecodeError::UnexpectedByte {
+                    offset: 5,
+                    expected: "tuple tag ('K', 'O' or 'N')",
+                    found: b'D',
+                },
+            ),
+            (
+                "55 00000001 4b 0000 4b 0000",
+                DecodeError::UnexpectedByte {
+                    offset: 8,
+                    expected: "new tuple tag 'N'",
+                    found: b'K',
+                },
+            ),
+            (
+                "44 00000001 4e 0000",
+                DecodeError::UnexpectedByte {
+                    offset: 5,
+                    expected: "old tuple tag ('K' or 'O')",
+                    found: b'N',
+                },
+            ),
+            (
+                "52 00000001 00 00 78 0000",
+                DecodeError::UnexpectedByte {
+                    offset: 7,
+                    expected: "replica identity ('d', 'n', 'f' or 'i')",
+                    found: b'x',
+                },
+            ),
+            (
+                "59 00000001 7075626c6963",
+                DecodeError::UnterminatedString {
+                    offset: 5,
+                    what: "namespace",
+                },
+            ),
+            (
+                "59 00000001 00 ff00",
+                DecodeError::InvalidUtf8 {
+                    offset: 6,
+                    what: "type name",
+                },
+            ),
+            (
+                "45 45",
+                DecodeError::TrailingBytes {
+                    offset: 1,
+                    what: "Stream Stop",
+                    count: 1,
+                },
+            ),
+        ];
+        for (input, expected) in cases {
+            assert_eq!(decode(hex(input), V1), Err(expected), "{input}");
+        }
+        assert_eq!(
+            DecodeError::UnexpectedByte {
+                offset: 8,
+                expected: "new tuple tag 'N'",
+                found: 0
+            }
+            .to_string(),
+            "expected new tuple tag 'N' at offset 8, found 0x00"
+        );
+    }
+
+    #[test]
+    fn lsn_displays_and_parses_like_postgresql() {
+        assert_eq!(Lsn(0x16_B374_D848).to_string(), "16/B374D848");
+        assert_eq!(Lsn(0).to_string(), "0/0");
+        assert_eq!(Lsn(u64::MAX).to_string(), "FFFFFFFF/FFFFFFFF");
+        assert_eq!("16/b374d848".parse(), Ok(Lsn(0x16_B374_D848)));
+        assert_eq!("0/152F1D0".parse(), Ok(Lsn(0x152_F1D0)));
+        assert_eq!("FFFFFFFF/FFFFFFFF".parse(), Ok(Lsn(u64::MAX)));
+        for bad in [
+            "",
+            "1",
+            "1/",
+            "/1",
+            "1/2/3",
+            "+1/0",
+            "1/-0",
+            "123456789/0",
+            "0/g",
+            " 0/0",
+            "0/0 ",
+        ] {
+            assert_eq!(
+                bad.parse::<Lsn>(),
+                Err(ParseLsnError(bad.into())),
+                "{bad:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn timestamps_convert_to_unix_micros() {
+        assert_eq!(PgTimestamp(0).to_unix_micros(), 946_684_800_000_000);
+        assert_eq!(
+            PgTimestamp::from_unix_micros(0),
+            PgTimestamp(-946_684_800_000_000)
+        );
+        assert_eq!(
+            PgTimestamp::from_unix_micros(PgTimestamp(12345).to_unix_micros()),
+            PgTimestamp(12345)
+        );
+        assert_eq!(PgTimestamp(i64::MAX).to_unix_micros(), i64::MAX);
+        assert_eq!(
+            PgTimestamp::from_unix_micros(i64::MIN),
+            PgTimestamp(i64::MIN)
+        );
+    }
+
+    #[test]
+    fn xlog_data_carries_its_message_as_a_slice() {
+        let input = hex("77 0000000001530c18 0000000001530c60 0003044a66fec11e 45");
+        let ReplicationMessage::XLogData(x) = parse_copy_data(input.clone()).unwrap() else {
+            panic!()
+        };
+        assert_eq!(
+            (x.wal_start, x.wal_end, x.server_clock),
+            (
+                Lsn(0x153_0c18),
+                Lsn(0x153_0c60),
+                PgTimestamp(0x0003_044a_66fe_c11e)
+            )
+        );
+        assert_eq!(x.data.as_ptr(), input[25..].as_ptr());
+        assert_eq!(decode(x.data, V2_STREAM), Ok(M::StreamStop));
+        let ReplicationMessage::XLogData(empty) = parse_copy_data(input.slice(..25)).unwrap()
+        else {
+            panic!()
+        };
+        assert!(empty.data.is_empty());
+    }
+
+    #[test]
+    fn primary_keepalive_decodes_its_reply_flag() {
+        for (flag, reply_requested) in [("00", false), ("01", true)] {
+            let input = hex(&format!("6b 0000000001530c60 0003044a66fec11e {flag}"));
+            assert_eq!(
+                parse_copy_data(input),
+                Ok(ReplicationMessage::PrimaryKeepalive(PrimaryKeepalive {
+                    wal_end: Lsn(0x153_0c60),
+                    server_clock: PgTimestamp(0x0003_044a_66fe_c11e),
+                    reply_requested,
+                }))
+            );
+        }
+    }
+
+    #[test]
+    fn malformed_copy_data_is_an_error() {
+        let keepalive = hex("6b 0000000001530c60 0003044a66fec11e 00");
+        let xlog_data = hex("77 0000000001530c18 0000000001530c60 0003044a66fec11e");
+        for len in 0..keepalive.len() {
+            assert!(
+                parse_copy_data(keepalive.slice(..len)).is_err(),
+                "keepalive cut to {len}"
+            );
+        }
+        for len in 0..xlog_data.len() {
+            assert!(
+                parse_copy_data(xlog_data.slice(..len)).is_err(),
+                "XLogData cut to {len}"
+            );
+        }
+        let longer = Wire::default().raw(&keepalive).u8(0).bytes();
+        assert_eq!(
+            parse_copy_data(longer),
+            Err(DecodeError::TrailingBytes {
+                offset: 18,
+                what: "primary keepalive",
+                count: 1
+            })
+        );
+        assert_eq!(
+            parse_copy_data(hex("64")),
+            Err(DecodeError::UnknownMessageType {
+                offset: 0,
+                tag: b'd'
+            })
+        );
+    }
+
+    #[test]
+    fn standby_status_update_is_encoded_as_postgresql_reads_it() {
+        let status = StandbyStatus {
+            written: Lsn(0x1_0000_0030),
+            flushed: Lsn(0x1_0000_0020),
+            applied: Lsn(0x1_0000_0010),
+            client_clock: PgTimestamp(0x0003_044a_66fe_c11e),
+            reply_requested: true,
+        };
+        let expected =
+            hex("72 0000000100000030 0000000100000020 0000000100000010 0003044a66fec11e 01");
+        assert_eq!(encode_standby_status(&status), expected);
+        let quiet = StandbyStatus {
+            reply_requested: false,
+            ..status
+        };
+        assert_eq!(encode_standby_status(&quiet).last(), Some(&0));
+    }
+
+    /// The fuzz target's check (`replication/fuzz`) in a deterministic, bounded form that runs
+    /// with every `cargo test`: random bytes and mutations of valid messages under every
+    /// context must give a value or an error, never a panic.
+    #[test]
+    fn random_and_mutated_inputs_never_panic() {
+        let seeds = valid_inputs();
+        let contexts = [
+            V1,
+            V2_STREAM,
+            V4_STREAM,
+            DecodeContext {
+                protocol_version: 4,
+                in_stream: false,
+            },
+        ];
+        let mut state = 0x9E37_79B9_7F4A_7C15_u64;
+        let mut next = move || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state
+        };
+        let started = std::time::Instant::now();
+        let mut runs = 0;
+        while runs < 200_000 && started.elapsed() < std::time::Duration::from_secs(3) {
+            let mut input = if next() % 4 == 0 {
+                (0..next() % 64).map(|_| next() as u8).collect::<Vec<u8>>()
+            } else {
+                seeds[next() as usize % seeds.len()].1.to_vec()
+            };
+            for _ in 0..=next() % 4 {
+                let at = next() as usize % (input.len() + 1);
+                match next() % 4 {
+                    0 if at < input.len() => input[at] = next() as u8,
+                    1 if at < input.len() => input[at] ^= 1 << (next() % 8),
+                    2 => input.truncate(at),
+                    _ => input.insert(
+                        at,
+                        [0x00, 0xff, 0x7f, 0x80, b'N', b't'][next() as usize % 6],
+                    ),
+                }
+            }
+            let input = Bytes::from(input);
+            for ctx in contexts {
+                let _ = decode(input.clone(), ctx);
+            }
+            if let Ok(ReplicationMessage::XLogData(x)) = parse_copy_data(input) {
+                let _ = decode(x.data, V1);
+            }
+            runs += 1;
+        }
+        assert!(runs > 1_000, "only {runs} inputs in the time budget");
+    }
+}
