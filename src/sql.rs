@@ -85,6 +85,36 @@ pub struct SqlPools {
     statement_timeout: Duration,
     pools: Mutex<HashMap<(String, DbRole), RolePool>>,
     types: Mutex<HashMap<String, Arc<RwLock<TypeRegistry>>>>,
+    statements: Mutex<HashMap<String, Arc<StatementCache>>>,
+}
+
+/// Parameter types PostgreSQL inferred for statements a project ran before, so that the next
+/// run of the same text needs one round trip (`query_oneshot`) instead of two. A stale entry
+/// (the schema changed) can only make PostgreSQL refuse a parameter at Bind, before anything
+/// ran; the statement is then prepared afresh and the entry replaced.
+#[derive(Default)]
+pub struct StatementCache {
+    params: Mutex<HashMap<String, Arc<[u32]>>>,
+}
+
+impl StatementCache {
+    const CAPACITY: usize = 1024;
+
+    fn get(&self, sql: &str) -> Option<Arc<[u32]>> {
+        self.params.lock().expect("poisoned").get(sql).cloned()
+    }
+
+    fn put(&self, sql: &str, types: &[u32]) {
+        let mut map = self.params.lock().expect("poisoned");
+        if map.len() >= Self::CAPACITY {
+            map.clear();
+        }
+        map.insert(sql.to_string(), types.into());
+    }
+
+    fn forget(&self, sql: &str) {
+        self.params.lock().expect("poisoned").remove(sql);
+    }
 }
 
 impl SqlPools {
@@ -96,6 +126,7 @@ impl SqlPools {
             statement_timeout: config.statement_timeout(),
             pools: Mutex::new(HashMap::new()),
             types: Mutex::new(HashMap::new()),
+            statements: Mutex::new(HashMap::new()),
         }
     }
 
@@ -111,6 +142,7 @@ impl SqlPools {
             }
         });
         self.types.lock().expect("poisoned").remove(project_id);
+        self.statements.lock().expect("poisoned").remove(project_id);
     }
 
     pub fn clear(&self) {
@@ -125,6 +157,15 @@ impl SqlPools {
             .expect("poisoned")
             .entry(project_id.to_string())
             .or_insert_with(|| Arc::new(RwLock::new(TypeRegistry::new())))
+            .clone()
+    }
+
+    fn statements(&self, project_id: &str) -> Arc<StatementCache> {
+        self.statements
+            .lock()
+            .expect("poisoned")
+            .entry(project_id.to_string())
+            .or_default()
             .clone()
     }
 
@@ -191,10 +232,11 @@ impl App {
             other => ApiError::DatabaseUnavailable(other.to_string()),
         })?;
         let types = self.sql.types(&access.project.id);
+        let statements = self.sql.statements(&access.project.id);
         let budget = self.sql.statement_timeout + GUARD_GRACE;
         let backend_key = conn.backend_key();
         let outcome = {
-            let run = run(&mut conn, &req, self.config.max_rows, &types);
+            let run = run(&mut conn, &req, self.config.max_rows, &types, &statements);
             tokio::pin!(run);
             tokio::select! {
                 r = &mut run => r,
@@ -216,9 +258,13 @@ impl App {
                 let reg = types.read().expect("poisoned");
                 Ok(render_success(result.as_ref(), &reg, elapsed))
             }
-            Err(SqlFailure::Param { index, message }) => Ok(render_sql_error(
+            Err(SqlFailure::Param {
+                index,
+                message,
+                sqlstate,
+            }) => Ok(render_sql_error(
                 &format!("invalid value for parameter ${index}: {message}"),
-                "22023",
+                &sqlstate,
                 "ERROR",
             )),
             Err(SqlFailure::Wire(WireError::Db(e))) if !e.is_fatal() => Ok(render_db_error(&e)),
@@ -232,7 +278,11 @@ impl App {
 
 enum SqlFailure {
     Wire(WireError),
-    Param { index: usize, message: String },
+    Param {
+        index: usize,
+        message: String,
+        sqlstate: String,
+    },
 }
 
 impl From<WireError> for SqlFailure {
@@ -246,33 +296,11 @@ async fn run(
     req: &SqlRequest,
     max_rows: usize,
     types: &RwLock<TypeRegistry>,
+    statements: &StatementCache,
 ) -> Result<Option<StatementResult>, SqlFailure> {
     let result = match req.params.as_deref() {
         None | Some([]) => conn.simple_query(&req.query, max_rows).await?.last,
-        Some(params) => {
-            let prepared = conn.prepare(&req.query).await?;
-            learn_types(conn, types, &prepared.param_types).await?;
-            let texts = {
-                let reg = types.read().expect("poisoned");
-                let mut texts = Vec::with_capacity(params.len());
-                for (i, value) in params.iter().enumerate() {
-                    let oid = prepared.param_types.get(i).copied().unwrap_or(25);
-                    texts.push(values::param_to_text(value, oid, &reg).map_err(|e| {
-                        SqlFailure::Param {
-                            index: i + 1,
-                            message: e.to_string(),
-                        }
-                    })?);
-                }
-                texts
-            };
-            match conn.execute_prepared(&texts, max_rows).await {
-                Err(WireError::Db(e)) if e.phase == Phase::Bind => {
-                    return Err(bind_failure(e));
-                }
-                other => Some(other?),
-            }
-        }
+        Some(params) => Some(run_with_params(conn, req, params, max_rows, types, statements).await?),
     };
     if let Some(result) = &result {
         let oids: Vec<u32> = result.columns.iter().map(|c| c.type_oid).collect();
@@ -282,6 +310,57 @@ async fn run(
         }
     }
     Ok(result)
+}
+
+/// One statement with `$n` parameters: one round trip when the parameter types are known from
+/// an earlier run, else prepare (learning them) and execute.
+async fn run_with_params(
+    conn: &mut Connection,
+    req: &SqlRequest,
+    params: &[Value],
+    max_rows: usize,
+    types: &RwLock<TypeRegistry>,
+    statements: &StatementCache,
+) -> Result<StatementResult, SqlFailure> {
+    if let Some(known) = statements.get(&req.query).filter(|t| t.len() == params.len()) {
+        let texts = params_to_text(params, &known, types)?;
+        match conn.query_oneshot(&req.query, &texts, max_rows).await {
+            Err(WireError::Db(e)) if e.phase == Phase::Bind => statements.forget(&req.query),
+            other => return Ok(other?),
+        }
+    }
+    let prepared = conn.prepare(&req.query).await?;
+    learn_types(conn, types, &prepared.param_types).await?;
+    let texts = params_to_text(params, &prepared.param_types, types)?;
+    match conn.execute_prepared(&texts, max_rows).await {
+        Err(WireError::Db(e)) if e.phase == Phase::Bind => Err(bind_failure(e)),
+        other => {
+            statements.put(&req.query, &prepared.param_types);
+            Ok(other?)
+        }
+    }
+}
+
+/// JSON parameters as text input for the types PostgreSQL inferred (text for extra ones, which
+/// PostgreSQL then refuses with its own count error).
+fn params_to_text(
+    params: &[Value],
+    param_types: &[u32],
+    types: &RwLock<TypeRegistry>,
+) -> Result<Vec<Option<String>>, SqlFailure> {
+    let reg = types.read().expect("poisoned");
+    params
+        .iter()
+        .enumerate()
+        .map(|(i, value)| {
+            let oid = param_types.get(i).copied().unwrap_or(25);
+            values::param_to_text(value, oid, &reg).map_err(|e| SqlFailure::Param {
+                index: i + 1,
+                message: e.to_string(),
+                sqlstate: "22023".into(),
+            })
+        })
+        .collect()
 }
 
 /// Teaches the project's registry the user-defined types among `oids` (enums, domains,
@@ -320,28 +399,31 @@ fn bind_failure(e: Box<DbError>) -> SqlFailure {
         Some(index) => SqlFailure::Param {
             index,
             message: e.message,
+            sqlstate: e.code,
         },
         None => SqlFailure::Wire(WireError::Db(e)),
     }
 }
 
-/// Returns the connection to its pool after a reset, off the response path.
+/// Returns the connection to its pool with a reset queued: `DISCARD ALL` travels in the same
+/// write as the next request's query. A transaction left open is rolled back first, here.
 fn reset_later(conn: Object<WireManager>) {
+    let mut conn = conn;
+    if conn.is_broken() {
+        let _ = Object::take(conn);
+        return;
+    }
+    if conn.transaction_status() == TransactionStatus::Idle {
+        conn.queue_prelude("DISCARD ALL");
+        return;
+    }
     tokio::spawn(async move {
         let mut conn = conn;
-        if conn.is_broken() {
+        if conn.simple_query("ROLLBACK", 0).await.is_err() {
             let _ = Object::take(conn);
             return;
         }
-        if conn.transaction_status() != TransactionStatus::Idle
-            && conn.simple_query("ROLLBACK", 0).await.is_err()
-        {
-            let _ = Object::take(conn);
-            return;
-        }
-        if conn.simple_query("DISCARD ALL", 0).await.is_err() {
-            let _ = Object::take(conn);
-        }
+        conn.queue_prelude("DISCARD ALL");
     });
 }
 

@@ -21,9 +21,10 @@
 //!  TCP or unix socket (no TLS: loopback/unix only)
 //! ```
 //!
-//! The logical replication client will reuse [`Transport`] for copy-both mode: the only message it
-//! needs that `postgres-protocol` 0.6 does not decode is CopyBothResponse (`W`), which belongs in
-//! `Transport::read_message` next to the header check.
+//! The logical replication client ([`crate::client`]) reuses this connection in copy-both mode
+//! (`Connection::start_copy_both` and friends, crate-private). The only message it needs that
+//! `postgres-protocol` 0.6 does not decode, CopyBothResponse (`W`), is recognised in
+//! `Transport::read_message` before `Message::parse`.
 //!
 //! # Protocol notes
 //!
@@ -47,7 +48,7 @@ use std::fmt;
 use std::io;
 use std::time::Duration;
 
-use bytes::{BufMut, BytesMut};
+use bytes::{Buf, BufMut, Bytes, BytesMut};
 use fallible_iterator::FallibleIterator;
 use postgres_protocol::authentication::md5_hash;
 use postgres_protocol::authentication::sasl::{ChannelBinding, ScramSha256, SCRAM_SHA_256};
@@ -321,7 +322,8 @@ impl Transport {
         }
     }
 
-    async fn read_message(&mut self) -> Result<Message, WireError> {
+    /// The next backend message. Cancel-safe: a partly received message stays in `read_buf`.
+    async fn read_message(&mut self) -> Result<Backend, WireError> {
         loop {
             if let Some(header) = Header::parse(&self.read_buf).map_err(WireError::protocol)? {
                 if header.len() as usize > MAX_MESSAGE_LEN {
@@ -331,11 +333,17 @@ impl Transport {
                         char::from(header.tag())
                     )));
                 }
+                let total = 1 + header.len() as usize;
+                if header.tag() == b'W' && self.read_buf.len() >= total {
+                    // The column formats that follow say nothing the replication protocol needs.
+                    self.read_buf.advance(total);
+                    return Ok(Backend::CopyBothResponse);
+                }
             }
             if let Some(message) =
                 Message::parse(&mut self.read_buf).map_err(WireError::protocol)?
             {
-                return Ok(message);
+                return Ok(Backend::Message(message));
             }
             self.read_buf.reserve(READ_CHUNK);
             if self.socket.read_buf(&mut self.read_buf).await? == 0 {
@@ -356,12 +364,20 @@ impl Transport {
         })
     }
 
+    /// Cancel-safe: `write_buf` is advanced past whatever was written, so a dropped flush
+    /// leaves exactly the unsent rest for the next one.
     async fn flush(&mut self) -> Result<(), WireError> {
-        self.socket.write_all(&self.write_buf).await?;
-        self.write_buf.clear();
+        self.socket.write_all_buf(&mut self.write_buf).await?;
         self.socket.flush().await?;
         Ok(())
     }
+}
+
+/// A backend message as [`Transport`] reads it: what `postgres-protocol` decodes, plus
+/// CopyBothResponse (`W`), which its 0.6 decoder does not know.
+pub(crate) enum Backend {
+    Message(Message),
+    CopyBothResponse,
 }
 
 /// One session with the server, used by one task at a time.
@@ -374,6 +390,9 @@ pub struct Connection {
     /// Set while an operation has sent its request but not yet read ReadyForQuery. Still set
     /// afterwards only if the operation's future was dropped half way.
     in_progress: bool,
+    /// A simple query sent ahead of the next operation, in the same write (see
+    /// [`Connection::queue_prelude`]).
+    prelude: Option<String>,
 }
 
 impl fmt::Debug for Connection {
@@ -409,6 +428,7 @@ impl Connection {
             status: TransactionStatus::Idle,
             broken: false,
             in_progress: true,
+            prelude: None,
         };
         let params = startup_parameters(cfg);
         conn.transport.encode(|buf| {
@@ -533,8 +553,11 @@ impl Connection {
         max_rows: usize,
     ) -> Result<SimpleOutcome, WireError> {
         self.ensure_usable()?;
-        self.transport.encode(|buf| frontend::query(sql, buf))?;
+        let prelude = self.encode_with_prelude(|buf| frontend::query(sql, buf))?;
         self.send().await?;
+        if prelude {
+            self.finish_prelude().await?;
+        }
 
         let mut current: Option<ResultBuilder> = None;
         let mut outcome = SimpleOutcome::default();
@@ -588,13 +611,16 @@ impl Connection {
     /// it: Parse + Describe + Sync. Errors carry [`Phase::Parse`].
     pub async fn prepare(&mut self, sql: &str) -> Result<Prepared, WireError> {
         self.ensure_usable()?;
-        self.transport.encode(|buf| {
+        let prelude = self.encode_with_prelude(|buf| {
             frontend::parse("", sql, std::iter::empty(), buf)?;
             frontend::describe(b'S', "", buf)?;
             frontend::sync(buf);
             Ok::<_, io::Error>(())
         })?;
         self.send().await?;
+        if prelude {
+            self.finish_prelude().await?;
+        }
 
         let mut prepared = Prepared::default();
         let mut error = None;
@@ -684,6 +710,119 @@ impl Connection {
         }
     }
 
+    /// Parse (parameter types left to the server) + Bind (text parameters) + Describe portal +
+    /// Execute + Sync in one write: one round trip where `prepare` + `execute_prepared` take two.
+    /// The caller must already know how to write each parameter as text (e.g. from an earlier
+    /// `prepare` of the same statement). Errors carry [`Phase::Parse`] before ParseComplete,
+    /// [`Phase::Bind`] before BindComplete (nothing has executed then), else [`Phase::Execute`].
+    pub async fn query_oneshot(
+        &mut self,
+        sql: &str,
+        params: &[Option<String>],
+        max_rows: usize,
+    ) -> Result<StatementResult, WireError> {
+        self.ensure_usable()?;
+        let prelude = self.encode_with_prelude(|buf| {
+            frontend::parse("", sql, std::iter::empty(), buf).map_err(|e| e.to_string())?;
+            encode_bind_execute(params, buf)
+        })?;
+        self.send().await?;
+        if prelude {
+            self.finish_prelude().await?;
+        }
+
+        let mut phase = Phase::Parse;
+        let mut builder = ResultBuilder::new(Vec::new(), max_rows);
+        let mut result = None;
+        let mut error = None;
+        loop {
+            match self.recv().await? {
+                Message::ParseComplete => phase = Phase::Bind,
+                Message::BindComplete => phase = Phase::Execute,
+                Message::RowDescription(body) => builder.columns = self.columns(&body)?,
+                Message::NoData => {}
+                Message::DataRow(row) => builder.push(&row).map_err(|e| self.fail(e))?,
+                Message::CommandComplete(body) => {
+                    let tag = body.tag().map_err(|e| self.fail(WireError::protocol(e)))?;
+                    let done = std::mem::replace(&mut builder, ResultBuilder::new(Vec::new(), 0));
+                    result = Some(done.finish(tag));
+                }
+                Message::EmptyQueryResponse => result = Some(StatementResult::default()),
+                Message::ErrorResponse(body) => error = Some(self.recoverable_error(&body, phase)?),
+                Message::CopyInResponse(_) => self.refuse_copy_in(true).await?,
+                Message::CopyOutResponse(_) | Message::CopyData(_) | Message::CopyDone => {}
+                Message::ReadyForQuery(body) => {
+                    self.ready(&body)?;
+                    break;
+                }
+                other => return Err(self.unexpected(&other, "one-shot query")),
+            }
+        }
+        match (error, result) {
+            (Some(e), _) => Err(WireError::Db(e)),
+            (None, Some(result)) => Ok(result),
+            (None, None) => {
+                Err(self.fail(WireError::protocol("query ended without CommandComplete")))
+            }
+        }
+    }
+
+    /// Queues `sql` (e.g. `DISCARD ALL`) to run as a simple query right before the next
+    /// operation, sent in the same write, so a session reset costs no round trip of its own.
+    /// If it fails, the connection is marked broken and that operation fails without running.
+    /// `execute_prepared` never sends it (a Query would destroy the unnamed statement): the
+    /// prelude goes out with the `prepare` before it.
+    pub fn queue_prelude(&mut self, sql: &str) {
+        self.prelude = Some(sql.to_owned());
+    }
+
+    /// Encodes a queued prelude, then the operation's own messages; true when a prelude goes
+    /// out with them. If the operation cannot be encoded, nothing is left to send and the
+    /// prelude stays queued.
+    fn encode_with_prelude<E: fmt::Display>(
+        &mut self,
+        encode: impl FnOnce(&mut BytesMut) -> Result<(), E>,
+    ) -> Result<bool, WireError> {
+        let prelude = self.prelude.take();
+        if let Some(sql) = &prelude {
+            if let Err(e) = self.transport.encode(|buf| frontend::query(sql, buf)) {
+                self.prelude = prelude;
+                return Err(e);
+            }
+        }
+        if let Err(e) = self.transport.encode(encode) {
+            self.transport.write_buf.clear();
+            self.prelude = prelude;
+            return Err(e);
+        }
+        Ok(prelude.is_some())
+    }
+
+    /// Reads the prelude's response up to its ReadyForQuery.
+    async fn finish_prelude(&mut self) -> Result<(), WireError> {
+        let mut failed = None;
+        loop {
+            match self.recv().await? {
+                Message::ErrorResponse(body) => {
+                    failed = Some(self.recoverable_error(&body, Phase::Query)?);
+                }
+                Message::ReadyForQuery(body) => {
+                    self.ready(&body)?;
+                    self.in_progress = true;
+                    break;
+                }
+                _ => {}
+            }
+        }
+        match failed {
+            Some(e) => {
+                self.broken = true;
+                Err(WireError::Protocol(format!("session reset failed: {}", e.message)))
+            }
+            None => Ok(()),
+        }
+    }
+
     /// From the last ReadyForQuery.
     pub fn transaction_status(&self) -> TransactionStatus {
         self.status
@@ -729,12 +868,26 @@ impl Connection {
     /// The next message that belongs to the current operation; messages that can arrive at any
     /// time are absorbed here.
     async fn recv(&mut self) -> Result<Message, WireError> {
+        match self.recv_backend().await? {
+            Backend::Message(message) => Ok(message),
+            Backend::CopyBothResponse => {
+                Err(self.fail(WireError::protocol("unexpected CopyBothResponse")))
+            }
+        }
+    }
+
+    /// [`Connection::recv`], CopyBothResponse included. Cancel-safe.
+    async fn recv_backend(&mut self) -> Result<Backend, WireError> {
         loop {
-            let message = self
+            let message = match self
                 .transport
                 .read_message()
                 .await
-                .map_err(|e| self.fail(e))?;
+                .map_err(|e| self.fail(e))?
+            {
+                Backend::Message(message) => message,
+                Backend::CopyBothResponse => return Ok(Backend::CopyBothResponse),
+            };
             match message {
                 Message::ParameterStatus(body) => {
                     let (name, value) = match (body.name(), body.value()) {
@@ -767,7 +920,7 @@ impl Connection {
                         "notification (dropped)"
                     );
                 }
-                message => return Ok(message),
+                message => return Ok(Backend::Message(message)),
             }
         }
     }
@@ -854,6 +1007,95 @@ impl Connection {
             self.broken = true;
         }
         e
+    }
+}
+
+/// A message the server sends in copy-both mode, as [`Connection::copy_both_recv`] returns it.
+#[derive(Debug)]
+pub(crate) enum CopyBoth {
+    /// CopyData: one streaming replication message (`w` XLogData, `k` keepalive).
+    Data(Bytes),
+    /// CopyDone: the server has ended its half of the copy.
+    Done,
+    /// CommandComplete: the command is over (after both CopyDones, or on its own when a
+    /// walsender exits at server shutdown).
+    Complete,
+    /// ReadyForQuery: back in command mode; the connection is usable again.
+    Ready,
+}
+
+/// Copy-both mode, which `START_REPLICATION` enters
+/// ([protocol flow](https://www.postgresql.org/docs/current/protocol-flow.html#PROTOCOL-COPY)).
+/// Until ReadyForQuery the connection counts as busy ([`Connection::is_broken`]), so no
+/// ordinary operation can be sent in the middle of the copy.
+impl Connection {
+    /// Sends `sql` as a simple query and waits for CopyBothResponse. A refusal (ErrorResponse,
+    /// then ReadyForQuery) comes back as [`WireError::Db`] and leaves the connection usable.
+    pub(crate) async fn start_copy_both(&mut self, sql: &str) -> Result<(), WireError> {
+        self.ensure_usable()?;
+        self.transport.encode(|buf| frontend::query(sql, buf))?;
+        self.send().await?;
+        let mut error = None;
+        loop {
+            match self.recv_backend().await? {
+                Backend::CopyBothResponse => return Ok(()),
+                Backend::Message(Message::ErrorResponse(body)) => {
+                    error = Some(self.recoverable_error(&body, Phase::Query)?)
+                }
+                Backend::Message(Message::ReadyForQuery(body)) => {
+                    self.ready(&body)?;
+                    return Err(match error {
+                        Some(e) => WireError::Db(e),
+                        None => self.fail(WireError::protocol(
+                            "the command ended without CopyBothResponse",
+                        )),
+                    });
+                }
+                Backend::Message(other) => return Err(self.unexpected(&other, "copy-both start")),
+            }
+        }
+    }
+
+    /// The next message in copy-both mode. Cancel-safe. An ErrorResponse comes back at once as
+    /// [`WireError::Db`]; the copy is over then.
+    pub(crate) async fn copy_both_recv(&mut self) -> Result<CopyBoth, WireError> {
+        match self.recv_backend().await? {
+            Backend::Message(Message::CopyData(body)) => Ok(CopyBoth::Data(body.into_bytes())),
+            Backend::Message(Message::CopyDone) => Ok(CopyBoth::Done),
+            Backend::Message(Message::CommandComplete(_)) => Ok(CopyBoth::Complete),
+            Backend::Message(Message::ReadyForQuery(body)) => {
+                self.ready(&body)?;
+                Ok(CopyBoth::Ready)
+            }
+            Backend::Message(Message::ErrorResponse(body)) => {
+                Err(self.server_error(body.fields(), Phase::Query))
+            }
+            Backend::Message(other) => Err(self.unexpected(&other, "copy-both")),
+            Backend::CopyBothResponse => {
+                Err(self.fail(WireError::protocol("unexpected CopyBothResponse")))
+            }
+        }
+    }
+
+    /// Queues a CopyData message for [`Connection::flush_queued`].
+    pub(crate) fn queue_copy_data(&mut self, payload: Bytes) -> Result<(), WireError> {
+        self.transport
+            .encode(|buf| frontend::CopyData::new(payload).map(|data| data.write(buf)))
+    }
+
+    /// Queues CopyDone for [`Connection::flush_queued`].
+    pub(crate) fn queue_copy_done(&mut self) {
+        frontend::copy_done(&mut self.transport.write_buf);
+    }
+
+    /// Whether queued messages are waiting for [`Connection::flush_queued`].
+    pub(crate) fn has_queued(&self) -> bool {
+        !self.transport.write_buf.is_empty()
+    }
+
+    /// Writes the queued messages. Cancel-safe: what a dropped call did not write stays queued.
+    pub(crate) async fn flush_queued(&mut self) -> Result<(), WireError> {
+        self.transport.flush().await.map_err(|e| self.fail(e))
     }
 }
 
