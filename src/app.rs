@@ -25,6 +25,8 @@ pub struct App {
     pub rate: RateLimiter,
     pub metrics: Metrics,
     pub auth_cache: crate::auth::AuthCache,
+    pub bus: crate::bus::Bus,
+    pub cdc: crate::cdc::Cdc,
     /// When each API key's `last_used_at` was last written (written at most once a minute).
     pub key_touched: Mutex<HashMap<String, Instant>>,
     /// Keeps the embedded cluster alive as long as the server; stopped on shutdown.
@@ -67,6 +69,8 @@ impl App {
             rate: RateLimiter::new(config.rate_limit_requests, config.rate_limit_window_secs),
             metrics: Metrics::default(),
             auth_cache: Default::default(),
+            bus: Default::default(),
+            cdc: Default::default(),
             key_touched: Mutex::new(HashMap::new()),
             config,
             secrets,
@@ -81,6 +85,7 @@ impl App {
 
     /// Stops what the server started (the embedded cluster).
     pub fn shutdown(&self) {
+        self.cdc.stop_all();
         self.sql.clear();
         self.control.close();
         if let Some(cluster) = &self.embedded {
@@ -107,6 +112,7 @@ impl Running {
             .with_context(|| format!("binding {}", app.config.listen))?;
         let addr = listener.local_addr()?;
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        app.start_change_streams().await?;
         let routes = crate::http::routes(app.clone());
         let task = tokio::spawn(async move {
             warp::serve(routes)

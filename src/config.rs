@@ -43,6 +43,12 @@ pub struct Config {
     pub session_ttl_secs: u64,
     /// Connections per project and scope in the SQL pool.
     pub pool_size: usize,
+    /// Bytes of one open transaction's changes the change stream keeps in memory before
+    /// spilling the rest to disk.
+    pub cdc_buffer_bytes: usize,
+    /// `logical_decoding_work_mem` for the change streams' walsenders, in kB: transactions
+    /// larger than this arrive streamed. Unset: the cluster's setting.
+    pub cdc_decoding_work_mem_kb: Option<u64>,
 }
 
 impl Default for Config {
@@ -64,6 +70,8 @@ impl Default for Config {
             rate_limit_window_secs: 10,
             session_ttl_secs: 24 * 3600,
             pool_size: 16,
+            cdc_buffer_bytes: 16 * 1024 * 1024,
+            cdc_decoding_work_mem_kb: None,
         }
     }
 }
@@ -221,6 +229,20 @@ impl Config {
         });
         env!("FLUXBASE_POOL_SIZE", |k, v: String| -> Result<()> {
             self.pool_size = parse(k, &v)?;
+            Ok(())
+        });
+        env!("FLUXBASE_CDC_BUFFER_BYTES", |k, v: String| -> Result<()> {
+            self.cdc_buffer_bytes = parse(k, &v)?;
+            Ok(())
+        });
+        env!("FLUXBASE_CDC_DECODING_WORK_MEM_KB", |k,
+                                                   v: String|
+         -> Result<()> {
+            self.cdc_decoding_work_mem_kb = if v.is_empty() {
+                None
+            } else {
+                Some(parse(k, &v)?)
+            };
             Ok(())
         });
         self.validate()

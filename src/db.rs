@@ -12,11 +12,18 @@ use tokio_postgres::config::Host;
 use tokio_postgres::NoTls;
 
 /// Control-plane migrations, in order. Never edit a released one: add the next.
-pub const CONTROL_MIGRATIONS: &[(i32, &str, &str)] = &[(
-    1,
-    "control_plane",
-    include_str!("../sql/control/0001_control_plane.sql"),
-)];
+pub const CONTROL_MIGRATIONS: &[(i32, &str, &str)] = &[
+    (
+        1,
+        "control_plane",
+        include_str!("../sql/control/0001_control_plane.sql"),
+    ),
+    (
+        2,
+        "change_capture",
+        include_str!("../sql/control/0002_change_capture.sql"),
+    ),
+];
 
 /// Where the project databases live and how the server reaches the cluster as its admin role.
 #[derive(Clone)]

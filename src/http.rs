@@ -159,6 +159,7 @@ fn route_name(path: &str) -> &'static str {
         "/api/auth/signup" | "/api/auth/login" | "/api/auth/logout" | "/api/auth/me" => "/api/auth",
         "/api/projects" => "/api/projects",
         "/api/keys" | "/api/keys/rotate" => "/api/keys",
+        "/api/cdc/status" => "/api/cdc/status",
         _ => "other",
     }
 }
@@ -244,7 +245,23 @@ async fn dispatch(app: &Arc<App>, req: &Request) -> ApiResult<Response> {
 
         (&M::POST, "/api/projects") => {
             let p = app.authenticate(req.authorization()).await?;
-            ok(app.create_project_endpoint(&p, req.json()?).await?)
+            let created = app.create_project_endpoint(&p, req.json()?).await?;
+            if let Some(id) = created.1["project"]["id"].as_str() {
+                app.start_change_stream(id.to_string(), format!("fx_{id}"));
+            }
+            ok(created)
+        }
+        (&M::DELETE, "/api/projects") => {
+            let p = app.authenticate(req.authorization()).await?;
+            let access = app.project_access(&p, req.param("projectId")?).await?;
+            access.require_admin()?;
+            app.delete_project(&access.project.id).await?;
+            ok((StatusCode::OK, json!({ "success": true })))
+        }
+        (&M::GET, "/api/cdc/status") => {
+            let p = app.authenticate(req.authorization()).await?;
+            let access = app.project_access(&p, req.param("projectId")?).await?;
+            ok(app.cdc_status(&access).await?)
         }
         (&M::GET, "/api/projects") => {
             let p = app.authenticate(req.authorization()).await?;
@@ -307,4 +324,5 @@ const KNOWN_PATHS: &[&str] = &[
     "/api/keys",
     "/api/keys/rotate",
     "/api/execute-sql",
+    "/api/cdc/status",
 ];

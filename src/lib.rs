@@ -7,6 +7,8 @@
 pub mod accounts;
 pub mod app;
 pub mod auth;
+pub mod bus;
+pub mod cdc;
 pub mod config;
 pub mod db;
 pub mod doctor;

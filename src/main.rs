@@ -49,6 +49,8 @@ enum ProjectAction {
     Suspend { id: String },
     /// Resume a suspended project.
     Resume { id: String },
+    /// Delete a project: its database, roles, keys and replication slot.
+    Delete { id: String },
 }
 
 fn main() -> Result<()> {
@@ -135,6 +137,13 @@ async fn project(app: &App, action: ProjectAction) -> Result<()> {
         ProjectAction::Resume { id } => {
             app.set_project_status(&id, "active").await?;
             println!("project {id} resumed");
+            Ok(())
+        }
+        ProjectAction::Delete { id } => {
+            app.delete_project(&id)
+                .await
+                .map_err(|e| anyhow::anyhow!("{e}"))?;
+            println!("project {id} deleted");
             Ok(())
         }
     }

@@ -22,11 +22,18 @@ use crate::keys::NewKey;
 use crate::secrets::random_hex;
 
 /// Per-project bootstrap migrations, in order.
-pub const PROJECT_MIGRATIONS: &[(i32, &str, &str)] = &[(
-    1,
-    "roles_and_grants",
-    include_str!("../sql/project/0001_roles_and_grants.sql"),
-)];
+pub const PROJECT_MIGRATIONS: &[(i32, &str, &str)] = &[
+    (
+        1,
+        "roles_and_grants",
+        include_str!("../sql/project/0001_roles_and_grants.sql"),
+    ),
+    (
+        2,
+        "change_capture",
+        include_str!("../sql/project/0002_change_capture.sql"),
+    ),
+];
 
 #[derive(Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
@@ -101,6 +108,11 @@ impl App {
             .batch_execute(&format!("CREATE DATABASE {}", quote_ident(db_name)))
             .await?;
         self.migrate_project(project_id, db_name, 0).await
+    }
+
+    /// The project's replication slot (after its row exists in the control database).
+    async fn provision_slot(&self, project_id: &str, db_name: &str) -> anyhow::Result<()> {
+        self.ensure_slot(project_id, db_name).await
     }
 
     /// Applies the bootstrap migrations above `from` to a project's database.
@@ -225,10 +237,46 @@ impl App {
             ))
         }
         .await;
+        let result = match result {
+            Ok(created) => match self.provision_slot(&id, &db_name).await {
+                Ok(()) => Ok(created),
+                Err(e) => {
+                    if let Ok(c) = self.control.get().await {
+                        let _ = c
+                            .execute("DELETE FROM fluxbase.projects WHERE id = $1", &[&id])
+                            .await;
+                    }
+                    Err(e.into())
+                }
+            },
+            Err(e) => Err(e),
+        };
         if result.is_err() {
             self.deprovision(&id, &db_name).await;
         }
         result
+    }
+
+    /// Deletes a project: its change stream and slot, database, roles, keys and members.
+    pub async fn delete_project(&self, project_id: &str) -> ApiResult<()> {
+        let project = self
+            .load_project(project_id)
+            .await?
+            .ok_or(ApiError::ProjectNotFound)?;
+        self.stop_change_stream(project_id).await;
+        self.deprovision(project_id, &project.db_name).await;
+        let client = self.control.get().await?;
+        client
+            .execute(
+                "DELETE FROM fluxbase.projects WHERE id = $1",
+                &[&project_id],
+            )
+            .await?;
+        drop(client);
+        self.invalidate_access().await;
+        self.bus.remove(project_id);
+        tracing::info!(project_id, "project deleted");
+        Ok(())
     }
 
     pub async fn create_project_endpoint(
@@ -352,6 +400,18 @@ pub async fn migrate_all(app: &App) -> anyhow::Result<()> {
         let (id, db, from): (String, String, i32) = (r.get(0), r.get(1), r.get(2));
         tracing::info!(project_id = %id, from, to = latest, "migrating project database");
         app.migrate_project(&id, &db, from).await?;
+    }
+    let unslotted = app
+        .control
+        .get()
+        .await?
+        .query(
+            "SELECT id, db_name FROM fluxbase.projects WHERE cdc_slot IS NULL",
+            &[],
+        )
+        .await?;
+    for r in unslotted {
+        app.ensure_slot(r.get(0), r.get(1)).await?;
     }
     Ok(())
 }

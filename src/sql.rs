@@ -151,7 +151,8 @@ impl SqlPools {
         }
     }
 
-    fn types(&self, project_id: &str) -> Arc<RwLock<TypeRegistry>> {
+    /// The project's type registry, shared by the SQL API and the change stream.
+    pub fn types(&self, project_id: &str) -> Arc<RwLock<TypeRegistry>> {
         self.types
             .lock()
             .expect("poisoned")
@@ -300,7 +301,9 @@ async fn run(
 ) -> Result<Option<StatementResult>, SqlFailure> {
     let result = match req.params.as_deref() {
         None | Some([]) => conn.simple_query(&req.query, max_rows).await?.last,
-        Some(params) => Some(run_with_params(conn, req, params, max_rows, types, statements).await?),
+        Some(params) => {
+            Some(run_with_params(conn, req, params, max_rows, types, statements).await?)
+        }
     };
     if let Some(result) = &result {
         let oids: Vec<u32> = result.columns.iter().map(|c| c.type_oid).collect();
@@ -322,7 +325,10 @@ async fn run_with_params(
     types: &RwLock<TypeRegistry>,
     statements: &StatementCache,
 ) -> Result<StatementResult, SqlFailure> {
-    if let Some(known) = statements.get(&req.query).filter(|t| t.len() == params.len()) {
+    if let Some(known) = statements
+        .get(&req.query)
+        .filter(|t| t.len() == params.len())
+    {
         let texts = params_to_text(params, &known, types)?;
         match conn.query_oneshot(&req.query, &texts, max_rows).await {
             Err(WireError::Db(e)) if e.phase == Phase::Bind => statements.forget(&req.query),

@@ -143,7 +143,8 @@ impl ReplicationError {
         match e.code.as_str() {
             "42704" => e.message.contains("replication slot"),
             "55000" => {
-                e.message.contains("can no longer get changes from replication slot")
+                e.message
+                    .contains("can no longer get changes from replication slot")
                     || detail.contains("has been invalidated")
             }
             "58P01" => e.message.contains("has already been removed"),
@@ -573,7 +574,10 @@ struct Reply {
 }
 
 impl Reply {
-    fn of(command: &'static str, result: Option<StatementResult>) -> Result<Reply, ReplicationError> {
+    fn of(
+        command: &'static str,
+        result: Option<StatementResult>,
+    ) -> Result<Reply, ReplicationError> {
         match result {
             Some(result) if result.rows.len() == 1 => Ok(Reply { command, result }),
             Some(result) => Err(ReplicationError::UnexpectedReply {
@@ -715,8 +719,12 @@ mod tests {
     fn lost_connections_and_shutdowns_are_retryable() {
         assert!(ReplicationError::Wire(WireError::Closed).is_retryable());
         assert!(ReplicationError::Wire(WireError::Timeout).is_retryable());
-        assert!(db("57P01", "terminating connection due to administrator command", None)
-            .is_retryable());
+        assert!(db(
+            "57P01",
+            "terminating connection due to administrator command",
+            None
+        )
+        .is_retryable());
         assert!(db("08006", "connection failure", None).is_retryable());
         assert!(!db("42704", "replication slot \"s\" does not exist", None).is_retryable());
         assert!(!ReplicationError::Wire(WireError::Protocol("x".into())).is_retryable());
@@ -729,7 +737,9 @@ mod tests {
             db(
                 "55000",
                 "can no longer get changes from replication slot \"s\"",
-                Some("This slot has been invalidated because it exceeded the maximum reserved size."),
+                Some(
+                    "This slot has been invalidated because it exceeded the maximum reserved size.",
+                ),
             ),
             db(
                 "58P01",
@@ -744,7 +754,11 @@ mod tests {
         let in_use = db("55006", "replication slot \"s\" is active for PID 42", None);
         assert!(in_use.is_slot_in_use() && !in_use.is_slot_gone() && !in_use.is_retryable());
         assert!(!db("42704", "type \"x\" does not exist", None).is_slot_gone());
-        assert!(!db("55000", "replication slot \"s\" was not created in this database", None)
-            .is_slot_gone());
+        assert!(!db(
+            "55000",
+            "replication slot \"s\" was not created in this database",
+            None
+        )
+        .is_slot_gone());
     }
 }

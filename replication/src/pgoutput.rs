@@ -653,9 +653,9 @@ pub fn parse_copy_data(buf: Bytes) -> Result<ReplicationMessage, DecodeError> {
 pub struct StandbyStatus {
     /// The last WAL byte + 1 received and written.
     pub written: Lsn,
-    /// The last WAL byte + 1 made durable.
+    /// The last WAL byte + 1 made durable: a logical slot's `confirmed_flush_lsn` follows it.
     pub flushed: Lsn,
-    /// The last WAL byte + 1 applied; the slot's `confirmed_flush_lsn` follows `flushed`.
+    /// The last WAL byte + 1 applied.
     pub applied: Lsn,
     /// The client's clock when sending.
     pub client_clock: PgTimestamp,

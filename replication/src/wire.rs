@@ -817,7 +817,10 @@ impl Connection {
         match failed {
             Some(e) => {
                 self.broken = true;
-                Err(WireError::Protocol(format!("session reset failed: {}", e.message)))
+                Err(WireError::Protocol(format!(
+                    "session reset failed: {}",
+                    e.message
+                )))
             }
             None => Ok(()),
         }

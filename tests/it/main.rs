@@ -3,8 +3,10 @@
 mod support;
 
 mod accounts;
+mod cdc;
 mod cli;
 mod guide;
+mod replication;
 mod sql;
 mod values;
 mod wire;

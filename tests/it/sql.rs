@@ -702,18 +702,34 @@ async fn internal_errors_are_500_with_a_request_id_and_no_internals() {
 async fn a_repeated_statement_survives_a_schema_change_that_alters_its_parameter_types() {
     let app = spawn_app().await;
     let f = app.fixture().await;
-    app.rows(&f.admin, &f.project, "CREATE TABLE c (v text)").await;
+    app.rows(&f.admin, &f.project, "CREATE TABLE c (v text)")
+        .await;
     let insert = "INSERT INTO c VALUES ($1) RETURNING v";
     for _ in 0..3 {
-        let b = app.sql_params(&f.admin, &f.project, insert, json!(["hello"])).await;
+        let b = app
+            .sql_params(&f.admin, &f.project, insert, json!(["hello"]))
+            .await;
         assert_eq!(b["result"]["rows"][0]["v"], "hello", "{b}");
     }
-    app.rows(&f.admin, &f.project, "ALTER TABLE c ALTER COLUMN v TYPE jsonb USING to_jsonb(v)").await;
+    app.rows(
+        &f.admin,
+        &f.project,
+        "ALTER TABLE c ALTER COLUMN v TYPE jsonb USING to_jsonb(v)",
+    )
+    .await;
     // The remembered parameter type (text) is stale: the string must now be sent as JSON.
-    let b = app.sql_params(&f.admin, &f.project, insert, json!(["hello"])).await;
+    let b = app
+        .sql_params(&f.admin, &f.project, insert, json!(["hello"]))
+        .await;
     assert_eq!(b["success"], true, "{b}");
     assert_eq!(b["result"]["rows"][0]["v"], "hello");
-    let b = app.sql_params(&f.admin, &f.project, insert, json!([{ "k": 1 }])).await;
+    let b = app
+        .sql_params(&f.admin, &f.project, insert, json!([{ "k": 1 }]))
+        .await;
     assert_eq!(b["result"]["rows"][0]["v"], json!({ "k": 1 }), "{b}");
-    assert_eq!(app.rows(&f.read, &f.project, "SELECT count(*) AS n FROM c").await[0]["n"], 5);
+    assert_eq!(
+        app.rows(&f.read, &f.project, "SELECT count(*) AS n FROM c")
+            .await[0]["n"],
+        5
+    );
 }

@@ -11,7 +11,11 @@ fuzz_target!(|data: &[u8]| {
     let data = Bytes::copy_from_slice(data);
     for protocol_version in [1, 4] {
         for in_stream in [false, true] {
-            let _ = decode(data.clone(), DecodeContext { protocol_version, in_stream });
+            let ctx = DecodeContext {
+                protocol_version,
+                in_stream,
+            };
+            let _ = decode(data.clone(), ctx);
         }
     }
     if let Ok(ReplicationMessage::XLogData(x)) = parse_copy_data(data) {

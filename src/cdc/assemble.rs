@@ -1,0 +1,298 @@
+//! Transaction assembly: changes are held per transaction until its commit, then released
+//! together in commit order; an aborted transaction (or subtransaction) releases nothing.
+//!
+//! PostgreSQL sends a small transaction whole between Begin and Commit. One larger than
+//! `logical_decoding_work_mem` arrives streamed: chunks between Stream Start and Stream Stop,
+//! interleaved with other transactions, each change tagged with its (sub)transaction id, and
+//! finally Stream Commit or Stream Abort. Each open transaction has a [`TxBuffer`] that keeps
+//! changes in memory up to a bound and spills the rest to a file, so a transaction of any size
+//! passes through in bounded memory.
+
+use std::collections::{HashMap, HashSet};
+use std::fs::File;
+use std::io::{BufRead, BufReader, BufWriter, Write};
+use std::path::{Path, PathBuf};
+
+use fluxbase_replication::pgoutput::{
+    LogicalReplicationMessage as M, Lsn, PgTimestamp, Relation, Xid,
+};
+use fluxbase_replication::values::TypeRegistry;
+
+use super::events::{self, Pending};
+
+/// The changes of one open transaction.
+pub struct TxBuffer {
+    mem: Vec<(Option<Xid>, Pending)>,
+    mem_bytes: usize,
+    bound: usize,
+    spill_dir: PathBuf,
+    spill: Option<(PathBuf, BufWriter<File>)>,
+    spilled: usize,
+    aborted: HashSet<Xid>,
+}
+
+impl TxBuffer {
+    fn new(bound: usize, spill_dir: &Path) -> TxBuffer {
+        TxBuffer {
+            mem: Vec::new(),
+            mem_bytes: 0,
+            bound,
+            spill_dir: spill_dir.to_path_buf(),
+            spill: None,
+            spilled: 0,
+            aborted: HashSet::new(),
+        }
+    }
+
+    fn push(&mut self, subxid: Option<Xid>, p: Pending) -> std::io::Result<()> {
+        self.mem_bytes += p.size();
+        self.mem.push((subxid, p));
+        if self.mem_bytes > self.bound {
+            self.spill_mem()?;
+        }
+        Ok(())
+    }
+
+    fn spill_mem(&mut self) -> std::io::Result<()> {
+        if self.spill.is_none() {
+            std::fs::create_dir_all(&self.spill_dir)?;
+            let path = self
+                .spill_dir
+                .join(format!("tx-{}.jsonl", crate::secrets::random_hex::<8>()));
+            let file = File::options()
+                .create_new(true)
+                .write(true)
+                .read(true)
+                .open(&path)?;
+            tracing::debug!(path = %path.display(), "spilling a large transaction to disk");
+            self.spill = Some((path, BufWriter::with_capacity(1 << 20, file)));
+        }
+        let (_, writer) = self.spill.as_mut().expect("just opened");
+        for entry in self.mem.drain(..) {
+            serde_json::to_writer(&mut *writer, &entry)?;
+            writer.write_all(b"\n")?;
+            self.spilled += 1;
+        }
+        self.mem_bytes = 0;
+        Ok(())
+    }
+
+    fn abort_subtransaction(&mut self, subxid: Xid) {
+        self.aborted.insert(subxid);
+        self.mem.retain(|(x, _)| *x != Some(subxid));
+    }
+
+    /// Bytes held in memory now.
+    pub fn memory(&self) -> usize {
+        self.mem_bytes
+    }
+
+    /// The transaction's changes in order, read back from disk first when it spilled.
+    pub fn drain(mut self) -> std::io::Result<impl Iterator<Item = std::io::Result<Pending>>> {
+        let spilled = match self.spill.take() {
+            Some((path, mut writer)) => {
+                writer.flush()?;
+                drop(writer);
+                let reader = BufReader::with_capacity(1 << 20, File::open(&path)?);
+                // The file stays readable through the open handle; the name goes now.
+                let _ = std::fs::remove_file(&path);
+                Some(reader.lines())
+            }
+            None => None,
+        };
+        let aborted = std::mem::take(&mut self.aborted);
+        let aborted2 = aborted.clone();
+        let mem = std::mem::take(&mut self.mem);
+        let from_disk = spilled.into_iter().flatten().filter_map(move |line| {
+            let line = match line {
+                Ok(l) => l,
+                Err(e) => return Some(Err(e)),
+            };
+            match serde_json::from_str::<(Option<Xid>, Pending)>(&line) {
+                Ok((x, p)) => (!x.is_some_and(|x| aborted.contains(&x))).then_some(Ok(p)),
+                Err(e) => Some(Err(std::io::Error::other(e))),
+            }
+        });
+        let from_mem = mem
+            .into_iter()
+            .filter(move |(x, _)| !x.is_some_and(|x| aborted2.contains(&x)))
+            .map(|(_, p)| Ok(p));
+        Ok(from_disk.chain(from_mem))
+    }
+}
+
+impl Drop for TxBuffer {
+    fn drop(&mut self) {
+        if let Some((path, _)) = self.spill.take() {
+            let _ = std::fs::remove_file(path);
+        }
+    }
+}
+
+/// A transaction that committed, ready to be released.
+pub struct Committed {
+    pub commit_lsn: Lsn,
+    pub end_lsn: Lsn,
+    pub commit_timestamp: PgTimestamp,
+    pub changes: TxBuffer,
+}
+
+struct OpenTx {
+    commit_timestamp: PgTimestamp,
+    buf: TxBuffer,
+}
+
+/// Follows the pgoutput message sequence of one replication connection.
+pub struct Assembler {
+    relations: HashMap<u32, Relation>,
+    current: Option<OpenTx>,
+    streams: HashMap<Xid, TxBuffer>,
+    stream_xid: Option<Xid>,
+    bound: usize,
+    spill_dir: PathBuf,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum AssembleError {
+    #[error("{0} for relation {1} that was never described")]
+    UnknownRelation(&'static str, u32),
+    #[error("{0} outside a transaction")]
+    OutsideTransaction(&'static str),
+    #[error("spilling a transaction: {0}")]
+    Spill(#[from] std::io::Error),
+}
+
+impl Assembler {
+    pub fn new(bound: usize, spill_dir: &Path) -> Assembler {
+        Assembler {
+            relations: HashMap::new(),
+            current: None,
+            streams: HashMap::new(),
+            stream_xid: None,
+            bound,
+            spill_dir: spill_dir.to_path_buf(),
+        }
+    }
+
+    /// True when no transaction is open: everything received has been released.
+    pub fn idle(&self) -> bool {
+        self.current.is_none() && self.streams.is_empty()
+    }
+
+    /// Bytes of changes held in memory across open transactions.
+    pub fn memory(&self) -> usize {
+        self.current.as_ref().map_or(0, |t| t.buf.memory())
+            + self.streams.values().map(TxBuffer::memory).sum::<usize>()
+    }
+
+    pub fn relation(&self, id: u32) -> Option<&Relation> {
+        self.relations.get(&id)
+    }
+
+    fn buffer(&mut self, what: &'static str) -> Result<&mut TxBuffer, AssembleError> {
+        match self.stream_xid {
+            Some(xid) => Ok(self
+                .streams
+                .entry(xid)
+                .or_insert_with(|| TxBuffer::new(self.bound, &self.spill_dir))),
+            None => self
+                .current
+                .as_mut()
+                .map(|t| &mut t.buf)
+                .ok_or(AssembleError::OutsideTransaction(what)),
+        }
+    }
+
+    fn rel(&self, id: u32, what: &'static str) -> Result<&Relation, AssembleError> {
+        self.relations
+            .get(&id)
+            .ok_or(AssembleError::UnknownRelation(what, id))
+    }
+
+    /// Feeds one message; returns a transaction when this message committed one.
+    pub fn handle(
+        &mut self,
+        msg: M,
+        reg: &TypeRegistry,
+    ) -> Result<Option<Committed>, AssembleError> {
+        match msg {
+            M::Begin(b) => {
+                self.current = Some(OpenTx {
+                    commit_timestamp: b.commit_timestamp,
+                    buf: TxBuffer::new(self.bound, &self.spill_dir),
+                });
+            }
+            M::Commit(c) => {
+                let tx = self
+                    .current
+                    .take()
+                    .ok_or(AssembleError::OutsideTransaction("Commit"))?;
+                return Ok(Some(Committed {
+                    commit_lsn: c.commit_lsn,
+                    end_lsn: c.end_lsn,
+                    commit_timestamp: tx.commit_timestamp,
+                    changes: tx.buf,
+                }));
+            }
+            M::Relation(r) => {
+                self.relations.insert(r.id, r);
+            }
+            M::Insert(i) => {
+                let p = events::insert(self.rel(i.relation_id, "Insert")?, &i.new, reg);
+                self.buffer("Insert")?.push(i.xid, p)?;
+            }
+            M::Update(u) => {
+                let p = events::update(
+                    self.rel(u.relation_id, "Update")?,
+                    u.old.as_ref(),
+                    &u.new,
+                    reg,
+                );
+                self.buffer("Update")?.push(u.xid, p)?;
+            }
+            M::Delete(d) => {
+                let p = events::delete(self.rel(d.relation_id, "Delete")?, &d.old, reg);
+                self.buffer("Delete")?.push(d.xid, p)?;
+            }
+            M::Truncate(t) => {
+                let mut pending = Vec::new();
+                for id in &t.relation_ids {
+                    pending.push(events::truncate(self.rel(*id, "Truncate")?));
+                }
+                let buf = self.buffer("Truncate")?;
+                for p in pending {
+                    buf.push(t.xid, p)?;
+                }
+            }
+            M::Message(m) if m.transactional && m.prefix == "fluxbase.ddl" => {
+                if let Some(p) = events::ddl(&m.content) {
+                    self.buffer("Message")?.push(m.xid, p)?;
+                }
+            }
+            M::StreamStart(s) => self.stream_xid = Some(s.xid),
+            M::StreamStop => self.stream_xid = None,
+            M::StreamCommit(c) => {
+                let buf = self
+                    .streams
+                    .remove(&c.xid)
+                    .unwrap_or_else(|| TxBuffer::new(self.bound, &self.spill_dir));
+                return Ok(Some(Committed {
+                    commit_lsn: c.commit_lsn,
+                    end_lsn: c.end_lsn,
+                    commit_timestamp: c.commit_timestamp,
+                    changes: buf,
+                }));
+            }
+            M::StreamAbort(a) => {
+                if a.xid == a.subtransaction_xid {
+                    self.streams.remove(&a.xid);
+                } else if let Some(buf) = self.streams.get_mut(&a.xid) {
+                    buf.abort_subtransaction(a.subtransaction_xid);
+                }
+            }
+            // Origins, types (the catalog is read directly), other messages, two-phase.
+            _ => {}
+        }
+        Ok(None)
+    }
+}

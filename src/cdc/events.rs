@@ -1,0 +1,391 @@
+//! Turning decoded pgoutput changes into the guide's event payloads.
+//!
+//! A change becomes a [`Pending`] event as soon as it arrives (its JSON parts rendered with the
+//! value codec shared with `/api/execute-sql`); the id, commit time and LSN are added when its
+//! transaction commits, giving the final payloads:
+//!
+//! ```text
+//! db_event      {id, operation, schema, table, record, old, commitTimestamp, lsn}
+//! schema_update {id, event_type:"schema_update", command, objectType, schema, table, object, commitTimestamp}
+//! ```
+
+use std::sync::Arc;
+
+use fluxbase_replication::pgoutput::{self, Lsn, OldTuple, Relation, Tuple};
+use fluxbase_replication::values::{self, TypeRegistry};
+use serde::{Deserialize, Serialize};
+
+use crate::bus::{Event, EventKind};
+
+/// A change whose transaction has not committed yet. Serializable so that large transactions
+/// can be spilled to disk.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum Pending {
+    Row {
+        operation: RowOp,
+        schema: String,
+        table: String,
+        /// JSON object text.
+        record: String,
+        old: Option<String>,
+        /// Columns whose unchanged TOASTed value PostgreSQL did not send (no full old row).
+        unchanged_toast: Vec<String>,
+    },
+    Schema {
+        command: String,
+        object_type: String,
+        schema: Option<String>,
+        table: Option<String>,
+        object: Option<String>,
+    },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum RowOp {
+    Insert,
+    Update,
+    Delete,
+}
+
+impl RowOp {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RowOp::Insert => "INSERT",
+            RowOp::Update => "UPDATE",
+            RowOp::Delete => "DELETE",
+        }
+    }
+}
+
+impl Pending {
+    /// Approximate memory held, for the transaction buffer's bound.
+    pub fn size(&self) -> usize {
+        match self {
+            Pending::Row {
+                record,
+                old,
+                schema,
+                table,
+                ..
+            } => {
+                64 + record.len() + old.as_ref().map_or(0, String::len) + schema.len() + table.len()
+            }
+            Pending::Schema { .. } => 256,
+        }
+    }
+}
+
+fn quote(out: &mut String, s: &str) {
+    out.push_str(&serde_json::to_string(s).expect("strings serialize"));
+}
+
+/// Renders a tuple as a JSON object. `old` fills unchanged TOAST values when it has them;
+/// otherwise such columns are left out and named in the returned list.
+pub fn tuple_json(
+    rel: &Relation,
+    tuple: &Tuple,
+    old: Option<&Tuple>,
+    reg: &TypeRegistry,
+) -> (String, Vec<String>) {
+    let mut out = String::with_capacity(64 + tuple.0.len() * 16);
+    let mut missing = Vec::new();
+    out.push('{');
+    let mut first = true;
+    for (i, (col, value)) in rel.columns.iter().zip(tuple.0.iter()).enumerate() {
+        let value = match value {
+            pgoutput::Column::UnchangedToast => match old.and_then(|o| o.0.get(i)) {
+                Some(v @ (pgoutput::Column::Text(_) | pgoutput::Column::Null)) => v,
+                _ => {
+                    missing.push(col.name.clone());
+                    continue;
+                }
+            },
+            v => v,
+        };
+        if !first {
+            out.push(',');
+        }
+        first = false;
+        quote(&mut out, &col.name);
+        out.push(':');
+        match value {
+            pgoutput::Column::Null => out.push_str("null"),
+            pgoutput::Column::Text(bytes) => {
+                let text = String::from_utf8_lossy(bytes);
+                values::write_json(&mut out, col.type_id, Some(&text), reg);
+            }
+            // Binary mode is never requested; render defensively as a string.
+            pgoutput::Column::Binary(bytes) => {
+                quote(&mut out, &format!("\\x{}", hex::encode(bytes)))
+            }
+            pgoutput::Column::UnchangedToast => out.push_str("null"),
+        }
+    }
+    out.push('}');
+    (out, missing)
+}
+
+/// An old key tuple carries only the replica identity's columns: render just those.
+pub fn key_json(rel: &Relation, tuple: &Tuple, reg: &TypeRegistry) -> String {
+    let mut out = String::from("{");
+    let mut first = true;
+    for (col, value) in rel.columns.iter().zip(tuple.0.iter()) {
+        if !col.is_key {
+            continue;
+        }
+        if !first {
+            out.push(',');
+        }
+        first = false;
+        quote(&mut out, &col.name);
+        out.push(':');
+        match value {
+            pgoutput::Column::Text(bytes) => values::write_json(
+                &mut out,
+                col.type_id,
+                Some(&String::from_utf8_lossy(bytes)),
+                reg,
+            ),
+            _ => out.push_str("null"),
+        }
+    }
+    out.push('}');
+    out
+}
+
+pub fn insert(rel: &Relation, new: &Tuple, reg: &TypeRegistry) -> Pending {
+    let (record, unchanged_toast) = tuple_json(rel, new, None, reg);
+    row(rel, RowOp::Insert, record, None, unchanged_toast)
+}
+
+pub fn update(rel: &Relation, old: Option<&OldTuple>, new: &Tuple, reg: &TypeRegistry) -> Pending {
+    let old_row = match old {
+        Some(OldTuple::Row(t)) => Some(t),
+        _ => None,
+    };
+    let (record, unchanged_toast) = tuple_json(rel, new, old_row, reg);
+    let old_json = match old {
+        Some(OldTuple::Row(t)) => Some(tuple_json(rel, t, None, reg).0),
+        Some(OldTuple::Key(t)) => Some(key_json(rel, t, reg)),
+        None => None,
+    };
+    row(rel, RowOp::Update, record, old_json, unchanged_toast)
+}
+
+pub fn delete(rel: &Relation, old: &OldTuple, reg: &TypeRegistry) -> Pending {
+    let old_json = match old {
+        OldTuple::Row(t) => tuple_json(rel, t, None, reg).0,
+        OldTuple::Key(t) => key_json(rel, t, reg),
+    };
+    // The guide's client prints `record` for DELETE: it is the deleted row (or its key).
+    row(
+        rel,
+        RowOp::Delete,
+        old_json.clone(),
+        Some(old_json),
+        Vec::new(),
+    )
+}
+
+fn row(
+    rel: &Relation,
+    op: RowOp,
+    record: String,
+    old: Option<String>,
+    unchanged_toast: Vec<String>,
+) -> Pending {
+    Pending::Row {
+        operation: op,
+        schema: rel.namespace.clone(),
+        table: rel.name.clone(),
+        record,
+        old,
+        unchanged_toast,
+    }
+}
+
+pub fn truncate(rel: &Relation) -> Pending {
+    Pending::Schema {
+        command: "TRUNCATE".into(),
+        object_type: "table".into(),
+        schema: Some(rel.namespace.clone()),
+        table: Some(rel.name.clone()),
+        object: Some(format!("{}.{}", rel.namespace, rel.name)),
+    }
+}
+
+/// A DDL announcement from the project's event triggers (`fluxbase.ddl` messages).
+pub fn ddl(content: &[u8]) -> Option<Pending> {
+    #[derive(Deserialize)]
+    #[serde(rename_all = "camelCase")]
+    struct Ddl {
+        command: String,
+        object_type: Option<String>,
+        schema: Option<String>,
+        object: Option<String>,
+    }
+    let d: Ddl = serde_json::from_slice(content).ok()?;
+    let object_type = d.object_type.unwrap_or_default();
+    let table = match (&d.schema, &d.object) {
+        (Some(schema), Some(object))
+            if matches!(
+                object_type.as_str(),
+                "table"
+                    | "view"
+                    | "materialized view"
+                    | "foreign table"
+                    | "sequence"
+                    | "table column"
+            ) =>
+        {
+            let rest = object.strip_prefix(&format!("{schema}.")).unwrap_or(object);
+            let rest = if object_type == "table column" {
+                rest.rsplit_once('.').map_or(rest, |(t, _)| t)
+            } else {
+                rest
+            };
+            Some(rest.trim_matches('"').to_string())
+        }
+        _ => None,
+    };
+    Some(Pending::Schema {
+        command: d.command,
+        object_type,
+        schema: d.schema,
+        table,
+        object: d.object,
+    })
+}
+
+/// `<commit LSN>-<index>`: fixed-width hex, so ids sort in commit order.
+pub fn event_id(commit_lsn: Lsn, index: u32) -> String {
+    format!("{:016X}-{index:08X}", commit_lsn.0)
+}
+
+/// Completes a pending change into a bus event.
+pub fn finish(
+    pending: Pending,
+    commit_lsn: Lsn,
+    end_lsn: Lsn,
+    index: u32,
+    commit_timestamp: &str,
+    last: bool,
+) -> Event {
+    let id = event_id(commit_lsn, index);
+    let lsn = commit_lsn.to_string();
+    let mut p = String::with_capacity(256);
+    match pending {
+        Pending::Row {
+            operation,
+            schema,
+            table,
+            record,
+            old,
+            unchanged_toast,
+        } => {
+            p.push_str("{\"id\":");
+            quote(&mut p, &id);
+            p.push_str(",\"operation\":\"");
+            p.push_str(operation.as_str());
+            p.push_str("\",\"schema\":");
+            quote(&mut p, &schema);
+            p.push_str(",\"table\":");
+            quote(&mut p, &table);
+            p.push_str(",\"record\":");
+            p.push_str(&record);
+            p.push_str(",\"old\":");
+            p.push_str(old.as_deref().unwrap_or("null"));
+            p.push_str(",\"commitTimestamp\":");
+            quote(&mut p, commit_timestamp);
+            p.push_str(",\"lsn\":");
+            quote(&mut p, &lsn);
+            if !unchanged_toast.is_empty() {
+                p.push_str(",\"unchangedToast\":");
+                p.push_str(&serde_json::to_string(&unchanged_toast).expect("strings"));
+            }
+            p.push('}');
+            Event {
+                id,
+                kind: EventKind::Row {
+                    operation: operation.as_str(),
+                },
+                schema: Some(schema),
+                table: Some(table),
+                record: Some(record),
+                old,
+                commit_timestamp: commit_timestamp.to_string(),
+                commit_lsn,
+                end_lsn,
+                last_in_transaction: last,
+                payload: Arc::from(p),
+            }
+        }
+        Pending::Schema {
+            command,
+            object_type,
+            schema,
+            table,
+            object,
+        } => {
+            let payload = serde_json::json!({
+                "id": id,
+                "event_type": "schema_update",
+                "command": command,
+                "objectType": object_type,
+                "schema": schema,
+                "table": table,
+                "object": object,
+                "commitTimestamp": commit_timestamp,
+                "lsn": lsn,
+            });
+            Event {
+                id,
+                kind: EventKind::Schema { command },
+                schema,
+                table,
+                record: None,
+                old: None,
+                commit_timestamp: commit_timestamp.to_string(),
+                commit_lsn,
+                end_lsn,
+                last_in_transaction: last,
+                payload: Arc::from(payload.to_string()),
+            }
+        }
+    }
+}
+
+/// PostgreSQL's commit time as RFC 3339 (microseconds, UTC).
+pub fn commit_time(ts: pgoutput::PgTimestamp) -> String {
+    let micros = ts.to_unix_micros();
+    chrono::DateTime::from_timestamp_micros(micros)
+        .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Micros, true))
+        .unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn event_ids_sort_in_commit_order() {
+        let a = event_id(Lsn(0x16B3748), 2);
+        let b = event_id(Lsn(0x16B3748), 10);
+        let c = event_id(Lsn(0x1_0000_0000), 0);
+        assert!(a < b && b < c);
+        assert_eq!(a, "00000000016B3748-00000002");
+    }
+
+    #[test]
+    fn ddl_messages_name_the_table() {
+        let p = ddl(br#"{"command":"ALTER TABLE","objectType":"table","schema":"public","object":"public.users"}"#).unwrap();
+        match p {
+            Pending::Schema { table, command, .. } => {
+                assert_eq!(table.as_deref(), Some("users"));
+                assert_eq!(command, "ALTER TABLE");
+            }
+            _ => panic!(),
+        }
+        assert!(ddl(b"not json").is_none());
+    }
+}

@@ -1,0 +1,273 @@
+//! The change stream: WAL → db_event / schema_update on the bus, in commit order, complete,
+//! atomic, with values exactly as `/api/execute-sql` renders them.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use fluxbase::bus::{Event, Subscription};
+use serde_json::{json, Value};
+
+use crate::support::{spawn_app, spawn_app_with, Fixture, TestApp};
+
+pub async fn next_event(sub: &mut Subscription) -> Arc<Event> {
+    tokio::time::timeout(Duration::from_secs(20), sub.events.recv())
+        .await
+        .expect("no event within 20 s")
+        .expect("the bus closed the subscription")
+}
+
+pub async fn events(sub: &mut Subscription, n: usize) -> Vec<Value> {
+    let mut out = Vec::with_capacity(n);
+    for _ in 0..n {
+        let e = next_event(sub).await;
+        out.push(serde_json::from_str(&e.payload).unwrap());
+    }
+    out
+}
+
+/// Nothing more arrives within `wait`.
+pub async fn assert_quiet(sub: &mut Subscription, wait: Duration) {
+    if let Ok(Some(e)) = tokio::time::timeout(wait, sub.events.recv()).await {
+        panic!("unexpected event: {}", e.payload);
+    }
+}
+
+async fn setup() -> (TestApp, Fixture, Subscription) {
+    let app = spawn_app().await;
+    let f = app.fixture().await;
+    let sub = app.app.bus.project(&f.project).subscribe();
+    (app, f, sub)
+}
+
+#[tokio::test]
+async fn row_changes_become_db_events_with_record_and_old() {
+    let (app, f, mut sub) = setup().await;
+    app.rows(
+        &f.admin,
+        &f.project,
+        "CREATE TABLE orders (id int PRIMARY KEY, amount numeric, status text)",
+    )
+    .await;
+    let ev = events(&mut sub, 1).await;
+    assert_eq!(ev[0]["event_type"], "schema_update");
+    assert_eq!(ev[0]["command"], "CREATE TABLE");
+    assert_eq!(ev[0]["table"], "orders");
+    assert_eq!(ev[0]["schema"], "public");
+
+    app.rows(
+        &f.readwrite,
+        &f.project,
+        "INSERT INTO orders VALUES (123, 59.99, 'pending')",
+    )
+    .await;
+    app.rows(
+        &f.readwrite,
+        &f.project,
+        "UPDATE orders SET status = 'paid' WHERE id = 123",
+    )
+    .await;
+    app.rows(&f.admin, &f.project, "DELETE FROM orders WHERE id = 123")
+        .await;
+    let ev = events(&mut sub, 3).await;
+    assert_eq!(ev[0]["operation"], "INSERT");
+    assert_eq!(ev[0]["table"], "orders");
+    assert_eq!(
+        ev[0]["record"],
+        json!({ "id": 123, "amount": 59.99, "status": "pending" })
+    );
+    assert_eq!(ev[0]["old"], Value::Null);
+    assert_eq!(ev[1]["operation"], "UPDATE");
+    assert_eq!(ev[1]["record"]["status"], "paid");
+    assert_eq!(
+        ev[1]["old"]["status"], "pending",
+        "full replica identity gives the old row"
+    );
+    assert_eq!(ev[2]["operation"], "DELETE");
+    assert_eq!(ev[2]["record"]["id"], 123);
+    assert_eq!(ev[2]["old"]["status"], "paid");
+    for e in &ev {
+        assert!(e["commitTimestamp"].as_str().unwrap().ends_with('Z'));
+        assert!(e["lsn"].as_str().unwrap().contains('/'));
+        assert_eq!(e["id"].as_str().unwrap().len(), 25);
+    }
+    assert!(
+        ev[0]["id"].as_str() < ev[1]["id"].as_str() && ev[1]["id"].as_str() < ev[2]["id"].as_str()
+    );
+}
+
+#[tokio::test]
+async fn ddl_and_truncate_become_schema_updates_in_order_with_row_changes() {
+    let (app, f, mut sub) = setup().await;
+    app.rows(
+        &f.admin,
+        &f.project,
+        "CREATE TABLE t (id int PRIMARY KEY); INSERT INTO t VALUES (1);
+         ALTER TABLE t ADD COLUMN note text; INSERT INTO t VALUES (2, 'after');
+         ALTER TABLE t RENAME COLUMN note TO memo; ALTER TABLE t DROP COLUMN memo;
+         ALTER TABLE t RENAME TO t2; TRUNCATE t2; DROP TABLE t2",
+    )
+    .await;
+    let ev = events(&mut sub, 9).await;
+    let kinds: Vec<String> = ev
+        .iter()
+        .map(|e| match e["operation"].as_str() {
+            Some(op) => format!("{op} {}", e["record"]),
+            None => format!(
+                "{} {}",
+                e["command"].as_str().unwrap(),
+                e["table"].as_str().unwrap_or("-")
+            ),
+        })
+        .collect();
+    assert_eq!(
+        kinds,
+        vec![
+            "CREATE TABLE t".to_string(),
+            "INSERT {\"id\":1}".into(),
+            "ALTER TABLE t".into(),
+            "INSERT {\"id\":2,\"note\":\"after\"}".into(),
+            "ALTER TABLE t".into(),
+            "ALTER TABLE t".into(),
+            "ALTER TABLE t2".into(),
+            "TRUNCATE t2".into(),
+            "DROP TABLE t2".into(),
+        ]
+    );
+    for e in ev.iter().filter(|e| e["operation"].is_null()) {
+        assert_eq!(e["event_type"], "schema_update");
+    }
+    // One transaction: one commit LSN for all.
+    let lsns: std::collections::HashSet<_> = ev
+        .iter()
+        .map(|e| e["id"].as_str().unwrap()[..16].to_string())
+        .collect();
+    assert_eq!(lsns.len(), 1);
+}
+
+#[tokio::test]
+async fn an_aborted_transaction_emits_nothing() {
+    let (app, f, mut sub) = setup().await;
+    app.rows(&f.admin, &f.project, "CREATE TABLE a (x int)")
+        .await;
+    events(&mut sub, 1).await;
+    let code = app
+        .sql_error(
+            &f.admin,
+            &f.project,
+            "INSERT INTO a VALUES (1); INSERT INTO a VALUES (2); SELECT 1/0",
+        )
+        .await;
+    assert_eq!(code, "22012");
+    app.rows(&f.admin, &f.project, "BEGIN; INSERT INTO a VALUES (3); SAVEPOINT s; INSERT INTO a VALUES (4); ROLLBACK TO s; INSERT INTO a VALUES (5); COMMIT").await;
+    let ev = events(&mut sub, 2).await;
+    assert_eq!(ev[0]["record"], json!({ "x": 3 }));
+    assert_eq!(ev[1]["record"], json!({ "x": 5 }));
+    assert_quiet(&mut sub, Duration::from_millis(500)).await;
+}
+
+#[tokio::test]
+async fn event_values_equal_what_execute_sql_returns_for_the_same_row() {
+    let (app, f, mut sub) = setup().await;
+    app.rows(&f.admin, &f.project, "CREATE TYPE mood AS ENUM ('sad', 'happy'); CREATE TABLE v (
+        b bool, i2 int2, i4 int4, i8 int8, f4 float4, f8 float8, n numeric, t text, u uuid, d date,
+        ts timestamp, tz timestamptz, iv interval, j json, jb jsonb, by bytea, arr int[], tarr text[], m mood)").await;
+    events(&mut sub, 2).await;
+    app.rows(&f.admin, &f.project, "INSERT INTO v VALUES (true, 32767, -2147483648, 9223372036854775807, 1.5, 'NaN', 123456789012345678901234567890.12,
+        E'quote \" back \\\\ nl \\n', 'a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11', '2024-02-29', '2024-01-02 03:04:05.5', '2024-01-02 03:04:05+05:30',
+        '1 day 02:03:04', '{\"a\": [1, 2.50]}', '{\"b\": null}', '\\xdeadbeef', ARRAY[1, NULL], ARRAY['x,y', NULL], 'happy')").await;
+    let ev = events(&mut sub, 1).await;
+    let row = &app.rows(&f.read, &f.project, "SELECT * FROM v").await[0];
+    assert_eq!(&ev[0]["record"], row);
+}
+
+#[tokio::test]
+async fn an_unchanged_toasted_value_is_present_in_the_update_event() {
+    let (app, f, mut sub) = setup().await;
+    app.rows(
+        &f.admin,
+        &f.project,
+        "CREATE TABLE docs (id int PRIMARY KEY, body text, n int)",
+    )
+    .await;
+    // 10 kB of incompressible text (random hex) is stored out of line.
+    app.rows(&f.admin, &f.project, "INSERT INTO docs SELECT 1, (SELECT string_agg(md5(random()::text), '') FROM generate_series(1, 320)), 0").await;
+    let inserted = events(&mut sub, 2).await;
+    let body = inserted[1]["record"]["body"].as_str().unwrap().to_string();
+    assert_eq!(body.len(), 320 * 32);
+    app.rows(&f.admin, &f.project, "UPDATE docs SET n = 1 WHERE id = 1")
+        .await;
+    let ev = events(&mut sub, 1).await;
+    assert_eq!(ev[0]["record"]["body"].as_str(), Some(body.as_str()));
+    assert_eq!(ev[0]["record"]["n"], 1);
+    assert!(ev[0].get("unchangedToast").is_none());
+}
+
+#[tokio::test]
+async fn a_large_streamed_transaction_passes_with_bounded_memory_and_in_order() {
+    let app = spawn_app_with(|c| {
+        c.cdc_decoding_work_mem_kb = Some(64);
+        c.cdc_buffer_bytes = 256 * 1024;
+    })
+    .await;
+    let f = app.fixture().await;
+    let mut sub = app.app.bus.project(&f.project).subscribe();
+    app.rows(&f.admin, &f.project, "CREATE TABLE big (id int, pad text)")
+        .await;
+    events(&mut sub, 1).await;
+    let n = 3000;
+    let reader = tokio::spawn(async move {
+        let mut ids = Vec::new();
+        for _ in 0..n {
+            let e = next_event(&mut sub).await;
+            let v: Value = serde_json::from_str(&e.payload).unwrap();
+            ids.push(v["record"]["id"].as_i64().unwrap());
+        }
+        (ids, sub)
+    });
+    app.rows(
+        &f.admin,
+        &f.project,
+        &format!("INSERT INTO big SELECT g, repeat('x', 2000) FROM generate_series(1, {n}) g"),
+    )
+    .await;
+    let (ids, mut sub) = reader.await.unwrap();
+    assert_eq!(ids, (1..=n as i64).collect::<Vec<_>>());
+    let status = app.app.cdc.status(&f.project).unwrap();
+    assert!(status.buffered_bytes <= 256 * 1024 + 8192, "{status:?}");
+    // A streamed transaction that aborts releases nothing.
+    let code = app.sql_error(&f.admin, &f.project, &format!("INSERT INTO big SELECT g, repeat('y', 2000) FROM generate_series(1, {n}) g; SELECT 1/0")).await;
+    assert_eq!(code, "22012");
+    app.rows(
+        &f.admin,
+        &f.project,
+        "INSERT INTO big VALUES (-1, 'marker')",
+    )
+    .await;
+    let e = next_event(&mut sub).await;
+    let v: Value = serde_json::from_str(&e.payload).unwrap();
+    assert_eq!(v["record"]["id"], -1);
+}
+
+#[tokio::test]
+async fn cdc_status_reports_the_slot_and_lag() {
+    let (app, f, mut sub) = setup().await;
+    app.rows(
+        &f.admin,
+        &f.project,
+        "CREATE TABLE s (x int); INSERT INTO s VALUES (1)",
+    )
+    .await;
+    events(&mut sub, 2).await;
+    let (status, body) = app
+        .call(
+            "GET",
+            &format!("/api/cdc/status?projectId={}", f.project),
+            Some(&f.read),
+            None,
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["stream"]["state"], "streaming");
+    assert_eq!(body["slot"]["name"], format!("fluxbase_{}", f.project));
+    assert!(body["stream"]["events"].as_u64().unwrap() >= 2);
+}
