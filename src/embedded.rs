@@ -220,6 +220,49 @@ impl Cluster {
             .unwrap_or(false)
     }
 
+    /// Stops the cluster with `mode` (`fast`, or `immediate`: a crash, recovery at the next
+    /// start) and starts it again on the same port.
+    pub fn restart(&self, mode: &str) -> Result<()> {
+        let out = self
+            .command("pg_ctl")
+            .arg("-D")
+            .arg(self.data_dir())
+            .args(["-m", mode, "-w", "stop"])
+            .stdin(Stdio::null())
+            .output()
+            .context("running pg_ctl stop")?;
+        if !out.status.success() {
+            bail!(
+                "pg_ctl stop failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        let out = self
+            .command("pg_ctl")
+            .arg("-D")
+            .arg(self.data_dir())
+            .arg("-l")
+            .arg(self.log_file())
+            .args([
+                "-w",
+                "-t",
+                "120",
+                "-o",
+                &format!("-p {}", self.port),
+                "start",
+            ])
+            .stdin(Stdio::null())
+            .output()
+            .context("running pg_ctl start")?;
+        if !out.status.success() {
+            bail!(
+                "PostgreSQL did not restart: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        self.spawn_watchdog()
+    }
+
     /// Stops the cluster (fast shutdown: open sessions are rolled back).
     pub fn stop(&self) -> Result<()> {
         let out = self

@@ -162,18 +162,53 @@ impl App {
         let Ok(admin) = self.cluster.connect(&self.cluster.control_db).await else {
             return;
         };
-        let mut sql = format!(
-            "DROP DATABASE IF EXISTS {} WITH (FORCE);",
+        let slot = crate::cdc::slot_name(project_id);
+        // A slot keeps its database from being dropped: end its walsender, then drop it.
+        let mut dropped = false;
+        for _ in 0..50 {
+            let _ = admin
+                .query(
+                    "SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots
+                     WHERE slot_name = $1 AND active_pid IS NOT NULL",
+                    &[&slot],
+                )
+                .await;
+            match admin
+                .query(
+                    "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots
+                     WHERE slot_name = $1",
+                    &[&slot],
+                )
+                .await
+            {
+                Ok(_) => {
+                    dropped = true;
+                    break;
+                }
+                Err(e) => {
+                    tracing::debug!(error = %e, "dropping the slot; retrying");
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                }
+            }
+        }
+        if !dropped {
+            tracing::warn!(project_id, slot, "could not drop the replication slot");
+        }
+        // One statement each: DROP DATABASE cannot run inside a transaction block.
+        let mut statements = vec![format!(
+            "DROP DATABASE IF EXISTS {} WITH (FORCE)",
             quote_ident(db_name)
-        );
+        )];
         for role in DbRole::ALL {
-            sql.push_str(&format!(
-                "DROP ROLE IF EXISTS {};",
+            statements.push(format!(
+                "DROP ROLE IF EXISTS {}",
                 quote_ident(&role.role_name(project_id))
             ));
         }
-        if let Err(e) = admin.batch_execute(&sql).await {
-            tracing::warn!(project_id, error = %e, "cleaning up a project");
+        for sql in statements {
+            if let Err(e) = admin.batch_execute(&sql).await {
+                tracing::warn!(project_id, error = %e, "cleaning up a project");
+            }
         }
     }
 

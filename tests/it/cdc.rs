@@ -271,3 +271,179 @@ async fn cdc_status_reports_the_slot_and_lag() {
     assert_eq!(body["slot"]["name"], format!("fluxbase_{}", f.project));
     assert!(body["stream"]["events"].as_u64().unwrap() >= 2);
 }
+
+/// Inserts `from..=to` into `t`, one transaction each, through the API.
+async fn insert_range(app: &TestApp, f: &Fixture, from: i64, to: i64) {
+    for x in from..=to {
+        app.rows(&f.admin, &f.project, &format!("INSERT INTO t VALUES ({x})"))
+            .await;
+    }
+}
+
+async fn slot_confirmed(project: &str) -> u64 {
+    let pg = crate::support::pg().await;
+    let row = pg
+        .client("postgres")
+        .await
+        .query_one(
+            "SELECT (confirmed_flush_lsn - '0/0'::pg_lsn)::int8 FROM pg_replication_slots WHERE slot_name = $1",
+            &[&format!("fluxbase_{project}")],
+        )
+        .await
+        .unwrap();
+    row.get::<_, i64>(0) as u64
+}
+
+#[tokio::test]
+async fn after_a_crash_every_event_past_the_last_acknowledgement_arrives_again_with_the_same_id() {
+    let app = spawn_app().await;
+    let f = app.fixture().await;
+    let bus = app.app.bus.project(&f.project);
+    let mut durable = bus.subscribe_durable();
+    app.rows(&f.admin, &f.project, "CREATE TABLE t (x int)")
+        .await;
+    let create = next_event(&mut durable).await;
+    durable.ack(create.end_lsn);
+    insert_range(&app, &f, 1, 40).await;
+    let mut ids = std::collections::HashMap::new();
+    let mut acked_end = create.end_lsn;
+    for _ in 1..=40 {
+        let e = next_event(&mut durable).await;
+        let x = serde_json::from_str::<Value>(&e.payload).unwrap()["record"]["x"]
+            .as_i64()
+            .unwrap();
+        ids.insert(x, e.id.clone());
+        if x <= 20 {
+            durable.ack(e.end_lsn);
+            acked_end = e.end_lsn;
+        }
+    }
+    // The slot follows the acknowledgements, and not beyond them.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while slot_confirmed(&f.project).await < acked_end.0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the slot never reached the acknowledged position"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(
+        slot_confirmed(&f.project).await,
+        acked_end.0,
+        "confirmed past what was acknowledged"
+    );
+
+    // Crash: nothing more is confirmed. More changes commit while the server is down.
+    let config = app.crash();
+    let pg = crate::support::pg().await;
+    pg.client(&format!("fx_{}", f.project))
+        .await
+        .batch_execute("INSERT INTO t SELECT generate_series(41, 60)")
+        .await
+        .unwrap();
+
+    let app = crate::support::start_with(config).await;
+    let mut durable = app.app.bus.project(&f.project).subscribe_durable();
+    let mut seen = std::collections::BTreeSet::new();
+    while seen.len() < 40 || !(21..=60).all(|x| seen.contains(&x)) {
+        let e = next_event(&mut durable).await;
+        let v: Value = serde_json::from_str(&e.payload).unwrap();
+        let x = v["record"]["x"].as_i64().unwrap();
+        assert!(x > 20, "an acknowledged event ({x}) was replayed");
+        if let Some(old_id) = ids.get(&x) {
+            assert_eq!(&e.id, old_id, "a replayed event keeps its id");
+        }
+        seen.insert(x);
+        durable.ack(e.end_lsn);
+    }
+    assert_eq!(seen, (21..=60).collect());
+}
+
+#[tokio::test]
+async fn a_slot_that_disappears_is_a_loud_error_not_a_silent_gap() {
+    let (app, f, mut sub) = setup().await;
+    app.rows(&f.admin, &f.project, "CREATE TABLE t (x int)")
+        .await;
+    events(&mut sub, 1).await;
+    app.app.stop_change_stream(&f.project).await;
+    let pg = crate::support::pg().await;
+    pg.client("postgres")
+        .await
+        .query(
+            "SELECT pg_drop_replication_slot($1)",
+            &[&format!("fluxbase_{}", f.project)],
+        )
+        .await
+        .unwrap();
+    let app_arc = app.app.clone();
+    app_arc.start_change_stream(f.project.clone(), format!("fx_{}", f.project));
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let s = app.app.cdc.status(&f.project).unwrap();
+        if s.state == "slot_lost" {
+            assert!(s.last_error.unwrap().contains("is gone"));
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "{s:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let (_, body) = app
+        .call(
+            "GET",
+            &format!("/api/cdc/status?projectId={}", f.project),
+            Some(&f.admin),
+            None,
+        )
+        .await;
+    assert_eq!(body["stream"]["state"], "slot_lost");
+    assert_eq!(body["slot"]["missing"], true);
+}
+
+#[tokio::test]
+async fn deleting_a_project_drops_its_slot_and_database() {
+    let (app, f, _sub) = setup().await;
+    let (status, b) = app
+        .call(
+            "DELETE",
+            &format!("/api/projects?projectId={}", f.project),
+            Some(&f.admin),
+            None,
+        )
+        .await;
+    assert_eq!(status, 200, "{b}");
+    let pg = crate::support::pg().await;
+    let c = pg.client("postgres").await;
+    let slots = c
+        .query(
+            "SELECT 1 FROM pg_replication_slots WHERE slot_name = $1",
+            &[&format!("fluxbase_{}", f.project)],
+        )
+        .await
+        .unwrap();
+    assert!(slots.is_empty());
+    let dbs = c
+        .query(
+            "SELECT 1 FROM pg_database WHERE datname = $1",
+            &[&format!("fx_{}", f.project)],
+        )
+        .await
+        .unwrap();
+    assert!(dbs.is_empty());
+    let roles = c
+        .query(
+            "SELECT 1 FROM pg_roles WHERE rolname LIKE $1",
+            &[&format!("fx_{}_%", f.project)],
+        )
+        .await
+        .unwrap();
+    assert!(roles.is_empty());
+    let (status, _) = app
+        .call(
+            "POST",
+            "/api/execute-sql",
+            Some(&f.admin),
+            Some(json!({ "projectId": f.project, "query": "SELECT 1" })),
+        )
+        .await;
+    assert_eq!(status, 401, "the project's keys went with it");
+}

@@ -131,6 +131,11 @@ pub async fn spawn_app_with(tweak: impl FnOnce(&mut Config)) -> TestApp {
         ..Config::default()
     };
     tweak(&mut config);
+    start_with(config).await
+}
+
+/// Starts a server with exactly this configuration (e.g. a restart of an earlier one).
+pub async fn start_with(config: Config) -> TestApp {
     let app = App::open(config, &[]).await.expect("opening the app");
     let running = Running::start(app.clone())
         .await
@@ -166,6 +171,16 @@ impl TestApp {
         if let Some(r) = self.running.take() {
             r.stop().await;
         }
+    }
+
+    /// Ends the server as a crash would: change streams die without a last word, the HTTP
+    /// server stops accepting. Returns its configuration for a restart.
+    pub fn crash(mut self) -> Config {
+        self.app.cdc.stop_all();
+        self.app.sql.clear();
+        let config = self.app.config.clone();
+        self.running.take();
+        config
     }
 
     /// Sends `method path` with an optional bearer token and JSON body; returns (status, body).
