@@ -69,5 +69,41 @@ pub async fn check(target: &ClusterTarget) -> anyhow::Result<Vec<Finding>> {
             });
         }
     }
+    let keep: String = setting("max_slot_wal_keep_size").await?;
+    if keep == "-1" {
+        findings.push(Finding {
+            problem: "max_slot_wal_keep_size is unlimited: a stalled replication slot can fill the disk".into(),
+            fix: "ALTER SYSTEM SET max_slot_wal_keep_size = '10GB'; SELECT pg_reload_conf(); (a slot past it is lost and reported, not silently skipped)".into(),
+        });
+    }
+    let stalled = client
+        .query(
+            "SELECT slot_name, database, active, wal_status,
+                    pg_size_pretty(pg_current_wal_lsn() - restart_lsn)
+             FROM pg_replication_slots
+             WHERE slot_name LIKE 'fluxbase\\_%'
+               AND (NOT active OR wal_status IN ('extended', 'unreserved', 'lost'))",
+            &[],
+        )
+        .await?;
+    for r in stalled {
+        let (slot, db, active, status, retained): (
+            String,
+            Option<String>,
+            bool,
+            Option<String>,
+            Option<String>,
+        ) = (r.get(0), r.get(1), r.get(2), r.get(3), r.get(4));
+        findings.push(Finding {
+            problem: format!(
+                "replication slot {slot} (database {}) is {}{}, holding {} of WAL",
+                db.unwrap_or_default(),
+                if active { "active" } else { "not being read" },
+                status.map(|s| format!(", wal_status {s}")).unwrap_or_default(),
+                retained.unwrap_or_else(|| "?".into()),
+            ),
+            fix: "start the Fluxbase server that owns it, or drop the project (fluxbase project delete <id>) if it is gone".into(),
+        });
+    }
     Ok(findings)
 }

@@ -33,6 +33,9 @@ const SETTINGS: &[(&str, &str)] = &[
     ("max_replication_slots", "256"),
     ("max_wal_senders", "256"),
     ("max_connections", "300"),
+    // A slot nobody reads can hold at most this much WAL; past it the slot is lost and the
+    // change stream reports it loudly (see `fluxbase doctor`).
+    ("max_slot_wal_keep_size", "'8GB'"),
     ("password_encryption", "'scram-sha-256'"),
     ("log_min_messages", "warning"),
     ("log_line_prefix", "'%m [%p] %q%u@%d '"),

@@ -226,7 +226,8 @@ async fn dispatch(app: &Arc<App>, req: &Request) -> ApiResult<Response> {
             }
         }
         (&M::GET, "/metrics") => Ok(warp::reply::with_header(
-            app.metrics.render(app.sql.connection_count()),
+            app.metrics
+                .render(app.sql.connection_count(), &app.cdc.all_status()),
             "content-type",
             "text/plain; version=0.0.4",
         )

@@ -42,7 +42,11 @@ impl Metrics {
             .fetch_add(elapsed.as_micros() as u64, Ordering::Relaxed);
     }
 
-    pub fn render(&self, pooled_connections: usize) -> String {
+    pub fn render(
+        &self,
+        pooled_connections: usize,
+        streams: &[(String, crate::cdc::StreamStatus)],
+    ) -> String {
         let mut out = String::new();
         out.push_str("# HELP fluxbase_http_requests_total HTTP requests by route and status.\n");
         out.push_str("# TYPE fluxbase_http_requests_total counter\n");
@@ -87,6 +91,64 @@ impl Metrics {
         out.push_str("# HELP fluxbase_sql_pooled_connections Open project database connections.\n");
         out.push_str("# TYPE fluxbase_sql_pooled_connections gauge\n");
         let _ = writeln!(out, "fluxbase_sql_pooled_connections {pooled_connections}");
+        render_streams(&mut out, streams);
         out
+    }
+}
+
+fn render_streams(out: &mut String, streams: &[(String, crate::cdc::StreamStatus)]) {
+    type Getter = fn(&crate::cdc::StreamStatus) -> Option<f64>;
+    let series: [(&str, &str, &str, Getter); 7] = [
+        (
+            "fluxbase_cdc_up",
+            "gauge",
+            "1 while the project's change stream is streaming.",
+            |s| Some(if s.state == "streaming" { 1.0 } else { 0.0 }),
+        ),
+        (
+            "fluxbase_cdc_events_total",
+            "counter",
+            "Events published by the change stream.",
+            |s| Some(s.events as f64),
+        ),
+        (
+            "fluxbase_cdc_transactions_total",
+            "counter",
+            "Transactions released by the change stream.",
+            |s| Some(s.transactions as f64),
+        ),
+        (
+            "fluxbase_cdc_lag_bytes",
+            "gauge",
+            "WAL bytes between the server's position and the slot's confirmed position.",
+            |s| s.lag_bytes.map(|b| b as f64),
+        ),
+        (
+            "fluxbase_cdc_lag_seconds",
+            "gauge",
+            "Commit-to-publish delay of the last transaction.",
+            |s| s.lag_seconds,
+        ),
+        (
+            "fluxbase_cdc_buffered_bytes",
+            "gauge",
+            "Bytes of open transactions held in memory.",
+            |s| Some(s.buffered_bytes as f64),
+        ),
+        (
+            "fluxbase_cdc_reconnects_total",
+            "counter",
+            "Times the change stream reconnected.",
+            |s| Some(s.reconnects as f64),
+        ),
+    ];
+    for (name, kind, help, get) in series {
+        let _ = writeln!(out, "# HELP {name} {help}");
+        let _ = writeln!(out, "# TYPE {name} {kind}");
+        for (project, status) in streams {
+            if let Some(v) = get(status) {
+                let _ = writeln!(out, "{name}{{project=\"{project}\"}} {v}");
+            }
+        }
     }
 }

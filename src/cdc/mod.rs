@@ -417,8 +417,9 @@ async fn stream_once(
                     }
                     ReplicationEvent::Keepalive { wal_end, .. } => {
                         // Nothing in flight: an idle database must not pin WAL.
-                        if asm.idle() && bus.all_acked() {
+                        if asm.idle() && bus.all_acked() && wal_end > stream.confirmed() {
                             stream.confirm(wal_end);
+                            stream.send_status(false).await?;
                         }
                     }
                 }

@@ -205,7 +205,7 @@ async fn project_cli_creates_suspends_and_resumes_projects() {
 }
 
 #[tokio::test]
-async fn doctor_reports_a_cluster_without_logical_wal_and_passes_a_good_one() {
+async fn doctor_reports_weak_roles_and_unread_slots_and_nothing_else_on_a_good_cluster() {
     let pg = crate::support::pg().await;
     let dir = crate::support::scratch_dir(&crate::support::unique("doctor"));
     let ok = fluxbase(&dir, 0)
@@ -213,10 +213,32 @@ async fn doctor_reports_a_cluster_without_logical_wal_and_passes_a_good_one() {
         .arg("doctor")
         .output()
         .unwrap();
+    let text = String::from_utf8_lossy(&ok.stdout);
+    for problem in ["wal_level", "lacks", "max_slot_wal_keep_size", "too old"] {
+        assert!(!text.contains(problem), "{text}");
+    }
+    // A Fluxbase slot that nobody reads is reported with what it holds.
+    let slot = crate::support::unique("fluxbase_doctor");
+    let c = pg.client("postgres").await;
+    c.query(
+        "SELECT pg_create_logical_replication_slot($1, 'pgoutput')",
+        &[&slot],
+    )
+    .await
+    .unwrap();
+    let out = fluxbase(&dir, 0)
+        .env("FLUXBASE_DATABASE_URL", pg.url("postgres"))
+        .arg("doctor")
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    c.query("SELECT pg_drop_replication_slot($1)", &[&slot])
+        .await
+        .unwrap();
+    assert!(!out.status.success());
     assert!(
-        ok.status.success(),
-        "{}",
-        String::from_utf8_lossy(&ok.stdout)
+        text.contains(&format!("replication slot {slot}")) && text.contains("not being read"),
+        "{text}"
     );
     // A role without the needed attributes is reported with the fix.
     let role = crate::support::unique("weak");

@@ -1,0 +1,611 @@
+//! Change-capture throughput and latency: the change stream delivering a fixed workload to the
+//! event bus, beside `pg_recvlogical` receiving the same WAL raw with pgoutput (PostgreSQL's own
+//! decoding limit on this machine), in the same run.
+//!
+//! ```text
+//!  setup      server in-process on a throwaway cluster, one project, its stream caught up
+//!  workload   stream stopped; slot bench_recvlogical created; N inserts (BENCH_BATCH rows per
+//!             transaction) + U updates of ~1 kB rows committed: both slots retain the same WAL
+//!  reference  pg_recvlogical --start --endpos=<end LSN> (same pgoutput options) → /dev/null
+//!  fluxbase   start_change_stream → slot → decode → assemble → bus → a subscriber counts N + U
+//!  latency    one single-row INSERT per transaction at a steady BENCH_TPS for
+//!             BENCH_LATENCY_SECONDS; per event: receive time − commit_timestamp
+//! ```
+//!
+//! Both consumers decode the same WAL from their own slot with nothing else running, so
+//! events/s = (N + U) / elapsed, and the ratio Fluxbase / pg_recvlogical does not depend on the
+//! machine. The target is at least 0.9×.
+//!
+//! The cluster runs with `fsync=off` (the workload is generated faster; decoding reads WAL from the
+//! page cache either way) and the default `synchronous_commit=on`, so a commit reaches the
+//! walsender as soon as it returns.
+//!
+//! Environment: BENCH_ROWS (inserts, default 200000), BENCH_UPDATES (wide-row updates, default
+//! 20000), BENCH_WIDE_BYTES (default 1000), BENCH_BATCH (rows per transaction, default 1000),
+//! BENCH_TPS (default 1000), BENCH_LATENCY_SECONDS (default 10), FLUXBASE_LOG (default warn).
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use fluxbase::accounts::SignupRequest;
+use fluxbase::app::{App, Running, SharedApp};
+use fluxbase::bus::{Event, EventKind, Subscription};
+use fluxbase::config::Config;
+use fluxbase::embedded::{Cluster, SUPERUSER};
+use tokio_postgres::Client;
+
+const RECV_SLOT: &str = "bench_recvlogical";
+const INSERT_TABLE: &str = "bench_rows";
+const WIDE_TABLE: &str = "bench_wide";
+const LATENCY_TABLE: &str = "bench_latency";
+
+struct Settings {
+    rows: u64,
+    updates: u64,
+    wide_bytes: u64,
+    batch: u64,
+    tps: u64,
+    latency_seconds: u64,
+}
+
+impl Settings {
+    fn from_env() -> Settings {
+        let env_or = |name: &str, default: u64| {
+            std::env::var(name)
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(default)
+        };
+        Settings {
+            rows: env_or("BENCH_ROWS", 200_000),
+            updates: env_or("BENCH_UPDATES", 20_000),
+            wide_bytes: env_or("BENCH_WIDE_BYTES", 1000),
+            batch: env_or("BENCH_BATCH", 1000).max(1),
+            tps: env_or("BENCH_TPS", 1000).max(1),
+            latency_seconds: env_or("BENCH_LATENCY_SECONDS", 10),
+        }
+    }
+
+    fn changes(&self) -> u64 {
+        self.rows + self.updates
+    }
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("FLUXBASE_LOG")
+                .unwrap_or_else(|_| "warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let settings = Settings::from_env();
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("..")
+        .canonicalize()?;
+    // Under target/: reachable by the `postgres` user when we are root.
+    let dir = root.join("target/cdc-bench");
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir)?;
+
+    eprintln!("[bench] starting a throwaway cluster in {}", dir.display());
+    let pg_root = dir.join("pg");
+    let password = fluxbase::secrets::random_base62(24);
+    let cluster = tokio::task::spawn_blocking(move || {
+        Cluster::start(
+            &pg_root,
+            &password,
+            &[("fsync", "off"), ("full_page_writes", "off")],
+        )
+    })
+    .await?
+    .context("starting the cluster")?;
+
+    let result = run(&cluster, &dir, &settings).await;
+
+    eprintln!("[bench] stopping the cluster");
+    let stopped = tokio::task::spawn_blocking(move || cluster.stop()).await;
+    let _ = std::fs::remove_dir_all(&dir);
+    result?;
+    stopped??;
+    Ok(())
+}
+
+/// Starts the server in-process on `cluster`, runs the benchmark, stops the server.
+async fn run(cluster: &Cluster, dir: &Path, settings: &Settings) -> Result<()> {
+    let config = Config {
+        listen: "127.0.0.1:0".parse()?,
+        data_dir: dir.join("app"),
+        database_url: Some(cluster.url("fluxbase")),
+        ..Config::default()
+    };
+    let app = App::open(config, &[]).await.context("opening the app")?;
+    let running = Running::start(app.clone())
+        .await
+        .context("starting the server")?;
+    let result = bench(&app, cluster, settings).await;
+    running.stop().await;
+    result
+}
+
+async fn bench(app: &SharedApp, cluster: &Cluster, settings: &Settings) -> Result<()> {
+    let user = app
+        .create_user(SignupRequest {
+            email: "bench@example.com".into(),
+            password: fluxbase::secrets::random_base62(20),
+            display_name: None,
+        })
+        .await
+        .map_err(|e| anyhow::anyhow!("creating a user: {e}"))?;
+    let (project, _keys) = app
+        .create_project(&user.id, "cdc bench")
+        .await
+        .map_err(|e| anyhow::anyhow!("creating a project: {e}"))?;
+    let (id, db) = (project.id.clone(), project.db_name.clone());
+    let slot = fluxbase::cdc::slot_name(&id);
+    app.start_change_stream(id.clone(), db.clone());
+    wait_streaming(app, &id).await?;
+    let client = connect(cluster, &db).await?;
+
+    eprintln!(
+        "[bench] setup: tables and {} rows of ~{} bytes in {db}",
+        settings.updates, settings.wide_bytes
+    );
+    setup(&client, settings).await?;
+    // Let the stream catch up and confirm the setup, so that its slot starts where the
+    // reference slot will (a checkpoint logs the running transactions the slot restarts from).
+    client.batch_execute("CHECKPOINT").await?;
+    let setup_end = current_lsn(&client).await?;
+    if !wait_confirmed(&client, &slot, setup_end, Duration::from_secs(30)).await? {
+        eprintln!("[bench] warning: the stream did not confirm the setup within 30 s");
+    }
+    app.stop_change_stream(&id).await;
+
+    client
+        .query(
+            "SELECT pg_create_logical_replication_slot($1, 'pgoutput')",
+            &[&RECV_SLOT],
+        )
+        .await?;
+    let start = current_lsn(&client).await?;
+    for (name, lsn) in restart_lsns(&client).await? {
+        eprintln!(
+            "[bench] slot {name} decodes from {} ({} kB before the workload)",
+            fmt_lsn(lsn),
+            start.saturating_sub(lsn) / 1024
+        );
+    }
+
+    eprintln!(
+        "[bench] workload: {} inserts + {} wide-row updates, {} rows per transaction, nothing consuming",
+        settings.rows, settings.updates, settings.batch
+    );
+    let t = Instant::now();
+    workload(&client, settings).await?;
+    let end = current_lsn(&client).await?;
+    eprintln!(
+        "[bench] workload committed in {:.1} s: {:.1} MB of WAL up to {}",
+        t.elapsed().as_secs_f64(),
+        (end - start) as f64 / 1e6,
+        fmt_lsn(end)
+    );
+
+    eprintln!(
+        "[bench] reference: pg_recvlogical draining its slot up to {}",
+        fmt_lsn(end)
+    );
+    let reference = pg_recvlogical(cluster, &db, end).await?;
+    client
+        .query("SELECT pg_drop_replication_slot($1)", &[&RECV_SLOT])
+        .await?;
+
+    eprintln!("[bench] fluxbase: change stream draining its slot to the bus");
+    let sub = app.bus.project(&id).subscribe();
+    let expected = settings.changes();
+    let drain = tokio::spawn(count_events(sub, expected));
+    let t = Instant::now();
+    app.start_change_stream(id.clone(), db.clone());
+    let limit = Duration::from_secs(60).max(reference * 20);
+    let drained = match tokio::time::timeout(limit, drain).await {
+        Ok(joined) => joined??,
+        Err(_) => bail!(
+            "the bus did not deliver {expected} events within {} s (stream: {:?})",
+            limit.as_secs(),
+            app.cdc.status(&id)
+        ),
+    };
+    let fluxbase = drained.done - t;
+    if let Some(status) = app.cdc.status(&id) {
+        if status.reconnects > 0 {
+            eprintln!(
+                "[bench] warning: the stream reconnected {} times ({:?})",
+                status.reconnects, status.last_error
+            );
+        }
+    }
+
+    let latency = latency(app, &id, &client, settings).await?;
+
+    let reference_rate = expected as f64 / reference.as_secs_f64();
+    let fluxbase_rate = expected as f64 / fluxbase.as_secs_f64();
+    println!(
+        "change capture: {} inserts + {} updates of ~{} B rows ({} rows/transaction), {:.1} MB of WAL, pgoutput proto 2",
+        settings.rows,
+        settings.updates,
+        settings.wide_bytes,
+        settings.batch,
+        (end - start) as f64 / 1e6
+    );
+    println!(
+        "pg_recvlogical    : {reference_rate:>9.0} events/s ({:.2} s)",
+        reference.as_secs_f64()
+    );
+    println!(
+        "fluxbase → bus    : {fluxbase_rate:>9.0} events/s ({:.2} s, first event after {:.0} ms)",
+        fluxbase.as_secs_f64(),
+        (drained.first - t).as_secs_f64() * 1e3
+    );
+    println!(
+        "ratio             : {:.2}x pg_recvlogical (target >= 0.90x)",
+        fluxbase_rate / reference_rate
+    );
+    println!(
+        "latency at {:.0} tx/s ({} transactions of one INSERT, target {} tx/s):",
+        latency.achieved_tps, latency.count, settings.tps
+    );
+    println!(
+        "  commit_timestamp → event received  : p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms",
+        latency.from_commit.0, latency.from_commit.1, latency.from_commit.2
+    );
+    println!(
+        "  client saw COMMIT → event received : p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms",
+        latency.from_client.0, latency.from_client.1, latency.from_client.2
+    );
+    Ok(())
+}
+
+async fn connect(cluster: &Cluster, db: &str) -> Result<Client> {
+    let (client, conn) = tokio_postgres::connect(&cluster.url(db), tokio_postgres::NoTls)
+        .await
+        .with_context(|| format!("connecting to {db}"))?;
+    tokio::spawn(conn);
+    Ok(client)
+}
+
+async fn wait_streaming(app: &App, project_id: &str) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        match app.cdc.status(project_id) {
+            Some(s) if s.state == "streaming" => return Ok(()),
+            s if Instant::now() > deadline => bail!("the change stream did not start: {s:?}"),
+            _ => tokio::time::sleep(Duration::from_millis(50)).await,
+        }
+    }
+}
+
+async fn setup(client: &Client, settings: &Settings) -> Result<()> {
+    client
+        .batch_execute(&format!(
+            "CREATE TABLE {INSERT_TABLE} (id bigint PRIMARY KEY, account int NOT NULL,
+                 amount numeric(12,2) NOT NULL, note text NOT NULL,
+                 created_at timestamptz NOT NULL DEFAULT now());
+             CREATE TABLE {WIDE_TABLE} (id bigint PRIMARY KEY, counter int NOT NULL,
+                 updated_at timestamptz NOT NULL DEFAULT now(), payload text NOT NULL);
+             CREATE TABLE {LATENCY_TABLE} (id bigint PRIMARY KEY, note text NOT NULL,
+                 created_at timestamptz NOT NULL DEFAULT now());"
+        ))
+        .await?;
+    let identity: i8 = client
+        .query_one(
+            "SELECT relreplident::\"char\" FROM pg_class WHERE oid = $1::text::regclass",
+            &[&WIDE_TABLE],
+        )
+        .await?
+        .get(0);
+    if identity != b'f' as i8 {
+        bail!("{WIDE_TABLE} should have REPLICA IDENTITY FULL (the project's event trigger)");
+    }
+    // Hex from md5s: not compressible enough to shrink below the row size.
+    let insert = client
+        .prepare(&format!(
+            "INSERT INTO {WIDE_TABLE} (id, counter, payload)
+             SELECT g, 0, substr((SELECT string_agg(md5(g::text || ':' || i), '')
+                                  FROM generate_series(0, $3::int / 32) i), 1, $3::int)
+             FROM generate_series($1::bigint, $2::bigint) g"
+        ))
+        .await?;
+    let wide = settings.wide_bytes as i32;
+    for (from, to) in batches(settings.updates, settings.batch) {
+        client.execute(&insert, &[&from, &to, &wide]).await?;
+    }
+    Ok(())
+}
+
+/// The measured workload: inserts, then one update of every wide row, in committed batches.
+async fn workload(client: &Client, settings: &Settings) -> Result<()> {
+    let insert = client
+        .prepare(&format!(
+            "INSERT INTO {INSERT_TABLE} (id, account, amount, note)
+             SELECT g, g % 1000, (g % 100000) / 100.0, 'payment ' || g
+             FROM generate_series($1::bigint, $2::bigint) g"
+        ))
+        .await?;
+    let update = client
+        .prepare(&format!(
+            "UPDATE {WIDE_TABLE} SET counter = counter + 1, updated_at = now()
+             WHERE id BETWEEN $1 AND $2"
+        ))
+        .await?;
+    let mut done = 0;
+    for (from, to) in batches(settings.rows, settings.batch) {
+        done += client.execute(&insert, &[&from, &to]).await?;
+    }
+    for (from, to) in batches(settings.updates, settings.batch) {
+        done += client.execute(&update, &[&from, &to]).await?;
+    }
+    if done != settings.changes() {
+        bail!(
+            "the workload changed {done} rows, not {}",
+            settings.changes()
+        );
+    }
+    Ok(())
+}
+
+/// Inclusive id ranges 1..=total, `size` at a time.
+fn batches(total: u64, size: u64) -> impl Iterator<Item = (i64, i64)> {
+    (0..total.div_ceil(size)).map(move |b| {
+        let from = b * size + 1;
+        (from as i64, (from + size - 1).min(total) as i64)
+    })
+}
+
+fn parse_lsn(text: &str) -> Result<u64> {
+    let (hi, lo) = text
+        .split_once('/')
+        .with_context(|| format!("not an LSN: {text}"))?;
+    Ok((u64::from_str_radix(hi, 16)? << 32) | u64::from_str_radix(lo, 16)?)
+}
+
+fn fmt_lsn(lsn: u64) -> String {
+    format!("{:X}/{:X}", lsn >> 32, lsn & 0xFFFF_FFFF)
+}
+
+async fn current_lsn(client: &Client) -> Result<u64> {
+    let row = client
+        .query_one("SELECT pg_current_wal_lsn()::text", &[])
+        .await?;
+    parse_lsn(row.get(0))
+}
+
+/// Every logical slot's restart LSN: where its decoding starts reading WAL.
+async fn restart_lsns(client: &Client) -> Result<Vec<(String, u64)>> {
+    let rows = client
+        .query(
+            "SELECT slot_name::text, restart_lsn::text FROM pg_replication_slots
+             WHERE slot_type = 'logical' AND database = current_database() ORDER BY 1",
+            &[],
+        )
+        .await?;
+    rows.iter()
+        .map(|r| Ok((r.get(0), parse_lsn(r.get(1))?)))
+        .collect()
+}
+
+/// Waits until `slot` is confirmed up to `lsn`; false if that takes longer than `within`.
+async fn wait_confirmed(client: &Client, slot: &str, lsn: u64, within: Duration) -> Result<bool> {
+    let deadline = Instant::now() + within;
+    while Instant::now() < deadline {
+        let row = client
+            .query_one(
+                "SELECT confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = $1",
+                &[&slot],
+            )
+            .await?;
+        if parse_lsn(row.get(0))? >= lsn {
+            return Ok(true);
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    Ok(false)
+}
+
+fn pg_bindir() -> Result<PathBuf> {
+    let bindir = fluxbase::embedded::find_bindir()?;
+    if !bindir.join("pg_recvlogical").exists() {
+        bail!("pg_recvlogical not found in {}", bindir.display());
+    }
+    Ok(bindir)
+}
+
+/// Runs pg_recvlogical on the reference slot with the change stream's pgoutput options until
+/// it has received everything up to `end`; returns how long that took.
+async fn pg_recvlogical(cluster: &Cluster, db: &str, end: u64) -> Result<Duration> {
+    let mut command = tokio::process::Command::new(pg_bindir()?.join("pg_recvlogical"));
+    command
+        .args(["-h", "127.0.0.1", "-p", &cluster.port.to_string()])
+        .args(["-U", SUPERUSER, "-d", db, "--slot", RECV_SLOT, "--start"])
+        .arg(format!("--endpos={}", fmt_lsn(end)))
+        .args(["--no-loop", "-f", "/dev/null"])
+        .args(["-o", "proto_version=2"])
+        .args([
+            "-o",
+            &format!("publication_names={}", fluxbase::cdc::PUBLICATION),
+        ])
+        .args(["-o", "messages=true", "-o", "streaming=on"])
+        .env("PGPASSWORD", &cluster.password)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
+    let t = Instant::now();
+    let child = command.spawn().context("starting pg_recvlogical")?;
+    let out = tokio::time::timeout(Duration::from_secs(600), child.wait_with_output())
+        .await
+        .context("pg_recvlogical did not reach the end LSN within 10 minutes")??;
+    let elapsed = t.elapsed();
+    if !out.status.success() {
+        bail!(
+            "pg_recvlogical failed ({}): {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(elapsed)
+}
+
+struct Drained {
+    first: Instant,
+    done: Instant,
+}
+
+fn is_workload_event(e: &Event) -> bool {
+    match (&e.kind, e.table.as_deref()) {
+        (EventKind::Row { operation }, Some(table)) => {
+            (*operation == "INSERT" && table == INSERT_TABLE)
+                || (*operation == "UPDATE" && table == WIDE_TABLE)
+        }
+        _ => false,
+    }
+}
+
+/// Receives until `expected` workload events have arrived.
+async fn count_events(mut sub: Subscription, expected: u64) -> Result<Drained> {
+    let mut buf = Vec::with_capacity(1024);
+    let mut seen = 0u64;
+    let mut first = None;
+    let mut report = Instant::now();
+    while seen < expected {
+        if sub.events.recv_many(&mut buf, 1024).await == 0 {
+            bail!(
+                "the bus closed the subscription after {seen} of {expected} events: {}",
+                sub.closed_reason().unwrap_or_default()
+            );
+        }
+        first.get_or_insert_with(Instant::now);
+        seen += buf.drain(..).filter(|e| is_workload_event(e)).count() as u64;
+        if report.elapsed() > Duration::from_secs(5) {
+            report = Instant::now();
+            eprintln!("[bench]   {seen} of {expected} events");
+        }
+    }
+    let done = Instant::now();
+    Ok(Drained {
+        first: first.unwrap_or(done),
+        done,
+    })
+}
+
+struct Latency {
+    count: usize,
+    achieved_tps: f64,
+    /// p50, p99, max in milliseconds.
+    from_commit: (f64, f64, f64),
+    from_client: (f64, f64, f64),
+}
+
+fn now_micros() -> i64 {
+    chrono::Utc::now().timestamp_micros()
+}
+
+/// One INSERT per transaction at a steady rate on `client`; each event's delay measured from
+/// its commit_timestamp (PostgreSQL's clock, same machine) and from when COMMIT returned.
+async fn latency(
+    app: &SharedApp,
+    project_id: &str,
+    client: &Client,
+    settings: &Settings,
+) -> Result<Latency> {
+    let total = (settings.tps * settings.latency_seconds) as usize;
+    if total == 0 {
+        bail!("BENCH_TPS × BENCH_LATENCY_SECONDS must be at least 1");
+    }
+    eprintln!(
+        "[bench] latency: {} single-row transactions/s for {} s",
+        settings.tps, settings.latency_seconds
+    );
+    let sub = app.bus.project(project_id).subscribe();
+    let deadline = Instant::now() + Duration::from_secs(settings.latency_seconds + 60);
+    let collector = tokio::spawn(collect_latency(sub, total, deadline));
+    let insert = client
+        .prepare(&format!(
+            "INSERT INTO {LATENCY_TABLE} (id, note) VALUES ($1, 'tick')"
+        ))
+        .await?;
+    let mut committed_at = vec![0i64; total];
+    let mut tick = tokio::time::interval(Duration::from_nanos(1_000_000_000 / settings.tps));
+    let t = Instant::now();
+    for (i, at) in committed_at.iter_mut().enumerate() {
+        tick.tick().await;
+        client.execute(&insert, &[&(i as i64)]).await?;
+        *at = now_micros();
+    }
+    let achieved_tps = total as f64 / t.elapsed().as_secs_f64();
+    let received = collector.await??;
+
+    let mut from_commit = Vec::with_capacity(total);
+    let mut from_client = Vec::with_capacity(total);
+    for (i, received_at, commit) in received {
+        from_commit.push(received_at - commit);
+        from_client.push(received_at - committed_at[i]);
+    }
+    Ok(Latency {
+        count: total,
+        achieved_tps,
+        from_commit: percentiles(from_commit),
+        from_client: percentiles(from_client),
+    })
+}
+
+/// (row id, receive time, commit time) of each event of the latency table, in µs.
+async fn collect_latency(
+    mut sub: Subscription,
+    total: usize,
+    deadline: Instant,
+) -> Result<Vec<(usize, i64, i64)>> {
+    let mut out = Vec::with_capacity(total);
+    let mut buf: Vec<Arc<Event>> = Vec::with_capacity(64);
+    while out.len() < total {
+        let got =
+            tokio::time::timeout_at(deadline.into(), sub.events.recv_many(&mut buf, 64)).await;
+        let received_at = now_micros();
+        match got {
+            Err(_) => bail!("only {} of {total} latency events arrived", out.len()),
+            Ok(0) => bail!(
+                "the bus closed the subscription: {}",
+                sub.closed_reason().unwrap_or_default()
+            ),
+            Ok(_) => {}
+        }
+        for e in buf.drain(..) {
+            if e.table.as_deref() != Some(LATENCY_TABLE) {
+                continue;
+            }
+            let record: serde_json::Value =
+                serde_json::from_str(e.record.as_deref().unwrap_or("null"))?;
+            let id = record["id"]
+                .as_u64()
+                .filter(|&id| (id as usize) < total)
+                .with_context(|| format!("unexpected record {record}"))?;
+            let commit = chrono::DateTime::parse_from_rfc3339(&e.commit_timestamp)
+                .with_context(|| format!("commit timestamp {}", e.commit_timestamp))?
+                .timestamp_micros();
+            out.push((id as usize, received_at, commit));
+        }
+    }
+    Ok(out)
+}
+
+/// p50, p99 and max of µs values, in ms.
+fn percentiles(mut micros: Vec<i64>) -> (f64, f64, f64) {
+    micros.sort_unstable();
+    let rank = |p: f64| {
+        let i = ((p * micros.len() as f64).ceil() as usize).clamp(1, micros.len()) - 1;
+        micros[i] as f64 / 1e3
+    };
+    (rank(0.50), rank(0.99), rank(1.0))
+}
