@@ -4,6 +4,7 @@
 //! ```text
 //!  change stream ──publish(Arc<Event>)──► ProjectBus ──► bounded queue ─► subscriber (rooms, tests)
 //!                                            │      └──► bounded queue ─► durable subscriber ─► ack(end_lsn)
+//!                                            │           (waits for room: backpressure)
 //!                                            └── confirmable(): how far the slot may be confirmed
 //! ```
 //!
@@ -13,14 +14,15 @@
 //! * Delivery is at-least-once: after a restart the stream resumes from the slot's confirmed
 //!   position and may repeat events. Event ids are stable (commit LSN + index in the
 //!   transaction), so duplicates can be dropped by id.
-//! * Queues are bounded. A subscriber that falls behind by a whole queue is cut off: its queue
-//!   closes and `closed_reason` says why. Publishing never waits, so one slow subscriber never
-//!   stalls the stream or the others.
+//! * Queues are bounded. An ordinary subscriber (a realtime room, a test) that falls behind by a
+//!   whole queue is cut off: its queue closes and `closed_reason` says why. Publishing never
+//!   waits for it, so one slow socket never stalls the stream or the others.
 //! * A durable subscriber (the webhook outbox) acknowledges the `end_lsn` of each transaction
 //!   once it has stored it. The slot is confirmed only up to the lowest acknowledgement of the
-//!   durable subscribers, so what they have not stored is replayed after a restart. When a
-//!   durable subscriber is cut off or (re)joins, the stream rewinds to the slot's confirmed
-//!   position so that it receives what it missed.
+//!   durable subscribers, so what they have not stored is replayed after a restart. Durable
+//!   subscribers are part of the pipeline rather than its audience: when one's queue is full
+//!   the stream waits (backpressure) instead of dropping it. When a durable subscriber joins,
+//!   the stream rewinds to the slot's confirmed position so that it receives what it missed.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -106,8 +108,6 @@ struct Subscriber {
     durable: bool,
     /// Durable only: the highest end LSN stored.
     acked: Option<Lsn>,
-    /// Durable only: cut off; the slot stays at `acked` until it resubscribes.
-    lost: bool,
     closed_reason: Arc<Mutex<Option<String>>>,
 }
 
@@ -146,7 +146,6 @@ impl ProjectBus {
             tx,
             durable,
             acked: None,
-            lost: false,
             closed_reason: closed_reason.clone(),
         });
         if durable {
@@ -172,48 +171,42 @@ impl ProjectBus {
         self.subscribe_inner(true)
     }
 
-    /// Hands an event to every subscriber without waiting; cuts off those whose queue is full.
-    pub fn publish(&self, event: Arc<Event>) {
-        let mut rewind = false;
-        let mut subs = self.subscribers.lock().expect("poisoned");
-        subs.retain_mut(|s| {
-            if s.lost {
-                return true;
-            }
-            match s.tx.try_send(event.clone()) {
-                Ok(()) => true,
-                Err(mpsc::error::TrySendError::Full(_)) => {
-                    let why = format!(
-                        "subscriber fell more than {} events behind and was disconnected",
-                        s.tx.max_capacity()
-                    );
-                    tracing::warn!(durable = s.durable, "{why}");
-                    *s.closed_reason.lock().expect("poisoned") = Some(why);
-                    if s.durable {
-                        // Keep its acknowledgement so the slot does not move past it.
-                        s.lost = true;
-                        rewind = true;
-                        true
-                    } else {
+    /// Hands an event to every subscriber. Ordinary subscribers never make it wait: one whose
+    /// queue is full is cut off. Durable subscribers are part of the pipeline's durability (the
+    /// slot cannot move past what they have not stored), so the stream waits for room in their
+    /// queue instead: they apply backpressure, they are never dropped.
+    pub async fn publish(&self, event: Arc<Event>) {
+        let mut durable = Vec::new();
+        {
+            let mut subs = self.subscribers.lock().expect("poisoned");
+            subs.retain_mut(|s| {
+                if s.durable {
+                    durable.push(s.tx.clone());
+                    return true;
+                }
+                match s.tx.try_send(event.clone()) {
+                    Ok(()) => true,
+                    Err(mpsc::error::TrySendError::Full(_)) => {
+                        let why = format!(
+                            "subscriber fell more than {} events behind and was disconnected",
+                            s.tx.max_capacity()
+                        );
+                        tracing::warn!("{why}");
+                        *s.closed_reason.lock().expect("poisoned") = Some(why);
                         false
                     }
+                    Err(mpsc::error::TrySendError::Closed(_)) => false,
                 }
-                Err(mpsc::error::TrySendError::Closed(_)) => false,
-            }
-        });
-        // Dropping the sender of a lost durable subscriber closes its queue.
-        for s in subs.iter_mut().filter(|s| s.lost) {
-            let (tx, _) = mpsc::channel(1);
-            s.tx = tx;
+            });
         }
-        drop(subs);
+        for tx in durable {
+            // A closed queue means the subscriber is gone; its Drop removes it.
+            let _ = tx.send(event.clone()).await;
+        }
         if event.last_in_transaction {
             self.published.store(event.end_lsn.0, Ordering::Release);
         }
         self.published_events.fetch_add(1, Ordering::Relaxed);
-        if rewind {
-            tracing::warn!("a durable subscriber was cut off; its events will be replayed when it resubscribes");
-        }
     }
 
     /// How far the slot may be confirmed: the lowest durable acknowledgement, or everything

@@ -150,6 +150,8 @@ pub struct Assembler {
     stream_xid: Option<Xid>,
     bound: usize,
     spill_dir: PathBuf,
+    /// Most bytes ever held in memory at once by open transactions.
+    peak: usize,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -171,7 +173,13 @@ impl Assembler {
             stream_xid: None,
             bound,
             spill_dir: spill_dir.to_path_buf(),
+            peak: 0,
         }
+    }
+
+    /// Most bytes held in memory at once so far.
+    pub fn peak_memory(&self) -> usize {
+        self.peak
     }
 
     /// True when no transaction is open: everything received has been released.
@@ -215,6 +223,12 @@ impl Assembler {
         msg: M,
         reg: &TypeRegistry,
     ) -> Result<Option<Committed>, AssembleError> {
+        let committed = self.apply(msg, reg)?;
+        self.peak = self.peak.max(self.memory());
+        Ok(committed)
+    }
+
+    fn apply(&mut self, msg: M, reg: &TypeRegistry) -> Result<Option<Committed>, AssembleError> {
         match msg {
             M::Begin(b) => {
                 self.current = Some(OpenTx {

@@ -67,6 +67,8 @@ pub struct StreamStatus {
     pub reconnects: u64,
     pub last_error: Option<String>,
     pub buffered_bytes: u64,
+    /// Most bytes of open transactions held in memory at once since the stream started.
+    pub peak_buffered_bytes: u64,
 }
 
 struct Handle {
@@ -411,7 +413,7 @@ async fn stream_once(
                             asm.handle(msg, &reg)?
                         };
                         if let Some(tx) = committed {
-                            release(&bus, tx, status)?;
+                            release(&bus, tx, status).await?;
                         }
                         status.lock().expect("poisoned").received_lsn = Some(wal_end.to_string());
                     }
@@ -437,6 +439,7 @@ async fn stream_once(
                     let mut s = status.lock().expect("poisoned");
                     s.confirmed_lsn = Some(stream.confirmed().to_string());
                     s.buffered_bytes = asm.memory() as u64;
+                    s.peak_buffered_bytes = asm.peak_memory() as u64;
                 }
                 if lag_check.elapsed() > Duration::from_secs(5) {
                     lag_check = Instant::now();
@@ -458,7 +461,7 @@ async fn stream_once(
 }
 
 /// Publishes a committed transaction's events in order.
-fn release(
+async fn release(
     bus: &ProjectBus,
     tx: assemble::Committed,
     status: &Mutex<StreamStatus>,
@@ -481,9 +484,14 @@ fn release(
             index,
             &commit_time,
             last,
-        )));
+        )))
+        .await;
         index += 1;
         count += 1;
+        if count.is_multiple_of(256) {
+            // Let consumers on this runtime drain their queues during a large transaction.
+            tokio::task::yield_now().await;
+        }
     }
     let now_micros = chrono::Utc::now().timestamp_micros();
     let mut s = status.lock().expect("poisoned");

@@ -202,40 +202,60 @@ async fn an_unchanged_toasted_value_is_present_in_the_update_event() {
     assert!(ev[0].get("unchangedToast").is_none());
 }
 
-#[tokio::test]
-async fn a_large_streamed_transaction_passes_with_bounded_memory_and_in_order() {
+/// 200 MB in one transaction: it arrives streamed, spills past the buffer bound, and comes out
+/// whole and in order; the same transaction aborted releases nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_200_mb_transaction_streams_through_in_bounded_memory_and_in_order() {
+    let bound = 4 * 1024 * 1024;
     let app = spawn_app_with(|c| {
-        c.cdc_decoding_work_mem_kb = Some(64);
-        c.cdc_buffer_bytes = 256 * 1024;
+        c.cdc_decoding_work_mem_kb = Some(1024);
+        c.cdc_buffer_bytes = bound;
+        c.statement_timeout_ms = 300_000;
     })
     .await;
     let f = app.fixture().await;
-    let mut sub = app.app.bus.project(&f.project).subscribe();
+    let mut sub = app.app.bus.project(&f.project).subscribe_durable();
     app.rows(&f.admin, &f.project, "CREATE TABLE big (id int, pad text)")
         .await;
     events(&mut sub, 1).await;
-    let n = 3000;
+    let n: i64 = 100_000;
     let reader = tokio::spawn(async move {
-        let mut ids = Vec::new();
-        for _ in 0..n {
+        let mut next = 1;
+        let mut bytes = 0usize;
+        while next <= n {
             let e = next_event(&mut sub).await;
             let v: Value = serde_json::from_str(&e.payload).unwrap();
-            ids.push(v["record"]["id"].as_i64().unwrap());
+            assert_eq!(v["record"]["id"].as_i64(), Some(next), "out of order");
+            bytes += v["record"]["pad"].as_str().unwrap().len();
+            sub.ack(e.end_lsn);
+            next += 1;
         }
-        (ids, sub)
+        (bytes, sub)
     });
+    // 2000 random-looking hex characters per row: 200 MB that compression does not shrink.
+    let fill = "(SELECT string_agg(md5(g::text || r::text), '') FROM generate_series(1, 63) r)";
     app.rows(
         &f.admin,
         &f.project,
-        &format!("INSERT INTO big SELECT g, repeat('x', 2000) FROM generate_series(1, {n}) g"),
+        &format!("INSERT INTO big SELECT g, left({fill}, 2000) FROM generate_series(1, {n}) g"),
     )
     .await;
-    let (ids, mut sub) = reader.await.unwrap();
-    assert_eq!(ids, (1..=n as i64).collect::<Vec<_>>());
+    let (bytes, mut sub) = reader.await.unwrap();
+    assert_eq!(bytes, 2000 * n as usize);
+    tokio::time::sleep(Duration::from_millis(700)).await;
     let status = app.app.cdc.status(&f.project).unwrap();
-    assert!(status.buffered_bytes <= 256 * 1024 + 8192, "{status:?}");
-    // A streamed transaction that aborts releases nothing.
-    let code = app.sql_error(&f.admin, &f.project, &format!("INSERT INTO big SELECT g, repeat('y', 2000) FROM generate_series(1, {n}) g; SELECT 1/0")).await;
+    assert!(
+        status.peak_buffered_bytes > 0 && status.peak_buffered_bytes <= (bound + 64 * 1024) as u64,
+        "{status:?}"
+    );
+    // The same, aborted: nothing is released.
+    let code = app
+        .sql_error(
+            &f.admin,
+            &f.project,
+            "INSERT INTO big SELECT g, repeat('y', 2000) FROM generate_series(1, 20000) g; SELECT 1/0",
+        )
+        .await;
     assert_eq!(code, "22012");
     app.rows(
         &f.admin,
@@ -649,4 +669,32 @@ async fn replaying_the_events_of_a_random_workload_rebuilds_the_tables() {
         assert_eq!(rebuilt.len(), actual.len(), "{table}");
         assert!(rebuilt == actual, "{table} differs from its replay");
     }
+}
+
+#[tokio::test]
+async fn a_subscriber_that_cannot_keep_up_is_cut_off_and_told_why_without_slowing_others() {
+    let (app, f, mut live) = setup().await;
+    let mut stalled = app.app.bus.project(&f.project).subscribe();
+    app.rows(&f.admin, &f.project, "CREATE TABLE t (x int)")
+        .await;
+    let n = fluxbase::bus::QUEUE_LEN + 100;
+    let reader = tokio::spawn(async move {
+        for _ in 0..n + 1 {
+            next_event(&mut live).await;
+        }
+    });
+    app.rows(
+        &f.admin,
+        &f.project,
+        &format!("INSERT INTO t SELECT generate_series(1, {n})"),
+    )
+    .await;
+    reader.await.unwrap();
+    // The stalled subscriber got a full queue, then its queue was closed with a reason.
+    let mut got = 0;
+    while let Some(_e) = stalled.events.recv().await {
+        got += 1;
+    }
+    assert_eq!(got, fluxbase::bus::QUEUE_LEN);
+    assert!(stalled.closed_reason().unwrap().contains("fell more than"));
 }

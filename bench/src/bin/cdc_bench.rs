@@ -206,7 +206,7 @@ async fn bench(app: &SharedApp, cluster: &Cluster, settings: &Settings) -> Resul
     eprintln!("[bench] fluxbase: change stream draining its slot to the bus");
     let sub = app.bus.project(&id).subscribe();
     let expected = settings.changes();
-    let drain = tokio::spawn(count_events(sub, expected));
+    let drain = tokio::task::spawn_blocking(move || count_events(sub, expected));
     let t = Instant::now();
     app.start_change_stream(id.clone(), db.clone());
     let limit = Duration::from_secs(60).max(reference * 20);
@@ -473,22 +473,25 @@ fn is_workload_event(e: &Event) -> bool {
     }
 }
 
-/// Receives until `expected` workload events have arrived.
-async fn count_events(mut sub: Subscription, expected: u64) -> Result<Drained> {
-    let mut buf = Vec::with_capacity(1024);
+/// Receives until `expected` workload events have arrived. Runs on its own thread (see
+/// `bench`): a task woken by the stream's task waits in that worker's LIFO slot until the
+/// stream yields.
+fn count_events(mut sub: Subscription, expected: u64) -> Result<Drained> {
     let mut seen = 0u64;
     let mut first = None;
     let mut report = Instant::now();
     while seen < expected {
-        if sub.events.recv_many(&mut buf, 1024).await == 0 {
+        let Some(event) = sub.events.blocking_recv() else {
             bail!(
                 "the bus closed the subscription after {seen} of {expected} events: {}",
                 sub.closed_reason().unwrap_or_default()
             );
-        }
+        };
         first.get_or_insert_with(Instant::now);
-        seen += buf.drain(..).filter(|e| is_workload_event(e)).count() as u64;
-        if report.elapsed() > Duration::from_secs(5) {
+        if is_workload_event(&event) {
+            seen += 1;
+        }
+        if seen % 1024 == 0 && report.elapsed() > Duration::from_secs(5) {
             report = Instant::now();
             eprintln!("[bench]   {seen} of {expected} events");
         }
