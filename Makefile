@@ -3,7 +3,7 @@
 CARGO ?= cargo
 TEST_THREADS ?= 6
 
-.PHONY: run build test lint unit integration bench clean deps
+.PHONY: run build test lint unit integration bench clean deps fuzz
 
 run: deps
 	$(CARGO) build --release --bin fluxbase
@@ -19,6 +19,7 @@ test: lint
 	@./scripts/deps.sh test
 	$(CARGO) test --workspace --lib --bins
 	$(CARGO) test --test it -- --test-threads=$(TEST_THREADS)
+	$(MAKE) fuzz
 
 lint:
 	$(CARGO) fmt --all -- --check
@@ -30,3 +31,15 @@ bench: deps build
 clean:
 	$(CARGO) clean
 	rm -rf .fluxbase
+
+# The pgoutput decoder's fuzz target, for a bounded time (FUZZ_SECONDS). cargo-fuzz needs a
+# nightly toolchain; without one the stable randomized decoder test (part of the unit tests)
+# is what runs, and this says so.
+FUZZ_SECONDS ?= 30
+fuzz:
+	@if cargo +nightly --version >/dev/null 2>&1; then \
+	  command -v cargo-fuzz >/dev/null 2>&1 || cargo install cargo-fuzz --locked; \
+	  cd replication && cargo +nightly fuzz run pgoutput -- -max_total_time=$(FUZZ_SECONDS) -max_len=4096; \
+	else \
+	  echo "fuzz: no nightly toolchain here; the stable randomized decoder test (pgoutput::tests::random_and_mutated_inputs_never_panic) ran in the unit tests instead"; \
+	fi
