@@ -3,7 +3,7 @@
 CARGO ?= cargo
 TEST_THREADS ?= 6
 
-.PHONY: run build test lint unit integration bench clean deps fuzz
+.PHONY: run build test lint unit integration bench bench-sql bench-cdc clean deps fuzz
 
 run: deps
 	$(CARGO) build --release --bin fluxbase
@@ -25,8 +25,14 @@ lint:
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
 
-bench: deps build
+# Both benchmarks; each prints its reference run beside Fluxbase's and the ratio.
+bench: bench-sql bench-cdc
+
+bench-sql: deps build
 	$(CARGO) run --release -p fluxbase-bench --bin sql_bench
+
+bench-cdc: deps
+	$(CARGO) run --release -p fluxbase-bench --bin cdc_bench
 
 clean:
 	$(CARGO) clean

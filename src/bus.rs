@@ -119,6 +119,8 @@ pub struct ProjectBus {
     published: AtomicU64,
     /// Wakes the change stream to restart from the slot (a durable subscriber needs a replay).
     pub rewind: Notify,
+    /// Counts rewind requests, so a stream that started after one ignores its stale wake-up.
+    rewinds: AtomicU64,
     pub published_events: AtomicU64,
 }
 
@@ -129,6 +131,7 @@ impl ProjectBus {
             next_id: AtomicU64::new(1),
             published: AtomicU64::new(0),
             rewind: Notify::new(),
+            rewinds: AtomicU64::new(0),
             published_events: AtomicU64::new(0),
         }
     }
@@ -150,6 +153,7 @@ impl ProjectBus {
         });
         if durable {
             // Replay from the slot so that nothing since its confirmed position is missed.
+            self.rewinds.fetch_add(1, Ordering::AcqRel);
             self.rewind.notify_one();
         }
         Subscription {
@@ -207,6 +211,11 @@ impl ProjectBus {
             self.published.store(event.end_lsn.0, Ordering::Release);
         }
         self.published_events.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// The rewind requests so far; a stream notes it when it (re)starts from the slot.
+    pub fn rewind_generation(&self) -> u64 {
+        self.rewinds.load(Ordering::Acquire)
     }
 
     /// How far the slot may be confirmed: the lowest durable acknowledgement, or everything

@@ -336,8 +336,8 @@ pub enum ReplicationEvent {
     /// WAL data: with `pgoutput`, exactly one logical replication message in `data`, for
     /// [`crate::pgoutput::decode`].
     XLogData {
-        /// Where `data` starts in the WAL (0/0 for messages that are not tied to a WAL record,
-        /// such as those inside a streamed chunk).
+        /// The WAL position the server attributes to `data` (the change's record, or the
+        /// transaction's); not in itself a position to confirm (see the module docs).
         wal_start: Lsn,
         /// The server's current end of WAL.
         wal_end: Lsn,
@@ -670,6 +670,7 @@ mod tests {
     //! in `tests/it/replication.rs`.
     use super::*;
     use crate::wire::Phase;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
 
     fn db(code: &str, message: &str, detail: Option<&str>) -> ReplicationError {
         ReplicationError::Wire(WireError::Db(Box::new(DbError {
@@ -689,6 +690,107 @@ mod tests {
             constraint: None,
             phase: Phase::Query,
         })))
+    }
+
+    fn backend(tag: u8, body: &[u8]) -> Vec<u8> {
+        let mut out = vec![tag];
+        out.extend_from_slice(&(body.len() as i32 + 4).to_be_bytes());
+        out.extend_from_slice(body);
+        out
+    }
+
+    async fn read_frontend(s: &mut DuplexStream) -> Option<(u8, Vec<u8>)> {
+        let tag = s.read_u8().await.ok()?;
+        let len = s.read_i32().await.unwrap() as usize;
+        let mut body = vec![0; len - 4];
+        s.read_exact(&mut body).await.unwrap();
+        Some((tag, body))
+    }
+
+    /// A keepalive asking for a reply: 'k', wal_end, clock, reply flag.
+    fn keepalive_requesting_a_reply() -> Vec<u8> {
+        let mut payload = vec![b'k'];
+        payload.extend_from_slice(&0x20u64.to_be_bytes());
+        payload.extend_from_slice(&0i64.to_be_bytes());
+        payload.push(1);
+        backend(b'd', &payload)
+    }
+
+    /// Cancellation in the middle of writing a reply: the pipe holds 8 bytes and the scripted
+    /// walsender reads nothing until told to, so the 39-byte status update cannot be written in
+    /// one go when the first `next()` is dropped.
+    #[tokio::test]
+    async fn a_next_dropped_while_writing_a_reply_finishes_it_later_and_keeps_the_event() {
+        let (client_end, mut server) = tokio::io::duplex(8);
+        let (go_on, wait) = tokio::sync::oneshot::channel::<()>();
+        let walsender = tokio::spawn(async move {
+            let len = server.read_i32().await.unwrap() as usize;
+            let mut startup = vec![0; len - 4];
+            server.read_exact(&mut startup).await.unwrap();
+            assert!(startup.windows(9).any(|w| w == b"database\0"));
+            let ok = [&0i32.to_be_bytes()[..]].concat();
+            server.write_all(&backend(b'R', &ok)).await.unwrap();
+            server.write_all(&backend(b'Z', b"I")).await.unwrap();
+            let (tag, query) = read_frontend(&mut server).await.unwrap();
+            assert_eq!(tag, b'Q');
+            assert!(query.starts_with(b"START_REPLICATION SLOT \"s\" LOGICAL 0/10 "));
+            server.write_all(&backend(b'W', &[0, 0, 0])).await.unwrap();
+            server
+                .write_all(&keepalive_requesting_a_reply())
+                .await
+                .unwrap();
+            wait.await.unwrap();
+            let mut received = Vec::new();
+            while let Some((tag, body)) = read_frontend(&mut server).await {
+                if tag == b'c' {
+                    let mut end = backend(b'c', b"");
+                    end.extend(backend(b'C', b"START_REPLICATION\0"));
+                    end.extend(backend(b'Z', b"I"));
+                    server.write_all(&end).await.unwrap();
+                }
+                received.push((tag, body));
+            }
+            received
+        });
+
+        let cfg = ConnectConfig {
+            replication: true,
+            ..ConnectConfig::default()
+        };
+        let conn = Connection::handshake(Box::new(client_end), &cfg)
+            .await
+            .unwrap();
+        let mut stream = ReplicationClient { conn }
+            .start("s", Lsn(0x10), &PgOutputOptions::new(["p"]), Duration::ZERO)
+            .await
+            .unwrap();
+        let dropped = tokio::time::timeout(Duration::from_millis(100), stream.next()).await;
+        assert!(dropped.is_err(), "the reply cannot have been written yet");
+        go_on.send(()).unwrap();
+        let event = tokio::time::timeout(Duration::from_secs(5), stream.next())
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            event,
+            Some(ReplicationEvent::Keepalive {
+                wal_end: Lsn(0x20),
+                server_clock: PgTimestamp(0),
+            })
+        );
+        stream.confirm(Lsn(0x18));
+        stream.stop().await.unwrap();
+
+        let received = walsender.await.unwrap();
+        let tags: Vec<u8> = received.iter().map(|(tag, _)| *tag).collect();
+        assert_eq!(tags, b"ddcX", "reply, final status, CopyDone, Terminate");
+        let status = |body: &[u8]| -> (u8, u64, u64, u64, u8) {
+            assert_eq!(body.len(), 34);
+            let lsn = |at: usize| u64::from_be_bytes(body[at..at + 8].try_into().unwrap());
+            (body[0], lsn(1), lsn(9), lsn(17), body[33])
+        };
+        assert_eq!(status(&received[0].1), (b'r', 0x10, 0x10, 0x10, 0));
+        assert_eq!(status(&received[1].1), (b'r', 0x18, 0x18, 0x18, 0));
     }
 
     #[test]

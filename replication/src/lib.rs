@@ -1,7 +1,7 @@
 //! PostgreSQL frontend pieces for Fluxbase that stand on their own:
 //!
 //! * [`wire`]: an async frontend connection on `postgres-protocol` that keeps results in
-//!   PostgreSQL's text format (with type OIDs), for the SQL API and, later, the replication client.
+//!   PostgreSQL's text format (with type OIDs), for the SQL API and the replication client.
 //! * [`client`]: the logical replication client: replication commands (`IDENTIFY_SYSTEM`, slots)
 //!   and the `START_REPLICATION` copy-both stream that owns the LSN feedback to the server.
 //! * [`pgoutput`]: the pgoutput logical replication message decoder: plain functions from bytes

@@ -303,7 +303,7 @@ impl WireError {
 }
 
 /// A byte stream to the server: TCP, unix socket, or an in-memory pipe in tests.
-trait Socket: AsyncRead + AsyncWrite + Unpin + Send + Sync {}
+pub(crate) trait Socket: AsyncRead + AsyncWrite + Unpin + Send + Sync {}
 impl<T: AsyncRead + AsyncWrite + Unpin + Send + Sync> Socket for T {}
 
 /// Framing only: backend messages out of a buffered reader, frontend messages into `write_buf`.
@@ -417,7 +417,8 @@ impl Connection {
         .map_err(|_| WireError::Timeout)?
     }
 
-    async fn handshake(
+    /// Startup and authentication over an open socket (an in-memory pipe in unit tests).
+    pub(crate) async fn handshake(
         socket: Box<dyn Socket>,
         cfg: &ConnectConfig,
     ) -> Result<Connection, WireError> {

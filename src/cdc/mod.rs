@@ -344,6 +344,8 @@ async fn stream_once(
     };
     let _ = std::fs::remove_dir_all(&spill_dir);
     let slot = slot_name(project_id);
+    // Rewinds requested before this point are served by starting from the slot now.
+    let generation = bus.rewind_generation();
 
     // Catalog side connection: slot health and user-defined types.
     let mut catalog = Connection::connect(&cfg).await?;
@@ -454,7 +456,9 @@ async fn stream_once(
                 }
             }
             _ = bus.rewind.notified() => {
-                return Err(StreamError::Rewind);
+                if bus.rewind_generation() != generation {
+                    return Err(StreamError::Rewind);
+                }
             }
         }
     }
@@ -493,6 +497,8 @@ async fn release(
             tokio::task::yield_now().await;
         }
     }
+    // Let consumers on this runtime run between transactions.
+    tokio::task::yield_now().await;
     let now_micros = chrono::Utc::now().timestamp_micros();
     let mut s = status.lock().expect("poisoned");
     s.events += count;
