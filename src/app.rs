@@ -27,6 +27,7 @@ pub struct App {
     pub auth_cache: crate::auth::AuthCache,
     pub bus: crate::bus::Bus,
     pub cdc: crate::cdc::Cdc,
+    pub realtime: crate::realtime::Realtime,
     /// When each API key's `last_used_at` was last written (written at most once a minute).
     pub key_touched: Mutex<HashMap<String, Instant>>,
     /// Keeps the embedded cluster alive as long as the server; stopped on shutdown.
@@ -71,6 +72,7 @@ impl App {
             auth_cache: Default::default(),
             bus: Default::default(),
             cdc: Default::default(),
+            realtime: Default::default(),
             key_touched: Mutex::new(HashMap::new()),
             config,
             secrets,
@@ -80,6 +82,10 @@ impl App {
         });
         crate::projects::migrate_all(&app).await?;
         tokio::spawn(crate::auth::run_cache_listener(Arc::downgrade(&app)));
+        app.realtime.set_retention(crate::realtime::Retention {
+            events: app.config.realtime_retention_events,
+            age: std::time::Duration::from_secs(app.config.realtime_retention_secs),
+        });
         Ok(app)
     }
 

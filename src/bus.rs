@@ -43,6 +43,9 @@ pub enum EventKind {
     Row { operation: &'static str },
     /// A DDL command or a TRUNCATE.
     Schema { command: String },
+    /// A custom broadcast from SQL (`realtime.broadcast(event, payload)`); `payload` holds
+    /// `{"event", "payload"}`. Realtime rooms deliver it; webhooks ignore it.
+    Broadcast { event: String },
 }
 
 /// One committed change, ready for every consumer.

@@ -49,6 +49,10 @@ pub struct Config {
     /// `logical_decoding_work_mem` for the change streams' walsenders, in kB: transactions
     /// larger than this arrive streamed. Unset: the cluster's setting.
     pub cdc_decoding_work_mem_kb: Option<u64>,
+    /// Events a realtime room keeps for `since` resumes.
+    pub realtime_retention_events: usize,
+    /// Seconds a realtime room keeps events for `since` resumes.
+    pub realtime_retention_secs: u64,
 }
 
 impl Default for Config {
@@ -72,6 +76,8 @@ impl Default for Config {
             pool_size: 16,
             cdc_buffer_bytes: 16 * 1024 * 1024,
             cdc_decoding_work_mem_kb: None,
+            realtime_retention_events: 100_000,
+            realtime_retention_secs: 600,
         }
     }
 }
@@ -229,6 +235,19 @@ impl Config {
         });
         env!("FLUXBASE_POOL_SIZE", |k, v: String| -> Result<()> {
             self.pool_size = parse(k, &v)?;
+            Ok(())
+        });
+        env!(
+            "FLUXBASE_REALTIME_RETENTION_EVENTS",
+            |k, v: String| -> Result<()> {
+                self.realtime_retention_events = parse(k, &v)?;
+                Ok(())
+            }
+        );
+        env!("FLUXBASE_REALTIME_RETENTION_SECS", |k,
+                                                  v: String|
+         -> Result<()> {
+            self.realtime_retention_secs = parse(k, &v)?;
             Ok(())
         });
         env!("FLUXBASE_CDC_BUFFER_BYTES", |k, v: String| -> Result<()> {

@@ -21,15 +21,37 @@ use crate::error::{ApiError, ApiResult};
 pub fn routes(
     app: SharedApp,
 ) -> impl Filter<Extract = (Response,), Error = warp::Rejection> + Clone {
-    warp::method()
-        .and(warp::path::full())
-        .and(warp::query::raw().or(warp::any().map(String::new)).unify())
-        .and(warp::header::headers_cloned())
-        .and(warp::body::stream())
-        .then(move |method: Method, path: warp::path::FullPath, query: String, headers: HeaderMap, body| {
-            let app = app.clone();
-            async move { handle(app, method, path.as_str().to_string(), query, headers, body).await }
-        })
+    // The guide's WebSocket URL is a bare host: upgrades are accepted at `/` and `/realtime`.
+    let ws_app = app.clone();
+    let websocket = warp::path::end()
+        .or(warp::path("realtime").and(warp::path::end()))
+        .unify()
+        .and(warp::ws())
+        .map(move |ws: warp::ws::Ws| {
+            let app = ws_app.clone();
+            ws.max_message_size(crate::realtime::MAX_MESSAGE)
+                .on_upgrade(move |socket| app.serve_socket(socket))
+                .into_response()
+        });
+    let api =
+        warp::method()
+            .and(warp::path::full())
+            .and(warp::query::raw().or(warp::any().map(String::new)).unify())
+            .and(warp::header::headers_cloned())
+            .and(warp::body::stream())
+            .then(
+                move |method: Method,
+                      path: warp::path::FullPath,
+                      query: String,
+                      headers: HeaderMap,
+                      body| {
+                    let app = app.clone();
+                    async move {
+                        handle(app, method, path.as_str().to_string(), query, headers, body).await
+                    }
+                },
+            );
+    websocket.or(api).unify()
 }
 
 /// Everything a handler may need from the request.
@@ -160,6 +182,7 @@ fn route_name(path: &str) -> &'static str {
         "/api/projects" => "/api/projects",
         "/api/keys" | "/api/keys/rotate" => "/api/keys",
         "/api/cdc/status" => "/api/cdc/status",
+        "/api/realtime/token" | "/api/realtime/broadcast" => "/api/realtime",
         _ => "other",
     }
 }
@@ -259,6 +282,16 @@ async fn dispatch(app: &Arc<App>, req: &Request) -> ApiResult<Response> {
             app.delete_project(&access.project.id).await?;
             ok((StatusCode::OK, json!({ "success": true })))
         }
+        (&M::POST, "/api/realtime/token") => {
+            let p = app.authenticate(req.authorization()).await?;
+            let access = app.project_access(&p, &project_id_from_body(req)?).await?;
+            ok(app.realtime_token(&access, req.json()?)?)
+        }
+        (&M::POST, "/api/realtime/broadcast") => {
+            let p = app.authenticate(req.authorization()).await?;
+            let access = app.project_access(&p, &project_id_from_body(req)?).await?;
+            ok(app.realtime_broadcast(&access, req.json()?)?)
+        }
         (&M::GET, "/api/cdc/status") => {
             let p = app.authenticate(req.authorization()).await?;
             let access = app.project_access(&p, req.param("projectId")?).await?;
@@ -326,4 +359,6 @@ const KNOWN_PATHS: &[&str] = &[
     "/api/keys/rotate",
     "/api/execute-sql",
     "/api/cdc/status",
+    "/api/realtime/token",
+    "/api/realtime/broadcast",
 ];

@@ -20,5 +20,6 @@ pub mod keys;
 pub mod metrics;
 pub mod projects;
 pub mod ratelimit;
+pub mod realtime;
 pub mod secrets;
 pub mod sql;

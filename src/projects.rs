@@ -33,6 +33,11 @@ pub const PROJECT_MIGRATIONS: &[(i32, &str, &str)] = &[
         "change_capture",
         include_str!("../sql/project/0002_change_capture.sql"),
     ),
+    (
+        3,
+        "realtime",
+        include_str!("../sql/project/0003_realtime.sql"),
+    ),
 ];
 
 #[derive(Deserialize)]
@@ -309,6 +314,8 @@ impl App {
             .await?;
         drop(client);
         self.invalidate_access().await;
+        self.realtime
+            .close_project(project_id, "PROJECT_NOT_FOUND", "The project was deleted.");
         self.bus.remove(project_id);
         tracing::info!(project_id, "project deleted");
         Ok(())
@@ -415,6 +422,13 @@ impl App {
         drop(client);
         self.invalidate_access().await;
         self.sql.forget_project(project_id);
+        if status == "suspended" {
+            self.realtime.close_project(
+                project_id,
+                "PROJECT_SUSPENDED",
+                "The project was suspended.",
+            );
+        }
         Ok(())
     }
 }

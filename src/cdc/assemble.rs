@@ -283,6 +283,11 @@ impl Assembler {
                     self.buffer("Message")?.push(m.xid, p)?;
                 }
             }
+            M::Message(m) if m.transactional && m.prefix == "fluxbase.broadcast" => {
+                if let Some(p) = events::broadcast(&m.content) {
+                    self.buffer("Message")?.push(m.xid, p)?;
+                }
+            }
             M::StreamStart(s) => self.stream_xid = Some(s.xid),
             M::StreamStop => self.stream_xid = None,
             M::StreamCommit(c) => {

@@ -38,6 +38,8 @@ pub enum Pending {
         table: Option<String>,
         object: Option<String>,
     },
+    /// `realtime.broadcast(event, payload)` from SQL; `payload` is JSON text.
+    Broadcast { event: String, payload: String },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -71,6 +73,7 @@ impl Pending {
                 64 + record.len() + old.as_ref().map_or(0, String::len) + schema.len() + table.len()
             }
             Pending::Schema { .. } => 256,
+            Pending::Broadcast { event, payload } => 64 + event.len() + payload.len(),
         }
     }
 }
@@ -257,6 +260,20 @@ pub fn ddl(content: &[u8]) -> Option<Pending> {
     })
 }
 
+/// A custom broadcast from SQL (`fluxbase.broadcast` messages).
+pub fn broadcast(content: &[u8]) -> Option<Pending> {
+    #[derive(Deserialize)]
+    struct B {
+        event: String,
+        payload: Box<serde_json::value::RawValue>,
+    }
+    let b: B = serde_json::from_slice(content).ok()?;
+    Some(Pending::Broadcast {
+        event: b.event,
+        payload: b.payload.get().to_string(),
+    })
+}
+
 /// `<commit LSN>-<index>`: fixed-width hex, so ids sort in commit order.
 pub fn event_id(commit_lsn: Lsn, index: u32) -> String {
     format!("{:016X}-{index:08X}", commit_lsn.0)
@@ -313,6 +330,27 @@ pub fn finish(
                 table: Some(table),
                 record: Some(record),
                 old,
+                commit_timestamp: commit_timestamp.to_string(),
+                commit_lsn,
+                end_lsn,
+                last_in_transaction: last,
+                payload: Arc::from(p),
+            }
+        }
+        Pending::Broadcast { event, payload } => {
+            let mut p = String::with_capacity(32 + event.len() + payload.len());
+            p.push_str("{\"event\":");
+            quote(&mut p, &event);
+            p.push_str(",\"payload\":");
+            p.push_str(&payload);
+            p.push('}');
+            Event {
+                id,
+                kind: EventKind::Broadcast { event },
+                schema: None,
+                table: None,
+                record: None,
+                old: None,
                 commit_timestamp: commit_timestamp.to_string(),
                 commit_lsn,
                 end_lsn,

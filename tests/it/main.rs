@@ -6,6 +6,7 @@ mod accounts;
 mod cdc;
 mod cli;
 mod guide;
+mod realtime;
 mod replication;
 mod sql;
 mod values;

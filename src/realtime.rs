@@ -1,0 +1,855 @@
+//! Realtime: WebSocket rooms fed by the change stream, on the same port as the API (`/` and
+//! `/realtime`).
+//!
+//! ```text
+//!  ProjectBus ──durable subscription──► Room pump ── one Message per event (shared bytes) ──┐
+//!                                         │ history: last N events / T minutes (resume)      │
+//!                                         └─ members: socket id → (queue, filter) ◄──────────┘
+//!  socket: reader (client messages, idle timeout) ─┐   writer (queue → sink, pings, close)
+//! ```
+//!
+//! * `subscribe` answers `subscribed` only once the socket is a member of the live room, under
+//!   the room's lock, so a change committed after the client has `subscribed` is delivered and
+//!   nothing is delivered before it. With `since`, the retained events after that id are sent
+//!   first, in the same critical section, then live ones: nothing missing, nothing twice.
+//! * The room's pump is a durable bus subscriber: the stream waits for it rather than dropping
+//!   it, so a room never misses an event; it drops replays (ids at or below the last it saw).
+//! * Each socket has one bounded send queue. A socket whose queue is full is closed with code
+//!   1008 and a reason; the room goes on for everyone else.
+//! * Auth per subscribe: an API key of the project (any scope), a session of a member, or a
+//!   realtime token (`flx_rt_…`, HMAC-signed, short-lived, may carry `authUid` and a table list).
+//!   A project with `realtimePublic` accepts a subscribe without a token.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use futures_util::{SinkExt, StreamExt};
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+use tokio::sync::{mpsc, Notify};
+use warp::filters::ws::{Message, WebSocket};
+use warp::http::StatusCode;
+
+use crate::app::App;
+use crate::auth::{Access, Principal};
+use crate::bus::{Event, EventKind};
+use crate::error::{ApiError, ApiResult};
+
+/// Messages a socket may have queued before it counts as too slow.
+pub const SEND_QUEUE: usize = 1024;
+/// Largest client message accepted.
+pub const MAX_MESSAGE: usize = 64 * 1024;
+/// Rooms one socket may join.
+pub const MAX_SUBSCRIPTIONS_PER_SOCKET: usize = 100;
+/// Sockets subscribed to one project.
+pub const MAX_SOCKETS_PER_PROJECT: usize = 10_000;
+/// A socket that sends nothing (not even a pong) for this long is closed.
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(120);
+const PING_EVERY: Duration = Duration::from_secs(30);
+const TOKEN_PREFIX: &str = "flx_rt_";
+
+/// How much history a room keeps for `since` resumes.
+#[derive(Clone, Copy, Debug)]
+pub struct Retention {
+    pub events: usize,
+    pub age: Duration,
+}
+
+impl Default for Retention {
+    fn default() -> Self {
+        Retention {
+            events: 100_000,
+            age: Duration::from_secs(600),
+        }
+    }
+}
+
+/// A subscriber's filter (from `subscribe`, narrowed by a realtime token's table list).
+#[derive(Clone, Debug, Default)]
+struct Filter {
+    tables: Option<HashSet<String>>,
+    token_tables: Option<HashSet<String>>,
+    operations: Option<HashSet<String>>,
+    row: Option<RowFilter>,
+}
+
+#[derive(Clone, Debug)]
+struct RowFilter {
+    column: String,
+    op: String,
+    values: Vec<String>,
+}
+
+impl RowFilter {
+    /// `status=eq.paid`, `amount=gt.10`, `id=in.(1,2,3)`.
+    fn parse(s: &str) -> Result<RowFilter, String> {
+        let (column, rest) = s
+            .split_once('=')
+            .ok_or_else(|| format!("row filter {s:?}: expected column=op.value"))?;
+        let (op, value) = rest
+            .split_once('.')
+            .ok_or_else(|| format!("row filter {s:?}: expected column=op.value"))?;
+        let values = match op {
+            "eq" | "neq" | "lt" | "lte" | "gt" | "gte" => vec![value.to_string()],
+            "in" => {
+                let inner = value
+                    .strip_prefix('(')
+                    .and_then(|v| v.strip_suffix(')'))
+                    .ok_or_else(|| format!("row filter {s:?}: `in` takes (a,b,c)"))?;
+                inner.split(',').map(|v| v.trim().to_string()).collect()
+            }
+            other => return Err(format!("row filter {s:?}: unknown operator {other:?}")),
+        };
+        if column.is_empty() {
+            return Err(format!("row filter {s:?}: no column"));
+        }
+        Ok(RowFilter {
+            column: column.to_string(),
+            op: op.to_string(),
+            values,
+        })
+    }
+
+    fn matches(&self, record: &Value) -> bool {
+        let Some(actual) = record.get(&self.column) else {
+            return false;
+        };
+        let cmp = |want: &str| -> Option<std::cmp::Ordering> {
+            match actual {
+                Value::Number(n) => {
+                    let a = n.as_f64()?;
+                    let b: f64 = want.parse().ok()?;
+                    a.partial_cmp(&b)
+                }
+                Value::String(s) => Some(s.as_str().cmp(want)),
+                Value::Bool(b) => Some(b.to_string().as_str().cmp(want)),
+                Value::Null => (want == "null").then_some(std::cmp::Ordering::Equal),
+                other => Some(other.to_string().as_str().cmp(want)),
+            }
+        };
+        use std::cmp::Ordering::*;
+        match self.op.as_str() {
+            "eq" => cmp(&self.values[0]) == Some(Equal),
+            "neq" => cmp(&self.values[0]).is_some_and(|o| o != Equal),
+            "lt" => cmp(&self.values[0]) == Some(Less),
+            "lte" => matches!(cmp(&self.values[0]), Some(Less | Equal)),
+            "gt" => cmp(&self.values[0]) == Some(Greater),
+            "gte" => matches!(cmp(&self.values[0]), Some(Greater | Equal)),
+            "in" => self.values.iter().any(|v| cmp(v) == Some(Equal)),
+            _ => false,
+        }
+    }
+}
+
+impl Filter {
+    fn matches(&self, event: &Event, record: &dyn Fn() -> Value) -> bool {
+        if let EventKind::Broadcast { .. } = event.kind {
+            return true;
+        }
+        for tables in [&self.tables, &self.token_tables].into_iter().flatten() {
+            match &event.table {
+                Some(t) if tables.contains(t) => {}
+                _ => return false,
+            }
+        }
+        if let EventKind::Row { operation } = event.kind {
+            if let Some(ops) = &self.operations {
+                if !ops.contains(operation) {
+                    return false;
+                }
+            }
+            if let Some(row) = &self.row {
+                return row.matches(&record());
+            }
+        }
+        true
+    }
+}
+
+/// What a socket shares with the rooms it joined.
+struct SocketShared {
+    id: u64,
+    tx: mpsc::Sender<Message>,
+    /// Set when the queue overflowed; the writer closes the socket.
+    too_slow: AtomicBool,
+    close: Notify,
+}
+
+impl SocketShared {
+    /// Queues a message; a full queue marks the socket too slow.
+    fn push(&self, msg: Message) -> bool {
+        match self.tx.try_send(msg) {
+            Ok(()) => true,
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                if !self.too_slow.swap(true, Ordering::AcqRel) {
+                    self.close.notify_one();
+                }
+                false
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => false,
+        }
+    }
+}
+
+struct Member {
+    socket: Arc<SocketShared>,
+    filter: Filter,
+}
+
+struct Retained {
+    event: Arc<Event>,
+    message: Message,
+    at: Instant,
+}
+
+#[derive(Default)]
+struct RoomState {
+    members: HashMap<u64, Member>,
+    history: VecDeque<Retained>,
+    /// Id of the last event that entered the room (replays at or below it are dropped).
+    last_id: Option<String>,
+    /// History was trimmed: ids at or below this one are gone.
+    trimmed_through: Option<String>,
+    /// The room started at this time: older ids were never seen here.
+    started_after: Option<String>,
+}
+
+/// One project's room.
+pub struct Room {
+    room_id: String,
+    state: Mutex<RoomState>,
+    pump: Mutex<Option<tokio::task::JoinHandle<()>>>,
+}
+
+/// All rooms of this server.
+#[derive(Default)]
+pub struct Realtime {
+    rooms: Mutex<HashMap<String, Arc<Room>>>,
+    next_socket: AtomicU64,
+    pub sockets: AtomicUsize,
+    pub delivered: AtomicU64,
+    retention: Mutex<Retention>,
+}
+
+impl Realtime {
+    pub fn set_retention(&self, r: Retention) {
+        *self.retention.lock().expect("poisoned") = r;
+    }
+
+    fn retention(&self) -> Retention {
+        *self.retention.lock().expect("poisoned")
+    }
+
+    /// Closes a project's room: members get an error and are removed (suspension, deletion).
+    pub fn close_project(&self, project_id: &str, code: &str, message: &str) {
+        let room = self.rooms.lock().expect("poisoned").remove(project_id);
+        if let Some(room) = room {
+            if let Some(task) = room.pump.lock().expect("poisoned").take() {
+                task.abort();
+            }
+            let members = std::mem::take(&mut room.state.lock().expect("poisoned").members);
+            let msg = Message::text(
+                json!({ "type": "error", "code": code, "message": message, "roomId": room.room_id })
+                    .to_string(),
+            );
+            for m in members.values() {
+                m.socket.push(msg.clone());
+            }
+        }
+    }
+}
+
+fn frame(kind: &str, room_id: &str, event: &Event) -> Message {
+    let body = match &event.kind {
+        EventKind::Broadcast { .. } => {
+            // The payload is {"event", "payload"}: splice roomId and type around it.
+            let inner = event.payload.trim_start_matches('{');
+            format!("{{\"type\":\"broadcast\",\"roomId\":\"{room_id}\",{inner}")
+        }
+        _ => format!(
+            "{{\"type\":\"{kind}\",\"roomId\":\"{room_id}\",\"payload\":{}}}",
+            event.payload
+        ),
+    };
+    Message::text(body)
+}
+
+fn kind_of(event: &Event) -> &'static str {
+    match event.kind {
+        EventKind::Row { .. } => "db_event",
+        EventKind::Schema { .. } => "schema_update",
+        EventKind::Broadcast { .. } => "broadcast",
+    }
+}
+
+impl Room {
+    /// Fans one event out to the members whose filter matches, and keeps it for resumes.
+    fn deliver(&self, event: Arc<Event>, retention: Retention, delivered: &AtomicU64) {
+        let message = frame(kind_of(&event), &self.room_id, &event);
+        let parsed = std::cell::OnceCell::new();
+        let record = || {
+            parsed
+                .get_or_init(|| {
+                    event
+                        .record
+                        .as_deref()
+                        .and_then(|r| serde_json::from_str(r).ok())
+                        .unwrap_or(Value::Null)
+                })
+                .clone()
+        };
+        let mut state = self.state.lock().expect("poisoned");
+        if state
+            .last_id
+            .as_deref()
+            .is_some_and(|last| event.id.as_str() <= last)
+        {
+            return; // a replay after a stream rewind: already delivered
+        }
+        state.last_id = Some(event.id.clone());
+        let mut n = 0;
+        for m in state.members.values() {
+            if m.filter.matches(&event, &record) && m.socket.push(message.clone()) {
+                n += 1;
+            }
+        }
+        delivered.fetch_add(n, Ordering::Relaxed);
+        let now = Instant::now();
+        state.history.push_back(Retained {
+            event,
+            message,
+            at: now,
+        });
+        while state.history.len() > retention.events
+            || state
+                .history
+                .front()
+                .is_some_and(|r| now.duration_since(r.at) > retention.age)
+        {
+            let dropped = state.history.pop_front().expect("non-empty");
+            state.trimmed_through = Some(dropped.event.id.clone());
+        }
+    }
+}
+
+/// Claims of a realtime token.
+#[derive(Serialize, Deserialize)]
+struct Claims {
+    /// Project id.
+    p: String,
+    /// authUid, when the token acts for an end user.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    u: Option<String>,
+    /// Tables the token may see.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    t: Option<Vec<String>>,
+    /// Expiry, Unix seconds.
+    e: i64,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct TokenRequest {
+    pub project_id: String,
+    pub auth_uid: Option<String>,
+    pub tables: Option<Vec<String>>,
+    /// Seconds; default 3600, at most 86400.
+    pub expires_in: Option<i64>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct BroadcastRequest {
+    pub project_id: String,
+    pub event: String,
+    #[serde(default)]
+    pub payload: Value,
+}
+
+fn token_key(app: &App) -> ring::hmac::Key {
+    ring::hmac::Key::new(
+        ring::hmac::HMAC_SHA256,
+        app.secrets.derive("realtime-token").as_bytes(),
+    )
+}
+
+fn b64url(data: &[u8]) -> String {
+    use base64::Engine;
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(data)
+}
+
+impl App {
+    /// `POST /api/realtime/token`: a short-lived token a browser can subscribe with.
+    pub fn realtime_token(
+        &self,
+        access: &Access,
+        req: TokenRequest,
+    ) -> ApiResult<(StatusCode, Value)> {
+        let ttl = req.expires_in.unwrap_or(3600);
+        if !(1..=86_400).contains(&ttl) {
+            return Err(ApiError::BadRequest(
+                "expiresIn: between 1 and 86400 seconds".into(),
+            ));
+        }
+        let expires = chrono::Utc::now() + chrono::Duration::seconds(ttl);
+        let claims = Claims {
+            p: access.project.id.clone(),
+            u: req.auth_uid,
+            t: req.tables,
+            e: expires.timestamp(),
+        };
+        let body = b64url(serde_json::to_string(&claims).expect("claims").as_bytes());
+        let sig = ring::hmac::sign(&token_key(self), body.as_bytes());
+        let token = format!("{TOKEN_PREFIX}{body}.{}", b64url(sig.as_ref()));
+        Ok((
+            StatusCode::OK,
+            json!({ "success": true, "token": token, "expiresAt": expires }),
+        ))
+    }
+
+    fn verify_realtime_token(&self, token: &str) -> Result<Claims, (&'static str, String)> {
+        let bad = || ("AUTH_REQUIRED", "Invalid realtime token.".to_string());
+        let rest = token.strip_prefix(TOKEN_PREFIX).ok_or_else(bad)?;
+        let (body, sig) = rest.split_once('.').ok_or_else(bad)?;
+        use base64::Engine;
+        let sig = base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode(sig)
+            .map_err(|_| bad())?;
+        ring::hmac::verify(&token_key(self), body.as_bytes(), &sig).map_err(|_| bad())?;
+        let json = base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode(body)
+            .map_err(|_| bad())?;
+        let claims: Claims = serde_json::from_slice(&json).map_err(|_| bad())?;
+        if claims.e <= chrono::Utc::now().timestamp() {
+            return Err(("TOKEN_EXPIRED", "Realtime token has expired.".into()));
+        }
+        Ok(claims)
+    }
+
+    /// `POST /api/realtime/broadcast`: a backend's broadcast to a project's room.
+    pub fn realtime_broadcast(
+        &self,
+        access: &Access,
+        req: BroadcastRequest,
+    ) -> ApiResult<(StatusCode, Value)> {
+        if access.db_role == crate::auth::DbRole::Read {
+            return Err(ApiError::ScopeMismatch(
+                "Broadcasting needs a readwrite or admin key (or a developer or admin member)."
+                    .into(),
+            ));
+        }
+        if req.event.is_empty() || req.event.len() > 200 {
+            return Err(ApiError::BadRequest("event: 1 to 200 characters".into()));
+        }
+        let delivered = self.broadcast_to_room(&access.project.id, None, &req.event, &req.payload);
+        Ok((
+            StatusCode::OK,
+            json!({ "success": true, "delivered": delivered }),
+        ))
+    }
+
+    /// Sends a broadcast to a room's members (except `from`); returns how many got it.
+    fn broadcast_to_room(
+        &self,
+        project_id: &str,
+        from: Option<u64>,
+        event: &str,
+        payload: &Value,
+    ) -> usize {
+        let room = self
+            .realtime
+            .rooms
+            .lock()
+            .expect("poisoned")
+            .get(project_id)
+            .cloned();
+        let Some(room) = room else { return 0 };
+        let msg = Message::text(
+            json!({ "type": "broadcast", "roomId": room.room_id, "event": event, "payload": payload })
+                .to_string(),
+        );
+        let state = room.state.lock().expect("poisoned");
+        let mut n = 0;
+        for (id, m) in state.members.iter() {
+            if Some(*id) != from && m.socket.push(msg.clone()) {
+                n += 1;
+            }
+        }
+        self.realtime
+            .delivered
+            .fetch_add(n as u64, Ordering::Relaxed);
+        n
+    }
+
+    /// The project's room, created (with its pump on the bus) on first use.
+    fn room(self: &Arc<App>, project_id: &str) -> Arc<Room> {
+        let mut rooms = self.realtime.rooms.lock().expect("poisoned");
+        if let Some(r) = rooms.get(project_id) {
+            return r.clone();
+        }
+        let room = Arc::new(Room {
+            room_id: format!("project_{project_id}"),
+            state: Mutex::new(RoomState::default()),
+            pump: Mutex::new(None),
+        });
+        let mut sub = self.bus.project(project_id).subscribe_durable();
+        let weak_room = Arc::downgrade(&room);
+        let weak_app = Arc::downgrade(self);
+        let task = tokio::spawn(async move {
+            while let Some(event) = sub.events.recv().await {
+                let (Some(room), Some(app)) = (weak_room.upgrade(), weak_app.upgrade()) else {
+                    return;
+                };
+                let end = event.end_lsn;
+                let last = event.last_in_transaction;
+                room.deliver(event, app.realtime.retention(), &app.realtime.delivered);
+                if last {
+                    sub.ack(end);
+                }
+            }
+        });
+        *room.pump.lock().expect("poisoned") = Some(task);
+        rooms.insert(project_id.to_string(), room.clone());
+        room
+    }
+
+    /// Serves one WebSocket connection until it closes.
+    pub async fn serve_socket(self: Arc<App>, ws: WebSocket) {
+        let id = self.realtime.next_socket.fetch_add(1, Ordering::Relaxed);
+        self.realtime.sockets.fetch_add(1, Ordering::Relaxed);
+        let (mut sink, mut stream) = ws.split();
+        let (tx, mut rx) = mpsc::channel::<Message>(SEND_QUEUE);
+        let shared = Arc::new(SocketShared {
+            id,
+            tx,
+            too_slow: AtomicBool::new(false),
+            close: Notify::new(),
+        });
+        let writer_shared = shared.clone();
+        let writer = tokio::spawn(async move {
+            let mut ping = tokio::time::interval(PING_EVERY);
+            ping.tick().await;
+            loop {
+                tokio::select! {
+                    msg = rx.recv() => match msg {
+                        Some(m) => if sink.send(m).await.is_err() { return },
+                        None => break,
+                    },
+                    _ = writer_shared.close.notified() => {
+                        let _ = sink
+                            .send(Message::close_with(1008u16, "client too slow: send queue full"))
+                            .await;
+                        let _ = sink.close().await;
+                        return;
+                    }
+                    _ = ping.tick() => {
+                        if sink.send(Message::ping(Vec::new())).await.is_err() { return }
+                    }
+                }
+            }
+            let _ = sink.close().await;
+        });
+
+        let mut joined: HashSet<String> = HashSet::new();
+        loop {
+            let next = tokio::select! {
+                n = tokio::time::timeout(IDLE_TIMEOUT, stream.next()) => n,
+                _ = shared.close.notified() => break,
+            };
+            let msg = match next {
+                Err(_) => {
+                    let _ = shared
+                        .tx
+                        .try_send(Message::close_with(1001u16, "idle timeout"));
+                    break;
+                }
+                Ok(None) | Ok(Some(Err(_))) => break,
+                Ok(Some(Ok(m))) => m,
+            };
+            if msg.is_close() {
+                break;
+            }
+            if !msg.is_text() {
+                continue; // pings are answered by the library; pongs only show liveness
+            }
+            let text = msg.to_str().unwrap_or_default();
+            self.client_message(&shared, &mut joined, text).await;
+        }
+        for project_id in &joined {
+            if let Some(room) = self
+                .realtime
+                .rooms
+                .lock()
+                .expect("poisoned")
+                .get(project_id)
+                .cloned()
+            {
+                room.state.lock().expect("poisoned").members.remove(&id);
+            }
+        }
+        drop(shared);
+        let _ = writer.await;
+        self.realtime.sockets.fetch_sub(1, Ordering::Relaxed);
+    }
+
+    async fn client_message(
+        self: &Arc<App>,
+        socket: &Arc<SocketShared>,
+        joined: &mut HashSet<String>,
+        text: &str,
+    ) {
+        let error = |code: &str, message: String, room: Option<&str>| {
+            let mut e = json!({ "type": "error", "code": code, "message": message });
+            if let Some(r) = room {
+                e["roomId"] = json!(r);
+            }
+            socket.push(Message::text(e.to_string()));
+        };
+        let msg: Value = match serde_json::from_str(text) {
+            Ok(v @ Value::Object(_)) => v,
+            Ok(_) => return error("BAD_MESSAGE", "expected a JSON object".into(), None),
+            Err(e) => return error("BAD_MESSAGE", format!("invalid JSON: {e}"), None),
+        };
+        let room_id = msg["roomId"].as_str();
+        match msg["type"].as_str() {
+            Some("ping") => {
+                socket.push(Message::text(r#"{"type":"pong"}"#));
+            }
+            Some("subscribe") => {
+                let Some(room_id) = room_id else {
+                    return error("BAD_MESSAGE", "subscribe needs roomId".into(), None);
+                };
+                if let Err((code, message)) = self.subscribe(socket, joined, room_id, &msg).await {
+                    error(code, message, Some(room_id));
+                }
+            }
+            Some("unsubscribe") => {
+                let Some(room_id) = room_id else {
+                    return error("BAD_MESSAGE", "unsubscribe needs roomId".into(), None);
+                };
+                let project_id = room_id.strip_prefix("project_").unwrap_or_default();
+                if joined.remove(project_id) {
+                    if let Some(room) = self
+                        .realtime
+                        .rooms
+                        .lock()
+                        .expect("poisoned")
+                        .get(project_id)
+                        .cloned()
+                    {
+                        room.state
+                            .lock()
+                            .expect("poisoned")
+                            .members
+                            .remove(&socket.id);
+                    }
+                }
+                socket.push(Message::text(
+                    json!({ "type": "unsubscribed", "roomId": room_id }).to_string(),
+                ));
+            }
+            Some("broadcast") => {
+                let (Some(room_id), Some(event)) = (room_id, msg["event"].as_str()) else {
+                    return error(
+                        "BAD_MESSAGE",
+                        "broadcast needs roomId and event".into(),
+                        room_id,
+                    );
+                };
+                let project_id = room_id.strip_prefix("project_").unwrap_or_default();
+                if !joined.contains(project_id) {
+                    return error(
+                        "NOT_SUBSCRIBED",
+                        "subscribe to the room before broadcasting".into(),
+                        Some(room_id),
+                    );
+                }
+                self.broadcast_to_room(project_id, Some(socket.id), event, &msg["payload"]);
+            }
+            Some(other) => error(
+                "BAD_MESSAGE",
+                format!("unknown message type {other:?}"),
+                room_id,
+            ),
+            None => error("BAD_MESSAGE", "missing type".into(), room_id),
+        }
+    }
+
+    async fn subscribe(
+        self: &Arc<App>,
+        socket: &Arc<SocketShared>,
+        joined: &mut HashSet<String>,
+        room_id: &str,
+        msg: &Value,
+    ) -> Result<(), (&'static str, String)> {
+        let project_id = room_id
+            .strip_prefix("project_")
+            .filter(|p| crate::auth::is_project_id(p))
+            .ok_or((
+                "PROJECT_NOT_FOUND",
+                format!("no room {room_id:?}: rooms are project_<projectId>"),
+            ))?;
+        if joined.len() >= MAX_SUBSCRIPTIONS_PER_SOCKET && !joined.contains(project_id) {
+            return Err((
+                "LIMIT_EXCEEDED",
+                format!("at most {MAX_SUBSCRIPTIONS_PER_SOCKET} rooms per socket"),
+            ));
+        }
+        let mut filter = parse_filter(&msg["filter"]).map_err(|m| ("BAD_MESSAGE", m))?;
+        let api = |e: ApiError| (e.code(), e.to_string());
+        let project = self.load_project(project_id).await.map_err(api)?.ok_or((
+            "PROJECT_NOT_FOUND",
+            "No project found for the given projectId.".into(),
+        ))?;
+        match msg["token"].as_str().filter(|t| !t.is_empty()) {
+            Some(token) if token.starts_with(TOKEN_PREFIX) => {
+                let claims = self.verify_realtime_token(token)?;
+                if claims.p != project.id {
+                    return Err(("SCOPE_MISMATCH", "This token belongs to another project.".into()));
+                }
+                filter.token_tables = claims.t.map(|t| t.into_iter().collect());
+            }
+            Some(token) => {
+                let principal = self.authenticate(Some(&format!("Bearer {token}"))).await.map_err(api)?;
+                if let Principal::Key { project_id: key_project, .. } = &principal {
+                    if key_project != &project.id {
+                        return Err(("SCOPE_MISMATCH", "This key belongs to another project.".into()));
+                    }
+                }
+                self.project_access(&principal, &project.id).await.map_err(api)?;
+            }
+            None if project.realtime_public => {}
+            None => {
+                return Err((
+                    "AUTH_REQUIRED",
+                    "This room needs a token: an API key, or a realtime token from POST /api/realtime/token.".into(),
+                ))
+            }
+        }
+        if project.status == "suspended" {
+            return Err(("PROJECT_SUSPENDED", ApiError::ProjectSuspended.to_string()));
+        }
+        let since = msg["since"].as_str().map(str::to_string);
+        let room = self.room(&project.id);
+        let mut state = room.state.lock().expect("poisoned");
+        if state.members.len() >= MAX_SOCKETS_PER_PROJECT && !state.members.contains_key(&socket.id)
+        {
+            return Err((
+                "LIMIT_EXCEEDED",
+                format!("at most {MAX_SOCKETS_PER_PROJECT} sockets per project"),
+            ));
+        }
+        if state.started_after.is_none() {
+            state.started_after = Some(state.last_id.clone().unwrap_or_default());
+        }
+        socket.push(Message::text(
+            json!({ "type": "subscribed", "roomId": room.room_id }).to_string(),
+        ));
+        if let Some(since) = since {
+            let too_old = state
+                .trimmed_through
+                .as_deref()
+                .is_some_and(|t| since.as_str() < t)
+                || state
+                    .started_after
+                    .as_deref()
+                    .is_some_and(|s| since.as_str() < s);
+            if too_old {
+                socket.push(Message::text(
+                    json!({ "type": "error", "code": "RESUME_TOO_OLD", "roomId": room.room_id,
+                            "message": "That event is older than the retained window; live events follow." })
+                        .to_string(),
+                ));
+            } else {
+                for r in state.history.iter().filter(|r| r.event.id > since) {
+                    let record = || {
+                        r.event
+                            .record
+                            .as_deref()
+                            .and_then(|x| serde_json::from_str(x).ok())
+                            .unwrap_or(Value::Null)
+                    };
+                    if filter.matches(&r.event, &record) {
+                        socket.push(r.message.clone());
+                    }
+                }
+            }
+        }
+        state.members.insert(
+            socket.id,
+            Member {
+                socket: socket.clone(),
+                filter,
+            },
+        );
+        drop(state);
+        joined.insert(project.id);
+        Ok(())
+    }
+}
+
+fn parse_filter(v: &Value) -> Result<Filter, String> {
+    let mut f = Filter::default();
+    if v.is_null() {
+        return Ok(f);
+    }
+    let obj = v.as_object().ok_or("filter: expected an object")?;
+    let list = |key: &str| -> Result<Option<HashSet<String>>, String> {
+        match obj.get(key) {
+            None | Some(Value::Null) => Ok(None),
+            Some(Value::Array(items)) => items
+                .iter()
+                .map(|i| {
+                    i.as_str()
+                        .map(str::to_string)
+                        .ok_or(format!("filter.{key}: expected strings"))
+                })
+                .collect::<Result<HashSet<_>, _>>()
+                .map(Some),
+            Some(_) => Err(format!("filter.{key}: expected an array of strings")),
+        }
+    };
+    f.tables = list("tables")?;
+    f.operations =
+        list("operations")?.map(|ops| ops.into_iter().map(|o| o.to_uppercase()).collect());
+    if let Some(ops) = &f.operations {
+        if let Some(bad) = ops
+            .iter()
+            .find(|o| !matches!(o.as_str(), "INSERT" | "UPDATE" | "DELETE"))
+        {
+            return Err(format!("filter.operations: unknown operation {bad:?}"));
+        }
+    }
+    f.row = match obj.get("row") {
+        None | Some(Value::Null) => None,
+        Some(Value::String(s)) => Some(RowFilter::parse(s)?),
+        Some(_) => return Err("filter.row: expected a string like status=eq.paid".into()),
+    };
+    Ok(f)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn row_filters_compare_numbers_strings_and_lists() {
+        let rec = json!({ "status": "paid", "amount": 12.5, "id": 3 });
+        let t = |s: &str| RowFilter::parse(s).unwrap().matches(&rec);
+        assert!(t("status=eq.paid"));
+        assert!(!t("status=neq.paid"));
+        assert!(
+            t("amount=gt.10")
+                && t("amount=gte.12.5")
+                && !t("amount=lt.12.5")
+                && t("amount=lte.12.5")
+        );
+        assert!(t("id=in.(1,2,3)") && !t("id=in.(4,5)"));
+        assert!(!t("missing=eq.x"));
+        assert!(RowFilter::parse("status=like.x").is_err());
+        assert!(RowFilter::parse("nonsense").is_err());
+        assert!(RowFilter::parse("id=in.1,2").is_err());
+    }
+}
