@@ -45,7 +45,10 @@ FUZZ_SECONDS ?= 30
 fuzz:
 	@if cargo +nightly --version >/dev/null 2>&1; then \
 	  command -v cargo-fuzz >/dev/null 2>&1 || cargo install cargo-fuzz --locked; \
-	  cd replication && cargo +nightly fuzz run pgoutput -- -max_total_time=$(FUZZ_SECONDS) -max_len=4096; \
+	  mkdir -p target; \
+	  if (cd replication && cargo +nightly fuzz run pgoutput -- -max_total_time=$(FUZZ_SECONDS) -max_len=4096) > target/fuzz.log 2>&1; then \
+	    echo "fuzz: pgoutput decoder fuzzed for $(FUZZ_SECONDS) s without a crash (log: target/fuzz.log)"; \
+	  else tail -40 target/fuzz.log; echo "fuzz: the pgoutput decoder fuzz target failed"; exit 1; fi; \
 	else \
 	  echo "fuzz: no nightly toolchain here; the stable randomized decoder test (pgoutput::tests::random_and_mutated_inputs_never_panic) ran in the unit tests instead"; \
 	fi
