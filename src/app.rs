@@ -28,6 +28,7 @@ pub struct App {
     pub bus: crate::bus::Bus,
     pub cdc: crate::cdc::Cdc,
     pub realtime: crate::realtime::Realtime,
+    pub webhooks: crate::webhooks::Webhooks,
     /// When each API key's `last_used_at` was last written (written at most once a minute).
     pub key_touched: Mutex<HashMap<String, Instant>>,
     /// Keeps the embedded cluster alive as long as the server; stopped on shutdown.
@@ -73,6 +74,7 @@ impl App {
             bus: Default::default(),
             cdc: Default::default(),
             realtime: Default::default(),
+            webhooks: Default::default(),
             key_touched: Mutex::new(HashMap::new()),
             config,
             secrets,
@@ -92,6 +94,7 @@ impl App {
     /// Stops what the server started (the embedded cluster).
     pub fn shutdown(&self) {
         self.cdc.stop_all();
+        self.stop_webhooks();
         self.sql.clear();
         self.control.close();
         if let Some(cluster) = &self.embedded {
@@ -119,6 +122,7 @@ impl Running {
         let addr = listener.local_addr()?;
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
         app.start_change_streams().await?;
+        app.start_webhooks().await?;
         let routes = crate::http::routes(app.clone());
         let task = tokio::spawn(async move {
             warp::serve(routes)

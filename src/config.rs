@@ -49,6 +49,8 @@ pub struct Config {
     /// `logical_decoding_work_mem` for the change streams' walsenders, in kB: transactions
     /// larger than this arrive streamed. Unset: the cluster's setting.
     pub cdc_decoding_work_mem_kb: Option<u64>,
+    /// Multiplies the webhook retry schedule (tests shorten it; 1.0 in production).
+    pub webhook_backoff_scale: f64,
     /// Events a realtime room keeps for `since` resumes.
     pub realtime_retention_events: usize,
     /// Seconds a realtime room keeps events for `since` resumes.
@@ -76,6 +78,7 @@ impl Default for Config {
             pool_size: 16,
             cdc_buffer_bytes: 16 * 1024 * 1024,
             cdc_decoding_work_mem_kb: None,
+            webhook_backoff_scale: 1.0,
             realtime_retention_events: 100_000,
             realtime_retention_secs: 600,
         }
@@ -235,6 +238,12 @@ impl Config {
         });
         env!("FLUXBASE_POOL_SIZE", |k, v: String| -> Result<()> {
             self.pool_size = parse(k, &v)?;
+            Ok(())
+        });
+        env!("FLUXBASE_WEBHOOK_BACKOFF_SCALE", |k,
+                                                v: String|
+         -> Result<()> {
+            self.webhook_backoff_scale = parse(k, &v)?;
             Ok(())
         });
         env!(

@@ -23,6 +23,11 @@ pub const CONTROL_MIGRATIONS: &[(i32, &str, &str)] = &[
         "change_capture",
         include_str!("../sql/control/0002_change_capture.sql"),
     ),
+    (
+        3,
+        "webhooks",
+        include_str!("../sql/control/0003_webhooks.sql"),
+    ),
 ];
 
 /// Where the project databases live and how the server reaches the cluster as its admin role.

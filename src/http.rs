@@ -182,6 +182,7 @@ fn route_name(path: &str) -> &'static str {
         "/api/projects" => "/api/projects",
         "/api/keys" | "/api/keys/rotate" => "/api/keys",
         "/api/cdc/status" => "/api/cdc/status",
+        "/api/webhooks" | "/api/webhooks/deliveries" | "/api/webhooks/redeliver" => "/api/webhooks",
         "/api/realtime/token" | "/api/realtime/broadcast" => "/api/realtime",
         _ => "other",
     }
@@ -292,6 +293,38 @@ async fn dispatch(app: &Arc<App>, req: &Request) -> ApiResult<Response> {
             let access = app.project_access(&p, &project_id_from_body(req)?).await?;
             ok(app.realtime_broadcast(&access, req.json()?)?)
         }
+        (&M::POST, "/api/webhooks") => {
+            let p = app.authenticate(req.authorization()).await?;
+            let access = app.project_access(&p, &project_id_from_body(req)?).await?;
+            ok(app.create_webhook(&access, req.json()?).await?)
+        }
+        (&M::GET, "/api/webhooks") => {
+            let p = app.authenticate(req.authorization()).await?;
+            let access = app.project_access(&p, req.param("projectId")?).await?;
+            ok(app.list_webhooks(&access).await?)
+        }
+        (&M::PATCH, "/api/webhooks") => {
+            let p = app.authenticate(req.authorization()).await?;
+            let access = app.project_access(&p, &project_id_from_body(req)?).await?;
+            ok(app.patch_webhook(&access, req.json()?).await?)
+        }
+        (&M::DELETE, "/api/webhooks") => {
+            let p = app.authenticate(req.authorization()).await?;
+            let access = app.project_access(&p, req.param("projectId")?).await?;
+            ok(app.delete_webhook(&access, req.param("webhookId")?).await?)
+        }
+        (&M::GET, "/api/webhooks/deliveries") => {
+            let p = app.authenticate(req.authorization()).await?;
+            let access = app.project_access(&p, req.param("projectId")?).await?;
+            let webhook = req.query.get("webhookId").map(String::as_str);
+            let status = req.query.get("status").map(String::as_str);
+            ok(app.list_deliveries(&access, webhook, status).await?)
+        }
+        (&M::POST, "/api/webhooks/redeliver") => {
+            let p = app.authenticate(req.authorization()).await?;
+            let access = app.project_access(&p, &project_id_from_body(req)?).await?;
+            ok(app.redeliver(&access, req.json()?).await?)
+        }
         (&M::GET, "/api/cdc/status") => {
             let p = app.authenticate(req.authorization()).await?;
             let access = app.project_access(&p, req.param("projectId")?).await?;
@@ -361,4 +394,7 @@ const KNOWN_PATHS: &[&str] = &[
     "/api/cdc/status",
     "/api/realtime/token",
     "/api/realtime/broadcast",
+    "/api/webhooks",
+    "/api/webhooks/deliveries",
+    "/api/webhooks/redeliver",
 ];

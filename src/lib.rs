@@ -23,3 +23,4 @@ pub mod ratelimit;
 pub mod realtime;
 pub mod secrets;
 pub mod sql;
+pub mod webhooks;

@@ -36,6 +36,7 @@ use crate::app::App;
 use crate::auth::{Access, Principal};
 use crate::bus::{Event, EventKind};
 use crate::error::{ApiError, ApiResult};
+use fluxbase_replication::pgoutput::Lsn;
 
 /// Messages a socket may have queued before it counts as too slow.
 pub const SEND_QUEUE: usize = 1024;
@@ -48,6 +49,8 @@ pub const MAX_SOCKETS_PER_PROJECT: usize = 10_000;
 /// A socket that sends nothing (not even a pong) for this long is closed.
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(120);
 const PING_EVERY: Duration = Duration::from_secs(30);
+/// How long a closing socket may take to flush its close frame before it is dropped.
+const CLOSE_GRACE: Duration = Duration::from_secs(10);
 const TOKEN_PREFIX: &str = "flx_rt_";
 
 /// How much history a room keeps for `since` resumes.
@@ -174,7 +177,8 @@ struct SocketShared {
     tx: mpsc::Sender<Message>,
     /// Set when the queue overflowed; the writer closes the socket.
     too_slow: AtomicBool,
-    close: Notify,
+    /// Wakes the writer (its only waiter) to cut a too slow socket off.
+    close: Arc<Notify>,
 }
 
 impl SocketShared {
@@ -196,6 +200,10 @@ impl SocketShared {
 struct Member {
     socket: Arc<SocketShared>,
     filter: Filter,
+    /// Live events of transactions that committed before the subscribe (commit LSN below this)
+    /// are not this member's: they reach a new room again when its subscription rewinds the
+    /// stream, or were still on their way when it joined.
+    committed_from: Lsn,
 }
 
 struct Retained {
@@ -212,8 +220,9 @@ struct RoomState {
     last_id: Option<String>,
     /// History was trimmed: ids at or below this one are gone.
     trimmed_through: Option<String>,
-    /// The room started at this time: older ids were never seen here.
-    started_after: Option<String>,
+    /// The room has every event whose commit LSN is at or above this (set at its first
+    /// subscribe, after its bus subscription was registered); older ones only if replayed.
+    complete_from: Option<Lsn>,
 }
 
 /// One project's room.
@@ -259,6 +268,42 @@ impl Realtime {
             }
         }
     }
+}
+
+/// A socket's writer: its queue (and pings) to the connection. It holds no sender of its own
+/// queue, so it ends once the reader and the rooms have dropped theirs (queue sent, then a close
+/// frame), when the connection fails, or when `too_slow` fires: that also interrupts a send
+/// stuck on a client that stopped reading, and the socket is closed with 1008 and a reason.
+/// Closing is bounded by [`CLOSE_GRACE`]; the reader ends when the writer does.
+async fn write_socket(
+    mut sink: futures_util::stream::SplitSink<WebSocket, Message>,
+    mut rx: mpsc::Receiver<Message>,
+    too_slow: Arc<Notify>,
+) {
+    let mut ping = tokio::time::interval(PING_EVERY);
+    ping.tick().await;
+    let cut_off = loop {
+        let msg = tokio::select! {
+            msg = rx.recv() => match msg {
+                Some(m) => m,
+                None => break false,
+            },
+            _ = ping.tick() => Message::ping(Vec::new()),
+            _ = too_slow.notified() => break true,
+        };
+        tokio::select! {
+            sent = sink.send(msg) => if sent.is_err() { return },
+            _ = too_slow.notified() => break true,
+        }
+    };
+    let goodbye = async {
+        if cut_off {
+            let reason = "client too slow: send queue full";
+            let _ = sink.send(Message::close_with(1008u16, reason)).await;
+        }
+        let _ = sink.close().await;
+    };
+    let _ = tokio::time::timeout(CLOSE_GRACE, goodbye).await;
 }
 
 fn frame(kind: &str, room_id: &str, event: &Event) -> Message {
@@ -311,7 +356,10 @@ impl Room {
         state.last_id = Some(event.id.clone());
         let mut n = 0;
         for m in state.members.values() {
-            if m.filter.matches(&event, &record) && m.socket.push(message.clone()) {
+            if event.commit_lsn >= m.committed_from
+                && m.filter.matches(&event, &record)
+                && m.socket.push(message.clone())
+            {
                 n += 1;
             }
         }
@@ -428,6 +476,18 @@ impl App {
         Ok(claims)
     }
 
+    /// The cluster's WAL insert position: a transaction that commits after this call has a
+    /// commit LSN at or above it; one that committed before, below it.
+    async fn wal_insert_lsn(&self) -> ApiResult<Lsn> {
+        let client = self.control.get().await?;
+        let row = client
+            .query_one("SELECT pg_current_wal_insert_lsn()::text", &[])
+            .await?;
+        let lsn: String = row.get(0);
+        lsn.parse()
+            .map_err(|_| ApiError::Internal(anyhow::anyhow!("unexpected WAL position {lsn:?}")))
+    }
+
     /// `POST /api/realtime/broadcast`: a backend's broadcast to a project's room.
     pub fn realtime_broadcast(
         &self,
@@ -519,44 +579,25 @@ impl App {
     pub async fn serve_socket(self: Arc<App>, ws: WebSocket) {
         let id = self.realtime.next_socket.fetch_add(1, Ordering::Relaxed);
         self.realtime.sockets.fetch_add(1, Ordering::Relaxed);
-        let (mut sink, mut stream) = ws.split();
-        let (tx, mut rx) = mpsc::channel::<Message>(SEND_QUEUE);
+        let (sink, mut stream) = ws.split();
+        let (tx, rx) = mpsc::channel::<Message>(SEND_QUEUE);
         let shared = Arc::new(SocketShared {
             id,
             tx,
             too_slow: AtomicBool::new(false),
-            close: Notify::new(),
+            close: Arc::new(Notify::new()),
         });
-        let writer_shared = shared.clone();
-        let writer = tokio::spawn(async move {
-            let mut ping = tokio::time::interval(PING_EVERY);
-            ping.tick().await;
-            loop {
-                tokio::select! {
-                    msg = rx.recv() => match msg {
-                        Some(m) => if sink.send(m).await.is_err() { return },
-                        None => break,
-                    },
-                    _ = writer_shared.close.notified() => {
-                        let _ = sink
-                            .send(Message::close_with(1008u16, "client too slow: send queue full"))
-                            .await;
-                        let _ = sink.close().await;
-                        return;
-                    }
-                    _ = ping.tick() => {
-                        if sink.send(Message::ping(Vec::new())).await.is_err() { return }
-                    }
-                }
-            }
-            let _ = sink.close().await;
-        });
+        let mut writer = tokio::spawn(write_socket(sink, rx, shared.close.clone()));
+        let mut writer_done = false;
 
         let mut joined: HashSet<String> = HashSet::new();
         loop {
             let next = tokio::select! {
                 n = tokio::time::timeout(IDLE_TIMEOUT, stream.next()) => n,
-                _ = shared.close.notified() => break,
+                _ = &mut writer => {
+                    writer_done = true; // cut off (too slow) or the connection is gone
+                    break;
+                }
             };
             let msg = match next {
                 Err(_) => {
@@ -589,8 +630,15 @@ impl App {
                 room.state.lock().expect("poisoned").members.remove(&id);
             }
         }
+        // The last sender goes: the writer sends what is queued and a close frame, then ends.
         drop(shared);
-        let _ = writer.await;
+        if !writer_done
+            && tokio::time::timeout(CLOSE_GRACE, &mut writer)
+                .await
+                .is_err()
+        {
+            writer.abort();
+        }
         self.realtime.sockets.fetch_sub(1, Ordering::Relaxed);
     }
 
@@ -698,6 +746,15 @@ impl App {
             ));
         }
         let mut filter = parse_filter(&msg["filter"]).map_err(|m| ("BAD_MESSAGE", m))?;
+        let since = match &msg["since"] {
+            Value::Null => None,
+            Value::String(id) => Some((
+                id.clone(),
+                commit_lsn_of(id)
+                    .ok_or(("BAD_MESSAGE", format!("since: {id:?} is not an event id")))?,
+            )),
+            _ => return Err(("BAD_MESSAGE", "since: expected an event id".into())),
+        };
         let api = |e: ApiError| (e.code(), e.to_string());
         let project = self.load_project(project_id).await.map_err(api)?.ok_or((
             "PROJECT_NOT_FOUND",
@@ -731,8 +788,10 @@ impl App {
         if project.status == "suspended" {
             return Err(("PROJECT_SUSPENDED", ApiError::ProjectSuspended.to_string()));
         }
-        let since = msg["since"].as_str().map(str::to_string);
         let room = self.room(&project.id);
+        // Measured after the room's bus subscription exists: the room gets every transaction
+        // that commits from here on.
+        let now = self.wal_insert_lsn().await.map_err(api)?;
         let mut state = room.state.lock().expect("poisoned");
         if state.members.len() >= MAX_SOCKETS_PER_PROJECT && !state.members.contains_key(&socket.id)
         {
@@ -741,21 +800,23 @@ impl App {
                 format!("at most {MAX_SOCKETS_PER_PROJECT} sockets per project"),
             ));
         }
-        if state.started_after.is_none() {
-            state.started_after = Some(state.last_id.clone().unwrap_or_default());
-        }
+        let complete_from = *state.complete_from.get_or_insert(now);
         socket.push(Message::text(
             json!({ "type": "subscribed", "roomId": room.room_id }).to_string(),
         ));
-        if let Some(since) = since {
+        let mut resumed = false;
+        if let Some((since, since_lsn)) = since {
+            // Complete after `since` if nothing after it was trimmed, and the room either saw
+            // `since` itself or has had everything since it committed.
+            let seen = state
+                .history
+                .binary_search_by(|r| r.event.id.as_str().cmp(&since))
+                .is_ok();
             let too_old = state
                 .trimmed_through
                 .as_deref()
                 .is_some_and(|t| since.as_str() < t)
-                || state
-                    .started_after
-                    .as_deref()
-                    .is_some_and(|s| since.as_str() < s);
+                || (since_lsn < complete_from && !seen);
             if too_old {
                 socket.push(Message::text(
                     json!({ "type": "error", "code": "RESUME_TOO_OLD", "roomId": room.room_id,
@@ -763,6 +824,7 @@ impl App {
                         .to_string(),
                 ));
             } else {
+                resumed = true;
                 for r in state.history.iter().filter(|r| r.event.id > since) {
                     let record = || {
                         r.event
@@ -782,12 +844,20 @@ impl App {
             Member {
                 socket: socket.clone(),
                 filter,
+                committed_from: if resumed { Lsn(0) } else { now },
             },
         );
         drop(state);
         joined.insert(project.id);
         Ok(())
     }
+}
+
+/// The commit LSN in an event id (`<commit LSN, 16 hex>-<index, 8 hex>`).
+fn commit_lsn_of(id: &str) -> Option<Lsn> {
+    let (lsn, index) = id.split_once('-')?;
+    let hex = |s: &str, len| s.len() == len && s.bytes().all(|b| b.is_ascii_hexdigit());
+    (hex(lsn, 16) && hex(index, 8)).then(|| u64::from_str_radix(lsn, 16).ok().map(Lsn))?
 }
 
 fn parse_filter(v: &Value) -> Result<Filter, String> {

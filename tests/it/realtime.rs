@@ -1,12 +1,18 @@
 //! Realtime: real WebSocket clients against the real server, fed by the change stream.
+//!
+//! Negative checks ("this did not arrive") use a sentinel instead of waiting for silence: events
+//! reach a socket in commit order, so once a later event (or the `pong` to a later `ping`) has
+//! arrived, anything that should have come before it would already have been seen.
 
+use std::collections::HashSet;
 use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
 use serde_json::{json, Value};
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::Message;
 
-use crate::support::{spawn_app, TestApp};
+use crate::support::{spawn_app, spawn_app_with, Fixture, TestApp};
 
 pub type Socket =
     tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
@@ -38,12 +44,98 @@ pub async fn recv(ws: &mut Socket) -> Value {
 }
 
 pub async fn subscribe(ws: &mut Socket, project: &str, token: Option<&str>) -> Value {
-    let mut msg = json!({ "type": "subscribe", "roomId": format!("project_{project}") });
+    let mut msg = json!({ "type": "subscribe", "roomId": room(project) });
     if let Some(t) = token {
         msg["token"] = json!(t);
     }
     send(ws, msg).await;
     recv(ws).await
+}
+
+pub fn room(project: &str) -> String {
+    format!("project_{project}")
+}
+
+/// Sends `msg` (a subscribe) and asserts the answer is `subscribed`.
+async fn subscribed(ws: &mut Socket, msg: Value) {
+    let room_id = msg["roomId"].clone();
+    send(ws, msg).await;
+    assert_eq!(
+        recv(ws).await,
+        json!({ "type": "subscribed", "roomId": room_id })
+    );
+}
+
+/// A socket at `/` subscribed to the fixture's project with its read key.
+async fn subscribed_socket(app: &TestApp, f: &Fixture) -> Socket {
+    let mut ws = connect(app, "/").await;
+    let ack = subscribe(&mut ws, &f.project, Some(&f.read)).await;
+    assert_eq!(ack["type"], "subscribed", "{ack}");
+    ws
+}
+
+/// Asserts the answer to a subscribe is an error with `code` for that room.
+async fn refused(ws: &mut Socket, msg: Value, code: &str) {
+    let room_id = msg["roomId"].clone();
+    send(ws, msg).await;
+    let m = recv(ws).await;
+    assert_eq!(m["type"], "error", "{m}");
+    assert_eq!(m["code"], code, "{m}");
+    assert_eq!(m["roomId"], room_id, "{m}");
+    assert!(m["message"].as_str().is_some_and(|s| !s.is_empty()), "{m}");
+}
+
+/// Sends a ping and asserts the next message is its pong: nothing else was queued before it.
+async fn nothing_more(ws: &mut Socket) {
+    send(ws, json!({ "type": "ping" })).await;
+    let m = recv(ws).await;
+    assert_eq!(m, json!({ "type": "pong" }), "unexpected message");
+}
+
+/// The next message, asserted to be a db_event; returns its payload.
+async fn db_event(ws: &mut Socket) -> Value {
+    let m = recv(ws).await;
+    assert_eq!(m["type"], "db_event", "{m}");
+    m["payload"].clone()
+}
+
+/// `(operation, record.id)` of the db_events that arrive before the next schema_update.
+async fn rows_until_schema_update(ws: &mut Socket) -> Vec<(String, i64)> {
+    let mut seen = Vec::new();
+    loop {
+        let m = recv(ws).await;
+        match m["type"].as_str() {
+            Some("schema_update") => return seen,
+            Some("db_event") => seen.push((
+                m["payload"]["operation"].as_str().unwrap().to_string(),
+                m["payload"]["record"]["id"].as_i64().unwrap(),
+            )),
+            _ => panic!("unexpected message {m}"),
+        }
+    }
+}
+
+async fn make_public(app: &TestApp, f: &Fixture) {
+    let (status, body) = app
+        .call(
+            "PATCH",
+            "/api/projects",
+            Some(&f.token),
+            Some(json!({ "projectId": f.project, "realtimePublic": true })),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["project"]["realtimePublic"], true, "{body}");
+}
+
+async fn realtime_token(app: &TestApp, key: &str, body: Value) -> String {
+    let (status, body) = app
+        .call("POST", "/api/realtime/token", Some(key), Some(body))
+        .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["success"], true, "{body}");
+    assert!(body["expiresAt"].is_string(), "{body}");
+    body["token"].as_str().unwrap().to_string()
 }
 
 #[tokio::test]
@@ -80,4 +172,1115 @@ async fn a_subscribed_socket_receives_row_changes_and_schema_updates() {
         m["payload"]["record"],
         json!({ "id": 1, "title": "write tests" })
     );
+}
+
+#[tokio::test]
+async fn inserts_updates_deletes_ddl_and_truncate_arrive_with_the_guides_shapes() {
+    let app = spawn_app().await;
+    let f = app.fixture().await;
+    let mut ws = subscribed_socket(&app, &f).await;
+    let room_id = room(&f.project);
+
+    app.rows(
+        &f.admin,
+        &f.project,
+        "CREATE TABLE orders (id int PRIMARY KEY, amount numeric, status text)",
+    )
+    .await;
+    let m = recv(&mut ws).await;
+    assert_eq!(m["type"], "schema_update", "{m}");
+    assert_eq!(m["roomId"], room_id);
+    let p = &m["payload"];
+    assert_eq!(p["event_type"], "schema_update");
+    assert_eq!(p["command"], "CREATE TABLE");
+    assert_eq!(p["objectType"], "table");
+    assert_eq!(p["schema"], "public");
+    assert_eq!(p["table"], "orders");
+    assert_eq!(p["object"], "public.orders");
+    assert!(
+        p["id"].is_string() && p["commitTimestamp"].is_string(),
+        "{p}"
+    );
+
+    app.rows(
+        &f.readwrite,
+        &f.project,
+        "INSERT INTO orders VALUES (1, 59.99, 'pending')",
+    )
+    .await;
+    app.rows(
+        &f.readwrite,
+        &f.project,
+        "UPDATE orders SET status = 'paid' WHERE id = 1",
+    )
+    .await;
+    app.rows(&f.admin, &f.project, "DELETE FROM orders WHERE id = 1")
+        .await;
+    let insert = db_event(&mut ws).await;
+    let update = db_event(&mut ws).await;
+    let delete = db_event(&mut ws).await;
+    let pending = json!({ "id": 1, "amount": 59.99, "status": "pending" });
+    let paid = json!({ "id": 1, "amount": 59.99, "status": "paid" });
+    for (p, op, record, old) in [
+        (&insert, "INSERT", &pending, &Value::Null),
+        (&update, "UPDATE", &paid, &pending),
+        (&delete, "DELETE", &paid, &paid),
+    ] {
+        assert_eq!(p["operation"], op, "{p}");
+        assert_eq!(p["schema"], "public", "{p}");
+        assert_eq!(p["table"], "orders", "{p}");
+        assert_eq!(&p["record"], record, "{p}");
+        assert_eq!(&p["old"], old, "{p}");
+        for field in ["id", "commitTimestamp", "lsn"] {
+            assert!(p[field].is_string(), "{field} in {p}");
+        }
+    }
+    let ids = [&insert, &update, &delete].map(|p| p["id"].as_str().unwrap().to_string());
+    assert!(ids[0] < ids[1] && ids[1] < ids[2], "{ids:?}");
+
+    app.rows(
+        &f.admin,
+        &f.project,
+        "INSERT INTO orders VALUES (2, 1, 'x')",
+    )
+    .await;
+    db_event(&mut ws).await;
+    app.rows(&f.admin, &f.project, "TRUNCATE orders").await;
+    let m = recv(&mut ws).await;
+    assert_eq!(m["type"], "schema_update", "{m}");
+    assert_eq!(m["payload"]["event_type"], "schema_update");
+    assert_eq!(m["payload"]["command"], "TRUNCATE");
+    assert_eq!(m["payload"]["table"], "orders");
+
+    app.rows(
+        &f.admin,
+        &f.project,
+        "ALTER TABLE orders ADD COLUMN note text; DROP TABLE orders",
+    )
+    .await;
+    for command in ["ALTER TABLE", "DROP TABLE"] {
+        let m = recv(&mut ws).await;
+        assert_eq!(m["type"], "schema_update", "{m}");
+        assert_eq!(m["payload"]["event_type"], "schema_update");
+        assert_eq!(m["payload"]["command"], command, "{m}");
+    }
+    nothing_more(&mut ws).await;
+}
+
+#[tokio::test]
+async fn the_upgrade_is_accepted_at_the_root_and_at_slash_realtime() {
+    let app = spawn_app().await;
+    let f = app.fixture().await;
+    app.rows(&f.admin, &f.project, "CREATE TABLE t (id int)")
+        .await;
+    let mut root = connect(&app, "/").await;
+    let mut realtime = connect(&app, "/realtime").await;
+    for ws in [&mut root, &mut realtime] {
+        let ack = subscribe(ws, &f.project, Some(&f.read)).await;
+        assert_eq!(ack["type"], "subscribed", "{ack}");
+    }
+    app.rows(&f.admin, &f.project, "INSERT INTO t VALUES (7)")
+        .await;
+    for ws in [&mut root, &mut realtime] {
+        assert_eq!(db_event(ws).await["record"], json!({ "id": 7 }));
+    }
+    let url = format!("{}/elsewhere", app.base.replacen("http", "ws", 1));
+    assert!(tokio_tungstenite::connect_async(url).await.is_err());
+}
+
+#[tokio::test]
+async fn one_socket_joins_several_project_rooms_and_leaves_one_with_unsubscribe() {
+    let app = spawn_app().await;
+    let a = app.fixture().await;
+    let b = app.fixture().await;
+    for f in [&a, &b] {
+        app.rows(&f.admin, &f.project, "CREATE TABLE t (id int)")
+            .await;
+    }
+    let mut ws = connect(&app, "/realtime").await;
+    for f in [&a, &b] {
+        let ack = subscribe(&mut ws, &f.project, Some(&f.read)).await;
+        assert_eq!(
+            ack,
+            json!({ "type": "subscribed", "roomId": room(&f.project) })
+        );
+    }
+    app.rows(&a.admin, &a.project, "INSERT INTO t VALUES (1)")
+        .await;
+    let m = recv(&mut ws).await;
+    assert_eq!(
+        (&m["roomId"], &m["payload"]["record"]["id"]),
+        (&json!(room(&a.project)), &json!(1))
+    );
+    app.rows(&b.admin, &b.project, "INSERT INTO t VALUES (2)")
+        .await;
+    let m = recv(&mut ws).await;
+    assert_eq!(
+        (&m["roomId"], &m["payload"]["record"]["id"]),
+        (&json!(room(&b.project)), &json!(2))
+    );
+
+    send(
+        &mut ws,
+        json!({ "type": "unsubscribe", "roomId": room(&a.project) }),
+    )
+    .await;
+    assert_eq!(
+        recv(&mut ws).await,
+        json!({ "type": "unsubscribed", "roomId": room(&a.project) })
+    );
+    app.rows(&a.admin, &a.project, "INSERT INTO t VALUES (3)")
+        .await;
+    // A's change is committed first; B's arriving first (and alone) shows A's never came.
+    let mut watcher = subscribed_socket(&app, &a).await;
+    app.rows(&a.admin, &a.project, "INSERT INTO t VALUES (4)")
+        .await;
+    assert_eq!(db_event(&mut watcher).await["record"]["id"], 4);
+    app.rows(&b.admin, &b.project, "INSERT INTO t VALUES (5)")
+        .await;
+    let m = recv(&mut ws).await;
+    assert_eq!(
+        (&m["roomId"], &m["payload"]["record"]["id"]),
+        (&json!(room(&b.project)), &json!(5))
+    );
+    nothing_more(&mut ws).await;
+}
+
+#[tokio::test]
+async fn ping_is_answered_with_pong() {
+    let app = spawn_app().await;
+    let mut ws = connect(&app, "/").await;
+    send(&mut ws, json!({ "type": "ping" })).await;
+    assert_eq!(recv(&mut ws).await, json!({ "type": "pong" }));
+}
+
+#[tokio::test]
+async fn malformed_json_and_unknown_types_get_bad_message_and_the_socket_stays_open() {
+    let app = spawn_app().await;
+    let f = app.fixture().await;
+    app.rows(&f.admin, &f.project, "CREATE TABLE t (id int)")
+        .await;
+    let mut ws = connect(&app, "/").await;
+    for bad in [
+        "not json",
+        "{\"type\": \"subscribe\"",
+        "[1, 2]",
+        "{}",
+        "{\"type\": \"dance\"}",
+        "{\"type\": \"subscribe\"}",
+        "{\"type\": 42}",
+    ] {
+        ws.send(Message::text(bad)).await.unwrap();
+        let m = recv(&mut ws).await;
+        assert_eq!(m["type"], "error", "{bad}: {m}");
+        assert_eq!(m["code"], "BAD_MESSAGE", "{bad}: {m}");
+        assert!(m["message"].is_string(), "{m}");
+    }
+    // Binary frames are not part of the protocol but do not end the connection either.
+    ws.send(Message::binary(b"\x00\x01".to_vec()))
+        .await
+        .unwrap();
+    let ack = subscribe(&mut ws, &f.project, Some(&f.read)).await;
+    assert_eq!(ack["type"], "subscribed", "{ack}");
+    app.rows(&f.admin, &f.project, "INSERT INTO t VALUES (1)")
+        .await;
+    assert_eq!(db_event(&mut ws).await["record"]["id"], 1);
+}
+
+#[tokio::test]
+async fn a_change_committed_right_after_subscribed_is_delivered() {
+    let app = spawn_app().await;
+    let f = app.fixture().await;
+    // Committed before any room exists: the room's creation must not replay it to anyone.
+    app.rows(
+        &f.admin,
+        &f.project,
+        "CREATE TABLE t (id int PRIMARY KEY); INSERT INTO t VALUES (0)",
+    )
+    .await;
+    for i in 1..=20 {
+        let mut ws = subscribed_socket(&app, &f).await;
+        app.rows(
+            &f.readwrite,
+            &f.project,
+            &format!("INSERT INTO t VALUES ({i})"),
+        )
+        .await;
+        let p = db_event(&mut ws).await;
+        assert_eq!(p["record"], json!({ "id": i }), "socket {i}");
+        nothing_more(&mut ws).await;
+    }
+}
+
+#[tokio::test]
+async fn a_subscribe_without_a_token_is_refused_with_auth_required() {
+    let app = spawn_app().await;
+    let f = app.fixture().await;
+    let mut ws = connect(&app, "/").await;
+    let msg = json!({ "type": "subscribe", "roomId": room(&f.project) });
+    refused(&mut ws, msg.clone(), "AUTH_REQUIRED").await;
+    let mut empty = msg.clone();
+    empty["token"] = json!("");
+    refused(&mut ws, empty, "AUTH_REQUIRED").await;
+    // Not a member of the room: broadcasting is refused as well.
+    send(
+        &mut ws,
+        json!({ "type": "broadcast", "roomId": room(&f.project), "event": "e", "payload": {} }),
+    )
+    .await;
+    assert_eq!(recv(&mut ws).await["code"], "NOT_SUBSCRIBED");
+    // The socket stays usable.
+    let mut ok = msg;
+    ok["token"] = json!(f.read);
+    subscribed(&mut ws, ok).await;
+}
+
+#[tokio::test]
+async fn a_key_or_token_of_another_project_is_refused_with_scope_mismatch() {
+    let app = spawn_app().await;
+    let a = app.fixture().await;
+    let b = app.fixture().await;
+    let mut ws = connect(&app, "/").await;
+    let msg =
+        |token: &str| json!({ "type": "subscribe", "roomId": room(&a.project), "token": token });
+    for key in [&b.read, &b.readwrite, &b.admin] {
+        refused(&mut ws, msg(key), "SCOPE_MISMATCH").await;
+    }
+    let b_token = realtime_token(&app, &b.read, json!({ "projectId": b.project })).await;
+    refused(&mut ws, msg(&b_token), "SCOPE_MISMATCH").await;
+    // A session of a user who is not a member does not learn whether the project exists.
+    send(&mut ws, msg(&b.token)).await;
+    let m = recv(&mut ws).await;
+    assert_eq!(m["type"], "error", "{m}");
+    assert_ne!(m["code"], "SCOPE_MISMATCH", "{m}");
+    // An unknown key is refused too.
+    send(&mut ws, msg("flx_live_not_a_key")).await;
+    assert_eq!(recv(&mut ws).await["type"], "error");
+    nothing_more(&mut ws).await;
+}
+
+#[tokio::test]
+async fn an_expired_realtime_token_is_refused_with_token_expired() {
+    let app = spawn_app().await;
+    let f = app.fixture().await;
+    let token = realtime_token(
+        &app,
+        &f.read,
+        json!({ "projectId": f.project, "expiresIn": 1 }),
+    )
+    .await;
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+    let mut ws = connect(&app, "/").await;
+    refused(
+        &mut ws,
+        json!({ "type": "subscribe", "roomId": room(&f.project), "token": token }),
+        "TOKEN_EXPIRED",
+    )
+    .await;
+    // Lifetimes outside 1 s ..= 24 h are refused when the token is requested.
+    for bad in [0, -5, 86_401] {
+        let (status, body) = app
+            .call(
+                "POST",
+                "/api/realtime/token",
+                Some(&f.read),
+                Some(json!({ "projectId": f.project, "expiresIn": bad })),
+            )
+            .await;
+        assert_eq!(status, 400, "{bad}: {body}");
+    }
+}
+
+#[tokio::test]
+async fn a_realtime_token_subscribes_and_its_table_list_restricts_what_arrives() {
+    let app = spawn_app().await;
+    let f = app.fixture().await;
+    app.rows(
+        &f.admin,
+        &f.project,
+        "CREATE TABLE posts (id int); CREATE TABLE secrets (id int)",
+    )
+    .await;
+    let token = realtime_token(
+        &app,
+        &f.read,
+        json!({ "projectId": f.project, "authUid": "user-42", "tables": ["posts"], "expiresIn": 60 }),
+    )
+    .await;
+    assert!(token.starts_with("flx_rt_"), "{token}");
+    let mut ws = connect(&app, "/").await;
+    let msg = json!({ "type": "subscribe", "roomId": room(&f.project), "token": token });
+    subscribed(&mut ws, msg.clone()).await;
+    // A subscriber's own table filter cannot widen the token's list.
+    let mut wider = connect(&app, "/").await;
+    let mut asks_secrets = msg;
+    asks_secrets["filter"] = json!({ "tables": ["secrets", "posts"] });
+    subscribed(&mut wider, asks_secrets).await;
+
+    app.rows(
+        &f.admin,
+        &f.project,
+        "INSERT INTO secrets VALUES (1); INSERT INTO posts VALUES (2); INSERT INTO secrets VALUES (3)",
+    )
+    .await;
+    app.rows(&f.admin, &f.project, "INSERT INTO posts VALUES (4)")
+        .await;
+    for ws in [&mut ws, &mut wider] {
+        for id in [2, 4] {
+            let p = db_event(ws).await;
+            assert_eq!(
+                (&p["table"], &p["record"]["id"]),
+                (&json!("posts"), &json!(id))
+            );
+        }
+        nothing_more(ws).await;
+    }
+
+    // Without a table list the token sees everything.
+    let all = realtime_token(&app, &f.read, json!({ "projectId": f.project })).await;
+    let mut ws = connect(&app, "/").await;
+    subscribed(
+        &mut ws,
+        json!({ "type": "subscribe", "roomId": room(&f.project), "token": all }),
+    )
+    .await;
+    app.rows(&f.admin, &f.project, "INSERT INTO secrets VALUES (5)")
+        .await;
+    assert_eq!(db_event(&mut ws).await["table"], "secrets");
+}
+
+#[tokio::test]
+async fn a_tampered_realtime_token_is_refused() {
+    let app = spawn_app().await;
+    let a = app.fixture().await;
+    let b = app.fixture().await;
+    let token = realtime_token(
+        &app,
+        &b.read,
+        json!({ "projectId": b.project, "tables": ["posts"] }),
+    )
+    .await;
+    let (body, sig) = token
+        .strip_prefix("flx_rt_")
+        .unwrap()
+        .split_once('.')
+        .unwrap();
+    // Claims rewritten for project A (and without the table list), B's signature kept.
+    use base64::Engine;
+    let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+    let mut claims: Value = serde_json::from_slice(&b64.decode(body).unwrap()).unwrap();
+    let json = claims.to_string();
+    assert!(json.contains(&b.project), "{json}");
+    claims = serde_json::from_str(&json.replace(&b.project, &a.project)).unwrap();
+    claims.as_object_mut().unwrap().remove("t");
+    let forged = format!("flx_rt_{}.{sig}", b64.encode(claims.to_string()));
+    // One flipped character in the signature.
+    let mut flipped = token.clone();
+    let last = flipped.pop().unwrap();
+    flipped.push(if last == 'A' { 'B' } else { 'A' });
+
+    let mut ws = connect(&app, "/").await;
+    for (project, bad) in [
+        (&a.project, forged),
+        (&b.project, flipped),
+        (&b.project, format!("{token}x")),
+        (&b.project, "flx_rt_garbage".to_string()),
+        (&b.project, format!("flx_rt_.{sig}")),
+    ] {
+        send(
+            &mut ws,
+            json!({ "type": "subscribe", "roomId": room(project), "token": bad }),
+        )
+        .await;
+        let m = recv(&mut ws).await;
+        assert_eq!(m["type"], "error", "{bad}: {m}");
+        assert_eq!(m["code"], "AUTH_REQUIRED", "{bad}: {m}");
+    }
+    nothing_more(&mut ws).await;
+}
+
+#[tokio::test]
+async fn a_public_project_accepts_a_subscribe_without_a_token() {
+    let app = spawn_app().await;
+    let f = app.fixture().await;
+    app.rows(&f.admin, &f.project, "CREATE TABLE t (id int)")
+        .await;
+    make_public(&app, &f).await;
+    let mut ws = connect(&app, "/").await;
+    subscribed(
+        &mut ws,
+        json!({ "type": "subscribe", "roomId": room(&f.project) }),
+    )
+    .await;
+    app.rows(&f.admin, &f.project, "INSERT INTO t VALUES (1)")
+        .await;
+    assert_eq!(db_event(&mut ws).await["record"]["id"], 1);
+    // ... and a token of another project is still refused there.
+    let other = app.fixture().await;
+    refused(
+        &mut ws,
+        json!({ "type": "subscribe", "roomId": room(&f.project), "token": other.read }),
+        "SCOPE_MISMATCH",
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn a_members_session_token_subscribes() {
+    let app = spawn_app().await;
+    let f = app.fixture().await;
+    app.rows(&f.admin, &f.project, "CREATE TABLE t (id int)")
+        .await;
+    let mut ws = connect(&app, "/").await;
+    let ack = subscribe(&mut ws, &f.project, Some(&f.token)).await;
+    assert_eq!(ack["type"], "subscribed", "{ack}");
+    app.rows(&f.admin, &f.project, "INSERT INTO t VALUES (1)")
+        .await;
+    assert_eq!(db_event(&mut ws).await["record"]["id"], 1);
+}
+
+#[tokio::test]
+async fn a_suspended_project_closes_its_room_and_refuses_new_subscribes() {
+    let app = spawn_app().await;
+    let f = app.fixture().await;
+    let other = app.fixture().await;
+    for g in [&f, &other] {
+        app.rows(&g.admin, &g.project, "CREATE TABLE t (id int)")
+            .await;
+    }
+    let mut ws = subscribed_socket(&app, &f).await;
+    let ack = subscribe(&mut ws, &other.project, Some(&other.read)).await;
+    assert_eq!(ack["type"], "subscribed", "{ack}");
+    app.app
+        .set_project_status(&f.project, "suspended")
+        .await
+        .unwrap();
+    let m = recv(&mut ws).await;
+    assert_eq!(m["type"], "error", "{m}");
+    assert_eq!(m["code"], "PROJECT_SUSPENDED", "{m}");
+    assert_eq!(m["roomId"], room(&f.project), "{m}");
+
+    for token in [&f.read, &f.token] {
+        refused(
+            &mut ws,
+            json!({ "type": "subscribe", "roomId": room(&f.project), "token": token }),
+            "PROJECT_SUSPENDED",
+        )
+        .await;
+    }
+    // The socket's other room goes on.
+    app.rows(&other.admin, &other.project, "INSERT INTO t VALUES (1)")
+        .await;
+    let m = recv(&mut ws).await;
+    assert_eq!(m["roomId"], room(&other.project), "{m}");
+
+    // Resumed, the project's room works again.
+    app.app
+        .set_project_status(&f.project, "active")
+        .await
+        .unwrap();
+    let mut ws = subscribed_socket(&app, &f).await;
+    app.rows(&f.admin, &f.project, "INSERT INTO t VALUES (2)")
+        .await;
+    assert_eq!(db_event(&mut ws).await["record"]["id"], 2);
+}
+
+#[tokio::test]
+async fn table_and_operation_filters_select_what_arrives() {
+    let app = spawn_app().await;
+    let f = app.fixture().await;
+    app.rows(
+        &f.admin,
+        &f.project,
+        "CREATE TABLE a (id int PRIMARY KEY); CREATE TABLE b (id int PRIMARY KEY)",
+    )
+    .await;
+    let sub = |filter: Value| json!({ "type": "subscribe", "roomId": room(&f.project), "token": f.read, "filter": filter });
+    let mut only_a = connect(&app, "/").await;
+    subscribed(&mut only_a, sub(json!({ "tables": ["a"] }))).await;
+    let mut deletes = connect(&app, "/").await;
+    subscribed(&mut deletes, sub(json!({ "operations": ["delete"] }))).await;
+    let mut a_updates = connect(&app, "/").await;
+    subscribed(
+        &mut a_updates,
+        sub(json!({ "tables": ["a"], "operations": ["UPDATE"] })),
+    )
+    .await;
+
+    app.rows(
+        &f.admin,
+        &f.project,
+        "INSERT INTO a VALUES (1); INSERT INTO b VALUES (2);
+         UPDATE a SET id = 11 WHERE id = 1; UPDATE b SET id = 12 WHERE id = 2;
+         DELETE FROM a; DELETE FROM b",
+    )
+    .await;
+    // Schema updates are not row operations: they pass an operations filter.
+    app.rows(&f.admin, &f.project, "CREATE TABLE a_sentinel (id int)")
+        .await;
+    let ops = |v: &[(&str, i64)]| -> Vec<(String, i64)> {
+        v.iter().map(|(o, i)| (o.to_string(), *i)).collect()
+    };
+    assert_eq!(
+        rows_until_schema_update(&mut only_a).await,
+        ops(&[("INSERT", 1), ("UPDATE", 11), ("DELETE", 11)])
+    );
+    assert_eq!(
+        rows_until_schema_update(&mut deletes).await,
+        ops(&[("DELETE", 11), ("DELETE", 12)])
+    );
+    assert_eq!(
+        rows_until_schema_update(&mut a_updates).await,
+        ops(&[("UPDATE", 11)])
+    );
+
+    let mut ws = connect(&app, "/").await;
+    for bad in [
+        json!({ "operations": ["UPSERT"] }),
+        json!({ "tables": "a" }),
+        json!({ "row": "id=like.1" }),
+        json!({ "row": "nonsense" }),
+        json!("tables"),
+    ] {
+        refused(&mut ws, sub(bad), "BAD_MESSAGE").await;
+    }
+}
+
+#[tokio::test]
+async fn row_filters_eq_neq_lt_lte_gt_gte_and_in_select_rows_by_the_new_row_or_the_deleted_one() {
+    let app = spawn_app().await;
+    let f = app.fixture().await;
+    app.rows(
+        &f.admin,
+        &f.project,
+        "CREATE TABLE orders (id int PRIMARY KEY, status text, amount numeric)",
+    )
+    .await;
+    let cases: [(&str, &[(&str, i64)]); 9] = [
+        (
+            "status=eq.paid",
+            &[("INSERT", 1), ("INSERT", 3), ("UPDATE", 2), ("DELETE", 3)],
+        ),
+        ("status=neq.paid", &[("INSERT", 2), ("INSERT", 4)]),
+        ("amount=lt.10", &[("INSERT", 1)]),
+        (
+            "amount=lte.10",
+            &[("INSERT", 1), ("INSERT", 2), ("UPDATE", 2)],
+        ),
+        (
+            "amount=gt.10",
+            &[("INSERT", 3), ("INSERT", 4), ("DELETE", 3)],
+        ),
+        (
+            "amount=gte.10",
+            &[
+                ("INSERT", 2),
+                ("INSERT", 3),
+                ("INSERT", 4),
+                ("UPDATE", 2),
+                ("DELETE", 3),
+            ],
+        ),
+        ("id=in.(1,4)", &[("INSERT", 1), ("INSERT", 4)]),
+        ("status=in.(open, void)", &[("INSERT", 2), ("INSERT", 4)]),
+        ("amount=eq.5.5", &[("INSERT", 1)]),
+    ];
+    let mut sockets = Vec::new();
+    for (row, _) in &cases {
+        let mut ws = connect(&app, "/").await;
+        subscribed(
+            &mut ws,
+            json!({ "type": "subscribe", "roomId": room(&f.project), "token": f.read,
+                    "filter": { "tables": ["orders"], "row": row } }),
+        )
+        .await;
+        sockets.push(ws);
+    }
+    app.rows(
+        &f.admin,
+        &f.project,
+        "INSERT INTO orders VALUES (1, 'paid', 5.5), (2, 'open', 10), (3, 'paid', 15), (4, 'void', 20)",
+    )
+    .await;
+    app.rows(
+        &f.admin,
+        &f.project,
+        "UPDATE orders SET status = 'paid' WHERE id = 2",
+    )
+    .await;
+    app.rows(&f.admin, &f.project, "DELETE FROM orders WHERE id = 3")
+        .await;
+    app.rows(
+        &f.admin,
+        &f.project,
+        "ALTER TABLE orders ADD COLUMN note text",
+    )
+    .await;
+    for ((row, want), ws) in cases.iter().zip(&mut sockets) {
+        let want: Vec<(String, i64)> = want.iter().map(|(o, i)| (o.to_string(), *i)).collect();
+        assert_eq!(rows_until_schema_update(ws).await, want, "{row}");
+    }
+}
+
+#[tokio::test]
+async fn a_clients_broadcast_reaches_the_other_sockets_in_the_room_but_not_the_sender() {
+    let app = spawn_app().await;
+    let f = app.fixture().await;
+    let other = app.fixture().await;
+    let mut sender = subscribed_socket(&app, &f).await;
+    let mut b = subscribed_socket(&app, &f).await;
+    let mut c = connect(&app, "/realtime").await;
+    subscribed(
+        &mut c,
+        json!({ "type": "subscribe", "roomId": room(&f.project), "token": f.read,
+                "filter": { "tables": ["nothing"], "operations": ["DELETE"] } }),
+    )
+    .await;
+    let mut elsewhere = subscribed_socket(&app, &other).await;
+    let mut outsider = connect(&app, "/").await;
+
+    let payload = json!({ "x": [1, 2, { "y": "z" }], "s": "héllo \"quoted\"" });
+    send(
+        &mut sender,
+        json!({ "type": "broadcast", "roomId": room(&f.project), "event": "cursor", "payload": payload }),
+    )
+    .await;
+    let expected = json!({ "type": "broadcast", "roomId": room(&f.project), "event": "cursor", "payload": payload });
+    assert_eq!(recv(&mut b).await, expected);
+    assert_eq!(recv(&mut c).await, expected);
+    // The sender gets nothing back, and other rooms nothing at all.
+    nothing_more(&mut sender).await;
+    nothing_more(&mut elsewhere).await;
+
+    send(
+        &mut outsider,
+        json!({ "type": "broadcast", "roomId": room(&f.project), "event": "cursor", "payload": {} }),
+    )
+    .await;
+    let m = recv(&mut outsider).await;
+    assert_eq!(m["type"], "error", "{m}");
+    assert_eq!(m["code"], "NOT_SUBSCRIBED", "{m}");
+    assert_eq!(m["roomId"], room(&f.project), "{m}");
+    // A broadcast to a room the sender is not in does not reach that room either.
+    send(
+        &mut sender,
+        json!({ "type": "broadcast", "roomId": room(&other.project), "event": "x", "payload": {} }),
+    )
+    .await;
+    assert_eq!(recv(&mut sender).await["code"], "NOT_SUBSCRIBED");
+    send(
+        &mut sender,
+        json!({ "type": "broadcast", "roomId": room(&f.project) }),
+    )
+    .await;
+    assert_eq!(recv(&mut sender).await["code"], "BAD_MESSAGE");
+    for ws in [&mut b, &mut c, &mut elsewhere, &mut outsider] {
+        nothing_more(ws).await;
+    }
+}
+
+#[tokio::test]
+async fn a_rest_broadcast_reports_how_many_sockets_got_it_and_needs_write_access() {
+    let app = spawn_app().await;
+    let f = app.fixture().await;
+    let broadcast = |key: String, event: &'static str| {
+        let app = &app;
+        let project = f.project.clone();
+        async move {
+            app.call(
+                "POST",
+                "/api/realtime/broadcast",
+                Some(&key),
+                Some(json!({ "projectId": project, "event": event, "payload": { "n": 1 } })),
+            )
+            .await
+        }
+    };
+    // No room yet: delivered to nobody.
+    let (status, body) = broadcast(f.readwrite.clone(), "early").await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body, json!({ "success": true, "delivered": 0 }));
+
+    let mut a = subscribed_socket(&app, &f).await;
+    let mut b = subscribed_socket(&app, &f).await;
+    let mut gone = subscribed_socket(&app, &f).await;
+    send(
+        &mut gone,
+        json!({ "type": "unsubscribe", "roomId": room(&f.project) }),
+    )
+    .await;
+    assert_eq!(recv(&mut gone).await["type"], "unsubscribed");
+
+    for (key, n) in [(&f.readwrite, 1), (&f.admin, 2), (&f.token, 3)] {
+        let (status, body) = broadcast(key.clone(), "news").await;
+        assert_eq!(status, 200, "{body}");
+        assert_eq!(body, json!({ "success": true, "delivered": 2 }), "{n}");
+        for ws in [&mut a, &mut b] {
+            assert_eq!(
+                recv(ws).await,
+                json!({ "type": "broadcast", "roomId": room(&f.project), "event": "news", "payload": { "n": 1 } })
+            );
+        }
+    }
+    let (status, body) = broadcast(f.read.clone(), "nope").await;
+    assert_eq!(status, 403, "{body}");
+    assert_eq!(body["error"]["code"], "SCOPE_MISMATCH", "{body}");
+    let (status, body) = broadcast(String::new(), "nope").await;
+    assert_eq!(status, 401, "{body}");
+    let (status, _) = broadcast(f.readwrite.clone(), "").await;
+    assert_eq!(status, 400);
+    let other = app.fixture().await;
+    let (status, body) = broadcast(other.admin.clone(), "nope").await;
+    assert_eq!(status, 403, "{body}");
+    for ws in [&mut a, &mut b, &mut gone] {
+        nothing_more(ws).await;
+    }
+}
+
+#[tokio::test]
+async fn a_broadcast_from_sql_arrives_only_when_its_transaction_commits() {
+    let app = spawn_app().await;
+    let f = app.fixture().await;
+    app.rows(&f.admin, &f.project, "CREATE TABLE t (id int)")
+        .await;
+    let mut ws = subscribed_socket(&app, &f).await;
+    app.rows(
+        &f.readwrite,
+        &f.project,
+        "BEGIN; INSERT INTO t VALUES (1); SELECT realtime.broadcast('rolled-back', '{\"a\":0}'); ROLLBACK",
+    )
+    .await;
+    app.rows(
+        &f.readwrite,
+        &f.project,
+        "BEGIN; SAVEPOINT s; SELECT realtime.broadcast('savepoint', '{}'); ROLLBACK TO s; COMMIT",
+    )
+    .await;
+    assert_eq!(
+        app.sql_error(
+            &f.read,
+            &f.project,
+            "SELECT realtime.broadcast('read', '{}')"
+        )
+        .await,
+        "42501"
+    );
+    app.rows(
+        &f.readwrite,
+        &f.project,
+        "SELECT realtime.broadcast('evt', '{\"a\":1}')",
+    )
+    .await;
+    assert_eq!(
+        recv(&mut ws).await,
+        json!({ "type": "broadcast", "roomId": room(&f.project), "event": "evt", "payload": { "a": 1 } })
+    );
+    // In a transaction it keeps its place among the row changes; the payload defaults to {}.
+    app.rows(
+        &f.admin,
+        &f.project,
+        "BEGIN; INSERT INTO t VALUES (2); SELECT realtime.broadcast('between'); INSERT INTO t VALUES (3); COMMIT",
+    )
+    .await;
+    assert_eq!(db_event(&mut ws).await["record"]["id"], 2);
+    assert_eq!(
+        recv(&mut ws).await,
+        json!({ "type": "broadcast", "roomId": room(&f.project), "event": "between", "payload": {} })
+    );
+    assert_eq!(db_event(&mut ws).await["record"]["id"], 3);
+    nothing_more(&mut ws).await;
+}
+
+/// Ids of the db_events in `msgs`.
+fn ids(msgs: &[Value]) -> Vec<i64> {
+    msgs.iter()
+        .map(|m| {
+            assert_eq!(m["type"], "db_event", "{m}");
+            m["payload"]["record"]["id"].as_i64().unwrap()
+        })
+        .collect()
+}
+
+async fn recv_n(ws: &mut Socket, n: usize) -> Vec<Value> {
+    let mut out = Vec::with_capacity(n);
+    for _ in 0..n {
+        out.push(recv(ws).await);
+    }
+    out
+}
+
+#[tokio::test]
+async fn a_client_resuming_with_since_gets_exactly_the_missed_events_then_live_ones() {
+    let app = spawn_app().await;
+    let f = app.fixture().await;
+    app.rows(
+        &f.admin,
+        &f.project,
+        "CREATE TABLE t (id int); CREATE TABLE other (id int)",
+    )
+    .await;
+    // Watches the room so that the test knows when the missed events have reached it.
+    let mut watcher = subscribed_socket(&app, &f).await;
+    let mut ws = subscribed_socket(&app, &f).await;
+    for i in 1..=3 {
+        app.rows(&f.admin, &f.project, &format!("INSERT INTO t VALUES ({i})"))
+            .await;
+    }
+    let got = recv_n(&mut ws, 3).await;
+    assert_eq!(ids(&got), [1, 2, 3]);
+    let last = got[2]["payload"]["id"].as_str().unwrap().to_string();
+    assert_eq!(ids(&recv_n(&mut watcher, 3).await), [1, 2, 3]);
+    ws.close(None).await.unwrap();
+    drop(ws);
+
+    app.rows(&f.admin, &f.project, "INSERT INTO t VALUES (4)")
+        .await;
+    app.rows(
+        &f.admin,
+        &f.project,
+        "INSERT INTO t VALUES (5), (6); INSERT INTO other VALUES (7)",
+    )
+    .await;
+    app.rows(
+        &f.admin,
+        &f.project,
+        "BEGIN; INSERT INTO t VALUES (8); COMMIT",
+    )
+    .await;
+    assert_eq!(ids(&recv_n(&mut watcher, 5).await), [4, 5, 6, 7, 8]);
+
+    let mut ws = connect(&app, "/").await;
+    subscribed(
+        &mut ws,
+        json!({ "type": "subscribe", "roomId": room(&f.project), "token": f.read, "since": last }),
+    )
+    .await;
+    app.rows(&f.admin, &f.project, "INSERT INTO t VALUES (9)")
+        .await;
+    assert_eq!(ids(&recv_n(&mut ws, 6).await), [4, 5, 6, 7, 8, 9]);
+    nothing_more(&mut ws).await;
+
+    // A resume also applies the subscriber's filter to what it replays.
+    let mut filtered = connect(&app, "/").await;
+    subscribed(
+        &mut filtered,
+        json!({ "type": "subscribe", "roomId": room(&f.project), "token": f.read, "since": last,
+                "filter": { "tables": ["other"] } }),
+    )
+    .await;
+    app.rows(
+        &f.admin,
+        &f.project,
+        "INSERT INTO t VALUES (10); INSERT INTO other VALUES (11)",
+    )
+    .await;
+    assert_eq!(ids(&recv_n(&mut filtered, 2).await), [7, 11]);
+    nothing_more(&mut filtered).await;
+
+    // Resuming from the newest id replays nothing.
+    let m = recv_n(&mut watcher, 3).await;
+    assert_eq!(ids(&m), [9, 10, 11]);
+    let newest = m[2]["payload"]["id"].as_str().unwrap().to_string();
+    let mut ws = connect(&app, "/").await;
+    subscribed(
+        &mut ws,
+        json!({ "type": "subscribe", "roomId": room(&f.project), "token": f.read, "since": newest }),
+    )
+    .await;
+    nothing_more(&mut ws).await;
+}
+
+#[tokio::test]
+async fn a_resume_from_before_the_retained_window_gets_resume_too_old_then_live_events() {
+    let app = spawn_app_with(|c| c.realtime_retention_events = 5).await;
+    let f = app.fixture().await;
+    app.rows(&f.admin, &f.project, "CREATE TABLE t (id int)")
+        .await;
+    let mut watcher = subscribed_socket(&app, &f).await;
+    let mut ws = subscribed_socket(&app, &f).await;
+    app.rows(&f.admin, &f.project, "INSERT INTO t VALUES (1)")
+        .await;
+    let first = db_event(&mut ws).await;
+    drop(ws);
+    for i in 2..=11 {
+        app.rows(&f.admin, &f.project, &format!("INSERT INTO t VALUES ({i})"))
+            .await;
+    }
+    assert_eq!(
+        ids(&recv_n(&mut watcher, 11).await),
+        (1..=11).collect::<Vec<_>>()
+    );
+
+    let mut ws = connect(&app, "/").await;
+    subscribed(
+        &mut ws,
+        json!({ "type": "subscribe", "roomId": room(&f.project), "token": f.read, "since": first["id"] }),
+    )
+    .await;
+    let m = recv(&mut ws).await;
+    assert_eq!(m["type"], "error", "{m}");
+    assert_eq!(m["code"], "RESUME_TOO_OLD", "{m}");
+    assert_eq!(m["roomId"], room(&f.project), "{m}");
+    app.rows(&f.admin, &f.project, "INSERT INTO t VALUES (12)")
+        .await;
+    assert_eq!(ids(&recv_n(&mut ws, 1).await), [12]);
+    nothing_more(&mut ws).await;
+}
+
+#[tokio::test]
+async fn an_oversized_message_closes_that_socket_and_the_server_keeps_serving() {
+    let app = spawn_app().await;
+    let f = app.fixture().await;
+    app.rows(&f.admin, &f.project, "CREATE TABLE t (id int)")
+        .await;
+    let mut big = subscribed_socket(&app, &f).await;
+    let mut bystander = subscribed_socket(&app, &f).await;
+    let huge = json!({ "type": "broadcast", "roomId": room(&f.project), "event": "big",
+                       "payload": "x".repeat(70 * 1024) });
+    // The server may close before the whole frame is written: a send error is fine too.
+    let _ = big.send(Message::text(huge.to_string())).await;
+    let ended = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            match big.next().await {
+                None | Some(Err(_)) => return None,
+                Some(Ok(Message::Close(frame))) => return frame,
+                Some(Ok(Message::Text(t))) => {
+                    let m: Value = serde_json::from_str(&t).unwrap();
+                    assert_eq!(m["type"], "error", "{m}");
+                    return None;
+                }
+                Some(Ok(_)) => {}
+            }
+        }
+    })
+    .await
+    .expect("the oversized message was neither refused nor ended the connection");
+    if let Some(frame) = ended {
+        assert_eq!(frame.code, CloseCode::Size, "{frame:?}");
+    }
+    // The broadcast was not delivered, and everyone else carries on.
+    app.rows(&f.admin, &f.project, "INSERT INTO t VALUES (1)")
+        .await;
+    assert_eq!(db_event(&mut bystander).await["record"]["id"], 1);
+    let mut fresh = subscribed_socket(&app, &f).await;
+    app.rows(&f.admin, &f.project, "INSERT INTO t VALUES (2)")
+        .await;
+    assert_eq!(db_event(&mut bystander).await["record"]["id"], 2);
+    assert_eq!(db_event(&mut fresh).await["record"]["id"], 2);
+}
+
+#[tokio::test]
+async fn a_client_that_stops_reading_is_cut_off_while_another_keeps_receiving_everything() {
+    const TRANSACTIONS: i64 = 15;
+    const ROWS: i64 = 200;
+    let app = spawn_app().await;
+    let f = app.fixture().await;
+    app.rows(&f.admin, &f.project, "CREATE TABLE big (id int, body text)")
+        .await;
+    let mut stalled = subscribed_socket(&app, &f).await;
+    let mut reader = subscribed_socket(&app, &f).await;
+    let total = TRANSACTIONS * ROWS;
+    let reading = tokio::spawn(async move {
+        let mut next = 1;
+        while next <= total {
+            let p = db_event(&mut reader).await;
+            assert_eq!(p["record"]["id"], next);
+            next += 1;
+        }
+        reader
+    });
+    // ~20 KiB per event, 60 MiB in all: more than the stalled socket's TCP buffers and its send
+    // queue together.
+    for t in 0..TRANSACTIONS {
+        app.rows(
+            &f.admin,
+            &f.project,
+            &format!(
+                "INSERT INTO big SELECT g, repeat(md5(g::text), 640) FROM generate_series({}, {}) g",
+                t * ROWS + 1,
+                (t + 1) * ROWS
+            ),
+        )
+        .await;
+    }
+    let mut reader = tokio::time::timeout(Duration::from_secs(60), reading)
+        .await
+        .expect("the reading client fell behind")
+        .unwrap();
+    nothing_more(&mut reader).await;
+
+    // The stalled client, reading again, finds some events and then the close.
+    let (received, close) = tokio::time::timeout(Duration::from_secs(20), async {
+        let mut received = 0;
+        loop {
+            match stalled.next().await {
+                Some(Ok(Message::Text(_))) => received += 1,
+                Some(Ok(Message::Close(frame))) => return (received, frame),
+                Some(Ok(_)) => {}
+                other => panic!("expected a close frame, got {other:?}"),
+            }
+        }
+    })
+    .await
+    .expect("the stalled client was never cut off");
+    assert!(received < total, "{received}");
+    let close = close.expect("a close frame with a code");
+    assert_eq!(close.code, CloseCode::Policy, "{close:?}");
+    assert!(!close.reason.is_empty(), "{close:?}");
+}
+
+/// The soft limit on open files of this process.
+fn open_files_limit() -> u64 {
+    let limits = std::fs::read_to_string("/proc/self/limits").unwrap();
+    let line = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .unwrap();
+    line.split_whitespace().nth(3).unwrap().parse().unwrap()
+}
+
+#[tokio::test]
+async fn a_thousand_concurrent_sockets_in_one_room_each_receive_an_event() {
+    const SOCKETS: usize = 1000;
+    // Client and server ends both live in this process, beside other tests' files.
+    let limit = open_files_limit();
+    assert!(
+        limit >= 4096,
+        "{SOCKETS} sockets need ~{} open files (client and server ends) but the limit is {limit}: \
+         raise it (`ulimit -n 65536`; `make test` does)",
+        2 * SOCKETS
+    );
+    let app = spawn_app().await;
+    let f = app.fixture().await;
+    app.rows(&f.admin, &f.project, "CREATE TABLE t (id int)")
+        .await;
+    let url = format!("{}/", app.base.replacen("http", "ws", 1));
+    let subscribe_msg =
+        json!({ "type": "subscribe", "roomId": room(&f.project), "token": f.read }).to_string();
+    let sockets: Vec<Socket> = futures_util::stream::iter(0..SOCKETS)
+        .map(|_| {
+            let url = url.clone();
+            let msg = subscribe_msg.clone();
+            async move {
+                let mut ws = tokio_tungstenite::connect_async(url).await.unwrap().0;
+                ws.send(Message::text(msg)).await.unwrap();
+                assert_eq!(recv(&mut ws).await["type"], "subscribed");
+                ws
+            }
+        })
+        .buffer_unordered(100)
+        .collect()
+        .await;
+    assert_eq!(sockets.len(), SOCKETS);
+    app.rows(&f.admin, &f.project, "INSERT INTO t VALUES (42)")
+        .await;
+    let received: Vec<Value> = futures_util::stream::iter(sockets)
+        .map(|mut ws| async move { db_event(&mut ws).await })
+        .buffer_unordered(SOCKETS)
+        .collect()
+        .await;
+    let ids: HashSet<&str> = received.iter().map(|p| p["id"].as_str().unwrap()).collect();
+    assert_eq!(received.len(), SOCKETS);
+    assert_eq!(ids.len(), 1, "every socket got the same event");
+    assert!(received.iter().all(|p| p["record"]["id"] == 42));
 }

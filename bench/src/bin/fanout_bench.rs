@@ -1,0 +1,1267 @@
+//! Realtime fan-out: committed row changes delivered to many WebSocket subscribers of one room,
+//! through the whole path (WAL → change stream → bus → room → sockets).
+//!
+//! ```text
+//!  this process                                   child process                 PostgreSQL
+//!  generator ── INSERT (superuser, fx_<id>) ───────────────────────────────────► fx_<id>
+//!                                                 fluxbase serve ◄── pgoutput ───┘
+//!  N WebSocket clients ◄── db_event per row ───── room project_<id>
+//!  (tokio-tungstenite, loopback)                  (its RSS and CPU read from /proc/<pid>)
+//! ```
+//!
+//! The release server runs as a child process (`target/release/fluxbase serve`, or
+//! FLUXBASE_BIN) on a throwaway embedded cluster that this program starts, so its memory and
+//! CPU are its own; the clients run here. Every client subscribes with the project's read key.
+//!
+//! 1. **Memory per idle socket**: one client subscribes (the room and its pump exist), an event
+//!    goes through end to end, then the server's VmRSS is the baseline; clients are added up to
+//!    each count in BENCH_SUBSCRIBERS, subscribed and idle, and each count's figure is
+//!    (VmRSS − baseline) / (count − 1). Measured before any traffic, so no buffer grown by
+//!    traffic is in it.
+//! 2. **Latency**: BENCH_LATENCY_SUBSCRIBERS (default 100) subscribed, the other sockets stay
+//!    connected but unsubscribed (they cost the room nothing); one single-row INSERT per
+//!    transaction at BENCH_TPS (default 1000) for BENCH_LATENCY_SECONDS; each message's delay
+//!    from its payload's `commitTimestamp` (PostgreSQL's clock, same machine) to when its client
+//!    read it.
+//! 3. **Throughput**, for each count: the first `count` sockets subscribed; rows committed at
+//!    BENCH_FANOUT_RATE / count changes/s (default 1,000,000 offered messages/s, more than this
+//!    machine delivers, so the figure is the capacity) in transactions every 10 ms, for
+//!    1 s of warm-up plus BENCH_SECONDS. A lag guard holds the generator back while the slowest
+//!    subscriber is more than 3/4 of the server's per-socket send queue behind, so that no socket
+//!    is cut off as too slow: the commit rate settles at what the room can deliver. Delivered
+//!    messages/s = messages read by all clients in the window / window length; then every
+//!    subscriber must have every committed change (the "complete" column). Latency is sampled
+//!    (every 16th message of each client) at that load.
+//!
+//! The machine's cores are shared by the server, PostgreSQL and the clients (which parse every
+//! frame like a real client would): the CPU columns show where the time went.
+//!
+//! Environment: BENCH_SUBSCRIBERS (default 100,1000,5000), BENCH_FANOUT_RATE (default 1000000),
+//! BENCH_SECONDS (default 10), BENCH_LATENCY_SUBSCRIBERS (default 100), BENCH_TPS (default 1000),
+//! BENCH_LATENCY_SECONDS (default 10), BENCH_TIME_LIMIT (seconds for the whole measurement,
+//! default 160), FLUXBASE_BIN (default target/release/fluxbase).
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use fluxbase::embedded::Cluster;
+use fluxbase::realtime::SEND_QUEUE;
+use futures_util::{SinkExt, StreamExt};
+use serde_json::{json, Value};
+use tokio::sync::{mpsc, oneshot};
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
+use tokio_tungstenite::tungstenite::Message;
+
+const TABLE: &str = "fanout_events";
+/// How the server frames a row change (`realtime::frame`); other frames are parsed as JSON.
+const DB_EVENT_PREFIX: &str = r#"{"type":"db_event""#;
+/// The generator holds back while a subscriber is this many changes behind.
+const LAG_GUARD: u64 = (SEND_QUEUE as u64) * 3 / 4;
+/// Throughput rows sample the commit → receive delay of every n-th message of each client.
+const THROUGHPUT_SAMPLE_EVERY: u64 = 16;
+/// Sockets connected (each then subscribed) at once.
+const CONNECT_CONCURRENCY: usize = 64;
+/// The clients' read buffer (tungstenite's default, 128 KiB, would cost 640 MB for 5,000).
+const CLIENT_READ_BUFFER: usize = 32 * 1024;
+/// File descriptors beyond the sockets (PostgreSQL connections, files, the runtime).
+const SPARE_FDS: u64 = 256;
+const MEMORY_TARGET_KIB: f64 = 16.0;
+const THROUGHPUT_TARGET: f64 = 500_000.0;
+const THROUGHPUT_TARGET_AT: usize = 1000;
+const P99_TARGET_MS: f64 = 20.0;
+
+struct Settings {
+    subscribers: Vec<usize>,
+    offered: u64,
+    seconds: u64,
+    latency_subscribers: usize,
+    latency_tps: u64,
+    latency_seconds: u64,
+    time_limit: u64,
+}
+
+impl Settings {
+    fn from_env() -> Result<Settings> {
+        let env_or = |name: &str, default: u64| {
+            std::env::var(name)
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(default)
+        };
+        let list = std::env::var("BENCH_SUBSCRIBERS").unwrap_or_else(|_| "100,1000,5000".into());
+        let mut subscribers = list
+            .split(',')
+            .map(|s| s.trim().parse::<usize>())
+            .collect::<Result<Vec<_>, _>>()
+            .with_context(|| format!("BENCH_SUBSCRIBERS={list}: expected counts like 100,1000"))?;
+        subscribers.retain(|&n| n >= 2);
+        subscribers.sort_unstable();
+        subscribers.dedup();
+        if subscribers.is_empty() {
+            bail!("BENCH_SUBSCRIBERS needs a count of at least 2");
+        }
+        Ok(Settings {
+            subscribers,
+            offered: env_or("BENCH_FANOUT_RATE", 1_000_000).max(1),
+            seconds: env_or("BENCH_SECONDS", 10).max(1),
+            latency_subscribers: env_or("BENCH_LATENCY_SUBSCRIBERS", 100).max(1) as usize,
+            latency_tps: env_or("BENCH_TPS", 1000).max(1),
+            latency_seconds: env_or("BENCH_LATENCY_SECONDS", 10),
+            time_limit: env_or("BENCH_TIME_LIMIT", 160),
+        })
+    }
+
+    fn max_sockets(&self) -> usize {
+        let largest = self.subscribers.last().copied().unwrap_or(0);
+        largest.max(self.latency_subscribers)
+    }
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("FLUXBASE_LOG")
+                .unwrap_or_else(|_| "warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let mut settings = Settings::from_env()?;
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("..")
+        .canonicalize()?;
+    let binary = std::env::var_os("FLUXBASE_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root.join("target/release/fluxbase"));
+    if !binary.exists() {
+        bail!(
+            "{} not found: build the server first (cargo build --release --bin fluxbase)",
+            binary.display()
+        );
+    }
+    let fd_note = fit_fd_limit(&mut settings)?;
+
+    // Under target/: reachable by the `postgres` user when we are root.
+    let dir = root.join("target/fanout-bench");
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir)?;
+    eprintln!("[bench] starting a throwaway cluster in {}", dir.display());
+    let pg_root = dir.join("pg");
+    let password = fluxbase::secrets::random_base62(24);
+    let cluster = tokio::task::spawn_blocking(move || {
+        Cluster::start(
+            &pg_root,
+            &password,
+            &[("fsync", "off"), ("full_page_writes", "off")],
+        )
+    })
+    .await?
+    .context("starting the cluster")?;
+
+    let result = run(&binary, &cluster, &dir, &settings).await;
+
+    eprintln!("[bench] stopping the cluster");
+    let stopped = tokio::task::spawn_blocking(move || cluster.stop()).await;
+    let _ = std::fs::remove_dir_all(&dir);
+    let report = result?;
+    stopped??;
+    report.print(&settings, fd_note.as_deref());
+    Ok(())
+}
+
+/// Makes sure this process (and the server, which inherits the limit) may open a socket per
+/// client plus spares: raises the soft limit towards the hard one with `prlimit` if needed,
+/// and drops the subscriber counts that still do not fit (saying so).
+fn fit_fd_limit(settings: &mut Settings) -> Result<Option<String>> {
+    let needed = settings.max_sockets() as u64 + SPARE_FDS;
+    let (soft, hard) = fd_limits()?;
+    if soft >= needed {
+        return Ok(None);
+    }
+    let want = hard.min(needed.max(65_536));
+    eprintln!("[bench] raising the open-files limit from {soft} to {want} (hard limit {hard})");
+    let _ = Command::new("prlimit")
+        .arg(format!("--pid={}", std::process::id()))
+        .arg(format!("--nofile={want}:{hard}"))
+        .status();
+    let (soft, _) = fd_limits()?;
+    if soft >= needed {
+        return Ok(None);
+    }
+    let fits = soft.saturating_sub(SPARE_FDS) as usize;
+    let dropped: Vec<String> = settings
+        .subscribers
+        .iter()
+        .filter(|&&n| n > fits)
+        .map(|n| n.to_string())
+        .collect();
+    settings.subscribers.retain(|&n| n <= fits);
+    settings.latency_subscribers = settings.latency_subscribers.min(fits);
+    let note = format!(
+        "open-files limit {soft} (hard {hard}; raise it with `ulimit -n`): skipped {} subscribers",
+        dropped.join(", ")
+    );
+    eprintln!("[bench] warning: {note}");
+    if settings.subscribers.is_empty() || settings.latency_subscribers == 0 {
+        bail!("{note}: nothing left to measure");
+    }
+    Ok(Some(note))
+}
+
+/// Soft and hard `RLIMIT_NOFILE` of this process.
+fn fd_limits() -> Result<(u64, u64)> {
+    let limits = std::fs::read_to_string("/proc/self/limits")?;
+    let line = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .context("no open-files line in /proc/self/limits")?;
+    let mut values = line["Max open files".len()..]
+        .split_whitespace()
+        .map(|v| v.parse::<u64>().unwrap_or(u64::MAX));
+    Ok((
+        values.next().context("soft limit")?,
+        values.next().context("hard limit")?,
+    ))
+}
+
+/// Starts the server on `cluster`, measures, stops the server.
+async fn run(binary: &Path, cluster: &Cluster, dir: &Path, settings: &Settings) -> Result<Report> {
+    let mut server = Server::start(binary, cluster, dir).await?;
+    let limit = Duration::from_secs(settings.time_limit);
+    let result = match tokio::time::timeout(limit, bench(&server, cluster, settings)).await {
+        Ok(r) => r,
+        Err(_) => Err(anyhow::anyhow!(
+            "the measurement took longer than BENCH_TIME_LIMIT={} s",
+            settings.time_limit
+        )),
+    };
+    let exited = server.exited();
+    eprintln!("[bench] stopping the server");
+    server.stop();
+    match (result, exited) {
+        (Err(e), Some(status)) => Err(e.context(format!(
+            "the server exited ({status}); its log: {}",
+            server.log_tail()
+        ))),
+        (result, _) => result,
+    }
+}
+
+/// `fluxbase serve` as a child process on the benchmark's cluster.
+struct Server {
+    child: Option<Child>,
+    pid: u32,
+    ws_url: String,
+    project: String,
+    read_key: String,
+    log: PathBuf,
+}
+
+impl Server {
+    async fn start(binary: &Path, cluster: &Cluster, dir: &Path) -> Result<Server> {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")?
+            .local_addr()?
+            .port();
+        let envs = [
+            ("FLUXBASE_DATA_DIR", dir.join("app").display().to_string()),
+            ("FLUXBASE_LISTEN", format!("127.0.0.1:{port}")),
+            ("FLUXBASE_DATABASE_URL", cluster.url("fluxbase")),
+            ("FLUXBASE_RATE_LIMIT_REQUESTS", "0".into()),
+            ("FLUXBASE_LOG", "warn".into()),
+        ];
+        eprintln!("[bench] fluxbase init --json");
+        let out = tokio::process::Command::new(binary)
+            .args(["init", "--json"])
+            .envs(envs.clone())
+            .output()
+            .await
+            .context("running fluxbase init")?;
+        if !out.status.success() {
+            bail!("init failed: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        let init: Value = serde_json::from_slice(&out.stdout).context("init --json output")?;
+        let field = |v: &Value, what: &str| {
+            v.as_str()
+                .map(str::to_string)
+                .with_context(|| format!("no {what} in the init output"))
+        };
+        let project = field(&init["project"]["id"], "project id")?;
+        let read_key = field(&init["apiKeys"]["read"], "read key")?;
+
+        let log = dir.join("server.log");
+        let child = Command::new(binary)
+            .arg("serve")
+            .envs(envs)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log)?)
+            .spawn()
+            .context("starting fluxbase serve")?;
+        let mut server = Server {
+            pid: child.id(),
+            child: Some(child),
+            ws_url: format!("ws://127.0.0.1:{port}/realtime"),
+            project,
+            read_key,
+            log,
+        };
+        eprintln!("[bench] fluxbase serve (pid {}) on port {port}", server.pid);
+        let http = reqwest::Client::new();
+        let health = format!("http://127.0.0.1:{port}/health");
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while !http
+            .get(&health)
+            .send()
+            .await
+            .is_ok_and(|r| r.status().is_success())
+        {
+            if let Some(status) = server.exited() {
+                bail!("the server exited ({status}): {}", server.log_tail());
+            }
+            if Instant::now() > deadline {
+                bail!("the server did not answer /health within 60 s");
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        Ok(server)
+    }
+
+    fn exited(&mut self) -> Option<std::process::ExitStatus> {
+        self.child
+            .as_mut()
+            .and_then(|c| c.try_wait().ok().flatten())
+    }
+
+    fn log_tail(&self) -> String {
+        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(20)..].join("\n")
+    }
+
+    /// SIGINT (graceful shutdown), then SIGKILL if it has not exited within 15 s.
+    fn stop(&mut self) {
+        let Some(mut child) = self.child.take() else {
+            return;
+        };
+        let _ = Command::new("kill")
+            .args(["-INT", &child.id().to_string()])
+            .status();
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while Instant::now() < deadline {
+            if !matches!(child.try_wait(), Ok(None)) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        eprintln!("[bench] the server did not stop within 15 s: killing it");
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// A process's resident memory and CPU time, from /proc.
+#[derive(Clone, Copy)]
+struct ProcSample {
+    at: Instant,
+    rss_bytes: u64,
+    cpu_ticks: u64,
+}
+
+fn proc_sample(pid: &str) -> Result<ProcSample> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let rss_kib: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .with_context(|| format!("no VmRSS in /proc/{pid}/status"))?;
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    // Fields after the command name (which may hold spaces): state is the first, utime and
+    // stime the 12th and 13th.
+    let after = &stat[stat.rfind(')').context("stat")? + 1..];
+    let fields: Vec<&str> = after.split_whitespace().collect();
+    let ticks = |i: usize| fields.get(i).and_then(|v| v.parse::<u64>().ok());
+    let cpu_ticks = ticks(11)
+        .zip(ticks(12))
+        .map(|(u, s)| u + s)
+        .context("stat")?;
+    Ok(ProcSample {
+        at: Instant::now(),
+        rss_bytes: rss_kib * 1024,
+        cpu_ticks,
+    })
+}
+
+/// Clock ticks per second of /proc's CPU times.
+fn clock_ticks() -> f64 {
+    Command::new("getconf")
+        .arg("CLK_TCK")
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8(o.stdout).ok())
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(100.0)
+}
+
+/// Cores used between two samples.
+fn cores(a: &ProcSample, b: &ProcSample, ticks_per_sec: f64) -> f64 {
+    let secs = b.at.duration_since(a.at).as_secs_f64();
+    (b.cpu_ticks.saturating_sub(a.cpu_ticks)) as f64 / ticks_per_sec / secs.max(1e-9)
+}
+
+// ---------------------------------------------------------------------------------------
+// WebSocket clients
+
+/// Settings every client task reads.
+#[derive(Default)]
+struct Shared {
+    /// Record the commit → receive delay of every n-th `db_event` (0: none).
+    sample_every: AtomicU64,
+}
+
+/// What a client's task publishes.
+#[derive(Default)]
+struct ClientStats {
+    /// `db_event` messages read.
+    events: AtomicU64,
+    closed: AtomicBool,
+    reason: Mutex<String>,
+}
+
+impl ClientStats {
+    fn alive(&self) -> bool {
+        !self.closed.load(Ordering::Acquire)
+    }
+
+    fn close(&self, reason: String) {
+        *self.reason.lock().expect("poisoned") = reason;
+        self.closed.store(true, Ordering::Release);
+    }
+}
+
+enum ClientCommand {
+    /// Send a subscribe or unsubscribe; answered by the server's reply (or its error).
+    Request {
+        text: String,
+        reply: oneshot::Sender<Result<(), String>>,
+    },
+    /// Hand over the delays recorded so far (µs).
+    TakeSamples(oneshot::Sender<Vec<i64>>),
+}
+
+struct Client {
+    commands: mpsc::Sender<ClientCommand>,
+    stats: Arc<ClientStats>,
+    subscribed: bool,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Client {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+type Socket =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+async fn request(commands: &mpsc::Sender<ClientCommand>, text: String) -> Result<()> {
+    let (reply, answer) = oneshot::channel();
+    commands
+        .send(ClientCommand::Request { text, reply })
+        .await
+        .map_err(|_| anyhow::anyhow!("the client has stopped"))?;
+    match tokio::time::timeout(Duration::from_secs(30), answer).await {
+        Err(_) => bail!("no reply within 30 s"),
+        Ok(Err(_)) => bail!("the client stopped before the reply"),
+        Ok(Ok(r)) => r.map_err(|e| anyhow::anyhow!("{e}")),
+    }
+}
+
+/// Reads everything the server sends, counts row changes, answers commands.
+async fn client_task(
+    mut ws: Socket,
+    mut commands: mpsc::Receiver<ClientCommand>,
+    stats: Arc<ClientStats>,
+    shared: Arc<Shared>,
+) {
+    let mut waiting: Option<oneshot::Sender<Result<(), String>>> = None;
+    let mut samples: Vec<i64> = Vec::new();
+    let mut seen = 0u64;
+    let reason = loop {
+        tokio::select! {
+            command = commands.recv() => match command {
+                None => break "dropped by the benchmark".to_string(),
+                Some(ClientCommand::Request { text, reply }) => {
+                    if let Err(e) = ws.send(Message::text(text)).await {
+                        let _ = reply.send(Err(e.to_string()));
+                        break format!("send failed: {e}");
+                    }
+                    waiting = Some(reply);
+                }
+                Some(ClientCommand::TakeSamples(tx)) => {
+                    let _ = tx.send(std::mem::take(&mut samples));
+                }
+            },
+            message = ws.next() => match message {
+                None => break "connection closed".to_string(),
+                Some(Err(e)) => break format!("connection error: {e}"),
+                Some(Ok(Message::Close(frame))) => {
+                    break match frame {
+                        Some(f) => format!("closed by the server: {} {}", u16::from(f.code), f.reason),
+                        None => "closed by the server".to_string(),
+                    }
+                }
+                Some(Ok(Message::Text(text))) => {
+                    let text = text.as_str();
+                    let parsed = if text.starts_with(DB_EVENT_PREFIX) {
+                        None
+                    } else {
+                        serde_json::from_str::<Value>(text).ok()
+                    };
+                    let kind = parsed.as_ref().and_then(|v| v["type"].as_str());
+                    match kind {
+                        None | Some("db_event") => {
+                            let every = shared.sample_every.load(Ordering::Relaxed);
+                            if every > 0 && seen % every == 0 {
+                                if let Some(delay) = commit_delay_micros(text) {
+                                    samples.push(delay);
+                                }
+                            }
+                            seen += 1;
+                            stats.events.store(seen, Ordering::Relaxed);
+                        }
+                        Some("subscribed" | "unsubscribed") => {
+                            if let Some(reply) = waiting.take() {
+                                let _ = reply.send(Ok(()));
+                            }
+                        }
+                        Some("error") => {
+                            if let Some(reply) = waiting.take() {
+                                let _ = reply.send(Err(text.to_string()));
+                            }
+                        }
+                        Some(_) => {}
+                    }
+                }
+                Some(Ok(_)) => {}
+            }
+        };
+    };
+    if let Some(reply) = waiting.take() {
+        let _ = reply.send(Err(reason.clone()));
+    }
+    stats.close(reason);
+}
+
+fn now_micros() -> i64 {
+    chrono::Utc::now().timestamp_micros()
+}
+
+/// Now minus the message's `commitTimestamp`, in µs.
+fn commit_delay_micros(text: &str) -> Option<i64> {
+    const KEY: &str = r#""commitTimestamp":""#;
+    let received = now_micros();
+    let start = text.find(KEY)? + KEY.len();
+    let end = start + text[start..].find('"')?;
+    let commit = chrono::DateTime::parse_from_rfc3339(&text[start..end]).ok()?;
+    Some(received - commit.timestamp_micros())
+}
+
+/// The benchmark's sockets: the first `n` subscribed to the room, the rest connected and idle.
+struct Pool {
+    url: String,
+    subscribe: String,
+    unsubscribe: String,
+    shared: Arc<Shared>,
+    clients: Vec<Client>,
+}
+
+impl Pool {
+    fn new(server: &Server) -> Pool {
+        let room = format!("project_{}", server.project);
+        Pool {
+            url: server.ws_url.clone(),
+            subscribe: json!({ "type": "subscribe", "roomId": room, "token": server.read_key })
+                .to_string(),
+            unsubscribe: json!({ "type": "unsubscribe", "roomId": room }).to_string(),
+            shared: Arc::new(Shared::default()),
+            clients: Vec::new(),
+        }
+    }
+
+    /// A new socket, subscribed.
+    async fn connect(&self) -> Result<Client> {
+        let config = WebSocketConfig::default().read_buffer_size(CLIENT_READ_BUFFER);
+        let connect = tokio_tungstenite::connect_async_with_config(&self.url, Some(config), true);
+        let (ws, _) = tokio::time::timeout(Duration::from_secs(30), connect)
+            .await
+            .context("connecting took over 30 s")?
+            .context("connecting")?;
+        let (commands, rx) = mpsc::channel(4);
+        let stats = Arc::new(ClientStats::default());
+        let task = tokio::spawn(client_task(ws, rx, stats.clone(), self.shared.clone()));
+        let mut client = Client {
+            commands,
+            stats,
+            subscribed: false,
+            task,
+        };
+        request(&client.commands, self.subscribe.clone())
+            .await
+            .context("subscribing")?;
+        client.subscribed = true;
+        Ok(client)
+    }
+
+    /// Connects (and subscribes) new sockets until there are `n`.
+    async fn grow_to(&mut self, n: usize) -> Result<()> {
+        let missing = n.saturating_sub(self.clients.len());
+        let this = &*self;
+        let results: Vec<Result<Client>> = futures_util::stream::iter(0..missing)
+            .map(|_| this.connect())
+            .buffer_unordered(CONNECT_CONCURRENCY)
+            .collect()
+            .await;
+        let mut failures = Vec::new();
+        for r in results {
+            match r {
+                Ok(c) => self.clients.push(c),
+                Err(e) => failures.push(format!("{e:#}")),
+            }
+        }
+        if let Some(first) = failures.first() {
+            bail!(
+                "{} of {missing} sockets failed, first: {first}",
+                failures.len()
+            );
+        }
+        Ok(())
+    }
+
+    /// Replaces closed sockets, then subscribes exactly the first `n` (the rest unsubscribe).
+    /// Returns how many closed sockets were replaced.
+    async fn subscribe_first(&mut self, n: usize) -> Result<usize> {
+        let dead: Vec<usize> = (0..self.clients.len())
+            .filter(|&i| !self.clients[i].stats.alive())
+            .collect();
+        for &i in &dead {
+            self.clients[i] = self.connect().await.context("replacing a closed socket")?;
+        }
+        let changes: Vec<(usize, bool)> = self
+            .clients
+            .iter()
+            .enumerate()
+            .filter(|(i, c)| c.subscribed != (*i < n))
+            .map(|(i, _)| (i, i < n))
+            .collect();
+        let this = &*self;
+        let results: Vec<Result<()>> = futures_util::stream::iter(changes.iter())
+            .map(|&(i, subscribe)| {
+                let text = if subscribe {
+                    this.subscribe.clone()
+                } else {
+                    this.unsubscribe.clone()
+                };
+                let commands = this.clients[i].commands.clone();
+                async move { request(&commands, text).await }
+            })
+            .buffer_unordered(CONNECT_CONCURRENCY * 4)
+            .collect()
+            .await;
+        if let Some(e) = results.into_iter().find_map(Result::err) {
+            return Err(e.context("changing subscriptions"));
+        }
+        for (i, subscribe) in changes {
+            self.clients[i].subscribed = subscribe;
+        }
+        Ok(dead.len())
+    }
+
+    /// The subscribed sockets, each with its count so far.
+    fn members(&self) -> Members {
+        Members(
+            self.clients
+                .iter()
+                .filter(|c| c.subscribed)
+                .map(|c| (c.stats.clone(), c.stats.events.load(Ordering::Relaxed)))
+                .collect(),
+        )
+    }
+
+    /// Collects (and clears) every client's recorded delays.
+    async fn take_samples(&self) -> Vec<i64> {
+        let mut all = Vec::new();
+        for c in &self.clients {
+            let (tx, rx) = oneshot::channel();
+            if c.commands
+                .send(ClientCommand::TakeSamples(tx))
+                .await
+                .is_ok()
+            {
+                if let Ok(samples) = rx.await {
+                    all.extend(samples);
+                }
+            }
+        }
+        all
+    }
+}
+
+/// Subscribed sockets and their event counts when a phase began.
+struct Members(Vec<(Arc<ClientStats>, u64)>);
+
+impl Members {
+    fn received(&self) -> u64 {
+        self.0
+            .iter()
+            .map(|(s, base)| s.events.load(Ordering::Relaxed) - base)
+            .sum()
+    }
+
+    /// Fewest changes received by a socket that is still open (None: all closed).
+    fn slowest(&self) -> Option<u64> {
+        self.0
+            .iter()
+            .filter(|(s, _)| s.alive())
+            .map(|(s, base)| s.events.load(Ordering::Relaxed) - base)
+            .min()
+    }
+
+    fn closed(&self) -> Vec<String> {
+        self.0
+            .iter()
+            .filter(|(s, _)| !s.alive())
+            .map(|(s, _)| s.reason.lock().expect("poisoned").clone())
+            .collect()
+    }
+
+    fn len(&self) -> usize {
+        self.0.len()
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Row changes
+
+/// Commits rows into the project's table through a superuser connection.
+struct Generator {
+    client: tokio_postgres::Client,
+    insert: tokio_postgres::Statement,
+    next_id: i64,
+    /// Rows committed in the current phase (read by the measurement window).
+    committed: Arc<AtomicU64>,
+}
+
+struct Generated {
+    committed: u64,
+    transactions: u64,
+    /// Rows not committed because a subscriber lagged.
+    held_back: u64,
+}
+
+impl Generator {
+    async fn new(cluster: &Cluster, project: &str) -> Result<Generator> {
+        let db = format!("fx_{project}");
+        let (client, conn) = tokio_postgres::connect(&cluster.url(&db), tokio_postgres::NoTls)
+            .await
+            .with_context(|| format!("connecting to {db}"))?;
+        tokio::spawn(conn);
+        client
+            .batch_execute(&format!(
+                "CREATE TABLE {TABLE} (id bigint PRIMARY KEY, note text NOT NULL,
+                     created_at timestamptz NOT NULL DEFAULT now())"
+            ))
+            .await?;
+        let insert = client
+            .prepare(&format!(
+                "INSERT INTO {TABLE} (id, note)
+                 SELECT g, 'fan-out ' || g FROM generate_series($1::bigint, $2::bigint) g"
+            ))
+            .await?;
+        Ok(Generator {
+            client,
+            insert,
+            next_id: 1,
+            committed: Arc::new(AtomicU64::new(0)),
+        })
+    }
+
+    /// Commits `rows` rows in one transaction.
+    async fn commit(&mut self, rows: u64) -> Result<()> {
+        let from = self.next_id;
+        let to = from + rows as i64 - 1;
+        self.client.execute(&self.insert, &[&from, &to]).await?;
+        self.next_id = to + 1;
+        self.committed.fetch_add(rows, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Commits `rate` rows/s for `duration`, one transaction per `tick` with the rows due;
+    /// a tick whose due rows would put the slowest member more than LAG_GUARD behind commits
+    /// nothing, and those rows are dropped from the schedule (no catch-up burst later).
+    async fn run(
+        &mut self,
+        rate: f64,
+        tick: Duration,
+        duration: Duration,
+        members: &Members,
+    ) -> Result<Generated> {
+        self.committed.store(0, Ordering::Relaxed);
+        let mut interval = tokio::time::interval(tick);
+        interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+        let max_batch = (LAG_GUARD / 2).max(1);
+        let (mut done, mut held_back, mut transactions) = (0u64, 0u64, 0u64);
+        let start = Instant::now();
+        while start.elapsed() < duration {
+            interval.tick().await;
+            let scheduled = (rate * start.elapsed().as_secs_f64()) as u64;
+            let due = scheduled.saturating_sub(done + held_back).min(max_batch);
+            if due == 0 {
+                continue;
+            }
+            let Some(slowest) = members.slowest() else {
+                bail!(
+                    "every subscriber was closed: {:?}",
+                    members.closed().first()
+                );
+            };
+            if (done + due).saturating_sub(slowest) > LAG_GUARD {
+                held_back += due;
+                continue;
+            }
+            self.commit(due).await?;
+            done += due;
+            transactions += 1;
+        }
+        Ok(Generated {
+            committed: done,
+            transactions,
+            held_back,
+        })
+    }
+}
+
+/// Waits until every open member has `committed` changes, or nothing has arrived for 3 s.
+async fn drain(members: &Members, committed: u64) -> Duration {
+    let start = Instant::now();
+    let mut last = (members.received(), Instant::now());
+    loop {
+        if members.slowest().map_or(true, |s| s >= committed) {
+            return start.elapsed();
+        }
+        let now = members.received();
+        if now != last.0 {
+            last = (now, Instant::now());
+        } else if last.1.elapsed() > Duration::from_secs(3) {
+            return start.elapsed();
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Phases
+
+struct MemoryRow {
+    sockets: usize,
+    server_per_socket: f64,
+    client_per_socket: f64,
+}
+
+struct LoadRow {
+    subscribers: usize,
+    asked_changes: f64,
+    changes: f64,
+    delivered: f64,
+    complete: f64,
+    closed: Vec<String>,
+    held_back: u64,
+    p50_ms: f64,
+    p99_ms: f64,
+    max_ms: f64,
+    samples: usize,
+    server_cores: f64,
+    client_cores: f64,
+}
+
+struct Report {
+    memory: Vec<MemoryRow>,
+    latency: LoadRow,
+    throughput: Vec<LoadRow>,
+}
+
+async fn bench(server: &Server, cluster: &Cluster, settings: &Settings) -> Result<Report> {
+    let server_pid = server.pid.to_string();
+    let mut generator = Generator::new(cluster, &server.project).await?;
+    let mut pool = Pool::new(server);
+
+    eprintln!("[bench] warm-up: one subscriber, one change through the whole path");
+    pool.grow_to(1).await?;
+    let one = pool.members();
+    generator.commit(1).await?;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while one.received() < 1 {
+        if Instant::now() > deadline {
+            bail!(
+                "the first change did not reach the subscriber within 30 s ({:?})",
+                one.closed().first()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let server_base = proc_sample(&server_pid)?;
+    let client_base = proc_sample("self")?;
+
+    let mut memory = Vec::new();
+    let mut counts = settings.subscribers.clone();
+    if !counts.contains(&settings.latency_subscribers) {
+        counts.push(settings.latency_subscribers);
+        counts.sort_unstable();
+    }
+    for &n in counts.iter().filter(|&&n| n >= 2) {
+        let t = Instant::now();
+        pool.grow_to(n).await?;
+        eprintln!(
+            "[bench] {n} sockets subscribed ({:.1} s); idle for 1 s",
+            t.elapsed().as_secs_f64()
+        );
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let (s, c) = (proc_sample(&server_pid)?, proc_sample("self")?);
+        let per = |now: &ProcSample, base: &ProcSample| {
+            now.rss_bytes.saturating_sub(base.rss_bytes) as f64 / (n - 1) as f64
+        };
+        let row = MemoryRow {
+            sockets: n,
+            server_per_socket: per(&s, &server_base),
+            client_per_socket: per(&c, &client_base),
+        };
+        eprintln!(
+            "[bench]   server VmRSS {:.1} MiB: {:.1} KiB per idle socket (clients here: {:.1} KiB per socket)",
+            s.rss_bytes as f64 / 1048576.0,
+            row.server_per_socket / 1024.0,
+            row.client_per_socket / 1024.0
+        );
+        memory.push(row);
+    }
+
+    let ticks = clock_ticks();
+    let n = settings.latency_subscribers;
+    eprintln!(
+        "[bench] latency: {n} subscribers, {} single-row transactions/s for {} s",
+        settings.latency_tps, settings.latency_seconds
+    );
+    let latency = load(
+        &mut generator,
+        &mut pool,
+        &server_pid,
+        ticks,
+        Load {
+            subscribers: n,
+            rate: settings.latency_tps as f64,
+            tick: Duration::from_secs(1) / settings.latency_tps.min(1000) as u32,
+            warm_up: Duration::ZERO,
+            seconds: settings.latency_seconds,
+            sample_every: 1,
+        },
+    )
+    .await?;
+
+    let mut throughput = Vec::new();
+    for &n in &settings.subscribers {
+        let rate = settings.offered as f64 / n as f64;
+        eprintln!(
+            "[bench] throughput: {n} subscribers, up to {rate:.0} changes/s for 1 + {} s",
+            settings.seconds
+        );
+        let row = load(
+            &mut generator,
+            &mut pool,
+            &server_pid,
+            ticks,
+            Load {
+                subscribers: n,
+                rate,
+                tick: Duration::from_millis(10),
+                warm_up: Duration::from_secs(1),
+                seconds: settings.seconds,
+                sample_every: THROUGHPUT_SAMPLE_EVERY,
+            },
+        )
+        .await?;
+        throughput.push(row);
+    }
+    drop(pool);
+    Ok(Report {
+        memory,
+        latency,
+        throughput,
+    })
+}
+
+struct Load {
+    subscribers: usize,
+    rate: f64,
+    tick: Duration,
+    warm_up: Duration,
+    seconds: u64,
+    sample_every: u64,
+}
+
+/// One steady-rate phase: commits, counts what the subscribers read in the window after the
+/// warm-up, waits for the stragglers, checks that everyone got everything.
+async fn load(
+    generator: &mut Generator,
+    pool: &mut Pool,
+    server_pid: &str,
+    ticks: f64,
+    spec: Load,
+) -> Result<LoadRow> {
+    let replaced = pool.subscribe_first(spec.subscribers).await?;
+    if replaced > 0 {
+        eprintln!("[bench]   replaced {replaced} sockets closed in the previous phase");
+    }
+    pool.shared.sample_every.store(0, Ordering::Relaxed);
+    pool.take_samples().await;
+    let members = pool.members();
+    pool.shared
+        .sample_every
+        .store(spec.sample_every, Ordering::Relaxed);
+
+    let window = Duration::from_secs(spec.seconds);
+    let committed = generator.committed.clone();
+    let measure = async {
+        tokio::time::sleep(spec.warm_up).await;
+        let a = (
+            members.received(),
+            committed.load(Ordering::Relaxed),
+            proc_sample(server_pid)?,
+            proc_sample("self")?,
+        );
+        tokio::time::sleep(window).await;
+        let b = (
+            members.received(),
+            committed.load(Ordering::Relaxed),
+            proc_sample(server_pid)?,
+            proc_sample("self")?,
+        );
+        anyhow::Ok((a, b))
+    };
+    let generate = generator.run(spec.rate, spec.tick, spec.warm_up + window, &members);
+    let (generated, measured) = tokio::join!(generate, measure);
+    let (generated, (a, b)) = (generated?, measured?);
+    let drained = drain(&members, generated.committed).await;
+    pool.shared.sample_every.store(0, Ordering::Relaxed);
+    let mut samples = pool.take_samples().await;
+
+    let secs = b.2.at.duration_since(a.2.at).as_secs_f64();
+    let expected = generated.committed * members.len() as u64;
+    let (p50_ms, p99_ms, max_ms) = percentiles(&mut samples);
+    let row = LoadRow {
+        subscribers: spec.subscribers,
+        asked_changes: spec.rate,
+        changes: (b.1 - a.1) as f64 / secs,
+        delivered: (b.0 - a.0) as f64 / secs,
+        complete: members.received() as f64 / expected.max(1) as f64,
+        closed: members.closed(),
+        held_back: generated.held_back,
+        p50_ms,
+        p99_ms,
+        max_ms,
+        samples: samples.len(),
+        server_cores: cores(&a.2, &b.2, ticks),
+        client_cores: cores(&a.3, &b.3, ticks),
+    };
+    eprintln!(
+        "[bench]   {:.0} changes/s in {} transactions ({} held back by the lag guard), \
+         {:.0} messages/s delivered, {:.2}% complete ({:.1} s to drain), {} sockets closed; \
+         p50 {:.2} ms, p99 {:.2} ms; server {:.2} cores, clients {:.2} cores",
+        row.changes,
+        generated.transactions,
+        row.held_back,
+        row.delivered,
+        row.complete * 100.0,
+        drained.as_secs_f64(),
+        row.closed.len(),
+        row.p50_ms,
+        row.p99_ms,
+        row.server_cores,
+        row.client_cores
+    );
+    if let Some(reason) = row.closed.first() {
+        eprintln!("[bench]   first closed socket: {reason}");
+    }
+    Ok(row)
+}
+
+/// p50, p99 and max of µs values, in ms.
+fn percentiles(micros: &mut [i64]) -> (f64, f64, f64) {
+    if micros.is_empty() {
+        return (f64::NAN, f64::NAN, f64::NAN);
+    }
+    micros.sort_unstable();
+    let rank = |p: f64| {
+        let i = ((p * micros.len() as f64).ceil() as usize).clamp(1, micros.len()) - 1;
+        micros[i] as f64 / 1e3
+    };
+    (rank(0.50), rank(0.99), rank(1.0))
+}
+
+// ---------------------------------------------------------------------------------------
+// Output
+
+fn check(ok: bool) -> &'static str {
+    if ok {
+        "ok"
+    } else {
+        "MISSED"
+    }
+}
+
+fn thousands(v: f64) -> String {
+    let digits = format!("{:.0}", v.max(0.0));
+    let mut out = String::new();
+    for (i, c) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i) % 3 == 0 {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
+}
+
+impl Report {
+    fn print(&self, settings: &Settings, fd_note: Option<&str>) {
+        let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
+        println!(
+            "realtime fan-out: release server as a child process; {} CPUs shared by the server, \
+             PostgreSQL and the WebSocket clients (this process); loopback",
+            cpus
+        );
+        println!(
+            "{:>11}  {:>9}  {:>28}  {:>9}  {:>6}  {:>8}  {:>24}  {:>6}  {:>7}  {:>24}",
+            "subscribers",
+            "changes/s",
+            "delivered msg/s (target)",
+            "complete",
+            "closed",
+            "p50 ms",
+            "p99 ms (target)",
+            "server",
+            "clients",
+            "memory/idle socket"
+        );
+        let memory = |n: usize| {
+            self.memory.iter().find(|m| m.sockets == n).map_or_else(
+                || "-".to_string(),
+                |m| {
+                    let kib = m.server_per_socket / 1024.0;
+                    format!(
+                        "{kib:.1} KiB (<= {MEMORY_TARGET_KIB:.0} {})",
+                        check(kib <= MEMORY_TARGET_KIB)
+                    )
+                },
+            )
+        };
+        let line = |row: &LoadRow, delivered_target: String, p99_target: String, mem: String| {
+            println!(
+                "{:>11}  {:>9}  {:>28}  {:>8.2}%  {:>6}  {:>8.2}  {:>24}  {:>6.2}  {:>7.2}  {:>24}",
+                row.subscribers,
+                thousands(row.changes),
+                delivered_target,
+                row.complete * 100.0,
+                row.closed.len(),
+                row.p50_ms,
+                p99_target,
+                row.server_cores,
+                row.client_cores,
+                mem
+            )
+        };
+        let l = &self.latency;
+        line(
+            l,
+            thousands(l.delivered),
+            format!(
+                "{:.2} (<= {P99_TARGET_MS:.0} {})",
+                l.p99_ms,
+                check(l.p99_ms <= P99_TARGET_MS)
+            ),
+            "-".into(),
+        );
+        for row in &self.throughput {
+            let delivered = if row.subscribers == THROUGHPUT_TARGET_AT {
+                format!(
+                    "{} (>= {} {})",
+                    thousands(row.delivered),
+                    thousands(THROUGHPUT_TARGET),
+                    check(row.delivered >= THROUGHPUT_TARGET)
+                )
+            } else {
+                thousands(row.delivered)
+            };
+            line(
+                row,
+                delivered,
+                format!("{:.2}", row.p99_ms),
+                memory(row.subscribers),
+            );
+        }
+        for m in &self.memory {
+            if !self.throughput.iter().any(|r| r.subscribers == m.sockets) {
+                println!(
+                    "{:>11}  idle only: {:.1} KiB per socket (<= {MEMORY_TARGET_KIB:.0} {})",
+                    m.sockets,
+                    m.server_per_socket / 1024.0,
+                    check(m.server_per_socket / 1024.0 <= MEMORY_TARGET_KIB)
+                );
+            }
+        }
+        println!(
+            "first row: latency, {} single-row transactions/s for {} s, every message timed \
+             ({} samples, max {:.2} ms); other rows: up to {} offered messages/s for {} s \
+             after 1 s of warm-up, every {}th message timed",
+            settings.latency_tps,
+            settings.latency_seconds,
+            l.samples,
+            l.max_ms,
+            thousands(settings.offered as f64),
+            settings.seconds,
+            THROUGHPUT_SAMPLE_EVERY
+        );
+        for row in &self.throughput {
+            if row.held_back > 0 {
+                println!(
+                    "  {} subscribers: asked {:.0} changes/s; the lag guard (a subscriber \
+                     {LAG_GUARD} changes behind) held back {} changes: the room's capacity \
+                     is the delivered figure",
+                    row.subscribers, row.asked_changes, row.held_back
+                );
+            }
+        }
+        println!(
+            "memory: server VmRSS growth / sockets, subscribed and idle, before any traffic \
+             (clients in this process: {})",
+            self.memory
+                .iter()
+                .map(|m| format!("{:.1} KiB at {}", m.client_per_socket / 1024.0, m.sockets))
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+        println!("server and clients columns: CPU cores used during the window");
+        if let Some(note) = fd_note {
+            println!("note: {note}");
+        }
+    }
+}

@@ -1,0 +1,419 @@
+//! Webhook egress against real HTTP receivers on loopback: the SSRF guard at connect time,
+//! redirects, `Retry-After`, timeouts and the response-body cap.
+//!
+//! Every receiver here is a raw `TcpListener` on 127.0.0.1 that answers one fixed response; it
+//! counts connections, so "refused before connecting" is checked as "no connection was ever
+//! accepted". No test sends anywhere but loopback, even if the code under test misbehaves.
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+use bytes::Bytes;
+use fluxbase::webhooks::egress::{self, EgressError};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
+use url::Url;
+
+/// What a receiver got: method and target, lowercase header names, exact body bytes.
+#[derive(Debug, Clone)]
+struct Received {
+    request_line: String,
+    headers: Vec<(String, String)>,
+    body: Vec<u8>,
+}
+
+impl Received {
+    fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+#[derive(Clone)]
+struct Script {
+    response: Vec<u8>,
+    /// Wait this long after reading the request before answering.
+    delay: Duration,
+    /// After answering, keep the socket open this long (a body that never ends).
+    hold: Duration,
+}
+
+struct Receiver {
+    addr: SocketAddr,
+    connections: Arc<Mutex<usize>>,
+    received: Arc<Mutex<Vec<Received>>>,
+}
+
+impl Receiver {
+    async fn start(script: Script) -> Receiver {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let connections = Arc::new(Mutex::new(0));
+        let received = Arc::new(Mutex::new(Vec::new()));
+        let (c, r) = (connections.clone(), received.clone());
+        tokio::spawn(async move {
+            loop {
+                let Ok((mut socket, _)) = listener.accept().await else {
+                    return;
+                };
+                *c.lock().unwrap() += 1;
+                let (r, script) = (r.clone(), script.clone());
+                tokio::spawn(async move {
+                    let Some(request) = read_request(&mut socket).await else {
+                        return;
+                    };
+                    r.lock().unwrap().push(request);
+                    tokio::time::sleep(script.delay).await;
+                    let _ = socket.write_all(&script.response).await;
+                    tokio::time::sleep(script.hold).await;
+                    let _ = socket.shutdown().await;
+                });
+            }
+        });
+        Receiver {
+            addr,
+            connections,
+            received,
+        }
+    }
+
+    async fn answering(response: String) -> Receiver {
+        Receiver::start(Script {
+            response: response.into_bytes(),
+            delay: Duration::ZERO,
+            hold: Duration::ZERO,
+        })
+        .await
+    }
+
+    fn url(&self, host: &str, path: &str) -> Url {
+        Url::parse(&format!("http://{host}:{}{path}", self.addr.port())).unwrap()
+    }
+
+    fn connections(&self) -> usize {
+        *self.connections.lock().unwrap()
+    }
+
+    fn received(&self) -> Vec<Received> {
+        self.received.lock().unwrap().clone()
+    }
+}
+
+/// A fixed HTTP/1.1 answer that closes the connection.
+fn answer(status: &str, extra_headers: &[(&str, &str)], body: &str) -> String {
+    let mut out = format!(
+        "HTTP/1.1 {status}\r\ncontent-length: {}\r\nconnection: close\r\n",
+        body.len()
+    );
+    for (name, value) in extra_headers {
+        out.push_str(&format!("{name}: {value}\r\n"));
+    }
+    out.push_str("\r\n");
+    out.push_str(body);
+    out
+}
+
+async fn read_request(socket: &mut tokio::net::TcpStream) -> Option<Received> {
+    let mut buf = Vec::new();
+    let head_end = loop {
+        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            break i;
+        }
+        let mut chunk = [0u8; 4096];
+        let n = socket.read(&mut chunk).await.ok()?;
+        if n == 0 {
+            return None;
+        }
+        buf.extend_from_slice(&chunk[..n]);
+    };
+    let head = String::from_utf8(buf[..head_end].to_vec()).ok()?;
+    let mut lines = head.split("\r\n");
+    let request_line = lines.next()?.to_owned();
+    let headers: Vec<(String, String)> = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(n, v)| (n.trim().to_ascii_lowercase(), v.trim().to_owned()))
+        .collect();
+    let length: usize = headers
+        .iter()
+        .find(|(n, _)| n == "content-length")
+        .map_or(0, |(_, v)| v.parse().unwrap());
+    let mut body = buf[head_end + 4..].to_vec();
+    while body.len() < length {
+        let mut chunk = [0u8; 4096];
+        let n = socket.read(&mut chunk).await.ok()?;
+        if n == 0 {
+            return None;
+        }
+        body.extend_from_slice(&chunk[..n]);
+    }
+    Some(Received {
+        request_line,
+        headers,
+        body,
+    })
+}
+
+fn client(allow_private: bool) -> reqwest::Client {
+    egress::client(
+        allow_private,
+        Duration::from_secs(5),
+        Duration::from_secs(10),
+    )
+}
+
+const NO_HEADERS: &[(&str, &str)] = &[];
+
+async fn post(allow_private: bool, url: &Url, cap: usize) -> Result<egress::Response, EgressError> {
+    egress::post(
+        &client(allow_private),
+        url,
+        NO_HEADERS,
+        Bytes::from_static(b"{}"),
+        allow_private,
+        cap,
+    )
+    .await
+}
+
+#[tokio::test]
+async fn private_targets_are_refused_at_connect_time_before_the_receiver_sees_anything() {
+    let receiver = Receiver::answering(answer("200 OK", &[], "ok")).await;
+    let guarded = client(false);
+
+    for host in [
+        "127.0.0.1",
+        "localhost",
+        "[::ffff:127.0.0.1]",
+        "2130706433",
+        "127.1",
+    ] {
+        let url = receiver.url(host, "/hook");
+        match egress::post(&guarded, &url, NO_HEADERS, Bytes::new(), false, 1024).await {
+            Err(EgressError::Forbidden(_, reason)) => {
+                assert!(reason.contains("loopback)"), "{host}: {reason}")
+            }
+            other => panic!("{host}: {other:?}"),
+        }
+    }
+    // The name is refused by the resolver itself, whatever `post` is told.
+    let url = receiver.url("localhost", "/hook");
+    let err = egress::post(&guarded, &url, NO_HEADERS, Bytes::new(), true, 1024)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&err, EgressError::Forbidden(target, reason)
+            if target == "localhost" && reason.starts_with("resolves only to")),
+        "{err:?}"
+    );
+    // A literal IP never reaches a resolver: `post` checks it even with a permissive client.
+    let url = receiver.url("127.0.0.1", "/hook");
+    let err = egress::post(&client(true), &url, NO_HEADERS, Bytes::new(), false, 1024)
+        .await
+        .unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "webhook target 127.0.0.1 is not allowed: address 127.0.0.1 (loopback)"
+    );
+
+    // Sentinel: the same receiver does answer when allowed, and that was its first connection.
+    let response = post(true, &receiver.url("127.0.0.1", "/hook"), 1024)
+        .await
+        .unwrap();
+    assert_eq!(response.status, 200);
+    assert_eq!(receiver.connections(), 1);
+    assert_eq!(receiver.received().len(), 1);
+}
+
+#[tokio::test]
+async fn with_allow_private_the_post_arrives_with_the_exact_body_and_headers() {
+    let receiver = Receiver::answering(answer("204 No Content", &[], "")).await;
+    let body = "{\"event_type\":\"row.inserted\",\"data\":{\"new\":{\"name\":\"Zoë ☃\"}}}";
+    let headers = vec![
+        ("content-type", "application/json".to_string()),
+        ("x-fluxbase-signature", "sha256=00ff".to_string()),
+        ("webhook-id", "dlv_123".to_string()),
+    ];
+    let client = client(true);
+
+    for host in ["127.0.0.1", "localhost"] {
+        let url = receiver.url(host, "/hooks/a?x=1");
+        let response = egress::post(&client, &url, &headers, Bytes::from(body), true, 1024)
+            .await
+            .unwrap();
+        assert_eq!(response.status, 204);
+        assert_eq!(response.retry_after, None);
+        assert_eq!(response.body, "");
+
+        let got = receiver.received().pop().unwrap();
+        assert_eq!(got.request_line, "POST /hooks/a?x=1 HTTP/1.1");
+        assert_eq!(got.body, body.as_bytes());
+        assert_eq!(got.header("content-type"), Some("application/json"));
+        assert_eq!(got.header("x-fluxbase-signature"), Some("sha256=00ff"));
+        assert_eq!(got.header("webhook-id"), Some("dlv_123"));
+        assert_eq!(
+            got.header("content-length"),
+            Some(body.len().to_string().as_str())
+        );
+        assert_eq!(got.header("user-agent"), Some(egress::USER_AGENT));
+        assert_eq!(
+            got.header("host"),
+            Some(format!("{host}:{}", receiver.addr.port()).as_str())
+        );
+    }
+    assert!(egress::USER_AGENT.starts_with("Fluxbase-Webhooks/"));
+    assert_eq!(receiver.received().len(), 2);
+}
+
+#[tokio::test]
+async fn redirects_are_returned_and_never_followed() {
+    // The redirect target is a second loopback receiver (a private address), so nothing would
+    // leave the machine even if the client did follow.
+    let target = Receiver::answering(answer("200 OK", &[], "followed")).await;
+    let location = target.url("127.0.0.1", "/elsewhere").to_string();
+    for status in [
+        "301 Moved Permanently",
+        "302 Found",
+        "303 See Other",
+        "307 Temporary Redirect",
+        "308 Permanent Redirect",
+    ] {
+        let redirecting =
+            Receiver::answering(answer(status, &[("location", &location)], "moved")).await;
+        let response = post(true, &redirecting.url("127.0.0.1", "/"), 1024)
+            .await
+            .unwrap();
+        assert_eq!(response.status.to_string(), status[..3], "{status}");
+        assert_eq!(response.body, "moved");
+        assert_eq!(redirecting.received().len(), 1);
+    }
+    // A redirect to a name that resolves to loopback is not followed either.
+    let location = target.url("localhost", "/elsewhere").to_string();
+    let redirecting =
+        Receiver::answering(answer("302 Found", &[("location", &location)], "")).await;
+    let response = post(true, &redirecting.url("127.0.0.1", "/"), 1024)
+        .await
+        .unwrap();
+    assert_eq!(response.status, 302);
+    assert_eq!(target.connections(), 0);
+}
+
+#[tokio::test]
+async fn retry_after_is_read_as_seconds_and_as_an_http_date() {
+    let seconds = Receiver::answering(answer(
+        "503 Service Unavailable",
+        &[("retry-after", "120")],
+        "",
+    ))
+    .await;
+    let response = post(true, &seconds.url("127.0.0.1", "/"), 1024)
+        .await
+        .unwrap();
+    assert_eq!(response.status, 503);
+    assert_eq!(response.retry_after, Some(Duration::from_secs(120)));
+
+    let date = httpdate::fmt_http_date(SystemTime::now() + Duration::from_secs(60));
+    let dated = Receiver::answering(answer(
+        "429 Too Many Requests",
+        &[("retry-after", &date)],
+        "",
+    ))
+    .await;
+    let response = post(true, &dated.url("127.0.0.1", "/"), 1024)
+        .await
+        .unwrap();
+    assert_eq!(response.status, 429);
+    let wait = response.retry_after.unwrap();
+    assert!(
+        wait > Duration::from_secs(55) && wait <= Duration::from_secs(60),
+        "{wait:?}"
+    );
+
+    let garbage = Receiver::answering(answer(
+        "503 Service Unavailable",
+        &[("retry-after", "soon")],
+        "",
+    ))
+    .await;
+    let response = post(true, &garbage.url("127.0.0.1", "/"), 1024)
+        .await
+        .unwrap();
+    assert_eq!(response.retry_after, None);
+}
+
+#[tokio::test]
+async fn a_slow_receiver_hits_the_total_timeout() {
+    let slow = Receiver::start(Script {
+        response: answer("200 OK", &[], "late").into_bytes(),
+        delay: Duration::from_secs(5),
+        hold: Duration::ZERO,
+    })
+    .await;
+    let client = egress::client(true, Duration::from_secs(5), Duration::from_millis(300));
+    let started = Instant::now();
+    let err = egress::post(
+        &client,
+        &slow.url("127.0.0.1", "/"),
+        NO_HEADERS,
+        Bytes::from_static(b"{}"),
+        true,
+        1024,
+    )
+    .await
+    .unwrap_err();
+    assert!(matches!(err, EgressError::Timeout), "{err:?}");
+    assert!(started.elapsed() < Duration::from_secs(3));
+    assert_eq!(slow.received().len(), 1);
+}
+
+#[tokio::test]
+async fn a_closed_port_is_a_connect_error() {
+    let port = {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        listener.local_addr().unwrap().port()
+    };
+    let url = Url::parse(&format!("http://127.0.0.1:{port}/")).unwrap();
+    match post(true, &url, 1024).await {
+        Err(EgressError::Connect(message)) => {
+            assert!(message.contains("refused"), "{message}")
+        }
+        other => panic!("{other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn response_bodies_are_truncated_to_the_cap() {
+    let big = Receiver::answering(answer(
+        "500 Internal Server Error",
+        &[],
+        &"x".repeat(64 * 1024),
+    ))
+    .await;
+    let response = post(true, &big.url("127.0.0.1", "/"), 1000).await.unwrap();
+    assert_eq!(response.status, 500);
+    assert_eq!(response.body, "x".repeat(1000));
+
+    // A multi-byte character cut by the cap is dropped, not turned into garbage.
+    let euros = Receiver::answering(answer("200 OK", &[], "€€€")).await;
+    let response = post(true, &euros.url("127.0.0.1", "/"), 4).await.unwrap();
+    assert_eq!(response.body, "€");
+
+    // A body announced as 10 MiB that stalls after 4 KiB: the cap is reached, nothing waits for
+    // the rest (the total timeout is 10 s).
+    let mut stalled = b"HTTP/1.1 200 OK\r\ncontent-length: 10485760\r\n\r\n".to_vec();
+    stalled.extend(std::iter::repeat(b'y').take(4096));
+    let stalled = Receiver::start(Script {
+        response: stalled,
+        delay: Duration::ZERO,
+        hold: Duration::from_secs(30),
+    })
+    .await;
+    let started = Instant::now();
+    let response = post(true, &stalled.url("127.0.0.1", "/"), 1000)
+        .await
+        .unwrap();
+    assert!(started.elapsed() < Duration::from_secs(3));
+    assert_eq!(response.body, "y".repeat(1000));
+}

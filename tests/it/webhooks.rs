@@ -1,0 +1,562 @@
+//! Webhooks: real HTTP receivers in the test, the real server, the change stream behind it.
+
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+use warp::Filter;
+
+use crate::support::{spawn_app_with, Fixture, TestApp};
+
+#[derive(Clone, Debug)]
+pub struct Received {
+    pub headers: warp::http::HeaderMap,
+    pub body: String,
+    pub at: Instant,
+}
+
+/// A local HTTP receiver answering with scripted statuses (then 200).
+pub struct Receiver {
+    pub url: String,
+    pub got: Arc<Mutex<Vec<Received>>>,
+    script: Arc<Mutex<VecDeque<(u16, Option<&'static str>)>>>,
+}
+
+impl Receiver {
+    pub async fn start() -> Receiver {
+        let got: Arc<Mutex<Vec<Received>>> = Arc::default();
+        let script: Arc<Mutex<VecDeque<(u16, Option<&'static str>)>>> = Arc::default();
+        let (g, s) = (got.clone(), script.clone());
+        let route = warp::post()
+            .and(warp::header::headers_cloned())
+            .and(warp::body::bytes())
+            .map(move |headers, body: bytes::Bytes| {
+                g.lock().unwrap().push(Received {
+                    headers,
+                    body: String::from_utf8_lossy(&body).into_owned(),
+                    at: Instant::now(),
+                });
+                let (status, retry_after) = s.lock().unwrap().pop_front().unwrap_or((200, None));
+                let mut resp = warp::http::Response::builder().status(status);
+                if let Some(ra) = retry_after {
+                    resp = resp.header("retry-after", ra);
+                }
+                resp.body("ok".to_string()).unwrap()
+            });
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(warp::serve(route).incoming(listener).run());
+        Receiver {
+            url: format!("http://{addr}/hook"),
+            got,
+            script,
+        }
+    }
+
+    pub fn answer(&self, status: u16, retry_after: Option<&'static str>) {
+        self.script.lock().unwrap().push_back((status, retry_after));
+    }
+
+    /// Waits until `n` requests arrived (20 s at most).
+    pub async fn wait_for(&self, n: usize) -> Vec<Received> {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let got = self.got.lock().unwrap().clone();
+            if got.len() >= n {
+                return got;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "only {} of {n} deliveries arrived",
+                got.len()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+async fn app() -> TestApp {
+    spawn_app_with(|c| {
+        c.webhook_allow_private = true;
+        c.webhook_backoff_scale = 0.01;
+    })
+    .await
+}
+
+async fn register(app: &TestApp, f: &Fixture, body: Value) -> Value {
+    let mut body = body;
+    body["projectId"] = json!(f.project);
+    let (status, b) = app
+        .call("POST", "/api/webhooks", Some(&f.admin), Some(body))
+        .await;
+    assert_eq!(status, 201, "{b}");
+    b
+}
+
+fn hmac_hex(secret: &str, body: &str) -> String {
+    let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, secret.as_bytes());
+    hex::encode(ring::hmac::sign(&key, body.as_bytes()).as_ref())
+}
+
+#[tokio::test]
+async fn each_event_type_arrives_in_the_guides_shape_with_both_signatures() {
+    let app = app().await;
+    let f = app.fixture().await;
+    let rx = Receiver::start().await;
+    let hook = register(&app, &f, json!({ "url": rx.url, "events": ["row.inserted", "row.updated", "row.deleted", "schema.changed"] })).await;
+    let secret = hook["secret"].as_str().unwrap().to_string();
+    assert!(secret.starts_with("whsec_"));
+    app.rows(
+        &f.admin,
+        &f.project,
+        "CREATE TABLE orders (id int PRIMARY KEY, customer_id int, amount numeric, status text)",
+    )
+    .await;
+    app.rows(
+        &f.readwrite,
+        &f.project,
+        "INSERT INTO orders VALUES (123, 7, 59.99, 'pending')",
+    )
+    .await;
+    app.rows(
+        &f.readwrite,
+        &f.project,
+        "UPDATE orders SET status = 'paid' WHERE id = 123",
+    )
+    .await;
+    app.rows(&f.admin, &f.project, "DELETE FROM orders WHERE id = 123")
+        .await;
+    let got = rx.wait_for(4).await;
+    let bodies: Vec<Value> = got
+        .iter()
+        .map(|r| serde_json::from_str(&r.body).unwrap())
+        .collect();
+    assert_eq!(bodies[0]["event_type"], "schema.changed");
+    assert_eq!(bodies[1]["event_type"], "row.inserted");
+    assert_eq!(bodies[1]["project_id"], f.project.as_str());
+    assert_eq!(bodies[1]["table_id"], "orders");
+    assert_eq!(
+        bodies[1]["data"],
+        json!({ "new": { "id": 123, "customer_id": 7, "amount": 59.99, "status": "pending" }, "old": null })
+    );
+    assert!(bodies[1]["timestamp"].as_str().unwrap().ends_with('Z'));
+    assert_eq!(bodies[2]["event_type"], "row.updated");
+    assert_eq!(bodies[2]["data"]["old"]["status"], "pending");
+    assert_eq!(bodies[2]["data"]["new"]["status"], "paid");
+    assert_eq!(bodies[3]["event_type"], "row.deleted");
+    assert_eq!(bodies[3]["data"]["new"], Value::Null);
+    assert_eq!(bodies[3]["data"]["old"]["id"], 123);
+    for r in &got {
+        // The guide's Node check, exactly.
+        let sig = r.headers["x-fluxbase-signature"].to_str().unwrap();
+        assert_eq!(sig, format!("sha256={}", hmac_hex(&secret, &r.body)));
+        // Standard Webhooks: v1,<base64 HMAC of id.timestamp.body> with the base64 secret.
+        use base64::Engine;
+        let b64 = base64::engine::general_purpose::STANDARD;
+        let id = r.headers["webhook-id"].to_str().unwrap();
+        let ts = r.headers["webhook-timestamp"].to_str().unwrap();
+        let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &b64.decode(&secret[6..]).unwrap());
+        let expected =
+            b64.encode(ring::hmac::sign(&key, format!("{id}.{ts}.{}", r.body).as_bytes()).as_ref());
+        assert_eq!(
+            r.headers["webhook-signature"].to_str().unwrap(),
+            format!("v1,{expected}")
+        );
+        assert_eq!(r.headers["x-fluxbase-delivery"].to_str().unwrap(), id);
+        assert!(id.starts_with("dlv_"));
+    }
+}
+
+#[tokio::test]
+async fn table_and_event_filters_apply_and_a_disabled_webhook_gets_nothing() {
+    let app = app().await;
+    let f = app.fixture().await;
+    let only_orders = Receiver::start().await;
+    let only_deletes = Receiver::start().await;
+    let disabled = Receiver::start().await;
+    register(
+        &app,
+        &f,
+        json!({ "url": only_orders.url, "events": ["row.inserted"], "tables": ["orders"] }),
+    )
+    .await;
+    register(
+        &app,
+        &f,
+        json!({ "url": only_deletes.url, "events": ["row.deleted"] }),
+    )
+    .await;
+    register(
+        &app,
+        &f,
+        json!({ "url": disabled.url, "events": ["row.inserted", "row.deleted"], "enabled": false }),
+    )
+    .await;
+    app.rows(
+        &f.admin,
+        &f.project,
+        "CREATE TABLE orders (id int); CREATE TABLE other (id int)",
+    )
+    .await;
+    app.rows(
+        &f.admin,
+        &f.project,
+        "INSERT INTO orders VALUES (1); INSERT INTO other VALUES (2); DELETE FROM other",
+    )
+    .await;
+    let a = only_orders.wait_for(1).await;
+    let b = only_deletes.wait_for(1).await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(only_orders.got.lock().unwrap().len(), 1);
+    assert!(a[0].body.contains("\"table_id\":\"orders\""));
+    assert_eq!(only_deletes.got.lock().unwrap().len(), 1);
+    assert!(b[0].body.contains("\"row.deleted\""));
+    assert!(disabled.got.lock().unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn a_receiver_failing_twice_gets_three_attempts_of_the_same_delivery() {
+    let app = app().await;
+    let f = app.fixture().await;
+    let rx = Receiver::start().await;
+    rx.answer(500, None);
+    rx.answer(500, None);
+    let hook = register(
+        &app,
+        &f,
+        json!({ "url": rx.url, "events": ["row.inserted"] }),
+    )
+    .await;
+    app.rows(
+        &f.admin,
+        &f.project,
+        "CREATE TABLE t (x int); INSERT INTO t VALUES (1)",
+    )
+    .await;
+    let got = rx.wait_for(3).await;
+    let ids: Vec<&str> = got
+        .iter()
+        .map(|r| r.headers["webhook-id"].to_str().unwrap())
+        .collect();
+    assert!(ids.iter().all(|i| *i == ids[0]), "{ids:?}");
+    assert!(got.iter().all(|r| r.body == got[0].body));
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let wh = hook["webhook"]["id"].as_str().unwrap();
+    let (_, b) = app
+        .call(
+            "GET",
+            &format!(
+                "/api/webhooks/deliveries?projectId={}&webhookId={wh}",
+                f.project
+            ),
+            Some(&f.admin),
+            None,
+        )
+        .await;
+    let d = &b["deliveries"].as_array().unwrap();
+    assert_eq!(d.len(), 1, "{b}");
+    assert_eq!(d[0]["status"], "delivered");
+    assert_eq!(d[0]["attempts"], 3);
+    assert_eq!(d[0]["responseStatus"], 200);
+    assert_eq!(d[0]["id"], ids[0]);
+}
+
+#[tokio::test]
+async fn retry_after_is_honoured_and_410_disables_the_endpoint() {
+    let app = app().await;
+    let f = app.fixture().await;
+    let rx = Receiver::start().await;
+    rx.answer(503, Some("2"));
+    register(
+        &app,
+        &f,
+        json!({ "url": rx.url, "events": ["row.inserted"] }),
+    )
+    .await;
+    app.rows(
+        &f.admin,
+        &f.project,
+        "CREATE TABLE t (x int); INSERT INTO t VALUES (1)",
+    )
+    .await;
+    let got = rx.wait_for(2).await;
+    let gap = got[1].at.duration_since(got[0].at);
+    assert!(
+        gap >= Duration::from_millis(1900),
+        "retried after {gap:?} despite Retry-After: 2"
+    );
+
+    let gone = Receiver::start().await;
+    gone.answer(410, None);
+    let hook = register(
+        &app,
+        &f,
+        json!({ "url": gone.url, "events": ["row.inserted"] }),
+    )
+    .await;
+    app.rows(&f.admin, &f.project, "INSERT INTO t VALUES (2)")
+        .await;
+    gone.wait_for(1).await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (_, b) = app
+            .call(
+                "GET",
+                &format!("/api/webhooks?projectId={}", f.project),
+                Some(&f.admin),
+                None,
+            )
+            .await;
+        let w = b["webhooks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|w| w["id"] == hook["webhook"]["id"])
+            .unwrap()
+            .clone();
+        if w["enabled"] == false {
+            assert!(w["disabledReason"].as_str().unwrap().contains("410"));
+            break;
+        }
+        assert!(Instant::now() < deadline);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    app.rows(&f.admin, &f.project, "INSERT INTO t VALUES (3)")
+        .await;
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    assert_eq!(
+        gone.got.lock().unwrap().len(),
+        1,
+        "a disabled endpoint got more"
+    );
+}
+
+#[tokio::test]
+async fn a_receiver_that_was_down_gets_everything_once_it_is_up() {
+    let app = app().await;
+    let f = app.fixture().await;
+    // Reserve a port with nobody listening on it.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    drop(listener);
+    let url = format!("http://127.0.0.1:{port}/hook");
+    register(&app, &f, json!({ "url": url, "events": ["row.inserted"] })).await;
+    app.rows(&f.admin, &f.project, "CREATE TABLE t (x int)")
+        .await;
+    for x in 1..=5 {
+        app.rows(&f.admin, &f.project, &format!("INSERT INTO t VALUES ({x})"))
+            .await;
+    }
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    let (_, b) = app
+        .call(
+            "GET",
+            &format!(
+                "/api/webhooks/deliveries?projectId={}&status=pending",
+                f.project
+            ),
+            Some(&f.admin),
+            None,
+        )
+        .await;
+    let pending = b["deliveries"].as_array().unwrap();
+    assert_eq!(pending.len(), 5, "{b}");
+    assert!(
+        pending.iter().any(|d| d["lastError"].as_str().is_some()),
+        "{b}"
+    );
+    // Now the receiver comes up on that port.
+    let got: Arc<Mutex<Vec<String>>> = Arc::default();
+    let g = got.clone();
+    let route = warp::post()
+        .and(warp::body::bytes())
+        .map(move |b: bytes::Bytes| {
+            g.lock()
+                .unwrap()
+                .push(String::from_utf8_lossy(&b).into_owned());
+            "ok"
+        });
+    let listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
+        .await
+        .unwrap();
+    tokio::spawn(warp::serve(route).incoming(listener).run());
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while got.lock().unwrap().len() < 5 {
+        assert!(
+            Instant::now() < deadline,
+            "only {} arrived",
+            got.lock().unwrap().len()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let xs: Vec<i64> = got
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|b| {
+            serde_json::from_str::<Value>(b).unwrap()["data"]["new"]["x"]
+                .as_i64()
+                .unwrap()
+        })
+        .collect();
+    let mut sorted = xs.clone();
+    sorted.sort();
+    assert_eq!(sorted, vec![1, 2, 3, 4, 5]);
+}
+
+#[tokio::test]
+async fn forbidden_targets_are_refused_at_registration() {
+    let app = spawn_app_with(|c| c.webhook_allow_private = false).await;
+    let f = app.fixture().await;
+    for url in [
+        "http://127.0.0.1/",
+        "http://localhost/",
+        "http://2130706433/",
+        "http://127.1/",
+        "http://0/",
+        "http://10.0.0.1/",
+        "http://172.16.5.4/",
+        "http://192.168.1.1/",
+        "http://100.64.0.1/",
+        "http://169.254.169.254/latest/meta-data/",
+        "http://[::1]/",
+        "http://[fe80::1]/",
+        "http://[fc00::1]/",
+        "http://[::ffff:127.0.0.1]/",
+        "http://224.0.0.1/",
+        "ftp://example.com/",
+        "file:///etc/passwd",
+        "not a url",
+    ] {
+        let (status, b) = app
+            .call(
+                "POST",
+                "/api/webhooks",
+                Some(&f.admin),
+                Some(json!({ "projectId": f.project, "url": url, "events": ["row.inserted"] })),
+            )
+            .await;
+        assert_eq!(status, 400, "{url} was accepted: {b}");
+        assert_eq!(b["error"]["code"], "BAD_REQUEST");
+    }
+    let (status, _) = app
+        .call("POST", "/api/webhooks", Some(&f.admin), Some(json!({ "projectId": f.project, "url": "https://example.com/hook", "events": ["nope"] })))
+        .await;
+    assert_eq!(status, 400);
+    let (status, b) = app
+        .call("POST", "/api/webhooks", Some(&f.read), Some(json!({ "projectId": f.project, "url": "https://example.com/hook", "events": ["row.inserted"] })))
+        .await;
+    assert_eq!(
+        (status, b["error"]["code"].as_str()),
+        (403, Some("SCOPE_MISMATCH"))
+    );
+}
+
+#[tokio::test]
+async fn a_failed_delivery_can_be_redelivered_and_webhooks_can_be_updated_and_deleted() {
+    let app = app().await;
+    let f = app.fixture().await;
+    let rx = Receiver::start().await;
+    rx.answer(410, None);
+    let hook = register(
+        &app,
+        &f,
+        json!({ "url": rx.url, "events": ["row.inserted"] }),
+    )
+    .await;
+    let wh = hook["webhook"]["id"].as_str().unwrap().to_string();
+    app.rows(
+        &f.admin,
+        &f.project,
+        "CREATE TABLE t (x int); INSERT INTO t VALUES (1)",
+    )
+    .await;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let delivery = loop {
+        let (_, b) = app
+            .call(
+                "GET",
+                &format!(
+                    "/api/webhooks/deliveries?projectId={}&webhookId={wh}&status=failed",
+                    f.project
+                ),
+                Some(&f.admin),
+                None,
+            )
+            .await;
+        if let Some(d) = b["deliveries"].as_array().unwrap().first() {
+            break d.clone();
+        }
+        assert!(Instant::now() < deadline, "{b}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(delivery["responseStatus"], 410);
+    assert_eq!(delivery["attempts"], 1);
+    // The owner fixes the endpoint, enables the webhook again and asks for the delivery again.
+    let (status, b) = app
+        .call(
+            "PATCH",
+            "/api/webhooks",
+            Some(&f.admin),
+            Some(json!({ "projectId": f.project, "webhookId": wh, "enabled": true })),
+        )
+        .await;
+    assert_eq!(status, 200, "{b}");
+    assert_eq!(b["webhook"]["disabledReason"], Value::Null);
+    let (status, b) = app
+        .call(
+            "POST",
+            "/api/webhooks/redeliver",
+            Some(&f.admin),
+            Some(json!({ "projectId": f.project, "deliveryId": delivery["id"] })),
+        )
+        .await;
+    assert_eq!(status, 200, "{b}");
+    let got = rx.wait_for(2).await;
+    assert_eq!(got[1].headers["webhook-id"], got[0].headers["webhook-id"]);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (_, b) = app
+            .call(
+                "GET",
+                &format!(
+                    "/api/webhooks/deliveries?projectId={}&webhookId={wh}&status=delivered",
+                    f.project
+                ),
+                Some(&f.admin),
+                None,
+            )
+            .await;
+        if b["deliveries"].as_array().unwrap().len() == 1 {
+            assert_eq!(b["deliveries"][0]["id"], delivery["id"]);
+            break;
+        }
+        assert!(Instant::now() < deadline, "{b}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let (status, b) = app
+        .call("PATCH", "/api/webhooks", Some(&f.admin), Some(json!({ "projectId": f.project, "webhookId": wh, "events": ["row.deleted"], "enabled": false })))
+        .await;
+    assert_eq!(status, 200, "{b}");
+    assert_eq!(b["webhook"]["events"], json!(["row.deleted"]));
+    assert_eq!(b["webhook"]["enabled"], false);
+    let (status, _) = app
+        .call(
+            "DELETE",
+            &format!("/api/webhooks?projectId={}&webhookId={wh}", f.project),
+            Some(&f.admin),
+            None,
+        )
+        .await;
+    assert_eq!(status, 200);
+    let (_, b) = app
+        .call(
+            "GET",
+            &format!("/api/webhooks?projectId={}", f.project),
+            Some(&f.admin),
+            None,
+        )
+        .await;
+    assert_eq!(b["webhooks"], json!([]));
+}
