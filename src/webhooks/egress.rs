@@ -332,7 +332,7 @@ impl Resolve for GuardedResolver {
             // reqwest replaces port 0 with the URL's port.
             let resolved = tokio::net::lookup_host((host.as_str(), 0)).await?;
             let (allowed, refused): (Vec<SocketAddr>, Vec<SocketAddr>) =
-                resolved.partition(|_| true);
+                resolved.partition(|a| refusal(a.ip(), allow_private).is_none());
             if allowed.is_empty() {
                 let reasons: Vec<String> = refused
                     .iter()
@@ -364,7 +364,7 @@ pub fn client(
 ) -> reqwest::Client {
     reqwest::Client::builder()
         .user_agent(USER_AGENT)
-        .redirect(reqwest::redirect::Policy::limited(5))
+        .redirect(reqwest::redirect::Policy::none())
         .no_proxy()
         .connect_timeout(connect_timeout)
         .timeout(total_timeout)

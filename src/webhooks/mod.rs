@@ -638,157 +638,191 @@ async fn due_webhooks(app: &App) -> anyhow::Result<Vec<String>> {
 /// Sends a webhook's due deliveries in order until none is due.
 async fn drain_webhook(app: &App, webhook_id: &str) -> anyhow::Result<()> {
     let client = app.http_client();
+    let mut failing = false;
     loop {
-        let control = app.control.get().await?;
-        let Some(row) = control
-            .query_opt(
+        let rows = app
+            .control
+            .get()
+            .await?
+            .query(
                 "SELECT d.id, d.body, d.attempts, d.created_at, d.event_type, w.url, w.secret
                  FROM fluxbase.webhook_deliveries d JOIN fluxbase.webhooks w ON w.id = d.webhook_id
                  WHERE d.webhook_id = $1 AND d.status = 'pending' AND d.next_attempt_at <= now()
                    AND w.enabled
-                 ORDER BY d.created_at, d.event_id LIMIT 1",
+                 ORDER BY d.created_at, d.event_id LIMIT 64",
                 &[&webhook_id],
             )
-            .await?
-        else {
+            .await?;
+        if rows.is_empty() {
             return Ok(());
-        };
-        drop(control);
-        let (id, body, attempts, created, event_type, url, secret): (
-            String,
-            String,
-            i32,
-            DateTime<Utc>,
-            String,
-            String,
-            String,
-        ) = (
-            row.get(0),
-            row.get(1),
-            row.get(2),
-            row.get(3),
-            row.get(4),
-            row.get(5),
-            row.get(6),
-        );
-        let attempts = attempts + 1;
-        let now = Utc::now();
-        let timestamp = now.timestamp();
-        let headers = vec![
-            ("content-type", "application/json".to_string()),
-            (
-                "x-fluxbase-signature",
-                guide_signature(&secret, body.as_bytes()),
-            ),
-            ("x-fluxbase-delivery", id.clone()),
-            ("x-fluxbase-event", event_type.clone()),
-            ("webhook-id", id.clone()),
-            ("webhook-timestamp", timestamp.to_string()),
-            (
-                "webhook-signature",
-                standard_signature(&secret, &id, timestamp, body.as_bytes()),
-            ),
-        ];
-        let parsed = url::Url::parse(&url)?;
-        let outcome = egress::post(
-            &client,
-            &parsed,
-            &headers,
-            bytes::Bytes::from(body.clone()),
-            app.config.webhook_allow_private,
-            RESPONSE_BODY_CAP,
-        )
-        .await;
-        let control = app.control.get().await?;
-        match outcome {
-            Ok(resp) if (200..300).contains(&resp.status) => {
-                control
-                    .execute(
-                        "UPDATE fluxbase.webhook_deliveries SET status = 'delivered', attempts = $2,
-                                response_status = $3, response_body = $4, delivered_at = now(), last_error = NULL
-                         WHERE id = $1",
-                        &[&id, &attempts, &(resp.status as i32), &resp.body],
-                    )
-                    .await?;
-                control
-                    .execute(
-                        "UPDATE fluxbase.webhooks SET failing_since = NULL WHERE id = $1",
-                        &[&webhook_id],
-                    )
-                    .await?;
+        }
+        for row in rows {
+            let pending = Pending {
+                id: row.get(0),
+                body: row.get(1),
+                attempts: row.get::<_, i32>(2) + 1,
+                created: row.get(3),
+                event_type: row.get(4),
+                url: row.get(5),
+                secret: row.get(6),
+            };
+            match attempt(app, &client, webhook_id, &pending, &mut failing).await? {
+                Next::Continue => {}
+                Next::Disabled => return Ok(()),
             }
-            Ok(resp) if resp.status == 410 => {
-                control
-                    .execute(
-                        "UPDATE fluxbase.webhook_deliveries SET status = 'failed', attempts = $2,
-                                response_status = 410, response_body = $3, last_error = 'endpoint answered 410 Gone'
-                         WHERE id = $1",
-                        &[&id, &attempts, &resp.body],
-                    )
-                    .await?;
+        }
+    }
+}
+
+struct Pending {
+    id: String,
+    body: String,
+    attempts: i32,
+    created: DateTime<Utc>,
+    event_type: String,
+    url: String,
+    secret: String,
+}
+
+enum Next {
+    Continue,
+    Disabled,
+}
+
+/// One attempt of one delivery, and its bookkeeping.
+async fn attempt(
+    app: &App,
+    client: &reqwest::Client,
+    webhook_id: &str,
+    d: &Pending,
+    failing: &mut bool,
+) -> anyhow::Result<Next> {
+    let now = Utc::now();
+    let timestamp = now.timestamp();
+    let headers = [
+        ("content-type", "application/json".to_string()),
+        (
+            "x-fluxbase-signature",
+            guide_signature(&d.secret, d.body.as_bytes()),
+        ),
+        ("x-fluxbase-delivery", d.id.clone()),
+        ("x-fluxbase-event", d.event_type.clone()),
+        ("webhook-id", d.id.clone()),
+        ("webhook-timestamp", timestamp.to_string()),
+        (
+            "webhook-signature",
+            standard_signature(&d.secret, &d.id, timestamp, d.body.as_bytes()),
+        ),
+    ];
+    let outcome = match url::Url::parse(&d.url) {
+        Ok(url) => {
+            egress::post(
+                client,
+                &url,
+                &headers,
+                bytes::Bytes::from(d.body.clone()),
+                app.config.webhook_allow_private,
+                RESPONSE_BODY_CAP,
+            )
+            .await
+        }
+        Err(e) => Err(egress::EgressError::Other(format!("invalid URL: {e}"))),
+    };
+    let control = app.control.get().await?;
+    match outcome {
+        Ok(resp) if (200..300).contains(&resp.status) => {
+            control
+                .execute(
+                    "UPDATE fluxbase.webhook_deliveries SET status = 'delivered', attempts = $2,
+                            response_status = $3, response_body = $4, delivered_at = now(), last_error = NULL
+                     WHERE id = $1",
+                    &[&d.id, &d.attempts, &(resp.status as i32), &resp.body],
+                )
+                .await?;
+            if *failing {
+                *failing = false;
+            }
+            control
+                .execute(
+                    "UPDATE fluxbase.webhooks SET failing_since = NULL
+                     WHERE id = $1 AND failing_since IS NOT NULL",
+                    &[&webhook_id],
+                )
+                .await?;
+            Ok(Next::Continue)
+        }
+        Ok(resp) if resp.status == 410 => {
+            control
+                .execute(
+                    "UPDATE fluxbase.webhook_deliveries SET status = 'failed', attempts = $2,
+                            response_status = 410, response_body = $3, last_error = 'endpoint answered 410 Gone'
+                     WHERE id = $1",
+                    &[&d.id, &d.attempts, &resp.body],
+                )
+                .await?;
+            control
+                .execute(
+                    "UPDATE fluxbase.webhooks SET enabled = false,
+                            disabled_reason = 'the endpoint answered 410 Gone' WHERE id = $1",
+                    &[&webhook_id],
+                )
+                .await?;
+            Ok(Next::Disabled)
+        }
+        other => {
+            let (status, body, error, retry_after) = match other {
+                Ok(resp) => (
+                    Some(resp.status as i32),
+                    Some(resp.body),
+                    format!("endpoint answered {}", resp.status),
+                    resp.retry_after,
+                ),
+                Err(e) => (None, None, e.to_string(), None),
+            };
+            let delay = match retry_after {
+                Some(ra) => ra.min(Duration::from_secs(6 * 3600)),
+                None => backoff(d.attempts).mul_f64(app.config.webhook_backoff_scale),
+            };
+            let next =
+                now + chrono::Duration::from_std(delay).unwrap_or(chrono::Duration::hours(6));
+            let give_up = next > d.created + GIVE_UP_AFTER;
+            control
+                .execute(
+                    "UPDATE fluxbase.webhook_deliveries SET status = $2, attempts = $3, next_attempt_at = $4,
+                            response_status = $5, response_body = $6, last_error = $7
+                     WHERE id = $1",
+                    &[
+                        &d.id,
+                        &(if give_up { "failed" } else { "pending" }),
+                        &d.attempts,
+                        &next,
+                        &status,
+                        &body,
+                        &error,
+                    ],
+                )
+                .await?;
+            *failing = true;
+            let since: Option<DateTime<Utc>> = control
+                .query_one(
+                    "UPDATE fluxbase.webhooks SET failing_since = coalesce(failing_since, now())
+                     WHERE id = $1 RETURNING failing_since",
+                    &[&webhook_id],
+                )
+                .await?
+                .get(0);
+            if since.is_some_and(|f| now - f > DISABLE_AFTER_FAILING) {
                 control
                     .execute(
                         "UPDATE fluxbase.webhooks SET enabled = false,
-                                disabled_reason = 'the endpoint answered 410 Gone' WHERE id = $1",
+                                disabled_reason = 'every delivery failed for 24 hours' WHERE id = $1",
                         &[&webhook_id],
                     )
                     .await?;
-                return Ok(());
+                return Ok(Next::Disabled);
             }
-            other => {
-                let (status, body, error, retry_after) = match other {
-                    Ok(resp) => (
-                        Some(resp.status as i32),
-                        Some(resp.body),
-                        format!("endpoint answered {}", resp.status),
-                        resp.retry_after,
-                    ),
-                    Err(e) => (None, None, e.to_string(), None),
-                };
-                let mut delay = backoff(attempts).mul_f64(app.config.webhook_backoff_scale);
-                if let Some(ra) = retry_after {
-                    delay = ra.min(Duration::from_secs(6 * 3600));
-                }
-                let next =
-                    now + chrono::Duration::from_std(delay).unwrap_or(chrono::Duration::hours(6));
-                let give_up = next > created + GIVE_UP_AFTER;
-                control
-                    .execute(
-                        "UPDATE fluxbase.webhook_deliveries SET status = $2, attempts = $3, next_attempt_at = $4,
-                                response_status = $5, response_body = $6, last_error = $7
-                         WHERE id = $1",
-                        &[
-                            &id,
-                            &(if give_up { "failed" } else { "pending" }),
-                            &attempts,
-                            &next,
-                            &status,
-                            &body,
-                            &error,
-                        ],
-                    )
-                    .await?;
-                let failing: Option<DateTime<Utc>> = control
-                    .query_one(
-                        "UPDATE fluxbase.webhooks SET failing_since = coalesce(failing_since, now())
-                         WHERE id = $1 RETURNING failing_since",
-                        &[&webhook_id],
-                    )
-                    .await?
-                    .get(0);
-                if failing.is_some_and(|f| now - f > DISABLE_AFTER_FAILING) {
-                    control
-                        .execute(
-                            "UPDATE fluxbase.webhooks SET enabled = false,
-                                    disabled_reason = 'every delivery failed for 24 hours' WHERE id = $1",
-                            &[&webhook_id],
-                        )
-                        .await?;
-                    return Ok(());
-                }
-                // The next due delivery of this webhook may be a later change: first attempts
-                // keep commit order, retries wait their turn.
-            }
+            // Later changes go on: first attempts keep commit order, retries wait their turn.
+            Ok(Next::Continue)
         }
     }
 }

@@ -403,7 +403,7 @@ async fn response_bodies_are_truncated_to_the_cap() {
     // A body announced as 10 MiB that stalls after 4 KiB: the cap is reached, nothing waits for
     // the rest (the total timeout is 10 s).
     let mut stalled = b"HTTP/1.1 200 OK\r\ncontent-length: 10485760\r\n\r\n".to_vec();
-    stalled.extend(std::iter::repeat(b'y').take(4096));
+    stalled.extend_from_slice(&[b'y'; 4096]);
     let stalled = Receiver::start(Script {
         response: stalled,
         delay: Duration::ZERO,

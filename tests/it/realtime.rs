@@ -715,8 +715,9 @@ async fn table_and_operation_filters_select_what_arrives() {
          DELETE FROM a; DELETE FROM b",
     )
     .await;
-    // Schema updates are not row operations: they pass an operations filter.
-    app.rows(&f.admin, &f.project, "CREATE TABLE a_sentinel (id int)")
+    // Schema updates are not row operations: they pass an operations filter (and a table
+    // filter when they are about one of its tables).
+    app.rows(&f.admin, &f.project, "ALTER TABLE a ADD COLUMN note text")
         .await;
     let ops = |v: &[(&str, i64)]| -> Vec<(String, i64)> {
         v.iter().map(|(o, i)| (o.to_string(), *i)).collect()
