@@ -671,44 +671,7 @@ impl Connection {
             .encode(|buf| encode_bind_execute(params, buf))?;
         self.send().await?;
 
-        let mut phase = Phase::Bind;
-        let mut builder = ResultBuilder::new(Vec::new(), max_rows);
-        let mut result = None;
-        let mut error = None;
-        loop {
-            match self.recv().await? {
-                Message::BindComplete => phase = Phase::Execute,
-                Message::RowDescription(body) => builder.columns = self.columns(&body)?,
-                Message::NoData => {}
-                Message::DataRow(row) => builder.push(&row).map_err(|e| self.fail(e))?,
-                Message::CommandComplete(body) => {
-                    let tag = body.tag().map_err(|e| self.fail(WireError::protocol(e)))?;
-                    let done = std::mem::replace(&mut builder, ResultBuilder::new(Vec::new(), 0));
-                    result = Some(done.finish(tag));
-                }
-                Message::EmptyQueryResponse => result = Some(StatementResult::default()),
-                Message::ErrorResponse(body) => error = Some(self.recoverable_error(&body, phase)?),
-                Message::CopyInResponse(_) => self.refuse_copy_in(true).await?,
-                Message::CopyOutResponse(_) | Message::CopyData(_) | Message::CopyDone => {}
-                Message::ReadyForQuery(body) => {
-                    self.ready(&body)?;
-                    break;
-                }
-                other => return Err(self.unexpected(&other, "execute")),
-            }
-        }
-        debug!(
-            pid = self.backend_key.0,
-            failed = error.is_some(),
-            "executed prepared statement"
-        );
-        match (error, result) {
-            (Some(e), _) => Err(WireError::Db(e)),
-            (None, Some(result)) => Ok(result),
-            (None, None) => {
-                Err(self.fail(WireError::protocol("execute ended without CommandComplete")))
-            }
-        }
+        self.read_portal_result(Phase::Bind, max_rows).await
     }
 
     /// Parse (parameter types left to the server) + Bind (text parameters) + Describe portal +
@@ -732,7 +695,17 @@ impl Connection {
             self.finish_prelude().await?;
         }
 
-        let mut phase = Phase::Parse;
+        self.read_portal_result(Phase::Parse, max_rows).await
+    }
+
+    /// Reads the answer to [Parse +] Bind + Describe portal + Execute + Sync up to ReadyForQuery.
+    /// `phase` is where the request starts; ParseComplete and BindComplete move it on, so an
+    /// error says which step the server refused.
+    async fn read_portal_result(
+        &mut self,
+        mut phase: Phase,
+        max_rows: usize,
+    ) -> Result<StatementResult, WireError> {
         let mut builder = ResultBuilder::new(Vec::new(), max_rows);
         let mut result = None;
         let mut error = None;
@@ -756,14 +729,19 @@ impl Connection {
                     self.ready(&body)?;
                     break;
                 }
-                other => return Err(self.unexpected(&other, "one-shot query")),
+                other => return Err(self.unexpected(&other, "execute")),
             }
         }
+        debug!(
+            pid = self.backend_key.0,
+            failed = error.is_some(),
+            "executed a portal"
+        );
         match (error, result) {
             (Some(e), _) => Err(WireError::Db(e)),
             (None, Some(result)) => Ok(result),
             (None, None) => {
-                Err(self.fail(WireError::protocol("query ended without CommandComplete")))
+                Err(self.fail(WireError::protocol("execute ended without CommandComplete")))
             }
         }
     }
