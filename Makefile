@@ -3,7 +3,7 @@
 CARGO ?= cargo
 TEST_THREADS ?= 6
 
-.PHONY: run build test lint unit integration bench bench-sql bench-cdc clean deps fuzz
+.PHONY: run build test lint unit integration bench bench-sql bench-cdc bench-webhooks bench-fanout clean deps fuzz
 
 run: deps
 	$(CARGO) build --release --bin fluxbase
@@ -15,9 +15,11 @@ build:
 deps:
 	@./scripts/deps.sh
 
+# The integration suite holds 1,000 WebSockets (both ends in one process): `ulimit -n` is raised.
 test: lint
 	@./scripts/deps.sh test
 	$(CARGO) test --workspace --lib --bins
+	ulimit -n 65536 2>/dev/null || ulimit -n $$(ulimit -Hn) 2>/dev/null; \
 	$(CARGO) test --test it -- --test-threads=$(TEST_THREADS)
 	$(MAKE) fuzz
 
@@ -25,14 +27,23 @@ lint:
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
 
-# Both benchmarks; each prints its reference run beside Fluxbase's and the ratio.
-bench: bench-sql bench-cdc
+# The benchmarks; each prints its reference run beside Fluxbase's (and its targets).
+bench: bench-sql bench-cdc bench-webhooks bench-fanout
 
 bench-sql: deps build
 	$(CARGO) run --release -p fluxbase-bench --bin sql_bench
 
 bench-cdc: deps
 	$(CARGO) run --release -p fluxbase-bench --bin cdc_bench
+
+bench-webhooks: deps
+	$(CARGO) run --release -p fluxbase-bench --bin webhook_bench
+
+# The server runs as a child process (its own RSS) with a socket per subscriber, the clients
+# here: both need more than the usual 1,024 open files.
+bench-fanout: deps build
+	ulimit -n 65536 2>/dev/null || ulimit -n $$(ulimit -Hn) 2>/dev/null; \
+	$(CARGO) run --release -p fluxbase-bench --bin fanout_bench
 
 clean:
 	$(CARGO) clean

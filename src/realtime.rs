@@ -9,9 +9,14 @@
 //! ```
 //!
 //! * `subscribe` answers `subscribed` only once the socket is a member of the live room, under
-//!   the room's lock, so a change committed after the client has `subscribed` is delivered and
-//!   nothing is delivered before it. With `since`, the retained events after that id are sent
-//!   first, in the same critical section, then live ones: nothing missing, nothing twice.
+//!   the room's lock, so nothing is delivered before it. The member takes the transactions that
+//!   commit at or after the WAL insert position read during its subscribe: one committed after
+//!   the client has `subscribed` is delivered; one committed before never is, even when it was
+//!   still on its way, or when a new room's subscription rewinds the stream and replays it.
+//! * With `since`, the retained events after that id are sent first, in the same critical
+//!   section, then live ones: nothing missing, nothing twice. An id the room cannot vouch for
+//!   (trimmed from its history, or older than the room and not among what it holds, as after a
+//!   restart) gets `RESUME_TOO_OLD` and live events, never a silent gap.
 //! * The room's pump is a durable bus subscriber: the stream waits for it rather than dropping
 //!   it, so a room never misses an event; it drops replays (ids at or below the last it saw).
 //! * Each socket has one bounded send queue. A socket whose queue is full is closed with code
@@ -749,7 +754,7 @@ impl App {
         let since = match &msg["since"] {
             Value::Null => None,
             Value::String(id) => Some((
-                id.clone(),
+                id.to_ascii_uppercase(), // ids are upper-case hex: they compare as strings
                 commit_lsn_of(id)
                     .ok_or(("BAD_MESSAGE", format!("since: {id:?} is not an event id")))?,
             )),
@@ -921,5 +926,22 @@ mod tests {
         assert!(RowFilter::parse("status=like.x").is_err());
         assert!(RowFilter::parse("nonsense").is_err());
         assert!(RowFilter::parse("id=in.1,2").is_err());
+    }
+
+    #[test]
+    fn event_ids_carry_their_commit_lsn() {
+        assert_eq!(
+            commit_lsn_of("00000000025FB560-00000003"),
+            Some(Lsn(0x25F_B560))
+        );
+        for bad in [
+            "",
+            "yesterday",
+            "25FB560-0",
+            "00000000025FB560",
+            "00000000025FB56G-00000000",
+        ] {
+            assert_eq!(commit_lsn_of(bad), None, "{bad}");
+        }
     }
 }

@@ -331,7 +331,7 @@ async fn one_socket_joins_several_project_rooms_and_leaves_one_with_unsubscribe(
     );
     app.rows(&a.admin, &a.project, "INSERT INTO t VALUES (3)")
         .await;
-    // A's change is committed first; B's arriving first (and alone) shows A's never came.
+    // Once a watcher of A has 4, anything of A's for this socket would be queued ahead of B's 5.
     let mut watcher = subscribed_socket(&app, &a).await;
     app.rows(&a.admin, &a.project, "INSERT INTO t VALUES (4)")
         .await;
@@ -398,17 +398,23 @@ async fn a_change_committed_right_after_subscribed_is_delivered() {
         "CREATE TABLE t (id int PRIMARY KEY); INSERT INTO t VALUES (0)",
     )
     .await;
+    // Twenty fresh sockets, each committing as soon as it has `subscribed` (without waiting
+    // for earlier events to arrive): socket i gets insert i first, then every later one.
+    let mut sockets = Vec::new();
     for i in 1..=20 {
-        let mut ws = subscribed_socket(&app, &f).await;
+        let ws = subscribed_socket(&app, &f).await;
         app.rows(
             &f.readwrite,
             &f.project,
             &format!("INSERT INTO t VALUES ({i})"),
         )
         .await;
-        let p = db_event(&mut ws).await;
-        assert_eq!(p["record"], json!({ "id": i }), "socket {i}");
-        nothing_more(&mut ws).await;
+        sockets.push(ws);
+    }
+    for (ws, i) in sockets.iter_mut().zip(1..) {
+        let got = recv_n(ws, 21 - i).await;
+        assert_eq!(ids(&got), (i as i64..=20).collect::<Vec<_>>(), "socket {i}");
+        nothing_more(ws).await;
     }
 }
 
@@ -686,6 +692,43 @@ async fn a_suspended_project_closes_its_room_and_refuses_new_subscribes() {
 }
 
 #[tokio::test]
+async fn a_deleted_project_closes_its_room() {
+    let app = spawn_app().await;
+    let f = app.fixture().await;
+    let mut ws = subscribed_socket(&app, &f).await;
+    let (status, body) = app
+        .call(
+            "DELETE",
+            &format!("/api/projects?projectId={}", f.project),
+            Some(&f.admin),
+            None,
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let m = recv(&mut ws).await;
+    assert_eq!(m["type"], "error", "{m}");
+    assert_eq!(m["code"], "PROJECT_NOT_FOUND", "{m}");
+    assert_eq!(m["roomId"], room(&f.project), "{m}");
+    // Gone for good: no token, the owner's session, or none at all gets it back.
+    for token in [Some(&f.read), Some(&f.token), None] {
+        let mut msg = json!({ "type": "subscribe", "roomId": room(&f.project) });
+        if let Some(t) = token {
+            msg["token"] = json!(t);
+        }
+        send(&mut ws, msg).await;
+        let m = recv(&mut ws).await;
+        assert_eq!(m["type"], "error", "{m}");
+    }
+    send(
+        &mut ws,
+        json!({ "type": "subscribe", "roomId": room(&f.project) }),
+    )
+    .await;
+    assert_eq!(recv(&mut ws).await["code"], "PROJECT_NOT_FOUND");
+    nothing_more(&mut ws).await;
+}
+
+#[tokio::test]
 async fn table_and_operation_filters_select_what_arrives() {
     let app = spawn_app().await;
     let f = app.fixture().await;
@@ -912,10 +955,11 @@ async fn a_rest_broadcast_reports_how_many_sockets_got_it_and_needs_write_access
     .await;
     assert_eq!(recv(&mut gone).await["type"], "unsubscribed");
 
-    for (key, n) in [(&f.readwrite, 1), (&f.admin, 2), (&f.token, 3)] {
+    // A readwrite key, an admin key, and the session of the project's owner.
+    for key in [&f.readwrite, &f.admin, &f.token] {
         let (status, body) = broadcast(key.clone(), "news").await;
         assert_eq!(status, 200, "{body}");
-        assert_eq!(body, json!({ "success": true, "delivered": 2 }), "{n}");
+        assert_eq!(body, json!({ "success": true, "delivered": 2 }));
         for ws in [&mut a, &mut b] {
             assert_eq!(
                 recv(ws).await,
@@ -1128,6 +1172,123 @@ async fn a_resume_from_before_the_retained_window_gets_resume_too_old_then_live_
     nothing_more(&mut ws).await;
 }
 
+/// The slot's confirmed position, as a number.
+async fn slot_confirmed(project: &str) -> u64 {
+    let row = crate::support::pg()
+        .await
+        .client("postgres")
+        .await
+        .query_one(
+            "SELECT (confirmed_flush_lsn - '0/0'::pg_lsn)::int8 FROM pg_replication_slots WHERE slot_name = $1",
+            &[&format!("fluxbase_{project}")],
+        )
+        .await
+        .unwrap();
+    row.get::<_, i64>(0) as u64
+}
+
+#[tokio::test]
+async fn a_resume_after_a_server_restart_never_misses_events_silently() {
+    let app = spawn_app().await;
+    let f = app.fixture().await;
+    app.rows(&f.admin, &f.project, "CREATE TABLE t (id int)")
+        .await;
+    let mut ws = subscribed_socket(&app, &f).await;
+    app.rows(&f.admin, &f.project, "INSERT INTO t VALUES (1)")
+        .await;
+    let last = db_event(&mut ws).await["id"].as_str().unwrap().to_string();
+    drop(ws);
+    app.rows(&f.admin, &f.project, "INSERT INTO t VALUES (2)")
+        .await;
+    app.rows(&f.admin, &f.project, "INSERT INTO t VALUES (3)")
+        .await;
+    // Once the slot is confirmed past them, 2 and 3 are never produced again.
+    let mut watcher = subscribed_socket(&app, &f).await;
+    app.rows(&f.admin, &f.project, "INSERT INTO t VALUES (0)")
+        .await;
+    let p = db_event(&mut watcher).await;
+    let lsn = u64::from_str_radix(&p["id"].as_str().unwrap()[..16], 16).unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while slot_confirmed(&f.project).await <= lsn {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the slot was never confirmed"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    drop(watcher);
+    let app = crate::support::start_with(app.crash()).await;
+    app.rows(&f.admin, &f.project, "INSERT INTO t VALUES (4)")
+        .await;
+
+    let mut ws = connect(&app, "/").await;
+    subscribed(
+        &mut ws,
+        json!({ "type": "subscribe", "roomId": room(&f.project), "token": f.read, "since": last }),
+    )
+    .await;
+    app.rows(&f.admin, &f.project, "INSERT INTO t VALUES (5)")
+        .await;
+    // The new process cannot replay 2, 3 and 0: it says so instead of skipping them.
+    let m = recv(&mut ws).await;
+    assert_eq!(m["type"], "error", "{m}");
+    assert_eq!(m["code"], "RESUME_TOO_OLD", "{m}");
+    assert_eq!(ids(&recv_n(&mut ws, 1).await), [5]);
+    nothing_more(&mut ws).await;
+
+    // A malformed `since` is refused rather than taken for "nothing missed".
+    refused(
+        &mut ws,
+        json!({ "type": "subscribe", "roomId": room(&f.project), "token": f.read, "since": "yesterday" }),
+        "BAD_MESSAGE",
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn a_socket_the_client_closes_or_drops_is_released_at_once() {
+    let app = spawn_app().await;
+    let f = app.fixture().await;
+    let sockets = || {
+        app.app
+            .realtime
+            .sockets
+            .load(std::sync::atomic::Ordering::Relaxed)
+    };
+    let mut closed = subscribed_socket(&app, &f).await;
+    let dropped = subscribed_socket(&app, &f).await;
+    let mut idle = connect(&app, "/realtime").await;
+    nothing_more(&mut idle).await; // served by now
+    assert_eq!(sockets(), 3);
+    closed.close(None).await.unwrap();
+    drop(dropped);
+    drop(idle);
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while sockets() > 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{} sockets still open on the server",
+            sockets()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // The client that closed got the server's close frame.
+    let end = tokio::time::timeout(Duration::from_secs(5), closed.next())
+        .await
+        .unwrap();
+    assert!(matches!(end, Some(Ok(Message::Close(_))) | None), "{end:?}");
+    // The room lost its members: a REST broadcast reaches nobody.
+    let (_, body) = app
+        .call(
+            "POST",
+            "/api/realtime/broadcast",
+            Some(&f.readwrite),
+            Some(json!({ "projectId": f.project, "event": "e" })),
+        )
+        .await;
+    assert_eq!(body["delivered"], 0, "{body}");
+}
+
 #[tokio::test]
 async fn an_oversized_message_closes_that_socket_and_the_server_keeps_serving() {
     let app = spawn_app().await;
@@ -1172,8 +1333,8 @@ async fn an_oversized_message_closes_that_socket_and_the_server_keeps_serving() 
 
 #[tokio::test]
 async fn a_client_that_stops_reading_is_cut_off_while_another_keeps_receiving_everything() {
-    const TRANSACTIONS: i64 = 15;
-    const ROWS: i64 = 200;
+    const TRANSACTIONS: i64 = 20;
+    const ROWS: i64 = 250;
     let app = spawn_app().await;
     let f = app.fixture().await;
     app.rows(&f.admin, &f.project, "CREATE TABLE big (id int, body text)")
@@ -1190,14 +1351,14 @@ async fn a_client_that_stops_reading_is_cut_off_while_another_keeps_receiving_ev
         }
         reader
     });
-    // ~20 KiB per event, 60 MiB in all: more than the stalled socket's TCP buffers and its send
-    // queue together.
+    // ~4 KiB per event, 5,000 events (20 MiB): more than the stalled socket's TCP buffers and its
+    // send queue (1,024 messages) together.
     for t in 0..TRANSACTIONS {
         app.rows(
             &f.admin,
             &f.project,
             &format!(
-                "INSERT INTO big SELECT g, repeat(md5(g::text), 640) FROM generate_series({}, {}) g",
+                "INSERT INTO big SELECT g, repeat(md5(g::text), 128) FROM generate_series({}, {}) g",
                 t * ROWS + 1,
                 (t + 1) * ROWS
             ),

@@ -24,7 +24,7 @@
 //!    from its payload's `commitTimestamp` (PostgreSQL's clock, same machine) to when its client
 //!    read it.
 //! 3. **Throughput**, for each count: the first `count` sockets subscribed; rows committed at
-//!    BENCH_FANOUT_RATE / count changes/s (default 1,000,000 offered messages/s, more than this
+//!    BENCH_FANOUT_RATE / count changes/s (default 2,000,000 offered messages/s, more than this
 //!    machine delivers, so the figure is the capacity) in transactions every 10 ms, for
 //!    1 s of warm-up plus BENCH_SECONDS. A lag guard holds the generator back while the slowest
 //!    subscriber is more than 3/4 of the server's per-socket send queue behind, so that no socket
@@ -36,7 +36,7 @@
 //! The machine's cores are shared by the server, PostgreSQL and the clients (which parse every
 //! frame like a real client would): the CPU columns show where the time went.
 //!
-//! Environment: BENCH_SUBSCRIBERS (default 100,1000,5000), BENCH_FANOUT_RATE (default 1000000),
+//! Environment: BENCH_SUBSCRIBERS (default 100,1000,5000), BENCH_FANOUT_RATE (default 2000000),
 //! BENCH_SECONDS (default 10), BENCH_LATENCY_SUBSCRIBERS (default 100), BENCH_TPS (default 1000),
 //! BENCH_LATENCY_SECONDS (default 10), BENCH_TIME_LIMIT (seconds for the whole measurement,
 //! default 160), FLUXBASE_BIN (default target/release/fluxbase).
@@ -106,7 +106,7 @@ impl Settings {
         }
         Ok(Settings {
             subscribers,
-            offered: env_or("BENCH_FANOUT_RATE", 1_000_000).max(1),
+            offered: env_or("BENCH_FANOUT_RATE", 2_000_000).max(1),
             seconds: env_or("BENCH_SECONDS", 10).max(1),
             latency_subscribers: env_or("BENCH_LATENCY_SUBSCRIBERS", 100).max(1) as usize,
             latency_tps: env_or("BENCH_TPS", 1000).max(1),
@@ -144,6 +144,9 @@ async fn main() -> Result<()> {
         );
     }
     let fd_note = fit_fd_limit(&mut settings)?;
+    let load_before = std::fs::read_to_string("/proc/loadavg")
+        .map(|l| l.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_default();
 
     // Under target/: reachable by the `postgres` user when we are root.
     let dir = root.join("target/fanout-bench");
@@ -162,14 +165,18 @@ async fn main() -> Result<()> {
     .await?
     .context("starting the cluster")?;
 
-    let result = run(&binary, &cluster, &dir, &settings).await;
+    // Ctrl-C drops the measurement (the server stops with it) and still stops the cluster.
+    let result = tokio::select! {
+        r = run(&binary, &cluster, &dir, &settings) => r,
+        _ = tokio::signal::ctrl_c() => Err(anyhow::anyhow!("interrupted")),
+    };
 
     eprintln!("[bench] stopping the cluster");
     let stopped = tokio::task::spawn_blocking(move || cluster.stop()).await;
     let _ = std::fs::remove_dir_all(&dir);
     let report = result?;
     stopped??;
-    report.print(&settings, fd_note.as_deref());
+    report.print(&settings, &load_before, fd_note.as_deref());
     Ok(())
 }
 
@@ -402,6 +409,22 @@ fn proc_sample(pid: &str) -> Result<ProcSample> {
     })
 }
 
+/// CPU time all processes of the machine have used, from /proc/stat (clock ticks).
+fn machine_busy_ticks() -> Result<u64> {
+    let stat = std::fs::read_to_string("/proc/stat")?;
+    let line = stat.lines().next().context("empty /proc/stat")?;
+    let values: Vec<u64> = line
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|v| v.parse().ok())
+        .collect();
+    // user nice system idle iowait irq softirq steal (guest time is already in user).
+    let busy: u64 = values.iter().take(8).sum::<u64>()
+        - values.get(3).copied().unwrap_or(0)
+        - values.get(4).copied().unwrap_or(0);
+    Ok(busy)
+}
+
 /// Clock ticks per second of /proc's CPU times.
 fn clock_ticks() -> f64 {
     Command::new("getconf")
@@ -524,16 +547,17 @@ async fn client_task(
                 }
                 Some(Ok(Message::Text(text))) => {
                     let text = text.as_str();
-                    let parsed = if text.starts_with(DB_EVENT_PREFIX) {
-                        None
+                    let is_event = text.starts_with(DB_EVENT_PREFIX);
+                    let parsed = if is_event {
+                        Value::Null
                     } else {
-                        serde_json::from_str::<Value>(text).ok()
+                        serde_json::from_str(text).unwrap_or(Value::Null)
                     };
-                    let kind = parsed.as_ref().and_then(|v| v["type"].as_str());
+                    let kind = if is_event { Some("db_event") } else { parsed["type"].as_str() };
                     match kind {
-                        None | Some("db_event") => {
+                        Some("db_event") => {
                             let every = shared.sample_every.load(Ordering::Relaxed);
-                            if every > 0 && seen % every == 0 {
+                            if every > 0 && seen.is_multiple_of(every) {
                                 if let Some(delay) = commit_delay_micros(text) {
                                     samples.push(delay);
                                 }
@@ -551,7 +575,7 @@ async fn client_task(
                                 let _ = reply.send(Err(text.to_string()));
                             }
                         }
-                        Some(_) => {}
+                        _ => {}
                     }
                 }
                 Some(Ok(_)) => {}
@@ -857,7 +881,7 @@ async fn drain(members: &Members, committed: u64) -> Duration {
     let start = Instant::now();
     let mut last = (members.received(), Instant::now());
     loop {
-        if members.slowest().map_or(true, |s| s >= committed) {
+        if members.slowest().is_none_or(|s| s >= committed) {
             return start.elapsed();
         }
         let now = members.received();
@@ -893,6 +917,8 @@ struct LoadRow {
     samples: usize,
     server_cores: f64,
     client_cores: f64,
+    /// CPU used by every process of the machine (PostgreSQL and other users' work included).
+    machine_cores: f64,
 }
 
 struct Report {
@@ -1048,6 +1074,7 @@ async fn load(
             committed.load(Ordering::Relaxed),
             proc_sample(server_pid)?,
             proc_sample("self")?,
+            machine_busy_ticks()?,
         );
         tokio::time::sleep(window).await;
         let b = (
@@ -1055,6 +1082,7 @@ async fn load(
             committed.load(Ordering::Relaxed),
             proc_sample(server_pid)?,
             proc_sample("self")?,
+            machine_busy_ticks()?,
         );
         anyhow::Ok((a, b))
     };
@@ -1082,11 +1110,12 @@ async fn load(
         samples: samples.len(),
         server_cores: cores(&a.2, &b.2, ticks),
         client_cores: cores(&a.3, &b.3, ticks),
+        machine_cores: (b.4 - a.4) as f64 / ticks / secs,
     };
     eprintln!(
         "[bench]   {:.0} changes/s in {} transactions ({} held back by the lag guard), \
          {:.0} messages/s delivered, {:.2}% complete ({:.1} s to drain), {} sockets closed; \
-         p50 {:.2} ms, p99 {:.2} ms; server {:.2} cores, clients {:.2} cores",
+         p50 {:.2} ms, p99 {:.2} ms; cores used: server {:.2}, clients {:.2}, whole machine {:.2}",
         row.changes,
         generated.transactions,
         row.held_back,
@@ -1097,7 +1126,8 @@ async fn load(
         row.p50_ms,
         row.p99_ms,
         row.server_cores,
-        row.client_cores
+        row.client_cores,
+        row.machine_cores
     );
     if let Some(reason) = row.closed.first() {
         eprintln!("[bench]   first closed socket: {reason}");
@@ -1142,15 +1172,15 @@ fn thousands(v: f64) -> String {
 }
 
 impl Report {
-    fn print(&self, settings: &Settings, fd_note: Option<&str>) {
+    fn print(&self, settings: &Settings, load_before: &str, fd_note: Option<&str>) {
         let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
         println!(
-            "realtime fan-out: release server as a child process; {} CPUs shared by the server, \
-             PostgreSQL and the WebSocket clients (this process); loopback",
-            cpus
+            "realtime fan-out over loopback WebSockets: release server in a child process; \
+             {cpus} CPUs shared by the server, PostgreSQL, the clients (this process) and \
+             whatever else runs (load average before the run: {load_before})"
         );
         println!(
-            "{:>11}  {:>9}  {:>28}  {:>9}  {:>6}  {:>8}  {:>24}  {:>6}  {:>7}  {:>24}",
+            "{:>11}  {:>9}  {:>28}  {:>8}  {:>6}  {:>8}  {:>22}  {:>21}  {:>24}",
             "subscribers",
             "changes/s",
             "delivered msg/s (target)",
@@ -1158,108 +1188,93 @@ impl Report {
             "closed",
             "p50 ms",
             "p99 ms (target)",
-            "server",
-            "clients",
+            "cores srv/cli/machine",
             "memory/idle socket"
         );
-        let memory = |n: usize| {
-            self.memory.iter().find(|m| m.sockets == n).map_or_else(
-                || "-".to_string(),
-                |m| {
-                    let kib = m.server_per_socket / 1024.0;
-                    format!(
-                        "{kib:.1} KiB (<= {MEMORY_TARGET_KIB:.0} {})",
-                        check(kib <= MEMORY_TARGET_KIB)
-                    )
-                },
-            )
+        let memory = |n: usize| match self.memory.iter().find(|m| m.sockets == n) {
+            None => "-".to_string(),
+            Some(m) => {
+                let kib = m.server_per_socket / 1024.0;
+                let ok = check(kib <= MEMORY_TARGET_KIB);
+                format!("{kib:.1} KiB (<= {MEMORY_TARGET_KIB:.0} {ok})")
+            }
         };
-        let line = |row: &LoadRow, delivered_target: String, p99_target: String, mem: String| {
+        let line = |row: &LoadRow, delivered: String, p99: String, memory: String| {
             println!(
-                "{:>11}  {:>9}  {:>28}  {:>8.2}%  {:>6}  {:>8.2}  {:>24}  {:>6.2}  {:>7.2}  {:>24}",
+                "{:>11}  {:>9}  {:>28}  {:>7.2}%  {:>6}  {:>8.2}  {:>22}  {:>21}  {:>24}",
                 row.subscribers,
                 thousands(row.changes),
-                delivered_target,
+                delivered,
                 row.complete * 100.0,
                 row.closed.len(),
                 row.p50_ms,
-                p99_target,
-                row.server_cores,
-                row.client_cores,
-                mem
+                p99,
+                format!(
+                    "{:.2}/{:.2}/{:.2}",
+                    row.server_cores, row.client_cores, row.machine_cores
+                ),
+                memory
             )
         };
         let l = &self.latency;
+        let ok = check(l.p99_ms <= P99_TARGET_MS);
         line(
             l,
             thousands(l.delivered),
-            format!(
-                "{:.2} (<= {P99_TARGET_MS:.0} {})",
-                l.p99_ms,
-                check(l.p99_ms <= P99_TARGET_MS)
-            ),
+            format!("{:.2} (<= {P99_TARGET_MS:.0} {ok})", l.p99_ms),
             "-".into(),
         );
         for row in &self.throughput {
             let delivered = if row.subscribers == THROUGHPUT_TARGET_AT {
-                format!(
-                    "{} (>= {} {})",
-                    thousands(row.delivered),
-                    thousands(THROUGHPUT_TARGET),
-                    check(row.delivered >= THROUGHPUT_TARGET)
-                )
+                let ok = check(row.delivered >= THROUGHPUT_TARGET);
+                let (got, target) = (thousands(row.delivered), thousands(THROUGHPUT_TARGET));
+                format!("{got} (>= {target} {ok})")
             } else {
                 thousands(row.delivered)
             };
-            line(
-                row,
-                delivered,
-                format!("{:.2}", row.p99_ms),
-                memory(row.subscribers),
-            );
+            let p99 = format!("{:.2}", row.p99_ms);
+            line(row, delivered, p99, memory(row.subscribers));
         }
         for m in &self.memory {
             if !self.throughput.iter().any(|r| r.subscribers == m.sockets) {
-                println!(
-                    "{:>11}  idle only: {:.1} KiB per socket (<= {MEMORY_TARGET_KIB:.0} {})",
-                    m.sockets,
-                    m.server_per_socket / 1024.0,
-                    check(m.server_per_socket / 1024.0 <= MEMORY_TARGET_KIB)
-                );
+                println!("{:>11}  (idle only){:>118}", m.sockets, memory(m.sockets));
             }
         }
         println!(
-            "first row: latency, {} single-row transactions/s for {} s, every message timed \
-             ({} samples, max {:.2} ms); other rows: up to {} offered messages/s for {} s \
-             after 1 s of warm-up, every {}th message timed",
-            settings.latency_tps,
-            settings.latency_seconds,
-            l.samples,
-            l.max_ms,
+            "row 1: latency at {} single-row transactions/s for {} s, every message timed ({} \
+             samples, max {:.2} ms)",
+            settings.latency_tps, settings.latency_seconds, l.samples, l.max_ms
+        );
+        println!(
+            "other rows: {} messages/s offered (changes/s = that / subscribers) for {} s after \
+             1 s of warm-up, every {}th message timed",
             thousands(settings.offered as f64),
             settings.seconds,
             THROUGHPUT_SAMPLE_EVERY
         );
-        for row in &self.throughput {
-            if row.held_back > 0 {
-                println!(
-                    "  {} subscribers: asked {:.0} changes/s; the lag guard (a subscriber \
-                     {LAG_GUARD} changes behind) held back {} changes: the room's capacity \
-                     is the delivered figure",
-                    row.subscribers, row.asked_changes, row.held_back
-                );
-            }
+        for row in self.throughput.iter().filter(|r| r.held_back > 0) {
+            println!(
+                "  at {}: {} of the {:.0} changes/s asked were held back (a subscriber was \
+                 {LAG_GUARD} behind): saturated, the delivered figure is the capacity",
+                row.subscribers,
+                thousands(row.held_back as f64 / (settings.seconds + 1) as f64),
+                row.asked_changes
+            );
         }
+        let clients: Vec<String> = self
+            .memory
+            .iter()
+            .map(|m| format!("{:.1} KiB at {}", m.client_per_socket / 1024.0, m.sockets))
+            .collect();
         println!(
-            "memory: server VmRSS growth / sockets, subscribed and idle, before any traffic \
-             (clients in this process: {})",
-            self.memory
-                .iter()
-                .map(|m| format!("{:.1} KiB at {}", m.client_per_socket / 1024.0, m.sockets))
-                .collect::<Vec<_>>()
-                .join(", ")
+            "memory: server VmRSS growth per socket, subscribed and idle, before any traffic \
+             (clients, for comparison: {})",
+            clients.join(", ")
         );
-        println!("server and clients columns: CPU cores used during the window");
+        println!(
+            "cores: CPU used during the window by the server, the clients, and every process \
+             of the machine"
+        );
         if let Some(note) = fd_note {
             println!("note: {note}");
         }
