@@ -33,6 +33,10 @@ CREATE TABLE fluxbase.webhook_deliveries (
     delivered_at    timestamptz,
     UNIQUE (webhook_id, event_id)
 );
-CREATE INDEX webhook_deliveries_due ON fluxbase.webhook_deliveries (next_attempt_at, event_id)
+-- Pending deliveries of a webhook in commit order, and which webhooks have one due: both stay
+-- small however many delivered rows the retention period keeps.
+CREATE INDEX webhook_deliveries_pending ON fluxbase.webhook_deliveries (webhook_id, created_at, event_id)
+    WHERE status = 'pending';
+CREATE INDEX webhook_deliveries_due ON fluxbase.webhook_deliveries (webhook_id, next_attempt_at)
     WHERE status = 'pending';
 CREATE INDEX webhook_deliveries_webhook ON fluxbase.webhook_deliveries (webhook_id, created_at DESC);

@@ -546,7 +546,7 @@ async fn store_deliveries(
     let mut client = app.control.get().await?;
     let tx = client.transaction().await?;
     let stmt = tx
-        .prepare(
+        .prepare_cached(
             "INSERT INTO fluxbase.webhook_deliveries (id, webhook_id, project_id, event_id, event_type, body)
              VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (webhook_id, event_id) DO NOTHING",
         )
@@ -626,9 +626,10 @@ async fn due_webhooks(app: &App) -> anyhow::Result<Vec<String>> {
         .get()
         .await?
         .query(
-            "SELECT DISTINCT d.webhook_id FROM fluxbase.webhook_deliveries d
-             JOIN fluxbase.webhooks w ON w.id = d.webhook_id
-             WHERE d.status = 'pending' AND d.next_attempt_at <= now() AND w.enabled",
+            "SELECT w.id FROM fluxbase.webhooks w
+             WHERE w.enabled AND EXISTS (
+                 SELECT 1 FROM fluxbase.webhook_deliveries d
+                 WHERE d.webhook_id = w.id AND d.status = 'pending' AND d.next_attempt_at <= now())",
             &[],
         )
         .await?;
@@ -638,21 +639,21 @@ async fn due_webhooks(app: &App) -> anyhow::Result<Vec<String>> {
 /// Sends a webhook's due deliveries in order until none is due.
 async fn drain_webhook(app: &App, webhook_id: &str) -> anyhow::Result<()> {
     let client = app.http_client();
-    let mut failing = false;
+    // Unknown until the first answer: the first success clears a recorded failure streak.
+    let mut failing = true;
     loop {
-        let rows = app
-            .control
-            .get()
-            .await?
-            .query(
+        let control = app.control.get().await?;
+        let due = control
+            .prepare_cached(
                 "SELECT d.id, d.body, d.attempts, d.created_at, d.event_type, w.url, w.secret
                  FROM fluxbase.webhook_deliveries d JOIN fluxbase.webhooks w ON w.id = d.webhook_id
                  WHERE d.webhook_id = $1 AND d.status = 'pending' AND d.next_attempt_at <= now()
                    AND w.enabled
                  ORDER BY d.created_at, d.event_id LIMIT 64",
-                &[&webhook_id],
             )
             .await?;
+        let rows = control.query(&due, &[&webhook_id]).await?;
+        drop(control);
         if rows.is_empty() {
             return Ok(());
         }
@@ -731,24 +732,29 @@ async fn attempt(
     let control = app.control.get().await?;
     match outcome {
         Ok(resp) if (200..300).contains(&resp.status) => {
-            control
-                .execute(
+            let delivered = control
+                .prepare_cached(
                     "UPDATE fluxbase.webhook_deliveries SET status = 'delivered', attempts = $2,
                             response_status = $3, response_body = $4, delivered_at = now(), last_error = NULL
                      WHERE id = $1",
+                )
+                .await?;
+            control
+                .execute(
+                    &delivered,
                     &[&d.id, &d.attempts, &(resp.status as i32), &resp.body],
                 )
                 .await?;
             if *failing {
                 *failing = false;
+                control
+                    .execute(
+                        "UPDATE fluxbase.webhooks SET failing_since = NULL
+                         WHERE id = $1 AND failing_since IS NOT NULL",
+                        &[&webhook_id],
+                    )
+                    .await?;
             }
-            control
-                .execute(
-                    "UPDATE fluxbase.webhooks SET failing_since = NULL
-                     WHERE id = $1 AND failing_since IS NOT NULL",
-                    &[&webhook_id],
-                )
-                .await?;
             Ok(Next::Continue)
         }
         Ok(resp) if resp.status == 410 => {

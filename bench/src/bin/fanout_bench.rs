@@ -63,6 +63,8 @@ const DB_EVENT_PREFIX: &str = r#"{"type":"db_event""#;
 const LAG_GUARD: u64 = (SEND_QUEUE as u64) * 3 / 4;
 /// Throughput rows sample the commit → receive delay of every n-th message of each client.
 const THROUGHPUT_SAMPLE_EVERY: u64 = 16;
+/// Longest wait for the backlog after a phase (up to LAG_GUARD changes per subscriber).
+const DRAIN_LIMIT: Duration = Duration::from_secs(20);
 /// Sockets connected (each then subscribed) at once.
 const CONNECT_CONCURRENCY: usize = 64;
 /// The clients' read buffer (tungstenite's default, 128 KiB, would cost 640 MB for 5,000).
@@ -831,20 +833,20 @@ impl Generator {
         Ok(())
     }
 
-    /// Commits `rate` rows/s for `duration`, one transaction per `tick` with the rows due;
-    /// a tick whose due rows would put the slowest member more than LAG_GUARD behind commits
-    /// nothing, and those rows are dropped from the schedule (no catch-up burst later).
+    /// Commits `rate` rows/s for `duration`: one transaction per `tick` with the rows due, at
+    /// most `batch` (late ticks fire at once to catch up). A tick whose rows would put the
+    /// slowest member more than LAG_GUARD behind commits nothing, and those rows are dropped
+    /// from the schedule (no catch-up burst later).
     async fn run(
         &mut self,
         rate: f64,
-        tick: Duration,
+        (tick, batch): (Duration, u64),
         duration: Duration,
         members: &Members,
     ) -> Result<Generated> {
         self.committed.store(0, Ordering::Relaxed);
         let mut interval = tokio::time::interval(tick);
-        interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
-        let max_batch = (LAG_GUARD / 2).max(1);
+        let max_batch = batch.clamp(1, (LAG_GUARD / 2).max(1));
         let (mut done, mut held_back, mut transactions) = (0u64, 0u64, 0u64);
         let start = Instant::now();
         while start.elapsed() < duration {
@@ -876,12 +878,13 @@ impl Generator {
     }
 }
 
-/// Waits until every open member has `committed` changes, or nothing has arrived for 3 s.
+/// Waits until every open member has `committed` changes, nothing has arrived for 3 s, or
+/// DRAIN_LIMIT has passed (the "complete" column then shows what was missing).
 async fn drain(members: &Members, committed: u64) -> Duration {
     let start = Instant::now();
     let mut last = (members.received(), Instant::now());
     loop {
-        if members.slowest().is_none_or(|s| s >= committed) {
+        if members.slowest().is_none_or(|s| s >= committed) || start.elapsed() > DRAIN_LIMIT {
             return start.elapsed();
         }
         let now = members.received();
@@ -997,6 +1000,7 @@ async fn bench(server: &Server, cluster: &Cluster, settings: &Settings) -> Resul
             subscribers: n,
             rate: settings.latency_tps as f64,
             tick: Duration::from_secs(1) / settings.latency_tps.min(1000) as u32,
+            batch: settings.latency_tps.div_ceil(1000),
             warm_up: Duration::ZERO,
             seconds: settings.latency_seconds,
             sample_every: 1,
@@ -1020,6 +1024,7 @@ async fn bench(server: &Server, cluster: &Cluster, settings: &Settings) -> Resul
                 subscribers: n,
                 rate,
                 tick: Duration::from_millis(10),
+                batch: LAG_GUARD / 2,
                 warm_up: Duration::from_secs(1),
                 seconds: settings.seconds,
                 sample_every: THROUGHPUT_SAMPLE_EVERY,
@@ -1040,6 +1045,8 @@ struct Load {
     subscribers: usize,
     rate: f64,
     tick: Duration,
+    /// Most rows per transaction.
+    batch: u64,
     warm_up: Duration,
     seconds: u64,
     sample_every: u64,
@@ -1086,7 +1093,8 @@ async fn load(
         );
         anyhow::Ok((a, b))
     };
-    let generate = generator.run(spec.rate, spec.tick, spec.warm_up + window, &members);
+    let schedule = (spec.tick, spec.batch);
+    let generate = generator.run(spec.rate, schedule, spec.warm_up + window, &members);
     let (generated, measured) = tokio::join!(generate, measure);
     let (generated, (a, b)) = (generated?, measured?);
     let drained = drain(&members, generated.committed).await;

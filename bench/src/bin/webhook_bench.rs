@@ -20,10 +20,11 @@
 //!    The outbox rows' own timestamps split that time: when the outbox writer had stored every
 //!    delivery (`max(created_at)`) and how fast sending went once it had (`delivered_at` after
 //!    that).
-//! 2. **Reference**, the floors of one delivery when deliveries are sent one after another: the
-//!    same receiver and payload with a bare reqwest client (one request in flight, then 64), and
-//!    one-row UPDATEs in the control database, one per round trip (autocommit), like the
-//!    worker's bookkeeping.
+//! 2. **Reference**: one delivery's parts without the rest of the server, on the same receiver
+//!    and payload and scratch tables in the control database: a bare reqwest POST (1 and 64 in
+//!    flight), one UPDATE prepared and as SQL text, the worker's sequence for one delivery (POST,
+//!    then its two UPDATEs as SQL text: five round trips), and the same POSTs with one UPDATE per
+//!    64 deliveries (1 and 8 in flight): the ceiling of the present design and of a batched one.
 //! 3. **Latency**: a second webhook (`bench_latency`); one single-row INSERT per transaction at
 //!    BENCH_TPS (default 1,000) for BENCH_LATENCY_SECONDS (default 10). commit→delivery = when
 //!    the receiver read the request minus the payload's `timestamp` (PostgreSQL's commit
@@ -31,8 +32,8 @@
 //!    `GetCurrentTimestamp` in PostgreSQL), so no clock offset enters. Split at the outbox row's
 //!    `created_at` (the outbox writer's transaction start, the same clock).
 //!
-//! CPU columns come from /proc: this process (server, receiver and generator) and every
-//! `postgres` process, in cores (the machine's cores are shared by all of them).
+//! CPU columns come from /proc, in cores: this process (server, receiver and generator), this
+//! cluster's processes, and everything else on the machine (other work lowers the figures).
 //!
 //! The cluster runs with `fsync=off` by default, like the change-capture benchmark
 //! (BENCH_FSYNC=on measures with the WAL flushed at each commit, as in production).
@@ -40,8 +41,8 @@
 //! Environment: BENCH_ROWS (default 50000), BENCH_BATCH (default 100), BENCH_TPS (default
 //! 1000), BENCH_LATENCY_SECONDS (default 10), BENCH_TIME_LIMIT (seconds to wait for the
 //! throughput deliveries, default 75), BENCH_FSYNC (default off), BENCH_STATEMENTS (1: load
-//! pg_stat_statements and print the control database's busiest statements of the throughput
-//! phase), FLUXBASE_LOG (server log filter, default warn).
+//! pg_stat_statements and print the control database's busiest statements of each phase),
+//! FLUXBASE_LOG (server log filter, default warn).
 
 use std::collections::HashMap;
 use std::path::Path;
