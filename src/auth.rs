@@ -439,11 +439,17 @@ impl AuthCache {
 impl App {
     /// Empties the access caches here and, through NOTIFY, in every other server.
     pub async fn invalidate_access(&self) {
+        self.invalidate_project_access("").await
+    }
+
+    /// The same, naming a project whose status changed: every server then closes its realtime
+    /// room if the project was suspended or deleted.
+    pub async fn invalidate_project_access(&self, project_id: &str) {
         self.auth_cache.clear();
         match self.control.get().await {
             Ok(c) => {
                 if let Err(e) = c
-                    .execute("SELECT pg_notify($1, '')", &[&CACHE_CHANNEL])
+                    .execute("SELECT pg_notify($1, $2)", &[&CACHE_CHANNEL, &project_id])
                     .await
                 {
                     tracing::warn!(error = %e, "could not notify other servers of an access change");
@@ -457,6 +463,26 @@ impl App {
     }
 }
 
+impl App {
+    /// Closes a project's realtime room when the project is suspended or gone (a change made
+    /// by another process, e.g. `fluxbase project suspend`).
+    async fn close_room_if_inactive(&self, project_id: &str) {
+        match self.load_project(project_id).await {
+            Ok(None) => self.realtime.close_project(
+                project_id,
+                "PROJECT_NOT_FOUND",
+                "The project was deleted.",
+            ),
+            Ok(Some(p)) if p.status == "suspended" => self.realtime.close_project(
+                project_id,
+                "PROJECT_SUSPENDED",
+                "The project was suspended.",
+            ),
+            _ => {}
+        }
+    }
+}
+
 /// Keeps a `LISTEN` connection open for the cache's lifetime; the cache is used only while
 /// it is up. Ends when the app is dropped.
 pub async fn run_cache_listener(app: std::sync::Weak<App>) {
@@ -467,13 +493,13 @@ pub async fn run_cache_listener(app: std::sync::Weak<App>) {
         drop(strong);
         match cfg.connect(tokio_postgres::NoTls).await {
             Ok((client, mut connection)) => {
-                let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<()>();
+                let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<String>();
                 let driver = tokio::spawn(async move {
                     let mut messages =
                         futures_util::stream::poll_fn(move |cx| connection.poll_message(cx));
                     while let Some(Ok(message)) = messages.next().await {
-                        if let tokio_postgres::AsyncMessage::Notification(_) = message {
-                            if tx.send(()).is_err() {
+                        if let tokio_postgres::AsyncMessage::Notification(n) = message {
+                            if tx.send(n.payload().to_string()).is_err() {
                                 return;
                             }
                         }
@@ -496,7 +522,15 @@ pub async fn run_cache_listener(app: std::sync::Weak<App>) {
                             return;
                         };
                         match event {
-                            Ok(Some(())) => a.auth_cache.clear(),
+                            Ok(Some(project_id)) => {
+                                a.auth_cache.clear();
+                                if !project_id.is_empty() {
+                                    let a = a.clone();
+                                    tokio::spawn(async move {
+                                        a.close_room_if_inactive(&project_id).await
+                                    });
+                                }
+                            }
                             Ok(None) => break,
                             Err(_) if client.is_closed() => break,
                             Err(_) => {}

@@ -313,7 +313,7 @@ impl App {
             )
             .await?;
         drop(client);
-        self.invalidate_access().await;
+        self.invalidate_project_access(project_id).await;
         self.realtime
             .close_project(project_id, "PROJECT_NOT_FOUND", "The project was deleted.");
         self.bus.remove(project_id);
@@ -420,7 +420,7 @@ impl App {
             anyhow::bail!("no project {project_id}");
         }
         drop(client);
-        self.invalidate_access().await;
+        self.invalidate_project_access(project_id).await;
         self.sql.forget_project(project_id);
         if status == "suspended" {
             self.realtime.close_project(

@@ -10,9 +10,13 @@ use serde_json::{json, Value};
 use crate::support::{spawn_app, spawn_app_with, Fixture, TestApp};
 
 pub async fn next_event(sub: &mut Subscription) -> Arc<Event> {
-    tokio::time::timeout(Duration::from_secs(20), sub.events.recv())
+    next_event_within(sub, Duration::from_secs(20)).await
+}
+
+pub async fn next_event_within(sub: &mut Subscription, wait: Duration) -> Arc<Event> {
+    tokio::time::timeout(wait, sub.events.recv())
         .await
-        .expect("no event within 20 s")
+        .unwrap_or_else(|_| panic!("no event within {wait:?}"))
         .expect("the bus closed the subscription")
 }
 
@@ -223,7 +227,8 @@ async fn a_200_mb_transaction_streams_through_in_bounded_memory_and_in_order() {
         let mut next = 1;
         let mut bytes = 0usize;
         while next <= n {
-            let e = next_event(&mut sub).await;
+            // The first event comes only after the whole 200 MB INSERT has committed.
+            let e = next_event_within(&mut sub, Duration::from_secs(240)).await;
             let v: Value = serde_json::from_str(&e.payload).unwrap();
             assert_eq!(v["record"]["id"].as_i64(), Some(next), "out of order");
             bytes += v["record"]["pad"].as_str().unwrap().len();
@@ -347,11 +352,8 @@ async fn after_a_crash_every_event_past_the_last_acknowledgement_arrives_again_w
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    assert_eq!(
-        slot_confirmed(&f.project).await,
-        acked_end.0,
-        "confirmed past what was acknowledged"
-    );
+    // (The slot may move further on an idle keepalive, but never past a commit that is not
+    // acknowledged: the replay below proves it.)
 
     // Crash: nothing more is confirmed. More changes commit while the server is down.
     let config = app.crash();

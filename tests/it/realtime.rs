@@ -1446,3 +1446,23 @@ async fn a_thousand_concurrent_sockets_in_one_room_each_receive_an_event() {
     assert_eq!(ids.len(), 1, "every socket got the same event");
     assert!(received.iter().all(|p| p["record"]["id"] == 42));
 }
+
+#[tokio::test]
+async fn a_suspension_by_another_process_closes_the_room_of_a_running_server() {
+    let app = spawn_app().await;
+    let f = app.fixture().await;
+    let mut ws = connect(&app, "/").await;
+    let ack = subscribe(&mut ws, &f.project, Some(&f.read)).await;
+    assert_eq!(ack["type"], "subscribed");
+    // Another process on the same control database (as `fluxbase project suspend` is).
+    let mut config = app.app.config.clone();
+    config.database_url = Some(crate::support::pg().await.url(&app.app.cluster.control_db));
+    let other = fluxbase::app::App::open(config, &[]).await.unwrap();
+    other
+        .set_project_status(&f.project, "suspended")
+        .await
+        .unwrap();
+    let m = recv(&mut ws).await;
+    assert_eq!(m["type"], "error", "{m}");
+    assert_eq!(m["code"], "PROJECT_SUSPENDED");
+}
