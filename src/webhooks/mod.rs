@@ -657,6 +657,7 @@ async fn drain_webhook(app: &App, webhook_id: &str) -> anyhow::Result<()> {
         if rows.is_empty() {
             return Ok(());
         }
+        let mut delivered = Delivered::default();
         for row in rows {
             let pending = Pending {
                 id: row.get(0),
@@ -667,11 +668,56 @@ async fn drain_webhook(app: &App, webhook_id: &str) -> anyhow::Result<()> {
                 url: row.get(5),
                 secret: row.get(6),
             };
-            match attempt(app, &client, webhook_id, &pending, &mut failing).await? {
+            match attempt(
+                app,
+                &client,
+                webhook_id,
+                &pending,
+                &mut failing,
+                &mut delivered,
+            )
+            .await?
+            {
                 Next::Continue => {}
-                Next::Disabled => return Ok(()),
+                Next::Disabled => return delivered.record(app).await,
             }
         }
+        delivered.record(app).await?;
+    }
+}
+
+/// Successful attempts of one batch, recorded with a single UPDATE. A crash before it only
+/// means these deliveries go out again, with the same ids: at-least-once either way.
+#[derive(Default)]
+struct Delivered {
+    ids: Vec<String>,
+    attempts: Vec<i32>,
+    statuses: Vec<i32>,
+    bodies: Vec<String>,
+}
+
+impl Delivered {
+    async fn record(self, app: &App) -> anyhow::Result<()> {
+        if self.ids.is_empty() {
+            return Ok(());
+        }
+        let control = app.control.get().await?;
+        let stmt = control
+            .prepare_cached(
+                "UPDATE fluxbase.webhook_deliveries d SET status = 'delivered', attempts = u.attempts,
+                        response_status = u.status, response_body = u.body, delivered_at = now(),
+                        last_error = NULL
+                 FROM unnest($1::text[], $2::int4[], $3::int4[], $4::text[]) AS u(id, attempts, status, body)
+                 WHERE d.id = u.id",
+            )
+            .await?;
+        control
+            .execute(
+                &stmt,
+                &[&self.ids, &self.attempts, &self.statuses, &self.bodies],
+            )
+            .await?;
+        Ok(())
     }
 }
 
@@ -697,6 +743,7 @@ async fn attempt(
     webhook_id: &str,
     d: &Pending,
     failing: &mut bool,
+    delivered: &mut Delivered,
 ) -> anyhow::Result<Next> {
     let now = Utc::now();
     let timestamp = now.timestamp();
@@ -732,19 +779,10 @@ async fn attempt(
     let control = app.control.get().await?;
     match outcome {
         Ok(resp) if (200..300).contains(&resp.status) => {
-            let delivered = control
-                .prepare_cached(
-                    "UPDATE fluxbase.webhook_deliveries SET status = 'delivered', attempts = $2,
-                            response_status = $3, response_body = $4, delivered_at = now(), last_error = NULL
-                     WHERE id = $1",
-                )
-                .await?;
-            control
-                .execute(
-                    &delivered,
-                    &[&d.id, &d.attempts, &(resp.status as i32), &resp.body],
-                )
-                .await?;
+            delivered.ids.push(d.id.clone());
+            delivered.attempts.push(d.attempts);
+            delivered.statuses.push(resp.status as i32);
+            delivered.bodies.push(resp.body);
             if *failing {
                 *failing = false;
                 control
