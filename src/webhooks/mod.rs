@@ -543,15 +543,8 @@ async fn store_deliveries(
     if hooks.is_empty() {
         return Ok(0);
     }
-    let mut client = app.control.get().await?;
-    let tx = client.transaction().await?;
-    let stmt = tx
-        .prepare_cached(
-            "INSERT INTO fluxbase.webhook_deliveries (id, webhook_id, project_id, event_id, event_type, body)
-             VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (webhook_id, event_id) DO NOTHING",
-        )
-        .await?;
-    let mut n = 0;
+    let (mut ids, mut hook_ids, mut event_ids, mut kinds, mut bodies) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for event in events {
         let Some(kind) = event_type(event) else {
             continue;
@@ -559,16 +552,33 @@ async fn store_deliveries(
         let mut body = None;
         for hook in hooks.iter().filter(|h| h.wants(event, kind)) {
             let body = body.get_or_insert_with(|| payload(project_id, event, kind));
-            let id = format!("dlv_{}", random_base62(20));
-            n += tx
-                .execute(
-                    &stmt,
-                    &[&id, &hook.id, &project_id, &event.id, &kind, &*body],
-                )
-                .await?;
+            ids.push(format!("dlv_{}", random_base62(20)));
+            hook_ids.push(hook.id.clone());
+            event_ids.push(event.id.clone());
+            kinds.push(kind.to_string());
+            bodies.push(body.clone());
         }
     }
-    tx.commit().await?;
+    if ids.is_empty() {
+        return Ok(0);
+    }
+    // One statement for the whole transaction's deliveries: atomic, and one round trip.
+    let client = app.control.get().await?;
+    let stmt = client
+        .prepare_cached(
+            "INSERT INTO fluxbase.webhook_deliveries (id, webhook_id, project_id, event_id, event_type, body)
+             SELECT u.id, u.webhook_id, $6, u.event_id, u.event_type, u.body
+             FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[])
+                  AS u(id, webhook_id, event_id, event_type, body)
+             ON CONFLICT (webhook_id, event_id) DO NOTHING",
+        )
+        .await?;
+    let n = client
+        .execute(
+            &stmt,
+            &[&ids, &hook_ids, &event_ids, &kinds, &bodies, &project_id],
+        )
+        .await?;
     Ok(n)
 }
 
