@@ -99,26 +99,8 @@ async fn main() -> Result<()> {
         .with_writer(std::io::stderr)
         .init();
     let settings = Settings::from_env();
-    let root = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("..")
-        .canonicalize()?;
-    // Under target/: reachable by the `postgres` user when we are root.
-    let dir = root.join("target/cdc-bench");
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir)?;
-
-    eprintln!("[bench] starting a throwaway cluster in {}", dir.display());
-    let pg_root = dir.join("pg");
-    let password = fluxbase::secrets::random_base62(24);
-    let cluster = tokio::task::spawn_blocking(move || {
-        Cluster::start(
-            &pg_root,
-            &password,
-            &[("fsync", "off"), ("full_page_writes", "off")],
-        )
-    })
-    .await?
-    .context("starting the cluster")?;
+    let (cluster, dir) =
+        fluxbase_bench::throwaway_cluster("cdc-bench", fluxbase_bench::FAST.to_vec()).await?;
 
     let result = run(&cluster, &dir, &settings).await;
 

@@ -150,22 +150,8 @@ async fn main() -> Result<()> {
         .map(|l| l.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
         .unwrap_or_default();
 
-    // Under target/: reachable by the `postgres` user when we are root.
-    let dir = root.join("target/fanout-bench");
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir)?;
-    eprintln!("[bench] starting a throwaway cluster in {}", dir.display());
-    let pg_root = dir.join("pg");
-    let password = fluxbase::secrets::random_base62(24);
-    let cluster = tokio::task::spawn_blocking(move || {
-        Cluster::start(
-            &pg_root,
-            &password,
-            &[("fsync", "off"), ("full_page_writes", "off")],
-        )
-    })
-    .await?
-    .context("starting the cluster")?;
+    let (cluster, dir) =
+        fluxbase_bench::throwaway_cluster("fanout-bench", fluxbase_bench::FAST.to_vec()).await?;
 
     // Ctrl-C drops the measurement (the server stops with it) and still stops the cluster.
     let result = tokio::select! {

@@ -109,28 +109,14 @@ async fn main() -> Result<()> {
         .with_writer(std::io::stderr)
         .init();
     let settings = Settings::from_env();
-    let root = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("..")
-        .canonicalize()?;
-    // Under target/: reachable by the `postgres` user when we are root.
-    let dir = root.join("target/webhook-bench");
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir)?;
-
-    eprintln!("[bench] starting a throwaway cluster in {}", dir.display());
-    let pg_root = dir.join("pg");
-    let password = fluxbase::secrets::random_base62(24);
     let mut pg_settings = vec![];
     if !settings.fsync {
-        pg_settings.extend([("fsync", "off"), ("full_page_writes", "off")]);
+        pg_settings.extend(fluxbase_bench::FAST);
     }
     if settings.statements {
         pg_settings.push(("shared_preload_libraries", "pg_stat_statements"));
     }
-    let cluster =
-        tokio::task::spawn_blocking(move || Cluster::start(&pg_root, &password, &pg_settings))
-            .await?
-            .context("starting the cluster")?;
+    let (cluster, dir) = fluxbase_bench::throwaway_cluster("webhook-bench", pg_settings).await?;
 
     let result = run(&cluster, &dir, &settings).await;
 
