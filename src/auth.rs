@@ -169,6 +169,20 @@ impl Access {
             ),
         })
     }
+
+    /// Data and schema management (webhooks, storage deletes, RLS policies): an admin key, or a
+    /// developer or admin member. `what` completes "… needs a developer or admin role".
+    pub fn require_developer(&self, what: &str) -> ApiResult<()> {
+        if self.db_role == DbRole::Owner {
+            return Ok(());
+        }
+        Err(match self.member_role {
+            Some(_) => ApiError::InsufficientPermissions(format!(
+                "{what} needs a developer or admin role."
+            )),
+            None => ApiError::ScopeMismatch(format!("{what} needs an admin key.")),
+        })
+    }
 }
 
 pub fn is_project_id(id: &str) -> bool {

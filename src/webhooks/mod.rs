@@ -32,7 +32,7 @@ use tokio::sync::Notify;
 use warp::http::StatusCode;
 
 use crate::app::App;
-use crate::auth::{Access, DbRole};
+use crate::auth::Access;
 use crate::bus::{Event, EventKind};
 use crate::error::{ApiError, ApiResult};
 use crate::secrets::{random_base62, random_bytes};
@@ -241,18 +241,6 @@ const WEBHOOK_COLUMNS: &str = "id, url, events, tables, enabled, disabled_reason
 const DELIVERY_COLUMNS: &str = "id, webhook_id, event_id, event_type, status, attempts, \
      response_status, response_body, last_error, next_attempt_at, created_at, delivered_at";
 
-fn require_writer(access: &Access) -> ApiResult<()> {
-    if access.db_role == DbRole::Owner {
-        return Ok(());
-    }
-    Err(match access.member_role {
-        Some(_) => ApiError::InsufficientPermissions(
-            "Managing webhooks needs a developer or admin role.".into(),
-        ),
-        None => ApiError::ScopeMismatch("Managing webhooks needs an admin key.".into()),
-    })
-}
-
 impl App {
     fn http_client(&self) -> reqwest::Client {
         let mut c = self.webhooks.client.lock().expect("poisoned");
@@ -271,7 +259,7 @@ impl App {
         access: &Access,
         req: CreateWebhook,
     ) -> ApiResult<(StatusCode, Value)> {
-        require_writer(access)?;
+        access.require_developer("Managing webhooks")?;
         validate_events(&req.events)?;
         let url = egress::validate_url(&req.url, self.config.webhook_allow_private)
             .await
@@ -328,7 +316,7 @@ impl App {
         access: &Access,
         req: PatchWebhook,
     ) -> ApiResult<(StatusCode, Value)> {
-        require_writer(access)?;
+        access.require_developer("Managing webhooks")?;
         if let Some(events) = &req.events {
             validate_events(events)?;
         }
@@ -368,7 +356,7 @@ impl App {
         access: &Access,
         webhook_id: &str,
     ) -> ApiResult<(StatusCode, Value)> {
-        require_writer(access)?;
+        access.require_developer("Managing webhooks")?;
         let client = self.control.get().await?;
         let n = client
             .execute(
@@ -421,7 +409,7 @@ impl App {
         access: &Access,
         req: Redeliver,
     ) -> ApiResult<(StatusCode, Value)> {
-        require_writer(access)?;
+        access.require_developer("Managing webhooks")?;
         let client = self.control.get().await?;
         let row = client
             .query_opt(
