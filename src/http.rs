@@ -26,12 +26,12 @@ pub fn routes(
     let websocket = warp::path::end()
         .or(warp::path("realtime").and(warp::path::end()))
         .unify()
-        .and(warp::ws())
-        .map(move |ws: warp::ws::Ws| {
+        .and(warp::get())
+        .and(warp::header::headers_cloned())
+        .and(warp::ext::optional::<hyper::upgrade::OnUpgrade>())
+        .and_then(move |headers: HeaderMap, on_upgrade| {
             let app = ws_app.clone();
-            ws.max_message_size(crate::realtime::MAX_MESSAGE)
-                .on_upgrade(move |socket| app.serve_socket(socket))
-                .into_response()
+            async move { crate::realtime::upgrade(app, &headers, on_upgrade) }
         });
     let api =
         warp::method()

@@ -24,6 +24,10 @@
 //! * Auth per subscribe: an API key of the project (any scope), a session of a member, or a
 //!   realtime token (`flx_rt_…`, HMAC-signed, short-lived, may carry `authUid` and a table list).
 //!   A project with `realtimePublic` accepts a subscribe without a token.
+//! * The upgrade is finished here ([`upgrade`]) rather than by `warp::ws()`: warp 0.4 cannot
+//!   set tungstenite's read buffer, which is 128 KiB per socket by default. Client messages are
+//!   small (at most [`MAX_MESSAGE`]), so sockets read through a [`READ_BUFFER`]-byte buffer and
+//!   an idle socket costs a few KiB instead of ~140 KiB.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -31,11 +35,16 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures_util::{SinkExt, StreamExt};
+use hyper_util::rt::TokioIo;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use tokio::sync::{mpsc, Notify};
-use warp::filters::ws::{Message, WebSocket};
-use warp::http::StatusCode;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::protocol::{CloseFrame, Role, WebSocketConfig};
+use tokio_tungstenite::tungstenite::{Error as WsError, Message};
+use tokio_tungstenite::WebSocketStream;
+use warp::http::{HeaderMap, StatusCode};
+use warp::reply::Response;
 
 use crate::app::App;
 use crate::auth::{Access, Principal};
@@ -57,6 +66,82 @@ const PING_EVERY: Duration = Duration::from_secs(30);
 /// How long a closing socket may take to flush its close frame before it is dropped.
 const CLOSE_GRACE: Duration = Duration::from_secs(10);
 const TOKEN_PREFIX: &str = "flx_rt_";
+/// Bytes a socket reads from the connection at a time (tungstenite's default is 128 KiB).
+pub const READ_BUFFER: usize = 4 * 1024;
+/// Queued outgoing bytes past which a write flushes (tungstenite's default is 128 KiB).
+const WRITE_BUFFER: usize = 16 * 1024;
+
+/// An upgraded WebSocket connection.
+pub type WebSocket = WebSocketStream<TokioIo<hyper::upgrade::Upgraded>>;
+
+fn close_frame(code: CloseCode, reason: &str) -> Message {
+    Message::Close(Some(CloseFrame {
+        code,
+        reason: reason.into(),
+    }))
+}
+
+fn header_has_token(headers: &HeaderMap, name: &str, token: &str) -> bool {
+    headers.get_all(name).iter().any(|v| {
+        v.to_str()
+            .unwrap_or_default()
+            .split(',')
+            .any(|t| t.trim().eq_ignore_ascii_case(token))
+    })
+}
+
+/// Answers a WebSocket handshake (RFC 6455 §4.2) with 101 and serves the socket once hyper
+/// hands over the connection. A request that is not an upgrade is rejected, so the API's own
+/// routes answer it (`GET /` is then a 404 in the API's error shape).
+pub fn upgrade(
+    app: Arc<App>,
+    headers: &HeaderMap,
+    on_upgrade: Option<hyper::upgrade::OnUpgrade>,
+) -> Result<Response, warp::Rejection> {
+    let is_upgrade = header_has_token(headers, "connection", "upgrade")
+        && header_has_token(headers, "upgrade", "websocket");
+    let (true, Some(on_upgrade)) = (is_upgrade, on_upgrade) else {
+        return Err(warp::reject::not_found());
+    };
+    let key = headers.get("sec-websocket-key").map(|k| k.as_bytes());
+    let version = headers.get("sec-websocket-version").map(|v| v.as_bytes());
+    let Some(key) = key.filter(|_| version == Some(b"13")) else {
+        let body = json!({"success": false, "error": {"code": "BAD_REQUEST",
+            "message": "WebSocket handshake needs Sec-WebSocket-Key and Sec-WebSocket-Version: 13",
+            "details": null}});
+        let mut response = crate::http::json_response(StatusCode::BAD_REQUEST, &body);
+        response
+            .headers_mut()
+            .insert("sec-websocket-version", "13".parse().expect("ascii"));
+        return Ok(response);
+    };
+    let accept = tokio_tungstenite::tungstenite::handshake::derive_accept_key(key);
+    tokio::spawn(async move {
+        let upgraded = match on_upgrade.await {
+            Ok(u) => u,
+            Err(e) => {
+                tracing::debug!(error = %e, "WebSocket upgrade failed");
+                return;
+            }
+        };
+        let mut config = WebSocketConfig::default();
+        config.read_buffer_size = READ_BUFFER;
+        config.write_buffer_size = WRITE_BUFFER;
+        config.max_message_size = Some(MAX_MESSAGE);
+        config.max_frame_size = Some(MAX_MESSAGE);
+        let ws =
+            WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, Some(config))
+                .await;
+        app.serve_socket(ws).await;
+    });
+    let mut response = warp::http::Response::new(warp::hyper::body::Bytes::new().into());
+    *response.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+    let h = response.headers_mut();
+    h.insert("connection", "upgrade".parse().expect("ascii"));
+    h.insert("upgrade", "websocket".parse().expect("ascii"));
+    h.insert("sec-websocket-accept", accept.parse().expect("base64"));
+    Ok(response)
+}
 
 /// How much history a room keeps for `since` resumes.
 #[derive(Clone, Copy, Debug)]
@@ -293,7 +378,7 @@ async fn write_socket(
                 Some(m) => m,
                 None => break false,
             },
-            _ = ping.tick() => Message::ping(Vec::new()),
+            _ = ping.tick() => Message::Ping(Default::default()),
             _ = too_slow.notified() => break true,
         };
         // What is already queued goes out in the same write: one flush per batch, not per
@@ -316,7 +401,7 @@ async fn write_socket(
     let goodbye = async {
         if cut_off {
             let reason = "client too slow: send queue full";
-            let _ = sink.send(Message::close_with(1008u16, reason)).await;
+            let _ = sink.send(close_frame(CloseCode::Policy, reason)).await;
         }
         let _ = sink.close().await;
     };
@@ -620,7 +705,13 @@ impl App {
                 Err(_) => {
                     let _ = shared
                         .tx
-                        .try_send(Message::close_with(1001u16, "idle timeout"));
+                        .try_send(close_frame(CloseCode::Away, "idle timeout"));
+                    break;
+                }
+                Ok(Some(Err(WsError::Capacity(e)))) => {
+                    // Over MAX_MESSAGE: say so with 1009 (RFC 6455 §7.4.1) before closing.
+                    let reason = format!("message too big: {e}");
+                    let _ = shared.tx.try_send(close_frame(CloseCode::Size, &reason));
                     break;
                 }
                 Ok(None) | Ok(Some(Err(_))) => break,
@@ -632,7 +723,7 @@ impl App {
             if !msg.is_text() {
                 continue; // pings are answered by the library; pongs only show liveness
             }
-            let text = msg.to_str().unwrap_or_default();
+            let text = msg.to_text().unwrap_or_default();
             self.client_message(&shared, &mut joined, text).await;
         }
         for project_id in &joined {
