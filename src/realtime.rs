@@ -280,7 +280,12 @@ impl Realtime {
     /// Ends the subscriptions a removed member holds in a project's room; each socket gets an
     /// `ACCESS_REVOKED` error and stays open for its other rooms.
     pub fn evict_user(&self, project_id: &str, user_id: &str) {
-        let room = self.rooms.lock().expect("poisoned").get(project_id).cloned();
+        let room = self
+            .rooms
+            .lock()
+            .expect("poisoned")
+            .get(project_id)
+            .cloned();
         let Some(room) = room else { return };
         let mut state = room.state.lock().expect("poisoned");
         let gone: Vec<u64> = state
@@ -300,14 +305,30 @@ impl Realtime {
             }
         }
         if !gone.is_empty() {
-            tracing::info!(project_id, user_id, sockets = gone.len(), "removed member's realtime subscriptions ended");
+            tracing::info!(
+                project_id,
+                user_id,
+                sockets = gone.len(),
+                "removed member's realtime subscriptions ended"
+            );
         }
     }
 
     /// Whether a socket is (still) in a project's room.
     fn in_room(&self, project_id: &str, socket: u64) -> bool {
-        let room = self.rooms.lock().expect("poisoned").get(project_id).cloned();
-        room.is_some_and(|r| r.state.lock().expect("poisoned").members.contains_key(&socket))
+        let room = self
+            .rooms
+            .lock()
+            .expect("poisoned")
+            .get(project_id)
+            .cloned();
+        room.is_some_and(|r| {
+            r.state
+                .lock()
+                .expect("poisoned")
+                .members
+                .contains_key(&socket)
+        })
     }
 }
 

@@ -53,9 +53,9 @@ impl Body {
         match self.0.get(name) {
             None | Some(Value::Null) => Err(ApiError::BadRequest(format!("{name}: required"))),
             Some(Value::String(s)) if !s.trim().is_empty() => Ok(s.trim().to_string()),
-            Some(Value::String(_)) => Err(ApiError::BadRequest(format!(
-                "{name}: must not be empty"
-            ))),
+            Some(Value::String(_)) => {
+                Err(ApiError::BadRequest(format!("{name}: must not be empty")))
+            }
             Some(_) => Err(ApiError::BadRequest(format!("{name}: expected a string"))),
         }
     }
@@ -215,13 +215,7 @@ impl App {
                          invited_at = now(), responded_at = NULL
                      RETURNING {INVITE_COLUMNS}"
                 ),
-                &[
-                    &id,
-                    &access.project.id,
-                    &email,
-                    &role.as_str(),
-                    &invited_by,
-                ],
+                &[&id, &access.project.id, &email, &role.as_str(), &invited_by],
             )
             .await?;
         tracing::info!(project_id = %access.project.id, invite_id = %id, role = role.as_str(), %invited_by, "invitation sent");
@@ -251,8 +245,7 @@ impl App {
         };
         let mut client = self.control.get().await?;
         let tx = client.transaction().await?;
-        let not_found =
-            || ApiError::NotFound(format!("inviteId: no invitation {invite_id:?}"));
+        let not_found = || ApiError::NotFound(format!("inviteId: no invitation {invite_id:?}"));
         let invite = tx
             .query_opt(
                 "SELECT i.project_id, i.role, i.status, lower(i.email) = lower(u.email)
@@ -469,11 +462,14 @@ mod tests {
 
     #[test]
     fn body_errors_name_the_field() {
-        let err = |v: Value, f: &dyn Fn(&Body) -> ApiResult<String>| {
-            match Body::new(v, &["email", "role"]).and_then(|b| f(&b)) {
-                Err(ApiError::BadRequest(m)) => m,
-                other => panic!("expected a 400, got {:?}", other.map(|_| ())),
-            }
+        let err = |v: Value, f: &dyn Fn(&Body) -> ApiResult<String>| match Body::new(
+            v,
+            &["email", "role"],
+        )
+        .and_then(|b| f(&b))
+        {
+            Err(ApiError::BadRequest(m)) => m,
+            other => panic!("expected a 400, got {:?}", other.map(|_| ())),
         };
         assert!(err(json!({}), &|b| b.string("email")).starts_with("email:"));
         assert!(err(json!({"email": 5}), &|b| b.string("email")).starts_with("email:"));
@@ -484,8 +480,11 @@ mod tests {
             .map(|r| r.as_str().to_string()))
         .starts_with("role:"));
         assert!(err(json!([1]), &|b| b.string("email")).starts_with("request body"));
-        let b = Body::new(json!({"email": " A@b.co ", "role": "viewer"}), &["email", "role"])
-            .unwrap();
+        let b = Body::new(
+            json!({"email": " A@b.co ", "role": "viewer"}),
+            &["email", "role"],
+        )
+        .unwrap();
         assert_eq!(b.string("email").unwrap(), "A@b.co");
         assert_eq!(b.role().unwrap(), MemberRole::Viewer);
     }
