@@ -574,10 +574,12 @@ impl App {
         req: BroadcastRequest,
     ) -> ApiResult<(StatusCode, Value)> {
         if access.db_role == crate::auth::DbRole::Read {
-            return Err(ApiError::ScopeMismatch(
-                "Broadcasting needs a readwrite or admin key (or a developer or admin member)."
-                    .into(),
-            ));
+            let why =
+                "Broadcasting needs a readwrite or admin key (or a developer or admin member).";
+            return Err(match access.member_role {
+                Some(_) => ApiError::InsufficientPermissions(why.into()),
+                None => ApiError::ScopeMismatch(why.into()),
+            });
         }
         if req.event.is_empty() || req.event.len() > 200 {
             return Err(ApiError::BadRequest("event: 1 to 200 characters".into()));

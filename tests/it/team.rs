@@ -902,8 +902,8 @@ async fn attempt(app: &TestApp, m: &Matrix, family: Family, who: Who) -> bool {
     );
     // Member refusals use the guide's code for roles.
     if matches!(who, Viewer | Developer) {
-        assert!(
-            code == "INSUFFICIENT_PERMISSIONS" || matches!(family, Family::RealtimeBroadcast),
+        assert_eq!(
+            code, "INSUFFICIENT_PERMISSIONS",
             "{who:?} {family:?}: {body}"
         );
     }
