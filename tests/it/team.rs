@@ -446,6 +446,37 @@ async fn team_requests_are_validated_and_name_the_field() {
 }
 
 #[tokio::test]
+async fn non_admins_get_insufficient_permissions_on_every_team_endpoint() {
+    let app = spawn_app().await;
+    let f = app.fixture().await;
+    let viewer = join(&app, &f, "viewer").await;
+    let developer = join(&app, &f, "developer").await;
+    let (_, _, outsider) = app.signup().await;
+    for token in [&viewer.token, &developer.token, &f.read, &f.readwrite] {
+        for (status, body) in [
+            team(&app, token, &f.project).await,
+            invite(&app, token, &f.project, &outsider, "admin").await,
+            patch_role(&app, token, &f.project, &viewer.user_id, "admin").await,
+            remove(&app, token, &f.project, &viewer.user_id).await,
+            remove(&app, token, &f.project, &f.user_id).await,
+        ] {
+            assert_error(status, &body, 403, "INSUFFICIENT_PERMISSIONS");
+        }
+    }
+    // Nothing changed; the admin key may do all of it.
+    let (status, list) = team(&app, &f.admin, &f.project).await;
+    assert_eq!(status, 200, "{list}");
+    assert_eq!(list["members"].as_array().unwrap().len(), 3);
+    assert_eq!(list["invites"].as_array().unwrap().len(), 2);
+    let (status, body) = invite(&app, &f.admin, &f.project, &outsider, "viewer").await;
+    assert_eq!(status, 201, "{body}");
+    let (status, body) = patch_role(&app, &f.admin, &f.project, &viewer.user_id, "admin").await;
+    assert_eq!(status, 200, "{body}");
+    let (status, body) = remove(&app, &f.admin, &f.project, &developer.user_id).await;
+    assert_eq!(status, 200, "{body}");
+}
+
+#[tokio::test]
 async fn the_last_admin_can_be_neither_removed_nor_demoted() {
     let app = spawn_app().await;
     let f = app.fixture().await;
