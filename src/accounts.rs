@@ -230,9 +230,11 @@ impl App {
             .iter()
             .map(|r| json!({ "id": r.get::<_, String>(0), "name": r.get::<_, String>(1), "role": r.get::<_, String>(2) }))
             .collect();
+        drop(client);
+        let invites = self.pending_invites_for(user_id).await?;
         Ok((
             StatusCode::OK,
-            json!({ "success": true, "user": user.json(), "projects": projects }),
+            json!({ "success": true, "user": user.json(), "projects": projects, "invites": invites }),
         ))
     }
 }

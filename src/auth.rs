@@ -459,11 +459,17 @@ impl App {
     /// The same, naming a project whose status changed: every server then closes its realtime
     /// room if the project was suspended or deleted.
     pub async fn invalidate_project_access(&self, project_id: &str) {
+        self.notify_access_change(project_id).await
+    }
+
+    /// Empties the caches here and sends `payload` on [`CACHE_CHANNEL`]: a project id (its
+    /// status changed), [`member_removed_payload`], or nothing.
+    pub async fn notify_access_change(&self, payload: &str) {
         self.auth_cache.clear();
         match self.control.get().await {
             Ok(c) => {
                 if let Err(e) = c
-                    .execute("SELECT pg_notify($1, $2)", &[&CACHE_CHANNEL, &project_id])
+                    .execute("SELECT pg_notify($1, $2)", &[&CACHE_CHANNEL, &payload])
                     .await
                 {
                     tracing::warn!(error = %e, "could not notify other servers of an access change");
@@ -477,7 +483,37 @@ impl App {
     }
 }
 
+/// The NOTIFY payload announcing that `user_id` left `project_id` (ids never contain spaces).
+pub fn member_removed_payload(project_id: &str, user_id: &str) -> String {
+    format!("{project_id} member-removed {user_id}")
+}
+
 impl App {
+    /// Acts on a NOTIFY from another server (or this one): a project whose status changed gets
+    /// its room closed if inactive; a removed member's realtime subscriptions end, unless they
+    /// are a member again by now.
+    async fn access_changed(&self, payload: &str) {
+        match payload.split_once(" member-removed ") {
+            Some((project_id, user_id)) => {
+                let still_member = match self.control.get().await {
+                    Ok(c) => c
+                        .query_opt(
+                            "SELECT 1 FROM fluxbase.members WHERE project_id = $1 AND user_id = $2",
+                            &[&project_id, &user_id],
+                        )
+                        .await
+                        .map(|r| r.is_some())
+                        .unwrap_or(false),
+                    Err(_) => false,
+                };
+                if !still_member {
+                    self.realtime.evict_user(project_id, user_id);
+                }
+            }
+            None => self.close_room_if_inactive(payload).await,
+        }
+    }
+
     /// Closes a project's realtime room when the project is suspended or gone (a change made
     /// by another process, e.g. `fluxbase project suspend`).
     async fn close_room_if_inactive(&self, project_id: &str) {
@@ -540,9 +576,9 @@ pub async fn run_cache_listener(app: std::sync::Weak<App>) {
                                 a.auth_cache.clear();
                                 if !project_id.is_empty() {
                                     let a = a.clone();
-                                    tokio::spawn(async move {
-                                        a.close_room_if_inactive(&project_id).await
-                                    });
+                                    tokio::spawn(
+                                        async move { a.access_changed(&project_id).await },
+                                    );
                                 }
                             }
                             Ok(None) => break,

@@ -28,6 +28,7 @@ pub const CONTROL_MIGRATIONS: &[(i32, &str, &str)] = &[
         "webhooks",
         include_str!("../sql/control/0003_webhooks.sql"),
     ),
+    (5, "team", include_str!("../sql/control/0005_team.sql")),
 ];
 
 /// Where the project databases live and how the server reaches the cluster as its admin role.

@@ -184,6 +184,7 @@ fn route_name(path: &str) -> &'static str {
         "/api/cdc/status" => "/api/cdc/status",
         "/api/webhooks" | "/api/webhooks/deliveries" | "/api/webhooks/redeliver" => "/api/webhooks",
         "/api/realtime/token" | "/api/realtime/broadcast" => "/api/realtime",
+        "/api/team" | "/api/team/invites/accept" => "/api/team",
         _ => "other",
     }
 }
@@ -325,6 +326,30 @@ async fn dispatch(app: &Arc<App>, req: &Request) -> ApiResult<Response> {
             let access = app.project_access(&p, &project_id_from_body(req)?).await?;
             ok(app.redeliver(&access, req.json()?).await?)
         }
+        (&M::GET, "/api/team") => {
+            let p = app.authenticate(req.authorization()).await?;
+            let access = app.project_access(&p, req.param("projectId")?).await?;
+            ok(app.list_team(&access).await?)
+        }
+        (&M::POST, "/api/team") => {
+            let p = app.authenticate(req.authorization()).await?;
+            let access = app.project_access(&p, &project_id_from_body(req)?).await?;
+            ok(app.invite(&access, req.json()?).await?)
+        }
+        (&M::PATCH, "/api/team") => {
+            let p = app.authenticate(req.authorization()).await?;
+            let access = app.project_access(&p, &project_id_from_body(req)?).await?;
+            ok(app.change_role(&access, req.json()?).await?)
+        }
+        (&M::DELETE, "/api/team") => {
+            let p = app.authenticate(req.authorization()).await?;
+            let access = app.project_access(&p, req.param("projectId")?).await?;
+            ok(app.remove_member(&access, req.param("userId")?).await?)
+        }
+        (&M::POST, "/api/team/invites/accept") => {
+            let p = app.authenticate(req.authorization()).await?;
+            ok(app.answer_invite(&p, req.json()?).await?)
+        }
         (&M::GET, "/api/cdc/status") => {
             let p = app.authenticate(req.authorization()).await?;
             let access = app.project_access(&p, req.param("projectId")?).await?;
@@ -397,4 +422,6 @@ const KNOWN_PATHS: &[&str] = &[
     "/api/webhooks",
     "/api/webhooks/deliveries",
     "/api/webhooks/redeliver",
+    "/api/team",
+    "/api/team/invites/accept",
 ];

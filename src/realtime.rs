@@ -294,6 +294,9 @@ struct Member {
     /// are not this member's: they reach a new room again when its subscription rewinds the
     /// stream, or were still on their way when it joined.
     committed_from: Lsn,
+    /// The project member this subscription acts for (a session, or a realtime token a member
+    /// obtained): it ends when the member is removed.
+    user: Option<String>,
 }
 
 struct Retained {
@@ -357,6 +360,60 @@ impl Realtime {
                 m.socket.push(msg.clone());
             }
         }
+    }
+
+    /// Ends the subscriptions a removed member holds in a project's room; each socket gets an
+    /// `ACCESS_REVOKED` error and stays open for its other rooms.
+    pub fn evict_user(&self, project_id: &str, user_id: &str) {
+        let room = self
+            .rooms
+            .lock()
+            .expect("poisoned")
+            .get(project_id)
+            .cloned();
+        let Some(room) = room else { return };
+        let mut state = room.state.lock().expect("poisoned");
+        let gone: Vec<u64> = state
+            .members
+            .iter()
+            .filter(|(_, m)| m.user.as_deref() == Some(user_id))
+            .map(|(id, _)| *id)
+            .collect();
+        let msg = Message::text(
+            json!({ "type": "error", "code": "ACCESS_REVOKED", "roomId": room.room_id,
+                    "message": "You are no longer a member of this project." })
+            .to_string(),
+        );
+        for id in &gone {
+            if let Some(m) = state.members.remove(id) {
+                m.socket.push(msg.clone());
+            }
+        }
+        if !gone.is_empty() {
+            tracing::info!(
+                project_id,
+                user_id,
+                sockets = gone.len(),
+                "removed member's realtime subscriptions ended"
+            );
+        }
+    }
+
+    /// Whether a socket is (still) in a project's room.
+    fn in_room(&self, project_id: &str, socket: u64) -> bool {
+        let room = self
+            .rooms
+            .lock()
+            .expect("poisoned")
+            .get(project_id)
+            .cloned();
+        room.is_some_and(|r| {
+            r.state
+                .lock()
+                .expect("poisoned")
+                .members
+                .contains_key(&socket)
+        })
     }
 }
 
@@ -497,6 +554,10 @@ struct Claims {
     t: Option<Vec<String>>,
     /// Expiry, Unix seconds.
     e: i64,
+    /// The member who obtained the token (a session's user): the token is refused once they
+    /// are no longer a member.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    m: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -549,6 +610,7 @@ impl App {
             u: req.auth_uid,
             t: req.tables,
             e: expires.timestamp(),
+            m: access.principal.user_id().map(str::to_string),
         };
         let body = b64url(serde_json::to_string(&claims).expect("claims").as_bytes());
         let sig = ring::hmac::sign(&token_key(self), body.as_bytes());
@@ -597,10 +659,12 @@ impl App {
         req: BroadcastRequest,
     ) -> ApiResult<(StatusCode, Value)> {
         if access.db_role == crate::auth::DbRole::Read {
-            return Err(ApiError::ScopeMismatch(
-                "Broadcasting needs a readwrite or admin key (or a developer or admin member)."
-                    .into(),
-            ));
+            let why =
+                "Broadcasting needs a readwrite or admin key (or a developer or admin member).";
+            return Err(match access.member_role {
+                Some(_) => ApiError::InsufficientPermissions(why.into()),
+                None => ApiError::ScopeMismatch(why.into()),
+            });
         }
         if req.event.is_empty() || req.event.len() > 200 {
             return Err(ApiError::BadRequest("event: 1 to 200 characters".into()));
@@ -815,7 +879,7 @@ impl App {
                     );
                 };
                 let project_id = room_id.strip_prefix("project_").unwrap_or_default();
-                if !joined.contains(project_id) {
+                if !joined.contains(project_id) || !self.realtime.in_room(project_id, socket.id) {
                     return error(
                         "NOT_SUBSCRIBED",
                         "subscribe to the room before broadcasting".into(),
@@ -864,6 +928,7 @@ impl App {
             _ => return Err(("BAD_MESSAGE", "since: expected an event id".into())),
         };
         let api = |e: ApiError| (e.code(), e.to_string());
+        let mut user = None;
         let project = self.load_project(project_id).await.map_err(api)?.ok_or((
             "PROJECT_NOT_FOUND",
             "No project found for the given projectId.".into(),
@@ -875,6 +940,15 @@ impl App {
                     return Err(("SCOPE_MISMATCH", "This token belongs to another project.".into()));
                 }
                 filter.token_tables = claims.t.map(|t| t.into_iter().collect());
+                if let Some(member) = claims.m {
+                    if !self.is_member(&project.id, &member).await.map_err(api)? {
+                        return Err((
+                            "ACCESS_REVOKED",
+                            "The member who obtained this token is no longer a member of the project.".into(),
+                        ));
+                    }
+                    user = Some(member);
+                }
             }
             Some(token) => {
                 let principal = self.authenticate(Some(&format!("Bearer {token}"))).await.map_err(api)?;
@@ -884,6 +958,7 @@ impl App {
                     }
                 }
                 self.project_access(&principal, &project.id).await.map_err(api)?;
+                user = principal.user_id().map(str::to_string);
             }
             None if project.realtime_public => {}
             None => {
@@ -953,6 +1028,7 @@ impl App {
                 socket: socket.clone(),
                 filter,
                 committed_from: if resumed { Lsn(0) } else { now },
+                user,
             },
         );
         drop(state);

@@ -10,6 +10,7 @@ mod guide;
 mod realtime;
 mod replication;
 mod sql;
+mod team;
 mod values;
 mod webhooks;
 mod wire;

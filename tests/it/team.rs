@@ -1,0 +1,999 @@
+//! Team & invitations: the guide's shapes, every error, the last-admin rule, and the role matrix
+//! (each member role and key scope against each endpoint family).
+
+use serde_json::{json, Value};
+
+use crate::realtime::{connect, recv, send, subscribe};
+use crate::support::{spawn_app, spawn_app_with, Fixture, TestApp};
+
+/// A user who joined a project through an invitation.
+struct Member {
+    token: String,
+    user_id: String,
+    email: String,
+}
+
+async fn invite(app: &TestApp, by: &str, project: &str, email: &str, role: &str) -> (u16, Value) {
+    app.call(
+        "POST",
+        "/api/team",
+        Some(by),
+        Some(json!({ "projectId": project, "email": email, "role": role })),
+    )
+    .await
+}
+
+async fn answer(app: &TestApp, token: &str, invite_id: &str, status: &str) -> (u16, Value) {
+    app.call(
+        "POST",
+        "/api/team/invites/accept",
+        Some(token),
+        Some(json!({ "inviteId": invite_id, "status": status })),
+    )
+    .await
+}
+
+async fn team(app: &TestApp, by: &str, project: &str) -> (u16, Value) {
+    app.call(
+        "GET",
+        &format!("/api/team?projectId={project}"),
+        Some(by),
+        None,
+    )
+    .await
+}
+
+async fn patch_role(
+    app: &TestApp,
+    by: &str,
+    project: &str,
+    user_id: &str,
+    role: &str,
+) -> (u16, Value) {
+    app.call(
+        "PATCH",
+        "/api/team",
+        Some(by),
+        Some(json!({ "projectId": project, "userId": user_id, "role": role })),
+    )
+    .await
+}
+
+async fn remove(app: &TestApp, by: &str, project: &str, user_id: &str) -> (u16, Value) {
+    app.call(
+        "DELETE",
+        &format!("/api/team?projectId={project}&userId={user_id}"),
+        Some(by),
+        None,
+    )
+    .await
+}
+
+/// Signs a user up, has the fixture's admin invite them with `role`, and accepts.
+async fn join(app: &TestApp, f: &Fixture, role: &str) -> Member {
+    let (token, user_id, email) = app.signup().await;
+    let (status, body) = invite(app, &f.token, &f.project, &email, role).await;
+    assert_eq!(status, 201, "{body}");
+    let id = body["invite"]["id"].as_str().unwrap();
+    let (status, body) = answer(app, &token, id, "accepted").await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["member"]["role"], role);
+    Member {
+        token,
+        user_id,
+        email,
+    }
+}
+
+fn assert_error(status: u16, body: &Value, want_status: u16, code: &str) {
+    assert_eq!(status, want_status, "{body}");
+    assert_eq!(body["success"], false, "{body}");
+    assert_eq!(body["error"]["code"], code, "{body}");
+}
+
+async fn admins_of(app: &TestApp, f: &Fixture) -> Vec<String> {
+    let (_, body) = team(app, &f.admin, &f.project).await;
+    body["members"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|m| m["role"] == "admin")
+        .map(|m| m["userId"].as_str().unwrap().to_string())
+        .collect()
+}
+
+#[tokio::test]
+async fn team_listing_has_the_guides_shape_for_members_and_invites() {
+    let app = spawn_app().await;
+    let f = app.fixture().await;
+    let (status, body) = team(&app, &f.token, &f.project).await;
+    assert_eq!(status, 200, "{body}");
+    let members = body["members"].as_array().unwrap();
+    assert_eq!(members.len(), 1);
+    let me = &members[0];
+    assert_eq!(me["userId"], f.user_id.as_str());
+    assert_eq!(me["email"], f.email.as_str());
+    assert_eq!(me["displayName"], "Test");
+    assert_eq!(me["role"], "admin");
+    assert!(me["joinedAt"].as_str().unwrap().contains('T'));
+    assert_eq!(body["invites"], json!([]));
+
+    let (_, _, bob) = app.signup().await;
+    let (status, sent) = invite(&app, &f.token, &f.project, &bob, "developer").await;
+    assert_eq!(status, 201, "{sent}");
+    assert_eq!(sent["success"], true);
+    let inv = &sent["invite"];
+    assert!(inv["id"].as_str().unwrap().starts_with("inv_"), "{inv}");
+    assert_eq!(inv["email"], bob.as_str());
+    assert_eq!(inv["role"], "developer");
+    assert_eq!(inv["status"], "pending");
+
+    // The admin key sees the same.
+    let (status, body) = team(&app, &f.admin, &f.project).await;
+    assert_eq!(status, 200, "{body}");
+    let invites = body["invites"].as_array().unwrap();
+    assert_eq!(invites.len(), 1);
+    let keys: Vec<&str> = invites[0]
+        .as_object()
+        .unwrap()
+        .keys()
+        .map(String::as_str)
+        .collect();
+    assert_eq!(keys.len(), 5, "{keys:?}");
+    for k in ["id", "email", "role", "invitedAt", "status"] {
+        assert!(keys.contains(&k), "{k} missing in {keys:?}");
+    }
+    assert_eq!(invites[0], *inv);
+    let keys = body["members"][0].as_object().unwrap().len();
+    assert_eq!(keys, 5, "{body}");
+}
+
+#[tokio::test]
+async fn invitations_need_a_registered_account_and_compare_emails_in_any_case() {
+    let app = spawn_app().await;
+    let f = app.fixture().await;
+    let (status, body) = invite(
+        &app,
+        &f.token,
+        &f.project,
+        "nobody-here@example.com",
+        "viewer",
+    )
+    .await;
+    assert_error(status, &body, 404, "USER_NOT_FOUND");
+    assert!(body["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("nobody-here@example.com"));
+
+    let (token, user_id, email) = app.signup().await;
+    let (status, sent) = invite(&app, &f.token, &f.project, &email.to_uppercase(), "viewer").await;
+    assert_eq!(status, 201, "{sent}");
+    // The account's own spelling is kept.
+    assert_eq!(sent["invite"]["email"], email.as_str());
+    let id = sent["invite"]["id"].as_str().unwrap().to_string();
+
+    // The invitee discovers it through /api/auth/me.
+    let (status, me) = app.call("GET", "/api/auth/me", Some(&token), None).await;
+    assert_eq!(status, 200, "{me}");
+    assert_eq!(me["projects"], json!([]));
+    assert_eq!(me["invites"].as_array().unwrap().len(), 1, "{me}");
+    assert_eq!(me["invites"][0]["id"], id.as_str());
+    assert_eq!(me["invites"][0]["projectId"], f.project.as_str());
+    assert_eq!(me["invites"][0]["projectName"], "test");
+    assert_eq!(me["invites"][0]["role"], "viewer");
+
+    // Until accepted, the project does not exist for them.
+    let (status, body) = app
+        .call(
+            "POST",
+            "/api/execute-sql",
+            Some(&token),
+            Some(json!({ "projectId": f.project, "query": "SELECT 1" })),
+        )
+        .await;
+    assert_error(status, &body, 404, "PROJECT_NOT_FOUND");
+
+    let (status, body) = answer(&app, &token, &id, "accepted").await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["invite"]["status"], "accepted");
+    assert_eq!(body["invite"]["projectId"], f.project.as_str());
+    assert_eq!(body["member"]["userId"], user_id.as_str());
+    assert_eq!(body["member"]["role"], "viewer");
+
+    let (_, me) = app.call("GET", "/api/auth/me", Some(&token), None).await;
+    assert_eq!(me["invites"], json!([]));
+    assert_eq!(me["projects"][0]["id"], f.project.as_str());
+    assert_eq!(me["projects"][0]["role"], "viewer");
+    let (_, list) = team(&app, &f.token, &f.project).await;
+    assert_eq!(list["members"].as_array().unwrap().len(), 2);
+    assert_eq!(list["invites"][0]["status"], "accepted");
+}
+
+#[tokio::test]
+async fn a_new_invitation_resets_an_earlier_pending_accepted_or_rejected_one() {
+    let app = spawn_app().await;
+    let f = app.fixture().await;
+    let (token, user_id, email) = app.signup().await;
+
+    let (_, first) = invite(&app, &f.token, &f.project, &email, "viewer").await;
+    let first_id = first["invite"]["id"].as_str().unwrap().to_string();
+    // Pending → a new one (another case of the address) replaces it.
+    let (status, second) = invite(&app, &f.admin, &f.project, &email.to_uppercase(), "admin").await;
+    assert_eq!(status, 201, "{second}");
+    let second_id = second["invite"]["id"].as_str().unwrap().to_string();
+    assert_ne!(first_id, second_id);
+    let (_, list) = team(&app, &f.token, &f.project).await;
+    assert_eq!(list["invites"].as_array().unwrap().len(), 1, "{list}");
+    assert_eq!(list["invites"][0]["id"], second_id.as_str());
+    assert_eq!(list["invites"][0]["role"], "admin");
+    // The replaced invitation is gone.
+    let (status, body) = answer(&app, &token, &first_id, "accepted").await;
+    assert_error(status, &body, 404, "NOT_FOUND");
+
+    // Rejected → a new one is pending again.
+    let (status, body) = answer(&app, &token, &second_id, "rejected").await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["invite"]["status"], "rejected");
+    assert_eq!(body["member"], Value::Null);
+    let (_, list) = team(&app, &f.token, &f.project).await;
+    assert_eq!(list["invites"][0]["status"], "rejected");
+    assert_eq!(list["members"].as_array().unwrap().len(), 1);
+    let (_, third) = invite(&app, &f.token, &f.project, &email, "developer").await;
+    assert_eq!(third["invite"]["status"], "pending");
+    let third_id = third["invite"]["id"].as_str().unwrap().to_string();
+    let (status, body) = answer(&app, &token, &third_id, "accepted").await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["member"]["role"], "developer");
+
+    // Accepted → pending again; accepting it sets the member's role to the new one.
+    let (_, fourth) = invite(&app, &f.token, &f.project, &email, "viewer").await;
+    assert_eq!(fourth["invite"]["status"], "pending");
+    let (_, list) = team(&app, &f.token, &f.project).await;
+    assert_eq!(list["invites"].as_array().unwrap().len(), 1, "{list}");
+    let (status, body) = answer(
+        &app,
+        &token,
+        fourth["invite"]["id"].as_str().unwrap(),
+        "accepted",
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    let (_, list) = team(&app, &f.token, &f.project).await;
+    let member = list["members"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["userId"] == user_id.as_str())
+        .unwrap()
+        .clone();
+    assert_eq!(member["role"], "viewer");
+}
+
+#[tokio::test]
+async fn only_the_invitees_own_session_answers_an_invitation() {
+    let app = spawn_app().await;
+    let f = app.fixture().await;
+    let (token, _, email) = app.signup().await;
+    let (other, _, _) = app.signup().await;
+    let (_, sent) = invite(&app, &f.token, &f.project, &email, "developer").await;
+    let id = sent["invite"]["id"].as_str().unwrap().to_string();
+
+    let (status, body) = answer(&app, &other, &id, "accepted").await;
+    assert_error(status, &body, 403, "INSUFFICIENT_PERMISSIONS");
+    // Not even the inviting admin may answer for the invitee.
+    let (status, body) = answer(&app, &f.token, &id, "accepted").await;
+    assert_error(status, &body, 403, "INSUFFICIENT_PERMISSIONS");
+    let (status, body) = answer(&app, &f.admin, &id, "accepted").await;
+    assert_error(status, &body, 403, "SCOPE_MISMATCH");
+    let (status, body) = app
+        .call(
+            "POST",
+            "/api/team/invites/accept",
+            None,
+            Some(json!({ "inviteId": id, "status": "accepted" })),
+        )
+        .await;
+    assert_error(status, &body, 401, "AUTH_REQUIRED");
+
+    let (status, body) = answer(&app, &token, "inv_doesnotexist00", "accepted").await;
+    assert_error(status, &body, 404, "NOT_FOUND");
+    assert!(body["error"]["message"]
+        .as_str()
+        .unwrap()
+        .starts_with("inviteId"));
+    let (status, body) = answer(&app, &token, &id, "maybe").await;
+    assert_error(status, &body, 400, "BAD_REQUEST");
+    assert!(body["error"]["message"]
+        .as_str()
+        .unwrap()
+        .starts_with("status"));
+    for (bad, field) in [
+        (json!({ "status": "accepted" }), "inviteId"),
+        (json!({ "inviteId": 7, "status": "accepted" }), "inviteId"),
+        (
+            json!({ "inviteId": id, "status": "accepted", "role": "admin" }),
+            "role",
+        ),
+        (json!({ "inviteId": id }), "status"),
+    ] {
+        let (status, body) = app
+            .call(
+                "POST",
+                "/api/team/invites/accept",
+                Some(&token),
+                Some(bad.clone()),
+            )
+            .await;
+        assert_error(status, &body, 400, "BAD_REQUEST");
+        assert!(
+            body["error"]["message"]
+                .as_str()
+                .unwrap()
+                .starts_with(field),
+            "{bad}: {body}"
+        );
+    }
+    // Still pending after all that.
+    let (_, me) = app.call("GET", "/api/auth/me", Some(&token), None).await;
+    assert_eq!(me["invites"][0]["status"], "pending");
+
+    let (status, body) = answer(&app, &token, &id, "accepted").await;
+    assert_eq!(status, 200, "{body}");
+    for again in ["accepted", "rejected"] {
+        let (status, body) = answer(&app, &token, &id, again).await;
+        assert_error(status, &body, 409, "CONFLICT");
+        assert!(body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("already accepted"));
+    }
+}
+
+#[tokio::test]
+async fn team_requests_are_validated_and_name_the_field() {
+    let app = spawn_app().await;
+    let f = app.fixture().await;
+    let dev = join(&app, &f, "developer").await;
+    let cases = [
+        (
+            "POST",
+            json!({ "projectId": f.project, "email": dev.email, "role": "owner" }),
+            "role",
+        ),
+        (
+            "POST",
+            json!({ "projectId": f.project, "role": "viewer" }),
+            "email",
+        ),
+        (
+            "POST",
+            json!({ "projectId": f.project, "email": ["x"], "role": "viewer" }),
+            "email",
+        ),
+        (
+            "POST",
+            json!({ "projectId": f.project, "email": dev.email, "role": "viewer", "extra": 1 }),
+            "extra",
+        ),
+        (
+            "POST",
+            json!({ "email": dev.email, "role": "viewer" }),
+            "projectId",
+        ),
+        (
+            "PATCH",
+            json!({ "projectId": f.project, "userId": dev.user_id, "role": "root" }),
+            "role",
+        ),
+        (
+            "PATCH",
+            json!({ "projectId": f.project, "userId": dev.user_id }),
+            "role",
+        ),
+        (
+            "PATCH",
+            json!({ "projectId": f.project, "userId": 1, "role": "viewer" }),
+            "userId",
+        ),
+    ];
+    for (method, body, field) in cases {
+        let (status, answer) = app
+            .call(method, "/api/team", Some(&f.token), Some(body.clone()))
+            .await;
+        assert_error(status, &answer, 400, "BAD_REQUEST");
+        assert!(
+            answer["error"]["message"].as_str().unwrap().contains(field),
+            "{method} {body}: {answer}"
+        );
+    }
+    let (status, body) = app
+        .call(
+            "DELETE",
+            &format!("/api/team?projectId={}", f.project),
+            Some(&f.token),
+            None,
+        )
+        .await;
+    assert_error(status, &body, 400, "BAD_REQUEST");
+    assert!(body["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("userId"));
+    let (status, body) = app.call("GET", "/api/team", Some(&f.token), None).await;
+    assert_error(status, &body, 400, "BAD_REQUEST");
+    let (status, body) = app
+        .call("PUT", "/api/team", Some(&f.token), Some(json!({})))
+        .await;
+    assert_error(status, &body, 405, "METHOD_NOT_ALLOWED");
+
+    // Members that do not exist.
+    let (_, outsider, _) = app.signup().await;
+    let (status, body) = remove(&app, &f.token, &f.project, &outsider).await;
+    assert_error(status, &body, 404, "NOT_FOUND");
+    let (status, body) = patch_role(&app, &f.token, &f.project, &outsider, "viewer").await;
+    assert_error(status, &body, 404, "NOT_FOUND");
+    // Another project's key and a stranger's session.
+    let g = app.fixture().await;
+    let (status, body) = team(&app, &g.admin, &f.project).await;
+    assert_error(status, &body, 403, "SCOPE_MISMATCH");
+    let (status, body) = invite(&app, &g.token, &f.project, &dev.email, "viewer").await;
+    assert_error(status, &body, 404, "PROJECT_NOT_FOUND");
+    // Nothing changed.
+    let (_, list) = team(&app, &f.token, &f.project).await;
+    assert_eq!(list["members"].as_array().unwrap().len(), 2);
+    assert_eq!(list["invites"].as_array().unwrap().len(), 1);
+}
+
+#[tokio::test]
+async fn non_admins_get_insufficient_permissions_on_every_team_endpoint() {
+    let app = spawn_app().await;
+    let f = app.fixture().await;
+    let viewer = join(&app, &f, "viewer").await;
+    let developer = join(&app, &f, "developer").await;
+    let (_, _, outsider) = app.signup().await;
+    for token in [&viewer.token, &developer.token, &f.read, &f.readwrite] {
+        for (status, body) in [
+            team(&app, token, &f.project).await,
+            invite(&app, token, &f.project, &outsider, "admin").await,
+            patch_role(&app, token, &f.project, &viewer.user_id, "admin").await,
+            remove(&app, token, &f.project, &viewer.user_id).await,
+            remove(&app, token, &f.project, &f.user_id).await,
+        ] {
+            assert_error(status, &body, 403, "INSUFFICIENT_PERMISSIONS");
+        }
+    }
+    // Nothing changed; the admin key may do all of it.
+    let (status, list) = team(&app, &f.admin, &f.project).await;
+    assert_eq!(status, 200, "{list}");
+    assert_eq!(list["members"].as_array().unwrap().len(), 3);
+    assert_eq!(list["invites"].as_array().unwrap().len(), 2);
+    let (status, body) = invite(&app, &f.admin, &f.project, &outsider, "viewer").await;
+    assert_eq!(status, 201, "{body}");
+    let (status, body) = patch_role(&app, &f.admin, &f.project, &viewer.user_id, "admin").await;
+    assert_eq!(status, 200, "{body}");
+    let (status, body) = remove(&app, &f.admin, &f.project, &developer.user_id).await;
+    assert_eq!(status, 200, "{body}");
+}
+
+#[tokio::test]
+async fn the_last_admin_can_be_neither_removed_nor_demoted() {
+    let app = spawn_app().await;
+    let f = app.fixture().await;
+    for by in [&f.token, &f.admin] {
+        let (status, body) = remove(&app, by, &f.project, &f.user_id).await;
+        assert_error(status, &body, 409, "CONFLICT");
+        assert!(body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("last admin"));
+        for role in ["developer", "viewer"] {
+            let (status, body) = patch_role(&app, by, &f.project, &f.user_id, role).await;
+            assert_error(status, &body, 409, "CONFLICT");
+        }
+    }
+    // Nor by accepting an invitation to a lesser role.
+    let (_, sent) = invite(&app, &f.token, &f.project, &f.email, "viewer").await;
+    let id = sent["invite"]["id"].as_str().unwrap().to_string();
+    let (status, body) = answer(&app, &f.token, &id, "accepted").await;
+    assert_error(status, &body, 409, "CONFLICT");
+    let (_, me) = app.call("GET", "/api/auth/me", Some(&f.token), None).await;
+    assert_eq!(me["invites"][0]["status"], "pending", "rolled back: {me}");
+    assert_eq!(admins_of(&app, &f).await, vec![f.user_id.clone()]);
+    // Keeping the admin role is not a demotion.
+    let (status, body) = patch_role(&app, &f.token, &f.project, &f.user_id, "admin").await;
+    assert_eq!(status, 200, "{body}");
+
+    // With a second admin the first may step down, and the second is then the last.
+    let second = join(&app, &f, "admin").await;
+    let (status, body) = patch_role(&app, &second.token, &f.project, &f.user_id, "developer").await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["member"]["role"], "developer");
+    assert_eq!(body["member"]["userId"], f.user_id.as_str());
+    let (status, body) = remove(&app, &f.admin, &f.project, &second.user_id).await;
+    assert_error(status, &body, 409, "CONFLICT");
+    let (status, body) = remove(&app, &second.token, &f.project, &f.user_id).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body, json!({ "success": true }));
+    assert_eq!(admins_of(&app, &f).await, vec![second.user_id.clone()]);
+}
+
+#[tokio::test]
+async fn two_admins_demoting_each_other_at_once_leave_one_admin() {
+    let app = spawn_app().await;
+    let f = app.fixture().await;
+    for _ in 0..5 {
+        let other = join(&app, &f, "admin").await;
+        let ((s1, b1), (s2, b2)) = tokio::join!(
+            patch_role(&app, &f.token, &f.project, &other.user_id, "viewer"),
+            patch_role(&app, &other.token, &f.project, &f.user_id, "viewer"),
+        );
+        let ok = [s1, s2].iter().filter(|s| **s == 200).count();
+        assert_eq!(ok, 1, "{b1} {b2}");
+        for (s, b) in [(s1, &b1), (s2, &b2)] {
+            assert!(s == 200 || s == 409 || s == 403, "{s} {b}");
+        }
+        let admins = admins_of(&app, &f).await;
+        assert_eq!(admins.len(), 1, "{admins:?}");
+        // Back to one admin, the creator, for the next round.
+        if admins[0] != f.user_id {
+            let (s, b) = patch_role(&app, &other.token, &f.project, &f.user_id, "admin").await;
+            assert_eq!(s, 200, "{b}");
+        }
+        let (s, b) = remove(&app, &f.token, &f.project, &other.user_id).await;
+        assert_eq!(s, 200, "{b}");
+    }
+}
+
+async fn run_sql(app: &TestApp, token: &str, project: &str, q: &str) -> (u16, Value) {
+    app.call(
+        "POST",
+        "/api/execute-sql",
+        Some(token),
+        Some(json!({ "projectId": project, "query": q })),
+    )
+    .await
+}
+
+#[tokio::test]
+async fn removed_and_demoted_members_lose_access_on_the_next_request() {
+    let app = spawn_app().await;
+    let f = app.fixture().await;
+    let dev = join(&app, &f, "developer").await;
+    let (_, body) = run_sql(
+        &app,
+        &dev.token,
+        &f.project,
+        "CREATE TABLE notes (id int); SELECT current_user AS u",
+    )
+    .await;
+    assert_eq!(body["success"], true, "{body}");
+    assert_eq!(
+        body["result"]["rows"][0]["u"],
+        format!("fx_{}_owner", f.project)
+    );
+
+    let (status, body) = patch_role(&app, &f.token, &f.project, &dev.user_id, "viewer").await;
+    assert_eq!(status, 200, "{body}");
+    let (_, body) = run_sql(&app, &dev.token, &f.project, "INSERT INTO notes VALUES (1)").await;
+    assert_eq!(body["error"]["code"], "SQL_EXEC_ERROR", "{body}");
+    assert_eq!(body["error"]["details"], "ERROR:  42501");
+    let (_, body) = run_sql(
+        &app,
+        &dev.token,
+        &f.project,
+        "SELECT current_user AS u, count(*) AS n FROM notes",
+    )
+    .await;
+    assert_eq!(
+        body["result"]["rows"][0]["u"],
+        format!("fx_{}_read", f.project)
+    );
+
+    let (status, body) = remove(&app, &f.token, &f.project, &dev.user_id).await;
+    assert_eq!(status, 200, "{body}");
+    let (status, body) = run_sql(&app, &dev.token, &f.project, "SELECT 1").await;
+    assert_error(status, &body, 404, "PROJECT_NOT_FOUND");
+    let (_, me) = app
+        .call("GET", "/api/auth/me", Some(&dev.token), None)
+        .await;
+    assert_eq!(me["projects"], json!([]));
+    let (status, body) = remove(&app, &f.token, &f.project, &dev.user_id).await;
+    assert_error(status, &body, 404, "NOT_FOUND");
+    let (_, list) = team(&app, &f.token, &f.project).await;
+    assert_eq!(list["members"].as_array().unwrap().len(), 1);
+}
+
+#[tokio::test]
+async fn a_removed_member_stops_receiving_realtime_events() {
+    let app = spawn_app().await;
+    let f = app.fixture().await;
+    let viewer = join(&app, &f, "viewer").await;
+    app.rows(&f.admin, &f.project, "CREATE TABLE t (id int)")
+        .await;
+    let (status, body) = app
+        .call(
+            "POST",
+            "/api/realtime/token",
+            Some(&viewer.token),
+            Some(json!({ "projectId": f.project })),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let rt = body["token"].as_str().unwrap().to_string();
+
+    let mut by_session = connect(&app, "/").await;
+    let mut by_token = connect(&app, "/").await;
+    let mut bystander = connect(&app, "/").await;
+    for (ws, token) in [
+        (&mut by_session, viewer.token.as_str()),
+        (&mut by_token, rt.as_str()),
+        (&mut bystander, f.read.as_str()),
+    ] {
+        let ack = subscribe(ws, &f.project, Some(token)).await;
+        assert_eq!(ack["type"], "subscribed", "{ack}");
+    }
+    app.rows(&f.admin, &f.project, "INSERT INTO t VALUES (1)")
+        .await;
+    for ws in [&mut by_session, &mut by_token, &mut bystander] {
+        let ev = recv(ws).await;
+        assert_eq!(ev["payload"]["record"]["id"], 1, "{ev}");
+    }
+
+    let (status, body) = remove(&app, &f.token, &f.project, &viewer.user_id).await;
+    assert_eq!(status, 200, "{body}");
+    for ws in [&mut by_session, &mut by_token] {
+        let msg = recv(ws).await;
+        assert_eq!(msg["type"], "error", "{msg}");
+        assert_eq!(msg["code"], "ACCESS_REVOKED", "{msg}");
+    }
+    app.rows(&f.admin, &f.project, "INSERT INTO t VALUES (2)")
+        .await;
+    let ev = recv(&mut bystander).await;
+    assert_eq!(ev["payload"]["record"]["id"], 2, "{ev}");
+    // The evicted sockets get nothing of it: the next thing they see answers a later ping.
+    for ws in [&mut by_session, &mut by_token] {
+        send(ws, json!({ "type": "broadcast", "roomId": format!("project_{}", f.project), "event": "x", "payload": {} })).await;
+        let msg = recv(ws).await;
+        assert_eq!(msg["code"], "NOT_SUBSCRIBED", "{msg}");
+        send(ws, json!({ "type": "ping" })).await;
+        assert_eq!(recv(ws).await, json!({ "type": "pong" }));
+    }
+    // Subscribing again is refused, with the session and with the token it obtained.
+    let msg = subscribe(&mut by_session, &f.project, Some(&viewer.token)).await;
+    assert_eq!(msg["code"], "PROJECT_NOT_FOUND", "{msg}");
+    let msg = subscribe(&mut by_token, &f.project, Some(&rt)).await;
+    assert_eq!(msg["code"], "ACCESS_REVOKED", "{msg}");
+    send(&mut bystander, json!({ "type": "ping" })).await;
+    assert_eq!(recv(&mut bystander).await, json!({ "type": "pong" }));
+}
+
+#[tokio::test]
+async fn a_removal_announced_by_another_server_ends_the_members_subscriptions_here() {
+    let app = spawn_app().await;
+    let f = app.fixture().await;
+    let viewer = join(&app, &f, "viewer").await;
+    let stays = join(&app, &f, "viewer").await;
+    let mut gone_ws = connect(&app, "/").await;
+    let mut stays_ws = connect(&app, "/").await;
+    for (ws, token) in [(&mut gone_ws, &viewer.token), (&mut stays_ws, &stays.token)] {
+        let ack = subscribe(ws, &f.project, Some(token)).await;
+        assert_eq!(ack["type"], "subscribed", "{ack}");
+    }
+    // What another server does on removal: delete the row, then NOTIFY the access channel.
+    let pg = crate::support::pg().await;
+    let ctl = pg.client(&app.app.cluster.control_db).await;
+    ctl.execute(
+        "DELETE FROM fluxbase.members WHERE project_id = $1 AND user_id = $2",
+        &[&f.project, &viewer.user_id],
+    )
+    .await
+    .unwrap();
+    for user in [&viewer.user_id, &stays.user_id] {
+        // A stale announcement for someone who is still a member evicts nobody.
+        ctl.execute(
+            "SELECT pg_notify('fluxbase_cache', $1)",
+            &[&format!("{} member-removed {user}", f.project)],
+        )
+        .await
+        .unwrap();
+    }
+    let msg = recv(&mut gone_ws).await;
+    assert_eq!(msg["code"], "ACCESS_REVOKED", "{msg}");
+    app.rows(&f.admin, &f.project, "CREATE TABLE after_removal (id int)")
+        .await;
+    let msg = recv(&mut stays_ws).await;
+    assert_eq!(msg["type"], "schema_update", "{msg}");
+}
+
+// ---------------------------------------------------------------------------------------------
+// The role matrix: every member role and key scope against every endpoint family.
+//
+// To cover a new endpoint family (storage, RLS, ...): add a `Family` variant, its request in
+// `attempt`, and a row in `MATRIX` saying who may use it. `attempt` returns whether the request
+// was allowed; a refusal must be the right one (403 with INSUFFICIENT_PERMISSIONS or
+// SCOPE_MISMATCH, or PostgreSQL's 42501 for SQL), anything else fails the test.
+// ---------------------------------------------------------------------------------------------
+
+/// Who calls: project members through their sessions, and the project's API keys.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Who {
+    Viewer,
+    Developer,
+    AdminMember,
+    ReadKey,
+    ReadWriteKey,
+    AdminKey,
+}
+
+const EVERYONE: [Who; 6] = [
+    Who::Viewer,
+    Who::Developer,
+    Who::AdminMember,
+    Who::ReadKey,
+    Who::ReadWriteKey,
+    Who::AdminKey,
+];
+
+#[derive(Clone, Copy, Debug)]
+enum Family {
+    SqlSelect,
+    SqlInsert,
+    SqlCreateTable,
+    KeysList,
+    KeysCreate,
+    TeamList,
+    TeamInvite,
+    TeamPatch,
+    WebhooksCreate,
+    WebhooksList,
+    ProjectPatch,
+    RealtimeToken,
+    RealtimeBroadcast,
+    CdcStatus,
+    /// Destructive: must stay the last row (see `attempt`).
+    ProjectDelete,
+}
+
+use Who::*;
+
+/// Who may use each family: the guide's table (admin everything; developer data and schemas
+/// but not members or keys; viewer read-only) and the key scopes.
+const MATRIX: &[(Family, &[Who])] = &[
+    (Family::SqlSelect, &EVERYONE),
+    (
+        Family::SqlInsert,
+        &[Developer, AdminMember, ReadWriteKey, AdminKey],
+    ),
+    (Family::SqlCreateTable, &[Developer, AdminMember, AdminKey]),
+    (Family::KeysList, &[AdminMember, AdminKey]),
+    (Family::KeysCreate, &[AdminMember, AdminKey]),
+    (Family::TeamList, &[AdminMember, AdminKey]),
+    (Family::TeamInvite, &[AdminMember, AdminKey]),
+    (Family::TeamPatch, &[AdminMember, AdminKey]),
+    (Family::WebhooksCreate, &[Developer, AdminMember, AdminKey]),
+    (Family::WebhooksList, &EVERYONE),
+    (Family::ProjectPatch, &[AdminMember, AdminKey]),
+    (Family::RealtimeToken, &EVERYONE),
+    (
+        Family::RealtimeBroadcast,
+        &[Developer, AdminMember, ReadWriteKey, AdminKey],
+    ),
+    (Family::CdcStatus, &EVERYONE),
+    (Family::ProjectDelete, &[AdminMember, AdminKey]),
+];
+
+struct Matrix {
+    f: Fixture,
+    viewer: Member,
+    developer: Member,
+    /// Someone to invite and re-role (a viewer member of the project).
+    target: Member,
+    /// A second project of the same admin, deleted by the admin key (the admin member deletes
+    /// the first one last).
+    spare: Fixture,
+}
+
+impl Matrix {
+    fn token(&self, who: Who) -> &str {
+        match who {
+            Viewer => &self.viewer.token,
+            Developer => &self.developer.token,
+            AdminMember => &self.f.token,
+            ReadKey => &self.f.read,
+            ReadWriteKey => &self.f.readwrite,
+            AdminKey => &self.f.admin,
+        }
+    }
+}
+
+/// Makes `who`'s request of `family`; true if it was allowed, false if refused as it should be.
+async fn attempt(app: &TestApp, m: &Matrix, family: Family, who: Who) -> bool {
+    let p = m.f.project.as_str();
+    let token = m.token(who);
+    let n = crate::support::unique("m");
+    let (status, body) = match family {
+        Family::SqlSelect | Family::SqlInsert | Family::SqlCreateTable => {
+            let query = match family {
+                Family::SqlSelect => "SELECT count(*) FROM matrix".to_string(),
+                Family::SqlInsert => "INSERT INTO matrix VALUES (1)".to_string(),
+                _ => format!("CREATE TABLE {n} (id int)"),
+            };
+            let body = app.sql(token, p, &query).await;
+            if body["success"] == true {
+                return true;
+            }
+            assert_eq!(
+                body["error"]["details"], "ERROR:  42501",
+                "{who:?} {family:?}: {body}"
+            );
+            return false;
+        }
+        Family::KeysList => {
+            app.call(
+                "GET",
+                &format!("/api/keys?projectId={p}"),
+                Some(token),
+                None,
+            )
+            .await
+        }
+        Family::KeysCreate => {
+            app.call(
+                "POST",
+                "/api/keys",
+                Some(token),
+                Some(json!({ "projectId": p, "scope": "read" })),
+            )
+            .await
+        }
+        Family::TeamList => team(app, token, p).await,
+        Family::TeamInvite => invite(app, token, p, &m.target.email, "viewer").await,
+        Family::TeamPatch => patch_role(app, token, p, &m.target.user_id, "viewer").await,
+        Family::WebhooksCreate => {
+            app.call(
+                "POST",
+                "/api/webhooks",
+                Some(token),
+                Some(json!({ "projectId": p, "url": "http://127.0.0.1:9/hook",
+                             "events": ["row.inserted"], "tables": ["nothing_here"] })),
+            )
+            .await
+        }
+        Family::WebhooksList => {
+            app.call(
+                "GET",
+                &format!("/api/webhooks?projectId={p}"),
+                Some(token),
+                None,
+            )
+            .await
+        }
+        Family::ProjectPatch => {
+            app.call(
+                "PATCH",
+                "/api/projects",
+                Some(token),
+                Some(json!({ "projectId": p, "name": n })),
+            )
+            .await
+        }
+        Family::RealtimeToken => {
+            app.call(
+                "POST",
+                "/api/realtime/token",
+                Some(token),
+                Some(json!({ "projectId": p })),
+            )
+            .await
+        }
+        Family::RealtimeBroadcast => {
+            app.call(
+                "POST",
+                "/api/realtime/broadcast",
+                Some(token),
+                Some(json!({ "projectId": p, "event": "e", "payload": {} })),
+            )
+            .await
+        }
+        Family::CdcStatus => {
+            app.call(
+                "GET",
+                &format!("/api/cdc/status?projectId={p}"),
+                Some(token),
+                None,
+            )
+            .await
+        }
+        Family::ProjectDelete => {
+            // Refusals are tried on the real project; an allowed deletion by the admin key
+            // removes the spare project (its own key), by the admin member the real one.
+            let (project, token) = match who {
+                AdminKey => (m.spare.project.as_str(), m.spare.admin.as_str()),
+                _ => (p, token),
+            };
+            app.call(
+                "DELETE",
+                &format!("/api/projects?projectId={project}"),
+                Some(token),
+                None,
+            )
+            .await
+        }
+    };
+    if (200..300).contains(&status) {
+        assert_eq!(body["success"], true, "{who:?} {family:?}: {body}");
+        return true;
+    }
+    assert_eq!(status, 403, "{who:?} {family:?}: {body}");
+    let code = body["error"]["code"].as_str().unwrap_or_default();
+    assert!(
+        code == "INSUFFICIENT_PERMISSIONS" || code == "SCOPE_MISMATCH",
+        "{who:?} {family:?}: {body}"
+    );
+    // Member refusals use the guide's code for roles.
+    if matches!(who, Viewer | Developer) {
+        assert_eq!(
+            code, "INSUFFICIENT_PERMISSIONS",
+            "{who:?} {family:?}: {body}"
+        );
+    }
+    false
+}
+
+#[tokio::test]
+async fn each_role_and_scope_may_do_exactly_what_the_role_table_says() {
+    let app = spawn_app_with(|c| c.webhook_allow_private = true).await;
+    let f = app.fixture().await;
+    app.rows(&f.admin, &f.project, "CREATE TABLE matrix (id int)")
+        .await;
+    let viewer = join(&app, &f, "viewer").await;
+    let developer = join(&app, &f, "developer").await;
+    let target = join(&app, &f, "viewer").await;
+    let (status, body) = app
+        .call(
+            "POST",
+            "/api/projects",
+            Some(&f.token),
+            Some(json!({ "name": "spare" })),
+        )
+        .await;
+    assert_eq!(status, 201, "{body}");
+    let spare = Fixture {
+        project: body["project"]["id"].as_str().unwrap().to_string(),
+        admin: body["apiKeys"]["admin"].as_str().unwrap().to_string(),
+        read: body["apiKeys"]["read"].as_str().unwrap().to_string(),
+        readwrite: body["apiKeys"]["readwrite"].as_str().unwrap().to_string(),
+        token: f.token.clone(),
+        user_id: f.user_id.clone(),
+        email: f.email.clone(),
+    };
+    let m = Matrix {
+        f,
+        viewer,
+        developer,
+        target,
+        spare,
+    };
+    assert!(
+        matches!(MATRIX.last(), Some((Family::ProjectDelete, _))),
+        "ProjectDelete must stay last"
+    );
+    let mut wrong = Vec::new();
+    for (family, allowed) in MATRIX {
+        // Allowed deletions go last, so refusals are checked while the project exists.
+        let mut order: Vec<Who> = EVERYONE.to_vec();
+        order.sort_by_key(|w| allowed.contains(w));
+        for who in order {
+            let got = attempt(&app, &m, *family, who).await;
+            if got != allowed.contains(&who) {
+                wrong.push(format!("{family:?} by {who:?}: allowed={got}"));
+            }
+        }
+    }
+    assert!(
+        wrong.is_empty(),
+        "unexpected outcomes:\n{}",
+        wrong.join("\n")
+    );
+}
