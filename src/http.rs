@@ -184,6 +184,7 @@ fn route_name(path: &str) -> &'static str {
         "/api/cdc/status" => "/api/cdc/status",
         "/api/webhooks" | "/api/webhooks/deliveries" | "/api/webhooks/redeliver" => "/api/webhooks",
         "/api/realtime/token" | "/api/realtime/broadcast" => "/api/realtime",
+        "/api/rls/policies" => "/api/rls",
         _ => "other",
     }
 }
@@ -365,10 +366,39 @@ async fn dispatch(app: &Arc<App>, req: &Request) -> ApiResult<Response> {
             let p = app.authenticate(req.authorization()).await?;
             let sql: crate::sql::SqlRequest = req.json()?;
             let access = app.project_access(&p, &sql.project_id).await?;
+            let identity = crate::rls::request_identity(
+                &access,
+                sql.auth_uid.as_ref(),
+                req.headers.get(crate::rls::AUTH_UID_HEADER),
+            )?;
             Ok(raw_json_response(
                 StatusCode::OK,
-                app.execute_sql(&access, sql).await?,
+                app.execute_sql(&access, sql, identity).await?,
             ))
+        }
+
+        (&M::GET, "/api/rls/policies") => {
+            let p = app.authenticate(req.authorization()).await?;
+            let access = app.project_access(&p, req.param("projectId")?).await?;
+            ok(app.list_policies(&access).await?)
+        }
+        (&M::POST, "/api/rls/policies") => {
+            let p = app.authenticate(req.authorization()).await?;
+            let access = app.project_access(&p, &project_id_from_body(req)?).await?;
+            ok(app.create_policy(&access, &req.json()?).await?)
+        }
+        (&M::PATCH, "/api/rls/policies") => {
+            let p = app.authenticate(req.authorization()).await?;
+            let access = app.project_access(&p, &project_id_from_body(req)?).await?;
+            ok(app.toggle_policy(&access, &req.json()?).await?)
+        }
+        (&M::DELETE, "/api/rls/policies") => {
+            let p = app.authenticate(req.authorization()).await?;
+            let access = app.project_access(&p, req.param("projectId")?).await?;
+            let schema = req.query.get("schema").map(String::as_str);
+            ok(app
+                .delete_policy(&access, schema, req.param("table")?, req.param("name")?)
+                .await?)
         }
 
         (_, p) if KNOWN_PATHS.contains(&p) => Err(ApiError::MethodNotAllowed),
@@ -397,4 +427,5 @@ const KNOWN_PATHS: &[&str] = &[
     "/api/webhooks",
     "/api/webhooks/deliveries",
     "/api/webhooks/redeliver",
+    "/api/rls/policies",
 ];
