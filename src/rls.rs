@@ -341,7 +341,11 @@ fn lex(text: &str, field: &str) -> ApiResult<Vec<Token>> {
         } else if matches!(b, b'b' | b'B' | b'x' | b'X' | b'n' | b'N') && at(i + 1) == b'\''
             || matches!(b, b'u' | b'U') && at(i + 1) == b'&' && at(i + 2) == b'\''
         {
-            i = s[i..].iter().position(|&c| c == b'\'').map(|p| i + p + 1).unwrap_or(s.len());
+            i = s[i..]
+                .iter()
+                .position(|&c| c == b'\'')
+                .map(|p| i + p + 1)
+                .unwrap_or(s.len());
             loop {
                 match s.get(i) {
                     None => return Err(unterminated("string literal")),
@@ -356,7 +360,11 @@ fn lex(text: &str, field: &str) -> ApiResult<Vec<Token>> {
             TokenKind::Literal
         } else if b == b'"' || (matches!(b, b'u' | b'U') && at(i + 1) == b'&' && at(i + 2) == b'"')
         {
-            i = s[i..].iter().position(|&c| c == b'"').map(|p| i + p + 1).unwrap_or(s.len());
+            i = s[i..]
+                .iter()
+                .position(|&c| c == b'"')
+                .map(|p| i + p + 1)
+                .unwrap_or(s.len());
             loop {
                 match s.get(i) {
                     None => return Err(unterminated("quoted identifier")),
@@ -782,10 +790,7 @@ impl App {
                     .push(p.json());
             }
         }
-        Ok((
-            StatusCode::OK,
-            json!({ "success": true, "tables": tables }),
-        ))
+        Ok((StatusCode::OK, json!({ "success": true, "tables": tables })))
     }
 
     /// `POST /api/rls/policies`: ENABLE ROW LEVEL SECURITY and CREATE POLICY, one transaction.
@@ -799,11 +804,8 @@ impl App {
             string_field(body, "schema", false)?,
             string_field(body, "table", true)?.expect("required"),
         )?;
-        let name = identifier(
-            string_field(body, "name", true)?.expect("required"),
-            "name",
-        )?
-        .to_string();
+        let name =
+            identifier(string_field(body, "name", true)?.expect("required"), "name")?.to_string();
         let command_text = string_field(body, "command", true)?.expect("required");
         let command = Command::parse(command_text).ok_or_else(|| {
             ApiError::BadRequest(
@@ -885,23 +887,21 @@ impl App {
             string_field(body, "schema", false)?,
             string_field(body, "table", true)?.expect("required"),
         )?;
-        let name = identifier(
-            string_field(body, "name", true)?.expect("required"),
-            "name",
-        )?
-        .to_string();
+        let name =
+            identifier(string_field(body, "name", true)?.expect("required"), "name")?.to_string();
         let enabled = match body.get("enabled") {
             Some(Value::Bool(b)) => *b,
-            _ => return Err(ApiError::BadRequest("enabled: expected true or false".into())),
+            _ => {
+                return Err(ApiError::BadRequest(
+                    "enabled: expected true or false".into(),
+                ))
+            }
         };
         let policy = self
             .policy_ddl(access, &table, &name, Vec::new(), None, enabled)
             .await?;
         tracing::info!(project_id = %access.project.id, table = %table.display(), policy = %name, enabled, "policy toggled");
-        Ok((
-            StatusCode::OK,
-            json!({ "success": true, "policy": policy }),
-        ))
+        Ok((StatusCode::OK, json!({ "success": true, "policy": policy })))
     }
 
     /// `DELETE /api/rls/policies`.
@@ -915,9 +915,7 @@ impl App {
         access.require_developer("Managing row-level security policies")?;
         let table = TableRef::new(schema, table)?;
         let name = identifier(name, "name")?;
-        let mut conn = self
-            .sql_connection(&access.project, DbRole::Owner)
-            .await?;
+        let mut conn = self.sql_connection(&access.project, DbRole::Owner).await?;
         let outcome = async {
             let rows = read_catalog(&mut conn, &access.project.id, Some(&table)).await?;
             check_policy_exists(&rows, &table, name)?;
@@ -952,22 +950,14 @@ impl App {
         note: Option<PolicyNote>,
         enabled: bool,
     ) -> ApiResult<Value> {
-        let mut conn = self
-            .sql_connection(&access.project, DbRole::Owner)
-            .await?;
+        let mut conn = self.sql_connection(&access.project, DbRole::Owner).await?;
         let outcome = async {
             // `standard_conforming_strings` is what the expression check assumed.
             conn.simple_query("BEGIN; SET LOCAL standard_conforming_strings = on", 0)
                 .await?;
             let result = self
                 .policy_ddl_in_transaction(
-                    &mut conn,
-                    access,
-                    table,
-                    name,
-                    statements,
-                    note,
-                    enabled,
+                    &mut conn, access, table, name, statements, note, enabled,
                 )
                 .await;
             match result {
@@ -1099,11 +1089,9 @@ fn check_policy_exists<'a>(
     name: &str,
 ) -> Result<&'a PolicyInfo, DdlFailure> {
     if rows.is_empty() {
-        return Err(ApiError::NotFound(format!(
-            "Table \"{}\" does not exist.",
-            table.display()
-        ))
-        .into());
+        return Err(
+            ApiError::NotFound(format!("Table \"{}\" does not exist.", table.display())).into(),
+        );
     }
     rows.iter()
         .filter_map(|r| r.policy.as_ref())
@@ -1134,7 +1122,10 @@ mod tests {
 
     #[test]
     fn auth_uid_calls_are_wrapped_once_per_statement() {
-        assert_eq!(wrap("user_id = auth.uid()"), "user_id = (SELECT auth.uid())");
+        assert_eq!(
+            wrap("user_id = auth.uid()"),
+            "user_id = (SELECT auth.uid())"
+        );
         assert_eq!(
             wrap("org_id = AUTH . UID ( ) OR x = \"auth\".\"uid\"()"),
             "org_id = (SELECT auth.uid()) OR x = (SELECT auth.uid())"
@@ -1179,7 +1170,13 @@ mod tests {
         let inner_hash = crate::secrets::sha256(&[inner, message.to_vec()].concat());
         let tag = hex::encode(crate::secrets::sha256(&[outer, inner_hash].concat()));
         assert_eq!(tag, identity_tag(&key, 1234, Some("alice")));
-        assert_ne!(identity_tag(&key, 1234, None), identity_tag(&key, 1234, Some("")));
-        assert_ne!(identity_tag(&key, 1234, Some("a")), identity_tag(&key, 1235, Some("a")));
+        assert_ne!(
+            identity_tag(&key, 1234, None),
+            identity_tag(&key, 1234, Some(""))
+        );
+        assert_ne!(
+            identity_tag(&key, 1234, Some("a")),
+            identity_tag(&key, 1235, Some("a"))
+        );
     }
 }

@@ -285,7 +285,10 @@ impl App {
         let backend_key = conn.backend_key();
         let outcome = {
             let run = async {
-                let PooledConnection { conn, identity: known } = &mut *conn;
+                let PooledConnection {
+                    conn,
+                    identity: known,
+                } = &mut *conn;
                 self.establish_identity(&access.project, conn, known, identity.as_deref())
                     .await
                     .map_err(SqlFailure::Identity)?;
