@@ -4,6 +4,7 @@
 //!  fx_<id>_owner      owns schema public and every object in it (admin scope, developers)
 //!  fx_<id>_readwrite  SELECT, INSERT, UPDATE through default privileges (readwrite scope)
 //!  fx_<id>_read       SELECT through default privileges (read scope, viewers)
+//!  fx_<id>_auth       NOLOGIN: owns schema auth (the request identity, see crate::rls)
 //! ```
 //! None is a superuser, none can create roles or databases, none is a member of another, and
 //! only these three may connect to the project's database. Their passwords are derived from the
