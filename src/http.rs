@@ -185,6 +185,7 @@ fn route_name(path: &str) -> &'static str {
         "/api/webhooks" | "/api/webhooks/deliveries" | "/api/webhooks/redeliver" => "/api/webhooks",
         "/api/realtime/token" | "/api/realtime/broadcast" => "/api/realtime",
         "/api/team" | "/api/team/invites/accept" => "/api/team",
+        "/api/rls/policies" => "/api/rls",
         _ => "other",
     }
 }
@@ -390,10 +391,39 @@ async fn dispatch(app: &Arc<App>, req: &Request) -> ApiResult<Response> {
             let p = app.authenticate(req.authorization()).await?;
             let sql: crate::sql::SqlRequest = req.json()?;
             let access = app.project_access(&p, &sql.project_id).await?;
+            let identity = crate::rls::request_identity(
+                &access,
+                sql.auth_uid.as_ref(),
+                req.headers.get(crate::rls::AUTH_UID_HEADER),
+            )?;
             Ok(raw_json_response(
                 StatusCode::OK,
-                app.execute_sql(&access, sql).await?,
+                app.execute_sql(&access, sql, identity).await?,
             ))
+        }
+
+        (&M::GET, "/api/rls/policies") => {
+            let p = app.authenticate(req.authorization()).await?;
+            let access = app.project_access(&p, req.param("projectId")?).await?;
+            ok(app.list_policies(&access).await?)
+        }
+        (&M::POST, "/api/rls/policies") => {
+            let p = app.authenticate(req.authorization()).await?;
+            let access = app.project_access(&p, &project_id_from_body(req)?).await?;
+            ok(app.create_policy(&access, &req.json()?).await?)
+        }
+        (&M::PATCH, "/api/rls/policies") => {
+            let p = app.authenticate(req.authorization()).await?;
+            let access = app.project_access(&p, &project_id_from_body(req)?).await?;
+            ok(app.toggle_policy(&access, &req.json()?).await?)
+        }
+        (&M::DELETE, "/api/rls/policies") => {
+            let p = app.authenticate(req.authorization()).await?;
+            let access = app.project_access(&p, req.param("projectId")?).await?;
+            let schema = req.query.get("schema").map(String::as_str);
+            ok(app
+                .delete_policy(&access, schema, req.param("table")?, req.param("name")?)
+                .await?)
         }
 
         (_, p) if KNOWN_PATHS.contains(&p) => Err(ApiError::MethodNotAllowed),
@@ -424,4 +454,5 @@ const KNOWN_PATHS: &[&str] = &[
     "/api/webhooks/redeliver",
     "/api/team",
     "/api/team/invites/accept",
+    "/api/rls/policies",
 ];

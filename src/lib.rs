@@ -21,6 +21,7 @@ pub mod metrics;
 pub mod projects;
 pub mod ratelimit;
 pub mod realtime;
+pub mod rls;
 pub mod secrets;
 pub mod sql;
 pub mod team;

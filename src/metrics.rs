@@ -18,6 +18,7 @@ pub struct Metrics {
     sql_failed: AtomicU64,
     sql_buckets: [AtomicU64; BUCKETS_MS.len()],
     sql_sum_us: AtomicU64,
+    identity_changes: AtomicU64,
 }
 
 impl Metrics {
@@ -40,6 +41,11 @@ impl Metrics {
         }
         self.sql_sum_us
             .fetch_add(elapsed.as_micros() as u64, Ordering::Relaxed);
+    }
+
+    /// A pooled connection's `auth.uid()` identity was (re)set before a request (RLS).
+    pub fn observe_identity_change(&self) {
+        self.identity_changes.fetch_add(1, Ordering::Relaxed);
     }
 
     pub fn render(
@@ -91,6 +97,15 @@ impl Metrics {
         out.push_str("# HELP fluxbase_sql_pooled_connections Open project database connections.\n");
         out.push_str("# TYPE fluxbase_sql_pooled_connections gauge\n");
         let _ = writeln!(out, "fluxbase_sql_pooled_connections {pooled_connections}");
+        out.push_str(
+            "# HELP fluxbase_rls_identity_changes_total Pooled connections whose auth.uid() identity was set before a request (one round trip each).\n",
+        );
+        out.push_str("# TYPE fluxbase_rls_identity_changes_total counter\n");
+        let _ = writeln!(
+            out,
+            "fluxbase_rls_identity_changes_total {}",
+            self.identity_changes.load(Ordering::Relaxed)
+        );
         render_streams(&mut out, streams);
         out
     }

@@ -4,6 +4,7 @@
 //!  fx_<id>_owner      owns schema public and every object in it (admin scope, developers)
 //!  fx_<id>_readwrite  SELECT, INSERT, UPDATE through default privileges (readwrite scope)
 //!  fx_<id>_read       SELECT through default privileges (read scope, viewers)
+//!  fx_<id>_auth       NOLOGIN: owns schema auth (the request identity, see crate::rls)
 //! ```
 //! None is a superuser, none can create roles or databases, none is a member of another, and
 //! only these three may connect to the project's database. Their passwords are derived from the
@@ -38,6 +39,7 @@ pub const PROJECT_MIGRATIONS: &[(i32, &str, &str)] = &[
         "realtime",
         include_str!("../sql/project/0003_realtime.sql"),
     ),
+    (4, "rls", include_str!("../sql/project/0004_rls.sql")),
 ];
 
 #[derive(Deserialize)]
@@ -143,7 +145,8 @@ impl App {
                     "{readwrite}",
                     &quote_ident(&DbRole::ReadWrite.role_name(project_id)),
                 )
-                .replace("{read}", &quote_ident(&DbRole::Read.role_name(project_id)));
+                .replace("{read}", &quote_ident(&DbRole::Read.role_name(project_id)))
+                .replace("{auth}", &quote_ident(&crate::rls::auth_role(project_id)));
             client
                 .batch_execute(&format!("BEGIN;\n{sql}\nCOMMIT;"))
                 .await
@@ -204,11 +207,12 @@ impl App {
             "DROP DATABASE IF EXISTS {} WITH (FORCE)",
             quote_ident(db_name)
         )];
-        for role in DbRole::ALL {
-            statements.push(format!(
-                "DROP ROLE IF EXISTS {}",
-                quote_ident(&role.role_name(project_id))
-            ));
+        for role in DbRole::ALL
+            .map(|r| r.role_name(project_id))
+            .into_iter()
+            .chain([crate::rls::auth_role(project_id)])
+        {
+            statements.push(format!("DROP ROLE IF EXISTS {}", quote_ident(&role)));
         }
         for sql in statements {
             if let Err(e) = admin.batch_execute(&sql).await {

@@ -29,7 +29,7 @@ use serde::Deserialize;
 use serde_json::Value;
 
 use crate::app::App;
-use crate::auth::{Access, DbRole};
+use crate::auth::{Access, DbRole, Project};
 use crate::config::Config;
 use crate::db::ClusterTarget;
 use crate::error::{ApiError, ApiResult};
@@ -44,9 +44,29 @@ pub struct SqlRequest {
     pub query: String,
     #[serde(default)]
     pub params: Option<Vec<Value>>,
-    /// The end user a trusted backend acts for (row-level security, see the RLS issue).
+    /// The end user a trusted backend acts for (`auth.uid()`, see [`crate::rls`]); checked
+    /// there, so that a mistyped value is an error naming the field.
     #[serde(default)]
-    pub auth_uid: Option<String>,
+    pub auth_uid: Option<Value>,
+}
+
+/// A pooled project connection and what its `auth.identity` row holds (see [`crate::rls`]).
+pub struct PooledConnection {
+    conn: Connection,
+    pub identity: crate::rls::KnownIdentity,
+}
+
+impl std::ops::Deref for PooledConnection {
+    type Target = Connection;
+    fn deref(&self) -> &Connection {
+        &self.conn
+    }
+}
+
+impl std::ops::DerefMut for PooledConnection {
+    fn deref_mut(&mut self) -> &mut Connection {
+        &mut self.conn
+    }
 }
 
 pub struct WireManager {
@@ -54,14 +74,21 @@ pub struct WireManager {
 }
 
 impl managed::Manager for WireManager {
-    type Type = Connection;
+    type Type = PooledConnection;
     type Error = WireError;
 
-    async fn create(&self) -> Result<Connection, WireError> {
-        Connection::connect(&self.cfg).await
+    async fn create(&self) -> Result<PooledConnection, WireError> {
+        Ok(PooledConnection {
+            conn: Connection::connect(&self.cfg).await?,
+            identity: crate::rls::KnownIdentity::Unknown,
+        })
     }
 
-    async fn recycle(&self, conn: &mut Connection, _: &PoolMetrics) -> RecycleResult<WireError> {
+    async fn recycle(
+        &self,
+        conn: &mut PooledConnection,
+        _: &PoolMetrics,
+    ) -> RecycleResult<WireError> {
         if conn.is_broken() {
             return Err(RecycleError::message("connection is broken"));
         }
@@ -181,20 +208,23 @@ impl SqlPools {
     }
 }
 
+/// A pooled connection checked out for a request.
+pub type Checkout = Object<WireManager>;
+
 impl App {
-    fn role_pool(&self, access: &Access) -> ApiResult<RolePool> {
-        let key = (access.project.id.clone(), access.db_role);
+    fn role_pool(&self, project: &Project, role: DbRole) -> ApiResult<RolePool> {
+        let key = (project.id.clone(), role);
         let mut pools = self.sql.pools.lock().expect("poisoned");
         if let Some(rp) = pools.get(&key) {
             return Ok(rp.clone());
         }
-        let user = access.db_role.role_name(&access.project.id);
+        let user = role.role_name(&project.id);
         let cfg = ConnectConfig {
             host: self.sql.host.clone(),
             port: self.sql.port,
             password: Some(self.role_password(&user)),
             user,
-            database: access.project.db_name.clone(),
+            database: project.db_name.clone(),
             application_name: Some("fluxbase-sql".into()),
             options: vec![
                 (
@@ -222,22 +252,48 @@ impl App {
         Ok(rp)
     }
 
-    /// Runs a request's SQL and renders the guide's success or SQL_EXEC_ERROR body.
-    pub async fn execute_sql(&self, access: &Access, req: SqlRequest) -> ApiResult<String> {
-        let started = Instant::now();
-        let rp = self.role_pool(access)?;
-        let mut conn = rp.pool.get().await.map_err(|e| match e {
+    async fn checkout(&self, rp: &RolePool) -> ApiResult<Checkout> {
+        rp.pool.get().await.map_err(|e| match e {
             managed::PoolError::Backend(WireError::Auth(m)) => {
                 ApiError::Internal(anyhow::anyhow!("project role login failed: {m}"))
             }
             other => ApiError::DatabaseUnavailable(other.to_string()),
-        })?;
+        })
+    }
+
+    /// A pooled connection to `project` as `role`, for the server's own statements (the RLS
+    /// policy API); give it back with [`release`].
+    pub async fn sql_connection(&self, project: &Project, role: DbRole) -> ApiResult<Checkout> {
+        let rp = self.role_pool(project, role)?;
+        self.checkout(&rp).await
+    }
+
+    /// Runs a request's SQL as `identity` (`auth.uid()`, see [`crate::rls`]) and renders the
+    /// guide's success or SQL_EXEC_ERROR body.
+    pub async fn execute_sql(
+        &self,
+        access: &Access,
+        req: SqlRequest,
+        identity: Option<String>,
+    ) -> ApiResult<String> {
+        let started = Instant::now();
+        let rp = self.role_pool(&access.project, access.db_role)?;
+        let mut conn = self.checkout(&rp).await?;
         let types = self.sql.types(&access.project.id);
         let statements = self.sql.statements(&access.project.id);
         let budget = self.sql.statement_timeout + GUARD_GRACE;
         let backend_key = conn.backend_key();
         let outcome = {
-            let run = run(&mut conn, &req, self.config.max_rows, &types, &statements);
+            let run = async {
+                let PooledConnection {
+                    conn,
+                    identity: known,
+                } = &mut *conn;
+                self.establish_identity(&access.project, conn, known, identity.as_deref())
+                    .await
+                    .map_err(SqlFailure::Identity)?;
+                run(conn, &req, self.config.max_rows, &types, &statements).await
+            };
             tokio::pin!(run);
             tokio::select! {
                 r = &mut run => r,
@@ -251,7 +307,7 @@ impl App {
                 }
             }
         };
-        reset_later(conn);
+        release(conn);
         let elapsed = started.elapsed();
         self.metrics.observe_sql(elapsed, outcome.is_ok());
         match outcome {
@@ -273,12 +329,20 @@ impl App {
                 Ok(render_sql_error(&m, "22021", "ERROR"))
             }
             Err(SqlFailure::Wire(e)) => Err(ApiError::DatabaseUnavailable(e.to_string())),
+            Err(SqlFailure::Identity(e)) => {
+                tracing::error!(project_id = %access.project.id, error = %e, "could not set the request's identity");
+                Err(ApiError::DatabaseUnavailable(format!(
+                    "setting the request's identity: {e}"
+                )))
+            }
         }
     }
 }
 
 enum SqlFailure {
     Wire(WireError),
+    /// `auth.set_uid` failed: the caller's SQL was not sent.
+    Identity(WireError),
     Param {
         index: usize,
         message: String,
@@ -413,7 +477,7 @@ fn bind_failure(e: Box<DbError>) -> SqlFailure {
 
 /// Returns the connection to its pool with a reset queued: `DISCARD ALL` travels in the same
 /// write as the next request's query. A transaction left open is rolled back first, here.
-fn reset_later(conn: Object<WireManager>) {
+pub fn release(conn: Checkout) {
     let mut conn = conn;
     if conn.is_broken() {
         let _ = Object::take(conn);
@@ -566,7 +630,9 @@ mod tests {
         };
         match bind_failure(Box::new(e)) {
             SqlFailure::Param { index, .. } => assert_eq!(index, 2),
-            SqlFailure::Wire(_) => panic!("expected a parameter failure"),
+            SqlFailure::Wire(_) | SqlFailure::Identity(_) => {
+                panic!("expected a parameter failure")
+            }
         }
     }
 }

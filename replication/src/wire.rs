@@ -390,9 +390,9 @@ pub struct Connection {
     /// Set while an operation has sent its request but not yet read ReadyForQuery. Still set
     /// afterwards only if the operation's future was dropped half way.
     in_progress: bool,
-    /// A simple query sent ahead of the next operation, in the same write (see
+    /// Simple queries sent ahead of the next operation, in the same write (see
     /// [`Connection::queue_prelude`]).
-    prelude: Option<String>,
+    prelude: Vec<String>,
 }
 
 impl fmt::Debug for Connection {
@@ -429,7 +429,7 @@ impl Connection {
             status: TransactionStatus::Idle,
             broken: false,
             in_progress: true,
-            prelude: None,
+            prelude: Vec::new(),
         };
         let params = startup_parameters(cfg);
         conn.transport.encode(|buf| {
@@ -556,8 +556,8 @@ impl Connection {
         self.ensure_usable()?;
         let prelude = self.encode_with_prelude(|buf| frontend::query(sql, buf))?;
         self.send().await?;
-        if prelude {
-            self.finish_prelude().await?;
+        if prelude > 0 {
+            self.finish_prelude(prelude).await?;
         }
 
         let mut current: Option<ResultBuilder> = None;
@@ -619,8 +619,8 @@ impl Connection {
             Ok::<_, io::Error>(())
         })?;
         self.send().await?;
-        if prelude {
-            self.finish_prelude().await?;
+        if prelude > 0 {
+            self.finish_prelude(prelude).await?;
         }
 
         let mut prepared = Prepared::default();
@@ -691,8 +691,8 @@ impl Connection {
             encode_bind_execute(params, buf)
         })?;
         self.send().await?;
-        if prelude {
-            self.finish_prelude().await?;
+        if prelude > 0 {
+            self.finish_prelude(prelude).await?;
         }
 
         self.read_portal_result(Phase::Parse, max_rows).await
@@ -748,23 +748,25 @@ impl Connection {
 
     /// Queues `sql` (e.g. `DISCARD ALL`) to run as a simple query right before the next
     /// operation, sent in the same write, so a session reset costs no round trip of its own.
-    /// If it fails, the connection is marked broken and that operation fails without running.
-    /// `execute_prepared` never sends it (a Query would destroy the unnamed statement): the
-    /// prelude goes out with the `prepare` before it.
+    /// Several queued preludes run in the order queued, each as its own Query message (its own
+    /// implicit transaction). If one fails, the connection is marked broken and that operation
+    /// fails without running. `execute_prepared` never sends them (a Query would destroy the
+    /// unnamed statement): preludes go out with the `prepare` before it.
     pub fn queue_prelude(&mut self, sql: &str) {
-        self.prelude = Some(sql.to_owned());
+        self.prelude.push(sql.to_owned());
     }
 
-    /// Encodes a queued prelude, then the operation's own messages; true when a prelude goes
-    /// out with them. If the operation cannot be encoded, nothing is left to send and the
-    /// prelude stays queued.
+    /// Encodes the queued preludes, then the operation's own messages; returns how many
+    /// preludes go out with them. If the operation cannot be encoded, nothing is left to send
+    /// and the preludes stay queued.
     fn encode_with_prelude<E: fmt::Display>(
         &mut self,
         encode: impl FnOnce(&mut BytesMut) -> Result<(), E>,
-    ) -> Result<bool, WireError> {
-        let prelude = self.prelude.take();
-        if let Some(sql) = &prelude {
+    ) -> Result<usize, WireError> {
+        let prelude = std::mem::take(&mut self.prelude);
+        for sql in &prelude {
             if let Err(e) = self.transport.encode(|buf| frontend::query(sql, buf)) {
+                self.transport.write_buf.clear();
                 self.prelude = prelude;
                 return Err(e);
             }
@@ -774,21 +776,23 @@ impl Connection {
             self.prelude = prelude;
             return Err(e);
         }
-        Ok(prelude.is_some())
+        Ok(prelude.len())
     }
 
-    /// Reads the prelude's response up to its ReadyForQuery.
-    async fn finish_prelude(&mut self) -> Result<(), WireError> {
+    /// Reads the responses of `count` preludes, each up to its ReadyForQuery.
+    async fn finish_prelude(&mut self, count: usize) -> Result<(), WireError> {
         let mut failed = None;
-        loop {
+        let mut done = 0;
+        while done < count {
             match self.recv().await? {
                 Message::ErrorResponse(body) => {
-                    failed = Some(self.recoverable_error(&body, Phase::Query)?);
+                    let e = self.recoverable_error(&body, Phase::Query)?;
+                    failed.get_or_insert(e);
                 }
                 Message::ReadyForQuery(body) => {
                     self.ready(&body)?;
                     self.in_progress = true;
-                    break;
+                    done += 1;
                 }
                 _ => {}
             }

@@ -9,6 +9,7 @@ mod egress;
 mod guide;
 mod realtime;
 mod replication;
+mod rls;
 mod sql;
 mod team;
 mod values;
