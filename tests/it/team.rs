@@ -751,6 +751,8 @@ enum Family {
     RealtimeToken,
     RealtimeBroadcast,
     CdcStatus,
+    RlsList,
+    RlsCreate,
     /// Destructive: must stay the last row (see `attempt`).
     ProjectDelete,
 }
@@ -780,6 +782,8 @@ const MATRIX: &[(Family, &[Who])] = &[
         &[Developer, AdminMember, ReadWriteKey, AdminKey],
     ),
     (Family::CdcStatus, &EVERYONE),
+    (Family::RlsList, &EVERYONE),
+    (Family::RlsCreate, &[Developer, AdminMember, AdminKey]),
     (Family::ProjectDelete, &[AdminMember, AdminKey]),
 ];
 
@@ -902,6 +906,25 @@ async fn attempt(app: &TestApp, m: &Matrix, family: Family, who: Who) -> bool {
                 &format!("/api/cdc/status?projectId={p}"),
                 Some(token),
                 None,
+            )
+            .await
+        }
+        Family::RlsList => {
+            app.call(
+                "GET",
+                &format!("/api/rls/policies?projectId={p}"),
+                Some(token),
+                None,
+            )
+            .await
+        }
+        Family::RlsCreate => {
+            app.call(
+                "POST",
+                "/api/rls/policies",
+                Some(token),
+                Some(json!({ "projectId": p, "table": "matrix", "name": n,
+                             "command": "SELECT", "using": "true" })),
             )
             .await
         }
