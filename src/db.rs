@@ -28,6 +28,11 @@ pub const CONTROL_MIGRATIONS: &[(i32, &str, &str)] = &[
         "webhooks",
         include_str!("../sql/control/0003_webhooks.sql"),
     ),
+    (
+        4,
+        "storage",
+        include_str!("../sql/control/0004_storage.sql"),
+    ),
 ];
 
 /// Where the project databases live and how the server reaches the cluster as its admin role.

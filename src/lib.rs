@@ -23,4 +23,5 @@ pub mod ratelimit;
 pub mod realtime;
 pub mod secrets;
 pub mod sql;
+pub mod storage;
 pub mod webhooks;
