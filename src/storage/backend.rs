@@ -213,7 +213,11 @@ impl Backend {
     }
 
     /// A real SigV4 pre-signed GET URL (S3 only; the local backend signs its own URLs).
-    pub async fn presign_get(&self, key: &str, expires_in: Duration) -> Option<Result<url::Url, ApiError>> {
+    pub async fn presign_get(
+        &self,
+        key: &str,
+        expires_in: Duration,
+    ) -> Option<Result<url::Url, ApiError>> {
         match self {
             Backend::S3 { store, .. } => Some(
                 store

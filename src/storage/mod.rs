@@ -258,9 +258,8 @@ impl App {
                 &[&project_id, &needle],
             )
             .await?;
-        row.map(|r| Bucket::from_row(&r)).ok_or_else(|| {
-            ApiError::NotFound(format!("No bucket {id_or_name:?} in this project."))
-        })
+        row.map(|r| Bucket::from_row(&r))
+            .ok_or_else(|| ApiError::NotFound(format!("No bucket {id_or_name:?} in this project.")))
     }
 
     pub async fn list_buckets(&self, access: &Access) -> ApiResult<(StatusCode, Value)> {
@@ -323,7 +322,10 @@ impl App {
             .await
             .map_err(|e| {
                 conflict_if_unique(e, || {
-                    format!("A bucket named {:?} already exists in this project.", req.name)
+                    format!(
+                        "A bucket named {:?} already exists in this project.",
+                        req.name
+                    )
                 })
             })?;
         let bucket = Bucket::from_row(&row);
@@ -402,7 +404,9 @@ impl App {
             )
             .await?;
         if locked.is_none() {
-            return Err(ApiError::NotFound(format!("No bucket {bucket_id:?} in this project.")));
+            return Err(ApiError::NotFound(format!(
+                "No bucket {bucket_id:?} in this project."
+            )));
         }
         let files: i64 = tx
             .query_one(
@@ -552,7 +556,8 @@ impl App {
             .stored_file(project_id, key)
             .await
             .map_err(|_| not_found())?;
-        let (name, content_type, public): (String, String, bool) = (row.get(1), row.get(4), row.get(8));
+        let (name, content_type, public): (String, String, bool) =
+            (row.get(1), row.get(4), row.get(8));
         if public_only && !public {
             return Err(not_found());
         }
@@ -590,7 +595,14 @@ impl App {
         );
         h.insert(
             "cache-control",
-            header(if public { "public, max-age=60" } else { "private, no-store" }.into())?,
+            header(
+                if public {
+                    "public, max-age=60"
+                } else {
+                    "private, no-store"
+                }
+                .into(),
+            )?,
         );
         Ok(response)
     }
@@ -641,7 +653,9 @@ impl App {
                 )
                 .await?;
             return Err(if busy.is_some() {
-                ApiError::Conflict("An upload of this file is in progress; retry when it is done.".into())
+                ApiError::Conflict(
+                    "An upload of this file is in progress; retry when it is done.".into(),
+                )
             } else {
                 ApiError::NotFound(format!("No file {value:?} in this project."))
             });
@@ -700,13 +714,24 @@ impl App {
                     .await?;
             }
         }
-        client
-            .execute(
-                "DELETE FROM fluxbase.storage_files
+        let abandoned = client
+            .query(
+                "SELECT id::text, s3_key FROM fluxbase.storage_files
                  WHERE size IS NULL AND upload_started_at < $1",
                 &[&cutoff],
             )
             .await?;
+        for r in abandoned {
+            let (id, key): (String, String) = (r.get(0), r.get(1));
+            if self.storage.backend.delete(&key).await.is_ok() {
+                client
+                    .execute(
+                        "DELETE FROM fluxbase.storage_files WHERE id = $1::text::uuid AND size IS NULL",
+                        &[&id],
+                    )
+                    .await?;
+            }
+        }
         client
             .execute(
                 "UPDATE fluxbase.storage_files SET upload_token = NULL, upload_started_at = NULL
@@ -714,7 +739,12 @@ impl App {
                 &[&cutoff],
             )
             .await?;
-        for key in self.storage.backend.list_older_than(STAGING, cutoff).await? {
+        for key in self
+            .storage
+            .backend
+            .list_older_than(STAGING, cutoff)
+            .await?
+        {
             let _ = self.storage.backend.delete(&key).await;
         }
         Ok(())

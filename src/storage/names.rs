@@ -48,8 +48,7 @@ pub fn validate_object_name(name: &str) -> ApiResult<()> {
         if candidate.contains('\\') {
             return refuse("backslashes are not allowed");
         }
-        if candidate.starts_with('/') || candidate.starts_with('~') || has_drive_prefix(candidate)
-        {
+        if candidate.starts_with('/') || candidate.starts_with('~') || has_drive_prefix(candidate) {
             return refuse("absolute paths are not allowed");
         }
         if candidate.contains('#') {
@@ -57,7 +56,9 @@ pub fn validate_object_name(name: &str) -> ApiResult<()> {
         }
         for segment in candidate.split('/') {
             match segment {
-                "" => return refuse("empty path segments (`//` or a trailing `/`) are not allowed"),
+                "" => {
+                    return refuse("empty path segments (`//` or a trailing `/`) are not allowed")
+                }
                 "." | ".." => return refuse("`.` and `..` segments are not allowed"),
                 _ => {}
             }
@@ -171,9 +172,9 @@ pub const PATH_SEGMENT: &percent_encoding::AsciiSet = &percent_encoding::NON_ALP
 pub fn normalize_content_type(given: Option<&str>, name: &str) -> ApiResult<String> {
     let given = given.map(str::trim).filter(|s| !s.is_empty());
     let mime: mime_guess::mime::Mime = match given {
-        Some(ct) if ct != "application/octet-stream" => ct.parse().map_err(|_| {
-            ApiError::BadRequest(format!("file: invalid content type {ct:?}"))
-        })?,
+        Some(ct) if ct != "application/octet-stream" => ct
+            .parse()
+            .map_err(|_| ApiError::BadRequest(format!("file: invalid content type {ct:?}")))?,
         _ => mime_guess::from_path(name).first_or_octet_stream(),
     };
     Ok(mime.to_string().to_ascii_lowercase())
@@ -209,7 +210,13 @@ mod tests {
 
     #[test]
     fn object_names_cannot_escape_their_bucket() {
-        for ok in ["avatar.jpg", "users/1/avatar.jpg", "a..b.txt", "100%.txt", "ünï code.png"] {
+        for ok in [
+            "avatar.jpg",
+            "users/1/avatar.jpg",
+            "a..b.txt",
+            "100%.txt",
+            "ünï code.png",
+        ] {
             assert!(validate_object_name(ok).is_ok(), "{ok}");
         }
         for bad in [
@@ -240,7 +247,10 @@ mod tests {
     #[test]
     fn path_names_the_object_or_its_folder() {
         assert_eq!(object_name(None, Some("a.jpg")).unwrap(), "a.jpg");
-        assert_eq!(object_name(Some("x/b.jpg"), Some("a.jpg")).unwrap(), "x/b.jpg");
+        assert_eq!(
+            object_name(Some("x/b.jpg"), Some("a.jpg")).unwrap(),
+            "x/b.jpg"
+        );
         assert_eq!(object_name(Some("x/"), Some("a.jpg")).unwrap(), "x/a.jpg");
         assert!(object_name(None, None).is_err());
         assert!(object_name(Some("../"), Some("a.jpg")).is_err());

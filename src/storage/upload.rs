@@ -339,7 +339,11 @@ impl App {
         let base = super::base_url(&self.config, headers);
         tracing::info!(project_id = %access.project.id, file = %id, key, size, "file uploaded");
         Ok((
-            if new { StatusCode::CREATED } else { StatusCode::OK },
+            if new {
+                StatusCode::CREATED
+            } else {
+                StatusCode::OK
+            },
             json!({ "success": true, "file": super::file_json(&row, &base) }),
         ))
     }

@@ -10,6 +10,7 @@ mod guide;
 mod realtime;
 mod replication;
 mod sql;
+mod storage;
 mod values;
 mod webhooks;
 mod wire;
