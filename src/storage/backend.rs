@@ -29,7 +29,7 @@ use crate::error::ApiError;
 /// Parts in flight per upload.
 const UPLOAD_CONCURRENCY: usize = 2;
 /// Bytes per read when streaming a local file out.
-const READ_CHUNK: usize = 256 * 1024;
+const READ_CHUNK: usize = 1024 * 1024;
 
 pub enum Backend {
     Local {
@@ -110,7 +110,7 @@ impl Backend {
     /// S3 needs parts of at least 5 MiB (but the last); the local store takes any size.
     fn chunk_size(&self) -> usize {
         match self {
-            Backend::Local { .. } => 1024 * 1024,
+            Backend::Local { .. } => 4 * 1024 * 1024,
             Backend::S3 { .. } => 5 * 1024 * 1024,
         }
     }

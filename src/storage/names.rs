@@ -188,7 +188,7 @@ pub fn mime_allowed(content_type: &str, allowed: &[String]) -> bool {
         match pattern.strip_suffix("/*") {
             Some(top) => essence
                 .split_once('/')
-                .is_some_and(|(t, _)| t.eq_ignore_ascii_case(&top)),
+                .is_some_and(|(t, _)| t.eq_ignore_ascii_case(top)),
             None => pattern == "*/*" || essence.eq_ignore_ascii_case(&pattern),
         }
     })

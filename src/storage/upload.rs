@@ -261,15 +261,21 @@ impl App {
         }
         let key = format!("{}/{}/{}", access.project.id, bucket.id, name);
         let token = crate::secrets::random_hex::<16>();
-        let client = self.control.get().await?;
+        let mut client = self.control.get().await?;
         let conflict = || {
             ApiError::Conflict(format!(
                 "A file named {name:?} already exists in bucket {:?}. Send upsert=true to replace it.",
                 bucket.name
             ))
         };
+        // The reservation need not wait for its WAL flush: the final UPDATE below is
+        // synchronous and comes later in the WAL, so a crash never keeps a stored file whose
+        // reservation was lost; at worst it loses the reservation of an unfinished upload.
+        let tx = client.transaction().await?;
+        tx.batch_execute("SET LOCAL synchronous_commit = off")
+            .await?;
         let reserved = if upsert {
-            client
+            tx
                 .query_opt(
                     "INSERT INTO fluxbase.storage_files
                        (project_id, bucket_id, name, s3_key, content_type, upload_token, upload_started_at)
@@ -288,7 +294,7 @@ impl App {
                     ))
                 })?
         } else {
-            client
+            tx
                 .query_one(
                     "INSERT INTO fluxbase.storage_files
                        (project_id, bucket_id, name, s3_key, content_type, upload_token, upload_started_at)
@@ -305,6 +311,7 @@ impl App {
                     }
                 })?
         };
+        tx.commit().await?;
         let (id, new): (String, bool) = (reserved.get(0), reserved.get(1));
         let release = || async {
             let sql = if new {

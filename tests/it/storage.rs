@@ -172,6 +172,7 @@ async fn send_upload(
 }
 
 /// Uploads `data` as `filename` with the guide's field order (file first).
+#[allow(clippy::too_many_arguments)] // one argument per form field reads best at call sites
 async fn upload(
     t: &TestApp,
     token: &str,
@@ -583,12 +584,10 @@ async fn a_bucket_with_files_cannot_be_deleted() {
         "{body}"
     );
     assert_eq!(list_files(&t, &f.read, &f.project, "docs").await.len(), 1);
-    let key = format!(
-        "{}",
-        list_files(&t, &f.read, &f.project, "docs").await[0]["id"]
-            .as_str()
-            .unwrap()
-    );
+    let key = list_files(&t, &f.read, &f.project, "docs").await[0]["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
     // DELETE /api/storage/files by id in a JSON body.
     let (status, body) = t
         .call(

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use bytes::Bytes;
 use serde_json::{json, Value};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncReadExt;
 
 const MIB: u64 = 1024 * 1024;
 const TARGET: f64 = 0.7;
@@ -141,7 +141,10 @@ async fn main() -> Result<()> {
         ("FLUXBASE_MAX_UPLOAD_BYTES", (200 * MIB).to_string()),
         ("FLUXBASE_LOG", "warn".into()),
     ];
-    eprintln!("[bench] initialising a fresh instance in {}", data.display());
+    eprintln!(
+        "[bench] initialising a fresh instance in {}",
+        data.display()
+    );
     let out = Command::new(&binary)
         .args(["init", "--json"])
         .envs(envs.clone())
@@ -150,8 +153,14 @@ async fn main() -> Result<()> {
         bail!("init failed: {}", String::from_utf8_lossy(&out.stderr));
     }
     let init: Value = serde_json::from_slice(&out.stdout)?;
-    let project = init["project"]["id"].as_str().context("project")?.to_string();
-    let admin = init["apiKeys"]["admin"].as_str().context("admin key")?.to_string();
+    let project = init["project"]["id"]
+        .as_str()
+        .context("project")?
+        .to_string();
+    let admin = init["apiKeys"]["admin"]
+        .as_str()
+        .context("admin key")?
+        .to_string();
     let _server = Server(
         Command::new(&binary)
             .arg("serve")
@@ -229,13 +238,13 @@ async fn main() -> Result<()> {
             if resp.status() != 200 {
                 bail!("download failed: {}", resp.status());
             }
-            let mut out = tokio::fs::File::create(scratch.join(format!("down-{size}-{i}"))).await?;
+            // Page-cache writes, as `std::fs::copy` makes them.
+            let mut out = std::fs::File::create(scratch.join(format!("down-{size}-{i}")))?;
             let mut got = 0u64;
             while let Some(chunk) = resp.chunk().await? {
                 got += chunk.len() as u64;
-                out.write_all(&chunk).await?;
+                std::io::Write::write_all(&mut out, &chunk)?;
             }
-            out.flush().await?;
             if got != size {
                 bail!("downloaded {got} bytes of {size}");
             }
