@@ -116,11 +116,22 @@ impl Backend {
     }
 
     /// Starts a streamed write of `key`.
-    pub async fn writer(&self, key: &str, content_type: &str) -> Result<ObjectWriter, ApiError> {
+    /// `content_disposition` goes with the object on S3, so that its pre-signed URLs are
+    /// served with it; the local store keeps no attributes (Fluxbase serves those files itself,
+    /// from the metadata row).
+    pub async fn writer(
+        &self,
+        key: &str,
+        content_type: &str,
+        content_disposition: &str,
+    ) -> Result<ObjectWriter, ApiError> {
         let mut attributes = Attributes::new();
         if !self.is_local() {
-            // The local store keeps no attributes; the metadata row has the content type.
             attributes.insert(Attribute::ContentType, content_type.to_string().into());
+            attributes.insert(
+                Attribute::ContentDisposition,
+                content_disposition.to_string().into(),
+            );
         }
         let upload = self
             .store()

@@ -145,7 +145,18 @@ impl App {
                         filename,
                         content_type: content_type.clone(),
                     });
-                    let mut writer = self.storage.backend.writer(&key, &content_type).await?;
+                    let shown_name = form
+                        .path
+                        .as_deref()
+                        .filter(|p| !p.is_empty() && !p.ends_with('/'))
+                        .or(staged.as_ref().and_then(|s| s.filename.as_deref()))
+                        .unwrap_or("file");
+                    let disposition = names::content_disposition(shown_name, &content_type);
+                    let mut writer = self
+                        .storage
+                        .backend
+                        .writer(&key, &content_type, &disposition)
+                        .await?;
                     loop {
                         let chunk = match field.chunk().await {
                             Ok(Some(c)) => c,

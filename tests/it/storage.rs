@@ -398,6 +398,35 @@ async fn the_full_flow_works_on_s3_with_real_sigv4_presigned_urls() {
     let tampered = url.replace("X-Amz-Expires=900", "X-Amz-Expires=901");
     let (status, _, _) = fetch(&tampered).await;
     assert_eq!(status, 403, "an altered pre-signed URL is refused by S3");
+    // Objects keep their type, and active content is an attachment on S3's URLs too.
+    let (_, body) = upload(
+        &t,
+        &f.admin,
+        &f.project,
+        "docs",
+        "page.html",
+        "text/html",
+        b"<script>1</script>",
+        &[],
+    )
+    .await;
+    let (_, html) = signed_url(
+        &t,
+        &f.read,
+        &f.project,
+        body["file"]["s3_key"].as_str().unwrap(),
+    )
+    .await;
+    let (status, headers, _) = fetch(html["url"].as_str().unwrap()).await;
+    assert_eq!(status, 200);
+    assert_eq!(headers["content-type"], "text/html");
+    assert!(
+        headers["content-disposition"]
+            .to_str()
+            .unwrap()
+            .starts_with("attachment; filename=\"page.html\""),
+        "{headers:?}"
+    );
     let unsigned = format!("http://{}/{S3_BUCKET}/{key}", s3.addr);
     let (status, _, _) = fetch(&unsigned).await;
     assert_eq!(
@@ -1530,4 +1559,115 @@ async fn a_200_mb_upload_keeps_the_server_memory_flat() {
         .join("storage")
         .join(body["file"]["s3_key"].as_str().unwrap());
     assert_eq!(std::fs::metadata(stored).unwrap().len(), SIZE as u64);
+}
+
+#[tokio::test]
+async fn start_up_finishes_interrupted_deletes_and_drops_abandoned_uploads() {
+    let t = spawn_app().await;
+    let f = t.fixture().await;
+    let bucket = create_bucket(&t, &f, "docs", json!({})).await;
+    let bucket_id = bucket["id"].as_str().unwrap().to_string();
+    let root = t.app.config.data_dir.join("storage");
+    let (_, a) = upload(
+        &t,
+        &f.admin,
+        &f.project,
+        "docs",
+        "a.txt",
+        "text/plain",
+        b"a",
+        &[],
+    )
+    .await;
+    let (_, b) = upload(
+        &t,
+        &f.admin,
+        &f.project,
+        "docs",
+        "b.txt",
+        "text/plain",
+        b"b",
+        &[],
+    )
+    .await;
+    let a_key = a["file"]["s3_key"].as_str().unwrap().to_string();
+    let b_key = b["file"]["s3_key"].as_str().unwrap().to_string();
+    let ghost_key = format!("{}/{bucket_id}/ghost.txt", f.project);
+    let fresh_key = format!("{}/{bucket_id}/fresh.txt", f.project);
+    std::fs::write(root.join(&ghost_key), b"renamed, never recorded").unwrap();
+    std::fs::create_dir_all(root.join(".uploads")).unwrap();
+    std::fs::write(root.join(".uploads/old"), b"cut off").unwrap();
+    std::fs::write(root.join(".uploads/new"), b"in flight").unwrap();
+    let old = Command::new("touch")
+        .args(["-d", "2 hours ago"])
+        .arg(root.join(".uploads/old"))
+        .status()
+        .unwrap();
+    assert!(old.success());
+    {
+        let c = t.app.control.get().await.unwrap();
+        // A delete cut off after hiding the row; uploads cut off after reserving theirs.
+        c.execute(
+            "UPDATE fluxbase.storage_files SET deleting_at = now() WHERE s3_key = $1",
+            &[&a_key],
+        )
+        .await
+        .unwrap();
+        for (name, key, age) in [
+            ("ghost.txt", &ghost_key, "2 hours"),
+            ("fresh.txt", &fresh_key, "1 minute"),
+        ] {
+            c.execute(
+                &format!(
+                    "INSERT INTO fluxbase.storage_files
+                       (project_id, bucket_id, name, s3_key, upload_token, upload_started_at)
+                     VALUES ($1, $2::text::uuid, $3, $4, 'tok', now() - interval '{age}')"
+                ),
+                &[&f.project, &bucket_id, &name, key],
+            )
+            .await
+            .unwrap();
+        }
+    }
+    let names = list_files(&t, &f.read, &f.project, "docs").await;
+    assert_eq!(
+        names.len(),
+        1,
+        "hidden and reserved rows are not listed: {names:?}"
+    );
+
+    let config = t.app.config.clone();
+    t.stop().await;
+    let t = crate::support::start_with(config).await;
+    assert!(
+        !root.join(&a_key).exists(),
+        "the interrupted delete was finished"
+    );
+    assert!(root.join(&b_key).exists());
+    assert!(
+        !root.join(&ghost_key).exists(),
+        "the abandoned upload's object is gone"
+    );
+    assert!(!root.join(".uploads/old").exists());
+    assert!(
+        root.join(".uploads/new").exists(),
+        "a recent staged upload is left alone"
+    );
+    let rows: Vec<String> = t
+        .app
+        .control
+        .get()
+        .await
+        .unwrap()
+        .query(
+            "SELECT name FROM fluxbase.storage_files WHERE project_id = $1 ORDER BY name",
+            &[&f.project],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(rows, ["b.txt", "fresh.txt"]);
+    t.stop().await;
 }
