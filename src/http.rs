@@ -132,7 +132,14 @@ where
     .await;
     let response = match outcome {
         Ok(r) => r,
-        Err(e) => error_response(&e),
+        Err(e) => {
+            if matches!(e, ApiError::StorageUnavailable(_)) {
+                app.metrics
+                    .storage_backend_errors
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
+            error_response(&e)
+        }
     };
     let status = response.status().as_u16();
     app.metrics.observe_request(route, status);

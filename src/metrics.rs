@@ -18,6 +18,11 @@ pub struct Metrics {
     sql_failed: AtomicU64,
     sql_buckets: [AtomicU64; BUCKETS_MS.len()],
     sql_sum_us: AtomicU64,
+    /// Bytes of files stored by uploads, and served by Fluxbase's own download routes.
+    pub storage_uploaded_bytes: AtomicU64,
+    pub storage_served_bytes: AtomicU64,
+    /// Operations the storage backend failed (answered 503 `STORAGE_UNAVAILABLE`).
+    pub storage_backend_errors: AtomicU64,
 }
 
 impl Metrics {
@@ -91,6 +96,29 @@ impl Metrics {
         out.push_str("# HELP fluxbase_sql_pooled_connections Open project database connections.\n");
         out.push_str("# TYPE fluxbase_sql_pooled_connections gauge\n");
         let _ = writeln!(out, "fluxbase_sql_pooled_connections {pooled_connections}");
+        for (name, kind, help, value) in [
+            (
+                "fluxbase_storage_uploaded_bytes_total",
+                "counter",
+                "Bytes of files stored by uploads.",
+                &self.storage_uploaded_bytes,
+            ),
+            (
+                "fluxbase_storage_served_bytes_total",
+                "counter",
+                "Bytes of files served by signed local and public URLs.",
+                &self.storage_served_bytes,
+            ),
+            (
+                "fluxbase_storage_backend_errors_total",
+                "counter",
+                "Storage backend operations that failed (503 STORAGE_UNAVAILABLE).",
+                &self.storage_backend_errors,
+            ),
+        ] {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+            let _ = writeln!(out, "{name} {}", value.load(Ordering::Relaxed));
+        }
         render_streams(&mut out, streams);
         out
     }

@@ -562,6 +562,11 @@ impl App {
             return Err(not_found());
         }
         let (size, stream) = self.storage.backend.read(key).await?;
+        if !head {
+            self.metrics
+                .storage_served_bytes
+                .fetch_add(size, std::sync::atomic::Ordering::Relaxed);
+        }
         let body = if head {
             warp::reply::Response::new(Default::default())
         } else {

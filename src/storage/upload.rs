@@ -354,6 +354,9 @@ impl App {
             )
             .await?
             .ok_or_else(|| anyhow::anyhow!("upload reservation {id} vanished"))?;
+        self.metrics
+            .storage_uploaded_bytes
+            .fetch_add(staged.size, std::sync::atomic::Ordering::Relaxed);
         let base = super::base_url(&self.config, headers);
         tracing::info!(project_id = %access.project.id, file = %id, key, size, "file uploaded");
         Ok((

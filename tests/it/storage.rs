@@ -284,6 +284,19 @@ async fn full_flow(t: &TestApp, object_on_backend: impl Fn(&str) -> Option<Vec<u
     assert!(fluxbase::storage::is_uuid(file["id"].as_str().unwrap()));
     assert_eq!(object_on_backend(&key).as_deref(), Some(data.as_slice()));
 
+    let metrics = t
+        .http
+        .get(t.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("fluxbase_storage_uploaded_bytes_total 300000"),
+        "{metrics}"
+    );
     let files = list_files(t, &f.read, &f.project, bucket["id"].as_str().unwrap()).await;
     assert_eq!(files.len(), 1);
     assert_eq!(files[0]["s3_key"], key.as_str());
@@ -1356,6 +1369,19 @@ async fn a_failing_backend_leaves_metadata_and_objects_in_agreement() {
     let names: Vec<&str> = files.iter().map(|f| f["name"].as_str().unwrap()).collect();
     assert_eq!(names, ["kept.txt"]);
 
+    let metrics = t
+        .http
+        .get(t.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("fluxbase_storage_backend_errors_total 2"),
+        "{metrics}"
+    );
     s3.restart().await;
     let (_, signed) = signed_url(&t, &f.read, &f.project, &key).await;
     let (status, _, bytes) = fetch(signed["url"].as_str().unwrap()).await;
