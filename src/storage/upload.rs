@@ -100,6 +100,7 @@ impl App {
                 "Content-Type: expected multipart/form-data with a boundary".into(),
             )
         })?;
+        let started = std::time::Instant::now();
         let mut multipart = multer::Multipart::new(body, boundary);
         let mut form = Form::default();
         if let Some(v) = query.get("upsert") {
@@ -218,6 +219,7 @@ impl App {
                 .as_deref()
                 .filter(|s| !s.is_empty())
                 .ok_or_else(|| ApiError::BadRequest("bucketId: missing form field".into()))?;
+            let received = started.elapsed();
             let (access, bucket) = match early.take() {
                 Some(found) => found,
                 None => {
@@ -226,6 +228,11 @@ impl App {
                     (access, bucket)
                 }
             };
+            tracing::debug!(
+                received_ms = received.as_secs_f64() * 1e3,
+                resolved_ms = started.elapsed().as_secs_f64() * 1e3,
+                "upload staged"
+            );
             self.commit_upload(
                 &access,
                 &bucket,
