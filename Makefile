@@ -3,7 +3,7 @@
 CARGO ?= cargo
 TEST_THREADS ?= 6
 
-.PHONY: run build test lint unit integration bench bench-sql bench-cdc bench-webhooks bench-fanout bench-rls clean deps fuzz
+.PHONY: run build test lint unit integration bench bench-sql bench-cdc bench-webhooks bench-fanout bench-rls bench-storage clean deps fuzz
 
 run: deps
 	$(CARGO) build --release --bin fluxbase
@@ -28,7 +28,7 @@ lint:
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
 
 # The benchmarks; each prints its reference run beside Fluxbase's (and its targets).
-bench: bench-sql bench-cdc bench-webhooks bench-fanout bench-rls
+bench: bench-sql bench-cdc bench-webhooks bench-fanout bench-rls bench-storage
 
 bench-sql: deps build
 	$(CARGO) run --release -p fluxbase-bench --bin sql_bench
@@ -47,6 +47,10 @@ bench-rls: deps
 bench-fanout: deps build
 	ulimit -n 65536 2>/dev/null || ulimit -n $$(ulimit -Hn) 2>/dev/null; \
 	$(CARGO) run --release -p fluxbase-bench --bin fanout_bench
+
+# Uploads and signed downloads of 1 MiB and 100 MiB files beside a plain file copy.
+bench-storage: deps build
+	$(CARGO) run --release -p fluxbase-bench --bin storage_bench
 
 clean:
 	$(CARGO) clean

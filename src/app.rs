@@ -29,6 +29,8 @@ pub struct App {
     pub cdc: crate::cdc::Cdc,
     pub realtime: crate::realtime::Realtime,
     pub webhooks: crate::webhooks::Webhooks,
+    /// Buckets and files: the object backend, URL signing and its clock.
+    pub storage: crate::storage::Storage,
     /// When each API key's `last_used_at` was last written (written at most once a minute).
     pub key_touched: Mutex<HashMap<String, Instant>>,
     /// Keeps the embedded cluster alive as long as the server; stopped on shutdown.
@@ -66,6 +68,7 @@ impl App {
             }
         };
         let control = crate::db::open_control(&cluster, 8).await?;
+        let storage = crate::storage::Storage::open(&config, &secrets)?;
         let app = Arc::new(App {
             sql: SqlPools::new(&config, &cluster),
             rate: RateLimiter::new(config.rate_limit_requests, config.rate_limit_window_secs),
@@ -75,6 +78,7 @@ impl App {
             cdc: Default::default(),
             realtime: Default::default(),
             webhooks: Default::default(),
+            storage,
             key_touched: Mutex::new(HashMap::new()),
             config,
             secrets,
@@ -83,6 +87,9 @@ impl App {
             embedded,
         });
         crate::projects::migrate_all(&app).await?;
+        if let Err(e) = app.sweep_storage().await {
+            tracing::warn!(error = %e, "storage sweep at start-up");
+        }
         tokio::spawn(crate::auth::run_cache_listener(Arc::downgrade(&app)));
         app.realtime.set_retention(crate::realtime::Retention {
             events: app.config.realtime_retention_events,

@@ -22,11 +22,20 @@ pub struct Config {
     pub database_url: Option<String>,
     /// The URL clients use to reach this server (printed by `init`, used in links).
     pub public_url: Option<String>,
-    /// Storage backend: `local` or `s3` (storage endpoints arrive with the storage issue).
+    /// Storage backend: `local` (files under `<data_dir>/storage`) or `s3`.
     pub storage: String,
+    /// The S3 bucket all projects' objects go to (required with `storage = "s3"`).
     pub s3_bucket: Option<String>,
+    /// An S3-compatible endpoint (MinIO, R2, …); unset: AWS, or `AWS_ENDPOINT_URL`.
     pub s3_endpoint: Option<String>,
+    /// The S3 region; unset: `AWS_REGION` / `AWS_DEFAULT_REGION`, else `us-east-1`.
     pub s3_region: Option<String>,
+    /// S3 credentials; unset: the usual `AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`,
+    /// `AWS_SESSION_TOKEN` variables (or the instance's role). Never logged.
+    pub s3_access_key_id: Option<String>,
+    pub s3_secret_access_key: Option<String>,
+    /// Largest accepted file upload, in bytes (then 413 `PAYLOAD_TOO_LARGE`).
+    pub max_upload_bytes: u64,
     /// Let webhooks reach loopback and private addresses (development and tests only).
     pub webhook_allow_private: bool,
     /// Server-side statement timeout for `/api/execute-sql`, in milliseconds.
@@ -68,6 +77,9 @@ impl Default for Config {
             s3_bucket: None,
             s3_endpoint: None,
             s3_region: None,
+            s3_access_key_id: None,
+            s3_secret_access_key: None,
+            max_upload_bytes: 50 * 1024 * 1024,
             webhook_allow_private: false,
             statement_timeout_ms: 30_000,
             max_rows: 10_000,
@@ -96,6 +108,10 @@ impl std::fmt::Debug for Config {
             )
             .field("public_url", &self.public_url)
             .field("storage", &self.storage)
+            .field("s3_bucket", &self.s3_bucket)
+            .field("s3_endpoint", &self.s3_endpoint)
+            .field("s3_region", &self.s3_region)
+            .field("max_upload_bytes", &self.max_upload_bytes)
             .field("statement_timeout_ms", &self.statement_timeout_ms)
             .field("max_rows", &self.max_rows)
             .field("max_body_bytes", &self.max_body_bytes)
@@ -200,6 +216,18 @@ impl Config {
             self.s3_region = opt(v);
             Ok(())
         });
+        env!("FLUXBASE_S3_ACCESS_KEY_ID", |_, v| -> Result<()> {
+            self.s3_access_key_id = opt(v);
+            Ok(())
+        });
+        env!("FLUXBASE_S3_SECRET_ACCESS_KEY", |_, v| -> Result<()> {
+            self.s3_secret_access_key = opt(v);
+            Ok(())
+        });
+        env!("FLUXBASE_MAX_UPLOAD_BYTES", |k, v: String| -> Result<()> {
+            self.max_upload_bytes = parse(k, &v)?;
+            Ok(())
+        });
         env!("FLUXBASE_WEBHOOK_ALLOW_PRIVATE", |k,
                                                 v: String|
          -> Result<()> {
@@ -280,6 +308,12 @@ impl Config {
         if !matches!(self.storage.as_str(), "local" | "s3") {
             bail!("storage must be `local` or `s3`, not {:?}", self.storage);
         }
+        if self.storage == "s3" && self.s3_bucket.is_none() {
+            bail!("storage = s3 needs FLUXBASE_S3_BUCKET (s3_bucket)");
+        }
+        if self.max_upload_bytes == 0 {
+            bail!("max_upload_bytes must be positive");
+        }
         if self.max_rows == 0 || self.pool_size == 0 || self.rate_limit_window_secs == 0 {
             bail!("max_rows, pool_size and rate_limit_window_secs must be positive");
         }
@@ -318,6 +352,28 @@ mod tests {
     }
 
     #[test]
+    fn storage_settings_come_from_the_environment() {
+        let mut c = Config::default();
+        assert_eq!(c.max_upload_bytes, 50 * 1024 * 1024);
+        c.apply_env(|k| match k {
+            "FLUXBASE_STORAGE" => Some("s3".into()),
+            "FLUXBASE_S3_BUCKET" => Some("files".into()),
+            "FLUXBASE_S3_ENDPOINT" => Some("http://127.0.0.1:9000".into()),
+            "FLUXBASE_MAX_UPLOAD_BYTES" => Some("1024".into()),
+            _ => None,
+        })
+        .unwrap();
+        assert_eq!(c.storage, "s3");
+        assert_eq!(c.s3_bucket.as_deref(), Some("files"));
+        assert_eq!(c.max_upload_bytes, 1024);
+        let mut c = Config::default();
+        let err = c
+            .apply_env(|k| (k == "FLUXBASE_STORAGE").then(|| "s3".into()))
+            .unwrap_err();
+        assert!(err.to_string().contains("FLUXBASE_S3_BUCKET"), "{err}");
+    }
+
+    #[test]
     fn bad_values_and_unknown_keys_are_refused() {
         let mut c = Config::default();
         let err = c
@@ -340,5 +396,10 @@ mod tests {
             ..Config::default()
         };
         assert!(!format!("{c:?}").contains("pw@"));
+        let c = Config {
+            s3_secret_access_key: Some("very-secret".into()),
+            ..Config::default()
+        };
+        assert!(!format!("{c:?}").contains("very-secret"));
     }
 }

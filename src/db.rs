@@ -28,6 +28,11 @@ pub const CONTROL_MIGRATIONS: &[(i32, &str, &str)] = &[
         "webhooks",
         include_str!("../sql/control/0003_webhooks.sql"),
     ),
+    (
+        4,
+        "storage",
+        include_str!("../sql/control/0004_storage.sql"),
+    ),
     (5, "team", include_str!("../sql/control/0005_team.sql")),
 ];
 

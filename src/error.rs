@@ -22,6 +22,9 @@ pub enum ApiError {
     ProjectSuspended,
     #[error("{0}")]
     InsufficientPermissions(String),
+    /// A signed or public URL that does not (or no longer) grant access.
+    #[error("{0}")]
+    AccessDenied(String),
     #[error("No project found for the given projectId.")]
     ProjectNotFound,
     #[error("{0}")]
@@ -40,6 +43,9 @@ pub enum ApiError {
     },
     #[error("The project database is unreachable. Retry after a few seconds.")]
     DatabaseUnavailable(String),
+    /// The storage backend (disk or S3) failed; the operation changed nothing.
+    #[error("The storage backend is unavailable. Retry after a few seconds.")]
+    StorageUnavailable(String),
     #[error("Method not allowed.")]
     MethodNotAllowed,
     #[error("Unexpected server error.")]
@@ -52,14 +58,14 @@ impl ApiError {
         match self {
             BadRequest(_) => StatusCode::BAD_REQUEST,
             AuthRequired(_) | TokenExpired => StatusCode::UNAUTHORIZED,
-            ScopeMismatch(_) | ProjectSuspended | InsufficientPermissions(_) => {
+            ScopeMismatch(_) | ProjectSuspended | InsufficientPermissions(_) | AccessDenied(_) => {
                 StatusCode::FORBIDDEN
             }
             ProjectNotFound | UserNotFound(_) | NotFound(_) => StatusCode::NOT_FOUND,
             Conflict(_) => StatusCode::CONFLICT,
             PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
-            DatabaseUnavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            DatabaseUnavailable(_) | StorageUnavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
@@ -74,6 +80,7 @@ impl ApiError {
             ScopeMismatch(_) => "SCOPE_MISMATCH",
             ProjectSuspended => "PROJECT_SUSPENDED",
             InsufficientPermissions(_) => "INSUFFICIENT_PERMISSIONS",
+            AccessDenied(_) => "ACCESS_DENIED",
             ProjectNotFound => "PROJECT_NOT_FOUND",
             UserNotFound(_) => "USER_NOT_FOUND",
             NotFound(_) => "NOT_FOUND",
@@ -81,6 +88,7 @@ impl ApiError {
             PayloadTooLarge(_) => "PAYLOAD_TOO_LARGE",
             RateLimited { .. } => "RATE_LIMIT",
             DatabaseUnavailable(_) => "DATABASE_CONNECTION_ERROR",
+            StorageUnavailable(_) => "STORAGE_UNAVAILABLE",
             MethodNotAllowed => "METHOD_NOT_ALLOWED",
             Internal(_) => "INTERNAL_ERROR",
         }
@@ -100,6 +108,11 @@ impl ApiError {
                 tracing::warn!(request_id, cause, "project database unreachable");
                 error["details"] = json!({ "requestId": request_id });
             }
+            ApiError::StorageUnavailable(cause) => {
+                let request_id = crate::secrets::random_hex::<8>();
+                tracing::warn!(request_id, cause, "storage backend failed");
+                error["details"] = json!({ "requestId": request_id });
+            }
             _ => {}
         }
         json!({ "success": false, "error": error })
@@ -109,7 +122,7 @@ impl ApiError {
     pub fn retry_after(&self) -> Option<u64> {
         match self {
             ApiError::RateLimited { retry_after, .. } => Some(*retry_after),
-            ApiError::DatabaseUnavailable(_) => Some(2),
+            ApiError::DatabaseUnavailable(_) | ApiError::StorageUnavailable(_) => Some(2),
             _ => None,
         }
     }

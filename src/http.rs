@@ -103,13 +103,18 @@ async fn handle<S, B>(
 ) -> Response
 where
     S: Stream<Item = Result<B, warp::Error>> + Send + 'static,
-    B: Buf,
+    B: Buf + Send + 'static,
 {
     let started = Instant::now();
     let route = route_name(&path);
     let outcome = async {
         let query = serde_urlencoded::from_str::<HashMap<String, String>>(&query)
             .map_err(|e| ApiError::BadRequest(format!("invalid query string: {e}")))?;
+        // Uploads stream their body to the storage backend instead of reading it here.
+        if method == Method::POST && path.trim_end_matches('/') == "/api/storage/upload" {
+            let body = body.map(|r| r.map(|mut b| b.copy_to_bytes(b.remaining())));
+            return ok(app.upload(&headers, &query, body).await?);
+        }
         let body = if method == Method::GET || method == Method::HEAD {
             None
         } else {
@@ -127,7 +132,14 @@ where
     .await;
     let response = match outcome {
         Ok(r) => r,
-        Err(e) => error_response(&e),
+        Err(e) => {
+            if matches!(e, ApiError::StorageUnavailable(_)) {
+                app.metrics
+                    .storage_backend_errors
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
+            error_response(&e)
+        }
     };
     let status = response.status().as_u16();
     app.metrics.observe_request(route, status);
@@ -186,6 +198,9 @@ fn route_name(path: &str) -> &'static str {
         "/api/realtime/token" | "/api/realtime/broadcast" => "/api/realtime",
         "/api/team" | "/api/team/invites/accept" => "/api/team",
         "/api/rls/policies" => "/api/rls",
+        "/api/storage/object" => "/api/storage/object",
+        p if p.starts_with("/api/storage/public/") => "/api/storage/public",
+        p if p.starts_with("/api/storage/") => "/api/storage",
         _ => "other",
     }
 }
@@ -356,6 +371,62 @@ async fn dispatch(app: &Arc<App>, req: &Request) -> ApiResult<Response> {
             let access = app.project_access(&p, req.param("projectId")?).await?;
             ok(app.cdc_status(&access).await?)
         }
+        (&M::GET, "/api/storage/buckets") => {
+            let p = app.authenticate(req.authorization()).await?;
+            let access = app.project_access(&p, req.param("projectId")?).await?;
+            ok(app.list_buckets(&access).await?)
+        }
+        (&M::POST, "/api/storage/buckets") => {
+            let p = app.authenticate(req.authorization()).await?;
+            let access = app.project_access(&p, &project_id_from_body(req)?).await?;
+            ok(app.create_bucket(&access, req.json()?).await?)
+        }
+        (&M::PATCH, "/api/storage/buckets") => {
+            let p = app.authenticate(req.authorization()).await?;
+            let access = app.project_access(&p, &project_id_from_body(req)?).await?;
+            ok(app.patch_bucket(&access, req.json()?).await?)
+        }
+        (&M::DELETE, "/api/storage/buckets") => {
+            let p = app.authenticate(req.authorization()).await?;
+            let access = app.project_access(&p, req.param("projectId")?).await?;
+            ok(app.delete_bucket(&access, req.param("bucketId")?).await?)
+        }
+        (&M::GET, "/api/storage/files") => {
+            let p = app.authenticate(req.authorization()).await?;
+            let access = app.project_access(&p, req.param("projectId")?).await?;
+            let base = crate::storage::base_url(&app.config, &req.headers);
+            ok(app
+                .list_files(&access, req.param("bucketId")?, &base)
+                .await?)
+        }
+        (&M::GET, "/api/storage/url") => {
+            let p = app.authenticate(req.authorization()).await?;
+            let access = app.project_access(&p, req.param("projectId")?).await?;
+            let base = crate::storage::base_url(&app.config, &req.headers);
+            ok(app.signed_url(&access, req.param("s3Key")?, &base).await?)
+        }
+        (&M::DELETE, "/api/storage/files") | (&M::DELETE, "/api/storage/delete") => {
+            let p = app.authenticate(req.authorization()).await?;
+            let target = DeleteFile::from_request(req)?;
+            let access = app.project_access(&p, &target.project_id).await?;
+            ok(app
+                .delete_file(&access, target.file_id.as_deref(), target.s3_key.as_deref())
+                .await?)
+        }
+        (&M::GET, "/api/storage/object") | (&M::HEAD, "/api/storage/object") => {
+            app.signed_download(
+                req.param("key")?,
+                req.param("expires")?,
+                req.param("signature")?,
+                req.method == M::HEAD,
+            )
+            .await
+        }
+        (&M::GET, p) | (&M::HEAD, p) if p.starts_with("/api/storage/public/") => {
+            app.public_download(&p["/api/storage/public/".len()..], req.method == M::HEAD)
+                .await
+        }
+
         (&M::GET, "/api/projects") => {
             let p = app.authenticate(req.authorization()).await?;
             ok(app.list_projects(&p).await?)
@@ -434,6 +505,34 @@ async fn dispatch(app: &Arc<App>, req: &Request) -> ApiResult<Response> {
     }
 }
 
+/// The file to delete: `?projectId=&s3Key=` or `?projectId=&fileId=`, or the same fields in
+/// a JSON body.
+#[derive(serde::Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct DeleteFile {
+    project_id: String,
+    file_id: Option<String>,
+    s3_key: Option<String>,
+}
+
+impl DeleteFile {
+    fn from_request(req: &Request) -> ApiResult<DeleteFile> {
+        let has_body = req
+            .body
+            .as_deref()
+            .is_some_and(|b| !b.iter().all(|c| c.is_ascii_whitespace()));
+        if req.query.contains_key("projectId") || !has_body {
+            let get = |k: &str| req.query.get(k).filter(|v| !v.is_empty()).cloned();
+            return Ok(DeleteFile {
+                project_id: req.param("projectId")?.to_string(),
+                file_id: get("fileId"),
+                s3_key: get("s3Key"),
+            });
+        }
+        req.json()
+    }
+}
+
 const KNOWN_PATHS: &[&str] = &[
     "/health",
     "/ready",
@@ -455,4 +554,10 @@ const KNOWN_PATHS: &[&str] = &[
     "/api/team",
     "/api/team/invites/accept",
     "/api/rls/policies",
+    "/api/storage/buckets",
+    "/api/storage/upload",
+    "/api/storage/files",
+    "/api/storage/url",
+    "/api/storage/delete",
+    "/api/storage/object",
 ];

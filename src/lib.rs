@@ -25,4 +25,5 @@ pub mod rls;
 pub mod secrets;
 pub mod sql;
 pub mod team;
+pub mod storage;
 pub mod webhooks;

@@ -19,6 +19,11 @@ pub struct Metrics {
     sql_buckets: [AtomicU64; BUCKETS_MS.len()],
     sql_sum_us: AtomicU64,
     identity_changes: AtomicU64,
+    /// Bytes of files stored by uploads, and served by Fluxbase's own download routes.
+    pub storage_uploaded_bytes: AtomicU64,
+    pub storage_served_bytes: AtomicU64,
+    /// Operations the storage backend failed (answered 503 `STORAGE_UNAVAILABLE`).
+    pub storage_backend_errors: AtomicU64,
 }
 
 impl Metrics {
@@ -106,6 +111,29 @@ impl Metrics {
             "fluxbase_rls_identity_changes_total {}",
             self.identity_changes.load(Ordering::Relaxed)
         );
+        for (name, kind, help, value) in [
+            (
+                "fluxbase_storage_uploaded_bytes_total",
+                "counter",
+                "Bytes of files stored by uploads.",
+                &self.storage_uploaded_bytes,
+            ),
+            (
+                "fluxbase_storage_served_bytes_total",
+                "counter",
+                "Bytes of files served by signed local and public URLs.",
+                &self.storage_served_bytes,
+            ),
+            (
+                "fluxbase_storage_backend_errors_total",
+                "counter",
+                "Storage backend operations that failed (503 STORAGE_UNAVAILABLE).",
+                &self.storage_backend_errors,
+            ),
+        ] {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+            let _ = writeln!(out, "{name} {}", value.load(Ordering::Relaxed));
+        }
         render_streams(&mut out, streams);
         out
     }

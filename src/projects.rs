@@ -317,6 +317,7 @@ impl App {
             )
             .await?;
         drop(client);
+        self.delete_project_objects(project_id).await;
         self.invalidate_project_access(project_id).await;
         self.realtime
             .close_project(project_id, "PROJECT_NOT_FOUND", "The project was deleted.");
@@ -424,6 +425,7 @@ impl App {
             anyhow::bail!("no project {project_id}");
         }
         drop(client);
+        self.delete_project_objects(project_id).await;
         self.invalidate_project_access(project_id).await;
         self.sql.forget_project(project_id);
         if status == "suspended" {

@@ -12,6 +12,7 @@ mod replication;
 mod rls;
 mod sql;
 mod team;
+mod storage;
 mod values;
 mod webhooks;
 mod wire;

@@ -1,0 +1,313 @@
+//! Where objects live, through the `object_store` crate: the local filesystem under
+//! `$FLUXBASE_DATA_DIR/storage` (the embedded default) or one S3 bucket (any S3-compatible
+//! endpoint).
+//!
+//! Writes are streamed: [`ObjectWriter`] hands the backend parts of at most `chunk_size` bytes
+//! and waits for capacity, so an upload holds a few parts in memory whatever its size. Both
+//! backends make an object visible only when it is complete (the local store writes a temporary
+//! file and renames it; S3 completes a multipart upload), so a failed write leaves nothing.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use bytes::Bytes;
+use futures_util::stream::BoxStream;
+use futures_util::StreamExt;
+use object_store::aws::{AmazonS3, AmazonS3Builder};
+use object_store::local::LocalFileSystem;
+use object_store::path::Path;
+use object_store::signer::Signer;
+use object_store::{
+    Attribute, Attributes, GetResultPayload, ObjectStore, PutMultipartOptions, WriteMultipart,
+};
+
+use crate::config::Config;
+use crate::error::ApiError;
+
+/// Parts in flight per upload.
+const UPLOAD_CONCURRENCY: usize = 2;
+/// Bytes per read when streaming a local file out.
+const READ_CHUNK: usize = 1024 * 1024;
+
+pub enum Backend {
+    Local {
+        store: Arc<LocalFileSystem>,
+        root: PathBuf,
+    },
+    S3 {
+        store: Arc<AmazonS3>,
+        bucket: String,
+    },
+}
+
+impl Backend {
+    pub fn open(config: &Config) -> Result<Backend> {
+        match config.storage.as_str() {
+            "s3" => {
+                let bucket = config
+                    .s3_bucket
+                    .clone()
+                    .context("storage = s3 needs FLUXBASE_S3_BUCKET")?;
+                let mut builder = AmazonS3Builder::from_env().with_bucket_name(&bucket);
+                if let Some(region) = &config.s3_region {
+                    builder = builder.with_region(region);
+                }
+                if let Some(endpoint) = &config.s3_endpoint {
+                    builder = builder
+                        .with_endpoint(endpoint)
+                        .with_allow_http(endpoint.starts_with("http://"));
+                }
+                if let Some(id) = &config.s3_access_key_id {
+                    builder = builder.with_access_key_id(id);
+                }
+                if let Some(secret) = &config.s3_secret_access_key {
+                    builder = builder.with_secret_access_key(secret);
+                }
+                let store = builder.build().context("configuring the S3 backend")?;
+                tracing::info!(bucket, endpoint = ?config.s3_endpoint, "storage: S3");
+                Ok(Backend::S3 {
+                    store: Arc::new(store),
+                    bucket,
+                })
+            }
+            _ => {
+                let root = config.data_dir.join("storage");
+                std::fs::create_dir_all(&root)
+                    .with_context(|| format!("creating {}", root.display()))?;
+                let root = root.canonicalize()?;
+                let store = LocalFileSystem::new_with_prefix(&root)
+                    .context("opening the local storage directory")?
+                    .with_automatic_cleanup(true);
+                tracing::info!(root = %root.display(), "storage: local filesystem");
+                Ok(Backend::Local {
+                    store: Arc::new(store),
+                    root,
+                })
+            }
+        }
+    }
+
+    pub fn store(&self) -> Arc<dyn ObjectStore> {
+        match self {
+            Backend::Local { store, .. } => store.clone(),
+            Backend::S3 { store, .. } => store.clone(),
+        }
+    }
+
+    pub fn is_local(&self) -> bool {
+        matches!(self, Backend::Local { .. })
+    }
+
+    pub fn describe(&self) -> String {
+        match self {
+            Backend::Local { root, .. } => format!("local:{}", root.display()),
+            Backend::S3 { bucket, .. } => format!("s3:{bucket}"),
+        }
+    }
+
+    /// S3 needs parts of at least 5 MiB (but the last); the local store takes any size.
+    fn chunk_size(&self) -> usize {
+        match self {
+            Backend::Local { .. } => 4 * 1024 * 1024,
+            Backend::S3 { .. } => 5 * 1024 * 1024,
+        }
+    }
+
+    /// Starts a streamed write of `key`.
+    /// `content_disposition` goes with the object on S3, so that its pre-signed URLs are
+    /// served with it; the local store keeps no attributes (Fluxbase serves those files itself,
+    /// from the metadata row).
+    pub async fn writer(
+        &self,
+        key: &str,
+        content_type: &str,
+        content_disposition: &str,
+    ) -> Result<ObjectWriter, ApiError> {
+        let mut attributes = Attributes::new();
+        if !self.is_local() {
+            attributes.insert(Attribute::ContentType, content_type.to_string().into());
+            attributes.insert(
+                Attribute::ContentDisposition,
+                content_disposition.to_string().into(),
+            );
+        }
+        let upload = self
+            .store()
+            .put_multipart_opts(
+                &Path::from(key),
+                PutMultipartOptions {
+                    attributes,
+                    ..Default::default()
+                },
+            )
+            .await
+            .map_err(unavailable)?;
+        Ok(ObjectWriter {
+            inner: WriteMultipart::new_with_chunk_size(upload, self.chunk_size()),
+            written: 0,
+        })
+    }
+
+    /// Moves a complete object (atomic on the local disk; copy and delete on S3).
+    pub async fn rename(&self, from: &str, to: &str) -> Result<(), ApiError> {
+        self.store()
+            .rename(&Path::from(from), &Path::from(to))
+            .await
+            .map_err(unavailable)
+    }
+
+    /// Deletes `key`; an object that is already gone is not an error.
+    pub async fn delete(&self, key: &str) -> Result<(), ApiError> {
+        match self.store().delete(&Path::from(key)).await {
+            Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+            Err(e) => Err(unavailable(e)),
+        }
+    }
+
+    /// Deletes every object under `prefix/`.
+    pub async fn delete_prefix(&self, prefix: &str) -> Result<usize, ApiError> {
+        let store = self.store();
+        let prefix = Path::from(prefix);
+        let locations = store
+            .list(Some(&prefix))
+            .map(|m| m.map(|m| m.location))
+            .boxed();
+        let mut deleted = 0;
+        let mut results = store.delete_stream(locations);
+        while let Some(r) = results.next().await {
+            match r {
+                Ok(_) => deleted += 1,
+                Err(object_store::Error::NotFound { .. }) => {}
+                Err(e) => return Err(unavailable(e)),
+            }
+        }
+        Ok(deleted)
+    }
+
+    /// Objects under `prefix/` last modified before `before` (for sweeping abandoned uploads).
+    pub async fn list_older_than(
+        &self,
+        prefix: &str,
+        before: chrono::DateTime<chrono::Utc>,
+    ) -> Result<Vec<String>, ApiError> {
+        let mut out = Vec::new();
+        let mut list = self.store().list(Some(&Path::from(prefix)));
+        while let Some(meta) = list.next().await {
+            let meta = meta.map_err(unavailable)?;
+            if meta.last_modified < before {
+                out.push(meta.location.to_string());
+            }
+        }
+        Ok(out)
+    }
+
+    /// The object's bytes as a stream (large reads for local files).
+    pub async fn read(
+        &self,
+        key: &str,
+    ) -> Result<(u64, BoxStream<'static, std::io::Result<Bytes>>), ApiError> {
+        let got = match self.store().get(&Path::from(key)).await {
+            Ok(g) => g,
+            Err(object_store::Error::NotFound { .. }) => {
+                return Err(ApiError::NotFound("File not found.".into()))
+            }
+            Err(e) => return Err(unavailable(e)),
+        };
+        let size = got.meta.size;
+        let stream = match got.payload {
+            GetResultPayload::File(file, _) => read_file(file),
+            GetResultPayload::Stream(s) => s.map(|r| r.map_err(std::io::Error::other)).boxed(),
+        };
+        Ok((size, stream))
+    }
+
+    /// A real SigV4 pre-signed GET URL (S3 only; the local backend signs its own URLs).
+    pub async fn presign_get(
+        &self,
+        key: &str,
+        expires_in: Duration,
+    ) -> Option<Result<url::Url, ApiError>> {
+        match self {
+            Backend::S3 { store, .. } => Some(
+                store
+                    .signed_url(warp::http::Method::GET, &Path::from(key), expires_in)
+                    .await
+                    .map_err(unavailable),
+            ),
+            Backend::Local { .. } => None,
+        }
+    }
+}
+
+/// Reads a file in large chunks on the blocking pool.
+fn read_file(file: std::fs::File) -> BoxStream<'static, std::io::Result<Bytes>> {
+    futures_util::stream::try_unfold(Some(file), |file| async move {
+        let Some(mut file) = file else {
+            return Ok(None);
+        };
+        let (file, chunk) = tokio::task::spawn_blocking(move || {
+            use std::io::Read;
+            let mut buf = vec![0u8; READ_CHUNK];
+            let mut filled = 0;
+            while filled < READ_CHUNK {
+                match file.read(&mut buf[filled..]) {
+                    Ok(0) => break,
+                    Ok(n) => filled += n,
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                    Err(e) => return Err(e),
+                }
+            }
+            buf.truncate(filled);
+            Ok((file, buf))
+        })
+        .await
+        .map_err(std::io::Error::other)??;
+        if chunk.is_empty() {
+            Ok(None)
+        } else {
+            Ok(Some((Bytes::from(chunk), Some(file))))
+        }
+    })
+    .boxed()
+}
+
+pub fn unavailable(e: object_store::Error) -> ApiError {
+    ApiError::StorageUnavailable(e.to_string())
+}
+
+/// A streamed object write in progress: [`ObjectWriter::finish`] makes it visible,
+/// [`ObjectWriter::abort`] (or an error) leaves nothing behind.
+pub struct ObjectWriter {
+    inner: WriteMultipart,
+    written: u64,
+}
+
+impl ObjectWriter {
+    pub async fn write(&mut self, chunk: &[u8]) -> Result<(), ApiError> {
+        self.inner
+            .wait_for_capacity(UPLOAD_CONCURRENCY)
+            .await
+            .map_err(unavailable)?;
+        self.inner.write(chunk);
+        self.written += chunk.len() as u64;
+        Ok(())
+    }
+
+    pub fn written(&self) -> u64 {
+        self.written
+    }
+
+    pub async fn finish(self) -> Result<u64, ApiError> {
+        let written = self.written;
+        self.inner.finish().await.map_err(unavailable)?;
+        Ok(written)
+    }
+
+    pub async fn abort(self) {
+        if let Err(e) = self.inner.abort().await {
+            tracing::warn!(error = %e, "aborting an upload");
+        }
+    }
+}

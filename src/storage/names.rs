@@ -1,0 +1,294 @@
+//! What a bucket or an object may be called, and how a stored file is served to a browser.
+//!
+//! Object names become paths on disk (local backend) and keys in S3, so a name must never leave
+//! its bucket: `..` segments, their percent-encoded forms, absolute paths, backslashes, NUL and
+//! other control characters are refused before any storage call. The checks run on the name as
+//! given *and* on its percent-decoded form, so a later layer that decodes cannot turn a harmless
+//! looking name into a traversal.
+
+use crate::error::{ApiError, ApiResult};
+
+/// Longest object name, in bytes (S3's key limit is 1,024 bytes for the whole key).
+pub const MAX_OBJECT_NAME: usize = 900;
+
+/// The guide's rule: lowercase alphanumeric, hyphens, underscores, 1–63 characters.
+pub fn validate_bucket_name(name: &str) -> ApiResult<()> {
+    let ok = (1..=63).contains(&name.len())
+        && name
+            .bytes()
+            .all(|b| matches!(b, b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_'));
+    if ok {
+        Ok(())
+    } else {
+        Err(ApiError::BadRequest(format!(
+            "name: bucket names are 1–63 characters of lowercase letters, digits, hyphens and \
+             underscores (got {name:?})"
+        )))
+    }
+}
+
+/// An object name inside a bucket: `/`-separated segments, none empty, `.` or `..`.
+pub fn validate_object_name(name: &str) -> ApiResult<()> {
+    let refuse = |why: &str| {
+        Err(ApiError::BadRequest(format!(
+            "path: invalid file name {name:?}: {why}"
+        )))
+    };
+    if name.is_empty() {
+        return refuse("it is empty");
+    }
+    if name.len() > MAX_OBJECT_NAME {
+        return refuse(&format!("it is longer than {MAX_OBJECT_NAME} bytes"));
+    }
+    let decoded = percent_encoding::percent_decode_str(name).decode_utf8_lossy();
+    for candidate in [name, decoded.as_ref()] {
+        if candidate.chars().any(|c| c.is_control()) {
+            return refuse("control characters (including NUL) are not allowed");
+        }
+        if candidate.contains('\\') {
+            return refuse("backslashes are not allowed");
+        }
+        if candidate.starts_with('/') || candidate.starts_with('~') || has_drive_prefix(candidate) {
+            return refuse("absolute paths are not allowed");
+        }
+        if candidate.contains('#') {
+            return refuse("`#` is not allowed");
+        }
+        for segment in candidate.split('/') {
+            match segment {
+                "" => {
+                    return refuse("empty path segments (`//` or a trailing `/`) are not allowed")
+                }
+                "." | ".." => return refuse("`.` and `..` segments are not allowed"),
+                _ => {}
+            }
+        }
+    }
+    if decoded != name && (decoded.contains("..") || decoded.contains('/')) {
+        return refuse("percent-encoded `.` or `/` is not allowed");
+    }
+    Ok(())
+}
+
+fn has_drive_prefix(s: &str) -> bool {
+    let b = s.as_bytes();
+    b.len() >= 2 && b[0].is_ascii_alphabetic() && b[1] == b':'
+}
+
+/// The object name for an upload: `path` when given (a trailing `/` names a folder that the
+/// uploaded file's own name goes into), else the uploaded file's name.
+pub fn object_name(path: Option<&str>, filename: Option<&str>) -> ApiResult<String> {
+    let filename = filename.filter(|f| !f.is_empty());
+    let name = match (path.filter(|p| !p.is_empty()), filename) {
+        (Some(p), Some(f)) if p.ends_with('/') => format!("{p}{f}"),
+        (Some(p), None) if p.ends_with('/') => {
+            return Err(ApiError::BadRequest(
+                "path: names a folder, but the file part has no filename".into(),
+            ))
+        }
+        (Some(p), _) => p.to_string(),
+        (None, Some(f)) => f.to_string(),
+        (None, None) => {
+            return Err(ApiError::BadRequest(
+                "file: the file part has no filename; send one or a `path` field".into(),
+            ))
+        }
+    };
+    validate_object_name(&name)?;
+    Ok(name)
+}
+
+/// Content types a browser displays without running anything; every other type is served as
+/// an attachment (HTML, SVG, XML, JavaScript and unknown types are downloaded, never rendered
+/// on Fluxbase's origin).
+fn renders_inline_safely(content_type: &str) -> bool {
+    let essence = content_type
+        .split(';')
+        .next()
+        .unwrap_or_default()
+        .trim()
+        .to_ascii_lowercase();
+    matches!(
+        essence.as_str(),
+        "image/png"
+            | "image/jpeg"
+            | "image/gif"
+            | "image/webp"
+            | "image/avif"
+            | "image/bmp"
+            | "text/plain"
+            | "application/pdf"
+            | "application/json"
+    ) || essence.starts_with("audio/")
+        || essence.starts_with("video/")
+}
+
+/// A `Content-Disposition` for serving `name` stored as `content_type`.
+pub fn content_disposition(name: &str, content_type: &str) -> String {
+    let kind = if renders_inline_safely(content_type) {
+        "inline"
+    } else {
+        "attachment"
+    };
+    let base = name.rsplit('/').next().unwrap_or(name);
+    let ascii: String = base
+        .chars()
+        .map(|c| {
+            if c.is_ascii_graphic() && c != '"' && c != '\\' && c != ';' || c == ' ' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    let encoded = percent_encoding::utf8_percent_encode(base, RFC5987);
+    format!("{kind}; filename=\"{ascii}\"; filename*=UTF-8''{encoded}")
+}
+
+/// RFC 5987 `attr-char`: everything else is percent-encoded.
+const RFC5987: &percent_encoding::AsciiSet = &percent_encoding::NON_ALPHANUMERIC
+    .remove(b'!')
+    .remove(b'#')
+    .remove(b'$')
+    .remove(b'&')
+    .remove(b'+')
+    .remove(b'-')
+    .remove(b'.')
+    .remove(b'^')
+    .remove(b'_')
+    .remove(b'`')
+    .remove(b'|')
+    .remove(b'~');
+
+/// Characters kept as they are in a URL path segment.
+pub const PATH_SEGMENT: &percent_encoding::AsciiSet = &percent_encoding::NON_ALPHANUMERIC
+    .remove(b'-')
+    .remove(b'.')
+    .remove(b'_')
+    .remove(b'~');
+
+/// A content type as stored: a valid MIME type, or `application/octet-stream` when none is
+/// given.
+pub fn normalize_content_type(given: Option<&str>, name: &str) -> ApiResult<String> {
+    let given = given.map(str::trim).filter(|s| !s.is_empty());
+    let mime: mime_guess::mime::Mime = match given {
+        Some(ct) if ct != "application/octet-stream" => ct
+            .parse()
+            .map_err(|_| ApiError::BadRequest(format!("file: invalid content type {ct:?}")))?,
+        _ => mime_guess::from_path(name).first_or_octet_stream(),
+    };
+    Ok(mime.to_string().to_ascii_lowercase())
+}
+
+/// Whether `content_type` matches one of a bucket's allowed patterns (`image/png`, `image/*`).
+pub fn mime_allowed(content_type: &str, allowed: &[String]) -> bool {
+    let essence = content_type.split(';').next().unwrap_or_default().trim();
+    allowed.iter().any(|pattern| {
+        let pattern = pattern.trim().to_ascii_lowercase();
+        match pattern.strip_suffix("/*") {
+            Some(top) => essence
+                .split_once('/')
+                .is_some_and(|(t, _)| t.eq_ignore_ascii_case(top)),
+            None => pattern == "*/*" || essence.eq_ignore_ascii_case(&pattern),
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bucket_names_follow_the_guide() {
+        for ok in ["profile-photos", "a", "x_1", &"a".repeat(63)] {
+            assert!(validate_bucket_name(ok).is_ok(), "{ok}");
+        }
+        for bad in ["", "Photos", "a b", "a.b", "ü", &"a".repeat(64), "a/b"] {
+            assert!(validate_bucket_name(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn object_names_cannot_escape_their_bucket() {
+        for ok in [
+            "avatar.jpg",
+            "users/1/avatar.jpg",
+            "a..b.txt",
+            "100%.txt",
+            "ünï code.png",
+        ] {
+            assert!(validate_object_name(ok).is_ok(), "{ok}");
+        }
+        for bad in [
+            "",
+            "..",
+            "../x",
+            "a/../../x",
+            "./x",
+            "%2e%2e/x",
+            "%2E%2E",
+            "a%2fb",
+            "..%2fx",
+            "/etc/passwd",
+            "C:/x",
+            "a\\b",
+            "..\\x",
+            "a\0b",
+            "a%00b",
+            "a\nb",
+            "a//b",
+            "dir/",
+            "x#1",
+        ] {
+            assert!(validate_object_name(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn path_names_the_object_or_its_folder() {
+        assert_eq!(object_name(None, Some("a.jpg")).unwrap(), "a.jpg");
+        assert_eq!(
+            object_name(Some("x/b.jpg"), Some("a.jpg")).unwrap(),
+            "x/b.jpg"
+        );
+        assert_eq!(object_name(Some("x/"), Some("a.jpg")).unwrap(), "x/a.jpg");
+        assert!(object_name(None, None).is_err());
+        assert!(object_name(Some("../"), Some("a.jpg")).is_err());
+    }
+
+    #[test]
+    fn active_content_is_served_as_an_attachment() {
+        assert!(content_disposition("a.html", "text/html").starts_with("attachment;"));
+        assert!(content_disposition("a.svg", "image/svg+xml").starts_with("attachment;"));
+        assert!(content_disposition("a.bin", "application/x-unknown").starts_with("attachment;"));
+        assert!(content_disposition("a.png", "image/png").starts_with("inline;"));
+        let d = content_disposition("dir/ré\"sumé.pdf", "application/pdf");
+        assert_eq!(
+            d,
+            "inline; filename=\"r__sum_.pdf\"; filename*=UTF-8''r%C3%A9%22sum%C3%A9.pdf"
+        );
+    }
+
+    #[test]
+    fn mime_patterns_match_types_and_families() {
+        let allowed = vec!["image/*".to_string(), "application/pdf".to_string()];
+        assert!(mime_allowed("image/png", &allowed));
+        assert!(mime_allowed("application/pdf", &allowed));
+        assert!(!mime_allowed("text/html", &allowed));
+        assert!(!mime_allowed("imagex/png", &allowed));
+    }
+
+    #[test]
+    fn content_types_are_validated_or_guessed() {
+        assert_eq!(normalize_content_type(None, "a.jpg").unwrap(), "image/jpeg");
+        assert_eq!(
+            normalize_content_type(Some("application/octet-stream"), "a.png").unwrap(),
+            "image/png"
+        );
+        assert_eq!(
+            normalize_content_type(Some("Text/Plain"), "a").unwrap(),
+            "text/plain"
+        );
+        assert!(normalize_content_type(Some("not a type"), "a").is_err());
+    }
+}
