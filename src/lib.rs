@@ -24,6 +24,6 @@ pub mod realtime;
 pub mod rls;
 pub mod secrets;
 pub mod sql;
-pub mod team;
 pub mod storage;
+pub mod team;
 pub mod webhooks;
