@@ -285,13 +285,15 @@ pub struct ObjectWriter {
 }
 
 impl ObjectWriter {
-    pub async fn write(&mut self, chunk: &[u8]) -> Result<(), ApiError> {
+    /// Queues `chunk` for the backend without copying it (the parts are made of the
+    /// received buffers themselves).
+    pub async fn write(&mut self, chunk: Bytes) -> Result<(), ApiError> {
         self.inner
             .wait_for_capacity(UPLOAD_CONCURRENCY)
             .await
             .map_err(unavailable)?;
-        self.inner.write(chunk);
         self.written += chunk.len() as u64;
+        self.inner.put(chunk);
         Ok(())
     }
 

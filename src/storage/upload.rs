@@ -178,7 +178,7 @@ impl App {
                             }
                             return Err(ApiError::PayloadTooLarge(limit as usize));
                         }
-                        if let Err(e) = writer.write(&chunk).await {
+                        if let Err(e) = writer.write(chunk).await {
                             writer.abort().await;
                             return Err(e);
                         }
