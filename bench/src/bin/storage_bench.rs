@@ -82,9 +82,9 @@ fn multipart(path: PathBuf, name: &str, project: &str) -> (String, reqwest::Body
                     Some(f) => f,
                     None => std::fs::File::open(&path)?,
                 };
-                let mut buf = vec![0u8; UPLOAD_CHUNK];
-                let n = file.read(&mut buf)?;
-                buf.truncate(n);
+                // Not zeroed first: `read_to_end` reads into the spare capacity.
+                let mut buf = Vec::with_capacity(UPLOAD_CHUNK);
+                (&mut file).take(UPLOAD_CHUNK as u64).read_to_end(&mut buf)?;
                 Ok::<_, std::io::Error>((file, buf))
             })
             .await
