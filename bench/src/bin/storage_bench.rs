@@ -84,7 +84,9 @@ fn multipart(path: PathBuf, name: &str, project: &str) -> (String, reqwest::Body
                 };
                 // Not zeroed first: `read_to_end` reads into the spare capacity.
                 let mut buf = Vec::with_capacity(UPLOAD_CHUNK);
-                (&mut file).take(UPLOAD_CHUNK as u64).read_to_end(&mut buf)?;
+                (&mut file)
+                    .take(UPLOAD_CHUNK as u64)
+                    .read_to_end(&mut buf)?;
                 Ok::<_, std::io::Error>((file, buf))
             })
             .await
