@@ -217,7 +217,7 @@ impl Backend {
         };
         let size = got.meta.size;
         let stream = match got.payload {
-            GetResultPayload::File(file, _) => read_file(file),
+            GetResultPayload::File(file, _) => read_file(file, size),
             GetResultPayload::Stream(s) => s.map(|r| r.map_err(std::io::Error::other)).boxed(),
         };
         Ok((size, stream))
@@ -241,34 +241,33 @@ impl Backend {
     }
 }
 
-/// Reads a file in large chunks on the blocking pool.
-fn read_file(file: std::fs::File) -> BoxStream<'static, std::io::Result<Bytes>> {
-    futures_util::stream::try_unfold(Some(file), |file| async move {
-        let Some(mut file) = file else {
+/// Reads the `size` bytes of a file in large chunks on the blocking pool. The chunks are not
+/// zeroed before the read, and the stream ends after `size` bytes without asking the pool for
+/// the end-of-file read (a file that turns out shorter is an error, so the response is cut
+/// off rather than short).
+fn read_file(file: std::fs::File, size: u64) -> BoxStream<'static, std::io::Result<Bytes>> {
+    futures_util::stream::try_unfold((file, size), |(file, left)| async move {
+        if left == 0 {
             return Ok(None);
-        };
+        }
         let (file, chunk) = tokio::task::spawn_blocking(move || {
             use std::io::Read;
-            let mut buf = vec![0u8; READ_CHUNK];
-            let mut filled = 0;
-            while filled < READ_CHUNK {
-                match file.read(&mut buf[filled..]) {
-                    Ok(0) => break,
-                    Ok(n) => filled += n,
-                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                    Err(e) => return Err(e),
-                }
+            let want = left.min(READ_CHUNK as u64);
+            let mut buf = Vec::with_capacity(want as usize);
+            let mut file = file;
+            (&mut file).take(want).read_to_end(&mut buf)?;
+            if (buf.len() as u64) < want {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::UnexpectedEof,
+                    "the file is shorter than its recorded size",
+                ));
             }
-            buf.truncate(filled);
             Ok((file, buf))
         })
         .await
         .map_err(std::io::Error::other)??;
-        if chunk.is_empty() {
-            Ok(None)
-        } else {
-            Ok(Some((Bytes::from(chunk), Some(file))))
-        }
+        let left = left - chunk.len() as u64;
+        Ok(Some((Bytes::from(chunk), (file, left))))
     })
     .boxed()
 }
@@ -285,13 +284,15 @@ pub struct ObjectWriter {
 }
 
 impl ObjectWriter {
-    pub async fn write(&mut self, chunk: &[u8]) -> Result<(), ApiError> {
+    /// Queues `chunk` for the backend without copying it (the parts are made of the
+    /// received buffers themselves).
+    pub async fn write(&mut self, chunk: Bytes) -> Result<(), ApiError> {
         self.inner
             .wait_for_capacity(UPLOAD_CONCURRENCY)
             .await
             .map_err(unavailable)?;
-        self.inner.write(chunk);
         self.written += chunk.len() as u64;
+        self.inner.put(chunk);
         Ok(())
     }
 

@@ -248,15 +248,15 @@ impl App {
     pub async fn find_bucket(&self, project_id: &str, id_or_name: &str) -> ApiResult<Bucket> {
         let needle = id_or_name.trim().to_ascii_lowercase();
         let client = self.control.get().await?;
+        let statement = client
+            .prepare_cached(&format!(
+                "SELECT {BUCKET_COLUMNS} FROM fluxbase.storage_buckets
+                 WHERE project_id = $1 AND (id::text = $2 OR name = $2)
+                 ORDER BY (id::text = $2) DESC LIMIT 1"
+            ))
+            .await?;
         let row = client
-            .query_opt(
-                &format!(
-                    "SELECT {BUCKET_COLUMNS} FROM fluxbase.storage_buckets
-                     WHERE project_id = $1 AND (id::text = $2 OR name = $2)
-                     ORDER BY (id::text = $2) DESC LIMIT 1"
-                ),
-                &[&project_id, &needle],
-            )
+            .query_opt(&statement, &[&project_id, &needle])
             .await?;
         row.map(|r| Bucket::from_row(&r))
             .ok_or_else(|| ApiError::NotFound(format!("No bucket {id_or_name:?} in this project.")))
@@ -464,16 +464,16 @@ impl App {
     /// A stored (listed) file of the project by its key.
     async fn stored_file(&self, project_id: &str, s3_key: &str) -> ApiResult<tokio_postgres::Row> {
         let client = self.control.get().await?;
+        let statement = client
+            .prepare_cached(&format!(
+                "SELECT {FILE_COLUMNS} FROM fluxbase.storage_files f
+                 JOIN fluxbase.storage_buckets b ON b.id = f.bucket_id
+                 WHERE f.project_id = $1 AND f.s3_key = $2 AND f.size IS NOT NULL
+                   AND f.deleting_at IS NULL"
+            ))
+            .await?;
         client
-            .query_opt(
-                &format!(
-                    "SELECT {FILE_COLUMNS} FROM fluxbase.storage_files f
-                     JOIN fluxbase.storage_buckets b ON b.id = f.bucket_id
-                     WHERE f.project_id = $1 AND f.s3_key = $2 AND f.size IS NOT NULL
-                       AND f.deleting_at IS NULL"
-                ),
-                &[&project_id, &s3_key],
-            )
+            .query_opt(&statement, &[&project_id, &s3_key])
             .await?
             .ok_or_else(|| ApiError::NotFound(format!("No file with s3Key {s3_key:?}.")))
     }

@@ -178,7 +178,7 @@ impl App {
                             }
                             return Err(ApiError::PayloadTooLarge(limit as usize));
                         }
-                        if let Err(e) = writer.write(&chunk).await {
+                        if let Err(e) = writer.write(chunk).await {
                             writer.abort().await;
                             return Err(e);
                         }
@@ -279,57 +279,64 @@ impl App {
         }
         let key = format!("{}/{}/{}", access.project.id, bucket.id, name);
         let token = crate::secrets::random_hex::<16>();
-        let mut client = self.control.get().await?;
+        let client = self.control.get().await?;
         let conflict = || {
             ApiError::Conflict(format!(
                 "A file named {name:?} already exists in bucket {:?}. Send upsert=true to replace it.",
                 bucket.name
             ))
         };
+        let insert = client
+            .prepare_cached(if upsert {
+                "INSERT INTO fluxbase.storage_files
+                   (project_id, bucket_id, name, s3_key, content_type, upload_token, upload_started_at)
+                 VALUES ($1, $2::text::uuid, $3, $4, $5, $6, now())
+                 ON CONFLICT (bucket_id, name) DO UPDATE
+                   SET upload_token = EXCLUDED.upload_token, upload_started_at = now()
+                   WHERE storage_files.upload_token IS NULL AND storage_files.deleting_at IS NULL
+                 RETURNING id::text, size IS NULL"
+            } else {
+                "INSERT INTO fluxbase.storage_files
+                   (project_id, bucket_id, name, s3_key, content_type, upload_token, upload_started_at)
+                 VALUES ($1, $2::text::uuid, $3, $4, $5, $6, now())
+                 RETURNING id::text, true"
+            })
+            .await?;
         // The reservation need not wait for its WAL flush: the final UPDATE below is
         // synchronous and comes later in the WAL, so a crash never keeps a stored file whose
         // reservation was lost; at worst it loses the reservation of an unfinished upload.
-        let tx = client.transaction().await?;
-        tx.batch_execute("SET LOCAL synchronous_commit = off")
-            .await?;
-        let reserved = if upsert {
-            tx
-                .query_opt(
-                    "INSERT INTO fluxbase.storage_files
-                       (project_id, bucket_id, name, s3_key, content_type, upload_token, upload_started_at)
-                     VALUES ($1, $2::text::uuid, $3, $4, $5, $6, now())
-                     ON CONFLICT (bucket_id, name) DO UPDATE
-                       SET upload_token = EXCLUDED.upload_token, upload_started_at = now()
-                       WHERE storage_files.upload_token IS NULL AND storage_files.deleting_at IS NULL
-                     RETURNING id::text, size IS NULL",
-                    &[&access.project.id, &bucket.id, &name, &key, &staged.content_type, &token],
-                )
-                .await
-                .map_err(|e| bucket_gone(e, bucket))?
-                .ok_or_else(|| {
-                    ApiError::Conflict(format!(
-                        "Another upload or a delete of {name:?} is in progress; retry when it is done."
-                    ))
-                })?
-        } else {
-            tx
-                .query_one(
-                    "INSERT INTO fluxbase.storage_files
-                       (project_id, bucket_id, name, s3_key, content_type, upload_token, upload_started_at)
-                     VALUES ($1, $2::text::uuid, $3, $4, $5, $6, now())
-                     RETURNING id::text, true",
-                    &[&access.project.id, &bucket.id, &name, &key, &staged.content_type, &token],
-                )
-                .await
-                .map_err(|e| {
-                    if e.code() == Some(&tokio_postgres::error::SqlState::UNIQUE_VIOLATION) {
-                        conflict()
-                    } else {
-                        bucket_gone(e, bucket)
-                    }
-                })?
-        };
-        tx.commit().await?;
+        // Its transaction is pipelined (one round trip): the three requests are sent before
+        // any answer is read, and a failed INSERT turns the COMMIT into a rollback.
+        let (begun, inserted, committed) = futures_util::future::join3(
+            client.batch_execute("BEGIN; SET LOCAL synchronous_commit = off"),
+            client.query_opt(
+                &insert,
+                &[
+                    &access.project.id,
+                    &bucket.id,
+                    &name,
+                    &key,
+                    &staged.content_type,
+                    &token,
+                ],
+            ),
+            client.batch_execute("COMMIT"),
+        )
+        .await;
+        begun?;
+        let reserved = inserted.map_err(|e| {
+            if !upsert && e.code() == Some(&tokio_postgres::error::SqlState::UNIQUE_VIOLATION) {
+                conflict()
+            } else {
+                bucket_gone(e, bucket)
+            }
+        })?;
+        committed?;
+        let reserved = reserved.ok_or_else(|| {
+            ApiError::Conflict(format!(
+                "Another upload or a delete of {name:?} is in progress; retry when it is done."
+            ))
+        })?;
         let (id, new): (String, bool) = (reserved.get(0), reserved.get(1));
         let release = || async {
             let sql = if new {
@@ -347,18 +354,18 @@ impl App {
             return Err(e);
         }
         let size = staged.size as i64;
+        let record = client
+            .prepare_cached(&format!(
+                "WITH f AS (
+                   UPDATE fluxbase.storage_files SET size = $3, content_type = $4,
+                     upload_token = NULL, upload_started_at = NULL, updated_at = now()
+                   WHERE id = $1::text::uuid AND upload_token = $2 RETURNING *)
+                 SELECT {} FROM f JOIN fluxbase.storage_buckets b ON b.id = f.bucket_id",
+                super::FILE_COLUMNS
+            ))
+            .await?;
         let row = client
-            .query_opt(
-                &format!(
-                    "WITH f AS (
-                       UPDATE fluxbase.storage_files SET size = $3, content_type = $4,
-                         upload_token = NULL, upload_started_at = NULL, updated_at = now()
-                       WHERE id = $1::text::uuid AND upload_token = $2 RETURNING *)
-                     SELECT {} FROM f JOIN fluxbase.storage_buckets b ON b.id = f.bucket_id",
-                    super::FILE_COLUMNS
-                ),
-                &[&id, &token, &size, &staged.content_type],
-            )
+            .query_opt(&record, &[&id, &token, &size, &staged.content_type])
             .await?
             .ok_or_else(|| anyhow::anyhow!("upload reservation {id} vanished"))?;
         self.metrics

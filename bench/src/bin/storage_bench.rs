@@ -15,10 +15,11 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use bytes::Bytes;
 use serde_json::{json, Value};
-use tokio::io::AsyncReadExt;
 
 const MIB: u64 = 1024 * 1024;
 const TARGET: f64 = 0.7;
+/// Bytes per read of the uploaded file.
+const UPLOAD_CHUNK: usize = 1024 * 1024;
 
 struct Server(Child);
 
@@ -60,7 +61,7 @@ fn make_source(path: &Path, size: u64) -> Result<()> {
     Ok(())
 }
 
-/// The multipart body: fields, then the file read from disk in 256 KiB chunks.
+/// The multipart body: fields, then the file read from disk in 1 MiB chunks.
 fn multipart(path: PathBuf, name: &str, project: &str) -> (String, reqwest::Body) {
     let boundary = format!("----bench{}", fluxbase::secrets::random_hex::<8>());
     let head = format!(
@@ -70,24 +71,30 @@ fn multipart(path: PathBuf, name: &str, project: &str) -> (String, reqwest::Body
          Content-Type: application/octet-stream\r\n\r\n"
     );
     let tail = format!("\r\n--{boundary}--\r\n");
-    let file = futures_util::stream::unfold(None, move |file: Option<tokio::fs::File>| {
+    // Plain reads on the blocking pool straight into each chunk (tokio's `File` would read
+    // into its own buffer and copy), 1 MiB at a time.
+    let file = futures_util::stream::unfold(None, move |file: Option<std::fs::File>| {
         let path = path.clone();
         async move {
-            let mut file = match file {
-                Some(f) => f,
-                None => match tokio::fs::File::open(&path).await {
-                    Ok(f) => f,
-                    Err(e) => return Some((Err(e), None)),
-                },
-            };
-            let mut buf = vec![0u8; 256 * 1024];
-            match file.read(&mut buf).await {
-                Ok(0) => None,
-                Ok(n) => {
-                    buf.truncate(n);
-                    Some((Ok(Bytes::from(buf)), Some(file)))
-                }
-                Err(e) => Some((Err(e), None)),
+            let read = tokio::task::spawn_blocking(move || {
+                use std::io::Read;
+                let mut file = match file {
+                    Some(f) => f,
+                    None => std::fs::File::open(&path)?,
+                };
+                // Not zeroed first: `read_to_end` reads into the spare capacity.
+                let mut buf = Vec::with_capacity(UPLOAD_CHUNK);
+                (&mut file)
+                    .take(UPLOAD_CHUNK as u64)
+                    .read_to_end(&mut buf)?;
+                Ok::<_, std::io::Error>((file, buf))
+            })
+            .await
+            .map_err(std::io::Error::other);
+            match read {
+                Ok(Ok((_, buf))) if buf.is_empty() => None,
+                Ok(Ok((file, buf))) => Some((Ok(Bytes::from(buf)), Some(file))),
+                Ok(Err(e)) | Err(e) => Some((Err(e), None)),
             }
         }
     });
@@ -111,6 +118,35 @@ struct Run {
     copy: f64,
     upload: f64,
     download: f64,
+    /// CPU seconds (server, this client) per phase: upload, download.
+    upload_cpu: (f64, f64),
+    download_cpu: (f64, f64),
+}
+
+/// CPU seconds (user + system) a process has used so far, from /proc/<pid>/stat (Linux;
+/// 0 elsewhere). Shown beside the rates, which move with whatever else the machine runs.
+fn cpu_seconds(pid: &str) -> f64 {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return 0.0;
+    };
+    // After the command name (which may hold spaces): utime and stime are the 12th and 13th.
+    let Some(end) = stat.rfind(')') else {
+        return 0.0;
+    };
+    let fields: Vec<&str> = stat[end + 1..].split_whitespace().collect();
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    // USER_HZ is 100 on every Linux build that matters.
+    (ticks(11) + ticks(12)) as f64 / 100.0
+}
+
+/// CPU seconds of (the server, this client) since `since`.
+fn cpu_since(server: &str, since: (f64, f64)) -> (f64, f64) {
+    (cpu_seconds(server) - since.0, cpu_seconds("self") - since.1)
 }
 
 fn mib_per_s(bytes: u64, d: Duration) -> f64 {
@@ -169,6 +205,8 @@ async fn main() -> Result<()> {
             .stderr(Stdio::null())
             .spawn()?,
     );
+    let server_pid = _server.0.id().to_string();
+    let cpu_now = || (cpu_seconds(&server_pid), cpu_seconds("self"));
     let http = reqwest::Client::new();
     let deadline = Instant::now() + Duration::from_secs(60);
     while http.get(format!("{base}/health")).send().await.is_err() {
@@ -204,6 +242,7 @@ async fn main() -> Result<()> {
         let copy = mib_per_s(size * count, started.elapsed());
 
         let mut keys = Vec::new();
+        let cpu = cpu_now();
         let started = Instant::now();
         for i in 0..count {
             let (ct, body) = multipart(source.clone(), &format!("f-{size}-{i}.bin"), &project);
@@ -222,7 +261,9 @@ async fn main() -> Result<()> {
             keys.push(v["file"]["s3_key"].as_str().context("s3_key")?.to_string());
         }
         let upload = mib_per_s(size * count, started.elapsed());
+        let upload_cpu = cpu_since(&server_pid, cpu);
 
+        let cpu = cpu_now();
         let started = Instant::now();
         for (i, key) in keys.iter().enumerate() {
             let signed: Value = http
@@ -250,6 +291,7 @@ async fn main() -> Result<()> {
             }
         }
         let download = mib_per_s(size * count, started.elapsed());
+        let download_cpu = cpu_since(&server_pid, cpu);
         runs.push(Run {
             label: label.into(),
             size,
@@ -257,13 +299,22 @@ async fn main() -> Result<()> {
             copy,
             upload,
             download,
+            upload_cpu,
+            download_cpu,
         });
         for e in std::fs::read_dir(&scratch)?.flatten() {
             let _ = std::fs::remove_file(e.path());
         }
     }
 
-    println!("storage benchmark (local backend, same disk; MiB/s)");
+    let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    println!(
+        "storage benchmark (local backend, same disk; MiB/s; load average {})",
+        load.split_whitespace()
+            .take(3)
+            .collect::<Vec<_>>()
+            .join(" ")
+    );
     let mut worst = f64::INFINITY;
     for r in &runs {
         let (up, down) = (r.upload / r.copy, r.download / r.copy);
@@ -271,6 +322,19 @@ async fn main() -> Result<()> {
         println!(
             "{:>8} x {:<3}: copy {:>8.1} | upload {:>8.1} ({:.2}x) | signed download {:>8.1} ({:.2}x)",
             r.label, r.count, r.copy, r.upload, up, r.download, down
+        );
+        let per_file = |(server, client): (f64, f64)| {
+            format!(
+                "server {:.2} ms, client {:.2} ms",
+                server * 1e3 / r.count as f64,
+                client * 1e3 / r.count as f64
+            )
+        };
+        println!(
+            "{:>14} CPU per file: upload {} | download {}",
+            "",
+            per_file(r.upload_cpu),
+            per_file(r.download_cpu)
         );
         let _ = r.size;
     }
