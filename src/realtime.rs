@@ -362,15 +362,19 @@ impl Realtime {
         }
     }
 
-    /// Ends the subscriptions a removed member holds in a project's room; each socket gets an
-    /// `ACCESS_REVOKED` error and stays open for its other rooms.
-    pub fn evict_user(&self, project_id: &str, user_id: &str) {
-        let room = self
-            .rooms
+    /// A project's room, if it has one on this server.
+    fn room(&self, project_id: &str) -> Option<Arc<Room>> {
+        self.rooms
             .lock()
             .expect("poisoned")
             .get(project_id)
-            .cloned();
+            .cloned()
+    }
+
+    /// Ends the subscriptions a removed member holds in a project's room; each socket gets an
+    /// `ACCESS_REVOKED` error and stays open for its other rooms.
+    pub fn evict_user(&self, project_id: &str, user_id: &str) {
+        let room = self.room(project_id);
         let Some(room) = room else { return };
         let mut state = room.state.lock().expect("poisoned");
         let gone: Vec<u64> = state
@@ -401,12 +405,7 @@ impl Realtime {
 
     /// Whether a socket is (still) in a project's room.
     fn in_room(&self, project_id: &str, socket: u64) -> bool {
-        let room = self
-            .rooms
-            .lock()
-            .expect("poisoned")
-            .get(project_id)
-            .cloned();
+        let room = self.room(project_id);
         room.is_some_and(|r| {
             r.state
                 .lock()
@@ -684,13 +683,7 @@ impl App {
         event: &str,
         payload: &Value,
     ) -> usize {
-        let room = self
-            .realtime
-            .rooms
-            .lock()
-            .expect("poisoned")
-            .get(project_id)
-            .cloned();
+        let room = self.realtime.room(project_id);
         let Some(room) = room else { return 0 };
         let msg = Message::text(
             json!({ "type": "broadcast", "roomId": room.room_id, "event": event, "payload": payload })
@@ -791,14 +784,7 @@ impl App {
             self.client_message(&shared, &mut joined, text).await;
         }
         for project_id in &joined {
-            if let Some(room) = self
-                .realtime
-                .rooms
-                .lock()
-                .expect("poisoned")
-                .get(project_id)
-                .cloned()
-            {
+            if let Some(room) = self.realtime.room(project_id) {
                 room.state.lock().expect("poisoned").members.remove(&id);
             }
         }
@@ -851,14 +837,7 @@ impl App {
                 };
                 let project_id = room_id.strip_prefix("project_").unwrap_or_default();
                 if joined.remove(project_id) {
-                    if let Some(room) = self
-                        .realtime
-                        .rooms
-                        .lock()
-                        .expect("poisoned")
-                        .get(project_id)
-                        .cloned()
-                    {
+                    if let Some(room) = self.realtime.room(project_id) {
                         room.state
                             .lock()
                             .expect("poisoned")

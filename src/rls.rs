@@ -282,6 +282,19 @@ fn is_ident_char(b: u8) -> bool {
     is_ident_start(b) || b.is_ascii_digit() || b == b'$'
 }
 
+/// The index just past a token quoted with `quote` whose first quote is at or after `from`
+/// (`'…'` literals with a prefix such as `B'`, `U&"…"` identifiers), where a doubled quote
+/// stands for itself; None when it never ends.
+fn past_doubled_quotes(s: &[u8], from: usize, quote: u8) -> Option<usize> {
+    let mut i = from + s[from..].iter().position(|&c| c == quote)? + 1;
+    loop {
+        match *s.get(i)? {
+            c if c == quote && s.get(i + 1) == Some(&quote) => i += 2,
+            c if c == quote => return Some(i + 1),
+            _ => i += 1,
+        }
+    }
+}
 /// PostgreSQL's lexical structure, as far as it matters here: where strings, quoted
 /// identifiers, dollar quotes and comments begin and end (with `standard_conforming_strings` on,
 /// which the policy transaction sets), and everything else as words and punctuation.
@@ -341,41 +354,11 @@ fn lex(text: &str, field: &str) -> ApiResult<Vec<Token>> {
         } else if matches!(b, b'b' | b'B' | b'x' | b'X' | b'n' | b'N') && at(i + 1) == b'\''
             || matches!(b, b'u' | b'U') && at(i + 1) == b'&' && at(i + 2) == b'\''
         {
-            i = s[i..]
-                .iter()
-                .position(|&c| c == b'\'')
-                .map(|p| i + p + 1)
-                .unwrap_or(s.len());
-            loop {
-                match s.get(i) {
-                    None => return Err(unterminated("string literal")),
-                    Some(b'\'') if at(i + 1) == b'\'' => i += 2,
-                    Some(b'\'') => {
-                        i += 1;
-                        break;
-                    }
-                    Some(_) => i += 1,
-                }
-            }
+            i = past_doubled_quotes(s, i, b'\'').ok_or_else(|| unterminated("string literal"))?;
             TokenKind::Literal
         } else if b == b'"' || (matches!(b, b'u' | b'U') && at(i + 1) == b'&' && at(i + 2) == b'"')
         {
-            i = s[i..]
-                .iter()
-                .position(|&c| c == b'"')
-                .map(|p| i + p + 1)
-                .unwrap_or(s.len());
-            loop {
-                match s.get(i) {
-                    None => return Err(unterminated("quoted identifier")),
-                    Some(b'"') if at(i + 1) == b'"' => i += 2,
-                    Some(b'"') => {
-                        i += 1;
-                        break;
-                    }
-                    Some(_) => i += 1,
-                }
-            }
+            i = past_doubled_quotes(s, i, b'"').ok_or_else(|| unterminated("quoted identifier"))?;
             TokenKind::QuotedIdent
         } else if b == b'$' && !at(i + 1).is_ascii_digit() {
             // A dollar quote: $tag$ … $tag$ (the tag may be empty).
