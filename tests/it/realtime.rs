@@ -1461,3 +1461,29 @@ async fn a_suspension_by_another_process_closes_the_room_of_a_running_server() {
     assert_eq!(m["type"], "error", "{m}");
     assert_eq!(m["code"], "PROJECT_SUSPENDED");
 }
+
+#[tokio::test]
+async fn plain_requests_to_the_websocket_paths_get_the_apis_answers_and_bad_handshakes_a_400() {
+    let app = spawn_app().await;
+    // Not an upgrade: the API answers in its own error shape.
+    for path in ["/", "/realtime"] {
+        let (status, body) = app.call("GET", path, None, None).await;
+        assert_eq!(status, 404, "{path}: {body}");
+        assert_eq!(body["error"]["code"], "NOT_FOUND", "{path}: {body}");
+    }
+    // An upgrade with an unsupported WebSocket version is refused, saying which one we speak.
+    let resp = app
+        .http
+        .get(app.url("/"))
+        .header("connection", "Upgrade")
+        .header("upgrade", "websocket")
+        .header("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ==")
+        .header("sec-websocket-version", "8")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 400);
+    assert_eq!(resp.headers()["sec-websocket-version"], "13");
+    let body: Value = resp.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "BAD_REQUEST", "{body}");
+}
