@@ -564,6 +564,16 @@ fn string_field<'a>(body: &'a Value, field: &str, required: bool) -> ApiResult<O
 }
 
 /// A PostgreSQL identifier named by the caller (no truncation: at most 63 bytes).
+/// The `schema` (optional), `table` and `name` that name a policy in a request body.
+fn policy_ref(body: &Value) -> ApiResult<(TableRef, String)> {
+    let table = TableRef::new(
+        string_field(body, "schema", false)?,
+        string_field(body, "table", true)?.expect("required"),
+    )?;
+    let name = identifier(string_field(body, "name", true)?.expect("required"), "name")?;
+    Ok((table, name.to_string()))
+}
+
 fn identifier<'a>(value: &'a str, field: &str) -> ApiResult<&'a str> {
     if value.is_empty() || value.len() > 63 || value.contains('\0') {
         return Err(ApiError::BadRequest(format!(
@@ -783,12 +793,7 @@ impl App {
         body: &Value,
     ) -> ApiResult<(StatusCode, Value)> {
         access.require_developer("Managing row-level security policies")?;
-        let table = TableRef::new(
-            string_field(body, "schema", false)?,
-            string_field(body, "table", true)?.expect("required"),
-        )?;
-        let name =
-            identifier(string_field(body, "name", true)?.expect("required"), "name")?.to_string();
+        let (table, name) = policy_ref(body)?;
         let command_text = string_field(body, "command", true)?.expect("required");
         let command = Command::parse(command_text).ok_or_else(|| {
             ApiError::BadRequest(
@@ -866,12 +871,7 @@ impl App {
         body: &Value,
     ) -> ApiResult<(StatusCode, Value)> {
         access.require_developer("Managing row-level security policies")?;
-        let table = TableRef::new(
-            string_field(body, "schema", false)?,
-            string_field(body, "table", true)?.expect("required"),
-        )?;
-        let name =
-            identifier(string_field(body, "name", true)?.expect("required"), "name")?.to_string();
+        let (table, name) = policy_ref(body)?;
         let enabled = match body.get("enabled") {
             Some(Value::Bool(b)) => *b,
             _ => {

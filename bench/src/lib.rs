@@ -31,5 +31,26 @@ pub async fn throwaway_cluster(
     Ok((cluster, dir))
 }
 
+/// `fluxbase init --json` for a fresh instance in `data` (configured by `envs`): its output,
+/// with the project and the keys.
+pub fn init_instance(
+    binary: &Path,
+    data: &Path,
+    envs: &[(&str, String)],
+) -> Result<serde_json::Value> {
+    eprintln!(
+        "[bench] initialising a fresh instance in {}",
+        data.display()
+    );
+    let out = std::process::Command::new(binary)
+        .args(["init", "--json"])
+        .envs(envs.iter().map(|(k, v)| (*k, v)))
+        .output()?;
+    if !out.status.success() {
+        anyhow::bail!("init failed: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    serde_json::from_slice(&out.stdout).context("init --json output")
+}
+
 /// The settings every bench cluster uses: durability traded for speed, as in the tests.
 pub const FAST: [(&str, &str); 2] = [("fsync", "off"), ("full_page_writes", "off")];

@@ -73,18 +73,7 @@ async fn main() -> Result<()> {
         ("FLUXBASE_LOG", "warn".into()),
     ];
 
-    eprintln!(
-        "[bench] initialising a fresh instance in {}",
-        data.display()
-    );
-    let out = Command::new(&binary)
-        .args(["init", "--json"])
-        .envs(envs.clone())
-        .output()?;
-    if !out.status.success() {
-        bail!("init failed: {}", String::from_utf8_lossy(&out.stderr));
-    }
-    let init: Value = serde_json::from_slice(&out.stdout)?;
+    let init = fluxbase_bench::init_instance(&binary, &data, &envs)?;
     let project = init["project"]["id"]
         .as_str()
         .context("project id")?
