@@ -112,6 +112,14 @@ impl App {
     }
 }
 
+/// Turns Nagle's algorithm off for every connection the listener accepts: a WebSocket event or a
+/// small response then waits for nothing. With Nagle on, a client's delayed ACK held the next
+/// event back for up to 40 ms (the realtime p99). Accepted sockets inherit the option from the
+/// listening socket on Linux (`accepted_sockets_inherit_no_delay` checks it).
+fn no_delay(listener: &tokio::net::TcpListener) -> std::io::Result<()> {
+    socket2::SockRef::from(listener).set_tcp_nodelay(true)
+}
+
 /// A server listening on a socket, for `serve` and for tests.
 pub struct Running {
     pub addr: SocketAddr,
@@ -127,6 +135,7 @@ impl Running {
             .await
             .with_context(|| format!("binding {}", app.config.listen))?;
         let addr = listener.local_addr()?;
+        no_delay(&listener)?;
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
         app.start_change_streams().await?;
         app.start_webhooks().await?;
@@ -157,5 +166,27 @@ impl Running {
         let _ = tokio::time::timeout(std::time::Duration::from_secs(10), &mut self.task).await;
         let app = self.app.clone();
         let _ = tokio::task::spawn_blocking(move || app.shutdown()).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[tokio::test]
+    async fn accepted_sockets_inherit_no_delay() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (_client, plain) =
+            tokio::join!(tokio::net::TcpStream::connect(addr), listener.accept());
+        assert!(
+            !plain.unwrap().0.nodelay().unwrap(),
+            "by default Nagle is on"
+        );
+
+        super::no_delay(&listener).unwrap();
+        let (client, accepted) =
+            tokio::join!(tokio::net::TcpStream::connect(addr), listener.accept());
+        let (accepted, _) = accepted.unwrap();
+        client.unwrap();
+        assert!(accepted.nodelay().unwrap());
     }
 }
