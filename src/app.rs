@@ -116,7 +116,7 @@ impl App {
 /// small response then waits for nothing. With Nagle on, a client's delayed ACK held the next
 /// event back for up to 40 ms (the realtime p99). Accepted sockets inherit the option from the
 /// listening socket on Linux (`accepted_sockets_inherit_no_delay` checks it).
-fn no_delay(listener: &tokio::net::TcpListener) -> std::io::Result<()> {
+pub fn no_delay(listener: &tokio::net::TcpListener) -> std::io::Result<()> {
     socket2::SockRef::from(listener).set_tcp_nodelay(true)
 }
 

@@ -4,6 +4,12 @@
 //! (`std::fs::copy`) of the same files on the same disk, in the same run. It prints MiB/s for
 //! each and the ratio to the copy; the target is at least 0.7×.
 //!
+//! Beside them it measures a bare-HTTP ceiling in the same run: a warp server in this process
+//! that stores a `PUT` body as a file and serves a file back, with the same 1 MiB reads and
+//! writes on the blocking pool as Fluxbase's local backend, but no multipart parsing, metadata,
+//! auth or staging. Its ratio is what any HTTP upload or download over loopback reaches here;
+//! the gap between it and Fluxbase is Fluxbase's own cost.
+//!
 //! It starts the release `fluxbase` binary on a fresh data directory under `target/`
 //! (embedded cluster, rate limit off). Environment: BENCH_SMALL_FILES (default 64),
 //! BENCH_LARGE_FILES (default 4).
@@ -61,19 +67,12 @@ fn make_source(path: &Path, size: u64) -> Result<()> {
     Ok(())
 }
 
-/// The multipart body: fields, then the file read from disk in 1 MiB chunks.
-fn multipart(path: PathBuf, name: &str, project: &str) -> (String, reqwest::Body) {
-    let boundary = format!("----bench{}", fluxbase::secrets::random_hex::<8>());
-    let head = format!(
-        "--{boundary}\r\nContent-Disposition: form-data; name=\"projectId\"\r\n\r\n{project}\r\n\
-         --{boundary}\r\nContent-Disposition: form-data; name=\"bucketId\"\r\n\r\nbench\r\n\
-         --{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"{name}\"\r\n\
-         Content-Type: application/octet-stream\r\n\r\n"
-    );
-    let tail = format!("\r\n--{boundary}--\r\n");
-    // Plain reads on the blocking pool straight into each chunk (tokio's `File` would read
-    // into its own buffer and copy), 1 MiB at a time.
-    let file = futures_util::stream::unfold(None, move |file: Option<std::fs::File>| {
+/// The file at `path` read in 1 MiB chunks: plain reads on the blocking pool straight into each
+/// chunk (tokio's `File` would read into its own buffer and copy).
+fn file_stream(
+    path: PathBuf,
+) -> impl futures_util::Stream<Item = std::io::Result<Bytes>> + Send + 'static {
+    futures_util::stream::unfold(None, move |file: Option<std::fs::File>| {
         let path = path.clone();
         async move {
             let read = tokio::task::spawn_blocking(move || {
@@ -97,7 +96,20 @@ fn multipart(path: PathBuf, name: &str, project: &str) -> (String, reqwest::Body
                 Ok(Err(e)) | Err(e) => Some((Err(e), None)),
             }
         }
-    });
+    })
+}
+
+/// The multipart body: fields, then the file read from disk in 1 MiB chunks.
+fn multipart(path: PathBuf, name: &str, project: &str) -> (String, reqwest::Body) {
+    let boundary = format!("----bench{}", fluxbase::secrets::random_hex::<8>());
+    let head = format!(
+        "--{boundary}\r\nContent-Disposition: form-data; name=\"projectId\"\r\n\r\n{project}\r\n\
+         --{boundary}\r\nContent-Disposition: form-data; name=\"bucketId\"\r\n\r\nbench\r\n\
+         --{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"{name}\"\r\n\
+         Content-Type: application/octet-stream\r\n\r\n"
+    );
+    let tail = format!("\r\n--{boundary}--\r\n");
+    let file = file_stream(path);
     let stream = futures_util::StreamExt::chain(
         futures_util::StreamExt::chain(
             futures_util::stream::once(async move { Ok::<_, std::io::Error>(Bytes::from(head)) }),
@@ -111,13 +123,141 @@ fn multipart(path: PathBuf, name: &str, project: &str) -> (String, reqwest::Body
     )
 }
 
+/// The bare-HTTP reference server (see the module docs): `PUT /<name>` stores the body as a
+/// file in `dir`, `GET /<name>` serves it. Its base URL.
+async fn start_bare(dir: PathBuf) -> Result<String> {
+    use warp::Filter;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    fluxbase::app::no_delay(&listener)?;
+    let base = format!("http://{}", listener.local_addr()?);
+    let put_dir = dir.clone();
+    let put = warp::put()
+        .and(warp::path::param::<String>())
+        .and(warp::path::end())
+        .and(warp::body::stream())
+        .then(move |name: String, body| bare_store(put_dir.join(name), body));
+    let get = warp::get()
+        .and(warp::path::param::<String>())
+        .and(warp::path::end())
+        .then(move |name: String| bare_serve(dir.join(name)));
+    tokio::spawn(warp::serve(put.or(get)).incoming(listener).run());
+    Ok(base)
+}
+
+/// Writes `buf` at the end of `file` on the blocking pool; both back, `buf` emptied.
+async fn write_chunk(
+    mut file: std::fs::File,
+    mut buf: Vec<u8>,
+) -> std::io::Result<(std::fs::File, Vec<u8>)> {
+    tokio::task::spawn_blocking(move || {
+        std::io::Write::write_all(&mut file, &buf)?;
+        buf.clear();
+        Ok((file, buf))
+    })
+    .await
+    .map_err(std::io::Error::other)?
+}
+
+/// Stores a request body in 1 MiB writes (as Fluxbase's local backend writes its parts).
+async fn bare_store<S, B>(path: PathBuf, body: S) -> warp::reply::Response
+where
+    S: futures_util::Stream<Item = Result<B, warp::Error>> + Send,
+    B: bytes::Buf,
+{
+    use futures_util::StreamExt;
+    use warp::Reply;
+    let stored = async {
+        let mut file = tokio::task::spawn_blocking(move || std::fs::File::create(path)).await??;
+        let mut buf = Vec::with_capacity(UPLOAD_CHUNK);
+        let mut body = std::pin::pin!(body);
+        while let Some(chunk) = body.next().await {
+            let mut chunk = chunk?;
+            while chunk.has_remaining() {
+                let n = chunk.chunk().len();
+                buf.extend_from_slice(chunk.chunk());
+                chunk.advance(n);
+            }
+            if buf.len() >= UPLOAD_CHUNK {
+                (file, buf) = write_chunk(file, buf).await?;
+            }
+        }
+        write_chunk(file, buf).await?;
+        anyhow::Ok(())
+    };
+    let status = match stored.await {
+        Ok(()) => warp::http::StatusCode::CREATED,
+        Err(_) => warp::http::StatusCode::INTERNAL_SERVER_ERROR,
+    };
+    warp::reply::with_status(warp::reply(), status).into_response()
+}
+
+/// Serves a file in 1 MiB reads on the blocking pool (as Fluxbase's local backend reads).
+async fn bare_serve(path: PathBuf) -> warp::reply::Response {
+    use warp::Reply;
+    let size = match std::fs::metadata(&path) {
+        Ok(m) => m.len(),
+        Err(_) => return warp::http::StatusCode::NOT_FOUND.into_response(),
+    };
+    // Through a channel, as Fluxbase's download does (warp wants a `Sync` stream).
+    let (tx, rx) = tokio::sync::mpsc::channel::<std::io::Result<Bytes>>(4);
+    tokio::spawn(async move {
+        use futures_util::StreamExt;
+        let mut chunks = std::pin::pin!(file_stream(path));
+        while let Some(chunk) = chunks.next().await {
+            if tx.send(chunk).await.is_err() {
+                return;
+            }
+        }
+    });
+    let rx =
+        futures_util::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|c| (c, rx)) });
+    let mut response = warp::reply::stream(rx).into_response();
+    response
+        .headers_mut()
+        .insert("content-length", size.to_string().parse().expect("digits"));
+    response
+}
+
+/// Streams a response body into a new file (page-cache writes, as `std::fs::copy` makes them);
+/// fails unless it is `size` bytes.
+async fn save(mut resp: reqwest::Response, path: &Path, size: u64) -> Result<()> {
+    if resp.status() != 200 {
+        bail!("download failed: {}", resp.status());
+    }
+    let mut out = std::fs::File::create(path)?;
+    let mut got = 0u64;
+    while let Some(chunk) = resp.chunk().await? {
+        got += chunk.len() as u64;
+        std::io::Write::write_all(&mut out, &chunk)?;
+    }
+    if got != size {
+        bail!("downloaded {got} bytes of {size}");
+    }
+    Ok(())
+}
+
+/// Time spent by each contender on one file size.
+#[derive(Default)]
+struct Times {
+    copy: Duration,
+    upload: Duration,
+    download: Duration,
+    bare_upload: Duration,
+    bare_download: Duration,
+}
+
+fn add(a: (f64, f64), b: (f64, f64)) -> (f64, f64) {
+    (a.0 + b.0, a.1 + b.1)
+}
+
 struct Run {
     label: String,
-    size: u64,
     count: u64,
     copy: f64,
     upload: f64,
     download: f64,
+    /// The bare-HTTP reference's upload and download.
+    bare: (f64, f64),
     /// CPU seconds (server, this client) per phase: upload, download.
     upload_cpu: (f64, f64),
     download_cpu: (f64, f64),
@@ -156,7 +296,9 @@ fn mib_per_s(bytes: u64, d: Duration) -> f64 {
 #[tokio::main]
 async fn main() -> Result<()> {
     let root = fluxbase_bench::repo_root()?;
-    let binary = root.join("target/release/fluxbase");
+    let binary = std::env::var_os("FLUXBASE_BIN")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| root.join("target/release/fluxbase"));
     if !binary.exists() {
         bail!("build the server first: cargo build --release --bin fluxbase");
     }
@@ -166,6 +308,9 @@ async fn main() -> Result<()> {
     let scratch = dir.join("scratch");
     std::fs::create_dir_all(&data)?;
     std::fs::create_dir_all(&scratch)?;
+    let bare_dir = dir.join("bare");
+    std::fs::create_dir_all(&bare_dir)?;
+    let bare_base = start_bare(bare_dir.clone()).await?;
     let port = std::net::TcpListener::bind("127.0.0.1:0")?
         .local_addr()?
         .port();
@@ -221,19 +366,22 @@ async fn main() -> Result<()> {
     ] {
         let source = scratch.join(format!("source-{size}"));
         make_source(&source, size)?;
-        // Warm the page cache for every contender alike.
+        // Every contender starts from the same state: the source in the page cache, nothing
+        // dirty waiting for writeback.
         std::fs::read(&source)?;
+        Command::new("sync").status()?;
 
-        let started = Instant::now();
+        // Rounds: each contender moves file `i` in turn, so that writeback of what was written
+        // before weighs on all of them alike (in phases, whoever comes last pays for the rest).
+        let mut t = Times::default();
+        let (mut upload_cpu, mut download_cpu) = ((0.0, 0.0), (0.0, 0.0));
         for i in 0..count {
+            let started = Instant::now();
             std::fs::copy(&source, scratch.join(format!("copy-{size}-{i}")))?;
-        }
-        let copy = mib_per_s(size * count, started.elapsed());
+            t.copy += started.elapsed();
 
-        let mut keys = Vec::new();
-        let cpu = cpu_now();
-        let started = Instant::now();
-        for i in 0..count {
+            let cpu = cpu_now();
+            let started = Instant::now();
             let (ct, body) = multipart(source.clone(), &format!("f-{size}-{i}.bin"), &project);
             let resp = http
                 .post(format!("{base}/api/storage/upload"))
@@ -247,52 +395,60 @@ async fn main() -> Result<()> {
             if status != 201 {
                 bail!("upload failed: {v}");
             }
-            keys.push(v["file"]["s3_key"].as_str().context("s3_key")?.to_string());
-        }
-        let upload = mib_per_s(size * count, started.elapsed());
-        let upload_cpu = cpu_since(&server_pid, cpu);
+            t.upload += started.elapsed();
+            upload_cpu = add(upload_cpu, cpu_since(&server_pid, cpu));
+            let key = v["file"]["s3_key"].as_str().context("s3_key")?;
 
-        let cpu = cpu_now();
-        let started = Instant::now();
-        for (i, key) in keys.iter().enumerate() {
+            let cpu = cpu_now();
+            let started = Instant::now();
             let signed: Value = http
                 .get(format!("{base}/api/storage/url"))
-                .query(&[("s3Key", key.as_str()), ("projectId", &project)])
+                .query(&[("s3Key", key), ("projectId", &project)])
                 .bearer_auth(&admin)
                 .send()
                 .await?
                 .json()
                 .await?;
             let url = signed["url"].as_str().context("url")?;
-            let mut resp = http.get(url).send().await?;
-            if resp.status() != 200 {
-                bail!("download failed: {}", resp.status());
+            let resp = http.get(url).send().await?;
+            save(resp, &scratch.join(format!("down-{size}-{i}")), size).await?;
+            t.download += started.elapsed();
+            download_cpu = add(download_cpu, cpu_since(&server_pid, cpu));
+
+            let started = Instant::now();
+            let resp = http
+                .put(format!("{bare_base}/bare-{size}-{i}"))
+                .body(reqwest::Body::wrap_stream(file_stream(source.clone())))
+                .send()
+                .await?;
+            if resp.status() != 201 {
+                bail!("bare upload failed: {}", resp.status());
             }
-            // Page-cache writes, as `std::fs::copy` makes them.
-            let mut out = std::fs::File::create(scratch.join(format!("down-{size}-{i}")))?;
-            let mut got = 0u64;
-            while let Some(chunk) = resp.chunk().await? {
-                got += chunk.len() as u64;
-                std::io::Write::write_all(&mut out, &chunk)?;
-            }
-            if got != size {
-                bail!("downloaded {got} bytes of {size}");
-            }
+            t.bare_upload += started.elapsed();
+
+            let started = Instant::now();
+            let resp = http
+                .get(format!("{bare_base}/bare-{size}-{i}"))
+                .send()
+                .await?;
+            save(resp, &scratch.join(format!("bare-down-{size}-{i}")), size).await?;
+            t.bare_download += started.elapsed();
         }
-        let download = mib_per_s(size * count, started.elapsed());
-        let download_cpu = cpu_since(&server_pid, cpu);
+        let rate = |d: Duration| mib_per_s(size * count, d);
         runs.push(Run {
             label: label.into(),
-            size,
             count,
-            copy,
-            upload,
-            download,
+            copy: rate(t.copy),
+            upload: rate(t.upload),
+            download: rate(t.download),
+            bare: (rate(t.bare_upload), rate(t.bare_download)),
             upload_cpu,
             download_cpu,
         });
-        for e in std::fs::read_dir(&scratch)?.flatten() {
-            let _ = std::fs::remove_file(e.path());
+        for d in [&scratch, &bare_dir] {
+            for e in std::fs::read_dir(d)?.flatten() {
+                let _ = std::fs::remove_file(e.path());
+            }
         }
     }
 
@@ -304,13 +460,19 @@ async fn main() -> Result<()> {
             .collect::<Vec<_>>()
             .join(" ")
     );
-    let mut worst = f64::INFINITY;
+    let (mut worst, mut ceiling) = (f64::INFINITY, f64::INFINITY);
     for r in &runs {
         let (up, down) = (r.upload / r.copy, r.download / r.copy);
         worst = worst.min(up).min(down);
+        let (bare_up, bare_down) = (r.bare.0 / r.copy, r.bare.1 / r.copy);
+        ceiling = ceiling.min(bare_up).min(bare_down);
         println!(
             "{:>8} x {:<3}: copy {:>8.1} | upload {:>8.1} ({:.2}x) | signed download {:>8.1} ({:.2}x)",
             r.label, r.count, r.copy, r.upload, up, r.download, down
+        );
+        println!(
+            "{:>14} bare HTTP       | upload {:>8.1} ({:.2}x) | download        {:>8.1} ({:.2}x)",
+            "", r.bare.0, bare_up, r.bare.1, bare_down
         );
         let per_file = |(server, client): (f64, f64)| {
             format!(
@@ -325,9 +487,12 @@ async fn main() -> Result<()> {
             per_file(r.upload_cpu),
             per_file(r.download_cpu)
         );
-        let _ = r.size;
     }
     println!("worst ratio     : {worst:.2}x plain copy (target >= {TARGET:.2}x)");
+    println!(
+        "bare HTTP       : {ceiling:.2}x plain copy at worst: what an upload or download over \
+         loopback HTTP reaches here without multipart, metadata or auth"
+    );
     let _ = std::fs::remove_dir_all(&dir);
     Ok(())
 }
