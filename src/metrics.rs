@@ -24,6 +24,10 @@ pub struct Metrics {
     pub storage_served_bytes: AtomicU64,
     /// Operations the storage backend failed (answered 503 `STORAGE_UNAVAILABLE`).
     pub storage_backend_errors: AtomicU64,
+    /// Uploads made durable on the local disk before their metadata was committed, and the
+    /// time their fsyncs took (µs).
+    pub storage_fsyncs: AtomicU64,
+    pub storage_fsync_micros: AtomicU64,
 }
 
 impl Metrics {
@@ -130,9 +134,24 @@ impl Metrics {
                 "Storage backend operations that failed (503 STORAGE_UNAVAILABLE).",
                 &self.storage_backend_errors,
             ),
+            (
+                "fluxbase_storage_fsyncs_total",
+                "counter",
+                "Uploads made durable on the local disk (fsync of the file and its directories) before their metadata was committed.",
+                &self.storage_fsyncs,
+            ),
         ] {
             let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
             let _ = writeln!(out, "{name} {}", value.load(Ordering::Relaxed));
+        }
+        {
+            let name = "fluxbase_storage_fsync_seconds_total";
+            let _ = writeln!(
+                out,
+                "# HELP {name} Time spent making uploads durable on the local disk.\n# TYPE {name} counter"
+            );
+            let micros = self.storage_fsync_micros.load(Ordering::Relaxed);
+            let _ = writeln!(out, "{name} {}", micros as f64 / 1e6);
         }
         render_streams(&mut out, streams);
         out

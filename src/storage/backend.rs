@@ -158,6 +158,36 @@ impl Backend {
             .map_err(unavailable)
     }
 
+    /// Makes a stored object survive a crash of the machine before its metadata says it is
+    /// stored. On the local disk: fsync of the file, then of each directory from its own up to
+    /// the storage root (the rename that put it there, and any directory made for it). Without
+    /// it a power failure could keep the committed row and lose the bytes, which only reach the
+    /// disk at the kernel's next writeback. S3 made the object durable when the upload
+    /// completed: nothing to do. Whether anything was synced.
+    pub async fn persist(&self, key: &str) -> Result<bool, ApiError> {
+        let Backend::Local { store, root } = self else {
+            return Ok(false);
+        };
+        let root = root.clone();
+        // The store's own mapping: it percent-encodes characters such as `%` or `#` on disk.
+        let path = store
+            .path_to_filesystem(&Path::from(key))
+            .map_err(unavailable)?;
+        tokio::task::spawn_blocking(move || -> std::io::Result<()> {
+            std::fs::File::open(&path)?.sync_all()?;
+            let mut dir = path.parent();
+            while let Some(d) = dir.filter(|d| d.starts_with(&root)) {
+                std::fs::File::open(d)?.sync_all()?;
+                dir = d.parent();
+            }
+            Ok(())
+        })
+        .await
+        .map_err(|e| ApiError::Internal(e.into()))?
+        .map_err(|e| ApiError::StorageUnavailable(format!("making {key} durable: {e}")))?;
+        Ok(true)
+    }
+
     /// Deletes `key`; an object that is already gone is not an error.
     pub async fn delete(&self, key: &str) -> Result<(), ApiError> {
         match self.store().delete(&Path::from(key)).await {

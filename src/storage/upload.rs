@@ -353,6 +353,26 @@ impl App {
             release().await;
             return Err(e);
         }
+        // The bytes reach the disk before the row that lists them is committed.
+        let syncing = std::time::Instant::now();
+        match self.storage.backend.persist(&key).await {
+            Ok(synced) => {
+                if synced {
+                    use std::sync::atomic::Ordering::Relaxed;
+                    self.metrics.storage_fsyncs.fetch_add(1, Relaxed);
+                    let micros = syncing.elapsed().as_micros() as u64;
+                    self.metrics.storage_fsync_micros.fetch_add(micros, Relaxed);
+                }
+            }
+            Err(e) => {
+                // Not stored: a new file goes (unlisted), a replaced one keeps its row.
+                if new {
+                    let _ = self.storage.backend.delete(&key).await;
+                }
+                release().await;
+                return Err(e);
+            }
+        }
         let size = staged.size as i64;
         let record = client
             .prepare_cached(&format!(

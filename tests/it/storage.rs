@@ -228,6 +228,11 @@ async fn fetch(url: &str) -> (u16, reqwest::header::HeaderMap, Bytes) {
     (status, headers, resp.bytes().await.unwrap())
 }
 
+async fn metrics_text(t: &TestApp) -> String {
+    let resp = t.http.get(t.url("/metrics")).send().await.unwrap();
+    resp.text().await.unwrap()
+}
+
 fn pattern(len: usize, seed: u8) -> Vec<u8> {
     (0..len)
         .map(|i| (i as u32).wrapping_mul(31).wrapping_add(seed as u32) as u8)
@@ -284,15 +289,7 @@ async fn full_flow(t: &TestApp, object_on_backend: impl Fn(&str) -> Option<Vec<u
     assert!(fluxbase::storage::is_uuid(file["id"].as_str().unwrap()));
     assert_eq!(object_on_backend(&key).as_deref(), Some(data.as_slice()));
 
-    let metrics = t
-        .http
-        .get(t.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = metrics_text(t).await;
     assert!(
         metrics.contains("fluxbase_storage_uploaded_bytes_total 300000"),
         "{metrics}"
@@ -372,6 +369,12 @@ async fn the_full_flow_works_on_the_local_backend() {
         "nothing left behind: {:?}",
         files_under(&root)
     );
+    // The one upload was synced to the disk before its row was committed.
+    let metrics = metrics_text(&t).await;
+    assert!(
+        metrics.contains("\nfluxbase_storage_fsyncs_total 1\n"),
+        "{metrics}"
+    );
     t.stop().await;
 }
 
@@ -445,6 +448,12 @@ async fn the_full_flow_works_on_s3_with_real_sigv4_presigned_urls() {
     assert_eq!(
         status, 403,
         "the bucket is not readable without a signature"
+    );
+    // S3 made the objects durable when each upload completed: nothing to fsync here.
+    let metrics = metrics_text(&t).await;
+    assert!(
+        metrics.contains("\nfluxbase_storage_fsyncs_total 0\n"),
+        "{metrics}"
     );
     t.stop().await;
 }
@@ -813,6 +822,39 @@ async fn local_urls_expire_after_fifteen_minutes_and_refuse_tampering() {
     // A fresh URL works again.
     let (_, signed) = signed_url(&t, &f.read, &f.project, &key).await;
     assert_eq!(fetch(signed["url"].as_str().unwrap()).await.0, 200);
+    t.stop().await;
+}
+
+/// `object_store` percent-encodes characters such as `%`, `{` and `[` in file names on disk: the
+/// upload (which syncs the file under its encoded name) and the download both find it.
+#[tokio::test]
+async fn names_the_store_encodes_on_disk_round_trip() {
+    let t = spawn_app().await;
+    let f = t.fixture().await;
+    create_bucket(&t, &f, "docs", json!({})).await;
+    let name = "100% [draft] {v2}^.txt";
+    let (status, body) = upload(
+        &t,
+        &f.readwrite,
+        &f.project,
+        "docs",
+        name,
+        "text/plain",
+        b"encoded on disk",
+        &[],
+    )
+    .await;
+    assert_eq!(status, 201, "{body}");
+    assert_eq!(body["file"]["name"], name);
+    let key = body["file"]["s3_key"].as_str().unwrap().to_string();
+    let (status, signed) = signed_url(&t, &f.read, &f.project, &key).await;
+    assert_eq!(status, 200, "{signed}");
+    let (status, _, bytes) = fetch(signed["url"].as_str().unwrap()).await;
+    assert_eq!(status, 200);
+    assert_eq!(bytes.as_ref(), b"encoded on disk");
+    let files = list_files(&t, &f.read, &f.project, "docs").await;
+    assert_eq!(files.len(), 1);
+    assert_eq!(files[0]["name"], name);
     t.stop().await;
 }
 
