@@ -2,10 +2,13 @@
 //! `$FLUXBASE_DATA_DIR/storage` (the embedded default) or one S3 bucket (any S3-compatible
 //! endpoint).
 //!
-//! Writes are streamed: [`ObjectWriter`] hands the backend parts of at most `chunk_size` bytes
-//! and waits for capacity, so an upload holds a few parts in memory whatever its size. Both
-//! backends make an object visible only when it is complete (the local store writes a temporary
-//! file and renames it; S3 completes a multipart upload), so a failed write leaves nothing.
+//! Writes are streamed, so an upload holds a few parts in memory whatever its size. On S3,
+//! [`ObjectWriter`] hands `object_store` parts of 5 MiB and waits for capacity; the object is
+//! visible once the multipart upload completes. On the local disk it writes the file at the key
+//! itself (uploads write to a staging key that nothing lists, and move it into place after), in
+//! 1 MiB writes on the blocking pool whose pages are handed to the kernel's writeback at once, so
+//! that [`Backend::persist`], the fsync that makes the object durable, finds little left to do.
+//! A failed or aborted write leaves nothing.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -107,12 +110,9 @@ impl Backend {
         }
     }
 
-    /// S3 needs parts of at least 5 MiB (but the last); the local store takes any size.
+    /// S3 needs parts of at least 5 MiB (but the last).
     fn chunk_size(&self) -> usize {
-        match self {
-            Backend::Local { .. } => 4 * 1024 * 1024,
-            Backend::S3 { .. } => 5 * 1024 * 1024,
-        }
+        5 * 1024 * 1024
     }
 
     /// Starts a streamed write of `key`.
@@ -125,8 +125,33 @@ impl Backend {
         content_type: &str,
         content_disposition: &str,
     ) -> Result<ObjectWriter, ApiError> {
+        if let Backend::Local { store, .. } = self {
+            let path = store
+                .path_to_filesystem(&Path::from(key))
+                .map_err(unavailable)?;
+            let file = tokio::task::spawn_blocking(move || {
+                if let Some(dir) = path.parent() {
+                    std::fs::create_dir_all(dir)?;
+                }
+                std::fs::File::create(&path).map(|f| (f, path))
+            })
+            .await
+            .map_err(|e| ApiError::Internal(e.into()))?
+            .map_err(|e| ApiError::StorageUnavailable(format!("creating {key}: {e}")))?;
+            return Ok(ObjectWriter {
+                inner: Inner::Local(LocalWriter {
+                    path: file.1,
+                    file: Some(file.0),
+                    in_flight: None,
+                    part: Vec::new(),
+                    part_len: 0,
+                    offset: 0,
+                }),
+                written: 0,
+            });
+        }
         let mut attributes = Attributes::new();
-        if !self.is_local() {
+        {
             attributes.insert(Attribute::ContentType, content_type.to_string().into());
             attributes.insert(
                 Attribute::ContentDisposition,
@@ -145,7 +170,10 @@ impl Backend {
             .await
             .map_err(unavailable)?;
         Ok(ObjectWriter {
-            inner: WriteMultipart::new_with_chunk_size(upload, self.chunk_size()),
+            inner: Inner::Remote(WriteMultipart::new_with_chunk_size(
+                upload,
+                self.chunk_size(),
+            )),
             written: 0,
         })
     }
@@ -306,24 +334,121 @@ pub fn unavailable(e: object_store::Error) -> ApiError {
     ApiError::StorageUnavailable(e.to_string())
 }
 
-/// A streamed object write in progress: [`ObjectWriter::finish`] makes it visible,
+/// A streamed object write in progress: [`ObjectWriter::finish`] makes it complete,
 /// [`ObjectWriter::abort`] (or an error) leaves nothing behind.
 pub struct ObjectWriter {
-    inner: WriteMultipart,
+    inner: Inner,
     written: u64,
+}
+
+enum Inner {
+    /// S3: a multipart upload, visible once complete.
+    Remote(WriteMultipart),
+    /// The local disk: the file at the (staging) key itself.
+    Local(LocalWriter),
+}
+
+/// Bytes per write of a local object.
+const LOCAL_PART: usize = 1024 * 1024;
+
+/// Writes a local object straight into its file: parts of [`LOCAL_PART`] bytes on the blocking
+/// pool, one in flight while the next one fills, each handed to the kernel's writeback at once
+/// (`sync_file_range`), so that the fsync which makes the object durable
+/// ([`Backend::persist`]) finds little left to write. The key is a staging key that nothing
+/// lists until the upload moves it into place, so a partial file is never seen as an object.
+struct LocalWriter {
+    path: PathBuf,
+    /// `None` while a part is being written (the task has it).
+    file: Option<std::fs::File>,
+    in_flight: Option<tokio::task::JoinHandle<std::io::Result<std::fs::File>>>,
+    part: Vec<Bytes>,
+    part_len: usize,
+    /// Bytes handed to writes so far.
+    offset: u64,
+}
+
+impl LocalWriter {
+    fn failed(&self, e: impl std::fmt::Display) -> ApiError {
+        ApiError::StorageUnavailable(format!("writing {}: {e}", self.path.display()))
+    }
+
+    /// The file, once the part in flight (if any) is written.
+    async fn file(&mut self) -> Result<std::fs::File, ApiError> {
+        if let Some(task) = self.in_flight.take() {
+            return match task.await {
+                Ok(Ok(file)) => Ok(file),
+                Ok(Err(e)) => Err(self.failed(e)),
+                Err(e) => Err(self.failed(e)),
+            };
+        }
+        self.file
+            .take()
+            .ok_or_else(|| ApiError::Internal(anyhow::anyhow!("local writer without a file")))
+    }
+
+    /// Starts writing the collected part; waits for the previous one first.
+    async fn send_part(&mut self) -> Result<(), ApiError> {
+        let mut file = self.file().await?;
+        let part = std::mem::take(&mut self.part);
+        let (start, len) = (self.offset, self.part_len);
+        self.offset += len as u64;
+        self.part_len = 0;
+        self.in_flight = Some(tokio::task::spawn_blocking(move || {
+            for chunk in &part {
+                std::io::Write::write_all(&mut file, chunk)?;
+            }
+            start_writeback(&file, start, len);
+            Ok(file)
+        }));
+        Ok(())
+    }
+
+    async fn write(&mut self, chunk: Bytes) -> Result<(), ApiError> {
+        self.part_len += chunk.len();
+        self.part.push(chunk);
+        if self.part_len >= LOCAL_PART {
+            self.send_part().await?;
+        }
+        Ok(())
+    }
+
+    async fn finish(mut self) -> Result<(), ApiError> {
+        if self.part_len > 0 {
+            self.send_part().await?;
+        }
+        self.file().await.map(drop)
+    }
+
+    async fn abort(mut self) {
+        let _ = self.file().await;
+        let path = self.path.clone();
+        let _ = tokio::task::spawn_blocking(move || std::fs::remove_file(path)).await;
+    }
+}
+
+/// Asks the kernel to start writing `len` bytes at `start` back to the disk, without waiting:
+/// on Linux, `POSIX_FADV_DONTNEED` starts asynchronous writeback of the range's dirty pages
+/// (and lets go of those already clean). Advice only: an error changes nothing.
+fn start_writeback(file: &std::fs::File, start: u64, len: usize) {
+    let len = std::num::NonZeroU64::new(len as u64);
+    let _ = rustix::fs::fadvise(file, start, len, rustix::fs::Advice::DontNeed);
 }
 
 impl ObjectWriter {
     /// Queues `chunk` for the backend without copying it (the parts are made of the
     /// received buffers themselves).
     pub async fn write(&mut self, chunk: Bytes) -> Result<(), ApiError> {
-        self.inner
-            .wait_for_capacity(UPLOAD_CONCURRENCY)
-            .await
-            .map_err(unavailable)?;
         self.written += chunk.len() as u64;
-        self.inner.put(chunk);
-        Ok(())
+        match &mut self.inner {
+            Inner::Remote(w) => {
+                w.wait_for_capacity(UPLOAD_CONCURRENCY)
+                    .await
+                    .map_err(unavailable)?;
+                w.put(chunk);
+                Ok(())
+            }
+            Inner::Local(w) => w.write(chunk).await,
+        }
     }
 
     pub fn written(&self) -> u64 {
@@ -331,14 +456,23 @@ impl ObjectWriter {
     }
 
     pub async fn finish(self) -> Result<u64, ApiError> {
-        let written = self.written;
-        self.inner.finish().await.map_err(unavailable)?;
-        Ok(written)
+        match self.inner {
+            Inner::Remote(w) => {
+                w.finish().await.map_err(unavailable)?;
+            }
+            Inner::Local(w) => w.finish().await?,
+        }
+        Ok(self.written)
     }
 
     pub async fn abort(self) {
-        if let Err(e) = self.inner.abort().await {
-            tracing::warn!(error = %e, "aborting an upload");
+        match self.inner {
+            Inner::Remote(w) => {
+                if let Err(e) = w.abort().await {
+                    tracing::warn!(error = %e, "aborting an upload");
+                }
+            }
+            Inner::Local(w) => w.abort().await,
         }
     }
 }
