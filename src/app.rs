@@ -171,6 +171,8 @@ impl Running {
 
 #[cfg(test)]
 mod tests {
+    /// Linux's behaviour, which `Running::start` relies on.
+    #[cfg(target_os = "linux")]
     #[tokio::test]
     async fn accepted_sockets_inherit_no_delay() {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();

@@ -7,8 +7,8 @@
 //! visible once the multipart upload completes. On the local disk it writes the file at the key
 //! itself (uploads write to a staging key that nothing lists, and move it into place after), in
 //! 1 MiB writes on the blocking pool whose pages are handed to the kernel's writeback at once, so
-//! that [`Backend::persist`], the fsync that makes the object durable, finds little left to do.
-//! A failed or aborted write leaves nothing.
+//! that the fsync ending the write finds little left to do; [`Backend::persist`] then makes its
+//! move into place durable. A failed, aborted or dropped write leaves nothing.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -130,10 +130,22 @@ impl Backend {
                 .path_to_filesystem(&Path::from(key))
                 .map_err(unavailable)?;
             let file = tokio::task::spawn_blocking(move || {
-                if let Some(dir) = path.parent() {
-                    std::fs::create_dir_all(dir)?;
+                // The store removes a directory once its last file is deleted (automatic
+                // cleanup), so another upload's clean-up may remove the staging directory
+                // between the two calls: make it again and retry.
+                let mut attempts = 0;
+                loop {
+                    if let Some(dir) = path.parent() {
+                        std::fs::create_dir_all(dir)?;
+                    }
+                    match std::fs::File::create(&path) {
+                        Ok(f) => return Ok((f, path)),
+                        Err(e) if e.kind() == std::io::ErrorKind::NotFound && attempts < 5 => {
+                            attempts += 1;
+                        }
+                        Err(e) => return Err(e),
+                    }
                 }
-                std::fs::File::create(&path).map(|f| (f, path))
             })
             .await
             .map_err(|e| ApiError::Internal(e.into()))?
@@ -146,6 +158,7 @@ impl Backend {
                     part: Vec::new(),
                     part_len: 0,
                     offset: 0,
+                    done: false,
                 }),
                 written: 0,
             });
@@ -187,11 +200,12 @@ impl Backend {
     }
 
     /// Makes a stored object survive a crash of the machine before its metadata says it is
-    /// stored. On the local disk: fsync of the file, then of each directory from its own up to
-    /// the storage root (the rename that put it there, and any directory made for it). Without
-    /// it a power failure could keep the committed row and lose the bytes, which only reach the
-    /// disk at the kernel's next writeback. S3 made the object durable when the upload
-    /// completed: nothing to do. Whether anything was synced.
+    /// stored. On the local disk its bytes were synced before the move into place (by the
+    /// writer's `finish`); this syncs the file again (cheap: nothing left but metadata) and each
+    /// directory from its own up to the storage root (the rename that put it there, and any
+    /// directory made for it). Without it a power failure could keep the committed row and lose
+    /// the bytes, which otherwise reach the disk only at the kernel's next writeback. S3 made the
+    /// object durable when the upload completed: nothing to do. Whether anything was synced.
     pub async fn persist(&self, key: &str) -> Result<bool, ApiError> {
         let Backend::Local { store, root } = self else {
             return Ok(false);
@@ -203,6 +217,9 @@ impl Backend {
             .map_err(unavailable)?;
         tokio::task::spawn_blocking(move || -> std::io::Result<()> {
             std::fs::File::open(&path)?.sync_all()?;
+            if !path.starts_with(&root) {
+                return Err(std::io::Error::other("outside the storage root"));
+            }
             let mut dir = path.parent();
             while let Some(d) = dir.filter(|d| d.starts_with(&root)) {
                 std::fs::File::open(d)?.sync_all()?;
@@ -353,8 +370,7 @@ const LOCAL_PART: usize = 1024 * 1024;
 
 /// Writes a local object straight into its file: parts of [`LOCAL_PART`] bytes on the blocking
 /// pool, one in flight while the next one fills, each handed to the kernel's writeback at once
-/// (`sync_file_range`), so that the fsync which makes the object durable
-/// ([`Backend::persist`]) finds little left to write. The key is a staging key that nothing
+/// ([`start_writeback`]), so that the fsync at the end finds little left to write. The key is a staging key that nothing
 /// lists until the upload moves it into place, so a partial file is never seen as an object.
 struct LocalWriter {
     path: PathBuf,
@@ -365,6 +381,8 @@ struct LocalWriter {
     part_len: usize,
     /// Bytes handed to writes so far.
     offset: u64,
+    /// Finished or aborted: dropping it then leaves the file alone.
+    done: bool,
 }
 
 impl LocalWriter {
@@ -412,27 +430,64 @@ impl LocalWriter {
         Ok(())
     }
 
+    /// Writes what is left and waits until the bytes are on the disk: the object may then be
+    /// renamed over an older one without a crash ever leaving a half-written file in its place.
     async fn finish(mut self) -> Result<(), ApiError> {
         if self.part_len > 0 {
             self.send_part().await?;
         }
-        self.file().await.map(drop)
+        let file = self.file().await?;
+        tokio::task::spawn_blocking(move || file.sync_data())
+            .await
+            .map_err(|e| self.failed(e))?
+            .map_err(|e| self.failed(e))?;
+        self.done = true;
+        Ok(())
     }
 
     async fn abort(mut self) {
+        self.done = true;
         let _ = self.file().await;
         let path = self.path.clone();
         let _ = tokio::task::spawn_blocking(move || std::fs::remove_file(path)).await;
     }
 }
 
+/// A write dropped half-way (the client went away and the request with it): the partial file
+/// is removed once the part in flight is written.
+impl Drop for LocalWriter {
+    fn drop(&mut self) {
+        if self.done {
+            return;
+        }
+        let (path, in_flight) = (self.path.clone(), self.in_flight.take());
+        let remove = async move {
+            if let Some(task) = in_flight {
+                let _ = task.await;
+            }
+            let _ = tokio::task::spawn_blocking(move || std::fs::remove_file(path)).await;
+        };
+        match tokio::runtime::Handle::try_current() {
+            Ok(runtime) => drop(runtime.spawn(remove)),
+            Err(_) => {
+                let _ = std::fs::remove_file(&self.path);
+            }
+        }
+    }
+}
+
 /// Asks the kernel to start writing `len` bytes at `start` back to the disk, without waiting:
 /// on Linux, `POSIX_FADV_DONTNEED` starts asynchronous writeback of the range's dirty pages
 /// (and lets go of those already clean). Advice only: an error changes nothing.
+/// (`sync_file_range` would say it more directly, but no safe binding offers it.)
+#[cfg(target_os = "linux")]
 fn start_writeback(file: &std::fs::File, start: u64, len: usize) {
     let len = std::num::NonZeroU64::new(len as u64);
     let _ = rustix::fs::fadvise(file, start, len, rustix::fs::Advice::DontNeed);
 }
+
+#[cfg(not(target_os = "linux"))]
+fn start_writeback(_file: &std::fs::File, _start: u64, _len: usize) {}
 
 impl ObjectWriter {
     /// Queues `chunk` for the backend without copying it (the parts are made of the

@@ -858,6 +858,59 @@ async fn names_the_store_encodes_on_disk_round_trip() {
     t.stop().await;
 }
 
+/// A client that goes away in the middle of its file leaves nothing behind: no staged bytes, no
+/// row. The body declares 8 MiB and stops after 3 MiB (so parts are on the disk), then the
+/// connection is closed.
+#[tokio::test]
+async fn a_client_that_disconnects_mid_upload_leaves_nothing() {
+    use tokio::io::AsyncWriteExt;
+    let t = spawn_app().await;
+    let f = t.fixture().await;
+    create_bucket(&t, &f, "docs", json!({})).await;
+    let root = t.app.config.data_dir.join("storage");
+    let staging = root.join(".uploads");
+    let boundary = "----cut-short";
+    let head = format!(
+        "--{boundary}\r\nContent-Disposition: form-data; name=\"projectId\"\r\n\r\n{}\r\n\
+         --{boundary}\r\nContent-Disposition: form-data; name=\"bucketId\"\r\n\r\ndocs\r\n\
+         --{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"big.bin\"\r\n\
+         Content-Type: application/octet-stream\r\n\r\n",
+        f.project
+    );
+    let addr = t.base.trim_start_matches("http://").to_string();
+    let mut conn = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    let request = format!(
+        "POST /api/storage/upload HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {}\r\n\
+         Content-Type: multipart/form-data; boundary={boundary}\r\nContent-Length: {}\r\n\r\n{head}",
+        f.readwrite,
+        head.len() + 8 * 1024 * 1024
+    );
+    conn.write_all(request.as_bytes()).await.unwrap();
+    conn.write_all(&pattern(3 * 1024 * 1024, 9)).await.unwrap();
+    conn.flush().await.unwrap();
+    // The staged file exists (it has received bytes) before the client goes.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while files_under(&staging).is_empty() {
+        assert!(
+            Instant::now() < deadline,
+            "the upload never reached the disk"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    drop(conn);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !files_under(&root).is_empty() {
+        assert!(
+            Instant::now() < deadline,
+            "left behind: {:?}",
+            files_under(&root)
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(list_files(&t, &f.read, &f.project, "docs").await.is_empty());
+    t.stop().await;
+}
+
 #[tokio::test]
 async fn public_buckets_have_a_stable_public_url() {
     let t = spawn_app().await;
