@@ -115,6 +115,25 @@ fn invite_json(r: &Row) -> Value {
 }
 
 const MEMBER_COLUMNS: &str = "m.user_id, u.email, u.display_name, m.role, m.joined_at";
+
+/// One member of the project, as the API shows members.
+async fn member_in(
+    tx: &tokio_postgres::Transaction<'_>,
+    project_id: &str,
+    user_id: &str,
+) -> ApiResult<Value> {
+    let row = tx
+        .query_one(
+            &format!(
+                "SELECT {MEMBER_COLUMNS} FROM fluxbase.members m
+                 JOIN fluxbase.users u ON u.id = m.user_id
+                 WHERE m.project_id = $1 AND m.user_id = $2"
+            ),
+            &[&project_id, &user_id],
+        )
+        .await?;
+    Ok(member_json(&row))
+}
 const INVITE_COLUMNS: &str = "id, project_id, email, role, status, invited_at";
 
 fn last_admin() -> ApiError {
@@ -286,17 +305,7 @@ impl App {
                 &[&project_id, &user_id, &role],
             )
             .await?;
-            let row = tx
-                .query_one(
-                    &format!(
-                        "SELECT {MEMBER_COLUMNS} FROM fluxbase.members m
-                         JOIN fluxbase.users u ON u.id = m.user_id
-                         WHERE m.project_id = $1 AND m.user_id = $2"
-                    ),
-                    &[&project_id, &user_id],
-                )
-                .await?;
-            member = member_json(&row);
+            member = member_in(&tx, &project_id, user_id).await?;
         }
         let row = tx
             .query_one(
@@ -340,22 +349,10 @@ impl App {
             &[project_id, &user_id, &role.as_str()],
         )
         .await?;
-        let row = tx
-            .query_one(
-                &format!(
-                    "SELECT {MEMBER_COLUMNS} FROM fluxbase.members m
-                     JOIN fluxbase.users u ON u.id = m.user_id
-                     WHERE m.project_id = $1 AND m.user_id = $2"
-                ),
-                &[project_id, &user_id],
-            )
-            .await?;
+        let member = member_in(&tx, project_id, &user_id).await?;
         tx.commit().await?;
         tracing::info!(%project_id, %user_id, from = current.as_str(), to = role.as_str(), "member role changed");
-        Ok((
-            StatusCode::OK,
-            json!({ "success": true, "member": member_json(&row) }),
-        ))
+        Ok((StatusCode::OK, json!({ "success": true, "member": member })))
     }
 
     /// `DELETE /api/team?projectId=&userId=`: removes a member.

@@ -201,9 +201,8 @@ impl Backend {
 
     /// Makes a stored object survive a crash of the machine before its metadata says it is
     /// stored. On the local disk its bytes were synced before the move into place (by the
-    /// writer's `finish`); this syncs the file again (cheap: nothing left but metadata) and each
-    /// directory from its own up to the storage root (the rename that put it there, and any
-    /// directory made for it). Without it a power failure could keep the committed row and lose
+    /// writer's `finish`); this syncs each directory from its own up to the storage root (the
+    /// rename that put it there, and any directory made for it). Without it a power failure could keep the committed row and lose
     /// the bytes, which otherwise reach the disk only at the kernel's next writeback. S3 made the
     /// object durable when the upload completed: nothing to do. Whether anything was synced.
     pub async fn persist(&self, key: &str) -> Result<bool, ApiError> {
@@ -211,12 +210,11 @@ impl Backend {
             return Ok(false);
         };
         let root = root.clone();
-        // The store's own mapping: it percent-encodes characters such as `%` or `#` on disk.
+        // The store's own mapping: it percent-encodes characters such as `%` or `{` on disk.
         let path = store
             .path_to_filesystem(&Path::from(key))
             .map_err(unavailable)?;
         tokio::task::spawn_blocking(move || -> std::io::Result<()> {
-            std::fs::File::open(&path)?.sync_all()?;
             if !path.starts_with(&root) {
                 return Err(std::io::Error::other("outside the storage root"));
             }

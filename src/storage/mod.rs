@@ -570,21 +570,7 @@ impl App {
         let body = if head {
             warp::reply::Response::new(Default::default())
         } else {
-            // A bounded channel: the reader runs ahead by at most a few chunks.
-            let (tx, rx) = tokio::sync::mpsc::channel::<std::io::Result<bytes::Bytes>>(4);
-            tokio::spawn(async move {
-                use futures_util::StreamExt;
-                let mut stream = stream;
-                while let Some(chunk) = stream.next().await {
-                    if tx.send(chunk).await.is_err() {
-                        return;
-                    }
-                }
-            });
-            let rx = futures_util::stream::unfold(rx, |mut rx| async move {
-                rx.recv().await.map(|c| (c, rx))
-            });
-            warp::reply::stream(rx).into_response()
+            warp::reply::stream(response_body(stream)).into_response()
         };
         let mut response = body;
         let h = response.headers_mut();
@@ -763,4 +749,25 @@ pub fn is_uuid(s: &str) -> bool {
             8 | 13 | 18 | 23 => *c == b'-',
             _ => c.is_ascii_hexdigit(),
         })
+}
+
+/// A file's chunks as a response body: warp wants a `Sync` stream, so they travel through a
+/// bounded channel from a task that reads at most a few chunks ahead of the client.
+pub fn response_body<S>(
+    stream: S,
+) -> impl futures_util::Stream<Item = std::io::Result<bytes::Bytes>> + Send + Sync + 'static
+where
+    S: futures_util::Stream<Item = std::io::Result<bytes::Bytes>> + Send + 'static,
+{
+    let (tx, rx) = tokio::sync::mpsc::channel::<std::io::Result<bytes::Bytes>>(4);
+    tokio::spawn(async move {
+        use futures_util::StreamExt;
+        let mut stream = std::pin::pin!(stream);
+        while let Some(chunk) = stream.next().await {
+            if tx.send(chunk).await.is_err() {
+                return;
+            }
+        }
+    });
+    futures_util::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|c| (c, rx)) })
 }

@@ -198,20 +198,8 @@ async fn bare_serve(path: PathBuf) -> warp::reply::Response {
         Ok(m) => m.len(),
         Err(_) => return warp::http::StatusCode::NOT_FOUND.into_response(),
     };
-    // Through a channel, as Fluxbase's download does (warp wants a `Sync` stream).
-    let (tx, rx) = tokio::sync::mpsc::channel::<std::io::Result<Bytes>>(4);
-    tokio::spawn(async move {
-        use futures_util::StreamExt;
-        let mut chunks = std::pin::pin!(file_stream(path));
-        while let Some(chunk) = chunks.next().await {
-            if tx.send(chunk).await.is_err() {
-                return;
-            }
-        }
-    });
-    let rx =
-        futures_util::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|c| (c, rx)) });
-    let mut response = warp::reply::stream(rx).into_response();
+    let body = fluxbase::storage::response_body(file_stream(path));
+    let mut response = warp::reply::stream(body).into_response();
     response
         .headers_mut()
         .insert("content-length", size.to_string().parse().expect("digits"));
