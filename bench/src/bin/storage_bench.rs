@@ -10,6 +10,11 @@
 //! auth or staging. Its ratio is what any HTTP upload or download over loopback reaches here;
 //! the gap between it and Fluxbase is Fluxbase's own cost.
 //!
+//! And a durable copy: the same plain copy, then `fdatasync` of the new file and `fsync` of its
+//! directory, which is what an upload must at least do before it answers (Fluxbase's uploads
+//! are on the disk when they are reported stored). Its ratio is the most any durable store
+//! reaches on this disk, with no HTTP at all.
+//!
 //! It starts the release `fluxbase` binary on a fresh data directory under `target/`
 //! (embedded cluster, rate limit off). Environment: BENCH_SMALL_FILES (default 64),
 //! BENCH_LARGE_FILES (default 4).
@@ -228,6 +233,7 @@ async fn save(mut resp: reqwest::Response, path: &Path, size: u64) -> Result<()>
 #[derive(Default)]
 struct Times {
     copy: Duration,
+    durable_copy: Duration,
     upload: Duration,
     download: Duration,
     bare_upload: Duration,
@@ -242,6 +248,7 @@ struct Run {
     label: String,
     count: u64,
     copy: f64,
+    durable_copy: f64,
     upload: f64,
     download: f64,
     /// The bare-HTTP reference's upload and download.
@@ -368,6 +375,13 @@ async fn main() -> Result<()> {
             std::fs::copy(&source, scratch.join(format!("copy-{size}-{i}")))?;
             t.copy += started.elapsed();
 
+            let started = Instant::now();
+            let synced = scratch.join(format!("synced-{size}-{i}"));
+            std::fs::copy(&source, &synced)?;
+            std::fs::File::open(&synced)?.sync_data()?;
+            std::fs::File::open(&scratch)?.sync_all()?;
+            t.durable_copy += started.elapsed();
+
             let cpu = cpu_now();
             let started = Instant::now();
             let (ct, body) = multipart(source.clone(), &format!("f-{size}-{i}.bin"), &project);
@@ -427,6 +441,7 @@ async fn main() -> Result<()> {
             label: label.into(),
             count,
             copy: rate(t.copy),
+            durable_copy: rate(t.durable_copy),
             upload: rate(t.upload),
             download: rate(t.download),
             bare: (rate(t.bare_upload), rate(t.bare_download)),
@@ -448,12 +463,13 @@ async fn main() -> Result<()> {
             .collect::<Vec<_>>()
             .join(" ")
     );
-    let (mut worst, mut ceiling) = (f64::INFINITY, f64::INFINITY);
+    let (mut worst, mut ceiling, mut durable) = (f64::INFINITY, f64::INFINITY, f64::INFINITY);
     for r in &runs {
         let (up, down) = (r.upload / r.copy, r.download / r.copy);
         worst = worst.min(up).min(down);
         let (bare_up, bare_down) = (r.bare.0 / r.copy, r.bare.1 / r.copy);
         ceiling = ceiling.min(bare_up).min(bare_down);
+        durable = durable.min(r.durable_copy / r.copy);
         println!(
             "{:>8} x {:<3}: copy {:>8.1} | upload {:>8.1} ({:.2}x) | signed download {:>8.1} ({:.2}x)",
             r.label, r.count, r.copy, r.upload, up, r.download, down
@@ -470,6 +486,12 @@ async fn main() -> Result<()> {
             )
         };
         println!(
+            "{:>14} copy + fsync    | {:>8.1} ({:.2}x)",
+            "",
+            r.durable_copy,
+            r.durable_copy / r.copy
+        );
+        println!(
             "{:>14} CPU per file: upload {} | download {}",
             "",
             per_file(r.upload_cpu),
@@ -480,6 +502,10 @@ async fn main() -> Result<()> {
     println!(
         "bare HTTP       : {ceiling:.2}x plain copy at worst: what an upload or download over \
          loopback HTTP reaches here without multipart, metadata or auth"
+    );
+    println!(
+        "copy + fsync    : {durable:.2}x plain copy at worst: the most an upload that is on the \
+         disk when it is answered can reach here, with no HTTP at all"
     );
     let _ = std::fs::remove_dir_all(&dir);
     Ok(())
