@@ -1,9 +1,34 @@
 //! Scaffolding shared by the benchmark programs in `src/bin/`.
 
 use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
+use fluxbase::accounts::{SignupRequest, User};
+use fluxbase::app::{App, Running, SharedApp};
+use fluxbase::config::Config;
 use fluxbase::embedded::Cluster;
+use serde_json::Value;
+
+/// Logs to stderr, filtered by `FLUXBASE_LOG` (default `warn`).
+pub fn init_tracing() {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("FLUXBASE_LOG")
+                .unwrap_or_else(|_| "warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+/// An unsigned number from the environment, or `default`.
+pub fn env_or(name: &str, default: u64) -> u64 {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
 
 /// The repository's root (the benches read `target/` and write scratch data there).
 pub fn repo_root() -> Result<PathBuf> {
@@ -31,6 +56,192 @@ pub async fn throwaway_cluster(
     Ok((cluster, dir))
 }
 
+/// Runs `bench` on a throwaway cluster in `target/<name>` (see [`throwaway_cluster`]), then
+/// stops the cluster and removes the directory, whatever `bench` returned.
+pub async fn on_throwaway_cluster<T>(
+    name: &str,
+    settings: Vec<(&'static str, &'static str)>,
+    bench: impl AsyncFnOnce(&Cluster, &Path) -> Result<T>,
+) -> Result<T> {
+    let (cluster, dir) = throwaway_cluster(name, settings).await?;
+    let result = bench(&cluster, &dir).await;
+    eprintln!("[bench] stopping the cluster");
+    let stopped = tokio::task::spawn_blocking(move || cluster.stop()).await;
+    let _ = std::fs::remove_dir_all(&dir);
+    let value = result?;
+    stopped??;
+    Ok(value)
+}
+
+/// The server in this process on `cluster` (its data under `dir/app`, a free loopback port),
+/// with `tweak` applied to the configuration.
+pub async fn start_app(
+    cluster: &Cluster,
+    dir: &Path,
+    tweak: impl FnOnce(&mut Config),
+) -> Result<(SharedApp, Running)> {
+    let mut config = Config {
+        listen: "127.0.0.1:0".parse()?,
+        data_dir: dir.join("app"),
+        database_url: Some(cluster.url("fluxbase")),
+        ..Config::default()
+    };
+    tweak(&mut config);
+    let app = App::open(config, &[]).await.context("opening the app")?;
+    let running = Running::start(app.clone())
+        .await
+        .context("starting the server")?;
+    Ok((app, running))
+}
+
+/// The benchmark's account.
+pub async fn bench_user(app: &SharedApp) -> Result<User> {
+    app.create_user(SignupRequest {
+        email: "bench@example.com".into(),
+        password: fluxbase::secrets::random_base62(20),
+        display_name: None,
+    })
+    .await
+    .map_err(|e| anyhow::anyhow!("creating a user: {e}"))
+}
+
+/// The release `fluxbase` binary: `FLUXBASE_BIN`, or `target/release/fluxbase`.
+pub fn server_binary() -> Result<PathBuf> {
+    let binary = match std::env::var_os("FLUXBASE_BIN") {
+        Some(path) => PathBuf::from(path),
+        None => repo_root()?.join("target/release/fluxbase"),
+    };
+    if !binary.exists() {
+        bail!(
+            "{} not found: build the server first (cargo build --release --bin fluxbase)",
+            binary.display()
+        );
+    }
+    Ok(binary)
+}
+
+/// `fluxbase serve` as a child process, after `fluxbase init --json`, on a free loopback port,
+/// with its log in `<data>/server.log`. Stopped (SIGINT, then SIGKILL after 15 s) when dropped.
+pub struct ServerProcess {
+    child: Option<Child>,
+    pub pid: u32,
+    pub port: u16,
+    /// What `init --json` printed: the project and its keys.
+    pub init: Value,
+    log: PathBuf,
+}
+
+impl ServerProcess {
+    /// Starts `binary` on the data directory `data` with `envs` (which may override the
+    /// defaults: rate limit off, log level `warn`), and waits until `/health` answers.
+    pub async fn start(
+        binary: &Path,
+        data: &Path,
+        envs: &[(&str, String)],
+    ) -> Result<ServerProcess> {
+        std::fs::create_dir_all(data)?;
+        let port = std::net::TcpListener::bind("127.0.0.1:0")?
+            .local_addr()?
+            .port();
+        let mut all = vec![
+            ("FLUXBASE_DATA_DIR", data.display().to_string()),
+            ("FLUXBASE_LISTEN", format!("127.0.0.1:{port}")),
+            ("FLUXBASE_RATE_LIMIT_REQUESTS", "0".into()),
+            ("FLUXBASE_LOG", "warn".into()),
+        ];
+        all.extend(envs.iter().cloned());
+        let init = init_instance(binary, data, &all)?;
+        let log = data.join("server.log");
+        let child = Command::new(binary)
+            .arg("serve")
+            .envs(all.iter().map(|(k, v)| (*k, v)))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log)?)
+            .spawn()
+            .context("starting fluxbase serve")?;
+        let mut server = ServerProcess {
+            pid: child.id(),
+            child: Some(child),
+            port,
+            init,
+            log,
+        };
+        eprintln!("[bench] fluxbase serve (pid {}) on port {port}", server.pid);
+        let http = reqwest::Client::new();
+        let health = format!("{}/health", server.base());
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while !http
+            .get(&health)
+            .send()
+            .await
+            .is_ok_and(|r| r.status().is_success())
+        {
+            if let Some(status) = server.exited() {
+                bail!("the server exited ({status}): {}", server.log_tail());
+            }
+            if Instant::now() > deadline {
+                bail!("the server did not answer /health within 60 s");
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        Ok(server)
+    }
+
+    /// `http://127.0.0.1:<port>`.
+    pub fn base(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    /// A string of the init output by JSON pointer, such as `/project/id` or `/apiKeys/read`.
+    pub fn init_str(&self, pointer: &str) -> Result<String> {
+        self.init
+            .pointer(pointer)
+            .and_then(Value::as_str)
+            .map(str::to_string)
+            .with_context(|| format!("no {pointer} in the init output"))
+    }
+
+    pub fn exited(&mut self) -> Option<std::process::ExitStatus> {
+        self.child
+            .as_mut()
+            .and_then(|c| c.try_wait().ok().flatten())
+    }
+
+    /// The last 20 lines of the server's log.
+    pub fn log_tail(&self) -> String {
+        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(20)..].join("\n")
+    }
+
+    /// SIGINT (graceful shutdown), then SIGKILL if it has not exited within 15 s.
+    pub fn stop(&mut self) {
+        let Some(mut child) = self.child.take() else {
+            return;
+        };
+        let _ = Command::new("kill")
+            .args(["-INT", &child.id().to_string()])
+            .status();
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while Instant::now() < deadline {
+            if !matches!(child.try_wait(), Ok(None)) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        eprintln!("[bench] the server did not stop within 15 s: killing it");
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+}
+
+impl Drop for ServerProcess {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
 /// `fluxbase init --json` for a fresh instance in `data` (configured by `envs`): its output,
 /// with the project and the keys.
 pub fn init_instance(
@@ -47,7 +258,7 @@ pub fn init_instance(
         .envs(envs.iter().map(|(k, v)| (*k, v)))
         .output()?;
     if !out.status.success() {
-        anyhow::bail!("init failed: {}", String::from_utf8_lossy(&out.stderr));
+        bail!("init failed: {}", String::from_utf8_lossy(&out.stderr));
     }
     serde_json::from_slice(&out.stdout).context("init --json output")
 }

@@ -36,16 +36,14 @@
 //! BENCH_ROUNDS (default 3), BENCH_TPS (default 1000), BENCH_LATENCY_SECONDS (default 10),
 //! FLUXBASE_LOG (server log filter, default warn).
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::Stdio;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use fluxbase::accounts::SignupRequest;
-use fluxbase::app::{App, Running, SharedApp};
+use fluxbase::app::{App, SharedApp};
 use fluxbase::bus::{Event, EventKind, Subscription};
-use fluxbase::config::Config;
 use fluxbase::embedded::{Cluster, SUPERUSER};
 use tokio_postgres::Client;
 
@@ -67,12 +65,7 @@ struct Settings {
 
 impl Settings {
     fn from_env() -> Settings {
-        let env_or = |name: &str, default: u64| {
-            std::env::var(name)
-                .ok()
-                .and_then(|v| v.parse().ok())
-                .unwrap_or(default)
-        };
+        use fluxbase_bench::env_or;
         Settings {
             rows: env_or("BENCH_ROWS", 200_000),
             updates: env_or("BENCH_UPDATES", 20_000),
@@ -91,42 +84,19 @@ impl Settings {
 
 #[tokio::main]
 async fn main() -> Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("FLUXBASE_LOG")
-                .unwrap_or_else(|_| "warn".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    fluxbase_bench::init_tracing();
     let settings = Settings::from_env();
-    let (cluster, dir) =
-        fluxbase_bench::throwaway_cluster("cdc-bench", fluxbase_bench::FAST.to_vec()).await?;
-
-    let result = run(&cluster, &dir, &settings).await;
-
-    eprintln!("[bench] stopping the cluster");
-    let stopped = tokio::task::spawn_blocking(move || cluster.stop()).await;
-    let _ = std::fs::remove_dir_all(&dir);
-    result?;
-    stopped??;
-    Ok(())
-}
-
-/// Starts the server in-process on `cluster`, runs the benchmark, stops the server.
-async fn run(cluster: &Cluster, dir: &Path, settings: &Settings) -> Result<()> {
-    let config = Config {
-        listen: "127.0.0.1:0".parse()?,
-        data_dir: dir.join("app"),
-        database_url: Some(cluster.url("fluxbase")),
-        ..Config::default()
-    };
-    let app = App::open(config, &[]).await.context("opening the app")?;
-    let running = Running::start(app.clone())
-        .await
-        .context("starting the server")?;
-    let result = bench(&app, cluster, settings).await;
-    running.stop().await;
-    result
+    fluxbase_bench::on_throwaway_cluster(
+        "cdc-bench",
+        fluxbase_bench::FAST.to_vec(),
+        async |cluster, dir| {
+            let (app, running) = fluxbase_bench::start_app(cluster, dir, |_| {}).await?;
+            let result = bench(&app, cluster, &settings).await;
+            running.stop().await;
+            result
+        },
+    )
+    .await
 }
 
 /// One project database whose stream is stopped with the setup confirmed: the next WAL is
@@ -153,14 +123,7 @@ impl Round {
 }
 
 async fn bench(app: &SharedApp, cluster: &Cluster, settings: &Settings) -> Result<()> {
-    let user = app
-        .create_user(SignupRequest {
-            email: "bench@example.com".into(),
-            password: fluxbase::secrets::random_base62(20),
-            display_name: None,
-        })
-        .await
-        .map_err(|e| anyhow::anyhow!("creating a user: {e}"))?;
+    let user = fluxbase_bench::bench_user(app).await?;
     let mut rounds = Vec::new();
     let mut project: Option<Project> = None;
     for r in 0..settings.rounds {

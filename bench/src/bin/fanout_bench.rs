@@ -41,8 +41,8 @@
 //! BENCH_LATENCY_SECONDS (default 10), BENCH_TIME_LIMIT (seconds for the whole measurement,
 //! default 160), FLUXBASE_BIN (default target/release/fluxbase).
 
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
+use std::process::Command;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -88,12 +88,7 @@ struct Settings {
 
 impl Settings {
     fn from_env() -> Result<Settings> {
-        let env_or = |name: &str, default: u64| {
-            std::env::var(name)
-                .ok()
-                .and_then(|v| v.parse().ok())
-                .unwrap_or(default)
-        };
+        use fluxbase_bench::env_or;
         let list = std::env::var("BENCH_SUBSCRIBERS").unwrap_or_else(|_| "100,1000,5000".into());
         let mut subscribers = list
             .split(',')
@@ -125,46 +120,28 @@ impl Settings {
 
 #[tokio::main]
 async fn main() -> Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("FLUXBASE_LOG")
-                .unwrap_or_else(|_| "warn".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    fluxbase_bench::init_tracing();
     let mut settings = Settings::from_env()?;
-    let root = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("..")
-        .canonicalize()?;
-    let binary = std::env::var_os("FLUXBASE_BIN")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| root.join("target/release/fluxbase"));
-    if !binary.exists() {
-        bail!(
-            "{} not found: build the server first (cargo build --release --bin fluxbase)",
-            binary.display()
-        );
-    }
+    let binary = fluxbase_bench::server_binary()?;
     let fd_note = fit_fd_limit(&mut settings)?;
     let load_before = std::fs::read_to_string("/proc/loadavg")
         .map(|l| l.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
         .unwrap_or_default();
-
-    let (cluster, dir) =
-        fluxbase_bench::throwaway_cluster("fanout-bench", fluxbase_bench::FAST.to_vec()).await?;
-
-    // Ctrl-C drops the measurement (the server stops with it) and still stops the cluster.
-    let result = tokio::select! {
-        r = run(&binary, &cluster, &dir, &settings) => r,
-        _ = tokio::signal::ctrl_c() => Err(anyhow::anyhow!("interrupted")),
-    };
-
-    eprintln!("[bench] stopping the cluster");
-    let stopped = tokio::task::spawn_blocking(move || cluster.stop()).await;
-    let _ = std::fs::remove_dir_all(&dir);
-    let report = result?;
-    stopped??;
-    report.print(&settings, &load_before, fd_note.as_deref());
+    let settings = &settings;
+    let report = fluxbase_bench::on_throwaway_cluster(
+        "fanout-bench",
+        fluxbase_bench::FAST.to_vec(),
+        async |cluster, dir| {
+            // Ctrl-C drops the measurement (the server stops with it) and still stops the
+            // cluster.
+            tokio::select! {
+                r = run(&binary, cluster, dir, settings) => r,
+                _ = tokio::signal::ctrl_c() => Err(anyhow::anyhow!("interrupted")),
+            }
+        },
+    )
+    .await?;
+    report.print(settings, &load_before, fd_note.as_deref());
     Ok(())
 }
 
@@ -234,133 +211,42 @@ async fn run(binary: &Path, cluster: &Cluster, dir: &Path, settings: &Settings) 
             settings.time_limit
         )),
     };
-    let exited = server.exited();
+    let exited = server.process.exited();
     eprintln!("[bench] stopping the server");
-    server.stop();
+    server.process.stop();
     match (result, exited) {
         (Err(e), Some(status)) => Err(e.context(format!(
             "the server exited ({status}); its log: {}",
-            server.log_tail()
+            server.process.log_tail()
         ))),
         (result, _) => result,
     }
 }
 
-/// `fluxbase serve` as a child process on the benchmark's cluster.
+/// `fluxbase serve` as a child process on the benchmark's cluster, and what the clients need.
 struct Server {
-    child: Option<Child>,
+    process: fluxbase_bench::ServerProcess,
     pid: u32,
     ws_url: String,
     project: String,
     read_key: String,
-    log: PathBuf,
 }
 
 impl Server {
     async fn start(binary: &Path, cluster: &Cluster, dir: &Path) -> Result<Server> {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")?
-            .local_addr()?
-            .port();
-        let envs = [
-            ("FLUXBASE_DATA_DIR", dir.join("app").display().to_string()),
-            ("FLUXBASE_LISTEN", format!("127.0.0.1:{port}")),
-            ("FLUXBASE_DATABASE_URL", cluster.url("fluxbase")),
-            ("FLUXBASE_RATE_LIMIT_REQUESTS", "0".into()),
-            ("FLUXBASE_LOG", "warn".into()),
-        ];
-        eprintln!("[bench] fluxbase init --json");
-        let out = tokio::process::Command::new(binary)
-            .args(["init", "--json"])
-            .envs(envs.clone())
-            .output()
-            .await
-            .context("running fluxbase init")?;
-        if !out.status.success() {
-            bail!("init failed: {}", String::from_utf8_lossy(&out.stderr));
-        }
-        let init: Value = serde_json::from_slice(&out.stdout).context("init --json output")?;
-        let field = |v: &Value, what: &str| {
-            v.as_str()
-                .map(str::to_string)
-                .with_context(|| format!("no {what} in the init output"))
-        };
-        let project = field(&init["project"]["id"], "project id")?;
-        let read_key = field(&init["apiKeys"]["read"], "read key")?;
-
-        let log = dir.join("server.log");
-        let child = Command::new(binary)
-            .arg("serve")
-            .envs(envs)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log)?)
-            .spawn()
-            .context("starting fluxbase serve")?;
-        let mut server = Server {
-            pid: child.id(),
-            child: Some(child),
-            ws_url: format!("ws://127.0.0.1:{port}/realtime"),
-            project,
-            read_key,
-            log,
-        };
-        eprintln!("[bench] fluxbase serve (pid {}) on port {port}", server.pid);
-        let http = reqwest::Client::new();
-        let health = format!("http://127.0.0.1:{port}/health");
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while !http
-            .get(&health)
-            .send()
-            .await
-            .is_ok_and(|r| r.status().is_success())
-        {
-            if let Some(status) = server.exited() {
-                bail!("the server exited ({status}): {}", server.log_tail());
-            }
-            if Instant::now() > deadline {
-                bail!("the server did not answer /health within 60 s");
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-        Ok(server)
-    }
-
-    fn exited(&mut self) -> Option<std::process::ExitStatus> {
-        self.child
-            .as_mut()
-            .and_then(|c| c.try_wait().ok().flatten())
-    }
-
-    fn log_tail(&self) -> String {
-        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
-        let lines: Vec<&str> = text.lines().collect();
-        lines[lines.len().saturating_sub(20)..].join("\n")
-    }
-
-    /// SIGINT (graceful shutdown), then SIGKILL if it has not exited within 15 s.
-    fn stop(&mut self) {
-        let Some(mut child) = self.child.take() else {
-            return;
-        };
-        let _ = Command::new("kill")
-            .args(["-INT", &child.id().to_string()])
-            .status();
-        let deadline = Instant::now() + Duration::from_secs(15);
-        while Instant::now() < deadline {
-            if !matches!(child.try_wait(), Ok(None)) {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        eprintln!("[bench] the server did not stop within 15 s: killing it");
-        let _ = child.kill();
-        let _ = child.wait();
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        self.stop();
+        let process = fluxbase_bench::ServerProcess::start(
+            binary,
+            &dir.join("app"),
+            &[("FLUXBASE_DATABASE_URL", cluster.url("fluxbase"))],
+        )
+        .await?;
+        Ok(Server {
+            pid: process.pid,
+            ws_url: format!("ws://127.0.0.1:{}/realtime", process.port),
+            project: process.init_str("/project/id")?,
+            read_key: process.init_str("/apiKeys/read")?,
+            process,
+        })
     }
 }
 

@@ -20,18 +20,9 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use fluxbase::accounts::SignupRequest;
-use fluxbase::app::{App, Running};
-use fluxbase::config::Config;
 use fluxbase::embedded::Cluster;
+use fluxbase_bench::env_or;
 use serde_json::{json, Value};
-
-fn env_or(name: &str, default: u64) -> u64 {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
 
 struct Api {
     http: reqwest::Client,
@@ -84,47 +75,19 @@ fn ms(d: Duration) -> f64 {
 
 #[tokio::main]
 async fn main() -> Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("FLUXBASE_LOG")
-                .unwrap_or_else(|_| "warn".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
-    let (cluster, dir) =
-        fluxbase_bench::throwaway_cluster("rls-bench", fluxbase_bench::FAST.to_vec()).await?;
-    let result = run(&cluster, &dir).await;
-    eprintln!("[bench] stopping the cluster");
-    let stopped = tokio::task::spawn_blocking(move || cluster.stop()).await;
-    let _ = std::fs::remove_dir_all(&dir);
-    result?;
-    stopped??;
-    Ok(())
+    fluxbase_bench::init_tracing();
+    fluxbase_bench::on_throwaway_cluster("rls-bench", fluxbase_bench::FAST.to_vec(), run).await
 }
 
 async fn run(cluster: &Cluster, dir: &Path) -> Result<()> {
     let rows = env_or("BENCH_ROWS", 200_000);
     let rounds = env_or("BENCH_ROUNDS", 7).max(1) as usize;
-    let config = Config {
-        listen: "127.0.0.1:0".parse()?,
-        data_dir: dir.join("app"),
-        database_url: Some(cluster.url("fluxbase")),
-        rate_limit_requests: 0,
-        max_rows: rows as usize + 1,
-        ..Config::default()
-    };
-    let app = App::open(config, &[]).await.context("opening the app")?;
-    let running = Running::start(app.clone())
-        .await
-        .context("starting the server")?;
-    let user = app
-        .create_user(SignupRequest {
-            email: "bench@example.com".into(),
-            password: fluxbase::secrets::random_base62(20),
-            display_name: None,
-        })
-        .await
-        .map_err(|e| anyhow::anyhow!("creating a user: {e}"))?;
+    let (app, running) = fluxbase_bench::start_app(cluster, dir, |c| {
+        c.rate_limit_requests = 0;
+        c.max_rows = rows as usize + 1;
+    })
+    .await?;
+    let user = fluxbase_bench::bench_user(&app).await?;
     let (project, keys) = app
         .create_project(&user.id, "rls bench")
         .await

@@ -8,20 +8,14 @@
 //!
 //! Environment: BENCH_CLIENTS (default 8), BENCH_SECONDS (default 10).
 
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
+use fluxbase_bench::env_or;
 use serde_json::{json, Value};
-
-fn env_or(name: &str, default: u64) -> u64 {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
 
 fn pg_bindir() -> Result<PathBuf> {
     let mut dirs: Vec<PathBuf> = std::fs::read_dir("/usr/lib/postgresql")?
@@ -34,73 +28,25 @@ fn pg_bindir() -> Result<PathBuf> {
         .context("pgbench not found under /usr/lib/postgresql/*/bin")
 }
 
-struct Server {
-    child: Child,
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = Command::new("kill")
-            .args(["-INT", &self.child.id().to_string()])
-            .status();
-        let _ = self.child.wait();
-    }
-}
-
 #[tokio::main]
 async fn main() -> Result<()> {
     let clients = env_or("BENCH_CLIENTS", 8) as usize;
     let seconds = env_or("BENCH_SECONDS", 10);
-    let root = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("..")
-        .canonicalize()?;
-    let binary = root.join("target/release/fluxbase");
-    if !binary.exists() {
-        bail!("build the server first: cargo build --release --bin fluxbase");
-    }
-    let data = root.join("target/bench-data");
+    let binary = fluxbase_bench::server_binary()?;
+    let data = fluxbase_bench::repo_root()?.join("target/bench-data");
     let _ = std::fs::remove_dir_all(&data);
-    std::fs::create_dir_all(&data)?;
-    let port = std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port();
-    let base = format!("http://127.0.0.1:{port}");
-    let envs = [
-        ("FLUXBASE_DATA_DIR", data.display().to_string()),
-        ("FLUXBASE_LISTEN", format!("127.0.0.1:{port}")),
-        ("FLUXBASE_RATE_LIMIT_REQUESTS", "0".into()),
-        ("FLUXBASE_POOL_SIZE", clients.to_string()),
-        ("FLUXBASE_LOG", "warn".into()),
-    ];
-
-    let init = fluxbase_bench::init_instance(&binary, &data, &envs)?;
-    let project = init["project"]["id"]
-        .as_str()
-        .context("project id")?
-        .to_string();
-    let read_key = init["apiKeys"]["read"]
-        .as_str()
-        .context("read key")?
-        .to_string();
-
-    let _server = Server {
-        child: Command::new(&binary)
-            .arg("serve")
-            .envs(envs)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()?,
-    };
+    let server = fluxbase_bench::ServerProcess::start(
+        &binary,
+        &data,
+        &[("FLUXBASE_POOL_SIZE", clients.to_string())],
+    )
+    .await?;
+    let base = server.base();
+    let project = server.init_str("/project/id")?;
+    let read_key = server.init_str("/apiKeys/read")?;
     let http = reqwest::Client::builder()
         .pool_max_idle_per_host(clients * 2)
         .build()?;
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while http.get(format!("{base}/health")).send().await.is_err() {
-        if Instant::now() > deadline {
-            bail!("server did not start");
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
 
     // The embedded cluster's port and superuser password, for pgbench.
     let pid_file = std::fs::read_to_string(data.join("pg/data/postmaster.pid"))?;

@@ -20,7 +20,7 @@
 //! BENCH_LARGE_FILES (default 4).
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
@@ -31,24 +31,6 @@ const MIB: u64 = 1024 * 1024;
 const TARGET: f64 = 0.7;
 /// Bytes per read of the uploaded file.
 const UPLOAD_CHUNK: usize = 1024 * 1024;
-
-struct Server(Child);
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = Command::new("kill")
-            .args(["-INT", &self.0.id().to_string()])
-            .status();
-        let _ = self.0.wait();
-    }
-}
-
-fn env_or(name: &str, default: u64) -> u64 {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
 
 /// A file of `size` pseudo-random bytes.
 fn make_source(path: &Path, size: u64) -> Result<()> {
@@ -291,59 +273,27 @@ fn mib_per_s(bytes: u64, d: Duration) -> f64 {
 #[tokio::main]
 async fn main() -> Result<()> {
     let root = fluxbase_bench::repo_root()?;
-    let binary = std::env::var_os("FLUXBASE_BIN")
-        .map(std::path::PathBuf::from)
-        .unwrap_or_else(|| root.join("target/release/fluxbase"));
-    if !binary.exists() {
-        bail!("build the server first: cargo build --release --bin fluxbase");
-    }
+    let binary = fluxbase_bench::server_binary()?;
     let dir = root.join("target/bench-storage");
     let _ = std::fs::remove_dir_all(&dir);
     let data = dir.join("data");
     let scratch = dir.join("scratch");
-    std::fs::create_dir_all(&data)?;
     std::fs::create_dir_all(&scratch)?;
     let bare_dir = dir.join("bare");
     std::fs::create_dir_all(&bare_dir)?;
     let bare_base = start_bare(bare_dir.clone()).await?;
-    let port = std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port();
-    let base = format!("http://127.0.0.1:{port}");
-    let envs = [
-        ("FLUXBASE_DATA_DIR", data.display().to_string()),
-        ("FLUXBASE_LISTEN", format!("127.0.0.1:{port}")),
-        ("FLUXBASE_RATE_LIMIT_REQUESTS", "0".into()),
-        ("FLUXBASE_MAX_UPLOAD_BYTES", (200 * MIB).to_string()),
-        ("FLUXBASE_LOG", "warn".into()),
-    ];
-    let init = fluxbase_bench::init_instance(&binary, &data, &envs)?;
-    let project = init["project"]["id"]
-        .as_str()
-        .context("project")?
-        .to_string();
-    let admin = init["apiKeys"]["admin"]
-        .as_str()
-        .context("admin key")?
-        .to_string();
-    let _server = Server(
-        Command::new(&binary)
-            .arg("serve")
-            .envs(envs)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()?,
-    );
-    let server_pid = _server.0.id().to_string();
+    let server = fluxbase_bench::ServerProcess::start(
+        &binary,
+        &data,
+        &[("FLUXBASE_MAX_UPLOAD_BYTES", (200 * MIB).to_string())],
+    )
+    .await?;
+    let base = server.base();
+    let project = server.init_str("/project/id")?;
+    let admin = server.init_str("/apiKeys/admin")?;
+    let server_pid = server.pid.to_string();
     let cpu_now = || (cpu_seconds(&server_pid), cpu_seconds("self"));
     let http = reqwest::Client::new();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while http.get(format!("{base}/health")).send().await.is_err() {
-        if Instant::now() > deadline {
-            bail!("server did not start");
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
     let resp = http
         .post(format!("{base}/api/storage/buckets"))
         .bearer_auth(&admin)
@@ -356,8 +306,16 @@ async fn main() -> Result<()> {
 
     let mut runs = Vec::new();
     for (label, size, count) in [
-        ("1 MiB", MIB, env_or("BENCH_SMALL_FILES", 64)),
-        ("100 MiB", 100 * MIB, env_or("BENCH_LARGE_FILES", 4)),
+        (
+            "1 MiB",
+            MIB,
+            fluxbase_bench::env_or("BENCH_SMALL_FILES", 64),
+        ),
+        (
+            "100 MiB",
+            100 * MIB,
+            fluxbase_bench::env_or("BENCH_LARGE_FILES", 4),
+        ),
     ] {
         let source = scratch.join(format!("source-{size}"));
         make_source(&source, size)?;
@@ -507,6 +465,7 @@ async fn main() -> Result<()> {
         "copy + fsync    : {durable:.2}x plain copy at worst: the most an upload that is on the \
          disk when it is answered can reach here, with no HTTP at all"
     );
+    drop(server);
     let _ = std::fs::remove_dir_all(&dir);
     Ok(())
 }

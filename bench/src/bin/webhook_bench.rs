@@ -50,9 +50,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use fluxbase::accounts::SignupRequest;
-use fluxbase::app::{App, Running, SharedApp};
-use fluxbase::config::Config;
+use fluxbase::app::{App, SharedApp};
 use fluxbase::embedded::Cluster;
 use serde_json::{json, Value};
 use tokio_postgres::Client;
@@ -77,12 +75,7 @@ struct Settings {
 
 impl Settings {
     fn from_env() -> Settings {
-        let env_or = |name: &str, default: u64| {
-            std::env::var(name)
-                .ok()
-                .and_then(|v| v.parse().ok())
-                .unwrap_or(default)
-        };
+        use fluxbase_bench::env_or;
         let flag = |name: &str| {
             std::env::var(name)
                 .is_ok_and(|v| matches!(v.to_ascii_lowercase().as_str(), "1" | "on" | "true"))
@@ -101,13 +94,7 @@ impl Settings {
 
 #[tokio::main]
 async fn main() -> Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("FLUXBASE_LOG")
-                .unwrap_or_else(|_| "warn".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    fluxbase_bench::init_tracing();
     let settings = Settings::from_env();
     let mut pg_settings = vec![];
     if !settings.fsync {
@@ -116,48 +103,23 @@ async fn main() -> Result<()> {
     if settings.statements {
         pg_settings.push(("shared_preload_libraries", "pg_stat_statements"));
     }
-    let (cluster, dir) = fluxbase_bench::throwaway_cluster("webhook-bench", pg_settings).await?;
-
-    let result = run(&cluster, &dir, &settings).await;
-
-    eprintln!("[bench] stopping the cluster");
-    let stopped = tokio::task::spawn_blocking(move || cluster.stop()).await;
-    let _ = std::fs::remove_dir_all(&dir);
-    result?;
-    stopped??;
-    Ok(())
-}
-
-/// Starts the server in-process on `cluster`, runs the benchmark, stops the server.
-async fn run(cluster: &Cluster, dir: &Path, settings: &Settings) -> Result<()> {
-    let config = Config {
-        listen: "127.0.0.1:0".parse()?,
-        data_dir: dir.join("app"),
-        database_url: Some(cluster.url("fluxbase")),
-        webhook_allow_private: true,
-        rate_limit_requests: 0,
-        ..Config::default()
-    };
-    let app = App::open(config, &[]).await.context("opening the app")?;
-    let running = Running::start(app.clone())
-        .await
-        .context("starting the server")?;
-    let base = format!("http://{}", running.addr);
-    let result = bench(&app, cluster, &base, settings).await;
-    running.stop().await;
-    result
+    fluxbase_bench::on_throwaway_cluster("webhook-bench", pg_settings, async |cluster, dir| {
+        let (app, running) = fluxbase_bench::start_app(cluster, dir, |c| {
+            c.webhook_allow_private = true;
+            c.rate_limit_requests = 0;
+        })
+        .await?;
+        let base = format!("http://{}", running.addr);
+        let result = bench(&app, cluster, &base, &settings).await;
+        running.stop().await;
+        result
+    })
+    .await
 }
 
 async fn bench(app: &SharedApp, cluster: &Cluster, base: &str, settings: &Settings) -> Result<()> {
     let receiver = Receiver::start()?;
-    let user = app
-        .create_user(SignupRequest {
-            email: "bench@example.com".into(),
-            password: fluxbase::secrets::random_base62(20),
-            display_name: None,
-        })
-        .await
-        .map_err(|e| anyhow::anyhow!("creating a user: {e}"))?;
+    let user = fluxbase_bench::bench_user(app).await?;
     let (project, keys) = app
         .create_project(&user.id, "webhook bench")
         .await
