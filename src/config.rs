@@ -60,6 +60,9 @@ pub struct Config {
     pub cdc_decoding_work_mem_kb: Option<u64>,
     /// Multiplies the webhook retry schedule (tests shorten it; 1.0 in production).
     pub webhook_backoff_scale: f64,
+    /// How often, in ms, the webhook worker looks for deliveries that have come due (retries,
+    /// and what a restart left pending). New deliveries go out at once, whatever this is.
+    pub webhook_scan_ms: u64,
     /// Events a realtime room keeps for `since` resumes.
     pub realtime_retention_events: usize,
     /// Seconds a realtime room keeps events for `since` resumes.
@@ -91,6 +94,7 @@ impl Default for Config {
             cdc_buffer_bytes: 16 * 1024 * 1024,
             cdc_decoding_work_mem_kb: None,
             webhook_backoff_scale: 1.0,
+            webhook_scan_ms: 500,
             realtime_retention_events: 100_000,
             realtime_retention_secs: 600,
         }
@@ -272,6 +276,10 @@ impl Config {
                                                 v: String|
          -> Result<()> {
             self.webhook_backoff_scale = parse(k, &v)?;
+            Ok(())
+        });
+        env!("FLUXBASE_WEBHOOK_SCAN_MS", |k, v: String| -> Result<()> {
+            self.webhook_scan_ms = parse(k, &v)?;
             Ok(())
         });
         env!(

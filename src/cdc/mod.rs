@@ -22,6 +22,14 @@
 //! * **Health.** Connection losses are retried with backoff; an idle database does not pin WAL
 //!   (a keepalive's position is confirmed when nothing is in flight); a missing or invalidated
 //!   slot stops the stream with a loud error (state `slot_lost`) instead of silently skipping.
+//!
+//! The streams run on a runtime of their own (threads `fluxbase-cdc`), not among the HTTP,
+//! WebSocket and webhook tasks. On a shared worker a stream had to choose: yield after each
+//! transaction and wait behind every socket writer its event woke (realtime read the WAL
+//! 15–45 ms late), or keep the worker and leave the consumer it woke parked in that worker's
+//! LIFO slot, which no other worker may steal (webhook deliveries waited up to 0.7 s). From a
+//! thread of its own, each wake-up reaches the server's runtime through its shared queue, where
+//! any idle worker takes it, and the stream reads on while they run.
 
 pub mod assemble;
 pub mod events;
@@ -81,9 +89,39 @@ struct Handle {
 pub struct Cdc {
     streams: Mutex<HashMap<String, Handle>>,
     enabled: std::sync::atomic::AtomicBool,
+    /// Where the streams run (see the module docs); made with the first stream.
+    runtime: std::sync::OnceLock<tokio::runtime::Runtime>,
+}
+
+impl Drop for Cdc {
+    fn drop(&mut self) {
+        if let Some(runtime) = self.runtime.take() {
+            // Without waiting: the server may be dropped inside another runtime.
+            runtime.shutdown_background();
+        }
+    }
 }
 
 impl Cdc {
+    /// The streams' runtime: half the cores (at least one thread), so that decoding keeps up
+    /// with many busy projects without taking the cores the server needs for its clients.
+    fn runtime(&self) -> std::io::Result<tokio::runtime::Handle> {
+        if let Some(rt) = self.runtime.get() {
+            return Ok(rt.handle().clone());
+        }
+        let threads = std::thread::available_parallelism().map_or(1, |n| (n.get() / 2).max(1));
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(threads)
+            .thread_name("fluxbase-cdc")
+            .enable_all()
+            .build()?;
+        // Another caller may have made one meanwhile: theirs is kept, this one dropped.
+        if let Err(rt) = self.runtime.set(rt) {
+            rt.shutdown_background();
+        }
+        Ok(self.runtime.get().expect("set above").handle().clone())
+    }
+
     pub fn status(&self, project_id: &str) -> Option<StreamStatus> {
         let streams = self.streams.lock().expect("poisoned");
         streams
@@ -223,7 +261,14 @@ impl App {
             slot: slot_name(&project_id),
             ..Default::default()
         }));
-        let task = tokio::spawn(run_stream(
+        let runtime = match self.cdc.runtime() {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::error!(project_id, error = %e, "starting the change streams' runtime");
+                return;
+            }
+        };
+        let task = runtime.spawn(run_stream(
             Arc::downgrade(self),
             project_id.clone(),
             db_name,
@@ -497,11 +542,8 @@ async fn release(
             tokio::task::yield_now().await;
         }
     }
-    // No unconditional yield between transactions: a yielded task waits behind everything
-    // runnable (every socket writer an event woke), which at 1,000 transactions/s left the
-    // stream reading 15-45 ms late. Each transaction spends a unit of tokio's cooperative budget
-    // instead, so the stream yields only once it has run long (a catch-up burst), and the other
-    // tasks of its worker (rooms, HTTP handlers) still get their turn.
+    // Each transaction spends a unit of tokio's cooperative budget, so that a stream catching
+    // up yields now and then to the other streams on its runtime.
     tokio::task::coop::consume_budget().await;
     let now_micros = chrono::Utc::now().timestamp_micros();
     let mut s = status.lock().expect("poisoned");

@@ -159,9 +159,31 @@ impl Hook {
 #[derive(Default)]
 pub struct Webhooks {
     writers: Mutex<HashMap<String, tokio::task::JoinHandle<()>>>,
+    /// Wakes the delivery worker.
     wake: Notify,
+    /// Webhooks with deliveries stored since the worker last looked (or that it found busy):
+    /// the worker drains these without asking the database which webhooks have due deliveries.
+    fresh: Mutex<HashSet<String>>,
+    /// Set when the worker should look for due deliveries of every webhook at once (a webhook
+    /// enabled again, a delivery re-queued), not only at its periodic scan.
+    scan: std::sync::atomic::AtomicBool,
+    /// Webhooks being drained.
     busy: Mutex<HashSet<String>>,
     client: Mutex<Option<reqwest::Client>>,
+}
+
+impl Webhooks {
+    /// New deliveries of `hooks` are stored: the worker sends them at once.
+    fn stored(&self, hooks: impl IntoIterator<Item = String>) {
+        self.fresh.lock().expect("poisoned").extend(hooks);
+        self.wake.notify_one();
+    }
+
+    /// Deliveries may have become due outside the outbox: the worker scans at once.
+    fn rescan(&self) {
+        self.scan.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.wake.notify_one();
+    }
 }
 
 #[derive(Deserialize)]
@@ -344,7 +366,7 @@ impl App {
             )
             .await?
             .ok_or_else(|| ApiError::NotFound(format!("webhookId: no webhook {:?} in this project", req.webhook_id)))?;
-        self.webhooks.wake.notify_one();
+        self.webhooks.rescan();
         Ok((
             StatusCode::OK,
             json!({ "success": true, "webhook": webhook_json(&row) }),
@@ -422,7 +444,7 @@ impl App {
             )
             .await?
             .ok_or_else(|| ApiError::NotFound(format!("deliveryId: no delivery {:?} in this project", req.delivery_id)))?;
-        self.webhooks.wake.notify_one();
+        self.webhooks.rescan();
         Ok((
             StatusCode::OK,
             json!({ "success": true, "delivery": delivery_json(&row) }),
@@ -503,9 +525,9 @@ async fn run_outbox_writer(app: Weak<App>, project_id: String) {
         let mut backoff = Duration::from_millis(200);
         loop {
             match store_deliveries(&app, &project_id, &batch).await {
-                Ok(n) => {
-                    if n > 0 {
-                        app.webhooks.wake.notify_one();
+                Ok(hooks) => {
+                    if !hooks.is_empty() {
+                        app.webhooks.stored(hooks);
                     }
                     break;
                 }
@@ -522,14 +544,15 @@ async fn run_outbox_writer(app: Weak<App>, project_id: String) {
     }
 }
 
+/// Stores the deliveries of one transaction's events; the webhooks that got new ones.
 async fn store_deliveries(
     app: &App,
     project_id: &str,
     events: &[Arc<Event>],
-) -> anyhow::Result<u64> {
+) -> anyhow::Result<HashSet<String>> {
     let hooks = load_hooks(app, project_id).await?;
     if hooks.is_empty() {
-        return Ok(0);
+        return Ok(HashSet::new());
     }
     let (mut ids, mut hook_ids, mut event_ids, mut kinds, mut bodies) =
         (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
@@ -548,7 +571,7 @@ async fn store_deliveries(
         }
     }
     if ids.is_empty() {
-        return Ok(0);
+        return Ok(HashSet::new());
     }
     // One statement for the whole transaction's deliveries: atomic, and one round trip.
     let client = app.control.get().await?;
@@ -567,12 +590,24 @@ async fn store_deliveries(
             &[&ids, &hook_ids, &event_ids, &kinds, &bodies, &project_id],
         )
         .await?;
-    Ok(n)
+    // All of them were there already (a transaction replayed after a restart): nothing new.
+    if n == 0 {
+        return Ok(HashSet::new());
+    }
+    Ok(hook_ids.into_iter().collect())
 }
 
-/// Finds due deliveries and sends them, one at a time per webhook, oldest first.
+/// Sends due deliveries, one at a time per webhook, oldest first.
+///
+/// It does not query for due webhooks on every wake-up: at 1,000 transactions/s that query
+/// ran hundreds of times a second, and its partial index keeps the entries of delivered rows
+/// until a vacuum, so each run grew slower (milliseconds after a burst) and the queue behind it
+/// grew to seconds. New deliveries name their webhook instead ([`Webhooks::stored`]), and the
+/// scan runs on a timer (`webhook_scan_ms`): for retries whose time has come, and for what a
+/// restart left pending.
 async fn run_delivery_worker(app: Weak<App>) {
     let mut last_prune = std::time::Instant::now() - Duration::from_secs(3600);
+    let mut last_scan: Option<std::time::Instant> = None;
     loop {
         let Some(strong) = app.upgrade() else { return };
         if last_prune.elapsed() > Duration::from_secs(3600) {
@@ -589,32 +624,45 @@ async fn run_delivery_worker(app: Weak<App>) {
                     .await;
             }
         }
-        match due_webhooks(&strong).await {
-            Ok(hooks) => {
-                for hook in hooks {
-                    let mut busy = strong.webhooks.busy.lock().expect("poisoned");
-                    if !busy.insert(hook.clone()) {
-                        continue;
-                    }
-                    drop(busy);
-                    let app = Arc::downgrade(&strong);
-                    tokio::spawn(async move {
-                        if let Some(a) = app.upgrade() {
-                            if let Err(e) = drain_webhook(&a, &hook).await {
-                                tracing::warn!(webhook = %hook, error = %e, "delivering webhooks");
-                            }
-                            a.webhooks.busy.lock().expect("poisoned").remove(&hook);
-                            a.webhooks.wake.notify_one();
-                        }
-                    });
-                }
+        let scan_interval = Duration::from_millis(strong.config.webhook_scan_ms.max(10));
+        let hooks = &strong.webhooks;
+        let mut candidates = std::mem::take(&mut *hooks.fresh.lock().expect("poisoned"));
+        let scan_due = last_scan.is_none_or(|t| t.elapsed() >= scan_interval);
+        if scan_due || hooks.scan.swap(false, std::sync::atomic::Ordering::Relaxed) {
+            last_scan = Some(std::time::Instant::now());
+            match due_webhooks(&strong).await {
+                Ok(due) => candidates.extend(due),
+                Err(e) => tracing::warn!(error = %e, "looking for due webhook deliveries"),
             }
-            Err(e) => tracing::warn!(error = %e, "looking for due webhook deliveries"),
         }
+        for hook in candidates {
+            let mut busy = hooks.busy.lock().expect("poisoned");
+            if !busy.insert(hook.clone()) {
+                // Being drained: look again when that drain ends (it wakes the worker), in
+                // case the new deliveries came after its last look.
+                drop(busy);
+                hooks.fresh.lock().expect("poisoned").insert(hook);
+                continue;
+            }
+            drop(busy);
+            let app = Arc::downgrade(&strong);
+            tokio::spawn(async move {
+                if let Some(a) = app.upgrade() {
+                    if let Err(e) = drain_webhook(&a, &hook).await {
+                        tracing::warn!(webhook = %hook, error = %e, "delivering webhooks");
+                    }
+                    a.webhooks.busy.lock().expect("poisoned").remove(&hook);
+                    a.webhooks.wake.notify_one();
+                }
+            });
+        }
+        let next_scan = last_scan.map_or(Duration::ZERO, |t| {
+            scan_interval.saturating_sub(t.elapsed())
+        });
         let wake = async {
             strong.webhooks.wake.notified().await;
         };
-        let _ = tokio::time::timeout(Duration::from_millis(500), wake).await;
+        let _ = tokio::time::timeout(next_scan, wake).await;
     }
 }
 

@@ -754,3 +754,80 @@ async fn after_kill_9_every_change_of_a_random_workload_is_delivered_at_least_on
     assert_eq!(rebuilt.len(), table.len());
     assert!(rebuilt == table, "the deliveries do not rebuild the table");
 }
+
+#[tokio::test]
+async fn new_and_redelivered_deliveries_go_out_without_waiting_for_the_periodic_scan() {
+    // The worker looks for due deliveries once an hour here (once at start-up, before the
+    // webhook exists): everything below must reach the receiver through the outbox writer's
+    // and the API's own wake-ups, or not within the test's 20 s.
+    let app = spawn_app_with(|c| {
+        c.webhook_allow_private = true;
+        c.webhook_backoff_scale = 0.01;
+        c.webhook_scan_ms = 3_600_000;
+    })
+    .await;
+    let f = app.fixture().await;
+    let rx = Receiver::start().await;
+    rx.answer(410, None);
+    let hook = register(
+        &app,
+        &f,
+        json!({ "url": rx.url, "events": ["row.inserted"] }),
+    )
+    .await;
+    let wh = hook["webhook"]["id"].as_str().unwrap().to_string();
+    app.rows(
+        &f.admin,
+        &f.project,
+        "CREATE TABLE t (x int); INSERT INTO t VALUES (1)",
+    )
+    .await;
+    let first = rx.wait_for(1).await;
+    let delivery_id = first[0].headers["webhook-id"].to_str().unwrap().to_string();
+    // 410 disabled the webhook; enabling it and asking again re-sends at once.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let (_, b) = app
+            .call(
+                "GET",
+                &format!(
+                    "/api/webhooks/deliveries?projectId={}&webhookId={wh}&status=failed",
+                    f.project
+                ),
+                Some(&f.admin),
+                None,
+            )
+            .await;
+        if !b["deliveries"].as_array().unwrap().is_empty() {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{b}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    for (path, body) in [
+        ("/api/webhooks", json!({ "webhookId": wh, "enabled": true })),
+        (
+            "/api/webhooks/redeliver",
+            json!({ "deliveryId": delivery_id }),
+        ),
+    ] {
+        let mut body = body;
+        body["projectId"] = json!(f.project);
+        let method = if path == "/api/webhooks" {
+            "PATCH"
+        } else {
+            "POST"
+        };
+        let (status, b) = app.call(method, path, Some(&f.admin), Some(body)).await;
+        assert_eq!(status, 200, "{b}");
+    }
+    let again = rx.wait_for(2).await;
+    assert_eq!(again[1].headers["webhook-id"], delivery_id.as_str());
+    // And a new change of the enabled webhook goes out as it is stored.
+    app.rows(&f.admin, &f.project, "INSERT INTO t VALUES (2)")
+        .await;
+    let got = rx.wait_for(3).await;
+    let body: Value = serde_json::from_str(&got[2].body).unwrap();
+    assert_ne!(got[2].headers["webhook-id"], delivery_id.as_str());
+    assert_eq!(body["data"]["new"]["x"], 2, "{body}");
+}
