@@ -627,8 +627,8 @@ async fn run_delivery_worker(app: Weak<App>) {
         let scan_interval = Duration::from_millis(strong.config.webhook_scan_ms.max(10));
         let hooks = &strong.webhooks;
         let mut candidates = std::mem::take(&mut *hooks.fresh.lock().expect("poisoned"));
-        let scan_due = last_scan.is_none_or(|t| t.elapsed() >= scan_interval);
-        if scan_due || hooks.scan.swap(false, std::sync::atomic::Ordering::Relaxed) {
+        let asked = hooks.scan.swap(false, std::sync::atomic::Ordering::Relaxed);
+        if asked || last_scan.is_none_or(|t| t.elapsed() >= scan_interval) {
             last_scan = Some(std::time::Instant::now());
             match due_webhooks(&strong).await {
                 Ok(due) => candidates.extend(due),

@@ -97,6 +97,45 @@ async fn register(app: &TestApp, f: &Fixture, body: Value) -> Value {
     b
 }
 
+/// A receiver that answers 410 (gone) once, a webhook of `row.inserted` pointing at it, and a
+/// row inserted into a new table `t`: the receiver and the webhook's id.
+async fn insert_for_a_gone_receiver(app: &TestApp, f: &Fixture) -> (Receiver, String) {
+    let rx = Receiver::start().await;
+    rx.answer(410, None);
+    let hook = register(app, f, json!({ "url": rx.url, "events": ["row.inserted"] })).await;
+    let wh = hook["webhook"]["id"].as_str().unwrap().to_string();
+    app.rows(
+        &f.admin,
+        &f.project,
+        "CREATE TABLE t (x int); INSERT INTO t VALUES (1)",
+    )
+    .await;
+    (rx, wh)
+}
+
+/// The webhook's first delivery with status `failed`, once there is one (20 s at most).
+async fn failed_delivery(app: &TestApp, f: &Fixture, webhook_id: &str) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let (_, b) = app
+            .call(
+                "GET",
+                &format!(
+                    "/api/webhooks/deliveries?projectId={}&webhookId={webhook_id}&status=failed",
+                    f.project
+                ),
+                Some(&f.admin),
+                None,
+            )
+            .await;
+        if let Some(d) = b["deliveries"].as_array().unwrap().first() {
+            return d.clone();
+        }
+        assert!(Instant::now() < deadline, "{b}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 fn hmac_hex(secret: &str, body: &str) -> String {
     let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, secret.as_bytes());
     hex::encode(ring::hmac::sign(&key, body.as_bytes()).as_ref())
@@ -460,40 +499,8 @@ async fn forbidden_targets_are_refused_at_registration() {
 async fn a_failed_delivery_can_be_redelivered_and_webhooks_can_be_updated_and_deleted() {
     let app = app().await;
     let f = app.fixture().await;
-    let rx = Receiver::start().await;
-    rx.answer(410, None);
-    let hook = register(
-        &app,
-        &f,
-        json!({ "url": rx.url, "events": ["row.inserted"] }),
-    )
-    .await;
-    let wh = hook["webhook"]["id"].as_str().unwrap().to_string();
-    app.rows(
-        &f.admin,
-        &f.project,
-        "CREATE TABLE t (x int); INSERT INTO t VALUES (1)",
-    )
-    .await;
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let delivery = loop {
-        let (_, b) = app
-            .call(
-                "GET",
-                &format!(
-                    "/api/webhooks/deliveries?projectId={}&webhookId={wh}&status=failed",
-                    f.project
-                ),
-                Some(&f.admin),
-                None,
-            )
-            .await;
-        if let Some(d) = b["deliveries"].as_array().unwrap().first() {
-            break d.clone();
-        }
-        assert!(Instant::now() < deadline, "{b}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
+    let (rx, wh) = insert_for_a_gone_receiver(&app, &f).await;
+    let delivery = failed_delivery(&app, &f, &wh).await;
     assert_eq!(delivery["responseStatus"], 410);
     assert_eq!(delivery["attempts"], 1);
     // The owner fixes the endpoint, enables the webhook again and asks for the delivery again.
@@ -767,43 +774,11 @@ async fn new_and_redelivered_deliveries_go_out_without_waiting_for_the_periodic_
     })
     .await;
     let f = app.fixture().await;
-    let rx = Receiver::start().await;
-    rx.answer(410, None);
-    let hook = register(
-        &app,
-        &f,
-        json!({ "url": rx.url, "events": ["row.inserted"] }),
-    )
-    .await;
-    let wh = hook["webhook"]["id"].as_str().unwrap().to_string();
-    app.rows(
-        &f.admin,
-        &f.project,
-        "CREATE TABLE t (x int); INSERT INTO t VALUES (1)",
-    )
-    .await;
+    let (rx, wh) = insert_for_a_gone_receiver(&app, &f).await;
     let first = rx.wait_for(1).await;
     let delivery_id = first[0].headers["webhook-id"].to_str().unwrap().to_string();
     // 410 disabled the webhook; enabling it and asking again re-sends at once.
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let (_, b) = app
-            .call(
-                "GET",
-                &format!(
-                    "/api/webhooks/deliveries?projectId={}&webhookId={wh}&status=failed",
-                    f.project
-                ),
-                Some(&f.admin),
-                None,
-            )
-            .await;
-        if !b["deliveries"].as_array().unwrap().is_empty() {
-            break;
-        }
-        assert!(Instant::now() < deadline, "{b}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    failed_delivery(&app, &f, &wh).await;
     for (path, body) in [
         ("/api/webhooks", json!({ "webhookId": wh, "enabled": true })),
         (
