@@ -538,7 +538,7 @@ async fn release(
         index += 1;
         count += 1;
         if count.is_multiple_of(256) {
-            // Let consumers on this runtime drain their queues during a large transaction.
+            // Let the other streams on this runtime read during a large transaction.
             tokio::task::yield_now().await;
         }
     }

@@ -629,11 +629,12 @@ async fn run_delivery_worker(app: Weak<App>) {
         let mut candidates = std::mem::take(&mut *hooks.fresh.lock().expect("poisoned"));
         let asked = hooks.scan.swap(false, std::sync::atomic::Ordering::Relaxed);
         if asked || last_scan.is_none_or(|t| t.elapsed() >= scan_interval) {
-            last_scan = Some(std::time::Instant::now());
             match due_webhooks(&strong).await {
                 Ok(due) => candidates.extend(due),
                 Err(e) => tracing::warn!(error = %e, "looking for due webhook deliveries"),
             }
+            // From the end of the query: a slow scan is not followed by another at once.
+            last_scan = Some(std::time::Instant::now());
         }
         for hook in candidates {
             let mut busy = hooks.busy.lock().expect("poisoned");
@@ -648,11 +649,13 @@ async fn run_delivery_worker(app: Weak<App>) {
             let app = Arc::downgrade(&strong);
             tokio::spawn(async move {
                 if let Some(a) = app.upgrade() {
+                    let _done = Drained {
+                        app: &a,
+                        hook: &hook,
+                    };
                     if let Err(e) = drain_webhook(&a, &hook).await {
                         tracing::warn!(webhook = %hook, error = %e, "delivering webhooks");
                     }
-                    a.webhooks.busy.lock().expect("poisoned").remove(&hook);
-                    a.webhooks.wake.notify_one();
                 }
             });
         }
@@ -663,6 +666,23 @@ async fn run_delivery_worker(app: Weak<App>) {
             strong.webhooks.wake.notified().await;
         };
         let _ = tokio::time::timeout(next_scan, wake).await;
+    }
+}
+
+/// Ends a drain, even one that panicked: the webhook is no longer busy, and the worker looks
+/// again, for deliveries stored while it was.
+struct Drained<'a> {
+    app: &'a App,
+    hook: &'a str,
+}
+
+impl Drop for Drained<'_> {
+    fn drop(&mut self) {
+        let webhooks = &self.app.webhooks;
+        if let Ok(mut busy) = webhooks.busy.lock() {
+            busy.remove(self.hook);
+        }
+        webhooks.wake.notify_one();
     }
 }
 

@@ -679,19 +679,29 @@ async fn a_subscriber_that_cannot_keep_up_is_cut_off_and_told_why_without_slowin
     let mut stalled = app.app.bus.project(&f.project).subscribe();
     app.rows(&f.admin, &f.project, "CREATE TABLE t (x int)")
         .await;
+    next_event(&mut live).await; // the CREATE TABLE
+                                 // In transactions of 1,000 rows, each read by `live` before the next: the stream runs on a
+                                 // thread of its own and may publish a whole transaction before this task is scheduled, so
+                                 // `live` must never be a queue behind, while `stalled` reads nothing and falls behind.
     let n = fluxbase::bus::QUEUE_LEN + 100;
-    let reader = tokio::spawn(async move {
-        for _ in 0..n + 1 {
+    let mut sent = 0;
+    while sent < n {
+        let k = (n - sent).min(1000);
+        app.rows(
+            &f.admin,
+            &f.project,
+            &format!(
+                "INSERT INTO t SELECT generate_series({}, {})",
+                sent + 1,
+                sent + k
+            ),
+        )
+        .await;
+        for _ in 0..k {
             next_event(&mut live).await;
         }
-    });
-    app.rows(
-        &f.admin,
-        &f.project,
-        &format!("INSERT INTO t SELECT generate_series(1, {n})"),
-    )
-    .await;
-    reader.await.unwrap();
+        sent += k;
+    }
     // The stalled subscriber got a full queue, then its queue was closed with a reason.
     let mut got = 0;
     while let Some(_e) = stalled.events.recv().await {

@@ -97,20 +97,42 @@ async fn register(app: &TestApp, f: &Fixture, body: Value) -> Value {
     b
 }
 
-/// A receiver that answers 410 (gone) once, a webhook of `row.inserted` pointing at it, and a
-/// row inserted into a new table `t`: the receiver and the webhook's id.
-async fn insert_for_a_gone_receiver(app: &TestApp, f: &Fixture) -> (Receiver, String) {
+/// A receiver that answers 410 (gone) once, a webhook of `row.inserted` pointing at it, and
+/// `sql` run in the project: the receiver and the webhook's id.
+async fn run_for_a_gone_receiver(app: &TestApp, f: &Fixture, sql: &str) -> (Receiver, String) {
     let rx = Receiver::start().await;
     rx.answer(410, None);
     let hook = register(app, f, json!({ "url": rx.url, "events": ["row.inserted"] })).await;
     let wh = hook["webhook"]["id"].as_str().unwrap().to_string();
-    app.rows(
-        &f.admin,
-        &f.project,
-        "CREATE TABLE t (x int); INSERT INTO t VALUES (1)",
-    )
-    .await;
+    app.rows(&f.admin, &f.project, sql).await;
     (rx, wh)
+}
+
+/// `PATCH /api/webhooks` with `enabled: true`; the answer.
+async fn enable(app: &TestApp, f: &Fixture, webhook_id: &str) -> Value {
+    let (status, b) = app
+        .call(
+            "PATCH",
+            "/api/webhooks",
+            Some(&f.admin),
+            Some(json!({ "projectId": f.project, "webhookId": webhook_id, "enabled": true })),
+        )
+        .await;
+    assert_eq!(status, 200, "{b}");
+    b
+}
+
+/// `POST /api/webhooks/redeliver` of one delivery.
+async fn redeliver(app: &TestApp, f: &Fixture, delivery_id: &str) {
+    let (status, b) = app
+        .call(
+            "POST",
+            "/api/webhooks/redeliver",
+            Some(&f.admin),
+            Some(json!({ "projectId": f.project, "deliveryId": delivery_id })),
+        )
+        .await;
+    assert_eq!(status, 200, "{b}");
 }
 
 /// The webhook's first delivery with status `failed`, once there is one (20 s at most).
@@ -283,19 +305,27 @@ async fn a_receiver_failing_twice_gets_three_attempts_of_the_same_delivery() {
         .collect();
     assert!(ids.iter().all(|i| *i == ids[0]), "{ids:?}");
     assert!(got.iter().all(|r| r.body == got[0].body));
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // The third attempt's success is recorded just after the receiver answered it.
     let wh = hook["webhook"]["id"].as_str().unwrap();
-    let (_, b) = app
-        .call(
-            "GET",
-            &format!(
-                "/api/webhooks/deliveries?projectId={}&webhookId={wh}",
-                f.project
-            ),
-            Some(&f.admin),
-            None,
-        )
-        .await;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let b = loop {
+        let (_, b) = app
+            .call(
+                "GET",
+                &format!(
+                    "/api/webhooks/deliveries?projectId={}&webhookId={wh}",
+                    f.project
+                ),
+                Some(&f.admin),
+                None,
+            )
+            .await;
+        if b["deliveries"][0]["status"] != "pending" {
+            break b;
+        }
+        assert!(Instant::now() < deadline, "{b}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
     let d = &b["deliveries"].as_array().unwrap();
     assert_eq!(d.len(), 1, "{b}");
     assert_eq!(d[0]["status"], "delivered");
@@ -390,24 +420,28 @@ async fn a_receiver_that_was_down_gets_everything_once_it_is_up() {
         app.rows(&f.admin, &f.project, &format!("INSERT INTO t VALUES ({x})"))
             .await;
     }
-    tokio::time::sleep(Duration::from_millis(800)).await;
-    let (_, b) = app
-        .call(
-            "GET",
-            &format!(
-                "/api/webhooks/deliveries?projectId={}&status=pending",
-                f.project
-            ),
-            Some(&f.admin),
-            None,
-        )
-        .await;
-    let pending = b["deliveries"].as_array().unwrap();
-    assert_eq!(pending.len(), 5, "{b}");
-    assert!(
-        pending.iter().any(|d| d["lastError"].as_str().is_some()),
-        "{b}"
-    );
+    // All five stored and pending, and attempts failing, while nobody listens.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let (_, b) = app
+            .call(
+                "GET",
+                &format!(
+                    "/api/webhooks/deliveries?projectId={}&status=pending",
+                    f.project
+                ),
+                Some(&f.admin),
+                None,
+            )
+            .await;
+        let pending = b["deliveries"].as_array().unwrap();
+        assert!(pending.len() <= 5, "{b}");
+        if pending.len() == 5 && pending.iter().any(|d| d["lastError"].as_str().is_some()) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{b}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     // Now the receiver comes up on that port.
     let got: Arc<Mutex<Vec<String>>> = Arc::default();
     let g = got.clone();
@@ -499,30 +533,15 @@ async fn forbidden_targets_are_refused_at_registration() {
 async fn a_failed_delivery_can_be_redelivered_and_webhooks_can_be_updated_and_deleted() {
     let app = app().await;
     let f = app.fixture().await;
-    let (rx, wh) = insert_for_a_gone_receiver(&app, &f).await;
+    let (rx, wh) =
+        run_for_a_gone_receiver(&app, &f, "CREATE TABLE t (x int); INSERT INTO t VALUES (1)").await;
     let delivery = failed_delivery(&app, &f, &wh).await;
     assert_eq!(delivery["responseStatus"], 410);
     assert_eq!(delivery["attempts"], 1);
     // The owner fixes the endpoint, enables the webhook again and asks for the delivery again.
-    let (status, b) = app
-        .call(
-            "PATCH",
-            "/api/webhooks",
-            Some(&f.admin),
-            Some(json!({ "projectId": f.project, "webhookId": wh, "enabled": true })),
-        )
-        .await;
-    assert_eq!(status, 200, "{b}");
+    let b = enable(&app, &f, &wh).await;
     assert_eq!(b["webhook"]["disabledReason"], Value::Null);
-    let (status, b) = app
-        .call(
-            "POST",
-            "/api/webhooks/redeliver",
-            Some(&f.admin),
-            Some(json!({ "projectId": f.project, "deliveryId": delivery["id"] })),
-        )
-        .await;
-    assert_eq!(status, 200, "{b}");
+    redeliver(&app, &f, delivery["id"].as_str().unwrap()).await;
     let got = rx.wait_for(2).await;
     assert_eq!(got[1].headers["webhook-id"], got[0].headers["webhook-id"]);
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -774,35 +793,33 @@ async fn new_and_redelivered_deliveries_go_out_without_waiting_for_the_periodic_
     })
     .await;
     let f = app.fixture().await;
-    let (rx, wh) = insert_for_a_gone_receiver(&app, &f).await;
-    let first = rx.wait_for(1).await;
-    let delivery_id = first[0].headers["webhook-id"].to_str().unwrap().to_string();
-    // 410 disabled the webhook; enabling it and asking again re-sends at once.
+    // Two deliveries in one transaction: the first is answered 410, which disables the
+    // webhook and leaves the second pending.
+    let (rx, wh) = run_for_a_gone_receiver(
+        &app,
+        &f,
+        "CREATE TABLE t (x int); INSERT INTO t VALUES (1), (2)",
+    )
+    .await;
+    let x_of =
+        |r: &Received| serde_json::from_str::<Value>(&r.body).unwrap()["data"]["new"]["x"].clone();
+    let got = rx.wait_for(1).await;
+    assert_eq!(x_of(&got[0]), 1);
+    let first_id = got[0].headers["webhook-id"].to_str().unwrap().to_string();
     failed_delivery(&app, &f, &wh).await;
-    for (path, body) in [
-        ("/api/webhooks", json!({ "webhookId": wh, "enabled": true })),
-        (
-            "/api/webhooks/redeliver",
-            json!({ "deliveryId": delivery_id }),
-        ),
-    ] {
-        let mut body = body;
-        body["projectId"] = json!(f.project);
-        let method = if path == "/api/webhooks" {
-            "PATCH"
-        } else {
-            "POST"
-        };
-        let (status, b) = app.call(method, path, Some(&f.admin), Some(body)).await;
-        assert_eq!(status, 200, "{b}");
-    }
-    let again = rx.wait_for(2).await;
-    assert_eq!(again[1].headers["webhook-id"], delivery_id.as_str());
-    // And a new change of the enabled webhook goes out as it is stored.
-    app.rows(&f.admin, &f.project, "INSERT INTO t VALUES (2)")
-        .await;
+    // Enabling it again sends what was left pending, at once.
+    enable(&app, &f, &wh).await;
+    let got = rx.wait_for(2).await;
+    assert_eq!(x_of(&got[1]), 2);
+    // A redelivery goes out at once, with its id.
+    redeliver(&app, &f, &first_id).await;
     let got = rx.wait_for(3).await;
-    let body: Value = serde_json::from_str(&got[2].body).unwrap();
-    assert_ne!(got[2].headers["webhook-id"], delivery_id.as_str());
-    assert_eq!(body["data"]["new"]["x"], 2, "{body}");
+    assert_eq!(got[2].headers["webhook-id"], first_id.as_str());
+    assert_eq!(x_of(&got[2]), 1);
+    // And a new change goes out as it is stored.
+    app.rows(&f.admin, &f.project, "INSERT INTO t VALUES (3)")
+        .await;
+    let got = rx.wait_for(4).await;
+    assert_eq!(x_of(&got[3]), 3);
+    assert_eq!(got.len(), 4);
 }
