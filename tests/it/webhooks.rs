@@ -823,3 +823,76 @@ async fn new_and_redelivered_deliveries_go_out_without_waiting_for_the_periodic_
     assert_eq!(x_of(&got[3]), 3);
     assert_eq!(got.len(), 4);
 }
+
+#[tokio::test]
+async fn transactions_queued_while_the_outbox_is_slow_are_stored_together_and_sent_in_order() {
+    let app = app().await;
+    let f = app.fixture().await;
+    let rx = Receiver::start().await;
+    let hook = register(
+        &app,
+        &f,
+        json!({ "url": rx.url, "events": ["row.inserted"] }),
+    )
+    .await;
+    let wh = hook["webhook"]["id"].as_str().unwrap().to_string();
+    app.rows(&f.admin, &f.project, "CREATE TABLE t (x int)")
+        .await;
+    // The outbox table locked: the writer's INSERT for the first transaction waits.
+    let mut control = app.app.control.get().await.unwrap();
+    let lock = control.transaction().await.unwrap();
+    lock.batch_execute("LOCK TABLE fluxbase.webhook_deliveries IN SHARE ROW EXCLUSIVE MODE")
+        .await
+        .unwrap();
+    app.rows(&f.admin, &f.project, "INSERT INTO t VALUES (1)")
+        .await;
+    let probe = app.app.control.get().await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let waiting: i64 = probe
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity
+                 WHERE wait_event_type = 'Lock' AND query LIKE 'INSERT INTO fluxbase.webhook_deliveries%'",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        if waiting > 0 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the outbox writer never waited");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Four more transactions reach the writer's queue meanwhile.
+    let before = app.app.cdc.status(&f.project).unwrap().transactions;
+    for x in 2..=5 {
+        app.rows(&f.admin, &f.project, &format!("INSERT INTO t VALUES ({x})"))
+            .await;
+    }
+    while app.app.cdc.status(&f.project).unwrap().transactions < before + 4 {
+        assert!(Instant::now() < deadline, "the stream did not publish them");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    lock.commit().await.unwrap();
+    let got = rx.wait_for(5).await;
+    let xs: Vec<Value> = got
+        .iter()
+        .map(|r| serde_json::from_str::<Value>(&r.body).unwrap()["data"]["new"]["x"].clone())
+        .collect();
+    assert_eq!(xs, [1, 2, 3, 4, 5].map(Value::from).to_vec());
+    // The four queued transactions went into the outbox with one INSERT (one transaction, so
+    // one `created_at`); the first, alone, before them.
+    let rows = probe
+        .query(
+            "SELECT created_at FROM fluxbase.webhook_deliveries WHERE webhook_id = $1
+             ORDER BY event_id",
+            &[&wh],
+        )
+        .await
+        .unwrap();
+    let at: Vec<chrono::DateTime<chrono::Utc>> = rows.iter().map(|r| r.get(0)).collect();
+    assert_eq!(at.len(), 5);
+    assert!(at[0] < at[1], "{at:?}");
+    assert!(at[1..].iter().all(|t| *t == at[1]), "{at:?}");
+}
