@@ -522,31 +522,32 @@ async fn run_outbox_writer(app: Weak<App>, project_id: String) {
     let Some(strong) = app.upgrade() else { return };
     let mut sub = strong.bus.project(&project_id).subscribe_durable();
     drop(strong);
-    // Events received; the first `complete` of them make whole transactions, up to `end`.
     let mut batch: Vec<Arc<Event>> = Vec::new();
-    let mut complete = 0;
-    let mut end = None;
     loop {
-        while complete == 0 {
+        // At least one whole transaction...
+        loop {
             let Some(event) = sub.events.recv().await else {
                 return;
             };
-            if event.last_in_transaction {
-                complete = batch.len() + 1;
-                end = Some(event.end_lsn);
-            }
+            let last = event.last_in_transaction;
             batch.push(event);
+            if last {
+                break;
+            }
         }
+        // ...and whatever is already queued behind it. Only whole transactions are stored; the
+        // rest of the last one waits in `batch` for its end.
         while batch.len() < OUTBOX_BATCH {
             let Ok(event) = sub.events.try_recv() else {
                 break;
             };
-            if event.last_in_transaction {
-                complete = batch.len() + 1;
-                end = Some(event.end_lsn);
-            }
             batch.push(event);
         }
+        let complete = 1 + batch
+            .iter()
+            .rposition(|e| e.last_in_transaction)
+            .expect("a whole transaction was received");
+        let end = batch[complete - 1].end_lsn;
         let Some(app) = app.upgrade() else { return };
         let mut backoff = Duration::from_millis(200);
         loop {
@@ -565,11 +566,8 @@ async fn run_outbox_writer(app: Weak<App>, project_id: String) {
                 }
             }
         }
-        if let Some(end) = end.take() {
-            sub.ack(end);
-        }
+        sub.ack(end);
         batch.drain(..complete);
-        complete = 0;
     }
 }
 

@@ -135,27 +135,37 @@ async fn redeliver(app: &TestApp, f: &Fixture, delivery_id: &str) {
     assert_eq!(status, 200, "{b}");
 }
 
-/// The webhook's first delivery with status `failed`, once there is one (20 s at most).
-async fn failed_delivery(app: &TestApp, f: &Fixture, webhook_id: &str) -> Value {
+/// `GET /api/webhooks/deliveries?projectId=…&<filter>` until `done` holds for the answer (20 s
+/// at most); that answer.
+async fn deliveries_until(
+    app: &TestApp,
+    f: &Fixture,
+    filter: &str,
+    done: impl Fn(&Value) -> bool,
+) -> Value {
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
         let (_, b) = app
             .call(
                 "GET",
-                &format!(
-                    "/api/webhooks/deliveries?projectId={}&webhookId={webhook_id}&status=failed",
-                    f.project
-                ),
+                &format!("/api/webhooks/deliveries?projectId={}&{filter}", f.project),
                 Some(&f.admin),
                 None,
             )
             .await;
-        if let Some(d) = b["deliveries"].as_array().unwrap().first() {
-            return d.clone();
+        if done(&b) {
+            return b;
         }
         assert!(Instant::now() < deadline, "{b}");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+/// The webhook's first delivery with status `failed`, once there is one.
+async fn failed_delivery(app: &TestApp, f: &Fixture, webhook_id: &str) -> Value {
+    let filter = format!("webhookId={webhook_id}&status=failed");
+    let b = deliveries_until(app, f, &filter, |b| b["deliveries"][0].is_object()).await;
+    b["deliveries"][0].clone()
 }
 
 fn hmac_hex(secret: &str, body: &str) -> String {
@@ -307,25 +317,10 @@ async fn a_receiver_failing_twice_gets_three_attempts_of_the_same_delivery() {
     assert!(got.iter().all(|r| r.body == got[0].body));
     // The third attempt's success is recorded just after the receiver answered it.
     let wh = hook["webhook"]["id"].as_str().unwrap();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let b = loop {
-        let (_, b) = app
-            .call(
-                "GET",
-                &format!(
-                    "/api/webhooks/deliveries?projectId={}&webhookId={wh}",
-                    f.project
-                ),
-                Some(&f.admin),
-                None,
-            )
-            .await;
-        if b["deliveries"][0]["status"] != "pending" {
-            break b;
-        }
-        assert!(Instant::now() < deadline, "{b}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    let b = deliveries_until(&app, &f, &format!("webhookId={wh}"), |b| {
+        b["deliveries"][0]["status"] != "pending"
+    })
+    .await;
     let d = &b["deliveries"].as_array().unwrap();
     assert_eq!(d.len(), 1, "{b}");
     assert_eq!(d[0]["status"], "delivered");
@@ -421,27 +416,12 @@ async fn a_receiver_that_was_down_gets_everything_once_it_is_up() {
             .await;
     }
     // All five stored and pending, and attempts failing, while nobody listens.
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let (_, b) = app
-            .call(
-                "GET",
-                &format!(
-                    "/api/webhooks/deliveries?projectId={}&status=pending",
-                    f.project
-                ),
-                Some(&f.admin),
-                None,
-            )
-            .await;
+    deliveries_until(&app, &f, "status=pending", |b| {
         let pending = b["deliveries"].as_array().unwrap();
         assert!(pending.len() <= 5, "{b}");
-        if pending.len() == 5 && pending.iter().any(|d| d["lastError"].as_str().is_some()) {
-            break;
-        }
-        assert!(Instant::now() < deadline, "{b}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+        pending.len() == 5 && pending.iter().any(|d| d["lastError"].as_str().is_some())
+    })
+    .await;
     // Now the receiver comes up on that port.
     let got: Arc<Mutex<Vec<String>>> = Arc::default();
     let g = got.clone();
@@ -544,26 +524,12 @@ async fn a_failed_delivery_can_be_redelivered_and_webhooks_can_be_updated_and_de
     redeliver(&app, &f, delivery["id"].as_str().unwrap()).await;
     let got = rx.wait_for(2).await;
     assert_eq!(got[1].headers["webhook-id"], got[0].headers["webhook-id"]);
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let (_, b) = app
-            .call(
-                "GET",
-                &format!(
-                    "/api/webhooks/deliveries?projectId={}&webhookId={wh}&status=delivered",
-                    f.project
-                ),
-                Some(&f.admin),
-                None,
-            )
-            .await;
-        if b["deliveries"].as_array().unwrap().len() == 1 {
-            assert_eq!(b["deliveries"][0]["id"], delivery["id"]);
-            break;
-        }
-        assert!(Instant::now() < deadline, "{b}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let filter = format!("webhookId={wh}&status=delivered");
+    let b = deliveries_until(&app, &f, &filter, |b| {
+        b["deliveries"].as_array().unwrap().len() == 1
+    })
+    .await;
+    assert_eq!(b["deliveries"][0]["id"], delivery["id"]);
     let (status, b) = app
         .call("PATCH", "/api/webhooks", Some(&f.admin), Some(json!({ "projectId": f.project, "webhookId": wh, "events": ["row.deleted"], "enabled": false })))
         .await;

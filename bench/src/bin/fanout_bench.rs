@@ -226,7 +226,6 @@ async fn run(binary: &Path, cluster: &Cluster, dir: &Path, settings: &Settings) 
 /// `fluxbase serve` as a child process on the benchmark's cluster, and what the clients need.
 struct Server {
     process: fluxbase_bench::ServerProcess,
-    pid: u32,
     ws_url: String,
     project: String,
     read_key: String,
@@ -241,7 +240,6 @@ impl Server {
         )
         .await?;
         Ok(Server {
-            pid: process.pid,
             ws_url: format!("ws://127.0.0.1:{}/realtime", process.port),
             project: process.init_str("/project/id")?,
             read_key: process.init_str("/apiKeys/read")?,
@@ -803,7 +801,7 @@ struct Report {
 }
 
 async fn bench(server: &Server, cluster: &Cluster, settings: &Settings) -> Result<Report> {
-    let server_pid = server.pid.to_string();
+    let server_pid = server.process.pid.to_string();
     let mut generator = Generator::new(cluster, &server.project).await?;
     let mut pool = Pool::new(server);
 
