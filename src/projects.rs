@@ -412,7 +412,7 @@ impl App {
         ))
     }
 
-    /// `fluxbase project suspend|resume <id>`.
+    /// `fluxbase project suspend|resume <id>`: changes the status only, never the data.
     pub async fn set_project_status(&self, project_id: &str, status: &str) -> anyhow::Result<()> {
         let client = self.control.get().await?;
         let n = client
@@ -425,7 +425,8 @@ impl App {
             anyhow::bail!("no project {project_id}");
         }
         drop(client);
-        self.delete_project_objects(project_id).await;
+        // Suspension only refuses access: the project's database, keys and stored objects are
+        // all kept, so `resume` gives back exactly what was there.
         self.invalidate_project_access(project_id).await;
         self.sql.forget_project(project_id);
         if status == "suspended" {
