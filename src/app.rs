@@ -43,6 +43,17 @@ impl App {
     /// Opens (or starts) the database, applies migrations and brings project databases up to
     /// date. `extra_pg` adds settings to an embedded cluster (tests use `fsync=off`).
     pub async fn open(config: Config, extra_pg: &[(&str, &str)]) -> Result<SharedApp> {
+        Self::open_as(config, extra_pg, true).await
+    }
+
+    /// [`App::open`] for a CLI command: the same, without the start-up storage sweep (a running
+    /// server may be mid-upload; sweeping is the server's job). With a running server the
+    /// caller points `config.database_url` at that server's cluster.
+    pub async fn open_cli(config: Config) -> Result<SharedApp> {
+        Self::open_as(config, &[], false).await
+    }
+
+    async fn open_as(config: Config, extra_pg: &[(&str, &str)], sweep: bool) -> Result<SharedApp> {
         std::fs::create_dir_all(&config.data_dir)
             .with_context(|| format!("creating {}", config.data_dir.display()))?;
         let secrets = Secrets::load_or_create(&config.data_dir)?;
@@ -87,8 +98,10 @@ impl App {
             embedded,
         });
         crate::projects::migrate_all(&app).await?;
-        if let Err(e) = app.sweep_storage().await {
-            tracing::warn!(error = %e, "storage sweep at start-up");
+        if sweep {
+            if let Err(e) = app.sweep_storage().await {
+                tracing::warn!(error = %e, "storage sweep at start-up");
+            }
         }
         tokio::spawn(crate::auth::run_cache_listener(Arc::downgrade(&app)));
         app.realtime.set_retention(crate::realtime::Retention {

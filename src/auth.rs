@@ -492,7 +492,7 @@ impl App {
     /// Acts on a NOTIFY from another server (or this one): a project whose status changed gets
     /// its room closed if inactive; a removed member's realtime subscriptions end, unless they
     /// are a member again by now.
-    async fn access_changed(&self, payload: &str) {
+    async fn access_changed(self: &std::sync::Arc<Self>, payload: &str) {
         match payload.split_once(" member-removed ") {
             Some((project_id, user_id)) => {
                 let still_member = match self.control.get().await {
@@ -515,14 +515,20 @@ impl App {
     }
 
     /// Closes a project's realtime room when the project is suspended or gone (a change made
-    /// by another process, e.g. `fluxbase project suspend`).
-    async fn close_room_if_inactive(&self, project_id: &str) {
+    /// by another process, e.g. `fluxbase project suspend`); a project that is gone also loses
+    /// its change stream here, and one created by another process (`fluxbase project create`)
+    /// gets one.
+    async fn close_room_if_inactive(self: &std::sync::Arc<Self>, project_id: &str) {
         match self.load_project(project_id).await {
-            Ok(None) => self.realtime.close_project(
-                project_id,
-                "PROJECT_NOT_FOUND",
-                "The project was deleted.",
-            ),
+            Ok(None) => {
+                self.stop_change_stream(project_id).await;
+                self.realtime.close_project(
+                    project_id,
+                    "PROJECT_NOT_FOUND",
+                    "The project was deleted.",
+                )
+            }
+            Ok(Some(p)) if p.status == "active" => self.start_change_stream(p.id, p.db_name),
             Ok(Some(p)) if p.status == "suspended" => self.realtime.close_project(
                 project_id,
                 "PROJECT_SUSPENDED",

@@ -9,6 +9,15 @@ pub struct Finding {
 
 /// Checks wal_level, slots, WAL senders, version and the admin role's privileges.
 pub async fn check(target: &ClusterTarget) -> anyhow::Result<Vec<Finding>> {
+    check_cluster(target, true).await
+}
+
+/// [`check`]; `slots_should_be_read` is false for an embedded cluster started for the check
+/// alone (no server runs, so nobody reads the slots yet: only slots losing WAL are reported).
+pub async fn check_cluster(
+    target: &ClusterTarget,
+    slots_should_be_read: bool,
+) -> anyhow::Result<Vec<Finding>> {
     let client = match target.connect(&target.control_db).await {
         Ok(c) => c,
         Err(_) => target.connect("postgres").await?,
@@ -82,8 +91,8 @@ pub async fn check(target: &ClusterTarget) -> anyhow::Result<Vec<Finding>> {
                     pg_size_pretty(pg_current_wal_lsn() - restart_lsn)
              FROM pg_replication_slots
              WHERE slot_name LIKE 'fluxbase\\_%'
-               AND (NOT active OR wal_status IN ('extended', 'unreserved', 'lost'))",
-            &[],
+               AND (($1 AND NOT active) OR wal_status IN ('extended', 'unreserved', 'lost'))",
+            &[&slots_should_be_read],
         )
         .await?;
     for r in stalled {

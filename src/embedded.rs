@@ -365,3 +365,208 @@ fn check_reachable(dir: &Path, uid: u32) -> Result<()> {
 fn free_port() -> Result<u16> {
     Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
+
+/// The lock file of a data directory: `$FLUXBASE_DATA_DIR/fluxbase.lock`.
+///
+/// `fluxbase serve` holds an exclusive `flock` on it for its whole lifetime, so a second `serve`
+/// on the same directory refuses to start. A CLI command that finds no server holds it while it
+/// runs the embedded cluster itself (so a `serve` started meanwhile waits instead of racing it);
+/// one that finds a server uses that server's cluster, whose port the server records in the
+/// file, and never stops or restarts it. The lock belongs to the open file: it is released when
+/// the process ends, however it ends (the file itself stays).
+pub struct DataDirLock {
+    file: std::fs::File,
+    info: LockInfo,
+}
+
+/// What the holder of a data directory's lock wrote in it.
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct LockInfo {
+    pub pid: u32,
+    /// `serve`, or the CLI command holding it.
+    pub role: String,
+    /// The embedded cluster's port, once it is up; `None` with an external database.
+    pub pg_port: Option<u16>,
+    /// The server uses `FLUXBASE_DATABASE_URL`, not the embedded cluster.
+    #[serde(default)]
+    pub external: bool,
+}
+
+/// How a CLI command reaches the cluster of a data directory.
+pub enum CliCluster {
+    /// No server runs: the command starts (and stops) the embedded cluster, holding the lock.
+    Own(DataDirLock),
+    /// A server runs: use its embedded cluster at this port; never stop it.
+    Attach { pid: u32, port: u16 },
+}
+
+impl DataDirLock {
+    pub fn path(data_dir: &Path) -> PathBuf {
+        data_dir.join("fluxbase.lock")
+    }
+
+    fn open(data_dir: &Path) -> Result<std::fs::File> {
+        std::fs::create_dir_all(data_dir)
+            .with_context(|| format!("creating {}", data_dir.display()))?;
+        let path = Self::path(data_dir);
+        std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&path)
+            .with_context(|| format!("opening {}", path.display()))
+    }
+
+    /// Takes the lock if it is free; otherwise says who holds it (as soon as the holder has
+    /// written its name, which it does right after locking).
+    pub fn try_acquire(data_dir: &Path, role: &str) -> Result<std::result::Result<Self, LockInfo>> {
+        use rustix::fs::{flock, FlockOperation};
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        loop {
+            let file = Self::open(data_dir)?;
+            match flock(&file, FlockOperation::NonBlockingLockExclusive) {
+                Ok(()) => {
+                    let mut lock = DataDirLock {
+                        file,
+                        info: LockInfo {
+                            pid: std::process::id(),
+                            role: role.to_string(),
+                            pg_port: None,
+                            external: false,
+                        },
+                    };
+                    lock.write()?;
+                    return Ok(Ok(lock));
+                }
+                Err(rustix::io::Errno::WOULDBLOCK) => {
+                    if let Some(info) = Self::holder(data_dir) {
+                        return Ok(Err(info));
+                    }
+                    if std::time::Instant::now() > deadline {
+                        bail!(
+                            "{} is locked by a process that wrote nothing in it",
+                            Self::path(data_dir).display()
+                        );
+                    }
+                    std::thread::sleep(std::time::Duration::from_millis(50));
+                }
+                Err(e) => return Err(anyhow!("locking {}: {e}", Self::path(data_dir).display())),
+            }
+        }
+    }
+
+    /// Waits until the lock is free, then takes it.
+    pub fn acquire_blocking(data_dir: &Path, role: &str) -> Result<Self> {
+        use rustix::fs::{flock, FlockOperation};
+        let file = Self::open(data_dir)?;
+        flock(&file, FlockOperation::LockExclusive)
+            .map_err(|e| anyhow!("locking {}: {e}", Self::path(data_dir).display()))?;
+        let mut lock = DataDirLock {
+            file,
+            info: LockInfo {
+                pid: std::process::id(),
+                role: role.to_string(),
+                pg_port: None,
+                external: false,
+            },
+        };
+        lock.write()?;
+        Ok(lock)
+    }
+
+    /// What the current holder wrote, if anything (a holder that has just locked may not have
+    /// written yet).
+    pub fn holder(data_dir: &Path) -> Option<LockInfo> {
+        let text = std::fs::read_to_string(Self::path(data_dir)).ok()?;
+        serde_json::from_str(text.trim()).ok()
+    }
+
+    /// The lock for `fluxbase serve`: refuses when another server holds the directory, waits
+    /// for a CLI command that holds it.
+    pub fn for_serve(data_dir: &Path) -> Result<Self> {
+        match Self::try_acquire(data_dir, "serve")? {
+            Ok(lock) => Ok(lock),
+            Err(holder) if holder.role == "serve" => bail!(
+                "another `fluxbase serve` (pid {}) is already running on the data directory {}: \
+                 stop it first, or give this server its own FLUXBASE_DATA_DIR",
+                holder.pid,
+                data_dir.display()
+            ),
+            Err(holder) => {
+                tracing::warn!(
+                    pid = holder.pid,
+                    command = %holder.role,
+                    "a fluxbase command is using the data directory; waiting for it to finish"
+                );
+                Self::acquire_blocking(data_dir, "serve")
+            }
+        }
+    }
+
+    /// How the CLI command `role` reaches the embedded cluster of `data_dir`.
+    pub fn for_cli(data_dir: &Path, role: &str) -> Result<CliCluster> {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(180);
+        loop {
+            match Self::try_acquire(data_dir, role)? {
+                Ok(lock) => return Ok(CliCluster::Own(lock)),
+                Err(holder) if holder.role == "serve" && holder.external => bail!(
+                    "the server running on {} (pid {}) uses FLUXBASE_DATABASE_URL: run this \
+                     command with the same FLUXBASE_DATABASE_URL",
+                    data_dir.display(),
+                    holder.pid
+                ),
+                Err(holder) if holder.role == "serve" => match holder.pg_port {
+                    Some(port) => {
+                        return Ok(CliCluster::Attach {
+                            pid: holder.pid,
+                            port,
+                        })
+                    }
+                    // The server is still starting its cluster.
+                    None => {
+                        if std::time::Instant::now() > deadline {
+                            bail!(
+                                "the server on {} (pid {}) has not started its database yet",
+                                data_dir.display(),
+                                holder.pid
+                            );
+                        }
+                        std::thread::sleep(std::time::Duration::from_millis(200));
+                    }
+                },
+                Err(holder) => {
+                    tracing::warn!(
+                        pid = holder.pid,
+                        command = %holder.role,
+                        "another fluxbase command is using the data directory; waiting for it"
+                    );
+                    return Ok(CliCluster::Own(Self::acquire_blocking(data_dir, role)?));
+                }
+            }
+        }
+    }
+
+    /// Records where the holder's embedded cluster listens (or that it uses an external one).
+    pub fn record_cluster(&mut self, pg_port: Option<u16>) -> Result<()> {
+        self.info.external = pg_port.is_none();
+        self.info.pg_port = pg_port;
+        self.write()
+    }
+
+    fn write(&mut self) -> Result<()> {
+        use std::io::{Seek, Write};
+        let text = serde_json::to_string(&self.info)? + "\n";
+        self.file.set_len(0)?;
+        self.file.seek(std::io::SeekFrom::Start(0))?;
+        self.file.write_all(text.as_bytes())?;
+        self.file.sync_data()?;
+        Ok(())
+    }
+}
+
+/// The superuser URL of the embedded cluster listening on `port` (a running server's).
+pub fn url_at(port: u16, password: &str, database: &str) -> String {
+    format!("postgres://{SUPERUSER}:{password}@127.0.0.1:{port}/{database}")
+}

@@ -128,3 +128,91 @@ pub fn describe(report: &InitReport) -> String {
     }
     out
 }
+
+/// What `fluxbase user reset-password` did.
+pub struct PasswordReset {
+    pub user_id: String,
+    pub email: String,
+    pub sessions_revoked: u64,
+}
+
+/// Operator recovery commands (`fluxbase keys create`, `fluxbase user reset-password`): they
+/// work on the control database directly, with no session or key, for an operator who lost both.
+impl App {
+    /// A new API key of `scope` for `project_id`; its secret exists only in the value returned.
+    pub async fn create_key_for_operator(
+        &self,
+        project_id: &str,
+        scope: &str,
+        name: Option<&str>,
+    ) -> anyhow::Result<crate::keys::NewKey> {
+        let scope = crate::auth::Scope::parse(scope)
+            .ok_or_else(|| anyhow::anyhow!("--scope must be one of read, readwrite, admin"))?;
+        let name = name
+            .map(|n| n.trim().to_string())
+            .filter(|n| !n.is_empty())
+            .unwrap_or_else(|| format!("{} key (CLI)", scope.as_str()));
+        if name.chars().count() > 100 {
+            anyhow::bail!("--name: at most 100 characters");
+        }
+        let client = self.control.get().await?;
+        let exists = client
+            .query_opt(
+                "SELECT 1 FROM fluxbase.projects WHERE id = $1",
+                &[&project_id],
+            )
+            .await?
+            .is_some();
+        if !exists {
+            anyhow::bail!("no project {project_id}");
+        }
+        Ok(crate::keys::insert_key(&client, project_id, scope, &name).await?)
+    }
+
+    /// Sets the password of the user with `email` (any case) and revokes all their sessions,
+    /// so a session opened with the old password is refused from its next request.
+    pub async fn reset_password(
+        &self,
+        email: &str,
+        password: &str,
+    ) -> anyhow::Result<PasswordReset> {
+        if password.chars().count() < 8 || password.len() > 1024 {
+            anyhow::bail!("the password must be between 8 and 1024 characters");
+        }
+        let hash = crate::accounts::hash_password(password.to_string()).await?;
+        let mut client = self.control.get().await?;
+        let tx = client.transaction().await?;
+        let rows = tx
+            .query(
+                "SELECT id, email FROM fluxbase.users WHERE lower(email) = lower($1) FOR UPDATE",
+                &[&email.trim()],
+            )
+            .await?;
+        let row = match rows.as_slice() {
+            [row] => row,
+            [] => anyhow::bail!("no user with the email {email:?}"),
+            _ => anyhow::bail!("more than one user matches {email:?}: reset them by exact id"),
+        };
+        let (user_id, email): (String, String) = (row.get(0), row.get(1));
+        tx.execute(
+            "UPDATE fluxbase.users SET password_hash = $2 WHERE id = $1",
+            &[&user_id, &hash],
+        )
+        .await?;
+        let sessions_revoked = tx
+            .execute(
+                "DELETE FROM fluxbase.sessions WHERE user_id = $1",
+                &[&user_id],
+            )
+            .await?;
+        tx.commit().await?;
+        drop(client);
+        // Sessions are read on every request; this empties any access cache for good measure.
+        self.invalidate_access().await;
+        Ok(PasswordReset {
+            user_id,
+            email,
+            sessions_revoked,
+        })
+    }
+}

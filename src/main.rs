@@ -1,10 +1,16 @@
-//! The `fluxbase` command: `serve` (default), `init`, `project`, `doctor`.
+//! The `fluxbase` command: `serve` (default), `init`, `project`, `keys`, `user`, `doctor`.
+//!
+//! One `serve` per data directory (it holds `$FLUXBASE_DATA_DIR/fluxbase.lock`). Every other
+//! command works whether or not a server runs on the data directory: with a server it uses
+//! that server's embedded cluster and never stops or restarts it; without one it starts the
+//! cluster itself, holding the lock while it does (see [`fluxbase::embedded::DataDirLock`]).
 
 use anyhow::{bail, Result};
 use clap::{Parser, Subcommand};
-use fluxbase::app::{App, Running};
+use fluxbase::app::{App, Running, SharedApp};
 use fluxbase::config::Config;
 use fluxbase::db::ClusterTarget;
+use fluxbase::embedded::{CliCluster, DataDirLock};
 use fluxbase::instance::describe;
 
 #[derive(Parser)]
@@ -32,8 +38,47 @@ enum Command {
         #[command(subcommand)]
         action: ProjectAction,
     },
-    /// Check that the configured PostgreSQL cluster can host Fluxbase.
+    /// Check that the configured PostgreSQL cluster (or the embedded one) can host Fluxbase.
     Doctor,
+    /// Manage API keys (recovery: works with no session or key).
+    Keys {
+        #[command(subcommand)]
+        action: KeysAction,
+    },
+    /// Manage users (recovery: works with no session or key).
+    User {
+        #[command(subcommand)]
+        action: UserAction,
+    },
+}
+
+#[derive(Subcommand)]
+enum KeysAction {
+    /// Create an API key for a project; its secret is printed once.
+    Create {
+        #[arg(long)]
+        project: String,
+        /// read, readwrite or admin.
+        #[arg(long)]
+        scope: String,
+        #[arg(long)]
+        name: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum UserAction {
+    /// Set a user's password and revoke all their sessions. The new password is read from the
+    /// first line of standard input with --password-stdin; otherwise one is generated and printed.
+    ResetPassword {
+        email: String,
+        #[arg(long)]
+        password_stdin: bool,
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -71,9 +116,9 @@ async fn run(cli: Cli, config: Config) -> Result<()> {
     match cli.command.unwrap_or(Command::Serve) {
         Command::Serve => serve(config).await,
         Command::Init { json } => {
-            let app = App::open(config, &[]).await?;
+            let (app, lock) = open_cli(config, "init").await?;
             let report = app.init_instance().await;
-            app.shutdown();
+            close_cli(app, lock).await;
             let report = report?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&report.json)?);
@@ -83,27 +128,173 @@ async fn run(cli: Cli, config: Config) -> Result<()> {
             Ok(())
         }
         Command::Project { action } => {
-            let app = App::open(config, &[]).await?;
+            let (app, lock) = open_cli(config, "project").await?;
             let result = project(&app, action).await;
-            app.shutdown();
+            close_cli(app, lock).await;
             result
         }
-        Command::Doctor => {
-            let Some(url) = &config.database_url else {
-                println!("No FLUXBASE_DATABASE_URL: the embedded cluster is configured by Fluxbase itself.");
-                return Ok(());
+        Command::Keys {
+            action:
+                KeysAction::Create {
+                    project,
+                    scope,
+                    name,
+                    json,
+                },
+        } => {
+            let (app, lock) = open_cli(config, "keys").await?;
+            let result = app
+                .create_key_for_operator(&project, &scope, name.as_deref())
+                .await;
+            close_cli(app, lock).await;
+            let key = result?;
+            if json {
+                let mut out = key.json();
+                out["secret"] = serde_json::json!(key.secret);
+                out["projectId"] = serde_json::json!(project);
+                println!("{}", serde_json::to_string_pretty(&out)?);
+            } else {
+                println!(
+                    "created {} key {} for project {project} (shown once, store it now):\n{}",
+                    key.scope.as_str(),
+                    key.id,
+                    key.secret
+                );
+            }
+            Ok(())
+        }
+        Command::User {
+            action:
+                UserAction::ResetPassword {
+                    email,
+                    password_stdin,
+                    json,
+                },
+        } => {
+            let (password, generated) = if password_stdin {
+                let mut line = String::new();
+                std::io::stdin().read_line(&mut line)?;
+                let line = line.trim_end_matches(['\r', '\n']).to_string();
+                if line.is_empty() {
+                    bail!("--password-stdin: standard input had no password");
+                }
+                (line, false)
+            } else {
+                (fluxbase::secrets::random_base62(20), true)
             };
-            let findings = fluxbase::doctor::check(&ClusterTarget::from_url(url)?).await?;
-            if findings.is_empty() {
-                println!("ok: the cluster is ready for Fluxbase");
-                return Ok(());
+            let (app, lock) = open_cli(config, "user").await?;
+            let result = app.reset_password(&email, &password).await;
+            close_cli(app, lock).await;
+            let reset = result?;
+            if json {
+                let mut out = serde_json::json!({
+                    "user": { "id": reset.user_id, "email": reset.email },
+                    "sessionsRevoked": reset.sessions_revoked,
+                });
+                if generated {
+                    out["password"] = serde_json::json!(password);
+                }
+                println!("{}", serde_json::to_string_pretty(&out)?);
+            } else {
+                println!(
+                    "password of {} reset; {} session(s) revoked",
+                    reset.email, reset.sessions_revoked
+                );
+                if generated {
+                    println!("new password (shown once): {password}");
+                }
             }
-            for f in &findings {
-                println!("problem: {}\n    fix: {}", f.problem, f.fix);
-            }
-            bail!("{} problem(s) found", findings.len())
+            Ok(())
+        }
+        Command::Doctor => doctor(config).await,
+    }
+}
+
+/// Opens the app for a CLI command `role`. With no database URL: uses the running server's
+/// embedded cluster if a server holds the data directory, else starts the cluster under the
+/// data directory's lock (returned: keep it until [`close_cli`]).
+async fn open_cli(mut config: Config, role: &str) -> Result<(SharedApp, Option<DataDirLock>)> {
+    if config.database_url.is_some() {
+        return Ok((App::open_cli(config).await?, None));
+    }
+    let data_dir = config.data_dir.clone();
+    let role = role.to_string();
+    match tokio::task::spawn_blocking(move || DataDirLock::for_cli(&data_dir, &role)).await?? {
+        CliCluster::Own(lock) => Ok((App::open_cli(config).await?, Some(lock))),
+        CliCluster::Attach { pid, port } => {
+            tracing::info!(pid, port, "using the cluster of the running server");
+            let secrets = fluxbase::secrets::Secrets::load_or_create(&config.data_dir)?;
+            config.database_url = Some(fluxbase::embedded::url_at(
+                port,
+                &secrets.pg_password,
+                "fluxbase",
+            ));
+            Ok((App::open_cli(config).await?, None))
         }
     }
+}
+
+/// Closes what [`open_cli`] opened: stops the embedded cluster only if this command started it,
+/// then releases the data directory.
+async fn close_cli(app: SharedApp, lock: Option<DataDirLock>) {
+    let _ = tokio::task::spawn_blocking(move || app.shutdown()).await;
+    drop(lock);
+}
+
+/// `fluxbase doctor`: the configured cluster, or the embedded one (the running server's, or
+/// started for the check and stopped after it).
+async fn doctor(config: Config) -> Result<()> {
+    let findings = match &config.database_url {
+        Some(url) => fluxbase::doctor::check(&ClusterTarget::from_url(url)?).await?,
+        None => {
+            let data_dir = config.data_dir.clone();
+            let secrets = fluxbase::secrets::Secrets::load_or_create(&config.data_dir)?;
+            match tokio::task::spawn_blocking(move || DataDirLock::for_cli(&data_dir, "doctor"))
+                .await??
+            {
+                CliCluster::Attach { pid, port } => {
+                    println!(
+                        "checking the embedded cluster of the running server (pid {pid}, port {port})"
+                    );
+                    let url = fluxbase::embedded::url_at(port, &secrets.pg_password, "fluxbase");
+                    fluxbase::doctor::check(&ClusterTarget::from_url(&url)?).await?
+                }
+                CliCluster::Own(lock) => {
+                    let pg_dir = config.data_dir.join("pg");
+                    println!(
+                        "checking the embedded cluster in {} (started for this check)",
+                        pg_dir.display()
+                    );
+                    let password = secrets.pg_password.clone();
+                    let cluster = tokio::task::spawn_blocking(move || {
+                        fluxbase::embedded::Cluster::start(&pg_dir, &password, &[])
+                    })
+                    .await??;
+                    let target = ClusterTarget::from_url(&cluster.url("fluxbase"));
+                    let findings = match target {
+                        Ok(t) => fluxbase::doctor::check_cluster(&t, false).await,
+                        Err(e) => Err(e),
+                    };
+                    tokio::task::spawn_blocking(move || {
+                        if let Err(e) = cluster.stop() {
+                            tracing::warn!(error = %e, "stopping the embedded cluster");
+                        }
+                        drop(lock);
+                    })
+                    .await?;
+                    findings?
+                }
+            }
+        }
+    };
+    if findings.is_empty() {
+        println!("ok: the cluster is ready for Fluxbase");
+        return Ok(());
+    }
+    for f in &findings {
+        println!("problem: {}\n    fix: {}", f.problem, f.fix);
+    }
+    bail!("{} problem(s) found", findings.len())
 }
 
 async fn project(app: &App, action: ProjectAction) -> Result<()> {
@@ -114,6 +305,8 @@ async fn project(app: &App, action: ProjectAction) -> Result<()> {
                 .create_project(&user, &name)
                 .await
                 .map_err(|e| anyhow::anyhow!("{e}"))?;
+            // A running server starts the new project's change stream when it hears this.
+            app.invalidate_project_access(&project.id).await;
             let mut api_keys = serde_json::Map::new();
             for k in &keys {
                 api_keys.insert(k.scope.as_str().into(), serde_json::json!(k.secret));
@@ -150,13 +343,18 @@ async fn project(app: &App, action: ProjectAction) -> Result<()> {
 }
 
 async fn serve(config: Config) -> Result<()> {
+    // Held until the process ends: a second `serve` on this data directory refuses to start.
+    let data_dir = config.data_dir.clone();
+    let mut lock = tokio::task::spawn_blocking(move || DataDirLock::for_serve(&data_dir)).await??;
     let app = App::open(config, &[]).await?;
+    lock.record_cluster(app.embedded.as_ref().map(|c| c.port))?;
     let report = app.init_instance().await?;
     let running = Running::start(app).await?;
     eprint!("{}", describe(&report));
     shutdown_signal().await;
     tracing::info!("shutting down");
     running.stop().await;
+    drop(lock);
     Ok(())
 }
 

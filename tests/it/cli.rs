@@ -261,3 +261,320 @@ async fn doctor_reports_weak_roles_and_unread_slots_and_nothing_else_on_a_good_c
         "{text}"
     );
 }
+
+/// Runs `fluxbase ARGS` on `dir` (embedded cluster) off the async runtime, `stdin` piped in.
+async fn run_cli(
+    dir: &Path,
+    port: u16,
+    args: &[&str],
+    stdin: Option<&str>,
+) -> std::process::Output {
+    let dir = dir.to_path_buf();
+    let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+    let stdin = stdin.map(str::to_string);
+    tokio::task::spawn_blocking(move || {
+        let mut cmd = fluxbase(&dir, port);
+        cmd.args(&args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .stdin(if stdin.is_some() {
+                Stdio::piped()
+            } else {
+                Stdio::null()
+            });
+        let mut child = cmd.spawn().unwrap();
+        if let Some(text) = stdin {
+            use std::io::Write;
+            child
+                .stdin
+                .take()
+                .unwrap()
+                .write_all(text.as_bytes())
+                .unwrap();
+        }
+        child.wait_with_output().unwrap()
+    })
+    .await
+    .unwrap()
+}
+
+/// `fluxbase ARGS` must succeed; returns its standard output.
+async fn cli_ok(dir: &Path, port: u16, args: &[&str], stdin: Option<&str>) -> String {
+    let out = run_cli(dir, port, args, stdin).await;
+    assert!(
+        out.status.success(),
+        "{args:?} failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+async fn sql_call(base: &str, key: &str, project: &str, sql: &str) -> (u16, Value) {
+    let resp = reqwest::Client::new()
+        .post(format!("{base}/api/execute-sql"))
+        .bearer_auth(key)
+        .json(&json!({ "projectId": project, "query": sql }))
+        .send()
+        .await
+        .unwrap();
+    (resp.status().as_u16(), resp.json().await.unwrap())
+}
+
+async fn login(base: &str, email: &str, password: &str) -> (u16, Value) {
+    let resp = reqwest::Client::new()
+        .post(format!("{base}/api/auth/login"))
+        .json(&json!({ "email": email, "password": password }))
+        .send()
+        .await
+        .unwrap();
+    (resp.status().as_u16(), resp.json().await.unwrap())
+}
+
+/// The process id of the embedded cluster's postmaster, from its pid file.
+fn postmaster_pid(dir: &Path) -> Option<u32> {
+    std::fs::read_to_string(dir.join("pg/data/postmaster.pid"))
+        .ok()?
+        .lines()
+        .next()?
+        .trim()
+        .parse()
+        .ok()
+}
+
+/// The server still answers normal requests (a table made at the start is still readable).
+async fn still_serving(base: &str, key: &str, project: &str, step: &str) {
+    let (status, v) = sql_call(base, key, project, "SELECT body FROM notes").await;
+    assert_eq!(status, 200, "after {step}: {v}");
+    assert_eq!(
+        v["result"]["rows"],
+        json!([{ "body": "kept" }]),
+        "after {step}: {v}"
+    );
+}
+
+#[tokio::test]
+async fn cli_commands_on_a_running_servers_data_dir_use_its_cluster_and_never_restart_it() {
+    let dir = crate::support::scratch_dir(&format!(
+        "it-{}-{}",
+        std::process::id(),
+        crate::support::unique("clilive")
+    ));
+    let port = free_port();
+    let base = format!("http://127.0.0.1:{port}");
+    let init: Value =
+        serde_json::from_str(&cli_ok(&dir, port, &["init", "--json"], None).await).unwrap();
+    let project = init["project"]["id"].as_str().unwrap().to_string();
+    let admin = init["apiKeys"]["admin"].as_str().unwrap().to_string();
+    let email = init["user"]["email"].as_str().unwrap().to_string();
+    let first_password = init["user"]["password"].as_str().unwrap().to_string();
+
+    let mut server = fluxbase(&dir, port)
+        .arg("serve")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_healthy(&base, &mut server).await;
+    let (status, v) = sql_call(
+        &base,
+        &admin,
+        &project,
+        "CREATE TABLE notes (id serial PRIMARY KEY, body text); INSERT INTO notes (body) VALUES ('kept')",
+    )
+    .await;
+    assert_eq!(status, 200, "{v}");
+    let postmaster = postmaster_pid(&dir).expect("the server's cluster runs");
+
+    // A second server on the same data directory refuses, naming the first one.
+    let out = run_cli(&dir, free_port(), &["serve"], None).await;
+    assert!(!out.status.success(), "a second serve started");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("already running") && stderr.contains(&format!("pid {}", server.id())),
+        "{stderr}"
+    );
+    still_serving(&base, &admin, &project, "a second serve").await;
+
+    let again: Value =
+        serde_json::from_str(&cli_ok(&dir, port, &["init", "--json"], None).await).unwrap();
+    assert_eq!(again["created"], false);
+    still_serving(&base, &admin, &project, "init").await;
+
+    // project create: the new project's keys work against the running server at once.
+    let created: Value = serde_json::from_str(
+        &cli_ok(
+            &dir,
+            port,
+            &["project", "create", "--name", "live", "--json"],
+            None,
+        )
+        .await,
+    )
+    .unwrap();
+    let other = created["project"]["id"].as_str().unwrap().to_string();
+    let other_rw = created["apiKeys"]["readwrite"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let (status, v) = sql_call(&base, &other_rw, &other, "SELECT 41 + 1 AS n").await;
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(v["result"]["rows"], json!([{ "n": 42 }]));
+    still_serving(&base, &admin, &project, "project create").await;
+
+    // project suspend: the very next request of that project is refused; the others are served.
+    cli_ok(&dir, port, &["project", "suspend", &project], None).await;
+    let (status, v) = sql_call(&base, &admin, &project, "SELECT 1").await;
+    assert_eq!(status, 403, "{v}");
+    assert_eq!(v["error"]["code"], "PROJECT_SUSPENDED", "{v}");
+    let (status, v) = sql_call(&base, &other_rw, &other, "SELECT 1").await;
+    assert_eq!(status, 200, "{v}");
+    cli_ok(&dir, port, &["project", "resume", &project], None).await;
+    still_serving(&base, &admin, &project, "project resume").await;
+
+    // keys create: a recovered admin key works against the running server.
+    let key: Value = serde_json::from_str(
+        &cli_ok(
+            &dir,
+            port,
+            &[
+                "keys",
+                "create",
+                "--project",
+                &project,
+                "--scope",
+                "admin",
+                "--json",
+            ],
+            None,
+        )
+        .await,
+    )
+    .unwrap();
+    assert_eq!(key["scope"], "admin");
+    let recovered = key["secret"].as_str().unwrap().to_string();
+    assert!(recovered.starts_with("flx_live_"));
+    let (status, v) = sql_call(
+        &base,
+        &recovered,
+        &project,
+        "INSERT INTO notes (body) VALUES ('x') RETURNING body",
+    )
+    .await;
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(v["success"], true, "{v}");
+    sql_call(
+        &base,
+        &recovered,
+        &project,
+        "DELETE FROM notes WHERE body = 'x'",
+    )
+    .await;
+    let out = run_cli(
+        &dir,
+        port,
+        &["keys", "create", "--project", &project, "--scope", "root"],
+        None,
+    )
+    .await;
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("read, readwrite, admin"));
+
+    // user reset-password: old password and old sessions refused, the new password works.
+    let (status, v) = login(&base, &email, &first_password).await;
+    assert_eq!(status, 200, "{v}");
+    let old_session = v["token"].as_str().unwrap().to_string();
+    let me = |token: String| {
+        let base = base.clone();
+        async move {
+            reqwest::Client::new()
+                .get(format!("{base}/api/auth/me"))
+                .bearer_auth(token)
+                .send()
+                .await
+                .unwrap()
+                .status()
+                .as_u16()
+        }
+    };
+    assert_eq!(me(old_session.clone()).await, 200);
+    let text = cli_ok(
+        &dir,
+        port,
+        &[
+            "user",
+            "reset-password",
+            &email.to_uppercase(),
+            "--password-stdin",
+        ],
+        Some("a brand new passphrase\n"),
+    )
+    .await;
+    assert!(text.contains("1 session(s) revoked"), "{text}");
+    assert_eq!(login(&base, &email, &first_password).await.0, 401);
+    assert_eq!(me(old_session).await, 401, "the old session is revoked");
+    let (status, v) = login(&base, &email, "a brand new passphrase").await;
+    assert_eq!(status, 200, "{v}");
+    // Without --password-stdin a password is generated and printed once.
+    let reset: Value = serde_json::from_str(
+        &cli_ok(
+            &dir,
+            port,
+            &["user", "reset-password", &email, "--json"],
+            None,
+        )
+        .await,
+    )
+    .unwrap();
+    let generated = reset["password"].as_str().unwrap();
+    assert!(generated.len() >= 16, "{reset}");
+    assert_eq!(login(&base, &email, "a brand new passphrase").await.0, 401);
+    assert_eq!(login(&base, &email, generated).await.0, 200);
+    let out = run_cli(
+        &dir,
+        port,
+        &["user", "reset-password", "nobody@example.com"],
+        None,
+    )
+    .await;
+    assert!(!out.status.success());
+
+    // doctor checks the running server's cluster.
+    let out = run_cli(&dir, port, &["doctor"], None).await;
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(text.contains("ok: the cluster is ready"), "{text}");
+
+    // project delete: the other project is gone, this one is still served.
+    cli_ok(&dir, port, &["project", "delete", &other], None).await;
+    let (status, v) = sql_call(&base, &other_rw, &other, "SELECT 1").await;
+    assert!(status == 401 || status == 404, "{status} {v}");
+    still_serving(&base, &admin, &project, "project delete").await;
+
+    assert_eq!(
+        postmaster_pid(&dir),
+        Some(postmaster),
+        "a CLI command restarted the server's PostgreSQL"
+    );
+    assert!(server.try_wait().unwrap().is_none(), "the server died");
+    interrupt(&mut server);
+    assert!(postmaster_pid(&dir).is_none());
+
+    // With no server, doctor starts the embedded cluster for the check and stops it after.
+    let out = run_cli(&dir, port, &["doctor"], None).await;
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(text.contains("ok: the cluster is ready"), "{text}");
+    assert!(
+        postmaster_pid(&dir).is_none(),
+        "doctor left PostgreSQL running"
+    );
+}
