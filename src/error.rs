@@ -41,15 +41,17 @@ pub enum ApiError {
         window_secs: u64,
         retry_after: u64,
     },
-    #[error("The project database is unreachable. Retry after a few seconds.")]
+    #[error("The database is unreachable. Retry after a few seconds.")]
     DatabaseUnavailable(String),
     /// The storage backend (disk or S3) failed; the operation changed nothing.
     #[error("The storage backend is unavailable. Retry after a few seconds.")]
     StorageUnavailable(String),
     #[error("Method not allowed.")]
     MethodNotAllowed,
+    /// Built from an `anyhow::Error` with `?`, unless the error is a lost or refused database
+    /// connection: that is a [`ApiError::DatabaseUnavailable`] (see [`is_connection_error`]).
     #[error("Unexpected server error.")]
-    Internal(#[from] anyhow::Error),
+    Internal(anyhow::Error),
 }
 
 impl ApiError {
@@ -128,16 +130,77 @@ impl ApiError {
     }
 }
 
+impl From<anyhow::Error> for ApiError {
+    fn from(e: anyhow::Error) -> Self {
+        if e.chain().any(is_connection_error) {
+            ApiError::DatabaseUnavailable(format!("{e:#}"))
+        } else {
+            ApiError::Internal(e)
+        }
+    }
+}
+
 impl From<tokio_postgres::Error> for ApiError {
     fn from(e: tokio_postgres::Error) -> Self {
-        ApiError::Internal(e.into())
+        anyhow::Error::from(e).into()
     }
 }
 
 impl From<deadpool_postgres::PoolError> for ApiError {
     fn from(e: deadpool_postgres::PoolError) -> Self {
-        ApiError::Internal(e.into())
+        anyhow::Error::from(e).into()
     }
+}
+
+/// Whether `e` says the database could not be reached or the connection was lost (refused,
+/// reset, closed, timed out, the server shutting down or out of connections), as opposed to a
+/// bug or a statement's own error. Such failures are the guide's 503
+/// `DATABASE_CONNECTION_ERROR`: transient, the pools reconnect by themselves.
+pub fn is_connection_error(e: &(dyn std::error::Error + 'static)) -> bool {
+    use fluxbase_replication::wire::WireError;
+    if let Some(pe) = e.downcast_ref::<tokio_postgres::Error>() {
+        return pg_connection_error(pe);
+    }
+    if let Some(pe) = e.downcast_ref::<deadpool_postgres::PoolError>() {
+        use deadpool_postgres::PoolError as P;
+        return match pe {
+            P::Timeout(_) | P::Closed => true,
+            P::Backend(b) => pg_connection_error(b),
+            _ => false,
+        };
+    }
+    if let Some(we) = e.downcast_ref::<WireError>() {
+        return match we {
+            WireError::Io(_) | WireError::Timeout | WireError::Closed => true,
+            WireError::Db(db) => connection_sqlstate(&db.code),
+            _ => false,
+        };
+    }
+    false
+}
+
+fn pg_connection_error(e: &tokio_postgres::Error) -> bool {
+    if e.is_closed() {
+        return true;
+    }
+    if let Some(code) = e.code() {
+        return connection_sqlstate(code.code());
+    }
+    // Connecting, reading or writing failed at the socket.
+    let mut source = std::error::Error::source(e);
+    while let Some(s) = source {
+        if s.is::<std::io::Error>() {
+            return true;
+        }
+        source = s.source();
+    }
+    false
+}
+
+/// Connection exceptions (class 08), the server shutting down or starting (57P01-57P03), and
+/// too many connections (53300).
+fn connection_sqlstate(code: &str) -> bool {
+    code.starts_with("08") || matches!(code, "57P01" | "57P02" | "57P03" | "53300")
 }
 
 pub type ApiResult<T> = Result<T, ApiError>;

@@ -7,6 +7,7 @@ mod cdc;
 mod cli;
 mod egress;
 mod guide;
+mod outage;
 mod realtime;
 mod replication;
 mod rls;
