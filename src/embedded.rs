@@ -570,3 +570,63 @@ impl DataDirLock {
 pub fn url_at(port: u16, password: &str, database: &str) -> String {
     format!("postgres://{SUPERUSER}:{password}@127.0.0.1:{port}/{database}")
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn scratch() -> PathBuf {
+        let dir = std::env::temp_dir().join(format!(
+            "fluxbase-lock-{}-{}",
+            std::process::id(),
+            crate::secrets::random_hex::<6>()
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+
+    #[test]
+    fn a_second_serve_is_refused_naming_the_first() {
+        let dir = scratch();
+        let mut first = DataDirLock::for_serve(&dir).unwrap();
+        first.record_cluster(Some(5555)).unwrap();
+        let err = DataDirLock::for_serve(&dir).err().unwrap().to_string();
+        assert!(
+            err.contains("already running") && err.contains(&format!("pid {}", std::process::id())),
+            "{err}"
+        );
+        // A CLI command uses the server's cluster instead of starting one.
+        match DataDirLock::for_cli(&dir, "project").unwrap() {
+            CliCluster::Attach { port, .. } => assert_eq!(port, 5555),
+            CliCluster::Own(_) => panic!("the CLI took the lock of a running server"),
+        }
+        drop(first);
+        // Released with its holder: the next one gets it.
+        let again = DataDirLock::for_serve(&dir).unwrap();
+        drop(again);
+        match DataDirLock::for_cli(&dir, "init").unwrap() {
+            CliCluster::Own(lock) => assert_eq!(
+                DataDirLock::holder(&dir).unwrap().role,
+                "init",
+                "{:?}",
+                lock.info
+            ),
+            CliCluster::Attach { .. } => panic!("no server holds the directory"),
+        }
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_server_on_an_external_database_sends_cli_commands_there() {
+        let dir = scratch();
+        let mut serve = DataDirLock::for_serve(&dir).unwrap();
+        serve.record_cluster(None).unwrap();
+        let err = match DataDirLock::for_cli(&dir, "doctor") {
+            Err(e) => e.to_string(),
+            Ok(_) => panic!("attached to no cluster"),
+        };
+        assert!(err.contains("FLUXBASE_DATABASE_URL"), "{err}");
+        drop(serve);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}

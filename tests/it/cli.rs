@@ -578,3 +578,38 @@ async fn cli_commands_on_a_running_servers_data_dir_use_its_cluster_and_never_re
         "doctor left PostgreSQL running"
     );
 }
+
+#[tokio::test]
+async fn serve_waits_for_a_cli_command_that_holds_the_data_directory() {
+    let dir = crate::support::scratch_dir(&format!(
+        "it-{}-{}",
+        std::process::id(),
+        crate::support::unique("cliwait")
+    ));
+    let port = free_port();
+    let base = format!("http://127.0.0.1:{port}");
+    // This test process plays a CLI command running the embedded cluster itself.
+    let held = fluxbase::embedded::DataDirLock::try_acquire(&dir, "project")
+        .unwrap()
+        .unwrap_or_else(|holder| panic!("held by {holder:?}"));
+    let mut server = fluxbase(&dir, port)
+        .arg("serve")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    // Whatever it does meanwhile, the server must not touch the cluster while the lock is held.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(server.try_wait().unwrap().is_none(), "serve gave up");
+    assert!(
+        !dir.join("pg/data/postmaster.pid").exists(),
+        "serve started PostgreSQL under a CLI command"
+    );
+    drop(held);
+    wait_healthy(&base, &mut server).await;
+    let holder = fluxbase::embedded::DataDirLock::holder(&dir).unwrap();
+    assert_eq!(holder.role, "serve");
+    assert_eq!(holder.pid, server.id());
+    assert!(holder.pg_port.is_some());
+    interrupt(&mut server);
+}
