@@ -387,9 +387,33 @@ async fn cli_commands_on_a_running_servers_data_dir_use_its_cluster_and_never_re
     let postmaster = postmaster_pid(&dir).expect("the server's cluster runs");
 
     // A second server on the same data directory refuses, naming the first one.
-    let out = run_cli(&dir, free_port(), &["serve"], None).await;
-    assert!(!out.status.success(), "a second serve started");
-    let stderr = String::from_utf8_lossy(&out.stderr);
+    let mut second = fluxbase(&dir, free_port())
+        .arg("serve")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let status = loop {
+        if let Some(status) = second.try_wait().unwrap() {
+            break status;
+        }
+        if Instant::now() > deadline {
+            let _ = second.kill();
+            let _ = second.wait();
+            panic!("a second serve started on the same data directory");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert!(!status.success(), "a second serve started");
+    let mut stderr = String::new();
+    use std::io::Read;
+    second
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut stderr)
+        .unwrap();
     assert!(
         stderr.contains("already running") && stderr.contains(&format!("pid {}", server.id())),
         "{stderr}"
