@@ -528,7 +528,11 @@ impl App {
                     "The project was deleted.",
                 )
             }
-            Ok(Some(p)) if p.status == "active" => self.start_change_stream(p.id, p.db_name),
+            // Only a project this server has no stream for: a stream that ended (a lost slot)
+            // stays ended and reported.
+            Ok(Some(p)) if p.status == "active" && self.cdc.status(&p.id).is_none() => {
+                self.start_change_stream(p.id, p.db_name)
+            }
             Ok(Some(p)) if p.status == "suspended" => self.realtime.close_project(
                 project_id,
                 "PROJECT_SUSPENDED",
