@@ -107,7 +107,7 @@ impl ApiError {
             }
             ApiError::DatabaseUnavailable(cause) => {
                 let request_id = crate::secrets::random_hex::<8>();
-                tracing::warn!(request_id, cause, "project database unreachable");
+                tracing::warn!(request_id, cause, "database unreachable");
                 error["details"] = json!({ "requestId": request_id });
             }
             ApiError::StorageUnavailable(cause) => {
