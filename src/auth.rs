@@ -522,6 +522,7 @@ impl App {
         match self.load_project(project_id).await {
             Ok(None) => {
                 self.stop_change_stream(project_id).await;
+                self.sql.forget_project(project_id);
                 self.realtime.close_project(
                     project_id,
                     "PROJECT_NOT_FOUND",
@@ -533,11 +534,14 @@ impl App {
             Ok(Some(p)) if p.status == "active" && self.cdc.status(&p.id).is_none() => {
                 self.start_change_stream(p.id, p.db_name)
             }
-            Ok(Some(p)) if p.status == "suspended" => self.realtime.close_project(
-                project_id,
-                "PROJECT_SUSPENDED",
-                "The project was suspended.",
-            ),
+            Ok(Some(p)) if p.status == "suspended" => {
+                self.sql.forget_project(project_id);
+                self.realtime.close_project(
+                    project_id,
+                    "PROJECT_SUSPENDED",
+                    "The project was suspended.",
+                )
+            }
             _ => {}
         }
     }

@@ -410,7 +410,9 @@ impl DataDirLock {
         std::fs::create_dir_all(data_dir)
             .with_context(|| format!("creating {}", data_dir.display()))?;
         let path = Self::path(data_dir);
+        use std::os::unix::fs::OpenOptionsExt;
         std::fs::OpenOptions::new()
+            .mode(0o600)
             .read(true)
             .write(true)
             .create(true)
