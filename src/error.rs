@@ -204,3 +204,39 @@ fn connection_sqlstate(code: &str) -> bool {
 }
 
 pub type ApiResult<T> = Result<T, ApiError>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_refused_database_connection_is_a_503_and_other_errors_stay_500() {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let refused = tokio_postgres::connect(
+            &format!("host=127.0.0.1 port={port} user=nobody"),
+            tokio_postgres::NoTls,
+        )
+        .await
+        .err()
+        .expect("nothing listens there");
+        let e = ApiError::from(refused);
+        assert_eq!(e.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(e.code(), "DATABASE_CONNECTION_ERROR");
+        // Through anyhow with context, as the admin connections report it.
+        let refused = tokio_postgres::connect(
+            &format!("host=127.0.0.1 port={port} user=nobody"),
+            tokio_postgres::NoTls,
+        )
+        .await
+        .err()
+        .unwrap();
+        let e = ApiError::from(anyhow::Error::from(refused).context("connecting"));
+        assert_eq!(e.code(), "DATABASE_CONNECTION_ERROR");
+        let e = ApiError::from(anyhow::anyhow!("a bug"));
+        assert_eq!(e.status(), StatusCode::INTERNAL_SERVER_ERROR);
+    }
+}
