@@ -77,6 +77,9 @@ pub struct StreamStatus {
     pub buffered_bytes: u64,
     /// Most bytes of open transactions held in memory at once since the stream started.
     pub peak_buffered_bytes: u64,
+    /// `fluxbase.*` logical decoding messages dropped because the server did not emit them
+    /// (no valid tag): forgeries, or messages from before the tags existed.
+    pub rejected_messages: u64,
 }
 
 struct Handle {

@@ -10,6 +10,7 @@ mod guide;
 mod realtime;
 mod replication;
 mod rls;
+mod sandbox;
 mod sql;
 mod storage;
 mod team;
