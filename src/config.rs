@@ -314,7 +314,9 @@ impl Config {
             };
             Ok(())
         });
-        env!("FLUXBASE_TEMP_FILE_LIMIT_KB", |k, v: String| -> Result<()> {
+        env!("FLUXBASE_TEMP_FILE_LIMIT_KB", |k,
+                                             v: String|
+         -> Result<()> {
             self.temp_file_limit_kb = parse(k, &v)?;
             Ok(())
         });

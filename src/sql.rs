@@ -71,6 +71,9 @@ impl std::ops::DerefMut for PooledConnection {
 
 pub struct WireManager {
     cfg: ConnectConfig,
+    /// Logs in as the project role: repairs its settings and password first (see
+    /// [`crate::projects::RoleLogin`]).
+    login: Arc<crate::projects::RoleLogin>,
 }
 
 impl managed::Manager for WireManager {
@@ -79,7 +82,7 @@ impl managed::Manager for WireManager {
 
     async fn create(&self) -> Result<PooledConnection, WireError> {
         Ok(PooledConnection {
-            conn: Connection::connect(&self.cfg).await?,
+            conn: self.login.connect(&self.cfg).await?,
             identity: crate::rls::KnownIdentity::Unknown,
         })
     }
@@ -219,6 +222,7 @@ impl App {
             return Ok(rp.clone());
         }
         let user = role.role_name(&project.id);
+        let login = Arc::new(self.role_login(&user));
         let cfg = ConnectConfig {
             host: self.sql.host.clone(),
             port: self.sql.port,
@@ -240,13 +244,16 @@ impl App {
             replication: false,
             connect_timeout: Duration::from_secs(5),
         };
-        let pool = Pool::builder(WireManager { cfg: cfg.clone() })
-            .max_size(self.sql.pool_size)
-            .wait_timeout(Some(Duration::from_secs(10)))
-            .create_timeout(Some(Duration::from_secs(10)))
-            .runtime(deadpool::Runtime::Tokio1)
-            .build()
-            .map_err(|e| anyhow::anyhow!("building a pool: {e}"))?;
+        let pool = Pool::builder(WireManager {
+            cfg: cfg.clone(),
+            login,
+        })
+        .max_size(self.sql.pool_size)
+        .wait_timeout(Some(Duration::from_secs(10)))
+        .create_timeout(Some(Duration::from_secs(10)))
+        .runtime(deadpool::Runtime::Tokio1)
+        .build()
+        .map_err(|e| anyhow::anyhow!("building a pool: {e}"))?;
         let rp = RolePool { pool, cfg };
         pools.insert(key, rp.clone());
         Ok(rp)

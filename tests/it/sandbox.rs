@@ -24,7 +24,8 @@ async fn another_key(app: &TestApp, f: &Fixture, scope: &str) -> String {
     body["secret"].as_str().unwrap().to_string()
 }
 
-/// A direct login to the project's database as `role` with `password`.
+/// A direct login to the project's database as `role` with `password`; the SQLSTATE of a
+/// refusal.
 async fn direct_login(project: &str, role: &str, password: &str) -> Result<(), String> {
     let pg = pg().await;
     let url = format!(
@@ -37,7 +38,9 @@ async fn direct_login(project: &str, role: &str, password: &str) -> Result<(), S
             drop(client);
             Ok(())
         }
-        Err(e) => Err(e.to_string()),
+        Err(e) => Err(e
+            .as_db_error()
+            .map_or_else(|| e.to_string(), |d| d.code().code().to_string())),
     }
 }
 
@@ -50,8 +53,14 @@ async fn a_password_set_by_sql_neither_breaks_the_next_request_nor_opens_a_login
         .await;
     let read_role = format!("fx_{}_read", f.project);
     for (key, sql) in [
-        (&f.read, "ALTER ROLE CURRENT_USER PASSWORD 'attacker-chosen'"),
-        (&f.readwrite, "ALTER ROLE CURRENT_USER PASSWORD 'attacker-chosen'"),
+        (
+            &f.read,
+            "ALTER ROLE CURRENT_USER PASSWORD 'attacker-chosen'",
+        ),
+        (
+            &f.readwrite,
+            "ALTER ROLE CURRENT_USER PASSWORD 'attacker-chosen'",
+        ),
     ] {
         // PostgreSQL lets a role change its own password; what matters is what follows.
         let _ = app.sql(key, &f.project, sql).await;
@@ -71,7 +80,7 @@ async fn a_password_set_by_sql_neither_breaks_the_next_request_nor_opens_a_login
         let err = direct_login(&f.project, &role, "attacker-chosen")
             .await
             .expect_err("a password set through the SQL API opened a direct login");
-        assert!(err.contains("password authentication failed"), "{err}");
+        assert_eq!(err, "28P01", "password authentication failed");
         let own = app.app.role_password(&role);
         direct_login(&f.project, &role, &own)
             .await
@@ -360,7 +369,10 @@ async fn one_caller_neither_sees_nor_stops_another_callers_statement() {
         if let Some(r) = rows.first() {
             break r.get(0);
         }
-        assert!(Instant::now() < deadline, "caller A's statement never started");
+        assert!(
+            Instant::now() < deadline,
+            "caller A's statement never started"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     };
     // Caller B (another read key: the same role) looks and tries to stop it.
