@@ -537,7 +537,11 @@ pub async fn migrate_all(app: &App) -> anyhow::Result<()> {
     for r in projects {
         let id: String = r.get(0);
         for role in DbRole::ALL {
-            app.role_login(&role.role_name(&id)).secure(None).await?;
+            let role = role.role_name(&id);
+            if let Err(e) = app.role_login(&role).secure(None).await {
+                // Each new connection does the same again; one role must not stop the server.
+                tracing::warn!(project_id = %id, role, error = %format!("{e:#}"), "could not secure a project role");
+            }
         }
     }
     Ok(())
@@ -560,6 +564,11 @@ pub async fn migrate_all(app: &App) -> anyhow::Result<()> {
 /// server killed between 1 and 3 leaves a window of at most a minute. Sessions already open are
 /// not affected by any of this (settings apply at login), and the next new connection repairs
 /// whatever a caller changed.
+/// A caller's open transaction that changed its role (`BEGIN; ALTER ROLE CURRENT_USER …;
+/// SELECT pg_sleep(…)`) holds the role's catalog row: the admin role waits at most this long for
+/// it (then that one new connection fails, 503), so such a caller cannot tie up the control pool.
+const ADMIN_LOCK_TIMEOUT: &str = "SET LOCAL lock_timeout = '3s';";
+
 pub struct RoleLogin {
     control: deadpool_postgres::Pool,
     role: String,
@@ -616,7 +625,11 @@ impl RoleLogin {
                  {valid}
              END $fx$"
         );
-        self.control.get().await?.batch_execute(&sql).await?;
+        self.control
+            .get()
+            .await?
+            .batch_execute(&format!("BEGIN; {ADMIN_LOCK_TIMEOUT} {sql}; COMMIT"))
+            .await?;
         Ok(())
     }
 
@@ -638,7 +651,7 @@ impl RoleLogin {
             .get()
             .await?
             .batch_execute(&format!(
-                "ALTER ROLE {} VALID UNTIL '-infinity'",
+                "BEGIN; {ADMIN_LOCK_TIMEOUT} ALTER ROLE {} VALID UNTIL '-infinity'; COMMIT",
                 quote_ident(&self.role)
             ))
             .await?;

@@ -11,7 +11,8 @@
 --    without a valid tag.
 --  * fluxbase.cdc_internal: honoured only in the admin role's own sessions (migrations). The
 --    event trigger's own ALTER TABLE … REPLICA IDENTITY FULL is marked in an unlogged table the
---    project roles cannot reach, so no setting a caller can make silences a DDL event.
+--    project roles cannot reach, so no setting a caller can make silences a DDL event. Tables
+--    made inside another command (CREATE SCHEMA … CREATE TABLE) get REPLICA IDENTITY FULL too.
 --  * Other sessions: the activity, lock and signal functions (and the views over them) are
 --    closed to PUBLIC: a caller cannot read another caller's statement text nor cancel or
 --    terminate its backend, even when both log in as the same role. Schema auth's owner keeps
@@ -95,12 +96,11 @@ BEGIN
     IF fluxbase_cdc.quiet() THEN
         RETURN;
     END IF;
-    -- Only the command itself, not what it did along the way (the index of a primary key,
-    -- the sequence of a serial column).
-    FOR cmd IN SELECT * FROM pg_event_trigger_ddl_commands() WHERE command_tag = tg_tag LOOP
+    FOR cmd IN SELECT * FROM pg_event_trigger_ddl_commands() LOOP
         IF cmd.in_extension THEN
             CONTINUE;
         END IF;
+        -- Every new table, also one made inside another command (CREATE SCHEMA … CREATE TABLE).
         IF cmd.command_tag IN ('CREATE TABLE', 'CREATE TABLE AS', 'SELECT INTO')
            AND cmd.object_type = 'table' THEN
             INSERT INTO fluxbase_cdc.internal (pid, xid) VALUES (pg_backend_pid(), pg_current_xact_id())
@@ -108,7 +108,11 @@ BEGIN
             EXECUTE format('ALTER TABLE %s REPLICA IDENTITY FULL', cmd.object_identity);
             DELETE FROM fluxbase_cdc.internal WHERE pid = pg_backend_pid();
         END IF;
-        PERFORM fluxbase_cdc.announce(cmd.command_tag, cmd.object_type, cmd.schema_name, cmd.object_identity);
+        -- Announced: only the command itself, not what it did along the way (the index of a
+        -- primary key, the sequence of a serial column).
+        IF cmd.command_tag = tg_tag THEN
+            PERFORM fluxbase_cdc.announce(cmd.command_tag, cmd.object_type, cmd.schema_name, cmd.object_identity);
+        END IF;
     END LOOP;
 END $$;
 

@@ -281,6 +281,26 @@ async fn the_cdc_internal_setting_silences_nothing_for_a_caller() {
         )
         .await;
     assert_eq!(rows[0]["r"], "f", "full replica identity is kept");
+    // A table made inside another command gets it as well.
+    app.rows(
+        &f.admin,
+        &f.project,
+        "SET fluxbase.cdc_internal = 'on'; CREATE SCHEMA inner_s CREATE TABLE inner_t (id int PRIMARY KEY, v text)",
+    )
+    .await;
+    let ev = crate::cdc::events(&mut sub, 1).await;
+    assert_eq!(ev[0]["command"], "CREATE SCHEMA", "{}", ev[0]);
+    let rows = app
+        .rows(
+            &f.admin,
+            &f.project,
+            "SELECT relreplident AS r FROM pg_class WHERE oid = 'inner_s.inner_t'::regclass",
+        )
+        .await;
+    assert_eq!(
+        rows[0]["r"], "f",
+        "full replica identity for a table made by CREATE SCHEMA"
+    );
 }
 
 #[tokio::test]
