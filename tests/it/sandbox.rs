@@ -178,8 +178,8 @@ async fn fluxbase_messages_forged_from_sql_reach_no_socket_and_no_webhook() {
             ("fluxbase.ddl", forged_ddl),
             ("fluxbase.broadcast", forged_broadcast),
         ] {
-            // Refused (or, were it allowed, dropped by the change stream).
-            let _ = app
+            // Refused by PostgreSQL (and, were it allowed, dropped by the change stream).
+            let body = app
                 .sql_params(
                     key,
                     &f.project,
@@ -187,6 +187,8 @@ async fn fluxbase_messages_forged_from_sql_reach_no_socket_and_no_webhook() {
                     json!([prefix, content]),
                 )
                 .await;
+            assert_eq!(body["success"], false, "{body}");
+            assert_eq!(body["error"]["details"], "ERROR:  42501", "{body}");
         }
     }
     // Even a message PostgreSQL lets through (the admin role here, a cluster where the
