@@ -9,8 +9,9 @@
 //! None is a superuser, none can create roles or databases, none is a member of another, and
 //! only these three may connect to the project's database. Their passwords are derived from the
 //! instance secret and never stored, and expired but for the moment the server logs in
-//! ([`RoleLogin`]): a password a caller sets with `ALTER ROLE` opens no login. The bootstrap SQL under `sql/project/` is versioned: start-up
-//! brings every existing project up to the latest version.
+//! ([`RoleLogin`]): a password a caller sets with `ALTER ROLE` opens no login. The bootstrap SQL
+//! under `sql/project/` is versioned: start-up brings every existing project up to the latest
+//! version.
 
 use fluxbase_replication::wire::{ConnectConfig, Connection, WireError};
 use serde::Deserialize;
@@ -547,6 +548,11 @@ pub async fn migrate_all(app: &App) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// A caller's open transaction that changed its role (`BEGIN; ALTER ROLE CURRENT_USER …;
+/// SELECT pg_sleep(…)`) holds the role's catalog row: the admin role waits at most this long for
+/// it (then that one new connection fails, 503), so such a caller cannot tie up the control pool.
+const ADMIN_LOCK_TIMEOUT: &str = "SET LOCAL lock_timeout = '3s';";
+
 /// How the server logs in as a project role. PostgreSQL lets every role change its own password
 /// and its own settings (`ALTER ROLE CURRENT_USER PASSWORD …`, `… SET …`, `… IN DATABASE … SET
 /// …`), and no trigger sees it; it never lets a role change its own `VALID UNTIL`. So the roles'
@@ -564,11 +570,6 @@ pub async fn migrate_all(app: &App) -> anyhow::Result<()> {
 /// server killed between 1 and 3 leaves a window of at most a minute. Sessions already open are
 /// not affected by any of this (settings apply at login), and the next new connection repairs
 /// whatever a caller changed.
-/// A caller's open transaction that changed its role (`BEGIN; ALTER ROLE CURRENT_USER …;
-/// SELECT pg_sleep(…)`) holds the role's catalog row: the admin role waits at most this long for
-/// it (then that one new connection fails, 503), so such a caller cannot tie up the control pool.
-const ADMIN_LOCK_TIMEOUT: &str = "SET LOCAL lock_timeout = '3s';";
-
 pub struct RoleLogin {
     control: deadpool_postgres::Pool,
     role: String,

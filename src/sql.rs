@@ -76,6 +76,12 @@ pub struct WireManager {
     login: Arc<crate::projects::RoleLogin>,
 }
 
+impl WireManager {
+    pub fn new(cfg: ConnectConfig, login: Arc<crate::projects::RoleLogin>) -> WireManager {
+        WireManager { cfg, login }
+    }
+}
+
 impl managed::Manager for WireManager {
     type Type = PooledConnection;
     type Error = WireError;
@@ -244,16 +250,13 @@ impl App {
             replication: false,
             connect_timeout: Duration::from_secs(5),
         };
-        let pool = Pool::builder(WireManager {
-            cfg: cfg.clone(),
-            login,
-        })
-        .max_size(self.sql.pool_size)
-        .wait_timeout(Some(Duration::from_secs(10)))
-        .create_timeout(Some(Duration::from_secs(10)))
-        .runtime(deadpool::Runtime::Tokio1)
-        .build()
-        .map_err(|e| anyhow::anyhow!("building a pool: {e}"))?;
+        let pool = Pool::builder(WireManager::new(cfg.clone(), login))
+            .max_size(self.sql.pool_size)
+            .wait_timeout(Some(Duration::from_secs(10)))
+            .create_timeout(Some(Duration::from_secs(10)))
+            .runtime(deadpool::Runtime::Tokio1)
+            .build()
+            .map_err(|e| anyhow::anyhow!("building a pool: {e}"))?;
         let rp = RolePool { pool, cfg };
         pools.insert(key, rp.clone());
         Ok(rp)
