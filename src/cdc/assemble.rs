@@ -362,3 +362,43 @@ impl Assembler {
         Ok(None)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tagged(key: &[u8], prefix: &str, body: &str) -> Vec<u8> {
+        let k = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, key);
+        let tag = ring::hmac::sign(&k, format!("{prefix}\n{body}").as_bytes());
+        [
+            hex::encode(tag.as_ref()).into_bytes(),
+            body.as_bytes().to_vec(),
+        ]
+        .concat()
+    }
+
+    #[test]
+    fn only_messages_tagged_under_the_key_for_their_prefix_are_authentic() {
+        let key = [7u8; 32];
+        let dir = std::env::temp_dir();
+        let asm = Assembler::new(1024, &dir).with_message_key(&key);
+        let body = r#"{"event":"e","payload":{}}"#;
+        let good = tagged(&key, "fluxbase.broadcast", body);
+        assert_eq!(
+            asm.authentic("fluxbase.broadcast", &good),
+            Some(body.as_bytes())
+        );
+        // The same tag does not carry over to another prefix, another body or another key.
+        assert_eq!(asm.authentic("fluxbase.ddl", &good), None);
+        let mut altered = good.clone();
+        *altered.last_mut().unwrap() = b']';
+        assert_eq!(asm.authentic("fluxbase.broadcast", &altered), None);
+        let other = tagged(&[8u8; 32], "fluxbase.broadcast", body);
+        assert_eq!(asm.authentic("fluxbase.broadcast", &other), None);
+        // Untagged, short, or no key at all.
+        assert_eq!(asm.authentic("fluxbase.broadcast", body.as_bytes()), None);
+        assert_eq!(asm.authentic("fluxbase.broadcast", b"abc"), None);
+        let keyless = Assembler::new(1024, &dir);
+        assert_eq!(keyless.authentic("fluxbase.broadcast", &good), None);
+    }
+}
