@@ -426,3 +426,66 @@ async fn one_caller_neither_sees_nor_stops_another_callers_statement() {
     assert_eq!(a["success"], true, "caller A was stopped: {a}");
     assert_eq!(a["result"]["rows"][0]["a"], "done");
 }
+
+#[tokio::test]
+async fn start_up_applies_the_configured_temp_file_limit_and_closes_logins_of_existing_projects() {
+    let app = spawn_app_with(|c| c.temp_file_limit_kb = 1024).await;
+    let f = app.fixture().await;
+    let read_role = format!("fx_{}_read", f.project);
+    app.rows(&f.read, &f.project, "SELECT 1 AS one").await;
+    let pg = pg().await;
+    let admin = pg.client("postgres").await;
+    let settings = |role: String| {
+        let admin = &admin;
+        async move {
+            admin
+                .query(
+                    "SELECT array_to_string(setconfig, ',') FROM pg_db_role_setting s
+                     JOIN pg_roles r ON r.oid = s.setrole WHERE r.rolname = $1",
+                    &[&role],
+                )
+                .await
+                .unwrap()
+                .iter()
+                .map(|r| r.get::<_, String>(0))
+                .collect::<Vec<_>>()
+        }
+    };
+    assert_eq!(
+        settings(read_role.clone()).await,
+        ["temp_file_limit=1024kB"]
+    );
+    // Left behind as a crash between opening and closing a login would leave it.
+    admin
+        .batch_execute(&format!(
+            "ALTER ROLE {read_role} VALID UNTIL 'infinity'; ALTER ROLE {read_role} SET work_mem = '64kB'"
+        ))
+        .await
+        .unwrap();
+    let mut config = app.crash();
+    config.temp_file_limit_kb = 64 * 1024;
+    let app = crate::support::start_with(config).await;
+    // Before any request: the start-up pass alone.
+    assert_eq!(
+        settings(read_role.clone()).await,
+        ["temp_file_limit=65536kB"]
+    );
+    let valid: Option<String> = admin
+        .query_one(
+            "SELECT rolvaliduntil::text FROM pg_roles WHERE rolname = $1",
+            &[&read_role],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(valid.as_deref(), Some("-infinity"));
+    let rows = app
+        .rows(
+            &f.read,
+            &f.project,
+            "SELECT current_setting('temp_file_limit') AS l, current_setting('work_mem') AS w",
+        )
+        .await;
+    assert_eq!(rows[0], json!({ "l": "64MB", "w": "4MB" }));
+    app.stop().await;
+}
