@@ -58,6 +58,10 @@ pub struct Config {
     /// `logical_decoding_work_mem` for the change streams' walsenders, in kB: transactions
     /// larger than this arrive streamed. Unset: the cluster's setting.
     pub cdc_decoding_work_mem_kb: Option<u64>,
+    /// `temp_file_limit` of every project role, in kB: the temporary file space (sorts, hashes,
+    /// materialized results spilled to disk) one session may hold at once. Set on the roles by
+    /// the server (the roles cannot change it).
+    pub temp_file_limit_kb: u64,
     /// Multiplies the webhook retry schedule (tests shorten it; 1.0 in production).
     pub webhook_backoff_scale: f64,
     /// How often, in ms, the webhook worker looks for deliveries that have come due (retries,
@@ -93,6 +97,7 @@ impl Default for Config {
             pool_size: 16,
             cdc_buffer_bytes: 16 * 1024 * 1024,
             cdc_decoding_work_mem_kb: None,
+            temp_file_limit_kb: 256 * 1024,
             webhook_backoff_scale: 1.0,
             webhook_scan_ms: 500,
             realtime_retention_events: 100_000,
@@ -307,6 +312,12 @@ impl Config {
             } else {
                 Some(parse(k, &v)?)
             };
+            Ok(())
+        });
+        env!("FLUXBASE_TEMP_FILE_LIMIT_KB", |k,
+                                             v: String|
+         -> Result<()> {
+            self.temp_file_limit_kb = parse(k, &v)?;
             Ok(())
         });
         self.validate()

@@ -160,7 +160,7 @@ impl Metrics {
 
 fn render_streams(out: &mut String, streams: &[(String, crate::cdc::StreamStatus)]) {
     type Getter = fn(&crate::cdc::StreamStatus) -> Option<f64>;
-    let series: [(&str, &str, &str, Getter); 7] = [
+    let series: [(&str, &str, &str, Getter); 8] = [
         (
             "fluxbase_cdc_up",
             "gauge",
@@ -202,6 +202,12 @@ fn render_streams(out: &mut String, streams: &[(String, crate::cdc::StreamStatus
             "counter",
             "Times the change stream reconnected.",
             |s| Some(s.reconnects as f64),
+        ),
+        (
+            "fluxbase_cdc_rejected_messages_total",
+            "counter",
+            "fluxbase.* messages in the WAL the server did not emit (dropped).",
+            |s| Some(s.rejected_messages as f64),
         ),
     ];
     for (name, kind, help, get) in series {

@@ -8,9 +8,12 @@
 //! ```
 //! None is a superuser, none can create roles or databases, none is a member of another, and
 //! only these three may connect to the project's database. Their passwords are derived from the
-//! instance secret and never stored. The bootstrap SQL under `sql/project/` is versioned: start-up
-//! brings every existing project up to the latest version.
+//! instance secret and never stored, and expired but for the moment the server logs in
+//! ([`RoleLogin`]): a password a caller sets with `ALTER ROLE` opens no login. The bootstrap SQL
+//! under `sql/project/` is versioned: start-up brings every existing project up to the latest
+//! version.
 
+use fluxbase_replication::wire::{ConnectConfig, Connection, WireError};
 use serde::Deserialize;
 use serde_json::{json, Value};
 use warp::http::StatusCode;
@@ -40,7 +43,16 @@ pub const PROJECT_MIGRATIONS: &[(i32, &str, &str)] = &[
         include_str!("../sql/project/0003_realtime.sql"),
     ),
     (4, "rls", include_str!("../sql/project/0004_rls.sql")),
+    (
+        5,
+        "sandbox",
+        include_str!("../sql/project/0005_sandbox.sql"),
+    ),
 ];
+
+/// The bootstrap version whose script is followed by the installation of the change stream's
+/// message key (see [`App::install_message_key`]).
+const MESSAGE_KEY_VERSION: i32 = 5;
 
 #[derive(Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
@@ -82,6 +94,43 @@ impl App {
         self.secrets.derive(&format!("pg-role:{role}"))
     }
 
+    /// How the server logs in as a project role (see [`RoleLogin`]).
+    pub fn role_login(&self, role: &str) -> RoleLogin {
+        RoleLogin {
+            control: self.control.clone(),
+            role: role.to_string(),
+            password: self.role_password(role),
+            temp_file_limit_kb: self.config.temp_file_limit_kb,
+            verifier: tokio::sync::OnceCell::new(),
+            one_at_a_time: tokio::sync::Mutex::new(()),
+        }
+    }
+
+    /// Installs the key the change stream's messages are tagged with (`fluxbase_cdc.emit`,
+    /// sql/project/0005_sandbox.sql), inside the migration's transaction: a large object only
+    /// the admin role reads (never in the publication, kept across crashes, unlike an unlogged
+    /// table), and `fluxbase_cdc.message_key()`, which returns it.
+    async fn install_message_key(
+        &self,
+        client: &tokio_postgres::Client,
+        project_id: &str,
+    ) -> anyhow::Result<()> {
+        let (inner, outer) = crate::rls::padded_keys(&crate::cdc::message_key(self, project_id));
+        let key = [inner, outer].concat();
+        let oid: i64 = client
+            .query_one("SELECT lo_from_bytea(0, $1)::int8", &[&key])
+            .await?
+            .get(0);
+        client
+            .batch_execute(&format!(
+                "CREATE OR REPLACE FUNCTION fluxbase_cdc.message_key() RETURNS bytea
+                 LANGUAGE sql STABLE SET search_path = pg_catalog AS $$ SELECT lo_get({oid}::oid) $$;
+                 REVOKE ALL ON FUNCTION fluxbase_cdc.message_key() FROM PUBLIC;"
+            ))
+            .await?;
+        Ok(())
+    }
+
     /// Creates the roles and the database of a new project and runs its bootstrap.
     async fn provision(&self, project_id: &str, db_name: &str) -> anyhow::Result<()> {
         let admin = self.cluster.connect(&self.cluster.control_db).await?;
@@ -92,7 +141,7 @@ impl App {
             admin
                 .batch_execute(&format!(
                     "CREATE ROLE {} LOGIN NOSUPERUSER NOCREATEDB NOCREATEROLE NOREPLICATION \
-                     NOBYPASSRLS NOINHERIT CONNECTION LIMIT 64 PASSWORD {}",
+                     NOBYPASSRLS NOINHERIT CONNECTION LIMIT 64 PASSWORD {} VALID UNTIL '-infinity'",
                     quote_ident(&name),
                     quote_literal(&verifier)
                 ))
@@ -147,12 +196,22 @@ impl App {
                 )
                 .replace("{read}", &quote_ident(&DbRole::Read.role_name(project_id)))
                 .replace("{auth}", &quote_ident(&crate::rls::auth_role(project_id)));
+            let failed = |e: &dyn std::fmt::Display| {
+                anyhow::anyhow!("project {project_id} migration {version} ({name}): {e}")
+            };
             client
-                .batch_execute(&format!("BEGIN;\n{sql}\nCOMMIT;"))
+                .batch_execute(&format!("BEGIN;\n{sql}"))
                 .await
-                .map_err(|e| {
-                    anyhow::anyhow!("project {project_id} migration {version} ({name}): {e}")
-                })?;
+                .map_err(|e| failed(&e))?;
+            if *version == MESSAGE_KEY_VERSION {
+                self.install_message_key(&client, project_id)
+                    .await
+                    .map_err(|e| failed(&format!("{e:#}")))?;
+            }
+            client
+                .batch_execute("COMMIT")
+                .await
+                .map_err(|e| failed(&e))?;
             let control = self.control.get().await?;
             control
                 .execute(
@@ -469,5 +528,157 @@ pub async fn migrate_all(app: &App) -> anyhow::Result<()> {
     for r in unslotted {
         app.ensure_slot(r.get(0), r.get(1)).await?;
     }
+    // Every project role: settings a caller left behind reset, temp_file_limit as configured,
+    // password logins closed.
+    let projects = app
+        .control
+        .get()
+        .await?
+        .query("SELECT id FROM fluxbase.projects", &[])
+        .await?;
+    for r in projects {
+        let id: String = r.get(0);
+        for role in DbRole::ALL {
+            let role = role.role_name(&id);
+            if let Err(e) = app.role_login(&role).secure(None).await {
+                // Each new connection does the same again; one role must not stop the server.
+                tracing::warn!(project_id = %id, role, error = %format!("{e:#}"), "could not secure a project role");
+            }
+        }
+    }
     Ok(())
+}
+
+/// A caller's open transaction that changed its role (`BEGIN; ALTER ROLE CURRENT_USER …;
+/// SELECT pg_sleep(…)`) holds the role's catalog row: the admin role waits at most this long for
+/// it (then that one new connection fails, 503), so such a caller cannot tie up the control pool.
+const ADMIN_LOCK_TIMEOUT: &str = "SET LOCAL lock_timeout = '3s';";
+
+/// How the server logs in as a project role. PostgreSQL lets every role change its own password
+/// and its own settings (`ALTER ROLE CURRENT_USER PASSWORD …`, `… SET …`, `… IN DATABASE … SET
+/// …`), and no trigger sees it; it never lets a role change its own `VALID UNTIL`. So the roles'
+/// passwords are expired, and each new connection of the server:
+///
+/// 1. as the admin role, in one statement: resets any setting stored for the role (in any
+///    database) but the configured `temp_file_limit`, sets that when missing, and sets the
+///    role's password (the server's own, whatever a caller set) valid for one minute;
+/// 2. logs in (a `28P01` means a caller changed the password in between: again, twice at most);
+/// 3. expires the password again at once.
+///
+/// Connections are made one at a time per role, so one's step 3 never ends another's window.
+/// What is left: a caller who sets a password exactly inside one of these few-millisecond
+/// windows could log in directly until it closes (as the same role, with its privileges); a
+/// server killed between 1 and 3 leaves a window of at most a minute. Sessions already open are
+/// not affected by any of this (settings apply at login), and the next new connection repairs
+/// whatever a caller changed.
+pub struct RoleLogin {
+    control: deadpool_postgres::Pool,
+    role: String,
+    password: String,
+    temp_file_limit_kb: u64,
+    verifier: tokio::sync::OnceCell<String>,
+    one_at_a_time: tokio::sync::Mutex<()>,
+}
+
+impl RoleLogin {
+    /// Step 1 with `Some(verifier)`; with `None` the same resets, and the password expired.
+    async fn secure(&self, verifier: Option<&str>) -> anyhow::Result<()> {
+        let role = quote_literal(&self.role);
+        let wanted = quote_literal(&format!("temp_file_limit={}kB", self.temp_file_limit_kb));
+        let limit = quote_literal(&format!("{}kB", self.temp_file_limit_kb));
+        let valid = match verifier {
+            Some(v) => format!(
+                "EXECUTE format('ALTER ROLE %I PASSWORD %L VALID UNTIL %L', {role}, {}, now() + interval '1 minute');",
+                quote_literal(v)
+            ),
+            None => format!("EXECUTE format('ALTER ROLE %I VALID UNTIL %L', {role}, '-infinity');"),
+        };
+        // temp_file_limit can only be set by a superuser: an admin role that is none (a managed
+        // cluster) leaves it to the cluster's configuration.
+        let sql = format!(
+            "DO $fx$
+             DECLARE
+                 r oid := (SELECT oid FROM pg_catalog.pg_roles WHERE rolname = {role});
+                 wanted text[] := CASE WHEN (SELECT rolsuper FROM pg_catalog.pg_roles
+                                             WHERE rolname = current_user)
+                                       THEN ARRAY[{wanted}] END;
+                 s record;
+                 db name;
+             BEGIN
+                 IF r IS NULL THEN
+                     RAISE EXCEPTION 'role % does not exist', {role};
+                 END IF;
+                 FOR s IN SELECT setdatabase, setconfig FROM pg_catalog.pg_db_role_setting
+                          WHERE setrole = r LOOP
+                     IF s.setdatabase <> 0 THEN
+                         db := (SELECT datname FROM pg_catalog.pg_database WHERE oid = s.setdatabase);
+                         IF db IS NOT NULL THEN
+                             EXECUTE format('ALTER ROLE %I IN DATABASE %I RESET ALL', {role}, db);
+                         END IF;
+                     ELSIF s.setconfig IS DISTINCT FROM wanted THEN
+                         EXECUTE format('ALTER ROLE %I RESET ALL', {role});
+                     END IF;
+                 END LOOP;
+                 IF wanted IS NOT NULL AND NOT EXISTS (
+                     SELECT 1 FROM pg_catalog.pg_db_role_setting
+                     WHERE setrole = r AND setdatabase = 0 AND setconfig = wanted) THEN
+                     EXECUTE format('ALTER ROLE %I SET temp_file_limit = %L', {role}, {limit});
+                 END IF;
+                 {valid}
+             END $fx$"
+        );
+        self.control
+            .get()
+            .await?
+            .batch_execute(&format!("BEGIN; {ADMIN_LOCK_TIMEOUT} {sql}; COMMIT"))
+            .await?;
+        Ok(())
+    }
+
+    /// Lets the server's password log in as the role for a moment (step 1); [`close`] ends it.
+    /// For tests and tools that log in themselves.
+    pub async fn open(&self) -> anyhow::Result<()> {
+        let verifier = self
+            .verifier
+            .get_or_init(|| async {
+                postgres_protocol::password::scram_sha_256(self.password.as_bytes())
+            })
+            .await;
+        self.secure(Some(verifier)).await
+    }
+
+    /// Expires the role's password again.
+    pub async fn close(&self) -> anyhow::Result<()> {
+        self.control
+            .get()
+            .await?
+            .batch_execute(&format!(
+                "BEGIN; {ADMIN_LOCK_TIMEOUT} ALTER ROLE {} VALID UNTIL '-infinity'; COMMIT",
+                quote_ident(&self.role)
+            ))
+            .await?;
+        Ok(())
+    }
+
+    /// A new connection as the role (see the type's docs); `cfg` carries the server's password.
+    pub async fn connect(&self, cfg: &ConnectConfig) -> Result<Connection, WireError> {
+        let _one_at_a_time = self.one_at_a_time.lock().await;
+        let mut attempt = 1;
+        loop {
+            self.open().await.map_err(|e| {
+                WireError::Protocol(format!("opening the login of {}: {e:#}", self.role))
+            })?;
+            let result = Connection::connect(cfg).await;
+            if let Err(e) = self.close().await {
+                tracing::warn!(role = %self.role, error = %e, "could not expire the role's password again");
+            }
+            match result {
+                Err(WireError::Db(e)) if e.code == "28P01" && attempt < 3 => {
+                    tracing::warn!(role = %self.role, "login refused (the password changed meanwhile); again");
+                    attempt += 1;
+                }
+                other => return other,
+            }
+        }
+    }
 }

@@ -174,7 +174,7 @@ fn identity_tag(key: &[u8; 32], pid: i32, uid: Option<&str>) -> String {
 }
 
 /// HMAC's inner and outer padded keys, the form `auth.secret` holds (SQL has sha256, no hmac).
-fn padded_keys(key: &[u8; 32]) -> (Vec<u8>, Vec<u8>) {
+pub(crate) fn padded_keys(key: &[u8; 32]) -> (Vec<u8>, Vec<u8>) {
     let mut inner = vec![0x36u8; 64];
     let mut outer = vec![0x5cu8; 64];
     for (i, b) in key.iter().enumerate() {

@@ -71,6 +71,15 @@ impl std::ops::DerefMut for PooledConnection {
 
 pub struct WireManager {
     cfg: ConnectConfig,
+    /// Logs in as the project role: repairs its settings and password first (see
+    /// [`crate::projects::RoleLogin`]).
+    login: Arc<crate::projects::RoleLogin>,
+}
+
+impl WireManager {
+    pub fn new(cfg: ConnectConfig, login: Arc<crate::projects::RoleLogin>) -> WireManager {
+        WireManager { cfg, login }
+    }
 }
 
 impl managed::Manager for WireManager {
@@ -79,7 +88,7 @@ impl managed::Manager for WireManager {
 
     async fn create(&self) -> Result<PooledConnection, WireError> {
         Ok(PooledConnection {
-            conn: Connection::connect(&self.cfg).await?,
+            conn: self.login.connect(&self.cfg).await?,
             identity: crate::rls::KnownIdentity::Unknown,
         })
     }
@@ -219,6 +228,7 @@ impl App {
             return Ok(rp.clone());
         }
         let user = role.role_name(&project.id);
+        let login = Arc::new(self.role_login(&user));
         let cfg = ConnectConfig {
             host: self.sql.host.clone(),
             port: self.sql.port,
@@ -240,7 +250,7 @@ impl App {
             replication: false,
             connect_timeout: Duration::from_secs(5),
         };
-        let pool = Pool::builder(WireManager { cfg: cfg.clone() })
+        let pool = Pool::builder(WireManager::new(cfg.clone(), login))
             .max_size(self.sql.pool_size)
             .wait_timeout(Some(Duration::from_secs(10)))
             .create_timeout(Some(Duration::from_secs(10)))

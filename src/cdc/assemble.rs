@@ -152,6 +152,12 @@ pub struct Assembler {
     spill_dir: PathBuf,
     /// Most bytes ever held in memory at once by open transactions.
     peak: usize,
+    /// The key of the tags the server's own `fluxbase.*` messages carry (see
+    /// [`super::message_key`]); without one, every such message is dropped.
+    message_key: Option<ring::hmac::Key>,
+    /// `fluxbase.*` messages dropped: no valid tag (not emitted by the server), not
+    /// transactional, or unreadable.
+    rejected: u64,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -174,7 +180,37 @@ impl Assembler {
             bound,
             spill_dir: spill_dir.to_path_buf(),
             peak: 0,
+            message_key: None,
+            rejected: 0,
         }
+    }
+
+    /// Accepts `fluxbase.*` messages tagged under `key` (and only those).
+    pub fn with_message_key(mut self, key: &[u8]) -> Assembler {
+        self.message_key = Some(ring::hmac::Key::new(ring::hmac::HMAC_SHA256, key));
+        self
+    }
+
+    /// `fluxbase.*` messages dropped so far.
+    pub fn rejected_messages(&self) -> u64 {
+        self.rejected
+    }
+
+    /// The body of a message the server emitted: `hex(HMAC(key, prefix || "\n" || body))`
+    /// followed by the body; `None` for anything else.
+    fn authentic<'a>(&self, prefix: &str, content: &'a [u8]) -> Option<&'a [u8]> {
+        let key = self.message_key.as_ref()?;
+        if content.len() < 64 {
+            return None;
+        }
+        let (tag_hex, body) = content.split_at(64);
+        let tag = hex::decode(tag_hex).ok()?;
+        let mut signed = Vec::with_capacity(prefix.len() + 1 + body.len());
+        signed.extend_from_slice(prefix.as_bytes());
+        signed.push(b'\n');
+        signed.extend_from_slice(body);
+        ring::hmac::verify(key, &signed, &tag).ok()?;
+        Some(body)
     }
 
     /// Most bytes held in memory at once so far.
@@ -278,14 +314,25 @@ impl Assembler {
                     buf.push(t.xid, p)?;
                 }
             }
-            M::Message(m) if m.transactional && m.prefix == "fluxbase.ddl" => {
-                if let Some(p) = events::ddl(&m.content) {
-                    self.buffer("Message")?.push(m.xid, p)?;
-                }
-            }
-            M::Message(m) if m.transactional && m.prefix == "fluxbase.broadcast" => {
-                if let Some(p) = events::broadcast(&m.content) {
-                    self.buffer("Message")?.push(m.xid, p)?;
+            // Only the server's own emitters may speak for Fluxbase: anything else with the
+            // prefix (pg_logical_emit_message from a session that still may call it) is dropped.
+            M::Message(m) if m.prefix.starts_with("fluxbase.") => {
+                let body = if m.transactional {
+                    self.authentic(&m.prefix, &m.content)
+                } else {
+                    None
+                };
+                let pending = match (m.prefix.as_str(), body) {
+                    ("fluxbase.ddl", Some(body)) => events::ddl(body),
+                    ("fluxbase.broadcast", Some(body)) => events::broadcast(body),
+                    _ => None,
+                };
+                match pending {
+                    Some(p) => self.buffer("Message")?.push(m.xid, p)?,
+                    None => {
+                        self.rejected += 1;
+                        tracing::debug!(prefix = %m.prefix, lsn = %m.lsn, "dropped a message the server did not emit");
+                    }
                 }
             }
             M::StreamStart(s) => self.stream_xid = Some(s.xid),
@@ -313,5 +360,45 @@ impl Assembler {
             _ => {}
         }
         Ok(None)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tagged(key: &[u8], prefix: &str, body: &str) -> Vec<u8> {
+        let k = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, key);
+        let tag = ring::hmac::sign(&k, format!("{prefix}\n{body}").as_bytes());
+        [
+            hex::encode(tag.as_ref()).into_bytes(),
+            body.as_bytes().to_vec(),
+        ]
+        .concat()
+    }
+
+    #[test]
+    fn only_messages_tagged_under_the_key_for_their_prefix_are_authentic() {
+        let key = [7u8; 32];
+        let dir = std::env::temp_dir();
+        let asm = Assembler::new(1024, &dir).with_message_key(&key);
+        let body = r#"{"event":"e","payload":{}}"#;
+        let good = tagged(&key, "fluxbase.broadcast", body);
+        assert_eq!(
+            asm.authentic("fluxbase.broadcast", &good),
+            Some(body.as_bytes())
+        );
+        // The same tag does not carry over to another prefix, another body or another key.
+        assert_eq!(asm.authentic("fluxbase.ddl", &good), None);
+        let mut altered = good.clone();
+        *altered.last_mut().unwrap() = b']';
+        assert_eq!(asm.authentic("fluxbase.broadcast", &altered), None);
+        let other = tagged(&[8u8; 32], "fluxbase.broadcast", body);
+        assert_eq!(asm.authentic("fluxbase.broadcast", &other), None);
+        // Untagged, short, or no key at all.
+        assert_eq!(asm.authentic("fluxbase.broadcast", body.as_bytes()), None);
+        assert_eq!(asm.authentic("fluxbase.broadcast", b"abc"), None);
+        let keyless = Assembler::new(1024, &dir);
+        assert_eq!(keyless.authentic("fluxbase.broadcast", &good), None);
     }
 }

@@ -56,6 +56,16 @@ pub fn slot_name(project_id: &str) -> String {
     format!("fluxbase_{project_id}")
 }
 
+/// The HMAC-SHA256 key of a project's `fluxbase.*` messages: the server's own emitters
+/// (`fluxbase_cdc.emit`, sql/project/0005_sandbox.sql) prefix each message with
+/// `hex(HMAC(key, prefix || "\n" || body))`; the stream drops any message without it.
+pub fn message_key(app: &App, project_id: &str) -> [u8; 32] {
+    let hex_key = app.secrets.derive(&format!("cdc-messages:{project_id}"));
+    let mut key = [0u8; 32];
+    hex::decode_to_slice(hex_key, &mut key).expect("derive returns 32 bytes of hex");
+    key
+}
+
 /// What `/api/cdc/status` and `/metrics` report for a stream.
 #[derive(Clone, Debug, Serialize, Default)]
 #[serde(rename_all = "camelCase")]
@@ -77,6 +87,9 @@ pub struct StreamStatus {
     pub buffered_bytes: u64,
     /// Most bytes of open transactions held in memory at once since the stream started.
     pub peak_buffered_bytes: u64,
+    /// `fluxbase.*` logical decoding messages dropped because the server did not emit them
+    /// (no valid tag): forgeries, or messages from before the tags existed.
+    pub rejected_messages: u64,
 }
 
 struct Handle {
@@ -377,7 +390,7 @@ async fn stream_once(
     db_name: &str,
     status: &Arc<Mutex<StreamStatus>>,
 ) -> Result<(), StreamError> {
-    let (cfg, bus, types, bound, spill_dir) = {
+    let (cfg, bus, types, bound, spill_dir, key) = {
         let a = app.upgrade().ok_or(StreamError::Ended)?;
         (
             a.replication_config(db_name),
@@ -385,6 +398,7 @@ async fn stream_once(
             a.sql.types(project_id),
             a.config.cdc_buffer_bytes,
             a.config.data_dir.join("cdc-spill").join(project_id),
+            message_key(&a, project_id),
         )
     };
     let _ = std::fs::remove_dir_all(&spill_dir);
@@ -435,7 +449,7 @@ async fn stream_once(
     tracing::info!(project_id, slot, "change stream started");
 
     let mut ctx = DecodeContext::new(options.proto_version);
-    let mut asm = assemble::Assembler::new(bound, &spill_dir);
+    let mut asm = assemble::Assembler::new(bound, &spill_dir).with_message_key(&key);
     let mut tick = tokio::time::interval(Duration::from_millis(500));
     let mut lag_check = Instant::now();
     loop {
@@ -455,10 +469,15 @@ async fn stream_once(
                             let oids: Vec<u32> = r.columns.iter().map(|c| c.type_id).collect();
                             learn_types(&mut catalog, &types, &oids).await;
                         }
+                        let rejected = asm.rejected_messages();
                         let committed = {
                             let reg = types.read().expect("poisoned");
                             asm.handle(msg, &reg)?
                         };
+                        if asm.rejected_messages() > rejected {
+                            status.lock().expect("poisoned").rejected_messages +=
+                                asm.rejected_messages() - rejected;
+                        }
                         if let Some(tx) = committed {
                             release(&bus, tx, status).await?;
                         }

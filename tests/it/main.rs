@@ -11,6 +11,7 @@ mod outage;
 mod realtime;
 mod replication;
 mod rls;
+mod sandbox;
 mod sql;
 mod storage;
 mod team;

@@ -1445,7 +1445,7 @@ async fn projects_created_before_rls_are_migrated_at_start_up() {
     pg.client(&format!("fx_{}", f.project))
         .await
         .batch_execute(&format!(
-            "DROP SCHEMA auth CASCADE; DROP ROLE fx_{}_auth",
+            "DROP SCHEMA auth CASCADE; DROP OWNED BY fx_{0}_auth; DROP ROLE fx_{0}_auth",
             f.project
         ))
         .await

@@ -215,8 +215,11 @@ async fn escalation_attempts_are_refused_for_every_scope() {
         let rows = app.rows(key, &f.project, "SELECT count(*) AS n FROM pg_auth_members m JOIN pg_roles r ON r.oid = m.member WHERE r.rolname = current_user").await;
         assert_eq!(rows[0]["n"], 0, "project roles are members of nothing");
     }
-    // Another project's database and the control database cannot be reached by a project role.
+    // Another project's database and the control database cannot be reached by a project role
+    // (with its login open for the test, as the server opens it for its own connections).
     let pg = crate::support::pg().await;
+    let login = app.app.role_login(&own_owner);
+    login.open().await.unwrap();
     for (db, role) in [
         (format!("fx_{}", g.project), own_owner.clone()),
         (control.clone(), own_owner.clone()),
@@ -242,6 +245,7 @@ async fn escalation_attempts_are_refused_for_every_scope() {
     assert!(tokio_postgres::connect(&url, tokio_postgres::NoTls)
         .await
         .is_ok());
+    login.close().await.unwrap();
 }
 
 #[tokio::test]

@@ -1,0 +1,491 @@
+//! What SQL sent with any key may not do: reach past the caller's own request through the
+//! project roles (their passwords and settings), the change stream (forged messages, the
+//! `fluxbase.cdc_internal` switch), the disk (temp files) or other callers' statements.
+
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+
+use crate::realtime::{connect, recv, room, subscribe, Socket};
+use crate::support::{pg, spawn_app, spawn_app_with, Fixture, TestApp};
+use crate::webhooks::Receiver;
+
+/// One more API key of `scope` for the fixture's project; its secret.
+async fn another_key(app: &TestApp, f: &Fixture, scope: &str) -> String {
+    let (status, body) = app
+        .call(
+            "POST",
+            "/api/keys",
+            Some(&f.admin),
+            Some(json!({ "projectId": f.project, "scope": scope, "name": "another" })),
+        )
+        .await;
+    assert_eq!(status, 201, "{body}");
+    body["secret"].as_str().unwrap().to_string()
+}
+
+/// A direct login to the project's database as `role` with `password`; the SQLSTATE of a
+/// refusal.
+async fn direct_login(project: &str, role: &str, password: &str) -> Result<(), String> {
+    let pg = pg().await;
+    let url = format!(
+        "postgres://{role}:{password}@127.0.0.1:{}/fx_{project}",
+        pg.port
+    );
+    match tokio_postgres::connect(&url, tokio_postgres::NoTls).await {
+        Ok((client, conn)) => {
+            tokio::spawn(conn);
+            drop(client);
+            Ok(())
+        }
+        Err(e) => Err(e
+            .as_db_error()
+            .map_or_else(|| e.to_string(), |d| d.code().code().to_string())),
+    }
+}
+
+#[tokio::test]
+async fn a_password_set_by_sql_neither_breaks_the_next_request_nor_opens_a_login() {
+    let app = spawn_app().await;
+    let f = app.fixture().await;
+    let second_read = another_key(&app, &f, "read").await;
+    app.rows(&f.admin, &f.project, "CREATE TABLE items (id int)")
+        .await;
+    let read_role = format!("fx_{}_read", f.project);
+    for (key, sql) in [
+        (
+            &f.read,
+            "ALTER ROLE CURRENT_USER PASSWORD 'attacker-chosen'",
+        ),
+        (
+            &f.readwrite,
+            "ALTER ROLE CURRENT_USER PASSWORD 'attacker-chosen'",
+        ),
+    ] {
+        // PostgreSQL lets a role change its own password; what matters is what follows.
+        let _ = app.sql(key, &f.project, sql).await;
+    }
+    // New connections from now on (as after a restart or when the pool grows).
+    app.app.sql.forget_project(&f.project);
+    for key in [&f.read, &second_read] {
+        let rows = app
+            .rows(key, &f.project, "SELECT count(*) AS n FROM items")
+            .await;
+        assert_eq!(rows[0]["n"], 0);
+    }
+    app.rows(&f.readwrite, &f.project, "INSERT INTO items VALUES (1)")
+        .await;
+    // Nobody logs in with the password the caller chose, nor with the server's own.
+    for role in [read_role.clone(), format!("fx_{}_readwrite", f.project)] {
+        let err = direct_login(&f.project, &role, "attacker-chosen")
+            .await
+            .expect_err("a password set through the SQL API opened a direct login");
+        assert_eq!(err, "28P01", "password authentication failed");
+        let own = app.app.role_password(&role);
+        direct_login(&f.project, &role, &own)
+            .await
+            .expect_err("a project role's password works outside the server's logins");
+    }
+    // Again after the server has logged in anew: still no login with it.
+    app.app.sql.forget_project(&f.project);
+    app.rows(&f.read, &f.project, "SELECT 1 AS one").await;
+    direct_login(&f.project, &read_role, "attacker-chosen")
+        .await
+        .expect_err("the caller's password was left in place");
+}
+
+#[tokio::test]
+async fn role_settings_set_by_sql_do_not_reach_the_next_request() {
+    let app = spawn_app().await;
+    let f = app.fixture().await;
+    app.rows(&f.admin, &f.project, "CREATE TABLE items (id int)")
+        .await;
+    app.rows(
+        &f.read,
+        &f.project,
+        &format!(
+            "ALTER ROLE CURRENT_USER SET statement_timeout = 1;
+             ALTER ROLE CURRENT_USER SET search_path = nowhere;
+             ALTER ROLE CURRENT_USER IN DATABASE fx_{} SET lock_timeout = 1",
+            f.project
+        ),
+    )
+    .await;
+    app.rows(
+        &f.readwrite,
+        &f.project,
+        "ALTER ROLE CURRENT_USER SET default_transaction_read_only = on",
+    )
+    .await;
+    app.app.sql.forget_project(&f.project);
+    let rows = app
+        .rows(
+            &f.read,
+            &f.project,
+            "SELECT count(*) AS n, current_setting('search_path') AS p,
+                    current_setting('statement_timeout') AS t, current_setting('lock_timeout') AS l
+             FROM items",
+        )
+        .await;
+    assert_eq!(
+        rows[0],
+        json!({ "n": 0, "p": "\"$user\", public", "t": "30s", "l": "0" })
+    );
+    app.rows(&f.readwrite, &f.project, "INSERT INTO items VALUES (1)")
+        .await;
+    let rows = app
+        .rows(&f.read, &f.project, "SELECT pg_sleep(0.05), 1 AS one")
+        .await;
+    assert_eq!(rows[0]["one"], 1);
+}
+
+/// The next message on the socket that is not a db_event.
+async fn next_non_row(ws: &mut Socket) -> Value {
+    loop {
+        let m = recv(ws).await;
+        if m["type"] != "db_event" || m["payload"]["event_type"] == "schema_update" {
+            return m;
+        }
+    }
+}
+
+#[tokio::test]
+async fn fluxbase_messages_forged_from_sql_reach_no_socket_and_no_webhook() {
+    let app = spawn_app_with(|c| {
+        c.webhook_allow_private = true;
+        c.webhook_backoff_scale = 0.01;
+    })
+    .await;
+    let f = app.fixture().await;
+    let rx = Receiver::start().await;
+    let (status, body) = app
+        .call(
+            "POST",
+            "/api/webhooks",
+            Some(&f.admin),
+            Some(json!({ "projectId": f.project, "url": rx.url, "events": ["schema.changed"] })),
+        )
+        .await;
+    assert_eq!(status, 201, "{body}");
+    let mut ws = connect(&app, "/").await;
+    let ack = subscribe(&mut ws, &f.project, Some(&f.read)).await;
+    assert_eq!(ack["type"], "subscribed", "{ack}");
+
+    let forged_ddl = r#"{"command":"DROP TABLE","objectType":"table","schema":"public","object":"public.forged"}"#;
+    let forged_broadcast = r#"{"event":"forged","payload":{"from":"sql"}}"#;
+    for key in [&f.read, &f.readwrite, &f.admin] {
+        for (prefix, content) in [
+            ("fluxbase.ddl", forged_ddl),
+            ("fluxbase.broadcast", forged_broadcast),
+        ] {
+            // Refused by PostgreSQL (and, were it allowed, dropped by the change stream).
+            let body = app
+                .sql_params(
+                    key,
+                    &f.project,
+                    "SELECT pg_logical_emit_message(true, $1, $2::text)::text AS lsn",
+                    json!([prefix, content]),
+                )
+                .await;
+            assert_eq!(body["success"], false, "{body}");
+            assert_eq!(body["error"]["details"], "ERROR:  42501", "{body}");
+        }
+    }
+    // Even a message PostgreSQL lets through (the admin role here, a cluster where the
+    // privilege cannot be revoked) carries no valid tag and is dropped.
+    let admin = pg().await.client(&format!("fx_{}", f.project)).await;
+    for (prefix, content) in [
+        ("fluxbase.ddl", forged_ddl),
+        ("fluxbase.broadcast", forged_broadcast),
+    ] {
+        admin
+            .execute(
+                "SELECT pg_logical_emit_message(true, $1, $2::text)::text",
+                &[&prefix, &content],
+            )
+            .await
+            .unwrap();
+    }
+
+    // The genuine ones still arrive, and first: nothing forged came before them.
+    app.rows(
+        &f.readwrite,
+        &f.project,
+        "SELECT realtime.broadcast('genuine', '{\"n\":1}')",
+    )
+    .await;
+    app.rows(&f.admin, &f.project, "CREATE TABLE genuine (id int)")
+        .await;
+    assert_eq!(
+        next_non_row(&mut ws).await,
+        json!({ "type": "broadcast", "roomId": room(&f.project), "event": "genuine", "payload": { "n": 1 } })
+    );
+    let m = next_non_row(&mut ws).await;
+    assert_eq!(m["payload"]["event_type"], "schema_update", "{m}");
+    assert_eq!(m["payload"]["command"], "CREATE TABLE", "{m}");
+    assert_eq!(m["payload"]["table"], "genuine", "{m}");
+    let got = rx.wait_for(1).await;
+    let first: Value = serde_json::from_str(&got[0].body).unwrap();
+    assert_eq!(first["event_type"], "schema.changed", "{first}");
+    assert_eq!(first["table_id"], "genuine", "{first}");
+    // Counted: two forged by the admin role above, plus any the SQL API let through.
+    let status = app.app.cdc.status(&f.project).unwrap();
+    assert!(status.rejected_messages >= 2, "{status:?}");
+    let text = app.app.metrics.render(0, &app.app.cdc.all_status());
+    assert!(
+        text.contains(&format!(
+            "fluxbase_cdc_rejected_messages_total{{project=\"{}\"}}",
+            f.project
+        )),
+        "{text}"
+    );
+}
+
+#[tokio::test]
+async fn the_cdc_internal_setting_silences_nothing_for_a_caller() {
+    let app = spawn_app().await;
+    let f = app.fixture().await;
+    let mut sub = app.app.bus.project(&f.project).subscribe();
+    app.rows(
+        &f.admin,
+        &f.project,
+        "SET fluxbase.cdc_internal = 'on'; CREATE TABLE hidden (id int PRIMARY KEY, v text)",
+    )
+    .await;
+    app.rows(
+        &f.admin,
+        &f.project,
+        "SELECT set_config('fluxbase.cdc_internal', 'on', false); DROP TABLE hidden;
+         CREATE TABLE hidden (id int PRIMARY KEY, v text)",
+    )
+    .await;
+    app.rows(&f.admin, &f.project, "CREATE TABLE marker (id int)")
+        .await;
+    let ev = crate::cdc::events(&mut sub, 4).await;
+    let seen: Vec<String> = ev
+        .iter()
+        .map(|e| format!("{} {}", e["command"].as_str().unwrap_or("?"), e["table"]))
+        .collect();
+    assert_eq!(
+        seen,
+        vec![
+            "CREATE TABLE \"hidden\"",
+            "DROP TABLE \"hidden\"",
+            "CREATE TABLE \"hidden\"",
+            "CREATE TABLE \"marker\""
+        ]
+    );
+    let rows = app
+        .rows(
+            &f.admin,
+            &f.project,
+            "SELECT relreplident AS r FROM pg_class WHERE oid = 'hidden'::regclass",
+        )
+        .await;
+    assert_eq!(rows[0]["r"], "f", "full replica identity is kept");
+    // A table made inside another command gets it as well.
+    app.rows(
+        &f.admin,
+        &f.project,
+        "SET fluxbase.cdc_internal = 'on'; CREATE SCHEMA inner_s CREATE TABLE inner_t (id int PRIMARY KEY, v text)",
+    )
+    .await;
+    let ev = crate::cdc::events(&mut sub, 1).await;
+    assert_eq!(ev[0]["command"], "CREATE SCHEMA", "{}", ev[0]);
+    let rows = app
+        .rows(
+            &f.admin,
+            &f.project,
+            "SELECT relreplident AS r FROM pg_class WHERE oid = 'inner_s.inner_t'::regclass",
+        )
+        .await;
+    assert_eq!(
+        rows[0]["r"], "f",
+        "full replica identity for a table made by CREATE SCHEMA"
+    );
+}
+
+#[tokio::test]
+async fn temp_files_are_capped_per_role() {
+    let app = spawn_app_with(|c| c.temp_file_limit_kb = 1024).await;
+    let f = app.fixture().await;
+    let body = app
+        .sql(
+            &f.read,
+            &f.project,
+            "SELECT count(*) FROM (SELECT g FROM generate_series(1, 2000000) g ORDER BY g DESC) s",
+        )
+        .await;
+    assert_eq!(body["success"], false, "{body}");
+    assert_eq!(body["error"]["code"], "SQL_EXEC_ERROR", "{body}");
+    let message = body["error"]["message"].as_str().unwrap();
+    assert!(message.contains("temp_file_limit"), "{body}");
+    // The role cannot lift it, for itself or in its settings.
+    for key in [&f.read, &f.admin] {
+        assert_eq!(
+            app.sql_error(key, &f.project, "SET temp_file_limit = -1")
+                .await,
+            "42501"
+        );
+        assert_eq!(
+            app.sql_error(
+                key,
+                &f.project,
+                "ALTER ROLE CURRENT_USER RESET temp_file_limit"
+            )
+            .await,
+            "42501"
+        );
+    }
+    // A query within the limit runs.
+    let rows = app
+        .rows(
+            &f.read,
+            &f.project,
+            "SELECT count(*) AS n FROM generate_series(1, 1000) g",
+        )
+        .await;
+    assert_eq!(rows[0]["n"], 1000);
+}
+
+#[tokio::test]
+async fn one_caller_neither_sees_nor_stops_another_callers_statement() {
+    let app = spawn_app().await;
+    let f = app.fixture().await;
+    let other_read = another_key(&app, &f, "read").await;
+    let admin = pg().await.client(&format!("fx_{}", f.project)).await;
+    // Caller A's statement waits on a lock the test holds, so it runs as long as needed.
+    admin
+        .execute("SELECT pg_advisory_lock(4242)", &[])
+        .await
+        .unwrap();
+    let marker = format!("marker_{}", fluxbase::secrets::random_hex::<4>());
+    let a_query = format!("SELECT pg_advisory_lock(4242) /* {marker} */, 'done' AS a");
+    let a = {
+        let (http, url, key, project) = (
+            app.http.clone(),
+            app.url("/api/execute-sql"),
+            f.read.clone(),
+            f.project.clone(),
+        );
+        tokio::spawn(async move {
+            let resp = http
+                .post(url)
+                .bearer_auth(key)
+                .json(&json!({ "projectId": project, "query": a_query }))
+                .send()
+                .await
+                .unwrap();
+            resp.json::<Value>().await.unwrap()
+        })
+    };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let pid: i32 = loop {
+        let rows = admin
+            .query(
+                "SELECT pid FROM pg_stat_activity WHERE query LIKE '%' || $1 || '%' AND pid <> pg_backend_pid()",
+                &[&marker],
+            )
+            .await
+            .unwrap();
+        if let Some(r) = rows.first() {
+            break r.get(0);
+        }
+        assert!(
+            Instant::now() < deadline,
+            "caller A's statement never started"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    // Caller B (another read key: the same role) looks and tries to stop it.
+    for sql in [
+        "SELECT pid, query FROM pg_stat_activity".to_string(),
+        "SELECT pid, query FROM pg_stat_get_activity(NULL)".to_string(),
+        "SELECT pg_stat_get_backend_activity(b) AS query FROM pg_stat_get_backend_idset() b"
+            .to_string(),
+        format!("SELECT pg_cancel_backend({pid})"),
+        format!("SELECT pg_terminate_backend({pid})"),
+    ] {
+        let body = app.sql(&other_read, &f.project, &sql).await;
+        assert!(
+            !body.to_string().contains(&marker),
+            "{sql} showed another caller's statement: {body}"
+        );
+        if body["success"] == true {
+            assert!(
+                !body.to_string().contains("true"),
+                "{sql} reached another caller's backend: {body}"
+            );
+        }
+    }
+    admin
+        .execute("SELECT pg_advisory_unlock(4242)", &[])
+        .await
+        .unwrap();
+    let a = a.await.unwrap();
+    assert_eq!(a["success"], true, "caller A was stopped: {a}");
+    assert_eq!(a["result"]["rows"][0]["a"], "done");
+}
+
+#[tokio::test]
+async fn start_up_applies_the_configured_temp_file_limit_and_closes_logins_of_existing_projects() {
+    let app = spawn_app_with(|c| c.temp_file_limit_kb = 1024).await;
+    let f = app.fixture().await;
+    let read_role = format!("fx_{}_read", f.project);
+    app.rows(&f.read, &f.project, "SELECT 1 AS one").await;
+    let pg = pg().await;
+    let admin = pg.client("postgres").await;
+    let settings = |role: String| {
+        let admin = &admin;
+        async move {
+            admin
+                .query(
+                    "SELECT array_to_string(setconfig, ',') FROM pg_db_role_setting s
+                     JOIN pg_roles r ON r.oid = s.setrole WHERE r.rolname = $1",
+                    &[&role],
+                )
+                .await
+                .unwrap()
+                .iter()
+                .map(|r| r.get::<_, String>(0))
+                .collect::<Vec<_>>()
+        }
+    };
+    assert_eq!(
+        settings(read_role.clone()).await,
+        ["temp_file_limit=1024kB"]
+    );
+    // Left behind as a crash between opening and closing a login would leave it.
+    admin
+        .batch_execute(&format!(
+            "ALTER ROLE {read_role} VALID UNTIL 'infinity'; ALTER ROLE {read_role} SET work_mem = '64kB'"
+        ))
+        .await
+        .unwrap();
+    let mut config = app.crash();
+    config.temp_file_limit_kb = 64 * 1024;
+    let app = crate::support::start_with(config).await;
+    // Before any request: the start-up pass alone.
+    assert_eq!(
+        settings(read_role.clone()).await,
+        ["temp_file_limit=65536kB"]
+    );
+    let valid: Option<String> = admin
+        .query_one(
+            "SELECT rolvaliduntil::text FROM pg_roles WHERE rolname = $1",
+            &[&read_role],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(valid.as_deref(), Some("-infinity"));
+    let rows = app
+        .rows(
+            &f.read,
+            &f.project,
+            "SELECT current_setting('temp_file_limit') AS l, current_setting('work_mem') AS w",
+        )
+        .await;
+    assert_eq!(rows[0], json!({ "l": "64MB", "w": "4MB" }));
+    app.stop().await;
+}
