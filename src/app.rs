@@ -94,6 +94,7 @@ impl App {
         app.realtime.set_retention(crate::realtime::Retention {
             events: app.config.realtime_retention_events,
             age: std::time::Duration::from_secs(app.config.realtime_retention_secs),
+            bytes: app.config.realtime_retention_bytes,
         });
         Ok(app)
     }

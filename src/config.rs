@@ -16,6 +16,13 @@ use serde::Deserialize;
 pub struct Config {
     /// Address the HTTP and WebSocket server listens on.
     pub listen: SocketAddr,
+    /// A bearer token `/metrics` requires (`Authorization: Bearer <token>`). Unset: `/metrics`
+    /// answers only requests from a loopback address that carry no proxy headers (or only on
+    /// `metrics_addr`, when set).
+    pub metrics_token: Option<String>,
+    /// A separate address `/metrics` is served on (e.g. `127.0.0.1:9464`); the main listener
+    /// then answers `/metrics` with 404. Unset: `/metrics` is on the main listener.
+    pub metrics_addr: Option<SocketAddr>,
     /// Directory for the embedded cluster, local storage and generated secrets.
     pub data_dir: PathBuf,
     /// An existing PostgreSQL cluster (its database is the control database). Unset: embedded.
@@ -67,12 +74,26 @@ pub struct Config {
     pub realtime_retention_events: usize,
     /// Seconds a realtime room keeps events for `since` resumes.
     pub realtime_retention_secs: u64,
+    /// Bytes of events a realtime room keeps for `since` resumes (the oldest go first).
+    pub realtime_retention_bytes: usize,
+    /// Largest broadcast payload (serialized JSON bytes) from a client, `POST
+    /// /api/realtime/broadcast` or SQL (`realtime.broadcast`); larger ones are refused.
+    pub realtime_max_broadcast_bytes: usize,
+    /// Broadcasts one socket may send per second (burst: one second's worth; 0: no limit).
+    pub realtime_broadcasts_per_sec: u32,
+    /// Broadcast payload bytes one socket may send per second (burst: one second's worth;
+    /// 0: no limit).
+    pub realtime_broadcast_bytes_per_sec: usize,
+    /// Subscribes one socket may send per second (burst: one second's worth; 0: no limit).
+    pub realtime_subscribes_per_sec: u32,
 }
 
 impl Default for Config {
     fn default() -> Self {
         Config {
             listen: "127.0.0.1:8080".parse().expect("static address"),
+            metrics_token: None,
+            metrics_addr: None,
             data_dir: PathBuf::from(".fluxbase"),
             database_url: None,
             public_url: None,
@@ -97,6 +118,11 @@ impl Default for Config {
             webhook_scan_ms: 500,
             realtime_retention_events: 100_000,
             realtime_retention_secs: 600,
+            realtime_retention_bytes: 64 * 1024 * 1024,
+            realtime_max_broadcast_bytes: 256 * 1024,
+            realtime_broadcasts_per_sec: 25,
+            realtime_broadcast_bytes_per_sec: 256 * 1024,
+            realtime_subscribes_per_sec: 10,
         }
     }
 }
@@ -105,6 +131,8 @@ impl std::fmt::Debug for Config {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Config")
             .field("listen", &self.listen)
+            .field("metrics_token", &self.metrics_token.as_ref().map(|_| "***"))
+            .field("metrics_addr", &self.metrics_addr)
             .field("data_dir", &self.data_dir)
             .field(
                 "database_url",
@@ -190,6 +218,18 @@ impl Config {
         }
         env!("FLUXBASE_LISTEN", |k, v: String| -> Result<()> {
             self.listen = parse(k, &v)?;
+            Ok(())
+        });
+        env!("FLUXBASE_METRICS_TOKEN", |_, v| -> Result<()> {
+            self.metrics_token = opt(v);
+            Ok(())
+        });
+        env!("FLUXBASE_METRICS_ADDR", |k, v: String| -> Result<()> {
+            self.metrics_addr = if v.is_empty() {
+                None
+            } else {
+                Some(parse(k, &v)?)
+            };
             Ok(())
         });
         env!("FLUXBASE_DATA_DIR", |_, v: String| -> Result<()> {
@@ -293,6 +333,26 @@ impl Config {
                                                   v: String|
          -> Result<()> {
             self.realtime_retention_secs = parse(k, &v)?;
+            Ok(())
+        });
+        env!("FLUXBASE_REALTIME_RETENTION_BYTES", |k, v: String| -> Result<()> {
+            self.realtime_retention_bytes = parse(k, &v)?;
+            Ok(())
+        });
+        env!("FLUXBASE_REALTIME_MAX_BROADCAST_BYTES", |k, v: String| -> Result<()> {
+            self.realtime_max_broadcast_bytes = parse(k, &v)?;
+            Ok(())
+        });
+        env!("FLUXBASE_REALTIME_BROADCASTS_PER_SEC", |k, v: String| -> Result<()> {
+            self.realtime_broadcasts_per_sec = parse(k, &v)?;
+            Ok(())
+        });
+        env!("FLUXBASE_REALTIME_BROADCAST_BYTES_PER_SEC", |k, v: String| -> Result<()> {
+            self.realtime_broadcast_bytes_per_sec = parse(k, &v)?;
+            Ok(())
+        });
+        env!("FLUXBASE_REALTIME_SUBSCRIBES_PER_SEC", |k, v: String| -> Result<()> {
+            self.realtime_subscribes_per_sec = parse(k, &v)?;
             Ok(())
         });
         env!("FLUXBASE_CDC_BUFFER_BYTES", |k, v: String| -> Result<()> {

@@ -303,7 +303,7 @@ async fn dispatch(app: &Arc<App>, req: &Request) -> ApiResult<Response> {
         (&M::POST, "/api/realtime/token") => {
             let p = app.authenticate(req.authorization()).await?;
             let access = app.project_access(&p, &project_id_from_body(req)?).await?;
-            ok(app.realtime_token(&access, req.json()?)?)
+            ok(app.realtime_token(&access, req.json()?).await?)
         }
         (&M::POST, "/api/realtime/broadcast") => {
             let p = app.authenticate(req.authorization()).await?;
