@@ -61,11 +61,27 @@ impl std::fmt::Debug for Secrets {
     }
 }
 
+/// Creates `dir` and any missing parent with mode 0700 (only the server's user may enter), and
+/// sets 0700 on `dir` itself if it already existed.
+pub fn create_private_dir(dir: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+}
+
 impl Secrets {
-    /// Loads the secrets file under `data_dir`, creating it on first use.
+    /// Loads the secrets file under `data_dir`, creating it on first use. The data directory
+    /// (cluster, objects, spill files, secrets) is made private to the server's user (0700),
+    /// and the secrets file 0600, also when an older version left them open.
     pub fn load_or_create(data_dir: &Path) -> Result<Secrets> {
+        create_private_dir(data_dir).with_context(|| format!("creating {}", data_dir.display()))?;
         let path = data_dir.join("secrets.json");
         if path.exists() {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
             let text = std::fs::read_to_string(&path)?;
             return serde_json::from_str(&text).with_context(|| format!("{}", path.display()));
         }

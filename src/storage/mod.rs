@@ -580,6 +580,11 @@ impl App {
         h.insert("content-type", header(content_type.clone())?);
         h.insert("content-length", header(size.to_string())?);
         h.insert("x-content-type-options", header("nosniff".into())?);
+        // A user's file is never a page of this origin: no scripts, no requests, no forms.
+        h.insert(
+            "content-security-policy",
+            header("default-src 'none'; sandbox".into())?,
+        );
         h.insert(
             "content-disposition",
             header(names::content_disposition(&name, &content_type))?,
