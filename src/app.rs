@@ -140,6 +140,7 @@ impl Running {
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
         app.start_change_streams().await?;
         app.start_webhooks().await?;
+        crate::metrics::start_listener(&app).await?;
         let routes = crate::http::routes(app.clone());
         let task = tokio::spawn(async move {
             warp::serve(routes)
@@ -164,6 +165,7 @@ impl Running {
         if let Some(tx) = self.shutdown.take() {
             let _ = tx.send(());
         }
+        self.app.metrics.stop_listener();
         let _ = tokio::time::timeout(std::time::Duration::from_secs(10), &mut self.task).await;
         let app = self.app.clone();
         let _ = tokio::task::spawn_blocking(move || app.shutdown()).await;

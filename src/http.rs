@@ -33,6 +33,21 @@ pub fn routes(
             let app = ws_app.clone();
             async move { crate::realtime::upgrade(app, &headers, on_upgrade) }
         });
+    // `/metrics` needs the peer's address (see `metrics::answer`).
+    let metrics_app = app.clone();
+    let metrics = warp::path("metrics")
+        .and(warp::path::end())
+        .and(warp::get())
+        .and(warp::addr::remote())
+        .and(warp::header::headers_cloned())
+        .map(move |peer, headers: HeaderMap| {
+            let response =
+                crate::metrics::answer(&metrics_app, crate::metrics::Listener::Api, peer, &headers);
+            metrics_app
+                .metrics
+                .observe_request("/metrics", response.status().as_u16());
+            response
+        });
     let api =
         warp::method()
             .and(warp::path::full())
@@ -51,7 +66,7 @@ pub fn routes(
                     }
                 },
             );
-    websocket.or(api).unify()
+    websocket.or(metrics).unify().or(api).unify()
 }
 
 /// Everything a handler may need from the request.
@@ -266,13 +281,13 @@ async fn dispatch(app: &Arc<App>, req: &Request) -> ApiResult<Response> {
                 ))
             }
         }
-        (&M::GET, "/metrics") => Ok(warp::reply::with_header(
-            app.metrics
-                .render(app.sql.connection_count(), &app.cdc.all_status()),
-            "content-type",
-            "text/plain; version=0.0.4",
-        )
-        .into_response()),
+        // Spellings the `/metrics` filter did not take: the same rules, peer unknown.
+        (&M::GET, "/metrics") => Ok(crate::metrics::answer(
+            app,
+            crate::metrics::Listener::Api,
+            None,
+            &req.headers,
+        )),
 
         (&M::POST, "/api/auth/signup") => ok(app.signup(req.json()?).await?),
         (&M::POST, "/api/auth/login") => ok(app.login(req.json()?).await?),

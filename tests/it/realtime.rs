@@ -1488,23 +1488,6 @@ async fn plain_requests_to_the_websocket_paths_get_the_apis_answers_and_bad_hand
     assert_eq!(body["error"]["code"], "BAD_REQUEST", "{body}");
 }
 
-/// Reads `ws` until its close frame; panics if the connection ends without one.
-async fn close_frame_of(ws: &mut Socket) -> tokio_tungstenite::tungstenite::protocol::CloseFrame {
-    tokio::time::timeout(Duration::from_secs(30), async {
-        loop {
-            match ws.next().await {
-                Some(Ok(Message::Close(Some(frame)))) => return frame,
-                Some(Ok(Message::Close(None))) | None | Some(Err(_)) => {
-                    panic!("the connection ended without a close frame")
-                }
-                Some(Ok(_)) => {}
-            }
-        }
-    })
-    .await
-    .expect("the socket was never closed")
-}
-
 #[tokio::test]
 async fn a_broadcast_flood_cuts_off_the_flooder_and_not_the_quiet_sockets_of_its_room() {
     const FLOOD: usize = 3000;
