@@ -87,6 +87,16 @@ impl App {
             embedded,
         });
         crate::projects::migrate_all(&app).await?;
+        // A storage backend that cannot be used is reported now, not at the first upload. The
+        // server still starts (SQL, realtime and webhooks do not need it); `/ready` answers 503
+        // with the cause until it is fixed.
+        if let Err(cause) = app.storage.ready().await {
+            tracing::error!(
+                backend = app.storage.backend.describe(),
+                cause,
+                "the storage backend is not usable: uploads and downloads fail, /ready answers 503"
+            );
+        }
         if let Err(e) = app.sweep_storage().await {
             tracing::warn!(error = %e, "storage sweep at start-up");
         }

@@ -274,6 +274,17 @@ async fn dispatch(app: &Arc<App>, req: &Request) -> ApiResult<Response> {
                 Err(_) => false,
             };
             if ready {
+                if let Err(cause) = app.storage.ready().await {
+                    let message = format!(
+                        "The storage backend ({}) is not usable: {cause}",
+                        app.storage.backend.describe()
+                    );
+                    return Ok(json_response(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        &json!({ "success": false, "error": {
+                            "code": "STORAGE_UNAVAILABLE", "message": message } }),
+                    ));
+                }
                 ok((StatusCode::OK, json!({ "status": "ready" })))
             } else {
                 Err(ApiError::DatabaseUnavailable(

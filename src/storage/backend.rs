@@ -113,6 +113,32 @@ impl Backend {
         }
     }
 
+    /// Whether the backend can be used now: the S3 bucket is listed (it exists, the
+    /// credentials are accepted, the endpoint answers); the local root is a directory. The
+    /// error names the cause.
+    pub async fn check(&self) -> Result<(), String> {
+        match self {
+            Backend::S3 { store, bucket } => {
+                let probe = Path::from(".fluxbase-probe");
+                match tokio::time::timeout(
+                    Duration::from_secs(10),
+                    store.list_with_delimiter(Some(&probe)),
+                )
+                .await
+                {
+                    Ok(Ok(_)) => Ok(()),
+                    Ok(Err(e)) => Err(format!("S3 bucket {bucket:?}: {e}")),
+                    Err(_) => Err(format!("S3 bucket {bucket:?}: no answer within 10 s")),
+                }
+            }
+            Backend::Local { root, .. } => match std::fs::metadata(root) {
+                Ok(m) if m.is_dir() => Ok(()),
+                Ok(_) => Err(format!("{} is not a directory", root.display())),
+                Err(e) => Err(format!("{}: {e}", root.display())),
+            },
+        }
+    }
+
     pub fn store(&self) -> Arc<dyn ObjectStore> {
         match self {
             Backend::Local { store, .. } => store.clone(),

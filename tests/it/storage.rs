@@ -1995,3 +1995,63 @@ async fn objects_stored_under_the_old_encoded_keys_still_download_and_delete() {
     assert!(client.head(&encoded).await.is_err(), "the old copy is gone");
     t.stop().await;
 }
+
+/// The server on `s3` with its configuration changed by `tweak`.
+async fn s3_app_with(s3: &S3Server, tweak: impl FnOnce(&mut fluxbase::config::Config)) -> TestApp {
+    let endpoint = format!("http://{}", s3.addr);
+    spawn_app_with(|c| {
+        c.storage = "s3".into();
+        c.s3_bucket = Some(S3_BUCKET.into());
+        c.s3_endpoint = Some(endpoint);
+        c.s3_region = Some("us-east-1".into());
+        c.s3_access_key_id = Some(S3_KEY_ID.into());
+        c.s3_secret_access_key = Some(S3_SECRET.into());
+        tweak(c);
+    })
+    .await
+}
+
+/// `/ready`'s answer: (status, error code or "ready", message).
+async fn ready(t: &TestApp) -> (u16, String, String) {
+    let (status, body) = t.call("GET", "/ready", None, None).await;
+    if status == 200 {
+        return (status, body["status"].as_str().unwrap().to_string(), String::new());
+    }
+    assert_eq!(body["success"], false, "{body}");
+    (
+        status,
+        body["error"]["code"].as_str().unwrap().to_string(),
+        body["error"]["message"].as_str().unwrap().to_string(),
+    )
+}
+
+#[tokio::test]
+async fn a_misconfigured_s3_backend_is_reported_by_ready_with_its_cause() {
+    let s3 = S3Server::start().await;
+    let t = s3.spawn_app().await;
+    assert_eq!(ready(&t).await.0, 200);
+    t.stop().await;
+
+    // A bucket that does not exist: the server starts, and says why it is not ready.
+    let t = s3_app_with(&s3, |c| c.s3_bucket = Some("no-such-bucket".into())).await;
+    let (status, code, message) = ready(&t).await;
+    assert_eq!((status, code.as_str()), (503, "STORAGE_UNAVAILABLE"), "{message}");
+    assert!(message.contains("no-such-bucket"), "{message}");
+    assert!(message.contains("NoSuchBucket"), "{message}");
+    // Once the bucket exists, it is ready without a restart.
+    std::fs::create_dir_all(s3.root.join("no-such-bucket")).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while ready(&t).await.0 != 200 {
+        assert!(Instant::now() < deadline, "never ready");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    t.stop().await;
+
+    // Credentials the endpoint refuses.
+    let t = s3_app_with(&s3, |c| c.s3_secret_access_key = Some("not-the-secret".into())).await;
+    let (status, code, message) = ready(&t).await;
+    assert_eq!((status, code.as_str()), (503, "STORAGE_UNAVAILABLE"), "{message}");
+    assert!(message.contains("403") || message.contains("Forbidden"), "{message}");
+    assert!(message.contains("SignatureDoesNotMatch"), "{message}");
+    t.stop().await;
+}
