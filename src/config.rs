@@ -335,26 +335,41 @@ impl Config {
             self.realtime_retention_secs = parse(k, &v)?;
             Ok(())
         });
-        env!("FLUXBASE_REALTIME_RETENTION_BYTES", |k, v: String| -> Result<()> {
+        env!("FLUXBASE_REALTIME_RETENTION_BYTES", |k,
+                                                   v: String|
+         -> Result<()> {
             self.realtime_retention_bytes = parse(k, &v)?;
             Ok(())
         });
-        env!("FLUXBASE_REALTIME_MAX_BROADCAST_BYTES", |k, v: String| -> Result<()> {
-            self.realtime_max_broadcast_bytes = parse(k, &v)?;
-            Ok(())
-        });
-        env!("FLUXBASE_REALTIME_BROADCASTS_PER_SEC", |k, v: String| -> Result<()> {
-            self.realtime_broadcasts_per_sec = parse(k, &v)?;
-            Ok(())
-        });
-        env!("FLUXBASE_REALTIME_BROADCAST_BYTES_PER_SEC", |k, v: String| -> Result<()> {
+        env!(
+            "FLUXBASE_REALTIME_MAX_BROADCAST_BYTES",
+            |k, v: String| -> Result<()> {
+                self.realtime_max_broadcast_bytes = parse(k, &v)?;
+                Ok(())
+            }
+        );
+        env!(
+            "FLUXBASE_REALTIME_BROADCASTS_PER_SEC",
+            |k, v: String| -> Result<()> {
+                self.realtime_broadcasts_per_sec = parse(k, &v)?;
+                Ok(())
+            }
+        );
+        env!("FLUXBASE_REALTIME_BROADCAST_BYTES_PER_SEC", |k,
+                                                           v: String|
+         -> Result<
+            (),
+        > {
             self.realtime_broadcast_bytes_per_sec = parse(k, &v)?;
             Ok(())
         });
-        env!("FLUXBASE_REALTIME_SUBSCRIBES_PER_SEC", |k, v: String| -> Result<()> {
-            self.realtime_subscribes_per_sec = parse(k, &v)?;
-            Ok(())
-        });
+        env!(
+            "FLUXBASE_REALTIME_SUBSCRIBES_PER_SEC",
+            |k, v: String| -> Result<()> {
+                self.realtime_subscribes_per_sec = parse(k, &v)?;
+                Ok(())
+            }
+        );
         env!("FLUXBASE_CDC_BUFFER_BYTES", |k, v: String| -> Result<()> {
             self.cdc_buffer_bytes = parse(k, &v)?;
             Ok(())
@@ -403,6 +418,43 @@ impl Config {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn metrics_access_and_realtime_limits_come_from_the_environment() {
+        let mut c = Config::default();
+        assert_eq!(c.metrics_token, None);
+        assert_eq!(c.metrics_addr, None);
+        c.apply_env(|k| match k {
+            "FLUXBASE_METRICS_TOKEN" => Some("t0ken".into()),
+            "FLUXBASE_METRICS_ADDR" => Some("127.0.0.1:9464".into()),
+            "FLUXBASE_REALTIME_MAX_BROADCAST_BYTES" => Some("1000".into()),
+            "FLUXBASE_REALTIME_BROADCASTS_PER_SEC" => Some("3".into()),
+            "FLUXBASE_REALTIME_BROADCAST_BYTES_PER_SEC" => Some("4000".into()),
+            "FLUXBASE_REALTIME_SUBSCRIBES_PER_SEC" => Some("2".into()),
+            "FLUXBASE_REALTIME_RETENTION_BYTES" => Some("5000".into()),
+            _ => None,
+        })
+        .unwrap();
+        assert_eq!(c.metrics_token.as_deref(), Some("t0ken"));
+        assert_eq!(c.metrics_addr, Some("127.0.0.1:9464".parse().unwrap()));
+        assert_eq!(
+            (
+                c.realtime_max_broadcast_bytes,
+                c.realtime_broadcasts_per_sec,
+                c.realtime_broadcast_bytes_per_sec,
+                c.realtime_subscribes_per_sec,
+                c.realtime_retention_bytes
+            ),
+            (1000, 3, 4000, 2, 5000)
+        );
+        assert!(
+            !format!("{c:?}").contains("t0ken"),
+            "the token is never logged"
+        );
+        assert!(Config::default()
+            .apply_env(|k| (k == "FLUXBASE_METRICS_ADDR").then(|| "nowhere".into()))
+            .is_err());
+    }
 
     #[test]
     fn environment_overrides_defaults() {

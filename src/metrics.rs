@@ -304,7 +304,11 @@ fn from_loopback(peer: Option<std::net::SocketAddr>, headers: &warp::http::Heade
 impl Metrics {
     /// The dedicated listener's address, once started.
     pub fn listen_addr(&self) -> Option<std::net::SocketAddr> {
-        self.listener.lock().expect("poisoned").as_ref().map(|(a, _)| *a)
+        self.listener
+            .lock()
+            .expect("poisoned")
+            .as_ref()
+            .map(|(a, _)| *a)
     }
 
     /// Stops the dedicated listener, if any.
@@ -362,9 +366,7 @@ pub async fn start_listener(app: &crate::app::SharedApp) -> anyhow::Result<()> {
                     ));
                 }
                 if method != warp::http::Method::GET {
-                    return crate::http::error_response(
-                        &crate::error::ApiError::MethodNotAllowed,
-                    );
+                    return crate::http::error_response(&crate::error::ApiError::MethodNotAllowed);
                 }
                 answer(&app, Listener::Dedicated, peer, &headers)
             },

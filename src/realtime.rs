@@ -809,7 +809,10 @@ fn token_key(app: &App) -> ring::hmac::Key {
 /// A fingerprint of an API key's secret (from its SHA-256): changes when the key is rotated,
 /// and says nothing about the secret (an HMAC under the instance's realtime key).
 fn key_fingerprint(app: &App, key_hash: &[u8]) -> String {
-    let tag = ring::hmac::sign(&token_key(app), &[b"api-key:".as_slice(), key_hash].concat());
+    let tag = ring::hmac::sign(
+        &token_key(app),
+        &[b"api-key:".as_slice(), key_hash].concat(),
+    );
     hex::encode(&tag.as_ref()[..12])
 }
 
@@ -1170,8 +1173,7 @@ impl App {
                     return true;
                 }
                 // Counted by the message's size: what the socket makes the room carry.
-                if !limits.broadcasts.take(1.0) || !limits.broadcast_bytes.take(text.len() as f64)
-                {
+                if !limits.broadcasts.take(1.0) || !limits.broadcast_bytes.take(text.len() as f64) {
                     return over_limit(socket, limits, "broadcasts", Some(room_id));
                 }
                 if let Err(message) =

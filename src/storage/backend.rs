@@ -242,7 +242,9 @@ impl Backend {
     pub async fn rename(&self, from: &str, to: &str) -> Result<(), ApiError> {
         if let Backend::Local { store, .. } = self {
             // The store would make a missing directory with the default mode: make it private.
-            let to_path = store.path_to_filesystem(&path_of(to)).map_err(unavailable)?;
+            let to_path = store
+                .path_to_filesystem(&path_of(to))
+                .map_err(unavailable)?;
             if let Some(dir) = to_path.parent().map(std::path::Path::to_path_buf) {
                 tokio::task::spawn_blocking(move || private_dirs(&dir))
                     .await
@@ -276,7 +278,9 @@ impl Backend {
         };
         let root = root.clone();
         // The store's own mapping: it percent-encodes characters such as `%` or `{` on disk.
-        let path = store.path_to_filesystem(&path_of(key)).map_err(unavailable)?;
+        let path = store
+            .path_to_filesystem(&path_of(key))
+            .map_err(unavailable)?;
         tokio::task::spawn_blocking(move || -> std::io::Result<()> {
             if !path.starts_with(&root) {
                 return Err(std::io::Error::other("outside the storage root"));

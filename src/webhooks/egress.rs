@@ -262,7 +262,8 @@ pub fn classify(ip: IpAddr) -> Option<AddressClass> {
                     .map(|(_, _, class)| *class)
                     // Outside global unicast: unassigned or special, never a receiver.
                     .or_else(|| {
-                        (!in_v6_block(bits, 0x2000_u128 << 112, 3)).then_some(AddressClass::Reserved)
+                        (!in_v6_block(bits, 0x2000_u128 << 112, 3))
+                            .then_some(AddressClass::Reserved)
                     })
             }
         },

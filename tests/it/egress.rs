@@ -461,7 +461,10 @@ async fn special_purpose_targets_are_refused_at_registration() {
         assert_eq!(status, 400, "{url} was accepted: {b}");
         assert_eq!(b["error"]["code"], "BAD_REQUEST", "{b}");
         assert!(
-            b["error"]["message"].as_str().unwrap().contains("not allowed"),
+            b["error"]["message"]
+                .as_str()
+                .unwrap()
+                .contains("not allowed"),
             "{b}"
         );
     }

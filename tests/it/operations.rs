@@ -19,7 +19,12 @@ async fn get(url: &str, headers: &[(&str, &str)]) -> (u16, String) {
 fn error_code(body: &str) -> String {
     let v: Value = serde_json::from_str(body).unwrap_or_else(|_| panic!("not JSON: {body}"));
     assert_eq!(v["success"], false, "{v}");
-    assert!(v["error"]["message"].as_str().is_some_and(|m| !m.is_empty()), "{v}");
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .is_some_and(|m| !m.is_empty()),
+        "{v}"
+    );
     v["error"]["code"].as_str().unwrap().to_string()
 }
 
@@ -41,11 +46,7 @@ async fn metrics_need_the_bearer_token_when_one_is_configured() {
     // An API key, even an admin one, is not the operator's token.
     let (status, _) = get(&url, &[("authorization", &format!("Bearer {}", f.admin))]).await;
     assert_eq!(status, 401);
-    let (status, body) = get(
-        &url,
-        &[("authorization", "Bearer metrics-token-for-tests")],
-    )
-    .await;
+    let (status, body) = get(&url, &[("authorization", "Bearer metrics-token-for-tests")]).await;
     assert_eq!(status, 200, "{body}");
     assert!(body.contains("fluxbase_http_requests_total"), "{body}");
     app.stop().await;

@@ -1886,7 +1886,11 @@ async fn upload_odd_name(t: &TestApp, data: &[u8]) -> (Fixture, String) {
     let key = body["file"]["s3_key"].as_str().unwrap().to_string();
     assert_eq!(
         key,
-        format!("{}/{}/{ODD_NAME}", f.project, bucket["id"].as_str().unwrap())
+        format!(
+            "{}/{}/{ODD_NAME}",
+            f.project,
+            bucket["id"].as_str().unwrap()
+        )
     );
     (f, key)
 }
@@ -1954,7 +1958,7 @@ async fn an_s3_client_listing_the_bucket_finds_the_key_the_api_returns() {
         .map(|m| m.unwrap().location.to_string())
         .collect()
         .await;
-    assert_eq!(listed, [key.clone()]);
+    assert_eq!(listed, std::slice::from_ref(&key));
     assert_eq!(std::fs::read(s3.object_path(&key)).unwrap(), b"real s3 key");
     assert_eq!(
         download(&t, &f, &key).await,
@@ -1975,7 +1979,10 @@ async fn objects_stored_under_the_old_encoded_keys_still_download_and_delete() {
     let old = storage.join(legacy_key(&key));
     assert_ne!(old, storage.join(&key));
     std::fs::rename(storage.join(&key), &old).unwrap();
-    assert_eq!(download(&t, &f, &key).await, (200, Bytes::from("old local")));
+    assert_eq!(
+        download(&t, &f, &key).await,
+        (200, Bytes::from("old local"))
+    );
     delete_object(&t, &f, &key).await;
     assert!(!old.exists());
     t.stop().await;
@@ -2015,7 +2022,11 @@ async fn s3_app_with(s3: &S3Server, tweak: impl FnOnce(&mut fluxbase::config::Co
 async fn ready(t: &TestApp) -> (u16, String, String) {
     let (status, body) = t.call("GET", "/ready", None, None).await;
     if status == 200 {
-        return (status, body["status"].as_str().unwrap().to_string(), String::new());
+        return (
+            status,
+            body["status"].as_str().unwrap().to_string(),
+            String::new(),
+        );
     }
     assert_eq!(body["success"], false, "{body}");
     (
@@ -2035,7 +2046,11 @@ async fn a_misconfigured_s3_backend_is_reported_by_ready_with_its_cause() {
     // A bucket that does not exist: the server starts, and says why it is not ready.
     let t = s3_app_with(&s3, |c| c.s3_bucket = Some("no-such-bucket".into())).await;
     let (status, code, message) = ready(&t).await;
-    assert_eq!((status, code.as_str()), (503, "STORAGE_UNAVAILABLE"), "{message}");
+    assert_eq!(
+        (status, code.as_str()),
+        (503, "STORAGE_UNAVAILABLE"),
+        "{message}"
+    );
     assert!(message.contains("no-such-bucket"), "{message}");
     assert!(message.contains("NoSuchBucket"), "{message}");
     // Once the bucket exists, it is ready without a restart.
@@ -2048,10 +2063,20 @@ async fn a_misconfigured_s3_backend_is_reported_by_ready_with_its_cause() {
     t.stop().await;
 
     // Credentials the endpoint refuses.
-    let t = s3_app_with(&s3, |c| c.s3_secret_access_key = Some("not-the-secret".into())).await;
+    let t = s3_app_with(&s3, |c| {
+        c.s3_secret_access_key = Some("not-the-secret".into())
+    })
+    .await;
     let (status, code, message) = ready(&t).await;
-    assert_eq!((status, code.as_str()), (503, "STORAGE_UNAVAILABLE"), "{message}");
-    assert!(message.contains("403") || message.contains("Forbidden"), "{message}");
+    assert_eq!(
+        (status, code.as_str()),
+        (503, "STORAGE_UNAVAILABLE"),
+        "{message}"
+    );
+    assert!(
+        message.contains("403") || message.contains("Forbidden"),
+        "{message}"
+    );
     assert!(message.contains("SignatureDoesNotMatch"), "{message}");
     t.stop().await;
 }
