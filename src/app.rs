@@ -43,7 +43,7 @@ impl App {
     /// Opens (or starts) the database, applies migrations and brings project databases up to
     /// date. `extra_pg` adds settings to an embedded cluster (tests use `fsync=off`).
     pub async fn open(config: Config, extra_pg: &[(&str, &str)]) -> Result<SharedApp> {
-        std::fs::create_dir_all(&config.data_dir)
+        crate::secrets::create_data_dir(&config.data_dir, config.database_url.is_none())
             .with_context(|| format!("creating {}", config.data_dir.display()))?;
         let secrets = Secrets::load_or_create(&config.data_dir)?;
         let (cluster, embedded) = match &config.database_url {
