@@ -54,7 +54,7 @@ impl App {
     }
 
     async fn open_as(config: Config, extra_pg: &[(&str, &str)], sweep: bool) -> Result<SharedApp> {
-        std::fs::create_dir_all(&config.data_dir)
+        crate::secrets::create_data_dir(&config.data_dir, config.database_url.is_none())
             .with_context(|| format!("creating {}", config.data_dir.display()))?;
         let secrets = Secrets::load_or_create(&config.data_dir)?;
         let (cluster, embedded) = match &config.database_url {
@@ -98,7 +98,18 @@ impl App {
             embedded,
         });
         crate::projects::migrate_all(&app).await?;
+        // A server (not a CLI command) reports a storage backend that cannot be used now, not at
+        // the first upload. It still starts (SQL, realtime and webhooks do not need it); `/ready`
+        // answers 503 with the cause until it is fixed. Sweeping is the server's job too: a
+        // running server may be mid-upload while a CLI command runs.
         if sweep {
+            if let Err(cause) = app.storage.ready().await {
+                tracing::error!(
+                    backend = app.storage.backend.describe(),
+                    cause,
+                    "the storage backend is not usable: uploads and downloads fail, /ready answers 503"
+                );
+            }
             if let Err(e) = app.sweep_storage().await {
                 tracing::warn!(error = %e, "storage sweep at start-up");
             }
@@ -107,6 +118,7 @@ impl App {
         app.realtime.set_retention(crate::realtime::Retention {
             events: app.config.realtime_retention_events,
             age: std::time::Duration::from_secs(app.config.realtime_retention_secs),
+            bytes: app.config.realtime_retention_bytes,
         });
         Ok(app)
     }
@@ -152,6 +164,7 @@ impl Running {
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
         app.start_change_streams().await?;
         app.start_webhooks().await?;
+        crate::metrics::start_listener(&app).await?;
         let routes = crate::http::routes(app.clone());
         let task = tokio::spawn(async move {
             warp::serve(routes)
@@ -176,6 +189,7 @@ impl Running {
         if let Some(tx) = self.shutdown.take() {
             let _ = tx.send(());
         }
+        self.app.metrics.stop_listener();
         let _ = tokio::time::timeout(std::time::Duration::from_secs(10), &mut self.task).await;
         let app = self.app.clone();
         let _ = tokio::task::spawn_blocking(move || app.shutdown()).await;

@@ -488,11 +488,20 @@ pub fn member_removed_payload(project_id: &str, user_id: &str) -> String {
     format!("{project_id} member-removed {user_id}")
 }
 
+/// The NOTIFY payload announcing that an API key of `project_id` was deleted or rotated.
+pub fn key_revoked_payload(project_id: &str, key_id: &str) -> String {
+    format!("{project_id} key-revoked {key_id}")
+}
+
 impl App {
     /// Acts on a NOTIFY from another server (or this one): a project whose status changed gets
     /// its room closed if inactive; a removed member's realtime subscriptions end, unless they
     /// are a member again by now.
     async fn access_changed(self: &std::sync::Arc<Self>, payload: &str) {
+        if let Some((project_id, key_id)) = payload.split_once(" key-revoked ") {
+            self.key_revoked(project_id, key_id).await;
+            return;
+        }
         match payload.split_once(" member-removed ") {
             Some((project_id, user_id)) => {
                 let still_member = match self.control.get().await {

@@ -16,6 +16,13 @@ use serde::Deserialize;
 pub struct Config {
     /// Address the HTTP and WebSocket server listens on.
     pub listen: SocketAddr,
+    /// A bearer token `/metrics` requires (`Authorization: Bearer <token>`). Unset: `/metrics`
+    /// answers only requests from a loopback address that carry no proxy headers (or only on
+    /// `metrics_addr`, when set).
+    pub metrics_token: Option<String>,
+    /// A separate address `/metrics` is served on (e.g. `127.0.0.1:9464`); the main listener
+    /// then answers `/metrics` with 404. Unset: `/metrics` is on the main listener.
+    pub metrics_addr: Option<SocketAddr>,
     /// Directory for the embedded cluster, local storage and generated secrets.
     pub data_dir: PathBuf,
     /// An existing PostgreSQL cluster (its database is the control database). Unset: embedded.
@@ -71,12 +78,26 @@ pub struct Config {
     pub realtime_retention_events: usize,
     /// Seconds a realtime room keeps events for `since` resumes.
     pub realtime_retention_secs: u64,
+    /// Bytes of events a realtime room keeps for `since` resumes (the oldest go first).
+    pub realtime_retention_bytes: usize,
+    /// Largest broadcast payload (serialized JSON bytes) from a client, `POST
+    /// /api/realtime/broadcast` or SQL (`realtime.broadcast`); larger ones are refused.
+    pub realtime_max_broadcast_bytes: usize,
+    /// Broadcasts one socket may send per second (burst: one second's worth; 0: no limit).
+    pub realtime_broadcasts_per_sec: u32,
+    /// Broadcast payload bytes one socket may send per second (burst: one second's worth;
+    /// 0: no limit).
+    pub realtime_broadcast_bytes_per_sec: usize,
+    /// Subscribes one socket may send per second (burst: one second's worth; 0: no limit).
+    pub realtime_subscribes_per_sec: u32,
 }
 
 impl Default for Config {
     fn default() -> Self {
         Config {
             listen: "127.0.0.1:8080".parse().expect("static address"),
+            metrics_token: None,
+            metrics_addr: None,
             data_dir: PathBuf::from(".fluxbase"),
             database_url: None,
             public_url: None,
@@ -102,6 +123,11 @@ impl Default for Config {
             webhook_scan_ms: 500,
             realtime_retention_events: 100_000,
             realtime_retention_secs: 600,
+            realtime_retention_bytes: 64 * 1024 * 1024,
+            realtime_max_broadcast_bytes: 256 * 1024,
+            realtime_broadcasts_per_sec: 25,
+            realtime_broadcast_bytes_per_sec: 256 * 1024,
+            realtime_subscribes_per_sec: 10,
         }
     }
 }
@@ -110,6 +136,8 @@ impl std::fmt::Debug for Config {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Config")
             .field("listen", &self.listen)
+            .field("metrics_token", &self.metrics_token.as_ref().map(|_| "***"))
+            .field("metrics_addr", &self.metrics_addr)
             .field("data_dir", &self.data_dir)
             .field(
                 "database_url",
@@ -195,6 +223,18 @@ impl Config {
         }
         env!("FLUXBASE_LISTEN", |k, v: String| -> Result<()> {
             self.listen = parse(k, &v)?;
+            Ok(())
+        });
+        env!("FLUXBASE_METRICS_TOKEN", |_, v| -> Result<()> {
+            self.metrics_token = opt(v);
+            Ok(())
+        });
+        env!("FLUXBASE_METRICS_ADDR", |k, v: String| -> Result<()> {
+            self.metrics_addr = if v.is_empty() {
+                None
+            } else {
+                Some(parse(k, &v)?)
+            };
             Ok(())
         });
         env!("FLUXBASE_DATA_DIR", |_, v: String| -> Result<()> {
@@ -300,6 +340,41 @@ impl Config {
             self.realtime_retention_secs = parse(k, &v)?;
             Ok(())
         });
+        env!("FLUXBASE_REALTIME_RETENTION_BYTES", |k,
+                                                   v: String|
+         -> Result<()> {
+            self.realtime_retention_bytes = parse(k, &v)?;
+            Ok(())
+        });
+        env!(
+            "FLUXBASE_REALTIME_MAX_BROADCAST_BYTES",
+            |k, v: String| -> Result<()> {
+                self.realtime_max_broadcast_bytes = parse(k, &v)?;
+                Ok(())
+            }
+        );
+        env!(
+            "FLUXBASE_REALTIME_BROADCASTS_PER_SEC",
+            |k, v: String| -> Result<()> {
+                self.realtime_broadcasts_per_sec = parse(k, &v)?;
+                Ok(())
+            }
+        );
+        env!("FLUXBASE_REALTIME_BROADCAST_BYTES_PER_SEC", |k,
+                                                           v: String|
+         -> Result<
+            (),
+        > {
+            self.realtime_broadcast_bytes_per_sec = parse(k, &v)?;
+            Ok(())
+        });
+        env!(
+            "FLUXBASE_REALTIME_SUBSCRIBES_PER_SEC",
+            |k, v: String| -> Result<()> {
+                self.realtime_subscribes_per_sec = parse(k, &v)?;
+                Ok(())
+            }
+        );
         env!("FLUXBASE_CDC_BUFFER_BYTES", |k, v: String| -> Result<()> {
             self.cdc_buffer_bytes = parse(k, &v)?;
             Ok(())
@@ -354,6 +429,43 @@ impl Config {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn metrics_access_and_realtime_limits_come_from_the_environment() {
+        let mut c = Config::default();
+        assert_eq!(c.metrics_token, None);
+        assert_eq!(c.metrics_addr, None);
+        c.apply_env(|k| match k {
+            "FLUXBASE_METRICS_TOKEN" => Some("t0ken".into()),
+            "FLUXBASE_METRICS_ADDR" => Some("127.0.0.1:9464".into()),
+            "FLUXBASE_REALTIME_MAX_BROADCAST_BYTES" => Some("1000".into()),
+            "FLUXBASE_REALTIME_BROADCASTS_PER_SEC" => Some("3".into()),
+            "FLUXBASE_REALTIME_BROADCAST_BYTES_PER_SEC" => Some("4000".into()),
+            "FLUXBASE_REALTIME_SUBSCRIBES_PER_SEC" => Some("2".into()),
+            "FLUXBASE_REALTIME_RETENTION_BYTES" => Some("5000".into()),
+            _ => None,
+        })
+        .unwrap();
+        assert_eq!(c.metrics_token.as_deref(), Some("t0ken"));
+        assert_eq!(c.metrics_addr, Some("127.0.0.1:9464".parse().unwrap()));
+        assert_eq!(
+            (
+                c.realtime_max_broadcast_bytes,
+                c.realtime_broadcasts_per_sec,
+                c.realtime_broadcast_bytes_per_sec,
+                c.realtime_subscribes_per_sec,
+                c.realtime_retention_bytes
+            ),
+            (1000, 3, 4000, 2, 5000)
+        );
+        assert!(
+            !format!("{c:?}").contains("t0ken"),
+            "the token is never logged"
+        );
+        assert!(Config::default()
+            .apply_env(|k| (k == "FLUXBASE_METRICS_ADDR").then(|| "nowhere".into()))
+            .is_err());
+    }
 
     #[test]
     fn environment_overrides_defaults() {

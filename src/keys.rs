@@ -144,7 +144,7 @@ impl App {
                 ApiError::NotFound(format!("keyId: no key {:?} in this project", req.key_id))
             })?;
         drop(client);
-        self.invalidate_access().await;
+        self.key_changed(&access.project.id, &req.key_id).await;
         let key = NewKey {
             id: req.key_id,
             name: row.get(0),
@@ -178,7 +178,16 @@ impl App {
             )));
         }
         drop(client);
-        self.invalidate_access().await;
+        self.key_changed(&access.project.id, key_id).await;
         Ok((StatusCode::OK, json!({ "success": true })))
+    }
+
+    /// A key was rotated or deleted: caches emptied here and on every server, and the realtime
+    /// subscriptions it authorized (directly or through its tokens) ended, here at once and on
+    /// the other servers through the notification.
+    async fn key_changed(&self, project_id: &str, key_id: &str) {
+        self.notify_access_change(&crate::auth::key_revoked_payload(project_id, key_id))
+            .await;
+        self.key_revoked(project_id, key_id).await;
     }
 }

@@ -21,6 +21,16 @@
 //!   it, so a room never misses an event; it drops replays (ids at or below the last it saw).
 //! * Each socket has one bounded send queue. A socket whose queue is full is closed with code
 //!   1008 and a reason; the room goes on for everyone else.
+//! * What one client may send is bounded per socket, so that a flooder is the one cut off and
+//!   not the sockets it floods: broadcasts (count and payload bytes per second) and subscribes
+//!   (per second) go through token buckets; one over its bucket is refused with a `RATE_LIMIT`
+//!   error, and a socket refused [`RATE_STRIKES`] times without a quiet pause of
+//!   [`STRIKE_RESET`] is closed with 1008. A subscribe with a realtime token also counts against
+//!   that token's own budget (the API's per-caller rate limit), whichever socket sends it.
+//! * A broadcast payload (client, REST or SQL) is at most `realtime_max_broadcast_bytes`; a
+//!   larger one never enters a room. A room's resume history is bounded in events, age and bytes.
+//! * A subscription authorized by an API key, directly or through a realtime token minted with
+//!   it, ends (`ACCESS_REVOKED`) when the key is deleted or rotated; such tokens are refused.
 //! * Auth per subscribe: an API key of the project (any scope), a session of a member, or a
 //!   realtime token (`flx_rt_…`, HMAC-signed, short-lived, may carry `authUid` and a table list).
 //!   A project with `realtimePublic` accepts a subscribe without a token.
@@ -30,7 +40,7 @@
 //!   an idle socket costs a few KiB instead of ~140 KiB.
 
 use std::collections::{HashMap, HashSet, VecDeque};
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -66,6 +76,10 @@ const PING_EVERY: Duration = Duration::from_secs(30);
 /// How long a closing socket may take to flush its close frame before it is dropped.
 const CLOSE_GRACE: Duration = Duration::from_secs(10);
 const TOKEN_PREFIX: &str = "flx_rt_";
+/// Refused client messages (over a rate limit) after which the socket is closed.
+pub const RATE_STRIKES: u32 = 50;
+/// A socket refused nothing for this long starts again from no strikes.
+pub const STRIKE_RESET: Duration = Duration::from_secs(10);
 /// Bytes a socket reads from the connection at a time (tungstenite's default is 128 KiB).
 pub const READ_BUFFER: usize = 4 * 1024;
 /// Queued outgoing bytes past which a write flushes (tungstenite's default is 128 KiB).
@@ -73,6 +87,29 @@ const WRITE_BUFFER: usize = 16 * 1024;
 
 /// An upgraded WebSocket connection.
 pub type WebSocket = WebSocketStream<TokioIo<hyper::upgrade::Upgraded>>;
+
+/// Refuses a message over a rate limit with `RATE_LIMIT`, or cuts the socket off after
+/// [`RATE_STRIKES`] refusals; true while the socket may go on.
+fn over_limit(
+    socket: &SocketShared,
+    limits: &mut SocketLimits,
+    what: &str,
+    room: Option<&str>,
+) -> bool {
+    if limits.strike() {
+        socket.close.fire(&format!(
+            "rate limit exceeded: too many {what} (refused {RATE_STRIKES} times)"
+        ));
+        return false;
+    }
+    let mut e = json!({ "type": "error", "code": "RATE_LIMIT",
+                        "message": format!("Too many {what} from this socket: slow down.") });
+    if let Some(r) = room {
+        e["roomId"] = json!(r);
+    }
+    socket.push(Message::text(e.to_string()));
+    true
+}
 
 fn close_frame(code: CloseCode, reason: &str) -> Message {
     Message::Close(Some(CloseFrame {
@@ -148,6 +185,8 @@ pub fn upgrade(
 pub struct Retention {
     pub events: usize,
     pub age: Duration,
+    /// Bytes of retained events (their frame, payload and record).
+    pub bytes: usize,
 }
 
 impl Default for Retention {
@@ -155,6 +194,7 @@ impl Default for Retention {
         Retention {
             events: 100_000,
             age: Duration::from_secs(600),
+            bytes: 64 * 1024 * 1024,
         }
     }
 }
@@ -261,14 +301,31 @@ impl Filter {
     }
 }
 
+/// Why and when a socket's writer cuts it off (code 1008 with the reason), whatever is queued.
+#[derive(Default)]
+struct CutOff {
+    reason: Mutex<Option<String>>,
+    /// Wakes the writer (its only waiter).
+    notify: Notify,
+}
+
+impl CutOff {
+    /// The first reason given wins.
+    fn fire(&self, reason: &str) {
+        let mut r = self.reason.lock().expect("poisoned");
+        if r.is_none() {
+            *r = Some(reason.to_string());
+            self.notify.notify_one();
+        }
+    }
+}
+
 /// What a socket shares with the rooms it joined.
 struct SocketShared {
     id: u64,
     tx: mpsc::Sender<Message>,
-    /// Set when the queue overflowed; the writer closes the socket.
-    too_slow: AtomicBool,
-    /// Wakes the writer (its only waiter) to cut a too slow socket off.
-    close: Arc<Notify>,
+    /// Fired when the queue overflowed (or the client broke its limits); the writer closes.
+    close: Arc<CutOff>,
 }
 
 impl SocketShared {
@@ -277,14 +334,88 @@ impl SocketShared {
         match self.tx.try_send(msg) {
             Ok(()) => true,
             Err(mpsc::error::TrySendError::Full(_)) => {
-                if !self.too_slow.swap(true, Ordering::AcqRel) {
-                    self.close.notify_one();
-                }
+                self.close.fire("client too slow: send queue full");
                 false
             }
             Err(mpsc::error::TrySendError::Closed(_)) => false,
         }
     }
+}
+
+/// A token bucket: `rate` per second, holding at most one second's worth. Rate 0: unlimited.
+struct Bucket {
+    rate: f64,
+    tokens: f64,
+    last: Instant,
+}
+
+impl Bucket {
+    fn new(rate: f64) -> Bucket {
+        Bucket {
+            rate,
+            tokens: rate,
+            last: Instant::now(),
+        }
+    }
+
+    fn take(&mut self, n: f64) -> bool {
+        if self.rate <= 0.0 {
+            return true;
+        }
+        let now = Instant::now();
+        let refill = now.duration_since(self.last).as_secs_f64() * self.rate;
+        self.tokens = (self.tokens + refill).min(self.rate.max(n));
+        self.last = now;
+        if self.tokens >= n {
+            self.tokens -= n;
+            true
+        } else {
+            false
+        }
+    }
+}
+
+/// What one socket may still send: its buckets and its refusals so far.
+struct SocketLimits {
+    broadcasts: Bucket,
+    broadcast_bytes: Bucket,
+    subscribes: Bucket,
+    strikes: u32,
+    last_strike: Option<Instant>,
+}
+
+impl SocketLimits {
+    fn new(config: &crate::config::Config) -> SocketLimits {
+        SocketLimits {
+            broadcasts: Bucket::new(config.realtime_broadcasts_per_sec as f64),
+            broadcast_bytes: Bucket::new(config.realtime_broadcast_bytes_per_sec as f64),
+            subscribes: Bucket::new(config.realtime_subscribes_per_sec as f64),
+            strikes: 0,
+            last_strike: None,
+        }
+    }
+
+    /// Counts a refusal; true once the socket has had too many.
+    fn strike(&mut self) -> bool {
+        let now = Instant::now();
+        if self
+            .last_strike
+            .is_some_and(|t| now.duration_since(t) > STRIKE_RESET)
+        {
+            self.strikes = 0;
+        }
+        self.last_strike = Some(now);
+        self.strikes += 1;
+        self.strikes >= RATE_STRIKES
+    }
+}
+
+/// The API key a subscription was authorized by (directly or through a realtime token it
+/// minted): its id, and a fingerprint of the secret it had then.
+#[derive(Clone, Debug)]
+struct KeyBinding {
+    key_id: String,
+    fingerprint: String,
 }
 
 struct Member {
@@ -297,18 +428,24 @@ struct Member {
     /// The project member this subscription acts for (a session, or a realtime token a member
     /// obtained): it ends when the member is removed.
     user: Option<String>,
+    /// The API key behind it: it ends when the key is deleted or rotated.
+    key: Option<KeyBinding>,
 }
 
 struct Retained {
     event: Arc<Event>,
     message: Message,
     at: Instant,
+    /// What it holds in memory (counted against [`Retention::bytes`]).
+    bytes: usize,
 }
 
 #[derive(Default)]
 struct RoomState {
     members: HashMap<u64, Member>,
     history: VecDeque<Retained>,
+    /// Sum of `bytes` over `history`.
+    history_bytes: usize,
     /// Id of the last event that entered the room (replays at or below it are dropped).
     last_id: Option<String>,
     /// History was trimmed: ids at or below this one are gone.
@@ -403,6 +540,47 @@ impl Realtime {
         }
     }
 
+    /// Ends the subscriptions an API key authorized in a project's room, directly or through a
+    /// realtime token minted with it: all of them once the key is deleted (`current` is
+    /// `None`), those of an older secret once it was rotated (`current` is the fingerprint of
+    /// the secret it has now). Each socket gets `ACCESS_REVOKED` and stays open for its other
+    /// rooms.
+    fn evict_key(&self, project_id: &str, key_id: &str, current: Option<&str>) -> usize {
+        let Some(room) = self.room(project_id) else {
+            return 0;
+        };
+        let mut state = room.state.lock().expect("poisoned");
+        let gone: Vec<u64> = state
+            .members
+            .iter()
+            .filter(|(_, m)| {
+                m.key.as_ref().is_some_and(|k| {
+                    k.key_id == key_id && current.is_none_or(|c| c != k.fingerprint)
+                })
+            })
+            .map(|(id, _)| *id)
+            .collect();
+        let msg = Message::text(
+            json!({ "type": "error", "code": "ACCESS_REVOKED", "roomId": room.room_id,
+                    "message": "The API key this subscription was authorized with was deleted or rotated." })
+            .to_string(),
+        );
+        for id in &gone {
+            if let Some(m) = state.members.remove(id) {
+                m.socket.push(msg.clone());
+            }
+        }
+        if !gone.is_empty() {
+            tracing::info!(
+                project_id,
+                key_id,
+                sockets = gone.len(),
+                "realtime subscriptions of a revoked key ended"
+            );
+        }
+        gone.len()
+    }
+
     /// Whether a socket is (still) in a project's room.
     fn in_room(&self, project_id: &str, socket: u64) -> bool {
         let room = self.room(project_id);
@@ -418,14 +596,16 @@ impl Realtime {
 
 /// A socket's writer: its queue (and pings) to the connection. It holds no sender of its own
 /// queue, so it ends once the reader and the rooms have dropped theirs (queue sent, then a close
-/// frame), when the connection fails, or when `too_slow` fires: that also interrupts a send
-/// stuck on a client that stopped reading, and the socket is closed with 1008 and a reason.
-/// Closing is bounded by [`CLOSE_GRACE`]; the reader ends when the writer does.
+/// frame), when the connection fails, or when `cut_off` fires (too slow, or over its limits):
+/// that also interrupts a send stuck on a client that stopped reading, and the socket is closed
+/// with 1008 and the reason. Closing is bounded by [`CLOSE_GRACE`]; the reader ends when the
+/// writer does.
 async fn write_socket(
     mut sink: futures_util::stream::SplitSink<WebSocket, Message>,
     mut rx: mpsc::Receiver<Message>,
-    too_slow: Arc<Notify>,
+    cut_off_by: Arc<CutOff>,
 ) {
+    let cut = &cut_off_by.notify;
     let mut ping = tokio::time::interval(PING_EVERY);
     ping.tick().await;
     let cut_off = loop {
@@ -435,7 +615,7 @@ async fn write_socket(
                 None => break false,
             },
             _ = ping.tick() => Message::Ping(Default::default()),
-            _ = too_slow.notified() => break true,
+            _ = cut.notified() => break true,
         };
         // What is already queued goes out in the same write: one flush per batch, not per
         // message (measured: ~2.5x the delivered messages/s at 1,000 subscribers).
@@ -451,13 +631,14 @@ async fn write_socket(
         };
         tokio::select! {
             sent = batch => if sent.is_err() { return },
-            _ = too_slow.notified() => break true,
+            _ = cut.notified() => break true,
         }
     };
     let goodbye = async {
         if cut_off {
-            let reason = "client too slow: send queue full";
-            let _ = sink.send(close_frame(CloseCode::Policy, reason)).await;
+            let reason = cut_off_by.reason.lock().expect("poisoned").clone();
+            let reason = reason.unwrap_or_else(|| "policy violation".into());
+            let _ = sink.send(close_frame(CloseCode::Policy, &reason)).await;
         }
         let _ = sink.close().await;
     };
@@ -489,7 +670,33 @@ fn kind_of(event: &Event) -> &'static str {
 
 impl Room {
     /// Fans one event out to the members whose filter matches, and keeps it for resumes.
-    fn deliver(&self, event: Arc<Event>, retention: Retention, delivered: &AtomicU64) {
+    fn deliver(
+        &self,
+        event: Arc<Event>,
+        retention: Retention,
+        max_broadcast: usize,
+        delivered: &AtomicU64,
+    ) {
+        if matches!(event.kind, EventKind::Broadcast { .. }) && event.payload.len() > max_broadcast
+        {
+            // Never fanned out nor retained; its id still counts as seen (replays are dropped).
+            tracing::warn!(
+                room = self.room_id,
+                id = event.id,
+                bytes = event.payload.len(),
+                limit = max_broadcast,
+                "a broadcast from SQL is over realtime_max_broadcast_bytes: dropped"
+            );
+            let mut state = self.state.lock().expect("poisoned");
+            if state
+                .last_id
+                .as_deref()
+                .is_none_or(|last| event.id.as_str() > last)
+            {
+                state.last_id = Some(event.id.clone());
+            }
+            return;
+        }
         let message = frame(kind_of(&event), &self.room_id, &event);
         let parsed = std::cell::OnceCell::new();
         let record = || {
@@ -523,18 +730,26 @@ impl Room {
         }
         delivered.fetch_add(n, Ordering::Relaxed);
         let now = Instant::now();
+        let bytes = message.len()
+            + event.payload.len()
+            + event.record.as_ref().map_or(0, String::len)
+            + event.old.as_ref().map_or(0, String::len);
+        state.history_bytes += bytes;
         state.history.push_back(Retained {
             event,
             message,
             at: now,
+            bytes,
         });
         while state.history.len() > retention.events
+            || state.history_bytes > retention.bytes
             || state
                 .history
                 .front()
                 .is_some_and(|r| now.duration_since(r.at) > retention.age)
         {
             let dropped = state.history.pop_front().expect("non-empty");
+            state.history_bytes -= dropped.bytes;
             state.trimmed_through = Some(dropped.event.id.clone());
         }
     }
@@ -557,6 +772,12 @@ struct Claims {
     /// are no longer a member.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     m: Option<String>,
+    /// The API key that minted the token, and the fingerprint of its secret then: the token is
+    /// refused once the key is deleted or rotated.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    k: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    f: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -585,6 +806,16 @@ fn token_key(app: &App) -> ring::hmac::Key {
     )
 }
 
+/// A fingerprint of an API key's secret (from its SHA-256): changes when the key is rotated,
+/// and says nothing about the secret (an HMAC under the instance's realtime key).
+fn key_fingerprint(app: &App, key_hash: &[u8]) -> String {
+    let tag = ring::hmac::sign(
+        &token_key(app),
+        &[b"api-key:".as_slice(), key_hash].concat(),
+    );
+    hex::encode(&tag.as_ref()[..12])
+}
+
 fn b64url(data: &[u8]) -> String {
     use base64::Engine;
     base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(data)
@@ -592,7 +823,7 @@ fn b64url(data: &[u8]) -> String {
 
 impl App {
     /// `POST /api/realtime/token`: a short-lived token a browser can subscribe with.
-    pub fn realtime_token(
+    pub async fn realtime_token(
         &self,
         access: &Access,
         req: TokenRequest,
@@ -604,12 +835,24 @@ impl App {
             ));
         }
         let expires = chrono::Utc::now() + chrono::Duration::seconds(ttl);
+        let (k, f) = match &access.principal {
+            Principal::Key { key_id, .. } => {
+                let hash = self
+                    .current_key_hash(&access.project.id, key_id)
+                    .await?
+                    .ok_or_else(|| ApiError::AuthRequired("Invalid or revoked API key.".into()))?;
+                (Some(key_id.clone()), Some(key_fingerprint(self, &hash)))
+            }
+            Principal::Session { .. } => (None, None),
+        };
         let claims = Claims {
             p: access.project.id.clone(),
             u: req.auth_uid,
             t: req.tables,
             e: expires.timestamp(),
             m: access.principal.user_id().map(str::to_string),
+            k,
+            f,
         };
         let body = b64url(serde_json::to_string(&claims).expect("claims").as_bytes());
         let sig = ring::hmac::sign(&token_key(self), body.as_bytes());
@@ -637,6 +880,35 @@ impl App {
             return Err(("TOKEN_EXPIRED", "Realtime token has expired.".into()));
         }
         Ok(claims)
+    }
+
+    /// The SHA-256 of a live API key's current secret (`None`: deleted, or not this project's).
+    async fn current_key_hash(&self, project_id: &str, key_id: &str) -> ApiResult<Option<Vec<u8>>> {
+        let client = self.control.get().await?;
+        let row = client
+            .query_opt(
+                "SELECT key_hash FROM fluxbase.api_keys
+                 WHERE id = $1 AND project_id = $2 AND revoked_at IS NULL",
+                &[&key_id, &project_id],
+            )
+            .await?;
+        Ok(row.map(|r| r.get(0)))
+    }
+
+    /// An API key was deleted or rotated (here or by another server): the realtime
+    /// subscriptions it authorized, directly or through its tokens, end unless they hold its
+    /// current secret.
+    pub async fn key_revoked(&self, project_id: &str, key_id: &str) {
+        let current = match self.current_key_hash(project_id, key_id).await {
+            Ok(hash) => hash.map(|h| key_fingerprint(self, &h)),
+            Err(e) => {
+                // Unknown state: end them all (the clients may subscribe again).
+                tracing::warn!(error = %e, key_id, "checking a revoked key");
+                None
+            }
+        };
+        self.realtime
+            .evict_key(project_id, key_id, current.as_deref());
     }
 
     /// The cluster's WAL insert position: a transaction that commits after this call has a
@@ -668,23 +940,33 @@ impl App {
         if req.event.is_empty() || req.event.len() > 200 {
             return Err(ApiError::BadRequest("event: 1 to 200 characters".into()));
         }
-        let delivered = self.broadcast_to_room(&access.project.id, None, &req.event, &req.payload);
+        let delivered = self
+            .broadcast_to_room(&access.project.id, None, &req.event, &req.payload)
+            .map_err(|_| ApiError::PayloadTooLarge(self.config.realtime_max_broadcast_bytes))?;
         Ok((
             StatusCode::OK,
             json!({ "success": true, "delivered": delivered }),
         ))
     }
 
-    /// Sends a broadcast to a room's members (except `from`); returns how many got it.
+    /// Sends a broadcast to a room's members (except `from`); returns how many got it, or
+    /// why it was refused (a payload over `realtime_max_broadcast_bytes`).
     fn broadcast_to_room(
         &self,
         project_id: &str,
         from: Option<u64>,
         event: &str,
         payload: &Value,
-    ) -> usize {
+    ) -> Result<usize, String> {
+        let limit = self.config.realtime_max_broadcast_bytes;
+        let size = serde_json::to_vec(payload).map_or(usize::MAX, |v| v.len());
+        if size > limit {
+            return Err(format!(
+                "broadcast payload is {size} bytes; the limit is {limit} bytes"
+            ));
+        }
         let room = self.realtime.room(project_id);
-        let Some(room) = room else { return 0 };
+        let Some(room) = room else { return Ok(0) };
         let msg = Message::text(
             json!({ "type": "broadcast", "roomId": room.room_id, "event": event, "payload": payload })
                 .to_string(),
@@ -699,7 +981,7 @@ impl App {
         self.realtime
             .delivered
             .fetch_add(n as u64, Ordering::Relaxed);
-        n
+        Ok(n)
     }
 
     /// The project's room, created (with its pump on the bus) on first use.
@@ -723,7 +1005,12 @@ impl App {
                 };
                 let end = event.end_lsn;
                 let last = event.last_in_transaction;
-                room.deliver(event, app.realtime.retention(), &app.realtime.delivered);
+                room.deliver(
+                    event,
+                    app.realtime.retention(),
+                    app.config.realtime_max_broadcast_bytes,
+                    &app.realtime.delivered,
+                );
                 if last {
                     sub.ack(end);
                 }
@@ -743,11 +1030,11 @@ impl App {
         let shared = Arc::new(SocketShared {
             id,
             tx,
-            too_slow: AtomicBool::new(false),
-            close: Arc::new(Notify::new()),
+            close: Arc::new(CutOff::default()),
         });
         let mut writer = tokio::spawn(write_socket(sink, rx, shared.close.clone()));
         let mut writer_done = false;
+        let mut limits = SocketLimits::new(&self.config);
 
         let mut joined: HashSet<String> = HashSet::new();
         loop {
@@ -781,7 +1068,12 @@ impl App {
                 continue; // pings are answered by the library; pongs only show liveness
             }
             let text = msg.to_text().unwrap_or_default();
-            self.client_message(&shared, &mut joined, text).await;
+            if !self
+                .client_message(&shared, &mut joined, &mut limits, text)
+                .await
+            {
+                break; // over its limits: the writer closes it with the reason
+            }
         }
         for project_id in &joined {
             if let Some(room) = self.realtime.room(project_id) {
@@ -800,12 +1092,14 @@ impl App {
         self.realtime.sockets.fetch_sub(1, Ordering::Relaxed);
     }
 
+    /// Handles one client message; false when the socket is to be cut off.
     async fn client_message(
         self: &Arc<App>,
         socket: &Arc<SocketShared>,
         joined: &mut HashSet<String>,
+        limits: &mut SocketLimits,
         text: &str,
-    ) {
+    ) -> bool {
         let error = |code: &str, message: String, room: Option<&str>| {
             let mut e = json!({ "type": "error", "code": code, "message": message });
             if let Some(r) = room {
@@ -815,8 +1109,14 @@ impl App {
         };
         let msg: Value = match serde_json::from_str(text) {
             Ok(v @ Value::Object(_)) => v,
-            Ok(_) => return error("BAD_MESSAGE", "expected a JSON object".into(), None),
-            Err(e) => return error("BAD_MESSAGE", format!("invalid JSON: {e}"), None),
+            Ok(_) => {
+                error("BAD_MESSAGE", "expected a JSON object".into(), None);
+                return true;
+            }
+            Err(e) => {
+                error("BAD_MESSAGE", format!("invalid JSON: {e}"), None);
+                return true;
+            }
         };
         let room_id = msg["roomId"].as_str();
         match msg["type"].as_str() {
@@ -825,15 +1125,20 @@ impl App {
             }
             Some("subscribe") => {
                 let Some(room_id) = room_id else {
-                    return error("BAD_MESSAGE", "subscribe needs roomId".into(), None);
+                    error("BAD_MESSAGE", "subscribe needs roomId".into(), None);
+                    return true;
                 };
+                if !limits.subscribes.take(1.0) {
+                    return over_limit(socket, limits, "subscribes", Some(room_id));
+                }
                 if let Err((code, message)) = self.subscribe(socket, joined, room_id, &msg).await {
                     error(code, message, Some(room_id));
                 }
             }
             Some("unsubscribe") => {
                 let Some(room_id) = room_id else {
-                    return error("BAD_MESSAGE", "unsubscribe needs roomId".into(), None);
+                    error("BAD_MESSAGE", "unsubscribe needs roomId".into(), None);
+                    return true;
                 };
                 let project_id = room_id.strip_prefix("project_").unwrap_or_default();
                 if joined.remove(project_id) {
@@ -851,21 +1156,31 @@ impl App {
             }
             Some("broadcast") => {
                 let (Some(room_id), Some(event)) = (room_id, msg["event"].as_str()) else {
-                    return error(
+                    error(
                         "BAD_MESSAGE",
                         "broadcast needs roomId and event".into(),
                         room_id,
                     );
+                    return true;
                 };
                 let project_id = room_id.strip_prefix("project_").unwrap_or_default();
                 if !joined.contains(project_id) || !self.realtime.in_room(project_id, socket.id) {
-                    return error(
+                    error(
                         "NOT_SUBSCRIBED",
                         "subscribe to the room before broadcasting".into(),
                         Some(room_id),
                     );
+                    return true;
                 }
-                self.broadcast_to_room(project_id, Some(socket.id), event, &msg["payload"]);
+                // Counted by the message's size: what the socket makes the room carry.
+                if !limits.broadcasts.take(1.0) || !limits.broadcast_bytes.take(text.len() as f64) {
+                    return over_limit(socket, limits, "broadcasts", Some(room_id));
+                }
+                if let Err(message) =
+                    self.broadcast_to_room(project_id, Some(socket.id), event, &msg["payload"])
+                {
+                    error("PAYLOAD_TOO_LARGE", message, Some(room_id));
+                }
             }
             Some(other) => error(
                 "BAD_MESSAGE",
@@ -874,6 +1189,7 @@ impl App {
             ),
             None => error("BAD_MESSAGE", "missing type".into(), room_id),
         }
+        true
     }
 
     async fn subscribe(
@@ -908,6 +1224,7 @@ impl App {
         };
         let api = |e: ApiError| (e.code(), e.to_string());
         let mut user = None;
+        let mut key = None;
         let project = self.load_project(project_id).await.map_err(api)?.ok_or((
             "PROJECT_NOT_FOUND",
             "No project found for the given projectId.".into(),
@@ -917,6 +1234,23 @@ impl App {
                 let claims = self.verify_realtime_token(token)?;
                 if claims.p != project.id {
                     return Err(("SCOPE_MISMATCH", "This token belongs to another project.".into()));
+                }
+                // A token has its own budget, as a key does: however many sockets use it.
+                let caller = hex::encode(&crate::secrets::sha256(token.as_bytes())[..16]);
+                self.rate.check(&format!("rt:{caller}")).map_err(api)?;
+                if let (Some(key_id), Some(fingerprint)) = (claims.k, claims.f) {
+                    let current = self
+                        .current_key_hash(&project.id, &key_id)
+                        .await
+                        .map_err(api)?
+                        .map(|h| key_fingerprint(self, &h));
+                    if current.as_deref() != Some(fingerprint.as_str()) {
+                        return Err((
+                            "ACCESS_REVOKED",
+                            "The API key that issued this token was deleted or rotated.".into(),
+                        ));
+                    }
+                    key = Some(KeyBinding { key_id, fingerprint });
                 }
                 filter.token_tables = claims.t.map(|t| t.into_iter().collect());
                 if let Some(member) = claims.m {
@@ -931,10 +1265,14 @@ impl App {
             }
             Some(token) => {
                 let principal = self.authenticate(Some(&format!("Bearer {token}"))).await.map_err(api)?;
-                if let Principal::Key { project_id: key_project, .. } = &principal {
+                if let Principal::Key { project_id: key_project, key_id, .. } = &principal {
                     if key_project != &project.id {
                         return Err(("SCOPE_MISMATCH", "This key belongs to another project.".into()));
                     }
+                    key = Some(KeyBinding {
+                        key_id: key_id.clone(),
+                        fingerprint: key_fingerprint(self, &crate::secrets::sha256(token.as_bytes())),
+                    });
                 }
                 self.project_access(&principal, &project.id).await.map_err(api)?;
                 user = principal.user_id().map(str::to_string);
@@ -1008,6 +1346,7 @@ impl App {
                 filter,
                 committed_from: if resumed { Lsn(0) } else { now },
                 user,
+                key,
             },
         );
         drop(state);

@@ -61,11 +61,39 @@ impl std::fmt::Debug for Secrets {
     }
 }
 
+/// Creates `dir` and any missing parent with mode 0700 (only the server's user may enter), and
+/// sets 0700 on `dir` itself if it already existed.
+pub fn create_private_dir(dir: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+}
+
+/// The data directory (cluster, objects, spill files, secrets), private to the server's user:
+/// 0700, also when an older version left it open. One exception: run as root with the
+/// embedded cluster, PostgreSQL runs as an unprivileged user who must pass through it to its
+/// own directory, so it is 0711 then: nobody else can list it, and everything in it is itself
+/// 0700 (directories) or 0600 (files).
+pub fn create_data_dir(dir: &Path, embedded_cluster: bool) -> std::io::Result<()> {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    create_private_dir(dir)?;
+    if embedded_cluster && std::fs::metadata(dir)?.uid() == 0 {
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o711))?;
+    }
+    Ok(())
+}
+
 impl Secrets {
-    /// Loads the secrets file under `data_dir`, creating it on first use.
+    /// Loads the secrets file under `data_dir`, creating it on first use. The file is 0600,
+    /// also when an older version left it open.
     pub fn load_or_create(data_dir: &Path) -> Result<Secrets> {
         let path = data_dir.join("secrets.json");
         if path.exists() {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
             let text = std::fs::read_to_string(&path)?;
             return serde_json::from_str(&text).with_context(|| format!("{}", path.display()));
         }

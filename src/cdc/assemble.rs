@@ -55,14 +55,17 @@ impl TxBuffer {
 
     fn spill_mem(&mut self) -> std::io::Result<()> {
         if self.spill.is_none() {
-            std::fs::create_dir_all(&self.spill_dir)?;
+            // Row data: only the server's user may read it (directory 0700, file 0600).
+            crate::secrets::create_private_dir(&self.spill_dir)?;
             let path = self
                 .spill_dir
                 .join(format!("tx-{}.jsonl", crate::secrets::random_hex::<8>()));
+            use std::os::unix::fs::OpenOptionsExt;
             let file = File::options()
                 .create_new(true)
                 .write(true)
                 .read(true)
+                .mode(0o600)
                 .open(&path)?;
             tracing::debug!(path = %path.display(), "spilling a large transaction to disk");
             self.spill = Some((path, BufWriter::with_capacity(1 << 20, file)));

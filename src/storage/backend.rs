@@ -9,6 +9,12 @@
 //! 1 MiB writes on the blocking pool whose pages are handed to the kernel's writeback at once, so
 //! that the fsync ending the write finds little left to do; [`Backend::persist`] then makes its
 //! move into place durable. A failed, aborted or dropped write leaves nothing.
+//!
+//! An object is stored under its key exactly as the API reports it (`s3_key`): `café [1].txt`
+//! is that file on disk and that key in the bucket ([`path_of`]), not the percent-encoded form
+//! `object_store`'s `Path::from` would make of it. Objects an earlier version stored under that
+//! encoded form are still found: reads, signed URLs and deletes fall back to it
+//! ([`legacy_path_of`]), and a new upload under the same key removes it.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -28,6 +34,19 @@ use object_store::{
 
 use crate::config::Config;
 use crate::error::ApiError;
+
+/// The store's path of an object key: the key itself, character for character (`Path::parse`
+/// keeps non-ASCII and `% ~ [ ]` as they are; names were validated, so it always takes them).
+pub fn path_of(key: &str) -> Path {
+    Path::parse(key).unwrap_or_else(|_| Path::from(key))
+}
+
+/// Where versions before this one stored `key` (`Path::from` percent-encodes non-ASCII and
+/// characters such as `% ~ [ ]`), when that differs from [`path_of`].
+pub fn legacy_path_of(key: &str) -> Option<Path> {
+    let legacy = Path::from(key);
+    (legacy != path_of(key)).then_some(legacy)
+}
 
 /// Parts in flight per upload.
 const UPLOAD_CONCURRENCY: usize = 2;
@@ -76,8 +95,10 @@ impl Backend {
                 })
             }
             _ => {
+                // Private to the server's user: objects are 0600 in directories of 0700, and the
+                // root's own mode keeps out anyone else even from files an older version left 0644.
                 let root = config.data_dir.join("storage");
-                std::fs::create_dir_all(&root)
+                crate::secrets::create_private_dir(&root)
                     .with_context(|| format!("creating {}", root.display()))?;
                 let root = root.canonicalize()?;
                 let store = LocalFileSystem::new_with_prefix(&root)
@@ -89,6 +110,32 @@ impl Backend {
                     root,
                 })
             }
+        }
+    }
+
+    /// Whether the backend can be used now: the S3 bucket is listed (it exists, the
+    /// credentials are accepted, the endpoint answers); the local root is a directory. The
+    /// error names the cause.
+    pub async fn check(&self) -> Result<(), String> {
+        match self {
+            Backend::S3 { store, bucket } => {
+                let probe = Path::from(".fluxbase-probe");
+                match tokio::time::timeout(
+                    Duration::from_secs(10),
+                    store.list_with_delimiter(Some(&probe)),
+                )
+                .await
+                {
+                    Ok(Ok(_)) => Ok(()),
+                    Ok(Err(e)) => Err(format!("S3 bucket {bucket:?}: {e}")),
+                    Err(_) => Err(format!("S3 bucket {bucket:?}: no answer within 10 s")),
+                }
+            }
+            Backend::Local { root, .. } => match std::fs::metadata(root) {
+                Ok(m) if m.is_dir() => Ok(()),
+                Ok(_) => Err(format!("{} is not a directory", root.display())),
+                Err(e) => Err(format!("{}: {e}", root.display())),
+            },
         }
     }
 
@@ -127,7 +174,7 @@ impl Backend {
     ) -> Result<ObjectWriter, ApiError> {
         if let Backend::Local { store, .. } = self {
             let path = store
-                .path_to_filesystem(&Path::from(key))
+                .path_to_filesystem(&path_of(key))
                 .map_err(unavailable)?;
             let file = tokio::task::spawn_blocking(move || {
                 // The store removes a directory once its last file is deleted (automatic
@@ -136,9 +183,9 @@ impl Backend {
                 let mut attempts = 0;
                 loop {
                     if let Some(dir) = path.parent() {
-                        std::fs::create_dir_all(dir)?;
+                        private_dirs(dir)?;
                     }
-                    match std::fs::File::create(&path) {
+                    match private_file(&path) {
                         Ok(f) => return Ok((f, path)),
                         Err(e) if e.kind() == std::io::ErrorKind::NotFound && attempts < 5 => {
                             attempts += 1;
@@ -174,7 +221,7 @@ impl Backend {
         let upload = self
             .store()
             .put_multipart_opts(
-                &Path::from(key),
+                &path_of(key),
                 PutMultipartOptions {
                     attributes,
                     ..Default::default()
@@ -193,10 +240,30 @@ impl Backend {
 
     /// Moves a complete object (atomic on the local disk; copy and delete on S3).
     pub async fn rename(&self, from: &str, to: &str) -> Result<(), ApiError> {
+        if let Backend::Local { store, .. } = self {
+            // The store would make a missing directory with the default mode: make it private.
+            let to_path = store
+                .path_to_filesystem(&path_of(to))
+                .map_err(unavailable)?;
+            if let Some(dir) = to_path.parent().map(std::path::Path::to_path_buf) {
+                tokio::task::spawn_blocking(move || private_dirs(&dir))
+                    .await
+                    .map_err(|e| ApiError::Internal(e.into()))?
+                    .map_err(|e| ApiError::StorageUnavailable(format!("creating {to}: {e}")))?;
+            }
+        }
         self.store()
-            .rename(&Path::from(from), &Path::from(to))
+            .rename(&path_of(from), &path_of(to))
             .await
-            .map_err(unavailable)
+            .map_err(unavailable)?;
+        // An older copy under the encoded key would only take space now.
+        if let Some(legacy) = legacy_path_of(to) {
+            match self.store().delete(&legacy).await {
+                Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
+                Err(e) => tracing::warn!(error = %e, key = to, "removing an object's old copy"),
+            }
+        }
+        Ok(())
     }
 
     /// Makes a stored object survive a crash of the machine before its metadata says it is
@@ -212,7 +279,7 @@ impl Backend {
         let root = root.clone();
         // The store's own mapping: it percent-encodes characters such as `%` or `{` on disk.
         let path = store
-            .path_to_filesystem(&Path::from(key))
+            .path_to_filesystem(&path_of(key))
             .map_err(unavailable)?;
         tokio::task::spawn_blocking(move || -> std::io::Result<()> {
             if !path.starts_with(&root) {
@@ -231,12 +298,16 @@ impl Backend {
         Ok(true)
     }
 
-    /// Deletes `key`; an object that is already gone is not an error.
+    /// Deletes `key` (and its copy under the old encoded key); an object that is already gone
+    /// is not an error.
     pub async fn delete(&self, key: &str) -> Result<(), ApiError> {
-        match self.store().delete(&Path::from(key)).await {
-            Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
-            Err(e) => Err(unavailable(e)),
+        for path in std::iter::once(path_of(key)).chain(legacy_path_of(key)) {
+            match self.store().delete(&path).await {
+                Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
+                Err(e) => return Err(unavailable(e)),
+            }
         }
+        Ok(())
     }
 
     /// Deletes every object under `prefix/`.
@@ -254,6 +325,22 @@ impl Backend {
                 Ok(_) => deleted += 1,
                 Err(object_store::Error::NotFound { .. }) => {}
                 Err(e) => return Err(unavailable(e)),
+            }
+        }
+        drop(results);
+        if let Backend::Local { root, .. } = self {
+            // The local store lists an old encoded file name decoded, and so cannot delete it
+            // by what it lists: the directory goes as a whole.
+            let dir = root.join(prefix.as_ref());
+            if dir.starts_with(root) && dir != *root {
+                let removed = tokio::task::spawn_blocking(move || std::fs::remove_dir_all(dir))
+                    .await
+                    .map_err(|e| ApiError::Internal(e.into()))?;
+                match removed {
+                    Ok(()) => {}
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                    Err(e) => return Err(ApiError::StorageUnavailable(e.to_string())),
+                }
             }
         }
         Ok(deleted)
@@ -281,7 +368,12 @@ impl Backend {
         &self,
         key: &str,
     ) -> Result<(u64, BoxStream<'static, std::io::Result<Bytes>>), ApiError> {
-        let got = match self.store().get(&Path::from(key)).await {
+        let store = self.store();
+        let got = match (store.get(&path_of(key)).await, legacy_path_of(key)) {
+            (Err(object_store::Error::NotFound { .. }), Some(legacy)) => store.get(&legacy).await,
+            (got, _) => got,
+        };
+        let got = match got {
             Ok(g) => g,
             Err(object_store::Error::NotFound { .. }) => {
                 return Err(ApiError::NotFound("File not found.".into()))
@@ -303,12 +395,23 @@ impl Backend {
         expires_in: Duration,
     ) -> Option<Result<url::Url, ApiError>> {
         match self {
-            Backend::S3 { store, .. } => Some(
-                store
-                    .signed_url(warp::http::Method::GET, &Path::from(key), expires_in)
-                    .await
-                    .map_err(unavailable),
-            ),
+            Backend::S3 { store, .. } => {
+                let mut path = path_of(key);
+                if let Some(legacy) = legacy_path_of(key) {
+                    // Stored by an older version under the encoded key: sign that one.
+                    if let Err(object_store::Error::NotFound { .. }) = store.head(&path).await {
+                        if store.head(&legacy).await.is_ok() {
+                            path = legacy;
+                        }
+                    }
+                }
+                Some(
+                    store
+                        .signed_url(warp::http::Method::GET, &path, expires_in)
+                        .await
+                        .map_err(unavailable),
+                )
+            }
             Backend::Local { .. } => None,
         }
     }
@@ -343,6 +446,26 @@ fn read_file(file: std::fs::File, size: u64) -> BoxStream<'static, std::io::Resu
         Ok(Some((Bytes::from(chunk), (file, left))))
     })
     .boxed()
+}
+
+/// Creates `dir` and its missing parents with mode 0700.
+fn private_dirs(dir: &std::path::Path) -> std::io::Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+}
+
+/// Creates (or truncates) a file only the server's user can read: mode 0600.
+fn private_file(path: &std::path::Path) -> std::io::Result<std::fs::File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
 }
 
 pub fn unavailable(e: object_store::Error) -> ApiError {

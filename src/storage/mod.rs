@@ -61,6 +61,9 @@ pub struct Storage {
     pub clock: Clock,
     signer: signing::UrlSigner,
     max_upload_bytes: u64,
+    /// The last [`Storage::ready`] check and when it ran (checks are at most every few
+    /// seconds, however often `/ready` is asked).
+    checked: tokio::sync::Mutex<Option<(std::time::Instant, Result<(), String>)>>,
 }
 
 impl Storage {
@@ -70,9 +73,27 @@ impl Storage {
             clock: Clock::default(),
             signer: signing::UrlSigner::new(&secrets.derive("storage-url-signing")),
             max_upload_bytes: config.max_upload_bytes,
+            checked: Default::default(),
         })
     }
+
+    /// Whether the backend is usable (see [`Backend::check`]), with the cause if not; the
+    /// answer is reused for [`READY_CHECK_EVERY`].
+    pub async fn ready(&self) -> Result<(), String> {
+        let mut checked = self.checked.lock().await;
+        if let Some((at, result)) = &*checked {
+            if at.elapsed() < READY_CHECK_EVERY {
+                return result.clone();
+            }
+        }
+        let result = self.backend.check().await;
+        *checked = Some((std::time::Instant::now(), result.clone()));
+        result
+    }
 }
+
+/// How long a storage readiness check is reused.
+pub const READY_CHECK_EVERY: Duration = Duration::from_secs(2);
 
 /// A bucket row.
 #[derive(Clone, Debug)]
@@ -580,6 +601,11 @@ impl App {
         h.insert("content-type", header(content_type.clone())?);
         h.insert("content-length", header(size.to_string())?);
         h.insert("x-content-type-options", header("nosniff".into())?);
+        // A user's file is never a page of this origin: no scripts, no requests, no forms.
+        h.insert(
+            "content-security-policy",
+            header("default-src 'none'; sandbox".into())?,
+        );
         h.insert(
             "content-disposition",
             header(names::content_disposition(&name, &content_type))?,

@@ -25,8 +25,13 @@
 //! Numeric spellings such as `http://2130706433/`, `http://0x7f.1/` or `http://127.1/` need no
 //! special case here: the `url` crate's WHATWG host parser turns them into `Host::Ipv4`, which
 //! is classified like any other literal. IPv6 forms that embed an IPv4 address (IPv4-mapped
-//! `::ffff:a.b.c.d`, IPv4-compatible `::a.b.c.d`, NAT64 `64:ff9b::/96`, 6to4 `2002::/16`) are
-//! judged by the address they embed.
+//! `::ffff:a.b.c.d`, IPv4-translated `::ffff:0:a.b.c.d`, IPv4-compatible `::a.b.c.d`, NAT64
+//! `64:ff9b::/96`, 6to4 `2002::/16`) are judged by the address they embed.
+//!
+//! The blocks follow the IANA IPv4 and IPv6 Special-Purpose Address Registries: every block
+//! that is not globally reachable is refused, and so are the IETF protocol block `2001::/23`
+//! (Teredo `2001::/32` tunnels to an IPv4 address of its choosing) and, for IPv6, everything
+//! outside global unicast `2000::/3` that is not one of the embeddings above.
 //!
 //! `allow_private` (`FLUXBASE_WEBHOOK_ALLOW_PRIVATE`) lifts the address checks for development
 //! and tests; the scheme and credential checks stay.
@@ -130,6 +135,7 @@ const V4_BLOCKS: &[(u32, u32, AddressClass)] = &[
     (v4(172, 16, 0, 0), 12, AddressClass::Private),
     (v4(192, 0, 0, 0), 24, AddressClass::Reserved),
     (v4(192, 0, 2, 0), 24, AddressClass::Documentation),
+    (v4(192, 88, 99, 0), 24, AddressClass::Reserved), // deprecated 6to4 relay anycast
     (v4(192, 168, 0, 0), 16, AddressClass::Private),
     (v4(198, 18, 0, 0), 15, AddressClass::Documentation),
     (v4(198, 51, 100, 0), 24, AddressClass::Documentation),
@@ -152,15 +158,35 @@ const V6_BLOCKS: &[(u128, u32, AddressClass)] = &[
         AddressClass::Reserved,
     ), // discard-only
     (
+        0x0100_0000_0000_0001_0000_0000_0000_0000,
+        64,
+        AddressClass::Reserved,
+    ), // dummy IPv6 prefix (RFC 9780)
+    (
         0x2001_0002_0000_0000_0000_0000_0000_0000,
         48,
         AddressClass::Documentation,
     ), // benchmarking
     (
+        0x2001_0000_0000_0000_0000_0000_0000_0000,
+        23,
+        AddressClass::Reserved,
+    ), // IETF protocol assignments, Teredo 2001::/32 among them
+    (
         0x2001_0db8_0000_0000_0000_0000_0000_0000,
         32,
         AddressClass::Documentation,
     ),
+    (
+        0x3fff_0000_0000_0000_0000_0000_0000_0000,
+        20,
+        AddressClass::Documentation,
+    ), // RFC 9637
+    (
+        0x5f00_0000_0000_0000_0000_0000_0000_0000,
+        16,
+        AddressClass::Reserved,
+    ), // SRv6 SIDs (RFC 9602)
     (
         0xfc00_0000_0000_0000_0000_0000_0000_0000,
         7,
@@ -199,6 +225,8 @@ fn embedded_ipv4(ip: Ipv6Addr) -> Option<(Ipv4Addr, &'static str)> {
     let low32 = Ipv4Addr::from(bits as u32);
     if in_v6_block(bits, 0xffff_0000_0000, 96) {
         Some((low32, "IPv4-mapped"))
+    } else if in_v6_block(bits, 0xffff_0000_0000_0000, 96) {
+        Some((low32, "IPv4-translated"))
     } else if in_v6_block(bits, 0, 96) && bits > 1 {
         Some((low32, "IPv4-compatible"))
     } else if in_v6_block(bits, 0x0064_ff9b_u128 << 96, 96) {
@@ -232,6 +260,11 @@ pub fn classify(ip: IpAddr) -> Option<AddressClass> {
                     .iter()
                     .find(|(net, prefix, _)| in_v6_block(bits, *net, *prefix))
                     .map(|(_, _, class)| *class)
+                    // Outside global unicast: unassigned or special, never a receiver.
+                    .or_else(|| {
+                        (!in_v6_block(bits, 0x2000_u128 << 112, 3))
+                            .then_some(AddressClass::Reserved)
+                    })
             }
         },
     }
@@ -536,6 +569,9 @@ mod tests {
             ("255.255.255.254", Reserved),
             ("192.0.0.8", Reserved),
             ("192.0.2.1", Documentation),
+            ("192.0.0.9", Reserved),
+            ("192.0.0.170", Reserved),
+            ("192.88.99.1", Reserved),
             ("198.51.100.7", Documentation),
             ("203.0.113.9", Documentation),
             ("198.18.0.1", Documentation),
@@ -561,6 +597,25 @@ mod tests {
             ("2001:db8::1", Documentation),
             ("100::1", Reserved),
             ("64:ff9b:1::1", Private),
+            // IANA IPv6 special-purpose registry, block by block.
+            ("100:0:0:1::1", Reserved),
+            ("2001::1", Reserved),
+            ("2001:0:4136:e378:8000:63bf:3fff:fdd2", Reserved), // Teredo
+            ("2001:1::1", Reserved),
+            ("2001:1::2", Reserved),
+            ("2001:2::1", Documentation),
+            ("2001:3::1", Reserved),
+            ("2001:4:112::1", Reserved),
+            ("2001:10::1", Reserved),
+            ("2001:20::1", Reserved),
+            ("2001:1ff:ffff::1", Reserved),
+            ("3fff::1", Documentation),
+            ("3fff:fff:ffff::1", Documentation),
+            ("5f00::1", Reserved),
+            // Outside 2000::/3: unassigned.
+            ("4000::1", Reserved),
+            ("e000::1", Reserved),
+            ("1::1", Reserved),
         ] {
             assert_eq!(classify(ip(addr)), Some(class), "{addr}");
         }
@@ -586,6 +641,17 @@ mod tests {
             ("64:ff9b::192.168.0.1", Private),
             ("2002:7f00:1::", Loopback),
             ("2002:a9fe:a9fe::1", LinkLocal),
+            ("2002:0a00:0001::1", Private),
+            ("2002:c0a8:0101::1", Private),
+            ("::ffff:0:127.0.0.1", Loopback),
+            ("::ffff:0:7f00:1", Loopback),
+            ("::ffff:0:10.0.0.1", Private),
+            ("::ffff:0:169.254.169.254", LinkLocal),
+            ("::ffff:0:192.168.1.1", Private),
+            ("64:ff9b::10.0.0.1", Private),
+            ("64:ff9b::100.64.0.1", SharedAddressSpace),
+            ("::ffff:192.0.0.8", Reserved),
+            ("::ffff:192.88.99.1", Reserved),
         ] {
             assert_eq!(classify(ip(addr)), Some(class), "{addr}");
         }

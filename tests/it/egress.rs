@@ -187,6 +187,9 @@ async fn private_targets_are_refused_at_connect_time_before_the_receiver_sees_an
         "127.0.0.1",
         "localhost",
         "[::ffff:127.0.0.1]",
+        "[::ffff:0:127.0.0.1]",
+        "[64:ff9b::127.0.0.1]",
+        "[2002:7f00:1::1]",
         "2130706433",
         "127.1",
     ] {
@@ -416,4 +419,64 @@ async fn response_bodies_are_truncated_to_the_cap() {
         .unwrap();
     assert!(started.elapsed() < Duration::from_secs(3));
     assert_eq!(response.body, "y".repeat(1000));
+}
+
+/// Every block of the IANA special-purpose registries that is not globally reachable, and
+/// every IPv6 form embedding a private IPv4 address, is refused through the API.
+#[tokio::test]
+async fn special_purpose_targets_are_refused_at_registration() {
+    let app = crate::support::spawn_app_with(|c| c.webhook_allow_private = false).await;
+    let f = app.fixture().await;
+    for url in [
+        // IPv4-translated (::ffff:0:0:0/96), NAT64, 6to4 and IPv4-compatible forms of private
+        // and metadata addresses.
+        "http://[::ffff:0:7f00:1]/",
+        "http://[::ffff:0:a9fe:a9fe]/",
+        "http://[64:ff9b::a00:1]/",
+        "http://[2002:c0a8:101::1]/",
+        "http://[::a00:1]/",
+        // Teredo and the rest of the IETF protocol block.
+        "http://[2001:0:4136:e378:8000:63bf:3fff:fdd2]/",
+        "http://[2001:1::1]/",
+        // IPv6 documentation, SRv6, discard, unassigned space.
+        "http://[3fff::1]/",
+        "http://[5f00::1]/",
+        "http://[100::1]/",
+        "http://[4000::1]/",
+        // IPv4 registry blocks.
+        "http://192.0.0.9/",
+        "http://192.88.99.1/",
+        "http://198.18.0.1/",
+        "http://240.0.0.1/",
+        "http://255.255.255.255/",
+    ] {
+        let (status, b) = app
+            .call(
+                "POST",
+                "/api/webhooks",
+                Some(&f.admin),
+                Some(serde_json::json!({ "projectId": f.project, "url": url, "events": ["row.inserted"] })),
+            )
+            .await;
+        assert_eq!(status, 400, "{url} was accepted: {b}");
+        assert_eq!(b["error"]["code"], "BAD_REQUEST", "{b}");
+        assert!(
+            b["error"]["message"]
+                .as_str()
+                .unwrap()
+                .contains("not allowed"),
+            "{b}"
+        );
+    }
+    // Global unicast stays allowed.
+    let (status, b) = app
+        .call(
+            "POST",
+            "/api/webhooks",
+            Some(&f.admin),
+            Some(serde_json::json!({ "projectId": f.project, "url": "http://[2606:4700::1111]/hook", "events": ["row.inserted"] })),
+        )
+        .await;
+    assert_eq!(status, 201, "{b}");
+    app.stop().await;
 }

@@ -7,6 +7,7 @@ mod cdc;
 mod cli;
 mod egress;
 mod guide;
+mod operations;
 mod outage;
 mod realtime;
 mod replication;

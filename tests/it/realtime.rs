@@ -1487,3 +1487,357 @@ async fn plain_requests_to_the_websocket_paths_get_the_apis_answers_and_bad_hand
     let body: Value = resp.json().await.unwrap();
     assert_eq!(body["error"]["code"], "BAD_REQUEST", "{body}");
 }
+
+#[tokio::test]
+async fn a_broadcast_flood_cuts_off_the_flooder_and_not_the_quiet_sockets_of_its_room() {
+    const FLOOD: usize = 3000;
+    let app = spawn_app().await;
+    let f = app.fixture().await;
+    app.rows(&f.admin, &f.project, "CREATE TABLE t (id int)")
+        .await;
+    let flooder = subscribed_socket(&app, &f).await;
+    // The quiet socket reads nothing while the flood lasts, like a browser tab in the background.
+    let mut quiet = subscribed_socket(&app, &f).await;
+
+    // 3,000 broadcasts of 32 KB, as fast as the connection takes them; the flooder reads on the
+    // side, so that it sees what the server says to it.
+    let (mut sink, mut stream) = flooder.split();
+    let reading = tokio::spawn(async move {
+        let mut refused = 0;
+        let frame = tokio::time::timeout(Duration::from_secs(60), async {
+            loop {
+                match stream.next().await {
+                    Some(Ok(Message::Text(t))) => {
+                        let m: Value = serde_json::from_str(&t).unwrap();
+                        assert_eq!(m["code"], "RATE_LIMIT", "{m}");
+                        refused += 1;
+                    }
+                    Some(Ok(Message::Close(frame))) => return frame,
+                    Some(Ok(_)) => {}
+                    None | Some(Err(_)) => return None,
+                }
+            }
+        })
+        .await
+        .expect("the flooder was never cut off");
+        (refused, frame)
+    });
+    let body = "x".repeat(32 * 1000);
+    let project = f.project.clone();
+    let sending = tokio::spawn(async move {
+        let mut sent = 0;
+        for i in 0..FLOOD {
+            let msg = json!({ "type": "broadcast", "roomId": room(&project), "event": "flood",
+                              "payload": { "i": i, "body": body } });
+            if sink.send(Message::text(msg.to_string())).await.is_err() {
+                break;
+            }
+            sent += 1;
+        }
+        sent
+    });
+    let (refused, frame) = reading.await.unwrap();
+    let sent = sending.await.unwrap();
+    let frame = frame.expect("the flooder gets a close frame with a reason");
+    assert_eq!(frame.code, CloseCode::Policy, "{frame:?}");
+    assert!(frame.reason.contains("rate limit"), "{frame:?}");
+    assert!(refused > 0, "the flooder was told before it was cut off");
+    assert!(sent > 0);
+
+    // The quiet socket is still subscribed and gets every legitimate event after what of the
+    // flood was let through.
+    app.rows(&f.admin, &f.project, "INSERT INTO t VALUES (1), (2)")
+        .await;
+    let (status, body) = app
+        .call(
+            "POST",
+            "/api/realtime/broadcast",
+            Some(&f.readwrite),
+            Some(json!({ "projectId": f.project, "event": "legit", "payload": { "n": 1 } })),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    // (The REST broadcast takes no detour through the WAL: it may overtake the rows.)
+    let mut flood_seen = 0;
+    let mut rows = Vec::new();
+    let mut legit = 0;
+    while rows.len() < 2 || legit < 1 {
+        let m = recv(&mut quiet).await;
+        match (m["type"].as_str(), m["event"].as_str()) {
+            (Some("broadcast"), Some("flood")) => flood_seen += 1,
+            (Some("db_event"), _) => rows.push(m["payload"]["record"]["id"].as_i64().unwrap()),
+            (Some("broadcast"), Some("legit")) => legit += 1,
+            _ => panic!("unexpected message {m}"),
+        }
+    }
+    assert_eq!(rows, [1, 2]);
+    assert!(flood_seen < FLOOD, "{flood_seen}");
+    nothing_more(&mut quiet).await;
+}
+
+#[tokio::test]
+async fn an_oversized_broadcast_is_refused_from_a_client_the_rest_api_and_sql() {
+    let app = spawn_app_with(|c| c.realtime_max_broadcast_bytes = 16 * 1024).await;
+    let f = app.fixture().await;
+    let mut sender = subscribed_socket(&app, &f).await;
+    let mut receiver = subscribed_socket(&app, &f).await;
+    let big = json!({ "body": "x".repeat(20 * 1024) });
+
+    send(
+        &mut sender,
+        json!({ "type": "broadcast", "roomId": room(&f.project), "event": "big", "payload": big }),
+    )
+    .await;
+    let m = recv(&mut sender).await;
+    assert_eq!(m["type"], "error", "{m}");
+    assert_eq!(m["code"], "PAYLOAD_TOO_LARGE", "{m}");
+    assert_eq!(m["roomId"], room(&f.project), "{m}");
+    assert!(m["message"].as_str().unwrap().contains("16384"), "{m}");
+
+    let (status, body) = app
+        .call(
+            "POST",
+            "/api/realtime/broadcast",
+            Some(&f.readwrite),
+            Some(json!({ "projectId": f.project, "event": "big", "payload": big })),
+        )
+        .await;
+    assert_eq!(status, 413, "{body}");
+    assert_eq!(body["error"]["code"], "PAYLOAD_TOO_LARGE", "{body}");
+
+    app.rows(
+        &f.readwrite,
+        &f.project,
+        "SELECT realtime.broadcast('big', jsonb_build_object('body', repeat('x', 20 * 1024)))",
+    )
+    .await;
+    app.rows(
+        &f.readwrite,
+        &f.project,
+        "SELECT realtime.broadcast('small', '{\"n\":1}')",
+    )
+    .await;
+    // Only the small one arrives; the sender's socket stays open and may broadcast within it.
+    assert_eq!(
+        recv(&mut receiver).await,
+        json!({ "type": "broadcast", "roomId": room(&f.project), "event": "small", "payload": { "n": 1 } })
+    );
+    send(
+        &mut sender,
+        json!({ "type": "broadcast", "roomId": room(&f.project), "event": "ok", "payload": { "n": 2 } }),
+    )
+    .await;
+    assert_eq!(
+        recv(&mut receiver).await,
+        json!({ "type": "broadcast", "roomId": room(&f.project), "event": "ok", "payload": { "n": 2 } })
+    );
+    nothing_more(&mut receiver).await;
+}
+
+#[tokio::test]
+async fn a_room_keeps_at_most_its_byte_budget_of_history_for_resumes() {
+    let app = spawn_app_with(|c| c.realtime_retention_bytes = 64 * 1024).await;
+    let f = app.fixture().await;
+    app.rows(&f.admin, &f.project, "CREATE TABLE t (id int, body text)")
+        .await;
+    let mut ws = subscribed_socket(&app, &f).await;
+    // 40 events of ~4 KiB: more than 64 KiB in all.
+    app.rows(
+        &f.admin,
+        &f.project,
+        "INSERT INTO t SELECT g, repeat('x', 4096) FROM generate_series(1, 40) g",
+    )
+    .await;
+    let first = db_event(&mut ws).await["id"].as_str().unwrap().to_string();
+    for _ in 2..=40 {
+        db_event(&mut ws).await;
+    }
+    let mut late = connect(&app, "/").await;
+    send(
+        &mut late,
+        json!({ "type": "subscribe", "roomId": room(&f.project), "token": f.read, "since": first }),
+    )
+    .await;
+    assert_eq!(recv(&mut late).await["type"], "subscribed");
+    let m = recv(&mut late).await;
+    assert_eq!(m["code"], "RESUME_TOO_OLD", "{m}");
+}
+
+#[tokio::test]
+async fn a_subscribe_flood_is_refused_per_socket_and_per_realtime_token() {
+    let app = spawn_app_with(|c| {
+        c.realtime_subscribes_per_sec = 1;
+        c.rate_limit_requests = 6;
+    })
+    .await;
+    let f = app.fixture().await;
+    make_public(&app, &f).await;
+    // One socket, 20 subscribes at once (no token: a public room).
+    let mut ws = connect(&app, "/").await;
+    for _ in 0..20 {
+        send(
+            &mut ws,
+            json!({ "type": "subscribe", "roomId": room(&f.project) }),
+        )
+        .await;
+    }
+    let mut codes = Vec::new();
+    for _ in 0..20 {
+        let m = recv(&mut ws).await;
+        codes.push(
+            m["code"]
+                .as_str()
+                .unwrap_or(m["type"].as_str().unwrap())
+                .to_string(),
+        );
+    }
+    assert_eq!(codes[0], "subscribed", "{codes:?}");
+    assert!(codes.iter().any(|c| c == "RATE_LIMIT"), "{codes:?}");
+
+    // One realtime token, one subscribe from each of many sockets: the token's own budget.
+    let token = realtime_token(&app, &f.admin, json!({ "projectId": f.project })).await;
+    let mut answers = Vec::new();
+    for _ in 0..10 {
+        let mut s = connect(&app, "/").await;
+        let m = subscribe(&mut s, &f.project, Some(&token)).await;
+        answers.push(
+            m["code"]
+                .as_str()
+                .unwrap_or(m["type"].as_str().unwrap())
+                .to_string(),
+        );
+    }
+    assert_eq!(answers[0], "subscribed", "{answers:?}");
+    assert!(answers.iter().any(|c| c == "RATE_LIMIT"), "{answers:?}");
+}
+
+async fn new_key(app: &TestApp, f: &Fixture) -> (String, String) {
+    let (status, body) = app
+        .call(
+            "POST",
+            "/api/keys",
+            Some(&f.admin),
+            Some(json!({ "projectId": f.project, "scope": "read" })),
+        )
+        .await;
+    assert_eq!(status, 201, "{body}");
+    (
+        body["key"]["id"].as_str().unwrap().to_string(),
+        body["secret"].as_str().unwrap().to_string(),
+    )
+}
+
+/// The next message is `ACCESS_REVOKED` for the project's room.
+async fn revoked(ws: &mut Socket, project: &str) {
+    let m = recv(ws).await;
+    assert_eq!(m["type"], "error", "{m}");
+    assert_eq!(m["code"], "ACCESS_REVOKED", "{m}");
+    assert_eq!(m["roomId"], room(project), "{m}");
+}
+
+#[tokio::test]
+async fn deleting_an_api_key_ends_its_subscriptions_and_those_of_its_realtime_tokens() {
+    let app = spawn_app().await;
+    let f = app.fixture().await;
+    app.rows(&f.admin, &f.project, "CREATE TABLE t (id int)")
+        .await;
+    let (key_id, secret) = new_key(&app, &f).await;
+    let token = realtime_token(&app, &secret, json!({ "projectId": f.project })).await;
+    let mut by_key = connect(&app, "/").await;
+    assert_eq!(
+        subscribe(&mut by_key, &f.project, Some(&secret)).await["type"],
+        "subscribed"
+    );
+    let mut by_token = connect(&app, "/").await;
+    assert_eq!(
+        subscribe(&mut by_token, &f.project, Some(&token)).await["type"],
+        "subscribed"
+    );
+    let mut other = subscribed_socket(&app, &f).await;
+
+    let q = format!("/api/keys?projectId={}&keyId={key_id}", f.project);
+    let (status, body) = app.call("DELETE", &q, Some(&f.admin), None).await;
+    assert_eq!(status, 200, "{body}");
+    revoked(&mut by_key, &f.project).await;
+    revoked(&mut by_token, &f.project).await;
+
+    app.rows(&f.admin, &f.project, "INSERT INTO t VALUES (1)")
+        .await;
+    assert_eq!(db_event(&mut other).await["record"]["id"], 1);
+    nothing_more(&mut by_key).await;
+    nothing_more(&mut by_token).await;
+    // Neither the key nor its token subscribes again.
+    let mut again = connect(&app, "/").await;
+    assert_eq!(
+        subscribe(&mut again, &f.project, Some(&token)).await["code"],
+        "ACCESS_REVOKED"
+    );
+    assert_eq!(
+        subscribe(&mut again, &f.project, Some(&secret)).await["code"],
+        "AUTH_REQUIRED"
+    );
+}
+
+#[tokio::test]
+async fn rotating_an_api_key_ends_the_subscriptions_of_its_old_secret_and_its_tokens() {
+    let app = spawn_app().await;
+    let f = app.fixture().await;
+    app.rows(&f.admin, &f.project, "CREATE TABLE t (id int)")
+        .await;
+    let (key_id, old_secret) = new_key(&app, &f).await;
+    let old_token = realtime_token(&app, &old_secret, json!({ "projectId": f.project })).await;
+    let mut by_key = connect(&app, "/").await;
+    assert_eq!(
+        subscribe(&mut by_key, &f.project, Some(&old_secret)).await["type"],
+        "subscribed"
+    );
+    let mut by_token = connect(&app, "/").await;
+    assert_eq!(
+        subscribe(&mut by_token, &f.project, Some(&old_token)).await["type"],
+        "subscribed"
+    );
+
+    let (status, body) = app
+        .call(
+            "POST",
+            "/api/keys/rotate",
+            Some(&f.admin),
+            Some(json!({ "projectId": f.project, "keyId": key_id })),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let new_secret = body["secret"].as_str().unwrap().to_string();
+    revoked(&mut by_key, &f.project).await;
+    revoked(&mut by_token, &f.project).await;
+
+    // The old token is refused; the new secret and a token it mints work, and stay subscribed.
+    let mut again = connect(&app, "/").await;
+    assert_eq!(
+        subscribe(&mut again, &f.project, Some(&old_token)).await["code"],
+        "ACCESS_REVOKED"
+    );
+    let new_token = realtime_token(&app, &new_secret, json!({ "projectId": f.project })).await;
+    let mut fresh_key = connect(&app, "/").await;
+    assert_eq!(
+        subscribe(&mut fresh_key, &f.project, Some(&new_secret)).await["type"],
+        "subscribed"
+    );
+    let mut fresh_token = connect(&app, "/").await;
+    assert_eq!(
+        subscribe(&mut fresh_token, &f.project, Some(&new_token)).await["type"],
+        "subscribed"
+    );
+    app.rows(&f.admin, &f.project, "INSERT INTO t VALUES (1)")
+        .await;
+    for ws in [&mut fresh_key, &mut fresh_token] {
+        assert_eq!(db_event(ws).await["record"]["id"], 1);
+    }
+    nothing_more(&mut by_key).await;
+    nothing_more(&mut by_token).await;
+    // The other servers' notification (this one's too) arrives later and leaves them alone.
+    app.rows(&f.admin, &f.project, "INSERT INTO t VALUES (2)")
+        .await;
+    for ws in [&mut fresh_key, &mut fresh_token] {
+        assert_eq!(db_event(ws).await["record"]["id"], 2);
+    }
+}

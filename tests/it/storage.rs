@@ -1870,3 +1870,291 @@ async fn suspend_and_resume_keep_every_file_on_s3() {
     suspension_keeps_every_object(&t, |key| std::fs::read(s3.object_path(key)).ok()).await;
     t.stop().await;
 }
+
+fn mode_of(path: &Path) -> u32 {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::metadata(path)
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+        .permissions()
+        .mode()
+        & 0o777
+}
+
+#[tokio::test]
+async fn stored_objects_are_private_files_served_with_a_sandboxing_csp() {
+    let t = spawn_app().await;
+    let f = t.fixture().await;
+    create_bucket(&t, &f, "docs", json!({})).await;
+    create_bucket(&t, &f, "assets", json!({ "isPublic": true })).await;
+    let (status, body) = upload(
+        &t,
+        &f.admin,
+        &f.project,
+        "docs",
+        "page.html",
+        "text/html",
+        b"<script>parent.steal()</script>",
+        &[("path", "deep/er/page.html")],
+    )
+    .await;
+    assert_eq!(status, 201, "{body}");
+    let key = body["file"]["s3_key"].as_str().unwrap().to_string();
+
+    // Only the server's user may read what is stored: directories 0700, files 0600.
+    let data_dir = t.app.config.data_dir.clone();
+    assert_eq!(mode_of(&data_dir), 0o700, "the data directory");
+    assert_eq!(mode_of(&data_dir.join("secrets.json")), 0o600);
+    let storage = data_dir.join("storage");
+    let file = storage.join(&key);
+    assert_eq!(mode_of(&file), 0o600, "{}", file.display());
+    let mut dir = file.parent().unwrap();
+    while dir.starts_with(&storage) {
+        assert_eq!(mode_of(dir), 0o700, "{}", dir.display());
+        dir = dir.parent().unwrap();
+    }
+
+    // Served user files may run nothing in this origin.
+    let (_, signed) = signed_url(&t, &f.read, &f.project, &key).await;
+    let (status, headers, _) = fetch(signed["url"].as_str().unwrap()).await;
+    assert_eq!(status, 200);
+    assert_eq!(
+        headers["content-security-policy"],
+        "default-src 'none'; sandbox"
+    );
+    let (_, body) = upload(
+        &t,
+        &f.admin,
+        &f.project,
+        "assets",
+        "logo.svg",
+        "image/svg+xml",
+        b"<svg onload=alert(1)/>",
+        &[],
+    )
+    .await;
+    let (status, headers, _) = fetch(body["file"]["public_url"].as_str().unwrap()).await;
+    assert_eq!(status, 200);
+    assert_eq!(
+        headers["content-security-policy"],
+        "default-src 'none'; sandbox"
+    );
+    t.stop().await;
+}
+
+/// The name every key test uses: non-ASCII and the characters the store used to encode.
+const ODD_NAME: &str = "café [v1] ~100%.txt";
+
+/// Uploads `ODD_NAME` to a new bucket; returns (fixture, key); asserts the key is the documented
+/// `<projectId>/<bucketUuid>/<name>`.
+async fn upload_odd_name(t: &TestApp, data: &[u8]) -> (Fixture, String) {
+    let f = t.fixture().await;
+    let bucket = create_bucket(t, &f, "docs", json!({})).await;
+    let (status, body) = upload(
+        t,
+        &f.admin,
+        &f.project,
+        "docs",
+        ODD_NAME,
+        "text/plain",
+        data,
+        &[],
+    )
+    .await;
+    assert_eq!(status, 201, "{body}");
+    let key = body["file"]["s3_key"].as_str().unwrap().to_string();
+    assert_eq!(
+        key,
+        format!(
+            "{}/{}/{ODD_NAME}",
+            f.project,
+            bucket["id"].as_str().unwrap()
+        )
+    );
+    (f, key)
+}
+
+async fn download(t: &TestApp, f: &Fixture, key: &str) -> (u16, Bytes) {
+    let (status, signed) = signed_url(t, &f.read, &f.project, key).await;
+    assert_eq!(status, 200, "{signed}");
+    let (status, _, bytes) = fetch(signed["url"].as_str().unwrap()).await;
+    (status, bytes)
+}
+
+async fn delete_object(t: &TestApp, f: &Fixture, key: &str) {
+    let q = format!(
+        "/api/storage/delete?projectId={}&s3Key={}",
+        f.project,
+        urlencode(key)
+    );
+    let (status, body) = t.call("DELETE", &q, Some(&f.admin), None).await;
+    assert_eq!(status, 200, "{body}");
+}
+
+/// Where an older version stored `key`: object_store's percent-encoded form of it.
+fn legacy_key(key: &str) -> String {
+    object_store::path::Path::from(key).to_string()
+}
+
+#[tokio::test]
+async fn an_object_is_stored_on_disk_under_the_key_the_api_returns() {
+    let t = spawn_app().await;
+    let (f, key) = upload_odd_name(&t, b"real key").await;
+    let storage = t.app.config.data_dir.join("storage");
+    assert_eq!(std::fs::read(storage.join(&key)).unwrap(), b"real key");
+    assert_eq!(
+        files_under(&storage.join(&f.project)),
+        [key.split_once('/').unwrap().1]
+    );
+    assert_eq!(download(&t, &f, &key).await, (200, Bytes::from("real key")));
+    delete_object(&t, &f, &key).await;
+    assert!(!storage.join(&key).exists());
+    t.stop().await;
+}
+
+async fn s3_client(s3: &S3Server) -> object_store::aws::AmazonS3 {
+    object_store::aws::AmazonS3Builder::new()
+        .with_bucket_name(S3_BUCKET)
+        .with_endpoint(format!("http://{}", s3.addr))
+        .with_allow_http(true)
+        .with_region("us-east-1")
+        .with_access_key_id(S3_KEY_ID)
+        .with_secret_access_key(S3_SECRET)
+        .build()
+        .unwrap()
+}
+
+#[tokio::test]
+async fn an_s3_client_listing_the_bucket_finds_the_key_the_api_returns() {
+    use futures_util::StreamExt;
+    use object_store::ObjectStore;
+    let s3 = S3Server::start().await;
+    let t = s3.spawn_app().await;
+    let (f, key) = upload_odd_name(&t, b"real s3 key").await;
+    let client = s3_client(&s3).await;
+    let listed: Vec<String> = client
+        .list(Some(&object_store::path::Path::from(f.project.as_str())))
+        .map(|m| m.unwrap().location.to_string())
+        .collect()
+        .await;
+    assert_eq!(listed, std::slice::from_ref(&key));
+    assert_eq!(std::fs::read(s3.object_path(&key)).unwrap(), b"real s3 key");
+    assert_eq!(
+        download(&t, &f, &key).await,
+        (200, Bytes::from("real s3 key"))
+    );
+    delete_object(&t, &f, &key).await;
+    assert!(!s3.object_path(&key).exists());
+    t.stop().await;
+}
+
+#[tokio::test]
+async fn objects_stored_under_the_old_encoded_keys_still_download_and_delete() {
+    use object_store::ObjectStore;
+    // Local disk: the file where an older version put it.
+    let t = spawn_app().await;
+    let (f, key) = upload_odd_name(&t, b"old local").await;
+    let storage = t.app.config.data_dir.join("storage");
+    let old = storage.join(legacy_key(&key));
+    assert_ne!(old, storage.join(&key));
+    std::fs::rename(storage.join(&key), &old).unwrap();
+    assert_eq!(
+        download(&t, &f, &key).await,
+        (200, Bytes::from("old local"))
+    );
+    delete_object(&t, &f, &key).await;
+    assert!(!old.exists());
+    t.stop().await;
+
+    // S3: the object under the encoded key.
+    let s3 = S3Server::start().await;
+    let t = s3.spawn_app().await;
+    let (f, key) = upload_odd_name(&t, b"old s3").await;
+    let client = s3_client(&s3).await;
+    let real = object_store::path::Path::parse(&key).unwrap();
+    let encoded = object_store::path::Path::from(key.as_str());
+    assert_ne!(real, encoded);
+    client.copy(&real, &encoded).await.unwrap();
+    client.delete(&real).await.unwrap();
+    assert_eq!(download(&t, &f, &key).await, (200, Bytes::from("old s3")));
+    delete_object(&t, &f, &key).await;
+    assert!(client.head(&encoded).await.is_err(), "the old copy is gone");
+    t.stop().await;
+}
+
+/// The server on `s3` with its configuration changed by `tweak`.
+async fn s3_app_with(s3: &S3Server, tweak: impl FnOnce(&mut fluxbase::config::Config)) -> TestApp {
+    let endpoint = format!("http://{}", s3.addr);
+    spawn_app_with(|c| {
+        c.storage = "s3".into();
+        c.s3_bucket = Some(S3_BUCKET.into());
+        c.s3_endpoint = Some(endpoint);
+        c.s3_region = Some("us-east-1".into());
+        c.s3_access_key_id = Some(S3_KEY_ID.into());
+        c.s3_secret_access_key = Some(S3_SECRET.into());
+        tweak(c);
+    })
+    .await
+}
+
+/// `/ready`'s answer: (status, error code or "ready", message).
+async fn ready(t: &TestApp) -> (u16, String, String) {
+    let (status, body) = t.call("GET", "/ready", None, None).await;
+    if status == 200 {
+        return (
+            status,
+            body["status"].as_str().unwrap().to_string(),
+            String::new(),
+        );
+    }
+    assert_eq!(body["success"], false, "{body}");
+    (
+        status,
+        body["error"]["code"].as_str().unwrap().to_string(),
+        body["error"]["message"].as_str().unwrap().to_string(),
+    )
+}
+
+#[tokio::test]
+async fn a_misconfigured_s3_backend_is_reported_by_ready_with_its_cause() {
+    let s3 = S3Server::start().await;
+    let t = s3.spawn_app().await;
+    assert_eq!(ready(&t).await.0, 200);
+    t.stop().await;
+
+    // A bucket that does not exist: the server starts, and says why it is not ready.
+    let t = s3_app_with(&s3, |c| c.s3_bucket = Some("no-such-bucket".into())).await;
+    let (status, code, message) = ready(&t).await;
+    assert_eq!(
+        (status, code.as_str()),
+        (503, "STORAGE_UNAVAILABLE"),
+        "{message}"
+    );
+    assert!(message.contains("no-such-bucket"), "{message}");
+    assert!(message.contains("NoSuchBucket"), "{message}");
+    // Once the bucket exists, it is ready without a restart.
+    std::fs::create_dir_all(s3.root.join("no-such-bucket")).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while ready(&t).await.0 != 200 {
+        assert!(Instant::now() < deadline, "never ready");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    t.stop().await;
+
+    // Credentials the endpoint refuses.
+    let t = s3_app_with(&s3, |c| {
+        c.s3_secret_access_key = Some("not-the-secret".into())
+    })
+    .await;
+    let (status, code, message) = ready(&t).await;
+    assert_eq!(
+        (status, code.as_str()),
+        (503, "STORAGE_UNAVAILABLE"),
+        "{message}"
+    );
+    assert!(
+        message.contains("403") || message.contains("Forbidden"),
+        "{message}"
+    );
+    assert!(message.contains("SignatureDoesNotMatch"), "{message}");
+    t.stop().await;
+}
