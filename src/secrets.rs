@@ -80,7 +80,10 @@ pub fn create_private_dir(dir: &Path) -> std::io::Result<()> {
 pub fn create_data_dir(dir: &Path, embedded_cluster: bool) -> std::io::Result<()> {
     use std::os::unix::fs::{MetadataExt, PermissionsExt};
     create_private_dir(dir)?;
-    if embedded_cluster && std::fs::metadata(dir)?.uid() == 0 {
+    // A CLI command attached to a running server's cluster has a database URL, but the
+    // directory still hosts that embedded cluster (`pg/`): it must stay passable for it.
+    let hosts_cluster = embedded_cluster || dir.join("pg").exists();
+    if hosts_cluster && std::fs::metadata(dir)?.uid() == 0 {
         std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o711))?;
     }
     Ok(())
