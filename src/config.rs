@@ -42,6 +42,9 @@ pub struct Config {
     pub statement_timeout_ms: u64,
     /// Rows returned by `/api/execute-sql` before `truncated: true`.
     pub max_rows: usize,
+    /// Largest `/api/execute-sql` answer, in bytes: rows past it are dropped as they arrive
+    /// (never held in memory) and the answer says `truncated: true`.
+    pub max_response_bytes: usize,
     /// Largest accepted request body, in bytes (then 413).
     pub max_body_bytes: usize,
     /// Requests allowed per key or session in each rate window (0 disables the limit).
@@ -86,6 +89,7 @@ impl Default for Config {
             webhook_allow_private: false,
             statement_timeout_ms: 30_000,
             max_rows: 10_000,
+            max_response_bytes: 32 * 1024 * 1024,
             max_body_bytes: 1024 * 1024,
             rate_limit_requests: 50,
             rate_limit_window_secs: 10,
@@ -248,6 +252,12 @@ impl Config {
             self.max_rows = parse(k, &v)?;
             Ok(())
         });
+        env!("FLUXBASE_MAX_RESPONSE_BYTES", |k,
+                                             v: String|
+         -> Result<()> {
+            self.max_response_bytes = parse(k, &v)?;
+            Ok(())
+        });
         env!("FLUXBASE_MAX_BODY_BYTES", |k, v: String| -> Result<()> {
             self.max_body_bytes = parse(k, &v)?;
             Ok(())
@@ -321,6 +331,9 @@ impl Config {
         }
         if self.max_upload_bytes == 0 {
             bail!("max_upload_bytes must be positive");
+        }
+        if self.max_response_bytes < 1024 {
+            bail!("max_response_bytes must be at least 1024");
         }
         if self.max_rows == 0 || self.pool_size == 0 || self.rate_limit_window_secs == 0 {
             bail!("max_rows, pool_size and rate_limit_window_secs must be positive");

@@ -283,6 +283,9 @@ impl App {
         let statements = self.sql.statements(&access.project.id);
         let budget = self.sql.statement_timeout + GUARD_GRACE;
         let backend_key = conn.backend_key();
+        // Row data kept while reading; the rendered answer is capped again below (JSON escapes
+        // can make it longer than PostgreSQL's text).
+        conn.set_max_result_bytes(self.config.max_response_bytes);
         let outcome = {
             let run = async {
                 let PooledConnection {
@@ -313,7 +316,12 @@ impl App {
         match outcome {
             Ok(result) => {
                 let reg = types.read().expect("poisoned");
-                Ok(render_success(result.as_ref(), &reg, elapsed))
+                Ok(render_success(
+                    result.as_ref(),
+                    &reg,
+                    elapsed,
+                    self.config.max_response_bytes,
+                ))
             }
             Err(SqlFailure::Param {
                 index,
@@ -517,19 +525,27 @@ fn json_str(s: &str) -> String {
     serde_json::to_string(s).expect("strings serialize")
 }
 
+/// The success body, at most about `max_bytes` long: rows that would pass it are left out and
+/// the answer says `truncated: true`.
 fn render_success(
     result: Option<&StatementResult>,
     reg: &TypeRegistry,
     elapsed: Duration,
+    max_bytes: usize,
 ) -> String {
     let empty = StatementResult::default();
     let r = result.unwrap_or(&empty);
     let op = operation(&r.command_tag);
     let count = row_count(&r.command_tag, r.rows.len());
     let names: Vec<String> = r.columns.iter().map(|c| json_str(&c.name)).collect();
-    let mut out = String::with_capacity(128 + r.rows.len() * 64);
+    // What follows the rows: column names, counts, message, timing.
+    let tail = 256 + names.iter().map(|n| n.len() + 1).sum::<usize>() + r.command_tag.len() * 2;
+    let row_budget = max_bytes.saturating_sub(tail);
+    let mut truncated = r.truncated;
+    let mut out = String::with_capacity((128 + r.rows.len() * 64).min(row_budget));
     out.push_str("{\"success\":true,\"result\":{\"rows\":[");
     for (i, row) in r.rows.iter().enumerate() {
+        let mark = out.len();
         if i > 0 {
             out.push(',');
         }
@@ -543,6 +559,11 @@ fn render_success(
             values::write_json(&mut out, col.type_oid, value.as_deref(), reg);
         }
         out.push('}');
+        if out.len() > row_budget {
+            out.truncate(mark);
+            truncated = true;
+            break;
+        }
     }
     out.push_str("],\"columns\":[");
     out.push_str(&names.join(","));
@@ -555,7 +576,7 @@ fn render_success(
         out.push_str(&json_str(&r.command_tag));
     }
     out.push_str(",\"truncated\":");
-    out.push_str(if r.truncated { "true" } else { "false" });
+    out.push_str(if truncated { "true" } else { "false" });
     out.push_str("},\"executionInfo\":{\"time\":");
     out.push_str(&json_str(&format!("{}ms", elapsed.as_millis())));
     out.push_str(",\"rowCount\":");

@@ -7,6 +7,7 @@ mod cdc;
 mod cli;
 mod egress;
 mod guide;
+mod limits;
 mod realtime;
 mod replication;
 mod rls;
