@@ -2,7 +2,13 @@
 //!
 //! Passwords are hashed with Argon2id (RFC 9106 defaults of the `argon2` crate) on a blocking
 //! thread; session tokens are 256-bit random values stored as SHA-256 hashes, expiring after
-//! `session_ttl_secs`. Emails are unique case-insensitively.
+//! `session_ttl_secs`.
+//!
+//! Email addresses are normalised wherever they come in (sign-up, login, invitations): Unicode
+//! NFKC, then lowercase ([`normalize_email`]). Look-alike spellings — the Kelvin sign `\u{212A}`
+//! for `K`, fullwidth letters — are then the same address, so one of them cannot sign up beside
+//! the other, log in as it, or receive its invitations; the stored address is the normalised one
+//! and the unique index on `lower(email)` refuses a second account for it.
 
 use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
 use argon2::Argon2;
@@ -41,6 +47,14 @@ impl User {
     pub fn json(&self) -> Value {
         json!({ "id": self.id, "email": self.email, "displayName": self.display_name })
     }
+}
+
+/// The one spelling of an email address: trimmed, Unicode NFKC, lowercase (NFKC again, as
+/// lowercasing can leave a compatibility character behind).
+pub fn normalize_email(raw: &str) -> String {
+    use unicode_normalization::UnicodeNormalization;
+    let folded = raw.trim().nfkc().collect::<String>().to_lowercase();
+    folded.nfkc().collect::<String>().trim().to_string()
 }
 
 fn validate_email(email: &str) -> ApiResult<()> {
@@ -92,9 +106,9 @@ async fn verify_password(password: String, hash: Option<String>) -> bool {
 }
 
 impl App {
-    /// Creates a user; a clash on the email (any case) is a 409.
+    /// Creates a user; a clash on the normalised email is a 409.
     pub async fn create_user(&self, req: SignupRequest) -> ApiResult<User> {
-        let email = req.email.trim().to_string();
+        let email = normalize_email(&req.email);
         validate_email(&email)?;
         validate_password(&req.password)?;
         let display_name = req
@@ -178,7 +192,7 @@ impl App {
             .query_opt(
                 "SELECT id, email, display_name, password_hash FROM fluxbase.users
                  WHERE lower(email) = lower($1)",
-                &[&req.email.trim()],
+                &[&normalize_email(&req.email)],
             )
             .await?;
         drop(client);
@@ -251,6 +265,23 @@ mod tests {
         ] {
             assert!(validate_email(bad).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn look_alike_addresses_normalise_to_one() {
+        for spelling in [
+            "kate@example.com",
+            "\u{212A}ate@example.com",
+            " KATE@Example.COM ",
+            "\u{FF4B}\u{FF41}\u{FF54}\u{FF45}@example.com",
+        ] {
+            assert_eq!(
+                normalize_email(spelling),
+                "kate@example.com",
+                "{spelling:?}"
+            );
+        }
+        assert_ne!(normalize_email("katie@example.com"), "kate@example.com");
     }
 
     #[tokio::test]
