@@ -33,24 +33,28 @@ pub fn routes(
             let app = ws_app.clone();
             async move { crate::realtime::upgrade(app, &headers, on_upgrade) }
         });
-    let api =
-        warp::method()
-            .and(warp::path::full())
-            .and(warp::query::raw().or(warp::any().map(String::new)).unify())
-            .and(warp::header::headers_cloned())
-            .and(warp::body::stream())
-            .then(
-                move |method: Method,
-                      path: warp::path::FullPath,
-                      query: String,
-                      headers: HeaderMap,
-                      body| {
-                    let app = app.clone();
-                    async move {
-                        handle(app, method, path.as_str().to_string(), query, headers, body).await
-                    }
-                },
-            );
+    let api = warp::method()
+        .and(warp::path::full())
+        .and(warp::query::raw().or(warp::any().map(String::new)).unify())
+        .and(warp::header::headers_cloned())
+        .and(warp::ext::optional::<crate::listener::ClientAddr>())
+        .and(warp::body::stream())
+        .then(
+            move |method: Method,
+                  path: warp::path::FullPath,
+                  query: String,
+                  headers: HeaderMap,
+                  peer: Option<crate::listener::ClientAddr>,
+                  body| {
+                let app = app.clone();
+                async move {
+                    let client =
+                        crate::listener::client_ip(peer, &headers, app.config.trust_forwarded_for);
+                    let head = (method, path.as_str().to_string(), query, headers, client);
+                    handle(app, head, body).await
+                }
+            },
+        );
     websocket.or(api).unify()
 }
 
@@ -60,6 +64,8 @@ pub struct Request {
     pub path: String,
     pub query: HashMap<String, String>,
     pub headers: HeaderMap,
+    /// The client's address for rate limits ([`crate::listener::client_ip`]).
+    pub client: Option<std::net::IpAddr>,
     body: Option<Bytes>,
 }
 
@@ -93,18 +99,16 @@ impl Request {
     }
 }
 
-async fn handle<S, B>(
-    app: SharedApp,
-    method: Method,
-    path: String,
-    query: String,
-    headers: HeaderMap,
-    body: S,
-) -> Response
+/// What [`handle`] needs of a request besides its body: method, path, query, headers and the
+/// client's address.
+type Head = (Method, String, String, HeaderMap, Option<std::net::IpAddr>);
+
+async fn handle<S, B>(app: SharedApp, head: Head, body: S) -> Response
 where
     S: Stream<Item = Result<B, warp::Error>> + Send + 'static,
     B: Buf + Send + 'static,
 {
+    let (method, path, query, headers, client) = head;
     let started = Instant::now();
     let route = route_name(&path);
     let outcome = async {
@@ -125,6 +129,7 @@ where
             path,
             query,
             headers,
+            client,
             body,
         };
         dispatch(&app, &req).await
@@ -274,8 +279,8 @@ async fn dispatch(app: &Arc<App>, req: &Request) -> ApiResult<Response> {
         )
         .into_response()),
 
-        (&M::POST, "/api/auth/signup") => ok(app.signup(req.json()?).await?),
-        (&M::POST, "/api/auth/login") => ok(app.login(req.json()?).await?),
+        (&M::POST, "/api/auth/signup") => ok(app.signup(req.json()?, req.client).await?),
+        (&M::POST, "/api/auth/login") => ok(app.login(req.json()?, req.client).await?),
         (&M::POST, "/api/auth/logout") => {
             let p = app.authenticate(req.authorization()).await?;
             ok(app.logout(&p).await?)

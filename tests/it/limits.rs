@@ -146,3 +146,303 @@ async fn a_single_row_larger_than_the_cap_is_dropped_and_the_key_keeps_working()
     assert_eq!(body["result"]["rows"].as_array().unwrap().len(), 1);
     app.stop().await;
 }
+
+async fn login_from(
+    app: &crate::support::TestApp,
+    email: &str,
+    password: &str,
+    forwarded_for: Option<&str>,
+) -> (u16, Value) {
+    let mut req = app
+        .http
+        .post(app.url("/api/auth/login"))
+        .json(&json!({ "email": email, "password": password }));
+    if let Some(ip) = forwarded_for {
+        req = req.header("x-forwarded-for", ip);
+    }
+    let resp = req.send().await.unwrap();
+    let status = resp.status().as_u16();
+    if status == 429 {
+        assert!(resp.headers().contains_key("retry-after"));
+    }
+    (status, resp.json().await.unwrap())
+}
+
+#[tokio::test]
+async fn a_login_flood_from_one_address_gets_429_after_the_limit() {
+    let app = spawn_app_with(|c| c.auth_attempts_per_address = 5).await;
+    let (_, _, email) = app.signup().await; // the first attempt of this address
+    for _ in 0..4 {
+        let (status, body) = login_from(&app, &email, "wrong password", None).await;
+        assert_eq!(status, 401, "{body}");
+    }
+    let (status, body) = login_from(&app, &email, "correct horse battery", None).await;
+    assert_eq!(status, 429, "{body}");
+    assert_eq!(body["error"]["code"], "RATE_LIMIT");
+    // X-Forwarded-For is the client's own words unless the operator trusts a proxy.
+    let (status, _) = login_from(&app, &email, "correct horse battery", Some("203.0.113.9")).await;
+    assert_eq!(status, 429);
+    let (status, body) = app
+        .call(
+            "POST",
+            "/api/auth/signup",
+            None,
+            Some(json!({ "email": format!("{}@example.com", unique("u")), "password": "long enough pw" })),
+        )
+        .await;
+    assert_eq!(status, 429, "{body}");
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn behind_a_trusted_proxy_each_forwarded_address_has_its_own_budget() {
+    let app = spawn_app_with(|c| {
+        c.auth_attempts_per_address = 2;
+        c.trust_forwarded_for = true;
+    })
+    .await;
+    let (_, _, email) = app.signup().await; // counted against the socket address
+    for ip in ["198.51.100.1", "198.51.100.2"] {
+        for _ in 0..2 {
+            let (status, _) = login_from(&app, &email, "wrong password", Some(ip)).await;
+            assert_eq!(status, 401);
+        }
+        let (status, _) = login_from(&app, &email, "wrong password", Some(ip)).await;
+        assert_eq!(status, 429, "{ip}");
+    }
+    // The proxy appends the address it saw: only the last entry counts.
+    let (status, _) = login_from(
+        &app,
+        &email,
+        "correct horse battery",
+        Some("1.1.1.1, 198.51.100.1"),
+    )
+    .await;
+    assert_eq!(status, 429);
+    let (status, body) = login_from(
+        &app,
+        &email,
+        "correct horse battery",
+        Some("198.51.100.1, 198.51.100.3"),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn failed_logins_against_one_account_from_many_addresses_lock_only_that_account() {
+    let app = spawn_app_with(|c| {
+        c.auth_failures_per_account = 3;
+        c.trust_forwarded_for = true;
+    })
+    .await;
+    let (_, victim_id, victim) = app.signup().await;
+    let (_, _, bystander) = app.signup().await;
+    for i in 0..3 {
+        let ip = format!("192.0.2.{i}");
+        let (status, _) = login_from(&app, &victim, "guess", Some(&ip)).await;
+        assert_eq!(status, 401);
+    }
+    for (i, password) in ["guess", "correct horse battery"].iter().enumerate() {
+        let ip = format!("192.0.2.{}", 100 + i);
+        let (status, body) = login_from(&app, &victim, password, Some(&ip)).await;
+        assert_eq!(status, 429, "{body}");
+        assert_eq!(body["error"]["code"], "RATE_LIMIT");
+    }
+    // Another spelling of the same address is the same account.
+    let (status, _) = login_from(&app, &victim.to_uppercase(), "guess", Some("192.0.2.200")).await;
+    assert_eq!(status, 429);
+    let (status, body) = login_from(&app, &bystander, "correct horse battery", None).await;
+    assert_eq!(status, 200, "{body}");
+    let _ = victim_id;
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn concurrent_logins_hash_passwords_a_few_at_a_time_so_memory_stays_bounded() {
+    let server = ServerProcess::start(&[("FLUXBASE_MAX_CONCURRENT_PASSWORD_HASHES", "2")]).await;
+    let (status, body) = post(
+        &server.base,
+        "/api/auth/login",
+        None,
+        json!({ "email": "warm@example.com", "password": "whatever pw" }),
+    )
+    .await;
+    assert_eq!(status, 401, "{body}");
+    let before = server.peak_rss();
+    let logins = (0..32).map(|i| {
+        let base = server.base.clone();
+        async move {
+            post(
+                &base,
+                "/api/auth/login",
+                None,
+                json!({ "email": format!("nobody{i}@example.com"), "password": "whatever pw" }),
+            )
+            .await
+        }
+    });
+    for (status, body) in futures_util::future::join_all(logins).await {
+        assert_eq!(status, 401, "{body}");
+    }
+    let grown = server.peak_rss().saturating_sub(before);
+    // Each Argon2 hash holds ~19 MiB: 32 at once would be ~600 MiB.
+    assert!(
+        grown < 150 * MIB as u64,
+        "32 concurrent logins grew the peak RSS by {} MiB",
+        grown / MIB as u64
+    );
+}
+
+/// Reads from `stream` until the server closes it (EOF or reset), within `limit`; returns what
+/// was read, or `None` if it stayed open.
+async fn read_until_closed(
+    stream: &mut tokio::net::TcpStream,
+    limit: std::time::Duration,
+) -> Option<Vec<u8>> {
+    use tokio::io::AsyncReadExt;
+    let mut seen = Vec::new();
+    let deadline = tokio::time::Instant::now() + limit;
+    let mut buf = [0u8; 4096];
+    loop {
+        match tokio::time::timeout_at(deadline, stream.read(&mut buf)).await {
+            Err(_) => return None,
+            Ok(Ok(0)) | Ok(Err(_)) => return Some(seen),
+            Ok(Ok(n)) => seen.extend_from_slice(&buf[..n]),
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_slow_header_client_is_disconnected_after_the_header_timeout() {
+    use tokio::io::AsyncWriteExt;
+    let app = spawn_app_with(|c| c.header_read_timeout_secs = 1).await;
+    let addr = app.base.trim_start_matches("http://").to_string();
+
+    // Trickles one header line every 200 ms, never ending the head.
+    let mut slow = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    slow.write_all(b"GET /health HTTP/1.1\r\nHost: x\r\n")
+        .await
+        .unwrap();
+    let closed = async {
+        use tokio::io::AsyncReadExt;
+        let mut buf = [0u8; 1024];
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(20);
+        let mut i = 0;
+        loop {
+            tokio::select! {
+                r = slow.read(&mut buf) => match r {
+                    Ok(0) | Err(_) => return true,
+                    Ok(_) => {}
+                },
+                _ = tokio::time::sleep(std::time::Duration::from_millis(200)) => {
+                    i += 1;
+                    if slow.write_all(format!("X-Slow-{i}: y\r\n").as_bytes()).await.is_err() {
+                        return true;
+                    }
+                }
+            }
+            if tokio::time::Instant::now() > deadline {
+                return false;
+            }
+        }
+    };
+    assert!(closed.await, "a client trickling its headers was kept open");
+
+    // A client that connects and says nothing is closed too.
+    let mut silent = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    assert!(
+        read_until_closed(&mut silent, std::time::Duration::from_secs(20))
+            .await
+            .is_some(),
+        "a silent client was kept open"
+    );
+    // Ordinary requests are unaffected.
+    let (status, _) = app.call("GET", "/health", None, None).await;
+    assert_eq!(status, 200);
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn connections_past_the_per_address_cap_are_refused_with_429() {
+    use tokio::io::AsyncWriteExt;
+    let app = spawn_app_with(|c| c.max_connections_per_address = 3).await;
+    let addr = app.base.trim_start_matches("http://").to_string();
+    let mut held = Vec::new();
+    for _ in 0..3 {
+        held.push(tokio::net::TcpStream::connect(&addr).await.unwrap());
+    }
+    let mut extra = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    let _ = extra
+        .write_all(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await;
+    let answer = read_until_closed(&mut extra, std::time::Duration::from_secs(10))
+        .await
+        .expect("the connection over the cap was neither answered nor closed");
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 429"), "{answer}");
+    assert!(answer.contains("\"RATE_LIMIT\""), "{answer}");
+
+    // Closing one frees a place (the server notices the close asynchronously).
+    drop(held.pop());
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let mut again = tokio::net::TcpStream::connect(&addr).await.unwrap();
+        again
+            .write_all(b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            .await
+            .unwrap();
+        let answer = read_until_closed(&mut again, std::time::Duration::from_secs(10))
+            .await
+            .unwrap_or_default();
+        if answer.starts_with(b"HTTP/1.1 200") {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no place freed: {}",
+            String::from_utf8_lossy(&answer)
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn the_project_quota_per_user_gives_a_clear_error_and_cannot_be_raced() {
+    let app = spawn_app_with(|c| c.max_projects_per_user = 2).await;
+    let (token, _, _) = app.signup().await;
+    let create = || {
+        app.call(
+            "POST",
+            "/api/projects",
+            Some(&token),
+            Some(json!({ "name": "p" })),
+        )
+    };
+    let (a, b, c) = tokio::join!(create(), create(), create());
+    let mut statuses = vec![a.0, b.0, c.0];
+    statuses.sort();
+    assert_eq!(statuses, vec![201, 201, 403], "{a:?} {b:?} {c:?}");
+    let (status, body) = create().await;
+    assert_eq!(status, 403);
+    assert_eq!(body["error"]["code"], "INSUFFICIENT_PERMISSIONS");
+    let message = body["error"]["message"].as_str().unwrap();
+    assert!(message.contains("at most 2 projects"), "{message}");
+
+    let created = [a, b, c].into_iter().find(|(s, _)| *s == 201).unwrap().1;
+    let id = created["project"]["id"].as_str().unwrap();
+    let (status, _) = app
+        .call(
+            "DELETE",
+            &format!("/api/projects?projectId={id}"),
+            Some(&token),
+            None,
+        )
+        .await;
+    assert_eq!(status, 200);
+    let (status, body) = create().await;
+    assert_eq!(status, 201, "{body}");
+    app.stop().await;
+}

@@ -130,6 +130,7 @@ pub async fn spawn_app_with(tweak: impl FnOnce(&mut Config)) -> TestApp {
         data_dir: scratch_dir(&format!("it-{}-{name}", std::process::id())),
         database_url: Some(pg.url(&name)),
         rate_limit_requests: 10_000,
+        auth_attempts_per_address: 10_000,
         ..Config::default()
     };
     tweak(&mut config);
