@@ -446,3 +446,120 @@ async fn the_project_quota_per_user_gives_a_clear_error_and_cannot_be_raced() {
     assert_eq!(status, 201, "{body}");
     app.stop().await;
 }
+
+/// SQL connections the server holds on `cluster`, by state.
+async fn sql_connections(pg: &tokio_postgres::Client) -> (i64, i64) {
+    let row = pg
+        .query_one(
+            "SELECT count(*) FILTER (WHERE query LIKE '%pg_sleep%' AND state = 'active'),
+                    count(*)
+             FROM pg_stat_activity WHERE application_name = 'fluxbase-sql'",
+            &[],
+        )
+        .await
+        .unwrap();
+    (row.get(0), row.get(1))
+}
+
+#[tokio::test]
+async fn a_project_flooding_pg_sleep_waits_on_its_share_while_another_is_served_and_idle_connections_close(
+) {
+    use crate::support::process::DedicatedCluster;
+    let pg = DedicatedCluster::start(&[("max_connections", "20")]).await;
+    let control = unique("ctl");
+    let app = spawn_app_with(|c| {
+        c.database_url = Some(pg.cluster.url(&control));
+        c.sql_project_connections = 3;
+        c.sql_queue_timeout_ms = 3_000;
+        c.sql_idle_timeout_secs = 2;
+    })
+    .await;
+    let noisy = app.fixture().await;
+    let quiet = app.fixture().await;
+    let watcher = pg.client("postgres").await;
+
+    // Every key of the noisy project, 8 requests each, all sleeping.
+    let attack: Vec<_> = [&noisy.read, &noisy.readwrite, &noisy.admin]
+        .into_iter()
+        .flat_map(|key| std::iter::repeat_n(key.clone(), 8))
+        .map(|key| {
+            let http = app.http.clone();
+            let url = app.url("/api/execute-sql");
+            let project = noisy.project.clone();
+            tokio::spawn(async move {
+                let resp = http
+                    .post(url)
+                    .bearer_auth(key)
+                    .json(&json!({ "projectId": project, "query": "SELECT pg_sleep(4)" }))
+                    .send()
+                    .await
+                    .unwrap();
+                let status = resp.status().as_u16();
+                (status, resp.json::<Value>().await.unwrap())
+            })
+        })
+        .collect();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while sql_connections(&watcher).await.0 < 3 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the attack never started"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+
+    // Meanwhile the quiet project is answered, correctly.
+    let (status, body) = app
+        .call(
+            "POST",
+            "/api/execute-sql",
+            Some(&quiet.read),
+            Some(json!({ "projectId": quiet.project, "query": "SELECT 41 + 1 AS answer" })),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["result"]["rows"], json!([{ "answer": 42 }]), "{body}");
+    let (sleeping, _) = sql_connections(&watcher).await;
+    assert!(
+        sleeping <= 3,
+        "{sleeping} statements of the noisy project run at once"
+    );
+
+    let mut answered = 0;
+    let mut refused = 0;
+    for task in attack {
+        let (status, body) = task.await.unwrap();
+        match status {
+            200 => {
+                assert_eq!(body["success"], true, "{body}");
+                answered += 1;
+            }
+            429 => {
+                assert_eq!(body["error"]["code"], "RATE_LIMIT");
+                let message = body["error"]["message"].as_str().unwrap();
+                assert!(message.contains("sql_project_connections"), "{message}");
+                refused += 1;
+            }
+            other => panic!("the noisy project got {other}: {body}"),
+        }
+    }
+    assert!(
+        answered >= 3 && refused > 0,
+        "{answered} answered, {refused} refused"
+    );
+
+    // Once it is over, the pools give their connections back to the cluster.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let (_, open) = sql_connections(&watcher).await;
+        if open == 0 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{open} idle SQL connections are still open"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+    app.stop().await;
+}

@@ -81,3 +81,48 @@ impl Drop for ServerProcess {
         let _ = self.child.wait();
     }
 }
+
+/// A PostgreSQL cluster of its own (for a test that exhausts a cluster-wide resource such as
+/// `max_connections`, which would hurt the other tests on the shared one); stopped on drop.
+pub struct DedicatedCluster {
+    pub cluster: fluxbase::embedded::Cluster,
+}
+
+impl DedicatedCluster {
+    pub async fn start(settings: &[(&str, &str)]) -> DedicatedCluster {
+        let root = scratch_dir(&format!("it-{}-{}", std::process::id(), unique("pg")));
+        let password = fluxbase::secrets::random_base62(24);
+        let mut extra: Vec<(String, String)> = vec![
+            ("fsync".into(), "off".into()),
+            ("synchronous_commit".into(), "off".into()),
+        ];
+        extra.extend(settings.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+        let cluster = tokio::task::spawn_blocking(move || {
+            let extra: Vec<(&str, &str)> = extra
+                .iter()
+                .map(|(k, v)| (k.as_str(), v.as_str()))
+                .collect();
+            fluxbase::embedded::Cluster::start(&root, &password, &extra)
+        })
+        .await
+        .unwrap()
+        .expect("starting a dedicated cluster");
+        DedicatedCluster { cluster }
+    }
+
+    /// A superuser client on `database`.
+    pub async fn client(&self, database: &str) -> tokio_postgres::Client {
+        let (client, conn) =
+            tokio_postgres::connect(&self.cluster.url(database), tokio_postgres::NoTls)
+                .await
+                .expect("connecting as superuser");
+        tokio::spawn(conn);
+        client
+    }
+}
+
+impl Drop for DedicatedCluster {
+    fn drop(&mut self) {
+        let _ = self.cluster.stop();
+    }
+}
