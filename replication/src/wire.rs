@@ -346,16 +346,16 @@ impl Transport {
                 continue;
             }
             if let Some(header) = Header::parse(&self.read_buf).map_err(WireError::protocol)? {
-                if header.tag() == b'D' && header.len() as usize > self.max_data_row {
-                    self.skipping = 1 + header.len() as usize;
-                    continue;
-                }
                 if header.len() as usize > MAX_MESSAGE_LEN {
                     return Err(WireError::protocol(format!(
                         "message of {} bytes (tag {:?})",
                         header.len(),
                         char::from(header.tag())
                     )));
+                }
+                if header.tag() == b'D' && header.len() as usize > self.max_data_row {
+                    self.skipping = 1 + header.len() as usize;
+                    continue;
                 }
                 let total = 1 + header.len() as usize;
                 if header.tag() == b'W' && self.read_buf.len() >= total {
@@ -1460,6 +1460,74 @@ mod tests {
         })
         .await
         .unwrap()
+    }
+
+    fn row_description(name: &str) -> Vec<u8> {
+        let mut body = 1i16.to_be_bytes().to_vec();
+        body.extend(cstr(name));
+        body.extend(0i32.to_be_bytes()); // table oid
+        body.extend(0i16.to_be_bytes()); // column id
+        body.extend(25i32.to_be_bytes()); // text
+        body.extend((-1i16).to_be_bytes());
+        body.extend((-1i32).to_be_bytes());
+        body.extend(0i16.to_be_bytes()); // text format
+        backend(b'T', &body)
+    }
+
+    fn data_row(value: &[u8]) -> Vec<u8> {
+        let mut body = 1i16.to_be_bytes().to_vec();
+        body.extend((value.len() as i32).to_be_bytes());
+        body.extend_from_slice(value);
+        backend(b'D', &body)
+    }
+
+    #[tokio::test]
+    async fn rows_past_the_byte_limit_are_dropped_and_an_oversized_row_is_skipped_unbuffered() {
+        let mut reply = row_description("v");
+        for value in [&[b'a'; 100][..], &[b'b'; 100], &[b'c'; 5000], &[b'd'; 10]] {
+            reply.extend(data_row(value));
+        }
+        reply.extend(backend(b'C', &cstr("SELECT 4")));
+        reply.extend(row_description("w"));
+        reply.extend(data_row(&[b'e'; 10]));
+        reply.extend(data_row(&[b'f'; 5000]));
+        reply.extend(backend(b'C', &cstr("SELECT 2")));
+        reply.extend(backend(b'Z', b"I"));
+        let mut conn = connection_answering(reply, false).await;
+        conn.set_max_result_bytes(300);
+        assert_eq!(conn.transport.max_data_row, 304);
+        let outcome = conn.simple_query("SELECT ...", 100).await.unwrap();
+        let last = outcome.last.unwrap();
+        // The second statement: its first row fits, the oversized one is skipped.
+        assert_eq!(last.rows, vec![vec![Some("e".repeat(10))]]);
+        assert!(last.truncated);
+        assert_eq!(last.command_tag, "SELECT 2");
+        assert_eq!(outcome.statements, 2);
+        assert!(!conn.is_broken());
+    }
+
+    #[tokio::test]
+    async fn a_result_is_a_prefix_once_the_byte_limit_is_passed() {
+        let mut reply = row_description("v");
+        for value in [&[b'a'; 100][..], &[b'b'; 150], &[b'c'; 5000], &[b'd'; 10]] {
+            reply.extend(data_row(value));
+        }
+        reply.extend(backend(b'C', &cstr("SELECT 4")));
+        reply.extend(backend(b'Z', b"I"));
+        let mut conn = connection_answering(reply, false).await;
+        conn.set_max_result_bytes(300);
+        let last = conn
+            .simple_query("SELECT ...", 100)
+            .await
+            .unwrap()
+            .last
+            .unwrap();
+        // 'a' and 'b' fit; 'c' is skipped unread; 'd' would fit but comes after a dropped row.
+        assert_eq!(
+            last.rows,
+            vec![vec![Some("a".repeat(100))], vec![Some("b".repeat(150))]]
+        );
+        assert!(last.truncated);
     }
 
     #[test]
