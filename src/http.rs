@@ -50,8 +50,8 @@ pub fn routes(
                 async move {
                     let client =
                         crate::listener::client_ip(peer, &headers, app.config.trust_forwarded_for);
-                    let head = (method, path.as_str().to_string(), query, headers, client);
-                    handle(app, head, body).await
+                    let path = path.as_str().to_string();
+                    handle(app, method, path, query, headers, client, body).await
                 }
             },
         );
@@ -99,16 +99,19 @@ impl Request {
     }
 }
 
-/// What [`handle`] needs of a request besides its body: method, path, query, headers and the
-/// client's address.
-type Head = (Method, String, String, HeaderMap, Option<std::net::IpAddr>);
-
-async fn handle<S, B>(app: SharedApp, head: Head, body: S) -> Response
+async fn handle<S, B>(
+    app: SharedApp,
+    method: Method,
+    path: String,
+    query: String,
+    headers: HeaderMap,
+    client: Option<std::net::IpAddr>,
+    body: S,
+) -> Response
 where
     S: Stream<Item = Result<B, warp::Error>> + Send + 'static,
     B: Buf + Send + 'static,
 {
-    let (method, path, query, headers, client) = head;
     let started = Instant::now();
     let route = route_name(&path);
     let outcome = async {
