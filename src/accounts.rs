@@ -2,13 +2,20 @@
 //!
 //! Passwords are hashed with Argon2id (RFC 9106 defaults of the `argon2` crate) on a blocking
 //! thread; session tokens are 256-bit random values stored as SHA-256 hashes, expiring after
-//! `session_ttl_secs`. Emails are unique case-insensitively.
+//! `session_ttl_secs`.
+//!
+//! Email addresses are normalised wherever they come in (sign-up, login, invitations): Unicode
+//! NFKC, then lowercase ([`normalize_email`]). Look-alike spellings — the Kelvin sign `\u{212A}`
+//! for `K`, fullwidth letters — are then the same address, so one of them cannot sign up beside
+//! the other, log in as it, or receive its invitations; the stored address is the normalised one
+//! and the unique index on `lower(email)` refuses a second account for it.
 
-use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
+use argon2::password_hash::{Output, ParamsString, PasswordHash, SaltString};
 use argon2::Argon2;
 use chrono::{DateTime, Utc};
 use serde::Deserialize;
 use serde_json::{json, Value};
+use std::net::IpAddr;
 use warp::http::StatusCode;
 
 use crate::app::App;
@@ -43,6 +50,14 @@ impl User {
     }
 }
 
+/// The one spelling of an email address: trimmed, Unicode NFKC, lowercase (NFKC again, as
+/// lowercasing can leave a compatibility character behind).
+pub fn normalize_email(raw: &str) -> String {
+    use unicode_normalization::UnicodeNormalization;
+    let folded = raw.trim().nfkc().collect::<String>().to_lowercase();
+    folded.nfkc().collect::<String>().trim().to_string()
+}
+
 fn validate_email(email: &str) -> ApiResult<()> {
     let ok = email.len() <= 254
         && !email.chars().any(|c| c.is_whitespace() || c.is_control())
@@ -65,36 +80,86 @@ fn validate_password(password: &str) -> ApiResult<()> {
     Ok(())
 }
 
-pub async fn hash_password(password: String) -> anyhow::Result<String> {
-    tokio::task::spawn_blocking(move || {
-        let salt = SaltString::encode_b64(&random_bytes::<16>())
-            .map_err(|e| anyhow::anyhow!("salt: {e}"))?;
-        Argon2::default()
-            .hash_password(password.as_bytes(), &salt)
-            .map(|h| h.to_string())
-            .map_err(|e| anyhow::anyhow!("argon2: {e}"))
-    })
-    .await?
+thread_local! {
+    /// Argon2's working memory (~19 MiB with the default parameters), allocated once per
+    /// hashing thread and reused: a fresh allocation per hash made the allocator keep a new
+    /// 19 MiB region resident after most logins (see [`crate::ratelimit`]).
+    static ARGON2_MEMORY: std::cell::RefCell<Vec<argon2::Block>> =
+        const { std::cell::RefCell::new(Vec::new()) };
 }
 
-async fn verify_password(password: String, hash: Option<String>) -> bool {
-    tokio::task::spawn_blocking(move || {
-        // Unknown users are checked against a fixed hash so both paths take the same time.
-        const DUMMY: &str = "$argon2id$v=19$m=19456,t=2,p=1$c29tZXNhbHRzb21lc2FsdA$2k9Ic3Mdg1xGv+xNkNu3fvWXyLBzKKWmXtYRtRbX3Co";
-        let stored = hash.as_deref().unwrap_or(DUMMY);
-        let ok = PasswordHash::new(stored)
-            .map(|h| Argon2::default().verify_password(password.as_bytes(), &h).is_ok())
-            .unwrap_or(false);
-        ok && hash.is_some()
+/// Argon2 of `password` and `salt` into `out`, in this thread's reused working memory.
+fn argon2_into(argon: &Argon2, password: &[u8], salt: &[u8], out: &mut [u8]) -> anyhow::Result<()> {
+    ARGON2_MEMORY.with(|memory| {
+        let mut memory = memory.borrow_mut();
+        let blocks = argon.params().block_count();
+        if memory.len() < blocks {
+            memory.resize(blocks, argon2::Block::default());
+        }
+        argon
+            .hash_password_into_with_memory(password, salt, out, &mut memory[..blocks])
+            .map_err(|e| anyhow::anyhow!("argon2: {e}"))
     })
-    .await
-    .unwrap_or(false)
+}
+
+/// Hashes a password into a PHC string (`$argon2id$v=19$m=19456,t=2,p=1$…`). Slow and
+/// memory-hard: run it through [`crate::ratelimit::AccountLimits::hash`].
+pub fn hash_password(password: &str) -> anyhow::Result<String> {
+    let argon = Argon2::default();
+    let salt_bytes = random_bytes::<16>();
+    let salt = SaltString::encode_b64(&salt_bytes).map_err(|e| anyhow::anyhow!("salt: {e}"))?;
+    let mut out = [0u8; argon2::Params::DEFAULT_OUTPUT_LEN];
+    argon2_into(&argon, password.as_bytes(), &salt_bytes, &mut out)?;
+    let phc = PasswordHash {
+        algorithm: argon2::Algorithm::Argon2id.ident(),
+        version: Some(argon2::Version::V0x13.into()),
+        params: ParamsString::try_from(argon.params()).map_err(|e| anyhow::anyhow!("{e}"))?,
+        salt: Some(salt.as_salt()),
+        hash: Some(Output::new(&out).map_err(|e| anyhow::anyhow!("{e}"))?),
+    };
+    Ok(phc.to_string())
+}
+
+/// Whether `password` matches the PHC string `stored` (any Argon2 variant and parameters).
+fn password_matches(password: &str, stored: &str) -> anyhow::Result<bool> {
+    let err = |e: argon2::password_hash::Error| anyhow::anyhow!("{e}");
+    let phc = PasswordHash::new(stored).map_err(err)?;
+    let params = argon2::Params::try_from(&phc).map_err(err)?;
+    let algorithm = argon2::Algorithm::try_from(phc.algorithm).map_err(err)?;
+    let version = phc
+        .version
+        .map(argon2::Version::try_from)
+        .transpose()
+        .map_err(|e| anyhow::anyhow!("{e}"))?
+        .unwrap_or_default();
+    let (Some(salt), Some(expected)) = (phc.salt, phc.hash) else {
+        return Ok(false);
+    };
+    let mut salt_buf = [0u8; 64];
+    let salt = salt.decode_b64(&mut salt_buf).map_err(err)?;
+    let mut out = vec![0u8; expected.len()];
+    argon2_into(
+        &Argon2::new(algorithm, version, params),
+        password.as_bytes(),
+        salt,
+        &mut out,
+    )?;
+    // `Output`'s equality is constant-time.
+    Ok(Output::new(&out).map_err(err)? == expected)
+}
+
+/// Checks a password against a stored hash (as slow as [`hash_password`]).
+fn verify_password(password: &str, hash: Option<&str>) -> bool {
+    // Unknown users are checked against a fixed hash so both paths take the same time.
+    const DUMMY: &str = "$argon2id$v=19$m=19456,t=2,p=1$c29tZXNhbHRzb21lc2FsdA$2k9Ic3Mdg1xGv+xNkNu3fvWXyLBzKKWmXtYRtRbX3Co";
+    let ok = password_matches(password, hash.unwrap_or(DUMMY)).unwrap_or(false);
+    ok && hash.is_some()
 }
 
 impl App {
-    /// Creates a user; a clash on the email (any case) is a 409.
+    /// Creates a user; a clash on the normalised email is a 409.
     pub async fn create_user(&self, req: SignupRequest) -> ApiResult<User> {
-        let email = req.email.trim().to_string();
+        let email = normalize_email(&req.email);
         validate_email(&email)?;
         validate_password(&req.password)?;
         let display_name = req
@@ -106,7 +171,11 @@ impl App {
                 "displayName: at most 200 characters".into(),
             ));
         }
-        let hash = hash_password(req.password).await?;
+        let password = req.password;
+        let hash = self
+            .account_limits
+            .hash(move || hash_password(&password))
+            .await??;
         let id = format!("usr_{}", random_base62(16));
         let client = self.control.get().await?;
         let inserted = client
@@ -163,7 +232,13 @@ impl App {
         })
     }
 
-    pub async fn signup(&self, req: SignupRequest) -> ApiResult<(StatusCode, Value)> {
+    /// `POST /api/auth/signup`, counted against the client's address.
+    pub async fn signup(
+        &self,
+        req: SignupRequest,
+        client: Option<IpAddr>,
+    ) -> ApiResult<(StatusCode, Value)> {
+        self.account_limits.attempt_from(client)?;
         let user = self.create_user(req).await?;
         let (token, expires_at) = self.create_session(&user.id).await?;
         Ok((
@@ -172,18 +247,33 @@ impl App {
         ))
     }
 
-    pub async fn login(&self, req: LoginRequest) -> ApiResult<(StatusCode, Value)> {
-        let client = self.control.get().await?;
-        let row = client
+    /// `POST /api/auth/login`, counted against the client's address; an account with too many
+    /// recent failures is refused before its password is checked.
+    pub async fn login(
+        &self,
+        req: LoginRequest,
+        client: Option<IpAddr>,
+    ) -> ApiResult<(StatusCode, Value)> {
+        self.account_limits.attempt_from(client)?;
+        let email = normalize_email(&req.email);
+        self.account_limits.login_allowed(&email)?;
+        let db = self.control.get().await?;
+        let row = db
             .query_opt(
                 "SELECT id, email, display_name, password_hash FROM fluxbase.users
                  WHERE lower(email) = lower($1)",
-                &[&req.email.trim()],
+                &[&email],
             )
             .await?;
-        drop(client);
+        drop(db);
         let hash = row.as_ref().map(|r| r.get::<_, String>(3));
-        if !verify_password(req.password, hash).await {
+        let password = req.password;
+        let verified = self
+            .account_limits
+            .hash(move || verify_password(&password, hash.as_deref()))
+            .await?;
+        if !verified {
+            self.account_limits.login_failed(&email);
             return Err(ApiError::AuthRequired("Wrong email or password.".into()));
         }
         let row = row.expect("verified users exist");
@@ -253,14 +343,48 @@ mod tests {
         }
     }
 
-    #[tokio::test]
-    async fn password_hashes_verify_and_differ_per_salt() {
-        let h1 = hash_password("correct horse".into()).await.unwrap();
-        let h2 = hash_password("correct horse".into()).await.unwrap();
+    #[test]
+    fn look_alike_addresses_normalise_to_one() {
+        for spelling in [
+            "kate@example.com",
+            "\u{212A}ate@example.com",
+            " KATE@Example.COM ",
+            "\u{FF4B}\u{FF41}\u{FF54}\u{FF45}@example.com",
+        ] {
+            assert_eq!(
+                normalize_email(spelling),
+                "kate@example.com",
+                "{spelling:?}"
+            );
+        }
+        assert_ne!(normalize_email("katie@example.com"), "kate@example.com");
+    }
+
+    #[test]
+    fn password_hashes_verify_and_differ_per_salt() {
+        let h1 = hash_password("correct horse").unwrap();
+        let h2 = hash_password("correct horse").unwrap();
         assert!(h1.starts_with("$argon2id$"));
         assert_ne!(h1, h2);
-        assert!(verify_password("correct horse".into(), Some(h1.clone())).await);
-        assert!(!verify_password("wrong horse".into(), Some(h1)).await);
-        assert!(!verify_password("correct horse".into(), None).await);
+        assert!(verify_password("correct horse", Some(&h1)));
+        assert!(!verify_password("wrong horse", Some(&h1)));
+        assert!(!verify_password("correct horse", None));
+    }
+
+    #[test]
+    fn hashes_are_compatible_with_the_argon2_crates_own() {
+        use argon2::password_hash::{PasswordHasher, PasswordVerifier};
+        let ours = hash_password("correct horse").unwrap();
+        let parsed = PasswordHash::new(&ours).unwrap();
+        assert!(Argon2::default()
+            .verify_password(b"correct horse", &parsed)
+            .is_ok());
+        let salt = SaltString::encode_b64(b"sixteen byte salt").unwrap();
+        let theirs = Argon2::default()
+            .hash_password(b"correct horse", &salt)
+            .unwrap()
+            .to_string();
+        assert!(verify_password("correct horse", Some(&theirs)));
+        assert!(!verify_password("correct horsf", Some(&theirs)));
     }
 }

@@ -23,6 +23,8 @@ pub struct App {
     pub control: deadpool_postgres::Pool,
     pub sql: SqlPools,
     pub rate: RateLimiter,
+    /// Login, sign-up and project-creation bounds (see [`crate::ratelimit::AccountLimits`]).
+    pub account_limits: crate::ratelimit::AccountLimits,
     pub metrics: Metrics,
     pub auth_cache: crate::auth::AuthCache,
     pub bus: crate::bus::Bus,
@@ -83,6 +85,7 @@ impl App {
         let app = Arc::new(App {
             sql: SqlPools::new(&config, &cluster),
             rate: RateLimiter::new(config.rate_limit_requests, config.rate_limit_window_secs),
+            account_limits: crate::ratelimit::AccountLimits::new(&config),
             metrics: Metrics::default(),
             auth_cache: Default::default(),
             bus: Default::default(),
@@ -166,15 +169,20 @@ impl Running {
         app.start_webhooks().await?;
         crate::metrics::start_listener(&app).await?;
         let routes = crate::http::routes(app.clone());
-        let task = tokio::spawn(async move {
-            warp::serve(routes)
-                .incoming(listener)
-                .graceful(async move {
-                    let _ = rx.await;
-                })
-                .run()
-                .await;
-        });
+        let limits = crate::listener::Limits {
+            header_read_timeout: std::time::Duration::from_secs(
+                app.config.header_read_timeout_secs,
+            ),
+            max_connections_per_address: app.config.max_connections_per_address,
+        };
+        let task = tokio::spawn(crate::listener::serve(
+            listener,
+            routes,
+            limits,
+            async move {
+                let _ = rx.await;
+            },
+        ));
         tracing::info!(%addr, "serving HTTP and WebSocket");
         Ok(Running {
             addr,

@@ -49,6 +49,9 @@ pub struct Config {
     pub statement_timeout_ms: u64,
     /// Rows returned by `/api/execute-sql` before `truncated: true`.
     pub max_rows: usize,
+    /// Largest `/api/execute-sql` answer, in bytes: rows past it are dropped as they arrive
+    /// (never held in memory) and the answer says `truncated: true`.
+    pub max_response_bytes: usize,
     /// Largest accepted request body, in bytes (then 413).
     pub max_body_bytes: usize,
     /// Requests allowed per key or session in each rate window (0 disables the limit).
@@ -90,6 +93,39 @@ pub struct Config {
     pub realtime_broadcast_bytes_per_sec: usize,
     /// Subscribes one socket may send per second (burst: one second's worth; 0: no limit).
     pub realtime_subscribes_per_sec: u32,
+    /// Seconds a client has to send a complete request head (an idle keep-alive connection
+    /// included) before it is disconnected.
+    pub header_read_timeout_secs: u64,
+    /// Open connections (WebSockets included) one client address may hold; more are answered
+    /// 429 and closed. IPv6 clients count by /64. 0: no cap (e.g. behind a proxy, which is
+    /// then the only address).
+    pub max_connections_per_address: usize,
+    /// Take the client address from the last `X-Forwarded-For` entry (only behind a proxy that
+    /// sets it); otherwise the socket's peer address is used and the header is ignored.
+    pub trust_forwarded_for: bool,
+    /// Login and sign-up attempts per client address in each `auth_rate_window_secs`
+    /// (0 disables the limit).
+    pub auth_attempts_per_address: u32,
+    /// Failed logins per account (normalised email) in each `auth_rate_window_secs`; past it
+    /// that account's logins get 429 whatever the password (0 disables the limit).
+    pub auth_failures_per_account: u32,
+    /// Length of the login and sign-up rate windows, in seconds.
+    pub auth_rate_window_secs: u64,
+    /// Password hashes (Argon2, ~20 MB each) computed at once; more requests wait their turn.
+    pub max_concurrent_password_hashes: usize,
+    /// Projects a user may administer before `POST /api/projects` refuses (0: no quota).
+    pub max_projects_per_user: u32,
+    /// Connections the SQL pools may hold across all projects. 0: three quarters of the
+    /// cluster's `max_connections` minus its reserved ones (read at start-up); a larger value
+    /// is lowered to that.
+    pub sql_max_connections: usize,
+    /// Requests of one project running SQL at once (all its keys and members together); the
+    /// next ones wait up to `sql_queue_timeout_ms`, then get 429.
+    pub sql_project_connections: usize,
+    /// How long a request waits for its project's share (and a connection), in milliseconds.
+    pub sql_queue_timeout_ms: u64,
+    /// Seconds a pooled SQL connection may sit idle before it is closed.
+    pub sql_idle_timeout_secs: u64,
 }
 
 impl Default for Config {
@@ -111,6 +147,7 @@ impl Default for Config {
             webhook_allow_private: false,
             statement_timeout_ms: 30_000,
             max_rows: 10_000,
+            max_response_bytes: 32 * 1024 * 1024,
             max_body_bytes: 1024 * 1024,
             rate_limit_requests: 50,
             rate_limit_window_secs: 10,
@@ -128,6 +165,18 @@ impl Default for Config {
             realtime_broadcasts_per_sec: 25,
             realtime_broadcast_bytes_per_sec: 256 * 1024,
             realtime_subscribes_per_sec: 10,
+            header_read_timeout_secs: 20,
+            max_connections_per_address: 512,
+            trust_forwarded_for: false,
+            auth_attempts_per_address: 30,
+            auth_failures_per_account: 10,
+            auth_rate_window_secs: 60,
+            max_concurrent_password_hashes: 4,
+            max_projects_per_user: 10,
+            sql_max_connections: 0,
+            sql_project_connections: 8,
+            sql_queue_timeout_ms: 5_000,
+            sql_idle_timeout_secs: 60,
         }
     }
 }
@@ -293,6 +342,12 @@ impl Config {
             self.max_rows = parse(k, &v)?;
             Ok(())
         });
+        env!("FLUXBASE_MAX_RESPONSE_BYTES", |k,
+                                             v: String|
+         -> Result<()> {
+            self.max_response_bytes = parse(k, &v)?;
+            Ok(())
+        });
         env!("FLUXBASE_MAX_BODY_BYTES", |k, v: String| -> Result<()> {
             self.max_body_bytes = parse(k, &v)?;
             Ok(())
@@ -395,6 +450,82 @@ impl Config {
             self.temp_file_limit_kb = parse(k, &v)?;
             Ok(())
         });
+        env!("FLUXBASE_HEADER_READ_TIMEOUT_SECS", |k,
+                                                   v: String|
+         -> Result<()> {
+            self.header_read_timeout_secs = parse(k, &v)?;
+            Ok(())
+        });
+        env!(
+            "FLUXBASE_MAX_CONNECTIONS_PER_ADDRESS",
+            |k, v: String| -> Result<()> {
+                self.max_connections_per_address = parse(k, &v)?;
+                Ok(())
+            }
+        );
+        env!("FLUXBASE_TRUST_FORWARDED_FOR", |k,
+                                              v: String|
+         -> Result<()> {
+            self.trust_forwarded_for = flag(k, &v)?;
+            Ok(())
+        });
+        env!(
+            "FLUXBASE_AUTH_ATTEMPTS_PER_ADDRESS",
+            |k, v: String| -> Result<()> {
+                self.auth_attempts_per_address = parse(k, &v)?;
+                Ok(())
+            }
+        );
+        env!(
+            "FLUXBASE_AUTH_FAILURES_PER_ACCOUNT",
+            |k, v: String| -> Result<()> {
+                self.auth_failures_per_account = parse(k, &v)?;
+                Ok(())
+            }
+        );
+        env!("FLUXBASE_AUTH_RATE_WINDOW_SECS", |k,
+                                                v: String|
+         -> Result<()> {
+            self.auth_rate_window_secs = parse(k, &v)?;
+            Ok(())
+        });
+        env!(
+            "FLUXBASE_MAX_CONCURRENT_PASSWORD_HASHES",
+            |k, v: String| -> Result<()> {
+                self.max_concurrent_password_hashes = parse(k, &v)?;
+                Ok(())
+            }
+        );
+        env!("FLUXBASE_MAX_PROJECTS_PER_USER", |k,
+                                                v: String|
+         -> Result<()> {
+            self.max_projects_per_user = parse(k, &v)?;
+            Ok(())
+        });
+        env!("FLUXBASE_SQL_MAX_CONNECTIONS", |k,
+                                              v: String|
+         -> Result<()> {
+            self.sql_max_connections = parse(k, &v)?;
+            Ok(())
+        });
+        env!("FLUXBASE_SQL_PROJECT_CONNECTIONS", |k,
+                                                  v: String|
+         -> Result<()> {
+            self.sql_project_connections = parse(k, &v)?;
+            Ok(())
+        });
+        env!("FLUXBASE_SQL_QUEUE_TIMEOUT_MS", |k,
+                                               v: String|
+         -> Result<()> {
+            self.sql_queue_timeout_ms = parse(k, &v)?;
+            Ok(())
+        });
+        env!("FLUXBASE_SQL_IDLE_TIMEOUT_SECS", |k,
+                                                v: String|
+         -> Result<()> {
+            self.sql_idle_timeout_secs = parse(k, &v)?;
+            Ok(())
+        });
         self.validate()
     }
 
@@ -407,6 +538,17 @@ impl Config {
         }
         if self.max_upload_bytes == 0 {
             bail!("max_upload_bytes must be positive");
+        }
+        if self.header_read_timeout_secs == 0
+            || self.auth_rate_window_secs == 0
+            || self.max_concurrent_password_hashes == 0
+            || self.sql_project_connections == 0
+            || self.sql_idle_timeout_secs == 0
+        {
+            bail!("header_read_timeout_secs, auth_rate_window_secs, max_concurrent_password_hashes, sql_project_connections and sql_idle_timeout_secs must be positive");
+        }
+        if self.max_response_bytes < 1024 {
+            bail!("max_response_bytes must be at least 1024");
         }
         if self.max_rows == 0 || self.pool_size == 0 || self.rate_limit_window_secs == 0 {
             bail!("max_rows, pool_size and rate_limit_window_secs must be positive");

@@ -34,6 +34,11 @@ pub const CONTROL_MIGRATIONS: &[(i32, &str, &str)] = &[
         include_str!("../sql/control/0004_storage.sql"),
     ),
     (5, "team", include_str!("../sql/control/0005_team.sql")),
+    (
+        8,
+        "email_normalisation",
+        include_str!("../sql/control/0008_email_normalisation.sql"),
+    ),
 ];
 
 /// Where the project databases live and how the server reaches the cluster as its admin role.

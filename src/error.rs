@@ -41,6 +41,10 @@ pub enum ApiError {
         window_secs: u64,
         retry_after: u64,
     },
+    /// A bounded resource (a project's SQL share, the password hashers) stayed busy for the
+    /// whole bounded wait: 429 `RATE_LIMIT`, the message names the limit.
+    #[error("{0}")]
+    Busy(String),
     #[error("The database is unreachable. Retry after a few seconds.")]
     DatabaseUnavailable(String),
     /// The storage backend (disk or S3) failed; the operation changed nothing.
@@ -66,7 +70,7 @@ impl ApiError {
             ProjectNotFound | UserNotFound(_) | NotFound(_) => StatusCode::NOT_FOUND,
             Conflict(_) => StatusCode::CONFLICT,
             PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
-            RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
+            RateLimited { .. } | Busy(_) => StatusCode::TOO_MANY_REQUESTS,
             DatabaseUnavailable(_) | StorageUnavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
@@ -88,7 +92,7 @@ impl ApiError {
             NotFound(_) => "NOT_FOUND",
             Conflict(_) => "CONFLICT",
             PayloadTooLarge(_) => "PAYLOAD_TOO_LARGE",
-            RateLimited { .. } => "RATE_LIMIT",
+            RateLimited { .. } | Busy(_) => "RATE_LIMIT",
             DatabaseUnavailable(_) => "DATABASE_CONNECTION_ERROR",
             StorageUnavailable(_) => "STORAGE_UNAVAILABLE",
             MethodNotAllowed => "METHOD_NOT_ALLOWED",
@@ -124,6 +128,7 @@ impl ApiError {
     pub fn retry_after(&self) -> Option<u64> {
         match self {
             ApiError::RateLimited { retry_after, .. } => Some(*retry_after),
+            ApiError::Busy(_) => Some(1),
             ApiError::DatabaseUnavailable(_) | ApiError::StorageUnavailable(_) => Some(2),
             _ => None,
         }

@@ -33,39 +33,51 @@ pub fn routes(
             let app = ws_app.clone();
             async move { crate::realtime::upgrade(app, &headers, on_upgrade) }
         });
-    // `/metrics` needs the peer's address (see `metrics::answer`).
+    // `/metrics` needs the peer's address (see `metrics::answer`), which the listener puts in
+    // the request's extensions.
     let metrics_app = app.clone();
     let metrics = warp::path("metrics")
         .and(warp::path::end())
         .and(warp::get())
-        .and(warp::addr::remote())
+        .and(warp::ext::optional::<crate::listener::ClientAddr>())
         .and(warp::header::headers_cloned())
-        .map(move |peer, headers: HeaderMap| {
-            let response =
-                crate::metrics::answer(&metrics_app, crate::metrics::Listener::Api, peer, &headers);
-            metrics_app
-                .metrics
-                .observe_request("/metrics", response.status().as_u16());
-            response
-        });
-    let api =
-        warp::method()
-            .and(warp::path::full())
-            .and(warp::query::raw().or(warp::any().map(String::new)).unify())
-            .and(warp::header::headers_cloned())
-            .and(warp::body::stream())
-            .then(
-                move |method: Method,
-                      path: warp::path::FullPath,
-                      query: String,
-                      headers: HeaderMap,
-                      body| {
-                    let app = app.clone();
-                    async move {
-                        handle(app, method, path.as_str().to_string(), query, headers, body).await
-                    }
-                },
-            );
+        .map(
+            move |peer: Option<crate::listener::ClientAddr>, headers: HeaderMap| {
+                let peer = peer.map(|crate::listener::ClientAddr(a)| a);
+                let response = crate::metrics::answer(
+                    &metrics_app,
+                    crate::metrics::Listener::Api,
+                    peer,
+                    &headers,
+                );
+                metrics_app
+                    .metrics
+                    .observe_request("/metrics", response.status().as_u16());
+                response
+            },
+        );
+    let api = warp::method()
+        .and(warp::path::full())
+        .and(warp::query::raw().or(warp::any().map(String::new)).unify())
+        .and(warp::header::headers_cloned())
+        .and(warp::ext::optional::<crate::listener::ClientAddr>())
+        .and(warp::body::stream())
+        .then(
+            move |method: Method,
+                  path: warp::path::FullPath,
+                  query: String,
+                  headers: HeaderMap,
+                  peer: Option<crate::listener::ClientAddr>,
+                  body| {
+                let app = app.clone();
+                async move {
+                    let client =
+                        crate::listener::client_ip(peer, &headers, app.config.trust_forwarded_for);
+                    let path = path.as_str().to_string();
+                    handle(app, method, path, query, headers, client, body).await
+                }
+            },
+        );
     websocket.or(metrics).unify().or(api).unify()
 }
 
@@ -75,6 +87,8 @@ pub struct Request {
     pub path: String,
     pub query: HashMap<String, String>,
     pub headers: HeaderMap,
+    /// The client's address for rate limits ([`crate::listener::client_ip`]).
+    pub client: Option<std::net::IpAddr>,
     body: Option<Bytes>,
 }
 
@@ -114,6 +128,7 @@ async fn handle<S, B>(
     path: String,
     query: String,
     headers: HeaderMap,
+    client: Option<std::net::IpAddr>,
     body: S,
 ) -> Response
 where
@@ -140,6 +155,7 @@ where
             path,
             query,
             headers,
+            client,
             body,
         };
         dispatch(&app, &req).await
@@ -300,8 +316,8 @@ async fn dispatch(app: &Arc<App>, req: &Request) -> ApiResult<Response> {
             &req.headers,
         )),
 
-        (&M::POST, "/api/auth/signup") => ok(app.signup(req.json()?).await?),
-        (&M::POST, "/api/auth/login") => ok(app.login(req.json()?).await?),
+        (&M::POST, "/api/auth/signup") => ok(app.signup(req.json()?, req.client).await?),
+        (&M::POST, "/api/auth/login") => ok(app.login(req.json()?, req.client).await?),
         (&M::POST, "/api/auth/logout") => {
             let p = app.authenticate(req.authorization()).await?;
             ok(app.logout(&p).await?)

@@ -179,13 +179,16 @@ impl App {
         if password.chars().count() < 8 || password.len() > 1024 {
             anyhow::bail!("the password must be between 8 and 1024 characters");
         }
-        let hash = crate::accounts::hash_password(password.to_string()).await?;
+        let owned = password.to_string();
+        let hash =
+            tokio::task::spawn_blocking(move || crate::accounts::hash_password(&owned)).await??;
+        let email = crate::accounts::normalize_email(email);
         let mut client = self.control.get().await?;
         let tx = client.transaction().await?;
         let rows = tx
             .query(
                 "SELECT id, email FROM fluxbase.users WHERE lower(email) = lower($1) FOR UPDATE",
-                &[&email.trim()],
+                &[&email],
             )
             .await?;
         let row = match rows.as_slice() {

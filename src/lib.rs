@@ -17,6 +17,7 @@ pub mod error;
 pub mod http;
 pub mod instance;
 pub mod keys;
+pub mod listener;
 pub mod metrics;
 pub mod projects;
 pub mod ratelimit;

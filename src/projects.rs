@@ -391,6 +391,27 @@ impl App {
         req: CreateProject,
     ) -> ApiResult<(StatusCode, Value)> {
         let user_id = principal.require_session()?;
+        // The quota applies to users of the API; the operator's CLI is not bound by it.
+        let _one_at_a_time = self.account_limits.creating_project(user_id).await;
+        let quota = self.config.max_projects_per_user;
+        if quota > 0 {
+            let administered: i64 = self
+                .control
+                .get()
+                .await?
+                .query_one(
+                    "SELECT count(*) FROM fluxbase.members WHERE user_id = $1 AND role = 'admin'",
+                    &[&user_id],
+                )
+                .await?
+                .get(0);
+            if administered >= i64::from(quota) {
+                return Err(ApiError::InsufficientPermissions(format!(
+                    "Project quota reached: a user may administer at most {quota} projects \
+                     (max_projects_per_user). Delete a project or ask the operator to raise it."
+                )));
+            }
+        }
         let (project, keys) = self.create_project(user_id, &req.name).await?;
         let mut api_keys = serde_json::Map::new();
         for k in keys {

@@ -15,6 +15,20 @@
 //! transaction was left open, then `DISCARD ALL`) off the response path; one that cannot be reset
 //! is dropped. A statement that outlives `statement_timeout` (which the caller could lower or
 //! disable with `SET`) is cancelled by the server side guard here as well.
+//!
+//! # Sharing the cluster's connections
+//!
+//! ```text
+//!  request ─► project share (sql_project_connections, wait ≤ sql_queue_timeout_ms, then 429)
+//!               ─► pool[(project, role)] ─► idle connection, or a new one:
+//!                    global budget (sql_max_connections ≤ ¾ of the cluster's max_connections)
+//!                    ├─ a permit free → connect
+//!                    ├─ none: close the longest-idle connection of any pool → connect
+//!                    └─ none idle: wait ≤ sql_queue_timeout_ms, then 429
+//!  reaper: every pooled connection idle for sql_idle_timeout_secs is closed
+//! ```
+//! A noisy project therefore waits on its own share while the rest of the budget serves the
+//! others, and what an attack opened is closed again once it is over.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, RwLock};
@@ -105,12 +119,189 @@ impl managed::Manager for WireManager {
     }
 }
 
-type Pool = managed::Pool<WireManager>;
+/// A pooled connection and its place in the global budget (freed when it closes).
+pub struct Budgeted {
+    conn: PooledConnection,
+    _permit: tokio::sync::OwnedSemaphorePermit,
+}
+
+impl std::ops::Deref for Budgeted {
+    type Target = PooledConnection;
+    fn deref(&self) -> &PooledConnection {
+        &self.conn
+    }
+}
+
+impl std::ops::DerefMut for Budgeted {
+    fn deref_mut(&mut self) -> &mut PooledConnection {
+        &mut self.conn
+    }
+}
+
+/// Why a connection could not be made.
+#[derive(Debug, thiserror::Error)]
+pub enum PoolFailure {
+    #[error(transparent)]
+    Wire(#[from] WireError),
+    #[error("every connection of the budget ({0}) is in use")]
+    Budget(usize),
+}
+
+/// [`WireManager`] within the global connection budget: a new connection needs a permit,
+/// which it holds until it is closed.
+pub struct BudgetedManager {
+    inner: WireManager,
+    budget: Arc<Budget>,
+}
+
+impl managed::Manager for BudgetedManager {
+    type Type = Budgeted;
+    type Error = PoolFailure;
+
+    async fn create(&self) -> Result<Budgeted, PoolFailure> {
+        let permit = self.budget.permit().await?;
+        let conn = managed::Manager::create(&self.inner).await?;
+        Ok(Budgeted {
+            conn,
+            _permit: permit,
+        })
+    }
+
+    async fn recycle(
+        &self,
+        obj: &mut Budgeted,
+        metrics: &PoolMetrics,
+    ) -> RecycleResult<PoolFailure> {
+        managed::Manager::recycle(&self.inner, &mut obj.conn, metrics)
+            .await
+            .map_err(|e| match e {
+                RecycleError::Message(m) => RecycleError::Message(m),
+                RecycleError::Backend(e) => RecycleError::Backend(PoolFailure::Wire(e)),
+            })
+    }
+}
+
+type Pool = managed::Pool<BudgetedManager>;
+type PoolMap = Mutex<HashMap<(String, DbRole), RolePool>>;
 
 #[derive(Clone)]
 struct RolePool {
     pool: Pool,
     cfg: ConnectConfig,
+}
+
+/// The connections all SQL pools may hold together (see the module docs), sized from the
+/// cluster's `max_connections` on first use.
+pub struct Budget {
+    permits: tokio::sync::OnceCell<(Arc<tokio::sync::Semaphore>, usize)>,
+    configured: usize,
+    wait: Duration,
+    pools: std::sync::Weak<PoolMap>,
+}
+
+impl Budget {
+    /// Sizes the budget from the cluster (once): three quarters of the connections left after
+    /// the reserved ones, or `sql_max_connections` if that is lower.
+    async fn ensure(&self, control: &deadpool_postgres::Pool) -> ApiResult<()> {
+        self.permits
+            .get_or_try_init(|| async {
+                let row = control
+                    .get()
+                    .await?
+                    .query_one(
+                        "SELECT current_setting('max_connections')::int,
+                                current_setting('superuser_reserved_connections')::int
+                                + coalesce(current_setting('reserved_connections', true), '0')::int",
+                        &[],
+                    )
+                    .await?;
+                let (max, reserved): (i32, i32) = (row.get(0), row.get(1));
+                let auto = (max.saturating_sub(reserved).max(4) as usize) * 3 / 4;
+                let size = match self.configured {
+                    0 => auto,
+                    n => n.min(auto),
+                };
+                tracing::info!(
+                    max_connections = max,
+                    budget = size,
+                    "SQL connection budget"
+                );
+                Ok::<_, ApiError>((Arc::new(tokio::sync::Semaphore::new(size)), size))
+            })
+            .await?;
+        Ok(())
+    }
+
+    /// A place for one more connection: a free one, or one freed by closing an idle
+    /// connection of any pool, or one that frees up within the wait.
+    async fn permit(&self) -> Result<tokio::sync::OwnedSemaphorePermit, PoolFailure> {
+        let Some((permits, size)) = self.permits.get() else {
+            return Err(PoolFailure::Budget(0));
+        };
+        if let Ok(p) = permits.clone().try_acquire_owned() {
+            return Ok(p);
+        }
+        if self.close_longest_idle() {
+            // The closed connection gives its permit back as it finishes closing.
+            if let Ok(Ok(p)) =
+                tokio::time::timeout(Duration::from_secs(1), permits.clone().acquire_owned()).await
+            {
+                return Ok(p);
+            }
+        }
+        match tokio::time::timeout(self.wait, permits.clone().acquire_owned()).await {
+            Ok(Ok(p)) => Ok(p),
+            _ => Err(PoolFailure::Budget(*size)),
+        }
+    }
+
+    /// Closes the pooled connection that has been idle longest, whatever its project.
+    fn close_longest_idle(&self) -> bool {
+        let Some(pools) = self.pools.upgrade() else {
+            return false;
+        };
+        let pools: Vec<Pool> = pools
+            .lock()
+            .expect("poisoned")
+            .values()
+            .map(|rp| rp.pool.clone())
+            .collect();
+        let oldest = pools
+            .iter()
+            .enumerate()
+            .filter_map(|(i, pool)| {
+                let mut longest = None;
+                pool.retain(|_, m| {
+                    longest = longest.max(Some(m.last_used()));
+                    true
+                });
+                longest.map(|idle| (idle, i))
+            })
+            .max();
+        let Some((idle, i)) = oldest else {
+            return false;
+        };
+        let mut closed = false;
+        let removed = pools[i].retain(|_, m| {
+            if !closed && m.last_used() >= idle {
+                closed = true;
+                return false;
+            }
+            true
+        });
+        close_all(removed.removed);
+        closed
+    }
+}
+
+/// Ends removed connections with a Terminate; each gives its budget permit back when closed.
+fn close_all(removed: Vec<Budgeted>) {
+    for b in removed {
+        tokio::spawn(async move {
+            let Budgeted { conn, _permit } = b;
+            conn.conn.close().await;
+        });
+    }
 }
 
 /// Connection pools per (project, role) and the per-project type catalogs.
@@ -119,7 +310,12 @@ pub struct SqlPools {
     port: u16,
     pool_size: usize,
     statement_timeout: Duration,
-    pools: Mutex<HashMap<(String, DbRole), RolePool>>,
+    pools: Arc<PoolMap>,
+    budget: Arc<Budget>,
+    /// Per project: requests that may hold a connection at once.
+    shares: Mutex<HashMap<String, Arc<tokio::sync::Semaphore>>>,
+    project_share: usize,
+    queue_timeout: Duration,
     types: Mutex<HashMap<String, Arc<RwLock<TypeRegistry>>>>,
     statements: Mutex<HashMap<String, Arc<StatementCache>>>,
 }
@@ -155,15 +351,40 @@ impl StatementCache {
 
 impl SqlPools {
     pub fn new(config: &Config, cluster: &ClusterTarget) -> SqlPools {
+        let pools: Arc<PoolMap> = Arc::default();
+        let queue_timeout = Duration::from_millis(config.sql_queue_timeout_ms);
+        let idle_timeout = Duration::from_secs(config.sql_idle_timeout_secs);
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            runtime.spawn(close_idle(Arc::downgrade(&pools), idle_timeout));
+        }
         SqlPools {
             host: cluster.host.clone(),
             port: cluster.port,
             pool_size: config.pool_size,
             statement_timeout: config.statement_timeout(),
-            pools: Mutex::new(HashMap::new()),
+            budget: Arc::new(Budget {
+                permits: tokio::sync::OnceCell::new(),
+                configured: config.sql_max_connections,
+                wait: queue_timeout,
+                pools: Arc::downgrade(&pools),
+            }),
+            pools,
+            shares: Mutex::new(HashMap::new()),
+            project_share: config.sql_project_connections,
+            queue_timeout,
             types: Mutex::new(HashMap::new()),
             statements: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// The project's share of connections.
+    fn share(&self, project_id: &str) -> Arc<tokio::sync::Semaphore> {
+        self.shares
+            .lock()
+            .expect("poisoned")
+            .entry(project_id.to_string())
+            .or_insert_with(|| Arc::new(tokio::sync::Semaphore::new(self.project_share)))
+            .clone()
     }
 
     /// Closes every pooled connection of a project (suspension, deletion).
@@ -179,6 +400,7 @@ impl SqlPools {
         });
         self.types.lock().expect("poisoned").remove(project_id);
         self.statements.lock().expect("poisoned").remove(project_id);
+        self.shares.lock().expect("poisoned").remove(project_id);
     }
 
     pub fn clear(&self) {
@@ -217,8 +439,52 @@ impl SqlPools {
     }
 }
 
-/// A pooled connection checked out for a request.
-pub type Checkout = Object<WireManager>;
+/// Closes pooled connections idle for `idle_timeout`, until the pools are gone.
+async fn close_idle(pools: std::sync::Weak<PoolMap>, idle_timeout: Duration) {
+    let every = (idle_timeout / 4).clamp(Duration::from_millis(100), Duration::from_secs(5));
+    loop {
+        tokio::time::sleep(every).await;
+        let Some(pools) = pools.upgrade() else {
+            return;
+        };
+        let all: Vec<Pool> = pools
+            .lock()
+            .expect("poisoned")
+            .values()
+            .map(|rp| rp.pool.clone())
+            .collect();
+        drop(pools);
+        for pool in all {
+            let removed = pool.retain(|_, m| m.last_used() < idle_timeout);
+            if !removed.removed.is_empty() {
+                tracing::debug!(
+                    closed = removed.removed.len(),
+                    "closing idle SQL connections"
+                );
+            }
+            close_all(removed.removed);
+        }
+    }
+}
+
+/// A pooled connection checked out for a request, holding its project's share until released.
+pub struct Checkout {
+    conn: Object<BudgetedManager>,
+    _share: tokio::sync::OwnedSemaphorePermit,
+}
+
+impl std::ops::Deref for Checkout {
+    type Target = PooledConnection;
+    fn deref(&self) -> &PooledConnection {
+        &self.conn.conn
+    }
+}
+
+impl std::ops::DerefMut for Checkout {
+    fn deref_mut(&mut self) -> &mut PooledConnection {
+        &mut self.conn.conn
+    }
+}
 
 impl App {
     fn role_pool(&self, project: &Project, role: DbRole) -> ApiResult<RolePool> {
@@ -250,7 +516,11 @@ impl App {
             replication: false,
             connect_timeout: Duration::from_secs(5),
         };
-        let pool = Pool::builder(WireManager::new(cfg.clone(), login))
+        let manager = BudgetedManager {
+            inner: WireManager::new(cfg.clone(), login),
+            budget: self.sql.budget.clone(),
+        };
+        let pool = Pool::builder(manager)
             .max_size(self.sql.pool_size)
             .wait_timeout(Some(Duration::from_secs(10)))
             .create_timeout(Some(Duration::from_secs(10)))
@@ -262,12 +532,34 @@ impl App {
         Ok(rp)
     }
 
-    async fn checkout(&self, rp: &RolePool) -> ApiResult<Checkout> {
-        rp.pool.get().await.map_err(|e| match e {
-            managed::PoolError::Backend(WireError::Auth(m)) => {
+    /// A connection for `project`: first a place in its share, then one from the pool.
+    async fn checkout(&self, project: &Project, rp: &RolePool) -> ApiResult<Checkout> {
+        self.sql.budget.ensure(&self.control).await?;
+        let share = self.sql.share(&project.id);
+        let share = match tokio::time::timeout(self.sql.queue_timeout, share.acquire_owned()).await
+        {
+            Ok(Ok(permit)) => permit,
+            _ => {
+                return Err(ApiError::Busy(format!(
+                    "This project already runs {} SQL requests at once (sql_project_connections); \
+                     retry when one has finished.",
+                    self.sql.project_share
+                )))
+            }
+        };
+        let conn = rp.pool.get().await.map_err(|e| match e {
+            managed::PoolError::Backend(PoolFailure::Wire(WireError::Auth(m))) => {
                 ApiError::Internal(anyhow::anyhow!("project role login failed: {m}"))
             }
+            managed::PoolError::Backend(PoolFailure::Budget(n)) => ApiError::Busy(format!(
+                "All {n} SQL connections of the server are in use (sql_max_connections); \
+                 retry in a moment."
+            )),
             other => ApiError::DatabaseUnavailable(other.to_string()),
+        })?;
+        Ok(Checkout {
+            conn,
+            _share: share,
         })
     }
 
@@ -275,7 +567,7 @@ impl App {
     /// policy API); give it back with [`release`].
     pub async fn sql_connection(&self, project: &Project, role: DbRole) -> ApiResult<Checkout> {
         let rp = self.role_pool(project, role)?;
-        self.checkout(&rp).await
+        self.checkout(project, &rp).await
     }
 
     /// Runs a request's SQL as `identity` (`auth.uid()`, see [`crate::rls`]) and renders the
@@ -288,11 +580,14 @@ impl App {
     ) -> ApiResult<String> {
         let started = Instant::now();
         let rp = self.role_pool(&access.project, access.db_role)?;
-        let mut conn = self.checkout(&rp).await?;
+        let mut conn = self.checkout(&access.project, &rp).await?;
         let types = self.sql.types(&access.project.id);
         let statements = self.sql.statements(&access.project.id);
         let budget = self.sql.statement_timeout + GUARD_GRACE;
         let backend_key = conn.backend_key();
+        // Row data kept while reading; the rendered answer is capped again below (JSON escapes
+        // can make it longer than PostgreSQL's text).
+        conn.set_max_result_bytes(self.config.max_response_bytes);
         let outcome = {
             let run = async {
                 let PooledConnection {
@@ -323,7 +618,12 @@ impl App {
         match outcome {
             Ok(result) => {
                 let reg = types.read().expect("poisoned");
-                Ok(render_success(result.as_ref(), &reg, elapsed))
+                Ok(render_success(
+                    result.as_ref(),
+                    &reg,
+                    elapsed,
+                    self.config.max_response_bytes,
+                ))
             }
             Err(SqlFailure::Param {
                 index,
@@ -488,7 +788,7 @@ fn bind_failure(e: Box<DbError>) -> SqlFailure {
 /// Returns the connection to its pool with a reset queued: `DISCARD ALL` travels in the same
 /// write as the next request's query. A transaction left open is rolled back first, here.
 pub fn release(conn: Checkout) {
-    let mut conn = conn;
+    let Checkout { mut conn, _share } = conn;
     if conn.is_broken() {
         let _ = Object::take(conn);
         return;
@@ -527,19 +827,27 @@ fn json_str(s: &str) -> String {
     serde_json::to_string(s).expect("strings serialize")
 }
 
+/// The success body, at most about `max_bytes` long: rows that would pass it are left out and
+/// the answer says `truncated: true`.
 fn render_success(
     result: Option<&StatementResult>,
     reg: &TypeRegistry,
     elapsed: Duration,
+    max_bytes: usize,
 ) -> String {
     let empty = StatementResult::default();
     let r = result.unwrap_or(&empty);
     let op = operation(&r.command_tag);
     let count = row_count(&r.command_tag, r.rows.len());
     let names: Vec<String> = r.columns.iter().map(|c| json_str(&c.name)).collect();
-    let mut out = String::with_capacity(128 + r.rows.len() * 64);
+    // What follows the rows: column names, counts, message, timing.
+    let tail = 256 + names.iter().map(|n| n.len() + 1).sum::<usize>() + r.command_tag.len() * 2;
+    let row_budget = max_bytes.saturating_sub(tail);
+    let mut truncated = r.truncated;
+    let mut out = String::with_capacity((128 + r.rows.len() * 64).min(row_budget));
     out.push_str("{\"success\":true,\"result\":{\"rows\":[");
     for (i, row) in r.rows.iter().enumerate() {
+        let mark = out.len();
         if i > 0 {
             out.push(',');
         }
@@ -553,6 +861,11 @@ fn render_success(
             values::write_json(&mut out, col.type_oid, value.as_deref(), reg);
         }
         out.push('}');
+        if out.len() > row_budget {
+            out.truncate(mark);
+            truncated = true;
+            break;
+        }
     }
     out.push_str("],\"columns\":[");
     out.push_str(&names.join(","));
@@ -565,7 +878,7 @@ fn render_success(
         out.push_str(&json_str(&r.command_tag));
     }
     out.push_str(",\"truncated\":");
-    out.push_str(if r.truncated { "true" } else { "false" });
+    out.push_str(if truncated { "true" } else { "false" });
     out.push_str("},\"executionInfo\":{\"time\":");
     out.push_str(&json_str(&format!("{}ms", elapsed.as_millis())));
     out.push_str(",\"rowCount\":");

@@ -202,7 +202,7 @@ impl App {
     pub async fn invite(&self, access: &Access, body: Value) -> ApiResult<(StatusCode, Value)> {
         let body = Body::new(body, &["projectId", "email", "role"])?;
         require_team_admin(access)?;
-        let email = body.string("email")?;
+        let email = crate::accounts::normalize_email(&body.string("email")?);
         let role = body.role()?;
         let client = self.control.get().await?;
         let user = client

@@ -147,6 +147,8 @@ impl ServerProcess {
             ("FLUXBASE_DATA_DIR", data.display().to_string()),
             ("FLUXBASE_LISTEN", format!("127.0.0.1:{port}")),
             ("FLUXBASE_RATE_LIMIT_REQUESTS", "0".into()),
+            // Every bench client is 127.0.0.1 (the fan-out bench opens thousands of sockets).
+            ("FLUXBASE_MAX_CONNECTIONS_PER_ADDRESS", "0".into()),
             ("FLUXBASE_LOG", "warn".into()),
         ];
         all.extend(envs.iter().cloned());

@@ -35,8 +35,9 @@
 //! * Extended query: everything up to Sync is pipelined in one write; after an error the server
 //!   skips to Sync, so every operation reads until ReadyForQuery and the connection stays usable.
 //!   Errors before BindComplete are reported with [`Phase::Bind`] (a bad parameter value).
-//! * Rows beyond `max_rows` are read and dropped as they arrive: memory stays bounded by
-//!   `max_rows` and the largest single message, whatever the query returns.
+//! * Rows beyond `max_rows`, or past [`Connection::set_max_result_bytes`] bytes, are read and
+//!   dropped as they arrive: memory stays bounded by those limits, whatever the query returns.
+//!   A single DataRow larger than the byte limit is skipped as it streams in, never buffered.
 //! * COPY FROM STDIN is refused with CopyFail; COPY TO STDOUT data is drained and dropped.
 //! * A FATAL/PANIC ErrorResponse, an I/O or protocol error, or an operation whose future was
 //!   dropped half way (e.g. by a timeout) leaves the connection [`Connection::is_broken`]: the pool
@@ -311,6 +312,10 @@ struct Transport {
     socket: Box<dyn Socket>,
     read_buf: BytesMut,
     write_buf: BytesMut,
+    /// A DataRow longer than this is discarded as it arrives ([`Backend::SkippedDataRow`]).
+    max_data_row: usize,
+    /// Bytes of a discarded DataRow still to be read past.
+    skipping: usize,
 }
 
 impl Transport {
@@ -319,12 +324,27 @@ impl Transport {
             socket,
             read_buf: BytesMut::with_capacity(READ_CHUNK),
             write_buf: BytesMut::with_capacity(1024),
+            max_data_row: MAX_MESSAGE_LEN,
+            skipping: 0,
         }
     }
 
     /// The next backend message. Cancel-safe: a partly received message stays in `read_buf`.
     async fn read_message(&mut self) -> Result<Backend, WireError> {
         loop {
+            if self.skipping > 0 {
+                let n = self.skipping.min(self.read_buf.len());
+                self.read_buf.advance(n);
+                self.skipping -= n;
+                if self.skipping == 0 {
+                    return Ok(Backend::SkippedDataRow);
+                }
+                self.read_buf.reserve(READ_CHUNK);
+                if self.socket.read_buf(&mut self.read_buf).await? == 0 {
+                    return Err(WireError::Closed);
+                }
+                continue;
+            }
             if let Some(header) = Header::parse(&self.read_buf).map_err(WireError::protocol)? {
                 if header.len() as usize > MAX_MESSAGE_LEN {
                     return Err(WireError::protocol(format!(
@@ -332,6 +352,10 @@ impl Transport {
                         header.len(),
                         char::from(header.tag())
                     )));
+                }
+                if header.tag() == b'D' && header.len() as usize > self.max_data_row {
+                    self.skipping = 1 + header.len() as usize;
+                    continue;
                 }
                 let total = 1 + header.len() as usize;
                 if header.tag() == b'W' && self.read_buf.len() >= total {
@@ -378,6 +402,8 @@ impl Transport {
 pub(crate) enum Backend {
     Message(Message),
     CopyBothResponse,
+    /// A DataRow over the transport's size limit, read past without keeping it.
+    SkippedDataRow,
 }
 
 /// One session with the server, used by one task at a time.
@@ -393,6 +419,10 @@ pub struct Connection {
     /// Simple queries sent ahead of the next operation, in the same write (see
     /// [`Connection::queue_prelude`]).
     prelude: Vec<String>,
+    /// Bytes of row data one statement's result may keep (see [`Connection::set_max_result_bytes`]).
+    max_result_bytes: usize,
+    /// A DataRow was skipped since the result builder last looked.
+    skipped_row: bool,
 }
 
 impl fmt::Debug for Connection {
@@ -430,6 +460,8 @@ impl Connection {
             broken: false,
             in_progress: true,
             prelude: Vec::new(),
+            max_result_bytes: usize::MAX,
+            skipped_row: false,
         };
         let params = startup_parameters(cfg);
         conn.transport.encode(|buf| {
@@ -567,19 +599,33 @@ impl Connection {
             match self.recv().await? {
                 Message::RowDescription(body) => {
                     outcome.last = None;
-                    current = Some(ResultBuilder::new(self.columns(&body)?, max_rows));
+                    self.skipped_row = false;
+                    current = Some(ResultBuilder::new(
+                        self.columns(&body)?,
+                        max_rows,
+                        self.max_result_bytes,
+                    ));
                 }
                 Message::DataRow(row) => match current.as_mut() {
-                    Some(builder) => builder.push(&row).map_err(|e| self.fail(e))?,
+                    Some(builder) => {
+                        if self.skipped_row {
+                            self.skipped_row = false;
+                            builder.truncated = true;
+                        }
+                        builder.push(&row).map_err(|e| self.fail(e))?
+                    }
                     None => {
                         return Err(self.fail(WireError::protocol("DataRow without RowDescription")))
                     }
                 },
                 Message::CommandComplete(body) => {
                     let tag = body.tag().map_err(|e| self.fail(WireError::protocol(e)))?;
-                    let builder = current
+                    let mut builder = current
                         .take()
-                        .unwrap_or_else(|| ResultBuilder::new(Vec::new(), 0));
+                        .unwrap_or_else(|| ResultBuilder::new(Vec::new(), 0, 0));
+                    if self.take_skipped_row() {
+                        builder.truncated = true;
+                    }
                     outcome.last = Some(builder.finish(tag));
                     outcome.statements += 1;
                 }
@@ -706,7 +752,8 @@ impl Connection {
         mut phase: Phase,
         max_rows: usize,
     ) -> Result<StatementResult, WireError> {
-        let mut builder = ResultBuilder::new(Vec::new(), max_rows);
+        let mut builder = ResultBuilder::new(Vec::new(), max_rows, self.max_result_bytes);
+        self.skipped_row = false;
         let mut result = None;
         let mut error = None;
         loop {
@@ -715,10 +762,19 @@ impl Connection {
                 Message::BindComplete => phase = Phase::Execute,
                 Message::RowDescription(body) => builder.columns = self.columns(&body)?,
                 Message::NoData => {}
-                Message::DataRow(row) => builder.push(&row).map_err(|e| self.fail(e))?,
+                Message::DataRow(row) => {
+                    if self.take_skipped_row() {
+                        builder.truncated = true;
+                    }
+                    builder.push(&row).map_err(|e| self.fail(e))?
+                }
                 Message::CommandComplete(body) => {
                     let tag = body.tag().map_err(|e| self.fail(WireError::protocol(e)))?;
-                    let done = std::mem::replace(&mut builder, ResultBuilder::new(Vec::new(), 0));
+                    if self.take_skipped_row() {
+                        builder.truncated = true;
+                    }
+                    let done =
+                        std::mem::replace(&mut builder, ResultBuilder::new(Vec::new(), 0, 0));
                     result = Some(done.finish(tag));
                 }
                 Message::EmptyQueryResponse => result = Some(StatementResult::default()),
@@ -809,6 +865,19 @@ impl Connection {
         }
     }
 
+    /// Caps the row data a statement's result keeps, in bytes of PostgreSQL's text values (the
+    /// DataRow bodies): rows past it are read and dropped and the result is `truncated`, and a
+    /// single row larger than it is never buffered. Unlimited by default.
+    pub fn set_max_result_bytes(&mut self, bytes: usize) {
+        self.max_result_bytes = bytes;
+        self.transport.max_data_row = bytes.saturating_add(4).min(MAX_MESSAGE_LEN);
+    }
+
+    /// Whether a DataRow was skipped since the last call (see [`Backend::SkippedDataRow`]).
+    fn take_skipped_row(&mut self) -> bool {
+        std::mem::take(&mut self.skipped_row)
+    }
+
     /// From the last ReadyForQuery.
     pub fn transaction_status(&self) -> TransactionStatus {
         self.status
@@ -856,7 +925,8 @@ impl Connection {
     async fn recv(&mut self) -> Result<Message, WireError> {
         match self.recv_backend().await? {
             Backend::Message(message) => Ok(message),
-            Backend::CopyBothResponse => {
+            // Skipped rows never leave `recv_backend`.
+            Backend::CopyBothResponse | Backend::SkippedDataRow => {
                 Err(self.fail(WireError::protocol("unexpected CopyBothResponse")))
             }
         }
@@ -873,6 +943,10 @@ impl Connection {
             {
                 Backend::Message(message) => message,
                 Backend::CopyBothResponse => return Ok(Backend::CopyBothResponse),
+                Backend::SkippedDataRow => {
+                    self.skipped_row = true;
+                    continue;
+                }
             };
             match message {
                 Message::ParameterStatus(body) => {
@@ -1038,6 +1112,9 @@ impl Connection {
                     });
                 }
                 Backend::Message(other) => return Err(self.unexpected(&other, "copy-both start")),
+                Backend::SkippedDataRow => {
+                    return Err(self.fail(WireError::protocol("DataRow before CopyBothResponse")))
+                }
             }
         }
     }
@@ -1057,7 +1134,7 @@ impl Connection {
                 Err(self.server_error(body.fields(), Phase::Query))
             }
             Backend::Message(other) => Err(self.unexpected(&other, "copy-both")),
-            Backend::CopyBothResponse => {
+            Backend::CopyBothResponse | Backend::SkippedDataRow => {
                 Err(self.fail(WireError::protocol("unexpected CopyBothResponse")))
             }
         }
@@ -1112,29 +1189,39 @@ fn encode_bind_execute(params: &[Option<String>], buf: &mut BytesMut) -> Result<
     Ok(())
 }
 
-/// Accumulates one statement's rows, keeping at most `max_rows`.
+/// Accumulates one statement's rows, keeping at most `max_rows` rows and `max_bytes` bytes of
+/// row data; once one row is dropped, every later one is too (the result is a prefix).
 struct ResultBuilder {
     columns: Vec<Column>,
     rows: Vec<Vec<Option<String>>>,
     max_rows: usize,
+    max_bytes: usize,
+    bytes: usize,
     truncated: bool,
 }
 
 impl ResultBuilder {
-    fn new(columns: Vec<Column>, max_rows: usize) -> ResultBuilder {
+    fn new(columns: Vec<Column>, max_rows: usize, max_bytes: usize) -> ResultBuilder {
         ResultBuilder {
             columns,
             rows: Vec::new(),
             max_rows,
+            max_bytes,
+            bytes: 0,
             truncated: false,
         }
     }
 
     fn push(&mut self, row: &DataRowBody) -> Result<(), WireError> {
-        if self.rows.len() >= self.max_rows {
+        let size = row.buffer().len();
+        if self.truncated
+            || self.rows.len() >= self.max_rows
+            || self.bytes.saturating_add(size) > self.max_bytes
+        {
             self.truncated = true;
             return Ok(());
         }
+        self.bytes += size;
         let buf = row.buffer();
         let values: Vec<Option<String>> = row
             .ranges()
@@ -1373,6 +1460,74 @@ mod tests {
         })
         .await
         .unwrap()
+    }
+
+    fn row_description(name: &str) -> Vec<u8> {
+        let mut body = 1i16.to_be_bytes().to_vec();
+        body.extend(cstr(name));
+        body.extend(0i32.to_be_bytes()); // table oid
+        body.extend(0i16.to_be_bytes()); // column id
+        body.extend(25i32.to_be_bytes()); // text
+        body.extend((-1i16).to_be_bytes());
+        body.extend((-1i32).to_be_bytes());
+        body.extend(0i16.to_be_bytes()); // text format
+        backend(b'T', &body)
+    }
+
+    fn data_row(value: &[u8]) -> Vec<u8> {
+        let mut body = 1i16.to_be_bytes().to_vec();
+        body.extend((value.len() as i32).to_be_bytes());
+        body.extend_from_slice(value);
+        backend(b'D', &body)
+    }
+
+    #[tokio::test]
+    async fn rows_past_the_byte_limit_are_dropped_and_an_oversized_row_is_skipped_unbuffered() {
+        let mut reply = row_description("v");
+        for value in [&[b'a'; 100][..], &[b'b'; 100], &[b'c'; 5000], &[b'd'; 10]] {
+            reply.extend(data_row(value));
+        }
+        reply.extend(backend(b'C', &cstr("SELECT 4")));
+        reply.extend(row_description("w"));
+        reply.extend(data_row(&[b'e'; 10]));
+        reply.extend(data_row(&[b'f'; 5000]));
+        reply.extend(backend(b'C', &cstr("SELECT 2")));
+        reply.extend(backend(b'Z', b"I"));
+        let mut conn = connection_answering(reply, false).await;
+        conn.set_max_result_bytes(300);
+        assert_eq!(conn.transport.max_data_row, 304);
+        let outcome = conn.simple_query("SELECT ...", 100).await.unwrap();
+        let last = outcome.last.unwrap();
+        // The second statement: its first row fits, the oversized one is skipped.
+        assert_eq!(last.rows, vec![vec![Some("e".repeat(10))]]);
+        assert!(last.truncated);
+        assert_eq!(last.command_tag, "SELECT 2");
+        assert_eq!(outcome.statements, 2);
+        assert!(!conn.is_broken());
+    }
+
+    #[tokio::test]
+    async fn a_result_is_a_prefix_once_the_byte_limit_is_passed() {
+        let mut reply = row_description("v");
+        for value in [&[b'a'; 100][..], &[b'b'; 150], &[b'c'; 5000], &[b'd'; 10]] {
+            reply.extend(data_row(value));
+        }
+        reply.extend(backend(b'C', &cstr("SELECT 4")));
+        reply.extend(backend(b'Z', b"I"));
+        let mut conn = connection_answering(reply, false).await;
+        conn.set_max_result_bytes(300);
+        let last = conn
+            .simple_query("SELECT ...", 100)
+            .await
+            .unwrap()
+            .last
+            .unwrap();
+        // 'a' and 'b' fit; 'c' is skipped unread; 'd' would fit but comes after a dropped row.
+        assert_eq!(
+            last.rows,
+            vec![vec![Some("a".repeat(100))], vec![Some("b".repeat(150))]]
+        );
+        assert!(last.truncated);
     }
 
     #[test]

@@ -474,3 +474,207 @@ async fn access_changes_made_by_another_process_reach_a_running_server() {
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
 }
+
+/// `name` with its first letter replaced by the Kelvin sign (U+212A), which NFKC maps to `K`.
+fn kelvin(name: &str) -> String {
+    format!("\u{212A}{}", &name[1..])
+}
+
+/// `name` in fullwidth letters (U+FF41…), which NFKC maps to ASCII.
+fn fullwidth(name: &str) -> String {
+    name.chars()
+        .map(|c| match c {
+            'a'..='z' => char::from_u32(c as u32 - 'a' as u32 + 0xFF41).unwrap(),
+            other => other,
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn look_alike_email_addresses_cannot_sign_up_beside_an_account_or_log_in_as_it() {
+    let app = spawn_app().await;
+    let local = format!("k{}", crate::support::unique("ate"));
+    let email = format!("{local}@example.com");
+    let (status, kate) = app
+        .call(
+            "POST",
+            "/api/auth/signup",
+            None,
+            Some(json!({ "email": email, "password": "kates own password" })),
+        )
+        .await;
+    assert_eq!(status, 201, "{kate}");
+    let kate_id = kate["user"]["id"].as_str().unwrap();
+
+    for look_alike in [
+        format!("{}@example.com", kelvin(&local)),
+        format!("{}@example.com", fullwidth(&local)),
+        format!("{}@EXAMPLE.com", kelvin(&local.to_uppercase())),
+    ] {
+        let (status, body) = app
+            .call(
+                "POST",
+                "/api/auth/signup",
+                None,
+                Some(json!({ "email": look_alike, "password": "the attackers password" })),
+            )
+            .await;
+        assert_eq!(status, 409, "{look_alike:?}: {body}");
+        assert_eq!(body["error"]["code"], "CONFLICT");
+        // Its password opens nothing; the account's own one works under any spelling.
+        let (status, _) = app
+            .call(
+                "POST",
+                "/api/auth/login",
+                None,
+                Some(json!({ "email": look_alike, "password": "the attackers password" })),
+            )
+            .await;
+        assert_eq!(status, 401, "{look_alike:?}");
+        let (status, body) = app
+            .call(
+                "POST",
+                "/api/auth/login",
+                None,
+                Some(json!({ "email": look_alike, "password": "kates own password" })),
+            )
+            .await;
+        assert_eq!(status, 200, "{look_alike:?}: {body}");
+        assert_eq!(body["user"]["id"], kate_id);
+        assert_eq!(body["user"]["email"], email.as_str());
+    }
+}
+
+#[tokio::test]
+async fn addresses_are_stored_normalised_so_the_plain_spelling_is_taken() {
+    let app = spawn_app().await;
+    let local = format!("k{}", crate::support::unique("arl"));
+    let (status, body) = app
+        .call(
+            "POST",
+            "/api/auth/signup",
+            None,
+            Some(json!({ "email": format!("{}@Example.COM", kelvin(&local)), "password": "karls password" })),
+        )
+        .await;
+    assert_eq!(status, 201, "{body}");
+    let plain = format!("{local}@example.com");
+    assert_eq!(body["user"]["email"], plain.as_str());
+    let (status, body) = app
+        .call(
+            "POST",
+            "/api/auth/signup",
+            None,
+            Some(json!({ "email": plain, "password": "another password" })),
+        )
+        .await;
+    assert_eq!(status, 409, "{body}");
+}
+
+#[tokio::test]
+async fn an_invitation_to_a_look_alike_address_reaches_the_real_account() {
+    let app = spawn_app().await;
+    let f = app.fixture().await;
+    let local = format!("k{}", crate::support::unique("ate"));
+    let kate_email = format!("{local}@example.com");
+    let (status, kate) = app
+        .call(
+            "POST",
+            "/api/auth/signup",
+            None,
+            Some(json!({ "email": kate_email, "password": "kates own password" })),
+        )
+        .await;
+    assert_eq!(status, 201, "{kate}");
+    let kate_token = kate["token"].as_str().unwrap();
+    let kate_id = kate["user"]["id"].as_str().unwrap().to_string();
+
+    let look_alike = format!("{}@example.com", fullwidth(&kelvin(&local)));
+    let (status, sent) = app
+        .call(
+            "POST",
+            "/api/team",
+            Some(&f.token),
+            Some(json!({ "projectId": f.project, "email": look_alike, "role": "viewer" })),
+        )
+        .await;
+    assert_eq!(status, 201, "{sent}");
+    assert_eq!(sent["invite"]["email"], kate_email.as_str());
+    let (_, me) = app
+        .call("GET", "/api/auth/me", Some(kate_token), None)
+        .await;
+    assert_eq!(me["invites"][0]["id"], sent["invite"]["id"], "{me}");
+    let (status, body) = app
+        .call(
+            "POST",
+            "/api/team/invites/accept",
+            Some(kate_token),
+            Some(json!({ "inviteId": sent["invite"]["id"], "status": "accepted" })),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let (_, team) = app
+        .call(
+            "GET",
+            &format!("/api/team?projectId={}", f.project),
+            Some(&f.token),
+            None,
+        )
+        .await;
+    let members: Vec<&str> = team["members"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["userId"].as_str().unwrap_or_default())
+        .collect();
+    assert!(members.contains(&kate_id.as_str()), "{team}");
+}
+
+#[tokio::test]
+async fn the_migration_normalises_existing_addresses_unless_two_would_collide() {
+    let app = spawn_app().await;
+    let url = app.app.config.database_url.clone().unwrap();
+    let db = url.rsplit('/').next().unwrap().to_string();
+    let control = crate::support::pg().await.client(&db).await;
+    let karl = format!("k{}", crate::support::unique("arl"));
+    let zed = crate::support::unique("zed");
+    let rows = [
+        ("usr_old1", format!("{}@Example.com", kelvin(&karl))),
+        ("usr_old2", format!("{zed}@example.com")),
+        ("usr_old3", format!("{}@example.com", fullwidth(&zed))),
+    ];
+    for (id, email) in &rows {
+        control
+            .execute(
+                "INSERT INTO fluxbase.users (id, email, password_hash) VALUES ($1, $2, 'x')",
+                &[id, email],
+            )
+            .await
+            .unwrap();
+    }
+    control
+        .execute(
+            "DELETE FROM fluxbase.schema_migrations WHERE version = 8",
+            &[],
+        )
+        .await
+        .unwrap();
+    let config = app.app.config.clone();
+    app.stop().await;
+    let app = crate::support::start_with(config).await;
+    let email_of = |id: &'static str| {
+        let control = &control;
+        async move {
+            control
+                .query_one("SELECT email FROM fluxbase.users WHERE id = $1", &[&id])
+                .await
+                .unwrap()
+                .get::<_, String>(0)
+        }
+    };
+    assert_eq!(email_of("usr_old1").await, format!("{karl}@example.com"));
+    // Two rows with one normalised form: both left as they were.
+    assert_eq!(email_of("usr_old2").await, rows[1].1);
+    assert_eq!(email_of("usr_old3").await, rows[2].1);
+    app.stop().await;
+}

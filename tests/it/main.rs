@@ -7,6 +7,7 @@ mod cdc;
 mod cli;
 mod egress;
 mod guide;
+mod limits;
 mod operations;
 mod outage;
 mod realtime;

@@ -38,7 +38,10 @@ async fn main() -> Result<()> {
     let server = fluxbase_bench::ServerProcess::start(
         &binary,
         &data,
-        &[("FLUXBASE_POOL_SIZE", clients.to_string())],
+        &[
+            ("FLUXBASE_POOL_SIZE", clients.to_string()),
+            ("FLUXBASE_SQL_PROJECT_CONNECTIONS", clients.to_string()),
+        ],
     )
     .await?;
     let base = server.base();

@@ -1,0 +1,303 @@
+//! The HTTP listener: the accept loop in front of the warp routes, where anonymous clients are
+//! bounded before any request exists.
+//!
+//! ```text
+//!  accept ─► per-address count ──(over max_connections_per_address)──► 429 + close
+//!               │ CountedStream (the count lives as long as the socket, WebSockets too)
+//!               ▼
+//!  hyper http1 (header_read_timeout: a client that does not finish its request head in time,
+//!               │  idle keep-alive included, is disconnected)
+//!               ▼  ClientAddr(peer) in the request's extensions
+//!  warp routes (crate::http) ─► rate limits by address use [`client_ip`]
+//! ```
+//!
+//! HTTP/1.1 only: hyper-util's version-sniffing builder reads the first bytes without any
+//! timeout, which is exactly what a slow client exploits. There is no TLS here (a proxy
+//! terminates it), so HTTP/2 was only reachable with prior knowledge.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use warp::http::HeaderMap;
+use warp::reply::Response;
+use warp::Filter;
+
+/// The TCP peer of the connection a request came on (set by [`serve`]).
+#[derive(Clone, Copy, Debug)]
+pub struct ClientAddr(pub SocketAddr);
+
+/// The address limits are keyed by: an IPv4 address, or the /64 of an IPv6 one (a single host
+/// usually holds a whole /64).
+pub fn address_key(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V4(_) => ip,
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => {
+                let s = v6.segments();
+                IpAddr::V6(std::net::Ipv6Addr::new(s[0], s[1], s[2], s[3], 0, 0, 0, 0))
+            }
+        },
+    }
+}
+
+/// The client's address for rate limits: the socket peer, or — only when the operator says a
+/// proxy in front sets it (`trust_forwarded_for`) — the last address in `X-Forwarded-For`,
+/// the one that proxy saw. Anything a client writes there itself is ignored otherwise.
+pub fn client_ip(
+    peer: Option<ClientAddr>,
+    headers: &HeaderMap,
+    trust_forwarded_for: bool,
+) -> Option<IpAddr> {
+    if trust_forwarded_for {
+        let forwarded = headers
+            .get_all("x-forwarded-for")
+            .iter()
+            .next_back()
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.rsplit(',').next())
+            .and_then(|v| v.trim().parse::<IpAddr>().ok());
+        if let Some(ip) = forwarded {
+            return Some(address_key(ip));
+        }
+    }
+    peer.map(|ClientAddr(a)| address_key(a.ip()))
+}
+
+/// Open connections per client address.
+#[derive(Default)]
+struct AddressCounts(Mutex<HashMap<IpAddr, usize>>);
+
+/// One counted connection; uncounted when dropped (with the socket).
+struct AddressGuard {
+    counts: Arc<AddressCounts>,
+    key: IpAddr,
+}
+
+impl AddressCounts {
+    fn enter(self: &Arc<Self>, key: IpAddr, cap: usize) -> Option<AddressGuard> {
+        let mut counts = self.0.lock().expect("poisoned");
+        let n = counts.entry(key).or_default();
+        if cap > 0 && *n >= cap {
+            return None;
+        }
+        *n += 1;
+        Some(AddressGuard {
+            counts: self.clone(),
+            key,
+        })
+    }
+}
+
+impl Drop for AddressGuard {
+    fn drop(&mut self) {
+        let mut counts = self.counts.0.lock().expect("poisoned");
+        if let Some(n) = counts.get_mut(&self.key) {
+            *n -= 1;
+            if *n == 0 {
+                counts.remove(&self.key);
+            }
+        }
+    }
+}
+
+/// A client socket that holds its address's count for as long as it is open.
+struct CountedStream {
+    inner: TcpStream,
+    _guard: AddressGuard,
+}
+
+impl AsyncRead for CountedStream {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for CountedStream {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+}
+
+/// What the listener enforces (from [`crate::config::Config`]).
+#[derive(Clone, Copy, Debug)]
+pub struct Limits {
+    pub header_read_timeout: Duration,
+    /// 0: no cap.
+    pub max_connections_per_address: usize,
+}
+
+/// Serves `routes` on `listener` until `shutdown` resolves, then lets open requests finish.
+pub async fn serve<F>(
+    listener: TcpListener,
+    routes: F,
+    limits: Limits,
+    shutdown: impl std::future::Future<Output = ()>,
+) where
+    F: Filter<Extract = (Response,), Error = warp::Rejection> + Clone + Send + Sync + 'static,
+{
+    let counts = Arc::new(AddressCounts::default());
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    // Every connection task holds a sender; when all are gone, every connection has ended.
+    let (alive_tx, mut alive_rx) = tokio::sync::mpsc::channel::<()>(1);
+    tokio::pin!(shutdown);
+    loop {
+        let (stream, peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(pair) => pair,
+                Err(e) => {
+                    // Out of descriptors and the like: back off instead of spinning.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = &mut shutdown => break,
+        };
+        let Some(guard) = counts.enter(address_key(peer.ip()), limits.max_connections_per_address)
+        else {
+            tracing::warn!(%peer, "refusing a connection: too many open from this address");
+            tokio::spawn(refuse(stream, limits.max_connections_per_address));
+            continue;
+        };
+        let io = TokioIo::new(CountedStream {
+            inner: stream,
+            _guard: guard,
+        });
+        let filter = hyper_util::service::TowerToHyperService::new(warp::service(routes.clone()));
+        let service = hyper::service::service_fn(move |mut req| {
+            req.extensions_mut().insert(ClientAddr(peer));
+            hyper::service::Service::call(&filter, req)
+        });
+        let mut stop = stop_rx.clone();
+        let alive = alive_tx.clone();
+        tokio::spawn(async move {
+            let conn = hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(limits.header_read_timeout)
+                .serve_connection(io, service)
+                .with_upgrades();
+            tokio::pin!(conn);
+            let result = tokio::select! {
+                r = conn.as_mut() => r,
+                _ = stop.changed() => {
+                    conn.as_mut().graceful_shutdown();
+                    conn.await
+                }
+            };
+            if let Err(e) = result {
+                tracing::debug!(%peer, error = %e, "connection ended with an error");
+            }
+            drop(alive);
+        });
+    }
+    drop(listener);
+    let _ = stop_tx.send(true);
+    drop(alive_tx);
+    let _ = alive_rx.recv().await;
+}
+
+/// Answers a connection over the per-address cap with 429 in the guide's shape, then closes it.
+async fn refuse(mut stream: TcpStream, cap: usize) {
+    let body = serde_json::json!({
+        "success": false,
+        "error": {
+            "code": "RATE_LIMIT",
+            "message": format!("Too many open connections from this address (limit {cap}). Close some and retry."),
+        }
+    })
+    .to_string();
+    let response = format!(
+        "HTTP/1.1 429 Too Many Requests\r\ncontent-type: application/json\r\ncontent-length: {}\r\nretry-after: 1\r\nconnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    let _ = tokio::time::timeout(Duration::from_secs(2), async {
+        stream.write_all(response.as_bytes()).await?;
+        stream.shutdown().await
+    })
+    .await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn forwarded_for_counts_only_when_trusted() {
+        let peer = Some(ClientAddr("10.0.0.1:5000".parse().unwrap()));
+        let mut headers = HeaderMap::new();
+        headers.insert("x-forwarded-for", "1.2.3.4, 5.6.7.8".parse().unwrap());
+        assert_eq!(
+            client_ip(peer, &headers, false),
+            Some("10.0.0.1".parse().unwrap())
+        );
+        assert_eq!(
+            client_ip(peer, &headers, true),
+            Some("5.6.7.8".parse().unwrap())
+        );
+        headers.insert("x-forwarded-for", "garbage".parse().unwrap());
+        assert_eq!(
+            client_ip(peer, &headers, true),
+            Some("10.0.0.1".parse().unwrap())
+        );
+    }
+
+    #[test]
+    fn ipv6_clients_are_counted_by_their_64() {
+        assert_eq!(
+            address_key("2001:db8:1:2:aaaa::1".parse().unwrap()),
+            address_key("2001:db8:1:2:bbbb::9".parse().unwrap())
+        );
+        assert_eq!(
+            address_key("::ffff:1.2.3.4".parse().unwrap()),
+            "1.2.3.4".parse::<IpAddr>().unwrap()
+        );
+    }
+
+    #[test]
+    fn the_count_is_capped_and_freed_on_drop() {
+        let counts = Arc::new(AddressCounts::default());
+        let ip: IpAddr = "1.2.3.4".parse().unwrap();
+        let a = counts.enter(ip, 2).unwrap();
+        let _b = counts.enter(ip, 2).unwrap();
+        assert!(counts.enter(ip, 2).is_none());
+        assert!(counts.enter("1.2.3.5".parse().unwrap(), 2).is_some());
+        drop(a);
+        assert!(counts.enter(ip, 2).is_some());
+    }
+}

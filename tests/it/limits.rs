@@ -1,0 +1,565 @@
+//! Bounded resources: one tenant cannot hurt another, and anonymous clients cannot hurt anyone.
+//! Each test is an attack from issue 13 run against the real server.
+
+use serde_json::{json, Value};
+
+use crate::support::process::ServerProcess;
+use crate::support::{spawn_app_with, unique};
+
+const MIB: usize = 1024 * 1024;
+
+async fn post(base: &str, path: &str, token: Option<&str>, body: Value) -> (u16, String) {
+    let mut req = reqwest::Client::new()
+        .post(format!("{base}{path}"))
+        .json(&body);
+    if let Some(t) = token {
+        req = req.bearer_auth(t);
+    }
+    let resp = req.send().await.expect("request failed");
+    (resp.status().as_u16(), resp.text().await.unwrap())
+}
+
+/// Signs up and creates a project on a server started as a child process; returns its read key
+/// and project id.
+async fn project_on(base: &str) -> (String, String) {
+    let email = format!("{}@example.com", unique("user"));
+    let (status, body) = post(
+        base,
+        "/api/auth/signup",
+        None,
+        json!({ "email": email, "password": "correct horse battery" }),
+    )
+    .await;
+    assert_eq!(status, 201, "{body}");
+    let token = serde_json::from_str::<Value>(&body).unwrap()["token"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let (status, body) = post(
+        base,
+        "/api/projects",
+        Some(&token),
+        json!({ "name": "big" }),
+    )
+    .await;
+    assert_eq!(status, 201, "{body}");
+    let body: Value = serde_json::from_str(&body).unwrap();
+    (
+        body["apiKeys"]["read"].as_str().unwrap().to_string(),
+        body["project"]["id"].as_str().unwrap().to_string(),
+    )
+}
+
+#[tokio::test]
+async fn a_huge_result_answers_truncated_below_the_cap_and_the_server_memory_stays_flat() {
+    let cap = 4 * MIB;
+    let server = ServerProcess::start(&[("FLUXBASE_MAX_RESPONSE_BYTES", &cap.to_string())]).await;
+    let (read, project) = project_on(&server.base).await;
+    let sql = |query: &str| {
+        post(
+            &server.base,
+            "/api/execute-sql",
+            Some(&read),
+            json!({ "projectId": project, "query": query }),
+        )
+    };
+    let (status, body) = sql("SELECT 1 AS warm").await;
+    assert_eq!(status, 200, "{body}");
+    let before = server.peak_rss();
+
+    // 400 MB of rows: without a byte cap the server keeps them all and renders them again.
+    let (status, body) =
+        sql("SELECT repeat('x', 1000000) AS blob FROM generate_series(1, 400)").await;
+    assert_eq!(status, 200);
+    assert!(body.len() <= cap, "the answer is {} bytes", body.len());
+    let parsed: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(parsed["success"], true, "{}", &body[..200.min(body.len())]);
+    assert_eq!(parsed["result"]["truncated"], true);
+    let rows = parsed["result"]["rows"].as_array().unwrap();
+    assert!(!rows.is_empty() && rows.len() < 400, "{} rows", rows.len());
+    assert_eq!(rows[0]["blob"].as_str().unwrap().len(), 1_000_000);
+    assert_eq!(parsed["result"]["rowCount"], 400);
+
+    let grown = server.peak_rss().saturating_sub(before);
+    assert!(
+        grown < 100 * MIB as u64,
+        "the server's peak RSS grew by {} MiB for a capped answer",
+        grown / MIB as u64
+    );
+
+    // The connection that dropped those rows serves the next request normally.
+    let (status, body) = sql("SELECT 2 AS next").await;
+    assert_eq!(status, 200);
+    let parsed: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(parsed["result"]["rows"], json!([{ "next": 2 }]), "{body}");
+}
+
+#[tokio::test]
+async fn a_single_row_larger_than_the_cap_is_dropped_and_the_key_keeps_working() {
+    let app = spawn_app_with(|c| c.max_response_bytes = MIB).await;
+    let f = app.fixture().await;
+    for query in [
+        "SELECT repeat('y', 5000000) AS blob",
+        "SELECT 1 AS a; SELECT repeat('y', 5000000) AS blob",
+    ] {
+        let (status, body) = app
+            .call(
+                "POST",
+                "/api/execute-sql",
+                Some(&f.read),
+                Some(json!({ "projectId": f.project, "query": query })),
+            )
+            .await;
+        assert_eq!(status, 200, "{body}");
+        assert_eq!(body["success"], true, "{body}");
+        assert_eq!(body["result"]["rows"], json!([]), "{query}");
+        assert_eq!(body["result"]["truncated"], true, "{query}");
+        assert_eq!(body["result"]["rowCount"], 1, "{query}");
+    }
+    // Small rows before the big one are kept; nothing after it is.
+    let body = app
+        .sql(
+            &f.read,
+            &f.project,
+            "SELECT n, CASE WHEN n = 3 THEN repeat('z', 3000000) ELSE 'small' END AS v
+             FROM generate_series(1, 5) n ORDER BY n",
+        )
+        .await;
+    assert_eq!(body["result"]["truncated"], true, "{body}");
+    assert_eq!(
+        body["result"]["rows"],
+        json!([{ "n": 1, "v": "small" }, { "n": 2, "v": "small" }])
+    );
+    assert_eq!(
+        app.rows(&f.read, &f.project, "SELECT 'ok' AS fine").await,
+        vec![json!({ "fine": "ok" })]
+    );
+    // JSON escapes count against the cap too: 400 KiB of quotes render as 800 KiB each.
+    let body = app
+        .sql(
+            &f.read,
+            &f.project,
+            "SELECT repeat('\"', 400 * 1024) AS q FROM generate_series(1, 3)",
+        )
+        .await;
+    assert_eq!(body["result"]["truncated"], true);
+    assert_eq!(body["result"]["rows"].as_array().unwrap().len(), 1);
+    app.stop().await;
+}
+
+async fn login_from(
+    app: &crate::support::TestApp,
+    email: &str,
+    password: &str,
+    forwarded_for: Option<&str>,
+) -> (u16, Value) {
+    let mut req = app
+        .http
+        .post(app.url("/api/auth/login"))
+        .json(&json!({ "email": email, "password": password }));
+    if let Some(ip) = forwarded_for {
+        req = req.header("x-forwarded-for", ip);
+    }
+    let resp = req.send().await.unwrap();
+    let status = resp.status().as_u16();
+    if status == 429 {
+        assert!(resp.headers().contains_key("retry-after"));
+    }
+    (status, resp.json().await.unwrap())
+}
+
+#[tokio::test]
+async fn a_login_flood_from_one_address_gets_429_after_the_limit() {
+    let app = spawn_app_with(|c| c.auth_attempts_per_address = 5).await;
+    let (_, _, email) = app.signup().await; // the first attempt of this address
+    for _ in 0..4 {
+        let (status, body) = login_from(&app, &email, "wrong password", None).await;
+        assert_eq!(status, 401, "{body}");
+    }
+    let (status, body) = login_from(&app, &email, "correct horse battery", None).await;
+    assert_eq!(status, 429, "{body}");
+    assert_eq!(body["error"]["code"], "RATE_LIMIT");
+    // X-Forwarded-For is the client's own words unless the operator trusts a proxy.
+    let (status, _) = login_from(&app, &email, "correct horse battery", Some("203.0.113.9")).await;
+    assert_eq!(status, 429);
+    let (status, body) = app
+        .call(
+            "POST",
+            "/api/auth/signup",
+            None,
+            Some(json!({ "email": format!("{}@example.com", unique("u")), "password": "long enough pw" })),
+        )
+        .await;
+    assert_eq!(status, 429, "{body}");
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn behind_a_trusted_proxy_each_forwarded_address_has_its_own_budget() {
+    let app = spawn_app_with(|c| {
+        c.auth_attempts_per_address = 2;
+        c.trust_forwarded_for = true;
+    })
+    .await;
+    let (_, _, email) = app.signup().await; // counted against the socket address
+    for ip in ["198.51.100.1", "198.51.100.2"] {
+        for _ in 0..2 {
+            let (status, _) = login_from(&app, &email, "wrong password", Some(ip)).await;
+            assert_eq!(status, 401);
+        }
+        let (status, _) = login_from(&app, &email, "wrong password", Some(ip)).await;
+        assert_eq!(status, 429, "{ip}");
+    }
+    // The proxy appends the address it saw: only the last entry counts.
+    let (status, _) = login_from(
+        &app,
+        &email,
+        "correct horse battery",
+        Some("1.1.1.1, 198.51.100.1"),
+    )
+    .await;
+    assert_eq!(status, 429);
+    let (status, body) = login_from(
+        &app,
+        &email,
+        "correct horse battery",
+        Some("198.51.100.1, 198.51.100.3"),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn failed_logins_against_one_account_from_many_addresses_lock_only_that_account() {
+    let app = spawn_app_with(|c| {
+        c.auth_failures_per_account = 3;
+        c.trust_forwarded_for = true;
+    })
+    .await;
+    let (_, victim_id, victim) = app.signup().await;
+    let (_, _, bystander) = app.signup().await;
+    for i in 0..3 {
+        let ip = format!("192.0.2.{i}");
+        let (status, _) = login_from(&app, &victim, "guess", Some(&ip)).await;
+        assert_eq!(status, 401);
+    }
+    for (i, password) in ["guess", "correct horse battery"].iter().enumerate() {
+        let ip = format!("192.0.2.{}", 100 + i);
+        let (status, body) = login_from(&app, &victim, password, Some(&ip)).await;
+        assert_eq!(status, 429, "{body}");
+        assert_eq!(body["error"]["code"], "RATE_LIMIT");
+    }
+    // Another spelling of the same address is the same account.
+    let (status, _) = login_from(&app, &victim.to_uppercase(), "guess", Some("192.0.2.200")).await;
+    assert_eq!(status, 429);
+    let (status, body) = login_from(&app, &bystander, "correct horse battery", None).await;
+    assert_eq!(status, 200, "{body}");
+    let _ = victim_id;
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn concurrent_logins_hash_passwords_a_few_at_a_time_so_memory_stays_bounded() {
+    let server = ServerProcess::start(&[("FLUXBASE_MAX_CONCURRENT_PASSWORD_HASHES", "2")]).await;
+    let (status, body) = post(
+        &server.base,
+        "/api/auth/login",
+        None,
+        json!({ "email": "warm@example.com", "password": "whatever pw" }),
+    )
+    .await;
+    assert_eq!(status, 401, "{body}");
+    let before = server.peak_rss();
+    let logins = (0..32).map(|i| {
+        let base = server.base.clone();
+        async move {
+            post(
+                &base,
+                "/api/auth/login",
+                None,
+                json!({ "email": format!("nobody{i}@example.com"), "password": "whatever pw" }),
+            )
+            .await
+        }
+    });
+    for (status, body) in futures_util::future::join_all(logins).await {
+        assert_eq!(status, 401, "{body}");
+    }
+    let grown = server.peak_rss().saturating_sub(before);
+    // Each Argon2 hash holds ~19 MiB: 32 at once would be ~600 MiB.
+    assert!(
+        grown < 150 * MIB as u64,
+        "32 concurrent logins grew the peak RSS by {} MiB",
+        grown / MIB as u64
+    );
+}
+
+/// Reads from `stream` until the server closes it (EOF or reset), within `limit`; returns what
+/// was read, or `None` if it stayed open.
+async fn read_until_closed(
+    stream: &mut tokio::net::TcpStream,
+    limit: std::time::Duration,
+) -> Option<Vec<u8>> {
+    use tokio::io::AsyncReadExt;
+    let mut seen = Vec::new();
+    let deadline = tokio::time::Instant::now() + limit;
+    let mut buf = [0u8; 4096];
+    loop {
+        match tokio::time::timeout_at(deadline, stream.read(&mut buf)).await {
+            Err(_) => return None,
+            Ok(Ok(0)) | Ok(Err(_)) => return Some(seen),
+            Ok(Ok(n)) => seen.extend_from_slice(&buf[..n]),
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_slow_header_client_is_disconnected_after_the_header_timeout() {
+    use tokio::io::AsyncWriteExt;
+    let app = spawn_app_with(|c| c.header_read_timeout_secs = 1).await;
+    let addr = app.base.trim_start_matches("http://").to_string();
+
+    // Trickles one header line every 200 ms, never ending the head.
+    let mut slow = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    slow.write_all(b"GET /health HTTP/1.1\r\nHost: x\r\n")
+        .await
+        .unwrap();
+    let closed = async {
+        use tokio::io::AsyncReadExt;
+        let mut buf = [0u8; 1024];
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(20);
+        let mut i = 0;
+        loop {
+            tokio::select! {
+                r = slow.read(&mut buf) => match r {
+                    Ok(0) | Err(_) => return true,
+                    Ok(_) => {}
+                },
+                _ = tokio::time::sleep(std::time::Duration::from_millis(200)) => {
+                    i += 1;
+                    if slow.write_all(format!("X-Slow-{i}: y\r\n").as_bytes()).await.is_err() {
+                        return true;
+                    }
+                }
+            }
+            if tokio::time::Instant::now() > deadline {
+                return false;
+            }
+        }
+    };
+    assert!(closed.await, "a client trickling its headers was kept open");
+
+    // A client that connects and says nothing is closed too.
+    let mut silent = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    assert!(
+        read_until_closed(&mut silent, std::time::Duration::from_secs(20))
+            .await
+            .is_some(),
+        "a silent client was kept open"
+    );
+    // Ordinary requests are unaffected.
+    let (status, _) = app.call("GET", "/health", None, None).await;
+    assert_eq!(status, 200);
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn connections_past_the_per_address_cap_are_refused_with_429() {
+    use tokio::io::AsyncWriteExt;
+    let app = spawn_app_with(|c| c.max_connections_per_address = 3).await;
+    let addr = app.base.trim_start_matches("http://").to_string();
+    let mut held = Vec::new();
+    for _ in 0..3 {
+        held.push(tokio::net::TcpStream::connect(&addr).await.unwrap());
+    }
+    let mut extra = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    let _ = extra
+        .write_all(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await;
+    let answer = read_until_closed(&mut extra, std::time::Duration::from_secs(10))
+        .await
+        .expect("the connection over the cap was neither answered nor closed");
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 429"), "{answer}");
+    assert!(answer.contains("\"RATE_LIMIT\""), "{answer}");
+
+    // Closing one frees a place (the server notices the close asynchronously).
+    drop(held.pop());
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let mut again = tokio::net::TcpStream::connect(&addr).await.unwrap();
+        again
+            .write_all(b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            .await
+            .unwrap();
+        let answer = read_until_closed(&mut again, std::time::Duration::from_secs(10))
+            .await
+            .unwrap_or_default();
+        if answer.starts_with(b"HTTP/1.1 200") {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no place freed: {}",
+            String::from_utf8_lossy(&answer)
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn the_project_quota_per_user_gives_a_clear_error_and_cannot_be_raced() {
+    let app = spawn_app_with(|c| c.max_projects_per_user = 2).await;
+    let (token, _, _) = app.signup().await;
+    let create = || {
+        app.call(
+            "POST",
+            "/api/projects",
+            Some(&token),
+            Some(json!({ "name": "p" })),
+        )
+    };
+    let (a, b, c) = tokio::join!(create(), create(), create());
+    let mut statuses = vec![a.0, b.0, c.0];
+    statuses.sort();
+    assert_eq!(statuses, vec![201, 201, 403], "{a:?} {b:?} {c:?}");
+    let (status, body) = create().await;
+    assert_eq!(status, 403);
+    assert_eq!(body["error"]["code"], "INSUFFICIENT_PERMISSIONS");
+    let message = body["error"]["message"].as_str().unwrap();
+    assert!(message.contains("at most 2 projects"), "{message}");
+
+    let created = [a, b, c].into_iter().find(|(s, _)| *s == 201).unwrap().1;
+    let id = created["project"]["id"].as_str().unwrap();
+    let (status, _) = app
+        .call(
+            "DELETE",
+            &format!("/api/projects?projectId={id}"),
+            Some(&token),
+            None,
+        )
+        .await;
+    assert_eq!(status, 200);
+    let (status, body) = create().await;
+    assert_eq!(status, 201, "{body}");
+    app.stop().await;
+}
+
+/// SQL connections the server holds on `cluster`, by state.
+async fn sql_connections(pg: &tokio_postgres::Client) -> (i64, i64) {
+    let row = pg
+        .query_one(
+            "SELECT count(*) FILTER (WHERE query LIKE '%pg_sleep%' AND state = 'active'),
+                    count(*)
+             FROM pg_stat_activity WHERE application_name = 'fluxbase-sql'",
+            &[],
+        )
+        .await
+        .unwrap();
+    (row.get(0), row.get(1))
+}
+
+#[tokio::test]
+async fn a_project_flooding_pg_sleep_waits_on_its_share_while_another_is_served_and_idle_connections_close(
+) {
+    use crate::support::process::DedicatedCluster;
+    let pg = DedicatedCluster::start(&[("max_connections", "20")]).await;
+    let control = unique("ctl");
+    let app = spawn_app_with(|c| {
+        c.database_url = Some(pg.cluster.url(&control));
+        c.sql_project_connections = 3;
+        c.sql_queue_timeout_ms = 3_000;
+        c.sql_idle_timeout_secs = 2;
+    })
+    .await;
+    let noisy = app.fixture().await;
+    let quiet = app.fixture().await;
+    let watcher = pg.client("postgres").await;
+
+    // Every key of the noisy project, 8 requests each, all sleeping.
+    let attack: Vec<_> = [&noisy.read, &noisy.readwrite, &noisy.admin]
+        .into_iter()
+        .flat_map(|key| std::iter::repeat_n(key.clone(), 8))
+        .map(|key| {
+            let http = app.http.clone();
+            let url = app.url("/api/execute-sql");
+            let project = noisy.project.clone();
+            tokio::spawn(async move {
+                let resp = http
+                    .post(url)
+                    .bearer_auth(key)
+                    .json(&json!({ "projectId": project, "query": "SELECT pg_sleep(4)" }))
+                    .send()
+                    .await
+                    .unwrap();
+                let status = resp.status().as_u16();
+                (status, resp.json::<Value>().await.unwrap())
+            })
+        })
+        .collect();
+    // Until the noisy project's statements run (or its requests have all been answered).
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while sql_connections(&watcher).await.0 < 3
+        && !attack.iter().all(|t| t.is_finished())
+        && std::time::Instant::now() < deadline
+    {
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+
+    // Meanwhile the quiet project is answered, correctly.
+    let (status, body) = app
+        .call(
+            "POST",
+            "/api/execute-sql",
+            Some(&quiet.read),
+            Some(json!({ "projectId": quiet.project, "query": "SELECT 41 + 1 AS answer" })),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["result"]["rows"], json!([{ "answer": 42 }]), "{body}");
+    let (sleeping, _) = sql_connections(&watcher).await;
+    assert!(
+        sleeping <= 3,
+        "{sleeping} statements of the noisy project run at once"
+    );
+
+    let mut answered = 0;
+    let mut refused = 0;
+    for task in attack {
+        let (status, body) = task.await.unwrap();
+        match status {
+            200 => {
+                assert_eq!(body["success"], true, "{body}");
+                answered += 1;
+            }
+            429 => {
+                assert_eq!(body["error"]["code"], "RATE_LIMIT");
+                let message = body["error"]["message"].as_str().unwrap();
+                assert!(message.contains("sql_project_connections"), "{message}");
+                refused += 1;
+            }
+            other => panic!("the noisy project got {other}: {body}"),
+        }
+    }
+    assert!(
+        answered >= 3 && refused > 0,
+        "{answered} answered, {refused} refused"
+    );
+
+    // Once it is over, the pools give their connections back to the cluster.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let (_, open) = sql_connections(&watcher).await;
+        if open == 0 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{open} idle SQL connections are still open"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+    app.stop().await;
+}

@@ -1,0 +1,128 @@
+//! The real `fluxbase` binary as a child process, against the suite's shared cluster: for tests
+//! that measure the server process itself (its peak memory), which an in-process server cannot.
+
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use super::{pg, scratch_dir, unique};
+
+/// A `fluxbase serve` child; killed on drop.
+pub struct ServerProcess {
+    pub base: String,
+    child: Child,
+}
+
+impl ServerProcess {
+    /// Starts `fluxbase serve` with its own control database on the shared cluster and `env`
+    /// added to its environment; returns once `/health` answers.
+    pub async fn start(env: &[(&str, &str)]) -> ServerProcess {
+        let pg = pg().await;
+        let name = unique("ctl");
+        let dir = scratch_dir(&format!("it-{}-{name}", std::process::id()));
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_fluxbase"));
+        cmd.arg("serve")
+            .env("FLUXBASE_DATA_DIR", &dir)
+            .env("FLUXBASE_LISTEN", format!("127.0.0.1:{port}"))
+            .env("FLUXBASE_DATABASE_URL", pg.url(&name))
+            .env("FLUXBASE_RATE_LIMIT_REQUESTS", "10000")
+            .env("FLUXBASE_AUTH_ATTEMPTS_PER_ADDRESS", "10000")
+            .env("FLUXBASE_LOG", "warn")
+            .current_dir(&dir)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let child = cmd.spawn().expect("starting fluxbase serve");
+        let mut server = ServerProcess {
+            base: format!("http://127.0.0.1:{port}"),
+            child,
+        };
+        let deadline = Instant::now() + Duration::from_secs(120);
+        loop {
+            if let Ok(r) = reqwest::get(format!("{}/health", server.base)).await {
+                if r.status() == 200 {
+                    return server;
+                }
+            }
+            if let Some(status) = server.child.try_wait().unwrap() {
+                panic!("server exited early: {status}");
+            }
+            assert!(Instant::now() < deadline, "server did not become healthy");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// The process's peak resident set size so far (`VmHWM`), in bytes.
+    pub fn peak_rss(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid()))
+            .expect("reading the server's /proc status");
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmHWM:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+            .expect("VmHWM in /proc/<pid>/status")
+            * 1024
+    }
+}
+
+impl Drop for ServerProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A PostgreSQL cluster of its own (for a test that exhausts a cluster-wide resource such as
+/// `max_connections`, which would hurt the other tests on the shared one); stopped on drop.
+pub struct DedicatedCluster {
+    pub cluster: fluxbase::embedded::Cluster,
+}
+
+impl DedicatedCluster {
+    pub async fn start(settings: &[(&str, &str)]) -> DedicatedCluster {
+        let root = scratch_dir(&format!("it-{}-{}", std::process::id(), unique("pg")));
+        let password = fluxbase::secrets::random_base62(24);
+        let mut extra: Vec<(String, String)> = vec![
+            ("fsync".into(), "off".into()),
+            ("synchronous_commit".into(), "off".into()),
+        ];
+        extra.extend(settings.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+        let cluster = tokio::task::spawn_blocking(move || {
+            let extra: Vec<(&str, &str)> = extra
+                .iter()
+                .map(|(k, v)| (k.as_str(), v.as_str()))
+                .collect();
+            fluxbase::embedded::Cluster::start(&root, &password, &extra)
+        })
+        .await
+        .unwrap()
+        .expect("starting a dedicated cluster");
+        DedicatedCluster { cluster }
+    }
+
+    /// A superuser client on `database`.
+    pub async fn client(&self, database: &str) -> tokio_postgres::Client {
+        let (client, conn) =
+            tokio_postgres::connect(&self.cluster.url(database), tokio_postgres::NoTls)
+                .await
+                .expect("connecting as superuser");
+        tokio::spawn(conn);
+        client
+    }
+}
+
+impl Drop for DedicatedCluster {
+    fn drop(&mut self) {
+        let _ = self.cluster.stop();
+    }
+}
