@@ -58,6 +58,21 @@ pub fn normalize_email(raw: &str) -> String {
     folded.nfkc().collect::<String>().trim().to_string()
 }
 
+/// The longest email address accepted anywhere (RFC 5321's path limit), in bytes.
+pub const MAX_EMAIL_BYTES: usize = 254;
+
+/// Refuses an email field longer than [`MAX_EMAIL_BYTES`] (surrounding blanks aside) before it
+/// is normalised, looked up or counted anywhere.
+pub fn check_email_length(raw: &str) -> ApiResult<()> {
+    if raw.trim().len() > MAX_EMAIL_BYTES {
+        return Err(ApiError::BadRequest(format!(
+            "email: at most {MAX_EMAIL_BYTES} bytes (got {})",
+            raw.trim().len()
+        )));
+    }
+    Ok(())
+}
+
 fn validate_email(email: &str) -> ApiResult<()> {
     let ok = email.len() <= 254
         && !email.chars().any(|c| c.is_whitespace() || c.is_control())
@@ -159,6 +174,7 @@ fn verify_password(password: &str, hash: Option<&str>) -> bool {
 impl App {
     /// Creates a user; a clash on the normalised email is a 409.
     pub async fn create_user(&self, req: SignupRequest) -> ApiResult<User> {
+        check_email_length(&req.email)?;
         let email = normalize_email(&req.email);
         validate_email(&email)?;
         validate_password(&req.password)?;
@@ -238,6 +254,7 @@ impl App {
         req: SignupRequest,
         client: Option<IpAddr>,
     ) -> ApiResult<(StatusCode, Value)> {
+        check_email_length(&req.email)?;
         self.account_limits.attempt_from(client)?;
         let user = self.create_user(req).await?;
         let (token, expires_at) = self.create_session(&user.id).await?;
@@ -254,9 +271,10 @@ impl App {
         req: LoginRequest,
         client: Option<IpAddr>,
     ) -> ApiResult<(StatusCode, Value)> {
+        check_email_length(&req.email)?;
         self.account_limits.attempt_from(client)?;
         let email = normalize_email(&req.email);
-        self.account_limits.login_allowed(&email)?;
+        self.account_limits.login_allowed(&email, client)?;
         let db = self.control.get().await?;
         let row = db
             .query_opt(
@@ -273,7 +291,7 @@ impl App {
             .hash(move || verify_password(&password, hash.as_deref()))
             .await?;
         if !verified {
-            self.account_limits.login_failed(&email);
+            self.account_limits.login_failed(&email, client);
             return Err(ApiError::AuthRequired("Wrong email or password.".into()));
         }
         let row = row.expect("verified users exist");

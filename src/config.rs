@@ -106,9 +106,14 @@ pub struct Config {
     /// Login and sign-up attempts per client address in each `auth_rate_window_secs`
     /// (0 disables the limit).
     pub auth_attempts_per_address: u32,
-    /// Failed logins per account (normalised email) in each `auth_rate_window_secs`; past it
-    /// that account's logins get 429 whatever the password (0 disables the limit).
+    /// Failed logins per account (normalised email) from one client network (IPv4 /24, IPv6
+    /// /64) in each `auth_rate_window_secs`; past it that network's logins to that account get
+    /// 429 whatever the password, while the owner elsewhere still logs in (0 disables the limit).
     pub auth_failures_per_account: u32,
+    /// Failed logins per account from all addresses together in each `auth_rate_window_secs`:
+    /// the backstop against guessing spread over many networks; past it every login to that
+    /// account gets 429 (0 disables the limit).
+    pub auth_failures_per_account_total: u32,
     /// Length of the login and sign-up rate windows, in seconds.
     pub auth_rate_window_secs: u64,
     /// Password hashes (Argon2, ~20 MB each) computed at once; more requests wait their turn.
@@ -170,6 +175,7 @@ impl Default for Config {
             trust_forwarded_for: false,
             auth_attempts_per_address: 30,
             auth_failures_per_account: 10,
+            auth_failures_per_account_total: 100,
             auth_rate_window_secs: 60,
             max_concurrent_password_hashes: 4,
             max_projects_per_user: 10,
@@ -480,6 +486,13 @@ impl Config {
             "FLUXBASE_AUTH_FAILURES_PER_ACCOUNT",
             |k, v: String| -> Result<()> {
                 self.auth_failures_per_account = parse(k, &v)?;
+                Ok(())
+            }
+        );
+        env!(
+            "FLUXBASE_AUTH_FAILURES_PER_ACCOUNT_TOTAL",
+            |k, v: String| -> Result<()> {
+                self.auth_failures_per_account_total = parse(k, &v)?;
                 Ok(())
             }
         );

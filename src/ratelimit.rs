@@ -18,10 +18,20 @@ use std::time::{Duration, Instant};
 use crate::config::Config;
 use crate::error::ApiError;
 
+/// Callers are kept as a keyed 64-bit hash of their name (never the name itself, which may be a
+/// client-chosen string such as an email address), an entry exists only while it holds a hit
+/// inside the window, and expired entries are swept once per window on insert, so the map holds
+/// at most the callers recorded in the last two windows, a few dozen bytes each.
 pub struct RateLimiter {
     limit: u32,
     window: Duration,
-    hits: Mutex<HashMap<String, VecDeque<Instant>>>,
+    keys: std::collections::hash_map::RandomState,
+    hits: Mutex<Hits>,
+}
+
+struct Hits {
+    by_caller: HashMap<u64, VecDeque<Instant>>,
+    last_sweep: Instant,
 }
 
 impl RateLimiter {
@@ -30,8 +40,17 @@ impl RateLimiter {
         RateLimiter {
             limit,
             window: Duration::from_secs(window_secs),
-            hits: Mutex::new(HashMap::new()),
+            keys: std::collections::hash_map::RandomState::new(),
+            hits: Mutex::new(Hits {
+                by_caller: HashMap::new(),
+                last_sweep: Instant::now(),
+            }),
         }
+    }
+
+    fn key(&self, caller: &str) -> u64 {
+        use std::hash::BuildHasher;
+        self.keys.hash_one(caller)
     }
 
     /// Records a request by `caller`, or refuses it.
@@ -39,20 +58,46 @@ impl RateLimiter {
         self.check_at(caller, Instant::now())
     }
 
-    /// Refuses `caller` if it is at the limit, without counting this as a request.
+    /// Refuses `caller` if it is at the limit, without counting this as a request (and without
+    /// remembering a caller it has not seen).
     pub fn peek(&self, caller: &str) -> Result<(), ApiError> {
         self.check_or_record(caller, Instant::now(), false)
     }
 
-    /// Counts a request by `caller` (even past the limit).
+    /// Counts a request by `caller` (even past the limit; only the last `limit` are kept).
     pub fn record(&self, caller: &str) {
+        self.record_at(caller, Instant::now())
+    }
+
+    fn record_at(&self, caller: &str, now: Instant) {
         if self.limit == 0 {
             return;
         }
+        let key = self.key(caller);
         let mut hits = self.hits.lock().expect("rate limiter poisoned");
-        hits.entry(caller.to_string())
-            .or_default()
-            .push_back(Instant::now());
+        self.sweep(&mut hits, now);
+        let q = hits.by_caller.entry(key).or_default();
+        q.push_back(now);
+        while q.len() > self.limit as usize {
+            q.pop_front();
+        }
+    }
+
+    /// Forgets the callers with no hit inside the window, at most once per window.
+    fn sweep(&self, hits: &mut Hits, now: Instant) {
+        if now.saturating_duration_since(hits.last_sweep) < self.window {
+            return;
+        }
+        let window = self.window;
+        hits.by_caller
+            .retain(|_, q| q.back().is_some_and(|t| now.saturating_duration_since(*t) < window));
+        hits.last_sweep = now;
+    }
+
+    /// How many callers are remembered (for tests).
+    #[cfg(test)]
+    fn callers(&self) -> usize {
+        self.hits.lock().expect("poisoned").by_caller.len()
     }
 
     fn check_at(&self, caller: &str, now: Instant) -> Result<(), ApiError> {
@@ -63,21 +108,29 @@ impl RateLimiter {
         if self.limit == 0 {
             return Ok(());
         }
+        let key = self.key(caller);
         let mut hits = self.hits.lock().expect("rate limiter poisoned");
-        if hits.len() > 10_000 {
-            let window = self.window;
-            hits.retain(|_, q| q.back().is_some_and(|t| now.duration_since(*t) < window));
+        if record {
+            self.sweep(&mut hits, now);
         }
-        let q = hits.entry(caller.to_string()).or_default();
+        let Some(q) = (if record {
+            Some(hits.by_caller.entry(key).or_default())
+        } else {
+            hits.by_caller.get_mut(&key)
+        }) else {
+            return Ok(());
+        };
         while q
             .front()
-            .is_some_and(|t| now.duration_since(*t) >= self.window)
+            .is_some_and(|t| now.saturating_duration_since(*t) >= self.window)
         {
             q.pop_front();
         }
         if q.len() >= self.limit as usize {
             let oldest = *q.front().expect("non-empty at the limit");
-            let wait = self.window.saturating_sub(now.duration_since(oldest));
+            let wait = self
+                .window
+                .saturating_sub(now.saturating_duration_since(oldest));
             return Err(ApiError::RateLimited {
                 limit: self.limit,
                 window_secs: self.window.as_secs(),
@@ -86,6 +139,8 @@ impl RateLimiter {
         }
         if record {
             q.push_back(now);
+        } else if q.is_empty() {
+            hits.by_caller.remove(&key);
         }
         Ok(())
     }
@@ -99,12 +154,18 @@ type HashJob = Box<dyn FnOnce() + Send>;
 /// The bounds on login, sign-up and project creation (see the module docs).
 pub struct AccountLimits {
     per_address: RateLimiter,
+    /// Failed logins per (account, client network): what refuses a guesser.
+    per_account_network: RateLimiter,
+    /// Failed logins per account from anywhere: a much higher backstop against spread guessing.
     per_account: RateLimiter,
     /// Jobs for the hashing threads; they end when this is dropped.
     hash_jobs: Mutex<std::sync::mpsc::Sender<HashJob>>,
     /// One permit per hashing thread: a request waits for one (bounded) before queueing.
-    hashes: tokio::sync::Semaphore,
+    /// Moved into the job, so it is released when the job has run, not when the request goes away.
+    hashes: Arc<tokio::sync::Semaphore>,
     hash_limit: usize,
+    /// Jobs sent to the hashing threads and not finished yet (never more than `hash_limit`).
+    hashes_pending: Arc<std::sync::atomic::AtomicUsize>,
     creating: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
 }
 
@@ -133,12 +194,19 @@ impl AccountLimits {
                 config.auth_attempts_per_address,
                 config.auth_rate_window_secs,
             ),
-            per_account: RateLimiter::new(
+            per_account_network: RateLimiter::new(
                 config.auth_failures_per_account,
                 config.auth_rate_window_secs,
             ),
-            hashes: tokio::sync::Semaphore::new(config.max_concurrent_password_hashes),
+            per_account: RateLimiter::new(
+                config.auth_failures_per_account_total,
+                config.auth_rate_window_secs,
+            ),
+            hashes: Arc::new(tokio::sync::Semaphore::new(
+                config.max_concurrent_password_hashes,
+            )),
             hash_limit: config.max_concurrent_password_hashes,
+            hashes_pending: Arc::default(),
             creating: Mutex::new(HashMap::new()),
         }
     }
@@ -151,13 +219,25 @@ impl AccountLimits {
         }
     }
 
-    /// Refuses a login to `account` (a normalised email) that has failed too often lately.
-    pub fn login_allowed(&self, account: &str) -> Result<(), ApiError> {
+    /// Refuses a login to `account` (a normalised email) from `client`'s network that has failed
+    /// too often lately, or to an account that has failed very often from anywhere. A guesser
+    /// locks out its own network for that account, not the owner logging in from elsewhere.
+    pub fn login_allowed(&self, account: &str, client: Option<IpAddr>) -> Result<(), ApiError> {
+        self.per_account_network
+            .peek(&account_network_key(account, client))?;
         self.per_account.peek(account)
     }
 
-    pub fn login_failed(&self, account: &str) {
+    pub fn login_failed(&self, account: &str, client: Option<IpAddr>) {
+        self.per_account_network
+            .record(&account_network_key(account, client));
         self.per_account.record(account);
+    }
+
+    /// Hash jobs sent to the threads and not finished.
+    pub fn hashes_pending(&self) -> usize {
+        self.hashes_pending
+            .load(std::sync::atomic::Ordering::SeqCst)
     }
 
     /// Runs `job` (a password hash or check) on a hashing thread once one is free; waits up to
@@ -172,18 +252,24 @@ impl AccountLimits {
                 self.hash_limit
             ))
         };
-        let _turn = tokio::time::timeout(HASH_WAIT, self.hashes.acquire())
+        let turn = tokio::time::timeout(HASH_WAIT, self.hashes.clone().acquire_owned())
             .await
             .map_err(|_| busy())?
             .map_err(|_| busy())?;
         let (tx, rx) = tokio::sync::oneshot::channel();
-        self.hash_jobs
-            .lock()
-            .expect("poisoned")
-            .send(Box::new(move || {
-                let _ = tx.send(job());
-            }))
-            .map_err(|_| ApiError::Internal(anyhow::anyhow!("the hashing threads are gone")))?;
+        let pending = Pending::enter(&self.hashes_pending);
+        let sent = self.hash_jobs.lock().expect("poisoned").send(Box::new(move || {
+            // The turn goes with the job: a request dropped while its job waits or runs does not
+            // free a turn for another job to queue behind it.
+            let _turn = turn;
+            let _pending = pending;
+            let _ = tx.send(job());
+        }));
+        if sent.is_err() {
+            return Err(ApiError::Internal(anyhow::anyhow!(
+                "the hashing threads are gone"
+            )));
+        }
         rx.await
             .map_err(|_| ApiError::Internal(anyhow::anyhow!("a password hash panicked")))
     }
@@ -197,6 +283,35 @@ impl AccountLimits {
         };
         lock.lock_owned().await
     }
+}
+
+/// One job counted in [`AccountLimits::hashes_pending`] until dropped.
+struct Pending(Arc<std::sync::atomic::AtomicUsize>);
+
+impl Pending {
+    fn enter(count: &Arc<std::sync::atomic::AtomicUsize>) -> Pending {
+        count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        Pending(count.clone())
+    }
+}
+
+impl Drop for Pending {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+/// The failure-count key of `account` seen from `client`: its /24 (IPv4) or /64 (IPv6).
+fn account_network_key(account: &str, client: Option<IpAddr>) -> String {
+    let network = match client.map(crate::listener::address_key) {
+        Some(IpAddr::V4(v4)) => {
+            let [a, b, c, _] = v4.octets();
+            format!("{a}.{b}.{c}.0/24")
+        }
+        Some(ip) => format!("{ip}/64"),
+        None => "unknown".into(),
+    };
+    format!("{network} {account}")
 }
 
 #[cfg(test)]
@@ -229,6 +344,88 @@ mod tests {
         rl.record("acct");
         assert!(rl.peek("acct").is_err());
         rl.peek("other").unwrap();
+    }
+
+    #[test]
+    fn unknown_callers_are_not_remembered_and_old_ones_are_swept() {
+        let rl = RateLimiter::new(10, 60);
+        let long = "x".repeat(1 << 20);
+        for i in 0..20_000 {
+            rl.peek(&format!("{i}{long:.10}@example.com")).unwrap();
+        }
+        rl.peek(&long).unwrap();
+        assert_eq!(rl.callers(), 0, "peeking must not insert");
+        let t0 = Instant::now();
+        for i in 0..1_000u64 {
+            rl.record_at(&format!("failed{i}@example.com"), t0 + Duration::from_secs(i));
+        }
+        // One sweep per window: only the callers of the last two windows remain.
+        assert!(rl.callers() <= 120, "{} callers remembered", rl.callers());
+        for _ in 0..100 {
+            rl.record_at("same", t0 + Duration::from_secs(1_000));
+        }
+        assert!(rl.check_at("same", t0 + Duration::from_secs(1_000)).is_err());
+        let hits = rl.hits.lock().unwrap();
+        assert!(hits.by_caller.values().all(|q| q.len() <= 10));
+    }
+
+    #[test]
+    fn failures_count_per_account_and_network_with_a_higher_backstop() {
+        let config = Config {
+            auth_failures_per_account: 2,
+            auth_failures_per_account_total: 5,
+            ..Config::default()
+        };
+        let limits = AccountLimits::new(&config);
+        let attacker: Option<IpAddr> = Some("203.0.113.7".parse().unwrap());
+        let neighbour: Option<IpAddr> = Some("203.0.113.200".parse().unwrap());
+        let owner: Option<IpAddr> = Some("198.51.100.1".parse().unwrap());
+        limits.login_failed("a@b.co", attacker);
+        limits.login_failed("a@b.co", attacker);
+        assert!(limits.login_allowed("a@b.co", attacker).is_err());
+        assert!(limits.login_allowed("a@b.co", neighbour).is_err(), "same /24");
+        assert!(limits.login_allowed("a@b.co", owner).is_ok());
+        assert!(limits.login_allowed("c@d.co", attacker).is_ok());
+        for i in 0..3 {
+            limits.login_failed("a@b.co", Some(format!("192.0.2.{i}").parse().unwrap()));
+        }
+        assert!(limits.login_allowed("a@b.co", owner).is_err(), "the backstop");
+    }
+
+    #[tokio::test]
+    async fn cancelled_hash_requests_leave_no_more_jobs_than_threads() {
+        let config = Config {
+            max_concurrent_password_hashes: 1,
+            ..Config::default()
+        };
+        let limits = Arc::new(AccountLimits::new(&config));
+        let (open_tx, open_rx) = std::sync::mpsc::channel::<()>();
+        let gate = Arc::new(Mutex::new(open_rx));
+        // Each request sends a job that blocks until the gate opens, then goes away (a client
+        // that disconnects right after sending its login).
+        for _ in 0..20 {
+            let gate = gate.clone();
+            let _ = tokio::time::timeout(
+                Duration::from_millis(20),
+                limits.hash(move || {
+                    let _ = gate.lock().unwrap().recv();
+                }),
+            )
+            .await;
+        }
+        assert!(
+            limits.hashes_pending() <= 1,
+            "{} jobs queued or running for 1 thread",
+            limits.hashes_pending()
+        );
+        drop(open_tx);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while limits.hashes_pending() > 0 {
+            assert!(Instant::now() < deadline, "the hash jobs never finished");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        // The turn came back: the next hash runs.
+        assert_eq!(limits.hash(|| 7).await.unwrap(), 7);
     }
 
     #[test]

@@ -201,8 +201,10 @@ impl App {
     /// `POST /api/team {projectId, email, role}`: invites a registered account.
     pub async fn invite(&self, access: &Access, body: Value) -> ApiResult<(StatusCode, Value)> {
         let body = Body::new(body, &["projectId", "email", "role"])?;
+        let raw_email = body.string("email")?;
+        crate::accounts::check_email_length(&raw_email)?;
         require_team_admin(access)?;
-        let email = crate::accounts::normalize_email(&body.string("email")?);
+        let email = crate::accounts::normalize_email(&raw_email);
         let role = body.role()?;
         let client = self.control.get().await?;
         let user = client
