@@ -174,6 +174,7 @@ impl Running {
                 app.config.header_read_timeout_secs,
             ),
             max_connections_per_address: app.config.max_connections_per_address,
+            trust_forwarded_for: app.config.trust_forwarded_for,
         };
         let task = tokio::spawn(crate::listener::serve(
             listener,

@@ -97,8 +97,8 @@ pub struct Config {
     /// included) before it is disconnected.
     pub header_read_timeout_secs: u64,
     /// Open connections (WebSockets included) one client address may hold; more are answered
-    /// 429 and closed. IPv6 clients count by /64. 0: no cap (e.g. behind a proxy, which is
-    /// then the only address).
+    /// 429 and closed. IPv6 clients count by /64. 0: no cap. Not applied with
+    /// `trust_forwarded_for` (the proxy is then the only address; it bounds its clients).
     pub max_connections_per_address: usize,
     /// Take the client address from the last `X-Forwarded-For` entry (only behind a proxy that
     /// sets it); otherwise the socket's peer address is used and the header is ignored.

@@ -11,6 +11,11 @@
 //!  warp routes (crate::http) ─► rate limits by address use [`client_ip`]
 //! ```
 //!
+//! Behind a proxy (`trust_forwarded_for`) the per-address cap is not applied at accept: every
+//! connection comes from the proxy's address, so counting it would let a few hundred idle
+//! WebSockets through the proxy lock everyone out. The proxy bounds its own clients' connections
+//! then (e.g. nginx `limit_conn`); the per-address request limits still use [`client_ip`].
+//!
 //! HTTP/1.1 only: hyper-util's version-sniffing builder reads the first bytes without any
 //! timeout, which is exactly what a slow client exploits. There is no TLS here (a proxy
 //! terminates it), so HTTP/2 was only reachable with prior knowledge.
@@ -160,6 +165,8 @@ pub struct Limits {
     pub header_read_timeout: Duration,
     /// 0: no cap.
     pub max_connections_per_address: usize,
+    /// A proxy in front: the peer address is the proxy's, so the cap above is not applied.
+    pub trust_forwarded_for: bool,
 }
 
 /// Serves `routes` on `listener` until `shutdown` resolves, then lets open requests finish.
@@ -189,8 +196,12 @@ pub async fn serve<F>(
             },
             _ = &mut shutdown => break,
         };
-        let Some(guard) = counts.enter(address_key(peer.ip()), limits.max_connections_per_address)
-        else {
+        let cap = if limits.trust_forwarded_for {
+            0
+        } else {
+            limits.max_connections_per_address
+        };
+        let Some(guard) = counts.enter(address_key(peer.ip()), cap) else {
             tracing::warn!(%peer, "refusing a connection: too many open from this address");
             tokio::spawn(refuse(stream, limits.max_connections_per_address));
             continue;

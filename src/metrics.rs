@@ -271,7 +271,9 @@ pub fn answer(
                 "/metrics needs Authorization: Bearer <FLUXBASE_METRICS_TOKEN>.".into(),
             )
         })
-    } else if listener == Listener::Api && !from_loopback(peer, headers) {
+    } else if listener == Listener::Api
+        && (config.trust_forwarded_for || !from_loopback(peer, headers))
+    {
         Some(ApiError::InsufficientPermissions(
             "/metrics answers only local requests: set FLUXBASE_METRICS_TOKEN (a bearer token) \
              or FLUXBASE_METRICS_ADDR (a separate listen address) to scrape it from elsewhere."
@@ -293,7 +295,8 @@ pub fn answer(
 }
 
 /// A request straight from this machine: a loopback peer, not relaying anyone (a reverse proxy
-/// on the same host says whom it forwards for).
+/// on the same host says whom it forwards for). With `trust_forwarded_for` the API listener is
+/// behind a proxy, which may add no such header, so no request there counts as local.
 fn from_loopback(peer: Option<std::net::SocketAddr>, headers: &warp::http::HeaderMap) -> bool {
     let proxied = ["forwarded", "x-forwarded-for", "x-real-ip"]
         .iter()

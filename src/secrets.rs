@@ -78,15 +78,21 @@ pub fn create_private_dir(dir: &Path) -> std::io::Result<()> {
 /// own directory, so it is 0711 then: nobody else can list it, and everything in it is itself
 /// 0700 (directories) or 0600 (files).
 pub fn create_data_dir(dir: &Path, embedded_cluster: bool) -> std::io::Result<()> {
-    use std::os::unix::fs::{MetadataExt, PermissionsExt};
-    create_private_dir(dir)?;
+    use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)?;
     // A CLI command attached to a running server's cluster has a database URL, but the
-    // directory still hosts that embedded cluster (`pg/`): it must stay passable for it.
+    // directory still hosts that embedded cluster (`pg/`): it must stay passable for it. The
+    // mode is decided first and set once, so the cluster never sees it closed, not even briefly.
     let hosts_cluster = embedded_cluster || dir.join("pg").exists();
-    if hosts_cluster && std::fs::metadata(dir)?.uid() == 0 {
-        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o711))?;
-    }
-    Ok(())
+    let mode = if hosts_cluster && std::fs::metadata(dir)?.uid() == 0 {
+        0o711
+    } else {
+        0o700
+    };
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(mode))
 }
 
 impl Secrets {
@@ -134,6 +140,37 @@ mod tests {
         assert_eq!(t.len(), 32);
         assert!(t.bytes().all(|b| BASE62.contains(&b)));
         assert_ne!(t, random_base62(32));
+    }
+
+    #[test]
+    fn a_root_owned_dir_hosting_the_cluster_is_never_closed_while_attaching() {
+        use std::os::unix::fs::{MetadataExt, PermissionsExt};
+        let dir = std::env::temp_dir().join(format!("fluxbase-dd-{}", random_hex::<8>()));
+        std::fs::create_dir_all(dir.join("pg")).unwrap();
+        if std::fs::metadata(&dir).unwrap().uid() != 0 {
+            eprintln!("not root: the 0711 case does not arise");
+            std::fs::remove_dir_all(&dir).unwrap();
+            return;
+        }
+        create_data_dir(&dir, false).unwrap();
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let watcher = {
+            let (dir, stop) = (dir.clone(), stop.clone());
+            std::thread::spawn(move || {
+                let mut seen = std::collections::BTreeSet::new();
+                while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                    seen.insert(std::fs::metadata(&dir).unwrap().permissions().mode() & 0o777);
+                }
+                seen
+            })
+        };
+        for _ in 0..3000 {
+            create_data_dir(&dir, false).unwrap();
+        }
+        stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        let seen = watcher.join().unwrap();
+        std::fs::remove_dir_all(&dir).unwrap();
+        assert_eq!(seen.into_iter().collect::<Vec<_>>(), vec![0o711]);
     }
 
     #[test]

@@ -231,31 +231,119 @@ async fn behind_a_trusted_proxy_each_forwarded_address_has_its_own_budget() {
 }
 
 #[tokio::test]
-async fn failed_logins_against_one_account_from_many_addresses_lock_only_that_account() {
+async fn a_guesser_locks_out_only_its_own_network_while_the_owner_still_logs_in() {
     let app = spawn_app_with(|c| {
         c.auth_failures_per_account = 3;
+        c.auth_failures_per_account_total = 8;
         c.trust_forwarded_for = true;
     })
     .await;
-    let (_, victim_id, victim) = app.signup().await;
+    let (_, _, victim) = app.signup().await;
     let (_, _, bystander) = app.signup().await;
-    for i in 0..3 {
-        let ip = format!("192.0.2.{i}");
-        let (status, _) = login_from(&app, &victim, "guess", Some(&ip)).await;
+    for _ in 0..3 {
+        let (status, _) = login_from(&app, &victim, "guess", Some("192.0.2.7")).await;
         assert_eq!(status, 401);
     }
-    for (i, password) in ["guess", "correct horse battery"].iter().enumerate() {
-        let ip = format!("192.0.2.{}", 100 + i);
-        let (status, body) = login_from(&app, &victim, password, Some(&ip)).await;
-        assert_eq!(status, 429, "{body}");
+    // The attacker's network (its /24) is refused for this account, even the right password.
+    for (ip, password) in [
+        ("192.0.2.7", "guess"),
+        ("192.0.2.99", "correct horse battery"),
+    ] {
+        let (status, body) = login_from(&app, &victim, password, Some(ip)).await;
+        assert_eq!(status, 429, "{ip}: {body}");
         assert_eq!(body["error"]["code"], "RATE_LIMIT");
     }
     // Another spelling of the same address is the same account.
-    let (status, _) = login_from(&app, &victim.to_uppercase(), "guess", Some("192.0.2.200")).await;
+    let (status, _) = login_from(&app, &victim.to_uppercase(), "guess", Some("192.0.2.7")).await;
     assert_eq!(status, 429);
-    let (status, body) = login_from(&app, &bystander, "correct horse battery", None).await;
+    // The owner, elsewhere, still logs in with the right password; the attacker's network can
+    // still log in to other accounts.
+    let (status, body) =
+        login_from(&app, &victim, "correct horse battery", Some("198.51.100.5")).await;
     assert_eq!(status, 200, "{body}");
-    let _ = victim_id;
+    let (status, body) =
+        login_from(&app, &bystander, "correct horse battery", Some("192.0.2.7")).await;
+    assert_eq!(status, 200, "{body}");
+    // Guessing spread over many networks hits the per-account backstop (8 failures in all).
+    for i in 0..5 {
+        let ip = format!("203.0.{i}.1");
+        let (status, _) = login_from(&app, &victim, "guess", Some(&ip)).await;
+        assert_eq!(status, 401, "{ip}");
+    }
+    let (status, body) =
+        login_from(&app, &victim, "correct horse battery", Some("198.51.100.5")).await;
+    assert_eq!(status, 429, "{body}");
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn an_email_longer_than_254_bytes_is_refused_with_400_before_anything_else() {
+    let app = spawn_app_with(|c| c.auth_attempts_per_address = 3).await;
+    let f = app.fixture().await;
+    let long = format!("{}@example.com", "a".repeat(512 * 1024));
+    let (status, body) = login_from(&app, &long, "whatever pw", None).await;
+    assert_eq!(status, 400, "{body}");
+    assert_eq!(body["error"]["code"], "BAD_REQUEST");
+    assert!(body["error"]["message"].as_str().unwrap().starts_with("email:"), "{body}");
+    let (status, body) = app
+        .call(
+            "POST",
+            "/api/auth/signup",
+            None,
+            Some(json!({ "email": long, "password": "correct horse battery" })),
+        )
+        .await;
+    assert_eq!(status, 400, "{body}");
+    assert!(body["error"]["message"].as_str().unwrap().starts_with("email:"), "{body}");
+    let (status, body) = app
+        .call(
+            "POST",
+            "/api/team",
+            Some(&f.token),
+            Some(json!({ "projectId": f.project, "email": long, "role": "viewer" })),
+        )
+        .await;
+    assert_eq!(status, 400, "{body}");
+    assert!(body["error"]["message"].as_str().unwrap().starts_with("email:"), "{body}");
+    // 255 bytes is one too many; refused ones did not use up the address's attempts.
+    let long = format!("{}@example.com", "a".repeat(255 - "@example.com".len()));
+    let (status, _) = login_from(&app, &long, "whatever pw", None).await;
+    assert_eq!(status, 400);
+    let (status, body) = login_from(&app, &f.email, "correct horse battery", None).await;
+    assert_eq!(status, 200, "{body}");
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn behind_a_trusted_proxy_connections_past_the_per_address_cap_are_all_served() {
+    use tokio::io::AsyncWriteExt;
+    let app = spawn_app_with(|c| {
+        c.max_connections_per_address = 3;
+        c.trust_forwarded_for = true;
+    })
+    .await;
+    let addr = app.base.trim_start_matches("http://").to_string();
+    // The proxy (127.0.0.1) holds one connection per client, e.g. idle WebSockets.
+    let mut held = Vec::new();
+    for i in 0..8 {
+        let mut conn = tokio::net::TcpStream::connect(&addr).await.unwrap();
+        conn.write_all(
+            format!("GET /health HTTP/1.1\r\nHost: x\r\nX-Forwarded-For: 198.51.100.{i}\r\n\r\n")
+                .as_bytes(),
+        )
+        .await
+        .unwrap();
+        held.push(conn);
+    }
+    for (i, conn) in held.iter_mut().enumerate() {
+        use tokio::io::AsyncReadExt;
+        let mut buf = [0u8; 12];
+        tokio::time::timeout(std::time::Duration::from_secs(10), conn.read_exact(&mut buf))
+            .await
+            .expect("no answer")
+            .expect("closed");
+        assert_eq!(&buf, b"HTTP/1.1 200", "connection {i}");
+    }
     app.stop().await;
 }
 

@@ -96,6 +96,30 @@ async fn without_a_token_or_address_metrics_answer_only_local_unproxied_requests
 }
 
 #[tokio::test]
+async fn behind_a_trusted_proxy_metrics_need_the_token_even_from_loopback_without_headers() {
+    // A proxy on this machine that adds no forwarding header looks like a local client.
+    let app = spawn_app_with(|c| c.trust_forwarded_for = true).await;
+    let (status, body) = get(&app.url("/metrics"), &[]).await;
+    assert_eq!(status, 403, "{body}");
+    assert_eq!(error_code(&body), "INSUFFICIENT_PERMISSIONS");
+    assert!(body.contains("FLUXBASE_METRICS_TOKEN"), "{body}");
+    app.stop().await;
+
+    let app = spawn_app_with(|c| {
+        c.trust_forwarded_for = true;
+        c.metrics_token = Some("metrics-token-for-tests".into());
+    })
+    .await;
+    let (status, body) = get(
+        &app.url("/metrics"),
+        &[("authorization", "Bearer metrics-token-for-tests")],
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    app.stop().await;
+}
+
+#[tokio::test]
 async fn metrics_are_served_only_on_their_own_address_when_one_is_configured() {
     let app = spawn_app_with(|c| c.metrics_addr = Some("127.0.0.1:0".parse().unwrap())).await;
     let (status, body) = get(&app.url("/metrics"), &[]).await;
