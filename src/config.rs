@@ -489,13 +489,14 @@ impl Config {
                 Ok(())
             }
         );
-        env!(
-            "FLUXBASE_AUTH_FAILURES_PER_ACCOUNT_TOTAL",
-            |k, v: String| -> Result<()> {
-                self.auth_failures_per_account_total = parse(k, &v)?;
-                Ok(())
-            }
-        );
+        env!("FLUXBASE_AUTH_FAILURES_PER_ACCOUNT_TOTAL", |k,
+                                                          v: String|
+         -> Result<
+            (),
+        > {
+            self.auth_failures_per_account_total = parse(k, &v)?;
+            Ok(())
+        });
         env!("FLUXBASE_AUTH_RATE_WINDOW_SECS", |k,
                                                 v: String|
          -> Result<()> {

@@ -89,8 +89,10 @@ impl RateLimiter {
             return;
         }
         let window = self.window;
-        hits.by_caller
-            .retain(|_, q| q.back().is_some_and(|t| now.saturating_duration_since(*t) < window));
+        hits.by_caller.retain(|_, q| {
+            q.back()
+                .is_some_and(|t| now.saturating_duration_since(*t) < window)
+        });
         hits.last_sweep = now;
     }
 
@@ -258,13 +260,17 @@ impl AccountLimits {
             .map_err(|_| busy())?;
         let (tx, rx) = tokio::sync::oneshot::channel();
         let pending = Pending::enter(&self.hashes_pending);
-        let sent = self.hash_jobs.lock().expect("poisoned").send(Box::new(move || {
-            // The turn goes with the job: a request dropped while its job waits or runs does not
-            // free a turn for another job to queue behind it.
-            let _turn = turn;
-            let _pending = pending;
-            let _ = tx.send(job());
-        }));
+        let sent = self
+            .hash_jobs
+            .lock()
+            .expect("poisoned")
+            .send(Box::new(move || {
+                // The turn goes with the job: a request dropped while its job waits or runs does not
+                // free a turn for another job to queue behind it.
+                let _turn = turn;
+                let _pending = pending;
+                let _ = tx.send(job());
+            }));
         if sent.is_err() {
             return Err(ApiError::Internal(anyhow::anyhow!(
                 "the hashing threads are gone"
@@ -357,14 +363,19 @@ mod tests {
         assert_eq!(rl.callers(), 0, "peeking must not insert");
         let t0 = Instant::now();
         for i in 0..1_000u64 {
-            rl.record_at(&format!("failed{i}@example.com"), t0 + Duration::from_secs(i));
+            rl.record_at(
+                &format!("failed{i}@example.com"),
+                t0 + Duration::from_secs(i),
+            );
         }
         // One sweep per window: only the callers of the last two windows remain.
         assert!(rl.callers() <= 120, "{} callers remembered", rl.callers());
         for _ in 0..100 {
             rl.record_at("same", t0 + Duration::from_secs(1_000));
         }
-        assert!(rl.check_at("same", t0 + Duration::from_secs(1_000)).is_err());
+        assert!(rl
+            .check_at("same", t0 + Duration::from_secs(1_000))
+            .is_err());
         let hits = rl.hits.lock().unwrap();
         assert!(hits.by_caller.values().all(|q| q.len() <= 10));
     }
@@ -383,13 +394,19 @@ mod tests {
         limits.login_failed("a@b.co", attacker);
         limits.login_failed("a@b.co", attacker);
         assert!(limits.login_allowed("a@b.co", attacker).is_err());
-        assert!(limits.login_allowed("a@b.co", neighbour).is_err(), "same /24");
+        assert!(
+            limits.login_allowed("a@b.co", neighbour).is_err(),
+            "same /24"
+        );
         assert!(limits.login_allowed("a@b.co", owner).is_ok());
         assert!(limits.login_allowed("c@d.co", attacker).is_ok());
         for i in 0..3 {
             limits.login_failed("a@b.co", Some(format!("192.0.2.{i}").parse().unwrap()));
         }
-        assert!(limits.login_allowed("a@b.co", owner).is_err(), "the backstop");
+        assert!(
+            limits.login_allowed("a@b.co", owner).is_err(),
+            "the backstop"
+        );
     }
 
     #[tokio::test]

@@ -284,7 +284,13 @@ async fn an_email_longer_than_254_bytes_is_refused_with_400_before_anything_else
     let (status, body) = login_from(&app, &long, "whatever pw", None).await;
     assert_eq!(status, 400, "{body}");
     assert_eq!(body["error"]["code"], "BAD_REQUEST");
-    assert!(body["error"]["message"].as_str().unwrap().starts_with("email:"), "{body}");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .starts_with("email:"),
+        "{body}"
+    );
     let (status, body) = app
         .call(
             "POST",
@@ -294,7 +300,13 @@ async fn an_email_longer_than_254_bytes_is_refused_with_400_before_anything_else
         )
         .await;
     assert_eq!(status, 400, "{body}");
-    assert!(body["error"]["message"].as_str().unwrap().starts_with("email:"), "{body}");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .starts_with("email:"),
+        "{body}"
+    );
     let (status, body) = app
         .call(
             "POST",
@@ -304,7 +316,13 @@ async fn an_email_longer_than_254_bytes_is_refused_with_400_before_anything_else
         )
         .await;
     assert_eq!(status, 400, "{body}");
-    assert!(body["error"]["message"].as_str().unwrap().starts_with("email:"), "{body}");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .starts_with("email:"),
+        "{body}"
+    );
     // 255 bytes is one too many; refused ones did not use up the address's attempts.
     let long = format!("{}@example.com", "a".repeat(255 - "@example.com".len()));
     let (status, _) = login_from(&app, &long, "whatever pw", None).await;
@@ -338,10 +356,13 @@ async fn behind_a_trusted_proxy_connections_past_the_per_address_cap_are_all_ser
     for (i, conn) in held.iter_mut().enumerate() {
         use tokio::io::AsyncReadExt;
         let mut buf = [0u8; 12];
-        tokio::time::timeout(std::time::Duration::from_secs(10), conn.read_exact(&mut buf))
-            .await
-            .expect("no answer")
-            .expect("closed");
+        tokio::time::timeout(
+            std::time::Duration::from_secs(10),
+            conn.read_exact(&mut buf),
+        )
+        .await
+        .expect("no answer")
+        .expect("closed");
         assert_eq!(&buf, b"HTTP/1.1 200", "connection {i}");
     }
     app.stop().await;
