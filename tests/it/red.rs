@@ -1,0 +1,101 @@
+//! Red-team findings against the issue-13 defences: each test is an attack that worked once.
+
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+
+use crate::support::{pg, spawn_app_with};
+
+/// Polls the cluster until a backend runs a statement containing `marker`.
+async fn wait_for_statement(marker: &str) {
+    let admin = pg().await.client("postgres").await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let n: i64 = admin
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity WHERE state = 'active' AND query LIKE $1",
+                &[&format!("%{marker}%")],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        if n > 0 {
+            return;
+        }
+        assert!(Instant::now() < deadline, "no statement {marker} started");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// A read key holds its own role's catalog row (`ALTER ROLE CURRENT_USER PASSWORD` in an open
+/// statement) while more of its requests need new connections: the server's login of the role
+/// times out on the lock. That failure must not leave a control-pool connection inside an
+/// aborted transaction, or every later control-plane statement of every tenant fails
+/// ("current transaction is aborted") until the server restarts.
+#[tokio::test]
+async fn a_role_row_locked_by_a_read_key_does_not_poison_the_control_pool() {
+    let app = spawn_app_with(|c| c.pool_size = 2).await;
+    let f = app.fixture().await;
+    let victim = app.fixture().await;
+
+    let marker = "pg_sleep(6.1)";
+    let locker = {
+        let http = reqwest::Client::new();
+        let url = app.url("/api/execute-sql");
+        let (key, project) = (f.read.clone(), f.project.clone());
+        tokio::spawn(async move {
+            http.post(url)
+                .bearer_auth(key)
+                .json(&json!({
+                    "projectId": project,
+                    "query": format!("ALTER ROLE CURRENT_USER PASSWORD 'x'; SELECT {marker}"),
+                }))
+                .send()
+                .await
+                .unwrap()
+                .status()
+        })
+    };
+    wait_for_statement(marker).await;
+    // Each needs a new connection of the read role, whose login waits on the lock.
+    let probes: Vec<_> = (0..2)
+        .map(|_| {
+            let http = reqwest::Client::new();
+            let url = app.url("/api/execute-sql");
+            let (key, project) = (f.read.clone(), f.project.clone());
+            tokio::spawn(async move {
+                http.post(url)
+                    .bearer_auth(key)
+                    .json(&json!({ "projectId": project, "query": "SELECT 1" }))
+                    .send()
+                    .await
+                    .unwrap()
+                    .status()
+            })
+        })
+        .collect();
+    for p in probes {
+        p.await.unwrap();
+    }
+    locker.await.unwrap();
+
+    // Every connection of the (two-connection) control pool still works, for another tenant.
+    for _ in 0..6 {
+        let (status, body) = app
+            .call(
+                "GET",
+                &format!("/api/keys?projectId={}", victim.project),
+                Some(&victim.token),
+                None,
+            )
+            .await;
+        assert_eq!(status, 200, "{body}");
+        let rows = app
+            .rows(&victim.read, &victim.project, "SELECT 1 AS one")
+            .await;
+        assert_eq!(rows, vec![json!({ "one": 1 })]);
+    }
+    // And the attacker's own project recovers once its lock is gone.
+    let rows = app.rows(&f.read, &f.project, "SELECT 2 AS two").await;
+    assert_eq!(rows, vec![json!({ "two": 2 })]);
+}
