@@ -656,16 +656,20 @@ impl RoleLogin {
     /// transaction is rolled back before the connection goes back to the pool, or the connection
     /// is discarded: a pooled connection left in an aborted transaction would fail every later
     /// statement of the control plane, for every tenant.
+    /// Runs in a task of its own, so a caller that gives up half-way cannot leave it undone.
     async fn admin_transaction(&self, sql: &str) -> anyhow::Result<()> {
-        let client = self.control.get().await?;
-        let result = client
-            .batch_execute(&format!("BEGIN; {ADMIN_LOCK_TIMEOUT} {sql}; COMMIT"))
-            .await;
-        if result.is_err() && client.batch_execute("ROLLBACK").await.is_err() {
-            let _discarded = deadpool_postgres::Object::take(client);
-        }
-        result?;
-        Ok(())
+        let control = self.control.clone();
+        let sql = format!("BEGIN; {ADMIN_LOCK_TIMEOUT} {sql}; COMMIT");
+        tokio::spawn(async move {
+            let client = control.get().await?;
+            let result = client.batch_execute(&sql).await;
+            if result.is_err() && client.batch_execute("ROLLBACK").await.is_err() {
+                let _discarded = deadpool_postgres::Object::take(client);
+            }
+            result?;
+            Ok(())
+        })
+        .await?
     }
 
     /// Lets the server's password log in as the role for a moment (step 1); [`close`] ends it.

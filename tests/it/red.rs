@@ -34,11 +34,24 @@ async fn wait_for_statement(marker: &str) {
 /// ("current transaction is aborted") until the server restarts.
 #[tokio::test]
 async fn a_role_row_locked_by_a_read_key_does_not_poison_the_control_pool() {
+    lock_the_role_row_and_probe(None).await;
+}
+
+/// The same, with clients that hang up while the server's login of the role waits on the lock:
+/// the request is dropped half-way through the admin transaction, which must still end.
+#[tokio::test]
+async fn clients_hanging_up_during_a_role_login_do_not_poison_the_control_pool() {
+    lock_the_role_row_and_probe(Some(Duration::from_millis(700))).await;
+}
+
+/// Starts the lock, sends four probes (each ending after `probe_timeout`, if any), then checks
+/// that the control pool and the SQL API still serve another tenant.
+async fn lock_the_role_row_and_probe(probe_timeout: Option<Duration>) {
     let app = spawn_app_with(|c| c.pool_size = 2).await;
     let f = app.fixture().await;
     let victim = app.fixture().await;
 
-    let marker = "pg_sleep(6.1)";
+    let marker = "pg_sleep(14.1)";
     let locker = {
         let http = reqwest::Client::new();
         let url = app.url("/api/execute-sql");
@@ -57,20 +70,24 @@ async fn a_role_row_locked_by_a_read_key_does_not_poison_the_control_pool() {
         })
     };
     wait_for_statement(marker).await;
-    // Each needs a new connection of the read role, whose login waits on the lock.
-    let probes: Vec<_> = (0..2)
+    // Each needs a new connection of the read role, whose login waits on the lock (3 s each).
+    let probes: Vec<_> = (0..4)
         .map(|_| {
-            let http = reqwest::Client::new();
+            let mut http = reqwest::Client::builder();
+            if let Some(t) = probe_timeout {
+                http = http.timeout(t);
+            }
+            let http = http.build().unwrap();
             let url = app.url("/api/execute-sql");
             let (key, project) = (f.read.clone(), f.project.clone());
             tokio::spawn(async move {
-                http.post(url)
+                let sent = http
+                    .post(url)
                     .bearer_auth(key)
                     .json(&json!({ "projectId": project, "query": "SELECT 1" }))
                     .send()
-                    .await
-                    .unwrap()
-                    .status()
+                    .await;
+                sent.map(|r| r.status()).ok()
             })
         })
         .collect();
