@@ -55,6 +55,14 @@ impl RateLimiter {
             .push_back(Instant::now());
     }
 
+    /// Takes back the latest request counted for `caller`.
+    pub fn forget_one(&self, caller: &str) {
+        let mut hits = self.hits.lock().expect("rate limiter poisoned");
+        if let Some(q) = hits.get_mut(caller) {
+            q.pop_back();
+        }
+    }
+
     fn check_at(&self, caller: &str, now: Instant) -> Result<(), ApiError> {
         self.check_or_record(caller, now, true)
     }
@@ -151,13 +159,17 @@ impl AccountLimits {
         }
     }
 
-    /// Refuses a login to `account` (a normalised email) that has failed too often lately.
+    /// Refuses a login to `account` (a normalised email) that has failed too often lately;
+    /// otherwise counts this attempt as a failure up front, so that concurrent attempts cannot
+    /// all pass before the first of them fails. [`login_not_failed`] takes it back.
     pub fn login_allowed(&self, account: &str) -> Result<(), ApiError> {
-        self.per_account.peek(account)
+        self.per_account.check(account)
     }
 
-    pub fn login_failed(&self, account: &str) {
-        self.per_account.record(account);
+    /// The attempt [`login_allowed`] counted was no failure (the password was right, or it
+    /// was never checked).
+    pub fn login_not_failed(&self, account: &str) {
+        self.per_account.forget_one(account);
     }
 
     /// Runs `job` (a password hash or check) on a hashing thread once one is free; waits up to

@@ -116,3 +116,49 @@ async fn lock_the_role_row_and_probe(probe_timeout: Option<Duration>) {
     let rows = app.rows(&f.read, &f.project, "SELECT 2 AS two").await;
     assert_eq!(rows, vec![json!({ "two": 2 })]);
 }
+
+/// Wrong passwords sent all at once: the per-account failure limit counted a failure only once
+/// its hash was checked, so every concurrent attempt passed the check before the first failure
+/// was counted (40 guesses against a limit of 3). At most the limit may be checked now; a right
+/// password inside the limit still logs in and is not counted as a failure.
+#[tokio::test]
+async fn concurrent_wrong_passwords_are_checked_at_most_the_per_account_limit() {
+    let app = spawn_app_with(|c| {
+        c.auth_failures_per_account = 3;
+        c.max_concurrent_password_hashes = 1;
+    })
+    .await;
+    let (_, _, victim) = app.signup().await;
+    let login = |password: String| {
+        let http = reqwest::Client::new();
+        let url = app.url("/api/auth/login");
+        let email = victim.clone();
+        async move {
+            http.post(url)
+                .json(&json!({ "email": email, "password": password }))
+                .send()
+                .await
+                .unwrap()
+                .status()
+                .as_u16()
+        }
+    };
+    // A success does not count against the limit.
+    for _ in 0..4 {
+        assert_eq!(login("correct horse battery".into()).await, 200);
+    }
+    let guesses: Vec<_> = (0..40)
+        .map(|i| tokio::spawn(login(format!("guess {i}"))))
+        .collect();
+    let mut checked = 0;
+    for g in guesses {
+        match g.await.unwrap() {
+            401 => checked += 1,
+            429 => {}
+            other => panic!("unexpected status {other}"),
+        }
+    }
+    assert!(checked <= 3, "{checked} wrong passwords checked, limit 3");
+    assert_eq!(login("correct horse battery".into()).await, 429);
+    app.stop().await;
+}
