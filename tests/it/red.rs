@@ -162,3 +162,32 @@ async fn concurrent_wrong_passwords_are_checked_at_most_the_per_account_limit() 
     assert_eq!(login("correct horse battery".into()).await, 429);
     app.stop().await;
 }
+
+/// An anonymous client opens WebSockets and never subscribes, answering pings (or sending its
+/// own) so the idle timeout never fires: each held a connection for ever. A socket in no room
+/// is closed after `realtime_unsubscribed_timeout_secs`, pings or not.
+#[tokio::test]
+async fn a_websocket_that_never_subscribes_is_closed_even_when_it_pings() {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+
+    let app = spawn_app_with(|c| c.realtime_unsubscribed_timeout_secs = 2).await;
+    let mut ws = crate::realtime::connect(&app, "/").await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let close = loop {
+        assert!(
+            Instant::now() < deadline,
+            "the unsubscribed socket is still open"
+        );
+        ws.send(Message::text(r#"{"type":"ping"}"#)).await.ok();
+        match tokio::time::timeout(Duration::from_millis(300), ws.next()).await {
+            Err(_) => {}
+            Ok(Some(Ok(Message::Close(frame)))) => break frame,
+            Ok(Some(Ok(_))) => {}
+            Ok(None) | Ok(Some(Err(_))) => break None,
+        }
+    };
+    let reason = close.map(|f| f.reason.to_string()).unwrap_or_default();
+    assert!(reason.contains("no subscription"), "{reason}");
+    app.stop().await;
+}
