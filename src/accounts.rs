@@ -275,25 +275,38 @@ impl App {
         self.account_limits.attempt_from(client)?;
         let email = normalize_email(&req.email);
         self.account_limits.login_allowed(&email, client)?;
-        let db = self.control.get().await?;
-        let row = db
-            .query_opt(
-                "SELECT id, email, display_name, password_hash FROM fluxbase.users
-                 WHERE lower(email) = lower($1)",
-                &[&email],
-            )
-            .await?;
-        drop(db);
-        let hash = row.as_ref().map(|r| r.get::<_, String>(3));
-        let password = req.password;
-        let verified = self
-            .account_limits
-            .hash(move || verify_password(&password, hash.as_deref()))
-            .await?;
-        if !verified {
-            self.account_limits.login_failed(&email, client);
-            return Err(ApiError::AuthRequired("Wrong email or password.".into()));
+        let checked = async {
+            let db = self.control.get().await?;
+            let row = db
+                .query_opt(
+                    "SELECT id, email, display_name, password_hash FROM fluxbase.users
+                     WHERE lower(email) = lower($1)",
+                    &[&email],
+                )
+                .await?;
+            drop(db);
+            let hash = row.as_ref().map(|r| r.get::<_, String>(3));
+            let password = req.password;
+            let verified = self
+                .account_limits
+                .hash(move || verify_password(&password, hash.as_deref()))
+                .await?;
+            Ok::<_, ApiError>((verified, row))
         }
+        .await;
+        let row = match checked {
+            Ok((false, _)) => {
+                return Err(ApiError::AuthRequired("Wrong email or password.".into()))
+            }
+            Ok((true, row)) => {
+                self.account_limits.login_not_failed(&email, client);
+                row
+            }
+            Err(e) => {
+                self.account_limits.login_not_failed(&email, client);
+                return Err(e);
+            }
+        };
         let row = row.expect("verified users exist");
         let user = User {
             id: row.get(0),

@@ -93,6 +93,9 @@ pub struct Config {
     pub realtime_broadcast_bytes_per_sec: usize,
     /// Subscribes one socket may send per second (burst: one second's worth; 0: no limit).
     pub realtime_subscribes_per_sec: u32,
+    /// Seconds a WebSocket may stay open without being subscribed to any room (from its
+    /// upgrade, or from its last unsubscribe); then it is closed (0: no limit).
+    pub realtime_unsubscribed_timeout_secs: u64,
     /// Seconds a client has to send a complete request head (an idle keep-alive connection
     /// included) before it is disconnected.
     pub header_read_timeout_secs: u64,
@@ -170,6 +173,7 @@ impl Default for Config {
             realtime_broadcasts_per_sec: 25,
             realtime_broadcast_bytes_per_sec: 256 * 1024,
             realtime_subscribes_per_sec: 10,
+            realtime_unsubscribed_timeout_secs: 30,
             header_read_timeout_secs: 20,
             max_connections_per_address: 512,
             trust_forwarded_for: false,
@@ -433,6 +437,13 @@ impl Config {
             "FLUXBASE_REALTIME_SUBSCRIBES_PER_SEC",
             |k, v: String| -> Result<()> {
                 self.realtime_subscribes_per_sec = parse(k, &v)?;
+                Ok(())
+            }
+        );
+        env!(
+            "FLUXBASE_REALTIME_UNSUBSCRIBED_TIMEOUT_SECS",
+            |k, v: String| -> Result<()> {
+                self.realtime_unsubscribed_timeout_secs = parse(k, &v)?;
                 Ok(())
             }
         );

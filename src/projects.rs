@@ -648,12 +648,28 @@ impl RoleLogin {
                  {valid}
              END $fx$"
         );
-        self.control
-            .get()
-            .await?
-            .batch_execute(&format!("BEGIN; {ADMIN_LOCK_TIMEOUT} {sql}; COMMIT"))
-            .await?;
-        Ok(())
+        self.admin_transaction(&sql).await
+    }
+
+    /// Runs `sql` in one transaction of the control pool with [`ADMIN_LOCK_TIMEOUT`]. When it
+    /// fails (a caller's open transaction holds the role's row past the lock timeout), the
+    /// transaction is rolled back before the connection goes back to the pool, or the connection
+    /// is discarded: a pooled connection left in an aborted transaction would fail every later
+    /// statement of the control plane, for every tenant.
+    /// Runs in a task of its own, so a caller that gives up half-way cannot leave it undone.
+    async fn admin_transaction(&self, sql: &str) -> anyhow::Result<()> {
+        let control = self.control.clone();
+        let sql = format!("BEGIN; {ADMIN_LOCK_TIMEOUT} {sql}; COMMIT");
+        tokio::spawn(async move {
+            let client = control.get().await?;
+            let result = client.batch_execute(&sql).await;
+            if result.is_err() && client.batch_execute("ROLLBACK").await.is_err() {
+                let _discarded = deadpool_postgres::Object::take(client);
+            }
+            result?;
+            Ok(())
+        })
+        .await?
     }
 
     /// Lets the server's password log in as the role for a moment (step 1); [`close`] ends it.
@@ -670,14 +686,11 @@ impl RoleLogin {
 
     /// Expires the role's password again.
     pub async fn close(&self) -> anyhow::Result<()> {
-        self.control
-            .get()
-            .await?
-            .batch_execute(&format!(
-                "BEGIN; {ADMIN_LOCK_TIMEOUT} ALTER ROLE {} VALID UNTIL '-infinity'; COMMIT",
-                quote_ident(&self.role)
-            ))
-            .await?;
+        self.admin_transaction(&format!(
+            "ALTER ROLE {} VALID UNTIL '-infinity'",
+            quote_ident(&self.role)
+        ))
+        .await?;
         Ok(())
     }
 

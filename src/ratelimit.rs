@@ -102,6 +102,15 @@ impl RateLimiter {
         self.hits.lock().expect("poisoned").by_caller.len()
     }
 
+    /// Takes back the latest request counted for `caller`.
+    pub fn forget_one(&self, caller: &str) {
+        let key = self.key(caller);
+        let mut hits = self.hits.lock().expect("rate limiter poisoned");
+        if let Some(q) = hits.by_caller.get_mut(&key) {
+            q.pop_back();
+        }
+    }
+
     fn check_at(&self, caller: &str, now: Instant) -> Result<(), ApiError> {
         self.check_or_record(caller, now, true)
     }
@@ -224,16 +233,25 @@ impl AccountLimits {
     /// Refuses a login to `account` (a normalised email) from `client`'s network that has failed
     /// too often lately, or to an account that has failed very often from anywhere. A guesser
     /// locks out its own network for that account, not the owner logging in from elsewhere.
+    /// Otherwise counts this attempt as a failure up front (in both), so that concurrent
+    /// attempts cannot all pass before the first of them fails; [`login_not_failed`] takes it
+    /// back.
     pub fn login_allowed(&self, account: &str, client: Option<IpAddr>) -> Result<(), ApiError> {
-        self.per_account_network
-            .peek(&account_network_key(account, client))?;
-        self.per_account.peek(account)
+        let network = account_network_key(account, client);
+        self.per_account_network.check(&network)?;
+        if let Err(e) = self.per_account.check(account) {
+            self.per_account_network.forget_one(&network);
+            return Err(e);
+        }
+        Ok(())
     }
 
-    pub fn login_failed(&self, account: &str, client: Option<IpAddr>) {
+    /// The attempt [`login_allowed`] counted was no failure (the password was right, or it
+    /// was never checked).
+    pub fn login_not_failed(&self, account: &str, client: Option<IpAddr>) {
         self.per_account_network
-            .record(&account_network_key(account, client));
-        self.per_account.record(account);
+            .forget_one(&account_network_key(account, client));
+        self.per_account.forget_one(account);
     }
 
     /// Hash jobs sent to the threads and not finished.
@@ -391,17 +409,22 @@ mod tests {
         let attacker: Option<IpAddr> = Some("203.0.113.7".parse().unwrap());
         let neighbour: Option<IpAddr> = Some("203.0.113.200".parse().unwrap());
         let owner: Option<IpAddr> = Some("198.51.100.1".parse().unwrap());
-        limits.login_failed("a@b.co", attacker);
-        limits.login_failed("a@b.co", attacker);
+        // Each allowed attempt counts as a failure until `login_not_failed` takes it back.
+        let fail = |client: Option<IpAddr>| assert!(limits.login_allowed("a@b.co", client).is_ok());
+        fail(attacker);
+        fail(attacker);
         assert!(limits.login_allowed("a@b.co", attacker).is_err());
         assert!(
             limits.login_allowed("a@b.co", neighbour).is_err(),
             "same /24"
         );
+        // The owner's right password: counted, then taken back.
         assert!(limits.login_allowed("a@b.co", owner).is_ok());
+        limits.login_not_failed("a@b.co", owner);
         assert!(limits.login_allowed("c@d.co", attacker).is_ok());
+        // 2 failures so far from all networks; 3 more reach the backstop of 5.
         for i in 0..3 {
-            limits.login_failed("a@b.co", Some(format!("192.0.2.{i}").parse().unwrap()));
+            fail(Some(format!("192.0.{i}.1").parse().unwrap()));
         }
         assert!(
             limits.login_allowed("a@b.co", owner).is_err(),

@@ -1037,9 +1037,23 @@ impl App {
         let mut limits = SocketLimits::new(&self.config);
 
         let mut joined: HashSet<String> = HashSet::new();
+        // A socket in no room holds a connection for nothing: it gets a deadline (pings do not
+        // extend it), so anonymous clients cannot keep thousands of them open.
+        let unsubscribed_limit =
+            Duration::from_secs(self.config.realtime_unsubscribed_timeout_secs);
+        let mut unsubscribed_since = Some(tokio::time::Instant::now());
         loop {
+            match (joined.is_empty(), unsubscribed_since) {
+                (true, None) => unsubscribed_since = Some(tokio::time::Instant::now()),
+                (false, Some(_)) => unsubscribed_since = None,
+                _ => {}
+            }
+            let unsubscribed_left = unsubscribed_since
+                .filter(|_| !unsubscribed_limit.is_zero())
+                .map(|since| unsubscribed_limit.saturating_sub(since.elapsed()));
+            let wait = unsubscribed_left.map_or(IDLE_TIMEOUT, |left| left.min(IDLE_TIMEOUT));
             let next = tokio::select! {
-                n = tokio::time::timeout(IDLE_TIMEOUT, stream.next()) => n,
+                n = tokio::time::timeout(wait, stream.next()) => n,
                 _ = &mut writer => {
                     writer_done = true; // cut off (too slow) or the connection is gone
                     break;
@@ -1047,9 +1061,12 @@ impl App {
             };
             let msg = match next {
                 Err(_) => {
-                    let _ = shared
-                        .tx
-                        .try_send(close_frame(CloseCode::Away, "idle timeout"));
+                    let reason = if unsubscribed_left == Some(wait) {
+                        "no subscription within realtime_unsubscribed_timeout_secs"
+                    } else {
+                        "idle timeout"
+                    };
+                    let _ = shared.tx.try_send(close_frame(CloseCode::Away, reason));
                     break;
                 }
                 Ok(Some(Err(WsError::Capacity(e)))) => {

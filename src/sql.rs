@@ -101,8 +101,14 @@ impl managed::Manager for WireManager {
     type Error = WireError;
 
     async fn create(&self) -> Result<PooledConnection, WireError> {
+        // In a task of its own: a caller that gives up (queue timeout, client gone) must not
+        // stop the login half-way, between opening the role's password and expiring it again.
+        let (login, cfg) = (self.login.clone(), self.cfg.clone());
+        let conn = tokio::spawn(async move { login.connect(&cfg).await })
+            .await
+            .map_err(|e| WireError::Protocol(format!("logging in: {e}")))??;
         Ok(PooledConnection {
-            conn: self.login.connect(&self.cfg).await?,
+            conn,
             identity: crate::rls::KnownIdentity::Unknown,
         })
     }
