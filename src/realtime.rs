@@ -470,9 +470,66 @@ pub struct Realtime {
     pub sockets: AtomicUsize,
     pub delivered: AtomicU64,
     retention: Mutex<Retention>,
+    /// Key revocations seen, per project: a subscribe that checked its key before one and
+    /// joins the room after it checks the key again (see [`Realtime::revocations`]).
+    revoked: Mutex<HashMap<String, u64>>,
+    /// Revocations possibly missed in every project at once (the access listener was
+    /// disconnected).
+    revoked_everywhere: AtomicU64,
 }
 
 impl Realtime {
+    /// A count that changes whenever an API key of `project_id` may have been revoked: taken
+    /// before a subscribe checks its key and compared under the room's lock before it joins,
+    /// so that a revocation in between (whose eviction would miss the new member) is never
+    /// missed.
+    fn revocations(&self, project_id: &str) -> u64 {
+        let own = self
+            .revoked
+            .lock()
+            .expect("poisoned")
+            .get(project_id)
+            .copied()
+            .unwrap_or(0);
+        own.wrapping_add(self.revoked_everywhere.load(Ordering::SeqCst))
+    }
+
+    /// A key of `project_id` was revoked (counted before its subscriptions are evicted).
+    fn key_revoked(&self, project_id: &str) {
+        *self
+            .revoked
+            .lock()
+            .expect("poisoned")
+            .entry(project_id.to_string())
+            .or_default() += 1;
+    }
+
+    /// Revocations may have been missed anywhere.
+    fn keys_revoked_everywhere(&self) {
+        self.revoked_everywhere.fetch_add(1, Ordering::SeqCst);
+    }
+
+    /// (project, key id) of every key-bound subscription on this server.
+    fn bound_keys(&self) -> HashSet<(String, String)> {
+        let rooms: Vec<(String, Arc<Room>)> = self
+            .rooms
+            .lock()
+            .expect("poisoned")
+            .iter()
+            .map(|(p, r)| (p.clone(), r.clone()))
+            .collect();
+        let mut out = HashSet::new();
+        for (project_id, room) in rooms {
+            let state = room.state.lock().expect("poisoned");
+            for m in state.members.values() {
+                if let Some(k) = &m.key {
+                    out.insert((project_id.clone(), k.key_id.clone()));
+                }
+            }
+        }
+        out
+    }
+
     pub fn set_retention(&self, r: Retention) {
         *self.retention.lock().expect("poisoned") = r;
     }
@@ -899,6 +956,9 @@ impl App {
     /// subscriptions it authorized, directly or through its tokens, end unless they hold its
     /// current secret.
     pub async fn key_revoked(&self, project_id: &str, key_id: &str) {
+        // First: a subscribe that checked this key before the revocation and has not joined
+        // yet sees it when it does, and checks again.
+        self.realtime.key_revoked(project_id);
         let current = match self.current_key_hash(project_id, key_id).await {
             Ok(hash) => hash.map(|h| key_fingerprint(self, &h)),
             Err(e) => {
@@ -909,6 +969,36 @@ impl App {
         };
         self.realtime
             .evict_key(project_id, key_id, current.as_deref());
+    }
+
+    /// Revocations notified while the access listener was disconnected are lost: every
+    /// key-bound subscription is checked against its key again (run when it reconnects), and
+    /// subscribes under way check theirs again before they join.
+    pub async fn recheck_realtime_keys(&self) {
+        self.realtime.keys_revoked_everywhere();
+        for (project_id, key_id) in self.realtime.bound_keys() {
+            self.key_revoked(&project_id, &key_id).await;
+        }
+    }
+
+    /// Whether a subscription's key still has the secret it was authorized with.
+    async fn check_binding(
+        &self,
+        project_id: &str,
+        key: &KeyBinding,
+    ) -> Result<(), (&'static str, String)> {
+        let current = self
+            .current_key_hash(project_id, &key.key_id)
+            .await
+            .map_err(|e| (e.code(), e.to_string()))?
+            .map(|h| key_fingerprint(self, &h));
+        if current.as_deref() != Some(key.fingerprint.as_str()) {
+            return Err((
+                "ACCESS_REVOKED",
+                "The API key this subscription was authorized with was deleted or rotated.".into(),
+            ));
+        }
+        Ok(())
     }
 
     /// The cluster's WAL insert position: a transaction that commits after this call has a
@@ -1223,8 +1313,10 @@ impl App {
             _ => return Err(("BAD_MESSAGE", "since: expected an event id".into())),
         };
         let api = |e: ApiError| (e.code(), e.to_string());
+        // Taken before the key is checked: compared again under the room's lock.
+        let mut revocations = self.realtime.revocations(project_id);
         let mut user = None;
-        let mut key = None;
+        let mut key: Option<KeyBinding> = None;
         let project = self.load_project(project_id).await.map_err(api)?.ok_or((
             "PROJECT_NOT_FOUND",
             "No project found for the given projectId.".into(),
@@ -1292,7 +1384,20 @@ impl App {
         // Measured after the room's bus subscription exists: the room gets every transaction
         // that commits from here on.
         let now = self.wal_insert_lsn().await.map_err(api)?;
-        let mut state = room.state.lock().expect("poisoned");
+        let mut state = loop {
+            let state = room.state.lock().expect("poisoned");
+            let seen = self.realtime.revocations(&project.id);
+            if seen == revocations {
+                // Any revocation from here on evicts under this lock, so finds the member.
+                break state;
+            }
+            // A key was revoked since this subscribe checked its own: check it again.
+            drop(state);
+            revocations = seen;
+            if let Some(k) = &key {
+                self.check_binding(&project.id, k).await?;
+            }
+        };
         if state.members.len() >= MAX_SOCKETS_PER_PROJECT && !state.members.contains_key(&socket.id)
         {
             return Err((
@@ -1423,6 +1528,31 @@ mod tests {
         assert!(RowFilter::parse("status=like.x").is_err());
         assert!(RowFilter::parse("nonsense").is_err());
         assert!(RowFilter::parse("id=in.1,2").is_err());
+    }
+
+    #[test]
+    fn a_revocation_after_the_key_check_is_seen_before_joining() {
+        let rt = Realtime::default();
+        let checked = rt.revocations("p1");
+        let other = rt.revocations("p2");
+        // Nothing revoked: the subscribe joins as it checked.
+        assert_eq!(rt.revocations("p1"), checked);
+        // A key of p1 revoked between the check and the join: the join sees it.
+        rt.key_revoked("p1");
+        assert_ne!(rt.revocations("p1"), checked);
+        assert_eq!(
+            rt.revocations("p2"),
+            other,
+            "other projects are not re-checked"
+        );
+        // Once re-checked, the new count is the one compared.
+        let rechecked = rt.revocations("p1");
+        assert_eq!(rt.revocations("p1"), rechecked);
+        // The access listener reconnected: every project's subscribes check again.
+        rt.keys_revoked_everywhere();
+        assert_ne!(rt.revocations("p1"), rechecked);
+        assert_ne!(rt.revocations("p2"), other);
+        assert!(rt.bound_keys().is_empty());
     }
 
     #[test]
