@@ -342,6 +342,9 @@ impl SocketShared {
     }
 }
 
+/// [`App::broadcast_to_room`]'s refusal of a REST broadcast over the project's budget.
+const BUSY: &str = "over the project's broadcast budget";
+
 /// A token bucket: `rate` per second, holding at most one second's worth. Rate 0: unlimited.
 struct Bucket {
     rate: f64,
@@ -459,6 +462,9 @@ struct RoomState {
 pub struct Room {
     room_id: String,
     state: Mutex<RoomState>,
+    /// The project's budget for broadcasts from SQL and the REST API: (count, bytes) per
+    /// second, so that a flood of them never overflows every member's queue at once.
+    budget: Mutex<(Bucket, Bucket)>,
     pump: Mutex<Option<tokio::task::JoinHandle<()>>>,
 }
 
@@ -726,6 +732,35 @@ fn kind_of(event: &Event) -> &'static str {
 }
 
 impl Room {
+    /// Whether a broadcast of `bytes` from SQL or the REST API fits the project's budget now
+    /// (and takes it from the budget).
+    fn admit_broadcast(&self, bytes: usize) -> bool {
+        let mut budget = self.budget.lock().expect("poisoned");
+        let (count, size) = &mut *budget;
+        if !count.take(1.0) {
+            return false;
+        }
+        if !size.take(bytes as f64) {
+            if count.rate > 0.0 {
+                count.tokens = (count.tokens + 1.0).min(count.rate.max(1.0));
+            }
+            return false;
+        }
+        true
+    }
+
+    /// An event not delivered: its id still counts as seen (replays are dropped).
+    fn skip(&self, event: &Event) {
+        let mut state = self.state.lock().expect("poisoned");
+        if state
+            .last_id
+            .as_deref()
+            .is_none_or(|last| event.id.as_str() > last)
+        {
+            state.last_id = Some(event.id.clone());
+        }
+    }
+
     /// Fans one event out to the members whose filter matches, and keeps it for resumes.
     fn deliver(
         &self,
@@ -744,14 +779,7 @@ impl Room {
                 limit = max_broadcast,
                 "a broadcast from SQL is over realtime_max_broadcast_bytes: dropped"
             );
-            let mut state = self.state.lock().expect("poisoned");
-            if state
-                .last_id
-                .as_deref()
-                .is_none_or(|last| event.id.as_str() > last)
-            {
-                state.last_id = Some(event.id.clone());
-            }
+            self.skip(&event);
             return;
         }
         let message = frame(kind_of(&event), &self.room_id, &event);
@@ -1032,7 +1060,14 @@ impl App {
         }
         let delivered = self
             .broadcast_to_room(&access.project.id, None, &req.event, &req.payload)
-            .map_err(|_| ApiError::PayloadTooLarge(self.config.realtime_max_broadcast_bytes))?;
+            .map_err(|e| match e.as_str() {
+                BUSY => ApiError::Busy(format!(
+                    "Too many broadcasts for this project: at most {} per second and {} bytes per second (realtime_project_broadcasts_per_sec, realtime_project_broadcast_bytes_per_sec). Retry shortly.",
+                    self.config.realtime_project_broadcasts_per_sec,
+                    self.config.realtime_project_broadcast_bytes_per_sec
+                )),
+                _ => ApiError::PayloadTooLarge(self.config.realtime_max_broadcast_bytes),
+            })?;
         Ok((
             StatusCode::OK,
             json!({ "success": true, "delivered": delivered }),
@@ -1040,7 +1075,8 @@ impl App {
     }
 
     /// Sends a broadcast to a room's members (except `from`); returns how many got it, or
-    /// why it was refused (a payload over `realtime_max_broadcast_bytes`).
+    /// why it was refused (a payload over `realtime_max_broadcast_bytes`, or [`BUSY`]: one
+    /// from the REST API (`from` is `None`) over the project's budget).
     fn broadcast_to_room(
         &self,
         project_id: &str,
@@ -1057,6 +1093,12 @@ impl App {
         }
         let room = self.realtime.room(project_id);
         let Some(room) = room else { return Ok(0) };
+        if from.is_none() && !room.admit_broadcast(size) {
+            self.metrics
+                .realtime_broadcasts_dropped
+                .fetch_add(1, Ordering::Relaxed);
+            return Err(BUSY.into());
+        }
         let msg = Message::text(
             json!({ "type": "broadcast", "roomId": room.room_id, "event": event, "payload": payload })
                 .to_string(),
@@ -1083,6 +1125,10 @@ impl App {
         let room = Arc::new(Room {
             room_id: format!("project_{project_id}"),
             state: Mutex::new(RoomState::default()),
+            budget: Mutex::new((
+                Bucket::new(self.config.realtime_project_broadcasts_per_sec as f64),
+                Bucket::new(self.config.realtime_project_broadcast_bytes_per_sec as f64),
+            )),
             pump: Mutex::new(None),
         });
         let mut sub = self.bus.project(project_id).subscribe_durable();
@@ -1095,12 +1141,24 @@ impl App {
                 };
                 let end = event.end_lsn;
                 let last = event.last_in_transaction;
-                room.deliver(
-                    event,
-                    app.realtime.retention(),
-                    app.config.realtime_max_broadcast_bytes,
-                    &app.realtime.delivered,
-                );
+                if matches!(event.kind, EventKind::Broadcast { .. })
+                    && event.payload.len() <= app.config.realtime_max_broadcast_bytes
+                    && !room.admit_broadcast(event.payload.len())
+                {
+                    // Over the project's budget: dropped for every member alike, rather than
+                    // filling every member's queue until each is cut off as too slow.
+                    app.metrics
+                        .realtime_broadcasts_dropped
+                        .fetch_add(1, Ordering::Relaxed);
+                    room.skip(&event);
+                } else {
+                    room.deliver(
+                        event,
+                        app.realtime.retention(),
+                        app.config.realtime_max_broadcast_bytes,
+                        &app.realtime.delivered,
+                    );
+                }
                 if last {
                     sub.ack(end);
                 }
