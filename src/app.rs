@@ -113,6 +113,9 @@ impl App {
                     "the storage backend is not usable: uploads and downloads fail, /ready answers 503"
                 );
             }
+            if let Err(e) = app.migrate_legacy_objects().await {
+                tracing::warn!(error = %e, "moving objects of an older version to their keys");
+            }
             if let Err(e) = app.sweep_storage().await {
                 tracing::warn!(error = %e, "storage sweep at start-up");
             }

@@ -585,6 +585,9 @@ pub async fn run_cache_listener(app: std::sync::Weak<App>) {
                 {
                     if let Some(a) = app.upgrade() {
                         a.auth_cache.set_live(true);
+                        // Revocations notified while it was disconnected were missed: every
+                        // key-bound realtime subscription is checked against its key again.
+                        tokio::spawn(async move { a.recheck_realtime_keys().await });
                     }
                     loop {
                         let event =

@@ -96,6 +96,13 @@ pub struct Config {
     /// Seconds a WebSocket may stay open without being subscribed to any room (from its
     /// upgrade, or from its last unsubscribe); then it is closed (0: no limit).
     pub realtime_unsubscribed_timeout_secs: u64,
+    /// Broadcasts entering one project's room from SQL (`realtime.broadcast`) and `POST
+    /// /api/realtime/broadcast` per second, all callers together (burst: one second's worth;
+    /// 0: no limit). Beyond it SQL broadcasts are dropped and counted, REST ones answered 429.
+    pub realtime_project_broadcasts_per_sec: u32,
+    /// Payload bytes of those broadcasts per second and project (burst: one second's worth;
+    /// 0: no limit).
+    pub realtime_project_broadcast_bytes_per_sec: usize,
     /// Seconds a client has to send a complete request head (an idle keep-alive connection
     /// included) before it is disconnected.
     pub header_read_timeout_secs: u64,
@@ -174,6 +181,8 @@ impl Default for Config {
             realtime_broadcast_bytes_per_sec: 256 * 1024,
             realtime_subscribes_per_sec: 10,
             realtime_unsubscribed_timeout_secs: 30,
+            realtime_project_broadcasts_per_sec: 100,
+            realtime_project_broadcast_bytes_per_sec: 1024 * 1024,
             header_read_timeout_secs: 20,
             max_connections_per_address: 512,
             trust_forwarded_for: false,
@@ -447,6 +456,20 @@ impl Config {
                 Ok(())
             }
         );
+        env!(
+            "FLUXBASE_REALTIME_PROJECT_BROADCASTS_PER_SEC",
+            |k, v: String| -> Result<()> {
+                self.realtime_project_broadcasts_per_sec = parse(k, &v)?;
+                Ok(())
+            }
+        );
+        env!(
+            "FLUXBASE_REALTIME_PROJECT_BROADCAST_BYTES_PER_SEC",
+            |k, v: String| -> Result<()> {
+                self.realtime_project_broadcast_bytes_per_sec = parse(k, &v)?;
+                Ok(())
+            }
+        );
         env!("FLUXBASE_CDC_BUFFER_BYTES", |k, v: String| -> Result<()> {
             self.cdc_buffer_bytes = parse(k, &v)?;
             Ok(())
@@ -610,6 +633,8 @@ mod tests {
             "FLUXBASE_REALTIME_BROADCAST_BYTES_PER_SEC" => Some("4000".into()),
             "FLUXBASE_REALTIME_SUBSCRIBES_PER_SEC" => Some("2".into()),
             "FLUXBASE_REALTIME_RETENTION_BYTES" => Some("5000".into()),
+            "FLUXBASE_REALTIME_PROJECT_BROADCASTS_PER_SEC" => Some("7".into()),
+            "FLUXBASE_REALTIME_PROJECT_BROADCAST_BYTES_PER_SEC" => Some("8000".into()),
             _ => None,
         })
         .unwrap();
@@ -624,6 +649,13 @@ mod tests {
                 c.realtime_retention_bytes
             ),
             (1000, 3, 4000, 2, 5000)
+        );
+        assert_eq!(
+            (
+                c.realtime_project_broadcasts_per_sec,
+                c.realtime_project_broadcast_bytes_per_sec
+            ),
+            (7, 8000)
         );
         assert!(
             !format!("{c:?}").contains("t0ken"),

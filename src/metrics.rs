@@ -37,6 +37,8 @@ pub struct Metrics {
     /// time their fsyncs took (µs).
     pub storage_fsyncs: AtomicU64,
     pub storage_fsync_micros: AtomicU64,
+    /// Broadcasts from SQL or the REST API over their project's budget (dropped, or 429).
+    pub realtime_broadcasts_dropped: AtomicU64,
     /// The dedicated `/metrics` listener (`metrics_addr`): its bound address and task.
     listener: Mutex<Option<(std::net::SocketAddr, tokio::task::JoinHandle<()>)>>,
 }
@@ -150,6 +152,12 @@ impl Metrics {
                 "counter",
                 "Uploads made durable on the local disk (fsync of the file and its directories) before their metadata was committed.",
                 &self.storage_fsyncs,
+            ),
+            (
+                "fluxbase_realtime_broadcasts_dropped_total",
+                "counter",
+                "Broadcasts from SQL or POST /api/realtime/broadcast over their project's budget (realtime_project_broadcasts_per_sec, realtime_project_broadcast_bytes_per_sec): SQL ones dropped, REST ones answered 429.",
+                &self.realtime_broadcasts_dropped,
             ),
         ] {
             let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");

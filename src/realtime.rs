@@ -342,6 +342,9 @@ impl SocketShared {
     }
 }
 
+/// [`App::broadcast_to_room`]'s refusal of a REST broadcast over the project's budget.
+const BUSY: &str = "over the project's broadcast budget";
+
 /// A token bucket: `rate` per second, holding at most one second's worth. Rate 0: unlimited.
 struct Bucket {
     rate: f64,
@@ -459,6 +462,9 @@ struct RoomState {
 pub struct Room {
     room_id: String,
     state: Mutex<RoomState>,
+    /// The project's budget for broadcasts from SQL and the REST API: (count, bytes) per
+    /// second, so that a flood of them never overflows every member's queue at once.
+    budget: Mutex<(Bucket, Bucket)>,
     pump: Mutex<Option<tokio::task::JoinHandle<()>>>,
 }
 
@@ -470,9 +476,66 @@ pub struct Realtime {
     pub sockets: AtomicUsize,
     pub delivered: AtomicU64,
     retention: Mutex<Retention>,
+    /// Key revocations seen, per project: a subscribe that checked its key before one and
+    /// joins the room after it checks the key again (see [`Realtime::revocations`]).
+    revoked: Mutex<HashMap<String, u64>>,
+    /// Revocations possibly missed in every project at once (the access listener was
+    /// disconnected).
+    revoked_everywhere: AtomicU64,
 }
 
 impl Realtime {
+    /// A count that changes whenever an API key of `project_id` may have been revoked: taken
+    /// before a subscribe checks its key and compared under the room's lock before it joins,
+    /// so that a revocation in between (whose eviction would miss the new member) is never
+    /// missed.
+    fn revocations(&self, project_id: &str) -> u64 {
+        let own = self
+            .revoked
+            .lock()
+            .expect("poisoned")
+            .get(project_id)
+            .copied()
+            .unwrap_or(0);
+        own.wrapping_add(self.revoked_everywhere.load(Ordering::SeqCst))
+    }
+
+    /// A key of `project_id` was revoked (counted before its subscriptions are evicted).
+    fn key_revoked(&self, project_id: &str) {
+        *self
+            .revoked
+            .lock()
+            .expect("poisoned")
+            .entry(project_id.to_string())
+            .or_default() += 1;
+    }
+
+    /// Revocations may have been missed anywhere.
+    fn keys_revoked_everywhere(&self) {
+        self.revoked_everywhere.fetch_add(1, Ordering::SeqCst);
+    }
+
+    /// (project, key id) of every key-bound subscription on this server.
+    fn bound_keys(&self) -> HashSet<(String, String)> {
+        let rooms: Vec<(String, Arc<Room>)> = self
+            .rooms
+            .lock()
+            .expect("poisoned")
+            .iter()
+            .map(|(p, r)| (p.clone(), r.clone()))
+            .collect();
+        let mut out = HashSet::new();
+        for (project_id, room) in rooms {
+            let state = room.state.lock().expect("poisoned");
+            for m in state.members.values() {
+                if let Some(k) = &m.key {
+                    out.insert((project_id.clone(), k.key_id.clone()));
+                }
+            }
+        }
+        out
+    }
+
     pub fn set_retention(&self, r: Retention) {
         *self.retention.lock().expect("poisoned") = r;
     }
@@ -669,6 +732,35 @@ fn kind_of(event: &Event) -> &'static str {
 }
 
 impl Room {
+    /// Whether a broadcast of `bytes` from SQL or the REST API fits the project's budget now
+    /// (and takes it from the budget).
+    fn admit_broadcast(&self, bytes: usize) -> bool {
+        let mut budget = self.budget.lock().expect("poisoned");
+        let (count, size) = &mut *budget;
+        if !count.take(1.0) {
+            return false;
+        }
+        if !size.take(bytes as f64) {
+            if count.rate > 0.0 {
+                count.tokens = (count.tokens + 1.0).min(count.rate.max(1.0));
+            }
+            return false;
+        }
+        true
+    }
+
+    /// An event not delivered: its id still counts as seen (replays are dropped).
+    fn skip(&self, event: &Event) {
+        let mut state = self.state.lock().expect("poisoned");
+        if state
+            .last_id
+            .as_deref()
+            .is_none_or(|last| event.id.as_str() > last)
+        {
+            state.last_id = Some(event.id.clone());
+        }
+    }
+
     /// Fans one event out to the members whose filter matches, and keeps it for resumes.
     fn deliver(
         &self,
@@ -687,14 +779,7 @@ impl Room {
                 limit = max_broadcast,
                 "a broadcast from SQL is over realtime_max_broadcast_bytes: dropped"
             );
-            let mut state = self.state.lock().expect("poisoned");
-            if state
-                .last_id
-                .as_deref()
-                .is_none_or(|last| event.id.as_str() > last)
-            {
-                state.last_id = Some(event.id.clone());
-            }
+            self.skip(&event);
             return;
         }
         let message = frame(kind_of(&event), &self.room_id, &event);
@@ -899,6 +984,9 @@ impl App {
     /// subscriptions it authorized, directly or through its tokens, end unless they hold its
     /// current secret.
     pub async fn key_revoked(&self, project_id: &str, key_id: &str) {
+        // First: a subscribe that checked this key before the revocation and has not joined
+        // yet sees it when it does, and checks again.
+        self.realtime.key_revoked(project_id);
         let current = match self.current_key_hash(project_id, key_id).await {
             Ok(hash) => hash.map(|h| key_fingerprint(self, &h)),
             Err(e) => {
@@ -909,6 +997,36 @@ impl App {
         };
         self.realtime
             .evict_key(project_id, key_id, current.as_deref());
+    }
+
+    /// Revocations notified while the access listener was disconnected are lost: every
+    /// key-bound subscription is checked against its key again (run when it reconnects), and
+    /// subscribes under way check theirs again before they join.
+    pub async fn recheck_realtime_keys(&self) {
+        self.realtime.keys_revoked_everywhere();
+        for (project_id, key_id) in self.realtime.bound_keys() {
+            self.key_revoked(&project_id, &key_id).await;
+        }
+    }
+
+    /// Whether a subscription's key still has the secret it was authorized with.
+    async fn check_binding(
+        &self,
+        project_id: &str,
+        key: &KeyBinding,
+    ) -> Result<(), (&'static str, String)> {
+        let current = self
+            .current_key_hash(project_id, &key.key_id)
+            .await
+            .map_err(|e| (e.code(), e.to_string()))?
+            .map(|h| key_fingerprint(self, &h));
+        if current.as_deref() != Some(key.fingerprint.as_str()) {
+            return Err((
+                "ACCESS_REVOKED",
+                "The API key this subscription was authorized with was deleted or rotated.".into(),
+            ));
+        }
+        Ok(())
     }
 
     /// The cluster's WAL insert position: a transaction that commits after this call has a
@@ -942,7 +1060,14 @@ impl App {
         }
         let delivered = self
             .broadcast_to_room(&access.project.id, None, &req.event, &req.payload)
-            .map_err(|_| ApiError::PayloadTooLarge(self.config.realtime_max_broadcast_bytes))?;
+            .map_err(|e| match e.as_str() {
+                BUSY => ApiError::Busy(format!(
+                    "Too many broadcasts for this project: at most {} per second and {} bytes per second (realtime_project_broadcasts_per_sec, realtime_project_broadcast_bytes_per_sec). Retry shortly.",
+                    self.config.realtime_project_broadcasts_per_sec,
+                    self.config.realtime_project_broadcast_bytes_per_sec
+                )),
+                _ => ApiError::PayloadTooLarge(self.config.realtime_max_broadcast_bytes),
+            })?;
         Ok((
             StatusCode::OK,
             json!({ "success": true, "delivered": delivered }),
@@ -950,7 +1075,8 @@ impl App {
     }
 
     /// Sends a broadcast to a room's members (except `from`); returns how many got it, or
-    /// why it was refused (a payload over `realtime_max_broadcast_bytes`).
+    /// why it was refused (a payload over `realtime_max_broadcast_bytes`, or [`BUSY`]: one
+    /// from the REST API (`from` is `None`) over the project's budget).
     fn broadcast_to_room(
         &self,
         project_id: &str,
@@ -967,6 +1093,12 @@ impl App {
         }
         let room = self.realtime.room(project_id);
         let Some(room) = room else { return Ok(0) };
+        if from.is_none() && !room.admit_broadcast(size) {
+            self.metrics
+                .realtime_broadcasts_dropped
+                .fetch_add(1, Ordering::Relaxed);
+            return Err(BUSY.into());
+        }
         let msg = Message::text(
             json!({ "type": "broadcast", "roomId": room.room_id, "event": event, "payload": payload })
                 .to_string(),
@@ -993,6 +1125,10 @@ impl App {
         let room = Arc::new(Room {
             room_id: format!("project_{project_id}"),
             state: Mutex::new(RoomState::default()),
+            budget: Mutex::new((
+                Bucket::new(self.config.realtime_project_broadcasts_per_sec as f64),
+                Bucket::new(self.config.realtime_project_broadcast_bytes_per_sec as f64),
+            )),
             pump: Mutex::new(None),
         });
         let mut sub = self.bus.project(project_id).subscribe_durable();
@@ -1005,12 +1141,24 @@ impl App {
                 };
                 let end = event.end_lsn;
                 let last = event.last_in_transaction;
-                room.deliver(
-                    event,
-                    app.realtime.retention(),
-                    app.config.realtime_max_broadcast_bytes,
-                    &app.realtime.delivered,
-                );
+                if matches!(event.kind, EventKind::Broadcast { .. })
+                    && event.payload.len() <= app.config.realtime_max_broadcast_bytes
+                    && !room.admit_broadcast(event.payload.len())
+                {
+                    // Over the project's budget: dropped for every member alike, rather than
+                    // filling every member's queue until each is cut off as too slow.
+                    app.metrics
+                        .realtime_broadcasts_dropped
+                        .fetch_add(1, Ordering::Relaxed);
+                    room.skip(&event);
+                } else {
+                    room.deliver(
+                        event,
+                        app.realtime.retention(),
+                        app.config.realtime_max_broadcast_bytes,
+                        &app.realtime.delivered,
+                    );
+                }
                 if last {
                     sub.ack(end);
                 }
@@ -1240,8 +1388,10 @@ impl App {
             _ => return Err(("BAD_MESSAGE", "since: expected an event id".into())),
         };
         let api = |e: ApiError| (e.code(), e.to_string());
+        // Taken before the key is checked: compared again under the room's lock.
+        let mut revocations = self.realtime.revocations(project_id);
         let mut user = None;
-        let mut key = None;
+        let mut key: Option<KeyBinding> = None;
         let project = self.load_project(project_id).await.map_err(api)?.ok_or((
             "PROJECT_NOT_FOUND",
             "No project found for the given projectId.".into(),
@@ -1309,7 +1459,20 @@ impl App {
         // Measured after the room's bus subscription exists: the room gets every transaction
         // that commits from here on.
         let now = self.wal_insert_lsn().await.map_err(api)?;
-        let mut state = room.state.lock().expect("poisoned");
+        let mut state = loop {
+            let state = room.state.lock().expect("poisoned");
+            let seen = self.realtime.revocations(&project.id);
+            if seen == revocations {
+                // Any revocation from here on evicts under this lock, so finds the member.
+                break state;
+            }
+            // A key was revoked since this subscribe checked its own: check it again.
+            drop(state);
+            revocations = seen;
+            if let Some(k) = &key {
+                self.check_binding(&project.id, k).await?;
+            }
+        };
         if state.members.len() >= MAX_SOCKETS_PER_PROJECT && !state.members.contains_key(&socket.id)
         {
             return Err((
@@ -1440,6 +1603,31 @@ mod tests {
         assert!(RowFilter::parse("status=like.x").is_err());
         assert!(RowFilter::parse("nonsense").is_err());
         assert!(RowFilter::parse("id=in.1,2").is_err());
+    }
+
+    #[test]
+    fn a_revocation_after_the_key_check_is_seen_before_joining() {
+        let rt = Realtime::default();
+        let checked = rt.revocations("p1");
+        let other = rt.revocations("p2");
+        // Nothing revoked: the subscribe joins as it checked.
+        assert_eq!(rt.revocations("p1"), checked);
+        // A key of p1 revoked between the check and the join: the join sees it.
+        rt.key_revoked("p1");
+        assert_ne!(rt.revocations("p1"), checked);
+        assert_eq!(
+            rt.revocations("p2"),
+            other,
+            "other projects are not re-checked"
+        );
+        // Once re-checked, the new count is the one compared.
+        let rechecked = rt.revocations("p1");
+        assert_eq!(rt.revocations("p1"), rechecked);
+        // The access listener reconnected: every project's subscribes check again.
+        rt.keys_revoked_everywhere();
+        assert_ne!(rt.revocations("p1"), rechecked);
+        assert_ne!(rt.revocations("p2"), other);
+        assert!(rt.bound_keys().is_empty());
     }
 
     #[test]

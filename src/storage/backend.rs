@@ -13,8 +13,10 @@
 //! An object is stored under its key exactly as the API reports it (`s3_key`): `café [1].txt`
 //! is that file on disk and that key in the bucket ([`path_of`]), not the percent-encoded form
 //! `object_store`'s `Path::from` would make of it. Objects an earlier version stored under that
-//! encoded form are still found: reads, signed URLs and deletes fall back to it
-//! ([`legacy_path_of`]), and a new upload under the same key removes it.
+//! encoded form are moved to their key once, at start-up ([`Backend::migrate_legacy`], called by
+//! the storage migration in `storage/mod.rs`); nothing at run time guesses at an encoded path, so
+//! an object never reads, signs or deletes another object stored under a key that happens to be
+//! its encoded form (`caf%C3%A9.txt` is a name of its own, not `café.txt`).
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -42,7 +44,8 @@ pub fn path_of(key: &str) -> Path {
 }
 
 /// Where versions before this one stored `key` (`Path::from` percent-encodes non-ASCII and
-/// characters such as `% ~ [ ]`), when that differs from [`path_of`].
+/// characters such as `% ~ [ ]`), when that differs from [`path_of`]. Only the start-up
+/// migration looks there: that path may be another object's own key.
 pub fn legacy_path_of(key: &str) -> Option<Path> {
     let legacy = Path::from(key);
     (legacy != path_of(key)).then_some(legacy)
@@ -240,11 +243,13 @@ impl Backend {
 
     /// Moves a complete object (atomic on the local disk; copy and delete on S3).
     pub async fn rename(&self, from: &str, to: &str) -> Result<(), ApiError> {
+        self.rename_path(&path_of(from), &path_of(to)).await
+    }
+
+    async fn rename_path(&self, from: &Path, to: &Path) -> Result<(), ApiError> {
         if let Backend::Local { store, .. } = self {
             // The store would make a missing directory with the default mode: make it private.
-            let to_path = store
-                .path_to_filesystem(&path_of(to))
-                .map_err(unavailable)?;
+            let to_path = store.path_to_filesystem(to).map_err(unavailable)?;
             if let Some(dir) = to_path.parent().map(std::path::Path::to_path_buf) {
                 tokio::task::spawn_blocking(move || private_dirs(&dir))
                     .await
@@ -252,18 +257,41 @@ impl Backend {
                     .map_err(|e| ApiError::StorageUnavailable(format!("creating {to}: {e}")))?;
             }
         }
-        self.store()
-            .rename(&path_of(from), &path_of(to))
-            .await
-            .map_err(unavailable)?;
-        // An older copy under the encoded key would only take space now.
-        if let Some(legacy) = legacy_path_of(to) {
-            match self.store().delete(&legacy).await {
-                Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
-                Err(e) => tracing::warn!(error = %e, key = to, "removing an object's old copy"),
-            }
+        self.store().rename(from, to).await.map_err(unavailable)
+    }
+
+    /// Whether an object is stored at `path`.
+    async fn exists(&self, path: &Path) -> Result<bool, ApiError> {
+        match self.store().head(path).await {
+            Ok(_) => Ok(true),
+            Err(object_store::Error::NotFound { .. }) => Ok(false),
+            Err(e) => Err(unavailable(e)),
         }
-        Ok(())
+    }
+
+    /// Moves the object an older version stored for `key` under its encoded path
+    /// ([`legacy_path_of`]) to the key itself, when that is certain to be right: no object is
+    /// at the key yet, one is at the encoded path, and the encoded path is not the key of
+    /// another stored file (`is_key`), whose object it could be. Whether it moved anything.
+    /// Idempotent, and safe to interrupt: a move never overwrites an object (on S3 a cut-off
+    /// copy-and-delete leaves the object at its key, and the old copy is then left alone).
+    pub async fn migrate_legacy(
+        &self,
+        key: &str,
+        is_key: impl Fn(&str) -> bool,
+    ) -> Result<bool, ApiError> {
+        let Some(legacy) = legacy_path_of(key) else {
+            return Ok(false);
+        };
+        if is_key(legacy.as_ref()) {
+            return Ok(false);
+        }
+        let path = path_of(key);
+        if self.exists(&path).await? || !self.exists(&legacy).await? {
+            return Ok(false);
+        }
+        self.rename_path(&legacy, &path).await?;
+        Ok(true)
     }
 
     /// Makes a stored object survive a crash of the machine before its metadata says it is
@@ -298,16 +326,12 @@ impl Backend {
         Ok(true)
     }
 
-    /// Deletes `key` (and its copy under the old encoded key); an object that is already gone
-    /// is not an error.
+    /// Deletes `key`; an object that is already gone is not an error.
     pub async fn delete(&self, key: &str) -> Result<(), ApiError> {
-        for path in std::iter::once(path_of(key)).chain(legacy_path_of(key)) {
-            match self.store().delete(&path).await {
-                Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
-                Err(e) => return Err(unavailable(e)),
-            }
+        match self.store().delete(&path_of(key)).await {
+            Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+            Err(e) => Err(unavailable(e)),
         }
-        Ok(())
     }
 
     /// Deletes every object under `prefix/`.
@@ -369,11 +393,7 @@ impl Backend {
         key: &str,
     ) -> Result<(u64, BoxStream<'static, std::io::Result<Bytes>>), ApiError> {
         let store = self.store();
-        let got = match (store.get(&path_of(key)).await, legacy_path_of(key)) {
-            (Err(object_store::Error::NotFound { .. }), Some(legacy)) => store.get(&legacy).await,
-            (got, _) => got,
-        };
-        let got = match got {
+        let got = match store.get(&path_of(key)).await {
             Ok(g) => g,
             Err(object_store::Error::NotFound { .. }) => {
                 return Err(ApiError::NotFound("File not found.".into()))
@@ -396,15 +416,7 @@ impl Backend {
     ) -> Option<Result<url::Url, ApiError>> {
         match self {
             Backend::S3 { store, .. } => {
-                let mut path = path_of(key);
-                if let Some(legacy) = legacy_path_of(key) {
-                    // Stored by an older version under the encoded key: sign that one.
-                    if let Err(object_store::Error::NotFound { .. }) = store.head(&path).await {
-                        if store.head(&legacy).await.is_ok() {
-                            path = legacy;
-                        }
-                    }
-                }
+                let path = path_of(key);
                 Some(
                     store
                         .signed_url(warp::http::Method::GET, &path, expires_in)

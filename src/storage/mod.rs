@@ -709,6 +709,42 @@ impl App {
         }
     }
 
+    /// Moves objects that versions before this one stored under object_store's encoded form
+    /// of their key to the key itself (see [`Backend::migrate_legacy`]): once, at start-up,
+    /// before the sweep and before any request, so that nothing at run time looks for an
+    /// object anywhere but under its key. An encoded path that is another file's key is left
+    /// alone (that object may be the other file's). Returns how many objects moved.
+    pub async fn migrate_legacy_objects(&self) -> anyhow::Result<usize> {
+        let client = self.control.get().await?;
+        let keys: std::collections::HashSet<String> = client
+            .query("SELECT s3_key FROM fluxbase.storage_files", &[])
+            .await?
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        drop(client);
+        let mut moved = 0;
+        for key in &keys {
+            match self
+                .storage
+                .backend
+                .migrate_legacy(key, |k| keys.contains(k))
+                .await
+            {
+                Ok(true) => moved += 1,
+                Ok(false) => {}
+                Err(e) => tracing::warn!(key, error = %e, "moving an object to its key"),
+            }
+        }
+        if moved > 0 {
+            tracing::info!(
+                objects = moved,
+                "objects of an older version moved to their keys"
+            );
+        }
+        Ok(moved)
+    }
+
     /// Finishes what a crash interrupted: marked deletes, abandoned reservations and staged
     /// uploads older than an hour.
     pub async fn sweep_storage(&self) -> anyhow::Result<()> {

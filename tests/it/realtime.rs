@@ -1841,3 +1841,110 @@ async fn rotating_an_api_key_ends_the_subscriptions_of_its_old_secret_and_its_to
         assert_eq!(db_event(ws).await["record"]["id"], 2);
     }
 }
+
+#[tokio::test]
+async fn a_flood_of_broadcasts_from_sql_or_rest_leaves_the_rooms_sockets_connected() {
+    const FLOOD: usize = 2500;
+    let app = spawn_app().await;
+    let f = app.fixture().await;
+    app.rows(&f.admin, &f.project, "CREATE TABLE t (id int)")
+        .await;
+    // A subscriber that does not read while the flood goes on, and one that reads along (it
+    // tells when the flood and the row after it have reached the room).
+    let mut quiet = subscribed_socket(&app, &f).await;
+    let mut reader = subscribed_socket(&app, &f).await;
+    let reading = tokio::spawn(async move {
+        loop {
+            let m = recv(&mut reader).await;
+            if m["type"] == "db_event" {
+                return m["payload"]["record"]["id"].clone();
+            }
+        }
+    });
+    // ~16 KB each, 2,500 of them (40 MB): more than the quiet socket's TCP buffers and its send
+    // queue (1,024 messages) together.
+    app.rows(
+        &f.readwrite,
+        &f.project,
+        &format!(
+            "SELECT realtime.broadcast('e', jsonb_build_object('body', repeat('x', 16000))) \
+             FROM generate_series(1, {FLOOD})"
+        ),
+    )
+    .await;
+    app.rows(&f.admin, &f.project, "INSERT INTO t VALUES (1)")
+        .await;
+    let first_row = tokio::time::timeout(Duration::from_secs(120), reading)
+        .await
+        .expect("the reading socket never got the row")
+        .unwrap();
+    assert_eq!(first_row, 1);
+    // Still connected: what of the flood fit the project's budget, then the row.
+    let mut flood_seen = 0;
+    loop {
+        let m = recv(&mut quiet).await;
+        match m["type"].as_str() {
+            Some("broadcast") => flood_seen += 1,
+            Some("db_event") => {
+                assert_eq!(m["payload"]["record"]["id"], 1, "{m}");
+                break;
+            }
+            _ => panic!("unexpected message {m}"),
+        }
+    }
+    assert!(flood_seen < FLOOD, "{flood_seen}");
+    app.rows(&f.admin, &f.project, "INSERT INTO t VALUES (2)")
+        .await;
+    assert_eq!(db_event(&mut quiet).await["record"]["id"], 2);
+    nothing_more(&mut quiet).await;
+    let metrics = app
+        .http
+        .get(app.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let dropped: u64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("fluxbase_realtime_broadcasts_dropped_total "))
+        .expect("the dropped-broadcasts counter")
+        .parse()
+        .unwrap();
+    assert!(dropped >= (FLOOD - flood_seen) as u64, "{dropped}");
+
+    // REST: over the budget, 429 RATE_LIMIT (and the socket stays).
+    let body = "y".repeat(200 * 1000);
+    let mut limited = None;
+    for _ in 0..50 {
+        let (status, answer) = app
+            .call(
+                "POST",
+                "/api/realtime/broadcast",
+                Some(&f.readwrite),
+                Some(json!({ "projectId": f.project, "event": "rest", "payload": { "b": body } })),
+            )
+            .await;
+        if status == 429 {
+            limited = Some(answer);
+            break;
+        }
+        assert_eq!(status, 200, "{answer}");
+    }
+    let answer = limited.expect("a REST flood is limited");
+    assert_eq!(answer["error"]["code"], "RATE_LIMIT", "{answer}");
+    app.rows(&f.admin, &f.project, "INSERT INTO t VALUES (3)")
+        .await;
+    loop {
+        let m = recv(&mut quiet).await;
+        match m["type"].as_str() {
+            Some("broadcast") => assert_eq!(m["event"], "rest", "{m}"),
+            Some("db_event") => {
+                assert_eq!(m["payload"]["record"]["id"], 3, "{m}");
+                break;
+            }
+            _ => panic!("unexpected message {m}"),
+        }
+    }
+}

@@ -2048,7 +2048,7 @@ async fn an_s3_client_listing_the_bucket_finds_the_key_the_api_returns() {
 }
 
 #[tokio::test]
-async fn objects_stored_under_the_old_encoded_keys_still_download_and_delete() {
+async fn objects_stored_under_the_old_encoded_keys_are_moved_to_their_keys_at_start_up() {
     use object_store::ObjectStore;
     // Local disk: the file where an older version put it.
     let t = spawn_app().await;
@@ -2057,12 +2057,24 @@ async fn objects_stored_under_the_old_encoded_keys_still_download_and_delete() {
     let old = storage.join(legacy_key(&key));
     assert_ne!(old, storage.join(&key));
     std::fs::rename(storage.join(&key), &old).unwrap();
+    let config = t.app.config.clone();
+    t.stop().await;
+    let t = crate::support::start_with(config.clone()).await;
+    assert!(!old.exists(), "the old file was moved");
+    assert_eq!(std::fs::read(storage.join(&key)).unwrap(), b"old local");
+    assert_eq!(
+        download(&t, &f, &key).await,
+        (200, Bytes::from("old local"))
+    );
+    // Once more: nothing left to move, nothing changes.
+    t.stop().await;
+    let t = crate::support::start_with(config).await;
     assert_eq!(
         download(&t, &f, &key).await,
         (200, Bytes::from("old local"))
     );
     delete_object(&t, &f, &key).await;
-    assert!(!old.exists());
+    assert!(!storage.join(&key).exists());
     t.stop().await;
 
     // S3: the object under the encoded key.
@@ -2075,9 +2087,119 @@ async fn objects_stored_under_the_old_encoded_keys_still_download_and_delete() {
     assert_ne!(real, encoded);
     client.copy(&real, &encoded).await.unwrap();
     client.delete(&real).await.unwrap();
+    let config = t.app.config.clone();
+    t.stop().await;
+    let t = crate::support::start_with(config).await;
+    assert!(client.head(&encoded).await.is_err(), "the old copy is gone");
+    assert_eq!(std::fs::read(s3.object_path(&key)).unwrap(), b"old s3");
     assert_eq!(download(&t, &f, &key).await, (200, Bytes::from("old s3")));
     delete_object(&t, &f, &key).await;
-    assert!(client.head(&encoded).await.is_err(), "the old copy is gone");
+    assert!(client.head(&real).await.is_err());
+    t.stop().await;
+}
+
+/// `café.txt` and `caf%C3%A9.txt` (the first one's percent-encoded form, and a valid name of its
+/// own) in one bucket: uploading, downloading and deleting either leaves the other as it was.
+async fn an_encoded_looking_name_is_an_object_of_its_own(
+    t: &TestApp,
+    object_on_backend: impl Fn(&str) -> Option<Vec<u8>>,
+) {
+    let f = t.fixture().await;
+    create_bucket(t, &f, "docs", json!({})).await;
+    let put = |name: &'static str, data: Vec<u8>| {
+        let f = &f;
+        async move {
+            let (status, body) = upload(
+                t,
+                &f.admin,
+                &f.project,
+                "docs",
+                name,
+                "text/plain",
+                &data,
+                &[("upsert", "true")],
+            )
+            .await;
+            assert!(status == 201 || status == 200, "{status} {body}");
+            let key = body["file"]["s3_key"].as_str().unwrap().to_string();
+            assert!(key.ends_with(&format!("/{name}")), "{key}");
+            key
+        }
+    };
+    let (plain, encoded) = ("café.txt", "caf%C3%A9.txt");
+    let b_data = pattern(3000, 7);
+    let a_data = pattern(2000, 1);
+    let b = put(encoded, b_data.clone()).await;
+    let a = put(plain, a_data.clone()).await;
+    assert_ne!(a, b);
+    assert_eq!(
+        object_on_backend(&b),
+        Some(b_data.clone()),
+        "B's object kept"
+    );
+    assert_eq!(object_on_backend(&a), Some(a_data.clone()));
+    assert_eq!(
+        download(t, &f, &b).await,
+        (200, Bytes::from(b_data.clone()))
+    );
+    assert_eq!(
+        download(t, &f, &a).await,
+        (200, Bytes::from(a_data.clone()))
+    );
+
+    // Deleting A leaves B; A is gone (and does not read as B).
+    delete_object(t, &f, &a).await;
+    assert_eq!(
+        object_on_backend(&b),
+        Some(b_data.clone()),
+        "B's object kept"
+    );
+    assert_eq!(
+        download(t, &f, &b).await,
+        (200, Bytes::from(b_data.clone()))
+    );
+    let (status, _) = signed_url(t, &f.read, &f.project, &a).await;
+    assert_eq!(status, 404);
+
+    // A again, then B replaced and deleted: A stays.
+    let a = put(plain, a_data.clone()).await;
+    let b2_data = pattern(1000, 9);
+    put(encoded, b2_data.clone()).await;
+    assert_eq!(
+        object_on_backend(&a),
+        Some(a_data.clone()),
+        "A's object kept"
+    );
+    assert_eq!(download(t, &f, &b).await, (200, Bytes::from(b2_data)));
+    delete_object(t, &f, &b).await;
+    assert_eq!(object_on_backend(&b), None);
+    assert_eq!(
+        object_on_backend(&a),
+        Some(a_data.clone()),
+        "A's object kept"
+    );
+    assert_eq!(download(t, &f, &a).await, (200, Bytes::from(a_data)));
+}
+
+#[tokio::test]
+async fn an_encoded_looking_name_never_touches_another_object_on_the_local_backend() {
+    let t = spawn_app().await;
+    let storage = t.app.config.data_dir.join("storage");
+    an_encoded_looking_name_is_an_object_of_its_own(&t, |key| {
+        std::fs::read(storage.join(key)).ok()
+    })
+    .await;
+    t.stop().await;
+}
+
+#[tokio::test]
+async fn an_encoded_looking_name_never_touches_another_object_on_s3() {
+    let s3 = S3Server::start().await;
+    let t = s3.spawn_app().await;
+    an_encoded_looking_name_is_an_object_of_its_own(&t, |key| {
+        std::fs::read(s3.object_path(key)).ok()
+    })
+    .await;
     t.stop().await;
 }
 
