@@ -63,7 +63,8 @@ async fn a_password_set_by_sql_neither_breaks_the_next_request_nor_opens_a_login
         ),
     ] {
         // PostgreSQL lets a role change its own password; what matters is what follows.
-        let _ = app.sql(key, &f.project, sql).await;
+        let body = app.sql(key, &f.project, sql).await;
+        assert_eq!(body["success"], true, "{sql}: {body}");
     }
     // New connections from now on (as after a restart or when the pool grows).
     app.app.sql.forget_project(&f.project);
