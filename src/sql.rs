@@ -21,7 +21,8 @@
 //! ```text
 //!  request ─► project share (sql_project_connections, wait ≤ sql_queue_timeout_ms, then 429)
 //!               ─► pool[(project, role)] ─► idle connection, or a new one:
-//!                    global budget (sql_max_connections ≤ ¾ of the cluster's max_connections)
+//!                    global budget (sql_max_connections ≤ ¾ of what the cluster's max_connections
+//!                    leaves after its reserved ones, other clients and this server's own)
 //!                    ├─ a permit free → connect
 //!                    ├─ none: close the longest-idle connection of any pool → connect
 //!                    └─ none idle: wait ≤ sql_queue_timeout_ms, then 429
@@ -200,8 +201,10 @@ pub struct Budget {
 }
 
 impl Budget {
-    /// Sizes the budget from the cluster (once): three quarters of the connections left after
-    /// the reserved ones, or `sql_max_connections` if that is lower.
+    /// Sizes the budget from the cluster (once, at the first SQL request): three quarters of
+    /// the connections left after the reserved ones, those other clients hold at that moment
+    /// and a margin for this server's own ([`OWN_CONNECTIONS_MARGIN`]), or
+    /// `sql_max_connections` if that is lower.
     async fn ensure(&self, control: &deadpool_postgres::Pool) -> ApiResult<()> {
         self.permits
             .get_or_try_init(|| async {
@@ -211,18 +214,26 @@ impl Budget {
                     .query_one(
                         "SELECT current_setting('max_connections')::int,
                                 current_setting('superuser_reserved_connections')::int
-                                + coalesce(current_setting('reserved_connections', true), '0')::int",
+                                + coalesce(current_setting('reserved_connections', true), '0')::int,
+                                (SELECT count(*)::int FROM pg_catalog.pg_stat_activity
+                                 WHERE backend_type IN ('client backend', 'walsender')
+                                   AND application_name IS DISTINCT FROM 'fluxbase-sql')",
                         &[],
                     )
                     .await?;
-                let (max, reserved): (i32, i32) = (row.get(0), row.get(1));
-                let auto = (max.saturating_sub(reserved).max(4) as usize) * 3 / 4;
+                let (max, reserved, others): (i32, i32, i32) = (row.get(0), row.get(1), row.get(2));
+                // What the cluster's other clients hold now (this server's control pool and
+                // streams, CLI commands, other servers), and room for this server's own
+                // sessions to grow to their maximum.
+                let left = max - reserved - others - OWN_CONNECTIONS_MARGIN;
+                let auto = (left.max(4) as usize) * 3 / 4;
                 let size = match self.configured {
                     0 => auto,
                     n => n.min(auto),
                 };
                 tracing::info!(
                     max_connections = max,
+                    other_connections = others,
                     budget = size,
                     "SQL connection budget"
                 );
@@ -327,6 +338,11 @@ pub struct SqlPools {
     /// [`crate::projects::RoleLogin`]): never the control pool that serves requests.
     pub repairs: deadpool_postgres::Pool,
 }
+
+/// Connections kept out of the SQL budget besides those in use when it is sized (which include
+/// this server's control and role-repair sessions open by then): room for those pools to grow,
+/// change streams and CLI commands started later.
+const OWN_CONNECTIONS_MARGIN: i32 = 8;
 
 /// Admin sessions the role repairs may use at once, and how long a login waits for one.
 const REPAIR_CONNECTIONS: usize = 4;

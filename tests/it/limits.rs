@@ -465,7 +465,7 @@ async fn sql_connections(pg: &tokio_postgres::Client) -> (i64, i64) {
 async fn a_project_flooding_pg_sleep_waits_on_its_share_while_another_is_served_and_idle_connections_close(
 ) {
     use crate::support::process::DedicatedCluster;
-    let pg = DedicatedCluster::start(&[("max_connections", "20")]).await;
+    let pg = DedicatedCluster::start(&[("max_connections", "40")]).await;
     let control = unique("ctl");
     let app = spawn_app_with(|c| {
         c.database_url = Some(pg.cluster.url(&control));
@@ -822,5 +822,56 @@ async fn connections_going_idle_reach_requests_already_waiting_on_the_budget() {
         let (status, body) = task.await.unwrap();
         assert_eq!(status, 200, "{body}");
     }
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn the_connection_budget_leaves_out_what_other_clients_of_the_cluster_hold() {
+    use crate::support::process::DedicatedCluster;
+    let pg = DedicatedCluster::start(&[("max_connections", "40")]).await;
+    // Another client of the cluster (another server, a CLI command, a tool) holds 20.
+    let mut others = Vec::new();
+    for _ in 0..20 {
+        others.push(pg.client("postgres").await);
+    }
+    let control = unique("ctl");
+    let app = spawn_app_with(|c| {
+        c.database_url = Some(pg.cluster.url(&control));
+        c.sql_project_connections = 30;
+        c.sql_queue_timeout_ms = 1_000;
+    })
+    .await;
+    let f = app.fixture().await;
+    let flood: Vec<_> = (0..30)
+        .map(|_| {
+            let (http, url) = (app.http.clone(), app.url("/api/execute-sql"));
+            let (key, project) = (f.read.clone(), f.project.clone());
+            tokio::spawn(async move {
+                let resp = http
+                    .post(url)
+                    .bearer_auth(key)
+                    .json(&json!({ "projectId": project, "query": "SELECT pg_sleep(2)" }))
+                    .send()
+                    .await
+                    .unwrap();
+                (resp.status().as_u16(), resp.text().await.unwrap())
+            })
+        })
+        .collect();
+    // The budget is what is left: requests past it are told to retry, none finds the cluster
+    // full (which would be a 503 for every tenant).
+    let mut answered = 0;
+    for task in flood {
+        let (status, body) = task.await.unwrap();
+        match status {
+            200 => answered += 1,
+            429 => assert!(body.contains("sql_max_connections"), "{body}"),
+            other => panic!("{other}: {body}"),
+        }
+    }
+    assert!(answered > 0);
+    let (status, body) = app.call("GET", "/ready", None, None).await;
+    assert_eq!(status, 200, "{body}");
+    drop(others);
     app.stop().await;
 }
