@@ -100,7 +100,7 @@ impl App {
             control,
             embedded,
         });
-        crate::projects::migrate_all(&app).await?;
+        crate::projects::migrate_all(&app, sweep).await?;
         // A server (not a CLI command) reports a storage backend that cannot be used now, not at
         // the first upload. It still starts (SQL, realtime and webhooks do not need it); `/ready`
         // answers 503 with the cause until it is fixed. Sweeping is the server's job too: a

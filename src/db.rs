@@ -141,8 +141,13 @@ pub async fn open_control(target: &ClusterTarget, pool_size: usize) -> Result<Po
             recycling_method: RecyclingMethod::Fast,
         },
     );
+    // Bounded waits: a request never queues forever behind busy control connections.
     let pool = Pool::builder(mgr)
         .max_size(pool_size)
+        .wait_timeout(Some(std::time::Duration::from_secs(10)))
+        .create_timeout(Some(std::time::Duration::from_secs(10)))
+        .recycle_timeout(Some(std::time::Duration::from_secs(5)))
+        .runtime(deadpool_postgres::Runtime::Tokio1)
         .build()
         .context("building the control pool")?;
     migrate(&pool).await?;

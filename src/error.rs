@@ -177,7 +177,9 @@ pub fn is_connection_error(e: &(dyn std::error::Error + 'static)) -> bool {
     if let Some(we) = e.downcast_ref::<WireError>() {
         return match we {
             WireError::Io(_) | WireError::Timeout | WireError::Closed => true,
-            WireError::Db(db) => connection_sqlstate(&db.code),
+            // An ERROR (not FATAL) came from a live connection: a statement's own error, which a
+            // caller can raise with any SQLSTATE (`RAISE … USING ERRCODE = '08006'`).
+            WireError::Db(db) => db.is_fatal() && connection_sqlstate(&db.code),
             _ => false,
         };
     }
@@ -188,8 +190,13 @@ fn pg_connection_error(e: &tokio_postgres::Error) -> bool {
     if e.is_closed() {
         return true;
     }
-    if let Some(code) = e.code() {
-        return connection_sqlstate(code.code());
+    if let Some(db) = e.as_db_error() {
+        use tokio_postgres::error::Severity;
+        let fatal = matches!(
+            db.parsed_severity(),
+            Some(Severity::Fatal) | Some(Severity::Panic)
+        );
+        return fatal && connection_sqlstate(db.code().code());
     }
     // Connecting, reading or writing failed at the socket.
     let mut source = std::error::Error::source(e);
@@ -203,7 +210,7 @@ fn pg_connection_error(e: &tokio_postgres::Error) -> bool {
 }
 
 /// Connection exceptions (class 08), the server shutting down or starting (57P01-57P03), and
-/// too many connections (53300).
+/// too many connections (53300), when the server sent them as FATAL (it closed the connection).
 fn connection_sqlstate(code: &str) -> bool {
     code.starts_with("08") || matches!(code, "57P01" | "57P02" | "57P03" | "53300")
 }
@@ -243,5 +250,33 @@ mod tests {
         assert_eq!(e.code(), "DATABASE_CONNECTION_ERROR");
         let e = ApiError::from(anyhow::anyhow!("a bug"));
         assert_eq!(e.status(), StatusCode::INTERNAL_SERVER_ERROR);
+    }
+
+    #[test]
+    fn a_connection_sqlstate_in_an_error_from_a_live_connection_is_no_outage() {
+        use fluxbase_replication::wire::{DbError, Phase, WireError};
+        let db = |severity: &str| {
+            WireError::Db(Box::new(DbError {
+                severity: severity.into(),
+                code: "08006".into(),
+                message: "x".into(),
+                detail: None,
+                hint: None,
+                position: None,
+                internal_position: None,
+                internal_query: None,
+                where_: None,
+                schema: None,
+                table: None,
+                column: None,
+                datatype: None,
+                constraint: None,
+                phase: Phase::Query,
+            }))
+        };
+        let e = ApiError::from(anyhow::Error::from(db("ERROR")));
+        assert_eq!(e.code(), "INTERNAL_ERROR");
+        let e = ApiError::from(anyhow::Error::from(db("FATAL")));
+        assert_eq!(e.code(), "DATABASE_CONNECTION_ERROR");
     }
 }

@@ -13,6 +13,8 @@
 //! under `sql/project/` is versioned: start-up brings every existing project up to the latest
 //! version.
 
+use std::sync::Arc;
+
 use fluxbase_replication::wire::{ConnectConfig, Connection, WireError};
 use serde::Deserialize;
 use serde_json::{json, Value};
@@ -24,6 +26,7 @@ use crate::db::{quote_ident, quote_literal};
 use crate::error::{ApiError, ApiResult};
 use crate::keys::NewKey;
 use crate::secrets::random_hex;
+use crate::sql::PoolFailure;
 
 /// Per-project bootstrap migrations, in order.
 pub const PROJECT_MIGRATIONS: &[(i32, &str, &str)] = &[
@@ -97,7 +100,7 @@ impl App {
     /// How the server logs in as a project role (see [`RoleLogin`]).
     pub fn role_login(&self, role: &str) -> RoleLogin {
         RoleLogin {
-            control: self.control.clone(),
+            repairs: self.sql.repairs.clone(),
             role: role.to_string(),
             password: self.role_password(role),
             temp_file_limit_kb: self.config.temp_file_limit_kb,
@@ -521,7 +524,9 @@ impl App {
 }
 
 /// Brings every project's database up to the latest bootstrap version.
-pub async fn migrate_all(app: &App) -> anyhow::Result<()> {
+/// `secure_roles`: the server's start-up also repairs every project role; a CLI command leaves
+/// that to the server (it would close a running server's login windows).
+pub async fn migrate_all(app: &App, secure_roles: bool) -> anyhow::Result<()> {
     let latest = PROJECT_MIGRATIONS.last().map(|m| m.0).unwrap_or(0);
     let rows = app
         .control
@@ -549,6 +554,9 @@ pub async fn migrate_all(app: &App) -> anyhow::Result<()> {
     for r in unslotted {
         app.ensure_slot(r.get(0), r.get(1)).await?;
     }
+    if !secure_roles {
+        return Ok(());
+    }
     // Every project role: settings a caller left behind reset, temp_file_limit as configured,
     // password logins closed.
     let projects = app
@@ -561,7 +569,7 @@ pub async fn migrate_all(app: &App) -> anyhow::Result<()> {
         let id: String = r.get(0);
         for role in DbRole::ALL {
             let role = role.role_name(&id);
-            if let Err(e) = app.role_login(&role).secure(None).await {
+            if let Err(e) = app.role_login(&role).expire_and_repair().await {
                 // Each new connection does the same again; one role must not stop the server.
                 tracing::warn!(project_id = %id, role, error = %format!("{e:#}"), "could not secure a project role");
             }
@@ -571,9 +579,15 @@ pub async fn migrate_all(app: &App) -> anyhow::Result<()> {
 }
 
 /// A caller's open transaction that changed its role (`BEGIN; ALTER ROLE CURRENT_USER …;
-/// SELECT pg_sleep(…)`) holds the role's catalog row: the admin role waits at most this long for
-/// it (then that one new connection fails, 503), so such a caller cannot tie up the control pool.
-const ADMIN_LOCK_TIMEOUT: &str = "SET LOCAL lock_timeout = '3s';";
+/// SELECT pg_sleep(…)`, or one long `DO` block) holds the role's catalog row: a repair waits at
+/// most this long for it, then ends that caller's session (see [`RoleLogin`]) and tries again.
+const REPAIR_LOCK_TIMEOUT: &str = "SET LOCAL lock_timeout = '200ms';";
+
+/// Repairs of one role tried in a row before its new connection is refused (429).
+const REPAIR_ATTEMPTS: usize = 3;
+
+/// How long a login waits for another process's login of the same role (advisory lock).
+const LOGIN_LOCK_TIMEOUT: &str = "SET LOCAL lock_timeout = '5s';";
 
 /// How the server logs in as a project role. PostgreSQL lets every role change its own password
 /// and its own settings (`ALTER ROLE CURRENT_USER PASSWORD …`, `… SET …`, `… IN DATABASE … SET
@@ -586,14 +600,23 @@ const ADMIN_LOCK_TIMEOUT: &str = "SET LOCAL lock_timeout = '3s';";
 /// 2. logs in (a `28P01` means a caller changed the password in between: again, twice at most);
 /// 3. expires the password again at once.
 ///
-/// Connections are made one at a time per role, so one's step 3 never ends another's window.
-/// What is left: a caller who sets a password exactly inside one of these few-millisecond
-/// windows could log in directly until it closes (as the same role, with its privileges); a
-/// server killed between 1 and 3 leaves a window of at most a minute. Sessions already open are
-/// not affected by any of this (settings apply at login), and the next new connection repairs
-/// whatever a caller changed.
+/// The repairs run on the server's own small pool of admin sessions (`SqlPools::repairs`),
+/// never on the control pool that serves requests, and wait at most 200 ms for the role's
+/// catalog rows. The only sessions that can hold those rows are the role's own (an open
+/// transaction that ran `ALTER ROLE CURRENT_USER …`): on a lock timeout those sessions are
+/// terminated and the repair is tried again; after three attempts the new connection is refused
+/// with 429. The three steps run in a task of their own, so a caller that goes away (a client
+/// disconnecting, a pool's create timeout) never leaves step 3 undone.
+///
+/// Logins of one role are made one at a time, across processes too (a session-level advisory
+/// lock on the repair session, `hashtext('fluxbase-login:' || role)`), so one's step 3 never
+/// ends another's window. What is left: a caller who sets a password exactly inside one of
+/// these few-millisecond windows could log in directly until it closes (as the same role, with
+/// its privileges); a server killed between 1 and 3 leaves a window of at most a minute.
+/// Sessions already open are not affected by any of this (settings apply at login), and the
+/// next new connection repairs whatever a caller changed.
 pub struct RoleLogin {
-    control: deadpool_postgres::Pool,
+    repairs: deadpool_postgres::Pool,
     role: String,
     password: String,
     temp_file_limit_kb: u64,
@@ -601,9 +624,27 @@ pub struct RoleLogin {
     one_at_a_time: tokio::sync::Mutex<()>,
 }
 
+/// Why a repair failed.
+enum RepairError {
+    /// The role's catalog rows stayed locked (by its own sessions) through every attempt.
+    Busy(String),
+    Other(anyhow::Error),
+}
+
+impl From<RepairError> for PoolFailure {
+    fn from(e: RepairError) -> Self {
+        match e {
+            RepairError::Busy(m) => PoolFailure::Busy(m),
+            RepairError::Other(e) => PoolFailure::Wire(WireError::Protocol(format!(
+                "repairing a role's login: {e:#}"
+            ))),
+        }
+    }
+}
+
 impl RoleLogin {
     /// Step 1 with `Some(verifier)`; with `None` the same resets, and the password expired.
-    async fn secure(&self, verifier: Option<&str>) -> anyhow::Result<()> {
+    fn secure_sql(&self, verifier: Option<&str>) -> String {
         let role = quote_literal(&self.role);
         let wanted = quote_literal(&format!("temp_file_limit={}kB", self.temp_file_limit_kb));
         let limit = quote_literal(&format!("{}kB", self.temp_file_limit_kb));
@@ -616,7 +657,7 @@ impl RoleLogin {
         };
         // temp_file_limit can only be set by a superuser: an admin role that is none (a managed
         // cluster) leaves it to the cluster's configuration.
-        let sql = format!(
+        format!(
             "DO $fx$
              DECLARE
                  r oid := (SELECT oid FROM pg_catalog.pg_roles WHERE rolname = {role});
@@ -647,72 +688,210 @@ impl RoleLogin {
                  END IF;
                  {valid}
              END $fx$"
-        );
-        self.admin_transaction(&sql).await
+        )
     }
 
-    /// Runs `sql` in one transaction of the control pool with [`ADMIN_LOCK_TIMEOUT`]. When it
-    /// fails (a caller's open transaction holds the role's row past the lock timeout), the
-    /// transaction is rolled back before the connection goes back to the pool, or the connection
-    /// is discarded: a pooled connection left in an aborted transaction would fail every later
-    /// statement of the control plane, for every tenant.
-    /// Runs in a task of its own, so a caller that gives up half-way cannot leave it undone.
-    async fn admin_transaction(&self, sql: &str) -> anyhow::Result<()> {
-        let control = self.control.clone();
-        let sql = format!("BEGIN; {ADMIN_LOCK_TIMEOUT} {sql}; COMMIT");
-        tokio::spawn(async move {
-            let client = control.get().await?;
-            let result = client.batch_execute(&sql).await;
-            if result.is_err() && client.batch_execute("ROLLBACK").await.is_err() {
-                let _discarded = deadpool_postgres::Object::take(client);
-            }
-            result?;
-            Ok(())
+    fn close_sql(&self) -> String {
+        format!(
+            "ALTER ROLE {} VALID UNTIL '-infinity'",
+            quote_ident(&self.role)
+        )
+    }
+
+    /// An admin session of the repair pool; 429 when all are busy for their whole wait.
+    async fn session(&self) -> Result<deadpool_postgres::Object, RepairError> {
+        self.repairs.get().await.map_err(|e| match e {
+            deadpool_postgres::PoolError::Timeout(_) => RepairError::Busy(
+                "The server's role-repair connections are all busy; retry in a moment.".into(),
+            ),
+            e => RepairError::Other(e.into()),
         })
-        .await?
     }
 
-    /// Lets the server's password log in as the role for a moment (step 1); [`close`] ends it.
-    /// For tests and tools that log in themselves.
+    /// Runs `sql` as the admin role, waiting at most 200 ms for the role's catalog rows; on a
+    /// lock timeout ends the role's own sessions that hold them, then again.
+    async fn repair(&self, admin: &tokio_postgres::Client, sql: &str) -> Result<(), RepairError> {
+        for attempt in 1..=REPAIR_ATTEMPTS {
+            let e = match admin
+                .batch_execute(&format!("BEGIN; {REPAIR_LOCK_TIMEOUT} {sql}; COMMIT"))
+                .await
+            {
+                Ok(()) => return Ok(()),
+                Err(e) => e,
+            };
+            let _ = admin.batch_execute("ROLLBACK").await;
+            if e.code() != Some(&tokio_postgres::error::SqlState::LOCK_NOT_AVAILABLE) {
+                return Err(RepairError::Other(e.into()));
+            }
+            tracing::warn!(role = %self.role, attempt, "a session of the role holds its catalog row; ending it");
+            self.end_lock_holders(admin).await;
+        }
+        Err(RepairError::Busy(format!(
+            "A session of this project keeps its database role {} locked (ALTER ROLE in an open \
+             transaction); retry in a moment.",
+            self.role
+        )))
+    }
+
+    /// Terminates the role's own sessions whose open transaction updated its catalog rows
+    /// (`pg_authid`, `pg_db_role_setting`): only such a transaction holds them.
+    async fn end_lock_holders(&self, admin: &tokio_postgres::Client) {
+        let ended = admin
+            .query(
+                "SELECT pg_catalog.pg_terminate_backend(a.pid)
+                 FROM pg_catalog.pg_stat_activity a
+                 JOIN pg_catalog.pg_locks l ON l.pid = a.pid AND l.locktype = 'transactionid'
+                      AND l.mode = 'ExclusiveLock' AND l.granted
+                 WHERE a.usename = $1 AND a.pid <> pg_catalog.pg_backend_pid()
+                   AND l.transactionid IN (
+                       SELECT xmax FROM pg_catalog.pg_authid WHERE rolname = $1
+                       UNION ALL
+                       SELECT s.xmax FROM pg_catalog.pg_db_role_setting s
+                       JOIN pg_catalog.pg_authid r ON r.oid = s.setrole WHERE r.rolname = $1)",
+                &[&self.role],
+            )
+            .await;
+        match ended {
+            Ok(rows) => {
+                tracing::warn!(role = %self.role, sessions = rows.len(), "ended sessions holding the role's catalog rows")
+            }
+            Err(e) => {
+                tracing::warn!(role = %self.role, error = %e, "could not look for the sessions holding the role's catalog rows")
+            }
+        }
+        // Termination is a signal: give the transaction a moment to end.
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+
+    /// The advisory lock that makes logins of one role one at a time across processes.
+    fn login_lock(&self) -> String {
+        format!(
+            "hashtext({})",
+            quote_literal(&format!("fluxbase-login:{}", self.role))
+        )
+    }
+
+    /// Lets the server's password log in as the role for a moment (step 1); nothing closes it
+    /// but the next login or the minute running out. For tests and tools that log in themselves.
     pub async fn open(&self) -> anyhow::Result<()> {
-        let verifier = self
-            .verifier
+        let admin = self.session().await.map_err(repair_anyhow)?;
+        let sql = self.secure_sql(Some(self.verifier().await));
+        self.repair(&admin, &sql).await.map_err(repair_anyhow)
+    }
+
+    /// Expires the role's password again (after [`open`](Self::open)).
+    pub async fn close(&self) -> anyhow::Result<()> {
+        let admin = self.session().await.map_err(repair_anyhow)?;
+        self.repair(&admin, &self.close_sql())
+            .await
+            .map_err(repair_anyhow)
+    }
+
+    /// Step 1 without opening: settings reset, password expired (start-up).
+    pub async fn expire_and_repair(&self) -> anyhow::Result<()> {
+        let admin = self.session().await.map_err(repair_anyhow)?;
+        self.locked(&admin).await.map_err(repair_anyhow)?;
+        let result = self.repair(&admin, &self.secure_sql(None)).await;
+        self.unlock(admin).await;
+        result.map_err(repair_anyhow)
+    }
+
+    async fn verifier(&self) -> &str {
+        self.verifier
             .get_or_init(|| async {
                 postgres_protocol::password::scram_sha_256(self.password.as_bytes())
             })
-            .await;
-        self.secure(Some(verifier)).await
+            .await
     }
 
-    /// Expires the role's password again.
-    pub async fn close(&self) -> anyhow::Result<()> {
-        self.admin_transaction(&format!(
-            "ALTER ROLE {} VALID UNTIL '-infinity'",
-            quote_ident(&self.role)
-        ))
-        .await?;
-        Ok(())
+    /// Takes the role's login lock on `admin` (waits for another process's login).
+    async fn locked(&self, admin: &tokio_postgres::Client) -> Result<(), RepairError> {
+        let lock = self.login_lock();
+        match admin
+            .batch_execute(&format!(
+                "BEGIN; {LOGIN_LOCK_TIMEOUT} SELECT pg_advisory_lock({lock}); COMMIT"
+            ))
+            .await
+        {
+            Ok(()) => Ok(()),
+            Err(e) => {
+                let _ = admin.batch_execute("ROLLBACK").await;
+                if e.code() == Some(&tokio_postgres::error::SqlState::LOCK_NOT_AVAILABLE) {
+                    Err(RepairError::Busy(format!(
+                        "Another login as {} is taking long; retry in a moment.",
+                        self.role
+                    )))
+                } else {
+                    Err(RepairError::Other(e.into()))
+                }
+            }
+        }
+    }
+
+    /// Releases the login lock; a session that cannot is closed (which releases it).
+    async fn unlock(&self, admin: deadpool_postgres::Object) {
+        let unlocked = admin
+            .batch_execute(&format!("SELECT pg_advisory_unlock({})", self.login_lock()))
+            .await;
+        if unlocked.is_err() {
+            drop(deadpool_postgres::Object::take(admin));
+        }
     }
 
     /// A new connection as the role (see the type's docs); `cfg` carries the server's password.
-    pub async fn connect(&self, cfg: &ConnectConfig) -> Result<Connection, WireError> {
+    /// Runs in a task of its own: dropping the returned future never leaves the login open.
+    pub async fn connect(self: &Arc<Self>, cfg: &ConnectConfig) -> Result<Connection, PoolFailure> {
+        let this = self.clone();
+        let cfg = cfg.clone();
+        match tokio::spawn(async move { this.login(&cfg).await }).await {
+            Ok(result) => result,
+            Err(e) => Err(PoolFailure::Wire(WireError::Protocol(format!(
+                "the login task failed: {e}"
+            )))),
+        }
+    }
+
+    async fn login(&self, cfg: &ConnectConfig) -> Result<Connection, PoolFailure> {
         let _one_at_a_time = self.one_at_a_time.lock().await;
+        let admin = self.session().await?;
+        self.locked(&admin).await?;
+        let result = self.login_locked(&admin, cfg).await;
+        self.unlock(admin).await;
+        result
+    }
+
+    async fn login_locked(
+        &self,
+        admin: &tokio_postgres::Client,
+        cfg: &ConnectConfig,
+    ) -> Result<Connection, PoolFailure> {
+        let open = self.secure_sql(Some(self.verifier().await));
+        let close = self.close_sql();
         let mut attempt = 1;
         loop {
-            self.open().await.map_err(|e| {
-                WireError::Protocol(format!("opening the login of {}: {e:#}", self.role))
-            })?;
+            self.repair(admin, &open).await?;
             let result = Connection::connect(cfg).await;
-            if let Err(e) = self.close().await {
-                tracing::warn!(role = %self.role, error = %e, "could not expire the role's password again");
+            if let Err(e) = self.repair(admin, &close).await {
+                let e = match e {
+                    RepairError::Busy(m) => anyhow::anyhow!(m),
+                    RepairError::Other(e) => e,
+                };
+                tracing::warn!(role = %self.role, error = %format!("{e:#}"), "could not expire the role's password again");
             }
             match result {
                 Err(WireError::Db(e)) if e.code == "28P01" && attempt < 3 => {
                     tracing::warn!(role = %self.role, "login refused (the password changed meanwhile); again");
                     attempt += 1;
                 }
-                other => return other,
+                other => return other.map_err(PoolFailure::Wire),
             }
         }
+    }
+}
+
+fn repair_anyhow(e: RepairError) -> anyhow::Error {
+    match e {
+        RepairError::Busy(m) => anyhow::anyhow!(m),
+        RepairError::Other(e) => e,
     }
 }

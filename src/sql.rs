@@ -21,7 +21,8 @@
 //! ```text
 //!  request ─► project share (sql_project_connections, wait ≤ sql_queue_timeout_ms, then 429)
 //!               ─► pool[(project, role)] ─► idle connection, or a new one:
-//!                    global budget (sql_max_connections ≤ ¾ of the cluster's max_connections)
+//!                    global budget (sql_max_connections ≤ ¾ of what the cluster's max_connections
+//!                    leaves after its reserved ones, other clients and this server's own)
 //!                    ├─ a permit free → connect
 //!                    ├─ none: close the longest-idle connection of any pool → connect
 //!                    └─ none idle: wait ≤ sql_queue_timeout_ms, then 429
@@ -98,17 +99,11 @@ impl WireManager {
 
 impl managed::Manager for WireManager {
     type Type = PooledConnection;
-    type Error = WireError;
+    type Error = PoolFailure;
 
-    async fn create(&self) -> Result<PooledConnection, WireError> {
-        // In a task of its own: a caller that gives up (queue timeout, client gone) must not
-        // stop the login half-way, between opening the role's password and expiring it again.
-        let (login, cfg) = (self.login.clone(), self.cfg.clone());
-        let conn = tokio::spawn(async move { login.connect(&cfg).await })
-            .await
-            .map_err(|e| WireError::Protocol(format!("logging in: {e}")))??;
+    async fn create(&self) -> Result<PooledConnection, PoolFailure> {
         Ok(PooledConnection {
-            conn,
+            conn: self.login.connect(&self.cfg).await?,
             identity: crate::rls::KnownIdentity::Unknown,
         })
     }
@@ -117,7 +112,7 @@ impl managed::Manager for WireManager {
         &self,
         conn: &mut PooledConnection,
         _: &PoolMetrics,
-    ) -> RecycleResult<WireError> {
+    ) -> RecycleResult<PoolFailure> {
         if conn.is_broken() {
             return Err(RecycleError::message("connection is broken"));
         }
@@ -151,6 +146,9 @@ pub enum PoolFailure {
     Wire(#[from] WireError),
     #[error("every connection of the budget ({0}) is in use")]
     Budget(usize),
+    /// The role's login could not be repaired in time (see [`crate::projects::RoleLogin`]).
+    #[error("{0}")]
+    Busy(String),
 }
 
 /// [`WireManager`] within the global connection budget: a new connection needs a permit,
@@ -178,12 +176,7 @@ impl managed::Manager for BudgetedManager {
         obj: &mut Budgeted,
         metrics: &PoolMetrics,
     ) -> RecycleResult<PoolFailure> {
-        managed::Manager::recycle(&self.inner, &mut obj.conn, metrics)
-            .await
-            .map_err(|e| match e {
-                RecycleError::Message(m) => RecycleError::Message(m),
-                RecycleError::Backend(e) => RecycleError::Backend(PoolFailure::Wire(e)),
-            })
+        managed::Manager::recycle(&self.inner, &mut obj.conn, metrics).await
     }
 }
 
@@ -203,11 +196,15 @@ pub struct Budget {
     configured: usize,
     wait: Duration,
     pools: std::sync::Weak<PoolMap>,
+    /// Signalled when a request gives a connection back (it is idle now: closable).
+    idle: tokio::sync::Notify,
 }
 
 impl Budget {
-    /// Sizes the budget from the cluster (once): three quarters of the connections left after
-    /// the reserved ones, or `sql_max_connections` if that is lower.
+    /// Sizes the budget from the cluster (once, at the first SQL request): three quarters of
+    /// the connections left after the reserved ones, those other clients hold at that moment
+    /// and a margin for this server's own ([`OWN_CONNECTIONS_MARGIN`]), or
+    /// `sql_max_connections` if that is lower.
     async fn ensure(&self, control: &deadpool_postgres::Pool) -> ApiResult<()> {
         self.permits
             .get_or_try_init(|| async {
@@ -217,18 +214,26 @@ impl Budget {
                     .query_one(
                         "SELECT current_setting('max_connections')::int,
                                 current_setting('superuser_reserved_connections')::int
-                                + coalesce(current_setting('reserved_connections', true), '0')::int",
+                                + coalesce(current_setting('reserved_connections', true), '0')::int,
+                                (SELECT count(*)::int FROM pg_catalog.pg_stat_activity
+                                 WHERE backend_type IN ('client backend', 'walsender')
+                                   AND application_name IS DISTINCT FROM 'fluxbase-sql')",
                         &[],
                     )
                     .await?;
-                let (max, reserved): (i32, i32) = (row.get(0), row.get(1));
-                let auto = (max.saturating_sub(reserved).max(4) as usize) * 3 / 4;
+                let (max, reserved, others): (i32, i32, i32) = (row.get(0), row.get(1), row.get(2));
+                // What the cluster's other clients hold now (this server's control pool and
+                // streams, CLI commands, other servers), and room for this server's own
+                // sessions to grow to their maximum.
+                let left = max - reserved - others - OWN_CONNECTIONS_MARGIN;
+                let auto = (left.max(4) as usize) * 3 / 4;
                 let size = match self.configured {
                     0 => auto,
                     n => n.min(auto),
                 };
                 tracing::info!(
                     max_connections = max,
+                    other_connections = others,
                     budget = size,
                     "SQL connection budget"
                 );
@@ -244,20 +249,25 @@ impl Budget {
         let Some((permits, size)) = self.permits.get() else {
             return Err(PoolFailure::Budget(0));
         };
-        if let Ok(p) = permits.clone().try_acquire_owned() {
-            return Ok(p);
-        }
-        if self.close_longest_idle() {
-            // The closed connection gives its permit back as it finishes closing.
-            if let Ok(Ok(p)) =
-                tokio::time::timeout(Duration::from_secs(1), permits.clone().acquire_owned()).await
-            {
+        let deadline = tokio::time::Instant::now() + self.wait;
+        loop {
+            if let Ok(p) = permits.clone().try_acquire_owned() {
                 return Ok(p);
             }
-        }
-        match tokio::time::timeout(self.wait, permits.clone().acquire_owned()).await {
-            Ok(Ok(p)) => Ok(p),
-            _ => Err(PoolFailure::Budget(*size)),
+            // Registered before looking for idle connections, so none going idle is missed.
+            let went_idle = self.idle.notified();
+            tokio::pin!(went_idle);
+            went_idle.as_mut().enable();
+            // A closed connection gives its permit back as it finishes closing.
+            self.close_longest_idle();
+            tokio::select! {
+                p = permits.clone().acquire_owned() => match p {
+                    Ok(p) => return Ok(p),
+                    Err(_) => return Err(PoolFailure::Budget(*size)),
+                },
+                _ = &mut went_idle => continue,
+                _ = tokio::time::sleep_until(deadline) => return Err(PoolFailure::Budget(*size)),
+            }
         }
     }
 
@@ -324,6 +334,38 @@ pub struct SqlPools {
     queue_timeout: Duration,
     types: Mutex<HashMap<String, Arc<RwLock<TypeRegistry>>>>,
     statements: Mutex<HashMap<String, Arc<StatementCache>>>,
+    /// Admin sessions for the role repairs of new connections (see
+    /// [`crate::projects::RoleLogin`]): never the control pool that serves requests.
+    pub repairs: deadpool_postgres::Pool,
+}
+
+/// Connections kept out of the SQL budget besides those in use when it is sized (which include
+/// this server's control and role-repair sessions open by then): room for those pools to grow,
+/// change streams and CLI commands started later.
+const OWN_CONNECTIONS_MARGIN: i32 = 8;
+
+/// Admin sessions the role repairs may use at once, and how long a login waits for one.
+const REPAIR_CONNECTIONS: usize = 4;
+const REPAIR_WAIT: Duration = Duration::from_secs(2);
+
+fn repair_pool(cluster: &ClusterTarget) -> deadpool_postgres::Pool {
+    let mut cfg = cluster.pg_config(&cluster.control_db);
+    cfg.application_name("fluxbase-repair");
+    let mgr = deadpool_postgres::Manager::from_config(
+        cfg,
+        tokio_postgres::NoTls,
+        deadpool_postgres::ManagerConfig {
+            recycling_method: deadpool_postgres::RecyclingMethod::Fast,
+        },
+    );
+    deadpool_postgres::Pool::builder(mgr)
+        .max_size(REPAIR_CONNECTIONS)
+        .wait_timeout(Some(REPAIR_WAIT))
+        .create_timeout(Some(Duration::from_secs(10)))
+        .recycle_timeout(Some(Duration::from_secs(5)))
+        .runtime(deadpool_postgres::Runtime::Tokio1)
+        .build()
+        .expect("a pool with a runtime builds")
 }
 
 /// Parameter types PostgreSQL inferred for statements a project ran before, so that the next
@@ -373,7 +415,9 @@ impl SqlPools {
                 configured: config.sql_max_connections,
                 wait: queue_timeout,
                 pools: Arc::downgrade(&pools),
+                idle: tokio::sync::Notify::new(),
             }),
+            repairs: repair_pool(cluster),
             pools,
             shares: Mutex::new(HashMap::new()),
             project_share: config.sql_project_connections,
@@ -477,6 +521,7 @@ async fn close_idle(pools: std::sync::Weak<PoolMap>, idle_timeout: Duration) {
 pub struct Checkout {
     conn: Object<BudgetedManager>,
     _share: tokio::sync::OwnedSemaphorePermit,
+    budget: Arc<Budget>,
 }
 
 impl std::ops::Deref for Checkout {
@@ -529,7 +574,8 @@ impl App {
         let pool = Pool::builder(manager)
             .max_size(self.sql.pool_size)
             .wait_timeout(Some(Duration::from_secs(10)))
-            .create_timeout(Some(Duration::from_secs(10)))
+            // The budget's wait plus a login (which finishes in its own task if this expires).
+            .create_timeout(Some(self.sql.queue_timeout + Duration::from_secs(30)))
             .runtime(deadpool::Runtime::Tokio1)
             .build()
             .map_err(|e| anyhow::anyhow!("building a pool: {e}"))?;
@@ -561,11 +607,17 @@ impl App {
                 "All {n} SQL connections of the server are in use (sql_max_connections); \
                  retry in a moment."
             )),
+            managed::PoolError::Backend(PoolFailure::Busy(m)) => ApiError::Busy(m),
+            managed::PoolError::Timeout(_) => ApiError::Busy(
+                "No SQL connection of this project became available in time; retry in a moment."
+                    .into(),
+            ),
             other => ApiError::DatabaseUnavailable(other.to_string()),
         })?;
         Ok(Checkout {
             conn,
             _share: share,
+            budget: self.sql.budget.clone(),
         })
     }
 
@@ -794,13 +846,20 @@ fn bind_failure(e: Box<DbError>) -> SqlFailure {
 /// Returns the connection to its pool with a reset queued: `DISCARD ALL` travels in the same
 /// write as the next request's query. A transaction left open is rolled back first, here.
 pub fn release(conn: Checkout) {
-    let Checkout { mut conn, _share } = conn;
+    let Checkout {
+        mut conn,
+        _share,
+        budget,
+    } = conn;
     if conn.is_broken() {
         let _ = Object::take(conn);
         return;
     }
     if conn.transaction_status() == TransactionStatus::Idle {
         conn.queue_prelude("DISCARD ALL");
+        drop(conn);
+        // Requests waiting on the budget may close it now.
+        budget.idle.notify_waiters();
         return;
     }
     tokio::spawn(async move {
@@ -810,6 +869,8 @@ pub fn release(conn: Checkout) {
             return;
         }
         conn.queue_prelude("DISCARD ALL");
+        drop(conn);
+        budget.idle.notify_waiters();
     });
 }
 

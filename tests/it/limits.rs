@@ -574,7 +574,7 @@ async fn sql_connections(pg: &tokio_postgres::Client) -> (i64, i64) {
 async fn a_project_flooding_pg_sleep_waits_on_its_share_while_another_is_served_and_idle_connections_close(
 ) {
     use crate::support::process::DedicatedCluster;
-    let pg = DedicatedCluster::start(&[("max_connections", "20")]).await;
+    let pg = DedicatedCluster::start(&[("max_connections", "40")]).await;
     let control = unique("ctl");
     let app = spawn_app_with(|c| {
         c.database_url = Some(pg.cluster.url(&control));
@@ -670,5 +670,317 @@ async fn a_project_flooding_pg_sleep_waits_on_its_share_while_another_is_served_
         );
         tokio::time::sleep(std::time::Duration::from_millis(200)).await;
     }
+    app.stop().await;
+}
+
+/// Sessions of the test cluster running `marker` (the watcher's own query excluded).
+async fn running(pg: &tokio_postgres::Client, marker: &str) -> i64 {
+    pg.query_one(
+        "SELECT count(*) FROM pg_stat_activity
+         WHERE state = 'active' AND usename LIKE 'fx\\_%' AND strpos(query, $1) > 0",
+        &[&marker],
+    )
+    .await
+    .unwrap()
+    .get(0)
+}
+
+#[tokio::test]
+async fn sessions_holding_their_own_role_locked_never_delay_other_tenants() {
+    use std::time::{Duration, Instant};
+    let app = crate::support::spawn_app().await;
+    let quiet = app.fixture().await;
+    let watcher = crate::support::pg().await.client("postgres").await;
+    app.rows(&quiet.read, &quiet.project, "SELECT 1 AS warm")
+        .await;
+
+    // Three projects, every key: one request holds its role's catalog row (ALTER ROLE in a long
+    // statement), a second one needs a new connection, whose login must repair that role.
+    let marker = "PERFORM pg_sleep(20) /* holds */";
+    let mut attackers = Vec::new();
+    let mut holders = Vec::new();
+    for _ in 0..3 {
+        attackers.push(app.fixture().await);
+    }
+    for f in &attackers {
+        for key in [f.read.clone(), f.readwrite.clone(), f.admin.clone()] {
+            let (http, url, project) = (
+                app.http.clone(),
+                app.url("/api/execute-sql"),
+                f.project.clone(),
+            );
+            let query =
+                format!("DO $$ BEGIN ALTER ROLE CURRENT_USER PASSWORD 'x'; {marker}; END $$");
+            holders.push(tokio::spawn(async move {
+                let resp = http
+                    .post(url)
+                    .bearer_auth(key)
+                    .json(&json!({ "projectId": project, "query": query }))
+                    .send()
+                    .await
+                    .unwrap();
+                (resp.status().as_u16(), resp.text().await.unwrap())
+            }));
+        }
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while running(&watcher, marker).await < 9 {
+        if let Some(h) = holders.iter_mut().find(|h| h.is_finished()) {
+            panic!("a holding request ended early: {:?}", h.await);
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the sessions never started holding their roles"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let seconds: Vec<_> = attackers
+        .iter()
+        .flat_map(|f| {
+            [f.read.clone(), f.readwrite.clone(), f.admin.clone()]
+                .map(|key| (key, f.project.clone()))
+        })
+        .map(|(key, project)| {
+            let (http, url) = (app.http.clone(), app.url("/api/execute-sql"));
+            tokio::spawn(async move {
+                let resp = http
+                    .post(url)
+                    .bearer_auth(key)
+                    .json(&json!({ "projectId": project, "query": "SELECT 1 AS one" }))
+                    .send()
+                    .await
+                    .unwrap();
+                (resp.status().as_u16(), resp.text().await.unwrap())
+            })
+        })
+        .collect();
+    // The logins of those second requests are under way.
+    tokio::time::sleep(Duration::from_millis(150)).await;
+
+    // Another tenant logs in and runs SQL as usual. Before, each of those logins held a control
+    // connection for 3 s (all 8 of them): this waited behind them.
+    let started = Instant::now();
+    let (status, body) = app
+        .call(
+            "POST",
+            "/api/auth/login",
+            None,
+            Some(json!({ "email": quiet.email, "password": "correct horse battery" })),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let rows = app
+        .rows(&quiet.read, &quiet.project, "SELECT 41 + 1 AS answer")
+        .await;
+    assert_eq!(rows, vec![json!({ "answer": 42 })]);
+    let waited = started.elapsed();
+    assert!(
+        waited < Duration::from_millis(1500),
+        "another tenant's login and SQL took {waited:?}"
+    );
+
+    // The attacking projects are answered (or told to retry), never with an outage.
+    for task in seconds {
+        let (status, body) = task.await.unwrap();
+        assert!(status == 200 || status == 429, "{status}: {body}");
+    }
+    // Their sessions holding the rows were ended, not waited for.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while running(&watcher, marker).await > 0 {
+        assert!(
+            Instant::now() < deadline,
+            "the sessions holding their roles still run"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    for h in holders {
+        let _ = h.await;
+    }
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn a_login_cancelled_midway_still_expires_the_role_password() {
+    use fluxbase_replication::wire::ConnectConfig;
+    use std::time::{Duration, Instant};
+    let app = crate::support::spawn_app().await;
+    let f = app.fixture().await;
+    let role = format!("fx_{}_read", f.project);
+    let watcher = crate::support::pg().await.client("postgres").await;
+    // A database that accepts connections and never answers: the login hangs between opening
+    // and expiring the password.
+    let hole = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = hole.local_addr().unwrap().port();
+    let held = tokio::spawn(async move {
+        let mut sockets = Vec::new();
+        while let Ok((s, _)) = hole.accept().await {
+            sockets.push(s);
+        }
+    });
+    let cfg = ConnectConfig {
+        host: "127.0.0.1".into(),
+        port,
+        user: role.clone(),
+        password: Some(app.app.role_password(&role)),
+        database: format!("fx_{}", f.project),
+        connect_timeout: Duration::from_secs(3),
+        ..Default::default()
+    };
+    let open = || async {
+        watcher
+            .query_one(
+                "SELECT coalesce(rolvaliduntil > now(), false) FROM pg_authid WHERE rolname = $1",
+                &[&role],
+            )
+            .await
+            .unwrap()
+            .get::<_, bool>(0)
+    };
+    let login = std::sync::Arc::new(app.app.role_login(&role));
+    {
+        let connecting = login.connect(&cfg);
+        tokio::pin!(connecting);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            tokio::select! {
+                r = &mut connecting => panic!("the login finished (ok: {})", r.is_ok()),
+                _ = tokio::time::sleep(Duration::from_millis(10)) => {}
+            }
+            if open().await {
+                break;
+            }
+            assert!(Instant::now() < deadline, "the login window never opened");
+        }
+        // The caller goes away mid-login (a client disconnecting, a pool's create timeout).
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while open().await {
+        assert!(
+            Instant::now() < deadline,
+            "the role's password stayed valid after the caller went away"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let expired: bool = watcher
+        .query_one(
+            "SELECT rolvaliduntil = '-infinity' FROM pg_authid WHERE rolname = $1",
+            &[&role],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(expired);
+    held.abort();
+    // The server's own logins still work.
+    app.app.sql.forget_project(&f.project);
+    app.rows(&f.read, &f.project, "SELECT 1 AS one").await;
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn connections_going_idle_reach_requests_already_waiting_on_the_budget() {
+    use std::time::{Duration, Instant};
+    let app = spawn_app_with(|c| {
+        c.sql_max_connections = 3;
+        c.sql_queue_timeout_ms = 15_000;
+        c.sql_idle_timeout_secs = 600;
+    })
+    .await;
+    let mut busy = Vec::new();
+    for _ in 0..3 {
+        busy.push(app.fixture().await);
+    }
+    let quiet = app.fixture().await;
+    let watcher = crate::support::pg().await.client("postgres").await;
+    let marker = "pg_sleep(3) /* budget */";
+    // Three projects take the whole budget for a moment; their connections then stay pooled.
+    let tasks: Vec<_> = busy
+        .iter()
+        .map(|f| {
+            let (http, url) = (app.http.clone(), app.url("/api/execute-sql"));
+            let (key, project) = (f.read.clone(), f.project.clone());
+            tokio::spawn(async move {
+                let resp = http
+                    .post(url)
+                    .bearer_auth(key)
+                    .json(&json!({ "projectId": project, "query": format!("SELECT {marker} AS slept") }))
+                    .send()
+                    .await
+                    .unwrap();
+                (resp.status().as_u16(), resp.text().await.unwrap())
+            })
+        })
+        .collect();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while running(&watcher, marker).await < 3 {
+        assert!(Instant::now() < deadline, "the busy projects never ran");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // A quiet project asks now: it waits on the budget while those finish and go idle.
+    let (status, body) = app
+        .call(
+            "POST",
+            "/api/execute-sql",
+            Some(&quiet.read),
+            Some(json!({ "projectId": quiet.project, "query": "SELECT 41 + 1 AS answer" })),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["result"]["rows"], json!([{ "answer": 42 }]), "{body}");
+    for task in tasks {
+        let (status, body) = task.await.unwrap();
+        assert_eq!(status, 200, "{body}");
+    }
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn the_connection_budget_leaves_out_what_other_clients_of_the_cluster_hold() {
+    use crate::support::process::DedicatedCluster;
+    let pg = DedicatedCluster::start(&[("max_connections", "40")]).await;
+    // Another client of the cluster (another server, a CLI command, a tool) holds 20.
+    let mut others = Vec::new();
+    for _ in 0..20 {
+        others.push(pg.client("postgres").await);
+    }
+    let control = unique("ctl");
+    let app = spawn_app_with(|c| {
+        c.database_url = Some(pg.cluster.url(&control));
+        c.sql_project_connections = 30;
+        c.sql_queue_timeout_ms = 1_000;
+    })
+    .await;
+    let f = app.fixture().await;
+    let flood: Vec<_> = (0..30)
+        .map(|_| {
+            let (http, url) = (app.http.clone(), app.url("/api/execute-sql"));
+            let (key, project) = (f.read.clone(), f.project.clone());
+            tokio::spawn(async move {
+                let resp = http
+                    .post(url)
+                    .bearer_auth(key)
+                    .json(&json!({ "projectId": project, "query": "SELECT pg_sleep(2)" }))
+                    .send()
+                    .await
+                    .unwrap();
+                (resp.status().as_u16(), resp.text().await.unwrap())
+            })
+        })
+        .collect();
+    // The budget is what is left: requests past it are told to retry, none finds the cluster
+    // full (which would be a 503 for every tenant).
+    let mut answered = 0;
+    for task in flood {
+        let (status, body) = task.await.unwrap();
+        match status {
+            200 => answered += 1,
+            429 => assert!(body.contains("sql_max_connections"), "{body}"),
+            other => panic!("{other}: {body}"),
+        }
+    }
+    assert!(answered > 0);
+    let (status, body) = app.call("GET", "/ready", None, None).await;
+    assert_eq!(status, 200, "{body}");
+    drop(others);
     app.stop().await;
 }

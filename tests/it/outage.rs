@@ -282,3 +282,35 @@ async fn an_unreachable_database_is_a_503_and_the_server_recovers_by_itself() {
         Err(_) => panic!("the test app is still shared"),
     }
 }
+
+#[tokio::test]
+async fn a_connection_sqlstate_raised_by_sql_is_the_statement_s_error_not_an_outage() {
+    let app = crate::support::spawn_app().await;
+    let f = app.fixture().await;
+    app.rows(&f.admin, &f.project, "CREATE TABLE t (id int)")
+        .await;
+    app.rows(
+        &f.admin,
+        &f.project,
+        "CREATE FUNCTION fake_outage() RETURNS trigger LANGUAGE plpgsql AS
+         $$ BEGIN RAISE EXCEPTION 'x' USING ERRCODE = '08006'; END $$;
+         CREATE TRIGGER fake BEFORE INSERT ON t FOR EACH ROW EXECUTE FUNCTION fake_outage()",
+    )
+    .await;
+    for query in [
+        "DO $$ BEGIN RAISE EXCEPTION 'x' USING ERRCODE = '08006'; END $$",
+        "INSERT INTO t VALUES (1)",
+    ] {
+        let (status, body) = app
+            .call(
+                "POST",
+                "/api/execute-sql",
+                Some(&f.admin),
+                Some(json!({ "projectId": f.project, "query": query })),
+            )
+            .await;
+        assert_eq!(status, 200, "{query}: {body}");
+        assert_eq!(body["error"]["code"], "SQL_EXEC_ERROR", "{body}");
+    }
+    app.stop().await;
+}

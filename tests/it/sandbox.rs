@@ -63,7 +63,8 @@ async fn a_password_set_by_sql_neither_breaks_the_next_request_nor_opens_a_login
         ),
     ] {
         // PostgreSQL lets a role change its own password; what matters is what follows.
-        let _ = app.sql(key, &f.project, sql).await;
+        let body = app.sql(key, &f.project, sql).await;
+        assert_eq!(body["success"], true, "{sql}: {body}");
     }
     // New connections from now on (as after a restart or when the pool grows).
     app.app.sql.forget_project(&f.project);
@@ -487,5 +488,71 @@ async fn start_up_applies_the_configured_temp_file_limit_and_closes_logins_of_ex
         )
         .await;
     assert_eq!(rows[0], json!({ "l": "64MB", "w": "4MB" }));
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn logins_of_one_role_wait_for_another_process_logging_in_as_it() {
+    let app = spawn_app().await;
+    let f = app.fixture().await;
+    let role = format!("fx_{}_read", f.project);
+    // Another process (a second server, a CLI command) in the middle of its login as the role,
+    // on the same control database (advisory locks are per database).
+    let other = pg().await.client(&app.app.cluster.control_db).await;
+    other
+        .execute(
+            "SELECT pg_advisory_lock(hashtext('fluxbase-login:' || $1))",
+            &[&role],
+        )
+        .await
+        .unwrap();
+    app.app.sql.forget_project(&f.project);
+    let request = {
+        let (http, url) = (app.http.clone(), app.url("/api/execute-sql"));
+        let (key, project) = (f.read.clone(), f.project.clone());
+        tokio::spawn(async move {
+            let resp = http
+                .post(url)
+                .bearer_auth(key)
+                .json(&json!({ "projectId": project, "query": "SELECT 1 AS one" }))
+                .send()
+                .await
+                .unwrap();
+            (resp.status().as_u16(), resp.text().await.unwrap())
+        })
+    };
+    // The server's login waits for it instead of opening and closing the role's password in
+    // the middle of the other login.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let waiting: i64 = other
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity
+                 WHERE wait_event = 'advisory' AND pid <> pg_backend_pid()",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        if waiting > 0 {
+            break;
+        }
+        assert!(
+            !request.is_finished(),
+            "the login did not wait: {:?}",
+            request.await
+        );
+        assert!(Instant::now() < deadline, "no login waited for the lock");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    other
+        .execute(
+            "SELECT pg_advisory_unlock(hashtext('fluxbase-login:' || $1))",
+            &[&role],
+        )
+        .await
+        .unwrap();
+    let (status, body) = request.await.unwrap();
+    assert_eq!(status, 200, "{body}");
     app.stop().await;
 }
