@@ -344,9 +344,11 @@ pub struct SqlPools {
 /// change streams and CLI commands started later.
 const OWN_CONNECTIONS_MARGIN: i32 = 8;
 
-/// Admin sessions the role repairs may use at once, and how long a login waits for one.
+/// Admin sessions the role repairs may use at once, and how long a login waits for one. A
+/// repair holds its session for one login (its lock waits are 200 ms each), so the wait is a
+/// queue of logins, not of attackers; it stays well below the SQL pool's create timeout.
 const REPAIR_CONNECTIONS: usize = 4;
-const REPAIR_WAIT: Duration = Duration::from_secs(2);
+const REPAIR_WAIT: Duration = Duration::from_secs(10);
 
 fn repair_pool(cluster: &ClusterTarget) -> deadpool_postgres::Pool {
     let mut cfg = cluster.pg_config(&cluster.control_db);
