@@ -500,7 +500,8 @@ impl Realtime {
         own.wrapping_add(self.revoked_everywhere.load(Ordering::SeqCst))
     }
 
-    /// A key of `project_id` was revoked (counted before its subscriptions are evicted).
+    /// A key of `project_id` was revoked, or a member removed (counted before the
+    /// subscriptions are evicted).
     fn key_revoked(&self, project_id: &str) {
         *self
             .revoked
@@ -574,6 +575,9 @@ impl Realtime {
     /// Ends the subscriptions a removed member holds in a project's room; each socket gets an
     /// `ACCESS_REVOKED` error and stays open for its other rooms.
     pub fn evict_user(&self, project_id: &str, user_id: &str) {
+        // First, as for keys: a subscribe that checked membership before this and joins after
+        // it checks again.
+        self.key_revoked(project_id);
         let room = self.room(project_id);
         let Some(room) = room else { return };
         let mut state = room.state.lock().expect("poisoned");
@@ -1472,6 +1476,14 @@ impl App {
             if let Some(k) = &key {
                 self.check_binding(&project.id, k).await?;
             }
+            if let Some(member) = &user {
+                if !self.is_member(&project.id, member).await.map_err(api)? {
+                    return Err((
+                        "ACCESS_REVOKED",
+                        "You are no longer a member of this project.".into(),
+                    ));
+                }
+            }
         };
         if state.members.len() >= MAX_SOCKETS_PER_PROJECT && !state.members.contains_key(&socket.id)
         {
@@ -1606,7 +1618,7 @@ mod tests {
     }
 
     #[test]
-    fn a_revocation_after_the_key_check_is_seen_before_joining() {
+    fn a_revocation_or_removal_after_the_access_check_is_seen_before_joining() {
         let rt = Realtime::default();
         let checked = rt.revocations("p1");
         let other = rt.revocations("p2");
@@ -1623,6 +1635,10 @@ mod tests {
         // Once re-checked, the new count is the one compared.
         let rechecked = rt.revocations("p1");
         assert_eq!(rt.revocations("p1"), rechecked);
+        // A member of p1 removed: the same (even with no room open yet).
+        rt.evict_user("p1", "usr_x");
+        assert_ne!(rt.revocations("p1"), rechecked);
+        let rechecked = rt.revocations("p1");
         // The access listener reconnected: every project's subscribes check again.
         rt.keys_revoked_everywhere();
         assert_ne!(rt.revocations("p1"), rechecked);
