@@ -578,30 +578,16 @@ impl Realtime {
         // First, as for keys: a subscribe that checked membership before this and joins after
         // it checks again.
         self.key_revoked(project_id);
-        let room = self.room(project_id);
-        let Some(room) = room else { return };
-        let mut state = room.state.lock().expect("poisoned");
-        let gone: Vec<u64> = state
-            .members
-            .iter()
-            .filter(|(_, m)| m.user.as_deref() == Some(user_id))
-            .map(|(id, _)| *id)
-            .collect();
-        let msg = Message::text(
-            json!({ "type": "error", "code": "ACCESS_REVOKED", "roomId": room.room_id,
-                    "message": "You are no longer a member of this project." })
-            .to_string(),
+        let sockets = self.evict(
+            project_id,
+            |m| m.user.as_deref() == Some(user_id),
+            "You are no longer a member of this project.",
         );
-        for id in &gone {
-            if let Some(m) = state.members.remove(id) {
-                m.socket.push(msg.clone());
-            }
-        }
-        if !gone.is_empty() {
+        if sockets > 0 {
             tracing::info!(
                 project_id,
                 user_id,
-                sockets = gone.len(),
+                sockets,
                 "removed member's realtime subscriptions ended"
             );
         }
@@ -613,6 +599,29 @@ impl Realtime {
     /// the secret it has now). Each socket gets `ACCESS_REVOKED` and stays open for its other
     /// rooms.
     fn evict_key(&self, project_id: &str, key_id: &str, current: Option<&str>) -> usize {
+        let sockets = self.evict(
+            project_id,
+            |m| {
+                m.key.as_ref().is_some_and(|k| {
+                    k.key_id == key_id && current.is_none_or(|c| c != k.fingerprint)
+                })
+            },
+            "The API key this subscription was authorized with was deleted or rotated.",
+        );
+        if sockets > 0 {
+            tracing::info!(
+                project_id,
+                key_id,
+                sockets,
+                "realtime subscriptions of a revoked key ended"
+            );
+        }
+        sockets
+    }
+
+    /// Ends the subscriptions of a project's room that `revoked` picks: each socket gets
+    /// `ACCESS_REVOKED` with `message` and stays open for its other rooms. Returns how many.
+    fn evict(&self, project_id: &str, revoked: impl Fn(&Member) -> bool, message: &str) -> usize {
         let Some(room) = self.room(project_id) else {
             return 0;
         };
@@ -620,30 +629,18 @@ impl Realtime {
         let gone: Vec<u64> = state
             .members
             .iter()
-            .filter(|(_, m)| {
-                m.key.as_ref().is_some_and(|k| {
-                    k.key_id == key_id && current.is_none_or(|c| c != k.fingerprint)
-                })
-            })
+            .filter(|(_, m)| revoked(m))
             .map(|(id, _)| *id)
             .collect();
         let msg = Message::text(
             json!({ "type": "error", "code": "ACCESS_REVOKED", "roomId": room.room_id,
-                    "message": "The API key this subscription was authorized with was deleted or rotated." })
+                    "message": message })
             .to_string(),
         );
         for id in &gone {
             if let Some(m) = state.members.remove(id) {
                 m.socket.push(msg.clone());
             }
-        }
-        if !gone.is_empty() {
-            tracing::info!(
-                project_id,
-                key_id,
-                sockets = gone.len(),
-                "realtime subscriptions of a revoked key ended"
-            );
         }
         gone.len()
     }

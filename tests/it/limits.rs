@@ -704,23 +704,9 @@ async fn sessions_holding_their_own_role_locked_never_delay_other_tenants() {
     }
     for f in &attackers {
         for key in [f.read.clone(), f.readwrite.clone(), f.admin.clone()] {
-            let (http, url, project) = (
-                app.http.clone(),
-                app.url("/api/execute-sql"),
-                f.project.clone(),
-            );
             let query =
                 format!("DO $$ BEGIN ALTER ROLE CURRENT_USER PASSWORD 'x'; {marker}; END $$");
-            holders.push(tokio::spawn(async move {
-                let resp = http
-                    .post(url)
-                    .bearer_auth(key)
-                    .json(&json!({ "projectId": project, "query": query }))
-                    .send()
-                    .await
-                    .unwrap();
-                (resp.status().as_u16(), resp.text().await.unwrap())
-            }));
+            holders.push(app.spawn_sql(&key, &f.project, &query));
         }
     }
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -740,19 +726,7 @@ async fn sessions_holding_their_own_role_locked_never_delay_other_tenants() {
             [f.read.clone(), f.readwrite.clone(), f.admin.clone()]
                 .map(|key| (key, f.project.clone()))
         })
-        .map(|(key, project)| {
-            let (http, url) = (app.http.clone(), app.url("/api/execute-sql"));
-            tokio::spawn(async move {
-                let resp = http
-                    .post(url)
-                    .bearer_auth(key)
-                    .json(&json!({ "projectId": project, "query": "SELECT 1 AS one" }))
-                    .send()
-                    .await
-                    .unwrap();
-                (resp.status().as_u16(), resp.text().await.unwrap())
-            })
-        })
+        .map(|(key, project)| app.spawn_sql(&key, &project, "SELECT 1 AS one"))
         .collect();
     // The logins of those second requests are under way. Before, each of them ran its role
     // repair on a control-pool session and waited 3 s there for the role's row, taking all 8
@@ -908,20 +882,7 @@ async fn connections_going_idle_reach_requests_already_waiting_on_the_budget() {
     // Three projects take the whole budget for a moment; their connections then stay pooled.
     let tasks: Vec<_> = busy
         .iter()
-        .map(|f| {
-            let (http, url) = (app.http.clone(), app.url("/api/execute-sql"));
-            let (key, project) = (f.read.clone(), f.project.clone());
-            tokio::spawn(async move {
-                let resp = http
-                    .post(url)
-                    .bearer_auth(key)
-                    .json(&json!({ "projectId": project, "query": format!("SELECT {marker} AS slept") }))
-                    .send()
-                    .await
-                    .unwrap();
-                (resp.status().as_u16(), resp.text().await.unwrap())
-            })
-        })
+        .map(|f| app.spawn_sql(&f.read, &f.project, &format!("SELECT {marker} AS slept")))
         .collect();
     let deadline = Instant::now() + Duration::from_secs(30);
     while running(&watcher, marker).await < 3 {
@@ -964,20 +925,7 @@ async fn the_connection_budget_leaves_out_what_other_clients_of_the_cluster_hold
     .await;
     let f = app.fixture().await;
     let flood: Vec<_> = (0..30)
-        .map(|_| {
-            let (http, url) = (app.http.clone(), app.url("/api/execute-sql"));
-            let (key, project) = (f.read.clone(), f.project.clone());
-            tokio::spawn(async move {
-                let resp = http
-                    .post(url)
-                    .bearer_auth(key)
-                    .json(&json!({ "projectId": project, "query": "SELECT pg_sleep(2)" }))
-                    .send()
-                    .await
-                    .unwrap();
-                (resp.status().as_u16(), resp.text().await.unwrap())
-            })
-        })
+        .map(|_| app.spawn_sql(&f.read, &f.project, "SELECT pg_sleep(2)"))
         .collect();
     // The budget is what is left: requests past it are told to retry, none finds the cluster
     // full (which would be a 503 for every tenant).

@@ -507,20 +507,7 @@ async fn logins_of_one_role_wait_for_another_process_logging_in_as_it() {
         .await
         .unwrap();
     app.app.sql.forget_project(&f.project);
-    let request = {
-        let (http, url) = (app.http.clone(), app.url("/api/execute-sql"));
-        let (key, project) = (f.read.clone(), f.project.clone());
-        tokio::spawn(async move {
-            let resp = http
-                .post(url)
-                .bearer_auth(key)
-                .json(&json!({ "projectId": project, "query": "SELECT 1 AS one" }))
-                .send()
-                .await
-                .unwrap();
-            (resp.status().as_u16(), resp.text().await.unwrap())
-        })
-    };
+    let request = app.spawn_sql(&f.read, &f.project, "SELECT 1 AS one");
     // The server's login waits for it instead of opening and closing the role's password in
     // the middle of the other login.
     let deadline = Instant::now() + Duration::from_secs(20);

@@ -188,6 +188,25 @@ impl TestApp {
         config
     }
 
+    /// `POST /api/execute-sql` with `key` in a task of its own (for requests that must overlap);
+    /// the task returns the status and the raw body.
+    pub fn spawn_sql(
+        &self,
+        key: &str,
+        project: &str,
+        query: &str,
+    ) -> tokio::task::JoinHandle<(u16, String)> {
+        let request = self
+            .http
+            .post(self.url("/api/execute-sql"))
+            .bearer_auth(key)
+            .json(&json!({ "projectId": project, "query": query }));
+        tokio::spawn(async move {
+            let resp = request.send().await.unwrap();
+            (resp.status().as_u16(), resp.text().await.unwrap())
+        })
+    }
+
     /// Sends `method path` with an optional bearer token and JSON body; returns (status, body).
     pub async fn call(
         &self,
