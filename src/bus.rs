@@ -60,6 +60,9 @@ pub struct Event {
     pub record: Option<String>,
     /// The old row (or its key), as a JSON object, when PostgreSQL sent it.
     pub old: Option<String>,
+    /// Columns left out of `record`: their TOASTed value did not change and no old row gave it
+    /// (replica identity other than FULL). Every channel names them (`unchangedToast`).
+    pub unchanged_toast: Vec<String>,
     /// RFC 3339 commit time.
     pub commit_timestamp: String,
     pub commit_lsn: Lsn,

@@ -51,6 +51,11 @@ pub const PROJECT_MIGRATIONS: &[(i32, &str, &str)] = &[
         "sandbox",
         include_str!("../sql/project/0005_sandbox.sql"),
     ),
+    (
+        7,
+        "partition_truncate",
+        include_str!("../sql/project/0007_partition_truncate.sql"),
+    ),
 ];
 
 /// The bootstrap version whose script is followed by the installation of the change stream's

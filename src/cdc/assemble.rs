@@ -328,6 +328,7 @@ impl Assembler {
                 let pending = match (m.prefix.as_str(), body) {
                     ("fluxbase.ddl", Some(body)) => events::ddl(body),
                     ("fluxbase.broadcast", Some(body)) => events::broadcast(body),
+                    ("fluxbase.truncate", Some(body)) => events::partition_truncate(body),
                     _ => None,
                 };
                 match pending {

@@ -5,9 +5,15 @@
 //! transaction commits, giving the final payloads:
 //!
 //! ```text
-//! db_event      {id, operation, schema, table, record, old, commitTimestamp, lsn}
-//! schema_update {id, event_type:"schema_update", command, objectType, schema, table, object, commitTimestamp}
+//! db_event      {id, operation, schema, table, record, old, commitTimestamp, lsn, unchangedToast?}
+//! schema_update {id, event_type:"schema_update", command, objectType, schema, table, object,
+//!                partition?, commitTimestamp, lsn}
 //! ```
+//!
+//! Every channel renders a row change from the same [`Event`] fields (`record`, `old`,
+//! `unchanged_toast`), and what a row change says beyond its rows is written by one function,
+//! [`write_row_notes`], for the WebSocket payload and the webhook's `data` alike. Object names
+//! follow PostgreSQL's quoting in every event (see [`super::names`]).
 
 use std::sync::Arc;
 
@@ -15,6 +21,7 @@ use fluxbase_replication::pgoutput::{self, Lsn, OldTuple, Relation, Tuple};
 use fluxbase_replication::values::{self, TypeRegistry};
 use serde::{Deserialize, Serialize};
 
+use super::names;
 use crate::bus::{Event, EventKind};
 
 /// A change whose transaction has not committed yet. Serializable so that large transactions
@@ -37,9 +44,20 @@ pub enum Pending {
         schema: Option<String>,
         table: Option<String>,
         object: Option<String>,
+        /// A TRUNCATE of a partition: the partition; `schema` and `table` name its root, as
+        /// the partition's row changes do.
+        #[serde(default)]
+        partition: Option<PartitionName>,
     },
     /// `realtime.broadcast(event, payload)` from SQL; `payload` is JSON text.
     Broadcast { event: String, payload: String },
+}
+
+/// A partition named in a TRUNCATE event (unquoted parts).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PartitionName {
+    pub schema: String,
+    pub table: String,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -213,8 +231,32 @@ pub fn truncate(rel: &Relation) -> Pending {
         object_type: "table".into(),
         schema: Some(rel.namespace.clone()),
         table: Some(rel.name.clone()),
-        object: Some(format!("{}.{}", rel.namespace, rel.name)),
+        object: Some(names::qualified(&rel.namespace, &rel.name)),
+        partition: None,
     }
+}
+
+/// A TRUNCATE of a partition, announced by the project's truncate trigger (`fluxbase.truncate`
+/// messages, sql/project/0007_partition_truncate.sql): pgoutput sends none for a partition
+/// published through its root. Named as its root (the table its row changes name, so table
+/// filters and client caches keyed by it see the TRUNCATE), with the partition in `object` and
+/// `partition`.
+pub fn partition_truncate(content: &[u8]) -> Option<Pending> {
+    #[derive(Deserialize)]
+    struct Message {
+        schema: String,
+        table: String,
+        partition: PartitionName,
+    }
+    let m: Message = serde_json::from_slice(content).ok()?;
+    Some(Pending::Schema {
+        command: "TRUNCATE".into(),
+        object_type: "table".into(),
+        object: Some(names::qualified(&m.partition.schema, &m.partition.table)),
+        schema: Some(m.schema),
+        table: Some(m.table),
+        partition: Some(m.partition),
+    })
 }
 
 /// A DDL announcement from the project's event triggers (`fluxbase.ddl` messages).
@@ -229,26 +271,16 @@ pub fn ddl(content: &[u8]) -> Option<Pending> {
     }
     let d: Ddl = serde_json::from_slice(content).ok()?;
     let object_type = d.object_type.unwrap_or_default();
+    // The identity is `schema.table` (`schema.table.column` for a column), each part quoted.
+    let parts = match object_type.as_str() {
+        "table" | "view" | "materialized view" | "foreign table" | "sequence" => 2,
+        "table column" => 3,
+        _ => 0,
+    };
     let table = match (&d.schema, &d.object) {
-        (Some(schema), Some(object))
-            if matches!(
-                object_type.as_str(),
-                "table"
-                    | "view"
-                    | "materialized view"
-                    | "foreign table"
-                    | "sequence"
-                    | "table column"
-            ) =>
-        {
-            let rest = object.strip_prefix(&format!("{schema}.")).unwrap_or(object);
-            let rest = if object_type == "table column" {
-                rest.rsplit_once('.').map_or(rest, |(t, _)| t)
-            } else {
-                rest
-            };
-            Some(rest.trim_matches('"').to_string())
-        }
+        (Some(_), Some(object)) if parts > 0 => names::split_identity(object)
+            .filter(|p| p.len() == parts)
+            .map(|mut p| p.swap_remove(1)),
         _ => None,
     };
     Some(Pending::Schema {
@@ -257,6 +289,7 @@ pub fn ddl(content: &[u8]) -> Option<Pending> {
         schema: d.schema,
         table,
         object: d.object,
+        partition: None,
     })
 }
 
@@ -316,10 +349,7 @@ pub fn finish(
             quote(&mut p, commit_timestamp);
             p.push_str(",\"lsn\":");
             quote(&mut p, &lsn);
-            if !unchanged_toast.is_empty() {
-                p.push_str(",\"unchangedToast\":");
-                p.push_str(&serde_json::to_string(&unchanged_toast).expect("strings"));
-            }
+            write_row_notes(&mut p, &unchanged_toast);
             p.push('}');
             Event {
                 id,
@@ -330,6 +360,7 @@ pub fn finish(
                 table: Some(table),
                 record: Some(record),
                 old,
+                unchanged_toast,
                 commit_timestamp: commit_timestamp.to_string(),
                 commit_lsn,
                 end_lsn,
@@ -351,6 +382,7 @@ pub fn finish(
                 table: None,
                 record: None,
                 old: None,
+                unchanged_toast: Vec::new(),
                 commit_timestamp: commit_timestamp.to_string(),
                 commit_lsn,
                 end_lsn,
@@ -364,8 +396,9 @@ pub fn finish(
             schema,
             table,
             object,
+            partition,
         } => {
-            let payload = serde_json::json!({
+            let mut payload = serde_json::json!({
                 "id": id,
                 "event_type": "schema_update",
                 "command": command,
@@ -376,6 +409,9 @@ pub fn finish(
                 "commitTimestamp": commit_timestamp,
                 "lsn": lsn,
             });
+            if let Some(part) = partition {
+                payload["partition"] = serde_json::json!({ "schema": part.schema, "table": part.table });
+            }
             Event {
                 id,
                 kind: EventKind::Schema { command },
@@ -383,6 +419,7 @@ pub fn finish(
                 table,
                 record: None,
                 old: None,
+                unchanged_toast: Vec::new(),
                 commit_timestamp: commit_timestamp.to_string(),
                 commit_lsn,
                 end_lsn,
@@ -390,6 +427,17 @@ pub fn finish(
                 payload: Arc::from(payload.to_string()),
             }
         }
+    }
+}
+
+/// What a row change says beyond its new and old rows, written after them in every channel's
+/// payload (the WebSocket `db_event` payload, the webhook's `data`): `unchangedToast`, the
+/// columns PostgreSQL left out because their TOASTed value did not change and no old row
+/// supplied it. Nothing when there is nothing to say.
+pub fn write_row_notes(out: &mut String, unchanged_toast: &[String]) {
+    if !unchanged_toast.is_empty() {
+        out.push_str(",\"unchangedToast\":");
+        out.push_str(&serde_json::to_string(unchanged_toast).expect("strings serialize"));
     }
 }
 

@@ -33,6 +33,7 @@
 
 pub mod assemble;
 pub mod events;
+pub mod names;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, Weak};

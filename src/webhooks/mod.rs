@@ -68,7 +68,9 @@ pub fn event_type(event: &Event) -> Option<&'static str> {
     }
 }
 
-/// The guide's payload: `{event_type, project_id, table_id, timestamp, data:{new, old}}`.
+/// The guide's payload: `{event_type, project_id, table_id, timestamp, event_id, data:{new, old}}`;
+/// a row change's `data` also carries what its WebSocket `db_event` payload says beyond the rows
+/// (`unchangedToast`), written by the same function ([`crate::cdc::events::write_row_notes`]).
 pub fn payload(project_id: &str, event: &Event, event_type: &str) -> String {
     let (new, old) = match &event.kind {
         EventKind::Row {
@@ -95,6 +97,9 @@ pub fn payload(project_id: &str, event: &Event, event_type: &str) -> String {
     out.push_str(new);
     out.push_str(",\"old\":");
     out.push_str(old);
+    if matches!(event.kind, EventKind::Row { .. }) {
+        crate::cdc::events::write_row_notes(&mut out, &event.unchanged_toast);
+    }
     out.push_str("}}");
     out
 }
