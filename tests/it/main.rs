@@ -4,6 +4,7 @@ mod support;
 
 mod accounts;
 mod cdc;
+mod channels;
 mod cli;
 mod egress;
 mod guide;

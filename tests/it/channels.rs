@@ -1,0 +1,473 @@
+//! Every change reaches every channel, named and shaped the same (issue 14): a partition's
+//! TRUNCATE on the socket and the webhook, `unchangedToast` in both payloads of one change,
+//! PostgreSQL's quoting for odd names in every event, forged truncate messages, and an
+//! independent decoder (`test_decoding` on a second slot) that must agree on order and ids.
+//!
+//! Receive loops end at a sentinel change committed last (events arrive in commit order), each
+//! wait with a deadline, so a missing event fails the test instead of hanging it.
+
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+
+use crate::realtime::{connect, recv, send, Socket};
+use crate::support::{pg, spawn_app_with, Fixture, TestApp};
+use crate::webhooks::Receiver;
+
+async fn app() -> TestApp {
+    spawn_app_with(|c| {
+        c.webhook_allow_private = true;
+        c.webhook_backoff_scale = 0.01;
+    })
+    .await
+}
+
+/// A webhook of every event type (optionally for some tables only) pointing at a new receiver.
+async fn hook(app: &TestApp, f: &Fixture, tables: Option<Value>) -> Receiver {
+    let rx = Receiver::start().await;
+    let mut body = json!({ "projectId": f.project, "url": rx.url,
+        "events": ["row.inserted", "row.updated", "row.deleted", "schema.changed"] });
+    if let Some(t) = tables {
+        body["tables"] = t;
+    }
+    let (status, b) = app
+        .call("POST", "/api/webhooks", Some(&f.admin), Some(body))
+        .await;
+    assert_eq!(status, 201, "{b}");
+    rx
+}
+
+/// A socket subscribed to the project with its read key (and `filter`, if any).
+async fn socket(app: &TestApp, f: &Fixture, filter: Option<Value>) -> Socket {
+    let mut ws = connect(app, "/").await;
+    let mut msg = json!({ "type": "subscribe", "roomId": format!("project_{}", f.project), "token": f.read });
+    if let Some(filter) = filter {
+        msg["filter"] = filter;
+    }
+    send(&mut ws, msg).await;
+    let ack = recv(&mut ws).await;
+    assert_eq!(ack["type"], "subscribed", "{ack}");
+    ws
+}
+
+/// Socket payloads (db_event, schema_update) until one for which `last` holds, inclusive.
+async fn socket_until(ws: &mut Socket, last: impl Fn(&Value) -> bool) -> Vec<Value> {
+    let mut out = Vec::new();
+    loop {
+        let m = recv(ws).await;
+        match m["type"].as_str() {
+            Some("db_event" | "schema_update") => {
+                let done = last(&m["payload"]);
+                out.push(m["payload"].clone());
+                if done {
+                    return out;
+                }
+            }
+            _ => panic!("unexpected message {m}"),
+        }
+    }
+}
+
+/// Webhook bodies, in arrival order, until one for which `last` holds (20 s at most).
+async fn hooks_until(rx: &Receiver, last: impl Fn(&Value) -> bool) -> Vec<Value> {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let got: Vec<Value> = rx
+            .got
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|r| serde_json::from_str(&r.body).unwrap())
+            .collect();
+        if let Some(i) = got.iter().position(&last) {
+            return got[..=i].to_vec();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the sentinel never arrived; got {got:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// A WebSocket payload as one line: `TRUNCATE <table> <object> [partition]` or `<OP> <table> <id>`.
+fn socket_line(p: &Value) -> String {
+    match p["operation"].as_str() {
+        Some(op) => format!("{op} {} {}", p["table"].as_str().unwrap(), p["record"]["id"]),
+        None => schema_line(p),
+    }
+}
+
+fn schema_line(p: &Value) -> String {
+    let mut line = format!(
+        "{} {} {}",
+        p["command"].as_str().unwrap(),
+        p["table"].as_str().unwrap_or("-"),
+        p["object"].as_str().unwrap_or("-")
+    );
+    if !p["partition"].is_null() {
+        line.push_str(&format!(
+            " [{}.{}]",
+            p["partition"]["schema"].as_str().unwrap(),
+            p["partition"]["table"].as_str().unwrap()
+        ));
+    }
+    line
+}
+
+/// A webhook body as the same line.
+fn hook_line(b: &Value) -> String {
+    let op = match b["event_type"].as_str().unwrap() {
+        "schema.changed" => return schema_line(&b["data"]["new"]),
+        "row.inserted" => "INSERT",
+        "row.updated" => "UPDATE",
+        "row.deleted" => "DELETE",
+        other => panic!("unexpected event type {other}"),
+    };
+    let row = if op == "DELETE" {
+        &b["data"]["old"]
+    } else {
+        &b["data"]["new"]
+    };
+    format!("{op} {} {}", b["table_id"].as_str().unwrap(), row["id"])
+}
+
+fn truncates_and_rows(lines: Vec<String>) -> Vec<String> {
+    lines
+        .into_iter()
+        .filter(|l| {
+            l.starts_with("TRUNCATE")
+                || l.starts_with("INSERT")
+                || l.starts_with("UPDATE")
+                || l.starts_with("DELETE")
+        })
+        .collect()
+}
+
+const PARTITIONS: &str = r#"CREATE TABLE m (id int, k int) PARTITION BY RANGE (k);
+    CREATE TABLE m1 PARTITION OF m FOR VALUES FROM (0) TO (100) PARTITION BY RANGE (k);
+    CREATE TABLE "M 1a" PARTITION OF m1 FOR VALUES FROM (0) TO (50);
+    CREATE TABLE m1b PARTITION OF m1 FOR VALUES FROM (50) TO (100);
+    CREATE TABLE m2 PARTITION OF m FOR VALUES FROM (100) TO (200);
+    CREATE TABLE loose (id int, k int)"#;
+
+/// Each a transaction of its own, in this order.
+const PARTITION_WORKLOAD: [&str; 8] = [
+    // Rows before and after, in one transaction; TRUNCATE ONLY of a leaf.
+    "INSERT INTO m VALUES (1, 10), (2, 60), (3, 150); TRUNCATE ONLY m2; INSERT INTO m VALUES (4, 160)",
+    // A leaf two levels down.
+    r#"TRUNCATE "M 1a""#,
+    // A partition that has partitions: one event for its subtree.
+    "TRUNCATE m1",
+    // The root with one of its partitions in one statement: the root's event only.
+    "TRUNCATE m2, m",
+    // A table attached as a partition.
+    "ALTER TABLE m ATTACH PARTITION loose FOR VALUES FROM (200) TO (300);
+     INSERT INTO m VALUES (5, 250); TRUNCATE loose",
+    // Detached again: a table of its own.
+    "ALTER TABLE m DETACH PARTITION loose; INSERT INTO loose VALUES (6, 250); TRUNCATE loose",
+    // Two partitions of two levels in one statement.
+    r#"TRUNCATE "M 1a", m2"#,
+    // The sentinel.
+    "INSERT INTO m VALUES (999, 10)",
+];
+
+fn partition_expectation() -> Vec<String> {
+    [
+        "INSERT m 1",
+        "INSERT m 2",
+        "INSERT m 3",
+        "TRUNCATE m public.m2 [public.m2]",
+        "INSERT m 4",
+        r#"TRUNCATE m public."M 1a" [public.M 1a]"#,
+        "TRUNCATE m public.m1 [public.m1]",
+        "TRUNCATE m public.m",
+        "INSERT m 5",
+        "TRUNCATE m public.loose [public.loose]",
+        "INSERT loose 6",
+        "TRUNCATE loose public.loose",
+        r#"TRUNCATE m public."M 1a" [public.M 1a]"#,
+        "TRUNCATE m public.m2 [public.m2]",
+        "INSERT m 999",
+    ]
+    .map(String::from)
+    .to_vec()
+}
+
+fn is_sentinel(p: &Value) -> bool {
+    p["record"]["id"] == 999
+}
+
+fn is_sentinel_hook(b: &Value) -> bool {
+    b["data"]["new"]["id"] == 999
+}
+
+#[tokio::test]
+async fn a_partitions_truncate_reaches_sockets_and_webhooks_named_as_its_root_with_the_partition() {
+    let app = app().await;
+    let f = app.fixture().await;
+    let rx = hook(&app, &f, None).await;
+    let rx_m = hook(&app, &f, Some(json!(["m"]))).await;
+    let mut ws = socket(&app, &f, None).await;
+    let mut ws_m = socket(&app, &f, Some(json!({ "tables": ["m"] }))).await;
+    app.rows(&f.admin, &f.project, PARTITIONS).await;
+    for sql in PARTITION_WORKLOAD {
+        app.rows(&f.admin, &f.project, sql).await;
+    }
+    let expected = partition_expectation();
+
+    let on_socket: Vec<String> = socket_until(&mut ws, is_sentinel)
+        .await
+        .iter()
+        .map(socket_line)
+        .collect();
+    assert_eq!(truncates_and_rows(on_socket), expected);
+    let on_hook: Vec<String> = hooks_until(&rx, is_sentinel_hook)
+        .await
+        .iter()
+        .map(hook_line)
+        .collect();
+    assert_eq!(truncates_and_rows(on_hook), expected);
+
+    // A subscriber or webhook of the root table gets its partitions' TRUNCATEs too.
+    let of_m: Vec<String> = expected
+        .iter()
+        .filter(|l| l.split(' ').nth(1) == Some("m"))
+        .cloned()
+        .collect();
+    let on_socket_m: Vec<String> = socket_until(&mut ws_m, is_sentinel)
+        .await
+        .iter()
+        .map(socket_line)
+        .collect();
+    assert_eq!(truncates_and_rows(on_socket_m), of_m);
+    let on_hook_m: Vec<String> = hooks_until(&rx_m, is_sentinel_hook)
+        .await
+        .iter()
+        .map(hook_line)
+        .collect();
+    assert_eq!(truncates_and_rows(on_hook_m), of_m);
+}
+
+#[tokio::test]
+async fn a_tenant_can_neither_forge_a_truncate_nor_silence_a_partitions_one() {
+    let app = app().await;
+    let f = app.fixture().await;
+    let mut ws = socket(&app, &f, None).await;
+    app.rows(&f.admin, &f.project, PARTITIONS).await;
+    let forged = json!({ "schema": "public", "table": "m",
+        "partition": { "schema": "public", "table": "m1b" } })
+    .to_string();
+    for key in [&f.admin, &f.readwrite, &f.read] {
+        for sql in [
+            format!("SELECT pg_logical_emit_message(true, 'fluxbase.truncate', '{forged}')"),
+            format!("SELECT fluxbase_cdc.emit('fluxbase.truncate', '{forged}')"),
+            "INSERT INTO fluxbase_cdc.truncating VALUES (pg_backend_pid(), 1, pg_current_xact_id(), true, ARRAY['m'::regclass::oid])".into(),
+            "CREATE TRIGGER t AFTER TRUNCATE ON loose FOR EACH STATEMENT EXECUTE FUNCTION fluxbase_cdc.truncate_announced()".into(),
+        ] {
+            let code = app.sql_error(key, &f.project, &sql).await;
+            assert!(code.contains("42501"), "{sql}: {code}");
+        }
+    }
+    // The owner may not drop or rename the triggers; disabling them is undone at once.
+    for sql in [
+        "DROP TRIGGER fluxbase_truncate_announced ON m2",
+        "DROP TRIGGER fluxbase_truncate_noted ON m",
+        "ALTER TRIGGER fluxbase_truncate_announced ON m2 RENAME TO mine",
+    ] {
+        let code = app.sql_error(&f.admin, &f.project, sql).await;
+        assert!(code.contains("42501"), "{sql}: {code}");
+    }
+    app.rows(
+        &f.admin,
+        &f.project,
+        "ALTER TABLE m2 DISABLE TRIGGER USER; ALTER TABLE m1 DISABLE TRIGGER ALL",
+    )
+    .await;
+    app.rows(&f.admin, &f.project, "TRUNCATE m2").await;
+    // A message from a session that may still emit one (the superuser here) carries no valid
+    // tag: the stream drops it.
+    let db = app
+        .app
+        .load_project(&f.project)
+        .await
+        .unwrap()
+        .unwrap()
+        .db_name;
+    let rejected_before = app.app.cdc.status(&f.project).unwrap().rejected_messages;
+    pg().await
+        .client(&db)
+        .await
+        .batch_execute(&format!(
+            "SELECT pg_logical_emit_message(true, 'fluxbase.truncate', '{forged}');
+             SELECT pg_logical_emit_message(true, 'fluxbase.truncate', repeat('0', 64) || '{forged}')"
+        ))
+        .await
+        .unwrap();
+    app.rows(&f.admin, &f.project, "TRUNCATE m1b; INSERT INTO m VALUES (999, 10)")
+        .await;
+    let lines: Vec<String> = socket_until(&mut ws, is_sentinel)
+        .await
+        .iter()
+        .map(socket_line)
+        .collect();
+    assert_eq!(
+        truncates_and_rows(lines),
+        vec![
+            "TRUNCATE m public.m2 [public.m2]",
+            "TRUNCATE m public.m1b [public.m1b]",
+            "INSERT m 999",
+        ]
+    );
+    let rejected = app.app.cdc.status(&f.project).unwrap().rejected_messages;
+    assert_eq!(rejected - rejected_before, 2);
+}
+
+#[tokio::test]
+async fn the_socket_and_the_webhook_carry_the_same_unchanged_toast_for_the_same_update() {
+    let app = app().await;
+    let f = app.fixture().await;
+    let rx = hook(&app, &f, None).await;
+    let mut ws = socket(&app, &f, None).await;
+    app.rows(
+        &f.admin,
+        &f.project,
+        "CREATE TABLE docs (id int PRIMARY KEY, body text, n int);
+         ALTER TABLE docs REPLICA IDENTITY DEFAULT;
+         INSERT INTO docs SELECT 1, (SELECT string_agg(md5(random()::text), '') FROM generate_series(1, 320)), 0",
+    )
+    .await;
+    app.rows(&f.admin, &f.project, "UPDATE docs SET n = 1 WHERE id = 1")
+        .await;
+    let updated = |p: &Value| p["operation"] == "UPDATE";
+    let ws_payload = socket_until(&mut ws, updated).await.pop().unwrap();
+    let hook_body = hooks_until(&rx, |b| b["event_type"] == "row.updated")
+        .await
+        .pop()
+        .unwrap();
+    assert_eq!(ws_payload["unchangedToast"], json!(["body"]), "{ws_payload}");
+    assert_eq!(ws_payload["record"], json!({ "id": 1, "n": 1 }));
+    // Field by field, but for the envelope each channel adds.
+    let data = &hook_body["data"];
+    assert_eq!(data["unchangedToast"], ws_payload["unchangedToast"], "{hook_body}");
+    assert_eq!(data["new"], ws_payload["record"]);
+    assert_eq!(data["old"], ws_payload["old"]);
+    assert_eq!(hook_body["event_id"], ws_payload["id"]);
+    assert_eq!(hook_body["table_id"], ws_payload["table"]);
+    assert_eq!(hook_body["timestamp"], ws_payload["commitTimestamp"]);
+    let mut ws_fields: Vec<&str> = ws_payload
+        .as_object()
+        .unwrap()
+        .keys()
+        .map(String::as_str)
+        .collect();
+    ws_fields.sort();
+    assert_eq!(
+        ws_fields,
+        ["commitTimestamp", "id", "lsn", "old", "operation", "record", "schema", "table", "unchangedToast"]
+    );
+    let mut data_fields: Vec<&str> = data.as_object().unwrap().keys().map(String::as_str).collect();
+    data_fields.sort();
+    assert_eq!(data_fields, ["new", "old", "unchangedToast"]);
+
+    // Nothing to say, nothing said: a full row carries no unchangedToast on either channel.
+    app.rows(&f.admin, &f.project, "UPDATE docs SET n = 2, body = 'short' WHERE id = 1")
+        .await;
+    let ws_payload = socket_until(&mut ws, updated).await.pop().unwrap();
+    let hook_body = hooks_until(&rx, |b| b["data"]["new"]["n"] == 2).await.pop().unwrap();
+    assert!(ws_payload.get("unchangedToast").is_none(), "{ws_payload}");
+    assert!(hook_body["data"].get("unchangedToast").is_none(), "{hook_body}");
+}
+
+const ODD_NAMES: [&str; 7] = [
+    "Order Items",
+    "Orders",
+    "a.b",
+    "say \"hi\"",
+    "café",
+    "user",
+    "plain_name",
+];
+
+#[tokio::test]
+async fn odd_table_names_are_quoted_as_postgresql_quotes_them_in_every_event_of_both_channels() {
+    let app = app().await;
+    let f = app.fixture().await;
+    let rx = hook(&app, &f, None).await;
+    let mut ws = socket(&app, &f, None).await;
+    let ident = |n: &str| format!("\"{}\"", n.replace('"', "\"\""));
+    let mut sql = String::from("CREATE SCHEMA \"Odd Schema\";");
+    for name in ODD_NAMES {
+        let q = ident(name);
+        sql.push_str(&format!(
+            "CREATE TABLE {q} (id int); TRUNCATE {q};
+             CREATE TABLE \"Odd Schema\".{q} (id int) PARTITION BY LIST (id);
+             CREATE TABLE \"Odd Schema\".{p} PARTITION OF \"Odd Schema\".{q} FOR VALUES IN (1);
+             TRUNCATE \"Odd Schema\".{p}; TRUNCATE \"Odd Schema\".{q};",
+            p = ident(&format!("{name} part"))
+        ));
+    }
+    sql.push_str("CREATE TABLE sentinel (id int)");
+    app.rows(&f.admin, &f.project, &sql).await;
+    // PostgreSQL's own quoting of each name, the oracle.
+    let quoted = app
+        .rows(
+            &f.admin,
+            &f.project,
+            &format!(
+                "SELECT n, format('%I.%I', 'public', n) AS public, format('%I.%I', 'Odd Schema', n) AS odd,
+                        format('%I.%I', 'Odd Schema', n || ' part') AS part
+                 FROM unnest(ARRAY[{}]) n",
+                ODD_NAMES
+                    .map(|n| format!("'{}'", n.replace('\'', "''")))
+                    .join(",")
+            ),
+        )
+        .await;
+    let sentinel = |p: &Value| p["command"] == "CREATE TABLE" && p["table"] == "sentinel";
+    let on_socket = socket_until(&mut ws, sentinel).await;
+    let on_hook: Vec<Value> = hooks_until(&rx, |b| sentinel(&b["data"]["new"]))
+        .await
+        .into_iter()
+        .map(|b| b["data"]["new"].clone())
+        .collect();
+    for events in [on_socket, on_hook] {
+        let lines: Vec<String> = events
+            .iter()
+            .filter(|p| p["command"] != "CREATE SCHEMA")
+            .map(|p| {
+                format!(
+                    "{} {}.{} {}{}",
+                    p["command"].as_str().unwrap(),
+                    p["schema"].as_str().unwrap(),
+                    p["table"].as_str().unwrap(),
+                    p["object"].as_str().unwrap(),
+                    if p["partition"].is_null() {
+                        String::new()
+                    } else {
+                        format!(" [{}]", p["partition"]["table"].as_str().unwrap())
+                    }
+                )
+            })
+            .collect();
+        let mut expected = Vec::new();
+        for q in &quoted {
+            let (n, public, odd, part) = (
+                q["n"].as_str().unwrap(),
+                q["public"].as_str().unwrap(),
+                q["odd"].as_str().unwrap(),
+                q["part"].as_str().unwrap(),
+            );
+            expected.extend([
+                format!("CREATE TABLE public.{n} {public}"),
+                format!("TRUNCATE public.{n} {public}"),
+                format!("CREATE TABLE Odd Schema.{n} {odd}"),
+                format!("CREATE TABLE Odd Schema.{n} part {part}"),
+                format!("TRUNCATE Odd Schema.{n} {part} [{n} part]"),
+                format!("TRUNCATE Odd Schema.{n} {odd}"),
+            ]);
+        }
+        expected.push("CREATE TABLE public.sentinel public.sentinel".into());
+        assert_eq!(lines, expected);
+    }
+}
