@@ -40,7 +40,8 @@ async fn hook(app: &TestApp, f: &Fixture, tables: Option<Value>) -> Receiver {
 /// A socket subscribed to the project with its read key (and `filter`, if any).
 async fn socket(app: &TestApp, f: &Fixture, filter: Option<Value>) -> Socket {
     let mut ws = connect(app, "/").await;
-    let mut msg = json!({ "type": "subscribe", "roomId": format!("project_{}", f.project), "token": f.read });
+    let mut msg =
+        json!({ "type": "subscribe", "roomId": format!("project_{}", f.project), "token": f.read });
     if let Some(filter) = filter {
         msg["filter"] = filter;
     }
@@ -93,7 +94,11 @@ async fn hooks_until(rx: &Receiver, last: impl Fn(&Value) -> bool) -> Vec<Value>
 /// A WebSocket payload as one line: `TRUNCATE <table> <object> [partition]` or `<OP> <table> <id>`.
 fn socket_line(p: &Value) -> String {
     match p["operation"].as_str() {
-        Some(op) => format!("{op} {} {}", p["table"].as_str().unwrap(), p["record"]["id"]),
+        Some(op) => format!(
+            "{op} {} {}",
+            p["table"].as_str().unwrap(),
+            p["record"]["id"]
+        ),
         None => schema_line(p),
     }
 }
@@ -304,8 +309,12 @@ async fn a_tenant_can_neither_forge_a_truncate_nor_silence_a_partitions_one() {
         ))
         .await
         .unwrap();
-    app.rows(&f.admin, &f.project, "TRUNCATE m1b; INSERT INTO m VALUES (999, 10)")
-        .await;
+    app.rows(
+        &f.admin,
+        &f.project,
+        "TRUNCATE m1b; INSERT INTO m VALUES (999, 10)",
+    )
+    .await;
     let lines: Vec<String> = socket_until(&mut ws, is_sentinel)
         .await
         .iter()
@@ -345,11 +354,18 @@ async fn the_socket_and_the_webhook_carry_the_same_unchanged_toast_for_the_same_
         .await
         .pop()
         .unwrap();
-    assert_eq!(ws_payload["unchangedToast"], json!(["body"]), "{ws_payload}");
+    assert_eq!(
+        ws_payload["unchangedToast"],
+        json!(["body"]),
+        "{ws_payload}"
+    );
     assert_eq!(ws_payload["record"], json!({ "id": 1, "n": 1 }));
     // Field by field, but for the envelope each channel adds.
     let data = &hook_body["data"];
-    assert_eq!(data["unchangedToast"], ws_payload["unchangedToast"], "{hook_body}");
+    assert_eq!(
+        data["unchangedToast"], ws_payload["unchangedToast"],
+        "{hook_body}"
+    );
     assert_eq!(data["new"], ws_payload["record"]);
     assert_eq!(data["old"], ws_payload["old"]);
     assert_eq!(hook_body["event_id"], ws_payload["id"]);
@@ -364,19 +380,44 @@ async fn the_socket_and_the_webhook_carry_the_same_unchanged_toast_for_the_same_
     ws_fields.sort();
     assert_eq!(
         ws_fields,
-        ["commitTimestamp", "id", "lsn", "old", "operation", "record", "schema", "table", "unchangedToast"]
+        [
+            "commitTimestamp",
+            "id",
+            "lsn",
+            "old",
+            "operation",
+            "record",
+            "schema",
+            "table",
+            "unchangedToast"
+        ]
     );
-    let mut data_fields: Vec<&str> = data.as_object().unwrap().keys().map(String::as_str).collect();
+    let mut data_fields: Vec<&str> = data
+        .as_object()
+        .unwrap()
+        .keys()
+        .map(String::as_str)
+        .collect();
     data_fields.sort();
     assert_eq!(data_fields, ["new", "old", "unchangedToast"]);
 
     // Nothing to say, nothing said: a full row carries no unchangedToast on either channel.
-    app.rows(&f.admin, &f.project, "UPDATE docs SET n = 2, body = 'short' WHERE id = 1")
-        .await;
+    app.rows(
+        &f.admin,
+        &f.project,
+        "UPDATE docs SET n = 2, body = 'short' WHERE id = 1",
+    )
+    .await;
     let ws_payload = socket_until(&mut ws, updated).await.pop().unwrap();
-    let hook_body = hooks_until(&rx, |b| b["data"]["new"]["n"] == 2).await.pop().unwrap();
+    let hook_body = hooks_until(&rx, |b| b["data"]["new"]["n"] == 2)
+        .await
+        .pop()
+        .unwrap();
     assert!(ws_payload.get("unchangedToast").is_none(), "{ws_payload}");
-    assert!(hook_body["data"].get("unchangedToast").is_none(), "{hook_body}");
+    assert!(
+        hook_body["data"].get("unchangedToast").is_none(),
+        "{hook_body}"
+    );
 }
 
 const ODD_NAMES: [&str; 7] = [
@@ -470,4 +511,309 @@ async fn odd_table_names_are_quoted_as_postgresql_quotes_them_in_every_event_of_
         expected.push("CREATE TABLE public.sentinel public.sentinel".into());
         assert_eq!(lines, expected);
     }
+}
+
+/// What `test_decoding` printed for one transaction: its end LSN (the COMMIT row's) and its
+/// first LSN (the BEGIN row's), and its lines.
+struct OracleTx {
+    first: String,
+    end: String,
+    lines: Vec<String>,
+}
+
+/// The id column of a test_decoding tuple: `id[integer]:N` of the new tuple.
+fn oracle_id(data: &str) -> &str {
+    let tuple = data.rsplit_once("new-tuple:").map_or(data, |(_, t)| t);
+    let at = tuple.find("id[integer]:").expect("an id column") + "id[integer]:".len();
+    let rest = &tuple[at..];
+    &rest[..rest.find(' ').unwrap_or(rest.len())]
+}
+
+/// Columns test_decoding printed as `unchanged-toast-datum`.
+fn oracle_unchanged(data: &str) -> Vec<String> {
+    data.split(' ')
+        .filter(|w| w.ends_with(":unchanged-toast-datum"))
+        .map(|w| w[..w.find('[').unwrap()].to_string())
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_independent_decoder_on_a_second_slot_agrees_on_every_change_its_order_and_its_id() {
+    let app = spawn_app_with(|c| c.cdc_decoding_work_mem_kb = Some(64)).await;
+    let f = app.fixture().await;
+    let db = app
+        .app
+        .load_project(&f.project)
+        .await
+        .unwrap()
+        .unwrap()
+        .db_name;
+    let pg = pg().await;
+    // The commit record's start LSN (the id's first half) read from the WAL itself.
+    let walinspect = pg.client(&pg.create_database().await).await;
+    walinspect
+        .batch_execute("CREATE EXTENSION pg_walinspect")
+        .await
+        .unwrap();
+    let superuser = pg.client(&db).await;
+    let slot = crate::support::unique("oracle");
+    superuser
+        .query(
+            "SELECT pg_create_logical_replication_slot($1, 'test_decoding')",
+            &[&slot],
+        )
+        .await
+        .unwrap();
+    // Our side: every bus event until the sentinel, read as it comes (a large transaction
+    // must not overflow the queue of a reader that waits).
+    let mut sub = app.app.bus.project(&f.project).subscribe();
+    let reader = tokio::spawn(async move {
+        let mut out = Vec::new();
+        loop {
+            let e = crate::cdc::next_event_within(&mut sub, Duration::from_secs(60)).await;
+            let done = e.table.as_deref() == Some("t")
+                && e.record
+                    .as_deref()
+                    .is_some_and(|r| r.starts_with("{\"id\":999,"));
+            out.push(e);
+            if done {
+                return out;
+            }
+        }
+    });
+
+    app.rows(&f.admin, &f.project, PARTITIONS).await;
+    app.rows(
+        &f.admin,
+        &f.project,
+        "CREATE TABLE t (id int PRIMARY KEY, v text, big text); ALTER TABLE t REPLICA IDENTITY DEFAULT;
+         CREATE TABLE w (id int PRIMARY KEY, pad text)",
+    )
+    .await;
+    let workload = [
+        "INSERT INTO t SELECT g, 'v', CASE WHEN g = 1 THEN (SELECT string_agg(md5(random()::text), '') FROM generate_series(1, 320)) END FROM generate_series(1, 5) g",
+        // TOAST: the unchanged value is not sent (replica identity DEFAULT).
+        "UPDATE t SET v = 'x' WHERE id = 1",
+        "BEGIN; INSERT INTO t VALUES (6); SAVEPOINT s; INSERT INTO t VALUES (7); ROLLBACK TO s; INSERT INTO t VALUES (8); COMMIT",
+        "INSERT INTO m VALUES (1, 10), (2, 60), (3, 150); TRUNCATE ONLY m2; INSERT INTO m VALUES (4, 160)",
+        r#"TRUNCATE "M 1a""#,
+        "INSERT INTO m VALUES (5, 10), (6, 60); TRUNCATE m1; INSERT INTO m VALUES (7, 70)",
+        "TRUNCATE m2, m",
+        "ALTER TABLE m ATTACH PARTITION loose FOR VALUES FROM (200) TO (300); INSERT INTO m VALUES (8, 250); TRUNCATE loose",
+        "ALTER TABLE t ADD COLUMN extra int; UPDATE t SET extra = 1 WHERE id = 2; SELECT realtime.broadcast('mid', '{}')",
+        "DELETE FROM t WHERE id = 3",
+        // Streamed: far over logical_decoding_work_mem.
+        "INSERT INTO w SELECT g, repeat('p', 200) FROM generate_series(1, 2000) g; TRUNCATE t; INSERT INTO t VALUES (30)",
+    ];
+    for sql in workload {
+        app.rows(&f.admin, &f.project, sql).await;
+    }
+    // Interleaved writers: B commits first.
+    let other = pg.client(&db).await;
+    superuser
+        .batch_execute("BEGIN; INSERT INTO t VALUES (20)")
+        .await
+        .unwrap();
+    other
+        .batch_execute("BEGIN; INSERT INTO t VALUES (21)")
+        .await
+        .unwrap();
+    superuser
+        .batch_execute("INSERT INTO m VALUES (22, 60)")
+        .await
+        .unwrap();
+    other.batch_execute("COMMIT").await.unwrap();
+    superuser.batch_execute("COMMIT").await.unwrap();
+    app.rows(&f.admin, &f.project, "INSERT INTO t VALUES (999)")
+        .await;
+    let ours = tokio::time::timeout(Duration::from_secs(90), reader)
+        .await
+        .expect("the sentinel never arrived")
+        .unwrap();
+
+    // Names and ancestry of every relation, to fold partitions as the publication does.
+    let rels = superuser
+        .query(
+            "SELECT format('%I.%I', n.nspname, c.relname), r.relname::text,
+                    coalesce((SELECT array_agg(format('%I.%I', an.nspname, ac.relname))
+                              FROM pg_partition_ancestors(c.oid) a
+                              JOIN pg_class ac ON ac.oid = a.relid
+                              JOIN pg_namespace an ON an.oid = ac.relnamespace
+                              WHERE a.relid <> c.oid), '{}')
+             FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+             JOIN pg_class r ON r.oid = coalesce(pg_partition_root(c.oid), c.oid)
+             WHERE n.nspname = 'public' AND c.relkind IN ('r', 'p')",
+            &[],
+        )
+        .await
+        .unwrap();
+    let root_of = |q: &str| -> String {
+        rels.iter()
+            .find(|r| r.get::<_, String>(0) == q)
+            .unwrap_or_else(|| panic!("unknown relation {q}"))
+            .get(1)
+    };
+    let ancestors_of = |q: &str| -> Vec<String> {
+        rels.iter()
+            .find(|r| r.get::<_, String>(0) == q)
+            .unwrap_or_else(|| panic!("unknown relation {q}"))
+            .get(2)
+    };
+
+    // The oracle.
+    let changes = superuser
+        .query(
+            "SELECT lsn::text, data FROM pg_logical_slot_get_changes($1, NULL, NULL, 'skip-empty-xacts', '0')",
+            &[&slot],
+        )
+        .await
+        .unwrap();
+    let mut oracle: Vec<OracleTx> = Vec::new();
+    for row in &changes {
+        let (lsn, data): (String, String) = (row.get(0), row.get(1));
+        if data.starts_with("BEGIN") {
+            oracle.push(OracleTx {
+                first: lsn,
+                end: String::new(),
+                lines: Vec::new(),
+            });
+            continue;
+        }
+        let tx = oracle
+            .last_mut()
+            .unwrap_or_else(|| panic!("a change outside a transaction: {data}"));
+        if data.starts_with("COMMIT") {
+            tx.end = lsn;
+        } else if let Some(msg) = data.strip_prefix("message: transactional: 1 prefix: ") {
+            let (prefix, rest) = msg.split_once(", sz: ").unwrap();
+            let content = &rest[rest.find("content:").unwrap() + "content:".len() + 64..];
+            let body: Value = serde_json::from_str(content).unwrap();
+            match prefix {
+                "fluxbase.ddl" => tx.lines.push(format!(
+                    "DDL {} {}",
+                    body["command"].as_str().unwrap(),
+                    body["object"].as_str().unwrap_or("-")
+                )),
+                "fluxbase.broadcast" => tx
+                    .lines
+                    .push(format!("BROADCAST {}", body["event"].as_str().unwrap())),
+                // How a partition's TRUNCATE reaches our stream; the oracle has the TRUNCATE.
+                "fluxbase.truncate" => {}
+                other => panic!("unexpected message prefix {other}"),
+            }
+        } else if let Some(rest) = data.strip_prefix("table ") {
+            let (names, change) = rest.split_once(": ").unwrap();
+            let (op, tuple) = change.split_once(':').unwrap();
+            if op == "TRUNCATE" {
+                let listed: Vec<&str> = names.split(", ").collect();
+                for q in &listed {
+                    if ancestors_of(q).iter().any(|a| listed.contains(&a.as_str())) {
+                        continue;
+                    }
+                    tx.lines.push(format!("TRUNCATE {} {q}", root_of(q)));
+                }
+            } else {
+                let mut line = format!("{op} {} {}", root_of(names), oracle_id(tuple));
+                let unchanged = oracle_unchanged(tuple);
+                if !unchanged.is_empty() {
+                    line.push_str(&format!(" toast={unchanged:?}"));
+                }
+                tx.lines.push(line);
+            }
+        } else {
+            panic!("unexpected test_decoding line {data}");
+        }
+    }
+    superuser
+        .query("SELECT pg_drop_replication_slot($1)", &[&slot])
+        .await
+        .unwrap();
+
+    // Ours, grouped by transaction (end LSN).
+    let mut mine: Vec<(String, Vec<String>)> = Vec::new();
+    for e in &ours {
+        let p: Value = serde_json::from_str(&e.payload).unwrap();
+        let line = match &e.kind {
+            fluxbase::bus::EventKind::Row { operation } => {
+                let mut line = format!(
+                    "{operation} {} {}",
+                    p["table"].as_str().unwrap(),
+                    p["record"]["id"]
+                );
+                if !e.unchanged_toast.is_empty() {
+                    line.push_str(&format!(" toast={:?}", e.unchanged_toast));
+                }
+                line
+            }
+            fluxbase::bus::EventKind::Schema { command } if command == "TRUNCATE" => format!(
+                "TRUNCATE {} {}",
+                p["table"].as_str().unwrap(),
+                p["object"].as_str().unwrap()
+            ),
+            fluxbase::bus::EventKind::Schema { command } => {
+                format!("DDL {command} {}", p["object"].as_str().unwrap_or("-"))
+            }
+            fluxbase::bus::EventKind::Broadcast { event } => format!("BROADCAST {event}"),
+        };
+        let end = e.end_lsn.to_string();
+        match mine.last_mut() {
+            Some((last, lines)) if *last == end => lines.push(line),
+            _ => mine.push((end, vec![line])),
+        }
+    }
+    // Transactions with nothing to publish (catalog changes only) publish nothing.
+    oracle.retain(|t| !t.lines.is_empty());
+    let theirs: Vec<(String, Vec<String>)> = oracle
+        .iter()
+        .map(|t| (t.end.clone(), t.lines.clone()))
+        .collect();
+    let summary = |txs: &[(String, Vec<String>)]| -> Vec<String> {
+        txs.iter()
+            .map(|(end, lines)| format!("{end} {} {:?}", lines.len(), &lines[..lines.len().min(6)]))
+            .collect()
+    };
+    assert_eq!(summary(&mine), summary(&theirs));
+    for (m, t) in mine.iter().zip(&theirs) {
+        assert_eq!(m, t);
+    }
+    assert!(
+        theirs
+            .iter()
+            .flat_map(|(_, l)| l)
+            .any(|l| l == r#"TRUNCATE m public."M 1a""#),
+        "the workload has a partition's TRUNCATE"
+    );
+    assert!(
+        theirs
+            .iter()
+            .flat_map(|(_, l)| l)
+            .any(|l| l.contains("toast=[\"big\"]")),
+        "the workload has an unchanged TOAST value"
+    );
+
+    // Ids: the commit record's start (from the WAL) and the index in the transaction.
+    let mut at = 0;
+    for t in &oracle {
+        let commit: String = walinspect
+            .query_one(
+                "SELECT start_lsn::text FROM pg_get_wal_records_info($1::text::pg_lsn, $2::text::pg_lsn)
+                 WHERE resource_manager = 'Transaction' AND record_type LIKE 'COMMIT%'
+                   AND end_lsn = $2::text::pg_lsn",
+                &[&t.first, &t.end],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        let commit: fluxbase_replication::pgoutput::Lsn = commit.parse().unwrap();
+        for index in 0..t.lines.len() {
+            assert_eq!(
+                ours[at].id,
+                format!("{:016X}-{index:08X}", commit.0),
+                "{}",
+                t.lines[index]
+            );
+            at += 1;
+        }
+    }
+    assert_eq!(at, ours.len());
 }
