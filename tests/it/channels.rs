@@ -255,7 +255,8 @@ async fn a_partitions_truncate_reaches_sockets_and_webhooks_named_as_its_root_wi
 }
 
 #[tokio::test]
-async fn a_tenant_can_neither_forge_a_truncate_nor_silence_a_partitions_one() {
+async fn a_tenant_can_neither_forge_a_truncate_nor_silence_a_partitions_one_and_statements_stay_apart(
+) {
     let app = app().await;
     let f = app.fixture().await;
     let mut ws = socket(&app, &f, None).await;
@@ -309,12 +310,27 @@ async fn a_tenant_can_neither_forge_a_truncate_nor_silence_a_partitions_one() {
         ))
         .await
         .unwrap();
+    app.rows(&f.admin, &f.project, "TRUNCATE m1b").await;
+    // What one statement truncated does not carry over to the next one of the transaction,
+    // and a TRUNCATE run by a trigger is a statement of its own.
     app.rows(
         &f.admin,
         &f.project,
-        "TRUNCATE m1b; INSERT INTO m VALUES (999, 10)",
+        "BEGIN; TRUNCATE m; TRUNCATE m2; COMMIT",
     )
     .await;
+    app.rows(
+        &f.admin,
+        &f.project,
+        "CREATE TABLE n (id int) PARTITION BY LIST (id); CREATE TABLE n1 PARTITION OF n FOR VALUES IN (1);
+         CREATE FUNCTION side() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN TRUNCATE n1; RETURN NULL; END $$;
+         CREATE TRIGGER side BEFORE TRUNCATE ON m FOR EACH STATEMENT EXECUTE FUNCTION side();
+         CREATE TRIGGER side_after AFTER TRUNCATE ON m FOR EACH STATEMENT EXECUTE FUNCTION side()",
+    )
+    .await;
+    app.rows(&f.admin, &f.project, "TRUNCATE m").await;
+    app.rows(&f.admin, &f.project, "INSERT INTO m VALUES (999, 10)")
+        .await;
     let lines: Vec<String> = socket_until(&mut ws, is_sentinel)
         .await
         .iter()
@@ -325,6 +341,11 @@ async fn a_tenant_can_neither_forge_a_truncate_nor_silence_a_partitions_one() {
         vec![
             "TRUNCATE m public.m2 [public.m2]",
             "TRUNCATE m public.m1b [public.m1b]",
+            "TRUNCATE m public.m",
+            "TRUNCATE m public.m2 [public.m2]",
+            "TRUNCATE n public.n1 [public.n1]",
+            "TRUNCATE m public.m",
+            "TRUNCATE n public.n1 [public.n1]",
             "INSERT m 999",
         ]
     );
