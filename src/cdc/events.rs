@@ -410,7 +410,8 @@ pub fn finish(
                 "lsn": lsn,
             });
             if let Some(part) = partition {
-                payload["partition"] = serde_json::json!({ "schema": part.schema, "table": part.table });
+                payload["partition"] =
+                    serde_json::json!({ "schema": part.schema, "table": part.table });
             }
             Event {
                 id,
@@ -473,5 +474,51 @@ mod tests {
             _ => panic!(),
         }
         assert!(ddl(b"not json").is_none());
+    }
+
+    fn schema_parts(p: Pending) -> (Option<String>, Option<String>, Option<PartitionName>) {
+        match p {
+            Pending::Schema {
+                table,
+                object,
+                partition,
+                ..
+            } => (table, object, partition),
+            _ => panic!("not a schema event"),
+        }
+    }
+
+    #[test]
+    fn ddl_messages_name_odd_tables_and_columns_unquoted() {
+        for (object_type, object, table) in [
+            ("table", r#""My Schema"."Order Items""#, "Order Items"),
+            ("table", r#"public."a.b""#, "a.b"),
+            ("table", r#"public."say ""hi""""#, r#"say "hi""#),
+            ("table column", r#"public."a.b"."c.d""#, "a.b"),
+            ("index", r#"public."a.b_pkey""#, ""),
+        ] {
+            let body = serde_json::json!({ "command": "ALTER TABLE", "objectType": object_type,
+                "schema": "public", "object": object });
+            let (t, o, _) = schema_parts(ddl(body.to_string().as_bytes()).unwrap());
+            assert_eq!(t.as_deref().unwrap_or(""), table, "{object}");
+            assert_eq!(o.as_deref(), Some(object));
+        }
+    }
+
+    #[test]
+    fn a_partitions_truncate_names_its_root_and_the_partition_quoted() {
+        let body = br#"{"schema":"public","table":"Events","partition":{"schema":"old data","table":"events_2024"}}"#;
+        let (table, object, partition) = schema_parts(partition_truncate(body).unwrap());
+        assert_eq!(table.as_deref(), Some("Events"));
+        assert_eq!(object.as_deref(), Some(r#""old data".events_2024"#));
+        assert_eq!(
+            partition,
+            Some(PartitionName {
+                schema: "old data".into(),
+                table: "events_2024".into()
+            })
+        );
+        assert!(partition_truncate(br#"{"schema":"public","table":"t"}"#).is_none());
+        assert!(partition_truncate(b"[]").is_none());
     }
 }

@@ -838,3 +838,27 @@ async fn an_independent_decoder_on_a_second_slot_agrees_on_every_change_its_orde
     }
     assert_eq!(at, ours.len());
 }
+
+#[tokio::test]
+async fn names_are_quoted_exactly_as_the_servers_quote_ident_quotes_them() {
+    let client = pg().await.client("postgres").await;
+    let rows = client
+        .query(
+            "SELECT n, quote_ident(n) FROM (SELECT word FROM pg_get_keywords()
+               UNION ALL SELECT unnest($1::text[])) AS w(n)",
+            &[&ODD_NAMES
+                .iter()
+                .chain(&[
+                    "", "_x", "x1", "1x", "a$b", "Ab", "ÿ", "a\"", "select", "data",
+                ])
+                .map(|s| s.to_string())
+                .collect::<Vec<_>>()],
+        )
+        .await
+        .unwrap();
+    assert!(rows.len() > 400, "every keyword of the server");
+    for r in rows {
+        let (name, quoted): (String, String) = (r.get(0), r.get(1));
+        assert_eq!(fluxbase::cdc::names::quote_ident(&name), quoted, "{name}");
+    }
+}
