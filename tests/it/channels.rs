@@ -862,3 +862,64 @@ async fn names_are_quoted_exactly_as_the_servers_quote_ident_quotes_them() {
         assert_eq!(fluxbase::cdc::names::quote_ident(&name), quoted, "{name}");
     }
 }
+
+#[tokio::test]
+async fn partitions_made_before_the_migration_get_their_truncate_triggers_at_start_up() {
+    let app = app().await;
+    let f = app.fixture().await;
+    let db = app
+        .app
+        .load_project(&f.project)
+        .await
+        .unwrap()
+        .unwrap()
+        .db_name;
+    let superuser = pg().await.client(&db).await;
+    // A project as it was before migration 7: nothing gives new partitions the triggers.
+    superuser
+        .batch_execute(
+            "DROP EVENT TRIGGER fluxbase_partitions; DROP EVENT TRIGGER fluxbase_partitions_drop",
+        )
+        .await
+        .unwrap();
+    app.rows(&f.admin, &f.project, PARTITIONS).await;
+    let triggers = "SELECT count(*) FROM pg_trigger WHERE tgname LIKE 'fluxbase_truncate%'";
+    let count = |rows: Vec<tokio_postgres::Row>| rows[0].get::<_, i64>(0);
+    assert_eq!(count(superuser.query(triggers, &[]).await.unwrap()), 0);
+    app.app
+        .control
+        .get()
+        .await
+        .unwrap()
+        .execute(
+            "UPDATE fluxbase.projects SET bootstrap_version = 6 WHERE id = $1",
+            &[&f.project],
+        )
+        .await
+        .unwrap();
+    let app = crate::support::start_with(app.crash()).await;
+    // m, m1, "M 1a", m1b, m2: two each.
+    assert_eq!(count(superuser.query(triggers, &[]).await.unwrap()), 10);
+    let mut ws = socket(&app, &f, None).await;
+    app.rows(
+        &f.admin,
+        &f.project,
+        r#"TRUNCATE "M 1a"; CREATE TABLE m3 PARTITION OF m FOR VALUES FROM (300) TO (400);
+           TRUNCATE m3; INSERT INTO m VALUES (999, 10)"#,
+    )
+    .await;
+    let lines: Vec<String> = socket_until(&mut ws, is_sentinel)
+        .await
+        .iter()
+        .map(socket_line)
+        .collect();
+    assert_eq!(
+        truncates_and_rows(lines),
+        [
+            r#"TRUNCATE m public."M 1a" [public.M 1a]"#,
+            "TRUNCATE m public.m3 [public.m3]",
+            "INSERT m 999",
+        ]
+    );
+    app.stop().await;
+}
