@@ -192,7 +192,10 @@ pub struct Pending {
 impl Pending {
     /// Reads and checks the record (an error when its segment was trimmed meanwhile).
     pub fn read(&self) -> std::io::Result<Event> {
-        let mut f = File::open(&self.path)?;
+        self.read_from(&mut File::open(&self.path)?)
+    }
+
+    fn read_from(&self, f: &mut File) -> std::io::Result<Event> {
         f.seek(SeekFrom::Start(self.offset))?;
         let mut buf = vec![0u8; HEADER + self.len as usize];
         f.read_exact(&mut buf)?;
@@ -203,6 +206,23 @@ impl Pending {
         }
         decode(&buf[HEADER..]).ok_or_else(bad)
     }
+}
+
+/// Reads a batch of records, each segment file opened once.
+pub fn read_all(chunk: Vec<Pending>) -> Vec<(String, std::io::Result<Event>)> {
+    let mut open: Option<(PathBuf, File)> = None;
+    let mut out = Vec::with_capacity(chunk.len());
+    for p in chunk {
+        let result = (|| {
+            if open.as_ref().is_none_or(|(path, _)| path != &p.path) {
+                open = Some((p.path.clone(), File::open(&p.path)?));
+            }
+            let (_, f) = open.as_mut().expect("opened");
+            p.read_from(f)
+        })();
+        out.push((p.id, result));
+    }
+    out
 }
 
 fn header(buf: &[u8]) -> Option<(u32, u32)> {
@@ -483,10 +503,7 @@ impl History {
     /// records went.
     pub fn trim(&mut self, now_ms: i64) -> std::io::Result<usize> {
         let mut dropped = 0;
-        loop {
-            let Some(oldest) = self.segments.front() else {
-                break;
-            };
+        while let Some(oldest) = self.segments.front() {
             let is_current = self.segments.len() == 1;
             let too_old = oldest.count > 0 && now_ms - oldest.newest_ms > self.limits.age_ms;
             let over = self.entries.len() > self.limits.events || self.bytes > self.limits.bytes;
@@ -595,7 +612,7 @@ mod tests {
         let whole = std::fs::read(&seg).unwrap();
         // A crash mid-write: the last record is cut short.
         std::fs::write(&seg, &whole[..whole.len() - 7]).unwrap();
-        let mut h = History::open(&d, limits()).unwrap();
+        let h = History::open(&d, limits()).unwrap();
         assert_eq!(h.len(), 4);
         assert_eq!(h.last_id(), Some(id(4).as_str()));
         let trimmed = std::fs::metadata(&seg).unwrap().len() as usize;
