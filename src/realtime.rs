@@ -106,9 +106,10 @@ fn over_limit(
     room: Option<&str>,
 ) -> bool {
     if limits.strike() {
-        socket.close.fire("rate_limit", &format!(
-            "rate limit exceeded: too many {what} (refused {RATE_STRIKES} times)"
-        ));
+        socket.close.fire(
+            "rate_limit",
+            &format!("rate limit exceeded: too many {what} (refused {RATE_STRIKES} times)"),
+        );
         return false;
     }
     let mut e = json!({ "type": "error", "code": "RATE_LIMIT",
@@ -1060,8 +1061,7 @@ impl Room {
         let mut n = 0;
         let mut full = Vec::new();
         for (id, m) in state.members.iter() {
-            if m.catching_up.is_some() || Some(*id) == except || !m.interest.wants(event, &record)
-            {
+            if m.catching_up.is_some() || Some(*id) == except || !m.interest.wants(event, &record) {
                 continue;
             }
             match m.socket.offer(message) {
@@ -1139,8 +1139,7 @@ impl Room {
                 h.after(pos.as_deref(), CATCH_UP_CHUNK)
             };
             let Ok(events) =
-                tokio::task::spawn_blocking(move || crate::realtime_history::read_all(chunk))
-                    .await
+                tokio::task::spawn_blocking(move || crate::realtime_history::read_all(chunk)).await
             else {
                 return;
             };
@@ -1180,7 +1179,11 @@ fn next_broadcast_id(last: Option<&str>) -> String {
     let last = last.unwrap_or(ZERO);
     let mut parts = last.splitn(3, '-');
     let (lsn, index, seq) = (parts.next(), parts.next(), parts.next());
-    match (lsn, index, seq.and_then(|s| u32::from_str_radix(s, 16).ok())) {
+    match (
+        lsn,
+        index,
+        seq.and_then(|s| u32::from_str_radix(s, 16).ok()),
+    ) {
         (Some(lsn), Some(index), Some(seq)) => {
             format!("{lsn}-{index}-{:08X}", seq.saturating_add(1))
         }

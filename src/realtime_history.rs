@@ -434,7 +434,8 @@ impl History {
         let offset = seg.bytes;
         self.buffer
             .extend_from_slice(&(payload.len() as u32).to_le_bytes());
-        self.buffer.extend_from_slice(&crc32(&payload).to_le_bytes());
+        self.buffer
+            .extend_from_slice(&crc32(&payload).to_le_bytes());
         self.buffer.extend_from_slice(&payload);
         let size = (HEADER + payload.len()) as u64;
         seg.bytes += size;
@@ -483,7 +484,10 @@ impl History {
         if self.buffer.is_empty() {
             return Ok(());
         }
-        let file = self.file.as_mut().expect("a buffer implies an open segment");
+        let file = self
+            .file
+            .as_mut()
+            .expect("a buffer implies an open segment");
         let result = file.write_all(&self.buffer);
         self.buffer.clear();
         self.dirty = true;
@@ -665,14 +669,7 @@ mod tests {
         assert!(!h.accepts(Some(&id(1))));
         assert_eq!(h.after(Some(&id(38)), 10).len(), 2);
         // Age: everything older than the limit goes, the floor moves to the newest id.
-        let mut h = History::open(
-            &d,
-            Limits {
-                age_ms: 10,
-                ..l
-            },
-        )
-        .unwrap();
+        let mut h = History::open(&d, Limits { age_ms: 10, ..l }).unwrap();
         h.trim(1000).unwrap();
         assert!(h.is_empty());
         assert!(h.accepts(Some(&id(40))));
