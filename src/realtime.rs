@@ -760,11 +760,6 @@ impl Realtime {
             out,
             "# HELP fluxbase_realtime_catching_up Subscriptions reading their backlog from the history at their own pace.\n# TYPE fluxbase_realtime_catching_up gauge\nfluxbase_realtime_catching_up {catching_up}"
         );
-        let _ = writeln!(
-            out,
-            "# HELP fluxbase_realtime_sockets Open WebSockets.\n# TYPE fluxbase_realtime_sockets gauge\nfluxbase_realtime_sockets {}",
-            self.sockets.load(Ordering::Relaxed)
-        );
         out.push_str("# HELP fluxbase_realtime_cutoffs_total Sockets closed with 1008, by reason (queue_bytes, stalled, window, rate_limit).\n# TYPE fluxbase_realtime_cutoffs_total counter\n");
         let counts = self.cut_offs.lock().expect("poisoned").clone();
         for reason in ["queue_bytes", "stalled", "window", "rate_limit"] {
@@ -1021,7 +1016,8 @@ impl Room {
             }
             if let Some(h) = history.as_mut() {
                 if let Err(e) = h.append(&event, now_ms) {
-                    tracing::error!(room = self.room_id, error = %e, "writing the realtime history");
+                    tracing::error!(room = self.room_id, error = %e, "writing the realtime history: resumes from before this event are refused");
+                    h.mark_gap(&event.id);
                 }
             }
             let message = frame(kind_of(&event), &self.room_id, &event);
@@ -1476,7 +1472,8 @@ impl App {
                 // Written now; made durable by the pump's next tick.
                 let now_ms = chrono::Utc::now().timestamp_millis();
                 if let Err(e) = h.append(&event, now_ms).and_then(|_| h.flush()) {
-                    tracing::error!(room = room.room_id, error = %e, "writing the realtime history");
+                    tracing::error!(room = room.room_id, error = %e, "writing the realtime history: resumes from before this broadcast are refused");
+                    h.mark_gap(&event.id);
                 }
             }
         }
@@ -1520,7 +1517,7 @@ impl App {
         };
         let last_id = history
             .as_ref()
-            .and_then(|h| h.last_id().map(str::to_string));
+            .and_then(|h| h.last_seen().map(str::to_string));
         let room = Arc::new(Room {
             room_id: format!("project_{project_id}"),
             state: Mutex::new(RoomState {
@@ -2104,6 +2101,34 @@ mod tests {
         assert_ne!(rt.revocations("p1"), rechecked);
         assert_ne!(rt.revocations("p2"), other);
         assert!(rt.bound_keys().is_empty());
+    }
+
+    #[test]
+    fn a_cloned_message_shares_its_payload() {
+        let m = Message::text("x".repeat(4096));
+        let c = m.clone();
+        match (&m, &c) {
+            (Message::Text(a), Message::Text(b)) => {
+                assert_eq!(a.as_str().as_ptr(), b.as_str().as_ptr())
+            }
+            _ => unreachable!(),
+        }
+    }
+
+    #[test]
+    fn broadcast_ids_sort_after_the_last_id_and_before_the_next_event() {
+        let first = next_broadcast_id(None);
+        assert_eq!(first, "0000000000000000-00000000-00000001");
+        let event = "00000000025FB560-00000003";
+        let b1 = next_broadcast_id(Some(event));
+        assert_eq!(b1, "00000000025FB560-00000003-00000001");
+        let b2 = next_broadcast_id(Some(&b1));
+        assert_eq!(b2, "00000000025FB560-00000003-00000002");
+        let next_event = "00000000025FB560-00000004";
+        assert!(event < b1.as_str() && b1 < b2 && b2.as_str() < next_event);
+        assert!(b2.as_str() < "00000000025FB561-00000000");
+        assert_eq!(commit_lsn_of(&b2), Some(Lsn(0x25F_B560)));
+        assert_eq!(commit_lsn_of("00000000025FB560-00000003-0001"), None);
     }
 
     #[test]

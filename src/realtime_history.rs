@@ -364,6 +364,26 @@ impl History {
         self.entries.back().map(|e| e.id.as_str())
     }
 
+    /// The newest id the history vouches for: its last record, or its floor when everything
+    /// was trimmed (replays at or below it are not stored again).
+    pub fn last_seen(&self) -> Option<&str> {
+        match (self.last_id(), self.floor.as_deref()) {
+            (Some(last), Some(floor)) => Some(last.max(floor)),
+            (last, floor) => last.or(floor),
+        }
+    }
+
+    /// An event could not be stored: a resume from before it must not pass over the gap, so
+    /// the floor moves up to it.
+    pub fn mark_gap(&mut self, id: &str) {
+        if self.floor.as_deref().is_none_or(|f| id > f) {
+            if let Err(e) = self.write_floor(id) {
+                tracing::error!(error = %e, "realtime history: recording a gap");
+                self.floor = Some(id.to_string());
+            }
+        }
+    }
+
     pub fn len(&self) -> usize {
         self.entries.len()
     }

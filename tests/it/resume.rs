@@ -386,7 +386,13 @@ async fn broadcasts_carry_sortable_ids_and_since_replays_each_once_across_a_rest
     .await;
     let mut watcher = subscribed(&server.base, &p, None).await;
     // Once this row has arrived, the room has seen everything before it (the CREATE TABLE).
-    sql(&server.base, &p.admin, &p.project, "INSERT INTO t VALUES (0)").await;
+    sql(
+        &server.base,
+        &p.admin,
+        &p.project,
+        "INSERT INTO t VALUES (0)",
+    )
+    .await;
     assert_eq!(row(&mut watcher).await.0, 0);
     let mut sender = connect(&server.base).await;
     send(
