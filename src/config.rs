@@ -691,6 +691,25 @@ mod tests {
     }
 
     #[test]
+    fn realtime_queue_bytes_and_stall_come_from_the_environment() {
+        let mut c = Config::default();
+        assert_eq!(
+            (c.realtime_send_queue_bytes, c.realtime_client_stall_secs),
+            (1024 * 1024, 30)
+        );
+        c.apply_env(|k| match k {
+            "FLUXBASE_REALTIME_SEND_QUEUE_BYTES" => Some("65536".into()),
+            "FLUXBASE_REALTIME_CLIENT_STALL_SECS" => Some("5".into()),
+            _ => None,
+        })
+        .unwrap();
+        assert_eq!(
+            (c.realtime_send_queue_bytes, c.realtime_client_stall_secs),
+            (65536, 5)
+        );
+    }
+
+    #[test]
     fn environment_overrides_defaults() {
         let mut c = Config::default();
         c.apply_env(|k| match k {
