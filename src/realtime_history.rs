@@ -409,13 +409,19 @@ impl History {
         }
     }
 
-    /// Up to `max` records after `since` (from the beginning with `None`), to read without
-    /// the lock.
-    pub fn after(&self, since: Option<&str>, max: usize) -> Vec<Pending> {
+    /// Up to `max` records and about `max_bytes` (at least one record) after `since` (from the
+    /// beginning with `None`), to read without the lock.
+    pub fn after(&self, since: Option<&str>, max: usize, max_bytes: u64) -> Vec<Pending> {
         let start = since.map_or(0, |s| self.entries.partition_point(|e| e.id.as_str() <= s));
+        let mut bytes = 0u64;
         self.entries
             .range(start..)
             .take(max)
+            .take_while(|e| {
+                let first = bytes == 0;
+                bytes += e.len as u64;
+                first || bytes <= max_bytes
+            })
             .map(|e| Pending {
                 id: e.id.clone(),
                 path: self.segment_path(e.seg),
@@ -655,7 +661,7 @@ mod tests {
         drop(h);
         let h = History::open(&d, limits()).unwrap();
         let got: Vec<String> = h
-            .after(None, 100)
+            .after(None, 100, u64::MAX)
             .iter()
             .map(|p| p.read().unwrap().record.unwrap())
             .collect();
@@ -679,7 +685,7 @@ mod tests {
             h.trim(0).unwrap();
         }
         assert!(h.len() <= 32 && h.len() >= 30, "{}", h.len());
-        let first_kept = h.after(None, 1)[0].id.clone();
+        let first_kept = h.after(None, 1, u64::MAX)[0].id.clone();
         assert!(h.accepts(Some(&first_kept)));
         assert!(!h.accepts(Some(&id(1))));
         assert!(!h.accepts(None));
@@ -687,7 +693,11 @@ mod tests {
         drop(h);
         let h = History::open(&d, l).unwrap();
         assert!(!h.accepts(Some(&id(1))));
-        assert_eq!(h.after(Some(&id(38)), 10).len(), 2);
+        assert_eq!(h.after(Some(&id(38)), 10, u64::MAX).len(), 2);
+        // A byte bound: at least one record, then as many as fit.
+        assert_eq!(h.after(Some(&id(30)), 10, 1).len(), 1);
+        let one = h.after(Some(&id(30)), 1, u64::MAX)[0].len as u64;
+        assert_eq!(h.after(Some(&id(30)), 10, 3 * one).len(), 3);
         // Age: everything older than the limit goes, the floor moves to the newest id.
         let mut h = History::open(&d, Limits { age_ms: 10, ..l }).unwrap();
         h.trim(1000).unwrap();
