@@ -38,7 +38,10 @@ async fn call(
     if let Some(t) = token {
         req = req.bearer_auth(t);
     }
-    let resp = req.json(&body).send().await.expect("request");
+    if !body.is_null() {
+        req = req.json(&body);
+    }
+    let resp = req.send().await.expect("request");
     let status = resp.status().as_u16();
     let text = resp.text().await.unwrap();
     (
@@ -549,5 +552,92 @@ async fn sigterm_closes_every_socket_with_1001_before_the_server_exits() {
         let close = close.expect("a close frame with a code");
         assert_eq!(close.code, CloseCode::Away, "{close:?}");
         assert_eq!(close.reason.as_str(), "server shutting down");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_resumers_each_get_the_backlog_once_and_a_deleted_project_loses_its_history() {
+    const SOCKETS: usize = 12;
+    let server = ServerProcess::start(&[("FLUXBASE_REALTIME_SEND_QUEUE_BYTES", "32768")]).await;
+    let p = project(&server.base).await;
+    sql(
+        &server.base,
+        &p.admin,
+        &p.project,
+        "CREATE TABLE t (id int); CREATE TABLE other (id int)",
+    )
+    .await;
+    let mut ws = subscribed(&server.base, &p, None).await;
+    sql(
+        &server.base,
+        &p.admin,
+        &p.project,
+        "INSERT INTO t VALUES (0)",
+    )
+    .await;
+    let (_, since) = row(&mut ws).await;
+    drop(ws);
+    sql(
+        &server.base,
+        &p.admin,
+        &p.project,
+        "INSERT INTO t SELECT g FROM generate_series(1, 10000) g;
+         INSERT INTO other SELECT g FROM generate_series(10001, 10100) g",
+    )
+    .await;
+    let mut readers = Vec::new();
+    for i in 0..SOCKETS {
+        let (base, since, room_id, read) = (
+            server.base.clone(),
+            since.clone(),
+            room(&p.project),
+            p.read.clone(),
+        );
+        readers.push(tokio::spawn(async move {
+            let mut ws = connect(&base).await;
+            let mut msg =
+                json!({ "type": "subscribe", "roomId": room_id, "token": read, "since": since });
+            // Every third one only wants the other table: the filter applies to the backlog.
+            let filtered = i % 3 == 0;
+            if filtered {
+                msg["filter"] = json!({ "tables": ["other"] });
+            }
+            send(&mut ws, msg).await;
+            assert_eq!(next(&mut ws).await["type"], "subscribed");
+            let range = if filtered { 10001..=10100 } else { 1..=10100 };
+            for want in range {
+                assert_eq!(row(&mut ws).await.0, want, "socket {i}");
+                if i % 2 == 1 && want % 1000 == 0 {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            }
+            nothing_more(&mut ws).await;
+        }));
+    }
+    for r in readers {
+        tokio::time::timeout(Duration::from_secs(300), r)
+            .await
+            .expect("a resumer never finished")
+            .unwrap();
+    }
+
+    let dir = server.dir.join("realtime").join(&p.project);
+    assert!(dir.is_dir(), "{}", dir.display());
+    let (status, body) = call(
+        &server.base,
+        "DELETE",
+        &format!("/api/projects?projectId={}", p.project),
+        Some(&p.admin),
+        Value::Null,
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while dir.exists() {
+        assert!(
+            Instant::now() < deadline,
+            "the history outlived its project"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
