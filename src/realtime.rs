@@ -69,7 +69,7 @@ const CATCH_UP_CHUNK_BYTES: u64 = 256 * 1024;
 /// Events the pump stores (and fsyncs) at a time.
 const PUMP_BATCH: usize = 1024;
 /// How often the pump makes what was stored since durable and trims by age when idle.
-const PUMP_TICK: Duration = Duration::from_millis(200);
+const PUMP_TICK: Duration = Duration::from_millis(500);
 /// How long a graceful shutdown waits for the sockets it closed with 1001.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 /// How long a socket whose writer ended waits for the client's close frame.

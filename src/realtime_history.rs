@@ -353,6 +353,12 @@ impl History {
                     len: (payload.len()) as u32,
                 });
             }
+            if seg.count == 0 {
+                // Empty, or all at or below the floor (a crash between recording the floor and
+                // deleting the segment): nothing to keep.
+                let _ = std::fs::remove_file(&path);
+                continue;
+            }
             h.bytes += seg.bytes;
             h.segments.push_back(seg);
         }
