@@ -2,9 +2,10 @@
 //! `/realtime`).
 //!
 //! ```text
-//!  ProjectBus ──durable subscription──► Room pump ── one Message per event (shared bytes) ──┐
-//!                                         │ history: last N events / T minutes (resume)      │
-//!                                         └─ members: socket id → (queue, filter) ◄──────────┘
+//!  ProjectBus ──durable subscription──► Room pump ──► history on disk (crate::realtime_history)
+//!                 (from server start)      │  fsync per batch, then ack   ▲ read at the socket's
+//!                                          │                              │ pace (catching up)
+//!                                          └─► live members: one Message per event (shared bytes)
 //!  socket: reader (client messages, idle timeout) ─┐   writer (queue → sink, pings, close)
 //! ```
 //!
@@ -13,14 +14,22 @@
 //!   commit at or after the WAL insert position read during its subscribe: one committed after
 //!   the client has `subscribed` is delivered; one committed before never is, even when it was
 //!   still on its way, or when a new room's subscription rewinds the stream and replays it.
-//! * With `since`, the retained events after that id are sent first, in the same critical
-//!   section, then live ones: nothing missing, nothing twice. An id the room cannot vouch for
-//!   (trimmed from its history, or older than the room and not among what it holds, as after a
-//!   restart) gets `RESUME_TOO_OLD` and live events, never a silent gap.
-//! * The room's pump is a durable bus subscriber: the stream waits for it rather than dropping
-//!   it, so a room never misses an event; it drops replays (ids at or below the last it saw).
-//! * Each socket has one bounded send queue. A socket whose queue is full is closed with code
-//!   1008 and a reason; the room goes on for everyone else.
+//! * Every project whose stream runs has a room from server start; its pump stores each event in
+//!   the project's durable history and acknowledges a transaction only once it is fsynced, so
+//!   the slot is never confirmed past what the history holds. It drops replays (ids at or below
+//!   the last it stored, which survives restarts).
+//! * A member is live (the pump pushes to it) or catching up (a task of its own reads the
+//!   history after its position as the socket drains, then joins live under the room's lock:
+//!   nothing missing, nothing twice). `since` starts a member catching up; an id the history
+//!   cannot vouch for (trimmed, or older than the history) gets `RESUME_TOO_OLD` and live
+//!   events, never a silent gap. `Interest::wants` is the one per-event decision of both.
+//! * A socket's queue is bounded in bytes (`realtime_send_queue_bytes`): a live member past it
+//!   catches up from the history instead of being cut off. A socket is closed with 1008 and a
+//!   reason only when its client stops reading (no write progress for
+//!   `realtime_client_stall_secs`), falls out of the retained window, or lets four times the
+//!   budget queue up; the room goes on for everyone else.
+//! * Broadcasts carry ids: SQL ones their WAL id, client and REST ones `<last id>-<seq>`, stored
+//!   in the history in order. A graceful shutdown closes every socket with 1001.
 //! * What one client may send is bounded per socket, so that a flooder is the one cut off and
 //!   not the sockets it floods: broadcasts (count and payload bytes per second) and subscribes
 //!   (per second) go through token buckets; one over its bucket is refused with a `RATE_LIMIT`
