@@ -198,6 +198,8 @@ impl Running {
 
     /// Stops accepting, lets in-flight requests finish, then stops the embedded cluster.
     pub async fn stop(mut self) {
+        // Realtime clients first: 1001 ("going away"), so that they reconnect at once.
+        self.app.realtime.close_all_sockets().await;
         if let Some(tx) = self.shutdown.take() {
             let _ = tx.send(());
         }

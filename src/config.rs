@@ -96,6 +96,14 @@ pub struct Config {
     /// Seconds a WebSocket may stay open without being subscribed to any room (from its
     /// upgrade, or from its last unsubscribe); then it is closed (0: no limit).
     pub realtime_unsubscribed_timeout_secs: u64,
+    /// Bytes queued for one WebSocket past which the room stops pushing live events to it: it
+    /// then catches up from the room's durable history at the pace it reads. Other messages
+    /// (answers, errors) are queued up to four times this; beyond that the socket is closed
+    /// with 1008. Memory per socket stays within about four times this.
+    pub realtime_send_queue_bytes: usize,
+    /// Seconds a WebSocket may make no progress sending what is queued for it (the client stopped
+    /// reading) before it is closed with 1008.
+    pub realtime_client_stall_secs: u64,
     /// Broadcasts entering one project's room from SQL (`realtime.broadcast`) and `POST
     /// /api/realtime/broadcast` per second, all callers together (burst: one second's worth;
     /// 0: no limit). Beyond it SQL broadcasts are dropped and counted, REST ones answered 429.
@@ -181,6 +189,8 @@ impl Default for Config {
             realtime_broadcast_bytes_per_sec: 256 * 1024,
             realtime_subscribes_per_sec: 10,
             realtime_unsubscribed_timeout_secs: 30,
+            realtime_send_queue_bytes: 1024 * 1024,
+            realtime_client_stall_secs: 30,
             realtime_project_broadcasts_per_sec: 100,
             realtime_project_broadcast_bytes_per_sec: 1024 * 1024,
             header_read_timeout_secs: 20,
@@ -457,6 +467,20 @@ impl Config {
             }
         );
         env!(
+            "FLUXBASE_REALTIME_SEND_QUEUE_BYTES",
+            |k, v: String| -> Result<()> {
+                self.realtime_send_queue_bytes = parse(k, &v)?;
+                Ok(())
+            }
+        );
+        env!(
+            "FLUXBASE_REALTIME_CLIENT_STALL_SECS",
+            |k, v: String| -> Result<()> {
+                self.realtime_client_stall_secs = parse(k, &v)?;
+                Ok(())
+            }
+        );
+        env!(
             "FLUXBASE_REALTIME_PROJECT_BROADCASTS_PER_SEC",
             |k, v: String| -> Result<()> {
                 self.realtime_project_broadcasts_per_sec = parse(k, &v)?;
@@ -664,6 +688,25 @@ mod tests {
         assert!(Config::default()
             .apply_env(|k| (k == "FLUXBASE_METRICS_ADDR").then(|| "nowhere".into()))
             .is_err());
+    }
+
+    #[test]
+    fn realtime_queue_bytes_and_stall_come_from_the_environment() {
+        let mut c = Config::default();
+        assert_eq!(
+            (c.realtime_send_queue_bytes, c.realtime_client_stall_secs),
+            (1024 * 1024, 30)
+        );
+        c.apply_env(|k| match k {
+            "FLUXBASE_REALTIME_SEND_QUEUE_BYTES" => Some("65536".into()),
+            "FLUXBASE_REALTIME_CLIENT_STALL_SECS" => Some("5".into()),
+            _ => None,
+        })
+        .unwrap();
+        assert_eq!(
+            (c.realtime_send_queue_bytes, c.realtime_client_stall_secs),
+            (65536, 5)
+        );
     }
 
     #[test]

@@ -22,6 +22,7 @@ pub mod metrics;
 pub mod projects;
 pub mod ratelimit;
 pub mod realtime;
+pub mod realtime_history;
 pub mod rls;
 pub mod secrets;
 pub mod sql;

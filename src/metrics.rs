@@ -294,7 +294,8 @@ pub fn answer(
         Some(e) => crate::http::error_response(&e),
         None => warp::reply::with_header(
             app.metrics
-                .render(app.sql.connection_count(), &app.cdc.all_status()),
+                .render(app.sql.connection_count(), &app.cdc.all_status())
+                + &app.realtime.render_metrics(),
             "content-type",
             "text/plain; version=0.0.4",
         )

@@ -2,9 +2,10 @@
 //! `/realtime`).
 //!
 //! ```text
-//!  ProjectBus ──durable subscription──► Room pump ── one Message per event (shared bytes) ──┐
-//!                                         │ history: last N events / T minutes (resume)      │
-//!                                         └─ members: socket id → (queue, filter) ◄──────────┘
+//!  ProjectBus ──durable subscription──► Room pump ──► history on disk (crate::realtime_history)
+//!                 (from server start)      │  fsync per batch, then ack   ▲ read at the socket's
+//!                                          │                              │ pace (catching up)
+//!                                          └─► live members: one Message per event (shared bytes)
 //!  socket: reader (client messages, idle timeout) ─┐   writer (queue → sink, pings, close)
 //! ```
 //!
@@ -13,14 +14,22 @@
 //!   commit at or after the WAL insert position read during its subscribe: one committed after
 //!   the client has `subscribed` is delivered; one committed before never is, even when it was
 //!   still on its way, or when a new room's subscription rewinds the stream and replays it.
-//! * With `since`, the retained events after that id are sent first, in the same critical
-//!   section, then live ones: nothing missing, nothing twice. An id the room cannot vouch for
-//!   (trimmed from its history, or older than the room and not among what it holds, as after a
-//!   restart) gets `RESUME_TOO_OLD` and live events, never a silent gap.
-//! * The room's pump is a durable bus subscriber: the stream waits for it rather than dropping
-//!   it, so a room never misses an event; it drops replays (ids at or below the last it saw).
-//! * Each socket has one bounded send queue. A socket whose queue is full is closed with code
-//!   1008 and a reason; the room goes on for everyone else.
+//! * Every project whose stream runs has a room from server start; its pump stores each event in
+//!   the project's durable history and acknowledges a transaction only once it is fsynced, so
+//!   the slot is never confirmed past what the history holds. It drops replays (ids at or below
+//!   the last it stored, which survives restarts).
+//! * A member is live (the pump pushes to it) or catching up (a task of its own reads the
+//!   history after its position as the socket drains, then joins live under the room's lock:
+//!   nothing missing, nothing twice). `since` starts a member catching up; an id the history
+//!   cannot vouch for (trimmed, or older than the history) gets `RESUME_TOO_OLD` and live
+//!   events, never a silent gap. `Interest::wants` is the one per-event decision of both.
+//! * A socket's queue is bounded in bytes (`realtime_send_queue_bytes`): a live member past it
+//!   catches up from the history instead of being cut off. A socket is closed with 1008 and a
+//!   reason only when its client stops reading (no write progress for
+//!   `realtime_client_stall_secs`), falls out of the retained window, or lets four times the
+//!   budget queue up; the room goes on for everyone else.
+//! * Broadcasts carry ids: SQL ones their WAL id, client and REST ones `<last id>-<seq>`, stored
+//!   in the history in order. A graceful shutdown closes every socket with 1001.
 //! * What one client may send is bounded per socket, so that a flooder is the one cut off and
 //!   not the sockets it floods: broadcasts (count and payload bytes per second) and subscribes
 //!   (per second) go through token buckets; one over its bucket is refused with a `RATE_LIMIT`
@@ -39,7 +48,7 @@
 //!   small (at most [`MAX_MESSAGE`]), so sockets read through a [`READ_BUFFER`]-byte buffer and
 //!   an idle socket costs a few KiB instead of ~140 KiB.
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -60,10 +69,20 @@ use crate::app::App;
 use crate::auth::{Access, Principal};
 use crate::bus::{Event, EventKind};
 use crate::error::{ApiError, ApiResult};
+use crate::realtime_history::{History, Limits};
 use fluxbase_replication::pgoutput::Lsn;
 
-/// Messages a socket may have queued before it counts as too slow.
-pub const SEND_QUEUE: usize = 1024;
+/// Events, and bytes, a catching-up member reads from the history at a time (at least one).
+const CATCH_UP_CHUNK: usize = 256;
+const CATCH_UP_CHUNK_BYTES: u64 = 256 * 1024;
+/// Events the pump stores (and fsyncs) at a time.
+const PUMP_BATCH: usize = 1024;
+/// How often the pump makes what was stored since durable and trims by age when idle.
+const PUMP_TICK: Duration = Duration::from_millis(500);
+/// How long a graceful shutdown waits for the sockets it closed with 1001.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+/// How long a socket whose writer ended waits for the client's close frame.
+const CLOSE_REPLY: Duration = Duration::from_secs(1);
 /// Largest client message accepted.
 pub const MAX_MESSAGE: usize = 64 * 1024;
 /// Rooms one socket may join.
@@ -97,9 +116,10 @@ fn over_limit(
     room: Option<&str>,
 ) -> bool {
     if limits.strike() {
-        socket.close.fire(&format!(
-            "rate limit exceeded: too many {what} (refused {RATE_STRIKES} times)"
-        ));
+        socket.close.fire(
+            "rate_limit",
+            &format!("rate limit exceeded: too many {what} (refused {RATE_STRIKES} times)"),
+        );
         return false;
     }
     let mut e = json!({ "type": "error", "code": "RATE_LIMIT",
@@ -301,43 +321,145 @@ impl Filter {
     }
 }
 
-/// Why and when a socket's writer cuts it off (code 1008 with the reason), whatever is queued.
-#[derive(Default)]
+/// Sockets cut off, by reason (`/metrics`).
+type CutOffCounts = Arc<Mutex<BTreeMap<&'static str, u64>>>;
+
+/// Why and when a socket's writer cuts it off (code 1008 with the reason, or 1001 when the
+/// server shuts down), whatever is queued.
 struct CutOff {
-    reason: Mutex<Option<String>>,
+    reason: Mutex<Option<(CloseCode, String)>>,
     /// Wakes the writer (its only waiter).
     notify: Notify,
+    counts: CutOffCounts,
 }
 
 impl CutOff {
-    /// The first reason given wins.
-    fn fire(&self, reason: &str) {
-        let mut r = self.reason.lock().expect("poisoned");
-        if r.is_none() {
-            *r = Some(reason.to_string());
-            self.notify.notify_one();
+    fn new(counts: CutOffCounts) -> CutOff {
+        CutOff {
+            reason: Mutex::new(None),
+            notify: Notify::new(),
+            counts,
         }
+    }
+
+    /// Closes with 1008; `kind` is the metric's reason label. The first reason given wins.
+    fn fire(&self, kind: &'static str, reason: &str) {
+        if self.set(CloseCode::Policy, reason) {
+            *self
+                .counts
+                .lock()
+                .expect("poisoned")
+                .entry(kind)
+                .or_default() += 1;
+        }
+    }
+
+    /// Closes with 1001 (the server is going away).
+    fn away(&self, reason: &str) {
+        self.set(CloseCode::Away, reason);
+    }
+
+    fn set(&self, code: CloseCode, reason: &str) -> bool {
+        let mut r = self.reason.lock().expect("poisoned");
+        if r.is_some() {
+            return false;
+        }
+        *r = Some((code, reason.to_string()));
+        self.notify.notify_one();
+        true
+    }
+
+    fn fired(&self) -> bool {
+        self.reason.lock().expect("poisoned").is_some()
     }
 }
 
-/// What a socket shares with the rooms it joined.
+/// What became of a live event offered to a socket.
+enum Offer {
+    Queued,
+    /// Not queued: the socket is past its high-water mark (it catches up instead).
+    Full,
+    Gone,
+}
+
+/// What a socket shares with the rooms it joined. Its queue is bounded in bytes, not messages:
+/// a message is shared bytes (a tungstenite `Message` clones its payload by reference count),
+/// so what a socket holds is what `queued` counts.
 struct SocketShared {
     id: u64,
-    tx: mpsc::Sender<Message>,
-    /// Fired when the queue overflowed (or the client broke its limits); the writer closes.
+    tx: mpsc::UnboundedSender<Message>,
+    /// Fired when the client broke its limits or stopped reading; the writer closes.
     close: Arc<CutOff>,
+    /// Bytes queued and not yet written to the connection.
+    queued: Arc<AtomicUsize>,
+    /// Notified by the writer whenever it has written something.
+    drained: Arc<Notify>,
+    /// High-water mark of `queued` for live events (`realtime_send_queue_bytes`); other
+    /// messages may queue up to [`SocketShared::hard_limit`].
+    limit: usize,
 }
 
 impl SocketShared {
-    /// Queues a message; a full queue marks the socket too slow.
+    fn hard_limit(&self) -> usize {
+        self.limit.saturating_mul(4)
+    }
+
+    fn enqueue(&self, msg: Message) -> bool {
+        let len = msg.len();
+        self.queued.fetch_add(len, Ordering::AcqRel);
+        if self.tx.send(msg).is_err() {
+            self.queued.fetch_sub(len, Ordering::AcqRel);
+            return false;
+        }
+        true
+    }
+
+    /// Queues an answer, error or replayed event; past the hard limit the socket is cut off as
+    /// too slow.
     fn push(&self, msg: Message) -> bool {
-        match self.tx.try_send(msg) {
-            Ok(()) => true,
-            Err(mpsc::error::TrySendError::Full(_)) => {
-                self.close.fire("client too slow: send queue full");
-                false
+        if self.queued.load(Ordering::Acquire) + msg.len() > self.hard_limit() {
+            self.close.fire(
+                "queue_bytes",
+                &format!(
+                    "client too slow: more than {} bytes queued",
+                    self.hard_limit()
+                ),
+            );
+            return false;
+        }
+        self.enqueue(msg)
+    }
+
+    /// Offers a live event: refused once the queue is past its high-water mark (a message
+    /// larger than the mark still goes to an empty queue).
+    fn offer(&self, msg: &Message) -> Offer {
+        if self.tx.is_closed() || self.close.fired() {
+            return Offer::Gone;
+        }
+        let queued = self.queued.load(Ordering::Acquire);
+        if queued > 0 && queued + msg.len() > self.limit {
+            return Offer::Full;
+        }
+        if self.enqueue(msg.clone()) {
+            Offer::Queued
+        } else {
+            Offer::Gone
+        }
+    }
+
+    /// Waits until the queue is below its high-water mark; false once the socket is closing.
+    async fn room_to_send(&self) -> bool {
+        loop {
+            if self.tx.is_closed() || self.close.fired() {
+                return false;
             }
-            Err(mpsc::error::TrySendError::Closed(_)) => false,
+            let drained = self.drained.notified();
+            tokio::pin!(drained);
+            drained.as_mut().enable();
+            if self.queued.load(Ordering::Acquire) < self.limit {
+                return true;
+            }
+            let _ = tokio::time::timeout(Duration::from_secs(1), drained).await;
         }
     }
 }
@@ -421,13 +543,27 @@ struct KeyBinding {
     fingerprint: String,
 }
 
-struct Member {
-    socket: Arc<SocketShared>,
+/// What a member is to receive: the one decision, per event, of live delivery and of
+/// catching up from the history alike.
+struct Interest {
     filter: Filter,
     /// Live events of transactions that committed before the subscribe (commit LSN below this)
     /// are not this member's: they reach a new room again when its subscription rewinds the
     /// stream, or were still on their way when it joined.
     committed_from: Lsn,
+}
+
+impl Interest {
+    fn wants(&self, event: &Event, record: &dyn Fn() -> Value) -> bool {
+        event.commit_lsn >= self.committed_from && self.filter.matches(event, record)
+    }
+}
+
+struct Member {
+    socket: Arc<SocketShared>,
+    interest: Arc<Interest>,
+    /// Catching up from the history (its task's epoch) rather than live.
+    catching_up: Option<u64>,
     /// The project member this subscription acts for (a session, or a realtime token a member
     /// obtained): it ends when the member is removed.
     user: Option<String>,
@@ -435,33 +571,23 @@ struct Member {
     key: Option<KeyBinding>,
 }
 
-struct Retained {
-    event: Arc<Event>,
-    message: Message,
-    at: Instant,
-    /// What it holds in memory (counted against [`Retention::bytes`]).
-    bytes: usize,
-}
-
 #[derive(Default)]
 struct RoomState {
     members: HashMap<u64, Member>,
-    history: VecDeque<Retained>,
-    /// Sum of `bytes` over `history`.
-    history_bytes: usize,
     /// Id of the last event that entered the room (replays at or below it are dropped).
     last_id: Option<String>,
-    /// History was trimmed: ids at or below this one are gone.
-    trimmed_through: Option<String>,
-    /// The room has every event whose commit LSN is at or above this (set at its first
-    /// subscribe, after its bus subscription was registered); older ones only if replayed.
-    complete_from: Option<Lsn>,
+    /// Epochs of catch-up tasks (a member's task ends when its epoch is no longer current).
+    next_epoch: u64,
 }
 
 /// One project's room.
 pub struct Room {
     room_id: String,
+    /// Locked after `state` when both are needed.
     state: Mutex<RoomState>,
+    /// The durable resume history (`None`: it could not be opened; resumes are refused).
+    history: Mutex<Option<History>>,
+    dir: std::path::PathBuf,
     /// The project's budget for broadcasts from SQL and the REST API: (count, bytes) per
     /// second, so that a flood of them never overflows every member's queue at once.
     budget: Mutex<(Bucket, Bucket)>,
@@ -482,6 +608,9 @@ pub struct Realtime {
     /// Revocations possibly missed in every project at once (the access listener was
     /// disconnected).
     revoked_everywhere: AtomicU64,
+    /// Every open socket's cut-off, to close them all with 1001 on shutdown.
+    open: Mutex<HashMap<u64, Arc<CutOff>>>,
+    cut_offs: CutOffCounts,
 }
 
 impl Realtime {
@@ -546,11 +675,26 @@ impl Realtime {
     }
 
     /// Closes a project's room: members get an error and are removed (suspension, deletion).
+    /// A suspended project's room keeps recording its history (as the project keeps its other
+    /// data); a deleted one (`PROJECT_NOT_FOUND`) is dropped with its history.
     pub fn close_project(&self, project_id: &str, code: &str, message: &str) {
-        let room = self.rooms.lock().expect("poisoned").remove(project_id);
+        let deleted = code == "PROJECT_NOT_FOUND";
+        let room = if deleted {
+            self.rooms.lock().expect("poisoned").remove(project_id)
+        } else {
+            self.room(project_id)
+        };
         if let Some(room) = room {
-            if let Some(task) = room.pump.lock().expect("poisoned").take() {
-                task.abort();
+            if deleted {
+                if let Some(task) = room.pump.lock().expect("poisoned").take() {
+                    task.abort();
+                }
+                *room.history.lock().expect("poisoned") = None;
+                if let Err(e) = std::fs::remove_dir_all(&room.dir) {
+                    if e.kind() != std::io::ErrorKind::NotFound {
+                        tracing::warn!(error = %e, dir = %room.dir.display(), "removing a deleted project's realtime history");
+                    }
+                }
             }
             let members = std::mem::take(&mut room.state.lock().expect("poisoned").members);
             let msg = Message::text(
@@ -561,6 +705,81 @@ impl Realtime {
                 m.socket.push(msg.clone());
             }
         }
+    }
+
+    /// Closes every socket with 1001 ("server shutting down") and waits, at most
+    /// [`SHUTDOWN_GRACE`], for them to finish closing.
+    pub async fn close_all_sockets(&self) {
+        let open: Vec<Arc<CutOff>> = self
+            .open
+            .lock()
+            .expect("poisoned")
+            .values()
+            .cloned()
+            .collect();
+        for c in &open {
+            c.away("server shutting down");
+        }
+        let deadline = tokio::time::Instant::now() + SHUTDOWN_GRACE;
+        while self.sockets.load(Ordering::Acquire) > 0 && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// The realtime series of `/metrics`.
+    pub fn render_metrics(&self) -> String {
+        use std::fmt::Write;
+        let rooms: Vec<(String, Arc<Room>)> = self
+            .rooms
+            .lock()
+            .expect("poisoned")
+            .iter()
+            .map(|(p, r)| (p.clone(), r.clone()))
+            .collect();
+        let mut out = String::new();
+        let mut bytes = String::new();
+        let mut events = String::new();
+        let mut catching_up = 0usize;
+        for (project, room) in &rooms {
+            catching_up += room
+                .state
+                .lock()
+                .expect("poisoned")
+                .members
+                .values()
+                .filter(|m| m.catching_up.is_some())
+                .count();
+            if let Some(h) = room.history.lock().expect("poisoned").as_ref() {
+                let _ = writeln!(
+                    bytes,
+                    "fluxbase_realtime_history_bytes{{project=\"{project}\"}} {}",
+                    h.bytes()
+                );
+                let _ = writeln!(
+                    events,
+                    "fluxbase_realtime_history_events{{project=\"{project}\"}} {}",
+                    h.len()
+                );
+            }
+        }
+        out.push_str("# HELP fluxbase_realtime_history_bytes Bytes of a project's durable resume history on disk.\n# TYPE fluxbase_realtime_history_bytes gauge\n");
+        out.push_str(&bytes);
+        out.push_str("# HELP fluxbase_realtime_history_events Events in a project's durable resume history.\n# TYPE fluxbase_realtime_history_events gauge\n");
+        out.push_str(&events);
+        let _ = writeln!(
+            out,
+            "# HELP fluxbase_realtime_catching_up Subscriptions reading their backlog from the history at their own pace.\n# TYPE fluxbase_realtime_catching_up gauge\nfluxbase_realtime_catching_up {catching_up}"
+        );
+        out.push_str("# HELP fluxbase_realtime_cutoffs_total Sockets closed with 1008, by reason (queue_bytes, stalled, window, rate_limit).\n# TYPE fluxbase_realtime_cutoffs_total counter\n");
+        let counts = self.cut_offs.lock().expect("poisoned").clone();
+        for reason in ["queue_bytes", "stalled", "window", "rate_limit"] {
+            let _ = writeln!(
+                out,
+                "fluxbase_realtime_cutoffs_total{{reason=\"{reason}\"}} {}",
+                counts.get(reason).copied().unwrap_or(0)
+            );
+        }
+        out
     }
 
     /// A project's room, if it has one on this server.
@@ -660,53 +879,92 @@ impl Realtime {
 
 /// A socket's writer: its queue (and pings) to the connection. It holds no sender of its own
 /// queue, so it ends once the reader and the rooms have dropped theirs (queue sent, then a close
-/// frame), when the connection fails, or when `cut_off` fires (too slow, or over its limits):
-/// that also interrupts a send stuck on a client that stopped reading, and the socket is closed
-/// with 1008 and the reason. Closing is bounded by [`CLOSE_GRACE`]; the reader ends when the
-/// writer does.
+/// frame), when the connection fails, or when `cut_off` fires (over its limits, or the server
+/// shuts down): that also interrupts a send stuck on a client that stopped reading, and the
+/// socket is closed with the code and reason. A write that makes no progress for `stall` (the
+/// client stopped reading) cuts the socket off with 1008. Closing is bounded by
+/// [`CLOSE_GRACE`]; the reader ends when the writer does.
 async fn write_socket(
     mut sink: futures_util::stream::SplitSink<WebSocket, Message>,
-    mut rx: mpsc::Receiver<Message>,
+    mut rx: mpsc::UnboundedReceiver<Message>,
     cut_off_by: Arc<CutOff>,
+    queued: Arc<AtomicUsize>,
+    drained: Arc<Notify>,
+    stall: Duration,
 ) {
     let cut = &cut_off_by.notify;
     let mut ping = tokio::time::interval(PING_EVERY);
     ping.tick().await;
     let cut_off = loop {
-        let msg = tokio::select! {
+        let (msg, counted) = tokio::select! {
             msg = rx.recv() => match msg {
-                Some(m) => m,
+                Some(m) => (m, true),
                 None => break false,
             },
-            _ = ping.tick() => Message::Ping(Default::default()),
+            _ = ping.tick() => (Message::Ping(Default::default()), false),
             _ = cut.notified() => break true,
         };
         // What is already queued goes out in the same write: one flush per batch, not per
-        // message (measured: ~2.5x the delivered messages/s at 1,000 subscribers).
+        // message (measured: ~2.5x the delivered messages/s at 1,000 subscribers). Each step
+        // (a message handed to the connection, the flush) must make progress within `stall`.
+        let mut sent_bytes = if counted { msg.len() } else { 0 };
         let batch = async {
-            sink.feed(msg).await?;
+            progress(stall, sink.feed(msg)).await?;
             for _ in 1..64 {
                 match rx.try_recv() {
-                    Ok(m) => sink.feed(m).await?,
+                    Ok(m) => {
+                        sent_bytes += m.len();
+                        progress(stall, sink.feed(m)).await?
+                    }
                     Err(_) => break,
                 }
             }
-            sink.flush().await
+            progress(stall, sink.flush()).await
         };
         tokio::select! {
-            sent = batch => if sent.is_err() { return },
+            sent = batch => match sent {
+                Ok(()) => {}
+                Err(Stop::Failed) => return,
+                Err(Stop::Stalled) => {
+                    cut_off_by.fire(
+                        "stalled",
+                        &format!("client stopped reading: nothing could be sent for {} s", stall.as_secs()),
+                    );
+                    break true;
+                }
+            },
             _ = cut.notified() => break true,
         }
+        queued.fetch_sub(sent_bytes, Ordering::AcqRel);
+        drained.notify_waiters();
     };
     let goodbye = async {
         if cut_off {
             let reason = cut_off_by.reason.lock().expect("poisoned").clone();
-            let reason = reason.unwrap_or_else(|| "policy violation".into());
-            let _ = sink.send(close_frame(CloseCode::Policy, &reason)).await;
+            let (code, reason) = reason.unwrap_or((CloseCode::Policy, "policy violation".into()));
+            let _ = sink.send(close_frame(code, &reason)).await;
         }
         let _ = sink.close().await;
     };
     let _ = tokio::time::timeout(CLOSE_GRACE, goodbye).await;
+}
+
+/// Why a write to a socket did not complete.
+enum Stop {
+    Failed,
+    Stalled,
+}
+
+/// A write step that must complete within `stall`.
+async fn progress(
+    stall: Duration,
+    step: impl std::future::Future<Output = Result<(), WsError>>,
+) -> Result<(), Stop> {
+    match tokio::time::timeout(stall, step).await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(_)) => Err(Stop::Failed),
+        Err(_) => Err(Stop::Stalled),
+    }
 }
 
 fn frame(kind: &str, room_id: &str, event: &Event) -> Message {
@@ -714,7 +972,8 @@ fn frame(kind: &str, room_id: &str, event: &Event) -> Message {
         EventKind::Broadcast { .. } => {
             // The payload is {"event", "payload"}: splice roomId and type around it.
             let inner = event.payload.trim_start_matches('{');
-            format!("{{\"type\":\"broadcast\",\"roomId\":\"{room_id}\",{inner}")
+            let id = &event.id;
+            format!("{{\"type\":\"broadcast\",\"roomId\":\"{room_id}\",\"id\":\"{id}\",{inner}")
         }
         _ => format!(
             "{{\"type\":\"{kind}\",\"roomId\":\"{room_id}\",\"payload\":{}}}",
@@ -750,40 +1009,71 @@ impl Room {
         true
     }
 
-    /// An event not delivered: its id still counts as seen (replays are dropped).
-    fn skip(&self, event: &Event) {
-        let mut state = self.state.lock().expect("poisoned");
-        if state
-            .last_id
-            .as_deref()
-            .is_none_or(|last| event.id.as_str() > last)
-        {
-            state.last_id = Some(event.id.clone());
-        }
-    }
-
-    /// Fans one event out to the members whose filter matches, and keeps it for resumes.
-    fn deliver(
-        &self,
-        event: Arc<Event>,
-        retention: Retention,
+    /// Stores a batch of the stream's events in the history and fans each out to the live
+    /// members that want it (`skip`: over the broadcast budget, seen but not delivered). The
+    /// history is written (not fsynced) before the locks are released, so a catching-up member
+    /// can read all it was told about.
+    fn ingest(
+        self: &Arc<Room>,
+        events: Vec<(Arc<Event>, bool)>,
         max_broadcast: usize,
         delivered: &AtomicU64,
     ) {
-        if matches!(event.kind, EventKind::Broadcast { .. }) && event.payload.len() > max_broadcast
-        {
-            // Never fanned out nor retained; its id still counts as seen (replays are dropped).
-            tracing::warn!(
-                room = self.room_id,
-                id = event.id,
-                bytes = event.payload.len(),
-                limit = max_broadcast,
-                "a broadcast from SQL is over realtime_max_broadcast_bytes: dropped"
-            );
-            self.skip(&event);
-            return;
+        let now_ms = chrono::Utc::now().timestamp_millis();
+        let mut state = self.state.lock().expect("poisoned");
+        let mut history = self.history.lock().expect("poisoned");
+        for (event, skip) in events {
+            if state
+                .last_id
+                .as_deref()
+                .is_some_and(|last| event.id.as_str() <= last)
+            {
+                continue; // a replay after a stream rewind or a restart: already stored
+            }
+            let oversized = matches!(event.kind, EventKind::Broadcast { .. })
+                && event.payload.len() > max_broadcast;
+            if oversized {
+                tracing::warn!(
+                    room = self.room_id,
+                    id = event.id,
+                    bytes = event.payload.len(),
+                    limit = max_broadcast,
+                    "a broadcast from SQL is over realtime_max_broadcast_bytes: dropped"
+                );
+            }
+            if skip || oversized {
+                // Never fanned out nor retained; its id still counts as seen.
+                state.last_id = Some(event.id.clone());
+                continue;
+            }
+            if let Some(h) = history.as_mut() {
+                if let Err(e) = h.append(&event, now_ms) {
+                    tracing::error!(room = self.room_id, error = %e, "writing the realtime history: resumes from before this event are refused");
+                    h.mark_gap(&event.id);
+                }
+            }
+            let message = frame(kind_of(&event), &self.room_id, &event);
+            let n = self.fan_out(&mut state, &event, &message, None);
+            delivered.fetch_add(n as u64, Ordering::Relaxed);
         }
-        let message = frame(kind_of(&event), &self.room_id, &event);
+        if let Some(h) = history.as_mut() {
+            if let Err(e) = h.flush().and_then(|_| h.trim(now_ms)) {
+                tracing::error!(room = self.room_id, error = %e, "writing the realtime history");
+            }
+        }
+    }
+
+    /// Hands one stored event to the live members that want it (except `except`); a member
+    /// whose queue is past its high-water mark starts catching up from the event before this
+    /// one instead of being cut off. Returns how many got it now.
+    fn fan_out(
+        self: &Arc<Room>,
+        state: &mut RoomState,
+        event: &Event,
+        message: &Message,
+        except: Option<u64>,
+    ) -> usize {
+        let before = state.last_id.replace(event.id.clone());
         let parsed = std::cell::OnceCell::new();
         let record = || {
             parsed
@@ -796,48 +1086,136 @@ impl Room {
                 })
                 .clone()
         };
-        let mut state = self.state.lock().expect("poisoned");
-        if state
-            .last_id
-            .as_deref()
-            .is_some_and(|last| event.id.as_str() <= last)
-        {
-            return; // a replay after a stream rewind: already delivered
-        }
-        state.last_id = Some(event.id.clone());
         let mut n = 0;
-        for m in state.members.values() {
-            if event.commit_lsn >= m.committed_from
-                && m.filter.matches(&event, &record)
-                && m.socket.push(message.clone())
-            {
-                n += 1;
+        let mut full = Vec::new();
+        for (id, m) in state.members.iter() {
+            if m.catching_up.is_some() || Some(*id) == except || !m.interest.wants(event, &record) {
+                continue;
+            }
+            match m.socket.offer(message) {
+                Offer::Queued => n += 1,
+                Offer::Full => full.push(*id),
+                Offer::Gone => {}
             }
         }
-        delivered.fetch_add(n, Ordering::Relaxed);
-        let now = Instant::now();
-        let bytes = message.len()
-            + event.payload.len()
-            + event.record.as_ref().map_or(0, String::len)
-            + event.old.as_ref().map_or(0, String::len);
-        state.history_bytes += bytes;
-        state.history.push_back(Retained {
-            event,
-            message,
-            at: now,
-            bytes,
-        });
-        while state.history.len() > retention.events
-            || state.history_bytes > retention.bytes
-            || state
-                .history
-                .front()
-                .is_some_and(|r| now.duration_since(r.at) > retention.age)
-        {
-            let dropped = state.history.pop_front().expect("non-empty");
-            state.history_bytes -= dropped.bytes;
-            state.trimmed_through = Some(dropped.event.id.clone());
+        for id in full {
+            self.start_catch_up(state, id, before.clone());
         }
+        n
+    }
+
+    /// Moves a member to catching up from the history after `from` (from the beginning with
+    /// `None`), at the pace its socket drains; it joins live again once it has read everything.
+    fn start_catch_up(self: &Arc<Room>, state: &mut RoomState, socket: u64, from: Option<String>) {
+        state.next_epoch += 1;
+        let epoch = state.next_epoch;
+        let Some(m) = state.members.get_mut(&socket) else {
+            return;
+        };
+        m.catching_up = Some(epoch);
+        let task = self
+            .clone()
+            .catch_up(m.socket.clone(), m.interest.clone(), epoch, from);
+        tokio::spawn(task);
+    }
+
+    async fn catch_up(
+        self: Arc<Room>,
+        socket: Arc<SocketShared>,
+        interest: Arc<Interest>,
+        epoch: u64,
+        mut pos: Option<String>,
+    ) {
+        let behind = |socket: &SocketShared| {
+            socket.close.fire(
+                "window",
+                "client too slow: its position fell out of the retained history",
+            )
+        };
+        loop {
+            if !socket.room_to_send().await {
+                return;
+            }
+            let chunk = {
+                let mut state = self.state.lock().expect("poisoned");
+                let current = |s: &RoomState| {
+                    s.members
+                        .get(&socket.id)
+                        .is_some_and(|m| m.catching_up == Some(epoch))
+                };
+                if !current(&state) {
+                    return;
+                }
+                let history = self.history.lock().expect("poisoned");
+                let Some(h) = history.as_ref() else {
+                    behind(&socket);
+                    return;
+                };
+                if !h.accepts(pos.as_deref()) {
+                    behind(&socket);
+                    return;
+                }
+                if !h.has_after(pos.as_deref()) {
+                    // Everything read: live from the next event on. The pump stores and fans
+                    // out under this lock, so nothing falls between.
+                    drop(history);
+                    if let Some(m) = state.members.get_mut(&socket.id) {
+                        m.catching_up = None;
+                    }
+                    return;
+                }
+                h.after(pos.as_deref(), CATCH_UP_CHUNK, CATCH_UP_CHUNK_BYTES)
+            };
+            let Ok(events) =
+                tokio::task::spawn_blocking(move || crate::realtime_history::read_all(chunk)).await
+            else {
+                return;
+            };
+            for (id, event) in events {
+                let Ok(event) = event else {
+                    // Its segment was trimmed meanwhile.
+                    behind(&socket);
+                    return;
+                };
+                let record = || {
+                    event
+                        .record
+                        .as_deref()
+                        .and_then(|r| serde_json::from_str(r).ok())
+                        .unwrap_or(Value::Null)
+                };
+                if interest.wants(&event, &record) {
+                    if socket.queued.load(Ordering::Acquire) >= socket.limit
+                        && !socket.room_to_send().await
+                    {
+                        return;
+                    }
+                    if !socket.enqueue(frame(kind_of(&event), &self.room_id, &event)) {
+                        return;
+                    }
+                }
+                pos = Some(id);
+            }
+        }
+    }
+}
+
+/// The id of a broadcast from a client or the REST API: `<last event id>-<seq, 8 hex>`, after
+/// the room's last id and before the next event's.
+fn next_broadcast_id(last: Option<&str>) -> String {
+    const ZERO: &str = "0000000000000000-00000000";
+    let last = last.unwrap_or(ZERO);
+    let mut parts = last.splitn(3, '-');
+    let (lsn, index, seq) = (parts.next(), parts.next(), parts.next());
+    match (
+        lsn,
+        index,
+        seq.and_then(|s| u32::from_str_radix(s, 16).ok()),
+    ) {
+        (Some(lsn), Some(index), Some(seq)) => {
+            format!("{lsn}-{index}-{:08X}", seq.saturating_add(1))
+        }
+        _ => format!("{last}-00000001"),
     }
 }
 
@@ -1100,32 +1478,86 @@ impl App {
                 .fetch_add(1, Ordering::Relaxed);
             return Err(BUSY.into());
         }
-        let msg = Message::text(
-            json!({ "type": "broadcast", "roomId": room.room_id, "event": event, "payload": payload })
-                .to_string(),
-        );
-        let state = room.state.lock().expect("poisoned");
-        let mut n = 0;
-        for (id, m) in state.members.iter() {
-            if Some(*id) != from && m.socket.push(msg.clone()) {
-                n += 1;
+        // Into the room's history in order, with an id after the room's last one.
+        let body = json!({ "event": event, "payload": payload }).to_string();
+        let mut state = room.state.lock().expect("poisoned");
+        let event = Event {
+            id: next_broadcast_id(state.last_id.as_deref()),
+            kind: EventKind::Broadcast {
+                event: event.to_string(),
+            },
+            schema: None,
+            table: None,
+            record: None,
+            old: None,
+            commit_timestamp: chrono::Utc::now()
+                .to_rfc3339_opts(chrono::SecondsFormat::Micros, true),
+            // Not from the WAL: after every subscribe's starting point.
+            commit_lsn: Lsn(u64::MAX),
+            end_lsn: Lsn(0),
+            last_in_transaction: true,
+            payload: Arc::from(body),
+        };
+        {
+            let mut history = room.history.lock().expect("poisoned");
+            if let Some(h) = history.as_mut() {
+                // Written now; made durable by the pump's next tick.
+                let now_ms = chrono::Utc::now().timestamp_millis();
+                if let Err(e) = h.append(&event, now_ms).and_then(|_| h.flush()) {
+                    tracing::error!(room = room.room_id, error = %e, "writing the realtime history: resumes from before this broadcast are refused");
+                    h.mark_gap(&event.id);
+                }
             }
         }
+        let msg = frame("broadcast", &room.room_id, &event);
+        let n = room.fan_out(&mut state, &event, &msg, from);
+        drop(state);
         self.realtime
             .delivered
             .fetch_add(n as u64, Ordering::Relaxed);
         Ok(n)
     }
 
-    /// The project's room, created (with its pump on the bus) on first use.
+    /// Starts a project's room (its pump stores the change stream in the durable history from
+    /// now on, subscribers or not); called when the project's change stream starts.
+    pub fn start_room(self: &Arc<App>, project_id: &str) {
+        let _ = self.room(project_id);
+    }
+
+    /// The project's room, created (with its history and its pump on the bus) on first use.
     fn room(self: &Arc<App>, project_id: &str) -> Arc<Room> {
         let mut rooms = self.realtime.rooms.lock().expect("poisoned");
         if let Some(r) = rooms.get(project_id) {
             return r.clone();
         }
+        let retention = self.realtime.retention();
+        let dir = self.config.data_dir.join("realtime").join(project_id);
+        let history = match History::open(
+            &dir,
+            Limits {
+                events: retention.events,
+                age_ms: retention.age.as_millis() as i64,
+                bytes: retention.bytes as u64,
+            },
+        ) {
+            Ok(h) => Some(h),
+            Err(e) => {
+                tracing::error!(project_id, dir = %dir.display(), error = %e,
+                    "opening the realtime history: resumes are refused");
+                None
+            }
+        };
+        let last_id = history
+            .as_ref()
+            .and_then(|h| h.last_seen().map(str::to_string));
         let room = Arc::new(Room {
             room_id: format!("project_{project_id}"),
-            state: Mutex::new(RoomState::default()),
+            state: Mutex::new(RoomState {
+                last_id,
+                ..Default::default()
+            }),
+            history: Mutex::new(history),
+            dir,
             budget: Mutex::new((
                 Bucket::new(self.config.realtime_project_broadcasts_per_sec as f64),
                 Bucket::new(self.config.realtime_project_broadcast_bytes_per_sec as f64),
@@ -1136,31 +1568,68 @@ impl App {
         let weak_room = Arc::downgrade(&room);
         let weak_app = Arc::downgrade(self);
         let task = tokio::spawn(async move {
-            while let Some(event) = sub.events.recv().await {
+            let mut tick = tokio::time::interval(PUMP_TICK);
+            loop {
+                let mut batch = Vec::new();
+                tokio::select! {
+                    e = sub.events.recv() => match e {
+                        Some(e) => batch.push(e),
+                        None => return,
+                    },
+                    _ = tick.tick() => {}
+                }
+                while batch.len() < PUMP_BATCH {
+                    match sub.events.try_recv() {
+                        Ok(e) => batch.push(e),
+                        Err(_) => break,
+                    }
+                }
                 let (Some(room), Some(app)) = (weak_room.upgrade(), weak_app.upgrade()) else {
                     return;
                 };
-                let end = event.end_lsn;
-                let last = event.last_in_transaction;
-                if matches!(event.kind, EventKind::Broadcast { .. })
-                    && event.payload.len() <= app.config.realtime_max_broadcast_bytes
-                    && !room.admit_broadcast(event.payload.len())
-                {
-                    // Over the project's budget: dropped for every member alike, rather than
-                    // filling every member's queue until each is cut off as too slow.
-                    app.metrics
-                        .realtime_broadcasts_dropped
-                        .fetch_add(1, Ordering::Relaxed);
-                    room.skip(&event);
-                } else {
-                    room.deliver(
-                        event,
-                        app.realtime.retention(),
-                        app.config.realtime_max_broadcast_bytes,
-                        &app.realtime.delivered,
-                    );
+                // The end of the last whole transaction of the batch: acknowledged once stored.
+                let ack = batch
+                    .iter()
+                    .rev()
+                    .find(|e| e.last_in_transaction)
+                    .map(|e| e.end_lsn);
+                let max = app.config.realtime_max_broadcast_bytes;
+                let events: Vec<(Arc<Event>, bool)> = batch
+                    .into_iter()
+                    .map(|event| {
+                        // Over the project's budget: dropped for every member alike, rather
+                        // than filling every member's queue.
+                        let skip = matches!(event.kind, EventKind::Broadcast { .. })
+                            && event.payload.len() <= max
+                            && !room.admit_broadcast(event.payload.len());
+                        if skip {
+                            app.metrics
+                                .realtime_broadcasts_dropped
+                                .fetch_add(1, Ordering::Relaxed);
+                        }
+                        (event, skip)
+                    })
+                    .collect();
+                room.ingest(events, max, &app.realtime.delivered);
+                // fsync per batch (a group of transactions), outside the locks; only then is
+                // the slot allowed past it.
+                let file = room
+                    .history
+                    .lock()
+                    .expect("poisoned")
+                    .as_mut()
+                    .and_then(|h| h.sync_handle());
+                if let Some(file) = file {
+                    match tokio::task::spawn_blocking(move || file.sync_data()).await {
+                        Ok(Ok(())) => {}
+                        Ok(Err(e)) => {
+                            tracing::error!(room = room.room_id, error = %e, "fsync of the realtime history");
+                            continue;
+                        }
+                        Err(_) => continue,
+                    }
                 }
-                if last {
+                if let Some(end) = ack {
                     sub.ack(end);
                 }
             }
@@ -1175,13 +1644,28 @@ impl App {
         let id = self.realtime.next_socket.fetch_add(1, Ordering::Relaxed);
         self.realtime.sockets.fetch_add(1, Ordering::Relaxed);
         let (sink, mut stream) = ws.split();
-        let (tx, rx) = mpsc::channel::<Message>(SEND_QUEUE);
+        let (tx, rx) = mpsc::unbounded_channel::<Message>();
         let shared = Arc::new(SocketShared {
             id,
             tx,
-            close: Arc::new(CutOff::default()),
+            close: Arc::new(CutOff::new(self.realtime.cut_offs.clone())),
+            queued: Arc::new(AtomicUsize::new(0)),
+            drained: Arc::new(Notify::new()),
+            limit: self.config.realtime_send_queue_bytes.max(1),
         });
-        let mut writer = tokio::spawn(write_socket(sink, rx, shared.close.clone()));
+        self.realtime
+            .open
+            .lock()
+            .expect("poisoned")
+            .insert(id, shared.close.clone());
+        let mut writer = tokio::spawn(write_socket(
+            sink,
+            rx,
+            shared.close.clone(),
+            shared.queued.clone(),
+            shared.drained.clone(),
+            Duration::from_secs(self.config.realtime_client_stall_secs.max(1)),
+        ));
         let mut writer_done = false;
         let mut limits = SocketLimits::new(&self.config);
 
@@ -1204,7 +1688,16 @@ impl App {
             let next = tokio::select! {
                 n = tokio::time::timeout(wait, stream.next()) => n,
                 _ = &mut writer => {
-                    writer_done = true; // cut off (too slow) or the connection is gone
+                    writer_done = true; // cut off (too slow, shutdown) or the connection is gone
+                    // The close handshake: the client's answering close frame, briefly.
+                    let _ = tokio::time::timeout(CLOSE_REPLY, async {
+                        while let Some(Ok(m)) = stream.next().await {
+                            if m.is_close() {
+                                break;
+                            }
+                        }
+                    })
+                    .await;
                     break;
                 }
             };
@@ -1215,13 +1708,13 @@ impl App {
                     } else {
                         "idle timeout"
                     };
-                    let _ = shared.tx.try_send(close_frame(CloseCode::Away, reason));
+                    let _ = shared.tx.send(close_frame(CloseCode::Away, reason));
                     break;
                 }
                 Ok(Some(Err(WsError::Capacity(e)))) => {
                     // Over MAX_MESSAGE: say so with 1009 (RFC 6455 §7.4.1) before closing.
                     let reason = format!("message too big: {e}");
-                    let _ = shared.tx.try_send(close_frame(CloseCode::Size, &reason));
+                    let _ = shared.tx.send(close_frame(CloseCode::Size, &reason));
                     break;
                 }
                 Ok(None) | Ok(Some(Err(_))) => break,
@@ -1255,6 +1748,7 @@ impl App {
         {
             writer.abort();
         }
+        self.realtime.open.lock().expect("poisoned").remove(&id);
         self.realtime.sockets.fetch_sub(1, Ordering::Relaxed);
     }
 
@@ -1381,11 +1875,12 @@ impl App {
         let mut filter = parse_filter(&msg["filter"]).map_err(|m| ("BAD_MESSAGE", m))?;
         let since = match &msg["since"] {
             Value::Null => None,
-            Value::String(id) => Some((
-                id.to_ascii_uppercase(), // ids are upper-case hex: they compare as strings
+            Value::String(id) => {
                 commit_lsn_of(id)
-                    .ok_or(("BAD_MESSAGE", format!("since: {id:?} is not an event id")))?,
-            )),
+                    .ok_or(("BAD_MESSAGE", format!("since: {id:?} is not an event id")))?;
+                // Ids are upper-case hex: they compare as strings.
+                Some(id.to_ascii_uppercase())
+            }
             _ => return Err(("BAD_MESSAGE", "since: expected an event id".into())),
         };
         let api = |e: ApiError| (e.code(), e.to_string());
@@ -1489,66 +1984,63 @@ impl App {
                 format!("at most {MAX_SOCKETS_PER_PROJECT} sockets per project"),
             ));
         }
-        let complete_from = *state.complete_from.get_or_insert(now);
         socket.push(Message::text(
             json!({ "type": "subscribed", "roomId": room.room_id }).to_string(),
         ));
-        let mut resumed = false;
-        if let Some((since, since_lsn)) = since {
-            // Complete after `since` if nothing after it was trimmed, and the room either saw
-            // `since` itself or has had everything since it committed.
-            let seen = state
+        // With `since`: catching up from the history after it (at the pace the socket drains),
+        // then live. An id whose successors the history cannot vouch for (trimmed, or older
+        // than the history) gets RESUME_TOO_OLD and live events, never a silent gap.
+        let mut catch_up = None;
+        if let Some(since) = since {
+            let accepted = room
                 .history
-                .binary_search_by(|r| r.event.id.as_str().cmp(&since))
-                .is_ok();
-            let too_old = state
-                .trimmed_through
-                .as_deref()
-                .is_some_and(|t| since.as_str() < t)
-                || (since_lsn < complete_from && !seen);
-            if too_old {
+                .lock()
+                .expect("poisoned")
+                .as_ref()
+                .is_some_and(|h| h.accepts(Some(&since)));
+            if accepted {
+                catch_up = Some(since);
+            } else {
                 socket.push(Message::text(
                     json!({ "type": "error", "code": "RESUME_TOO_OLD", "roomId": room.room_id,
                             "message": "That event is older than the retained window; live events follow." })
                         .to_string(),
                 ));
-            } else {
-                resumed = true;
-                for r in state.history.iter().filter(|r| r.event.id > since) {
-                    let record = || {
-                        r.event
-                            .record
-                            .as_deref()
-                            .and_then(|x| serde_json::from_str(x).ok())
-                            .unwrap_or(Value::Null)
-                    };
-                    if filter.matches(&r.event, &record) {
-                        socket.push(r.message.clone());
-                    }
-                }
             }
         }
         state.members.insert(
             socket.id,
             Member {
                 socket: socket.clone(),
-                filter,
-                committed_from: if resumed { Lsn(0) } else { now },
+                interest: Arc::new(Interest {
+                    filter,
+                    committed_from: if catch_up.is_some() { Lsn(0) } else { now },
+                }),
+                catching_up: None,
                 user,
                 key,
             },
         );
+        if let Some(since) = catch_up {
+            room.start_catch_up(&mut state, socket.id, Some(since));
+        }
         drop(state);
         joined.insert(project.id);
         Ok(())
     }
 }
 
-/// The commit LSN in an event id (`<commit LSN, 16 hex>-<index, 8 hex>`).
+/// The commit LSN in an event id (`<commit LSN, 16 hex>-<index, 8 hex>`), or in a broadcast
+/// id from a client or the REST API (`<the room's last event id>-<seq, 8 hex>`).
 fn commit_lsn_of(id: &str) -> Option<Lsn> {
-    let (lsn, index) = id.split_once('-')?;
+    let (lsn, rest) = id.split_once('-')?;
+    let (index, seq) = match rest.split_once('-') {
+        Some((index, seq)) => (index, Some(seq)),
+        None => (rest, None),
+    };
     let hex = |s: &str, len| s.len() == len && s.bytes().all(|b| b.is_ascii_hexdigit());
-    (hex(lsn, 16) && hex(index, 8)).then(|| u64::from_str_radix(lsn, 16).ok().map(Lsn))?
+    (hex(lsn, 16) && hex(index, 8) && seq.is_none_or(|s| hex(s, 8)))
+        .then(|| u64::from_str_radix(lsn, 16).ok().map(Lsn))?
 }
 
 fn parse_filter(v: &Value) -> Result<Filter, String> {
@@ -1641,6 +2133,34 @@ mod tests {
         assert_ne!(rt.revocations("p1"), rechecked);
         assert_ne!(rt.revocations("p2"), other);
         assert!(rt.bound_keys().is_empty());
+    }
+
+    #[test]
+    fn a_cloned_message_shares_its_payload() {
+        let m = Message::text("x".repeat(4096));
+        let c = m.clone();
+        match (&m, &c) {
+            (Message::Text(a), Message::Text(b)) => {
+                assert_eq!(a.as_str().as_ptr(), b.as_str().as_ptr())
+            }
+            _ => unreachable!(),
+        }
+    }
+
+    #[test]
+    fn broadcast_ids_sort_after_the_last_id_and_before_the_next_event() {
+        let first = next_broadcast_id(None);
+        assert_eq!(first, "0000000000000000-00000000-00000001");
+        let event = "00000000025FB560-00000003";
+        let b1 = next_broadcast_id(Some(event));
+        assert_eq!(b1, "00000000025FB560-00000003-00000001");
+        let b2 = next_broadcast_id(Some(&b1));
+        assert_eq!(b2, "00000000025FB560-00000003-00000002");
+        let next_event = "00000000025FB560-00000004";
+        assert!(event < b1.as_str() && b1 < b2 && b2.as_str() < next_event);
+        assert!(b2.as_str() < "00000000025FB561-00000000");
+        assert_eq!(commit_lsn_of(&b2), Some(Lsn(0x25F_B560)));
+        assert_eq!(commit_lsn_of("00000000025FB560-00000003-0001"), None);
     }
 
     #[test]

@@ -275,6 +275,8 @@ impl App {
             slot: slot_name(&project_id),
             ..Default::default()
         }));
+        // The room stores the stream in the durable resume history from the start.
+        self.start_room(&project_id);
         let runtime = match self.cdc.runtime() {
             Ok(r) => r,
             Err(e) => {

@@ -14,6 +14,7 @@ mod outage;
 mod realtime;
 mod red;
 mod replication;
+mod resume;
 mod rls;
 mod sandbox;
 mod sql;

@@ -49,7 +49,6 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use fluxbase::embedded::Cluster;
-use fluxbase::realtime::SEND_QUEUE;
 use futures_util::{SinkExt, StreamExt};
 use serde_json::{json, Value};
 use tokio::sync::{mpsc, oneshot};
@@ -59,8 +58,9 @@ use tokio_tungstenite::tungstenite::Message;
 const TABLE: &str = "fanout_events";
 /// How the server frames a row change (`realtime::frame`); other frames are parsed as JSON.
 const DB_EVENT_PREFIX: &str = r#"{"type":"db_event""#;
-/// The generator holds back while a subscriber is this many changes behind.
-const LAG_GUARD: u64 = (SEND_QUEUE as u64) * 3 / 4;
+/// The generator holds back while a subscriber is this many changes behind (the server's queue
+/// is bounded in bytes, `realtime_send_queue_bytes`; a slower socket catches up from history).
+const LAG_GUARD: u64 = 768;
 /// Throughput rows sample the commit → receive delay of every n-th message of each client.
 const THROUGHPUT_SAMPLE_EVERY: u64 = 16;
 /// Longest wait for the backlog after a phase (up to LAG_GUARD changes per subscriber).

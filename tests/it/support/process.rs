@@ -10,15 +10,67 @@ use super::{pg, scratch_dir, unique};
 pub struct ServerProcess {
     pub base: String,
     child: Child,
+    /// Its data directory and control database, and the environment it was given: a restart
+    /// reuses them.
+    pub dir: std::path::PathBuf,
+    name: String,
+    env: Vec<(String, String)>,
 }
 
 impl ServerProcess {
     /// Starts `fluxbase serve` with its own control database on the shared cluster and `env`
     /// added to its environment; returns once `/health` answers.
     pub async fn start(env: &[(&str, &str)]) -> ServerProcess {
-        let pg = pg().await;
         let name = unique("ctl");
         let dir = scratch_dir(&format!("it-{}-{name}", std::process::id()));
+        let env = env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        Self::start_in(dir, name, env).await
+    }
+
+    /// Starts the server again on the same data directory and control database (after
+    /// [`ServerProcess::kill9`] or [`ServerProcess::terminate`]), on a new port.
+    pub async fn restart(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let fresh = Self::start_in(self.dir.clone(), self.name.clone(), self.env.clone()).await;
+        *self = fresh; // the old one (already reaped) is dropped
+    }
+
+    /// Ends the server as a crash would (SIGKILL) and reaps it.
+    pub fn kill9(&mut self) {
+        self.child.kill().expect("SIGKILL");
+        self.child.wait().expect("reaping the server");
+    }
+
+    /// Sends SIGTERM; returns once the process has exited (panics after `within`).
+    pub async fn terminate(&mut self, within: Duration) -> std::process::ExitStatus {
+        let sent = Command::new("kill")
+            .args(["-TERM", &self.pid().to_string()])
+            .status()
+            .expect("running kill");
+        assert!(sent.success(), "kill -TERM failed");
+        let deadline = Instant::now() + within;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the server did not exit after SIGTERM"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    async fn start_in(
+        dir: std::path::PathBuf,
+        name: String,
+        env: Vec<(String, String)>,
+    ) -> ServerProcess {
+        let pg = pg().await;
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .unwrap()
             .local_addr()
@@ -35,13 +87,16 @@ impl ServerProcess {
             .current_dir(&dir)
             .stdout(Stdio::null())
             .stderr(Stdio::null());
-        for (k, v) in env {
+        for (k, v) in &env {
             cmd.env(k, v);
         }
         let child = cmd.spawn().expect("starting fluxbase serve");
         let mut server = ServerProcess {
             base: format!("http://127.0.0.1:{port}"),
             child,
+            dir,
+            name,
+            env,
         };
         let deadline = Instant::now() + Duration::from_secs(120);
         loop {

@@ -1,0 +1,715 @@
+//! A realtime room's durable resume history: `<data_dir>/realtime/<project_id>/`.
+//!
+//! ```text
+//!  0000000000000001.seg  0000000000000002.seg  …  (append-only; the last one is written)
+//!  floor                                          (ids at or below it were trimmed)
+//! ```
+//!
+//! * A segment is a sequence of records `[len: u32 LE][crc32: u32 LE][payload: len bytes]`; the
+//!   payload is one event as JSON (id, kind, table, record, the message's payload, …) and the
+//!   time it was stored. A record whose length runs past the end of its file or whose checksum
+//!   does not match (a write torn by a crash) ends the segment: the file is truncated there
+//!   when the history is opened, and what follows is ignored.
+//! * Appends are buffered and written (to the page cache) before they are indexed, so a reader
+//!   never sees an indexed record that is not in its file; [`History::sync_handle`] gives a
+//!   handle to fsync outside any lock. A segment is fsynced when the next one is started.
+//! * Retention (events, age, bytes) is applied by whole segments, oldest first: a segment is
+//!   about a sixteenth of the byte or event budget. Before a segment is deleted, the id of its
+//!   last record is written (fsync, rename) to `floor`.
+//! * A position `since` can be resumed from when nothing after it was trimmed and the history
+//!   reaches back to it: `since >= floor` when something was trimmed, `since >=` the first record
+//!   ever stored otherwise. Anything older is `RESUME_TOO_OLD`.
+//! * The directory is 0700 and its files 0600, like the rest of the data directory.
+
+use std::collections::VecDeque;
+use std::fs::{File, OpenOptions};
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use fluxbase_replication::pgoutput::Lsn;
+use serde::{Deserialize, Serialize};
+
+use crate::bus::{Event, EventKind};
+
+/// Bytes of a record's header (length and checksum).
+const HEADER: usize = 8;
+/// Largest record accepted when reading (a corrupt length must not allocate gigabytes).
+const MAX_RECORD: usize = 256 * 1024 * 1024;
+
+/// CRC-32 (IEEE), table-driven.
+fn crc32(data: &[u8]) -> u32 {
+    static TABLE: std::sync::OnceLock<[u32; 256]> = std::sync::OnceLock::new();
+    let table = TABLE.get_or_init(|| {
+        let mut t = [0u32; 256];
+        for (i, slot) in t.iter_mut().enumerate() {
+            let mut c = i as u32;
+            for _ in 0..8 {
+                c = if c & 1 != 0 {
+                    0xEDB8_8320 ^ (c >> 1)
+                } else {
+                    c >> 1
+                };
+            }
+            *slot = c;
+        }
+        t
+    });
+    let mut c = !0u32;
+    for &b in data {
+        c = table[((c ^ b as u32) & 0xFF) as usize] ^ (c >> 8);
+    }
+    !c
+}
+
+/// One event as stored.
+#[derive(Serialize, Deserialize)]
+struct Stored {
+    /// When it was stored, Unix milliseconds (for the age bound).
+    at: i64,
+    id: String,
+    /// `r` row, `s` schema, `b` broadcast.
+    k: char,
+    /// The operation, DDL command or broadcast event.
+    n: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    s: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    t: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    r: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    o: Option<String>,
+    ts: String,
+    c: u64,
+    e: u64,
+    l: bool,
+    p: String,
+}
+
+/// Encodes an event as a record payload.
+pub fn encode(event: &Event, at_ms: i64) -> Vec<u8> {
+    let (k, n) = match &event.kind {
+        EventKind::Row { operation } => ('r', operation.to_string()),
+        EventKind::Schema { command } => ('s', command.clone()),
+        EventKind::Broadcast { event } => ('b', event.clone()),
+    };
+    serde_json::to_vec(&Stored {
+        at: at_ms,
+        id: event.id.clone(),
+        k,
+        n,
+        s: event.schema.clone(),
+        t: event.table.clone(),
+        r: event.record.clone(),
+        o: event.old.clone(),
+        ts: event.commit_timestamp.clone(),
+        c: event.commit_lsn.0,
+        e: event.end_lsn.0,
+        l: event.last_in_transaction,
+        p: event.payload.to_string(),
+    })
+    .expect("serializable")
+}
+
+/// Decodes a record payload back into the event it stored.
+pub fn decode(payload: &[u8]) -> Option<Event> {
+    let s: Stored = serde_json::from_slice(payload).ok()?;
+    let kind = match s.k {
+        'r' => EventKind::Row {
+            operation: match s.n.as_str() {
+                "INSERT" => "INSERT",
+                "UPDATE" => "UPDATE",
+                "DELETE" => "DELETE",
+                _ => return None,
+            },
+        },
+        's' => EventKind::Schema { command: s.n },
+        'b' => EventKind::Broadcast { event: s.n },
+        _ => return None,
+    };
+    Some(Event {
+        id: s.id,
+        kind,
+        schema: s.s,
+        table: s.t,
+        record: s.r,
+        old: s.o,
+        commit_timestamp: s.ts,
+        commit_lsn: Lsn(s.c),
+        end_lsn: Lsn(s.e),
+        last_in_transaction: s.l,
+        payload: Arc::from(s.p),
+    })
+}
+
+/// Where a retained record is.
+#[derive(Clone, Debug)]
+pub struct Entry {
+    pub id: String,
+    seg: u64,
+    offset: u64,
+    len: u32,
+}
+
+struct Segment {
+    no: u64,
+    /// Records and bytes (headers included) in it.
+    count: usize,
+    bytes: u64,
+    /// Stored time of its newest record, Unix ms.
+    newest_ms: i64,
+    last_id: Option<String>,
+}
+
+/// How much a history keeps.
+#[derive(Clone, Copy, Debug)]
+pub struct Limits {
+    pub events: usize,
+    pub age_ms: i64,
+    pub bytes: u64,
+}
+
+impl Limits {
+    fn segment_events(&self) -> usize {
+        (self.events / 16).max(1)
+    }
+    fn segment_bytes(&self) -> u64 {
+        (self.bytes / 16).max(4096)
+    }
+}
+
+/// A read request handed out under the lock and served without it.
+#[derive(Clone, Debug)]
+pub struct Pending {
+    pub id: String,
+    path: PathBuf,
+    offset: u64,
+    len: u32,
+}
+
+impl Pending {
+    /// Reads and checks the record (an error when its segment was trimmed meanwhile).
+    pub fn read(&self) -> std::io::Result<Event> {
+        self.read_from(&mut File::open(&self.path)?)
+    }
+
+    fn read_from(&self, f: &mut File) -> std::io::Result<Event> {
+        f.seek(SeekFrom::Start(self.offset))?;
+        let mut buf = vec![0u8; HEADER + self.len as usize];
+        f.read_exact(&mut buf)?;
+        let bad = || std::io::Error::new(std::io::ErrorKind::InvalidData, "corrupt record");
+        let (len, crc) = header(&buf).ok_or_else(bad)?;
+        if len != self.len || crc32(&buf[HEADER..]) != crc {
+            return Err(bad());
+        }
+        decode(&buf[HEADER..]).ok_or_else(bad)
+    }
+}
+
+/// Reads a batch of records, each segment file opened once.
+pub fn read_all(chunk: Vec<Pending>) -> Vec<(String, std::io::Result<Event>)> {
+    let mut open: Option<(PathBuf, File)> = None;
+    let mut out = Vec::with_capacity(chunk.len());
+    for p in chunk {
+        let result = (|| {
+            if open.as_ref().is_none_or(|(path, _)| path != &p.path) {
+                open = Some((p.path.clone(), File::open(&p.path)?));
+            }
+            let (_, f) = open.as_mut().expect("opened");
+            p.read_from(f)
+        })();
+        out.push((p.id, result));
+    }
+    out
+}
+
+fn header(buf: &[u8]) -> Option<(u32, u32)> {
+    let len = u32::from_le_bytes(buf.get(0..4)?.try_into().ok()?);
+    let crc = u32::from_le_bytes(buf.get(4..8)?.try_into().ok()?);
+    Some((len, crc))
+}
+
+/// The records of one segment file's contents, up to the first torn or corrupt one: (offset,
+/// payload) of each, and the length of the valid prefix.
+pub fn scan(data: &[u8]) -> (Vec<(u64, &[u8])>, usize) {
+    let mut out = Vec::new();
+    let mut at = 0usize;
+    while let Some((len, crc)) = header(&data[at..]) {
+        let len = len as usize;
+        if len == 0 || len > MAX_RECORD || at + HEADER + len > data.len() {
+            break;
+        }
+        let payload = &data[at + HEADER..at + HEADER + len];
+        if crc32(payload) != crc {
+            break;
+        }
+        out.push((at as u64, payload));
+        at += HEADER + len;
+    }
+    (out, at)
+}
+
+/// One project's history.
+pub struct History {
+    dir: PathBuf,
+    limits: Limits,
+    segments: VecDeque<Segment>,
+    entries: VecDeque<Entry>,
+    bytes: u64,
+    /// Ids at or below this were trimmed.
+    floor: Option<String>,
+    /// The segment being written (the last of `segments`), once opened for appends.
+    file: Option<File>,
+    /// Appended, not yet written to `file`.
+    buffer: Vec<u8>,
+    /// Written since the last sync handle was taken.
+    dirty: bool,
+}
+
+fn create_dir(dir: &Path) -> std::io::Result<()> {
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+}
+
+fn sync_dir(dir: &Path) -> std::io::Result<()> {
+    File::open(dir)?.sync_all()
+}
+
+impl History {
+    fn segment_path(&self, no: u64) -> PathBuf {
+        self.dir.join(format!("{no:016x}.seg"))
+    }
+
+    /// Opens (or creates) the history in `dir`: reloads its index, truncating a torn tail.
+    pub fn open(dir: &Path, limits: Limits) -> std::io::Result<History> {
+        create_dir(dir)?;
+        let floor = match std::fs::read_to_string(dir.join("floor")) {
+            Ok(s) if !s.trim().is_empty() => Some(s.trim().to_string()),
+            Ok(_) => None,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+            Err(e) => return Err(e),
+        };
+        let mut nos: Vec<u64> = std::fs::read_dir(dir)?
+            .filter_map(|e| e.ok())
+            .filter_map(|e| {
+                let name = e.file_name().into_string().ok()?;
+                u64::from_str_radix(name.strip_suffix(".seg")?, 16).ok()
+            })
+            .collect();
+        nos.sort_unstable();
+        let mut h = History {
+            dir: dir.to_path_buf(),
+            limits,
+            segments: VecDeque::new(),
+            entries: VecDeque::new(),
+            bytes: 0,
+            floor,
+            file: None,
+            buffer: Vec::new(),
+            dirty: false,
+        };
+        for no in nos {
+            let path = h.segment_path(no);
+            let data = std::fs::read(&path)?;
+            let (records, valid) = scan(&data);
+            if valid < data.len() {
+                tracing::warn!(
+                    path = %path.display(),
+                    kept = valid,
+                    dropped = data.len() - valid,
+                    "realtime history: a torn or corrupt tail was truncated"
+                );
+                let f = OpenOptions::new().write(true).open(&path)?;
+                f.set_len(valid as u64)?;
+                f.sync_all()?;
+            }
+            let mut seg = Segment {
+                no,
+                count: 0,
+                bytes: valid as u64,
+                newest_ms: 0,
+                last_id: None,
+            };
+            for (offset, payload) in records {
+                let Ok(s) = serde_json::from_slice::<Stored>(payload) else {
+                    continue;
+                };
+                if h.entries.back().is_some_and(|e| e.id >= s.id)
+                    || h.floor.as_deref().is_some_and(|f| s.id.as_str() <= f)
+                {
+                    continue; // never out of order, never below the floor
+                }
+                seg.count += 1;
+                seg.newest_ms = seg.newest_ms.max(s.at);
+                seg.last_id = Some(s.id.clone());
+                h.entries.push_back(Entry {
+                    id: s.id,
+                    seg: no,
+                    offset,
+                    len: (payload.len()) as u32,
+                });
+            }
+            if seg.count == 0 {
+                // Empty, or all at or below the floor (a crash between recording the floor and
+                // deleting the segment): nothing to keep.
+                let _ = std::fs::remove_file(&path);
+                continue;
+            }
+            h.bytes += seg.bytes;
+            h.segments.push_back(seg);
+        }
+        Ok(h)
+    }
+
+    /// The newest retained id.
+    pub fn last_id(&self) -> Option<&str> {
+        self.entries.back().map(|e| e.id.as_str())
+    }
+
+    /// The newest id the history vouches for: its last record, or its floor when everything
+    /// was trimmed (replays at or below it are not stored again).
+    pub fn last_seen(&self) -> Option<&str> {
+        match (self.last_id(), self.floor.as_deref()) {
+            (Some(last), Some(floor)) => Some(last.max(floor)),
+            (last, floor) => last.or(floor),
+        }
+    }
+
+    /// An event could not be stored: a resume from before it must not pass over the gap, so
+    /// the floor moves up to it.
+    pub fn mark_gap(&mut self, id: &str) {
+        if self.floor.as_deref().is_none_or(|f| id > f) {
+            if let Err(e) = self.write_floor(id) {
+                tracing::error!(error = %e, "realtime history: recording a gap");
+                self.floor = Some(id.to_string());
+            }
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    pub fn bytes(&self) -> u64 {
+        self.bytes
+    }
+
+    /// Whether everything after `since` is retained (see the module docs). `None`: from the
+    /// very beginning, which holds while nothing was ever trimmed.
+    pub fn accepts(&self, since: Option<&str>) -> bool {
+        match (since, &self.floor) {
+            (None, floor) => floor.is_none(),
+            (Some(since), Some(floor)) => since >= floor.as_str(),
+            (Some(since), None) => self
+                .entries
+                .front()
+                .is_some_and(|first| since >= first.id.as_str()),
+        }
+    }
+
+    /// Up to `max` records and about `max_bytes` (at least one record) after `since` (from the
+    /// beginning with `None`), to read without the lock.
+    pub fn after(&self, since: Option<&str>, max: usize, max_bytes: u64) -> Vec<Pending> {
+        let start = since.map_or(0, |s| self.entries.partition_point(|e| e.id.as_str() <= s));
+        let mut bytes = 0u64;
+        self.entries
+            .range(start..)
+            .take(max)
+            .take_while(|e| {
+                let first = bytes == 0;
+                bytes += e.len as u64;
+                first || bytes <= max_bytes
+            })
+            .map(|e| Pending {
+                id: e.id.clone(),
+                path: self.segment_path(e.seg),
+                offset: e.offset,
+                len: e.len,
+            })
+            .collect()
+    }
+
+    /// Whether a record comes after `since`.
+    pub fn has_after(&self, since: Option<&str>) -> bool {
+        match since {
+            None => !self.entries.is_empty(),
+            Some(s) => self.last_id().is_some_and(|last| last > s),
+        }
+    }
+
+    /// Appends an event (ids must increase); it is readable once [`History::flush`] ran.
+    pub fn append(&mut self, event: &Event, now_ms: i64) -> std::io::Result<()> {
+        if self.last_id().is_some_and(|l| event.id.as_str() <= l) {
+            return Ok(());
+        }
+        let payload = encode(event, now_ms);
+        let need_new = match self.segments.back() {
+            None => true,
+            Some(s) => {
+                self.file.is_none()
+                    || s.count >= self.limits.segment_events()
+                    || s.bytes >= self.limits.segment_bytes()
+            }
+        };
+        if need_new {
+            self.roll()?;
+        }
+        let seg = self.segments.back_mut().expect("rolled");
+        let offset = seg.bytes;
+        self.buffer
+            .extend_from_slice(&(payload.len() as u32).to_le_bytes());
+        self.buffer
+            .extend_from_slice(&crc32(&payload).to_le_bytes());
+        self.buffer.extend_from_slice(&payload);
+        let size = (HEADER + payload.len()) as u64;
+        seg.bytes += size;
+        seg.count += 1;
+        seg.newest_ms = seg.newest_ms.max(now_ms);
+        seg.last_id = Some(event.id.clone());
+        self.bytes += size;
+        self.entries.push_back(Entry {
+            id: event.id.clone(),
+            seg: seg.no,
+            offset,
+            len: payload.len() as u32,
+        });
+        Ok(())
+    }
+
+    /// Starts a new segment (the current one is written and fsynced first).
+    fn roll(&mut self) -> std::io::Result<()> {
+        self.flush()?;
+        if let Some(f) = self.file.take() {
+            f.sync_data()?;
+        }
+        let no = self.segments.back().map_or(1, |s| s.no + 1);
+        let path = self.segment_path(no);
+        let file = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .mode(0o600)
+            .open(&path)?;
+        let existing = file.metadata()?.len();
+        sync_dir(&self.dir)?;
+        self.file = Some(file);
+        self.segments.push_back(Segment {
+            no,
+            count: 0,
+            bytes: existing,
+            newest_ms: 0,
+            last_id: None,
+        });
+        self.bytes += existing;
+        Ok(())
+    }
+
+    /// Writes what was appended to the current segment (not fsynced).
+    pub fn flush(&mut self) -> std::io::Result<()> {
+        if self.buffer.is_empty() {
+            return Ok(());
+        }
+        let file = self
+            .file
+            .as_mut()
+            .expect("a buffer implies an open segment");
+        let result = file.write_all(&self.buffer);
+        self.buffer.clear();
+        self.dirty = true;
+        result
+    }
+
+    /// A handle on the current segment to fsync without the lock, if anything was written
+    /// since the last one was taken.
+    pub fn sync_handle(&mut self) -> Option<File> {
+        if !std::mem::take(&mut self.dirty) {
+            return None;
+        }
+        self.file.as_ref().and_then(|f| f.try_clone().ok())
+    }
+
+    /// Deletes the oldest segments while the history is over its limits. Returns how many
+    /// records went.
+    pub fn trim(&mut self, now_ms: i64) -> std::io::Result<usize> {
+        let mut dropped = 0;
+        while let Some(oldest) = self.segments.front() {
+            let is_current = self.segments.len() == 1;
+            let too_old = oldest.count > 0 && now_ms - oldest.newest_ms > self.limits.age_ms;
+            let over = self.entries.len() > self.limits.events || self.bytes > self.limits.bytes;
+            if !(too_old || (over && !is_current)) {
+                break;
+            }
+            if is_current {
+                self.flush()?;
+                self.file = None;
+            }
+            let seg = self.segments.pop_front().expect("checked");
+            if let Some(last) = &seg.last_id {
+                if self.floor.as_deref().is_none_or(|f| last.as_str() > f) {
+                    self.write_floor(last)?;
+                }
+            }
+            for _ in 0..seg.count {
+                self.entries.pop_front();
+            }
+            self.bytes -= seg.bytes;
+            dropped += seg.count;
+            let _ = std::fs::remove_file(self.segment_path(seg.no));
+        }
+        Ok(dropped)
+    }
+
+    fn write_floor(&mut self, id: &str) -> std::io::Result<()> {
+        let tmp = self.dir.join("floor.tmp");
+        let mut f = OpenOptions::new()
+            .create(true)
+            .write(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&tmp)?;
+        f.write_all(id.as_bytes())?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, self.dir.join("floor"))?;
+        sync_dir(&self.dir)?;
+        self.floor = Some(id.to_string());
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn event(id: &str, body: &str) -> Event {
+        Event {
+            id: id.into(),
+            kind: EventKind::Row {
+                operation: "INSERT",
+            },
+            schema: Some("public".into()),
+            table: Some("t".into()),
+            record: Some(format!("{{\"b\":\"{body}\"}}")),
+            old: None,
+            commit_timestamp: "2026-01-01T00:00:00Z".into(),
+            commit_lsn: Lsn(1),
+            end_lsn: Lsn(2),
+            last_in_transaction: true,
+            payload: Arc::from(format!("{{\"id\":\"{id}\"}}")),
+        }
+    }
+
+    fn id(i: u32) -> String {
+        format!("{:016X}-{:08X}", 0x1000 + i as u64, 0)
+    }
+
+    fn limits() -> Limits {
+        Limits {
+            events: 1000,
+            age_ms: 3_600_000,
+            bytes: 1 << 30,
+        }
+    }
+
+    fn dir(name: &str) -> PathBuf {
+        let d = std::env::temp_dir().join(format!(
+            "fluxbase-history-{name}-{}-{}",
+            std::process::id(),
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_nanos()
+        ));
+        let _ = std::fs::remove_dir_all(&d);
+        d
+    }
+
+    #[test]
+    fn crc32_matches_the_standard_check_value() {
+        assert_eq!(crc32(b"123456789"), 0xCBF4_3926);
+    }
+
+    #[test]
+    fn a_torn_tail_is_truncated_and_appends_continue_after_the_last_whole_record() {
+        let d = dir("torn");
+        let mut h = History::open(&d, limits()).unwrap();
+        for i in 1..=5 {
+            h.append(&event(&id(i), "x"), 0).unwrap();
+        }
+        h.flush().unwrap();
+        drop(h);
+        let seg = d.join(format!("{:016x}.seg", 1));
+        let whole = std::fs::read(&seg).unwrap();
+        // A crash mid-write: the last record is cut short.
+        std::fs::write(&seg, &whole[..whole.len() - 7]).unwrap();
+        let h = History::open(&d, limits()).unwrap();
+        assert_eq!(h.len(), 4);
+        assert_eq!(h.last_id(), Some(id(4).as_str()));
+        let trimmed = std::fs::metadata(&seg).unwrap().len() as usize;
+        assert!(trimmed < whole.len() - 7, "the torn record was truncated");
+        // A flipped byte in a record's payload: its checksum fails, it and what follows go.
+        let mut data = std::fs::read(&seg).unwrap();
+        let (records, _) = scan(&data);
+        let third = records[2].0 as usize;
+        data[third + HEADER + 3] ^= 0x55;
+        drop(h);
+        std::fs::write(&seg, &data).unwrap();
+        let mut h = History::open(&d, limits()).unwrap();
+        assert_eq!(h.last_id(), Some(id(2).as_str()));
+        h.append(&event(&id(3), "again"), 0).unwrap();
+        h.flush().unwrap();
+        drop(h);
+        let h = History::open(&d, limits()).unwrap();
+        let got: Vec<String> = h
+            .after(None, 100, u64::MAX)
+            .iter()
+            .map(|p| p.read().unwrap().record.unwrap())
+            .collect();
+        assert_eq!(got.len(), 3);
+        assert_eq!(got[2], "{\"b\":\"again\"}");
+        let _ = std::fs::remove_dir_all(&d);
+    }
+
+    #[test]
+    fn retention_trims_whole_segments_and_a_position_before_them_is_too_old() {
+        let d = dir("trim");
+        let l = Limits {
+            events: 32,
+            ..limits()
+        };
+        let mut h = History::open(&d, l).unwrap();
+        assert!(!h.accepts(Some(&id(0))), "nothing stored yet");
+        for i in 1..=40 {
+            h.append(&event(&id(i), "x"), 0).unwrap();
+            h.flush().unwrap();
+            h.trim(0).unwrap();
+        }
+        assert!(h.len() <= 32 && h.len() >= 30, "{}", h.len());
+        let first_kept = h.after(None, 1, u64::MAX)[0].id.clone();
+        assert!(h.accepts(Some(&first_kept)));
+        assert!(!h.accepts(Some(&id(1))));
+        assert!(!h.accepts(None));
+        // The floor survives a restart.
+        drop(h);
+        let h = History::open(&d, l).unwrap();
+        assert!(!h.accepts(Some(&id(1))));
+        assert_eq!(h.after(Some(&id(38)), 10, u64::MAX).len(), 2);
+        // A byte bound: at least one record, then as many as fit.
+        assert_eq!(h.after(Some(&id(30)), 10, 1).len(), 1);
+        let one = h.after(Some(&id(30)), 1, u64::MAX)[0].len as u64;
+        assert_eq!(h.after(Some(&id(30)), 10, 3 * one).len(), 3);
+        // Age: everything older than the limit goes, the floor moves to the newest id.
+        let mut h = History::open(&d, Limits { age_ms: 10, ..l }).unwrap();
+        h.trim(1000).unwrap();
+        assert!(h.is_empty());
+        assert!(h.accepts(Some(&id(40))));
+        assert!(!h.accepts(Some(&id(39))));
+        let _ = std::fs::remove_dir_all(&d);
+    }
+}
