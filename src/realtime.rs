@@ -1490,6 +1490,7 @@ impl App {
             table: None,
             record: None,
             old: None,
+            unchanged_toast: Vec::new(),
             commit_timestamp: chrono::Utc::now()
                 .to_rfc3339_opts(chrono::SecondsFormat::Micros, true),
             // Not from the WAL: after every subscribe's starting point.

@@ -81,6 +81,9 @@ struct Stored {
     r: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     o: Option<String>,
+    /// Columns left out of `r` as unchanged TOAST.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    u: Vec<String>,
     ts: String,
     c: u64,
     e: u64,
@@ -104,6 +107,7 @@ pub fn encode(event: &Event, at_ms: i64) -> Vec<u8> {
         t: event.table.clone(),
         r: event.record.clone(),
         o: event.old.clone(),
+        u: event.unchanged_toast.clone(),
         ts: event.commit_timestamp.clone(),
         c: event.commit_lsn.0,
         e: event.end_lsn.0,
@@ -136,6 +140,7 @@ pub fn decode(payload: &[u8]) -> Option<Event> {
         table: s.t,
         record: s.r,
         old: s.o,
+        unchanged_toast: s.u,
         commit_timestamp: s.ts,
         commit_lsn: Lsn(s.c),
         end_lsn: Lsn(s.e),
@@ -597,6 +602,7 @@ mod tests {
             table: Some("t".into()),
             record: Some(format!("{{\"b\":\"{body}\"}}")),
             old: None,
+            unchanged_toast: Vec::new(),
             commit_timestamp: "2026-01-01T00:00:00Z".into(),
             commit_lsn: Lsn(1),
             end_lsn: Lsn(2),
