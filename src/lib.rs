@@ -27,4 +27,5 @@ pub mod secrets;
 pub mod sql;
 pub mod storage;
 pub mod team;
+pub mod visibility;
 pub mod webhooks;

@@ -57,9 +57,10 @@ use warp::http::{HeaderMap, StatusCode};
 use warp::reply::Response;
 
 use crate::app::App;
-use crate::auth::{Access, Principal};
+use crate::auth::{Access, DbRole, Principal};
 use crate::bus::{Event, EventKind};
 use crate::error::{ApiError, ApiResult};
+use crate::visibility::{Identity, Verdict, Verdicts};
 use fluxbase_replication::pgoutput::Lsn;
 
 /// Messages a socket may have queued before it counts as too slow.
@@ -433,6 +434,8 @@ struct Member {
     user: Option<String>,
     /// The API key behind it: it ends when the key is deleted or rotated.
     key: Option<KeyBinding>,
+    /// Who it acts as for row-level security (see [`crate::visibility`]).
+    identity: Identity,
 }
 
 struct Retained {
@@ -482,6 +485,8 @@ pub struct Realtime {
     /// Revocations possibly missed in every project at once (the access listener was
     /// disconnected).
     revoked_everywhere: AtomicU64,
+    /// Row-level security of row events, per subscriber identity.
+    pub visibility: crate::visibility::Visibility,
 }
 
 impl Realtime {
@@ -750,22 +755,63 @@ impl Room {
         true
     }
 
-    /// An event not delivered: its id still counts as seen (replays are dropped).
-    fn skip(&self, event: &Event) {
-        let mut state = self.state.lock().expect("poisoned");
-        if state
-            .last_id
-            .as_deref()
-            .is_none_or(|last| event.id.as_str() > last)
-        {
-            state.last_id = Some(event.id.clone());
-        }
+    /// The distinct identities of the room's members.
+    fn identities(&self) -> Vec<Identity> {
+        let state = self.state.lock().expect("poisoned");
+        let set: HashSet<&Identity> = state.members.values().map(|m| &m.identity).collect();
+        set.into_iter().cloned().collect()
     }
 
-    /// Fans one event out to the members whose filter matches, and keeps it for resumes.
-    fn deliver(
+    /// Fans a batch of events out under one lock (see [`Room::deliver_locked`]). Nothing is
+    /// delivered when a member's identity has no verdicts yet (it joined while they were
+    /// computed): those identities are returned, to be evaluated first.
+    fn deliver_batch(
         &self,
+        batch: &[(Arc<Event>, bool)],
+        verdicts: &Verdicts,
+        retention: Retention,
+        max_broadcast: usize,
+        delivered: &AtomicU64,
+    ) -> Result<(), Vec<Identity>> {
+        let mut state = self.state.lock().expect("poisoned");
+        let missing: HashSet<Identity> = state
+            .members
+            .values()
+            .filter(|m| !verdicts.contains(&m.identity))
+            .map(|m| m.identity.clone())
+            .collect();
+        if !missing.is_empty() {
+            return Err(missing.into_iter().collect());
+        }
+        for (i, (event, admitted)) in batch.iter().enumerate() {
+            if *admitted {
+                self.deliver_locked(
+                    &mut state,
+                    event.clone(),
+                    |identity| verdicts.get(identity, i),
+                    retention,
+                    max_broadcast,
+                    delivered,
+                );
+            } else if state
+                .last_id
+                .as_deref()
+                .is_none_or(|last| event.id.as_str() > last)
+            {
+                // Not delivered: its id still counts as seen (replays are dropped).
+                state.last_id = Some(event.id.clone());
+            }
+        }
+        Ok(())
+    }
+
+    /// Fans one event out to the members whose filter matches and whose identity may see it,
+    /// and keeps it for resumes.
+    fn deliver_locked<'v>(
+        &self,
+        state: &mut RoomState,
         event: Arc<Event>,
+        verdict: impl Fn(&Identity) -> Option<&'v Verdict>,
         retention: Retention,
         max_broadcast: usize,
         delivered: &AtomicU64,
@@ -780,23 +826,24 @@ impl Room {
                 limit = max_broadcast,
                 "a broadcast from SQL is over realtime_max_broadcast_bytes: dropped"
             );
-            self.skip(&event);
+            if state
+                .last_id
+                .as_deref()
+                .is_none_or(|last| event.id.as_str() > last)
+            {
+                state.last_id = Some(event.id.clone());
+            }
             return;
         }
         let message = frame(kind_of(&event), &self.room_id, &event);
-        let parsed = std::cell::OnceCell::new();
-        let record = || {
-            parsed
-                .get_or_init(|| {
-                    event
-                        .record
-                        .as_deref()
-                        .and_then(|r| serde_json::from_str(r).ok())
-                        .unwrap_or(Value::Null)
-                })
-                .clone()
+        let parse = |text: &Option<String>| {
+            text.as_deref()
+                .and_then(|r| serde_json::from_str(r).ok())
+                .unwrap_or(Value::Null)
         };
-        let mut state = self.state.lock().expect("poisoned");
+        let (parsed, parsed_old) = (std::cell::OnceCell::new(), std::cell::OnceCell::new());
+        let record = || parsed.get_or_init(|| parse(&event.record)).clone();
+        let old_record = || parsed_old.get_or_init(|| parse(&event.old)).clone();
         if state
             .last_id
             .as_deref()
@@ -807,10 +854,24 @@ impl Room {
         state.last_id = Some(event.id.clone());
         let mut n = 0;
         for m in state.members.values() {
-            if event.commit_lsn >= m.committed_from
-                && m.filter.matches(&event, &record)
-                && m.socket.push(message.clone())
-            {
+            if event.commit_lsn < m.committed_from {
+                continue;
+            }
+            let sent = match verdict(&m.identity) {
+                Some(Verdict::Send) => {
+                    m.filter.matches(&event, &record) && m.socket.push(message.clone())
+                }
+                Some(Verdict::SendInstead {
+                    payload,
+                    filter_on_old,
+                }) => {
+                    let row: &dyn Fn() -> Value = if *filter_on_old { &old_record } else { &record };
+                    m.filter.matches(&event, row)
+                        && m.socket.push(instead_frame(&self.room_id, payload))
+                }
+                Some(Verdict::Skip) | None => false,
+            };
+            if sent {
                 n += 1;
             }
         }
@@ -839,6 +900,13 @@ impl Room {
             state.trimmed_through = Some(dropped.event.id.clone());
         }
     }
+}
+
+/// A `db_event` frame around a payload that replaces the event's own (see [`Verdict`]).
+fn instead_frame(room_id: &str, payload: &str) -> Message {
+    Message::text(format!(
+        "{{\"type\":\"db_event\",\"roomId\":\"{room_id}\",\"payload\":{payload}}}"
+    ))
 }
 
 /// Claims of a realtime token.
@@ -979,6 +1047,35 @@ impl App {
             )
             .await?;
         Ok(row.map(|r| r.get(0)))
+    }
+
+    /// The project role of a live API key's current scope (`None`: deleted).
+    async fn key_db_role(&self, project_id: &str, key_id: &str) -> ApiResult<Option<DbRole>> {
+        let client = self.control.get().await?;
+        let row = client
+            .query_opt(
+                "SELECT scope FROM fluxbase.api_keys
+                 WHERE id = $1 AND project_id = $2 AND revoked_at IS NULL",
+                &[&key_id, &project_id],
+            )
+            .await?;
+        Ok(row
+            .and_then(|r| crate::auth::Scope::parse(r.get(0)))
+            .map(|s| s.db_role()))
+    }
+
+    /// The project role of a member's current role (`None`: not a member).
+    async fn member_db_role(&self, project_id: &str, user_id: &str) -> ApiResult<Option<DbRole>> {
+        let client = self.control.get().await?;
+        let row = client
+            .query_opt(
+                "SELECT role FROM fluxbase.members WHERE project_id = $1 AND user_id = $2",
+                &[&project_id, &user_id],
+            )
+            .await?;
+        Ok(row
+            .and_then(|r| crate::auth::MemberRole::parse(r.get(0)))
+            .map(|m| m.db_role()))
     }
 
     /// An API key was deleted or rotated (here or by another server): the realtime
@@ -1135,33 +1232,72 @@ impl App {
         let mut sub = self.bus.project(project_id).subscribe_durable();
         let weak_room = Arc::downgrade(&room);
         let weak_app = Arc::downgrade(self);
+        let project = project_id.to_string();
         let task = tokio::spawn(async move {
-            while let Some(event) = sub.events.recv().await {
+            while let Some(first) = sub.events.recv().await {
                 let (Some(room), Some(app)) = (weak_room.upgrade(), weak_app.upgrade()) else {
                     return;
                 };
-                let end = event.end_lsn;
-                let last = event.last_in_transaction;
-                if matches!(event.kind, EventKind::Broadcast { .. })
-                    && event.payload.len() <= app.config.realtime_max_broadcast_bytes
-                    && !room.admit_broadcast(event.payload.len())
+                // What is queued, up to a schema event (policies may change with it) or the
+                // batch bound: one RLS evaluation for all of it.
+                let mut batch = vec![first];
+                while batch.len() < app.config.realtime_rls_batch_rows
+                    && !matches!(batch.last().map(|e| &e.kind), Some(EventKind::Schema { .. }))
                 {
-                    // Over the project's budget: dropped for every member alike, rather than
-                    // filling every member's queue until each is cut off as too slow.
-                    app.metrics
-                        .realtime_broadcasts_dropped
-                        .fetch_add(1, Ordering::Relaxed);
-                    room.skip(&event);
-                } else {
-                    room.deliver(
-                        event,
+                    match sub.events.try_recv() {
+                        Ok(e) => batch.push(e),
+                        Err(_) => break,
+                    }
+                }
+                let batch: Vec<(Arc<Event>, bool)> = batch
+                    .into_iter()
+                    .map(|event| {
+                        let admitted = !(matches!(event.kind, EventKind::Broadcast { .. })
+                            && event.payload.len() <= app.config.realtime_max_broadcast_bytes
+                            && !room.admit_broadcast(event.payload.len()));
+                        if !admitted {
+                            // Over the project's budget: dropped for every member alike,
+                            // rather than filling every member's queue until each is cut off.
+                            app.metrics
+                                .realtime_broadcasts_dropped
+                                .fetch_add(1, Ordering::Relaxed);
+                        }
+                        (event, admitted)
+                    })
+                    .collect();
+                let events: Vec<Arc<Event>> = batch.iter().map(|(e, _)| e.clone()).collect();
+                let mut verdicts = Verdicts::default();
+                let mut missing = room.identities();
+                loop {
+                    let more = app
+                        .realtime
+                        .visibility
+                        .verdicts(&app, &project, &missing, &events)
+                        .await;
+                    verdicts.merge(more);
+                    match room.deliver_batch(
+                        &batch,
+                        &verdicts,
                         app.realtime.retention(),
                         app.config.realtime_max_broadcast_bytes,
                         &app.realtime.delivered,
-                    );
+                    ) {
+                        Ok(()) => break,
+                        Err(joined) => missing = joined,
+                    }
                 }
-                if last {
-                    sub.ack(end);
+                if events
+                    .iter()
+                    .any(|e| matches!(e.kind, EventKind::Schema { .. }))
+                {
+                    // Policies, RLS switches and grants come as schema events, in commit order:
+                    // the events after this one are decided on the catalog as it is now.
+                    app.realtime.visibility.invalidate(&project);
+                }
+                for e in &events {
+                    if e.last_in_transaction {
+                        sub.ack(e.end_lsn);
+                    }
                 }
             }
         });
@@ -1393,6 +1529,9 @@ impl App {
         let mut revocations = self.realtime.revocations(project_id);
         let mut user = None;
         let mut key: Option<KeyBinding> = None;
+        // The subscription's identity for row-level security (see crate::visibility).
+        let named_uid = &msg["authUid"];
+        let identity: Identity;
         let project = self.load_project(project_id).await.map_err(api)?.ok_or((
             "PROJECT_NOT_FOUND",
             "No project found for the given projectId.".into(),
@@ -1406,6 +1545,14 @@ impl App {
                 // A token has its own budget, as a key does: however many sockets use it.
                 let caller = hex::encode(&crate::secrets::sha256(token.as_bytes())[..16]);
                 self.rate.check(&format!("rt:{caller}")).map_err(api)?;
+                if !named_uid.is_null() && named_uid.as_str() != claims.u.as_deref() {
+                    return Err((
+                        "SCOPE_MISMATCH",
+                        "A realtime token acts for the authUid it was minted with.".into(),
+                    ));
+                }
+                // The role is that of the key's scope, or of the member's role, as it is now.
+                let mut role = DbRole::Read;
                 if let (Some(key_id), Some(fingerprint)) = (claims.k, claims.f) {
                     let current = self
                         .current_key_hash(&project.id, &key_id)
@@ -1418,18 +1565,30 @@ impl App {
                             "The API key that issued this token was deleted or rotated.".into(),
                         ));
                     }
+                    role = self
+                        .key_db_role(&project.id, &key_id)
+                        .await
+                        .map_err(api)?
+                        .ok_or((
+                            "ACCESS_REVOKED",
+                            "The API key that issued this token was deleted or rotated.".into(),
+                        ))?;
                     key = Some(KeyBinding { key_id, fingerprint });
                 }
                 filter.token_tables = claims.t.map(|t| t.into_iter().collect());
                 if let Some(member) = claims.m {
-                    if !self.is_member(&project.id, &member).await.map_err(api)? {
+                    let Some(member_role) =
+                        self.member_db_role(&project.id, &member).await.map_err(api)?
+                    else {
                         return Err((
                             "ACCESS_REVOKED",
                             "The member who obtained this token is no longer a member of the project.".into(),
                         ));
-                    }
+                    };
+                    role = member_role;
                     user = Some(member);
                 }
+                identity = Identity { role, auth_uid: claims.u };
             }
             Some(token) => {
                 let principal = self.authenticate(Some(&format!("Bearer {token}"))).await.map_err(api)?;
@@ -1442,10 +1601,25 @@ impl App {
                         fingerprint: key_fingerprint(self, &crate::secrets::sha256(token.as_bytes())),
                     });
                 }
-                self.project_access(&principal, &project.id).await.map_err(api)?;
+                let access = self.project_access(&principal, &project.id).await.map_err(api)?;
+                // As execute-sql: a key may name its end user, a session acts as its own.
+                let auth_uid = crate::rls::request_identity(&access, Some(named_uid), None)
+                    .map_err(|e| match e {
+                        ApiError::BadRequest(m) => ("BAD_MESSAGE", m),
+                        other => api(other),
+                    })?;
+                identity = Identity { role: access.db_role, auth_uid };
                 user = principal.user_id().map(str::to_string);
             }
-            None if project.realtime_public => {}
+            None if project.realtime_public => {
+                if !named_uid.is_null() {
+                    return Err((
+                        "AUTH_REQUIRED",
+                        "authUid needs a token: an API key, or a realtime token minted for it.".into(),
+                    ));
+                }
+                identity = Identity { role: DbRole::Read, auth_uid: None };
+            }
             None => {
                 return Err((
                     "AUTH_REQUIRED",
@@ -1460,16 +1634,41 @@ impl App {
         // Measured after the room's bus subscription exists: the room gets every transaction
         // that commits from here on.
         let now = self.wal_insert_lsn().await.map_err(api)?;
+        // What this identity may see of the retained events a `since` replays, decided outside
+        // the lock (and again for any the room took meanwhile).
+        let mut replay: HashMap<String, Verdict> = HashMap::new();
         let mut state = loop {
-            let state = room.state.lock().expect("poisoned");
-            let seen = self.realtime.revocations(&project.id);
-            if seen == revocations {
-                // Any revocation from here on evicts under this lock, so finds the member.
-                break state;
+            let undecided = {
+                let state = room.state.lock().expect("poisoned");
+                let seen = self.realtime.revocations(&project.id);
+                if seen == revocations {
+                    let undecided = match &since {
+                        Some((since, _)) => undecided(&state, since, &replay),
+                        None => Vec::new(),
+                    };
+                    if undecided.is_empty() {
+                        // Any revocation from here on evicts under this lock, so finds the member.
+                        break state;
+                    }
+                    Some(undecided)
+                } else {
+                    revocations = seen;
+                    None
+                }
+            };
+            if let Some(undecided) = undecided {
+                let verdicts = self
+                    .realtime
+                    .visibility
+                    .verdicts(self, &project.id, std::slice::from_ref(&identity), &undecided)
+                    .await;
+                for (i, e) in undecided.iter().enumerate() {
+                    let v = verdicts.get(&identity, i).cloned().unwrap_or(Verdict::Skip);
+                    replay.insert(e.id.clone(), v);
+                }
+                continue;
             }
             // A key was revoked since this subscribe checked its own: check it again.
-            drop(state);
-            revocations = seen;
             if let Some(k) = &key {
                 self.check_binding(&project.id, k).await?;
             }
@@ -1487,6 +1686,14 @@ impl App {
             return Err((
                 "LIMIT_EXCEEDED",
                 format!("at most {MAX_SOCKETS_PER_PROJECT} sockets per project"),
+            ));
+        }
+        let max_identities = self.config.realtime_rls_max_identities;
+        let identities: HashSet<&Identity> = state.members.values().map(|m| &m.identity).collect();
+        if identities.len() >= max_identities && !identities.contains(&identity) {
+            return Err((
+                "LIMIT_EXCEEDED",
+                format!("at most {max_identities} distinct identities (role and authUid) per project room (realtime_rls_max_identities)"),
             ));
         }
         let complete_from = *state.complete_from.get_or_insert(now);
@@ -1515,15 +1722,30 @@ impl App {
             } else {
                 resumed = true;
                 for r in state.history.iter().filter(|r| r.event.id > since) {
-                    let record = || {
-                        r.event
-                            .record
-                            .as_deref()
+                    let parse = |text: &Option<String>| {
+                        text.as_deref()
                             .and_then(|x| serde_json::from_str(x).ok())
                             .unwrap_or(Value::Null)
                     };
-                    if filter.matches(&r.event, &record) {
-                        socket.push(r.message.clone());
+                    let record = || parse(&r.event.record);
+                    let old_record = || parse(&r.event.old);
+                    match replay.get(&r.event.id) {
+                        Some(Verdict::Send) => {
+                            if filter.matches(&r.event, &record) {
+                                socket.push(r.message.clone());
+                            }
+                        }
+                        Some(Verdict::SendInstead {
+                            payload,
+                            filter_on_old,
+                        }) => {
+                            let row: &dyn Fn() -> Value =
+                                if *filter_on_old { &old_record } else { &record };
+                            if filter.matches(&r.event, row) {
+                                socket.push(instead_frame(&room.room_id, payload));
+                            }
+                        }
+                        Some(Verdict::Skip) | None => {}
                     }
                 }
             }
@@ -1536,12 +1758,23 @@ impl App {
                 committed_from: if resumed { Lsn(0) } else { now },
                 user,
                 key,
+                identity,
             },
         );
         drop(state);
         joined.insert(project.id);
         Ok(())
     }
+}
+
+/// Retained events after `since` whose verdict a resuming subscriber does not have yet.
+fn undecided(state: &RoomState, since: &str, decided: &HashMap<String, Verdict>) -> Vec<Arc<Event>> {
+    state
+        .history
+        .iter()
+        .filter(|r| r.event.id.as_str() > since && !decided.contains_key(&r.event.id))
+        .map(|r| r.event.clone())
+        .collect()
 }
 
 /// The commit LSN in an event id (`<commit LSN, 16 hex>-<index, 8 hex>`).
