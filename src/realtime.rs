@@ -988,6 +988,14 @@ impl App {
                 "expiresIn: between 1 and 86400 seconds".into(),
             ));
         }
+        if let Some(uid) = &req.auth_uid {
+            crate::rls::valid_uid(uid, "authUid")?;
+            if access.principal.user_id().is_some_and(|me| me != uid) {
+                return Err(ApiError::ScopeMismatch(
+                    "A session's token acts as its own user; authUid is for API keys.".into(),
+                ));
+            }
+        }
         let expires = chrono::Utc::now() + chrono::Duration::seconds(ttl);
         let (k, f) = match &access.principal {
             Principal::Key { key_id, .. } => {
@@ -1538,7 +1546,7 @@ impl App {
         ))?;
         match msg["token"].as_str().filter(|t| !t.is_empty()) {
             Some(token) if token.starts_with(TOKEN_PREFIX) => {
-                let claims = self.verify_realtime_token(token)?;
+                let mut claims = self.verify_realtime_token(token)?;
                 if claims.p != project.id {
                     return Err(("SCOPE_MISMATCH", "This token belongs to another project.".into()));
                 }
@@ -1586,6 +1594,14 @@ impl App {
                         ));
                     };
                     role = member_role;
+                    // As for the member's own SQL: a session acts as its own user.
+                    if claims.u.as_ref().is_some_and(|u| *u != member) {
+                        return Err((
+                            "SCOPE_MISMATCH",
+                            "A token obtained with a session acts as that member; authUid is for API keys.".into(),
+                        ));
+                    }
+                    claims.u = Some(member.clone());
                     user = Some(member);
                 }
                 identity = Identity { role, auth_uid: claims.u };

@@ -11,6 +11,7 @@ mod limits;
 mod operations;
 mod outage;
 mod realtime;
+mod realtime_rls;
 mod red;
 mod replication;
 mod rls;
