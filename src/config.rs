@@ -471,19 +471,28 @@ impl Config {
                 Ok(())
             }
         );
-        env!("FLUXBASE_REALTIME_RLS_MAX_IDENTITIES", |k, v: String| -> Result<()> {
-            self.realtime_rls_max_identities = parse(k, &v)?;
-            Ok(())
-        });
-        env!("FLUXBASE_REALTIME_RLS_BATCH_ROWS", |k, v: String| -> Result<()> {
+        env!(
+            "FLUXBASE_REALTIME_RLS_MAX_IDENTITIES",
+            |k, v: String| -> Result<()> {
+                self.realtime_rls_max_identities = parse(k, &v)?;
+                Ok(())
+            }
+        );
+        env!("FLUXBASE_REALTIME_RLS_BATCH_ROWS", |k,
+                                                  v: String|
+         -> Result<()> {
             self.realtime_rls_batch_rows = parse(k, &v)?;
             Ok(())
         });
-        env!("FLUXBASE_REALTIME_RLS_TIMEOUT_MS", |k, v: String| -> Result<()> {
+        env!("FLUXBASE_REALTIME_RLS_TIMEOUT_MS", |k,
+                                                  v: String|
+         -> Result<()> {
             self.realtime_rls_timeout_ms = parse(k, &v)?;
             Ok(())
         });
-        env!("FLUXBASE_REALTIME_RLS_CONNECTIONS", |k, v: String| -> Result<()> {
+        env!("FLUXBASE_REALTIME_RLS_CONNECTIONS", |k,
+                                                   v: String|
+         -> Result<()> {
             self.realtime_rls_connections = parse(k, &v)?;
             Ok(())
         });

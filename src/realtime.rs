@@ -865,7 +865,8 @@ impl Room {
                     payload,
                     filter_on_old,
                 }) => {
-                    let row: &dyn Fn() -> Value = if *filter_on_old { &old_record } else { &record };
+                    let row: &dyn Fn() -> Value =
+                        if *filter_on_old { &old_record } else { &record };
                     m.filter.matches(&event, row)
                         && m.socket.push(instead_frame(&self.room_id, payload))
                 }
@@ -1250,7 +1251,10 @@ impl App {
                 // batch bound: one RLS evaluation for all of it.
                 let mut batch = vec![first];
                 while batch.len() < app.config.realtime_rls_batch_rows
-                    && !matches!(batch.last().map(|e| &e.kind), Some(EventKind::Schema { .. }))
+                    && !matches!(
+                        batch.last().map(|e| &e.kind),
+                        Some(EventKind::Schema { .. })
+                    )
                 {
                     match sub.events.try_recv() {
                         Ok(e) => batch.push(e),
@@ -1676,7 +1680,12 @@ impl App {
                 let verdicts = self
                     .realtime
                     .visibility
-                    .verdicts(self, &project.id, std::slice::from_ref(&identity), &undecided)
+                    .verdicts(
+                        self,
+                        &project.id,
+                        std::slice::from_ref(&identity),
+                        &undecided,
+                    )
                     .await;
                 for (i, e) in undecided.iter().enumerate() {
                     let v = verdicts.get(&identity, i).cloned().unwrap_or(Verdict::Skip);
@@ -1784,7 +1793,11 @@ impl App {
 }
 
 /// Retained events after `since` whose verdict a resuming subscriber does not have yet.
-fn undecided(state: &RoomState, since: &str, decided: &HashMap<String, Verdict>) -> Vec<Arc<Event>> {
+fn undecided(
+    state: &RoomState,
+    since: &str,
+    decided: &HashMap<String, Verdict>,
+) -> Vec<Arc<Event>> {
     state
         .history
         .iter()

@@ -176,9 +176,10 @@ impl RoleView {
             RoleView::Fast {
                 permissive,
                 restrictive,
-            } => permissive.iter().chain(restrictive).any(
-                |f| matches!(f, Fast::ColumnIsUid(c) if missing.iter().any(|m| m == c)),
-            ),
+            } => permissive
+                .iter()
+                .chain(restrictive)
+                .any(|f| matches!(f, Fast::ColumnIsUid(c) if missing.iter().any(|m| m == c))),
             RoleView::Sql { columns: None, .. } => true,
             RoleView::Sql {
                 columns: Some(cols),
@@ -209,7 +210,7 @@ pub struct Visibility {
 const CATALOG_SQL: &str = r#"
 SELECT json_build_object(
   'columns', (SELECT coalesce(json_agg(json_build_object(
-                 'name', a.attname, 'type', a.atttypid,
+                 'name', a.attname, 'type', a.atttypid::int8,
                  'det', coalesce(co.collisdeterministic, true)) ORDER BY a.attnum), '[]')
               FROM pg_attribute a LEFT JOIN pg_collation co ON co.oid = a.attcollation
               WHERE a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped),
@@ -308,7 +309,9 @@ fn split_column(s: &str) -> Option<(&str, &str)> {
         } else {
             let n = t
                 .bytes()
-                .take_while(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || *b == b'_' || *b == b'$')
+                .take_while(|b| {
+                    b.is_ascii_lowercase() || b.is_ascii_digit() || *b == b'_' || *b == b'$'
+                })
                 .count();
             (n > 0 && !t.as_bytes()[0].is_ascii_digit()).then_some(n)
         }
@@ -351,7 +354,12 @@ fn fast_eval(f: &Fast, image: &Value, uid: Option<&str>) -> bool {
     }
 }
 
-fn fast_combined(permissive: &[Fast], restrictive: &[Fast], image: &Value, uid: Option<&str>) -> bool {
+fn fast_combined(
+    permissive: &[Fast],
+    restrictive: &[Fast],
+    image: &Value,
+    uid: Option<&str>,
+) -> bool {
     permissive.iter().any(|f| fast_eval(f, image, uid))
         && restrictive.iter().all(|f| fast_eval(f, image, uid))
 }
@@ -482,7 +490,13 @@ impl Visibility {
             table.to_string(),
         ));
         if first {
-            tracing::warn!(project_id, schema, table, why, "realtime RLS: events hidden (fail closed)");
+            tracing::warn!(
+                project_id,
+                schema,
+                table,
+                why,
+                "realtime RLS: events hidden (fail closed)"
+            );
         }
     }
 
@@ -510,7 +524,10 @@ impl Visibility {
             )
             .await
             .map_err(|_| anyhow::anyhow!("connecting timed out"))??;
-            let roles: Vec<String> = DbRole::ALL.iter().map(|r| r.role_name(&project.id)).collect();
+            let roles: Vec<String> = DbRole::ALL
+                .iter()
+                .map(|r| r.role_name(&project.id))
+                .collect();
             let row = client
                 .query_opt(CATALOG_SQL, &[&schema, &table, &roles])
                 .await?;
@@ -534,7 +551,13 @@ impl Visibility {
                 info
             }
             Err(e) => {
-                self.log_once(app, &project.id, schema, table, &format!("reading the catalog: {e:#}"));
+                self.log_once(
+                    app,
+                    &project.id,
+                    schema,
+                    table,
+                    &format!("reading the catalog: {e:#}"),
+                );
                 Arc::new(None)
             }
         }
@@ -671,7 +694,9 @@ impl Visibility {
             let guard = Duration::from_millis(app.config.realtime_rls_timeout_ms.saturating_mul(5));
             let mut jobs = Vec::new();
             for (role, ids) in &sql_work {
-                let per_conn = ids.len().div_ceil(app.config.realtime_rls_connections.max(1));
+                let per_conn = ids
+                    .len()
+                    .div_ceil(app.config.realtime_rls_connections.max(1));
                 for chunk in ids.chunks(per_conn.max(1)) {
                     jobs.push(self.evaluate(app, project, *role, chunk, identities, &tables));
                 }
@@ -685,7 +710,13 @@ impl Visibility {
                 }
                 Err(_) => {
                     for ti in &tables {
-                        self.log_once(app, project_id, &ti.schema, &ti.table, "evaluation timed out");
+                        self.log_once(
+                            app,
+                            project_id,
+                            &ti.schema,
+                            &ti.table,
+                            "evaluation timed out",
+                        );
                     }
                     self.invalidate(project_id);
                 }
@@ -996,11 +1027,27 @@ mod tests {
             Some(Fast::ColumnIsUid("vc".into()))
         );
         let f = Fast::ColumnIsUid("owner".into());
-        assert!(fast_eval(&f, &serde_json::json!({"owner": "alice"}), Some("alice")));
-        assert!(!fast_eval(&f, &serde_json::json!({"owner": "alice"}), Some("bob")));
-        assert!(!fast_eval(&f, &serde_json::json!({"owner": "Alice"}), Some("alice")));
+        assert!(fast_eval(
+            &f,
+            &serde_json::json!({"owner": "alice"}),
+            Some("alice")
+        ));
+        assert!(!fast_eval(
+            &f,
+            &serde_json::json!({"owner": "alice"}),
+            Some("bob")
+        ));
+        assert!(!fast_eval(
+            &f,
+            &serde_json::json!({"owner": "Alice"}),
+            Some("alice")
+        ));
         // NULL on either side never matches, as in SQL.
-        assert!(!fast_eval(&f, &serde_json::json!({"owner": null}), Some("alice")));
+        assert!(!fast_eval(
+            &f,
+            &serde_json::json!({"owner": null}),
+            Some("alice")
+        ));
         assert!(!fast_eval(&f, &serde_json::json!({"owner": "alice"}), None));
         assert!(!fast_eval(&f, &serde_json::json!({}), Some("alice")));
     }
@@ -1008,9 +1055,9 @@ mod tests {
     #[test]
     fn other_shapes_go_to_postgresql() {
         for e in [
-            "((n)::text = auth.uid())",          // an int cast: not text equality
-            "(n = auth.uid())",                  // not a text column
-            "(ci = auth.uid())",                 // nondeterministic collation
+            "((n)::text = auth.uid())", // an int cast: not text equality
+            "(n = auth.uid())",         // not a text column
+            "(ci = auth.uid())",        // nondeterministic collation
             "(owner = auth.uid() OR true)",
             "((owner = auth.uid()) AND true)",
             "(owner <> auth.uid())",
@@ -1035,12 +1082,37 @@ mod tests {
         assert!(!fast_combined(&[], &[], &row, Some("alice")));
         assert!(!fast_combined(&[], &[Fast::True], &row, Some("alice")));
         // Permissive OR'ed.
-        assert!(fast_combined(&[Fast::False, own.clone()], &[], &row, Some("alice")));
-        assert!(fast_combined(&[Fast::True, own.clone()], &[], &row, Some("bob")));
+        assert!(fast_combined(
+            &[Fast::False, own.clone()],
+            &[],
+            &row,
+            Some("alice")
+        ));
+        assert!(fast_combined(
+            &[Fast::True, own.clone()],
+            &[],
+            &row,
+            Some("bob")
+        ));
         // Restrictive AND'ed.
-        assert!(!fast_combined(&[Fast::True], &[own.clone()], &row, Some("bob")));
-        assert!(fast_combined(&[Fast::True], &[own.clone()], &row, Some("alice")));
-        assert!(!fast_combined(&[Fast::True], &[own, Fast::False], &row, Some("alice")));
+        assert!(!fast_combined(
+            &[Fast::True],
+            &[own.clone()],
+            &row,
+            Some("bob")
+        ));
+        assert!(fast_combined(
+            &[Fast::True],
+            &[own.clone()],
+            &row,
+            Some("alice")
+        ));
+        assert!(!fast_combined(
+            &[Fast::True],
+            &[own, Fast::False],
+            &row,
+            Some("alice")
+        ));
     }
 
     #[test]

@@ -128,14 +128,17 @@ async fn collect(s: &mut Sub, until: i64) -> (Vec<Seen>, Vec<Value>) {
 
 /// The ids of `table` among what was seen.
 fn ids(seen: &[Seen], table: &str) -> BTreeSet<i64> {
-    seen.iter()
-        .filter(|s| s.0 == table)
-        .map(|s| s.2)
-        .collect()
+    seen.iter().filter(|s| s.0 == table).map(|s| s.2).collect()
 }
 
 /// The ids `SELECT id FROM table` returns for `key` acting as `uid`.
-async fn sql_ids(app: &TestApp, key: &str, f: &Fixture, uid: Option<&str>, table: &str) -> BTreeSet<i64> {
+async fn sql_ids(
+    app: &TestApp,
+    key: &str,
+    f: &Fixture,
+    uid: Option<&str>,
+    table: &str,
+) -> BTreeSet<i64> {
     let mut body = json!({ "projectId": f.project, "query": format!("SELECT id FROM {table}") });
     if let Some(uid) = uid {
         body["authUid"] = json!(uid);
@@ -163,8 +166,10 @@ async fn policy(app: &TestApp, f: &Fixture, table: &str, name: &str, command: &s
             "POST",
             "/api/rls/policies",
             Some(&f.admin),
-            Some(json!({ "projectId": f.project, "table": table, "name": name,
-                         "command": command, "using": using })),
+            Some(
+                json!({ "projectId": f.project, "table": table, "name": name,
+                         "command": command, "using": using }),
+            ),
         )
         .await;
     assert_eq!(status, 201, "{body}");
@@ -187,12 +192,30 @@ async fn two_users_each_receive_exactly_their_rows_under_the_guides_four_pattern
     policy(&app, &f, "owned", "own", "SELECT", "user_id = auth.uid()").await;
     policy(&app, &f, "orgs", "org", "SELECT", "org_id = auth.uid()").await;
     policy(&app, &f, "posts", "anyone reads", "SELECT", "true").await;
-    policy(&app, &f, "posts", "owner writes", "UPDATE", "author_id = auth.uid()").await;
+    policy(
+        &app,
+        &f,
+        "posts",
+        "owner writes",
+        "UPDATE",
+        "author_id = auth.uid()",
+    )
+    .await;
     policy(&app, &f, "audit", "lockdown", "SELECT", "false").await;
     let (viewer, viewer_id) = member(&app, &f, "viewer").await;
 
-    let alice = token(&app, &f.read, json!({ "projectId": f.project, "authUid": "alice" })).await;
-    let bob = token(&app, &f.read, json!({ "projectId": f.project, "authUid": "bob" })).await;
+    let alice = token(
+        &app,
+        &f.read,
+        json!({ "projectId": f.project, "authUid": "alice" }),
+    )
+    .await;
+    let bob = token(
+        &app,
+        &f.read,
+        json!({ "projectId": f.project, "authUid": "bob" }),
+    )
+    .await;
     let mut subs = vec![
         sub(&app, &f, "alice", json!({ "token": alice })).await,
         sub(&app, &f, "bob", json!({ "token": bob })).await,
@@ -237,9 +260,18 @@ async fn two_users_each_receive_exactly_their_rows_under_the_guides_four_pattern
     );
     // What each saw is what its SQL sees.
     for table in ["owned", "orgs", "posts", "audit"] {
-        assert_eq!(ids(&got[0], table), sql_ids(&app, &f.read, &f, Some("alice"), table).await);
-        assert_eq!(ids(&got[1], table), sql_ids(&app, &f.read, &f, Some("bob"), table).await);
-        assert_eq!(ids(&got[2], table), sql_ids(&app, &viewer, &f, None, table).await);
+        assert_eq!(
+            ids(&got[0], table),
+            sql_ids(&app, &f.read, &f, Some("alice"), table).await
+        );
+        assert_eq!(
+            ids(&got[1], table),
+            sql_ids(&app, &f.read, &f, Some("bob"), table).await
+        );
+        assert_eq!(
+            ids(&got[2], table),
+            sql_ids(&app, &viewer, &f, None, table).await
+        );
     }
 }
 
@@ -261,14 +293,29 @@ async fn updates_into_out_of_and_within_the_view_and_deletes_follow_the_policy()
     .await;
     policy(&app, &f, "owned", "own", "SELECT", "user_id = auth.uid()").await;
     policy(&app, &f, "keyonly", "own", "SELECT", "user_id = auth.uid()").await;
-    let alice = token(&app, &f.read, json!({ "projectId": f.project, "authUid": "alice" })).await;
-    let bob = token(&app, &f.read, json!({ "projectId": f.project, "authUid": "bob" })).await;
+    let alice = token(
+        &app,
+        &f.read,
+        json!({ "projectId": f.project, "authUid": "alice" }),
+    )
+    .await;
+    let bob = token(
+        &app,
+        &f.read,
+        json!({ "projectId": f.project, "authUid": "bob" }),
+    )
+    .await;
     let mut a = sub(&app, &f, "alice", json!({ "token": alice })).await;
     let mut b = sub(&app, &f, "bob", json!({ "token": bob })).await;
 
     // Within alice's view; then out of it into bob's; then bob deletes it.
     admin_sql(&app, &f, "UPDATE owned SET body = 'a1 edited' WHERE id = 1").await;
-    admin_sql(&app, &f, "UPDATE owned SET user_id = 'bob', body = 'now bob''s' WHERE id = 1").await;
+    admin_sql(
+        &app,
+        &f,
+        "UPDATE owned SET user_id = 'bob', body = 'now bob''s' WHERE id = 1",
+    )
+    .await;
     admin_sql(&app, &f, "DELETE FROM owned WHERE id = 1").await;
     let until = mark(&app, &f).await;
     let (seen_a, pa) = collect(&mut a, until).await;
@@ -299,7 +346,11 @@ async fn updates_into_out_of_and_within_the_view_and_deletes_follow_the_policy()
     assert_eq!(seen_a, vec![], "alice");
     let k = |op: &str, id: i64| ("keyonly".to_string(), op.to_string(), id, false);
     assert_eq!(seen_b, vec![k("UPDATE", 1), k("UPDATE", 2)], "bob");
-    assert!(pb[0]["old"].is_null() || pb[0]["old"] == json!({ "id": 1 }), "{}", pb[0]);
+    assert!(
+        pb[0]["old"].is_null() || pb[0]["old"] == json!({ "id": 1 }),
+        "{}",
+        pb[0]
+    );
 }
 
 #[tokio::test]
@@ -314,14 +365,32 @@ async fn restrictive_policies_force_and_the_admin_key_behave_as_in_sql() {
          ALTER TABLE docs ENABLE ROW LEVEL SECURITY;
          CREATE POLICY everyone ON docs FOR SELECT USING (true);
          CREATE POLICY published_only ON docs AS RESTRICTIVE FOR SELECT USING (published);
-         CREATE POLICY own ON docs AS RESTRICTIVE FOR ALL USING (user_id = auth.uid())",
+         CREATE POLICY own ON docs AS RESTRICTIVE FOR SELECT USING (user_id = auth.uid());
+         CREATE POLICY writes ON docs FOR INSERT WITH CHECK (true)",
     )
     .await;
-    let alice = token(&app, &f.read, json!({ "projectId": f.project, "authUid": "alice" })).await;
+    let alice = token(
+        &app,
+        &f.read,
+        json!({ "projectId": f.project, "authUid": "alice" }),
+    )
+    .await;
     let mut subs = vec![
         sub(&app, &f, "alice", json!({ "token": alice })).await,
-        sub(&app, &f, "admin as alice", json!({ "token": f.admin, "authUid": "alice" })).await,
-        sub(&app, &f, "readwrite as bob", json!({ "token": f.readwrite, "authUid": "bob" })).await,
+        sub(
+            &app,
+            &f,
+            "admin as alice",
+            json!({ "token": f.admin, "authUid": "alice" }),
+        )
+        .await,
+        sub(
+            &app,
+            &f,
+            "readwrite as bob",
+            json!({ "token": f.readwrite, "authUid": "bob" }),
+        )
+        .await,
     ];
     admin_sql(
         &app,
@@ -368,14 +437,22 @@ async fn policy_changes_take_effect_for_open_sockets_from_the_next_event() {
     )
     .await;
     policy(&app, &f, "owned", "own", "SELECT", "user_id = auth.uid()").await;
-    let alice = token(&app, &f.read, json!({ "projectId": f.project, "authUid": "alice" })).await;
+    let alice = token(
+        &app,
+        &f.read,
+        json!({ "projectId": f.project, "authUid": "alice" }),
+    )
+    .await;
     let mut a = sub(&app, &f, "alice", json!({ "token": alice })).await;
     let steps: [(&str, &[i64]); 6] = [
         ("SELECT 1", &[1]),
         ("ALTER TABLE owned DISABLE ROW LEVEL SECURITY", &[1, 2]),
         ("ALTER TABLE owned ENABLE ROW LEVEL SECURITY", &[1]),
         ("DROP POLICY own ON owned", &[]),
-        ("CREATE POLICY anyone ON owned FOR SELECT USING (true)", &[1, 2]),
+        (
+            "CREATE POLICY anyone ON owned FOR SELECT USING (true)",
+            &[1, 2],
+        ),
         ("REVOKE SELECT ON owned FROM PUBLIC, fx_PROJECT_read", &[]),
     ];
     for (round, (ddl, want)) in steps.into_iter().enumerate() {
@@ -422,15 +499,44 @@ async fn identities_come_from_the_key_the_token_the_session_or_nobody() {
     )
     .await;
     let (viewer, viewer_id) = member(&app, &f, "viewer").await;
-    let carol = token(&app, &f.read, json!({ "projectId": f.project, "authUid": "carol" })).await;
+    let carol = token(
+        &app,
+        &f.read,
+        json!({ "projectId": f.project, "authUid": "carol" }),
+    )
+    .await;
     let viewer_token = token(&app, &viewer, json!({ "projectId": f.project })).await;
 
     // Refused: a malformed authUid, a session naming someone else, a token overridden,
     // anonymous naming anyone.
-    refused(&app, &f, json!({ "token": f.read, "authUid": 42 }), "BAD_MESSAGE").await;
-    refused(&app, &f, json!({ "token": f.read, "authUid": "" }), "BAD_MESSAGE").await;
-    refused(&app, &f, json!({ "token": viewer, "authUid": "alice" }), "SCOPE_MISMATCH").await;
-    refused(&app, &f, json!({ "token": carol, "authUid": "alice" }), "SCOPE_MISMATCH").await;
+    refused(
+        &app,
+        &f,
+        json!({ "token": f.read, "authUid": 42 }),
+        "BAD_MESSAGE",
+    )
+    .await;
+    refused(
+        &app,
+        &f,
+        json!({ "token": f.read, "authUid": "" }),
+        "BAD_MESSAGE",
+    )
+    .await;
+    refused(
+        &app,
+        &f,
+        json!({ "token": viewer, "authUid": "alice" }),
+        "SCOPE_MISMATCH",
+    )
+    .await;
+    refused(
+        &app,
+        &f,
+        json!({ "token": carol, "authUid": "alice" }),
+        "SCOPE_MISMATCH",
+    )
+    .await;
     refused(&app, &f, json!({ "authUid": "alice" }), "AUTH_REQUIRED").await;
     let (status, body) = app
         .call(
@@ -440,10 +546,20 @@ async fn identities_come_from_the_key_the_token_the_session_or_nobody() {
             Some(json!({ "projectId": f.project, "authUid": "alice" })),
         )
         .await;
-    assert_eq!((status, &body["error"]["code"]), (403, &json!("SCOPE_MISMATCH")), "{body}");
+    assert_eq!(
+        (status, &body["error"]["code"]),
+        (403, &json!("SCOPE_MISMATCH")),
+        "{body}"
+    );
 
     let mut subs = vec![
-        sub(&app, &f, "read key as alice", json!({ "token": f.read, "authUid": "alice" })).await,
+        sub(
+            &app,
+            &f,
+            "read key as alice",
+            json!({ "token": f.read, "authUid": "alice" }),
+        )
+        .await,
         sub(&app, &f, "token for carol", json!({ "token": carol })).await,
         sub(&app, &f, "viewer's session", json!({ "token": viewer })).await,
         sub(&app, &f, "viewer's token", json!({ "token": viewer_token })).await,
@@ -477,7 +593,10 @@ async fn identities_come_from_the_key_the_token_the_session_or_nobody() {
             set(&[1, 2, 3, 4])
         ]
     );
-    assert_eq!(got[0], sql_ids(&app, &f.read, &f, Some("alice"), "owned").await);
+    assert_eq!(
+        got[0],
+        sql_ids(&app, &f.read, &f, Some("alice"), "owned").await
+    );
     assert_eq!(got[2], sql_ids(&app, &viewer, &f, None, "owned").await);
     assert_eq!(got[5], sql_ids(&app, &f.read, &f, None, "owned").await);
 }
@@ -504,8 +623,18 @@ async fn a_membership_subquery_is_evaluated_by_postgresql_as_the_subscriber() {
         "EXISTS (SELECT 1 FROM memberships m WHERE m.org = docs.org AND m.uid = auth.uid())",
     )
     .await;
-    let alice = token(&app, &f.read, json!({ "projectId": f.project, "authUid": "alice" })).await;
-    let bob = token(&app, &f.read, json!({ "projectId": f.project, "authUid": "bob" })).await;
+    let alice = token(
+        &app,
+        &f.read,
+        json!({ "projectId": f.project, "authUid": "alice" }),
+    )
+    .await;
+    let bob = token(
+        &app,
+        &f.read,
+        json!({ "projectId": f.project, "authUid": "bob" }),
+    )
+    .await;
     let mut a = sub(&app, &f, "alice", json!({ "token": alice })).await;
     let mut b = sub(&app, &f, "bob", json!({ "token": bob })).await;
     admin_sql(
@@ -514,16 +643,27 @@ async fn a_membership_subquery_is_evaluated_by_postgresql_as_the_subscriber() {
         "INSERT INTO docs VALUES (1, 'acme', 'x'), (2, 'globex', 'y'), (3, 'initech', 'z')",
     )
     .await;
+    let until = mark(&app, &f).await;
+    assert_eq!(ids(&collect(&mut a, until).await.0, "docs"), set(&[1]));
+    assert_eq!(ids(&collect(&mut b, until).await.0, "docs"), set(&[2]));
     // Bob joins acme: the subquery sees it from then on.
     admin_sql(&app, &f, "INSERT INTO memberships VALUES ('acme', 'bob')").await;
     admin_sql(&app, &f, "INSERT INTO docs VALUES (4, 'acme', 'w')").await;
     let until = mark(&app, &f).await;
-    assert_eq!(ids(&collect(&mut a, until).await.0, "docs"), set(&[1, 4]));
-    assert_eq!(ids(&collect(&mut b, until).await.0, "docs"), set(&[2, 4]));
-    assert_eq!(sql_ids(&app, &f.read, &f, Some("bob"), "docs").await, set(&[1, 2, 4]));
+    assert_eq!(ids(&collect(&mut a, until).await.0, "docs"), set(&[4]));
+    assert_eq!(ids(&collect(&mut b, until).await.0, "docs"), set(&[4]));
+    assert_eq!(
+        sql_ids(&app, &f.read, &f, Some("bob"), "docs").await,
+        set(&[1, 2, 4])
+    );
 
     // A subquery the role may not read fails in PostgreSQL: nothing is sent (fail closed).
-    admin_sql(&app, &f, &format!("REVOKE SELECT ON memberships FROM fx_{}_read", f.project)).await;
+    admin_sql(
+        &app,
+        &f,
+        &format!("REVOKE SELECT ON memberships FROM fx_{}_read", f.project),
+    )
+    .await;
     admin_sql(&app, &f, "INSERT INTO docs VALUES (5, 'acme', 'v')").await;
     let until = mark(&app, &f).await;
     assert_eq!(ids(&collect(&mut a, until).await.0, "docs"), set(&[]));
@@ -553,12 +693,29 @@ async fn the_fast_path_and_postgresql_agree_on_the_same_rows() {
     let uids = ["alice", "bob", "Alice", " alice", "élodie"];
     let mut subs = Vec::new();
     for (i, uid) in uids.iter().enumerate() {
-        let t = token(&app, &f.read, json!({ "projectId": f.project, "authUid": uid })).await;
+        let t = token(
+            &app,
+            &f.read,
+            json!({ "projectId": f.project, "authUid": uid }),
+        )
+        .await;
         let name: &'static str = ["alice", "bob", "Alice", "space alice", "élodie"][i];
         subs.push((Some(*uid), sub(&app, &f, name, json!({ "token": t })).await));
     }
-    subs.push((None, sub(&app, &f, "nobody", json!({ "token": f.read })).await));
-    let values = ["'alice'", "'bob'", "'Alice'", "' alice'", "'élodie'", "NULL", "''", "'alice '"];
+    subs.push((
+        None,
+        sub(&app, &f, "nobody", json!({ "token": f.read })).await,
+    ));
+    let values = [
+        "'alice'",
+        "'bob'",
+        "'Alice'",
+        "' alice'",
+        "'élodie'",
+        "NULL",
+        "''",
+        "'alice '",
+    ];
     let mut rows = Vec::new();
     for (i, v) in values.iter().enumerate() {
         rows.push(format!("({}, {v})", i + 1));
