@@ -63,6 +63,9 @@ use crate::error::{ApiError, ApiResult};
 use crate::visibility::{Identity, Verdict, Verdicts};
 use fluxbase_replication::pgoutput::Lsn;
 
+/// Events the pump delivers under one lock before it lets other tasks (the sockets' writers)
+/// run.
+const DELIVERY_SLICE: usize = 64;
 /// Messages a socket may have queued before it counts as too slow.
 pub const SEND_QUEUE: usize = 1024;
 /// Largest client message accepted.
@@ -768,6 +771,7 @@ impl Room {
     fn deliver_batch(
         &self,
         batch: &[(Arc<Event>, bool)],
+        first_index: usize,
         verdicts: &Verdicts,
         retention: Retention,
         max_broadcast: usize,
@@ -788,7 +792,7 @@ impl Room {
                 self.deliver_locked(
                     &mut state,
                     event.clone(),
-                    |identity| verdicts.get(identity, i),
+                    |identity| verdicts.get(identity, first_index + i),
                     retention,
                     max_broadcast,
                     delivered,
@@ -1280,23 +1284,31 @@ impl App {
                 let events: Vec<Arc<Event>> = batch.iter().map(|(e, _)| e.clone()).collect();
                 let mut verdicts = Verdicts::default();
                 let mut missing = room.identities();
-                loop {
-                    let more = app
-                        .realtime
-                        .visibility
-                        .verdicts(&app, &project, &missing, &events)
-                        .await;
-                    verdicts.merge(more);
-                    match room.deliver_batch(
-                        &batch,
-                        &verdicts,
-                        app.realtime.retention(),
-                        app.config.realtime_max_broadcast_bytes,
-                        &app.realtime.delivered,
-                    ) {
-                        Ok(()) => break,
-                        Err(joined) => missing = joined,
+                // Delivered a slice at a time, letting the sockets' writers run in between.
+                for (n, slice) in batch.chunks(DELIVERY_SLICE).enumerate() {
+                    loop {
+                        if !missing.is_empty() {
+                            let more = app
+                                .realtime
+                                .visibility
+                                .verdicts(&app, &project, &missing, &events)
+                                .await;
+                            verdicts.merge(more);
+                        }
+                        match room.deliver_batch(
+                            slice,
+                            n * DELIVERY_SLICE,
+                            &verdicts,
+                            app.realtime.retention(),
+                            app.config.realtime_max_broadcast_bytes,
+                            &app.realtime.delivered,
+                        ) {
+                            Ok(()) => break,
+                            Err(joined) => missing = joined,
+                        }
                     }
+                    missing.clear();
+                    tokio::task::yield_now().await;
                 }
                 if events
                     .iter()
