@@ -555,6 +555,7 @@ impl Realtime {
 
     /// Closes a project's room: members get an error and are removed (suspension, deletion).
     pub fn close_project(&self, project_id: &str, code: &str, message: &str) {
+        self.visibility.forget(project_id);
         let room = self.rooms.lock().expect("poisoned").remove(project_id);
         if let Some(room) = room {
             if let Some(task) = room.pump.lock().expect("poisoned").take() {

@@ -198,11 +198,19 @@ struct TableInfo {
     roles: HashMap<DbRole, RoleView>,
 }
 
+/// One project's cached tables (`None`: the table is gone), and the invalidations so far: a
+/// catalog read that began before an invalidation is not cached.
+#[derive(Default)]
+struct ProjectTables {
+    generation: u64,
+    tables: HashMap<(String, String), Arc<Option<TableInfo>>>,
+}
+
 /// Per project: the tables' catalog data, loaded on first use and dropped on every schema
 /// event (and on an evaluation error).
 #[derive(Default)]
 pub struct Visibility {
-    tables: Mutex<HashMap<String, HashMap<(String, String), Arc<Option<TableInfo>>>>>,
+    projects: Mutex<HashMap<String, ProjectTables>>,
     /// (project, schema, table) whose evaluation failure was logged already.
     logged: Mutex<HashSet<(String, String, String)>>,
 }
@@ -477,7 +485,15 @@ type Seen = HashMap<(usize, usize), Vec<bool>>;
 impl Visibility {
     /// Forgets a project's cached catalog data (a schema event, or an evaluation error).
     pub fn invalidate(&self, project_id: &str) {
-        self.tables.lock().expect("poisoned").remove(project_id);
+        let mut projects = self.projects.lock().expect("poisoned");
+        let p = projects.entry(project_id.to_string()).or_default();
+        p.generation += 1;
+        p.tables.clear();
+    }
+
+    /// Forgets a project (deleted).
+    pub fn forget(&self, project_id: &str) {
+        self.projects.lock().expect("poisoned").remove(project_id);
     }
 
     fn log_once(&self, app: &App, project_id: &str, schema: &str, table: &str, why: &str) {
@@ -508,15 +524,14 @@ impl Visibility {
         table: &str,
     ) -> Arc<Option<TableInfo>> {
         let key = (schema.to_string(), table.to_string());
-        if let Some(info) = self
-            .tables
-            .lock()
-            .expect("poisoned")
-            .get(&project.id)
-            .and_then(|t| t.get(&key))
-        {
-            return info.clone();
-        }
+        let generation = {
+            let mut projects = self.projects.lock().expect("poisoned");
+            let p = projects.entry(project.id.clone()).or_default();
+            if let Some(info) = p.tables.get(&key) {
+                return info.clone();
+            }
+            p.generation
+        };
         let loaded = async {
             let client = tokio::time::timeout(
                 Duration::from_secs(10),
@@ -542,12 +557,12 @@ impl Visibility {
         match loaded {
             Ok(info) => {
                 let info = Arc::new(info);
-                self.tables
-                    .lock()
-                    .expect("poisoned")
-                    .entry(project.id.clone())
-                    .or_default()
-                    .insert(key, info.clone());
+                let mut projects = self.projects.lock().expect("poisoned");
+                let p = projects.entry(project.id.clone()).or_default();
+                // A schema event since the read began: the next read will see it.
+                if p.generation == generation {
+                    p.tables.insert(key, info.clone());
+                }
                 info
             }
             Err(e) => {
@@ -1097,13 +1112,13 @@ mod tests {
         // Restrictive AND'ed.
         assert!(!fast_combined(
             &[Fast::True],
-            &[own.clone()],
+            std::slice::from_ref(&own),
             &row,
             Some("bob")
         ));
         assert!(fast_combined(
             &[Fast::True],
-            &[own.clone()],
+            std::slice::from_ref(&own),
             &row,
             Some("alice")
         ));

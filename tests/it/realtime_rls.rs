@@ -216,7 +216,7 @@ async fn two_users_each_receive_exactly_their_rows_under_the_guides_four_pattern
         json!({ "projectId": f.project, "authUid": "bob" }),
     )
     .await;
-    let mut subs = vec![
+    let mut subs = [
         sub(&app, &f, "alice", json!({ "token": alice })).await,
         sub(&app, &f, "bob", json!({ "token": bob })).await,
         sub(&app, &f, "viewer", json!({ "token": viewer })).await,
@@ -375,7 +375,7 @@ async fn restrictive_policies_force_and_the_admin_key_behave_as_in_sql() {
         json!({ "projectId": f.project, "authUid": "alice" }),
     )
     .await;
-    let mut subs = vec![
+    let mut subs = [
         sub(&app, &f, "alice", json!({ "token": alice })).await,
         sub(
             &app,
@@ -552,7 +552,7 @@ async fn identities_come_from_the_key_the_token_the_session_or_nobody() {
         "{body}"
     );
 
-    let mut subs = vec![
+    let mut subs = [
         sub(
             &app,
             &f,
