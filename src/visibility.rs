@@ -462,10 +462,8 @@ impl TableInfo {
     }
 }
 
-/// One row image of a batch to decide: the event it belongs to and whether it is the old one.
+/// One row image of a batch to decide.
 struct Image {
-    event: usize,
-    old: bool,
     value: Value,
     text: String,
     missing: Vec<String>,
@@ -477,6 +475,8 @@ struct TableImages {
     table: String,
     info: Arc<Option<TableInfo>>,
     images: Vec<Image>,
+    /// Per event of the batch: its new and old images (indexes into `images`).
+    by_event: HashMap<usize, (Option<usize>, Option<usize>)>,
 }
 
 /// Per (identity, table index, image index): visible or not.
@@ -627,6 +627,7 @@ impl Visibility {
                         table: table.clone(),
                         info,
                         images: Vec::new(),
+                        by_event: HashMap::new(),
                     });
                     table_index.insert((schema.clone(), table.clone()), tables.len() - 1);
                     tables.len() - 1
@@ -640,9 +641,13 @@ impl Visibility {
             let mut push = |text: &str, old: bool| {
                 let value = parse(text);
                 let missing = info.missing(&value);
+                let slot = ti.by_event.entry(i).or_default();
+                if old {
+                    slot.1 = Some(ti.images.len());
+                } else {
+                    slot.0 = Some(ti.images.len());
+                }
                 ti.images.push(Image {
-                    event: i,
-                    old,
                     value,
                     text: text.to_string(),
                     missing,
@@ -770,7 +775,12 @@ impl Visibility {
         };
         let ti = &tables[t];
         let Some(info) = ti.info.as_ref() else {
-            return Verdict::Skip;
+            // The table is gone (or its catalog unreadable): the owner role, which could turn
+            // off any policy of its own tables, gets the change; other roles do not.
+            return match id.role {
+                DbRole::Owner => Verdict::Send,
+                _ => Verdict::Skip,
+            };
         };
         match info.roles.get(&id.role) {
             Some(RoleView::All) => return Verdict::Send,
@@ -780,11 +790,10 @@ impl Visibility {
         let Some(results) = seen.get(&(n, t)) else {
             return Verdict::Skip; // not evaluated (an error): fail closed
         };
+        let slots = ti.by_event.get(&i).copied().unwrap_or_default();
         let image = |old: bool| {
-            ti.images
-                .iter()
-                .position(|img| img.event == i && img.old == old)
-                .map(|p| (&ti.images[p], results.get(p).copied().unwrap_or(false)))
+            let p = if old { slots.1 } else { slots.0 }?;
+            Some((&ti.images[p], results.get(p).copied().unwrap_or(false)))
         };
         // A full old image carries every column of the table.
         let full = |img: &Image| img.missing.is_empty();

@@ -775,3 +775,175 @@ async fn the_fast_path_and_postgresql_agree_on_the_same_rows() {
         assert_eq!(sql, now, "{}", s.name);
     }
 }
+
+#[tokio::test]
+async fn a_column_left_out_as_unchanged_toast_hides_the_change_only_from_policies_reading_it() {
+    let app = spawn_app().await;
+    let f = app.fixture().await;
+    // REPLICA IDENTITY DEFAULT: an UPDATE that leaves `big` alone does not carry it.
+    admin_sql(
+        &app,
+        &f,
+        "CREATE TABLE marks (id serial PRIMARY KEY);
+         CREATE TABLE on_owner (id int PRIMARY KEY, user_id text, big text);
+         CREATE TABLE on_big (id int PRIMARY KEY, user_id text, big text);
+         ALTER TABLE on_owner REPLICA IDENTITY DEFAULT;
+         ALTER TABLE on_big REPLICA IDENTITY DEFAULT;
+         ALTER TABLE on_owner ENABLE ROW LEVEL SECURITY;
+         ALTER TABLE on_big ENABLE ROW LEVEL SECURITY;
+         CREATE POLICY p ON on_owner FOR SELECT USING (user_id = auth.uid());
+         CREATE POLICY p ON on_big FOR SELECT USING (user_id = auth.uid() AND length(big) > 0)",
+    )
+    .await;
+    let alice = token(
+        &app,
+        &f.read,
+        json!({ "projectId": f.project, "authUid": "alice" }),
+    )
+    .await;
+    let mut a = sub(&app, &f, "alice", json!({ "token": alice })).await;
+    let big = "(SELECT string_agg(md5(g::text), '') FROM generate_series(1, 4000) g)";
+    for t in ["on_owner", "on_big"] {
+        admin_sql(
+            &app,
+            &f,
+            &format!("INSERT INTO {t} VALUES (1, 'alice', {big})"),
+        )
+        .await;
+        admin_sql(
+            &app,
+            &f,
+            &format!("UPDATE {t} SET user_id = 'alice' WHERE id = 1"),
+        )
+        .await;
+    }
+    let until = mark(&app, &f).await;
+    let (seen, payloads) = collect(&mut a, until).await;
+    let t = |table: &str, op: &str| (table.to_string(), op.to_string(), 1, false);
+    assert_eq!(
+        seen,
+        vec![
+            t("on_owner", "INSERT"),
+            t("on_owner", "UPDATE"),
+            t("on_big", "INSERT")
+        ]
+    );
+    assert_eq!(
+        payloads[1]["unchangedToast"],
+        json!(["big"]),
+        "{}",
+        payloads[1]
+    );
+    let failures = app
+        .app
+        .metrics
+        .realtime_rls_failures
+        .load(std::sync::atomic::Ordering::Relaxed);
+    assert!(failures >= 1, "{failures}");
+}
+
+/// The id of the `marks` event `until` as `s` receives it (everything before it is skipped).
+async fn mark_id(s: &mut Sub, until: i64) -> String {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        assert!(tokio::time::Instant::now() < deadline, "no mark {until}");
+        let m = recv(&mut s.ws).await;
+        if m["type"] == "db_event"
+            && m["payload"]["table"] == "marks"
+            && m["payload"]["record"]["id"] == until
+        {
+            return m["payload"]["id"].as_str().unwrap().to_string();
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_since_resume_replays_only_what_the_identity_may_see() {
+    let app = spawn_app().await;
+    let f = app.fixture().await;
+    admin_sql(
+        &app,
+        &f,
+        "CREATE TABLE marks (id serial PRIMARY KEY);
+         CREATE TABLE owned (id int PRIMARY KEY, user_id text, body text)",
+    )
+    .await;
+    policy(&app, &f, "owned", "own", "SELECT", "user_id = auth.uid()").await;
+    let alice = token(
+        &app,
+        &f.read,
+        json!({ "projectId": f.project, "authUid": "alice" }),
+    )
+    .await;
+    let mut first = sub(&app, &f, "alice", json!({ "token": alice })).await;
+    let resume_from = mark(&app, &f).await;
+    let since = mark_id(&mut first, resume_from).await;
+    admin_sql(
+        &app,
+        &f,
+        "INSERT INTO owned VALUES (1, 'alice', 'a'), (2, 'bob', 'b'), (3, 'alice', 'c');
+         UPDATE owned SET user_id = 'bob', body = 'secret' WHERE id = 3",
+    )
+    .await;
+    let until = mark(&app, &f).await;
+    // Wait until the room has it all, then resume from the first mark on a new socket.
+    let (live, _) = collect(&mut first, until).await;
+    let mut again = sub(
+        &app,
+        &f,
+        "alice again",
+        json!({ "token": alice, "since": since }),
+    )
+    .await;
+    let (replayed, payloads) = collect(&mut again, until).await;
+    let t = |op: &str, id: i64, out: bool| ("owned".to_string(), op.to_string(), id, out);
+    let want = vec![
+        t("INSERT", 1, false),
+        t("INSERT", 3, false),
+        t("DELETE", 3, true),
+    ];
+    assert_eq!(live, want);
+    assert_eq!(replayed, want);
+    assert!(
+        !payloads[2].to_string().contains("secret"),
+        "{}",
+        payloads[2]
+    );
+}
+
+#[tokio::test]
+async fn distinct_identities_per_room_are_bounded() {
+    let app = crate::support::spawn_app_with(|c| c.realtime_rls_max_identities = 2).await;
+    let f = app.fixture().await;
+    let _a = sub(&app, &f, "a", json!({ "token": f.read, "authUid": "a" })).await;
+    let _a2 = sub(
+        &app,
+        &f,
+        "a again",
+        json!({ "token": f.read, "authUid": "a" }),
+    )
+    .await;
+    let _b = sub(&app, &f, "b", json!({ "token": f.read, "authUid": "b" })).await;
+    refused(
+        &app,
+        &f,
+        json!({ "token": f.read, "authUid": "c" }),
+        "LIMIT_EXCEEDED",
+    )
+    .await;
+    // The same end user through another role is another identity.
+    refused(
+        &app,
+        &f,
+        json!({ "token": f.admin, "authUid": "a" }),
+        "LIMIT_EXCEEDED",
+    )
+    .await;
+    let _b2 = sub(
+        &app,
+        &f,
+        "b again",
+        json!({ "token": f.read, "authUid": "b" }),
+    )
+    .await;
+}
