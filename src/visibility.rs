@@ -871,7 +871,7 @@ impl Visibility {
             let Some(info) = ti.info.as_ref() else {
                 continue;
             };
-            let Some(view @ RoleView::Sql { expr, .. }) = info.roles.get(&role) else {
+            let Some(view @ RoleView::Sql { expr, columns }) = info.roles.get(&role) else {
                 continue;
             };
             // Images missing a column the policies read are never visible (counted below).
@@ -896,7 +896,19 @@ impl Visibility {
                     if k > 0 {
                         json.push(',');
                     }
-                    json.push_str(&ti.images[*p].text);
+                    let img = &ti.images[*p];
+                    match (columns, img.value.as_object()) {
+                        // Only the columns the policies read: less to send and to parse.
+                        (Some(cols), Some(obj)) => {
+                            let read: serde_json::Map<String, Value> = obj
+                                .iter()
+                                .filter(|(k, _)| cols.contains(k.as_str()))
+                                .map(|(k, v)| (k.clone(), v.clone()))
+                                .collect();
+                            json.push_str(&Value::Object(read).to_string());
+                        }
+                        _ => json.push_str(&img.text),
+                    }
                 }
                 json.push(']');
                 chunks.push((

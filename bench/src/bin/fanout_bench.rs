@@ -772,7 +772,7 @@ impl Generator {
                      note text NOT NULL, created_at timestamptz NOT NULL DEFAULT now());
                  ALTER TABLE {RLS_ORG} ENABLE ROW LEVEL SECURITY;
                  CREATE POLICY members ON {RLS_ORG} FOR SELECT USING (EXISTS (
-                     SELECT 1 FROM rls_members m WHERE m.org = {RLS_ORG}.org AND m.uid = auth.uid()));
+                     SELECT 1 FROM rls_members m WHERE m.org = {RLS_ORG}.org AND m.uid = (SELECT auth.uid())));
                  RESET ROLE"
             ))
             .await?;
