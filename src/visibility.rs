@@ -608,6 +608,8 @@ impl Visibility {
         // The row images of the batch, per table.
         let mut tables: Vec<TableImages> = Vec::new();
         let mut table_index: HashMap<(String, String), usize> = HashMap::new();
+        // Per event: its table's index in `tables` (row events only).
+        let mut event_table: Vec<Option<usize>> = vec![None; events.len()];
         for (i, e) in events.iter().enumerate() {
             let EventKind::Row { operation } = e.kind else {
                 continue;
@@ -633,6 +635,7 @@ impl Visibility {
                     tables.len() - 1
                 }
             };
+            event_table[i] = Some(t);
             let ti = &mut tables[t];
             let Some(info) = ti.info.as_ref() else {
                 continue;
@@ -746,7 +749,7 @@ impl Visibility {
         for (n, id) in identities.iter().enumerate() {
             let mut v = Vec::with_capacity(events.len());
             for (i, e) in events.iter().enumerate() {
-                v.push(self.decide(id, n, i, e, &tables, &table_index, &seen));
+                v.push(self.decide(id, n, i, e, event_table[i], &tables, &seen));
             }
             out.by_identity.insert(id.clone(), v);
         }
@@ -760,17 +763,14 @@ impl Visibility {
         n: usize,
         i: usize,
         e: &Event,
+        table: Option<usize>,
         tables: &[TableImages],
-        table_index: &HashMap<(String, String), usize>,
         seen: &Seen,
     ) -> Verdict {
         let EventKind::Row { operation } = e.kind else {
             return Verdict::Send;
         };
-        let (Some(schema), Some(table)) = (&e.schema, &e.table) else {
-            return Verdict::Skip;
-        };
-        let Some(&t) = table_index.get(&(schema.clone(), table.clone())) else {
+        let Some(t) = table else {
             return Verdict::Skip;
         };
         let ti = &tables[t];
