@@ -464,6 +464,15 @@ struct RoomState {
     complete_from: Option<Lsn>,
 }
 
+impl RoomState {
+    /// An event that entered the room: replays at or below it are dropped.
+    fn saw(&mut self, id: &str) {
+        if self.last_id.as_deref().is_none_or(|last| id > last) {
+            self.last_id = Some(id.to_string());
+        }
+    }
+}
+
 /// One project's room.
 pub struct Room {
     room_id: String,
@@ -798,13 +807,9 @@ impl Room {
                     max_broadcast,
                     delivered,
                 );
-            } else if state
-                .last_id
-                .as_deref()
-                .is_none_or(|last| event.id.as_str() > last)
-            {
+            } else {
                 // Not delivered: its id still counts as seen (replays are dropped).
-                state.last_id = Some(event.id.clone());
+                state.saw(&event.id);
             }
         }
         Ok(())
@@ -831,13 +836,7 @@ impl Room {
                 limit = max_broadcast,
                 "a broadcast from SQL is over realtime_max_broadcast_bytes: dropped"
             );
-            if state
-                .last_id
-                .as_deref()
-                .is_none_or(|last| event.id.as_str() > last)
-            {
-                state.last_id = Some(event.id.clone());
-            }
+            state.saw(&event.id);
             return;
         }
         let message = frame(kind_of(&event), &self.room_id, &event);

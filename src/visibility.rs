@@ -610,6 +610,7 @@ impl Visibility {
         let mut table_index: HashMap<(String, String), usize> = HashMap::new();
         // Per event: its table's index in `tables` (row events only).
         let mut event_table: Vec<Option<usize>> = vec![None; events.len()];
+        let roles: HashSet<DbRole> = identities.iter().map(|id| id.role).collect();
         for (i, e) in events.iter().enumerate() {
             let EventKind::Row { operation } = e.kind else {
                 continue;
@@ -640,6 +641,16 @@ impl Visibility {
             let Some(info) = ti.info.as_ref() else {
                 continue;
             };
+            // Only roles bound by policies need the row images.
+            let bound = roles.iter().any(|role| {
+                matches!(
+                    info.roles.get(role),
+                    Some(RoleView::Fast { .. } | RoleView::Sql { .. })
+                )
+            });
+            if !bound {
+                continue;
+            }
             let parse = |s: &str| serde_json::from_str::<Value>(s).unwrap_or(Value::Null);
             let mut push = |text: &str, old: bool| {
                 let value = parse(text);
