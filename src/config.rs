@@ -104,6 +104,17 @@ pub struct Config {
     /// Seconds a WebSocket may make no progress sending what is queued for it (the client stopped
     /// reading) before it is closed with 1008.
     pub realtime_client_stall_secs: u64,
+    /// Distinct identities (role and `auth.uid()`) whose row-level security one project's room
+    /// evaluates; a subscribe with a new identity past it is refused with `LIMIT_EXCEEDED`.
+    pub realtime_rls_max_identities: usize,
+    /// Rows one RLS evaluation query checks at most (larger batches are split).
+    pub realtime_rls_batch_rows: usize,
+    /// `statement_timeout` (ms) of an RLS evaluation; an evaluation that times out or fails
+    /// hides the events it was deciding from that identity (fail closed).
+    pub realtime_rls_timeout_ms: u64,
+    /// Connections one room's RLS evaluation uses at once, taken from the project's SQL share
+    /// (`sql_project_connections`).
+    pub realtime_rls_connections: usize,
     /// Broadcasts entering one project's room from SQL (`realtime.broadcast`) and `POST
     /// /api/realtime/broadcast` per second, all callers together (burst: one second's worth;
     /// 0: no limit). Beyond it SQL broadcasts are dropped and counted, REST ones answered 429.
@@ -191,6 +202,10 @@ impl Default for Config {
             realtime_unsubscribed_timeout_secs: 30,
             realtime_send_queue_bytes: 1024 * 1024,
             realtime_client_stall_secs: 30,
+            realtime_rls_max_identities: 5_000,
+            realtime_rls_batch_rows: 1_000,
+            realtime_rls_timeout_ms: 2_000,
+            realtime_rls_connections: 2,
             realtime_project_broadcasts_per_sec: 100,
             realtime_project_broadcast_bytes_per_sec: 1024 * 1024,
             header_read_timeout_secs: 20,
@@ -481,6 +496,31 @@ impl Config {
             }
         );
         env!(
+            "FLUXBASE_REALTIME_RLS_MAX_IDENTITIES",
+            |k, v: String| -> Result<()> {
+                self.realtime_rls_max_identities = parse(k, &v)?;
+                Ok(())
+            }
+        );
+        env!("FLUXBASE_REALTIME_RLS_BATCH_ROWS", |k,
+                                                  v: String|
+         -> Result<()> {
+            self.realtime_rls_batch_rows = parse(k, &v)?;
+            Ok(())
+        });
+        env!("FLUXBASE_REALTIME_RLS_TIMEOUT_MS", |k,
+                                                  v: String|
+         -> Result<()> {
+            self.realtime_rls_timeout_ms = parse(k, &v)?;
+            Ok(())
+        });
+        env!("FLUXBASE_REALTIME_RLS_CONNECTIONS", |k,
+                                                   v: String|
+         -> Result<()> {
+            self.realtime_rls_connections = parse(k, &v)?;
+            Ok(())
+        });
+        env!(
             "FLUXBASE_REALTIME_PROJECT_BROADCASTS_PER_SEC",
             |k, v: String| -> Result<()> {
                 self.realtime_project_broadcasts_per_sec = parse(k, &v)?;
@@ -621,6 +661,13 @@ impl Config {
         }
         if self.max_response_bytes < 1024 {
             bail!("max_response_bytes must be at least 1024");
+        }
+        if self.realtime_rls_max_identities == 0
+            || self.realtime_rls_batch_rows == 0
+            || self.realtime_rls_timeout_ms == 0
+            || self.realtime_rls_connections == 0
+        {
+            bail!("realtime_rls_max_identities, realtime_rls_batch_rows, realtime_rls_timeout_ms and realtime_rls_connections must be positive");
         }
         if self.max_rows == 0 || self.pool_size == 0 || self.rate_limit_window_secs == 0 {
             bail!("max_rows, pool_size and rate_limit_window_secs must be positive");

@@ -28,4 +28,5 @@ pub mod secrets;
 pub mod sql;
 pub mod storage;
 pub mod team;
+pub mod visibility;
 pub mod webhooks;

@@ -39,6 +39,9 @@ pub struct Metrics {
     pub storage_fsync_micros: AtomicU64,
     /// Broadcasts from SQL or the REST API over their project's budget (dropped, or 429).
     pub realtime_broadcasts_dropped: AtomicU64,
+    /// Row-level security evaluations of realtime events that failed or timed out (the events
+    /// were hidden from the identities they were evaluated for).
+    pub realtime_rls_failures: AtomicU64,
     /// The dedicated `/metrics` listener (`metrics_addr`): its bound address and task.
     listener: Mutex<Option<(std::net::SocketAddr, tokio::task::JoinHandle<()>)>>,
 }
@@ -158,6 +161,12 @@ impl Metrics {
                 "counter",
                 "Broadcasts from SQL or POST /api/realtime/broadcast over their project's budget (realtime_project_broadcasts_per_sec, realtime_project_broadcast_bytes_per_sec): SQL ones dropped, REST ones answered 429.",
                 &self.realtime_broadcasts_dropped,
+            ),
+            (
+                "fluxbase_realtime_rls_failures_total",
+                "counter",
+                "Row-level security evaluations of realtime events that failed, timed out or lacked a column a policy reads (the events were not sent to those subscribers: fail closed).",
+                &self.realtime_rls_failures,
             ),
         ] {
             let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");

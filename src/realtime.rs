@@ -66,10 +66,11 @@ use warp::http::{HeaderMap, StatusCode};
 use warp::reply::Response;
 
 use crate::app::App;
-use crate::auth::{Access, Principal};
+use crate::auth::{Access, DbRole, Principal};
 use crate::bus::{Event, EventKind};
 use crate::error::{ApiError, ApiResult};
 use crate::realtime_history::{History, Limits};
+use crate::visibility::{Identity, Verdict, Verdicts};
 use fluxbase_replication::pgoutput::Lsn;
 
 /// Events, and bytes, a catching-up member reads from the history at a time (at least one).
@@ -83,6 +84,9 @@ const PUMP_TICK: Duration = Duration::from_millis(500);
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 /// How long a socket whose writer ended waits for the client's close frame.
 const CLOSE_REPLY: Duration = Duration::from_secs(1);
+/// Events the pump delivers under one lock before it lets other tasks (the sockets' writers)
+/// run.
+const DELIVERY_SLICE: usize = 64;
 /// Largest client message accepted.
 pub const MAX_MESSAGE: usize = 64 * 1024;
 /// Rooms one socket may join.
@@ -551,12 +555,64 @@ struct Interest {
     /// are not this member's: they reach a new room again when its subscription rewinds the
     /// stream, or were still on their way when it joined.
     committed_from: Lsn,
+    /// A resume's `since`: nothing at or below it is sent, live or from the history (the client
+    /// has it, even when the server lost it in a crash and the stream replays it).
+    since: Option<String>,
+    /// Who it acts as for row-level security (see [`crate::visibility`]).
+    identity: Identity,
+}
+
+/// What one member gets of one event.
+enum Decision<'v> {
+    Send,
+    /// This `db_event` payload instead (see [`Verdict::SendInstead`]).
+    SendInstead(&'v str),
+    Skip,
 }
 
 impl Interest {
     fn wants(&self, event: &Event, record: &dyn Fn() -> Value) -> bool {
-        event.commit_lsn >= self.committed_from && self.filter.matches(event, record)
+        event.commit_lsn >= self.committed_from
+            && self
+                .since
+                .as_deref()
+                .is_none_or(|since| event.id.as_str() > since)
+            && self.filter.matches(event, record)
     }
+
+    /// The one per-event decision of live delivery and catch-up alike: this subscription's
+    /// bounds and filter, and what its identity may see (`verdict`; `None`, not decided: nothing).
+    fn decide<'v>(
+        &self,
+        event: &Event,
+        verdict: Option<&'v Verdict>,
+        record: &dyn Fn() -> Value,
+        old_record: &dyn Fn() -> Value,
+    ) -> Decision<'v> {
+        match verdict {
+            Some(Verdict::Send) if self.wants(event, record) => Decision::Send,
+            Some(Verdict::SendInstead {
+                payload,
+                filter_on_old,
+            }) => {
+                // Matched against the visible row, never the hidden one.
+                let row = if *filter_on_old { old_record } else { record };
+                if self.wants(event, row) {
+                    Decision::SendInstead(payload)
+                } else {
+                    Decision::Skip
+                }
+            }
+            _ => Decision::Skip,
+        }
+    }
+}
+
+/// A row image of an event (`record` or `old`) as JSON (`Null` when absent).
+fn parse_row(text: &Option<String>) -> Value {
+    text.as_deref()
+        .and_then(|r| serde_json::from_str(r).ok())
+        .unwrap_or(Value::Null)
 }
 
 struct Member {
@@ -583,6 +639,9 @@ struct RoomState {
 /// One project's room.
 pub struct Room {
     room_id: String,
+    project_id: String,
+    /// The server, for the row-level security verdicts of catch-up reads.
+    app: std::sync::Weak<App>,
     /// Locked after `state` when both are needed.
     state: Mutex<RoomState>,
     /// The durable resume history (`None`: it could not be opened; resumes are refused).
@@ -611,6 +670,8 @@ pub struct Realtime {
     /// Every open socket's cut-off, to close them all with 1001 on shutdown.
     open: Mutex<HashMap<u64, Arc<CutOff>>>,
     cut_offs: CutOffCounts,
+    /// Row-level security of row events, per subscriber identity.
+    pub visibility: crate::visibility::Visibility,
 }
 
 impl Realtime {
@@ -678,6 +739,7 @@ impl Realtime {
     /// A suspended project's room keeps recording its history (as the project keeps its other
     /// data); a deleted one (`PROJECT_NOT_FOUND`) is dropped with its history.
     pub fn close_project(&self, project_id: &str, code: &str, message: &str) {
+        self.visibility.forget(project_id);
         let deleted = code == "PROJECT_NOT_FOUND";
         let room = if deleted {
             self.rooms.lock().expect("poisoned").remove(project_id)
@@ -1009,20 +1071,55 @@ impl Room {
         true
     }
 
-    /// Stores a batch of the stream's events in the history and fans each out to the live
-    /// members that want it (`skip`: over the broadcast budget, seen but not delivered). The
-    /// history is written (not fsynced) before the locks are released, so a catching-up member
-    /// can read all it was told about.
+    /// The distinct identities of the room's live members (those a batch needs verdicts for).
+    fn identities(&self) -> Vec<Identity> {
+        let state = self.state.lock().expect("poisoned");
+        let set: HashSet<&Identity> = state
+            .members
+            .values()
+            .filter(|m| m.catching_up.is_none())
+            .map(|m| &m.interest.identity)
+            .collect();
+        set.into_iter().cloned().collect()
+    }
+
+    /// Drops the events the room already has (a replay after a stream rewind or a restart).
+    fn unseen(&self, batch: Vec<Arc<Event>>) -> Vec<Arc<Event>> {
+        let state = self.state.lock().expect("poisoned");
+        match state.last_id.as_deref() {
+            Some(last) => batch.into_iter().filter(|e| e.id.as_str() > last).collect(),
+            None => batch,
+        }
+    }
+
+    /// Stores a slice of the stream's events in the history and fans each out to the live
+    /// members that want it and whose identity may see it (`skip`: over the broadcast budget,
+    /// seen but not delivered; `verdicts` index from `first_index`). Nothing is done when a
+    /// live member's identity has no verdicts yet (it joined, or caught up, while they were
+    /// computed): those identities are returned, to be evaluated first. The history is written
+    /// (not fsynced) before the locks are released, so a catching-up member can read all it was
+    /// told about.
     fn ingest(
         self: &Arc<Room>,
-        events: Vec<(Arc<Event>, bool)>,
+        events: &[(Arc<Event>, bool)],
+        first_index: usize,
+        verdicts: &Verdicts,
         max_broadcast: usize,
         delivered: &AtomicU64,
-    ) {
+    ) -> Result<(), Vec<Identity>> {
         let now_ms = chrono::Utc::now().timestamp_millis();
         let mut state = self.state.lock().expect("poisoned");
+        let missing: HashSet<Identity> = state
+            .members
+            .values()
+            .filter(|m| m.catching_up.is_none() && !verdicts.contains(&m.interest.identity))
+            .map(|m| m.interest.identity.clone())
+            .collect();
+        if !missing.is_empty() {
+            return Err(missing.into_iter().collect());
+        }
         let mut history = self.history.lock().expect("poisoned");
-        for (event, skip) in events {
+        for (i, (event, skip)) in events.iter().enumerate() {
             if state
                 .last_id
                 .as_deref()
@@ -1041,19 +1138,21 @@ impl Room {
                     "a broadcast from SQL is over realtime_max_broadcast_bytes: dropped"
                 );
             }
-            if skip || oversized {
+            if *skip || oversized {
                 // Never fanned out nor retained; its id still counts as seen.
                 state.last_id = Some(event.id.clone());
                 continue;
             }
             if let Some(h) = history.as_mut() {
-                if let Err(e) = h.append(&event, now_ms) {
+                if let Err(e) = h.append(event, now_ms) {
                     tracing::error!(room = self.room_id, error = %e, "writing the realtime history: resumes from before this event are refused");
                     h.mark_gap(&event.id);
                 }
             }
-            let message = frame(kind_of(&event), &self.room_id, &event);
-            let n = self.fan_out(&mut state, &event, &message, None);
+            let message = frame(kind_of(event), &self.room_id, event);
+            let n = self.fan_out(&mut state, event, &message, None, |identity| {
+                verdicts.get(identity, first_index + i)
+            });
             delivered.fetch_add(n as u64, Ordering::Relaxed);
         }
         if let Some(h) = history.as_mut() {
@@ -1061,37 +1160,44 @@ impl Room {
                 tracing::error!(room = self.room_id, error = %e, "writing the realtime history");
             }
         }
+        Ok(())
     }
 
-    /// Hands one stored event to the live members that want it (except `except`); a member
-    /// whose queue is past its high-water mark starts catching up from the event before this
-    /// one instead of being cut off. Returns how many got it now.
-    fn fan_out(
+    /// Hands one stored event to the live members that want it and may see it (`verdict` of
+    /// their identity; except `except`); a member whose queue is past its high-water mark
+    /// starts catching up from the event before this one instead of being cut off. Returns how
+    /// many got it now.
+    fn fan_out<'v>(
         self: &Arc<Room>,
         state: &mut RoomState,
         event: &Event,
         message: &Message,
         except: Option<u64>,
+        verdict: impl Fn(&Identity) -> Option<&'v Verdict>,
     ) -> usize {
         let before = state.last_id.replace(event.id.clone());
-        let parsed = std::cell::OnceCell::new();
-        let record = || {
-            parsed
-                .get_or_init(|| {
-                    event
-                        .record
-                        .as_deref()
-                        .and_then(|r| serde_json::from_str(r).ok())
-                        .unwrap_or(Value::Null)
-                })
-                .clone()
-        };
+        let (parsed, parsed_old) = (std::cell::OnceCell::new(), std::cell::OnceCell::new());
+        let record = || parsed.get_or_init(|| parse_row(&event.record)).clone();
+        let old_record = || parsed_old.get_or_init(|| parse_row(&event.old)).clone();
         let mut n = 0;
         let mut full = Vec::new();
         for (id, m) in state.members.iter() {
-            if m.catching_up.is_some() || Some(*id) == except || !m.interest.wants(event, &record) {
+            if m.catching_up.is_some() || Some(*id) == except {
                 continue;
             }
+            let instead;
+            let message =
+                match m
+                    .interest
+                    .decide(event, verdict(&m.interest.identity), &record, &old_record)
+                {
+                    Decision::Send => message,
+                    Decision::SendInstead(payload) => {
+                        instead = instead_frame(&self.room_id, payload);
+                        &instead
+                    }
+                    Decision::Skip => continue,
+                };
             match m.socket.offer(message) {
                 Offer::Queued => n += 1,
                 Offer::Full => full.push(*id),
@@ -1171,26 +1277,51 @@ impl Room {
             else {
                 return;
             };
+            let mut read = Vec::with_capacity(events.len());
             for (id, event) in events {
                 let Ok(event) = event else {
                     // Its segment was trimmed meanwhile.
                     behind(&socket);
                     return;
                 };
-                let record = || {
-                    event
-                        .record
-                        .as_deref()
-                        .and_then(|r| serde_json::from_str(r).ok())
-                        .unwrap_or(Value::Null)
+                read.push((id, Arc::new(event)));
+            }
+            // What this identity may see of the chunk, decided outside the locks.
+            let chunk: Vec<Arc<Event>> = read.iter().map(|(_, e)| e.clone()).collect();
+            let verdicts = match self.app.upgrade() {
+                Some(app) => {
+                    app.realtime
+                        .visibility
+                        .verdicts(
+                            &app,
+                            &self.project_id,
+                            std::slice::from_ref(&interest.identity),
+                            &chunk,
+                        )
+                        .await
+                }
+                None => return,
+            };
+            for (i, (id, event)) in read.into_iter().enumerate() {
+                let record = || parse_row(&event.record);
+                let old_record = || parse_row(&event.old);
+                let message = match interest.decide(
+                    &event,
+                    verdicts.get(&interest.identity, i),
+                    &record,
+                    &old_record,
+                ) {
+                    Decision::Send => Some(frame(kind_of(&event), &self.room_id, &event)),
+                    Decision::SendInstead(payload) => Some(instead_frame(&self.room_id, payload)),
+                    Decision::Skip => None,
                 };
-                if interest.wants(&event, &record) {
+                if let Some(message) = message {
                     if socket.queued.load(Ordering::Acquire) >= socket.limit
                         && !socket.room_to_send().await
                     {
                         return;
                     }
-                    if !socket.enqueue(frame(kind_of(&event), &self.room_id, &event)) {
+                    if !still_current(&self, &socket, epoch) || !socket.enqueue(message) {
                         return;
                     }
                 }
@@ -1198,6 +1329,16 @@ impl Room {
             }
         }
     }
+}
+
+/// Whether a catch-up task is still its member's (not unsubscribed, evicted or restarted).
+fn still_current(room: &Room, socket: &SocketShared, epoch: u64) -> bool {
+    room.state
+        .lock()
+        .expect("poisoned")
+        .members
+        .get(&socket.id)
+        .is_some_and(|m| m.catching_up == Some(epoch))
 }
 
 /// The id of a broadcast from a client or the REST API: `<last event id>-<seq, 8 hex>`, after
@@ -1217,6 +1358,13 @@ fn next_broadcast_id(last: Option<&str>) -> String {
         }
         _ => format!("{last}-00000001"),
     }
+}
+
+/// A `db_event` frame around a payload that replaces the event's own (see [`Verdict`]).
+fn instead_frame(room_id: &str, payload: &str) -> Message {
+    Message::text(format!(
+        "{{\"type\":\"db_event\",\"roomId\":\"{room_id}\",\"payload\":{payload}}}"
+    ))
 }
 
 /// Claims of a realtime token.
@@ -1298,6 +1446,14 @@ impl App {
                 "expiresIn: between 1 and 86400 seconds".into(),
             ));
         }
+        if let Some(uid) = &req.auth_uid {
+            crate::rls::valid_uid(uid, "authUid")?;
+            if access.principal.user_id().is_some_and(|me| me != uid) {
+                return Err(ApiError::ScopeMismatch(
+                    "A session's token acts as its own user; authUid is for API keys.".into(),
+                ));
+            }
+        }
         let expires = chrono::Utc::now() + chrono::Duration::seconds(ttl);
         let (k, f) = match &access.principal {
             Principal::Key { key_id, .. } => {
@@ -1357,6 +1513,35 @@ impl App {
             )
             .await?;
         Ok(row.map(|r| r.get(0)))
+    }
+
+    /// The project role of a live API key's current scope (`None`: deleted).
+    async fn key_db_role(&self, project_id: &str, key_id: &str) -> ApiResult<Option<DbRole>> {
+        let client = self.control.get().await?;
+        let row = client
+            .query_opt(
+                "SELECT scope FROM fluxbase.api_keys
+                 WHERE id = $1 AND project_id = $2 AND revoked_at IS NULL",
+                &[&key_id, &project_id],
+            )
+            .await?;
+        Ok(row
+            .and_then(|r| crate::auth::Scope::parse(r.get(0)))
+            .map(|s| s.db_role()))
+    }
+
+    /// The project role of a member's current role (`None`: not a member).
+    async fn member_db_role(&self, project_id: &str, user_id: &str) -> ApiResult<Option<DbRole>> {
+        let client = self.control.get().await?;
+        let row = client
+            .query_opt(
+                "SELECT role FROM fluxbase.members WHERE project_id = $1 AND user_id = $2",
+                &[&project_id, &user_id],
+            )
+            .await?;
+        Ok(row
+            .and_then(|r| crate::auth::MemberRole::parse(r.get(0)))
+            .map(|m| m.db_role()))
     }
 
     /// An API key was deleted or rotated (here or by another server): the realtime
@@ -1511,7 +1696,8 @@ impl App {
             }
         }
         let msg = frame("broadcast", &room.room_id, &event);
-        let n = room.fan_out(&mut state, &event, &msg, from);
+        // Broadcasts are not row-filtered: every member may see them.
+        let n = room.fan_out(&mut state, &event, &msg, from, |_| Some(&Verdict::Send));
         drop(state);
         self.realtime
             .delivered
@@ -1553,6 +1739,8 @@ impl App {
             .and_then(|h| h.last_seen().map(str::to_string));
         let room = Arc::new(Room {
             room_id: format!("project_{project_id}"),
+            project_id: project_id.to_string(),
+            app: Arc::downgrade(self),
             state: Mutex::new(RoomState {
                 last_id,
                 ..Default::default()
@@ -1568,6 +1756,7 @@ impl App {
         let mut sub = self.bus.project(project_id).subscribe_durable();
         let weak_room = Arc::downgrade(&room);
         let weak_app = Arc::downgrade(self);
+        let project = project_id.to_string();
         let task = tokio::spawn(async move {
             let mut tick = tokio::time::interval(PUMP_TICK);
             loop {
@@ -1579,7 +1768,14 @@ impl App {
                     },
                     _ = tick.tick() => {}
                 }
-                while batch.len() < PUMP_BATCH {
+                // What is queued, up to a schema event (policies may change with it) or the
+                // batch bound: one row-level security evaluation for all of it.
+                while batch.len() < PUMP_BATCH
+                    && !matches!(
+                        batch.last().map(|e| &e.kind),
+                        Some(EventKind::Schema { .. })
+                    )
+                {
                     match sub.events.try_recv() {
                         Ok(e) => batch.push(e),
                         Err(_) => break,
@@ -1594,6 +1790,12 @@ impl App {
                     .rev()
                     .find(|e| e.last_in_transaction)
                     .map(|e| e.end_lsn);
+                let schema_changed = batch
+                    .iter()
+                    .any(|e| matches!(e.kind, EventKind::Schema { .. }));
+                // Replays (after a rewind or a restart) are neither evaluated nor charged to
+                // the broadcast budget.
+                let batch = room.unseen(batch);
                 let max = app.config.realtime_max_broadcast_bytes;
                 let events: Vec<(Arc<Event>, bool)> = batch
                     .into_iter()
@@ -1611,7 +1813,41 @@ impl App {
                         (event, skip)
                     })
                     .collect();
-                room.ingest(events, max, &app.realtime.delivered);
+                let all: Vec<Arc<Event>> = events.iter().map(|(e, _)| e.clone()).collect();
+                let mut verdicts = Verdicts::default();
+                let mut missing = room.identities();
+                // Stored and delivered a slice at a time, letting the sockets' writers run in
+                // between; verdicts computed outside the locks, again for any identity that
+                // went live meanwhile.
+                for (n, slice) in events.chunks(DELIVERY_SLICE).enumerate() {
+                    loop {
+                        if !missing.is_empty() {
+                            let more = app
+                                .realtime
+                                .visibility
+                                .verdicts(&app, &project, &missing, &all)
+                                .await;
+                            verdicts.merge(more);
+                        }
+                        match room.ingest(
+                            slice,
+                            n * DELIVERY_SLICE,
+                            &verdicts,
+                            max,
+                            &app.realtime.delivered,
+                        ) {
+                            Ok(()) => break,
+                            Err(joined) => missing = joined,
+                        }
+                    }
+                    missing.clear();
+                    tokio::task::yield_now().await;
+                }
+                if schema_changed {
+                    // Policies, RLS switches and grants come as schema events, in commit order:
+                    // the events after this one are decided on the catalog as it is now.
+                    app.realtime.visibility.invalidate(&project);
+                }
                 // fsync per batch (a group of transactions), outside the locks; only then is
                 // the slot allowed past it.
                 let file = room
@@ -1889,19 +2125,30 @@ impl App {
         let mut revocations = self.realtime.revocations(project_id);
         let mut user = None;
         let mut key: Option<KeyBinding> = None;
+        // The subscription's identity for row-level security (see crate::visibility).
+        let named_uid = &msg["authUid"];
+        let identity: Identity;
         let project = self.load_project(project_id).await.map_err(api)?.ok_or((
             "PROJECT_NOT_FOUND",
             "No project found for the given projectId.".into(),
         ))?;
         match msg["token"].as_str().filter(|t| !t.is_empty()) {
             Some(token) if token.starts_with(TOKEN_PREFIX) => {
-                let claims = self.verify_realtime_token(token)?;
+                let mut claims = self.verify_realtime_token(token)?;
                 if claims.p != project.id {
                     return Err(("SCOPE_MISMATCH", "This token belongs to another project.".into()));
                 }
                 // A token has its own budget, as a key does: however many sockets use it.
                 let caller = hex::encode(&crate::secrets::sha256(token.as_bytes())[..16]);
                 self.rate.check(&format!("rt:{caller}")).map_err(api)?;
+                if !named_uid.is_null() && named_uid.as_str() != claims.u.as_deref() {
+                    return Err((
+                        "SCOPE_MISMATCH",
+                        "A realtime token acts for the authUid it was minted with.".into(),
+                    ));
+                }
+                // The role is that of the key's scope, or of the member's role, as it is now.
+                let mut role = DbRole::Read;
                 if let (Some(key_id), Some(fingerprint)) = (claims.k, claims.f) {
                     let current = self
                         .current_key_hash(&project.id, &key_id)
@@ -1914,18 +2161,38 @@ impl App {
                             "The API key that issued this token was deleted or rotated.".into(),
                         ));
                     }
+                    role = self
+                        .key_db_role(&project.id, &key_id)
+                        .await
+                        .map_err(api)?
+                        .ok_or((
+                            "ACCESS_REVOKED",
+                            "The API key that issued this token was deleted or rotated.".into(),
+                        ))?;
                     key = Some(KeyBinding { key_id, fingerprint });
                 }
                 filter.token_tables = claims.t.map(|t| t.into_iter().collect());
                 if let Some(member) = claims.m {
-                    if !self.is_member(&project.id, &member).await.map_err(api)? {
+                    let Some(member_role) =
+                        self.member_db_role(&project.id, &member).await.map_err(api)?
+                    else {
                         return Err((
                             "ACCESS_REVOKED",
                             "The member who obtained this token is no longer a member of the project.".into(),
                         ));
+                    };
+                    role = member_role;
+                    // As for the member's own SQL: a session acts as its own user.
+                    if claims.u.as_ref().is_some_and(|u| *u != member) {
+                        return Err((
+                            "SCOPE_MISMATCH",
+                            "A token obtained with a session acts as that member; authUid is for API keys.".into(),
+                        ));
                     }
+                    claims.u = Some(member.clone());
                     user = Some(member);
                 }
+                identity = Identity { role, auth_uid: claims.u };
             }
             Some(token) => {
                 let principal = self.authenticate(Some(&format!("Bearer {token}"))).await.map_err(api)?;
@@ -1938,10 +2205,25 @@ impl App {
                         fingerprint: key_fingerprint(self, &crate::secrets::sha256(token.as_bytes())),
                     });
                 }
-                self.project_access(&principal, &project.id).await.map_err(api)?;
+                let access = self.project_access(&principal, &project.id).await.map_err(api)?;
+                // As execute-sql: a key may name its end user, a session acts as its own.
+                let auth_uid = crate::rls::request_identity(&access, Some(named_uid), None)
+                    .map_err(|e| match e {
+                        ApiError::BadRequest(m) => ("BAD_MESSAGE", m),
+                        other => api(other),
+                    })?;
+                identity = Identity { role: access.db_role, auth_uid };
                 user = principal.user_id().map(str::to_string);
             }
-            None if project.realtime_public => {}
+            None if project.realtime_public => {
+                if !named_uid.is_null() {
+                    return Err((
+                        "AUTH_REQUIRED",
+                        "authUid needs a token: an API key, or a realtime token minted for it.".into(),
+                    ));
+                }
+                identity = Identity { role: DbRole::Read, auth_uid: None };
+            }
             None => {
                 return Err((
                     "AUTH_REQUIRED",
@@ -1963,9 +2245,9 @@ impl App {
                 // Any revocation from here on evicts under this lock, so finds the member.
                 break state;
             }
-            // A key was revoked since this subscribe checked its own: check it again.
             drop(state);
             revocations = seen;
+            // A key was revoked since this subscribe checked its own: check it again.
             if let Some(k) = &key {
                 self.check_binding(&project.id, k).await?;
             }
@@ -1983,6 +2265,18 @@ impl App {
             return Err((
                 "LIMIT_EXCEEDED",
                 format!("at most {MAX_SOCKETS_PER_PROJECT} sockets per project"),
+            ));
+        }
+        let max_identities = self.config.realtime_rls_max_identities;
+        let identities: HashSet<&Identity> = state
+            .members
+            .values()
+            .map(|m| &m.interest.identity)
+            .collect();
+        if identities.len() >= max_identities && !identities.contains(&identity) {
+            return Err((
+                "LIMIT_EXCEEDED",
+                format!("at most {max_identities} distinct identities (role and authUid) per project room (realtime_rls_max_identities)"),
             ));
         }
         socket.push(Message::text(
@@ -2016,6 +2310,8 @@ impl App {
                 interest: Arc::new(Interest {
                     filter,
                     committed_from: if catch_up.is_some() { Lsn(0) } else { now },
+                    since: catch_up.clone(),
+                    identity,
                 }),
                 catching_up: None,
                 user,

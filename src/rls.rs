@@ -146,7 +146,7 @@ pub fn request_identity(
     }
 }
 
-fn valid_uid(s: &str, field: &str) -> ApiResult<String> {
+pub(crate) fn valid_uid(s: &str, field: &str) -> ApiResult<String> {
     if s.is_empty() || s.chars().count() > MAX_UID_CHARS || s.chars().any(|c| c.is_control()) {
         return Err(ApiError::BadRequest(format!(
             "{field}: expected 1 to {MAX_UID_CHARS} printable characters"
@@ -156,7 +156,7 @@ fn valid_uid(s: &str, field: &str) -> ApiResult<String> {
 }
 
 /// HMAC-SHA256 key of a project's identity tags.
-fn identity_key(app: &App, project_id: &str) -> [u8; 32] {
+pub(crate) fn identity_key(app: &App, project_id: &str) -> [u8; 32] {
     let hex_key = app.secrets.derive(&format!("rls-identity:{project_id}"));
     let mut key = [0u8; 32];
     hex::decode_to_slice(hex_key, &mut key).expect("derive returns 32 bytes of hex");
@@ -164,7 +164,7 @@ fn identity_key(app: &App, project_id: &str) -> [u8; 32] {
 }
 
 /// The tag `auth.set_uid` accepts for `uid` on backend `pid`.
-fn identity_tag(key: &[u8; 32], pid: i32, uid: Option<&str>) -> String {
+pub(crate) fn identity_tag(key: &[u8; 32], pid: i32, uid: Option<&str>) -> String {
     let message = match uid {
         Some(uid) => format!("{pid}:={uid}"),
         None => format!("{pid}:-"),
@@ -185,7 +185,7 @@ pub(crate) fn padded_keys(key: &[u8; 32]) -> (Vec<u8>, Vec<u8>) {
 }
 
 /// SQLSTATE `auth.set_uid` raises when `auth.secret` is empty (a new project, or after a crash).
-const KEY_MISSING: &str = "FX001";
+pub(crate) const KEY_MISSING: &str = "FX001";
 
 impl App {
     /// Installs a project's identity key (admin role, bound parameters).

@@ -744,6 +744,46 @@ impl Connection {
         self.read_portal_result(Phase::Parse, max_rows).await
     }
 
+    /// Several statements as [`Connection::query_oneshot`] would run them one after the other,
+    /// sent in one write and answered in one round trip: each is Parse + Bind + Describe +
+    /// Execute + Sync, so each has its own result and a failed one does not stop the next (in
+    /// an explicit transaction block, the statements after a failure fail until `ROLLBACK`).
+    /// Only a connection-level failure is an `Err`.
+    pub async fn pipeline(
+        &mut self,
+        statements: &[(&str, Vec<Option<String>>)],
+        max_rows: usize,
+    ) -> Result<Vec<Result<StatementResult, DbError>>, WireError> {
+        self.ensure_usable()?;
+        if statements.is_empty() {
+            return Ok(Vec::new());
+        }
+        let prelude = self.encode_with_prelude(|buf| {
+            for (sql, params) in statements {
+                frontend::parse("", sql, std::iter::empty(), buf).map_err(|e| e.to_string())?;
+                encode_bind_execute(params, buf)?;
+            }
+            Ok::<_, String>(())
+        })?;
+        self.send().await?;
+        if prelude > 0 {
+            self.finish_prelude(prelude).await?;
+        }
+        let mut results = Vec::with_capacity(statements.len());
+        for i in 0..statements.len() {
+            if i > 0 {
+                // Answers are still due: a future dropped here leaves the connection unusable.
+                self.in_progress = true;
+            }
+            match self.read_portal_result(Phase::Parse, max_rows).await {
+                Ok(r) => results.push(Ok(r)),
+                Err(WireError::Db(e)) if !e.is_fatal() => results.push(Err(*e)),
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(results)
+    }
+
     /// Reads the answer to [Parse +] Bind + Describe portal + Execute + Sync up to ReadyForQuery.
     /// `phase` is where the request starts; ParseComplete and BindComplete move it on, so an
     /// error says which step the server refused.

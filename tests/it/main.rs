@@ -12,6 +12,7 @@ mod limits;
 mod operations;
 mod outage;
 mod realtime;
+mod realtime_rls;
 mod red;
 mod replication;
 mod resume;

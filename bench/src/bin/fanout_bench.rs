@@ -33,13 +33,31 @@
 //!    subscriber must have every committed change (the "complete" column). Latency is sampled
 //!    (every 16th message of each client) at that load.
 //!
+//! 4. **Row-level security**: BENCH_RLS_SUBSCRIBERS (default 1,000) sockets, each subscribed
+//!    as its own end user (the read key with `authUid` `u<i>`), on two tables:
+//!    * `rls_owned`, the guide's owner policy `user_id = auth.uid()` (as the policy API creates
+//!      it), rows assigned round robin to the users: each change is for one subscriber;
+//!    * `rls_org`, a membership subquery PostgreSQL must evaluate (`EXISTS (SELECT 1 FROM
+//!      rls_members m WHERE m.org = rls_org.org AND m.uid = auth.uid())`), the users in
+//!      RLS_ORGS organisations: each change is for every member of its organisation.
+//!
+//!    The generator offers BENCH_RLS_RATE changes/s (default 40,000; at most the lag guard's
+//!    batch per 10 ms) with the same lag guard, counted in what each subscriber is due. Two
+//!    figures per row: messages delivered per second (what the clients read), and decided per
+//!    second (the changes delivered per second × the subscribers: the (subscriber, change) pairs
+//!    the room decided, which is the work the unfiltered fan-out does per delivered message).
+//!    The owner row's ratio is decided/s over the unfiltered row's delivered/s at the same
+//!    subscriber count. For these rows the lag guard also holds the generator back while the
+//!    room itself has more than the guard's count of changes undelivered.
+//!
 //! The machine's cores are shared by the server, PostgreSQL and the clients (which parse every
 //! frame like a real client would): the CPU columns show where the time went.
 //!
 //! Environment: BENCH_SUBSCRIBERS (default 100,1000,5000), BENCH_FANOUT_RATE (default 2000000),
 //! BENCH_SECONDS (default 10), BENCH_LATENCY_SUBSCRIBERS (default 100), BENCH_TPS (default 1000),
-//! BENCH_LATENCY_SECONDS (default 10), BENCH_TIME_LIMIT (seconds for the whole measurement,
-//! default 160), FLUXBASE_BIN (default target/release/fluxbase).
+//! BENCH_LATENCY_SECONDS (default 10), BENCH_RLS_SUBSCRIBERS (default 1000, 0: no RLS rows),
+//! BENCH_RLS_RATE (default 40000), BENCH_TIME_LIMIT (seconds for the whole measurement,
+//! default 220), FLUXBASE_BIN (default target/release/fluxbase).
 
 use std::path::Path;
 use std::process::Command;
@@ -75,6 +93,13 @@ const MEMORY_TARGET_KIB: f64 = 16.0;
 const THROUGHPUT_TARGET: f64 = 500_000.0;
 const THROUGHPUT_TARGET_AT: usize = 1000;
 const P99_TARGET_MS: f64 = 20.0;
+/// Owner-policy decided/s over unfiltered delivered/s, and the subquery case's delivered msg/s.
+const RLS_OWNER_RATIO_TARGET: f64 = 0.5;
+const RLS_SUBQUERY_TARGET: f64 = 20_000.0;
+/// Organisations of the subquery case's end users.
+const RLS_ORGS: usize = 10;
+const RLS_OWNED: &str = "rls_owned";
+const RLS_ORG: &str = "rls_org";
 
 struct Settings {
     subscribers: Vec<usize>,
@@ -83,6 +108,8 @@ struct Settings {
     latency_subscribers: usize,
     latency_tps: u64,
     latency_seconds: u64,
+    rls_subscribers: usize,
+    rls_rate: u64,
     time_limit: u64,
 }
 
@@ -108,13 +135,17 @@ impl Settings {
             latency_subscribers: env_or("BENCH_LATENCY_SUBSCRIBERS", 100).max(1) as usize,
             latency_tps: env_or("BENCH_TPS", 1000).max(1),
             latency_seconds: env_or("BENCH_LATENCY_SECONDS", 10),
-            time_limit: env_or("BENCH_TIME_LIMIT", 160),
+            rls_subscribers: env_or("BENCH_RLS_SUBSCRIBERS", 1000) as usize,
+            rls_rate: env_or("BENCH_RLS_RATE", 40_000).max(1),
+            time_limit: env_or("BENCH_TIME_LIMIT", 220),
         })
     }
 
     fn max_sockets(&self) -> usize {
         let largest = self.subscribers.last().copied().unwrap_or(0);
-        largest.max(self.latency_subscribers)
+        largest
+            .max(self.latency_subscribers)
+            .max(self.rls_subscribers)
     }
 }
 
@@ -481,6 +512,8 @@ struct Pool {
     unsubscribe: String,
     shared: Arc<Shared>,
     clients: Vec<Client>,
+    room: String,
+    read_key: String,
 }
 
 impl Pool {
@@ -493,7 +526,31 @@ impl Pool {
             unsubscribe: json!({ "type": "unsubscribe", "roomId": room }).to_string(),
             shared: Arc::new(Shared::default()),
             clients: Vec::new(),
+            read_key: server.read_key.clone(),
+            room,
         }
+    }
+
+    /// Subscribes the first `n` sockets again, each as its own end user `u<i>` (the read key
+    /// with `authUid`), the rest unsubscribed.
+    async fn subscribe_end_users(&mut self, n: usize) -> Result<()> {
+        self.subscribe_first(n).await?;
+        let this = &*self;
+        let results: Vec<Result<()>> = futures_util::stream::iter(0..n)
+            .map(|i| {
+                let text = json!({ "type": "subscribe", "roomId": this.room,
+                                   "token": this.read_key, "authUid": format!("u{i}") })
+                .to_string();
+                let commands = this.clients[i].commands.clone();
+                async move { request(&commands, text).await }
+            })
+            .buffer_unordered(CONNECT_CONCURRENCY * 4)
+            .collect()
+            .await;
+        if let Some(e) = results.into_iter().find_map(Result::err) {
+            return Err(e.context("subscribing as end users"));
+        }
+        Ok(())
     }
 
     /// A new socket, subscribed.
@@ -651,9 +708,34 @@ impl Members {
 // Row changes
 
 /// Commits rows into the project's table through a superuser connection.
+/// Which table the generator writes, and for how many end users or organisations.
+#[derive(Clone, Copy)]
+enum Target {
+    /// `fanout_events`: every subscriber gets every change.
+    Plain,
+    /// `rls_owned`, rows for `u0..u<n>` round robin.
+    Owned(usize),
+    /// `rls_org`, rows for `o0..o<RLS_ORGS>` round robin.
+    Org,
+}
+
+impl Target {
+    /// The share of the changes each subscriber is due.
+    fn share(self, subscribers: usize) -> f64 {
+        match self {
+            Target::Plain => 1.0,
+            Target::Owned(n) => 1.0 / n.min(subscribers).max(1) as f64,
+            Target::Org => 1.0 / RLS_ORGS as f64,
+        }
+    }
+}
+
 struct Generator {
     client: tokio_postgres::Client,
     insert: tokio_postgres::Statement,
+    insert_owned: tokio_postgres::Statement,
+    insert_org: tokio_postgres::Statement,
+    target: Target,
     next_id: i64,
     /// Rows committed in the current phase (read by the measurement window).
     committed: Arc<AtomicU64>,
@@ -673,10 +755,41 @@ impl Generator {
             .await
             .with_context(|| format!("connecting to {db}"))?;
         tokio::spawn(conn);
+        // Created by the project's owner role, as through the API: the read role may SELECT
+        // them (default privileges), and RLS applies to it.
         client
             .batch_execute(&format!(
-                "CREATE TABLE {TABLE} (id bigint PRIMARY KEY, note text NOT NULL,
-                     created_at timestamptz NOT NULL DEFAULT now())"
+                "SET ROLE fx_{project}_owner;
+                 CREATE TABLE {TABLE} (id bigint PRIMARY KEY, note text NOT NULL,
+                     created_at timestamptz NOT NULL DEFAULT now());
+                 CREATE TABLE {RLS_OWNED} (id bigint PRIMARY KEY, user_id text NOT NULL,
+                     note text NOT NULL, created_at timestamptz NOT NULL DEFAULT now());
+                 ALTER TABLE {RLS_OWNED} ENABLE ROW LEVEL SECURITY;
+                 CREATE POLICY own ON {RLS_OWNED} FOR SELECT USING (user_id = (SELECT auth.uid()));
+                 CREATE TABLE rls_members (org text NOT NULL, uid text NOT NULL,
+                     PRIMARY KEY (uid, org));
+                 INSERT INTO rls_members SELECT 'o' || (g % {RLS_ORGS}), 'u' || g
+                     FROM generate_series(0, 9999) g;
+                 CREATE TABLE {RLS_ORG} (id bigint PRIMARY KEY, org text NOT NULL,
+                     note text NOT NULL, created_at timestamptz NOT NULL DEFAULT now());
+                 ALTER TABLE {RLS_ORG} ENABLE ROW LEVEL SECURITY;
+                 CREATE POLICY members ON {RLS_ORG} FOR SELECT USING (EXISTS (
+                     SELECT 1 FROM rls_members m WHERE m.org = {RLS_ORG}.org AND m.uid = (SELECT auth.uid())));
+                 RESET ROLE"
+            ))
+            .await?;
+        let insert_owned = client
+            .prepare(&format!(
+                "INSERT INTO {RLS_OWNED} (id, user_id, note)
+                 SELECT g, 'u' || (g % $3::bigint), 'rls ' || g
+                 FROM generate_series($1::bigint, $2::bigint) g"
+            ))
+            .await?;
+        let insert_org = client
+            .prepare(&format!(
+                "INSERT INTO {RLS_ORG} (id, org, note)
+                 SELECT g, 'o' || (g % $3::bigint), 'rls ' || g
+                 FROM generate_series($1::bigint, $2::bigint) g"
             ))
             .await?;
         let insert = client
@@ -688,6 +801,9 @@ impl Generator {
         Ok(Generator {
             client,
             insert,
+            insert_owned,
+            insert_org,
+            target: Target::Plain,
             next_id: 1,
             committed: Arc::new(AtomicU64::new(0)),
         })
@@ -697,7 +813,19 @@ impl Generator {
     async fn commit(&mut self, rows: u64) -> Result<()> {
         let from = self.next_id;
         let to = from + rows as i64 - 1;
-        self.client.execute(&self.insert, &[&from, &to]).await?;
+        match self.target {
+            Target::Plain => self.client.execute(&self.insert, &[&from, &to]).await?,
+            Target::Owned(n) => {
+                self.client
+                    .execute(&self.insert_owned, &[&from, &to, &(n as i64)])
+                    .await?
+            }
+            Target::Org => {
+                self.client
+                    .execute(&self.insert_org, &[&from, &to, &(RLS_ORGS as i64)])
+                    .await?
+            }
+        };
         self.next_id = to + 1;
         self.committed.fetch_add(rows, Ordering::Relaxed);
         Ok(())
@@ -732,7 +860,17 @@ impl Generator {
                     members.closed().first()
                 );
             };
-            if (done + due).saturating_sub(slowest) > LAG_GUARD {
+            let share = self.target.share(members.len());
+            let owed = ((done + due) as f64 * share) as u64;
+            // Filtered cases: a subscriber owed few messages may still wait on a room that is
+            // far behind, so the guard also counts the changes the room has not delivered yet.
+            let delivered_changes =
+                members.received() as f64 / (share * members.len().max(1) as f64);
+            let room_behind = match self.target {
+                Target::Plain => 0.0,
+                _ => (done + due) as f64 - delivered_changes,
+            };
+            if owed.saturating_sub(slowest) > LAG_GUARD || room_behind > LAG_GUARD as f64 {
                 held_back += due;
                 continue;
             }
@@ -751,6 +889,7 @@ impl Generator {
 /// Waits until every open member has `committed` changes, nothing has arrived for 3 s, or
 /// DRAIN_LIMIT has passed (the "complete" column then shows what was missing).
 async fn drain(members: &Members, committed: u64) -> Duration {
+    // `committed`: what each member is due.
     let start = Instant::now();
     let mut last = (members.received(), Instant::now());
     loop {
@@ -777,6 +916,11 @@ struct MemoryRow {
 }
 
 struct LoadRow {
+    /// What the row measured: "" (unfiltered), or the RLS case.
+    case: &'static str,
+    /// (subscriber, change) pairs decided per second: the changes delivered in the window
+    /// (messages / each subscriber's share) times the subscribers.
+    decided: f64,
     subscribers: usize,
     asked_changes: f64,
     changes: f64,
@@ -798,6 +942,7 @@ struct Report {
     memory: Vec<MemoryRow>,
     latency: LoadRow,
     throughput: Vec<LoadRow>,
+    rls: Vec<LoadRow>,
 }
 
 async fn bench(server: &Server, cluster: &Cluster, settings: &Settings) -> Result<Report> {
@@ -874,6 +1019,7 @@ async fn bench(server: &Server, cluster: &Cluster, settings: &Settings) -> Resul
             warm_up: Duration::ZERO,
             seconds: settings.latency_seconds,
             sample_every: 1,
+            resubscribe: true,
         },
     )
     .await?;
@@ -898,16 +1044,53 @@ async fn bench(server: &Server, cluster: &Cluster, settings: &Settings) -> Resul
                 warm_up: Duration::from_secs(1),
                 seconds: settings.seconds,
                 sample_every: THROUGHPUT_SAMPLE_EVERY,
+                resubscribe: true,
             },
         )
         .await?;
         throughput.push(row);
+    }
+    let mut rls = Vec::new();
+    let n = settings.rls_subscribers;
+    if n >= 1 {
+        pool.grow_to(n).await?;
+        for (case, target) in [
+            ("owner policy", Target::Owned(n)),
+            ("membership subquery", Target::Org),
+        ] {
+            eprintln!(
+                "[bench] RLS, {case}: {n} subscribers, each its own end user, up to {} changes/s for 1 + {} s",
+                settings.rls_rate, settings.seconds
+            );
+            pool.subscribe_end_users(n).await?;
+            generator.target = target;
+            let mut row = load(
+                &mut generator,
+                &mut pool,
+                &server_pid,
+                ticks,
+                Load {
+                    subscribers: n,
+                    rate: settings.rls_rate as f64,
+                    tick: Duration::from_millis(10),
+                    batch: LAG_GUARD / 2,
+                    warm_up: Duration::from_secs(1),
+                    seconds: settings.seconds,
+                    sample_every: THROUGHPUT_SAMPLE_EVERY,
+                    resubscribe: false,
+                },
+            )
+            .await?;
+            row.case = case;
+            rls.push(row);
+        }
     }
     drop(pool);
     Ok(Report {
         memory,
         latency,
         throughput,
+        rls,
     })
 }
 
@@ -920,6 +1103,8 @@ struct Load {
     warm_up: Duration,
     seconds: u64,
     sample_every: u64,
+    /// Subscribe exactly the first `subscribers` with the read key first (no end user).
+    resubscribe: bool,
 }
 
 /// One steady-rate phase: commits, counts what the subscribers read in the window after the
@@ -931,9 +1116,11 @@ async fn load(
     ticks: f64,
     spec: Load,
 ) -> Result<LoadRow> {
-    let replaced = pool.subscribe_first(spec.subscribers).await?;
-    if replaced > 0 {
-        eprintln!("[bench]   replaced {replaced} sockets closed in the previous phase");
+    if spec.resubscribe {
+        let replaced = pool.subscribe_first(spec.subscribers).await?;
+        if replaced > 0 {
+            eprintln!("[bench]   replaced {replaced} sockets closed in the previous phase");
+        }
     }
     pool.shared.sample_every.store(0, Ordering::Relaxed);
     pool.take_samples().await;
@@ -967,14 +1154,19 @@ async fn load(
     let generate = generator.run(spec.rate, schedule, spec.warm_up + window, &members);
     let (generated, measured) = tokio::join!(generate, measure);
     let (generated, (a, b)) = (generated?, measured?);
-    let drained = drain(&members, generated.committed).await;
+    let share = generator.target.share(members.len());
+    let due = (generated.committed as f64 * share).floor() as u64;
+    let drained = drain(&members, due).await;
     pool.shared.sample_every.store(0, Ordering::Relaxed);
     let mut samples = pool.take_samples().await;
 
     let secs = b.2.at.duration_since(a.2.at).as_secs_f64();
-    let expected = generated.committed * members.len() as u64;
+    let expected = (generated.committed as f64 * share * members.len() as f64) as u64;
     let (p50_ms, p99_ms, max_ms) = percentiles(&mut samples);
+    let delivered = (b.0 - a.0) as f64 / secs;
     let row = LoadRow {
+        case: "",
+        decided: delivered / share,
         subscribers: spec.subscribers,
         asked_changes: spec.rate,
         changes: (b.1 - a.1) as f64 / secs,
@@ -1144,6 +1336,71 @@ impl Report {
             .iter()
             .map(|m| format!("{:.1} KiB at {}", m.client_per_socket / 1024.0, m.sockets))
             .collect();
+        if !self.rls.is_empty() {
+            println!(
+                "{:>20}  {:>11}  {:>9}  {:>30}  {:>14}  {:>8}  {:>6}  {:>8}  {:>8}  {:>21}",
+                "row-level security",
+                "subscribers",
+                "changes/s",
+                "delivered msg/s (target)",
+                "decided/s",
+                "complete",
+                "closed",
+                "p50 ms",
+                "p99 ms",
+                "cores srv/cli/machine"
+            );
+        }
+        for row in &self.rls {
+            let decided = row.decided;
+            let delivered = if row.case == "membership subquery" {
+                let ok = check(row.delivered >= RLS_SUBQUERY_TARGET);
+                format!(
+                    "{} (>= {} {ok})",
+                    thousands(row.delivered),
+                    thousands(RLS_SUBQUERY_TARGET)
+                )
+            } else {
+                thousands(row.delivered)
+            };
+            println!(
+                "{:>20}  {:>11}  {:>9}  {:>30}  {:>14}  {:>7.2}%  {:>6}  {:>8.2}  {:>8.2}  {:>21}",
+                row.case,
+                row.subscribers,
+                thousands(row.changes),
+                delivered,
+                thousands(decided),
+                row.complete * 100.0,
+                row.closed.len(),
+                row.p50_ms,
+                row.p99_ms,
+                format!(
+                    "{:.2}/{:.2}/{:.2}",
+                    row.server_cores, row.client_cores, row.machine_cores
+                ),
+            );
+        }
+        if let (Some(owner), Some(plain)) = (
+            self.rls.iter().find(|r| r.case == "owner policy"),
+            self.throughput.iter().find(|r| {
+                self.rls
+                    .first()
+                    .is_some_and(|o| o.subscribers == r.subscribers)
+            }),
+        ) {
+            let ratio = owner.decided / plain.delivered.max(1.0);
+            println!(
+                "RLS owner policy vs unfiltered at {} subscribers: {} decided/s vs {} delivered/s \
+                 = {ratio:.2}x (target >= {RLS_OWNER_RATIO_TARGET} {}); delivered messages: {} vs {} \
+                 (each owner-policy change is for one subscriber)",
+                owner.subscribers,
+                thousands(owner.decided),
+                thousands(plain.delivered),
+                check(ratio >= RLS_OWNER_RATIO_TARGET),
+                thousands(owner.delivered),
+                thousands(plain.delivered),
+            );
+        }
         println!(
             "memory: server VmRSS growth per socket, subscribed and idle, before any traffic \
              (clients, for comparison: {})",
