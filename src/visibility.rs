@@ -953,6 +953,7 @@ impl Visibility {
         let pid = conn.backend_key().0;
         let timeout = app.config.realtime_rls_timeout_ms.to_string();
         let mut statements: Vec<(&str, Vec<Option<String>>)> = Vec::new();
+        let wrap = chunks.len() > 1;
         for &n in ids {
             let uid = identities[n].auth_uid.clone();
             let tag = crate::rls::identity_tag(&key, pid, uid.as_deref());
@@ -964,7 +965,15 @@ impl Visibility {
                 vec![Some(timeout.clone())],
             ));
             for (sql, c) in &chunks {
+                // Several queries: each in a savepoint, so that one failing (fail closed) does
+                // not abort the others.
+                if wrap {
+                    statements.push(("SAVEPOINT fx_rls", vec![]));
+                }
                 statements.push((sql.as_str(), vec![Some(c.json.clone())]));
+                if wrap {
+                    statements.push(("ROLLBACK TO SAVEPOINT fx_rls", vec![]));
+                }
             }
             statements.push(("ROLLBACK", vec![]));
         }
@@ -977,7 +986,8 @@ impl Visibility {
                 return seen;
             }
         };
-        let per_identity = 4 + chunks.len();
+        let stride = if wrap { 3 } else { 1 };
+        let per_identity = 4 + stride * chunks.len();
         let mut failed: Option<String> = None;
         for (k, &n) in ids.iter().enumerate() {
             let base = k * per_identity;
@@ -990,7 +1000,7 @@ impl Visibility {
                 continue;
             }
             for (j, (_, c)) in chunks.iter().enumerate() {
-                match &results[base + 3 + j] {
+                match &results[base + 3 + stride * j + usize::from(wrap)] {
                     Ok(r) if r.rows.len() == c.images.len() => {
                         let entry = seen
                             .entry((n, c.table))

@@ -947,3 +947,47 @@ async fn distinct_identities_per_room_are_bounded() {
     )
     .await;
 }
+
+#[tokio::test]
+async fn a_policy_is_evaluated_read_only_and_leaves_nothing_behind() {
+    let app = spawn_app().await;
+    let f = app.fixture().await;
+    // A policy that writes (through a SECURITY DEFINER function of the owner) and one that
+    // reads: the first fails in the read-only evaluation (fail closed), the second works.
+    admin_sql(
+        &app,
+        &f,
+        "CREATE TABLE marks (id serial PRIMARY KEY);
+         CREATE TABLE trail (what text);
+         CREATE FUNCTION noisy(who text) RETURNS boolean LANGUAGE plpgsql SECURITY DEFINER AS
+           $$ BEGIN INSERT INTO trail VALUES (who); RETURN true; END $$;
+         CREATE TABLE loud (id int PRIMARY KEY, user_id text);
+         CREATE TABLE quiet (id int PRIMARY KEY, user_id text);
+         ALTER TABLE loud ENABLE ROW LEVEL SECURITY;
+         ALTER TABLE quiet ENABLE ROW LEVEL SECURITY;
+         CREATE POLICY p ON loud FOR SELECT USING (noisy(user_id));
+         CREATE POLICY p ON quiet FOR SELECT USING (lower(user_id) = auth.uid())",
+    )
+    .await;
+    let alice = token(
+        &app,
+        &f.read,
+        json!({ "projectId": f.project, "authUid": "alice" }),
+    )
+    .await;
+    let mut a = sub(&app, &f, "alice", json!({ "token": alice })).await;
+    admin_sql(
+        &app,
+        &f,
+        "INSERT INTO loud VALUES (1, 'alice'); INSERT INTO quiet VALUES (2, 'ALICE'), (3, 'bob')",
+    )
+    .await;
+    let until = mark(&app, &f).await;
+    let (seen, _) = collect(&mut a, until).await;
+    assert_eq!(ids(&seen, "loud"), set(&[]));
+    assert_eq!(ids(&seen, "quiet"), set(&[2]));
+    let trail = app
+        .rows(&f.admin, &f.project, "SELECT count(*) AS n FROM trail")
+        .await;
+    assert_eq!(trail[0]["n"], 0, "the evaluation wrote: {trail:?}");
+}
