@@ -56,6 +56,11 @@ pub const PROJECT_MIGRATIONS: &[(i32, &str, &str)] = &[
         "partition_truncate",
         include_str!("../sql/project/0007_partition_truncate.sql"),
     ),
+    (
+        8,
+        "definer_search_path",
+        include_str!("../sql/project/0008_definer_search_path.sql"),
+    ),
 ];
 
 /// The bootstrap version whose script is followed by the installation of the change stream's

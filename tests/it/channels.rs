@@ -280,6 +280,9 @@ async fn a_tenant_can_neither_forge_a_truncate_nor_silence_a_partitions_one_and_
         "DROP TRIGGER fluxbase_truncate_announced ON m2",
         "DROP TRIGGER fluxbase_truncate_noted ON m",
         "ALTER TRIGGER fluxbase_truncate_announced ON m2 RENAME TO mine",
+        // A temporary table shadowing a catalog the guard reads changes nothing.
+        "CREATE TEMP TABLE pg_trigger (oid oid, tgfoid oid, tgname name, tgrelid oid); \
+         ALTER TRIGGER fluxbase_truncate_announced ON m2 RENAME TO mine",
     ] {
         let code = app.sql_error(&f.admin, &f.project, sql).await;
         assert!(code.contains("42501"), "{sql}: {code}");
