@@ -164,6 +164,17 @@ pub fn upgrade(
     let (true, Some(on_upgrade)) = (is_upgrade, on_upgrade) else {
         return Err(warp::reject::not_found());
     };
+    if app.realtime.shutting_down.load(Ordering::SeqCst) {
+        // Every socket was (or is being) closed with 1001: no new ones during the grace.
+        let body = json!({"success": false, "error": {"code": "SERVER_SHUTTING_DOWN",
+            "message": "The server is shutting down. Reconnect in a moment (and resume with since).",
+            "details": null}});
+        let mut response = crate::http::json_response(StatusCode::SERVICE_UNAVAILABLE, &body);
+        response
+            .headers_mut()
+            .insert("retry-after", "1".parse().expect("ascii"));
+        return Ok(response);
+    }
     let key = headers.get("sec-websocket-key").map(|k| k.as_bytes());
     let version = headers.get("sec-websocket-version").map(|v| v.as_bytes());
     let Some(key) = key.filter(|_| version == Some(b"13")) else {
@@ -669,6 +680,9 @@ pub struct Realtime {
     revoked_everywhere: AtomicU64,
     /// Every open socket's cut-off, to close them all with 1001 on shutdown.
     open: Mutex<HashMap<u64, Arc<CutOff>>>,
+    /// Set (before the 1001s go out) by a graceful shutdown: new sockets are refused, and one
+    /// that was accepted just before is closed with 1001 at once.
+    shutting_down: std::sync::atomic::AtomicBool,
     cut_offs: CutOffCounts,
     /// Row-level security of row events, per subscriber identity.
     pub visibility: crate::visibility::Visibility,
@@ -772,6 +786,7 @@ impl Realtime {
     /// Closes every socket with 1001 ("server shutting down") and waits, at most
     /// [`SHUTDOWN_GRACE`], for them to finish closing.
     pub async fn close_all_sockets(&self) {
+        self.shutting_down.store(true, Ordering::SeqCst);
         let open: Vec<Arc<CutOff>> = self
             .open
             .lock()
@@ -1156,7 +1171,8 @@ impl Room {
             delivered.fetch_add(n as u64, Ordering::Relaxed);
         }
         if let Some(h) = history.as_mut() {
-            if let Err(e) = h.flush().and_then(|_| h.trim(now_ms)) {
+            // Trimmed from the index now; the files go outside the locks (the pump).
+            if let Err(e) = h.flush().and_then(|_| h.trim_later(now_ms)) {
                 tracing::error!(room = self.room_id, error = %e, "writing the realtime history");
             }
         }
@@ -1342,9 +1358,16 @@ fn still_current(room: &Room, socket: &SocketShared, epoch: u64) -> bool {
 }
 
 /// The id of a broadcast from a client or the REST API: `<last event id>-<seq, 8 hex>`, after
-/// the room's last id and before the next event's.
-fn next_broadcast_id(last: Option<&str>) -> String {
+/// the room's last id and before the next event's. The seq's high
+/// [`crate::realtime_history::EPOCH_BITS`] bits are the history's boot epoch (durable, one more
+/// each start), the rest count: after a power loss that took broadcasts off the history's
+/// tail, the next one still gets an id never issued before. `None`: this epoch's count at
+/// this position ran out (move to the next epoch and ask again).
+fn next_broadcast_id(last: Option<&str>, epoch: u32) -> Option<String> {
+    use crate::realtime_history::{EPOCH_BITS, SEQ_MASK};
     const ZERO: &str = "0000000000000000-00000000";
+    let epoch = epoch & ((1 << EPOCH_BITS) - 1);
+    let first = (epoch << (32 - EPOCH_BITS)) | 1;
     let last = last.unwrap_or(ZERO);
     let mut parts = last.splitn(3, '-');
     let (lsn, index, seq) = (parts.next(), parts.next(), parts.next());
@@ -1354,9 +1377,18 @@ fn next_broadcast_id(last: Option<&str>) -> String {
         seq.and_then(|s| u32::from_str_radix(s, 16).ok()),
     ) {
         (Some(lsn), Some(index), Some(seq)) => {
-            format!("{lsn}-{index}-{:08X}", seq.saturating_add(1))
+            let seq_epoch = seq >> (32 - EPOCH_BITS);
+            let next = if seq_epoch < epoch {
+                first
+            } else if seq_epoch == epoch && seq & SEQ_MASK == SEQ_MASK || seq == u32::MAX {
+                return None;
+            } else {
+                // This epoch (or, once the epoch counter wrapped, a later-sorting one).
+                seq + 1
+            };
+            Some(format!("{lsn}-{index}-{next:08X}"))
         }
-        _ => format!("{last}-00000001"),
+        _ => Some(format!("{last}-{first:08X}")),
     }
 }
 
@@ -1666,8 +1698,25 @@ impl App {
         // Into the room's history in order, with an id after the room's last one.
         let body = json!({ "event": event, "payload": payload }).to_string();
         let mut state = room.state.lock().expect("poisoned");
+        let mut history = room.history.lock().expect("poisoned");
+        let last = state.last_id.as_deref();
+        let id = match history.as_mut() {
+            None => next_broadcast_id(last, 0),
+            Some(h) => next_broadcast_id(last, h.epoch()).or_else(|| {
+                let epoch = h
+                    .next_epoch()
+                    .map_err(|e| tracing::error!(room = room.room_id, error = %e, "recording a new broadcast epoch"))
+                    .ok()?;
+                next_broadcast_id(last, epoch)
+            }),
+        };
+        let Some(id) = id else {
+            drop(history);
+            drop(state);
+            return Err(BUSY.into());
+        };
         let event = Event {
-            id: next_broadcast_id(state.last_id.as_deref()),
+            id,
             kind: EventKind::Broadcast {
                 event: event.to_string(),
             },
@@ -1685,7 +1734,6 @@ impl App {
             payload: Arc::from(body),
         };
         {
-            let mut history = room.history.lock().expect("poisoned");
             if let Some(h) = history.as_mut() {
                 // Written now; made durable by the pump's next tick.
                 let now_ms = chrono::Utc::now().timestamp_millis();
@@ -1694,6 +1742,7 @@ impl App {
                     h.mark_gap(&event.id);
                 }
             }
+            drop(history);
         }
         let msg = frame("broadcast", &room.room_id, &event);
         // Broadcasts are not row-filtered: every member may see them.
@@ -1759,6 +1808,8 @@ impl App {
         let project = project_id.to_string();
         let task = tokio::spawn(async move {
             let mut tick = tokio::time::interval(PUMP_TICK);
+            // Stored but not acknowledged yet (an fsync or a gap's record failed).
+            let mut pending_ack: Option<Lsn> = None;
             loop {
                 let mut batch = Vec::new();
                 tokio::select! {
@@ -1849,25 +1900,52 @@ impl App {
                     app.realtime.visibility.invalidate(&project);
                 }
                 // fsync per batch (a group of transactions), outside the locks; only then is
-                // the slot allowed past it.
-                let file = room
+                // the slot allowed past it. A failed fsync is retried (on the next tick at the
+                // latest) and nothing is acknowledged until one succeeds; a failed write is
+                // never acknowledged past until its gap is durably recorded in the floor.
+                pending_ack = pending_ack.max(ack);
+                let (job, trims) = match room.history.lock().expect("poisoned").as_mut() {
+                    Some(h) => (h.sync_job(), h.take_trims()),
+                    None => (None, Vec::new()),
+                };
+                let mut durable = true;
+                if let Some(job) = job {
+                    match tokio::task::spawn_blocking(move || {
+                        let r = job.run();
+                        (job, r)
+                    })
+                    .await
+                    {
+                        Ok((_, Ok(()))) => {}
+                        Ok((job, Err(e))) => {
+                            tracing::error!(room = room.room_id, error = %e, "fsync of the realtime history (retried)");
+                            if let Some(h) = room.history.lock().expect("poisoned").as_mut() {
+                                h.sync_failed(job);
+                            }
+                            durable = false;
+                        }
+                        Err(_) => durable = false,
+                    }
+                }
+                if !trims.is_empty() {
+                    let done = tokio::task::spawn_blocking(move || {
+                        trims.into_iter().try_for_each(|t| t.run())
+                    })
+                    .await;
+                    if let Ok(Err(e)) = done {
+                        tracing::error!(room = room.room_id, error = %e, "trimming the realtime history");
+                    }
+                }
+                let unrecorded = room
                     .history
                     .lock()
                     .expect("poisoned")
-                    .as_mut()
-                    .and_then(|h| h.sync_handle());
-                if let Some(file) = file {
-                    match tokio::task::spawn_blocking(move || file.sync_data()).await {
-                        Ok(Ok(())) => {}
-                        Ok(Err(e)) => {
-                            tracing::error!(room = room.room_id, error = %e, "fsync of the realtime history");
-                            continue;
-                        }
-                        Err(_) => continue,
+                    .as_ref()
+                    .is_some_and(|h| h.gap_unrecorded());
+                if durable && !unrecorded {
+                    if let Some(end) = pending_ack.take() {
+                        sub.ack(end);
                     }
-                }
-                if let Some(end) = ack {
-                    sub.ack(end);
                 }
             }
         });
@@ -1895,6 +1973,10 @@ impl App {
             .lock()
             .expect("poisoned")
             .insert(id, shared.close.clone());
+        if self.realtime.shutting_down.load(Ordering::SeqCst) {
+            // Upgraded just as the shutdown began (after its check, before the 1001s went out).
+            shared.close.away("server shutting down");
+        }
         let mut writer = tokio::spawn(write_socket(
             sink,
             rx,
@@ -2446,18 +2528,45 @@ mod tests {
 
     #[test]
     fn broadcast_ids_sort_after_the_last_id_and_before_the_next_event() {
-        let first = next_broadcast_id(None);
+        let first = next_broadcast_id(None, 0).unwrap();
         assert_eq!(first, "0000000000000000-00000000-00000001");
         let event = "00000000025FB560-00000003";
-        let b1 = next_broadcast_id(Some(event));
+        let b1 = next_broadcast_id(Some(event), 0).unwrap();
         assert_eq!(b1, "00000000025FB560-00000003-00000001");
-        let b2 = next_broadcast_id(Some(&b1));
+        let b2 = next_broadcast_id(Some(&b1), 0).unwrap();
         assert_eq!(b2, "00000000025FB560-00000003-00000002");
         let next_event = "00000000025FB560-00000004";
         assert!(event < b1.as_str() && b1 < b2 && b2.as_str() < next_event);
         assert!(b2.as_str() < "00000000025FB561-00000000");
         assert_eq!(commit_lsn_of(&b2), Some(Lsn(0x25F_B560)));
         assert_eq!(commit_lsn_of("00000000025FB560-00000003-0001"), None);
+    }
+
+    #[test]
+    fn a_broadcast_id_is_never_reissued_after_a_restart_that_lost_the_tail() {
+        let event = "00000000025FB560-00000003";
+        // Boot 1 issued three broadcasts after `event`; a power loss took them off the
+        // history, so boot 2 starts again from `event` (its epoch is one more).
+        let mut issued = Vec::new();
+        let mut last = event.to_string();
+        for _ in 0..3 {
+            last = next_broadcast_id(Some(&last), 1).unwrap();
+            issued.push(last.clone());
+        }
+        let after_restart = next_broadcast_id(Some(event), 2).unwrap();
+        assert!(!issued.contains(&after_restart), "{after_restart} reissued");
+        assert!(issued.iter().all(|i| i.as_str() < after_restart.as_str()));
+        assert!(after_restart.as_str() < "00000000025FB560-00000004");
+        assert_eq!(commit_lsn_of(&after_restart), Some(Lsn(0x25F_B560)));
+        // A later boot continues after an earlier boot's broadcast at the same position.
+        let b = next_broadcast_id(Some(&issued[2]), 2).unwrap();
+        assert_eq!(b, after_restart);
+        let c = next_broadcast_id(Some(&b), 2).unwrap();
+        assert!(c > b);
+        // An epoch's count running out asks for the next epoch.
+        let full = format!("{event}-{:08X}", (2u32 << 20) | crate::realtime_history::SEQ_MASK);
+        assert_eq!(next_broadcast_id(Some(&full), 2), None);
+        assert!(next_broadcast_id(Some(&full), 3).unwrap() > full);
     }
 
     #[test]

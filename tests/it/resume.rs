@@ -535,8 +535,57 @@ async fn sigterm_closes_every_socket_with_1001_before_the_server_exits() {
     let p = project(&server.base).await;
     let mut a = subscribed(&server.base, &p, None).await;
     let mut b = subscribed(&server.base, &p, None).await;
+    // One that never answers the close handshake: the grace lasts while it is open.
+    let stuck = subscribed(&server.base, &p, None).await;
+    let sent = std::process::Command::new("kill")
+        .args(["-TERM", &server.pid().to_string()])
+        .status()
+        .expect("running kill");
+    assert!(sent.success());
+    // Sockets that connect during the grace are refused (503) or closed with 1001 at once;
+    // none stays open until the process is gone.
+    let url = format!("{}/", server.base.replacen("http", "ws", 1));
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let (mut refused, mut closed) = (0, 0);
+    loop {
+        assert!(Instant::now() < deadline, "the server never stopped accepting");
+        match tokio_tungstenite::connect_async(url.as_str()).await {
+            Ok((mut ws, _)) => {
+                let got = tokio::time::timeout(Duration::from_secs(15), async {
+                    loop {
+                        match ws.next().await {
+                            Some(Ok(Message::Close(frame))) => return frame,
+                            Some(Ok(_)) => {}
+                            other => panic!("a socket opened during the grace: {other:?}"),
+                        }
+                    }
+                })
+                .await
+                .expect("a socket opened during the grace got no close frame");
+                let got = got.expect("a close frame with a code");
+                assert_eq!(got.code, CloseCode::Away, "{got:?}");
+                closed += 1;
+            }
+            Err(tokio_tungstenite::tungstenite::Error::Http(response)) => {
+                assert_eq!(response.status().as_u16(), 503);
+                let body: Value =
+                    serde_json::from_slice(response.body().as_deref().unwrap_or_default())
+                        .expect("a JSON error body");
+                assert_eq!(body["success"], false);
+                assert_eq!(body["error"]["code"], "SERVER_SHUTTING_DOWN");
+                refused += 1;
+            }
+            Err(_) => break, // no longer accepting
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(
+        refused + closed > 0,
+        "no connection attempt landed in the grace period"
+    );
     let status = server.terminate(Duration::from_secs(60)).await;
     assert!(status.success(), "{status}");
+    drop(stuck);
     for ws in [&mut a, &mut b] {
         let close = tokio::time::timeout(Duration::from_secs(20), async {
             loop {
