@@ -104,6 +104,9 @@ pub struct Config {
     /// Seconds a WebSocket may make no progress sending what is queued for it (the client stopped
     /// reading) before it is closed with 1008.
     pub realtime_client_stall_secs: u64,
+    /// Catch-up reads (a chunk of a room's history read from disk and decoded) one room runs at
+    /// once; the members catching up at the same place share each decoded chunk.
+    pub realtime_catch_up_reads: usize,
     /// Distinct identities (role and `auth.uid()`) whose row-level security one project's room
     /// evaluates; a subscribe with a new identity past it is refused with `LIMIT_EXCEEDED`.
     pub realtime_rls_max_identities: usize,
@@ -202,6 +205,7 @@ impl Default for Config {
             realtime_unsubscribed_timeout_secs: 30,
             realtime_send_queue_bytes: 1024 * 1024,
             realtime_client_stall_secs: 30,
+            realtime_catch_up_reads: 4,
             realtime_rls_max_identities: 5_000,
             realtime_rls_batch_rows: 1_000,
             realtime_rls_timeout_ms: 2_000,
@@ -492,6 +496,13 @@ impl Config {
             "FLUXBASE_REALTIME_CLIENT_STALL_SECS",
             |k, v: String| -> Result<()> {
                 self.realtime_client_stall_secs = parse(k, &v)?;
+                Ok(())
+            }
+        );
+        env!(
+            "FLUXBASE_REALTIME_CATCH_UP_READS",
+            |k, v: String| -> Result<()> {
+                self.realtime_catch_up_reads = parse(k, &v)?;
                 Ok(())
             }
         );

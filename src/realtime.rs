@@ -662,6 +662,46 @@ pub struct Room {
     /// second, so that a flood of them never overflows every member's queue at once.
     budget: Mutex<(Bucket, Bucket)>,
     pump: Mutex<Option<tokio::task::JoinHandle<()>>>,
+    /// Decoded history chunks shared by the members catching up (see [`ChunkCache`]).
+    chunks: Mutex<ChunkCache>,
+    /// Bounds the catch-up reads running at once (`realtime_catch_up_reads`).
+    reads: Arc<tokio::sync::Semaphore>,
+    /// Members moved to catching up because their queue was full (not resumes).
+    fell_behind: AtomicU64,
+    /// Chunks read from disk by catch-ups (the rest came from the cache).
+    chunk_reads: AtomicU64,
+}
+
+/// One chunk of the history, decoded once and shared by every member reading it: its events
+/// and their `db_event`/`broadcast` frames (built on first use).
+struct Chunk {
+    events: Vec<(String, Arc<Event>, std::sync::OnceLock<Message>)>,
+}
+
+/// Chunks in use (weakly held: a chunk lives while a member reads it) and the few most recent
+/// (strongly held, so members a little behind each other still share).
+#[derive(Default)]
+struct ChunkCache {
+    live: HashMap<(String, String, usize), std::sync::Weak<Chunk>>,
+    recent: std::collections::VecDeque<Arc<Chunk>>,
+}
+
+/// Chunks a room keeps decoded after their last reader moved on.
+const RECENT_CHUNKS: usize = 4;
+
+impl ChunkCache {
+    fn get(&self, key: &(String, String, usize)) -> Option<Arc<Chunk>> {
+        self.live.get(key).and_then(|w| w.upgrade())
+    }
+
+    fn put(&mut self, key: (String, String, usize), chunk: &Arc<Chunk>) {
+        self.live.retain(|_, w| w.strong_count() > 0);
+        self.live.insert(key, Arc::downgrade(chunk));
+        self.recent.push_back(chunk.clone());
+        while self.recent.len() > RECENT_CHUNKS {
+            self.recent.pop_front();
+        }
+    }
 }
 
 /// All rooms of this server.
@@ -817,7 +857,10 @@ impl Realtime {
         let mut bytes = String::new();
         let mut events = String::new();
         let mut catching_up = 0usize;
+        let (mut fell_behind, mut chunk_reads) = (0, 0);
         for (project, room) in &rooms {
+            fell_behind += room.fell_behind.load(Ordering::Relaxed);
+            chunk_reads += room.chunk_reads.load(Ordering::Relaxed);
             catching_up += room
                 .state
                 .lock()
@@ -846,6 +889,14 @@ impl Realtime {
         let _ = writeln!(
             out,
             "# HELP fluxbase_realtime_catching_up Subscriptions reading their backlog from the history at their own pace.\n# TYPE fluxbase_realtime_catching_up gauge\nfluxbase_realtime_catching_up {catching_up}"
+        );
+        let _ = writeln!(
+            out,
+            "# HELP fluxbase_realtime_fell_behind_total Subscriptions moved from live to catching up because their send queue was full.\n# TYPE fluxbase_realtime_fell_behind_total counter\nfluxbase_realtime_fell_behind_total {fell_behind}"
+        );
+        let _ = writeln!(
+            out,
+            "# HELP fluxbase_realtime_catch_up_reads_total History chunks read from disk and decoded for catching-up subscriptions (members at the same place share one).\n# TYPE fluxbase_realtime_catch_up_reads_total counter\nfluxbase_realtime_catch_up_reads_total {chunk_reads}"
         );
         out.push_str("# HELP fluxbase_realtime_cutoffs_total Sockets closed with 1008, by reason (queue_bytes, stalled, window, rate_limit).\n# TYPE fluxbase_realtime_cutoffs_total counter\n");
         let counts = self.cut_offs.lock().expect("poisoned").clone();
@@ -1221,6 +1272,7 @@ impl Room {
             }
         }
         for id in full {
+            self.fell_behind.fetch_add(1, Ordering::Relaxed);
             self.start_catch_up(state, id, before.clone());
         }
         n
@@ -1286,24 +1338,52 @@ impl Room {
                     }
                     return;
                 }
-                h.after(pos.as_deref(), CATCH_UP_CHUNK, CATCH_UP_CHUNK_BYTES)
+                h.after_aligned(pos.as_deref(), CATCH_UP_CHUNK, CATCH_UP_CHUNK_BYTES)
             };
-            let Ok(events) =
-                tokio::task::spawn_blocking(move || crate::realtime_history::read_all(chunk)).await
-            else {
-                return;
+            // Decoded once for every member reading the same chunk; at most
+            // `realtime_catch_up_reads` reads of the room at once.
+            let key = (
+                chunk[0].id.clone(),
+                chunk[chunk.len() - 1].id.clone(),
+                chunk.len(),
+            );
+            let cached = self.chunks.lock().expect("poisoned").get(&key);
+            let shared = match cached {
+                Some(c) => c,
+                None => {
+                    let Ok(_permit) = self.reads.clone().acquire_owned().await else {
+                        return;
+                    };
+                    let again = self.chunks.lock().expect("poisoned").get(&key);
+                    match again {
+                        Some(c) => c,
+                        None => {
+                            let Ok(events) = tokio::task::spawn_blocking(move || {
+                                crate::realtime_history::read_all(chunk)
+                            })
+                            .await
+                            else {
+                                return;
+                            };
+                            let mut read = Vec::with_capacity(events.len());
+                            for (id, event) in events {
+                                let Ok(event) = event else {
+                                    // Its segment was trimmed meanwhile.
+                                    behind(&socket);
+                                    return;
+                                };
+                                read.push((id, Arc::new(event), std::sync::OnceLock::new()));
+                            }
+                            self.chunk_reads.fetch_add(1, Ordering::Relaxed);
+                            let c = Arc::new(Chunk { events: read });
+                            self.chunks.lock().expect("poisoned").put(key, &c);
+                            c
+                        }
+                    }
+                }
             };
-            let mut read = Vec::with_capacity(events.len());
-            for (id, event) in events {
-                let Ok(event) = event else {
-                    // Its segment was trimmed meanwhile.
-                    behind(&socket);
-                    return;
-                };
-                read.push((id, Arc::new(event)));
-            }
             // What this identity may see of the chunk, decided outside the locks.
-            let chunk: Vec<Arc<Event>> = read.iter().map(|(_, e)| e.clone()).collect();
+            let chunk: Vec<Arc<Event>> = shared.events.iter().map(|(_, e, _)| e.clone()).collect();
             let verdicts = match self.app.upgrade() {
                 Some(app) => {
                     app.realtime
@@ -1318,16 +1398,21 @@ impl Room {
                 }
                 None => return,
             };
-            for (i, (id, event)) in read.into_iter().enumerate() {
+            drop(chunk);
+            for (i, (id, event, framed)) in shared.events.iter().enumerate() {
                 let record = || parse_row(&event.record);
                 let old_record = || parse_row(&event.old);
                 let message = match interest.decide(
-                    &event,
+                    event,
                     verdicts.get(&interest.identity, i),
                     &record,
                     &old_record,
                 ) {
-                    Decision::Send => Some(frame(kind_of(&event), &self.room_id, &event)),
+                    Decision::Send => Some(
+                        framed
+                            .get_or_init(|| frame(kind_of(event), &self.room_id, event))
+                            .clone(),
+                    ),
                     Decision::SendInstead(payload) => Some(instead_frame(&self.room_id, payload)),
                     Decision::Skip => None,
                 };
@@ -1341,7 +1426,7 @@ impl Room {
                         return;
                     }
                 }
-                pos = Some(id);
+                pos = Some(id.clone());
             }
         }
     }
@@ -1801,6 +1886,12 @@ impl App {
                 Bucket::new(self.config.realtime_project_broadcast_bytes_per_sec as f64),
             )),
             pump: Mutex::new(None),
+            chunks: Mutex::new(ChunkCache::default()),
+            reads: Arc::new(tokio::sync::Semaphore::new(
+                self.config.realtime_catch_up_reads.max(1),
+            )),
+            fell_behind: AtomicU64::new(0),
+            chunk_reads: AtomicU64::new(0),
         });
         let mut sub = self.bus.project(project_id).subscribe_durable();
         let weak_room = Arc::downgrade(&room);

@@ -266,6 +266,9 @@ pub struct History {
     limits: Limits,
     segments: VecDeque<Segment>,
     entries: VecDeque<Entry>,
+    /// How many entries left the front of `entries` (the position of `entries[0]` among all
+    /// records this history indexed since it was opened).
+    base: u64,
     bytes: u64,
     /// Ids at or below this were trimmed.
     floor: Option<String>,
@@ -425,6 +428,7 @@ impl History {
             limits,
             segments: VecDeque::new(),
             entries: VecDeque::new(),
+            base: 0,
             bytes: 0,
             floor_file: Arc::new(std::sync::Mutex::new(floor.clone())),
             floor,
@@ -482,6 +486,7 @@ impl History {
                         "realtime history: records were lost in an older segment; resumes from before the next one are refused"
                     );
                     h.write_floor(&s.id)?;
+                    h.base += h.entries.len() as u64;
                     h.entries.clear();
                     for old in std::mem::take(&mut h.segments) {
                         let _ = std::fs::remove_file(h.segment_path(old.no));
@@ -584,6 +589,20 @@ impl History {
     /// beginning with `None`), to read without the lock.
     pub fn after(&self, since: Option<&str>, max: usize, max_bytes: u64) -> Vec<Pending> {
         let start = since.map_or(0, |s| self.entries.partition_point(|e| e.id.as_str() <= s));
+        self.after_from(start, max, max_bytes)
+    }
+
+    /// [`History::after`], but the chunk ends at a multiple of `max` records (counted since
+    /// the history was opened): readers at different positions then read the same chunks
+    /// from the first boundary on, which they can share.
+    pub fn after_aligned(&self, since: Option<&str>, max: usize, max_bytes: u64) -> Vec<Pending> {
+        let start = since.map_or(0, |s| self.entries.partition_point(|e| e.id.as_str() <= s));
+        let max = max.max(1);
+        let at = (self.base + start as u64) % max as u64;
+        self.after_from(start, max - at as usize, max_bytes)
+    }
+
+    fn after_from(&self, start: usize, max: usize, max_bytes: u64) -> Vec<Pending> {
         let mut bytes = 0u64;
         self.entries
             .range(start..)
@@ -853,6 +872,7 @@ impl History {
             }
             for _ in 0..seg.count {
                 self.entries.pop_front();
+                self.base += 1;
             }
             self.bytes -= seg.bytes;
             dropped += seg.count;

@@ -374,6 +374,13 @@ async fn a_100000_row_transaction_reaches_a_live_client_reading_at_a_normal_pace
         text.contains("fluxbase_realtime_cutoffs_total{reason=\"queue_bytes\"} 0"),
         "{text}"
     );
+    // And catch-up did kick in: the transaction did not fit its queue.
+    let fell_behind: u64 = text
+        .lines()
+        .find_map(|l| l.strip_prefix("fluxbase_realtime_fell_behind_total "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no fluxbase_realtime_fell_behind_total in {text}"));
+    assert!(fell_behind >= 1, "{text}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
