@@ -109,7 +109,8 @@ pub const READ_BUFFER: usize = 4 * 1024;
 const WRITE_BUFFER: usize = 16 * 1024;
 
 /// An upgraded WebSocket connection.
-pub type WebSocket = WebSocketStream<TokioIo<hyper::upgrade::Upgraded>>;
+pub type WebSocket =
+    WebSocketStream<crate::realtime_io::Counted<TokioIo<hyper::upgrade::Upgraded>>>;
 
 /// Refuses a message over a rate limit with `RATE_LIMIT`, or cuts the socket off after
 /// [`RATE_STRIKES`] refusals; true while the socket may go on.
@@ -202,7 +203,11 @@ pub fn upgrade(
         config.max_message_size = Some(MAX_MESSAGE);
         config.max_frame_size = Some(MAX_MESSAGE);
         let ws =
-            WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, Some(config))
+            WebSocketStream::from_raw_socket(
+            crate::realtime_io::Counted::new(TokioIo::new(upgraded)),
+            Role::Server,
+            Some(config),
+        )
                 .await;
         app.serve_socket(ws).await;
     });
@@ -720,6 +725,8 @@ pub struct Realtime {
     revoked_everywhere: AtomicU64,
     /// Every open socket's cut-off, to close them all with 1001 on shutdown.
     open: Mutex<HashMap<u64, Arc<CutOff>>>,
+    /// Rooms being created (their history opened outside `rooms`' lock), one at a time each.
+    opening: Mutex<HashMap<String, Arc<Mutex<()>>>>,
     /// Set (before the 1001s go out) by a graceful shutdown: new sockets are refused, and one
     /// that was accepted just before is closed with 1001 at once.
     shutting_down: std::sync::atomic::AtomicBool,
@@ -806,10 +813,18 @@ impl Realtime {
                     task.abort();
                 }
                 *room.history.lock().expect("poisoned") = None;
-                if let Err(e) = std::fs::remove_dir_all(&room.dir) {
-                    if e.kind() != std::io::ErrorKind::NotFound {
-                        tracing::warn!(error = %e, dir = %room.dir.display(), "removing a deleted project's realtime history");
+                let dir = room.dir.clone();
+                let remove = move || {
+                    if let Err(e) = std::fs::remove_dir_all(&dir) {
+                        if e.kind() != std::io::ErrorKind::NotFound {
+                            tracing::warn!(error = %e, dir = %dir.display(), "removing a deleted project's realtime history");
+                        }
                     }
+                };
+                // Not on an async worker thread when there is a runtime.
+                match tokio::runtime::Handle::try_current() {
+                    Ok(rt) => drop(rt.spawn_blocking(remove)),
+                    Err(_) => remove(),
                 }
             }
             let members = std::mem::take(&mut room.state.lock().expect("poisoned").members);
@@ -1019,6 +1034,7 @@ async fn write_socket(
     queued: Arc<AtomicUsize>,
     drained: Arc<Notify>,
     stall: Duration,
+    written: Arc<AtomicU64>,
 ) {
     let cut = &cut_off_by.notify;
     let mut ping = tokio::time::interval(PING_EVERY);
@@ -1034,20 +1050,21 @@ async fn write_socket(
         };
         // What is already queued goes out in the same write: one flush per batch, not per
         // message (measured: ~2.5x the delivered messages/s at 1,000 subscribers). Each step
-        // (a message handed to the connection, the flush) must make progress within `stall`.
+        // (a message handed to the connection, the flush) must make progress within `stall`:
+        // some bytes written to the connection, however long the whole step takes.
         let mut sent_bytes = if counted { msg.len() } else { 0 };
         let batch = async {
-            progress(stall, sink.feed(msg)).await?;
+            progress(stall, &written, sink.feed(msg)).await?;
             for _ in 1..64 {
                 match rx.try_recv() {
                     Ok(m) => {
                         sent_bytes += m.len();
-                        progress(stall, sink.feed(m)).await?
+                        progress(stall, &written, sink.feed(m)).await?
                     }
                     Err(_) => break,
                 }
             }
-            progress(stall, sink.flush()).await
+            progress(stall, &written, sink.flush()).await
         };
         tokio::select! {
             sent = batch => match sent {
@@ -1083,12 +1100,13 @@ enum Stop {
     Stalled,
 }
 
-/// A write step that must complete within `stall`.
+/// A write step that must make progress (bytes written to the connection) every `stall`.
 async fn progress(
     stall: Duration,
+    written: &AtomicU64,
     step: impl std::future::Future<Output = Result<(), WsError>>,
 ) -> Result<(), Stop> {
-    match tokio::time::timeout(stall, step).await {
+    match crate::realtime_io::with_progress(stall, written, step).await {
         Ok(Ok(())) => Ok(()),
         Ok(Err(_)) => Err(Stop::Failed),
         Err(_) => Err(Stop::Stalled),
@@ -1847,8 +1865,21 @@ impl App {
 
     /// The project's room, created (with its history and its pump on the bus) on first use.
     fn room(self: &Arc<App>, project_id: &str) -> Arc<Room> {
-        let mut rooms = self.realtime.rooms.lock().expect("poisoned");
-        if let Some(r) = rooms.get(project_id) {
+        if let Some(r) = self.realtime.rooms.lock().expect("poisoned").get(project_id) {
+            return r.clone();
+        }
+        // The history is opened (read back, up to its byte bound) without the lock of every
+        // room; one opening per project at a time.
+        let opening = self
+            .realtime
+            .opening
+            .lock()
+            .expect("poisoned")
+            .entry(project_id.to_string())
+            .or_default()
+            .clone();
+        let _opening = opening.lock().expect("poisoned");
+        if let Some(r) = self.realtime.rooms.lock().expect("poisoned").get(project_id) {
             return r.clone();
         }
         let retention = self.realtime.retention();
@@ -2041,7 +2072,16 @@ impl App {
             }
         });
         *room.pump.lock().expect("poisoned") = Some(task);
-        rooms.insert(project_id.to_string(), room.clone());
+        self.realtime
+            .rooms
+            .lock()
+            .expect("poisoned")
+            .insert(project_id.to_string(), room.clone());
+        self.realtime
+            .opening
+            .lock()
+            .expect("poisoned")
+            .remove(project_id);
         room
     }
 
@@ -2049,6 +2089,7 @@ impl App {
     pub async fn serve_socket(self: Arc<App>, ws: WebSocket) {
         let id = self.realtime.next_socket.fetch_add(1, Ordering::Relaxed);
         self.realtime.sockets.fetch_add(1, Ordering::Relaxed);
+        let written = ws.get_ref().written();
         let (sink, mut stream) = ws.split();
         let (tx, rx) = mpsc::unbounded_channel::<Message>();
         let shared = Arc::new(SocketShared {
@@ -2075,6 +2116,7 @@ impl App {
             shared.queued.clone(),
             shared.drained.clone(),
             Duration::from_secs(self.config.realtime_client_stall_secs.max(1)),
+            written,
         ));
         let mut writer_done = false;
         let mut limits = SocketLimits::new(&self.config);
