@@ -13,6 +13,7 @@ mod operations;
 mod outage;
 mod realtime;
 mod realtime_rls;
+mod realtime_slow_link;
 mod red;
 mod replication;
 mod resume;
