@@ -5,6 +5,7 @@ mod support;
 mod accounts;
 mod cdc;
 mod channels;
+mod catch_up_sharing;
 mod cli;
 mod egress;
 mod guide;

@@ -16,14 +16,14 @@ use crate::realtime::{room, send, Socket};
 use crate::support::process::ServerProcess;
 use crate::support::{pg, unique};
 
-struct Project {
-    project: String,
-    read: String,
-    readwrite: String,
-    admin: String,
+pub(crate) struct Project {
+    pub(crate) project: String,
+    pub(crate) read: String,
+    pub(crate) readwrite: String,
+    pub(crate) admin: String,
 }
 
-async fn call(
+pub(crate) async fn call(
     base: &str,
     method: &str,
     path: &str,
@@ -50,7 +50,7 @@ async fn call(
     )
 }
 
-async fn project(base: &str) -> Project {
+pub(crate) async fn project(base: &str) -> Project {
     let email = format!("{}@example.com", unique("user"));
     let (status, body) = call(
         base,
@@ -80,7 +80,7 @@ async fn project(base: &str) -> Project {
     }
 }
 
-async fn sql(base: &str, key: &str, project: &str, query: &str) -> Vec<Value> {
+pub(crate) async fn sql(base: &str, key: &str, project: &str, query: &str) -> Vec<Value> {
     let (status, body) = call(
         base,
         "POST",
@@ -106,7 +106,7 @@ async fn rest_broadcast(base: &str, p: &Project, event: &str) {
     assert_eq!(status, 200, "{body}");
 }
 
-async fn connect(base: &str) -> Socket {
+pub(crate) async fn connect(base: &str) -> Socket {
     let url = format!("{}/", base.replacen("http", "ws", 1));
     tokio_tungstenite::connect_async(url)
         .await
@@ -115,7 +115,7 @@ async fn connect(base: &str) -> Socket {
 }
 
 /// The next JSON message (skipping pings), within 30 s.
-async fn next(ws: &mut Socket) -> Value {
+pub(crate) async fn next(ws: &mut Socket) -> Value {
     loop {
         let m = tokio::time::timeout(Duration::from_secs(30), ws.next())
             .await
@@ -131,7 +131,7 @@ async fn next(ws: &mut Socket) -> Value {
 }
 
 /// A socket subscribed to the project with its read key (`since`: resuming after that id).
-async fn subscribed(base: &str, p: &Project, since: Option<&str>) -> Socket {
+pub(crate) async fn subscribed(base: &str, p: &Project, since: Option<&str>) -> Socket {
     let mut ws = connect(base).await;
     let mut msg = json!({ "type": "subscribe", "roomId": room(&p.project), "token": p.read });
     if let Some(s) = since {
@@ -144,7 +144,7 @@ async fn subscribed(base: &str, p: &Project, since: Option<&str>) -> Socket {
 }
 
 /// `(record.id, event id)` of the next message, asserted to be a row change.
-async fn row(ws: &mut Socket) -> (i64, String) {
+pub(crate) async fn row(ws: &mut Socket) -> (i64, String) {
     let m = next(ws).await;
     assert_eq!(m["type"], "db_event", "{m}");
     (
