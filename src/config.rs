@@ -499,13 +499,12 @@ impl Config {
                 Ok(())
             }
         );
-        env!(
-            "FLUXBASE_REALTIME_CATCH_UP_READS",
-            |k, v: String| -> Result<()> {
-                self.realtime_catch_up_reads = parse(k, &v)?;
-                Ok(())
-            }
-        );
+        env!("FLUXBASE_REALTIME_CATCH_UP_READS", |k,
+                                                  v: String|
+         -> Result<()> {
+            self.realtime_catch_up_reads = parse(k, &v)?;
+            Ok(())
+        });
         env!(
             "FLUXBASE_REALTIME_RLS_MAX_IDENTITIES",
             |k, v: String| -> Result<()> {

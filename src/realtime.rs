@@ -202,13 +202,12 @@ pub fn upgrade(
         config.write_buffer_size = WRITE_BUFFER;
         config.max_message_size = Some(MAX_MESSAGE);
         config.max_frame_size = Some(MAX_MESSAGE);
-        let ws =
-            WebSocketStream::from_raw_socket(
+        let ws = WebSocketStream::from_raw_socket(
             crate::realtime_io::Counted::new(TokioIo::new(upgraded)),
             Role::Server,
             Some(config),
         )
-                .await;
+        .await;
         app.serve_socket(ws).await;
     });
     let mut response = warp::http::Response::new(warp::hyper::body::Bytes::new().into());
@@ -1865,7 +1864,13 @@ impl App {
 
     /// The project's room, created (with its history and its pump on the bus) on first use.
     fn room(self: &Arc<App>, project_id: &str) -> Arc<Room> {
-        if let Some(r) = self.realtime.rooms.lock().expect("poisoned").get(project_id) {
+        if let Some(r) = self
+            .realtime
+            .rooms
+            .lock()
+            .expect("poisoned")
+            .get(project_id)
+        {
             return r.clone();
         }
         // The history is opened (read back, up to its byte bound) without the lock of every
@@ -1879,7 +1884,13 @@ impl App {
             .or_default()
             .clone();
         let _opening = opening.lock().expect("poisoned");
-        if let Some(r) = self.realtime.rooms.lock().expect("poisoned").get(project_id) {
+        if let Some(r) = self
+            .realtime
+            .rooms
+            .lock()
+            .expect("poisoned")
+            .get(project_id)
+        {
             return r.clone();
         }
         let retention = self.realtime.retention();
@@ -2697,7 +2708,10 @@ mod tests {
         let c = next_broadcast_id(Some(&b), 2).unwrap();
         assert!(c > b);
         // An epoch's count running out asks for the next epoch.
-        let full = format!("{event}-{:08X}", (2u32 << 20) | crate::realtime_history::SEQ_MASK);
+        let full = format!(
+            "{event}-{:08X}",
+            (2u32 << 20) | crate::realtime_history::SEQ_MASK
+        );
         assert_eq!(next_broadcast_id(Some(&full), 2), None);
         assert!(next_broadcast_id(Some(&full), 3).unwrap() > full);
     }

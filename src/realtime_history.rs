@@ -3,6 +3,7 @@
 //! ```text
 //!  0000000000000001.seg  0000000000000002.seg  …  (append-only; the last one is written)
 //!  floor                                          (ids at or below it were trimmed)
+//!  epoch                                          (boot counter, for broadcast ids)
 //! ```
 //!
 //! * A segment is a sequence of records `[len: u32 LE][crc32: u32 LE][payload: len bytes]`; the
@@ -10,12 +11,20 @@
 //!   time it was stored. A record whose length runs past the end of its file or whose checksum
 //!   does not match (a write torn by a crash) ends the segment: the file is truncated there
 //!   when the history is opened, and what follows is ignored.
-//! * Appends are buffered and written (to the page cache) before they are indexed, so a reader
-//!   never sees an indexed record that is not in its file; [`History::sync_handle`] gives a
-//!   handle to fsync outside any lock. A segment is fsynced when the next one is started.
+//! * Appends are buffered and written (to the page cache) before a reader is told about them;
+//!   [`History::sync_job`] gives the fsyncs to run outside any lock (the segments rolled over
+//!   since the last one, the current one, the directory). A failed fsync hands its job back
+//!   ([`History::sync_failed`]): it is retried, and nothing is acknowledged until it succeeds.
+//! * A failed write (ENOSPC, EIO) is cut back (`set_len`) to the last whole record, its records
+//!   leave the index, the segment takes no more appends, and the floor moves to the newest lost
+//!   id (fsynced; until that succeeds the change stream is not acknowledged). A record over
+//!   [`MAX_RECORD`] is refused the same way (it could not be read back).
 //! * Retention (events, age, bytes) is applied by whole segments, oldest first: a segment is
-//!   about a sixteenth of the byte or event budget. Before a segment is deleted, the id of its
-//!   last record is written (fsync, rename) to `floor`.
+//!   about a sixteenth of the byte or event budget. The index drops them at once; then, outside
+//!   the lock, the id of the last dropped record is written (fsync, rename) to `floor` and only
+//!   then are the files deleted.
+//! * A damaged record in a segment that is not the newest loses what followed it: the floor
+//!   moves to the next record kept, so a resume from before the hole is refused.
 //! * A position `since` can be resumed from when nothing after it was trimmed and the history
 //!   reaches back to it: `since >= floor` when something was trimmed, `since >=` the first record
 //!   ever stored otherwise. Anything older is `RESUME_TOO_OLD`.
@@ -37,6 +46,9 @@ use crate::bus::{Event, EventKind};
 const HEADER: usize = 8;
 /// Largest record accepted when reading (a corrupt length must not allocate gigabytes).
 const MAX_RECORD: usize = 256 * 1024 * 1024;
+
+/// The floor as recorded on disk, shared with the jobs that write it outside the lock.
+type SharedFloor = Arc<std::sync::Mutex<Option<String>>>;
 
 /// CRC-32 (IEEE), table-driven.
 fn crc32(data: &[u8]) -> u32 {
@@ -297,7 +309,7 @@ pub struct History {
     #[cfg(test)]
     fail_write_after: Option<usize>,
     /// The floor as recorded on disk, shared with the jobs that write it outside the lock.
-    floor_file: Arc<std::sync::Mutex<Option<String>>>,
+    floor_file: SharedFloor,
 }
 
 /// Fsyncs taken from a history under its lock and run without it (see [`History::sync_job`]).
@@ -305,7 +317,7 @@ pub struct SyncJob {
     files: Vec<File>,
     dir: Option<PathBuf>,
     /// The floor to record first, if a gap is not yet durably recorded.
-    gap: Option<(PathBuf, Arc<std::sync::Mutex<Option<String>>>, String)>,
+    gap: Option<(PathBuf, SharedFloor, String)>,
 }
 
 impl SyncJob {
@@ -327,7 +339,7 @@ impl SyncJob {
 /// Work to finish a trim outside the lock: record the floor durably, then delete the segments.
 pub struct TrimJob {
     dir: PathBuf,
-    floor_file: Arc<std::sync::Mutex<Option<String>>>,
+    floor_file: SharedFloor,
     floor: Option<String>,
     remove: Vec<PathBuf>,
 }
@@ -380,7 +392,6 @@ fn write_floor_file(
 pub const EPOCH_BITS: u32 = 12;
 /// Broadcasts per event position and epoch.
 pub const SEQ_MASK: u32 = (1 << (32 - EPOCH_BITS)) - 1;
-
 
 fn create_dir(dir: &Path) -> std::io::Result<()> {
     std::fs::DirBuilder::new()
@@ -723,7 +734,9 @@ impl History {
             // A device that filled up part way through the write.
             Some(n) => file
                 .write_all(&self.buffer[..n.min(self.buffer.len())])
-                .and(Err(std::io::Error::other("injected: no space left on device"))),
+                .and(Err(std::io::Error::other(
+                    "injected: no space left on device",
+                ))),
             None => file.write_all(&self.buffer),
         };
         #[cfg(not(test))]
@@ -977,7 +990,11 @@ mod tests {
         assert!(h.flush().is_err());
         assert_eq!(h.len(), 3, "the unwritten records left the index");
         assert_eq!(h.last_id(), Some(id(3).as_str()));
-        assert_eq!(on_disk(&d), good, "the file was cut back to its last whole record");
+        assert_eq!(
+            on_disk(&d),
+            good,
+            "the file was cut back to its last whole record"
+        );
         assert_eq!(h.bytes(), good, "the byte count stays exact");
         // A resume from before the lost records must not pass over them.
         assert!(!h.accepts(Some(&id(3))));
@@ -1031,7 +1048,11 @@ mod tests {
         h.append(&event(&id(3), "x"), 0).unwrap();
         h.flush().unwrap();
         let job = h.sync_job().unwrap();
-        assert_eq!(job.files.len(), 2, "the rolled-over segment and the current one");
+        assert_eq!(
+            job.files.len(),
+            2,
+            "the rolled-over segment and the current one"
+        );
         assert!(job.dir.is_some(), "and the directory (new segment files)");
         let _ = std::fs::remove_dir_all(&d);
     }

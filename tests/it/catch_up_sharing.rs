@@ -45,7 +45,9 @@ async fn members_resuming_from_the_same_place_share_the_decoded_backlog() {
         &server.base,
         &p.admin,
         &p.project,
-        &format!("INSERT INTO t SELECT g, repeat(md5(g::text), 32) FROM generate_series(1, {ROWS}) g"),
+        &format!(
+            "INSERT INTO t SELECT g, repeat(md5(g::text), 32) FROM generate_series(1, {ROWS}) g"
+        ),
     )
     .await;
     let before = server.peak_rss();

@@ -3,9 +3,9 @@
 mod support;
 
 mod accounts;
+mod catch_up_sharing;
 mod cdc;
 mod channels;
-mod catch_up_sharing;
 mod cli;
 mod egress;
 mod guide;

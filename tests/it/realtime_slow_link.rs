@@ -118,7 +118,10 @@ async fn a_slow_link_reading_a_large_message_steadily_is_not_cut_off() {
             Message::Text(t) => {
                 let v: Value = serde_json::from_str(&t).unwrap();
                 if v["type"] == "db_event" {
-                    assert_eq!(v["payload"]["record"]["body"].as_str().unwrap().len(), 128000 * 32);
+                    assert_eq!(
+                        v["payload"]["record"]["body"].as_str().unwrap().len(),
+                        128000 * 32
+                    );
                     got.push(v["payload"]["record"]["id"].as_i64().unwrap());
                 }
             }

@@ -561,7 +561,10 @@ async fn sigterm_closes_every_socket_with_1001_before_the_server_exits() {
     let deadline = Instant::now() + Duration::from_secs(20);
     let (mut refused, mut closed) = (0, 0);
     loop {
-        assert!(Instant::now() < deadline, "the server never stopped accepting");
+        assert!(
+            Instant::now() < deadline,
+            "the server never stopped accepting"
+        );
         match tokio_tungstenite::connect_async(url.as_str()).await {
             Ok((mut ws, _)) => {
                 let got = tokio::time::timeout(Duration::from_secs(15), async {
