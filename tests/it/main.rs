@@ -3,6 +3,7 @@
 mod support;
 
 mod accounts;
+mod broadcast_epoch;
 mod catch_up_sharing;
 mod cdc;
 mod channels;

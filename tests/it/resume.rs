@@ -94,7 +94,7 @@ pub(crate) async fn sql(base: &str, key: &str, project: &str, query: &str) -> Ve
     body["result"]["rows"].as_array().unwrap().clone()
 }
 
-async fn rest_broadcast(base: &str, p: &Project, event: &str) {
+pub(crate) async fn rest_broadcast(base: &str, p: &Project, event: &str) {
     let (status, body) = call(
         base,
         "POST",
