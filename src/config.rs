@@ -748,6 +748,18 @@ mod tests {
     }
 
     #[test]
+    fn realtime_catch_up_reads_come_from_the_environment() {
+        let mut c = Config::default();
+        assert_eq!(c.realtime_catch_up_reads, 4);
+        c.apply_env(|k| (k == "FLUXBASE_REALTIME_CATCH_UP_READS").then(|| "16".into()))
+            .unwrap();
+        assert_eq!(c.realtime_catch_up_reads, 16);
+        assert!(Config::default()
+            .apply_env(|k| (k == "FLUXBASE_REALTIME_CATCH_UP_READS").then(|| "many".into()))
+            .is_err());
+    }
+
+    #[test]
     fn realtime_queue_bytes_and_stall_come_from_the_environment() {
         let mut c = Config::default();
         assert_eq!(

@@ -25,9 +25,21 @@ async fn watcher(server: &ServerProcess, p: &Project) -> crate::realtime::Socket
 async fn a_broadcast_id_lost_with_the_history_tail_is_never_reissued() {
     let mut server = ServerProcess::start(&[]).await;
     let p = project(&server.base).await;
-    sql(&server.base, &p.admin, &p.project, "CREATE TABLE t (id int)").await;
+    sql(
+        &server.base,
+        &p.admin,
+        &p.project,
+        "CREATE TABLE t (id int)",
+    )
+    .await;
     let mut ws = watcher(&server, &p).await;
-    sql(&server.base, &p.admin, &p.project, "INSERT INTO t VALUES (0)").await;
+    sql(
+        &server.base,
+        &p.admin,
+        &p.project,
+        "INSERT INTO t VALUES (0)",
+    )
+    .await;
     row(&mut ws).await;
     rest_broadcast(&server.base, &p, "first").await;
     let b1 = broadcast_id(&mut ws).await;
