@@ -14,7 +14,8 @@
 //! * Appends are buffered and written (to the page cache) before a reader is told about them;
 //!   [`History::sync_job`] gives the fsyncs to run outside any lock (the segments rolled over
 //!   since the last one, the current one, the directory). A failed fsync hands its job back
-//!   ([`History::sync_failed`]): it is retried, and nothing is acknowledged until it succeeds.
+//!   ([`History::sync_failed`]): it is retried, nothing is acknowledged until it succeeds, and
+//!   the floor moves to the newest id it covered (its pages may be lost even if a retry passes).
 //! * A failed write (ENOSPC, EIO) is cut back (`set_len`) to the last whole record, its records
 //!   leave the index, the segment takes no more appends, and the floor moves to the newest lost
 //!   id (fsynced; until that succeeds the change stream is not acknowledged). A record over
@@ -318,6 +319,8 @@ pub struct SyncJob {
     dir: Option<PathBuf>,
     /// The floor to record first, if a gap is not yet durably recorded.
     gap: Option<(PathBuf, SharedFloor, String)>,
+    /// The newest id written when it was taken.
+    last: Option<String>,
 }
 
 impl SyncJob {
@@ -816,11 +819,22 @@ impl History {
         if files.is_empty() && dir.is_none() && gap.is_none() {
             return None;
         }
-        Some(SyncJob { files, dir, gap })
+        Some(SyncJob {
+            files,
+            dir,
+            gap,
+            last: self.last_id().map(str::to_string),
+        })
     }
 
-    /// A sync job failed: what it was to make durable is still to be made durable.
+    /// A sync job failed: what it was to make durable is still to be made durable (the next
+    /// job retries it). As a failed fsync may have dropped the written pages (a retry can then
+    /// succeed without them reaching the disk), the floor also moves to the newest id the job
+    /// covered: a resume from before it is refused rather than possibly passing over a hole.
     pub fn sync_failed(&mut self, job: SyncJob) {
+        if let Some(last) = &job.last {
+            self.mark_gap(last);
+        }
         self.unsynced.extend(job.files);
         self.dir_unsynced |= job.dir.is_some();
         self.gap_unrecorded |= job.gap.is_some();
@@ -1029,8 +1043,12 @@ mod tests {
         h.flush().unwrap();
         let job = h.sync_job().expect("something to sync");
         assert!(!job.files.is_empty());
-        // The fsync failed: nothing may count as durable, the next job syncs it again.
+        // The fsync failed: nothing may count as durable, the next job syncs it again, and a
+        // resume from before what it covered is refused.
+        assert!(h.accepts(None));
         h.sync_failed(job);
+        assert!(!h.accepts(None));
+        assert!(h.accepts(Some(&id(1))));
         let again = h.sync_job().expect("the failed fsync is retried");
         assert!(!again.files.is_empty());
         again.run().unwrap();
