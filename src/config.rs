@@ -104,6 +104,9 @@ pub struct Config {
     /// Seconds a WebSocket may make no progress sending what is queued for it (the client stopped
     /// reading) before it is closed with 1008.
     pub realtime_client_stall_secs: u64,
+    /// Catch-up reads (a chunk of a room's history read from disk and decoded) one room runs at
+    /// once; the members catching up at the same place share each decoded chunk.
+    pub realtime_catch_up_reads: usize,
     /// Distinct identities (role and `auth.uid()`) whose row-level security one project's room
     /// evaluates; a subscribe with a new identity past it is refused with `LIMIT_EXCEEDED`.
     pub realtime_rls_max_identities: usize,
@@ -202,6 +205,7 @@ impl Default for Config {
             realtime_unsubscribed_timeout_secs: 30,
             realtime_send_queue_bytes: 1024 * 1024,
             realtime_client_stall_secs: 30,
+            realtime_catch_up_reads: 4,
             realtime_rls_max_identities: 5_000,
             realtime_rls_batch_rows: 1_000,
             realtime_rls_timeout_ms: 2_000,
@@ -495,6 +499,12 @@ impl Config {
                 Ok(())
             }
         );
+        env!("FLUXBASE_REALTIME_CATCH_UP_READS", |k,
+                                                  v: String|
+         -> Result<()> {
+            self.realtime_catch_up_reads = parse(k, &v)?;
+            Ok(())
+        });
         env!(
             "FLUXBASE_REALTIME_RLS_MAX_IDENTITIES",
             |k, v: String| -> Result<()> {
@@ -734,6 +744,18 @@ mod tests {
         );
         assert!(Config::default()
             .apply_env(|k| (k == "FLUXBASE_METRICS_ADDR").then(|| "nowhere".into()))
+            .is_err());
+    }
+
+    #[test]
+    fn realtime_catch_up_reads_come_from_the_environment() {
+        let mut c = Config::default();
+        assert_eq!(c.realtime_catch_up_reads, 4);
+        c.apply_env(|k| (k == "FLUXBASE_REALTIME_CATCH_UP_READS").then(|| "16".into()))
+            .unwrap();
+        assert_eq!(c.realtime_catch_up_reads, 16);
+        assert!(Config::default()
+            .apply_env(|k| (k == "FLUXBASE_REALTIME_CATCH_UP_READS").then(|| "many".into()))
             .is_err());
     }
 

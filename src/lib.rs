@@ -23,6 +23,7 @@ pub mod projects;
 pub mod ratelimit;
 pub mod realtime;
 pub mod realtime_history;
+pub mod realtime_io;
 pub mod rls;
 pub mod secrets;
 pub mod sql;

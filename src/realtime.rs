@@ -109,7 +109,8 @@ pub const READ_BUFFER: usize = 4 * 1024;
 const WRITE_BUFFER: usize = 16 * 1024;
 
 /// An upgraded WebSocket connection.
-pub type WebSocket = WebSocketStream<TokioIo<hyper::upgrade::Upgraded>>;
+pub type WebSocket =
+    WebSocketStream<crate::realtime_io::Counted<TokioIo<hyper::upgrade::Upgraded>>>;
 
 /// Refuses a message over a rate limit with `RATE_LIMIT`, or cuts the socket off after
 /// [`RATE_STRIKES`] refusals; true while the socket may go on.
@@ -164,6 +165,17 @@ pub fn upgrade(
     let (true, Some(on_upgrade)) = (is_upgrade, on_upgrade) else {
         return Err(warp::reject::not_found());
     };
+    if app.realtime.shutting_down.load(Ordering::SeqCst) {
+        // Every socket was (or is being) closed with 1001: no new ones during the grace.
+        let body = json!({"success": false, "error": {"code": "SERVER_SHUTTING_DOWN",
+            "message": "The server is shutting down. Reconnect in a moment (and resume with since).",
+            "details": null}});
+        let mut response = crate::http::json_response(StatusCode::SERVICE_UNAVAILABLE, &body);
+        response
+            .headers_mut()
+            .insert("retry-after", "1".parse().expect("ascii"));
+        return Ok(response);
+    }
     let key = headers.get("sec-websocket-key").map(|k| k.as_bytes());
     let version = headers.get("sec-websocket-version").map(|v| v.as_bytes());
     let Some(key) = key.filter(|_| version == Some(b"13")) else {
@@ -190,9 +202,12 @@ pub fn upgrade(
         config.write_buffer_size = WRITE_BUFFER;
         config.max_message_size = Some(MAX_MESSAGE);
         config.max_frame_size = Some(MAX_MESSAGE);
-        let ws =
-            WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, Some(config))
-                .await;
+        let ws = WebSocketStream::from_raw_socket(
+            crate::realtime_io::Counted::new(TokioIo::new(upgraded)),
+            Role::Server,
+            Some(config),
+        )
+        .await;
         app.serve_socket(ws).await;
     });
     let mut response = warp::http::Response::new(warp::hyper::body::Bytes::new().into());
@@ -651,6 +666,46 @@ pub struct Room {
     /// second, so that a flood of them never overflows every member's queue at once.
     budget: Mutex<(Bucket, Bucket)>,
     pump: Mutex<Option<tokio::task::JoinHandle<()>>>,
+    /// Decoded history chunks shared by the members catching up (see [`ChunkCache`]).
+    chunks: Mutex<ChunkCache>,
+    /// Bounds the catch-up reads running at once (`realtime_catch_up_reads`).
+    reads: Arc<tokio::sync::Semaphore>,
+    /// Members moved to catching up because their queue was full (not resumes).
+    fell_behind: AtomicU64,
+    /// Chunks read from disk by catch-ups (the rest came from the cache).
+    chunk_reads: AtomicU64,
+}
+
+/// One chunk of the history, decoded once and shared by every member reading it: its events
+/// and their `db_event`/`broadcast` frames (built on first use).
+struct Chunk {
+    events: Vec<(String, Arc<Event>, std::sync::OnceLock<Message>)>,
+}
+
+/// Chunks in use (weakly held: a chunk lives while a member reads it) and the few most recent
+/// (strongly held, so members a little behind each other still share).
+#[derive(Default)]
+struct ChunkCache {
+    live: HashMap<(String, String, usize), std::sync::Weak<Chunk>>,
+    recent: std::collections::VecDeque<Arc<Chunk>>,
+}
+
+/// Chunks a room keeps decoded after their last reader moved on.
+const RECENT_CHUNKS: usize = 4;
+
+impl ChunkCache {
+    fn get(&self, key: &(String, String, usize)) -> Option<Arc<Chunk>> {
+        self.live.get(key).and_then(|w| w.upgrade())
+    }
+
+    fn put(&mut self, key: (String, String, usize), chunk: &Arc<Chunk>) {
+        self.live.retain(|_, w| w.strong_count() > 0);
+        self.live.insert(key, Arc::downgrade(chunk));
+        self.recent.push_back(chunk.clone());
+        while self.recent.len() > RECENT_CHUNKS {
+            self.recent.pop_front();
+        }
+    }
 }
 
 /// All rooms of this server.
@@ -669,6 +724,11 @@ pub struct Realtime {
     revoked_everywhere: AtomicU64,
     /// Every open socket's cut-off, to close them all with 1001 on shutdown.
     open: Mutex<HashMap<u64, Arc<CutOff>>>,
+    /// Rooms being created (their history opened outside `rooms`' lock), one at a time each.
+    opening: Mutex<HashMap<String, Arc<Mutex<()>>>>,
+    /// Set (before the 1001s go out) by a graceful shutdown: new sockets are refused, and one
+    /// that was accepted just before is closed with 1001 at once.
+    shutting_down: std::sync::atomic::AtomicBool,
     cut_offs: CutOffCounts,
     /// Row-level security of row events, per subscriber identity.
     pub visibility: crate::visibility::Visibility,
@@ -752,10 +812,18 @@ impl Realtime {
                     task.abort();
                 }
                 *room.history.lock().expect("poisoned") = None;
-                if let Err(e) = std::fs::remove_dir_all(&room.dir) {
-                    if e.kind() != std::io::ErrorKind::NotFound {
-                        tracing::warn!(error = %e, dir = %room.dir.display(), "removing a deleted project's realtime history");
+                let dir = room.dir.clone();
+                let remove = move || {
+                    if let Err(e) = std::fs::remove_dir_all(&dir) {
+                        if e.kind() != std::io::ErrorKind::NotFound {
+                            tracing::warn!(error = %e, dir = %dir.display(), "removing a deleted project's realtime history");
+                        }
                     }
+                };
+                // Not on an async worker thread when there is a runtime.
+                match tokio::runtime::Handle::try_current() {
+                    Ok(rt) => drop(rt.spawn_blocking(remove)),
+                    Err(_) => remove(),
                 }
             }
             let members = std::mem::take(&mut room.state.lock().expect("poisoned").members);
@@ -772,6 +840,7 @@ impl Realtime {
     /// Closes every socket with 1001 ("server shutting down") and waits, at most
     /// [`SHUTDOWN_GRACE`], for them to finish closing.
     pub async fn close_all_sockets(&self) {
+        self.shutting_down.store(true, Ordering::SeqCst);
         let open: Vec<Arc<CutOff>> = self
             .open
             .lock()
@@ -802,7 +871,10 @@ impl Realtime {
         let mut bytes = String::new();
         let mut events = String::new();
         let mut catching_up = 0usize;
+        let (mut fell_behind, mut chunk_reads) = (0, 0);
         for (project, room) in &rooms {
+            fell_behind += room.fell_behind.load(Ordering::Relaxed);
+            chunk_reads += room.chunk_reads.load(Ordering::Relaxed);
             catching_up += room
                 .state
                 .lock()
@@ -831,6 +903,14 @@ impl Realtime {
         let _ = writeln!(
             out,
             "# HELP fluxbase_realtime_catching_up Subscriptions reading their backlog from the history at their own pace.\n# TYPE fluxbase_realtime_catching_up gauge\nfluxbase_realtime_catching_up {catching_up}"
+        );
+        let _ = writeln!(
+            out,
+            "# HELP fluxbase_realtime_fell_behind_total Subscriptions moved from live to catching up because their send queue was full.\n# TYPE fluxbase_realtime_fell_behind_total counter\nfluxbase_realtime_fell_behind_total {fell_behind}"
+        );
+        let _ = writeln!(
+            out,
+            "# HELP fluxbase_realtime_catch_up_reads_total History chunks read from disk and decoded for catching-up subscriptions (members at the same place share one).\n# TYPE fluxbase_realtime_catch_up_reads_total counter\nfluxbase_realtime_catch_up_reads_total {chunk_reads}"
         );
         out.push_str("# HELP fluxbase_realtime_cutoffs_total Sockets closed with 1008, by reason (queue_bytes, stalled, window, rate_limit).\n# TYPE fluxbase_realtime_cutoffs_total counter\n");
         let counts = self.cut_offs.lock().expect("poisoned").clone();
@@ -953,6 +1033,7 @@ async fn write_socket(
     queued: Arc<AtomicUsize>,
     drained: Arc<Notify>,
     stall: Duration,
+    written: Arc<AtomicU64>,
 ) {
     let cut = &cut_off_by.notify;
     let mut ping = tokio::time::interval(PING_EVERY);
@@ -968,20 +1049,21 @@ async fn write_socket(
         };
         // What is already queued goes out in the same write: one flush per batch, not per
         // message (measured: ~2.5x the delivered messages/s at 1,000 subscribers). Each step
-        // (a message handed to the connection, the flush) must make progress within `stall`.
+        // (a message handed to the connection, the flush) must make progress within `stall`:
+        // some bytes written to the connection, however long the whole step takes.
         let mut sent_bytes = if counted { msg.len() } else { 0 };
         let batch = async {
-            progress(stall, sink.feed(msg)).await?;
+            progress(stall, &written, sink.feed(msg)).await?;
             for _ in 1..64 {
                 match rx.try_recv() {
                     Ok(m) => {
                         sent_bytes += m.len();
-                        progress(stall, sink.feed(m)).await?
+                        progress(stall, &written, sink.feed(m)).await?
                     }
                     Err(_) => break,
                 }
             }
-            progress(stall, sink.flush()).await
+            progress(stall, &written, sink.flush()).await
         };
         tokio::select! {
             sent = batch => match sent {
@@ -1017,12 +1099,13 @@ enum Stop {
     Stalled,
 }
 
-/// A write step that must complete within `stall`.
+/// A write step that must make progress (bytes written to the connection) every `stall`.
 async fn progress(
     stall: Duration,
+    written: &AtomicU64,
     step: impl std::future::Future<Output = Result<(), WsError>>,
 ) -> Result<(), Stop> {
-    match tokio::time::timeout(stall, step).await {
+    match crate::realtime_io::with_progress(stall, written, step).await {
         Ok(Ok(())) => Ok(()),
         Ok(Err(_)) => Err(Stop::Failed),
         Err(_) => Err(Stop::Stalled),
@@ -1156,7 +1239,8 @@ impl Room {
             delivered.fetch_add(n as u64, Ordering::Relaxed);
         }
         if let Some(h) = history.as_mut() {
-            if let Err(e) = h.flush().and_then(|_| h.trim(now_ms)) {
+            // Trimmed from the index now; the files go outside the locks (the pump).
+            if let Err(e) = h.flush().and_then(|_| h.trim_later(now_ms)) {
                 tracing::error!(room = self.room_id, error = %e, "writing the realtime history");
             }
         }
@@ -1205,6 +1289,7 @@ impl Room {
             }
         }
         for id in full {
+            self.fell_behind.fetch_add(1, Ordering::Relaxed);
             self.start_catch_up(state, id, before.clone());
         }
         n
@@ -1270,24 +1355,52 @@ impl Room {
                     }
                     return;
                 }
-                h.after(pos.as_deref(), CATCH_UP_CHUNK, CATCH_UP_CHUNK_BYTES)
+                h.after_aligned(pos.as_deref(), CATCH_UP_CHUNK, CATCH_UP_CHUNK_BYTES)
             };
-            let Ok(events) =
-                tokio::task::spawn_blocking(move || crate::realtime_history::read_all(chunk)).await
-            else {
-                return;
+            // Decoded once for every member reading the same chunk; at most
+            // `realtime_catch_up_reads` reads of the room at once.
+            let key = (
+                chunk[0].id.clone(),
+                chunk[chunk.len() - 1].id.clone(),
+                chunk.len(),
+            );
+            let cached = self.chunks.lock().expect("poisoned").get(&key);
+            let shared = match cached {
+                Some(c) => c,
+                None => {
+                    let Ok(_permit) = self.reads.clone().acquire_owned().await else {
+                        return;
+                    };
+                    let again = self.chunks.lock().expect("poisoned").get(&key);
+                    match again {
+                        Some(c) => c,
+                        None => {
+                            let Ok(events) = tokio::task::spawn_blocking(move || {
+                                crate::realtime_history::read_all(chunk)
+                            })
+                            .await
+                            else {
+                                return;
+                            };
+                            let mut read = Vec::with_capacity(events.len());
+                            for (id, event) in events {
+                                let Ok(event) = event else {
+                                    // Its segment was trimmed meanwhile.
+                                    behind(&socket);
+                                    return;
+                                };
+                                read.push((id, Arc::new(event), std::sync::OnceLock::new()));
+                            }
+                            self.chunk_reads.fetch_add(1, Ordering::Relaxed);
+                            let c = Arc::new(Chunk { events: read });
+                            self.chunks.lock().expect("poisoned").put(key, &c);
+                            c
+                        }
+                    }
+                }
             };
-            let mut read = Vec::with_capacity(events.len());
-            for (id, event) in events {
-                let Ok(event) = event else {
-                    // Its segment was trimmed meanwhile.
-                    behind(&socket);
-                    return;
-                };
-                read.push((id, Arc::new(event)));
-            }
             // What this identity may see of the chunk, decided outside the locks.
-            let chunk: Vec<Arc<Event>> = read.iter().map(|(_, e)| e.clone()).collect();
+            let chunk: Vec<Arc<Event>> = shared.events.iter().map(|(_, e, _)| e.clone()).collect();
             let verdicts = match self.app.upgrade() {
                 Some(app) => {
                     app.realtime
@@ -1302,16 +1415,21 @@ impl Room {
                 }
                 None => return,
             };
-            for (i, (id, event)) in read.into_iter().enumerate() {
+            drop(chunk);
+            for (i, (id, event, framed)) in shared.events.iter().enumerate() {
                 let record = || parse_row(&event.record);
                 let old_record = || parse_row(&event.old);
                 let message = match interest.decide(
-                    &event,
+                    event,
                     verdicts.get(&interest.identity, i),
                     &record,
                     &old_record,
                 ) {
-                    Decision::Send => Some(frame(kind_of(&event), &self.room_id, &event)),
+                    Decision::Send => Some(
+                        framed
+                            .get_or_init(|| frame(kind_of(event), &self.room_id, event))
+                            .clone(),
+                    ),
                     Decision::SendInstead(payload) => Some(instead_frame(&self.room_id, payload)),
                     Decision::Skip => None,
                 };
@@ -1325,7 +1443,7 @@ impl Room {
                         return;
                     }
                 }
-                pos = Some(id);
+                pos = Some(id.clone());
             }
         }
     }
@@ -1342,9 +1460,16 @@ fn still_current(room: &Room, socket: &SocketShared, epoch: u64) -> bool {
 }
 
 /// The id of a broadcast from a client or the REST API: `<last event id>-<seq, 8 hex>`, after
-/// the room's last id and before the next event's.
-fn next_broadcast_id(last: Option<&str>) -> String {
+/// the room's last id and before the next event's. The seq's high
+/// [`crate::realtime_history::EPOCH_BITS`] bits are the history's boot epoch (durable, one more
+/// each start), the rest count: after a power loss that took broadcasts off the history's
+/// tail, the next one still gets an id never issued before. `None`: this epoch's count at
+/// this position ran out (move to the next epoch and ask again).
+fn next_broadcast_id(last: Option<&str>, epoch: u32) -> Option<String> {
+    use crate::realtime_history::{EPOCH_BITS, SEQ_MASK};
     const ZERO: &str = "0000000000000000-00000000";
+    let epoch = epoch & ((1 << EPOCH_BITS) - 1);
+    let first = (epoch << (32 - EPOCH_BITS)) | 1;
     let last = last.unwrap_or(ZERO);
     let mut parts = last.splitn(3, '-');
     let (lsn, index, seq) = (parts.next(), parts.next(), parts.next());
@@ -1354,9 +1479,18 @@ fn next_broadcast_id(last: Option<&str>) -> String {
         seq.and_then(|s| u32::from_str_radix(s, 16).ok()),
     ) {
         (Some(lsn), Some(index), Some(seq)) => {
-            format!("{lsn}-{index}-{:08X}", seq.saturating_add(1))
+            let seq_epoch = seq >> (32 - EPOCH_BITS);
+            let next = if seq_epoch < epoch {
+                first
+            } else if seq_epoch == epoch && seq & SEQ_MASK == SEQ_MASK || seq == u32::MAX {
+                return None;
+            } else {
+                // This epoch (or, once the epoch counter wrapped, a later-sorting one).
+                seq + 1
+            };
+            Some(format!("{lsn}-{index}-{next:08X}"))
         }
-        _ => format!("{last}-00000001"),
+        _ => Some(format!("{last}-{first:08X}")),
     }
 }
 
@@ -1666,8 +1800,25 @@ impl App {
         // Into the room's history in order, with an id after the room's last one.
         let body = json!({ "event": event, "payload": payload }).to_string();
         let mut state = room.state.lock().expect("poisoned");
+        let mut history = room.history.lock().expect("poisoned");
+        let last = state.last_id.as_deref();
+        let id = match history.as_mut() {
+            None => next_broadcast_id(last, 0),
+            Some(h) => next_broadcast_id(last, h.epoch()).or_else(|| {
+                let epoch = h
+                    .next_epoch()
+                    .map_err(|e| tracing::error!(room = room.room_id, error = %e, "recording a new broadcast epoch"))
+                    .ok()?;
+                next_broadcast_id(last, epoch)
+            }),
+        };
+        let Some(id) = id else {
+            drop(history);
+            drop(state);
+            return Err(BUSY.into());
+        };
         let event = Event {
-            id: next_broadcast_id(state.last_id.as_deref()),
+            id,
             kind: EventKind::Broadcast {
                 event: event.to_string(),
             },
@@ -1685,7 +1836,6 @@ impl App {
             payload: Arc::from(body),
         };
         {
-            let mut history = room.history.lock().expect("poisoned");
             if let Some(h) = history.as_mut() {
                 // Written now; made durable by the pump's next tick.
                 let now_ms = chrono::Utc::now().timestamp_millis();
@@ -1694,6 +1844,7 @@ impl App {
                     h.mark_gap(&event.id);
                 }
             }
+            drop(history);
         }
         let msg = frame("broadcast", &room.room_id, &event);
         // Broadcasts are not row-filtered: every member may see them.
@@ -1713,8 +1864,33 @@ impl App {
 
     /// The project's room, created (with its history and its pump on the bus) on first use.
     fn room(self: &Arc<App>, project_id: &str) -> Arc<Room> {
-        let mut rooms = self.realtime.rooms.lock().expect("poisoned");
-        if let Some(r) = rooms.get(project_id) {
+        if let Some(r) = self
+            .realtime
+            .rooms
+            .lock()
+            .expect("poisoned")
+            .get(project_id)
+        {
+            return r.clone();
+        }
+        // The history is opened (read back, up to its byte bound) without the lock of every
+        // room; one opening per project at a time.
+        let opening = self
+            .realtime
+            .opening
+            .lock()
+            .expect("poisoned")
+            .entry(project_id.to_string())
+            .or_default()
+            .clone();
+        let _opening = opening.lock().expect("poisoned");
+        if let Some(r) = self
+            .realtime
+            .rooms
+            .lock()
+            .expect("poisoned")
+            .get(project_id)
+        {
             return r.clone();
         }
         let retention = self.realtime.retention();
@@ -1752,6 +1928,12 @@ impl App {
                 Bucket::new(self.config.realtime_project_broadcast_bytes_per_sec as f64),
             )),
             pump: Mutex::new(None),
+            chunks: Mutex::new(ChunkCache::default()),
+            reads: Arc::new(tokio::sync::Semaphore::new(
+                self.config.realtime_catch_up_reads.max(1),
+            )),
+            fell_behind: AtomicU64::new(0),
+            chunk_reads: AtomicU64::new(0),
         });
         let mut sub = self.bus.project(project_id).subscribe_durable();
         let weak_room = Arc::downgrade(&room);
@@ -1759,6 +1941,8 @@ impl App {
         let project = project_id.to_string();
         let task = tokio::spawn(async move {
             let mut tick = tokio::time::interval(PUMP_TICK);
+            // Stored but not acknowledged yet (an fsync or a gap's record failed).
+            let mut pending_ack: Option<Lsn> = None;
             loop {
                 let mut batch = Vec::new();
                 tokio::select! {
@@ -1849,30 +2033,66 @@ impl App {
                     app.realtime.visibility.invalidate(&project);
                 }
                 // fsync per batch (a group of transactions), outside the locks; only then is
-                // the slot allowed past it.
-                let file = room
+                // the slot allowed past it. A failed fsync is retried (on the next tick at the
+                // latest) and nothing is acknowledged until one succeeds; a failed write is
+                // never acknowledged past until its gap is durably recorded in the floor.
+                pending_ack = pending_ack.max(ack);
+                let (job, trims) = match room.history.lock().expect("poisoned").as_mut() {
+                    Some(h) => (h.sync_job(), h.take_trims()),
+                    None => (None, Vec::new()),
+                };
+                let mut durable = true;
+                if let Some(job) = job {
+                    match tokio::task::spawn_blocking(move || {
+                        let r = job.run();
+                        (job, r)
+                    })
+                    .await
+                    {
+                        Ok((_, Ok(()))) => {}
+                        Ok((job, Err(e))) => {
+                            tracing::error!(room = room.room_id, error = %e, "fsync of the realtime history (retried)");
+                            if let Some(h) = room.history.lock().expect("poisoned").as_mut() {
+                                h.sync_failed(job);
+                            }
+                            durable = false;
+                        }
+                        Err(_) => durable = false,
+                    }
+                }
+                if !trims.is_empty() {
+                    let done = tokio::task::spawn_blocking(move || {
+                        trims.into_iter().try_for_each(|t| t.run())
+                    })
+                    .await;
+                    if let Ok(Err(e)) = done {
+                        tracing::error!(room = room.room_id, error = %e, "trimming the realtime history");
+                    }
+                }
+                let unrecorded = room
                     .history
                     .lock()
                     .expect("poisoned")
-                    .as_mut()
-                    .and_then(|h| h.sync_handle());
-                if let Some(file) = file {
-                    match tokio::task::spawn_blocking(move || file.sync_data()).await {
-                        Ok(Ok(())) => {}
-                        Ok(Err(e)) => {
-                            tracing::error!(room = room.room_id, error = %e, "fsync of the realtime history");
-                            continue;
-                        }
-                        Err(_) => continue,
+                    .as_ref()
+                    .is_some_and(|h| h.gap_unrecorded());
+                if durable && !unrecorded {
+                    if let Some(end) = pending_ack.take() {
+                        sub.ack(end);
                     }
-                }
-                if let Some(end) = ack {
-                    sub.ack(end);
                 }
             }
         });
         *room.pump.lock().expect("poisoned") = Some(task);
-        rooms.insert(project_id.to_string(), room.clone());
+        self.realtime
+            .rooms
+            .lock()
+            .expect("poisoned")
+            .insert(project_id.to_string(), room.clone());
+        self.realtime
+            .opening
+            .lock()
+            .expect("poisoned")
+            .remove(project_id);
         room
     }
 
@@ -1880,6 +2100,7 @@ impl App {
     pub async fn serve_socket(self: Arc<App>, ws: WebSocket) {
         let id = self.realtime.next_socket.fetch_add(1, Ordering::Relaxed);
         self.realtime.sockets.fetch_add(1, Ordering::Relaxed);
+        let written = ws.get_ref().written();
         let (sink, mut stream) = ws.split();
         let (tx, rx) = mpsc::unbounded_channel::<Message>();
         let shared = Arc::new(SocketShared {
@@ -1895,6 +2116,10 @@ impl App {
             .lock()
             .expect("poisoned")
             .insert(id, shared.close.clone());
+        if self.realtime.shutting_down.load(Ordering::SeqCst) {
+            // Upgraded just as the shutdown began (after its check, before the 1001s went out).
+            shared.close.away("server shutting down");
+        }
         let mut writer = tokio::spawn(write_socket(
             sink,
             rx,
@@ -1902,6 +2127,7 @@ impl App {
             shared.queued.clone(),
             shared.drained.clone(),
             Duration::from_secs(self.config.realtime_client_stall_secs.max(1)),
+            written,
         ));
         let mut writer_done = false;
         let mut limits = SocketLimits::new(&self.config);
@@ -2446,18 +2672,48 @@ mod tests {
 
     #[test]
     fn broadcast_ids_sort_after_the_last_id_and_before_the_next_event() {
-        let first = next_broadcast_id(None);
+        let first = next_broadcast_id(None, 0).unwrap();
         assert_eq!(first, "0000000000000000-00000000-00000001");
         let event = "00000000025FB560-00000003";
-        let b1 = next_broadcast_id(Some(event));
+        let b1 = next_broadcast_id(Some(event), 0).unwrap();
         assert_eq!(b1, "00000000025FB560-00000003-00000001");
-        let b2 = next_broadcast_id(Some(&b1));
+        let b2 = next_broadcast_id(Some(&b1), 0).unwrap();
         assert_eq!(b2, "00000000025FB560-00000003-00000002");
         let next_event = "00000000025FB560-00000004";
         assert!(event < b1.as_str() && b1 < b2 && b2.as_str() < next_event);
         assert!(b2.as_str() < "00000000025FB561-00000000");
         assert_eq!(commit_lsn_of(&b2), Some(Lsn(0x25F_B560)));
         assert_eq!(commit_lsn_of("00000000025FB560-00000003-0001"), None);
+    }
+
+    #[test]
+    fn a_broadcast_id_is_never_reissued_after_a_restart_that_lost_the_tail() {
+        let event = "00000000025FB560-00000003";
+        // Boot 1 issued three broadcasts after `event`; a power loss took them off the
+        // history, so boot 2 starts again from `event` (its epoch is one more).
+        let mut issued = Vec::new();
+        let mut last = event.to_string();
+        for _ in 0..3 {
+            last = next_broadcast_id(Some(&last), 1).unwrap();
+            issued.push(last.clone());
+        }
+        let after_restart = next_broadcast_id(Some(event), 2).unwrap();
+        assert!(!issued.contains(&after_restart), "{after_restart} reissued");
+        assert!(issued.iter().all(|i| i.as_str() < after_restart.as_str()));
+        assert!(after_restart.as_str() < "00000000025FB560-00000004");
+        assert_eq!(commit_lsn_of(&after_restart), Some(Lsn(0x25F_B560)));
+        // A later boot continues after an earlier boot's broadcast at the same position.
+        let b = next_broadcast_id(Some(&issued[2]), 2).unwrap();
+        assert_eq!(b, after_restart);
+        let c = next_broadcast_id(Some(&b), 2).unwrap();
+        assert!(c > b);
+        // An epoch's count running out asks for the next epoch.
+        let full = format!(
+            "{event}-{:08X}",
+            (2u32 << 20) | crate::realtime_history::SEQ_MASK
+        );
+        assert_eq!(next_broadcast_id(Some(&full), 2), None);
+        assert!(next_broadcast_id(Some(&full), 3).unwrap() > full);
     }
 
     #[test]

@@ -3,6 +3,7 @@
 //! ```text
 //!  0000000000000001.seg  0000000000000002.seg  …  (append-only; the last one is written)
 //!  floor                                          (ids at or below it were trimmed)
+//!  epoch                                          (boot counter, for broadcast ids)
 //! ```
 //!
 //! * A segment is a sequence of records `[len: u32 LE][crc32: u32 LE][payload: len bytes]`; the
@@ -10,12 +11,21 @@
 //!   time it was stored. A record whose length runs past the end of its file or whose checksum
 //!   does not match (a write torn by a crash) ends the segment: the file is truncated there
 //!   when the history is opened, and what follows is ignored.
-//! * Appends are buffered and written (to the page cache) before they are indexed, so a reader
-//!   never sees an indexed record that is not in its file; [`History::sync_handle`] gives a
-//!   handle to fsync outside any lock. A segment is fsynced when the next one is started.
+//! * Appends are buffered and written (to the page cache) before a reader is told about them;
+//!   [`History::sync_job`] gives the fsyncs to run outside any lock (the segments rolled over
+//!   since the last one, the current one, the directory). A failed fsync hands its job back
+//!   ([`History::sync_failed`]): it is retried, nothing is acknowledged until it succeeds, and
+//!   the floor moves to the newest id it covered (its pages may be lost even if a retry passes).
+//! * A failed write (ENOSPC, EIO) is cut back (`set_len`) to the last whole record, its records
+//!   leave the index, the segment takes no more appends, and the floor moves to the newest lost
+//!   id (fsynced; until that succeeds the change stream is not acknowledged). A record over
+//!   [`MAX_RECORD`] is refused the same way (it could not be read back).
 //! * Retention (events, age, bytes) is applied by whole segments, oldest first: a segment is
-//!   about a sixteenth of the byte or event budget. Before a segment is deleted, the id of its
-//!   last record is written (fsync, rename) to `floor`.
+//!   about a sixteenth of the byte or event budget. The index drops them at once; then, outside
+//!   the lock, the id of the last dropped record is written (fsync, rename) to `floor` and only
+//!   then are the files deleted.
+//! * A damaged record in a segment that is not the newest loses what followed it: the floor
+//!   moves to the next record kept, so a resume from before the hole is refused.
 //! * A position `since` can be resumed from when nothing after it was trimmed and the history
 //!   reaches back to it: `since >= floor` when something was trimmed, `since >=` the first record
 //!   ever stored otherwise. Anything older is `RESUME_TOO_OLD`.
@@ -37,6 +47,9 @@ use crate::bus::{Event, EventKind};
 const HEADER: usize = 8;
 /// Largest record accepted when reading (a corrupt length must not allocate gigabytes).
 const MAX_RECORD: usize = 256 * 1024 * 1024;
+
+/// The floor as recorded on disk, shared with the jobs that write it outside the lock.
+type SharedFloor = Arc<std::sync::Mutex<Option<String>>>;
 
 /// CRC-32 (IEEE), table-driven.
 fn crc32(data: &[u8]) -> u32 {
@@ -209,7 +222,11 @@ impl Pending {
         if len != self.len || crc32(&buf[HEADER..]) != crc {
             return Err(bad());
         }
-        decode(&buf[HEADER..]).ok_or_else(bad)
+        // Another record at the same place (its segment was trimmed and the number reused by
+        // a later process) is not the one that was asked for.
+        decode(&buf[HEADER..])
+            .filter(|e| e.id == self.id)
+            .ok_or_else(bad)
     }
 }
 
@@ -262,6 +279,9 @@ pub struct History {
     limits: Limits,
     segments: VecDeque<Segment>,
     entries: VecDeque<Entry>,
+    /// How many entries left the front of `entries` (the position of `entries[0]` among all
+    /// records this history indexed since it was opened).
+    base: u64,
     bytes: u64,
     /// Ids at or below this were trimmed.
     floor: Option<String>,
@@ -269,9 +289,112 @@ pub struct History {
     file: Option<File>,
     /// Appended, not yet written to `file`.
     buffer: Vec<u8>,
-    /// Written since the last sync handle was taken.
+    /// Bytes of the current segment known to be in its file (written by `flush`).
+    written: u64,
+    /// Files written since their last successful fsync (older segments handed over by
+    /// `roll`, and the current one), with whether the directory needs one too.
+    unsynced: Vec<File>,
     dirty: bool,
+    dir_unsynced: bool,
+    /// A write failed and the gap it left could not be recorded durably in `floor` yet: the
+    /// change stream must not be acknowledged past it (see [`History::sync_job`]).
+    gap_unrecorded: bool,
+    /// The next segment number (never reused while the process runs, so a read handed out
+    /// before a trim never reads another segment's record at the same offset).
+    next_segment: u64,
+    /// This boot's epoch (see [`History::epoch`]).
+    epoch: u32,
+    /// Trims whose files are still to be deleted (see [`History::trim_later`]).
+    trims: Vec<TrimJob>,
+    /// Tests: the next write stops after this many bytes and fails.
+    #[cfg(test)]
+    fail_write_after: Option<usize>,
+    /// The floor as recorded on disk, shared with the jobs that write it outside the lock.
+    floor_file: SharedFloor,
 }
+
+/// Fsyncs taken from a history under its lock and run without it (see [`History::sync_job`]).
+pub struct SyncJob {
+    files: Vec<File>,
+    dir: Option<PathBuf>,
+    /// The floor to record first, if a gap is not yet durably recorded.
+    gap: Option<(PathBuf, SharedFloor, String)>,
+    /// The newest id written when it was taken.
+    last: Option<String>,
+}
+
+impl SyncJob {
+    /// Runs the fsyncs (blocking). On failure, hand the job back with [`History::sync_failed`].
+    pub fn run(&self) -> std::io::Result<()> {
+        if let Some((dir, floor_file, id)) = &self.gap {
+            write_floor_file(dir, floor_file, id)?;
+        }
+        for f in &self.files {
+            f.sync_data()?;
+        }
+        if let Some(dir) = &self.dir {
+            sync_dir(dir)?;
+        }
+        Ok(())
+    }
+}
+
+/// Work to finish a trim outside the lock: record the floor durably, then delete the segments.
+pub struct TrimJob {
+    dir: PathBuf,
+    floor_file: SharedFloor,
+    floor: Option<String>,
+    remove: Vec<PathBuf>,
+}
+
+impl TrimJob {
+    /// Runs it (blocking). When the floor cannot be recorded the segments are kept (they are
+    /// already out of the index; a restart reloads them, which is safe).
+    pub fn run(self) -> std::io::Result<()> {
+        if let Some(floor) = &self.floor {
+            write_floor_file(&self.dir, &self.floor_file, floor)?;
+        }
+        for path in &self.remove {
+            let _ = std::fs::remove_file(path);
+        }
+        Ok(())
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.floor.is_none() && self.remove.is_empty()
+    }
+}
+
+/// Writes `id` to `<dir>/floor` (fsync, rename, directory fsync) unless the floor on disk is
+/// already at or past it; serialized by `recorded`, which holds what is on disk.
+fn write_floor_file(
+    dir: &Path,
+    recorded: &std::sync::Mutex<Option<String>>,
+    id: &str,
+) -> std::io::Result<()> {
+    let mut recorded = recorded.lock().expect("poisoned");
+    if recorded.as_deref().is_some_and(|f| f >= id) {
+        return Ok(());
+    }
+    let tmp = dir.join("floor.tmp");
+    let mut f = OpenOptions::new()
+        .create(true)
+        .write(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)?;
+    f.write_all(id.as_bytes())?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, dir.join("floor"))?;
+    sync_dir(dir)?;
+    *recorded = Some(id.to_string());
+    Ok(())
+}
+
+/// Bits of a broadcast sequence number that hold the boot epoch (the rest count broadcasts).
+pub const EPOCH_BITS: u32 = 12;
+/// Broadcasts per event position and epoch.
+pub const SEQ_MASK: u32 = (1 << (32 - EPOCH_BITS)) - 1;
 
 fn create_dir(dir: &Path) -> std::io::Result<()> {
     std::fs::DirBuilder::new()
@@ -306,22 +429,45 @@ impl History {
             })
             .collect();
         nos.sort_unstable();
+        // This boot's epoch: one more than any before, recorded before it is used.
+        let epoch = match std::fs::read_to_string(dir.join("epoch")) {
+            Ok(s) => s.trim().parse::<u32>().unwrap_or(0),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => 0,
+            Err(e) => return Err(e),
+        }
+        .wrapping_add(1);
+        write_small_file(dir, "epoch", &epoch.to_string())?;
         let mut h = History {
             dir: dir.to_path_buf(),
             limits,
             segments: VecDeque::new(),
             entries: VecDeque::new(),
+            base: 0,
             bytes: 0,
+            floor_file: Arc::new(std::sync::Mutex::new(floor.clone())),
             floor,
             file: None,
             buffer: Vec::new(),
+            written: 0,
+            unsynced: Vec::new(),
             dirty: false,
+            dir_unsynced: false,
+            gap_unrecorded: false,
+            next_segment: nos.last().map_or(1, |n| n + 1),
+            epoch,
+            trims: Vec::new(),
+            #[cfg(test)]
+            fail_write_after: None,
         };
+        // A damaged segment that is not the last: what followed its damage is lost, so the
+        // next record kept becomes the floor (a resume from before it would pass over a hole).
+        let mut hole = false;
         for no in nos {
             let path = h.segment_path(no);
             let data = std::fs::read(&path)?;
             let (records, valid) = scan(&data);
-            if valid < data.len() {
+            let damaged = valid < data.len();
+            if damaged {
                 tracing::warn!(
                     path = %path.display(),
                     kept = valid,
@@ -348,6 +494,22 @@ impl History {
                 {
                     continue; // never out of order, never below the floor
                 }
+                if std::mem::take(&mut hole) {
+                    tracing::warn!(
+                        floor = s.id,
+                        "realtime history: records were lost in an older segment; resumes from before the next one are refused"
+                    );
+                    h.write_floor(&s.id)?;
+                    h.base += h.entries.len() as u64;
+                    h.entries.clear();
+                    for old in std::mem::take(&mut h.segments) {
+                        let _ = std::fs::remove_file(h.segment_path(old.no));
+                    }
+                    h.bytes = 0;
+                    seg.count = 0;
+                    seg.last_id = None;
+                    continue;
+                }
                 seg.count += 1;
                 seg.newest_ms = seg.newest_ms.max(s.at);
                 seg.last_id = Some(s.id.clone());
@@ -358,6 +520,7 @@ impl History {
                     len: (payload.len()) as u32,
                 });
             }
+            hole |= damaged;
             if seg.count == 0 {
                 // Empty, or all at or below the floor (a crash between recording the floor and
                 // deleting the segment): nothing to keep.
@@ -368,6 +531,21 @@ impl History {
             h.segments.push_back(seg);
         }
         Ok(h)
+    }
+
+    /// This boot's epoch: a counter recorded (fsynced) when the history is opened, one more
+    /// than the last boot's. Broadcast ids carry it, so one is never issued twice even when a
+    /// power loss took the history's tail (see `next_broadcast_id`).
+    pub fn epoch(&self) -> u32 {
+        self.epoch
+    }
+
+    /// Moves to a new epoch (the broadcasts of this one ran out at some event position).
+    pub fn next_epoch(&mut self) -> std::io::Result<u32> {
+        let next = self.epoch.wrapping_add(1);
+        write_small_file(&self.dir, "epoch", &next.to_string())?;
+        self.epoch = next;
+        Ok(next)
     }
 
     /// The newest retained id.
@@ -389,8 +567,9 @@ impl History {
     pub fn mark_gap(&mut self, id: &str) {
         if self.floor.as_deref().is_none_or(|f| id > f) {
             if let Err(e) = self.write_floor(id) {
-                tracing::error!(error = %e, "realtime history: recording a gap");
+                tracing::error!(error = %e, "realtime history: recording a gap (retried before the stream is acknowledged)");
                 self.floor = Some(id.to_string());
+                self.gap_unrecorded = true;
             }
         }
     }
@@ -424,6 +603,20 @@ impl History {
     /// beginning with `None`), to read without the lock.
     pub fn after(&self, since: Option<&str>, max: usize, max_bytes: u64) -> Vec<Pending> {
         let start = since.map_or(0, |s| self.entries.partition_point(|e| e.id.as_str() <= s));
+        self.after_from(start, max, max_bytes)
+    }
+
+    /// [`History::after`], but the chunk ends at a multiple of `max` records (counted since
+    /// the history was opened): readers at different positions then read the same chunks
+    /// from the first boundary on, which they can share.
+    pub fn after_aligned(&self, since: Option<&str>, max: usize, max_bytes: u64) -> Vec<Pending> {
+        let start = since.map_or(0, |s| self.entries.partition_point(|e| e.id.as_str() <= s));
+        let max = max.max(1);
+        let at = (self.base + start as u64) % max as u64;
+        self.after_from(start, max - at as usize, max_bytes)
+    }
+
+    fn after_from(&self, start: usize, max: usize, max_bytes: u64) -> Vec<Pending> {
         let mut bytes = 0u64;
         self.entries
             .range(start..)
@@ -456,6 +649,13 @@ impl History {
             return Ok(());
         }
         let payload = encode(event, now_ms);
+        if payload.len() > MAX_RECORD {
+            // It could not be read back: refused (the caller marks the gap).
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                format!("event {} is over {MAX_RECORD} bytes", event.id),
+            ));
+        }
         let need_new = match self.segments.back() {
             None => true,
             Some(s) => {
@@ -489,13 +689,19 @@ impl History {
         Ok(())
     }
 
-    /// Starts a new segment (the current one is written and fsynced first).
+    /// Starts a new segment (the current one is written first; it and the directory are
+    /// fsynced by the next [`History::sync_job`], outside the lock).
     fn roll(&mut self) -> std::io::Result<()> {
         self.flush()?;
         if let Some(f) = self.file.take() {
-            f.sync_data()?;
+            if std::mem::take(&mut self.dirty) {
+                self.unsynced.push(f);
+            }
         }
-        let no = self.segments.back().map_or(1, |s| s.no + 1);
+        let no = self
+            .next_segment
+            .max(self.segments.back().map_or(1, |s| s.no + 1));
+        self.next_segment = no + 1;
         let path = self.segment_path(no);
         let file = OpenOptions::new()
             .create(true)
@@ -503,7 +709,8 @@ impl History {
             .mode(0o600)
             .open(&path)?;
         let existing = file.metadata()?.len();
-        sync_dir(&self.dir)?;
+        self.dir_unsynced = true;
+        self.written = existing;
         self.file = Some(file);
         self.segments.push_back(Segment {
             no,
@@ -525,24 +732,151 @@ impl History {
             .file
             .as_mut()
             .expect("a buffer implies an open segment");
+        #[cfg(test)]
+        let result = match self.fail_write_after.take() {
+            // A device that filled up part way through the write.
+            Some(n) => file
+                .write_all(&self.buffer[..n.min(self.buffer.len())])
+                .and(Err(std::io::Error::other(
+                    "injected: no space left on device",
+                ))),
+            None => file.write_all(&self.buffer),
+        };
+        #[cfg(not(test))]
         let result = file.write_all(&self.buffer);
+        let len = self.buffer.len() as u64;
         self.buffer.clear();
         self.dirty = true;
-        result
+        match result {
+            Ok(()) => {
+                self.written += len;
+                Ok(())
+            }
+            Err(e) => {
+                self.undo_unwritten();
+                Err(e)
+            }
+        }
     }
 
-    /// A handle on the current segment to fsync without the lock, if anything was written
-    /// since the last one was taken.
-    pub fn sync_handle(&mut self) -> Option<File> {
-        if !std::mem::take(&mut self.dirty) {
+    /// A write failed (ENOSPC, EIO): the file is cut back to what was known to be in it (no
+    /// torn record stays mid-segment), the records that are not in it leave the index, the
+    /// byte counts stay exact, the segment takes no more appends (the next one starts a new
+    /// segment), and the floor moves past the lost records.
+    fn undo_unwritten(&mut self) {
+        let good = self.written;
+        if let Some(f) = self.file.take() {
+            if let Err(e) = f.set_len(good) {
+                tracing::error!(error = %e, "realtime history: cutting a failed write back");
+            }
+            self.unsynced.push(f);
+        }
+        let Some(seg) = self.segments.back_mut() else {
+            return;
+        };
+        let mut lost = None;
+        while self
+            .entries
+            .back()
+            .is_some_and(|e| e.seg == seg.no && e.offset >= good)
+        {
+            let e = self.entries.pop_back().expect("checked");
+            seg.count -= 1;
+            lost.get_or_insert(e.id);
+        }
+        self.bytes -= seg.bytes - good;
+        seg.bytes = good;
+        seg.last_id = self
+            .entries
+            .back()
+            .filter(|e| e.seg == seg.no)
+            .map(|e| e.id.clone());
+        if let Some(id) = lost {
+            tracing::error!(
+                id,
+                "realtime history: a write failed; resumes from before it are refused"
+            );
+            self.mark_gap(&id);
+        }
+    }
+
+    /// The fsyncs that make everything written so far durable, to run without the lock
+    /// ([`SyncJob::run`]); `None` when there is nothing to do. The change stream may be
+    /// acknowledged up to what was written before it was taken once it succeeded; when it
+    /// fails, [`History::sync_failed`] hands it back so the next one retries it.
+    pub fn sync_job(&mut self) -> Option<SyncJob> {
+        let mut files = std::mem::take(&mut self.unsynced);
+        if std::mem::take(&mut self.dirty) {
+            if let Some(f) = self.file.as_ref().and_then(|f| f.try_clone().ok()) {
+                files.push(f);
+            }
+        }
+        let dir = std::mem::take(&mut self.dir_unsynced).then(|| self.dir.clone());
+        let gap = std::mem::take(&mut self.gap_unrecorded)
+            .then(|| self.floor.clone())
+            .flatten()
+            .map(|f| (self.dir.clone(), self.floor_file.clone(), f));
+        if files.is_empty() && dir.is_none() && gap.is_none() {
             return None;
         }
-        self.file.as_ref().and_then(|f| f.try_clone().ok())
+        Some(SyncJob {
+            files,
+            dir,
+            gap,
+            last: self.last_id().map(str::to_string),
+        })
     }
 
-    /// Deletes the oldest segments while the history is over its limits. Returns how many
-    /// records went.
+    /// A sync job failed: what it was to make durable is still to be made durable (the next
+    /// job retries it). As a failed fsync may have dropped the written pages (a retry can then
+    /// succeed without them reaching the disk), the floor also moves to the newest id the job
+    /// covered: a resume from before it is refused rather than possibly passing over a hole.
+    pub fn sync_failed(&mut self, job: SyncJob) {
+        if let Some(last) = &job.last {
+            self.mark_gap(last);
+        }
+        self.unsynced.extend(job.files);
+        self.dir_unsynced |= job.dir.is_some();
+        self.gap_unrecorded |= job.gap.is_some();
+    }
+
+    /// [`History::trim_index`], its job kept for [`History::take_trims`].
+    pub fn trim_later(&mut self, now_ms: i64) -> std::io::Result<()> {
+        let (_, job) = self.trim_index(now_ms)?;
+        if !job.is_empty() {
+            self.trims.push(job);
+        }
+        Ok(())
+    }
+
+    /// The trims to finish outside the lock, in order.
+    pub fn take_trims(&mut self) -> Vec<TrimJob> {
+        std::mem::take(&mut self.trims)
+    }
+
+    /// Whether a write failed and its gap is not durably recorded yet.
+    pub fn gap_unrecorded(&self) -> bool {
+        self.gap_unrecorded
+    }
+
+    /// Deletes the oldest segments while the history is over its limits (blocking). Returns
+    /// how many records went.
     pub fn trim(&mut self, now_ms: i64) -> std::io::Result<usize> {
+        let (dropped, job) = self.trim_index(now_ms)?;
+        job.run()?;
+        Ok(dropped)
+    }
+
+    /// Drops the oldest segments from the index while the history is over its limits; the
+    /// returned job records the floor and deletes their files, to run outside the lock.
+    /// Returns how many records went.
+    pub fn trim_index(&mut self, now_ms: i64) -> std::io::Result<(usize, TrimJob)> {
+        let mut job = TrimJob {
+            dir: self.dir.clone(),
+            floor_file: self.floor_file.clone(),
+            floor: None,
+            remove: Vec::new(),
+        };
         let mut dropped = 0;
         while let Some(oldest) = self.segments.front() {
             let is_current = self.segments.len() == 1;
@@ -554,38 +888,46 @@ impl History {
             if is_current {
                 self.flush()?;
                 self.file = None;
+                self.dirty = false;
             }
             let seg = self.segments.pop_front().expect("checked");
             if let Some(last) = &seg.last_id {
                 if self.floor.as_deref().is_none_or(|f| last.as_str() > f) {
-                    self.write_floor(last)?;
+                    self.floor = Some(last.clone());
+                    job.floor = Some(last.clone());
                 }
             }
             for _ in 0..seg.count {
                 self.entries.pop_front();
+                self.base += 1;
             }
             self.bytes -= seg.bytes;
             dropped += seg.count;
-            let _ = std::fs::remove_file(self.segment_path(seg.no));
+            job.remove.push(self.segment_path(seg.no));
         }
-        Ok(dropped)
+        Ok((dropped, job))
     }
 
     fn write_floor(&mut self, id: &str) -> std::io::Result<()> {
-        let tmp = self.dir.join("floor.tmp");
-        let mut f = OpenOptions::new()
-            .create(true)
-            .write(true)
-            .truncate(true)
-            .mode(0o600)
-            .open(&tmp)?;
-        f.write_all(id.as_bytes())?;
-        f.sync_all()?;
-        std::fs::rename(&tmp, self.dir.join("floor"))?;
-        sync_dir(&self.dir)?;
+        write_floor_file(&self.dir, &self.floor_file, id)?;
         self.floor = Some(id.to_string());
         Ok(())
     }
+}
+
+/// Writes a small file durably (temporary file, fsync, rename, directory fsync).
+fn write_small_file(dir: &Path, name: &str, text: &str) -> std::io::Result<()> {
+    let tmp = dir.join(format!("{name}.tmp"));
+    let mut f = OpenOptions::new()
+        .create(true)
+        .write(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)?;
+    f.write_all(text.as_bytes())?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, dir.join(name))?;
+    sync_dir(dir)
 }
 
 #[cfg(test)]
@@ -634,6 +976,173 @@ mod tests {
         ));
         let _ = std::fs::remove_dir_all(&d);
         d
+    }
+
+    fn on_disk(d: &Path) -> u64 {
+        std::fs::read_dir(d)
+            .unwrap()
+            .filter_map(|e| e.ok())
+            .filter(|e| e.file_name().to_string_lossy().ends_with(".seg"))
+            .map(|e| e.metadata().unwrap().len())
+            .sum()
+    }
+
+    #[test]
+    fn a_failed_write_is_cut_back_leaves_the_index_and_raises_the_floor() {
+        let d = dir("failed-write");
+        let mut h = History::open(&d, limits()).unwrap();
+        for i in 1..=3 {
+            h.append(&event(&id(i), "x"), 0).unwrap();
+        }
+        h.flush().unwrap();
+        let good = on_disk(&d);
+        assert_eq!(h.bytes(), good);
+        h.append(&event(&id(4), "x"), 0).unwrap();
+        h.append(&event(&id(5), "x"), 0).unwrap();
+        // ENOSPC after part of record 4: a torn record would sit mid-segment.
+        h.fail_write_after = Some(HEADER + 5);
+        assert!(h.flush().is_err());
+        assert_eq!(h.len(), 3, "the unwritten records left the index");
+        assert_eq!(h.last_id(), Some(id(3).as_str()));
+        assert_eq!(
+            on_disk(&d),
+            good,
+            "the file was cut back to its last whole record"
+        );
+        assert_eq!(h.bytes(), good, "the byte count stays exact");
+        // A resume from before the lost records must not pass over them.
+        assert!(!h.accepts(Some(&id(3))));
+        assert!(!h.accepts(Some(&id(4))));
+        assert!(h.accepts(Some(&id(5))));
+        assert!(!h.gap_unrecorded(), "the floor was recorded durably");
+        // Appends continue (in a new segment) and everything reads back after a restart.
+        h.append(&event(&id(6), "after"), 0).unwrap();
+        h.flush().unwrap();
+        assert_eq!(h.bytes(), on_disk(&d));
+        let got: Vec<String> = h
+            .after(None, 100, u64::MAX)
+            .iter()
+            .map(|p| p.read().unwrap().id)
+            .collect();
+        assert_eq!(got, vec![id(1), id(2), id(3), id(6)]);
+        drop(h);
+        let h = History::open(&d, limits()).unwrap();
+        // What is at or below the floor can serve no resume: not reloaded.
+        assert_eq!(h.len(), 1);
+        assert_eq!(h.last_id(), Some(id(6).as_str()));
+        assert!(!h.accepts(Some(&id(3))), "the floor survives a restart");
+        assert_eq!(h.after(Some(&id(5)), 10, u64::MAX).len(), 1);
+        let _ = std::fs::remove_dir_all(&d);
+    }
+
+    #[test]
+    fn a_failed_fsync_is_retried_by_the_next_job() {
+        let d = dir("failed-sync");
+        let mut h = History::open(&d, limits()).unwrap();
+        h.append(&event(&id(1), "x"), 0).unwrap();
+        h.flush().unwrap();
+        let job = h.sync_job().expect("something to sync");
+        assert!(!job.files.is_empty());
+        // The fsync failed: nothing may count as durable, the next job syncs it again, and a
+        // resume from before what it covered is refused.
+        assert!(h.accepts(None));
+        h.sync_failed(job);
+        assert!(!h.accepts(None));
+        assert!(h.accepts(Some(&id(1))));
+        let again = h.sync_job().expect("the failed fsync is retried");
+        assert!(!again.files.is_empty());
+        again.run().unwrap();
+        assert!(h.sync_job().is_none(), "nothing left once it succeeded");
+        // A roll hands the old segment over instead of fsyncing it under the lock.
+        let mut h = History::open(
+            &d,
+            Limits {
+                events: 16,
+                ..limits()
+            },
+        )
+        .unwrap();
+        h.append(&event(&id(2), "x"), 0).unwrap();
+        h.append(&event(&id(3), "x"), 0).unwrap();
+        h.flush().unwrap();
+        let job = h.sync_job().unwrap();
+        assert_eq!(
+            job.files.len(),
+            2,
+            "the rolled-over segment and the current one"
+        );
+        assert!(job.dir.is_some(), "and the directory (new segment files)");
+        let _ = std::fs::remove_dir_all(&d);
+    }
+
+    #[test]
+    fn damage_in_an_older_segment_raises_the_floor_past_the_hole() {
+        let d = dir("older-damage");
+        let l = Limits {
+            events: 16, // one record per segment
+            ..limits()
+        };
+        let mut h = History::open(&d, l).unwrap();
+        for i in 1..=5 {
+            h.append(&event(&id(i), "x"), 0).unwrap();
+        }
+        h.flush().unwrap();
+        drop(h);
+        let second = d.join(format!("{:016x}.seg", 2));
+        let mut data = std::fs::read(&second).unwrap();
+        data[HEADER + 3] ^= 0x55;
+        std::fs::write(&second, &data).unwrap();
+        let h = History::open(&d, l).unwrap();
+        assert!(!h.accepts(Some(&id(1))), "a resume from 1 would miss 2");
+        assert!(h.accepts(Some(&id(3))));
+        let got: Vec<String> = h
+            .after(Some(&id(3)), 10, u64::MAX)
+            .iter()
+            .map(|p| p.read().unwrap().id)
+            .collect();
+        assert_eq!(got, vec![id(4), id(5)]);
+        drop(h);
+        let h = History::open(&d, l).unwrap();
+        assert!(!h.accepts(Some(&id(1))), "durably");
+        let _ = std::fs::remove_dir_all(&d);
+    }
+
+    #[test]
+    fn a_read_checks_the_id_and_segment_numbers_are_not_reused() {
+        let d = dir("reuse");
+        let mut h = History::open(&d, limits()).unwrap();
+        h.append(&event(&id(1), "x"), 0).unwrap();
+        h.flush().unwrap();
+        let stale = h.after(None, 1, u64::MAX).remove(0);
+        // Age trim empties the history; the next append must not reuse segment 1.
+        h.trim(i64::MAX / 2).unwrap();
+        assert!(h.is_empty());
+        h.append(&event(&id(2), "x"), 0).unwrap();
+        h.flush().unwrap();
+        assert!(!d.join(format!("{:016x}.seg", 1)).exists());
+        assert!(d.join(format!("{:016x}.seg", 2)).exists());
+        drop(h);
+        // Another process reused the number: same place, same length, another record.
+        let _ = std::fs::remove_dir_all(&d);
+        let mut h = History::open(&d, limits()).unwrap();
+        h.append(&event(&id(9), "x"), 0).unwrap();
+        h.flush().unwrap();
+        assert!(stale.read().is_err(), "a read of another record is refused");
+        let _ = std::fs::remove_dir_all(&d);
+    }
+
+    #[test]
+    fn each_open_is_a_new_epoch() {
+        let d = dir("epoch");
+        let a = History::open(&d, limits()).unwrap().epoch();
+        let b = History::open(&d, limits()).unwrap().epoch();
+        assert!(b > a);
+        let mut h = History::open(&d, limits()).unwrap();
+        let c = h.epoch();
+        assert_eq!(h.next_epoch().unwrap(), c + 1);
+        drop(h);
+        assert!(History::open(&d, limits()).unwrap().epoch() > c + 1);
+        let _ = std::fs::remove_dir_all(&d);
     }
 
     #[test]

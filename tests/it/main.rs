@@ -3,6 +3,8 @@
 mod support;
 
 mod accounts;
+mod broadcast_epoch;
+mod catch_up_sharing;
 mod cdc;
 mod channels;
 mod cli;
@@ -13,6 +15,7 @@ mod operations;
 mod outage;
 mod realtime;
 mod realtime_rls;
+mod realtime_slow_link;
 mod red;
 mod replication;
 mod resume;

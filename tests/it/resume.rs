@@ -16,14 +16,14 @@ use crate::realtime::{room, send, Socket};
 use crate::support::process::ServerProcess;
 use crate::support::{pg, unique};
 
-struct Project {
-    project: String,
-    read: String,
-    readwrite: String,
-    admin: String,
+pub(crate) struct Project {
+    pub(crate) project: String,
+    pub(crate) read: String,
+    pub(crate) readwrite: String,
+    pub(crate) admin: String,
 }
 
-async fn call(
+pub(crate) async fn call(
     base: &str,
     method: &str,
     path: &str,
@@ -50,7 +50,7 @@ async fn call(
     )
 }
 
-async fn project(base: &str) -> Project {
+pub(crate) async fn project(base: &str) -> Project {
     let email = format!("{}@example.com", unique("user"));
     let (status, body) = call(
         base,
@@ -80,7 +80,7 @@ async fn project(base: &str) -> Project {
     }
 }
 
-async fn sql(base: &str, key: &str, project: &str, query: &str) -> Vec<Value> {
+pub(crate) async fn sql(base: &str, key: &str, project: &str, query: &str) -> Vec<Value> {
     let (status, body) = call(
         base,
         "POST",
@@ -94,7 +94,7 @@ async fn sql(base: &str, key: &str, project: &str, query: &str) -> Vec<Value> {
     body["result"]["rows"].as_array().unwrap().clone()
 }
 
-async fn rest_broadcast(base: &str, p: &Project, event: &str) {
+pub(crate) async fn rest_broadcast(base: &str, p: &Project, event: &str) {
     let (status, body) = call(
         base,
         "POST",
@@ -106,7 +106,7 @@ async fn rest_broadcast(base: &str, p: &Project, event: &str) {
     assert_eq!(status, 200, "{body}");
 }
 
-async fn connect(base: &str) -> Socket {
+pub(crate) async fn connect(base: &str) -> Socket {
     let url = format!("{}/", base.replacen("http", "ws", 1));
     tokio_tungstenite::connect_async(url)
         .await
@@ -115,7 +115,7 @@ async fn connect(base: &str) -> Socket {
 }
 
 /// The next JSON message (skipping pings), within 30 s.
-async fn next(ws: &mut Socket) -> Value {
+pub(crate) async fn next(ws: &mut Socket) -> Value {
     loop {
         let m = tokio::time::timeout(Duration::from_secs(30), ws.next())
             .await
@@ -131,7 +131,7 @@ async fn next(ws: &mut Socket) -> Value {
 }
 
 /// A socket subscribed to the project with its read key (`since`: resuming after that id).
-async fn subscribed(base: &str, p: &Project, since: Option<&str>) -> Socket {
+pub(crate) async fn subscribed(base: &str, p: &Project, since: Option<&str>) -> Socket {
     let mut ws = connect(base).await;
     let mut msg = json!({ "type": "subscribe", "roomId": room(&p.project), "token": p.read });
     if let Some(s) = since {
@@ -144,7 +144,7 @@ async fn subscribed(base: &str, p: &Project, since: Option<&str>) -> Socket {
 }
 
 /// `(record.id, event id)` of the next message, asserted to be a row change.
-async fn row(ws: &mut Socket) -> (i64, String) {
+pub(crate) async fn row(ws: &mut Socket) -> (i64, String) {
     let m = next(ws).await;
     assert_eq!(m["type"], "db_event", "{m}");
     (
@@ -334,7 +334,9 @@ async fn a_backlog_of_100000_events_reaches_a_client_that_reads_slowly() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_100000_row_transaction_reaches_a_live_client_reading_at_a_normal_pace() {
-    let server = ServerProcess::start(&[]).await;
+    // A send queue far smaller than the transaction (about 20 MB of frames), so that the
+    // member has to be moved to catching up rather than cut off.
+    let server = ServerProcess::start(&[("FLUXBASE_REALTIME_SEND_QUEUE_BYTES", "65536")]).await;
     let p = project(&server.base).await;
     sql(
         &server.base,
@@ -353,6 +355,10 @@ async fn a_100000_row_transaction_reaches_a_live_client_reading_at_a_normal_pace
     .await;
     let mut previous = String::new();
     for want in 1..=100_000i64 {
+        if want % 20_000 == 1 {
+            // A normal client's hiccup (a GC pause, a render): the server must not wait for it.
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
         let (id, event_id) = row(&mut ws).await;
         assert_eq!(id, want);
         assert!(event_id > previous, "{event_id} after {previous}");
@@ -374,6 +380,13 @@ async fn a_100000_row_transaction_reaches_a_live_client_reading_at_a_normal_pace
         text.contains("fluxbase_realtime_cutoffs_total{reason=\"queue_bytes\"} 0"),
         "{text}"
     );
+    // And catch-up did kick in: the transaction did not fit its queue.
+    let fell_behind: u64 = text
+        .lines()
+        .find_map(|l| l.strip_prefix("fluxbase_realtime_fell_behind_total "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no fluxbase_realtime_fell_behind_total in {text}"));
+    assert!(fell_behind >= 1, "{text}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -535,8 +548,60 @@ async fn sigterm_closes_every_socket_with_1001_before_the_server_exits() {
     let p = project(&server.base).await;
     let mut a = subscribed(&server.base, &p, None).await;
     let mut b = subscribed(&server.base, &p, None).await;
+    // One that never answers the close handshake: the grace lasts while it is open.
+    let stuck = subscribed(&server.base, &p, None).await;
+    let sent = std::process::Command::new("kill")
+        .args(["-TERM", &server.pid().to_string()])
+        .status()
+        .expect("running kill");
+    assert!(sent.success());
+    // Sockets that connect during the grace are refused (503) or closed with 1001 at once;
+    // none stays open until the process is gone.
+    let url = format!("{}/", server.base.replacen("http", "ws", 1));
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let (mut refused, mut closed) = (0, 0);
+    loop {
+        assert!(
+            Instant::now() < deadline,
+            "the server never stopped accepting"
+        );
+        match tokio_tungstenite::connect_async(url.as_str()).await {
+            Ok((mut ws, _)) => {
+                let got = tokio::time::timeout(Duration::from_secs(15), async {
+                    loop {
+                        match ws.next().await {
+                            Some(Ok(Message::Close(frame))) => return frame,
+                            Some(Ok(_)) => {}
+                            other => panic!("a socket opened during the grace: {other:?}"),
+                        }
+                    }
+                })
+                .await
+                .expect("a socket opened during the grace got no close frame");
+                let got = got.expect("a close frame with a code");
+                assert_eq!(got.code, CloseCode::Away, "{got:?}");
+                closed += 1;
+            }
+            Err(tokio_tungstenite::tungstenite::Error::Http(response)) => {
+                assert_eq!(response.status().as_u16(), 503);
+                let body: Value =
+                    serde_json::from_slice(response.body().as_deref().unwrap_or_default())
+                        .expect("a JSON error body");
+                assert_eq!(body["success"], false);
+                assert_eq!(body["error"]["code"], "SERVER_SHUTTING_DOWN");
+                refused += 1;
+            }
+            Err(_) => break, // no longer accepting
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(
+        refused + closed > 0,
+        "no connection attempt landed in the grace period"
+    );
     let status = server.terminate(Duration::from_secs(60)).await;
     assert!(status.success(), "{status}");
+    drop(stuck);
     for ws in [&mut a, &mut b] {
         let close = tokio::time::timeout(Duration::from_secs(20), async {
             loop {

@@ -1,0 +1,97 @@
+//! Catch-up memory: members resuming from the same place share each decoded chunk of the
+//! history (and its frames) instead of each decoding its own copy, and the room reads at most
+//! `realtime_catch_up_reads` chunks from disk at once.
+
+use std::time::Duration;
+
+use serde_json::{json, Value};
+
+use crate::realtime::{room, send};
+use crate::resume::{call, connect, next, project, row, sql, subscribed};
+use crate::support::process::ServerProcess;
+
+fn metric(text: &str, name: &str) -> u64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(&format!("{name} ")))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no {name} in {text}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn members_resuming_from_the_same_place_share_the_decoded_backlog() {
+    const SOCKETS: usize = 24;
+    const ROWS: i64 = 8192;
+    let server = ServerProcess::start(&[("FLUXBASE_REALTIME_SEND_QUEUE_BYTES", "65536")]).await;
+    let p = project(&server.base).await;
+    sql(
+        &server.base,
+        &p.admin,
+        &p.project,
+        "CREATE TABLE t (id int, note text)",
+    )
+    .await;
+    let mut ws = subscribed(&server.base, &p, None).await;
+    sql(
+        &server.base,
+        &p.admin,
+        &p.project,
+        "INSERT INTO t VALUES (0, '')",
+    )
+    .await;
+    let (_, since) = row(&mut ws).await;
+    drop(ws);
+    // About 1 KiB per row, 8 MiB of backlog: 32 chunks of 256 events.
+    sql(
+        &server.base,
+        &p.admin,
+        &p.project,
+        &format!(
+            "INSERT INTO t SELECT g, repeat(md5(g::text), 32) FROM generate_series(1, {ROWS}) g"
+        ),
+    )
+    .await;
+    let before = server.peak_rss();
+    let mut readers = Vec::new();
+    for i in 0..SOCKETS {
+        let (base, since, room_id, read) = (
+            server.base.clone(),
+            since.clone(),
+            room(&p.project),
+            p.read.clone(),
+        );
+        readers.push(tokio::spawn(async move {
+            let mut ws = connect(&base).await;
+            send(
+                &mut ws,
+                json!({ "type": "subscribe", "roomId": room_id, "token": read, "since": since }),
+            )
+            .await;
+            assert_eq!(next(&mut ws).await["type"], "subscribed");
+            for want in 1..=ROWS {
+                assert_eq!(row(&mut ws).await.0, want, "socket {i}");
+            }
+        }));
+    }
+    for r in readers {
+        tokio::time::timeout(Duration::from_secs(300), r)
+            .await
+            .expect("a resumer never finished")
+            .unwrap();
+    }
+    let after = server.peak_rss();
+    let (_, metrics) = call(&server.base, "GET", "/metrics", None, Value::Null).await;
+    let text = metrics["raw"].as_str().unwrap_or_default().to_string();
+    let reads = metric(&text, "fluxbase_realtime_catch_up_reads_total");
+    let chunks = (ROWS as u64).div_ceil(256);
+    let private = SOCKETS as u64 * chunks;
+    println!(
+        "catch-up: {SOCKETS} sockets x {chunks} chunks: {reads} chunk reads (private copies would be {private}); peak RSS {} MiB -> {} MiB",
+        before >> 20,
+        after >> 20
+    );
+    assert!(reads >= chunks, "{reads}");
+    assert!(
+        reads * 2 <= private,
+        "{reads} chunk reads for {SOCKETS} sockets x {chunks} chunks: not shared"
+    );
+}
