@@ -76,6 +76,8 @@ use fluxbase_replication::pgoutput::Lsn;
 /// Events, and bytes, a catching-up member reads from the history at a time (at least one).
 const CATCH_UP_CHUNK: usize = 256;
 const CATCH_UP_CHUNK_BYTES: u64 = 256 * 1024;
+/// An fsync of the history running on the blocking pool: the job back, and its result.
+type SyncTask = tokio::task::JoinHandle<(crate::realtime_history::SyncJob, std::io::Result<()>)>;
 /// Events the pump stores (and fsyncs) at a time.
 const PUMP_BATCH: usize = 1024;
 /// How often the pump makes what was stored since durable and trims by age when idle.
@@ -1941,16 +1943,23 @@ impl App {
         let project = project_id.to_string();
         let task = tokio::spawn(async move {
             let mut tick = tokio::time::interval(PUMP_TICK);
-            // Stored but not acknowledged yet (an fsync or a gap's record failed).
+            // Stored but not covered by an fsync yet (or an fsync or a gap's record failed).
             let mut pending_ack: Option<Lsn> = None;
+            // The fsync under way, off the pump so that delivery never waits for the disk, and
+            // the acknowledgement it makes durable. At most one at a time: what is stored
+            // meanwhile goes into the next (group commit).
+            let mut syncing: Option<(SyncTask, Option<Lsn>)> = None;
             loop {
                 let mut batch = Vec::new();
+                let mut synced = None;
                 tokio::select! {
                     e = sub.events.recv() => match e {
                         Some(e) => batch.push(e),
                         None => return,
                     },
                     _ = tick.tick() => {}
+                    r = async { (&mut syncing.as_mut().expect("guarded").0).await },
+                        if syncing.is_some() => synced = Some(r),
                 }
                 // What is queued, up to a schema event (policies may change with it) or the
                 // batch bound: one row-level security evaluation for all of it.
@@ -1968,6 +1977,25 @@ impl App {
                 let (Some(room), Some(app)) = (weak_room.upgrade(), weak_app.upgrade()) else {
                     return;
                 };
+                if let Some(result) = synced {
+                    let (_, covers) = syncing.take().expect("in flight");
+                    match result {
+                        Ok((_, Ok(()))) => {
+                            // A gap inside what it covers was recorded by the job itself.
+                            if let Some(end) = covers {
+                                sub.ack(end);
+                            }
+                        }
+                        Ok((job, Err(e))) => {
+                            tracing::error!(room = room.room_id, error = %e, "fsync of the realtime history (retried)");
+                            if let Some(h) = room.history.lock().expect("poisoned").as_mut() {
+                                h.sync_failed(job);
+                            }
+                            pending_ack = pending_ack.max(covers);
+                        }
+                        Err(_) => pending_ack = pending_ack.max(covers),
+                    }
+                }
                 // The end of the last whole transaction of the batch: acknowledged once stored.
                 let ack = batch
                     .iter()
@@ -2032,34 +2060,22 @@ impl App {
                     // the events after this one are decided on the catalog as it is now.
                     app.realtime.visibility.invalidate(&project);
                 }
-                // fsync per batch (a group of transactions), outside the locks; only then is
-                // the slot allowed past it. A failed fsync is retried (on the next tick at the
-                // latest) and nothing is acknowledged until one succeeds; a failed write is
-                // never acknowledged past until its gap is durably recorded in the floor.
+                // fsync per group of batches, outside the locks and off the pump; only then is
+                // the slot allowed past them. A failed fsync is retried (on the next tick at the
+                // latest) and nothing is acknowledged past it until one succeeds; a failed write
+                // is never acknowledged past until its gap is durably recorded in the floor.
                 pending_ack = pending_ack.max(ack);
                 let (job, trims) = match room.history.lock().expect("poisoned").as_mut() {
-                    Some(h) => (h.sync_job(), h.take_trims()),
+                    Some(h) => (
+                        if syncing.is_none() {
+                            h.sync_job()
+                        } else {
+                            None
+                        },
+                        h.take_trims(),
+                    ),
                     None => (None, Vec::new()),
                 };
-                let mut durable = true;
-                if let Some(job) = job {
-                    match tokio::task::spawn_blocking(move || {
-                        let r = job.run();
-                        (job, r)
-                    })
-                    .await
-                    {
-                        Ok((_, Ok(()))) => {}
-                        Ok((job, Err(e))) => {
-                            tracing::error!(room = room.room_id, error = %e, "fsync of the realtime history (retried)");
-                            if let Some(h) = room.history.lock().expect("poisoned").as_mut() {
-                                h.sync_failed(job);
-                            }
-                            durable = false;
-                        }
-                        Err(_) => durable = false,
-                    }
-                }
                 if !trims.is_empty() {
                     let done = tokio::task::spawn_blocking(move || {
                         trims.into_iter().try_for_each(|t| t.run())
@@ -2069,15 +2085,26 @@ impl App {
                         tracing::error!(room = room.room_id, error = %e, "trimming the realtime history");
                     }
                 }
-                let unrecorded = room
-                    .history
-                    .lock()
-                    .expect("poisoned")
-                    .as_ref()
-                    .is_some_and(|h| h.gap_unrecorded());
-                if durable && !unrecorded {
-                    if let Some(end) = pending_ack.take() {
-                        sub.ack(end);
+                if let Some(job) = job {
+                    let covers = pending_ack.take();
+                    let task = tokio::task::spawn_blocking(move || {
+                        let r = job.run();
+                        (job, r)
+                    });
+                    syncing = Some((task, covers));
+                } else if syncing.is_none() {
+                    // Nothing stored is waiting for an fsync: what is pending is durable, unless
+                    // a failed write's gap is not recorded yet.
+                    let unrecorded = room
+                        .history
+                        .lock()
+                        .expect("poisoned")
+                        .as_ref()
+                        .is_some_and(|h| h.gap_unrecorded());
+                    if !unrecorded {
+                        if let Some(end) = pending_ack.take() {
+                            sub.ack(end);
+                        }
                     }
                 }
             }
