@@ -154,6 +154,13 @@ fn header_has_token(headers: &HeaderMap, name: &str, token: &str) -> bool {
     })
 }
 
+/// A refused handshake, in the guide's error shape.
+fn handshake_refused(status: StatusCode, code: &str, message: &str) -> Response {
+    let body = json!({"success": false,
+        "error": {"code": code, "message": message, "details": null}});
+    crate::http::json_response(status, &body)
+}
+
 /// Answers a WebSocket handshake (RFC 6455 §4.2) with 101 and serves the socket once hyper
 /// hands over the connection. A request that is not an upgrade is rejected, so the API's own
 /// routes answer it (`GET /` is then a 404 in the API's error shape).
@@ -169,10 +176,11 @@ pub fn upgrade(
     };
     if app.realtime.shutting_down.load(Ordering::SeqCst) {
         // Every socket was (or is being) closed with 1001: no new ones during the grace.
-        let body = json!({"success": false, "error": {"code": "SERVER_SHUTTING_DOWN",
-            "message": "The server is shutting down. Reconnect in a moment (and resume with since).",
-            "details": null}});
-        let mut response = crate::http::json_response(StatusCode::SERVICE_UNAVAILABLE, &body);
+        let mut response = handshake_refused(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "SERVER_SHUTTING_DOWN",
+            "The server is shutting down. Reconnect in a moment (and resume with since).",
+        );
         response
             .headers_mut()
             .insert("retry-after", "1".parse().expect("ascii"));
@@ -181,10 +189,11 @@ pub fn upgrade(
     let key = headers.get("sec-websocket-key").map(|k| k.as_bytes());
     let version = headers.get("sec-websocket-version").map(|v| v.as_bytes());
     let Some(key) = key.filter(|_| version == Some(b"13")) else {
-        let body = json!({"success": false, "error": {"code": "BAD_REQUEST",
-            "message": "WebSocket handshake needs Sec-WebSocket-Key and Sec-WebSocket-Version: 13",
-            "details": null}});
-        let mut response = crate::http::json_response(StatusCode::BAD_REQUEST, &body);
+        let mut response = handshake_refused(
+            StatusCode::BAD_REQUEST,
+            "BAD_REQUEST",
+            "WebSocket handshake needs Sec-WebSocket-Key and Sec-WebSocket-Version: 13",
+        );
         response
             .headers_mut()
             .insert("sec-websocket-version", "13".parse().expect("ascii"));
@@ -1640,30 +1649,32 @@ impl App {
 
     /// The SHA-256 of a live API key's current secret (`None`: deleted, or not this project's).
     async fn current_key_hash(&self, project_id: &str, key_id: &str) -> ApiResult<Option<Vec<u8>>> {
-        let client = self.control.get().await?;
-        let row = client
-            .query_opt(
-                "SELECT key_hash FROM fluxbase.api_keys
-                 WHERE id = $1 AND project_id = $2 AND revoked_at IS NULL",
-                &[&key_id, &project_id],
-            )
-            .await?;
-        Ok(row.map(|r| r.get(0)))
+        Ok(self
+            .live_key(project_id, key_id)
+            .await?
+            .map(|(hash, _)| hash))
     }
 
-    /// The project role of a live API key's current scope (`None`: deleted).
-    async fn key_db_role(&self, project_id: &str, key_id: &str) -> ApiResult<Option<DbRole>> {
+    /// A live API key's current secret (its SHA-256) and the project role of its scope
+    /// (`None`: deleted, or not this project's).
+    async fn live_key(
+        &self,
+        project_id: &str,
+        key_id: &str,
+    ) -> ApiResult<Option<(Vec<u8>, DbRole)>> {
         let client = self.control.get().await?;
         let row = client
             .query_opt(
-                "SELECT scope FROM fluxbase.api_keys
+                "SELECT key_hash, scope FROM fluxbase.api_keys
                  WHERE id = $1 AND project_id = $2 AND revoked_at IS NULL",
                 &[&key_id, &project_id],
             )
             .await?;
-        Ok(row
-            .and_then(|r| crate::auth::Scope::parse(r.get(0)))
-            .map(|s| s.db_role()))
+        let Some(row) = row else { return Ok(None) };
+        let scope: String = row.get(1);
+        let scope = crate::auth::Scope::parse(&scope)
+            .ok_or_else(|| anyhow::anyhow!("API key {key_id} has an unknown scope {scope:?}"))?;
+        Ok(Some((row.get(0), scope.db_role())))
     }
 
     /// The project role of a member's current role (`None`: not a member).
@@ -2403,25 +2414,18 @@ impl App {
                 // The role is that of the key's scope, or of the member's role, as it is now.
                 let mut role = DbRole::Read;
                 if let (Some(key_id), Some(fingerprint)) = (claims.k, claims.f) {
-                    let current = self
-                        .current_key_hash(&project.id, &key_id)
-                        .await
-                        .map_err(api)?
-                        .map(|h| key_fingerprint(self, &h));
-                    if current.as_deref() != Some(fingerprint.as_str()) {
-                        return Err((
-                            "ACCESS_REVOKED",
-                            "The API key that issued this token was deleted or rotated.".into(),
-                        ));
+                    let live = self.live_key(&project.id, &key_id).await.map_err(api)?;
+                    match live {
+                        Some((hash, key_role)) if key_fingerprint(self, &hash) == fingerprint => {
+                            role = key_role;
+                        }
+                        _ => {
+                            return Err((
+                                "ACCESS_REVOKED",
+                                "The API key that issued this token was deleted or rotated.".into(),
+                            ))
+                        }
                     }
-                    role = self
-                        .key_db_role(&project.id, &key_id)
-                        .await
-                        .map_err(api)?
-                        .ok_or((
-                            "ACCESS_REVOKED",
-                            "The API key that issued this token was deleted or rotated.".into(),
-                        ))?;
                     key = Some(KeyBinding { key_id, fingerprint });
                 }
                 filter.token_tables = claims.t.map(|t| t.into_iter().collect());
