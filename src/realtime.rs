@@ -2544,13 +2544,22 @@ impl App {
         // than the history) gets RESUME_TOO_OLD and live events, never a silent gap.
         let mut catch_up = None;
         if let Some(since) = since {
+            // An id ahead of the WAL was never issued (another server's, a wiped data dir's):
+            // resuming after it would hold back every event until the WAL passed it.
+            let issued = commit_lsn_of(&since).is_some_and(|lsn| lsn <= now);
             let accepted = room
                 .history
                 .lock()
                 .expect("poisoned")
                 .as_ref()
                 .is_some_and(|h| h.accepts(Some(&since)));
-            if accepted {
+            if !issued {
+                socket.push(Message::text(
+                    json!({ "type": "error", "code": "RESUME_TOO_OLD", "roomId": room.room_id,
+                            "message": "That event id was never issued by this server; live events follow." })
+                        .to_string(),
+                ));
+            } else if accepted {
                 catch_up = Some(since);
             } else {
                 socket.push(Message::text(

@@ -1696,6 +1696,32 @@ async fn a_room_keeps_at_most_its_byte_budget_of_history_for_resumes() {
 }
 
 #[tokio::test]
+async fn an_id_ahead_of_the_wal_is_refused_and_live_events_follow() {
+    let app = spawn_app().await;
+    let f = app.fixture().await;
+    app.rows(&f.admin, &f.project, "CREATE TABLE t (id int)")
+        .await;
+    for since in [
+        "FFFFFFFFFFFFFFFF-FFFFFFFF",
+        "ffffffffffffffff-ffffffff",
+        "0000FFFFFFFFFFFF-00000000-00000001",
+    ] {
+        let mut ws = connect(&app, "/").await;
+        send(
+            &mut ws,
+            json!({ "type": "subscribe", "roomId": room(&f.project), "token": f.read, "since": since }),
+        )
+        .await;
+        assert_eq!(recv(&mut ws).await["type"], "subscribed");
+        let m = recv(&mut ws).await;
+        assert_eq!(m["code"], "RESUME_TOO_OLD", "{since}: {m}");
+        app.rows(&f.admin, &f.project, "INSERT INTO t VALUES (1)")
+            .await;
+        assert_eq!(db_event(&mut ws).await["record"]["id"], 1, "{since}");
+    }
+}
+
+#[tokio::test]
 async fn a_subscribe_flood_is_refused_per_socket_and_per_realtime_token() {
     let app = spawn_app_with(|c| {
         c.realtime_subscribes_per_sec = 1;
