@@ -171,7 +171,7 @@ impl Running {
         app.start_change_streams().await?;
         app.start_webhooks().await?;
         crate::metrics::start_listener(&app).await?;
-        let routes = crate::http::routes(app.clone());
+        let routes = crate::api::filter(app.clone());
         let limits = crate::listener::Limits {
             header_read_timeout: std::time::Duration::from_secs(
                 app.config.header_read_timeout_secs,

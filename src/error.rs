@@ -100,22 +100,28 @@ impl ApiError {
         }
     }
 
-    /// The JSON body; logs internal and database errors with a fresh request id.
-    pub fn body(&self) -> Value {
+    /// The JSON body. Internal, database and storage failures are logged with the request's id
+    /// (`request_id`, or a fresh one outside a request) and answer with that id only.
+    pub fn body(&self, request_id: Option<&str>) -> Value {
         let mut error = json!({ "code": self.code(), "message": self.to_string() });
+        let request_id = || {
+            request_id
+                .map(str::to_string)
+                .unwrap_or_else(crate::secrets::random_hex::<8>)
+        };
         match self {
             ApiError::Internal(e) => {
-                let request_id = crate::secrets::random_hex::<8>();
+                let request_id = request_id();
                 tracing::error!(request_id, error = ?e, "internal error");
                 error["details"] = json!({ "requestId": request_id });
             }
             ApiError::DatabaseUnavailable(cause) => {
-                let request_id = crate::secrets::random_hex::<8>();
+                let request_id = request_id();
                 tracing::warn!(request_id, cause, "database unreachable");
                 error["details"] = json!({ "requestId": request_id });
             }
             ApiError::StorageUnavailable(cause) => {
-                let request_id = crate::secrets::random_hex::<8>();
+                let request_id = request_id();
                 tracing::warn!(request_id, cause, "storage backend failed");
                 error["details"] = json!({ "requestId": request_id });
             }

@@ -5,6 +5,7 @@
 //! the README for the architecture; each module's docs explain its part.
 
 pub mod accounts;
+pub mod api;
 pub mod app;
 pub mod auth;
 pub mod bus;
@@ -14,7 +15,6 @@ pub mod db;
 pub mod doctor;
 pub mod embedded;
 pub mod error;
-pub mod http;
 pub mod instance;
 pub mod keys;
 pub mod listener;

@@ -300,7 +300,7 @@ pub fn answer(
         None
     };
     match refused {
-        Some(e) => crate::http::error_response(&e),
+        Some(e) => crate::api::error_response(&e, None),
         None => warp::reply::with_header(
             app.metrics
                 .render(app.sql.connection_count(), &app.cdc.all_status())
@@ -383,17 +383,22 @@ pub async fn start_listener(app: &crate::app::SharedApp) -> anyhow::Result<()> {
                   peer,
                   headers: warp::http::HeaderMap| {
                 let Some(app) = weak.upgrade() else {
-                    return crate::http::error_response(&crate::error::ApiError::NotFound(
-                        "shutting down".into(),
-                    ));
+                    return crate::api::error_response(
+                        &crate::error::ApiError::NotFound("shutting down".into()),
+                        None,
+                    );
                 };
                 if path.as_str().trim_end_matches('/') != "/metrics" {
-                    return crate::http::error_response(&crate::error::ApiError::NotFound(
-                        "Only /metrics is served here.".into(),
-                    ));
+                    return crate::api::error_response(
+                        &crate::error::ApiError::NotFound("Only /metrics is served here.".into()),
+                        None,
+                    );
                 }
                 if method != warp::http::Method::GET {
-                    return crate::http::error_response(&crate::error::ApiError::MethodNotAllowed);
+                    return crate::api::error_response(
+                        &crate::error::ApiError::MethodNotAllowed,
+                        None,
+                    );
                 }
                 answer(&app, Listener::Dedicated, peer, &headers)
             },

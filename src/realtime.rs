@@ -158,7 +158,7 @@ fn header_has_token(headers: &HeaderMap, name: &str, token: &str) -> bool {
 fn handshake_refused(status: StatusCode, code: &str, message: &str) -> Response {
     let body = json!({"success": false,
         "error": {"code": code, "message": message, "details": null}});
-    crate::http::json_response(status, &body)
+    crate::api::json_response(status, &body)
 }
 
 /// Answers a WebSocket handshake (RFC 6455 §4.2) with 101 and serves the socket once hyper

@@ -1,0 +1,15 @@
+//! The change stream's state.
+
+use super::reply::Reply;
+use super::Request;
+use crate::app::SharedApp;
+use crate::error::ApiResult;
+
+/// The project's change stream: state, slot, lag, last error.
+#[utoipa::path(get, path = "/api/cdc/status", tag = "cdc", security(("bearer" = [])),
+    params(("projectId" = String, Query, description = "The project")),
+    responses((status = 200, description = "`{success, stream}`", body = Object)))]
+pub async fn cdc_status(app: SharedApp, req: Request) -> ApiResult<impl Reply> {
+    let access = req.access_by_query(&app).await?;
+    app.cdc_status(&access).await
+}

@@ -1,0 +1,73 @@
+//! Liveness, readiness, metrics and the API's own description.
+
+use serde_json::json;
+use warp::http::StatusCode;
+use warp::reply::Response;
+
+use super::reply::{json_response, Reply};
+use super::Request;
+use crate::app::SharedApp;
+use crate::error::{ApiError, ApiResult};
+
+/// The process answers.
+#[utoipa::path(get, path = "/health", tag = "operations",
+    responses((status = 200, description = "`{\"status\":\"ok\"}`", body = Object)))]
+pub async fn health(_app: SharedApp, _req: Request) -> ApiResult<impl Reply> {
+    Ok((StatusCode::OK, json!({ "status": "ok" })))
+}
+
+/// The control database answers and the storage backend is usable.
+#[utoipa::path(get, path = "/ready", tag = "operations",
+    responses((status = 200, description = "`{\"status\":\"ready\"}`", body = Object)))]
+pub async fn ready(app: SharedApp, _req: Request) -> ApiResult<Response> {
+    let ready = match app.control.get().await {
+        Ok(c) => c.simple_query("SELECT 1").await.is_ok(),
+        Err(_) => false,
+    };
+    if !ready {
+        return Err(ApiError::DatabaseUnavailable(
+            "control database unreachable".into(),
+        ));
+    }
+    if let Err(cause) = app.storage.ready().await {
+        let message = format!(
+            "The storage backend ({}) is not usable: {cause}",
+            app.storage.backend.describe()
+        );
+        return Ok(json_response(
+            StatusCode::SERVICE_UNAVAILABLE,
+            &json!({ "success": false, "error": {
+                "code": "STORAGE_UNAVAILABLE", "message": message } }),
+        ));
+    }
+    Ok((StatusCode::OK, json!({ "status": "ready" })).into_response())
+}
+
+/// Prometheus text, for an operator (see docs/security.md for who may read it).
+#[utoipa::path(get, path = "/metrics", tag = "operations",
+    responses((status = 200, description = "Prometheus text format", content_type = "text/plain", body = String)))]
+pub async fn metrics(app: SharedApp, req: Request) -> ApiResult<Response> {
+    Ok(crate::metrics::answer(
+        &app,
+        crate::metrics::Listener::Api,
+        req.peer,
+        &req.headers,
+    ))
+}
+
+/// This document: every endpoint, its request and response schemas and errors.
+#[utoipa::path(get, path = "/api/openapi.json", tag = "operations",
+    responses((status = 200, description = "The OpenAPI 3.1 document", body = Object)))]
+pub async fn openapi_document(_app: SharedApp, _req: Request) -> ApiResult<Response> {
+    static DOCUMENT: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    let text = DOCUMENT.get_or_init(|| {
+        use utoipa::OpenApi;
+        super::routes::ApiDoc::openapi()
+            .to_json()
+            .expect("the document serializes")
+    });
+    Ok(super::reply::raw_json_response(
+        StatusCode::OK,
+        text.clone(),
+    ))
+}

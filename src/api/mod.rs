@@ -1,0 +1,222 @@
+//! The HTTP layer: the only part of the server that knows warp.
+//!
+//! ```text
+//!  warp filter ─► handle(): request id + span, route lookup (routes.rs), body read up to the
+//!       limit (or streamed), handler ─► domain service ─► typed reply | ApiError ─► response,
+//!       metrics label and log line from the route
+//! ```
+//! Every route is one entry of [`routes`]: its `#[utoipa::path]` annotation gives its method and
+//! path, and the same table answers dispatch, the metrics label and `GET /api/openapi.json`, so
+//! the three cannot drift. Handlers (one file per area) parse a typed request, call the domain
+//! and return a typed reply; errors map to the guide's status and code in [`crate::error`].
+
+pub mod auth;
+pub mod cdc;
+pub mod health;
+pub mod keys;
+pub mod openapi;
+pub mod projects;
+pub mod realtime;
+pub mod reply;
+pub mod request;
+pub mod rls;
+pub mod routes;
+pub mod sql;
+pub mod storage;
+pub mod team;
+pub mod webhooks;
+
+use std::collections::HashMap;
+use std::time::Instant;
+
+use bytes::{Buf, Bytes, BytesMut};
+use futures_util::{Stream, StreamExt};
+use tracing::Instrument;
+use warp::http::{HeaderMap, HeaderValue, Method};
+use warp::reply::Response;
+use warp::Filter;
+
+use crate::app::SharedApp;
+use crate::error::{ApiError, ApiResult};
+pub use reply::{error_response, json_response, raw_json_response};
+pub use request::Request;
+use routes::BodyMode;
+
+/// The one warp filter of the server: everything (API, WebSocket upgrades, `/metrics`) goes
+/// through the route table.
+pub fn filter(
+    app: SharedApp,
+) -> impl Filter<Extract = (Response,), Error = warp::Rejection> + Clone {
+    let table = std::sync::Arc::new(routes::Table::build());
+    warp::method()
+        .and(warp::path::full())
+        .and(warp::query::raw().or(warp::any().map(String::new)).unify())
+        .and(warp::header::headers_cloned())
+        .and(warp::ext::optional::<crate::listener::ClientAddr>())
+        .and(warp::ext::optional::<hyper::upgrade::OnUpgrade>())
+        .and(warp::body::stream())
+        .then(
+            move |method: Method,
+                  path: warp::path::FullPath,
+                  query: String,
+                  headers: HeaderMap,
+                  peer: Option<crate::listener::ClientAddr>,
+                  upgrade: Option<hyper::upgrade::OnUpgrade>,
+                  body| {
+                let app = app.clone();
+                let table = table.clone();
+                async move {
+                    let incoming = Incoming {
+                        method,
+                        path: path.as_str().to_string(),
+                        query,
+                        headers,
+                        peer,
+                        upgrade,
+                    };
+                    handle(app, &table, incoming, body).await
+                }
+            },
+        )
+}
+
+struct Incoming {
+    method: Method,
+    path: String,
+    query: String,
+    headers: HeaderMap,
+    peer: Option<crate::listener::ClientAddr>,
+    upgrade: Option<hyper::upgrade::OnUpgrade>,
+}
+
+/// A request id from the client's `X-Request-Id` when it is a short token, else a fresh one.
+fn request_id(headers: &HeaderMap) -> String {
+    headers
+        .get("x-request-id")
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| {
+            !v.is_empty()
+                && v.len() <= 64
+                && v.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        })
+        .map(str::to_string)
+        .unwrap_or_else(crate::secrets::random_hex::<8>)
+}
+
+async fn handle<S, B>(
+    app: SharedApp,
+    table: &routes::Table,
+    incoming: Incoming,
+    body: S,
+) -> Response
+where
+    S: Stream<Item = Result<B, warp::Error>> + Send + 'static,
+    B: Buf + Send + 'static,
+{
+    let started = Instant::now();
+    let request_id = request_id(&incoming.headers);
+    let path = match incoming.path.trim_end_matches('/') {
+        "" => "/".to_string(),
+        p => p.to_string(),
+    };
+    let found = table.find(&incoming.method, &path);
+    let label = match &found {
+        Ok((route, _)) => route.label.as_str(),
+        Err(_) => "other",
+    };
+    let span =
+        tracing::info_span!("request", id = %request_id, method = %incoming.method, route = label);
+    let outcome = async {
+        let (route, tail) = found.map_err(|e| e.into_error(&incoming.method, &path))?;
+        let query = serde_urlencoded::from_str::<HashMap<String, String>>(&incoming.query)
+            .map_err(|e| ApiError::BadRequest(format!("invalid query string: {e}")))?;
+        let client = crate::listener::client_ip(
+            incoming.peer,
+            &incoming.headers,
+            app.config.trust_forwarded_for,
+        );
+        let mut req = Request {
+            method: incoming.method,
+            path: path.clone(),
+            query,
+            headers: incoming.headers,
+            client,
+            peer: incoming.peer.map(|crate::listener::ClientAddr(a)| a),
+            tail,
+            request_id: request_id.clone(),
+            body: None,
+            stream: Default::default(),
+            upgrade: std::sync::Mutex::new(incoming.upgrade),
+        };
+        match route.body {
+            BodyMode::Stream => {
+                req.stream = std::sync::Mutex::new(Some(Box::pin(
+                    body.map(|r| r.map(|mut b| b.copy_to_bytes(b.remaining()))),
+                )))
+            }
+            BodyMode::Read if req.method != Method::GET && req.method != Method::HEAD => {
+                req.body = Some(read_body(body, &req.headers, app.config.max_body_bytes).await?);
+            }
+            BodyMode::Read => {}
+        }
+        (route.handler)(app.clone(), req).await
+    }
+    .instrument(span.clone())
+    .await;
+    let mut response = match outcome {
+        Ok(r) => r,
+        Err(e) => {
+            if matches!(e, ApiError::StorageUnavailable(_)) {
+                app.metrics
+                    .storage_backend_errors
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
+            span.in_scope(|| error_response(&e, Some(&request_id)))
+        }
+    };
+    if let Ok(v) = HeaderValue::from_str(&request_id) {
+        response.headers_mut().insert("x-request-id", v);
+    }
+    let status = response.status().as_u16();
+    app.metrics.observe_request(label, status);
+    span.in_scope(|| {
+        tracing::info!(
+            status,
+            ms = started.elapsed().as_secs_f64() * 1000.0,
+            "request"
+        )
+    });
+    response
+}
+
+/// Reads the body up to `limit` bytes; a declared or actual larger body is a 413.
+async fn read_body<S, B>(body: S, headers: &HeaderMap, limit: usize) -> ApiResult<Bytes>
+where
+    S: Stream<Item = Result<B, warp::Error>>,
+    B: Buf,
+{
+    let declared = headers
+        .get(warp::http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > limit as u64) {
+        return Err(ApiError::PayloadTooLarge(limit));
+    }
+    let mut buf = BytesMut::new();
+    futures_util::pin_mut!(body);
+    while let Some(chunk) = body.next().await {
+        let mut chunk =
+            chunk.map_err(|e| ApiError::BadRequest(format!("reading the body: {e}")))?;
+        if buf.len() + chunk.remaining() > limit {
+            return Err(ApiError::PayloadTooLarge(limit));
+        }
+        while chunk.has_remaining() {
+            let part = chunk.chunk();
+            buf.extend_from_slice(part);
+            let n = part.len();
+            chunk.advance(n);
+        }
+    }
+    Ok(buf.freeze())
+}
