@@ -18,9 +18,9 @@ use serde_json::{json, Value};
 use std::net::IpAddr;
 use warp::http::StatusCode;
 
+use crate::api::error::{ApiError, ApiResult};
 use crate::app::App;
 use crate::auth::{Principal, SESSION_PREFIX};
-use crate::error::{ApiError, ApiResult};
 use crate::secrets::{random_base62, random_bytes, sha256};
 
 #[derive(Deserialize)]

@@ -7,8 +7,8 @@
 
 use chrono::{DateTime, Utc};
 
+use crate::api::error::{ApiError, ApiResult};
 use crate::app::App;
-use crate::error::{ApiError, ApiResult};
 use crate::secrets::sha256;
 
 pub const KEY_PREFIX: &str = "flx_live_";

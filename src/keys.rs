@@ -6,9 +6,9 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 use warp::http::StatusCode;
 
+use crate::api::error::{ApiError, ApiResult};
 use crate::app::App;
 use crate::auth::{Access, Scope, KEY_PREFIX};
-use crate::error::{ApiError, ApiResult};
 use crate::secrets::{random_base62, sha256};
 
 /// A key just created or rotated: the only moment its secret exists outside the caller.

@@ -266,7 +266,7 @@ pub fn answer(
     peer: Option<std::net::SocketAddr>,
     headers: &warp::http::HeaderMap,
 ) -> warp::reply::Response {
-    use crate::error::ApiError;
+    use crate::api::error::ApiError;
     use warp::Reply;
     let config = &app.config;
     let refused = if listener == Listener::Api && config.metrics_addr.is_some() {
@@ -384,19 +384,21 @@ pub async fn start_listener(app: &crate::app::SharedApp) -> anyhow::Result<()> {
                   headers: warp::http::HeaderMap| {
                 let Some(app) = weak.upgrade() else {
                     return crate::api::error_response(
-                        &crate::error::ApiError::NotFound("shutting down".into()),
+                        &crate::api::error::ApiError::NotFound("shutting down".into()),
                         None,
                     );
                 };
                 if path.as_str().trim_end_matches('/') != "/metrics" {
                     return crate::api::error_response(
-                        &crate::error::ApiError::NotFound("Only /metrics is served here.".into()),
+                        &crate::api::error::ApiError::NotFound(
+                            "Only /metrics is served here.".into(),
+                        ),
                         None,
                     );
                 }
                 if method != warp::http::Method::GET {
                     return crate::api::error_response(
-                        &crate::error::ApiError::MethodNotAllowed,
+                        &crate::api::error::ApiError::MethodNotAllowed,
                         None,
                     );
                 }

@@ -20,10 +20,10 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 use warp::http::StatusCode;
 
+use crate::api::error::{ApiError, ApiResult};
 use crate::app::App;
 use crate::auth::{Access, DbRole, Principal, Project, Scope};
 use crate::db::{quote_ident, quote_literal};
-use crate::error::{ApiError, ApiResult};
 use crate::keys::NewKey;
 use crate::secrets::random_hex;
 use crate::sql::PoolFailure;

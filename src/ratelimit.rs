@@ -15,8 +15,8 @@ use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use crate::api::error::ApiError;
 use crate::config::Config;
-use crate::error::ApiError;
 
 /// Callers are kept as a keyed 64-bit hash of their name (never the name itself, which may be a
 /// client-chosen string such as an email address), an entry exists only while it holds a hit

@@ -65,10 +65,10 @@ use tokio_tungstenite::WebSocketStream;
 use warp::http::{HeaderMap, StatusCode};
 use warp::reply::Response;
 
+use crate::api::error::{ApiError, ApiResult};
 use crate::app::App;
 use crate::auth::{Access, DbRole, Principal};
 use crate::bus::{Event, EventKind};
-use crate::error::{ApiError, ApiResult};
 use crate::realtime_history::{History, Limits};
 use crate::visibility::{Identity, Verdict, Verdicts};
 use fluxbase_replication::pgoutput::Lsn;

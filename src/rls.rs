@@ -75,10 +75,10 @@ use ring::hmac;
 use serde_json::{json, Value};
 use warp::http::StatusCode;
 
+use crate::api::error::{ApiError, ApiResult};
 use crate::app::App;
 use crate::auth::{Access, DbRole, Principal, Project};
 use crate::db::{quote_ident, quote_literal};
-use crate::error::{ApiError, ApiResult};
 
 /// The header a trusted backend names its end user with.
 pub const AUTH_UID_HEADER: &str = "x-fluxbase-auth-uid";

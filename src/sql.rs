@@ -43,11 +43,11 @@ use fluxbase_replication::wire::{
 use serde::Deserialize;
 use serde_json::Value;
 
+use crate::api::error::{ApiError, ApiResult};
 use crate::app::App;
 use crate::auth::{Access, DbRole, Project};
 use crate::config::Config;
 use crate::db::ClusterTarget;
-use crate::error::{ApiError, ApiResult};
 
 /// Extra time past `statement_timeout` before the server cancels a statement itself.
 const GUARD_GRACE: Duration = Duration::from_secs(2);

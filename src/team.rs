@@ -24,9 +24,9 @@ use serde_json::{json, Map, Value};
 use tokio_postgres::Row;
 use warp::http::StatusCode;
 
+use crate::api::error::{ApiError, ApiResult};
 use crate::app::App;
 use crate::auth::{Access, MemberRole, Principal};
-use crate::error::{ApiError, ApiResult};
 use crate::secrets::random_base62;
 
 /// The JSON object of a request body, read field by field so that every error names its field.

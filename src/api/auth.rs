@@ -2,8 +2,8 @@
 
 use super::reply::Reply;
 use super::Request;
+use crate::api::error::ApiResult;
 use crate::app::SharedApp;
-use crate::error::ApiResult;
 
 /// Creates an account and returns a session token.
 #[utoipa::path(post, path = "/api/auth/signup", tag = "auth",

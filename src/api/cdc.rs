@@ -2,8 +2,8 @@
 
 use super::reply::Reply;
 use super::Request;
+use crate::api::error::ApiResult;
 use crate::app::SharedApp;
-use crate::error::ApiResult;
 
 /// The project's change stream: state, slot, lag, last error.
 #[utoipa::path(get, path = "/api/cdc/status", tag = "cdc", security(("bearer" = [])),

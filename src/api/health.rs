@@ -6,8 +6,8 @@ use warp::reply::Response;
 
 use super::reply::{json_response, Reply};
 use super::Request;
+use crate::api::error::{ApiError, ApiResult};
 use crate::app::SharedApp;
-use crate::error::{ApiError, ApiResult};
 
 /// The process answers.
 #[utoipa::path(get, path = "/health", tag = "operations",

@@ -2,8 +2,8 @@
 
 use super::reply::Reply;
 use super::Request;
+use crate::api::error::ApiResult;
 use crate::app::SharedApp;
-use crate::error::ApiResult;
 
 /// The project's live keys (never their secrets).
 #[utoipa::path(get, path = "/api/keys", tag = "keys", security(("bearer" = [])),

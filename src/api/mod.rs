@@ -8,10 +8,11 @@
 //! Every route is one entry of [`routes`]: its `#[utoipa::path]` annotation gives its method and
 //! path, and the same table answers dispatch, the metrics label and `GET /api/openapi.json`, so
 //! the three cannot drift. Handlers (one file per area) parse a typed request, call the domain
-//! and return a typed reply; errors map to the guide's status and code in [`crate::error`].
+//! and return a typed reply; errors map to the guide's status and code in [`error`].
 
 pub mod auth;
 pub mod cdc;
+pub mod error;
 pub mod health;
 pub mod keys;
 pub mod openapi;
@@ -36,8 +37,8 @@ use warp::http::{HeaderMap, HeaderValue, Method};
 use warp::reply::Response;
 use warp::Filter;
 
+use crate::api::error::{ApiError, ApiResult};
 use crate::app::SharedApp;
-use crate::error::{ApiError, ApiResult};
 pub use reply::{error_response, json_response, raw_json_response};
 pub use request::Request;
 use routes::BodyMode;

@@ -5,8 +5,8 @@ use warp::http::StatusCode;
 
 use super::reply::Reply;
 use super::Request;
+use crate::api::error::ApiResult;
 use crate::app::SharedApp;
-use crate::error::ApiResult;
 
 /// The projects the caller can reach.
 #[utoipa::path(get, path = "/api/projects", tag = "projects", security(("bearer" = [])),

@@ -2,8 +2,8 @@
 
 use super::reply::Reply;
 use super::Request;
+use crate::api::error::{ApiError, ApiResult};
 use crate::app::SharedApp;
-use crate::error::{ApiError, ApiResult};
 use warp::reply::Response;
 
 /// The WebSocket handshake at `/` (the guide's bare WebSocket URL); see the document's

@@ -7,7 +7,7 @@ use warp::http::StatusCode;
 use warp::reply::Response;
 use warp::Reply as _;
 
-use crate::error::ApiError;
+use crate::api::error::ApiError;
 
 /// Turns a handler's answer into an HTTP response.
 pub trait Reply {

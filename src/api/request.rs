@@ -11,7 +11,7 @@ use serde::de::DeserializeOwned;
 use serde_json::Value;
 use warp::http::{HeaderMap, Method};
 
-use crate::error::{ApiError, ApiResult};
+use crate::api::error::{ApiError, ApiResult};
 
 /// A streamed request body (uploads), chunk by chunk as the client sends it.
 pub type BodyStream = BoxStream<'static, Result<Bytes, warp::Error>>;

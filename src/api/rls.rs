@@ -2,8 +2,8 @@
 
 use super::reply::Reply;
 use super::Request;
+use crate::api::error::ApiResult;
 use crate::app::SharedApp;
-use crate::error::ApiResult;
 
 /// Every table with its RLS state and policies.
 #[utoipa::path(get, path = "/api/rls/policies", tag = "rls", security(("bearer" = [])),

@@ -17,8 +17,8 @@ use super::openapi::Describe;
 use super::reply::Reply;
 use super::request::Request;
 use super::{auth, cdc, health, keys, projects, realtime, rls, sql, storage, team, webhooks};
+use crate::api::error::{ApiError, ApiResult};
 use crate::app::SharedApp;
-use crate::error::{ApiError, ApiResult};
 
 pub type Handler = fn(SharedApp, Request) -> BoxFuture<'static, ApiResult<Response>>;
 

@@ -2,8 +2,8 @@
 
 use super::reply::{RawJson, Reply};
 use super::Request;
+use crate::api::error::ApiResult;
 use crate::app::SharedApp;
-use crate::error::ApiResult;
 
 /// Runs SQL in the project's database as the key's scope (and `authUid` for row-level
 /// security).

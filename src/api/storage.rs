@@ -4,8 +4,8 @@ use warp::reply::Response;
 
 use super::reply::Reply;
 use super::Request;
+use crate::api::error::ApiResult;
 use crate::app::SharedApp;
-use crate::error::ApiResult;
 
 /// The project's buckets.
 #[utoipa::path(get, path = "/api/storage/buckets", tag = "storage", security(("bearer" = [])),

@@ -2,8 +2,8 @@
 
 use super::reply::Reply;
 use super::Request;
+use crate::api::error::ApiResult;
 use crate::app::SharedApp;
-use crate::error::ApiResult;
 
 /// Members and pending invitations of a project.
 #[utoipa::path(get, path = "/api/team", tag = "team", security(("bearer" = [])),

@@ -2,8 +2,8 @@
 
 use super::reply::Reply;
 use super::Request;
+use crate::api::error::ApiResult;
 use crate::app::SharedApp;
-use crate::error::ApiResult;
 
 /// The project's webhooks.
 #[utoipa::path(get, path = "/api/webhooks", tag = "webhooks", security(("bearer" = [])),

@@ -45,11 +45,11 @@ use fluxbase_replication::wire::{ConnectConfig, Connection};
 use serde::Serialize;
 use serde_json::{json, Value};
 
+use crate::api::error::ApiResult;
 use crate::app::App;
 use crate::auth::Access;
 use crate::bus::ProjectBus;
 use crate::db::quote_literal;
-use crate::error::ApiResult;
 
 pub const PUBLICATION: &str = "fluxbase_changes";
 

@@ -34,8 +34,8 @@ use object_store::{
     Attribute, Attributes, GetResultPayload, ObjectStore, PutMultipartOptions, WriteMultipart,
 };
 
+use crate::api::error::ApiError;
 use crate::config::Config;
-use crate::error::ApiError;
 
 /// The store's path of an object key: the key itself, character for character (`Path::parse`
 /// keeps non-ASCII and `% ~ [ ]` as they are; names were validated, so it always takes them).

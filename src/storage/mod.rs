@@ -38,10 +38,10 @@ use serde_json::{json, Value};
 use warp::http::{HeaderMap, StatusCode};
 use warp::reply::{Reply, Response};
 
+use crate::api::error::{ApiError, ApiResult};
 use crate::app::App;
 use crate::auth::{Access, DbRole};
 use crate::config::Config;
-use crate::error::{ApiError, ApiResult};
 use crate::secrets::Secrets;
 
 pub use backend::Backend;

@@ -6,7 +6,7 @@
 //! given *and* on its percent-decoded form, so a later layer that decodes cannot turn a harmless
 //! looking name into a traversal.
 
-use crate::error::{ApiError, ApiResult};
+use crate::api::error::{ApiError, ApiResult};
 
 /// Longest object name, in bytes (S3's key limit is 1,024 bytes for the whole key).
 pub const MAX_OBJECT_NAME: usize = 900;

@@ -11,7 +11,7 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use ring::hmac;
 
-use crate::error::{ApiError, ApiResult};
+use crate::api::error::{ApiError, ApiResult};
 
 /// Wall-clock time with an adjustable offset: production never moves it; tests call
 /// [`Clock::advance`] to reach an expiry without sleeping.

@@ -14,9 +14,9 @@ use serde_json::json;
 use warp::http::{HeaderMap, StatusCode};
 
 use super::{names, require_readwrite, Bucket, STAGING};
+use crate::api::error::{ApiError, ApiResult};
 use crate::app::App;
 use crate::auth::{Access, Principal, Scope};
-use crate::error::{ApiError, ApiResult};
 
 /// Longest accepted text field (`bucketId`, `projectId`, `path`, `upsert`).
 const MAX_TEXT_FIELD: usize = 4096;

@@ -31,10 +31,10 @@ use serde_json::{json, Value};
 use tokio::sync::Notify;
 use warp::http::StatusCode;
 
+use crate::api::error::{ApiError, ApiResult};
 use crate::app::App;
 use crate::auth::Access;
 use crate::bus::{Event, EventKind};
-use crate::error::{ApiError, ApiResult};
 use crate::secrets::{random_base62, random_bytes};
 
 pub const EVENT_TYPES: [&str; 4] = [
