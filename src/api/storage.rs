@@ -126,26 +126,47 @@ impl DeleteFile {
 }
 
 /// A file through a signed URL (no credential: the signature is the grant).
-#[utoipa::path(method(get, head), path = "/api/storage/object", tag = "storage",
+#[utoipa::path(get, path = "/api/storage/object", tag = "storage",
     params(("key" = String, Query, description = "The file's key"),
            ("expires" = String, Query, description = "Unix seconds"),
            ("signature" = String, Query, description = "HMAC of key and expiry")),
     responses((status = 200, description = "The file's bytes", content_type = "application/octet-stream")))]
 pub async fn signed_download(app: SharedApp, req: Request) -> ApiResult<Response> {
+    signed(app, req, false).await
+}
+
+/// The headers of [`signed_download`], without the body.
+#[utoipa::path(head, path = "/api/storage/object", tag = "storage",
+    params(("key" = String, Query, description = "The file's key"),
+           ("expires" = String, Query, description = "Unix seconds"),
+           ("signature" = String, Query, description = "HMAC of key and expiry")),
+    responses((status = 200, description = "The file's headers")))]
+pub async fn signed_download_head(app: SharedApp, req: Request) -> ApiResult<Response> {
+    signed(app, req, true).await
+}
+
+async fn signed(app: SharedApp, req: Request, head: bool) -> ApiResult<Response> {
     app.signed_download(
         req.param("key")?,
         req.param("expires")?,
         req.param("signature")?,
-        req.method == warp::http::Method::HEAD,
+        head,
     )
     .await
 }
 
 /// A file of a public bucket, at `/api/storage/public/<projectId>/<bucket>/<path>`.
-#[utoipa::path(method(get, head), path = "/api/storage/public/{path}", tag = "storage",
+#[utoipa::path(get, path = "/api/storage/public/{path}", tag = "storage",
     params(("path" = String, Path, description = "`<projectId>/<bucket>/<file path>`, percent-encoded")),
     responses((status = 200, description = "The file's bytes", content_type = "application/octet-stream")))]
 pub async fn public_download(app: SharedApp, req: Request) -> ApiResult<Response> {
-    app.public_download(&req.tail, req.method == warp::http::Method::HEAD)
-        .await
+    app.public_download(&req.tail, false).await
+}
+
+/// The headers of [`public_download`], without the body.
+#[utoipa::path(head, path = "/api/storage/public/{path}", tag = "storage",
+    params(("path" = String, Path, description = "`<projectId>/<bucket>/<file path>`, percent-encoded")),
+    responses((status = 200, description = "The file's headers")))]
+pub async fn public_download_head(app: SharedApp, req: Request) -> ApiResult<Response> {
+    app.public_download(&req.tail, true).await
 }
