@@ -60,7 +60,10 @@ impl App {
             .with_context(|| format!("creating {}", config.data_dir.display()))?;
         let secrets = Secrets::load_or_create(&config.data_dir)?;
         let (cluster, embedded) = match &config.database_url {
-            Some(url) => (ClusterTarget::from_url(url)?, None),
+            Some(url) => {
+                tracing::info!(database = %crate::config::redact_url(url.expose()), "using an existing cluster");
+                (ClusterTarget::from_url(url.expose())?, None)
+            }
             None => {
                 let pg_dir = config.data_dir.join("pg");
                 let password = secrets.pg_password.clone();

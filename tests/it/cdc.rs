@@ -520,7 +520,7 @@ async fn the_stream_recovers_after_postgresql_crashes_and_restarts() {
     let config = fluxbase::config::Config {
         listen: "127.0.0.1:0".parse().unwrap(),
         data_dir: root.join("data"),
-        database_url: Some(cluster.url("fluxbase")),
+        database_url: Some(cluster.url("fluxbase").into()),
         rate_limit_requests: 10_000,
         ..Default::default()
     };
