@@ -331,7 +331,7 @@ async fn dispatch(app: &Arc<App>, req: &Request) -> ApiResult<Response> {
             let p = app.authenticate(req.authorization()).await?;
             let created = app.create_project_endpoint(&p, req.json()?).await?;
             if let Some(id) = created.1["project"]["id"].as_str() {
-                app.start_change_stream(id.to_string(), format!("fx_{id}"));
+                app.cdc.start(id.to_string(), format!("fx_{id}"));
             }
             ok(created)
         }
@@ -411,7 +411,12 @@ async fn dispatch(app: &Arc<App>, req: &Request) -> ApiResult<Response> {
         (&M::GET, "/api/cdc/status") => {
             let p = app.authenticate(req.authorization()).await?;
             let access = app.project_access(&p, req.param("projectId")?).await?;
-            ok(app.cdc_status(&access).await?)
+            let (id, db) = (&access.project.id, &access.project.db_name);
+            let report = app.cdc.report(id, db).await?;
+            ok((
+                StatusCode::OK,
+                json!({ "success": true, "projectId": id, "stream": report.stream, "slot": report.slot }),
+            ))
         }
         (&M::GET, "/api/storage/buckets") => {
             let p = app.authenticate(req.authorization()).await?;

@@ -188,12 +188,18 @@ impl Metrics {
 
 fn render_streams(out: &mut String, streams: &[(String, crate::cdc::StreamStatus)]) {
     type Getter = fn(&crate::cdc::StreamStatus) -> Option<f64>;
-    let series: [(&str, &str, &str, Getter); 8] = [
+    let series: [(&str, &str, &str, Getter); 9] = [
         (
             "fluxbase_cdc_up",
             "gauge",
             "1 while the project's change stream is streaming.",
-            |s| Some(if s.state == "streaming" { 1.0 } else { 0.0 }),
+            |s| Some(if s.state == crate::cdc::StreamState::Streaming { 1.0 } else { 0.0 }),
+        ),
+        (
+            "fluxbase_cdc_failed",
+            "gauge",
+            "1 when the project's change stream stopped on an error retrying cannot fix (state failed or slot_lost).",
+            |s| Some(if s.state.is_failed() { 1.0 } else { 0.0 }),
         ),
         (
             "fluxbase_cdc_events_total",
