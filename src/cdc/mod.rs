@@ -57,7 +57,7 @@ use fluxbase_replication::values::TypeRegistry;
 use fluxbase_replication::wire::{ConnectConfig, Connection};
 use serde::Serialize;
 
-use crate::bus::{Bus, ProjectBus};
+use crate::bus::{Bus, EventBus, ProjectChannel};
 use crate::config::Config;
 use crate::db::{quote_literal, ClusterTarget};
 use crate::secrets::Secrets;
@@ -176,16 +176,17 @@ impl StreamSettings {
 /// Called with a project's id when its stream starts (the wiring starts its realtime room).
 type StartHook = Box<dyn Fn(&str) + Send + Sync>;
 
-/// What the streams read, shared by the service and its tasks.
-struct Sources {
+/// What the streams read, shared by the service and its tasks. The streams publish through the
+/// bus's traits (see crate::bus), so another transport can take the in-process one's place.
+struct Sources<B: EventBus> {
     cluster: ClusterTarget,
     control: deadpool_postgres::Pool,
-    bus: Arc<Bus>,
+    bus: Arc<B>,
     secrets: Secrets,
     settings: StreamSettings,
 }
 
-impl Sources {
+impl<B: EventBus> Sources<B> {
     fn replication_config(&self, db_name: &str) -> ConnectConfig {
         let mut options = Vec::new();
         if let Some(kb) = self.settings.decoding_work_mem_kb {
@@ -212,7 +213,7 @@ struct Handle {
 
 /// The change streams of this server.
 pub struct Cdc {
-    sources: Arc<Sources>,
+    sources: Arc<Sources<Bus>>,
     on_start: OnceLock<StartHook>,
     streams: Mutex<HashMap<String, Handle>>,
     enabled: std::sync::atomic::AtomicBool,
@@ -487,8 +488,8 @@ impl StreamError {
     }
 }
 
-async fn run_stream(
-    sources: Arc<Sources>,
+async fn run_stream<B: EventBus>(
+    sources: Arc<Sources<B>>,
     project_id: String,
     db_name: String,
     status: Arc<Mutex<StreamStatus>>,
@@ -539,15 +540,15 @@ fn lsn_of(s: &Option<String>) -> Option<Lsn> {
     s.as_deref().and_then(|v| v.parse().ok())
 }
 
-async fn stream_once(
-    sources: &Sources,
+async fn stream_once<B: EventBus>(
+    sources: &Sources<B>,
     project_id: &str,
     db_name: &str,
     types: &RwLock<TypeRegistry>,
     status: &Mutex<StreamStatus>,
 ) -> Result<(), StreamError> {
     let cfg = sources.replication_config(db_name);
-    let bus = sources.bus.project(project_id);
+    let bus = sources.bus.channel(project_id);
     let bound = sources.settings.buffer_bytes;
     let spill_dir = sources.settings.spill_dir.join(project_id);
     let key = message_key(&sources.secrets, project_id);
@@ -629,7 +630,7 @@ async fn stream_once(
                                 asm.rejected_messages() - rejected;
                         }
                         if let Some(tx) = committed {
-                            release(&bus, tx, status).await?;
+                            release(&*bus, tx, status).await?;
                         }
                         status.lock().expect("poisoned").received_lsn = Some(wal_end.to_string());
                     }
@@ -669,7 +670,7 @@ async fn stream_once(
                     }
                 }
             }
-            _ = bus.rewind.notified() => {
+            _ = bus.rewind_requested() => {
                 if bus.rewind_generation() != generation {
                     return Err(StreamError::Rewind);
                 }
@@ -679,8 +680,8 @@ async fn stream_once(
 }
 
 /// Publishes a committed transaction's events in order.
-async fn release(
-    bus: &ProjectBus,
+async fn release<C: ProjectChannel>(
+    bus: &C,
     tx: assemble::Committed,
     status: &Mutex<StreamStatus>,
 ) -> Result<(), StreamError> {
