@@ -45,11 +45,46 @@ pub const QUEUE_LEN: usize = 4096;
 /// Queue length of a durable subscriber, in events.
 pub const DURABLE_QUEUE_LEN: usize = 65_536;
 
+/// The operation of a row change.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+pub enum RowOp {
+    Insert,
+    Update,
+    Delete,
+}
+
+impl RowOp {
+    /// The guide's name: `INSERT`, `UPDATE` or `DELETE`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RowOp::Insert => "INSERT",
+            RowOp::Update => "UPDATE",
+            RowOp::Delete => "DELETE",
+        }
+    }
+
+    /// The operation of a guide's name (upper case), if it is one.
+    pub fn from_name(name: &str) -> Option<RowOp> {
+        match name {
+            "INSERT" => Some(RowOp::Insert),
+            "UPDATE" => Some(RowOp::Update),
+            "DELETE" => Some(RowOp::Delete),
+            _ => None,
+        }
+    }
+}
+
+impl std::fmt::Display for RowOp {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// What kind of change an event reports.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum EventKind {
-    /// A row change: `INSERT`, `UPDATE` or `DELETE`.
-    Row { operation: &'static str },
+    /// A row change.
+    Row { operation: RowOp },
     /// A DDL command or a TRUNCATE.
     Schema { command: String },
     /// A custom broadcast from SQL (`realtime.broadcast(event, payload)`); `payload` holds
@@ -406,5 +441,20 @@ impl EventBus for Bus {
 
     fn forget(&self, project_id: &str) {
         self.remove(project_id)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::RowOp;
+
+    #[test]
+    fn row_operations_have_the_guide_s_names() {
+        for op in [RowOp::Insert, RowOp::Update, RowOp::Delete] {
+            assert_eq!(RowOp::from_name(op.as_str()), Some(op));
+            assert_eq!(op.to_string(), op.as_str());
+        }
+        assert_eq!(RowOp::Update.as_str(), "UPDATE");
+        assert_eq!(RowOp::from_name("insert"), None);
     }
 }

@@ -751,3 +751,101 @@ async fn learn_types(conn: &mut Connection, types: &RwLock<TypeRegistry>, oids: 
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use fluxbase_replication::client::ReplicationError;
+    use fluxbase_replication::wire::{DbError, Phase, WireError};
+
+    use super::*;
+
+    #[test]
+    fn stream_states_are_reported_by_their_names() {
+        for (state, name) in [
+            (StreamState::Starting, "starting"),
+            (StreamState::Streaming, "streaming"),
+            (StreamState::Reconnecting, "reconnecting"),
+            (StreamState::SlotLost, "slot_lost"),
+            (StreamState::Failed, "failed"),
+            (StreamState::Stopped, "stopped"),
+        ] {
+            assert_eq!(serde_json::to_value(state).unwrap(), name);
+            assert_eq!(state.is_failed(), matches!(name, "slot_lost" | "failed"));
+        }
+    }
+
+    fn db(code: &str, message: &str, phase: Phase) -> WireError {
+        WireError::Db(Box::new(DbError {
+            severity: "FATAL".into(),
+            code: code.into(),
+            message: message.into(),
+            detail: None,
+            hint: None,
+            position: None,
+            internal_position: None,
+            internal_query: None,
+            where_: None,
+            schema: None,
+            table: None,
+            column: None,
+            datatype: None,
+            constraint: None,
+            phase,
+        }))
+    }
+
+    #[test]
+    fn stream_errors_are_transient_or_definite() {
+        let transient = [
+            StreamError::Replication(ReplicationError::Wire(WireError::Closed)),
+            StreamError::Wire(WireError::Timeout),
+            StreamError::Wire(db(
+                "57P03",
+                "the database system is starting up",
+                Phase::Startup,
+            )),
+            StreamError::Replication(ReplicationError::Wire(db(
+                "57P01",
+                "terminating connection due to administrator command",
+                Phase::Query,
+            ))),
+            // This stream's previous walsender, not yet gone.
+            StreamError::Replication(ReplicationError::Wire(db(
+                "55006",
+                "replication slot \"fluxbase_p\" is active for PID 42",
+                Phase::Query,
+            ))),
+            StreamError::Assemble(assemble::AssembleError::Spill(std::io::Error::other(
+                "full",
+            ))),
+            StreamError::Ended,
+        ];
+        for e in &transient {
+            assert!(e.is_transient(), "{e}");
+        }
+        let definite = [
+            StreamError::SlotLost("fluxbase_p".into()),
+            StreamError::Replication(ReplicationError::Wire(db(
+                "42704",
+                "publication \"fluxbase_changes\" does not exist",
+                Phase::Query,
+            ))),
+            StreamError::Wire(db(
+                "28P01",
+                "password authentication failed for user \"fx\"",
+                Phase::Startup,
+            )),
+            StreamError::Wire(db(
+                "42501",
+                "permission denied to start WAL sender",
+                Phase::Startup,
+            )),
+            StreamError::Wire(WireError::Auth("unsupported method".into())),
+            StreamError::Replication(ReplicationError::Wire(WireError::Protocol("x".into()))),
+            StreamError::Assemble(assemble::AssembleError::UnknownRelation("INSERT", 7)),
+        ];
+        for e in &definite {
+            assert!(!e.is_transient(), "{e}");
+        }
+    }
+}

@@ -590,8 +590,8 @@ struct Drained {
 fn is_workload_event(e: &Event) -> bool {
     match (&e.kind, e.table.as_deref()) {
         (EventKind::Row { operation }, Some(table)) => {
-            (*operation == "INSERT" && table == INSERT_TABLE)
-                || (*operation == "UPDATE" && table == WIDE_TABLE)
+            (*operation == fluxbase::bus::RowOp::Insert && table == INSERT_TABLE)
+                || (*operation == fluxbase::bus::RowOp::Update && table == WIDE_TABLE)
         }
         _ => false,
     }
