@@ -61,7 +61,8 @@ impl App {
         let secrets = Secrets::load_or_create(&config.data_dir)?;
         let (cluster, embedded) = match &config.database_url {
             Some(url) => {
-                tracing::info!(database = %crate::config::redact_url(url.expose()), "using an existing cluster");
+                let database = crate::config::redact_url(url.expose());
+                tracing::info!(database, "using an existing cluster");
                 (ClusterTarget::from_url(url.expose())?, None)
             }
             None => {

@@ -538,8 +538,8 @@ impl App {
                     "The project was deleted.",
                 )
             }
-            // Only a project this server has no stream for: a stream that ended (a lost slot)
-            // stays ended and reported.
+            // Only a project this server has no stream for: a stream that ended (a lost slot, a
+            // definite error) stays ended and reported.
             Ok(Some(p)) if p.status == "active" && self.cdc.status(&p.id).is_none() => {
                 self.cdc.start(p.id, p.db_name)
             }
