@@ -27,7 +27,7 @@ pub struct App {
     pub account_limits: crate::ratelimit::AccountLimits,
     pub metrics: Metrics,
     pub auth_cache: crate::auth::AuthCache,
-    pub bus: crate::bus::Bus,
+    pub bus: Arc<crate::bus::Bus>,
     pub cdc: crate::cdc::Cdc,
     pub realtime: crate::realtime::Realtime,
     pub webhooks: crate::webhooks::Webhooks,
@@ -60,7 +60,11 @@ impl App {
             .with_context(|| format!("creating {}", config.data_dir.display()))?;
         let secrets = Secrets::load_or_create(&config.data_dir)?;
         let (cluster, embedded) = match &config.database_url {
-            Some(url) => (ClusterTarget::from_url(url)?, None),
+            Some(url) => {
+                let database = crate::config::redact_url(url.expose());
+                tracing::info!(database, "using an existing cluster");
+                (ClusterTarget::from_url(url.expose())?, None)
+            }
             None => {
                 let pg_dir = config.data_dir.join("pg");
                 let password = secrets.pg_password.clone();
@@ -82,14 +86,21 @@ impl App {
         };
         let control = crate::db::open_control(&cluster, 8).await?;
         let storage = crate::storage::Storage::open(&config, &secrets)?;
+        let bus = Arc::new(crate::bus::Bus::default());
         let app = Arc::new(App {
             sql: SqlPools::new(&config, &cluster),
             rate: RateLimiter::new(config.rate_limit_requests, config.rate_limit_window_secs),
             account_limits: crate::ratelimit::AccountLimits::new(&config),
             metrics: Metrics::default(),
             auth_cache: Default::default(),
-            bus: Default::default(),
-            cdc: Default::default(),
+            cdc: crate::cdc::Cdc::new(
+                cluster.clone(),
+                control.clone(),
+                bus.clone(),
+                secrets.clone(),
+                crate::cdc::StreamSettings::from_config(&config),
+            ),
+            bus,
             realtime: Default::default(),
             webhooks: Default::default(),
             storage,
@@ -99,6 +110,13 @@ impl App {
             cluster,
             control,
             embedded,
+        });
+        // A stream's room stores it in the durable resume history from its start.
+        let weak = Arc::downgrade(&app);
+        app.cdc.on_stream_start(move |project_id| {
+            if let Some(app) = weak.upgrade() {
+                app.start_room(project_id);
+            }
         });
         crate::projects::migrate_all(&app, sweep).await?;
         // A server (not a CLI command) reports a storage backend that cannot be used now, not at
@@ -168,7 +186,7 @@ impl Running {
         let addr = listener.local_addr()?;
         no_delay(&listener)?;
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-        app.start_change_streams().await?;
+        app.cdc.start_all().await?;
         app.start_webhooks().await?;
         crate::metrics::start_listener(&app).await?;
         let routes = crate::api::filter(app.clone());

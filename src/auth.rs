@@ -530,7 +530,7 @@ impl App {
     async fn close_room_if_inactive(self: &std::sync::Arc<Self>, project_id: &str) {
         match self.load_project(project_id).await {
             Ok(None) => {
-                self.stop_change_stream(project_id).await;
+                self.cdc.stop(project_id).await;
                 self.sql.forget_project(project_id);
                 self.realtime.close_project(
                     project_id,
@@ -538,10 +538,10 @@ impl App {
                     "The project was deleted.",
                 )
             }
-            // Only a project this server has no stream for: a stream that ended (a lost slot)
-            // stays ended and reported.
+            // Only a project this server has no stream for: a stream that ended (a lost slot, a
+            // definite error) stays ended and reported.
             Ok(Some(p)) if p.status == "active" && self.cdc.status(&p.id).is_none() => {
-                self.start_change_stream(p.id, p.db_name)
+                self.cdc.start(p.id, p.db_name)
             }
             Ok(Some(p)) if p.status == "suspended" => {
                 self.sql.forget_project(project_id);

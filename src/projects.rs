@@ -128,7 +128,8 @@ impl App {
         client: &tokio_postgres::Client,
         project_id: &str,
     ) -> anyhow::Result<()> {
-        let (inner, outer) = crate::rls::padded_keys(&crate::cdc::message_key(self, project_id));
+        let (inner, outer) =
+            crate::rls::padded_keys(&crate::cdc::message_key(&self.secrets, project_id));
         let key = [inner, outer].concat();
         let oid: i64 = client
             .query_one("SELECT lo_from_bytea(0, $1)::int8", &[&key])
@@ -181,7 +182,7 @@ impl App {
 
     /// The project's replication slot (after its row exists in the control database).
     async fn provision_slot(&self, project_id: &str, db_name: &str) -> anyhow::Result<()> {
-        self.ensure_slot(project_id, db_name).await
+        self.cdc.ensure_slot(project_id, db_name).await
     }
 
     /// Applies the bootstrap migrations above `from` to a project's database.
@@ -379,7 +380,7 @@ impl App {
             .load_project(project_id)
             .await?
             .ok_or(ApiError::ProjectNotFound)?;
-        self.stop_change_stream(project_id).await;
+        self.cdc.stop(project_id).await;
         self.deprovision(project_id, &project.db_name).await;
         let client = self.control.get().await?;
         client
@@ -562,7 +563,7 @@ pub async fn migrate_all(app: &App, secure_roles: bool) -> anyhow::Result<()> {
         )
         .await?;
     for r in unslotted {
-        app.ensure_slot(r.get(0), r.get(1)).await?;
+        app.cdc.ensure_slot(r.get(0), r.get(1)).await?;
     }
     if !secure_roles {
         return Ok(());

@@ -23,7 +23,7 @@ pub async fn create_project(app: SharedApp, req: Request) -> ApiResult<impl Repl
     let principal = req.principal(&app).await?;
     let created = app.create_project_endpoint(&principal, req.json()?).await?;
     if let Some(id) = created.1["project"]["id"].as_str() {
-        app.start_change_stream(id.to_string(), format!("fx_{id}"));
+        app.cdc.start(id.to_string(), format!("fx_{id}"));
     }
     Ok(created)
 }

@@ -88,7 +88,7 @@ impl Backend {
                     builder = builder.with_access_key_id(id);
                 }
                 if let Some(secret) = &config.s3_secret_access_key {
-                    builder = builder.with_secret_access_key(secret);
+                    builder = builder.with_secret_access_key(secret.expose());
                 }
                 let store = builder.build().context("configuring the S3 backend")?;
                 tracing::info!(bucket, endpoint = ?config.s3_endpoint, "storage: S3");
