@@ -263,8 +263,8 @@ impl From<DeletedFile> for DeletedFileInfo {
 #[derive(Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct CreateBucket {
-    /// Resolved before the body is typed (`Request::access_by_body`).
-    #[allow(dead_code)]
+    /// The project.
+    #[allow(dead_code)] // Resolved before the body is typed (`Request::access_by_body`).
     project_id: String,
     /// Lowercase letters, digits, hyphens and underscores, 1–63 characters; unique per project.
     name: String,
@@ -281,8 +281,8 @@ pub struct CreateBucket {
 #[derive(Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct PatchBucket {
-    /// Resolved before the body is typed (`Request::access_by_body`).
-    #[allow(dead_code)]
+    /// The project.
+    #[allow(dead_code)] // Resolved before the body is typed (`Request::access_by_body`).
     project_id: String,
     /// The bucket's UUID or name.
     bucket_id: String,
@@ -549,6 +549,7 @@ async fn delete(app: SharedApp, req: Request) -> ApiResult<Json<FileDeleted>> {
 #[derive(Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct DeleteFile {
+    /// The project.
     project_id: String,
     /// The file's id (wins over `s3Key`).
     file_id: Option<String>,

@@ -13,10 +13,10 @@
 //! An object is stored under its key exactly as the API reports it (`s3_key`): `café [1].txt`
 //! is that file on disk and that key in the bucket ([`path_of`]), not the percent-encoded form
 //! `object_store`'s `Path::from` would make of it. Objects an earlier version stored under that
-//! encoded form are moved to their key once, at start-up ([`Backend::migrate_legacy`], called by
-//! the storage migration in `storage/sweep.rs`); nothing at run time guesses at an encoded path, so
-//! an object never reads, signs or deletes another object stored under a key that happens to be
-//! its encoded form (`caf%C3%A9.txt` is a name of its own, not `café.txt`).
+//! encoded form are moved to their key once, at start-up ([`Backend::migrate_legacy`], called
+//! by the storage migration in `storage/sweep.rs`); nothing at run time guesses at an encoded
+//! path, so an object never reads, signs or deletes another object stored under a key that
+//! happens to be its encoded form (`caf%C3%A9.txt` is a name of its own, not `café.txt`).
 
 use std::path::PathBuf;
 use std::sync::Arc;
