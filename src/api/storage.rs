@@ -661,3 +661,66 @@ where
     });
     futures_util::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|c| (c, rx)) })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use warp::http::StatusCode;
+
+    fn answer(e: StorageError) -> (StatusCode, &'static str, String) {
+        let e = ApiError::from(e);
+        (e.status(), e.code(), e.to_string())
+    }
+
+    #[test]
+    fn storage_errors_keep_the_guides_status_code_and_message() {
+        assert_eq!(
+            answer(StorageError::BucketExists("photos".into())),
+            (
+                StatusCode::CONFLICT,
+                "CONFLICT",
+                "A bucket named \"photos\" already exists in this project.".into()
+            )
+        );
+        assert_eq!(
+            answer(StorageError::MissingField("bucketId")),
+            (
+                StatusCode::BAD_REQUEST,
+                "BAD_REQUEST",
+                "bucketId: missing form field".into()
+            )
+        );
+        assert_eq!(
+            answer(StorageError::TooLarge(1024)),
+            (
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "PAYLOAD_TOO_LARGE",
+                "Request body is larger than the limit of 1024 bytes.".into()
+            )
+        );
+        assert_eq!(
+            answer(StorageError::NotServed),
+            (StatusCode::NOT_FOUND, "NOT_FOUND", "File not found.".into())
+        );
+        assert_eq!(
+            answer(StorageError::UrlExpired),
+            (
+                StatusCode::FORBIDDEN,
+                "ACCESS_DENIED",
+                "The URL has expired.".into()
+            )
+        );
+        // The backend's cause is logged, never answered.
+        let (status, code, message) = answer(StorageError::Unavailable("disk full".into()));
+        assert_eq!(
+            (status, code),
+            (StatusCode::SERVICE_UNAVAILABLE, "STORAGE_UNAVAILABLE")
+        );
+        assert!(!message.contains("disk full"));
+        let (status, code, _) = answer(StorageError::Internal(anyhow::anyhow!("a bug")));
+        assert_eq!(
+            (status, code),
+            (StatusCode::INTERNAL_SERVER_ERROR, "INTERNAL_ERROR")
+        );
+    }
+}
