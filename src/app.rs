@@ -25,7 +25,7 @@ pub struct App {
     pub rate: RateLimiter,
     /// Login, sign-up and project-creation bounds (see [`crate::ratelimit::AccountLimits`]).
     pub account_limits: crate::ratelimit::AccountLimits,
-    pub metrics: Metrics,
+    pub metrics: Arc<Metrics>,
     pub auth_cache: crate::auth::AuthCache,
     pub bus: Arc<crate::bus::Bus>,
     pub cdc: crate::cdc::Cdc,
@@ -85,13 +85,15 @@ impl App {
             }
         };
         let control = crate::db::open_control(&cluster, 8).await?;
-        let storage = crate::storage::Storage::open(&config, &secrets)?;
+        let metrics = Arc::new(Metrics::default());
+        let storage =
+            crate::storage::Storage::open(&config, &secrets, control.clone(), metrics.clone())?;
         let bus = Arc::new(crate::bus::Bus::default());
         let app = Arc::new(App {
             sql: SqlPools::new(&config, &cluster),
             rate: RateLimiter::new(config.rate_limit_requests, config.rate_limit_window_secs),
             account_limits: crate::ratelimit::AccountLimits::new(&config),
-            metrics: Metrics::default(),
+            metrics,
             auth_cache: Default::default(),
             cdc: crate::cdc::Cdc::new(
                 cluster.clone(),
@@ -131,10 +133,10 @@ impl App {
                     "the storage backend is not usable: uploads and downloads fail, /ready answers 503"
                 );
             }
-            if let Err(e) = app.migrate_legacy_objects().await {
+            if let Err(e) = app.storage.migrate_legacy_objects().await {
                 tracing::warn!(error = %e, "moving objects of an older version to their keys");
             }
-            if let Err(e) = app.sweep_storage().await {
+            if let Err(e) = app.storage.sweep().await {
                 tracing::warn!(error = %e, "storage sweep at start-up");
             }
         }

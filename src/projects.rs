@@ -390,7 +390,7 @@ impl App {
             )
             .await?;
         drop(client);
-        self.delete_project_objects(project_id).await;
+        self.storage.delete_project_objects(project_id).await;
         self.invalidate_project_access(project_id).await;
         self.realtime
             .close_project(project_id, "PROJECT_NOT_FOUND", "The project was deleted.");
