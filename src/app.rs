@@ -27,7 +27,7 @@ pub struct App {
     pub account_limits: crate::ratelimit::AccountLimits,
     pub metrics: Metrics,
     pub auth_cache: crate::auth::AuthCache,
-    pub bus: crate::bus::Bus,
+    pub bus: Arc<crate::bus::Bus>,
     pub cdc: crate::cdc::Cdc,
     pub realtime: crate::realtime::Realtime,
     pub webhooks: crate::webhooks::Webhooks,
@@ -82,16 +82,21 @@ impl App {
         };
         let control = crate::db::open_control(&cluster, 8).await?;
         let storage = crate::storage::Storage::open(&config, &secrets)?;
+        let bus = Arc::new(crate::bus::Bus::default());
         let app = Arc::new(App {
             sql: SqlPools::new(&config, &cluster),
             rate: RateLimiter::new(config.rate_limit_requests, config.rate_limit_window_secs),
             account_limits: crate::ratelimit::AccountLimits::new(&config),
             metrics: Metrics::default(),
             auth_cache: Default::default(),
-            bus: Default::default(),
             cdc: Default::default(),
             realtime: Default::default(),
-            webhooks: Default::default(),
+            webhooks: crate::webhooks::Webhooks::new(
+                control.clone(),
+                bus.clone(),
+                crate::webhooks::Settings::from_config(&config),
+            ),
+            bus,
             storage,
             key_touched: Mutex::new(HashMap::new()),
             config,
@@ -132,7 +137,7 @@ impl App {
     /// Stops what the server started (the embedded cluster).
     pub fn shutdown(&self) {
         self.cdc.stop_all();
-        self.stop_webhooks();
+        self.webhooks.stop();
         self.sql.clear();
         self.control.close();
         if let Some(cluster) = &self.embedded {
@@ -169,8 +174,8 @@ impl Running {
         no_delay(&listener)?;
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
         app.start_change_streams().await?;
-        app.start_webhooks().await?;
-        crate::metrics::start_listener(&app).await?;
+        app.webhooks.start().await?;
+        crate::api::metrics::start_listener(&app).await?;
         let routes = crate::api::filter(app.clone());
         let limits = crate::listener::Limits {
             header_read_timeout: std::time::Duration::from_secs(

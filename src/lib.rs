@@ -11,6 +11,7 @@ pub mod auth;
 pub mod bus;
 pub mod cdc;
 pub mod config;
+pub mod control;
 pub mod db;
 pub mod doctor;
 pub mod embedded;
