@@ -40,11 +40,12 @@ pub struct CreateWebhook {
     /// private ones).
     pub url: String,
     /// At least one.
-    #[schema(value_type = Vec<EventType>)]
+    #[schema(value_type = Vec<EventType>, min_items = 1)]
     pub events: Vec<String>,
     /// Only these tables' changes; absent or `null`: every table.
     pub tables: Option<Vec<String>>,
-    /// The signing secret, 16 to 256 characters; absent: a generated `whsec_…` one.
+    /// The signing secret, 16 to 256 bytes (UTF-8); absent: a generated `whsec_…` one.
+    #[schema(min_length = 16)]
     pub secret: Option<String>,
     /// Default `true`.
     pub enabled: Option<bool>,
@@ -57,7 +58,7 @@ pub struct PatchWebhook {
     pub project_id: String,
     pub webhook_id: String,
     pub url: Option<String>,
-    #[schema(value_type = Option<Vec<EventType>>)]
+    #[schema(value_type = Option<Vec<EventType>>, min_items = 1)]
     pub events: Option<Vec<String>>,
     pub tables: Option<Vec<String>>,
     /// `true` also clears a server-side disable (`disabledReason`).

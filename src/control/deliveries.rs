@@ -99,15 +99,18 @@ pub struct Delivery {
     pub status: DeliveryStatus,
     pub attempts: i32,
     /// The last attempt's HTTP status; `null` before one, or when no answer came.
+    #[schema(required = true)]
     pub response_status: Option<i32>,
     /// The start of the last answer's body.
+    #[schema(required = true)]
     pub response_body: Option<String>,
+    #[schema(required = true)]
     pub last_error: Option<String>,
     #[schema(value_type = String, format = DateTime)]
     pub next_attempt_at: DateTime<Utc>,
     #[schema(value_type = String, format = DateTime)]
     pub created_at: DateTime<Utc>,
-    #[schema(value_type = Option<String>, format = DateTime)]
+    #[schema(required = true, value_type = Option<String>, format = DateTime)]
     pub delivered_at: Option<DateTime<Utc>>,
 }
 

@@ -16,9 +16,11 @@ pub struct Webhook {
     #[schema(value_type = Vec<EventType>)]
     pub events: Vec<String>,
     /// The tables whose changes are sent; `null`: every table.
+    #[schema(required = true)]
     pub tables: Option<Vec<String>>,
     pub enabled: bool,
     /// Why the server disabled it (410 Gone, a day of failures); `null` when enabled by its owner.
+    #[schema(required = true)]
     pub disabled_reason: Option<String>,
     #[schema(value_type = String, format = DateTime)]
     pub created_at: DateTime<Utc>,
