@@ -11,7 +11,7 @@ use serde::Serialize;
 use tokio_postgres::types::{to_sql_checked, FromSql, IsNull, ToSql, Type};
 use tokio_postgres::{Error, Row};
 
-use crate::webhooks::EventType;
+use super::webhooks::EventType;
 
 /// Where a delivery is: waiting for its (next) attempt, received by the endpoint, or given up.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, utoipa::ToSchema)]

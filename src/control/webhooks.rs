@@ -1,11 +1,61 @@
 //! `fluxbase.webhooks`: a project's registered endpoints, their signing secret and state.
 
+use std::fmt;
+use std::str::FromStr;
+
 use chrono::{DateTime, Utc};
 use deadpool_postgres::GenericClient;
 use serde::Serialize;
 use tokio_postgres::{Error, Row};
 
-use crate::webhooks::EventType;
+/// A webhook event type, as registered (the `events` column) and as sent in `event_type` and
+/// `X-Fluxbase-Event`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, utoipa::ToSchema)]
+pub enum EventType {
+    #[serde(rename = "row.inserted")]
+    RowInserted,
+    #[serde(rename = "row.updated")]
+    RowUpdated,
+    #[serde(rename = "row.deleted")]
+    RowDeleted,
+    #[serde(rename = "schema.changed")]
+    SchemaChanged,
+}
+
+impl EventType {
+    pub const ALL: [EventType; 4] = [
+        EventType::RowInserted,
+        EventType::RowUpdated,
+        EventType::RowDeleted,
+        EventType::SchemaChanged,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EventType::RowInserted => "row.inserted",
+            EventType::RowUpdated => "row.updated",
+            EventType::RowDeleted => "row.deleted",
+            EventType::SchemaChanged => "schema.changed",
+        }
+    }
+}
+
+impl fmt::Display for EventType {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for EventType {
+    type Err = ();
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        EventType::ALL
+            .into_iter()
+            .find(|t| t.as_str() == s)
+            .ok_or(())
+    }
+}
 
 /// A webhook as its owner sees it (never the secret).
 #[derive(Clone, Debug, Serialize, utoipa::ToSchema)]
@@ -215,4 +265,18 @@ pub async fn disable(
         )
         .await?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn event_types_read_as_they_are_written() {
+        for t in EventType::ALL {
+            assert_eq!(t.as_str().parse::<EventType>(), Ok(t));
+            assert_eq!(serde_json::to_value(t).unwrap(), t.as_str());
+        }
+        assert!("row.upserted".parse::<EventType>().is_err());
+    }
 }

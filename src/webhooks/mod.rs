@@ -36,8 +36,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 pub use crate::control::deliveries::{Delivery, DeliveryStatus};
-pub use crate::control::webhooks::Webhook;
-pub use payload::EventType;
+pub use crate::control::webhooks::{EventType, Webhook};
 
 use crate::bus::Bus;
 use crate::control::deliveries;

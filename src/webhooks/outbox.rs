@@ -10,7 +10,8 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 
-use super::payload::{payload, EventType};
+use super::payload::{event_type, payload};
+use super::EventType;
 use super::Shared;
 use crate::bus::{Event, ProjectBus};
 use crate::control::deliveries::{self, NewDeliveries};
@@ -141,7 +142,7 @@ async fn store(
     let hooks: Vec<Hook> = subscribers.into_iter().map(Hook::from).collect();
     let mut new = NewDeliveries::default();
     for event in events {
-        let Some(kind) = EventType::of(event) else {
+        let Some(kind) = event_type(event) else {
             continue;
         };
         let mut body = None;
