@@ -102,9 +102,13 @@ impl App {
                 secrets.clone(),
                 crate::cdc::StreamSettings::from_config(&config),
             ),
-            bus,
             realtime: Default::default(),
-            webhooks: Default::default(),
+            webhooks: crate::webhooks::Webhooks::new(
+                control.clone(),
+                bus.clone(),
+                crate::webhooks::Settings::from_config(&config),
+            ),
+            bus,
             storage,
             key_touched: Mutex::new(HashMap::new()),
             config,
@@ -152,7 +156,7 @@ impl App {
     /// Stops what the server started (the embedded cluster).
     pub fn shutdown(&self) {
         self.cdc.stop_all();
-        self.stop_webhooks();
+        self.webhooks.stop();
         self.sql.clear();
         self.control.close();
         if let Some(cluster) = &self.embedded {
@@ -189,8 +193,8 @@ impl Running {
         no_delay(&listener)?;
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
         app.cdc.start_all().await?;
-        app.start_webhooks().await?;
-        crate::metrics::start_listener(&app).await?;
+        app.webhooks.start().await?;
+        crate::api::metrics::start_listener(&app).await?;
         let routes = crate::api::filter(app.clone());
         let limits = crate::listener::Limits {
             header_read_timeout: std::time::Duration::from_secs(

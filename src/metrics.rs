@@ -1,14 +1,8 @@
 //! Prometheus text metrics at `GET /metrics`: request counts by route and status, SQL latency
 //! histogram and outcome counts, pooled connections.
 //!
-//! The metrics name every project, so they are not public ([`answer`]):
-//! * `metrics_token` (`FLUXBASE_METRICS_TOKEN`) set: `Authorization: Bearer <token>` is
-//!   required, wherever `/metrics` is served (401 `AUTH_REQUIRED` without it);
-//! * `metrics_addr` (`FLUXBASE_METRICS_ADDR`) set: `/metrics` is served on that address only
-//!   (the API's listener answers 404), e.g. an interface only the scraper reaches;
-//! * neither: the API's listener answers `/metrics` only to a loopback peer whose request
-//!   carries no proxy header (`Forwarded`, `X-Forwarded-For`, `X-Real-IP`); anyone else gets
-//!   403 `INSUFFICIENT_PERMISSIONS` naming the two settings.
+//! This module counts and renders text; who may read it, and where it is served, is the API's
+//! concern ([`crate::api::metrics`]): the metrics name every project, so they are not public.
 
 use std::collections::BTreeMap;
 use std::fmt::Write;
@@ -255,85 +249,6 @@ fn render_streams(out: &mut String, streams: &[(String, crate::cdc::StreamStatus
     }
 }
 
-/// Where a `/metrics` request arrived.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Listener {
-    /// The API's own listener.
-    Api,
-    /// The dedicated listener of `metrics_addr`.
-    Dedicated,
-}
-
-/// Answers `GET /metrics` under the access rules of the module docs. `peer` is the client's
-/// address when known (unknown: not trusted as loopback).
-pub fn answer(
-    app: &crate::app::App,
-    listener: Listener,
-    peer: Option<std::net::SocketAddr>,
-    headers: &warp::http::HeaderMap,
-) -> warp::reply::Response {
-    use crate::api::error::ApiError;
-    use warp::Reply;
-    let config = &app.config;
-    let refused = if listener == Listener::Api && config.metrics_addr.is_some() {
-        Some(ApiError::NotFound(
-            "/metrics is served on its own address (metrics_addr).".into(),
-        ))
-    } else if let Some(token) = &config.metrics_token {
-        let given = headers
-            .get(warp::http::header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.split_once(' '))
-            .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
-            .map(|(_, t)| t.trim());
-        // Compared by digest: the time taken says nothing about the token.
-        let digest = |t: &str| crate::secrets::sha256(t.as_bytes());
-        let ok = given.is_some_and(|g| digest(g) == digest(token.expose()));
-        (!ok).then(|| {
-            ApiError::AuthRequired(
-                "/metrics needs Authorization: Bearer <FLUXBASE_METRICS_TOKEN>.".into(),
-            )
-        })
-    } else if listener == Listener::Api
-        && (config.trust_forwarded_for || !from_loopback(peer, headers))
-    {
-        Some(ApiError::InsufficientPermissions(
-            "/metrics answers only local requests: set FLUXBASE_METRICS_TOKEN (a bearer token) \
-             or FLUXBASE_METRICS_ADDR (a separate listen address) to scrape it from elsewhere."
-                .into(),
-        ))
-    } else {
-        None
-    };
-    match refused {
-        Some(e) => crate::api::error_response(&e, None),
-        None => warp::reply::with_header(
-            app.metrics
-                .render(app.sql.connection_count(), &app.cdc.all_status())
-                + &app.realtime.render_metrics(),
-            "content-type",
-            "text/plain; version=0.0.4",
-        )
-        .into_response(),
-    }
-}
-
-/// A request straight from this machine: a loopback peer, not relaying anyone (a reverse proxy
-/// on the same host says whom it forwards for). With `trust_forwarded_for` the API listener is
-/// behind a proxy, which may add no such header, so no request there counts as local.
-fn from_loopback(peer: Option<std::net::SocketAddr>, headers: &warp::http::HeaderMap) -> bool {
-    let proxied = ["forwarded", "x-forwarded-for", "x-real-ip"]
-        .iter()
-        .any(|h| headers.contains_key(*h));
-    let loopback = peer.is_some_and(|p| match p.ip() {
-        std::net::IpAddr::V4(v4) => v4.is_loopback(),
-        std::net::IpAddr::V6(v6) => {
-            v6.is_loopback() || v6.to_ipv4_mapped().is_some_and(|v4| v4.is_loopback())
-        }
-    });
-    loopback && !proxied
-}
-
 impl Metrics {
     /// The dedicated listener's address, once started.
     pub fn listen_addr(&self) -> Option<std::net::SocketAddr> {
@@ -344,75 +259,15 @@ impl Metrics {
             .map(|(a, _)| *a)
     }
 
+    /// Keeps the dedicated listener's address and task (started by the API layer).
+    pub fn set_listener(&self, addr: std::net::SocketAddr, task: tokio::task::JoinHandle<()>) {
+        *self.listener.lock().expect("poisoned") = Some((addr, task));
+    }
+
     /// Stops the dedicated listener, if any.
     pub fn stop_listener(&self) {
         if let Some((_, task)) = self.listener.lock().expect("poisoned").take() {
             task.abort();
         }
     }
-}
-
-/// Starts the dedicated `/metrics` listener when `metrics_addr` is set; logs where the
-/// metrics can be scraped either way.
-pub async fn start_listener(app: &crate::app::SharedApp) -> anyhow::Result<()> {
-    use anyhow::Context;
-    use warp::Filter;
-    let config = &app.config;
-    let token = if config.metrics_token.is_some() {
-        " with Authorization: Bearer $FLUXBASE_METRICS_TOKEN"
-    } else {
-        ""
-    };
-    let Some(addr) = config.metrics_addr else {
-        if token.is_empty() {
-            tracing::info!(
-                "metrics: GET /metrics from this machine only (loopback); set \
-                 FLUXBASE_METRICS_TOKEN or FLUXBASE_METRICS_ADDR to scrape it from elsewhere"
-            );
-        } else {
-            tracing::info!("metrics: GET /metrics{token}");
-        }
-        return Ok(());
-    };
-    let listener = tokio::net::TcpListener::bind(addr)
-        .await
-        .with_context(|| format!("binding the metrics address {addr}"))?;
-    let bound = listener.local_addr()?;
-    let weak = std::sync::Arc::downgrade(app);
-    let routes = warp::path::full()
-        .and(warp::method())
-        .and(warp::addr::remote())
-        .and(warp::header::headers_cloned())
-        .map(
-            move |path: warp::path::FullPath,
-                  method: warp::http::Method,
-                  peer,
-                  headers: warp::http::HeaderMap| {
-                let Some(app) = weak.upgrade() else {
-                    return crate::api::error_response(
-                        &crate::api::error::ApiError::NotFound("shutting down".into()),
-                        None,
-                    );
-                };
-                if path.as_str().trim_end_matches('/') != "/metrics" {
-                    return crate::api::error_response(
-                        &crate::api::error::ApiError::NotFound(
-                            "Only /metrics is served here.".into(),
-                        ),
-                        None,
-                    );
-                }
-                if method != warp::http::Method::GET {
-                    return crate::api::error_response(
-                        &crate::api::error::ApiError::MethodNotAllowed,
-                        None,
-                    );
-                }
-                answer(&app, Listener::Dedicated, peer, &headers)
-            },
-        );
-    let task = tokio::spawn(warp::serve(routes).incoming(listener).run());
-    *app.metrics.listener.lock().expect("poisoned") = Some((bound, task));
-    tracing::info!(%bound, "metrics: GET http://{bound}/metrics{token}");
-    Ok(())
 }

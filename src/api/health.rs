@@ -1,4 +1,4 @@
-//! Liveness, readiness, metrics and the API's own description.
+//! Liveness, readiness and the API's own description (`/metrics` is in [`super::metrics`]).
 
 use serde_json::json;
 use warp::http::StatusCode;
@@ -41,18 +41,6 @@ pub async fn ready(app: SharedApp, _req: Request) -> ApiResult<Response> {
         ));
     }
     Ok((StatusCode::OK, json!({ "status": "ready" })).into_response())
-}
-
-/// Prometheus text, for an operator (see docs/security.md for who may read it).
-#[utoipa::path(get, path = "/metrics", tag = "operations",
-    responses((status = 200, description = "Prometheus text format", content_type = "text/plain", body = String)))]
-pub async fn metrics(app: SharedApp, req: Request) -> ApiResult<Response> {
-    Ok(crate::metrics::answer(
-        &app,
-        crate::metrics::Listener::Api,
-        req.peer,
-        &req.headers,
-    ))
 }
 
 /// This document: every endpoint, its request and response schemas and errors.

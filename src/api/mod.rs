@@ -15,6 +15,7 @@ pub mod cdc;
 pub mod error;
 pub mod health;
 pub mod keys;
+pub mod metrics;
 pub mod openapi;
 pub mod projects;
 pub mod realtime;

@@ -16,7 +16,9 @@ use warp::reply::Response;
 use super::openapi::Describe;
 use super::reply::Reply;
 use super::request::Request;
-use super::{auth, cdc, health, keys, projects, realtime, rls, sql, storage, team, webhooks};
+use super::{
+    auth, cdc, health, keys, metrics, projects, realtime, rls, sql, storage, team, webhooks,
+};
 use crate::api::error::{ApiError, ApiResult};
 use crate::app::SharedApp;
 
@@ -61,7 +63,7 @@ macro_rules! route_table {
 route_table! {
     health::health,
     health::ready,
-    health::metrics,
+    metrics::metrics,
     health::openapi_document,
     realtime::realtime_socket_root,
     realtime::realtime_socket,

@@ -3,4 +3,6 @@
 //! decide what to do with the rows; nothing here knows HTTP.
 
 pub mod buckets;
+pub mod deliveries;
 pub mod files;
+pub mod webhooks;

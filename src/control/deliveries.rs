@@ -1,0 +1,354 @@
+//! `fluxbase.webhook_deliveries`: the webhook outbox. A row is one event for one webhook, stored
+//! before the change stream may confirm the event; the delivery worker sends pending rows and
+//! records each attempt's outcome on it.
+
+use std::fmt;
+use std::str::FromStr;
+
+use chrono::{DateTime, Utc};
+use deadpool_postgres::GenericClient;
+use serde::Serialize;
+use tokio_postgres::types::{to_sql_checked, FromSql, IsNull, ToSql, Type};
+use tokio_postgres::{Error, Row};
+
+use super::webhooks::EventType;
+
+/// Where a delivery is: waiting for its (next) attempt, received by the endpoint, or given up.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, utoipa::ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum DeliveryStatus {
+    Pending,
+    Delivered,
+    Failed,
+}
+
+impl DeliveryStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DeliveryStatus::Pending => "pending",
+            DeliveryStatus::Delivered => "delivered",
+            DeliveryStatus::Failed => "failed",
+        }
+    }
+}
+
+impl fmt::Display for DeliveryStatus {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Not one of the three statuses.
+#[derive(Debug, thiserror::Error)]
+#[error("status: pending, delivered or failed")]
+pub struct UnknownStatus;
+
+impl FromStr for DeliveryStatus {
+    type Err = UnknownStatus;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "pending" => Ok(DeliveryStatus::Pending),
+            "delivered" => Ok(DeliveryStatus::Delivered),
+            "failed" => Ok(DeliveryStatus::Failed),
+            _ => Err(UnknownStatus),
+        }
+    }
+}
+
+/// Stored as text (the column's CHECK lists the same three words).
+impl<'a> FromSql<'a> for DeliveryStatus {
+    fn from_sql(
+        ty: &Type,
+        raw: &'a [u8],
+    ) -> Result<Self, Box<dyn std::error::Error + Sync + Send>> {
+        Ok(<&str as FromSql>::from_sql(ty, raw)?.parse()?)
+    }
+
+    fn accepts(ty: &Type) -> bool {
+        <&str as FromSql>::accepts(ty)
+    }
+}
+
+impl ToSql for DeliveryStatus {
+    fn to_sql(
+        &self,
+        ty: &Type,
+        out: &mut bytes::BytesMut,
+    ) -> Result<IsNull, Box<dyn std::error::Error + Sync + Send>> {
+        self.as_str().to_sql(ty, out)
+    }
+
+    fn accepts(ty: &Type) -> bool {
+        <&str as ToSql>::accepts(ty)
+    }
+
+    to_sql_checked!();
+}
+
+/// A delivery as the project sees it in its log (the body is not shown).
+#[derive(Clone, Debug, Serialize, utoipa::ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Delivery {
+    /// `dlv_…`: the same across retries (`X-Fluxbase-Delivery`, `webhook-id`).
+    pub id: String,
+    pub webhook_id: String,
+    pub event_id: String,
+    #[schema(value_type = EventType)]
+    pub event_type: String,
+    pub status: DeliveryStatus,
+    pub attempts: i32,
+    /// The last attempt's HTTP status; `null` before one, or when no answer came.
+    #[schema(required = true)]
+    pub response_status: Option<i32>,
+    /// The start of the last answer's body.
+    #[schema(required = true)]
+    pub response_body: Option<String>,
+    #[schema(required = true)]
+    pub last_error: Option<String>,
+    #[schema(value_type = String, format = DateTime)]
+    pub next_attempt_at: DateTime<Utc>,
+    #[schema(value_type = String, format = DateTime)]
+    pub created_at: DateTime<Utc>,
+    #[schema(required = true, value_type = Option<String>, format = DateTime)]
+    pub delivered_at: Option<DateTime<Utc>>,
+}
+
+const COLUMNS: &str = "id, webhook_id, event_id, event_type, status, attempts, \
+     response_status, response_body, last_error, next_attempt_at, created_at, delivered_at";
+
+impl From<&Row> for Delivery {
+    fn from(r: &Row) -> Self {
+        Delivery {
+            id: r.get("id"),
+            webhook_id: r.get("webhook_id"),
+            event_id: r.get("event_id"),
+            event_type: r.get("event_type"),
+            status: r.get("status"),
+            attempts: r.get("attempts"),
+            response_status: r.get("response_status"),
+            response_body: r.get("response_body"),
+            last_error: r.get("last_error"),
+            next_attempt_at: r.get("next_attempt_at"),
+            created_at: r.get("created_at"),
+            delivered_at: r.get("delivered_at"),
+        }
+    }
+}
+
+/// The deliveries of some events, column by column (one row per index).
+#[derive(Default)]
+pub struct NewDeliveries {
+    pub ids: Vec<String>,
+    pub webhook_ids: Vec<String>,
+    pub event_ids: Vec<String>,
+    pub event_types: Vec<String>,
+    pub bodies: Vec<String>,
+}
+
+/// Stores the deliveries with one statement (atomic, one round trip); those already there (a
+/// transaction replayed after a restart) are skipped. How many were new.
+pub async fn insert_batch(
+    client: &impl GenericClient,
+    project_id: &str,
+    d: &NewDeliveries,
+) -> Result<u64, Error> {
+    let stmt = client
+        .prepare_cached(
+            "INSERT INTO fluxbase.webhook_deliveries (id, webhook_id, project_id, event_id, event_type, body)
+             SELECT u.id, u.webhook_id, $6, u.event_id, u.event_type, u.body
+             FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[])
+                  AS u(id, webhook_id, event_id, event_type, body)
+             ON CONFLICT (webhook_id, event_id) DO NOTHING",
+        )
+        .await?;
+    client
+        .execute(
+            &stmt,
+            &[
+                &d.ids,
+                &d.webhook_ids,
+                &d.event_ids,
+                &d.event_types,
+                &d.bodies,
+                &project_id,
+            ],
+        )
+        .await
+}
+
+/// The project's most recent 500 deliveries, newest first.
+pub async fn list(
+    client: &impl GenericClient,
+    project_id: &str,
+    webhook_id: Option<&str>,
+    status: Option<DeliveryStatus>,
+) -> Result<Vec<Delivery>, Error> {
+    let rows = client
+        .query(
+            &format!(
+                "SELECT {COLUMNS} FROM fluxbase.webhook_deliveries
+                 WHERE project_id = $1 AND ($2::text IS NULL OR webhook_id = $2)
+                   AND ($3::text IS NULL OR status = $3)
+                 ORDER BY created_at DESC, event_id DESC LIMIT 500"
+            ),
+            &[&project_id, &webhook_id, &status],
+        )
+        .await?;
+    Ok(rows.iter().map(Delivery::from).collect())
+}
+
+/// Makes a delivery pending and due now, with its attempts reset; `None` when the project has
+/// no such delivery.
+pub async fn requeue(
+    client: &impl GenericClient,
+    project_id: &str,
+    delivery_id: &str,
+) -> Result<Option<Delivery>, Error> {
+    let row = client
+        .query_opt(
+            &format!(
+                "UPDATE fluxbase.webhook_deliveries SET status = 'pending', next_attempt_at = now(),
+                        attempts = 0, last_error = NULL
+                 WHERE id = $1 AND project_id = $2 RETURNING {COLUMNS}"
+            ),
+            &[&delivery_id, &project_id],
+        )
+        .await?;
+    Ok(row.as_ref().map(Delivery::from))
+}
+
+/// Forgets deliveries delivered longer ago than `retention` (an interval, e.g. `7 days`).
+pub async fn prune_delivered(client: &impl GenericClient, retention: &str) -> Result<u64, Error> {
+    client
+        .execute(
+            &format!(
+                "DELETE FROM fluxbase.webhook_deliveries
+                 WHERE status = 'delivered' AND delivered_at < now() - interval '{retention}'"
+            ),
+            &[],
+        )
+        .await
+}
+
+/// A pending delivery whose time has come, with what sending it takes.
+pub struct Due {
+    pub id: String,
+    pub body: String,
+    /// Attempts made so far.
+    pub attempts: i32,
+    pub created_at: DateTime<Utc>,
+    pub event_type: String,
+    pub url: String,
+    pub secret: String,
+}
+
+/// Up to 64 of an enabled webhook's due deliveries, in commit order.
+pub async fn due(client: &impl GenericClient, webhook_id: &str) -> Result<Vec<Due>, Error> {
+    let stmt = client
+        .prepare_cached(
+            "SELECT d.id, d.body, d.attempts, d.created_at, d.event_type, w.url, w.secret
+             FROM fluxbase.webhook_deliveries d JOIN fluxbase.webhooks w ON w.id = d.webhook_id
+             WHERE d.webhook_id = $1 AND d.status = 'pending' AND d.next_attempt_at <= now()
+               AND w.enabled
+             ORDER BY d.created_at, d.event_id LIMIT 64",
+        )
+        .await?;
+    let rows = client.query(&stmt, &[&webhook_id]).await?;
+    Ok(rows
+        .iter()
+        .map(|r| Due {
+            id: r.get(0),
+            body: r.get(1),
+            attempts: r.get(2),
+            created_at: r.get(3),
+            event_type: r.get(4),
+            url: r.get(5),
+            secret: r.get(6),
+        })
+        .collect())
+}
+
+/// Successful attempts, column by column.
+#[derive(Default)]
+pub struct Successes {
+    pub ids: Vec<String>,
+    pub attempts: Vec<i32>,
+    pub statuses: Vec<i32>,
+    pub bodies: Vec<String>,
+}
+
+impl Successes {
+    pub fn is_empty(&self) -> bool {
+        self.ids.is_empty()
+    }
+}
+
+/// Records successful attempts with one statement.
+pub async fn mark_delivered(client: &impl GenericClient, s: &Successes) -> Result<(), Error> {
+    let stmt = client
+        .prepare_cached(
+            "UPDATE fluxbase.webhook_deliveries d SET status = 'delivered', attempts = u.attempts,
+                    response_status = u.status, response_body = u.body, delivered_at = now(),
+                    last_error = NULL
+             FROM unnest($1::text[], $2::int4[], $3::int4[], $4::text[]) AS u(id, attempts, status, body)
+             WHERE d.id = u.id",
+        )
+        .await?;
+    client
+        .execute(&stmt, &[&s.ids, &s.attempts, &s.statuses, &s.bodies])
+        .await?;
+    Ok(())
+}
+
+/// The endpoint answered 410 Gone: the delivery failed for good.
+pub async fn mark_gone(
+    client: &impl GenericClient,
+    delivery_id: &str,
+    attempts: i32,
+    response_body: &str,
+) -> Result<(), Error> {
+    client
+        .execute(
+            "UPDATE fluxbase.webhook_deliveries SET status = 'failed', attempts = $2,
+                    response_status = 410, response_body = $3, last_error = 'endpoint answered 410 Gone'
+             WHERE id = $1",
+            &[&delivery_id, &attempts, &response_body],
+        )
+        .await?;
+    Ok(())
+}
+
+/// A failed attempt: what it met, and whether (and when) the delivery is tried again.
+pub struct FailedAttempt<'a> {
+    pub status: DeliveryStatus,
+    pub attempts: i32,
+    pub next_attempt_at: DateTime<Utc>,
+    pub response_status: Option<i32>,
+    pub response_body: Option<&'a str>,
+    pub error: &'a str,
+}
+
+pub async fn record_failure(
+    client: &impl GenericClient,
+    delivery_id: &str,
+    f: &FailedAttempt<'_>,
+) -> Result<(), Error> {
+    client
+        .execute(
+            "UPDATE fluxbase.webhook_deliveries SET status = $2, attempts = $3, next_attempt_at = $4,
+                    response_status = $5, response_body = $6, last_error = $7
+             WHERE id = $1",
+            &[
+                &delivery_id,
+                &f.status,
+                &f.attempts,
+                &f.next_attempt_at,
+                &f.response_status,
+                &f.response_body,
+                &f.error,
+            ],
+        )
+        .await?;
+    Ok(())
+}

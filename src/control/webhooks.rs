@@ -1,0 +1,282 @@
+//! `fluxbase.webhooks`: a project's registered endpoints, their signing secret and state.
+
+use std::fmt;
+use std::str::FromStr;
+
+use chrono::{DateTime, Utc};
+use deadpool_postgres::GenericClient;
+use serde::Serialize;
+use tokio_postgres::{Error, Row};
+
+/// A webhook event type, as registered (the `events` column) and as sent in `event_type` and
+/// `X-Fluxbase-Event`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, utoipa::ToSchema)]
+pub enum EventType {
+    #[serde(rename = "row.inserted")]
+    RowInserted,
+    #[serde(rename = "row.updated")]
+    RowUpdated,
+    #[serde(rename = "row.deleted")]
+    RowDeleted,
+    #[serde(rename = "schema.changed")]
+    SchemaChanged,
+}
+
+impl EventType {
+    pub const ALL: [EventType; 4] = [
+        EventType::RowInserted,
+        EventType::RowUpdated,
+        EventType::RowDeleted,
+        EventType::SchemaChanged,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EventType::RowInserted => "row.inserted",
+            EventType::RowUpdated => "row.updated",
+            EventType::RowDeleted => "row.deleted",
+            EventType::SchemaChanged => "schema.changed",
+        }
+    }
+}
+
+impl fmt::Display for EventType {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for EventType {
+    type Err = ();
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        EventType::ALL
+            .into_iter()
+            .find(|t| t.as_str() == s)
+            .ok_or(())
+    }
+}
+
+/// A webhook as its owner sees it (never the secret).
+#[derive(Clone, Debug, Serialize, utoipa::ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Webhook {
+    pub id: String,
+    pub url: String,
+    #[schema(value_type = Vec<EventType>)]
+    pub events: Vec<String>,
+    /// The tables whose changes are sent; `null`: every table.
+    #[schema(required = true)]
+    pub tables: Option<Vec<String>>,
+    pub enabled: bool,
+    /// Why the server disabled it (410 Gone, a day of failures); `null` when enabled by its owner.
+    #[schema(required = true)]
+    pub disabled_reason: Option<String>,
+    #[schema(value_type = String, format = DateTime)]
+    pub created_at: DateTime<Utc>,
+}
+
+const COLUMNS: &str = "id, url, events, tables, enabled, disabled_reason, created_at";
+
+impl From<&Row> for Webhook {
+    fn from(r: &Row) -> Self {
+        Webhook {
+            id: r.get("id"),
+            url: r.get("url"),
+            events: r.get("events"),
+            tables: r.get("tables"),
+            enabled: r.get("enabled"),
+            disabled_reason: r.get("disabled_reason"),
+            created_at: r.get("created_at"),
+        }
+    }
+}
+
+/// A webhook to insert.
+pub struct NewWebhook<'a> {
+    pub id: &'a str,
+    pub project_id: &'a str,
+    pub url: &'a str,
+    pub events: &'a [String],
+    pub tables: Option<&'a [String]>,
+    pub secret: &'a str,
+    pub enabled: bool,
+}
+
+pub async fn insert(client: &impl GenericClient, w: &NewWebhook<'_>) -> Result<Webhook, Error> {
+    let row = client
+        .query_one(
+            &format!(
+                "INSERT INTO fluxbase.webhooks (id, project_id, url, events, tables, secret, enabled)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7) RETURNING {COLUMNS}"
+            ),
+            &[&w.id, &w.project_id, &w.url, &w.events, &w.tables, &w.secret, &w.enabled],
+        )
+        .await?;
+    Ok(Webhook::from(&row))
+}
+
+pub async fn list(client: &impl GenericClient, project_id: &str) -> Result<Vec<Webhook>, Error> {
+    let rows = client
+        .query(
+            &format!("SELECT {COLUMNS} FROM fluxbase.webhooks WHERE project_id = $1 ORDER BY created_at, id"),
+            &[&project_id],
+        )
+        .await?;
+    Ok(rows.iter().map(Webhook::from).collect())
+}
+
+/// What a PATCH changes; `None` leaves a field as it is. Enabling clears the reason and the
+/// failure streak of a server-side disable.
+pub struct WebhookChanges<'a> {
+    pub url: Option<&'a str>,
+    pub events: Option<&'a [String]>,
+    pub tables: Option<&'a [String]>,
+    pub enabled: Option<bool>,
+}
+
+/// The changed webhook, or `None` when the project has no such webhook.
+pub async fn update(
+    client: &impl GenericClient,
+    project_id: &str,
+    webhook_id: &str,
+    c: &WebhookChanges<'_>,
+) -> Result<Option<Webhook>, Error> {
+    let row = client
+        .query_opt(
+            &format!(
+                "UPDATE fluxbase.webhooks SET url = coalesce($3, url), events = coalesce($4, events),
+                        tables = CASE WHEN $6 THEN $5 ELSE tables END,
+                        enabled = coalesce($7, enabled),
+                        disabled_reason = CASE WHEN $7 THEN NULL ELSE disabled_reason END,
+                        failing_since = CASE WHEN $7 THEN NULL ELSE failing_since END
+                 WHERE id = $1 AND project_id = $2 RETURNING {COLUMNS}"
+            ),
+            &[&webhook_id, &project_id, &c.url, &c.events, &c.tables, &c.tables.is_some(), &c.enabled],
+        )
+        .await?;
+    Ok(row.as_ref().map(Webhook::from))
+}
+
+/// Whether the project had such a webhook (its deliveries go with it).
+pub async fn delete(
+    client: &impl GenericClient,
+    project_id: &str,
+    webhook_id: &str,
+) -> Result<bool, Error> {
+    let n = client
+        .execute(
+            "DELETE FROM fluxbase.webhooks WHERE id = $1 AND project_id = $2",
+            &[&webhook_id, &project_id],
+        )
+        .await?;
+    Ok(n > 0)
+}
+
+/// Projects with at least one webhook.
+pub async fn project_ids(client: &impl GenericClient) -> Result<Vec<String>, Error> {
+    let rows = client
+        .query("SELECT DISTINCT project_id FROM fluxbase.webhooks", &[])
+        .await?;
+    Ok(rows.iter().map(|r| r.get(0)).collect())
+}
+
+/// What the outbox writer needs of an enabled webhook to choose the events it gets.
+pub struct Subscriber {
+    pub id: String,
+    pub events: Vec<String>,
+    pub tables: Option<Vec<String>>,
+    pub created_at: DateTime<Utc>,
+}
+
+pub async fn enabled_subscribers(
+    client: &impl GenericClient,
+    project_id: &str,
+) -> Result<Vec<Subscriber>, Error> {
+    let rows = client
+        .query(
+            "SELECT id, events, tables, created_at FROM fluxbase.webhooks
+             WHERE project_id = $1 AND enabled",
+            &[&project_id],
+        )
+        .await?;
+    Ok(rows
+        .iter()
+        .map(|r| Subscriber {
+            id: r.get(0),
+            events: r.get(1),
+            tables: r.get(2),
+            created_at: r.get(3),
+        })
+        .collect())
+}
+
+/// Enabled webhooks with a pending delivery whose time has come.
+pub async fn with_due_deliveries(client: &impl GenericClient) -> Result<Vec<String>, Error> {
+    let rows = client
+        .query(
+            "SELECT w.id FROM fluxbase.webhooks w
+             WHERE w.enabled AND EXISTS (
+                 SELECT 1 FROM fluxbase.webhook_deliveries d
+                 WHERE d.webhook_id = w.id AND d.status = 'pending' AND d.next_attempt_at <= now())",
+            &[],
+        )
+        .await?;
+    Ok(rows.iter().map(|r| r.get(0)).collect())
+}
+
+/// A success ends the webhook's failure streak.
+pub async fn clear_failing(client: &impl GenericClient, webhook_id: &str) -> Result<(), Error> {
+    client
+        .execute(
+            "UPDATE fluxbase.webhooks SET failing_since = NULL
+             WHERE id = $1 AND failing_since IS NOT NULL",
+            &[&webhook_id],
+        )
+        .await?;
+    Ok(())
+}
+
+/// A failure starts the webhook's failure streak (or continues it): when it started.
+pub async fn mark_failing(
+    client: &impl GenericClient,
+    webhook_id: &str,
+) -> Result<Option<DateTime<Utc>>, Error> {
+    Ok(client
+        .query_one(
+            "UPDATE fluxbase.webhooks SET failing_since = coalesce(failing_since, now())
+             WHERE id = $1 RETURNING failing_since",
+            &[&webhook_id],
+        )
+        .await?
+        .get(0))
+}
+
+/// Disables a webhook on the server's decision, with the reason its owner sees.
+pub async fn disable(
+    client: &impl GenericClient,
+    webhook_id: &str,
+    reason: &str,
+) -> Result<(), Error> {
+    client
+        .execute(
+            "UPDATE fluxbase.webhooks SET enabled = false, disabled_reason = $2 WHERE id = $1",
+            &[&webhook_id, &reason],
+        )
+        .await?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn event_types_read_as_they_are_written() {
+        for t in EventType::ALL {
+            assert_eq!(t.as_str().parse::<EventType>(), Ok(t));
+            assert_eq!(serde_json::to_value(t).unwrap(), t.as_str());
+        }
+        assert!("row.upserted".parse::<EventType>().is_err());
+    }
+}

@@ -1,0 +1,159 @@
+//! The delivery worker: sends due deliveries, one at a time per webhook, oldest first, each
+//! through [`super::attempt`].
+//!
+//! It does not query for due webhooks on every wake-up: at 1,000 transactions/s that query
+//! ran hundreds of times a second, and its partial index keeps the entries of delivered rows
+//! until a vacuum, so each run grew slower (milliseconds after a burst) and the queue behind it
+//! grew to seconds. New deliveries name their webhook instead ([`Queue::stored`]), and the
+//! scan runs on a timer (`webhook_scan_ms`): for retries whose time has come, and for what a
+//! restart left pending.
+
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::{Duration, Instant};
+
+use tokio::sync::Notify;
+
+use super::attempt::{attempt, Next};
+use super::Shared;
+use crate::control::deliveries::{self, Successes};
+use crate::control::webhooks as hooks;
+
+/// How long delivered deliveries stay in the log.
+const RETENTION: &str = "7 days";
+
+/// What the worker is told between its scans.
+#[derive(Default)]
+pub(super) struct Queue {
+    /// Wakes the delivery worker.
+    wake: Notify,
+    /// Webhooks with deliveries stored since the worker last looked (or that it found busy):
+    /// the worker drains these without asking the database which webhooks have due deliveries.
+    fresh: Mutex<HashSet<String>>,
+    /// Set when the worker should look for due deliveries of every webhook at once (a webhook
+    /// enabled again, a delivery re-queued), not only at its periodic scan.
+    scan: AtomicBool,
+    /// Webhooks being drained.
+    busy: Mutex<HashSet<String>>,
+}
+
+impl Queue {
+    /// New deliveries of `hooks` are stored: the worker sends them at once.
+    pub(super) fn stored(&self, hooks: impl IntoIterator<Item = String>) {
+        self.fresh.lock().expect("poisoned").extend(hooks);
+        self.wake.notify_one();
+    }
+
+    /// Deliveries may have become due outside the outbox: the worker scans at once.
+    pub(super) fn rescan(&self) {
+        self.scan.store(true, Ordering::Relaxed);
+        self.wake.notify_one();
+    }
+}
+
+/// Runs until the service is dropped.
+pub(super) async fn run(shared: Weak<Shared>) {
+    let mut last_prune = Instant::now() - Duration::from_secs(3600);
+    let mut last_scan: Option<Instant> = None;
+    loop {
+        let Some(strong) = shared.upgrade() else {
+            return;
+        };
+        if last_prune.elapsed() > Duration::from_secs(3600) {
+            last_prune = Instant::now();
+            if let Ok(c) = strong.control.get().await {
+                let _ = deliveries::prune_delivered(&c, RETENTION).await;
+            }
+        }
+        let scan_interval = strong.settings.scan_interval;
+        let queue = &strong.queue;
+        let mut candidates = std::mem::take(&mut *queue.fresh.lock().expect("poisoned"));
+        let asked = queue.scan.swap(false, Ordering::Relaxed);
+        if asked || last_scan.is_none_or(|t| t.elapsed() >= scan_interval) {
+            match due_webhooks(&strong).await {
+                Ok(due) => candidates.extend(due),
+                Err(e) => tracing::warn!(error = %e, "looking for due webhook deliveries"),
+            }
+            // From the end of the query: a slow scan is not followed by another at once.
+            last_scan = Some(Instant::now());
+        }
+        for hook in candidates {
+            let mut busy = queue.busy.lock().expect("poisoned");
+            if !busy.insert(hook.clone()) {
+                // Being drained: look again when that drain ends (it wakes the worker), in
+                // case the new deliveries came after its last look.
+                drop(busy);
+                queue.fresh.lock().expect("poisoned").insert(hook);
+                continue;
+            }
+            drop(busy);
+            let shared = Arc::downgrade(&strong);
+            tokio::spawn(async move {
+                if let Some(s) = shared.upgrade() {
+                    let _done = Drained {
+                        queue: &s.queue,
+                        hook: &hook,
+                    };
+                    if let Err(e) = drain(&s, &hook).await {
+                        tracing::warn!(webhook = %hook, error = %e, "delivering webhooks");
+                    }
+                }
+            });
+        }
+        let next_scan = last_scan.map_or(Duration::ZERO, |t| {
+            scan_interval.saturating_sub(t.elapsed())
+        });
+        let _ = tokio::time::timeout(next_scan, strong.queue.wake.notified()).await;
+    }
+}
+
+/// Ends a drain, even one that panicked: the webhook is no longer busy, and the worker looks
+/// again, for deliveries stored while it was.
+struct Drained<'a> {
+    queue: &'a Queue,
+    hook: &'a str,
+}
+
+impl Drop for Drained<'_> {
+    fn drop(&mut self) {
+        if let Ok(mut busy) = self.queue.busy.lock() {
+            busy.remove(self.hook);
+        }
+        self.queue.wake.notify_one();
+    }
+}
+
+async fn due_webhooks(shared: &Shared) -> anyhow::Result<Vec<String>> {
+    Ok(hooks::with_due_deliveries(&shared.control.get().await?).await?)
+}
+
+/// Sends a webhook's due deliveries in order until none is due.
+async fn drain(shared: &Shared, webhook_id: &str) -> anyhow::Result<()> {
+    // Unknown until the first answer: the first success clears a recorded failure streak.
+    let mut failing = true;
+    loop {
+        let due = deliveries::due(&shared.control.get().await?, webhook_id).await?;
+        if due.is_empty() {
+            return Ok(());
+        }
+        // Successful attempts of one batch, recorded with a single UPDATE. A crash before it
+        // only means these deliveries go out again, with the same ids: at-least-once either way.
+        let mut delivered = Successes::default();
+        for d in &due {
+            match attempt(shared, webhook_id, d, &mut failing, &mut delivered).await? {
+                Next::Continue => {}
+                Next::Disabled => return record(shared, &delivered).await,
+            }
+        }
+        record(shared, &delivered).await?;
+    }
+}
+
+async fn record(shared: &Shared, delivered: &Successes) -> anyhow::Result<()> {
+    if delivered.is_empty() {
+        return Ok(());
+    }
+    deliveries::mark_delivered(&shared.control.get().await?, delivered).await?;
+    Ok(())
+}
