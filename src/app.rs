@@ -13,7 +13,7 @@ use crate::embedded;
 use crate::metrics::Metrics;
 use crate::ratelimit::RateLimiter;
 use crate::secrets::Secrets;
-use crate::sql::SqlPools;
+use crate::sql::Sql;
 
 /// Everything a request handler needs. Cheap to clone (an `Arc`).
 pub struct App {
@@ -21,11 +21,13 @@ pub struct App {
     pub secrets: Secrets,
     pub cluster: ClusterTarget,
     pub control: deadpool_postgres::Pool,
-    pub sql: SqlPools,
+    pub sql: Arc<Sql>,
+    /// The row-level security policy API (over `sql`'s connections).
+    pub rls: crate::rls::Policies,
     pub rate: RateLimiter,
     /// Login, sign-up and project-creation bounds (see [`crate::ratelimit::AccountLimits`]).
     pub account_limits: crate::ratelimit::AccountLimits,
-    pub metrics: Metrics,
+    pub metrics: Arc<Metrics>,
     pub auth_cache: crate::auth::AuthCache,
     pub bus: crate::bus::Bus,
     pub cdc: crate::cdc::Cdc,
@@ -82,11 +84,20 @@ impl App {
         };
         let control = crate::db::open_control(&cluster, 8).await?;
         let storage = crate::storage::Storage::open(&config, &secrets)?;
+        let metrics = Arc::new(Metrics::default());
+        let sql = Arc::new(Sql::new(
+            &config,
+            &cluster,
+            control.clone(),
+            secrets.clone(),
+            metrics.clone(),
+        ));
         let app = Arc::new(App {
-            sql: SqlPools::new(&config, &cluster),
+            rls: crate::rls::Policies::new(sql.clone()),
+            sql,
             rate: RateLimiter::new(config.rate_limit_requests, config.rate_limit_window_secs),
             account_limits: crate::ratelimit::AccountLimits::new(&config),
-            metrics: Metrics::default(),
+            metrics,
             auth_cache: Default::default(),
             bus: Default::default(),
             cdc: Default::default(),

@@ -1,55 +1,6 @@
-//! Row-level security: the request's identity as `auth.uid()`, which no SQL sent through the API
-//! can change, and the policy API (`/api/rls/policies`), the guide's dashboard steps as endpoints.
-//!
-//! # Identity
-//!
-//! Who a request acts for: a member's session → that user's id; an API key → `authUid` in the
-//! body or the `X-Fluxbase-Auth-Uid` header (a trusted backend naming its end user, or an org id
-//! for the multi-tenant pattern); otherwise nobody (`auth.uid()` is NULL).
-//!
-//! `current_setting('fluxbase.auth_uid')` alone cannot carry it: the caller's SQL can `SET` it,
-//! and admin-scope callers run as the project's owner role, so anything that role owns they can
-//! alter. So the identity lives where the project roles cannot reach (`sql/project/0004_rls.sql`):
-//!
-//! ```text
-//!  fx_<id>_auth (NOLOGIN, no members but the admin role) owns schema auth:
-//!    auth.identity (pid, uid)   UNLOGGED: never in the WAL, so no db_event, replica or backup
-//!    auth.secret   HMAC key     UNLOGGED too; only the owner reads it; reinstalled after a crash
-//!    auth.set_uid(uid, tag)     SECURITY DEFINER: sets this backend's row only if
-//!                               tag = HMAC-SHA256(key, "<pid>:=<uid>" | "<pid>:-")
-//!    auth.uid()                 SECURITY DEFINER, STABLE: this backend's row
-//! ```
-//! The key is derived from the instance secret (like the role passwords) and installed by the
-//! admin role with bound parameters; uid and tag always travel as bound parameters, never in query
-//! text (which `pg_stat_activity` shows to sessions of the same role). Both functions pin
-//! `search_path = pg_catalog, pg_temp`, so a caller's functions or operators are never resolved
-//! inside them. `SET fluxbase.auth_uid`, `set_config`, `RESET`, the same in a function, a CTE or
-//! a later statement or transaction change only the setting, never the row; `UPDATE
-//! auth.identity`, `CREATE OR REPLACE FUNCTION auth.uid()` are refused by PostgreSQL's
-//! privileges; `auth.set_uid` with a guessed tag is refused by the HMAC check.
-//!
-//! Pooled connections are reused across requests, so each pooled connection remembers the identity
-//! its row holds ([`KnownIdentity`]; only the server can change the row, so this is reliable). On
-//! checkout:
-//!
-//! * the identity differs (or the connection is new: a reused pid may have left a row behind):
-//!   `SELECT auth.set_uid($1, $2)` runs and is awaited *before* the caller's SQL is sent. This
-//!   one is deliberately not pipelined: a Query sent behind it would run even if it failed, and
-//!   in the same transaction a caller's `ROLLBACK` (or a procedure's) could undo it and run the
-//!   rest under the previous request's identity. It costs one round trip, only when the
-//!   identity changes; a connection that never had one costs nothing;
-//! * with an identity, `set_config('fluxbase.auth_uid', auth.uid(), false)` is queued as a
-//!   prelude in the same write as the caller's SQL (no round trip of its own), for readers of
-//!   `current_setting` (the guide's `SET LOCAL fluxbase.auth_uid`). It is set for the session
-//!   rather than `LOCAL`: a script may `COMMIT` and go on, and a single `VACUUM` or `CREATE INDEX
-//!   CONCURRENTLY` must stay outside any transaction block; `DISCARD ALL` before the
-//!   connection's next use clears it. It is informational only: `auth.uid()` reads the row.
-//!
-//! A backend that never called `set_uid` but reuses the pid of a gone one could see that one's
-//! row; the server sets every new pooled connection's row first, and only the server's admin
 //! role (which bypasses RLS anyway) opens other sessions on project databases.
 //!
-//! # Policies
+//! The policy API (`/api/rls/policies`): the guide's dashboard steps as endpoints.
 //!
 //! `POST` runs, as the project's owner role (never a superuser), in one transaction: `ALTER
 //! TABLE … ENABLE ROW LEVEL SECURITY`, `CREATE POLICY`, `COMMENT ON POLICY` (the expressions as
@@ -70,450 +21,26 @@
 //! disabled shows no rows to the read and readwrite roles. Deleting a policy leaves RLS enabled
 //! too (`ALTER TABLE … DISABLE ROW LEVEL SECURITY` through the SQL API turns it off).
 
+use std::sync::Arc;
+
 use fluxbase_replication::wire::{Connection, DbError, WireError};
-use ring::hmac;
-use serde_json::{json, Value};
-use warp::http::StatusCode;
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use utoipa::ToSchema;
 
-use crate::api::error::{ApiError, ApiResult};
-use crate::app::App;
-use crate::auth::{Access, DbRole, Principal, Project};
+use super::expression::Expression;
+use super::identity::auth_role;
+use super::RlsError;
+use crate::auth::{Access, DbRole};
 use crate::db::{quote_ident, quote_literal};
+use crate::sql::{release, Sql};
 
-/// The header a trusted backend names its end user with.
-pub const AUTH_UID_HEADER: &str = "x-fluxbase-auth-uid";
-
-/// Longest identity accepted, in characters.
-const MAX_UID_CHARS: usize = 256;
-
-/// The NOLOGIN role that owns schema `auth` (and holds disabled policies).
-pub fn auth_role(project_id: &str) -> String {
-    format!("fx_{project_id}_auth")
-}
-
-/// What a pooled connection's `auth.identity` row holds, as far as the server knows.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub enum KnownIdentity {
-    /// A new connection (its pid may have a stale row), or a change that may have failed.
-    #[default]
-    Unknown,
-    /// The row holds this identity (None: no identity).
-    Set(Option<String>),
-}
-
-/// The identity a request acts for (see the module docs). `body` is the request's `authUid`.
-pub fn request_identity(
-    access: &Access,
-    body: Option<&Value>,
-    header: Option<&warp::http::HeaderValue>,
-) -> ApiResult<Option<String>> {
-    let from_body = match body {
-        None | Some(Value::Null) => None,
-        Some(Value::String(s)) => Some(valid_uid(s, "authUid")?),
-        Some(_) => {
-            return Err(ApiError::BadRequest(
-                "authUid: expected a string (the end user's id)".into(),
-            ))
-        }
-    };
-    let from_header = match header {
-        None => None,
-        Some(v) => {
-            let s = std::str::from_utf8(v.as_bytes()).map_err(|_| {
-                ApiError::BadRequest("X-Fluxbase-Auth-Uid: expected UTF-8 text".into())
-            })?;
-            Some(valid_uid(s.trim(), "X-Fluxbase-Auth-Uid")?)
-        }
-    };
-    let named = match (from_body, from_header) {
-        (Some(a), Some(b)) if a != b => {
-            return Err(ApiError::BadRequest(
-                "authUid and X-Fluxbase-Auth-Uid name different identities".into(),
-            ))
-        }
-        (a, b) => a.or(b),
-    };
-    match &access.principal {
-        Principal::Session { user_id, .. } => match named {
-            Some(uid) if &uid != user_id => Err(ApiError::ScopeMismatch(
-                "A user session acts as its own user; authUid and X-Fluxbase-Auth-Uid are for \
-                 API keys."
-                    .into(),
-            )),
-            _ => Ok(Some(user_id.clone())),
-        },
-        Principal::Key { .. } => Ok(named),
-    }
-}
-
-pub(crate) fn valid_uid(s: &str, field: &str) -> ApiResult<String> {
-    if s.is_empty() || s.chars().count() > MAX_UID_CHARS || s.chars().any(|c| c.is_control()) {
-        return Err(ApiError::BadRequest(format!(
-            "{field}: expected 1 to {MAX_UID_CHARS} printable characters"
-        )));
-    }
-    Ok(s.to_string())
-}
-
-/// HMAC-SHA256 key of a project's identity tags.
-pub(crate) fn identity_key(app: &App, project_id: &str) -> [u8; 32] {
-    let hex_key = app.secrets.derive(&format!("rls-identity:{project_id}"));
-    let mut key = [0u8; 32];
-    hex::decode_to_slice(hex_key, &mut key).expect("derive returns 32 bytes of hex");
-    key
-}
-
-/// The tag `auth.set_uid` accepts for `uid` on backend `pid`.
-pub(crate) fn identity_tag(key: &[u8; 32], pid: i32, uid: Option<&str>) -> String {
-    let message = match uid {
-        Some(uid) => format!("{pid}:={uid}"),
-        None => format!("{pid}:-"),
-    };
-    let key = hmac::Key::new(hmac::HMAC_SHA256, key);
-    hex::encode(hmac::sign(&key, message.as_bytes()).as_ref())
-}
-
-/// HMAC's inner and outer padded keys, the form `auth.secret` holds (SQL has sha256, no hmac).
-pub(crate) fn padded_keys(key: &[u8; 32]) -> (Vec<u8>, Vec<u8>) {
-    let mut inner = vec![0x36u8; 64];
-    let mut outer = vec![0x5cu8; 64];
-    for (i, b) in key.iter().enumerate() {
-        inner[i] ^= b;
-        outer[i] ^= b;
-    }
-    (inner, outer)
-}
-
-/// SQLSTATE `auth.set_uid` raises when `auth.secret` is empty (a new project, or after a crash).
-pub(crate) const KEY_MISSING: &str = "FX001";
-
-impl App {
-    /// Installs a project's identity key (admin role, bound parameters).
-    pub async fn install_identity_key(&self, project: &Project) -> anyhow::Result<()> {
-        let (inner, outer) = padded_keys(&identity_key(self, &project.id));
-        let client = self.cluster.connect(&project.db_name).await?;
-        client
-            .execute(
-                "INSERT INTO auth.secret (id, inner_key, outer_key) VALUES (true, $1, $2)
-                 ON CONFLICT (id) DO UPDATE SET inner_key = EXCLUDED.inner_key,
-                                                outer_key = EXCLUDED.outer_key",
-                &[&inner, &outer],
-            )
-            .await?;
-        tracing::info!(project_id = %project.id, "installed the identity key");
-        Ok(())
-    }
-
-    /// Makes `auth.uid()` on this pooled connection return `uid` for the request about to run
-    /// (see the module docs): awaited when the row must change, then the `fluxbase.auth_uid`
-    /// setting queued in front of the caller's SQL.
-    pub(crate) async fn establish_identity(
-        &self,
-        project: &Project,
-        conn: &mut Connection,
-        known: &mut KnownIdentity,
-        uid: Option<&str>,
-    ) -> Result<(), WireError> {
-        let wanted = KnownIdentity::Set(uid.map(str::to_owned));
-        if *known != wanted {
-            *known = KnownIdentity::Unknown;
-            let key = identity_key(self, &project.id);
-            let tag = identity_tag(&key, conn.backend_key().0, uid);
-            let params = [uid.map(str::to_owned), Some(tag)];
-            const SET_UID: &str = "SELECT auth.set_uid($1, $2)";
-            match conn.query_oneshot(SET_UID, &params, 0).await {
-                Err(WireError::Db(e)) if e.code == KEY_MISSING => {
-                    self.install_identity_key(project)
-                        .await
-                        .map_err(|e| WireError::Protocol(format!("installing the key: {e:#}")))?;
-                    conn.query_oneshot(SET_UID, &params, 0).await?;
-                }
-                other => {
-                    other?;
-                }
-            }
-            *known = wanted;
-            self.metrics.observe_identity_change();
-        }
-        if uid.is_some() {
-            conn.queue_prelude(
-                "SELECT pg_catalog.set_config('fluxbase.auth_uid', auth.uid(), false)",
-            );
-        }
-        Ok(())
-    }
-}
-
-// ---------------------------------------------------------------------------------------------
-// Policy expressions
-
-/// A policy expression from a developer, checked to be one balanced expression, with every
-/// `auth.uid()` wrapped as `(SELECT auth.uid())`.
-#[derive(Debug, PartialEq, Eq)]
-pub struct Expression {
-    /// As given (shown by the list).
-    pub original: String,
-    /// What goes between the parentheses of `USING (…)` / `WITH CHECK (…)`.
-    pub sql: String,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum TokenKind {
-    Word,
-    QuotedIdent,
-    Literal,
-    Comment,
-    Punct(u8),
-    Other,
-}
-
-#[derive(Debug)]
-struct Token {
-    kind: TokenKind,
-    start: usize,
-    end: usize,
-}
-
-fn is_ident_start(b: u8) -> bool {
-    b.is_ascii_alphabetic() || b == b'_' || b >= 0x80
-}
-
-fn is_ident_char(b: u8) -> bool {
-    is_ident_start(b) || b.is_ascii_digit() || b == b'$'
-}
-
-/// The index just past a token quoted with `quote` whose first quote is at or after `from`
-/// (`'…'` literals with a prefix such as `B'`, `U&"…"` identifiers), where a doubled quote
-/// stands for itself; None when it never ends.
-fn past_doubled_quotes(s: &[u8], from: usize, quote: u8) -> Option<usize> {
-    let mut i = from + s[from..].iter().position(|&c| c == quote)? + 1;
-    loop {
-        match *s.get(i)? {
-            c if c == quote && s.get(i + 1) == Some(&quote) => i += 2,
-            c if c == quote => return Some(i + 1),
-            _ => i += 1,
-        }
-    }
-}
-/// PostgreSQL's lexical structure, as far as it matters here: where strings, quoted
-/// identifiers, dollar quotes and comments begin and end (with `standard_conforming_strings` on,
-/// which the policy transaction sets), and everything else as words and punctuation.
-fn lex(text: &str, field: &str) -> ApiResult<Vec<Token>> {
-    let s = text.as_bytes();
-    let unterminated = |what: &str| ApiError::BadRequest(format!("{field}: unterminated {what}"));
-    let mut tokens = Vec::new();
-    let mut i = 0;
-    while i < s.len() {
-        let start = i;
-        let b = s[i];
-        let at = |k: usize| s.get(k).copied().unwrap_or(0);
-        let kind = if b.is_ascii_whitespace() {
-            i += 1;
-            continue;
-        } else if b == b'-' && at(i + 1) == b'-' {
-            while i < s.len() && s[i] != b'\n' && s[i] != b'\r' {
-                i += 1;
-            }
-            TokenKind::Comment
-        } else if b == b'/' && at(i + 1) == b'*' {
-            let mut depth = 0;
-            loop {
-                if i + 1 >= s.len() {
-                    return Err(unterminated("comment"));
-                }
-                if s[i] == b'/' && s[i + 1] == b'*' {
-                    depth += 1;
-                    i += 2;
-                } else if s[i] == b'*' && s[i + 1] == b'/' {
-                    depth -= 1;
-                    i += 2;
-                    if depth == 0 {
-                        break;
-                    }
-                } else {
-                    i += 1;
-                }
-            }
-            TokenKind::Comment
-        } else if b == b'\'' || (matches!(b, b'e' | b'E') && at(i + 1) == b'\'') {
-            let escapes = b != b'\'';
-            i += if escapes { 2 } else { 1 };
-            loop {
-                match s.get(i) {
-                    None => return Err(unterminated("string literal")),
-                    Some(b'\\') if escapes => i += 2,
-                    Some(b'\'') if at(i + 1) == b'\'' => i += 2,
-                    Some(b'\'') => {
-                        i += 1;
-                        break;
-                    }
-                    Some(_) => i += 1,
-                }
-            }
-            TokenKind::Literal
-        } else if matches!(b, b'b' | b'B' | b'x' | b'X' | b'n' | b'N') && at(i + 1) == b'\''
-            || matches!(b, b'u' | b'U') && at(i + 1) == b'&' && at(i + 2) == b'\''
-        {
-            i = past_doubled_quotes(s, i, b'\'').ok_or_else(|| unterminated("string literal"))?;
-            TokenKind::Literal
-        } else if b == b'"' || (matches!(b, b'u' | b'U') && at(i + 1) == b'&' && at(i + 2) == b'"')
-        {
-            i = past_doubled_quotes(s, i, b'"').ok_or_else(|| unterminated("quoted identifier"))?;
-            TokenKind::QuotedIdent
-        } else if b == b'$' && !at(i + 1).is_ascii_digit() {
-            // A dollar quote: $tag$ … $tag$ (the tag may be empty).
-            let mut j = i + 1;
-            while j < s.len() && is_ident_char(s[j]) && s[j] != b'$' {
-                j += 1;
-            }
-            if at(j) != b'$' || (j > i + 1 && !is_ident_start(s[i + 1])) {
-                i += 1;
-                TokenKind::Other
-            } else {
-                let tag = &s[i..=j];
-                match s[j + 1..].windows(tag.len()).position(|w| w == tag) {
-                    Some(p) => i = j + 1 + p + tag.len(),
-                    None => return Err(unterminated("dollar-quoted string")),
-                }
-                TokenKind::Literal
-            }
-        } else if is_ident_start(b) {
-            while i < s.len() && is_ident_char(s[i]) {
-                i += 1;
-            }
-            TokenKind::Word
-        } else if b.is_ascii_digit() {
-            while i < s.len() && (s[i].is_ascii_alphanumeric() || s[i] == b'.' || s[i] == b'_') {
-                i += 1;
-            }
-            TokenKind::Other
-        } else if matches!(b, b'(' | b')' | b';' | b',' | b'.' | b'[' | b']') {
-            i += 1;
-            TokenKind::Punct(b)
-        } else {
-            // Operators and anything else: one byte (multi-byte UTF-8 stays whole).
-            i += 1;
-            while i < s.len() && (s[i] & 0xC0) == 0x80 {
-                i += 1;
-            }
-            TokenKind::Other
-        };
-        tokens.push(Token {
-            kind,
-            start,
-            end: i,
-        });
-    }
-    Ok(tokens)
-}
-
-impl Expression {
-    /// Checks `text` (the request's field `field`) and wraps its `auth.uid()` calls.
-    pub fn parse(text: &str, field: &str) -> ApiResult<Expression> {
-        if text.len() > 16 * 1024 || text.contains('\0') {
-            return Err(ApiError::BadRequest(format!(
-                "{field}: expected an SQL expression of at most 16 KiB"
-            )));
-        }
-        let tokens = lex(text, field)?;
-        let code: Vec<&Token> = tokens
-            .iter()
-            .filter(|t| t.kind != TokenKind::Comment)
-            .collect();
-        if code.is_empty() {
-            return Err(ApiError::BadRequest(format!(
-                "{field}: expected an SQL expression such as user_id = auth.uid()"
-            )));
-        }
-        let mut depth = 0i32;
-        for t in &code {
-            match t.kind {
-                TokenKind::Punct(b';') => {
-                    return Err(ApiError::BadRequest(format!(
-                        "{field}: expected one SQL expression, found `;`"
-                    )))
-                }
-                TokenKind::Punct(b'(') => depth += 1,
-                TokenKind::Punct(b')') => {
-                    depth -= 1;
-                    if depth < 0 {
-                        return Err(ApiError::BadRequest(format!(
-                            "{field}: expected one SQL expression, found an unmatched `)` at \
-                             byte {}",
-                            t.start
-                        )));
-                    }
-                }
-                _ => {}
-            }
-        }
-        if depth != 0 {
-            return Err(ApiError::BadRequest(format!(
-                "{field}: expected one SQL expression, found an unclosed `(`"
-            )));
-        }
-
-        // Rebuild: comments become a space, `auth.uid()` becomes `(SELECT auth.uid())`.
-        let name = |t: &Token| -> Option<String> {
-            let raw = &text[t.start..t.end];
-            match t.kind {
-                TokenKind::Word => Some(raw.to_ascii_lowercase()),
-                TokenKind::QuotedIdent if raw.starts_with('"') => {
-                    Some(raw[1..raw.len() - 1].replace("\"\"", "\""))
-                }
-                _ => None,
-            }
-        };
-        let is = |k: usize, p: u8| code.get(k).is_some_and(|t| t.kind == TokenKind::Punct(p));
-        let mut sql = String::with_capacity(text.len() + 16);
-        let mut copied = 0;
-        let mut k = 0;
-        while k < code.len() {
-            let call = name(code[k]).as_deref() == Some("auth")
-                && is(k + 1, b'.')
-                && code.get(k + 2).and_then(|t| name(t)).as_deref() == Some("uid")
-                && is(k + 3, b'(')
-                && is(k + 4, b')');
-            let after_select = k > 0 && name(code[k - 1]).as_deref() == Some("select");
-            if call && !after_select {
-                sql.push_str(&blank_comments(text, &tokens, copied, code[k].start));
-                sql.push_str("(SELECT auth.uid())");
-                copied = code[k + 4].end;
-                k += 5;
-            } else {
-                k += 1;
-            }
-        }
-        sql.push_str(&blank_comments(text, &tokens, copied, text.len()));
-        Ok(Expression {
-            original: text.to_string(),
-            sql,
-        })
-    }
-}
-
-/// `text[from..to]` with its comments replaced by a space.
-fn blank_comments(text: &str, tokens: &[Token], from: usize, to: usize) -> String {
-    let mut out = String::with_capacity(to - from);
-    let mut at = from;
-    for t in tokens
-        .iter()
-        .filter(|t| t.kind == TokenKind::Comment && t.start >= from && t.end <= to)
-    {
-        out.push_str(&text[at..t.start]);
-        out.push(' ');
-        at = t.end;
-    }
-    out.push_str(&text[at..to]);
-    out
-}
-
-// ---------------------------------------------------------------------------------------------
-// The policy API
-
-/// ALL | SELECT | INSERT | UPDATE | DELETE (the guide's command scopes).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Command {
+/// ALL | SELECT | INSERT | UPDATE | DELETE (the guide's command scopes). Requests may give it
+/// in any case.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, ToSchema)]
+#[serde(rename_all = "UPPERCASE")]
+pub enum Command {
     All,
     Select,
     Insert,
@@ -532,13 +59,13 @@ impl Command {
             _ => None,
         }
     }
-    fn from_polcmd(c: &str) -> &'static str {
+    fn from_polcmd(c: &str) -> Command {
         match c {
-            "r" => "SELECT",
-            "a" => "INSERT",
-            "w" => "UPDATE",
-            "d" => "DELETE",
-            _ => "ALL",
+            "r" => Command::Select,
+            "a" => Command::Insert,
+            "w" => Command::Update,
+            "d" => Command::Delete,
+            _ => Command::All,
         }
     }
     fn as_str(self) -> &'static str {
@@ -552,31 +79,145 @@ impl Command {
     }
 }
 
-/// A string field of a JSON body: required or optional, named in the error.
-fn string_field<'a>(body: &'a Value, field: &str, required: bool) -> ApiResult<Option<&'a str>> {
-    match body.get(field) {
-        None | Some(Value::Null) if !required => Ok(None),
-        Some(Value::String(s)) if !s.is_empty() => Ok(Some(s)),
-        _ => Err(ApiError::BadRequest(format!(
-            "{field}: expected a non-empty string"
-        ))),
+/// A body field as sent: missing (or null), of the expected type, or of another one. Read
+/// this way so that a missing or mistyped value is refused with the field's name, as the API
+/// refuses every other invalid field.
+#[derive(Debug, Default)]
+pub enum Field<T> {
+    #[default]
+    Missing,
+    Given(T),
+    Mistyped,
+}
+
+impl<'de, T: DeserializeOwned> Deserialize<'de> for Field<T> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        Ok(match Value::deserialize(d)? {
+            Value::Null => Field::Missing,
+            v => T::deserialize(v).map_or(Field::Mistyped, Field::Given),
+        })
     }
 }
 
-/// A PostgreSQL identifier named by the caller (no truncation: at most 63 bytes).
+impl Field<String> {
+    /// The value as a non-empty string: required, or optional (missing is `None`).
+    fn text(&self, field: &str, required: bool) -> Result<Option<&str>, RlsError> {
+        match self {
+            Field::Missing if !required => Ok(None),
+            Field::Given(s) if !s.is_empty() => Ok(Some(s)),
+            _ => Err(RlsError::Invalid(format!(
+                "{field}: expected a non-empty string"
+            ))),
+        }
+    }
+}
+
+/// `POST /api/rls/policies`: a policy to create (ENABLE ROW LEVEL SECURITY and CREATE POLICY).
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct CreatePolicy {
+    /// The project.
+    #[serde(default)]
+    #[schema(value_type = String, required = true)]
+    pub project_id: Field<String>,
+    /// The table's schema (default `public`).
+    #[serde(default)]
+    #[schema(value_type = Option<String>)]
+    pub schema: Field<String>,
+    #[serde(default)]
+    #[schema(value_type = String, required = true)]
+    pub table: Field<String>,
+    /// The policy's name, unique on its table.
+    #[serde(default)]
+    #[schema(value_type = String, required = true)]
+    pub name: Field<String>,
+    /// ALL, SELECT, INSERT, UPDATE or DELETE.
+    #[serde(default)]
+    #[schema(value_type = Command, required = true)]
+    pub command: Field<String>,
+    /// The `USING` expression, e.g. `user_id = auth.uid()` (for INSERT: its `WITH CHECK`).
+    #[serde(default)]
+    #[schema(value_type = Option<String>)]
+    pub using: Field<String>,
+    /// The `WITH CHECK` expression (not for SELECT and DELETE).
+    #[serde(default)]
+    #[schema(value_type = Option<String>)]
+    pub check: Field<String>,
+}
+
+/// `PATCH /api/rls/policies`: the dashboard's toggle.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct TogglePolicy {
+    /// The project.
+    #[serde(default)]
+    #[schema(value_type = String, required = true)]
+    pub project_id: Field<String>,
+    /// The table's schema (default `public`).
+    #[serde(default)]
+    #[schema(value_type = Option<String>)]
+    pub schema: Field<String>,
+    #[serde(default)]
+    #[schema(value_type = String, required = true)]
+    pub table: Field<String>,
+    #[serde(default)]
+    #[schema(value_type = String, required = true)]
+    pub name: Field<String>,
+    #[serde(default)]
+    #[schema(value_type = bool, required = true)]
+    pub enabled: Field<bool>,
+}
+
+/// A table with its row-level security state and its policies.
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct TablePolicies {
+    pub schema: String,
+    pub table: String,
+    pub rls_enabled: bool,
+    pub rls_forced: bool,
+    pub policies: Vec<Policy>,
+}
+
+/// A policy as the list shows it: the expressions as given, unless they were changed through
+/// SQL since (then as PostgreSQL prints them).
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Policy {
+    pub name: String,
+    pub command: Command,
+    pub using: Option<String>,
+    pub check: Option<String>,
+    /// `false`: kept in PostgreSQL but applied to no one (see the module docs).
+    pub enabled: bool,
+}
+
+/// A policy and its table, as created or toggled.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct TablePolicy {
+    pub schema: String,
+    pub table: String,
+    #[serde(flatten)]
+    pub policy: Policy,
+}
+
 /// The `schema` (optional), `table` and `name` that name a policy in a request body.
-fn policy_ref(body: &Value) -> ApiResult<(TableRef, String)> {
+fn policy_ref(
+    schema: &Field<String>,
+    table: &Field<String>,
+    name: &Field<String>,
+) -> Result<(TableRef, String), RlsError> {
     let table = TableRef::new(
-        string_field(body, "schema", false)?,
-        string_field(body, "table", true)?.expect("required"),
+        schema.text("schema", false)?,
+        table.text("table", true)?.expect("required"),
     )?;
-    let name = identifier(string_field(body, "name", true)?.expect("required"), "name")?;
+    let name = identifier(name.text("name", true)?.expect("required"), "name")?;
     Ok((table, name.to_string()))
 }
 
-fn identifier<'a>(value: &'a str, field: &str) -> ApiResult<&'a str> {
+/// A PostgreSQL identifier named by the caller (no truncation: at most 63 bytes).
+fn identifier<'a>(value: &'a str, field: &str) -> Result<&'a str, RlsError> {
     if value.is_empty() || value.len() > 63 || value.contains('\0') {
-        return Err(ApiError::BadRequest(format!(
+        return Err(RlsError::Invalid(format!(
             "{field}: expected a name of 1 to 63 bytes"
         )));
     }
@@ -590,7 +231,7 @@ struct TableRef {
 }
 
 impl TableRef {
-    fn new(schema: Option<&str>, table: &str) -> ApiResult<TableRef> {
+    fn new(schema: Option<&str>, table: &str) -> Result<TableRef, RlsError> {
         Ok(TableRef {
             schema: identifier(schema.unwrap_or("public"), "schema")?.to_string(),
             table: identifier(table, "table")?.to_string(),
@@ -635,7 +276,7 @@ struct PolicyRow {
 
 struct PolicyInfo {
     name: String,
-    command: &'static str,
+    command: Command,
     using: Option<String>,
     check: Option<String>,
     enabled: bool,
@@ -644,7 +285,7 @@ struct PolicyInfo {
 }
 
 impl PolicyInfo {
-    fn json(&self) -> Value {
+    fn view(&self) -> Policy {
         // The expressions as given, unless they were changed through SQL since.
         let (using, check) = match &self.note {
             Some(n) if n.pg_using == self.using && n.pg_check == self.check => {
@@ -652,13 +293,13 @@ impl PolicyInfo {
             }
             _ => (self.using.clone(), self.check.clone()),
         };
-        json!({
-            "name": self.name,
-            "command": self.command,
-            "using": using,
-            "check": check,
-            "enabled": self.enabled,
-        })
+        Policy {
+            name: self.name.clone(),
+            command: self.command,
+            using,
+            check,
+            enabled: self.enabled,
+        }
     }
 }
 
@@ -721,7 +362,7 @@ async fn read_catalog(
 }
 
 /// A failed policy statement as the API's error, naming what PostgreSQL named.
-fn policy_error(e: &DbError, what: &str) -> ApiError {
+fn policy_error(e: &DbError, what: &str) -> RlsError {
     let mut message = format!("{what}: {}", e.message);
     if let Some(detail) = &e.detail {
         message.push_str(&format!(" ({detail})"));
@@ -730,83 +371,69 @@ fn policy_error(e: &DbError, what: &str) -> ApiError {
         message.push_str(&format!(" Hint: {hint}"));
     }
     match e.code.as_str() {
-        "42710" => ApiError::Conflict(message),
-        "42704" => ApiError::NotFound(message),
-        "42501" => ApiError::InsufficientPermissions(message),
-        _ => ApiError::BadRequest(message),
+        "42710" => RlsError::Exists(message),
+        "42704" => RlsError::NotFound(message),
+        "42501" => RlsError::PermissionDenied(message),
+        _ => RlsError::Invalid(message),
     }
 }
 
-enum DdlFailure {
-    Api(ApiError),
-    Wire(WireError),
+/// The policy API over the project's SQL connections (as the owner role for changes).
+pub struct Policies {
+    sql: Arc<Sql>,
 }
 
-impl From<WireError> for DdlFailure {
-    fn from(e: WireError) -> Self {
-        DdlFailure::Wire(e)
+impl Policies {
+    pub fn new(sql: Arc<Sql>) -> Policies {
+        Policies { sql }
     }
-}
 
-impl From<ApiError> for DdlFailure {
-    fn from(e: ApiError) -> Self {
-        DdlFailure::Api(e)
-    }
-}
-
-impl App {
-    /// `GET /api/rls/policies`: every table with its RLS state and policies.
-    pub async fn list_policies(&self, access: &Access) -> ApiResult<(StatusCode, Value)> {
-        let mut conn = self.sql_connection(&access.project, access.db_role).await?;
+    /// Every table with its RLS state and policies, read as the caller's role.
+    pub async fn list(&self, access: &Access) -> Result<Vec<TablePolicies>, RlsError> {
+        let mut conn = self.sql.connection(&access.project, access.db_role).await?;
         let rows = read_catalog(&mut conn, &access.project.id, None).await;
-        crate::sql::release(conn);
-        let rows = rows.map_err(|e| ApiError::DatabaseUnavailable(e.to_string()))?;
-        let mut tables: Vec<Value> = Vec::new();
-        let mut last: Option<(String, String)> = None;
-        for row in rows {
-            let key = (row.schema.clone(), row.table.clone());
-            if last.as_ref() != Some(&key) {
-                tables.push(json!({
-                    "schema": row.schema,
-                    "table": row.table,
-                    "rlsEnabled": row.rls_enabled,
-                    "rlsForced": row.rls_forced,
-                    "policies": [],
-                }));
-                last = Some(key);
+        release(conn);
+        let mut tables: Vec<TablePolicies> = Vec::new();
+        for row in rows? {
+            let same = tables
+                .last()
+                .is_some_and(|t| t.schema == row.schema && t.table == row.table);
+            if !same {
+                tables.push(TablePolicies {
+                    schema: row.schema,
+                    table: row.table,
+                    rls_enabled: row.rls_enabled,
+                    rls_forced: row.rls_forced,
+                    policies: Vec::new(),
+                });
             }
             if let Some(p) = &row.policy {
                 let entry = tables.last_mut().expect("pushed above");
-                entry["policies"]
-                    .as_array_mut()
-                    .expect("an array")
-                    .push(p.json());
+                entry.policies.push(p.view());
             }
         }
-        Ok((StatusCode::OK, json!({ "success": true, "tables": tables })))
+        Ok(tables)
     }
 
-    /// `POST /api/rls/policies`: ENABLE ROW LEVEL SECURITY and CREATE POLICY, one transaction.
-    pub async fn create_policy(
+    /// ENABLE ROW LEVEL SECURITY and CREATE POLICY, one transaction. The caller checked that
+    /// `access` may manage policies.
+    pub async fn create(
         &self,
         access: &Access,
-        body: &Value,
-    ) -> ApiResult<(StatusCode, Value)> {
-        access.require_developer("Managing row-level security policies")?;
-        let (table, name) = policy_ref(body)?;
-        let command_text = string_field(body, "command", true)?.expect("required");
+        body: &CreatePolicy,
+    ) -> Result<TablePolicy, RlsError> {
+        let (table, name) = policy_ref(&body.schema, &body.table, &body.name)?;
+        let command_text = body.command.text("command", true)?.expect("required");
         let command = Command::parse(command_text).ok_or_else(|| {
-            ApiError::BadRequest(
-                "command: expected one of ALL, SELECT, INSERT, UPDATE, DELETE".into(),
-            )
+            RlsError::Invalid("command: expected one of ALL, SELECT, INSERT, UPDATE, DELETE".into())
         })?;
-        let using = string_field(body, "using", command != Command::Insert)?;
-        let check = string_field(body, "check", false)?;
+        let using = body.using.text("using", command != Command::Insert)?;
+        let check = body.check.text("check", false)?;
         // PostgreSQL's rules: INSERT has only WITH CHECK, SELECT and DELETE only USING.
         let (using, check) = match command {
             Command::Insert => match (using, check) {
                 (Some(_), Some(_)) => {
-                    return Err(ApiError::BadRequest(
+                    return Err(RlsError::Invalid(
                         "check: an INSERT policy has one expression (WITH CHECK); give it as \
                          `using` or `check`, not both"
                             .into(),
@@ -815,13 +442,13 @@ impl App {
                 (Some(e), None) => (None, Some(Expression::parse(e, "using")?)),
                 (None, Some(e)) => (None, Some(Expression::parse(e, "check")?)),
                 (None, None) => {
-                    return Err(ApiError::BadRequest(
+                    return Err(RlsError::Invalid(
                         "using: expected a non-empty string".into(),
                     ))
                 }
             },
             Command::Select | Command::Delete if check.is_some() => {
-                return Err(ApiError::BadRequest(format!(
+                return Err(RlsError::Invalid(format!(
                     "check: a {} policy has no WITH CHECK expression",
                     command.as_str()
                 )))
@@ -858,68 +485,52 @@ impl App {
             .policy_ddl(access, &table, &name, statements, Some(note), true)
             .await?;
         tracing::info!(project_id = %access.project.id, table = %table.display(), policy = %name, "policy created");
-        Ok((
-            StatusCode::CREATED,
-            json!({ "success": true, "policy": policy }),
-        ))
+        Ok(policy)
     }
 
-    /// `PATCH /api/rls/policies`: the dashboard's toggle (see the module docs).
-    pub async fn toggle_policy(
+    /// The dashboard's toggle (see the module docs). The caller checked that `access` may
+    /// manage policies.
+    pub async fn toggle(
         &self,
         access: &Access,
-        body: &Value,
-    ) -> ApiResult<(StatusCode, Value)> {
-        access.require_developer("Managing row-level security policies")?;
-        let (table, name) = policy_ref(body)?;
-        let enabled = match body.get("enabled") {
-            Some(Value::Bool(b)) => *b,
-            _ => {
-                return Err(ApiError::BadRequest(
-                    "enabled: expected true or false".into(),
-                ))
-            }
+        body: &TogglePolicy,
+    ) -> Result<TablePolicy, RlsError> {
+        let (table, name) = policy_ref(&body.schema, &body.table, &body.name)?;
+        let Field::Given(enabled) = body.enabled else {
+            return Err(RlsError::Invalid("enabled: expected true or false".into()));
         };
         let policy = self
             .policy_ddl(access, &table, &name, Vec::new(), None, enabled)
             .await?;
         tracing::info!(project_id = %access.project.id, table = %table.display(), policy = %name, enabled, "policy toggled");
-        Ok((StatusCode::OK, json!({ "success": true, "policy": policy })))
+        Ok(policy)
     }
 
-    /// `DELETE /api/rls/policies`.
-    pub async fn delete_policy(
+    /// DROP POLICY. The caller checked that `access` may manage policies.
+    pub async fn delete(
         &self,
         access: &Access,
         schema: Option<&str>,
         table: &str,
         name: &str,
-    ) -> ApiResult<(StatusCode, Value)> {
-        access.require_developer("Managing row-level security policies")?;
+    ) -> Result<(), RlsError> {
         let table = TableRef::new(schema, table)?;
         let name = identifier(name, "name")?;
-        let mut conn = self.sql_connection(&access.project, DbRole::Owner).await?;
+        let mut conn = self.sql.connection(&access.project, DbRole::Owner).await?;
         let outcome = async {
             let rows = read_catalog(&mut conn, &access.project.id, Some(&table)).await?;
             check_policy_exists(&rows, &table, name)?;
             let drop = format!("DROP POLICY {} ON {}", quote_ident(name), table.sql());
             match conn.query_oneshot(&drop, &[], 0).await {
-                Err(WireError::Db(e)) if !e.is_fatal() => {
-                    Err(DdlFailure::Api(policy_error(&e, "DROP POLICY")))
-                }
+                Err(WireError::Db(e)) if !e.is_fatal() => Err(policy_error(&e, "DROP POLICY")),
                 other => Ok(other.map(|_| ())?),
             }
         }
         .await;
-        crate::sql::release(conn);
-        match outcome {
-            Ok(()) => {
-                tracing::info!(project_id = %access.project.id, table = %table.display(), policy = %name, "policy deleted");
-                Ok((StatusCode::OK, json!({ "success": true })))
-            }
-            Err(DdlFailure::Api(e)) => Err(e),
-            Err(DdlFailure::Wire(e)) => Err(ApiError::DatabaseUnavailable(e.to_string())),
-        }
+        release(conn);
+        outcome?;
+        tracing::info!(project_id = %access.project.id, table = %table.display(), policy = %name, "policy deleted");
+        Ok(())
     }
 
     /// Runs a policy change as the owner role in one transaction: `statements` (create), or the
@@ -932,17 +543,22 @@ impl App {
         statements: Vec<String>,
         note: Option<PolicyNote>,
         enabled: bool,
-    ) -> ApiResult<Value> {
-        let mut conn = self.sql_connection(&access.project, DbRole::Owner).await?;
+    ) -> Result<TablePolicy, RlsError> {
+        let mut conn = self.sql.connection(&access.project, DbRole::Owner).await?;
         let outcome = async {
             // `standard_conforming_strings` is what the expression check assumed.
             conn.simple_query("BEGIN; SET LOCAL standard_conforming_strings = on", 0)
                 .await?;
-            let result = self
-                .policy_ddl_in_transaction(
-                    &mut conn, access, table, name, statements, note, enabled,
-                )
-                .await;
+            let result = policy_ddl_in_transaction(
+                &mut conn,
+                &access.project.id,
+                table,
+                name,
+                statements,
+                note,
+                enabled,
+            )
+            .await;
             match result {
                 Ok(policy) => {
                     conn.simple_query("COMMIT", 0).await?;
@@ -955,103 +571,96 @@ impl App {
             }
         }
         .await;
-        crate::sql::release(conn);
-        match outcome {
-            Ok(policy) => Ok(policy),
-            Err(DdlFailure::Api(e)) => Err(e),
-            Err(DdlFailure::Wire(e)) => Err(ApiError::DatabaseUnavailable(e.to_string())),
-        }
+        release(conn);
+        outcome
     }
+}
 
-    #[allow(clippy::too_many_arguments)]
-    async fn policy_ddl_in_transaction(
-        &self,
-        conn: &mut Connection,
-        access: &Access,
-        table: &TableRef,
-        name: &str,
-        statements: Vec<String>,
-        note: Option<PolicyNote>,
-        enabled: bool,
-    ) -> Result<Value, DdlFailure> {
-        let project_id = &access.project.id;
-        let rows = read_catalog(conn, project_id, Some(table)).await?;
-        if rows.is_empty() {
-            return Err(ApiError::NotFound(format!(
-                "Table \"{}\" does not exist.",
-                table.display()
-            ))
-            .into());
-        }
-        let mut note = match note {
-            Some(note) => note,
-            // A toggle: the policy must exist; keep its note.
-            None => note_of(check_policy_exists(&rows, table, name)?),
-        };
-        let create = !statements.is_empty();
-        let mut run = statements;
-        if !create {
-            let current = check_policy_exists(&rows, table, name)?;
-            let roles = if enabled {
-                run.push(format!(
-                    "ALTER TABLE {} ENABLE ROW LEVEL SECURITY",
-                    table.sql()
-                ));
-                if current.enabled {
-                    current.roles.clone()
-                } else {
-                    note.roles.take().unwrap_or_else(|| vec!["public".into()])
-                }
-            } else {
-                if current.enabled {
-                    note.roles = Some(current.roles.clone());
-                }
-                vec![quote_ident(&auth_role(project_id))]
-            };
+async fn policy_ddl_in_transaction(
+    conn: &mut Connection,
+    project_id: &str,
+    table: &TableRef,
+    name: &str,
+    statements: Vec<String>,
+    note: Option<PolicyNote>,
+    enabled: bool,
+) -> Result<TablePolicy, RlsError> {
+    let rows = read_catalog(conn, project_id, Some(table)).await?;
+    if rows.is_empty() {
+        return Err(RlsError::NotFound(format!(
+            "Table \"{}\" does not exist.",
+            table.display()
+        )));
+    }
+    let mut note = match note {
+        Some(note) => note,
+        // A toggle: the policy must exist; keep its note.
+        None => note_of(check_policy_exists(&rows, table, name)?),
+    };
+    let create = !statements.is_empty();
+    let mut run = statements;
+    if !create {
+        let current = check_policy_exists(&rows, table, name)?;
+        let roles = if enabled {
             run.push(format!(
-                "ALTER POLICY {} ON {} TO {}",
-                quote_ident(name),
-                table.sql(),
-                roles.join(", ")
+                "ALTER TABLE {} ENABLE ROW LEVEL SECURITY",
+                table.sql()
             ));
-        }
-        for sql in &run {
-            match conn.query_oneshot(sql, &[], 0).await {
-                Err(WireError::Db(e)) if !e.is_fatal() => {
-                    let what = format!("Policy \"{name}\" on {}", table.display());
-                    return Err(policy_error(&e, &what).into());
-                }
-                other => {
-                    other?;
-                }
+            if current.enabled {
+                current.roles.clone()
+            } else {
+                note.roles.take().unwrap_or_else(|| vec!["public".into()])
+            }
+        } else {
+            if current.enabled {
+                note.roles = Some(current.roles.clone());
+            }
+            vec![quote_ident(&auth_role(project_id))]
+        };
+        run.push(format!(
+            "ALTER POLICY {} ON {} TO {}",
+            quote_ident(name),
+            table.sql(),
+            roles.join(", ")
+        ));
+    }
+    for sql in &run {
+        match conn.query_oneshot(sql, &[], 0).await {
+            Err(WireError::Db(e)) if !e.is_fatal() => {
+                let what = format!("Policy \"{name}\" on {}", table.display());
+                return Err(policy_error(&e, &what));
+            }
+            other => {
+                other?;
             }
         }
-        // What PostgreSQL made of the expressions, to notice later changes through SQL.
-        let rows = read_catalog(conn, project_id, Some(table)).await?;
-        let policy = check_policy_exists(&rows, table, name)?;
-        if create {
-            note.pg_using = policy.using.clone();
-            note.pg_check = policy.check.clone();
-        }
-        let comment = serde_json::to_string(&note).expect("serializable");
-        conn.query_oneshot(
-            &format!(
-                "COMMENT ON POLICY {} ON {} IS {}",
-                quote_ident(name),
-                table.sql(),
-                quote_literal(&comment)
-            ),
-            &[],
-            0,
-        )
-        .await?;
-        let rows = read_catalog(conn, project_id, Some(table)).await?;
-        let policy = check_policy_exists(&rows, table, name)?;
-        let mut out = policy.json();
-        out["schema"] = json!(table.schema);
-        out["table"] = json!(table.table);
-        Ok(out)
     }
+    // What PostgreSQL made of the expressions, to notice later changes through SQL.
+    let rows = read_catalog(conn, project_id, Some(table)).await?;
+    let policy = check_policy_exists(&rows, table, name)?;
+    if create {
+        note.pg_using = policy.using.clone();
+        note.pg_check = policy.check.clone();
+    }
+    let comment = serde_json::to_string(&note).expect("serializable");
+    conn.query_oneshot(
+        &format!(
+            "COMMENT ON POLICY {} ON {} IS {}",
+            quote_ident(name),
+            table.sql(),
+            quote_literal(&comment)
+        ),
+        &[],
+        0,
+    )
+    .await?;
+    let rows = read_catalog(conn, project_id, Some(table)).await?;
+    let policy = check_policy_exists(&rows, table, name)?;
+    Ok(TablePolicy {
+        schema: table.schema.clone(),
+        table: table.table.clone(),
+        policy: policy.view(),
+    })
 }
 
 /// A policy's note; for one created through SQL, what PostgreSQL shows.
@@ -1070,96 +679,20 @@ fn check_policy_exists<'a>(
     rows: &'a [PolicyRow],
     table: &TableRef,
     name: &str,
-) -> Result<&'a PolicyInfo, DdlFailure> {
+) -> Result<&'a PolicyInfo, RlsError> {
     if rows.is_empty() {
-        return Err(
-            ApiError::NotFound(format!("Table \"{}\" does not exist.", table.display())).into(),
-        );
+        return Err(RlsError::NotFound(format!(
+            "Table \"{}\" does not exist.",
+            table.display()
+        )));
     }
     rows.iter()
         .filter_map(|r| r.policy.as_ref())
         .find(|p| p.name == name)
         .ok_or_else(|| {
-            ApiError::NotFound(format!(
+            RlsError::NotFound(format!(
                 "Policy \"{name}\" does not exist on table \"{}\".",
                 table.display()
             ))
-            .into()
         })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn wrap(s: &str) -> String {
-        Expression::parse(s, "using").unwrap().sql
-    }
-
-    fn refused(s: &str) -> String {
-        match Expression::parse(s, "using") {
-            Err(ApiError::BadRequest(m)) => m,
-            other => panic!("{s:?} should be refused, got {other:?}"),
-        }
-    }
-
-    #[test]
-    fn auth_uid_calls_are_wrapped_once_per_statement() {
-        assert_eq!(
-            wrap("user_id = auth.uid()"),
-            "user_id = (SELECT auth.uid())"
-        );
-        assert_eq!(
-            wrap("org_id = AUTH . UID ( ) OR x = \"auth\".\"uid\"()"),
-            "org_id = (SELECT auth.uid()) OR x = (SELECT auth.uid())"
-        );
-        assert_eq!(
-            wrap("user_id::text = auth.uid()"),
-            "user_id::text = (SELECT auth.uid())"
-        );
-        assert_eq!(wrap("a = (SELECT auth.uid())"), "a = (SELECT auth.uid())");
-    }
-
-    #[test]
-    fn auth_uid_inside_literals_identifiers_and_comments_is_left_alone() {
-        assert_eq!(wrap("note = 'auth.uid()'"), "note = 'auth.uid()'");
-        assert_eq!(wrap("\"auth.uid()\" = 'x'"), "\"auth.uid()\" = 'x'");
-        assert_eq!(wrap("x = $q$auth.uid()$q$"), "x = $q$auth.uid()$q$");
-        assert_eq!(wrap("x = E'\\'auth.uid()'"), "x = E'\\'auth.uid()'");
-        assert_eq!(wrap("true -- auth.uid()"), "true  ");
-        assert_eq!(wrap("true /* a /* b */ ) */"), "true  ");
-        assert_eq!(wrap("\"AUTH\".uid() = x"), "\"AUTH\".uid() = x");
-    }
-
-    #[test]
-    fn anything_but_one_expression_is_refused() {
-        assert!(refused("true) WITH CHECK (false").contains("unmatched `)`"));
-        assert!(refused("true); DROP TABLE posts; --").contains("unmatched `)`"));
-        assert!(refused("true; DROP TABLE posts").contains("`;`"));
-        assert!(refused("(true").contains("unclosed"));
-        assert!(refused("'unterminated").contains("unterminated"));
-        assert!(refused("x = $a$ ) $b$").contains("unterminated"));
-        assert!(refused("/* ) ").contains("unterminated"));
-        assert!(refused("   -- only a comment").contains("expected an SQL expression"));
-        // Inside literals a `)` or `;` is data.
-        assert_eq!(wrap("x = ');' AND y = \")\""), "x = ');' AND y = \")\"");
-    }
-
-    #[test]
-    fn tags_match_the_sql_hmac_construction() {
-        let key = [7u8; 32];
-        let (inner, outer) = padded_keys(&key);
-        let message = b"1234:=alice";
-        let inner_hash = crate::secrets::sha256(&[inner, message.to_vec()].concat());
-        let tag = hex::encode(crate::secrets::sha256(&[outer, inner_hash].concat()));
-        assert_eq!(tag, identity_tag(&key, 1234, Some("alice")));
-        assert_ne!(
-            identity_tag(&key, 1234, None),
-            identity_tag(&key, 1234, Some(""))
-        );
-        assert_ne!(
-            identity_tag(&key, 1234, Some("a")),
-            identity_tag(&key, 1235, Some("a"))
-        );
-    }
 }
