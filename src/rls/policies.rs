@@ -696,3 +696,32 @@ fn check_policy_exists<'a>(
             ))
         })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn policy_bodies_refuse_unknown_fields_and_name_mistyped_ones() {
+        let unknown = serde_json::from_str::<CreatePolicy>(
+            r#"{"projectId": "p", "table": "posts", "name": "own", "command": "ALL", "usng": "true"}"#,
+        );
+        assert!(unknown
+            .unwrap_err()
+            .to_string()
+            .contains("unknown field `usng`"));
+
+        let body: TogglePolicy = serde_json::from_str(
+            r#"{"projectId": "p", "table": 3, "name": "own", "enabled": "yes"}"#,
+        )
+        .unwrap();
+        assert!(matches!(body.table, Field::Mistyped));
+        assert!(matches!(body.enabled, Field::Mistyped));
+        assert!(matches!(body.schema, Field::Missing));
+        match policy_ref(&body.schema, &body.table, &body.name) {
+            Err(RlsError::Invalid(m)) => assert!(m.starts_with("table: "), "{m}"),
+            Err(e) => panic!("expected a refusal naming table, got {e:?}"),
+            Ok(_) => panic!("a numeric table name was accepted"),
+        }
+    }
+}
