@@ -13,7 +13,7 @@ use crate::embedded;
 use crate::metrics::Metrics;
 use crate::ratelimit::RateLimiter;
 use crate::secrets::Secrets;
-use crate::sql::SqlPools;
+use crate::sql::Sql;
 
 /// Everything a request handler needs. Cheap to clone (an `Arc`).
 pub struct App {
@@ -21,7 +21,9 @@ pub struct App {
     pub secrets: Secrets,
     pub cluster: ClusterTarget,
     pub control: deadpool_postgres::Pool,
-    pub sql: SqlPools,
+    pub sql: Arc<Sql>,
+    /// The row-level security policy API (over `sql`'s connections).
+    pub rls: crate::rls::Policies,
     pub rate: RateLimiter,
     /// Login, sign-up and project-creation bounds (see [`crate::ratelimit::AccountLimits`]).
     pub account_limits: crate::ratelimit::AccountLimits,
@@ -89,8 +91,16 @@ impl App {
         let storage =
             crate::storage::Storage::open(&config, &secrets, control.clone(), metrics.clone())?;
         let bus = Arc::new(crate::bus::Bus::default());
+        let sql = Arc::new(Sql::new(
+            &config,
+            &cluster,
+            control.clone(),
+            secrets.clone(),
+            metrics.clone(),
+        ));
         let app = Arc::new(App {
-            sql: SqlPools::new(&config, &cluster),
+            rls: crate::rls::Policies::new(sql.clone()),
+            sql,
             rate: RateLimiter::new(config.rate_limit_requests, config.rate_limit_window_secs),
             account_limits: crate::ratelimit::AccountLimits::new(&config),
             metrics,

@@ -9,6 +9,7 @@ pub mod api;
 pub mod app;
 pub mod auth;
 pub mod bus;
+pub mod catalog;
 pub mod cdc;
 pub mod config;
 pub mod control;

@@ -91,6 +91,11 @@ pub fn project_json(p: &Project) -> Value {
     })
 }
 
+/// The password of a project role: HMAC of its name under the instance secret.
+pub fn role_password(secrets: &crate::secrets::Secrets, role: &str) -> String {
+    secrets.derive(&format!("pg-role:{role}"))
+}
+
 fn validate_name(name: &str) -> ApiResult<String> {
     let name = name.trim();
     if name.is_empty() || name.chars().count() > 100 || name.chars().any(|c| c.is_control()) {
@@ -104,19 +109,17 @@ fn validate_name(name: &str) -> ApiResult<String> {
 impl App {
     /// The password of a project role: HMAC of its name under the instance secret.
     pub fn role_password(&self, role: &str) -> String {
-        self.secrets.derive(&format!("pg-role:{role}"))
+        role_password(&self.secrets, role)
     }
 
     /// How the server logs in as a project role (see [`RoleLogin`]).
     pub fn role_login(&self, role: &str) -> RoleLogin {
-        RoleLogin {
-            repairs: self.sql.repairs.clone(),
-            role: role.to_string(),
-            password: self.role_password(role),
-            temp_file_limit_kb: self.config.temp_file_limit_kb,
-            verifier: tokio::sync::OnceCell::new(),
-            one_at_a_time: tokio::sync::Mutex::new(()),
-        }
+        RoleLogin::new(
+            self.sql.repairs.clone(),
+            role,
+            self.role_password(role),
+            self.config.temp_file_limit_kb,
+        )
     }
 
     /// Installs the key the change stream's messages are tagged with (`fluxbase_cdc.emit`,
@@ -654,6 +657,23 @@ impl From<RepairError> for PoolFailure {
 }
 
 impl RoleLogin {
+    /// How the server logs in as `role` with `password`, repairing the role through `repairs`.
+    pub fn new(
+        repairs: deadpool_postgres::Pool,
+        role: &str,
+        password: String,
+        temp_file_limit_kb: u64,
+    ) -> RoleLogin {
+        RoleLogin {
+            repairs,
+            role: role.to_string(),
+            password,
+            temp_file_limit_kb,
+            verifier: tokio::sync::OnceCell::new(),
+            one_at_a_time: tokio::sync::Mutex::new(()),
+        }
+    }
+
     /// Step 1 with `Some(verifier)`; with `None` the same resets, and the password expired.
     fn secure_sql(&self, verifier: Option<&str>) -> String {
         let role = quote_literal(&self.role);

@@ -2466,8 +2466,8 @@ impl App {
                 // As execute-sql: a key may name its end user, a session acts as its own.
                 let auth_uid = crate::rls::request_identity(&access, Some(named_uid), None)
                     .map_err(|e| match e {
-                        ApiError::BadRequest(m) => ("BAD_MESSAGE", m),
-                        other => api(other),
+                        crate::rls::RlsError::Invalid(m) => ("BAD_MESSAGE", m),
+                        other => api(other.into()),
                     })?;
                 identity = Identity { role: access.db_role, auth_uid };
                 user = principal.user_id().map(str::to_string);

@@ -942,14 +942,14 @@ impl Visibility {
             }
             self.invalidate(&project.id);
         };
-        let mut conn = match app.sql_connection(project, role).await {
+        let mut conn = match app.sql.connection(project, role).await {
             Ok(c) => c,
             Err(e) => {
                 fail(format!("no SQL connection: {e}"));
                 return seen;
             }
         };
-        let key = crate::rls::identity_key(app, &project.id);
+        let key = app.sql.identities().key(&project.id);
         let pid = conn.backend_key().0;
         let timeout = app.config.realtime_rls_timeout_ms.to_string();
         let mut statements: Vec<(&str, Vec<Option<String>>)> = Vec::new();
@@ -994,7 +994,7 @@ impl Visibility {
             let setup = &results[base..base + 3];
             if let Some(Err(e)) = setup.iter().find(|r| r.is_err()) {
                 if e.code == crate::rls::KEY_MISSING {
-                    let _ = app.install_identity_key(project).await;
+                    let _ = app.sql.identities().install_key(project).await;
                 }
                 failed.get_or_insert(format!("setting the identity: {}", e.message));
                 continue;

@@ -1,33 +1,84 @@
 //! Row-level security: tables, policies, the toggle.
 
-use super::reply::Reply;
+use serde::Serialize;
+use utoipa::ToSchema;
+
+use super::error::ApiError;
+use super::reply::{Created, Json, Reply};
 use super::Request;
 use crate::api::error::ApiResult;
 use crate::app::SharedApp;
+use crate::auth::Access;
+use crate::rls::policies::{CreatePolicy, Field, TablePolicies, TablePolicy, TogglePolicy};
+use crate::rls::RlsError;
+
+/// `{success, tables}`.
+#[derive(Serialize, ToSchema)]
+pub struct PolicyList {
+    /// Always `true`.
+    pub success: bool,
+    pub tables: Vec<TablePolicies>,
+}
+
+/// `{success, policy}`.
+#[derive(Serialize, ToSchema)]
+pub struct PolicyAnswer {
+    /// Always `true`.
+    pub success: bool,
+    pub policy: TablePolicy,
+}
+
+/// `{success: true}`.
+#[derive(Serialize, ToSchema)]
+pub struct PolicyDeleted {
+    /// Always `true`.
+    pub success: bool,
+}
+
+const MANAGING: &str = "Managing row-level security policies";
 
 /// Every table with its RLS state and policies.
 #[utoipa::path(get, path = "/api/rls/policies", tag = "rls", security(("bearer" = [])),
     params(("projectId" = String, Query, description = "The project")),
-    responses((status = 200, description = "`{success, tables}`", body = Object)))]
+    responses((status = 200, description = "Every table with its RLS state and policies",
+               body = PolicyList)))]
 pub async fn list_policies(app: SharedApp, req: Request) -> ApiResult<impl Reply> {
     let access = req.access_by_query(&app).await?;
-    app.list_policies(&access).await
+    let tables = app.rls.list(&access).await?;
+    Ok(Json(PolicyList {
+        success: true,
+        tables,
+    }))
 }
 
-/// Creates a policy.
+/// Creates a policy: ENABLE ROW LEVEL SECURITY and CREATE POLICY in one transaction.
 #[utoipa::path(post, path = "/api/rls/policies", tag = "rls", security(("bearer" = [])),
-    responses((status = 201, description = "`{success, policy}`", body = Object)))]
+    request_body = CreatePolicy,
+    responses((status = 201, description = "The policy as created", body = PolicyAnswer)))]
 pub async fn create_policy(app: SharedApp, req: Request) -> ApiResult<impl Reply> {
-    let access = req.access_by_body(&app).await?;
-    app.create_policy(&access, &req.json()?).await
+    let principal = req.principal(&app).await?;
+    let body: CreatePolicy = req.json()?;
+    let access = policy_access(&app, &principal, &body.project_id).await?;
+    let policy = app.rls.create(&access, &body).await?;
+    Ok(Created(PolicyAnswer {
+        success: true,
+        policy,
+    }))
 }
 
-/// Turns row-level security on or off for a table.
+/// Enables or disables a policy (the dashboard's toggle).
 #[utoipa::path(patch, path = "/api/rls/policies", tag = "rls", security(("bearer" = [])),
-    responses((status = 200, description = "`{success, table}`", body = Object)))]
+    request_body = TogglePolicy,
+    responses((status = 200, description = "The policy as it is now", body = PolicyAnswer)))]
 pub async fn toggle_policy(app: SharedApp, req: Request) -> ApiResult<impl Reply> {
-    let access = req.access_by_body(&app).await?;
-    app.toggle_policy(&access, &req.json()?).await
+    let principal = req.principal(&app).await?;
+    let body: TogglePolicy = req.json()?;
+    let access = policy_access(&app, &principal, &body.project_id).await?;
+    let policy = app.rls.toggle(&access, &body).await?;
+    Ok(Json(PolicyAnswer {
+        success: true,
+        policy,
+    }))
 }
 
 /// Drops a policy.
@@ -36,14 +87,50 @@ pub async fn toggle_policy(app: SharedApp, req: Request) -> ApiResult<impl Reply
            ("schema" = Option<String>, Query, description = "The table's schema (default public)"),
            ("table" = String, Query, description = "The table"),
            ("name" = String, Query, description = "The policy")),
-    responses((status = 200, description = "`{success: true}`", body = Object)))]
+    responses((status = 200, description = "`{success: true}`", body = PolicyDeleted)))]
 pub async fn delete_policy(app: SharedApp, req: Request) -> ApiResult<impl Reply> {
     let access = req.access_by_query(&app).await?;
-    app.delete_policy(
-        &access,
-        req.optional_param("schema"),
-        req.param("table")?,
-        req.param("name")?,
-    )
-    .await
+    access.require_developer(MANAGING)?;
+    app.rls
+        .delete(
+            &access,
+            req.optional_param("schema"),
+            req.param("table")?,
+            req.param("name")?,
+        )
+        .await?;
+    Ok(Json(PolicyDeleted { success: true }))
+}
+
+/// The caller's access to the body's `projectId`, allowed to manage policies.
+async fn policy_access(
+    app: &SharedApp,
+    principal: &crate::auth::Principal,
+    project_id: &Field<String>,
+) -> ApiResult<Access> {
+    let project_id = match project_id {
+        Field::Given(id) if !id.is_empty() => id,
+        _ => {
+            return Err(ApiError::BadRequest(
+                "projectId: expected a non-empty string".into(),
+            ))
+        }
+    };
+    let access = app.project_access(principal, project_id).await?;
+    access.require_developer(MANAGING)?;
+    Ok(access)
+}
+
+impl From<RlsError> for ApiError {
+    fn from(e: RlsError) -> Self {
+        match e {
+            RlsError::Invalid(m) => ApiError::BadRequest(m),
+            RlsError::ForeignIdentity(m) => ApiError::ScopeMismatch(m),
+            RlsError::NotFound(m) => ApiError::NotFound(m),
+            RlsError::Exists(m) => ApiError::Conflict(m),
+            RlsError::PermissionDenied(m) => ApiError::InsufficientPermissions(m),
+            RlsError::Connection(e) => ApiError::DatabaseUnavailable(e.to_string()),
+            RlsError::Sql(e) => e.into(),
+        }
+    }
 }

@@ -1,22 +1,50 @@
 //! SQL over HTTP.
 
+use super::error::ApiError;
 use super::reply::{RawJson, Reply};
 use super::Request;
 use crate::api::error::ApiResult;
 use crate::app::SharedApp;
+use crate::sql::{SqlError, SqlRequest, SqlResponse};
+
+/// The header a trusted backend names its end user with (see [`crate::rls::identity`]).
+pub const AUTH_UID_HEADER: &str = "x-fluxbase-auth-uid";
 
 /// Runs SQL in the project's database as the key's scope (and `authUid` for row-level
-/// security).
+/// security). A statement PostgreSQL refuses is answered with 200 and `success: false`.
 #[utoipa::path(post, path = "/api/execute-sql", tag = "sql", security(("bearer" = [])),
-    responses((status = 200, description = "`{success, result}` or a SQL error", body = Object)))]
+    request_body = SqlRequest,
+    params(("X-Fluxbase-Auth-Uid" = Option<String>, Header,
+            description = "The end user a trusted backend acts for (as `authUid`)")),
+    responses((status = 200,
+        description = "`{success: true, result, executionInfo}`, or `{success: false, error}` \
+                       with code `SQL_EXEC_ERROR` for a statement PostgreSQL refused",
+        body = SqlResponse)))]
 pub async fn execute_sql(app: SharedApp, req: Request) -> ApiResult<impl Reply> {
     let principal = req.principal(&app).await?;
-    let sql: crate::sql::SqlRequest = req.json()?;
+    let sql: SqlRequest = req.json()?;
     let access = app.project_access(&principal, &sql.project_id).await?;
     let identity = crate::rls::request_identity(
         &access,
         sql.auth_uid.as_ref(),
-        req.headers.get(crate::rls::AUTH_UID_HEADER),
+        req.headers.get(AUTH_UID_HEADER).map(|v| v.as_bytes()),
     )?;
-    Ok(RawJson(app.execute_sql(&access, sql, identity).await?))
+    // Rendered by the domain straight to JSON text (no value tree per row); `SqlResponse`
+    // describes those bytes for the document.
+    Ok(RawJson(
+        app.sql.execute(&access, &sql, identity.as_deref()).await?,
+    ))
+}
+
+impl From<SqlError> for ApiError {
+    fn from(e: SqlError) -> Self {
+        match e {
+            SqlError::Busy(m) => ApiError::Busy(m),
+            SqlError::Unavailable(cause) => ApiError::DatabaseUnavailable(cause),
+            SqlError::Login(m) => {
+                ApiError::Internal(anyhow::anyhow!("project role login failed: {m}"))
+            }
+            SqlError::Control(e) => ApiError::from(e),
+        }
+    }
 }

@@ -618,7 +618,9 @@ async fn stream_once<B: EventBus>(
                         ctx.observe(&msg);
                         if let LogicalReplicationMessage::Relation(r) = &msg {
                             let oids: Vec<u32> = r.columns.iter().map(|c| c.type_id).collect();
-                            learn_types(&mut catalog, types, &oids).await;
+                            if let Err(e) = crate::catalog::learn_types(&mut catalog, types, &oids).await {
+                                tracing::warn!(error = %e, "reading types for the change stream");
+                            }
                         }
                         let rejected = asm.rejected_messages();
                         let committed = {
@@ -726,30 +728,6 @@ async fn release<C: ProjectChannel>(
             Some((now_micros - tx.commit_timestamp.to_unix_micros()).max(0) as f64 / 1e6);
     }
     Ok(())
-}
-
-async fn learn_types(conn: &mut Connection, types: &RwLock<TypeRegistry>, oids: &[u32]) {
-    for _ in 0..8 {
-        let missing = types.read().expect("poisoned").missing(oids);
-        if missing.is_empty() {
-            return;
-        }
-        match conn
-            .simple_query(&TypeRegistry::catalog_query(&missing), usize::MAX)
-            .await
-        {
-            Ok(o) => {
-                let rows = o.last.map(|r| r.rows).unwrap_or_default();
-                if types.write().expect("poisoned").absorb(&rows).is_err() {
-                    return;
-                }
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, "reading types for the change stream");
-                return;
-            }
-        }
-    }
 }
 
 #[cfg(test)]

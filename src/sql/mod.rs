@@ -1,0 +1,164 @@
+//! `POST /api/execute-sql`: the caller's SQL, run as the project role of its scope.
+//!
+//! ```text
+//!  request ─► Access (scope → role) ─► pool[(project, role)] ─► wire::Connection (text results)
+//!                                                                   │ rows: text + type OID
+//!                              response JSON ◄─ values::write_json ◄┘ (PostgreSQL's to_json rules)
+//! ```
+//! Without `params` the text goes through the simple query protocol, so a script of several
+//! statements runs in one implicit transaction and answers with its last statement's result.
+//! With `params` it is one statement through the extended protocol: PostgreSQL infers each
+//! parameter's type and the JSON value is converted to that type's text input.
+//!
+//! Connections log in as `fx_<project>_<role>`: never a superuser, never a role that can
+//! `SET ROLE` to a stronger one. After each request the connection is reset (`ROLLBACK` if a
+//! transaction was left open, then `DISCARD ALL`) off the response path; one that cannot be reset
+//! is dropped. A statement that outlives `statement_timeout` (which the caller could lower or
+//! disable with `SET`) is cancelled by the server side guard here as well.
+//!
+//! One job per file:
+//! - [`pool`]: connections per (project, role) within the cluster's budget, checkout and reset;
+//! - [`run`]: a request's statement(s) on a checked-out connection, parameters, cancellation;
+//! - [`render`]: the answer as JSON text, written straight from PostgreSQL's text values.
+//!
+//! The type registry the rendering reads is [`crate::catalog`], shared with the change stream;
+//! the request's identity (`auth.uid()`) is [`crate::rls::identity`].
+
+mod pool;
+mod render;
+mod run;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+use fluxbase_replication::values::TypeRegistry;
+use serde::Deserialize;
+use serde_json::Value;
+
+use crate::catalog::TypeCatalog;
+use crate::config::Config;
+use crate::db::ClusterTarget;
+use crate::metrics::Metrics;
+use crate::rls::Identities;
+use crate::secrets::Secrets;
+
+pub use pool::{release, Checkout, PoolFailure, PooledConnection};
+pub use render::SqlResponse;
+
+/// The body of `POST /api/execute-sql`. Fields it does not know are ignored: clients of the
+/// guide's endpoint may send more (see docs/decisions.md).
+#[derive(Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct SqlRequest {
+    pub project_id: String,
+    /// The SQL: one statement, or a script of several without `params`.
+    pub query: String,
+    /// Values for `$1`, `$2`, …, converted to the types PostgreSQL infers.
+    #[serde(default)]
+    pub params: Option<Vec<Value>>,
+    /// The end user a trusted backend acts for: `auth.uid()` in row-level security policies.
+    /// Read as any JSON value and checked by the identity rules, so that a mistyped value is
+    /// an error naming the field.
+    #[serde(default)]
+    #[schema(value_type = Option<String>)]
+    pub auth_uid: Option<Value>,
+}
+
+/// Why a request's SQL could not run (a statement PostgreSQL refused is an answer, not this).
+#[derive(Debug, thiserror::Error)]
+pub enum SqlError {
+    /// A bounded resource stayed busy for the whole wait: the project's share, the server's
+    /// connection budget, a role login under repair. The message names the limit.
+    #[error("{0}")]
+    Busy(String),
+    /// The project's database could not be reached, or the connection was lost.
+    #[error("the project database is unreachable: {0}")]
+    Unavailable(String),
+    /// PostgreSQL refused the server's own login as the project role.
+    #[error("project role login failed: {0}")]
+    Login(String),
+    /// The control database (sizing the budget) or building a pool failed.
+    #[error(transparent)]
+    Control(#[from] anyhow::Error),
+}
+
+/// The SQL service: connection pools per (project, role), the statement caches and the type
+/// registries, and the request identities set on its connections.
+pub struct Sql {
+    host: String,
+    port: u16,
+    pool_size: usize,
+    statement_timeout: Duration,
+    temp_file_limit_kb: u64,
+    max_rows: usize,
+    max_response_bytes: usize,
+    pools: Arc<pool::PoolMap>,
+    budget: Arc<pool::Budget>,
+    /// Per project: requests that may hold a connection at once.
+    shares: Mutex<HashMap<String, Arc<tokio::sync::Semaphore>>>,
+    project_share: usize,
+    queue_timeout: Duration,
+    types: TypeCatalog,
+    statements: Mutex<HashMap<String, Arc<run::StatementCache>>>,
+    /// Sizes the budget from the cluster's settings (see [`pool`]).
+    control: deadpool_postgres::Pool,
+    secrets: Secrets,
+    identities: Identities,
+    metrics: Arc<Metrics>,
+    /// Admin sessions for the role repairs of new connections (see
+    /// [`crate::projects::RoleLogin`]): never the control pool that serves requests.
+    pub repairs: deadpool_postgres::Pool,
+}
+
+impl Sql {
+    pub fn new(
+        config: &Config,
+        cluster: &ClusterTarget,
+        control: deadpool_postgres::Pool,
+        secrets: Secrets,
+        metrics: Arc<Metrics>,
+    ) -> Sql {
+        let pools: Arc<pool::PoolMap> = Arc::default();
+        let queue_timeout = Duration::from_millis(config.sql_queue_timeout_ms);
+        let idle_timeout = Duration::from_secs(config.sql_idle_timeout_secs);
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            runtime.spawn(pool::close_idle(Arc::downgrade(&pools), idle_timeout));
+        }
+        Sql {
+            host: cluster.host.clone(),
+            port: cluster.port,
+            pool_size: config.pool_size,
+            statement_timeout: config.statement_timeout(),
+            temp_file_limit_kb: config.temp_file_limit_kb,
+            max_rows: config.max_rows,
+            max_response_bytes: config.max_response_bytes,
+            budget: Arc::new(pool::Budget::new(
+                config.sql_max_connections,
+                queue_timeout,
+                Arc::downgrade(&pools),
+            )),
+            repairs: pool::repair_pool(cluster),
+            pools,
+            shares: Mutex::new(HashMap::new()),
+            project_share: config.sql_project_connections,
+            queue_timeout,
+            types: TypeCatalog::default(),
+            statements: Mutex::new(HashMap::new()),
+            control,
+            identities: Identities::new(secrets.clone(), cluster.clone(), metrics.clone()),
+            secrets,
+            metrics,
+        }
+    }
+
+    /// The project's type registry, shared by the SQL API and the change stream.
+    pub fn types(&self, project_id: &str) -> Arc<RwLock<TypeRegistry>> {
+        self.types.registry(project_id)
+    }
+
+    /// How requests' identities are set on this service's connections (`auth.uid()`).
+    pub fn identities(&self) -> &Identities {
+        &self.identities
+    }
+}

@@ -1,0 +1,551 @@
+//! Connections of the SQL API: one pool per (project, role), logged in as the project role,
+//! within one budget for the whole server, checked out per request and reset when given back.
+//!
+//! # Sharing the cluster's connections
+//!
+//! ```text
+//!  request ─► project share (sql_project_connections, wait ≤ sql_queue_timeout_ms, then 429)
+//!               ─► pool[(project, role)] ─► idle connection, or a new one:
+//!                    global budget (sql_max_connections ≤ ¾ of what the cluster's max_connections
+//!                    leaves after its reserved ones, other clients and this server's own)
+//!                    ├─ a permit free → connect
+//!                    ├─ none: close the longest-idle connection of any pool → connect
+//!                    └─ none idle: wait ≤ sql_queue_timeout_ms, then 429
+//!  reaper: every pooled connection idle for sql_idle_timeout_secs is closed
+//! ```
+//! A noisy project therefore waits on its own share while the rest of the budget serves the
+//! others, and what an attack opened is closed again once it is over.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use deadpool::managed::{self, Metrics as PoolMetrics, Object, RecycleError, RecycleResult};
+use fluxbase_replication::wire::{ConnectConfig, Connection, TransactionStatus, WireError};
+
+use super::{Sql, SqlError};
+use crate::auth::{DbRole, Project};
+use crate::db::ClusterTarget;
+
+/// A pooled project connection and what its `auth.identity` row holds (see
+/// [`crate::rls::identity`]).
+pub struct PooledConnection {
+    pub(super) conn: Connection,
+    pub identity: crate::rls::KnownIdentity,
+}
+
+impl std::ops::Deref for PooledConnection {
+    type Target = Connection;
+    fn deref(&self) -> &Connection {
+        &self.conn
+    }
+}
+
+impl std::ops::DerefMut for PooledConnection {
+    fn deref_mut(&mut self) -> &mut Connection {
+        &mut self.conn
+    }
+}
+
+pub struct WireManager {
+    cfg: ConnectConfig,
+    /// Logs in as the project role: repairs its settings and password first (see
+    /// [`crate::projects::RoleLogin`]).
+    login: Arc<crate::projects::RoleLogin>,
+}
+
+impl WireManager {
+    pub fn new(cfg: ConnectConfig, login: Arc<crate::projects::RoleLogin>) -> WireManager {
+        WireManager { cfg, login }
+    }
+}
+
+impl managed::Manager for WireManager {
+    type Type = PooledConnection;
+    type Error = PoolFailure;
+
+    async fn create(&self) -> Result<PooledConnection, PoolFailure> {
+        Ok(PooledConnection {
+            conn: self.login.connect(&self.cfg).await?,
+            identity: crate::rls::KnownIdentity::Unknown,
+        })
+    }
+
+    async fn recycle(
+        &self,
+        conn: &mut PooledConnection,
+        _: &PoolMetrics,
+    ) -> RecycleResult<PoolFailure> {
+        if conn.is_broken() {
+            return Err(RecycleError::message("connection is broken"));
+        }
+        Ok(())
+    }
+}
+
+/// A pooled connection and its place in the global budget (freed when it closes).
+pub struct Budgeted {
+    conn: PooledConnection,
+    _permit: tokio::sync::OwnedSemaphorePermit,
+}
+
+impl std::ops::Deref for Budgeted {
+    type Target = PooledConnection;
+    fn deref(&self) -> &PooledConnection {
+        &self.conn
+    }
+}
+
+impl std::ops::DerefMut for Budgeted {
+    fn deref_mut(&mut self) -> &mut PooledConnection {
+        &mut self.conn
+    }
+}
+
+/// Why a connection could not be made.
+#[derive(Debug, thiserror::Error)]
+pub enum PoolFailure {
+    #[error(transparent)]
+    Wire(#[from] WireError),
+    #[error("every connection of the budget ({0}) is in use")]
+    Budget(usize),
+    /// The role's login could not be repaired in time (see [`crate::projects::RoleLogin`]).
+    #[error("{0}")]
+    Busy(String),
+}
+
+/// [`WireManager`] within the global connection budget: a new connection needs a permit,
+/// which it holds until it is closed.
+pub struct BudgetedManager {
+    inner: WireManager,
+    budget: Arc<Budget>,
+}
+
+impl managed::Manager for BudgetedManager {
+    type Type = Budgeted;
+    type Error = PoolFailure;
+
+    async fn create(&self) -> Result<Budgeted, PoolFailure> {
+        let permit = self.budget.permit().await?;
+        let conn = managed::Manager::create(&self.inner).await?;
+        Ok(Budgeted {
+            conn,
+            _permit: permit,
+        })
+    }
+
+    async fn recycle(
+        &self,
+        obj: &mut Budgeted,
+        metrics: &PoolMetrics,
+    ) -> RecycleResult<PoolFailure> {
+        managed::Manager::recycle(&self.inner, &mut obj.conn, metrics).await
+    }
+}
+
+type Pool = managed::Pool<BudgetedManager>;
+pub(super) type PoolMap = Mutex<HashMap<(String, DbRole), RolePool>>;
+
+#[derive(Clone)]
+pub(super) struct RolePool {
+    pool: Pool,
+    pub(super) cfg: ConnectConfig,
+}
+
+/// The connections all SQL pools may hold together (see the module docs), sized from the
+/// cluster's `max_connections` on first use.
+pub struct Budget {
+    permits: tokio::sync::OnceCell<(Arc<tokio::sync::Semaphore>, usize)>,
+    configured: usize,
+    wait: Duration,
+    pools: std::sync::Weak<PoolMap>,
+    /// Signalled when a request gives a connection back (it is idle now: closable).
+    idle: tokio::sync::Notify,
+}
+
+impl Budget {
+    pub(super) fn new(
+        configured: usize,
+        wait: Duration,
+        pools: std::sync::Weak<PoolMap>,
+    ) -> Budget {
+        Budget {
+            permits: tokio::sync::OnceCell::new(),
+            configured,
+            wait,
+            pools,
+            idle: tokio::sync::Notify::new(),
+        }
+    }
+
+    /// Sizes the budget from the cluster (once, at the first SQL request): three quarters of
+    /// the connections left after the reserved ones, those other clients hold at that moment
+    /// and a margin for this server's own ([`OWN_CONNECTIONS_MARGIN`]), or
+    /// `sql_max_connections` if that is lower.
+    async fn ensure(&self, control: &deadpool_postgres::Pool) -> anyhow::Result<()> {
+        self.permits
+            .get_or_try_init(|| async {
+                let row = control
+                    .get()
+                    .await?
+                    .query_one(
+                        "SELECT current_setting('max_connections')::int,
+                                current_setting('superuser_reserved_connections')::int
+                                + coalesce(current_setting('reserved_connections', true), '0')::int,
+                                (SELECT count(*)::int FROM pg_catalog.pg_stat_activity
+                                 WHERE backend_type IN ('client backend', 'walsender')
+                                   AND application_name IS DISTINCT FROM 'fluxbase-sql')",
+                        &[],
+                    )
+                    .await?;
+                let (max, reserved, others): (i32, i32, i32) = (row.get(0), row.get(1), row.get(2));
+                // What the cluster's other clients hold now (this server's control pool and
+                // streams, CLI commands, other servers), and room for this server's own
+                // sessions to grow to their maximum.
+                let left = max - reserved - others - OWN_CONNECTIONS_MARGIN;
+                let auto = (left.max(4) as usize) * 3 / 4;
+                let size = match self.configured {
+                    0 => auto,
+                    n => n.min(auto),
+                };
+                tracing::info!(
+                    max_connections = max,
+                    other_connections = others,
+                    budget = size,
+                    "SQL connection budget"
+                );
+                Ok::<_, anyhow::Error>((Arc::new(tokio::sync::Semaphore::new(size)), size))
+            })
+            .await?;
+        Ok(())
+    }
+
+    /// A place for one more connection: a free one, or one freed by closing an idle
+    /// connection of any pool, or one that frees up within the wait.
+    async fn permit(&self) -> Result<tokio::sync::OwnedSemaphorePermit, PoolFailure> {
+        let Some((permits, size)) = self.permits.get() else {
+            return Err(PoolFailure::Budget(0));
+        };
+        let deadline = tokio::time::Instant::now() + self.wait;
+        loop {
+            if let Ok(p) = permits.clone().try_acquire_owned() {
+                return Ok(p);
+            }
+            // Registered before looking for idle connections, so none going idle is missed.
+            let went_idle = self.idle.notified();
+            tokio::pin!(went_idle);
+            went_idle.as_mut().enable();
+            // A closed connection gives its permit back as it finishes closing.
+            self.close_longest_idle();
+            tokio::select! {
+                p = permits.clone().acquire_owned() => match p {
+                    Ok(p) => return Ok(p),
+                    Err(_) => return Err(PoolFailure::Budget(*size)),
+                },
+                _ = &mut went_idle => continue,
+                _ = tokio::time::sleep_until(deadline) => return Err(PoolFailure::Budget(*size)),
+            }
+        }
+    }
+
+    /// Closes the pooled connection that has been idle longest, whatever its project.
+    fn close_longest_idle(&self) -> bool {
+        let Some(pools) = self.pools.upgrade() else {
+            return false;
+        };
+        let pools: Vec<Pool> = pools
+            .lock()
+            .expect("poisoned")
+            .values()
+            .map(|rp| rp.pool.clone())
+            .collect();
+        let oldest = pools
+            .iter()
+            .enumerate()
+            .filter_map(|(i, pool)| {
+                let mut longest = None;
+                pool.retain(|_, m| {
+                    longest = longest.max(Some(m.last_used()));
+                    true
+                });
+                longest.map(|idle| (idle, i))
+            })
+            .max();
+        let Some((idle, i)) = oldest else {
+            return false;
+        };
+        let mut closed = false;
+        let removed = pools[i].retain(|_, m| {
+            if !closed && m.last_used() >= idle {
+                closed = true;
+                return false;
+            }
+            true
+        });
+        close_all(removed.removed);
+        closed
+    }
+}
+
+/// Ends removed connections with a Terminate; each gives its budget permit back when closed.
+fn close_all(removed: Vec<Budgeted>) {
+    for b in removed {
+        tokio::spawn(async move {
+            let Budgeted { conn, _permit } = b;
+            conn.conn.close().await;
+        });
+    }
+}
+
+/// Connections kept out of the SQL budget besides those in use when it is sized (which include
+/// this server's control and role-repair sessions open by then): room for those pools to grow,
+/// change streams and CLI commands started later.
+const OWN_CONNECTIONS_MARGIN: i32 = 8;
+
+/// Admin sessions the role repairs may use at once, and how long a login waits for one. A
+/// repair holds its session for one login (its lock waits are 200 ms each), so the wait is a
+/// queue of logins, not of attackers; it stays well below the SQL pool's create timeout.
+const REPAIR_CONNECTIONS: usize = 4;
+const REPAIR_WAIT: Duration = Duration::from_secs(10);
+
+pub(super) fn repair_pool(cluster: &ClusterTarget) -> deadpool_postgres::Pool {
+    let mut cfg = cluster.pg_config(&cluster.control_db);
+    cfg.application_name("fluxbase-repair");
+    let mgr = deadpool_postgres::Manager::from_config(
+        cfg,
+        tokio_postgres::NoTls,
+        deadpool_postgres::ManagerConfig {
+            recycling_method: deadpool_postgres::RecyclingMethod::Fast,
+        },
+    );
+    deadpool_postgres::Pool::builder(mgr)
+        .max_size(REPAIR_CONNECTIONS)
+        .wait_timeout(Some(REPAIR_WAIT))
+        .create_timeout(Some(Duration::from_secs(10)))
+        .recycle_timeout(Some(Duration::from_secs(5)))
+        .runtime(deadpool_postgres::Runtime::Tokio1)
+        .build()
+        .expect("a pool with a runtime builds")
+}
+
+/// Closes pooled connections idle for `idle_timeout`, until the pools are gone.
+pub(super) async fn close_idle(pools: std::sync::Weak<PoolMap>, idle_timeout: Duration) {
+    let every = (idle_timeout / 4).clamp(Duration::from_millis(100), Duration::from_secs(5));
+    loop {
+        tokio::time::sleep(every).await;
+        let Some(pools) = pools.upgrade() else {
+            return;
+        };
+        let all: Vec<Pool> = pools
+            .lock()
+            .expect("poisoned")
+            .values()
+            .map(|rp| rp.pool.clone())
+            .collect();
+        drop(pools);
+        for pool in all {
+            let removed = pool.retain(|_, m| m.last_used() < idle_timeout);
+            if !removed.removed.is_empty() {
+                tracing::debug!(
+                    closed = removed.removed.len(),
+                    "closing idle SQL connections"
+                );
+            }
+            close_all(removed.removed);
+        }
+    }
+}
+
+/// A pooled connection checked out for a request, holding its project's share until released.
+pub struct Checkout {
+    conn: Object<BudgetedManager>,
+    _share: tokio::sync::OwnedSemaphorePermit,
+    budget: Arc<Budget>,
+}
+
+impl std::ops::Deref for Checkout {
+    type Target = PooledConnection;
+    fn deref(&self) -> &PooledConnection {
+        &self.conn.conn
+    }
+}
+
+impl std::ops::DerefMut for Checkout {
+    fn deref_mut(&mut self) -> &mut PooledConnection {
+        &mut self.conn.conn
+    }
+}
+
+/// Returns the connection to its pool with a reset queued: `DISCARD ALL` travels in the same
+/// write as the next request's query. A transaction left open is rolled back first, here.
+pub fn release(conn: Checkout) {
+    let Checkout {
+        mut conn,
+        _share,
+        budget,
+    } = conn;
+    if conn.is_broken() {
+        let _ = Object::take(conn);
+        return;
+    }
+    if conn.transaction_status() == TransactionStatus::Idle {
+        conn.queue_prelude("DISCARD ALL");
+        drop(conn);
+        // Requests waiting on the budget may close it now.
+        budget.idle.notify_waiters();
+        return;
+    }
+    tokio::spawn(async move {
+        let mut conn = conn;
+        if conn.simple_query("ROLLBACK", 0).await.is_err() {
+            let _ = Object::take(conn);
+            return;
+        }
+        conn.queue_prelude("DISCARD ALL");
+        drop(conn);
+        budget.idle.notify_waiters();
+    });
+}
+
+impl Sql {
+    /// The project's share of connections.
+    fn share(&self, project_id: &str) -> Arc<tokio::sync::Semaphore> {
+        self.shares
+            .lock()
+            .expect("poisoned")
+            .entry(project_id.to_string())
+            .or_insert_with(|| Arc::new(tokio::sync::Semaphore::new(self.project_share)))
+            .clone()
+    }
+
+    /// Closes every pooled connection of a project (suspension, deletion).
+    pub fn forget_project(&self, project_id: &str) {
+        let mut pools = self.pools.lock().expect("poisoned");
+        pools.retain(|(p, _), rp| {
+            if p == project_id {
+                rp.pool.close();
+                false
+            } else {
+                true
+            }
+        });
+        self.types.forget(project_id);
+        self.statements.lock().expect("poisoned").remove(project_id);
+        self.shares.lock().expect("poisoned").remove(project_id);
+    }
+
+    pub fn clear(&self) {
+        for (_, rp) in self.pools.lock().expect("poisoned").drain() {
+            rp.pool.close();
+        }
+    }
+
+    /// Pooled connections (idle and in use) across all projects.
+    pub fn connection_count(&self) -> usize {
+        self.pools
+            .lock()
+            .expect("poisoned")
+            .values()
+            .map(|rp| rp.pool.status().size)
+            .sum()
+    }
+
+    pub(super) fn role_pool(&self, project: &Project, role: DbRole) -> Result<RolePool, SqlError> {
+        let key = (project.id.clone(), role);
+        let mut pools = self.pools.lock().expect("poisoned");
+        if let Some(rp) = pools.get(&key) {
+            return Ok(rp.clone());
+        }
+        let user = role.role_name(&project.id);
+        let password = crate::projects::role_password(&self.secrets, &user);
+        let login = Arc::new(crate::projects::RoleLogin::new(
+            self.repairs.clone(),
+            &user,
+            password.clone(),
+            self.temp_file_limit_kb,
+        ));
+        let cfg = ConnectConfig {
+            host: self.host.clone(),
+            port: self.port,
+            password: Some(password),
+            user,
+            database: project.db_name.clone(),
+            application_name: Some("fluxbase-sql".into()),
+            options: vec![
+                (
+                    "statement_timeout".into(),
+                    self.statement_timeout.as_millis().to_string(),
+                ),
+                ("DateStyle".into(), "ISO, MDY".into()),
+                ("IntervalStyle".into(), "postgres".into()),
+                ("TimeZone".into(), "UTC".into()),
+                ("extra_float_digits".into(), "1".into()),
+                ("idle_in_transaction_session_timeout".into(), "60000".into()),
+            ],
+            replication: false,
+            connect_timeout: Duration::from_secs(5),
+        };
+        let manager = BudgetedManager {
+            inner: WireManager::new(cfg.clone(), login),
+            budget: self.budget.clone(),
+        };
+        let pool = Pool::builder(manager)
+            .max_size(self.pool_size)
+            .wait_timeout(Some(Duration::from_secs(10)))
+            // The budget's wait plus a login (which finishes in its own task if this expires).
+            .create_timeout(Some(self.queue_timeout + Duration::from_secs(30)))
+            .runtime(deadpool::Runtime::Tokio1)
+            .build()
+            .map_err(|e| anyhow::anyhow!("building a pool: {e}"))?;
+        let rp = RolePool { pool, cfg };
+        pools.insert(key, rp.clone());
+        Ok(rp)
+    }
+
+    /// A connection for `project`: first a place in its share, then one from the pool.
+    pub(super) async fn checkout(
+        &self,
+        project: &Project,
+        rp: &RolePool,
+    ) -> Result<Checkout, SqlError> {
+        self.budget.ensure(&self.control).await?;
+        let share = self.share(&project.id);
+        let share = match tokio::time::timeout(self.queue_timeout, share.acquire_owned()).await {
+            Ok(Ok(permit)) => permit,
+            _ => {
+                return Err(SqlError::Busy(format!(
+                    "This project already runs {} SQL requests at once (sql_project_connections); \
+                     retry when one has finished.",
+                    self.project_share
+                )))
+            }
+        };
+        let conn = rp.pool.get().await.map_err(|e| match e {
+            managed::PoolError::Backend(PoolFailure::Wire(WireError::Auth(m))) => {
+                SqlError::Login(m)
+            }
+            managed::PoolError::Backend(PoolFailure::Budget(n)) => SqlError::Busy(format!(
+                "All {n} SQL connections of the server are in use (sql_max_connections); \
+                 retry in a moment."
+            )),
+            managed::PoolError::Backend(PoolFailure::Busy(m)) => SqlError::Busy(m),
+            managed::PoolError::Timeout(_) => SqlError::Busy(
+                "No SQL connection of this project became available in time; retry in a moment."
+                    .into(),
+            ),
+            other => SqlError::Unavailable(other.to_string()),
+        })?;
+        Ok(Checkout {
+            conn,
+            _share: share,
+            budget: self.budget.clone(),
+        })
+    }
+
+    /// A pooled connection to `project` as `role`, for the server's own statements (the RLS
+    /// policy API, realtime's policy checks); give it back with [`release`].
+    pub async fn connection(&self, project: &Project, role: DbRole) -> Result<Checkout, SqlError> {
+        let rp = self.role_pool(project, role)?;
+        self.checkout(project, &rp).await
+    }
+}

@@ -1,0 +1,289 @@
+//! A request's SQL on a checked-out connection: the identity first, then the statement(s),
+//! under the server's own guard against a statement that outlives its budget.
+//!
+//! Without `params` the text goes through the simple query protocol (a script, one implicit
+//! transaction, the last statement's result); with `params` it is one statement through the
+//! extended protocol, whose parameter types PostgreSQL infers ([`StatementCache`] remembers
+//! them). A statement PostgreSQL refuses is an answer (`SQL_EXEC_ERROR`), not an error.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+use fluxbase_replication::values::{self, TypeRegistry};
+use fluxbase_replication::wire::{
+    self, Connection, DbError, Phase, StatementResult, TransactionStatus, WireError,
+};
+use serde_json::Value;
+
+use super::pool::{release, PooledConnection};
+use super::render::{render_db_error, render_sql_error, render_success};
+use super::{Sql, SqlError, SqlRequest};
+use crate::auth::Access;
+use crate::catalog::learn_types;
+
+/// Extra time past `statement_timeout` before the server cancels a statement itself.
+const GUARD_GRACE: Duration = Duration::from_secs(2);
+
+/// Parameter types PostgreSQL inferred for statements a project ran before, so that the next
+/// run of the same text needs one round trip (`query_oneshot`) instead of two. A stale entry
+/// (the schema changed) can only make PostgreSQL refuse a parameter at Bind, before anything
+/// ran; the statement is then prepared afresh and the entry replaced.
+#[derive(Default)]
+pub struct StatementCache {
+    params: Mutex<HashMap<String, Arc<[u32]>>>,
+}
+
+impl StatementCache {
+    const CAPACITY: usize = 1024;
+
+    fn get(&self, sql: &str) -> Option<Arc<[u32]>> {
+        self.params.lock().expect("poisoned").get(sql).cloned()
+    }
+
+    fn put(&self, sql: &str, types: &[u32]) {
+        let mut map = self.params.lock().expect("poisoned");
+        if map.len() >= Self::CAPACITY {
+            map.clear();
+        }
+        map.insert(sql.to_string(), types.into());
+    }
+
+    fn forget(&self, sql: &str) {
+        self.params.lock().expect("poisoned").remove(sql);
+    }
+}
+
+impl Sql {
+    fn statements(&self, project_id: &str) -> Arc<StatementCache> {
+        self.statements
+            .lock()
+            .expect("poisoned")
+            .entry(project_id.to_string())
+            .or_default()
+            .clone()
+    }
+
+    /// Runs a request's SQL as `identity` (`auth.uid()`, see [`crate::rls`]) and renders the
+    /// guide's success or SQL_EXEC_ERROR body.
+    pub async fn execute(
+        &self,
+        access: &Access,
+        req: &SqlRequest,
+        identity: Option<&str>,
+    ) -> Result<String, SqlError> {
+        let started = Instant::now();
+        let rp = self.role_pool(&access.project, access.db_role)?;
+        let mut conn = self.checkout(&access.project, &rp).await?;
+        let types = self.types(&access.project.id);
+        let statements = self.statements(&access.project.id);
+        let budget = self.statement_timeout + GUARD_GRACE;
+        let backend_key = conn.backend_key();
+        // Row data kept while reading; the rendered answer is capped again below (JSON escapes
+        // can make it longer than PostgreSQL's text).
+        conn.set_max_result_bytes(self.max_response_bytes);
+        let outcome = {
+            let run = async {
+                let PooledConnection {
+                    conn,
+                    identity: known,
+                } = &mut *conn;
+                self.identities
+                    .establish(&access.project, conn, known, identity)
+                    .await
+                    .map_err(SqlFailure::Identity)?;
+                run(conn, req, self.max_rows, &types, &statements).await
+            };
+            tokio::pin!(run);
+            tokio::select! {
+                r = &mut run => r,
+                _ = tokio::time::sleep(budget) => {
+                    tracing::warn!(project_id = %access.project.id, "statement outlived its budget; cancelling");
+                    let _ = wire::cancel(&rp.cfg, backend_key).await;
+                    match tokio::time::timeout(Duration::from_secs(5), &mut run).await {
+                        Ok(r) => r,
+                        Err(_) => Err(SqlFailure::Wire(WireError::Timeout)),
+                    }
+                }
+            }
+        };
+        release(conn);
+        let elapsed = started.elapsed();
+        self.metrics.observe_sql(elapsed, outcome.is_ok());
+        match outcome {
+            Ok(result) => {
+                let reg = types.read().expect("poisoned");
+                Ok(render_success(
+                    result.as_ref(),
+                    &reg,
+                    elapsed,
+                    self.max_response_bytes,
+                ))
+            }
+            Err(SqlFailure::Param {
+                index,
+                message,
+                sqlstate,
+            }) => Ok(render_sql_error(
+                &format!("invalid value for parameter ${index}: {message}"),
+                &sqlstate,
+                "ERROR",
+            )),
+            Err(SqlFailure::Wire(WireError::Db(e))) if !e.is_fatal() => Ok(render_db_error(&e)),
+            Err(SqlFailure::Wire(WireError::InvalidInput(m))) => {
+                Ok(render_sql_error(&m, "22021", "ERROR"))
+            }
+            Err(SqlFailure::Wire(e)) => Err(SqlError::Unavailable(e.to_string())),
+            Err(SqlFailure::Identity(e)) => {
+                tracing::error!(project_id = %access.project.id, error = %e, "could not set the request's identity");
+                Err(SqlError::Unavailable(format!(
+                    "setting the request's identity: {e}"
+                )))
+            }
+        }
+    }
+}
+
+enum SqlFailure {
+    Wire(WireError),
+    /// `auth.set_uid` failed: the caller's SQL was not sent.
+    Identity(WireError),
+    Param {
+        index: usize,
+        message: String,
+        sqlstate: String,
+    },
+}
+
+impl From<WireError> for SqlFailure {
+    fn from(e: WireError) -> Self {
+        SqlFailure::Wire(e)
+    }
+}
+
+async fn run(
+    conn: &mut Connection,
+    req: &SqlRequest,
+    max_rows: usize,
+    types: &RwLock<TypeRegistry>,
+    statements: &StatementCache,
+) -> Result<Option<StatementResult>, SqlFailure> {
+    let result = match req.params.as_deref() {
+        None | Some([]) => conn.simple_query(&req.query, max_rows).await?.last,
+        Some(params) => {
+            Some(run_with_params(conn, req, params, max_rows, types, statements).await?)
+        }
+    };
+    if let Some(result) = &result {
+        let oids: Vec<u32> = result.columns.iter().map(|c| c.type_oid).collect();
+        // A failed transaction cannot run the catalog query; unknown types then render as text.
+        if conn.transaction_status() != TransactionStatus::Failed {
+            learn_types(conn, types, &oids).await?;
+        }
+    }
+    Ok(result)
+}
+
+/// One statement with `$n` parameters: one round trip when the parameter types are known from
+/// an earlier run, else prepare (learning them) and execute.
+async fn run_with_params(
+    conn: &mut Connection,
+    req: &SqlRequest,
+    params: &[Value],
+    max_rows: usize,
+    types: &RwLock<TypeRegistry>,
+    statements: &StatementCache,
+) -> Result<StatementResult, SqlFailure> {
+    if let Some(known) = statements
+        .get(&req.query)
+        .filter(|t| t.len() == params.len())
+    {
+        let texts = params_to_text(params, &known, types)?;
+        match conn.query_oneshot(&req.query, &texts, max_rows).await {
+            Err(WireError::Db(e)) if e.phase == Phase::Bind => statements.forget(&req.query),
+            other => return Ok(other?),
+        }
+    }
+    let prepared = conn.prepare(&req.query).await?;
+    learn_types(conn, types, &prepared.param_types).await?;
+    let texts = params_to_text(params, &prepared.param_types, types)?;
+    match conn.execute_prepared(&texts, max_rows).await {
+        Err(WireError::Db(e)) if e.phase == Phase::Bind => Err(bind_failure(e)),
+        other => {
+            statements.put(&req.query, &prepared.param_types);
+            Ok(other?)
+        }
+    }
+}
+
+/// JSON parameters as text input for the types PostgreSQL inferred (text for extra ones, which
+/// PostgreSQL then refuses with its own count error).
+fn params_to_text(
+    params: &[Value],
+    param_types: &[u32],
+    types: &RwLock<TypeRegistry>,
+) -> Result<Vec<Option<String>>, SqlFailure> {
+    let reg = types.read().expect("poisoned");
+    params
+        .iter()
+        .enumerate()
+        .map(|(i, value)| {
+            let oid = param_types.get(i).copied().unwrap_or(25);
+            values::param_to_text(value, oid, &reg).map_err(|e| SqlFailure::Param {
+                index: i + 1,
+                message: e.to_string(),
+                sqlstate: "22023".into(),
+            })
+        })
+        .collect()
+}
+
+/// A parameter PostgreSQL refused at Bind: name it (`$N`) in the error.
+fn bind_failure(e: Box<DbError>) -> SqlFailure {
+    let index = e
+        .where_
+        .as_deref()
+        .and_then(|w| w.split('$').nth(1))
+        .and_then(|rest| rest.split(|c: char| !c.is_ascii_digit()).next())
+        .and_then(|n| n.parse::<usize>().ok());
+    match index {
+        Some(index) => SqlFailure::Param {
+            index,
+            message: e.message,
+            sqlstate: e.code,
+        },
+        None => SqlFailure::Wire(WireError::Db(e)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bind_errors_name_the_parameter() {
+        let e = DbError {
+            severity: "ERROR".into(),
+            code: "22P02".into(),
+            message: "invalid input syntax for type integer: \"x\"".into(),
+            detail: None,
+            hint: None,
+            position: None,
+            internal_position: None,
+            internal_query: None,
+            where_: Some("unnamed portal parameter $2 = '...'".into()),
+            schema: None,
+            table: None,
+            column: None,
+            datatype: None,
+            constraint: None,
+            phase: Phase::Bind,
+        };
+        match bind_failure(Box::new(e)) {
+            SqlFailure::Param { index, .. } => assert_eq!(index, 2),
+            SqlFailure::Wire(_) | SqlFailure::Identity(_) => {
+                panic!("expected a parameter failure")
+            }
+        }
+    }
+}
