@@ -4,37 +4,12 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use fluxbase::bus::{Event, Subscription};
+use fluxbase::bus::Subscription;
 use serde_json::{json, Value};
 
+use crate::support::bus::{assert_quiet, events, next_event, next_event_within};
+use crate::support::cluster::slot_confirmed;
 use crate::support::{spawn_app, spawn_app_with, Fixture, TestApp};
-
-pub async fn next_event(sub: &mut Subscription) -> Arc<Event> {
-    next_event_within(sub, Duration::from_secs(20)).await
-}
-
-pub async fn next_event_within(sub: &mut Subscription, wait: Duration) -> Arc<Event> {
-    tokio::time::timeout(wait, sub.events.recv())
-        .await
-        .unwrap_or_else(|_| panic!("no event within {wait:?}"))
-        .expect("the bus closed the subscription")
-}
-
-pub async fn events(sub: &mut Subscription, n: usize) -> Vec<Value> {
-    let mut out = Vec::with_capacity(n);
-    for _ in 0..n {
-        let e = next_event(sub).await;
-        out.push(serde_json::from_str(&e.payload).unwrap());
-    }
-    out
-}
-
-/// Nothing more arrives within `wait`.
-pub async fn assert_quiet(sub: &mut Subscription, wait: Duration) {
-    if let Ok(Some(e)) = tokio::time::timeout(wait, sub.events.recv()).await {
-        panic!("unexpected event: {}", e.payload);
-    }
-}
 
 async fn setup() -> (TestApp, Fixture, Subscription) {
     let app = spawn_app().await;
@@ -303,20 +278,6 @@ async fn insert_range(app: &TestApp, f: &Fixture, from: i64, to: i64) {
         app.rows(&f.admin, &f.project, &format!("INSERT INTO t VALUES ({x})"))
             .await;
     }
-}
-
-async fn slot_confirmed(project: &str) -> u64 {
-    let pg = crate::support::pg().await;
-    let row = pg
-        .client("postgres")
-        .await
-        .query_one(
-            "SELECT (confirmed_flush_lsn - '0/0'::pg_lsn)::int8 FROM pg_replication_slots WHERE slot_name = $1",
-            &[&format!("fluxbase_{project}")],
-        )
-        .await
-        .unwrap();
-    row.get::<_, i64>(0) as u64
 }
 
 #[tokio::test]

@@ -10,19 +10,10 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
-use crate::realtime::{connect, recv, send, Socket};
-use crate::support::{pg, spawn_app_with, Fixture, TestApp};
-use crate::webhooks::Receiver;
+use crate::support::receiver::Receiver;
+use crate::support::ws::{connect, recv, send, Socket};
+use crate::support::{pg, spawn_app_with, spawn_webhook_app as app, Fixture, TestApp};
 
-async fn app() -> TestApp {
-    spawn_app_with(|c| {
-        c.webhook_allow_private = true;
-        c.webhook_backoff_scale = 0.01;
-    })
-    .await
-}
-
-/// A webhook of every event type (optionally for some tables only) pointing at a new receiver.
 async fn hook(app: &TestApp, f: &Fixture, tables: Option<Value>) -> Receiver {
     let rx = Receiver::start().await;
     let mut body = json!({ "projectId": f.project, "url": rx.url,
@@ -594,7 +585,7 @@ async fn an_independent_decoder_on_a_second_slot_agrees_on_every_change_its_orde
     let reader = tokio::spawn(async move {
         let mut out = Vec::new();
         loop {
-            let e = crate::cdc::next_event_within(&mut sub, Duration::from_secs(60)).await;
+            let e = crate::support::bus::next_event_within(&mut sub, Duration::from_secs(60)).await;
             let done = e.table.as_deref() == Some("t")
                 && e.record
                     .as_deref()

@@ -573,7 +573,7 @@ async fn sql_connections(pg: &tokio_postgres::Client) -> (i64, i64) {
 #[tokio::test]
 async fn a_project_flooding_pg_sleep_waits_on_its_share_while_another_is_served_and_idle_connections_close(
 ) {
-    use crate::support::process::DedicatedCluster;
+    use crate::support::cluster::DedicatedCluster;
     let pg = DedicatedCluster::start(&[("max_connections", "40")]).await;
     let control = unique("ctl");
     let app = spawn_app_with(|c| {
@@ -909,7 +909,7 @@ async fn connections_going_idle_reach_requests_already_waiting_on_the_budget() {
 
 #[tokio::test]
 async fn the_connection_budget_leaves_out_what_other_clients_of_the_cluster_hold() {
-    use crate::support::process::DedicatedCluster;
+    use crate::support::cluster::DedicatedCluster;
     let pg = DedicatedCluster::start(&[("max_connections", "40")]).await;
     // Another client of the cluster (another server, a CLI command, a tool) holds 20.
     let mut others = Vec::new();

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use serde_json::{json, Value};
 
-use crate::cdc::{assert_quiet, next_event};
+use crate::support::bus::{assert_quiet, next_event};
 use crate::support::{spawn_app, spawn_app_with, Fixture, TestApp};
 
 /// `POST /api/execute-sql` as end user `uid` (body `authUid`); asserts HTTP 200.
@@ -357,22 +357,12 @@ async fn identity_does_not_leak_to_the_next_request_on_a_reused_connection() {
             .parse()
             .unwrap()
     };
-    let metrics = || async {
-        app.http
-            .get(app.url("/metrics"))
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap()
-    };
-    let before = metric(&metrics().await);
+    let before = metric(&app.metrics_text().await);
 
     let same = rows_as(&app, &f.read, &f.project, Some("alice"), q).await;
     assert_eq!(same[0], first[0]);
     assert_eq!(
-        metric(&metrics().await),
+        metric(&app.metrics_text().await),
         before,
         "an unchanged identity is not set again"
     );
@@ -399,7 +389,7 @@ async fn identity_does_not_leak_to_the_next_request_on_a_reused_connection() {
     .await;
     let next = rows_as(&app, &f.read, &f.project, None, q).await;
     assert_eq!(next[0], json!({ "uid": null, "pid": pid, "setting": null }));
-    assert_eq!(metric(&metrics().await), before + 5);
+    assert_eq!(metric(&app.metrics_text().await), before + 5);
     app.stop().await;
 }
 

@@ -5,12 +5,15 @@
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use serde_json::{json, Value};
 
+use crate::support::fixtures::{project, Project};
+use crate::support::multipart::Form;
+use crate::support::process::ServerProcess;
 use crate::support::{scratch_dir, spawn_app, spawn_app_with, unique, Fixture, TestApp};
 
 const S3_KEY_ID: &str = "AKIAFLUXBASETEST";
@@ -96,57 +99,6 @@ impl S3Server {
     }
 }
 
-/// A multipart/form-data body built by hand, so tests choose the field order and can stream.
-struct Form {
-    boundary: String,
-    head: Vec<u8>,
-    tail: Vec<u8>,
-}
-
-impl Form {
-    /// `before` fields, then the file part (if any), then `after` fields.
-    fn new(before: &[(&str, &str)], file: Option<(&str, &str)>, after: &[(&str, &str)]) -> Form {
-        let boundary = format!("----fluxbase{}", unique("b"));
-        let text = |out: &mut Vec<u8>, fields: &[(&str, &str)]| {
-            for (k, v) in fields {
-                out.extend_from_slice(
-                    format!(
-                        "--{boundary}\r\nContent-Disposition: form-data; name=\"{k}\"\r\n\r\n{v}\r\n"
-                    )
-                    .as_bytes(),
-                );
-            }
-        };
-        let mut head = Vec::new();
-        text(&mut head, before);
-        let mut tail = Vec::new();
-        if let Some((filename, content_type)) = file {
-            head.extend_from_slice(
-                format!(
-                    "--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"{filename}\"\r\nContent-Type: {content_type}\r\n\r\n"
-                )
-                .as_bytes(),
-            );
-            tail.extend_from_slice(b"\r\n");
-        }
-        text(&mut tail, after);
-        tail.extend_from_slice(format!("--{boundary}--\r\n").as_bytes());
-        Form {
-            boundary,
-            head,
-            tail,
-        }
-    }
-
-    fn content_type(&self) -> String {
-        format!("multipart/form-data; boundary={}", self.boundary)
-    }
-
-    fn with_bytes(&self, data: &[u8]) -> Vec<u8> {
-        [self.head.as_slice(), data, self.tail.as_slice()].concat()
-    }
-}
-
 async fn send_upload(
     t: &TestApp,
     token: &str,
@@ -228,11 +180,6 @@ async fn fetch(url: &str) -> (u16, reqwest::header::HeaderMap, Bytes) {
     (status, headers, resp.bytes().await.unwrap())
 }
 
-async fn metrics_text(t: &TestApp) -> String {
-    let resp = t.http.get(t.url("/metrics")).send().await.unwrap();
-    resp.text().await.unwrap()
-}
-
 fn pattern(len: usize, seed: u8) -> Vec<u8> {
     (0..len)
         .map(|i| (i as u32).wrapping_mul(31).wrapping_add(seed as u32) as u8)
@@ -289,7 +236,7 @@ async fn full_flow(t: &TestApp, object_on_backend: impl Fn(&str) -> Option<Vec<u
     assert!(fluxbase::storage::is_uuid(file["id"].as_str().unwrap()));
     assert_eq!(object_on_backend(&key).as_deref(), Some(data.as_slice()));
 
-    let metrics = metrics_text(t).await;
+    let metrics = t.metrics_text().await;
     assert!(
         metrics.contains("fluxbase_storage_uploaded_bytes_total 300000"),
         "{metrics}"
@@ -370,7 +317,7 @@ async fn the_full_flow_works_on_the_local_backend() {
         files_under(&root)
     );
     // The one upload was synced to the disk before its row was committed.
-    let metrics = metrics_text(&t).await;
+    let metrics = t.metrics_text().await;
     assert!(
         metrics.contains("\nfluxbase_storage_fsyncs_total 1\n"),
         "{metrics}"
@@ -450,7 +397,7 @@ async fn the_full_flow_works_on_s3_with_real_sigv4_presigned_urls() {
         "the bucket is not readable without a signature"
     );
     // S3 made the objects durable when each upload completed: nothing to fsync here.
-    let metrics = metrics_text(&t).await;
+    let metrics = t.metrics_text().await;
     assert!(
         metrics.contains("\nfluxbase_storage_fsyncs_total 0\n"),
         "{metrics}"
@@ -1267,28 +1214,12 @@ async fn malformed_uploads_are_refused_naming_the_field() {
     t.stop().await;
 }
 
-async fn add_member(t: &TestApp, project: &str, role: &str) -> String {
-    let (token, user_id, _) = t.signup().await;
-    t.app
-        .control
-        .get()
-        .await
-        .unwrap()
-        .execute(
-            "INSERT INTO fluxbase.members (project_id, user_id, role) VALUES ($1, $2, $3)",
-            &[&project, &user_id, &role],
-        )
-        .await
-        .unwrap();
-    token
-}
-
 #[tokio::test]
 async fn scopes_and_roles_gate_every_storage_endpoint() {
     let t = spawn_app().await;
     let f = t.fixture().await;
-    let viewer = add_member(&t, &f.project, "viewer").await;
-    let developer = add_member(&t, &f.project, "developer").await;
+    let viewer = t.member(&f.project, "viewer").await.0;
+    let developer = t.member(&f.project, "developer").await.0;
     let bucket = create_bucket(&t, &f, "docs", json!({})).await;
     let (_, file) = upload(
         &t,
@@ -1537,78 +1468,20 @@ async fn a_failed_local_write_is_not_listed() {
     t.stop().await;
 }
 
-fn proc_status_kib(pid: u32, field: &str) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix(field))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap_or_else(|| panic!("{field} in /proc/{pid}/status"))
-}
-
-struct KillOnDrop(std::process::Child);
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 /// The real binary as a child process, so its resident memory is its own: a 200 MB upload
 /// streamed from the client must not raise the server's peak RSS by anything like 200 MB.
 #[tokio::test]
 async fn a_200_mb_upload_keeps_the_server_memory_flat() {
     const SIZE: usize = 200 * 1024 * 1024;
-    let pg = crate::support::pg().await;
-    let dir = scratch_dir(&format!("it-{}-{}", std::process::id(), unique("mem")));
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let child = Command::new(env!("CARGO_BIN_EXE_fluxbase"))
-        .arg("serve")
-        .env("FLUXBASE_DATA_DIR", &dir)
-        .env("FLUXBASE_LISTEN", format!("127.0.0.1:{port}"))
-        .env("FLUXBASE_DATABASE_URL", pg.url(&unique("ctl")))
-        .env("FLUXBASE_MAX_UPLOAD_BYTES", (SIZE + 1024).to_string())
-        .env("FLUXBASE_LOG", "warn")
-        .stdout(Stdio::null())
-        .current_dir(&dir)
-        .spawn()
-        .unwrap();
-    let mut child = KillOnDrop(child);
-    let pid = child.0.id();
-    let base = format!("http://127.0.0.1:{port}");
-    let deadline = Instant::now() + Duration::from_secs(120);
-    while !matches!(reqwest::get(format!("{base}/health")).await, Ok(r) if r.status() == 200) {
-        assert!(child.0.try_wait().unwrap().is_none(), "server exited early");
-        assert!(Instant::now() < deadline, "server did not start");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    let server =
+        ServerProcess::start(&[("FLUXBASE_MAX_UPLOAD_BYTES", &(SIZE + 1024).to_string())]).await;
+    let base = server.base.clone();
     let http = reqwest::Client::new();
-    let signup: Value = http
-        .post(format!("{base}/api/auth/signup"))
-        .json(&json!({ "email": format!("{}@example.com", unique("m")), "password": "correct horse battery" }))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let token = signup["token"].as_str().unwrap();
-    let project: Value = http
-        .post(format!("{base}/api/projects"))
-        .bearer_auth(token)
-        .json(&json!({ "name": "mem" }))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let project_id = project["project"]["id"].as_str().unwrap().to_string();
-    let admin = project["apiKeys"]["admin"].as_str().unwrap().to_string();
+    let Project {
+        project: project_id,
+        admin,
+        ..
+    } = project(&base).await;
     let resp = http
         .post(format!("{base}/api/storage/buckets"))
         .bearer_auth(&admin)
@@ -1649,7 +1522,7 @@ async fn a_200_mb_upload_keeps_the_server_memory_flat() {
         .await
         .unwrap();
     assert_eq!(resp.status(), 201, "{}", resp.text().await.unwrap());
-    let baseline = proc_status_kib(pid, "VmHWM:");
+    let baseline = server.peak_rss() / 1024;
 
     let (ct, body) = upload_stream(SIZE);
     let resp = http
@@ -1664,7 +1537,7 @@ async fn a_200_mb_upload_keeps_the_server_memory_flat() {
     let body: Value = resp.json().await.unwrap();
     assert_eq!(status, 200, "{body}");
     assert_eq!(body["file"]["size"], SIZE as u64);
-    let peak = proc_status_kib(pid, "VmHWM:");
+    let peak = server.peak_rss() / 1024;
     let grew_mib = (peak.saturating_sub(baseline)) / 1024;
     eprintln!(
         "server peak RSS: {} MiB before, {} MiB after a 200 MiB upload",
@@ -1676,7 +1549,8 @@ async fn a_200_mb_upload_keeps_the_server_memory_flat() {
         "peak RSS grew by {grew_mib} MiB during a 200 MiB upload (baseline {} MiB)",
         baseline / 1024
     );
-    let stored = dir
+    let stored = server
+        .dir
         .join("storage")
         .join(body["file"]["s3_key"].as_str().unwrap());
     assert_eq!(std::fs::metadata(stored).unwrap().len(), SIZE as u64);
