@@ -8,7 +8,7 @@ use fluxbase::bus::Subscription;
 use serde_json::{json, Value};
 
 use crate::support::bus::{assert_quiet, events, next_event, next_event_within};
-use crate::support::cluster::slot_confirmed;
+use crate::support::cluster::{slot_confirmed, DedicatedCluster};
 use crate::support::{spawn_app, spawn_app_with, Fixture, TestApp};
 
 async fn setup() -> (TestApp, Fixture, Subscription) {
@@ -469,19 +469,11 @@ async fn the_stream_recovers_after_postgresql_crashes_and_restarts() {
         std::process::id(),
         crate::support::unique("crash")
     ));
-    let password = fluxbase::secrets::random_base62(24);
-    let pg_root = root.join("pg");
-    let cluster = tokio::task::spawn_blocking(move || {
-        fluxbase::embedded::Cluster::start(&pg_root, &password, &[("fsync", "off")])
-    })
-    .await
-    .unwrap()
-    .unwrap();
-    let cluster = Arc::new(cluster);
+    let cluster = Arc::new(DedicatedCluster::start_exactly(&[("fsync", "off")]).await);
     let config = fluxbase::config::Config {
         listen: "127.0.0.1:0".parse().unwrap(),
         data_dir: root.join("data"),
-        database_url: Some(cluster.url("fluxbase")),
+        database_url: Some(cluster.cluster.url("fluxbase")),
         rate_limit_requests: 10_000,
         ..Default::default()
     };
@@ -494,7 +486,7 @@ async fn the_stream_recovers_after_postgresql_crashes_and_restarts() {
     events(&mut sub, 6).await;
 
     let c = cluster.clone();
-    tokio::task::spawn_blocking(move || c.restart("immediate"))
+    tokio::task::spawn_blocking(move || c.cluster.restart("immediate"))
         .await
         .unwrap()
         .unwrap();
@@ -527,7 +519,7 @@ async fn the_stream_recovers_after_postgresql_crashes_and_restarts() {
     assert!(status.reconnects >= 1, "{status:?}");
     assert_eq!(status.state, "streaming");
     app.stop().await;
-    let _ = tokio::task::spawn_blocking(move || cluster.stop()).await;
+    let _ = tokio::task::spawn_blocking(move || drop(cluster)).await;
 }
 
 /// A randomized workload over several tables, with rolled-back transactions: replaying the

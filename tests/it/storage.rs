@@ -99,6 +99,15 @@ impl S3Server {
     }
 }
 
+impl Drop for S3Server {
+    /// Stops answering even if the test ends before `stop()` (its runtime may outlive it).
+    fn drop(&mut self) {
+        if let Some(task) = self.task.take() {
+            task.abort();
+        }
+    }
+}
+
 async fn send_upload(
     t: &TestApp,
     token: &str,

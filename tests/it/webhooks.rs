@@ -6,6 +6,8 @@ use std::time::{Duration, Instant};
 use serde_json::{json, Value};
 use warp::Filter;
 
+use crate::support::poll;
+use crate::support::process::{free_port, ChildGuard};
 use crate::support::receiver::{Received, Receiver};
 use crate::support::{spawn_app_with, spawn_webhook_app as app, Fixture, TestApp};
 
@@ -65,22 +67,20 @@ async fn deliveries_until(
     filter: &str,
     done: impl Fn(&Value) -> bool,
 ) -> Value {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let (_, b) = app
-            .call(
-                "GET",
-                &format!("/api/webhooks/deliveries?projectId={}&{filter}", f.project),
-                Some(&f.admin),
-                None,
-            )
-            .await;
-        if done(&b) {
-            return b;
-        }
-        assert!(Instant::now() < deadline, "{b}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let path = format!("/api/webhooks/deliveries?projectId={}&{filter}", f.project);
+    poll::until(
+        Duration::from_secs(20),
+        Duration::from_millis(50),
+        || async {
+            let (_, b) = app.call("GET", &path, Some(&f.admin), None).await;
+            if done(&b) {
+                Ok(b)
+            } else {
+                Err(b.to_string())
+            }
+        },
+    )
+    .await
 }
 
 /// The webhook's first delivery with status `failed`, once there is one.
@@ -490,11 +490,7 @@ async fn after_kill_9_every_change_of_a_random_workload_is_delivered_at_least_on
         std::process::id(),
         crate::support::unique("kill9")
     ));
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = free_port();
     let base = format!("http://127.0.0.1:{port}");
     let env: Vec<(&str, String)> = vec![
         (
@@ -524,14 +520,16 @@ async fn after_kill_9_every_change_of_a_random_workload_is_delivered_at_least_on
     let project = init["project"]["id"].as_str().unwrap().to_string();
     let admin = init["apiKeys"]["admin"].as_str().unwrap().to_string();
     let serve = || {
-        Command::new(bin)
-            .arg("serve")
-            .envs(env.clone())
-            .current_dir(&dir)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap()
+        ChildGuard(
+            Command::new(bin)
+                .arg("serve")
+                .envs(env.clone())
+                .current_dir(&dir)
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap(),
+        )
     };
     let http = reqwest::Client::new();
     let healthy = |http: reqwest::Client, base: String| async move {
