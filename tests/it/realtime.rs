@@ -68,19 +68,6 @@ async fn rows_until_schema_update(ws: &mut Socket) -> Vec<(String, i64)> {
     }
 }
 
-async fn make_public(app: &TestApp, f: &Fixture) {
-    let (status, body) = app
-        .call(
-            "PATCH",
-            "/api/projects",
-            Some(&f.token),
-            Some(json!({ "projectId": f.project, "realtimePublic": true })),
-        )
-        .await;
-    assert_eq!(status, 200, "{body}");
-    assert_eq!(body["project"]["realtimePublic"], true, "{body}");
-}
-
 #[tokio::test]
 async fn a_subscribed_socket_receives_row_changes_and_schema_updates() {
     let app = spawn_app().await;
@@ -553,7 +540,7 @@ async fn a_public_project_accepts_a_subscribe_without_a_token() {
     let f = app.fixture().await;
     app.rows(&f.admin, &f.project, "CREATE TABLE t (id int)")
         .await;
-    make_public(&app, &f).await;
+    app.make_realtime_public(&f).await;
     let mut ws = connect(&app, "/").await;
     subscribed(
         &mut ws,
@@ -1638,7 +1625,7 @@ async fn a_subscribe_flood_is_refused_per_socket_and_per_realtime_token() {
     })
     .await;
     let f = app.fixture().await;
-    make_public(&app, &f).await;
+    app.make_realtime_public(&f).await;
     // One socket, 20 subscribes at once (no token: a public room).
     let mut ws = connect(&app, "/").await;
     for _ in 0..20 {

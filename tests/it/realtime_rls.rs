@@ -114,14 +114,9 @@ async fn sql_ids(
     uid: Option<&str>,
     table: &str,
 ) -> BTreeSet<i64> {
-    let mut body = json!({ "projectId": f.project, "query": format!("SELECT id FROM {table}") });
-    if let Some(uid) = uid {
-        body["authUid"] = json!(uid);
-    }
-    let (status, body) = app
-        .call("POST", "/api/execute-sql", Some(key), Some(body))
+    let body = app
+        .sql_as(key, &f.project, uid, &format!("SELECT id FROM {table}"))
         .await;
-    assert_eq!(status, 200, "{body}");
     assert_eq!(body["success"], true, "{body}");
     body["result"]["rows"]
         .as_array()
@@ -133,21 +128,6 @@ async fn sql_ids(
 
 fn set(v: &[i64]) -> BTreeSet<i64> {
     v.iter().copied().collect()
-}
-
-async fn policy(app: &TestApp, f: &Fixture, table: &str, name: &str, command: &str, using: &str) {
-    let (status, body) = app
-        .call(
-            "POST",
-            "/api/rls/policies",
-            Some(&f.admin),
-            Some(
-                json!({ "projectId": f.project, "table": table, "name": name,
-                         "command": command, "using": using }),
-            ),
-        )
-        .await;
-    assert_eq!(status, 201, "{body}");
 }
 
 #[tokio::test]
@@ -164,11 +144,13 @@ async fn two_users_each_receive_exactly_their_rows_under_the_guides_four_pattern
          CREATE TABLE audit (id int PRIMARY KEY, what text)",
     )
     .await;
-    policy(&app, &f, "owned", "own", "SELECT", "user_id = auth.uid()").await;
-    policy(&app, &f, "orgs", "org", "SELECT", "org_id = auth.uid()").await;
-    policy(&app, &f, "posts", "anyone reads", "SELECT", "true").await;
-    policy(
-        &app,
+    app.policy(&f, "owned", "own", "SELECT", "user_id = auth.uid()")
+        .await;
+    app.policy(&f, "orgs", "org", "SELECT", "org_id = auth.uid()")
+        .await;
+    app.policy(&f, "posts", "anyone reads", "SELECT", "true")
+        .await;
+    app.policy(
         &f,
         "posts",
         "owner writes",
@@ -176,7 +158,7 @@ async fn two_users_each_receive_exactly_their_rows_under_the_guides_four_pattern
         "author_id = auth.uid()",
     )
     .await;
-    policy(&app, &f, "audit", "lockdown", "SELECT", "false").await;
+    app.policy(&f, "audit", "lockdown", "SELECT", "false").await;
     let (viewer, viewer_id) = app.member(&f.project, "viewer").await;
 
     let alice = app
@@ -263,8 +245,10 @@ async fn updates_into_out_of_and_within_the_view_and_deletes_follow_the_policy()
          INSERT INTO keyonly VALUES (1, 'alice', 'a1'), (2, 'bob', 'b1')",
     )
     .await;
-    policy(&app, &f, "owned", "own", "SELECT", "user_id = auth.uid()").await;
-    policy(&app, &f, "keyonly", "own", "SELECT", "user_id = auth.uid()").await;
+    app.policy(&f, "owned", "own", "SELECT", "user_id = auth.uid()")
+        .await;
+    app.policy(&f, "keyonly", "own", "SELECT", "user_id = auth.uid()")
+        .await;
     let alice = app
         .realtime_token(
             &f.read,
@@ -405,7 +389,8 @@ async fn policy_changes_take_effect_for_open_sockets_from_the_next_event() {
          CREATE TABLE owned (id int PRIMARY KEY, user_id text)",
     )
     .await;
-    policy(&app, &f, "owned", "own", "SELECT", "user_id = auth.uid()").await;
+    app.policy(&f, "owned", "own", "SELECT", "user_id = auth.uid()")
+        .await;
     let alice = app
         .realtime_token(
             &f.read,
@@ -448,15 +433,7 @@ async fn policy_changes_take_effect_for_open_sockets_from_the_next_event() {
 async fn identities_come_from_the_key_the_token_the_session_or_nobody() {
     let app = spawn_app().await;
     let f = app.fixture().await;
-    let (status, body) = app
-        .call(
-            "PATCH",
-            "/api/projects",
-            Some(&f.token),
-            Some(json!({ "projectId": f.project, "realtimePublic": true })),
-        )
-        .await;
-    assert_eq!(status, 200, "{body}");
+    app.make_realtime_public(&f).await;
     admin_sql(
         &app,
         &f,
@@ -585,8 +562,7 @@ async fn a_membership_subquery_is_evaluated_by_postgresql_as_the_subscriber() {
          INSERT INTO memberships VALUES ('acme', 'alice'), ('globex', 'bob')",
     )
     .await;
-    policy(
-        &app,
+    app.policy(
         &f,
         "docs",
         "members read",
@@ -833,7 +809,8 @@ async fn a_since_resume_replays_only_what_the_identity_may_see() {
          CREATE TABLE owned (id int PRIMARY KEY, user_id text, body text)",
     )
     .await;
-    policy(&app, &f, "owned", "own", "SELECT", "user_id = auth.uid()").await;
+    app.policy(&f, "owned", "own", "SELECT", "user_id = auth.uid()")
+        .await;
     let alice = app
         .realtime_token(
             &f.read,

@@ -154,6 +154,20 @@ impl TestApp {
         body
     }
 
+    /// `POST /api/execute-sql` as end user `uid` (body `authUid`); asserts HTTP 200 and returns
+    /// the body.
+    pub async fn sql_as(&self, key: &str, project: &str, uid: Option<&str>, query: &str) -> Value {
+        let mut body = json!({ "projectId": project, "query": query });
+        if let Some(uid) = uid {
+            body["authUid"] = json!(uid);
+        }
+        let (status, body) = self
+            .call("POST", "/api/execute-sql", Some(key), Some(body))
+            .await;
+        assert_eq!(status, 200, "{query}: {body}");
+        body
+    }
+
     pub async fn sql_params(&self, key: &str, project: &str, query: &str, params: Value) -> Value {
         let (status, body) = self
             .call(

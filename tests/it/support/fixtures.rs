@@ -146,6 +146,36 @@ impl TestApp {
         )
     }
 
+    /// Creates a row-level security policy through `/api/rls/policies` with the admin key.
+    pub async fn policy(&self, f: &Fixture, table: &str, name: &str, command: &str, using: &str) {
+        let (status, body) = self
+            .call(
+                "POST",
+                "/api/rls/policies",
+                Some(&f.admin),
+                Some(
+                    json!({ "projectId": f.project, "table": table, "name": name,
+                             "command": command, "using": using }),
+                ),
+            )
+            .await;
+        assert_eq!(status, 201, "{body}");
+    }
+
+    /// Makes the fixture's project realtime-public (subscribing needs no token).
+    pub async fn make_realtime_public(&self, f: &Fixture) {
+        let (status, body) = self
+            .call(
+                "PATCH",
+                "/api/projects",
+                Some(&f.token),
+                Some(json!({ "projectId": f.project, "realtimePublic": true })),
+            )
+            .await;
+        assert_eq!(status, 200, "{body}");
+        assert_eq!(body["project"]["realtimePublic"], true, "{body}");
+    }
+
     /// `POST /api/realtime/token` with `key` and `body`, answered in the guide's shape; the
     /// token.
     pub async fn realtime_token(&self, key: &str, body: Value) -> String {
