@@ -4,6 +4,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
+use crate::support::fs::mode_of;
 use crate::support::{pg, spawn_app_with};
 
 async fn get(url: &str, headers: &[(&str, &str)]) -> (u16, String) {
@@ -132,11 +133,6 @@ async fn metrics_are_served_only_on_their_own_address_when_one_is_configured() {
     let (status, body) = get(&format!("http://{addr}/api/projects"), &[]).await;
     assert_eq!(status, 404, "{body}");
     app.stop().await;
-}
-
-fn mode_of(path: &std::path::Path) -> u32 {
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::metadata(path).unwrap().permissions().mode() & 0o777
 }
 
 /// A transaction larger than the change stream's memory bound spills to disk while it is still

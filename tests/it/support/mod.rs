@@ -5,7 +5,7 @@
 //! - `process`: the real binary as a child process, and any child, killed on drop;
 //! - `fixtures`: users, projects and keys; `http`: requests to a server known by its URL;
 //! - `ws`: the WebSocket client; `bus`: reading the event bus; `poll`: waiting with a deadline;
-//! - `receiver`: a webhook receiver; `multipart`: upload bodies.
+//! - `receiver`: a webhook receiver; `multipart`: upload bodies; `fs`: files on disk.
 
 #![allow(dead_code)]
 
@@ -13,6 +13,7 @@ pub mod app;
 pub mod bus;
 pub mod cluster;
 pub mod fixtures;
+pub mod fs;
 pub mod http;
 pub mod multipart;
 pub mod poll;
