@@ -147,13 +147,7 @@ async fn spilled_transactions_are_private_files() {
     let f = app.fixture().await;
     app.rows(&f.admin, &f.project, "CREATE TABLE big (id int, pad text)")
         .await;
-    let db = app
-        .app
-        .load_project(&f.project)
-        .await
-        .unwrap()
-        .unwrap()
-        .db_name;
+    let db = app.project_db(&f.project).await;
     let client = pg().await.client(&db).await;
     // Open, 2 MB: streamed to the server before it commits, and spilled there.
     client

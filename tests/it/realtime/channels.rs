@@ -287,13 +287,7 @@ async fn a_tenant_can_neither_forge_a_truncate_nor_silence_a_partitions_one_and_
     app.rows(&f.admin, &f.project, "TRUNCATE m2").await;
     // A message from a session that may still emit one (the superuser here) carries no valid
     // tag: the stream drops it.
-    let db = app
-        .app
-        .load_project(&f.project)
-        .await
-        .unwrap()
-        .unwrap()
-        .db_name;
+    let db = app.project_db(&f.project).await;
     let rejected_before = app.app.cdc.status(&f.project).unwrap().rejected_messages;
     pg().await
         .client(&db)
@@ -556,13 +550,7 @@ fn oracle_unchanged(data: &str) -> Vec<String> {
 async fn an_independent_decoder_on_a_second_slot_agrees_on_every_change_its_order_and_its_id() {
     let app = spawn_app_with(|c| c.cdc_decoding_work_mem_kb = Some(64)).await;
     let f = app.fixture().await;
-    let db = app
-        .app
-        .load_project(&f.project)
-        .await
-        .unwrap()
-        .unwrap()
-        .db_name;
+    let db = app.project_db(&f.project).await;
     let pg = pg().await;
     // The commit record's start LSN (the id's first half) read from the WAL itself.
     let walinspect = pg.client(&pg.create_database().await).await;
@@ -861,13 +849,7 @@ async fn names_are_quoted_exactly_as_the_servers_quote_ident_quotes_them() {
 async fn partitions_made_before_the_migration_get_their_truncate_triggers_at_start_up() {
     let app = app().await;
     let f = app.fixture().await;
-    let db = app
-        .app
-        .load_project(&f.project)
-        .await
-        .unwrap()
-        .unwrap()
-        .db_name;
+    let db = app.project_db(&f.project).await;
     let superuser = pg().await.client(&db).await;
     // A project as it was before migration 7: nothing gives new partitions the triggers.
     superuser

@@ -193,20 +193,6 @@ async fn suspend_and_resume_keep_every_file_on_s3() {
 }
 
 /// The server on `s3` with its configuration changed by `tweak`.
-async fn s3_app_with(s3: &S3Server, tweak: impl FnOnce(&mut fluxbase::config::Config)) -> TestApp {
-    let endpoint = format!("http://{}", s3.addr);
-    spawn_app_with(|c| {
-        c.storage = "s3".into();
-        c.s3_bucket = Some(S3_BUCKET.into());
-        c.s3_endpoint = Some(endpoint);
-        c.s3_region = Some("us-east-1".into());
-        c.s3_access_key_id = Some(S3_KEY_ID.into());
-        c.s3_secret_access_key = Some(S3_SECRET.into());
-        tweak(c);
-    })
-    .await
-}
-
 /// `/ready`'s answer: (status, error code or "ready", message).
 async fn ready(t: &TestApp) -> (u16, String, String) {
     let (status, body) = t.call("GET", "/ready", None, None).await;
@@ -233,7 +219,9 @@ async fn a_misconfigured_s3_backend_is_reported_by_ready_with_its_cause() {
     t.stop().await;
 
     // A bucket that does not exist: the server starts, and says why it is not ready.
-    let t = s3_app_with(&s3, |c| c.s3_bucket = Some("no-such-bucket".into())).await;
+    let t = s3
+        .spawn_app_with(|c| c.s3_bucket = Some("no-such-bucket".into()))
+        .await;
     let (status, code, message) = ready(&t).await;
     assert_eq!(
         (status, code.as_str()),
@@ -252,10 +240,9 @@ async fn a_misconfigured_s3_backend_is_reported_by_ready_with_its_cause() {
     t.stop().await;
 
     // Credentials the endpoint refuses.
-    let t = s3_app_with(&s3, |c| {
-        c.s3_secret_access_key = Some("not-the-secret".into())
-    })
-    .await;
+    let t = s3
+        .spawn_app_with(|c| c.s3_secret_access_key = Some("not-the-secret".into()))
+        .await;
     let (status, code, message) = ready(&t).await;
     assert_eq!(
         (status, code.as_str()),

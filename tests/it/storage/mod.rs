@@ -97,6 +97,11 @@ impl S3Server {
     }
 
     async fn spawn_app(&self) -> TestApp {
+        self.spawn_app_with(|_| {}).await
+    }
+
+    /// A server on this S3 backend, with `tweak` applied to its config.
+    async fn spawn_app_with(&self, tweak: impl FnOnce(&mut fluxbase::config::Config)) -> TestApp {
         let endpoint = format!("http://{}", self.addr);
         spawn_app_with(|c| {
             c.storage = "s3".into();
@@ -105,6 +110,7 @@ impl S3Server {
             c.s3_region = Some("us-east-1".into());
             c.s3_access_key_id = Some(S3_KEY_ID.into());
             c.s3_secret_access_key = Some(S3_SECRET.into());
+            tweak(c);
         })
         .await
     }

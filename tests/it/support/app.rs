@@ -134,6 +134,16 @@ impl TestApp {
         (status, body)
     }
 
+    /// The name of the project's own database.
+    pub async fn project_db(&self, project: &str) -> String {
+        self.app
+            .load_project(project)
+            .await
+            .unwrap()
+            .unwrap()
+            .db_name
+    }
+
     /// The text of `/metrics`.
     pub async fn metrics_text(&self) -> String {
         let resp = self.http.get(self.url("/metrics")).send().await.unwrap();
