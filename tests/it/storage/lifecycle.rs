@@ -192,7 +192,6 @@ async fn suspend_and_resume_keep_every_file_on_s3() {
     t.stop().await;
 }
 
-/// The server on `s3` with its configuration changed by `tweak`.
 /// `/ready`'s answer: (status, error code or "ready", message).
 async fn ready(t: &TestApp) -> (u16, String, String) {
     let (status, body) = t.call("GET", "/ready", None, None).await;

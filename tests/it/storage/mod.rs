@@ -100,7 +100,7 @@ impl S3Server {
         self.spawn_app_with(|_| {}).await
     }
 
-    /// A server on this S3 backend, with `tweak` applied to its config.
+    /// The server on this S3 backend with its configuration changed by `tweak`.
     async fn spawn_app_with(&self, tweak: impl FnOnce(&mut fluxbase::config::Config)) -> TestApp {
         let endpoint = format!("http://{}", self.addr);
         spawn_app_with(|c| {
