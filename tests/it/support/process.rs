@@ -1,10 +1,13 @@
 //! The real `fluxbase` binary as a child process, against the suite's shared cluster: for tests
-//! that measure the server process itself (its peak memory), which an in-process server cannot.
+//! that measure the server process itself (its peak memory), which an in-process server cannot,
+//! or that kill it. Every child is killed and reaped on drop, so a failing test leaves no process
+//! behind.
 
+use std::ops::{Deref, DerefMut};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use super::{pg, scratch_dir, unique};
+use super::cluster::{pg, scratch_dir, unique};
 
 /// A `fluxbase serve` child; killed on drop.
 pub struct ServerProcess {
@@ -71,11 +74,7 @@ impl ServerProcess {
         env: Vec<(String, String)>,
     ) -> ServerProcess {
         let pg = pg().await;
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
+        let port = free_port();
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_fluxbase"));
         cmd.arg("serve")
             .env("FLUXBASE_DATA_DIR", &dir)
@@ -137,47 +136,37 @@ impl Drop for ServerProcess {
     }
 }
 
-/// A PostgreSQL cluster of its own (for a test that exhausts a cluster-wide resource such as
-/// `max_connections`, which would hurt the other tests on the shared one); stopped on drop.
-pub struct DedicatedCluster {
-    pub cluster: fluxbase::embedded::Cluster,
-}
-
-impl DedicatedCluster {
-    pub async fn start(settings: &[(&str, &str)]) -> DedicatedCluster {
-        let root = scratch_dir(&format!("it-{}-{}", std::process::id(), unique("pg")));
-        let password = fluxbase::secrets::random_base62(24);
-        let mut extra: Vec<(String, String)> = vec![
-            ("fsync".into(), "off".into()),
-            ("synchronous_commit".into(), "off".into()),
-        ];
-        extra.extend(settings.iter().map(|(k, v)| (k.to_string(), v.to_string())));
-        let cluster = tokio::task::spawn_blocking(move || {
-            let extra: Vec<(&str, &str)> = extra
-                .iter()
-                .map(|(k, v)| (k.as_str(), v.as_str()))
-                .collect();
-            fluxbase::embedded::Cluster::start(&root, &password, &extra)
-        })
-        .await
+/// A port nobody listens on right now.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
-        .expect("starting a dedicated cluster");
-        DedicatedCluster { cluster }
-    }
+        .local_addr()
+        .unwrap()
+        .port()
+}
 
-    /// A superuser client on `database`.
-    pub async fn client(&self, database: &str) -> tokio_postgres::Client {
-        let (client, conn) =
-            tokio_postgres::connect(&self.cluster.url(database), tokio_postgres::NoTls)
-                .await
-                .expect("connecting as superuser");
-        tokio::spawn(conn);
-        client
+/// Any child process of a test (a `fluxbase` command, a Node.js client): killed and reaped on
+/// drop unless it has exited already. Derefs to the `Child`.
+pub struct ChildGuard(pub Child);
+
+impl Deref for ChildGuard {
+    type Target = Child;
+    fn deref(&self) -> &Child {
+        &self.0
     }
 }
 
-impl Drop for DedicatedCluster {
+impl DerefMut for ChildGuard {
+    fn deref_mut(&mut self) -> &mut Child {
+        &mut self.0
+    }
+}
+
+impl Drop for ChildGuard {
     fn drop(&mut self) {
-        let _ = self.cluster.stop();
+        if let Ok(None) = self.0.try_wait() {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
     }
 }

@@ -6,23 +6,9 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
-use crate::realtime::{connect, recv, room, subscribe, Socket};
-use crate::support::{pg, spawn_app, spawn_app_with, Fixture, TestApp};
-use crate::webhooks::Receiver;
-
-/// One more API key of `scope` for the fixture's project; its secret.
-async fn another_key(app: &TestApp, f: &Fixture, scope: &str) -> String {
-    let (status, body) = app
-        .call(
-            "POST",
-            "/api/keys",
-            Some(&f.admin),
-            Some(json!({ "projectId": f.project, "scope": scope, "name": "another" })),
-        )
-        .await;
-    assert_eq!(status, 201, "{body}");
-    body["secret"].as_str().unwrap().to_string()
-}
+use crate::support::receiver::Receiver;
+use crate::support::ws::{connect, recv, room, subscribe, without_id, Socket};
+use crate::support::{pg, spawn_app, spawn_app_with, spawn_webhook_app};
 
 /// A direct login to the project's database as `role` with `password`; the SQLSTATE of a
 /// refusal.
@@ -48,7 +34,7 @@ async fn direct_login(project: &str, role: &str, password: &str) -> Result<(), S
 async fn a_password_set_by_sql_neither_breaks_the_next_request_nor_opens_a_login() {
     let app = spawn_app().await;
     let f = app.fixture().await;
-    let second_read = another_key(&app, &f, "read").await;
+    let second_read = app.new_key(&f, "read", Some("another")).await.1;
     app.rows(&f.admin, &f.project, "CREATE TABLE items (id int)")
         .await;
     let read_role = format!("fx_{}_read", f.project);
@@ -152,11 +138,7 @@ async fn next_non_row(ws: &mut Socket) -> Value {
 
 #[tokio::test]
 async fn fluxbase_messages_forged_from_sql_reach_no_socket_and_no_webhook() {
-    let app = spawn_app_with(|c| {
-        c.webhook_allow_private = true;
-        c.webhook_backoff_scale = 0.01;
-    })
-    .await;
+    let app = spawn_webhook_app().await;
     let f = app.fixture().await;
     let rx = Receiver::start().await;
     let (status, body) = app
@@ -218,7 +200,7 @@ async fn fluxbase_messages_forged_from_sql_reach_no_socket_and_no_webhook() {
     app.rows(&f.admin, &f.project, "CREATE TABLE genuine (id int)")
         .await;
     assert_eq!(
-        crate::realtime::without_id(next_non_row(&mut ws).await),
+        without_id(next_non_row(&mut ws).await),
         json!({ "type": "broadcast", "roomId": room(&f.project), "event": "genuine", "payload": { "n": 1 } })
     );
     let m = next_non_row(&mut ws).await;
@@ -262,7 +244,7 @@ async fn the_cdc_internal_setting_silences_nothing_for_a_caller() {
     .await;
     app.rows(&f.admin, &f.project, "CREATE TABLE marker (id int)")
         .await;
-    let ev = crate::cdc::events(&mut sub, 4).await;
+    let ev = crate::support::bus::events(&mut sub, 4).await;
     let seen: Vec<String> = ev
         .iter()
         .map(|e| format!("{} {}", e["command"].as_str().unwrap_or("?"), e["table"]))
@@ -291,7 +273,7 @@ async fn the_cdc_internal_setting_silences_nothing_for_a_caller() {
         "SET fluxbase.cdc_internal = 'on'; CREATE SCHEMA inner_s CREATE TABLE inner_t (id int PRIMARY KEY, v text)",
     )
     .await;
-    let ev = crate::cdc::events(&mut sub, 1).await;
+    let ev = crate::support::bus::events(&mut sub, 1).await;
     assert_eq!(ev[0]["command"], "CREATE SCHEMA", "{}", ev[0]);
     let rows = app
         .rows(
@@ -353,7 +335,7 @@ async fn temp_files_are_capped_per_role() {
 async fn one_caller_neither_sees_nor_stops_another_callers_statement() {
     let app = spawn_app().await;
     let f = app.fixture().await;
-    let other_read = another_key(&app, &f, "read").await;
+    let other_read = app.new_key(&f, "read", Some("another")).await.1;
     let admin = pg().await.client(&format!("fx_{}", f.project)).await;
     // Caller A's statement waits on a lock the test holds, so it runs as long as needed.
     admin

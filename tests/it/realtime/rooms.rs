@@ -12,67 +12,9 @@ use serde_json::{json, Value};
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::Message;
 
+use crate::support::cluster::slot_confirmed;
+use crate::support::ws::{connect, nothing_more, recv, room, send, subscribe, without_id, Socket};
 use crate::support::{spawn_app, spawn_app_with, Fixture, TestApp};
-
-pub type Socket =
-    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
-
-pub async fn connect(app: &TestApp, path: &str) -> Socket {
-    let url = format!("{}{path}", app.base.replacen("http", "ws", 1));
-    tokio_tungstenite::connect_async(url)
-        .await
-        .expect("websocket connect")
-        .0
-}
-
-pub async fn send(ws: &mut Socket, v: Value) {
-    ws.send(Message::text(v.to_string())).await.unwrap();
-}
-
-/// The next JSON message (skipping pings), within 20 s.
-pub async fn recv(ws: &mut Socket) -> Value {
-    loop {
-        let m = tokio::time::timeout(Duration::from_secs(20), ws.next())
-            .await
-            .expect("no message within 20 s")
-            .expect("socket closed")
-            .expect("socket error");
-        if let Message::Text(t) = m {
-            return serde_json::from_str(&t).unwrap();
-        }
-    }
-}
-
-pub async fn subscribe(ws: &mut Socket, project: &str, token: Option<&str>) -> Value {
-    let mut msg = json!({ "type": "subscribe", "roomId": room(project) });
-    if let Some(t) = token {
-        msg["token"] = json!(t);
-    }
-    send(ws, msg).await;
-    recv(ws).await
-}
-
-/// A broadcast message without its `id`, once checked that it has one in the id scheme
-/// (`<16 hex>-<8 hex>` from SQL, `<16 hex>-<8 hex>-<8 hex>` from a client or the REST API).
-pub fn without_id(mut m: Value) -> Value {
-    let id = m["id"].as_str().unwrap_or_else(|| panic!("no id in {m}"));
-    let parts: Vec<&str> = id.split('-').collect();
-    assert!(
-        matches!(parts.len(), 2 | 3)
-            && parts[0].len() == 16
-            && parts[1..].iter().all(|p| p.len() == 8)
-            && parts
-                .iter()
-                .all(|p| p.bytes().all(|b| b.is_ascii_hexdigit())),
-        "{m}"
-    );
-    m.as_object_mut().unwrap().remove("id");
-    m
-}
-
-pub fn room(project: &str) -> String {
-    format!("project_{project}")
-}
 
 /// Sends `msg` (a subscribe) and asserts the answer is `subscribed`.
 async fn subscribed(ws: &mut Socket, msg: Value) {
@@ -103,13 +45,6 @@ async fn refused(ws: &mut Socket, msg: Value, code: &str) {
     assert!(m["message"].as_str().is_some_and(|s| !s.is_empty()), "{m}");
 }
 
-/// Sends a ping and asserts the next message is its pong: nothing else was queued before it.
-async fn nothing_more(ws: &mut Socket) {
-    send(ws, json!({ "type": "ping" })).await;
-    let m = recv(ws).await;
-    assert_eq!(m, json!({ "type": "pong" }), "unexpected message");
-}
-
 /// The next message, asserted to be a db_event; returns its payload.
 async fn db_event(ws: &mut Socket) -> Value {
     let m = recv(ws).await;
@@ -131,29 +66,6 @@ async fn rows_until_schema_update(ws: &mut Socket) -> Vec<(String, i64)> {
             _ => panic!("unexpected message {m}"),
         }
     }
-}
-
-async fn make_public(app: &TestApp, f: &Fixture) {
-    let (status, body) = app
-        .call(
-            "PATCH",
-            "/api/projects",
-            Some(&f.token),
-            Some(json!({ "projectId": f.project, "realtimePublic": true })),
-        )
-        .await;
-    assert_eq!(status, 200, "{body}");
-    assert_eq!(body["project"]["realtimePublic"], true, "{body}");
-}
-
-async fn realtime_token(app: &TestApp, key: &str, body: Value) -> String {
-    let (status, body) = app
-        .call("POST", "/api/realtime/token", Some(key), Some(body))
-        .await;
-    assert_eq!(status, 200, "{body}");
-    assert_eq!(body["success"], true, "{body}");
-    assert!(body["expiresAt"].is_string(), "{body}");
-    body["token"].as_str().unwrap().to_string()
 }
 
 #[tokio::test]
@@ -470,7 +382,9 @@ async fn a_key_or_token_of_another_project_is_refused_with_scope_mismatch() {
     for key in [&b.read, &b.readwrite, &b.admin] {
         refused(&mut ws, msg(key), "SCOPE_MISMATCH").await;
     }
-    let b_token = realtime_token(&app, &b.read, json!({ "projectId": b.project })).await;
+    let b_token = app
+        .realtime_token(&b.read, json!({ "projectId": b.project }))
+        .await;
     refused(&mut ws, msg(&b_token), "SCOPE_MISMATCH").await;
     // A session of a user who is not a member does not learn whether the project exists.
     send(&mut ws, msg(&b.token)).await;
@@ -487,12 +401,9 @@ async fn a_key_or_token_of_another_project_is_refused_with_scope_mismatch() {
 async fn an_expired_realtime_token_is_refused_with_token_expired() {
     let app = spawn_app().await;
     let f = app.fixture().await;
-    let token = realtime_token(
-        &app,
-        &f.read,
-        json!({ "projectId": f.project, "expiresIn": 1 }),
-    )
-    .await;
+    let token = app
+        .realtime_token(&f.read, json!({ "projectId": f.project, "expiresIn": 1 }))
+        .await;
     tokio::time::sleep(Duration::from_millis(2100)).await;
     let mut ws = connect(&app, "/").await;
     refused(
@@ -525,9 +436,7 @@ async fn a_realtime_token_subscribes_and_its_table_list_restricts_what_arrives()
         "CREATE TABLE posts (id int); CREATE TABLE secrets (id int)",
     )
     .await;
-    let token = realtime_token(
-        &app,
-        &f.read,
+    let token = app.realtime_token(&f.read,
         json!({ "projectId": f.project, "authUid": "user-42", "tables": ["posts"], "expiresIn": 60 }),
     )
     .await;
@@ -561,7 +470,9 @@ async fn a_realtime_token_subscribes_and_its_table_list_restricts_what_arrives()
     }
 
     // Without a table list the token sees everything.
-    let all = realtime_token(&app, &f.read, json!({ "projectId": f.project })).await;
+    let all = app
+        .realtime_token(&f.read, json!({ "projectId": f.project }))
+        .await;
     let mut ws = connect(&app, "/").await;
     subscribed(
         &mut ws,
@@ -578,12 +489,12 @@ async fn a_tampered_realtime_token_is_refused() {
     let app = spawn_app().await;
     let a = app.fixture().await;
     let b = app.fixture().await;
-    let token = realtime_token(
-        &app,
-        &b.read,
-        json!({ "projectId": b.project, "tables": ["posts"] }),
-    )
-    .await;
+    let token = app
+        .realtime_token(
+            &b.read,
+            json!({ "projectId": b.project, "tables": ["posts"] }),
+        )
+        .await;
     let (body, sig) = token
         .strip_prefix("flx_rt_")
         .unwrap()
@@ -629,7 +540,7 @@ async fn a_public_project_accepts_a_subscribe_without_a_token() {
     let f = app.fixture().await;
     app.rows(&f.admin, &f.project, "CREATE TABLE t (id int)")
         .await;
-    make_public(&app, &f).await;
+    app.make_realtime_public(&f).await;
     let mut ws = connect(&app, "/").await;
     subscribed(
         &mut ws,
@@ -1190,21 +1101,6 @@ async fn a_resume_from_before_the_retained_window_gets_resume_too_old_then_live_
     nothing_more(&mut ws).await;
 }
 
-/// The slot's confirmed position, as a number.
-async fn slot_confirmed(project: &str) -> u64 {
-    let row = crate::support::pg()
-        .await
-        .client("postgres")
-        .await
-        .query_one(
-            "SELECT (confirmed_flush_lsn - '0/0'::pg_lsn)::int8 FROM pg_replication_slots WHERE slot_name = $1",
-            &[&format!("fluxbase_{project}")],
-        )
-        .await
-        .unwrap();
-    row.get::<_, i64>(0) as u64
-}
-
 #[tokio::test]
 async fn a_resume_after_a_server_restart_replays_what_the_client_missed_from_the_durable_history() {
     let app = spawn_app().await;
@@ -1734,7 +1630,7 @@ async fn a_subscribe_flood_is_refused_per_socket_and_per_realtime_token() {
     })
     .await;
     let f = app.fixture().await;
-    make_public(&app, &f).await;
+    app.make_realtime_public(&f).await;
     // One socket, 20 subscribes at once (no token: a public room).
     let mut ws = connect(&app, "/").await;
     for _ in 0..20 {
@@ -1758,7 +1654,9 @@ async fn a_subscribe_flood_is_refused_per_socket_and_per_realtime_token() {
     assert!(codes.iter().any(|c| c == "RATE_LIMIT"), "{codes:?}");
 
     // One realtime token, one subscribe from each of many sockets: the token's own budget.
-    let token = realtime_token(&app, &f.admin, json!({ "projectId": f.project })).await;
+    let token = app
+        .realtime_token(&f.admin, json!({ "projectId": f.project }))
+        .await;
     let mut answers = Vec::new();
     for _ in 0..10 {
         let mut s = connect(&app, "/").await;
@@ -1772,22 +1670,6 @@ async fn a_subscribe_flood_is_refused_per_socket_and_per_realtime_token() {
     }
     assert_eq!(answers[0], "subscribed", "{answers:?}");
     assert!(answers.iter().any(|c| c == "RATE_LIMIT"), "{answers:?}");
-}
-
-async fn new_key(app: &TestApp, f: &Fixture) -> (String, String) {
-    let (status, body) = app
-        .call(
-            "POST",
-            "/api/keys",
-            Some(&f.admin),
-            Some(json!({ "projectId": f.project, "scope": "read" })),
-        )
-        .await;
-    assert_eq!(status, 201, "{body}");
-    (
-        body["key"]["id"].as_str().unwrap().to_string(),
-        body["secret"].as_str().unwrap().to_string(),
-    )
 }
 
 /// The next message is `ACCESS_REVOKED` for the project's room.
@@ -1804,8 +1686,10 @@ async fn deleting_an_api_key_ends_its_subscriptions_and_those_of_its_realtime_to
     let f = app.fixture().await;
     app.rows(&f.admin, &f.project, "CREATE TABLE t (id int)")
         .await;
-    let (key_id, secret) = new_key(&app, &f).await;
-    let token = realtime_token(&app, &secret, json!({ "projectId": f.project })).await;
+    let (key_id, secret) = app.new_key(&f, "read", None).await;
+    let token = app
+        .realtime_token(&secret, json!({ "projectId": f.project }))
+        .await;
     let mut by_key = connect(&app, "/").await;
     assert_eq!(
         subscribe(&mut by_key, &f.project, Some(&secret)).await["type"],
@@ -1847,8 +1731,10 @@ async fn rotating_an_api_key_ends_the_subscriptions_of_its_old_secret_and_its_to
     let f = app.fixture().await;
     app.rows(&f.admin, &f.project, "CREATE TABLE t (id int)")
         .await;
-    let (key_id, old_secret) = new_key(&app, &f).await;
-    let old_token = realtime_token(&app, &old_secret, json!({ "projectId": f.project })).await;
+    let (key_id, old_secret) = app.new_key(&f, "read", None).await;
+    let old_token = app
+        .realtime_token(&old_secret, json!({ "projectId": f.project }))
+        .await;
     let mut by_key = connect(&app, "/").await;
     assert_eq!(
         subscribe(&mut by_key, &f.project, Some(&old_secret)).await["type"],
@@ -1879,7 +1765,9 @@ async fn rotating_an_api_key_ends_the_subscriptions_of_its_old_secret_and_its_to
         subscribe(&mut again, &f.project, Some(&old_token)).await["code"],
         "ACCESS_REVOKED"
     );
-    let new_token = realtime_token(&app, &new_secret, json!({ "projectId": f.project })).await;
+    let new_token = app
+        .realtime_token(&new_secret, json!({ "projectId": f.project }))
+        .await;
     let mut fresh_key = connect(&app, "/").await;
     assert_eq!(
         subscribe(&mut fresh_key, &f.project, Some(&new_secret)).await["type"],
@@ -1960,15 +1848,7 @@ async fn a_flood_of_broadcasts_from_sql_or_rest_leaves_the_rooms_sockets_connect
         .await;
     assert_eq!(db_event(&mut quiet).await["record"]["id"], 2);
     nothing_more(&mut quiet).await;
-    let metrics = app
-        .http
-        .get(app.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = app.metrics_text().await;
     let dropped: u64 = metrics
         .lines()
         .find_map(|l| l.strip_prefix("fluxbase_realtime_broadcasts_dropped_total "))

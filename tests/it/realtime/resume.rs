@@ -12,156 +12,11 @@ use serde_json::{json, Value};
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::Message;
 
-use crate::realtime::{room, send, Socket};
+use crate::support::fixtures::project;
+use crate::support::http::{call, rest_broadcast, sql};
+use crate::support::pg;
 use crate::support::process::ServerProcess;
-use crate::support::{pg, unique};
-
-pub(crate) struct Project {
-    pub(crate) project: String,
-    pub(crate) read: String,
-    pub(crate) readwrite: String,
-    pub(crate) admin: String,
-}
-
-pub(crate) async fn call(
-    base: &str,
-    method: &str,
-    path: &str,
-    token: Option<&str>,
-    body: Value,
-) -> (u16, Value) {
-    let http = reqwest::Client::builder()
-        .timeout(Duration::from_secs(120))
-        .build()
-        .unwrap();
-    let mut req = http.request(method.parse().unwrap(), format!("{base}{path}"));
-    if let Some(t) = token {
-        req = req.bearer_auth(t);
-    }
-    if !body.is_null() {
-        req = req.json(&body);
-    }
-    let resp = req.send().await.expect("request");
-    let status = resp.status().as_u16();
-    let text = resp.text().await.unwrap();
-    (
-        status,
-        serde_json::from_str(&text).unwrap_or_else(|_| json!({ "raw": text })),
-    )
-}
-
-pub(crate) async fn project(base: &str) -> Project {
-    let email = format!("{}@example.com", unique("user"));
-    let (status, body) = call(
-        base,
-        "POST",
-        "/api/auth/signup",
-        None,
-        json!({ "email": email, "password": "correct horse battery", "displayName": "T" }),
-    )
-    .await;
-    assert_eq!(status, 201, "{body}");
-    let token = body["token"].as_str().unwrap().to_string();
-    let (status, body) = call(
-        base,
-        "POST",
-        "/api/projects",
-        Some(&token),
-        json!({ "name": "resume" }),
-    )
-    .await;
-    assert_eq!(status, 201, "{body}");
-    let key = |s: &str| body["apiKeys"][s].as_str().unwrap().to_string();
-    Project {
-        project: body["project"]["id"].as_str().unwrap().to_string(),
-        read: key("read"),
-        readwrite: key("readwrite"),
-        admin: key("admin"),
-    }
-}
-
-pub(crate) async fn sql(base: &str, key: &str, project: &str, query: &str) -> Vec<Value> {
-    let (status, body) = call(
-        base,
-        "POST",
-        "/api/execute-sql",
-        Some(key),
-        json!({ "projectId": project, "query": query }),
-    )
-    .await;
-    assert_eq!(status, 200, "{body}");
-    assert_eq!(body["success"], true, "{query}: {body}");
-    body["result"]["rows"].as_array().unwrap().clone()
-}
-
-pub(crate) async fn rest_broadcast(base: &str, p: &Project, event: &str) {
-    let (status, body) = call(
-        base,
-        "POST",
-        "/api/realtime/broadcast",
-        Some(&p.readwrite),
-        json!({ "projectId": p.project, "event": event, "payload": { "via": "rest" } }),
-    )
-    .await;
-    assert_eq!(status, 200, "{body}");
-}
-
-pub(crate) async fn connect(base: &str) -> Socket {
-    let url = format!("{}/", base.replacen("http", "ws", 1));
-    tokio_tungstenite::connect_async(url)
-        .await
-        .expect("websocket connect")
-        .0
-}
-
-/// The next JSON message (skipping pings), within 30 s.
-pub(crate) async fn next(ws: &mut Socket) -> Value {
-    loop {
-        let m = tokio::time::timeout(Duration::from_secs(30), ws.next())
-            .await
-            .expect("no message within 30 s")
-            .unwrap_or_else(|| panic!("socket ended"))
-            .unwrap_or_else(|e| panic!("socket error: {e}"));
-        match m {
-            Message::Text(t) => return serde_json::from_str(&t).unwrap(),
-            Message::Close(c) => panic!("closed by the server: {c:?}"),
-            _ => {}
-        }
-    }
-}
-
-/// A socket subscribed to the project with its read key (`since`: resuming after that id).
-pub(crate) async fn subscribed(base: &str, p: &Project, since: Option<&str>) -> Socket {
-    let mut ws = connect(base).await;
-    let mut msg = json!({ "type": "subscribe", "roomId": room(&p.project), "token": p.read });
-    if let Some(s) = since {
-        msg["since"] = json!(s);
-    }
-    send(&mut ws, msg).await;
-    let m = next(&mut ws).await;
-    assert_eq!(m["type"], "subscribed", "{m}");
-    ws
-}
-
-/// `(record.id, event id)` of the next message, asserted to be a row change.
-pub(crate) async fn row(ws: &mut Socket) -> (i64, String) {
-    let m = next(ws).await;
-    assert_eq!(m["type"], "db_event", "{m}");
-    (
-        m["payload"]["record"]["id"].as_i64().unwrap(),
-        m["payload"]["id"].as_str().unwrap().to_string(),
-    )
-}
-
-/// Nothing else was queued: the answer to a ping comes next.
-async fn nothing_more(ws: &mut Socket) {
-    send(ws, json!({ "type": "ping" })).await;
-    assert_eq!(
-        next(ws).await,
-        json!({ "type": "pong" }),
-        "unexpected message"
-    );
-}
+use crate::support::ws::{connect_to, next, nothing_more, room, row, send, subscribed};
 
 /// Commits one row per transaction into `audit` straight on the project's database (so it
 /// goes on while no server runs) until `stop`; returns how many.
@@ -410,7 +265,7 @@ async fn broadcasts_carry_sortable_ids_and_since_replays_each_once_across_a_rest
     )
     .await;
     assert_eq!(row(&mut watcher).await.0, 0);
-    let mut sender = connect(&server.base).await;
+    let mut sender = connect_to(&server.base, "/").await;
     send(
         &mut sender,
         json!({ "type": "subscribe", "roomId": room(&p.project), "token": p.readwrite }),
@@ -659,7 +514,7 @@ async fn concurrent_resumers_each_get_the_backlog_once_and_a_deleted_project_los
             p.read.clone(),
         );
         readers.push(tokio::spawn(async move {
-            let mut ws = connect(&base).await;
+            let mut ws = connect_to(&base, "/").await;
             let mut msg =
                 json!({ "type": "subscribe", "roomId": room_id, "token": read, "since": since });
             // Every third one only wants the other table: the filter applies to the backlog.

@@ -12,8 +12,8 @@ use serde_json::{json, Value};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio_tungstenite::tungstenite::Message;
 
-use crate::realtime::room;
 use crate::support::spawn_app_with;
+use crate::support::ws::room;
 
 /// A TCP stream read at about 16 KiB every 20 ms (800 KiB/s).
 struct Slow {

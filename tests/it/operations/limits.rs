@@ -3,6 +3,7 @@
 
 use serde_json::{json, Value};
 
+use crate::support::fixtures::{self, Project};
 use crate::support::process::ServerProcess;
 use crate::support::{spawn_app_with, unique};
 
@@ -19,42 +20,11 @@ async fn post(base: &str, path: &str, token: Option<&str>, body: Value) -> (u16,
     (resp.status().as_u16(), resp.text().await.unwrap())
 }
 
-/// Signs up and creates a project on a server started as a child process; returns its read key
-/// and project id.
-async fn project_on(base: &str) -> (String, String) {
-    let email = format!("{}@example.com", unique("user"));
-    let (status, body) = post(
-        base,
-        "/api/auth/signup",
-        None,
-        json!({ "email": email, "password": "correct horse battery" }),
-    )
-    .await;
-    assert_eq!(status, 201, "{body}");
-    let token = serde_json::from_str::<Value>(&body).unwrap()["token"]
-        .as_str()
-        .unwrap()
-        .to_string();
-    let (status, body) = post(
-        base,
-        "/api/projects",
-        Some(&token),
-        json!({ "name": "big" }),
-    )
-    .await;
-    assert_eq!(status, 201, "{body}");
-    let body: Value = serde_json::from_str(&body).unwrap();
-    (
-        body["apiKeys"]["read"].as_str().unwrap().to_string(),
-        body["project"]["id"].as_str().unwrap().to_string(),
-    )
-}
-
 #[tokio::test]
 async fn a_huge_result_answers_truncated_below_the_cap_and_the_server_memory_stays_flat() {
     let cap = 4 * MIB;
     let server = ServerProcess::start(&[("FLUXBASE_MAX_RESPONSE_BYTES", &cap.to_string())]).await;
-    let (read, project) = project_on(&server.base).await;
+    let Project { read, project, .. } = fixtures::project(&server.base).await;
     let sql = |query: &str| {
         post(
             &server.base,
@@ -573,7 +543,7 @@ async fn sql_connections(pg: &tokio_postgres::Client) -> (i64, i64) {
 #[tokio::test]
 async fn a_project_flooding_pg_sleep_waits_on_its_share_while_another_is_served_and_idle_connections_close(
 ) {
-    use crate::support::process::DedicatedCluster;
+    use crate::support::cluster::DedicatedCluster;
     let pg = DedicatedCluster::start(&[("max_connections", "40")]).await;
     let control = unique("ctl");
     let app = spawn_app_with(|c| {
@@ -909,7 +879,7 @@ async fn connections_going_idle_reach_requests_already_waiting_on_the_budget() {
 
 #[tokio::test]
 async fn the_connection_budget_leaves_out_what_other_clients_of_the_cluster_hold() {
-    use crate::support::process::DedicatedCluster;
+    use crate::support::cluster::DedicatedCluster;
     let pg = DedicatedCluster::start(&[("max_connections", "40")]).await;
     // Another client of the cluster (another server, a CLI command, a tool) holds 20.
     let mut others = Vec::new();

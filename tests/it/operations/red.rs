@@ -172,7 +172,7 @@ async fn a_websocket_that_never_subscribes_is_closed_even_when_it_pings() {
     use tokio_tungstenite::tungstenite::Message;
 
     let app = spawn_app_with(|c| c.realtime_unsubscribed_timeout_secs = 2).await;
-    let mut ws = crate::realtime::connect(&app, "/").await;
+    let mut ws = crate::support::ws::connect(&app, "/").await;
     let deadline = Instant::now() + Duration::from_secs(30);
     let close = loop {
         assert!(

@@ -5,7 +5,7 @@
 use std::process::Command;
 use std::time::Duration;
 
-use serde_json::{json, Value};
+use serde_json::Value;
 use tokio::io::{AsyncBufReadExt, BufReader};
 
 use crate::support::spawn_app;
@@ -184,15 +184,7 @@ async fn the_guides_realtime_client_logs_inserts_updates_and_deletes_in_node() {
     let app = spawn_app().await;
     let f = app.fixture().await;
     // The snippet sends no token: the project's room is public.
-    let (status, body) = app
-        .call(
-            "PATCH",
-            "/api/projects",
-            Some(&f.token),
-            Some(json!({ "projectId": f.project, "realtimePublic": true })),
-        )
-        .await;
-    assert_eq!(status, 200, "{body}");
+    app.make_realtime_public(&f).await;
     app.rows(
         &f.admin,
         &f.project,

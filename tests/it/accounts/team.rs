@@ -3,7 +3,7 @@
 
 use serde_json::{json, Value};
 
-use crate::realtime::{connect, recv, send, subscribe};
+use crate::support::ws::{connect, recv, send, subscribe};
 use crate::support::{spawn_app, spawn_app_with, Fixture, TestApp};
 
 /// A user who joined a project through an invitation.

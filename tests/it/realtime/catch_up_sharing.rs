@@ -6,9 +6,10 @@ use std::time::Duration;
 
 use serde_json::{json, Value};
 
-use crate::realtime::{room, send};
-use crate::resume::{call, connect, next, project, row, sql, subscribed};
+use crate::support::fixtures::project;
+use crate::support::http::{call, sql};
 use crate::support::process::ServerProcess;
+use crate::support::ws::{connect_to, next, room, row, send, subscribed};
 
 fn metric(text: &str, name: &str) -> u64 {
     text.lines()
@@ -67,7 +68,7 @@ async fn members_resuming_from_the_same_place_share_the_decoded_backlog() {
     // and bytes, so this is what a member reading privately costs).
     let solo = {
         let start = reads_now().await;
-        let mut ws = connect(&server.base).await;
+        let mut ws = connect_to(&server.base, "/").await;
         send(
             &mut ws,
             json!({ "type": "subscribe", "roomId": room(&p.project), "token": p.read, "since": since }),
@@ -94,7 +95,7 @@ async fn members_resuming_from_the_same_place_share_the_decoded_backlog() {
         );
         let step = step.clone();
         readers.push(tokio::spawn(async move {
-            let mut ws = connect(&base).await;
+            let mut ws = connect_to(&base, "/").await;
             send(
                 &mut ws,
                 json!({ "type": "subscribe", "roomId": room_id, "token": read, "since": since }),

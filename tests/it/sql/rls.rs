@@ -5,21 +5,8 @@ use std::time::Duration;
 
 use serde_json::{json, Value};
 
-use crate::cdc::{assert_quiet, next_event};
+use crate::support::bus::{assert_quiet, next_event};
 use crate::support::{spawn_app, spawn_app_with, Fixture, TestApp};
-
-/// `POST /api/execute-sql` as end user `uid` (body `authUid`); asserts HTTP 200.
-async fn sql_as(app: &TestApp, key: &str, project: &str, uid: Option<&str>, query: &str) -> Value {
-    let mut body = json!({ "projectId": project, "query": query });
-    if let Some(uid) = uid {
-        body["authUid"] = json!(uid);
-    }
-    let (status, body) = app
-        .call("POST", "/api/execute-sql", Some(key), Some(body))
-        .await;
-    assert_eq!(status, 200, "{query}: {body}");
-    body
-}
 
 /// Rows of a query that must succeed.
 async fn rows_as(
@@ -29,7 +16,7 @@ async fn rows_as(
     uid: Option<&str>,
     query: &str,
 ) -> Vec<Value> {
-    let body = sql_as(app, key, project, uid, query).await;
+    let body = app.sql_as(key, project, uid, query).await;
     assert_eq!(body["success"], true, "{query}: {body}");
     body["result"]["rows"].as_array().unwrap().clone()
 }
@@ -42,7 +29,7 @@ async fn error_as(
     uid: Option<&str>,
     query: &str,
 ) -> String {
-    let body = sql_as(app, key, project, uid, query).await;
+    let body = app.sql_as(key, project, uid, query).await;
     assert_eq!(body["success"], false, "{query} should fail: {body}");
     body["error"]["details"]
         .as_str()
@@ -63,17 +50,6 @@ async fn create_policy(app: &TestApp, key: &str, project: &str, body: Value) -> 
     body["projectId"] = json!(project);
     app.call("POST", "/api/rls/policies", Some(key), Some(body))
         .await
-}
-
-async fn created(app: &TestApp, f: &Fixture, table: &str, name: &str, command: &str, using: &str) {
-    let (status, body) = create_policy(
-        app,
-        &f.admin,
-        &f.project,
-        json!({ "table": table, "name": name, "command": command, "using": using }),
-    )
-    .await;
-    assert_eq!(status, 201, "{body}");
 }
 
 async fn list(app: &TestApp, key: &str, project: &str) -> Value {
@@ -250,7 +226,8 @@ async fn sql_cannot_change_who_auth_uid_says_it_is() {
     let app = spawn_app().await;
     let f = app.fixture().await;
     posts(&app, &f).await;
-    created(&app, &f, "posts", "own rows", "ALL", "user_id = auth.uid()").await;
+    app.policy(&f, "posts", "own rows", "ALL", "user_id = auth.uid()")
+        .await;
     app.rows(
         &f.admin,
         &f.project,
@@ -357,22 +334,12 @@ async fn identity_does_not_leak_to_the_next_request_on_a_reused_connection() {
             .parse()
             .unwrap()
     };
-    let metrics = || async {
-        app.http
-            .get(app.url("/metrics"))
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap()
-    };
-    let before = metric(&metrics().await);
+    let before = metric(&app.metrics_text().await);
 
     let same = rows_as(&app, &f.read, &f.project, Some("alice"), q).await;
     assert_eq!(same[0], first[0]);
     assert_eq!(
-        metric(&metrics().await),
+        metric(&app.metrics_text().await),
         before,
         "an unchanged identity is not set again"
     );
@@ -399,7 +366,7 @@ async fn identity_does_not_leak_to_the_next_request_on_a_reused_connection() {
     .await;
     let next = rows_as(&app, &f.read, &f.project, None, q).await;
     assert_eq!(next[0], json!({ "uid": null, "pid": pid, "setting": null }));
-    assert_eq!(metric(&metrics().await), before + 5);
+    assert_eq!(metric(&app.metrics_text().await), before + 5);
     app.stop().await;
 }
 
@@ -410,7 +377,8 @@ async fn the_guides_four_patterns_work_for_two_users() {
 
     // 1. User owns their rows.
     posts(&app, &f).await;
-    created(&app, &f, "posts", "own rows", "ALL", "user_id = auth.uid()").await;
+    app.policy(&f, "posts", "own rows", "ALL", "user_id = auth.uid()")
+        .await;
     for (uid, expected) in [("alice", vec!["a1", "a2"]), ("bob", vec!["b1"])] {
         let rows = rows_as(
             &app,
@@ -460,15 +428,8 @@ async fn the_guides_four_patterns_work_for_two_users() {
     app.rows(&f.admin, &f.project,
         "CREATE TABLE docs (id serial, org_id text, body text);
          INSERT INTO docs (org_id, body) VALUES ('org_1', 'o1a'), ('org_1', 'o1b'), ('org_2', 'o2')").await;
-    created(
-        &app,
-        &f,
-        "docs",
-        "org members",
-        "SELECT",
-        "org_id = auth.uid()",
-    )
-    .await;
+    app.policy(&f, "docs", "org members", "SELECT", "org_id = auth.uid()")
+        .await;
     for (org, expected) in [("org_1", vec!["o1a", "o1b"]), ("org_2", vec!["o2"])] {
         let rows = rows_as(
             &app,
@@ -489,21 +450,15 @@ async fn the_guides_four_patterns_work_for_two_users() {
          INSERT INTO articles (author_id, body) VALUES ('alice', 'by alice')",
     )
     .await;
-    created(&app, &f, "articles", "anyone reads", "SELECT", "true").await;
+    app.policy(&f, "articles", "anyone reads", "SELECT", "true")
+        .await;
     for (name, command) in [
         ("author inserts", "INSERT"),
         ("author updates", "UPDATE"),
         ("author deletes", "DELETE"),
     ] {
-        created(
-            &app,
-            &f,
-            "articles",
-            name,
-            command,
-            "author_id = auth.uid()",
-        )
-        .await;
+        app.policy(&f, "articles", name, command, "author_id = auth.uid()")
+            .await;
     }
     for uid in [Some("alice"), Some("bob"), None] {
         let rows = rows_as(&app, &f.read, &f.project, uid, "SELECT body FROM articles").await;
@@ -563,7 +518,7 @@ async fn the_guides_four_patterns_work_for_two_users() {
         "CREATE TABLE audit (id serial, body text); INSERT INTO audit (body) VALUES ('secret')",
     )
     .await;
-    created(&app, &f, "audit", "nobody", "ALL", "false").await;
+    app.policy(&f, "audit", "nobody", "ALL", "false").await;
     for uid in [Some("alice"), Some("bob"), None] {
         assert!(
             rows_as(&app, &f.read, &f.project, uid, "SELECT * FROM audit")
@@ -597,7 +552,8 @@ async fn the_owner_bypasses_policies_until_forced_and_no_force_restores_access()
     let app = spawn_app().await;
     let f = app.fixture().await;
     posts(&app, &f).await;
-    created(&app, &f, "posts", "own rows", "ALL", "user_id = auth.uid()").await;
+    app.policy(&f, "posts", "own rows", "ALL", "user_id = auth.uid()")
+        .await;
     assert_eq!(
         rows_as(
             &app,
@@ -1053,7 +1009,7 @@ async fn hostile_expressions_are_refused_and_leave_nothing_behind() {
     );
     // A hostile name and table are just names.
     let name = "x\"; DROP TABLE posts; --";
-    created(&app, &f, "posts", name, "SELECT", "true").await;
+    app.policy(&f, "posts", name, "SELECT", "true").await;
     let listing = list(&app, &f.read, &f.project).await;
     assert_eq!(table(&listing, "posts")["policies"][0]["name"], name);
     let (status, resp) = create_policy(&app, &f.admin, &f.project,
@@ -1073,17 +1029,13 @@ async fn troubleshooting_rows_behave_as_the_guide_says() {
     let app = spawn_app().await;
     let f = app.fixture().await;
     posts(&app, &f).await;
-    created(&app, &f, "posts", "own rows", "ALL", "user_id = auth.uid()").await;
+    app.policy(&f, "posts", "own rows", "ALL", "user_id = auth.uid()")
+        .await;
 
     // Query returns 0 rows: the policy never matches; no error.
-    let body = sql_as(
-        &app,
-        &f.read,
-        &f.project,
-        Some("nobody"),
-        "SELECT * FROM posts",
-    )
-    .await;
+    let body = app
+        .sql_as(&f.read, &f.project, Some("nobody"), "SELECT * FROM posts")
+        .await;
     assert_eq!(
         (body["success"].clone(), body["result"]["rowCount"].clone()),
         (json!(true), json!(0))
@@ -1169,15 +1121,8 @@ async fn troubleshooting_rows_behave_as_the_guide_says() {
         .await,
         "42883"
     );
-    created(
-        &app,
-        &f,
-        "orders",
-        "own",
-        "SELECT",
-        "user_id::text = auth.uid()",
-    )
-    .await;
+    app.policy(&f, "orders", "own", "SELECT", "user_id::text = auth.uid()")
+        .await;
     let rows = rows_as(
         &app,
         &f.read,
@@ -1195,15 +1140,8 @@ async fn policies_from_the_api_evaluate_auth_uid_once_per_statement() {
     let app = spawn_app().await;
     let f = app.fixture().await;
     posts(&app, &f).await;
-    created(
-        &app,
-        &f,
-        "posts",
-        "own rows",
-        "SELECT",
-        "user_id = auth.uid()",
-    )
-    .await;
+    app.policy(&f, "posts", "own rows", "SELECT", "user_id = auth.uid()")
+        .await;
     let plan = rows_as(
         &app,
         &f.read,

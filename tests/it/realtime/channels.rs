@@ -10,19 +10,10 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
-use crate::realtime::{connect, recv, send, Socket};
-use crate::support::{pg, spawn_app_with, Fixture, TestApp};
-use crate::webhooks::Receiver;
+use crate::support::receiver::Receiver;
+use crate::support::ws::{connect, recv, send, Socket};
+use crate::support::{pg, spawn_app_with, spawn_webhook_app as app, Fixture, TestApp};
 
-async fn app() -> TestApp {
-    spawn_app_with(|c| {
-        c.webhook_allow_private = true;
-        c.webhook_backoff_scale = 0.01;
-    })
-    .await
-}
-
-/// A webhook of every event type (optionally for some tables only) pointing at a new receiver.
 async fn hook(app: &TestApp, f: &Fixture, tables: Option<Value>) -> Receiver {
     let rx = Receiver::start().await;
     let mut body = json!({ "projectId": f.project, "url": rx.url,
@@ -296,13 +287,7 @@ async fn a_tenant_can_neither_forge_a_truncate_nor_silence_a_partitions_one_and_
     app.rows(&f.admin, &f.project, "TRUNCATE m2").await;
     // A message from a session that may still emit one (the superuser here) carries no valid
     // tag: the stream drops it.
-    let db = app
-        .app
-        .load_project(&f.project)
-        .await
-        .unwrap()
-        .unwrap()
-        .db_name;
+    let db = app.project_db(&f.project).await;
     let rejected_before = app.app.cdc.status(&f.project).unwrap().rejected_messages;
     pg().await
         .client(&db)
@@ -565,13 +550,7 @@ fn oracle_unchanged(data: &str) -> Vec<String> {
 async fn an_independent_decoder_on_a_second_slot_agrees_on_every_change_its_order_and_its_id() {
     let app = spawn_app_with(|c| c.cdc_decoding_work_mem_kb = Some(64)).await;
     let f = app.fixture().await;
-    let db = app
-        .app
-        .load_project(&f.project)
-        .await
-        .unwrap()
-        .unwrap()
-        .db_name;
+    let db = app.project_db(&f.project).await;
     let pg = pg().await;
     // The commit record's start LSN (the id's first half) read from the WAL itself.
     let walinspect = pg.client(&pg.create_database().await).await;
@@ -594,7 +573,7 @@ async fn an_independent_decoder_on_a_second_slot_agrees_on_every_change_its_orde
     let reader = tokio::spawn(async move {
         let mut out = Vec::new();
         loop {
-            let e = crate::cdc::next_event_within(&mut sub, Duration::from_secs(60)).await;
+            let e = crate::support::bus::next_event_within(&mut sub, Duration::from_secs(60)).await;
             let done = e.table.as_deref() == Some("t")
                 && e.record
                     .as_deref()
@@ -870,13 +849,7 @@ async fn names_are_quoted_exactly_as_the_servers_quote_ident_quotes_them() {
 async fn partitions_made_before_the_migration_get_their_truncate_triggers_at_start_up() {
     let app = app().await;
     let f = app.fixture().await;
-    let db = app
-        .app
-        .load_project(&f.project)
-        .await
-        .unwrap()
-        .unwrap()
-        .db_name;
+    let db = app.project_db(&f.project).await;
     let superuser = pg().await.client(&db).await;
     // A project as it was before migration 7: nothing gives new partitions the triggers.
     superuser

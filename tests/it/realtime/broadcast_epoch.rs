@@ -3,11 +3,13 @@
 
 use serde_json::Value;
 
-use crate::resume::{next, project, rest_broadcast, row, sql, subscribed, Project};
+use crate::support::fixtures::{project, Project};
+use crate::support::http::{rest_broadcast, sql};
 use crate::support::process::ServerProcess;
+use crate::support::ws::{next, row, subscribed, Socket};
 
 /// The next broadcast message's id (skipping anything else).
-async fn broadcast_id(ws: &mut crate::realtime::Socket) -> String {
+async fn broadcast_id(ws: &mut Socket) -> String {
     for _ in 0..100 {
         let m: Value = next(ws).await;
         if m["type"] == "broadcast" {
@@ -17,7 +19,7 @@ async fn broadcast_id(ws: &mut crate::realtime::Socket) -> String {
     panic!("no broadcast");
 }
 
-async fn watcher(server: &ServerProcess, p: &Project) -> crate::realtime::Socket {
+async fn watcher(server: &ServerProcess, p: &Project) -> Socket {
     subscribed(&server.base, p, None).await
 }
 

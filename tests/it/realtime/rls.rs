@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use serde_json::{json, Value};
 
-use crate::realtime::{connect, recv, room, send, Socket};
+use crate::support::ws::{connect, recv, room, send, Socket};
 use crate::support::{spawn_app, Fixture, TestApp};
 
 /// One subscriber and what it received.
@@ -48,31 +48,6 @@ async fn refused(app: &TestApp, f: &Fixture, extra: Value, code: &str) {
     let m = recv(&mut ws).await;
     assert_eq!(m["type"], "error", "{extra}: {m}");
     assert_eq!(m["code"], code, "{extra}: {m}");
-}
-
-async fn token(app: &TestApp, key: &str, body: Value) -> String {
-    let (status, body) = app
-        .call("POST", "/api/realtime/token", Some(key), Some(body))
-        .await;
-    assert_eq!(status, 200, "{body}");
-    body["token"].as_str().unwrap().to_string()
-}
-
-/// A member of the fixture's project with `role`: (session token, user id).
-async fn member(app: &TestApp, f: &Fixture, role: &str) -> (String, String) {
-    let (token, user_id, _) = app.signup().await;
-    app.app
-        .control
-        .get()
-        .await
-        .unwrap()
-        .execute(
-            "INSERT INTO fluxbase.members (project_id, user_id, role) VALUES ($1, $2, $3)",
-            &[&f.project, &user_id, &role],
-        )
-        .await
-        .unwrap();
-    (token, user_id)
 }
 
 async fn admin_sql(app: &TestApp, f: &Fixture, query: &str) {
@@ -139,14 +114,9 @@ async fn sql_ids(
     uid: Option<&str>,
     table: &str,
 ) -> BTreeSet<i64> {
-    let mut body = json!({ "projectId": f.project, "query": format!("SELECT id FROM {table}") });
-    if let Some(uid) = uid {
-        body["authUid"] = json!(uid);
-    }
-    let (status, body) = app
-        .call("POST", "/api/execute-sql", Some(key), Some(body))
+    let body = app
+        .sql_as(key, &f.project, uid, &format!("SELECT id FROM {table}"))
         .await;
-    assert_eq!(status, 200, "{body}");
     assert_eq!(body["success"], true, "{body}");
     body["result"]["rows"]
         .as_array()
@@ -158,21 +128,6 @@ async fn sql_ids(
 
 fn set(v: &[i64]) -> BTreeSet<i64> {
     v.iter().copied().collect()
-}
-
-async fn policy(app: &TestApp, f: &Fixture, table: &str, name: &str, command: &str, using: &str) {
-    let (status, body) = app
-        .call(
-            "POST",
-            "/api/rls/policies",
-            Some(&f.admin),
-            Some(
-                json!({ "projectId": f.project, "table": table, "name": name,
-                         "command": command, "using": using }),
-            ),
-        )
-        .await;
-    assert_eq!(status, 201, "{body}");
 }
 
 #[tokio::test]
@@ -189,11 +144,13 @@ async fn two_users_each_receive_exactly_their_rows_under_the_guides_four_pattern
          CREATE TABLE audit (id int PRIMARY KEY, what text)",
     )
     .await;
-    policy(&app, &f, "owned", "own", "SELECT", "user_id = auth.uid()").await;
-    policy(&app, &f, "orgs", "org", "SELECT", "org_id = auth.uid()").await;
-    policy(&app, &f, "posts", "anyone reads", "SELECT", "true").await;
-    policy(
-        &app,
+    app.policy(&f, "owned", "own", "SELECT", "user_id = auth.uid()")
+        .await;
+    app.policy(&f, "orgs", "org", "SELECT", "org_id = auth.uid()")
+        .await;
+    app.policy(&f, "posts", "anyone reads", "SELECT", "true")
+        .await;
+    app.policy(
         &f,
         "posts",
         "owner writes",
@@ -201,21 +158,18 @@ async fn two_users_each_receive_exactly_their_rows_under_the_guides_four_pattern
         "author_id = auth.uid()",
     )
     .await;
-    policy(&app, &f, "audit", "lockdown", "SELECT", "false").await;
-    let (viewer, viewer_id) = member(&app, &f, "viewer").await;
+    app.policy(&f, "audit", "lockdown", "SELECT", "false").await;
+    let (viewer, viewer_id) = app.member(&f.project, "viewer").await;
 
-    let alice = token(
-        &app,
-        &f.read,
-        json!({ "projectId": f.project, "authUid": "alice" }),
-    )
-    .await;
-    let bob = token(
-        &app,
-        &f.read,
-        json!({ "projectId": f.project, "authUid": "bob" }),
-    )
-    .await;
+    let alice = app
+        .realtime_token(
+            &f.read,
+            json!({ "projectId": f.project, "authUid": "alice" }),
+        )
+        .await;
+    let bob = app
+        .realtime_token(&f.read, json!({ "projectId": f.project, "authUid": "bob" }))
+        .await;
     let mut subs = [
         sub(&app, &f, "alice", json!({ "token": alice })).await,
         sub(&app, &f, "bob", json!({ "token": bob })).await,
@@ -291,20 +245,19 @@ async fn updates_into_out_of_and_within_the_view_and_deletes_follow_the_policy()
          INSERT INTO keyonly VALUES (1, 'alice', 'a1'), (2, 'bob', 'b1')",
     )
     .await;
-    policy(&app, &f, "owned", "own", "SELECT", "user_id = auth.uid()").await;
-    policy(&app, &f, "keyonly", "own", "SELECT", "user_id = auth.uid()").await;
-    let alice = token(
-        &app,
-        &f.read,
-        json!({ "projectId": f.project, "authUid": "alice" }),
-    )
-    .await;
-    let bob = token(
-        &app,
-        &f.read,
-        json!({ "projectId": f.project, "authUid": "bob" }),
-    )
-    .await;
+    app.policy(&f, "owned", "own", "SELECT", "user_id = auth.uid()")
+        .await;
+    app.policy(&f, "keyonly", "own", "SELECT", "user_id = auth.uid()")
+        .await;
+    let alice = app
+        .realtime_token(
+            &f.read,
+            json!({ "projectId": f.project, "authUid": "alice" }),
+        )
+        .await;
+    let bob = app
+        .realtime_token(&f.read, json!({ "projectId": f.project, "authUid": "bob" }))
+        .await;
     let mut a = sub(&app, &f, "alice", json!({ "token": alice })).await;
     let mut b = sub(&app, &f, "bob", json!({ "token": bob })).await;
 
@@ -369,12 +322,12 @@ async fn restrictive_policies_force_and_the_admin_key_behave_as_in_sql() {
          CREATE POLICY writes ON docs FOR INSERT WITH CHECK (true)",
     )
     .await;
-    let alice = token(
-        &app,
-        &f.read,
-        json!({ "projectId": f.project, "authUid": "alice" }),
-    )
-    .await;
+    let alice = app
+        .realtime_token(
+            &f.read,
+            json!({ "projectId": f.project, "authUid": "alice" }),
+        )
+        .await;
     let mut subs = [
         sub(&app, &f, "alice", json!({ "token": alice })).await,
         sub(
@@ -436,13 +389,14 @@ async fn policy_changes_take_effect_for_open_sockets_from_the_next_event() {
          CREATE TABLE owned (id int PRIMARY KEY, user_id text)",
     )
     .await;
-    policy(&app, &f, "owned", "own", "SELECT", "user_id = auth.uid()").await;
-    let alice = token(
-        &app,
-        &f.read,
-        json!({ "projectId": f.project, "authUid": "alice" }),
-    )
-    .await;
+    app.policy(&f, "owned", "own", "SELECT", "user_id = auth.uid()")
+        .await;
+    let alice = app
+        .realtime_token(
+            &f.read,
+            json!({ "projectId": f.project, "authUid": "alice" }),
+        )
+        .await;
     let mut a = sub(&app, &f, "alice", json!({ "token": alice })).await;
     let steps: [(&str, &[i64]); 6] = [
         ("SELECT 1", &[1]),
@@ -479,15 +433,7 @@ async fn policy_changes_take_effect_for_open_sockets_from_the_next_event() {
 async fn identities_come_from_the_key_the_token_the_session_or_nobody() {
     let app = spawn_app().await;
     let f = app.fixture().await;
-    let (status, body) = app
-        .call(
-            "PATCH",
-            "/api/projects",
-            Some(&f.token),
-            Some(json!({ "projectId": f.project, "realtimePublic": true })),
-        )
-        .await;
-    assert_eq!(status, 200, "{body}");
+    app.make_realtime_public(&f).await;
     admin_sql(
         &app,
         &f,
@@ -498,14 +444,16 @@ async fn identities_come_from_the_key_the_token_the_session_or_nobody() {
            USING (coalesce(user_id, '-') = coalesce(auth.uid(), '-'))",
     )
     .await;
-    let (viewer, viewer_id) = member(&app, &f, "viewer").await;
-    let carol = token(
-        &app,
-        &f.read,
-        json!({ "projectId": f.project, "authUid": "carol" }),
-    )
-    .await;
-    let viewer_token = token(&app, &viewer, json!({ "projectId": f.project })).await;
+    let (viewer, viewer_id) = app.member(&f.project, "viewer").await;
+    let carol = app
+        .realtime_token(
+            &f.read,
+            json!({ "projectId": f.project, "authUid": "carol" }),
+        )
+        .await;
+    let viewer_token = app
+        .realtime_token(&viewer, json!({ "projectId": f.project }))
+        .await;
 
     // Refused: a malformed authUid, a session naming someone else, a token overridden,
     // anonymous naming anyone.
@@ -614,8 +562,7 @@ async fn a_membership_subquery_is_evaluated_by_postgresql_as_the_subscriber() {
          INSERT INTO memberships VALUES ('acme', 'alice'), ('globex', 'bob')",
     )
     .await;
-    policy(
-        &app,
+    app.policy(
         &f,
         "docs",
         "members read",
@@ -623,18 +570,15 @@ async fn a_membership_subquery_is_evaluated_by_postgresql_as_the_subscriber() {
         "EXISTS (SELECT 1 FROM memberships m WHERE m.org = docs.org AND m.uid = auth.uid())",
     )
     .await;
-    let alice = token(
-        &app,
-        &f.read,
-        json!({ "projectId": f.project, "authUid": "alice" }),
-    )
-    .await;
-    let bob = token(
-        &app,
-        &f.read,
-        json!({ "projectId": f.project, "authUid": "bob" }),
-    )
-    .await;
+    let alice = app
+        .realtime_token(
+            &f.read,
+            json!({ "projectId": f.project, "authUid": "alice" }),
+        )
+        .await;
+    let bob = app
+        .realtime_token(&f.read, json!({ "projectId": f.project, "authUid": "bob" }))
+        .await;
     let mut a = sub(&app, &f, "alice", json!({ "token": alice })).await;
     let mut b = sub(&app, &f, "bob", json!({ "token": bob })).await;
     admin_sql(
@@ -693,12 +637,9 @@ async fn the_fast_path_and_postgresql_agree_on_the_same_rows() {
     let uids = ["alice", "bob", "Alice", " alice", "élodie"];
     let mut subs = Vec::new();
     for (i, uid) in uids.iter().enumerate() {
-        let t = token(
-            &app,
-            &f.read,
-            json!({ "projectId": f.project, "authUid": uid }),
-        )
-        .await;
+        let t = app
+            .realtime_token(&f.read, json!({ "projectId": f.project, "authUid": uid }))
+            .await;
         let name: &'static str = ["alice", "bob", "Alice", "space alice", "élodie"][i];
         subs.push((Some(*uid), sub(&app, &f, name, json!({ "token": t })).await));
     }
@@ -795,12 +736,12 @@ async fn a_column_left_out_as_unchanged_toast_hides_the_change_only_from_policie
          CREATE POLICY p ON on_big FOR SELECT USING (user_id = auth.uid() AND length(big) > 0)",
     )
     .await;
-    let alice = token(
-        &app,
-        &f.read,
-        json!({ "projectId": f.project, "authUid": "alice" }),
-    )
-    .await;
+    let alice = app
+        .realtime_token(
+            &f.read,
+            json!({ "projectId": f.project, "authUid": "alice" }),
+        )
+        .await;
     let mut a = sub(&app, &f, "alice", json!({ "token": alice })).await;
     let big = "(SELECT string_agg(md5(g::text), '') FROM generate_series(1, 4000) g)";
     for t in ["on_owner", "on_big"] {
@@ -868,13 +809,14 @@ async fn a_since_resume_replays_only_what_the_identity_may_see() {
          CREATE TABLE owned (id int PRIMARY KEY, user_id text, body text)",
     )
     .await;
-    policy(&app, &f, "owned", "own", "SELECT", "user_id = auth.uid()").await;
-    let alice = token(
-        &app,
-        &f.read,
-        json!({ "projectId": f.project, "authUid": "alice" }),
-    )
-    .await;
+    app.policy(&f, "owned", "own", "SELECT", "user_id = auth.uid()")
+        .await;
+    let alice = app
+        .realtime_token(
+            &f.read,
+            json!({ "projectId": f.project, "authUid": "alice" }),
+        )
+        .await;
     let mut first = sub(&app, &f, "alice", json!({ "token": alice })).await;
     let resume_from = mark(&app, &f).await;
     let since = mark_id(&mut first, resume_from).await;
@@ -969,12 +911,12 @@ async fn a_policy_is_evaluated_read_only_and_leaves_nothing_behind() {
          CREATE POLICY p ON quiet FOR SELECT USING (lower(user_id) = auth.uid())",
     )
     .await;
-    let alice = token(
-        &app,
-        &f.read,
-        json!({ "projectId": f.project, "authUid": "alice" }),
-    )
-    .await;
+    let alice = app
+        .realtime_token(
+            &f.read,
+            json!({ "projectId": f.project, "authUid": "alice" }),
+        )
+        .await;
     let mut a = sub(&app, &f, "alice", json!({ "token": alice })).await;
     admin_sql(
         &app,

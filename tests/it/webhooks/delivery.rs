@@ -1,91 +1,15 @@
 //! Webhooks: real HTTP receivers in the test, the real server, the change stream behind it.
 
-use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 use warp::Filter;
 
-use crate::support::{spawn_app_with, Fixture, TestApp};
-
-#[derive(Clone, Debug)]
-pub struct Received {
-    pub headers: warp::http::HeaderMap,
-    pub body: String,
-    pub at: Instant,
-}
-
-/// Statuses (and `Retry-After` values) to answer with, in order; then 200.
-type Script = Arc<Mutex<VecDeque<(u16, Option<&'static str>)>>>;
-
-/// A local HTTP receiver answering with scripted statuses (then 200).
-pub struct Receiver {
-    pub url: String,
-    pub got: Arc<Mutex<Vec<Received>>>,
-    script: Script,
-}
-
-impl Receiver {
-    pub async fn start() -> Receiver {
-        let got: Arc<Mutex<Vec<Received>>> = Arc::default();
-        let script: Script = Arc::default();
-        let (g, s) = (got.clone(), script.clone());
-        let route = warp::post()
-            .and(warp::header::headers_cloned())
-            .and(warp::body::bytes())
-            .map(move |headers, body: bytes::Bytes| {
-                g.lock().unwrap().push(Received {
-                    headers,
-                    body: String::from_utf8_lossy(&body).into_owned(),
-                    at: Instant::now(),
-                });
-                let (status, retry_after) = s.lock().unwrap().pop_front().unwrap_or((200, None));
-                let mut resp = warp::http::Response::builder().status(status);
-                if let Some(ra) = retry_after {
-                    resp = resp.header("retry-after", ra);
-                }
-                resp.body("ok".to_string()).unwrap()
-            });
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        tokio::spawn(warp::serve(route).incoming(listener).run());
-        Receiver {
-            url: format!("http://{addr}/hook"),
-            got,
-            script,
-        }
-    }
-
-    pub fn answer(&self, status: u16, retry_after: Option<&'static str>) {
-        self.script.lock().unwrap().push_back((status, retry_after));
-    }
-
-    /// Waits until `n` requests arrived (20 s at most).
-    pub async fn wait_for(&self, n: usize) -> Vec<Received> {
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            let got = self.got.lock().unwrap().clone();
-            if got.len() >= n {
-                return got;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "only {} of {n} deliveries arrived",
-                got.len()
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    }
-}
-
-async fn app() -> TestApp {
-    spawn_app_with(|c| {
-        c.webhook_allow_private = true;
-        c.webhook_backoff_scale = 0.01;
-    })
-    .await
-}
+use crate::support::poll;
+use crate::support::process::{free_port, ChildGuard};
+use crate::support::receiver::{Received, Receiver};
+use crate::support::{spawn_app_with, spawn_webhook_app as app, Fixture, TestApp};
 
 async fn register(app: &TestApp, f: &Fixture, body: Value) -> Value {
     let mut body = body;
@@ -143,22 +67,20 @@ async fn deliveries_until(
     filter: &str,
     done: impl Fn(&Value) -> bool,
 ) -> Value {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let (_, b) = app
-            .call(
-                "GET",
-                &format!("/api/webhooks/deliveries?projectId={}&{filter}", f.project),
-                Some(&f.admin),
-                None,
-            )
-            .await;
-        if done(&b) {
-            return b;
-        }
-        assert!(Instant::now() < deadline, "{b}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let path = format!("/api/webhooks/deliveries?projectId={}&{filter}", f.project);
+    poll::until(
+        Duration::from_secs(20),
+        Duration::from_millis(50),
+        || async {
+            let (_, b) = app.call("GET", &path, Some(&f.admin), None).await;
+            if done(&b) {
+                Ok(b)
+            } else {
+                Err(b.to_string())
+            }
+        },
+    )
+    .await
 }
 
 /// The webhook's first delivery with status `failed`, once there is one.
@@ -568,11 +490,7 @@ async fn after_kill_9_every_change_of_a_random_workload_is_delivered_at_least_on
         std::process::id(),
         crate::support::unique("kill9")
     ));
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = free_port();
     let base = format!("http://127.0.0.1:{port}");
     let env: Vec<(&str, String)> = vec![
         (
@@ -602,14 +520,16 @@ async fn after_kill_9_every_change_of_a_random_workload_is_delivered_at_least_on
     let project = init["project"]["id"].as_str().unwrap().to_string();
     let admin = init["apiKeys"]["admin"].as_str().unwrap().to_string();
     let serve = || {
-        Command::new(bin)
-            .arg("serve")
-            .envs(env.clone())
-            .current_dir(&dir)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap()
+        ChildGuard(
+            Command::new(bin)
+                .arg("serve")
+                .envs(env.clone())
+                .current_dir(&dir)
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap(),
+        )
     };
     let http = reqwest::Client::new();
     let healthy = |http: reqwest::Client, base: String| async move {

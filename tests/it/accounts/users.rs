@@ -419,15 +419,7 @@ async fn health_ready_and_metrics_answer() {
     assert_eq!((status, b["status"].as_str()), (200, Some("ready")));
     let f = app.fixture().await;
     app.rows(&f.admin, &f.project, "SELECT 1 AS x").await;
-    let text = app
-        .http
-        .get(app.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = app.metrics_text().await;
     assert!(
         text.contains("fluxbase_sql_queries_total{outcome=\"ok\"} 1"),
         "{text}"

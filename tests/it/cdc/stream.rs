@@ -4,37 +4,12 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use fluxbase::bus::{Event, Subscription};
+use fluxbase::bus::Subscription;
 use serde_json::{json, Value};
 
+use crate::support::bus::{assert_quiet, events, next_event, next_event_within};
+use crate::support::cluster::{slot_confirmed, DedicatedCluster};
 use crate::support::{spawn_app, spawn_app_with, Fixture, TestApp};
-
-pub async fn next_event(sub: &mut Subscription) -> Arc<Event> {
-    next_event_within(sub, Duration::from_secs(20)).await
-}
-
-pub async fn next_event_within(sub: &mut Subscription, wait: Duration) -> Arc<Event> {
-    tokio::time::timeout(wait, sub.events.recv())
-        .await
-        .unwrap_or_else(|_| panic!("no event within {wait:?}"))
-        .expect("the bus closed the subscription")
-}
-
-pub async fn events(sub: &mut Subscription, n: usize) -> Vec<Value> {
-    let mut out = Vec::with_capacity(n);
-    for _ in 0..n {
-        let e = next_event(sub).await;
-        out.push(serde_json::from_str(&e.payload).unwrap());
-    }
-    out
-}
-
-/// Nothing more arrives within `wait`.
-pub async fn assert_quiet(sub: &mut Subscription, wait: Duration) {
-    if let Ok(Some(e)) = tokio::time::timeout(wait, sub.events.recv()).await {
-        panic!("unexpected event: {}", e.payload);
-    }
-}
 
 async fn setup() -> (TestApp, Fixture, Subscription) {
     let app = spawn_app().await;
@@ -305,20 +280,6 @@ async fn insert_range(app: &TestApp, f: &Fixture, from: i64, to: i64) {
     }
 }
 
-async fn slot_confirmed(project: &str) -> u64 {
-    let pg = crate::support::pg().await;
-    let row = pg
-        .client("postgres")
-        .await
-        .query_one(
-            "SELECT (confirmed_flush_lsn - '0/0'::pg_lsn)::int8 FROM pg_replication_slots WHERE slot_name = $1",
-            &[&format!("fluxbase_{project}")],
-        )
-        .await
-        .unwrap();
-    row.get::<_, i64>(0) as u64
-}
-
 #[tokio::test]
 async fn after_a_crash_every_event_past_the_last_acknowledgement_arrives_again_with_the_same_id() {
     let app = spawn_app().await;
@@ -565,19 +526,11 @@ async fn the_stream_recovers_after_postgresql_crashes_and_restarts() {
         std::process::id(),
         crate::support::unique("crash")
     ));
-    let password = fluxbase::secrets::random_base62(24);
-    let pg_root = root.join("pg");
-    let cluster = tokio::task::spawn_blocking(move || {
-        fluxbase::embedded::Cluster::start(&pg_root, &password, &[("fsync", "off")])
-    })
-    .await
-    .unwrap()
-    .unwrap();
-    let cluster = Arc::new(cluster);
+    let cluster = Arc::new(DedicatedCluster::start_exactly(&[("fsync", "off")]).await);
     let config = fluxbase::config::Config {
         listen: "127.0.0.1:0".parse().unwrap(),
         data_dir: root.join("data"),
-        database_url: Some(cluster.url("fluxbase").into()),
+        database_url: Some(cluster.cluster.url("fluxbase").into()),
         rate_limit_requests: 10_000,
         ..Default::default()
     };
@@ -590,7 +543,7 @@ async fn the_stream_recovers_after_postgresql_crashes_and_restarts() {
     events(&mut sub, 6).await;
 
     let c = cluster.clone();
-    tokio::task::spawn_blocking(move || c.restart("immediate"))
+    tokio::task::spawn_blocking(move || c.cluster.restart("immediate"))
         .await
         .unwrap()
         .unwrap();
@@ -623,7 +576,7 @@ async fn the_stream_recovers_after_postgresql_crashes_and_restarts() {
     assert!(status.reconnects >= 1, "{status:?}");
     assert_eq!(status.state, fluxbase::cdc::StreamState::Streaming);
     app.stop().await;
-    let _ = tokio::task::spawn_blocking(move || cluster.stop()).await;
+    let _ = tokio::task::spawn_blocking(move || drop(cluster)).await;
 }
 
 /// A randomized workload over several tables, with rolled-back transactions: replaying the

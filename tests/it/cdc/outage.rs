@@ -8,13 +8,13 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
-use crate::support::{pg, spawn_app_with, unique, TestApp};
+use crate::support::{pg, poll, spawn_app_with, unique, TestApp};
 
 /// Which connections are cut, by the database named in their startup message.
 type Cut = Arc<dyn Fn(&str) -> bool + Send + Sync>;
@@ -156,18 +156,19 @@ async fn until_ok(
     what: &str,
     call: impl Fn() -> futures_util::future::BoxFuture<'static, (u16, Value)>,
 ) -> Value {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let (status, body) = call().await;
-        if status == 200 {
-            return body;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{what} did not recover: {status} {body}"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    poll::until(
+        Duration::from_secs(60),
+        Duration::from_millis(200),
+        || async {
+            let (status, body) = call().await;
+            if status == 200 {
+                Ok(body)
+            } else {
+                Err(format!("{what} did not recover: {status} {body}"))
+            }
+        },
+    )
+    .await
 }
 
 async fn call(

@@ -4,6 +4,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
+use crate::support::fs::mode_of;
 use crate::support::{pg, spawn_app_with};
 
 async fn get(url: &str, headers: &[(&str, &str)]) -> (u16, String) {
@@ -134,11 +135,6 @@ async fn metrics_are_served_only_on_their_own_address_when_one_is_configured() {
     app.stop().await;
 }
 
-fn mode_of(path: &std::path::Path) -> u32 {
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::metadata(path).unwrap().permissions().mode() & 0o777
-}
-
 /// A transaction larger than the change stream's memory bound spills to disk while it is still
 /// open: the spill file is the server user's only.
 #[tokio::test]
@@ -151,13 +147,7 @@ async fn spilled_transactions_are_private_files() {
     let f = app.fixture().await;
     app.rows(&f.admin, &f.project, "CREATE TABLE big (id int, pad text)")
         .await;
-    let db = app
-        .app
-        .load_project(&f.project)
-        .await
-        .unwrap()
-        .unwrap()
-        .db_name;
+    let db = app.project_db(&f.project).await;
     let client = pg().await.client(&db).await;
     // Open, 2 MB: streamed to the server before it commits, and spilled there.
     client

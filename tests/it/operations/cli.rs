@@ -8,6 +8,8 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
+use crate::support::process::{free_port, ChildGuard};
+
 fn fluxbase(data_dir: &Path, port: u16) -> Command {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_fluxbase"));
     cmd.env("FLUXBASE_DATA_DIR", data_dir)
@@ -16,14 +18,6 @@ fn fluxbase(data_dir: &Path, port: u16) -> Command {
         .env("FLUXBASE_LOG", "warn")
         .current_dir(data_dir);
     cmd
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 async fn wait_healthy(base: &str, child: &mut Child) {
@@ -108,12 +102,14 @@ async fn init_and_serve_run_an_embedded_cluster_and_reuse_it_after_ctrl_c() {
     // init stopped the cluster it started.
     assert!(!dir.join("pg/data/postmaster.pid").exists());
 
-    let mut server = fluxbase(&dir, port)
-        .arg("serve")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut server = ChildGuard(
+        fluxbase(&dir, port)
+            .arg("serve")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
     wait_healthy(&base, &mut server).await;
     let v = query(&base, &admin, &project, "CREATE TABLE notes (id serial PRIMARY KEY, body text); INSERT INTO notes (body) VALUES ('kept')").await;
     assert_eq!(v["success"], true, "{v}");
@@ -124,12 +120,14 @@ async fn init_and_serve_run_an_embedded_cluster_and_reuse_it_after_ctrl_c() {
     );
 
     // Second start: same project, same keys, same data; keys are not printed again.
-    let mut server = fluxbase(&dir, port)
-        .arg("serve")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut server = ChildGuard(
+        fluxbase(&dir, port)
+            .arg("serve")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
     wait_healthy(&base, &mut server).await;
     let v = query(&base, &read, &project, "SELECT body FROM notes").await;
     assert_eq!(v["result"]["rows"], json!([{ "body": "kept" }]), "{v}");
@@ -369,12 +367,14 @@ async fn cli_commands_on_a_running_servers_data_dir_use_its_cluster_and_never_re
     let email = init["user"]["email"].as_str().unwrap().to_string();
     let first_password = init["user"]["password"].as_str().unwrap().to_string();
 
-    let mut server = fluxbase(&dir, port)
-        .arg("serve")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut server = ChildGuard(
+        fluxbase(&dir, port)
+            .arg("serve")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
     wait_healthy(&base, &mut server).await;
     let (status, v) = sql_call(
         &base,
@@ -387,12 +387,14 @@ async fn cli_commands_on_a_running_servers_data_dir_use_its_cluster_and_never_re
     let postmaster = postmaster_pid(&dir).expect("the server's cluster runs");
 
     // A second server on the same data directory refuses, naming the first one.
-    let mut second = fluxbase(&dir, free_port())
-        .arg("serve")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut second = ChildGuard(
+        fluxbase(&dir, free_port())
+            .arg("serve")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
     let deadline = Instant::now() + Duration::from_secs(60);
     let status = loop {
         if let Some(status) = second.try_wait().unwrap() {
@@ -616,12 +618,14 @@ async fn serve_waits_for_a_cli_command_that_holds_the_data_directory() {
     let held = fluxbase::embedded::DataDirLock::try_acquire(&dir, "project")
         .unwrap()
         .unwrap_or_else(|holder| panic!("held by {holder:?}"));
-    let mut server = fluxbase(&dir, port)
-        .arg("serve")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut server = ChildGuard(
+        fluxbase(&dir, port)
+            .arg("serve")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
     // Whatever it does meanwhile, the server must not touch the cluster while the lock is held.
     tokio::time::sleep(Duration::from_secs(2)).await;
     assert!(server.try_wait().unwrap().is_none(), "serve gave up");

@@ -1,0 +1,4 @@
+//! Accounts: users, sessions, projects and keys; teams with their invitations and roles.
+
+mod team;
+mod users;

@@ -1,0 +1,7 @@
+//! Change capture: the change stream on the bus, the replication and wire clients against the
+//! real cluster, and the database going away and coming back.
+
+mod outage;
+mod replication;
+mod stream;
+mod wire;

@@ -1,0 +1,153 @@
+//! Downloads: pre-signed local URLs that expire and refuse tampering, and stored objects served
+//! as private files with a sandboxing CSP.
+
+use super::*;
+
+#[tokio::test]
+async fn local_urls_expire_after_fifteen_minutes_and_refuse_tampering() {
+    let t = spawn_app().await;
+    let f = t.fixture().await;
+    create_bucket(&t, &f, "docs", json!({})).await;
+    let (_, body) = upload(
+        &t,
+        &f.admin,
+        &f.project,
+        "docs",
+        "page.html",
+        "text/html",
+        b"<script>1</script>",
+        &[],
+    )
+    .await;
+    let key = body["file"]["s3_key"].as_str().unwrap().to_string();
+    let (_, signed) = signed_url(&t, &f.read, &f.project, &key).await;
+    let url = signed["url"].as_str().unwrap().to_string();
+    assert!(
+        url.starts_with(&format!("{}/api/storage/object?", t.base)),
+        "{url}"
+    );
+
+    let (status, headers, bytes) = fetch(&url).await;
+    assert_eq!(status, 200);
+    assert_eq!(bytes.as_ref(), b"<script>1</script>");
+    assert_eq!(headers["x-content-type-options"], "nosniff");
+    assert_eq!(headers["content-type"], "text/html");
+    assert!(
+        headers["content-disposition"]
+            .to_str()
+            .unwrap()
+            .starts_with("attachment; filename=\"page.html\""),
+        "{:?}",
+        headers["content-disposition"]
+    );
+
+    // Altered: another signature, another key, a later expiry.
+    let parsed = url::Url::parse(&url).unwrap();
+    let params: std::collections::HashMap<String, String> =
+        parsed.query_pairs().into_owned().collect();
+    let with = |k: &str, v: &str| {
+        let mut p = params.clone();
+        p.insert(k.into(), v.into());
+        format!(
+            "{}/api/storage/object?{}",
+            t.base,
+            serde_urlencoded::to_string(&p).unwrap()
+        )
+    };
+    let sig = &params["signature"];
+    let flipped = format!(
+        "{}{}",
+        if sig.starts_with('0') { "1" } else { "0" },
+        &sig[1..]
+    );
+    let later = (params["expires"].parse::<i64>().unwrap() + 3600).to_string();
+    for bad in [
+        with("signature", &flipped),
+        with("key", &key.replace("page.html", "other.html")),
+        with("expires", &later),
+    ] {
+        let resp = reqwest::get(&bad).await.unwrap();
+        assert_eq!(resp.status(), 403, "{bad}");
+        let body: Value = resp.json().await.unwrap();
+        assert_eq!(body["error"]["code"], "ACCESS_DENIED");
+    }
+
+    t.app.storage.clock.advance(Duration::from_secs(14 * 60));
+    assert_eq!(fetch(&url).await.0, 200, "still valid after 14 minutes");
+    t.app.storage.clock.advance(Duration::from_secs(61));
+    let resp = reqwest::get(&url).await.unwrap();
+    assert_eq!(resp.status(), 403, "refused after 15 minutes");
+    let body: Value = resp.json().await.unwrap();
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("expired"),
+        "{body}"
+    );
+    // A fresh URL works again.
+    let (_, signed) = signed_url(&t, &f.read, &f.project, &key).await;
+    assert_eq!(fetch(signed["url"].as_str().unwrap()).await.0, 200);
+    t.stop().await;
+}
+
+#[tokio::test]
+async fn stored_objects_are_private_files_served_with_a_sandboxing_csp() {
+    let t = spawn_app().await;
+    let f = t.fixture().await;
+    create_bucket(&t, &f, "docs", json!({})).await;
+    create_bucket(&t, &f, "assets", json!({ "isPublic": true })).await;
+    let (status, body) = upload(
+        &t,
+        &f.admin,
+        &f.project,
+        "docs",
+        "page.html",
+        "text/html",
+        b"<script>parent.steal()</script>",
+        &[("path", "deep/er/page.html")],
+    )
+    .await;
+    assert_eq!(status, 201, "{body}");
+    let key = body["file"]["s3_key"].as_str().unwrap().to_string();
+
+    // Only the server's user may read what is stored: directories 0700, files 0600.
+    let data_dir = t.app.config.data_dir.clone();
+    assert_eq!(mode_of(&data_dir), 0o700, "the data directory");
+    assert_eq!(mode_of(&data_dir.join("secrets.json")), 0o600);
+    let storage = data_dir.join("storage");
+    let file = storage.join(&key);
+    assert_eq!(mode_of(&file), 0o600, "{}", file.display());
+    let mut dir = file.parent().unwrap();
+    while dir.starts_with(&storage) {
+        assert_eq!(mode_of(dir), 0o700, "{}", dir.display());
+        dir = dir.parent().unwrap();
+    }
+
+    // Served user files may run nothing in this origin.
+    let (_, signed) = signed_url(&t, &f.read, &f.project, &key).await;
+    let (status, headers, _) = fetch(signed["url"].as_str().unwrap()).await;
+    assert_eq!(status, 200);
+    assert_eq!(
+        headers["content-security-policy"],
+        "default-src 'none'; sandbox"
+    );
+    let (_, body) = upload(
+        &t,
+        &f.admin,
+        &f.project,
+        "assets",
+        "logo.svg",
+        "image/svg+xml",
+        b"<svg onload=alert(1)/>",
+        &[],
+    )
+    .await;
+    let (status, headers, _) = fetch(body["file"]["public_url"].as_str().unwrap()).await;
+    assert_eq!(status, 200);
+    assert_eq!(
+        headers["content-security-policy"],
+        "default-src 'none'; sandbox"
+    );
+    t.stop().await;
+}

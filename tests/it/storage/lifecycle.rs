@@ -1,0 +1,257 @@
+//! The store across the server's life: start-up finishing interrupted deletes, suspension and
+//! resume keeping every object, and `/ready` reporting a misconfigured S3 backend.
+
+use super::*;
+
+#[tokio::test]
+async fn start_up_finishes_interrupted_deletes_and_drops_abandoned_uploads() {
+    let t = spawn_app().await;
+    let f = t.fixture().await;
+    let bucket = create_bucket(&t, &f, "docs", json!({})).await;
+    let bucket_id = bucket["id"].as_str().unwrap().to_string();
+    let root = t.app.config.data_dir.join("storage");
+    let (_, a) = upload(
+        &t,
+        &f.admin,
+        &f.project,
+        "docs",
+        "a.txt",
+        "text/plain",
+        b"a",
+        &[],
+    )
+    .await;
+    let (_, b) = upload(
+        &t,
+        &f.admin,
+        &f.project,
+        "docs",
+        "b.txt",
+        "text/plain",
+        b"b",
+        &[],
+    )
+    .await;
+    let a_key = a["file"]["s3_key"].as_str().unwrap().to_string();
+    let b_key = b["file"]["s3_key"].as_str().unwrap().to_string();
+    let ghost_key = format!("{}/{bucket_id}/ghost.txt", f.project);
+    let fresh_key = format!("{}/{bucket_id}/fresh.txt", f.project);
+    std::fs::write(root.join(&ghost_key), b"renamed, never recorded").unwrap();
+    std::fs::create_dir_all(root.join(".uploads")).unwrap();
+    std::fs::write(root.join(".uploads/old"), b"cut off").unwrap();
+    std::fs::write(root.join(".uploads/new"), b"in flight").unwrap();
+    let old = Command::new("touch")
+        .args(["-d", "2 hours ago"])
+        .arg(root.join(".uploads/old"))
+        .status()
+        .unwrap();
+    assert!(old.success());
+    {
+        let c = t.app.control.get().await.unwrap();
+        // A delete cut off after hiding the row; uploads cut off after reserving theirs.
+        c.execute(
+            "UPDATE fluxbase.storage_files SET deleting_at = now() WHERE s3_key = $1",
+            &[&a_key],
+        )
+        .await
+        .unwrap();
+        for (name, key, age) in [
+            ("ghost.txt", &ghost_key, "2 hours"),
+            ("fresh.txt", &fresh_key, "1 minute"),
+        ] {
+            c.execute(
+                &format!(
+                    "INSERT INTO fluxbase.storage_files
+                       (project_id, bucket_id, name, s3_key, upload_token, upload_started_at)
+                     VALUES ($1, $2::text::uuid, $3, $4, 'tok', now() - interval '{age}')"
+                ),
+                &[&f.project, &bucket_id, &name, key],
+            )
+            .await
+            .unwrap();
+        }
+    }
+    let names = list_files(&t, &f.read, &f.project, "docs").await;
+    assert_eq!(
+        names.len(),
+        1,
+        "hidden and reserved rows are not listed: {names:?}"
+    );
+
+    let config = t.app.config.clone();
+    t.stop().await;
+    let t = crate::support::start_with(config).await;
+    assert!(
+        !root.join(&a_key).exists(),
+        "the interrupted delete was finished"
+    );
+    assert!(root.join(&b_key).exists());
+    assert!(
+        !root.join(&ghost_key).exists(),
+        "the abandoned upload's object is gone"
+    );
+    assert!(!root.join(".uploads/old").exists());
+    assert!(
+        root.join(".uploads/new").exists(),
+        "a recent staged upload is left alone"
+    );
+    let rows: Vec<String> = t
+        .app
+        .control
+        .get()
+        .await
+        .unwrap()
+        .query(
+            "SELECT name FROM fluxbase.storage_files WHERE project_id = $1 ORDER BY name",
+            &[&f.project],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(rows, ["b.txt", "fresh.txt"]);
+    t.stop().await;
+}
+
+/// Uploads files of several sizes, suspends the project (what `fluxbase project suspend` runs),
+/// checks it is refused while suspended, resumes it, and checks every file still downloads
+/// byte-identical and its object is still on the backend.
+async fn suspension_keeps_every_object(
+    t: &TestApp,
+    object_on_backend: impl Fn(&str) -> Option<Vec<u8>>,
+) {
+    let f = t.fixture().await;
+    let bucket = create_bucket(t, &f, "kept", json!({})).await;
+    let bucket_id = bucket["id"].as_str().unwrap().to_string();
+    let mut uploaded = Vec::new();
+    for (i, len) in [0usize, 1, 4_096, 300_000].into_iter().enumerate() {
+        let data = pattern(len, i as u8 + 3);
+        let name = format!("file-{i}.bin");
+        let (status, body) = upload(
+            t,
+            &f.readwrite,
+            &f.project,
+            "kept",
+            &name,
+            "application/octet-stream",
+            &data,
+            &[],
+        )
+        .await;
+        assert_eq!(status, 201, "{body}");
+        uploaded.push((body["file"]["s3_key"].as_str().unwrap().to_string(), data));
+    }
+
+    t.app
+        .set_project_status(&f.project, "suspended")
+        .await
+        .unwrap();
+    let (status, body) = signed_url(t, &f.read, &f.project, &uploaded[0].0).await;
+    assert_eq!(status, 403, "{body}");
+    assert_eq!(body["error"]["code"], "PROJECT_SUSPENDED", "{body}");
+    for (key, data) in &uploaded {
+        assert_eq!(
+            object_on_backend(key).as_deref(),
+            Some(data.as_slice()),
+            "suspension removed {key}"
+        );
+    }
+
+    t.app
+        .set_project_status(&f.project, "active")
+        .await
+        .unwrap();
+    assert_eq!(
+        list_files(t, &f.read, &f.project, &bucket_id).await.len(),
+        uploaded.len()
+    );
+    for (key, data) in &uploaded {
+        assert_eq!(object_on_backend(key).as_deref(), Some(data.as_slice()));
+        let (status, body) = signed_url(t, &f.read, &f.project, key).await;
+        assert_eq!(status, 200, "{body}");
+        let (status, _, bytes) = fetch(body["url"].as_str().unwrap()).await;
+        assert_eq!(status, 200, "{key} after resume");
+        assert_eq!(bytes.as_ref(), data.as_slice(), "{key} after resume");
+    }
+}
+
+#[tokio::test]
+async fn suspend_and_resume_keep_every_file_on_the_local_backend() {
+    let t = spawn_app().await;
+    let root = t.app.config.data_dir.join("storage");
+    suspension_keeps_every_object(&t, |key| std::fs::read(root.join(key)).ok()).await;
+    t.stop().await;
+}
+
+#[tokio::test]
+async fn suspend_and_resume_keep_every_file_on_s3() {
+    let s3 = S3Server::start().await;
+    let t = s3.spawn_app().await;
+    suspension_keeps_every_object(&t, |key| std::fs::read(s3.object_path(key)).ok()).await;
+    t.stop().await;
+}
+
+/// `/ready`'s answer: (status, error code or "ready", message).
+async fn ready(t: &TestApp) -> (u16, String, String) {
+    let (status, body) = t.call("GET", "/ready", None, None).await;
+    if status == 200 {
+        return (
+            status,
+            body["status"].as_str().unwrap().to_string(),
+            String::new(),
+        );
+    }
+    assert_eq!(body["success"], false, "{body}");
+    (
+        status,
+        body["error"]["code"].as_str().unwrap().to_string(),
+        body["error"]["message"].as_str().unwrap().to_string(),
+    )
+}
+
+#[tokio::test]
+async fn a_misconfigured_s3_backend_is_reported_by_ready_with_its_cause() {
+    let s3 = S3Server::start().await;
+    let t = s3.spawn_app().await;
+    assert_eq!(ready(&t).await.0, 200);
+    t.stop().await;
+
+    // A bucket that does not exist: the server starts, and says why it is not ready.
+    let t = s3
+        .spawn_app_with(|c| c.s3_bucket = Some("no-such-bucket".into()))
+        .await;
+    let (status, code, message) = ready(&t).await;
+    assert_eq!(
+        (status, code.as_str()),
+        (503, "STORAGE_UNAVAILABLE"),
+        "{message}"
+    );
+    assert!(message.contains("no-such-bucket"), "{message}");
+    assert!(message.contains("NoSuchBucket"), "{message}");
+    // Once the bucket exists, it is ready without a restart.
+    std::fs::create_dir_all(s3.root.join("no-such-bucket")).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while ready(&t).await.0 != 200 {
+        assert!(Instant::now() < deadline, "never ready");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    t.stop().await;
+
+    // Credentials the endpoint refuses.
+    let t = s3
+        .spawn_app_with(|c| c.s3_secret_access_key = Some("not-the-secret".into()))
+        .await;
+    let (status, code, message) = ready(&t).await;
+    assert_eq!(
+        (status, code.as_str()),
+        (503, "STORAGE_UNAVAILABLE"),
+        "{message}"
+    );
+    assert!(
+        message.contains("403") || message.contains("Forbidden"),
+        "{message}"
+    );
+    assert!(message.contains("SignatureDoesNotMatch"), "{message}");
+    t.stop().await;
+}

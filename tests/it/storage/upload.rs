@@ -1,0 +1,572 @@
+//! Uploads: upserts, limits, malformed forms, clients that disconnect, failing backends, and the
+//! server's memory during a 200 MB streamed upload.
+
+use super::*;
+
+#[tokio::test]
+async fn the_same_name_twice_is_a_conflict_unless_upsert() {
+    let t = spawn_app().await;
+    let f = t.fixture().await;
+    create_bucket(&t, &f, "docs", json!({})).await;
+    let (status, first) = upload(
+        &t,
+        &f.readwrite,
+        &f.project,
+        "docs",
+        "a.txt",
+        "text/plain",
+        b"first",
+        &[],
+    )
+    .await;
+    assert_eq!(status, 201, "{first}");
+    let (status, body) = upload(
+        &t,
+        &f.readwrite,
+        &f.project,
+        "docs",
+        "a.txt",
+        "text/plain",
+        b"second!",
+        &[],
+    )
+    .await;
+    assert_eq!(status, 409, "{body}");
+    assert_eq!(body["error"]["code"], "CONFLICT");
+    assert!(body["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("upsert=true"));
+    let key = first["file"]["s3_key"].as_str().unwrap();
+    let (_, signed) = signed_url(&t, &f.read, &f.project, key).await;
+    assert_eq!(
+        fetch(signed["url"].as_str().unwrap()).await.2.as_ref(),
+        b"first"
+    );
+
+    let (status, body) = upload(
+        &t,
+        &f.readwrite,
+        &f.project,
+        "docs",
+        "a.txt",
+        "text/plain",
+        b"second!",
+        &[("upsert", "true")],
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["file"]["id"], first["file"]["id"]);
+    assert_eq!(body["file"]["size"], 7);
+    // upsert as a query parameter works too.
+    let form = Form::new(
+        &[("projectId", &f.project), ("bucketId", "docs")],
+        Some(("a.txt", "text/plain")),
+        &[],
+    );
+    let (status, body) = send_upload(
+        &t,
+        &f.readwrite,
+        "?upsert=true",
+        &form,
+        form.with_bytes(b"third").into(),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    let (_, signed) = signed_url(&t, &f.read, &f.project, key).await;
+    assert_eq!(
+        fetch(signed["url"].as_str().unwrap()).await.2.as_ref(),
+        b"third"
+    );
+    let files = list_files(&t, &f.read, &f.project, "docs").await;
+    assert_eq!(files.len(), 1);
+    assert_eq!(files[0]["size"], 5);
+    t.stop().await;
+}
+
+/// A client that goes away in the middle of its file leaves nothing behind: no staged bytes, no
+/// row. The body declares 8 MiB and stops after 3 MiB (so parts are on the disk), then the
+/// connection is closed.
+#[tokio::test]
+async fn a_client_that_disconnects_mid_upload_leaves_nothing() {
+    use tokio::io::AsyncWriteExt;
+    let t = spawn_app().await;
+    let f = t.fixture().await;
+    create_bucket(&t, &f, "docs", json!({})).await;
+    let root = t.app.config.data_dir.join("storage");
+    let staging = root.join(".uploads");
+    let boundary = "----cut-short";
+    let head = format!(
+        "--{boundary}\r\nContent-Disposition: form-data; name=\"projectId\"\r\n\r\n{}\r\n\
+         --{boundary}\r\nContent-Disposition: form-data; name=\"bucketId\"\r\n\r\ndocs\r\n\
+         --{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"big.bin\"\r\n\
+         Content-Type: application/octet-stream\r\n\r\n",
+        f.project
+    );
+    let addr = t.base.trim_start_matches("http://").to_string();
+    let mut conn = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    let request = format!(
+        "POST /api/storage/upload HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {}\r\n\
+         Content-Type: multipart/form-data; boundary={boundary}\r\nContent-Length: {}\r\n\r\n{head}",
+        f.readwrite,
+        head.len() + 8 * 1024 * 1024
+    );
+    conn.write_all(request.as_bytes()).await.unwrap();
+    conn.write_all(&pattern(3 * 1024 * 1024, 9)).await.unwrap();
+    conn.flush().await.unwrap();
+    // The staged file exists (it has received bytes) before the client goes.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while files_under(&staging).is_empty() {
+        assert!(
+            Instant::now() < deadline,
+            "the upload never reached the disk"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    drop(conn);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !files_under(&root).is_empty() {
+        assert!(
+            Instant::now() < deadline,
+            "left behind: {:?}",
+            files_under(&root)
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(list_files(&t, &f.read, &f.project, "docs").await.is_empty());
+    t.stop().await;
+}
+
+#[tokio::test]
+async fn uploads_over_the_limits_are_refused_and_leave_nothing() {
+    let t = spawn_app_with(|c| c.max_upload_bytes = 1024 * 1024).await;
+    let f = t.fixture().await;
+    create_bucket(&t, &f, "docs", json!({})).await;
+    let root = t.app.config.data_dir.join("storage");
+    let big = pattern(2 * 1024 * 1024, 1);
+    // Declared length over the limit: refused before reading.
+    let (status, body) = upload(
+        &t,
+        &f.admin,
+        &f.project,
+        "docs",
+        "big.bin",
+        "application/octet-stream",
+        &big,
+        &[],
+    )
+    .await;
+    assert_eq!(status, 413, "{body}");
+    assert_eq!(body["error"]["code"], "PAYLOAD_TOO_LARGE");
+    // Streamed without a length: refused when the limit is crossed.
+    let form = Form::new(
+        &[],
+        Some(("big.bin", "application/octet-stream")),
+        &[("bucketId", "docs"), ("projectId", &f.project)],
+    );
+    let chunks: Vec<Result<Bytes, std::io::Error>> =
+        [form.head.clone(), big.clone(), form.tail.clone()]
+            .into_iter()
+            .flat_map(|part| {
+                part.chunks(64 * 1024)
+                    .map(|c| Ok(Bytes::copy_from_slice(c)))
+                    .collect::<Vec<_>>()
+            })
+            .collect();
+    let body = reqwest::Body::wrap_stream(futures_util::stream::iter(chunks));
+    let (status, resp) = send_upload(&t, &f.admin, "", &form, body).await;
+    assert_eq!(status, 413, "{resp}");
+    // Exactly at the limit is fine.
+    let (status, body) = upload(
+        &t,
+        &f.admin,
+        &f.project,
+        "docs",
+        "max.bin",
+        "application/octet-stream",
+        &big[..1024 * 1024],
+        &[],
+    )
+    .await;
+    assert_eq!(status, 201, "{body}");
+
+    // Per-bucket limits: size and MIME types.
+    create_bucket(
+        &t,
+        &f,
+        "avatars",
+        json!({ "maxFileSize": 1000, "allowedMimeTypes": ["image/*"] }),
+    )
+    .await;
+    let (status, body) = upload(
+        &t,
+        &f.admin,
+        &f.project,
+        "avatars",
+        "a.png",
+        "image/png",
+        &big[..1001],
+        &[],
+    )
+    .await;
+    assert_eq!(status, 413, "{body}");
+    let (status, body) = upload(
+        &t,
+        &f.admin,
+        &f.project,
+        "avatars",
+        "a.html",
+        "text/html",
+        b"<b>",
+        &[],
+    )
+    .await;
+    assert_eq!(status, 400, "{body}");
+    assert!(body["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("not allowed"));
+    // With the fields first, the refusal comes before the file is read.
+    let form = Form::new(
+        &[("projectId", &f.project), ("bucketId", "avatars")],
+        Some(("a.png", "image/png")),
+        &[],
+    );
+    let (status, _) = send_upload(
+        &t,
+        &f.admin,
+        "",
+        &form,
+        form.with_bytes(&big[..1001]).into(),
+    )
+    .await;
+    assert_eq!(status, 413);
+    let (status, body) = upload(
+        &t,
+        &f.admin,
+        &f.project,
+        "avatars",
+        "a.png",
+        "image/png",
+        &big[..1000],
+        &[],
+    )
+    .await;
+    assert_eq!(status, 201, "{body}");
+
+    let mut left = files_under(&root);
+    left.sort();
+    assert_eq!(left.len(), 2, "only the two accepted files: {left:?}");
+    assert!(left.iter().all(|p| !p.starts_with(".uploads")), "{left:?}");
+    t.stop().await;
+}
+
+#[tokio::test]
+async fn malformed_uploads_are_refused_naming_the_field() {
+    let t = spawn_app().await;
+    let f = t.fixture().await;
+    create_bucket(&t, &f, "docs", json!({})).await;
+    let cases: Vec<(Form, &str)> = vec![
+        (
+            Form::new(
+                &[("bucketId", "docs"), ("projectId", &f.project)],
+                None,
+                &[],
+            ),
+            "file",
+        ),
+        (
+            Form::new(
+                &[("projectId", &f.project)],
+                Some(("a.txt", "text/plain")),
+                &[],
+            ),
+            "bucketId",
+        ),
+        (
+            Form::new(&[("bucketId", "docs")], Some(("a.txt", "text/plain")), &[]),
+            "projectId",
+        ),
+        (
+            Form::new(
+                &[
+                    ("bucketId", "docs"),
+                    ("projectId", &f.project),
+                    ("colour", "red"),
+                ],
+                Some(("a.txt", "text/plain")),
+                &[],
+            ),
+            "colour",
+        ),
+        (
+            Form::new(
+                &[
+                    ("bucketId", "docs"),
+                    ("projectId", &f.project),
+                    ("upsert", "maybe"),
+                ],
+                Some(("a.txt", "text/plain")),
+                &[],
+            ),
+            "upsert",
+        ),
+    ];
+    for (form, field) in cases {
+        let data: &[u8] = if field == "file" { b"" } else { b"x" };
+        let (status, body) =
+            send_upload(&t, &f.admin, "", &form, form.with_bytes(data).into()).await;
+        assert_eq!(status, 400, "{field}: {body}");
+        assert!(
+            body["error"]["message"]
+                .as_str()
+                .unwrap()
+                .starts_with(field),
+            "{body}"
+        );
+    }
+    let resp = t
+        .http
+        .post(t.url("/api/storage/upload"))
+        .bearer_auth(&f.admin)
+        .json(&json!({ "projectId": f.project }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 400);
+    let (status, body) = upload(
+        &t,
+        &f.admin,
+        &f.project,
+        "nope",
+        "a.txt",
+        "text/plain",
+        b"x",
+        &[],
+    )
+    .await;
+    assert_eq!(status, 404, "{body}");
+    let (status, body) = upload(
+        &t,
+        &f.admin,
+        "0123456789abcdef",
+        "docs",
+        "a.txt",
+        "text/plain",
+        b"x",
+        &[],
+    )
+    .await;
+    assert_eq!(status, 404, "{body}");
+    assert_eq!(body["error"]["code"], "PROJECT_NOT_FOUND");
+    assert!(files_under(&t.app.config.data_dir.join("storage")).is_empty());
+    t.stop().await;
+}
+
+#[tokio::test]
+async fn a_failing_backend_leaves_metadata_and_objects_in_agreement() {
+    let mut s3 = S3Server::start().await;
+    let t = s3.spawn_app().await;
+    let f = t.fixture().await;
+    create_bucket(&t, &f, "docs", json!({})).await;
+    let (status, body) = upload(
+        &t,
+        &f.admin,
+        &f.project,
+        "docs",
+        "kept.txt",
+        "text/plain",
+        b"kept",
+        &[],
+    )
+    .await;
+    assert_eq!(status, 201, "{body}");
+    let key = body["file"]["s3_key"].as_str().unwrap().to_string();
+
+    s3.stop().await;
+    // An upload that cannot be stored is not reported successful, and is not listed.
+    let (status, body) = upload(
+        &t,
+        &f.admin,
+        &f.project,
+        "docs",
+        "lost.txt",
+        "text/plain",
+        b"lost",
+        &[],
+    )
+    .await;
+    assert_eq!(status, 503, "{body}");
+    assert_eq!(body["error"]["code"], "STORAGE_UNAVAILABLE");
+    // A delete that cannot remove the object keeps the file listed.
+    let q = format!(
+        "/api/storage/delete?projectId={}&s3Key={}",
+        f.project,
+        urlencode(&key)
+    );
+    let (status, body) = t.call("DELETE", &q, Some(&f.admin), None).await;
+    assert_eq!(status, 503, "{body}");
+    let files = list_files(&t, &f.read, &f.project, "docs").await;
+    let names: Vec<&str> = files.iter().map(|f| f["name"].as_str().unwrap()).collect();
+    assert_eq!(names, ["kept.txt"]);
+
+    let metrics = t
+        .http
+        .get(t.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("fluxbase_storage_backend_errors_total 2"),
+        "{metrics}"
+    );
+    s3.restart().await;
+    let (_, signed) = signed_url(&t, &f.read, &f.project, &key).await;
+    let (status, _, bytes) = fetch(signed["url"].as_str().unwrap()).await;
+    assert_eq!((status, bytes.as_ref()), (200, b"kept".as_slice()));
+    assert!(!s3
+        .object_path(&format!("{}/lost.txt", key.rsplit_once('/').unwrap().0))
+        .exists());
+    let (status, body) = t.call("DELETE", &q, Some(&f.admin), None).await;
+    assert_eq!(status, 200, "{body}");
+    assert!(!s3.object_path(&key).exists());
+    t.stop().await;
+}
+
+#[tokio::test]
+async fn a_failed_local_write_is_not_listed() {
+    let t = spawn_app().await;
+    let f = t.fixture().await;
+    let bucket = create_bucket(&t, &f, "docs", json!({})).await;
+    // A directory where the object should go makes the final rename fail.
+    let root = t.app.config.data_dir.join("storage");
+    let blocked = root
+        .join(&f.project)
+        .join(bucket["id"].as_str().unwrap())
+        .join("blocked.txt");
+    std::fs::create_dir_all(blocked.join("inside")).unwrap();
+    let (status, body) = upload(
+        &t,
+        &f.admin,
+        &f.project,
+        "docs",
+        "blocked.txt",
+        "text/plain",
+        b"x",
+        &[],
+    )
+    .await;
+    assert_eq!(status, 503, "{body}");
+    assert!(list_files(&t, &f.read, &f.project, "docs").await.is_empty());
+    let staged: Vec<String> = files_under(&root)
+        .into_iter()
+        .filter(|p| p.starts_with(".uploads"))
+        .collect();
+    assert!(staged.is_empty(), "{staged:?}");
+    // The name is free again once the obstacle is gone.
+    std::fs::remove_dir_all(&blocked).unwrap();
+    let (status, body) = upload(
+        &t,
+        &f.admin,
+        &f.project,
+        "docs",
+        "blocked.txt",
+        "text/plain",
+        b"x",
+        &[],
+    )
+    .await;
+    assert_eq!(status, 201, "{body}");
+    t.stop().await;
+}
+
+/// The real binary as a child process, so its resident memory is its own: a 200 MB upload
+/// streamed from the client must not raise the server's peak RSS by anything like 200 MB.
+#[tokio::test]
+async fn a_200_mb_upload_keeps_the_server_memory_flat() {
+    const SIZE: usize = 200 * 1024 * 1024;
+    let server =
+        ServerProcess::start(&[("FLUXBASE_MAX_UPLOAD_BYTES", &(SIZE + 1024).to_string())]).await;
+    let base = server.base.clone();
+    let http = reqwest::Client::new();
+    let Project {
+        project: project_id,
+        admin,
+        ..
+    } = project(&base).await;
+    let resp = http
+        .post(format!("{base}/api/storage/buckets"))
+        .bearer_auth(&admin)
+        .json(&json!({ "projectId": project_id, "name": "big" }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 201);
+
+    let upload_stream = |len: usize| {
+        let form = Form::new(
+            &[("projectId", &project_id), ("bucketId", "big")],
+            Some(("big.bin", "application/octet-stream")),
+            &[("upsert", "true")],
+        );
+        let block = Bytes::from(pattern(1024 * 1024, 9));
+        let head = Bytes::from(form.head.clone());
+        let tail = Bytes::from(form.tail.clone());
+        let blocks = (0..len.div_ceil(block.len())).map(move |i| {
+            let n = (len - i * block.len()).min(block.len());
+            Ok::<_, std::io::Error>(block.slice(..n))
+        });
+        let stream = futures_util::stream::iter(
+            std::iter::once(Ok(head))
+                .chain(blocks)
+                .chain(std::iter::once(Ok(tail))),
+        );
+        (form.content_type(), reqwest::Body::wrap_stream(stream))
+    };
+    // Warm up (pools, allocator arenas) with a small upload, then take the baseline.
+    let (ct, body) = upload_stream(8 * 1024 * 1024);
+    let resp = http
+        .post(format!("{base}/api/storage/upload"))
+        .bearer_auth(&admin)
+        .header("content-type", ct)
+        .body(body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 201, "{}", resp.text().await.unwrap());
+    let baseline = server.peak_rss() / 1024;
+
+    let (ct, body) = upload_stream(SIZE);
+    let resp = http
+        .post(format!("{base}/api/storage/upload"))
+        .bearer_auth(&admin)
+        .header("content-type", ct)
+        .body(body)
+        .send()
+        .await
+        .unwrap();
+    let status = resp.status();
+    let body: Value = resp.json().await.unwrap();
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["file"]["size"], SIZE as u64);
+    let peak = server.peak_rss() / 1024;
+    let grew_mib = (peak.saturating_sub(baseline)) / 1024;
+    eprintln!(
+        "server peak RSS: {} MiB before, {} MiB after a 200 MiB upload",
+        baseline / 1024,
+        peak / 1024
+    );
+    assert!(
+        grew_mib < 48,
+        "peak RSS grew by {grew_mib} MiB during a 200 MiB upload (baseline {} MiB)",
+        baseline / 1024
+    );
+    let stored = server
+        .dir
+        .join("storage")
+        .join(body["file"]["s3_key"].as_str().unwrap());
+    assert_eq!(std::fs::metadata(stored).unwrap().len(), SIZE as u64);
+}

@@ -1,0 +1,173 @@
+//! PostgreSQL for the suite: one throwaway cluster per test binary (started with the server's own
+//! embedded-cluster code, `wal_level=logical`, fsync off), scratch directories, and a cluster of a
+//! test's own for what would hurt the others on the shared one.
+//!
+//! The shared cluster lives in a static (never dropped): the embedded cluster's watchdog stops it
+//! when this process ends, however it ends, and the next run sweeps its directory.
+
+use std::path::PathBuf;
+
+use fluxbase::embedded::Cluster;
+use tokio::sync::OnceCell;
+
+pub struct Pg {
+    pub host: String,
+    pub port: u16,
+    pub superuser: String,
+    pub password: String,
+    pub cluster: Cluster,
+}
+
+static PG: OnceCell<Pg> = OnceCell::const_new();
+
+/// A unique lowercase name with `prefix`.
+pub fn unique(prefix: &str) -> String {
+    format!("{prefix}_{}", fluxbase::secrets::random_hex::<6>())
+}
+
+/// Scratch directories live under the target dir (reachable by the `postgres` user when root).
+pub fn scratch_dir(name: &str) -> PathBuf {
+    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(name);
+    std::fs::create_dir_all(&dir).expect("creating a scratch dir");
+    dir
+}
+
+/// Removes scratch dirs of earlier runs whose process is gone.
+fn sweep_stale() {
+    let base = PathBuf::from(env!("CARGO_TARGET_TMPDIR"));
+    for entry in std::fs::read_dir(&base).into_iter().flatten().flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if let Some(pid) = name.strip_prefix("it-").and_then(|r| r.split('-').next()) {
+            if pid != std::process::id().to_string()
+                && !PathBuf::from(format!("/proc/{pid}")).exists()
+            {
+                let _ = std::fs::remove_dir_all(entry.path());
+            }
+        }
+    }
+}
+
+/// The cluster shared by every test of this binary.
+pub async fn pg() -> &'static Pg {
+    PG.get_or_init(|| async {
+        sweep_stale();
+        let root = scratch_dir(&format!("it-{}-pg", std::process::id()));
+        let password = fluxbase::secrets::random_base62(24);
+        let cluster = tokio::task::spawn_blocking(move || {
+            Cluster::start(
+                &root,
+                &password,
+                &[
+                    ("fsync", "off"),
+                    ("synchronous_commit", "off"),
+                    ("full_page_writes", "off"),
+                ],
+            )
+        })
+        .await
+        .unwrap()
+        .expect("starting the test cluster");
+        Pg {
+            host: "127.0.0.1".into(),
+            port: cluster.port,
+            superuser: fluxbase::embedded::SUPERUSER.into(),
+            password: cluster.password.clone(),
+            cluster,
+        }
+    })
+    .await
+}
+
+/// A superuser tokio-postgres client for `url`, its connection driven in a task of its own.
+async fn superuser_client(url: &str) -> tokio_postgres::Client {
+    let (client, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls)
+        .await
+        .expect("connecting as superuser");
+    tokio::spawn(conn);
+    client
+}
+
+impl Pg {
+    pub fn url(&self, database: &str) -> String {
+        self.cluster.url(database)
+    }
+
+    /// A superuser tokio-postgres client on `database`.
+    pub async fn client(&self, database: &str) -> tokio_postgres::Client {
+        superuser_client(&self.url(database)).await
+    }
+
+    /// A fresh, empty database.
+    pub async fn create_database(&self) -> String {
+        let name = unique("t");
+        self.client("postgres")
+            .await
+            .batch_execute(&format!("CREATE DATABASE {name}"))
+            .await
+            .expect("creating a test database");
+        name
+    }
+}
+
+/// The confirmed position of the project's replication slot, as a number.
+pub async fn slot_confirmed(project: &str) -> u64 {
+    let row = pg()
+        .await
+        .client("postgres")
+        .await
+        .query_one(
+            "SELECT (confirmed_flush_lsn - '0/0'::pg_lsn)::int8 FROM pg_replication_slots WHERE slot_name = $1",
+            &[&format!("fluxbase_{project}")],
+        )
+        .await
+        .unwrap();
+    row.get::<_, i64>(0) as u64
+}
+
+/// A PostgreSQL cluster of its own (for a test that exhausts a cluster-wide resource such as
+/// `max_connections`, which would hurt the other tests on the shared one, or that restarts
+/// PostgreSQL under a running server); stopped on drop.
+pub struct DedicatedCluster {
+    pub cluster: Cluster,
+}
+
+impl DedicatedCluster {
+    /// With fsync and synchronous commit off, and `settings`.
+    pub async fn start(settings: &[(&str, &str)]) -> DedicatedCluster {
+        let mut all = vec![("fsync", "off"), ("synchronous_commit", "off")];
+        all.extend_from_slice(settings);
+        Self::start_exactly(&all).await
+    }
+
+    /// With exactly `settings` added to the embedded cluster's own.
+    pub async fn start_exactly(settings: &[(&str, &str)]) -> DedicatedCluster {
+        let root = scratch_dir(&format!("it-{}-{}", std::process::id(), unique("pg")));
+        let password = fluxbase::secrets::random_base62(24);
+        let settings: Vec<(String, String)> = settings
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        let cluster = tokio::task::spawn_blocking(move || {
+            let settings: Vec<(&str, &str)> = settings
+                .iter()
+                .map(|(k, v)| (k.as_str(), v.as_str()))
+                .collect();
+            Cluster::start(&root, &password, &settings)
+        })
+        .await
+        .unwrap()
+        .expect("starting a dedicated cluster");
+        DedicatedCluster { cluster }
+    }
+
+    /// A superuser client on `database`.
+    pub async fn client(&self, database: &str) -> tokio_postgres::Client {
+        superuser_client(&self.cluster.url(database)).await
+    }
+}
+
+impl Drop for DedicatedCluster {
+    fn drop(&mut self) {
+        let _ = self.cluster.stop();
+    }
+}

@@ -1,0 +1,5 @@
+//! Webhooks: delivery end to end through the real server, and the egress client against raw
+//! loopback receivers.
+
+mod delivery;
+mod egress;
