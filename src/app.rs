@@ -6,12 +6,15 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use anyhow::{Context, Result};
+use futures_util::future::BoxFuture;
 
+use crate::api::error::ApiError;
 use crate::config::Config;
 use crate::db::ClusterTarget;
 use crate::embedded;
 use crate::metrics::Metrics;
 use crate::ratelimit::RateLimiter;
+use crate::realtime::RealtimeError;
 use crate::secrets::Secrets;
 use crate::sql::SqlPools;
 
@@ -25,11 +28,11 @@ pub struct App {
     pub rate: RateLimiter,
     /// Login, sign-up and project-creation bounds (see [`crate::ratelimit::AccountLimits`]).
     pub account_limits: crate::ratelimit::AccountLimits,
-    pub metrics: Metrics,
+    pub metrics: Arc<Metrics>,
     pub auth_cache: crate::auth::AuthCache,
-    pub bus: crate::bus::Bus,
+    pub bus: Arc<crate::bus::Bus>,
     pub cdc: crate::cdc::Cdc,
-    pub realtime: crate::realtime::Realtime,
+    pub realtime: Arc<crate::realtime::Realtime>,
     pub webhooks: crate::webhooks::Webhooks,
     /// Buckets and files: the object backend, URL signing and its clock.
     pub storage: crate::storage::Storage,
@@ -82,15 +85,24 @@ impl App {
         };
         let control = crate::db::open_control(&cluster, 8).await?;
         let storage = crate::storage::Storage::open(&config, &secrets)?;
+        let metrics = Arc::new(Metrics::default());
+        let bus: Arc<crate::bus::Bus> = Default::default();
+        let realtime = Arc::new(crate::realtime::Realtime::new(
+            &config,
+            &secrets,
+            control.clone(),
+            metrics.clone(),
+            bus.clone(),
+        ));
         let app = Arc::new(App {
             sql: SqlPools::new(&config, &cluster),
             rate: RateLimiter::new(config.rate_limit_requests, config.rate_limit_window_secs),
             account_limits: crate::ratelimit::AccountLimits::new(&config),
-            metrics: Metrics::default(),
+            metrics,
             auth_cache: Default::default(),
-            bus: Default::default(),
+            bus,
             cdc: Default::default(),
-            realtime: Default::default(),
+            realtime,
             webhooks: Default::default(),
             storage,
             key_touched: Mutex::new(HashMap::new()),
@@ -100,6 +112,8 @@ impl App {
             control,
             embedded,
         });
+        let weak = Arc::downgrade(&app);
+        app.realtime.attach(weak);
         crate::projects::migrate_all(&app, sweep).await?;
         // A server (not a CLI command) reports a storage backend that cannot be used now, not at
         // the first upload. It still starts (SQL, realtime and webhooks do not need it); `/ready`
@@ -121,11 +135,6 @@ impl App {
             }
         }
         tokio::spawn(crate::auth::run_cache_listener(Arc::downgrade(&app)));
-        app.realtime.set_retention(crate::realtime::Retention {
-            events: app.config.realtime_retention_events,
-            age: std::time::Duration::from_secs(app.config.realtime_retention_secs),
-            bytes: app.config.realtime_retention_bytes,
-        });
         Ok(app)
     }
 
@@ -140,6 +149,96 @@ impl App {
                 tracing::warn!(error = %e, "stopping the embedded cluster");
             }
         }
+    }
+}
+
+/// What realtime asks of the rest of the server, answered by the services that own it.
+impl crate::realtime::Host for App {
+    fn load_project<'a>(
+        &'a self,
+        project_id: &'a str,
+    ) -> BoxFuture<'a, Result<Option<crate::auth::Project>, RealtimeError>> {
+        Box::pin(async move { self.load_project(project_id).await.map_err(refused) })
+    }
+
+    fn authenticate<'a>(
+        &'a self,
+        token: &'a str,
+    ) -> BoxFuture<'a, Result<crate::auth::Principal, RealtimeError>> {
+        Box::pin(async move {
+            self.authenticate(Some(&format!("Bearer {token}")))
+                .await
+                .map_err(refused)
+        })
+    }
+
+    fn project_access<'a>(
+        &'a self,
+        principal: &'a crate::auth::Principal,
+        project_id: &'a str,
+    ) -> BoxFuture<'a, Result<crate::auth::Access, RealtimeError>> {
+        Box::pin(async move {
+            self.project_access(principal, project_id)
+                .await
+                .map_err(refused)
+        })
+    }
+
+    fn request_identity(
+        &self,
+        access: &crate::auth::Access,
+        auth_uid: &serde_json::Value,
+    ) -> Result<Option<String>, RealtimeError> {
+        crate::rls::request_identity(access, Some(auth_uid), None).map_err(|e| match e {
+            ApiError::BadRequest(m) => RealtimeError::BadRequest(m),
+            other => refused(other),
+        })
+    }
+
+    fn is_member<'a>(
+        &'a self,
+        project_id: &'a str,
+        user_id: &'a str,
+    ) -> BoxFuture<'a, Result<bool, RealtimeError>> {
+        Box::pin(async move { self.is_member(project_id, user_id).await.map_err(refused) })
+    }
+
+    fn rate_check(&self, caller: &str) -> Result<(), RealtimeError> {
+        self.rate.check(caller).map_err(refused)
+    }
+
+    fn connect<'a>(
+        &'a self,
+        database: &'a str,
+    ) -> BoxFuture<'a, anyhow::Result<tokio_postgres::Client>> {
+        Box::pin(self.cluster.connect(database))
+    }
+
+    fn sql_connection<'a>(
+        &'a self,
+        project: &'a crate::auth::Project,
+        role: crate::auth::DbRole,
+    ) -> BoxFuture<'a, Result<crate::sql::Checkout, RealtimeError>> {
+        Box::pin(async move { self.sql_connection(project, role).await.map_err(refused) })
+    }
+
+    fn identity_key(&self, project_id: &str) -> [u8; 32] {
+        crate::rls::identity_key(self, project_id)
+    }
+
+    fn install_identity_key<'a>(
+        &'a self,
+        project: &'a crate::auth::Project,
+    ) -> BoxFuture<'a, anyhow::Result<()>> {
+        Box::pin(self.install_identity_key(project))
+    }
+}
+
+/// Another service's refusal, as realtime passes it on: the guide's code and message.
+fn refused(e: ApiError) -> RealtimeError {
+    RealtimeError::Refused {
+        code: e.code(),
+        message: e.to_string(),
     }
 }
 

@@ -499,7 +499,7 @@ impl App {
     /// are a member again by now.
     async fn access_changed(self: &std::sync::Arc<Self>, payload: &str) {
         if let Some((project_id, key_id)) = payload.split_once(" key-revoked ") {
-            self.key_revoked(project_id, key_id).await;
+            self.realtime.key_revoked(project_id, key_id).await;
             return;
         }
         match payload.split_once(" member-removed ") {
@@ -587,7 +587,7 @@ pub async fn run_cache_listener(app: std::sync::Weak<App>) {
                         a.auth_cache.set_live(true);
                         // Revocations notified while it was disconnected were missed: every
                         // key-bound realtime subscription is checked against its key again.
-                        tokio::spawn(async move { a.recheck_realtime_keys().await });
+                        tokio::spawn(async move { a.realtime.recheck_keys().await });
                     }
                     loop {
                         let event =

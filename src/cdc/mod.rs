@@ -276,7 +276,7 @@ impl App {
             ..Default::default()
         }));
         // The room stores the stream in the durable resume history from the start.
-        self.start_room(&project_id);
+        self.realtime.start_room(&project_id);
         let runtime = match self.cdc.runtime() {
             Ok(r) => r,
             Err(e) => {
