@@ -532,11 +532,8 @@ impl App {
             Ok(None) => {
                 self.stop_change_stream(project_id).await;
                 self.sql.forget_project(project_id);
-                self.realtime.close_project(
-                    project_id,
-                    "PROJECT_NOT_FOUND",
-                    "The project was deleted.",
-                )
+                self.realtime
+                    .close_project(project_id, crate::realtime::RoomClosed::Deleted)
             }
             // Only a project this server has no stream for: a stream that ended (a lost slot)
             // stays ended and reported.
@@ -545,11 +542,8 @@ impl App {
             }
             Ok(Some(p)) if p.status == "suspended" => {
                 self.sql.forget_project(project_id);
-                self.realtime.close_project(
-                    project_id,
-                    "PROJECT_SUSPENDED",
-                    "The project was suspended.",
-                )
+                self.realtime
+                    .close_project(project_id, crate::realtime::RoomClosed::Suspended)
             }
             _ => {}
         }

@@ -44,8 +44,8 @@
 //!   realtime token (`flx_rt_…`, HMAC-signed, short-lived, may carry `authUid` and a table list).
 //!   A project with `realtimePublic` accepts a subscribe without a token.
 //! * The upgrade is finished by hand (the handshake in `crate::api::realtime`, the socket in
-//!   [`Realtime::accept`]) rather than by `warp::ws()`: warp 0.4 cannot set tungstenite's read
-//!   buffer, which is 128 KiB per socket by default. Client messages are small (at most
+//!   [`Realtime::accept`]) rather than by the HTTP framework's `ws()` filter: it cannot set
+//!   tungstenite's read buffer, which is 128 KiB per socket by default. Client messages are small (at most
 //!   [`MAX_MESSAGE`]), so sockets read through a [`READ_BUFFER`]-byte buffer and an idle socket
 //!   costs a few KiB instead of ~140 KiB.
 //!
@@ -95,6 +95,7 @@ use crate::metrics::Metrics;
 use crate::secrets::Secrets;
 pub use broadcast::{BroadcastRequest, BroadcastResponse};
 pub use error::RealtimeError;
+pub use room::RoomClosed;
 pub use socket::{WebSocket, IDLE_TIMEOUT, MAX_MESSAGE, RATE_STRIKES, READ_BUFFER, STRIKE_RESET};
 pub use subscribe::{MAX_SOCKETS_PER_PROJECT, MAX_SUBSCRIPTIONS_PER_SOCKET};
 pub use token::{TokenRequest, TokenResponse};
@@ -109,16 +110,6 @@ pub struct Retention {
     pub age: Duration,
     /// Bytes of retained events (their frame, payload and record).
     pub bytes: usize,
-}
-
-impl Default for Retention {
-    fn default() -> Self {
-        Retention {
-            events: 100_000,
-            age: Duration::from_secs(600),
-            bytes: 64 * 1024 * 1024,
-        }
-    }
 }
 
 /// The configuration realtime runs with (the `realtime_*` settings of [`crate::config::Config`],
@@ -223,7 +214,9 @@ pub trait Host: Send + Sync {
     ) -> BoxFuture<'a, anyhow::Result<()>>;
 }
 
-/// All rooms of this server.
+/// The realtime service: every room of this server, its sockets, and what they need (settings,
+/// the token key, the control database, metrics, the bus and the [`Host`]). Built once at
+/// start-up and shared (`Arc`): rooms, pumps and catch-ups hold it weakly.
 pub struct Realtime {
     settings: Settings,
     /// Signs realtime tokens and fingerprints API keys (derived from the instance secret).
@@ -254,7 +247,7 @@ pub struct Realtime {
     shutting_down: std::sync::atomic::AtomicBool,
     cut_offs: CutOffCounts,
     /// Row-level security of row events, per subscriber identity.
-    pub visibility: crate::visibility::Visibility,
+    visibility: crate::visibility::Visibility,
 }
 
 impl Realtime {

@@ -41,6 +41,31 @@ pub(super) struct RoomState {
     pub(super) next_epoch: u64,
 }
 
+/// Why a project's room closes; its members get an `error` message with the code.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RoomClosed {
+    /// `PROJECT_SUSPENDED`: the room keeps recording its history.
+    Suspended,
+    /// `PROJECT_NOT_FOUND`: the room and its history are dropped.
+    Deleted,
+}
+
+impl RoomClosed {
+    fn code(self) -> &'static str {
+        match self {
+            RoomClosed::Suspended => "PROJECT_SUSPENDED",
+            RoomClosed::Deleted => "PROJECT_NOT_FOUND",
+        }
+    }
+
+    fn message(self) -> &'static str {
+        match self {
+            RoomClosed::Suspended => "The project was suspended.",
+            RoomClosed::Deleted => "The project was deleted.",
+        }
+    }
+}
+
 /// One project's room.
 pub struct Room {
     pub(super) room_id: String,
@@ -365,10 +390,11 @@ impl Realtime {
 
     /// Closes a project's room: members get an error and are removed (suspension, deletion).
     /// A suspended project's room keeps recording its history (as the project keeps its other
-    /// data); a deleted one (`PROJECT_NOT_FOUND`) is dropped with its history.
-    pub fn close_project(&self, project_id: &str, code: &str, message: &str) {
+    /// data); a deleted one is dropped with its history.
+    pub fn close_project(&self, project_id: &str, why: RoomClosed) {
         self.visibility.forget(project_id);
-        let deleted = code == "PROJECT_NOT_FOUND";
+        let (code, message) = (why.code(), why.message());
+        let deleted = why == RoomClosed::Deleted;
         let room = if deleted {
             self.rooms.lock().expect("poisoned").remove(project_id)
         } else {
