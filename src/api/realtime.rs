@@ -146,3 +146,4 @@ impl From<RealtimeError> for ApiError {
         }
     }
 }
+

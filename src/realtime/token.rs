@@ -42,7 +42,9 @@ pub(super) struct Claims {
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct TokenRequest {
     pub project_id: String,
+    /// The end user the token acts as (`auth.uid()`); a session's token acts as its own user.
     pub auth_uid: Option<String>,
+    /// The only tables whose changes the token's subscriptions receive.
     pub tables: Option<Vec<String>>,
     /// Seconds; default 3600, at most 86400.
     pub expires_in: Option<i64>,
