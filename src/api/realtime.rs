@@ -146,4 +146,3 @@ impl From<RealtimeError> for ApiError {
         }
     }
 }
-
