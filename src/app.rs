@@ -31,7 +31,7 @@ pub struct App {
     pub auth_cache: crate::auth::AuthCache,
     pub bus: Arc<crate::bus::Bus>,
     pub cdc: crate::cdc::Cdc,
-    pub realtime: crate::realtime::Realtime,
+    pub realtime: Arc<crate::realtime::Realtime>,
     pub webhooks: crate::webhooks::Webhooks,
     /// Buckets and files: the object backend, URL signing and its clock.
     pub storage: crate::storage::Storage,
@@ -42,6 +42,8 @@ pub struct App {
 }
 
 pub type SharedApp = Arc<App>;
+
+mod realtime_host;
 
 impl App {
     /// Opens (or starts) the database, applies migrations and brings project databases up to
@@ -98,6 +100,13 @@ impl App {
             secrets.clone(),
             metrics.clone(),
         ));
+        let realtime = Arc::new(crate::realtime::Realtime::new(
+            &config,
+            &secrets,
+            control.clone(),
+            metrics.clone(),
+            bus.clone(),
+        ));
         let app = Arc::new(App {
             rls: crate::rls::Policies::new(sql.clone()),
             sql,
@@ -112,7 +121,7 @@ impl App {
                 secrets.clone(),
                 crate::cdc::StreamSettings::from_config(&config),
             ),
-            realtime: Default::default(),
+            realtime,
             webhooks: crate::webhooks::Webhooks::new(
                 control.clone(),
                 bus.clone(),
@@ -127,11 +136,13 @@ impl App {
             control,
             embedded,
         });
+        let host: std::sync::Weak<dyn crate::realtime::Host> = Arc::downgrade(&app) as _;
+        app.realtime.attach(host);
         // A stream's room stores it in the durable resume history from its start.
-        let weak = Arc::downgrade(&app);
+        let realtime = Arc::downgrade(&app.realtime);
         app.cdc.on_stream_start(move |project_id| {
-            if let Some(app) = weak.upgrade() {
-                app.start_room(project_id);
+            if let Some(realtime) = realtime.upgrade() {
+                realtime.start_room(project_id);
             }
         });
         crate::projects::migrate_all(&app, sweep).await?;
@@ -155,11 +166,6 @@ impl App {
             }
         }
         tokio::spawn(crate::auth::run_cache_listener(Arc::downgrade(&app)));
-        app.realtime.set_retention(crate::realtime::Retention {
-            events: app.config.realtime_retention_events,
-            age: std::time::Duration::from_secs(app.config.realtime_retention_secs),
-            bytes: app.config.realtime_retention_bytes,
-        });
         Ok(app)
     }
 

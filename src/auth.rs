@@ -499,7 +499,7 @@ impl App {
     /// are a member again by now.
     async fn access_changed(self: &std::sync::Arc<Self>, payload: &str) {
         if let Some((project_id, key_id)) = payload.split_once(" key-revoked ") {
-            self.key_revoked(project_id, key_id).await;
+            self.realtime.key_revoked(project_id, key_id).await;
             return;
         }
         match payload.split_once(" member-removed ") {
@@ -532,11 +532,8 @@ impl App {
             Ok(None) => {
                 self.cdc.stop(project_id).await;
                 self.sql.forget_project(project_id);
-                self.realtime.close_project(
-                    project_id,
-                    "PROJECT_NOT_FOUND",
-                    "The project was deleted.",
-                )
+                self.realtime
+                    .close_project(project_id, crate::realtime::RoomClosed::Deleted)
             }
             // Only a project this server has no stream for: a stream that ended (a lost slot, a
             // definite error) stays ended and reported.
@@ -545,11 +542,8 @@ impl App {
             }
             Ok(Some(p)) if p.status == "suspended" => {
                 self.sql.forget_project(project_id);
-                self.realtime.close_project(
-                    project_id,
-                    "PROJECT_SUSPENDED",
-                    "The project was suspended.",
-                )
+                self.realtime
+                    .close_project(project_id, crate::realtime::RoomClosed::Suspended)
             }
             _ => {}
         }
@@ -587,7 +581,7 @@ pub async fn run_cache_listener(app: std::sync::Weak<App>) {
                         a.auth_cache.set_live(true);
                         // Revocations notified while it was disconnected were missed: every
                         // key-bound realtime subscription is checked against its key again.
-                        tokio::spawn(async move { a.recheck_realtime_keys().await });
+                        tokio::spawn(async move { a.realtime.recheck_keys().await });
                     }
                     loop {
                         let event =

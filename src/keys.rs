@@ -188,6 +188,6 @@ impl App {
     async fn key_changed(&self, project_id: &str, key_id: &str) {
         self.notify_access_change(&crate::auth::key_revoked_payload(project_id, key_id))
             .await;
-        self.key_revoked(project_id, key_id).await;
+        self.realtime.key_revoked(project_id, key_id).await;
     }
 }

@@ -24,8 +24,6 @@ pub mod metrics;
 pub mod projects;
 pub mod ratelimit;
 pub mod realtime;
-pub mod realtime_history;
-pub mod realtime_io;
 pub mod rls;
 pub mod secrets;
 pub mod sql;

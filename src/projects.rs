@@ -396,7 +396,7 @@ impl App {
         self.storage.delete_project_objects(project_id).await;
         self.invalidate_project_access(project_id).await;
         self.realtime
-            .close_project(project_id, "PROJECT_NOT_FOUND", "The project was deleted.");
+            .close_project(project_id, crate::realtime::RoomClosed::Deleted);
         self.bus.remove(project_id);
         tracing::info!(project_id, "project deleted");
         Ok(())
@@ -527,11 +527,8 @@ impl App {
         self.invalidate_project_access(project_id).await;
         self.sql.forget_project(project_id);
         if status == "suspended" {
-            self.realtime.close_project(
-                project_id,
-                "PROJECT_SUSPENDED",
-                "The project was suspended.",
-            );
+            self.realtime
+                .close_project(project_id, crate::realtime::RoomClosed::Suspended);
         }
         Ok(())
     }

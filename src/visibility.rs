@@ -49,10 +49,11 @@ use std::time::Duration;
 use serde::Deserialize;
 use serde_json::Value;
 
-use crate::app::App;
 use crate::auth::{DbRole, Project};
 use crate::bus::{Event, EventKind, RowOp};
 use crate::db::quote_ident;
+use crate::metrics::Metrics;
+use crate::realtime::Host;
 
 /// Who a realtime subscription acts as, fixed at subscribe.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
@@ -208,11 +209,35 @@ struct ProjectTables {
 
 /// Per project: the tables' catalog data, loaded on first use and dropped on every schema
 /// event (and on an evaluation error).
-#[derive(Default)]
 pub struct Visibility {
     projects: Mutex<HashMap<String, ProjectTables>>,
     /// (project, schema, table) whose evaluation failure was logged already.
     logged: Mutex<HashSet<(String, String, String)>>,
+    limits: Limits,
+    /// Counts the evaluations that failed (`fluxbase_realtime_rls_failures_total`).
+    metrics: Arc<Metrics>,
+}
+
+/// Bounds of the PostgreSQL evaluations (the `realtime_rls_*` settings).
+struct Limits {
+    timeout_ms: u64,
+    connections: usize,
+    batch_rows: usize,
+}
+
+impl Visibility {
+    pub fn new(config: &crate::config::Config, metrics: Arc<Metrics>) -> Visibility {
+        Visibility {
+            projects: Default::default(),
+            logged: Default::default(),
+            limits: Limits {
+                timeout_ms: config.realtime_rls_timeout_ms,
+                connections: config.realtime_rls_connections,
+                batch_rows: config.realtime_rls_batch_rows,
+            },
+            metrics,
+        }
+    }
 }
 
 const CATALOG_SQL: &str = r#"
@@ -496,8 +521,8 @@ impl Visibility {
         self.projects.lock().expect("poisoned").remove(project_id);
     }
 
-    fn log_once(&self, app: &App, project_id: &str, schema: &str, table: &str, why: &str) {
-        app.metrics
+    fn log_once(&self, project_id: &str, schema: &str, table: &str, why: &str) {
+        self.metrics
             .realtime_rls_failures
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let first = self.logged.lock().expect("poisoned").insert((
@@ -518,7 +543,7 @@ impl Visibility {
 
     async fn table_info(
         &self,
-        app: &App,
+        host: &dyn Host,
         project: &Project,
         schema: &str,
         table: &str,
@@ -533,12 +558,10 @@ impl Visibility {
             p.generation
         };
         let loaded = async {
-            let client = tokio::time::timeout(
-                Duration::from_secs(10),
-                app.cluster.connect(&project.db_name),
-            )
-            .await
-            .map_err(|_| anyhow::anyhow!("connecting timed out"))??;
+            let client =
+                tokio::time::timeout(Duration::from_secs(10), host.connect(&project.db_name))
+                    .await
+                    .map_err(|_| anyhow::anyhow!("connecting timed out"))??;
             let roles: Vec<String> = DbRole::ALL
                 .iter()
                 .map(|r| r.role_name(&project.id))
@@ -567,7 +590,6 @@ impl Visibility {
             }
             Err(e) => {
                 self.log_once(
-                    app,
                     &project.id,
                     schema,
                     table,
@@ -582,7 +604,7 @@ impl Visibility {
     /// Never fails: what cannot be decided is not sent (fail closed, logged and counted).
     pub async fn verdicts(
         &self,
-        app: &App,
+        host: &dyn Host,
         project_id: &str,
         identities: &[Identity],
         events: &[Arc<Event>],
@@ -601,7 +623,7 @@ impl Visibility {
             }
             return out;
         }
-        let project = match app.load_project(project_id).await {
+        let project = match host.load_project(project_id).await {
             Ok(Some(p)) => Some(p),
             _ => None,
         };
@@ -622,7 +644,7 @@ impl Visibility {
                 Some(t) => *t,
                 None => {
                     let info = match &project {
-                        Some(p) => self.table_info(app, p, schema, table).await,
+                        Some(p) => self.table_info(host, p, schema, table).await,
                         None => Arc::new(None),
                     };
                     tables.push(TableImages {
@@ -705,7 +727,7 @@ impl Visibility {
                             .iter()
                             .map(|img| {
                                 if view.reads_any(&img.missing) {
-                                    self.log_once(app, project_id, &ti.schema, &ti.table,
+                                    self.log_once(project_id, &ti.schema, &ti.table,
                                         "a policy reads a column the change did not carry (unchanged TOAST without a full old row)");
                                     return false;
                                 }
@@ -725,14 +747,12 @@ impl Visibility {
             }
         }
         if let (Some(project), false) = (&project, sql_work.is_empty()) {
-            let guard = Duration::from_millis(app.config.realtime_rls_timeout_ms.saturating_mul(5));
+            let guard = Duration::from_millis(self.limits.timeout_ms.saturating_mul(5));
             let mut jobs = Vec::new();
             for (role, ids) in &sql_work {
-                let per_conn = ids
-                    .len()
-                    .div_ceil(app.config.realtime_rls_connections.max(1));
+                let per_conn = ids.len().div_ceil(self.limits.connections.max(1));
                 for chunk in ids.chunks(per_conn.max(1)) {
-                    jobs.push(self.evaluate(app, project, *role, chunk, identities, &tables));
+                    jobs.push(self.evaluate(host, project, *role, chunk, identities, &tables));
                 }
             }
             let results = tokio::time::timeout(guard, futures_util::future::join_all(jobs)).await;
@@ -744,13 +764,7 @@ impl Visibility {
                 }
                 Err(_) => {
                     for ti in &tables {
-                        self.log_once(
-                            app,
-                            project_id,
-                            &ti.schema,
-                            &ti.table,
-                            "evaluation timed out",
-                        );
+                        self.log_once(project_id, &ti.schema, &ti.table, "evaluation timed out");
                     }
                     self.invalidate(project_id);
                 }
@@ -862,7 +876,7 @@ impl Visibility {
     /// `role`) on one connection, one pipelined round trip. Missing results mean "not visible".
     async fn evaluate(
         &self,
-        app: &App,
+        host: &dyn Host,
         project: &Project,
         role: DbRole,
         ids: &[usize],
@@ -876,7 +890,7 @@ impl Visibility {
             images: Vec<usize>,
             json: String,
         }
-        let max_rows = app.config.realtime_rls_batch_rows.max(1);
+        let max_rows = self.limits.batch_rows.max(1);
         let mut chunks: Vec<(String, Chunk)> = Vec::new();
         for (t, ti) in tables.iter().enumerate() {
             let Some(info) = ti.info.as_ref() else {
@@ -890,7 +904,7 @@ impl Visibility {
                 .filter(|&p| !view.reads_any(&ti.images[p].missing))
                 .collect();
             if usable.len() < ti.images.len() {
-                self.log_once(app, &project.id, &ti.schema, &ti.table,
+                self.log_once(&project.id, &ti.schema, &ti.table,
                     "a policy reads a column the change did not carry (unchanged TOAST without a full old row)");
             }
             let sql = format!(
@@ -938,20 +952,20 @@ impl Visibility {
         let fail = |why: String| {
             for (_, c) in &chunks {
                 let ti = &tables[c.table];
-                self.log_once(app, &project.id, &ti.schema, &ti.table, &why);
+                self.log_once(&project.id, &ti.schema, &ti.table, &why);
             }
             self.invalidate(&project.id);
         };
-        let mut conn = match app.sql.connection(project, role).await {
+        let mut conn = match host.sql_connection(project, role).await {
             Ok(c) => c,
             Err(e) => {
                 fail(format!("no SQL connection: {e}"));
                 return seen;
             }
         };
-        let key = app.sql.identities().key(&project.id);
+        let key = host.identity_key(&project.id);
         let pid = conn.backend_key().0;
-        let timeout = app.config.realtime_rls_timeout_ms.to_string();
+        let timeout = self.limits.timeout_ms.to_string();
         let mut statements: Vec<(&str, Vec<Option<String>>)> = Vec::new();
         let wrap = chunks.len() > 1;
         for &n in ids {
@@ -994,7 +1008,7 @@ impl Visibility {
             let setup = &results[base..base + 3];
             if let Some(Err(e)) = setup.iter().find(|r| r.is_err()) {
                 if e.code == crate::rls::KEY_MISSING {
-                    let _ = app.sql.identities().install_key(project).await;
+                    let _ = host.install_identity_key(project).await;
                 }
                 failed.get_or_insert(format!("setting the identity: {}", e.message));
                 continue;
@@ -1014,7 +1028,7 @@ impl Visibility {
                     }
                     Err(e) => {
                         let ti = &tables[c.table];
-                        self.log_once(app, &project.id, &ti.schema, &ti.table, &e.message);
+                        self.log_once(&project.id, &ti.schema, &ti.table, &e.message);
                         failed.get_or_insert(e.message.clone());
                     }
                 }

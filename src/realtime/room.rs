@@ -1,0 +1,445 @@
+//! A project's room: its members (live, or catching up from the history), the last event id
+//! it has seen, its durable history and the fan-out of one stored event to the live members
+//! that want it and may see it (serialized once; a member whose queue is full catches up from
+//! the history instead of being cut off).
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+
+use serde_json::json;
+use tokio_tungstenite::tungstenite::Message;
+
+use super::catch_up::ChunkCache;
+use super::filter::{parse_row, Decision, Interest};
+use super::history::{History, Limits};
+use super::revoke::KeyBinding;
+use super::socket::{Bucket, Offer, SocketShared};
+use super::Realtime;
+use crate::bus::{Event, EventKind};
+use crate::visibility::{Identity, Verdict, Verdicts};
+
+/// One subscription: a socket in a room.
+pub(super) struct Member {
+    pub(super) socket: Arc<SocketShared>,
+    pub(super) interest: Arc<Interest>,
+    /// Catching up from the history (its task's epoch) rather than live.
+    pub(super) catching_up: Option<u64>,
+    /// The project member this subscription acts for (a session, or a realtime token a member
+    /// obtained): it ends when the member is removed.
+    pub(super) user: Option<String>,
+    /// The API key behind it: it ends when the key is deleted or rotated.
+    pub(super) key: Option<KeyBinding>,
+}
+
+#[derive(Default)]
+pub(super) struct RoomState {
+    pub(super) members: HashMap<u64, Member>,
+    /// Id of the last event that entered the room (replays at or below it are dropped).
+    pub(super) last_id: Option<String>,
+    /// Epochs of catch-up tasks (a member's task ends when its epoch is no longer current).
+    pub(super) next_epoch: u64,
+}
+
+/// Why a project's room closes; its members get an `error` message with the code.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RoomClosed {
+    /// `PROJECT_SUSPENDED`: the room keeps recording its history.
+    Suspended,
+    /// `PROJECT_NOT_FOUND`: the room and its history are dropped.
+    Deleted,
+}
+
+impl RoomClosed {
+    fn code(self) -> &'static str {
+        match self {
+            RoomClosed::Suspended => "PROJECT_SUSPENDED",
+            RoomClosed::Deleted => "PROJECT_NOT_FOUND",
+        }
+    }
+
+    fn message(self) -> &'static str {
+        match self {
+            RoomClosed::Suspended => "The project was suspended.",
+            RoomClosed::Deleted => "The project was deleted.",
+        }
+    }
+}
+
+/// One project's room.
+pub struct Room {
+    pub(super) room_id: String,
+    pub(super) project_id: String,
+    /// The service, for the row-level security verdicts of catch-up reads.
+    pub(super) realtime: Weak<Realtime>,
+    /// Locked after `state` when both are needed.
+    pub(super) state: Mutex<RoomState>,
+    /// The durable resume history (`None`: it could not be opened; resumes are refused).
+    pub(super) history: Mutex<Option<History>>,
+    pub(super) dir: std::path::PathBuf,
+    /// The project's budget for broadcasts from SQL and the REST API: (count, bytes) per
+    /// second, so that a flood of them never overflows every member's queue at once.
+    pub(super) budget: Mutex<(Bucket, Bucket)>,
+    pub(super) pump: Mutex<Option<tokio::task::JoinHandle<()>>>,
+    /// Decoded history chunks shared by the members catching up (see [`ChunkCache`]).
+    pub(super) chunks: Mutex<ChunkCache>,
+    /// Bounds the catch-up reads running at once (`realtime_catch_up_reads`).
+    pub(super) reads: Arc<tokio::sync::Semaphore>,
+    /// Members moved to catching up because their queue was full (not resumes).
+    pub(super) fell_behind: AtomicU64,
+    /// Chunks read from disk by catch-ups (the rest came from the cache).
+    pub(super) chunk_reads: AtomicU64,
+}
+
+pub(super) fn frame(kind: &str, room_id: &str, event: &Event) -> Message {
+    let body = match &event.kind {
+        EventKind::Broadcast { .. } => {
+            // The payload is {"event", "payload"}: splice roomId and type around it.
+            let inner = event.payload.trim_start_matches('{');
+            let id = &event.id;
+            format!("{{\"type\":\"broadcast\",\"roomId\":\"{room_id}\",\"id\":\"{id}\",{inner}")
+        }
+        _ => format!(
+            "{{\"type\":\"{kind}\",\"roomId\":\"{room_id}\",\"payload\":{}}}",
+            event.payload
+        ),
+    };
+    Message::text(body)
+}
+
+pub(super) fn kind_of(event: &Event) -> &'static str {
+    match event.kind {
+        EventKind::Row { .. } => "db_event",
+        EventKind::Schema { .. } => "schema_update",
+        EventKind::Broadcast { .. } => "broadcast",
+    }
+}
+
+/// A `db_event` frame around a payload that replaces the event's own (see [`Verdict`]).
+pub(super) fn instead_frame(room_id: &str, payload: &str) -> Message {
+    Message::text(format!(
+        "{{\"type\":\"db_event\",\"roomId\":\"{room_id}\",\"payload\":{payload}}}"
+    ))
+}
+
+impl Room {
+    /// Whether a broadcast of `bytes` from SQL or the REST API fits the project's budget now
+    /// (and takes it from the budget).
+    pub(super) fn admit_broadcast(&self, bytes: usize) -> bool {
+        let mut budget = self.budget.lock().expect("poisoned");
+        let (count, size) = &mut *budget;
+        if !count.take(1.0) {
+            return false;
+        }
+        if !size.take(bytes as f64) {
+            if count.rate > 0.0 {
+                count.tokens = (count.tokens + 1.0).min(count.rate.max(1.0));
+            }
+            return false;
+        }
+        true
+    }
+
+    /// The distinct identities of the room's live members (those a batch needs verdicts for).
+    pub(super) fn identities(&self) -> Vec<Identity> {
+        let state = self.state.lock().expect("poisoned");
+        let set: HashSet<&Identity> = state
+            .members
+            .values()
+            .filter(|m| m.catching_up.is_none())
+            .map(|m| &m.interest.identity)
+            .collect();
+        set.into_iter().cloned().collect()
+    }
+
+    /// Drops the events the room already has (a replay after a stream rewind or a restart).
+    pub(super) fn unseen(&self, batch: Vec<Arc<Event>>) -> Vec<Arc<Event>> {
+        let state = self.state.lock().expect("poisoned");
+        match state.last_id.as_deref() {
+            Some(last) => batch.into_iter().filter(|e| e.id.as_str() > last).collect(),
+            None => batch,
+        }
+    }
+
+    /// Stores a slice of the stream's events in the history and fans each out to the live
+    /// members that want it and whose identity may see it (`skip`: over the broadcast budget,
+    /// seen but not delivered; `verdicts` index from `first_index`). Nothing is done when a
+    /// live member's identity has no verdicts yet (it joined, or caught up, while they were
+    /// computed): those identities are returned, to be evaluated first. The history is written
+    /// (not fsynced) before the locks are released, so a catching-up member can read all it was
+    /// told about.
+    pub(super) fn ingest(
+        self: &Arc<Room>,
+        events: &[(Arc<Event>, bool)],
+        first_index: usize,
+        verdicts: &Verdicts,
+        max_broadcast: usize,
+        delivered: &AtomicU64,
+    ) -> Result<(), Vec<Identity>> {
+        let now_ms = chrono::Utc::now().timestamp_millis();
+        let mut state = self.state.lock().expect("poisoned");
+        let missing: HashSet<Identity> = state
+            .members
+            .values()
+            .filter(|m| m.catching_up.is_none() && !verdicts.contains(&m.interest.identity))
+            .map(|m| m.interest.identity.clone())
+            .collect();
+        if !missing.is_empty() {
+            return Err(missing.into_iter().collect());
+        }
+        let mut history = self.history.lock().expect("poisoned");
+        for (i, (event, skip)) in events.iter().enumerate() {
+            if state
+                .last_id
+                .as_deref()
+                .is_some_and(|last| event.id.as_str() <= last)
+            {
+                continue; // a replay after a stream rewind or a restart: already stored
+            }
+            let oversized = matches!(event.kind, EventKind::Broadcast { .. })
+                && event.payload.len() > max_broadcast;
+            if oversized {
+                tracing::warn!(
+                    room = self.room_id,
+                    id = event.id,
+                    bytes = event.payload.len(),
+                    limit = max_broadcast,
+                    "a broadcast from SQL is over realtime_max_broadcast_bytes: dropped"
+                );
+            }
+            if *skip || oversized {
+                // Never fanned out nor retained; its id still counts as seen.
+                state.last_id = Some(event.id.clone());
+                continue;
+            }
+            if let Some(h) = history.as_mut() {
+                if let Err(e) = h.append(event, now_ms) {
+                    tracing::error!(room = self.room_id, error = %e, "writing the realtime history: resumes from before this event are refused");
+                    h.mark_gap(&event.id);
+                }
+            }
+            let message = frame(kind_of(event), &self.room_id, event);
+            let n = self.fan_out(&mut state, event, &message, None, |identity| {
+                verdicts.get(identity, first_index + i)
+            });
+            delivered.fetch_add(n as u64, Ordering::Relaxed);
+        }
+        if let Some(h) = history.as_mut() {
+            // Trimmed from the index now; the files go outside the locks (the pump).
+            if let Err(e) = h.flush().and_then(|_| h.trim_later(now_ms)) {
+                tracing::error!(room = self.room_id, error = %e, "writing the realtime history");
+            }
+        }
+        Ok(())
+    }
+
+    /// Hands one stored event to the live members that want it and may see it (`verdict` of
+    /// their identity; except `except`); a member whose queue is past its high-water mark
+    /// starts catching up from the event before this one instead of being cut off. Returns how
+    /// many got it now.
+    pub(super) fn fan_out<'v>(
+        self: &Arc<Room>,
+        state: &mut RoomState,
+        event: &Event,
+        message: &Message,
+        except: Option<u64>,
+        verdict: impl Fn(&Identity) -> Option<&'v Verdict>,
+    ) -> usize {
+        let before = state.last_id.replace(event.id.clone());
+        let (parsed, parsed_old) = (std::cell::OnceCell::new(), std::cell::OnceCell::new());
+        let record = || parsed.get_or_init(|| parse_row(&event.record)).clone();
+        let old_record = || parsed_old.get_or_init(|| parse_row(&event.old)).clone();
+        let mut n = 0;
+        let mut full = Vec::new();
+        for (id, m) in state.members.iter() {
+            if m.catching_up.is_some() || Some(*id) == except {
+                continue;
+            }
+            let instead;
+            let message =
+                match m
+                    .interest
+                    .decide(event, verdict(&m.interest.identity), &record, &old_record)
+                {
+                    Decision::Send => message,
+                    Decision::SendInstead(payload) => {
+                        instead = instead_frame(&self.room_id, payload);
+                        &instead
+                    }
+                    Decision::Skip => continue,
+                };
+            match m.socket.offer(message) {
+                Offer::Queued => n += 1,
+                Offer::Full => full.push(*id),
+                Offer::Gone => {}
+            }
+        }
+        for id in full {
+            self.fell_behind.fetch_add(1, Ordering::Relaxed);
+            self.start_catch_up(state, id, before.clone());
+        }
+        n
+    }
+
+    /// Moves a member to catching up from the history after `from` (from the beginning with
+    /// `None`), at the pace its socket drains; it joins live again once it has read everything.
+    pub(super) fn start_catch_up(
+        self: &Arc<Room>,
+        state: &mut RoomState,
+        socket: u64,
+        from: Option<String>,
+    ) {
+        state.next_epoch += 1;
+        let epoch = state.next_epoch;
+        let Some(m) = state.members.get_mut(&socket) else {
+            return;
+        };
+        m.catching_up = Some(epoch);
+        let task = self
+            .clone()
+            .catch_up(m.socket.clone(), m.interest.clone(), epoch, from);
+        tokio::spawn(task);
+    }
+}
+
+impl Realtime {
+    /// Starts a project's room (its pump stores the change stream in the durable history from
+    /// now on, subscribers or not); called when the project's change stream starts.
+    pub fn start_room(self: &Arc<Self>, project_id: &str) {
+        let _ = self.open_room(project_id);
+    }
+
+    /// The project's room, created (with its history and its pump on the bus) on first use.
+    pub(super) fn open_room(self: &Arc<Self>, project_id: &str) -> Arc<Room> {
+        if let Some(r) = self.rooms.lock().expect("poisoned").get(project_id) {
+            return r.clone();
+        }
+        // The history is opened (read back, up to its byte bound) without the lock of every
+        // room; one opening per project at a time.
+        let opening = self
+            .opening
+            .lock()
+            .expect("poisoned")
+            .entry(project_id.to_string())
+            .or_default()
+            .clone();
+        let _opening = opening.lock().expect("poisoned");
+        if let Some(r) = self.rooms.lock().expect("poisoned").get(project_id) {
+            return r.clone();
+        }
+        let retention = self.settings.retention;
+        let dir = self.settings.data_dir.join("realtime").join(project_id);
+        let history = match History::open(
+            &dir,
+            Limits {
+                events: retention.events,
+                age_ms: retention.age.as_millis() as i64,
+                bytes: retention.bytes as u64,
+            },
+        ) {
+            Ok(h) => Some(h),
+            Err(e) => {
+                tracing::error!(project_id, dir = %dir.display(), error = %e,
+                    "opening the realtime history: resumes are refused");
+                None
+            }
+        };
+        let last_id = history
+            .as_ref()
+            .and_then(|h| h.last_seen().map(str::to_string));
+        let room = Arc::new(Room {
+            room_id: format!("project_{project_id}"),
+            project_id: project_id.to_string(),
+            realtime: Arc::downgrade(self),
+            state: Mutex::new(RoomState {
+                last_id,
+                ..Default::default()
+            }),
+            history: Mutex::new(history),
+            dir,
+            budget: Mutex::new((
+                Bucket::new(self.settings.realtime_project_broadcasts_per_sec as f64),
+                Bucket::new(self.settings.realtime_project_broadcast_bytes_per_sec as f64),
+            )),
+            pump: Mutex::new(None),
+            chunks: Mutex::new(ChunkCache::default()),
+            reads: Arc::new(tokio::sync::Semaphore::new(
+                self.settings.realtime_catch_up_reads.max(1),
+            )),
+            fell_behind: AtomicU64::new(0),
+            chunk_reads: AtomicU64::new(0),
+        });
+        let task = super::pump::spawn(self, &room);
+        *room.pump.lock().expect("poisoned") = Some(task);
+        self.rooms
+            .lock()
+            .expect("poisoned")
+            .insert(project_id.to_string(), room.clone());
+        self.opening.lock().expect("poisoned").remove(project_id);
+        room
+    }
+
+    /// A project's room, if it has one on this server.
+    pub(super) fn room(&self, project_id: &str) -> Option<Arc<Room>> {
+        self.rooms
+            .lock()
+            .expect("poisoned")
+            .get(project_id)
+            .cloned()
+    }
+
+    /// Closes a project's room: members get an error and are removed (suspension, deletion).
+    /// A suspended project's room keeps recording its history (as the project keeps its other
+    /// data); a deleted one is dropped with its history.
+    pub fn close_project(&self, project_id: &str, why: RoomClosed) {
+        self.visibility.forget(project_id);
+        let (code, message) = (why.code(), why.message());
+        let deleted = why == RoomClosed::Deleted;
+        let room = if deleted {
+            self.rooms.lock().expect("poisoned").remove(project_id)
+        } else {
+            self.room(project_id)
+        };
+        if let Some(room) = room {
+            if deleted {
+                if let Some(task) = room.pump.lock().expect("poisoned").take() {
+                    task.abort();
+                }
+                *room.history.lock().expect("poisoned") = None;
+                let dir = room.dir.clone();
+                let remove = move || {
+                    if let Err(e) = std::fs::remove_dir_all(&dir) {
+                        if e.kind() != std::io::ErrorKind::NotFound {
+                            tracing::warn!(error = %e, dir = %dir.display(), "removing a deleted project's realtime history");
+                        }
+                    }
+                };
+                // Not on an async worker thread when there is a runtime.
+                match tokio::runtime::Handle::try_current() {
+                    Ok(rt) => drop(rt.spawn_blocking(remove)),
+                    Err(_) => remove(),
+                }
+            }
+            let members = std::mem::take(&mut room.state.lock().expect("poisoned").members);
+            let msg = Message::text(
+                json!({ "type": "error", "code": code, "message": message, "roomId": room.room_id })
+                    .to_string(),
+            );
+            for m in members.values() {
+                m.socket.push(msg.clone());
+            }
+        }
+    }
+
+    /// Whether a socket is (still) in a project's room.
+    pub(super) fn in_room(&self, project_id: &str, socket: u64) -> bool {
+        let room = self.room(project_id);
+        room.is_some_and(|r| {
+            r.state
+                .lock()
+                .expect("poisoned")
+                .members
+                .contains_key(&socket)
+        })
+    }
+}
