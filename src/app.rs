@@ -65,9 +65,14 @@ impl App {
         let secrets = Secrets::load_or_create(&config.data_dir)?;
         let (cluster, embedded) = match &config.database_url {
             Some(url) => {
-                let database = crate::config::redact_url(url.expose());
-                tracing::info!(database, "using an existing cluster");
-                (ClusterTarget::from_url(url.expose())?, None)
+                let target = ClusterTarget::from_url(url.expose())?;
+                tracing::info!(
+                    host = %target.host,
+                    port = target.port,
+                    user = %target.admin_user,
+                    "using an existing cluster"
+                );
+                (target, None)
             }
             None => {
                 let pg_dir = config.data_dir.join("pg");

@@ -45,7 +45,7 @@ pub struct Config {
     pub s3_region: Option<String>,
     /// S3 credentials; unset: the usual `AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`,
     /// `AWS_SESSION_TOKEN` variables (or the instance's role). Never logged.
-    pub s3_access_key_id: Option<String>,
+    pub s3_access_key_id: Option<Secret>,
     pub s3_secret_access_key: Option<Secret>,
     /// Largest accepted file upload, in bytes (then 413 `PAYLOAD_TOO_LARGE`).
     pub max_upload_bytes: u64,
@@ -274,6 +274,9 @@ const OTHER_VARIABLES: &[&str] = &[
     "FLUXBASE_READ_KEY",
     "FLUXBASE_PROJECT_ID",
     "FLUXBASE_WS_URL",
+    // The guide's webhook receiver (`process.env.FLUXBASE_WEBHOOK_SECRET`), often in the same
+    // `.env` file as the server's settings.
+    "FLUXBASE_WEBHOOK_SECRET",
 ];
 
 impl Config {
@@ -297,6 +300,10 @@ impl Config {
             let Some(name) = name.to_str().filter(|n| n.starts_with(PREFIX)) else {
                 continue;
             };
+            // Not a setting: the variable's owner reads it (a path may be any bytes).
+            if OTHER_VARIABLES.contains(&name) {
+                continue;
+            }
             let value = value
                 .into_string()
                 .map_err(|_| anyhow::anyhow!("{name} is not valid UTF-8"))?;

@@ -575,7 +575,10 @@ impl DeleteFile {
     params(("key" = String, Query, description = "The file's key"),
            ("expires" = String, Query, description = "Unix seconds"),
            ("signature" = String, Query, description = "HMAC of key and expiry")),
-    responses((status = 200, description = "The file's bytes", content_type = "application/octet-stream")))]
+responses((status = 200, description = "The file's bytes, with the type it was uploaded with", content_type = "*/*",
+        headers(("content-disposition" = String, description = "inline or attachment, with the file's name"),
+                ("content-security-policy" = String, description = "`default-src 'none'; sandbox`: a file is never a page of this origin"),
+                ("cache-control" = String, description = "public files `public, max-age=60`, private ones `private, no-store`")))))]
 pub async fn signed_download(app: SharedApp, req: Request) -> ApiResult<Response> {
     signed(app, req, false).await
 }
@@ -600,7 +603,10 @@ async fn signed(app: SharedApp, req: Request, head: bool) -> ApiResult<Response>
 /// A file of a public bucket, at `/api/storage/public/<projectId>/<bucket>/<path>`.
 #[utoipa::path(get, path = "/api/storage/public/{path}", tag = "storage",
     params(("path" = String, Path, description = "`<projectId>/<bucket>/<file path>`, percent-encoded")),
-    responses((status = 200, description = "The file's bytes", content_type = "application/octet-stream")))]
+responses((status = 200, description = "The file's bytes, with the type it was uploaded with", content_type = "*/*",
+        headers(("content-disposition" = String, description = "inline or attachment, with the file's name"),
+                ("content-security-policy" = String, description = "`default-src 'none'; sandbox`: a file is never a page of this origin"),
+                ("cache-control" = String, description = "public files `public, max-age=60`, private ones `private, no-store`")))))]
 pub async fn public_download(app: SharedApp, req: Request) -> ApiResult<Response> {
     public(app, req, false).await
 }

@@ -51,10 +51,12 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex, OnceLock, RwLock};
 use std::time::{Duration, Instant};
 
-use fluxbase_replication::client::{PgOutputOptions, ReplicationClient, ReplicationEvent};
+use fluxbase_replication::client::{
+    PgOutputOptions, ReplicationClient, ReplicationError, ReplicationEvent,
+};
 use fluxbase_replication::pgoutput::{self, DecodeContext, LogicalReplicationMessage, Lsn};
 use fluxbase_replication::values::TypeRegistry;
-use fluxbase_replication::wire::{ConnectConfig, Connection};
+use fluxbase_replication::wire::{ConnectConfig, Connection, WireError};
 use serde::Serialize;
 
 use crate::bus::{Bus, EventBus, ProjectChannel};
@@ -469,22 +471,45 @@ enum StreamError {
 }
 
 impl StreamError {
-    /// Transient: reconnecting later may work, so the stream retries with backoff. Everything
-    /// else is definite: the same error would come back on every attempt (a dropped slot or
-    /// publication, refused authentication or permission, a message this decoder cannot read),
-    /// so the stream stops and reports it instead of looping.
+    /// Transient: reconnecting later may work, so the stream retries with backoff. Definite: the
+    /// same error would come back on every attempt (a dropped slot or publication, refused
+    /// authentication or permission, a message this decoder cannot read), so the stream stops
+    /// and reports it instead of looping. The server's errors are transient unless known to be
+    /// definite ([`definite_wire_error`]).
     fn is_transient(&self) -> bool {
         match self {
-            // Our own previous walsender may still hold the slot for a moment after a restart
-            // or rewind of this stream (55006): it lets go when it notices.
-            StreamError::Replication(e) => e.is_retryable() || e.is_slot_in_use(),
-            StreamError::Wire(e) => e.is_retryable(),
+            StreamError::Replication(ReplicationError::Wire(e)) | StreamError::Wire(e) => {
+                !definite_wire_error(e)
+            }
+            StreamError::Replication(_) => false,
             // The spill directory: a full disk may be freed.
             StreamError::Assemble(assemble::AssembleError::Spill(_)) => true,
             // The server closed the stream (a shutdown): it resumes from the slot.
             StreamError::Ended | StreamError::Rewind => true,
             StreamError::Decode(_) | StreamError::Assemble(_) | StreamError::SlotLost(_) => false,
         }
+    }
+}
+
+/// The server's errors that the same attempt would meet again however long the stream waits:
+/// refused authentication (class 28) or privilege (42501), a missing object such as the
+/// publication (42704; a missing slot is [`StreamError::SlotLost`], caught before), a feature the
+/// server does not offer (0A000), `wal_level` below `logical` (55000), and answers this client
+/// cannot read. Everything else the server says is retried with backoff: a full disk (53100) or
+/// memory (53200), a cancelled statement (57014), a standby answering during a failover (55000
+/// "in recovery", 25006, 40001), a database being recreated (3D000), the server restarting
+/// (57P0x) or out of connections (53300), a lost connection (class 08, I/O, timeout): each of
+/// them clears by itself, and a stream that stopped on them would pin the slot's WAL for good.
+fn definite_wire_error(e: &WireError) -> bool {
+    match e {
+        WireError::Io(_) | WireError::Closed | WireError::Timeout => false,
+        WireError::Db(db) => {
+            let code = db.code.as_str();
+            code.starts_with("28")
+                || matches!(code, "42501" | "42704" | "0A000")
+                || (code == "55000" && db.message.contains("wal_level"))
+        }
+        WireError::Protocol(_) | WireError::Auth(_) | WireError::InvalidInput(_) => true,
     }
 }
 
@@ -732,8 +757,7 @@ async fn release<C: ProjectChannel>(
 
 #[cfg(test)]
 mod tests {
-    use fluxbase_replication::client::ReplicationError;
-    use fluxbase_replication::wire::{DbError, Phase, WireError};
+    use fluxbase_replication::wire::{DbError, Phase};
 
     use super::*;
 
@@ -797,6 +821,16 @@ mod tests {
                 "full",
             ))),
             StreamError::Ended,
+            // Conditions that clear by themselves: a full disk on the server, a cancelled
+            // statement, a standby answering during a failover, a database being recreated.
+            StreamError::Wire(db("53100", "could not write to file", Phase::Query)),
+            StreamError::Wire(db("57014", "canceling statement", Phase::Query)),
+            StreamError::Replication(ReplicationError::Wire(db(
+                "55000",
+                "logical decoding cannot be used while in recovery",
+                Phase::Query,
+            ))),
+            StreamError::Wire(db("3D000", "database does not exist", Phase::Startup)),
         ];
         for e in &transient {
             assert!(e.is_transient(), "{e}");
@@ -821,6 +855,11 @@ mod tests {
             StreamError::Wire(WireError::Auth("unsupported method".into())),
             StreamError::Replication(ReplicationError::Wire(WireError::Protocol("x".into()))),
             StreamError::Assemble(assemble::AssembleError::UnknownRelation("INSERT", 7)),
+            StreamError::Wire(db(
+                "55000",
+                "logical decoding requires wal_level >= logical",
+                Phase::Query,
+            )),
         ];
         for e in &definite {
             assert!(!e.is_transient(), "{e}");

@@ -106,7 +106,7 @@ impl Backend {
                         .with_endpoint(endpoint)
                         .with_allow_http(endpoint.starts_with("http://"));
                 }
-                if let Some(id) = &config.s3_access_key_id {
+                if let Some(id) = config.s3_access_key_id.as_ref().map(|id| id.expose()) {
                     builder = builder.with_access_key_id(id);
                 }
                 if let Some(secret) = &config.s3_secret_access_key {

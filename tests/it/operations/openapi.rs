@@ -95,6 +95,7 @@ async fn schemathesis_finds_no_server_error_and_no_undocumented_response() {
     let f = app.fixture().await;
     let st = tool("st");
     let report_dir = std::env::temp_dir().join(format!("schemathesis-{}", std::process::id()));
+    std::fs::create_dir_all(&report_dir).unwrap();
     // One run per credential, all at once (each bounded by --max-time).
     let runs = [
         ("read key", f.read.as_str()),
@@ -114,6 +115,9 @@ async fn schemathesis_finds_no_server_error_and_no_undocumented_response() {
             ])
             .args(["--phases", "examples,coverage,fuzzing"])
             .args(["--max-examples", "25", "--generation-deterministic"])
+            // Nothing written to the working tree (`.schemathesis/`, `.hypothesis/`).
+            .args(["--generation-database", "none"])
+            .current_dir(&report_dir)
             .args(["--max-time", "60", "--request-timeout", "20", "--workers", "1"])
             .args(["--no-color", "--output-truncate", "true"])
             .arg("--report-dir")
