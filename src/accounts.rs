@@ -1,4 +1,4 @@
-//! Users and login sessions: sign-up, login, logout, `me`.
+//! Users and login sessions: sign-up, login, logout, `me`, and the operator's password reset.
 //!
 //! Passwords are hashed with Argon2id (RFC 9106 defaults of the `argon2` crate) on a blocking
 //! thread; session tokens are 256-bit random values stored as SHA-256 hashes, expiring after
@@ -10,44 +10,112 @@
 //! the other, log in as it, or receive its invitations; the stored address is the normalised one
 //! and the unique index on `lower(email)` refuses a second account for it.
 
+use std::net::IpAddr;
+use std::sync::Arc;
+
 use argon2::password_hash::{Output, ParamsString, PasswordHash, SaltString};
 use argon2::Argon2;
 use chrono::{DateTime, Utc};
-use serde::Deserialize;
-use serde_json::{json, Value};
-use std::net::IpAddr;
-use warp::http::StatusCode;
+use serde::Serialize;
 
-use crate::api::error::{ApiError, ApiResult};
-use crate::app::App;
-use crate::auth::{Principal, SESSION_PREFIX};
+use crate::auth::{AuthError, MemberRole, Principal, SESSION_PREFIX};
+use crate::control::{invitations, members, sessions, users};
+use crate::ratelimit::{AccountLimits, LimitError};
 use crate::secrets::{random_base62, random_bytes, sha256};
+use crate::team::PendingInvite;
 
-#[derive(Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-pub struct SignupRequest {
+#[derive(Debug, thiserror::Error)]
+pub enum AccountsError {
+    #[error(transparent)]
+    Auth(#[from] AuthError),
+    #[error("Logout needs a session token, not an API key.")]
+    LogoutNeedsSession,
+    #[error("email: at most {MAX_EMAIL_BYTES} bytes (got {0})")]
+    EmailTooLong(usize),
+    #[error("email: {0:?} is not a valid email address")]
+    InvalidEmail(String),
+    #[error("password: must be between 8 and 1024 characters")]
+    InvalidPassword,
+    #[error("displayName: at most 200 characters")]
+    DisplayNameTooLong,
+    #[error("An account with this email already exists.")]
+    EmailTaken,
+    #[error("Wrong email or password.")]
+    WrongCredentials,
+    #[error("no user with the email {0:?}")]
+    NoSuchUser(String),
+    #[error("more than one user matches {0:?}: reset them by exact id")]
+    AmbiguousEmail(String),
+    #[error(transparent)]
+    Limited(#[from] LimitError),
+    #[error(transparent)]
+    Internal(#[from] anyhow::Error),
+}
+
+impl From<tokio_postgres::Error> for AccountsError {
+    fn from(e: tokio_postgres::Error) -> Self {
+        AccountsError::Internal(e.into())
+    }
+}
+
+impl From<deadpool_postgres::PoolError> for AccountsError {
+    fn from(e: deadpool_postgres::PoolError) -> Self {
+        AccountsError::Internal(e.into())
+    }
+}
+
+/// What a new account is made of (sign-up, and the first run's default user).
+pub struct NewUser {
     pub email: String,
     pub password: String,
     pub display_name: Option<String>,
 }
 
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct LoginRequest {
-    pub email: String,
-    pub password: String,
-}
-
+#[derive(Clone, Serialize, utoipa::ToSchema)]
+#[serde(rename_all = "camelCase")]
 pub struct User {
     pub id: String,
     pub email: String,
     pub display_name: Option<String>,
 }
 
-impl User {
-    pub fn json(&self) -> Value {
-        json!({ "id": self.id, "email": self.email, "displayName": self.display_name })
+impl From<users::UserRow> for User {
+    fn from(u: users::UserRow) -> Self {
+        User {
+            id: u.id,
+            email: u.email,
+            display_name: u.display_name,
+        }
     }
+}
+
+/// A login session just opened: its token exists only here and with the caller.
+pub struct Session {
+    pub user: User,
+    pub token: String,
+    pub expires_at: DateTime<Utc>,
+}
+
+/// A project the account belongs to, with its role there.
+#[derive(Serialize, utoipa::ToSchema)]
+pub struct Membership {
+    pub id: String,
+    pub name: String,
+    pub role: MemberRole,
+}
+
+/// The account behind a session: itself, its projects and the invitations awaiting its answer.
+pub struct Me {
+    pub user: User,
+    pub projects: Vec<Membership>,
+    pub invites: Vec<PendingInvite>,
+}
+
+/// What `fluxbase user reset-password` did.
+pub struct PasswordReset {
+    pub user_id: String,
+    pub email: String,
+    pub sessions_revoked: u64,
 }
 
 /// The one spelling of an email address: trimmed, Unicode NFKC, lowercase (NFKC again, as
@@ -63,36 +131,26 @@ pub const MAX_EMAIL_BYTES: usize = 254;
 
 /// Refuses an email field longer than [`MAX_EMAIL_BYTES`] (surrounding blanks aside) before it
 /// is normalised, looked up or counted anywhere.
-pub fn check_email_length(raw: &str) -> ApiResult<()> {
+pub fn check_email_length(raw: &str) -> Result<(), AccountsError> {
     if raw.trim().len() > MAX_EMAIL_BYTES {
-        return Err(ApiError::BadRequest(format!(
-            "email: at most {MAX_EMAIL_BYTES} bytes (got {})",
-            raw.trim().len()
-        )));
+        return Err(AccountsError::EmailTooLong(raw.trim().len()));
     }
     Ok(())
 }
 
-fn validate_email(email: &str) -> ApiResult<()> {
+fn validate_email(email: &str) -> Result<(), AccountsError> {
     let ok = email.len() <= 254
         && !email.chars().any(|c| c.is_whitespace() || c.is_control())
         && matches!(email.split_once('@'), Some((l, d)) if !l.is_empty() && d.contains('.') && !d.starts_with('.') && !d.ends_with('.') && !d.contains('@'));
     if ok {
         Ok(())
     } else {
-        Err(ApiError::BadRequest(format!(
-            "email: {email:?} is not a valid email address"
-        )))
+        Err(AccountsError::InvalidEmail(email.to_string()))
     }
 }
 
-fn validate_password(password: &str) -> ApiResult<()> {
-    if password.chars().count() < 8 || password.len() > 1024 {
-        return Err(ApiError::BadRequest(
-            "password: must be between 8 and 1024 characters".into(),
-        ));
-    }
-    Ok(())
+fn password_length_ok(password: &str) -> bool {
+    password.chars().count() >= 8 && password.len() <= 1024
 }
 
 thread_local! {
@@ -171,192 +229,191 @@ fn verify_password(password: &str, hash: Option<&str>) -> bool {
     ok && hash.is_some()
 }
 
-impl App {
-    /// Creates a user; a clash on the normalised email is a 409.
-    pub async fn create_user(&self, req: SignupRequest) -> ApiResult<User> {
+/// Accounts and their sessions, on the control database.
+pub struct Accounts {
+    control: deadpool_postgres::Pool,
+    limits: Arc<AccountLimits>,
+    session_ttl_secs: u64,
+}
+
+impl Accounts {
+    pub fn new(
+        control: deadpool_postgres::Pool,
+        limits: Arc<AccountLimits>,
+        session_ttl_secs: u64,
+    ) -> Accounts {
+        Accounts {
+            control,
+            limits,
+            session_ttl_secs,
+        }
+    }
+
+    /// Creates a user; a clash on the normalised email is refused.
+    pub async fn create_user(&self, req: NewUser) -> Result<User, AccountsError> {
         check_email_length(&req.email)?;
         let email = normalize_email(&req.email);
         validate_email(&email)?;
-        validate_password(&req.password)?;
+        if !password_length_ok(&req.password) {
+            return Err(AccountsError::InvalidPassword);
+        }
         let display_name = req
             .display_name
             .map(|d| d.trim().to_string())
             .filter(|d| !d.is_empty());
         if display_name.as_ref().is_some_and(|d| d.len() > 200) {
-            return Err(ApiError::BadRequest(
-                "displayName: at most 200 characters".into(),
-            ));
+            return Err(AccountsError::DisplayNameTooLong);
         }
         let password = req.password;
-        let hash = self
-            .account_limits
-            .hash(move || hash_password(&password))
-            .await??;
-        let id = format!("usr_{}", random_base62(16));
-        let client = self.control.get().await?;
-        let inserted = client
-            .execute(
-                "INSERT INTO fluxbase.users (id, email, display_name, password_hash)
-                 VALUES ($1, $2, $3, $4) ON CONFLICT DO NOTHING",
-                &[&id, &email, &display_name, &hash],
-            )
-            .await?;
-        if inserted == 0 {
-            return Err(ApiError::Conflict(
-                "An account with this email already exists.".into(),
-            ));
-        }
-        Ok(User {
-            id,
+        let hash = self.limits.hash(move || hash_password(&password)).await??;
+        let user = users::UserRow {
+            id: format!("usr_{}", random_base62(16)),
             email,
             display_name,
-        })
+        };
+        let client = self.control.get().await?;
+        if !users::insert(&client, &user, &hash).await? {
+            return Err(AccountsError::EmailTaken);
+        }
+        Ok(user.into())
     }
 
-    /// A new session for `user_id`: (token, expiry).
-    pub async fn create_session(&self, user_id: &str) -> ApiResult<(String, DateTime<Utc>)> {
+    /// A new session for `user`.
+    async fn open_session(&self, user: User) -> Result<Session, AccountsError> {
         let token = format!("{SESSION_PREFIX}{}", random_base62(43));
-        let expires = Utc::now() + chrono::Duration::seconds(self.config.session_ttl_secs as i64);
+        let expires_at = Utc::now() + chrono::Duration::seconds(self.session_ttl_secs as i64);
         let client = self.control.get().await?;
-        client
-            .execute(
-                "INSERT INTO fluxbase.sessions (token_hash, user_id, expires_at) VALUES ($1, $2, $3)",
-                &[&sha256(token.as_bytes()), &user_id, &expires],
-            )
-            .await?;
-        client
-            .execute(
-                "DELETE FROM fluxbase.sessions WHERE expires_at < now() - interval '7 days'",
-                &[],
-            )
-            .await?;
-        Ok((token, expires))
-    }
-
-    pub async fn load_user(&self, user_id: &str) -> ApiResult<User> {
-        let client = self.control.get().await?;
-        let row = client
-            .query_one(
-                "SELECT id, email, display_name FROM fluxbase.users WHERE id = $1",
-                &[&user_id],
-            )
-            .await?;
-        Ok(User {
-            id: row.get(0),
-            email: row.get(1),
-            display_name: row.get(2),
+        sessions::insert(&client, &sha256(token.as_bytes()), &user.id, expires_at).await?;
+        sessions::purge_expired(&client).await?;
+        Ok(Session {
+            user,
+            token,
+            expires_at,
         })
     }
 
     /// `POST /api/auth/signup`, counted against the client's address.
     pub async fn signup(
         &self,
-        req: SignupRequest,
+        req: NewUser,
         client: Option<IpAddr>,
-    ) -> ApiResult<(StatusCode, Value)> {
+    ) -> Result<Session, AccountsError> {
         check_email_length(&req.email)?;
-        self.account_limits.attempt_from(client)?;
+        self.limits.attempt_from(client)?;
         let user = self.create_user(req).await?;
-        let (token, expires_at) = self.create_session(&user.id).await?;
-        Ok((
-            StatusCode::CREATED,
-            json!({ "success": true, "user": user.json(), "token": token, "expiresAt": expires_at }),
-        ))
+        self.open_session(user).await
     }
 
     /// `POST /api/auth/login`, counted against the client's address; an account with too many
     /// recent failures is refused before its password is checked.
     pub async fn login(
         &self,
-        req: LoginRequest,
+        email: &str,
+        password: String,
         client: Option<IpAddr>,
-    ) -> ApiResult<(StatusCode, Value)> {
-        check_email_length(&req.email)?;
-        self.account_limits.attempt_from(client)?;
-        let email = normalize_email(&req.email);
-        self.account_limits.login_allowed(&email, client)?;
+    ) -> Result<Session, AccountsError> {
+        check_email_length(email)?;
+        self.limits.attempt_from(client)?;
+        let email = normalize_email(email);
+        self.limits.login_allowed(&email, client)?;
         let checked = async {
             let db = self.control.get().await?;
-            let row = db
-                .query_opt(
-                    "SELECT id, email, display_name, password_hash FROM fluxbase.users
-                     WHERE lower(email) = lower($1)",
-                    &[&email],
-                )
-                .await?;
+            let found = users::with_password_by_email(&db, &email).await?;
             drop(db);
-            let hash = row.as_ref().map(|r| r.get::<_, String>(3));
-            let password = req.password;
+            let (user, hash) = match found {
+                Some((user, hash)) => (Some(user), Some(hash)),
+                None => (None, None),
+            };
             let verified = self
-                .account_limits
+                .limits
                 .hash(move || verify_password(&password, hash.as_deref()))
                 .await?;
-            Ok::<_, ApiError>((verified, row))
+            Ok::<_, AccountsError>((verified, user))
         }
         .await;
-        let row = match checked {
-            Ok((false, _)) => {
-                return Err(ApiError::AuthRequired("Wrong email or password.".into()))
-            }
-            Ok((true, row)) => {
-                self.account_limits.login_not_failed(&email, client);
-                row
+        let user = match checked {
+            Ok((false, _)) => return Err(AccountsError::WrongCredentials),
+            Ok((true, user)) => {
+                self.limits.login_not_failed(&email, client);
+                user
             }
             Err(e) => {
-                self.account_limits.login_not_failed(&email, client);
+                self.limits.login_not_failed(&email, client);
                 return Err(e);
             }
         };
-        let row = row.expect("verified users exist");
-        let user = User {
-            id: row.get(0),
-            email: row.get(1),
-            display_name: row.get(2),
-        };
-        let (token, expires_at) = self.create_session(&user.id).await?;
-        Ok((
-            StatusCode::OK,
-            json!({ "success": true, "user": user.json(), "token": token, "expiresAt": expires_at }),
-        ))
+        let user = user.expect("verified users exist");
+        self.open_session(user.into()).await
     }
 
-    pub async fn logout(&self, principal: &Principal) -> ApiResult<(StatusCode, Value)> {
+    /// Ends the session of the token used.
+    pub async fn logout(&self, principal: &Principal) -> Result<(), AccountsError> {
         let Principal::Session { token_hash, .. } = principal else {
-            return Err(ApiError::ScopeMismatch(
-                "Logout needs a session token, not an API key.".into(),
-            ));
+            return Err(AccountsError::LogoutNeedsSession);
         };
         let client = self.control.get().await?;
-        client
-            .execute(
-                "DELETE FROM fluxbase.sessions WHERE token_hash = $1",
-                &[token_hash],
-            )
-            .await?;
-        Ok((StatusCode::OK, json!({ "success": true })))
+        sessions::delete(&client, token_hash).await?;
+        Ok(())
     }
 
-    pub async fn me(&self, principal: &Principal) -> ApiResult<(StatusCode, Value)> {
+    /// The session's account, its projects and the invitations awaiting its answer.
+    pub async fn me(&self, principal: &Principal) -> Result<Me, AccountsError> {
         let user_id = principal.require_session()?;
-        let user = self.load_user(user_id).await?;
         let client = self.control.get().await?;
-        let projects: Vec<Value> = client
-            .query(
-                "SELECT p.id, p.name, m.role FROM fluxbase.members m
-                 JOIN fluxbase.projects p ON p.id = m.project_id
-                 WHERE m.user_id = $1 ORDER BY p.created_at",
-                &[&user_id],
-            )
+        let user = users::get(&client, user_id).await?.into();
+        let projects = members::of_user(&client, user_id)
             .await?
-            .iter()
-            .map(|r| json!({ "id": r.get::<_, String>(0), "name": r.get::<_, String>(1), "role": r.get::<_, String>(2) }))
+            .into_iter()
+            .map(|m| Membership {
+                id: m.project_id,
+                name: m.project_name,
+                role: m.role,
+            })
             .collect();
-        drop(client);
-        let invites = self.pending_invites_for(user_id).await?;
-        Ok((
-            StatusCode::OK,
-            json!({ "success": true, "user": user.json(), "projects": projects, "invites": invites }),
-        ))
+        let invites = invitations::pending_for(&client, user_id)
+            .await?
+            .into_iter()
+            .map(PendingInvite::from)
+            .collect();
+        Ok(Me {
+            user,
+            projects,
+            invites,
+        })
+    }
+
+    /// Sets the password of the user with `email` (any case) and revokes all their sessions,
+    /// so a session opened with the old password is refused from its next request. The caller
+    /// empties the access caches (`fluxbase user reset-password`).
+    pub async fn reset_password(
+        &self,
+        email: &str,
+        password: &str,
+    ) -> Result<PasswordReset, AccountsError> {
+        if !password_length_ok(password) {
+            return Err(AccountsError::InvalidPassword);
+        }
+        let owned = password.to_string();
+        let hash = tokio::task::spawn_blocking(move || hash_password(&owned))
+            .await
+            .map_err(anyhow::Error::from)??;
+        let email = normalize_email(email);
+        let mut client = self.control.get().await?;
+        let tx = client.transaction().await?;
+        let matches = users::lock_by_email(&tx, &email).await?;
+        let (user_id, email) = match <[_; 1]>::try_from(matches) {
+            Ok([found]) => found,
+            Err(v) if v.is_empty() => return Err(AccountsError::NoSuchUser(email)),
+            Err(_) => return Err(AccountsError::AmbiguousEmail(email)),
+        };
+        users::set_password(&tx, &user_id, &hash).await?;
+        let sessions_revoked = sessions::delete_for_user(&tx, &user_id).await?;
+        tx.commit().await?;
+        Ok(PasswordReset {
+            user_id,
+            email,
+            sessions_revoked,
+        })
     }
 }
 

@@ -2384,7 +2384,10 @@ impl App {
             }
             _ => return Err(("BAD_MESSAGE", "since: expected an event id".into())),
         };
-        let api = |e: ApiError| (e.code(), e.to_string());
+        fn api(e: impl Into<ApiError>) -> (&'static str, String) {
+            let e = e.into();
+            (e.code(), e.to_string())
+        }
         // Taken before the key is checked: compared again under the room's lock.
         let mut revocations = self.realtime.revocations(project_id);
         let mut user = None;
@@ -2392,10 +2395,15 @@ impl App {
         // The subscription's identity for row-level security (see crate::visibility).
         let named_uid = &msg["authUid"];
         let identity: Identity;
-        let project = self.load_project(project_id).await.map_err(api)?.ok_or((
-            "PROJECT_NOT_FOUND",
-            "No project found for the given projectId.".into(),
-        ))?;
+        let project = self
+            .auth
+            .load_project(project_id)
+            .await
+            .map_err(api)?
+            .ok_or((
+                "PROJECT_NOT_FOUND",
+                "No project found for the given projectId.".into(),
+            ))?;
         match msg["token"].as_str().filter(|t| !t.is_empty()) {
             Some(token) if token.starts_with(TOKEN_PREFIX) => {
                 let mut claims = self.verify_realtime_token(token)?;
@@ -2452,7 +2460,7 @@ impl App {
                 identity = Identity { role, auth_uid: claims.u };
             }
             Some(token) => {
-                let principal = self.authenticate(Some(&format!("Bearer {token}"))).await.map_err(api)?;
+                let principal = self.auth.authenticate(Some(&format!("Bearer {token}"))).await.map_err(api)?;
                 if let Principal::Key { project_id: key_project, key_id, .. } = &principal {
                     if key_project != &project.id {
                         return Err(("SCOPE_MISMATCH", "This key belongs to another project.".into()));
@@ -2462,7 +2470,7 @@ impl App {
                         fingerprint: key_fingerprint(self, &crate::secrets::sha256(token.as_bytes())),
                     });
                 }
-                let access = self.project_access(&principal, &project.id).await.map_err(api)?;
+                let access = self.auth.project_access(&principal, &project.id).await.map_err(api)?;
                 // As execute-sql: a key may name its end user, a session acts as its own.
                 let auth_uid = crate::rls::request_identity(&access, Some(named_uid), None)
                     .map_err(|e| match e {
@@ -2488,7 +2496,7 @@ impl App {
                 ))
             }
         }
-        if project.status == "suspended" {
+        if project.status == crate::projects::ProjectStatus::Suspended {
             return Err(("PROJECT_SUSPENDED", ApiError::ProjectSuspended.to_string()));
         }
         let room = self.room(&project.id);
@@ -2509,7 +2517,12 @@ impl App {
                 self.check_binding(&project.id, k).await?;
             }
             if let Some(member) = &user {
-                if !self.is_member(&project.id, member).await.map_err(api)? {
+                if !self
+                    .auth
+                    .is_member(&project.id, member)
+                    .await
+                    .map_err(api)?
+                {
                     return Err((
                         "ACCESS_REVOKED",
                         "You are no longer a member of this project.".into(),

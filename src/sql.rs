@@ -547,11 +547,11 @@ impl App {
             return Ok(rp.clone());
         }
         let user = role.role_name(&project.id);
-        let login = Arc::new(self.role_login(&user));
+        let login = Arc::new(self.projects.role_login(&user));
         let cfg = ConnectConfig {
             host: self.sql.host.clone(),
             port: self.sql.port,
-            password: Some(self.role_password(&user)),
+            password: Some(self.projects.role_password(&user)),
             user,
             database: project.db_name.clone(),
             application_name: Some("fluxbase-sql".into()),

@@ -601,7 +601,7 @@ impl Visibility {
             }
             return out;
         }
-        let project = match app.load_project(project_id).await {
+        let project = match app.auth.load_project(project_id).await {
             Ok(Some(p)) => Some(p),
             _ => None,
         };

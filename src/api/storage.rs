@@ -96,7 +96,10 @@ pub async fn delete_file_legacy(app: SharedApp, req: Request) -> ApiResult<impl 
 async fn delete(app: SharedApp, req: Request) -> ApiResult<impl Reply> {
     let principal = req.principal(&app).await?;
     let target = DeleteFile::from_request(&req)?;
-    let access = app.project_access(&principal, &target.project_id).await?;
+    let access = app
+        .auth
+        .project_access(&principal, &target.project_id)
+        .await?;
     app.delete_file(&access, target.file_id.as_deref(), target.s3_key.as_deref())
         .await
 }

@@ -60,8 +60,8 @@ pub fn slot_name(project_id: &str) -> String {
 /// The HMAC-SHA256 key of a project's `fluxbase.*` messages: the server's own emitters
 /// (`fluxbase_cdc.emit`, sql/project/0005_sandbox.sql) prefix each message with
 /// `hex(HMAC(key, prefix || "\n" || body))`; the stream drops any message without it.
-pub fn message_key(app: &App, project_id: &str) -> [u8; 32] {
-    let hex_key = app.secrets.derive(&format!("cdc-messages:{project_id}"));
+pub fn message_key(secrets: &crate::secrets::Secrets, project_id: &str) -> [u8; 32] {
+    let hex_key = secrets.derive(&format!("cdc-messages:{project_id}"));
     let mut key = [0u8; 32];
     hex::decode_to_slice(hex_key, &mut key).expect("derive returns 32 bytes of hex");
     key
@@ -401,7 +401,7 @@ async fn stream_once(
             a.sql.types(project_id),
             a.config.cdc_buffer_bytes,
             a.config.data_dir.join("cdc-spill").join(project_id),
-            message_key(&a, project_id),
+            message_key(&a.secrets, project_id),
         )
     };
     let _ = std::fs::remove_dir_all(&spill_dir);

@@ -569,8 +569,12 @@ impl App {
         head: bool,
     ) -> ApiResult<Response> {
         let not_found = || ApiError::NotFound("File not found.".into());
-        let project = self.load_project(project_id).await?.ok_or_else(not_found)?;
-        if project.status == "suspended" {
+        let project = self
+            .auth
+            .load_project(project_id)
+            .await?
+            .ok_or_else(not_found)?;
+        if project.status == crate::projects::ProjectStatus::Suspended {
             return Err(ApiError::ProjectSuspended);
         }
         let row = self

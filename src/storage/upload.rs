@@ -73,7 +73,7 @@ impl App {
         let authorization = headers
             .get(warp::http::header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok());
-        let principal = self.authenticate(authorization).await?;
+        let principal = self.auth.authenticate(authorization).await?;
         if let Principal::Key {
             scope: Scope::Read, ..
         } = principal
@@ -255,7 +255,7 @@ impl App {
     }
 
     async fn upload_access(&self, principal: &Principal, project_id: &str) -> ApiResult<Access> {
-        let access = self.project_access(principal, project_id).await?;
+        let access = self.auth.project_access(principal, project_id).await?;
         require_readwrite(&access, "Uploading files")?;
         Ok(access)
     }

@@ -298,6 +298,7 @@ async fn a_tenant_can_neither_forge_a_truncate_nor_silence_a_partitions_one_and_
     // tag: the stream drops it.
     let db = app
         .app
+        .auth
         .load_project(&f.project)
         .await
         .unwrap()
@@ -567,6 +568,7 @@ async fn an_independent_decoder_on_a_second_slot_agrees_on_every_change_its_orde
     let f = app.fixture().await;
     let db = app
         .app
+        .auth
         .load_project(&f.project)
         .await
         .unwrap()
@@ -872,6 +874,7 @@ async fn partitions_made_before_the_migration_get_their_truncate_triggers_at_sta
     let f = app.fixture().await;
     let db = app
         .app
+        .auth
         .load_project(&f.project)
         .await
         .unwrap()

@@ -153,6 +153,7 @@ async fn spilled_transactions_are_private_files() {
         .await;
     let db = app
         .app
+        .auth
         .load_project(&f.project)
         .await
         .unwrap()
