@@ -102,7 +102,8 @@ impl std::fmt::Display for InviteStatus {
 }
 
 /// What an invitee answers.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "lowercase")]
 pub enum Answer {
     Accepted,
     Rejected,

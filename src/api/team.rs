@@ -1,5 +1,6 @@
 //! Team: members, invitations, roles. Team bodies are read field by field ([`Body`]) so that
-//! every error names its field; the schemas below describe them.
+//! every error names its field; the request types below are their schemas (the document's),
+//! which is why they derive `Deserialize` without being deserialized.
 
 use serde::Serialize;
 use serde_json::{Map, Value};
@@ -10,7 +11,7 @@ use super::reply::{Created, Json};
 use super::Request;
 use crate::app::SharedApp;
 use crate::auth::{AccessChange, MemberRole};
-use crate::team::{Answer, Invite, InviteStatus, Member, TeamError};
+use crate::team::{Answer, Invite, Member, TeamError};
 
 /// The JSON object of a request body, read field by field so that every error names its field.
 pub struct Body(Map<String, Value>);
@@ -52,8 +53,8 @@ impl Body {
 }
 
 /// `POST /api/team`: invites a registered account.
-#[derive(utoipa::ToSchema)]
-#[schema(rename_all = "camelCase")]
+#[derive(serde::Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct InviteRequest {
     pub project_id: String,
     pub email: String,
@@ -61,8 +62,8 @@ pub struct InviteRequest {
 }
 
 /// `PATCH /api/team`: changes a member's role.
-#[derive(utoipa::ToSchema)]
-#[schema(rename_all = "camelCase")]
+#[derive(serde::Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct ChangeRoleRequest {
     pub project_id: String,
     pub user_id: String,
@@ -70,12 +71,11 @@ pub struct ChangeRoleRequest {
 }
 
 /// `POST /api/team/invites/accept`: the invitee's answer.
-#[derive(utoipa::ToSchema)]
-#[schema(rename_all = "camelCase")]
+#[derive(serde::Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct AnswerRequest {
     pub invite_id: String,
-    /// `accepted` or `rejected`.
-    pub status: InviteStatus,
+    pub status: Answer,
 }
 
 #[derive(Serialize, utoipa::ToSchema)]
