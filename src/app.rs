@@ -5,11 +5,11 @@ use std::sync::Arc;
 
 use anyhow::{Context, Result};
 
+use crate::auth::ratelimit::{AccountLimits, RateLimiter};
 use crate::config::Config;
 use crate::db::ClusterTarget;
 use crate::embedded;
 use crate::metrics::Metrics;
-use crate::ratelimit::{AccountLimits, RateLimiter};
 use crate::secrets::Secrets;
 use crate::sql::SqlPools;
 

@@ -20,7 +20,6 @@ pub mod keys;
 pub mod listener;
 pub mod metrics;
 pub mod projects;
-pub mod ratelimit;
 pub mod realtime;
 pub mod realtime_history;
 pub mod realtime_io;

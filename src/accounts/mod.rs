@@ -23,9 +23,9 @@ use std::sync::Arc;
 use chrono::{DateTime, Utc};
 use serde::Serialize;
 
+use crate::auth::ratelimit::{AccountLimits, LimitError};
 use crate::auth::{AuthError, MemberRole, Principal, SESSION_PREFIX};
 use crate::control::{invitations, members, sessions, users};
-use crate::ratelimit::{AccountLimits, LimitError};
 use crate::secrets::{random_base62, sha256};
 use crate::team::PendingInvite;
 

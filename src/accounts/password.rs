@@ -1,6 +1,6 @@
 //! Passwords are hashed with Argon2id (RFC 9106 defaults of the `argon2` crate), off the async
 //! threads: a request's on the account limits' hashing threads
-//! ([`crate::ratelimit::AccountLimits::hash`]), in working memory reused per thread.
+//! ([`crate::auth::ratelimit::AccountLimits::hash`]), in working memory reused per thread.
 
 use argon2::password_hash::{Output, ParamsString, PasswordHash, SaltString};
 use argon2::Argon2;
@@ -15,7 +15,7 @@ pub(super) fn password_length_ok(password: &str) -> bool {
 thread_local! {
     /// Argon2's working memory (~19 MiB with the default parameters), allocated once per
     /// hashing thread and reused: a fresh allocation per hash made the allocator keep a new
-    /// 19 MiB region resident after most logins (see [`crate::ratelimit`]).
+    /// 19 MiB region resident after most logins (see [`crate::auth::ratelimit`]).
     static ARGON2_MEMORY: std::cell::RefCell<Vec<argon2::Block>> =
         const { std::cell::RefCell::new(Vec::new()) };
 }
@@ -35,7 +35,7 @@ fn argon2_into(argon: &Argon2, password: &[u8], salt: &[u8], out: &mut [u8]) -> 
 }
 
 /// Hashes a password into a PHC string (`$argon2id$v=19$m=19456,t=2,p=1$…`). Slow and
-/// memory-hard: run it through [`crate::ratelimit::AccountLimits::hash`].
+/// memory-hard: run it through [`crate::auth::ratelimit::AccountLimits::hash`].
 pub fn hash_password(password: &str) -> anyhow::Result<String> {
     let argon = Argon2::default();
     let salt_bytes = random_bytes::<16>();

@@ -9,8 +9,8 @@ use super::reply::{Created, Json};
 use super::Request;
 use crate::accounts::{AccountsError, Membership, NewUser, Session, User};
 use crate::app::SharedApp;
+use crate::auth::ratelimit::LimitError;
 use crate::auth::AuthError;
-use crate::ratelimit::LimitError;
 use crate::team::PendingInvite;
 
 #[derive(Deserialize, utoipa::ToSchema)]

@@ -2,7 +2,7 @@
 //! project that is not theirs or not active. `crate::api::auth` maps each to the guide's
 //! status and code.
 
-use crate::ratelimit::LimitError;
+use crate::auth::ratelimit::LimitError;
 
 #[derive(Debug, thiserror::Error)]
 pub enum AuthError {

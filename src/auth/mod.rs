@@ -9,12 +9,14 @@
 //!  principal.rs   Principal, Scope, MemberRole, DbRole, Access (the scope table)
 //!  service.rs     Auth: bearer token → Principal (rate-limited), Principal + project → Access
 //!  cache.rs       recently resolved keys and projects, valid while LISTEN is up; AccessChange
+//!  ratelimit.rs   requests per caller; logins, sign-ups, password hashes, project creations
 //!  error.rs       AuthError
 //! ```
 
 mod cache;
 mod error;
 mod principal;
+pub mod ratelimit;
 mod service;
 
 pub use cache::{run_cache_listener, AccessChange, AuthCache, ListenerEvent, CACHE_CHANNEL};

@@ -8,9 +8,9 @@ use std::time::Instant;
 use super::cache::{AccessChange, AuthCache, CachedKey, CACHE_CHANNEL};
 use super::{is_project_id, Access, AuthError, MemberRole, Principal, Scope};
 use super::{KEY_PREFIX, SESSION_PREFIX};
+use crate::auth::ratelimit::RateLimiter;
 use crate::control;
 use crate::projects::{Project, ProjectStatus};
-use crate::ratelimit::RateLimiter;
 use crate::secrets::sha256;
 
 pub struct Auth {

@@ -32,11 +32,11 @@ use std::sync::Arc;
 use chrono::{DateTime, Utc};
 use serde::Serialize;
 
+use crate::auth::ratelimit::AccountLimits;
 use crate::auth::{Access, AuthError, MemberRole, Principal, Scope};
 use crate::control;
 use crate::db::ClusterTarget;
 use crate::keys::NewKey;
-use crate::ratelimit::AccountLimits;
 use crate::secrets::{random_hex, Secrets};
 
 pub use provision::{latest_version, PROJECT_MIGRATIONS};
