@@ -15,7 +15,7 @@
 //! * A project always keeps an admin: changes that would remove or demote its last admin are
 //!   refused with 409. Membership changes of one project are serialized by a lock on its row,
 //!   so two admins demoting each other at once cannot both succeed.
-//! * Access is never cached for sessions: `project_access` reads the membership on every
+//! * Access is never cached for sessions: `Auth::project_access` reads the membership on every
 //!   request, so a removed or demoted member's next request already sees the change. A removed
 //!   member's realtime subscriptions are ended on every server (NOTIFY on the access channel).
 

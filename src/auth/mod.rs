@@ -6,25 +6,25 @@
 //! role the caller's SQL runs as; PostgreSQL's own privileges then enforce the scope table.
 //!
 //! ```text
-//!  principal.rs   Principal, Scope, MemberRole, DbRole, Access (the scope table)
-//!  service.rs     Auth: bearer token → Principal (rate-limited), Principal + project → Access
-//!  cache.rs       recently resolved keys and projects, valid while LISTEN is up; AccessChange
-//!  ratelimit.rs   requests per caller; logins, sign-ups, password hashes, project creations
-//!  error.rs       AuthError
+//!  principal.rs     Principal, Scope, MemberRole, DbRole, Access (the scope table)
+//!  authenticate.rs  Auth: bearer token → Principal (rate-limited), Principal + project → Access
+//!  cache.rs         recently resolved keys and projects, valid while LISTEN is up; AccessChange
+//!  ratelimit.rs     requests per caller; logins, sign-ups, password hashes, project creations
+//!  error.rs         AuthError
 //! ```
 
+mod authenticate;
 mod cache;
 mod error;
 mod principal;
 pub mod ratelimit;
-mod service;
 
+pub use authenticate::Auth;
 pub use cache::{run_cache_listener, AccessChange, AuthCache, ListenerEvent, CACHE_CHANNEL};
 pub use error::AuthError;
 pub use principal::{
     is_project_id, Access, DbRole, MemberRole, Principal, Scope, KEY_PREFIX, SESSION_PREFIX,
 };
-pub use service::Auth;
 
 /// The project an [`Access`] is for.
 pub use crate::projects::Project;
