@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Makes sure what `make run` and `make test` need is installed: PostgreSQL's server binaries
-# (initdb, pg_ctl, pgbench, pg_recvlogical) and, for the tests, Node.js and curl. As root on
+# (initdb, pg_ctl, pgbench, pg_recvlogical) and, for the tests, Node.js, curl and (from PyPI, into
+# .fluxbase/tools/venv) schemathesis and openapi-spec-validator. As root on
 # Debian/Ubuntu it installs missing pieces from the distribution's packages; otherwise it says
 # exactly what to install.
 set -euo pipefail
@@ -12,10 +13,27 @@ have_pg || missing+=(postgresql postgresql-contrib)
 if [ "$need_test_tools" = "test" ]; then
   command -v node >/dev/null 2>&1 || missing+=(nodejs)
   command -v curl >/dev/null 2>&1 || missing+=(curl)
+  command -v python3 >/dev/null 2>&1 && python3 -c 'import venv, ensurepip' 2>/dev/null || missing+=(python3 python3-venv)
 fi
 command -v cargo >/dev/null 2>&1 || { echo "cargo is missing: install Rust with rustup (https://rustup.rs)"; exit 1; }
 
-if [ ${#missing[@]} -eq 0 ]; then exit 0; fi
+# The OpenAPI checks (tests/it/openapi.rs): schemathesis and openapi-spec-validator from PyPI, in a
+# virtual environment of their own under .fluxbase/tools (pinned, so a run is reproducible).
+install_python_tools() {
+  local venv=.fluxbase/tools/venv
+  local want="schemathesis==4.32.5 openapi-spec-validator==0.7.2"
+  if [ -x "$venv/bin/st" ] && [ -x "$venv/bin/openapi-spec-validator" ] && [ "$(cat "$venv/.pinned" 2>/dev/null)" = "$want" ]; then return 0; fi
+  echo "Installing $want from PyPI into $venv..."
+  python3 -m venv "$venv"
+  # shellcheck disable=SC2086
+  "$venv/bin/pip" install --quiet --disable-pip-version-check $want
+  echo "$want" > "$venv/.pinned"
+}
+
+if [ ${#missing[@]} -eq 0 ]; then
+  if [ "$need_test_tools" = "test" ]; then install_python_tools; fi
+  exit 0
+fi
 if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
   echo "Installing ${missing[*]} from Debian's packages..."
   # Fluxbase runs its own cluster; do not let the package create and start a system one.
@@ -27,6 +45,7 @@ if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
   apt-get update -qq
   apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
   have_pg || { echo "PostgreSQL was installed but initdb is still not found"; exit 1; }
+  if [ "$need_test_tools" = "test" ]; then install_python_tools; fi
 else
   echo "Missing: ${missing[*]}."
   echo "Install them with: sudo apt-get install ${missing[*]}"

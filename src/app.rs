@@ -24,14 +24,14 @@ pub struct App {
     pub sql: SqlPools,
     /// The per-caller request limit (applied by `auth`, and to realtime tokens).
     pub rate: Arc<RateLimiter>,
-    pub metrics: Metrics,
+    pub metrics: Arc<Metrics>,
     /// Bearer tokens → principals, principals → project access, the access cache.
     pub auth: Arc<crate::auth::Auth>,
     pub accounts: crate::accounts::Accounts,
     pub projects: crate::projects::Projects,
     pub keys: crate::keys::Keys,
     pub team: crate::team::Team,
-    pub bus: crate::bus::Bus,
+    pub bus: Arc<crate::bus::Bus>,
     pub cdc: crate::cdc::Cdc,
     pub realtime: crate::realtime::Realtime,
     pub webhooks: crate::webhooks::Webhooks,
@@ -62,7 +62,11 @@ impl App {
             .with_context(|| format!("creating {}", config.data_dir.display()))?;
         let secrets = Secrets::load_or_create(&config.data_dir)?;
         let (cluster, embedded) = match &config.database_url {
-            Some(url) => (ClusterTarget::from_url(url)?, None),
+            Some(url) => {
+                let database = crate::config::redact_url(url.expose());
+                tracing::info!(database, "using an existing cluster");
+                (ClusterTarget::from_url(url.expose())?, None)
+            }
             None => {
                 let pg_dir = config.data_dir.join("pg");
                 let password = secrets.pg_password.clone();
@@ -83,7 +87,10 @@ impl App {
             }
         };
         let control = crate::db::open_control(&cluster, 8).await?;
-        let storage = crate::storage::Storage::open(&config, &secrets)?;
+        let metrics = Arc::new(Metrics::default());
+        let storage =
+            crate::storage::Storage::open(&config, &secrets, control.clone(), metrics.clone())?;
+        let bus = Arc::new(crate::bus::Bus::default());
         let sql = SqlPools::new(&config, &cluster);
         let rate = Arc::new(RateLimiter::new(
             config.rate_limit_requests,
@@ -109,9 +116,15 @@ impl App {
             team: crate::team::Team::new(control.clone()),
             sql,
             rate,
-            metrics: Metrics::default(),
-            bus: Default::default(),
-            cdc: Default::default(),
+            metrics,
+            cdc: crate::cdc::Cdc::new(
+                cluster.clone(),
+                control.clone(),
+                bus.clone(),
+                secrets.clone(),
+                crate::cdc::StreamSettings::from_config(&config),
+            ),
+            bus,
             realtime: Default::default(),
             webhooks: Default::default(),
             storage,
@@ -120,6 +133,13 @@ impl App {
             cluster,
             control,
             embedded,
+        });
+        // A stream's room stores it in the durable resume history from its start.
+        let weak = Arc::downgrade(&app);
+        app.cdc.on_stream_start(move |project_id| {
+            if let Some(app) = weak.upgrade() {
+                app.start_room(project_id);
+            }
         });
         app.migrate_projects(sweep).await?;
         // A server (not a CLI command) reports a storage backend that cannot be used now, not at
@@ -134,10 +154,10 @@ impl App {
                     "the storage backend is not usable: uploads and downloads fail, /ready answers 503"
                 );
             }
-            if let Err(e) = app.migrate_legacy_objects().await {
+            if let Err(e) = app.storage.migrate_legacy_objects().await {
                 tracing::warn!(error = %e, "moving objects of an older version to their keys");
             }
-            if let Err(e) = app.sweep_storage().await {
+            if let Err(e) = app.storage.sweep().await {
                 tracing::warn!(error = %e, "storage sweep at start-up");
             }
         }
@@ -189,7 +209,7 @@ impl Running {
         let addr = listener.local_addr()?;
         no_delay(&listener)?;
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-        app.start_change_streams().await?;
+        app.cdc.start_all().await?;
         app.start_webhooks().await?;
         crate::metrics::start_listener(&app).await?;
         let routes = crate::api::filter(app.clone());

@@ -23,8 +23,17 @@
 //!   subscribers are part of the pipeline rather than its audience: when one's queue is full
 //!   the stream waits (backpressure) instead of dropping it. When a durable subscriber joins,
 //!   the stream rewinds to the slot's confirmed position so that it receives what it missed.
+//!
+//! The boundary is the pair of traits [`EventBus`] (the projects' channels) and
+//! [`ProjectChannel`] (one project's publish/subscribe, with the contract above in its docs),
+//! so that a cross-node transport (e.g. NATS JetStream) can take the in-process bus's place.
+//! The change stream is written against the traits; [`Bus`] and [`ProjectBus`] are the
+//! in-process implementation. Both are used through generics (no `dyn` on the publish path);
+//! a subscriber's end, [`Subscription`], is the same for every transport: a bounded queue of
+//! events, and a link back to the transport for acknowledgements and unsubscribing.
 
 use std::collections::HashMap;
+use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -36,11 +45,46 @@ pub const QUEUE_LEN: usize = 4096;
 /// Queue length of a durable subscriber, in events.
 pub const DURABLE_QUEUE_LEN: usize = 65_536;
 
+/// The operation of a row change.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+pub enum RowOp {
+    Insert,
+    Update,
+    Delete,
+}
+
+impl RowOp {
+    /// The guide's name: `INSERT`, `UPDATE` or `DELETE`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RowOp::Insert => "INSERT",
+            RowOp::Update => "UPDATE",
+            RowOp::Delete => "DELETE",
+        }
+    }
+
+    /// The operation of a guide's name (upper case), if it is one.
+    pub fn from_name(name: &str) -> Option<RowOp> {
+        match name {
+            "INSERT" => Some(RowOp::Insert),
+            "UPDATE" => Some(RowOp::Update),
+            "DELETE" => Some(RowOp::Delete),
+            _ => None,
+        }
+    }
+}
+
+impl std::fmt::Display for RowOp {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// What kind of change an event reports.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum EventKind {
-    /// A row change: `INSERT`, `UPDATE` or `DELETE`.
-    Row { operation: &'static str },
+    /// A row change.
+    Row { operation: RowOp },
     /// A DDL command or a TRUNCATE.
     Schema { command: String },
     /// A custom broadcast from SQL (`realtime.broadcast(event, payload)`); `payload` holds
@@ -73,22 +117,98 @@ pub struct Event {
     pub payload: Arc<str>,
 }
 
-/// A subscriber's end of the bus.
+/// The publish/subscribe boundary of one project: what the change stream publishes to and
+/// consumers subscribe to. A transport implements it with this contract:
+/// * **Order.** Events are delivered to each subscriber in the order they were published (commit
+///   order); a transaction's events are consecutive and the last has `last_in_transaction`.
+/// * **At-least-once, stable ids.** A subscriber may see an event again after a restart or a
+///   rewind, never with another id ([`Event::id`]: commit LSN + index in the transaction), so
+///   duplicates are dropped by id. Nothing published is skipped for a durable subscriber.
+/// * **Ordinary subscribers** ([`ProjectChannel::subscribe`]) get live events from the moment
+///   they subscribe, through a bounded queue; one that falls a whole queue behind is cut off
+///   (its queue closes, [`Subscription::closed_reason`] says why). Publishing never waits for
+///   them.
+/// * **Durable subscribers** ([`ProjectChannel::subscribe_durable`]) acknowledge the `end_lsn`
+///   of each transaction once stored ([`Subscription::ack`]); publishing waits for room in their
+///   queue (backpressure) instead of cutting them off. Joining requests a rewind
+///   ([`ProjectChannel::rewind_requested`]), so that the stream replays from the slot's
+///   confirmed position and they miss nothing.
+/// * **Confirmation.** [`ProjectChannel::confirmable`] is how far the replication slot may be
+///   confirmed: the lowest durable acknowledgement, or everything published when there is no
+///   durable subscriber. The stream never confirms past it.
+pub trait ProjectChannel: Send + Sync + 'static {
+    /// Hands an event to every subscriber (see the contract for who may make it wait).
+    fn publish(&self, event: Arc<Event>) -> impl Future<Output = ()> + Send;
+    /// An ordinary subscriber: live events from now on.
+    fn subscribe(self: &Arc<Self>) -> Subscription;
+    /// A durable subscriber: the slot is not confirmed past what it acknowledges.
+    fn subscribe_durable(self: &Arc<Self>) -> Subscription;
+    /// How far the slot may be confirmed; `None`: nothing may be confirmed yet.
+    fn confirmable(&self) -> Option<Lsn>;
+    /// True when every durable subscriber has acknowledged everything published.
+    fn all_acked(&self) -> bool;
+    /// The rewind requests so far; a stream notes it when it (re)starts from the slot.
+    fn rewind_generation(&self) -> u64;
+    /// Resolves when a rewind is requested (compare [`Self::rewind_generation`] with the one
+    /// noted at the start: a wake-up may be stale).
+    fn rewind_requested(&self) -> impl Future<Output = ()> + Send + '_;
+}
+
+/// The projects' channels of one transport.
+pub trait EventBus: Send + Sync + 'static {
+    type Channel: ProjectChannel;
+    /// The project's channel, made on first use.
+    fn channel(&self, project_id: &str) -> Arc<Self::Channel>;
+    /// Forgets a project (it was deleted).
+    fn forget(&self, project_id: &str);
+}
+
+/// What a transport keeps for one subscriber: acknowledgements go back through it, and
+/// dropping it unsubscribes.
+pub trait SubscriptionLink: Send + Sync {
+    /// Durable subscribers: everything up to `end_lsn` is stored.
+    fn ack(&self, end_lsn: Lsn);
+    /// Why the transport cut this subscriber off, once its queue has closed.
+    fn closed_reason(&self) -> Option<String>;
+}
+
+/// A subscriber's end of the bus, whatever the transport: events arrive on `events`.
 pub struct Subscription {
     pub events: mpsc::Receiver<Arc<Event>>,
+    link: Box<dyn SubscriptionLink>,
+}
+
+impl Subscription {
+    pub fn new(
+        events: mpsc::Receiver<Arc<Event>>,
+        link: impl SubscriptionLink + 'static,
+    ) -> Subscription {
+        Subscription {
+            events,
+            link: Box::new(link),
+        }
+    }
+
+    /// Why the bus cut this subscriber off, once `events` has closed.
+    pub fn closed_reason(&self) -> Option<String> {
+        self.link.closed_reason()
+    }
+
+    /// Durable subscribers: everything up to `end_lsn` is stored.
+    pub fn ack(&self, end_lsn: Lsn) {
+        self.link.ack(end_lsn)
+    }
+}
+
+/// The in-process bus's link: the subscriber's entry in its project's list.
+struct LocalLink {
     id: u64,
     bus: Arc<ProjectBus>,
     closed_reason: Arc<Mutex<Option<String>>>,
 }
 
-impl Subscription {
-    /// Why the bus cut this subscriber off, once `events` has closed.
-    pub fn closed_reason(&self) -> Option<String> {
-        self.closed_reason.lock().expect("poisoned").clone()
-    }
-
-    /// Durable subscribers: everything up to `end_lsn` is stored.
-    pub fn ack(&self, end_lsn: Lsn) {
+impl SubscriptionLink for LocalLink {
+    fn ack(&self, end_lsn: Lsn) {
         let mut subs = self.bus.subscribers.lock().expect("poisoned");
         if let Some(s) = subs.iter_mut().find(|s| s.id == self.id) {
             if s.acked.is_none_or(|a| a < end_lsn) {
@@ -96,9 +216,13 @@ impl Subscription {
             }
         }
     }
+
+    fn closed_reason(&self) -> Option<String> {
+        self.closed_reason.lock().expect("poisoned").clone()
+    }
 }
 
-impl Drop for Subscription {
+impl Drop for LocalLink {
     fn drop(&mut self) {
         self.bus
             .subscribers
@@ -117,14 +241,14 @@ struct Subscriber {
     closed_reason: Arc<Mutex<Option<String>>>,
 }
 
-/// The bus of one project.
+/// The in-process channel of one project.
 pub struct ProjectBus {
     subscribers: Mutex<Vec<Subscriber>>,
     next_id: AtomicU64,
     /// End LSN of the last transaction published.
     published: AtomicU64,
     /// Wakes the change stream to restart from the slot (a durable subscriber needs a replay).
-    pub rewind: Notify,
+    rewind: Notify,
     /// Counts rewind requests, so a stream that started after one ignores its stale wake-up.
     rewinds: AtomicU64,
     pub published_events: AtomicU64,
@@ -162,12 +286,14 @@ impl ProjectBus {
             self.rewinds.fetch_add(1, Ordering::AcqRel);
             self.rewind.notify_one();
         }
-        Subscription {
-            events: rx,
-            id,
-            bus: self.clone(),
-            closed_reason,
-        }
+        Subscription::new(
+            rx,
+            LocalLink {
+                id,
+                bus: self.clone(),
+                closed_reason,
+            },
+        )
     }
 
     /// An ordinary subscriber: live events from now on.
@@ -255,7 +381,37 @@ impl ProjectBus {
     }
 }
 
-/// All projects' buses.
+impl ProjectChannel for ProjectBus {
+    fn publish(&self, event: Arc<Event>) -> impl Future<Output = ()> + Send {
+        ProjectBus::publish(self, event)
+    }
+
+    fn subscribe(self: &Arc<Self>) -> Subscription {
+        ProjectBus::subscribe(self)
+    }
+
+    fn subscribe_durable(self: &Arc<Self>) -> Subscription {
+        ProjectBus::subscribe_durable(self)
+    }
+
+    fn confirmable(&self) -> Option<Lsn> {
+        ProjectBus::confirmable(self)
+    }
+
+    fn all_acked(&self) -> bool {
+        ProjectBus::all_acked(self)
+    }
+
+    fn rewind_generation(&self) -> u64 {
+        ProjectBus::rewind_generation(self)
+    }
+
+    fn rewind_requested(&self) -> impl Future<Output = ()> + Send + '_ {
+        self.rewind.notified()
+    }
+}
+
+/// All projects' buses: the in-process transport.
 #[derive(Default)]
 pub struct Bus {
     projects: Mutex<HashMap<String, Arc<ProjectBus>>>,
@@ -273,5 +429,32 @@ impl Bus {
 
     pub fn remove(&self, project_id: &str) {
         self.projects.lock().expect("poisoned").remove(project_id);
+    }
+}
+
+impl EventBus for Bus {
+    type Channel = ProjectBus;
+
+    fn channel(&self, project_id: &str) -> Arc<ProjectBus> {
+        self.project(project_id)
+    }
+
+    fn forget(&self, project_id: &str) {
+        self.remove(project_id)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::RowOp;
+
+    #[test]
+    fn row_operations_have_the_guide_s_names() {
+        for op in [RowOp::Insert, RowOp::Update, RowOp::Delete] {
+            assert_eq!(RowOp::from_name(op.as_str()), Some(op));
+            assert_eq!(op.to_string(), op.as_str());
+        }
+        assert_eq!(RowOp::Update.as_str(), "UPDATE");
+        assert_eq!(RowOp::from_name("insert"), None);
     }
 }

@@ -1,6 +1,10 @@
 //! Configuration: defaults in code, then an optional `fluxbase.toml`, then `FLUXBASE_*`
-//! environment variables (highest precedence). Unknown keys in the file are refused.
-//! Secrets (the database URL's password) are never logged: `Debug` redacts them.
+//! environment variables (highest precedence). Every variable is the file key of the same name
+//! (`FLUXBASE_` + uppercase): the two are laid over each other and deserialized once into the
+//! typed [`Config`], so a setting is added in one place (its field) and read the same way from
+//! both. An unknown file key or `FLUXBASE_*` variable (a typo) is refused at start-up, naming
+//! the nearest known one, rather than silently ignored.
+//! Credentials are [`Secret`]s, so `Debug` (derived) prints them as `[redacted]`.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -9,9 +13,11 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use serde::Deserialize;
 
+use crate::secrets::Secret;
+
 /// Every setting of the server. The same names work in `fluxbase.toml` (lowercase) and in the
 /// environment (`FLUXBASE_` + uppercase).
-#[derive(Clone, Deserialize)]
+#[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
     /// Address the HTTP and WebSocket server listens on.
@@ -19,14 +25,14 @@ pub struct Config {
     /// A bearer token `/metrics` requires (`Authorization: Bearer <token>`). Unset: `/metrics`
     /// answers only requests from a loopback address that carry no proxy headers (or only on
     /// `metrics_addr`, when set).
-    pub metrics_token: Option<String>,
+    pub metrics_token: Option<Secret>,
     /// A separate address `/metrics` is served on (e.g. `127.0.0.1:9464`); the main listener
     /// then answers `/metrics` with 404. Unset: `/metrics` is on the main listener.
     pub metrics_addr: Option<SocketAddr>,
     /// Directory for the embedded cluster, local storage and generated secrets.
     pub data_dir: PathBuf,
     /// An existing PostgreSQL cluster (its database is the control database). Unset: embedded.
-    pub database_url: Option<String>,
+    pub database_url: Option<Secret>,
     /// The URL clients use to reach this server (printed by `init`, used in links).
     pub public_url: Option<String>,
     /// Storage backend: `local` (files under `<data_dir>/storage`) or `s3`.
@@ -40,7 +46,7 @@ pub struct Config {
     /// S3 credentials; unset: the usual `AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`,
     /// `AWS_SESSION_TOKEN` variables (or the instance's role). Never logged.
     pub s3_access_key_id: Option<String>,
-    pub s3_secret_access_key: Option<String>,
+    pub s3_secret_access_key: Option<Secret>,
     /// Largest accepted file upload, in bytes (then 413 `PAYLOAD_TOO_LARGE`).
     pub max_upload_bytes: u64,
     /// Let webhooks reach loopback and private addresses (development and tests only).
@@ -229,33 +235,8 @@ impl Default for Config {
     }
 }
 
-impl std::fmt::Debug for Config {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Config")
-            .field("listen", &self.listen)
-            .field("metrics_token", &self.metrics_token.as_ref().map(|_| "***"))
-            .field("metrics_addr", &self.metrics_addr)
-            .field("data_dir", &self.data_dir)
-            .field(
-                "database_url",
-                &self.database_url.as_deref().map(redact_url),
-            )
-            .field("public_url", &self.public_url)
-            .field("storage", &self.storage)
-            .field("s3_bucket", &self.s3_bucket)
-            .field("s3_endpoint", &self.s3_endpoint)
-            .field("s3_region", &self.s3_region)
-            .field("max_upload_bytes", &self.max_upload_bytes)
-            .field("statement_timeout_ms", &self.statement_timeout_ms)
-            .field("max_rows", &self.max_rows)
-            .field("max_body_bytes", &self.max_body_bytes)
-            .field("rate_limit_requests", &self.rate_limit_requests)
-            .field("rate_limit_window_secs", &self.rate_limit_window_secs)
-            .finish_non_exhaustive()
-    }
-}
-
-/// `postgres://user:secret@host/db` → `postgres://user:***@host/db`.
+/// `postgres://user:secret@host/db` → `postgres://user:***@host/db`: where the server says
+/// which cluster it uses.
 pub fn redact_url(url: &str) -> String {
     match (url.find("://"), url.rfind('@')) {
         (Some(s), Some(at)) if at > s => {
@@ -269,6 +250,32 @@ pub fn redact_url(url: &str) -> String {
     }
 }
 
+/// The prefix of every setting's environment variable.
+const PREFIX: &str = "FLUXBASE_";
+
+/// `FLUXBASE_*` variables that are not settings of [`Config`] but are read elsewhere, so they
+/// are not refused as typos:
+/// * `FLUXBASE_CONFIG`: the file to read ([`Config::load`]).
+/// * `FLUXBASE_LOG`: the `tracing` filter (main.rs).
+/// * `FLUXBASE_PG_BINDIR`, `FLUXBASE_PG_USER`: the embedded cluster's binaries and OS user
+///   (embedded.rs, scripts/deps.sh).
+/// * `FLUXBASE_BIN`: the binary the benchmarks start (bench/).
+/// * `FLUXBASE_API_KEY`, `FLUXBASE_ADMIN_KEY`, `FLUXBASE_READ_KEY`, `FLUXBASE_PROJECT_ID`,
+///   `FLUXBASE_WS_URL`: a client's values in the README's examples and the guide test; a shell
+///   that exported them may also start the server.
+const OTHER_VARIABLES: &[&str] = &[
+    "FLUXBASE_CONFIG",
+    "FLUXBASE_LOG",
+    "FLUXBASE_PG_BINDIR",
+    "FLUXBASE_PG_USER",
+    "FLUXBASE_BIN",
+    "FLUXBASE_API_KEY",
+    "FLUXBASE_ADMIN_KEY",
+    "FLUXBASE_READ_KEY",
+    "FLUXBASE_PROJECT_ID",
+    "FLUXBASE_WS_URL",
+];
+
 impl Config {
     /// Loads `fluxbase.toml` (or the file named by `FLUXBASE_CONFIG`) and the environment.
     pub fn load() -> Result<Config> {
@@ -276,381 +283,78 @@ impl Config {
         let path = explicit
             .clone()
             .unwrap_or_else(|| PathBuf::from("fluxbase.toml"));
-        let mut config = if path.exists() {
-            Self::from_file(&path)?
+        let file = if path.exists() {
+            let text = std::fs::read_to_string(&path)
+                .with_context(|| format!("reading {}", path.display()))?;
+            Some((path, text))
         } else if explicit.is_some() {
             bail!("configuration file {} does not exist", path.display());
         } else {
-            Config::default()
+            None
         };
-        config.apply_env(|k| std::env::var(k).ok())?;
+        let mut env = Vec::new();
+        for (name, value) in std::env::vars_os() {
+            let Some(name) = name.to_str().filter(|n| n.starts_with(PREFIX)) else {
+                continue;
+            };
+            let value = value
+                .into_string()
+                .map_err(|_| anyhow::anyhow!("{name} is not valid UTF-8"))?;
+            env.push((name.to_string(), value));
+        }
+        Config::from_sources(file.as_ref().map(|(p, t)| (p.as_path(), t.as_str())), env)
+    }
+
+    /// The configuration from defaults, then `file` (its path and text), then the `FLUXBASE_*`
+    /// variables of `env` (other names are ignored). The file's keys and the variables are
+    /// laid over each other by name and deserialized once, so every setting is read the same
+    /// way from both; an unknown key or variable is refused, with the nearest known name.
+    pub fn from_sources(
+        file: Option<(&Path, &str)>,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Config> {
+        let fields = overlay::field_names::<Config>();
+        let mut settings = std::collections::BTreeMap::new();
+        if let Some((path, text)) = file {
+            let table: toml::Table =
+                toml::from_str(text).with_context(|| format!("in {}", path.display()))?;
+            for (key, value) in table {
+                if !fields.contains(&key.as_str()) {
+                    bail!(
+                        "unknown key `{key}` in {}{}",
+                        path.display(),
+                        overlay::did_you_mean(&key, fields.iter().copied())
+                    );
+                }
+                let origin = format!("`{key}` in {}", path.display());
+                settings.insert(key, overlay::Setting::File { origin, value });
+            }
+        }
+        for (name, value) in env {
+            let Some(rest) = name.strip_prefix(PREFIX) else {
+                continue;
+            };
+            if OTHER_VARIABLES.contains(&name.as_str()) {
+                continue;
+            }
+            let key = rest.to_ascii_lowercase();
+            if rest != key.to_ascii_uppercase() || !fields.contains(&key.as_str()) {
+                let known = fields
+                    .iter()
+                    .map(|f| format!("{PREFIX}{}", f.to_ascii_uppercase()))
+                    .chain(OTHER_VARIABLES.iter().map(|v| v.to_string()));
+                bail!(
+                    "unknown environment variable {name}{}",
+                    overlay::did_you_mean(&name, known)
+                );
+            }
+            settings.insert(key, overlay::Setting::Env { name, value });
+        }
+        let config =
+            Config::deserialize(serde::de::value::MapDeserializer::new(settings.into_iter()))?;
+        config.validate()?;
         Ok(config)
     }
-
-    pub fn from_file(path: &Path) -> Result<Config> {
-        let text =
-            std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-        toml::from_str(&text).with_context(|| format!("in {}", path.display()))
-    }
-
-    /// Applies `FLUXBASE_*` overrides read through `get`.
-    pub fn apply_env(&mut self, get: impl Fn(&str) -> Option<String>) -> Result<()> {
-        fn parse<T: std::str::FromStr>(key: &str, v: &str) -> Result<T>
-        where
-            T::Err: std::fmt::Display,
-        {
-            v.parse()
-                .map_err(|e| anyhow::anyhow!("{key}={v:?} is not valid: {e}"))
-        }
-        fn flag(key: &str, v: &str) -> Result<bool> {
-            match v.to_ascii_lowercase().as_str() {
-                "1" | "true" | "yes" | "on" => Ok(true),
-                "0" | "false" | "no" | "off" | "" => Ok(false),
-                _ => bail!("{key}={v:?} is not a boolean (true/false)"),
-            }
-        }
-        let opt = |v: String| if v.is_empty() { None } else { Some(v) };
-        macro_rules! env {
-            ($name:literal, $apply:expr) => {
-                if let Some(v) = get($name) {
-                    #[allow(clippy::redundant_closure_call)]
-                    ($apply)($name, v)?;
-                }
-            };
-        }
-        env!("FLUXBASE_LISTEN", |k, v: String| -> Result<()> {
-            self.listen = parse(k, &v)?;
-            Ok(())
-        });
-        env!("FLUXBASE_METRICS_TOKEN", |_, v| -> Result<()> {
-            self.metrics_token = opt(v);
-            Ok(())
-        });
-        env!("FLUXBASE_METRICS_ADDR", |k, v: String| -> Result<()> {
-            self.metrics_addr = if v.is_empty() {
-                None
-            } else {
-                Some(parse(k, &v)?)
-            };
-            Ok(())
-        });
-        env!("FLUXBASE_DATA_DIR", |_, v: String| -> Result<()> {
-            self.data_dir = PathBuf::from(v);
-            Ok(())
-        });
-        env!("FLUXBASE_DATABASE_URL", |_, v| -> Result<()> {
-            self.database_url = opt(v);
-            Ok(())
-        });
-        env!("FLUXBASE_PUBLIC_URL", |_, v| -> Result<()> {
-            self.public_url = opt(v);
-            Ok(())
-        });
-        env!("FLUXBASE_STORAGE", |_, v: String| -> Result<()> {
-            self.storage = v;
-            Ok(())
-        });
-        env!("FLUXBASE_S3_BUCKET", |_, v| -> Result<()> {
-            self.s3_bucket = opt(v);
-            Ok(())
-        });
-        env!("FLUXBASE_S3_ENDPOINT", |_, v| -> Result<()> {
-            self.s3_endpoint = opt(v);
-            Ok(())
-        });
-        env!("FLUXBASE_S3_REGION", |_, v| -> Result<()> {
-            self.s3_region = opt(v);
-            Ok(())
-        });
-        env!("FLUXBASE_S3_ACCESS_KEY_ID", |_, v| -> Result<()> {
-            self.s3_access_key_id = opt(v);
-            Ok(())
-        });
-        env!("FLUXBASE_S3_SECRET_ACCESS_KEY", |_, v| -> Result<()> {
-            self.s3_secret_access_key = opt(v);
-            Ok(())
-        });
-        env!("FLUXBASE_MAX_UPLOAD_BYTES", |k, v: String| -> Result<()> {
-            self.max_upload_bytes = parse(k, &v)?;
-            Ok(())
-        });
-        env!("FLUXBASE_WEBHOOK_ALLOW_PRIVATE", |k,
-                                                v: String|
-         -> Result<()> {
-            self.webhook_allow_private = flag(k, &v)?;
-            Ok(())
-        });
-        env!("FLUXBASE_STATEMENT_TIMEOUT_MS", |k,
-                                               v: String|
-         -> Result<()> {
-            self.statement_timeout_ms = parse(k, &v)?;
-            Ok(())
-        });
-        env!("FLUXBASE_MAX_ROWS", |k, v: String| -> Result<()> {
-            self.max_rows = parse(k, &v)?;
-            Ok(())
-        });
-        env!("FLUXBASE_MAX_RESPONSE_BYTES", |k,
-                                             v: String|
-         -> Result<()> {
-            self.max_response_bytes = parse(k, &v)?;
-            Ok(())
-        });
-        env!("FLUXBASE_MAX_BODY_BYTES", |k, v: String| -> Result<()> {
-            self.max_body_bytes = parse(k, &v)?;
-            Ok(())
-        });
-        env!("FLUXBASE_RATE_LIMIT_REQUESTS", |k,
-                                              v: String|
-         -> Result<()> {
-            self.rate_limit_requests = parse(k, &v)?;
-            Ok(())
-        });
-        env!("FLUXBASE_RATE_LIMIT_WINDOW_SECS", |k,
-                                                 v: String|
-         -> Result<()> {
-            self.rate_limit_window_secs = parse(k, &v)?;
-            Ok(())
-        });
-        env!("FLUXBASE_SESSION_TTL_SECS", |k, v: String| -> Result<()> {
-            self.session_ttl_secs = parse(k, &v)?;
-            Ok(())
-        });
-        env!("FLUXBASE_POOL_SIZE", |k, v: String| -> Result<()> {
-            self.pool_size = parse(k, &v)?;
-            Ok(())
-        });
-        env!("FLUXBASE_WEBHOOK_BACKOFF_SCALE", |k,
-                                                v: String|
-         -> Result<()> {
-            self.webhook_backoff_scale = parse(k, &v)?;
-            Ok(())
-        });
-        env!("FLUXBASE_WEBHOOK_SCAN_MS", |k, v: String| -> Result<()> {
-            self.webhook_scan_ms = parse(k, &v)?;
-            Ok(())
-        });
-        env!(
-            "FLUXBASE_REALTIME_RETENTION_EVENTS",
-            |k, v: String| -> Result<()> {
-                self.realtime_retention_events = parse(k, &v)?;
-                Ok(())
-            }
-        );
-        env!("FLUXBASE_REALTIME_RETENTION_SECS", |k,
-                                                  v: String|
-         -> Result<()> {
-            self.realtime_retention_secs = parse(k, &v)?;
-            Ok(())
-        });
-        env!("FLUXBASE_REALTIME_RETENTION_BYTES", |k,
-                                                   v: String|
-         -> Result<()> {
-            self.realtime_retention_bytes = parse(k, &v)?;
-            Ok(())
-        });
-        env!(
-            "FLUXBASE_REALTIME_MAX_BROADCAST_BYTES",
-            |k, v: String| -> Result<()> {
-                self.realtime_max_broadcast_bytes = parse(k, &v)?;
-                Ok(())
-            }
-        );
-        env!(
-            "FLUXBASE_REALTIME_BROADCASTS_PER_SEC",
-            |k, v: String| -> Result<()> {
-                self.realtime_broadcasts_per_sec = parse(k, &v)?;
-                Ok(())
-            }
-        );
-        env!("FLUXBASE_REALTIME_BROADCAST_BYTES_PER_SEC", |k,
-                                                           v: String|
-         -> Result<
-            (),
-        > {
-            self.realtime_broadcast_bytes_per_sec = parse(k, &v)?;
-            Ok(())
-        });
-        env!(
-            "FLUXBASE_REALTIME_SUBSCRIBES_PER_SEC",
-            |k, v: String| -> Result<()> {
-                self.realtime_subscribes_per_sec = parse(k, &v)?;
-                Ok(())
-            }
-        );
-        env!(
-            "FLUXBASE_REALTIME_UNSUBSCRIBED_TIMEOUT_SECS",
-            |k, v: String| -> Result<()> {
-                self.realtime_unsubscribed_timeout_secs = parse(k, &v)?;
-                Ok(())
-            }
-        );
-        env!(
-            "FLUXBASE_REALTIME_SEND_QUEUE_BYTES",
-            |k, v: String| -> Result<()> {
-                self.realtime_send_queue_bytes = parse(k, &v)?;
-                Ok(())
-            }
-        );
-        env!(
-            "FLUXBASE_REALTIME_CLIENT_STALL_SECS",
-            |k, v: String| -> Result<()> {
-                self.realtime_client_stall_secs = parse(k, &v)?;
-                Ok(())
-            }
-        );
-        env!("FLUXBASE_REALTIME_CATCH_UP_READS", |k,
-                                                  v: String|
-         -> Result<()> {
-            self.realtime_catch_up_reads = parse(k, &v)?;
-            Ok(())
-        });
-        env!(
-            "FLUXBASE_REALTIME_RLS_MAX_IDENTITIES",
-            |k, v: String| -> Result<()> {
-                self.realtime_rls_max_identities = parse(k, &v)?;
-                Ok(())
-            }
-        );
-        env!("FLUXBASE_REALTIME_RLS_BATCH_ROWS", |k,
-                                                  v: String|
-         -> Result<()> {
-            self.realtime_rls_batch_rows = parse(k, &v)?;
-            Ok(())
-        });
-        env!("FLUXBASE_REALTIME_RLS_TIMEOUT_MS", |k,
-                                                  v: String|
-         -> Result<()> {
-            self.realtime_rls_timeout_ms = parse(k, &v)?;
-            Ok(())
-        });
-        env!("FLUXBASE_REALTIME_RLS_CONNECTIONS", |k,
-                                                   v: String|
-         -> Result<()> {
-            self.realtime_rls_connections = parse(k, &v)?;
-            Ok(())
-        });
-        env!(
-            "FLUXBASE_REALTIME_PROJECT_BROADCASTS_PER_SEC",
-            |k, v: String| -> Result<()> {
-                self.realtime_project_broadcasts_per_sec = parse(k, &v)?;
-                Ok(())
-            }
-        );
-        env!(
-            "FLUXBASE_REALTIME_PROJECT_BROADCAST_BYTES_PER_SEC",
-            |k, v: String| -> Result<()> {
-                self.realtime_project_broadcast_bytes_per_sec = parse(k, &v)?;
-                Ok(())
-            }
-        );
-        env!("FLUXBASE_CDC_BUFFER_BYTES", |k, v: String| -> Result<()> {
-            self.cdc_buffer_bytes = parse(k, &v)?;
-            Ok(())
-        });
-        env!("FLUXBASE_CDC_DECODING_WORK_MEM_KB", |k,
-                                                   v: String|
-         -> Result<()> {
-            self.cdc_decoding_work_mem_kb = if v.is_empty() {
-                None
-            } else {
-                Some(parse(k, &v)?)
-            };
-            Ok(())
-        });
-        env!("FLUXBASE_TEMP_FILE_LIMIT_KB", |k,
-                                             v: String|
-         -> Result<()> {
-            self.temp_file_limit_kb = parse(k, &v)?;
-            Ok(())
-        });
-        env!("FLUXBASE_HEADER_READ_TIMEOUT_SECS", |k,
-                                                   v: String|
-         -> Result<()> {
-            self.header_read_timeout_secs = parse(k, &v)?;
-            Ok(())
-        });
-        env!(
-            "FLUXBASE_MAX_CONNECTIONS_PER_ADDRESS",
-            |k, v: String| -> Result<()> {
-                self.max_connections_per_address = parse(k, &v)?;
-                Ok(())
-            }
-        );
-        env!("FLUXBASE_TRUST_FORWARDED_FOR", |k,
-                                              v: String|
-         -> Result<()> {
-            self.trust_forwarded_for = flag(k, &v)?;
-            Ok(())
-        });
-        env!(
-            "FLUXBASE_AUTH_ATTEMPTS_PER_ADDRESS",
-            |k, v: String| -> Result<()> {
-                self.auth_attempts_per_address = parse(k, &v)?;
-                Ok(())
-            }
-        );
-        env!(
-            "FLUXBASE_AUTH_FAILURES_PER_ACCOUNT",
-            |k, v: String| -> Result<()> {
-                self.auth_failures_per_account = parse(k, &v)?;
-                Ok(())
-            }
-        );
-        env!("FLUXBASE_AUTH_FAILURES_PER_ACCOUNT_TOTAL", |k,
-                                                          v: String|
-         -> Result<
-            (),
-        > {
-            self.auth_failures_per_account_total = parse(k, &v)?;
-            Ok(())
-        });
-        env!("FLUXBASE_AUTH_RATE_WINDOW_SECS", |k,
-                                                v: String|
-         -> Result<()> {
-            self.auth_rate_window_secs = parse(k, &v)?;
-            Ok(())
-        });
-        env!(
-            "FLUXBASE_MAX_CONCURRENT_PASSWORD_HASHES",
-            |k, v: String| -> Result<()> {
-                self.max_concurrent_password_hashes = parse(k, &v)?;
-                Ok(())
-            }
-        );
-        env!("FLUXBASE_MAX_PROJECTS_PER_USER", |k,
-                                                v: String|
-         -> Result<()> {
-            self.max_projects_per_user = parse(k, &v)?;
-            Ok(())
-        });
-        env!("FLUXBASE_SQL_MAX_CONNECTIONS", |k,
-                                              v: String|
-         -> Result<()> {
-            self.sql_max_connections = parse(k, &v)?;
-            Ok(())
-        });
-        env!("FLUXBASE_SQL_PROJECT_CONNECTIONS", |k,
-                                                  v: String|
-         -> Result<()> {
-            self.sql_project_connections = parse(k, &v)?;
-            Ok(())
-        });
-        env!("FLUXBASE_SQL_QUEUE_TIMEOUT_MS", |k,
-                                               v: String|
-         -> Result<()> {
-            self.sql_queue_timeout_ms = parse(k, &v)?;
-            Ok(())
-        });
-        env!("FLUXBASE_SQL_IDLE_TIMEOUT_SECS", |k,
-                                                v: String|
-         -> Result<()> {
-            self.sql_idle_timeout_secs = parse(k, &v)?;
-            Ok(())
-        });
-        self.validate()
-    }
-
     fn validate(&self) -> Result<()> {
         if !matches!(self.storage.as_str(), "local" | "s3") {
             bail!("storage must be `local` or `s3`, not {:?}", self.storage);
@@ -697,9 +401,355 @@ impl Config {
     }
 }
 
+/// The generic half of the environment overlay: a setting's value from the file or from a
+/// variable, each a serde `Deserializer`, so the typed [`Config`] is deserialized once from
+/// both. A variable's text is parsed as the field's type asks: numbers with `FromStr`, booleans
+/// as `true/false/1/0/yes/no/on/off` (empty: false), an empty text as an unset `Option`.
+mod overlay {
+    use serde::de::{self, Deserializer, IntoDeserializer, Visitor};
+
+    /// An error of the overlay: says which variable or file key held the bad value.
+    #[derive(Debug, thiserror::Error)]
+    #[error("{0}")]
+    pub struct Error(String);
+
+    impl de::Error for Error {
+        fn custom<T: std::fmt::Display>(msg: T) -> Self {
+            Error(msg.to_string())
+        }
+    }
+
+    /// The field names of a struct that derives `Deserialize`, as serde's derive lists them.
+    pub fn field_names<'de, T: de::Deserialize<'de>>() -> &'static [&'static str] {
+        struct Names<'a>(&'a mut &'static [&'static str]);
+        impl<'de> Deserializer<'de> for Names<'_> {
+            type Error = Error;
+            fn deserialize_any<V: Visitor<'de>>(self, _: V) -> Result<V::Value, Error> {
+                Err(de::Error::custom("not a struct"))
+            }
+            fn deserialize_struct<V: Visitor<'de>>(
+                self,
+                _: &'static str,
+                fields: &'static [&'static str],
+                _: V,
+            ) -> Result<V::Value, Error> {
+                *self.0 = fields;
+                Err(de::Error::custom("fields read"))
+            }
+            serde::forward_to_deserialize_any! {
+                bool i8 i16 i32 i64 i128 u8 u16 u32 u64 u128 f32 f64 char str string bytes
+                byte_buf option unit unit_struct newtype_struct seq tuple tuple_struct map enum
+                identifier ignored_any
+            }
+        }
+        let mut fields: &'static [&'static str] = &[];
+        let _ = T::deserialize(Names(&mut fields));
+        fields
+    }
+
+    /// `" (did you mean X?)"` when a known name is within a few edits of `name`, else nothing.
+    pub fn did_you_mean(name: &str, known: impl Iterator<Item = impl AsRef<str>>) -> String {
+        let best = known
+            .map(|k| (edit_distance(name, k.as_ref()), k.as_ref().to_string()))
+            .min_by_key(|(d, _)| *d);
+        match best {
+            Some((d, k)) if d <= 3.max(name.len() / 5) => format!(" (did you mean {k}?)"),
+            _ => String::new(),
+        }
+    }
+
+    /// Levenshtein distance, case-insensitive.
+    fn edit_distance(a: &str, b: &str) -> usize {
+        let a: Vec<char> = a.to_ascii_lowercase().chars().collect();
+        let b: Vec<char> = b.to_ascii_lowercase().chars().collect();
+        let mut row: Vec<usize> = (0..=b.len()).collect();
+        for (i, ca) in a.iter().enumerate() {
+            let mut diagonal = row[0];
+            row[0] = i + 1;
+            for (j, cb) in b.iter().enumerate() {
+                let next = (diagonal + usize::from(ca != cb))
+                    .min(row[j] + 1)
+                    .min(row[j + 1] + 1);
+                diagonal = row[j + 1];
+                row[j + 1] = next;
+            }
+        }
+        row[b.len()]
+    }
+
+    /// One setting's value, from the file or from the environment.
+    pub enum Setting {
+        File { origin: String, value: toml::Value },
+        Env { name: String, value: String },
+    }
+
+    impl Setting {
+        fn parse<T: std::str::FromStr>(name: &str, value: &str) -> Result<T, Error>
+        where
+            T::Err: std::fmt::Display,
+        {
+            value
+                .parse()
+                .map_err(|e| Error(format!("{name}={value:?} is not valid: {e}")))
+        }
+
+        fn flag(name: &str, value: &str) -> Result<bool, Error> {
+            match value.to_ascii_lowercase().as_str() {
+                "1" | "true" | "yes" | "on" => Ok(true),
+                "0" | "false" | "no" | "off" | "" => Ok(false),
+                _ => Err(Error(format!(
+                    "{name}={value:?} is not a boolean (true/false)"
+                ))),
+            }
+        }
+    }
+
+    impl<'de> IntoDeserializer<'de, Error> for Setting {
+        type Deserializer = Setting;
+        fn into_deserializer(self) -> Setting {
+            self
+        }
+    }
+
+    /// Methods that hand a file value to toml's deserializer and parse a variable's text as
+    /// `$ty` before visiting it.
+    macro_rules! parsed {
+        ($($method:ident => $visit:ident($ty:ty),)*) => {$(
+            fn $method<V: Visitor<'de>>(self, visitor: V) -> Result<V::Value, Error> {
+                match self {
+                    Setting::File { origin, value } => value
+                        .$method(visitor)
+                        .map_err(|e| Error(format!("{origin}: {e}"))),
+                    Setting::Env { name, value } => visitor.$visit(Setting::parse::<$ty>(&name, &value)?),
+                }
+            }
+        )*};
+    }
+
+    impl<'de> Deserializer<'de> for Setting {
+        type Error = Error;
+
+        fn deserialize_any<V: Visitor<'de>>(self, visitor: V) -> Result<V::Value, Error> {
+            match self {
+                Setting::File { origin, value } => value
+                    .deserialize_any(visitor)
+                    .map_err(|e| Error(format!("{origin}: {e}"))),
+                Setting::Env { name, value } => visitor
+                    .visit_str(&value)
+                    .map_err(|e: Error| Error(format!("{name}={value:?} is not valid: {e}"))),
+            }
+        }
+
+        fn deserialize_bool<V: Visitor<'de>>(self, visitor: V) -> Result<V::Value, Error> {
+            match self {
+                Setting::File { origin, value } => value
+                    .deserialize_bool(visitor)
+                    .map_err(|e| Error(format!("{origin}: {e}"))),
+                Setting::Env { name, value } => visitor.visit_bool(Setting::flag(&name, &value)?),
+            }
+        }
+
+        /// An empty variable unsets an optional setting.
+        fn deserialize_option<V: Visitor<'de>>(self, visitor: V) -> Result<V::Value, Error> {
+            match self {
+                Setting::File { origin, value } => value
+                    .deserialize_option(visitor)
+                    .map_err(|e| Error(format!("{origin}: {e}"))),
+                Setting::Env { value, .. } if value.is_empty() => visitor.visit_none(),
+                env => visitor.visit_some(env),
+            }
+        }
+
+        fn deserialize_newtype_struct<V: Visitor<'de>>(
+            self,
+            _: &'static str,
+            visitor: V,
+        ) -> Result<V::Value, Error> {
+            visitor.visit_newtype_struct(self)
+        }
+
+        parsed! {
+            deserialize_i8 => visit_i8(i8),
+            deserialize_i16 => visit_i16(i16),
+            deserialize_i32 => visit_i32(i32),
+            deserialize_i64 => visit_i64(i64),
+            deserialize_u8 => visit_u8(u8),
+            deserialize_u16 => visit_u16(u16),
+            deserialize_u32 => visit_u32(u32),
+            deserialize_u64 => visit_u64(u64),
+            deserialize_f32 => visit_f32(f32),
+            deserialize_f64 => visit_f64(f64),
+        }
+
+        serde::forward_to_deserialize_any! {
+            i128 u128 char str string bytes byte_buf unit unit_struct seq tuple tuple_struct map
+            struct enum identifier ignored_any
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The tests' way to set variables: every `FLUXBASE_*` name `get` answers, laid over the
+    /// defaults as [`Config::load`] lays the process environment.
+    trait ApplyEnv {
+        fn apply_env(&mut self, get: impl Fn(&str) -> Option<String>) -> Result<()>;
+    }
+
+    impl ApplyEnv for Config {
+        fn apply_env(&mut self, get: impl Fn(&str) -> Option<String>) -> Result<()> {
+            let env = overlay::field_names::<Config>().iter().filter_map(|f| {
+                let name = format!("{PREFIX}{}", f.to_ascii_uppercase());
+                get(&name).map(|v| (name, v))
+            });
+            *self = Config::from_sources(None, env)?;
+            Ok(())
+        }
+    }
+
+    fn vars(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn an_unknown_variable_is_refused_with_the_nearest_name() {
+        let err = Config::from_sources(None, vars(&[("FLUXBASE_MAX_ROW", "5")])).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "unknown environment variable FLUXBASE_MAX_ROW (did you mean FLUXBASE_MAX_ROWS?)"
+        );
+        let err = Config::from_sources(None, vars(&[("FLUXBASE_max_rows", "5")])).unwrap_err();
+        assert!(err.to_string().contains("FLUXBASE_MAX_ROWS"), "{err}");
+        let err = Config::from_sources(None, vars(&[("FLUXBASE_NOTHING_LIKE_IT_AT_ALL", "1")]))
+            .unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "unknown environment variable FLUXBASE_NOTHING_LIKE_IT_AT_ALL"
+        );
+        // Variables read elsewhere, and other programs' variables, are not settings.
+        let c = Config::from_sources(
+            None,
+            vars(&[
+                ("FLUXBASE_LOG", "debug"),
+                ("FLUXBASE_CONFIG", "x.toml"),
+                ("FLUXBASE_PG_BINDIR", "/usr/lib/postgresql/16/bin"),
+                ("FLUXBASE_API_KEY", "fx_..."),
+                ("PATH", "/bin"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(c.max_rows, Config::default().max_rows);
+    }
+
+    #[test]
+    fn an_unknown_file_key_is_refused_with_the_nearest_name() {
+        let file = Some((Path::new("fluxbase.toml"), "max_rowz = 3"));
+        let err = Config::from_sources(file, vars(&[])).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "unknown key `max_rowz` in fluxbase.toml (did you mean max_rows?)"
+        );
+    }
+
+    #[test]
+    fn the_environment_overrides_the_file_which_overrides_the_defaults() {
+        let file = Some((
+            Path::new("fluxbase.toml"),
+            "max_rows = 7\npool_size = 3\ndatabase_url = \"postgres://f:filepw@h/d\"",
+        ));
+        let c = Config::from_sources(file, vars(&[("FLUXBASE_POOL_SIZE", "9")])).unwrap();
+        assert_eq!((c.max_rows, c.pool_size), (7, 9));
+        assert_eq!(
+            c.statement_timeout_ms,
+            Config::default().statement_timeout_ms
+        );
+        assert_eq!(
+            c.database_url.as_ref().map(Secret::expose),
+            Some("postgres://f:filepw@h/d")
+        );
+        // An empty variable unsets an optional setting the file set.
+        let c = Config::from_sources(file, vars(&[("FLUXBASE_DATABASE_URL", "")])).unwrap();
+        assert_eq!(c.database_url, None);
+        // A bad value in the file names its key and the file.
+        let bad = Some((Path::new("fluxbase.toml"), "max_rows = \"many\""));
+        let err = Config::from_sources(bad, vars(&[])).unwrap_err();
+        assert!(
+            err.to_string().contains("`max_rows` in fluxbase.toml"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn every_kind_of_setting_is_parsed_from_its_variable() {
+        let c = Config::from_sources(
+            None,
+            vars(&[
+                ("FLUXBASE_LISTEN", "0.0.0.0:9000"),
+                ("FLUXBASE_METRICS_ADDR", "127.0.0.1:9464"),
+                ("FLUXBASE_DATA_DIR", "/var/lib/fx"),
+                ("FLUXBASE_PUBLIC_URL", "https://fx.example"),
+                ("FLUXBASE_MAX_UPLOAD_BYTES", "123"),
+                ("FLUXBASE_RATE_LIMIT_REQUESTS", "4"),
+                ("FLUXBASE_MAX_ROWS", "6"),
+                ("FLUXBASE_WEBHOOK_BACKOFF_SCALE", "0.25"),
+                ("FLUXBASE_WEBHOOK_ALLOW_PRIVATE", "yes"),
+                ("FLUXBASE_TRUST_FORWARDED_FOR", "0"),
+                ("FLUXBASE_CDC_DECODING_WORK_MEM_KB", "64"),
+                ("FLUXBASE_S3_SECRET_ACCESS_KEY", "sk"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(c.listen, "0.0.0.0:9000".parse().unwrap());
+        assert_eq!(c.metrics_addr, Some("127.0.0.1:9464".parse().unwrap()));
+        assert_eq!(c.data_dir, PathBuf::from("/var/lib/fx"));
+        assert_eq!(c.public_url.as_deref(), Some("https://fx.example"));
+        assert_eq!(
+            (c.max_upload_bytes, c.rate_limit_requests, c.max_rows),
+            (123, 4, 6)
+        );
+        assert_eq!(c.webhook_backoff_scale, 0.25);
+        assert!(c.webhook_allow_private && !c.trust_forwarded_for);
+        assert_eq!(c.cdc_decoding_work_mem_kb, Some(64));
+        assert_eq!(
+            c.s3_secret_access_key.as_ref().map(Secret::expose),
+            Some("sk")
+        );
+        for (name, value) in [
+            ("FLUXBASE_WEBHOOK_ALLOW_PRIVATE", "maybe"),
+            ("FLUXBASE_WEBHOOK_BACKOFF_SCALE", "fast"),
+            ("FLUXBASE_RATE_LIMIT_REQUESTS", "-1"),
+            ("FLUXBASE_LISTEN", "nowhere"),
+            ("FLUXBASE_CDC_DECODING_WORK_MEM_KB", "lots"),
+        ] {
+            let err = Config::from_sources(None, vars(&[(name, value)])).unwrap_err();
+            assert!(err.to_string().contains(name), "{err}");
+        }
+    }
+
+    #[test]
+    fn debug_output_shows_every_setting_but_no_secret() {
+        let c = Config::from_sources(
+            None,
+            vars(&[
+                ("FLUXBASE_DATABASE_URL", "postgres://fx:dbpass@h/d"),
+                ("FLUXBASE_METRICS_TOKEN", "mtoken"),
+                ("FLUXBASE_S3_SECRET_ACCESS_KEY", "s3key"),
+                ("FLUXBASE_SQL_IDLE_TIMEOUT_SECS", "61"),
+            ]),
+        )
+        .unwrap();
+        let debug = format!("{c:?}");
+        for secret in ["dbpass", "mtoken", "s3key"] {
+            assert!(!debug.contains(secret), "{debug}");
+        }
+        assert!(debug.contains("database_url: Some([redacted])"), "{debug}");
+        assert!(debug.contains("sql_idle_timeout_secs: 61"), "{debug}");
+    }
 
     #[test]
     fn metrics_access_and_realtime_limits_come_from_the_environment() {
@@ -719,7 +769,7 @@ mod tests {
             _ => None,
         })
         .unwrap();
-        assert_eq!(c.metrics_token.as_deref(), Some("t0ken"));
+        assert_eq!(c.metrics_token.as_ref().map(Secret::expose), Some("t0ken"));
         assert_eq!(c.metrics_addr, Some("127.0.0.1:9464".parse().unwrap()));
         assert_eq!(
             (

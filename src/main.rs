@@ -263,11 +263,8 @@ async fn open_cli(mut config: Config, role: &str) -> Result<(SharedApp, Option<D
         CliCluster::Attach { pid, port } => {
             tracing::info!(pid, port, "using the cluster of the running server");
             let secrets = fluxbase::secrets::Secrets::load_or_create(&config.data_dir)?;
-            config.database_url = Some(fluxbase::embedded::url_at(
-                port,
-                &secrets.pg_password,
-                "fluxbase",
-            ));
+            config.database_url =
+                Some(fluxbase::embedded::url_at(port, &secrets.pg_password, "fluxbase").into());
             Ok((App::open_cli(config).await?, None))
         }
     }
@@ -284,7 +281,7 @@ async fn close_cli(app: SharedApp, lock: Option<DataDirLock>) {
 /// started for the check and stopped after it).
 async fn doctor(config: Config) -> Result<()> {
     let findings = match &config.database_url {
-        Some(url) => fluxbase::doctor::check(&ClusterTarget::from_url(url)?).await?,
+        Some(url) => fluxbase::doctor::check(&ClusterTarget::from_url(url.expose())?).await?,
         None => {
             let data_dir = config.data_dir.clone();
             let secrets = fluxbase::secrets::Secrets::load_or_create(&config.data_dir)?;

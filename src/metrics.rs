@@ -188,12 +188,18 @@ impl Metrics {
 
 fn render_streams(out: &mut String, streams: &[(String, crate::cdc::StreamStatus)]) {
     type Getter = fn(&crate::cdc::StreamStatus) -> Option<f64>;
-    let series: [(&str, &str, &str, Getter); 8] = [
+    let series: [(&str, &str, &str, Getter); 9] = [
         (
             "fluxbase_cdc_up",
             "gauge",
             "1 while the project's change stream is streaming.",
-            |s| Some(if s.state == "streaming" { 1.0 } else { 0.0 }),
+            |s| Some(if s.state == crate::cdc::StreamState::Streaming { 1.0 } else { 0.0 }),
+        ),
+        (
+            "fluxbase_cdc_failed",
+            "gauge",
+            "1 when the project's change stream stopped on an error retrying cannot fix (state failed or slot_lost).",
+            |s| Some(if s.state.is_failed() { 1.0 } else { 0.0 }),
         ),
         (
             "fluxbase_cdc_events_total",
@@ -282,7 +288,7 @@ pub fn answer(
             .map(|(_, t)| t.trim());
         // Compared by digest: the time taken says nothing about the token.
         let digest = |t: &str| crate::secrets::sha256(t.as_bytes());
-        let ok = given.is_some_and(|g| digest(g) == digest(token));
+        let ok = given.is_some_and(|g| digest(g) == digest(token.expose()));
         (!ok).then(|| {
             ApiError::AuthRequired(
                 "/metrics needs Authorization: Bearer <FLUXBASE_METRICS_TOKEN>.".into(),

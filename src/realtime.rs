@@ -339,7 +339,7 @@ impl Filter {
         }
         if let EventKind::Row { operation } = event.kind {
             if let Some(ops) = &self.operations {
-                if !ops.contains(operation) {
+                if !ops.contains(operation.as_str()) {
                     return false;
                 }
             }

@@ -41,7 +41,7 @@ use std::sync::Arc;
 use fluxbase_replication::pgoutput::Lsn;
 use serde::{Deserialize, Serialize};
 
-use crate::bus::{Event, EventKind};
+use crate::bus::{Event, EventKind, RowOp};
 
 /// Bytes of a record's header (length and checksum).
 const HEADER: usize = 8;
@@ -135,12 +135,7 @@ pub fn decode(payload: &[u8]) -> Option<Event> {
     let s: Stored = serde_json::from_slice(payload).ok()?;
     let kind = match s.k {
         'r' => EventKind::Row {
-            operation: match s.n.as_str() {
-                "INSERT" => "INSERT",
-                "UPDATE" => "UPDATE",
-                "DELETE" => "DELETE",
-                _ => return None,
-            },
+            operation: RowOp::from_name(&s.n)?,
         },
         's' => EventKind::Schema { command: s.n },
         'b' => EventKind::Broadcast { event: s.n },
@@ -938,7 +933,7 @@ mod tests {
         Event {
             id: id.into(),
             kind: EventKind::Row {
-                operation: "INSERT",
+                operation: RowOp::Insert,
             },
             schema: Some("public".into()),
             table: Some("t".into()),

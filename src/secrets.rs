@@ -47,6 +47,49 @@ pub fn sha256(data: &[u8]) -> Vec<u8> {
         .to_vec()
 }
 
+/// A credential held in memory (a database URL with its password, an S3 secret key, a bearer
+/// token): `Debug` and `Display` print `[redacted]`, so a value that carries one (the
+/// configuration, an error) can be logged whole. [`Secret::expose`] is the one way to the text,
+/// so every place that uses it is easy to find.
+#[derive(Clone, PartialEq, Eq, Deserialize)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(value: impl Into<String>) -> Secret {
+        Secret(value.into())
+    }
+
+    /// The secret text, for the one place that needs it (a connection, a signature, a compare).
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl From<String> for Secret {
+    fn from(value: String) -> Secret {
+        Secret(value)
+    }
+}
+
+impl From<&str> for Secret {
+    fn from(value: &str) -> Secret {
+        Secret(value.to_string())
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("[redacted]")
+    }
+}
+
+impl std::fmt::Display for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("[redacted]")
+    }
+}
+
 #[derive(Clone, Serialize, Deserialize)]
 pub struct Secrets {
     /// 32 random bytes, hex.
@@ -171,6 +214,16 @@ mod tests {
         let seen = watcher.join().unwrap();
         std::fs::remove_dir_all(&dir).unwrap();
         assert_eq!(seen.into_iter().collect::<Vec<_>>(), vec![0o711]);
+    }
+
+    #[test]
+    fn a_secret_prints_redacted_and_exposes_its_text() {
+        let s = Secret::from("hunter2");
+        assert_eq!(format!("{s:?} {s}"), "[redacted] [redacted]");
+        assert_eq!(format!("{:?}", Some(s.clone())), "Some([redacted])");
+        assert_eq!(s.expose(), "hunter2");
+        let parsed: Secret = serde_json::from_str("\"pw\"").unwrap();
+        assert_eq!(parsed.expose(), "pw");
     }
 
     #[test]

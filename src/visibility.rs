@@ -51,7 +51,7 @@ use serde_json::Value;
 
 use crate::app::App;
 use crate::auth::{DbRole, Project};
-use crate::bus::{Event, EventKind};
+use crate::bus::{Event, EventKind, RowOp};
 use crate::db::quote_ident;
 
 /// Who a realtime subscription acts as, fixed at subscribe.
@@ -668,11 +668,11 @@ impl Visibility {
                 });
             };
             match operation {
-                "INSERT" | "UPDATE" => {
+                RowOp::Insert | RowOp::Update => {
                     if let Some(r) = &e.record {
                         push(r, false);
                     }
-                    if operation == "UPDATE" {
+                    if operation == RowOp::Update {
                         if let Some(o) = &e.old {
                             push(o, true);
                         }
@@ -809,11 +809,11 @@ impl Visibility {
         // A full old image carries every column of the table.
         let full = |img: &Image| img.missing.is_empty();
         match operation {
-            "INSERT" => match image(false) {
+            RowOp::Insert => match image(false) {
                 Some((_, true)) => Verdict::Send,
                 _ => Verdict::Skip,
             },
-            "DELETE" => match image(true) {
+            RowOp::Delete => match image(true) {
                 Some((img, true)) if full(img) => Verdict::Send,
                 _ => Verdict::Skip,
             },

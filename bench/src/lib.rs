@@ -83,7 +83,7 @@ pub async fn start_app(
     let mut config = Config {
         listen: "127.0.0.1:0".parse()?,
         data_dir: dir.join("app"),
-        database_url: Some(cluster.url("fluxbase")),
+        database_url: Some(cluster.url("fluxbase").into()),
         ..Config::default()
     };
     tweak(&mut config);

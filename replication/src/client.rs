@@ -113,19 +113,7 @@ impl ReplicationError {
     /// position; the server sends again whatever was not confirmed.
     pub fn is_retryable(&self) -> bool {
         match self {
-            ReplicationError::Wire(WireError::Io(_) | WireError::Closed | WireError::Timeout) => {
-                true
-            }
-            ReplicationError::Wire(WireError::Db(e)) => {
-                e.code.starts_with("08") // connection exception
-                    || matches!(
-                        e.code.as_str(),
-                        "57P01" // admin_shutdown (also pg_terminate_backend)
-                        | "57P02" // crash_shutdown
-                        | "57P03" // cannot_connect_now (starting up, recovery)
-                        | "53300" // too_many_connections
-                    )
-            }
+            ReplicationError::Wire(e) => e.is_retryable(),
             _ => false,
         }
     }

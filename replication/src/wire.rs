@@ -298,6 +298,27 @@ impl WireError {
         }
     }
 
+    /// Connecting again later may work: the connection was lost or timed out, or the server is
+    /// shutting down, restarting or out of connection slots. Everything else (a refused
+    /// password or permission, a protocol violation, a statement's own error) comes back the
+    /// same on every attempt.
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            WireError::Io(_) | WireError::Closed | WireError::Timeout => true,
+            WireError::Db(e) => {
+                e.code.starts_with("08") // connection exception
+                    || matches!(
+                        e.code.as_str(),
+                        "57P01" // admin_shutdown (also pg_terminate_backend)
+                        | "57P02" // crash_shutdown
+                        | "57P03" // cannot_connect_now (starting up, recovery)
+                        | "53300" // too_many_connections
+                    )
+            }
+            WireError::Protocol(_) | WireError::Auth(_) | WireError::InvalidInput(_) => false,
+        }
+    }
+
     fn protocol(what: impl fmt::Display) -> WireError {
         WireError::Protocol(what.to_string())
     }

@@ -67,7 +67,7 @@ pub async fn create_project(app: SharedApp, req: Request) -> ApiResult<Created<C
     // The quota applies to users of the API; the operator's CLI is not bound by it.
     let _turn = app.projects.quota_turn(user_id).await?;
     let (project, keys) = app.create_project(user_id, &body.name).await?;
-    app.start_change_stream(project.id.clone(), project.db_name.clone());
+    app.cdc.start(project.id.clone(), project.db_name.clone());
     Ok(Created(CreatedProject {
         success: true,
         project: ProjectView::from(&project),

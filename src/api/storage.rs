@@ -1,76 +1,506 @@
 //! Storage: buckets, files, signed and public downloads.
+//!
+//! The HTTP side of [`crate::storage`]: who is asking (the caller's access, resolved here and
+//! handed to the domain; for an upload, once the form names the project), the values a request
+//! carries (headers, the `Host` a link is built on), and the responses (JSON bodies; a download's
+//! headers and streamed body). [`StorageError`] maps to the guide's status and code in one
+//! `From` impl.
 
+use std::sync::atomic::Ordering::Relaxed;
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+use warp::http::{header, HeaderMap, HeaderValue};
 use warp::reply::Response;
+use warp::Reply as _;
 
-use super::reply::Reply;
+use super::reply::{Created, Json, Reply};
 use super::Request;
-use crate::api::error::ApiResult;
-use crate::app::SharedApp;
+use crate::api::error::{ApiError, ApiResult};
+use crate::app::{App, SharedApp};
+use crate::auth::{Access, DbRole, Principal, Scope};
+use crate::config::Config;
+use crate::storage::files::{project_of_key, DeletedFile};
+use crate::storage::{
+    public_url, Bucket, BucketChange, BucketUsage, NewBucket, StorageError, StoredFile,
+    UploadRequest, URL_TTL,
+};
+
+impl From<StorageError> for ApiError {
+    fn from(e: StorageError) -> ApiError {
+        use StorageError::*;
+        match e {
+            InvalidBucketName(_)
+            | InvalidObjectName { .. }
+            | FolderWithoutFilename
+            | NoFilename
+            | InvalidContentType(_)
+            | InvalidMaxFileSize
+            | InvalidMimePattern(_)
+            | TypeNotAllowed { .. }
+            | InvalidFileId
+            | NoFileNamed
+            | NotMultipart
+            | InvalidMultipart(_)
+            | NotABoolean(_)
+            | UnknownField(_)
+            | FieldTooLong { .. }
+            | FieldNotUtf8(_)
+            | SeveralFiles
+            | NoFile
+            | MissingField(_) => ApiError::BadRequest(e.to_string()),
+            TooLarge(limit) => ApiError::PayloadTooLarge(limit as usize),
+            NoSuchBucket(_) | BucketDeleted(_) | NoSuchKey(_) | NoSuchFile(_) | NotServed => {
+                ApiError::NotFound(e.to_string())
+            }
+            BucketExists(_)
+            | BucketNotEmpty { .. }
+            | FileExists { .. }
+            | UploadInProgress
+            | FileBusy(_) => ApiError::Conflict(e.to_string()),
+            InvalidSignature | UrlExpired => ApiError::AccessDenied(e.to_string()),
+            Unavailable(cause) => ApiError::StorageUnavailable(cause),
+            Internal(e) => ApiError::from(e),
+        }
+    }
+}
+
+/// The base URL for links: `FLUXBASE_PUBLIC_URL`, else the `Host` the caller used.
+pub fn base_url(config: &Config, headers: &HeaderMap) -> String {
+    if let Some(url) = &config.public_url {
+        return url.trim_end_matches('/').to_string();
+    }
+    match headers
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .filter(|h| {
+            !h.is_empty()
+                && h.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b".-:[]".contains(&b))
+        }) {
+        Some(host) => format!("http://{host}"),
+        None => config.base_url(),
+    }
+}
+
+/// Uploads need a readwrite or admin key, or a developer or admin member.
+fn require_readwrite(access: &Access, what: &str) -> ApiResult<()> {
+    if access.db_role != DbRole::Read {
+        return Ok(());
+    }
+    Err(match access.member_role {
+        Some(_) => {
+            ApiError::InsufficientPermissions(format!("{what} needs a developer or admin role."))
+        }
+        None => ApiError::ScopeMismatch(format!("{what} needs a readwrite or admin key.")),
+    })
+}
+
+/// A bucket.
+#[derive(Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct BucketInfo {
+    /// A UUID.
+    id: String,
+    name: String,
+    is_public: bool,
+    /// Bytes; `null`: only the server's upload limit applies.
+    max_file_size: Option<i64>,
+    /// MIME types or patterns (`image/*`); `null`: any type.
+    allowed_mime_types: Option<Vec<String>>,
+    #[schema(value_type = String, format = DateTime)]
+    created_at: DateTime<Utc>,
+}
+
+impl From<Bucket> for BucketInfo {
+    fn from(b: Bucket) -> BucketInfo {
+        BucketInfo {
+            id: b.id,
+            name: b.name,
+            is_public: b.is_public,
+            max_file_size: b.max_file_size,
+            allowed_mime_types: b.allowed_mime_types,
+            created_at: b.created_at,
+        }
+    }
+}
+
+/// A bucket with its listed files' count and bytes.
+#[derive(Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct BucketWithUsage {
+    #[serde(flatten)]
+    bucket: BucketInfo,
+    file_count: i64,
+    /// Bytes.
+    size: i64,
+}
+
+/// A file, in the guide's snake_case.
+#[derive(Serialize, ToSchema)]
+pub struct FileInfo {
+    /// A UUID.
+    id: String,
+    /// The name inside its bucket.
+    name: String,
+    /// `<projectId>/<bucketId>/<name>`.
+    s3_key: String,
+    /// Bytes.
+    size: Option<i64>,
+    content_type: String,
+    bucket_id: String,
+    #[schema(value_type = String, format = DateTime)]
+    created_at: DateTime<Utc>,
+    #[schema(value_type = String, format = DateTime)]
+    updated_at: DateTime<Utc>,
+    /// The file's permanent URL when its bucket is public, else `null`.
+    public_url: Option<String>,
+}
+
+impl FileInfo {
+    /// `base`: this server as the caller reaches it ([`base_url`]).
+    fn new(f: StoredFile, base: &str) -> FileInfo {
+        FileInfo {
+            public_url: f.bucket_is_public.then(|| public_url(base, &f.s3_key)),
+            id: f.id,
+            name: f.name,
+            s3_key: f.s3_key,
+            size: f.size,
+            content_type: f.content_type,
+            bucket_id: f.bucket_id,
+            created_at: f.created_at,
+            updated_at: f.updated_at,
+        }
+    }
+}
+
+/// The project's buckets.
+#[derive(Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct BucketList {
+    success: bool,
+    buckets: Vec<BucketWithUsage>,
+    /// Bytes in all buckets.
+    total_size: i64,
+}
+
+/// A bucket as created or changed.
+#[derive(Serialize, ToSchema)]
+pub struct BucketReply {
+    success: bool,
+    bucket: BucketInfo,
+}
+
+/// A deleted bucket.
+#[derive(Serialize, ToSchema)]
+pub struct BucketDeleted {
+    success: bool,
+    deleted: DeletedBucket,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct DeletedBucket {
+    id: String,
+    name: String,
+}
+
+/// A bucket's files.
+#[derive(Serialize, ToSchema)]
+pub struct FileList {
+    success: bool,
+    bucket: BucketInfo,
+    files: Vec<FileInfo>,
+}
+
+/// A download URL valid for 15 minutes.
+#[derive(Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct DownloadUrl {
+    success: bool,
+    url: String,
+    /// Seconds.
+    expires_in: u64,
+    #[schema(value_type = String, format = DateTime)]
+    expires_at: DateTime<Utc>,
+    /// The file's permanent URL when its bucket is public, else `null`.
+    public_url: Option<String>,
+    file: FileInfo,
+}
+
+/// An uploaded file.
+#[derive(Serialize, ToSchema)]
+pub struct FileReply {
+    success: bool,
+    file: FileInfo,
+}
+
+/// A deleted file.
+#[derive(Serialize, ToSchema)]
+pub struct FileDeleted {
+    success: bool,
+    deleted: DeletedFileInfo,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct DeletedFileInfo {
+    id: String,
+    name: String,
+    s3_key: String,
+}
+
+impl From<DeletedFile> for DeletedFileInfo {
+    fn from(f: DeletedFile) -> DeletedFileInfo {
+        DeletedFileInfo {
+            id: f.id,
+            name: f.name,
+            s3_key: f.s3_key,
+        }
+    }
+}
+
+/// A new bucket.
+#[derive(Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct CreateBucket {
+    /// The project.
+    #[allow(dead_code)] // Resolved before the body is typed (`Request::access_by_body`).
+    project_id: String,
+    /// Lowercase letters, digits, hyphens and underscores, 1–63 characters; unique per project.
+    name: String,
+    /// Files of a public bucket have a permanent URL that needs no credential.
+    #[serde(default)]
+    is_public: bool,
+    /// Bytes (positive).
+    max_file_size: Option<i64>,
+    /// MIME types or patterns such as `image/*`.
+    allowed_mime_types: Option<Vec<String>>,
+}
+
+/// What changes in a bucket; an absent field keeps its value.
+#[derive(Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct PatchBucket {
+    /// The project.
+    #[allow(dead_code)] // Resolved before the body is typed (`Request::access_by_body`).
+    project_id: String,
+    /// The bucket's UUID or name.
+    bucket_id: String,
+    /// The new name.
+    name: Option<String>,
+    is_public: Option<bool>,
+    /// `null` removes the limit; absent keeps it.
+    #[serde(default, deserialize_with = "present")]
+    #[schema(value_type = Option<i64>)]
+    max_file_size: Option<Option<i64>>,
+    /// `null` allows every type; absent keeps the list.
+    #[serde(default, deserialize_with = "present")]
+    #[schema(value_type = Option<Vec<String>>)]
+    allowed_mime_types: Option<Option<Vec<String>>>,
+}
+
+/// Tells an explicit `null` (Some(None)) from an absent field (None).
+fn present<'de, T: Deserialize<'de>, D: serde::Deserializer<'de>>(
+    d: D,
+) -> Result<Option<Option<T>>, D::Error> {
+    Option::<T>::deserialize(d).map(Some)
+}
+
+/// The upload form: `file` plus `bucketId` and `projectId` (in any order; the guide's curl
+/// sends `file` first).
+#[derive(ToSchema)]
+#[schema(rename_all = "camelCase")]
+#[allow(dead_code)] // Only described: the form is read as a stream (crate::storage::upload).
+pub struct UploadForm {
+    #[schema(value_type = String, format = Binary)]
+    file: Vec<u8>,
+    /// The bucket's UUID or name.
+    bucket_id: String,
+    project_id: String,
+    /// The file's name in the bucket (`a/b.png`); a trailing `/` puts the uploaded file's own
+    /// name in that folder. Default: the uploaded file's name.
+    path: Option<String>,
+    /// Replace an existing file of the same name.
+    upsert: Option<bool>,
+}
 
 /// The project's buckets.
 #[utoipa::path(get, path = "/api/storage/buckets", tag = "storage", security(("bearer" = [])),
     params(("projectId" = String, Query, description = "The project")),
-    responses((status = 200, description = "`{success, buckets}`", body = Object)))]
-pub async fn list_buckets(app: SharedApp, req: Request) -> ApiResult<impl Reply> {
+    responses((status = 200, description = "The buckets and their sizes", body = BucketList)))]
+pub async fn list_buckets(app: SharedApp, req: Request) -> ApiResult<Json<BucketList>> {
     let access = req.access_by_query(&app).await?;
-    app.list_buckets(&access).await
+    let buckets = app.storage.list_buckets(&access.project.id).await?;
+    let total_size = buckets.iter().map(|b| b.size).sum();
+    Ok(Json(BucketList {
+        success: true,
+        buckets: buckets
+            .into_iter()
+            .map(
+                |BucketUsage {
+                     bucket,
+                     file_count,
+                     size,
+                 }| BucketWithUsage {
+                    bucket: bucket.into(),
+                    file_count,
+                    size,
+                },
+            )
+            .collect(),
+        total_size,
+    }))
 }
 
 /// Creates a bucket.
 #[utoipa::path(post, path = "/api/storage/buckets", tag = "storage", security(("bearer" = [])),
-    responses((status = 201, description = "`{success, bucket}`", body = Object)))]
-pub async fn create_bucket(app: SharedApp, req: Request) -> ApiResult<impl Reply> {
+    request_body = CreateBucket,
+    responses((status = 201, description = "The new bucket", body = BucketReply)))]
+pub async fn create_bucket(app: SharedApp, req: Request) -> ApiResult<Created<BucketReply>> {
     let access = req.access_by_body(&app).await?;
-    app.create_bucket(&access, req.json()?).await
+    let body: CreateBucket = req.json()?;
+    access.require_developer("Creating buckets")?;
+    let new = NewBucket {
+        name: body.name,
+        is_public: body.is_public,
+        max_file_size: body.max_file_size,
+        allowed_mime_types: body.allowed_mime_types,
+    };
+    let bucket = app.storage.create_bucket(&access.project.id, new).await?;
+    Ok(Created(BucketReply {
+        success: true,
+        bucket: bucket.into(),
+    }))
 }
 
 /// Renames a bucket or changes its visibility and limits.
 #[utoipa::path(patch, path = "/api/storage/buckets", tag = "storage", security(("bearer" = [])),
-    responses((status = 200, description = "`{success, bucket}`", body = Object)))]
-pub async fn patch_bucket(app: SharedApp, req: Request) -> ApiResult<impl Reply> {
+    request_body = PatchBucket,
+    responses((status = 200, description = "The bucket as changed", body = BucketReply)))]
+pub async fn patch_bucket(app: SharedApp, req: Request) -> ApiResult<Json<BucketReply>> {
     let access = req.access_by_body(&app).await?;
-    app.patch_bucket(&access, req.json()?).await
+    let body: PatchBucket = req.json()?;
+    access.require_developer("Changing buckets")?;
+    let change = BucketChange {
+        name: body.name,
+        is_public: body.is_public,
+        max_file_size: body.max_file_size,
+        allowed_mime_types: body.allowed_mime_types,
+    };
+    let bucket = app
+        .storage
+        .change_bucket(&access.project.id, &body.bucket_id, change)
+        .await?;
+    Ok(Json(BucketReply {
+        success: true,
+        bucket: bucket.into(),
+    }))
 }
 
 /// Deletes an empty bucket.
 #[utoipa::path(delete, path = "/api/storage/buckets", tag = "storage", security(("bearer" = [])),
     params(("projectId" = String, Query, description = "The project"),
-           ("bucketId" = String, Query, description = "The bucket")),
-    responses((status = 200, description = "`{success: true}`", body = Object)))]
-pub async fn delete_bucket(app: SharedApp, req: Request) -> ApiResult<impl Reply> {
+           ("bucketId" = String, Query, description = "The bucket's UUID or name")),
+    responses((status = 200, description = "The deleted bucket", body = BucketDeleted)))]
+pub async fn delete_bucket(app: SharedApp, req: Request) -> ApiResult<Json<BucketDeleted>> {
     let access = req.access_by_query(&app).await?;
-    app.delete_bucket(&access, req.param("bucketId")?).await
+    let bucket_id = req.param("bucketId")?;
+    access.require_developer("Deleting buckets")?;
+    let bucket = app
+        .storage
+        .delete_bucket(&access.project.id, bucket_id)
+        .await?;
+    Ok(Json(BucketDeleted {
+        success: true,
+        deleted: DeletedBucket {
+            id: bucket.id,
+            name: bucket.name,
+        },
+    }))
 }
 
-/// Uploads a file (multipart form: `file`, with `projectId` and `bucketId` in the query or the
-/// form); the body streams to the backend.
+/// Uploads a file (multipart form: `file`, with `projectId` and `bucketId` in the form); the
+/// body streams to the backend. 201 for a new file, 200 for a replaced one (`upsert`).
 #[utoipa::path(post, path = "/api/storage/upload", tag = "storage", security(("bearer" = [])),
-    responses((status = 201, description = "`{success, file}`", body = Object)))]
-pub async fn upload_file(app: SharedApp, mut req: Request) -> ApiResult<impl Reply> {
+    params(("upsert" = Option<bool>, Query, description = "Replace an existing file of the same name")),
+    request_body(content = UploadForm, content_type = "multipart/form-data"),
+    responses((status = 201, description = "The new file", body = FileReply),
+              (status = 200, description = "The replaced file (`upsert`)", body = FileReply)))]
+pub async fn upload_file(app: SharedApp, mut req: Request) -> ApiResult<Response> {
+    let principal = req.principal(&app).await?;
+    if let Principal::Key {
+        scope: Scope::Read, ..
+    } = principal
+    {
+        return Err(ApiError::ScopeMismatch(
+            "Uploading files needs a readwrite or admin key.".into(),
+        ));
+    }
     let body = req.take_stream();
-    app.upload(&req.headers, &req.query, body).await
+    let header = |name: header::HeaderName| req.headers.get(name).and_then(|v| v.to_str().ok());
+    let request = UploadRequest {
+        content_type: header(header::CONTENT_TYPE).unwrap_or_default(),
+        content_length: header(header::CONTENT_LENGTH).and_then(|v| v.parse().ok()),
+        upsert: req.optional_param("upsert"),
+    };
+    let (app_ref, principal) = (&*app, &principal);
+    let authorize = move |project_id: String| async move {
+        let access = app_ref.auth.project_access(principal, &project_id).await?;
+        require_readwrite(&access, "Uploading files")?;
+        Ok::<_, ApiError>(access)
+    };
+    let uploaded = app.storage.upload(request, body, authorize).await?;
+    let reply = FileReply {
+        success: true,
+        file: FileInfo::new(uploaded.file, &base_url(&app.config, &req.headers)),
+    };
+    Ok(if uploaded.created {
+        Created(reply).into_response()
+    } else {
+        Json(reply).into_response()
+    })
 }
 
 /// The files of a bucket.
 #[utoipa::path(get, path = "/api/storage/files", tag = "storage", security(("bearer" = [])),
     params(("projectId" = String, Query, description = "The project"),
-           ("bucketId" = String, Query, description = "The bucket")),
-    responses((status = 200, description = "`{success, files}`", body = Object)))]
-pub async fn list_files(app: SharedApp, req: Request) -> ApiResult<impl Reply> {
+           ("bucketId" = String, Query, description = "The bucket's UUID or name")),
+    responses((status = 200, description = "The bucket and its files", body = FileList)))]
+pub async fn list_files(app: SharedApp, req: Request) -> ApiResult<Json<FileList>> {
     let access = req.access_by_query(&app).await?;
-    let base = crate::storage::base_url(&app.config, &req.headers);
-    app.list_files(&access, req.param("bucketId")?, &base).await
+    let base = base_url(&app.config, &req.headers);
+    let (bucket, files) = app
+        .storage
+        .list_files(&access.project.id, req.param("bucketId")?)
+        .await?;
+    Ok(Json(FileList {
+        success: true,
+        bucket: bucket.into(),
+        files: files.into_iter().map(|f| FileInfo::new(f, &base)).collect(),
+    }))
 }
 
 /// A signed download URL for a file.
 #[utoipa::path(get, path = "/api/storage/url", tag = "storage", security(("bearer" = [])),
     params(("projectId" = String, Query, description = "The project"),
            ("s3Key" = String, Query, description = "The file's key")),
-    responses((status = 200, description = "`{success, url, expiresAt}`", body = Object)))]
-pub async fn signed_url(app: SharedApp, req: Request) -> ApiResult<impl Reply> {
+    responses((status = 200, description = "A URL valid for 15 minutes", body = DownloadUrl)))]
+pub async fn signed_url(app: SharedApp, req: Request) -> ApiResult<Json<DownloadUrl>> {
     let access = req.access_by_query(&app).await?;
-    let base = crate::storage::base_url(&app.config, &req.headers);
-    app.signed_url(&access, req.param("s3Key")?, &base).await
+    let base = base_url(&app.config, &req.headers);
+    let signed = app
+        .storage
+        .signed_url(&access.project.id, req.param("s3Key")?, &base)
+        .await?;
+    let file = FileInfo::new(signed.file, &base);
+    Ok(Json(DownloadUrl {
+        success: true,
+        url: signed.url,
+        expires_in: URL_TTL.as_secs(),
+        expires_at: signed.expires_at,
+        public_url: file.public_url.clone(),
+        file,
+    }))
 }
 
 /// Deletes a file, named by `fileId` or `s3Key` (query string or JSON body).
@@ -78,8 +508,9 @@ pub async fn signed_url(app: SharedApp, req: Request) -> ApiResult<impl Reply> {
     params(("projectId" = Option<String>, Query, description = "The project"),
            ("fileId" = Option<String>, Query, description = "The file's id"),
            ("s3Key" = Option<String>, Query, description = "The file's key")),
-    responses((status = 200, description = "`{success: true}`", body = Object)))]
-pub async fn delete_file(app: SharedApp, req: Request) -> ApiResult<impl Reply> {
+    request_body = Option<DeleteFile>,
+    responses((status = 200, description = "The deleted file", body = FileDeleted)))]
+pub async fn delete_file(app: SharedApp, req: Request) -> ApiResult<Json<FileDeleted>> {
     delete(app, req).await
 }
 
@@ -88,28 +519,42 @@ pub async fn delete_file(app: SharedApp, req: Request) -> ApiResult<impl Reply> 
     params(("projectId" = Option<String>, Query, description = "The project"),
            ("fileId" = Option<String>, Query, description = "The file's id"),
            ("s3Key" = Option<String>, Query, description = "The file's key")),
-    responses((status = 200, description = "`{success: true}`", body = Object)))]
-pub async fn delete_file_legacy(app: SharedApp, req: Request) -> ApiResult<impl Reply> {
+    request_body = Option<DeleteFile>,
+    responses((status = 200, description = "The deleted file", body = FileDeleted)))]
+pub async fn delete_file_legacy(app: SharedApp, req: Request) -> ApiResult<Json<FileDeleted>> {
     delete(app, req).await
 }
 
-async fn delete(app: SharedApp, req: Request) -> ApiResult<impl Reply> {
+async fn delete(app: SharedApp, req: Request) -> ApiResult<Json<FileDeleted>> {
     let principal = req.principal(&app).await?;
     let target = DeleteFile::from_request(&req)?;
     let access = app
         .auth
         .project_access(&principal, &target.project_id)
         .await?;
-    app.delete_file(&access, target.file_id.as_deref(), target.s3_key.as_deref())
-        .await
+    access.require_developer("Deleting files")?;
+    let deleted = app
+        .storage
+        .delete_file(
+            &access.project.id,
+            target.file_id.as_deref(),
+            target.s3_key.as_deref(),
+        )
+        .await?;
+    Ok(Json(FileDeleted {
+        success: true,
+        deleted: deleted.into(),
+    }))
 }
 
 /// The file to delete: `?projectId=&s3Key=` or `?projectId=&fileId=`, or the same fields in
 /// a JSON body.
-#[derive(serde::Deserialize)]
+#[derive(Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
-struct DeleteFile {
+pub struct DeleteFile {
+    /// The project.
     project_id: String,
+    /// The file's id (wins over `s3Key`).
     file_id: Option<String>,
     s3_key: Option<String>,
 }
@@ -129,26 +574,183 @@ impl DeleteFile {
 }
 
 /// A file through a signed URL (no credential: the signature is the grant).
-#[utoipa::path(method(get, head), path = "/api/storage/object", tag = "storage",
+#[utoipa::path(get, path = "/api/storage/object", tag = "storage",
     params(("key" = String, Query, description = "The file's key"),
            ("expires" = String, Query, description = "Unix seconds"),
            ("signature" = String, Query, description = "HMAC of key and expiry")),
     responses((status = 200, description = "The file's bytes", content_type = "application/octet-stream")))]
 pub async fn signed_download(app: SharedApp, req: Request) -> ApiResult<Response> {
-    app.signed_download(
-        req.param("key")?,
-        req.param("expires")?,
-        req.param("signature")?,
-        req.method == warp::http::Method::HEAD,
-    )
-    .await
+    signed(app, req, false).await
+}
+
+/// The headers of [`signed_download`], without the body.
+#[utoipa::path(head, path = "/api/storage/object", tag = "storage",
+    params(("key" = String, Query, description = "The file's key"),
+           ("expires" = String, Query, description = "Unix seconds"),
+           ("signature" = String, Query, description = "HMAC of key and expiry")),
+    responses((status = 200, description = "The file's headers")))]
+pub async fn signed_download_head(app: SharedApp, req: Request) -> ApiResult<Response> {
+    signed(app, req, true).await
+}
+
+async fn signed(app: SharedApp, req: Request, head: bool) -> ApiResult<Response> {
+    let key = req.param("key")?;
+    let (expires, signature) = (req.param("expires")?, req.param("signature")?);
+    app.storage.verify_signed(key, expires, signature)?;
+    serve(&app, key, false, head).await
 }
 
 /// A file of a public bucket, at `/api/storage/public/<projectId>/<bucket>/<path>`.
-#[utoipa::path(method(get, head), path = "/api/storage/public/{path}", tag = "storage",
+#[utoipa::path(get, path = "/api/storage/public/{path}", tag = "storage",
     params(("path" = String, Path, description = "`<projectId>/<bucket>/<file path>`, percent-encoded")),
     responses((status = 200, description = "The file's bytes", content_type = "application/octet-stream")))]
 pub async fn public_download(app: SharedApp, req: Request) -> ApiResult<Response> {
-    app.public_download(&req.tail, req.method == warp::http::Method::HEAD)
-        .await
+    public(app, req, false).await
+}
+
+/// The headers of [`public_download`], without the body.
+#[utoipa::path(head, path = "/api/storage/public/{path}", tag = "storage",
+    params(("path" = String, Path, description = "`<projectId>/<bucket>/<file path>`, percent-encoded")),
+    responses((status = 200, description = "The file's headers")))]
+pub async fn public_download_head(app: SharedApp, req: Request) -> ApiResult<Response> {
+    public(app, req, true).await
+}
+
+async fn public(app: SharedApp, req: Request, head: bool) -> ApiResult<Response> {
+    let key = percent_encoding::percent_decode_str(&req.tail)
+        .decode_utf8()
+        .map_err(|_| ApiError::from(StorageError::NotServed))?;
+    serve(&app, &key, true, head).await
+}
+
+/// The response for a download: the file's type, length and disposition, a sandboxing CSP, a
+/// cache policy by the bucket's visibility; the body streams (none for `HEAD`).
+async fn serve(app: &App, key: &str, public_only: bool, head: bool) -> ApiResult<Response> {
+    let project = app
+        .auth
+        .load_project(project_of_key(key))
+        .await?
+        .ok_or(StorageError::NotServed)?;
+    if project.status == crate::projects::ProjectStatus::Suspended {
+        return Err(ApiError::ProjectSuspended);
+    }
+    let download = app.storage.download(key, public_only).await?;
+    if !head {
+        app.metrics
+            .storage_served_bytes
+            .fetch_add(download.size, Relaxed);
+    }
+    let header = |v: String| HeaderValue::from_str(&v).map_err(|e| ApiError::Internal(e.into()));
+    let disposition = header(download.content_disposition())?;
+    let mut response = if head {
+        Response::new(Default::default())
+    } else {
+        warp::reply::stream(response_body(download.body)).into_response()
+    };
+    let h = response.headers_mut();
+    h.insert("content-type", header(download.content_type)?);
+    h.insert("content-length", header(download.size.to_string())?);
+    h.insert("x-content-type-options", header("nosniff".into())?);
+    // A user's file is never a page of this origin: no scripts, no requests, no forms.
+    h.insert(
+        "content-security-policy",
+        header("default-src 'none'; sandbox".into())?,
+    );
+    h.insert("content-disposition", disposition);
+    h.insert(
+        "cache-control",
+        header(
+            if download.public {
+                "public, max-age=60"
+            } else {
+                "private, no-store"
+            }
+            .into(),
+        )?,
+    );
+    Ok(response)
+}
+
+/// A file's chunks as a response body: warp wants a `Sync` stream, so they travel through a
+/// bounded channel from a task that reads at most a few chunks ahead of the client.
+pub fn response_body<S>(
+    stream: S,
+) -> impl futures_util::Stream<Item = std::io::Result<bytes::Bytes>> + Send + Sync + 'static
+where
+    S: futures_util::Stream<Item = std::io::Result<bytes::Bytes>> + Send + 'static,
+{
+    let (tx, rx) = tokio::sync::mpsc::channel::<std::io::Result<bytes::Bytes>>(4);
+    tokio::spawn(async move {
+        use futures_util::StreamExt;
+        let mut stream = std::pin::pin!(stream);
+        while let Some(chunk) = stream.next().await {
+            if tx.send(chunk).await.is_err() {
+                return;
+            }
+        }
+    });
+    futures_util::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|c| (c, rx)) })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use warp::http::StatusCode;
+
+    fn answer(e: StorageError) -> (StatusCode, &'static str, String) {
+        let e = ApiError::from(e);
+        (e.status(), e.code(), e.to_string())
+    }
+
+    #[test]
+    fn storage_errors_keep_the_guides_status_code_and_message() {
+        assert_eq!(
+            answer(StorageError::BucketExists("photos".into())),
+            (
+                StatusCode::CONFLICT,
+                "CONFLICT",
+                "A bucket named \"photos\" already exists in this project.".into()
+            )
+        );
+        assert_eq!(
+            answer(StorageError::MissingField("bucketId")),
+            (
+                StatusCode::BAD_REQUEST,
+                "BAD_REQUEST",
+                "bucketId: missing form field".into()
+            )
+        );
+        assert_eq!(
+            answer(StorageError::TooLarge(1024)),
+            (
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "PAYLOAD_TOO_LARGE",
+                "Request body is larger than the limit of 1024 bytes.".into()
+            )
+        );
+        assert_eq!(
+            answer(StorageError::NotServed),
+            (StatusCode::NOT_FOUND, "NOT_FOUND", "File not found.".into())
+        );
+        assert_eq!(
+            answer(StorageError::UrlExpired),
+            (
+                StatusCode::FORBIDDEN,
+                "ACCESS_DENIED",
+                "The URL has expired.".into()
+            )
+        );
+        // The backend's cause is logged, never answered.
+        let (status, code, message) = answer(StorageError::Unavailable("disk full".into()));
+        assert_eq!(
+            (status, code),
+            (StatusCode::SERVICE_UNAVAILABLE, "STORAGE_UNAVAILABLE")
+        );
+        assert!(!message.contains("disk full"));
+        let (status, code, _) = answer(StorageError::Internal(anyhow::anyhow!("a bug")));
+        assert_eq!(
+            (status, code),
+            (StatusCode::INTERNAL_SERVER_ERROR, "INTERNAL_ERROR")
+        );
+    }
 }

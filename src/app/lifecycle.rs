@@ -28,7 +28,7 @@ impl App {
         name: &str,
     ) -> Result<(Project, DefaultKeys), ProjectsError> {
         let (project, keys) = self.projects.create(user_id, name).await?;
-        if let Err(e) = self.ensure_slot(&project.id, &project.db_name).await {
+        if let Err(e) = self.cdc.ensure_slot(&project.id, &project.db_name).await {
             self.sql.forget_project(&project.id);
             self.projects.discard(&project).await;
             return Err(e.into());
@@ -44,13 +44,13 @@ impl App {
             .load_project(project_id)
             .await?
             .ok_or_else(|| ProjectsError::NoSuchProject(project_id.to_string()))?;
-        self.stop_change_stream(project_id).await;
+        self.cdc.stop(project_id).await;
         self.sql.forget_project(project_id);
         self.projects
             .deprovision(project_id, &project.db_name)
             .await;
         self.projects.delete_row(project_id).await?;
-        self.delete_project_objects(project_id).await;
+        self.storage.delete_project_objects(project_id).await;
         self.auth
             .notify_access_change(&AccessChange::Project(project_id.to_string()))
             .await;
@@ -99,7 +99,7 @@ impl App {
     /// leaves that to the server (it would close a running server's login windows).
     pub(super) async fn migrate_projects(&self, secure_roles: bool) -> anyhow::Result<()> {
         for (project_id, db_name) in self.projects.migrate_all().await? {
-            self.ensure_slot(&project_id, &db_name).await?;
+            self.cdc.ensure_slot(&project_id, &db_name).await?;
         }
         if secure_roles {
             self.projects.secure_roles().await?;
@@ -140,7 +140,7 @@ impl App {
     async fn close_room_if_inactive(self: &Arc<Self>, project_id: &str) {
         match self.auth.load_project(project_id).await {
             Ok(None) => {
-                self.stop_change_stream(project_id).await;
+                self.cdc.stop(project_id).await;
                 self.sql.forget_project(project_id);
                 self.realtime.close_project(
                     project_id,
@@ -153,7 +153,7 @@ impl App {
             Ok(Some(p))
                 if p.status == ProjectStatus::Active && self.cdc.status(&p.id).is_none() =>
             {
-                self.start_change_stream(p.id, p.db_name)
+                self.cdc.start(p.id, p.db_name)
             }
             Ok(Some(p)) if p.status == ProjectStatus::Suspended => {
                 self.sql.forget_project(project_id);

@@ -22,7 +22,7 @@ use fluxbase_replication::values::{self, TypeRegistry};
 use serde::{Deserialize, Serialize};
 
 use super::names;
-use crate::bus::{Event, EventKind};
+use crate::bus::{Event, EventKind, RowOp};
 
 /// A change whose transaction has not committed yet. Serializable so that large transactions
 /// can be spilled to disk.
@@ -58,23 +58,6 @@ pub enum Pending {
 pub struct PartitionName {
     pub schema: String,
     pub table: String,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub enum RowOp {
-    Insert,
-    Update,
-    Delete,
-}
-
-impl RowOp {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            RowOp::Insert => "INSERT",
-            RowOp::Update => "UPDATE",
-            RowOp::Delete => "DELETE",
-        }
-    }
 }
 
 impl Pending {
@@ -353,9 +336,7 @@ pub fn finish(
             p.push('}');
             Event {
                 id,
-                kind: EventKind::Row {
-                    operation: operation.as_str(),
-                },
+                kind: EventKind::Row { operation },
                 schema: Some(schema),
                 table: Some(table),
                 record: Some(record),

@@ -19,9 +19,15 @@
 //!   anything after it with the same ids (commit LSN + index).
 //! * **Bounded memory.** Each open transaction keeps at most `cdc_buffer_bytes` of changes in
 //!   memory and spills the rest under `$FLUXBASE_DATA_DIR/cdc-spill`.
-//! * **Health.** Connection losses are retried with backoff; an idle database does not pin WAL
-//!   (a keepalive's position is confirmed when nothing is in flight); a missing or invalidated
-//!   slot stops the stream with a loud error (state `slot_lost`) instead of silently skipping.
+//! * **Health.** Errors are transient or definite (Materialize's split). Transient ones (the
+//!   connection lost, the server restarting or out of connections, a timeout, our own previous
+//!   walsender still holding the slot) are retried with backoff, state `reconnecting`. Definite
+//!   ones stop the stream and are reported once (error log, `last_error` and state in
+//!   `/api/cdc/status`, `fluxbase_cdc_failed` in `/metrics`): a missing or invalidated slot
+//!   (state `slot_lost`: changes were lost, never silently skipped), and anything retrying
+//!   cannot fix (state `failed`): a publication that is gone, refused authentication or
+//!   permission, a message that cannot be decoded. An idle database does not pin WAL (a
+//!   keepalive's position is confirmed when nothing is in flight).
 //!
 //! The streams run on a runtime of their own (threads `fluxbase-cdc`), not among the HTTP,
 //! WebSocket and webhook tasks. On a shared worker a stream had to choose: yield after each
@@ -30,26 +36,31 @@
 //! LIFO slot, which no other worker may steal (webhook deliveries waited up to 0.7 s). From a
 //! thread of its own, each wake-up reaches the server's runtime through its shared queue, where
 //! any idle worker takes it, and the stream reads on while they run.
+//!
+//! [`Cdc`] is the service: it holds what the streams need (the cluster, the control pool, the
+//! bus they publish to, the secrets their message key derives from, the settings) and nothing
+//! of the server around it; the realtime room that stores a stream is started through the hook
+//! the wiring sets ([`Cdc::on_stream_start`]).
 
 pub mod assemble;
 pub mod events;
 pub mod names;
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex, Weak};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, OnceLock, RwLock};
 use std::time::{Duration, Instant};
 
 use fluxbase_replication::client::{PgOutputOptions, ReplicationClient, ReplicationEvent};
 use fluxbase_replication::pgoutput::{self, DecodeContext, LogicalReplicationMessage, Lsn};
+use fluxbase_replication::values::TypeRegistry;
 use fluxbase_replication::wire::{ConnectConfig, Connection};
 use serde::Serialize;
-use serde_json::{json, Value};
 
-use crate::api::error::ApiResult;
-use crate::app::App;
-use crate::auth::Access;
-use crate::bus::ProjectBus;
-use crate::db::quote_literal;
+use crate::bus::{Bus, EventBus, ProjectChannel};
+use crate::config::Config;
+use crate::db::{quote_literal, ClusterTarget};
+use crate::secrets::Secrets;
 
 pub const PUBLICATION: &str = "fluxbase_changes";
 
@@ -60,19 +71,44 @@ pub fn slot_name(project_id: &str) -> String {
 /// The HMAC-SHA256 key of a project's `fluxbase.*` messages: the server's own emitters
 /// (`fluxbase_cdc.emit`, sql/project/0005_sandbox.sql) prefix each message with
 /// `hex(HMAC(key, prefix || "\n" || body))`; the stream drops any message without it.
-pub fn message_key(secrets: &crate::secrets::Secrets, project_id: &str) -> [u8; 32] {
+pub fn message_key(secrets: &Secrets, project_id: &str) -> [u8; 32] {
     let hex_key = secrets.derive(&format!("cdc-messages:{project_id}"));
     let mut key = [0u8; 32];
     hex::decode_to_slice(hex_key, &mut key).expect("derive returns 32 bytes of hex");
     key
 }
 
+/// Where a stream is, as `/api/cdc/status` (`stream.state`) and `/metrics` report it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StreamState {
+    /// Connecting for the first time.
+    #[default]
+    Starting,
+    Streaming,
+    /// A transient error: retrying with backoff.
+    Reconnecting,
+    /// Definite: the slot is missing or invalidated; changes since its confirmed position may
+    /// be lost. Stopped.
+    SlotLost,
+    /// Definite: an error retrying cannot fix (`last_error` says which). Stopped.
+    Failed,
+    /// No stream runs for the project on this server.
+    Stopped,
+}
+
+impl StreamState {
+    /// The stream stopped on a definite error and stays stopped until it is started again.
+    pub fn is_failed(self) -> bool {
+        matches!(self, StreamState::SlotLost | StreamState::Failed)
+    }
+}
+
 /// What `/api/cdc/status` and `/metrics` report for a stream.
 #[derive(Clone, Debug, Serialize, Default)]
 #[serde(rename_all = "camelCase")]
 pub struct StreamStatus {
-    /// starting, streaming, reconnecting, slot_lost, stopped
-    pub state: String,
+    pub state: StreamState,
     pub slot: String,
     pub confirmed_lsn: Option<String>,
     pub received_lsn: Option<String>,
@@ -93,30 +129,139 @@ pub struct StreamStatus {
     pub rejected_messages: u64,
 }
 
+/// The slot as the project database reports it (`/api/cdc/status`'s `slot`).
+#[derive(Clone, Debug, Serialize)]
+#[serde(untagged)]
+pub enum SlotReport {
+    Present {
+        name: String,
+        #[serde(rename = "walStatus")]
+        wal_status: Option<String>,
+        active: bool,
+    },
+    Missing {
+        name: String,
+        missing: bool,
+    },
+}
+
+/// `/api/cdc/status`: the stream (as this server runs it) and its slot (as PostgreSQL has it).
+#[derive(Clone, Debug)]
+pub struct StatusReport {
+    pub stream: StreamStatus,
+    pub slot: SlotReport,
+}
+
+/// What the streams take from the configuration.
+#[derive(Clone, Debug)]
+pub struct StreamSettings {
+    /// Bytes of one open transaction kept in memory before spilling (`cdc_buffer_bytes`).
+    pub buffer_bytes: usize,
+    /// The walsenders' `logical_decoding_work_mem`, in kB (`cdc_decoding_work_mem_kb`).
+    pub decoding_work_mem_kb: Option<u64>,
+    /// Where open transactions spill (`<data_dir>/cdc-spill`, one directory per project).
+    pub spill_dir: PathBuf,
+}
+
+impl StreamSettings {
+    pub fn from_config(config: &Config) -> StreamSettings {
+        StreamSettings {
+            buffer_bytes: config.cdc_buffer_bytes,
+            decoding_work_mem_kb: config.cdc_decoding_work_mem_kb,
+            spill_dir: config.data_dir.join("cdc-spill"),
+        }
+    }
+}
+
+/// Called with a project's id when its stream starts (the wiring starts its realtime room).
+type StartHook = Box<dyn Fn(&str) + Send + Sync>;
+
+/// What the streams read, shared by the service and its tasks. The streams publish through the
+/// bus's traits (see crate::bus), so another transport can take the in-process one's place.
+struct Sources<B: EventBus> {
+    cluster: ClusterTarget,
+    control: deadpool_postgres::Pool,
+    bus: Arc<B>,
+    secrets: Secrets,
+    settings: StreamSettings,
+}
+
+impl<B: EventBus> Sources<B> {
+    fn replication_config(&self, db_name: &str) -> ConnectConfig {
+        let mut options = Vec::new();
+        if let Some(kb) = self.settings.decoding_work_mem_kb {
+            options.push(("logical_decoding_work_mem".to_string(), format!("{kb}kB")));
+        }
+        ConnectConfig {
+            host: self.cluster.host.clone(),
+            port: self.cluster.port,
+            user: self.cluster.admin_user.clone(),
+            password: self.cluster.admin_password.clone(),
+            database: db_name.to_string(),
+            application_name: Some("fluxbase-cdc".into()),
+            options,
+            replication: false,
+            connect_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
 struct Handle {
     task: tokio::task::JoinHandle<()>,
     status: Arc<Mutex<StreamStatus>>,
 }
 
 /// The change streams of this server.
-#[derive(Default)]
 pub struct Cdc {
+    sources: Arc<Sources<Bus>>,
+    on_start: OnceLock<StartHook>,
     streams: Mutex<HashMap<String, Handle>>,
     enabled: std::sync::atomic::AtomicBool,
     /// Where the streams run (see the module docs); made with the first stream.
-    runtime: std::sync::OnceLock<tokio::runtime::Runtime>,
+    runtime: OnceLock<tokio::runtime::Runtime>,
 }
 
 impl Drop for Cdc {
     fn drop(&mut self) {
         if let Some(runtime) = self.runtime.take() {
-            // Without waiting: the server may be dropped inside another runtime.
+            // Without waiting: the server may be dropped inside another runtime. The streams
+            // end with it.
             runtime.shutdown_background();
         }
     }
 }
 
 impl Cdc {
+    pub fn new(
+        cluster: ClusterTarget,
+        control: deadpool_postgres::Pool,
+        bus: Arc<Bus>,
+        secrets: Secrets,
+        settings: StreamSettings,
+    ) -> Cdc {
+        Cdc {
+            sources: Arc::new(Sources {
+                cluster,
+                control,
+                bus,
+                secrets,
+                settings,
+            }),
+            on_start: OnceLock::new(),
+            streams: Mutex::new(HashMap::new()),
+            enabled: std::sync::atomic::AtomicBool::new(false),
+            runtime: OnceLock::new(),
+        }
+    }
+
+    /// Sets what runs when a project's stream starts (once, by the wiring): the realtime room
+    /// that stores the stream in its durable history from the start.
+    pub fn on_stream_start(&self, hook: impl Fn(&str) + Send + Sync + 'static) {
+        if self.on_start.set(Box::new(hook)).is_err() {
+            tracing::warn!("the change streams' start hook was already set");
+        }
+    }
+
     /// The streams' runtime: half the cores (at least one thread), so that decoding keeps up
     /// with many busy projects without taking the cores the server needs for its clients.
     fn runtime(&self) -> std::io::Result<tokio::runtime::Handle> {
@@ -157,50 +302,10 @@ impl Cdc {
             h.task.abort();
         }
     }
-}
-
-#[derive(Debug, thiserror::Error)]
-enum StreamError {
-    #[error("{0}")]
-    Replication(#[from] fluxbase_replication::client::ReplicationError),
-    #[error("decoding pgoutput: {0}")]
-    Decode(#[from] pgoutput::DecodeError),
-    #[error("{0}")]
-    Assemble(#[from] assemble::AssembleError),
-    #[error("{0}")]
-    Wire(#[from] fluxbase_replication::wire::WireError),
-    #[error(
-        "the replication slot {0} is gone: changes since its last confirmed position may be lost"
-    )]
-    SlotLost(String),
-    #[error("rewinding to the slot's confirmed position")]
-    Rewind,
-    #[error("the server ended the replication stream")]
-    Ended,
-}
-
-impl App {
-    fn replication_config(&self, db_name: &str) -> ConnectConfig {
-        let mut options = Vec::new();
-        if let Some(kb) = self.config.cdc_decoding_work_mem_kb {
-            options.push(("logical_decoding_work_mem".to_string(), format!("{kb}kB")));
-        }
-        ConnectConfig {
-            host: self.cluster.host.clone(),
-            port: self.cluster.port,
-            user: self.cluster.admin_user.clone(),
-            password: self.cluster.admin_password.clone(),
-            database: db_name.to_string(),
-            application_name: Some("fluxbase-cdc".into()),
-            options,
-            replication: false,
-            connect_timeout: Duration::from_secs(10),
-        }
-    }
 
     /// Creates the project's slot if change capture has none yet and records it.
     pub async fn ensure_slot(&self, project_id: &str, db_name: &str) -> anyhow::Result<()> {
-        let control = self.control.get().await?;
+        let control = self.sources.control.get().await?;
         let recorded: Option<String> = control
             .query_one(
                 "SELECT cdc_slot FROM fluxbase.projects WHERE id = $1",
@@ -212,7 +317,7 @@ impl App {
             return Ok(());
         }
         let slot = slot_name(project_id);
-        let admin = self.cluster.connect(db_name).await?;
+        let admin = self.sources.cluster.connect(db_name).await?;
         let exists = admin
             .query_opt(
                 "SELECT 1 FROM pg_replication_slots WHERE slot_name = $1",
@@ -239,11 +344,11 @@ impl App {
     }
 
     /// Starts change streams for every project (called when the server starts serving).
-    pub async fn start_change_streams(self: &Arc<App>) -> anyhow::Result<()> {
-        self.cdc
-            .enabled
+    pub async fn start_all(&self) -> anyhow::Result<()> {
+        self.enabled
             .store(true, std::sync::atomic::Ordering::Release);
         let rows = self
+            .sources
             .control
             .get()
             .await?
@@ -253,17 +358,17 @@ impl App {
             )
             .await?;
         for r in rows {
-            self.start_change_stream(r.get(0), r.get(1));
+            self.start(r.get(0), r.get(1));
         }
         Ok(())
     }
 
     /// Starts the change stream of one project (no-op if running or if streams are disabled).
-    pub fn start_change_stream(self: &Arc<App>, project_id: String, db_name: String) {
-        if !self.cdc.enabled.load(std::sync::atomic::Ordering::Acquire) {
+    pub fn start(&self, project_id: String, db_name: String) {
+        if !self.enabled.load(std::sync::atomic::Ordering::Acquire) {
             return;
         }
-        let mut streams = self.cdc.streams.lock().expect("poisoned");
+        let mut streams = self.streams.lock().expect("poisoned");
         if streams
             .get(&project_id)
             .is_some_and(|h| !h.task.is_finished())
@@ -271,13 +376,14 @@ impl App {
             return;
         }
         let status = Arc::new(Mutex::new(StreamStatus {
-            state: "starting".into(),
+            state: StreamState::Starting,
             slot: slot_name(&project_id),
             ..Default::default()
         }));
-        // The room stores the stream in the durable resume history from the start.
-        self.start_room(&project_id);
-        let runtime = match self.cdc.runtime() {
+        if let Some(hook) = self.on_start.get() {
+            hook(&project_id);
+        }
+        let runtime = match self.runtime() {
             Ok(r) => r,
             Err(e) => {
                 tracing::error!(project_id, error = %e, "starting the change streams' runtime");
@@ -285,7 +391,7 @@ impl App {
             }
         };
         let task = runtime.spawn(run_stream(
-            Arc::downgrade(self),
+            self.sources.clone(),
             project_id.clone(),
             db_name,
             status.clone(),
@@ -294,28 +400,23 @@ impl App {
     }
 
     /// Stops a project's stream and waits for it to end.
-    pub async fn stop_change_stream(&self, project_id: &str) {
-        let handle = self
-            .cdc
-            .streams
-            .lock()
-            .expect("poisoned")
-            .remove(project_id);
+    pub async fn stop(&self, project_id: &str) {
+        let handle = self.streams.lock().expect("poisoned").remove(project_id);
         if let Some(h) = handle {
             h.task.abort();
             let _ = h.task.await;
         }
     }
 
-    /// `GET /api/cdc/status?projectId=`.
-    pub async fn cdc_status(&self, access: &Access) -> ApiResult<(warp::http::StatusCode, Value)> {
-        let project_id = &access.project.id;
-        let mut status = self.cdc.status(project_id).unwrap_or_else(|| StreamStatus {
-            state: "stopped".into(),
+    /// The stream of a project (state `stopped` when none runs here) and its slot, with the
+    /// confirmed position and lag read from the project database now.
+    pub async fn report(&self, project_id: &str, db_name: &str) -> anyhow::Result<StatusReport> {
+        let mut status = self.status(project_id).unwrap_or_else(|| StreamStatus {
+            state: StreamState::Stopped,
             slot: slot_name(project_id),
             ..Default::default()
         });
-        let admin = self.cluster.connect(&access.project.db_name).await?;
+        let admin = self.sources.cluster.connect(db_name).await?;
         let slot = admin
             .query_opt(
                 "SELECT confirmed_flush_lsn::text, wal_status, active,
@@ -324,33 +425,81 @@ impl App {
                 &[&status.slot],
             )
             .await?;
-        let slot_json = match &slot {
+        let slot = match &slot {
             Some(r) => {
                 status.confirmed_lsn = r.get(0);
                 status.lag_bytes = r.get::<_, Option<i64>>(3).map(|b| b.max(0) as u64);
                 status.server_lsn = r.get(4);
-                json!({ "name": status.slot, "walStatus": r.get::<_, Option<String>>(1), "active": r.get::<_, bool>(2) })
+                SlotReport::Present {
+                    name: status.slot.clone(),
+                    wal_status: r.get(1),
+                    active: r.get(2),
+                }
             }
-            None => json!({ "name": status.slot, "missing": true }),
+            None => SlotReport::Missing {
+                name: status.slot.clone(),
+                missing: true,
+            },
         };
-        Ok((
-            warp::http::StatusCode::OK,
-            json!({ "success": true, "projectId": project_id, "stream": status, "slot": slot_json }),
-        ))
+        Ok(StatusReport {
+            stream: status,
+            slot,
+        })
     }
 }
 
-async fn run_stream(
-    app: Weak<App>,
+#[derive(Debug, thiserror::Error)]
+enum StreamError {
+    #[error("{0}")]
+    Replication(#[from] fluxbase_replication::client::ReplicationError),
+    #[error("decoding pgoutput: {0}")]
+    Decode(#[from] pgoutput::DecodeError),
+    #[error("{0}")]
+    Assemble(#[from] assemble::AssembleError),
+    #[error("{0}")]
+    Wire(#[from] fluxbase_replication::wire::WireError),
+    #[error(
+        "the replication slot {0} is gone: changes since its last confirmed position may be lost"
+    )]
+    SlotLost(String),
+    #[error("rewinding to the slot's confirmed position")]
+    Rewind,
+    #[error("the server ended the replication stream")]
+    Ended,
+}
+
+impl StreamError {
+    /// Transient: reconnecting later may work, so the stream retries with backoff. Everything
+    /// else is definite: the same error would come back on every attempt (a dropped slot or
+    /// publication, refused authentication or permission, a message this decoder cannot read),
+    /// so the stream stops and reports it instead of looping.
+    fn is_transient(&self) -> bool {
+        match self {
+            // Our own previous walsender may still hold the slot for a moment after a restart
+            // or rewind of this stream (55006): it lets go when it notices.
+            StreamError::Replication(e) => e.is_retryable() || e.is_slot_in_use(),
+            StreamError::Wire(e) => e.is_retryable(),
+            // The spill directory: a full disk may be freed.
+            StreamError::Assemble(assemble::AssembleError::Spill(_)) => true,
+            // The server closed the stream (a shutdown): it resumes from the slot.
+            StreamError::Ended | StreamError::Rewind => true,
+            StreamError::Decode(_) | StreamError::Assemble(_) | StreamError::SlotLost(_) => false,
+        }
+    }
+}
+
+async fn run_stream<B: EventBus>(
+    sources: Arc<Sources<B>>,
     project_id: String,
     db_name: String,
     status: Arc<Mutex<StreamStatus>>,
 ) {
+    // The user-defined types of the project's tables, learned as relations arrive; kept across
+    // reconnects.
+    let types = RwLock::new(TypeRegistry::new());
     let mut backoff = Duration::from_millis(500);
     loop {
-        let result = stream_once(&app, &project_id, &db_name, &status).await;
-        let Some(strong) = app.upgrade() else { return };
-        drop(strong);
+        let result = stream_once(&sources, &project_id, &db_name, &types, &status).await;
         match result {
             Ok(()) => return,
             Err(StreamError::Rewind) => {
@@ -361,23 +510,27 @@ async fn run_stream(
                 backoff = Duration::from_millis(500);
                 continue;
             }
-            Err(e @ StreamError::SlotLost(_)) => {
-                tracing::error!(project_id, error = %e, "change stream stopped");
-                let mut s = status.lock().expect("poisoned");
-                s.state = "slot_lost".into();
-                s.last_error = Some(e.to_string());
-                return;
-            }
-            Err(e) => {
+            Err(e) if e.is_transient() => {
                 tracing::warn!(project_id, error = %e, retry_in = ?backoff, "change stream interrupted");
                 {
                     let mut s = status.lock().expect("poisoned");
-                    s.state = "reconnecting".into();
+                    s.state = StreamState::Reconnecting;
                     s.last_error = Some(e.to_string());
                     s.reconnects += 1;
                 }
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(Duration::from_secs(15));
+            }
+            Err(e) => {
+                let state = match e {
+                    StreamError::SlotLost(_) => StreamState::SlotLost,
+                    _ => StreamState::Failed,
+                };
+                tracing::error!(project_id, error = %e, ?state, "change stream stopped");
+                let mut s = status.lock().expect("poisoned");
+                s.state = state;
+                s.last_error = Some(e.to_string());
+                return;
             }
         }
     }
@@ -387,23 +540,18 @@ fn lsn_of(s: &Option<String>) -> Option<Lsn> {
     s.as_deref().and_then(|v| v.parse().ok())
 }
 
-async fn stream_once(
-    app: &Weak<App>,
+async fn stream_once<B: EventBus>(
+    sources: &Sources<B>,
     project_id: &str,
     db_name: &str,
-    status: &Arc<Mutex<StreamStatus>>,
+    types: &RwLock<TypeRegistry>,
+    status: &Mutex<StreamStatus>,
 ) -> Result<(), StreamError> {
-    let (cfg, bus, types, bound, spill_dir, key) = {
-        let a = app.upgrade().ok_or(StreamError::Ended)?;
-        (
-            a.replication_config(db_name),
-            a.bus.project(project_id),
-            a.sql.types(project_id),
-            a.config.cdc_buffer_bytes,
-            a.config.data_dir.join("cdc-spill").join(project_id),
-            message_key(&a.secrets, project_id),
-        )
-    };
+    let cfg = sources.replication_config(db_name);
+    let bus = sources.bus.channel(project_id);
+    let bound = sources.settings.buffer_bytes;
+    let spill_dir = sources.settings.spill_dir.join(project_id);
+    let key = message_key(&sources.secrets, project_id);
     let _ = std::fs::remove_dir_all(&spill_dir);
     let slot = slot_name(project_id);
     // Rewinds requested before this point are served by starting from the slot now.
@@ -446,7 +594,7 @@ async fn stream_once(
     };
     {
         let mut s = status.lock().expect("poisoned");
-        s.state = "streaming".into();
+        s.state = StreamState::Streaming;
         s.last_error = None;
     }
     tracing::info!(project_id, slot, "change stream started");
@@ -470,7 +618,7 @@ async fn stream_once(
                         ctx.observe(&msg);
                         if let LogicalReplicationMessage::Relation(r) = &msg {
                             let oids: Vec<u32> = r.columns.iter().map(|c| c.type_id).collect();
-                            learn_types(&mut catalog, &types, &oids).await;
+                            learn_types(&mut catalog, types, &oids).await;
                         }
                         let rejected = asm.rejected_messages();
                         let committed = {
@@ -482,7 +630,7 @@ async fn stream_once(
                                 asm.rejected_messages() - rejected;
                         }
                         if let Some(tx) = committed {
-                            release(&bus, tx, status).await?;
+                            release(&*bus, tx, status).await?;
                         }
                         status.lock().expect("poisoned").received_lsn = Some(wal_end.to_string());
                     }
@@ -522,7 +670,7 @@ async fn stream_once(
                     }
                 }
             }
-            _ = bus.rewind.notified() => {
+            _ = bus.rewind_requested() => {
                 if bus.rewind_generation() != generation {
                     return Err(StreamError::Rewind);
                 }
@@ -532,8 +680,8 @@ async fn stream_once(
 }
 
 /// Publishes a committed transaction's events in order.
-async fn release(
-    bus: &ProjectBus,
+async fn release<C: ProjectChannel>(
+    bus: &C,
     tx: assemble::Committed,
     status: &Mutex<StreamStatus>,
 ) -> Result<(), StreamError> {
@@ -580,12 +728,7 @@ async fn release(
     Ok(())
 }
 
-async fn learn_types(
-    conn: &mut Connection,
-    types: &std::sync::RwLock<fluxbase_replication::values::TypeRegistry>,
-    oids: &[u32],
-) {
-    use fluxbase_replication::values::TypeRegistry;
+async fn learn_types(conn: &mut Connection, types: &RwLock<TypeRegistry>, oids: &[u32]) {
     for _ in 0..8 {
         let missing = types.read().expect("poisoned").missing(oids);
         if missing.is_empty() {
@@ -605,6 +748,104 @@ async fn learn_types(
                 tracing::warn!(error = %e, "reading types for the change stream");
                 return;
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use fluxbase_replication::client::ReplicationError;
+    use fluxbase_replication::wire::{DbError, Phase, WireError};
+
+    use super::*;
+
+    #[test]
+    fn stream_states_are_reported_by_their_names() {
+        for (state, name) in [
+            (StreamState::Starting, "starting"),
+            (StreamState::Streaming, "streaming"),
+            (StreamState::Reconnecting, "reconnecting"),
+            (StreamState::SlotLost, "slot_lost"),
+            (StreamState::Failed, "failed"),
+            (StreamState::Stopped, "stopped"),
+        ] {
+            assert_eq!(serde_json::to_value(state).unwrap(), name);
+            assert_eq!(state.is_failed(), matches!(name, "slot_lost" | "failed"));
+        }
+    }
+
+    fn db(code: &str, message: &str, phase: Phase) -> WireError {
+        WireError::Db(Box::new(DbError {
+            severity: "FATAL".into(),
+            code: code.into(),
+            message: message.into(),
+            detail: None,
+            hint: None,
+            position: None,
+            internal_position: None,
+            internal_query: None,
+            where_: None,
+            schema: None,
+            table: None,
+            column: None,
+            datatype: None,
+            constraint: None,
+            phase,
+        }))
+    }
+
+    #[test]
+    fn stream_errors_are_transient_or_definite() {
+        let transient = [
+            StreamError::Replication(ReplicationError::Wire(WireError::Closed)),
+            StreamError::Wire(WireError::Timeout),
+            StreamError::Wire(db(
+                "57P03",
+                "the database system is starting up",
+                Phase::Startup,
+            )),
+            StreamError::Replication(ReplicationError::Wire(db(
+                "57P01",
+                "terminating connection due to administrator command",
+                Phase::Query,
+            ))),
+            // This stream's previous walsender, not yet gone.
+            StreamError::Replication(ReplicationError::Wire(db(
+                "55006",
+                "replication slot \"fluxbase_p\" is active for PID 42",
+                Phase::Query,
+            ))),
+            StreamError::Assemble(assemble::AssembleError::Spill(std::io::Error::other(
+                "full",
+            ))),
+            StreamError::Ended,
+        ];
+        for e in &transient {
+            assert!(e.is_transient(), "{e}");
+        }
+        let definite = [
+            StreamError::SlotLost("fluxbase_p".into()),
+            StreamError::Replication(ReplicationError::Wire(db(
+                "42704",
+                "publication \"fluxbase_changes\" does not exist",
+                Phase::Query,
+            ))),
+            StreamError::Wire(db(
+                "28P01",
+                "password authentication failed for user \"fx\"",
+                Phase::Startup,
+            )),
+            StreamError::Wire(db(
+                "42501",
+                "permission denied to start WAL sender",
+                Phase::Startup,
+            )),
+            StreamError::Wire(WireError::Auth("unsupported method".into())),
+            StreamError::Replication(ReplicationError::Wire(WireError::Protocol("x".into()))),
+            StreamError::Assemble(assemble::AssembleError::UnknownRelation("INSERT", 7)),
+        ];
+        for e in &definite {
+            assert!(!e.is_transient(), "{e}");
         }
     }
 }

@@ -1,8 +1,10 @@
-//! Every query on the control database (schema `fluxbase`), one file per table, typed rows.
-//! Functions take a `&impl GenericClient` (a pooled client or the caller's transaction), so a
-//! domain service decides where a transaction begins and ends.
+//! Every query on the control database's schema (`fluxbase.*`), one file per table: typed rows
+//! in, typed rows out, each function taking the client or transaction it runs on. The domains
+//! decide what to do with the rows; nothing here knows HTTP.
 
 pub mod api_keys;
+pub mod buckets;
+pub mod files;
 pub mod instance;
 pub mod invitations;
 pub mod members;

@@ -13,10 +13,10 @@
 //! An object is stored under its key exactly as the API reports it (`s3_key`): `café [1].txt`
 //! is that file on disk and that key in the bucket ([`path_of`]), not the percent-encoded form
 //! `object_store`'s `Path::from` would make of it. Objects an earlier version stored under that
-//! encoded form are moved to their key once, at start-up ([`Backend::migrate_legacy`], called by
-//! the storage migration in `storage/mod.rs`); nothing at run time guesses at an encoded path, so
-//! an object never reads, signs or deletes another object stored under a key that happens to be
-//! its encoded form (`caf%C3%A9.txt` is a name of its own, not `café.txt`).
+//! encoded form are moved to their key once, at start-up ([`Backend::migrate_legacy`], called
+//! by the storage migration in `storage/sweep.rs`); nothing at run time guesses at an encoded
+//! path, so an object never reads, signs or deletes another object stored under a key that
+//! happens to be its encoded form (`caf%C3%A9.txt` is a name of its own, not `café.txt`).
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -34,7 +34,7 @@ use object_store::{
     Attribute, Attributes, GetResultPayload, ObjectStore, PutMultipartOptions, WriteMultipart,
 };
 
-use crate::api::error::ApiError;
+use super::StorageError;
 use crate::config::Config;
 
 /// The store's path of an object key: the key itself, character for character (`Path::parse`
@@ -56,6 +56,28 @@ const UPLOAD_CONCURRENCY: usize = 2;
 /// Bytes per read when streaming a local file out.
 const READ_CHUNK: usize = 1024 * 1024;
 
+/// Where objects live: the `storage` setting (`local` or `s3`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StorageKind {
+    /// Files under `<data_dir>/storage`.
+    Local,
+    /// One S3 bucket (any S3-compatible endpoint).
+    S3,
+}
+
+impl std::str::FromStr for StorageKind {
+    type Err = anyhow::Error;
+
+    fn from_str(s: &str) -> Result<StorageKind> {
+        match s {
+            "local" => Ok(StorageKind::Local),
+            "s3" => Ok(StorageKind::S3),
+            other => anyhow::bail!("storage must be `local` or `s3`, not {other:?}"),
+        }
+    }
+}
+
 pub enum Backend {
     Local {
         store: Arc<LocalFileSystem>,
@@ -69,8 +91,8 @@ pub enum Backend {
 
 impl Backend {
     pub fn open(config: &Config) -> Result<Backend> {
-        match config.storage.as_str() {
-            "s3" => {
+        match config.storage.parse()? {
+            StorageKind::S3 => {
                 let bucket = config
                     .s3_bucket
                     .clone()
@@ -88,7 +110,7 @@ impl Backend {
                     builder = builder.with_access_key_id(id);
                 }
                 if let Some(secret) = &config.s3_secret_access_key {
-                    builder = builder.with_secret_access_key(secret);
+                    builder = builder.with_secret_access_key(secret.expose());
                 }
                 let store = builder.build().context("configuring the S3 backend")?;
                 tracing::info!(bucket, endpoint = ?config.s3_endpoint, "storage: S3");
@@ -97,7 +119,7 @@ impl Backend {
                     bucket,
                 })
             }
-            _ => {
+            StorageKind::Local => {
                 // Private to the server's user: objects are 0600 in directories of 0700, and the
                 // root's own mode keeps out anyone else even from files an older version left 0644.
                 let root = config.data_dir.join("storage");
@@ -174,7 +196,7 @@ impl Backend {
         key: &str,
         content_type: &str,
         content_disposition: &str,
-    ) -> Result<ObjectWriter, ApiError> {
+    ) -> Result<ObjectWriter, StorageError> {
         if let Backend::Local { store, .. } = self {
             let path = store
                 .path_to_filesystem(&path_of(key))
@@ -198,8 +220,8 @@ impl Backend {
                 }
             })
             .await
-            .map_err(|e| ApiError::Internal(e.into()))?
-            .map_err(|e| ApiError::StorageUnavailable(format!("creating {key}: {e}")))?;
+            .map_err(StorageError::from)?
+            .map_err(|e| StorageError::Unavailable(format!("creating {key}: {e}")))?;
             return Ok(ObjectWriter {
                 inner: Inner::Local(LocalWriter {
                     path: file.1,
@@ -242,26 +264,26 @@ impl Backend {
     }
 
     /// Moves a complete object (atomic on the local disk; copy and delete on S3).
-    pub async fn rename(&self, from: &str, to: &str) -> Result<(), ApiError> {
+    pub async fn rename(&self, from: &str, to: &str) -> Result<(), StorageError> {
         self.rename_path(&path_of(from), &path_of(to)).await
     }
 
-    async fn rename_path(&self, from: &Path, to: &Path) -> Result<(), ApiError> {
+    async fn rename_path(&self, from: &Path, to: &Path) -> Result<(), StorageError> {
         if let Backend::Local { store, .. } = self {
             // The store would make a missing directory with the default mode: make it private.
             let to_path = store.path_to_filesystem(to).map_err(unavailable)?;
             if let Some(dir) = to_path.parent().map(std::path::Path::to_path_buf) {
                 tokio::task::spawn_blocking(move || private_dirs(&dir))
                     .await
-                    .map_err(|e| ApiError::Internal(e.into()))?
-                    .map_err(|e| ApiError::StorageUnavailable(format!("creating {to}: {e}")))?;
+                    .map_err(StorageError::from)?
+                    .map_err(|e| StorageError::Unavailable(format!("creating {to}: {e}")))?;
             }
         }
         self.store().rename(from, to).await.map_err(unavailable)
     }
 
     /// Whether an object is stored at `path`.
-    async fn exists(&self, path: &Path) -> Result<bool, ApiError> {
+    async fn exists(&self, path: &Path) -> Result<bool, StorageError> {
         match self.store().head(path).await {
             Ok(_) => Ok(true),
             Err(object_store::Error::NotFound { .. }) => Ok(false),
@@ -279,7 +301,7 @@ impl Backend {
         &self,
         key: &str,
         is_key: impl Fn(&str) -> bool,
-    ) -> Result<bool, ApiError> {
+    ) -> Result<bool, StorageError> {
         let Some(legacy) = legacy_path_of(key) else {
             return Ok(false);
         };
@@ -300,7 +322,7 @@ impl Backend {
     /// rename that put it there, and any directory made for it). Without it a power failure could keep the committed row and lose
     /// the bytes, which otherwise reach the disk only at the kernel's next writeback. S3 made the
     /// object durable when the upload completed: nothing to do. Whether anything was synced.
-    pub async fn persist(&self, key: &str) -> Result<bool, ApiError> {
+    pub async fn persist(&self, key: &str) -> Result<bool, StorageError> {
         let Backend::Local { store, root } = self else {
             return Ok(false);
         };
@@ -321,13 +343,13 @@ impl Backend {
             Ok(())
         })
         .await
-        .map_err(|e| ApiError::Internal(e.into()))?
-        .map_err(|e| ApiError::StorageUnavailable(format!("making {key} durable: {e}")))?;
+        .map_err(StorageError::from)?
+        .map_err(|e| StorageError::Unavailable(format!("making {key} durable: {e}")))?;
         Ok(true)
     }
 
     /// Deletes `key`; an object that is already gone is not an error.
-    pub async fn delete(&self, key: &str) -> Result<(), ApiError> {
+    pub async fn delete(&self, key: &str) -> Result<(), StorageError> {
         match self.store().delete(&path_of(key)).await {
             Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
             Err(e) => Err(unavailable(e)),
@@ -335,7 +357,7 @@ impl Backend {
     }
 
     /// Deletes every object under `prefix/`.
-    pub async fn delete_prefix(&self, prefix: &str) -> Result<usize, ApiError> {
+    pub async fn delete_prefix(&self, prefix: &str) -> Result<usize, StorageError> {
         let store = self.store();
         let prefix = Path::from(prefix);
         let locations = store
@@ -359,11 +381,11 @@ impl Backend {
             if dir.starts_with(root) && dir != *root {
                 let removed = tokio::task::spawn_blocking(move || std::fs::remove_dir_all(dir))
                     .await
-                    .map_err(|e| ApiError::Internal(e.into()))?;
+                    .map_err(StorageError::from)?;
                 match removed {
                     Ok(()) => {}
                     Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                    Err(e) => return Err(ApiError::StorageUnavailable(e.to_string())),
+                    Err(e) => return Err(StorageError::Unavailable(e.to_string())),
                 }
             }
         }
@@ -375,7 +397,7 @@ impl Backend {
         &self,
         prefix: &str,
         before: chrono::DateTime<chrono::Utc>,
-    ) -> Result<Vec<String>, ApiError> {
+    ) -> Result<Vec<String>, StorageError> {
         let mut out = Vec::new();
         let mut list = self.store().list(Some(&Path::from(prefix)));
         while let Some(meta) = list.next().await {
@@ -391,13 +413,11 @@ impl Backend {
     pub async fn read(
         &self,
         key: &str,
-    ) -> Result<(u64, BoxStream<'static, std::io::Result<Bytes>>), ApiError> {
+    ) -> Result<(u64, BoxStream<'static, std::io::Result<Bytes>>), StorageError> {
         let store = self.store();
         let got = match store.get(&path_of(key)).await {
             Ok(g) => g,
-            Err(object_store::Error::NotFound { .. }) => {
-                return Err(ApiError::NotFound("File not found.".into()))
-            }
+            Err(object_store::Error::NotFound { .. }) => return Err(StorageError::NotServed),
             Err(e) => return Err(unavailable(e)),
         };
         let size = got.meta.size;
@@ -413,13 +433,13 @@ impl Backend {
         &self,
         key: &str,
         expires_in: Duration,
-    ) -> Option<Result<url::Url, ApiError>> {
+    ) -> Option<Result<url::Url, StorageError>> {
         match self {
             Backend::S3 { store, .. } => {
                 let path = path_of(key);
                 Some(
                     store
-                        .signed_url(warp::http::Method::GET, &path, expires_in)
+                        .signed_url(hyper::Method::GET, &path, expires_in)
                         .await
                         .map_err(unavailable),
                 )
@@ -480,8 +500,8 @@ fn private_file(path: &std::path::Path) -> std::io::Result<std::fs::File> {
         .open(path)
 }
 
-pub fn unavailable(e: object_store::Error) -> ApiError {
-    ApiError::StorageUnavailable(e.to_string())
+pub fn unavailable(e: object_store::Error) -> StorageError {
+    StorageError::Unavailable(e.to_string())
 }
 
 /// A streamed object write in progress: [`ObjectWriter::finish`] makes it complete,
@@ -519,12 +539,12 @@ struct LocalWriter {
 }
 
 impl LocalWriter {
-    fn failed(&self, e: impl std::fmt::Display) -> ApiError {
-        ApiError::StorageUnavailable(format!("writing {}: {e}", self.path.display()))
+    fn failed(&self, e: impl std::fmt::Display) -> StorageError {
+        StorageError::Unavailable(format!("writing {}: {e}", self.path.display()))
     }
 
     /// The file, once the part in flight (if any) is written.
-    async fn file(&mut self) -> Result<std::fs::File, ApiError> {
+    async fn file(&mut self) -> Result<std::fs::File, StorageError> {
         if let Some(task) = self.in_flight.take() {
             return match task.await {
                 Ok(Ok(file)) => Ok(file),
@@ -534,11 +554,11 @@ impl LocalWriter {
         }
         self.file
             .take()
-            .ok_or_else(|| ApiError::Internal(anyhow::anyhow!("local writer without a file")))
+            .ok_or_else(|| StorageError::Internal(anyhow::anyhow!("local writer without a file")))
     }
 
     /// Starts writing the collected part; waits for the previous one first.
-    async fn send_part(&mut self) -> Result<(), ApiError> {
+    async fn send_part(&mut self) -> Result<(), StorageError> {
         let mut file = self.file().await?;
         let part = std::mem::take(&mut self.part);
         let (start, len) = (self.offset, self.part_len);
@@ -554,7 +574,7 @@ impl LocalWriter {
         Ok(())
     }
 
-    async fn write(&mut self, chunk: Bytes) -> Result<(), ApiError> {
+    async fn write(&mut self, chunk: Bytes) -> Result<(), StorageError> {
         self.part_len += chunk.len();
         self.part.push(chunk);
         if self.part_len >= LOCAL_PART {
@@ -565,7 +585,7 @@ impl LocalWriter {
 
     /// Writes what is left and waits until the bytes are on the disk: the object may then be
     /// renamed over an older one without a crash ever leaving a half-written file in its place.
-    async fn finish(mut self) -> Result<(), ApiError> {
+    async fn finish(mut self) -> Result<(), StorageError> {
         if self.part_len > 0 {
             self.send_part().await?;
         }
@@ -625,7 +645,7 @@ fn start_writeback(_file: &std::fs::File, _start: u64, _len: usize) {}
 impl ObjectWriter {
     /// Queues `chunk` for the backend without copying it (the parts are made of the
     /// received buffers themselves).
-    pub async fn write(&mut self, chunk: Bytes) -> Result<(), ApiError> {
+    pub async fn write(&mut self, chunk: Bytes) -> Result<(), StorageError> {
         self.written += chunk.len() as u64;
         match &mut self.inner {
             Inner::Remote(w) => {
@@ -643,7 +663,7 @@ impl ObjectWriter {
         self.written
     }
 
-    pub async fn finish(self) -> Result<u64, ApiError> {
+    pub async fn finish(self) -> Result<u64, StorageError> {
         match self.inner {
             Inner::Remote(w) => {
                 w.finish().await.map_err(unavailable)?;

@@ -6,13 +6,13 @@
 //! given *and* on its percent-decoded form, so a later layer that decodes cannot turn a harmless
 //! looking name into a traversal.
 
-use crate::api::error::{ApiError, ApiResult};
+use super::StorageError;
 
 /// Longest object name, in bytes (S3's key limit is 1,024 bytes for the whole key).
 pub const MAX_OBJECT_NAME: usize = 900;
 
 /// The guide's rule: lowercase alphanumeric, hyphens, underscores, 1–63 characters.
-pub fn validate_bucket_name(name: &str) -> ApiResult<()> {
+pub fn validate_bucket_name(name: &str) -> Result<(), StorageError> {
     let ok = (1..=63).contains(&name.len())
         && name
             .bytes()
@@ -20,19 +20,17 @@ pub fn validate_bucket_name(name: &str) -> ApiResult<()> {
     if ok {
         Ok(())
     } else {
-        Err(ApiError::BadRequest(format!(
-            "name: bucket names are 1–63 characters of lowercase letters, digits, hyphens and \
-             underscores (got {name:?})"
-        )))
+        Err(StorageError::InvalidBucketName(name.to_string()))
     }
 }
 
 /// An object name inside a bucket: `/`-separated segments, none empty, `.` or `..`.
-pub fn validate_object_name(name: &str) -> ApiResult<()> {
+pub fn validate_object_name(name: &str) -> Result<(), StorageError> {
     let refuse = |why: &str| {
-        Err(ApiError::BadRequest(format!(
-            "path: invalid file name {name:?}: {why}"
-        )))
+        Err(StorageError::InvalidObjectName {
+            name: name.to_string(),
+            why: why.to_string(),
+        })
     };
     if name.is_empty() {
         return refuse("it is empty");
@@ -77,22 +75,14 @@ fn has_drive_prefix(s: &str) -> bool {
 
 /// The object name for an upload: `path` when given (a trailing `/` names a folder that the
 /// uploaded file's own name goes into), else the uploaded file's name.
-pub fn object_name(path: Option<&str>, filename: Option<&str>) -> ApiResult<String> {
+pub fn object_name(path: Option<&str>, filename: Option<&str>) -> Result<String, StorageError> {
     let filename = filename.filter(|f| !f.is_empty());
     let name = match (path.filter(|p| !p.is_empty()), filename) {
         (Some(p), Some(f)) if p.ends_with('/') => format!("{p}{f}"),
-        (Some(p), None) if p.ends_with('/') => {
-            return Err(ApiError::BadRequest(
-                "path: names a folder, but the file part has no filename".into(),
-            ))
-        }
+        (Some(p), None) if p.ends_with('/') => return Err(StorageError::FolderWithoutFilename),
         (Some(p), _) => p.to_string(),
         (None, Some(f)) => f.to_string(),
-        (None, None) => {
-            return Err(ApiError::BadRequest(
-                "file: the file part has no filename; send one or a `path` field".into(),
-            ))
-        }
+        (None, None) => return Err(StorageError::NoFilename),
     };
     validate_object_name(&name)?;
     Ok(name)
@@ -169,12 +159,12 @@ pub const PATH_SEGMENT: &percent_encoding::AsciiSet = &percent_encoding::NON_ALP
 
 /// A content type as stored: a valid MIME type, or `application/octet-stream` when none is
 /// given.
-pub fn normalize_content_type(given: Option<&str>, name: &str) -> ApiResult<String> {
+pub fn normalize_content_type(given: Option<&str>, name: &str) -> Result<String, StorageError> {
     let given = given.map(str::trim).filter(|s| !s.is_empty());
     let mime: mime_guess::mime::Mime = match given {
         Some(ct) if ct != "application/octet-stream" => ct
             .parse()
-            .map_err(|_| ApiError::BadRequest(format!("file: invalid content type {ct:?}")))?,
+            .map_err(|_| StorageError::InvalidContentType(ct.to_string()))?,
         _ => mime_guess::from_path(name).first_or_octet_stream(),
     };
     Ok(mime.to_string().to_ascii_lowercase())

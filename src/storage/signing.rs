@@ -11,7 +11,7 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use ring::hmac;
 
-use crate::api::error::{ApiError, ApiResult};
+use super::StorageError;
 
 /// Wall-clock time with an adjustable offset: production never moves it; tests call
 /// [`Clock::advance`] to reach an expiry without sleeping.
@@ -59,8 +59,8 @@ impl UrlSigner {
         expires: &str,
         signature: &str,
         now: DateTime<Utc>,
-    ) -> ApiResult<()> {
-        let invalid = || ApiError::AccessDenied("The URL's signature is not valid.".into());
+    ) -> Result<(), StorageError> {
+        let invalid = || StorageError::InvalidSignature;
         let expires: i64 = expires.parse().map_err(|_| invalid())?;
         let signature = hex::decode(signature).map_err(|_| invalid())?;
         hmac::verify(
@@ -70,7 +70,7 @@ impl UrlSigner {
         )
         .map_err(|_| invalid())?;
         if now.timestamp() > expires {
-            return Err(ApiError::AccessDenied("The URL has expired.".into()));
+            return Err(StorageError::UrlExpired);
         }
         Ok(())
     }

@@ -5,24 +5,50 @@
 //! the size limit as it arrives. Fields may come in any order (the guide's curl sends `file`
 //! first); when `projectId` and `bucketId` come first, access and the bucket's limits are
 //! checked before a byte of the file is read.
+//!
+//! The caller's access to the project is resolved by the caller (the API layer knows who is
+//! asking) through the `authorize` function it passes: called with the form's `projectId` once
+//! it is known, and its error is the upload's error.
 
-use std::collections::HashMap;
+use std::future::Future;
 
 use bytes::Bytes;
 use futures_util::Stream;
-use serde_json::json;
-use warp::http::{HeaderMap, StatusCode};
 
-use super::{names, require_readwrite, Bucket, STAGING};
-use crate::api::error::{ApiError, ApiResult};
-use crate::app::App;
-use crate::auth::{Access, Principal, Scope};
+use tokio_postgres::error::SqlState;
 
+use super::{names, Bucket, Storage, StorageError, StoredFile};
+use crate::auth::Access;
+use crate::control;
+
+/// Where uploads are staged before their destination is known.
+pub(super) const STAGING: &str = ".uploads";
 /// Longest accepted text field (`bucketId`, `projectId`, `path`, `upsert`).
 const MAX_TEXT_FIELD: usize = 4096;
 /// After a refusal mid-stream, read and discard at most this much more of the body so the
 /// client sees the answer instead of a reset connection.
 const DRAIN_LIMIT: u64 = 16 * 1024 * 1024;
+/// Multipart framing adds a little; a body declared far beyond the limit is refused unread.
+const FRAMING_ALLOWANCE: u64 = 64 * 1024;
+
+/// What an upload request says besides its body.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct UploadRequest<'a> {
+    /// The `Content-Type` (`multipart/form-data; boundary=…`), empty if none.
+    pub content_type: &'a str,
+    /// The declared `Content-Length`, if any.
+    pub content_length: Option<u64>,
+    /// `upsert` from the query string (a form field of the same name overrides it).
+    pub upsert: Option<&'a str>,
+}
+
+/// A stored file.
+#[derive(Clone, Debug)]
+pub struct Uploaded {
+    pub file: StoredFile,
+    /// A new file (not a replaced one).
+    pub created: bool,
+}
 
 #[derive(Default)]
 struct Form {
@@ -40,75 +66,58 @@ struct Staged {
     content_type: String,
 }
 
-fn parse_bool(field: &str, v: &str) -> ApiResult<bool> {
+fn parse_bool(field: &'static str, v: &str) -> Result<bool, StorageError> {
     match v.trim().to_ascii_lowercase().as_str() {
         "true" | "1" => Ok(true),
         "false" | "0" | "" => Ok(false),
-        _ => Err(ApiError::BadRequest(format!(
-            "{field}: expected true or false"
-        ))),
+        _ => Err(StorageError::NotABoolean(field)),
     }
 }
 
-fn multipart_error(e: multer::Error, limit: u64) -> ApiError {
+fn multipart_error(e: multer::Error, limit: u64) -> StorageError {
     match e {
         multer::Error::StreamSizeExceeded { .. } | multer::Error::FieldSizeExceeded { .. } => {
-            ApiError::PayloadTooLarge(limit as usize)
+            StorageError::TooLarge(limit)
         }
-        other => ApiError::BadRequest(format!("invalid multipart body: {other}")),
+        other => StorageError::InvalidMultipart(other),
     }
 }
 
-impl App {
-    pub async fn upload<S, E>(
+impl Storage {
+    /// Stores the file of a multipart/form-data `body` (see the module docs). `authorize`
+    /// resolves the caller's access to the form's project, refusing callers who may not
+    /// upload there.
+    pub async fn upload<S, E, A, F, Err>(
         &self,
-        headers: &HeaderMap,
-        query: &HashMap<String, String>,
+        request: UploadRequest<'_>,
         body: S,
-    ) -> ApiResult<(StatusCode, serde_json::Value)>
+        authorize: A,
+    ) -> Result<Uploaded, Err>
     where
         S: Stream<Item = Result<Bytes, E>> + Send + 'static,
         E: Into<Box<dyn std::error::Error + Send + Sync>> + 'static,
+        A: Fn(String) -> F,
+        F: Future<Output = Result<Access, Err>>,
+        Err: From<StorageError>,
     {
-        let authorization = headers
-            .get(warp::http::header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok());
-        let principal = self.auth.authenticate(authorization).await?;
-        if let Principal::Key {
-            scope: Scope::Read, ..
-        } = principal
+        let max = self.max_upload_bytes;
+        if request
+            .content_length
+            .is_some_and(|n| n > max + FRAMING_ALLOWANCE)
         {
-            return Err(ApiError::ScopeMismatch(
-                "Uploading files needs a readwrite or admin key.".into(),
-            ));
+            return Err(StorageError::TooLarge(max).into());
         }
-        let max = self.storage.max_upload_bytes;
-        let declared = headers
-            .get(warp::http::header::CONTENT_LENGTH)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.parse::<u64>().ok());
-        // Multipart framing adds a little; a body far beyond the limit is refused unread.
-        if declared.is_some_and(|n| n > max + 64 * 1024) {
-            return Err(ApiError::PayloadTooLarge(max as usize));
-        }
-        let content_type = headers
-            .get(warp::http::header::CONTENT_TYPE)
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or_default();
-        let boundary = multer::parse_boundary(content_type).map_err(|_| {
-            ApiError::BadRequest(
-                "Content-Type: expected multipart/form-data with a boundary".into(),
-            )
-        })?;
+        let boundary =
+            multer::parse_boundary(request.content_type).map_err(|_| StorageError::NotMultipart)?;
         let started = std::time::Instant::now();
         let mut multipart = multer::Multipart::new(body, boundary);
         let mut form = Form::default();
-        if let Some(v) = query.get("upsert") {
+        if let Some(v) = request.upsert {
             form.upsert = Some(parse_bool("upsert", v)?);
         }
         let mut staged: Option<Staged> = None;
         let mut early: Option<(Access, Bucket)> = None;
-        let result = async {
+        let result: Result<Uploaded, Err> = async {
             while let Some(mut field) = multipart
                 .next_field()
                 .await
@@ -117,12 +126,10 @@ impl App {
                 let name = field.name().unwrap_or_default().to_string();
                 if name == "file" {
                     if staged.is_some() {
-                        return Err(ApiError::BadRequest(
-                            "file: send exactly one file per request".into(),
-                        ));
+                        return Err(StorageError::SeveralFiles.into());
                     }
                     if let (Some(p), Some(b)) = (&form.project_id, &form.bucket_id) {
-                        let access = self.upload_access(&principal, p).await?;
+                        let access = authorize(p.clone()).await?;
                         let bucket = self.find_bucket(&access.project.id, b).await?;
                         early = Some((access, bucket));
                     }
@@ -154,7 +161,6 @@ impl App {
                         .unwrap_or("file");
                     let disposition = names::content_disposition(shown_name, &content_type);
                     let mut writer = self
-                        .storage
                         .backend
                         .writer(&key, &content_type, &disposition)
                         .await?;
@@ -164,7 +170,7 @@ impl App {
                             Ok(None) => break,
                             Err(e) => {
                                 writer.abort().await;
-                                return Err(multipart_error(e, max));
+                                return Err(multipart_error(e, max).into());
                             }
                         };
                         if writer.written() + chunk.len() as u64 > limit {
@@ -176,11 +182,11 @@ impl App {
                                     break;
                                 }
                             }
-                            return Err(ApiError::PayloadTooLarge(limit as usize));
+                            return Err(StorageError::TooLarge(limit).into());
                         }
                         if let Err(e) = writer.write(chunk).await {
                             writer.abort().await;
-                            return Err(e);
+                            return Err(e.into());
                         }
                     }
                     let size = writer.finish().await?;
@@ -198,32 +204,26 @@ impl App {
                         form.upsert = Some(parse_bool("upsert", &v)?);
                         continue;
                     }
-                    other => {
-                        return Err(ApiError::BadRequest(format!(
-                            "{other}: unknown form field (expected file, bucketId, projectId, path, upsert)"
-                        )))
-                    }
+                    other => return Err(StorageError::UnknownField(other.to_string()).into()),
                 };
                 *slot = Some(read_text(&mut field, &name).await?);
             }
-            let staged_file = staged
-                .as_ref()
-                .ok_or_else(|| ApiError::BadRequest("file: missing file part".into()))?;
+            let staged_file = staged.as_ref().ok_or(StorageError::NoFile)?;
             let project_id = form
                 .project_id
                 .as_deref()
                 .filter(|s| !s.is_empty())
-                .ok_or_else(|| ApiError::BadRequest("projectId: missing form field".into()))?;
+                .ok_or(StorageError::MissingField("projectId"))?;
             let bucket_id = form
                 .bucket_id
                 .as_deref()
                 .filter(|s| !s.is_empty())
-                .ok_or_else(|| ApiError::BadRequest("bucketId: missing form field".into()))?;
+                .ok_or(StorageError::MissingField("bucketId"))?;
             let received = started.elapsed();
             let (access, bucket) = match early.take() {
                 Some(found) => found,
                 None => {
-                    let access = self.upload_access(&principal, project_id).await?;
+                    let access = authorize(project_id.to_string()).await?;
                     let bucket = self.find_bucket(&access.project.id, bucket_id).await?;
                     (access, bucket)
                 }
@@ -233,20 +233,20 @@ impl App {
                 resolved_ms = started.elapsed().as_secs_f64() * 1e3,
                 "upload staged"
             );
-            self.commit_upload(
-                &access,
-                &bucket,
-                staged_file,
-                form.path.as_deref(),
-                form.upsert.unwrap_or(false),
-                headers,
-            )
-            .await
+            Ok(self
+                .commit_upload(
+                    &access.project.id,
+                    &bucket,
+                    staged_file,
+                    form.path.as_deref(),
+                    form.upsert.unwrap_or(false),
+                )
+                .await?)
         }
         .await;
         if result.is_err() {
             if let Some(s) = &staged {
-                if let Err(e) = self.storage.backend.delete(&s.key).await {
+                if let Err(e) = self.backend.delete(&s.key).await {
                     tracing::warn!(key = s.key, error = %e, "removing a staged upload");
                 }
             }
@@ -254,108 +254,59 @@ impl App {
         result
     }
 
-    async fn upload_access(&self, principal: &Principal, project_id: &str) -> ApiResult<Access> {
-        let access = self.auth.project_access(principal, project_id).await?;
-        require_readwrite(&access, "Uploading files")?;
-        Ok(access)
-    }
-
     /// Reserves the row, moves the staged object into place, then records its size.
     async fn commit_upload(
         &self,
-        access: &Access,
+        project_id: &str,
         bucket: &Bucket,
         staged: &Staged,
         path: Option<&str>,
         upsert: bool,
-        headers: &HeaderMap,
-    ) -> ApiResult<(StatusCode, serde_json::Value)> {
+    ) -> Result<Uploaded, StorageError> {
         let name = names::object_name(path, staged.filename.as_deref())?;
         check_mime(bucket, &staged.content_type)?;
         if let Some(m) = bucket.max_file_size {
             if staged.size > m as u64 {
-                return Err(ApiError::PayloadTooLarge(m as usize));
+                return Err(StorageError::TooLarge(m as u64));
             }
         }
-        let key = format!("{}/{}/{}", access.project.id, bucket.id, name);
+        let key = format!("{}/{}/{}", project_id, bucket.id, name);
         let token = crate::secrets::random_hex::<16>();
         let client = self.control.get().await?;
-        let conflict = || {
-            ApiError::Conflict(format!(
-                "A file named {name:?} already exists in bucket {:?}. Send upsert=true to replace it.",
-                bucket.name
-            ))
+        let reservation = control::files::Reservation {
+            project_id,
+            bucket_id: &bucket.id,
+            name: &name,
+            s3_key: &key,
+            content_type: &staged.content_type,
+            token: &token,
         };
-        let insert = client
-            .prepare_cached(if upsert {
-                "INSERT INTO fluxbase.storage_files
-                   (project_id, bucket_id, name, s3_key, content_type, upload_token, upload_started_at)
-                 VALUES ($1, $2::text::uuid, $3, $4, $5, $6, now())
-                 ON CONFLICT (bucket_id, name) DO UPDATE
-                   SET upload_token = EXCLUDED.upload_token, upload_started_at = now()
-                   WHERE storage_files.upload_token IS NULL AND storage_files.deleting_at IS NULL
-                 RETURNING id::text, size IS NULL"
-            } else {
-                "INSERT INTO fluxbase.storage_files
-                   (project_id, bucket_id, name, s3_key, content_type, upload_token, upload_started_at)
-                 VALUES ($1, $2::text::uuid, $3, $4, $5, $6, now())
-                 RETURNING id::text, true"
-            })
-            .await?;
-        // The reservation need not wait for its WAL flush: the final UPDATE below is
-        // synchronous and comes later in the WAL, so a crash never keeps a stored file whose
-        // reservation was lost; at worst it loses the reservation of an unfinished upload.
-        // Its transaction is pipelined (one round trip): the three requests are sent before
-        // any answer is read, and a failed INSERT turns the COMMIT into a rollback.
-        let (begun, inserted, committed) = futures_util::future::join3(
-            client.batch_execute("BEGIN; SET LOCAL synchronous_commit = off"),
-            client.query_opt(
-                &insert,
-                &[
-                    &access.project.id,
-                    &bucket.id,
-                    &name,
-                    &key,
-                    &staged.content_type,
-                    &token,
-                ],
-            ),
-            client.batch_execute("COMMIT"),
-        )
-        .await;
-        begun?;
-        let reserved = inserted.map_err(|e| {
-            if !upsert && e.code() == Some(&tokio_postgres::error::SqlState::UNIQUE_VIOLATION) {
-                conflict()
-            } else {
-                bucket_gone(e, bucket)
-            }
-        })?;
-        committed?;
-        let reserved = reserved.ok_or_else(|| {
-            ApiError::Conflict(format!(
-                "Another upload or a delete of {name:?} is in progress; retry when it is done."
-            ))
-        })?;
-        let (id, new): (String, bool) = (reserved.get(0), reserved.get(1));
+        let reserved = control::files::reserve(&client, &reservation, upsert)
+            .await
+            .map_err(|e| match e.code() {
+                Some(&SqlState::UNIQUE_VIOLATION) if !upsert => StorageError::FileExists {
+                    name: name.clone(),
+                    bucket: bucket.name.clone(),
+                },
+                // The bucket was deleted between the lookup and the reservation.
+                Some(&SqlState::FOREIGN_KEY_VIOLATION) => {
+                    StorageError::BucketDeleted(bucket.name.clone())
+                }
+                _ => e.into(),
+            })?
+            .ok_or_else(|| StorageError::FileBusy(name.clone()))?;
         let release = || async {
-            let sql = if new {
-                "DELETE FROM fluxbase.storage_files WHERE id = $1::text::uuid AND upload_token = $2"
-            } else {
-                "UPDATE fluxbase.storage_files SET upload_token = NULL, upload_started_at = NULL
-                 WHERE id = $1::text::uuid AND upload_token = $2"
-            };
-            if let Err(e) = client.execute(sql, &[&id, &token]).await {
-                tracing::warn!(error = %e, file = id, "releasing an upload reservation");
+            if let Err(e) = control::files::release(&client, &reserved, &token).await {
+                tracing::warn!(error = %e, file = reserved.id, "releasing an upload reservation");
             }
         };
-        if let Err(e) = self.storage.backend.rename(&staged.key, &key).await {
+        if let Err(e) = self.backend.rename(&staged.key, &key).await {
             release().await;
             return Err(e);
         }
         // The bytes reach the disk before the row that lists them is committed.
         let syncing = std::time::Instant::now();
-        match self.storage.backend.persist(&key).await {
+        match self.backend.persist(&key).await {
             Ok(synced) => {
                 if synced {
                     use std::sync::atomic::Ordering::Relaxed;
@@ -366,79 +317,56 @@ impl App {
             }
             Err(e) => {
                 // Not stored: a new file goes (unlisted), a replaced one keeps its row.
-                if new {
-                    let _ = self.storage.backend.delete(&key).await;
+                if reserved.new {
+                    let _ = self.backend.delete(&key).await;
                 }
                 release().await;
                 return Err(e);
             }
         }
         let size = staged.size as i64;
-        let record = client
-            .prepare_cached(&format!(
-                "WITH f AS (
-                   UPDATE fluxbase.storage_files SET size = $3, content_type = $4,
-                     upload_token = NULL, upload_started_at = NULL, updated_at = now()
-                   WHERE id = $1::text::uuid AND upload_token = $2 RETURNING *)
-                 SELECT {} FROM f JOIN fluxbase.storage_buckets b ON b.id = f.bucket_id",
-                super::FILE_COLUMNS
-            ))
-            .await?;
-        let row = client
-            .query_opt(&record, &[&id, &token, &size, &staged.content_type])
-            .await?
-            .ok_or_else(|| anyhow::anyhow!("upload reservation {id} vanished"))?;
+        let file =
+            control::files::record(&client, &reserved.id, &token, size, &staged.content_type)
+                .await?
+                .ok_or_else(|| anyhow::anyhow!("upload reservation {} vanished", reserved.id))?;
         self.metrics
             .storage_uploaded_bytes
             .fetch_add(staged.size, std::sync::atomic::Ordering::Relaxed);
-        let base = super::base_url(&self.config, headers);
-        tracing::info!(project_id = %access.project.id, file = %id, key, size, "file uploaded");
-        Ok((
-            if new {
-                StatusCode::CREATED
-            } else {
-                StatusCode::OK
-            },
-            json!({ "success": true, "file": super::file_json(&row, &base) }),
-        ))
+        tracing::info!(project_id, file = %reserved.id, key, size, "file uploaded");
+        Ok(Uploaded {
+            file,
+            created: reserved.new,
+        })
     }
 }
 
-fn check_mime(bucket: &Bucket, content_type: &str) -> ApiResult<()> {
+fn check_mime(bucket: &Bucket, content_type: &str) -> Result<(), StorageError> {
     match &bucket.allowed_mime_types {
         Some(allowed) if !names::mime_allowed(content_type, allowed) => {
-            Err(ApiError::BadRequest(format!(
-                "file: content type {content_type:?} is not allowed in bucket {:?} (allowed: {})",
-                bucket.name,
-                allowed.join(", ")
-            )))
+            Err(StorageError::TypeNotAllowed {
+                content_type: content_type.to_string(),
+                bucket: bucket.name.clone(),
+                allowed: allowed.clone(),
+            })
         }
         _ => Ok(()),
     }
 }
 
-/// The bucket was deleted between the lookup and the reservation.
-fn bucket_gone(e: tokio_postgres::Error, bucket: &Bucket) -> ApiError {
-    if e.code() == Some(&tokio_postgres::error::SqlState::FOREIGN_KEY_VIOLATION) {
-        ApiError::NotFound(format!("Bucket {:?} was deleted.", bucket.name))
-    } else {
-        e.into()
-    }
-}
-
-async fn read_text(field: &mut multer::Field<'_>, name: &str) -> ApiResult<String> {
+async fn read_text(field: &mut multer::Field<'_>, name: &str) -> Result<String, StorageError> {
     let mut buf = Vec::new();
     while let Some(chunk) = field
         .chunk()
         .await
-        .map_err(|e| ApiError::BadRequest(format!("invalid multipart body: {e}")))?
+        .map_err(StorageError::InvalidMultipart)?
     {
         if buf.len() + chunk.len() > MAX_TEXT_FIELD {
-            return Err(ApiError::BadRequest(format!(
-                "{name}: longer than {MAX_TEXT_FIELD} bytes"
-            )));
+            return Err(StorageError::FieldTooLong {
+                field: name.to_string(),
+                limit: MAX_TEXT_FIELD,
+            });
         }
         buf.extend_from_slice(&chunk);
     }
-    String::from_utf8(buf).map_err(|_| ApiError::BadRequest(format!("{name}: not UTF-8")))
+    String::from_utf8(buf).map_err(|_| StorageError::FieldNotUtf8(name.to_string()))
 }

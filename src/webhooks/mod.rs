@@ -34,7 +34,7 @@ use warp::http::StatusCode;
 use crate::api::error::{ApiError, ApiResult};
 use crate::app::App;
 use crate::auth::Access;
-use crate::bus::{Event, EventKind};
+use crate::bus::{Event, EventKind, RowOp};
 use crate::secrets::{random_base62, random_bytes};
 
 pub const EVENT_TYPES: [&str; 4] = [
@@ -53,16 +53,11 @@ const RETENTION: &str = "7 days";
 /// The webhook event type of a bus event; broadcasts have none.
 pub fn event_type(event: &Event) -> Option<&'static str> {
     match &event.kind {
-        EventKind::Row {
-            operation: "INSERT",
-        } => Some("row.inserted"),
-        EventKind::Row {
-            operation: "UPDATE",
-        } => Some("row.updated"),
-        EventKind::Row {
-            operation: "DELETE",
-        } => Some("row.deleted"),
-        EventKind::Row { .. } => None,
+        EventKind::Row { operation } => Some(match operation {
+            RowOp::Insert => "row.inserted",
+            RowOp::Update => "row.updated",
+            RowOp::Delete => "row.deleted",
+        }),
         EventKind::Schema { .. } => Some("schema.changed"),
         EventKind::Broadcast { .. } => None,
     }
@@ -74,7 +69,7 @@ pub fn event_type(event: &Event) -> Option<&'static str> {
 pub fn payload(project_id: &str, event: &Event, event_type: &str) -> String {
     let (new, old) = match &event.kind {
         EventKind::Row {
-            operation: "DELETE",
+            operation: RowOp::Delete,
         } => ("null", event.old.as_deref().unwrap_or("null")),
         EventKind::Row { .. } => (
             event.record.as_deref().unwrap_or("null"),

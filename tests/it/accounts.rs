@@ -447,7 +447,12 @@ async fn access_changes_made_by_another_process_reach_a_running_server() {
     }
     // Another process on the same control database (as `fluxbase project suspend` is).
     let mut config = app.app.config.clone();
-    config.database_url = Some(crate::support::pg().await.url(&app.app.cluster.control_db));
+    config.database_url = Some(
+        crate::support::pg()
+            .await
+            .url(&app.app.cluster.control_db)
+            .into(),
+    );
     let other = fluxbase::app::App::open(config, &[]).await.unwrap();
     other
         .set_project_status(&f.project, fluxbase::projects::ProjectStatus::Suspended)
@@ -633,7 +638,14 @@ async fn an_invitation_to_a_look_alike_address_reaches_the_real_account() {
 #[tokio::test]
 async fn the_migration_normalises_existing_addresses_unless_two_would_collide() {
     let app = spawn_app().await;
-    let url = app.app.config.database_url.clone().unwrap();
+    let url = app
+        .app
+        .config
+        .database_url
+        .clone()
+        .unwrap()
+        .expose()
+        .to_string();
     let db = url.rsplit('/').next().unwrap().to_string();
     let control = crate::support::pg().await.client(&db).await;
     let karl = format!("k{}", crate::support::unique("arl"));

@@ -387,7 +387,7 @@ async fn a_slot_that_disappears_is_a_loud_error_not_a_silent_gap() {
     app.rows(&f.admin, &f.project, "CREATE TABLE t (x int)")
         .await;
     events(&mut sub, 1).await;
-    app.app.stop_change_stream(&f.project).await;
+    app.app.cdc.stop(&f.project).await;
     let pg = crate::support::pg().await;
     pg.client("postgres")
         .await
@@ -397,12 +397,13 @@ async fn a_slot_that_disappears_is_a_loud_error_not_a_silent_gap() {
         )
         .await
         .unwrap();
-    let app_arc = app.app.clone();
-    app_arc.start_change_stream(f.project.clone(), format!("fx_{}", f.project));
+    app.app
+        .cdc
+        .start(f.project.clone(), format!("fx_{}", f.project));
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     loop {
         let s = app.app.cdc.status(&f.project).unwrap();
-        if s.state == "slot_lost" {
+        if s.state == fluxbase::cdc::StreamState::SlotLost {
             assert!(s.last_error.unwrap().contains("is gone"));
             break;
         }
@@ -419,6 +420,62 @@ async fn a_slot_that_disappears_is_a_loud_error_not_a_silent_gap() {
         .await;
     assert_eq!(body["stream"]["state"], "slot_lost");
     assert_eq!(body["slot"]["missing"], true);
+}
+
+/// A definite error (the publication the slot reads is gone, and nothing recreates it) stops the
+/// stream and reports it, where it used to reconnect forever with the same error.
+#[tokio::test]
+async fn a_definite_error_stops_the_stream_and_reports_it_instead_of_retrying() {
+    use fluxbase::cdc::StreamState;
+    let (app, f, mut sub) = setup().await;
+    app.rows(&f.admin, &f.project, "CREATE TABLE t (x int)")
+        .await;
+    events(&mut sub, 1).await;
+    let pg = crate::support::pg().await;
+    let db = pg.client(&format!("fx_{}", f.project)).await;
+    db.batch_execute("DROP PUBLICATION fluxbase_changes; INSERT INTO t VALUES (1)")
+        .await
+        .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let failed = loop {
+        let s = app.app.cdc.status(&f.project).unwrap();
+        if s.state == StreamState::Failed {
+            break s;
+        }
+        assert!(std::time::Instant::now() < deadline, "{s:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let error = failed.last_error.clone().unwrap();
+    assert!(error.contains("publication"), "{error}");
+    // Stopped for good: no more attempts (the backoff would have retried within 2 s).
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let later = app.app.cdc.status(&f.project).unwrap();
+    assert_eq!(later.state, StreamState::Failed);
+    assert_eq!(later.reconnects, failed.reconnects, "{later:?}");
+
+    let (status, body) = app
+        .call(
+            "GET",
+            &format!("/api/cdc/status?projectId={}", f.project),
+            Some(&f.admin),
+            None,
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["stream"]["state"], "failed", "{body}");
+    assert_eq!(body["stream"]["lastError"], error.as_str(), "{body}");
+    let text = app.app.metrics.render(0, &app.app.cdc.all_status());
+    assert!(
+        text.contains(&format!(
+            "fluxbase_cdc_failed{{project=\"{}\"}} 1",
+            f.project
+        )),
+        "{text}"
+    );
+    assert!(
+        text.contains(&format!("fluxbase_cdc_up{{project=\"{}\"}} 0", f.project)),
+        "{text}"
+    );
 }
 
 #[tokio::test]
@@ -520,7 +577,7 @@ async fn the_stream_recovers_after_postgresql_crashes_and_restarts() {
     let config = fluxbase::config::Config {
         listen: "127.0.0.1:0".parse().unwrap(),
         data_dir: root.join("data"),
-        database_url: Some(cluster.url("fluxbase")),
+        database_url: Some(cluster.url("fluxbase").into()),
         rate_limit_requests: 10_000,
         ..Default::default()
     };
@@ -564,7 +621,7 @@ async fn the_stream_recovers_after_postgresql_crashes_and_restarts() {
     }
     let status = app.app.cdc.status(&f.project).unwrap();
     assert!(status.reconnects >= 1, "{status:?}");
-    assert_eq!(status.state, "streaming");
+    assert_eq!(status.state, fluxbase::cdc::StreamState::Streaming);
     app.stop().await;
     let _ = tokio::task::spawn_blocking(move || cluster.stop()).await;
 }

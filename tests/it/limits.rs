@@ -577,7 +577,7 @@ async fn a_project_flooding_pg_sleep_waits_on_its_share_while_another_is_served_
     let pg = DedicatedCluster::start(&[("max_connections", "40")]).await;
     let control = unique("ctl");
     let app = spawn_app_with(|c| {
-        c.database_url = Some(pg.cluster.url(&control));
+        c.database_url = Some(pg.cluster.url(&control).into());
         c.sql_project_connections = 3;
         c.sql_queue_timeout_ms = 3_000;
         c.sql_idle_timeout_secs = 2;
@@ -918,7 +918,7 @@ async fn the_connection_budget_leaves_out_what_other_clients_of_the_cluster_hold
     }
     let control = unique("ctl");
     let app = spawn_app_with(|c| {
-        c.database_url = Some(pg.cluster.url(&control));
+        c.database_url = Some(pg.cluster.url(&control).into());
         c.sql_project_connections = 30;
         c.sql_queue_timeout_ms = 1_000;
     })

@@ -11,6 +11,7 @@ mod cli;
 mod egress;
 mod guide;
 mod limits;
+mod openapi;
 mod operations;
 mod outage;
 mod realtime;

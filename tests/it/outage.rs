@@ -189,7 +189,7 @@ async fn an_unreachable_database_is_a_503_and_the_server_recovers_by_itself() {
         "postgres://{}:{}@{}/{ctl}",
         pg.superuser, pg.password, proxy.addr
     );
-    let t = Arc::new(spawn_app_with(move |c| c.database_url = Some(url)).await);
+    let t = Arc::new(spawn_app_with(move |c| c.database_url = Some(url.into())).await);
     let f = t.fixture().await;
     t.sql(
         &f.admin,

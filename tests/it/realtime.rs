@@ -1483,7 +1483,12 @@ async fn a_suspension_by_another_process_closes_the_room_of_a_running_server() {
     assert_eq!(ack["type"], "subscribed");
     // Another process on the same control database (as `fluxbase project suspend` is).
     let mut config = app.app.config.clone();
-    config.database_url = Some(crate::support::pg().await.url(&app.app.cluster.control_db));
+    config.database_url = Some(
+        crate::support::pg()
+            .await
+            .url(&app.app.cluster.control_db)
+            .into(),
+    );
     let other = fluxbase::app::App::open(config, &[]).await.unwrap();
     other
         .set_project_status(&f.project, fluxbase::projects::ProjectStatus::Suspended)

@@ -11,7 +11,7 @@
 //!  decoding   pg_logical_slot_get_binary_changes in a backend (no walsender, no network),
 //!             checking that pgoutput carries exactly N + U row changes
 //!  reference  pg_recvlogical --start --endpos=<end LSN> -f /dev/null, same pgoutput options
-//!  fluxbase   start_change_stream: slot → decode → assemble → bus → a subscriber counts N + U
+//!  fluxbase   cdc.start: slot → decode → assemble → bus → a subscriber counts N + U
 //! ```
 //!
 //! pg_recvlogical and Fluxbase take turns going first. events/s = (N + U) / elapsed; the ratio
@@ -129,7 +129,7 @@ async fn bench(app: &SharedApp, cluster: &Cluster, settings: &Settings) -> Resul
     for r in 0..settings.rounds {
         eprintln!("[bench] round {} of {}", r + 1, settings.rounds);
         if let Some(previous) = project.take() {
-            app.stop_change_stream(&previous.id).await;
+            app.cdc.stop(&previous.id).await;
         }
         let p = prepare(app, cluster, &user.id, settings).await?;
         // Alternate which consumer goes first, in case the first reader of the WAL pays more.
@@ -222,7 +222,7 @@ async fn prepare(
         .await
         .map_err(|e| anyhow::anyhow!("creating a project: {e}"))?;
     let (id, db) = (project.id, project.db_name);
-    app.start_change_stream(id.clone(), db.clone());
+    app.cdc.start(id.clone(), db.clone());
     wait_streaming(app, &id).await?;
     let client = connect(cluster, &db).await?;
     eprintln!(
@@ -238,7 +238,7 @@ async fn prepare(
     if !wait_confirmed(&client, &slot, setup_end, Duration::from_secs(30)).await? {
         eprintln!("[bench] warning: the stream did not confirm the setup within 30 s");
     }
-    app.stop_change_stream(&id).await;
+    app.cdc.stop(&id).await;
     Ok(Project { id, db, client })
 }
 
@@ -345,7 +345,7 @@ async fn wait_streaming(app: &App, project_id: &str) -> Result<()> {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         match app.cdc.status(project_id) {
-            Some(s) if s.state == "streaming" => return Ok(()),
+            Some(s) if s.state == fluxbase::cdc::StreamState::Streaming => return Ok(()),
             s if Instant::now() > deadline => bail!("the change stream did not start: {s:?}"),
             _ => tokio::time::sleep(Duration::from_millis(50)).await,
         }
@@ -556,7 +556,7 @@ async fn drain_to_bus(app: &SharedApp, id: &str, db: &str, expected: u64) -> Res
     // starts from there anyway, and ignores a request made before it started.
     let counter = tokio::task::spawn_blocking(move || count_events(sub, expected));
     let started = Instant::now();
-    app.start_change_stream(id.to_string(), db.to_string());
+    app.cdc.start(id.to_string(), db.to_string());
     let limit = Duration::from_secs(600);
     let (first, done) = match tokio::time::timeout(limit, counter).await {
         Ok(joined) => joined??,
@@ -590,8 +590,8 @@ struct Drained {
 fn is_workload_event(e: &Event) -> bool {
     match (&e.kind, e.table.as_deref()) {
         (EventKind::Row { operation }, Some(table)) => {
-            (*operation == "INSERT" && table == INSERT_TABLE)
-                || (*operation == "UPDATE" && table == WIDE_TABLE)
+            (*operation == fluxbase::bus::RowOp::Insert && table == INSERT_TABLE)
+                || (*operation == fluxbase::bus::RowOp::Update && table == WIDE_TABLE)
         }
         _ => false,
     }
@@ -650,7 +650,7 @@ async fn latency(app: &SharedApp, p: &Project, settings: &Settings) -> Result<La
         "[bench] latency: {} single-row transactions/s for {} s",
         settings.tps, settings.latency_seconds
     );
-    app.start_change_stream(p.id.clone(), p.db.clone());
+    app.cdc.start(p.id.clone(), p.db.clone());
     wait_streaming(app, &p.id).await?;
     let client = &p.client;
     let sub = app.bus.project(&p.id).subscribe();

@@ -185,7 +185,7 @@ async fn bare_serve(path: PathBuf) -> warp::reply::Response {
         Ok(m) => m.len(),
         Err(_) => return warp::http::StatusCode::NOT_FOUND.into_response(),
     };
-    let body = fluxbase::storage::response_body(file_stream(path));
+    let body = fluxbase::api::storage::response_body(file_stream(path));
     let mut response = warp::reply::stream(body).into_response();
     response
         .headers_mut()

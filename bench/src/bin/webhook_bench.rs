@@ -129,7 +129,7 @@ async fn bench(app: &SharedApp, cluster: &Cluster, base: &str, settings: &Settin
         .into_iter()
         .find(|k| k.scope.as_str() == "admin")
         .context("the new project has no admin key")?;
-    app.start_change_stream(project.id.clone(), project.db_name.clone());
+    app.cdc.start(project.id.clone(), project.db_name.clone());
     wait_streaming(app, &project.id).await?;
     let api = Api {
         http: reqwest::Client::new(),
@@ -1157,7 +1157,7 @@ async fn wait_streaming(app: &App, project_id: &str) -> Result<()> {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         match app.cdc.status(project_id) {
-            Some(s) if s.state == "streaming" => return Ok(()),
+            Some(s) if s.state == fluxbase::cdc::StreamState::Streaming => return Ok(()),
             s if Instant::now() > deadline => bail!("the change stream did not start: {s:?}"),
             _ => tokio::time::sleep(Duration::from_millis(50)).await,
         }

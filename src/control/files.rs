@@ -1,0 +1,377 @@
+//! `fluxbase.storage_files`: the index of the objects in the storage backend, one row per file
+//! (how a row and its object stay in agreement: [`crate::storage`]). A row is *listed* once its
+//! upload finished (`size IS NOT NULL`) and as long as no delete marked it (`deleting_at IS
+//! NULL`); only listed rows are shown, signed or served.
+
+use chrono::{DateTime, Utc};
+use deadpool_postgres::GenericClient;
+use tokio_postgres::{Error, Row};
+
+/// A file row, with its bucket's visibility.
+#[derive(Clone, Debug)]
+pub struct StoredFile {
+    /// A UUID.
+    pub id: String,
+    /// The name inside its bucket (`/`-separated).
+    pub name: String,
+    /// `<projectId>/<bucketId>/<name>`: the object's key in the backend.
+    pub s3_key: String,
+    /// Bytes; `None` while the upload is unfinished (never for a listed file).
+    pub size: Option<i64>,
+    pub content_type: String,
+    pub bucket_id: String,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+    /// Whether its bucket is public (the file then has a public URL).
+    pub bucket_is_public: bool,
+}
+
+const COLUMNS: &str = "f.id::text, f.name, f.s3_key, f.size, f.content_type, \
+     f.bucket_id::text, f.created_at, f.updated_at, b.is_public";
+
+impl StoredFile {
+    fn from_row(r: &Row) -> StoredFile {
+        StoredFile {
+            id: r.get(0),
+            name: r.get(1),
+            s3_key: r.get(2),
+            size: r.get(3),
+            content_type: r.get(4),
+            bucket_id: r.get(5),
+            created_at: r.get(6),
+            updated_at: r.get(7),
+            bucket_is_public: r.get(8),
+        }
+    }
+}
+
+/// The listed files of a bucket, by name.
+pub async fn list_in_bucket(
+    client: &impl GenericClient,
+    bucket_id: &str,
+) -> Result<Vec<StoredFile>, Error> {
+    let rows = client
+        .query(
+            &format!(
+                "SELECT {COLUMNS} FROM fluxbase.storage_files f
+                 JOIN fluxbase.storage_buckets b ON b.id = f.bucket_id
+                 WHERE f.bucket_id = $1::text::uuid AND f.size IS NOT NULL
+                   AND f.deleting_at IS NULL
+                 ORDER BY f.name"
+            ),
+            &[&bucket_id],
+        )
+        .await?;
+    Ok(rows.iter().map(StoredFile::from_row).collect())
+}
+
+/// The project's listed file stored under `s3_key`.
+pub async fn find_listed(
+    client: &impl GenericClient,
+    project_id: &str,
+    s3_key: &str,
+) -> Result<Option<StoredFile>, Error> {
+    let statement = client
+        .prepare_cached(&format!(
+            "SELECT {COLUMNS} FROM fluxbase.storage_files f
+             JOIN fluxbase.storage_buckets b ON b.id = f.bucket_id
+             WHERE f.project_id = $1 AND f.s3_key = $2 AND f.size IS NOT NULL
+               AND f.deleting_at IS NULL"
+        ))
+        .await?;
+    let row = client
+        .query_opt(&statement, &[&project_id, &s3_key])
+        .await?;
+    Ok(row.as_ref().map(StoredFile::from_row))
+}
+
+/// Every row of the bucket, listed or not (reservations and marked deletes count too).
+pub async fn count_in_bucket(client: &impl GenericClient, bucket_id: &str) -> Result<i64, Error> {
+    Ok(client
+        .query_one(
+            "SELECT count(*) FROM fluxbase.storage_files WHERE bucket_id = $1::text::uuid",
+            &[&bucket_id],
+        )
+        .await?
+        .get(0))
+}
+
+/// How a delete names its file.
+#[derive(Clone, Debug)]
+pub enum FileRef {
+    /// The file's UUID (lowercase).
+    Id(String),
+    /// Its `s3_key`.
+    Key(String),
+}
+
+impl FileRef {
+    fn column(&self) -> &'static str {
+        match self {
+            FileRef::Id(_) => "id::text",
+            FileRef::Key(_) => "s3_key",
+        }
+    }
+
+    /// The id or key as given.
+    pub fn value(&self) -> &str {
+        match self {
+            FileRef::Id(v) | FileRef::Key(v) => v,
+        }
+    }
+}
+
+/// A file marked for deletion.
+#[derive(Clone, Debug)]
+pub struct Marked {
+    pub id: String,
+    pub s3_key: String,
+    pub name: String,
+}
+
+/// Marks the project's listed file for deletion (it is hidden from then on), unless an upload
+/// holds it; the marked file, or `None` when no such file is free to mark.
+pub async fn mark_deleting(
+    client: &impl GenericClient,
+    project_id: &str,
+    file: &FileRef,
+) -> Result<Option<Marked>, Error> {
+    let row = client
+        .query_opt(
+            &format!(
+                "UPDATE fluxbase.storage_files SET deleting_at = now()
+                 WHERE project_id = $1 AND {} = $2 AND size IS NOT NULL
+                   AND deleting_at IS NULL AND upload_token IS NULL
+                 RETURNING id::text, s3_key, name",
+                file.column()
+            ),
+            &[&project_id, &file.value()],
+        )
+        .await?;
+    Ok(row.map(|r| Marked {
+        id: r.get(0),
+        s3_key: r.get(1),
+        name: r.get(2),
+    }))
+}
+
+/// Whether the project has the file listed (an upload may hold it).
+pub async fn is_listed(
+    client: &impl GenericClient,
+    project_id: &str,
+    file: &FileRef,
+) -> Result<bool, Error> {
+    let row = client
+        .query_opt(
+            &format!(
+                "SELECT 1 FROM fluxbase.storage_files
+                 WHERE project_id = $1 AND {} = $2 AND size IS NOT NULL
+                   AND deleting_at IS NULL",
+                file.column()
+            ),
+            &[&project_id, &file.value()],
+        )
+        .await?;
+    Ok(row.is_some())
+}
+
+/// Lifts a deletion mark: the file is listed again.
+pub async fn unmark_deleting(client: &impl GenericClient, id: &str) -> Result<(), Error> {
+    client
+        .execute(
+            "UPDATE fluxbase.storage_files SET deleting_at = NULL WHERE id = $1::text::uuid",
+            &[&id],
+        )
+        .await?;
+    Ok(())
+}
+
+pub async fn delete(client: &impl GenericClient, id: &str) -> Result<(), Error> {
+    client
+        .execute(
+            "DELETE FROM fluxbase.storage_files WHERE id = $1::text::uuid",
+            &[&id],
+        )
+        .await?;
+    Ok(())
+}
+
+/// An upload's claim on a file name: the row it reserves.
+#[derive(Clone, Debug)]
+pub struct Reservation<'a> {
+    pub project_id: &'a str,
+    pub bucket_id: &'a str,
+    pub name: &'a str,
+    pub s3_key: &'a str,
+    pub content_type: &'a str,
+    /// Proves the reservation is this upload's (only its holder finishes or releases it).
+    pub token: &'a str,
+}
+
+/// A reserved row.
+#[derive(Clone, Debug)]
+pub struct Reserved {
+    pub id: String,
+    /// The row is new (not an existing file an upsert replaces).
+    pub new: bool,
+}
+
+/// Reserves the row of an upload (`size IS NULL` for a new file; an existing file keeps its
+/// row, listed, with the token set). Without `upsert` an existing name fails with
+/// `unique_violation`; with it, `None` when another upload or a delete holds the file. A
+/// deleted bucket fails with `foreign_key_violation`.
+///
+/// The reservation need not wait for its WAL flush: the final UPDATE ([`record`]) is
+/// synchronous and comes later in the WAL, so a crash never keeps a stored file whose
+/// reservation was lost; at worst it loses the reservation of an unfinished upload. Its
+/// transaction is pipelined (one round trip): the three requests are sent before any answer is
+/// read, and a failed INSERT turns the COMMIT into a rollback.
+pub async fn reserve(
+    client: &deadpool_postgres::Client,
+    r: &Reservation<'_>,
+    upsert: bool,
+) -> Result<Option<Reserved>, Error> {
+    let insert = client
+        .prepare_cached(if upsert {
+            "INSERT INTO fluxbase.storage_files
+               (project_id, bucket_id, name, s3_key, content_type, upload_token, upload_started_at)
+             VALUES ($1, $2::text::uuid, $3, $4, $5, $6, now())
+             ON CONFLICT (bucket_id, name) DO UPDATE
+               SET upload_token = EXCLUDED.upload_token, upload_started_at = now()
+               WHERE storage_files.upload_token IS NULL AND storage_files.deleting_at IS NULL
+             RETURNING id::text, size IS NULL"
+        } else {
+            "INSERT INTO fluxbase.storage_files
+               (project_id, bucket_id, name, s3_key, content_type, upload_token, upload_started_at)
+             VALUES ($1, $2::text::uuid, $3, $4, $5, $6, now())
+             RETURNING id::text, true"
+        })
+        .await?;
+    let pg: &tokio_postgres::Client = client;
+    let (begun, inserted, committed) = futures_util::future::join3(
+        pg.batch_execute("BEGIN; SET LOCAL synchronous_commit = off"),
+        pg.query_opt(
+            &insert,
+            &[
+                &r.project_id,
+                &r.bucket_id,
+                &r.name,
+                &r.s3_key,
+                &r.content_type,
+                &r.token,
+            ],
+        ),
+        pg.batch_execute("COMMIT"),
+    )
+    .await;
+    begun?;
+    let reserved = inserted?;
+    committed?;
+    Ok(reserved.map(|row| Reserved {
+        id: row.get(0),
+        new: row.get(1),
+    }))
+}
+
+/// Gives a reservation up: a new row goes, an existing file keeps its row as it was.
+pub async fn release(
+    client: &impl GenericClient,
+    reserved: &Reserved,
+    token: &str,
+) -> Result<(), Error> {
+    let sql = if reserved.new {
+        "DELETE FROM fluxbase.storage_files WHERE id = $1::text::uuid AND upload_token = $2"
+    } else {
+        "UPDATE fluxbase.storage_files SET upload_token = NULL, upload_started_at = NULL
+         WHERE id = $1::text::uuid AND upload_token = $2"
+    };
+    client.execute(sql, &[&reserved.id, &token]).await?;
+    Ok(())
+}
+
+/// Finishes a reservation: the file's size and type are written and it is listed. `None` if
+/// the reservation is gone.
+pub async fn record(
+    client: &impl GenericClient,
+    id: &str,
+    token: &str,
+    size: i64,
+    content_type: &str,
+) -> Result<Option<StoredFile>, Error> {
+    let statement = client
+        .prepare_cached(&format!(
+            "WITH f AS (
+               UPDATE fluxbase.storage_files SET size = $3, content_type = $4,
+                 upload_token = NULL, upload_started_at = NULL, updated_at = now()
+               WHERE id = $1::text::uuid AND upload_token = $2 RETURNING *)
+             SELECT {COLUMNS} FROM f JOIN fluxbase.storage_buckets b ON b.id = f.bucket_id"
+        ))
+        .await?;
+    let row = client
+        .query_opt(&statement, &[&id, &token, &size, &content_type])
+        .await?;
+    Ok(row.as_ref().map(StoredFile::from_row))
+}
+
+/// Every file's key, whatever its state.
+pub async fn all_keys(client: &impl GenericClient) -> Result<Vec<String>, Error> {
+    let rows = client
+        .query("SELECT s3_key FROM fluxbase.storage_files", &[])
+        .await?;
+    Ok(rows.iter().map(|r| r.get(0)).collect())
+}
+
+/// (id, key) of the files marked for deletion.
+pub async fn marked_for_deletion(
+    client: &impl GenericClient,
+) -> Result<Vec<(String, String)>, Error> {
+    let rows = client
+        .query(
+            "SELECT id::text, s3_key FROM fluxbase.storage_files WHERE deleting_at IS NOT NULL",
+            &[],
+        )
+        .await?;
+    Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
+}
+
+/// (id, key) of the new files whose upload started before `cutoff` and never finished.
+pub async fn abandoned(
+    client: &impl GenericClient,
+    cutoff: DateTime<Utc>,
+) -> Result<Vec<(String, String)>, Error> {
+    let rows = client
+        .query(
+            "SELECT id::text, s3_key FROM fluxbase.storage_files
+             WHERE size IS NULL AND upload_started_at < $1",
+            &[&cutoff],
+        )
+        .await?;
+    Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
+}
+
+/// Removes an abandoned reservation (if it still is one).
+pub async fn delete_abandoned(client: &impl GenericClient, id: &str) -> Result<(), Error> {
+    client
+        .execute(
+            "DELETE FROM fluxbase.storage_files WHERE id = $1::text::uuid AND size IS NULL",
+            &[&id],
+        )
+        .await?;
+    Ok(())
+}
+
+/// Lifts the reservations of existing files that uploads took before `cutoff` and never
+/// finished (the files stay as they were).
+pub async fn release_abandoned(
+    client: &impl GenericClient,
+    cutoff: DateTime<Utc>,
+) -> Result<(), Error> {
+    client
+        .execute(
+            "UPDATE fluxbase.storage_files SET upload_token = NULL, upload_started_at = NULL
+             WHERE upload_token IS NOT NULL AND upload_started_at < $1",
+            &[&cutoff],
+        )
+        .await?;
+    Ok(())
+}
