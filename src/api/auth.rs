@@ -180,3 +180,91 @@ impl From<AccountsError> for ApiError {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::keys::KeysError;
+    use crate::projects::ProjectsError;
+    use crate::team::TeamError;
+
+    fn shape(e: impl Into<ApiError>) -> (u16, &'static str, String) {
+        let e = e.into();
+        (e.status().as_u16(), e.code(), e.to_string())
+    }
+
+    #[test]
+    fn domain_errors_keep_the_guides_status_code_and_message() {
+        assert_eq!(
+            shape(AuthError::MissingCredential),
+            (
+                401,
+                "AUTH_REQUIRED",
+                "API key missing or malformed. Include Authorization: Bearer <key>.".into()
+            )
+        );
+        assert_eq!(shape(AuthError::SessionExpired).1, "TOKEN_EXPIRED");
+        assert_eq!(
+            shape(AuthError::AdminKeyRequired("Managing webhooks".into())),
+            (
+                403,
+                "SCOPE_MISMATCH",
+                "Managing webhooks needs an admin key.".into()
+            )
+        );
+        assert_eq!(
+            shape(AuthError::DeveloperRoleRequired("Deleting files".into())),
+            (
+                403,
+                "INSUFFICIENT_PERMISSIONS",
+                "Deleting files needs a developer or admin role.".into()
+            )
+        );
+        assert_eq!(shape(AuthError::ProjectSuspended).1, "PROJECT_SUSPENDED");
+        let limited = shape(LimitError::RateLimited {
+            limit: 3,
+            window_secs: 10,
+            retry_after: 7,
+        });
+        assert_eq!((limited.0, limited.1), (429, "RATE_LIMIT"));
+        assert_eq!(shape(LimitError::HashersBusy(2)).0, 429);
+        assert_eq!(shape(LimitError::HashPanicked).0, 500);
+        assert_eq!(
+            shape(AccountsError::EmailTaken),
+            (
+                409,
+                "CONFLICT",
+                "An account with this email already exists.".into()
+            )
+        );
+        assert_eq!(shape(AccountsError::WrongCredentials).1, "AUTH_REQUIRED");
+        assert_eq!(
+            shape(KeysError::NoSuchKey("key_x".into())),
+            (
+                404,
+                "NOT_FOUND",
+                "keyId: no key \"key_x\" in this project".into()
+            )
+        );
+        assert_eq!(
+            shape(ProjectsError::NoSuchProject("0123456789abcdef".into())).1,
+            "PROJECT_NOT_FOUND"
+        );
+        assert_eq!(shape(ProjectsError::QuotaReached(3)).0, 403);
+        assert_eq!(shape(TeamError::LastAdmin).0, 409);
+        assert_eq!(
+            shape(TeamError::NoSuchAccount("a@b.co".into())),
+            (
+                404,
+                "USER_NOT_FOUND",
+                "email: \"a@b.co\" does not match any registered Fluxbase account.".into()
+            )
+        );
+        // A cause never reaches the client: an internal error says only that it happened.
+        let internal = shape(KeysError::Internal(anyhow::anyhow!("secret detail")));
+        assert_eq!(
+            (internal.0, internal.2.as_str()),
+            (500, "Unexpected server error.")
+        );
+    }
+}
