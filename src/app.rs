@@ -1,19 +1,19 @@
 //! The shared state of a running server and its start-up sequence.
 
-use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::sync::Arc;
 
 use anyhow::{Context, Result};
 
+use crate::auth::ratelimit::{AccountLimits, RateLimiter};
 use crate::config::Config;
 use crate::db::ClusterTarget;
 use crate::embedded;
 use crate::metrics::Metrics;
-use crate::ratelimit::RateLimiter;
 use crate::secrets::Secrets;
 use crate::sql::Sql;
+
+mod lifecycle;
 
 /// Everything a request handler needs. Cheap to clone (an `Arc`).
 pub struct App {
@@ -24,19 +24,21 @@ pub struct App {
     pub sql: Arc<Sql>,
     /// The row-level security policy API (over `sql`'s connections).
     pub rls: crate::rls::Policies,
-    pub rate: RateLimiter,
-    /// Login, sign-up and project-creation bounds (see [`crate::ratelimit::AccountLimits`]).
-    pub account_limits: crate::ratelimit::AccountLimits,
+    /// The per-caller request limit (applied by `auth`, and to realtime tokens).
+    pub rate: Arc<RateLimiter>,
     pub metrics: Arc<Metrics>,
-    pub auth_cache: crate::auth::AuthCache,
+    /// Bearer tokens → principals, principals → project access, the access cache.
+    pub auth: Arc<crate::auth::Auth>,
+    pub accounts: crate::accounts::Accounts,
+    pub projects: crate::projects::Projects,
+    pub keys: crate::keys::Keys,
+    pub team: crate::team::Team,
     pub bus: Arc<crate::bus::Bus>,
     pub cdc: crate::cdc::Cdc,
     pub realtime: Arc<crate::realtime::Realtime>,
     pub webhooks: crate::webhooks::Webhooks,
     /// Buckets and files: the object backend, URL signing and its clock.
     pub storage: crate::storage::Storage,
-    /// When each API key's `last_used_at` was last written (written at most once a minute).
-    pub key_touched: Mutex<HashMap<String, Instant>>,
     /// Keeps the embedded cluster alive as long as the server; stopped on shutdown.
     pub embedded: Option<embedded::Cluster>,
 }
@@ -112,13 +114,32 @@ impl App {
             metrics.clone(),
             bus.clone(),
         ));
+        let rate = Arc::new(RateLimiter::new(
+            config.rate_limit_requests,
+            config.rate_limit_window_secs,
+        ));
+        let account_limits = Arc::new(AccountLimits::new(&config));
         let app = Arc::new(App {
+            auth: Arc::new(crate::auth::Auth::new(control.clone(), rate.clone())),
+            accounts: crate::accounts::Accounts::new(
+                control.clone(),
+                account_limits.clone(),
+                config.session_ttl_secs,
+            ),
+            projects: crate::projects::Projects::new(
+                control.clone(),
+                cluster.clone(),
+                secrets.clone(),
+                sql.repairs.clone(),
+                &config,
+                account_limits,
+            ),
+            keys: crate::keys::Keys::new(control.clone()),
+            team: crate::team::Team::new(control.clone()),
             rls: crate::rls::Policies::new(sql.clone()),
             sql,
-            rate: RateLimiter::new(config.rate_limit_requests, config.rate_limit_window_secs),
-            account_limits: crate::ratelimit::AccountLimits::new(&config),
+            rate,
             metrics,
-            auth_cache: Default::default(),
             cdc: crate::cdc::Cdc::new(
                 cluster.clone(),
                 control.clone(),
@@ -134,7 +155,6 @@ impl App {
             ),
             bus,
             storage,
-            key_touched: Mutex::new(HashMap::new()),
             config,
             secrets,
             cluster,
@@ -150,7 +170,7 @@ impl App {
                 realtime.start_room(project_id);
             }
         });
-        crate::projects::migrate_all(&app, sweep).await?;
+        app.migrate_projects(sweep).await?;
         // A server (not a CLI command) reports a storage backend that cannot be used now, not at
         // the first upload. It still starts (SQL, realtime and webhooks do not need it); `/ready`
         // answers 503 with the cause until it is fixed. Sweeping is the server's job too: a
@@ -170,7 +190,7 @@ impl App {
                 tracing::warn!(error = %e, "storage sweep at start-up");
             }
         }
-        tokio::spawn(crate::auth::run_cache_listener(Arc::downgrade(&app)));
+        lifecycle::listen_for_access_changes(&app);
         Ok(app)
     }
 

@@ -1,15 +1,59 @@
 //! API keys: `flx_live_` + 32 base62 characters (≈190 bits), shown once, stored as a SHA-256
 //! hash with a short display prefix. Rotation replaces the hash in place, so the old secret is
 //! refused from the very next request.
+//!
+//! A rotated or deleted key must also end what it authorized elsewhere (cached access on every
+//! server, realtime subscriptions): the caller of [`Keys::rotate`] and [`Keys::revoke`]
+//! announces that (`crate::api::keys`).
 
-use serde::Deserialize;
-use serde_json::{json, Value};
-use warp::http::StatusCode;
+use chrono::{DateTime, Utc};
+use serde::Serialize;
 
-use crate::api::error::{ApiError, ApiResult};
-use crate::app::App;
-use crate::auth::{Access, Scope, KEY_PREFIX};
+use crate::auth::{Access, AuthError, Scope, KEY_PREFIX};
+use crate::control::api_keys;
 use crate::secrets::{random_base62, sha256};
+
+#[derive(Debug, thiserror::Error)]
+pub enum KeysError {
+    #[error(transparent)]
+    Auth(#[from] AuthError),
+    #[error("scope: must be one of read, readwrite, admin")]
+    InvalidScope,
+    #[error("name: at most 100 characters")]
+    NameTooLong,
+    #[error("keyId: no key {0:?} in this project")]
+    NoSuchKey(String),
+    #[error("no project {0}")]
+    NoSuchProject(String),
+    #[error(transparent)]
+    Internal(#[from] anyhow::Error),
+}
+
+impl From<tokio_postgres::Error> for KeysError {
+    fn from(e: tokio_postgres::Error) -> Self {
+        KeysError::Internal(e.into())
+    }
+}
+
+impl From<deadpool_postgres::PoolError> for KeysError {
+    fn from(e: deadpool_postgres::PoolError) -> Self {
+        KeysError::Internal(e.into())
+    }
+}
+
+/// A key as the list shows it (never its secret).
+#[derive(Serialize, utoipa::ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct KeyInfo {
+    pub id: String,
+    pub name: String,
+    pub scope: Scope,
+    pub prefix: String,
+    #[schema(value_type = String, format = DateTime)]
+    pub created_at: DateTime<Utc>,
+    #[schema(value_type = Option<String>, format = DateTime)]
+    pub last_used_at: Option<DateTime<Utc>>,
+}
 
 /// A key just created or rotated: the only moment its secret exists outside the caller.
 pub struct NewKey {
@@ -20,25 +64,24 @@ pub struct NewKey {
     pub secret: String,
 }
 
+/// A new key's public part (its secret travels beside it).
+#[derive(Serialize, utoipa::ToSchema)]
+pub struct KeySummary {
+    pub id: String,
+    pub name: String,
+    pub scope: Scope,
+    pub prefix: String,
+}
+
 impl NewKey {
-    pub fn json(&self) -> Value {
-        json!({ "id": self.id, "name": self.name, "scope": self.scope.as_str(), "prefix": self.prefix })
+    pub fn summary(&self) -> KeySummary {
+        KeySummary {
+            id: self.id.clone(),
+            name: self.name.clone(),
+            scope: self.scope,
+            prefix: self.prefix.clone(),
+        }
     }
-}
-
-#[derive(Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-pub struct CreateKey {
-    pub project_id: String,
-    pub scope: String,
-    pub name: Option<String>,
-}
-
-#[derive(Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-pub struct RotateKey {
-    pub project_id: String,
-    pub key_id: String,
 }
 
 /// A fresh key: (secret, its SHA-256, display prefix).
@@ -58,10 +101,16 @@ pub async fn insert_key(
 ) -> Result<NewKey, tokio_postgres::Error> {
     let (secret, hash, prefix) = new_secret();
     let id = format!("key_{}", random_base62(16));
-    tx.execute(
-        "INSERT INTO fluxbase.api_keys (id, project_id, name, scope, key_hash, prefix)
-         VALUES ($1, $2, $3, $4, $5, $6)",
-        &[&id, &project_id, &name, &scope.as_str(), &hash, &prefix],
+    api_keys::insert(
+        tx,
+        &api_keys::NewKeyRow {
+            id: &id,
+            project_id,
+            name,
+            scope,
+            hash: &hash,
+            prefix: &prefix,
+        },
     )
     .await?;
     Ok(NewKey {
@@ -73,121 +122,102 @@ pub async fn insert_key(
     })
 }
 
-impl App {
-    pub async fn list_keys(&self, access: &Access) -> ApiResult<(StatusCode, Value)> {
+/// A key's name: the given one trimmed, or `default` when none or blank; at most 100
+/// characters.
+pub fn key_name(name: Option<&str>, default: impl FnOnce() -> String) -> Result<String, KeysError> {
+    let name = name
+        .map(|n| n.trim().to_string())
+        .filter(|n| !n.is_empty())
+        .unwrap_or_else(default);
+    if name.chars().count() > 100 {
+        return Err(KeysError::NameTooLong);
+    }
+    Ok(name)
+}
+
+/// The keys of every project, on the control database.
+pub struct Keys {
+    control: deadpool_postgres::Pool,
+}
+
+impl Keys {
+    pub fn new(control: deadpool_postgres::Pool) -> Keys {
+        Keys { control }
+    }
+
+    /// The project's live keys, oldest first (admins only).
+    pub async fn list(&self, access: &Access) -> Result<Vec<KeyInfo>, KeysError> {
         access.require_admin()?;
         let client = self.control.get().await?;
-        let keys: Vec<Value> = client
-            .query(
-                "SELECT id, name, scope, prefix, created_at, last_used_at FROM fluxbase.api_keys
-                 WHERE project_id = $1 AND revoked_at IS NULL ORDER BY created_at, id",
-                &[&access.project.id],
-            )
+        Ok(api_keys::list_live(&client, &access.project.id)
             .await?
-            .iter()
-            .map(|r| {
-                json!({
-                    "id": r.get::<_, String>(0),
-                    "name": r.get::<_, String>(1),
-                    "scope": r.get::<_, String>(2),
-                    "prefix": r.get::<_, String>(3),
-                    "createdAt": r.get::<_, chrono::DateTime<chrono::Utc>>(4),
-                    "lastUsedAt": r.get::<_, Option<chrono::DateTime<chrono::Utc>>>(5),
-                })
+            .into_iter()
+            .map(|k| KeyInfo {
+                scope: k.scope,
+                id: k.id,
+                name: k.name,
+                prefix: k.prefix,
+                created_at: k.created_at,
+                last_used_at: k.last_used_at,
             })
-            .collect();
-        Ok((StatusCode::OK, json!({ "success": true, "keys": keys })))
+            .collect())
     }
 
-    pub async fn create_key(
+    /// A new key of `scope` (`read`, `readwrite` or `admin`) named `name` (default: "<scope>
+    /// key"), for an admin of the project.
+    pub async fn create(
         &self,
         access: &Access,
-        req: CreateKey,
-    ) -> ApiResult<(StatusCode, Value)> {
+        scope: &str,
+        name: Option<&str>,
+    ) -> Result<NewKey, KeysError> {
         access.require_admin()?;
-        let scope = Scope::parse(&req.scope).ok_or_else(|| {
-            ApiError::BadRequest("scope: must be one of read, readwrite, admin".into())
-        })?;
-        let name = req
-            .name
-            .map(|n| n.trim().to_string())
-            .filter(|n| !n.is_empty())
-            .unwrap_or_else(|| format!("{} key", scope.as_str()));
-        if name.chars().count() > 100 {
-            return Err(ApiError::BadRequest("name: at most 100 characters".into()));
-        }
+        let scope = Scope::parse(scope).ok_or(KeysError::InvalidScope)?;
+        let name = key_name(name, || format!("{} key", scope.as_str()))?;
         let client = self.control.get().await?;
-        let key = insert_key(&client, &access.project.id, scope, &name).await?;
-        Ok((
-            StatusCode::CREATED,
-            json!({ "success": true, "key": key.json(), "secret": key.secret }),
-        ))
+        Ok(insert_key(&client, &access.project.id, scope, &name).await?)
     }
 
-    pub async fn rotate_key(
+    /// `fluxbase keys create`: a new key for an operator with no session or key (recovery).
+    pub async fn create_for_operator(
         &self,
-        access: &Access,
-        req: RotateKey,
-    ) -> ApiResult<(StatusCode, Value)> {
+        project_id: &str,
+        scope: Scope,
+        name: Option<&str>,
+    ) -> Result<NewKey, KeysError> {
+        let name = key_name(name, || format!("{} key (CLI)", scope.as_str()))?;
+        let client = self.control.get().await?;
+        if !crate::control::projects::exists(&client, project_id).await? {
+            return Err(KeysError::NoSuchProject(project_id.to_string()));
+        }
+        Ok(insert_key(&client, project_id, scope, &name).await?)
+    }
+
+    /// A new secret for a live key; the old one is refused from now on.
+    pub async fn rotate(&self, access: &Access, key_id: &str) -> Result<NewKey, KeysError> {
         access.require_admin()?;
         let (secret, hash, prefix) = new_secret();
         let client = self.control.get().await?;
-        let row = client
-            .query_opt(
-                "UPDATE fluxbase.api_keys SET key_hash = $3, prefix = $4, last_used_at = NULL
-                 WHERE id = $1 AND project_id = $2 AND revoked_at IS NULL
-                 RETURNING name, scope",
-                &[&req.key_id, &access.project.id, &hash, &prefix],
-            )
-            .await?
-            .ok_or_else(|| {
-                ApiError::NotFound(format!("keyId: no key {:?} in this project", req.key_id))
-            })?;
-        drop(client);
-        self.key_changed(&access.project.id, &req.key_id).await;
-        let key = NewKey {
-            id: req.key_id,
-            name: row.get(0),
-            scope: Scope::parse(row.get(1)).ok_or_else(|| anyhow::anyhow!("bad scope"))?,
+        let (name, scope) =
+            api_keys::replace_secret(&client, &access.project.id, key_id, &hash, &prefix)
+                .await?
+                .ok_or_else(|| KeysError::NoSuchKey(key_id.to_string()))?;
+        Ok(NewKey {
+            id: key_id.to_string(),
+            name,
+            scope,
             prefix,
             secret,
-        };
-        Ok((
-            StatusCode::OK,
-            json!({ "success": true, "key": key.json(), "secret": key.secret }),
-        ))
+        })
     }
 
-    pub async fn delete_key(
-        &self,
-        access: &Access,
-        key_id: &str,
-    ) -> ApiResult<(StatusCode, Value)> {
+    /// Revokes a live key.
+    pub async fn revoke(&self, access: &Access, key_id: &str) -> Result<(), KeysError> {
         access.require_admin()?;
         let client = self.control.get().await?;
-        let n = client
-            .execute(
-                "UPDATE fluxbase.api_keys SET revoked_at = now()
-                 WHERE id = $1 AND project_id = $2 AND revoked_at IS NULL",
-                &[&key_id, &access.project.id],
-            )
-            .await?;
-        if n == 0 {
-            return Err(ApiError::NotFound(format!(
-                "keyId: no key {key_id:?} in this project"
-            )));
+        if !api_keys::revoke(&client, &access.project.id, key_id).await? {
+            return Err(KeysError::NoSuchKey(key_id.to_string()));
         }
-        drop(client);
-        self.key_changed(&access.project.id, key_id).await;
-        Ok((StatusCode::OK, json!({ "success": true })))
-    }
-
-    /// A key was rotated or deleted: caches emptied here and on every server, and the realtime
-    /// subscriptions it authorized (directly or through its tokens) ended, here at once and on
-    /// the other servers through the notification.
-    async fn key_changed(&self, project_id: &str, key_id: &str) {
-        self.notify_access_change(&crate::auth::key_revoked_payload(project_id, key_id))
-            .await;
-        self.realtime.key_revoked(project_id, key_id).await;
+        Ok(())
     }
 }

@@ -8,10 +8,14 @@
 use anyhow::{bail, Result};
 use clap::{Parser, Subcommand};
 use fluxbase::app::{App, Running, SharedApp};
+use fluxbase::auth::{AccessChange, Scope};
 use fluxbase::config::Config;
 use fluxbase::db::ClusterTarget;
 use fluxbase::embedded::{CliCluster, DataDirLock};
-use fluxbase::instance::describe;
+use fluxbase::keys::{KeySummary, KeysError};
+use fluxbase::projects::instance::describe;
+use fluxbase::projects::{ApiKeySecrets, ProjectStatus, ProjectView};
+use serde::Serialize;
 
 #[derive(Parser)]
 #[command(
@@ -121,7 +125,7 @@ async fn run(cli: Cli, config: Config) -> Result<()> {
             close_cli(app, lock).await;
             let report = report?;
             if json {
-                println!("{}", serde_json::to_string_pretty(&report.json)?);
+                println!("{}", serde_json::to_string_pretty(&report)?);
             } else {
                 print!("{}", describe(&report));
             }
@@ -142,16 +146,32 @@ async fn run(cli: Cli, config: Config) -> Result<()> {
                     json,
                 },
         } => {
+            let scope = Scope::parse(&scope)
+                .ok_or_else(|| anyhow::anyhow!("--scope must be one of read, readwrite, admin"))?;
             let (app, lock) = open_cli(config, "keys").await?;
             let result = app
-                .create_key_for_operator(&project, &scope, name.as_deref())
+                .keys
+                .create_for_operator(&project, scope, name.as_deref())
                 .await;
             close_cli(app, lock).await;
-            let key = result?;
+            let key = match result {
+                Err(KeysError::NameTooLong) => bail!("--name: at most 100 characters"),
+                other => other?,
+            };
             if json {
-                let mut out = key.json();
-                out["secret"] = serde_json::json!(key.secret);
-                out["projectId"] = serde_json::json!(project);
+                #[derive(Serialize)]
+                #[serde(rename_all = "camelCase")]
+                struct Out<'a> {
+                    #[serde(flatten)]
+                    key: KeySummary,
+                    secret: &'a str,
+                    project_id: &'a str,
+                }
+                let out = Out {
+                    key: key.summary(),
+                    secret: &key.secret,
+                    project_id: &project,
+                };
                 println!("{}", serde_json::to_string_pretty(&out)?);
             } else {
                 println!(
@@ -183,17 +203,36 @@ async fn run(cli: Cli, config: Config) -> Result<()> {
                 (fluxbase::secrets::random_base62(20), true)
             };
             let (app, lock) = open_cli(config, "user").await?;
-            let result = app.reset_password(&email, &password).await;
+            let result = app.accounts.reset_password(&email, &password).await;
+            if result.is_ok() {
+                // Sessions are read on every request; this empties any access cache for good
+                // measure.
+                app.auth.notify_access_change(&AccessChange::Any).await;
+            }
             close_cli(app, lock).await;
             let reset = result?;
             if json {
-                let mut out = serde_json::json!({
-                    "user": { "id": reset.user_id, "email": reset.email },
-                    "sessionsRevoked": reset.sessions_revoked,
-                });
-                if generated {
-                    out["password"] = serde_json::json!(password);
+                #[derive(Serialize)]
+                struct User<'a> {
+                    id: &'a str,
+                    email: &'a str,
                 }
+                #[derive(Serialize)]
+                #[serde(rename_all = "camelCase")]
+                struct Out<'a> {
+                    user: User<'a>,
+                    sessions_revoked: u64,
+                    #[serde(skip_serializing_if = "Option::is_none")]
+                    password: Option<&'a str>,
+                }
+                let out = Out {
+                    user: User {
+                        id: &reset.user_id,
+                        email: &reset.email,
+                    },
+                    sessions_revoked: reset.sessions_revoked,
+                    password: generated.then_some(password.as_str()),
+                };
                 println!("{}", serde_json::to_string_pretty(&out)?);
             } else {
                 println!(
@@ -297,42 +336,45 @@ async fn doctor(config: Config) -> Result<()> {
 async fn project(app: &App, action: ProjectAction) -> Result<()> {
     match action {
         ProjectAction::Create { name, json } => {
-            let user = app.default_user().await?;
-            let (project, keys) = app
-                .create_project(&user, &name)
-                .await
-                .map_err(|e| anyhow::anyhow!("{e}"))?;
+            let user = app.projects.default_user().await?;
+            let (project, keys) = app.create_project(&user, &name).await?;
             // A running server starts the new project's change stream when it hears this.
-            app.invalidate_project_access(&project.id).await;
-            let mut api_keys = serde_json::Map::new();
-            for k in &keys {
-                api_keys.insert(k.scope.as_str().into(), serde_json::json!(k.secret));
-            }
-            let out = serde_json::json!({ "project": fluxbase::projects::project_json(&project), "apiKeys": api_keys });
+            app.auth
+                .notify_access_change(&AccessChange::Project(project.id.clone()))
+                .await;
             if json {
+                #[derive(Serialize)]
+                #[serde(rename_all = "camelCase")]
+                struct Out {
+                    project: ProjectView,
+                    api_keys: ApiKeySecrets,
+                }
+                let out = Out {
+                    project: ProjectView::from(&project),
+                    api_keys: ApiKeySecrets::from(&keys),
+                };
                 println!("{}", serde_json::to_string_pretty(&out)?);
             } else {
                 println!("created project {} ({})", project.id, project.name);
-                for k in &keys {
+                for k in keys.all() {
                     println!("  {:<9} {}", k.scope.as_str(), k.secret);
                 }
             }
             Ok(())
         }
         ProjectAction::Suspend { id } => {
-            app.set_project_status(&id, "suspended").await?;
+            app.set_project_status(&id, ProjectStatus::Suspended)
+                .await?;
             println!("project {id} suspended");
             Ok(())
         }
         ProjectAction::Resume { id } => {
-            app.set_project_status(&id, "active").await?;
+            app.set_project_status(&id, ProjectStatus::Active).await?;
             println!("project {id} resumed");
             Ok(())
         }
         ProjectAction::Delete { id } => {
-            app.delete_project(&id)
-                .await
-                .map_err(|e| anyhow::anyhow!("{e}"))?;
+            app.delete_project(&id).await?;
             println!("project {id} deleted");
             Ok(())
         }

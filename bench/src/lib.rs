@@ -5,7 +5,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use fluxbase::accounts::{SignupRequest, User};
+use fluxbase::accounts::{NewUser, User};
 use fluxbase::app::{App, Running, SharedApp};
 use fluxbase::config::Config;
 use fluxbase::embedded::Cluster;
@@ -96,13 +96,14 @@ pub async fn start_app(
 
 /// The benchmark's account.
 pub async fn bench_user(app: &SharedApp) -> Result<User> {
-    app.create_user(SignupRequest {
-        email: "bench@example.com".into(),
-        password: fluxbase::secrets::random_base62(20),
-        display_name: None,
-    })
-    .await
-    .map_err(|e| anyhow::anyhow!("creating a user: {e}"))
+    app.accounts
+        .create_user(NewUser {
+            email: "bench@example.com".into(),
+            password: fluxbase::secrets::random_base62(20),
+            display_name: None,
+        })
+        .await
+        .map_err(|e| anyhow::anyhow!("creating a user: {e}"))
 }
 
 /// The release `fluxbase` binary: `FLUXBASE_BIN`, or `target/release/fluxbase`.

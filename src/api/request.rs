@@ -112,20 +112,24 @@ impl Request {
 impl Request {
     /// The caller behind `Authorization`.
     pub async fn principal(&self, app: &crate::app::App) -> ApiResult<crate::auth::Principal> {
-        app.authenticate(self.authorization()).await
+        Ok(app.auth.authenticate(self.authorization()).await?)
     }
 
     /// The caller's access to the project named by `?projectId=`.
     pub async fn access_by_query(&self, app: &crate::app::App) -> ApiResult<crate::auth::Access> {
         let principal = self.principal(app).await?;
-        app.project_access(&principal, self.param("projectId")?)
-            .await
+        Ok(app
+            .auth
+            .project_access(&principal, self.param("projectId")?)
+            .await?)
     }
 
     /// The caller's access to the project named by the body's `projectId`.
     pub async fn access_by_body(&self, app: &crate::app::App) -> ApiResult<crate::auth::Access> {
         let principal = self.principal(app).await?;
-        app.project_access(&principal, &self.project_id_from_body()?)
-            .await
+        Ok(app
+            .auth
+            .project_access(&principal, &self.project_id_from_body()?)
+            .await?)
     }
 }

@@ -116,7 +116,7 @@ async fn policy_access(
             ))
         }
     };
-    let access = app.project_access(principal, project_id).await?;
+    let access = app.auth.project_access(principal, project_id).await?;
     access.require_developer(MANAGING)?;
     Ok(access)
 }

@@ -23,7 +23,7 @@ pub const AUTH_UID_HEADER: &str = "x-fluxbase-auth-uid";
 pub async fn execute_sql(app: SharedApp, req: Request) -> ApiResult<impl Reply> {
     let principal = req.principal(&app).await?;
     let sql: SqlRequest = req.json()?;
-    let access = app.project_access(&principal, &sql.project_id).await?;
+    let access = app.auth.project_access(&principal, &sql.project_id).await?;
     let identity = crate::rls::request_identity(
         &access,
         sql.auth_uid.as_ref(),

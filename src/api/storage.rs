@@ -445,7 +445,7 @@ pub async fn upload_file(app: SharedApp, mut req: Request) -> ApiResult<Response
     };
     let (app_ref, principal) = (&*app, &principal);
     let authorize = move |project_id: String| async move {
-        let access = app_ref.project_access(principal, &project_id).await?;
+        let access = app_ref.auth.project_access(principal, &project_id).await?;
         require_readwrite(&access, "Uploading files")?;
         Ok::<_, ApiError>(access)
     };
@@ -528,7 +528,10 @@ pub async fn delete_file_legacy(app: SharedApp, req: Request) -> ApiResult<Json<
 async fn delete(app: SharedApp, req: Request) -> ApiResult<Json<FileDeleted>> {
     let principal = req.principal(&app).await?;
     let target = DeleteFile::from_request(&req)?;
-    let access = app.project_access(&principal, &target.project_id).await?;
+    let access = app
+        .auth
+        .project_access(&principal, &target.project_id)
+        .await?;
     access.require_developer("Deleting files")?;
     let deleted = app
         .storage
@@ -630,10 +633,11 @@ async fn public(app: SharedApp, req: Request, head: bool) -> ApiResult<Response>
 /// cache policy by the bucket's visibility; the body streams (none for `HEAD`).
 async fn serve(app: &App, key: &str, public_only: bool, head: bool) -> ApiResult<Response> {
     let project = app
+        .auth
         .load_project(project_of_key(key))
         .await?
         .ok_or(StorageError::NotServed)?;
-    if project.status == "suspended" {
+    if project.status == crate::projects::ProjectStatus::Suspended {
         return Err(ApiError::ProjectSuspended);
     }
     let download = app.storage.download(key, public_only).await?;

@@ -13,7 +13,12 @@ impl crate::realtime::Host for App {
         &'a self,
         project_id: &'a str,
     ) -> BoxFuture<'a, Result<Option<crate::auth::Project>, RealtimeError>> {
-        Box::pin(async move { self.load_project(project_id).await.map_err(refused) })
+        Box::pin(async move {
+            self.auth
+                .load_project(project_id)
+                .await
+                .map_err(|e| refused(e.into()))
+        })
     }
 
     fn authenticate<'a>(
@@ -21,9 +26,10 @@ impl crate::realtime::Host for App {
         token: &'a str,
     ) -> BoxFuture<'a, Result<crate::auth::Principal, RealtimeError>> {
         Box::pin(async move {
-            self.authenticate(Some(&format!("Bearer {token}")))
+            self.auth
+                .authenticate(Some(&format!("Bearer {token}")))
                 .await
-                .map_err(refused)
+                .map_err(|e| refused(e.into()))
         })
     }
 
@@ -33,9 +39,10 @@ impl crate::realtime::Host for App {
         project_id: &'a str,
     ) -> BoxFuture<'a, Result<crate::auth::Access, RealtimeError>> {
         Box::pin(async move {
-            self.project_access(principal, project_id)
+            self.auth
+                .project_access(principal, project_id)
                 .await
-                .map_err(refused)
+                .map_err(|e| refused(e.into()))
         })
     }
 
@@ -55,11 +62,16 @@ impl crate::realtime::Host for App {
         project_id: &'a str,
         user_id: &'a str,
     ) -> BoxFuture<'a, Result<bool, RealtimeError>> {
-        Box::pin(async move { self.is_member(project_id, user_id).await.map_err(refused) })
+        Box::pin(async move {
+            self.auth
+                .is_member(project_id, user_id)
+                .await
+                .map_err(|e| refused(e.into()))
+        })
     }
 
     fn rate_check(&self, caller: &str) -> Result<(), RealtimeError> {
-        self.rate.check(caller).map_err(refused)
+        self.rate.check(caller).map_err(|e| refused(e.into()))
     }
 
     fn connect<'a>(

@@ -148,7 +148,7 @@ impl Realtime {
                 ))
             }
         }
-        if project.status == "suspended" {
+        if project.status == crate::projects::ProjectStatus::Suspended {
             return Err(RealtimeError::ProjectSuspended);
         }
         let room = self.open_room(&project.id);

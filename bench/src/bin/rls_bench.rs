@@ -93,7 +93,8 @@ async fn run(cluster: &Cluster, dir: &Path) -> Result<()> {
         .await
         .map_err(|e| anyhow::anyhow!("creating a project: {e}"))?;
     let key = |scope: &str| {
-        keys.iter()
+        keys.all()
+            .into_iter()
             .find(|k| k.scope.as_str() == scope)
             .map(|k| k.secret.clone())
             .context("a default key is missing")

@@ -125,6 +125,7 @@ async fn bench(app: &SharedApp, cluster: &Cluster, base: &str, settings: &Settin
         .await
         .map_err(|e| anyhow::anyhow!("creating a project: {e}"))?;
     let admin = keys
+        .all()
         .into_iter()
         .find(|k| k.scope.as_str() == "admin")
         .context("the new project has no admin key")?;
@@ -133,7 +134,7 @@ async fn bench(app: &SharedApp, cluster: &Cluster, base: &str, settings: &Settin
     let api = Api {
         http: reqwest::Client::new(),
         base: base.to_string(),
-        key: admin.secret,
+        key: admin.secret.clone(),
         project: project.id.clone(),
     };
     let db = connect(cluster, &project.db_name).await?;

@@ -341,7 +341,7 @@ async fn a_suspended_project_answers_project_suspended_until_resumed() {
     let app = spawn_app().await;
     let f = app.fixture().await;
     app.app
-        .set_project_status(&f.project, "suspended")
+        .set_project_status(&f.project, fluxbase::projects::ProjectStatus::Suspended)
         .await
         .unwrap();
     let (status, b) = app
@@ -369,7 +369,7 @@ async fn a_suspended_project_answers_project_suspended_until_resumed() {
         (403, Some("PROJECT_SUSPENDED"))
     );
     app.app
-        .set_project_status(&f.project, "active")
+        .set_project_status(&f.project, fluxbase::projects::ProjectStatus::Active)
         .await
         .unwrap();
     assert_eq!(
@@ -447,7 +447,7 @@ async fn access_changes_made_by_another_process_reach_a_running_server() {
     );
     let other = fluxbase::app::App::open(config, &[]).await.unwrap();
     other
-        .set_project_status(&f.project, "suspended")
+        .set_project_status(&f.project, fluxbase::projects::ProjectStatus::Suspended)
         .await
         .unwrap();
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(3);

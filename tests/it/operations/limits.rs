@@ -777,7 +777,7 @@ async fn a_login_cancelled_midway_still_expires_the_role_password() {
         host: "127.0.0.1".into(),
         port,
         user: role.clone(),
-        password: Some(app.app.role_password(&role)),
+        password: Some(app.app.projects.role_password(&role)),
         database: format!("fx_{}", f.project),
         connect_timeout: Duration::from_secs(3),
         ..Default::default()
@@ -792,7 +792,7 @@ async fn a_login_cancelled_midway_still_expires_the_role_password() {
             .unwrap()
             .get::<_, bool>(0)
     };
-    let login = std::sync::Arc::new(app.app.role_login(&role));
+    let login = std::sync::Arc::new(app.app.projects.role_login(&role));
     {
         let connecting = login.connect(&cfg);
         tokio::pin!(connecting);

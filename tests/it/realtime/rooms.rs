@@ -587,7 +587,7 @@ async fn a_suspended_project_closes_its_room_and_refuses_new_subscribes() {
     let ack = subscribe(&mut ws, &other.project, Some(&other.read)).await;
     assert_eq!(ack["type"], "subscribed", "{ack}");
     app.app
-        .set_project_status(&f.project, "suspended")
+        .set_project_status(&f.project, fluxbase::projects::ProjectStatus::Suspended)
         .await
         .unwrap();
     let m = recv(&mut ws).await;
@@ -611,7 +611,7 @@ async fn a_suspended_project_closes_its_room_and_refuses_new_subscribes() {
 
     // Resumed, the project's room works again.
     app.app
-        .set_project_status(&f.project, "active")
+        .set_project_status(&f.project, fluxbase::projects::ProjectStatus::Active)
         .await
         .unwrap();
     let mut ws = subscribed_socket(&app, &f).await;
@@ -1387,7 +1387,7 @@ async fn a_suspension_by_another_process_closes_the_room_of_a_running_server() {
     );
     let other = fluxbase::app::App::open(config, &[]).await.unwrap();
     other
-        .set_project_status(&f.project, "suspended")
+        .set_project_status(&f.project, fluxbase::projects::ProjectStatus::Suspended)
         .await
         .unwrap();
     let m = recv(&mut ws).await;

@@ -218,13 +218,13 @@ async fn escalation_attempts_are_refused_for_every_scope() {
     // Another project's database and the control database cannot be reached by a project role
     // (with its login open for the test, as the server opens it for its own connections).
     let pg = crate::support::pg().await;
-    let login = app.app.role_login(&own_owner);
+    let login = app.app.projects.role_login(&own_owner);
     login.open().await.unwrap();
     for (db, role) in [
         (format!("fx_{}", g.project), own_owner.clone()),
         (control.clone(), own_owner.clone()),
     ] {
-        let password = app.app.role_password(&role);
+        let password = app.app.projects.role_password(&role);
         let url = format!("postgres://{role}:{password}@127.0.0.1:{}/{db}", pg.port);
         let err = tokio_postgres::connect(&url, tokio_postgres::NoTls)
             .await
@@ -237,7 +237,7 @@ async fn escalation_attempts_are_refused_for_every_scope() {
         );
     }
     // Its own database works with the same credentials (so the refusal above is about privilege).
-    let password = app.app.role_password(&own_owner);
+    let password = app.app.projects.role_password(&own_owner);
     let url = format!(
         "postgres://{own_owner}:{password}@127.0.0.1:{}/fx_{}",
         pg.port, f.project

@@ -68,7 +68,7 @@ async fn a_password_set_by_sql_neither_breaks_the_next_request_nor_opens_a_login
             .await
             .expect_err("a password set through the SQL API opened a direct login");
         assert_eq!(err, "28P01", "password authentication failed");
-        let own = app.app.role_password(&role);
+        let own = app.app.projects.role_password(&role);
         direct_login(&f.project, &role, &own)
             .await
             .expect_err("a project role's password works outside the server's logins");

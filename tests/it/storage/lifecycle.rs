@@ -144,7 +144,7 @@ async fn suspension_keeps_every_object(
     }
 
     t.app
-        .set_project_status(&f.project, "suspended")
+        .set_project_status(&f.project, fluxbase::projects::ProjectStatus::Suspended)
         .await
         .unwrap();
     let (status, body) = signed_url(t, &f.read, &f.project, &uploaded[0].0).await;
@@ -159,7 +159,7 @@ async fn suspension_keeps_every_object(
     }
 
     t.app
-        .set_project_status(&f.project, "active")
+        .set_project_status(&f.project, fluxbase::projects::ProjectStatus::Active)
         .await
         .unwrap();
     assert_eq!(

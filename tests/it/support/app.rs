@@ -137,6 +137,7 @@ impl TestApp {
     /// The name of the project's own database.
     pub async fn project_db(&self, project: &str) -> String {
         self.app
+            .auth
             .load_project(project)
             .await
             .unwrap()

@@ -15,8 +15,25 @@ use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use crate::api::error::ApiError;
 use crate::config::Config;
+
+/// Why a bounded request was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum LimitError {
+    #[error("Too many requests: {limit} per {window_secs} seconds. Retry after {retry_after} s.")]
+    RateLimited {
+        limit: u32,
+        window_secs: u64,
+        retry_after: u64,
+    },
+    /// Every password hasher stayed busy for the whole bounded wait.
+    #[error("The server is busy checking passwords ({0} at a time). Retry in a moment.")]
+    HashersBusy(usize),
+    #[error("the hashing threads are gone")]
+    HashersGone,
+    #[error("a password hash panicked")]
+    HashPanicked,
+}
 
 /// Callers are kept as a keyed 64-bit hash of their name (never the name itself, which may be a
 /// client-chosen string such as an email address), an entry exists only while it holds a hit
@@ -54,13 +71,13 @@ impl RateLimiter {
     }
 
     /// Records a request by `caller`, or refuses it.
-    pub fn check(&self, caller: &str) -> Result<(), ApiError> {
+    pub fn check(&self, caller: &str) -> Result<(), LimitError> {
         self.check_at(caller, Instant::now())
     }
 
     /// Refuses `caller` if it is at the limit, without counting this as a request (and without
     /// remembering a caller it has not seen).
-    pub fn peek(&self, caller: &str) -> Result<(), ApiError> {
+    pub fn peek(&self, caller: &str) -> Result<(), LimitError> {
         self.check_or_record(caller, Instant::now(), false)
     }
 
@@ -111,11 +128,11 @@ impl RateLimiter {
         }
     }
 
-    fn check_at(&self, caller: &str, now: Instant) -> Result<(), ApiError> {
+    fn check_at(&self, caller: &str, now: Instant) -> Result<(), LimitError> {
         self.check_or_record(caller, now, true)
     }
 
-    fn check_or_record(&self, caller: &str, now: Instant, record: bool) -> Result<(), ApiError> {
+    fn check_or_record(&self, caller: &str, now: Instant, record: bool) -> Result<(), LimitError> {
         if self.limit == 0 {
             return Ok(());
         }
@@ -142,7 +159,7 @@ impl RateLimiter {
             let wait = self
                 .window
                 .saturating_sub(now.saturating_duration_since(oldest));
-            return Err(ApiError::RateLimited {
+            return Err(LimitError::RateLimited {
                 limit: self.limit,
                 window_secs: self.window.as_secs(),
                 retry_after: wait.as_secs_f64().ceil().max(1.0) as u64,
@@ -223,7 +240,7 @@ impl AccountLimits {
     }
 
     /// Counts a login or sign-up attempt from `client` (unknown: not limited by address).
-    pub fn attempt_from(&self, client: Option<IpAddr>) -> Result<(), ApiError> {
+    pub fn attempt_from(&self, client: Option<IpAddr>) -> Result<(), LimitError> {
         match client {
             Some(ip) => self.per_address.check(&ip.to_string()),
             None => Ok(()),
@@ -236,7 +253,7 @@ impl AccountLimits {
     /// Otherwise counts this attempt as a failure up front (in both), so that concurrent
     /// attempts cannot all pass before the first of them fails; [`login_not_failed`] takes it
     /// back.
-    pub fn login_allowed(&self, account: &str, client: Option<IpAddr>) -> Result<(), ApiError> {
+    pub fn login_allowed(&self, account: &str, client: Option<IpAddr>) -> Result<(), LimitError> {
         let network = account_network_key(account, client);
         self.per_account_network.check(&network)?;
         if let Err(e) = self.per_account.check(account) {
@@ -265,13 +282,8 @@ impl AccountLimits {
     pub async fn hash<T: Send + 'static>(
         &self,
         job: impl FnOnce() -> T + Send + 'static,
-    ) -> Result<T, ApiError> {
-        let busy = || {
-            ApiError::Busy(format!(
-                "The server is busy checking passwords ({} at a time). Retry in a moment.",
-                self.hash_limit
-            ))
-        };
+    ) -> Result<T, LimitError> {
+        let busy = || LimitError::HashersBusy(self.hash_limit);
         let turn = tokio::time::timeout(HASH_WAIT, self.hashes.clone().acquire_owned())
             .await
             .map_err(|_| busy())?
@@ -290,12 +302,9 @@ impl AccountLimits {
                 let _ = tx.send(job());
             }));
         if sent.is_err() {
-            return Err(ApiError::Internal(anyhow::anyhow!(
-                "the hashing threads are gone"
-            )));
+            return Err(LimitError::HashersGone);
         }
-        rx.await
-            .map_err(|_| ApiError::Internal(anyhow::anyhow!("a password hash panicked")))
+        rx.await.map_err(|_| LimitError::HashPanicked)
     }
 
     /// Held while `user_id` creates a project, so that two requests cannot both pass the quota.
@@ -350,7 +359,7 @@ mod tests {
             rl.check_at("k", t0 + Duration::from_secs(i)).unwrap();
         }
         match rl.check_at("k", t0 + Duration::from_secs(3)) {
-            Err(ApiError::RateLimited { retry_after, .. }) => assert_eq!(retry_after, 7),
+            Err(LimitError::RateLimited { retry_after, .. }) => assert_eq!(retry_after, 7),
             other => panic!("expected a rate limit, got {other:?}"),
         }
         rl.check_at("other", t0 + Duration::from_secs(3)).unwrap();

@@ -1,0 +1,185 @@
+//! Wiring across services: what creating, deleting or suspending a project means for every
+//! service that holds something of it (its database and rows, its change stream and slot, its
+//! SQL pools, stored objects, realtime room and bus), and what this server does when another
+//! one announces an access change. The HTTP handlers and the CLI both come through here.
+//!
+//! ```text
+//!  create   projects (database, roles, rows, keys) ─► cdc slot ─(failed)─► projects.discard
+//!  delete   cdc stream ─► sql pools ─► projects (database, roles, slot, rows) ─► storage
+//!           ─► NOTIFY ─► realtime room ─► bus
+//!  status   projects row ─► NOTIFY ─► sql pools ─► realtime room (suspended)
+//!  NOTIFY   auth cache listener ─► access_changed: realtime evictions, rooms, streams
+//! ```
+
+use std::sync::Arc;
+
+use crate::auth::{AccessChange, ListenerEvent};
+use crate::projects::instance::{InitReport, InstanceError};
+use crate::projects::{DefaultKeys, Project, ProjectStatus, ProjectsError};
+
+use super::{App, SharedApp};
+
+impl App {
+    /// Creates a project owned by `user_id` (its admin) with one key of each scope, and its
+    /// replication slot. The caller starts its change stream (or announces it, from the CLI).
+    pub async fn create_project(
+        &self,
+        user_id: &str,
+        name: &str,
+    ) -> Result<(Project, DefaultKeys), ProjectsError> {
+        let (project, keys) = self.projects.create(user_id, name).await?;
+        if let Err(e) = self.cdc.ensure_slot(&project.id, &project.db_name).await {
+            self.sql.forget_project(&project.id);
+            self.projects.discard(&project).await;
+            return Err(e.into());
+        }
+        Ok((project, keys))
+    }
+
+    /// Deletes a project: its change stream and slot, database, roles, keys, members and
+    /// stored objects; its realtime room is closed here and on every other server.
+    pub async fn delete_project(&self, project_id: &str) -> Result<(), ProjectsError> {
+        let project = self
+            .auth
+            .load_project(project_id)
+            .await?
+            .ok_or_else(|| ProjectsError::NoSuchProject(project_id.to_string()))?;
+        self.cdc.stop(project_id).await;
+        self.sql.forget_project(project_id);
+        self.projects
+            .deprovision(project_id, &project.db_name)
+            .await;
+        self.projects.delete_row(project_id).await?;
+        self.storage.delete_project_objects(project_id).await;
+        self.auth
+            .notify_access_change(&AccessChange::Project(project_id.to_string()))
+            .await;
+        self.realtime
+            .close_project(project_id, crate::realtime::RoomClosed::Deleted);
+        self.bus.remove(project_id);
+        tracing::info!(project_id, "project deleted");
+        Ok(())
+    }
+
+    /// `fluxbase project suspend|resume <id>`: changes the status only, never the data; every
+    /// server stops (or resumes) serving the project.
+    pub async fn set_project_status(
+        &self,
+        project_id: &str,
+        status: ProjectStatus,
+    ) -> Result<(), ProjectsError> {
+        self.projects.set_status(project_id, status).await?;
+        self.auth
+            .notify_access_change(&AccessChange::Project(project_id.to_string()))
+            .await;
+        self.sql.forget_project(project_id);
+        if status == ProjectStatus::Suspended {
+            self.realtime
+                .close_project(project_id, crate::realtime::RoomClosed::Suspended);
+        }
+        Ok(())
+    }
+
+    /// The first run's default user, project and keys, unless it ran before.
+    pub async fn init_instance(&self) -> Result<InitReport, InstanceError> {
+        crate::projects::instance::init(
+            &self.control,
+            &self.accounts,
+            self.config.base_url(),
+            |user_id, name| async move { self.create_project(&user_id, name).await },
+        )
+        .await
+    }
+
+    /// Brings every project's database up to date and gives each its replication slot.
+    /// `secure_roles`: the server's start-up also repairs every project role; a CLI command
+    /// leaves that to the server (it would close a running server's login windows).
+    pub(super) async fn migrate_projects(&self, secure_roles: bool) -> anyhow::Result<()> {
+        for (project_id, db_name) in self.projects.migrate_all().await? {
+            self.cdc.ensure_slot(&project_id, &db_name).await?;
+        }
+        if secure_roles {
+            self.projects.secure_roles().await?;
+        }
+        Ok(())
+    }
+
+    /// Acts on a NOTIFY from another server (or this one): a project whose status changed gets
+    /// its room closed if inactive; a removed member's realtime subscriptions end, unless they
+    /// are a member again by now; a revoked key's end too.
+    async fn access_changed(self: &Arc<Self>, change: AccessChange) {
+        match change {
+            AccessChange::Any => {}
+            AccessChange::KeyRevoked { project_id, key_id } => {
+                self.realtime.key_revoked(&project_id, &key_id).await
+            }
+            AccessChange::MemberRemoved {
+                project_id,
+                user_id,
+            } => {
+                let still_member = self
+                    .auth
+                    .is_member(&project_id, &user_id)
+                    .await
+                    .unwrap_or(false);
+                if !still_member {
+                    self.realtime.evict_user(&project_id, &user_id);
+                }
+            }
+            AccessChange::Project(project_id) => self.close_room_if_inactive(&project_id).await,
+        }
+    }
+
+    /// Closes a project's realtime room when the project is suspended or gone (a change made
+    /// by another process, e.g. `fluxbase project suspend`); a project that is gone also loses
+    /// its change stream here, and one created by another process (`fluxbase project create`)
+    /// gets one.
+    async fn close_room_if_inactive(self: &Arc<Self>, project_id: &str) {
+        match self.auth.load_project(project_id).await {
+            Ok(None) => {
+                self.cdc.stop(project_id).await;
+                self.sql.forget_project(project_id);
+                self.realtime
+                    .close_project(project_id, crate::realtime::RoomClosed::Deleted)
+            }
+            // Only a project this server has no stream for: a stream that ended (a lost slot)
+            // stays ended and reported.
+            Ok(Some(p))
+                if p.status == ProjectStatus::Active && self.cdc.status(&p.id).is_none() =>
+            {
+                self.cdc.start(p.id, p.db_name)
+            }
+            Ok(Some(p)) if p.status == ProjectStatus::Suspended => {
+                self.sql.forget_project(project_id);
+                self.realtime
+                    .close_project(project_id, crate::realtime::RoomClosed::Suspended)
+            }
+            _ => {}
+        }
+    }
+}
+
+/// Starts the access cache's `LISTEN` connection and acts on what it hears, for as long as the
+/// app lives.
+pub(super) fn listen_for_access_changes(app: &SharedApp) {
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(crate::auth::run_cache_listener(
+        app.cluster.pg_config(&app.cluster.control_db),
+        Arc::downgrade(&app.auth),
+        tx,
+    ));
+    let app = Arc::downgrade(app);
+    tokio::spawn(async move {
+        while let Some(event) = rx.recv().await {
+            let Some(app) = app.upgrade() else { return };
+            tokio::spawn(async move {
+                match event {
+                    // Revocations notified while it was disconnected were missed: every
+                    // key-bound realtime subscription is checked against its key again.
+                    ListenerEvent::Connected => app.realtime.recheck_keys().await,
+                    ListenerEvent::Changed(change) => app.access_changed(change).await,
+                }
+            });
+        }
+    });
+}

@@ -1,0 +1,255 @@
+//! Recently resolved API keys and projects, so the hot path (`execute-sql` with a key) does not
+//! query the control database twice per request.
+//!
+//! Correctness over speed: the cache is used only while a `LISTEN fluxbase_cache` connection to
+//! the control database is up. Every change that can revoke or restrict access (key rotation
+//! or deletion, project suspension or update, also from the CLI in another process) sends
+//! `NOTIFY fluxbase_cache`, which empties the cache of every server; the process that made the
+//! change empties its own synchronously, so a rotated key is refused on the very next request.
+//! Entries also expire after [`AuthCache::TTL`]. Unknown keys are never cached.
+//!
+//! ```text
+//!  notify_access_change ─ NOTIFY fluxbase_cache ─► run_cache_listener (every server)
+//!                                                    ├─ cache cleared
+//!                                                    └─ ListenerEvent::Changed(AccessChange) ─► the app acts
+//! ```
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use crate::auth::Scope;
+use crate::projects::Project;
+
+pub const CACHE_CHANNEL: &str = "fluxbase_cache";
+
+#[derive(Default)]
+pub struct AuthCache {
+    live: AtomicBool,
+    keys: Mutex<HashMap<Vec<u8>, (CachedKey, Instant)>>,
+    projects: Mutex<HashMap<String, (Project, Instant)>>,
+}
+
+#[derive(Clone)]
+pub(super) struct CachedKey {
+    pub key_id: String,
+    pub project_id: String,
+    pub scope: Scope,
+}
+
+impl AuthCache {
+    pub const TTL: Duration = Duration::from_secs(60);
+
+    fn get<K, V: Clone>(&self, map: &Mutex<HashMap<K::Owned, (V, Instant)>>, key: &K) -> Option<V>
+    where
+        K: ToOwned + std::hash::Hash + Eq + ?Sized,
+        K::Owned: std::hash::Hash + Eq + std::borrow::Borrow<K>,
+    {
+        if !self.live.load(Ordering::Acquire) {
+            return None;
+        }
+        let map = map.lock().expect("poisoned");
+        map.get(key)
+            .filter(|(_, at)| at.elapsed() < Self::TTL)
+            .map(|(v, _)| v.clone())
+    }
+
+    fn put<K: std::hash::Hash + Eq, V>(
+        &self,
+        map: &Mutex<HashMap<K, (V, Instant)>>,
+        key: K,
+        value: V,
+    ) {
+        if !self.live.load(Ordering::Acquire) {
+            return;
+        }
+        let mut map = map.lock().expect("poisoned");
+        if map.len() > 100_000 {
+            map.clear();
+        }
+        map.insert(key, (value, Instant::now()));
+    }
+
+    pub(super) fn key(&self, hash: &[u8]) -> Option<CachedKey> {
+        self.get(&self.keys, hash)
+    }
+
+    pub(super) fn put_key(&self, hash: Vec<u8>, key: CachedKey) {
+        self.put(&self.keys, hash, key)
+    }
+
+    pub(super) fn project(&self, project_id: &str) -> Option<Project> {
+        self.get(&self.projects, project_id)
+    }
+
+    pub(super) fn put_project(&self, project: Project) {
+        self.put(&self.projects, project.id.clone(), project)
+    }
+
+    pub fn clear(&self) {
+        self.keys.lock().expect("poisoned").clear();
+        self.projects.lock().expect("poisoned").clear();
+    }
+
+    fn set_live(&self, live: bool) {
+        self.live.store(live, Ordering::Release);
+        self.clear();
+    }
+}
+
+/// What a NOTIFY on [`CACHE_CHANNEL`] announces (ids never contain spaces).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum AccessChange {
+    /// Something changed that cached access may depend on: caches are emptied, nothing more.
+    Any,
+    /// A project's status changed, or it was created or deleted.
+    Project(String),
+    /// `user_id` left `project_id`.
+    MemberRemoved { project_id: String, user_id: String },
+    /// An API key of `project_id` was deleted or rotated.
+    KeyRevoked { project_id: String, key_id: String },
+}
+
+impl AccessChange {
+    /// The NOTIFY payload: empty, a project id, `<project> member-removed <user>` or
+    /// `<project> key-revoked <key>`.
+    pub fn payload(&self) -> String {
+        match self {
+            AccessChange::Any => String::new(),
+            AccessChange::Project(id) => id.clone(),
+            AccessChange::MemberRemoved {
+                project_id,
+                user_id,
+            } => format!("{project_id} member-removed {user_id}"),
+            AccessChange::KeyRevoked { project_id, key_id } => {
+                format!("{project_id} key-revoked {key_id}")
+            }
+        }
+    }
+
+    pub fn parse(payload: &str) -> AccessChange {
+        if payload.is_empty() {
+            return AccessChange::Any;
+        }
+        if let Some((project_id, key_id)) = payload.split_once(" key-revoked ") {
+            return AccessChange::KeyRevoked {
+                project_id: project_id.into(),
+                key_id: key_id.into(),
+            };
+        }
+        match payload.split_once(" member-removed ") {
+            Some((project_id, user_id)) => AccessChange::MemberRemoved {
+                project_id: project_id.into(),
+                user_id: user_id.into(),
+            },
+            None => AccessChange::Project(payload.into()),
+        }
+    }
+}
+
+/// What the listener tells the server it runs for.
+#[derive(Debug)]
+pub enum ListenerEvent {
+    /// `LISTEN` is (again) up: changes notified while it was down were missed.
+    Connected,
+    /// Another server (or this one) announced a change; the cache is already empty.
+    Changed(AccessChange),
+}
+
+/// Keeps a `LISTEN` connection open for the cache's lifetime; the cache is used only while
+/// it is up. Sends what it hears on `events`; ends when the cache is dropped or nobody
+/// receives the events any more.
+pub async fn run_cache_listener(
+    connect: tokio_postgres::Config,
+    cache: std::sync::Weak<super::Auth>,
+    events: tokio::sync::mpsc::UnboundedSender<ListenerEvent>,
+) {
+    use futures_util::StreamExt;
+    let gone = |events: &tokio::sync::mpsc::UnboundedSender<ListenerEvent>| {
+        events.is_closed() || cache.strong_count() == 0
+    };
+    loop {
+        if gone(&events) {
+            return;
+        }
+        match connect.connect(tokio_postgres::NoTls).await {
+            Ok((client, mut connection)) => {
+                let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<String>();
+                let driver = tokio::spawn(async move {
+                    let mut messages =
+                        futures_util::stream::poll_fn(move |cx| connection.poll_message(cx));
+                    while let Some(Ok(message)) = messages.next().await {
+                        if let tokio_postgres::AsyncMessage::Notification(n) = message {
+                            if tx.send(n.payload().to_string()).is_err() {
+                                return;
+                            }
+                        }
+                    }
+                });
+                if client
+                    .batch_execute(&format!("LISTEN {CACHE_CHANNEL}"))
+                    .await
+                    .is_ok()
+                {
+                    if let Some(auth) = cache.upgrade() {
+                        auth.cache().set_live(true);
+                        // Revocations notified while it was disconnected were missed.
+                        let _ = events.send(ListenerEvent::Connected);
+                    }
+                    loop {
+                        let event = tokio::time::timeout(Duration::from_secs(5), rx.recv()).await;
+                        let Some(auth) = cache.upgrade().filter(|_| !events.is_closed()) else {
+                            driver.abort();
+                            return;
+                        };
+                        match event {
+                            Ok(Some(payload)) => {
+                                auth.cache().clear();
+                                if !payload.is_empty() {
+                                    let change = AccessChange::parse(&payload);
+                                    let _ = events.send(ListenerEvent::Changed(change));
+                                }
+                            }
+                            Ok(None) => break,
+                            Err(_) if client.is_closed() => break,
+                            Err(_) => {}
+                        }
+                    }
+                }
+                driver.abort();
+                if let Some(auth) = cache.upgrade() {
+                    auth.cache().set_live(false);
+                }
+                tracing::warn!(
+                    "access cache listener disconnected; caching is off until it reconnects"
+                );
+            }
+            Err(e) => tracing::debug!(error = %e, "access cache listener cannot connect"),
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::AccessChange;
+
+    #[test]
+    fn access_changes_round_trip_through_their_payload() {
+        for change in [
+            AccessChange::Any,
+            AccessChange::Project("0123456789abcdef".into()),
+            AccessChange::MemberRemoved {
+                project_id: "0123456789abcdef".into(),
+                user_id: "usr_x".into(),
+            },
+            AccessChange::KeyRevoked {
+                project_id: "0123456789abcdef".into(),
+                key_id: "key_y".into(),
+            },
+        ] {
+            assert_eq!(AccessChange::parse(&change.payload()), change);
+        }
+    }
+}

@@ -1,0 +1,200 @@
+//! `fluxbase.projects`: one row per project (its database, status, bootstrap version and
+//! replication slot).
+
+use chrono::{DateTime, Utc};
+use deadpool_postgres::GenericClient;
+use tokio_postgres::{Error, Row};
+
+use crate::auth::MemberRole;
+use crate::projects::{Project, ProjectStatus};
+
+impl TryFrom<&Row> for Project {
+    type Error = Error;
+    fn try_from(r: &Row) -> Result<Self, Error> {
+        Ok(Project {
+            id: r.try_get("id")?,
+            name: r.try_get("name")?,
+            status: r.try_get("status")?,
+            realtime_public: r.try_get("realtime_public")?,
+            db_name: r.try_get("db_name")?,
+            created_at: r.try_get("created_at")?,
+        })
+    }
+}
+
+const PROJECT_COLUMNS: &str = "id, name, status, realtime_public, db_name, created_at";
+
+pub async fn get(db: &impl GenericClient, project_id: &str) -> Result<Option<Project>, Error> {
+    db.query_opt(
+        &format!("SELECT {PROJECT_COLUMNS} FROM fluxbase.projects WHERE id = $1"),
+        &[&project_id],
+    )
+    .await?
+    .as_ref()
+    .map(Project::try_from)
+    .transpose()
+}
+
+pub async fn exists(db: &impl GenericClient, project_id: &str) -> Result<bool, Error> {
+    Ok(db
+        .query_opt(
+            "SELECT 1 FROM fluxbase.projects WHERE id = $1",
+            &[&project_id],
+        )
+        .await?
+        .is_some())
+}
+
+/// A project in a list, with the caller's role when the caller is a member.
+pub struct Listed {
+    pub id: String,
+    pub name: String,
+    pub status: ProjectStatus,
+    pub realtime_public: bool,
+    pub created_at: DateTime<Utc>,
+    pub role: Option<MemberRole>,
+}
+
+fn listed(r: &Row) -> Result<Listed, Error> {
+    Ok(Listed {
+        id: r.try_get(0)?,
+        name: r.try_get(1)?,
+        status: r.try_get(2)?,
+        realtime_public: r.try_get(3)?,
+        created_at: r.try_get(4)?,
+        role: r.try_get(5)?,
+    })
+}
+
+/// The projects `user_id` is a member of, oldest first.
+pub async fn of_member(db: &impl GenericClient, user_id: &str) -> Result<Vec<Listed>, Error> {
+    db.query(
+        "SELECT p.id, p.name, p.status, p.realtime_public, p.created_at, m.role
+         FROM fluxbase.projects p JOIN fluxbase.members m ON m.project_id = p.id
+         WHERE m.user_id = $1 ORDER BY p.created_at",
+        &[&user_id],
+    )
+    .await?
+    .iter()
+    .map(listed)
+    .collect()
+}
+
+/// The one project (as a list: none when it is gone), with no role.
+pub async fn listed_by_id(db: &impl GenericClient, project_id: &str) -> Result<Vec<Listed>, Error> {
+    db.query(
+        "SELECT id, name, status, realtime_public, created_at, NULL::text
+         FROM fluxbase.projects WHERE id = $1",
+        &[&project_id],
+    )
+    .await?
+    .iter()
+    .map(listed)
+    .collect()
+}
+
+/// Inserts a new project's row; its creation time.
+pub async fn insert(
+    db: &impl GenericClient,
+    project_id: &str,
+    name: &str,
+    db_name: &str,
+    bootstrap_version: i32,
+) -> Result<DateTime<Utc>, Error> {
+    Ok(db
+        .query_one(
+            "INSERT INTO fluxbase.projects (id, name, db_name, bootstrap_version)
+             VALUES ($1, $2, $3, $4) RETURNING created_at",
+            &[&project_id, &name, &db_name, &bootstrap_version],
+        )
+        .await?
+        .get(0))
+}
+
+pub async fn delete(db: &impl GenericClient, project_id: &str) -> Result<u64, Error> {
+    db.execute(
+        "DELETE FROM fluxbase.projects WHERE id = $1",
+        &[&project_id],
+    )
+    .await
+}
+
+/// Changes the name and/or realtime visibility (`None` keeps the current value).
+pub async fn update(
+    db: &impl GenericClient,
+    project_id: &str,
+    name: Option<&str>,
+    realtime_public: Option<bool>,
+) -> Result<u64, Error> {
+    db.execute(
+        "UPDATE fluxbase.projects SET name = coalesce($2, name),
+                realtime_public = coalesce($3, realtime_public) WHERE id = $1",
+        &[&project_id, &name, &realtime_public],
+    )
+    .await
+}
+
+/// Sets the status; whether the project exists.
+pub async fn set_status(
+    db: &impl GenericClient,
+    project_id: &str,
+    status: ProjectStatus,
+) -> Result<bool, Error> {
+    Ok(db
+        .execute(
+            "UPDATE fluxbase.projects SET status = $2 WHERE id = $1",
+            &[&project_id, &status],
+        )
+        .await?
+        > 0)
+}
+
+pub async fn set_bootstrap_version(
+    db: &impl GenericClient,
+    project_id: &str,
+    version: i32,
+) -> Result<u64, Error> {
+    db.execute(
+        "UPDATE fluxbase.projects SET bootstrap_version = $2 WHERE id = $1",
+        &[&project_id, &version],
+    )
+    .await
+}
+
+/// (id, database, bootstrap version) of the projects below `latest`.
+pub async fn behind(
+    db: &impl GenericClient,
+    latest: i32,
+) -> Result<Vec<(String, String, i32)>, Error> {
+    Ok(db
+        .query(
+            "SELECT id, db_name, bootstrap_version FROM fluxbase.projects WHERE bootstrap_version < $1",
+            &[&latest],
+        )
+        .await?
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2)))
+        .collect())
+}
+
+/// (id, database) of the projects with no replication slot recorded.
+pub async fn without_slot(db: &impl GenericClient) -> Result<Vec<(String, String)>, Error> {
+    Ok(db
+        .query(
+            "SELECT id, db_name FROM fluxbase.projects WHERE cdc_slot IS NULL",
+            &[],
+        )
+        .await?
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect())
+}
+
+pub async fn all_ids(db: &impl GenericClient) -> Result<Vec<String>, Error> {
+    Ok(db
+        .query("SELECT id FROM fluxbase.projects", &[])
+        .await?
+        .iter()
+        .map(|r| r.get(0))
+        .collect())
+}

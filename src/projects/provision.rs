@@ -1,0 +1,248 @@
+//! A project's database and roles: created (with the bootstrap SQL under `sql/project/`),
+//! brought up to the latest bootstrap version at start-up, and dropped.
+
+use crate::auth::DbRole;
+use crate::db::{quote_ident, quote_literal};
+
+use super::Projects;
+
+/// Per-project bootstrap migrations, in order.
+pub const PROJECT_MIGRATIONS: &[(i32, &str, &str)] = &[
+    (
+        1,
+        "roles_and_grants",
+        include_str!("../../sql/project/0001_roles_and_grants.sql"),
+    ),
+    (
+        2,
+        "change_capture",
+        include_str!("../../sql/project/0002_change_capture.sql"),
+    ),
+    (
+        3,
+        "realtime",
+        include_str!("../../sql/project/0003_realtime.sql"),
+    ),
+    (4, "rls", include_str!("../../sql/project/0004_rls.sql")),
+    (
+        5,
+        "sandbox",
+        include_str!("../../sql/project/0005_sandbox.sql"),
+    ),
+    (
+        7,
+        "partition_truncate",
+        include_str!("../../sql/project/0007_partition_truncate.sql"),
+    ),
+    (
+        8,
+        "definer_search_path",
+        include_str!("../../sql/project/0008_definer_search_path.sql"),
+    ),
+];
+
+/// The latest bootstrap version.
+pub fn latest_version() -> i32 {
+    PROJECT_MIGRATIONS.last().map(|m| m.0).unwrap_or(0)
+}
+
+/// The bootstrap version whose script is followed by the installation of the change stream's
+/// message key (see [`Projects::install_message_key`]).
+const MESSAGE_KEY_VERSION: i32 = 5;
+
+impl Projects {
+    /// Installs the key the change stream's messages are tagged with (`fluxbase_cdc.emit`,
+    /// sql/project/0005_sandbox.sql), inside the migration's transaction: a large object only
+    /// the admin role reads (never in the publication, kept across crashes, unlike an unlogged
+    /// table), and `fluxbase_cdc.message_key()`, which returns it.
+    async fn install_message_key(
+        &self,
+        client: &tokio_postgres::Client,
+        project_id: &str,
+    ) -> anyhow::Result<()> {
+        let (inner, outer) =
+            crate::rls::padded_keys(&crate::cdc::message_key(&self.secrets, project_id));
+        let key = [inner, outer].concat();
+        let oid: i64 = client
+            .query_one("SELECT lo_from_bytea(0, $1)::int8", &[&key])
+            .await?
+            .get(0);
+        client
+            .batch_execute(&format!(
+                "CREATE OR REPLACE FUNCTION fluxbase_cdc.message_key() RETURNS bytea
+                 LANGUAGE sql STABLE SET search_path = pg_catalog AS $$ SELECT lo_get({oid}::oid) $$;
+                 REVOKE ALL ON FUNCTION fluxbase_cdc.message_key() FROM PUBLIC;"
+            ))
+            .await?;
+        Ok(())
+    }
+
+    /// Creates the roles and the database of a new project and runs its bootstrap.
+    pub(super) async fn provision(&self, project_id: &str, db_name: &str) -> anyhow::Result<()> {
+        let admin = self.cluster.connect(&self.cluster.control_db).await?;
+        for role in DbRole::ALL {
+            let name = role.role_name(project_id);
+            let verifier =
+                postgres_protocol::password::scram_sha_256(self.role_password(&name).as_bytes());
+            admin
+                .batch_execute(&format!(
+                    "CREATE ROLE {} LOGIN NOSUPERUSER NOCREATEDB NOCREATEROLE NOREPLICATION \
+                     NOBYPASSRLS NOINHERIT CONNECTION LIMIT 64 PASSWORD {} VALID UNTIL '-infinity'",
+                    quote_ident(&name),
+                    quote_literal(&verifier)
+                ))
+                .await?;
+        }
+        // The admin role must be able to act for the owner (ALTER DEFAULT PRIVILEGES FOR ROLE,
+        // ownership changes) when it is not a superuser, as on a managed cluster.
+        let owner = DbRole::Owner.role_name(project_id);
+        admin
+            .batch_execute(&format!(
+                "DO $$ BEGIN
+                   IF NOT (SELECT rolsuper FROM pg_roles WHERE rolname = current_user) THEN
+                     EXECUTE format('GRANT %I TO %I', {}, current_user);
+                   END IF;
+                 END $$",
+                quote_literal(&owner)
+            ))
+            .await?;
+        admin
+            .batch_execute(&format!("CREATE DATABASE {}", quote_ident(db_name)))
+            .await?;
+        self.migrate_project(project_id, db_name, 0).await
+    }
+
+    /// Applies the bootstrap migrations above `from` to a project's database.
+    async fn migrate_project(
+        &self,
+        project_id: &str,
+        db_name: &str,
+        from: i32,
+    ) -> anyhow::Result<()> {
+        let pending: Vec<_> = PROJECT_MIGRATIONS.iter().filter(|m| m.0 > from).collect();
+        if pending.is_empty() {
+            return Ok(());
+        }
+        let client = self.cluster.connect(db_name).await?;
+        for (version, name, sql) in pending {
+            let sql = sql
+                .replace("{db}", &quote_ident(db_name))
+                .replace(
+                    "{owner}",
+                    &quote_ident(&DbRole::Owner.role_name(project_id)),
+                )
+                .replace(
+                    "{readwrite}",
+                    &quote_ident(&DbRole::ReadWrite.role_name(project_id)),
+                )
+                .replace("{read}", &quote_ident(&DbRole::Read.role_name(project_id)))
+                .replace("{auth}", &quote_ident(&crate::rls::auth_role(project_id)));
+            let failed = |e: &dyn std::fmt::Display| {
+                anyhow::anyhow!("project {project_id} migration {version} ({name}): {e}")
+            };
+            client
+                .batch_execute(&format!("BEGIN;\n{sql}"))
+                .await
+                .map_err(|e| failed(&e))?;
+            if *version == MESSAGE_KEY_VERSION {
+                self.install_message_key(&client, project_id)
+                    .await
+                    .map_err(|e| failed(&format!("{e:#}")))?;
+            }
+            client
+                .batch_execute("COMMIT")
+                .await
+                .map_err(|e| failed(&e))?;
+            let control = self.control.get().await?;
+            crate::control::projects::set_bootstrap_version(&control, project_id, *version).await?;
+        }
+        Ok(())
+    }
+
+    /// Drops what [`provision`](Self::provision) created and the project's replication slot
+    /// (after a failed creation, or to delete the project). The caller forgets the project's
+    /// SQL pools first.
+    pub async fn deprovision(&self, project_id: &str, db_name: &str) {
+        let Ok(admin) = self.cluster.connect(&self.cluster.control_db).await else {
+            return;
+        };
+        let slot = crate::cdc::slot_name(project_id);
+        // A slot keeps its database from being dropped: end its walsender, then drop it.
+        let mut dropped = false;
+        for _ in 0..50 {
+            let _ = admin
+                .query(
+                    "SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots
+                     WHERE slot_name = $1 AND active_pid IS NOT NULL",
+                    &[&slot],
+                )
+                .await;
+            match admin
+                .query(
+                    "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots
+                     WHERE slot_name = $1",
+                    &[&slot],
+                )
+                .await
+            {
+                Ok(_) => {
+                    dropped = true;
+                    break;
+                }
+                Err(e) => {
+                    tracing::debug!(error = %e, "dropping the slot; retrying");
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                }
+            }
+        }
+        if !dropped {
+            tracing::warn!(project_id, slot, "could not drop the replication slot");
+        }
+        // One statement each: DROP DATABASE cannot run inside a transaction block.
+        let mut statements = vec![format!(
+            "DROP DATABASE IF EXISTS {} WITH (FORCE)",
+            quote_ident(db_name)
+        )];
+        for role in DbRole::ALL
+            .map(|r| r.role_name(project_id))
+            .into_iter()
+            .chain([crate::rls::auth_role(project_id)])
+        {
+            statements.push(format!("DROP ROLE IF EXISTS {}", quote_ident(&role)));
+        }
+        for sql in statements {
+            if let Err(e) = admin.batch_execute(&sql).await {
+                tracing::warn!(project_id, error = %e, "cleaning up a project");
+            }
+        }
+    }
+
+    /// Brings every project's database up to the latest bootstrap version; (id, database) of
+    /// the projects that have no replication slot yet (the caller creates them).
+    pub async fn migrate_all(&self) -> anyhow::Result<Vec<(String, String)>> {
+        let latest = latest_version();
+        let behind = crate::control::projects::behind(&self.control.get().await?, latest).await?;
+        for (id, db, from) in behind {
+            tracing::info!(project_id = %id, from, to = latest, "migrating project database");
+            self.migrate_project(&id, &db, from).await?;
+        }
+        Ok(crate::control::projects::without_slot(&self.control.get().await?).await?)
+    }
+
+    /// Every project role: settings a caller left behind reset, temp_file_limit as configured,
+    /// password logins closed (the server's start-up; a CLI command leaves that to the server,
+    /// as it would close a running server's login windows).
+    pub async fn secure_roles(&self) -> anyhow::Result<()> {
+        let projects = crate::control::projects::all_ids(&self.control.get().await?).await?;
+        for id in projects {
+            for role in DbRole::ALL {
+                let role = role.role_name(&id);
+                if let Err(e) = self.role_login(&role).expire_and_repair().await {
+                    // Each new connection does the same again; one role must not stop the server.
+                    tracing::warn!(project_id = %id, role, error = %format!("{e:#}"), "could not secure a project role");
+                }
+            }
+        }
+        Ok(())
+    }
+}
