@@ -237,14 +237,14 @@ impl Running {
         app.webhooks.start().await?;
         crate::api::metrics::start_listener(&app).await?;
         let routes = crate::api::filter(app.clone());
-        let limits = crate::listener::Limits {
+        let limits = crate::api::listener::Limits {
             header_read_timeout: std::time::Duration::from_secs(
                 app.config.header_read_timeout_secs,
             ),
             max_connections_per_address: app.config.max_connections_per_address,
             trust_forwarded_for: app.config.trust_forwarded_for,
         };
-        let task = tokio::spawn(crate::listener::serve(
+        let task = tokio::spawn(crate::api::listener::serve(
             listener,
             routes,
             limits,

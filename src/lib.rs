@@ -1,12 +1,14 @@
 //! Fluxbase: a backend-as-a-service in front of PostgreSQL.
 //!
-//! The server is one binary: a warp HTTP API (SQL over HTTP with scoped API keys, accounts,
+//! The server is one binary: an HTTP API (SQL over HTTP with scoped API keys, accounts,
 //! projects, keys) in front of a control database and one PostgreSQL database per project. See
 //! the README for the architecture; each module's docs explain its part.
 
 pub mod accounts;
 pub mod api;
 pub mod app;
+#[cfg(test)]
+mod architecture;
 pub mod auth;
 pub mod bus;
 pub mod catalog;
@@ -18,7 +20,6 @@ pub mod doctor;
 pub mod embedded;
 pub mod error;
 pub mod keys;
-pub mod listener;
 pub mod metrics;
 pub mod projects;
 pub mod realtime;

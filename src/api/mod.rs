@@ -15,6 +15,7 @@ pub mod cdc;
 pub mod error;
 pub mod health;
 pub mod keys;
+pub mod listener;
 pub mod metrics;
 pub mod openapi;
 pub mod projects;
@@ -54,7 +55,7 @@ pub fn filter(
         .and(warp::path::full())
         .and(warp::query::raw().or(warp::any().map(String::new)).unify())
         .and(warp::header::headers_cloned())
-        .and(warp::ext::optional::<crate::listener::ClientAddr>())
+        .and(warp::ext::optional::<crate::api::listener::ClientAddr>())
         .and(warp::ext::optional::<hyper::upgrade::OnUpgrade>())
         .and(warp::body::stream())
         .then(
@@ -62,7 +63,7 @@ pub fn filter(
                   path: warp::path::FullPath,
                   query: String,
                   headers: HeaderMap,
-                  peer: Option<crate::listener::ClientAddr>,
+                  peer: Option<crate::api::listener::ClientAddr>,
                   upgrade: Option<hyper::upgrade::OnUpgrade>,
                   body| {
                 let app = app.clone();
@@ -87,7 +88,7 @@ struct Incoming {
     path: String,
     query: String,
     headers: HeaderMap,
-    peer: Option<crate::listener::ClientAddr>,
+    peer: Option<crate::api::listener::ClientAddr>,
     upgrade: Option<hyper::upgrade::OnUpgrade>,
 }
 
@@ -133,7 +134,7 @@ where
         let (route, tail) = found.map_err(|e| e.into_error(&incoming.method, &path))?;
         let query = serde_urlencoded::from_str::<HashMap<String, String>>(&incoming.query)
             .map_err(|e| ApiError::BadRequest(format!("invalid query string: {e}")))?;
-        let client = crate::listener::client_ip(
+        let client = crate::api::listener::client_ip(
             incoming.peer,
             &incoming.headers,
             app.config.trust_forwarded_for,
@@ -144,7 +145,7 @@ where
             query,
             headers: incoming.headers,
             client,
-            peer: incoming.peer.map(|crate::listener::ClientAddr(a)| a),
+            peer: incoming.peer.map(|crate::api::listener::ClientAddr(a)| a),
             tail,
             request_id: request_id.clone(),
             body: None,

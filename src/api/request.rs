@@ -22,7 +22,7 @@ pub struct Request {
     pub path: String,
     pub query: HashMap<String, String>,
     pub headers: HeaderMap,
-    /// The client's address for rate limits ([`crate::listener::client_ip`]).
+    /// The client's address for rate limits ([`crate::api::listener::client_ip`]).
     pub client: Option<IpAddr>,
     /// The TCP peer (the listener's view, before any forwarding header).
     pub peer: Option<SocketAddr>,

@@ -336,7 +336,7 @@ impl Drop for Pending {
 
 /// The failure-count key of `account` seen from `client`: its /24 (IPv4) or /64 (IPv6).
 fn account_network_key(account: &str, client: Option<IpAddr>) -> String {
-    let network = match client.map(crate::listener::address_key) {
+    let network = match client.map(address_key) {
         Some(IpAddr::V4(v4)) => {
             let [a, b, c, _] = v4.octets();
             format!("{a}.{b}.{c}.0/24")
@@ -345,6 +345,22 @@ fn account_network_key(account: &str, client: Option<IpAddr>) -> String {
         None => "unknown".into(),
     };
     format!("{network} {account}")
+}
+
+/// The address limits are keyed by: an IPv4 address, or the /64 of an IPv6 one (a single host
+/// usually holds a whole /64).
+pub fn address_key(ip: std::net::IpAddr) -> std::net::IpAddr {
+    use std::net::{IpAddr, Ipv6Addr};
+    match ip {
+        IpAddr::V4(_) => ip,
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => {
+                let s = v6.segments();
+                IpAddr::V6(Ipv6Addr::new(s[0], s[1], s[2], s[3], 0, 0, 0, 0))
+            }
+        },
+    }
 }
 
 #[cfg(test)]

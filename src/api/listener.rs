@@ -8,7 +8,7 @@
 //!  hyper http1 (header_read_timeout: a client that does not finish its request head in time,
 //!               │  idle keep-alive included, is disconnected)
 //!               ▼  ClientAddr(peer) in the request's extensions
-//!  warp routes (crate::http) ─► rate limits by address use [`client_ip`]
+//!  the route table (crate::api) ─► rate limits by address use [`client_ip`]
 //! ```
 //!
 //! Behind a proxy (`trust_forwarded_for`) the per-address cap is not applied at accept: every
@@ -38,20 +38,7 @@ use warp::Filter;
 #[derive(Clone, Copy, Debug)]
 pub struct ClientAddr(pub SocketAddr);
 
-/// The address limits are keyed by: an IPv4 address, or the /64 of an IPv6 one (a single host
-/// usually holds a whole /64).
-pub fn address_key(ip: IpAddr) -> IpAddr {
-    match ip {
-        IpAddr::V4(_) => ip,
-        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
-            Some(v4) => IpAddr::V4(v4),
-            None => {
-                let s = v6.segments();
-                IpAddr::V6(std::net::Ipv6Addr::new(s[0], s[1], s[2], s[3], 0, 0, 0, 0))
-            }
-        },
-    }
-}
+pub use crate::auth::ratelimit::address_key;
 
 /// The client's address for rate limits: the socket peer, or — only when the operator says a
 /// proxy in front sets it (`trust_forwarded_for`) — the last address in `X-Forwarded-For`,
