@@ -103,13 +103,20 @@ enum ProjectAction {
 }
 
 fn main() -> Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("FLUXBASE_LOG")
-                .unwrap_or_else(|_| "info,tokio_postgres=warn".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    // Plain text on standard error; colours only when that is a terminal (never in a file);
+    // one JSON object per line with FLUXBASE_LOG_FORMAT=json.
+    let filter = tracing_subscriber::EnvFilter::try_from_env("FLUXBASE_LOG")
+        .unwrap_or_else(|_| "info,tokio_postgres=warn".into());
+    let log = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match std::env::var("FLUXBASE_LOG_FORMAT").as_deref() {
+        Ok("json") => log.json().init(),
+        Ok("text") | Err(_) => log
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .init(),
+        Ok(other) => anyhow::bail!("FLUXBASE_LOG_FORMAT={other:?}: expected text or json"),
+    }
     let cli = Cli::parse();
     let config = Config::load()?;
     let runtime = tokio::runtime::Runtime::new()?;

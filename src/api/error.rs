@@ -112,7 +112,7 @@ impl ApiError {
         match self {
             ApiError::Internal(e) => {
                 let request_id = request_id();
-                tracing::error!(request_id, error = ?e, "internal error");
+                tracing::error!(request_id, error = %format!("{e:#}"), "internal error");
                 error["details"] = json!({ "requestId": request_id });
             }
             ApiError::DatabaseUnavailable(cause) => {
@@ -145,6 +145,10 @@ impl From<anyhow::Error> for ApiError {
     fn from(e: anyhow::Error) -> Self {
         if e.chain().any(crate::error::is_connection_error) {
             ApiError::DatabaseUnavailable(format!("{e:#}"))
+        } else if e.chain().any(is_unstorable_text) {
+            ApiError::BadRequest(
+                "A text value contains a character PostgreSQL cannot store (NUL, U+0000).".into(),
+            )
         } else {
             ApiError::Internal(e)
         }
@@ -161,6 +165,15 @@ impl From<deadpool_postgres::PoolError> for ApiError {
     fn from(e: deadpool_postgres::PoolError) -> Self {
         anyhow::Error::from(e).into()
     }
+}
+
+/// A value from the request that PostgreSQL refused to store as text: a NUL character
+/// (`invalid byte sequence for encoding "UTF8": 0x00`, 22021) or one the encoding lacks (22P05).
+/// The client's input, not a fault of the server: a 400, wherever the value was bound.
+fn is_unstorable_text(e: &(dyn std::error::Error + 'static)) -> bool {
+    e.downcast_ref::<tokio_postgres::Error>()
+        .and_then(tokio_postgres::Error::as_db_error)
+        .is_some_and(|db| matches!(db.code().code(), "22021" | "22P05"))
 }
 
 pub type ApiResult<T> = Result<T, ApiError>;

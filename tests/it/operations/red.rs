@@ -191,3 +191,38 @@ async fn a_websocket_that_never_subscribes_is_closed_even_when_it_pings() {
     assert!(reason.contains("no subscription"), "{reason}");
     app.stop().await;
 }
+
+/// Found by schemathesis: a NUL character (U+0000) in a query parameter or a JSON string reached
+/// the control database as text, which PostgreSQL refuses (22021), and answered 500.
+#[tokio::test]
+async fn a_nul_character_in_a_parameter_or_a_body_is_a_400_not_a_500() {
+    let app = spawn_app_with(|_| {}).await;
+    let f = app.fixture().await;
+    let (status, body) = app
+        .call(
+            "GET",
+            &format!(
+                "/api/webhooks/deliveries?projectId={}&webhookId=a%00b&status=delivered",
+                f.project
+            ),
+            Some(&f.admin),
+            None,
+        )
+        .await;
+    assert_eq!(status, 400, "{body}");
+    assert_eq!(body["error"]["code"], "BAD_REQUEST");
+    let (status, body) = app
+        .call(
+            "POST",
+            "/api/keys",
+            Some(&f.admin),
+            Some(json!({ "projectId": f.project, "scope": "read", "name": "a\u{0}b" })),
+        )
+        .await;
+    assert_eq!(status, 400, "{body}");
+    assert!(
+        body["error"]["message"].as_str().unwrap().contains("NUL"),
+        "{body}"
+    );
+    app.stop().await;
+}
