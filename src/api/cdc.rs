@@ -1,23 +1,35 @@
 //! The change stream's state.
 
-use serde_json::json;
-use warp::http::StatusCode;
+use serde::Serialize;
 
-use super::reply::Reply;
+use super::reply::Json;
 use super::Request;
 use crate::api::error::ApiResult;
 use crate::app::SharedApp;
+use crate::cdc::{SlotReport, StreamStatus};
+
+/// `/api/cdc/status`: the stream as this server runs it, the slot as PostgreSQL has it.
+#[derive(Serialize, utoipa::ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct CdcStatus {
+    pub success: bool,
+    pub project_id: String,
+    pub stream: StreamStatus,
+    pub slot: SlotReport,
+}
 
 /// The project's change stream: state, slot, lag, last error.
 #[utoipa::path(get, path = "/api/cdc/status", tag = "cdc", security(("bearer" = [])),
     params(("projectId" = String, Query, description = "The project")),
-    responses((status = 200, description = "`{success, stream}`", body = Object)))]
-pub async fn cdc_status(app: SharedApp, req: Request) -> ApiResult<impl Reply> {
+    responses((status = 200, description = "The stream and its slot", body = CdcStatus)))]
+pub async fn cdc_status(app: SharedApp, req: Request) -> ApiResult<Json<CdcStatus>> {
     let access = req.access_by_query(&app).await?;
     let (id, db) = (&access.project.id, &access.project.db_name);
     let report = app.cdc.report(id, db).await?;
-    Ok((
-        StatusCode::OK,
-        json!({ "success": true, "projectId": id, "stream": report.stream, "slot": report.slot }),
-    ))
+    Ok(Json(CdcStatus {
+        success: true,
+        project_id: id.clone(),
+        stream: report.stream,
+        slot: report.slot,
+    }))
 }

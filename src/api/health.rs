@@ -4,21 +4,27 @@ use serde_json::json;
 use warp::http::StatusCode;
 use warp::reply::Response;
 
-use super::reply::{json_response, Reply};
+use super::reply::{json_response, Json, Reply};
 use super::Request;
 use crate::api::error::{ApiError, ApiResult};
 use crate::app::SharedApp;
 
+/// `{"status": "ok"}` or `{"status": "ready"}`.
+#[derive(serde::Serialize, utoipa::ToSchema)]
+pub struct Status {
+    pub status: &'static str,
+}
+
 /// The process answers.
 #[utoipa::path(get, path = "/health", tag = "operations",
-    responses((status = 200, description = "`{\"status\":\"ok\"}`", body = Object)))]
-pub async fn health(_app: SharedApp, _req: Request) -> ApiResult<impl Reply> {
-    Ok((StatusCode::OK, json!({ "status": "ok" })))
+    responses((status = 200, description = "`{\"status\":\"ok\"}`", body = Status)))]
+pub async fn health(_app: SharedApp, _req: Request) -> ApiResult<Json<Status>> {
+    Ok(Json(Status { status: "ok" }))
 }
 
 /// The control database answers and the storage backend is usable.
 #[utoipa::path(get, path = "/ready", tag = "operations",
-    responses((status = 200, description = "`{\"status\":\"ready\"}`", body = Object)))]
+    responses((status = 200, description = "`{\"status\":\"ready\"}`", body = Status)))]
 pub async fn ready(app: SharedApp, _req: Request) -> ApiResult<Response> {
     let ready = match app.control.get().await {
         Ok(c) => c.simple_query("SELECT 1").await.is_ok(),
@@ -40,7 +46,7 @@ pub async fn ready(app: SharedApp, _req: Request) -> ApiResult<Response> {
                 "code": "STORAGE_UNAVAILABLE", "message": message } }),
         ));
     }
-    Ok((StatusCode::OK, json!({ "status": "ready" })).into_response())
+    Ok(Json(Status { status: "ready" }).into_response())
 }
 
 /// This document: every endpoint, its request and response schemas and errors.

@@ -47,13 +47,6 @@ impl Reply for RawJson {
     }
 }
 
-/// A status and a JSON value, for handlers not yet typed.
-impl Reply for (StatusCode, Value) {
-    fn into_response(self) -> Response {
-        json_response(self.0, &self.1)
-    }
-}
-
 fn serialize<T: Serialize>(status: StatusCode, body: &T) -> Response {
     match serde_json::to_string(body) {
         Ok(text) => raw_json_response(status, text),

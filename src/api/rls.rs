@@ -8,8 +8,7 @@ use super::reply::{Created, Json, Reply};
 use super::Request;
 use crate::api::error::ApiResult;
 use crate::app::SharedApp;
-use crate::auth::Access;
-use crate::rls::policies::{CreatePolicy, Field, TablePolicies, TablePolicy, TogglePolicy};
+use crate::rls::policies::{CreatePolicy, TablePolicies, TablePolicy, TogglePolicy};
 use crate::rls::RlsError;
 
 /// `{success, tables}`.
@@ -56,9 +55,10 @@ pub async fn list_policies(app: SharedApp, req: Request) -> ApiResult<impl Reply
     request_body = CreatePolicy,
     responses((status = 201, description = "The policy as created", body = PolicyAnswer)))]
 pub async fn create_policy(app: SharedApp, req: Request) -> ApiResult<impl Reply> {
-    let principal = req.principal(&app).await?;
+    // As before the typed body: who may manage the project's policies first, then the body.
+    let access = req.access_by_body(&app).await?;
+    access.require_developer(MANAGING)?;
     let body: CreatePolicy = req.json()?;
-    let access = policy_access(&app, &principal, &body.project_id).await?;
     let policy = app.rls.create(&access, &body).await?;
     Ok(Created(PolicyAnswer {
         success: true,
@@ -71,9 +71,10 @@ pub async fn create_policy(app: SharedApp, req: Request) -> ApiResult<impl Reply
     request_body = TogglePolicy,
     responses((status = 200, description = "The policy as it is now", body = PolicyAnswer)))]
 pub async fn toggle_policy(app: SharedApp, req: Request) -> ApiResult<impl Reply> {
-    let principal = req.principal(&app).await?;
+    // As before the typed body: who may manage the project's policies first, then the body.
+    let access = req.access_by_body(&app).await?;
+    access.require_developer(MANAGING)?;
     let body: TogglePolicy = req.json()?;
-    let access = policy_access(&app, &principal, &body.project_id).await?;
     let policy = app.rls.toggle(&access, &body).await?;
     Ok(Json(PolicyAnswer {
         success: true,
@@ -100,25 +101,6 @@ pub async fn delete_policy(app: SharedApp, req: Request) -> ApiResult<impl Reply
         )
         .await?;
     Ok(Json(PolicyDeleted { success: true }))
-}
-
-/// The caller's access to the body's `projectId`, allowed to manage policies.
-async fn policy_access(
-    app: &SharedApp,
-    principal: &crate::auth::Principal,
-    project_id: &Field<String>,
-) -> ApiResult<Access> {
-    let project_id = match project_id {
-        Field::Given(id) if !id.is_empty() => id,
-        _ => {
-            return Err(ApiError::BadRequest(
-                "projectId: expected a non-empty string".into(),
-            ))
-        }
-    };
-    let access = app.auth.project_access(principal, project_id).await?;
-    access.require_developer(MANAGING)?;
-    Ok(access)
 }
 
 impl From<RlsError> for ApiError {

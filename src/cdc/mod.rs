@@ -81,7 +81,7 @@ pub fn message_key(secrets: &Secrets, project_id: &str) -> [u8; 32] {
 }
 
 /// Where a stream is, as `/api/cdc/status` (`stream.state`) and `/metrics` report it.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum StreamState {
     /// Connecting for the first time.
@@ -107,7 +107,7 @@ impl StreamState {
 }
 
 /// What `/api/cdc/status` and `/metrics` report for a stream.
-#[derive(Clone, Debug, Serialize, Default)]
+#[derive(Clone, Debug, Serialize, Default, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct StreamStatus {
     pub state: StreamState,
@@ -132,7 +132,7 @@ pub struct StreamStatus {
 }
 
 /// The slot as the project database reports it (`/api/cdc/status`'s `slot`).
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, utoipa::ToSchema)]
 #[serde(untagged)]
 pub enum SlotReport {
     Present {
