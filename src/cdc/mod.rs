@@ -308,14 +308,10 @@ impl Cdc {
     /// Creates the project's slot if change capture has none yet and records it.
     pub async fn ensure_slot(&self, project_id: &str, db_name: &str) -> anyhow::Result<()> {
         let control = self.sources.control.get().await?;
-        let recorded: Option<String> = control
-            .query_one(
-                "SELECT cdc_slot FROM fluxbase.projects WHERE id = $1",
-                &[&project_id],
-            )
+        if crate::control::projects::slot(&control, project_id)
             .await?
-            .get(0);
-        if recorded.is_some() {
+            .is_some()
+        {
             return Ok(());
         }
         let slot = slot_name(project_id);
@@ -336,12 +332,7 @@ impl Cdc {
                 .await?;
             tracing::info!(project_id, slot, "created replication slot");
         }
-        control
-            .execute(
-                "UPDATE fluxbase.projects SET cdc_slot = $2 WHERE id = $1",
-                &[&project_id, &slot],
-            )
-            .await?;
+        crate::control::projects::set_slot(&control, project_id, &slot).await?;
         Ok(())
     }
 
@@ -349,18 +340,9 @@ impl Cdc {
     pub async fn start_all(&self) -> anyhow::Result<()> {
         self.enabled
             .store(true, std::sync::atomic::Ordering::Release);
-        let rows = self
-            .sources
-            .control
-            .get()
-            .await?
-            .query(
-                "SELECT id, db_name FROM fluxbase.projects ORDER BY created_at",
-                &[],
-            )
-            .await?;
-        for r in rows {
-            self.start(r.get(0), r.get(1));
+        let control = self.sources.control.get().await?;
+        for (id, db_name) in crate::control::projects::all_databases(&control).await? {
+            self.start(id, db_name);
         }
         Ok(())
     }

@@ -24,6 +24,22 @@ pub struct KeyRow {
     pub last_used_at: Option<DateTime<Utc>>,
 }
 
+/// A live key's secret (its SHA-256) and scope, if `key_id` is a live key of `project_id`.
+pub async fn live_secret(
+    db: &impl GenericClient,
+    project_id: &str,
+    key_id: &str,
+) -> Result<Option<(Vec<u8>, Scope)>, Error> {
+    db.query_opt(
+        "SELECT key_hash, scope FROM fluxbase.api_keys
+         WHERE id = $1 AND project_id = $2 AND revoked_at IS NULL",
+        &[&key_id, &project_id],
+    )
+    .await?
+    .map(|r| Ok((r.try_get(0)?, r.try_get(1)?)))
+    .transpose()
+}
+
 /// The live key whose secret hashes to `hash`.
 pub async fn live_by_hash(db: &impl GenericClient, hash: &[u8]) -> Result<Option<KeyGrant>, Error> {
     db.query_opt(

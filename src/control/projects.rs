@@ -198,3 +198,35 @@ pub async fn all_ids(db: &impl GenericClient) -> Result<Vec<String>, Error> {
         .map(|r| r.get(0))
         .collect())
 }
+
+/// The replication slot recorded for a project (`None`: none yet).
+pub async fn slot(db: &impl GenericClient, project_id: &str) -> Result<Option<String>, Error> {
+    db.query_one(
+        "SELECT cdc_slot FROM fluxbase.projects WHERE id = $1",
+        &[&project_id],
+    )
+    .await?
+    .try_get(0)
+}
+
+/// Records a project's replication slot.
+pub async fn set_slot(db: &impl GenericClient, project_id: &str, slot: &str) -> Result<u64, Error> {
+    db.execute(
+        "UPDATE fluxbase.projects SET cdc_slot = $2 WHERE id = $1",
+        &[&project_id, &slot],
+    )
+    .await
+}
+
+/// (id, database) of every project, oldest first.
+pub async fn all_databases(db: &impl GenericClient) -> Result<Vec<(String, String)>, Error> {
+    Ok(db
+        .query(
+            "SELECT id, db_name FROM fluxbase.projects ORDER BY created_at",
+            &[],
+        )
+        .await?
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect())
+}

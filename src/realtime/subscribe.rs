@@ -255,15 +255,8 @@ impl Realtime {
         user_id: &str,
     ) -> Result<Option<DbRole>, RealtimeError> {
         let client = self.control.get().await?;
-        let row = client
-            .query_opt(
-                "SELECT role FROM fluxbase.members WHERE project_id = $1 AND user_id = $2",
-                &[&project_id, &user_id],
-            )
-            .await?;
-        Ok(row
-            .and_then(|r| crate::auth::MemberRole::parse(r.get(0)))
-            .map(|m| m.db_role()))
+        let role = crate::control::members::role(&client, project_id, user_id).await?;
+        Ok(role.map(|m| m.db_role()))
     }
 
     /// The cluster's WAL insert position: a transaction that commits after this call has a

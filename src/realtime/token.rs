@@ -177,17 +177,7 @@ impl Realtime {
         key_id: &str,
     ) -> Result<Option<(Vec<u8>, DbRole)>, RealtimeError> {
         let client = self.control.get().await?;
-        let row = client
-            .query_opt(
-                "SELECT key_hash, scope FROM fluxbase.api_keys
-                 WHERE id = $1 AND project_id = $2 AND revoked_at IS NULL",
-                &[&key_id, &project_id],
-            )
-            .await?;
-        let Some(row) = row else { return Ok(None) };
-        let scope: String = row.get(1);
-        let scope = crate::auth::Scope::parse(&scope)
-            .ok_or_else(|| anyhow::anyhow!("API key {key_id} has an unknown scope {scope:?}"))?;
-        Ok(Some((row.get(0), scope.db_role())))
+        let key = crate::control::api_keys::live_secret(&client, project_id, key_id).await?;
+        Ok(key.map(|(hash, scope)| (hash, scope.db_role())))
     }
 }
