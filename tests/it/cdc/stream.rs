@@ -5,6 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use fluxbase::bus::Subscription;
+use fluxbase_replication::pgoutput::Lsn;
 use serde_json::{json, Value};
 
 use crate::support::bus::{assert_quiet, events, next_event, next_event_within};
@@ -257,19 +258,71 @@ async fn cdc_status_reports_the_slot_and_lag() {
         "CREATE TABLE s (x int); INSERT INTO s VALUES (1)",
     )
     .await;
-    events(&mut sub, 2).await;
-    let (status, body) = app
-        .call(
-            "GET",
-            &format!("/api/cdc/status?projectId={}", f.project),
-            Some(&f.read),
-            None,
-        )
-        .await;
+    next_event(&mut sub).await; // the CREATE TABLE
+    let insert = next_event(&mut sub).await;
+    let v: Value = serde_json::from_str(&insert.payload).unwrap();
+    assert_eq!(
+        (&v["operation"], &v["table"]),
+        (&json!("INSERT"), &json!("s"))
+    );
+    let path = format!("/api/cdc/status?projectId={}", f.project);
+    let lsn = |v: &Value, field: &str| -> Lsn {
+        v[field]
+            .as_str()
+            .unwrap_or_else(|| panic!("no {field} in {v}"))
+            .parse()
+            .unwrap_or_else(|_| panic!("{field} is not an LSN in {v}"))
+    };
+    // The change has been delivered and there is no durable subscriber: the stream confirms it
+    // to the slot on its own (hang guard only; no timing is asserted).
+    crate::support::poll::until(
+        Duration::from_secs(20),
+        Duration::from_millis(100),
+        || async {
+            let (status, body) = app.call("GET", &path, Some(&f.read), None).await;
+            match body["stream"]["confirmedLsn"]
+                .as_str()
+                .map(str::parse::<Lsn>)
+            {
+                Some(Ok(c)) if status == 200 && c >= insert.end_lsn => Ok(()),
+                _ => Err(format!(
+                    "the slot never confirmed the INSERT (end {}): {status} {body}",
+                    insert.end_lsn
+                )),
+            }
+        },
+    )
+    .await;
+    // Asked again, after the confirmation: everything the stream did before it shows.
+    let (status, body) = app.call("GET", &path, Some(&f.read), None).await;
     assert_eq!(status, 200, "{body}");
-    assert_eq!(body["stream"]["state"], "streaming");
+    let stream = &body["stream"];
+    assert_eq!(stream["state"], "streaming", "{body}");
     assert_eq!(body["slot"]["name"], format!("fluxbase_{}", f.project));
-    assert!(body["stream"]["events"].as_u64().unwrap() >= 2);
+    assert_eq!(body["slot"]["active"], true, "{body}");
+    assert!(stream["events"].as_u64().unwrap() >= 2, "{body}");
+    let (confirmed, received, server) = (
+        lsn(stream, "confirmedLsn"),
+        lsn(stream, "receivedLsn"),
+        lsn(stream, "serverLsn"),
+    );
+    // The stream received the INSERT's commit (its end), the slot confirmed it, and the
+    // server's WAL is at or past both.
+    assert!(confirmed >= insert.end_lsn, "{body}");
+    assert!(received >= insert.end_lsn, "{body}");
+    assert!(server >= confirmed && server >= received, "{body}");
+    // lagBytes is the WAL the slot still holds back: server position minus confirmed position.
+    let lag_bytes = stream["lagBytes"]
+        .as_u64()
+        .unwrap_or_else(|| panic!("no lagBytes in {body}"));
+    assert_eq!(lag_bytes, server.0 - confirmed.0, "{body}");
+    // lagSeconds is the commit-to-publish delay of the last transaction: published, so a
+    // number, and not negative.
+    let lag_seconds = stream["lagSeconds"]
+        .as_f64()
+        .unwrap_or_else(|| panic!("no lagSeconds in {body}"));
+    assert!(lag_seconds >= 0.0, "{body}");
+    assert!(stream["lastEventAt"].as_str().is_some(), "{body}");
 }
 
 /// Inserts `from..=to` into `t`, one transaction each, through the API.
@@ -694,6 +747,7 @@ async fn a_subscriber_that_cannot_keep_up_is_cut_off_and_told_why_without_slowin
                                  // thread of its own and may publish a whole transaction before this task is scheduled, so
                                  // `live` must never be a queue behind, while `stalled` reads nothing and falls behind.
     let n = fluxbase::bus::QUEUE_LEN + 100;
+    let mut live_rows: Vec<(i64, String)> = Vec::with_capacity(n);
     let mut sent = 0;
     while sent < n {
         let k = (n - sent).min(1000);
@@ -708,15 +762,58 @@ async fn a_subscriber_that_cannot_keep_up_is_cut_off_and_told_why_without_slowin
         )
         .await;
         for _ in 0..k {
-            next_event(&mut live).await;
+            let e = next_event(&mut live).await;
+            live_rows.push((row_x(&e), e.id.clone()));
         }
         sent += k;
     }
-    // The stalled subscriber got a full queue, then its queue was closed with a reason.
-    let mut got = 0;
-    while let Some(_e) = stalled.events.recv().await {
-        got += 1;
+    // The reading subscriber got every row of the flood, once each, in order, ids ascending:
+    // cutting the other one off took nothing from it.
+    assert_eq!(live_rows.len(), n);
+    for (i, (x, _)) in live_rows.iter().enumerate() {
+        assert_eq!(
+            *x,
+            i as i64 + 1,
+            "the reading subscriber lost or reordered a row"
+        );
+    }
+    assert!(
+        live_rows.windows(2).all(|w| w[0].1 < w[1].1),
+        "the reading subscriber's ids are not ascending"
+    );
+    // The stalled subscriber got a full queue (the CREATE TABLE, then the first rows in order,
+    // the same events as the reading one), then its queue was closed with a reason. Every read
+    // has a deadline: a queue that is never closed fails here instead of hanging.
+    let create = next_event(&mut stalled).await;
+    let v: Value = serde_json::from_str(&create.payload).unwrap();
+    assert_eq!(v["command"], "CREATE TABLE", "{v}");
+    let mut got = 1;
+    loop {
+        match tokio::time::timeout(Duration::from_secs(20), stalled.events.recv()).await {
+            Ok(Some(e)) => {
+                assert_eq!(
+                    (row_x(&e), &e.id),
+                    (got as i64, &live_rows[got - 1].1),
+                    "the stalled subscriber's queue holds other events"
+                );
+                got += 1;
+            }
+            Ok(None) => break,
+            Err(_) => panic!("the stalled subscriber was never closed (it read {got} events)"),
+        }
     }
     assert_eq!(got, fluxbase::bus::QUEUE_LEN);
-    assert!(stalled.closed_reason().unwrap().contains("fell more than"));
+    let why = stalled.closed_reason().expect("closed without a reason");
+    assert!(why.contains("fell more than"), "{why}");
+}
+
+/// `record.x` of a row change on `t`.
+fn row_x(e: &fluxbase::bus::Event) -> i64 {
+    let v: Value = serde_json::from_str(&e.payload).unwrap();
+    assert_eq!(
+        (&v["operation"], &v["table"]),
+        (&json!("INSERT"), &json!("t")),
+        "{v}"
+    );
+    v["record"]["x"].as_i64().unwrap()
 }

@@ -204,17 +204,44 @@ async fn project_cli_creates_suspends_and_resumes_projects() {
 
 #[tokio::test]
 async fn doctor_reports_weak_roles_and_unread_slots_and_nothing_else_on_a_good_cluster() {
-    let pg = crate::support::pg().await;
+    // A cluster of its own: on the shared one, another test's project may have a slot that no
+    // server reads at this moment, which the doctor rightly reports.
+    let pg = crate::support::cluster::DedicatedCluster::start(&[]).await;
     let dir = crate::support::scratch_dir(&crate::support::unique("doctor"));
-    let ok = fluxbase(&dir, 0)
-        .env("FLUXBASE_DATABASE_URL", pg.url("postgres"))
-        .arg("doctor")
-        .output()
-        .unwrap();
+    let doctor = |url: String| {
+        let dir = dir.clone();
+        async move {
+            tokio::task::spawn_blocking(move || {
+                fluxbase(&dir, 0)
+                    .env("FLUXBASE_DATABASE_URL", url)
+                    .arg("doctor")
+                    .output()
+                    .unwrap()
+            })
+            .await
+            .unwrap()
+        }
+    };
+    let ok = doctor(pg.cluster.url("postgres")).await;
     let text = String::from_utf8_lossy(&ok.stdout);
-    for problem in ["wal_level", "lacks", "max_slot_wal_keep_size", "too old"] {
-        assert!(!text.contains(problem), "{text}");
-    }
+    assert!(
+        ok.status.success(),
+        "a good cluster: {}\n{text}{}",
+        ok.status,
+        String::from_utf8_lossy(&ok.stderr)
+    );
+    assert!(
+        text.contains("ok: the cluster is ready for Fluxbase") && !text.contains("problem:"),
+        "{text}"
+    );
+    // A cluster it cannot log in to: a failure that says why, not a clean bill of health.
+    let url = pg.cluster.url("postgres");
+    let wrong = url.replacen(&pg.cluster.password, "not-the-password", 1);
+    assert_ne!(url, wrong);
+    let out = doctor(wrong).await;
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(err.contains("password authentication failed"), "{err}");
     // A Fluxbase slot that nobody reads is reported with what it holds.
     let slot = crate::support::unique("fluxbase_doctor");
     let c = pg.client("postgres").await;
@@ -224,11 +251,7 @@ async fn doctor_reports_weak_roles_and_unread_slots_and_nothing_else_on_a_good_c
     )
     .await
     .unwrap();
-    let out = fluxbase(&dir, 0)
-        .env("FLUXBASE_DATABASE_URL", pg.url("postgres"))
-        .arg("doctor")
-        .output()
-        .unwrap();
+    let out = doctor(pg.cluster.url("postgres")).await;
     let text = String::from_utf8_lossy(&out.stdout);
     c.query("SELECT pg_drop_replication_slot($1)", &[&slot])
         .await
@@ -240,17 +263,14 @@ async fn doctor_reports_weak_roles_and_unread_slots_and_nothing_else_on_a_good_c
     );
     // A role without the needed attributes is reported with the fix.
     let role = crate::support::unique("weak");
-    pg.client("postgres")
-        .await
-        .batch_execute(&format!("CREATE ROLE {role} LOGIN PASSWORD 'pw'"))
+    c.batch_execute(&format!("CREATE ROLE {role} LOGIN PASSWORD 'pw'"))
         .await
         .unwrap();
-    let url = format!("postgres://{role}:pw@127.0.0.1:{}/postgres", pg.port);
-    let bad = fluxbase(&dir, 0)
-        .env("FLUXBASE_DATABASE_URL", url)
-        .arg("doctor")
-        .output()
-        .unwrap();
+    let url = format!(
+        "postgres://{role}:pw@127.0.0.1:{}/postgres",
+        pg.cluster.port
+    );
+    let bad = doctor(url).await;
     assert!(!bad.status.success());
     let text = String::from_utf8_lossy(&bad.stdout);
     assert!(
