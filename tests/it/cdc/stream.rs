@@ -743,9 +743,10 @@ async fn a_subscriber_that_cannot_keep_up_is_cut_off_and_told_why_without_slowin
     app.rows(&f.admin, &f.project, "CREATE TABLE t (x int)")
         .await;
     next_event(&mut live).await; // the CREATE TABLE
-                                 // In transactions of 1,000 rows, each read by `live` before the next: the stream runs on a
-                                 // thread of its own and may publish a whole transaction before this task is scheduled, so
-                                 // `live` must never be a queue behind, while `stalled` reads nothing and falls behind.
+
+    // In transactions of 1,000 rows, each read by `live` before the next: the stream runs on a
+    // thread of its own and may publish a whole transaction before this task is scheduled, so
+    // `live` must never be a queue behind, while `stalled` reads nothing and falls behind.
     let n = fluxbase::bus::QUEUE_LEN + 100;
     let mut live_rows: Vec<(i64, String)> = Vec::with_capacity(n);
     let mut sent = 0;
