@@ -25,9 +25,7 @@ test: lint
 
 lint:
 	$(CARGO) fmt --all -- --check
-	$(CARGO) fmt --manifest-path $(FUZZ_MANIFEST) -- --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
-	$(CARGO) clippy --manifest-path $(FUZZ_MANIFEST) --bins --target-dir $(FUZZ_STABLE_DIR) -- -D warnings
 
 # The benchmarks; each prints its reference run beside Fluxbase's (and its targets).
 bench: bench-sql bench-cdc bench-webhooks bench-fanout bench-rls bench-storage
@@ -60,19 +58,22 @@ clean:
 
 # The fuzz targets of replication/fuzz (cargo-fuzz): `pgoutput` (the pgoutput decoder) and
 # `values` (the value codec, seeded with PostgreSQL's own output from replication/fuzz/seeds).
-# Always, on stable: `lint` formats and clippy-checks them, and this builds them (they are plain
-# bins on libfuzzer-sys, whose build script needs a C++ compiler) and replays the values seed
-# corpus through the built target. With a nightly toolchain it then fuzzes each target under
-# cargo-fuzz for FUZZ_SECONDS; without one nothing is fuzzed (the stable randomized tests in the
-# unit tests stand in), and it says so.
+# Always, on stable: this checks their formatting, clippy-checks and builds them (they are
+# plain bins on libfuzzer-sys, whose build script needs a C++ compiler: `make test` runs this
+# after `scripts/deps.sh test`; the crate is outside the workspace, so `lint` does not reach
+# it) and replays the values seed corpus through the built target. With a nightly toolchain it
+# then fuzzes each target under cargo-fuzz for FUZZ_SECONDS; without one nothing is fuzzed (the
+# stable randomized tests in the unit tests stand in), and it says so.
 FUZZ_SECONDS ?= 30
 FUZZ_MANIFEST = replication/fuzz/Cargo.toml
 FUZZ_STABLE_DIR = target/fuzz-stable
 fuzz:
 	@mkdir -p $(FUZZ_STABLE_DIR)
+	$(CARGO) fmt --manifest-path $(FUZZ_MANIFEST) -- --check
+	$(CARGO) clippy --manifest-path $(FUZZ_MANIFEST) --bins --target-dir $(FUZZ_STABLE_DIR) -- -D warnings
 	$(CARGO) build --manifest-path $(FUZZ_MANIFEST) --bins --target-dir $(FUZZ_STABLE_DIR)
 	@if $(FUZZ_STABLE_DIR)/debug/values replication/fuzz/seeds/values/* > $(FUZZ_STABLE_DIR)/replay.log 2>&1; then \
-	  echo "fuzz: stable: built pgoutput and values, and replayed the $$(ls replication/fuzz/seeds/values | wc -l) values seeds without a crash (not fuzzing)"; \
+	  echo "fuzz: stable: linted and built pgoutput and values, and replayed the $$(ls replication/fuzz/seeds/values | wc -l) values seeds without a crash (not fuzzing)"; \
 	else tail -40 $(FUZZ_STABLE_DIR)/replay.log; echo "fuzz: stable: the values target failed on a seed"; exit 1; fi
 	@if cargo +nightly --version >/dev/null 2>&1; then \
 	  command -v cargo-fuzz >/dev/null 2>&1 || cargo install cargo-fuzz --locked; \
