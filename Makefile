@@ -56,17 +56,34 @@ clean:
 	$(CARGO) clean
 	rm -rf .fluxbase
 
-# The pgoutput decoder's fuzz target, for a bounded time (FUZZ_SECONDS). cargo-fuzz needs a
-# nightly toolchain; without one the stable randomized decoder test (part of the unit tests)
-# is what runs, and this says so.
+# The fuzz targets of replication/fuzz (cargo-fuzz): `pgoutput` (the pgoutput decoder) and
+# `values` (the value codec, seeded with PostgreSQL's own output from replication/fuzz/seeds).
+# Always, on stable: this checks their formatting, clippy-checks and builds them (they are
+# plain bins on libfuzzer-sys, whose build script needs a C++ compiler: `make test` runs this
+# after `scripts/deps.sh test`; the crate is outside the workspace, so `lint` does not reach
+# it) and replays the values seed corpus through the built target. With a nightly toolchain it
+# then fuzzes each target under cargo-fuzz for FUZZ_SECONDS; without one nothing is fuzzed (the
+# stable randomized tests in the unit tests stand in), and it says so.
 FUZZ_SECONDS ?= 30
+FUZZ_MANIFEST = replication/fuzz/Cargo.toml
+FUZZ_STABLE_DIR = target/fuzz-stable
 fuzz:
+	@mkdir -p $(FUZZ_STABLE_DIR)
+	$(CARGO) fmt --manifest-path $(FUZZ_MANIFEST) -- --check
+	$(CARGO) clippy --manifest-path $(FUZZ_MANIFEST) --bins --target-dir $(FUZZ_STABLE_DIR) -- -D warnings
+	$(CARGO) build --manifest-path $(FUZZ_MANIFEST) --bins --target-dir $(FUZZ_STABLE_DIR)
+	@if $(FUZZ_STABLE_DIR)/debug/values replication/fuzz/seeds/values/* > $(FUZZ_STABLE_DIR)/replay.log 2>&1; then \
+	  echo "fuzz: stable: linted and built pgoutput and values, and replayed the $$(ls replication/fuzz/seeds/values | wc -l) values seeds without a crash (not fuzzing)"; \
+	else tail -40 $(FUZZ_STABLE_DIR)/replay.log; echo "fuzz: stable: the values target failed on a seed"; exit 1; fi
 	@if cargo +nightly --version >/dev/null 2>&1; then \
 	  command -v cargo-fuzz >/dev/null 2>&1 || cargo install cargo-fuzz --locked; \
-	  mkdir -p target; \
-	  if (cd replication && cargo +nightly fuzz run pgoutput -- -max_total_time=$(FUZZ_SECONDS) -max_len=4096) > target/fuzz.log 2>&1; then \
-	    echo "fuzz: pgoutput decoder fuzzed for $(FUZZ_SECONDS) s without a crash (log: target/fuzz.log)"; \
-	  else tail -40 target/fuzz.log; echo "fuzz: the pgoutput decoder fuzz target failed"; exit 1; fi; \
+	  mkdir -p replication/fuzz/corpus/pgoutput replication/fuzz/corpus/values; \
+	  for t in pgoutput values; do \
+	    seeds=; [ -d replication/fuzz/seeds/$$t ] && seeds=fuzz/seeds/$$t; \
+	    if (cd replication && cargo +nightly fuzz run $$t fuzz/corpus/$$t $$seeds -- -max_total_time=$(FUZZ_SECONDS) -max_len=4096) > target/fuzz-$$t.log 2>&1; then \
+	      echo "fuzz: nightly: $$t fuzzed under cargo-fuzz for $(FUZZ_SECONDS) s without a crash (log: target/fuzz-$$t.log)"; \
+	    else tail -40 target/fuzz-$$t.log; echo "fuzz: nightly: the $$t fuzz target failed under cargo-fuzz"; exit 1; fi; \
+	  done; \
 	else \
-	  echo "fuzz: no nightly toolchain here; the stable randomized decoder test (pgoutput::tests::random_and_mutated_inputs_never_panic) ran in the unit tests instead"; \
+	  echo "fuzz: no nightly toolchain here, so nothing was fuzzed; the stable randomized tests (pgoutput::tests::random_and_mutated_inputs_never_panic, values::tests::random_and_mutated_values_never_panic_and_render_json) ran in the unit tests instead"; \
 	fi

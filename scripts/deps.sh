@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Makes sure what `make run` and `make test` need is installed: PostgreSQL's server binaries
-# (initdb, pg_ctl, pgbench, pg_recvlogical) and, for the tests, Node.js, curl and (from PyPI, into
+# (initdb, pg_ctl, pgbench, pg_recvlogical) and, for the tests, Node.js, curl, a C++ compiler (the
+# fuzz targets' libfuzzer-sys builds libFuzzer, also on stable) and (from PyPI, into
 # .fluxbase/tools/venv) schemathesis and openapi-spec-validator. As root on
 # Debian/Ubuntu it installs missing pieces from the distribution's packages; otherwise it says
 # exactly what to install.
@@ -13,6 +14,7 @@ have_pg || missing+=(postgresql postgresql-contrib)
 if [ "$need_test_tools" = "test" ]; then
   command -v node >/dev/null 2>&1 || missing+=(nodejs)
   command -v curl >/dev/null 2>&1 || missing+=(curl)
+  command -v c++ >/dev/null 2>&1 || missing+=(g++)
   command -v python3 >/dev/null 2>&1 && python3 -c 'import venv, ensurepip' 2>/dev/null || missing+=(python3 python3-venv)
 fi
 command -v cargo >/dev/null 2>&1 || { echo "cargo is missing: install Rust with rustup (https://rustup.rs)"; exit 1; }
