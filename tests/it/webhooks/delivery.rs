@@ -614,6 +614,7 @@ async fn after_kill_9_every_change_of_a_random_workload_is_delivered_at_least_on
     assert_eq!(r.status(), 201);
     let r: Value = api("/api/execute-sql", json!({ "projectId": project, "query": "
         CREATE TABLE w (id int PRIMARY KEY, v int, note text);
+        CREATE TABLE done (id int);
         CREATE PROCEDURE workload(total int, seed float8) LANGUAGE plpgsql AS $$
         DECLARE i int := 0; k int; op float8;
         BEGIN
@@ -646,46 +647,58 @@ async fn after_kill_9_every_change_of_a_random_workload_is_delivered_at_least_on
     let mut server = serve();
     healthy(http.clone(), base.clone()).await;
 
-    // Wait until nothing is pending and nothing new arrives for a while.
-    let deadline = Instant::now() + Duration::from_secs(240);
-    let mut last = 0;
-    let mut stable_since = Instant::now();
-    loop {
-        let pending: Value = http
-            .get(format!(
-                "{base}/api/webhooks/deliveries?projectId={project}&status=pending"
-            ))
-            .bearer_auth(&admin)
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        let n = rx.got.lock().unwrap().len();
-        if n != last {
-            last = n;
-            stable_since = Instant::now();
-        }
-        if pending["deliveries"]
-            .as_array()
-            .is_some_and(|d| d.is_empty())
-            && stable_since.elapsed() > Duration::from_secs(3)
-        {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "deliveries did not settle ({n} received)"
-        );
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    }
+    // Sentinel: a change committed after the whole workload. The outbox stores transactions in
+    // commit order, so once its delivery arrived every change before it is stored; then no
+    // pending delivery left means each was received (a delivery is recorded after its answer).
+    let r: Value = api(
+        "/api/execute-sql",
+        json!({ "projectId": project, "query": "INSERT INTO done VALUES (1)" }),
+    )
+    .await
+    .unwrap()
+    .json()
+    .await
+    .unwrap();
+    assert_eq!(r["success"], true, "{r}");
+    let sentinel = |r: &Received| r.body.contains("\"table_id\":\"done\"");
+    poll::until(
+        Duration::from_secs(240),
+        Duration::from_millis(250),
+        || async {
+            let n = rx.got.lock().unwrap().len();
+            if !rx.got.lock().unwrap().iter().any(sentinel) {
+                return Err(format!("the sentinel never arrived ({n} received)"));
+            }
+            let pending: Value = http
+                .get(format!(
+                    "{base}/api/webhooks/deliveries?projectId={project}&status=pending"
+                ))
+                .bearer_auth(&admin)
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+            if pending["deliveries"]
+                .as_array()
+                .is_some_and(|d| d.is_empty())
+            {
+                Ok(())
+            } else {
+                Err(format!(
+                    "deliveries still pending ({n} received): {pending}"
+                ))
+            }
+        },
+    )
+    .await;
     let _ = server.kill();
     let _ = server.wait();
 
     // Replay: one body per event id (duplicates must be identical), in commit order.
     let mut by_id = std::collections::BTreeMap::new();
-    for r in rx.got.lock().unwrap().iter() {
+    for r in rx.got.lock().unwrap().iter().filter(|r| !sentinel(r)) {
         let v: Value = serde_json::from_str(&r.body).unwrap();
         let id = v["event_id"].as_str().unwrap().to_string();
         if let Some(prev) = by_id.insert(id, v.clone()) {
