@@ -1,8 +1,11 @@
 //! Team & invitations: the guide's shapes, every error, the last-admin rule, and the role matrix
 //! (each member role and key scope against each endpoint family).
 
+use std::time::Duration;
+
 use serde_json::{json, Value};
 
+use crate::support::poll::until;
 use crate::support::ws::{connect, recv, send, subscribe};
 use crate::support::{spawn_app, spawn_app_with, Fixture, TestApp};
 
@@ -522,27 +525,69 @@ async fn the_last_admin_can_be_neither_removed_nor_demoted() {
 async fn two_admins_demoting_each_other_at_once_leave_one_admin() {
     let app = spawn_app().await;
     let f = app.fixture().await;
-    for _ in 0..5 {
-        let other = join(&app, &f, "admin").await;
-        let ((s1, b1), (s2, b2)) = tokio::join!(
-            patch_role(&app, &f.token, &f.project, &other.user_id, "viewer"),
-            patch_role(&app, &other.token, &f.project, &f.user_id, "viewer"),
-        );
-        let ok = [s1, s2].iter().filter(|s| **s == 200).count();
-        assert_eq!(ok, 1, "{b1} {b2}");
-        for (s, b) in [(s1, &b1), (s2, &b2)] {
-            assert!(s == 200 || s == 409 || s == 403, "{s} {b}");
-        }
-        let admins = admins_of(&app, &f).await;
-        assert_eq!(admins.len(), 1, "{admins:?}");
-        // Back to one admin, the creator, for the next round.
-        if admins[0] != f.user_id {
-            let (s, b) = patch_role(&app, &other.token, &f.project, &f.user_id, "admin").await;
-            assert_eq!(s, 200, "{b}");
-        }
-        let (s, b) = remove(&app, &f.token, &f.project, &other.user_id).await;
-        assert_eq!(s, 200, "{b}");
-    }
+    let other = join(&app, &f, "admin").await;
+    // The test holds the project's row lock that every membership change takes (`lock_team`),
+    // so both demotions are in flight, each past its own admin check, before either may go on.
+    let mut control = app.app.control.get().await.unwrap();
+    let lock = control.transaction().await.unwrap();
+    lock.query_one(
+        "SELECT 1 FROM fluxbase.projects WHERE id = $1 FOR NO KEY UPDATE",
+        &[&f.project],
+    )
+    .await
+    .unwrap();
+    let probe = app.app.control.get().await.unwrap();
+    let release = async {
+        until(Duration::from_secs(20), Duration::from_millis(20), || async {
+            let waiting: i64 = probe
+                .query_one(
+                    "SELECT count(*) FROM pg_stat_activity
+                     WHERE datname = current_database() AND wait_event_type = 'Lock'
+                       AND query LIKE 'SELECT 1 FROM fluxbase.projects WHERE id = $1 FOR NO KEY UPDATE%'",
+                    &[],
+                )
+                .await
+                .unwrap()
+                .get(0);
+            if waiting == 2 {
+                Ok(())
+            } else {
+                Err(format!("{waiting} of the 2 demotions wait on the project's lock"))
+            }
+        })
+        .await;
+        lock.commit().await.unwrap();
+    };
+    let ((s1, b1), (s2, b2), ()) = tokio::join!(
+        patch_role(&app, &f.token, &f.project, &other.user_id, "viewer"),
+        patch_role(&app, &other.token, &f.project, &f.user_id, "viewer"),
+        release,
+    );
+    // One went first and demoted; the other then found its target the last admin.
+    let (won, lost) = if s1 == 200 {
+        ((s1, &b1), (s2, &b2))
+    } else {
+        ((s2, &b2), (s1, &b1))
+    };
+    assert_eq!(won.0, 200, "{b1} {b2}");
+    assert_eq!(won.1["member"]["role"], "viewer", "{}", won.1);
+    assert_error(lost.0, lost.1, 409, "CONFLICT");
+    assert!(
+        lost.1["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("last admin"),
+        "{}",
+        lost.1
+    );
+    let admins = admins_of(&app, &f).await;
+    assert_eq!(admins.len(), 1, "{admins:?}");
+    let survivor = if s1 == 200 {
+        &f.user_id
+    } else {
+        &other.user_id
+    };
+    assert_eq!(&admins[0], survivor);
 }
 
 async fn run_sql(app: &TestApp, token: &str, project: &str, q: &str) -> (u16, Value) {

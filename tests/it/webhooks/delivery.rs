@@ -183,7 +183,7 @@ async fn table_and_event_filters_apply_and_a_disabled_webhook_gets_nothing() {
         json!({ "url": only_deletes.url, "events": ["row.deleted"] }),
     )
     .await;
-    register(
+    let off = register(
         &app,
         &f,
         json!({ "url": disabled.url, "events": ["row.inserted", "row.deleted"], "enabled": false }),
@@ -201,14 +201,69 @@ async fn table_and_event_filters_apply_and_a_disabled_webhook_gets_nothing() {
         "INSERT INTO orders VALUES (1); INSERT INTO other VALUES (2); DELETE FROM other",
     )
     .await;
-    let a = only_orders.wait_for(1).await;
-    let b = only_deletes.wait_for(1).await;
-    tokio::time::sleep(Duration::from_millis(1500)).await;
-    assert_eq!(only_orders.got.lock().unwrap().len(), 1);
-    assert!(a[0].body.contains("\"table_id\":\"orders\""));
-    assert_eq!(only_deletes.got.lock().unwrap().len(), 1);
-    assert!(b[0].body.contains("\"row.deleted\""));
-    assert!(disabled.got.lock().unwrap().is_empty());
+    // That transaction's deliveries are stored at once for every webhook (one INSERT): once
+    // the two filtered webhooks got theirs, the disabled one's share of it is settled.
+    only_orders.wait_for(1).await;
+    only_deletes.wait_for(1).await;
+    // Sentinels: a later transaction each webhook wants, the disabled one enabled first. Each
+    // webhook is sent its deliveries one at a time, oldest first, so anything of the first
+    // transaction that was stored for one would arrive before its sentinel.
+    enable(&app, &f, off["webhook"]["id"].as_str().unwrap()).await;
+    app.rows(
+        &f.admin,
+        &f.project,
+        "INSERT INTO orders VALUES (3); DELETE FROM orders WHERE id = 3",
+    )
+    .await;
+    let line = |v: &Value| {
+        let row = if v["event_type"] == "row.deleted" {
+            &v["data"]["old"]
+        } else {
+            &v["data"]["new"]
+        };
+        format!(
+            "{} {} {}",
+            v["event_type"].as_str().unwrap(),
+            v["table_id"].as_str().unwrap(),
+            row["id"]
+        )
+    };
+    let sentinel = |rx: &Receiver, last: &'static str| {
+        let rx = rx.got.clone();
+        async move {
+            poll::until(
+                Duration::from_secs(20),
+                Duration::from_millis(50),
+                || async {
+                    let got: Vec<String> = rx
+                        .lock()
+                        .unwrap()
+                        .iter()
+                        .map(|r| line(&serde_json::from_str(&r.body).unwrap()))
+                        .collect();
+                    if got.iter().any(|l| l == last) {
+                        Ok(got)
+                    } else {
+                        Err(format!("the sentinel {last:?} never arrived; got {got:?}"))
+                    }
+                },
+            )
+            .await
+        }
+    };
+    assert_eq!(
+        sentinel(&only_orders, "row.inserted orders 3").await,
+        ["row.inserted orders 1", "row.inserted orders 3"]
+    );
+    assert_eq!(
+        sentinel(&only_deletes, "row.deleted orders 3").await,
+        ["row.deleted other 2", "row.deleted orders 3"]
+    );
+    assert_eq!(
+        sentinel(&disabled, "row.deleted orders 3").await,
+        ["row.inserted orders 3", "row.deleted orders 3"],
+        "the disabled webhook was sent what happened while it was disabled"
+    );
 }
 
 #[tokio::test]
@@ -313,12 +368,19 @@ async fn retry_after_is_honoured_and_410_disables_the_endpoint() {
     }
     app.rows(&f.admin, &f.project, "INSERT INTO t VALUES (3)")
         .await;
-    tokio::time::sleep(Duration::from_millis(1000)).await;
-    assert_eq!(
-        gone.got.lock().unwrap().len(),
-        1,
-        "a disabled endpoint got more"
-    );
+    // The first webhook's delivery of (3) is stored with the disabled one's, had it one (a
+    // transaction's deliveries go in one INSERT): once it arrived, that is settled.
+    let x =
+        |r: &Received| serde_json::from_str::<Value>(&r.body).unwrap()["data"]["new"]["x"].clone();
+    let got = rx.wait_for(4).await;
+    assert_eq!(x(&got[3]), 3);
+    // Sentinel: enabled again, the endpoint is sent its deliveries one at a time, oldest first;
+    // a stored delivery of (3) would come before the one of (4).
+    enable(&app, &f, hook["webhook"]["id"].as_str().unwrap()).await;
+    app.rows(&f.admin, &f.project, "INSERT INTO t VALUES (4)")
+        .await;
+    let got: Vec<Value> = gone.wait_for(2).await.iter().map(x).collect();
+    assert_eq!(got, [json!(2), json!(4)], "a disabled endpoint got more");
 }
 
 #[tokio::test]
@@ -552,6 +614,7 @@ async fn after_kill_9_every_change_of_a_random_workload_is_delivered_at_least_on
     assert_eq!(r.status(), 201);
     let r: Value = api("/api/execute-sql", json!({ "projectId": project, "query": "
         CREATE TABLE w (id int PRIMARY KEY, v int, note text);
+        CREATE TABLE done (id int);
         CREATE PROCEDURE workload(total int, seed float8) LANGUAGE plpgsql AS $$
         DECLARE i int := 0; k int; op float8;
         BEGIN
@@ -584,46 +647,58 @@ async fn after_kill_9_every_change_of_a_random_workload_is_delivered_at_least_on
     let mut server = serve();
     healthy(http.clone(), base.clone()).await;
 
-    // Wait until nothing is pending and nothing new arrives for a while.
-    let deadline = Instant::now() + Duration::from_secs(240);
-    let mut last = 0;
-    let mut stable_since = Instant::now();
-    loop {
-        let pending: Value = http
-            .get(format!(
-                "{base}/api/webhooks/deliveries?projectId={project}&status=pending"
-            ))
-            .bearer_auth(&admin)
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        let n = rx.got.lock().unwrap().len();
-        if n != last {
-            last = n;
-            stable_since = Instant::now();
-        }
-        if pending["deliveries"]
-            .as_array()
-            .is_some_and(|d| d.is_empty())
-            && stable_since.elapsed() > Duration::from_secs(3)
-        {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "deliveries did not settle ({n} received)"
-        );
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    }
+    // Sentinel: a change committed after the whole workload. The outbox stores transactions in
+    // commit order, so once its delivery arrived every change before it is stored; then no
+    // pending delivery left means each was received (a delivery is recorded after its answer).
+    let r: Value = api(
+        "/api/execute-sql",
+        json!({ "projectId": project, "query": "INSERT INTO done VALUES (1)" }),
+    )
+    .await
+    .unwrap()
+    .json()
+    .await
+    .unwrap();
+    assert_eq!(r["success"], true, "{r}");
+    let sentinel = |r: &Received| r.body.contains("\"table_id\":\"done\"");
+    poll::until(
+        Duration::from_secs(240),
+        Duration::from_millis(250),
+        || async {
+            let n = rx.got.lock().unwrap().len();
+            if !rx.got.lock().unwrap().iter().any(sentinel) {
+                return Err(format!("the sentinel never arrived ({n} received)"));
+            }
+            let pending: Value = http
+                .get(format!(
+                    "{base}/api/webhooks/deliveries?projectId={project}&status=pending"
+                ))
+                .bearer_auth(&admin)
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+            if pending["deliveries"]
+                .as_array()
+                .is_some_and(|d| d.is_empty())
+            {
+                Ok(())
+            } else {
+                Err(format!(
+                    "deliveries still pending ({n} received): {pending}"
+                ))
+            }
+        },
+    )
+    .await;
     let _ = server.kill();
     let _ = server.wait();
 
     // Replay: one body per event id (duplicates must be identical), in commit order.
     let mut by_id = std::collections::BTreeMap::new();
-    for r in rx.got.lock().unwrap().iter() {
+    for r in rx.got.lock().unwrap().iter().filter(|r| !sentinel(r)) {
         let v: Value = serde_json::from_str(&r.body).unwrap();
         let id = v["event_id"].as_str().unwrap().to_string();
         if let Some(prev) = by_id.insert(id, v.clone()) {
