@@ -8,7 +8,7 @@
 //! A handler's operation id is its function name, unique across the table (the build checks).
 
 use futures_util::future::BoxFuture;
-use utoipa::openapi::path::{HttpMethod, Operation, PathItem};
+use utoipa::openapi::path::{Operation, PathItem};
 use utoipa::OpenApi;
 use warp::http::Method;
 use warp::reply::Response;
@@ -254,21 +254,6 @@ fn operations(item: &PathItem) -> Vec<(Method, &Operation)> {
     .into_iter()
     .filter_map(|(m, op)| op.as_ref().map(|op| (m, op)))
     .collect()
-}
-
-/// The methods utoipa knows, for the OpenAPI side of the table.
-pub fn http_method(method: &Method) -> Option<HttpMethod> {
-    Some(match *method {
-        Method::GET => HttpMethod::Get,
-        Method::HEAD => HttpMethod::Head,
-        Method::POST => HttpMethod::Post,
-        Method::PUT => HttpMethod::Put,
-        Method::PATCH => HttpMethod::Patch,
-        Method::DELETE => HttpMethod::Delete,
-        Method::OPTIONS => HttpMethod::Options,
-        Method::TRACE => HttpMethod::Trace,
-        _ => return None,
-    })
 }
 
 #[cfg(test)]
