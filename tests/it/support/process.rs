@@ -48,6 +48,30 @@ impl ServerProcess {
         self.child.wait().expect("reaping the server");
     }
 
+    /// Freezes the server (SIGSTOP): it does nothing, and its state stays as it is, until
+    /// [`ServerProcess::resume`] or [`ServerProcess::kill9`].
+    pub fn pause(&self) {
+        self.signal("-STOP");
+    }
+
+    /// Lets a paused server run again (SIGCONT).
+    pub fn resume(&self) {
+        self.signal("-CONT");
+    }
+
+    fn signal(&self, signal: &str) {
+        let sent = Command::new("kill")
+            .args([signal, &self.pid().to_string()])
+            .status()
+            .expect("running kill");
+        assert!(sent.success(), "kill {signal} failed");
+    }
+
+    /// The name of its control database on the shared cluster.
+    pub fn control_database(&self) -> &str {
+        &self.name
+    }
+
     /// Sends SIGTERM; returns once the process has exited (panics after `within`).
     pub async fn terminate(&mut self, within: Duration) -> std::process::ExitStatus {
         let sent = Command::new("kill")

@@ -1,10 +1,11 @@
 //! A webhook receiver: a local HTTP server that records every request and answers with scripted
-//! statuses (then 200). Stops with the test's runtime.
+//! statuses (then 200), or holds a request unanswered. Stops with the test's runtime.
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
+use tokio::sync::Notify;
 use warp::Filter;
 
 use super::poll;
@@ -13,39 +14,77 @@ use super::poll;
 pub struct Received {
     pub headers: warp::http::HeaderMap,
     pub body: String,
-    pub at: Instant,
 }
 
-/// Statuses (and `Retry-After` values) to answer with, in order; then 200.
-type Script = Arc<Mutex<VecDeque<(u16, Option<&'static str>)>>>;
+impl Received {
+    /// The `webhook-id` header: the delivery's id, the same across its attempts.
+    pub fn delivery_id(&self) -> &str {
+        self.headers["webhook-id"].to_str().unwrap()
+    }
+}
+
+/// What to do with one request.
+enum Step {
+    /// Answer this status (and `Retry-After`).
+    Answer(u16, Option<&'static str>),
+    /// Record the request and answer nothing until [`Receiver::release`].
+    Hold,
+}
+
+/// The steps for the next requests, in order; then 200.
+type Script = Arc<Mutex<VecDeque<Step>>>;
 
 /// A local HTTP receiver answering with scripted statuses (then 200).
 pub struct Receiver {
     pub url: String,
     pub got: Arc<Mutex<Vec<Received>>>,
     script: Script,
+    /// The indexes (in `got`) of the requests held unanswered.
+    held: Arc<Mutex<Vec<usize>>>,
+    release: Arc<Notify>,
 }
 
 impl Receiver {
     pub async fn start() -> Receiver {
         let got: Arc<Mutex<Vec<Received>>> = Arc::default();
         let script: Script = Arc::default();
-        let (g, s) = (got.clone(), script.clone());
+        let held: Arc<Mutex<Vec<usize>>> = Arc::default();
+        let release = Arc::new(Notify::new());
+        let (g, s, h, r) = (got.clone(), script.clone(), held.clone(), release.clone());
         let route = warp::post()
             .and(warp::header::headers_cloned())
             .and(warp::body::bytes())
-            .map(move |headers, body: bytes::Bytes| {
-                g.lock().unwrap().push(Received {
-                    headers,
-                    body: String::from_utf8_lossy(&body).into_owned(),
-                    at: Instant::now(),
-                });
-                let (status, retry_after) = s.lock().unwrap().pop_front().unwrap_or((200, None));
-                let mut resp = warp::http::Response::builder().status(status);
-                if let Some(ra) = retry_after {
-                    resp = resp.header("retry-after", ra);
+            .then(move |headers, body: bytes::Bytes| {
+                let (g, s, h, r) = (g.clone(), s.clone(), h.clone(), r.clone());
+                async move {
+                    // One lock order (script, then got): a request's step and its place in
+                    // `got` are taken together.
+                    let step = {
+                        let mut script = s.lock().unwrap();
+                        let mut got = g.lock().unwrap();
+                        got.push(Received {
+                            headers,
+                            body: String::from_utf8_lossy(&body).into_owned(),
+                        });
+                        let step = script.pop_front().unwrap_or(Step::Answer(200, None));
+                        if let Step::Hold = step {
+                            h.lock().unwrap().push(got.len() - 1);
+                        }
+                        step
+                    };
+                    let (status, retry_after) = match step {
+                        Step::Answer(status, retry_after) => (status, retry_after),
+                        Step::Hold => {
+                            r.notified().await;
+                            (503, None)
+                        }
+                    };
+                    let mut resp = warp::http::Response::builder().status(status);
+                    if let Some(ra) = retry_after {
+                        resp = resp.header("retry-after", ra);
+                    }
+                    resp.body("ok".to_string()).unwrap()
                 }
-                resp.body("ok".to_string()).unwrap()
             });
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
@@ -54,11 +93,48 @@ impl Receiver {
             url: format!("http://{addr}/hook"),
             got,
             script,
+            held,
+            release,
         }
     }
 
+    /// The next unscripted request is answered `status` (with `Retry-After: retry_after`).
     pub fn answer(&self, status: u16, retry_after: Option<&'static str>) {
-        self.script.lock().unwrap().push_back((status, retry_after));
+        self.script
+            .lock()
+            .unwrap()
+            .push_back(Step::Answer(status, retry_after));
+    }
+
+    /// The next unscripted request is recorded and held without an answer until
+    /// [`Receiver::release`] (then answered 503).
+    pub fn hold(&self) {
+        self.script.lock().unwrap().push_back(Step::Hold);
+    }
+
+    /// Answers every request held so far (503).
+    pub fn release(&self) {
+        self.release.notify_waiters();
+    }
+
+    /// Waits until `n` requests have been held (60 s at most); the index in `got` of the
+    /// `n`-th, and that request.
+    pub async fn wait_held(&self, n: usize) -> (usize, Received) {
+        poll::until(
+            Duration::from_secs(60),
+            Duration::from_millis(20),
+            || async {
+                let held = self.held.lock().unwrap().clone();
+                match held.get(n - 1) {
+                    Some(&i) => Ok((i, self.got.lock().unwrap()[i].clone())),
+                    None => Err(format!(
+                        "request {n} to hold never came ({} received)",
+                        self.got.lock().unwrap().len()
+                    )),
+                }
+            },
+        )
+        .await
     }
 
     /// Waits until `n` requests arrived (20 s at most).

@@ -1,13 +1,16 @@
 //! Webhooks: real HTTP receivers in the test, the real server, the change stream behind it.
 
+use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 use warp::Filter;
 
+use crate::support::fixtures::project;
+use crate::support::http::{call, sql};
 use crate::support::poll;
-use crate::support::process::{free_port, ChildGuard};
+use crate::support::process::ServerProcess;
 use crate::support::receiver::{Received, Receiver};
 use crate::support::{spawn_app_with, spawn_webhook_app as app, Fixture, TestApp};
 
@@ -312,7 +315,7 @@ async fn retry_after_is_honoured_and_410_disables_the_endpoint() {
     let f = app.fixture().await;
     let rx = Receiver::start().await;
     rx.answer(503, Some("2"));
-    register(
+    let first = register(
         &app,
         &f,
         json!({ "url": rx.url, "events": ["row.inserted"] }),
@@ -325,10 +328,43 @@ async fn retry_after_is_honoured_and_410_disables_the_endpoint() {
     )
     .await;
     let got = rx.wait_for(2).await;
-    let gap = got[1].at.duration_since(got[0].at);
+    assert_eq!(got[0].delivery_id(), got[1].delivery_id());
+    // The server's own clock, not the test's: each attempt signs the time it was sent
+    // (`webhook-timestamp`, whole seconds), and the outbox row keeps the time the failed
+    // attempt set for the next one (a success leaves it as it is). Retry-After: 2 puts it 2 s
+    // after the first attempt (the backoff here would be 50 ms), and the retry is not sent
+    // before it.
+    let sent_at = |r: &Received| -> i64 {
+        r.headers["webhook-timestamp"]
+            .to_str()
+            .unwrap()
+            .parse()
+            .unwrap()
+    };
+    let wh = first["webhook"]["id"].as_str().unwrap();
+    let b = deliveries_until(&app, &f, &format!("webhookId={wh}&status=delivered"), |b| {
+        b["deliveries"][0].is_object()
+    })
+    .await;
+    let d = &b["deliveries"][0];
+    assert_eq!(
+        (d["attempts"].as_i64(), d["responseStatus"].as_i64()),
+        (Some(2), Some(200)),
+        "{b}"
+    );
+    let next_attempt_at =
+        chrono::DateTime::parse_from_rfc3339(d["nextAttemptAt"].as_str().unwrap())
+            .unwrap()
+            .timestamp_millis();
+    let scheduled = next_attempt_at - sent_at(&got[0]) * 1000;
     assert!(
-        gap >= Duration::from_millis(1900),
-        "retried after {gap:?} despite Retry-After: 2"
+        (2000..3000).contains(&scheduled),
+        "the retry was scheduled {scheduled} ms after the first attempt's second, despite Retry-After: 2"
+    );
+    assert!(
+        sent_at(&got[1]) * 1000 >= next_attempt_at - 999,
+        "the retry was sent at {} s, before its time ({next_attempt_at} ms)",
+        sent_at(&got[1])
     );
 
     let gone = Receiver::start().await;
@@ -342,30 +378,36 @@ async fn retry_after_is_honoured_and_410_disables_the_endpoint() {
     app.rows(&f.admin, &f.project, "INSERT INTO t VALUES (2)")
         .await;
     gone.wait_for(1).await;
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let (_, b) = app
-            .call(
-                "GET",
-                &format!("/api/webhooks?projectId={}", f.project),
-                Some(&f.admin),
-                None,
-            )
-            .await;
-        let w = b["webhooks"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|w| w["id"] == hook["webhook"]["id"])
-            .unwrap()
-            .clone();
-        if w["enabled"] == false {
-            assert!(w["disabledReason"].as_str().unwrap().contains("410"));
-            break;
-        }
-        assert!(Instant::now() < deadline);
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let w = poll::until(
+        Duration::from_secs(20),
+        Duration::from_millis(100),
+        || async {
+            let (_, b) = app
+                .call(
+                    "GET",
+                    &format!("/api/webhooks?projectId={}", f.project),
+                    Some(&f.admin),
+                    None,
+                )
+                .await;
+            let w = b["webhooks"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|w| w["id"] == hook["webhook"]["id"])
+                .unwrap()
+                .clone();
+            if w["enabled"] == false {
+                Ok(w)
+            } else {
+                Err(format!(
+                    "the endpoint that answered 410 was not disabled: {w}"
+                ))
+            }
+        },
+    )
+    .await;
+    assert!(w["disabledReason"].as_str().unwrap().contains("410"), "{w}");
     app.rows(&f.admin, &f.project, "INSERT INTO t VALUES (3)")
         .await;
     // The first webhook's delivery of (3) is stored with the disabled one's, had it one (a
@@ -387,10 +429,13 @@ async fn retry_after_is_honoured_and_410_disables_the_endpoint() {
 async fn a_receiver_that_was_down_gets_everything_once_it_is_up() {
     let app = app().await;
     let f = app.fixture().await;
-    // Reserve a port with nobody listening on it.
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let port = listener.local_addr().unwrap().port();
-    drop(listener);
+    // A port of the test's own, bound but not listening: connections to it are refused, and
+    // no one else can take it before the receiver listens on it.
+    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    socket
+        .bind(&std::net::SocketAddr::from(([127, 0, 0, 1], 0)).into())
+        .unwrap();
+    let port = socket.local_addr().unwrap().as_socket().unwrap().port();
     let url = format!("http://127.0.0.1:{port}/hook");
     register(&app, &f, json!({ "url": url, "events": ["row.inserted"] })).await;
     app.rows(&f.admin, &f.project, "CREATE TABLE t (x int)")
@@ -417,19 +462,23 @@ async fn a_receiver_that_was_down_gets_everything_once_it_is_up() {
                 .push(String::from_utf8_lossy(&b).into_owned());
             "ok"
         });
-    let listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
-        .await
-        .unwrap();
+    socket.listen(128).unwrap();
+    socket.set_nonblocking(true).unwrap();
+    let listener = tokio::net::TcpListener::from_std(socket.into()).unwrap();
     tokio::spawn(warp::serve(route).incoming(listener).run());
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while got.lock().unwrap().len() < 5 {
-        assert!(
-            Instant::now() < deadline,
-            "only {} arrived",
-            got.lock().unwrap().len()
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    poll::until(
+        Duration::from_secs(60),
+        Duration::from_millis(100),
+        || async {
+            match got.lock().unwrap().len() {
+                n if n >= 5 => Ok(()),
+                n => Err(format!(
+                    "only {n} of 5 deliveries arrived once the receiver was up"
+                )),
+            }
+        },
+    )
+    .await;
     let xs: Vec<i64> = got
         .lock()
         .unwrap()
@@ -540,205 +589,330 @@ async fn a_failed_delivery_can_be_redelivered_and_webhooks_can_be_updated_and_de
     assert_eq!(b["webhooks"], json!([]));
 }
 
-/// `kill -9` of the server while deliveries are pending and changes are not yet stored: after a
-/// restart, every change of a randomized 10,000-change workload arrives at least once, and
-/// replaying the deliveries rebuilds the table.
+/// The project tables of [`after_kill_9_every_change_of_a_random_workload_is_delivered_at_least_once`]:
+/// `w`, whose every write takes a fresh change number `s` from a sequence, so that each committed
+/// change is one (operation, `s`): the `s` of the new row, or of the deleted one; `audit`, where
+/// a trigger records each change of `w` with its old and new rows, in the change's own
+/// transaction (so exactly the committed ones); `done`, for the sentinel. The workload commits
+/// every 20 operations, rolls back one transaction in ten and some subtransactions, and halfway
+/// waits for the advisory lock 1604 (the test's gate).
+const KILL9_SCHEMA: &str = "
+    CREATE SEQUENCE change_no;
+    CREATE TABLE w (id int PRIMARY KEY, v int, note text, s int NOT NULL DEFAULT nextval('change_no'));
+    CREATE TABLE done (id int);
+    CREATE TABLE audit (op text NOT NULL, s int NOT NULL, old jsonb, new jsonb);
+    CREATE FUNCTION audit_change() RETURNS trigger LANGUAGE plpgsql AS $$
+    BEGIN
+      IF TG_OP = 'DELETE' THEN INSERT INTO audit VALUES ('row.deleted', OLD.s, to_jsonb(OLD), NULL);
+      ELSIF TG_OP = 'UPDATE' THEN INSERT INTO audit VALUES ('row.updated', NEW.s, to_jsonb(OLD), to_jsonb(NEW));
+      ELSE INSERT INTO audit VALUES ('row.inserted', NEW.s, NULL, to_jsonb(NEW));
+      END IF;
+      RETURN NULL;
+    END $$;
+    CREATE TRIGGER w_audit AFTER INSERT OR UPDATE OR DELETE ON w
+      FOR EACH ROW EXECUTE FUNCTION audit_change();
+    CREATE PROCEDURE workload(total int, seed float8) LANGUAGE plpgsql AS $$
+    DECLARE i int := 0; k int; op float8;
+    BEGIN
+      PERFORM setseed(seed);
+      WHILE i < total LOOP
+        k := floor(random() * 300); op := random();
+        IF op < 0.5 THEN
+          INSERT INTO w (id, v, note) VALUES (k, i, md5(i::text))
+            ON CONFLICT (id) DO UPDATE SET v = excluded.v, s = excluded.s;
+        ELSIF op < 0.8 THEN
+          UPDATE w SET v = v + 1, note = md5(random()::text), s = nextval('change_no') WHERE id = k;
+        ELSIF op < 0.97 THEN
+          DELETE FROM w WHERE id = k;
+        ELSE
+          BEGIN
+            UPDATE w SET v = -1, s = nextval('change_no') WHERE id = k;
+            INSERT INTO w (id, v, note) VALUES (1000 + k, -1, 'rolled back');
+            RAISE EXCEPTION 'undo';
+          EXCEPTION WHEN raise_exception THEN NULL;
+          END;
+        END IF;
+        i := i + 1;
+        IF i % 20 = 0 THEN
+          IF random() < 0.1 THEN ROLLBACK; ELSE COMMIT; END IF;
+        END IF;
+        IF i = total / 2 THEN
+          PERFORM pg_advisory_lock(1604);
+          PERFORM pg_advisory_unlock(1604);
+        END IF;
+      END LOOP;
+      COMMIT;
+    END $$";
+
+/// The `count(*)` a query answers.
+async fn count(
+    client: &tokio_postgres::Client,
+    query: &str,
+    params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
+) -> i64 {
+    client.query_one(query, params).await.unwrap().get(0)
+}
+
+/// One change of `w`: its event type and change number (see [`KILL9_SCHEMA`]).
+type ChangeKey = (String, i64);
+
+/// `kill -9` of a real server process at a moment it is made to have work in every stage: a
+/// delivery in flight (the receiver holds its request unanswered, and the outbox row shows no
+/// outcome), others pending in the outbox, and committed changes not yet stored (the workload's
+/// second half, committed while the server is frozen). After a restart, every change a
+/// randomized 10,000-operation workload committed (read back from an audit table its
+/// transactions wrote) is delivered at least once with its exact old and new rows, nothing that
+/// was rolled back is, each change keeps one delivery id across duplicates, and replaying the
+/// deliveries rebuilds the table.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn after_kill_9_every_change_of_a_random_workload_is_delivered_at_least_once() {
-    use std::process::{Command, Stdio};
+    let mut server = ServerProcess::start(&[
+        ("FLUXBASE_WEBHOOK_ALLOW_PRIVATE", "true"),
+        ("FLUXBASE_WEBHOOK_BACKOFF_SCALE", "0.01"),
+    ])
+    .await;
+    let p = project(&server.base).await;
     let pg = crate::support::pg().await;
-    let dir = crate::support::scratch_dir(&format!(
-        "it-{}-{}",
-        std::process::id(),
-        crate::support::unique("kill9")
-    ));
-    let port = free_port();
-    let base = format!("http://127.0.0.1:{port}");
-    let env: Vec<(&str, String)> = vec![
-        (
-            "FLUXBASE_DATABASE_URL",
-            pg.url(&crate::support::unique("ctl")),
-        ),
-        ("FLUXBASE_DATA_DIR", dir.display().to_string()),
-        ("FLUXBASE_LISTEN", format!("127.0.0.1:{port}")),
-        ("FLUXBASE_WEBHOOK_ALLOW_PRIVATE", "true".into()),
-        ("FLUXBASE_WEBHOOK_BACKOFF_SCALE", "0.01".into()),
-        ("FLUXBASE_RATE_LIMIT_REQUESTS", "0".into()),
-        ("FLUXBASE_LOG", "warn".into()),
-    ];
-    let bin = env!("CARGO_BIN_EXE_fluxbase");
-    let out = Command::new(bin)
-        .args(["init", "--json"])
-        .envs(env.clone())
-        .current_dir(&dir)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let init: Value = serde_json::from_slice(&out.stdout).unwrap();
-    let project = init["project"]["id"].as_str().unwrap().to_string();
-    let admin = init["apiKeys"]["admin"].as_str().unwrap().to_string();
-    let serve = || {
-        ChildGuard(
-            Command::new(bin)
-                .arg("serve")
-                .envs(env.clone())
-                .current_dir(&dir)
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()
-                .unwrap(),
-        )
-    };
-    let http = reqwest::Client::new();
-    let healthy = |http: reqwest::Client, base: String| async move {
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while http.get(format!("{base}/health")).send().await.is_err() {
-            assert!(Instant::now() < deadline, "server did not start");
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-    };
-    let mut server = serve();
-    healthy(http.clone(), base.clone()).await;
-    let api = |path: &str, body: Value| {
-        http.post(format!("{base}{path}"))
-            .bearer_auth(&admin)
-            .json(&body)
-            .send()
-    };
+    let db = format!("fx_{}", p.project);
+    let control = pg.client(server.control_database()).await;
     let rx = Receiver::start().await;
-    let r = api("/api/webhooks", json!({ "projectId": project, "url": rx.url, "events": ["row.inserted", "row.updated", "row.deleted"] })).await.unwrap();
-    assert_eq!(r.status(), 201);
-    let r: Value = api("/api/execute-sql", json!({ "projectId": project, "query": "
-        CREATE TABLE w (id int PRIMARY KEY, v int, note text);
-        CREATE TABLE done (id int);
-        CREATE PROCEDURE workload(total int, seed float8) LANGUAGE plpgsql AS $$
-        DECLARE i int := 0; k int; op float8;
-        BEGIN
-          PERFORM setseed(seed);
-          WHILE i < total LOOP
-            k := floor(random() * 300); op := random();
-            IF op < 0.5 THEN INSERT INTO w VALUES (k, i, md5(i::text)) ON CONFLICT (id) DO UPDATE SET v = excluded.v;
-            ELSIF op < 0.8 THEN UPDATE w SET v = v + 1, note = md5(random()::text) WHERE id = k;
-            ELSE DELETE FROM w WHERE id = k; END IF;
-            i := i + 1;
-            IF i % 20 = 0 THEN COMMIT; END IF;
-          END LOOP;
-          COMMIT;
-        END $$" })).await.unwrap().json().await.unwrap();
-    assert_eq!(r["success"], true, "{r}");
+    // The first 300 deliveries are answered; the next one is held.
+    for _ in 0..300 {
+        rx.answer(200, None);
+    }
+    rx.hold();
+    let (status, hook) = call(
+        &server.base,
+        "POST",
+        "/api/webhooks",
+        Some(&p.admin),
+        json!({ "projectId": p.project, "url": rx.url, "tables": ["w", "done"],
+                "events": ["row.inserted", "row.updated", "row.deleted"] }),
+    )
+    .await;
+    assert_eq!(status, 201, "{hook}");
+    let webhook_id = hook["webhook"]["id"].as_str().unwrap().to_string();
+    sql(&server.base, &p.admin, &p.project, KILL9_SCHEMA).await;
+    // The gate: the workload's second half waits until this session lets go of the lock.
+    let gate = pg.client(&db).await;
+    gate.batch_execute("SELECT pg_advisory_lock(1604)")
+        .await
+        .unwrap();
+    let workload = {
+        let client = pg.client(&db).await;
+        tokio::spawn(async move {
+            client
+                .batch_execute("CALL workload(10000, 0.7)")
+                .await
+                .unwrap()
+        })
+    };
 
-    let db = format!("fx_{project}");
-    let client = pg.client(&db).await;
-    let workload = tokio::spawn(async move {
-        client
-            .batch_execute("CALL workload(10000, 0.7)")
+    // A delivery in flight: its request held by the receiver, the server frozen (SIGSTOP)
+    // while it waits for the answer. Its egress timeout (10 s) may have ended that attempt
+    // before the freeze; then the retry is held instead.
+    let mut holds = 0;
+    let held = loop {
+        holds += 1;
+        let (index, held) = rx.wait_held(holds).await;
+        let id = held.delivery_id().to_string();
+        // Others pending behind it (the first half's changes keep being stored meanwhile).
+        poll::until(Duration::from_secs(60), Duration::from_millis(20), || async {
+            let pending = count(&control, "SELECT count(*) FROM fluxbase.webhook_deliveries WHERE webhook_id = $1 AND status = 'pending'", &[&webhook_id]).await;
+            if pending > 1 { Ok(()) } else { Err(format!("{pending} deliveries pending")) }
+        })
+        .await;
+        server.pause();
+        let row = control
+            .query_one(
+                "SELECT status, attempts FROM fluxbase.webhook_deliveries WHERE id = $1",
+                &[&id],
+            )
             .await
-            .unwrap()
-    });
-    // Kill the server in the middle: deliveries pending, changes not yet stored.
-    rx.wait_for(300).await;
-    assert!(server.kill().is_ok());
-    server.wait().unwrap();
-    workload.await.unwrap();
-    let mut server = serve();
-    healthy(http.clone(), base.clone()).await;
+            .unwrap();
+        let (status, attempts): (String, i32) = (row.get(0), row.get(1));
+        let later = rx.got.lock().unwrap().len() - index - 1;
+        if (status.as_str(), attempts, later) == ("pending", 0, 0) {
+            break id;
+        }
+        assert!(holds < 5, "each held attempt ended before the server was frozen ({status}, {attempts} attempts, {later} requests after it)");
+        rx.hold();
+        server.resume();
+    };
+    let pending = count(&control, "SELECT count(*) FROM fluxbase.webhook_deliveries WHERE webhook_id = $1 AND status = 'pending'", &[&webhook_id]).await;
+    assert!(pending > 1, "{pending} deliveries pending at the kill");
+    // Committed changes not yet stored: the second half, while the server is frozen.
+    gate.batch_execute("SELECT pg_advisory_unlock(1604)")
+        .await
+        .unwrap();
+    tokio::time::timeout(Duration::from_secs(300), workload)
+        .await
+        .expect("the workload did not finish")
+        .unwrap();
+    let project_db = pg.client(&db).await;
+    let committed = count(&project_db, "SELECT count(*) FROM audit", &[]).await;
+    let stored = count(
+        &control,
+        "SELECT count(*) FROM fluxbase.webhook_deliveries WHERE webhook_id = $1",
+        &[&webhook_id],
+    )
+    .await;
+    assert!(
+        stored < committed,
+        "{stored} deliveries stored of {committed} committed changes"
+    );
+    server.kill9();
+    let row = control
+        .query_one(
+            "SELECT status, attempts FROM fluxbase.webhook_deliveries WHERE id = $1",
+            &[&held],
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        (row.get::<_, String>(0).as_str(), row.get::<_, i32>(1)),
+        ("pending", 0),
+        "the held attempt got an outcome"
+    );
+    rx.release();
+    eprintln!("killed with delivery {held} in flight, {pending} pending, {stored} stored of {committed} committed changes");
 
+    server.restart().await;
     // Sentinel: a change committed after the whole workload. The outbox stores transactions in
     // commit order, so once its delivery arrived every change before it is stored; then no
     // pending delivery left means each was received (a delivery is recorded after its answer).
-    let r: Value = api(
-        "/api/execute-sql",
-        json!({ "projectId": project, "query": "INSERT INTO done VALUES (1)" }),
-    )
-    .await
-    .unwrap()
-    .json()
-    .await
-    .unwrap();
-    assert_eq!(r["success"], true, "{r}");
-    let sentinel = |r: &Received| r.body.contains("\"table_id\":\"done\"");
-    poll::until(
-        Duration::from_secs(240),
-        Duration::from_millis(250),
-        || async {
-            let n = rx.got.lock().unwrap().len();
-            if !rx.got.lock().unwrap().iter().any(sentinel) {
-                return Err(format!("the sentinel never arrived ({n} received)"));
-            }
-            let pending: Value = http
-                .get(format!(
-                    "{base}/api/webhooks/deliveries?projectId={project}&status=pending"
-                ))
-                .bearer_auth(&admin)
-                .send()
-                .await
-                .unwrap()
-                .json()
-                .await
-                .unwrap();
-            if pending["deliveries"]
-                .as_array()
-                .is_some_and(|d| d.is_empty())
-            {
-                Ok(())
-            } else {
-                Err(format!(
-                    "deliveries still pending ({n} received): {pending}"
-                ))
-            }
-        },
+    sql(
+        &server.base,
+        &p.admin,
+        &p.project,
+        "INSERT INTO done VALUES (1)",
     )
     .await;
-    let _ = server.kill();
-    let _ = server.wait();
+    let sentinel = |r: &Received| r.body.contains("\"table_id\":\"done\"");
+    poll::until(Duration::from_secs(240), Duration::from_millis(250), || async {
+        let n = rx.got.lock().unwrap().len();
+        if !rx.got.lock().unwrap().iter().any(sentinel) {
+            return Err(format!("the sentinel never arrived ({n} received)"));
+        }
+        let failed = count(&control, "SELECT count(*) FROM fluxbase.webhook_deliveries WHERE webhook_id = $1 AND status = 'failed'", &[&webhook_id]).await;
+        assert_eq!(failed, 0, "deliveries failed");
+        let pending = count(&control, "SELECT count(*) FROM fluxbase.webhook_deliveries WHERE webhook_id = $1 AND status = 'pending'", &[&webhook_id]).await;
+        if pending == 0 {
+            Ok(())
+        } else {
+            Err(format!("{pending} deliveries still pending ({n} received)"))
+        }
+    })
+    .await;
+    drop(server);
 
-    // Replay: one body per event id (duplicates must be identical), in commit order.
-    let mut by_id = std::collections::BTreeMap::new();
-    for r in rx.got.lock().unwrap().iter().filter(|r| !sentinel(r)) {
+    // Expected: every committed change, as the audit table recorded it.
+    let mut expected: BTreeMap<ChangeKey, (Value, Value)> = BTreeMap::new();
+    for r in project_db
+        .query("SELECT op, s::int8, coalesce(old::text, 'null'), coalesce(new::text, 'null') FROM audit", &[])
+        .await
+        .unwrap()
+    {
+        let rows = (
+            serde_json::from_str(r.get(2)).unwrap(),
+            serde_json::from_str(r.get(3)).unwrap(),
+        );
+        let key = (r.get::<_, String>(0), r.get::<_, i64>(1));
+        assert!(expected.insert(key.clone(), rows).is_none(), "two changes {key:?}");
+    }
+    assert_eq!(expected.len() as i64, committed);
+
+    // Delivered: each request's change, its old and new rows, and its delivery id.
+    let got = rx.got.lock().unwrap().clone();
+    let requests: Vec<&Received> = got.iter().filter(|r| !sentinel(r)).collect();
+    let mut delivered: BTreeMap<ChangeKey, (Value, Value)> = BTreeMap::new();
+    let mut delivery_of: BTreeMap<ChangeKey, String> = BTreeMap::new();
+    let mut by_event: BTreeMap<String, Value> = BTreeMap::new();
+    for r in &requests {
         let v: Value = serde_json::from_str(&r.body).unwrap();
-        let id = v["event_id"].as_str().unwrap().to_string();
-        if let Some(prev) = by_id.insert(id, v.clone()) {
+        let event_type = v["event_type"].as_str().unwrap().to_string();
+        let (old, new) = (v["data"]["old"].clone(), v["data"]["new"].clone());
+        let s = if event_type == "row.deleted" {
+            &old["s"]
+        } else {
+            &new["s"]
+        };
+        let key = (event_type, s.as_i64().unwrap());
+        if let Some(prev) = by_event.insert(v["event_id"].as_str().unwrap().to_string(), v.clone())
+        {
             assert_eq!(prev, v, "a repeated delivery changed its body");
         }
+        if let Some(prev) = delivered.insert(key.clone(), (old, new)) {
+            assert_eq!(
+                prev, delivered[&key],
+                "{key:?} was delivered with two bodies"
+            );
+        }
+        let id = delivery_of
+            .entry(key.clone())
+            .or_insert_with(|| r.delivery_id().to_string());
+        assert_eq!(id, r.delivery_id(), "{key:?} came under two delivery ids");
     }
-    let mut rows = std::collections::BTreeMap::new();
-    for v in by_id.values() {
+    let missing: Vec<&ChangeKey> = expected
+        .keys()
+        .filter(|k| !delivered.contains_key(*k))
+        .collect();
+    let invented: Vec<&ChangeKey> = delivered
+        .keys()
+        .filter(|k| !expected.contains_key(*k))
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "{} committed changes never delivered, e.g. {:?}",
+        missing.len(),
+        &missing[..missing.len().min(5)]
+    );
+    assert!(
+        invented.is_empty(),
+        "{} changes delivered that were never committed, e.g. {:?}",
+        invented.len(),
+        &invented[..invented.len().min(5)]
+    );
+    for (key, rows) in &expected {
+        assert_eq!(
+            &delivered[key], rows,
+            "{key:?} was delivered with other rows"
+        );
+    }
+    let duplicates = requests.len() - delivered.len();
+    assert!(
+        requests.iter().filter(|r| r.delivery_id() == held).count() >= 2,
+        "the delivery in flight at the kill was not sent again"
+    );
+    eprintln!(
+        "{} committed changes, {} requests, {duplicates} duplicates",
+        expected.len(),
+        requests.len()
+    );
+
+    // Replay in commit order (event ids sort so) rebuilds the table.
+    let mut rows = BTreeMap::new();
+    for v in by_event.values() {
         match v["event_type"].as_str().unwrap() {
-            "row.inserted" | "row.updated" => {
+            "row.deleted" => {
+                rows.remove(&v["data"]["old"]["id"].as_i64().unwrap());
+            }
+            _ => {
                 rows.insert(
                     v["data"]["new"]["id"].as_i64().unwrap(),
                     v["data"]["new"].clone(),
                 );
             }
-            "row.deleted" => {
-                rows.remove(&v["data"]["old"]["id"].as_i64().unwrap());
-            }
-            other => panic!("unexpected {other}"),
         }
     }
-    assert!(
-        by_id.len() > 5000,
-        "only {} distinct changes delivered",
-        by_id.len()
-    );
-    let table: Vec<Value> = pg
-        .client(&db)
-        .await
-        .query(
-            "SELECT json_build_object('id', id, 'v', v, 'note', note)::text FROM w ORDER BY id",
-            &[],
-        )
+    let table: Vec<Value> = project_db
+        .query("SELECT to_jsonb(w)::text FROM w ORDER BY id", &[])
         .await
         .unwrap()
         .iter()
         .map(|r| serde_json::from_str(r.get::<_, &str>(0)).unwrap())
         .collect();
     let rebuilt: Vec<Value> = rows.into_values().collect();
-    assert_eq!(rebuilt.len(), table.len());
     assert!(rebuilt == table, "the deliveries do not rebuild the table");
 }
 
@@ -782,7 +956,12 @@ async fn new_and_redelivered_deliveries_go_out_without_waiting_for_the_periodic_
         .await;
     let got = rx.wait_for(4).await;
     assert_eq!(x_of(&got[3]), 3);
-    assert_eq!(got.len(), 4);
+    // Nothing was sent twice: a sentinel, stored after everything above and sent after
+    // anything still due, comes next.
+    app.rows(&f.admin, &f.project, "INSERT INTO t VALUES (4)")
+        .await;
+    let got: Vec<Value> = rx.wait_for(5).await.iter().map(x_of).collect();
+    assert_eq!(got, [1, 2, 1, 3, 4].map(Value::from).to_vec());
 }
 
 #[tokio::test]
