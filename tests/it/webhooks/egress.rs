@@ -7,7 +7,7 @@
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
 use fluxbase::webhooks::egress::{self, EgressError};
@@ -34,17 +34,18 @@ impl Received {
 
 #[derive(Clone)]
 struct Script {
-    response: Vec<u8>,
-    /// Wait this long after reading the request before answering.
-    delay: Duration,
-    /// After answering, keep the socket open this long (a body that never ends).
-    hold: Duration,
+    /// Written once the request is read; `None`: never answer.
+    response: Option<Vec<u8>>,
+    /// Then keep the connection open until the client closes it (a body that never ends).
+    hold: bool,
 }
 
 struct Receiver {
     addr: SocketAddr,
     connections: Arc<Mutex<usize>>,
     received: Arc<Mutex<Vec<Received>>>,
+    /// Connections the client closed while this receiver still held them open.
+    hung_up: Arc<Mutex<usize>>,
 }
 
 impl Receiver {
@@ -53,22 +54,34 @@ impl Receiver {
         let addr = listener.local_addr().unwrap();
         let connections = Arc::new(Mutex::new(0));
         let received = Arc::new(Mutex::new(Vec::new()));
-        let (c, r) = (connections.clone(), received.clone());
+        let hung_up = Arc::new(Mutex::new(0));
+        let (c, r, h) = (connections.clone(), received.clone(), hung_up.clone());
         tokio::spawn(async move {
             loop {
                 let Ok((mut socket, _)) = listener.accept().await else {
                     return;
                 };
                 *c.lock().unwrap() += 1;
-                let (r, script) = (r.clone(), script.clone());
+                let (r, h, script) = (r.clone(), h.clone(), script.clone());
                 tokio::spawn(async move {
                     let Some(request) = read_request(&mut socket).await else {
                         return;
                     };
                     r.lock().unwrap().push(request);
-                    tokio::time::sleep(script.delay).await;
-                    let _ = socket.write_all(&script.response).await;
-                    tokio::time::sleep(script.hold).await;
+                    if let Some(response) = &script.response {
+                        let _ = socket.write_all(response).await;
+                    }
+                    if script.hold || script.response.is_none() {
+                        // Until the client hangs up (end of stream, or a reset).
+                        let mut buf = [0u8; 1024];
+                        while let Ok(n) = socket.read(&mut buf).await {
+                            if n == 0 {
+                                break;
+                            }
+                        }
+                        *h.lock().unwrap() += 1;
+                        return;
+                    }
                     let _ = socket.shutdown().await;
                 });
             }
@@ -77,14 +90,14 @@ impl Receiver {
             addr,
             connections,
             received,
+            hung_up,
         }
     }
 
     async fn answering(response: String) -> Receiver {
         Receiver::start(Script {
-            response: response.into_bytes(),
-            delay: Duration::ZERO,
-            hold: Duration::ZERO,
+            response: Some(response.into_bytes()),
+            hold: false,
         })
         .await
     }
@@ -99,6 +112,21 @@ impl Receiver {
 
     fn received(&self) -> Vec<Received> {
         self.received.lock().unwrap().clone()
+    }
+
+    /// Waits until the client has closed `n` of the connections this receiver held open.
+    async fn hung_up(&self, n: usize) {
+        crate::support::poll::until(
+            Duration::from_secs(60),
+            Duration::from_millis(20),
+            || async {
+                match *self.hung_up.lock().unwrap() {
+                    seen if seen >= n => Ok(()),
+                    seen => Err(format!("the client closed {seen} of {n} held connections")),
+                }
+            },
+        )
+        .await
     }
 }
 
@@ -317,7 +345,12 @@ async fn retry_after_is_read_as_seconds_and_as_an_http_date() {
     assert_eq!(response.status, 503);
     assert_eq!(response.retry_after, Some(Duration::from_secs(120)));
 
-    let date = httpdate::fmt_http_date(SystemTime::now() + Duration::from_secs(60));
+    // The wait is measured from the client's clock when the answer came: between `before` and
+    // `after` (the date has whole seconds).
+    let before = SystemTime::now();
+    let at = httpdate::parse_http_date(&httpdate::fmt_http_date(before + Duration::from_secs(60)))
+        .unwrap();
+    let date = httpdate::fmt_http_date(at);
     let dated = Receiver::answering(answer(
         "429 Too Many Requests",
         &[("retry-after", &date)],
@@ -328,10 +361,15 @@ async fn retry_after_is_read_as_seconds_and_as_an_http_date() {
         .await
         .unwrap();
     assert_eq!(response.status, 429);
+    let after = SystemTime::now();
     let wait = response.retry_after.unwrap();
+    let (least, most) = (
+        at.duration_since(after).unwrap(),
+        at.duration_since(before).unwrap(),
+    );
     assert!(
-        wait > Duration::from_secs(55) && wait <= Duration::from_secs(60),
-        "{wait:?}"
+        least <= wait && wait <= most,
+        "{wait:?} is not {date} seen between {least:?} and {most:?} before it"
     );
 
     let garbage = Receiver::answering(answer(
@@ -346,37 +384,44 @@ async fn retry_after_is_read_as_seconds_and_as_an_http_date() {
     assert_eq!(response.retry_after, None);
 }
 
+/// A receiver that never answers: only the client's own total timeout can end the request, and
+/// the client then hangs up.
 #[tokio::test]
 async fn a_slow_receiver_hits_the_total_timeout() {
     let slow = Receiver::start(Script {
-        response: answer("200 OK", &[], "late").into_bytes(),
-        delay: Duration::from_secs(5),
-        hold: Duration::ZERO,
+        response: None,
+        hold: true,
     })
     .await;
     let client = egress::client(true, Duration::from_secs(5), Duration::from_millis(300));
-    let started = Instant::now();
-    let err = egress::post(
+    let url = slow.url("127.0.0.1", "/");
+    let post = egress::post(
         &client,
-        &slow.url("127.0.0.1", "/"),
+        &url,
         NO_HEADERS,
         Bytes::from_static(b"{}"),
         true,
         1024,
-    )
-    .await
-    .unwrap_err();
+    );
+    let err = tokio::time::timeout(Duration::from_secs(60), post)
+        .await
+        .expect("the total timeout never ended a request the receiver does not answer")
+        .unwrap_err();
     assert!(matches!(err, EgressError::Timeout), "{err:?}");
-    assert!(started.elapsed() < Duration::from_secs(3));
+    // It was the request that timed out, not the connection: the receiver read it whole.
     assert_eq!(slow.received().len(), 1);
+    slow.hung_up(1).await;
 }
 
 #[tokio::test]
 async fn a_closed_port_is_a_connect_error() {
-    let port = {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        listener.local_addr().unwrap().port()
-    };
+    // Bound by this test but not listening, for as long as the test runs: refused, and no one
+    // else can take the port meanwhile.
+    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    socket
+        .bind(&SocketAddr::from(([127, 0, 0, 1], 0)).into())
+        .unwrap();
+    let port = socket.local_addr().unwrap().as_socket().unwrap().port();
     let url = Url::parse(&format!("http://127.0.0.1:{port}/")).unwrap();
     match post(true, &url, 1024).await {
         Err(EgressError::Connect(message)) => {
@@ -403,22 +448,33 @@ async fn response_bodies_are_truncated_to_the_cap() {
     let response = post(true, &euros.url("127.0.0.1", "/"), 4).await.unwrap();
     assert_eq!(response.body, "€");
 
-    // A body announced as 10 MiB that stalls after 4 KiB: the cap is reached, nothing waits for
-    // the rest (the total timeout is 10 s).
+    // A body announced as 10 MiB that stalls after 4 KiB, held open until the client hangs up:
+    // the cap is reached and nothing waits for the rest. The client's total timeout is an hour,
+    // so only the cap can end this read.
     let mut stalled = b"HTTP/1.1 200 OK\r\ncontent-length: 10485760\r\n\r\n".to_vec();
     stalled.extend_from_slice(&[b'y'; 4096]);
     let stalled = Receiver::start(Script {
-        response: stalled,
-        delay: Duration::ZERO,
-        hold: Duration::from_secs(30),
+        response: Some(stalled),
+        hold: true,
     })
     .await;
-    let started = Instant::now();
-    let response = post(true, &stalled.url("127.0.0.1", "/"), 1000)
+    let patient = egress::client(true, Duration::from_secs(5), Duration::from_secs(3600));
+    let url = stalled.url("127.0.0.1", "/");
+    let read = egress::post(
+        &patient,
+        &url,
+        NO_HEADERS,
+        Bytes::from_static(b"{}"),
+        true,
+        1000,
+    );
+    let response = tokio::time::timeout(Duration::from_secs(60), read)
         .await
+        .expect("the capped read waited for the rest of a stalled body")
         .unwrap();
-    assert!(started.elapsed() < Duration::from_secs(3));
     assert_eq!(response.body, "y".repeat(1000));
+    // And the connection was closed, not kept to drain the rest.
+    stalled.hung_up(1).await;
 }
 
 /// Every block of the IANA special-purpose registries that is not globally reachable, and
