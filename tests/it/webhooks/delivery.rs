@@ -653,6 +653,13 @@ async fn count(
     client.query_one(query, params).await.unwrap().get(0)
 }
 
+/// A webhook's deliveries in the outbox: pending, failed, all.
+const PENDING: &str =
+    "SELECT count(*) FROM fluxbase.webhook_deliveries WHERE webhook_id = $1 AND status = 'pending'";
+const FAILED: &str =
+    "SELECT count(*) FROM fluxbase.webhook_deliveries WHERE webhook_id = $1 AND status = 'failed'";
+const STORED: &str = "SELECT count(*) FROM fluxbase.webhook_deliveries WHERE webhook_id = $1";
+
 /// One change of `w`: its event type and change number (see [`KILL9_SCHEMA`]).
 type ChangeKey = (String, i64);
 
@@ -717,10 +724,18 @@ async fn after_kill_9_every_change_of_a_random_workload_is_delivered_at_least_on
         let (index, held) = rx.wait_held(holds).await;
         let id = held.delivery_id().to_string();
         // Others pending behind it (the first half's changes keep being stored meanwhile).
-        poll::until(Duration::from_secs(60), Duration::from_millis(20), || async {
-            let pending = count(&control, "SELECT count(*) FROM fluxbase.webhook_deliveries WHERE webhook_id = $1 AND status = 'pending'", &[&webhook_id]).await;
-            if pending > 1 { Ok(()) } else { Err(format!("{pending} deliveries pending")) }
-        })
+        poll::until(
+            Duration::from_secs(60),
+            Duration::from_millis(20),
+            || async {
+                let pending = count(&control, PENDING, &[&webhook_id]).await;
+                if pending > 1 {
+                    Ok(())
+                } else {
+                    Err(format!("{pending} deliveries pending"))
+                }
+            },
+        )
         .await;
         server.pause();
         let row = control
@@ -735,11 +750,15 @@ async fn after_kill_9_every_change_of_a_random_workload_is_delivered_at_least_on
         if (status.as_str(), attempts, later) == ("pending", 0, 0) {
             break id;
         }
-        assert!(holds < 5, "each held attempt ended before the server was frozen ({status}, {attempts} attempts, {later} requests after it)");
+        assert!(
+            holds < 5,
+            "no held attempt was still without an outcome once the server was frozen \
+             (the last: {status}, {attempts} attempts, {later} requests after it)"
+        );
         rx.hold();
         server.resume();
     };
-    let pending = count(&control, "SELECT count(*) FROM fluxbase.webhook_deliveries WHERE webhook_id = $1 AND status = 'pending'", &[&webhook_id]).await;
+    let pending = count(&control, PENDING, &[&webhook_id]).await;
     assert!(pending > 1, "{pending} deliveries pending at the kill");
     // Committed changes not yet stored: the second half, while the server is frozen.
     gate.batch_execute("SELECT pg_advisory_unlock(1604)")
@@ -751,12 +770,7 @@ async fn after_kill_9_every_change_of_a_random_workload_is_delivered_at_least_on
         .unwrap();
     let project_db = pg.client(&db).await;
     let committed = count(&project_db, "SELECT count(*) FROM audit", &[]).await;
-    let stored = count(
-        &control,
-        "SELECT count(*) FROM fluxbase.webhook_deliveries WHERE webhook_id = $1",
-        &[&webhook_id],
-    )
-    .await;
+    let stored = count(&control, STORED, &[&webhook_id]).await;
     assert!(
         stored < committed,
         "{stored} deliveries stored of {committed} committed changes"
@@ -789,20 +803,24 @@ async fn after_kill_9_every_change_of_a_random_workload_is_delivered_at_least_on
     )
     .await;
     let sentinel = |r: &Received| r.body.contains("\"table_id\":\"done\"");
-    poll::until(Duration::from_secs(240), Duration::from_millis(250), || async {
-        let n = rx.got.lock().unwrap().len();
-        if !rx.got.lock().unwrap().iter().any(sentinel) {
-            return Err(format!("the sentinel never arrived ({n} received)"));
-        }
-        let failed = count(&control, "SELECT count(*) FROM fluxbase.webhook_deliveries WHERE webhook_id = $1 AND status = 'failed'", &[&webhook_id]).await;
-        assert_eq!(failed, 0, "deliveries failed");
-        let pending = count(&control, "SELECT count(*) FROM fluxbase.webhook_deliveries WHERE webhook_id = $1 AND status = 'pending'", &[&webhook_id]).await;
-        if pending == 0 {
-            Ok(())
-        } else {
-            Err(format!("{pending} deliveries still pending ({n} received)"))
-        }
-    })
+    poll::until(
+        Duration::from_secs(240),
+        Duration::from_millis(250),
+        || async {
+            let n = rx.got.lock().unwrap().len();
+            if !rx.got.lock().unwrap().iter().any(sentinel) {
+                return Err(format!("the sentinel never arrived ({n} received)"));
+            }
+            let failed = count(&control, FAILED, &[&webhook_id]).await;
+            assert_eq!(failed, 0, "deliveries failed");
+            let pending = count(&control, PENDING, &[&webhook_id]).await;
+            if pending == 0 {
+                Ok(())
+            } else {
+                Err(format!("{pending} deliveries still pending ({n} received)"))
+            }
+        },
+    )
     .await;
     drop(server);
 
