@@ -117,11 +117,11 @@ impl Receiver {
         self.release.notify_waiters();
     }
 
-    /// Waits until `n` requests have been held (60 s at most); the index in `got` of the
+    /// Waits until `n` requests have been held (120 s at most); the index in `got` of the
     /// `n`-th, and that request.
     pub async fn wait_held(&self, n: usize) -> (usize, Received) {
         poll::until(
-            Duration::from_secs(60),
+            Duration::from_secs(120),
             Duration::from_millis(20),
             || async {
                 let held = self.held.lock().unwrap().clone();

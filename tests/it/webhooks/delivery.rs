@@ -2,7 +2,7 @@
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use serde_json::{json, Value};
 use warp::Filter;
@@ -1005,33 +1005,48 @@ async fn transactions_queued_while_the_outbox_is_slow_are_stored_together_and_se
     app.rows(&f.admin, &f.project, "INSERT INTO t VALUES (1)")
         .await;
     let probe = app.app.control.get().await.unwrap();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let waiting: i64 = probe
-            .query_one(
-                "SELECT count(*) FROM pg_stat_activity
-                 WHERE wait_event_type = 'Lock' AND query LIKE 'INSERT INTO fluxbase.webhook_deliveries%'",
-                &[],
-            )
-            .await
-            .unwrap()
-            .get(0);
-        if waiting > 0 {
-            break;
-        }
-        assert!(Instant::now() < deadline, "the outbox writer never waited");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    poll::until(
+        Duration::from_secs(60),
+        Duration::from_millis(20),
+        || async {
+            let waiting: i64 = probe
+                .query_one(
+                    "SELECT count(*) FROM pg_stat_activity
+                     WHERE wait_event_type = 'Lock' AND query LIKE 'INSERT INTO fluxbase.webhook_deliveries%'",
+                    &[],
+                )
+                .await
+                .unwrap()
+                .get(0);
+            if waiting > 0 {
+                Ok(())
+            } else {
+                Err("the outbox writer never waited for the lock".to_string())
+            }
+        },
+    )
+    .await;
     // Four more transactions reach the writer's queue meanwhile.
     let before = app.app.cdc.status(&f.project).unwrap().transactions;
     for x in 2..=5 {
         app.rows(&f.admin, &f.project, &format!("INSERT INTO t VALUES ({x})"))
             .await;
     }
-    while app.app.cdc.status(&f.project).unwrap().transactions < before + 4 {
-        assert!(Instant::now() < deadline, "the stream did not publish them");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    poll::until(
+        Duration::from_secs(60),
+        Duration::from_millis(20),
+        || async {
+            let published = app.app.cdc.status(&f.project).unwrap().transactions - before;
+            if published >= 4 {
+                Ok(())
+            } else {
+                Err(format!(
+                    "the stream published {published} of the 4 transactions"
+                ))
+            }
+        },
+    )
+    .await;
     lock.commit().await.unwrap();
     let got = rx.wait_for(5).await;
     let xs: Vec<Value> = got
