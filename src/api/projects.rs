@@ -85,7 +85,15 @@ pub async fn patch_project(app: SharedApp, req: Request) -> ApiResult<Json<Proje
     app.projects
         .update(&access, body.name.as_deref(), body.realtime_public)
         .await?;
-    app.auth.notify_access_change(&AccessChange::Any).await;
+    if body.realtime_public == Some(false) {
+        // Subscriptions made without a token end here and, through NOTIFY, everywhere.
+        app.realtime.evict_anonymous(&access.project.id);
+        app.auth
+            .notify_access_change(&AccessChange::PublicClosed(access.project.id.clone()))
+            .await;
+    } else {
+        app.auth.notify_access_change(&AccessChange::Any).await;
+    }
     let project = app
         .auth
         .load_project(&access.project.id)

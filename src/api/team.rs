@@ -11,6 +11,7 @@ use super::reply::{Created, Json};
 use super::Request;
 use crate::app::SharedApp;
 use crate::auth::{AccessChange, MemberRole};
+use crate::realtime::MemberChange;
 use crate::team::{Answer, Invite, Member, TeamError};
 
 /// The JSON object of a request body, read field by field so that every error names its field.
@@ -150,6 +151,17 @@ pub async fn change_role(app: SharedApp, req: Request) -> ApiResult<Json<MemberR
     let user_id = body.string("userId")?;
     let role = body.role()?;
     let member = app.team.change_role(&access, &user_id, role).await?;
+    // A subscription's role is fixed when it is accepted: the member's end here and, through
+    // NOTIFY, on every other server; the client subscribes again with the new role.
+    let project_id = &access.project.id;
+    app.realtime
+        .evict_user(project_id, &user_id, MemberChange::RoleChanged);
+    app.auth
+        .notify_access_change(&AccessChange::MemberChanged {
+            project_id: project_id.clone(),
+            user_id: user_id.clone(),
+        })
+        .await;
     Ok(Json(MemberReply {
         success: true,
         member,
@@ -168,7 +180,8 @@ pub async fn remove_member(app: SharedApp, req: Request) -> ApiResult<Json<Done>
     app.team.remove_member(&access, user_id).await?;
     // Their realtime subscriptions end here and, through NOTIFY, on every other server (their
     // HTTP requests already fail: sessions' access is read on each request).
-    app.realtime.evict_user(project_id, user_id);
+    app.realtime
+        .evict_user(project_id, user_id, MemberChange::Removed);
     app.auth
         .notify_access_change(&AccessChange::MemberRemoved {
             project_id: project_id.clone(),

@@ -16,6 +16,7 @@ use std::sync::Arc;
 use crate::auth::{AccessChange, ListenerEvent};
 use crate::projects::instance::{InitReport, InstanceError};
 use crate::projects::{DefaultKeys, Project, ProjectStatus, ProjectsError};
+use crate::realtime::MemberChange;
 
 use super::{App, SharedApp};
 
@@ -123,7 +124,26 @@ impl App {
                     .await
                     .unwrap_or(false);
                 if !still_member {
-                    self.realtime.evict_user(&project_id, &user_id);
+                    self.realtime
+                        .evict_user(&project_id, &user_id, MemberChange::Removed);
+                }
+            }
+            AccessChange::MemberChanged {
+                project_id,
+                user_id,
+            } => self
+                .realtime
+                .evict_user(&project_id, &user_id, MemberChange::RoleChanged),
+            AccessChange::PublicClosed(project_id) => {
+                let public = self
+                    .auth
+                    .load_project(&project_id)
+                    .await
+                    .ok()
+                    .flatten()
+                    .is_some_and(|p| p.realtime_public);
+                if !public {
+                    self.realtime.evict_anonymous(&project_id);
                 }
             }
             AccessChange::Project(project_id) => self.close_room_if_inactive(&project_id).await,

@@ -107,13 +107,17 @@ pub enum AccessChange {
     Project(String),
     /// `user_id` left `project_id`.
     MemberRemoved { project_id: String, user_id: String },
+    /// `user_id`'s role in `project_id` changed.
+    MemberChanged { project_id: String, user_id: String },
+    /// `project_id` stopped accepting subscribes without a token (`realtimePublic: false`).
+    PublicClosed(String),
     /// An API key of `project_id` was deleted or rotated.
     KeyRevoked { project_id: String, key_id: String },
 }
 
 impl AccessChange {
-    /// The NOTIFY payload: empty, a project id, `<project> member-removed <user>` or
-    /// `<project> key-revoked <key>`.
+    /// The NOTIFY payload: empty, a project id, `<project> member-removed <user>`,
+    /// `<project> member-changed <user>`, `<project> public-closed` or `<project> key-revoked <key>`.
     pub fn payload(&self) -> String {
         match self {
             AccessChange::Any => String::new(),
@@ -122,6 +126,11 @@ impl AccessChange {
                 project_id,
                 user_id,
             } => format!("{project_id} member-removed {user_id}"),
+            AccessChange::MemberChanged {
+                project_id,
+                user_id,
+            } => format!("{project_id} member-changed {user_id}"),
+            AccessChange::PublicClosed(project_id) => format!("{project_id} public-closed"),
             AccessChange::KeyRevoked { project_id, key_id } => {
                 format!("{project_id} key-revoked {key_id}")
             }
@@ -137,6 +146,15 @@ impl AccessChange {
                 project_id: project_id.into(),
                 key_id: key_id.into(),
             };
+        }
+        if let Some((project_id, user_id)) = payload.split_once(" member-changed ") {
+            return AccessChange::MemberChanged {
+                project_id: project_id.into(),
+                user_id: user_id.into(),
+            };
+        }
+        if let Some(project_id) = payload.strip_suffix(" public-closed") {
+            return AccessChange::PublicClosed(project_id.into());
         }
         match payload.split_once(" member-removed ") {
             Some((project_id, user_id)) => AccessChange::MemberRemoved {
@@ -244,6 +262,11 @@ mod tests {
                 project_id: "0123456789abcdef".into(),
                 user_id: "usr_x".into(),
             },
+            AccessChange::MemberChanged {
+                project_id: "0123456789abcdef".into(),
+                user_id: "usr_x".into(),
+            },
+            AccessChange::PublicClosed("0123456789abcdef".into()),
             AccessChange::KeyRevoked {
                 project_id: "0123456789abcdef".into(),
                 key_id: "key_y".into(),

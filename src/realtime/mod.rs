@@ -95,6 +95,7 @@ use crate::metrics::Metrics;
 use crate::secrets::Secrets;
 pub use broadcast::{BroadcastRequest, BroadcastResponse};
 pub use error::RealtimeError;
+pub use revoke::MemberChange;
 pub use room::RoomClosed;
 pub use socket::{WebSocket, IDLE_TIMEOUT, MAX_MESSAGE, RATE_STRIKES, READ_BUFFER, STRIKE_RESET};
 pub use subscribe::{MAX_SOCKETS_PER_PROJECT, MAX_SUBSCRIPTIONS_PER_SOCKET};

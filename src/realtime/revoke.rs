@@ -25,6 +25,24 @@ pub(super) struct KeyBinding {
     pub(super) fingerprint: String,
 }
 
+/// Why a member's subscriptions end.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MemberChange {
+    Removed,
+    RoleChanged,
+}
+
+impl MemberChange {
+    pub(super) fn message(self) -> &'static str {
+        match self {
+            MemberChange::Removed => "You are no longer a member of this project.",
+            MemberChange::RoleChanged => {
+                "Your role in this project changed: subscribe again to receive what it allows."
+            }
+        }
+    }
+}
+
 impl Realtime {
     /// A count that changes whenever an API key of `project_id` may have been revoked: taken
     /// before a subscribe checks its key and compared under the room's lock before it joins,
@@ -78,23 +96,45 @@ impl Realtime {
         out
     }
 
-    /// Ends the subscriptions a removed member holds in a project's room; each socket gets an
-    /// `ACCESS_REVOKED` error and stays open for its other rooms.
-    pub fn evict_user(&self, project_id: &str, user_id: &str) {
+    /// Ends the subscriptions a member holds in a project's room (removed, or given another
+    /// role: a subscription's role is fixed when it is accepted, so the client subscribes again
+    /// with the new one); each socket gets an `ACCESS_REVOKED` error with `why` and stays open
+    /// for its other rooms.
+    pub fn evict_user(&self, project_id: &str, user_id: &str, why: MemberChange) {
         // First, as for keys: a subscribe that checked membership before this and joins after
         // it checks again.
         self.note_revocation(project_id);
         let sockets = self.evict(
             project_id,
             |m| m.user.as_deref() == Some(user_id),
-            "You are no longer a member of this project.",
+            why.message(),
         );
         if sockets > 0 {
             tracing::info!(
                 project_id,
                 user_id,
                 sockets,
-                "removed member's realtime subscriptions ended"
+                change = ?why,
+                "a member's realtime subscriptions ended"
+            );
+        }
+    }
+
+    /// Ends the subscriptions made without a token once a project stops being public
+    /// (`realtimePublic: false`); each socket gets `ACCESS_REVOKED` and stays open for its
+    /// other rooms.
+    pub fn evict_anonymous(&self, project_id: &str) {
+        self.note_revocation(project_id);
+        let sockets = self.evict(
+            project_id,
+            |m| m.anonymous,
+            "This project no longer accepts subscriptions without a token.",
+        );
+        if sockets > 0 {
+            tracing::info!(
+                project_id,
+                sockets,
+                "anonymous realtime subscriptions ended"
             );
         }
     }

@@ -30,6 +30,9 @@ pub(super) struct Member {
     pub(super) user: Option<String>,
     /// The API key behind it: it ends when the key is deleted or rotated.
     pub(super) key: Option<KeyBinding>,
+    /// Made without a token (a `realtimePublic` project): it ends when the project stops
+    /// being public.
+    pub(super) anonymous: bool,
 }
 
 #[derive(Default)]

@@ -626,6 +626,14 @@ impl Realtime {
                     );
                     return true;
                 };
+                if event.is_empty() || event.len() > 200 {
+                    error(
+                        "BAD_MESSAGE",
+                        "broadcast event: 1 to 200 characters".into(),
+                        Some(room_id),
+                    );
+                    return true;
+                }
                 let project_id = room_id.strip_prefix("project_").unwrap_or_default();
                 if !joined.contains(project_id) || !self.in_room(project_id, socket.id) {
                     error(

@@ -10,7 +10,7 @@ use serde_json::{json, Value};
 use tokio_tungstenite::tungstenite::Message;
 
 use super::filter::{parse_filter, Interest};
-use super::revoke::KeyBinding;
+use super::revoke::{KeyBinding, MemberChange};
 use super::room::Member;
 use super::socket::SocketShared;
 use super::token::TOKEN_PREFIX;
@@ -66,6 +66,7 @@ impl Realtime {
         let mut revocations = self.revocations(project_id);
         let mut user = None;
         let mut key: Option<KeyBinding> = None;
+        let mut anonymous = false;
         // The subscription's identity for row-level security (see crate::visibility).
         let named_uid = &msg["authUid"];
         let identity: Identity;
@@ -142,6 +143,7 @@ impl Realtime {
                     ));
                 }
                 identity = Identity { role: DbRole::Read, auth_uid: None };
+                anonymous = true;
             }
             None => {
                 return Err(RealtimeError::AuthRequired("This room needs a token: an API key, or a realtime token from POST /api/realtime/token.".into(),
@@ -169,9 +171,28 @@ impl Realtime {
                 self.check_binding(&project.id, k).await?;
             }
             if let Some(member) = &user {
-                if !host.is_member(&project.id, member).await? {
-                    return Err(RealtimeError::AccessRevoked(
-                        "You are no longer a member of this project.".into(),
+                match self.member_db_role(&project.id, member).await? {
+                    None => {
+                        return Err(RealtimeError::AccessRevoked(
+                            MemberChange::Removed.message().into(),
+                        ))
+                    }
+                    Some(role) if role != identity.role => {
+                        return Err(RealtimeError::AccessRevoked(
+                            MemberChange::RoleChanged.message().into(),
+                        ))
+                    }
+                    Some(_) => {}
+                }
+            }
+            if anonymous {
+                let public = host
+                    .load_project(&project.id)
+                    .await?
+                    .is_some_and(|p| p.realtime_public);
+                if !public {
+                    return Err(RealtimeError::AuthRequired(
+                        "This room needs a token: an API key, or a realtime token from POST /api/realtime/token.".into(),
                     ));
                 }
             }
@@ -238,6 +259,7 @@ impl Realtime {
                 catching_up: None,
                 user,
                 key,
+                anonymous,
             },
         );
         if let Some(since) = catch_up {

@@ -751,6 +751,154 @@ async fn a_removal_announced_by_another_server_ends_the_members_subscriptions_he
     assert_eq!(msg["type"], "schema_update", "{msg}");
 }
 
+#[tokio::test]
+async fn a_role_change_ends_the_members_subscriptions_until_they_subscribe_with_the_new_role() {
+    let app = spawn_app().await;
+    let f = app.fixture().await;
+    let dev = join(&app, &f, "developer").await;
+    app.rows(&f.admin, &f.project, "CREATE TABLE t (id int)")
+        .await;
+    let rt = app
+        .realtime_token(&dev.token, json!({ "projectId": f.project }))
+        .await;
+    let mut by_session = connect(&app, "/").await;
+    let mut by_token = connect(&app, "/").await;
+    let mut bystander = connect(&app, "/").await;
+    for (ws, token) in [
+        (&mut by_session, dev.token.as_str()),
+        (&mut by_token, rt.as_str()),
+        (&mut bystander, f.read.as_str()),
+    ] {
+        let ack = subscribe(ws, &f.project, Some(token)).await;
+        assert_eq!(ack["type"], "subscribed", "{ack}");
+    }
+
+    // Demoted: the subscriptions made with the developer's rights end at once.
+    let (status, body) = patch_role(&app, &f.token, &f.project, &dev.user_id, "viewer").await;
+    assert_eq!(status, 200, "{body}");
+    for ws in [&mut by_session, &mut by_token] {
+        let msg = recv(ws).await;
+        assert_eq!(msg["type"], "error", "{msg}");
+        assert_eq!(msg["code"], "ACCESS_REVOKED", "{msg}");
+        assert!(msg["message"].as_str().unwrap().contains("role"), "{msg}");
+    }
+    app.rows(&f.admin, &f.project, "INSERT INTO t VALUES (1)")
+        .await;
+    assert_eq!(recv(&mut bystander).await["payload"]["record"]["id"], 1);
+    // The ended sockets got nothing of it: the next thing they see answers a later ping.
+    for ws in [&mut by_session, &mut by_token] {
+        send(ws, json!({ "type": "ping" })).await;
+        assert_eq!(recv(ws).await, json!({ "type": "pong" }));
+    }
+
+    // Subscribing again works, with the viewer's rights: a viewer may not broadcast over REST,
+    // and the token (which follows the member's current role) subscribes too.
+    for (ws, token) in [
+        (&mut by_session, dev.token.as_str()),
+        (&mut by_token, rt.as_str()),
+    ] {
+        let ack = subscribe(ws, &f.project, Some(token)).await;
+        assert_eq!(ack["type"], "subscribed", "{ack}");
+    }
+    app.rows(&f.admin, &f.project, "INSERT INTO t VALUES (2)")
+        .await;
+    for ws in [&mut by_session, &mut by_token, &mut bystander] {
+        assert_eq!(recv(ws).await["payload"]["record"]["id"], 2);
+    }
+
+    // A role change announced by another server ends them here too (the row changed there).
+    let pg = crate::support::pg().await;
+    let ctl = pg.client(&app.app.cluster.control_db).await;
+    ctl.execute(
+        "UPDATE fluxbase.members SET role = 'developer' WHERE project_id = $1 AND user_id = $2",
+        &[&f.project, &dev.user_id],
+    )
+    .await
+    .unwrap();
+    ctl.execute(
+        "SELECT pg_notify('fluxbase_cache', $1)",
+        &[&format!("{} member-changed {}", f.project, dev.user_id)],
+    )
+    .await
+    .unwrap();
+    for ws in [&mut by_session, &mut by_token] {
+        let msg = recv(ws).await;
+        assert_eq!(msg["code"], "ACCESS_REVOKED", "{msg}");
+    }
+    send(&mut bystander, json!({ "type": "ping" })).await;
+    assert_eq!(recv(&mut bystander).await, json!({ "type": "pong" }));
+}
+
+#[tokio::test]
+async fn turning_realtime_public_off_ends_the_subscriptions_made_without_a_token() {
+    let app = spawn_app().await;
+    let f = app.fixture().await;
+    app.rows(&f.admin, &f.project, "CREATE TABLE t (id int)")
+        .await;
+    app.make_realtime_public(&f).await;
+    let mut anonymous = connect(&app, "/").await;
+    let mut keyed = connect(&app, "/").await;
+    send(
+        &mut anonymous,
+        json!({ "type": "subscribe", "roomId": format!("project_{}", f.project) }),
+    )
+    .await;
+    assert_eq!(recv(&mut anonymous).await["type"], "subscribed");
+    let ack = subscribe(&mut keyed, &f.project, Some(&f.read)).await;
+    assert_eq!(ack["type"], "subscribed", "{ack}");
+
+    let (status, body) = app
+        .call(
+            "PATCH",
+            "/api/projects",
+            Some(&f.token),
+            Some(json!({ "projectId": f.project, "realtimePublic": false })),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let msg = recv(&mut anonymous).await;
+    assert_eq!(msg["code"], "ACCESS_REVOKED", "{msg}");
+    app.rows(&f.admin, &f.project, "INSERT INTO t VALUES (1)")
+        .await;
+    assert_eq!(recv(&mut keyed).await["payload"]["record"]["id"], 1);
+    send(&mut anonymous, json!({ "type": "ping" })).await;
+    assert_eq!(recv(&mut anonymous).await, json!({ "type": "pong" }));
+    // A new subscribe without a token is refused.
+    send(
+        &mut anonymous,
+        json!({ "type": "subscribe", "roomId": format!("project_{}", f.project) }),
+    )
+    .await;
+    assert_eq!(recv(&mut anonymous).await["code"], "AUTH_REQUIRED");
+
+    // Announced by another server (its PATCH), it ends them here too.
+    app.make_realtime_public(&f).await;
+    send(
+        &mut anonymous,
+        json!({ "type": "subscribe", "roomId": format!("project_{}", f.project) }),
+    )
+    .await;
+    assert_eq!(recv(&mut anonymous).await["type"], "subscribed");
+    let pg = crate::support::pg().await;
+    let ctl = pg.client(&app.app.cluster.control_db).await;
+    ctl.execute(
+        "UPDATE fluxbase.projects SET realtime_public = false WHERE id = $1",
+        &[&f.project],
+    )
+    .await
+    .unwrap();
+    ctl.execute(
+        "SELECT pg_notify('fluxbase_cache', $1)",
+        &[&format!("{} public-closed", f.project)],
+    )
+    .await
+    .unwrap();
+    let msg = recv(&mut anonymous).await;
+    assert_eq!(msg["code"], "ACCESS_REVOKED", "{msg}");
+    send(&mut keyed, json!({ "type": "ping" })).await;
+    assert_eq!(recv(&mut keyed).await, json!({ "type": "pong" }));
+}
+
 // ---------------------------------------------------------------------------------------------
 // The role matrix: every member role and key scope against every endpoint family.
 //
