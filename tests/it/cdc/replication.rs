@@ -16,7 +16,7 @@ use fluxbase_replication::wire::ConnectConfig;
 
 use crate::support;
 
-const WAIT: Duration = Duration::from_secs(30);
+const WAIT: Duration = Duration::from_secs(60);
 /// No periodic status updates: tests send them explicitly.
 const NO_STATUS: Duration = Duration::ZERO;
 
