@@ -253,12 +253,9 @@ impl Assembler {
 
     fn buffer(&mut self, what: &'static str) -> Result<&mut TxBuffer, AssembleError> {
         match self.stream_xid {
-            Some(xid) => Ok(self
-                .streams
-                .entry(xid)
-                .or_insert_with(|| {
-                    TxBuffer::new(self.bound, &self.spill_dir, self.spilled_bytes.clone())
-                })),
+            Some(xid) => Ok(self.streams.entry(xid).or_insert_with(|| {
+                TxBuffer::new(self.bound, &self.spill_dir, self.spilled_bytes.clone())
+            })),
             None => self
                 .current
                 .as_mut()
@@ -359,10 +356,9 @@ impl Assembler {
             M::StreamStart(s) => self.stream_xid = Some(s.xid),
             M::StreamStop => self.stream_xid = None,
             M::StreamCommit(c) => {
-                let buf = self
-                    .streams
-                    .remove(&c.xid)
-                    .unwrap_or_else(|| TxBuffer::new(self.bound, &self.spill_dir, self.spilled_bytes.clone()));
+                let buf = self.streams.remove(&c.xid).unwrap_or_else(|| {
+                    TxBuffer::new(self.bound, &self.spill_dir, self.spilled_bytes.clone())
+                });
                 return Ok(Some(Committed {
                     commit_lsn: c.commit_lsn,
                     end_lsn: c.end_lsn,

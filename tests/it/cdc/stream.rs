@@ -854,7 +854,8 @@ async fn replaying_the_events_of_a_random_workload_rebuilds_the_tables() {
 }
 
 #[tokio::test]
-async fn a_subscriber_that_cannot_keep_up_is_cut_off_and_told_why_without_slowing_others() {
+async fn a_subscriber_that_cannot_keep_up_is_cut_off_and_told_why_while_a_reading_one_gets_every_event(
+) {
     let (app, f, mut live) = setup().await;
     let mut stalled = app.app.bus.project(&f.project).subscribe();
     app.rows(&f.admin, &f.project, "CREATE TABLE t (x int)")
