@@ -42,8 +42,12 @@ use tokio::sync::{mpsc, Notify};
 
 /// Queue length of an ordinary subscriber, in events.
 pub const QUEUE_LEN: usize = 4096;
-/// Queue length of a durable subscriber, in events.
-pub const DURABLE_QUEUE_LEN: usize = 65_536;
+/// Queue length of a durable subscriber, in events. The stream waits for room (backpressure),
+/// so a longer queue buys no throughput, only memory: each queued event holds its row twice
+/// (`record` and `payload`), and a large transaction released at once would otherwise sit
+/// here in memory, past the bound its spill file kept it to (65,536 events of a 2 kB row were
+/// ~300 MiB). Two of the realtime pump's batches.
+pub const DURABLE_QUEUE_LEN: usize = 2048;
 
 /// The operation of a row change.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]

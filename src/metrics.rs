@@ -182,7 +182,7 @@ impl Metrics {
 
 fn render_streams(out: &mut String, streams: &[(String, crate::cdc::StreamStatus)]) {
     type Getter = fn(&crate::cdc::StreamStatus) -> Option<f64>;
-    let series: [(&str, &str, &str, Getter); 9] = [
+    let series: [(&str, &str, &str, Getter); 10] = [
         (
             "fluxbase_cdc_up",
             "gauge",
@@ -224,6 +224,12 @@ fn render_streams(out: &mut String, streams: &[(String, crate::cdc::StreamStatus
             "gauge",
             "Bytes of open transactions held in memory.",
             |s| Some(s.buffered_bytes as f64),
+        ),
+        (
+            "fluxbase_cdc_spilled_bytes_total",
+            "counter",
+            "Bytes of open transactions' changes spilled to disk past cdc_buffer_bytes.",
+            |s| Some(s.spilled_bytes as f64),
         ),
         (
             "fluxbase_cdc_reconnects_total",

@@ -705,12 +705,14 @@ mod tests {
     }
 
     /// Cancellation in the middle of writing a reply: the pipe holds 8 bytes and the scripted
-    /// walsender reads nothing until told to, so the 39-byte status update cannot be written in
-    /// one go when the first `next()` is dropped.
+    /// walsender reads the reply's first byte (so the write has begun) and then nothing until
+    /// told to, so the 39-byte status update cannot be written whole when the first `next()` is
+    /// dropped.
     #[tokio::test]
     async fn a_next_dropped_while_writing_a_reply_finishes_it_later_and_keeps_the_event() {
         let (client_end, mut server) = tokio::io::duplex(8);
         let (go_on, wait) = tokio::sync::oneshot::channel::<()>();
+        let (begun, writing) = tokio::sync::oneshot::channel::<()>();
         let walsender = tokio::spawn(async move {
             let len = server.read_i32().await.unwrap() as usize;
             let mut startup = vec![0; len - 4];
@@ -727,8 +729,13 @@ mod tests {
                 .write_all(&keepalive_requesting_a_reply())
                 .await
                 .unwrap();
+            assert_eq!(server.read_u8().await.unwrap(), b'd', "the reply begins");
+            begun.send(()).unwrap();
             wait.await.unwrap();
-            let mut received = Vec::new();
+            let len = server.read_i32().await.unwrap() as usize;
+            let mut body = vec![0; len - 4];
+            server.read_exact(&mut body).await.unwrap();
+            let mut received = vec![(b'd', body)];
             while let Some((tag, body)) = read_frontend(&mut server).await {
                 if tag == b'c' {
                     let mut end = backend(b'c', b"");
@@ -752,10 +759,15 @@ mod tests {
             .start("s", Lsn(0x10), &PgOutputOptions::new(["p"]), Duration::ZERO)
             .await
             .unwrap();
-        let dropped = tokio::time::timeout(Duration::from_millis(100), stream.next()).await;
-        assert!(dropped.is_err(), "the reply cannot have been written yet");
+        // Dropped once the walsender has seen the reply begin: it cannot be written whole yet.
+        tokio::select! {
+            biased;
+            _ = writing => {}
+            event = stream.next() => panic!("next() returned {event:?} before its reply was read"),
+        }
         go_on.send(()).unwrap();
-        let event = tokio::time::timeout(Duration::from_secs(5), stream.next())
+        // A hang guard only.
+        let event = tokio::time::timeout(Duration::from_secs(60), stream.next())
             .await
             .unwrap()
             .unwrap();

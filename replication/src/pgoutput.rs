@@ -1599,6 +1599,7 @@ mod tests {
     /// context, give a value or an error, never a panic.
     #[test]
     fn random_and_mutated_inputs_never_panic() {
+        const RUNS: usize = 50_000;
         let seeds = valid_inputs();
         let contexts = [V1, V2_STREAM, V4_STREAM, DecodeContext::new(4)];
         let mut state = 0x9E37_79B9_7F4A_7C15_u64;
@@ -1608,9 +1609,8 @@ mod tests {
             state ^= state << 17;
             state as usize
         };
-        let started = std::time::Instant::now();
-        let mut runs = 0;
-        while runs < 300_000 && started.elapsed() < std::time::Duration::from_secs(5) {
+        // A fixed number of inputs, whatever the machine's speed: the same inputs on every run.
+        for _ in 0..RUNS {
             let mut input: Vec<u8> = if next() % 4 == 0 {
                 (0..next() % 64).map(|_| next() as u8).collect()
             } else {
@@ -1632,8 +1632,6 @@ mod tests {
             if let Ok(ReplicationMessage::XLogData(x)) = parse_copy_data(input) {
                 let _ = decode(x.data, V1);
             }
-            runs += 1;
         }
-        assert!(runs > 10_000, "only {runs} inputs in the time budget");
     }
 }

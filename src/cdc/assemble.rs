@@ -12,6 +12,8 @@ use std::collections::{HashMap, HashSet};
 use std::fs::File;
 use std::io::{BufRead, BufReader, BufWriter, Write};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 
 use fluxbase_replication::pgoutput::{
     LogicalReplicationMessage as M, Lsn, PgTimestamp, Relation, Xid,
@@ -28,11 +30,13 @@ pub struct TxBuffer {
     spill_dir: PathBuf,
     spill: Option<(PathBuf, BufWriter<File>)>,
     spilled: usize,
+    /// Bytes (as counted against the bound) spilled to disk, by every buffer of the stream.
+    spilled_bytes: Arc<AtomicU64>,
     aborted: HashSet<Xid>,
 }
 
 impl TxBuffer {
-    fn new(bound: usize, spill_dir: &Path) -> TxBuffer {
+    fn new(bound: usize, spill_dir: &Path, spilled_bytes: Arc<AtomicU64>) -> TxBuffer {
         TxBuffer {
             mem: Vec::new(),
             mem_bytes: 0,
@@ -40,6 +44,7 @@ impl TxBuffer {
             spill_dir: spill_dir.to_path_buf(),
             spill: None,
             spilled: 0,
+            spilled_bytes,
             aborted: HashSet::new(),
         }
     }
@@ -76,6 +81,8 @@ impl TxBuffer {
             writer.write_all(b"\n")?;
             self.spilled += 1;
         }
+        self.spilled_bytes
+            .fetch_add(self.mem_bytes as u64, Ordering::Relaxed);
         self.mem_bytes = 0;
         Ok(())
     }
@@ -155,6 +162,8 @@ pub struct Assembler {
     spill_dir: PathBuf,
     /// Most bytes ever held in memory at once by open transactions.
     peak: usize,
+    /// Bytes of changes spilled to disk so far.
+    spilled_bytes: Arc<AtomicU64>,
     /// The key of the tags the server's own `fluxbase.*` messages carry (see
     /// [`super::message_key`]); without one, every such message is dropped.
     message_key: Option<ring::hmac::Key>,
@@ -183,6 +192,7 @@ impl Assembler {
             bound,
             spill_dir: spill_dir.to_path_buf(),
             peak: 0,
+            spilled_bytes: Arc::default(),
             message_key: None,
             rejected: 0,
         }
@@ -221,6 +231,11 @@ impl Assembler {
         self.peak
     }
 
+    /// Bytes of changes (as counted against the bound) spilled to disk so far.
+    pub fn spilled_bytes(&self) -> u64 {
+        self.spilled_bytes.load(Ordering::Relaxed)
+    }
+
     /// True when no transaction is open: everything received has been released.
     pub fn idle(&self) -> bool {
         self.current.is_none() && self.streams.is_empty()
@@ -238,10 +253,9 @@ impl Assembler {
 
     fn buffer(&mut self, what: &'static str) -> Result<&mut TxBuffer, AssembleError> {
         match self.stream_xid {
-            Some(xid) => Ok(self
-                .streams
-                .entry(xid)
-                .or_insert_with(|| TxBuffer::new(self.bound, &self.spill_dir))),
+            Some(xid) => Ok(self.streams.entry(xid).or_insert_with(|| {
+                TxBuffer::new(self.bound, &self.spill_dir, self.spilled_bytes.clone())
+            })),
             None => self
                 .current
                 .as_mut()
@@ -272,7 +286,7 @@ impl Assembler {
             M::Begin(b) => {
                 self.current = Some(OpenTx {
                     commit_timestamp: b.commit_timestamp,
-                    buf: TxBuffer::new(self.bound, &self.spill_dir),
+                    buf: TxBuffer::new(self.bound, &self.spill_dir, self.spilled_bytes.clone()),
                 });
             }
             M::Commit(c) => {
@@ -342,10 +356,9 @@ impl Assembler {
             M::StreamStart(s) => self.stream_xid = Some(s.xid),
             M::StreamStop => self.stream_xid = None,
             M::StreamCommit(c) => {
-                let buf = self
-                    .streams
-                    .remove(&c.xid)
-                    .unwrap_or_else(|| TxBuffer::new(self.bound, &self.spill_dir));
+                let buf = self.streams.remove(&c.xid).unwrap_or_else(|| {
+                    TxBuffer::new(self.bound, &self.spill_dir, self.spilled_bytes.clone())
+                });
                 return Ok(Some(Committed {
                     commit_lsn: c.commit_lsn,
                     end_lsn: c.end_lsn,

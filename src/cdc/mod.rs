@@ -126,6 +126,9 @@ pub struct StreamStatus {
     pub buffered_bytes: u64,
     /// Most bytes of open transactions held in memory at once since the stream started.
     pub peak_buffered_bytes: u64,
+    /// Bytes of open transactions' changes spilled to disk (past `cdc_buffer_bytes`) since the
+    /// server started.
+    pub spilled_bytes: u64,
     /// `fluxbase.*` logical decoding messages dropped because the server did not emit them
     /// (no valid tag): forgeries, or messages from before the tags existed.
     pub rejected_messages: u64,
@@ -288,6 +291,15 @@ impl Cdc {
         streams
             .get(project_id)
             .map(|h| h.status.lock().expect("poisoned").clone())
+    }
+
+    /// True while the project's stream task runs here (streaming, or waiting to retry); false
+    /// once it has ended (stopped on a definite error, or never started).
+    pub fn is_running(&self, project_id: &str) -> bool {
+        let streams = self.streams.lock().expect("poisoned");
+        streams
+            .get(project_id)
+            .is_some_and(|h| !h.task.is_finished())
     }
 
     pub fn all_status(&self) -> Vec<(String, StreamStatus)> {
@@ -630,6 +642,7 @@ async fn stream_once<B: EventBus>(
                             }
                         }
                         let rejected = asm.rejected_messages();
+                        let spilled = asm.spilled_bytes();
                         let committed = {
                             let reg = types.read().expect("poisoned");
                             asm.handle(msg, &reg)?
@@ -637,6 +650,10 @@ async fn stream_once<B: EventBus>(
                         if asm.rejected_messages() > rejected {
                             status.lock().expect("poisoned").rejected_messages +=
                                 asm.rejected_messages() - rejected;
+                        }
+                        if asm.spilled_bytes() > spilled {
+                            status.lock().expect("poisoned").spilled_bytes +=
+                                asm.spilled_bytes() - spilled;
                         }
                         if let Some(tx) = committed {
                             release(&*bus, tx, status).await?;

@@ -16,7 +16,7 @@ use fluxbase_replication::wire::ConnectConfig;
 
 use crate::support;
 
-const WAIT: Duration = Duration::from_secs(30);
+const WAIT: Duration = Duration::from_secs(60);
 /// No periodic status updates: tests send them explicitly.
 const NO_STATUS: Duration = Duration::ZERO;
 
@@ -94,6 +94,48 @@ impl Env {
             "SELECT confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = '{slot}'"
         ))
         .await
+    }
+
+    /// `pg_stat_replication.reply_time` of the walsender `pid`: the client clock of the last
+    /// status update it processed (a new value for each update).
+    async fn reply_time(&self, pid: i32) -> Option<String> {
+        self.admin
+            .query_one(
+                "SELECT reply_time::text FROM pg_stat_replication WHERE pid = $1",
+                &[&pid],
+            )
+            .await
+            .unwrap()
+            .get(0)
+    }
+
+    /// Drives `stream` (whose `next` sends status updates while it waits, and answers reply
+    /// requests) until the walsender has processed `updates` more status updates than the one
+    /// it showed at the start, seen as new `reply_time` values; fails on anything but a
+    /// keepalive.
+    async fn until_status_updates(&self, stream: &mut ReplicationStream, updates: usize) {
+        let pid = stream.backend_pid();
+        let mut seen = vec![self.reply_time(pid).await];
+        let deadline = Instant::now() + WAIT;
+        while seen.len() <= updates {
+            assert!(
+                Instant::now() < deadline,
+                "the walsender processed only {} status updates: {seen:?}",
+                seen.len() - 1
+            );
+            // A slice of waiting, for `next` to do its work in; then look at the server.
+            if let Ok(event) = tokio::time::timeout(Duration::from_millis(50), stream.next()).await
+            {
+                match event.expect("the stream stays up") {
+                    Some(ReplicationEvent::Keepalive { .. }) => {}
+                    other => panic!("unexpected {other:?}"),
+                }
+            }
+            let now = self.reply_time(pid).await;
+            if now.is_some() && seen.last() != Some(&now) {
+                seen.push(now);
+            }
+        }
     }
 
     async fn slot_exists(&self, slot: &str) -> bool {
@@ -444,11 +486,8 @@ async fn positions_the_caller_never_confirmed_are_never_reported() {
     receive_until(&mut stream, &mut ctx, is_commit).await;
     receive_until(&mut stream, &mut ctx, is_commit).await;
     stream.send_status(true).await.unwrap();
-    // Let a few periodic status updates go out too.
-    let until = tokio::time::Instant::now() + Duration::from_millis(300);
-    while let Ok(event) = tokio::time::timeout_at(until, stream.next()).await {
-        assert!(event.unwrap().is_some(), "the stream ended");
-    }
+    // That one and a few periodic status updates (every 50 ms) reach the walsender.
+    env.until_status_updates(&mut stream, 3).await;
     let row = env
         .admin
         .query_one(
@@ -483,26 +522,11 @@ async fn reply_requests_are_answered_so_a_short_wal_sender_timeout_does_not_end_
         .start(&slot, Lsn(0), &proto2(false, false), NO_STATUS)
         .await
         .unwrap();
-    let pid = stream.backend_pid();
-    let until = tokio::time::Instant::now() + Duration::from_secs(4);
-    let mut keepalives = 0;
-    while let Ok(event) = tokio::time::timeout_at(until, stream.next()).await {
-        match event.expect("the stream stays up") {
-            Some(ReplicationEvent::Keepalive { .. }) => keepalives += 1,
-            other => panic!("unexpected {other:?}"),
-        }
-    }
-    assert!(keepalives >= 3, "{keepalives} keepalives in 4 s");
-    let replied_recently: bool = env
-        .admin
-        .query_one(
-            "SELECT reply_time > now() - interval '2 seconds' FROM pg_stat_replication WHERE pid = $1",
-            &[&pid],
-        )
-        .await
-        .unwrap()
-        .get(0);
-    assert!(replied_recently);
+    // No periodic status updates: every update the walsender gets is a reply to its request,
+    // which it sends after half the timeout without one. A walsender whose request went
+    // unanswered ends the stream at the full timeout, before it would ask again: four
+    // processed replies are four requests answered in time, over more than the timeout.
+    env.until_status_updates(&mut stream, 4).await;
     env.sql("INSERT INTO items VALUES (1, 'still here')").await;
     let mut ctx = DecodeContext::new(2);
     let received = receive_until(&mut stream, &mut ctx, is_commit).await;
