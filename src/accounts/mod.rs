@@ -179,8 +179,7 @@ impl Accounts {
     /// A new session for `user`.
     async fn open_session(&self, user: User) -> Result<Session, AccountsError> {
         let token = format!("{SESSION_PREFIX}{}", random_base62(43));
-        let expires_at =
-            self.clock.now() + chrono::Duration::seconds(self.session_ttl_secs as i64);
+        let expires_at = self.clock.now() + chrono::Duration::seconds(self.session_ttl_secs as i64);
         let client = self.control.get().await?;
         sessions::insert(&client, &sha256(token.as_bytes()), &user.id, expires_at).await?;
         sessions::purge_expired(&client).await?;

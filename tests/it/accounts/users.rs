@@ -470,19 +470,31 @@ async fn access_changes_made_by_another_process_reach_a_running_server() {
     let ack = crate::support::ws::subscribe(&mut ws, &f.project, Some(&f.read)).await;
     assert_eq!(ack["type"], "subscribed", "{ack}");
 
-    // Another process on the same control database (as `fluxbase project suspend` is).
-    let mut config = app.app.config.clone();
-    config.database_url = Some(
-        crate::support::pg()
-            .await
-            .url(&app.app.cluster.control_db)
-            .into(),
+    // Another process on the same control database: `fluxbase project suspend`.
+    let dir = crate::support::scratch_dir(&format!(
+        "it-{}-{}",
+        std::process::id(),
+        crate::support::unique("suspend")
+    ));
+    let url = crate::support::pg().await.url(&app.app.cluster.control_db);
+    let project = f.project.clone();
+    let out = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(env!("CARGO_BIN_EXE_fluxbase"))
+            .args(["project", "suspend", &project])
+            .env("FLUXBASE_DATABASE_URL", url)
+            .env("FLUXBASE_DATA_DIR", &dir)
+            .env("FLUXBASE_LOG", "warn")
+            .current_dir(&dir)
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
     );
-    let other = fluxbase::app::App::open(config, &[]).await.unwrap();
-    other
-        .set_project_status(&f.project, fluxbase::projects::ProjectStatus::Suspended)
-        .await
-        .unwrap();
     // The running server heard the change: it empties its access cache, then closes the room
     // with the reason. From then on the project is refused.
     let m = crate::support::ws::recv(&mut ws).await;
@@ -495,7 +507,10 @@ async fn access_changes_made_by_another_process_reach_a_running_server() {
             Some(json!({ "projectId": f.project, "query": "SELECT 1" })),
         )
         .await;
-    assert_eq!(status, 403, "the running server still serves a suspended project: {b}");
+    assert_eq!(
+        status, 403,
+        "the running server still serves a suspended project: {b}"
+    );
     assert_eq!(b["error"]["code"], "PROJECT_SUSPENDED");
 }
 

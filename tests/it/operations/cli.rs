@@ -150,11 +150,16 @@ async fn init_and_serve_run_an_embedded_cluster_and_reuse_it_after_ctrl_c() {
         .read_to_string(&mut stderr)
         .unwrap();
     assert!(!stderr.contains(&admin), "keys are printed only once");
+    // The bound address is printed whatever the log level (with port 0, how it is found).
+    assert!(
+        stderr.contains(&format!(
+            "Listening on {}",
+            base.trim_start_matches("http://")
+        )),
+        "{stderr}"
+    );
 
-    let out = fluxbase(&dir)
-        .args(["init", "--json"])
-        .output()
-        .unwrap();
+    let out = fluxbase(&dir).args(["init", "--json"]).output().unwrap();
     let again: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(again["created"], false);
     assert_eq!(again["project"]["id"], project.as_str());
@@ -196,7 +201,10 @@ async fn project_cli_creates_suspends_and_resumes_projects_under_a_running_serve
         serde_json::from_str(&run(&["project", "create", "--name", "cli made", "--json"])).unwrap();
     let id = created["project"]["id"].as_str().unwrap().to_string();
     assert_eq!(created["project"]["name"], "cli made");
-    let key = created["apiKeys"]["readwrite"].as_str().unwrap().to_string();
+    let key = created["apiKeys"]["readwrite"]
+        .as_str()
+        .unwrap()
+        .to_string();
     let read = created["apiKeys"]["read"].as_str().unwrap().to_string();
     assert!(key.starts_with("flx_live_"));
     // The running server serves the project the CLI made (and so has it in its caches).
@@ -340,11 +348,7 @@ async fn doctor_reports_weak_roles_and_unread_slots_and_nothing_else_on_a_good_c
 }
 
 /// Runs `fluxbase ARGS` on `dir` (embedded cluster) off the async runtime, `stdin` piped in.
-async fn run_cli(
-    dir: &Path,
-    args: &[&str],
-    stdin: Option<&str>,
-) -> std::process::Output {
+async fn run_cli(dir: &Path, args: &[&str], stdin: Option<&str>) -> std::process::Output {
     let dir = dir.to_path_buf();
     let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
     let stdin = stdin.map(str::to_string);
@@ -436,8 +440,7 @@ async fn cli_commands_on_a_running_servers_data_dir_use_its_cluster_and_never_re
         std::process::id(),
         crate::support::unique("clilive")
     ));
-    let init: Value =
-        serde_json::from_str(&cli_ok(&dir, &["init", "--json"], None).await).unwrap();
+    let init: Value = serde_json::from_str(&cli_ok(&dir, &["init", "--json"], None).await).unwrap();
     let project = init["project"]["id"].as_str().unwrap().to_string();
     let admin = init["apiKeys"]["admin"].as_str().unwrap().to_string();
     let email = init["user"]["email"].as_str().unwrap().to_string();
@@ -608,12 +611,7 @@ async fn cli_commands_on_a_running_servers_data_dir_use_its_cluster_and_never_re
     assert_eq!(status, 200, "{v}");
     // Without --password-stdin a password is generated and printed once.
     let reset: Value = serde_json::from_str(
-        &cli_ok(
-            &dir,
-            &["user", "reset-password", &email, "--json"],
-            None,
-        )
-        .await,
+        &cli_ok(&dir, &["user", "reset-password", &email, "--json"], None).await,
     )
     .unwrap();
     let generated = reset["password"].as_str().unwrap();
