@@ -519,15 +519,32 @@ async fn cli_commands_on_a_running_servers_data_dir_use_its_cluster_and_never_re
     assert_eq!(v["result"]["rows"], json!([{ "n": 42 }]));
     still_serving(&base, &admin, &project, "project create").await;
 
-    // project suspend: the very next request of that project is refused; the others are served.
+    // project suspend: once the server has heard it (its room closes with the reason, after
+    // its access cache was emptied), the project's requests are refused; the others are served.
+    let mut ws = crate::support::ws::connect_to(&base, "/").await;
+    let ack = crate::support::ws::subscribe(&mut ws, &project, Some(&admin)).await;
+    assert_eq!(ack["type"], "subscribed", "{ack}");
     cli_ok(&dir, &["project", "suspend", &project], None).await;
+    let m = crate::support::ws::recv(&mut ws).await;
+    assert_eq!(m["code"], "PROJECT_SUSPENDED", "{m}");
     let (status, v) = sql_call(&base, &admin, &project, "SELECT 1").await;
     assert_eq!(status, 403, "{v}");
     assert_eq!(v["error"]["code"], "PROJECT_SUSPENDED", "{v}");
     let (status, v) = sql_call(&base, &other_rw, &other, "SELECT 1").await;
     assert_eq!(status, 200, "{v}");
     cli_ok(&dir, &["project", "resume", &project], None).await;
-    still_serving(&base, &admin, &project, "project resume").await;
+    // Served again once the server has heard the resume (a hang guard well under the access
+    // cache's 60-s lifetime, so a server that never hears still fails).
+    crate::support::poll::until(Duration::from_secs(30), Duration::from_millis(100), || {
+        let (base, admin, project) = (base.clone(), admin.clone(), project.clone());
+        async move {
+            match sql_call(&base, &admin, &project, "SELECT body FROM notes").await {
+                (200, v) if v["result"]["rows"] == json!([{ "body": "kept" }]) => Ok(()),
+                other => Err(format!("the resumed project is not served: {other:?}")),
+            }
+        }
+    })
+    .await;
 
     // keys create: a recovered admin key works against the running server.
     let key: Value = serde_json::from_str(
