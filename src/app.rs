@@ -120,11 +120,16 @@ impl App {
         ));
         let account_limits = Arc::new(AccountLimits::new(&config));
         let app = Arc::new(App {
-            auth: Arc::new(crate::auth::Auth::new(control.clone(), rate.clone())),
+            auth: Arc::new(crate::auth::Auth::new(
+                control.clone(),
+                rate.clone(),
+                storage.clock.clone(),
+            )),
             accounts: crate::accounts::Accounts::new(
                 control.clone(),
                 account_limits.clone(),
                 config.session_ttl_secs,
+                storage.clock.clone(),
             ),
             projects: crate::projects::Projects::new(
                 control.clone(),

@@ -20,8 +20,13 @@ use crate::secrets::Secret;
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
-    /// Address the HTTP and WebSocket server listens on.
+    /// Address the HTTP and WebSocket server listens on (port 0: any free port; `serve` prints
+    /// the bound address and writes it to `addr_file` when set).
     pub listen: SocketAddr,
+    /// A file `serve` writes its bound address to (`127.0.0.1:43125` and a newline) once it
+    /// accepts connections: how a supervisor or script finds the port of `listen = ...:0`.
+    /// Replaced atomically (written beside it, then renamed), so a reader never sees half.
+    pub addr_file: Option<PathBuf>,
     /// A bearer token `/metrics` requires (`Authorization: Bearer <token>`). Unset: `/metrics`
     /// answers only requests from a loopback address that carry no proxy headers (or only on
     /// `metrics_addr`, when set).
@@ -175,6 +180,7 @@ impl Default for Config {
     fn default() -> Self {
         Config {
             listen: "127.0.0.1:8080".parse().expect("static address"),
+            addr_file: None,
             metrics_token: None,
             metrics_addr: None,
             data_dir: PathBuf::from(".fluxbase"),

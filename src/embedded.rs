@@ -149,23 +149,43 @@ impl Cluster {
             tracing::warn!("an earlier embedded PostgreSQL is still running; restarting it");
             self.stop()?;
         }
-        self.port = free_port()?;
-        let mut opts = format!("-p {}", self.port);
-        for (k, v) in extra {
-            opts.push_str(&format!(" -c {k}={v}"));
-        }
-        let out = self
-            .command("pg_ctl")
-            .arg("-D")
-            .arg(self.data_dir())
-            .arg("-l")
-            .arg(self.log_file())
-            .args(["-w", "-t", "120", "-o", &opts, "start"])
-            .stdin(Stdio::null())
-            .output()
-            .context("running pg_ctl start")?;
-        if !out.status.success() {
-            let log = std::fs::read_to_string(self.log_file()).unwrap_or_default();
+        // PostgreSQL cannot listen on port 0 and report the port, so a free port is picked and
+        // handed over; another process may take it in between. Then the start fails with
+        // "Address already in use" and is tried again on a fresh port.
+        let mut attempt = 1;
+        loop {
+            self.port = free_port()?;
+            let mut opts = format!("-p {}", self.port);
+            for (k, v) in extra {
+                opts.push_str(&format!(" -c {k}={v}"));
+            }
+            let log_start = std::fs::metadata(self.log_file())
+                .map(|m| m.len())
+                .unwrap_or(0);
+            let out = self
+                .command("pg_ctl")
+                .arg("-D")
+                .arg(self.data_dir())
+                .arg("-l")
+                .arg(self.log_file())
+                .args(["-w", "-t", "120", "-o", &opts, "start"])
+                .stdin(Stdio::null())
+                .output()
+                .context("running pg_ctl start")?;
+            if out.status.success() {
+                break;
+            }
+            let log = std::fs::read(self.log_file()).unwrap_or_default();
+            let log = String::from_utf8_lossy(log.get(log_start as usize..).unwrap_or_default());
+            if log.contains("Address already in use") && attempt < PORT_ATTEMPTS {
+                tracing::warn!(
+                    port = self.port,
+                    attempt,
+                    "the embedded PostgreSQL's port was taken meanwhile; trying another"
+                );
+                attempt += 1;
+                continue;
+            }
             let tail: Vec<&str> = log.lines().rev().take(15).collect();
             bail!(
                 "PostgreSQL did not start: {}{}\nlast lines of {}:\n{}",
@@ -361,6 +381,9 @@ fn check_reachable(dir: &Path, uid: u32) -> Result<()> {
     }
     Ok(())
 }
+
+/// Starts tried on fresh ports when the chosen one was taken before PostgreSQL bound it.
+const PORT_ATTEMPTS: u32 = 5;
 
 fn free_port() -> Result<u16> {
     Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())

@@ -395,12 +395,31 @@ async fn serve(config: Config) -> Result<()> {
     let app = App::open(config, &[]).await?;
     lock.record_cluster(app.embedded.as_ref().map(|c| c.port))?;
     let report = app.init_instance().await?;
+    let addr_file = app.config.addr_file.clone();
     let running = Running::start(app).await?;
     eprint!("{}", describe(&report));
+    // Always printed (whatever the log level): with `listen` on port 0 this is where the port
+    // is found, as well as in `addr_file`.
+    eprintln!("Listening on {}", running.addr);
+    if let Some(path) = addr_file {
+        write_addr_file(&path, running.addr)?;
+    }
     shutdown_signal().await;
     tracing::info!("shutting down");
     running.stop().await;
     drop(lock);
+    Ok(())
+}
+
+/// Writes `addr` and a newline to `path` atomically: a temporary file beside it, renamed over it.
+fn write_addr_file(path: &std::path::Path, addr: std::net::SocketAddr) -> Result<()> {
+    use anyhow::Context;
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".tmp");
+    let tmp = std::path::PathBuf::from(tmp);
+    std::fs::write(&tmp, format!("{addr}\n"))
+        .with_context(|| format!("writing {}", tmp.display()))?;
+    std::fs::rename(&tmp, path).with_context(|| format!("writing {}", path.display()))?;
     Ok(())
 }
 

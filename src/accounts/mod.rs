@@ -128,6 +128,8 @@ pub struct Accounts {
     control: deadpool_postgres::Pool,
     limits: Arc<AccountLimits>,
     session_ttl_secs: u64,
+    /// Time as sessions expire by (the app's one clock, which tests move forward).
+    clock: Arc<crate::storage::Clock>,
 }
 
 impl Accounts {
@@ -135,11 +137,13 @@ impl Accounts {
         control: deadpool_postgres::Pool,
         limits: Arc<AccountLimits>,
         session_ttl_secs: u64,
+        clock: Arc<crate::storage::Clock>,
     ) -> Accounts {
         Accounts {
             control,
             limits,
             session_ttl_secs,
+            clock,
         }
     }
 
@@ -175,7 +179,7 @@ impl Accounts {
     /// A new session for `user`.
     async fn open_session(&self, user: User) -> Result<Session, AccountsError> {
         let token = format!("{SESSION_PREFIX}{}", random_base62(43));
-        let expires_at = Utc::now() + chrono::Duration::seconds(self.session_ttl_secs as i64);
+        let expires_at = self.clock.now() + chrono::Duration::seconds(self.session_ttl_secs as i64);
         let client = self.control.get().await?;
         sessions::insert(&client, &sha256(token.as_bytes()), &user.id, expires_at).await?;
         sessions::purge_expired(&client).await?;

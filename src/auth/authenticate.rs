@@ -18,15 +18,22 @@ pub struct Auth {
     /// The per-caller request limit (shared with realtime's token budgets).
     rate: Arc<RateLimiter>,
     cache: AuthCache,
+    /// Time as login sessions expire by (the app's one clock, which tests move forward).
+    clock: Arc<crate::storage::Clock>,
     /// When each API key's `last_used_at` was last written (written at most once a minute).
     key_touched: Mutex<HashMap<String, Instant>>,
 }
 
 impl Auth {
-    pub fn new(control: deadpool_postgres::Pool, rate: Arc<RateLimiter>) -> Auth {
+    pub fn new(
+        control: deadpool_postgres::Pool,
+        rate: Arc<RateLimiter>,
+        clock: Arc<crate::storage::Clock>,
+    ) -> Auth {
         Auth {
             control,
             rate,
+            clock,
             cache: AuthCache::default(),
             key_touched: Mutex::new(HashMap::new()),
         }
@@ -70,7 +77,7 @@ impl Auth {
             }
         } else if token.starts_with(SESSION_PREFIX) {
             let client = self.control.get().await?;
-            let (user_id, expired) = control::sessions::by_hash(&client, &hash)
+            let (user_id, expired) = control::sessions::by_hash(&client, &hash, self.clock.now())
                 .await?
                 .ok_or(AuthError::InvalidSession)?;
             if expired {

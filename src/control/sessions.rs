@@ -4,15 +4,16 @@ use chrono::{DateTime, Utc};
 use deadpool_postgres::GenericClient;
 use tokio_postgres::Error;
 
-/// The session's user and whether it has expired.
+/// The session's user and whether it has expired at `now` (the app's clock).
 pub async fn by_hash(
     db: &impl GenericClient,
     hash: &[u8],
+    now: DateTime<Utc>,
 ) -> Result<Option<(String, bool)>, Error> {
     Ok(db
         .query_opt(
-            "SELECT user_id, expires_at <= now() FROM fluxbase.sessions WHERE token_hash = $1",
-            &[&hash],
+            "SELECT user_id, expires_at <= $2 FROM fluxbase.sessions WHERE token_hash = $1",
+            &[&hash, &now],
         )
         .await?
         .map(|r| (r.get(0), r.get(1))))

@@ -71,8 +71,10 @@ pub struct Storage {
     /// Upload counters (bytes, fsyncs) for `/metrics`.
     metrics: Arc<Metrics>,
     pub backend: Backend,
-    /// Time as seen by URL signing and expiry; tests move it forward.
-    pub clock: Clock,
+    /// Time as seen by URL signing and expiry (and by login sessions: the app shares this
+    /// clock with [`crate::auth::Auth`] and [`crate::accounts::Accounts`]); tests move it
+    /// forward.
+    pub clock: Arc<Clock>,
     signer: signing::UrlSigner,
     max_upload_bytes: u64,
     /// The last [`Storage::ready`] check and when it ran (checks are at most every few
@@ -91,7 +93,7 @@ impl Storage {
             control,
             metrics,
             backend: Backend::open(config)?,
-            clock: Clock::default(),
+            clock: Arc::new(Clock::default()),
             signer: signing::UrlSigner::new(&secrets.derive("storage-url-signing")),
             max_upload_bytes: config.max_upload_bytes,
             checked: Default::default(),

@@ -14,7 +14,8 @@ use ring::hmac;
 use super::StorageError;
 
 /// Wall-clock time with an adjustable offset: production never moves it; tests call
-/// [`Clock::advance`] to reach an expiry without sleeping.
+/// [`Clock::advance`] to reach an expiry without sleeping. One clock per app: download URLs and
+/// login sessions expire by it.
 #[derive(Default)]
 pub struct Clock {
     offset_secs: AtomicI64,

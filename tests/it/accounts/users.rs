@@ -78,12 +78,31 @@ async fn wrong_password_and_duplicate_email_are_refused() {
 
 #[tokio::test]
 async fn expired_session_tokens_get_token_expired() {
-    let app = crate::support::spawn_app_with(|c| c.session_ttl_secs = 1).await;
-    let (token, _, _) = app.signup().await;
-    tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
+    let app = crate::support::spawn_app_with(|c| c.session_ttl_secs = 3600).await;
+    let (token, _, email) = app.signup().await;
+    // The server's clock moves instead of the test waiting an hour; a minute short of the
+    // session's lifetime leaves room for however slow this test runs.
+    let clock = &app.app.storage.clock;
+    clock.advance(std::time::Duration::from_secs(3600 - 60));
     let (status, body) = app.call("GET", "/api/auth/me", Some(&token), None).await;
-    assert_eq!(status, 401);
+    assert_eq!(status, 200, "still valid a minute before its end: {body}");
+    clock.advance(std::time::Duration::from_secs(61));
+    let (status, body) = app.call("GET", "/api/auth/me", Some(&token), None).await;
+    assert_eq!(status, 401, "{body}");
     assert_eq!(body["error"]["code"], "TOKEN_EXPIRED");
+    // A new login opens a session that lasts from the server's (moved) now.
+    let (status, body) = app
+        .call(
+            "POST",
+            "/api/auth/login",
+            None,
+            Some(json!({ "email": email, "password": "correct horse battery" })),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let fresh = body["token"].as_str().unwrap();
+    let (status, body) = app.call("GET", "/api/auth/me", Some(fresh), None).await;
+    assert_eq!(status, 200, "{body}");
 }
 
 #[tokio::test]
@@ -437,39 +456,62 @@ async fn access_changes_made_by_another_process_reach_a_running_server() {
     for _ in 0..3 {
         app.rows(&f.admin, &f.project, "SELECT 1 AS x").await;
     }
-    // Another process on the same control database (as `fluxbase project suspend` is).
-    let mut config = app.app.config.clone();
-    config.database_url = Some(
-        crate::support::pg()
-            .await
-            .url(&app.app.cluster.control_db)
-            .into(),
+    // The server has the project and the key in its access cache, and a socket in its room.
+    let (status, b) = app
+        .call(
+            "POST",
+            "/api/execute-sql",
+            Some(&f.admin),
+            Some(json!({ "projectId": f.project, "query": "SELECT 1" })),
+        )
+        .await;
+    assert_eq!(status, 200, "{b}");
+    let mut ws = crate::support::ws::connect(&app, "/").await;
+    let ack = crate::support::ws::subscribe(&mut ws, &f.project, Some(&f.read)).await;
+    assert_eq!(ack["type"], "subscribed", "{ack}");
+
+    // Another process on the same control database: `fluxbase project suspend`.
+    let dir = crate::support::scratch_dir(&format!(
+        "it-{}-{}",
+        std::process::id(),
+        crate::support::unique("suspend")
+    ));
+    let url = crate::support::pg().await.url(&app.app.cluster.control_db);
+    let project = f.project.clone();
+    let out = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(env!("CARGO_BIN_EXE_fluxbase"))
+            .args(["project", "suspend", &project])
+            .env("FLUXBASE_DATABASE_URL", url)
+            .env("FLUXBASE_DATA_DIR", &dir)
+            .env("FLUXBASE_LOG", "warn")
+            .current_dir(&dir)
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
     );
-    let other = fluxbase::app::App::open(config, &[]).await.unwrap();
-    other
-        .set_project_status(&f.project, fluxbase::projects::ProjectStatus::Suspended)
-        .await
-        .unwrap();
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(3);
-    loop {
-        let (status, b) = app
-            .call(
-                "POST",
-                "/api/execute-sql",
-                Some(&f.admin),
-                Some(json!({ "projectId": f.project, "query": "SELECT 1" })),
-            )
-            .await;
-        if status == 403 {
-            assert_eq!(b["error"]["code"], "PROJECT_SUSPENDED");
-            break;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the running server still serves a suspended project"
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-    }
+    // The running server heard the change: it empties its access cache, then closes the room
+    // with the reason. From then on the project is refused.
+    let m = crate::support::ws::recv(&mut ws).await;
+    assert_eq!(m["code"], "PROJECT_SUSPENDED", "{m}");
+    let (status, b) = app
+        .call(
+            "POST",
+            "/api/execute-sql",
+            Some(&f.admin),
+            Some(json!({ "projectId": f.project, "query": "SELECT 1" })),
+        )
+        .await;
+    assert_eq!(
+        status, 403,
+        "the running server still serves a suspended project: {b}"
+    );
+    assert_eq!(b["error"]["code"], "PROJECT_SUSPENDED");
 }
 
 /// `name` with its first letter replaced by the Kelvin sign (U+212A), which NFKC maps to `K`.

@@ -8,32 +8,58 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
-use crate::support::process::{free_port, ChildGuard};
+use crate::support::process::{bound_addr, ChildGuard};
 
-fn fluxbase(data_dir: &Path, port: u16) -> Command {
+/// `fluxbase` on `data_dir` with its embedded cluster; a `serve` listens on a port of its
+/// choosing and writes it to `<data_dir>/fluxbase.addr` (see [`serve`]).
+fn fluxbase(data_dir: &Path) -> Command {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_fluxbase"));
     cmd.env("FLUXBASE_DATA_DIR", data_dir)
-        .env("FLUXBASE_LISTEN", format!("127.0.0.1:{port}"))
+        .env("FLUXBASE_LISTEN", "127.0.0.1:0")
+        .env("FLUXBASE_ADDR_FILE", data_dir.join("fluxbase.addr"))
         .env_remove("FLUXBASE_DATABASE_URL")
         .env("FLUXBASE_LOG", "warn")
         .current_dir(data_dir);
     cmd
 }
 
-async fn wait_healthy(base: &str, child: &mut Child) {
-    let deadline = Instant::now() + Duration::from_secs(120);
-    loop {
-        if let Ok(r) = reqwest::get(format!("{base}/health")).await {
-            if r.status() == 200 {
-                return;
-            }
-        }
-        if let Some(status) = child.try_wait().unwrap() {
-            panic!("server exited early: {status}");
-        }
-        assert!(Instant::now() < deadline, "server did not become healthy");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+/// Starts `cmd` (a `fluxbase serve`, stdout discarded) and returns it with its base URL, once
+/// it listens and `/health` answers.
+async fn serve(mut cmd: Command, stderr: Stdio) -> (ChildGuard, String) {
+    let addr_file = Path::new(
+        cmd.get_envs()
+            .find(|(k, _)| *k == "FLUXBASE_ADDR_FILE")
+            .and_then(|(_, v)| v)
+            .expect("FLUXBASE_ADDR_FILE set"),
+    )
+    .to_path_buf();
+    let _ = std::fs::remove_file(&addr_file); // an earlier start's
+    let mut server = ChildGuard(
+        cmd.arg("serve")
+            .stdout(Stdio::null())
+            .stderr(stderr)
+            .spawn()
+            .unwrap(),
+    );
+    let addr = bound_addr(&addr_file, &mut server)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let base = format!("http://{addr}");
+    wait_healthy(&base).await;
+    (server, base)
+}
+
+/// `/health` of a server that has written its address (so is accepting): answers at once.
+async fn wait_healthy(base: &str) {
+    let r = reqwest::Client::builder()
+        .timeout(Duration::from_secs(60))
+        .build()
+        .unwrap()
+        .get(format!("{base}/health"))
+        .send()
+        .await
+        .expect("/health");
+    assert_eq!(r.status(), 200, "/health");
 }
 
 fn interrupt(child: &mut Child) {
@@ -73,13 +99,12 @@ async fn init_and_serve_run_an_embedded_cluster_and_reuse_it_after_ctrl_c() {
         std::process::id(),
         crate::support::unique("cli")
     ));
-    let port = free_port();
-    let base = format!("http://127.0.0.1:{port}");
-
     let out = tokio::task::spawn_blocking({
         let dir = dir.clone();
         move || {
-            fluxbase(&dir, port)
+            // init only prints the address (it never binds): the base URL it names.
+            fluxbase(&dir)
+                .env("FLUXBASE_LISTEN", "127.0.0.1:8080")
                 .args(["init", "--json"])
                 .output()
                 .unwrap()
@@ -98,19 +123,11 @@ async fn init_and_serve_run_an_embedded_cluster_and_reuse_it_after_ctrl_c() {
     let admin = init["apiKeys"]["admin"].as_str().unwrap().to_string();
     let read = init["apiKeys"]["read"].as_str().unwrap().to_string();
     assert!(admin.starts_with("flx_live_"));
-    assert_eq!(init["baseUrl"], base.as_str());
+    assert_eq!(init["baseUrl"], "http://127.0.0.1:8080");
     // init stopped the cluster it started.
     assert!(!dir.join("pg/data/postmaster.pid").exists());
 
-    let mut server = ChildGuard(
-        fluxbase(&dir, port)
-            .arg("serve")
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap(),
-    );
-    wait_healthy(&base, &mut server).await;
+    let (mut server, base) = serve(fluxbase(&dir), Stdio::piped()).await;
     let v = query(&base, &admin, &project, "CREATE TABLE notes (id serial PRIMARY KEY, body text); INSERT INTO notes (body) VALUES ('kept')").await;
     assert_eq!(v["success"], true, "{v}");
     interrupt(&mut server);
@@ -120,15 +137,7 @@ async fn init_and_serve_run_an_embedded_cluster_and_reuse_it_after_ctrl_c() {
     );
 
     // Second start: same project, same keys, same data; keys are not printed again.
-    let mut server = ChildGuard(
-        fluxbase(&dir, port)
-            .arg("serve")
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap(),
-    );
-    wait_healthy(&base, &mut server).await;
+    let (mut server, base) = serve(fluxbase(&dir), Stdio::piped()).await;
     let v = query(&base, &read, &project, "SELECT body FROM notes").await;
     assert_eq!(v["result"]["rows"], json!([{ "body": "kept" }]), "{v}");
     interrupt(&mut server);
@@ -141,11 +150,16 @@ async fn init_and_serve_run_an_embedded_cluster_and_reuse_it_after_ctrl_c() {
         .read_to_string(&mut stderr)
         .unwrap();
     assert!(!stderr.contains(&admin), "keys are printed only once");
+    // The bound address is printed whatever the log level (with port 0, how it is found).
+    assert!(
+        stderr.contains(&format!(
+            "Listening on {}",
+            base.trim_start_matches("http://")
+        )),
+        "{stderr}"
+    );
 
-    let out = fluxbase(&dir, port)
-        .args(["init", "--json"])
-        .output()
-        .unwrap();
+    let out = fluxbase(&dir).args(["init", "--json"]).output().unwrap();
     let again: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(again["created"], false);
     assert_eq!(again["project"]["id"], project.as_str());
@@ -153,16 +167,18 @@ async fn init_and_serve_run_an_embedded_cluster_and_reuse_it_after_ctrl_c() {
 }
 
 #[tokio::test]
-async fn project_cli_creates_suspends_and_resumes_projects() {
+async fn project_cli_creates_suspends_and_resumes_projects_under_a_running_server() {
+    use crate::support::ws::{connect_to, recv, subscribe};
     let pg = crate::support::pg().await;
     let dir = crate::support::scratch_dir(&format!(
         "it-{}-{}",
         std::process::id(),
         crate::support::unique("cli")
     ));
-    let url = pg.url(&crate::support::unique("ctl"));
+    let ctl = crate::support::unique("ctl");
+    let url = pg.url(&ctl);
     let run = |args: &[&str]| {
-        let out = fluxbase(&dir, 0)
+        let out = fluxbase(&dir)
             .env("FLUXBASE_DATABASE_URL", &url)
             .args(args)
             .output()
@@ -174,32 +190,83 @@ async fn project_cli_creates_suspends_and_resumes_projects() {
         );
         String::from_utf8_lossy(&out.stdout).into_owned()
     };
-    run(&["init"]);
+    let init: Value = serde_json::from_str(&run(&["init", "--json"])).unwrap();
+    let first = init["project"]["id"].as_str().unwrap().to_string();
+    let first_key = init["apiKeys"]["readwrite"].as_str().unwrap().to_string();
+    // A real server process on the same control database, serving while the CLI works.
+    let mut server = crate::support::process::ServerProcess::start_on(&ctl, &[]).await;
+    let base = server.base.clone();
+
     let created: Value =
         serde_json::from_str(&run(&["project", "create", "--name", "cli made", "--json"])).unwrap();
     let id = created["project"]["id"].as_str().unwrap().to_string();
     assert_eq!(created["project"]["name"], "cli made");
-    assert!(created["apiKeys"]["readwrite"]
+    let key = created["apiKeys"]["readwrite"]
         .as_str()
         .unwrap()
-        .starts_with("flx_live_"));
+        .to_string();
+    let read = created["apiKeys"]["read"].as_str().unwrap().to_string();
+    assert!(key.starts_with("flx_live_"));
+    // The running server serves the project the CLI made (and so has it in its caches).
+    let (status, v) = sql_call(&base, &key, &id, "SELECT 41 + 1 AS n").await;
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(v["result"]["rows"], json!([{ "n": 42 }]), "{v}");
+    let mut ws = connect_to(&base, "/").await;
+    let ack = subscribe(&mut ws, &id, Some(&read)).await;
+    assert_eq!(ack["type"], "subscribed", "{ack}");
+
     run(&["project", "suspend", &id]);
-    let ctl = url.rsplit('/').next().unwrap().to_string();
-    let status: String = pg
-        .client(&ctl)
-        .await
-        .query_one("SELECT status FROM fluxbase.projects WHERE id = $1", &[&id])
-        .await
-        .unwrap()
-        .get(0);
-    assert_eq!(status, "suspended");
+    assert_eq!(status_in_db(&ctl, &id).await, "suspended");
+    // The server heard it: the project's room is closed with the reason (its access cache was
+    // emptied before), and its requests get the guide's answer for a suspended project.
+    let m = recv(&mut ws).await;
+    assert_eq!(m["code"], "PROJECT_SUSPENDED", "{m}");
+    let (status, v) = sql_call(&base, &key, &id, "SELECT 1").await;
+    assert_eq!(status, 403, "{v}");
+    assert_eq!(v["error"]["code"], "PROJECT_SUSPENDED", "{v}");
+    // The other project is served meanwhile.
+    let (status, v) = sql_call(&base, &first_key, &first, "SELECT 1 AS one").await;
+    assert_eq!(status, 200, "{v}");
+
     run(&["project", "resume", &id]);
-    let out = fluxbase(&dir, 0)
+    assert_eq!(status_in_db(&ctl, &id).await, "active");
+    // Resumed: SQL works again on the running server (once it has heard of it: a hang guard
+    // well under the access cache's 60-s lifetime, so a server that never hears still fails).
+    crate::support::poll::until(Duration::from_secs(30), Duration::from_millis(100), || {
+        let (base, key, id) = (base.clone(), key.clone(), id.clone());
+        async move {
+            match sql_call(&base, &key, &id, "SELECT 41 + 1 AS n").await {
+                (200, v) if v["result"]["rows"] == json!([{ "n": 42 }]) => Ok(()),
+                other => Err(format!("the resumed project is not served: {other:?}")),
+            }
+        }
+    })
+    .await;
+    let mut ws = connect_to(&base, "/").await;
+    let ack = subscribe(&mut ws, &id, Some(&read)).await;
+    assert_eq!(ack["type"], "subscribed", "{ack}");
+
+    let out = fluxbase(&dir)
         .env("FLUXBASE_DATABASE_URL", &url)
         .args(["project", "suspend", "ffffffffffffffff"])
         .output()
         .unwrap();
     assert!(!out.status.success());
+    assert!(server.is_running(), "the CLI broke the running server");
+    let (status, v) = sql_call(&base, &first_key, &first, "SELECT 1 AS one").await;
+    assert_eq!(status, 200, "{v}");
+}
+
+/// The project's status in the control database `ctl`.
+async fn status_in_db(ctl: &str, id: &str) -> String {
+    crate::support::pg()
+        .await
+        .client(ctl)
+        .await
+        .query_one("SELECT status FROM fluxbase.projects WHERE id = $1", &[&id])
+        .await
+        .unwrap()
+        .get(0)
 }
 
 #[tokio::test]
@@ -212,7 +279,7 @@ async fn doctor_reports_weak_roles_and_unread_slots_and_nothing_else_on_a_good_c
         let dir = dir.clone();
         async move {
             tokio::task::spawn_blocking(move || {
-                fluxbase(&dir, 0)
+                fluxbase(&dir)
                     .env("FLUXBASE_DATABASE_URL", url)
                     .arg("doctor")
                     .output()
@@ -281,17 +348,12 @@ async fn doctor_reports_weak_roles_and_unread_slots_and_nothing_else_on_a_good_c
 }
 
 /// Runs `fluxbase ARGS` on `dir` (embedded cluster) off the async runtime, `stdin` piped in.
-async fn run_cli(
-    dir: &Path,
-    port: u16,
-    args: &[&str],
-    stdin: Option<&str>,
-) -> std::process::Output {
+async fn run_cli(dir: &Path, args: &[&str], stdin: Option<&str>) -> std::process::Output {
     let dir = dir.to_path_buf();
     let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
     let stdin = stdin.map(str::to_string);
     tokio::task::spawn_blocking(move || {
-        let mut cmd = fluxbase(&dir, port);
+        let mut cmd = fluxbase(&dir);
         cmd.args(&args)
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -317,8 +379,8 @@ async fn run_cli(
 }
 
 /// `fluxbase ARGS` must succeed; returns its standard output.
-async fn cli_ok(dir: &Path, port: u16, args: &[&str], stdin: Option<&str>) -> String {
-    let out = run_cli(dir, port, args, stdin).await;
+async fn cli_ok(dir: &Path, args: &[&str], stdin: Option<&str>) -> String {
+    let out = run_cli(dir, args, stdin).await;
     assert!(
         out.status.success(),
         "{args:?} failed: {}{}",
@@ -378,24 +440,13 @@ async fn cli_commands_on_a_running_servers_data_dir_use_its_cluster_and_never_re
         std::process::id(),
         crate::support::unique("clilive")
     ));
-    let port = free_port();
-    let base = format!("http://127.0.0.1:{port}");
-    let init: Value =
-        serde_json::from_str(&cli_ok(&dir, port, &["init", "--json"], None).await).unwrap();
+    let init: Value = serde_json::from_str(&cli_ok(&dir, &["init", "--json"], None).await).unwrap();
     let project = init["project"]["id"].as_str().unwrap().to_string();
     let admin = init["apiKeys"]["admin"].as_str().unwrap().to_string();
     let email = init["user"]["email"].as_str().unwrap().to_string();
     let first_password = init["user"]["password"].as_str().unwrap().to_string();
 
-    let mut server = ChildGuard(
-        fluxbase(&dir, port)
-            .arg("serve")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
-    wait_healthy(&base, &mut server).await;
+    let (mut server, base) = serve(fluxbase(&dir), Stdio::null()).await;
     let (status, v) = sql_call(
         &base,
         &admin,
@@ -408,7 +459,8 @@ async fn cli_commands_on_a_running_servers_data_dir_use_its_cluster_and_never_re
 
     // A second server on the same data directory refuses, naming the first one.
     let mut second = ChildGuard(
-        fluxbase(&dir, free_port())
+        fluxbase(&dir)
+            .env("FLUXBASE_ADDR_FILE", dir.join("second.addr"))
             .arg("serve")
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
@@ -443,7 +495,7 @@ async fn cli_commands_on_a_running_servers_data_dir_use_its_cluster_and_never_re
     still_serving(&base, &admin, &project, "a second serve").await;
 
     let again: Value =
-        serde_json::from_str(&cli_ok(&dir, port, &["init", "--json"], None).await).unwrap();
+        serde_json::from_str(&cli_ok(&dir, &["init", "--json"], None).await).unwrap();
     assert_eq!(again["created"], false);
     still_serving(&base, &admin, &project, "init").await;
 
@@ -451,7 +503,6 @@ async fn cli_commands_on_a_running_servers_data_dir_use_its_cluster_and_never_re
     let created: Value = serde_json::from_str(
         &cli_ok(
             &dir,
-            port,
             &["project", "create", "--name", "live", "--json"],
             None,
         )
@@ -468,21 +519,37 @@ async fn cli_commands_on_a_running_servers_data_dir_use_its_cluster_and_never_re
     assert_eq!(v["result"]["rows"], json!([{ "n": 42 }]));
     still_serving(&base, &admin, &project, "project create").await;
 
-    // project suspend: the very next request of that project is refused; the others are served.
-    cli_ok(&dir, port, &["project", "suspend", &project], None).await;
+    // project suspend: once the server has heard it (its room closes with the reason, after
+    // its access cache was emptied), the project's requests are refused; the others are served.
+    let mut ws = crate::support::ws::connect_to(&base, "/").await;
+    let ack = crate::support::ws::subscribe(&mut ws, &project, Some(&admin)).await;
+    assert_eq!(ack["type"], "subscribed", "{ack}");
+    cli_ok(&dir, &["project", "suspend", &project], None).await;
+    let m = crate::support::ws::recv(&mut ws).await;
+    assert_eq!(m["code"], "PROJECT_SUSPENDED", "{m}");
     let (status, v) = sql_call(&base, &admin, &project, "SELECT 1").await;
     assert_eq!(status, 403, "{v}");
     assert_eq!(v["error"]["code"], "PROJECT_SUSPENDED", "{v}");
     let (status, v) = sql_call(&base, &other_rw, &other, "SELECT 1").await;
     assert_eq!(status, 200, "{v}");
-    cli_ok(&dir, port, &["project", "resume", &project], None).await;
-    still_serving(&base, &admin, &project, "project resume").await;
+    cli_ok(&dir, &["project", "resume", &project], None).await;
+    // Served again once the server has heard the resume (a hang guard well under the access
+    // cache's 60-s lifetime, so a server that never hears still fails).
+    crate::support::poll::until(Duration::from_secs(30), Duration::from_millis(100), || {
+        let (base, admin, project) = (base.clone(), admin.clone(), project.clone());
+        async move {
+            match sql_call(&base, &admin, &project, "SELECT body FROM notes").await {
+                (200, v) if v["result"]["rows"] == json!([{ "body": "kept" }]) => Ok(()),
+                other => Err(format!("the resumed project is not served: {other:?}")),
+            }
+        }
+    })
+    .await;
 
     // keys create: a recovered admin key works against the running server.
     let key: Value = serde_json::from_str(
         &cli_ok(
             &dir,
-            port,
             &[
                 "keys",
                 "create",
@@ -518,7 +585,6 @@ async fn cli_commands_on_a_running_servers_data_dir_use_its_cluster_and_never_re
     .await;
     let out = run_cli(
         &dir,
-        port,
         &["keys", "create", "--project", &project, "--scope", "root"],
         None,
     )
@@ -546,7 +612,6 @@ async fn cli_commands_on_a_running_servers_data_dir_use_its_cluster_and_never_re
     assert_eq!(me(old_session.clone()).await, 200);
     let text = cli_ok(
         &dir,
-        port,
         &[
             "user",
             "reset-password",
@@ -563,13 +628,7 @@ async fn cli_commands_on_a_running_servers_data_dir_use_its_cluster_and_never_re
     assert_eq!(status, 200, "{v}");
     // Without --password-stdin a password is generated and printed once.
     let reset: Value = serde_json::from_str(
-        &cli_ok(
-            &dir,
-            port,
-            &["user", "reset-password", &email, "--json"],
-            None,
-        )
-        .await,
+        &cli_ok(&dir, &["user", "reset-password", &email, "--json"], None).await,
     )
     .unwrap();
     let generated = reset["password"].as_str().unwrap();
@@ -578,7 +637,6 @@ async fn cli_commands_on_a_running_servers_data_dir_use_its_cluster_and_never_re
     assert_eq!(login(&base, &email, generated).await.0, 200);
     let out = run_cli(
         &dir,
-        port,
         &["user", "reset-password", "nobody@example.com"],
         None,
     )
@@ -586,7 +644,7 @@ async fn cli_commands_on_a_running_servers_data_dir_use_its_cluster_and_never_re
     assert!(!out.status.success());
 
     // doctor checks the running server's cluster.
-    let out = run_cli(&dir, port, &["doctor"], None).await;
+    let out = run_cli(&dir, &["doctor"], None).await;
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(
         out.status.success(),
@@ -596,7 +654,7 @@ async fn cli_commands_on_a_running_servers_data_dir_use_its_cluster_and_never_re
     assert!(text.contains("ok: the cluster is ready"), "{text}");
 
     // project delete: the other project is gone, this one is still served.
-    cli_ok(&dir, port, &["project", "delete", &other], None).await;
+    cli_ok(&dir, &["project", "delete", &other], None).await;
     let (status, v) = sql_call(&base, &other_rw, &other, "SELECT 1").await;
     assert!(status == 401 || status == 404, "{status} {v}");
     still_serving(&base, &admin, &project, "project delete").await;
@@ -611,7 +669,7 @@ async fn cli_commands_on_a_running_servers_data_dir_use_its_cluster_and_never_re
     assert!(postmaster_pid(&dir).is_none());
 
     // With no server, doctor starts the embedded cluster for the check and stops it after.
-    let out = run_cli(&dir, port, &["doctor"], None).await;
+    let out = run_cli(&dir, &["doctor"], None).await;
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(
         out.status.success(),
@@ -632,32 +690,54 @@ async fn serve_waits_for_a_cli_command_that_holds_the_data_directory() {
         std::process::id(),
         crate::support::unique("cliwait")
     ));
-    let port = free_port();
-    let base = format!("http://127.0.0.1:{port}");
     // This test process plays a CLI command running the embedded cluster itself.
     let held = fluxbase::embedded::DataDirLock::try_acquire(&dir, "project")
         .unwrap()
         .unwrap_or_else(|holder| panic!("held by {holder:?}"));
+    let addr_file = dir.join("fluxbase.addr");
     let mut server = ChildGuard(
-        fluxbase(&dir, port)
+        fluxbase(&dir)
             .arg("serve")
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
             .unwrap(),
     );
-    // Whatever it does meanwhile, the server must not touch the cluster while the lock is held.
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    assert!(server.try_wait().unwrap().is_none(), "serve gave up");
+    // The sentinel: the server blocks on the data directory's lock (a waiter of it in
+    // /proc/locks). It takes the lock before anything else, so until it has it, it must not
+    // have touched the cluster.
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while !waits_for_a_flock(server.id()) {
+        assert!(server.try_wait().unwrap().is_none(), "serve gave up");
+        assert!(
+            Instant::now() < deadline,
+            "serve never waited for the data directory's lock"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     assert!(
         !dir.join("pg/data/postmaster.pid").exists(),
         "serve started PostgreSQL under a CLI command"
     );
+    assert!(!addr_file.exists(), "serve listened under a CLI command");
     drop(held);
-    wait_healthy(&base, &mut server).await;
+    let addr = bound_addr(&addr_file, &mut server)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    wait_healthy(&format!("http://{addr}")).await;
     let holder = fluxbase::embedded::DataDirLock::holder(&dir).unwrap();
     assert_eq!(holder.role, "serve");
     assert_eq!(holder.pid, server.id());
     assert!(holder.pg_port.is_some());
     interrupt(&mut server);
+}
+
+/// Whether process `pid` waits for a `flock` (a blocked request in `/proc/locks`: `N: -> FLOCK
+/// ADVISORY WRITE <pid> …`).
+fn waits_for_a_flock(pid: u32) -> bool {
+    let locks = std::fs::read_to_string("/proc/locks").expect("reading /proc/locks");
+    locks.lines().any(|line| {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        f.len() > 5 && f[1] == "->" && f[2] == "FLOCK" && f[5] == pid.to_string()
+    })
 }

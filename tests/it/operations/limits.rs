@@ -463,9 +463,9 @@ async fn connections_past_the_per_address_cap_are_refused_with_429() {
     assert!(answer.starts_with("HTTP/1.1 429"), "{answer}");
     assert!(answer.contains("\"RATE_LIMIT\""), "{answer}");
 
-    // Closing one frees a place (the server notices the close asynchronously).
+    // Closing one frees a place (the server notices the close asynchronously; a hang guard).
     drop(held.pop());
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
     loop {
         let mut again = tokio::net::TcpStream::connect(&addr).await.unwrap();
         again
@@ -578,12 +578,17 @@ async fn a_project_flooding_pg_sleep_waits_on_its_share_while_another_is_served_
             })
         })
         .collect();
-    // Until the noisy project's statements run (or its requests have all been answered).
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
-    while sql_connections(&watcher).await.0 < 3
-        && !attack.iter().all(|t| t.is_finished())
-        && std::time::Instant::now() < deadline
-    {
+    // Until the noisy project's statements run.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while sql_connections(&watcher).await.0 < 3 {
+        assert!(
+            !attack.iter().all(|t| t.is_finished()),
+            "the noisy project's requests were all answered before three of them ran"
+        );
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the noisy project's statements never ran"
+        );
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
 
@@ -700,10 +705,16 @@ async fn sessions_holding_their_own_role_locked_never_delay_other_tenants() {
         .collect();
     // The logins of those second requests are under way. Before, each of them ran its role
     // repair on a control-pool session and waited 3 s there for the role's row, taking all 8
-    // control connections: no control-pool session may be seen waiting on a lock now.
+    // control connections: no control-pool session may be seen waiting on a lock now, from
+    // here until every one of those requests has been answered (the sentinel: then no login
+    // of theirs is left to wait).
     let control_db = app.app.cluster.control_db.clone();
-    let sampling = Instant::now();
-    while sampling.elapsed() < Duration::from_millis(1500) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !seconds.iter().all(|t| t.is_finished()) {
+        assert!(
+            Instant::now() < deadline,
+            "the second requests were never answered"
+        );
         let waiting: i64 = watcher
             .query_one(
                 "SELECT count(*) FROM pg_stat_activity

@@ -1379,6 +1379,11 @@ async fn projects_created_before_rls_are_migrated_at_start_up() {
     let app = spawn_app().await;
     let f = app.fixture().await;
     let pg = crate::support::pg().await;
+    let control_db = app.app.cluster.control_db.clone();
+    // Stopped (gracefully: a restart, no crash, is what this is about) before its project is
+    // made to look like an older Fluxbase's, so only the next start-up can migrate it.
+    let config = app.app.config.clone();
+    app.stop().await;
     // Undo the bootstrap's step 4, as on a project made by an older Fluxbase.
     pg.client(&format!("fx_{}", f.project))
         .await
@@ -1388,18 +1393,14 @@ async fn projects_created_before_rls_are_migrated_at_start_up() {
         ))
         .await
         .unwrap();
-    app.app
-        .control
-        .get()
+    pg.client(&control_db)
         .await
-        .unwrap()
         .execute(
             "UPDATE fluxbase.projects SET bootstrap_version = 3 WHERE id = $1",
             &[&f.project],
         )
         .await
         .unwrap();
-    let config = app.crash();
     let app = crate::support::start_with(config).await;
     assert_eq!(
         uid_after(&app, &f.read, &f, Some("alice"), "SELECT auth.uid() AS uid").await,

@@ -3,7 +3,9 @@
 //! or that kill it. Every child is killed and reaped on drop, so a failing test leaves no process
 //! behind.
 
+use std::net::SocketAddr;
 use std::ops::{Deref, DerefMut};
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -33,8 +35,20 @@ impl ServerProcess {
         Self::start_in(dir, name, env).await
     }
 
+    /// Starts `fluxbase serve` on an existing control database of the shared cluster (one a
+    /// CLI command initialised, say), with a data directory of its own.
+    pub async fn start_on(control_db: &str, env: &[(&str, &str)]) -> ServerProcess {
+        let dir = scratch_dir(&format!("it-{}-{}", std::process::id(), unique("srv")));
+        let env = env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        Self::start_in(dir, control_db.to_string(), env).await
+    }
+
     /// Starts the server again on the same data directory and control database (after
-    /// [`ServerProcess::kill9`] or [`ServerProcess::terminate`]), on a new port.
+    /// [`ServerProcess::kill9`] or [`ServerProcess::terminate`]), on a new port (`base`
+    /// changes).
     pub async fn restart(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
@@ -98,11 +112,13 @@ impl ServerProcess {
         env: Vec<(String, String)>,
     ) -> ServerProcess {
         let pg = pg().await;
-        let port = free_port();
+        let addr_file = dir.join("fluxbase.addr");
+        let _ = std::fs::remove_file(&addr_file); // a restart's: the new one must be read
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_fluxbase"));
         cmd.arg("serve")
             .env("FLUXBASE_DATA_DIR", &dir)
-            .env("FLUXBASE_LISTEN", format!("127.0.0.1:{port}"))
+            .env("FLUXBASE_LISTEN", "127.0.0.1:0")
+            .env("FLUXBASE_ADDR_FILE", &addr_file)
             .env("FLUXBASE_DATABASE_URL", pg.url(&name))
             .env("FLUXBASE_RATE_LIMIT_REQUESTS", "10000")
             .env("FLUXBASE_AUTH_ATTEMPTS_PER_ADDRESS", "10000")
@@ -113,27 +129,43 @@ impl ServerProcess {
         for (k, v) in &env {
             cmd.env(k, v);
         }
-        let child = cmd.spawn().expect("starting fluxbase serve");
-        let mut server = ServerProcess {
-            base: format!("http://127.0.0.1:{port}"),
+        let mut child = cmd.spawn().expect("starting fluxbase serve");
+        let addr = match bound_addr(&addr_file, &mut child).await {
+            Ok(addr) => addr,
+            Err(e) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("{e}");
+            }
+        };
+        let server = ServerProcess {
+            base: format!("http://{addr}"),
             child,
             dir,
             name,
             env,
         };
-        let deadline = Instant::now() + Duration::from_secs(120);
-        loop {
-            if let Ok(r) = reqwest::get(format!("{}/health", server.base)).await {
-                if r.status() == 200 {
-                    return server;
-                }
-            }
-            if let Some(status) = server.child.try_wait().unwrap() {
-                panic!("server exited early: {status}");
-            }
-            assert!(Instant::now() < deadline, "server did not become healthy");
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
+        // Bound and accepting: /health answers at once (a hang guard only).
+        let health = reqwest::Client::builder()
+            .timeout(Duration::from_secs(60))
+            .build()
+            .unwrap()
+            .get(format!("{}/health", server.base))
+            .send()
+            .await
+            .expect("/health of the started server");
+        assert_eq!(health.status(), 200, "/health of the started server");
+        server
+    }
+
+    /// The server's control database (on the shared cluster).
+    pub fn control_db(&self) -> &str {
+        &self.name
+    }
+
+    /// Whether the process is still running (not exited, not killed).
+    pub fn is_running(&mut self) -> bool {
+        self.child.try_wait().unwrap().is_none()
     }
 
     pub fn pid(&self) -> u32 {
@@ -160,13 +192,41 @@ impl Drop for ServerProcess {
     }
 }
 
-/// A port nobody listens on right now.
+/// A port nobody listens on right now, which another process may take before it is used: only
+/// for what cannot listen on port 0 and report its port. A `fluxbase serve` can
+/// (`FLUXBASE_LISTEN=127.0.0.1:0` and [`bound_addr`]).
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
         .unwrap()
         .port()
+}
+
+/// The address a `fluxbase serve` started with `FLUXBASE_ADDR_FILE=<addr_file>` bound, once it
+/// has written it; an error if the process exits first (or after a generous hang guard: the
+/// start-up migrates, and may start an embedded cluster).
+pub async fn bound_addr(addr_file: &Path, child: &mut Child) -> Result<SocketAddr, String> {
+    let deadline = Instant::now() + Duration::from_secs(180);
+    loop {
+        // Written beside it and renamed: whole once it exists.
+        if let Ok(text) = std::fs::read_to_string(addr_file) {
+            return text
+                .trim()
+                .parse()
+                .map_err(|e| format!("{}: {text:?}: {e}", addr_file.display()));
+        }
+        if let Some(status) = child.try_wait().unwrap() {
+            return Err(format!("the server exited before it listened: {status}"));
+        }
+        if Instant::now() > deadline {
+            return Err(format!(
+                "the server never wrote its address to {}",
+                addr_file.display()
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 /// Any child process of a test (a `fluxbase` command, a Node.js client): killed and reaped on
