@@ -259,7 +259,14 @@ mod tests {
         let rechecked = rt.revocations("p1");
         assert_eq!(rt.revocations("p1"), rechecked);
         // A member of p1 removed: the same (even with no room open yet).
-        rt.evict_user("p1", "usr_x");
+        rt.evict_user("p1", "usr_x", MemberChange::Removed);
+        assert_ne!(rt.revocations("p1"), rechecked);
+        let rechecked = rt.revocations("p1");
+        // Its role changed, or the project stopped being public: the same.
+        rt.evict_user("p1", "usr_x", MemberChange::RoleChanged);
+        assert_ne!(rt.revocations("p1"), rechecked);
+        let rechecked = rt.revocations("p1");
+        rt.evict_anonymous("p1");
         assert_ne!(rt.revocations("p1"), rechecked);
         let rechecked = rt.revocations("p1");
         // The access listener reconnected: every project's subscribes check again.
