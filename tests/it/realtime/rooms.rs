@@ -13,7 +13,11 @@ use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::Message;
 
 use crate::support::cluster::slot_confirmed;
-use crate::support::ws::{connect, nothing_more, recv, room, send, subscribe, without_id, Socket};
+use crate::support::fixtures::{project, Project};
+use crate::support::process::ServerProcess;
+use crate::support::ws::{
+    self, connect, nothing_more, recv, room, send, subscribe, without_id, Socket,
+};
 use crate::support::{spawn_app, spawn_app_with, Fixture, TestApp};
 
 /// Sends `msg` (a subscribe) and asserts the answer is `subscribed`.
@@ -1101,61 +1105,74 @@ async fn a_resume_from_before_the_retained_window_gets_resume_too_old_then_live_
     nothing_more(&mut ws).await;
 }
 
-#[tokio::test]
-async fn a_resume_after_a_server_restart_replays_what_the_client_missed_from_the_durable_history() {
-    let app = spawn_app().await;
-    let f = app.fixture().await;
-    app.rows(&f.admin, &f.project, "CREATE TABLE t (id int)")
-        .await;
-    let mut ws = subscribed_socket(&app, &f).await;
-    app.rows(&f.admin, &f.project, "INSERT INTO t VALUES (1)")
-        .await;
-    let last = db_event(&mut ws).await["id"].as_str().unwrap().to_string();
-    drop(ws);
-    app.rows(&f.admin, &f.project, "INSERT INTO t VALUES (2)")
-        .await;
-    app.rows(&f.admin, &f.project, "INSERT INTO t VALUES (3)")
-        .await;
-    // Once the slot is confirmed past them, 2 and 3 are never produced again.
-    let mut watcher = subscribed_socket(&app, &f).await;
-    app.rows(&f.admin, &f.project, "INSERT INTO t VALUES (0)")
-        .await;
-    let p = db_event(&mut watcher).await;
-    let lsn = u64::from_str_radix(&p["id"].as_str().unwrap()[..16], 16).unwrap();
-    let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    while slot_confirmed(&f.project).await <= lsn {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the slot was never confirmed"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    drop(watcher);
-    let app = crate::support::start_with(app.crash()).await;
-    app.rows(&f.admin, &f.project, "INSERT INTO t VALUES (4)")
-        .await;
+/// Runs `query` with the project's admin key on the server process.
+async fn admin_sql(server: &ServerProcess, p: &Project, query: &str) {
+    crate::support::http::sql(&server.base, &p.admin, &p.project, query).await;
+}
 
-    let mut ws = connect(&app, "/").await;
-    subscribed(
-        &mut ws,
-        json!({ "type": "subscribe", "roomId": room(&f.project), "token": f.read, "since": last }),
-    )
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resume_after_kill_9_and_a_restart_replays_what_the_client_missed_from_the_durable_history(
+) {
+    let mut server = ServerProcess::start(&[]).await;
+    let p = project(&server.base).await;
+    admin_sql(&server, &p, "CREATE TABLE t (id int)").await;
+    let mut ws = ws::subscribed(&server.base, &p, None).await;
+    admin_sql(&server, &p, "INSERT INTO t VALUES (1)").await;
+    let (first, last) = ws::row(&mut ws).await;
+    assert_eq!(first, 1);
+    drop(ws);
+    admin_sql(&server, &p, "INSERT INTO t VALUES (2)").await;
+    admin_sql(&server, &p, "INSERT INTO t VALUES (3)").await;
+    // Once the slot is confirmed past them, 2 and 3 are never produced again.
+    let mut watcher = ws::subscribed(&server.base, &p, None).await;
+    admin_sql(&server, &p, "INSERT INTO t VALUES (0)").await;
+    let (zero, id) = ws::row(&mut watcher).await;
+    assert_eq!(zero, 0);
+    let lsn = u64::from_str_radix(&id[..16], 16).unwrap();
+    crate::support::poll::until(Duration::from_secs(60), Duration::from_millis(50), || async {
+        let confirmed = slot_confirmed(&p.project).await;
+        if confirmed > lsn {
+            Ok(())
+        } else {
+            Err(format!(
+                "the slot was never confirmed past {lsn:X} (at {confirmed:X})"
+            ))
+        }
+    })
     .await;
-    app.rows(&f.admin, &f.project, "INSERT INTO t VALUES (5)")
-        .await;
+    drop(watcher);
+    server.kill9();
+    // Committed while no server runs.
+    crate::support::pg()
+        .await
+        .client(&format!("fx_{}", p.project))
+        .await
+        .execute("INSERT INTO t VALUES (4)", &[])
+        .await
+        .unwrap();
+    server.restart().await;
+
+    let mut ws = ws::subscribed(&server.base, &p, Some(&last)).await;
+    admin_sql(&server, &p, "INSERT INTO t VALUES (5)").await;
     // The slot was confirmed past 2, 3 and 0, but the history on disk kept them: they come
-    // from it after the restart, then 4 (committed while no server ran a room), then 5 live,
-    // each exactly once.
-    assert_eq!(ids(&recv_n(&mut ws, 5).await), [2, 3, 0, 4, 5]);
+    // from it after the restart, then 4 (committed while no server ran), then 5 live, each
+    // exactly once.
+    let mut got = Vec::new();
+    for _ in 0..5 {
+        got.push(ws::row(&mut ws).await.0);
+    }
+    assert_eq!(got, [2, 3, 0, 4, 5]);
     nothing_more(&mut ws).await;
 
     // A malformed `since` is refused rather than taken for "nothing missed".
-    refused(
+    send(
         &mut ws,
-        json!({ "type": "subscribe", "roomId": room(&f.project), "token": f.read, "since": "yesterday" }),
-        "BAD_MESSAGE",
+        json!({ "type": "subscribe", "roomId": room(&p.project), "token": p.read, "since": "yesterday" }),
     )
     .await;
+    let m = ws::next(&mut ws).await;
+    assert_eq!(m["type"], "error", "{m}");
+    assert_eq!(m["code"], "BAD_MESSAGE", "{m}");
 }
 
 #[tokio::test]
