@@ -47,17 +47,21 @@ fn steady_writer(
 /// of 120 s: the writer stopped).
 async fn rows_committed(committed: &AtomicI64, rows: i64, what: &str) {
     let from = committed.load(Ordering::Acquire);
-    crate::support::poll::until(Duration::from_secs(120), Duration::from_millis(20), || async {
-        let now = committed.load(Ordering::Acquire);
-        if now >= from + rows {
-            Ok(())
-        } else {
-            Err(format!(
-                "the writer committed only {} of {rows} rows {what}",
-                now - from
-            ))
-        }
-    })
+    crate::support::poll::until(
+        Duration::from_secs(120),
+        Duration::from_millis(20),
+        || async {
+            let now = committed.load(Ordering::Acquire);
+            if now >= from + rows {
+                Ok(())
+            } else {
+                Err(format!(
+                    "the writer committed only {} of {rows} rows {what}",
+                    now - from
+                ))
+            }
+        },
+    )
     .await
 }
 

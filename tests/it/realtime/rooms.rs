@@ -419,7 +419,9 @@ async fn an_expired_realtime_token_is_refused_with_token_expired() {
         body["expiresAt"].as_str().unwrap().parse().unwrap();
     // Waits for the expiry itself (the server and the test share the clock), not a guess.
     while chrono::Utc::now() <= expires_at {
-        let left = (expires_at - chrono::Utc::now()).to_std().unwrap_or_default();
+        let left = (expires_at - chrono::Utc::now())
+            .to_std()
+            .unwrap_or_default();
         tokio::time::sleep(left + Duration::from_millis(1)).await;
     }
     let mut ws = connect(&app, "/").await;
@@ -1142,16 +1144,20 @@ async fn a_resume_after_kill_9_and_a_restart_replays_what_the_client_missed_from
     let (zero, id) = ws::row(&mut watcher).await;
     assert_eq!(zero, 0);
     let lsn = u64::from_str_radix(&id[..16], 16).unwrap();
-    crate::support::poll::until(Duration::from_secs(60), Duration::from_millis(50), || async {
-        let confirmed = slot_confirmed(&p.project).await;
-        if confirmed > lsn {
-            Ok(())
-        } else {
-            Err(format!(
-                "the slot was never confirmed past {lsn:X} (at {confirmed:X})"
-            ))
-        }
-    })
+    crate::support::poll::until(
+        Duration::from_secs(60),
+        Duration::from_millis(50),
+        || async {
+            let confirmed = slot_confirmed(&p.project).await;
+            if confirmed > lsn {
+                Ok(())
+            } else {
+                Err(format!(
+                    "the slot was never confirmed past {lsn:X} (at {confirmed:X})"
+                ))
+            }
+        },
+    )
     .await;
     drop(watcher);
     server.kill9();
@@ -1583,7 +1589,10 @@ fn summary(m: &Value) -> String {
         "{} {} {} {}",
         m["type"].as_str().unwrap_or("?"),
         m["event"].as_str().unwrap_or(""),
-        m["id"].as_str().or(m["payload"]["id"].as_str()).unwrap_or(""),
+        m["id"]
+            .as_str()
+            .or(m["payload"]["id"].as_str())
+            .unwrap_or(""),
         m["payload"]["record"]["id"]
             .as_i64()
             .or(m["payload"]["i"].as_i64())
