@@ -1471,53 +1471,47 @@ async fn a_broadcast_flood_cuts_off_the_flooder_and_not_the_quiet_sockets_of_its
     let f = app.fixture().await;
     app.rows(&f.admin, &f.project, "CREATE TABLE t (id int)")
         .await;
-    let flooder = subscribed_socket(&app, &f).await;
+    let mut flooder = subscribed_socket(&app, &f).await;
     // The quiet socket reads nothing while the flood lasts, like a browser tab in the background.
     let mut quiet = subscribed_socket(&app, &f).await;
 
-    // 3,000 broadcasts of 32 KB, as fast as the connection takes them; the flooder reads on the
-    // side, so that it sees what the server says to it.
-    let (mut sink, mut stream) = flooder.split();
-    let reading = tokio::spawn(async move {
-        let mut refused = 0;
-        // A hang guard only.
-        let frame = tokio::time::timeout(Duration::from_secs(120), async {
+    // Broadcasts of 32 KB, each followed by a ping, as fast as the server answers: the
+    // flooder reads what the server says (refusals, then the close) up to each pong. It never
+    // has a write pending when it is cut off: a client still writing when the server drops the
+    // connection reads the reset instead of the close frame.
+    let body = "x".repeat(32 * 1000);
+    let (mut refused, mut sent) = (0, 0);
+    let frame = tokio::time::timeout(Duration::from_secs(120), async {
+        for i in 0..FLOOD {
+            let msg = json!({ "type": "broadcast", "roomId": room(&f.project), "event": "flood",
+                              "payload": { "i": i, "body": body } });
+            flooder.send(Message::text(msg.to_string())).await.unwrap();
+            flooder
+                .send(Message::text(r#"{"type":"ping"}"#))
+                .await
+                .unwrap();
+            sent += 1;
             loop {
-                match stream.next().await {
+                match flooder.next().await {
                     Some(Ok(Message::Text(t))) => {
                         let m: Value = serde_json::from_str(&t).unwrap();
+                        if m["type"] == "pong" {
+                            break;
+                        }
                         assert_eq!(m["code"], "RATE_LIMIT", "{m}");
                         refused += 1;
                     }
-                    Some(Ok(Message::Close(frame))) => return Ok(frame),
+                    Some(Ok(Message::Close(frame))) => return frame,
                     Some(Ok(_)) => {}
-                    other => return Err(format!("{other:?}")),
+                    other => panic!("the flooder's socket ended without a close frame: {other:?}"),
                 }
             }
-        })
-        .await
-        .expect("the flooder was never cut off");
-        (refused, frame)
-    });
-    let body = "x".repeat(32 * 1000);
-    let project = f.project.clone();
-    let sending = tokio::spawn(async move {
-        let mut sent = 0;
-        for i in 0..FLOOD {
-            let msg = json!({ "type": "broadcast", "roomId": room(&project), "event": "flood",
-                              "payload": { "i": i, "body": body } });
-            if sink.send(Message::text(msg.to_string())).await.is_err() {
-                break;
-            }
-            sent += 1;
         }
-        sent
-    });
-    let (refused, frame) = reading.await.unwrap();
-    let sent = sending.await.unwrap();
-    let frame = frame
-        .unwrap_or_else(|e| panic!("the flooder's socket ended without a close frame: {e}"))
-        .expect("the flooder gets a close frame with a reason");
+        panic!("{sent} broadcasts ({refused} refused) and the flooder was never cut off")
+    })
+    .await
+    .expect("the flooder was never cut off (hang guard)");
+    let frame = frame.expect("the flooder gets a close frame with a reason");
     assert_eq!(frame.code, CloseCode::Policy, "{frame:?}");
     assert!(frame.reason.contains("rate limit"), "{frame:?}");
     assert!(refused > 0, "the flooder was told before it was cut off");
