@@ -314,7 +314,10 @@ async fn write_socket(
         let (msg, counted) = tokio::select! {
             msg = rx.recv() => match msg {
                 Some(m) => (m, true),
-                None => break false,
+                // The reader and the rooms let go of the queue. A cut-off fired just before
+                // (over a limit: the reader stops at once) still closes with its code and
+                // reason, whichever of the two the select saw first.
+                None => break cut_off_by.fired(),
             },
             _ = ping.tick() => (Message::Ping(Default::default()), false),
             _ = cut.notified() => break true,

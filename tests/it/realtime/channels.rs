@@ -873,7 +873,10 @@ async fn partitions_made_before_the_migration_get_their_truncate_triggers_at_sta
         )
         .await
         .unwrap();
-    let app = crate::support::start_with(app.crash()).await;
+    // A real start-up: the server stops (gracefully) and starts again on its configuration.
+    let config = app.app.config.clone();
+    app.stop().await;
+    let app = crate::support::start_with(config).await;
     // m, m1, "M 1a", m1b, m2: two each.
     assert_eq!(count(superuser.query(triggers, &[]).await.unwrap()), 10);
     let mut ws = socket(&app, &f, None).await;
