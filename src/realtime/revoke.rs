@@ -240,6 +240,8 @@ impl Realtime {
 
 #[cfg(test)]
 mod tests {
+    use super::MemberChange;
+
     #[test]
     fn a_revocation_or_removal_after_the_access_check_is_seen_before_joining() {
         let rt = super::super::tests::realtime();

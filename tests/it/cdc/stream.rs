@@ -458,7 +458,7 @@ async fn after_the_streams_are_aborted_in_process_every_event_past_the_last_ackn
     // acknowledged: the replay below proves it.)
 
     // The simulated crash: nothing more is confirmed. More changes commit while no server runs.
-    let config = app.crash();
+    let config = app.abort_in_process();
     let pg = crate::support::pg().await;
     pg.client(&format!("fx_{}", f.project))
         .await

@@ -83,9 +83,11 @@ impl TestApp {
         }
     }
 
-    /// Ends the server as a crash would: change streams die without a last word, the HTTP
-    /// server stops accepting. Returns its configuration for a restart.
-    pub fn crash(mut self) -> Config {
+    /// Aborts the server's tasks inside this process (not a crash of a process: its other
+    /// tasks may outlive it): change streams die without a last word, the HTTP server stops
+    /// accepting. Returns its configuration for a restart. A test that means a crash kills a
+    /// real server process ([`super::process::ServerProcess`]) instead.
+    pub fn abort_in_process(mut self) -> Config {
         self.app.cdc.stop_all();
         self.app.sql.clear();
         let config = self.app.config.clone();

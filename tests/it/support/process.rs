@@ -192,17 +192,6 @@ impl Drop for ServerProcess {
     }
 }
 
-/// A port nobody listens on right now, which another process may take before it is used: only
-/// for what cannot listen on port 0 and report its port. A `fluxbase serve` can
-/// (`FLUXBASE_LISTEN=127.0.0.1:0` and [`bound_addr`]).
-pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 /// The address a `fluxbase serve` started with `FLUXBASE_ADDR_FILE=<addr_file>` bound, once it
 /// has written it; an error if the process exits first (or after a generous hang guard: the
 /// start-up migrates, and may start an embedded cluster).
