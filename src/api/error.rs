@@ -50,8 +50,9 @@ pub enum ApiError {
     /// The storage backend (disk or S3) failed; the operation changed nothing.
     #[error("The storage backend is unavailable. Retry after a few seconds.")]
     StorageUnavailable(String),
+    /// The path exists with other methods: those (the `Allow` header, RFC 9110 §15.5.6).
     #[error("Method not allowed.")]
-    MethodNotAllowed,
+    MethodNotAllowed(String),
     /// Built from an `anyhow::Error` with `?`, unless the error is a lost or refused database
     /// connection: that is a [`ApiError::DatabaseUnavailable`] (see [`is_connection_error`]).
     #[error("Unexpected server error.")]
@@ -72,7 +73,7 @@ impl ApiError {
             PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             RateLimited { .. } | Busy(_) => StatusCode::TOO_MANY_REQUESTS,
             DatabaseUnavailable(_) | StorageUnavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
-            MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
             Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -95,7 +96,7 @@ impl ApiError {
             RateLimited { .. } | Busy(_) => "RATE_LIMIT",
             DatabaseUnavailable(_) => "DATABASE_CONNECTION_ERROR",
             StorageUnavailable(_) => "STORAGE_UNAVAILABLE",
-            MethodNotAllowed => "METHOD_NOT_ALLOWED",
+            MethodNotAllowed(_) => "METHOD_NOT_ALLOWED",
             Internal(_) => "INTERNAL_ERROR",
         }
     }

@@ -22,10 +22,12 @@ pub async fn health(_app: SharedApp, _req: Request) -> ApiResult<Json<Status>> {
     Ok(Json(Status { status: "ok" }))
 }
 
-/// The control database answers and the storage backend is usable.
+/// The control database answers and the storage backend is usable. Why the storage backend is
+/// not is told to operators only (the metrics token, or a local request): it names paths,
+/// endpoints and buckets; everyone else gets the code, and the server's log has the cause.
 #[utoipa::path(get, path = "/ready", tag = "operations",
     responses((status = 200, description = "`{\"status\":\"ready\"}`", body = Status)))]
-pub async fn ready(app: SharedApp, _req: Request) -> ApiResult<Response> {
+pub async fn ready(app: SharedApp, req: Request) -> ApiResult<Response> {
     let ready = match app.control.get().await {
         Ok(c) => c.simple_query("SELECT 1").await.is_ok(),
         Err(_) => false,
@@ -36,10 +38,17 @@ pub async fn ready(app: SharedApp, _req: Request) -> ApiResult<Response> {
         ));
     }
     if let Err(cause) = app.storage.ready().await {
-        let message = format!(
-            "The storage backend ({}) is not usable: {cause}",
-            app.storage.backend.describe()
-        );
+        let message = if super::metrics::operator(&app.config, req.peer, &req.headers) {
+            format!(
+                "The storage backend ({}) is not usable: {cause}",
+                app.storage.backend.describe()
+            )
+        } else {
+            tracing::warn!(backend = %app.storage.backend.describe(), %cause, "not ready: the storage backend is not usable");
+            "The storage backend is not usable; the server's log (or /ready asked locally or \
+             with the metrics token) says why."
+                .to_string()
+        };
         return Ok(json_response(
             StatusCode::SERVICE_UNAVAILABLE,
             &json!({ "success": false, "error": {

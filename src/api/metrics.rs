@@ -54,6 +54,16 @@ fn text(app: &App) -> Response {
     .into_response()
 }
 
+/// Whether the caller may read what only an operator should (the causes `/ready` names: paths,
+/// endpoints, the backend's own errors): under `/metrics`' rules as if served on its own address,
+/// i.e. the metrics token when one is set, else a local request not behind a proxy.
+pub(super) fn operator(config: &Config, peer: Option<SocketAddr>, headers: &HeaderMap) -> bool {
+    match &config.metrics_token {
+        Some(_) => refusal(config, Listener::Dedicated, peer, headers).is_none(),
+        None => !config.trust_forwarded_for && from_loopback(peer, headers),
+    }
+}
+
 /// Why a `/metrics` request is refused under the access rules of the module docs, if it is.
 /// `peer` is the client's address when known (unknown: not trusted as loopback).
 fn refusal(
@@ -151,7 +161,7 @@ pub async fn start_listener(app: &SharedApp) -> anyhow::Result<()> {
                     );
                 }
                 if method != Method::GET {
-                    return error_response(&ApiError::MethodNotAllowed, None);
+                    return error_response(&ApiError::MethodNotAllowed("GET".into()), None);
                 }
                 match refusal(&app.config, Listener::Dedicated, peer, &headers) {
                     Some(e) => error_response(&e, None),

@@ -144,15 +144,21 @@ impl Route {
 pub enum Miss {
     /// No route has this path.
     NotFound,
-    /// The path exists with other methods.
-    MethodNotAllowed,
+    /// The path exists with other methods: these.
+    MethodNotAllowed(Vec<Method>),
 }
 
 impl Miss {
     pub fn into_error(self, method: &Method, path: &str) -> ApiError {
         match self {
             Miss::NotFound => ApiError::NotFound(format!("No route for {method} {path}")),
-            Miss::MethodNotAllowed => ApiError::MethodNotAllowed,
+            Miss::MethodNotAllowed(allowed) => ApiError::MethodNotAllowed(
+                allowed
+                    .iter()
+                    .map(Method::as_str)
+                    .collect::<Vec<_>>()
+                    .join(", "),
+            ),
         }
     }
 }
@@ -223,19 +229,21 @@ impl Table {
 
     /// The route for `method` on `path` (no trailing slash) and the tail it captured.
     pub fn find(&self, method: &Method, path: &str) -> Result<(&Route, String), Miss> {
-        let mut known_path = false;
+        let mut allowed = Vec::new();
         for route in &self.routes {
             if let Some(tail) = route.matches(path) {
                 if route.method == *method {
                     return Ok((route, tail));
                 }
-                known_path = true;
+                if !allowed.contains(&route.method) {
+                    allowed.push(route.method.clone());
+                }
             }
         }
-        Err(if known_path {
-            Miss::MethodNotAllowed
-        } else {
+        Err(if allowed.is_empty() {
             Miss::NotFound
+        } else {
+            Miss::MethodNotAllowed(allowed)
         })
     }
 }
@@ -278,10 +286,14 @@ mod tests {
             .unwrap();
         assert_eq!(route.operation_id, "public_download");
         assert_eq!(tail, "p1/b/a%20b.txt");
-        assert!(matches!(
-            table.find(&Method::PUT, "/api/keys"),
-            Err(Miss::MethodNotAllowed)
-        ));
+        match table.find(&Method::PUT, "/api/keys") {
+            Err(Miss::MethodNotAllowed(allowed)) => {
+                let mut allowed: Vec<&str> = allowed.iter().map(Method::as_str).collect();
+                allowed.sort_unstable();
+                assert_eq!(allowed, ["DELETE", "GET", "POST"]);
+            }
+            _ => panic!("PUT /api/keys is not a 405"),
+        }
         assert!(matches!(
             table.find(&Method::GET, "/api/nothing"),
             Err(Miss::NotFound)

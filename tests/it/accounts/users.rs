@@ -353,6 +353,23 @@ async fn auth_error_codes_follow_the_guide() {
         .call("GET", "/api/execute-sql", Some(&f.admin), None)
         .await;
     assert_eq!(status, 405);
+    // ... saying which methods the path has (RFC 9110: a 405 carries `Allow`).
+    let resp = app
+        .http
+        .put(app.url("/api/keys"))
+        .bearer_auth(&f.admin)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 405);
+    let mut allow: Vec<String> = resp.headers()["allow"]
+        .to_str()
+        .unwrap()
+        .split(", ")
+        .map(str::to_string)
+        .collect();
+    allow.sort();
+    assert_eq!(allow, ["DELETE", "GET", "POST"]);
 }
 
 #[tokio::test]

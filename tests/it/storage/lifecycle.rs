@@ -194,7 +194,12 @@ async fn suspend_and_resume_keep_every_file_on_s3() {
 
 /// `/ready`'s answer: (status, error code or "ready", message).
 async fn ready(t: &TestApp) -> (u16, String, String) {
-    let (status, body) = t.call("GET", "/ready", None, None).await;
+    ready_as(t, None).await
+}
+
+/// `/ready` with `token` as the bearer (the metrics token: an operator).
+async fn ready_as(t: &TestApp, token: Option<&str>) -> (u16, String, String) {
+    let (status, body) = t.call("GET", "/ready", token, None).await;
     if status == 200 {
         return (
             status,
@@ -217,11 +222,24 @@ async fn a_misconfigured_s3_backend_is_reported_by_ready_with_its_cause() {
     assert_eq!(ready(&t).await.0, 200);
     t.stop().await;
 
-    // A bucket that does not exist: the server starts, and says why it is not ready.
+    // A bucket that does not exist: the server starts, and says why it is not ready (to an
+    // operator: with a metrics token set, only the token sees the cause).
     let t = s3
-        .spawn_app_with(|c| c.s3_bucket = Some("no-such-bucket".into()))
+        .spawn_app_with(|c| {
+            c.s3_bucket = Some("no-such-bucket".into());
+            c.metrics_token = Some("metrics-token-for-tests".into());
+        })
         .await;
     let (status, code, message) = ready(&t).await;
+    assert_eq!(
+        (status, code.as_str()),
+        (503, "STORAGE_UNAVAILABLE"),
+        "{message}"
+    );
+    assert!(!message.contains("no-such-bucket"), "{message}");
+    assert!(!message.contains("NoSuchBucket"), "{message}");
+    assert!(!message.contains("http"), "{message}");
+    let (status, code, message) = ready_as(&t, Some("metrics-token-for-tests")).await;
     assert_eq!(
         (status, code.as_str()),
         (503, "STORAGE_UNAVAILABLE"),
@@ -232,7 +250,7 @@ async fn a_misconfigured_s3_backend_is_reported_by_ready_with_its_cause() {
     // Once the bucket exists, it is ready without a restart.
     std::fs::create_dir_all(s3.root.join("no-such-bucket")).unwrap();
     let deadline = Instant::now() + Duration::from_secs(30);
-    while ready(&t).await.0 != 200 {
+    while ready_as(&t, Some("metrics-token-for-tests")).await.0 != 200 {
         assert!(Instant::now() < deadline, "never ready");
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
