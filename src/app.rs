@@ -124,6 +124,10 @@ impl App {
                 control.clone(),
                 rate.clone(),
                 storage.clock.clone(),
+                RateLimiter::new(
+                    config.auth_failures_per_address,
+                    config.auth_rate_window_secs,
+                ),
             )),
             accounts: crate::accounts::Accounts::new(
                 control.clone(),

@@ -149,6 +149,10 @@ pub struct Config {
     /// Login and sign-up attempts per client address in each `auth_rate_window_secs`
     /// (0 disables the limit).
     pub auth_attempts_per_address: u32,
+    /// Requests with a bearer token that is no live key or session (a guess, a revoked or
+    /// expired one) per client address in each `auth_rate_window_secs`; past it that address's
+    /// bearer requests get 429 before any lookup (0 disables the limit).
+    pub auth_failures_per_address: u32,
     /// Failed logins per account (normalised email) from one client network (IPv4 /24, IPv6
     /// /64) in each `auth_rate_window_secs`; past it that network's logins to that account get
     /// 429 whatever the password, while the owner elsewhere still logs in (0 disables the limit).
@@ -228,6 +232,7 @@ impl Default for Config {
             max_connections_per_address: 512,
             trust_forwarded_for: false,
             auth_attempts_per_address: 30,
+            auth_failures_per_address: 60,
             auth_failures_per_account: 10,
             auth_failures_per_account_total: 100,
             auth_rate_window_secs: 60,

@@ -112,7 +112,10 @@ impl Request {
 impl Request {
     /// The caller behind `Authorization`.
     pub async fn principal(&self, app: &crate::app::App) -> ApiResult<crate::auth::Principal> {
-        Ok(app.auth.authenticate(self.authorization()).await?)
+        Ok(app
+            .auth
+            .authenticate_from(self.authorization(), self.client)
+            .await?)
     }
 
     /// The caller's access to the project named by `?projectId=`.

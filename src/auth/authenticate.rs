@@ -22,6 +22,8 @@ pub struct Auth {
     clock: Arc<crate::storage::Clock>,
     /// When each API key's `last_used_at` was last written (written at most once a minute).
     key_touched: Mutex<HashMap<String, Instant>>,
+    /// Bearer tokens that resolved to nothing, per client address (`auth_failures_per_address`).
+    failures: RateLimiter,
 }
 
 impl Auth {
@@ -29,6 +31,7 @@ impl Auth {
         control: deadpool_postgres::Pool,
         rate: Arc<RateLimiter>,
         clock: Arc<crate::storage::Clock>,
+        failures: RateLimiter,
     ) -> Auth {
         Auth {
             control,
@@ -36,7 +39,32 @@ impl Auth {
             clock,
             cache: AuthCache::default(),
             key_touched: Mutex::new(HashMap::new()),
+            failures,
         }
+    }
+
+    /// [`Auth::authenticate`] for a request from `client` (unknown: not limited by address): an
+    /// address whose bearer tokens resolved to nothing `auth_failures_per_address` times in the
+    /// window gets 429 before any lookup, so guessing keys or sessions costs the control
+    /// database nothing past the limit.
+    pub async fn authenticate_from(
+        &self,
+        authorization: Option<&str>,
+        client: Option<std::net::IpAddr>,
+    ) -> Result<Principal, AuthError> {
+        let address = client.map(|ip| crate::auth::ratelimit::address_key(ip).to_string());
+        if let Some(a) = &address {
+            self.failures.peek(a)?;
+        }
+        let result = self.authenticate(authorization).await;
+        if let (
+            Some(a),
+            Err(AuthError::InvalidKey | AuthError::InvalidSession | AuthError::SessionExpired),
+        ) = (&address, &result)
+        {
+            self.failures.record(a);
+        }
+        result
     }
 
     pub fn cache(&self) -> &AuthCache {

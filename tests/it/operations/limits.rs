@@ -165,6 +165,56 @@ async fn a_login_flood_from_one_address_gets_429_after_the_limit() {
 }
 
 #[tokio::test]
+async fn guessing_bearer_tokens_from_one_address_gets_429_before_any_lookup() {
+    let app = spawn_app_with(|c| {
+        c.auth_failures_per_address = 5;
+        c.trust_forwarded_for = true;
+    })
+    .await;
+    let f = app.fixture().await;
+    let guess = |i: usize| {
+        if i.is_multiple_of(2) {
+            format!("flx_live_{}", unique("guess"))
+        } else {
+            format!("flx_sess_{}", unique("guess"))
+        }
+    };
+    let keys = app.url(&format!("/api/keys?projectId={}", f.project));
+    let from = |token: String, address: &'static str| {
+        app.http
+            .get(&keys)
+            .bearer_auth(token)
+            .header("x-forwarded-for", address)
+            .send()
+    };
+    // A valid key from the address counts nothing; each bad token counts one.
+    for _ in 0..3 {
+        let ok = from(f.admin.clone(), "198.51.100.7").await.unwrap();
+        assert_eq!(ok.status().as_u16(), 200);
+    }
+    for i in 0..5 {
+        let r = from(guess(i), "198.51.100.7").await.unwrap();
+        assert_eq!(r.status().as_u16(), 401);
+    }
+    // Past the limit: 429 with Retry-After for any bearer request of that address, the valid
+    // key's too: the refusal comes before the token is looked up, so a guesser cannot make the
+    // control database work for it.
+    for token in [guess(9), f.admin.clone()] {
+        let r = from(token, "198.51.100.7").await.unwrap();
+        assert_eq!(r.status().as_u16(), 429);
+        assert!(r.headers().contains_key("retry-after"));
+        let body: Value = r.json().await.unwrap();
+        assert_eq!(body["error"]["code"], "RATE_LIMIT", "{body}");
+    }
+    // Another address is not affected.
+    let r = from(f.admin.clone(), "198.51.100.8").await.unwrap();
+    assert_eq!(r.status().as_u16(), 200);
+    let r = from(guess(10), "198.51.100.8").await.unwrap();
+    assert_eq!(r.status().as_u16(), 401);
+    app.stop().await;
+}
+
+#[tokio::test]
 async fn behind_a_trusted_proxy_each_forwarded_address_has_its_own_budget() {
     let app = spawn_app_with(|c| {
         c.auth_attempts_per_address = 2;
