@@ -113,6 +113,7 @@ impl App {
             control.clone(),
             metrics.clone(),
             bus.clone(),
+            storage.clock.clone(),
         ));
         let rate = Arc::new(RateLimiter::new(
             config.rate_limit_requests,

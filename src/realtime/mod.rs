@@ -222,6 +222,8 @@ pub struct Realtime {
     settings: Settings,
     /// Signs realtime tokens and fingerprints API keys (derived from the instance secret).
     token_key: ring::hmac::Key,
+    /// The app's clock, which realtime tokens expire by (tests move it forward).
+    clock: Arc<crate::storage::Clock>,
     /// The control database (API keys, members, the WAL position).
     control: deadpool_postgres::Pool,
     metrics: Arc<Metrics>,
@@ -258,10 +260,12 @@ impl Realtime {
         control: deadpool_postgres::Pool,
         metrics: Arc<Metrics>,
         bus: Arc<Bus>,
+        clock: Arc<crate::storage::Clock>,
     ) -> Realtime {
         Realtime {
             settings: Settings::from(config),
             token_key: token::key(secrets),
+            clock,
             control,
             visibility: crate::visibility::Visibility::new(config, metrics.clone()),
             metrics,
@@ -381,6 +385,7 @@ mod tests {
             &crate::config::Config::default(),
             &secrets,
             control,
+            Default::default(),
             Default::default(),
             Default::default(),
         )

@@ -106,7 +106,7 @@ impl Realtime {
                 ));
             }
         }
-        let expires = chrono::Utc::now() + chrono::Duration::seconds(ttl);
+        let expires = self.clock.now() + chrono::Duration::seconds(ttl);
         let (k, f) = match &access.principal {
             Principal::Key { key_id, .. } => {
                 let hash = self
@@ -151,7 +151,7 @@ impl Realtime {
             .decode(body)
             .map_err(|_| bad())?;
         let claims: Claims = serde_json::from_slice(&json).map_err(|_| bad())?;
-        if claims.e <= chrono::Utc::now().timestamp() {
+        if claims.e <= self.clock.now().timestamp() {
             return Err(RealtimeError::TokenExpired);
         }
         Ok(claims)
