@@ -211,10 +211,15 @@ async fn run(cli: Cli, config: Config) -> Result<()> {
             };
             let (app, lock) = open_cli(config, "user").await?;
             let result = app.accounts.reset_password(&email, &password).await;
-            if result.is_ok() {
-                // Sessions are read on every request; this empties any access cache for good
-                // measure.
-                app.auth.notify_access_change(&AccessChange::Any).await;
+            if let Ok(reset) = &result {
+                // Sessions are read on every request; this also empties every server's access
+                // cache, and ends the realtime subscriptions the user's sessions opened.
+                app.auth
+                    .notify_access_change(&AccessChange::SessionsEnded {
+                        user_id: reset.user_id.clone(),
+                        session: None,
+                    })
+                    .await;
             }
             close_cli(app, lock).await;
             let reset = result?;

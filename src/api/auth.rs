@@ -10,7 +10,7 @@ use super::Request;
 use crate::accounts::{AccountsError, Membership, NewUser, Session, User};
 use crate::app::SharedApp;
 use crate::auth::ratelimit::LimitError;
-use crate::auth::AuthError;
+use crate::auth::{AccessChange, AuthError};
 use crate::team::PendingInvite;
 
 #[derive(Deserialize, utoipa::ToSchema)]
@@ -103,6 +103,22 @@ pub async fn login(app: SharedApp, req: Request) -> ApiResult<Json<SessionReply>
 pub async fn logout(app: SharedApp, req: Request) -> ApiResult<Json<Done>> {
     let principal = req.principal(&app).await?;
     app.accounts.logout(&principal).await?;
+    // The realtime subscriptions it opened (directly or through tokens it obtained) end here
+    // and, through NOTIFY, on every server; its tokens are refused from now on.
+    if let crate::auth::Principal::Session {
+        user_id,
+        token_hash,
+    } = &principal
+    {
+        let session = app.realtime.session_fingerprint(token_hash);
+        app.realtime.end_sessions(user_id, Some(&session));
+        app.auth
+            .notify_access_change(&AccessChange::SessionsEnded {
+                user_id: user_id.clone(),
+                session: Some(session),
+            })
+            .await;
+    }
     Ok(Done::reply())
 }
 

@@ -134,6 +134,9 @@ impl App {
             } => self
                 .realtime
                 .evict_user(&project_id, &user_id, MemberChange::RoleChanged),
+            AccessChange::SessionsEnded { user_id, session } => {
+                self.realtime.end_sessions(&user_id, session.as_deref())
+            }
             AccessChange::PublicClosed(project_id) => {
                 let public = self
                     .auth

@@ -113,11 +113,18 @@ pub enum AccessChange {
     PublicClosed(String),
     /// An API key of `project_id` was deleted or rotated.
     KeyRevoked { project_id: String, key_id: String },
+    /// `user_id`'s login session with this fingerprint ended (a logout), or all their sessions
+    /// (`None`: a password reset).
+    SessionsEnded {
+        user_id: String,
+        session: Option<String>,
+    },
 }
 
 impl AccessChange {
     /// The NOTIFY payload: empty, a project id, `<project> member-removed <user>`,
-    /// `<project> member-changed <user>`, `<project> public-closed` or `<project> key-revoked <key>`.
+    /// `<project> member-changed <user>`, `<project> public-closed`, `<project> key-revoked <key>`
+    /// or `sessions-ended <user> <session fingerprint, or *>`.
     pub fn payload(&self) -> String {
         match self {
             AccessChange::Any => String::new(),
@@ -134,12 +141,27 @@ impl AccessChange {
             AccessChange::KeyRevoked { project_id, key_id } => {
                 format!("{project_id} key-revoked {key_id}")
             }
+            AccessChange::SessionsEnded { user_id, session } => {
+                format!(
+                    "sessions-ended {user_id} {}",
+                    session.as_deref().unwrap_or("*")
+                )
+            }
         }
     }
 
     pub fn parse(payload: &str) -> AccessChange {
         if payload.is_empty() {
             return AccessChange::Any;
+        }
+        if let Some((user_id, session)) = payload
+            .strip_prefix("sessions-ended ")
+            .and_then(|rest| rest.split_once(' '))
+        {
+            return AccessChange::SessionsEnded {
+                user_id: user_id.into(),
+                session: (session != "*").then(|| session.into()),
+            };
         }
         if let Some((project_id, key_id)) = payload.split_once(" key-revoked ") {
             return AccessChange::KeyRevoked {
@@ -267,6 +289,14 @@ mod tests {
                 user_id: "usr_x".into(),
             },
             AccessChange::PublicClosed("0123456789abcdef".into()),
+            AccessChange::SessionsEnded {
+                user_id: "usr_x".into(),
+                session: Some("00ff".into()),
+            },
+            AccessChange::SessionsEnded {
+                user_id: "usr_x".into(),
+                session: None,
+            },
             AccessChange::KeyRevoked {
                 project_id: "0123456789abcdef".into(),
                 key_id: "key_y".into(),

@@ -19,6 +19,23 @@ pub async fn by_hash(
         .map(|r| (r.get(0), r.get(1))))
 }
 
+/// The token hashes of `user_id`'s sessions unexpired at `now` (a user has a few).
+pub async fn live_of_user(
+    db: &impl GenericClient,
+    user_id: &str,
+    now: DateTime<Utc>,
+) -> Result<Vec<Vec<u8>>, Error> {
+    Ok(db
+        .query(
+            "SELECT token_hash FROM fluxbase.sessions WHERE user_id = $1 AND expires_at > $2",
+            &[&user_id, &now],
+        )
+        .await?
+        .into_iter()
+        .map(|r| r.get(0))
+        .collect())
+}
+
 pub async fn insert(
     db: &impl GenericClient,
     hash: &[u8],

@@ -120,6 +120,42 @@ impl Realtime {
         }
     }
 
+    /// Ends the subscriptions bound to `user_id`'s login session with fingerprint `session`
+    /// ([`Realtime::session_fingerprint`]; a logout), or to any of their sessions (`None`: a
+    /// password reset), in every room; each socket gets `ACCESS_REVOKED` and stays open for its
+    /// other rooms.
+    pub fn end_sessions(&self, user_id: &str, session: Option<&str>) {
+        // Every project's subscribes in flight check again (a session spans projects).
+        self.keys_revoked_everywhere();
+        let rooms: Vec<String> = self
+            .rooms
+            .lock()
+            .expect("poisoned")
+            .keys()
+            .cloned()
+            .collect();
+        let mut sockets = 0;
+        for project_id in rooms {
+            sockets += self.evict(
+                &project_id,
+                |m| {
+                    m.user.as_deref() == Some(user_id)
+                        && m.session
+                            .as_deref()
+                            .is_some_and(|s| session.is_none_or(|want| want == s))
+                },
+                super::subscribe::SESSION_ENDED,
+            );
+        }
+        if sockets > 0 {
+            tracing::info!(
+                user_id,
+                sockets,
+                "realtime subscriptions of ended sessions ended"
+            );
+        }
+    }
+
     /// Ends the subscriptions made without a token once a project stops being public
     /// (`realtimePublic: false`); each socket gets `ACCESS_REVOKED` and stays open for its
     /// other rooms.

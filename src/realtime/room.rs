@@ -33,6 +33,9 @@ pub(super) struct Member {
     /// Made without a token (a `realtimePublic` project): it ends when the project stops
     /// being public.
     pub(super) anonymous: bool,
+    /// The login session behind it (a fingerprint; a session, or a token a session obtained):
+    /// it ends when that session does.
+    pub(super) session: Option<String>,
 }
 
 #[derive(Default)]

@@ -19,6 +19,10 @@ use crate::auth::{DbRole, Principal};
 use crate::visibility::Identity;
 use fluxbase_replication::pgoutput::Lsn;
 
+/// Why a subscription bound to a login session ends, or is refused.
+pub(super) const SESSION_ENDED: &str =
+    "The session behind this subscription has ended (logout or a password reset).";
+
 /// Rooms one socket may join.
 pub const MAX_SUBSCRIPTIONS_PER_SOCKET: usize = 100;
 /// Sockets subscribed to one project.
@@ -67,6 +71,8 @@ impl Realtime {
         let mut user = None;
         let mut key: Option<KeyBinding> = None;
         let mut anonymous = false;
+        // The login session behind it (directly or through a token it obtained), fingerprinted.
+        let mut session: Option<String> = None;
         // The subscription's identity for row-level security (see crate::visibility).
         let named_uid = &msg["authUid"];
         let identity: Identity;
@@ -116,6 +122,12 @@ impl Realtime {
                         ));
                     }
                     claims.u = Some(member.clone());
+                    if let Some(fp) = claims.s.take() {
+                        if !self.session_live(&member, &fp).await? {
+                            return Err(RealtimeError::AccessRevoked(SESSION_ENDED.into()));
+                        }
+                        session = Some(fp);
+                    }
                     user = Some(member);
                 }
                 identity = Identity { role, auth_uid: claims.u };
@@ -130,6 +142,9 @@ impl Realtime {
                         key_id: key_id.clone(),
                         fingerprint: self.key_fingerprint(&crate::secrets::sha256(token.as_bytes())),
                     });
+                }
+                if let Principal::Session { token_hash, .. } = &principal {
+                    session = Some(self.session_fingerprint(token_hash));
                 }
                 let access = host.project_access(&principal, &project.id).await?;
                 // As execute-sql: a key may name its end user, a session acts as its own.
@@ -183,6 +198,11 @@ impl Realtime {
                         ))
                     }
                     Some(_) => {}
+                }
+            }
+            if let (Some(fp), Some(member)) = (&session, &user) {
+                if !self.session_live(member, fp).await? {
+                    return Err(RealtimeError::AccessRevoked(SESSION_ENDED.into()));
                 }
             }
             if anonymous {
@@ -260,6 +280,7 @@ impl Realtime {
                 user,
                 key,
                 anonymous,
+                session,
             },
         );
         if let Some(since) = catch_up {

@@ -35,6 +35,10 @@ pub(super) struct Claims {
     pub(super) k: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub(super) f: Option<String>,
+    /// The session that obtained the token (a fingerprint of it): the token is refused once
+    /// that session ends (logout, a password reset).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(super) s: Option<String>,
 }
 
 /// `POST /api/realtime/token`'s body.
@@ -85,6 +89,30 @@ impl Realtime {
         hex::encode(&tag.as_ref()[..12])
     }
 
+    /// A fingerprint of a login session (from its token's SHA-256), as for keys: the same on
+    /// every server of the instance, and says nothing about the token.
+    pub fn session_fingerprint(&self, token_hash: &[u8]) -> String {
+        let tag = ring::hmac::sign(
+            &self.token_key,
+            &[b"session:".as_slice(), token_hash].concat(),
+        );
+        hex::encode(&tag.as_ref()[..12])
+    }
+
+    /// Whether `user_id` still has the session whose fingerprint is `session` (unexpired).
+    pub(super) async fn session_live(
+        &self,
+        user_id: &str,
+        session: &str,
+    ) -> Result<bool, RealtimeError> {
+        let client = self.control.get().await?;
+        let live =
+            crate::control::sessions::live_of_user(&client, user_id, self.clock.now()).await?;
+        Ok(live
+            .iter()
+            .any(|hash| self.session_fingerprint(hash) == session))
+    }
+
     /// `POST /api/realtime/token`: a short-lived token a browser can subscribe with.
     pub async fn token(
         &self,
@@ -119,6 +147,10 @@ impl Realtime {
             }
             Principal::Session { .. } => (None, None),
         };
+        let s = match &access.principal {
+            Principal::Session { token_hash, .. } => Some(self.session_fingerprint(token_hash)),
+            Principal::Key { .. } => None,
+        };
         let claims = Claims {
             p: access.project.id.clone(),
             u: req.auth_uid,
@@ -127,6 +159,7 @@ impl Realtime {
             m: access.principal.user_id().map(str::to_string),
             k,
             f,
+            s,
         };
         let body = b64url(serde_json::to_string(&claims).expect("claims").as_bytes());
         let sig = ring::hmac::sign(&self.token_key, body.as_bytes());

@@ -741,3 +741,109 @@ async fn the_migration_normalises_existing_addresses_unless_two_would_collide() 
     assert_eq!(email_of("usr_old3").await, rows[2].1);
     app.stop().await;
 }
+
+#[tokio::test]
+async fn logging_out_or_a_password_reset_ends_the_realtime_subscriptions_and_tokens_of_the_sessions(
+) {
+    use crate::support::ws::{connect, recv, send, subscribe};
+    let app = spawn_app().await;
+    let f = app.fixture().await;
+    app.rows(&f.admin, &f.project, "CREATE TABLE t (id int)")
+        .await;
+    // A second session of the same user, and a token each session obtained.
+    let (status, body) = app
+        .call(
+            "POST",
+            "/api/auth/login",
+            None,
+            Some(json!({ "email": f.email, "password": "correct horse battery" })),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let other_session = body["token"].as_str().unwrap().to_string();
+    let token_of = |session: String| {
+        let app = &app;
+        let project = f.project.clone();
+        async move {
+            app.realtime_token(&session, json!({ "projectId": project }))
+                .await
+        }
+    };
+    let rt = token_of(f.token.clone()).await;
+    let other_rt = token_of(other_session.clone()).await;
+    let mut sockets = Vec::new();
+    for token in [&f.token, &rt, &other_session, &other_rt, &f.read] {
+        let mut ws = connect(&app, "/").await;
+        let ack = subscribe(&mut ws, &f.project, Some(token)).await;
+        assert_eq!(ack["type"], "subscribed", "{ack}");
+        sockets.push(ws);
+    }
+    let [by_session, by_token, by_other, by_other_token, by_key] = &mut sockets[..] else {
+        unreachable!()
+    };
+
+    // Logout: the session's own subscriptions end, directly and through its token.
+    let (status, body) = app
+        .call("POST", "/api/auth/logout", Some(&f.token), None)
+        .await;
+    assert_eq!(status, 200, "{body}");
+    for ws in [&mut *by_session, &mut *by_token] {
+        let msg = recv(ws).await;
+        assert_eq!(msg["code"], "ACCESS_REVOKED", "{msg}");
+        assert!(
+            msg["message"].as_str().unwrap().contains("session"),
+            "{msg}"
+        );
+    }
+    app.rows(&f.admin, &f.project, "INSERT INTO t VALUES (1)")
+        .await;
+    for ws in [&mut *by_other, &mut *by_other_token, &mut *by_key] {
+        assert_eq!(recv(ws).await["payload"]["record"]["id"], 1);
+    }
+    for ws in [&mut *by_session, &mut *by_token] {
+        send(ws, json!({ "type": "ping" })).await;
+        assert_eq!(
+            recv(ws).await,
+            json!({ "type": "pong" }),
+            "got the row after logout"
+        );
+    }
+    // Its token is refused from now on; the other session's still subscribes.
+    let msg = subscribe(by_token, &f.project, Some(&rt)).await;
+    assert_eq!(msg["code"], "ACCESS_REVOKED", "{msg}");
+    let mut again = connect(&app, "/").await;
+    let ack = subscribe(&mut again, &f.project, Some(&other_rt)).await;
+    assert_eq!(ack["type"], "subscribed", "{ack}");
+
+    // A password reset (`fluxbase user reset-password`, another process): every session of the
+    // user ends, and so does everything they opened, here too.
+    let pg = crate::support::pg().await;
+    let ctl = pg.client(&app.app.cluster.control_db).await;
+    ctl.execute(
+        "DELETE FROM fluxbase.sessions WHERE user_id = $1",
+        &[&f.user_id],
+    )
+    .await
+    .unwrap();
+    ctl.execute(
+        "SELECT pg_notify('fluxbase_cache', $1)",
+        &[&format!("sessions-ended {} *", f.user_id)],
+    )
+    .await
+    .unwrap();
+    for ws in [&mut *by_other, &mut *by_other_token, &mut again] {
+        let msg = recv(ws).await;
+        assert_eq!(msg["code"], "ACCESS_REVOKED", "{msg}");
+    }
+    app.rows(&f.admin, &f.project, "INSERT INTO t VALUES (2)")
+        .await;
+    assert_eq!(recv(by_key).await["payload"]["record"]["id"], 2);
+    for ws in [&mut *by_other, &mut *by_other_token, &mut again] {
+        send(ws, json!({ "type": "ping" })).await;
+        assert_eq!(
+            recv(ws).await,
+            json!({ "type": "pong" }),
+            "got the row after the reset"
+        );
+    }
+}
