@@ -39,6 +39,11 @@ pub const PROJECT_MIGRATIONS: &[(i32, &str, &str)] = &[
         "definer_search_path",
         include_str!("../../sql/project/0008_definer_search_path.sql"),
     ),
+    (
+        9,
+        "catalog_privacy",
+        include_str!("../../sql/project/0009_catalog_privacy.sql"),
+    ),
 ];
 
 /// The latest bootstrap version.

@@ -289,6 +289,51 @@ async fn the_cdc_internal_setting_silences_nothing_for_a_caller() {
 }
 
 #[tokio::test]
+async fn no_scope_sees_the_clusters_replication_slots_or_walsenders() {
+    let app = spawn_app().await;
+    let f = app.fixture().await;
+    let other = app.fixture().await;
+    // The other project's slot exists (its stream runs): the server itself sees it.
+    let pg = pg().await;
+    let admin = pg.client("postgres").await;
+    let slots: i64 = admin
+        .query_one(
+            "SELECT count(*) FROM pg_replication_slots WHERE slot_name LIKE '%' || $1 || '%'",
+            &[&other.project],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(slots, 1, "the other project has its slot");
+    for key in [&f.read, &f.readwrite, &f.admin, &f.token] {
+        for view in [
+            "pg_replication_slots",
+            "pg_stat_replication",
+            "pg_stat_replication_slots",
+            "pg_stat_wal_receiver",
+            "pg_stat_subscription",
+        ] {
+            assert_eq!(
+                app.sql_error(key, &f.project, &format!("SELECT * FROM pg_catalog.{view}"))
+                    .await,
+                "42501",
+                "{view}"
+            );
+        }
+    }
+    // Change capture, which reads its own slot, still works.
+    app.rows(&f.admin, &f.project, "CREATE TABLE t (id int)")
+        .await;
+    let mut ws = connect(&app, "/").await;
+    let ack = subscribe(&mut ws, &f.project, Some(&f.read)).await;
+    assert_eq!(ack["type"], "subscribed", "{ack}");
+    app.rows(&f.admin, &f.project, "INSERT INTO t VALUES (1)")
+        .await;
+    let m = recv(&mut ws).await;
+    assert_eq!(m["payload"]["record"]["id"], 1, "{m}");
+}
+
+#[tokio::test]
 async fn temp_files_are_capped_per_role() {
     let app = spawn_app_with(|c| c.temp_file_limit_kb = 1024).await;
     let f = app.fixture().await;
