@@ -1889,7 +1889,9 @@ async fn rotating_an_api_key_ends_the_subscriptions_of_its_old_secret_and_its_to
 #[tokio::test]
 async fn a_flood_of_broadcasts_from_sql_or_rest_leaves_the_rooms_sockets_connected() {
     const FLOOD: usize = 2500;
-    let app = spawn_app().await;
+    // The quiet socket reads nothing while the flood goes through the WAL: on a loaded machine
+    // that can outlast the stall rule (30 s without write progress, tested on its own).
+    let app = spawn_app_with(|c| c.realtime_client_stall_secs = 3600).await;
     let f = app.fixture().await;
     app.rows(&f.admin, &f.project, "CREATE TABLE t (id int)")
         .await;
@@ -1899,7 +1901,8 @@ async fn a_flood_of_broadcasts_from_sql_or_rest_leaves_the_rooms_sockets_connect
     let mut reader = subscribed_socket(&app, &f).await;
     let reading = tokio::spawn(async move {
         loop {
-            let m = recv(&mut reader).await;
+            // A hang guard: the flood's 40 MB go through the WAL before its first message.
+            let m = crate::support::ws::recv_within(&mut reader, Duration::from_secs(120)).await;
             if m["type"] == "db_event" {
                 return m["payload"]["record"]["id"].clone();
             }
