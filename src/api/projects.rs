@@ -86,11 +86,13 @@ pub async fn patch_project(app: SharedApp, req: Request) -> ApiResult<Json<Proje
         .update(&access, body.name.as_deref(), body.realtime_public)
         .await?;
     if body.realtime_public == Some(false) {
-        // Subscriptions made without a token end here and, through NOTIFY, everywhere.
-        app.realtime.evict_anonymous(&access.project.id);
+        // Subscriptions made without a token end everywhere (NOTIFY) and here, after the
+        // access cache is emptied: a subscribe that re-checks once they ended reads the
+        // project as it is now.
         app.auth
             .notify_access_change(&AccessChange::PublicClosed(access.project.id.clone()))
             .await;
+        app.realtime.evict_anonymous(&access.project.id);
     } else {
         app.auth.notify_access_change(&AccessChange::Any).await;
     }

@@ -57,19 +57,6 @@ impl crate::realtime::Host for App {
         })
     }
 
-    fn is_member<'a>(
-        &'a self,
-        project_id: &'a str,
-        user_id: &'a str,
-    ) -> BoxFuture<'a, Result<bool, RealtimeError>> {
-        Box::pin(async move {
-            self.auth
-                .is_member(project_id, user_id)
-                .await
-                .map_err(|e| refused(e.into()))
-        })
-    }
-
     fn rate_check(&self, caller: &str) -> Result<(), RealtimeError> {
         self.rate.check(caller).map_err(|e| refused(e.into()))
     }

@@ -187,12 +187,6 @@ pub trait Host: Send + Sync {
         access: &Access,
         auth_uid: &Value,
     ) -> Result<Option<String>, RealtimeError>;
-    /// Whether a user is (still) a member of a project.
-    fn is_member<'a>(
-        &'a self,
-        project_id: &'a str,
-        user_id: &'a str,
-    ) -> BoxFuture<'a, Result<bool, RealtimeError>>;
     /// Counts a request of `caller` against the API's per-caller rate limit.
     fn rate_check(&self, caller: &str) -> Result<(), RealtimeError>;
     /// An administrative connection to a project database (its catalog).
