@@ -19,6 +19,10 @@ use crate::auth::{DbRole, Principal};
 use crate::visibility::Identity;
 use fluxbase_replication::pgoutput::Lsn;
 
+/// Why a subscribe without a token is refused (the project is not `realtimePublic`).
+const TOKEN_NEEDED: &str =
+    "This room needs a token: an API key, or a realtime token from POST /api/realtime/token.";
+
 /// Why a subscription bound to a login session ends, or is refused.
 pub(super) const SESSION_ENDED: &str =
     "The session behind this subscription has ended (logout or a password reset).";
@@ -83,13 +87,16 @@ impl Realtime {
             Some(token) if token.starts_with(TOKEN_PREFIX) => {
                 let mut claims = self.verify_token(token)?;
                 if claims.p != project.id {
-                    return Err(RealtimeError::ScopeMismatch("This token belongs to another project.".into()));
+                    return Err(RealtimeError::ScopeMismatch(
+                        "This token belongs to another project.".into(),
+                    ));
                 }
                 // A token has its own budget, as a key does: however many sockets use it.
                 let caller = hex::encode(&crate::secrets::sha256(token.as_bytes())[..16]);
                 host.rate_check(&format!("rt:{caller}"))?;
                 if !named_uid.is_null() && named_uid.as_str() != claims.u.as_deref() {
-                    return Err(RealtimeError::ScopeMismatch("A realtime token acts for the authUid it was minted with.".into(),
+                    return Err(RealtimeError::ScopeMismatch(
+                        "A realtime token acts for the authUid it was minted with.".into(),
                     ));
                 }
                 // The role is that of the key's scope, or of the member's role, as it is now.
@@ -101,17 +108,19 @@ impl Realtime {
                             role = key_role;
                         }
                         _ => {
-                            return Err(RealtimeError::AccessRevoked("The API key that issued this token was deleted or rotated.".into(),
+                            return Err(RealtimeError::AccessRevoked(
+                                "The API key that issued this token was deleted or rotated.".into(),
                             ))
                         }
                     }
-                    key = Some(KeyBinding { key_id, fingerprint });
+                    key = Some(KeyBinding {
+                        key_id,
+                        fingerprint,
+                    });
                 }
                 filter.token_tables = claims.t.map(|t| t.into_iter().collect());
                 if let Some(member) = claims.m {
-                    let Some(member_role) =
-                        self.member_db_role(&project.id, &member).await?
-                    else {
+                    let Some(member_role) = self.member_db_role(&project.id, &member).await? else {
                         return Err(RealtimeError::AccessRevoked("The member who obtained this token is no longer a member of the project.".into(),
                         ));
                     };
@@ -130,17 +139,28 @@ impl Realtime {
                     }
                     user = Some(member);
                 }
-                identity = Identity { role, auth_uid: claims.u };
+                identity = Identity {
+                    role,
+                    auth_uid: claims.u,
+                };
             }
             Some(token) => {
                 let principal = host.authenticate(token).await?;
-                if let Principal::Key { project_id: key_project, key_id, .. } = &principal {
+                if let Principal::Key {
+                    project_id: key_project,
+                    key_id,
+                    ..
+                } = &principal
+                {
                     if key_project != &project.id {
-                        return Err(RealtimeError::ScopeMismatch("This key belongs to another project.".into()));
+                        return Err(RealtimeError::ScopeMismatch(
+                            "This key belongs to another project.".into(),
+                        ));
                     }
                     key = Some(KeyBinding {
                         key_id: key_id.clone(),
-                        fingerprint: self.key_fingerprint(&crate::secrets::sha256(token.as_bytes())),
+                        fingerprint: self
+                            .key_fingerprint(&crate::secrets::sha256(token.as_bytes())),
                     });
                 }
                 if let Principal::Session { token_hash, .. } = &principal {
@@ -149,21 +169,26 @@ impl Realtime {
                 let access = host.project_access(&principal, &project.id).await?;
                 // As execute-sql: a key may name its end user, a session acts as its own.
                 let auth_uid = host.request_identity(&access, named_uid)?;
-                identity = Identity { role: access.db_role, auth_uid };
+                identity = Identity {
+                    role: access.db_role,
+                    auth_uid,
+                };
                 user = principal.user_id().map(str::to_string);
             }
             None if project.realtime_public => {
                 if !named_uid.is_null() {
-                    return Err(RealtimeError::AuthRequired("authUid needs a token: an API key, or a realtime token minted for it.".into(),
+                    return Err(RealtimeError::AuthRequired(
+                        "authUid needs a token: an API key, or a realtime token minted for it."
+                            .into(),
                     ));
                 }
-                identity = Identity { role: DbRole::Read, auth_uid: None };
+                identity = Identity {
+                    role: DbRole::Read,
+                    auth_uid: None,
+                };
                 anonymous = true;
             }
-            None => {
-                return Err(RealtimeError::AuthRequired("This room needs a token: an API key, or a realtime token from POST /api/realtime/token.".into(),
-                ))
-            }
+            None => return Err(RealtimeError::AuthRequired(TOKEN_NEEDED.into())),
         }
         if project.status == crate::projects::ProjectStatus::Suspended {
             return Err(RealtimeError::ProjectSuspended);
@@ -211,9 +236,7 @@ impl Realtime {
                     .await?
                     .is_some_and(|p| p.realtime_public);
                 if !public {
-                    return Err(RealtimeError::AuthRequired(
-                        "This room needs a token: an API key, or a realtime token from POST /api/realtime/token.".into(),
-                    ));
+                    return Err(RealtimeError::AuthRequired(TOKEN_NEEDED.into()));
                 }
             }
         };
