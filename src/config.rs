@@ -40,6 +40,9 @@ pub struct Config {
     pub database_url: Option<Secret>,
     /// The URL clients use to reach this server (printed by `init`, used in links).
     pub public_url: Option<String>,
+    /// Serve the dashboard's files from this directory instead of the copy built into the
+    /// binary: for working on the dashboard without rebuilding. Unset: the built-in copy.
+    pub dashboard_dir: Option<PathBuf>,
     /// Storage backend: `local` (files under `<data_dir>/storage`) or `s3`.
     pub storage: String,
     /// The S3 bucket all projects' objects go to (required with `storage = "s3"`).
@@ -190,6 +193,7 @@ impl Default for Config {
             data_dir: PathBuf::from(".fluxbase"),
             database_url: None,
             public_url: None,
+            dashboard_dir: None,
             storage: "local".into(),
             s3_bucket: None,
             s3_endpoint: None,

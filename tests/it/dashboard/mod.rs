@@ -1,0 +1,62 @@
+//! The dashboard in a real browser: each test starts `fluxbase serve` (a child process on the
+//! shared cluster) and runs one spec of `tests/browser/specs/` (Node.js + puppeteer-core driving
+//! Debian's headless Chromium) against it. A spec exits non-zero when an assertion fails, the
+//! page throws, or it breaks the Content-Security-Policy; its output is shown on failure.
+//! Screenshots of every view land in `target/browser-artifacts/` (`<spec>-<name>.png`).
+//!
+//! `scripts/deps.sh test` installs Chromium (Debian's `chromium`) and the spec's npm packages
+//! (`tests/browser/package-lock.json`, `npm ci`).
+
+mod headers;
+
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::time::Duration;
+
+use crate::support::process::ServerProcess;
+
+fn browser_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/browser")
+}
+
+/// Runs `tests/browser/specs/<name>.mjs` against a fresh server started with `env`.
+async fn run_spec(name: &str, env: &[(&str, &str)]) {
+    let server = ServerProcess::start(env).await;
+    let dir = browser_dir();
+    assert!(
+        dir.join("node_modules/puppeteer-core").exists(),
+        "the browser tests' packages are missing: run `scripts/deps.sh test` (or `npm ci` in {})",
+        dir.display()
+    );
+    let artifacts = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/browser-artifacts");
+    let child = tokio::process::Command::new("node")
+        .arg(dir.join("specs").join(format!("{name}.mjs")))
+        .current_dir(&dir)
+        .env("FLUXBASE_URL", &server.base)
+        .env("ARTIFACTS_DIR", &artifacts)
+        .env("FLUXBASE_CONTROL_DB", server.control_db())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("starting node (scripts/deps.sh test installs Node.js)");
+    // A hang guard for a loaded machine, not a timing claim: each step of a spec waits at most
+    // 30 s for what it expects.
+    let out = tokio::time::timeout(Duration::from_secs(600), child.wait_with_output())
+        .await
+        .unwrap_or_else(|_| panic!("spec {name} hung for 10 minutes"))
+        .expect("running the spec");
+    assert!(
+        out.status.success(),
+        "spec {name} failed ({}):\n--- stdout\n{}\n--- stderr\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    drop(server);
+}
+
+#[tokio::test]
+async fn projects_sign_up_create_switch_sign_out() {
+    run_spec("projects", &[]).await;
+}
