@@ -252,7 +252,7 @@ mod tests {
         for p in [
             "/assets/../../Cargo.toml",
             "/assets//etc/passwd",
-            "/assets/./app.js",
+            "/assets/../index.html/..",
         ] {
             assert!(
                 serve(&config, &Method::GET, p, &HeaderMap::new()).is_none(),

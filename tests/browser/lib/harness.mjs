@@ -186,3 +186,28 @@ export async function until(what, f, { timeout = WAIT, every = 100 } = {}) {
 export function textOf(page, selector) {
   return page.$eval(selector, (el) => el.innerText.trim());
 }
+
+/** Signs up an account through the API: {email, password, token, user}. */
+export async function account({ email = `${unique('user')}@example.com`, password = 'correct horse battery', displayName = 'Test User' } = {}) {
+  const r = await call('POST', '/api/auth/signup', { body: { email, password, displayName } });
+  assert.equal(r.status, 201, JSON.stringify(r.body));
+  return { email, password, token: r.body.token, user: r.body.user };
+}
+
+/** A member of `projectId` with `role` (admin, developer, viewer): a new account invited by
+ * `ownerToken` (an admin's session) and accepting through the API. {email, password, token}. */
+export async function memberAs(ownerToken, projectId, role) {
+  const a = await account({ displayName: `A ${role}` });
+  const inv = await call('POST', '/api/team', { token: ownerToken, body: { projectId, email: a.email, role } });
+  assert.equal(inv.status, 201, JSON.stringify(inv.body));
+  const ok = await call('POST', '/api/team/invites/accept', { token: a.token, body: { inviteId: inv.body.invite.id, status: 'accepted' } });
+  assert.equal(ok.status, 200, JSON.stringify(ok.body));
+  return a;
+}
+
+/** A project made through the API for `token`'s user: {id, keys: {read, readwrite, admin}}. */
+export async function projectFor(token, name = unique('p')) {
+  const r = await call('POST', '/api/projects', { token, body: { name } });
+  assert.equal(r.status, 201, JSON.stringify(r.body));
+  return { id: r.body.project.id, name, keys: r.body.apiKeys };
+}

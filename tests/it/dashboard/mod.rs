@@ -60,3 +60,53 @@ async fn run_spec(name: &str, env: &[(&str, &str)]) {
 async fn projects_sign_up_create_switch_sign_out() {
     run_spec("projects", &[]).await;
 }
+
+#[tokio::test]
+async fn settings_and_api_keys() {
+    run_spec("settings_keys", &[]).await;
+}
+
+#[tokio::test]
+async fn team_invite_accept_change_role_remove() {
+    run_spec("team", &[]).await;
+}
+
+#[tokio::test]
+async fn sql_editor_runs_shows_types_history_errors_and_end_users() {
+    run_spec("sql_editor", &[]).await;
+}
+
+#[tokio::test]
+async fn table_editor_creates_inserts_edits_deletes() {
+    run_spec("table_editor", &[]).await;
+}
+
+#[tokio::test]
+async fn rls_policy_created_and_toggled_changes_what_an_end_user_sees() {
+    run_spec("rls", &[]).await;
+}
+
+#[tokio::test]
+async fn storage_buckets_upload_download_signed_urls() {
+    run_spec("storage", &[]).await;
+}
+
+#[tokio::test]
+async fn webhooks_created_and_their_deliveries_shown() {
+    run_spec("webhooks", &[("FLUXBASE_WEBHOOK_ALLOW_PRIVATE", "true")]).await;
+}
+
+#[tokio::test]
+async fn realtime_inspector_shows_live_events_and_sends_broadcasts() {
+    run_spec("realtime_inspector", &[]).await;
+}
+
+#[tokio::test]
+async fn health_shows_change_capture_and_storage() {
+    run_spec("health", &[]).await;
+}
+
+#[tokio::test]
+async fn security_no_key_in_the_page_csp_enforced_cross_site_posts_and_framing_refused() {
+    run_spec("security", &[]).await;
+}
