@@ -10,5 +10,6 @@
 //!   and JSON request parameters to PostgreSQL text input. Shared by the SQL API and the change stream.
 pub mod client;
 pub mod pgoutput;
+mod type_names;
 pub mod values;
 pub mod wire;

@@ -104,6 +104,8 @@ enum LearnedKind {
 struct LearnedType {
     kind: LearnedKind,
     delim: u8,
+    /// `pg_type.typname`.
+    name: String,
 }
 
 /// A type resolved to its `to_json()` category (domains already followed).
@@ -398,6 +400,7 @@ impl TypeRegistry {
                     LearnedType {
                         kind: LearnedKind::Text,
                         delim: b',',
+                        name: "unknown".to_string(),
                     },
                 ));
                 continue;
@@ -422,7 +425,8 @@ impl TypeRegistry {
                 }
                 _ => LearnedKind::Text,
             };
-            learned.push((oid, LearnedType { kind, delim }));
+            let name = col(1).unwrap_or("unknown").to_string();
+            learned.push((oid, LearnedType { kind, delim, name }));
         }
         for (oid, ty) in learned {
             if builtin(oid).is_none() {
@@ -430,6 +434,33 @@ impl TypeRegistry {
             }
         }
         Ok(())
+    }
+
+    /// The type's name as a column shows it: `int4`, `text[]`, a user type's `typname`;
+    /// `unknown` for a type neither built in nor learned.
+    pub fn type_name(&self, oid: u32) -> String {
+        if let Ok(i) = crate::type_names::BUILTIN_TYPE_NAMES.binary_search_by_key(&oid, |&(o, _)| o)
+        {
+            return crate::type_names::BUILTIN_TYPE_NAMES[i].1.to_string();
+        }
+        match self.learned.get(&oid) {
+            Some(LearnedType {
+                kind: LearnedKind::Array { elem },
+                ..
+            }) if *elem != oid => format!("{}[]", self.type_name_shallow(*elem)),
+            Some(t) => t.name.clone(),
+            None => "unknown".to_string(),
+        }
+    }
+
+    fn type_name_shallow(&self, oid: u32) -> String {
+        match crate::type_names::BUILTIN_TYPE_NAMES.binary_search_by_key(&oid, |&(o, _)| o) {
+            Ok(i) => crate::type_names::BUILTIN_TYPE_NAMES[i].1.to_string(),
+            Err(_) => self
+                .learned
+                .get(&oid)
+                .map_or_else(|| "unknown".to_string(), |t| t.name.clone()),
+        }
     }
 
     fn delim(&self, oid: u32) -> u8 {

@@ -5,6 +5,7 @@ use super::reply::{RawJson, Reply};
 use super::Request;
 use crate::api::error::ApiResult;
 use crate::app::SharedApp;
+use crate::auth::DbRole;
 use crate::sql::{SqlError, SqlRequest, SqlResponse};
 
 /// The header a trusted backend names its end user with (see [`crate::rls::identity`]).
@@ -23,7 +24,10 @@ pub const AUTH_UID_HEADER: &str = "x-fluxbase-auth-uid";
 pub async fn execute_sql(app: SharedApp, req: Request) -> ApiResult<impl Reply> {
     let principal = req.principal(&app).await?;
     let sql: SqlRequest = req.json()?;
-    let access = app.auth.project_access(&principal, &sql.project_id).await?;
+    let mut access = app.auth.project_access(&principal, &sql.project_id).await?;
+    if let Some(scope) = &sql.scope {
+        access.db_role = weaker_role(access.db_role, scope)?;
+    }
     let identity = crate::rls::request_identity(
         &access,
         sql.auth_uid.as_ref(),
@@ -34,6 +38,27 @@ pub async fn execute_sql(app: SharedApp, req: Request) -> ApiResult<impl Reply> 
     Ok(RawJson(
         app.sql.execute(&access, &sql, identity.as_deref()).await?,
     ))
+}
+
+/// The role of the requested `scope`, refused if it is stronger than the caller's own.
+fn weaker_role(own: DbRole, scope: &serde_json::Value) -> Result<DbRole, ApiError> {
+    let wanted = match scope.as_str() {
+        Some("read") => DbRole::Read,
+        Some("readwrite") => DbRole::ReadWrite,
+        Some("admin") => DbRole::Owner,
+        _ => {
+            return Err(ApiError::BadRequest(
+                "scope: expected \"read\", \"readwrite\" or \"admin\"".into(),
+            ))
+        }
+    };
+    if wanted > own {
+        return Err(ApiError::ScopeMismatch(format!(
+            "scope {scope} is stronger than this caller's own; a request may only run with a \
+             weaker one"
+        )));
+    }
+    Ok(wanted)
 }
 
 impl From<SqlError> for ApiError {

@@ -79,7 +79,8 @@ impl MemberRole {
 }
 
 /// The PostgreSQL login role a caller's SQL runs as.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+/// Ordered from the weakest: `Read < ReadWrite < Owner`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum DbRole {
     Read,
     ReadWrite,

@@ -51,7 +51,7 @@ use ring::hmac;
 use serde_json::Value;
 
 use super::RlsError;
-use crate::auth::{Access, Principal, Project};
+use crate::auth::{Access, DbRole, MemberRole, Principal, Project};
 use crate::db::ClusterTarget;
 use crate::metrics::Metrics;
 use crate::secrets::Secrets;
@@ -108,6 +108,11 @@ pub fn request_identity(
         (a, b) => a.or(b),
     };
     match &access.principal {
+        // A developer or admin member already reads and writes every row as the owner role; run
+        // with a weaker role, naming an end user shows only what that user would see.
+        Principal::Session { .. } if access.db_role < DbRole::Owner && owner_member(access) => {
+            Ok(named.or_else(|| session_user(access)))
+        }
         Principal::Session { user_id, .. } => match named {
             Some(uid) if &uid != user_id => Err(RlsError::ForeignIdentity(
                 "A user session acts as its own user; authUid and X-Fluxbase-Auth-Uid are for \
@@ -117,6 +122,21 @@ pub fn request_identity(
             _ => Ok(Some(user_id.clone())),
         },
         Principal::Key { .. } => Ok(named),
+    }
+}
+
+/// Whether the access is a member whose own role is the owner's (developer or admin).
+fn owner_member(access: &Access) -> bool {
+    matches!(
+        access.member_role,
+        Some(MemberRole::Admin | MemberRole::Developer)
+    )
+}
+
+fn session_user(access: &Access) -> Option<String> {
+    match &access.principal {
+        Principal::Session { user_id, .. } => Some(user_id.clone()),
+        Principal::Key { .. } => None,
     }
 }
 

@@ -63,6 +63,13 @@ pub struct SqlRequest {
     #[serde(default)]
     #[schema(value_type = Option<String>)]
     pub auth_uid: Option<Value>,
+    /// Run with a scope no stronger than the caller's own: `read`, `readwrite` or `admin` (the
+    /// database role of a key of that scope). A developer or admin member running with `read` or
+    /// `readwrite` may name any `authUid`: how the dashboard's SQL Editor tests row-level
+    /// security as an end user.
+    #[serde(default)]
+    #[schema(value_type = Option<String>)]
+    pub scope: Option<Value>,
 }
 
 /// Why a request's SQL could not run (a statement PostgreSQL refused is an answer, not this).

@@ -41,6 +41,9 @@ pub struct SqlResult {
     pub rows: Vec<Map<String, Value>>,
     /// The column names, in order.
     pub columns: Vec<String>,
+    /// Each column's PostgreSQL type, in the same order: `int4`, `text`, `timestamptz`,
+    /// `int4[]`, a user-defined type's name.
+    pub column_types: Vec<String>,
     /// Rows produced or affected (all of them, also when `rows` was truncated).
     pub row_count: u64,
     /// `null` for SELECT, else the command tag (`INSERT 0 1`, `CREATE TABLE`).
@@ -125,7 +128,10 @@ pub(super) fn render_success(
     let count = row_count(&r.command_tag, r.rows.len());
     let names: Vec<String> = r.columns.iter().map(|c| json_str(&c.name)).collect();
     // What follows the rows: column names, counts, message, timing.
-    let tail = 256 + names.iter().map(|n| n.len() + 1).sum::<usize>() + r.command_tag.len() * 2;
+    let tail = 256
+        + names.iter().map(|n| n.len() + 1).sum::<usize>()
+        + r.columns.len() * 70
+        + r.command_tag.len() * 2;
     let row_budget = max_bytes.saturating_sub(tail);
     let mut truncated = r.truncated;
     let mut out = String::with_capacity((128 + r.rows.len() * 64).min(row_budget));
@@ -153,6 +159,13 @@ pub(super) fn render_success(
     }
     out.push_str("],\"columns\":[");
     out.push_str(&names.join(","));
+    out.push_str("],\"columnTypes\":[");
+    for (j, col) in r.columns.iter().enumerate() {
+        if j > 0 {
+            out.push(',');
+        }
+        out.push_str(&json_str(&reg.type_name(col.type_oid)));
+    }
     out.push_str("],\"rowCount\":");
     out.push_str(&count.to_string());
     out.push_str(",\"message\":");
@@ -260,6 +273,10 @@ mod tests {
                 Ok(SqlResponse::Success(s)) => {
                     assert!(s.success);
                     assert_eq!(s.result.row_count, s.execution_info.row_count);
+                    assert_eq!(s.result.columns.len(), s.result.column_types.len());
+                    if result == Some(&select) {
+                        assert_eq!(s.result.column_types, ["int4", "text"]);
+                    }
                 }
                 _ => panic!("{text} does not match SqlSuccess"),
             }

@@ -1408,3 +1408,136 @@ async fn projects_created_before_rls_are_migrated_at_start_up() {
     );
     app.stop().await;
 }
+
+/// `scope` in the body: a request runs with a weaker role than its caller's; a developer or admin
+/// member doing so may name an end user (the dashboard's "run as" in the SQL Editor), and sees
+/// exactly that user's rows; no one gets a stronger role or another's identity otherwise.
+#[tokio::test]
+async fn a_weaker_scope_runs_as_that_role_and_lets_owner_members_act_as_an_end_user() {
+    let app = spawn_app().await;
+    let f = app.fixture().await;
+    posts(&app, &f).await;
+    app.policy(&f, "posts", "own rows", "ALL", "user_id = auth.uid()")
+        .await;
+    let (developer, developer_id) = app.member(&f.project, "developer").await;
+    let (viewer, _) = app.member(&f.project, "viewer").await;
+    let run = |key: String, body: Value| {
+        let app = &app;
+        let project = f.project.clone();
+        async move {
+            let mut body = body;
+            body["projectId"] = json!(project);
+            app.call("POST", "/api/execute-sql", Some(&key), Some(body))
+                .await
+        }
+    };
+    let select = "SELECT body, current_user AS role FROM posts ORDER BY body";
+    // The developer as alice under the read role: alice's rows only, as fx_<id>_read.
+    let (status, body) = run(
+        developer.clone(),
+        json!({ "query": select, "scope": "read", "authUid": "alice" }),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    let rows = body["result"]["rows"].as_array().unwrap();
+    assert_eq!(bodies(rows), ["a1", "a2"], "{body}");
+    assert_eq!(rows[0]["role"], format!("fx_{}_read", f.project));
+    // … and as bob with readwrite: his rows, and his writes only (the policy's check).
+    let (_, body) = run(
+        developer.clone(),
+        json!({ "query": "INSERT INTO posts (user_id, body) VALUES ('bob', 'b2') RETURNING current_user AS role",
+                "scope": "readwrite", "authUid": "bob" }),
+    )
+    .await;
+    assert_eq!(body["success"], true, "{body}");
+    assert_eq!(
+        body["result"]["rows"][0]["role"],
+        format!("fx_{}_readwrite", f.project)
+    );
+    let (_, body) = run(
+        developer.clone(),
+        json!({ "query": "INSERT INTO posts (user_id, body) VALUES ('alice', 'forged')",
+                "scope": "readwrite", "authUid": "bob" }),
+    )
+    .await;
+    assert_eq!(body["success"], false, "{body}");
+    assert_eq!(body["error"]["details"], "ERROR:  42501", "{body}");
+    // Without authUid the weaker role acts as the member: no rows are theirs.
+    let (_, body) = run(
+        developer.clone(),
+        json!({ "query": "SELECT auth.uid() AS uid, count(*) AS n FROM posts", "scope": "read" }),
+    )
+    .await;
+    assert_eq!(
+        body["result"]["rows"][0],
+        json!({ "uid": developer_id, "n": 0 }),
+        "{body}"
+    );
+    // At its own (owner) role a session still acts as itself only.
+    let (status, body) = run(
+        developer.clone(),
+        json!({ "query": select, "scope": "admin", "authUid": "alice" }),
+    )
+    .await;
+    assert_eq!(
+        (status, &body["error"]["code"]),
+        (403, &json!("SCOPE_MISMATCH")),
+        "{body}"
+    );
+    // A viewer (already the read role) may not name anyone else, with or without scope.
+    for extra in [json!({}), json!({ "scope": "read" })] {
+        let mut req = json!({ "query": select, "authUid": "alice" });
+        req.as_object_mut()
+            .unwrap()
+            .extend(extra.as_object().unwrap().clone());
+        let (status, body) = run(viewer.clone(), req).await;
+        assert_eq!(
+            (status, &body["error"]["code"]),
+            (403, &json!("SCOPE_MISMATCH")),
+            "{body}"
+        );
+    }
+    // Keys: a stronger scope than the key's is refused; a weaker one runs as that role.
+    for (key, scope) in [
+        (&f.read, "readwrite"),
+        (&f.read, "admin"),
+        (&f.readwrite, "admin"),
+    ] {
+        let (status, body) = run(key.clone(), json!({ "query": "SELECT 1", "scope": scope })).await;
+        assert_eq!(
+            (status, &body["error"]["code"]),
+            (403, &json!("SCOPE_MISMATCH")),
+            "{scope}: {body}"
+        );
+    }
+    let (_, body) = run(
+        f.admin.clone(),
+        json!({ "query": "DROP TABLE posts", "scope": "readwrite" }),
+    )
+    .await;
+    assert_eq!(body["error"]["details"], "ERROR:  42501", "{body}");
+    for bad in [json!("owner"), json!(1), json!("READ")] {
+        let (status, body) = run(
+            f.admin.clone(),
+            json!({ "query": "SELECT 1", "scope": bad }),
+        )
+        .await;
+        assert_eq!(
+            (status, &body["error"]["code"]),
+            (400, &json!("BAD_REQUEST")),
+            "{body}"
+        );
+    }
+    let rows = rows_as(
+        &app,
+        &f.admin,
+        &f.project,
+        None,
+        "SELECT count(*) AS n FROM posts",
+    )
+    .await;
+    assert_eq!(
+        rows[0]["n"], 4,
+        "the table is intact and holds bob's one insert"
+    );
+}

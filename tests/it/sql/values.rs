@@ -552,3 +552,50 @@ async fn bad_params_are_left_for_postgres_to_refuse() {
         );
     }
 }
+
+/// `columnTypes`: each column's PostgreSQL type name beside `columns`, for built-in types,
+/// arrays, and the project's own enum and composite types. A domain's column is its base type:
+/// PostgreSQL's RowDescription names the base type's OID (as `psql`'s `\gdesc` shows).
+#[tokio::test]
+async fn column_types_name_each_columns_type() {
+    let app = crate::support::spawn_app().await;
+    let f = app.fixture().await;
+    let body = app
+        .sql(
+            &f.admin,
+            &f.project,
+            "CREATE TYPE mood AS ENUM ('ok', 'sad'); CREATE DOMAIN posint AS int4 CHECK (VALUE > 0);
+             CREATE TYPE pair AS (a int, b text);
+             SELECT 1::int4 AS i, 'x'::text AS t, now() AS ts, '{}'::jsonb AS j, ARRAY[1, 2] AS arr,
+                    'ok'::mood AS m, ARRAY['ok'::mood] AS ms, 5::posint AS p, ROW(1, 'x')::pair AS pr,
+                    1.5::numeric AS n, NULL AS nothing",
+        )
+        .await;
+    assert_eq!(body["success"], true, "{body}");
+    assert_eq!(
+        body["result"]["columnTypes"],
+        serde_json::json!([
+            "int4",
+            "text",
+            "timestamptz",
+            "jsonb",
+            "int4[]",
+            "mood",
+            "mood[]",
+            "int4",
+            "pair",
+            "numeric",
+            "text"
+        ]),
+        "{body}"
+    );
+    // A statement without rows has none.
+    let body = app
+        .sql(&f.admin, &f.project, "CREATE TABLE t (id int)")
+        .await;
+    assert_eq!(
+        body["result"]["columnTypes"],
+        serde_json::json!([]),
+        "{body}"
+    );
+}
