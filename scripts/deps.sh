@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Makes sure what `make run` and `make test` need is installed: PostgreSQL's server binaries
-# (initdb, pg_ctl, pgbench, pg_recvlogical) and, for the tests, Node.js, curl, a C++ compiler (the
-# fuzz targets' libfuzzer-sys builds libFuzzer, also on stable) and (from PyPI, into
-# .fluxbase/tools/venv) schemathesis and openapi-spec-validator. As root on
+# (initdb, pg_ctl, pgbench, pg_recvlogical) and, for the tests, Node.js and npm, curl, Chromium (the
+# dashboard's browser tests drive it headless), a C++ compiler (the fuzz targets' libfuzzer-sys
+# builds libFuzzer, also on stable), from PyPI (into .fluxbase/tools/venv) schemathesis and
+# openapi-spec-validator, and from npm (into tests/browser/node_modules) puppeteer-core. As root on
 # Debian/Ubuntu it installs missing pieces from the distribution's packages; otherwise it says
 # exactly what to install.
 set -euo pipefail
@@ -11,8 +12,11 @@ need_test_tools=${1:-}
 missing=()
 have_pg() { ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || { [ -n "${FLUXBASE_PG_BINDIR:-}" ] && [ -x "$FLUXBASE_PG_BINDIR/initdb" ]; }; }
 have_pg || missing+=(postgresql postgresql-contrib)
+have_chromium() { [ -n "${CHROMIUM:-}" ] && [ -x "$CHROMIUM" ] || command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1; }
 if [ "$need_test_tools" = "test" ]; then
   command -v node >/dev/null 2>&1 || missing+=(nodejs)
+  command -v npm >/dev/null 2>&1 || missing+=(npm)
+  have_chromium || missing+=(chromium fonts-dejavu-core)
   command -v curl >/dev/null 2>&1 || missing+=(curl)
   command -v c++ >/dev/null 2>&1 || missing+=(g++)
   command -v python3 >/dev/null 2>&1 && python3 -c 'import venv, ensurepip' 2>/dev/null || missing+=(python3 python3-venv)
@@ -32,8 +36,18 @@ install_python_tools() {
   echo "$want" > "$venv/.pinned"
 }
 
+# The browser tests' driver (tests/browser): puppeteer-core from npm, pinned by its lock file;
+# it downloads no browser (Debian's Chromium is used).
+install_node_tools() {
+  local dir=tests/browser
+  if [ -d "$dir/node_modules/puppeteer-core" ] && cmp -s "$dir/package-lock.json" "$dir/node_modules/.package-lock.json.installed"; then return 0; fi
+  echo "Installing the browser tests' npm packages (puppeteer-core) into $dir/node_modules..."
+  (cd "$dir" && npm ci --no-audit --no-fund --loglevel=error)
+  cp "$dir/package-lock.json" "$dir/node_modules/.package-lock.json.installed"
+}
+
 if [ ${#missing[@]} -eq 0 ]; then
-  if [ "$need_test_tools" = "test" ]; then install_python_tools; fi
+  if [ "$need_test_tools" = "test" ]; then install_python_tools; install_node_tools; fi
   exit 0
 fi
 if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
@@ -47,7 +61,7 @@ if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
   apt-get update -qq
   apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
   have_pg || { echo "PostgreSQL was installed but initdb is still not found"; exit 1; }
-  if [ "$need_test_tools" = "test" ]; then install_python_tools; fi
+  if [ "$need_test_tools" = "test" ]; then install_python_tools; install_node_tools; fi
 else
   echo "Missing: ${missing[*]}."
   echo "Install them with: sudo apt-get install ${missing[*]}"

@@ -139,8 +139,8 @@ where
 pub fn describe(report: &InitReport) -> String {
     let mut out = String::new();
     out.push_str(&format!(
-        "Fluxbase is ready.\n  Base URL:      {}\n  WebSocket URL: {}\n",
-        report.base_url, report.ws_url
+        "Fluxbase is ready.\n  Dashboard:     {}/\n  Base URL:      {}\n  WebSocket URL: {}\n",
+        report.base_url.trim_end_matches('/'), report.base_url, report.ws_url
     ));
     out.push_str(&format!(
         "  Project ID:    {}\n",
