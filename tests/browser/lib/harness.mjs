@@ -115,6 +115,7 @@ class Tester {
   async signUp(page, { name = 'Ada Lovelace', email = `${unique('ada')}@example.com`, password = 'correct horse battery' } = {}) {
     this.log(`sign up ${email}`);
     await page.goto(`${BASE}/signup`);
+    await page.waitForSelector('form[aria-label="Create your account"]');
     await page.type('input[name=displayName]', name);
     await page.type('input[name=email]', email);
     await page.type('input[name=password]', password);
@@ -126,6 +127,7 @@ class Tester {
   async signIn(page, { email, password }) {
     this.log(`sign in ${email}`);
     await page.goto(`${BASE}/login`);
+    await page.waitForSelector('form[aria-label="Sign in"]');
     await page.type('input[name=email]', email);
     await page.type('input[name=password]', password);
     await Promise.all([page.waitForSelector('h1::-p-text(Projects)'), page.click('button[type=submit]')]);
@@ -136,6 +138,7 @@ class Tester {
   async createProject(page, name = unique('proj')) {
     this.log(`create project ${name}`);
     await page.goto(`${BASE}/projects`);
+    await page.waitForSelector('form[aria-label="Create a project"] input[name=name]');
     await page.type('input[name=name]', name);
     await page.click('form[aria-label="Create a project"] button[type=submit]');
     await page.waitForSelector('dialog[open] [data-secret]');
@@ -154,6 +157,7 @@ class Tester {
 
   /** The session token the page holds (for API checks the spec makes beside the page). */
   async token(page) {
+    await page.bringToFront(); // a background tab may not answer evaluate() in headless mode
     return page.evaluate(() => JSON.parse(sessionStorage.getItem('fluxbase.session')).token);
   }
 }
