@@ -38,9 +38,10 @@ function render(ctx, el) {
   const recent = mine.length ? section('Answered just now',
     h('ul', { class: 'answered' }, mine.map((a) => h('li', { 'data-answered': a.projectId, 'data-status': a.status },
       a.status === 'accepted'
-        ? [`Accepted: you are ${a.role} of `, (ctx.projects || []).some((p) => p.id === a.projectId)
-          ? h('a', { href: `/projects/${a.projectId}/settings`, 'data-open-project': a.projectId }, `Open ${a.projectName}`)
-          : h('strong', {}, a.projectName)]
+        ? ['Accepted: you are now ', h('strong', {}, a.role), ' of ', h('strong', {}, a.projectName), '. ',
+          (ctx.projects || []).some((p) => p.id === a.projectId)
+            ? h('a', { href: `/projects/${a.projectId}/settings`, 'data-open-project': a.projectId }, `Open ${a.projectName}`)
+            : null]
         : ['Rejected: ', h('strong', {}, a.projectName), ` (${a.role})`])))) : null;
 
   const list = dataTable([

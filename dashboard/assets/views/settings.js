@@ -83,7 +83,7 @@ function renameSection(ctx) {
         toast(`Renamed to ${answer.project.name}.`, 'success');
         ctx.rerender();
       }),
-    }, field('Project name', name, '1 to 100 printable characters.'), h('button', { type: 'submit', class: 'primary' }, 'Rename')));
+    }, field('Project name', name), h('button', { type: 'submit', class: 'primary' }, 'Rename')));
 }
 
 function realtimeSection(ctx) {

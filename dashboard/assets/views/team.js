@@ -76,33 +76,38 @@ function render(ctx, el) {
       return h('span', { class: 'role-locked', title: 'The project\'s last admin: make another member admin first.' },
         m.role, h('span', { class: 'muted' }, ' (last admin)'));
     }
+    // A select and a Save button (not a change listener: with the keyboard, each arrow key
+    // would be a request).
     const select = h('select', {
       'aria-label': `Role of ${m.email}`, 'data-role-of': m.email,
-      onchange: async () => {
+      onchange: () => { save.disabled = select.value === m.role; },
+    }, ROLES.map((r) => h('option', { value: r, selected: r === m.role }, r)));
+    const save = h('button', {
+      type: 'button', class: 'small', disabled: true, 'data-save-role': m.email, 'aria-label': `Save the role of ${m.email}`,
+      onclick: act(async () => {
         const role = select.value;
+        if (role === m.role) return;
         const self = m.userId === me;
         if (self && role !== 'admin') {
           const ok = await confirmDialog(`Make yourself ${role}? You will no longer be able to manage this project's members, keys or settings.`, { confirmLabel: `Become ${role}` });
-          if (!ok) { select.value = m.role; return; }
+          if (!ok) { select.value = m.role; save.disabled = true; return; }
         }
-        select.disabled = true;
         try {
           await patch('/api/team', { projectId: p.id, userId: m.userId, role });
-          toast(`${m.email} is now ${role}.`, 'success');
-          if (self) {
-            await ctx.refreshProjects();
-            ctx.rerender();
-            return;
-          }
-          await load();
         } catch (err) {
-          select.value = m.role;
-          select.disabled = false;
-          toast(`${err.code ? err.code + ': ' : ''}${err.message || err}`, 'error');
+          await load().catch(() => {}); // show the team as it is now
+          throw err;
         }
-      },
-    }, ROLES.map((r) => h('option', { value: r, selected: r === m.role }, r)));
-    return select;
+        toast(`${m.email} is now ${role}.`, 'success');
+        if (self) {
+          await ctx.refreshProjects();
+          ctx.rerender();
+          return;
+        }
+        await load();
+      }),
+    }, 'Save');
+    return h('div', { class: 'row role-edit' }, select, save);
   }
 
   function removeCell(m, admins) {

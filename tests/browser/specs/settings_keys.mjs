@@ -9,11 +9,25 @@ const sqlWith = (key, projectId) => call('POST', '/api/execute-sql', { token: ke
 /** Everything a page could keep: both storages, cookies. */
 const stored = (page) => page.evaluate(() => JSON.stringify({ ...sessionStorage }) + JSON.stringify({ ...localStorage }) + document.cookie);
 
+/** t.createProject, waiting for the Projects page's form first: the harness's own types at once
+ * after goto, racing the app's first render (it loads /api/auth/me and /api/projects first). */
+async function createProject(t, page, name) {
+  t.log(`create project ${name}`);
+  await page.goto(`${BASE}/projects`);
+  await page.waitForSelector('form[aria-label="Create a project"] input[name=name]');
+  await page.type('input[name=name]', name);
+  await page.click('form[aria-label="Create a project"] button[type=submit]');
+  await page.waitForSelector('dialog[open] [data-secret]');
+  await page.click('dialog[open] button[data-action=Done]');
+  await page.waitForFunction(() => /^\/projects\/[0-9a-f]{16}\/settings$/.test(location.pathname));
+  return page.evaluate(() => location.pathname.split('/')[2]);
+}
+
 await spec('settings_keys', async (t) => {
   const page = await t.newPage();
   await t.signUp(page);
   const name = unique('shop');
-  const id = await t.createProject(page, name);
+  const id = await createProject(t, page, name);
   const token = await t.token(page);
   const project = async () => (await call('GET', '/api/projects', { token })).body.projects.find((p) => p.id === id);
 
@@ -33,6 +47,9 @@ await spec('settings_keys', async (t) => {
   assert.doesNotMatch(await page.content(), /flx_live_/, 'no key on the settings page');
   for (const k of ['project-id', 'base-url', 'ws-url']) await page.waitForSelector(`[data-setting=${k}] button[data-copy]`);
   await t.shot(page, 'settings');
+  await page.emulateMediaFeatures([{ name: 'prefers-color-scheme', value: 'dark' }]);
+  await t.shot(page, 'settings-dark');
+  await page.emulateMediaFeatures([{ name: 'prefers-color-scheme', value: 'light' }]);
 
   t.log('rename: the API shows the new name, so do the page and the project switcher');
   const renamed = unique('renamed');
@@ -91,6 +108,9 @@ await spec('settings_keys', async (t) => {
   await page.waitForSelector(row);
   assert.doesNotMatch(await page.$eval(`${row} td:nth-child(5)`, (td) => td.innerText), /never/);
   await t.shot(page, 'keys');
+  await page.emulateMediaFeatures([{ name: 'prefers-color-scheme', value: 'dark' }]);
+  await t.shot(page, 'keys-dark');
+  await page.emulateMediaFeatures([{ name: 'prefers-color-scheme', value: 'light' }]);
 
   t.log('rotate (asks first): the old secret is refused, the new one works');
   await page.click(`button[data-rotate="${created.id}"]`);
