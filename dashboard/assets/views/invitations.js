@@ -3,11 +3,13 @@
 // drawn again (the top bar's badge too); an accepted invitation offers a link to its project.
 
 import { h, mount, header, section, dataTable, when, confirmDialog, toast, act } from '../lib/dom.js';
-import { post } from '../lib/api.js';
+import { get, post } from '../lib/api.js';
 
 /** The answers given in this tab since it was loaded (memory only), so that the page drawn
  * again can say what happened: [{userId, projectId, projectName, role, status}]. */
 const answered = [];
+/** Set just before a redraw this page asked for, so that the redraw does not check again. */
+let fresh = false;
 
 function render(ctx, el) {
   const userId = ctx.user && ctx.user.id;
@@ -26,12 +28,14 @@ function render(ctx, el) {
       // Answered elsewhere (409) or replaced by a newer invitation (404): show the fresh list.
       toast(`${err.code ? err.code + ': ' : ''}${err.message || err}`, 'error');
       await ctx.refreshProjects();
+      fresh = true;
       ctx.rerender();
       return;
     }
     answered.unshift({ userId, projectId: inv.projectId, projectName: inv.projectName, role: inv.role, status });
     await ctx.refreshProjects();
     toast(status === 'accepted' ? `You joined ${inv.projectName} as ${inv.role}.` : `Invitation to ${inv.projectName} rejected.`, 'success');
+    fresh = true;
     ctx.rerender();
   }
 
@@ -55,11 +59,27 @@ function render(ctx, el) {
   const rows = list.querySelectorAll('tbody tr');
   pending.forEach((i, n) => { if (rows[n]) { rows[n].dataset.invitation = i.id; rows[n].dataset.project = i.projectId; } });
 
+  // The invitations were read at sign-in (or the last refresh): check for newer ones once per visit
+  // and redraw (with the top bar's count) only when they differ.
+  let alive = true;
+  if (fresh) fresh = false;
+  else {
+    get('/api/auth/me').then(async (me) => {
+      const ids = (list) => list.filter((i) => i.status === 'pending').map((i) => i.id).sort().join();
+      if (!alive || ids(me.invites || []) === ids(pending)) return;
+      await ctx.refreshProjects();
+      if (!alive) return;
+      fresh = true;
+      ctx.rerender();
+    }).catch(() => { /* the list shown stays; Refresh retries and shows an error */ });
+  }
+
   mount(el,
     header('Invitations', 'Projects you are invited to join. Accepting makes you a member with the role shown.',
-      h('button', { type: 'button', 'data-refresh-invites': '', onclick: act(async () => { await ctx.refreshProjects(); ctx.rerender(); }) }, 'Refresh')),
+      h('button', { type: 'button', 'data-refresh-invites': '', onclick: act(async () => { await ctx.refreshProjects(); fresh = true; ctx.rerender(); }) }, 'Refresh')),
     recent,
     section('Pending', list));
+  return () => { alive = false; };
 }
 
 export default {

@@ -34,9 +34,19 @@ async function showSecret(title, key, secret) {
   });
 }
 
+/** A suspended project answers 403 PROJECT_SUSPENDED to every request naming it. */
+function suspendedNote(ctx, el) {
+  mount(el,
+    header('API Keys'),
+    h('section', { class: 'panel', 'data-keys-suspended': '' },
+      h('h2', {}, 'The project is suspended'),
+      h('p', {}, 'The API refuses every request that names it (403 PROJECT_SUSPENDED), so API keys cannot be listed or changed until the operator resumes it.')));
+}
+
 function render(ctx, el) {
   const p = ctx.project;
   if (!ctx.can.manage) return adminsOnly(ctx, el);
+  if (p.status === 'suspended') return suspendedNote(ctx, el);
 
   const list = h('div', { 'data-keys-list': '', 'aria-live': 'polite' }, h('p', { class: 'loading' }, 'Loading keys…'));
   let alive = true;

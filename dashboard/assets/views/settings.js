@@ -31,7 +31,10 @@ function valueRow(label, value, key) {
 
 function render(ctx, el) {
   const p = ctx.project;
-  const admin = ctx.can.manage;
+  // A suspended project refuses every request that names it (403 PROJECT_SUSPENDED): nothing to
+  // change until the operator resumes it.
+  const suspended = p.status === 'suspended';
+  const admin = ctx.can.manage && !suspended;
   const env = envBlock(ctx);
   const envCopy = copyButton(env, 'Copy .env.local');
   envCopy.setAttribute('aria-label', 'Copy the .env.local block');
@@ -57,8 +60,9 @@ function render(ctx, el) {
       h('div', { class: 'setting-row' }, h('dt', {}, 'Your role'), h('dd', { 'data-role': ctx.role }, ctx.role)),
       admin ? null : h('div', { class: 'setting-row' }, h('dt', {}, 'Public realtime'),
         h('dd', { 'data-realtime-public': String(!!p.realtimePublic) }, p.realtimePublic ? 'on' : 'off'))),
-    admin ? null : h('p', { class: 'muted', 'data-readonly-note': '' },
-      'Only project admins can rename the project, change its realtime access or delete it.'));
+    admin ? null : h('p', { class: 'muted', 'data-readonly-note': '' }, suspended
+      ? 'The project is suspended: its settings cannot change until the operator resumes it.'
+      : 'Only project admins can rename the project, change its realtime access or delete it.'));
 
   mount(el,
     header('Settings', `Project ${p.name}: how to connect to it${admin ? ', and its settings' : ''}.`),

@@ -27,9 +27,19 @@ function memberName(m) {
   return m.displayName ? `${m.displayName} <${m.email}>` : m.email;
 }
 
+/** A suspended project answers 403 PROJECT_SUSPENDED to every request naming it. */
+function suspendedNote(ctx, el) {
+  mount(el,
+    header('Team'),
+    h('section', { class: 'panel', 'data-team-suspended': '' },
+      h('h2', {}, 'The project is suspended'),
+      h('p', {}, 'The API refuses every request that names it (403 PROJECT_SUSPENDED), so the team cannot be listed or changed until the operator resumes it.')));
+}
+
 function render(ctx, el) {
   const p = ctx.project;
   if (!ctx.can.manage) return adminsOnly(ctx, el);
+  if (p.status === 'suspended') return suspendedNote(ctx, el);
   const me = ctx.user && ctx.user.id;
   let alive = true;
 

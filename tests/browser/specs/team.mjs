@@ -142,15 +142,18 @@ await spec('team', async (t) => {
   await bp.reload();
   await bp.waitForSelector('h1::-p-text(Project not found)');
 
-  t.log('Carol is invited as viewer and rejects: the owner sees the invitation rejected');
+  t.log('Carol, already signed in, is invited as viewer: the Invitations page finds it');
+  const cp = await t.newPage();
+  await t.signIn(cp, carol);
+  await cp.waitForSelector('a.invites[data-invites="0"]');
   await owner.type('input[name=invite-email]', carol.email);
   await owner.select('select[name=invite-role]', 'viewer');
   await owner.click('form[data-invite-form] button[type=submit]');
   await owner.waitForSelector(`tr[data-invite="${carol.email}"][data-status=pending]`);
-  const cp = await t.newPage();
-  await t.signIn(cp, carol);
+  await cp.click('a.invites');
   await cp.waitForSelector('a.invites[data-invites="1"]');
-  await cp.goto(`${BASE}/invitations`);
+
+  t.log('Carol rejects (asks first): the owner sees the invitation rejected');
   const carolInvite = (await team()).invites.find((i) => i.email === carol.email);
   await (await cp.waitForSelector(`button[data-reject="${carolInvite.id}"]`)).click();
   await (await cp.waitForSelector('dialog[open] button[data-action="Reject invitation"]')).click();
