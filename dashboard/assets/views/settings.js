@@ -46,7 +46,7 @@ function render(ctx, el) {
       valueRow('Base URL', ctx.baseUrl, 'base-url'),
       valueRow('WebSocket URL', ctx.wsUrl, 'ws-url')),
     h('div', { class: 'env-head' }, h('h3', { id: 'env-title' }, '.env.local'), envCopy),
-    h('pre', { class: 'env-block', 'data-env': '', 'aria-labelledby': 'env-title', tabindex: '0' }, h('code', {}, env)),
+    h('pre', { class: 'env-block', 'data-env': '', role: 'region', 'aria-labelledby': 'env-title', tabindex: '0' }, h('code', {}, env)),
     h('p', { class: 'hint' },
       'Create or rotate the key itself under ',
       h('a', { href: `/projects/${p.id}/keys` }, 'API Keys'),

@@ -45,7 +45,16 @@ await spec('settings_keys', async (t) => {
   assert.match(vars.FLUXBASE_API_KEY, /^<your API key from Settings → API Keys>$/);
   assert.match(env, new RegExp(`^# .*${BASE.replace(/[.]/g, '\\.')}$`, 'm'));
   assert.doesNotMatch(await page.content(), /flx_live_/, 'no key on the settings page');
-  for (const k of ['project-id', 'base-url', 'ws-url']) await page.waitForSelector(`[data-setting=${k}] button[data-copy]`);
+
+  t.log('the copy buttons put the values on the clipboard');
+  await page.browserContext().overridePermissions(BASE, ['clipboard-read', 'clipboard-write', 'clipboard-sanitized-write']);
+  const clipboard = () => page.evaluate(() => navigator.clipboard.readText());
+  for (const [k, v] of [['project-id', id], ['base-url', BASE], ['ws-url', ws]]) {
+    await page.click(`[data-setting=${k}] button[data-copy]`);
+    await until(`${k} copied`, async () => (await clipboard()) === v);
+  }
+  await page.click('button[aria-label="Copy the .env.local block"]');
+  await until('.env.local copied', async () => (await clipboard()).trim() === env.trim());
   await t.shot(page, 'settings');
   await page.emulateMediaFeatures([{ name: 'prefers-color-scheme', value: 'dark' }]);
   await t.shot(page, 'settings-dark');
@@ -157,6 +166,21 @@ await spec('settings_keys', async (t) => {
   }
   assert.equal((await call('GET', `/api/keys?projectId=${id}`, { token: viewer.token })).status, 403);
   await t.shot(vpage, 'viewer-keys');
+
+  t.log('a developer: no key management and no settings actions either');
+  const developer = await memberAs(token, id, 'developer');
+  const dpage = await t.newPage();
+  await t.signIn(dpage, developer);
+  await dpage.goto(`${BASE}/projects/${id}/keys`);
+  await dpage.waitForSelector('[data-keys-admins-only]');
+  assert.equal(await dpage.$('form[data-create-key]'), null);
+  await t.openView(dpage, id, 'settings');
+  await dpage.waitForSelector('[data-readonly-note]');
+  assert.equal(await textOf(dpage, '[data-role]'), 'developer');
+  for (const s of ['form[data-rename]', 'input[data-realtime-public]', 'button[data-delete-project]']) {
+    assert.equal(await dpage.$(s), null, `a developer sees ${s}`);
+  }
+  assert.equal((await call('PATCH', '/api/projects', { token: developer.token, body: { projectId: id, name: 'nope' } })).status, 403);
 
   t.log('delete: the confirmation needs the project\'s name typed');
   await page.goto(`${BASE}/projects/${id}/settings`);
