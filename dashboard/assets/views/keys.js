@@ -48,7 +48,7 @@ function render(ctx, el) {
   if (!ctx.can.manage) return adminsOnly(ctx, el);
   if (p.status === 'suspended') return suspendedNote(ctx, el);
 
-  const list = h('div', { 'data-keys-list': '', 'aria-live': 'polite' }, h('p', { class: 'loading' }, 'Loading keys…'));
+  const list = h('div', { 'data-keys-list': '' }, h('p', { class: 'loading' }, 'Loading keys…'));
   let alive = true;
 
   async function load() {

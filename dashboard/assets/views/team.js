@@ -43,7 +43,7 @@ function render(ctx, el) {
   const me = ctx.user && ctx.user.id;
   let alive = true;
 
-  const members = h('div', { 'data-members': '', 'aria-live': 'polite' }, h('p', { class: 'loading' }, 'Loading members…'));
+  const members = h('div', { 'data-members': '' }, h('p', { class: 'loading' }, 'Loading members…'));
   const invites = h('div', { 'data-invites-list': '' }, h('p', { class: 'loading' }, 'Loading invitations…'));
 
   async function load() {
