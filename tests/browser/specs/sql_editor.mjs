@@ -2,7 +2,7 @@
 // PostgreSQL types, row count and time; an error with its code, SQLSTATE and the guide's hint;
 // the project's history (reload one); running as an end user under a row-level security policy
 // (the guide's RLS step 04); the truncation notice; a viewer's DDL refused with 42501.
-import { spec, BASE, assert, call, textOf, memberAs } from '../lib/harness.mjs';
+import { spec, BASE, projectFor, assert, call, textOf, memberAs } from '../lib/harness.mjs';
 
 /** Replaces the editor's text (typed, as a user would). */
 async function setQuery(page, text) {
@@ -32,12 +32,20 @@ async function sqlAs(token, projectId, query, extra = {}) {
   return r.body;
 }
 
+/** Opens a project view by its address and waits for the app to show it. */
+async function open(t, page, projectId, view) {
+  t.log(`open view ${view}`);
+  await page.goto(`${BASE}/projects/${projectId}/${view}`);
+  await page.waitForSelector(`nav a[data-view="${view}"][aria-current=page]`);
+}
+
 await spec('sql_editor', async (t) => {
   const page = await t.newPage();
   await t.signUp(page);
-  const projectId = await t.createProject(page);
   const token = await t.token(page);
-  await t.openView(page, projectId, 'sql');
+  // The project through the API, then the view by its address (the page waits for the app).
+  const { id: projectId } = await projectFor(token);
+  await open(t, page, projectId, 'sql');
   await page.waitForSelector('[data-sql-editor]');
   assert.match(await textOf(page, '[data-history]'), /Queries you run/);
 
@@ -169,7 +177,7 @@ await spec('sql_editor', async (t) => {
   const viewer = await memberAs(token, projectId, 'viewer');
   const vpage = await t.newPage();
   await t.signIn(vpage, viewer);
-  await t.openView(vpage, projectId, 'sql');
+  await open(t, vpage, projectId, 'sql');
   await vpage.waitForSelector('[data-sql-editor]');
   assert.equal(await vpage.$('[data-run-as]'), null, 'a viewer cannot run as an end user');
   assert.match(await textOf(vpage, '[data-role-note]'), /viewer: your SQL runs read-only/);
@@ -186,5 +194,4 @@ await spec('sql_editor', async (t) => {
   await run(vpage);
   assert.equal(await vpage.$$eval('[data-grid] tbody td', (tds) => tds.map((td) => td.innerText).join()), '0',
     'the policy filters a viewer\'s rows too (auth.uid() is the viewer\'s id)');
-  void BASE;
 });
