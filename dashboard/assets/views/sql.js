@@ -6,7 +6,7 @@
 // message, SQLSTATE and, where the guide has one, the troubleshooting hint. The project's recent
 // queries (SQL text only) are kept in localStorage, per user and project, last 50.
 
-import { h, mount, field, header, section, errorBox, cell, act } from '../lib/dom.js';
+import { h, mount, field, header, errorBox, cell, confirmDialog } from '../lib/dom.js';
 import { post } from '../lib/api.js';
 
 const HISTORY_MAX = 50;
@@ -161,14 +161,20 @@ export default {
 
     const runButton = h('button', { type: 'button', class: 'primary', 'data-run': '', onclick: () => run() }, 'Run');
     const status = h('span', { class: 'muted sql-status', 'data-status': '', role: 'status' });
-    const output = h('div', { class: 'sql-output', 'data-result': '', 'aria-live': 'polite' },
+    // The status line (a live region) announces each outcome in a sentence; the grid is not read out.
+    const output = h('div', { class: 'sql-output', 'data-result': '' },
       h('p', { class: 'empty' }, 'Write a query and press Run (Ctrl+Enter). The answer shows here.'));
 
     // ---- history ----
     const historyList = h('ol', { class: 'sql-history', 'data-history': '' });
     const clearHistory = h('button', {
-      type: 'button', class: 'small ghost', 'data-clear-history': '',
-      onclick: () => { history = []; saveHistory(ctx, history); renderHistory(); },
+      type: 'button', class: 'small ghost', 'data-clear-history': '', 'aria-label': 'Clear the history',
+      onclick: async () => {
+        if (!await confirmDialog('Forget the queries kept for this project in this browser?', { confirmLabel: 'Clear history' })) return;
+        history = [];
+        saveHistory(ctx, history);
+        renderHistory();
+      },
     }, 'Clear');
     function renderHistory() {
       clearHistory.hidden = !history.length;
@@ -219,11 +225,13 @@ export default {
         // lib/api.js's sql() takes no AbortSignal: the same request through post().
         const answer = await post('/api/execute-sql', body, { signal: ctl.signal });
         if (running !== ctl) return;
-        status.textContent = '';
+        const r = answer.result || {};
+        const info = answer.executionInfo || {};
+        status.textContent = `${info.operation || 'Done'}: ${r.rowCount ?? info.rowCount ?? 0} rows in ${info.time || '?'}${r.truncated ? ' (truncated)' : ''}.`;
         mount(output, resultView(answer, as));
       } catch (err) {
         if (err.name === 'AbortError' || running !== ctl) return;
-        status.textContent = '';
+        status.textContent = `Failed: ${err.code || 'ERROR'}${sqlState(err) ? ` ${sqlState(err)}` : ''}.`;
         mount(output, errorView(err, query, as));
       } finally {
         if (running === ctl) {
@@ -250,12 +258,14 @@ export default {
             },
           }, 'Show in editor'));
       }
+      const pgHint = err.body && err.body.error && typeof err.body.error.hint === 'string' ? err.body.error.hint : null;
       const box = errorBox(err);
       if (state) box.setAttribute('data-sqlstate', state);
       return h('div', { class: 'sql-error', 'data-error': err.code || 'ERROR' },
         box,
         state ? h('p', { class: 'sql-sqlstate' }, 'SQLSTATE ', h('code', { 'data-sqlstate': state }, state)) : null,
         where,
+        pgHint ? h('p', { class: 'sql-pg-hint', 'data-pg-hint': '' }, 'PostgreSQL\'s hint: ', pgHint) : null,
         hint ? h('p', { class: 'sql-hint', 'data-hint': state || err.code || '' }, h('strong', {}, 'Hint: '), hint) : null);
     }
 

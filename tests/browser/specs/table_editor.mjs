@@ -45,6 +45,14 @@ async function open(t, page, projectId, view) {
   await page.waitForSelector(`nav a[data-view="${view}"][aria-current=page]`);
 }
 
+/** A screenshot from the top of the page (the top bar is sticky), light or dark. */
+async function shot(t, page, name, { dark = false } = {}) {
+  await page.evaluate(() => window.scrollTo(0, 0));
+  if (dark) await page.click('button[aria-label="Switch between dark and light"]');
+  await t.shot(page, name);
+  if (dark) await page.click('button[aria-label="Switch between dark and light"]');
+}
+
 await spec('table_editor', async (t) => {
   const page = await t.newPage();
   await t.signUp(page);
@@ -72,7 +80,7 @@ await spec('table_editor', async (t) => {
   await page.type('[data-new-column]:nth-child(4) [data-col-name]', 'note');
   const preview = await textOf(page, '[data-preview]');
   assert.equal(preview, 'CREATE TABLE "public"."items" (\n  "id" serial NOT NULL,\n  "title" text NOT NULL,\n  "qty" int4 DEFAULT 0,\n  "note" text,\n  PRIMARY KEY ("id")\n)');
-  await t.shot(page, 'create-form');
+  await shot(t, page, 'create-form');
   await page.click('[data-create-table]');
   await page.waitForSelector('[data-table-view="public.items"] [data-no-rows]');
   const cols = await sqlAs(token, projectId, `SELECT c.column_name AS name, c.data_type AS type, c.is_nullable AS nullable, c.column_default AS "default",
@@ -92,7 +100,7 @@ await spec('table_editor', async (t) => {
   await page.waitForSelector('dialog[open] [data-form-error] .error-box[data-code=SQL_EXEC_ERROR]');
   assert.match(await textOf(page, 'dialog[open] [data-form-error]'), /invalid input syntax for type integer: "five"/);
   assert.match(await textOf(page, 'dialog[open] [data-form-error]'), /22P02/);
-  await t.shot(page, 'insert-error');
+  await shot(t, page, 'insert-error');
 
   t.log('insert two rows');
   await fillRow(page, { title: 'first', qty: '5', note: { empty: 'null' } });
@@ -114,7 +122,7 @@ await spec('table_editor', async (t) => {
   assert.equal(await page.$eval('dialog[open] [data-input=title]', (e) => e.value), 'first');
   assert.equal(await page.$eval('dialog[open] [data-input=qty]', (e) => e.value), '5');
   assert.equal(await page.$eval('dialog[open] [data-empty=note]', (e) => e.value), 'null');
-  await t.shot(page, 'edit-form');
+  await shot(t, page, 'edit-form');
   await fillRow(page, { title: 'first (edited)', note: '"; DROP TABLE items; --' });
   await page.waitForSelector('dialog[open]', { hidden: true });
   await page.waitForFunction(() => document.querySelector('tr[data-row-key=\'["1"]\'] td[data-column=title]')?.innerText === 'first (edited)');
@@ -153,10 +161,30 @@ await spec('table_editor', async (t) => {
   shown = await gridRows(page);
   assert.deepEqual(shown.map((r) => r.key[0]), ids.slice(100));
   assert.equal(await page.$eval('[data-page-next]', (b) => b.disabled), true);
-  await t.shot(page, 'rows-page3');
+  await shot(t, page, 'rows-page3');
   await page.click('[data-page-prev]');
   await waitPageInfo(page, 'Rows 51–100 of 121');
-  await t.shot(page, 'rows');
+  await shot(t, page, 'rows');
+  await shot(t, page, 'rows-dark', { dark: true });
+
+  t.log('a two-column key and a name that needs quoting; a too long varchar is refused, not cut');
+  await sqlAs(token, projectId, 'CREATE TABLE "Odd ""name""" (k1 text, k2 int4, v varchar(3), PRIMARY KEY (k1, k2))');
+  await page.reload();
+  const oddButton = '[data-table="public.Odd \\"name\\""]';
+  await page.waitForSelector(oddButton);
+  await page.click(oddButton);
+  await waitPageInfo(page, 'No rows');
+  assert.deepEqual(await page.$$eval('[data-columns] [data-col-pk]', (tds) => tds.map((td) => td.dataset.colPk)), ['1', '2', '']);
+  await page.click('[data-insert]');
+  await fillRow(page, { k1: 'a b', k2: '7', v: 'abcd' });
+  await page.waitForSelector('dialog[open] [data-form-error] .error-box');
+  assert.match(await textOf(page, 'dialog[open] [data-form-error]'), /too long[\s\S]*22001/);
+  await fillRow(page, { v: 'abc' });
+  await waitPageInfo(page, 'Rows 1–1 of 1');
+  await page.click('tr[data-row-key=\'["a b","7"]\'] [data-edit]');
+  await fillRow(page, { v: 'xyz' });
+  await page.waitForFunction(() => document.querySelector('tr[data-row-key=\'["a b","7"]\'] td[data-column=v]')?.innerText === 'xyz');
+  assert.deepEqual(await sqlAs(token, projectId, 'SELECT * FROM "Odd ""name"""'), [{ k1: 'a b', k2: 7, v: 'xyz' }]);
 
   t.log('a table without a primary key is read-only');
   await sqlAs(token, projectId, "CREATE TABLE logs (msg text); INSERT INTO logs VALUES ('hello')");
@@ -183,5 +211,5 @@ await spec('table_editor', async (t) => {
   assert.match(await textOf(vpage, '.view-header'), /You are a viewer: read-only/);
   shown = await gridRows(vpage);
   assert.deepEqual(shown.map((r) => r.key[0]), ids.slice(0, 50));
-  await t.shot(vpage, 'viewer');
+  await shot(t, vpage, 'viewer');
 });
