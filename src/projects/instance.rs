@@ -140,7 +140,9 @@ pub fn describe(report: &InitReport) -> String {
     let mut out = String::new();
     out.push_str(&format!(
         "Fluxbase is ready.\n  Dashboard:     {}/\n  Base URL:      {}\n  WebSocket URL: {}\n",
-        report.base_url.trim_end_matches('/'), report.base_url, report.ws_url
+        report.base_url.trim_end_matches('/'),
+        report.base_url,
+        report.ws_url
     ));
     out.push_str(&format!(
         "  Project ID:    {}\n",

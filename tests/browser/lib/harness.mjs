@@ -162,6 +162,20 @@ class Tester {
   }
 }
 
+/** Runs the operator's CLI (`fluxbase <args>`) on the server's control database: the Rust
+ * wrapper gives OPERATOR_CLI, OPERATOR_DATABASE_URL and OPERATOR_DATA_DIR (by hand: the binary
+ * and OPERATOR_DATA_DIR alone for an embedded cluster). Returns stdout; throws on failure. */
+export async function operator(...args) {
+  const bin = process.env.OPERATOR_CLI;
+  if (!bin) throw new Error('OPERATOR_CLI is not set: this step needs the operator CLI (tests/it/dashboard sets it)');
+  const { execFileSync } = await import('node:child_process');
+  // The CLI refuses FLUXBASE_* variables it does not know (FLUXBASE_URL is the specs').
+  const env = Object.fromEntries(Object.entries(process.env).filter(([k]) => !k.startsWith('FLUXBASE_')));
+  if (process.env.OPERATOR_DATABASE_URL) env.FLUXBASE_DATABASE_URL = process.env.OPERATOR_DATABASE_URL;
+  if (process.env.OPERATOR_DATA_DIR) env.FLUXBASE_DATA_DIR = process.env.OPERATOR_DATA_DIR;
+  return execFileSync(bin, args, { env, encoding: 'utf8' });
+}
+
 /** Calls the API directly (an oracle beside the page): resolves {status, body}. */
 export async function call(method, path, { token, body, headers } = {}) {
   const h = { ...(headers || {}) };

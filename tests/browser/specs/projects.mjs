@@ -1,6 +1,6 @@
 // Sign up, the projects list, create a project (its keys shown once), switch between projects,
 // sign out and in again; a suspended project shown as such (the operator's CLI suspends).
-import { spec, BASE, assert, call, textOf, unique } from '../lib/harness.mjs';
+import { spec, BASE, assert, call, textOf, unique, operator, until } from '../lib/harness.mjs';
 
 await spec('projects', async (t) => {
   const page = await t.newPage();
@@ -50,6 +50,21 @@ await spec('projects', async (t) => {
 
   await t.signIn(page, account);
   await page.waitForSelector(`a[data-project="${first}"]`);
+
+  t.log('a project the operator suspends is shown as suspended');
+  await operator('project', 'suspend', second);
+  const token2 = await t.token(page);
+  await until('the server to refuse the suspended project', async () => (await call('GET', `/api/keys?projectId=${second}`, { token: token2 })).status === 403);
+  await page.goto(`${BASE}/projects`);
+  await page.waitForSelector(`a[data-project="${second}"]`);
+  const suspendedRow = await page.$eval(`a[data-project="${second}"]`, (a) => a.closest('tr').innerText);
+  assert.match(suspendedRow, /suspended/, suspendedRow);
+  assert.match(await page.$eval(`select.switcher option[value="${second}"]`, (o) => o.textContent), /\(suspended\)$/);
+  await page.goto(`${BASE}/projects/${second}/settings`);
+  await page.waitForSelector('.banner.warn');
+  assert.match(await textOf(page, '.banner.warn'), /suspended/);
+  await t.shot(page, 'suspended');
+  await operator('project', 'resume', second);
 
   t.log('an unknown project id is not found, not an error');
   await page.goto(`${BASE}/projects/${'0'.repeat(16)}/settings`);

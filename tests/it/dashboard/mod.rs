@@ -34,7 +34,13 @@ async fn run_spec(name: &str, env: &[(&str, &str)]) {
         .current_dir(&dir)
         .env("FLUXBASE_URL", &server.base)
         .env("ARTIFACTS_DIR", &artifacts)
-        .env("FLUXBASE_CONTROL_DB", server.control_db())
+        // The operator's CLI on the server's control database (suspending a project).
+        .env("OPERATOR_CLI", env!("CARGO_BIN_EXE_fluxbase"))
+        .env(
+            "OPERATOR_DATABASE_URL",
+            crate::support::cluster::pg().await.url(server.control_db()),
+        )
+        .env("OPERATOR_DATA_DIR", &server.dir)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .kill_on_drop(true)
@@ -109,4 +115,9 @@ async fn health_shows_change_capture_and_storage() {
 #[tokio::test]
 async fn security_no_key_in_the_page_csp_enforced_cross_site_posts_and_framing_refused() {
     run_spec("security", &[]).await;
+}
+
+#[tokio::test]
+async fn accessibility_every_page_light_and_dark_and_keyboard_sign_in() {
+    run_spec("accessibility", &[]).await;
 }
