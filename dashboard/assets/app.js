@@ -164,7 +164,7 @@ function frame(project, view, fill) {
       switcher,
       h('div', { class: 'spacer' }),
       h('a', { href: '/invitations', class: 'invites', 'data-invites': String(pending) }, 'Invitations', pending ? h('span', { class: 'badge' }, String(pending)) : null),
-      h('button', { type: 'button', class: 'ghost', onclick: toggleTheme, 'aria-label': 'Theme: switch between dark and light' }, 'Theme'),
+      h('button', { type: 'button', class: 'ghost', 'data-theme-toggle': '', onclick: toggleTheme, 'aria-label': 'Theme: switch between dark and light' }, 'Theme'),
       h('span', { class: 'user', title: user.email }, user.displayName || user.email),
       h('button', { type: 'button', class: 'ghost', 'data-logout': '', onclick: act(logout) }, 'Sign out')),
     h('div', { class: project ? 'layout' : 'layout single' }, nav,

@@ -37,6 +37,7 @@ function render(ctx, el) {
   const admin = ctx.can.manage && !suspended;
   const env = envBlock(ctx);
   const envCopy = copyButton(env, 'Copy .env.local');
+  envCopy.setAttribute('data-copy', 'env');
 
   const connection = section('Connect your app',
     h('p', { class: 'muted' }, 'Every integration needs these values (see the integration guide\'s "Getting Started").'),

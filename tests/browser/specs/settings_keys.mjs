@@ -53,7 +53,7 @@ await spec('settings_keys', async (t) => {
     await page.click(`[data-setting=${k}] button[data-copy]`);
     await until(`${k} copied`, async () => (await clipboard()) === v);
   }
-  await page.click('button[aria-label="Copy the .env.local block"]');
+  await page.click('button[data-copy="env"]');
   await until('.env.local copied', async () => (await clipboard()).trim() === env.trim());
   await t.shot(page, 'settings');
   await page.emulateMediaFeatures([{ name: 'prefers-color-scheme', value: 'dark' }]);

@@ -48,9 +48,9 @@ async function open(t, page, projectId, view) {
 /** A screenshot from the top of the page (the top bar is sticky), light or dark. */
 async function shot(t, page, name, { dark = false } = {}) {
   await page.evaluate(() => window.scrollTo(0, 0));
-  if (dark) await page.click('button[aria-label="Switch between dark and light"]');
+  if (dark) await page.click('button[data-theme-toggle]');
   await t.shot(page, name);
-  if (dark) await page.click('button[aria-label="Switch between dark and light"]');
+  if (dark) await page.click('button[data-theme-toggle]');
 }
 
 await spec('table_editor', async (t) => {

@@ -19,8 +19,13 @@ fn browser_dir() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/browser")
 }
 
+/// At most this many specs at once: each holds a server (with its connections to the shared
+/// cluster) and a Chromium, heavy beside the rest of the suite on a small machine.
+static SPECS_AT_ONCE: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(2);
+
 /// Runs `tests/browser/specs/<name>.mjs` against a fresh server started with `env`.
 async fn run_spec(name: &str, env: &[(&str, &str)]) {
+    let _turn = SPECS_AT_ONCE.acquire().await.expect("never closed");
     let server = ServerProcess::start(env).await;
     let dir = browser_dir();
     assert!(

@@ -61,6 +61,11 @@ pub async fn pg() -> &'static Pg {
                     ("fsync", "off"),
                     ("synchronous_commit", "off"),
                     ("full_page_writes", "off"),
+                    // Every project of every test keeps its slot until the run ends (servers
+                    // are dropped, not their projects): a few hundred tests, the dashboard's
+                    // specs with several projects each, and their connections.
+                    ("max_replication_slots", "1024"),
+                    ("max_connections", "600"),
                 ],
             )
         })
