@@ -10,9 +10,11 @@ export function h(tag, attrs, ...children) {
   for (const [k, v] of Object.entries(attrs || {})) {
     if (v === undefined || v === null || v === false) continue;
     if (k.startsWith('on') && typeof v === 'function') el.addEventListener(k.slice(2), v);
-    else if (k === 'class' || k === 'for' || k === 'role' || k === 'name' || k === 'title' || k === 'id' || k === 'href' || k === 'tabindex' || k === 'placeholder' || k === 'autocomplete' || k.startsWith('data-') || k.startsWith('aria-'))
+    else if (k === 'class' || k === 'for' || k === 'role' || k === 'name' || k === 'title' || k === 'id' || k === 'href' || k === 'tabindex' || k === 'placeholder' || k === 'autocomplete' || k === 'list' || k.startsWith('data-') || k.startsWith('aria-'))
       el.setAttribute(k, v === true ? '' : String(v));
     else el[k] = v;
+    // A checkbox's initial state survives form.reset().
+    if (k === 'checked') el.defaultChecked = !!v;
   }
   append(el, children);
   return el;

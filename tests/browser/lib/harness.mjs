@@ -151,6 +151,7 @@ class Tester {
   async openView(page, projectId, view) {
     this.log(`open view ${view}`);
     if (!page.url().includes(`/projects/${projectId}/`)) await page.goto(`${BASE}/projects/${projectId}/settings`);
+    await page.waitForSelector(`nav a[data-view="${view}"]`);
     await page.click(`nav a[data-view="${view}"]`);
     await page.waitForFunction((v) => location.pathname.endsWith(`/${v}`), {}, view);
   }
