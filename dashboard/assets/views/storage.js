@@ -122,6 +122,7 @@ export default {
     const detailEl = h('div', { class: 'storage-detail' });
     mount(el,
       header('Storage', 'Files in buckets, private by default: downloads go through signed URLs valid 15 minutes; a public bucket\'s files also have a stable public URL.'),
+      can ? null : h('p', { class: 'storage-readonly muted', 'data-readonly': '' }, 'You are a viewer: you can list and download files.'),
       h('div', { class: 'storage-layout' }, bucketsEl, detailEl));
 
     function remember() {
@@ -499,7 +500,7 @@ export default {
         h('td', {}, bytes(f.size)),
         h('td', {}, h('code', {}, f.content_type || '—')),
         h('td', {}, when(f.updated_at || f.created_at)),
-        h('td', { class: 'file-actions' },
+        h('td', {}, h('div', { class: 'file-actions' },
           link,
           h('button', {
             type: 'button', class: 'small', 'data-copy-url': f.name, 'aria-label': `Copy a signed URL of ${short}`,
@@ -508,7 +509,7 @@ export default {
               const ok = await copyText(a.url);
               toast(ok ? `Signed URL of ${short} copied: valid until ${new Date(a.expiresAt).toLocaleTimeString()}.` : 'The clipboard refused the copy.', ok ? 'success' : 'error');
             }),
-          }, 'Copy signed URL'),
+          }, 'Copy URL'),
           can ? h('button', {
             type: 'button', class: 'small danger', 'data-delete-file': f.name, 'aria-label': `Delete ${f.name}`,
             onclick: act(async () => {
@@ -520,7 +521,7 @@ export default {
               await loadBuckets();
               await loadFiles();
             }),
-          }, 'Delete') : null));
+          }, 'Delete') : null)));
     }
 
     refresh();

@@ -163,6 +163,26 @@ await spec('storage', async (t) => {
   assert.equal(await page.$eval('button[data-delete-bucket]', (b) => b.disabled), true);
   assert.match(await page.$eval('[data-not-empty]', (x) => x.innerText), /holds 3 files/);
 
+  t.log('a viewer lists and downloads, and has nothing else');
+  const viewer = await memberAs(token, pid, 'viewer');
+  const vpage = await t.newPage();
+  await t.signIn(vpage, viewer);
+  await vpage.goto(`${BASE}/projects/${pid}/storage?bucket=${name}&path=reports%2F`);
+  await vpage.waitForSelector('tr[data-file="reports/a.txt"]');
+  for (const sel of ['input[data-upload-input]', '[data-new-folder]', '[data-delete-file]', '[data-delete-bucket]', '[data-bucket-settings]', 'form[aria-label="Create a bucket"]']) {
+    assert.equal(await vpage.$(sel), null, `a viewer has no ${sel}`);
+  }
+  assert.equal(await vpage.$eval('[data-visibility]', (x) => x.dataset.visibility), 'private');
+  await vpage.click('a[data-download="reports/a.txt"]');
+  const vhref = await vpage.waitForFunction(() => {
+    const a = document.querySelector('a[data-download="reports/a.txt"]');
+    return a.dataset.ready === 'yes' && a.href;
+  }).then((x) => x.jsonValue());
+  assert.match(vhref, /\/api\/storage\/object\?key=/);
+  assert.ok((await fetchBytes(vhref)).equals(small), 'the viewer\'s link serves the file');
+  await t.shot(vpage, 'viewer');
+  await vpage.close();
+
   t.log('settings: rename and make public; the public URL serves the file');
   const renamed = `${name}-pub`;
   await page.click('button[data-bucket-settings]');
@@ -170,29 +190,27 @@ await spec('storage', async (t) => {
   await page.$eval('dialog[open] input[data-field=bucketName]', (x) => { x.value = ''; });
   await page.type('dialog[open] input[data-field=bucketName]', renamed);
   await page.click('dialog[open] input[data-field=isPublic]');
+  await page.type('dialog[open] input[data-field=allowedMimeTypes]', 'text/*');
   await page.click('dialog[open] button[data-action=Save]');
   await page.waitForSelector(`button[data-bucket="${renamed}"][aria-current=true]`);
   await page.waitForSelector(`[data-files-of="${renamed}"] [data-visibility=public]`);
   buckets = await bucketsNow();
-  assert.deepEqual(buckets.map((b) => [b.name, b.isPublic]), [[renamed, true]]);
-  const publicHref = await page.waitForSelector('a[data-download="big.bin"]').then((a) => a.evaluate((x) => x.href));
-  assert.match(publicHref, /\/api\/storage\/public\//);
+  assert.deepEqual(buckets.map((b) => [b.name, b.isPublic, b.allowedMimeTypes]), [[renamed, true, ['text/*']]]);
+  assert.match(await page.$eval(`[data-files-of="${renamed}"]`, (x) => x.innerText), /types: text\/\*/);
+  // The list reloads with each file's stable public URL as its download link.
+  const publicHref = await page.waitForFunction(() => {
+    const a = document.querySelector('a[data-download="big.bin"]');
+    return a && a.href.includes('/api/storage/public/') && a.href;
+  }).then((x) => x.jsonValue());
   assert.ok((await fetchBytes(publicHref)).equals(big));
 
-  t.log('a viewer lists and downloads, and has nothing else');
-  const viewer = await memberAs(token, pid, 'viewer');
-  const vpage = await t.newPage();
-  await t.signIn(vpage, viewer);
-  await vpage.goto(`${BASE}/projects/${pid}/storage?bucket=${renamed}&path=reports%2F`);
-  await vpage.waitForSelector('tr[data-file="reports/a.txt"]');
-  for (const sel of ['input[data-upload-input]', '[data-new-folder]', '[data-delete-file]', '[data-delete-bucket]', '[data-bucket-settings]', 'form[aria-label="Create a bucket"]']) {
-    assert.equal(await vpage.$(sel), null, `a viewer has no ${sel}`);
-  }
-  await vpage.click('a[data-download="reports/a.txt"]');
-  const vhref = await vpage.$eval('a[data-download="reports/a.txt"]', (a) => a.href);
-  assert.ok((await fetchBytes(vhref)).equals(small), 'the viewer\'s link serves the file');
-  await t.shot(vpage, 'viewer');
-  await vpage.close();
+  t.log('the bucket\'s allowed types refuse another type: the upload shows the API\'s error');
+  const binPath = path.join(tmp, 'refused.bin');
+  fs.writeFileSync(binPath, crypto.randomBytes(64));
+  await uploadThroughInput(binPath);
+  await page.waitForSelector('li[data-upload="refused.bin"][data-state=failed]');
+  assert.match(await page.$eval('li[data-upload="refused.bin"]', (x) => x.innerText), /BAD_REQUEST: .*not allowed/);
+  assert.equal((await filesNow(renamed)).length, 3);
 
   t.log('delete the files (asked first)');
   for (const f of ['big.bin', 'reports/a.txt', 'reports/dropped.txt']) {
