@@ -318,7 +318,7 @@ export default {
             const a = await sql(projectId, `SELECT * FROM ${qualified(t)} LIMIT 100`, [], { scope: 'read', authUid: uid.value.trim() });
             const r = a.result;
             mount(out, h('p', { 'data-test-count': String(r.rowCount) }, `As end user "${uid.value.trim()}" (read scope): ${r.rowCount} row${r.rowCount === 1 ? '' : 's'} of ${label(t)}.`),
-              r.rowCount ? dataTable(r.columns.map((c) => ({ key: c, label: c })), r.rows.map((row) => Array.isArray(row) ? Object.fromEntries(r.columns.map((c, i) => [c, row[i]])) : row))
+              r.rowCount ? dataTable(r.columns.map((c, i) => ({ key: c, label: c, type: r.columnTypes ? r.columnTypes[i] : undefined })), r.rows.map((row) => Array.isArray(row) ? Object.fromEntries(r.columns.map((c, i) => [c, row[i]])) : row))
                 : troubleBox(TROUBLE.zeroRows));
           } catch (err) {
             mount(out, errorBox(err));

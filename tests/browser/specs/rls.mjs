@@ -94,6 +94,27 @@ await spec('rls', async (t) => {
   assert.equal(await page.$(`${posts} [data-no-policy]`), null);
   assert.deepEqual(await seenBy('alice'), ['hi from alice']);
 
+  t.log('test as an end user in the page (read scope, authUid): alice sees her row, carol none');
+  const testAs = async (uid) => {
+    await page.select('form[aria-label="Test as an end user"] select[data-test-table]', 'public.posts');
+    await page.$eval('input[data-test-uid]', (x) => { x.value = ''; });
+    await page.type('input[data-test-uid]', uid);
+    await page.click('form[aria-label="Test as an end user"] button[type=submit]');
+    const out = await page.waitForSelector(`.rls-test-out [data-test-count]::-p-text("${uid}")`);
+    return { count: Number(await out.evaluate((x) => x.dataset.testCount)), text: await page.$eval('.rls-test-out', (x) => x.innerText) };
+  };
+  let seen = await testAs('alice');
+  assert.equal(seen.count, 1);
+  assert.match(seen.text, /hi from alice/);
+  assert.doesNotMatch(seen.text, /hi from bob/);
+  await t.shot(page, 'test-as-user');
+  await page.emulateMediaFeatures([{ name: 'prefers-color-scheme', value: 'dark' }]);
+  await t.shot(page, 'dark');
+  await page.emulateMediaFeatures([{ name: 'prefers-color-scheme', value: 'light' }]);
+  seen = await testAs('carol');
+  assert.equal(seen.count, 0);
+  assert.match(seen.text, /Temporarily set USING to true/);
+
   t.log('a policy naming a missing column: the API\'s error and the guide\'s hint');
   await openCreate('posts');
   await fill('dialog[open] [data-policy-form="0"] [data-field=name]', 'by owner');

@@ -152,6 +152,9 @@ await spec('storage', async (t) => {
   const u = await call('GET', `/api/storage/url?projectId=${pid}&s3Key=${encodeURIComponent(droppedFile.s3_key)}`, { token });
   assert.equal((await fetchBytes(u.body.url)).toString(), dropped);
   await t.shot(page, 'folder');
+  await page.emulateMediaFeatures([{ name: 'prefers-color-scheme', value: 'dark' }]);
+  await t.shot(page, 'dark');
+  await page.emulateMediaFeatures([{ name: 'prefers-color-scheme', value: 'light' }]);
 
   t.log('breadcrumbs back to the root: the folder is listed');
   await page.click('nav[aria-label="Folder path"] button[data-crumb=""]');
