@@ -116,6 +116,13 @@ export default {
       uploads: [], // {name, sent, total, state: 'uploading'|'done'|'failed', error}
     };
     if (state.prefix && !state.prefix.endsWith('/')) state.prefix += '/';
+    // Work under way on the files panel (uploads, reloads): shown as aria-busy.
+    let busy = 0;
+    function working(delta) {
+      busy += delta;
+      const panel = detailEl.querySelector('[data-files-of]');
+      if (panel) panel.setAttribute('aria-busy', busy > 0 ? 'true' : 'false');
+    }
     let alive = true;
 
     const bucketsEl = h('div', { class: 'storage-buckets' });
@@ -162,6 +169,7 @@ export default {
         state.filesOf = b.id;
       }
       state.filesError = null;
+      working(+1);
       drawDetail();
       try {
         const a = await get('/api/storage/files', { projectId, bucketId: b.id });
@@ -170,6 +178,8 @@ export default {
       } catch (err) {
         if (!alive) return;
         state.filesError = err;
+      } finally {
+        working(-1);
       }
       drawDetail();
     }
@@ -342,7 +352,7 @@ export default {
           can && b.fileCount > 0 ? h('p', { class: 'hint', id: 'bucket-not-empty', 'data-not-empty': '' },
             `Only an empty bucket can be deleted: this one holds ${b.fileCount} file${b.fileCount === 1 ? '' : 's'} (in all its folders). Delete them first.`) : null),
         tools);
-      mount(detailEl, h('section', { class: 'panel storage-files', 'aria-label': `Files of ${b.name}`, 'data-files-of': b.name },
+      mount(detailEl, h('section', { class: 'panel storage-files', 'aria-label': `Files of ${b.name}`, 'data-files-of': b.name, 'aria-busy': busy > 0 ? 'true' : 'false' },
         head, breadcrumbs(b), can ? uploadBar(b) : null, uploadsList(), fileList(b)));
       return undefined;
     }
@@ -395,6 +405,15 @@ export default {
 
     async function uploadAll(b, files) {
       if (!files.length) return;
+      working(+1);
+      try {
+        await uploadEach(b, files);
+      } finally {
+        working(-1);
+      }
+    }
+
+    async function uploadEach(b, files) {
       const prefix = state.prefix;
       const items = files.map((f) => ({ name: prefix + f.name, file: f, sent: 0, total: f.size, state: 'uploading' }));
       state.uploads = state.uploads.filter((u) => u.state === 'uploading').concat(items);

@@ -46,6 +46,8 @@ await spec('storage', async (t) => {
     assert.equal(r.status, 200, `${url}: ${r.status}`);
     return Buffer.from(await r.arrayBuffer());
   };
+  /** Waits until the files panel has no upload or reload under way (aria-busy). */
+  const idle = () => page.waitForSelector('[data-files-of][aria-busy=false]');
   const uploadThroughInput = async (file) => {
     const input = await page.waitForSelector('input[data-upload-input]');
     await input.uploadFile(file);
@@ -98,6 +100,7 @@ await spec('storage', async (t) => {
   const [value, max] = await page.$eval('li[data-upload="big.bin"] progress', (p) => [p.value, p.max]);
   assert.ok(value === max && max >= big.length, `the bar ends full (${value} of ${max})`);
   await page.waitForSelector(`[data-files-of="${name}"] tr[data-file="big.bin"]`);
+  await idle();
   let files = await filesNow(name);
   assert.deepEqual(files.map((f) => [f.name, f.size]), [['big.bin', big.length]]);
   await t.shot(page, 'uploaded');
@@ -131,6 +134,7 @@ await spec('storage', async (t) => {
   assert.match(page.url(), /path=reports%2F/);
   await uploadThroughInput(smallPath);
   await page.waitForSelector('tr[data-file="reports/a.txt"]');
+  await idle();
   files = await filesNow(name);
   assert.deepEqual(files.map((f) => f.name).sort(), ['big.bin', 'reports/a.txt']);
 
@@ -146,6 +150,7 @@ await spec('storage', async (t) => {
   }, dropped);
   await page.waitForSelector('li[data-upload="reports/dropped.txt"][data-state=done]');
   await page.waitForSelector('tr[data-file="reports/dropped.txt"]');
+  await idle();
   files = await filesNow(name);
   const droppedFile = files.find((f) => f.name === 'reports/dropped.txt');
   assert.ok(droppedFile, JSON.stringify(files));
@@ -213,6 +218,7 @@ await spec('storage', async (t) => {
   await uploadThroughInput(binPath);
   await page.waitForSelector('li[data-upload="refused.bin"][data-state=failed]');
   assert.match(await page.$eval('li[data-upload="refused.bin"]', (x) => x.innerText), /BAD_REQUEST: .*not allowed/);
+  await idle();
   assert.equal((await filesNow(renamed)).length, 3);
 
   t.log('delete the files (asked first)');
