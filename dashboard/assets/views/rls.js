@@ -117,7 +117,7 @@ export default {
     const loading = () => h('p', { class: 'loading', 'aria-busy': 'true' }, 'Loading tables and policies…');
     const top = () => header('Row Level Security',
       'Policies PostgreSQL applies to every read and readwrite request: rows a policy does not admit are silently left out. The owner role (admin keys, developers, this dashboard) bypasses them unless FORCE is on.',
-      can ? h('button', { type: 'button', class: 'primary', 'data-new-policy': '', onclick: () => createPolicy() }, 'New policy') : null);
+      can ? h('button', { type: 'button', class: 'primary', 'data-new-policy': '', disabled: !tables.length, onclick: () => createPolicy() }, 'New policy') : null);
 
     function draw() {
       mount(el, top(),

@@ -257,6 +257,11 @@ export default {
 
     async function bucketSettings(b) {
       const name = h('input', { type: 'text', name: 'name', required: true, value: b.name, 'data-field': 'bucketName' });
+      name.addEventListener('input', () => {
+        const p = nameProblem(name.value.trim());
+        name.setAttribute('aria-invalid', p ? 'true' : 'false');
+        name.setCustomValidity(p);
+      });
       const isPublic = h('input', { type: 'checkbox', name: 'isPublic', checked: b.isPublic, 'data-field': 'isPublic' });
       const limits = limitFields(b);
       await formDialog({

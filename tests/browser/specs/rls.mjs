@@ -12,6 +12,13 @@ await spec('rls', async (t) => {
   const project = await projectFor(token);
   const pid = project.id;
 
+  t.log('a project without tables: the empty state, nothing to create a policy on');
+  await page.goto(`${BASE}/projects/${pid}/settings`);
+  await page.waitForSelector('nav a[data-view="rls"]');
+  await t.openView(page, pid, 'rls');
+  await page.waitForSelector('section h2::-p-text(No tables)');
+  assert.equal(await page.$eval('button[data-new-policy]', (b) => b.disabled), true);
+
   t.log('tables made through the API: posts (alice, bob), nums (an integer user_id), articles');
   const made = await call('POST', '/api/execute-sql', {
     token: project.keys.admin,
@@ -40,9 +47,7 @@ await spec('rls', async (t) => {
   assert.deepEqual(await seenBy('alice'), ['hi from alice', 'hi from bob'], 'no RLS yet: every row');
 
   t.log('open the view: every table with its RLS state');
-  await page.goto(`${BASE}/projects/${pid}/settings`);
-  await page.waitForSelector('nav a[data-view="rls"]');
-  await t.openView(page, pid, 'rls');
+  await page.reload();
   const posts = 'section[data-table="posts"]';
   await page.waitForSelector(`${posts} [data-rls-state=disabled]`);
   await page.waitForSelector('section[data-table="nums"]');
