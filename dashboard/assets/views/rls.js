@@ -203,6 +203,8 @@ export default {
     }
 
     async function setRls(t, on) {
+      if (on && !t.policies.some((p) => p.enabled)
+        && !await confirmDialog(`Enable row level security on ${label(t)}? It has no enabled policy: read and readwrite requests will see no rows of it until you add one.`, { confirmLabel: 'Enable RLS', danger: false })) return;
       if (!on && !await confirmDialog(`Disable row level security on ${label(t)}? Its policies stop applying: every API key, read keys included, sees and changes every row.`, { confirmLabel: 'Disable RLS' })) return;
       await sql(projectId, `ALTER TABLE ${qualified(t)} ${on ? 'ENABLE' : 'DISABLE'} ROW LEVEL SECURITY`);
       toast(`RLS ${on ? 'enabled' : 'disabled'} on ${label(t)}.`, 'success');

@@ -194,6 +194,19 @@ await spec('rls', async (t) => {
   assert.equal(state.posts.rlsEnabled, true);
   assert.deepEqual(await seenBy('alice'), []);
 
+  t.log('RLS disabled on posts: every row again; enabled without a policy (asked first): none');
+  await page.click(`${posts} button[data-rls-toggle=disable]`);
+  await page.click('dialog[open] button[data-action="Disable RLS"]');
+  await page.waitForSelector(`${posts} [data-rls-state=disabled]`);
+  assert.deepEqual(await seenBy('alice'), ['hi from alice', 'hi from bob']);
+  await page.click(`${posts} button[data-rls-toggle=enable]`);
+  await page.waitForSelector('dialog[open] button[data-action="Enable RLS"]');
+  assert.match(await page.$eval('dialog[open]', (d) => d.innerText), /no enabled policy/);
+  await page.click('dialog[open] button[data-action="Enable RLS"]');
+  await page.waitForSelector(`${posts} [data-rls-state=enabled]`);
+  assert.equal((await tablesNow()).posts.rlsEnabled, true);
+  assert.deepEqual(await seenBy('alice'), []);
+
   t.log('a viewer sees the tables and policies, and no control');
   const viewer = await memberAs(token, pid, 'viewer');
   const vpage = await t.newPage();
