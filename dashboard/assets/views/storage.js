@@ -200,7 +200,17 @@ export default {
               h('button', {
                 type: 'button', class: 'bucket-item', 'data-bucket': b.name,
                 'aria-current': b.name === state.bucket ? 'true' : undefined,
-                onclick: () => { state.bucket = b.name; state.prefix = ''; remember(); drawBuckets(); loadFiles(); },
+                onclick: () => {
+                  if (b.name === state.bucket) return;
+                  // New folders and finished uploads belong to the bucket being left.
+                  state.bucket = b.name;
+                  state.prefix = '';
+                  state.folders.clear();
+                  state.uploads = state.uploads.filter((u) => u.state === 'uploading');
+                  remember();
+                  drawBuckets();
+                  loadFiles();
+                },
               },
               h('span', { class: 'bucket-name' }, b.name),
               h('span', { class: `bucket-vis ${b.isPublic ? 'public' : 'private'}` }, b.isPublic ? 'public' : 'private'),
@@ -399,7 +409,7 @@ export default {
     function uploadsList() {
       if (!state.uploads.length) return null;
       const done = state.uploads.every((u) => u.state !== 'uploading');
-      return h('div', { class: 'uploads', 'aria-label': 'Uploads' },
+      return h('div', { class: 'uploads', role: 'group', 'aria-label': 'Uploads' },
         h('ul', {}, state.uploads.map((u) => h('li', { class: `upload ${u.state}`, 'data-upload': u.name, 'data-state': u.state },
           h('span', { class: 'upload-name' }, u.name),
           h('progress', { max: u.total || 1, value: u.state === 'done' ? (u.total || 1) : u.sent, 'aria-label': `Upload of ${u.name}`, 'data-progress': '' }),
