@@ -220,5 +220,19 @@ await spec('rls', async (t) => {
   }
   assert.equal(await vpage.$$eval('main button', (bs) => bs.length), 0, 'no button at all in the view');
   await t.shot(vpage, 'viewer');
+  await vpage.close();
+
+  t.log('a developer manages policies and tests as an end user too');
+  const developer = await memberAs(token, pid, 'developer');
+  const dpage = await t.newPage();
+  await t.signIn(dpage, developer);
+  await dpage.goto(`${BASE}/projects/${pid}/rls`);
+  await dpage.waitForSelector('section[data-table="posts"] button[data-rls-toggle=disable]');
+  assert.equal(await dpage.$eval('button[data-new-policy]', (b) => b.disabled), false);
+  assert.ok(await dpage.$('section[data-table="articles"] input[data-policy-enabled]'));
+  await dpage.select('form[aria-label="Test as an end user"] select[data-test-table]', 'public.posts');
+  await dpage.type('input[data-test-uid]', 'alice');
+  await dpage.click('form[aria-label="Test as an end user"] button[type=submit]');
+  await dpage.waitForSelector('.rls-test-out [data-test-count="0"]');
   void owner;
 });
