@@ -114,6 +114,7 @@ export default {
       filesError: null,
       folders: new Set(), // new, still empty folders (full prefixes)
       uploads: [], // {name, sent, total, state: 'uploading'|'done'|'failed', error}
+      upsert: false, // uploads replace a file of the same name (upsert=true)
     };
     if (state.prefix && !state.prefix.endsWith('/')) state.prefix += '/';
     // Work under way on the files panel (uploads, reloads): shown as aria-busy.
@@ -381,7 +382,7 @@ export default {
           uploadAll(b, files);
         },
       });
-      const upsert = h('input', { type: 'checkbox', 'data-upsert': '', checked: state.upsert === true, onchange: (e) => { state.upsert = e.target.checked; } });
+      const upsert = h('input', { type: 'checkbox', 'data-upsert': '', checked: state.upsert, onchange: (e) => { state.upsert = e.target.checked; } });
       return h('div', { class: 'storage-toolbar' },
         h('label', { class: 'button primary upload-button' }, 'Upload files', input),
         h('button', { type: 'button', 'data-new-folder': '', onclick: () => newFolder() }, 'New folder'),
