@@ -227,8 +227,7 @@ export default {
         { key: 'status', label: 'Status', render: statusCell },
         { key: 'attempts', label: 'Attempts', render: (d) => String(d.attempts) },
         { key: 'responseStatus', label: 'Last response', render: responseCell },
-        { key: 'createdAt', label: 'Created', render: (d) => when(d.createdAt) },
-        { key: 'deliveredAt', label: 'Delivered / next attempt', render: timesCell },
+        { key: 'createdAt', label: 'When', render: timesCell },
       ];
       if (canWrite) {
         columns.push({
@@ -273,9 +272,10 @@ export default {
     }
 
     function timesCell(d) {
-      if (d.deliveredAt) return h('span', {}, when(d.deliveredAt));
-      if (d.nextAttemptAt && d.status === 'pending') return h('span', { class: 'muted' }, `next: ${when(d.nextAttemptAt)}`);
-      return '—';
+      let second = null;
+      if (d.deliveredAt) second = `delivered ${when(d.deliveredAt)}`;
+      else if (d.nextAttemptAt && d.status === 'pending') second = `next attempt ${when(d.nextAttemptAt)}`;
+      return h('span', {}, `created ${when(d.createdAt)}`, second ? h('small', { class: 'hint wh-sub' }, second) : null);
     }
 
     mount(el,

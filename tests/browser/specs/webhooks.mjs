@@ -5,7 +5,7 @@
 // The server runs with FLUXBASE_WEBHOOK_ALLOW_PRIVATE=true (a loopback receiver).
 import http from 'node:http';
 import crypto from 'node:crypto';
-import { spec, assert, call, until, memberAs, unique } from '../lib/harness.mjs';
+import { spec, BASE, assert, call, until, memberAs, unique } from '../lib/harness.mjs';
 
 /** A receiver on 127.0.0.1: records every request (path, headers, raw body); answers `status`. */
 function receiver() {
@@ -30,13 +30,36 @@ async function press(page, selector) {
   await page.click(selector);
 }
 
+/** t.createProject, waiting for the form first (the harness's types before the app has drawn
+ * the page after its load, a race). */
+async function createProject(t, page, name) {
+  t.log(`create project ${name}`);
+  await page.goto(`${BASE}/projects`);
+  await page.waitForSelector('form[aria-label="Create a project"] input[name=name]');
+  await page.type('input[name=name]', name);
+  await page.click('form[aria-label="Create a project"] button[type=submit]');
+  await page.waitForSelector('dialog[open] [data-secret]');
+  await page.click('dialog[open] button[data-action=Done]');
+  await page.waitForFunction(() => /^\/projects\/[0-9a-f]{16}\/settings$/.test(location.pathname));
+  return page.evaluate(() => location.pathname.split('/')[2]);
+}
+
+/** t.openView, waiting for the sidebar first (same race). */
+async function openView(t, page, projectId, view) {
+  t.log(`open view ${view}`);
+  if (!page.url().includes(`/projects/${projectId}/`)) await page.goto(`${BASE}/projects/${projectId}/settings`);
+  await page.waitForSelector(`nav a[data-view="${view}"]`);
+  await page.click(`nav a[data-view="${view}"]`);
+  await page.waitForFunction((v) => location.pathname.endsWith(`/${v}`), {}, view);
+}
+
 await spec('webhooks', async (t) => {
   const rx = await receiver();
   const on = (path) => rx.got.filter((g) => g.path === path);
   try {
     const page = await t.newPage();
     await t.signUp(page);
-    const projectId = await t.createProject(page, unique('hooks'));
+    const projectId = await createProject(t, page, unique('hooks'));
     const token = await t.token(page);
     const sql = async (query) => {
       const r = await call('POST', '/api/execute-sql', { token, body: { projectId, query } });
@@ -45,7 +68,7 @@ await spec('webhooks', async (t) => {
     };
     await sql('create table orders (id serial primary key, item text not null); create table other (id int)');
 
-    await t.openView(page, projectId, 'webhooks');
+    await openView(t, page, projectId, 'webhooks');
     await page.waitForSelector('[data-webhook-list] .empty');
     await t.shot(page, 'empty');
 
@@ -190,7 +213,7 @@ await spec('webhooks', async (t) => {
     const viewer = await memberAs(token, projectId, 'viewer');
     const vpage = await t.newPage();
     await t.signIn(vpage, viewer);
-    await t.openView(vpage, projectId, 'webhooks');
+    await openView(t, vpage, projectId, 'webhooks');
     await vpage.waitForSelector(`tr[data-webhook="${hook.id}"][data-enabled=false]`);
     await vpage.waitForSelector('[data-read-only]');
     assert.equal(await vpage.$(form), null);
