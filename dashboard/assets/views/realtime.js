@@ -262,7 +262,10 @@ export default {
       let what;
       if (msg.type === 'db_event') what = [h('span', { class: `rt-op rt-op-${String(op).toLowerCase()}` }, op), ' ', h('code', {}, `${msg.payload.schema}.${table}`)];
       else if (msg.type === 'schema_update') what = [h('span', { class: 'rt-op' }, op), ' ', h('code', {}, msg.payload.object || table || '')];
-      else if (msg.type === 'broadcast') what = [h('code', {}, msg.event)];
+      else if (msg.type === 'broadcast') {
+        const preview = JSON.stringify(msg.payload) ?? '';
+        what = [h('code', {}, msg.event), ' ', h('span', { class: 'muted rt-preview' }, preview.length > 120 ? `${preview.slice(0, 120)}…` : preview)];
+      }
       else if (msg.type === 'error') what = [h('strong', {}, msg.code), ' ', msg.message];
       else what = [];
       const details = h('details', {

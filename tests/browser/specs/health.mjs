@@ -89,6 +89,9 @@ await spec('health', async (t) => {
   assert.match((await field(page, 'lastEventAt')).text, /ago|just now/);
   assert.equal(await page.$eval('[data-slot] dd[data-field=slotActive]', (d) => d.dataset.value), 'true');
   await t.shot(page, 'streaming');
+  await page.emulateMediaFeatures([{ name: 'prefers-color-scheme', value: 'dark' }]);
+  await t.shot(page, 'streaming-dark');
+  await page.emulateMediaFeatures([{ name: 'prefers-color-scheme', value: 'light' }]);
 
   t.log('the refresh button asks again');
   await page.click('button[data-refresh]');

@@ -53,6 +53,12 @@ async function openView(t, page, projectId, view) {
   await page.waitForFunction((v) => location.pathname.endsWith(`/${v}`), {}, view);
 }
 
+/** A full-page screenshot from the top (sticky headers drawn where they belong). */
+async function shot(t, page, name) {
+  await page.evaluate(() => window.scrollTo(0, 0));
+  await t.shot(page, name);
+}
+
 await spec('webhooks', async (t) => {
   const rx = await receiver();
   const on = (path) => rx.got.filter((g) => g.path === path);
@@ -70,7 +76,7 @@ await spec('webhooks', async (t) => {
 
     await openView(t, page, projectId, 'webhooks');
     await page.waitForSelector('[data-webhook-list] .empty');
-    await t.shot(page, 'empty');
+    await shot(t, page, 'empty');
 
     t.log('a refused URL is shown in the guide\'s error shape');
     const form = 'form[aria-label="Register a webhook"]';
@@ -88,7 +94,7 @@ await spec('webhooks', async (t) => {
     const secretField = await page.waitForSelector('dialog[open] [data-secret]');
     const secret = await secretField.evaluate((i) => i.value);
     assert.match(secret, /^whsec_/);
-    await t.shot(page, 'secret');
+    await shot(t, page, 'secret');
     await page.click('dialog[open] button[data-action=Done]');
     await page.waitForFunction(() => !document.querySelector('dialog'));
     assert.ok(!(await page.content()).includes(secret), 'the secret is gone from the page once dismissed');
@@ -147,7 +153,7 @@ await spec('webhooks', async (t) => {
     const oracle = (await call('GET', `/api/webhooks/deliveries?projectId=${projectId}&webhookId=${hook.id}`, { token })).body.deliveries;
     assert.deepEqual(oracle.map((d) => d.id).sort(), (await shown()).map((d) => d.id).sort());
     assert.ok(oracle.every((d) => d.status === 'delivered' && d.responseStatus === 200 && d.responseBody === 'thanks'), JSON.stringify(oracle));
-    await t.shot(page, 'log-delivered');
+    await shot(t, page, 'log-delivered');
 
     t.log('the receiver answers 500: the next delivery is shown retrying');
     rx.status = 500;
@@ -164,7 +170,10 @@ await spec('webhooks', async (t) => {
     const plumOracle = (await call('GET', `/api/webhooks/deliveries?projectId=${projectId}&webhookId=${hook.id}&status=pending`, { token })).body.deliveries;
     // The retry may already have succeeded by now; if not, the API agrees with the page.
     if (plumOracle.length) assert.ok(plumOracle[0].id === plumId && plumOracle[0].responseStatus === 500 && plumOracle[0].attempts >= 1, JSON.stringify(plumOracle));
-    await t.shot(page, 'log-retrying');
+    await shot(t, page, 'log-retrying');
+    await page.emulateMediaFeatures([{ name: 'prefers-color-scheme', value: 'dark' }]);
+    await shot(t, page, 'log-retrying-dark');
+    await page.emulateMediaFeatures([{ name: 'prefers-color-scheme', value: 'light' }]);
 
     t.log('the status filter asks the API for delivered ones only');
     await page.select('select[data-status-filter]', 'delivered');
@@ -207,7 +216,7 @@ await spec('webhooks', async (t) => {
     assert.equal(loggedAfter.length, loggedBefore, JSON.stringify(loggedAfter));
     await page.click('button[data-refresh-webhooks]');
     await page.waitForSelector(`tr[data-webhook="${witness.body.webhook.id}"]`);
-    await t.shot(page, 'disabled');
+    await shot(t, page, 'disabled');
 
     t.log('a viewer sees the endpoints and the log, with no control');
     const viewer = await memberAs(token, projectId, 'viewer');
@@ -221,7 +230,7 @@ await spec('webhooks', async (t) => {
     await press(vpage, `button[data-show-log="${hook.id}"]`);
     await vpage.waitForSelector(`[data-deliveries] tr[data-delivery="${first}"]`);
     assert.equal(await vpage.$('button[data-redeliver]'), null);
-    await t.shot(vpage, 'viewer');
+    await shot(t, vpage, 'viewer');
 
     t.log('delete asks first; cancel keeps it, confirm removes it');
     await page.bringToFront();
