@@ -76,9 +76,12 @@ export default {
       return h('div', { class: 'row wh-actions' },
         h('button', {
           type: 'button', class: 'small', 'data-show-log': w.id, 'aria-label': `Delivery log of ${w.url}`,
-          'aria-pressed': selected && selected.id === w.id ? 'true' : 'false',
           onclick: () => openLog(w),
         }, 'Deliveries'),
+        canWrite ? h('button', {
+          type: 'button', class: 'small', 'data-edit': w.id, 'aria-label': `Edit the webhook to ${w.url}`,
+          onclick: act(() => editWebhook(w)),
+        }, 'Edit') : null,
         canWrite ? h('button', {
           type: 'button', class: 'small', 'data-toggle': w.id,
           'aria-label': `${w.enabled ? 'Disable' : 'Enable'} the webhook to ${w.url}`,
@@ -98,6 +101,48 @@ export default {
             await loadWebhooks();
           }),
         }, 'Delete') : null);
+    }
+
+    // ---- editing one (URL, events, tables; the secret stays) ----
+    async function editWebhook(w) {
+      const url = h('input', { type: 'url', name: 'url', required: true, value: w.url, autocomplete: 'off' });
+      const boxes = EVENTS.map(([value, label]) => h('label', { class: 'wh-check' },
+        h('input', { type: 'checkbox', name: 'events', value, checked: w.events.includes(value) }), ' ', label));
+      const tables = h('input', { type: 'text', name: 'tables', value: (w.tables || []).join(', '), autocomplete: 'off' });
+      const error = h('div', { class: 'form-error' });
+      const read = () => ({
+        url: url.value.trim(),
+        events: boxes.map((b) => b.querySelector('input')).filter((i) => i.checked).map((i) => i.value),
+        tables: tables.value.split(',').map((x) => x.trim()).filter(Boolean),
+      });
+      const choice = await dialog({
+        title: 'Edit webhook',
+        body: h('div', { class: 'wh-form', 'data-edit-form': w.id },
+          field('Endpoint URL', url),
+          h('fieldset', { class: 'wh-events-set' }, h('legend', {}, 'Events'), h('div', { class: 'wh-checks' }, boxes)),
+          field('Tables', tables, w.tables && w.tables.length
+            ? 'Comma-separated table names. The API cannot widen a table filter back to every table: delete the webhook and register it again for that.'
+            : 'Comma-separated table names; empty: every table.'),
+          error),
+        actions: [{ label: 'Cancel', value: null }, { label: 'Save', value: 'save', class: 'primary' }],
+        validate: () => {
+          const v = read();
+          let problem = null;
+          if (!url.checkValidity() || !v.url) problem = 'Enter the endpoint URL.';
+          else if (!v.events.length) problem = 'Choose at least one event.';
+          else if (!v.tables.length && w.tables && w.tables.length) problem = 'The API cannot reset the table filter to every table: name at least one table, or delete the webhook and register it again.';
+          mount(error, problem ? errorBox({ code: 'BAD_REQUEST', message: problem }) : null);
+          return !problem;
+        },
+      });
+      if (choice !== 'save') return;
+      const v = read();
+      const body = { projectId, webhookId: w.id, url: v.url, events: v.events };
+      if (v.tables.length) body.tables = v.tables;
+      await patch('/api/webhooks', body);
+      toast('Webhook saved.', 'success');
+      await loadWebhooks();
+      if (selected && selected.id === w.id) openLog(selected);
     }
 
     // ---- creating one ----
