@@ -263,6 +263,16 @@ await spec('webhooks', async (t) => {
     assert.equal(await vpage.$('button[data-redeliver]'), null);
     await shot(t, vpage, 'viewer');
 
+    t.log('a developer manages webhooks too (the API lets developers)');
+    const dev = await memberAs(token, projectId, 'developer');
+    const dpage = await t.newPage();
+    await t.signIn(dpage, dev);
+    await openView(t, dpage, projectId, 'webhooks');
+    await dpage.waitForSelector(`button[data-toggle="${hook.id}"]`);
+    assert.ok(await dpage.$(form), 'the create form');
+    assert.ok(await dpage.$(`button[data-delete="${hook.id}"]`) && await dpage.$(`button[data-edit="${hook.id}"]`));
+    await dpage.close();
+
     t.log('delete asks first; cancel keeps it, confirm removes it');
     await page.bringToFront();
     assert.equal(await page.$eval(`${form} input[value="row.inserted"]`, (i) => i.checked), true, 'the form is reset to its defaults');
