@@ -49,7 +49,7 @@ export default {
       mount(listBox, dataTable([
         { key: 'url', label: 'URL', render: (w) => h('code', { class: 'wh-url', title: w.url }, w.url) },
         { key: 'events', label: 'Events', render: (w) => h('span', { class: 'wh-events' }, w.events.join(', ')) },
-        { key: 'tables', label: 'Tables', render: (w) => (w.tables && w.tables.length ? w.tables.join(', ') : h('span', { class: 'muted' }, 'all tables')) },
+        { key: 'tables', label: 'Tables', render: tablesCell },
         { key: 'enabled', label: 'State', render: stateCell },
         { key: 'createdAt', label: 'Created', render: (w) => when(w.createdAt) },
         { key: 'actions', label: 'Actions', render: actionsCell },
@@ -64,6 +64,13 @@ export default {
         tr.dataset.enabled = String(w.enabled);
         if (selected && selected.id === w.id) tr.classList.add('selected');
       }
+    }
+
+    function tablesCell(w) {
+      if (w.tables === null || w.tables === undefined) return h('span', { class: 'muted' }, 'all tables');
+      // An empty list (the API accepts one) matches no table: the endpoint never gets a change.
+      if (!w.tables.length) return h('span', { class: 'warn', title: 'An empty table list matches no change' }, 'none (never sent)');
+      return w.tables.join(', ');
     }
 
     function stateCell(w) {
@@ -120,7 +127,7 @@ export default {
         body: h('div', { class: 'wh-form', 'data-edit-form': w.id },
           field('Endpoint URL', url),
           h('fieldset', { class: 'wh-events-set' }, h('legend', {}, 'Events'), h('div', { class: 'wh-checks' }, boxes)),
-          field('Tables', tables, w.tables && w.tables.length
+          field('Tables', tables, w.tables
             ? 'Comma-separated table names. The API cannot widen a table filter back to every table: delete the webhook and register it again for that.'
             : 'Comma-separated table names; empty: every table.'),
           error),
@@ -130,7 +137,7 @@ export default {
           let problem = null;
           if (!url.checkValidity() || !v.url) problem = 'Enter the endpoint URL.';
           else if (!v.events.length) problem = 'Choose at least one event.';
-          else if (!v.tables.length && w.tables && w.tables.length) problem = 'The API cannot reset the table filter to every table: name at least one table, or delete the webhook and register it again.';
+          else if (!v.tables.length && w.tables) problem = 'The API cannot reset the table filter to every table: name at least one table, or delete the webhook and register it again.';
           mount(error, problem ? errorBox({ code: 'BAD_REQUEST', message: problem }) : null);
           return !problem;
         },
