@@ -102,6 +102,41 @@ export function dialog({ title, body, actions = [{ label: 'Close', value: null }
   });
 }
 
+/** A modal form (the native <dialog>): `onSubmit(form)` runs on submit; an error it throws stays
+ * in the dialog (the guide's error shape, plus `explain(err)` when given: a troubleshooting
+ * hint), success closes it. Resolves true once submitted, false when cancelled. */
+export function formDialog({ title, body, submitLabel, onSubmit, explain, className = '' }) {
+  return new Promise((resolve) => {
+    const errors = h('div', { class: 'form-error', 'aria-live': 'polite' });
+    const submit = h('button', { type: 'submit', class: 'primary', 'data-action': submitLabel }, submitLabel);
+    let ok = false;
+    const form = h('form', {
+      class: 'dialog-form',
+      onsubmit: async (e) => {
+        e.preventDefault();
+        submit.disabled = true;
+        mount(errors);
+        try {
+          await onSubmit(form);
+          ok = true;
+          d.close();
+        } catch (err) {
+          mount(errors, errorBox(err), explain ? explain(err) : null);
+        } finally {
+          submit.disabled = false;
+        }
+      },
+    });
+    const d = h('dialog', { class: `dialog ${className}`.trim(), 'aria-label': title }, form);
+    form.append(h('h2', {}, title), h('div', { class: 'dialog-body' }, body), errors,
+      h('div', { class: 'actions' },
+        h('button', { type: 'button', 'data-action': 'Cancel', onclick: () => d.close() }, 'Cancel'), submit));
+    d.addEventListener('close', () => { d.remove(); resolve(ok); });
+    document.body.append(d);
+    d.showModal();
+  });
+}
+
 /** Asks before something that cannot be undone. With `typeToConfirm`, the user must type that
  * text (a project's name before its deletion). */
 export async function confirmDialog(text, { confirmLabel = 'Confirm', danger = true, typeToConfirm } = {}) {

@@ -3,7 +3,7 @@
 // RLS on a table and lift FORCE through POST /api/execute-sql (the ALTER TABLE the guide says the
 // dashboard runs); try a table as an end user (scope "read" with an authUid). Viewers read only.
 
-import { h, mount, field, header, section, errorBox, confirmDialog, toast, act, dataTable, cell } from '../lib/dom.js';
+import { h, mount, field, header, section, errorBox, confirmDialog, formDialog, toast, act, dataTable, cell } from '../lib/dom.js';
 import { get, post, patch, del, sql, ident } from '../lib/api.js';
 
 const COMMANDS = ['ALL', 'SELECT', 'INSERT', 'UPDATE', 'DELETE'];
@@ -57,40 +57,6 @@ const qualified = (t) => `${ident(t.schema)}.${ident(t.table)}`;
 const label = (t) => (t.schema === 'public' ? t.table : `${t.schema}.${t.table}`);
 const withSchema = (t, body) => (t.schema && t.schema !== 'public' ? { ...body, schema: t.schema } : body);
 
-/** A modal form (native <dialog>): `onSubmit(form)` runs on submit; an error stays in the dialog
- * (with `explain(err)` beside it), success closes it. Resolves true once submitted successfully.
- * (Belongs in lib/dom.js: dialog() cannot run an async submit and keep the dialog open.) */
-function formDialog({ title, body, submitLabel, onSubmit, explain }) {
-  return new Promise((resolve) => {
-    const errors = h('div', { class: 'form-error', 'aria-live': 'polite' });
-    const submit = h('button', { type: 'submit', class: 'primary', 'data-action': submitLabel }, submitLabel);
-    const form = h('form', {
-      class: 'dialog-form',
-      onsubmit: async (e) => {
-        e.preventDefault();
-        submit.disabled = true;
-        mount(errors);
-        try {
-          await onSubmit(form);
-          ok = true;
-          d.close();
-        } catch (err) {
-          mount(errors, errorBox(err), explain ? explain(err) : null);
-        } finally {
-          submit.disabled = false;
-        }
-      },
-    });
-    const d = h('dialog', { class: 'dialog rls-dialog', 'aria-label': title }, form);
-    let ok = false;
-    form.append(h('h2', {}, title), h('div', { class: 'dialog-body' }, body), errors,
-      h('div', { class: 'actions' },
-        h('button', { type: 'button', 'data-action': 'Cancel', onclick: () => d.close() }, 'Cancel'), submit));
-    d.addEventListener('close', () => { d.remove(); resolve(ok); });
-    document.body.append(d);
-    d.showModal();
-  });
-}
 
 export default {
   id: 'rls',
@@ -276,7 +242,7 @@ export default {
         toast('This project has no tables yet: create one first.', 'error');
         return;
       }
-      const done = await formDialog({
+      const done = await formDialog({ className: 'rls-dialog',
         title: 'New policy',
         submitLabel: 'Create policy',
         body: h('div', {},

@@ -3,7 +3,7 @@
 // folder as the prefix of the next upload, uploads with progress from a file input or dropped on
 // the list, downloads and signed URLs (15 minutes), deletes. Viewers list and download only.
 
-import { h, mount, field, header, section, errorBox, confirmDialog, toast, act, when, copyText } from '../lib/dom.js';
+import { h, mount, field, header, section, errorBox, confirmDialog, formDialog, toast, act, when, copyText } from '../lib/dom.js';
 import { get, post, patch, del, upload } from '../lib/api.js';
 
 const NAME_RULE = /^[a-z0-9_-]{1,63}$/;
@@ -41,40 +41,6 @@ function bytes(n) {
 
 const baseName = (name) => name.slice(name.lastIndexOf('/') + 1);
 
-/** A modal form (native <dialog>): `onSubmit(form)` runs on submit; an error stays in the dialog,
- * success closes it. Resolves true once submitted. (Belongs in lib/dom.js: dialog() cannot run
- * an async submit and keep the dialog open on an error.) */
-function formDialog({ title, body, submitLabel, onSubmit }) {
-  return new Promise((resolve) => {
-    const errors = h('div', { class: 'form-error', 'aria-live': 'polite' });
-    const submit = h('button', { type: 'submit', class: 'primary', 'data-action': submitLabel }, submitLabel);
-    let ok = false;
-    const form = h('form', {
-      class: 'dialog-form',
-      onsubmit: async (e) => {
-        e.preventDefault();
-        submit.disabled = true;
-        mount(errors);
-        try {
-          await onSubmit(form);
-          ok = true;
-          d.close();
-        } catch (err) {
-          mount(errors, errorBox(err));
-        } finally {
-          submit.disabled = false;
-        }
-      },
-    });
-    const d = h('dialog', { class: 'dialog storage-dialog', 'aria-label': title }, form);
-    form.append(h('h2', {}, title), h('div', { class: 'dialog-body' }, body), errors,
-      h('div', { class: 'actions' },
-        h('button', { type: 'button', 'data-action': 'Cancel', onclick: () => d.close() }, 'Cancel'), submit));
-    d.addEventListener('close', () => { d.remove(); resolve(ok); });
-    document.body.append(d);
-    d.showModal();
-  });
-}
 
 /** The limit fields of a bucket (create and settings): max file size in MiB, allowed types. */
 function limitFields(bucket) {
@@ -275,7 +241,7 @@ export default {
       });
       const isPublic = h('input', { type: 'checkbox', name: 'isPublic', checked: b.isPublic, 'data-field': 'isPublic' });
       const limits = limitFields(b);
-      await formDialog({
+      await formDialog({ className: 'storage-dialog',
         title: `Bucket ${b.name}`,
         submitLabel: 'Save',
         body: h('div', {},
@@ -392,7 +358,7 @@ export default {
 
     async function newFolder() {
       const name = h('input', { type: 'text', name: 'folder', required: true, autocomplete: 'off', 'data-field': 'folder' });
-      await formDialog({
+      await formDialog({ className: 'storage-dialog',
         title: 'New folder',
         submitLabel: 'Create folder',
         body: h('div', {}, field('Folder name', name, `In ${state.prefix ? `/${state.prefix}` : 'the bucket\'s root'}. A folder is the start of its files' names: it is kept once a file is uploaded into it.`)),
