@@ -107,8 +107,20 @@ class Tester {
     return page;
   }
 
-  async shot(page, name) {
+  /** A full-page screenshot from the top (the sticky top bar drawn where it belongs); with
+   * `dark`, in the dark theme (toggled back after). */
+  async shot(page, name, { dark = false } = {}) {
+    await page.evaluate(() => window.scrollTo(0, 0));
+    if (dark) await page.click('button[data-theme-toggle]');
     await page.screenshot({ path: path.join(ARTIFACTS, `${this.name}-${name}.png`), fullPage: true });
+    if (dark) await page.click('button[data-theme-toggle]');
+  }
+
+  /** Opens a project view by its address and waits until the app shows it. */
+  async visit(page, projectId, view) {
+    this.log(`visit view ${view}`);
+    await page.goto(`${BASE}/projects/${projectId}/${view}`);
+    await page.waitForSelector(`nav a[data-view="${view}"][aria-current=page]`);
   }
 
   /** Signs up a fresh account through the sign-up page; returns {email, password}. */

@@ -4,29 +4,6 @@
 // a viewer sees the same read-only page.
 import { spec, BASE, assert, call, until, memberAs, unique } from '../lib/harness.mjs';
 
-/** Waits for the app to draw the projects page before typing (the harness's createProject
- * types right after the load event, before the app has drawn it: a race). */
-async function createProject(t, page, name) {
-  t.log(`create project ${name}`);
-  await page.goto(`${BASE}/projects`);
-  await page.waitForSelector('form[aria-label="Create a project"] input[name=name]');
-  await page.type('input[name=name]', name);
-  await page.click('form[aria-label="Create a project"] button[type=submit]');
-  await page.waitForSelector('dialog[open] [data-secret]');
-  await page.click('dialog[open] button[data-action=Done]');
-  await page.waitForFunction(() => /^\/projects\/[0-9a-f]{16}\/settings$/.test(location.pathname));
-  return page.evaluate(() => location.pathname.split('/')[2]);
-}
-
-/** t.openView, waiting for the sidebar first (same race). */
-async function openView(t, page, projectId, view) {
-  t.log(`open view ${view}`);
-  if (!page.url().includes(`/projects/${projectId}/`)) await page.goto(`${BASE}/projects/${projectId}/settings`);
-  await page.waitForSelector(`nav a[data-view="${view}"]`);
-  await page.click(`nav a[data-view="${view}"]`);
-  await page.waitForFunction((v) => location.pathname.endsWith(`/${v}`), {}, view);
-}
-
 /** Test instrumentation: the page's live setInterval timers (window.__intervals). */
 async function watchIntervals(page) {
   await page.evaluateOnNewDocument(() => {
@@ -44,7 +21,7 @@ await spec('health', async (t) => {
   const page = await t.newPage();
   await watchIntervals(page);
   await t.signUp(page);
-  const projectId = await createProject(t, page, unique('health'));
+  const projectId = await t.createProject(page, unique('health'));
   const token = await t.token(page);
   const status = async () => {
     const r = await call('GET', `/api/cdc/status?projectId=${projectId}`, { token });
@@ -52,7 +29,7 @@ await spec('health', async (t) => {
     return r.body.stream;
   };
 
-  await openView(t, page, projectId, 'health');
+  await t.openView(page, projectId, 'health');
   t.log('a fresh project: its stream\'s state as the API says, no event yet');
   const first = await page.waitForSelector('[data-cdc-state]').then((e) => e.evaluate((s) => s.dataset.cdcState));
   assert.ok(['starting', 'streaming'].includes(first), first);
@@ -108,7 +85,7 @@ await spec('health', async (t) => {
   const viewer = await memberAs(token, projectId, 'viewer');
   const vpage = await t.newPage();
   await t.signIn(vpage, viewer);
-  await openView(t, vpage, projectId, 'health');
+  await t.openView(vpage, projectId, 'health');
   await vpage.waitForSelector('[data-cdc-state=streaming]');
   assert.equal(await vpage.$eval('[data-cdc] dd[data-field=lastEventAt]', (d) => d.dataset.value), oracle.lastEventAt);
   assert.equal(await vpage.$('.content form, .content button.danger'), null);

@@ -6,29 +6,6 @@
 // watches but cannot broadcast. No API key is ever in the page.
 import { spec, BASE, assert, call, until, memberAs, unique } from '../lib/harness.mjs';
 
-/** Waits for the app to draw the projects page before typing (the harness's createProject
- * types right after the load event, before the app has drawn it: a race). */
-async function createProject(t, page, name) {
-  t.log(`create project ${name}`);
-  await page.goto(`${BASE}/projects`);
-  await page.waitForSelector('form[aria-label="Create a project"] input[name=name]');
-  await page.type('input[name=name]', name);
-  await page.click('form[aria-label="Create a project"] button[type=submit]');
-  await page.waitForSelector('dialog[open] [data-secret]');
-  await page.click('dialog[open] button[data-action=Done]');
-  await page.waitForFunction(() => /^\/projects\/[0-9a-f]{16}\/settings$/.test(location.pathname));
-  return page.evaluate(() => location.pathname.split('/')[2]);
-}
-
-/** t.openView, waiting for the sidebar first (same race). */
-async function openView(t, page, projectId, view) {
-  t.log(`open view ${view}`);
-  if (!page.url().includes(`/projects/${projectId}/`)) await page.goto(`${BASE}/projects/${projectId}/settings`);
-  await page.waitForSelector(`nav a[data-view="${view}"]`);
-  await page.click(`nav a[data-view="${view}"]`);
-  await page.waitForFunction((v) => location.pathname.endsWith(`/${v}`), {}, view);
-}
-
 /** Test instrumentation: remembers every WebSocket the page opens (window.__sockets). */
 async function watchSockets(page) {
   await page.evaluateOnNewDocument(() => {
@@ -51,7 +28,7 @@ await spec('realtime_inspector', async (t) => {
   const page = await t.newPage();
   await watchSockets(page);
   await t.signUp(page);
-  const projectId = await createProject(t, page, unique('live'));
+  const projectId = await t.createProject(page, unique('live'));
   const token = await t.token(page);
   const sql = async (query) => {
     const r = await call('POST', '/api/execute-sql', { token, body: { projectId, query } });
@@ -59,7 +36,7 @@ await spec('realtime_inspector', async (t) => {
   };
   await sql('create table orders (id serial primary key, item text); create table other (id int primary key)');
 
-  await openView(t, page, projectId, 'realtime');
+  await t.openView(page, projectId, 'realtime');
   await page.waitForSelector('[data-conn-state=subscribed]');
   assert.equal(await page.$$eval('[data-messages] details', (d) => d.length), 0);
   await page.waitForSelector('[data-empty]:not([hidden])');
@@ -193,7 +170,7 @@ await spec('realtime_inspector', async (t) => {
   const viewer = await memberAs(token, projectId, 'viewer');
   const vpage = await t.newPage();
   await t.signIn(vpage, viewer);
-  await openView(t, vpage, projectId, 'realtime');
+  await t.openView(vpage, projectId, 'realtime');
   await vpage.waitForSelector('[data-conn-state=subscribed]');
   await vpage.waitForSelector('[data-read-only]');
   assert.equal(await vpage.$('form[aria-label="Send a broadcast"]'), null);

@@ -9,25 +9,11 @@ const sqlWith = (key, projectId) => call('POST', '/api/execute-sql', { token: ke
 /** Everything a page could keep: both storages, cookies. */
 const stored = (page) => page.evaluate(() => JSON.stringify({ ...sessionStorage }) + JSON.stringify({ ...localStorage }) + document.cookie);
 
-/** t.createProject, waiting for the Projects page's form first: the harness's own types at once
- * after goto, racing the app's first render (it loads /api/auth/me and /api/projects first). */
-async function createProject(t, page, name) {
-  t.log(`create project ${name}`);
-  await page.goto(`${BASE}/projects`);
-  await page.waitForSelector('form[aria-label="Create a project"] input[name=name]');
-  await page.type('input[name=name]', name);
-  await page.click('form[aria-label="Create a project"] button[type=submit]');
-  await page.waitForSelector('dialog[open] [data-secret]');
-  await page.click('dialog[open] button[data-action=Done]');
-  await page.waitForFunction(() => /^\/projects\/[0-9a-f]{16}\/settings$/.test(location.pathname));
-  return page.evaluate(() => location.pathname.split('/')[2]);
-}
-
 await spec('settings_keys', async (t) => {
   const page = await t.newPage();
   await t.signUp(page);
   const name = unique('shop');
-  const id = await createProject(t, page, name);
+  const id = await t.createProject(page, name);
   const token = await t.token(page);
   const project = async () => (await call('GET', '/api/projects', { token })).body.projects.find((p) => p.id === id);
 

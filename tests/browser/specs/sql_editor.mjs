@@ -32,28 +32,13 @@ async function sqlAs(token, projectId, query, extra = {}) {
   return r.body;
 }
 
-/** Opens a project view by its address and waits for the app to show it. */
-async function open(t, page, projectId, view) {
-  t.log(`open view ${view}`);
-  await page.goto(`${BASE}/projects/${projectId}/${view}`);
-  await page.waitForSelector(`nav a[data-view="${view}"][aria-current=page]`);
-}
-
-/** A screenshot from the top of the page (the top bar is sticky), light or dark. */
-async function shot(t, page, name, { dark = false } = {}) {
-  await page.evaluate(() => window.scrollTo(0, 0));
-  if (dark) await page.click('button[data-theme-toggle]');
-  await t.shot(page, name);
-  if (dark) await page.click('button[data-theme-toggle]');
-}
-
 await spec('sql_editor', async (t) => {
   const page = await t.newPage();
   await t.signUp(page);
   const token = await t.token(page);
   // The project through the API, then the view by its address (the page waits for the app).
   const { id: projectId } = await projectFor(token);
-  await open(t, page, projectId, 'sql');
+  await t.visit(page, projectId, 'sql');
   await page.waitForSelector('[data-sql-editor]');
   assert.match(await textOf(page, '[data-history]'), /Queries you run/);
 
@@ -91,8 +76,8 @@ await spec('sql_editor', async (t) => {
   assert.deepEqual(cells.map((c) => c.slice(0, 4)), oracle.result.rows.map((r) => [String(r.id), r.user_id, r.body, String(r.score)]));
   assert.equal(cells[1][4], 'NULL');
   assert.equal(cells[0][5], '{"k":1}');
-  await shot(t, page, 'select');
-  await shot(t, page, 'select-dark', { dark: true });
+  await t.shot(page, 'select');
+  await t.shot(page, 'select-dark', { dark: true });
 
   t.log('an error: code, SQLSTATE and a hint');
   await setQuery(page, 'SELECT * FROM post');
@@ -103,8 +88,8 @@ await spec('sql_editor', async (t) => {
   assert.match(await textOf(page, '[data-error]'), /42P01/);
   assert.match(await textOf(page, '[data-error] [data-position]'), /line 1, column 15/);
   assert.ok(await page.$('[data-error] [data-hint="42P01"]'));
-  await shot(t, page, 'error');
-  await shot(t, page, 'error-dark', { dark: true });
+  await t.shot(page, 'error');
+  await t.shot(page, 'error-dark', { dark: true });
 
   t.log('the guide\'s hint for integer = text');
   await setQuery(page, 'SELECT * FROM posts WHERE score = auth.uid()');
@@ -152,7 +137,7 @@ await spec('sql_editor', async (t) => {
   assert.deepEqual(asAlice.result.rows.map((r) => r.body), aliceCells);
   const asOwner = await sqlAs(token, projectId, mine);
   assert.equal(asOwner.result.rows.length, 3, 'the owner role bypasses the policy');
-  await shot(t, page, 'run-as-alice');
+  await t.shot(page, 'run-as-alice');
 
   t.log('an end user no policy admits: no rows, and the RLS hint');
   await page.$eval('[data-auth-uid]', (e) => { e.value = ''; });
@@ -181,7 +166,7 @@ await spec('sql_editor', async (t) => {
   const big = await sqlAs(token, projectId, 'SELECT generate_series(1, 20000) AS n');
   assert.equal(big.result.truncated, true);
   assert.equal(big.result.rows.length, 10000);
-  await shot(t, page, 'truncated');
+  await t.shot(page, 'truncated');
 
   t.log('clearing the history asks first');
   const kept = (await page.$$('[data-history-item]')).length;
@@ -199,7 +184,7 @@ await spec('sql_editor', async (t) => {
   const viewer = await memberAs(token, projectId, 'viewer');
   const vpage = await t.newPage();
   await t.signIn(vpage, viewer);
-  await open(t, vpage, projectId, 'sql');
+  await t.visit(vpage, projectId, 'sql');
   await vpage.waitForSelector('[data-sql-editor]');
   assert.equal(await vpage.$('[data-run-as]'), null, 'a viewer cannot run as an end user');
   assert.match(await textOf(vpage, '[data-role-note]'), /viewer: your SQL runs read-only/);
@@ -211,7 +196,7 @@ await spec('sql_editor', async (t) => {
   assert.match(await textOf(vpage, '[data-hint="42501"]'), /as a viewer your SQL runs read-only/);
   const exists = await sqlAs(token, projectId, "SELECT to_regclass('public.viewer_made') IS NOT NULL AS made");
   assert.equal(exists.result.rows[0].made, false);
-  await shot(t, vpage, 'viewer-denied');
+  await t.shot(vpage, 'viewer-denied');
   await setQuery(vpage, 'SELECT count(*) AS n FROM posts');
   await run(vpage);
   assert.equal(await vpage.$$eval('[data-grid] tbody td', (tds) => tds.map((td) => td.innerText).join()), '0',

@@ -38,28 +38,13 @@ async function fillRow(page, values) {
   await page.click('dialog[open] [data-save]');
 }
 
-/** Opens a project view by its address and waits for the app to show it. */
-async function open(t, page, projectId, view) {
-  t.log(`open view ${view}`);
-  await page.goto(`${BASE}/projects/${projectId}/${view}`);
-  await page.waitForSelector(`nav a[data-view="${view}"][aria-current=page]`);
-}
-
-/** A screenshot from the top of the page (the top bar is sticky), light or dark. */
-async function shot(t, page, name, { dark = false } = {}) {
-  await page.evaluate(() => window.scrollTo(0, 0));
-  if (dark) await page.click('button[data-theme-toggle]');
-  await t.shot(page, name);
-  if (dark) await page.click('button[data-theme-toggle]');
-}
-
 await spec('table_editor', async (t) => {
   const page = await t.newPage();
   await t.signUp(page);
   const token = await t.token(page);
   // The project through the API, then the view by its address (the page waits for the app).
   const { id: projectId } = await projectFor(token);
-  await open(t, page, projectId, 'tables');
+  await t.visit(page, projectId, 'tables');
   await page.waitForSelector('[data-table-detail] .empty');
   assert.match(await textOf(page, '[data-table-detail]'), /No tables yet/);
 
@@ -80,7 +65,7 @@ await spec('table_editor', async (t) => {
   await page.type('[data-new-column]:nth-child(4) [data-col-name]', 'note');
   const preview = await textOf(page, '[data-preview]');
   assert.equal(preview, 'CREATE TABLE "public"."items" (\n  "id" serial NOT NULL,\n  "title" text NOT NULL,\n  "qty" int4 DEFAULT 0,\n  "note" text,\n  PRIMARY KEY ("id")\n)');
-  await shot(t, page, 'create-form');
+  await t.shot(page, 'create-form');
   await page.click('[data-create-table]');
   await page.waitForSelector('[data-table-view="public.items"] [data-no-rows]');
   const cols = await sqlAs(token, projectId, `SELECT c.column_name AS name, c.data_type AS type, c.is_nullable AS nullable, c.column_default AS "default",
@@ -100,7 +85,7 @@ await spec('table_editor', async (t) => {
   await page.waitForSelector('dialog[open] [data-form-error] .error-box[data-code=SQL_EXEC_ERROR]');
   assert.match(await textOf(page, 'dialog[open] [data-form-error]'), /invalid input syntax for type integer: "five"/);
   assert.match(await textOf(page, 'dialog[open] [data-form-error]'), /22P02/);
-  await shot(t, page, 'insert-error');
+  await t.shot(page, 'insert-error');
 
   t.log('insert two rows');
   await fillRow(page, { title: 'first', qty: '5', note: { empty: 'null' } });
@@ -122,7 +107,7 @@ await spec('table_editor', async (t) => {
   assert.equal(await page.$eval('dialog[open] [data-input=title]', (e) => e.value), 'first');
   assert.equal(await page.$eval('dialog[open] [data-input=qty]', (e) => e.value), '5');
   assert.equal(await page.$eval('dialog[open] [data-empty=note]', (e) => e.value), 'null');
-  await shot(t, page, 'edit-form');
+  await t.shot(page, 'edit-form');
   await fillRow(page, { title: 'first (edited)', note: '"; DROP TABLE items; --' });
   await page.waitForSelector('dialog[open]', { hidden: true });
   await page.waitForFunction(() => document.querySelector('tr[data-row-key=\'["1"]\'] td[data-column=title]')?.innerText === 'first (edited)');
@@ -161,11 +146,11 @@ await spec('table_editor', async (t) => {
   shown = await gridRows(page);
   assert.deepEqual(shown.map((r) => r.key[0]), ids.slice(100));
   assert.equal(await page.$eval('[data-page-next]', (b) => b.disabled), true);
-  await shot(t, page, 'rows-page3');
+  await t.shot(page, 'rows-page3');
   await page.click('[data-page-prev]');
   await waitPageInfo(page, 'Rows 51–100 of 121');
-  await shot(t, page, 'rows');
-  await shot(t, page, 'rows-dark', { dark: true });
+  await t.shot(page, 'rows');
+  await t.shot(page, 'rows-dark', { dark: true });
 
   t.log('a two-column key and a name that needs quoting; a too long varchar is refused, not cut');
   await sqlAs(token, projectId, 'CREATE TABLE "Odd ""name""" (k1 text, k2 int4, v varchar(3), PRIMARY KEY (k1, k2))');
@@ -201,7 +186,7 @@ await spec('table_editor', async (t) => {
   const viewer = await memberAs(token, projectId, 'viewer');
   const vpage = await t.newPage();
   await t.signIn(vpage, viewer);
-  await open(t, vpage, projectId, 'tables');
+  await t.visit(vpage, projectId, 'tables');
   await vpage.waitForSelector('[data-table="public.items"]');
   await vpage.click('[data-table="public.items"]');
   await waitPageInfo(vpage, 'Rows 1–50 of 121');
@@ -211,5 +196,5 @@ await spec('table_editor', async (t) => {
   assert.match(await textOf(vpage, '.view-header'), /You are a viewer: read-only/);
   shown = await gridRows(vpage);
   assert.deepEqual(shown.map((r) => r.key[0]), ids.slice(0, 50));
-  await shot(t, vpage, 'viewer');
+  await t.shot(vpage, 'viewer');
 });

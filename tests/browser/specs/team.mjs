@@ -5,25 +5,11 @@
 // invitation shows as rejected. Every step is checked against the API too.
 import { spec, BASE, assert, call, until, textOf, unique, account } from '../lib/harness.mjs';
 
-/** t.createProject, waiting for the Projects page's form first: the harness's own types at once
- * after goto, racing the app's first render (it loads /api/auth/me and /api/projects first). */
-async function createProject(t, page, name) {
-  t.log(`create project ${name}`);
-  await page.goto(`${BASE}/projects`);
-  await page.waitForSelector('form[aria-label="Create a project"] input[name=name]');
-  await page.type('input[name=name]', name);
-  await page.click('form[aria-label="Create a project"] button[type=submit]');
-  await page.waitForSelector('dialog[open] [data-secret]');
-  await page.click('dialog[open] button[data-action=Done]');
-  await page.waitForFunction(() => /^\/projects\/[0-9a-f]{16}\/settings$/.test(location.pathname));
-  return page.evaluate(() => location.pathname.split('/')[2]);
-}
-
 await spec('team', async (t) => {
   const owner = await t.newPage();
   const ownerAccount = await t.signUp(owner, { name: 'Olivia Owner' });
   const name = unique('team');
-  const id = await createProject(t, owner, name);
+  const id = await t.createProject(owner, name);
   const token = await t.token(owner);
   const team = async () => (await call('GET', `/api/team?projectId=${id}`, { token })).body;
   const bob = await account({ displayName: 'Bob Builder' });

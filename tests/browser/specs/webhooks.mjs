@@ -30,42 +30,13 @@ async function press(page, selector) {
   await page.click(selector);
 }
 
-/** t.createProject, waiting for the form first (the harness's types before the app has drawn
- * the page after its load, a race). */
-async function createProject(t, page, name) {
-  t.log(`create project ${name}`);
-  await page.goto(`${BASE}/projects`);
-  await page.waitForSelector('form[aria-label="Create a project"] input[name=name]');
-  await page.type('input[name=name]', name);
-  await page.click('form[aria-label="Create a project"] button[type=submit]');
-  await page.waitForSelector('dialog[open] [data-secret]');
-  await page.click('dialog[open] button[data-action=Done]');
-  await page.waitForFunction(() => /^\/projects\/[0-9a-f]{16}\/settings$/.test(location.pathname));
-  return page.evaluate(() => location.pathname.split('/')[2]);
-}
-
-/** t.openView, waiting for the sidebar first (same race). */
-async function openView(t, page, projectId, view) {
-  t.log(`open view ${view}`);
-  if (!page.url().includes(`/projects/${projectId}/`)) await page.goto(`${BASE}/projects/${projectId}/settings`);
-  await page.waitForSelector(`nav a[data-view="${view}"]`);
-  await page.click(`nav a[data-view="${view}"]`);
-  await page.waitForFunction((v) => location.pathname.endsWith(`/${v}`), {}, view);
-}
-
-/** A full-page screenshot from the top (sticky headers drawn where they belong). */
-async function shot(t, page, name) {
-  await page.evaluate(() => window.scrollTo(0, 0));
-  await t.shot(page, name);
-}
-
 await spec('webhooks', async (t) => {
   const rx = await receiver();
   const on = (path) => rx.got.filter((g) => g.path === path);
   try {
     const page = await t.newPage();
     await t.signUp(page);
-    const projectId = await createProject(t, page, unique('hooks'));
+    const projectId = await t.createProject(page, unique('hooks'));
     const token = await t.token(page);
     const sql = async (query) => {
       const r = await call('POST', '/api/execute-sql', { token, body: { projectId, query } });
@@ -74,9 +45,9 @@ await spec('webhooks', async (t) => {
     };
     await sql('create table orders (id serial primary key, item text not null); create table other (id int)');
 
-    await openView(t, page, projectId, 'webhooks');
+    await t.openView(page, projectId, 'webhooks');
     await page.waitForSelector('[data-webhook-list] .empty');
-    await shot(t, page, 'empty');
+    await t.shot(page, 'empty');
 
     t.log('a refused URL is shown in the guide\'s error shape');
     const form = 'form[aria-label="Register a webhook"]';
@@ -94,7 +65,7 @@ await spec('webhooks', async (t) => {
     const secretField = await page.waitForSelector('dialog[open] [data-secret]');
     const secret = await secretField.evaluate((i) => i.value);
     assert.match(secret, /^whsec_/);
-    await shot(t, page, 'secret');
+    await t.shot(page, 'secret');
     await page.click('dialog[open] button[data-action=Done]');
     await page.waitForFunction(() => !document.querySelector('dialog'));
     assert.ok(!(await page.content()).includes(secret), 'the secret is gone from the page once dismissed');
@@ -153,7 +124,7 @@ await spec('webhooks', async (t) => {
     const oracle = (await call('GET', `/api/webhooks/deliveries?projectId=${projectId}&webhookId=${hook.id}`, { token })).body.deliveries;
     assert.deepEqual(oracle.map((d) => d.id).sort(), (await shown()).map((d) => d.id).sort());
     assert.ok(oracle.every((d) => d.status === 'delivered' && d.responseStatus === 200 && d.responseBody === 'thanks'), JSON.stringify(oracle));
-    await shot(t, page, 'log-delivered');
+    await t.shot(page, 'log-delivered');
 
     t.log('the receiver answers 500: the next delivery is shown retrying');
     rx.status = 500;
@@ -170,9 +141,9 @@ await spec('webhooks', async (t) => {
     const plumOracle = (await call('GET', `/api/webhooks/deliveries?projectId=${projectId}&webhookId=${hook.id}&status=pending`, { token })).body.deliveries;
     assert.equal(plumOracle.length, 1, JSON.stringify(plumOracle));
     assert.ok(plumOracle[0].id === plumId && plumOracle[0].responseStatus === 500 && plumOracle[0].attempts >= 1, JSON.stringify(plumOracle));
-    await shot(t, page, 'log-retrying');
+    await t.shot(page, 'log-retrying');
     await page.emulateMediaFeatures([{ name: 'prefers-color-scheme', value: 'dark' }]);
-    await shot(t, page, 'log-retrying-dark');
+    await t.shot(page, 'log-retrying-dark');
     await page.emulateMediaFeatures([{ name: 'prefers-color-scheme', value: 'light' }]);
 
     t.log('the status filter: pending shows the retrying one only, delivered the two others');
@@ -247,13 +218,13 @@ await spec('webhooks', async (t) => {
     assert.equal(loggedAfter.length, loggedBefore, JSON.stringify(loggedAfter));
     await page.click('button[data-refresh-webhooks]');
     await page.waitForSelector(`tr[data-webhook="${witness.body.webhook.id}"]`);
-    await shot(t, page, 'disabled');
+    await t.shot(page, 'disabled');
 
     t.log('a viewer sees the endpoints and the log, with no control');
     const viewer = await memberAs(token, projectId, 'viewer');
     const vpage = await t.newPage();
     await t.signIn(vpage, viewer);
-    await openView(t, vpage, projectId, 'webhooks');
+    await t.openView(vpage, projectId, 'webhooks');
     await vpage.waitForSelector(`tr[data-webhook="${hook.id}"][data-enabled=false]`);
     await vpage.waitForSelector('[data-read-only]');
     assert.equal(await vpage.$(form), null);
@@ -261,13 +232,13 @@ await spec('webhooks', async (t) => {
     await press(vpage, `button[data-show-log="${hook.id}"]`);
     await vpage.waitForSelector(`[data-deliveries] tr[data-delivery="${first}"]`);
     assert.equal(await vpage.$('button[data-redeliver]'), null);
-    await shot(t, vpage, 'viewer');
+    await t.shot(vpage, 'viewer');
 
     t.log('a developer manages webhooks too (the API lets developers)');
     const dev = await memberAs(token, projectId, 'developer');
     const dpage = await t.newPage();
     await t.signIn(dpage, dev);
-    await openView(t, dpage, projectId, 'webhooks');
+    await t.openView(dpage, projectId, 'webhooks');
     await dpage.waitForSelector(`button[data-toggle="${hook.id}"]`);
     assert.ok(await dpage.$(form), 'the create form');
     assert.ok(await dpage.$(`button[data-delete="${hook.id}"]`) && await dpage.$(`button[data-edit="${hook.id}"]`));
