@@ -12,6 +12,10 @@ use warp::http::StatusCode;
 pub enum ApiError {
     #[error("{0}")]
     BadRequest(String),
+    /// A request PostgreSQL refused for what it asked (a policy naming a missing column):
+    /// `details` carries the SQLSTATE as `"ERROR:  42703"`, as SQL errors do.
+    #[error("{message}")]
+    Refused { message: String, sqlstate: String },
     #[error("{0}")]
     AuthRequired(String),
     #[error("Session token has expired. Log in again to get a new token.")]
@@ -63,7 +67,7 @@ impl ApiError {
     pub fn status(&self) -> StatusCode {
         use ApiError::*;
         match self {
-            BadRequest(_) => StatusCode::BAD_REQUEST,
+            BadRequest(_) | Refused { .. } => StatusCode::BAD_REQUEST,
             AuthRequired(_) | TokenExpired => StatusCode::UNAUTHORIZED,
             ScopeMismatch(_) | ProjectSuspended | InsufficientPermissions(_) | AccessDenied(_) => {
                 StatusCode::FORBIDDEN
@@ -81,7 +85,7 @@ impl ApiError {
     pub fn code(&self) -> &'static str {
         use ApiError::*;
         match self {
-            BadRequest(_) => "BAD_REQUEST",
+            BadRequest(_) | Refused { .. } => "BAD_REQUEST",
             AuthRequired(_) => "AUTH_REQUIRED",
             TokenExpired => "TOKEN_EXPIRED",
             ScopeMismatch(_) => "SCOPE_MISMATCH",
@@ -111,6 +115,9 @@ impl ApiError {
                 .unwrap_or_else(crate::secrets::random_hex::<8>)
         };
         match self {
+            ApiError::Refused { sqlstate, .. } => {
+                error["details"] = json!(format!("ERROR:  {sqlstate}"));
+            }
             ApiError::Internal(e) => {
                 let request_id = request_id();
                 tracing::error!(request_id, error = %format!("{e:#}"), "internal error");

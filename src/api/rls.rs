@@ -107,6 +107,7 @@ impl From<RlsError> for ApiError {
     fn from(e: RlsError) -> Self {
         match e {
             RlsError::Invalid(m) => ApiError::BadRequest(m),
+            RlsError::Refused { message, sqlstate } => ApiError::Refused { message, sqlstate },
             RlsError::ForeignIdentity(m) => ApiError::ScopeMismatch(m),
             RlsError::NotFound(m) => ApiError::NotFound(m),
             RlsError::Exists(m) => ApiError::Conflict(m),

@@ -27,6 +27,10 @@ pub enum RlsError {
     /// policy (an unknown column, a type mismatch).
     #[error("{0}")]
     Invalid(String),
+    /// PostgreSQL refused the policy's statement for what it says (an unknown column, a type
+    /// mismatch): the message and the SQLSTATE.
+    #[error("{message}")]
+    Refused { message: String, sqlstate: String },
     /// A member's session named another user than itself.
     #[error("{0}")]
     ForeignIdentity(String),

@@ -374,7 +374,10 @@ fn policy_error(e: &DbError, what: &str) -> RlsError {
         "42710" => RlsError::Exists(message),
         "42704" => RlsError::NotFound(message),
         "42501" => RlsError::PermissionDenied(message),
-        _ => RlsError::Invalid(message),
+        code => RlsError::Refused {
+            message,
+            sqlstate: code.to_string(),
+        },
     }
 }
 

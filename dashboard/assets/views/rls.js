@@ -40,11 +40,12 @@ const TROUBLE = {
   forced: { problem: 'Admin locked out', cause: 'FORCE ROW LEVEL SECURITY active', fix: 'Run ALTER TABLE … NO FORCE ROW LEVEL SECURITY.' },
 };
 
-/** Which troubleshooting row an API error matches (PostgreSQL's message for 42703 / 42883). */
+/** Which troubleshooting row an API error matches: by the SQLSTATE the API puts in `details`
+ * (42703 undefined column, 42883 undefined operator). */
 function troubleFor(err) {
-  const m = String((err && err.message) || '') + ' ' + String((err && err.details) || '');
-  if (/column .* does not exist|42703/i.test(m)) return TROUBLE.missingColumn;
-  if (/operator does not exist|42883/i.test(m)) return TROUBLE.typeMismatch;
+  const state = String((err && err.details) || '').replace(/^ERROR:\s*/, '');
+  if (state === '42703') return TROUBLE.missingColumn;
+  if (state === '42883') return TROUBLE.typeMismatch;
   return null;
 }
 

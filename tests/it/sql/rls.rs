@@ -1062,6 +1062,8 @@ async fn troubleshooting_rows_behave_as_the_guide_says() {
             .contains("column \"user_id\" does not exist"),
         "{resp}"
     );
+    // The SQLSTATE in `details`, as SQL errors carry it (the dashboard's hints key on it).
+    assert_eq!(resp["error"]["details"], "ERROR:  42703", "{resp}");
     let (status, resp) = create_policy(
         &app,
         &f.admin,
@@ -1110,6 +1112,7 @@ async fn troubleshooting_rows_behave_as_the_guide_says() {
             .contains("operator does not exist: integer = text"),
         "{resp}"
     );
+    assert_eq!(resp["error"]["details"], "ERROR:  42883", "{resp}");
     assert_eq!(
         error_as(
             &app,
