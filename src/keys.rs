@@ -19,7 +19,7 @@ pub enum KeysError {
     Auth(#[from] AuthError),
     #[error("scope: must be one of read, readwrite, admin")]
     InvalidScope,
-    #[error("name: at most 100 characters")]
+    #[error("name: at most 100 characters, without control, text-direction (such as U+202E) or invisible (such as U+200B) characters")]
     NameTooLong,
     #[error("keyId: no key {0:?} in this project")]
     NoSuchKey(String),
@@ -129,7 +129,7 @@ pub fn key_name(name: Option<&str>, default: impl FnOnce() -> String) -> Result<
         .map(|n| n.trim().to_string())
         .filter(|n| !n.is_empty())
         .unwrap_or_else(default);
-    if name.chars().count() > 100 {
+    if name.chars().count() > 100 || crate::text::has_deceptive(&name) {
         return Err(KeysError::NameTooLong);
     }
     Ok(name)

@@ -28,5 +28,6 @@ pub mod secrets;
 pub mod sql;
 pub mod storage;
 pub mod team;
+pub mod text;
 pub mod visibility;
 pub mod webhooks;

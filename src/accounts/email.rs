@@ -28,7 +28,9 @@ pub fn check_email_length(raw: &str) -> Result<(), AccountsError> {
 
 pub(super) fn validate_email(email: &str) -> Result<(), AccountsError> {
     let ok = email.len() <= 254
-        && !email.chars().any(|c| c.is_whitespace() || c.is_control())
+        && !email
+            .chars()
+            .any(|c| c.is_whitespace() || crate::text::is_deceptive(c))
         && matches!(email.split_once('@'), Some((l, d)) if !l.is_empty() && d.contains('.') && !d.starts_with('.') && !d.ends_with('.') && !d.contains('@'));
     if ok {
         Ok(())

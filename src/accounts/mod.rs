@@ -41,7 +41,7 @@ pub enum AccountsError {
     InvalidEmail(String),
     #[error("password: must be between 8 and 1024 characters")]
     InvalidPassword,
-    #[error("displayName: at most 200 characters")]
+    #[error("displayName: at most 200 characters, without control, text-direction (such as U+202E) or invisible (such as U+200B) characters")]
     DisplayNameTooLong,
     #[error("An account with this email already exists.")]
     EmailTaken,
@@ -159,7 +159,10 @@ impl Accounts {
             .display_name
             .map(|d| d.trim().to_string())
             .filter(|d| !d.is_empty());
-        if display_name.as_ref().is_some_and(|d| d.len() > 200) {
+        if display_name
+            .as_ref()
+            .is_some_and(|d| d.len() > 200 || crate::text::has_deceptive(d))
+        {
             return Err(AccountsError::DisplayNameTooLong);
         }
         let password = req.password;

@@ -142,7 +142,9 @@ where
         tracing::info_span!("request", id = %request_id, method = %incoming.method, route = label);
     let outcome = async {
         let (route, tail) = found.map_err(|e| e.into_error(&incoming.method, &path))?;
-        if let Some(refused) = dashboard::cross_site(&incoming.method, &incoming.headers) {
+        if let Some(refused) =
+            dashboard::cross_site(&app.config, &incoming.method, &incoming.headers)
+        {
             return Err(refused);
         }
         let query = serde_urlencoded::from_str::<HashMap<String, String>>(&incoming.query)

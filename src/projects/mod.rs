@@ -150,7 +150,7 @@ impl From<&DefaultKeys> for ApiKeySecrets {
 pub enum ProjectsError {
     #[error(transparent)]
     Auth(#[from] AuthError),
-    #[error("name: 1 to 100 printable characters")]
+    #[error("name: 1 to 100 printable characters, without control, text-direction (such as U+202E) or invisible (such as U+200B) characters")]
     InvalidName,
     #[error(
         "Project quota reached: a user may administer at most {0} projects \
@@ -177,7 +177,7 @@ impl From<deadpool_postgres::PoolError> for ProjectsError {
 
 fn validate_name(name: &str) -> Result<String, ProjectsError> {
     let name = name.trim();
-    if name.is_empty() || name.chars().count() > 100 || name.chars().any(|c| c.is_control()) {
+    if name.is_empty() || name.chars().count() > 100 || crate::text::has_deceptive(name) {
         return Err(ProjectsError::InvalidName);
     }
     Ok(name.to_string())

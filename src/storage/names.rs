@@ -43,6 +43,11 @@ pub fn validate_object_name(name: &str) -> Result<(), StorageError> {
         if candidate.chars().any(|c| c.is_control()) {
             return refuse("control characters (including NUL) are not allowed");
         }
+        if crate::text::has_deceptive(candidate) {
+            return refuse(
+                "text-direction (such as U+202E) and invisible (such as U+200B) characters are not allowed",
+            );
+        }
         if candidate.contains('\\') {
             return refuse("backslashes are not allowed");
         }

@@ -22,17 +22,38 @@ async fn the_page_is_served_at_its_paths_with_a_strict_policy_and_no_inline_scri
         assert_eq!(r.status(), 200, "{path}");
         let h = r.headers().clone();
         assert_eq!(h["content-type"], "text/html; charset=utf-8", "{path}");
-        assert_eq!(h["content-security-policy"], CSP, "{path}");
+        assert_eq!(h["cache-control"], "no-store", "{path}");
+        // Scripts: the nonced entry module only (and what it imports), not any file of this
+        // origin; the rest as for the assets.
+        let policy = h["content-security-policy"].to_str().unwrap().to_string();
+        let nonce = policy
+            .split("'nonce-")
+            .nth(1)
+            .and_then(|rest| rest.split('\'').next())
+            .unwrap_or_else(|| panic!("{path}: no nonce in {policy}"))
+            .to_string();
+        assert!(nonce.len() >= 22, "{policy}");
+        assert_eq!(
+            policy,
+            CSP.replace(
+                "script-src 'self';",
+                &format!("script-src 'nonce-{nonce}' 'strict-dynamic' 'self';")
+            ),
+            "{path}"
+        );
         assert_eq!(h["x-frame-options"], "DENY", "{path}");
         assert_eq!(h["x-content-type-options"], "nosniff", "{path}");
         assert_eq!(h["referrer-policy"], "no-referrer", "{path}");
         let html = r.text().await.unwrap();
         assert!(
-            html.contains(r#"<script type="module" src="/assets/app.js"></script>"#),
+            html.contains(&format!(
+                r#"<script type="module" src="/assets/app.js" nonce="{nonce}"></script>"#
+            )),
             "{html}"
         );
         // Every script is a file of this origin: no inline code, no event attribute.
         assert_eq!(html.matches("<script").count(), 1, "{html}");
+        assert!(!html.contains("__CSP_NONCE__"), "{html}");
         assert!(
             !html.contains(" on") || !html.contains("=\"javascript"),
             "{html}"
@@ -40,21 +61,37 @@ async fn the_page_is_served_at_its_paths_with_a_strict_policy_and_no_inline_scri
         assert!(!html.contains("style="), "{html}");
         assert!(!html.contains("flx_"), "{html}");
     }
-    // The ETag makes a revalidation a 304.
-    let first = app.http.get(app.url("/")).send().await.unwrap();
+    // A fresh nonce per response (a page is never stored: a cached copy's nonce would not
+    // match); assets are revalidated by their ETag, a 304 with the policy.
+    let a = app.http.get(app.url("/")).send().await.unwrap();
+    let b = app.http.get(app.url("/")).send().await.unwrap();
+    assert_ne!(
+        a.headers()["content-security-policy"],
+        b.headers()["content-security-policy"]
+    );
+    let first = app
+        .http
+        .get(app.url("/assets/app.js"))
+        .send()
+        .await
+        .unwrap();
     let etag = first.headers()["etag"].clone();
     let again = app
         .http
-        .get(app.url("/projects"))
+        .get(app.url("/assets/app.js"))
         .header("if-none-match", etag)
         .send()
         .await
         .unwrap();
     assert_eq!(again.status(), 304);
+    assert_eq!(again.headers()["content-security-policy"], CSP);
     // HEAD answers the headers without the page.
     let head = app.http.head(app.url("/")).send().await.unwrap();
     assert_eq!(head.status(), 200);
-    assert_eq!(head.headers()["content-security-policy"], CSP);
+    assert!(head.headers()["content-security-policy"]
+        .to_str()
+        .unwrap()
+        .contains("'strict-dynamic'"));
 }
 
 #[tokio::test]
@@ -165,4 +202,30 @@ async fn writes_a_browser_says_another_site_made_are_refused() {
         .await
         .unwrap();
     assert_eq!(r.status(), 200);
+}
+
+#[tokio::test]
+async fn behind_a_proxy_that_rewrites_host_the_dashboards_own_writes_pass() {
+    // A proxy that sends its upstream's Host and the browser's in X-Forwarded-Host: with
+    // trust_forwarded_for (or public_url) the page's own sign-in is not taken for another site.
+    let app = crate::support::app::spawn_app_with(|c| c.trust_forwarded_for = true).await;
+    let host = app.base.trim_start_matches("http://").to_string();
+    let signup = json!({ "email": "proxied@example.com", "password": "correct horse battery" });
+    let send = |origin: &str, forwarded: &str| {
+        app.http
+            .post(app.url("/api/auth/signup"))
+            .header("host", host.as_str())
+            .header("origin", origin)
+            .header("x-forwarded-host", forwarded)
+            .json(&signup)
+            .send()
+    };
+    let r = send("http://evil.example", "fluxbase.test:8443")
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 403);
+    let r = send("http://fluxbase.test:8443", "fluxbase.test:8443")
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201);
 }

@@ -226,3 +226,102 @@ async fn a_nul_character_in_a_parameter_or_a_body_is_a_400_not_a_500() {
     );
     app.stop().await;
 }
+
+/// Names that would show as something else: a display name ending in U+202E reversed the email
+/// shown after it in the dashboard's member list; `invoice\u{202E}fdp.exe` listed as
+/// "invoiceexe.pdf"; a zero-width space made two names look alike. Every user-chosen name
+/// refuses them with a 400 naming the field; the joiners scripts need still pass.
+#[tokio::test]
+async fn names_with_text_direction_or_invisible_characters_are_refused() {
+    let app = spawn_app_with(|_| {}).await;
+    let f = app.fixture().await;
+    for (i, display) in ["Alice Smith \u{202E}", "Bob\u{200B}", "\u{2067}Eve"]
+        .iter()
+        .enumerate()
+    {
+        let (status, body) = app
+            .call(
+                "POST",
+                "/api/auth/signup",
+                None,
+                Some(json!({ "email": format!("bidi{i}@example.com"), "password": "correct horse battery", "displayName": display })),
+            )
+            .await;
+        assert_eq!(status, 400, "{display:?}: {body}");
+        assert!(
+            body["error"]["message"]
+                .as_str()
+                .unwrap()
+                .starts_with("displayName"),
+            "{body}"
+        );
+    }
+    let (status, body) = app
+        .call(
+            "POST",
+            "/api/auth/signup",
+            None,
+            Some(json!({ "email": "ali\u{202E}ce@example.com", "password": "correct horse battery" })),
+        )
+        .await;
+    assert_eq!(status, 400, "{body}");
+    let (status, body) = app
+        .call(
+            "POST",
+            "/api/auth/signup",
+            None,
+            Some(
+                json!({ "email": "persian@example.com", "password": "correct horse battery",
+                         "displayName": "می\u{200C}خواهم 👨\u{200D}👩\u{200D}👧" }),
+            ),
+        )
+        .await;
+    assert_eq!(status, 201, "joiners are part of names: {body}");
+    let session = body["token"].as_str().unwrap().to_string();
+    let (status, body) = app
+        .call(
+            "POST",
+            "/api/projects",
+            Some(&session),
+            Some(json!({ "name": "Default project\u{200B}" })),
+        )
+        .await;
+    assert_eq!(
+        (status, &body["error"]["code"]),
+        (400, &json!("BAD_REQUEST")),
+        "{body}"
+    );
+    let (status, body) = app
+        .call(
+            "PATCH",
+            "/api/projects",
+            Some(&f.admin),
+            Some(json!({ "projectId": f.project, "name": "shop\u{202E}" })),
+        )
+        .await;
+    assert_eq!(status, 400, "{body}");
+    let (status, body) = app
+        .call(
+            "POST",
+            "/api/keys",
+            Some(&f.admin),
+            Some(json!({ "projectId": f.project, "scope": "read", "name": "ci\u{2066}" })),
+        )
+        .await;
+    assert_eq!(status, 400, "{body}");
+    crate::storage::create_bucket(&app, &f, "docs", json!({})).await;
+    for path in ["invoice\u{202E}fdp.exe", "x\u{200B}/y.txt", "a\u{FEFF}.txt"] {
+        let (status, body) = crate::storage::upload(
+            &app,
+            &f.admin,
+            &f.project,
+            "docs",
+            "ok.txt",
+            "text/plain",
+            b"x",
+            &[("path", path)],
+        )
+        .await;
+        assert_eq!(status, 400, "{path:?}: {body}");
+    }
+}

@@ -151,7 +151,7 @@ async fn send_upload(
 
 /// Uploads `data` as `filename` with the guide's field order (file first).
 #[allow(clippy::too_many_arguments)] // one argument per form field reads best at call sites
-async fn upload(
+pub(crate) async fn upload(
     t: &TestApp,
     token: &str,
     project: &str,
@@ -168,7 +168,7 @@ async fn upload(
     send_upload(t, token, "", &form, body.into()).await
 }
 
-async fn create_bucket(t: &TestApp, f: &Fixture, name: &str, extra: Value) -> Value {
+pub(crate) async fn create_bucket(t: &TestApp, f: &Fixture, name: &str, extra: Value) -> Value {
     let mut body = json!({ "projectId": f.project, "name": name });
     body.as_object_mut()
         .unwrap()
