@@ -25,8 +25,10 @@ export function setSession(answer) {
   sessionStorage.setItem(SESSION, JSON.stringify({ token: answer.token, user: answer.user, expiresAt: answer.expiresAt }));
 }
 
+/** Forgets the session and everything the dashboard kept for it in this tab (the SQL
+ * Editor's history). */
 export function clearSession() {
-  sessionStorage.removeItem(SESSION);
+  for (const k of Object.keys(sessionStorage)) if (k.startsWith('fluxbase.')) sessionStorage.removeItem(k);
 }
 
 /** An error in the guide's shape: status, code, message, details. */

@@ -4,7 +4,8 @@
 // guide's RLS step 04); viewers run read-only as the read role. The answer is shown with each
 // column's PostgreSQL type, the row count, time, operation and message; an error with its code,
 // message, SQLSTATE and, where the guide has one, the troubleshooting hint. The project's recent
-// queries (SQL text only) are kept in localStorage, per user and project, last 50.
+// queries (SQL text only) are kept in sessionStorage (this tab, until it closes or the user
+// signs out: SQL text may hold secrets), per user and project, last 50.
 
 import { h, mount, field, header, errorBox, cell, confirmDialog } from '../lib/dom.js';
 import { post } from '../lib/api.js';
@@ -17,7 +18,7 @@ const historyKey = (ctx) => `fluxbase.sql.history.${ctx.user ? ctx.user.id : 'an
 
 function loadHistory(ctx) {
   try {
-    const v = JSON.parse(localStorage.getItem(historyKey(ctx)) || '[]');
+    const v = JSON.parse(sessionStorage.getItem(historyKey(ctx)) || '[]');
     return Array.isArray(v) ? v.filter((s) => typeof s === 'string') : [];
   } catch (_) {
     return [];
@@ -26,7 +27,7 @@ function loadHistory(ctx) {
 
 function saveHistory(ctx, list) {
   try {
-    localStorage.setItem(historyKey(ctx), JSON.stringify(list.slice(0, HISTORY_MAX)));
+    sessionStorage.setItem(historyKey(ctx), JSON.stringify(list.slice(0, HISTORY_MAX)));
   } catch (_) { /* storage full or disabled: history is a convenience */ }
 }
 
@@ -170,7 +171,7 @@ export default {
     const clearHistory = h('button', {
       type: 'button', class: 'small ghost', 'data-clear-history': '', 'aria-label': 'Clear the history',
       onclick: async () => {
-        if (!await confirmDialog('Forget the queries kept for this project in this browser?', { confirmLabel: 'Clear history' })) return;
+        if (!await confirmDialog('Forget the queries kept for this project in this tab?', { confirmLabel: 'Clear history' })) return;
         history = [];
         saveHistory(ctx, history);
         renderHistory();
@@ -179,7 +180,7 @@ export default {
     function renderHistory() {
       clearHistory.hidden = !history.length;
       if (!history.length) {
-        mount(historyList, h('li', { class: 'empty' }, 'Queries you run in this project show here (this browser only).'));
+        mount(historyList, h('li', { class: 'empty' }, 'Queries you run in this project show here (this tab only, until you sign out).'));
         return;
       }
       mount(historyList, history.map((q, i) => h('li', {},

@@ -9,6 +9,9 @@ import { h, mount, append, field, header, section, errorBox, cell, toast, confir
 import { sql, ident } from '../lib/api.js';
 
 const PAGE = 50;
+/** Values longer than this (bytes of their JSON text) are shown as a preview of PREVIEW chars. */
+const CUT_AT = 2048;
+const PREVIEW = 200;
 let formSeq = 0;
 
 /** The types offered when creating a table (PostgreSQL's names). */
@@ -226,7 +229,14 @@ export default {
       next.disabled = true;
       try {
         const [rows, count] = await Promise.all([
-          sql(pid, `SELECT row_to_json(r.*) AS "row"${key} FROM ${qualified(t)} AS r${order} LIMIT ${PAGE} OFFSET $1`, [mine.page * PAGE]),
+          // Long values come cut to a preview (their size beside it): a page of rows holding
+          // megabytes each would stall the tab. Editing reads the row whole again.
+          sql(pid, `SELECT (SELECT json_object_agg(e.key, CASE WHEN octet_length(e.value::text) > ${CUT_AT}
+                               THEN to_json(left(e.value #>> '{}', ${PREVIEW})) ELSE e.value END)
+                            FROM json_each(row_to_json(r.*)) AS e) AS "row",
+                           (SELECT json_object_agg(e.key, octet_length(e.value::text)) FROM json_each(row_to_json(r.*)) AS e
+                            WHERE octet_length(e.value::text) > ${CUT_AT}) AS cut${key}
+                      FROM ${qualified(t)} AS r${order} LIMIT ${PAGE} OFFSET $1`, [mine.page * PAGE]),
           sql(pid, `SELECT count(*) AS n FROM ${qualified(t)}`),
         ]);
         if (!alive || current !== mine) return;
@@ -242,7 +252,7 @@ export default {
           await loadRows();
           return;
         }
-        renderRows(rows.result.rows, columns);
+        renderRows(rows.result.rows, columns, rows.result.truncated);
       } catch (err) {
         if (alive && current === mine) mount(rowsBox, errorBox(err));
       } finally {
@@ -250,7 +260,7 @@ export default {
       }
     }
 
-    function renderRows(rows, columns) {
+    function renderRows(rows, columns, truncated = false) {
       const { page, total } = current;
       const from = total ? page * PAGE + 1 : 0;
       const to = page * PAGE + rows.length;
@@ -265,18 +275,28 @@ export default {
         return;
       }
       const canEdit = editable();
-      mount(rowsBox, h('div', { class: 'table-wrap' }, h('table', { class: 'grid tables-grid', 'data-grid': '' },
+      mount(rowsBox, truncated
+        ? h('p', { class: 'warn', role: 'status', 'data-truncated': '' }, `This page was cut at ${rows.length} rows: the answer reached the server's size limit. Use the SQL Editor for these rows.`)
+        : null,
+      h('div', { class: 'table-wrap' }, h('table', { class: 'grid tables-grid', 'data-grid': '' },
         h('thead', {}, h('tr', {},
           columns.map((c) => h('th', { scope: 'col', 'data-column': c.name }, c.name, h('span', { class: 'type' }, c.type))),
           canEdit ? h('th', { scope: 'col' }, h('span', { class: 'offscreen' }, 'Actions')) : null)),
         h('tbody', {}, rows.map((r) => {
           const label = r.key ? current.pk.map((c, i) => `${c.name} = ${r.key[i]}`).join(', ') : '';
           return h('tr', { 'data-row-key': r.key ? JSON.stringify(r.key) : undefined },
-            columns.map((c) => h('td', { 'data-column': c.name }, cell(r.row[c.name]))),
+            columns.map((c) => h('td', { 'data-column': c.name },
+              r.cut && r.cut[c.name] !== undefined
+                ? [h('span', { 'data-cut': String(r.cut[c.name]) }, `${r.row[c.name]}…`), ' ', h('span', { class: 'muted' }, `(${bytes(r.cut[c.name])}, shown in part)`)]
+                : cell(r.row[c.name]))),
             canEdit ? h('td', { class: 'tables-actions' },
               h('button', { type: 'button', class: 'small', 'data-edit': '', 'aria-label': `Edit row ${label}`, onclick: () => rowForm(r.key) }, 'Edit'),
               h('button', { type: 'button', class: 'small danger', 'data-delete': '', 'aria-label': `Delete row ${label}`, onclick: act(() => deleteRow(r.key, label)) }, 'Delete')) : null);
         })))));
+    }
+
+    function bytes(n) {
+      return n >= 1048576 ? `${(n / 1048576).toFixed(1)} MiB` : n >= 1024 ? `${(n / 1024).toFixed(1)} KiB` : `${n} bytes`;
     }
 
     function goPage(step) {

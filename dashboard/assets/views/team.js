@@ -23,8 +23,17 @@ function adminsOnly(ctx, el) {
       h('p', { class: 'muted' }, 'A project admin invites members and changes their roles.')));
 }
 
+/** "Name <email>" as text (dialogs). The server refuses text-direction characters in names; an
+ * older one's are kept inside its own part by the isolating markup of memberLabel(). */
 function memberName(m) {
   return m.displayName ? `${m.displayName} <${m.email}>` : m.email;
+}
+
+/** The same as isolated parts: a name cannot reorder the email shown after it. */
+function memberLabel(m) {
+  return m.displayName
+    ? h('span', {}, h('bdi', {}, m.displayName), ' <', h('bdi', {}, m.email), '>')
+    : h('bdi', {}, m.email);
 }
 
 /** A suspended project answers 403 PROJECT_SUSPENDED to every request naming it. */
@@ -61,7 +70,7 @@ function render(ctx, el) {
     const admins = team.members.filter((m) => m.role === 'admin').length;
     mount(members, dataTable([
       { key: 'member', label: 'Member', render: (m) => h('span', {},
-        memberName(m), m.userId === me ? h('span', { class: 'you' }, ' (you)') : null) },
+        memberLabel(m), m.userId === me ? h('span', { class: 'you' }, ' (you)') : null) },
       { key: 'role', label: 'Role', render: (m) => roleCell(m, admins) },
       { key: 'joinedAt', label: 'Joined', render: (m) => when(m.joinedAt) },
       { key: 'actions', label: 'Actions', render: (m) => removeCell(m, admins) },

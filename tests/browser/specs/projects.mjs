@@ -35,7 +35,12 @@ await spec('projects', async (t) => {
   const stored = await page.evaluate(() => JSON.stringify({ ...sessionStorage }) + JSON.stringify({ ...localStorage }) + document.cookie + document.documentElement.outerHTML);
   assert.doesNotMatch(stored, /flx_live_/);
 
-  t.log('sign out: the token stops working');
+  t.log('sign out: the token stops working, and the tab keeps nothing (the SQL history included)');
+  await page.goto(`${BASE}/projects/${second}/sql`);
+  await page.waitForSelector('[data-sql-editor]');
+  await page.type('[data-sql-editor]', "SELECT 'secret' AS s");
+  await page.keyboard.down('Control'); await page.keyboard.press('Enter'); await page.keyboard.up('Control');
+  await page.waitForSelector('[data-history-item]');
   const token = await t.token(page);
   await page.click('button[data-logout]');
   await page.waitForSelector('form[aria-label="Sign in"]');

@@ -113,8 +113,10 @@ await spec('sql_editor', async (t) => {
   items = await page.$$eval('[data-history-item]', (bs) => bs.map((b) => b.title));
   assert.equal(items[0], select, 'a query run again moves to the top, once');
   assert.equal(items.length, 4);
-  const stored = await page.evaluate(() => JSON.stringify({ ...localStorage }));
-  assert.doesNotMatch(stored, /flx_(sess|live)_/, 'the history keeps SQL text only');
+  const history = await page.evaluate(() => JSON.stringify(Object.entries(sessionStorage).filter(([k]) => k.startsWith('fluxbase.sql.history.'))));
+  assert.match(history, /SELECT/, 'the history is in sessionStorage');
+  assert.doesNotMatch(history, /flx_(sess|live)_/, 'the history keeps SQL text only');
+  assert.deepEqual(await page.evaluate(() => Object.keys(localStorage).filter((k) => k.startsWith('fluxbase.sql'))), [], 'nothing outlives the tab');
 
   t.log('a policy made as the owner; run as end user alice');
   await setQuery(page, 'ALTER TABLE posts ENABLE ROW LEVEL SECURITY;\nCREATE POLICY own_rows ON posts USING (user_id = auth.uid())');
@@ -178,7 +180,7 @@ await spec('sql_editor', async (t) => {
   await page.click('[data-clear-history]');
   await page.click('dialog[open] button[data-action="Clear history"]');
   await page.waitForFunction(() => !document.querySelector('[data-history-item]'));
-  assert.equal(await page.evaluate((id) => Object.keys(localStorage).filter((k) => k.endsWith(id) && localStorage.getItem(k) !== '[]').length, projectId), 0);
+  assert.equal(await page.evaluate((id) => Object.keys(sessionStorage).filter((k) => k.endsWith(id) && sessionStorage.getItem(k) !== '[]').length, projectId), 0);
 
   t.log('a viewer: read-only, no run-as, DDL refused with 42501');
   const viewer = await memberAs(token, projectId, 'viewer');

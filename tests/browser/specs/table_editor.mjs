@@ -171,6 +171,22 @@ await spec('table_editor', async (t) => {
   await page.waitForFunction(() => document.querySelector('tr[data-row-key=\'["a b","7"]\'] td[data-column=v]')?.innerText === 'xyz');
   assert.deepEqual(await sqlAs(token, projectId, 'SELECT * FROM "Odd ""name"""'), [{ k1: 'a b', k2: 7, v: 'xyz' }]);
 
+  t.log('a long value is shown in part, with its size, and edited whole');
+  await sqlAs(token, projectId, "CREATE TABLE big (id int PRIMARY KEY, v text); INSERT INTO big VALUES (1, repeat('x', 1000000) || 'END')");
+  await page.reload();
+  await page.waitForSelector('[data-table="public.big"]');
+  await page.click('[data-table="public.big"]');
+  await waitPageInfo(page, 'Rows 1–1 of 1');
+  const cut = await page.$eval('td[data-column=v] [data-cut]', (e) => ({ bytes: e.dataset.cut, text: e.textContent }));
+  assert.equal(cut.bytes, String(1000003 + 2), 'the JSON text of the value: its characters and quotes');
+  assert.equal(cut.text, `${'x'.repeat(200)}…`);
+  assert.match(await textOf(page, 'td[data-column=v]'), /976\.6 KiB, shown in part/);
+  await page.click('tr[data-row-key=\'["1"]\'] [data-edit]');
+  await page.waitForSelector('dialog[open] [data-input=v]');
+  assert.equal(await page.$eval('dialog[open] [data-input=v]', (i) => i.value.length), 1000003, 'the form edits the whole value');
+  await page.keyboard.press('Escape');
+  await page.waitForSelector('dialog[open]', { hidden: true });
+
   t.log('a table without a primary key is read-only');
   await sqlAs(token, projectId, "CREATE TABLE logs (msg text); INSERT INTO logs VALUES ('hello')");
   await page.reload();
