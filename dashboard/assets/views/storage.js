@@ -41,6 +41,18 @@ function bytes(n) {
 
 const baseName = (name) => name.slice(name.lastIndexOf('/') + 1);
 
+/** A download URL of this server as this page reaches it: the API builds its links from
+ * public_url or the request's Host, which a reverse proxy may have rewritten. URLs of another
+ * origin (an S3 backend's presigned ones) are left as they are. */
+function ours(u) {
+  try {
+    const url = new URL(u, location.origin);
+    return url.pathname.startsWith('/api/storage/') ? location.origin + url.pathname + url.search : u;
+  } catch (_) {
+    return u;
+  }
+}
+
 
 /** The limit fields of a bucket (create and settings): max file size in MiB, allowed types. */
 function limitFields(bucket) {
@@ -471,13 +483,13 @@ export default {
     /** A signed URL for a file (fetched when asked for; valid 15 minutes). */
     async function signedUrl(f) {
       const a = await get('/api/storage/url', { projectId, s3Key: f.s3_key });
-      return a;
+      return { ...a, url: ours(a.url) };
     }
 
     function fileRow(b, f) {
       const short = baseName(f.name);
       const link = h('a', {
-        class: 'button small', download: short, href: b.isPublic && f.public_url ? f.public_url : '#', 'data-download': f.name,
+        class: 'button small', download: short, href: b.isPublic && f.public_url ? ours(f.public_url) : '#', 'data-download': f.name,
         'aria-label': `Download ${short}`,
         onclick: async (e) => {
           if (b.isPublic && f.public_url) return; // a stable URL: the browser downloads it
