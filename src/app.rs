@@ -124,6 +124,10 @@ impl App {
             auth: Arc::new(crate::auth::Auth::new(
                 control.clone(),
                 rate.clone(),
+                RateLimiter::new(
+                    config.session_rate_limit_requests,
+                    config.rate_limit_window_secs,
+                ),
                 storage.clock.clone(),
                 RateLimiter::new(
                     config.auth_failures_per_address,

@@ -68,8 +68,11 @@ pub struct Config {
     pub max_response_bytes: usize,
     /// Largest accepted request body, in bytes (then 413).
     pub max_body_bytes: usize,
-    /// Requests allowed per key or session in each rate window (0 disables the limit).
+    /// Requests allowed per API key in each rate window (0 disables the limit).
     pub rate_limit_requests: u32,
+    /// Requests allowed per member's session in each rate window (0 disables the limit): the
+    /// dashboard makes several requests per view, an upload per file.
+    pub session_rate_limit_requests: u32,
     /// Length of the rate window, in seconds.
     pub rate_limit_window_secs: u64,
     /// Lifetime of a login session, in seconds.
@@ -207,6 +210,7 @@ impl Default for Config {
             max_response_bytes: 32 * 1024 * 1024,
             max_body_bytes: 1024 * 1024,
             rate_limit_requests: 50,
+            session_rate_limit_requests: 300,
             rate_limit_window_secs: 10,
             session_ttl_secs: 24 * 3600,
             pool_size: 16,

@@ -15,8 +15,10 @@ use crate::secrets::sha256;
 
 pub struct Auth {
     control: deadpool_postgres::Pool,
-    /// The per-caller request limit (shared with realtime's token budgets).
+    /// The per-key request limit (shared with realtime's token budgets).
     rate: Arc<RateLimiter>,
+    /// The per-session request limit (members, the dashboard).
+    session_rate: RateLimiter,
     cache: AuthCache,
     /// Time as login sessions expire by (the app's one clock, which tests move forward).
     clock: Arc<crate::storage::Clock>,
@@ -30,12 +32,14 @@ impl Auth {
     pub fn new(
         control: deadpool_postgres::Pool,
         rate: Arc<RateLimiter>,
+        session_rate: RateLimiter,
         clock: Arc<crate::storage::Clock>,
         failures: RateLimiter,
     ) -> Auth {
         Auth {
             control,
             rate,
+            session_rate,
             clock,
             cache: AuthCache::default(),
             key_touched: Mutex::new(HashMap::new()),
@@ -122,7 +126,10 @@ impl Auth {
             Principal::Key { key_id, .. } => format!("key:{key_id}"),
             Principal::Session { token_hash, .. } => format!("session:{}", hex::encode(token_hash)),
         };
-        self.rate.check(&caller)?;
+        match principal {
+            Principal::Key { .. } => self.rate.check(&caller)?,
+            Principal::Session { .. } => self.session_rate.check(&caller)?,
+        }
         Ok(principal)
     }
 

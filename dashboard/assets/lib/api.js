@@ -65,11 +65,18 @@ export async function api(method, path, { query, body, signal, headers } = {}) {
     payload = JSON.stringify(body);
   }
   let res;
-  try {
-    res = await fetch(url(path, query), { method, headers: h, body: payload, signal, credentials: 'omit', cache: 'no-store' });
-  } catch (e) {
-    if (e.name === 'AbortError') throw e;
-    throw new ApiError(0, { error: { code: 'NETWORK_ERROR', message: `The server could not be reached (${e.message}).` } });
+  for (let attempt = 0; ; attempt += 1) {
+    try {
+      res = await fetch(url(path, query), { method, headers: h, body: payload, signal, credentials: 'omit', cache: 'no-store' });
+    } catch (e) {
+      if (e.name === 'AbortError') throw e;
+      throw new ApiError(0, { error: { code: 'NETWORK_ERROR', message: `The server could not be reached (${e.message}).` } });
+    }
+    // A 429 was refused before anything ran (the request limit, a busy pool): wait as told and
+    // send it again, twice at most, rather than fail a view on a burst of its own requests.
+    const wait = retryAfter(res);
+    if (res.status !== 429 || attempt >= 2 || wait === null) break;
+    await sleep(wait, signal);
   }
   let json = null;
   const text = await res.text();
@@ -83,6 +90,19 @@ export async function api(method, path, { query, body, signal, headers } = {}) {
     throw err;
   }
   return json;
+}
+
+/** Seconds a 429 asks to wait (at most 10), or null. */
+function retryAfter(res) {
+  const v = Number(res.headers ? res.headers.get('retry-after') : null);
+  return res.status === 429 && Number.isFinite(v) && v >= 0 && v <= 10 ? v : null;
+}
+
+function sleep(seconds, signal) {
+  return new Promise((resolve, reject) => {
+    const t = setTimeout(resolve, seconds * 1000);
+    if (signal) signal.addEventListener('abort', () => { clearTimeout(t); reject(new DOMException('aborted', 'AbortError')); }, { once: true });
+  });
 }
 
 export const get = (path, query, opts) => api('GET', path, { ...opts, query });
@@ -106,7 +126,19 @@ export function ident(name) {
 
 /** Uploads a file with progress: XMLHttpRequest, since fetch reports no upload progress.
  * `onProgress(sentBytes, totalBytes)`. Resolves with the JSON answer. */
-export function upload(path, query, formData, onProgress) {
+export async function upload(path, query, formData, onProgress) {
+  for (let attempt = 0; ; attempt += 1) {
+    try {
+      return await uploadOnce(path, query, formData, onProgress);
+    } catch (e) {
+      // Refused before anything was stored (the request limit): wait as told, send it again.
+      if (e.status !== 429 || attempt >= 2 || e.retryAfter === null) throw e;
+      await sleep(e.retryAfter);
+    }
+  }
+}
+
+function uploadOnce(path, query, formData, onProgress) {
   return new Promise((resolve, reject) => {
     const s = session();
     const xhr = new XMLHttpRequest();
@@ -117,7 +149,12 @@ export function upload(path, query, formData, onProgress) {
       let json = null;
       try { json = JSON.parse(xhr.responseText); } catch (_) { json = null; }
       if (xhr.status >= 200 && xhr.status < 300 && json && json.success !== false) resolve(json);
-      else reject(new ApiError(xhr.status, json));
+      else {
+        const err = new ApiError(xhr.status, json);
+        const v = Number(xhr.getResponseHeader('retry-after'));
+        err.retryAfter = xhr.status === 429 && Number.isFinite(v) && v >= 0 && v <= 10 ? v : null;
+        reject(err);
+      }
     };
     xhr.onerror = () => reject(new ApiError(0, { error: { code: 'NETWORK_ERROR', message: 'The upload was interrupted.' } }));
     xhr.send(formData);

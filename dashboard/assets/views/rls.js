@@ -56,6 +56,10 @@ function troubleBox(t, extra) {
 
 const qualified = (t) => `${ident(t.schema)}.${ident(t.table)}`;
 const label = (t) => (t.schema === 'public' ? t.table : `${t.schema}.${t.table}`);
+/** A table's key in the selects: schema and table joined by a dot, each with its own dots and
+ * backslashes escaped, so `"public.x".y` and `public."x.y"` never share one. */
+const esc = (s) => String(s).replaceAll('\\', '\\\\').replaceAll('.', '\\.');
+const tableKey = (t) => `${esc(t.schema)}.${esc(t.table)}`;
 const withSchema = (t, body) => (t.schema && t.schema !== 'public' ? { ...body, schema: t.schema } : body);
 
 
@@ -225,7 +229,7 @@ export default {
 
     async function createPolicy(preset) {
       const tableSelect = h('select', { name: 'table', required: true, 'data-field': 'table' },
-        tables.map((t) => h('option', { value: `${t.schema}.${t.table}`, selected: preset && t.schema === preset.schema && t.table === preset.table }, label(t))));
+        tables.map((t) => h('option', { value: tableKey(t), selected: preset && t.schema === preset.schema && t.table === preset.table }, label(t))));
       const templateSelect = h('select', { name: 'template', 'data-field': 'template' }, TEMPLATES.map((tp) => h('option', { value: tp.id }, tp.label)));
       const about = h('p', { class: 'hint rls-about' });
       const slots = h('div', { class: 'rls-slots' });
@@ -255,7 +259,7 @@ export default {
           return t ? troubleBox(t) : null;
         },
         onSubmit: async () => {
-          const t = tables.find((x) => `${x.schema}.${x.table}` === tableSelect.value);
+          const t = tables.find((x) => tableKey(x) === tableSelect.value);
           // Policies are created one by one; after a partial failure only the rest is left to send.
           while (forms.length) {
             const body = withSchema(t, { projectId, table: t.table, ...forms[0].value() });
@@ -275,13 +279,13 @@ export default {
     }
 
     function testPanel() {
-      const tableSelect = h('select', { name: 'table', 'data-test-table': '' }, tables.map((t) => h('option', { value: `${t.schema}.${t.table}` }, label(t))));
+      const tableSelect = h('select', { name: 'table', 'data-test-table': '' }, tables.map((t) => h('option', { value: tableKey(t) }, label(t))));
       const uid = h('input', { type: 'text', name: 'authUid', required: true, maxLength: 256, placeholder: 'alice', 'data-test-uid': '' });
       const out = h('div', { class: 'rls-test-out', 'aria-live': 'polite' });
       const form = h('form', {
         class: 'inline-form', 'aria-label': 'Test as an end user',
         onsubmit: act(async () => {
-          const t = tables.find((x) => `${x.schema}.${x.table}` === tableSelect.value);
+          const t = tables.find((x) => tableKey(x) === tableSelect.value);
           mount(out, h('p', { class: 'loading' }, 'Running…'));
           try {
             const a = await sql(projectId, `SELECT * FROM ${qualified(t)} LIMIT 100`, [], { scope: 'read', authUid: uid.value.trim() });

@@ -54,7 +54,10 @@ ORDER BY a.attnum`;
 const KIND = { r: 'table', p: 'partitioned table', v: 'view', m: 'materialized view', f: 'foreign table' };
 
 const qualified = (t) => `${ident(t.schema)}.${ident(t.name)}`;
-const tableId = (t) => `${t.schema}.${t.name}`;
+/** A table's key (the URL's ?table=, data-table): schema and name joined by a dot, each with
+ * its own dots and backslashes escaped, so `"public.x".y` and `public."x.y"` never share one. */
+const esc = (s) => String(s).replaceAll('\\', '\\\\').replaceAll('.', '\\.');
+const tableId = (t) => `${esc(t.schema)}.${esc(t.name)}`;
 /** A value's cast from its text form: the column's type without its modifier, so that a too
  * long varchar is refused on assignment instead of cut by an explicit cast. */
 const castOf = (c) => `::text::${c.base}`;
@@ -509,7 +512,7 @@ export default {
           try {
             await sql(pid, ddl(s));
             toast(`Table ${s.name} created.`, 'success');
-            await loadTables(`${s.schema}.${s.name}`);
+            await loadTables(tableId(s));
           } catch (err) {
             mount(error, errorBox(err));
           } finally {

@@ -208,6 +208,34 @@ await spec('rls', async (t) => {
   assert.equal((await tablesNow()).posts.rlsEnabled, true);
   assert.deepEqual(await seenBy('alice'), []);
 
+  t.log('tables whose schema and name hold dots: the policy lands on the table chosen');
+  // "q.r".s and q."r.s" both read q.r.s when joined with a dot.
+  const dotted = await call('POST', '/api/execute-sql', {
+    token: project.keys.admin,
+    body: { projectId: pid, query: 'CREATE SCHEMA q; CREATE SCHEMA "q.r"; CREATE TABLE "q.r".s (id int); CREATE TABLE q."r.s" (id int)' },
+  });
+  assert.equal(dotted.status, 200, JSON.stringify(dotted.body));
+  await page.reload();
+  const target = 'section[aria-label="Table q.r.s"]';
+  await page.waitForSelector(target);
+  const panels = await page.$$eval(target, (els) => els.length);
+  assert.equal(panels, 2, 'two tables, both shown');
+  // The second panel in the API's order; its Add policy must create on that very table.
+  const all = (await call('GET', `/api/rls/policies?projectId=${pid}`, { token })).body.tables
+    .filter((x) => `${x.schema}.${x.table}` === 'q.r.s');
+  const chosen = all[1];
+  const buttons = await page.$$(`${target} button[data-add-policy]`);
+  await buttons[1].click();
+  await page.waitForSelector('dialog[open] select[data-field=template]');
+  await fill('dialog[open] [data-policy-form="0"] [data-field=name]', 'lock');
+  await fill('dialog[open] [data-policy-form="0"] [data-field=using]', 'false');
+  await page.click('dialog[open] button[data-action="Create policy"]');
+  await page.waitForSelector('dialog[open]', { hidden: true });
+  const after = (await call('GET', `/api/rls/policies?projectId=${pid}`, { token })).body.tables
+    .filter((x) => `${x.schema}.${x.table}` === 'q.r.s');
+  const withPolicy = after.filter((x) => x.policies.some((p) => p.name === 'lock'));
+  assert.deepEqual(withPolicy.map((x) => [x.schema, x.table]), [[chosen.schema, chosen.table]], JSON.stringify(after));
+
   t.log('a viewer sees the tables and policies, and no control');
   const viewer = await memberAs(token, pid, 'viewer');
   const vpage = await t.newPage();

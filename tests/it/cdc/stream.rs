@@ -701,6 +701,7 @@ async fn the_stream_recovers_after_postgresql_crashes_and_restarts() {
         data_dir: root.join("data"),
         database_url: Some(cluster.cluster.url("fluxbase").into()),
         rate_limit_requests: 10_000,
+        session_rate_limit_requests: 10_000,
         ..Default::default()
     };
     let app = crate::support::start_with(config).await;

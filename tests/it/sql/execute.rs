@@ -765,3 +765,48 @@ async fn a_repeated_statement_survives_a_schema_change_that_alters_its_parameter
         5
     );
 }
+
+/// Members' sessions (the dashboard) have a budget of their own, larger than a key's.
+#[tokio::test]
+async fn sessions_have_their_own_request_budget() {
+    let app = spawn_app_with(|c| {
+        c.rate_limit_requests = 5;
+        c.session_rate_limit_requests = 8;
+        c.rate_limit_window_secs = 10;
+    })
+    .await;
+    let f = app.fixture().await;
+    let (session, _) = app.member(&f.project, "developer").await;
+    let statuses = |token: String| {
+        let app = &app;
+        let project = f.project.clone();
+        async move {
+            let mut out = Vec::new();
+            for _ in 0..10 {
+                let (status, _) = app
+                    .call(
+                        "POST",
+                        "/api/execute-sql",
+                        Some(&token),
+                        Some(json!({ "projectId": project, "query": "SELECT 1" })),
+                    )
+                    .await;
+                out.push(status);
+            }
+            out
+        }
+    };
+    let by_key = statuses(f.read.clone()).await;
+    assert_eq!(
+        by_key.iter().filter(|s| **s == 200).count(),
+        5,
+        "{by_key:?}"
+    );
+    let by_session = statuses(session).await;
+    assert_eq!(
+        by_session.iter().filter(|s| **s == 200).count(),
+        8,
+        "{by_session:?}"
+    );
+    assert_eq!(by_session[8..], [429, 429], "{by_session:?}");
+}

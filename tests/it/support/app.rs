@@ -36,6 +36,7 @@ pub async fn spawn_app_with(tweak: impl FnOnce(&mut Config)) -> TestApp {
         data_dir: scratch_dir(&format!("it-{}-{name}", std::process::id())),
         database_url: Some(pg.url(&name).into()),
         rate_limit_requests: 10_000,
+        session_rate_limit_requests: 10_000,
         auth_attempts_per_address: 10_000,
         auth_failures_per_address: 10_000,
         // Every client of the suite is 127.0.0.1 (the realtime load test opens 1,000 sockets).

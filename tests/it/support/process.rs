@@ -121,6 +121,7 @@ impl ServerProcess {
             .env("FLUXBASE_ADDR_FILE", &addr_file)
             .env("FLUXBASE_DATABASE_URL", pg.url(&name))
             .env("FLUXBASE_RATE_LIMIT_REQUESTS", "10000")
+            .env("FLUXBASE_SESSION_RATE_LIMIT_REQUESTS", "10000")
             .env("FLUXBASE_AUTH_ATTEMPTS_PER_ADDRESS", "10000")
             .env("FLUXBASE_AUTH_FAILURES_PER_ADDRESS", "10000")
             .env("FLUXBASE_LOG", "warn")
