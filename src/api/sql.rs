@@ -24,6 +24,11 @@ pub const AUTH_UID_HEADER: &str = "x-fluxbase-auth-uid";
 pub async fn execute_sql(app: SharedApp, req: Request) -> ApiResult<impl Reply> {
     let principal = req.principal(&app).await?;
     let sql: SqlRequest = req.json()?;
+    if let Some((field, meant)) = sql.misspelt() {
+        return Err(ApiError::BadRequest(format!(
+            "unknown field `{field}`: did you mean `{meant}`?"
+        )));
+    }
     let mut access = app.auth.project_access(&principal, &sql.project_id).await?;
     if let Some(scope) = &sql.scope {
         access.db_role = weaker_role(access.db_role, scope)?;

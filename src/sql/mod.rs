@@ -70,6 +70,33 @@ pub struct SqlRequest {
     #[serde(default)]
     #[schema(value_type = Option<String>)]
     pub scope: Option<Value>,
+    /// Fields this endpoint does not know: ignored (clients of the guide's endpoint may send
+    /// more), but a near-miss of a field that narrows what runs (`Scope`, `auth_uid`, `role`)
+    /// is refused rather than silently run with the caller's full role ([`SqlRequest::misspelt`]).
+    #[serde(flatten)]
+    #[schema(ignore)]
+    pub other: serde_json::Map<String, Value>,
+}
+
+impl SqlRequest {
+    /// An unknown field that looks like one of ours, and the one it looks like.
+    pub fn misspelt(&self) -> Option<(&str, &'static str)> {
+        self.other.keys().find_map(|k| {
+            let plain: String = k
+                .chars()
+                .filter(|c| *c != '_' && *c != '-')
+                .flat_map(char::to_lowercase)
+                .collect();
+            let meant = match plain.as_str() {
+                "scope" | "scopes" | "role" => "scope",
+                "authuid" | "authuserid" => "authUid",
+                "params" | "parameters" => "params",
+                _ => return None,
+            };
+            // The field itself (`scope`) was read above; only other spellings are near-misses.
+            (k != meant).then_some((k.as_str(), meant))
+        })
+    }
 }
 
 /// Why a request's SQL could not run (a statement PostgreSQL refused is an answer, not this).

@@ -1544,3 +1544,44 @@ async fn a_weaker_scope_runs_as_that_role_and_lets_owner_members_act_as_an_end_u
         "the table is intact and holds bob's one insert"
     );
 }
+
+/// A misspelt `scope` or `authUid` would silently run with the caller's full role and
+/// identity: near-misses of the fields that narrow what runs are refused, other unknown fields
+/// still ignored.
+#[tokio::test]
+async fn near_misses_of_scope_and_auth_uid_are_refused() {
+    let app = spawn_app().await;
+    let f = app.fixture().await;
+    for (field, meant) in [
+        ("Scope", "scope"),
+        ("scopes", "scope"),
+        ("role", "scope"),
+        ("auth_uid", "authUid"),
+        ("AuthUID", "authUid"),
+        ("parameters", "params"),
+    ] {
+        let (status, body) = app
+            .call(
+                "POST",
+                "/api/execute-sql",
+                Some(&f.admin),
+                Some(json!({ "projectId": f.project, "query": "SELECT current_user", field: "read" })),
+            )
+            .await;
+        assert_eq!(status, 400, "{field}: {body}");
+        assert_eq!(
+            body["error"]["message"],
+            format!("unknown field `{field}`: did you mean `{meant}`?"),
+            "{body}"
+        );
+    }
+    let (status, body) = app
+        .call(
+            "POST",
+            "/api/execute-sql",
+            Some(&f.admin),
+            Some(json!({ "projectId": f.project, "query": "SELECT 1 AS one", "requestTag": "x" })),
+        )
+        .await;
+    assert_eq!((status, &body["result"]["rows"][0]["one"]), (200, &json!(1)), "{body}");
+}
