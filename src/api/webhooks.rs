@@ -116,7 +116,15 @@ pub struct DeliveryQueued {
     responses((status = 200, description = "The project's webhooks, oldest first", body = WebhookList)))]
 pub async fn list_webhooks(app: SharedApp, req: Request) -> ApiResult<Json<WebhookList>> {
     let access = req.access_by_query(&app).await?;
-    let webhooks = app.webhooks.list(&access.project.id).await?;
+    let mut webhooks = app.webhooks.list(&access.project.id).await?;
+    if access.require_developer(MANAGING).is_err() {
+        // A hook URL often holds a credential (Slack's path, a token in the query): callers who
+        // may not manage
+        // webhooks see where they go, not how to post there.
+        for w in &mut webhooks {
+            w.url = crate::webhooks::masked_url(&w.url);
+        }
+    }
     Ok(Json(WebhookList {
         success: true,
         webhooks,
@@ -208,6 +216,13 @@ pub async fn list_deliveries(app: SharedApp, req: Request) -> ApiResult<Json<Del
         .webhooks
         .deliveries(&access.project.id, req.optional_param("webhookId"), status)
         .await?;
+    let mut deliveries = deliveries;
+    if access.require_developer(MANAGING).is_err() {
+        // What a receiver answered can carry its secrets too; the status and error stay.
+        for d in &mut deliveries {
+            d.response_body = None;
+        }
+    }
     Ok(Json(DeliveryList {
         success: true,
         deliveries,

@@ -88,6 +88,19 @@ impl Settings {
     }
 }
 
+/// A webhook URL as shown to callers who may not manage webhooks: its scheme, host and port,
+/// without credentials, path or query (`https://hooks.slack.com/…`).
+pub fn masked_url(url: &str) -> String {
+    match url::Url::parse(url) {
+        Ok(u) => {
+            let host = u.host_str().unwrap_or("");
+            let port = u.port().map(|p| format!(":{p}")).unwrap_or_default();
+            format!("{}://{host}{port}/…", u.scheme())
+        }
+        Err(_) => "…".to_string(),
+    }
+}
+
 /// A webhook to register.
 pub struct NewWebhookRequest {
     pub url: String,

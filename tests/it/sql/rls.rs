@@ -1583,5 +1583,9 @@ async fn near_misses_of_scope_and_auth_uid_are_refused() {
             Some(json!({ "projectId": f.project, "query": "SELECT 1 AS one", "requestTag": "x" })),
         )
         .await;
-    assert_eq!((status, &body["result"]["rows"][0]["one"]), (200, &json!(1)), "{body}");
+    assert_eq!(
+        (status, &body["result"]["rows"][0]["one"]),
+        (200, &json!(1)),
+        "{body}"
+    );
 }

@@ -1069,3 +1069,79 @@ async fn transactions_queued_while_the_outbox_is_slow_are_stored_together_and_se
     assert!(at[0] < at[1], "{at:?}");
     assert!(at[1..].iter().all(|t| *t == at[1]), "{at:?}");
 }
+
+/// A hook URL is often a credential (a Slack or Discord hook, a token in the query): callers who may not
+/// manage webhooks see only where it goes, and no receiver's answer; managers see everything.
+#[tokio::test]
+async fn callers_who_may_not_manage_webhooks_see_no_hook_credentials() {
+    let app = app().await;
+    let f = app.fixture().await;
+    let rx = Receiver::start().await; // answers 200 "ok"
+    let port = rx
+        .url
+        .split(':')
+        .nth(2)
+        .unwrap()
+        .split('/')
+        .next()
+        .unwrap()
+        .to_string();
+    // (Credentials in the URL itself are refused at registration.)
+    let secret_url = format!(
+        "{}/services/T0/B0/XXXX?token=s3cr3t",
+        rx.url.trim_end_matches('/')
+    );
+    register(
+        &app,
+        &f,
+        json!({ "url": secret_url, "events": ["row.inserted"] }),
+    )
+    .await;
+    app.rows(
+        &f.admin,
+        &f.project,
+        "CREATE TABLE t (id int); INSERT INTO t VALUES (1)",
+    )
+    .await;
+    deliveries_until(&app, &f, "status=delivered", |b| {
+        b["deliveries"][0]["responseBody"] == "ok"
+    })
+    .await;
+    let (viewer, _) = app.member(&f.project, "viewer").await;
+    let (developer, _) = app.member(&f.project, "developer").await;
+    for (who, token, full) in [
+        ("read key", &f.read, false),
+        ("readwrite key", &f.readwrite, false),
+        ("viewer", &viewer, false),
+        ("developer", &developer, true),
+        ("admin key", &f.admin, true),
+    ] {
+        let (status, list) = app
+            .call(
+                "GET",
+                &format!("/api/webhooks?projectId={}", f.project),
+                Some(token),
+                None,
+            )
+            .await;
+        assert_eq!(status, 200, "{who}: {list}");
+        let url = list["webhooks"][0]["url"].as_str().unwrap();
+        let (_, deliveries) = app
+            .call(
+                "GET",
+                &format!("/api/webhooks/deliveries?projectId={}", f.project),
+                Some(token),
+                None,
+            )
+            .await;
+        let body = &deliveries["deliveries"][0]["responseBody"];
+        if full {
+            assert_eq!(url, secret_url, "{who}");
+            assert_eq!(body, "ok", "{who}: {deliveries}");
+        } else {
+            assert_eq!(url, format!("http://127.0.0.1:{port}/…"), "{who}");
+            assert!(body.is_null(), "{who}: {deliveries}");
+            assert_eq!(deliveries["deliveries"][0]["status"], "delivered", "{who}");
+        }
+    }
+}
