@@ -117,7 +117,30 @@ fn from_loopback(peer: Option<SocketAddr>, headers: &HeaderMap) -> bool {
             v6.is_loopback() || v6.to_ipv4_mapped().is_some_and(|v4| v4.is_loopback())
         }
     });
-    loopback && !proxied
+    loopback && !proxied && loopback_host(headers)
+}
+
+/// Whether the request names this machine by a loopback name (`localhost`, `127.0.0.1`,
+/// `[::1]`, any port) or names nothing. A page on another name that resolves to 127.0.0.1 (DNS
+/// rebinding) reaches the server from loopback, but with its own name as `Host`.
+fn loopback_host(headers: &HeaderMap) -> bool {
+    let Some(host) = headers.get(header::HOST) else {
+        return true;
+    };
+    let Ok(host) = host.to_str() else {
+        return false;
+    };
+    let name = if let Some(rest) = host.strip_prefix('[') {
+        rest.split(']').next().unwrap_or("")
+    } else {
+        host.rsplit_once(':').map_or(host, |(name, _)| name)
+    };
+    let name = name.trim_end_matches('.').to_ascii_lowercase();
+    name == "localhost"
+        || name.ends_with(".localhost")
+        || name
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
 }
 
 /// Starts the dedicated `/metrics` listener when `metrics_addr` is set; logs where the

@@ -84,6 +84,16 @@ async fn without_a_token_or_address_metrics_answer_only_local_unproxied_requests
         assert_eq!(error_code(&body), "INSUFFICIENT_PERMISSIONS");
         assert!(body.contains("FLUXBASE_METRICS_TOKEN"), "{body}");
     }
+    // Loopback names pass; a page on another name that resolves to 127.0.0.1 (DNS rebinding)
+    // reaches the server from loopback but names itself in Host: refused.
+    for host in ["localhost", "127.0.0.1:1", "[::1]:8080", "app.localhost"] {
+        let (status, body) = get(&local, &[("host", host)]).await;
+        assert_eq!(status, 200, "{host}: {body}");
+    }
+    for host in ["attacker.example", "attacker.example:8080", "127.0.0.1.nip.io"] {
+        let (status, body) = get(&local, &[("host", host)]).await;
+        assert_eq!(status, 403, "{host}: {body}");
+    }
     // From another address of this machine, as any other host would come.
     if let Some(ip) = outside_address() {
         let url = format!("http://{}/metrics", std::net::SocketAddr::new(ip, port));
