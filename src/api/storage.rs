@@ -210,7 +210,13 @@ pub struct DeletedBucket {
 pub struct FileList {
     success: bool,
     bucket: BucketInfo,
+    /// In name order (bytewise): at most `limit`, from `after`, under `prefix`.
     files: Vec<FileInfo>,
+    /// More files follow: ask again with `after` = `nextAfter`.
+    truncated: bool,
+    /// The last name of this page when `truncated`, else `null`.
+    #[serde(rename = "nextAfter")]
+    next_after: Option<String>,
 }
 
 /// A download URL valid for 15 minutes.
@@ -464,19 +470,45 @@ pub async fn upload_file(app: SharedApp, mut req: Request) -> ApiResult<Response
 /// The files of a bucket.
 #[utoipa::path(get, path = "/api/storage/files", tag = "storage", security(("bearer" = [])),
     params(("projectId" = String, Query, description = "The project"),
-           ("bucketId" = String, Query, description = "The bucket's UUID or name")),
-    responses((status = 200, description = "The bucket and its files", body = FileList)))]
+           ("bucketId" = String, Query, description = "The bucket's UUID or name"),
+           ("prefix" = Option<String>, Query, description = "Only names starting with this (a folder: `reports/`)"),
+           ("after" = Option<String>, Query, description = "Only names after this one (the `nextAfter` of the page before)"),
+           ("limit" = Option<u32>, Query, description = "At most this many files (1 to 10000, the default)")),
+    responses((status = 200, description = "The bucket and a page of its files", body = FileList)))]
 pub async fn list_files(app: SharedApp, req: Request) -> ApiResult<Json<FileList>> {
     let access = req.access_by_query(&app).await?;
     let base = base_url(&app.config, &req.headers);
-    let (bucket, files) = app
+    let limit = match req.optional_param("limit") {
+        None => crate::storage::files::MAX_LIST,
+        Some(v) => v
+            .parse::<usize>()
+            .ok()
+            .filter(|n| (1..=crate::storage::files::MAX_LIST).contains(n))
+            .ok_or_else(|| {
+                ApiError::BadRequest(format!(
+                    "limit: expected 1 to {}",
+                    crate::storage::files::MAX_LIST
+                ))
+            })?,
+    };
+    let page = crate::storage::files::FilePage {
+        prefix: req.optional_param("prefix").unwrap_or("").to_string(),
+        after: req.optional_param("after").map(str::to_string),
+        limit,
+    };
+    let (bucket, files, truncated) = app
         .storage
-        .list_files(&access.project.id, req.param("bucketId")?)
+        .list_files(&access.project.id, req.param("bucketId")?, &page)
         .await?;
+    let next_after = truncated
+        .then(|| files.last().map(|f| f.name.clone()))
+        .flatten();
     Ok(Json(FileList {
         success: true,
         bucket: bucket.into(),
         files: files.into_iter().map(|f| FileInfo::new(f, &base)).collect(),
+        truncated,
+        next_after,
     }))
 }
 

@@ -46,9 +46,14 @@ impl StoredFile {
 }
 
 /// The listed files of a bucket, by name.
+/// A page of the bucket's listed files by name: those starting with `prefix`, after the name
+/// `after`, at most `limit` (one more is read to tell whether the page is the last).
 pub async fn list_in_bucket(
     client: &impl GenericClient,
     bucket_id: &str,
+    prefix: &str,
+    after: Option<&str>,
+    limit: i64,
 ) -> Result<Vec<StoredFile>, Error> {
     let rows = client
         .query(
@@ -57,9 +62,12 @@ pub async fn list_in_bucket(
                  JOIN fluxbase.storage_buckets b ON b.id = f.bucket_id
                  WHERE f.bucket_id = $1::text::uuid AND f.size IS NOT NULL
                    AND f.deleting_at IS NULL
-                 ORDER BY f.name"
+                   AND left(f.name, length($2)) = $2
+                   AND ($3::text IS NULL OR f.name > $3::text COLLATE \"C\")
+                 ORDER BY f.name COLLATE \"C\"
+                 LIMIT $4"
             ),
-            &[&bucket_id],
+            &[&bucket_id, &prefix, &after, &(limit + 1)],
         )
         .await?;
     Ok(rows.iter().map(StoredFile::from_row).collect())

@@ -54,17 +54,41 @@ pub fn is_uuid(s: &str) -> bool {
         })
 }
 
+/// The most files one listing answers (`limit` is clamped to it).
+pub const MAX_LIST: usize = 10_000;
+
+/// Which files a listing answers: names starting with `prefix`, after `after` (the last name of
+/// the page before), at most `limit`.
+pub struct FilePage {
+    pub prefix: String,
+    pub after: Option<String>,
+    pub limit: usize,
+}
+
 impl Storage {
     /// The bucket named `id_or_name` and its listed files, by name.
+    /// A page of a bucket's files in name order (see [`FilePage`]): the whole list of a large
+    /// bucket is never held at once.
     pub async fn list_files(
         &self,
         project_id: &str,
         id_or_name: &str,
-    ) -> Result<(Bucket, Vec<StoredFile>), StorageError> {
+        page: &FilePage,
+    ) -> Result<(Bucket, Vec<StoredFile>, bool), StorageError> {
         let bucket = self.find_bucket(project_id, id_or_name).await?;
         let client = self.control.get().await?;
-        let files = control::files::list_in_bucket(&client, &bucket.id).await?;
-        Ok((bucket, files))
+        let limit = page.limit.clamp(1, MAX_LIST) as i64;
+        let mut files = control::files::list_in_bucket(
+            &client,
+            &bucket.id,
+            &page.prefix,
+            page.after.as_deref(),
+            limit,
+        )
+        .await?;
+        let more = files.len() as i64 > limit;
+        files.truncate(limit as usize);
+        Ok((bucket, files, more))
     }
 
     /// A stored (listed) file of the project by its key.

@@ -75,6 +75,9 @@ function limitFields(bucket) {
   };
 }
 
+/** Files per listing request: a folder of more shows a "Load more" button. */
+const FILE_PAGE = 1000;
+
 export default {
   id: 'storage',
   title: 'Storage',
@@ -139,21 +142,26 @@ export default {
       }
     }
 
-    async function loadFiles() {
+    /** Loads the current folder's files (names under state.prefix, subfolders included), a page
+     * of FILE_PAGE at a time; `more` appends the next page. A bucket of any size costs one page. */
+    async function loadFiles({ more = false } = {}) {
       const b = selected();
       if (!b) { state.files = null; state.filesOf = null; drawDetail(); return; }
-      if (state.filesOf !== b.id) {
-        // Another bucket: its list is loading. The same bucket again keeps its list meanwhile.
+      const of = `${b.id}/${state.prefix}`;
+      if (state.filesOf !== of) {
+        // Another bucket or folder: its list is loading. The same one again keeps its list meanwhile.
         state.files = null;
-        state.filesOf = b.id;
+        state.filesOf = of;
       }
       state.filesError = null;
       working(+1);
       drawDetail();
       try {
-        const a = await get('/api/storage/files', { projectId, bucketId: b.id });
-        if (!alive || (selected() || {}).id !== b.id) return;
-        state.files = a.files;
+        const after = more ? state.nextAfter : undefined;
+        const a = await get('/api/storage/files', { projectId, bucketId: b.id, prefix: state.prefix || undefined, limit: FILE_PAGE, after });
+        if (!alive || state.filesOf !== of) return;
+        state.files = more ? [...(state.files || []), ...a.files] : a.files;
+        state.nextAfter = a.truncated ? a.nextAfter : null;
       } catch (err) {
         if (!alive) return;
         state.filesError = err;
@@ -311,7 +319,7 @@ export default {
     function go(prefix) {
       state.prefix = prefix;
       remember();
-      drawDetail();
+      loadFiles();
     }
 
     function breadcrumbs(b) {
@@ -468,7 +476,11 @@ export default {
           : `No files yet.${can ? ' Upload files or drop them here.' : ''}`));
       }
       const up = state.prefix ? state.prefix.slice(0, state.prefix.slice(0, -1).lastIndexOf('/') + 1) : null;
-      return mount(zone, h('div', { class: 'table-wrap' }, h('table', { class: 'grid storage-grid' },
+      const moreRow = state.nextAfter
+        ? h('p', { class: 'muted', 'data-more-files': '' }, `Showing the first ${state.files.length} files of this folder. `,
+          h('button', { type: 'button', class: 'small', onclick: act(() => loadFiles({ more: true })) }, 'Load more'))
+        : null;
+      return mount(zone, moreRow, h('div', { class: 'table-wrap' }, h('table', { class: 'grid storage-grid' },
         h('caption', { class: 'offscreen' }, `Files in ${b.name}/${state.prefix}`),
         h('thead', {}, h('tr', {}, ['Name', 'Size', 'Type', 'Updated', 'Actions'].map((c) => h('th', { scope: 'col' }, c)))),
         h('tbody', {},

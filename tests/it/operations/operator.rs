@@ -90,7 +90,11 @@ async fn without_a_token_or_address_metrics_answer_only_local_unproxied_requests
         let (status, body) = get(&local, &[("host", host)]).await;
         assert_eq!(status, 200, "{host}: {body}");
     }
-    for host in ["attacker.example", "attacker.example:8080", "127.0.0.1.nip.io"] {
+    for host in [
+        "attacker.example",
+        "attacker.example:8080",
+        "127.0.0.1.nip.io",
+    ] {
         let (status, body) = get(&local, &[("host", host)]).await;
         assert_eq!(status, 403, "{host}: {body}");
     }
