@@ -19,7 +19,7 @@ pub enum KeysError {
     Auth(#[from] AuthError),
     #[error("scope: must be one of read, readwrite, admin")]
     InvalidScope,
-    #[error("name: at most 100 characters, without control, text-direction (such as U+202E) or invisible (such as U+200B) characters")]
+    #[error("name: at most 100 characters, without control (such as NUL), text-direction (such as U+202E) or invisible (such as U+200B) characters")]
     NameTooLong,
     #[error("keyId: no key {0:?} in this project")]
     NoSuchKey(String),

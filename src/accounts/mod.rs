@@ -41,7 +41,7 @@ pub enum AccountsError {
     InvalidEmail(String),
     #[error("password: must be between 8 and 1024 characters")]
     InvalidPassword,
-    #[error("displayName: at most 200 characters, without control, text-direction (such as U+202E) or invisible (such as U+200B) characters")]
+    #[error("displayName: at most 200 characters, without control (such as NUL), text-direction (such as U+202E) or invisible (such as U+200B) characters")]
     DisplayNameTooLong,
     #[error("An account with this email already exists.")]
     EmailTaken,

@@ -150,7 +150,7 @@ impl From<&DefaultKeys> for ApiKeySecrets {
 pub enum ProjectsError {
     #[error(transparent)]
     Auth(#[from] AuthError),
-    #[error("name: 1 to 100 printable characters, without control, text-direction (such as U+202E) or invisible (such as U+200B) characters")]
+    #[error("name: 1 to 100 printable characters, without control (such as NUL), text-direction (such as U+202E) or invisible (such as U+200B) characters")]
     InvalidName,
     #[error(
         "Project quota reached: a user may administer at most {0} projects \
