@@ -79,23 +79,96 @@ pub struct SqlRequest {
 }
 
 impl SqlRequest {
-    /// An unknown field that looks like one of ours, and the one it looks like.
+    /// An unknown field that looks like one of ours, and the one it looks like: the same but for
+    /// case, `_`, `-` and surrounding spaces, one typo away (an edit or a swap of neighbours), or
+    /// a word that means the same (`role`, `readOnly` for `scope`).
     pub fn misspelt(&self) -> Option<(&str, &'static str)> {
+        const OURS: [(&str, &str); 3] = [
+            ("scope", "scope"),
+            ("authuid", "authUid"),
+            ("params", "params"),
+        ];
         self.other.keys().find_map(|k| {
             let plain: String = k
+                .trim()
                 .chars()
-                .filter(|c| *c != '_' && *c != '-')
+                .filter(|c| *c != '_' && *c != '-' && !c.is_whitespace())
                 .flat_map(char::to_lowercase)
                 .collect();
             let meant = match plain.as_str() {
-                "scope" | "scopes" | "role" => "scope",
-                "authuid" | "authuserid" => "authUid",
-                "params" | "parameters" => "params",
-                _ => return None,
-            };
+                "scopes" | "role" | "dbrole" | "readonly" => Some("scope"),
+                "authuserid" => Some("authUid"),
+                "parameters" => Some("params"),
+                _ => OURS
+                    .iter()
+                    .find(|(ours, _)| one_typo_apart(&plain, ours))
+                    .map(|(_, meant)| *meant),
+            }?;
             // The field itself (`scope`) was read above; only other spellings are near-misses.
             (k != meant).then_some((k.as_str(), meant))
         })
+    }
+}
+
+/// Whether `a` and `b` are equal or one edit apart (insert, delete, replace, or swap of two
+/// neighbouring characters).
+fn one_typo_apart(a: &str, b: &str) -> bool {
+    let (a, b): (Vec<char>, Vec<char>) = (a.chars().collect(), b.chars().collect());
+    if a == b {
+        return true;
+    }
+    match a.len() as isize - b.len() as isize {
+        0 => {
+            let diff: Vec<usize> = (0..a.len()).filter(|&i| a[i] != b[i]).collect();
+            diff.len() == 1
+                || (diff.len() == 2
+                    && diff[1] == diff[0] + 1
+                    && a[diff[0]] == b[diff[1]]
+                    && a[diff[1]] == b[diff[0]])
+        }
+        1 | -1 => {
+            let (long, short) = if a.len() > b.len() {
+                (&a, &b)
+            } else {
+                (&b, &a)
+            };
+            let i = (0..short.len())
+                .find(|&i| long[i] != short[i])
+                .unwrap_or(short.len());
+            long[i + 1..] == short[i..]
+        }
+        _ => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn misspelt(field: &str) -> Option<&'static str> {
+        let body = serde_json::json!({ "projectId": "p", "query": "q", field: "read" });
+        let req: SqlRequest = serde_json::from_value(body).unwrap();
+        req.misspelt().map(|(_, meant)| meant)
+    }
+
+    #[test]
+    fn near_misses_of_the_narrowing_fields_are_caught_and_other_fields_are_not() {
+        for (field, meant) in [
+            ("Scope", "scope"),
+            ("scpoe", "scope"),
+            ("Scope ", "scope"),
+            ("scop", "scope"),
+            ("dbRole", "scope"),
+            ("readOnly", "scope"),
+            ("auth_uid", "authUid"),
+            ("authUdi", "authUid"),
+            ("param", "params"),
+        ] {
+            assert_eq!(misspelt(field), Some(meant), "{field}");
+        }
+        for field in ["scores", "requestTag", "userId", "query2x", "note"] {
+            assert_eq!(misspelt(field), None, "{field}");
+        }
     }
 }
 
