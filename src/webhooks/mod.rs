@@ -142,6 +142,8 @@ struct Shared {
     queue: worker::Queue,
     /// The outbox writer of each project with webhooks.
     writers: Mutex<HashMap<String, tokio::task::JoinHandle<()>>>,
+    /// The delivery worker, once started.
+    worker: Mutex<Option<tokio::task::JoinHandle<()>>>,
 }
 
 impl Webhooks {
@@ -154,6 +156,7 @@ impl Webhooks {
                 settings,
                 queue: Default::default(),
                 writers: Default::default(),
+                worker: Default::default(),
             }),
         }
     }
@@ -164,14 +167,23 @@ impl Webhooks {
         for project_id in projects {
             outbox::start(&self.shared, &project_id);
         }
-        tokio::spawn(worker::run(Arc::downgrade(&self.shared)));
+        let worker = tokio::spawn(worker::run(Arc::downgrade(&self.shared)));
+        if let Some(old) = self.shared.worker.lock().expect("poisoned").replace(worker) {
+            old.abort();
+        }
         Ok(())
     }
 
     /// Stops the outbox writers.
+    /// Stops the outbox writers and the delivery worker (at shutdown, before the control pool
+    /// closes: a worker left running would log a failed scan every `webhook_scan_ms` until the
+    /// process exits). Deliveries not sent stay in the outbox for the next start.
     pub fn stop(&self) {
         for (_, t) in self.shared.writers.lock().expect("poisoned").drain() {
             t.abort();
+        }
+        if let Some(worker) = self.shared.worker.lock().expect("poisoned").take() {
+            worker.abort();
         }
     }
 

@@ -127,13 +127,24 @@ async fn init_and_serve_run_an_embedded_cluster_and_reuse_it_after_ctrl_c() {
     // init stopped the cluster it started.
     assert!(!dir.join("pg/data/postmaster.pid").exists());
 
-    let (mut server, base) = serve(fluxbase(&dir), Stdio::piped()).await;
+    // The delivery worker scans every 10 ms: were it left running past the control pool's
+    // close, stopping the embedded cluster would give it time to log failed scans.
+    let mut first = fluxbase(&dir);
+    first.env("FLUXBASE_WEBHOOK_SCAN_MS", "10");
+    let (mut server, base) = serve(first, Stdio::piped()).await;
     let v = query(&base, &admin, &project, "CREATE TABLE notes (id serial PRIMARY KEY, body text); INSERT INTO notes (body) VALUES ('kept')").await;
     assert_eq!(v["success"], true, "{v}");
     interrupt(&mut server);
     assert!(
         !dir.join("pg/data/postmaster.pid").exists(),
         "Ctrl-C left PostgreSQL running"
+    );
+    let mut log = String::new();
+    std::io::Read::read_to_string(server.stderr.as_mut().unwrap(), &mut log).unwrap();
+    assert!(
+        !log.contains("looking for due webhook deliveries")
+            && !log.contains("Pool has been closed"),
+        "the way out logged failed scans:\n{log}"
     );
 
     // Second start: same project, same keys, same data; keys are not printed again.
