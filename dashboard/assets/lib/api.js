@@ -124,6 +124,14 @@ export function ident(name) {
   return '"' + String(name).replaceAll('"', '""') + '"';
 }
 
+/** A table's key in the page (selects, `data-table`, `?table=`): schema and name joined by a
+ * dot, each with its own dots and backslashes escaped, so `"public.x".y` and `public."x.y"`
+ * never share one. */
+export function tableKey(schema, name) {
+  const esc = (s) => String(s).replaceAll('\\', '\\\\').replaceAll('.', '\\.');
+  return `${esc(schema)}.${esc(name)}`;
+}
+
 /** Uploads a file with progress: XMLHttpRequest, since fetch reports no upload progress.
  * `onProgress(sentBytes, totalBytes)`. Resolves with the JSON answer. */
 export async function upload(path, query, formData, onProgress) {

@@ -4,7 +4,7 @@
 // dashboard runs); try a table as an end user (scope "read" with an authUid). Viewers read only.
 
 import { h, mount, field, header, section, errorBox, confirmDialog, formDialog, toast, act, dataTable, cell } from '../lib/dom.js';
-import { get, post, patch, del, sql, ident } from '../lib/api.js';
+import { get, post, patch, del, sql, ident, tableKey } from '../lib/api.js';
 
 const COMMANDS = ['ALL', 'SELECT', 'INSERT', 'UPDATE', 'DELETE'];
 
@@ -56,10 +56,7 @@ function troubleBox(t, extra) {
 
 const qualified = (t) => `${ident(t.schema)}.${ident(t.table)}`;
 const label = (t) => (t.schema === 'public' ? t.table : `${t.schema}.${t.table}`);
-/** A table's key in the selects: schema and table joined by a dot, each with its own dots and
- * backslashes escaped, so `"public.x".y` and `public."x.y"` never share one. */
-const esc = (s) => String(s).replaceAll('\\', '\\\\').replaceAll('.', '\\.');
-const tableKey = (t) => `${esc(t.schema)}.${esc(t.table)}`;
+const tableKeyOf = (t) => tableKey(t.schema, t.table);
 const withSchema = (t, body) => (t.schema && t.schema !== 'public' ? { ...body, schema: t.schema } : body);
 
 
@@ -229,7 +226,7 @@ export default {
 
     async function createPolicy(preset) {
       const tableSelect = h('select', { name: 'table', required: true, 'data-field': 'table' },
-        tables.map((t) => h('option', { value: tableKey(t), selected: preset && t.schema === preset.schema && t.table === preset.table }, label(t))));
+        tables.map((t) => h('option', { value: tableKeyOf(t), selected: preset && t.schema === preset.schema && t.table === preset.table }, label(t))));
       const templateSelect = h('select', { name: 'template', 'data-field': 'template' }, TEMPLATES.map((tp) => h('option', { value: tp.id }, tp.label)));
       const about = h('p', { class: 'hint rls-about' });
       const slots = h('div', { class: 'rls-slots' });
@@ -259,7 +256,7 @@ export default {
           return t ? troubleBox(t) : null;
         },
         onSubmit: async () => {
-          const t = tables.find((x) => tableKey(x) === tableSelect.value);
+          const t = tables.find((x) => tableKeyOf(x) === tableSelect.value);
           // Policies are created one by one; after a partial failure only the rest is left to send.
           while (forms.length) {
             const body = withSchema(t, { projectId, table: t.table, ...forms[0].value() });
@@ -279,13 +276,13 @@ export default {
     }
 
     function testPanel() {
-      const tableSelect = h('select', { name: 'table', 'data-test-table': '' }, tables.map((t) => h('option', { value: tableKey(t) }, label(t))));
+      const tableSelect = h('select', { name: 'table', 'data-test-table': '' }, tables.map((t) => h('option', { value: tableKeyOf(t) }, label(t))));
       const uid = h('input', { type: 'text', name: 'authUid', required: true, maxLength: 256, placeholder: 'alice', 'data-test-uid': '' });
       const out = h('div', { class: 'rls-test-out', 'aria-live': 'polite' });
       const form = h('form', {
         class: 'inline-form', 'aria-label': 'Test as an end user',
         onsubmit: act(async () => {
-          const t = tables.find((x) => tableKey(x) === tableSelect.value);
+          const t = tables.find((x) => tableKeyOf(x) === tableSelect.value);
           mount(out, h('p', { class: 'loading' }, 'Running…'));
           try {
             const a = await sql(projectId, `SELECT * FROM ${qualified(t)} LIMIT 100`, [], { scope: 'read', authUid: uid.value.trim() });

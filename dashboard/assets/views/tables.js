@@ -6,7 +6,7 @@
 // the column's type); identifiers are quoted with ident(); types come from the catalog.
 
 import { h, mount, append, field, header, section, errorBox, cell, toast, confirmDialog, act } from '../lib/dom.js';
-import { sql, ident } from '../lib/api.js';
+import { sql, ident, tableKey } from '../lib/api.js';
 
 const PAGE = 50;
 /** Values longer than this (bytes of their JSON text) are shown as a preview of PREVIEW chars. */
@@ -54,10 +54,7 @@ ORDER BY a.attnum`;
 const KIND = { r: 'table', p: 'partitioned table', v: 'view', m: 'materialized view', f: 'foreign table' };
 
 const qualified = (t) => `${ident(t.schema)}.${ident(t.name)}`;
-/** A table's key (the URL's ?table=, data-table): schema and name joined by a dot, each with
- * its own dots and backslashes escaped, so `"public.x".y` and `public."x.y"` never share one. */
-const esc = (s) => String(s).replaceAll('\\', '\\\\').replaceAll('.', '\\.');
-const tableId = (t) => `${esc(t.schema)}.${esc(t.name)}`;
+const tableId = (t) => tableKey(t.schema, t.name);
 /** A value's cast from its text form: the column's type without its modifier, so that a too
  * long varchar is refused on assignment instead of cut by an explicit cast. */
 const castOf = (c) => `::text::${c.base}`;
