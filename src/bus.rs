@@ -119,6 +119,9 @@ pub struct Event {
     pub last_in_transaction: bool,
     /// The guide's payload object (`db_event` or `schema_update`), serialized once.
     pub payload: Arc<str>,
+    /// A client broadcast relayed through the cluster's stream back to the node it came from:
+    /// the socket that sent it, which does not get its own broadcast. `None` otherwise.
+    pub sender: Option<u64>,
 }
 
 /// The publish/subscribe boundary of one project: what the change stream publishes to and

@@ -184,6 +184,19 @@ pub struct Config {
     pub sql_queue_timeout_ms: u64,
     /// Seconds a pooled SQL connection may sit idle before it is closed.
     pub sql_idle_timeout_secs: u64,
+    /// Cluster mode (docs/cluster.md): a NATS server with JetStream (`nats://host:4222`) that
+    /// several nodes on one PostgreSQL share. Unset: a single node, everything in process.
+    pub nats_url: Option<Secret>,
+    /// This node's name in cluster mode (leadership, `/api/cdc/status`, metrics): letters,
+    /// digits, `-` and `_`, 1 to 64. Unset: a random one made once and kept in
+    /// `<data_dir>/node-id`.
+    pub node_id: Option<String>,
+    /// How long each project's JetStream stream keeps events for `since` resumes, in seconds.
+    pub nats_retention_secs: u64,
+    /// Bytes each project's JetStream stream keeps (oldest dropped first).
+    pub nats_retention_bytes: u64,
+    /// Copies JetStream keeps of each stream (1 for a single NATS server; 3 for a NATS cluster).
+    pub nats_replicas: usize,
 }
 
 impl Default for Config {
@@ -250,6 +263,11 @@ impl Default for Config {
             sql_project_connections: 8,
             sql_queue_timeout_ms: 5_000,
             sql_idle_timeout_secs: 60,
+            nats_url: None,
+            node_id: None,
+            nats_retention_secs: 24 * 3600,
+            nats_retention_bytes: 256 * 1024 * 1024,
+            nats_replicas: 1,
         }
     }
 }
@@ -409,6 +427,17 @@ impl Config {
             || self.realtime_rls_connections == 0
         {
             bail!("realtime_rls_max_identities, realtime_rls_batch_rows, realtime_rls_timeout_ms and realtime_rls_connections must be positive");
+        }
+        if let Some(id) = &self.node_id {
+            if !crate::cluster::valid_node_id(id) {
+                bail!("node_id: 1 to 64 letters, digits, `-` or `_`, not {id:?}");
+            }
+        }
+        if self.nats_url.is_some() && self.database_url.is_none() {
+            bail!("nats_url (cluster mode) needs database_url: the nodes share one PostgreSQL");
+        }
+        if self.nats_replicas == 0 || self.nats_retention_secs == 0 || self.nats_retention_bytes == 0 {
+            bail!("nats_replicas, nats_retention_secs and nats_retention_bytes must be positive");
         }
         if self.max_rows == 0 || self.pool_size == 0 || self.rate_limit_window_secs == 0 {
             bail!("max_rows, pool_size and rate_limit_window_secs must be positive");

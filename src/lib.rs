@@ -13,6 +13,7 @@ pub mod auth;
 pub mod bus;
 pub mod catalog;
 pub mod cdc;
+pub mod cluster;
 pub mod config;
 pub mod control;
 pub mod db;

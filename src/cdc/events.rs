@@ -347,6 +347,7 @@ pub fn finish(
                 end_lsn,
                 last_in_transaction: last,
                 payload: Arc::from(p),
+                sender: None,
             }
         }
         Pending::Broadcast { event, payload } => {
@@ -369,6 +370,7 @@ pub fn finish(
                 end_lsn,
                 last_in_transaction: last,
                 payload: Arc::from(p),
+                sender: None,
             }
         }
         Pending::Schema {
@@ -407,6 +409,7 @@ pub fn finish(
                 end_lsn,
                 last_in_transaction: last,
                 payload: Arc::from(payload.to_string()),
+                sender: None,
             }
         }
     }

@@ -124,6 +124,7 @@ impl Realtime {
             end_lsn: Lsn(0),
             last_in_transaction: true,
             payload: Arc::from(body),
+            sender: None,
         };
         {
             if let Some(h) = history.as_mut() {

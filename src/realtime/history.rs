@@ -154,6 +154,7 @@ pub fn decode(payload: &[u8]) -> Option<Event> {
         end_lsn: Lsn(s.e),
         last_in_transaction: s.l,
         payload: Arc::from(s.p),
+        sender: None,
     })
 }
 
@@ -945,6 +946,7 @@ mod tests {
             end_lsn: Lsn(2),
             last_in_transaction: true,
             payload: Arc::from(format!("{{\"id\":\"{id}\"}}")),
+            sender: None,
         }
     }
 

@@ -1,0 +1,251 @@
+//! Cluster mode: several `fluxbase serve` nodes on one PostgreSQL and one NATS server with
+//! JetStream (`nats_url`). Without `nats_url` none of this runs and a server is a single node,
+//! everything in process.
+//!
+//! ```text
+//!            control database: advisory lock per project ── the node holding it leads
+//!                        │
+//!  leader:  slot ─► change stream ─► ProjectBus ─┬─ durable ─► JetStream publisher ─► stream FLUXBASE_<id>
+//!                                                └─ durable ─► webhook outbox (once per event)     │
+//!  every node: room pump ◄── durable consumer rt_<node> (its own history, fan-out) ◄──────────────┘
+//!  broadcasts (client, REST): any node ─► NATS request fluxbase.broadcast.<id> ─► leader ─► stream
+//! ```
+//!
+//! * **Leadership** ([`leadership`]): a session-level advisory lock per project on a dedicated
+//!   control-database connection named `fluxbase-node:<node id>`. Projects are spread evenly
+//!   over the nodes connected; a node that dies loses its locks with its connection (a kill -9
+//!   closes it at once), a node that stops gracefully releases them, and another node takes
+//!   the project on its next tick (500 ms).
+//! * **Fencing**: one writer per project stream. The leader publishes each event with the
+//!   stream sequence it expects last (`Nats-Expected-Last-Sequence`), so a node that lost its
+//!   lock but still holds events can publish none of them; and it ends the slot's walsender
+//!   of a previous leader before streaming.
+//! * **Nothing lost, nothing twice**: each event goes out with its id as `Nats-Msg-Id`; the slot
+//!   is confirmed only up to what JetStream has acknowledged (and the webhook outbox stored); a
+//!   new leader replays from the slot and skips what the stream already holds (ids are sortable).
+//! * **Realtime**: every node's room consumes the project stream with its own durable consumer
+//!   and keeps its own resume history from it, so `since` works on any node and after restarts,
+//!   as far back as the stream retains (`nats_retention_secs`, `nats_retention_bytes`).
+
+pub mod feed;
+pub mod leadership;
+pub mod publisher;
+
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use async_nats::jetstream;
+
+use crate::config::Config;
+
+/// A node name: 1 to 64 letters, digits, `-` or `_` (it goes into NATS consumer names and
+/// PostgreSQL application names).
+pub fn valid_node_id(id: &str) -> bool {
+    (1..=64).contains(&id.len())
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+}
+
+/// This node's name: `node_id`, else the one kept in `<data_dir>/node-id` (made on first use).
+pub fn node_id(config: &Config) -> Result<String> {
+    if let Some(id) = &config.node_id {
+        return Ok(id.clone());
+    }
+    let path = config.data_dir.join("node-id");
+    if let Ok(id) = std::fs::read_to_string(&path) {
+        let id = id.trim().to_string();
+        if valid_node_id(&id) {
+            return Ok(id);
+        }
+    }
+    let id = format!("node-{}", crate::secrets::random_hex::<4>());
+    write_private(&path, &id).with_context(|| format!("writing {}", path.display()))?;
+    Ok(id)
+}
+
+fn write_private(path: &Path, text: &str) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(true)
+        .write(true)
+        .mode(0o600)
+        .open(path)?;
+    f.write_all(text.as_bytes())?;
+    f.sync_all()
+}
+
+/// What each project stream keeps.
+#[derive(Clone, Debug)]
+pub struct Retention {
+    pub max_age: Duration,
+    pub max_bytes: i64,
+    pub replicas: usize,
+}
+
+/// A node's link to the cluster: its name, its NATS connection and JetStream.
+pub struct Cluster {
+    pub node_id: String,
+    pub nats: async_nats::Client,
+    pub js: jetstream::Context,
+    pub retention: Retention,
+    /// False while the NATS connection is down (the client reconnects by itself).
+    connected: Arc<AtomicBool>,
+}
+
+/// The subject a project's events go to.
+pub fn subject(project_id: &str) -> String {
+    format!("fluxbase.events.{project_id}")
+}
+
+/// The JetStream stream of a project.
+pub fn stream_name(project_id: &str) -> String {
+    format!("FLUXBASE_{project_id}")
+}
+
+/// The subject a project's leader takes broadcast requests on.
+pub fn broadcast_subject(project_id: &str) -> String {
+    format!("fluxbase.broadcast.{project_id}")
+}
+
+/// Wakes every node's leadership loop (a node stopped, or joined).
+pub const REBALANCE_SUBJECT: &str = "fluxbase.cluster.rebalance";
+
+impl Cluster {
+    /// Connects to NATS. The server starts even when NATS is down: the client keeps trying,
+    /// change streams wait for it (their slots keep the WAL) and HTTP serves meanwhile.
+    pub async fn connect(config: &Config, node_id: String) -> Result<Arc<Cluster>> {
+        let url = config
+            .nats_url
+            .as_ref()
+            .context("cluster mode needs nats_url")?
+            .expose()
+            .to_string();
+        let connected = Arc::new(AtomicBool::new(false));
+        let events = connected.clone();
+        let nats = async_nats::ConnectOptions::new()
+            .name(format!("fluxbase-{node_id}"))
+            .retry_on_initial_connect()
+            .connection_timeout(Duration::from_secs(5))
+            .event_callback(move |event| {
+                let events = events.clone();
+                async move {
+                    match event {
+                        async_nats::Event::Connected => {
+                            tracing::info!("connected to NATS");
+                            events.store(true, Ordering::Release);
+                        }
+                        async_nats::Event::Disconnected => {
+                            tracing::warn!("disconnected from NATS: change streams pause, HTTP serves on");
+                            events.store(false, Ordering::Release);
+                        }
+                        other => tracing::warn!(event = %other, "NATS"),
+                    }
+                }
+            })
+            .connect(url.as_str())
+            .await
+            .with_context(|| format!("connecting to NATS at {}", crate::config::redact_url(&url)))?;
+        let js = jetstream::new(nats.clone());
+        Ok(Arc::new(Cluster {
+            node_id,
+            nats,
+            js,
+            retention: Retention {
+                max_age: Duration::from_secs(config.nats_retention_secs),
+                max_bytes: i64::try_from(config.nats_retention_bytes).unwrap_or(i64::MAX),
+                replicas: config.nats_replicas,
+            },
+            connected,
+        }))
+    }
+
+    /// True while the NATS connection is up.
+    pub fn connected(&self) -> bool {
+        self.connected.load(Ordering::Acquire)
+            || self.nats.connection_state() == async_nats::connection::State::Connected
+    }
+
+    /// The project's stream, created (or its limits updated) if needed.
+    pub async fn ensure_stream(&self, project_id: &str) -> Result<jetstream::stream::Stream> {
+        let config = jetstream::stream::Config {
+            name: stream_name(project_id),
+            subjects: vec![subject(project_id)],
+            max_age: self.retention.max_age,
+            max_bytes: self.retention.max_bytes,
+            num_replicas: self.retention.replicas,
+            storage: jetstream::stream::StorageType::File,
+            discard: jetstream::stream::DiscardPolicy::Old,
+            duplicate_window: Duration::from_secs(120),
+            ..Default::default()
+        };
+        match self.js.get_stream(stream_name(project_id)).await {
+            Ok(mut stream) => {
+                let info = stream.info().await?.config.clone();
+                if info.max_age != config.max_age || info.max_bytes != config.max_bytes {
+                    self.js.update_stream(config).await?;
+                }
+                Ok(stream)
+            }
+            Err(_) => Ok(self
+                .js
+                .get_or_create_stream(config)
+                .await
+                .with_context(|| format!("creating the JetStream stream of {project_id}"))?),
+        }
+    }
+
+    /// Deletes a project's stream (the project was deleted).
+    pub async fn delete_stream(&self, project_id: &str) {
+        if let Err(e) = self.js.delete_stream(stream_name(project_id)).await {
+            tracing::debug!(project_id, error = %e, "deleting the project's JetStream stream");
+        }
+    }
+
+    /// Asks every node to look at leadership now.
+    pub async fn rebalance(&self) {
+        let _ = self
+            .nats
+            .publish(REBALANCE_SUBJECT, self.node_id.clone().into())
+            .await;
+        let _ = self.nats.flush().await;
+    }
+}
+
+/// In cluster mode every node must derive the same project role passwords, token keys and
+/// message tags: the first node stores its instance secret in the control database, the others
+/// adopt it (`fluxbase.cluster_secret`).
+pub async fn shared_secret(control: &deadpool_postgres::Pool, own: &str) -> Result<String> {
+    let client = control.get().await?;
+    client
+        .execute(
+            "INSERT INTO fluxbase.cluster_secret (instance_secret) VALUES ($1)
+             ON CONFLICT (id) DO NOTHING",
+            &[&own],
+        )
+        .await?;
+    let row = client
+        .query_one("SELECT instance_secret FROM fluxbase.cluster_secret", &[])
+        .await?;
+    Ok(row.get(0))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn node_ids_are_names_safe_in_subjects_and_application_names() {
+        for ok in ["a", "node-1", "eu_west_2", &"x".repeat(64)] {
+            assert!(valid_node_id(ok), "{ok}");
+        }
+        for bad in ["", "a.b", "a b", "node*", "é", &"x".repeat(65), "a>b"] {
+            assert!(!valid_node_id(bad), "{bad}");
+        }
+    }
+}
