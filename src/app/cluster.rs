@@ -258,6 +258,7 @@ impl Led for LedByApp {
 struct RealtimeRelay {
     cluster: Arc<Cluster>,
     feeds: Arc<FeedHealth>,
+    leadership: Arc<Leadership>,
 }
 
 impl crate::realtime::Relay for RealtimeRelay {
@@ -307,6 +308,10 @@ impl crate::realtime::Relay for RealtimeRelay {
         })
     }
 
+    fn nodes(&self) -> usize {
+        self.leadership.node_count()
+    }
+
     fn degraded(&self, project_id: &str) -> Option<String> {
         if !self.cluster.connected() {
             return Some("NATS is unreachable".into());
@@ -329,10 +334,21 @@ impl App {
         };
         self.cdc.set_led();
         self.webhooks.set_led();
+        // The guide's request limits hold across nodes (crate::cluster::limits).
+        let callers = self.secrets.derive("cluster rate limit callers");
+        crate::cluster::limits::share(&mode.cluster, &self.rate, "keys", callers.as_bytes());
+        crate::cluster::limits::share(
+            &mode.cluster,
+            self.auth.session_rate(),
+            "sessions",
+            callers.as_bytes(),
+        );
         self.realtime.set_relay(Arc::new(RealtimeRelay {
             cluster: mode.cluster.clone(),
             feeds: mode.feeds.clone(),
+            leadership: mode.leadership.clone(),
         }));
+        self.sql.join_cluster(mode.leadership.clone());
     }
 
     /// Cluster mode: starts taking leadership (when the server starts serving).

@@ -29,6 +29,7 @@
 
 pub mod feed;
 pub mod leadership;
+pub mod limits;
 pub mod publisher;
 
 use std::path::Path;
@@ -96,6 +97,14 @@ pub struct Cluster {
     pub retention: Retention,
     /// False while the NATS connection is down (the client reconnects by itself).
     connected: Arc<AtomicBool>,
+}
+
+/// A node's share of a cluster-wide bound (per-project sockets, SQL connections): `limit`
+/// divided by the nodes connected, rounded up. The cluster as a whole then admits at most
+/// `limit + nodes - 1`, and a project whose traffic all lands on one node gets that node's
+/// share only. At least 1.
+pub fn per_node(limit: usize, nodes: usize) -> usize {
+    limit.div_ceil(nodes.max(1)).max(1)
 }
 
 /// The subject a project's events go to.
@@ -242,6 +251,21 @@ pub async fn shared_secret(control: &deadpool_postgres::Pool, own: &str) -> Resu
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn per_node_shares_round_up_and_add_up_to_at_most_limit_plus_nodes_minus_one() {
+        assert_eq!(per_node(10_000, 1), 10_000);
+        assert_eq!(per_node(10_000, 3), 3_334);
+        assert_eq!(per_node(8, 3), 3);
+        assert_eq!(per_node(8, 0), 8);
+        assert_eq!(per_node(2, 5), 1);
+        for limit in 1..50 {
+            for nodes in 1..12 {
+                let total = per_node(limit, nodes) * nodes;
+                assert!(total >= limit && total < limit + nodes, "{limit}/{nodes}");
+            }
+        }
+    }
 
     #[test]
     fn node_ids_are_names_safe_in_subjects_and_application_names() {

@@ -76,6 +76,9 @@ pub struct Settings {
     pub backoff_scale: f64,
     /// How often the worker looks for deliveries that have come due.
     pub scan_interval: Duration,
+    /// Cluster mode: this node's name. Every node runs a delivery worker; a webhook's
+    /// deliveries are sent by the node holding its drain claim (`webhooks.drain_node`).
+    pub node_id: Option<String>,
 }
 
 impl Settings {
@@ -84,6 +87,7 @@ impl Settings {
             allow_private: config.webhook_allow_private,
             backoff_scale: config.webhook_backoff_scale,
             scan_interval: Duration::from_millis(config.webhook_scan_ms.max(10)),
+            node_id: None,
         }
     }
 }
