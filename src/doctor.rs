@@ -125,11 +125,48 @@ pub struct NatsFacts {
     /// The server is part of a NATS cluster (needed for `nats_replicas` > 1).
     pub clustered: bool,
     /// The account's JetStream limits and storage in use, or why JetStream did not answer.
-    pub jetstream: Result<(async_nats::jetstream::account::Limits, u64), String>,
+    pub jetstream: Result<(JetStreamLimits, u64), String>,
     /// Active projects: one stream each.
     pub projects: usize,
     /// Nodes connected to the control database now (at least 1): one consumer per project each.
     pub nodes: usize,
+}
+
+/// An account's JetStream limits (`None`: unlimited), as `$JS.API.INFO` reports them. Read here
+/// rather than with async-nats' `query_account`, which expects fields nats-server 2.9 does not
+/// send (`reserved_memory`, `api.level`) and fails on Debian's server.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct JetStreamLimits {
+    pub max_memory: Option<i64>,
+    pub max_storage: Option<i64>,
+    pub max_streams: Option<i64>,
+    pub max_consumers: Option<i64>,
+    pub storage_max_stream_bytes: Option<i64>,
+}
+
+/// `$JS.API.INFO`'s answer: the account's limits and the file storage it uses, or the error
+/// the server gave (JetStream off for the account).
+pub fn parse_account_info(body: &[u8]) -> Result<(JetStreamLimits, u64), String> {
+    let v: serde_json::Value =
+        serde_json::from_slice(body).map_err(|e| format!("unreadable account info: {e}"))?;
+    if let Some(e) = v.get("error") {
+        return Err(e["description"]
+            .as_str()
+            .map(str::to_string)
+            .unwrap_or_else(|| e.to_string()));
+    }
+    let l = &v["limits"];
+    let limit = |name: &str| l[name].as_i64().filter(|n| *n >= 0);
+    Ok((
+        JetStreamLimits {
+            max_memory: limit("max_memory"),
+            max_storage: limit("max_storage"),
+            max_streams: limit("max_streams"),
+            max_consumers: limit("max_consumers"),
+            storage_max_stream_bytes: limit("storage_max_stream_bytes"),
+        },
+        v["storage"].as_u64().unwrap_or(0),
+    ))
 }
 
 /// The oldest NATS server cluster mode runs on (Debian's package).
@@ -185,7 +222,7 @@ pub fn nats_findings(facts: &NatsFacts, retention_bytes: u64, replicas: usize) -
         if max < projects + 10 {
             findings.push(Finding {
                 problem: format!(
-                    "the NATS account allows {max} JetStream streams; this cluster has {projects} projects (one stream each)"
+                    "the NATS account allows {max} JetStream streams; this cluster has {projects} project(s), one stream each"
                 ),
                 fix: format!("raise the account's max_streams (jetstream {{ max_streams: {} }} in the account, or -1 for no limit)", (projects + 10).max(1000)),
             });
@@ -196,7 +233,7 @@ pub fn nats_findings(facts: &NatsFacts, retention_bytes: u64, replicas: usize) -
         if max < needed + 10 {
             findings.push(Finding {
                 problem: format!(
-                    "the NATS account allows {max} JetStream consumers; {projects} projects on {} node(s) use {needed} (one per project per node)",
+                    "the NATS account allows {max} JetStream consumers; {projects} project(s) on {} node(s) use {needed} (one per project per node)",
                     facts.nodes.max(1)
                 ),
                 fix: "raise the account's max_consumers (or -1 for no limit)".into(),
@@ -224,19 +261,19 @@ pub fn nats_findings(facts: &NatsFacts, retention_bytes: u64, replicas: usize) -
                 problem: format!(
                     "the NATS account has {max} bytes of JetStream file storage; {projects} project stream(s) of nats_retention_bytes = {retention} (× {replicas} replica(s)) reserve {needed}"
                 ),
-                fix: "raise the account's max_file_store (max_storage), or lower FLUXBASE_NATS_RETENTION_BYTES".into(),
+                fix: "raise the account's JetStream max_file (max_storage), or lower FLUXBASE_NATS_RETENTION_BYTES".into(),
             });
         } else if (*used as i64) > max / 10 * 9 {
             findings.push(Finding {
                 problem: format!("JetStream file storage is {used} of {max} bytes used"),
-                fix: "raise the account's max_file_store, or lower FLUXBASE_NATS_RETENTION_BYTES / FLUXBASE_NATS_RETENTION_SECS".into(),
+                fix: "raise the account's JetStream max_file, or lower FLUXBASE_NATS_RETENTION_BYTES / FLUXBASE_NATS_RETENTION_SECS".into(),
             });
         }
     }
     if limits.max_memory == Some(0) && limits.max_storage == Some(0) {
         findings.push(Finding {
             problem: "the NATS account has no JetStream storage at all".into(),
-            fix: "give the account JetStream limits (max_file_store)".into(),
+            fix: "give the account JetStream file storage (max_file)".into(),
         });
     }
     findings
@@ -254,7 +291,7 @@ pub async fn check_nats(
     let shown = crate::config::redact_url(url.expose());
     let client = match tokio::time::timeout(
         std::time::Duration::from_secs(10),
-        async_nats::ConnectOptions::new()
+        crate::cluster::connect_options(url.expose())
             .name("fluxbase-doctor")
             .connection_timeout(std::time::Duration::from_secs(5))
             .connect(url.expose()),
@@ -276,13 +313,18 @@ pub async fn check_nats(
         }
     };
     let info = client.server_info();
-    let js = async_nats::jetstream::new(client.clone());
     let jetstream = if !info.jetstream {
         Err("the server runs without JetStream".to_string())
     } else {
-        match js.query_account().await {
-            Ok(a) => Ok((a.limits, a.storage)),
-            Err(e) => Err(e.to_string()),
+        match tokio::time::timeout(
+            std::time::Duration::from_secs(5),
+            client.request("$JS.API.INFO", bytes::Bytes::new()),
+        )
+        .await
+        {
+            Ok(Ok(answer)) => parse_account_info(&answer.payload),
+            Ok(Err(e)) => Err(e.to_string()),
+            Err(_) => Err("no answer to $JS.API.INFO within 5 s".into()),
         }
     };
     let control = target.connect(&target.control_db).await?;
@@ -318,7 +360,7 @@ pub async fn check_nats(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use async_nats::jetstream::account::Limits;
+    type Limits = JetStreamLimits;
 
     fn facts(limits: Limits, used: u64) -> NatsFacts {
         NatsFacts {
@@ -338,6 +380,36 @@ mod tests {
                 f.problem
             })
             .collect()
+    }
+
+    #[test]
+    fn account_info_of_nats_server_2_9_reads() {
+        // What nats-server 2.9.10 -js answers (no reserved_memory, no api.level).
+        let body = br#"{"type":"io.nats.jetstream.api.v1.account_info_response","memory":0,"storage":172414,"streams":1,"consumers":3,"limits":{"max_memory":-1,"max_storage":-1,"max_streams":-1,"max_consumers":-1,"max_ack_pending":-1,"memory_max_stream_bytes":-1,"storage_max_stream_bytes":-1,"max_bytes_required":false},"api":{"total":38,"errors":3}}"#;
+        assert_eq!(
+            parse_account_info(body).unwrap(),
+            (JetStreamLimits::default(), 172414)
+        );
+        let limited = br#"{"storage":5,"limits":{"max_memory":0,"max_storage":1000,"max_streams":10,"max_consumers":20,"storage_max_stream_bytes":100}}"#;
+        assert_eq!(
+            parse_account_info(limited).unwrap(),
+            (
+                JetStreamLimits {
+                    max_memory: Some(0),
+                    max_storage: Some(1000),
+                    max_streams: Some(10),
+                    max_consumers: Some(20),
+                    storage_max_stream_bytes: Some(100),
+                },
+                5
+            )
+        );
+        let off = br#"{"type":"io.nats.jetstream.api.v1.account_info_response","error":{"code":503,"err_code":10039,"description":"jetstream not enabled for account"}}"#;
+        assert_eq!(
+            parse_account_info(off).unwrap_err(),
+            "jetstream not enabled for account"
+        );
+        assert!(parse_account_info(b"<html>").is_err());
     }
 
     #[test]

@@ -93,24 +93,29 @@ pub fn share(cluster: &Arc<Cluster>, limiter: &Arc<RateLimiter>, name: &str, key
     ));
 }
 
-/// Announces this node's hits: wakes on the first pending one, gathers for [`FLUSH`], sends.
+/// Announces this node's hits: a hit after a quiet spell goes out at once; while hits keep
+/// coming, what gathered goes out every [`FLUSH`] (one message, not one per request).
 async fn announce(cluster: Arc<Cluster>, sharing: Arc<Sharing>, subject: String) {
     loop {
         sharing.wake.notified().await;
-        if Arc::strong_count(&sharing) == 1 {
-            return; // The limiter is gone.
-        }
-        tokio::time::sleep(FLUSH).await;
-        let hits = sharing.take();
-        if !cluster.connected() {
-            // Each node limits on its own until NATS is back.
-            continue;
-        }
-        for batch in hits.chunks(MAX_BATCH) {
-            let body = encode(&cluster.node_id, batch);
-            if let Err(e) = cluster.nats.publish(subject.clone(), body.into()).await {
-                tracing::debug!(error = %e, subject, "announcing rate limit hits");
+        loop {
+            if Arc::strong_count(&sharing) == 1 {
+                return; // The limiter is gone.
             }
+            let hits = sharing.take();
+            if hits.is_empty() {
+                break;
+            }
+            // NATS down: dropped; each node limits on its own until it is back.
+            if cluster.connected() {
+                for batch in hits.chunks(MAX_BATCH) {
+                    let body = encode(&cluster.node_id, batch);
+                    if let Err(e) = cluster.nats.publish(subject.clone(), body.into()).await {
+                        tracing::debug!(error = %e, subject, "announcing rate limit hits");
+                    }
+                }
+            }
+            tokio::time::sleep(FLUSH).await;
         }
     }
 }

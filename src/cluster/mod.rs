@@ -99,6 +99,49 @@ pub struct Cluster {
     connected: Arc<AtomicBool>,
 }
 
+/// Credentials a NATS URL carries.
+#[derive(Debug, PartialEq, Eq)]
+pub enum NatsCredentials {
+    /// `nats://user:password@host`
+    UserPassword(String, String),
+    /// `nats://token@host`
+    Token(String),
+}
+
+/// The credentials in `url` (percent-escapes decoded); of a comma-separated list, those of the
+/// first URL that has some.
+pub fn url_credentials(url: &str) -> Option<NatsCredentials> {
+    let decode = |s: &str| {
+        percent_encoding::percent_decode_str(s)
+            .decode_utf8_lossy()
+            .into_owned()
+    };
+    url.split(',').find_map(|one| {
+        let u = url::Url::parse(one.trim()).ok()?;
+        match (u.username(), u.password()) {
+            ("", _) => None,
+            (user, Some(password)) => Some(NatsCredentials::UserPassword(
+                decode(user),
+                decode(password),
+            )),
+            (token, None) => Some(NatsCredentials::Token(decode(token))),
+        }
+    })
+}
+
+/// The NATS client options for `url`, with the credentials it carries applied: async-nats does
+/// not read them from the URL itself (`nats://user:password@host` connected as nobody and the
+/// server answered "authorization violation").
+pub fn connect_options(url: &str) -> async_nats::ConnectOptions {
+    match url_credentials(url) {
+        Some(NatsCredentials::UserPassword(user, password)) => {
+            async_nats::ConnectOptions::with_user_and_password(user, password)
+        }
+        Some(NatsCredentials::Token(token)) => async_nats::ConnectOptions::with_token(token),
+        None => async_nats::ConnectOptions::new(),
+    }
+}
+
 /// A node's share of a cluster-wide bound (per-project sockets, SQL connections): `limit`
 /// divided by the nodes connected, rounded up. The cluster as a whole then admits at most
 /// `limit + nodes - 1`, and a project whose traffic all lands on one node gets that node's
@@ -137,7 +180,7 @@ impl Cluster {
             .to_string();
         let connected = Arc::new(AtomicBool::new(false));
         let events = connected.clone();
-        let nats = async_nats::ConnectOptions::new()
+        let nats = connect_options(&url)
             .name(format!("fluxbase-{node_id}"))
             .retry_on_initial_connect()
             .connection_timeout(Duration::from_secs(5))
@@ -251,6 +294,25 @@ pub async fn shared_secret(control: &deadpool_postgres::Pool, own: &str) -> Resu
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn nats_credentials_come_from_the_url() {
+        use NatsCredentials::*;
+        assert_eq!(
+            url_credentials("nats://fluxbase:p%40ss@127.0.0.1:4222"),
+            Some(UserPassword("fluxbase".into(), "p@ss".into()))
+        );
+        assert_eq!(
+            url_credentials("nats://s3cr3t@127.0.0.1:4222"),
+            Some(Token("s3cr3t".into()))
+        );
+        assert_eq!(
+            url_credentials("nats://a:4222, nats://u:pw@b:4222"),
+            Some(UserPassword("u".into(), "pw".into()))
+        );
+        assert_eq!(url_credentials("nats://127.0.0.1:4222"), None);
+        assert_eq!(url_credentials("127.0.0.1:4222"), None);
+    }
 
     #[test]
     fn per_node_shares_round_up_and_add_up_to_at_most_limit_plus_nodes_minus_one() {
