@@ -122,6 +122,8 @@ async fn consume(
     acks: &mut watch::Receiver<Lsn>,
     health: &FeedHealth,
 ) -> anyhow::Result<()> {
+    let mut reconnected = cluster.connections();
+    reconnected.borrow_and_update();
     let stream = cluster.ensure_stream(project_id).await?;
     let name = format!("rt_{}", cluster.node_id);
     if from_start {
@@ -138,6 +140,9 @@ async fn consume(
                 ack_policy: AckPolicy::All,
                 ack_wait: Duration::from_secs(300),
                 max_ack_pending: MAX_ACK_PENDING,
+                // A node gone for good leaves no consumer behind for longer than the stream
+                // keeps events (one that comes back later reads what is retained again).
+                inactive_threshold: cluster.retention.max_age,
                 ..Default::default()
             },
         )
@@ -145,16 +150,34 @@ async fn consume(
         .map(|c: async_nats::jetstream::consumer::Consumer<pull::Config>| c)?
         .stream()
         .max_messages_per_batch(1024)
-        .heartbeat(Duration::from_secs(5))
-        .expires(Duration::from_secs(30))
+        .heartbeat(Duration::from_secs(2))
+        .expires(Duration::from_secs(10))
         .messages()
         .await?;
     let mut messages = consumer;
+    // The stream sequence this node's history has up to (its consumer's acknowledged floor):
+    // the next message must follow it, or the stream dropped some (retention) before this node
+    // read them. A fresh history has nothing to follow.
+    let mut last_seq: Option<u64> = None;
+    if !from_start {
+        if let Ok(info) = stream
+            .get_consumer::<pull::Config>(&name)
+            .await
+            .map(|c| c.cached_info().ack_floor.stream_sequence)
+        {
+            last_seq = Some(info);
+        }
+    }
     health.down.lock().expect("poisoned").remove(project_id);
     // Acknowledgement points (a transaction's last message), oldest first.
     let mut points: VecDeque<(Lsn, async_nats::jetstream::Message)> = VecDeque::new();
     loop {
         tokio::select! {
+            _ = reconnected.changed() => {
+                // The pull request did not survive the reconnection: ask again, from the
+                // consumer's acknowledged position (replays are dropped by id).
+                anyhow::bail!("NATS reconnected");
+            }
             changed = acks.changed() => {
                 if changed.is_err() {
                     return Ok(());
@@ -171,6 +194,11 @@ async fn consume(
             msg = messages.next() => {
                 let Some(msg) = msg else { anyhow::bail!("the consumer's message stream ended") };
                 let msg = msg.map_err(|e| anyhow::anyhow!("{e}"))?;
+                let seq = msg.info().map(|i| i.stream_sequence).ok();
+                let gap = matches!((last_seq, seq), (Some(l), Some(s)) if s > l + 1);
+                if seq.is_some() {
+                    last_seq = seq;
+                }
                 let Some(mut event) = crate::realtime::history::decode(&msg.payload) else {
                     tracing::error!(project_id, "an undecodable message in the project's stream: skipped");
                     continue;
@@ -182,6 +210,7 @@ async fn consume(
                         }
                     }
                 }
+                event.gap_before = gap;
                 let point = (event.last_in_transaction && event.commit_lsn != Lsn(u64::MAX))
                     .then_some(event.end_lsn);
                 if tx.send(Arc::new(event)).await.is_err() {
