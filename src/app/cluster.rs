@@ -372,6 +372,11 @@ impl App {
     pub(super) async fn stop_leading(&self) {
         if let Some(mode) = self.cluster_mode.as_ref() {
             mode.leadership.stop().await;
+            // Webhook drains too: their claims go back as soon as their attempts in flight
+            // end (10 s at most), not 60 s after this node is gone.
+            self.webhooks
+                .hand_over(std::time::Duration::from_secs(12))
+                .await;
         }
     }
 }

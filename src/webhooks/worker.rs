@@ -45,6 +45,11 @@ impl Queue {
         self.wake.notify_one();
     }
 
+    /// No webhook is being drained.
+    pub(super) fn idle(&self) -> bool {
+        self.busy.lock().expect("poisoned").is_empty()
+    }
+
     /// Deliveries may have become due outside the outbox: the worker scans at once.
     pub(super) fn rescan(&self) {
         self.scan.store(true, Ordering::Relaxed);
@@ -77,6 +82,10 @@ pub(super) async fn run(shared: Weak<Shared>) {
             }
             // From the end of the query: a slow scan is not followed by another at once.
             last_scan = Some(Instant::now());
+        }
+        if strong.handing_over.load(Ordering::Acquire) {
+            // Cluster mode, stopping: the other nodes send from now on.
+            candidates.clear();
         }
         for hook in candidates {
             let mut busy = queue.busy.lock().expect("poisoned");
@@ -143,6 +152,8 @@ enum Drain {
     Done,
     /// Cluster mode: the claim lapsed before it could be renewed; maybe another node took it.
     Lapsed,
+    /// Cluster mode: this node is stopping; another node sends the rest.
+    HandedOver,
 }
 
 async fn drain_batches(
@@ -162,6 +173,10 @@ async fn drain_batches(
         let mut delivered = Successes::default();
         for d in &due {
             if let Some(claim) = claim.as_deref_mut() {
+                if shared.handing_over.load(Ordering::Acquire) {
+                    record(shared, &delivered).await?;
+                    return Ok(Drain::HandedOver);
+                }
                 if !claim.keep(shared).await? {
                     record(shared, &delivered).await?;
                     return Ok(Drain::Lapsed);
@@ -261,6 +276,7 @@ async fn drain_claimed(shared: &Shared, webhook_id: &str, node: &str) -> anyhow:
         match drained? {
             // The claim lapsed (this node stalled): start over from the outbox, claiming again.
             Drain::Lapsed => continue,
+            Drain::HandedOver => return released,
             Drain::Done => released?,
         }
         // Given back: look once more. A delivery committed after this drain's last look was

@@ -149,6 +149,49 @@ async fn two_nodes_draining_one_webhook_never_send_a_first_attempt_twice() {
         .unwrap()
         .get(0);
     assert_eq!(pending, 0);
+
+    // A graceful stop hands the claim over at once: the drainer ends after its attempt in
+    // flight (held here, then answered 503) and gives the claim back; the other node sends the
+    // rest without waiting for the claim to expire.
+    rx.hold();
+    store(&app, &f.project, &wh, total + 5, 20).await;
+    let (held, _) = rx.wait_held(1).await;
+    let holder: String = control
+        .query_one(
+            "SELECT drain_node FROM fluxbase.webhooks WHERE id = $1",
+            &[&wh],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    let stopping = if holder == "node-a" { &a } else { &b };
+    let started = std::time::Instant::now();
+    let (_, ()) = tokio::join!(stopping.hand_over(Duration::from_secs(12)), async {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        rx.release();
+    });
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
+    let got = rx.wait_for(held + 1 + 20).await;
+    let after: std::collections::HashSet<&str> =
+        got[held + 1..].iter().map(|r| r.delivery_id()).collect();
+    assert_eq!(
+        after.len(),
+        20,
+        "the other node sent the rest, the held one again"
+    );
+    let now: Option<String> = control
+        .query_one(
+            "SELECT drain_node FROM fluxbase.webhooks WHERE id = $1",
+            &[&wh],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_ne!(now.as_deref(), Some(holder.as_str()));
     a.stop();
     b.stop();
     app.stop().await;
