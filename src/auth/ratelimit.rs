@@ -59,6 +59,11 @@ pub struct Sharing {
     pending: Mutex<Vec<u64>>,
     /// Woken when `pending` gets its first hit.
     pub wake: tokio::sync::Notify,
+    /// Hits announced to the other nodes, in how many messages, and hits heard from them
+    /// (for `/metrics`).
+    pub announced: std::sync::atomic::AtomicU64,
+    pub messages: std::sync::atomic::AtomicU64,
+    pub heard: std::sync::atomic::AtomicU64,
 }
 
 impl Sharing {
@@ -70,6 +75,9 @@ impl Sharing {
             key: ring::hmac::Key::new(ring::hmac::HMAC_SHA256, key),
             pending: Mutex::new(Vec::new()),
             wake: tokio::sync::Notify::new(),
+            announced: Default::default(),
+            messages: Default::default(),
+            heard: Default::default(),
         }
     }
 

@@ -22,6 +22,7 @@
 //! * No announcement is sent for a node that has no hits to announce, and a burst costs one
 //!   message per [`FLUSH`] per node, not one per request.
 
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -81,26 +82,41 @@ pub fn decode(message: &[u8]) -> Option<(&str, Vec<u64>)> {
 /// Shares `limiter`'s hits across the cluster under `name` (`keys`, `sessions`): hashes callers
 /// with `key` (the same on every node), announces what this node counts and counts what the
 /// others announce. The tasks end when the limiter is dropped.
-pub fn share(cluster: &Arc<Cluster>, limiter: &Arc<RateLimiter>, name: &str, key: &[u8]) {
-    let Some(sharing) = limiter.share(key) else {
-        return;
-    };
-    tokio::spawn(announce(cluster.clone(), sharing, subject(name)));
-    tokio::spawn(listen(
+pub fn share(
+    cluster: &Arc<Cluster>,
+    limiter: &Arc<RateLimiter>,
+    name: &str,
+    key: &[u8],
+) -> Option<Arc<Sharing>> {
+    let sharing = limiter.share(key)?;
+    tokio::spawn(announce(
         cluster.clone(),
+        sharing.clone(),
         Arc::downgrade(limiter),
         subject(name),
     ));
+    tokio::spawn(listen(
+        cluster.clone(),
+        Arc::downgrade(limiter),
+        Arc::downgrade(&sharing),
+        subject(name),
+    ));
+    Some(sharing)
 }
 
 /// Announces this node's hits: a hit after a quiet spell goes out at once; while hits keep
 /// coming, what gathered goes out every [`FLUSH`] (one message, not one per request).
-async fn announce(cluster: Arc<Cluster>, sharing: Arc<Sharing>, subject: String) {
+async fn announce(
+    cluster: Arc<Cluster>,
+    sharing: Arc<Sharing>,
+    limiter: std::sync::Weak<RateLimiter>,
+    subject: String,
+) {
     loop {
         sharing.wake.notified().await;
         loop {
-            if Arc::strong_count(&sharing) == 1 {
-                return; // The limiter is gone.
+            if limiter.strong_count() == 0 {
+                return; // The server is gone.
             }
             let hits = sharing.take();
             if hits.is_empty() {
@@ -110,8 +126,16 @@ async fn announce(cluster: Arc<Cluster>, sharing: Arc<Sharing>, subject: String)
             if cluster.connected() {
                 for batch in hits.chunks(MAX_BATCH) {
                     let body = encode(&cluster.node_id, batch);
-                    if let Err(e) = cluster.nats.publish(subject.clone(), body.into()).await {
-                        tracing::debug!(error = %e, subject, "announcing rate limit hits");
+                    match cluster.nats.publish(subject.clone(), body.into()).await {
+                        Ok(()) => {
+                            sharing.messages.fetch_add(1, Ordering::Relaxed);
+                            sharing
+                                .announced
+                                .fetch_add(batch.len() as u64, Ordering::Relaxed);
+                        }
+                        Err(e) => {
+                            tracing::debug!(error = %e, subject, "announcing rate limit hits")
+                        }
                     }
                 }
             }
@@ -121,7 +145,12 @@ async fn announce(cluster: Arc<Cluster>, sharing: Arc<Sharing>, subject: String)
 }
 
 /// Counts the other nodes' hits.
-async fn listen(cluster: Arc<Cluster>, limiter: std::sync::Weak<RateLimiter>, subject: String) {
+async fn listen(
+    cluster: Arc<Cluster>,
+    limiter: std::sync::Weak<RateLimiter>,
+    sharing: std::sync::Weak<Sharing>,
+    subject: String,
+) {
     loop {
         match cluster.nats.subscribe(subject.clone()).await {
             Ok(mut sub) => {
@@ -131,6 +160,9 @@ async fn listen(cluster: Arc<Cluster>, limiter: std::sync::Weak<RateLimiter>, su
                     };
                     match decode(&message.payload) {
                         Some((node, hashes)) if node != cluster.node_id => {
+                            if let Some(s) = sharing.upgrade() {
+                                s.heard.fetch_add(hashes.len() as u64, Ordering::Relaxed);
+                            }
                             for h in hashes {
                                 limiter.record_shared(h);
                             }
