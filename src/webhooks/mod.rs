@@ -205,7 +205,7 @@ impl Webhooks {
 
     /// Cluster mode, a graceful stop: the drains of this node end before their next attempt
     /// and give their webhooks' claims back, so that another node sends at once rather than
-    /// after the claims expire (60 s). Waits for the attempts in flight (at most `within`).
+    /// after the claims expire (30 s). Waits for the attempts in flight (at most `within`).
     pub async fn hand_over(&self, within: Duration) {
         if self.shared.settings.node_id.is_none() {
             return;

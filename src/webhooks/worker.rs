@@ -198,15 +198,15 @@ async fn drain_batches(
 ///
 /// An attempt is bounded by the egress client's total timeout (10 s, connect included, body read
 /// included: [`super::attempt`]), then a few control-database writes record it. The drainer
-/// renews before every attempt that would start with less than [`RENEW_BELOW`] (30 s) left, so
-/// each attempt starts with at least 30 s of claim: 10 s for the request and 20 s for its
+/// renews before every attempt that would start with less than [`RENEW_BELOW`] (20 s) left, so
+/// each attempt starts with at least 20 s of claim: 10 s for the request and 10 s for its
 /// bookkeeping (and the batch's successes, recorded after its last attempt). A live drainer
 /// therefore never loses its claim mid-attempt, and another node never sends a delivery whose
-/// attempt has not been recorded yet. A node that dies keeps its claims for at most 60 s; then
+/// attempt has not been recorded yet. A node that dies keeps its claims for at most 30 s; then
 /// another node sends what it had not recorded (at-least-once, same delivery ids).
-const DRAIN_LEASE: Duration = Duration::from_secs(60);
+const DRAIN_LEASE: Duration = Duration::from_secs(30);
 /// Renew a claim before an attempt when less than this is left of it.
-const RENEW_BELOW: Duration = Duration::from_secs(30);
+const RENEW_BELOW: Duration = Duration::from_secs(20);
 
 /// This node's claim on a webhook's drain (cluster mode), and when it runs out at the latest
 /// (measured from before the statement that took it, so never later than the database's).
