@@ -843,7 +843,8 @@ impl Pool {
         )
     }
 
-    async fn take_samples(&self) -> Vec<(i64, i64)> {
+    /// Every client's (received, delay, node) samples, cleared.
+    async fn take_samples(&self) -> Vec<(i64, i64, usize)> {
         let mut all = Vec::new();
         for c in &self.clients {
             let (tx, rx) = oneshot::channel();
@@ -853,7 +854,7 @@ impl Pool {
                 .is_ok()
             {
                 if let Ok(samples) = rx.await {
-                    all.extend(samples);
+                    all.extend(samples.into_iter().map(|(at, d)| (at, d, c.node)));
                 }
             }
         }
@@ -1278,8 +1279,8 @@ async fn load(topology: &mut Topology, meters: &[(String, Meter)], spec: Load) -
     let samples = pool.take_samples().await;
     let secs = b.0.duration_since(a.0).as_secs_f64();
     let expected = generated.committed * members.len() as u64;
-    let slow = slow_bursts(&samples);
-    let mut delays: Vec<i64> = samples.iter().map(|(_, d)| *d).collect();
+    let slow = slow_bursts(&samples, topology.nodes.len());
+    let mut delays: Vec<i64> = samples.iter().map(|(_, d, _)| *d).collect();
     let (p50_ms, p99_ms, max_ms) = percentiles(&mut delays);
     let over = delays
         .iter()
@@ -1328,12 +1329,19 @@ async fn load(topology: &mut Topology, meters: &[(String, Meter)], spec: Load) -
     if !slow.is_empty() {
         eprintln!(
             "[bench]   {:.2}% of the timed messages over {P99_TARGET_MS} ms, in {} bursts \
-             (start s into the phase: messages, worst ms): {}",
+             (start s into the phase: messages per node, worst ms): {}",
             row.over_target * 100.0,
             slow.len(),
             slow.iter()
                 .take(12)
-                .map(|(at, n, worst)| format!("{at:.2}: {n}, {worst:.0}"))
+                .map(|(at, per_node, worst)| {
+                    let per_node: Vec<String> = per_node
+                        .iter()
+                        .zip(&topology.nodes)
+                        .map(|(n, node)| format!("{} {n}", node.id))
+                        .collect();
+                    format!("{at:.2}: {}, {worst:.0}", per_node.join(" "))
+                })
                 .collect::<Vec<_>>()
                 .join("; ")
         );
@@ -1342,28 +1350,27 @@ async fn load(topology: &mut Topology, meters: &[(String, Meter)], spec: Load) -
 }
 
 /// The timed messages over P99_TARGET_MS grouped into bursts (slow messages read less than
-/// 100 ms apart): each burst's start (seconds after the first timed message), its messages and
-/// its worst delay in ms.
-fn slow_bursts(samples: &[(i64, i64)]) -> Vec<(f64, usize, f64)> {
-    let Some(first) = samples.iter().map(|(at, _)| *at).min() else {
+/// 100 ms apart): each burst's start (seconds after the first timed message), its messages per
+/// node and its worst delay in ms.
+fn slow_bursts(samples: &[(i64, i64, usize)], nodes: usize) -> Vec<(f64, Vec<usize>, f64)> {
+    let Some(first) = samples.iter().map(|(at, _, _)| *at).min() else {
         return Vec::new();
     };
-    let mut slow: Vec<(i64, i64)> = samples
+    let mut slow: Vec<(i64, i64, usize)> = samples
         .iter()
-        .filter(|(_, d)| *d as f64 > P99_TARGET_MS * 1e3)
+        .filter(|(_, d, _)| *d as f64 > P99_TARGET_MS * 1e3)
         .copied()
         .collect();
     slow.sort_unstable();
-    let mut bursts: Vec<(f64, usize, f64)> = Vec::new();
+    let mut bursts: Vec<(f64, Vec<usize>, f64)> = Vec::new();
     let mut last_at = i64::MIN;
-    for (at, delay) in slow {
-        match bursts.last_mut() {
-            Some(b) if at - last_at < 100_000 => {
-                b.1 += 1;
-                b.2 = b.2.max(delay as f64 / 1e3);
-            }
-            _ => bursts.push(((at - first) as f64 / 1e6, 1, delay as f64 / 1e3)),
+    for (at, delay, node) in slow {
+        if bursts.is_empty() || at - last_at >= 100_000 {
+            bursts.push(((at - first) as f64 / 1e6, vec![0; nodes], 0.0));
         }
+        let b = bursts.last_mut().expect("pushed");
+        b.1[node.min(nodes - 1)] += 1;
+        b.2 = f64::max(b.2, delay as f64 / 1e3);
         last_at = at;
     }
     bursts
