@@ -844,8 +844,28 @@ impl Pool {
         Ok(())
     }
 
-    /// Subscribes exactly the first `n` sockets (the others unsubscribe; they stay connected).
-    async fn subscribe_first(&mut self, n: usize) -> Result<()> {
+    /// Subscribes exactly the first `n` sockets (the others unsubscribe; they stay connected),
+    /// after replacing any socket that was closed (on the node it was on, given by `urls`).
+    async fn subscribe_first(&mut self, n: usize, urls: &[String]) -> Result<()> {
+        let dead: Vec<usize> = (0..self.clients.len())
+            .filter(|&i| !self.clients[i].stats.alive())
+            .collect();
+        if let Some(&first) = dead.first() {
+            eprintln!(
+                "[bench]   replacing {} closed sockets; the first was closed: {}",
+                dead.len(),
+                self.clients[first].stats.reason.lock().expect("poisoned")
+            );
+        }
+        for &i in &dead {
+            let node = self.clients[i].node;
+            let mut client = self
+                .connect(&urls[node], node, None)
+                .await
+                .context("replacing a closed socket")?;
+            client.subscribed = true;
+            self.clients[i] = client;
+        }
         let subscribe =
             json!({ "type": "subscribe", "roomId": self.room, "token": self.read_key }).to_string();
         let unsubscribe = json!({ "type": "unsubscribe", "roomId": self.room }).to_string();
@@ -1287,7 +1307,11 @@ struct LoadRow {
 
 async fn load(topology: &mut Topology, meters: &[(String, Meter)], spec: Load) -> Result<LoadRow> {
     let ticks = clock_ticks();
-    topology.pool.subscribe_first(spec.subscribers).await?;
+    let urls = topology.ws_urls();
+    topology
+        .pool
+        .subscribe_first(spec.subscribers, &urls)
+        .await?;
     let pool = &topology.pool;
     pool.shared.sample_every.store(0, Ordering::Relaxed);
     pool.take_samples().await;
@@ -1728,7 +1752,11 @@ async fn failover(
     budget: &Budget,
 ) -> Result<Failover> {
     // Every socket records the rows (and event ids) it reads from here on.
-    cluster.pool.subscribe_first(settings.subscribers).await?;
+    let urls = cluster.ws_urls();
+    cluster
+        .pool
+        .subscribe_first(settings.subscribers, &urls)
+        .await?;
     cluster.pool.shared.track.store(true, Ordering::Relaxed);
     let first_row = cluster.generator.next_id;
     cluster.barrier().await?;
