@@ -1504,6 +1504,9 @@ struct Kill {
     first_event_after: Option<Duration>,
     /// Sockets of the killed node reconnected with `since`.
     resumed: usize,
+    /// What the new leader's publisher had skipped (events the stream already held) once the
+    /// first row arrived.
+    skipped: Option<u64>,
 }
 
 struct Failover {
@@ -1853,6 +1856,16 @@ async fn failover(
                 new_leader = Some(cluster.nodes[i].id.clone());
             }
         }
+        let mut skipped = None;
+        if let Some(i) = cluster
+            .nodes
+            .iter()
+            .position(|n| Some(&n.id) == new_leader.as_ref())
+        {
+            if let Some(c) = cluster.cluster_status(i).await {
+                skipped = c["skipped"].as_u64();
+            }
+        }
         eprintln!(
             "[bench]   kill {}: node {killed_id} (leader) killed; new leader {} seen after {}; \
              first row committed after the kill read on a surviving node after {}",
@@ -1927,6 +1940,7 @@ async fn failover(
             new_leader,
             first_event_after,
             resumed,
+            skipped,
         });
         cluster.nodes[leader].spawn().await?;
     }
@@ -2300,12 +2314,14 @@ impl Report {
         );
         for (i, k) in f.kills.iter().enumerate() {
             println!(
-                "  kill {}: node {} → {} leads after {}, first row after {}; {} sockets resumed elsewhere with since",
+                "  kill {}: node {} → {} leads after {}, first row after {}; it skipped {} replayed \
+                 events the stream held; {} sockets resumed elsewhere with since",
                 i + 1,
                 k.killed,
                 k.new_leader.as_deref().unwrap_or("?"),
                 k.leader_after.map_or("-".into(), |d| format!("{:.3} s", d.as_secs_f64())),
                 k.first_event_after.map_or("-".into(), |d| format!("{:.3} s", d.as_secs_f64())),
+                k.skipped.map_or("?".into(), |n| n.to_string()),
                 k.resumed
             );
         }
