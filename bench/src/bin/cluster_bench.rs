@@ -1519,6 +1519,8 @@ struct Failover {
     duplicates: u64,
     /// Sockets that could not reconnect, or closed otherwise (reasons).
     failures: Vec<String>,
+    /// A socket resuming with `since` from the phase's first event on each node: what it got.
+    probes: Vec<(String, String)>,
 }
 
 struct Report {
@@ -1767,6 +1769,12 @@ async fn failover(
     cluster.pool.shared.track.store(true, Ordering::Relaxed);
     let first_row = cluster.generator.next_id;
     cluster.barrier().await?;
+    // The barrier row's event id: the probes below resume after it.
+    let barrier_id = cluster
+        .pool
+        .clients
+        .iter()
+        .find_map(|c| c.stats.last_id.lock().expect("poisoned").clone());
     let stop = Arc::new(AtomicBool::new(false));
     let sent = Arc::new(Mutex::new(Vec::new()));
     let client = project_connection(&cluster.db_url).await?;
@@ -1973,6 +1981,56 @@ async fn failover(
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+    // A new socket on every node resumes from the barrier (`since`): each must get every row
+    // committed after it, once, whichever node it asks (a restarted one included).
+    let mut probes = Vec::new();
+    let urls = cluster.ws_urls();
+    for (i, node) in cluster.nodes.iter().enumerate() {
+        let due = rows.saturating_sub(1);
+        let outcome = match cluster.pool.connect(&urls[i], i, barrier_id.clone()).await {
+            Err(e) => format!("refused: {e:#}"),
+            Ok(probe) => {
+                let start = Instant::now();
+                let mut last = (0usize, Instant::now());
+                loop {
+                    let n = probe.stats.rows.lock().expect("poisoned").len();
+                    if n as u64 >= due || start.elapsed() > DRAIN_LIMIT {
+                        break;
+                    }
+                    if n != last.0 {
+                        last = (n, Instant::now());
+                    } else if last.1.elapsed() > Duration::from_secs(3) {
+                        break;
+                    }
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                let mut ids: Vec<i64> = probe
+                    .stats
+                    .rows
+                    .lock()
+                    .expect("poisoned")
+                    .iter()
+                    .map(|(id, _)| *id)
+                    .filter(|id| (first_row + 1..=last_row).contains(id))
+                    .collect();
+                let n = ids.len();
+                ids.sort_unstable();
+                ids.dedup();
+                let missing = due.saturating_sub(ids.len() as u64);
+                let duplicates = n - ids.len();
+                if missing == 0 && duplicates == 0 {
+                    format!("all {due} rows once")
+                } else {
+                    format!("{missing} of {due} rows missing, {duplicates} duplicates")
+                }
+            }
+        };
+        eprintln!(
+            "[bench]   since the failover phase's first event, on node {}: {outcome}",
+            node.id
+        );
+        probes.push((node.id.clone(), outcome));
+    }
     cluster.pool.shared.track.store(false, Ordering::Relaxed);
     let (mut distinct, mut duplicates) = (0u64, 0u64);
     for c in &cluster.pool.clients {
@@ -2011,6 +2069,7 @@ async fn failover(
         missing: expected.saturating_sub(distinct),
         duplicates,
         failures,
+        probes,
     })
 }
 
@@ -2333,6 +2392,15 @@ impl Report {
             f.missing,
             f.duplicates,
             check(f.missing == 0 && f.duplicates == 0)
+        );
+        println!(
+            "resume on every node (since the phase's first event, after all the kills): {} {}",
+            f.probes
+                .iter()
+                .map(|(node, outcome)| format!("{node}: {outcome}"))
+                .collect::<Vec<_>>()
+                .join("; "),
+            check(f.probes.iter().all(|(_, o)| o.starts_with("all ")))
         );
         for e in f.failures.iter().take(5) {
             println!("  {e}");
