@@ -47,7 +47,9 @@
 //!    subscribers then reconnect to the surviving nodes with `since` (their last event id), the
 //!    node is started again on its data directory and rejoins (every node sees three nodes and
 //!    agrees on the leader) before the next kill. At the end every subscriber must hold every
-//!    row committed since the phase began exactly once (complete, duplicates).
+//!    row committed since the phase began exactly once (complete, duplicates), and a new socket
+//!    on every node, resuming with `since` from the phase's first event, must get every row
+//!    after it once (or the report says what the server answered, e.g. `RESUME_TOO_OLD`).
 //!
 //! BENCH_TIME_LIMIT (default 300 s) bounds the measurement: rounds and kills that would not fit
 //! are skipped (and the report says so). No timing is asserted anywhere: the targets are printed
