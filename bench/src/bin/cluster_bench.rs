@@ -1095,6 +1095,9 @@ impl Generator {
 // ---------------------------------------------------------------------------------------
 // Topologies
 
+/// A node to start: its id, data directory and environment.
+type NodeSpec = (String, PathBuf, Vec<(&'static str, String)>);
+
 /// One node, or three: its servers, project, generator and sockets.
 struct Topology {
     name: &'static str,
@@ -1115,7 +1118,7 @@ impl Topology {
         name: &'static str,
         binary: &Path,
         pg: &Cluster,
-        envs: Vec<(String, PathBuf, Vec<(&'static str, String)>)>,
+        envs: Vec<NodeSpec>,
         subscribers: usize,
     ) -> Result<Topology> {
         let (_, first_dir, first_env) = &envs[0];
@@ -2177,12 +2180,11 @@ impl Report {
         };
         let ratio = three_sat / one_sat;
         println!(
-            "{:<44}  {:>30}  {:>30}  {:>7}  {}",
+            "{:<44}  {:>30}  {:>30}  {:>7}  target",
             format!("median of {n} round{}", if n == 1 { "" } else { "s" }),
             "one node (reference)",
             "three nodes",
-            "ratio",
-            "target"
+            "ratio"
         );
         let ratio_target = if saturated(0) && saturated(1) {
             format!(">= {RATIO_TARGET}x {}", check(ratio >= RATIO_TARGET))
