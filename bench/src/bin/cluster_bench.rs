@@ -2201,6 +2201,26 @@ impl Report {
             format!("{} ({})", thousands(three_sat), label(saturated(1))),
             ratio
         );
+        // The same per core the servers used (nodes, nats-server, PostgreSQL): less at the
+        // mercy of what else runs on the shared cores.
+        let per_core = |row: &LoadRow| {
+            let cores: f64 = row
+                .cpu
+                .iter()
+                .filter(|(l, _)| l.starts_with("node ") || l == "nats-server" || l == "postgres")
+                .map(|(_, c)| c)
+                .sum();
+            row.delivered / cores.max(1e-9)
+        };
+        let one_core = med(&|r| per_core(&r.0.saturation));
+        let three_core = med(&|r| per_core(&r.1.saturation));
+        println!(
+            "{:<44}  {:>30}  {:>30}  {:>6.2}x",
+            "  the same per server core (nodes+NATS+PG)",
+            thousands(one_core),
+            thousands(three_core),
+            three_core / one_core
+        );
         let one_p50 = med(&|r| r.0.latency.p50_ms);
         let three_p50 = med(&|r| r.1.latency.p50_ms);
         let one_p99 = med(&|r| r.0.latency.p99_ms);
