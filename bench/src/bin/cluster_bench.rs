@@ -31,7 +31,9 @@
 //!      only what was offered and is labelled so. Delivered messages/s = messages read by all
 //!      clients in the window / window length; then every subscriber must have every change
 //!      (complete). CPU per process over the window (each fluxbase node, nats-server, every
-//!      PostgreSQL process, the clients here, the whole machine) from /proc.
+//!      PostgreSQL process, the clients here, the whole machine, and the rest: other work on
+//!      the shared cores) from /proc, and the delivered messages per core the servers used
+//!      (nodes, nats-server, PostgreSQL), which depends less on that other work.
 //!    * **latency**: BENCH_TPS (default 1,000) single-row INSERTs/s, one per transaction, for
 //!      BENCH_LATENCY_SECONDS (default 10) to the first BENCH_LATENCY_SUBSCRIBERS sockets
 //!      (default 100, as in fanout_bench, whose 20 ms target this is; the others unsubscribe and
