@@ -198,8 +198,11 @@ impl Led for LedByApp {
                 Ok(admin) => {
                     if let Err(e) = admin
                         .execute(
-                            "SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots
-                             WHERE slot_name = $1 AND active_pid IS NOT NULL",
+                            // Walsenders only: while a project is created, the backend
+                            // making its slot holds it too.
+                            "SELECT pg_terminate_backend(s.active_pid)
+                             FROM pg_replication_slots s JOIN pg_stat_activity a ON a.pid = s.active_pid
+                             WHERE s.slot_name = $1 AND a.backend_type = 'walsender'",
                             &[&slot],
                         )
                         .await

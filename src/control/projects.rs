@@ -218,12 +218,13 @@ pub async fn set_slot(db: &impl GenericClient, project_id: &str, slot: &str) -> 
     .await
 }
 
-/// (id, database) of every project, oldest first.
-/// The active projects' ids and databases (cluster mode leads these).
+/// The ids and databases of the active projects whose replication slot is made (cluster mode
+/// leads these: a project being created has its row before its slot).
 pub async fn active_databases(db: &impl GenericClient) -> Result<Vec<(String, String)>, Error> {
     Ok(db
         .query(
-            "SELECT id, db_name FROM fluxbase.projects WHERE status = 'active' ORDER BY created_at",
+            "SELECT id, db_name FROM fluxbase.projects
+             WHERE status = 'active' AND cdc_slot IS NOT NULL ORDER BY created_at",
             &[],
         )
         .await?
@@ -232,6 +233,7 @@ pub async fn active_databases(db: &impl GenericClient) -> Result<Vec<(String, St
         .collect())
 }
 
+/// (id, database) of every project, oldest first.
 pub async fn all_databases(db: &impl GenericClient) -> Result<Vec<(String, String)>, Error> {
     Ok(db
         .query(
