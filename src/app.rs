@@ -13,7 +13,10 @@ use crate::metrics::Metrics;
 use crate::secrets::Secrets;
 use crate::sql::Sql;
 
+mod cluster;
 mod lifecycle;
+
+pub use cluster::{ClusterMode, NodeReport, ProjectLeadership};
 
 /// Everything a request handler needs. Cheap to clone (an `Arc`).
 pub struct App {
@@ -41,6 +44,8 @@ pub struct App {
     pub storage: crate::storage::Storage,
     /// Keeps the embedded cluster alive as long as the server; stopped on shutdown.
     pub embedded: Option<embedded::Cluster>,
+    /// Cluster mode (`nats_url`): this node's link to the others; `None` for a single node.
+    pub cluster_mode: Option<Arc<ClusterMode>>,
 }
 
 pub type SharedApp = Arc<App>;
@@ -64,7 +69,7 @@ impl App {
     async fn open_as(config: Config, extra_pg: &[(&str, &str)], sweep: bool) -> Result<SharedApp> {
         crate::secrets::create_data_dir(&config.data_dir, config.database_url.is_none())
             .with_context(|| format!("creating {}", config.data_dir.display()))?;
-        let secrets = Secrets::load_or_create(&config.data_dir)?;
+        let mut secrets = Secrets::load_or_create(&config.data_dir)?;
         let (cluster, embedded) = match &config.database_url {
             Some(url) => {
                 let target = ClusterTarget::from_url(url.expose())?;
@@ -96,6 +101,18 @@ impl App {
             }
         };
         let control = crate::db::open_control(&cluster, 8).await?;
+        let cluster_mode = match &config.nats_url {
+            None => None,
+            Some(_) => {
+                // Every node derives role passwords and token keys from one secret.
+                secrets.instance_secret =
+                    crate::cluster::shared_secret(&control, &secrets.instance_secret).await?;
+                let node_id = crate::cluster::node_id(&config)?;
+                tracing::info!(node_id, "cluster mode");
+                let nats = crate::cluster::Cluster::connect(&config, node_id).await?;
+                Some(Arc::new(ClusterMode::new(nats, cluster.clone())))
+            }
+        };
         let metrics = Arc::new(Metrics::default());
         let storage =
             crate::storage::Storage::open(&config, &secrets, control.clone(), metrics.clone())?;
@@ -174,7 +191,9 @@ impl App {
             cluster,
             control,
             embedded,
+            cluster_mode,
         });
+        app.join_cluster();
         let host: std::sync::Weak<dyn crate::realtime::Host> = Arc::downgrade(&app) as _;
         app.realtime.attach(host);
         // A stream's room stores it in the durable resume history from its start.
@@ -249,6 +268,7 @@ impl Running {
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
         app.cdc.start_all().await?;
         app.webhooks.start().await?;
+        app.start_leading();
         crate::api::metrics::start_listener(&app).await?;
         let routes = crate::api::filter(app.clone());
         let limits = crate::api::listener::Limits {
@@ -279,6 +299,8 @@ impl Running {
     pub async fn stop(mut self) {
         // Realtime clients first: 1001 ("going away"), so that they reconnect at once.
         self.app.realtime.close_all_sockets().await;
+        // Cluster mode: the other nodes take this one's projects over now, not after a tick.
+        self.app.stop_leading().await;
         if let Some(tx) = self.shutdown.take() {
             let _ = tx.send(());
         }

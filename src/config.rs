@@ -436,7 +436,10 @@ impl Config {
         if self.nats_url.is_some() && self.database_url.is_none() {
             bail!("nats_url (cluster mode) needs database_url: the nodes share one PostgreSQL");
         }
-        if self.nats_replicas == 0 || self.nats_retention_secs == 0 || self.nats_retention_bytes == 0 {
+        if self.nats_replicas == 0
+            || self.nats_retention_secs == 0
+            || self.nats_retention_bytes == 0
+        {
             bail!("nats_replicas, nats_retention_secs and nats_retention_bytes must be positive");
         }
         if self.max_rows == 0 || self.pool_size == 0 || self.rate_limit_window_secs == 0 {

@@ -39,7 +39,11 @@ pub const CONTROL_MIGRATIONS: &[(i32, &str, &str)] = &[
         "email_normalisation",
         include_str!("../sql/control/0008_email_normalisation.sql"),
     ),
-    (9, "cluster", include_str!("../sql/control/0009_cluster.sql")),
+    (
+        9,
+        "cluster",
+        include_str!("../sql/control/0009_cluster.sql"),
+    ),
 ];
 
 /// Where the project databases live and how the server reaches the cluster as its admin role.

@@ -16,6 +16,9 @@ pub struct CdcStatus {
     pub project_id: String,
     pub stream: StreamStatus,
     pub slot: SlotReport,
+    /// Cluster mode only: which node leads the project's change stream.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cluster: Option<crate::app::ProjectLeadership>,
 }
 
 /// The project's change stream: state, slot, lag, last error.
@@ -31,5 +34,6 @@ pub async fn cdc_status(app: SharedApp, req: Request) -> ApiResult<Json<CdcStatu
         project_id: id.clone(),
         stream: report.stream,
         slot: report.slot,
+        cluster: app.cluster_mode.as_ref().map(|m| m.project_report(id)),
     }))
 }

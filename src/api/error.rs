@@ -51,6 +51,9 @@ pub enum ApiError {
     Busy(String),
     #[error("The database is unreachable. Retry after a few seconds.")]
     DatabaseUnavailable(String),
+    /// Cluster mode: the project's leader or the cluster's stream (NATS) could not be reached.
+    #[error("{0}")]
+    RealtimeUnavailable(String),
     /// The storage backend (disk or S3) failed; the operation changed nothing.
     #[error("The storage backend is unavailable. Retry after a few seconds.")]
     StorageUnavailable(String),
@@ -76,7 +79,9 @@ impl ApiError {
             Conflict(_) => StatusCode::CONFLICT,
             PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             RateLimited { .. } | Busy(_) => StatusCode::TOO_MANY_REQUESTS,
-            DatabaseUnavailable(_) | StorageUnavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            DatabaseUnavailable(_) | StorageUnavailable(_) | RealtimeUnavailable(_) => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
             Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
@@ -100,6 +105,7 @@ impl ApiError {
             RateLimited { .. } | Busy(_) => "RATE_LIMIT",
             DatabaseUnavailable(_) => "DATABASE_CONNECTION_ERROR",
             StorageUnavailable(_) => "STORAGE_UNAVAILABLE",
+            RealtimeUnavailable(_) => "REALTIME_UNAVAILABLE",
             MethodNotAllowed(_) => "METHOD_NOT_ALLOWED",
             Internal(_) => "INTERNAL_ERROR",
         }
@@ -143,7 +149,9 @@ impl ApiError {
         match self {
             ApiError::RateLimited { retry_after, .. } => Some(*retry_after),
             ApiError::Busy(_) => Some(1),
-            ApiError::DatabaseUnavailable(_) | ApiError::StorageUnavailable(_) => Some(2),
+            ApiError::DatabaseUnavailable(_)
+            | ApiError::StorageUnavailable(_)
+            | ApiError::RealtimeUnavailable(_) => Some(2),
             _ => None,
         }
     }

@@ -55,6 +55,20 @@ pub async fn ready(app: SharedApp, req: Request) -> ApiResult<Response> {
                 "code": "STORAGE_UNAVAILABLE", "message": message } }),
         ));
     }
+    if let Some(mode) = app.cluster_mode.as_ref() {
+        // Cluster mode: which node this is, what it leads, whether it reaches NATS. Not ready
+        // without NATS or the leadership connection: a load balancer sends realtime elsewhere.
+        let report = mode.node_report();
+        let ok = report.nats && report.leadership;
+        return Ok(json_response(
+            if ok {
+                StatusCode::OK
+            } else {
+                StatusCode::SERVICE_UNAVAILABLE
+            },
+            &json!({ "status": if ok { "ready" } else { "degraded" }, "cluster": report }),
+        ));
+    }
     Ok(Json(Status { status: "ready" }).into_response())
 }
 

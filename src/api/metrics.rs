@@ -47,7 +47,12 @@ fn text(app: &App) -> Response {
     warp::reply::with_header(
         app.metrics
             .render(app.sql.connection_count(), &app.cdc.all_status())
-            + &app.realtime.render_metrics(),
+            + &app.realtime.render_metrics()
+            + &app
+                .cluster_mode
+                .as_ref()
+                .map(|m| m.render_metrics())
+                .unwrap_or_default(),
         "content-type",
         "text/plain; version=0.0.4",
     )

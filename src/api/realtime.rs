@@ -121,7 +121,7 @@ pub async fn realtime_token(app: SharedApp, req: Request) -> ApiResult<impl Repl
     responses((status = 200, description = "Sockets of this server that got it", body = BroadcastResponse)))]
 pub async fn realtime_broadcast(app: SharedApp, req: Request) -> ApiResult<impl Reply> {
     let access = req.access_by_body(&app).await?;
-    Ok(Json(app.realtime.broadcast(&access, req.json()?)?))
+    Ok(Json(app.realtime.broadcast(&access, req.json()?).await?))
 }
 
 /// The guide's status and code of a realtime refusal. Only tokens and broadcasts answer over
@@ -147,6 +147,7 @@ impl From<RealtimeError> for ApiError {
             } => ApiError::Busy(format!(
                 "Too many broadcasts for this project: at most {per_sec} per second and {bytes_per_sec} bytes per second (realtime_project_broadcasts_per_sec, realtime_project_broadcast_bytes_per_sec). Retry shortly."
             )),
+            e @ RealtimeError::Unavailable(_) => ApiError::RealtimeUnavailable(e.to_string()),
             RealtimeError::Refused { code, message } => {
                 ApiError::Internal(anyhow::anyhow!("{code}: {message}"))
             }

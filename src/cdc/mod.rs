@@ -222,6 +222,9 @@ pub struct Cdc {
     on_start: OnceLock<StartHook>,
     streams: Mutex<HashMap<String, Handle>>,
     enabled: std::sync::atomic::AtomicBool,
+    /// Cluster mode: streams start only where this node leads the project
+    /// ([`Cdc::lead`], called by the leadership loop), never from [`Cdc::start`].
+    led: std::sync::atomic::AtomicBool,
     /// Where the streams run (see the module docs); made with the first stream.
     runtime: OnceLock<tokio::runtime::Runtime>,
 }
@@ -255,6 +258,7 @@ impl Cdc {
             on_start: OnceLock::new(),
             streams: Mutex::new(HashMap::new()),
             enabled: std::sync::atomic::AtomicBool::new(false),
+            led: std::sync::atomic::AtomicBool::new(false),
             runtime: OnceLock::new(),
         }
     }
@@ -348,10 +352,24 @@ impl Cdc {
         Ok(())
     }
 
-    /// Starts change streams for every project (called when the server starts serving).
+    /// Cluster mode: streams run only where the leadership loop starts them ([`Cdc::lead`]).
+    pub fn set_led(&self) {
+        self.led.store(true, std::sync::atomic::Ordering::Release);
+    }
+
+    /// Cluster mode: starts the stream of a project this node now leads.
+    pub fn lead(&self, project_id: String, db_name: String) {
+        self.start_stream(project_id, db_name)
+    }
+
+    /// Starts change streams for every project (called when the server starts serving); in
+    /// cluster mode, none: the leadership loop starts those this node leads.
     pub async fn start_all(&self) -> anyhow::Result<()> {
         self.enabled
             .store(true, std::sync::atomic::Ordering::Release);
+        if self.led.load(std::sync::atomic::Ordering::Acquire) {
+            return Ok(());
+        }
         let control = self.sources.control.get().await?;
         for (id, db_name) in crate::control::projects::all_databases(&control).await? {
             self.start(id, db_name);
@@ -359,8 +377,16 @@ impl Cdc {
         Ok(())
     }
 
-    /// Starts the change stream of one project (no-op if running or if streams are disabled).
+    /// Starts the change stream of one project (no-op if running or if streams are disabled;
+    /// in cluster mode too: the leadership loop decides).
     pub fn start(&self, project_id: String, db_name: String) {
+        if self.led.load(std::sync::atomic::Ordering::Acquire) {
+            return;
+        }
+        self.start_stream(project_id, db_name)
+    }
+
+    fn start_stream(&self, project_id: String, db_name: String) {
         if !self.enabled.load(std::sync::atomic::Ordering::Acquire) {
             return;
         }

@@ -340,7 +340,10 @@ impl Leadership {
         self.wake.notify_one();
         let task = self.task.lock().expect("poisoned").take();
         if let Some(task) = task {
-            if tokio::time::timeout(Duration::from_secs(10), task).await.is_err() {
+            if tokio::time::timeout(Duration::from_secs(10), task)
+                .await
+                .is_err()
+            {
                 tracing::warn!("leadership: the hand-over took over 10 s");
             }
         }

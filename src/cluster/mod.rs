@@ -141,7 +141,9 @@ impl Cluster {
                             events.store(true, Ordering::Release);
                         }
                         async_nats::Event::Disconnected => {
-                            tracing::warn!("disconnected from NATS: change streams pause, HTTP serves on");
+                            tracing::warn!(
+                                "disconnected from NATS: change streams pause, HTTP serves on"
+                            );
                             events.store(false, Ordering::Release);
                         }
                         other => tracing::warn!(event = %other, "NATS"),
@@ -150,7 +152,9 @@ impl Cluster {
             })
             .connect(url.as_str())
             .await
-            .with_context(|| format!("connecting to NATS at {}", crate::config::redact_url(&url)))?;
+            .with_context(|| {
+                format!("connecting to NATS at {}", crate::config::redact_url(&url))
+            })?;
         let js = jetstream::new(nats.clone());
         Ok(Arc::new(Cluster {
             node_id,

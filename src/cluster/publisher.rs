@@ -25,7 +25,7 @@ use futures_util::StreamExt;
 use serde::{Deserialize, Serialize};
 
 use super::Cluster;
-use crate::bus::{Event, EventKind, ProjectBus};
+use crate::bus::{Event, EventKind, ProjectBus, Subscription};
 use fluxbase_replication::pgoutput::Lsn;
 
 /// Publishes awaiting their acknowledgement at once.
@@ -77,7 +77,7 @@ pub fn next_broadcast_id(last: Option<&str>) -> Option<String> {
     if parts.len() >= 3 {
         let n = u32::from_str_radix(parts[parts.len() - 1], 16).ok()?;
         let base = parts[..parts.len() - 1].join("-");
-        return Some(format!("{base}-{:08x}", n.checked_add(1)?));
+        return Some(format!("{base}-{:08X}", n.checked_add(1)?));
     }
     Some(format!("{last}-00000001"))
 }
@@ -98,17 +98,22 @@ type Done = (
     String,
 );
 
-/// Runs until aborted (this node lost the project).
+/// Runs until aborted (this node lost the project). `first`: the durable subscription taken
+/// before the change stream started (so that the slot waits for this publisher from the
+/// start); each later term subscribes again, which rewinds the stream to the slot.
 pub async fn run(
     cluster: Arc<Cluster>,
     bus: Arc<ProjectBus>,
     project_id: String,
+    first: Subscription,
     status: Arc<Mutex<PublisherStatus>>,
 ) {
     let mut backoff = Duration::from_millis(200);
+    let mut first = Some(first);
     loop {
         status.lock().expect("poisoned").terms += 1;
-        match term(&cluster, &bus, &project_id, &status).await {
+        let sub = first.take().unwrap_or_else(|| bus.subscribe_durable());
+        match term(&cluster, sub, &project_id, &status).await {
             Ok(()) => return,
             Err(e) => {
                 tracing::warn!(project_id, error = %e, retry_in = ?backoff, "publishing to JetStream");
@@ -142,7 +147,10 @@ async fn stream_tail(
             Ok((last_seq, Some(event.id), event.end_lsn))
         }
         // Everything expired: nothing to compare with (JetStream's window still drops repeats).
-        Err(e) if e.kind() == async_nats::jetstream::stream::LastRawMessageErrorKind::NoMessageFound => {
+        Err(e)
+            if e.kind()
+                == async_nats::jetstream::stream::LastRawMessageErrorKind::NoMessageFound =>
+        {
             Ok((last_seq, None, Lsn(0)))
         }
         Err(e) => Err(e.into()),
@@ -151,13 +159,12 @@ async fn stream_tail(
 
 async fn term(
     cluster: &Arc<Cluster>,
-    bus: &Arc<ProjectBus>,
+    mut sub: Subscription,
     project_id: &str,
     status: &Mutex<PublisherStatus>,
 ) -> anyhow::Result<()> {
-    // Subscribing asks the change stream to rewind to the slot's confirmed position: nothing
-    // this publisher has not had acknowledged is lost.
-    let mut sub = bus.subscribe_durable();
+    // The subscription asked the change stream to rewind to the slot's confirmed position:
+    // nothing this publisher has not had acknowledged is lost.
     let (mut expected, mut last_id, mut last_end) = stream_tail(cluster, project_id).await?;
     let mut asks = cluster
         .nats
@@ -336,6 +343,13 @@ mod tests {
         assert!(second.as_str() < "0000000001a2b3c4-00000003");
         assert!(second.as_str() < "0000000001a2b3c5-00000000");
         assert!(next_broadcast_id(None).unwrap().as_str() < event);
-        assert_eq!(next_broadcast_id(Some("0000000001a2b3c4-00000002-ffffffff")), None);
+        assert_eq!(
+            next_broadcast_id(Some("0000000001a2b3c4-00000002-FFFFFFFF")),
+            None
+        );
+        assert_eq!(
+            next_broadcast_id(Some("0000000001A2B3C4-00000002-00000009")).unwrap(),
+            "0000000001A2B3C4-00000002-0000000A"
+        );
     }
 }

@@ -219,6 +219,19 @@ pub async fn set_slot(db: &impl GenericClient, project_id: &str, slot: &str) -> 
 }
 
 /// (id, database) of every project, oldest first.
+/// The active projects' ids and databases (cluster mode leads these).
+pub async fn active_databases(db: &impl GenericClient) -> Result<Vec<(String, String)>, Error> {
+    Ok(db
+        .query(
+            "SELECT id, db_name FROM fluxbase.projects WHERE status = 'active' ORDER BY created_at",
+            &[],
+        )
+        .await?
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect())
+}
+
 pub async fn all_databases(db: &impl GenericClient) -> Result<Vec<(String, String)>, Error> {
     Ok(db
         .query(

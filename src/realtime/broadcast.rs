@@ -37,7 +37,7 @@ pub struct BroadcastResponse {
 
 impl Realtime {
     /// `POST /api/realtime/broadcast`: a backend's broadcast to a project's room.
-    pub fn broadcast(
+    pub async fn broadcast(
         &self,
         access: &Access,
         req: BroadcastRequest,
@@ -55,8 +55,18 @@ impl Realtime {
                 "event: 1 to 200 characters".into(),
             ));
         }
-        let delivered =
-            self.broadcast_to_room(&access.project.id, None, &req.event, &req.payload)?;
+        let delivered = match self.relay.get() {
+            Some(relay) => {
+                let project_id = &access.project.id;
+                let size = self.admit_relayed(project_id, None, &req.payload)?;
+                relay
+                    .broadcast(project_id, &req.event, req.payload.to_string(), None)
+                    .await
+                    .map_err(RealtimeError::Unavailable)?;
+                size
+            }
+            None => self.broadcast_to_room(&access.project.id, None, &req.event, &req.payload)?,
+        };
         Ok(BroadcastResponse {
             success: true,
             delivered,
@@ -74,6 +84,19 @@ impl Realtime {
         event: &str,
         payload: &Value,
     ) -> Result<usize, RealtimeError> {
+        if let Some(relay) = self.relay.get() {
+            // Cluster mode: the leader puts it in the project's stream, and every node's room
+            // (this one's too) delivers it from there.
+            let members = self.admit_relayed(project_id, from, payload)?;
+            let answer = relay.broadcast(project_id, event, payload.to_string(), from);
+            let project_id = project_id.to_string();
+            tokio::spawn(async move {
+                if let Err(e) = answer.await {
+                    tracing::warn!(project_id, error = %e, "a client broadcast was not published");
+                }
+            });
+            return Ok(members);
+        }
         let limit = self.settings.realtime_max_broadcast_bytes;
         let size = serde_json::to_vec(payload).map_or(usize::MAX, |v| v.len());
         if size > limit {
@@ -143,6 +166,37 @@ impl Realtime {
         drop(state);
         self.delivered.fetch_add(n as u64, Ordering::Relaxed);
         Ok(n)
+    }
+
+    /// Cluster mode: the checks a broadcast passes on the node it was sent to (size, and for
+    /// REST ones the project's budget as this node counts it); how many live members this
+    /// node's room has besides the sender (the sockets of this node that will get it).
+    fn admit_relayed(
+        &self,
+        project_id: &str,
+        from: Option<u64>,
+        payload: &Value,
+    ) -> Result<usize, RealtimeError> {
+        let limit = self.settings.realtime_max_broadcast_bytes;
+        let size = serde_json::to_vec(payload).map_or(usize::MAX, |v| v.len());
+        if size > limit {
+            return Err(RealtimeError::PayloadTooLarge { size, limit });
+        }
+        let Some(room) = self.room(project_id) else {
+            return Ok(0);
+        };
+        if from.is_none() && !room.admit_broadcast(size) {
+            self.metrics
+                .realtime_broadcasts_dropped
+                .fetch_add(1, Ordering::Relaxed);
+            return Err(self.busy());
+        }
+        let state = room.state.lock().expect("poisoned");
+        Ok(state
+            .members
+            .iter()
+            .filter(|(id, m)| m.catching_up.is_none() && Some(**id) != from)
+            .count())
     }
 
     /// A REST broadcast refused for the project's budget, naming it.

@@ -34,6 +34,10 @@ pub enum RealtimeError {
     /// position for this boot): the bounds are named in the HTTP answer.
     #[error("over the project's broadcast budget")]
     Busy { per_sec: u32, bytes_per_sec: usize },
+    /// Cluster mode: the broadcast could not reach the project's leader or its stream (NATS
+    /// down, a failover under way).
+    #[error("Realtime is unavailable right now ({0}). Retry after a few seconds.")]
+    Unavailable(String),
     /// Refused by another part of the server (authentication, the API's rate limit, SQL
     /// connections), with the guide's code and message it gave.
     #[error("{message}")]
@@ -65,6 +69,7 @@ impl RealtimeError {
             LimitExceeded(_) => "LIMIT_EXCEEDED",
             PayloadTooLarge { .. } => "PAYLOAD_TOO_LARGE",
             Busy { .. } => "RATE_LIMIT",
+            Unavailable(_) => "REALTIME_UNAVAILABLE",
             Refused { code, .. } => code,
             Internal(e) if is_outage(e) => "DATABASE_CONNECTION_ERROR",
             Internal(_) => "INTERNAL_ERROR",

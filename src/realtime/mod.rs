@@ -245,6 +245,27 @@ pub struct Realtime {
     cut_offs: CutOffCounts,
     /// Row-level security of row events, per subscriber identity.
     visibility: crate::visibility::Visibility,
+    /// Cluster mode: where rooms read their project's events and where broadcasts go.
+    relay: OnceLock<Arc<dyn Relay>>,
+}
+
+/// Cluster mode's transport for realtime (see crate::cluster): rooms read their project's
+/// events from the cluster's stream, and client and REST broadcasts go to the project's leader,
+/// which puts them in that stream for every node's room.
+pub trait Relay: Send + Sync {
+    /// The project's events for its room on this node (durable: acknowledged once stored);
+    /// `from_start`: the room's history is empty.
+    fn subscribe(&self, project_id: &str, from_start: bool) -> crate::bus::Subscription;
+    /// Hands a broadcast to the project's leader; its id once the stream holds it.
+    fn broadcast(
+        &self,
+        project_id: &str,
+        event: &str,
+        payload: String,
+        sender: Option<u64>,
+    ) -> BoxFuture<'static, Result<String, String>>;
+    /// Why the project's events are not arriving now (NATS unreachable), if they are not.
+    fn degraded(&self, project_id: &str) -> Option<String>;
 }
 
 impl Realtime {
@@ -275,7 +296,14 @@ impl Realtime {
             opening: Default::default(),
             shutting_down: Default::default(),
             cut_offs: Default::default(),
+            relay: OnceLock::new(),
         }
+    }
+
+    /// Cluster mode: rooms read the cluster's stream and broadcasts go through the leader.
+    /// Set once, before any room opens.
+    pub fn set_relay(&self, relay: Arc<dyn Relay>) {
+        let _ = self.relay.set(relay);
     }
 
     /// Connects realtime to the rest of the server, once it is built.

@@ -32,7 +32,17 @@ const DELIVERY_SLICE: usize = 64;
 
 /// Starts a room's pump; it ends when the room or the service is dropped, or the bus closes.
 pub(super) fn spawn(rt: &Arc<Realtime>, room: &Arc<Room>) -> tokio::task::JoinHandle<()> {
-    let mut sub = rt.bus.project(&room.project_id).subscribe_durable();
+    let fresh = room
+        .history
+        .lock()
+        .expect("poisoned")
+        .as_ref()
+        .is_none_or(|h| h.last_seen().is_none());
+    let mut sub = match rt.relay.get() {
+        // Cluster mode: the project's stream through this node's consumer.
+        Some(relay) => relay.subscribe(&room.project_id, fresh),
+        None => rt.bus.project(&room.project_id).subscribe_durable(),
+    };
     let weak_room = Arc::downgrade(room);
     let weak_rt = Arc::downgrade(rt);
     let project = room.project_id.clone();
@@ -112,7 +122,10 @@ pub(super) fn spawn(rt: &Arc<Realtime>, room: &Arc<Room>) -> tokio::task::JoinHa
                 .map(|event| {
                     // Over the project's budget: dropped for every member alike, rather
                     // than filling every member's queue.
+                    // Client and REST broadcasts relayed through the cluster's stream were
+                    // charged where they were sent (their commit LSN is not the WAL's).
                     let skip = matches!(event.kind, EventKind::Broadcast { .. })
+                        && event.commit_lsn != Lsn(u64::MAX)
                         && event.payload.len() <= max
                         && !room.admit_broadcast(event.payload.len());
                     if skip {

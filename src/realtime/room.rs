@@ -225,7 +225,7 @@ impl Room {
                 }
             }
             let message = frame(kind_of(event), &self.room_id, event);
-            let n = self.fan_out(&mut state, event, &message, None, |identity| {
+            let n = self.fan_out(&mut state, event, &message, event.sender, |identity| {
                 verdicts.get(identity, first_index + i)
             });
             delivered.fetch_add(n as u64, Ordering::Relaxed);

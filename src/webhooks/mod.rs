@@ -144,6 +144,8 @@ struct Shared {
     writers: Mutex<HashMap<String, tokio::task::JoinHandle<()>>>,
     /// The delivery worker, once started.
     worker: Mutex<Option<tokio::task::JoinHandle<()>>>,
+    /// Cluster mode (see [`Webhooks::set_led`]).
+    led: std::sync::atomic::AtomicBool,
 }
 
 impl Webhooks {
@@ -157,15 +159,50 @@ impl Webhooks {
                 queue: Default::default(),
                 writers: Default::default(),
                 worker: Default::default(),
+                led: Default::default(),
             }),
         }
     }
 
-    /// Starts the outbox writers of projects with webhooks and the delivery worker.
+    /// Cluster mode: outbox writers run only on the node leading each project
+    /// ([`Webhooks::lead`]), so that each event's deliveries are written once.
+    pub fn set_led(&self) {
+        self.shared
+            .led
+            .store(true, std::sync::atomic::Ordering::Release);
+    }
+
+    fn led(&self) -> bool {
+        self.shared.led.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// Cluster mode: this node now leads the project; its outbox writer runs here (webhooks or
+    /// not, so that one registered on another node is served from its first event).
+    pub fn lead(&self, project_id: &str) {
+        outbox::start(&self.shared, project_id);
+    }
+
+    /// Cluster mode: this node no longer leads the project.
+    pub fn unlead(&self, project_id: &str) {
+        if let Some(t) = self
+            .shared
+            .writers
+            .lock()
+            .expect("poisoned")
+            .remove(project_id)
+        {
+            t.abort();
+        }
+    }
+
+    /// Starts the outbox writers of projects with webhooks (in cluster mode, the leadership
+    /// loop does) and the delivery worker.
     pub async fn start(&self) -> Result<(), WebhookError> {
-        let projects = hooks::project_ids(&self.shared.control.get().await?).await?;
-        for project_id in projects {
-            outbox::start(&self.shared, &project_id);
+        if !self.led() {
+            let projects = hooks::project_ids(&self.shared.control.get().await?).await?;
+            for project_id in projects {
+                outbox::start(&self.shared, &project_id);
+            }
         }
         let worker = tokio::spawn(worker::run(Arc::downgrade(&self.shared)));
         if let Some(old) = self.shared.worker.lock().expect("poisoned").replace(worker) {
@@ -222,7 +259,9 @@ impl Webhooks {
             },
         )
         .await?;
-        outbox::start(&self.shared, project_id);
+        if !self.led() {
+            outbox::start(&self.shared, project_id);
+        }
         Ok(Registered { webhook, secret })
     }
 

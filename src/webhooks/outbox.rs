@@ -13,7 +13,7 @@ use chrono::{DateTime, Utc};
 use super::payload::{event_type, payload};
 use super::EventType;
 use super::Shared;
-use crate::bus::{Event, ProjectBus};
+use crate::bus::{Event, Subscription};
 use crate::control::deliveries::{self, NewDeliveries};
 use crate::control::webhooks::{self as hooks, Subscriber};
 use crate::secrets::random_base62;
@@ -28,11 +28,10 @@ pub(super) fn start(shared: &Arc<Shared>, project_id: &str) {
     if writers.get(project_id).is_some_and(|t| !t.is_finished()) {
         return;
     }
-    let task = tokio::spawn(run(
-        Arc::downgrade(shared),
-        shared.bus.project(project_id),
-        project_id.to_string(),
-    ));
+    // Subscribed now, not in the task: a change stream started right after this call waits
+    // for the writer from its first event.
+    let sub = shared.bus.project(project_id).subscribe_durable();
+    let task = tokio::spawn(run(Arc::downgrade(shared), sub, project_id.to_string()));
     writers.insert(project_id.to_string(), task);
 }
 
@@ -75,9 +74,7 @@ impl Hook {
 /// (up to [`OUTBOX_BATCH`] events): when the control database answers slowly, the writer falls
 /// behind by one batch instead of building a backlog one round trip per transaction, which at
 /// 1,000 transactions/s on a loaded machine grew to seconds.
-async fn run(shared: Weak<Shared>, bus: Arc<ProjectBus>, project_id: String) {
-    let mut sub = bus.subscribe_durable();
-    drop(bus);
+async fn run(shared: Weak<Shared>, mut sub: Subscription, project_id: String) {
     let mut batch: Vec<Arc<Event>> = Vec::new();
     loop {
         // At least one whole transaction...
