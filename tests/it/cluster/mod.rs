@@ -157,20 +157,23 @@ impl Subscriber {
         .await
     }
 
-    /// Waits until the sentinel arrived (within `within`).
-    pub async fn wait_done(&self, within: Duration) {
-        self.wait(within, |f| {
-            f.done.then_some(()).ok_or_else(|| {
-                format!(
-                    "no sentinel; {} events, last {:?}, connections {:?}, other messages {:?}",
-                    f.events.len(),
-                    f.last,
-                    f.connections,
-                    f.other
-                )
-            })
-        })
-        .await
+    /// Whether the sentinel arrived; what it saw instead.
+    pub fn done(&self) -> Result<(), String> {
+        let f = self.feed.lock().unwrap();
+        if let Some(failure) = &f.failure {
+            return Err(format!("subscriber {} gave up: {failure}", self.name));
+        }
+        if f.done {
+            return Ok(());
+        }
+        Err(format!(
+            "subscriber {}: no sentinel; {} events, last {:?}, connections {:?}, other messages {:?}",
+            self.name,
+            f.events.len(),
+            f.last,
+            f.connections,
+            f.other
+        ))
     }
 
     async fn wait(&self, within: Duration, check: impl Fn(&Feed) -> Result<(), String>) {

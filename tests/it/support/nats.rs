@@ -4,9 +4,10 @@
 //! server shared by every test of the binary that does not restart it (like `pg()`): it lives
 //! in a static, and a watchdog kills it when the test process is gone, however it ended.
 //!
-//! The port is the server's own pick (`-p -1`), read back from the ports file it writes
-//! (`--ports_file_dir`), so no port is picked and then raced for; only a restart asks for the
-//! port it had (retrying while it is still in use).
+//! The ports (client, and monitoring for `/jsz` in failure messages) are the server's own pick
+//! (`-p -1 -m -1`), read back from the ports file it writes (`--ports_file_dir`), so no port is
+//! picked and then raced for; only a restart asks for the ports it had (retrying while they
+//! are still in use). Everything binds 127.0.0.1.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -20,6 +21,8 @@ use super::cluster::{scratch_dir, unique};
 /// A `nats-server -js` child process; killed on drop.
 pub struct NatsServer {
     port: u16,
+    /// The monitoring port (`/varz`, `/jsz`), loopback too.
+    monitor: u16,
     /// Its store (`<dir>/store`), ports file and log (`<dir>/nats.log`).
     pub dir: PathBuf,
     child: Option<Child>,
@@ -61,8 +64,8 @@ impl NatsServer {
     pub async fn start() -> NatsServer {
         let dir = scratch_dir(&format!("it-{}-{}", std::process::id(), unique("nats")));
         let mut child = spawn(&dir, None);
-        let port = match ports_file_port(&dir, &mut child).await {
-            Ok(port) => port,
+        let (port, monitor) = match ports_file_ports(&dir, &mut child).await {
+            Ok(ports) => ports,
             Err(e) => {
                 let _ = child.kill();
                 let _ = child.wait();
@@ -71,6 +74,7 @@ impl NatsServer {
         };
         let mut server = NatsServer {
             port,
+            monitor,
             dir,
             child: Some(child),
         };
@@ -85,6 +89,54 @@ impl NatsServer {
 
     pub fn port(&self) -> u16 {
         self.port
+    }
+
+    /// JetStream's state as its monitoring endpoint reports it (`/jsz`, with every stream and
+    /// consumer): for a failure message.
+    pub async fn jsz(&self) -> serde_json::Value {
+        let url = format!(
+            "http://127.0.0.1:{}/jsz?streams=true&consumers=true&config=false",
+            self.monitor
+        );
+        let client = reqwest::Client::builder()
+            .timeout(Duration::from_secs(10))
+            .build()
+            .unwrap();
+        match client.get(url).send().await {
+            Ok(resp) => resp.json().await.unwrap_or_default(),
+            Err(e) => serde_json::json!({ "error": e.to_string() }),
+        }
+    }
+
+    /// Each stream's name, messages, first and last sequence, and each consumer's name,
+    /// delivered and acknowledged stream sequences and pending count: one line each.
+    pub async fn describe(&self) -> String {
+        let jsz = self.jsz().await;
+        let mut out = Vec::new();
+        for account in jsz["account_details"].as_array().into_iter().flatten() {
+            for stream in account["stream_detail"].as_array().into_iter().flatten() {
+                let st = &stream["state"];
+                out.push(format!(
+                    "stream {}: {} messages, seq {}..{}",
+                    stream["name"], st["messages"], st["first_seq"], st["last_seq"]
+                ));
+                for c in stream["consumer_detail"].as_array().into_iter().flatten() {
+                    out.push(format!(
+                        "  consumer {}: delivered {}, ack floor {}, pending {}, ack pending {}",
+                        c["name"],
+                        c["delivered"]["stream_seq"],
+                        c["ack_floor"]["stream_seq"],
+                        c["num_pending"],
+                        c["num_ack_pending"]
+                    ));
+                }
+            }
+        }
+        if out.is_empty() {
+            format!("{jsz}")
+        } else {
+            out.join("\n")
+        }
     }
 
     /// Ends the server as a crash would (SIGKILL) and reaps it.
@@ -102,7 +154,7 @@ impl NatsServer {
         self.kill9();
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
-            let mut child = spawn(&self.dir, Some(self.port));
+            let mut child = spawn(&self.dir, Some((self.port, self.monitor)));
             // Either it greets on its port, or it exits (the port still in use).
             let ready = loop {
                 if let Some(status) = child.try_wait().unwrap() {
@@ -167,11 +219,14 @@ impl Drop for NatsServer {
     }
 }
 
-/// Starts `nats-server -js` in `dir` (`-p -1`: a port of its own choosing) with a watchdog.
-fn spawn(dir: &Path, port: Option<u16>) -> Child {
-    let port = port.map_or("-1".to_string(), |p| p.to_string());
+/// Starts `nats-server -js` in `dir` with a watchdog, on these (client, monitoring) ports, or
+/// (`-1`) on ports of its own choosing.
+fn spawn(dir: &Path, ports: Option<(u16, u16)>) -> Child {
+    let (port, monitor) = ports.map_or(("-1".to_string(), "-1".to_string()), |(p, m)| {
+        (p.to_string(), m.to_string())
+    });
     let child = Command::new(binary())
-        .args(["-js", "-a", "127.0.0.1", "-p", &port, "-m", "0"])
+        .args(["-js", "-a", "127.0.0.1", "-p", &port, "-m", &monitor])
         .arg("-sd")
         .arg(dir.join("store"))
         .arg("--ports_file_dir")
@@ -203,17 +258,19 @@ fn watchdog(pid: u32) {
         .expect("starting the nats-server watchdog");
 }
 
-/// The client port from the ports file `nats-server_<pid>.ports` (`{"nats":["nats://…:port"]}`)
-/// the server writes once it listens.
-async fn ports_file_port(dir: &Path, child: &mut Child) -> Result<u16, String> {
+/// The client and monitoring ports from the ports file `nats-server_<pid>.ports`
+/// (`{"nats":["nats://…:port"],"monitoring":["http://…:port"]}`) the server writes once it
+/// listens.
+async fn ports_file_ports(dir: &Path, child: &mut Child) -> Result<(u16, u16), String> {
     let file = dir.join(format!("nats-server_{}.ports", child.id()));
+    let port_of =
+        |v: &serde_json::Value| -> Option<u16> { v[0].as_str()?.rsplit(':').next()?.parse().ok() };
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         if let Ok(text) = std::fs::read_to_string(&file) {
             if let Ok(v) = serde_json::from_str::<serde_json::Value>(&text) {
-                let url = v["nats"][0].as_str().unwrap_or_default();
-                if let Some(port) = url.rsplit(':').next().and_then(|p| p.parse().ok()) {
-                    return Ok(port);
+                if let (Some(p), Some(m)) = (port_of(&v["nats"]), port_of(&v["monitoring"])) {
+                    return Ok((p, m));
                 }
             }
         }

@@ -3,7 +3,8 @@
 //! id (`a`, `b`, `c`, …). Webhooks may reach loopback receivers and retry 100 times faster, as in
 //! the other process tests. Who leads a project's change stream is read from
 //! `/api/cdc/status` (its `cluster` object), polled with a deadline. Every node is killed on
-//! drop (each is a [`ServerProcess`]).
+//! drop (each is a [`ServerProcess`]); its log is `<data dir>/server.log` (`CLUSTER_TEST_LOG`
+//! sets the nodes' `FLUXBASE_LOG`, e.g. `info,fluxbase::cluster=debug`).
 
 use std::time::{Duration, Instant};
 
@@ -56,6 +57,10 @@ impl Nodes {
                 .collect();
             env.push(("FLUXBASE_NATS_URL".into(), nats_url.to_string()));
             env.push(("FLUXBASE_NODE_ID".into(), id.to_string()));
+            // The nodes' log level (their `<data dir>/server.log`) when a run asks for more.
+            if let Ok(level) = std::env::var("CLUSTER_TEST_LOG") {
+                env.push(("FLUXBASE_LOG".into(), level));
+            }
             env.extend(
                 extra_env
                     .iter()
