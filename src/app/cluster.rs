@@ -234,6 +234,13 @@ impl Led for LedByApp {
                 }
             }
             app.webhooks.unlead(&project_id);
+            // A deleted project's stream goes with it (a suspended one keeps its history).
+            if let (Some(mode), Ok(None)) = (
+                app.cluster_mode.as_ref(),
+                app.auth.load_project(&project_id).await,
+            ) {
+                mode.cluster.delete_stream(&project_id).await;
+            }
         })
     }
 

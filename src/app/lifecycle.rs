@@ -52,6 +52,9 @@ impl App {
             .await;
         self.projects.delete_row(project_id).await?;
         self.storage.delete_project_objects(project_id).await;
+        if let Some(mode) = self.cluster_mode.as_ref() {
+            mode.cluster.delete_stream(project_id).await;
+        }
         self.auth
             .notify_access_change(&AccessChange::Project(project_id.to_string()))
             .await;

@@ -122,6 +122,8 @@ async fn consume(
     acks: &mut watch::Receiver<Lsn>,
     health: &FeedHealth,
 ) -> anyhow::Result<()> {
+    let mut reconnected = cluster.connections();
+    reconnected.borrow_and_update();
     let stream = cluster.ensure_stream(project_id).await?;
     let name = format!("rt_{}", cluster.node_id);
     if from_start {
@@ -145,8 +147,8 @@ async fn consume(
         .map(|c: async_nats::jetstream::consumer::Consumer<pull::Config>| c)?
         .stream()
         .max_messages_per_batch(1024)
-        .heartbeat(Duration::from_secs(5))
-        .expires(Duration::from_secs(30))
+        .heartbeat(Duration::from_secs(2))
+        .expires(Duration::from_secs(10))
         .messages()
         .await?;
     let mut messages = consumer;
@@ -155,6 +157,11 @@ async fn consume(
     let mut points: VecDeque<(Lsn, async_nats::jetstream::Message)> = VecDeque::new();
     loop {
         tokio::select! {
+            _ = reconnected.changed() => {
+                // The pull request did not survive the reconnection: ask again, from the
+                // consumer's acknowledged position (replays are dropped by id).
+                anyhow::bail!("NATS reconnected");
+            }
             changed = acks.changed() => {
                 if changed.is_err() {
                     return Ok(());

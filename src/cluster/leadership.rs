@@ -143,7 +143,7 @@ impl Leadership {
                 return;
             }
             let mut pg = self.target.pg_config(&self.target.control_db);
-            pg.application_name(&format!("{APP_PREFIX}{}", self.node_id));
+            pg.application_name(format!("{APP_PREFIX}{}", self.node_id));
             pg.connect_timeout(Duration::from_secs(5));
             // Dead peers are noticed by the server within seconds, so that a node cut off
             // from the network loses its locks.

@@ -96,6 +96,9 @@ pub struct Cluster {
     pub retention: Retention,
     /// False while the NATS connection is down (the client reconnects by itself).
     connected: Arc<AtomicBool>,
+    /// Counts (re)connections: a pull consumer's outstanding request does not survive a NATS
+    /// restart, so feeds start over when this moves.
+    connections: tokio::sync::watch::Sender<u64>,
 }
 
 /// The subject a project's events go to.
@@ -128,17 +131,21 @@ impl Cluster {
             .to_string();
         let connected = Arc::new(AtomicBool::new(false));
         let events = connected.clone();
+        let connections = tokio::sync::watch::Sender::new(0u64);
+        let counter = connections.clone();
         let nats = async_nats::ConnectOptions::new()
             .name(format!("fluxbase-{node_id}"))
             .retry_on_initial_connect()
             .connection_timeout(Duration::from_secs(5))
             .event_callback(move |event| {
                 let events = events.clone();
+                let counter = counter.clone();
                 async move {
                     match event {
                         async_nats::Event::Connected => {
                             tracing::info!("connected to NATS");
                             events.store(true, Ordering::Release);
+                            counter.send_modify(|n| *n += 1);
                         }
                         async_nats::Event::Disconnected => {
                             tracing::warn!(
@@ -166,7 +173,13 @@ impl Cluster {
                 replicas: config.nats_replicas,
             },
             connected,
+            connections,
         }))
+    }
+
+    /// Changes each time the NATS connection is made again.
+    pub fn connections(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.connections.subscribe()
     }
 
     /// True while the NATS connection is up.

@@ -54,6 +54,8 @@ pub(super) fn spawn(rt: &Arc<Realtime>, room: &Arc<Room>) -> tokio::task::JoinHa
         // the acknowledgement it makes durable. At most one at a time: what is stored
         // meanwhile goes into the next (group commit).
         let mut syncing: Option<(SyncTask, Option<Lsn>)> = None;
+        // Cluster mode: whether the project's events are arriving, as last announced.
+        let mut degraded: Option<String> = None;
         loop {
             let mut batch = Vec::new();
             let mut synced = None;
@@ -85,6 +87,13 @@ pub(super) fn spawn(rt: &Arc<Realtime>, room: &Arc<Room>) -> tokio::task::JoinHa
             let Ok(host) = rt.host() else {
                 return;
             };
+            if let Some(relay) = rt.relay.get() {
+                let now = relay.degraded(&room.project_id);
+                if now.is_some() != degraded.is_some() {
+                    room.announce(now.as_deref());
+                    degraded = now;
+                }
+            }
             if let Some(result) = synced {
                 let (_, covers) = syncing.take().expect("in flight");
                 match result {

@@ -129,6 +129,26 @@ pub(super) fn instead_frame(room_id: &str, payload: &str) -> Message {
 }
 
 impl Room {
+    /// Cluster mode: tells every member whether the project's events are arriving
+    /// (`{"type":"status","roomId","state":"degraded"|"live","message"?}`): while NATS is
+    /// unreachable nothing is lost (the slot keeps the WAL) but nothing arrives either.
+    pub(super) fn announce(&self, degraded: Option<&str>) {
+        let body = match degraded {
+            Some(why) => serde_json::json!({
+                "type": "status", "roomId": self.room_id, "state": "degraded",
+                "message": format!("Changes are delayed: {why}. Nothing is lost; they arrive when it is back."),
+            }),
+            None => {
+                serde_json::json!({ "type": "status", "roomId": self.room_id, "state": "live" })
+            }
+        };
+        let msg = Message::text(body.to_string());
+        let state = self.state.lock().expect("poisoned");
+        for m in state.members.values() {
+            let _ = m.socket.offer(&msg);
+        }
+    }
+
     /// Whether a broadcast of `bytes` from SQL or the REST API fits the project's budget now
     /// (and takes it from the budget).
     pub(super) fn admit_broadcast(&self, bytes: usize) -> bool {
