@@ -26,7 +26,26 @@ async fn a_change_through_node_a_reaches_node_c_and_broadcasts_from_b_reach_a_an
         let p = project(a).await;
         sql(a, &p.admin, &p.project, "CREATE TABLE t (id int PRIMARY KEY)").await;
         // Every node has a room for the project whoever leads it.
-        nodes.wait_leader(&p, None, Duration::from_secs(60)).await;
+        let (leader, _) = nodes.wait_leader(&p, None, Duration::from_secs(60)).await;
+        nodes.wait_agreed(&p, &leader, Duration::from_secs(30)).await;
+        // Each node knows the others, and says who it is and what it leads.
+        for i in 0..nodes.len() {
+            let (status, body) = nodes.cdc_status(i, &p).await.expect("/api/cdc/status");
+            assert_eq!(status, 200, "{body}");
+            assert_eq!(body["cluster"]["node"], nodes.ids[i], "{body}");
+            assert_eq!(body["cluster"]["nodes"], json!(["a", "b", "c"]), "{body}");
+            let (status, body) = call(nodes.base(i), "GET", "/ready", None, json!(null)).await;
+            assert_eq!(status, 200, "/ready of node {}: {body}", nodes.ids[i]);
+            assert_eq!(body["cluster"]["node"], nodes.ids[i], "{body}");
+            assert_eq!(body["cluster"]["nats"], true, "{body}");
+            let leads = body["cluster"]["leads"].as_array().expect("leads");
+            assert_eq!(
+                leads.contains(&json!(p.project)),
+                nodes.ids[i] == leader,
+                "node {} (the leader is {leader}): {body}",
+                nodes.ids[i]
+            );
+        }
         let mut on_a = subscribed(a, &p, None).await;
         let mut on_b = subscribed(b, &p, None).await;
         let mut on_c = subscribed(c, &p, None).await;

@@ -10,7 +10,7 @@ use crate::support::fixtures::project;
 use crate::support::http::sql;
 use crate::support::nodes::Nodes;
 use crate::support::pg;
-use crate::support::ws::{nothing_more, row, subscribed, Socket};
+use crate::support::ws::{next, nothing_more, subscribed, Socket};
 
 /// Commits one row per transaction into `audit` straight on the project's database (so it
 /// goes on while no node runs) until `stop`; `committed` is the last id committed so far.
@@ -56,6 +56,23 @@ async fn rows_committed(committed: &AtomicI64, rows: i64, what: &str) {
         },
     )
     .await
+}
+
+/// `(record.id, event id)` of the next row change; `status` notices (`degraded`/`live`, while
+/// a room's events stop arriving, as while the nodes restart) are skipped.
+async fn row(ws: &mut Socket) -> (i64, String) {
+    loop {
+        let m = next(ws).await;
+        if m["type"] == "status" {
+            eprintln!("status notice: {m}");
+            continue;
+        }
+        assert_eq!(m["type"], "db_event", "{m}");
+        return (
+            m["payload"]["record"]["id"].as_i64().unwrap(),
+            m["payload"]["id"].as_str().unwrap().to_string(),
+        );
+    }
 }
 
 /// Reads `ws` until the row `total` (ids of the rows), after `got`.

@@ -258,10 +258,17 @@ async fn finish(
             break;
         }
         if Instant::now() > deadline {
+            let mut status = Vec::new();
+            for i in nodes.alive() {
+                let said = nodes.cdc_status(i, p).await.map(|(_, body)| body);
+                status.push(format!("node {}: {said:?}", nodes.ids[i]));
+            }
             panic!(
-                "{loss:?}: not every subscriber got the sentinel within 300 s:\n{}\nJetStream:\n{}\n{}",
+                "{loss:?}: not every subscriber got the sentinel within 300 s:\n{}\n\
+                 JetStream:\n{}\n/api/cdc/status:\n{}\n{}",
                 waiting.join("\n"),
                 nats.describe().await,
+                status.join("\n"),
                 nodes.logs()
             );
         }
