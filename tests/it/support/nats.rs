@@ -249,13 +249,15 @@ fn watchdog(pid: u32) {
          [ -d /proc/{pid} ] && kill -9 {pid}; exit 0",
         owner = std::process::id(),
     );
-    Command::new("sh")
+    let mut watchdog = Command::new("sh")
         .args(["-c", &script])
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
         .expect("starting the nats-server watchdog");
+    // Reaped when it exits (with its server), not left a zombie for the rest of the run.
+    std::thread::spawn(move || watchdog.wait());
 }
 
 /// The client and monitoring ports from the ports file `nats-server_<pid>.ports`
