@@ -122,6 +122,10 @@ pub struct Event {
     /// A client broadcast relayed through the cluster's stream back to the node it came from:
     /// the socket that sent it, which does not get its own broadcast. `None` otherwise.
     pub sender: Option<u64>,
+    /// Cluster mode: the cluster's stream no longer held some events just before this one when
+    /// this node read it (its consumer fell behind the stream's retention): the room's history
+    /// records a gap here, so that no resume passes over it silently.
+    pub gap_before: bool,
 }
 
 /// The publish/subscribe boundary of one project: what the change stream publishes to and

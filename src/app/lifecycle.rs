@@ -34,6 +34,11 @@ impl App {
             self.projects.discard(&project).await;
             return Err(e.into());
         }
+        if let Some(mode) = self.cluster_mode.as_ref() {
+            // Some node leads it now rather than at the next tick.
+            mode.leadership.poke();
+            mode.cluster.rebalance().await;
+        }
         Ok((project, keys))
     }
 

@@ -348,6 +348,7 @@ pub fn finish(
                 last_in_transaction: last,
                 payload: Arc::from(p),
                 sender: None,
+                gap_before: false,
             }
         }
         Pending::Broadcast { event, payload } => {
@@ -371,6 +372,7 @@ pub fn finish(
                 last_in_transaction: last,
                 payload: Arc::from(p),
                 sender: None,
+                gap_before: false,
             }
         }
         Pending::Schema {
@@ -410,6 +412,7 @@ pub fn finish(
                 last_in_transaction: last,
                 payload: Arc::from(payload.to_string()),
                 sender: None,
+                gap_before: false,
             }
         }
     }

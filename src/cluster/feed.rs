@@ -140,6 +140,9 @@ async fn consume(
                 ack_policy: AckPolicy::All,
                 ack_wait: Duration::from_secs(300),
                 max_ack_pending: MAX_ACK_PENDING,
+                // A node gone for good leaves no consumer behind for longer than the stream
+                // keeps events (one that comes back later reads what is retained again).
+                inactive_threshold: cluster.retention.max_age,
                 ..Default::default()
             },
         )
@@ -152,6 +155,19 @@ async fn consume(
         .messages()
         .await?;
     let mut messages = consumer;
+    // The stream sequence this node's history has up to (its consumer's acknowledged floor):
+    // the next message must follow it, or the stream dropped some (retention) before this node
+    // read them. A fresh history has nothing to follow.
+    let mut last_seq: Option<u64> = None;
+    if !from_start {
+        if let Ok(info) = stream
+            .get_consumer::<pull::Config>(&name)
+            .await
+            .map(|c| c.cached_info().ack_floor.stream_sequence)
+        {
+            last_seq = Some(info);
+        }
+    }
     health.down.lock().expect("poisoned").remove(project_id);
     // Acknowledgement points (a transaction's last message), oldest first.
     let mut points: VecDeque<(Lsn, async_nats::jetstream::Message)> = VecDeque::new();
@@ -178,6 +194,11 @@ async fn consume(
             msg = messages.next() => {
                 let Some(msg) = msg else { anyhow::bail!("the consumer's message stream ended") };
                 let msg = msg.map_err(|e| anyhow::anyhow!("{e}"))?;
+                let seq = msg.info().map(|i| i.stream_sequence).ok();
+                let gap = matches!((last_seq, seq), (Some(l), Some(s)) if s > l + 1);
+                if seq.is_some() {
+                    last_seq = seq;
+                }
                 let Some(mut event) = crate::realtime::history::decode(&msg.payload) else {
                     tracing::error!(project_id, "an undecodable message in the project's stream: skipped");
                     continue;
@@ -189,6 +210,7 @@ async fn consume(
                         }
                     }
                 }
+                event.gap_before = gap;
                 let point = (event.last_in_transaction && event.commit_lsn != Lsn(u64::MAX))
                     .then_some(event.end_lsn);
                 if tx.send(Arc::new(event)).await.is_err() {

@@ -109,11 +109,10 @@ pub async fn run(
     status: Arc<Mutex<PublisherStatus>>,
 ) {
     let mut backoff = Duration::from_millis(200);
-    let mut first = Some(first);
+    let mut sub = first;
     loop {
         status.lock().expect("poisoned").terms += 1;
-        let sub = first.take().unwrap_or_else(|| bus.subscribe_durable());
-        match term(&cluster, sub, &project_id, &status).await {
+        match term(&cluster, &mut sub, &project_id, &status).await {
             Ok(()) => return,
             Err(e) => {
                 tracing::warn!(project_id, error = %e, retry_in = ?backoff, "publishing to JetStream");
@@ -124,6 +123,10 @@ pub async fn run(
         }
         tokio::time::sleep(backoff).await;
         backoff = (backoff * 2).min(Duration::from_secs(5));
+        // The next term's subscription exists before this one is dropped: with none, the slot
+        // could be confirmed past what JetStream has (only the outbox's acknowledgement would
+        // bound it). Joining rewinds the stream to the slot's confirmed position.
+        sub = bus.subscribe_durable();
     }
 }
 
@@ -159,7 +162,7 @@ async fn stream_tail(
 
 async fn term(
     cluster: &Arc<Cluster>,
-    mut sub: Subscription,
+    sub: &mut Subscription,
     project_id: &str,
     status: &Mutex<PublisherStatus>,
 ) -> anyhow::Result<()> {
@@ -239,6 +242,13 @@ async fn term(
                         continue;
                     }
                 };
+                // It goes into every frame as it is: only JSON (anyone on NATS could ask).
+                if serde_json::from_str::<&serde_json::value::RawValue>(&ask.payload).is_err()
+                    || ask.event.is_empty() || ask.event.len() > 200
+                {
+                    answer(cluster, reply, None, Some("a broadcast needs an event name and a JSON payload".into())).await;
+                    continue;
+                }
                 let Some(id) = next_broadcast_id(last_id.as_deref()) else {
                     answer(cluster, reply, None, Some("broadcast ids ran out at this position".into())).await;
                     continue;
@@ -302,6 +312,7 @@ fn broadcast_event(id: String, ask: &BroadcastAsk, last_end: Lsn) -> Event {
         last_in_transaction: true,
         payload: Arc::from(body),
         sender: None,
+        gap_before: false,
     }
 }
 

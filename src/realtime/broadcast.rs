@@ -148,6 +148,7 @@ impl Realtime {
             last_in_transaction: true,
             payload: Arc::from(body),
             sender: None,
+            gap_before: false,
         };
         {
             if let Some(h) = history.as_mut() {

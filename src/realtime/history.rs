@@ -155,6 +155,7 @@ pub fn decode(payload: &[u8]) -> Option<Event> {
         last_in_transaction: s.l,
         payload: Arc::from(s.p),
         sender: None,
+        gap_before: false,
     })
 }
 
@@ -947,6 +948,7 @@ mod tests {
             last_in_transaction: true,
             payload: Arc::from(format!("{{\"id\":\"{id}\"}}")),
             sender: None,
+            gap_before: false,
         }
     }
 

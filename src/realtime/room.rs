@@ -239,6 +239,10 @@ impl Room {
                 continue;
             }
             if let Some(h) = history.as_mut() {
+                if event.gap_before {
+                    tracing::error!(room = self.room_id, id = event.id, "the cluster's stream no longer held events before this one: resumes from before it are refused");
+                    h.mark_gap(&event.id);
+                }
                 if let Err(e) = h.append(event, now_ms) {
                     tracing::error!(room = self.room_id, error = %e, "writing the realtime history: resumes from before this event are refused");
                     h.mark_gap(&event.id);
