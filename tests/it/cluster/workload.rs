@@ -155,10 +155,14 @@ async fn through_a_loss(loss: Loss) {
     for s in &subscribers {
         s.wait_events(100, Duration::from_secs(120)).await;
     }
-    // The second half commits while the piece is lost.
-    gate.batch_execute("SELECT pg_advisory_unlock(1804)")
-        .await
-        .unwrap();
+    // The second half commits while the piece is lost: released just before a leader's kill
+    // (the kill lands among its commits), just after NATS's (all of it commits while NATS is
+    // down).
+    let release = || async {
+        gate.batch_execute("SELECT pg_advisory_unlock(1804)")
+            .await
+            .unwrap()
+    };
     let (mut received_at_kill, mut received_at_failover) = (0, usize::MAX);
     let finished = |workload: tokio::task::JoinHandle<()>| async move {
         tokio::time::timeout(Duration::from_secs(300), workload)
@@ -169,6 +173,7 @@ async fn through_a_loss(loss: Loss) {
     match loss {
         Loss::Leader => {
             let killed = nodes.index_of(&leader);
+            release().await;
             nodes.kill9(killed);
             received_at_kill = rx.got.lock().unwrap().len();
             let killed_at = Instant::now();
@@ -194,7 +199,7 @@ async fn through_a_loss(loss: Loss) {
         Loss::Nats => {
             let nats = own_nats.as_mut().unwrap();
             nats.kill9();
-            // The second half commits while NATS is down.
+            release().await;
             finished(workload).await;
             nats.restart().await;
             eprintln!("nats-server killed during the workload and restarted");
@@ -274,6 +279,7 @@ async fn finish(
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    eprintln!("{loss:?}: JetStream:\n{}", nats.describe().await);
     for s in subscribers {
         let feed = s.feed.lock().unwrap();
         eprintln!(
