@@ -1,4 +1,6 @@
-//! The guide's per-key rate limit (50 requests per 10 s) holds across nodes.
+//! The guide's per-key rate limit (50 requests per 10 s) holds across nodes. The window is
+//! widened to 60 s here (the count stays 50): on a loaded machine 75 requests may take longer
+//! than 10 s, and then a sliding window lets more than 50 through by design.
 
 use std::time::{Duration, Instant};
 
@@ -21,7 +23,7 @@ async fn the_per_key_rate_limit_holds_across_three_nodes() {
             3,
             &[
                 ("FLUXBASE_RATE_LIMIT_REQUESTS", "50"),
-                ("FLUXBASE_RATE_LIMIT_WINDOW_SECS", "10"),
+                ("FLUXBASE_RATE_LIMIT_WINDOW_SECS", "60"),
             ],
         )
         .await;
@@ -58,8 +60,8 @@ async fn the_per_key_rate_limit_holds_across_three_nodes() {
         }
         let elapsed = started.elapsed();
         assert!(
-            elapsed < Duration::from_secs(10),
-            "the 75 requests took {elapsed:?}, longer than the 10 s window: the machine is too \
+            elapsed < Duration::from_secs(60),
+            "the 75 requests took {elapsed:?}, longer than the 60 s window: the machine is too \
              loaded for this test to say anything"
         );
         let ok = statuses.iter().filter(|(_, s)| *s == 200).count();
@@ -74,7 +76,7 @@ async fn the_per_key_rate_limit_holds_across_three_nodes() {
         eprintln!("{ok} of 75 requests succeeded in {elapsed:?} (per node {per_node:?})");
         assert!(
             ok <= LIMIT + TOLERANCE,
-            "{ok} of 75 requests with one key succeeded across 3 nodes within 10 s (per node \
+            "{ok} of 75 requests with one key succeeded across 3 nodes within the window (per node \
              {per_node:?}): the limit is {LIMIT} (+{TOLERANCE})"
         );
         assert!(

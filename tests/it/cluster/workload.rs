@@ -272,14 +272,19 @@ async fn finish(
                 "{loss:?}: not every subscriber got the sentinel within 300 s:\n{}\n\
                  JetStream:\n{}\n/api/cdc/status:\n{}\n{}",
                 waiting.join("\n"),
-                nats.describe().await,
+                nats.describe(Some(&format!("FLUXBASE_{}", p.project)))
+                    .await,
                 status.join("\n"),
                 nodes.logs()
             );
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    eprintln!("{loss:?}: JetStream:\n{}", nats.describe().await);
+    eprintln!(
+        "{loss:?}: JetStream:\n{}",
+        nats.describe(Some(&format!("FLUXBASE_{}", p.project)))
+            .await
+    );
     for s in subscribers {
         let feed = s.feed.lock().unwrap();
         eprintln!(

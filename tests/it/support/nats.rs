@@ -109,12 +109,16 @@ impl NatsServer {
     }
 
     /// Each stream's name, messages, first and last sequence, and each consumer's name,
-    /// delivered and acknowledged stream sequences and pending count: one line each.
-    pub async fn describe(&self) -> String {
+    /// delivered and acknowledged stream sequences and pending count: one line each; only the
+    /// stream named `only`, if given (the shared server holds every test's).
+    pub async fn describe(&self, only: Option<&str>) -> String {
         let jsz = self.jsz().await;
         let mut out = Vec::new();
         for account in jsz["account_details"].as_array().into_iter().flatten() {
             for stream in account["stream_detail"].as_array().into_iter().flatten() {
+                if only.is_some_and(|name| stream["name"] != name) {
+                    continue;
+                }
                 let st = &stream["state"];
                 out.push(format!(
                     "stream {}: {} messages, seq {}..{}",
