@@ -179,11 +179,11 @@ impl App {
                 crate::cdc::StreamSettings::from_config(&config),
             ),
             realtime,
-            webhooks: crate::webhooks::Webhooks::new(
-                control.clone(),
-                bus.clone(),
-                crate::webhooks::Settings::from_config(&config),
-            ),
+            webhooks: crate::webhooks::Webhooks::new(control.clone(), bus.clone(), {
+                let mut settings = crate::webhooks::Settings::from_config(&config);
+                settings.node_id = cluster_mode.as_ref().map(|m| m.node_id().to_string());
+                settings
+            }),
             bus,
             storage,
             config,

@@ -116,3 +116,388 @@ pub async fn check_cluster(
     }
     Ok(findings)
 }
+
+/// What `fluxbase doctor` learned of the NATS server of a cluster (`nats_url`).
+#[derive(Debug)]
+pub struct NatsFacts {
+    /// The server's version (`2.9.25`).
+    pub version: String,
+    /// The server is part of a NATS cluster (needed for `nats_replicas` > 1).
+    pub clustered: bool,
+    /// The account's JetStream limits and storage in use, or why JetStream did not answer.
+    pub jetstream: Result<(JetStreamLimits, u64), String>,
+    /// Active projects: one stream each.
+    pub projects: usize,
+    /// Nodes connected to the control database now (at least 1): one consumer per project each.
+    pub nodes: usize,
+}
+
+/// An account's JetStream limits (`None`: unlimited), as `$JS.API.INFO` reports them. Read here
+/// rather than with async-nats' `query_account`, which expects fields nats-server 2.9 does not
+/// send (`reserved_memory`, `api.level`) and fails on Debian's server.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct JetStreamLimits {
+    pub max_memory: Option<i64>,
+    pub max_storage: Option<i64>,
+    pub max_streams: Option<i64>,
+    pub max_consumers: Option<i64>,
+    pub storage_max_stream_bytes: Option<i64>,
+}
+
+/// `$JS.API.INFO`'s answer: the account's limits and the file storage it uses, or the error
+/// the server gave (JetStream off for the account).
+pub fn parse_account_info(body: &[u8]) -> Result<(JetStreamLimits, u64), String> {
+    let v: serde_json::Value =
+        serde_json::from_slice(body).map_err(|e| format!("unreadable account info: {e}"))?;
+    if let Some(e) = v.get("error") {
+        return Err(e["description"]
+            .as_str()
+            .map(str::to_string)
+            .unwrap_or_else(|| e.to_string()));
+    }
+    let l = &v["limits"];
+    let limit = |name: &str| l[name].as_i64().filter(|n| *n >= 0);
+    Ok((
+        JetStreamLimits {
+            max_memory: limit("max_memory"),
+            max_storage: limit("max_storage"),
+            max_streams: limit("max_streams"),
+            max_consumers: limit("max_consumers"),
+            storage_max_stream_bytes: limit("storage_max_stream_bytes"),
+        },
+        v["storage"].as_u64().unwrap_or(0),
+    ))
+}
+
+/// The oldest NATS server cluster mode runs on (Debian's package).
+const NATS_MIN: (u64, u64) = (2, 9);
+
+/// `2.10.3-beta` → (2, 10); `None` for what is not a version.
+fn major_minor(version: &str) -> Option<(u64, u64)> {
+    let mut parts = version.trim_start_matches('v').split(['.', '-']);
+    Some((parts.next()?.parse().ok()?, parts.next()?.parse().ok()?))
+}
+
+/// What is wrong with a NATS server for cluster mode, and how to fix it (pure: see
+/// [`check_nats`] for where the facts come from).
+pub fn nats_findings(facts: &NatsFacts, retention_bytes: u64, replicas: usize) -> Vec<Finding> {
+    let mut findings = Vec::new();
+    match major_minor(&facts.version) {
+        Some(v) if v >= NATS_MIN => {}
+        None => findings.push(Finding {
+            problem: format!(
+                "the NATS server's version {:?} is unreadable: it is too old or not nats-server",
+                facts.version
+            ),
+            fix: "use nats-server 2.9 or newer (Debian 12's package or a release from nats.io)"
+                .into(),
+        }),
+        Some(_) => findings.push(Finding {
+            problem: format!("nats-server {} is too old", facts.version),
+            fix: "use nats-server 2.9 or newer (Debian 12's package or a release from nats.io)"
+                .into(),
+        }),
+    }
+    if replicas > 1 && !facts.clustered {
+        findings.push(Finding {
+            problem: format!(
+                "nats_replicas is {replicas} but the NATS server is not part of a cluster"
+            ),
+            fix: "set FLUXBASE_NATS_REPLICAS=1, or run a NATS cluster of at least that many servers with JetStream".into(),
+        });
+    }
+    let (limits, used) = match &facts.jetstream {
+        Ok(j) => j,
+        Err(e) => {
+            findings.push(Finding {
+                problem: format!("JetStream is not available: {e}"),
+                fix: "start nats-server with JetStream: `nats-server -js -sd <dir>` (or `jetstream { store_dir: <dir> }` in its configuration, and JetStream enabled for the account)".into(),
+            });
+            return findings;
+        }
+    };
+    let projects = facts.projects as i64;
+    if let Some(max) = limits.max_streams {
+        // Room for the projects there are and some to come.
+        if max < projects + 10 {
+            findings.push(Finding {
+                problem: format!(
+                    "the NATS account allows {max} JetStream streams; this cluster has {projects} project(s), one stream each"
+                ),
+                fix: format!("raise the account's max_streams (jetstream {{ max_streams: {} }} in the account, or -1 for no limit)", (projects + 10).max(1000)),
+            });
+        }
+    }
+    if let Some(max) = limits.max_consumers {
+        let needed = projects * facts.nodes.max(1) as i64;
+        if max < needed + 10 {
+            findings.push(Finding {
+                problem: format!(
+                    "the NATS account allows {max} JetStream consumers; {projects} project(s) on {} node(s) use {needed} (one per project per node)",
+                    facts.nodes.max(1)
+                ),
+                fix: "raise the account's max_consumers (or -1 for no limit)".into(),
+            });
+        }
+    }
+    let retention = i64::try_from(retention_bytes).unwrap_or(i64::MAX);
+    if let Some(max) = limits.storage_max_stream_bytes {
+        if max < retention {
+            findings.push(Finding {
+                problem: format!(
+                    "the NATS account caps a stream at {max} bytes; nats_retention_bytes is {retention}"
+                ),
+                fix: format!("lower FLUXBASE_NATS_RETENTION_BYTES to {max} or less, or raise the account's max_bytes"),
+            });
+        }
+    }
+    if let Some(max) = limits.max_storage {
+        // Each stream reserves its max_bytes (times its replicas) from the account's storage.
+        let needed = retention
+            .saturating_mul(projects.max(1))
+            .saturating_mul(replicas as i64);
+        if max < needed {
+            findings.push(Finding {
+                problem: format!(
+                    "the NATS account has {max} bytes of JetStream file storage; {projects} project stream(s) of nats_retention_bytes = {retention} (× {replicas} replica(s)) reserve {needed}"
+                ),
+                fix: "raise the account's JetStream max_file (max_storage), or lower FLUXBASE_NATS_RETENTION_BYTES".into(),
+            });
+        } else if (*used as i64) > max / 10 * 9 {
+            findings.push(Finding {
+                problem: format!("JetStream file storage is {used} of {max} bytes used"),
+                fix: "raise the account's JetStream max_file, or lower FLUXBASE_NATS_RETENTION_BYTES / FLUXBASE_NATS_RETENTION_SECS".into(),
+            });
+        }
+    }
+    if limits.max_memory == Some(0) && limits.max_storage == Some(0) {
+        findings.push(Finding {
+            problem: "the NATS account has no JetStream storage at all".into(),
+            fix: "give the account JetStream file storage (max_file)".into(),
+        });
+    }
+    findings
+}
+
+/// Cluster mode: connects to `nats_url` and checks the server (version ≥ 2.9, JetStream on,
+/// its limits against the projects of `target`'s control database).
+pub async fn check_nats(
+    config: &crate::config::Config,
+    target: &ClusterTarget,
+) -> anyhow::Result<Vec<Finding>> {
+    let Some(url) = &config.nats_url else {
+        return Ok(Vec::new());
+    };
+    let shown = crate::config::redact_url(url.expose());
+    let client = match tokio::time::timeout(
+        std::time::Duration::from_secs(10),
+        crate::cluster::connect_options(url.expose())
+            .name("fluxbase-doctor")
+            .connection_timeout(std::time::Duration::from_secs(5))
+            .connect(url.expose()),
+    )
+    .await
+    {
+        Ok(Ok(c)) => c,
+        Ok(Err(e)) => {
+            return Ok(vec![Finding {
+                problem: format!("cannot connect to NATS at {shown}: {e}"),
+                fix: "start nats-server with JetStream (`nats-server -js -sd <dir>`), and check FLUXBASE_NATS_URL (host, port, credentials in the URL)".into(),
+            }])
+        }
+        Err(_) => {
+            return Ok(vec![Finding {
+                problem: format!("NATS at {shown} did not answer within 10 s"),
+                fix: "check that nats-server runs and that this host can reach it (firewall, port 4222)".into(),
+            }])
+        }
+    };
+    let info = client.server_info();
+    let jetstream = if !info.jetstream {
+        Err("the server runs without JetStream".to_string())
+    } else {
+        match tokio::time::timeout(
+            std::time::Duration::from_secs(5),
+            client.request("$JS.API.INFO", bytes::Bytes::new()),
+        )
+        .await
+        {
+            Ok(Ok(answer)) => parse_account_info(&answer.payload),
+            Ok(Err(e)) => Err(e.to_string()),
+            Err(_) => Err("no answer to $JS.API.INFO within 5 s".into()),
+        }
+    };
+    let control = target.connect(&target.control_db).await?;
+    let projects: i64 = control
+        .query_one(
+            "SELECT count(*) FROM fluxbase.projects WHERE status = 'active'",
+            &[],
+        )
+        .await?
+        .get(0);
+    let nodes: i64 = control
+        .query_one(
+            "SELECT count(DISTINCT application_name) FROM pg_stat_activity
+             WHERE application_name LIKE 'fluxbase-node:%'",
+            &[],
+        )
+        .await?
+        .get(0);
+    let facts = NatsFacts {
+        version: info.version.clone(),
+        clustered: info.cluster.is_some(),
+        jetstream,
+        projects: projects as usize,
+        nodes: nodes.max(1) as usize,
+    };
+    Ok(nats_findings(
+        &facts,
+        config.nats_retention_bytes,
+        config.nats_replicas,
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    type Limits = JetStreamLimits;
+
+    fn facts(limits: Limits, used: u64) -> NatsFacts {
+        NatsFacts {
+            version: "2.9.25".into(),
+            clustered: false,
+            jetstream: Ok((limits, used)),
+            projects: 20,
+            nodes: 3,
+        }
+    }
+
+    fn problems(f: &NatsFacts, retention: u64, replicas: usize) -> Vec<String> {
+        nats_findings(f, retention, replicas)
+            .into_iter()
+            .map(|f| {
+                assert!(!f.fix.is_empty());
+                f.problem
+            })
+            .collect()
+    }
+
+    #[test]
+    fn account_info_of_nats_server_2_9_reads() {
+        // What nats-server 2.9.10 -js answers (no reserved_memory, no api.level).
+        let body = br#"{"type":"io.nats.jetstream.api.v1.account_info_response","memory":0,"storage":172414,"streams":1,"consumers":3,"limits":{"max_memory":-1,"max_storage":-1,"max_streams":-1,"max_consumers":-1,"max_ack_pending":-1,"memory_max_stream_bytes":-1,"storage_max_stream_bytes":-1,"max_bytes_required":false},"api":{"total":38,"errors":3}}"#;
+        assert_eq!(
+            parse_account_info(body).unwrap(),
+            (JetStreamLimits::default(), 172414)
+        );
+        let limited = br#"{"storage":5,"limits":{"max_memory":0,"max_storage":1000,"max_streams":10,"max_consumers":20,"storage_max_stream_bytes":100}}"#;
+        assert_eq!(
+            parse_account_info(limited).unwrap(),
+            (
+                JetStreamLimits {
+                    max_memory: Some(0),
+                    max_storage: Some(1000),
+                    max_streams: Some(10),
+                    max_consumers: Some(20),
+                    storage_max_stream_bytes: Some(100),
+                },
+                5
+            )
+        );
+        let off = br#"{"type":"io.nats.jetstream.api.v1.account_info_response","error":{"code":503,"err_code":10039,"description":"jetstream not enabled for account"}}"#;
+        assert_eq!(
+            parse_account_info(off).unwrap_err(),
+            "jetstream not enabled for account"
+        );
+        assert!(parse_account_info(b"<html>").is_err());
+    }
+
+    #[test]
+    fn a_recent_server_with_jetstream_and_no_limits_is_fine() {
+        assert!(problems(&facts(Limits::default(), 0), 1 << 28, 1).is_empty());
+        for v in ["2.9.0", "2.10.18", "3.0.0-beta.1", "v2.11.1"] {
+            let mut f = facts(Limits::default(), 0);
+            f.version = v.into();
+            assert!(problems(&f, 1 << 28, 1).is_empty(), "{v}");
+        }
+    }
+
+    #[test]
+    fn old_servers_and_missing_jetstream_are_named() {
+        for v in ["2.8.4", "1.4.0", "", "x.y"] {
+            let mut f = facts(Limits::default(), 0);
+            f.version = v.into();
+            let p = problems(&f, 1 << 28, 1);
+            assert_eq!(p.len(), 1, "{v}: {p:?}");
+            assert!(p[0].contains("too old"), "{p:?}");
+            assert!(v.starts_with(char::is_numeric) == p[0].starts_with("nats-server"));
+        }
+        let mut f = facts(Limits::default(), 0);
+        f.jetstream = Err("the server runs without JetStream".into());
+        let found = nats_findings(&f, 1 << 28, 1);
+        assert_eq!(found.len(), 1);
+        assert!(found[0].problem.contains("JetStream is not available"));
+        assert!(found[0].fix.contains("-js"));
+        // Replicas need a NATS cluster.
+        let p = problems(&facts(Limits::default(), 0), 1 << 28, 3);
+        assert!(p[0].contains("not part of a cluster"), "{p:?}");
+        let mut f = facts(Limits::default(), 0);
+        f.clustered = true;
+        assert!(problems(&f, 1 << 28, 3).is_empty());
+    }
+
+    #[test]
+    fn account_limits_are_weighed_against_the_projects() {
+        let mb = 1 << 20;
+        // 20 projects: 30 streams leave room for 10 more; 25 do not.
+        let ok = Limits {
+            max_streams: Some(30),
+            max_consumers: Some(100),
+            max_storage: Some(20 * 256 * mb),
+            storage_max_stream_bytes: Some(256 * mb),
+            ..Default::default()
+        };
+        assert!(problems(&facts(ok, 0), 256 * mb as u64, 1).is_empty());
+        let p = problems(
+            &facts(
+                Limits {
+                    max_streams: Some(25),
+                    ..ok
+                },
+                0,
+            ),
+            256 * mb as u64,
+            1,
+        );
+        assert_eq!(p.len(), 1);
+        assert!(p[0].contains("25 JetStream streams"), "{p:?}");
+        // 20 projects × 3 nodes = 60 consumers.
+        let p = problems(
+            &facts(
+                Limits {
+                    max_consumers: Some(60),
+                    ..ok
+                },
+                0,
+            ),
+            256 * mb as u64,
+            1,
+        );
+        assert!(p[0].contains("use 60"), "{p:?}");
+        // Storage: what the streams reserve, a stream's cap, and nearly full.
+        let p = problems(&facts(ok, 0), 512 * mb as u64, 1);
+        assert_eq!(p.len(), 2, "{p:?}");
+        assert!(p.iter().any(|p| p.contains("caps a stream")));
+        assert!(p.iter().any(|p| p.contains("reserve")));
+        let p = problems(&facts(ok, 19 * 256 * mb as u64), 256 * mb as u64, 1);
+        assert!(p[0].contains("used"), "{p:?}");
+        let none = Limits {
+            max_memory: Some(0),
+            max_storage: Some(0),
+            ..Default::default()
+        };
+        assert!(problems(&facts(none, 0), 1, 1)
+            .iter()
+            .any(|p| p.contains("no JetStream storage")));
+    }
+}

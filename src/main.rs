@@ -293,7 +293,15 @@ async fn close_cli(app: SharedApp, lock: Option<DataDirLock>) {
 /// started for the check and stopped after it).
 async fn doctor(config: Config) -> Result<()> {
     let findings = match &config.database_url {
-        Some(url) => fluxbase::doctor::check(&ClusterTarget::from_url(url.expose())?).await?,
+        Some(url) => {
+            let target = ClusterTarget::from_url(url.expose())?;
+            let mut findings = fluxbase::doctor::check(&target).await?;
+            // Cluster mode (which needs database_url): the NATS server too.
+            if config.nats_url.is_some() {
+                findings.extend(fluxbase::doctor::check_nats(&config, &target).await?);
+            }
+            findings
+        }
         None => {
             let data_dir = config.data_dir.clone();
             let secrets = fluxbase::secrets::Secrets::load_or_create(&config.data_dir)?;
@@ -336,7 +344,11 @@ async fn doctor(config: Config) -> Result<()> {
         }
     };
     if findings.is_empty() {
-        println!("ok: the cluster is ready for Fluxbase");
+        if config.nats_url.is_some() {
+            println!("ok: the cluster and its NATS server are ready for Fluxbase (cluster mode)");
+        } else {
+            println!("ok: the cluster is ready for Fluxbase");
+        }
         return Ok(());
     }
     for f in &findings {

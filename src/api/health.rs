@@ -59,14 +59,21 @@ pub async fn ready(app: SharedApp, req: Request) -> ApiResult<Response> {
         // Cluster mode: which node this is, what it leads, whether it reaches NATS. Not ready
         // without NATS or the leadership connection: a load balancer sends realtime elsewhere.
         let report = mode.node_report();
-        let ok = report.nats && report.leadership;
+        if report.nats && report.leadership {
+            return Ok(json_response(
+                StatusCode::OK,
+                &json!({ "status": "ready", "cluster": report }),
+            ));
+        }
+        let message = if report.nats {
+            "This node has lost its leadership connection to the control database; it leads no project until it is back."
+        } else {
+            "This node cannot reach NATS: realtime changes are delayed (nothing is lost) and broadcasts fail until it is back."
+        };
         return Ok(json_response(
-            if ok {
-                StatusCode::OK
-            } else {
-                StatusCode::SERVICE_UNAVAILABLE
-            },
-            &json!({ "status": if ok { "ready" } else { "degraded" }, "cluster": report }),
+            StatusCode::SERVICE_UNAVAILABLE,
+            &json!({ "success": false, "error": {
+                "code": "REALTIME_UNAVAILABLE", "message": message }, "cluster": report }),
         ));
     }
     Ok(Json(Status { status: "ready" }).into_response())

@@ -30,6 +30,8 @@ pub struct ClusterMode {
     pub leadership: Arc<Leadership>,
     pub feeds: Arc<FeedHealth>,
     publishers: Mutex<HashMap<String, Publishing>>,
+    /// The request limits shared with the other nodes (crate::cluster::limits), by name.
+    limits: Mutex<Vec<(&'static str, Arc<crate::auth::ratelimit::Sharing>)>>,
 }
 
 impl ClusterMode {
@@ -39,6 +41,7 @@ impl ClusterMode {
             cluster,
             feeds: Default::default(),
             publishers: Default::default(),
+            limits: Default::default(),
         }
     }
 
@@ -159,6 +162,20 @@ impl ClusterMode {
             let _ = writeln!(out, "fluxbase_cluster_published_events_total{{node=\"{node}\",project=\"{project}\"}} {}", p.published);
         }
         let down = self.feeds.down.lock().expect("poisoned").len();
+        let limits = self.limits.lock().expect("poisoned");
+        for (metric, help, value) in [
+            ("fluxbase_cluster_limit_hits_announced_total", "Requests this node counted against a shared rate limit and announced to the other nodes.", 0),
+            ("fluxbase_cluster_limit_messages_total", "NATS messages those announcements took (batched: at most one per limit every 2 ms).", 1),
+            ("fluxbase_cluster_limit_hits_heard_total", "Requests the other nodes announced, counted here too.", 2),
+        ] {
+            let _ = writeln!(out, "# HELP {metric} {help}\n# TYPE {metric} counter");
+            for (name, sharing) in limits.iter() {
+                let n = [&sharing.announced, &sharing.messages, &sharing.heard][value]
+                    .load(std::sync::atomic::Ordering::Relaxed);
+                let _ = writeln!(out, "{metric}{{node=\"{node}\",limit=\"{name}\"}} {n}");
+            }
+        }
+        drop(limits);
         let _ = writeln!(out, "# HELP fluxbase_cluster_feeds_down Rooms on this node not receiving their project's stream now.\n# TYPE fluxbase_cluster_feeds_down gauge\nfluxbase_cluster_feeds_down{{node=\"{node}\"}} {down}");
         out
     }
@@ -265,6 +282,7 @@ impl Led for LedByApp {
 struct RealtimeRelay {
     cluster: Arc<Cluster>,
     feeds: Arc<FeedHealth>,
+    leadership: Arc<Leadership>,
 }
 
 impl crate::realtime::Relay for RealtimeRelay {
@@ -314,6 +332,10 @@ impl crate::realtime::Relay for RealtimeRelay {
         })
     }
 
+    fn nodes(&self) -> usize {
+        self.leadership.node_count()
+    }
+
     fn degraded(&self, project_id: &str) -> Option<String> {
         if !self.cluster.connected() {
             return Some("NATS is unreachable".into());
@@ -336,10 +358,21 @@ impl App {
         };
         self.cdc.set_led();
         self.webhooks.set_led();
+        // The guide's request limits hold across nodes (crate::cluster::limits).
+        let callers = self.secrets.derive("cluster rate limit callers");
+        for (name, limiter) in [("keys", &self.rate), ("sessions", self.auth.session_rate())] {
+            if let Some(sharing) =
+                crate::cluster::limits::share(&mode.cluster, limiter, name, callers.as_bytes())
+            {
+                mode.limits.lock().expect("poisoned").push((name, sharing));
+            }
+        }
         self.realtime.set_relay(Arc::new(RealtimeRelay {
             cluster: mode.cluster.clone(),
             feeds: mode.feeds.clone(),
+            leadership: mode.leadership.clone(),
         }));
+        self.sql.join_cluster(mode.leadership.clone());
     }
 
     /// Cluster mode: starts taking leadership (when the server starts serving).
@@ -356,6 +389,11 @@ impl App {
     pub(super) async fn stop_leading(&self) {
         if let Some(mode) = self.cluster_mode.as_ref() {
             mode.leadership.stop().await;
+            // Webhook drains too: their claims go back as soon as their attempts in flight
+            // end (10 s at most), not 60 s after this node is gone.
+            self.webhooks
+                .hand_over(std::time::Duration::from_secs(12))
+                .await;
         }
     }
 }

@@ -18,7 +18,7 @@ pub struct Auth {
     /// The per-key request limit (shared with realtime's token budgets).
     rate: Arc<RateLimiter>,
     /// The per-session request limit (members, the dashboard).
-    session_rate: RateLimiter,
+    session_rate: Arc<RateLimiter>,
     cache: AuthCache,
     /// Time as login sessions expire by (the app's one clock, which tests move forward).
     clock: Arc<crate::storage::Clock>,
@@ -39,7 +39,7 @@ impl Auth {
         Auth {
             control,
             rate,
-            session_rate,
+            session_rate: Arc::new(session_rate),
             clock,
             cache: AuthCache::default(),
             key_touched: Mutex::new(HashMap::new()),
@@ -69,6 +69,11 @@ impl Auth {
             self.failures.record(a);
         }
         result
+    }
+
+    /// The per-session request limit (cluster mode shares it with the other nodes).
+    pub fn session_rate(&self) -> &Arc<RateLimiter> {
+        &self.session_rate
     }
 
     pub fn cache(&self) -> &AuthCache {

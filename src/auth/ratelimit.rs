@@ -44,6 +44,63 @@ pub struct RateLimiter {
     window: Duration,
     keys: std::collections::hash_map::RandomState,
     hits: Mutex<Hits>,
+    /// Cluster mode: the hits this node counts go to the other nodes ([`RateLimiter::share`]).
+    sharing: std::sync::OnceLock<Arc<Sharing>>,
+}
+
+/// Cluster mode: a limiter's hits shared with the other nodes (see `crate::cluster::limits`).
+/// Every node hashes a caller with the same key (derived from the instance secret all nodes
+/// share), so a hit announced by one node lands on the same entry on the others; the caller's
+/// name (an API key id, a session token's hash) never leaves the node.
+pub struct Sharing {
+    key: ring::hmac::Key,
+    /// Hits counted here and not announced yet (bounded: past [`Sharing::MAX_PENDING`] they are
+    /// dropped, e.g. while NATS is unreachable).
+    pending: Mutex<Vec<u64>>,
+    /// Woken when `pending` gets its first hit.
+    pub wake: tokio::sync::Notify,
+    /// Hits announced to the other nodes, in how many messages, and hits heard from them
+    /// (for `/metrics`).
+    pub announced: std::sync::atomic::AtomicU64,
+    pub messages: std::sync::atomic::AtomicU64,
+    pub heard: std::sync::atomic::AtomicU64,
+}
+
+impl Sharing {
+    /// At most this many hits wait for an announcement.
+    pub const MAX_PENDING: usize = 1 << 16;
+
+    pub fn new(key: &[u8]) -> Sharing {
+        Sharing {
+            key: ring::hmac::Key::new(ring::hmac::HMAC_SHA256, key),
+            pending: Mutex::new(Vec::new()),
+            wake: tokio::sync::Notify::new(),
+            announced: Default::default(),
+            messages: Default::default(),
+            heard: Default::default(),
+        }
+    }
+
+    /// The caller's key on every node: the first 64 bits of HMAC-SHA256(shared key, name).
+    pub fn hash(&self, caller: &str) -> u64 {
+        let tag = ring::hmac::sign(&self.key, caller.as_bytes());
+        u64::from_be_bytes(tag.as_ref()[..8].try_into().expect("32-byte tag"))
+    }
+
+    fn push(&self, key: u64) {
+        let mut pending = self.pending.lock().expect("poisoned");
+        if pending.len() < Self::MAX_PENDING {
+            pending.push(key);
+        }
+        if pending.len() == 1 {
+            self.wake.notify_one();
+        }
+    }
+
+    /// The hits to announce now, oldest first.
+    pub fn take(&self) -> Vec<u64> {
+        std::mem::take(&mut *self.pending.lock().expect("poisoned"))
+    }
 }
 
 struct Hits {
@@ -62,12 +119,38 @@ impl RateLimiter {
                 by_caller: HashMap::new(),
                 last_sweep: Instant::now(),
             }),
+            sharing: std::sync::OnceLock::new(),
         }
     }
 
     fn key(&self, caller: &str) -> u64 {
         use std::hash::BuildHasher;
-        self.keys.hash_one(caller)
+        match self.sharing.get() {
+            Some(sharing) => sharing.hash(caller),
+            None => self.keys.hash_one(caller),
+        }
+    }
+
+    /// Cluster mode: from now on callers are hashed with `key` (the same on every node) and
+    /// every request counted is handed to the returned [`Sharing`] for the other nodes. Called
+    /// once, before the server serves; `None` if it was already called, or the limit is off.
+    pub fn share(&self, key: &[u8]) -> Option<Arc<Sharing>> {
+        if self.limit == 0 {
+            return None;
+        }
+        let sharing = Arc::new(Sharing::new(key));
+        self.sharing.set(sharing.clone()).ok()?;
+        Some(sharing)
+    }
+
+    /// Cluster mode: counts a request another node counted (its caller's shared hash).
+    pub fn record_shared(&self, key: u64) {
+        self.record_key(key, Instant::now())
+    }
+
+    /// The limit (requests per window), for the cluster's documentation and tests.
+    pub fn limit(&self) -> u32 {
+        self.limit
     }
 
     /// Records a request by `caller`, or refuses it.
@@ -90,7 +173,13 @@ impl RateLimiter {
         if self.limit == 0 {
             return;
         }
-        let key = self.key(caller);
+        self.record_key(self.key(caller), now)
+    }
+
+    fn record_key(&self, key: u64, now: Instant) {
+        if self.limit == 0 {
+            return;
+        }
         let mut hits = self.hits.lock().expect("rate limiter poisoned");
         self.sweep(&mut hits, now);
         let q = hits.by_caller.entry(key).or_default();
@@ -167,6 +256,10 @@ impl RateLimiter {
         }
         if record {
             q.push_back(now);
+            drop(hits);
+            if let Some(sharing) = self.sharing.get() {
+                sharing.push(key);
+            }
         } else if q.is_empty() {
             hits.by_caller.remove(&key);
         }

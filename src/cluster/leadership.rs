@@ -66,6 +66,9 @@ pub struct Leadership {
     /// Projects this node leads.
     led: Mutex<HashSet<String>>,
     view: Mutex<View>,
+    /// How many nodes the last tick saw (at least 1): what per-node shares of cluster-wide
+    /// limits divide by ([`super::per_node`]), read without cloning the view.
+    node_count: std::sync::atomic::AtomicUsize,
     /// Set by a graceful stop: release everything and take nothing more.
     stopping: std::sync::atomic::AtomicBool,
     wake: tokio::sync::Notify,
@@ -79,6 +82,7 @@ impl Leadership {
             target,
             led: Default::default(),
             view: Default::default(),
+            node_count: std::sync::atomic::AtomicUsize::new(1),
             stopping: Default::default(),
             wake: tokio::sync::Notify::new(),
             task: Mutex::new(None),
@@ -87,6 +91,13 @@ impl Leadership {
 
     pub fn view(&self) -> View {
         self.view.lock().expect("poisoned").clone()
+    }
+
+    /// How many nodes are connected to the control database, as of the last tick (at least 1).
+    pub fn node_count(&self) -> usize {
+        self.node_count
+            .load(std::sync::atomic::Ordering::Relaxed)
+            .max(1)
     }
 
     /// The node leading a project, as of the last tick.
@@ -297,6 +308,8 @@ impl Leadership {
                 }
             }
         }
+        self.node_count
+            .store(nodes.len().max(1), std::sync::atomic::Ordering::Relaxed);
         let mut view = self.view.lock().expect("poisoned");
         view.nodes = nodes;
         view.leaders = leaders;

@@ -29,6 +29,7 @@
 
 pub mod feed;
 pub mod leadership;
+pub mod limits;
 pub mod publisher;
 
 use std::path::Path;
@@ -101,6 +102,57 @@ pub struct Cluster {
     connections: tokio::sync::watch::Sender<u64>,
 }
 
+/// Credentials a NATS URL carries.
+#[derive(Debug, PartialEq, Eq)]
+pub enum NatsCredentials {
+    /// `nats://user:password@host`
+    UserPassword(String, String),
+    /// `nats://token@host`
+    Token(String),
+}
+
+/// The credentials in `url` (percent-escapes decoded); of a comma-separated list, those of the
+/// first URL that has some.
+pub fn url_credentials(url: &str) -> Option<NatsCredentials> {
+    let decode = |s: &str| {
+        percent_encoding::percent_decode_str(s)
+            .decode_utf8_lossy()
+            .into_owned()
+    };
+    url.split(',').find_map(|one| {
+        let u = url::Url::parse(one.trim()).ok()?;
+        match (u.username(), u.password()) {
+            ("", _) => None,
+            (user, Some(password)) => Some(NatsCredentials::UserPassword(
+                decode(user),
+                decode(password),
+            )),
+            (token, None) => Some(NatsCredentials::Token(decode(token))),
+        }
+    })
+}
+
+/// The NATS client options for `url`, with the credentials it carries applied: async-nats does
+/// not read them from the URL itself (`nats://user:password@host` connected as nobody and the
+/// server answered "authorization violation").
+pub fn connect_options(url: &str) -> async_nats::ConnectOptions {
+    match url_credentials(url) {
+        Some(NatsCredentials::UserPassword(user, password)) => {
+            async_nats::ConnectOptions::with_user_and_password(user, password)
+        }
+        Some(NatsCredentials::Token(token)) => async_nats::ConnectOptions::with_token(token),
+        None => async_nats::ConnectOptions::new(),
+    }
+}
+
+/// A node's share of a cluster-wide bound (per-project sockets, SQL connections): `limit`
+/// divided by the nodes connected, rounded up. The cluster as a whole then admits at most
+/// `limit + nodes - 1`, and a project whose traffic all lands on one node gets that node's
+/// share only. At least 1.
+pub fn per_node(limit: usize, nodes: usize) -> usize {
+    limit.div_ceil(nodes.max(1)).max(1)
+}
+
 /// The subject a project's events go to.
 pub fn subject(project_id: &str) -> String {
     format!("fluxbase.events.{project_id}")
@@ -133,7 +185,7 @@ impl Cluster {
         let events = connected.clone();
         let connections = tokio::sync::watch::Sender::new(0u64);
         let counter = connections.clone();
-        let nats = async_nats::ConnectOptions::new()
+        let nats = connect_options(&url)
             .name(format!("fluxbase-{node_id}"))
             .retry_on_initial_connect()
             .connection_timeout(Duration::from_secs(5))
@@ -255,6 +307,40 @@ pub async fn shared_secret(control: &deadpool_postgres::Pool, own: &str) -> Resu
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn nats_credentials_come_from_the_url() {
+        use NatsCredentials::*;
+        assert_eq!(
+            url_credentials("nats://fluxbase:p%40ss@127.0.0.1:4222"),
+            Some(UserPassword("fluxbase".into(), "p@ss".into()))
+        );
+        assert_eq!(
+            url_credentials("nats://s3cr3t@127.0.0.1:4222"),
+            Some(Token("s3cr3t".into()))
+        );
+        assert_eq!(
+            url_credentials("nats://a:4222, nats://u:pw@b:4222"),
+            Some(UserPassword("u".into(), "pw".into()))
+        );
+        assert_eq!(url_credentials("nats://127.0.0.1:4222"), None);
+        assert_eq!(url_credentials("127.0.0.1:4222"), None);
+    }
+
+    #[test]
+    fn per_node_shares_round_up_and_add_up_to_at_most_limit_plus_nodes_minus_one() {
+        assert_eq!(per_node(10_000, 1), 10_000);
+        assert_eq!(per_node(10_000, 3), 3_334);
+        assert_eq!(per_node(8, 3), 3);
+        assert_eq!(per_node(8, 0), 8);
+        assert_eq!(per_node(2, 5), 1);
+        for limit in 1..50 {
+            for nodes in 1..12 {
+                let total = per_node(limit, nodes) * nodes;
+                assert!(total >= limit && total < limit + nodes, "{limit}/{nodes}");
+            }
+        }
+    }
 
     #[test]
     fn node_ids_are_names_safe_in_subjects_and_application_names() {

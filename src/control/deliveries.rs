@@ -243,6 +243,20 @@ pub struct Due {
     pub secret: String,
 }
 
+/// Whether the webhook has a pending delivery whose time has come (enabled webhooks only).
+pub async fn any_due(client: &impl GenericClient, webhook_id: &str) -> Result<bool, Error> {
+    let stmt = client
+        .prepare_cached(
+            "SELECT EXISTS (
+                 SELECT 1 FROM fluxbase.webhook_deliveries d
+                 JOIN fluxbase.webhooks w ON w.id = d.webhook_id
+                 WHERE d.webhook_id = $1 AND d.status = 'pending' AND d.next_attempt_at <= now()
+                   AND w.enabled)",
+        )
+        .await?;
+    Ok(client.query_one(&stmt, &[&webhook_id]).await?.get(0))
+}
+
 /// Up to 64 of an enabled webhook's due deliveries, in commit order.
 pub async fn due(client: &impl GenericClient, webhook_id: &str) -> Result<Vec<Due>, Error> {
     let stmt = client

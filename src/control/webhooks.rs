@@ -225,6 +225,65 @@ pub async fn with_due_deliveries(client: &impl GenericClient) -> Result<Vec<Stri
     Ok(rows.iter().map(|r| r.get(0)).collect())
 }
 
+/// Cluster mode: takes the webhook's drain for `node` for `lease_secs`, if no other node holds an
+/// unexpired claim (a claim of `node` itself is taken again). True when taken.
+pub async fn claim_drain(
+    client: &impl GenericClient,
+    webhook_id: &str,
+    node: &str,
+    lease_secs: f64,
+) -> Result<bool, Error> {
+    let stmt = client
+        .prepare_cached(
+            "UPDATE fluxbase.webhooks
+             SET drain_node = $2, drain_until = now() + make_interval(secs => $3::float8)
+             WHERE id = $1 AND (drain_node IS NULL OR drain_until < now() OR drain_node = $2)",
+        )
+        .await?;
+    Ok(client
+        .execute(&stmt, &[&webhook_id, &node, &lease_secs])
+        .await?
+        == 1)
+}
+
+/// Cluster mode: extends `node`'s claim on the webhook's drain, only if it never lapsed (still
+/// `node`'s and unexpired): a claim that expired may have been taken, used and given back by
+/// another node meanwhile, so the drainer must start over from the outbox. True when extended.
+pub async fn renew_drain(
+    client: &impl GenericClient,
+    webhook_id: &str,
+    node: &str,
+    lease_secs: f64,
+) -> Result<bool, Error> {
+    let stmt = client
+        .prepare_cached(
+            "UPDATE fluxbase.webhooks
+             SET drain_until = now() + make_interval(secs => $3::float8)
+             WHERE id = $1 AND drain_node = $2 AND drain_until >= now()",
+        )
+        .await?;
+    Ok(client
+        .execute(&stmt, &[&webhook_id, &node, &lease_secs])
+        .await?
+        == 1)
+}
+
+/// Cluster mode: gives the webhook's drain back (if `node` still holds it).
+pub async fn release_drain(
+    client: &impl GenericClient,
+    webhook_id: &str,
+    node: &str,
+) -> Result<(), Error> {
+    let stmt = client
+        .prepare_cached(
+            "UPDATE fluxbase.webhooks SET drain_node = NULL, drain_until = NULL
+             WHERE id = $1 AND drain_node = $2",
+        )
+        .await?;
+    client.execute(&stmt, &[&webhook_id, &node]).await?;
+    Ok(())
+}
+
 /// A success ends the webhook's failure streak.
 pub async fn clear_failing(client: &impl GenericClient, webhook_id: &str) -> Result<(), Error> {
     client

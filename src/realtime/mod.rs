@@ -266,6 +266,10 @@ pub trait Relay: Send + Sync {
     ) -> BoxFuture<'static, Result<String, String>>;
     /// Why the project's events are not arriving now (NATS unreachable), if they are not.
     fn degraded(&self, project_id: &str) -> Option<String>;
+    /// The nodes sharing the cluster-wide per-project bounds (at least 1).
+    fn nodes(&self) -> usize {
+        1
+    }
 }
 
 impl Realtime {

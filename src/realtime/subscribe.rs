@@ -240,11 +240,27 @@ impl Realtime {
                 }
             }
         };
-        if state.members.len() >= MAX_SOCKETS_PER_PROJECT && !state.members.contains_key(&socket.id)
-        {
-            return Err(RealtimeError::LimitExceeded(format!(
-                "at most {MAX_SOCKETS_PER_PROJECT} sockets per project"
-            )));
+        // Cluster mode: MAX_SOCKETS_PER_PROJECT holds across the cluster, each node taking
+        // its share (crate::cluster::per_node).
+        let (max_sockets, nodes) = match self.relay.get() {
+            None => (MAX_SOCKETS_PER_PROJECT, 1),
+            Some(relay) => {
+                let nodes = relay.nodes();
+                (
+                    crate::cluster::per_node(MAX_SOCKETS_PER_PROJECT, nodes),
+                    nodes,
+                )
+            }
+        };
+        if state.members.len() >= max_sockets && !state.members.contains_key(&socket.id) {
+            return Err(RealtimeError::LimitExceeded(if nodes > 1 {
+                format!(
+                    "at most {MAX_SOCKETS_PER_PROJECT} sockets per project across the cluster: \
+                     {max_sockets} on each of its {nodes} nodes"
+                )
+            } else {
+                format!("at most {MAX_SOCKETS_PER_PROJECT} sockets per project")
+            }));
         }
         let max_identities = self.settings.realtime_rls_max_identities;
         let identities: HashSet<&Identity> = state

@@ -202,9 +202,12 @@ pub struct Sql {
     max_response_bytes: usize,
     pools: Arc<pool::PoolMap>,
     budget: Arc<pool::Budget>,
-    /// Per project: requests that may hold a connection at once.
-    shares: Mutex<HashMap<String, Arc<tokio::sync::Semaphore>>>,
+    /// Per project: requests that may hold a connection at once (and that number).
+    shares: Mutex<HashMap<String, (usize, Arc<tokio::sync::Semaphore>)>>,
     project_share: usize,
+    /// Cluster mode: `sql_project_connections` is the project's bound across the cluster, and
+    /// this node's share of it is [`crate::cluster::per_node`] (see [`Sql::join_cluster`]).
+    cluster: std::sync::OnceLock<Arc<crate::cluster::leadership::Leadership>>,
     queue_timeout: Duration,
     types: TypeCatalog,
     statements: Mutex<HashMap<String, Arc<run::StatementCache>>>,
@@ -249,6 +252,7 @@ impl Sql {
             pools,
             shares: Mutex::new(HashMap::new()),
             project_share: config.sql_project_connections,
+            cluster: std::sync::OnceLock::new(),
             queue_timeout,
             types: TypeCatalog::default(),
             statements: Mutex::new(HashMap::new()),

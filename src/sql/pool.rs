@@ -408,14 +408,35 @@ pub fn release(conn: Checkout) {
 }
 
 impl Sql {
-    /// The project's share of connections.
-    fn share(&self, project_id: &str) -> Arc<tokio::sync::Semaphore> {
-        self.shares
-            .lock()
-            .expect("poisoned")
+    /// Cluster mode: `sql_project_connections` bounds a project across every node; each node
+    /// takes `ceil(sql_project_connections / nodes)` (as many as the leadership loop last saw).
+    pub fn join_cluster(&self, leadership: Arc<crate::cluster::leadership::Leadership>) {
+        let _ = self.cluster.set(leadership);
+    }
+
+    /// How many SQL requests of one project this node runs at once, and the nodes it shares
+    /// `sql_project_connections` with (1: a single node).
+    fn project_share(&self) -> (usize, usize) {
+        match self.cluster.get() {
+            None => (self.project_share, 1),
+            Some(l) => {
+                let nodes = l.node_count();
+                (crate::cluster::per_node(self.project_share, nodes), nodes)
+            }
+        }
+    }
+
+    /// The project's share of connections. In cluster mode a share whose size the node count
+    /// changed is replaced for later requests (those holding the old one finish on it).
+    fn share(&self, project_id: &str, size: usize) -> Arc<tokio::sync::Semaphore> {
+        let mut shares = self.shares.lock().expect("poisoned");
+        let entry = shares
             .entry(project_id.to_string())
-            .or_insert_with(|| Arc::new(tokio::sync::Semaphore::new(self.project_share)))
-            .clone()
+            .or_insert_with(|| (size, Arc::new(tokio::sync::Semaphore::new(size))));
+        if entry.0 != size {
+            *entry = (size, Arc::new(tokio::sync::Semaphore::new(size)));
+        }
+        entry.1.clone()
     }
 
     /// Closes every pooled connection of a project (suspension, deletion).
@@ -509,9 +530,18 @@ impl Sql {
         rp: &RolePool,
     ) -> Result<Checkout, SqlError> {
         self.budget.ensure(&self.control).await?;
-        let share = self.share(&project.id);
+        let (size, nodes) = self.project_share();
+        let share = self.share(&project.id, size);
         let share = match tokio::time::timeout(self.queue_timeout, share.acquire_owned()).await {
             Ok(Ok(permit)) => permit,
+            _ if nodes > 1 => {
+                return Err(SqlError::Busy(format!(
+                    "This project already runs {size} SQL requests at once on this node (its \
+                     share of sql_project_connections = {} across {nodes} nodes); retry when one \
+                     has finished.",
+                    self.project_share
+                )))
+            }
             _ => {
                 return Err(SqlError::Busy(format!(
                     "This project already runs {} SQL requests at once (sql_project_connections); \

@@ -76,6 +76,9 @@ pub struct Settings {
     pub backoff_scale: f64,
     /// How often the worker looks for deliveries that have come due.
     pub scan_interval: Duration,
+    /// Cluster mode: this node's name. Every node runs a delivery worker; a webhook's
+    /// deliveries are sent by the node holding its drain claim (`webhooks.drain_node`).
+    pub node_id: Option<String>,
 }
 
 impl Settings {
@@ -84,6 +87,7 @@ impl Settings {
             allow_private: config.webhook_allow_private,
             backoff_scale: config.webhook_backoff_scale,
             scan_interval: Duration::from_millis(config.webhook_scan_ms.max(10)),
+            node_id: None,
         }
     }
 }
@@ -146,6 +150,9 @@ struct Shared {
     worker: Mutex<Option<tokio::task::JoinHandle<()>>>,
     /// Cluster mode (see [`Webhooks::set_led`]).
     led: std::sync::atomic::AtomicBool,
+    /// Cluster mode, a graceful stop: drains end at their next attempt and give their claims
+    /// back; no new one starts (see [`Webhooks::hand_over`]).
+    handing_over: std::sync::atomic::AtomicBool,
 }
 
 impl Webhooks {
@@ -160,6 +167,7 @@ impl Webhooks {
                 writers: Default::default(),
                 worker: Default::default(),
                 led: Default::default(),
+                handing_over: Default::default(),
             }),
         }
     }
@@ -192,6 +200,22 @@ impl Webhooks {
             .remove(project_id)
         {
             t.abort();
+        }
+    }
+
+    /// Cluster mode, a graceful stop: the drains of this node end before their next attempt
+    /// and give their webhooks' claims back, so that another node sends at once rather than
+    /// after the claims expire (30 s). Waits for the attempts in flight (at most `within`).
+    pub async fn hand_over(&self, within: Duration) {
+        if self.shared.settings.node_id.is_none() {
+            return;
+        }
+        self.shared
+            .handing_over
+            .store(true, std::sync::atomic::Ordering::Release);
+        let deadline = tokio::time::Instant::now() + within;
+        while !self.shared.queue.idle() && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
 

@@ -45,6 +45,11 @@ impl Queue {
         self.wake.notify_one();
     }
 
+    /// No webhook is being drained.
+    pub(super) fn idle(&self) -> bool {
+        self.busy.lock().expect("poisoned").is_empty()
+    }
+
     /// Deliveries may have become due outside the outbox: the worker scans at once.
     pub(super) fn rescan(&self) {
         self.scan.store(true, Ordering::Relaxed);
@@ -77,6 +82,10 @@ pub(super) async fn run(shared: Weak<Shared>) {
             }
             // From the end of the query: a slow scan is not followed by another at once.
             last_scan = Some(Instant::now());
+        }
+        if strong.handing_over.load(Ordering::Acquire) {
+            // Cluster mode, stopping: the other nodes send from now on.
+            candidates.clear();
         }
         for hook in candidates {
             let mut busy = queue.busy.lock().expect("poisoned");
@@ -128,25 +137,154 @@ async fn due_webhooks(shared: &Shared) -> anyhow::Result<Vec<String>> {
     Ok(hooks::with_due_deliveries(&shared.control.get().await?).await?)
 }
 
-/// Sends a webhook's due deliveries in order until none is due.
+/// Sends a webhook's due deliveries in order until none is due; in cluster mode only while this
+/// node holds the webhook's drain claim ([`Claim`]).
 async fn drain(shared: &Shared, webhook_id: &str) -> anyhow::Result<()> {
+    match &shared.settings.node_id {
+        None => drain_batches(shared, webhook_id, None).await.map(|_| ()),
+        Some(node) => drain_claimed(shared, webhook_id, node).await,
+    }
+}
+
+/// How a drain ended.
+enum Drain {
+    /// Nothing is due any more (or the webhook was disabled).
+    Done,
+    /// Cluster mode: the claim lapsed before it could be renewed; maybe another node took it.
+    Lapsed,
+    /// Cluster mode: this node is stopping; another node sends the rest.
+    HandedOver,
+}
+
+async fn drain_batches(
+    shared: &Shared,
+    webhook_id: &str,
+    mut claim: Option<&mut Claim<'_>>,
+) -> anyhow::Result<Drain> {
     // Unknown until the first answer: the first success clears a recorded failure streak.
     let mut failing = true;
     loop {
         let due = deliveries::due(&shared.control.get().await?, webhook_id).await?;
         if due.is_empty() {
-            return Ok(());
+            return Ok(Drain::Done);
         }
         // Successful attempts of one batch, recorded with a single UPDATE. A crash before it
         // only means these deliveries go out again, with the same ids: at-least-once either way.
         let mut delivered = Successes::default();
         for d in &due {
+            if let Some(claim) = claim.as_deref_mut() {
+                if shared.handing_over.load(Ordering::Acquire) {
+                    record(shared, &delivered).await?;
+                    return Ok(Drain::HandedOver);
+                }
+                if !claim.keep(shared).await? {
+                    record(shared, &delivered).await?;
+                    return Ok(Drain::Lapsed);
+                }
+            }
             match attempt(shared, webhook_id, d, &mut failing, &mut delivered).await? {
                 Next::Continue => {}
-                Next::Disabled => return record(shared, &delivered).await,
+                Next::Disabled => {
+                    record(shared, &delivered).await?;
+                    return Ok(Drain::Done);
+                }
             }
         }
         record(shared, &delivered).await?;
+    }
+}
+
+/// How long a drain claim lasts (cluster mode).
+///
+/// An attempt is bounded by the egress client's total timeout (10 s, connect included, body read
+/// included: [`super::attempt`]), then a few control-database writes record it. The drainer
+/// renews before every attempt that would start with less than [`RENEW_BELOW`] (20 s) left, so
+/// each attempt starts with at least 20 s of claim: 10 s for the request and 10 s for its
+/// bookkeeping (and the batch's successes, recorded after its last attempt). A live drainer
+/// therefore never loses its claim mid-attempt, and another node never sends a delivery whose
+/// attempt has not been recorded yet. A node that dies keeps its claims for at most 30 s; then
+/// another node sends what it had not recorded (at-least-once, same delivery ids).
+const DRAIN_LEASE: Duration = Duration::from_secs(30);
+/// Renew a claim before an attempt when less than this is left of it.
+const RENEW_BELOW: Duration = Duration::from_secs(20);
+
+/// This node's claim on a webhook's drain (cluster mode), and when it runs out at the latest
+/// (measured from before the statement that took it, so never later than the database's).
+struct Claim<'a> {
+    webhook_id: &'a str,
+    node: &'a str,
+    until: Instant,
+}
+
+impl<'a> Claim<'a> {
+    /// Takes the claim, or `None` while another node holds it.
+    async fn take(
+        shared: &Shared,
+        webhook_id: &'a str,
+        node: &'a str,
+    ) -> anyhow::Result<Option<Claim<'a>>> {
+        let asked = Instant::now();
+        let control = shared.control.get().await?;
+        let taken =
+            hooks::claim_drain(&control, webhook_id, node, DRAIN_LEASE.as_secs_f64()).await?;
+        Ok(taken.then_some(Claim {
+            webhook_id,
+            node,
+            until: asked + DRAIN_LEASE,
+        }))
+    }
+
+    /// True when the claim is held with at least [`RENEW_BELOW`] left (renewing it if need be);
+    /// false when it lapsed, or another node holds it.
+    async fn keep(&mut self, shared: &Shared) -> anyhow::Result<bool> {
+        if self.until.saturating_duration_since(Instant::now()) >= RENEW_BELOW {
+            return Ok(true);
+        }
+        let asked = Instant::now();
+        let control = shared.control.get().await?;
+        if hooks::renew_drain(
+            &control,
+            self.webhook_id,
+            self.node,
+            DRAIN_LEASE.as_secs_f64(),
+        )
+        .await?
+        {
+            self.until = asked + DRAIN_LEASE;
+            Ok(true)
+        } else {
+            Ok(false)
+        }
+    }
+
+    async fn release(self, shared: &Shared) -> anyhow::Result<()> {
+        hooks::release_drain(&shared.control.get().await?, self.webhook_id, self.node).await?;
+        Ok(())
+    }
+}
+
+/// Cluster mode: drains while holding the webhook's claim. Another node's claim means that node
+/// drains (and looks again after it gives the claim back, so nothing stored meanwhile waits for
+/// the next scan).
+async fn drain_claimed(shared: &Shared, webhook_id: &str, node: &str) -> anyhow::Result<()> {
+    loop {
+        let Some(mut claim) = Claim::take(shared, webhook_id, node).await? else {
+            return Ok(());
+        };
+        let drained = drain_batches(shared, webhook_id, Some(&mut claim)).await;
+        let released = claim.release(shared).await;
+        match drained? {
+            // The claim lapsed (this node stalled): start over from the outbox, claiming again.
+            Drain::Lapsed => continue,
+            Drain::HandedOver => return released,
+            Drain::Done => released?,
+        }
+        // Given back: look once more. A delivery committed after this drain's last look was
+        // announced to its node's worker after its commit; if that worker found the claim still
+        // ours, it left the delivery to us, and this look (after the release) sees it.
+        if !deliveries::any_due(&shared.control.get().await?, webhook_id).await? {
+            return Ok(());
+        }
     }
 }
 
