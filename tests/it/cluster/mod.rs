@@ -157,6 +157,18 @@ impl Subscriber {
         .await
     }
 
+    /// Waits until it got a `status` notice of this `state` (`degraded`, `live`).
+    pub async fn wait_status(&self, state: &str, within: Duration) {
+        self.wait(within, |f| {
+            f.other
+                .iter()
+                .any(|m| m["type"] == "status" && m["state"] == state)
+                .then_some(())
+                .ok_or_else(|| format!("no {state} status notice; other messages {:?}", f.other))
+        })
+        .await
+    }
+
     /// Whether the sentinel arrived; what it saw instead.
     pub fn done(&self) -> Result<(), String> {
         let f = self.feed.lock().unwrap();

@@ -200,9 +200,21 @@ async fn through_a_loss(loss: Loss) {
             let nats = own_nats.as_mut().unwrap();
             nats.kill9();
             release().await;
+            // NATS down: HTTP serves on, every node's /ready says it cannot reach NATS, and
+            // every subscriber is told its changes are delayed.
+            sql(nodes.base(2), &p.readwrite, &p.project, "SELECT 1").await;
+            for i in nodes.alive() {
+                ready_until(&nodes, i, false).await;
+            }
+            for s in &subscribers {
+                s.wait_status("degraded", Duration::from_secs(60)).await;
+            }
             finished(workload).await;
             nats.restart().await;
             eprintln!("nats-server killed during the workload and restarted");
+            for i in nodes.alive() {
+                ready_until(&nodes, i, true).await;
+            }
         }
     }
     finish(
@@ -220,6 +232,32 @@ async fn through_a_loss(loss: Loss) {
             .unwrap_or(crate::support::nats::nats().await),
     )
     .await;
+}
+
+/// Polls node `i`'s `/ready` until it says NATS is reachable (`200`, `cluster.nats` true) or
+/// not (`503 REALTIME_UNAVAILABLE`, `cluster.nats` false), within 60 s.
+async fn ready_until(nodes: &Nodes, i: usize, nats: bool) {
+    poll::until(
+        Duration::from_secs(60),
+        Duration::from_millis(100),
+        || async {
+            let (status, body) = call(nodes.base(i), "GET", "/ready", None, json!(null)).await;
+            let want = if nats { 200 } else { 503 };
+            if status == want && body["cluster"]["nats"] == nats {
+                if !nats {
+                    assert_eq!(body["error"]["code"], "REALTIME_UNAVAILABLE", "{body}");
+                }
+                Ok(())
+            } else {
+                Err(format!(
+                    "node {}'s /ready never said NATS {}: {status} {body}",
+                    nodes.ids[i],
+                    if nats { "is back" } else { "is down" }
+                ))
+            }
+        },
+    )
+    .await
 }
 
 /// After the workload: the sentinel through a running node, then every subscriber and the
@@ -295,6 +333,22 @@ async fn finish(
             feed.other
         );
         assert_exactly_once_in_order(&s.name, &feed, &expected);
+        if loss == Loss::Nats {
+            // Told when the changes were delayed, and when they flow again.
+            let states: Vec<&Value> = feed
+                .other
+                .iter()
+                .filter(|m| m["type"] == "status")
+                .map(|m| &m["state"])
+                .collect();
+            assert_eq!(
+                states.last(),
+                Some(&&json!("live")),
+                "subscriber {}: the last status notice is not live: {:?}",
+                s.name,
+                feed.other
+            );
+        }
         if loss == Loss::Leader {
             assert!(
                 feed.connections.len() >= 2
