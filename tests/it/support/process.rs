@@ -196,9 +196,12 @@ impl Drop for ServerProcess {
 
 /// `<dir>/server.log`, appended to across restarts: what the server logged (at `FLUXBASE_LOG`,
 /// `warn` unless a test asks for more), for a failing test to be read after the fact.
+/// Private (0600): a first start prints its login and keys.
 fn log_file(dir: &Path) -> Stdio {
+    use std::os::unix::fs::OpenOptionsExt;
     std::fs::OpenOptions::new()
         .create(true)
+        .mode(0o600)
         .append(true)
         .open(dir.join("server.log"))
         .map(Stdio::from)
