@@ -3,7 +3,7 @@
 CARGO ?= cargo
 TEST_THREADS ?= 6
 
-.PHONY: run build test lint unit integration bench bench-sql bench-cdc bench-webhooks bench-fanout bench-rls bench-storage clean deps fuzz
+.PHONY: run build test lint unit integration bench bench-sql bench-cdc bench-webhooks bench-fanout bench-rls bench-storage bench-cluster clean deps fuzz
 
 run: deps
 	$(CARGO) build --release --bin fluxbase
@@ -28,7 +28,7 @@ lint:
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
 
 # The benchmarks; each prints its reference run beside Fluxbase's (and its targets).
-bench: bench-sql bench-cdc bench-webhooks bench-fanout bench-rls bench-storage
+bench: bench-sql bench-cdc bench-webhooks bench-fanout bench-rls bench-storage bench-cluster
 
 bench-sql: deps build
 	$(CARGO) run --release -p fluxbase-bench --bin sql_bench
@@ -51,6 +51,12 @@ bench-fanout: deps build
 # Uploads and signed downloads of 1 MiB and 100 MiB files beside a plain file copy.
 bench-storage: deps build
 	$(CARGO) run --release -p fluxbase-bench --bin storage_bench
+
+# One node against three in cluster mode (its own nats-server -js, from Debian's nats-server),
+# then kill -9 failovers of the leading node; a socket per subscriber on each side.
+bench-cluster: deps build
+	ulimit -n 65536 2>/dev/null || ulimit -n $$(ulimit -Hn) 2>/dev/null; \
+	$(CARGO) run --release -p fluxbase-bench --bin cluster_bench
 
 clean:
 	$(CARGO) clean

@@ -126,56 +126,61 @@ async fn consume(
     reconnected.borrow_and_update();
     let stream = cluster.ensure_stream(project_id).await?;
     let name = format!("rt_{}", cluster.node_id);
-    if from_start {
-        // A fresh history: read the stream from its first message, not from where an earlier
-        // history of this node (now gone) had got to.
-        let _ = stream.delete_consumer(&name).await;
-    }
-    let consumer: pull::Stream = stream
-        .get_or_create_consumer(
-            &name,
-            pull::Config {
-                durable_name: Some(name.clone()),
-                deliver_policy: DeliverPolicy::All,
-                ack_policy: AckPolicy::All,
-                ack_wait: Duration::from_secs(300),
-                max_ack_pending: MAX_ACK_PENDING,
-                // A node gone for good leaves no consumer behind for longer than the stream
-                // keeps events (one that comes back later reads what is retained again).
-                inactive_threshold: cluster.retention.max_age,
-                ..Default::default()
-            },
-        )
-        .await
-        .map(|c: async_nats::jetstream::consumer::Consumer<pull::Config>| c)?
+    // Where this node's history ends in the stream: the consumer's acknowledged floor (the room
+    // acknowledges only what its history has fsynced). A fresh history reads the stream from
+    // its first message instead, not from where an earlier history of this node (now gone) had
+    // got to; so does a node whose consumer is gone (inactive past the retention): replays of
+    // what its history holds are dropped by id.
+    let floor = match from_start {
+        true => None,
+        false => stream
+            .get_consumer::<pull::Config>(&name)
+            .await
+            .ok()
+            .map(|c| c.cached_info().ack_floor.stream_sequence),
+    };
+    // Made again on every (re)start, from the message after the floor: a durable pull consumer
+    // sends again what it delivered but was not acknowledged only after `ack_wait`, and new
+    // pulls start past it, so a restarted node would otherwise miss (and record as a gap) what
+    // it had received but not yet stored.
+    let _ = stream.delete_consumer(&name).await;
+    let deliver_policy = match floor {
+        Some(f) => DeliverPolicy::ByStartSequence {
+            start_sequence: f + 1,
+        },
+        None => DeliverPolicy::All,
+    };
+    let consumer: async_nats::jetstream::consumer::PullConsumer = stream
+        .create_consumer(pull::Config {
+            durable_name: Some(name.clone()),
+            deliver_policy,
+            ack_policy: AckPolicy::All,
+            ack_wait: Duration::from_secs(300),
+            max_ack_pending: MAX_ACK_PENDING,
+            // A node gone for good leaves no consumer behind for longer than the stream keeps
+            // events.
+            inactive_threshold: cluster.retention.max_age,
+            ..Default::default()
+        })
+        .await?;
+    let mut messages = consumer
         .stream()
         .max_messages_per_batch(1024)
         .heartbeat(Duration::from_secs(2))
         .expires(Duration::from_secs(10))
         .messages()
         .await?;
-    let mut messages = consumer;
-    // The stream sequence this node's history has up to (its consumer's acknowledged floor):
-    // the next message must follow it, or the stream dropped some (retention) before this node
-    // read them. A fresh history has nothing to follow.
-    let mut last_seq: Option<u64> = None;
-    if !from_start {
-        if let Ok(info) = stream
-            .get_consumer::<pull::Config>(&name)
-            .await
-            .map(|c| c.cached_info().ack_floor.stream_sequence)
-        {
-            last_seq = Some(info);
-        }
-    }
+    // The next message must follow the floor, or the stream dropped some (retention) before
+    // this node read them.
+    let mut last_seq: Option<u64> = floor;
     health.down.lock().expect("poisoned").remove(project_id);
     // Acknowledgement points (a transaction's last message), oldest first.
     let mut points: VecDeque<(Lsn, async_nats::jetstream::Message)> = VecDeque::new();
     loop {
         tokio::select! {
             _ = reconnected.changed() => {
-                // The pull request did not survive the reconnection: ask again, from the
-                // consumer's acknowledged position (replays are dropped by id).
+                // The pull request did not survive the reconnection: start again from the
+                // acknowledged floor (replays are dropped by id).
                 anyhow::bail!("NATS reconnected");
             }
             changed = acks.changed() => {

@@ -205,6 +205,10 @@ impl Cluster {
                             );
                             events.store(false, Ordering::Release);
                         }
+                        // Each failed reconnection attempt: the disconnection was logged.
+                        async_nats::Event::ClientError(e) => {
+                            tracing::debug!(error = %e, "NATS client")
+                        }
                         other => tracing::warn!(event = %other, "NATS"),
                     }
                 }
