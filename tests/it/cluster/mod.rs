@@ -8,12 +8,15 @@
 //!   every committed change exactly once, in order; the webhook deliveries rebuild the table),
 //!   and the same workload with NATS killed and restarted in its middle (nothing lost);
 //! - `restart`: all three nodes restarted, a `since` resume gets what it missed;
-//! - `rate_limit`: the per-key limit holds across nodes.
+//! - `rate_limit`: the per-key limit holds across nodes;
+//! - `creation`: a project whose slot is slow to create (older transactions running) still
+//!   streams: its leader neither starts before the slot exists nor fences its creator.
 //!
 //! Subscribers here ([`Subscriber`]) read in a task of their own (a socket left unread would
 //! fall behind its send queue), reconnect with `since` (the last id they saw) when their
 //! socket closes, and hop to the next node when the test says so.
 
+mod creation;
 mod fanout;
 mod rate_limit;
 mod restart;

@@ -261,7 +261,11 @@ impl Nodes {
         let mut out = String::new();
         for (i, n) in self.nodes.iter().enumerate() {
             let log = std::fs::read_to_string(n.dir.join("server.log")).unwrap_or_default();
-            let lines: Vec<&str> = log.lines().collect();
+            // Not the start-up banner (its login and keys).
+            let lines: Vec<&str> = log
+                .lines()
+                .filter(|l| !l.starts_with("  ") && *l != "Fluxbase is ready.")
+                .collect();
             out.push_str(&format!(
                 "--- node {} ({}):\n{}\n",
                 self.ids[i],
