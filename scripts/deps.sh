@@ -2,7 +2,8 @@
 # Makes sure what `make run` and `make test` need is installed: PostgreSQL's server binaries
 # (initdb, pg_ctl, pgbench, pg_recvlogical) and, for the tests, Node.js and npm, curl, Chromium (the
 # dashboard's browser tests drive it headless), a C++ compiler (the fuzz targets' libfuzzer-sys
-# builds libFuzzer, also on stable), from PyPI (into .fluxbase/tools/venv) schemathesis and
+# builds libFuzzer, also on stable), nats-server with JetStream (the cluster tests start one; Debian
+# ships 2.9), from PyPI (into .fluxbase/tools/venv) schemathesis and
 # openapi-spec-validator, and from npm (into tests/browser/node_modules) puppeteer-core. As root on
 # Debian/Ubuntu it installs missing pieces from the distribution's packages; otherwise it says
 # exactly what to install.
@@ -12,6 +13,8 @@ need_test_tools=${1:-}
 missing=()
 have_pg() { ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || { [ -n "${FLUXBASE_PG_BINDIR:-}" ] && [ -x "$FLUXBASE_PG_BINDIR/initdb" ]; }; }
 have_pg || missing+=(postgresql postgresql-contrib)
+# Debian installs it in /usr/sbin, which is not on every user's PATH.
+have_nats() { [ -n "${NATS_SERVER:-}" ] && [ -x "$NATS_SERVER" ] || command -v nats-server >/dev/null 2>&1 || [ -x /usr/sbin/nats-server ]; }
 have_chromium() { [ -n "${CHROMIUM:-}" ] && [ -x "$CHROMIUM" ] || command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1; }
 if [ "$need_test_tools" = "test" ]; then
   command -v node >/dev/null 2>&1 || missing+=(nodejs)
@@ -19,6 +22,7 @@ if [ "$need_test_tools" = "test" ]; then
   have_chromium || missing+=(chromium fonts-dejavu-core)
   command -v curl >/dev/null 2>&1 || missing+=(curl)
   command -v c++ >/dev/null 2>&1 || missing+=(g++)
+  have_nats || missing+=(nats-server)
   command -v python3 >/dev/null 2>&1 && python3 -c 'import venv, ensurepip' 2>/dev/null || missing+=(python3 python3-venv)
 fi
 command -v cargo >/dev/null 2>&1 || { echo "cargo is missing: install Rust with rustup (https://rustup.rs)"; exit 1; }

@@ -5,6 +5,7 @@ mod support;
 
 mod accounts;
 mod cdc;
+mod cluster;
 mod dashboard;
 mod operations;
 mod realtime;

@@ -5,7 +5,9 @@
 //! - `process`: the real binary as a child process, and any child, killed on drop;
 //! - `fixtures`: users, projects and keys; `http`: requests to a server known by its URL;
 //! - `ws`: the WebSocket client; `bus`: reading the event bus; `poll`: waiting with a deadline;
-//! - `receiver`: a webhook receiver; `multipart`: upload bodies; `fs`: files on disk.
+//! - `receiver`: a webhook receiver; `multipart`: upload bodies; `fs`: files on disk;
+//! - `nats`: `nats-server -js` as a child process (`nats()` shared, or a test's own to kill
+//!   and restart); `nodes`: several `fluxbase serve` processes as one cluster.
 
 #![allow(dead_code)]
 
@@ -16,6 +18,8 @@ pub mod fixtures;
 pub mod fs;
 pub mod http;
 pub mod multipart;
+pub mod nats;
+pub mod nodes;
 pub mod poll;
 pub mod process;
 pub mod receiver;

@@ -127,7 +127,7 @@ impl ServerProcess {
             .env("FLUXBASE_LOG", "warn")
             .current_dir(&dir)
             .stdout(Stdio::null())
-            .stderr(Stdio::null());
+            .stderr(log_file(&dir));
         for (k, v) in &env {
             cmd.env(k, v);
         }
@@ -192,6 +192,20 @@ impl Drop for ServerProcess {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// `<dir>/server.log`, appended to across restarts: what the server logged (at `FLUXBASE_LOG`,
+/// `warn` unless a test asks for more), for a failing test to be read after the fact.
+/// Private (0600): a first start prints its login and keys.
+fn log_file(dir: &Path) -> Stdio {
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new()
+        .create(true)
+        .mode(0o600)
+        .append(true)
+        .open(dir.join("server.log"))
+        .map(Stdio::from)
+        .unwrap_or_else(|_| Stdio::null())
 }
 
 /// The address a `fluxbase serve` started with `FLUXBASE_ADDR_FILE=<addr_file>` bound, once it
