@@ -33,7 +33,6 @@ pub mod limits;
 pub mod publisher;
 
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -95,8 +94,6 @@ pub struct Cluster {
     pub nats: async_nats::Client,
     pub js: jetstream::Context,
     pub retention: Retention,
-    /// False while the NATS connection is down (the client reconnects by itself).
-    connected: Arc<AtomicBool>,
     /// Counts (re)connections: a pull consumer's outstanding request does not survive a NATS
     /// restart, so feeds start over when this moves.
     connections: tokio::sync::watch::Sender<u64>,
@@ -181,8 +178,6 @@ impl Cluster {
             .context("cluster mode needs nats_url")?
             .expose()
             .to_string();
-        let connected = Arc::new(AtomicBool::new(false));
-        let events = connected.clone();
         let connections = tokio::sync::watch::Sender::new(0u64);
         let counter = connections.clone();
         let nats = connect_options(&url)
@@ -190,20 +185,17 @@ impl Cluster {
             .retry_on_initial_connect()
             .connection_timeout(Duration::from_secs(5))
             .event_callback(move |event| {
-                let events = events.clone();
                 let counter = counter.clone();
                 async move {
                     match event {
                         async_nats::Event::Connected => {
                             tracing::info!("connected to NATS");
-                            events.store(true, Ordering::Release);
                             counter.send_modify(|n| *n += 1);
                         }
                         async_nats::Event::Disconnected => {
                             tracing::warn!(
                                 "disconnected from NATS: change streams pause, HTTP serves on"
                             );
-                            events.store(false, Ordering::Release);
                         }
                         // Each failed reconnection attempt: the disconnection was logged.
                         async_nats::Event::ClientError(e) => {
@@ -228,7 +220,6 @@ impl Cluster {
                 max_bytes: i64::try_from(config.nats_retention_bytes).unwrap_or(i64::MAX),
                 replicas: config.nats_replicas,
             },
-            connected,
             connections,
         }))
     }
@@ -240,8 +231,7 @@ impl Cluster {
 
     /// True while the NATS connection is up.
     pub fn connected(&self) -> bool {
-        self.connected.load(Ordering::Acquire)
-            || self.nats.connection_state() == async_nats::connection::State::Connected
+        self.nats.connection_state() == async_nats::connection::State::Connected
     }
 
     /// The project's stream, created (or its limits updated) if needed.

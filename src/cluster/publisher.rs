@@ -14,7 +14,6 @@
 //!   skips (acknowledging) every event at or below it: a replay after a failover or a rewind.
 //!   Each publish also carries its id as `Nats-Msg-Id` (JetStream's de-duplication window).
 
-use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -63,8 +62,6 @@ pub struct PublisherStatus {
     pub skipped: u64,
     pub terms: u64,
     pub last_error: Option<String>,
-    /// False while JetStream cannot be reached (the change stream waits; the slot keeps WAL).
-    pub connected: bool,
 }
 
 /// The id after `last` for a broadcast: `<last event id>-<n, 8 hex>`, one more than `last`'s own
@@ -118,7 +115,6 @@ pub async fn run(
                 tracing::warn!(project_id, error = %e, retry_in = ?backoff, "publishing to JetStream");
                 let mut s = status.lock().expect("poisoned");
                 s.last_error = Some(e.to_string());
-                s.connected = cluster.connected();
             }
         }
         tokio::time::sleep(backoff).await;
@@ -175,15 +171,12 @@ async fn term(
         .await?;
     {
         let mut s = status.lock().expect("poisoned");
-        s.connected = true;
         s.last_error = None;
         s.sequence = expected;
     }
     let subject = super::subject(project_id);
     let mut in_flight: FuturesOrdered<futures_util::future::BoxFuture<'static, Done>> =
         FuturesOrdered::new();
-    // Acknowledgements not yet passed to the bus wait here, in order.
-    let mut acks: VecDeque<Lsn> = VecDeque::new();
     loop {
         tokio::select! {
             biased;
@@ -198,8 +191,9 @@ async fn term(
                                 s.published += 1;
                             }
                         }
+                        // Acknowledgements come in order: a transaction's end is whole.
                         if let Some(end) = end {
-                            acks.push_back(end);
+                            sub.ack(end);
                         }
                         if let Some(reply) = reply {
                             answer(cluster, reply, Some(id), None).await;
@@ -211,11 +205,6 @@ async fn term(
                         }
                         anyhow::bail!("publishing {id}: {e}");
                     }
-                }
-                // Acknowledge whole transactions to the bus, newest last.
-                if let Some(end) = acks.pop_back() {
-                    acks.clear();
-                    sub.ack(end);
                 }
             }
             event = sub.events.recv(), if in_flight.len() < IN_FLIGHT => {
