@@ -183,7 +183,8 @@ impl App {
                 let mut settings = crate::webhooks::Settings::from_config(&config);
                 settings.node_id = cluster_mode.as_ref().map(|m| m.node_id().to_string());
                 settings
-            }),
+            })
+            .with_cluster(cluster.clone()),
             bus,
             storage,
             config,

@@ -111,6 +111,11 @@ pub struct Event {
     /// Columns left out of `record`: their TOASTed value did not change and no old row gave it
     /// (replica identity other than FULL). Every channel names them (`unchangedToast`).
     pub unchanged_toast: Vec<String>,
+    /// A row change: the row's replica identity key as a JSON object (`{"id":1}`), when its
+    /// table has one that names the row ([`crate::cdc::events::identity_key`]). Webhook
+    /// ordering uses it; it is not part of any payload, and events that crossed the cluster's
+    /// stream do not carry it (`None`: the table's changes are ordered as one row's).
+    pub row_key: Option<String>,
     /// RFC 3339 commit time.
     pub commit_timestamp: String,
     pub commit_lsn: Lsn,

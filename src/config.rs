@@ -94,6 +94,9 @@ pub struct Config {
     /// How often, in ms, the webhook worker looks for deliveries that have come due (retries,
     /// and what a restart left pending). New deliveries go out at once, whatever this is.
     pub webhook_scan_ms: u64,
+    /// Most deliveries of one webhook in flight at once under the `row` ordering (`strict`
+    /// webhooks have one); see docs/configuration.md for why 64.
+    pub webhook_max_in_flight: usize,
     /// Events a realtime room keeps for `since` resumes.
     pub realtime_retention_events: usize,
     /// Seconds a realtime room keeps events for `since` resumes.
@@ -232,6 +235,7 @@ impl Default for Config {
             temp_file_limit_kb: 256 * 1024,
             webhook_backoff_scale: 1.0,
             webhook_scan_ms: 500,
+            webhook_max_in_flight: 64,
             realtime_retention_events: 100_000,
             realtime_retention_secs: 600,
             realtime_retention_bytes: 64 * 1024 * 1024,

@@ -9,7 +9,8 @@ use super::Request;
 use crate::api::error::{ApiError, ApiResult};
 use crate::app::SharedApp;
 use crate::webhooks::{
-    Delivery, DeliveryStatus, EventType, NewWebhookRequest, Webhook, WebhookError, WebhookPatch,
+    Delivery, DeliveryStatus, EventType, NewWebhookRequest, Ordering, Webhook, WebhookError,
+    WebhookPatch,
 };
 
 const MANAGING: &str = "Managing webhooks";
@@ -21,6 +22,7 @@ impl From<WebhookError> for ApiError {
             | WebhookError::UnknownEvent(_)
             | WebhookError::Url(_)
             | WebhookError::SecretLength
+            | WebhookError::UnknownOrdering(_)
             | WebhookError::UnknownStatus(_) => ApiError::BadRequest(e.to_string()),
             WebhookError::WebhookNotFound(_) | WebhookError::DeliveryNotFound(_) => {
                 ApiError::NotFound(e.to_string())
@@ -49,6 +51,12 @@ pub struct CreateWebhook {
     pub secret: Option<String>,
     /// Default `true`.
     pub enabled: Option<bool>,
+    /// Which deliveries may be in flight together. `row` (default): deliveries of the same row
+    /// never overlap and keep commit order, a `schema.changed` waits for every earlier delivery
+    /// and holds every later one, the others go out concurrently. `strict`: one at a time,
+    /// oldest first.
+    #[schema(value_type = Option<Ordering>)]
+    pub ordering: Option<String>,
 }
 
 /// `PATCH /api/webhooks`: absent (or `null`) fields stay as they are.
@@ -63,6 +71,9 @@ pub struct PatchWebhook {
     pub tables: Option<Vec<String>>,
     /// `true` also clears a server-side disable (`disabledReason`).
     pub enabled: Option<bool>,
+    /// `row` or `strict` (see `POST /api/webhooks`).
+    #[schema(value_type = Option<Ordering>)]
+    pub ordering: Option<String>,
 }
 
 /// `POST /api/webhooks/redeliver`.
@@ -149,6 +160,7 @@ pub async fn create_webhook(app: SharedApp, req: Request) -> ApiResult<Created<W
                 tables: body.tables,
                 secret: body.secret,
                 enabled: body.enabled.unwrap_or(true),
+                ordering: body.ordering,
             },
         )
         .await?;
@@ -177,6 +189,7 @@ pub async fn patch_webhook(app: SharedApp, req: Request) -> ApiResult<Json<Webho
                 events: body.events,
                 tables: body.tables,
                 enabled: body.enabled,
+                ordering: body.ordering,
             },
         )
         .await?;

@@ -37,6 +37,9 @@ pub enum Pending {
         old: Option<String>,
         /// Columns whose unchanged TOASTed value PostgreSQL did not send (no full old row).
         unchanged_toast: Vec<String>,
+        /// The row's replica identity key ([`identity_key`]), for webhook ordering.
+        #[serde(default)]
+        key: Option<String>,
     },
     Schema {
         command: String,
@@ -157,9 +160,36 @@ pub fn key_json(rel: &Relation, tuple: &Tuple, reg: &TypeRegistry) -> String {
     out
 }
 
+/// The row's key as a JSON object of its replica identity columns (`{"id":1}`), when the table
+/// has a key that names the row: `REPLICA IDENTITY DEFAULT` with a primary key, or `USING
+/// INDEX`. `None` for `FULL` (every column is "key" there, and a whole row changes with every
+/// update), `NOTHING`, a table without a primary key, or a key value PostgreSQL did not send
+/// (an unchanged TOASTed key column): webhook ordering then orders the table's changes as one
+/// row.
+pub fn identity_key(rel: &Relation, tuple: &Tuple, reg: &TypeRegistry) -> Option<String> {
+    use pgoutput::ReplicaIdentity;
+    if !matches!(
+        rel.replica_identity,
+        ReplicaIdentity::Default | ReplicaIdentity::Index
+    ) {
+        return None;
+    }
+    let mut any = false;
+    for (col, value) in rel.columns.iter().zip(tuple.0.iter()) {
+        if col.is_key {
+            if !matches!(value, pgoutput::Column::Text(_) | pgoutput::Column::Null) {
+                return None;
+            }
+            any = true;
+        }
+    }
+    any.then(|| key_json(rel, tuple, reg))
+}
+
 pub fn insert(rel: &Relation, new: &Tuple, reg: &TypeRegistry) -> Pending {
     let (record, unchanged_toast) = tuple_json(rel, new, None, reg);
-    row(rel, RowOp::Insert, record, None, unchanged_toast)
+    let key = identity_key(rel, new, reg);
+    row(rel, RowOp::Insert, record, None, unchanged_toast, key)
 }
 
 pub fn update(rel: &Relation, old: Option<&OldTuple>, new: &Tuple, reg: &TypeRegistry) -> Pending {
@@ -168,18 +198,19 @@ pub fn update(rel: &Relation, old: Option<&OldTuple>, new: &Tuple, reg: &TypeReg
         _ => None,
     };
     let (record, unchanged_toast) = tuple_json(rel, new, old_row, reg);
+    let key = identity_key(rel, new, reg);
     let old_json = match old {
         Some(OldTuple::Row(t)) => Some(tuple_json(rel, t, None, reg).0),
         Some(OldTuple::Key(t)) => Some(key_json(rel, t, reg)),
         None => None,
     };
-    row(rel, RowOp::Update, record, old_json, unchanged_toast)
+    row(rel, RowOp::Update, record, old_json, unchanged_toast, key)
 }
 
 pub fn delete(rel: &Relation, old: &OldTuple, reg: &TypeRegistry) -> Pending {
-    let old_json = match old {
-        OldTuple::Row(t) => tuple_json(rel, t, None, reg).0,
-        OldTuple::Key(t) => key_json(rel, t, reg),
+    let (old_json, key) = match old {
+        OldTuple::Row(t) => (tuple_json(rel, t, None, reg).0, None),
+        OldTuple::Key(t) => (key_json(rel, t, reg), identity_key(rel, t, reg)),
     };
     // The guide's client prints `record` for DELETE: it is the deleted row (or its key).
     row(
@@ -188,6 +219,7 @@ pub fn delete(rel: &Relation, old: &OldTuple, reg: &TypeRegistry) -> Pending {
         old_json.clone(),
         Some(old_json),
         Vec::new(),
+        key,
     )
 }
 
@@ -197,6 +229,7 @@ fn row(
     record: String,
     old: Option<String>,
     unchanged_toast: Vec<String>,
+    key: Option<String>,
 ) -> Pending {
     Pending::Row {
         operation: op,
@@ -205,6 +238,7 @@ fn row(
         record,
         old,
         unchanged_toast,
+        key,
     }
 }
 
@@ -315,6 +349,7 @@ pub fn finish(
             record,
             old,
             unchanged_toast,
+            key,
         } => {
             p.push_str("{\"id\":");
             quote(&mut p, &id);
@@ -342,6 +377,7 @@ pub fn finish(
                 record: Some(record),
                 old,
                 unchanged_toast,
+                row_key: key,
                 commit_timestamp: commit_timestamp.to_string(),
                 commit_lsn,
                 end_lsn,
@@ -366,6 +402,7 @@ pub fn finish(
                 record: None,
                 old: None,
                 unchanged_toast: Vec::new(),
+                row_key: None,
                 commit_timestamp: commit_timestamp.to_string(),
                 commit_lsn,
                 end_lsn,
@@ -406,6 +443,7 @@ pub fn finish(
                 record: None,
                 old: None,
                 unchanged_toast: Vec::new(),
+                row_key: None,
                 commit_timestamp: commit_timestamp.to_string(),
                 commit_lsn,
                 end_lsn,

@@ -144,6 +144,9 @@ pub struct NewDeliveries {
     pub event_ids: Vec<String>,
     pub event_types: Vec<String>,
     pub bodies: Vec<String>,
+    /// What the `row` ordering orders by: the rows' keys joined by
+    /// [`crate::webhooks::payload::KEY_SEPARATOR`]; `None`: a barrier.
+    pub row_keys: Vec<Option<String>>,
 }
 
 /// Stores the deliveries with one statement (atomic, one round trip); those already there (a
@@ -155,10 +158,12 @@ pub async fn insert_batch(
 ) -> Result<u64, Error> {
     let stmt = client
         .prepare_cached(
-            "INSERT INTO fluxbase.webhook_deliveries (id, webhook_id, project_id, event_id, event_type, body)
-             SELECT u.id, u.webhook_id, $6, u.event_id, u.event_type, u.body
-             FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[])
-                  AS u(id, webhook_id, event_id, event_type, body)
+            "INSERT INTO fluxbase.webhook_deliveries
+                    (id, webhook_id, project_id, event_id, event_type, body, row_keys)
+             SELECT u.id, u.webhook_id, $6, u.event_id, u.event_type, u.body,
+                    string_to_array(u.keys, E'\\x01')
+             FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $7::text[])
+                  AS u(id, webhook_id, event_id, event_type, body, keys)
              ON CONFLICT (webhook_id, event_id) DO NOTHING",
         )
         .await?;
@@ -172,6 +177,7 @@ pub async fn insert_batch(
                 &d.event_types,
                 &d.bodies,
                 &project_id,
+                &d.row_keys,
             ],
         )
         .await
@@ -365,4 +371,84 @@ pub async fn record_failure(
         )
         .await?;
     Ok(())
+}
+
+/// A pending delivery as the `row` ordering's worker holds it, due or not.
+pub struct Queued {
+    pub id: String,
+    pub body: String,
+    /// Attempts made so far.
+    pub attempts: i32,
+    pub created_at: DateTime<Utc>,
+    pub event_id: String,
+    pub event_type: String,
+    pub next_attempt_at: DateTime<Utc>,
+    /// What it is ordered by; `None`: a barrier.
+    pub row_keys: Option<Vec<String>>,
+}
+
+/// A webhook's state and a page of its pending deliveries.
+pub struct PendingPage {
+    pub enabled: bool,
+    pub url: String,
+    pub secret: String,
+    /// In commit order.
+    pub rows: Vec<Queued>,
+}
+
+/// The webhook's pending deliveries after `after` (`(created_at, event_id)`; `None`: from the
+/// oldest), due or not, in commit order, at most `limit`; with the webhook's state. `None`: no
+/// such webhook.
+pub async fn pending_after(
+    client: &impl GenericClient,
+    webhook_id: &str,
+    after: Option<(DateTime<Utc>, &str)>,
+    limit: i64,
+) -> Result<Option<PendingPage>, Error> {
+    let stmt = client
+        .prepare_cached(
+            "SELECT w.enabled, w.url, w.secret, d.id, d.body, d.attempts, d.created_at,
+                    d.event_id, d.event_type, d.next_attempt_at, d.row_keys
+             FROM fluxbase.webhooks w
+             LEFT JOIN LATERAL (
+                 SELECT * FROM fluxbase.webhook_deliveries d
+                 WHERE d.webhook_id = w.id AND d.status = 'pending'
+                   AND (d.created_at, d.event_id) > ($2::text::timestamptz, $3::text)
+                 ORDER BY d.created_at, d.event_id LIMIT $4) d ON true
+             WHERE w.id = $1",
+        )
+        .await?;
+    // From the start: `-infinity` sorts before every timestamp.
+    let (at, event) = match after {
+        Some((at, event)) => (at.to_rfc3339(), event),
+        None => ("-infinity".to_string(), ""),
+    };
+    let rows = client
+        .query(&stmt, &[&webhook_id, &at, &event, &limit])
+        .await?;
+    let Some(first) = rows.first() else {
+        return Ok(None);
+    };
+    let mut page = PendingPage {
+        enabled: first.get(0),
+        url: first.get(1),
+        secret: first.get(2),
+        rows: Vec::with_capacity(rows.len()),
+    };
+    for r in &rows {
+        let Some(id) = r.get::<_, Option<String>>(3) else {
+            break;
+        };
+        page.rows.push(Queued {
+            id,
+            body: r.get(4),
+            attempts: r.get(5),
+            created_at: r.get(6),
+            event_id: r.get(7),
+            event_type: r.get(8),
+            next_attempt_at: r.get(9),
+            row_keys: r.get(10),
+        });
+    }
+    Ok(Some(page))
 }

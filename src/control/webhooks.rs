@@ -57,6 +57,51 @@ impl FromStr for EventType {
     }
 }
 
+/// Which of a webhook's deliveries may be in flight together (see [`crate::webhooks`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, utoipa::ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum Ordering {
+    /// Deliveries of the same row never overlap and keep commit order; a schema change waits for
+    /// every earlier delivery and holds every later one; the others go out concurrently.
+    #[default]
+    Row,
+    /// One delivery in flight, oldest first.
+    Strict,
+}
+
+impl Ordering {
+    pub const ALL: [Ordering; 2] = [Ordering::Row, Ordering::Strict];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Ordering::Row => "row",
+            Ordering::Strict => "strict",
+        }
+    }
+}
+
+impl fmt::Display for Ordering {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Not one of the orderings.
+#[derive(Debug, thiserror::Error)]
+#[error("ordering: unknown ordering {0:?}; expected row, strict")]
+pub struct UnknownOrdering(pub String);
+
+impl FromStr for Ordering {
+    type Err = UnknownOrdering;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Ordering::ALL
+            .into_iter()
+            .find(|o| o.as_str() == s)
+            .ok_or_else(|| UnknownOrdering(s.to_string()))
+    }
+}
+
 /// A webhook as its owner sees it (never the secret).
 #[derive(Clone, Debug, Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
@@ -69,6 +114,8 @@ pub struct Webhook {
     #[schema(required = true)]
     pub tables: Option<Vec<String>>,
     pub enabled: bool,
+    /// Which deliveries may be in flight together: `row` (the default) or `strict`.
+    pub ordering: Ordering,
     /// Why the server disabled it (410 Gone, a day of failures); `null` when enabled by its owner.
     #[schema(required = true)]
     pub disabled_reason: Option<String>,
@@ -76,7 +123,7 @@ pub struct Webhook {
     pub created_at: DateTime<Utc>,
 }
 
-const COLUMNS: &str = "id, url, events, tables, enabled, disabled_reason, created_at";
+const COLUMNS: &str = "id, url, events, tables, enabled, ordering, disabled_reason, created_at";
 
 impl From<&Row> for Webhook {
     fn from(r: &Row) -> Self {
@@ -86,6 +133,11 @@ impl From<&Row> for Webhook {
             events: r.get("events"),
             tables: r.get("tables"),
             enabled: r.get("enabled"),
+            // The column's CHECK allows only these words.
+            ordering: r
+                .get::<_, &str>("ordering")
+                .parse()
+                .unwrap_or(Ordering::Strict),
             disabled_reason: r.get("disabled_reason"),
             created_at: r.get("created_at"),
         }
@@ -101,16 +153,17 @@ pub struct NewWebhook<'a> {
     pub tables: Option<&'a [String]>,
     pub secret: &'a str,
     pub enabled: bool,
+    pub ordering: Ordering,
 }
 
 pub async fn insert(client: &impl GenericClient, w: &NewWebhook<'_>) -> Result<Webhook, Error> {
     let row = client
         .query_one(
             &format!(
-                "INSERT INTO fluxbase.webhooks (id, project_id, url, events, tables, secret, enabled)
-                 VALUES ($1, $2, $3, $4, $5, $6, $7) RETURNING {COLUMNS}"
+                "INSERT INTO fluxbase.webhooks (id, project_id, url, events, tables, secret, enabled, ordering)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8) RETURNING {COLUMNS}"
             ),
-            &[&w.id, &w.project_id, &w.url, &w.events, &w.tables, &w.secret, &w.enabled],
+            &[&w.id, &w.project_id, &w.url, &w.events, &w.tables, &w.secret, &w.enabled, &w.ordering.as_str()],
         )
         .await?;
     Ok(Webhook::from(&row))
@@ -133,6 +186,7 @@ pub struct WebhookChanges<'a> {
     pub events: Option<&'a [String]>,
     pub tables: Option<&'a [String]>,
     pub enabled: Option<bool>,
+    pub ordering: Option<Ordering>,
 }
 
 /// The changed webhook, or `None` when the project has no such webhook.
@@ -149,10 +203,12 @@ pub async fn update(
                         tables = CASE WHEN $6 THEN $5 ELSE tables END,
                         enabled = coalesce($7, enabled),
                         disabled_reason = CASE WHEN $7 THEN NULL ELSE disabled_reason END,
-                        failing_since = CASE WHEN $7 THEN NULL ELSE failing_since END
+                        failing_since = CASE WHEN $7 THEN NULL ELSE failing_since END,
+                        ordering = coalesce($8, ordering)
                  WHERE id = $1 AND project_id = $2 RETURNING {COLUMNS}"
             ),
-            &[&webhook_id, &project_id, &c.url, &c.events, &c.tables, &c.tables.is_some(), &c.enabled],
+            &[&webhook_id, &project_id, &c.url, &c.events, &c.tables, &c.tables.is_some(), &c.enabled,
+              &c.ordering.map(Ordering::as_str)],
         )
         .await?;
     Ok(row.as_ref().map(Webhook::from))
@@ -209,6 +265,20 @@ pub async fn enabled_subscribers(
             created_at: r.get(3),
         })
         .collect())
+}
+
+/// The webhook's ordering; `None`: no such webhook.
+pub async fn ordering(
+    client: &impl GenericClient,
+    webhook_id: &str,
+) -> Result<Option<Ordering>, Error> {
+    let stmt = client
+        .prepare_cached("SELECT ordering FROM fluxbase.webhooks WHERE id = $1")
+        .await?;
+    Ok(client
+        .query_opt(&stmt, &[&webhook_id])
+        .await?
+        .map(|r| r.get::<_, &str>(0).parse().unwrap_or(Ordering::Strict)))
 }
 
 /// Enabled webhooks with a pending delivery whose time has come.

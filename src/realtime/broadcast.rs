@@ -140,6 +140,7 @@ impl Realtime {
             record: None,
             old: None,
             unchanged_toast: Vec::new(),
+            row_key: None,
             commit_timestamp: chrono::Utc::now()
                 .to_rfc3339_opts(chrono::SecondsFormat::Micros, true),
             // Not from the WAL: after every subscribe's starting point.

@@ -124,6 +124,34 @@ pub(super) enum Next {
     Disabled,
 }
 
+/// What became of a delivery after an attempt.
+pub(super) enum Settled {
+    /// Received: added to the worker's successes, recorded with the next batch.
+    Delivered,
+    /// Pending again, tried at `next_attempt_at` (recorded).
+    Retry {
+        attempts: i32,
+        next_attempt_at: chrono::DateTime<Utc>,
+    },
+    /// Given up (recorded).
+    Failed,
+    /// The webhook was disabled (410 Gone, or a day of failures); this delivery is recorded.
+    Disabled,
+}
+
+/// An attempt's answer (or why none came), and when it was sent.
+pub(super) struct Sent {
+    at: chrono::DateTime<Utc>,
+    outcome: Result<egress::Response, EgressError>,
+}
+
+/// Sends one attempt of a delivery; nothing is recorded (see [`settle`]).
+pub(super) async fn send(shared: &Shared, d: &Due) -> Sent {
+    let at = Utc::now();
+    let outcome = shared.sender.send(d, at.timestamp()).await;
+    Sent { at, outcome }
+}
+
 /// One attempt of one delivery, and its bookkeeping. A success is added to `delivered` (the
 /// worker records a batch's successes at once); anything else is recorded here.
 pub(super) async fn attempt(
@@ -133,11 +161,29 @@ pub(super) async fn attempt(
     failing: &mut bool,
     delivered: &mut Successes,
 ) -> anyhow::Result<Next> {
+    let sent = send(shared, d).await;
+    Ok(
+        match settle(shared, webhook_id, d, sent, failing, delivered).await? {
+            Settled::Disabled => Next::Disabled,
+            // Later changes go on: first attempts keep commit order, retries wait their turn.
+            Settled::Delivered | Settled::Retry { .. } | Settled::Failed => Next::Continue,
+        },
+    )
+}
+
+/// Records what an attempt met: a success is added to `delivered` (the worker records a batch
+/// of them at once); anything else is recorded here, with the webhook's failure streak.
+pub(super) async fn settle(
+    shared: &Shared,
+    webhook_id: &str,
+    d: &Due,
+    sent: Sent,
+    failing: &mut bool,
+    delivered: &mut Successes,
+) -> anyhow::Result<Settled> {
     let attempts = d.attempts + 1;
-    let now = Utc::now();
-    let outcome = shared.sender.send(d, now.timestamp()).await;
-    let control = shared.control.get().await?;
-    match outcome {
+    let now = sent.at;
+    match sent.outcome {
         Ok(resp) if (200..300).contains(&resp.status) => {
             delivered.ids.push(d.id.clone());
             delivered.attempts.push(attempts);
@@ -145,16 +191,18 @@ pub(super) async fn attempt(
             delivered.bodies.push(resp.body);
             if *failing {
                 *failing = false;
-                hooks::clear_failing(&control, webhook_id).await?;
+                hooks::clear_failing(&shared.control.get().await?, webhook_id).await?;
             }
-            Ok(Next::Continue)
+            Ok(Settled::Delivered)
         }
         Ok(resp) if resp.status == 410 => {
+            let control = shared.control.get().await?;
             deliveries::mark_gone(&control, &d.id, attempts, &resp.body).await?;
             hooks::disable(&control, webhook_id, "the endpoint answered 410 Gone").await?;
-            Ok(Next::Disabled)
+            Ok(Settled::Disabled)
         }
         other => {
+            let control = shared.control.get().await?;
             let (status, body, error, retry_after) = match other {
                 Ok(resp) => (
                     Some(resp.status as i32),
@@ -192,10 +240,16 @@ pub(super) async fn attempt(
             let since = hooks::mark_failing(&control, webhook_id).await?;
             if since.is_some_and(|f| now - f > DISABLE_AFTER_FAILING) {
                 hooks::disable(&control, webhook_id, "every delivery failed for 24 hours").await?;
-                return Ok(Next::Disabled);
+                return Ok(Settled::Disabled);
             }
-            // Later changes go on: first attempts keep commit order, retries wait their turn.
-            Ok(Next::Continue)
+            Ok(if give_up {
+                Settled::Failed
+            } else {
+                Settled::Retry {
+                    attempts,
+                    next_attempt_at: next,
+                }
+            })
         }
     }
 }

@@ -27,8 +27,10 @@
 
 pub mod attempt;
 pub mod egress;
+pub mod keys;
 pub mod outbox;
 pub mod payload;
+pub mod window;
 pub mod worker;
 
 use std::collections::HashMap;
@@ -36,7 +38,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 pub use crate::control::deliveries::{Delivery, DeliveryStatus};
-pub use crate::control::webhooks::{EventType, Webhook};
+pub use crate::control::webhooks::{EventType, Ordering, Webhook};
 
 use crate::bus::Bus;
 use crate::control::deliveries;
@@ -54,6 +56,8 @@ pub enum WebhookError {
     Url(egress::EgressError),
     #[error("secret: 16 to 256 characters")]
     SecretLength,
+    #[error(transparent)]
+    UnknownOrdering(#[from] hooks::UnknownOrdering),
     #[error("webhookId: no webhook {0:?} in this project")]
     WebhookNotFound(String),
     #[error("deliveryId: no delivery {0:?} in this project")]
@@ -76,6 +80,8 @@ pub struct Settings {
     pub backoff_scale: f64,
     /// How often the worker looks for deliveries that have come due.
     pub scan_interval: Duration,
+    /// Most deliveries of one webhook in flight at once (ordering `row`); at least 1.
+    pub max_in_flight: usize,
     /// Cluster mode: this node's name. Every node runs a delivery worker; a webhook's
     /// deliveries are sent by the node holding its drain claim (`webhooks.drain_node`).
     pub node_id: Option<String>,
@@ -87,6 +93,7 @@ impl Settings {
             allow_private: config.webhook_allow_private,
             backoff_scale: config.webhook_backoff_scale,
             scan_interval: Duration::from_millis(config.webhook_scan_ms.max(10)),
+            max_in_flight: config.webhook_max_in_flight.max(1),
             node_id: None,
         }
     }
@@ -114,6 +121,8 @@ pub struct NewWebhookRequest {
     /// `None`: a fresh `whsec_…` secret.
     pub secret: Option<String>,
     pub enabled: bool,
+    /// `None`: `row`.
+    pub ordering: Option<String>,
 }
 
 /// A registered webhook and the secret its receiver checks signatures with.
@@ -128,6 +137,7 @@ pub struct WebhookPatch {
     pub events: Option<Vec<String>>,
     pub tables: Option<Vec<String>>,
     pub enabled: Option<bool>,
+    pub ordering: Option<String>,
 }
 
 /// This server's webhooks: registration and the delivery log, the outbox writers per project
@@ -140,6 +150,9 @@ pub struct Webhooks {
 /// What the service and its tasks share (tasks hold it weakly).
 struct Shared {
     control: deadpool_postgres::Pool,
+    /// Where the project databases are (their catalogs name the rows: [`keys`]); `None`: rows
+    /// are not told apart (each table is ordered as one row).
+    cluster: Option<crate::db::ClusterTarget>,
     bus: Arc<Bus>,
     settings: Settings,
     sender: attempt::Sender,
@@ -160,6 +173,7 @@ impl Webhooks {
         Webhooks {
             shared: Arc::new(Shared {
                 control,
+                cluster: None,
                 bus,
                 sender: attempt::Sender::new(settings.allow_private),
                 settings,
@@ -170,6 +184,16 @@ impl Webhooks {
                 handing_over: Default::default(),
             }),
         }
+    }
+
+    /// Where the project databases are, so that the outbox writers can read which columns name
+    /// a table's rows (the primary key) for the `row` ordering. Without it each table's changes
+    /// are ordered as one row's. Call before [`Webhooks::start`].
+    pub fn with_cluster(mut self, cluster: crate::db::ClusterTarget) -> Webhooks {
+        if let Some(shared) = Arc::get_mut(&mut self.shared) {
+            shared.cluster = Some(cluster);
+        }
+        self
     }
 
     /// Cluster mode: outbox writers run only on the node leading each project
@@ -255,6 +279,12 @@ impl Webhooks {
         req: NewWebhookRequest,
     ) -> Result<Registered, WebhookError> {
         validate_events(&req.events)?;
+        let ordering = req
+            .ordering
+            .as_deref()
+            .map(str::parse::<Ordering>)
+            .transpose()?
+            .unwrap_or_default();
         let url = egress::validate_url(&req.url, self.shared.settings.allow_private)
             .await
             .map_err(WebhookError::Url)?;
@@ -280,6 +310,7 @@ impl Webhooks {
                 tables: req.tables.as_deref(),
                 secret: &secret,
                 enabled: req.enabled,
+                ordering,
             },
         )
         .await?;
@@ -304,6 +335,11 @@ impl Webhooks {
         if let Some(events) = &patch.events {
             validate_events(events)?;
         }
+        let ordering = patch
+            .ordering
+            .as_deref()
+            .map(str::parse::<Ordering>)
+            .transpose()?;
         let url = match &patch.url {
             Some(u) => Some(
                 egress::validate_url(u, self.shared.settings.allow_private)
@@ -318,6 +354,7 @@ impl Webhooks {
             events: patch.events.as_deref(),
             tables: patch.tables.as_deref(),
             enabled: patch.enabled,
+            ordering,
         };
         let webhook = hooks::update(
             &self.shared.control.get().await?,

@@ -10,7 +10,8 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 
-use super::payload::{event_type, payload};
+use super::keys::{KeyColumns, RowNames};
+use super::payload::{event_type, order_keys, payload};
 use super::EventType;
 use super::Shared;
 use crate::bus::{Event, Subscription};
@@ -76,6 +77,10 @@ impl Hook {
 /// 1,000 transactions/s on a loaded machine grew to seconds.
 async fn run(shared: Weak<Shared>, mut sub: Subscription, project_id: String) {
     let mut batch: Vec<Arc<Event>> = Vec::new();
+    let mut key_columns = match shared.upgrade() {
+        Some(s) => KeyColumns::new(s.cluster.clone(), &project_id),
+        None => return,
+    };
     loop {
         // At least one whole transaction...
         loop {
@@ -106,7 +111,7 @@ async fn run(shared: Weak<Shared>, mut sub: Subscription, project_id: String) {
         };
         let mut backoff = Duration::from_millis(200);
         loop {
-            match store(&shared, &project_id, &batch[..complete]).await {
+            match store(&shared, &project_id, &batch[..complete], &mut key_columns).await {
                 Ok(hooks) => {
                     if !hooks.is_empty() {
                         shared.queue.stored(hooks);
@@ -131,6 +136,7 @@ async fn store(
     shared: &Shared,
     project_id: &str,
     events: &[Arc<Event>],
+    key_columns: &mut KeyColumns,
 ) -> anyhow::Result<HashSet<String>> {
     let subscribers = hooks::enabled_subscribers(&shared.control.get().await?, project_id).await?;
     if subscribers.is_empty() {
@@ -142,14 +148,30 @@ async fn store(
         let Some(kind) = event_type(event) else {
             continue;
         };
+        if kind == EventType::SchemaChanged {
+            // The catalog may have changed from here on.
+            key_columns.forget();
+        }
         let mut body = None;
+        let mut keys = None;
         for hook in hooks.iter().filter(|h| h.wants(event, kind)) {
             let body = body.get_or_insert_with(|| payload(project_id, event, kind));
+            if keys.is_none() {
+                let names = match (&event.row_key, &event.schema, &event.table) {
+                    (None, Some(schema), Some(table)) if kind != EventType::SchemaChanged => {
+                        key_columns.of(&shared.control, schema, table).await
+                    }
+                    _ => RowNames::Table,
+                };
+                keys = Some(order_keys(event, &names));
+            }
+            let keys = keys.as_ref().expect("set above");
             new.ids.push(format!("dlv_{}", random_base62(20)));
             new.webhook_ids.push(hook.id.clone());
             new.event_ids.push(event.id.clone());
             new.event_types.push(kind.as_str().to_string());
             new.bodies.push(body.clone());
+            new.row_keys.push(keys.clone());
         }
     }
     if new.ids.is_empty() {

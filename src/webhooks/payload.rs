@@ -1,5 +1,7 @@
-//! What a receiver gets: the event type of a bus event and the guide's JSON body for it.
+//! What a receiver gets: the event type of a bus event and the guide's JSON body for it; and
+//! what the delivery worker orders it by ([`order_keys`]).
 
+use super::keys::RowNames;
 use crate::bus::{Event, EventKind, RowOp};
 use crate::control::webhooks::EventType;
 
@@ -50,4 +52,240 @@ pub fn payload(project_id: &str, event: &Event, event_type: EventType) -> String
     }
     out.push_str("}}");
     out
+}
+
+/// Separates the keys of one delivery in [`order_keys`]' text (JSON text never holds it raw).
+pub const KEY_SEPARATOR: char = '\u{1}';
+
+/// What the `row` ordering orders an event's deliveries by (stored with each delivery as
+/// `row_keys`): `None` for a barrier (a schema change, TRUNCATE included), else the keys of the
+/// rows it touches, joined by [`KEY_SEPARATOR`]; each is the table (`["schema","table"]`) and
+/// what names the row in it:
+///
+/// * **Its key** (`{"id":1}`): the replica identity key the stream sent ([`Event::row_key`],
+///   tables with `REPLICA IDENTITY DEFAULT` or `USING INDEX`), else the primary key columns read
+///   from the catalog ([`RowNames::Key`], tables with `REPLICA IDENTITY FULL`, which Fluxbase
+///   gives every table), taken from the new row (insert, update) and the old row (update,
+///   delete). An update that changed the key has the old and the new one, so it goes after the
+///   old row's deliveries and before the new row's.
+/// * **Its image** ([`RowNames::Image`], a table without a primary key or replica identity
+///   index, with `REPLICA IDENTITY FULL`): the row's whole image, hashed. An insert has its new
+///   image, an update its old and its new one, a delete its old one: each change of a row shares
+///   a key with the one before it (its old image is that one's new image), so each waits for the
+///   one before it. Rows with the same image are ordered as one.
+/// * **The table alone** ([`RowNames::Table`], or a key column missing from the row): its
+///   changes go one at a time, in commit order.
+pub fn order_keys(event: &Event, names: &RowNames) -> Option<String> {
+    let EventKind::Row { operation } = &event.kind else {
+        return None;
+    };
+    let table = serde_json::to_string(&[
+        event.schema.as_deref().unwrap_or(""),
+        event.table.as_deref().unwrap_or(""),
+    ])
+    .expect("strings serialize");
+    let (new, old) = (event.record.as_deref(), event.old.as_deref());
+    let mut keys: Vec<String> = Vec::with_capacity(2);
+    match (&event.row_key, names) {
+        (Some(key), _) => {
+            keys.push(key.clone());
+            // Present on an update only when the key changed (PostgreSQL sends the old key then).
+            if let (RowOp::Update, Some(old)) = (operation, old) {
+                keys.push(old.to_string());
+            }
+        }
+        (None, RowNames::Key(columns)) => {
+            let images: &[Option<&str>] = match operation {
+                RowOp::Insert => &[new],
+                RowOp::Update => &[new, old],
+                // `record` is the deleted row too.
+                RowOp::Delete => &[old.or(new)],
+            };
+            for image in images.iter().flatten() {
+                match key_of(image, columns) {
+                    Some(k) => keys.push(k),
+                    None => return Some(table),
+                }
+            }
+        }
+        (None, RowNames::Image) => match operation {
+            RowOp::Insert => keys.extend(new.map(image)),
+            RowOp::Update => {
+                if let (Some(old), Some(new)) = (old, new) {
+                    keys.push(image(new));
+                    keys.push(image(old));
+                }
+            }
+            RowOp::Delete => keys.extend(old.map(image)),
+        },
+        (None, RowNames::Table) => {}
+    }
+    keys.dedup();
+    if keys.is_empty() {
+        return Some(table);
+    }
+    let mut out = String::with_capacity(keys.len() * (table.len() + 40));
+    for (i, key) in keys.iter().enumerate() {
+        if i > 0 {
+            out.push(KEY_SEPARATOR);
+        }
+        out.push_str(&table);
+        out.push_str(key);
+    }
+    Some(out)
+}
+
+/// The key columns of a row image as a JSON object, in the key's order (`{"id":1}`); `None` when
+/// the image is not an object or lacks one of them.
+fn key_of(image: &str, columns: &[String]) -> Option<String> {
+    let value: serde_json::Map<String, serde_json::Value> = serde_json::from_str(image).ok()?;
+    let mut out = String::from("{");
+    for (i, c) in columns.iter().enumerate() {
+        if i > 0 {
+            out.push(',');
+        }
+        out.push_str(&serde_json::to_string(c).ok()?);
+        out.push(':');
+        out.push_str(&serde_json::to_string(value.get(c)?).ok()?);
+    }
+    out.push('}');
+    Some(out)
+}
+
+/// A row image's key: the first 16 bytes of its JSON's SHA-256, in hex (`#…`). A collision only
+/// orders two rows as one.
+fn image(json: &str) -> String {
+    let digest = ring::digest::digest(&ring::digest::SHA256, json.as_bytes());
+    format!("#{}", hex::encode(&digest.as_ref()[..16]))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use fluxbase_replication::pgoutput::Lsn;
+
+    fn row(op: RowOp, key: Option<&str>, record: Option<&str>, old: Option<&str>) -> Event {
+        Event {
+            id: "0000000000000001-00000000".into(),
+            kind: EventKind::Row { operation: op },
+            schema: Some("public".into()),
+            table: Some("t".into()),
+            record: record.map(str::to_string),
+            old: old.map(str::to_string),
+            unchanged_toast: vec![],
+            row_key: key.map(str::to_string),
+            commit_timestamp: String::new(),
+            commit_lsn: Lsn(1),
+            end_lsn: Lsn(2),
+            last_in_transaction: true,
+            payload: "{}".into(),
+            sender: None,
+            gap_before: false,
+        }
+    }
+
+    fn keys(e: &Event) -> Vec<String> {
+        keys_by(e, &RowNames::Image)
+    }
+
+    fn keys_by(e: &Event, names: &RowNames) -> Vec<String> {
+        order_keys(e, names)
+            .unwrap()
+            .split(KEY_SEPARATOR)
+            .map(str::to_string)
+            .collect()
+    }
+
+    #[test]
+    fn a_keyed_row_is_its_table_and_key_and_a_key_change_is_both_rows() {
+        let k = keys(&row(
+            RowOp::Insert,
+            Some(r#"{"id":1}"#),
+            Some(r#"{"id":1,"v":0}"#),
+            None,
+        ));
+        assert_eq!(k, vec![r#"["public","t"]{"id":1}"#]);
+        let k = keys(&row(
+            RowOp::Update,
+            Some(r#"{"id":2}"#),
+            Some(r#"{"id":2,"v":0}"#),
+            Some(r#"{"id":1}"#),
+        ));
+        assert_eq!(
+            k,
+            vec![r#"["public","t"]{"id":2}"#, r#"["public","t"]{"id":1}"#]
+        );
+    }
+
+    #[test]
+    fn under_replica_identity_full_each_change_shares_a_key_with_the_one_before() {
+        let (r1, r2) = (r#"{"id":1,"v":0}"#, r#"{"id":1,"v":1}"#);
+        let insert = keys(&row(RowOp::Insert, None, Some(r1), None));
+        let update = keys(&row(RowOp::Update, None, Some(r2), Some(r1)));
+        let delete = keys(&row(RowOp::Delete, None, Some(r2), Some(r2)));
+        assert_eq!(update.len(), 2);
+        assert!(update.contains(&insert[0]));
+        assert!(update.contains(&delete[0]));
+        let other = keys(&row(RowOp::Insert, None, Some(r#"{"id":2,"v":0}"#), None));
+        assert!(!update.contains(&other[0]));
+        // No image at all: the table.
+        assert_eq!(
+            keys(&row(RowOp::Update, None, Some(r2), None)),
+            vec![r#"["public","t"]"#]
+        );
+        assert!(order_keys(
+            &Event {
+                kind: EventKind::Schema {
+                    command: "ALTER TABLE".into()
+                },
+                ..row(RowOp::Insert, None, None, None)
+            },
+            &RowNames::Image
+        )
+        .is_none());
+    }
+
+    #[test]
+    fn under_replica_identity_full_a_primary_key_from_the_catalog_names_the_row() {
+        let pk = RowNames::Key(vec!["id".to_string()].into());
+        let insert = keys_by(
+            &row(RowOp::Insert, None, Some(r#"{"v":0,"id":1}"#), None),
+            &pk,
+        );
+        assert_eq!(insert, vec![r#"["public","t"]{"id":1}"#]);
+        // Deleted, then inserted again with other values: the same row.
+        let delete = keys_by(
+            &row(
+                RowOp::Delete,
+                None,
+                Some(r#"{"v":5,"id":1}"#),
+                Some(r#"{"v":5,"id":1}"#),
+            ),
+            &pk,
+        );
+        assert_eq!(delete, insert);
+        let moved = keys_by(
+            &row(
+                RowOp::Update,
+                None,
+                Some(r#"{"v":0,"id":2}"#),
+                Some(r#"{"v":0,"id":1}"#),
+            ),
+            &pk,
+        );
+        assert_eq!(
+            moved,
+            vec![r#"["public","t"]{"id":2}"#, r#"["public","t"]{"id":1}"#]
+        );
+        // A key column missing from the image: the table.
+        let odd = keys_by(&row(RowOp::Insert, None, Some(r#"{"v":0}"#), None), &pk);
+        assert_eq!(odd, vec![r#"["public","t"]"#]);
+        assert_eq!(
+            keys_by(
+                &row(RowOp::Insert, None, Some(r#"{"id":1}"#), None),
+                &RowNames::Table
+            ),
+            vec![r#"["public","t"]"#]
+        );
+    }
 }

@@ -1,5 +1,6 @@
-//! The delivery worker: sends due deliveries, one at a time per webhook, oldest first, each
-//! through [`super::attempt`].
+//! The delivery worker: sends due deliveries, each through [`super::attempt`]: for a `strict`
+//! webhook one at a time, oldest first ([`drain_strict`]); for a `row` webhook concurrently
+//! under [`super::window`]'s rules, up to `webhook_max_in_flight` ([`drain_rows`]).
 //!
 //! It does not query for due webhooks on every wake-up: at 1,000 transactions/s that query
 //! ran hundreds of times a second, and its partial index keeps the entries of delivered rows
@@ -8,17 +9,20 @@
 //! scan runs on a timer (`webhook_scan_ms`): for retries whose time has come, and for what a
 //! restart left pending.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
 use tokio::sync::Notify;
 
-use super::attempt::{attempt, Next};
+use futures_util::stream::{FuturesUnordered, StreamExt};
+
+use super::attempt::{self, attempt, Next, Settled};
+use super::window::Window;
 use super::Shared;
 use crate::control::deliveries::{self, Successes};
-use crate::control::webhooks as hooks;
+use crate::control::webhooks::{self as hooks, Ordering as Order};
 
 /// How long delivered deliveries stay in the log.
 const RETENTION: &str = "7 days";
@@ -34,15 +38,33 @@ pub(super) struct Queue {
     /// Set when the worker should look for due deliveries of every webhook at once (a webhook
     /// enabled again, a delivery re-queued), not only at its periodic scan.
     scan: AtomicBool,
-    /// Webhooks being drained.
-    busy: Mutex<HashSet<String>>,
+    /// Webhooks being drained, and how to tell their drain that new deliveries were stored.
+    busy: Mutex<HashMap<String, Arc<Notify>>>,
 }
 
 impl Queue {
     /// New deliveries of `hooks` are stored: the worker sends them at once.
     pub(super) fn stored(&self, hooks: impl IntoIterator<Item = String>) {
-        self.fresh.lock().expect("poisoned").extend(hooks);
+        let mut fresh = self.fresh.lock().expect("poisoned");
+        fresh.extend(hooks);
+        let busy = self.busy.lock().expect("poisoned");
+        for hook in fresh.iter() {
+            if let Some(signal) = busy.get(hook) {
+                signal.notify_one();
+            }
+        }
+        drop((busy, fresh));
         self.wake.notify_one();
+    }
+
+    /// What tells the webhook's drain that new deliveries were stored.
+    fn signal(&self, hook: &str) -> Arc<Notify> {
+        self.busy
+            .lock()
+            .expect("poisoned")
+            .get(hook)
+            .cloned()
+            .unwrap_or_default()
     }
 
     /// No webhook is being drained.
@@ -89,7 +111,7 @@ pub(super) async fn run(shared: Weak<Shared>) {
         }
         for hook in candidates {
             let mut busy = queue.busy.lock().expect("poisoned");
-            if !busy.insert(hook.clone()) {
+            if busy.insert(hook.clone(), Default::default()).is_some() {
                 // Being drained: look again when that drain ends (it wakes the worker), in
                 // case the new deliveries came after its last look.
                 drop(busy);
@@ -159,6 +181,20 @@ enum Drain {
 async fn drain_batches(
     shared: &Shared,
     webhook_id: &str,
+    claim: Option<&mut Claim<'_>>,
+) -> anyhow::Result<Drain> {
+    match hooks::ordering(&shared.control.get().await?, webhook_id).await? {
+        // Deleted meanwhile.
+        None => Ok(Drain::Done),
+        Some(Order::Strict) => drain_strict(shared, webhook_id, claim).await,
+        Some(Order::Row) => drain_rows(shared, webhook_id, claim).await,
+    }
+}
+
+/// `strict`: one delivery in flight, oldest due first.
+async fn drain_strict(
+    shared: &Shared,
+    webhook_id: &str,
     mut claim: Option<&mut Claim<'_>>,
 ) -> anyhow::Result<Drain> {
     // Unknown until the first answer: the first success clears a recorded failure streak.
@@ -192,6 +228,174 @@ async fn drain_batches(
         }
         record(shared, &delivered).await?;
     }
+}
+
+/// Most pending deliveries a `row` drain holds in memory (its window of the oldest ones).
+const WINDOW: usize = 2048;
+/// A `row` drain reads the next page of the outbox once this much of its window is free.
+const REFILL_AT: usize = 256;
+/// Successes recorded with one UPDATE (at most; fewer when the drain goes idle or after
+/// [`RECORD_WITHIN`]).
+const RECORD_BATCH: usize = 256;
+/// The longest a success waits to be recorded while the drain is busy.
+const RECORD_WITHIN: Duration = Duration::from_millis(100);
+
+/// `row`: up to `webhook_max_in_flight` deliveries in flight under [`super::window`]'s rules.
+///
+/// One task: the attempts are futures polled together (the HTTP connections are the client's
+/// own tasks); each outcome is settled here, one at a time, so the bookkeeping of failures is
+/// sequential as in `strict`. Successes are recorded in batches, in the background, one batch at
+/// a time; the drain ends only after its last batch is recorded (a later drain reads the outbox
+/// again). The drain reads the outbox a page at a time, after the last delivery it read; the
+/// outbox writer's signal (see [`Queue::stored`]) says there are more. It ends when nothing is
+/// in flight and nothing can start: what waits for a retry is then found by the periodic scan.
+async fn drain_rows(
+    shared: &Shared,
+    webhook_id: &str,
+    mut claim: Option<&mut Claim<'_>>,
+) -> anyhow::Result<Drain> {
+    let cap = shared.settings.max_in_flight.max(1);
+    let signal = shared.queue.signal(webhook_id);
+    let mut window = Window::default();
+    let mut target = (String::new(), String::new());
+    // The outbox may hold pending deliveries after the window.
+    let mut more = true;
+    let mut stopping: Option<Drain> = None;
+    let mut in_flight = FuturesUnordered::new();
+    // Unknown until the first answer: the first success clears a recorded failure streak.
+    let mut failing = true;
+    let mut delivered = Successes::default();
+    let mut oldest_success: Option<Instant> = None;
+    let mut recording: Option<tokio::task::JoinHandle<anyhow::Result<()>>> = None;
+    let result = loop {
+        if stopping.is_none()
+            && more
+            && (window.len() + REFILL_AT <= WINDOW
+                || (window.in_flight() == 0 && window.len() < WINDOW))
+        {
+            let page = deliveries::pending_after(
+                &shared.control.get().await?,
+                webhook_id,
+                window.position(),
+                (WINDOW - window.len()) as i64,
+            )
+            .await?;
+            match page {
+                Some(page) if page.enabled => {
+                    more = page.rows.len() == WINDOW - window.len();
+                    target = (page.url, page.secret);
+                    for q in page.rows {
+                        window.push(q);
+                    }
+                }
+                // Disabled or deleted: what is in flight ends; nothing more starts.
+                _ => stopping = Some(Drain::Done),
+            }
+        }
+        let mut started = false;
+        if stopping.is_none() {
+            let room = cap.saturating_sub(window.in_flight());
+            for seq in window.startable(chrono::Utc::now(), room) {
+                if let Some(claim) = claim.as_deref_mut() {
+                    if shared.handing_over.load(Ordering::Acquire) {
+                        stopping = Some(Drain::HandedOver);
+                        break;
+                    }
+                    if !claim.keep(shared).await? {
+                        stopping = Some(Drain::Lapsed);
+                        break;
+                    }
+                }
+                let due = window.start(seq, &target.0, &target.1);
+                started = true;
+                in_flight.push(async move {
+                    let sent = attempt::send(shared, &due).await;
+                    (seq, due, sent)
+                });
+            }
+        }
+        if window.in_flight() == 0 && !started {
+            if stopping.is_none() && more && window.len() < WINDOW {
+                continue;
+            }
+            // Nothing in flight, nothing can start: a retry due before the next scan is waited
+            // for here; a later one (or what lies beyond a window of held deliveries) is found
+            // again by the periodic scan.
+            let soon = window.next_due().is_some_and(|t| {
+                (t - chrono::Utc::now()).to_std().unwrap_or(Duration::ZERO)
+                    < shared.settings.scan_interval
+            });
+            if stopping.is_some() || !soon {
+                break stopping.unwrap_or(Drain::Done);
+            }
+        }
+        if delivered.ids.len() >= RECORD_BATCH
+            || oldest_success.is_some_and(|t| t.elapsed() >= RECORD_WITHIN)
+        {
+            record_in_background(shared, &mut recording, &mut delivered).await?;
+            oldest_success = None;
+        }
+        let retry_in = window
+            .next_due()
+            .map(|t| (t - chrono::Utc::now()).to_std().unwrap_or(Duration::ZERO))
+            .unwrap_or(Duration::from_secs(3600));
+        let record_in = oldest_success
+            .map(|t| RECORD_WITHIN.saturating_sub(t.elapsed()))
+            .unwrap_or(Duration::from_secs(3600));
+        tokio::select! {
+            Some((seq, due, sent)) = in_flight.next() => {
+                let mut outcomes = vec![(seq, due, sent)];
+                // Whatever else has finished meanwhile, settled before the next look.
+                while let Some(Some(o)) = futures_util::FutureExt::now_or_never(in_flight.next()) {
+                    outcomes.push(o);
+                }
+                for (seq, due, sent) in outcomes {
+                    match attempt::settle(shared, webhook_id, &due, sent, &mut failing, &mut delivered).await? {
+                        Settled::Delivered => {
+                            oldest_success.get_or_insert_with(Instant::now);
+                            window.finish(seq);
+                        }
+                        Settled::Failed => window.finish(seq),
+                        Settled::Retry { attempts, next_attempt_at } => {
+                            window.retry(seq, attempts, next_attempt_at)
+                        }
+                        Settled::Disabled => {
+                            window.finish(seq);
+                            stopping.get_or_insert(Drain::Done);
+                        }
+                    }
+                }
+            }
+            _ = signal.notified() => more = true,
+            _ = tokio::time::sleep(retry_in.min(record_in)) => {}
+        }
+    };
+    record_in_background(shared, &mut recording, &mut delivered).await?;
+    if let Some(last) = recording.take() {
+        last.await??;
+    }
+    Ok(result)
+}
+
+/// Records the successes so far in a background task, after the previous batch's.
+async fn record_in_background(
+    shared: &Shared,
+    recording: &mut Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
+    delivered: &mut Successes,
+) -> anyhow::Result<()> {
+    if delivered.is_empty() {
+        return Ok(());
+    }
+    if let Some(previous) = recording.take() {
+        previous.await??;
+    }
+    let batch = std::mem::take(delivered);
+    let control = shared.control.clone();
+    *recording = Some(tokio::spawn(async move {
+        deliveries::mark_delivered(&control.get().await?, &batch).await?;
+        Ok(())
+    }));
+    Ok(())
 }
 
 /// How long a drain claim lasts (cluster mode).

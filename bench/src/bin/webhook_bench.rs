@@ -58,12 +58,16 @@ use warp::Filter;
 
 const ROWS_TABLE: &str = "bench_rows";
 const LATENCY_TABLE: &str = "bench_latency";
-const TARGET_DELIVERIES_PER_SEC: f64 = 10_000.0;
+const TARGET_DELIVERIES_PER_SEC: f64 = 20_000.0;
+/// `strict` ordering against "POST, 1 in flight".
+const TARGET_STRICT_RATIO: f64 = 0.8;
 const TARGET_P99_MS: f64 = 50.0;
 /// How long each reference loop runs.
 const REFERENCE_RUN: Duration = Duration::from_secs(2);
 
 struct Settings {
+    rounds: usize,
+    backlog: u64,
     rows: u64,
     batch: u64,
     tps: u64,
@@ -81,6 +85,8 @@ impl Settings {
                 .is_ok_and(|v| matches!(v.to_ascii_lowercase().as_str(), "1" | "on" | "true"))
         };
         Settings {
+            rounds: env_or("BENCH_ROUNDS", 3).max(1) as usize,
+            backlog: env_or("BENCH_BACKLOG", 30_000).max(1),
             rows: env_or("BENCH_ROWS", 50_000).max(1),
             batch: env_or("BENCH_BATCH", 100).max(1),
             tps: env_or("BENCH_TPS", 1000).max(1),
@@ -162,11 +168,12 @@ async fn bench(app: &SharedApp, cluster: &Cluster, base: &str, settings: &Settin
         postmaster: postmaster_pid(cluster)?,
     };
     let tp = throughput(&ctx).await?;
+    let rounds = rounds(&ctx, &project.id, &tp.sample_body).await?;
     let reference = reference(&ctx.control, &ctx.receiver, &tp.sample_body).await?;
     let lat = latency(&ctx).await?;
     ctx.receiver.stop();
 
-    report(settings, &tp, &reference, &lat);
+    report(settings, &tp, &rounds, &reference, &lat);
     Ok(())
 }
 
@@ -378,6 +385,215 @@ async fn busiest_statements(control: &Client) -> Result<Vec<Statement>> {
             query: r.get(3),
         })
         .collect())
+}
+
+// ---------------------------------------------------------------------------------------------
+// Rounds: one endpoint's capacity under each ordering, beside bare POST loops
+
+/// What each round measures, in an order that changes from round to round.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Contender {
+    /// A backlog of deliveries of distinct rows, `row` ordering (the default).
+    Row,
+    /// The same backlog, `strict` ordering.
+    Strict,
+    /// Bare reqwest POSTs of the same body, one in flight.
+    Post1,
+    /// Bare reqwest POSTs, HTTP_IN_FLIGHT in flight.
+    PostN,
+}
+
+impl Contender {
+    const ALL: [Contender; 4] = [
+        Contender::Row,
+        Contender::Strict,
+        Contender::Post1,
+        Contender::PostN,
+    ];
+
+    fn label(self) -> String {
+        match self {
+            Contender::Row => "row ordering".into(),
+            Contender::Strict => "strict ordering".into(),
+            Contender::Post1 => "POST, 1 in flight".into(),
+            Contender::PostN => format!("POST, {HTTP_IN_FLIGHT} in flight"),
+        }
+    }
+}
+
+struct Measured {
+    /// Deliveries (or requests) per second.
+    rate: f64,
+    cpu: CpuUse,
+    /// The machine's 1-minute load average after the run.
+    load: f64,
+}
+
+struct Rounds {
+    backlog: u64,
+    /// Per round, the contenders in the order they ran.
+    runs: Vec<Vec<(Contender, Measured)>>,
+}
+
+impl Rounds {
+    fn rates(&self, c: Contender) -> Vec<f64> {
+        self.runs
+            .iter()
+            .flat_map(|r| r.iter().filter(|(k, _)| *k == c).map(|(_, m)| m.rate))
+            .collect()
+    }
+
+    fn median(&self, c: Contender) -> f64 {
+        median(self.rates(c))
+    }
+
+    /// The run of `c` whose rate is the median (for its CPU columns).
+    fn median_run(&self, c: Contender) -> Option<&Measured> {
+        let m = self.median(c);
+        self.runs
+            .iter()
+            .flat_map(|r| r.iter().filter(|(k, _)| *k == c).map(|(_, m)| m))
+            .min_by(|a, b| (a.rate - m).abs().total_cmp(&(b.rate - m).abs()))
+    }
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    if v.is_empty() {
+        return 0.0;
+    }
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
+}
+
+fn load_average() -> f64 {
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse().ok())
+        .unwrap_or(f64::NAN)
+}
+
+/// BENCH_ROUNDS rounds; in each, every contender once, in an order rotated (and reversed every
+/// other round) so that none always runs first or last. The webhook contenders send a backlog
+/// already in the outbox (BENCH_BACKLOG deliveries of distinct rows, the same body as the
+/// references), timed from enabling the webhook to the receiver having them all: the delivery
+/// worker's capacity to one endpoint, without the change stream and outbox writer (the
+/// end-to-end figure is the throughput phase's).
+async fn rounds(ctx: &Ctx<'_>, project_id: &str, body: &bytes::Bytes) -> Result<Rounds> {
+    let settings = ctx.settings;
+    eprintln!(
+        "[bench] rounds: {} × (row and strict orderings on a backlog of {}, POST loops)",
+        settings.rounds, settings.backlog
+    );
+    let http = reqwest::Client::new();
+    // Warm-up like the server's egress client (its connection is open since the throughput
+    // phase): a connection, and the receiver's first requests.
+    for _ in 0..200 {
+        post_once(&http, &ctx.receiver.url, body).await?;
+    }
+    let mut runs = Vec::new();
+    for round in 0..settings.rounds {
+        let mut order = Contender::ALL.to_vec();
+        order.rotate_left(round % Contender::ALL.len());
+        if round % 2 == 1 {
+            order.reverse();
+        }
+        let mut this = Vec::new();
+        for c in order {
+            ctx.receiver.reset(false);
+            let cpu = Cpu::now(ctx.postmaster);
+            let rate = match c {
+                Contender::Row => backlog(ctx, project_id, body, "row").await?,
+                Contender::Strict => backlog(ctx, project_id, body, "strict").await?,
+                Contender::Post1 => post_loop(&http, &ctx.receiver.url, body, 1).await?,
+                Contender::PostN => {
+                    post_loop(&http, &ctx.receiver.url, body, HTTP_IN_FLIGHT).await?
+                }
+            };
+            let m = Measured {
+                rate,
+                cpu: cpu.since(),
+                load: load_average(),
+            };
+            eprintln!(
+                "[bench]   round {}: {:<20} {:>8.0} /s  (load {:.2})",
+                round + 1,
+                c.label(),
+                m.rate,
+                m.load
+            );
+            this.push((c, m));
+        }
+        runs.push(this);
+    }
+    ctx.receiver.reset(false);
+    Ok(Rounds {
+        backlog: settings.backlog,
+        runs,
+    })
+}
+
+/// Stores BENCH_BACKLOG deliveries of distinct rows for a disabled webhook with `ordering`, then
+/// enables it: deliveries/s from the PATCH until the receiver had them all. The webhook and its
+/// deliveries are deleted afterwards (once all are recorded).
+async fn backlog(
+    ctx: &Ctx<'_>,
+    project_id: &str,
+    body: &bytes::Bytes,
+    ordering: &str,
+) -> Result<f64> {
+    const TABLE: &str = "bench_backlog";
+    let n = ctx.settings.backlog;
+    let hook = ctx
+        .api
+        .register_with(&ctx.receiver.url, TABLE, ordering, false)
+        .await?;
+    let body = std::str::from_utf8(body)?;
+    ctx.control
+        .execute(
+            "INSERT INTO fluxbase.webhook_deliveries
+                 (id, webhook_id, project_id, event_id, event_type, body, row_keys)
+             SELECT $1 || '_' || g, $1, $2, lpad(g::text, 16, '0'), 'row.inserted', $3,
+                    ARRAY['[\"public\",\"bench_backlog\"]{\"id\":' || g || '}']
+             FROM generate_series(1, $4::int8) g",
+            &[&hook, &project_id, &body, &(n as i64)],
+        )
+        .await?;
+    ctx.control
+        .execute("ANALYZE fluxbase.webhook_deliveries", &[])
+        .await?;
+    ctx.receiver.reset(false);
+    let t0 = Instant::now();
+    ctx.api.enable(&hook).await?;
+    ctx.receiver
+        .wait_for(n, ctx.settings.time_limit)
+        .await
+        .with_context(|| format!("{ordering} ordering"))?;
+    let last = ctx.receiver.snapshot().last.unwrap_or_else(Instant::now);
+    let rate = n as f64 / (last - t0).as_secs_f64();
+    // Every success recorded before the next contender (the worker records them in batches).
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let pending: i64 = ctx
+            .control
+            .query_one(
+                "SELECT count(*) FROM fluxbase.webhook_deliveries
+                 WHERE webhook_id = $1 AND status = 'pending'",
+                &[&hook],
+            )
+            .await?
+            .get(0);
+        if pending == 0 || Instant::now() > deadline {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    ctx.api.delete(&hook).await?;
+    Ok(rate)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -721,7 +937,7 @@ fn verdict(met: bool) -> &'static str {
     }
 }
 
-fn report(settings: &Settings, tp: &Throughput, r: &Reference, lat: &Latency) {
+fn report(settings: &Settings, tp: &Throughput, rounds: &Rounds, r: &Reference, lat: &Latency) {
     let row = |label: &str, value: String| println!("  {label:<40}: {value}");
     let rate = tp.received.min(settings.rows) as f64 / tp.elapsed.as_secs_f64();
     let per = |rate: f64| format!("{rate:>7.0} /s  ({:.3} ms each)", 1e3 / rate);
@@ -790,6 +1006,57 @@ fn report(settings: &Settings, tp: &Throughput, r: &Reference, lat: &Latency) {
     );
     row("CPU, cores", tp.cpu.to_string());
     print_statements(&tp.statements, settings.rows);
+
+    println!(
+        "rounds: {} rounds, contenders in a rotating order; a backlog of {} deliveries of \
+         distinct rows already in the outbox, from enabling the webhook until the receiver had \
+         them all, beside bare POST loops (same receiver, client warmed up, same body):",
+        rounds.runs.len(),
+        rounds.backlog
+    );
+    for (i, run) in rounds.runs.iter().enumerate() {
+        let cells: Vec<String> = run
+            .iter()
+            .map(|(c, m)| format!("{} {:.0}/s (load {:.2})", c.label(), m.rate, m.load))
+            .collect();
+        println!("    round {}: {}", i + 1, cells.join(" · "));
+    }
+    let (row_rate, strict_rate, post1, post_n) = (
+        rounds.median(Contender::Row),
+        rounds.median(Contender::Strict),
+        rounds.median(Contender::Post1),
+        rounds.median(Contender::PostN),
+    );
+    row(
+        "row ordering (default), median",
+        format!(
+            "{row_rate:>7.0} deliveries/s = {:.2}× POST {HTTP_IN_FLIGHT} in flight    target ≥ {:.0}: {}",
+            row_rate / post_n,
+            TARGET_DELIVERIES_PER_SEC,
+            verdict(row_rate >= TARGET_DELIVERIES_PER_SEC)
+        ),
+    );
+    row(
+        "strict ordering, median",
+        format!(
+            "{strict_rate:>7.0} deliveries/s = {:.2}× POST 1 in flight    target ≥ {TARGET_STRICT_RATIO}×: {}",
+            strict_rate / post1,
+            verdict(strict_rate >= TARGET_STRICT_RATIO * post1)
+        ),
+    );
+    row(
+        "reference: POST, 1 in flight, median",
+        format!("{post1:>7.0} /s"),
+    );
+    row(
+        &format!("reference: POST, {HTTP_IN_FLIGHT} in flight, median"),
+        format!("{post_n:>7.0} /s"),
+    );
+    for c in Contender::ALL {
+        if let Some(m) = rounds.median_run(c) {
+            row(&format!("CPU, cores: {}", c.label()), m.cpu.to_string());
+        }
+    }
 
     println!(
         "reference: one delivery's parts without the rest of the server (same receiver, payload):"
@@ -988,8 +1255,19 @@ struct Api {
 }
 
 impl Api {
-    /// Registers a webhook for `row.inserted` on `table`; returns its id.
+    /// Registers a webhook for `row.inserted` on `table` (the default ordering); returns its id.
     async fn register(&self, url: &str, table: &str) -> Result<String> {
+        self.register_with(url, table, "row", true).await
+    }
+
+    /// Registers a webhook for `row.inserted` on `table` with this ordering; returns its id.
+    async fn register_with(
+        &self,
+        url: &str,
+        table: &str,
+        ordering: &str,
+        enabled: bool,
+    ) -> Result<String> {
         let resp = self
             .http
             .post(format!("{}/api/webhooks", self.base))
@@ -997,6 +1275,7 @@ impl Api {
             .json(&json!({
                 "projectId": self.project, "url": url,
                 "events": ["row.inserted"], "tables": [table],
+                "ordering": ordering, "enabled": enabled,
             }))
             .send()
             .await?;
@@ -1009,6 +1288,21 @@ impl Api {
             .as_str()
             .context("no webhook id")?
             .to_string())
+    }
+
+    /// Enables a webhook (the worker looks for its due deliveries at once).
+    async fn enable(&self, id: &str) -> Result<()> {
+        let resp = self
+            .http
+            .patch(format!("{}/api/webhooks", self.base))
+            .bearer_auth(&self.key)
+            .json(&json!({ "projectId": self.project, "webhookId": id, "enabled": true }))
+            .send()
+            .await?;
+        if !resp.status().is_success() {
+            bail!("enabling webhook {id}: {}", resp.status());
+        }
+        Ok(())
     }
 
     async fn delete(&self, id: &str) -> Result<()> {

@@ -50,6 +50,7 @@ export default {
         { key: 'url', label: 'URL', render: (w) => h('code', { class: 'wh-url', title: w.url }, w.url) },
         { key: 'events', label: 'Events', render: (w) => h('span', { class: 'wh-events' }, w.events.join(', ')) },
         { key: 'tables', label: 'Tables', render: tablesCell },
+        { key: 'ordering', label: 'Ordering', render: (w) => h('code', { class: 'wh-ordering', title: w.ordering === 'strict' ? 'one delivery at a time, oldest first' : 'each row in commit order; other rows concurrently' }, w.ordering) },
         { key: 'enabled', label: 'State', render: stateCell },
         { key: 'createdAt', label: 'Created', render: (w) => when(w.createdAt) },
         { key: 'actions', label: 'Actions', render: actionsCell },

@@ -154,3 +154,74 @@ impl Receiver {
         .await
     }
 }
+
+/// One request as a [`TimedReceiver`] saw it: when it began and ended (just before the answer
+/// was written, so a request the server sends after this answer begins later), and what it was
+/// answered.
+#[derive(Clone, Debug)]
+pub struct Timed {
+    pub delivery_id: String,
+    pub body: serde_json::Value,
+    pub start: std::time::Instant,
+    pub end: std::time::Instant,
+    pub status: u16,
+}
+
+/// A receiver that answers slowly and at random: each request waits 0–`max_delay_ms` ms, and
+/// about one in `fail_one_in` is answered 500 (pseudo-random, seeded per receiver).
+pub struct TimedReceiver {
+    pub url: String,
+    pub got: Arc<Mutex<Vec<Timed>>>,
+}
+
+impl TimedReceiver {
+    pub async fn start(max_delay_ms: u64, fail_one_in: u64) -> TimedReceiver {
+        let got: Arc<Mutex<Vec<Timed>>> = Arc::default();
+        let seed = Arc::new(std::sync::atomic::AtomicU64::new(0x9E37_79B9_7F4A_7C15));
+        let g = got.clone();
+        let route = warp::post()
+            .and(warp::header::headers_cloned())
+            .and(warp::body::bytes())
+            .then(move |headers: warp::http::HeaderMap, body: bytes::Bytes| {
+                let (g, seed) = (g.clone(), seed.clone());
+                async move {
+                    let start = std::time::Instant::now();
+                    // splitmix64 over a shared counter: a different draw for every request.
+                    let mut z =
+                        seed.fetch_add(0x9E37_79B9_7F4A_7C15, std::sync::atomic::Ordering::Relaxed);
+                    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+                    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+                    z ^= z >> 31;
+                    let delay = z % (max_delay_ms + 1);
+                    let status = if (z >> 32) % fail_one_in == 0 {
+                        500
+                    } else {
+                        200
+                    };
+                    tokio::time::sleep(Duration::from_millis(delay)).await;
+                    g.lock().unwrap().push(Timed {
+                        delivery_id: headers["webhook-id"].to_str().unwrap().to_string(),
+                        body: serde_json::from_slice(&body).unwrap(),
+                        start,
+                        end: std::time::Instant::now(),
+                        status,
+                    });
+                    warp::http::Response::builder()
+                        .status(status)
+                        .body("ok".to_string())
+                        .unwrap()
+                }
+            });
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(warp::serve(route).incoming(listener).run());
+        TimedReceiver {
+            url: format!("http://{addr}/hook"),
+            got,
+        }
+    }
+
+    pub fn requests(&self) -> Vec<Timed> {
+        self.got.lock().unwrap().clone()
+    }
+}

@@ -21,6 +21,7 @@ fn node(app: &crate::support::TestApp, id: &str) -> Webhooks {
             backoff_scale: 0.01,
             // Both scan all the time: every due webhook is fought over.
             scan_interval: Duration::from_millis(10),
+            max_in_flight: 8,
             node_id: Some(id.to_string()),
         },
     );
@@ -38,6 +39,7 @@ async fn store(app: &crate::support::TestApp, project: &str, webhook: &str, from
         d.event_ids.push(format!("evt_{i:05}"));
         d.event_types.push("row.inserted".into());
         d.bodies.push(json!({ "n": i }).to_string());
+        d.row_keys.push(Some(format!("row{i}")));
     }
     let client = app.app.control.get().await.unwrap();
     assert_eq!(
@@ -60,7 +62,10 @@ async fn two_nodes_draining_one_webhook_never_send_a_first_attempt_twice() {
             "POST",
             "/api/webhooks",
             Some(&f.admin),
-            Some(json!({ "projectId": f.project, "url": rx.url, "events": ["row.inserted"], "enabled": false })),
+            Some(
+                json!({ "projectId": f.project, "url": rx.url, "events": ["row.inserted"],
+                         "enabled": false, "ordering": "strict" }),
+            ),
         )
         .await;
     assert_eq!(status, 201, "{hook}");

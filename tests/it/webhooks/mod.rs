@@ -4,3 +4,4 @@
 mod claims;
 mod delivery;
 mod egress;
+mod ordering;
