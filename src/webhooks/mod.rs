@@ -4,7 +4,7 @@
 //!  ProjectBus ─durable subscription─► outbox writer ── one control-DB transaction per committed
 //!                                        │              change set: INSERT webhook_deliveries
 //!                                        └─ ack(end_lsn) only after that commit ─► slot confirmed
-//!  delivery worker ─ due rows, per webhook in commit order ─► egress (SSRF-checked reqwest) ─► receiver
+//!  delivery worker ─ due rows, per webhook by its ordering ─► egress (SSRF-checked reqwest) ─► receiver
 //!        └─ 2xx: delivered · 410: endpoint disabled · else: retry with backoff, then failed
 //! ```
 //!
@@ -16,12 +16,17 @@
 //! * Retries: about 5 s, 30 s, 2 min, 10 min, 1 h, 3 h, 6 h, then every 6 h until 3 days after the
 //!   change, with ±10 % jitter; `Retry-After` is honoured (up to 6 h). An endpoint that has failed
 //!   everything for 24 hours, or answered 410, is disabled with a reason.
-//! * Per webhook one delivery is in flight at a time, oldest first: first attempts follow commit
-//!   order.
+//! * Ordering, per webhook ([`Ordering`]): `row` (the default) sends deliveries of different rows
+//!   concurrently, up to `webhook_max_in_flight`, but never two of one row at once, each row's
+//!   in commit order, and a schema change alone (after every earlier delivery, before every
+//!   later one): [`window`] has the rules, [`keys`] and [`payload::order_keys`] what names a row
+//!   (stored with each delivery as `row_keys`, so a restart keeps the rules). `strict` sends one
+//!   at a time, oldest first: first attempts follow commit order.
 //!
-//! One job per file: [`payload`] (event type and body), [`outbox`] (the bus subscriber that stores
-//! deliveries), [`worker`] (which webhook to drain when), [`attempt`] (one signed POST and its
-//! outcome), [`egress`] (the only way out: SSRF checks). This file is the service the API calls:
+//! One job per file: [`payload`] (event type, body and row keys), [`keys`] (the primary key
+//! columns, from the catalog), [`outbox`] (the bus subscriber that stores deliveries),
+//! [`worker`] (which webhook to drain when, and how), [`window`] (the `row` ordering's rules),
+//! [`attempt`] (one signed POST and its outcome), [`egress`] (the only way out: SSRF checks). This file is the service the API calls:
 //! webhooks and their delivery log, on the tables of [`crate::control::webhooks`] and
 //! [`crate::control::deliveries`]. Who may call what is the API's concern.
 

@@ -34,6 +34,9 @@ pub(super) struct Window {
     /// The last delivery read from the outbox: the next page starts after it.
     position: Option<(DateTime<Utc>, String)>,
     in_flight: usize,
+    /// The entries not in flight that were due later than when they were last looked at
+    /// (retries), and when: [`Window::next_due`] looks at these only.
+    waiting: BTreeMap<u64, DateTime<Utc>>,
 }
 
 impl Window {
@@ -53,6 +56,9 @@ impl Window {
     /// Adds the next pending delivery (in commit order).
     pub fn push(&mut self, queued: Queued) {
         self.position = Some((queued.created_at, queued.event_id.clone()));
+        if queued.next_attempt_at > Utc::now() {
+            self.waiting.insert(self.next_seq, queued.next_attempt_at);
+        }
         self.entries.insert(
             self.next_seq,
             Entry {
@@ -97,6 +103,7 @@ impl Window {
     pub fn start(&mut self, seq: u64, url: &str, secret: &str) -> Due {
         let e = self.entries.get_mut(&seq).expect("a startable delivery");
         e.in_flight = true;
+        self.waiting.remove(&seq);
         self.in_flight += 1;
         let q = &e.queued;
         Due {
@@ -112,6 +119,7 @@ impl Window {
 
     /// The delivery is no longer pending (delivered, or given up).
     pub fn finish(&mut self, seq: u64) {
+        self.waiting.remove(&seq);
         if let Some(e) = self.entries.remove(&seq) {
             if e.in_flight {
                 self.in_flight -= 1;
@@ -128,16 +136,17 @@ impl Window {
             e.in_flight = false;
             e.queued.attempts = attempts;
             e.queued.next_attempt_at = next_attempt_at;
+            self.waiting.insert(seq, next_attempt_at);
         }
     }
 
-    /// When the earliest delivery not in flight comes due (`None`: none waits).
-    pub fn next_due(&self) -> Option<DateTime<Utc>> {
-        self.entries
-            .values()
-            .filter(|e| !e.in_flight)
-            .map(|e| e.queued.next_attempt_at)
-            .min()
+    /// When the earliest delivery waiting for its retry comes due after `now` (`None`: none
+    /// waits). Those due by `now` are forgotten here: [`Window::startable`] at that same `now`
+    /// saw them, and one not started then waits for an earlier delivery of its row, whose end
+    /// wakes the drain anyway.
+    pub fn next_due(&mut self, now: DateTime<Utc>) -> Option<DateTime<Utc>> {
+        self.waiting.retain(|_, at| *at > now);
+        self.waiting.values().min().copied()
     }
 }
 
@@ -236,6 +245,9 @@ mod tests {
         let at = q.created_at;
         w.push(q);
         assert_eq!(w.position(), Some((at, "00000007")));
-        assert!(w.next_due().is_some_and(|t| t > Utc::now()));
+        assert!(w.next_due(Utc::now()).is_some_and(|t| t > Utc::now()));
+        assert!(w
+            .next_due(Utc::now() + chrono::Duration::seconds(6))
+            .is_none());
     }
 }

@@ -293,9 +293,10 @@ async fn drain_rows(
             }
         }
         let mut started = false;
+        let now = chrono::Utc::now();
         if stopping.is_none() {
             let room = cap.saturating_sub(window.in_flight());
-            for seq in window.startable(chrono::Utc::now(), room) {
+            for seq in window.startable(now, room) {
                 if let Some(claim) = claim.as_deref_mut() {
                     if shared.handing_over.load(Ordering::Acquire) {
                         stopping = Some(Drain::HandedOver);
@@ -314,6 +315,10 @@ async fn drain_rows(
                 });
             }
         }
+        // A retry whose time has not come yet (one due by `now` was just looked at).
+        let retry_in = window
+            .next_due(now)
+            .map(|t| (t - now).to_std().unwrap_or(Duration::ZERO));
         if window.in_flight() == 0 && !started {
             if stopping.is_none() && more && window.len() < WINDOW {
                 continue;
@@ -321,10 +326,7 @@ async fn drain_rows(
             // Nothing in flight, nothing can start: a retry due before the next scan is waited
             // for here; a later one (or what lies beyond a window of held deliveries) is found
             // again by the periodic scan.
-            let soon = window.next_due().is_some_and(|t| {
-                (t - chrono::Utc::now()).to_std().unwrap_or(Duration::ZERO)
-                    < shared.settings.scan_interval
-            });
+            let soon = retry_in.is_some_and(|d| d < shared.settings.scan_interval);
             if stopping.is_some() || !soon {
                 break stopping.unwrap_or(Drain::Done);
             }
@@ -335,10 +337,7 @@ async fn drain_rows(
             record_in_background(shared, &mut recording, &mut delivered).await?;
             oldest_success = None;
         }
-        let retry_in = window
-            .next_due()
-            .map(|t| (t - chrono::Utc::now()).to_std().unwrap_or(Duration::ZERO))
-            .unwrap_or(Duration::from_secs(3600));
+        let retry_in = retry_in.unwrap_or(Duration::from_secs(3600));
         let record_in = oldest_success
             .map(|t| RECORD_WITHIN.saturating_sub(t.elapsed()))
             .unwrap_or(Duration::from_secs(3600));

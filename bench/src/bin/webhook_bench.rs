@@ -6,9 +6,9 @@
 //!  generator ─── INSERT (superuser) ──────────────────────────────────► fx_<id>
 //!  server: change stream ◄── pgoutput ─────────────────────────────────┘
 //!            └─► bus ─► outbox writer ── INSERT webhook_deliveries ───► control database
-//!                       delivery worker ◄─ SELECT due, UPDATE each ───┘
-//!                         └─ POST, one at a time per webhook ─► receiver (warp, own thread,
-//!                                                                answers 200 at once)
+//!                       delivery worker ◄─ SELECT pending, UPDATE per batch ┘
+//!                         └─ POST, per the webhook's ordering ─► receiver (warp, own thread,
+//!                                                                 answers 200 at once)
 //! ```
 //!
 //! The server runs in-process (like the integration tests) on a throwaway embedded cluster,
@@ -20,12 +20,17 @@
 //!    The outbox rows' own timestamps split that time: when the outbox writer had stored every
 //!    delivery (`max(created_at)`) and how fast sending went once it had (`delivered_at` after
 //!    that).
-//! 2. **Reference**: one delivery's parts without the rest of the server, on the same receiver
+//! 2. **Rounds** (BENCH_ROUNDS, default 3; medians): per round, in a rotating order, the `row`
+//!    and `strict` orderings each send a backlog of BENCH_BACKLOG (default 30,000) deliveries of
+//!    distinct rows stored straight into the outbox for a disabled webhook, timed from enabling
+//!    it to the receiver having them all; and bare reqwest POST loops of the same body with 1 and
+//!    64 in flight. Targets: `row` ≥ 20,000/s, `strict` ≥ 0.8× POST with 1 in flight.
+//! 3. **Reference**: one delivery's parts without the rest of the server, on the same receiver
 //!    and payload and scratch tables in the control database: a bare reqwest POST (1 and 64 in
 //!    flight), one UPDATE prepared and as SQL text, the worker's sequence for one delivery (POST,
 //!    then its two UPDATEs as SQL text: five round trips), and the same POSTs with one UPDATE per
 //!    64 deliveries (1 and 8 in flight): the ceiling of the present design and of a batched one.
-//! 3. **Latency**: a second webhook (`bench_latency`); one single-row INSERT per transaction at
+//! 4. **Latency**: a second webhook (`bench_latency`); one single-row INSERT per transaction at
 //!    BENCH_TPS (default 1,000) for BENCH_LATENCY_SECONDS (default 10). commit→delivery = when
 //!    the receiver read the request minus the payload's `timestamp` (PostgreSQL's commit
 //!    timestamp). Both are the machine's system clock (CLOCK_REALTIME: `chrono::Utc::now` here,
@@ -38,7 +43,7 @@
 //! The cluster runs with `fsync=off` by default, like the change-capture benchmark
 //! (BENCH_FSYNC=on measures with the WAL flushed at each commit, as in production).
 //!
-//! Environment: BENCH_ROWS (default 50000), BENCH_BATCH (default 100), BENCH_TPS (default
+//! Environment: BENCH_ROUNDS (default 3), BENCH_BACKLOG (default 30000), BENCH_ROWS (default 50000), BENCH_BATCH (default 100), BENCH_TPS (default
 //! 1000), BENCH_LATENCY_SECONDS (default 10), BENCH_TIME_LIMIT (seconds to wait for the
 //! throughput deliveries, default 75), BENCH_FSYNC (default off), BENCH_STATEMENTS (1: load
 //! pg_stat_statements and print the control database's busiest statements of each phase),
