@@ -235,8 +235,9 @@ const WINDOW: usize = 2048;
 /// A `row` drain reads the next page of the outbox once this much of its window is free.
 const REFILL_AT: usize = 256;
 /// Successes recorded with one UPDATE (at most; fewer when the drain goes idle or after
-/// [`RECORD_WITHIN`]).
-const RECORD_BATCH: usize = 256;
+/// [`RECORD_WITHIN`]). With one batch being recorded and one filling, at most twice this many
+/// successes are unrecorded at once: what a crash sends again, besides what was in flight.
+const RECORD_BATCH: usize = 64;
 /// The longest a success waits to be recorded while the drain is busy.
 const RECORD_WITHIN: Duration = Duration::from_millis(100);
 

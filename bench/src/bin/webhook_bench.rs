@@ -43,7 +43,8 @@
 //! The cluster runs with `fsync=off` by default, like the change-capture benchmark
 //! (BENCH_FSYNC=on measures with the WAL flushed at each commit, as in production).
 //!
-//! Environment: BENCH_ROUNDS (default 3), BENCH_BACKLOG (default 30000), BENCH_ROWS (default 50000), BENCH_BATCH (default 100), BENCH_TPS (default
+//! Environment: BENCH_MAX_IN_FLIGHT (the server's `webhook_max_in_flight`; default its own),
+//! BENCH_ROUNDS (default 3), BENCH_BACKLOG (default 30000), BENCH_ROWS (default 50000), BENCH_BATCH (default 100), BENCH_TPS (default
 //! 1000), BENCH_LATENCY_SECONDS (default 10), BENCH_TIME_LIMIT (seconds to wait for the
 //! throughput deliveries, default 75), BENCH_FSYNC (default off), BENCH_STATEMENTS (1: load
 //! pg_stat_statements and print the control database's busiest statements of each phase),
@@ -71,6 +72,8 @@ const TARGET_P99_MS: f64 = 50.0;
 const REFERENCE_RUN: Duration = Duration::from_secs(2);
 
 struct Settings {
+    /// `webhook_max_in_flight` (BENCH_MAX_IN_FLIGHT; unset: the server's default).
+    max_in_flight: Option<usize>,
     rounds: usize,
     backlog: u64,
     rows: u64,
@@ -90,6 +93,9 @@ impl Settings {
                 .is_ok_and(|v| matches!(v.to_ascii_lowercase().as_str(), "1" | "on" | "true"))
         };
         Settings {
+            max_in_flight: std::env::var("BENCH_MAX_IN_FLIGHT")
+                .ok()
+                .and_then(|v| v.parse().ok()),
             rounds: env_or("BENCH_ROUNDS", 3).max(1) as usize,
             backlog: env_or("BENCH_BACKLOG", 30_000).max(1),
             rows: env_or("BENCH_ROWS", 50_000).max(1),
@@ -118,6 +124,9 @@ async fn main() -> Result<()> {
         let (app, running) = fluxbase_bench::start_app(cluster, dir, |c| {
             c.webhook_allow_private = true;
             c.rate_limit_requests = 0;
+            if let Some(n) = settings.max_in_flight {
+                c.webhook_max_in_flight = n;
+            }
         })
         .await?;
         let base = format!("http://{}", running.addr);
@@ -1032,8 +1041,11 @@ fn report(settings: &Settings, tp: &Throughput, rounds: &Rounds, r: &Reference, 
         rounds.median(Contender::Post1),
         rounds.median(Contender::PostN),
     );
+    let cap = settings
+        .max_in_flight
+        .unwrap_or_else(|| fluxbase::config::Config::default().webhook_max_in_flight);
     row(
-        "row ordering (default), median",
+        &format!("row ordering, ≤ {cap} in flight, median"),
         format!(
             "{row_rate:>7.0} deliveries/s = {:.2}× POST {HTTP_IN_FLIGHT} in flight    target ≥ {:.0}: {}",
             row_rate / post_n,

@@ -85,9 +85,11 @@ enum Loss {
 
 const OPERATIONS: i32 = 4000;
 
-/// At most this many webhook attempts of one node are in flight at once (sent, the answer not
-/// yet recorded): what a kill -9 may leave to be sent again.
-const IN_FLIGHT: usize = 64;
+/// At most this many webhook attempts of one node are sent with their answer not yet recorded:
+/// what a kill -9 may leave to be sent again. Under the `row` ordering (the test's webhook's):
+/// `webhook_max_in_flight` (64) in flight, and successes not yet recorded (one batch of 64 being
+/// recorded, one filling).
+const IN_FLIGHT: usize = 3 * 64;
 
 /// The webhook deliveries of the test's webhook still pending in the outbox.
 const PENDING: &str =
