@@ -405,26 +405,26 @@ pub async fn pending_after(
     after: Option<(DateTime<Utc>, &str)>,
     limit: i64,
 ) -> Result<Option<PendingPage>, Error> {
-    let stmt = client
-        .prepare_cached(
-            "SELECT w.enabled, w.url, w.secret, d.id, d.body, d.attempts, d.created_at,
-                    d.event_id, d.event_type, d.next_attempt_at, d.row_keys
-             FROM fluxbase.webhooks w
-             LEFT JOIN LATERAL (
-                 SELECT * FROM fluxbase.webhook_deliveries d
-                 WHERE d.webhook_id = w.id AND d.status = 'pending'
-                   AND (d.created_at, d.event_id) > ($2::text::timestamptz, $3::text)
-                 ORDER BY d.created_at, d.event_id LIMIT $4) d ON true
-             WHERE w.id = $1",
-        )
-        .await?;
+    // Not a cached prepared statement: PostgreSQL would settle on a generic plan while the outbox
+    // is small and not yet analyzed (a scan of the whole table), and keep it as the outbox grows
+    // (measured: 17.5 ms a page during the throughput bench, 0.04 ms once analyzed). Planned
+    // with its parameters each time, it takes the pending index from `after` on.
+    const PAGE: &str = "SELECT w.enabled, w.url, w.secret, d.id, d.body, d.attempts, d.created_at,
+                d.event_id, d.event_type, d.next_attempt_at, d.row_keys
+         FROM fluxbase.webhooks w
+         LEFT JOIN LATERAL (
+             SELECT * FROM fluxbase.webhook_deliveries d
+             WHERE d.webhook_id = w.id AND d.status = 'pending'
+               AND (d.created_at, d.event_id) > ($2::text::timestamptz, $3::text)
+             ORDER BY d.created_at, d.event_id LIMIT $4) d ON true
+         WHERE w.id = $1";
     // From the start: `-infinity` sorts before every timestamp.
     let (at, event) = match after {
         Some((at, event)) => (at.to_rfc3339(), event),
         None => ("-infinity".to_string(), ""),
     };
     let rows = client
-        .query(&stmt, &[&webhook_id, &at, &event, &limit])
+        .query(PAGE, &[&webhook_id, &at, &event, &limit])
         .await?;
     let Some(first) = rows.first() else {
         return Ok(None);
