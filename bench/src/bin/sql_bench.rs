@@ -20,6 +20,12 @@
 //!
 //! Targets (issue 19): ≥ 0.5× pgbench's tps, ≥ 2× the Node endpoint's, p99 ≤ 5 ms.
 //!
+//! A fourth line is no reference but a floor: a bare HTTP server (warp, in a child process)
+//! answering the same bytes Fluxbase answers without any database, driven by the same client.
+//! Fluxbase makes two hops per request (client → server → PostgreSQL) where pgbench makes one,
+//! on the same cores: if their costs simply added up, the best Fluxbase could do is
+//! 1 / (1 / bare + 1 / pgbench), which the report prints beside the ratio.
+//!
 //! Environment: BENCH_CLIENTS (default 8), BENCH_SECONDS (default 10), BENCH_ROUNDS (default
 //! 3), BENCH_WARMUP_SECONDS (default 2). The Node reference needs `node` and `npm` (Debian:
 //! `nodejs`, `npm`); its one package (`pg`, pinned in `bench/node/package-lock.json`) is
@@ -96,6 +102,7 @@ fn load() -> String {
 struct Processes {
     server: u32,
     node: Option<u32>,
+    bare: u32,
     postgres: u32,
 }
 
@@ -113,7 +120,7 @@ impl Processes {
         let (own, reaped) = cpu_of(me);
         Cpu {
             server: tree_cpu(self.server),
-            node: self.node.map(tree_cpu).unwrap_or(0.0),
+            node: self.node.map(tree_cpu).unwrap_or(0.0) + tree_cpu(self.bare),
             postgres: tree_cpu(self.postgres),
             client: own + reaped,
         }
@@ -264,6 +271,7 @@ enum Contender {
     Pgbench,
     Fluxbase,
     Node,
+    Bare,
 }
 
 impl Contender {
@@ -272,6 +280,7 @@ impl Contender {
             Contender::Pgbench => "pgbench -M prepared -S",
             Contender::Fluxbase => "fluxbase /api/execute-sql",
             Contender::Node => "node http + pg",
+            Contender::Bare => "bare HTTP, no database",
         }
     }
 }
@@ -282,6 +291,7 @@ struct Bench {
     warmup: f64,
     server_port: u16,
     node_port: Option<u16>,
+    bare_port: u16,
     read_key: String,
     node_key: String,
     project: String,
@@ -294,6 +304,7 @@ impl Bench {
         let (port, key) = match who {
             Contender::Fluxbase => (self.server_port, &self.read_key),
             Contender::Node => (self.node_port.context("no Node reference")?, &self.node_key),
+            Contender::Bare => (self.bare_port, &self.node_key),
             Contender::Pgbench => {
                 let out = (self.pgbench)(self.warmup).output()?;
                 if !out.status.success() {
@@ -408,6 +419,43 @@ fn start_node(
     Ok((NodeReference(child), port))
 }
 
+/// The bare HTTP floor's server (this program run again with [`BARE_ENV`] set): the answer
+/// Fluxbase gives to the benchmark's query, with no database behind it.
+const BARE_ENV: &str = "FLUXBASE_SQL_BENCH_BARE_ANSWER";
+
+async fn serve_bare(answer: String) -> Result<()> {
+    use warp::Filter;
+    let answer: &'static str = Box::leak(answer.into_boxed_str());
+    let route = warp::post()
+        .and(warp::path!("api" / "execute-sql"))
+        .and(warp::body::bytes())
+        .map(move |_body: bytes::Bytes| {
+            warp::reply::with_header(answer, "content-type", "application/json")
+        });
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    println!("listening {}", listener.local_addr()?.port());
+    warp::serve(route).incoming(listener).run().await;
+    Ok(())
+}
+
+/// Starts the bare HTTP floor as a child process; killed when dropped.
+fn start_bare(answer: &str) -> Result<(NodeReference, u16)> {
+    let mut child = Command::new(std::env::current_exe()?)
+        .env(BARE_ENV, answer)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()?;
+    let mut line = String::new();
+    let stdout = child.stdout.take().context("the bare server's stdout")?;
+    std::io::BufRead::read_line(&mut std::io::BufReader::new(stdout), &mut line)?;
+    let port = line
+        .trim()
+        .strip_prefix("listening ")
+        .and_then(|p| p.parse().ok())
+        .context("the bare HTTP server did not start")?;
+    Ok((NodeReference(child), port))
+}
+
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
     v[v.len() / 2]
@@ -415,6 +463,9 @@ fn median(mut v: Vec<f64>) -> f64 {
 
 #[tokio::main]
 async fn main() -> Result<()> {
+    if let Ok(answer) = std::env::var(BARE_ENV) {
+        return serve_bare(answer).await;
+    }
     let clients = env_or("BENCH_CLIENTS", 8) as usize;
     let seconds = env_or("BENCH_SECONDS", 10) as f64;
     let rounds = env_or("BENCH_ROUNDS", 3).max(1) as usize;
@@ -484,6 +535,16 @@ async fn main() -> Result<()> {
     }
 
     let node_key = fluxbase::secrets::random_base62(32);
+    // What Fluxbase answers to the benchmark's query, for the bare floor to answer alike.
+    let answer = reqwest::Client::new()
+        .post(format!("{}/api/execute-sql", server.base()))
+        .bearer_auth(&read_key)
+        .json(&serde_json::json!({ "projectId": project, "query": SQL, "params": [1] }))
+        .send()
+        .await?
+        .text()
+        .await?;
+    let bare = start_bare(&answer)?;
     let node = if with_node {
         let url = format!("postgres://fluxbase:{pg_password}@127.0.0.1:{pg_port}/{db}");
         Some(start_node(
@@ -514,6 +575,7 @@ async fn main() -> Result<()> {
         warmup,
         server_port: server.port,
         node_port: node.as_ref().map(|n| n.1),
+        bare_port: bare.1,
         read_key,
         node_key,
         project,
@@ -521,6 +583,7 @@ async fn main() -> Result<()> {
         processes: Processes {
             server: server.pid,
             node: node.as_ref().map(|n| n.0 .0.id()),
+            bare: bare.0 .0.id(),
             postgres: postmaster,
         },
     };
@@ -529,10 +592,11 @@ async fn main() -> Result<()> {
     if with_node {
         order.push(Contender::Node);
     }
+    order.push(Contender::Bare);
     let mut results: Vec<(Contender, Vec<Run>)> = order.iter().map(|c| (*c, vec![])).collect();
     println!(
         "{clients} clients, {rounds} rounds of {seconds} s (after {warmup} s of warm-up each), \
-         the order rotating; cores used: server / node / postgres / client"
+         the order rotating; cores used: server / node or bare / postgres / client"
     );
     for round in 0..rounds {
         let n = order.len();
@@ -590,6 +654,15 @@ async fn main() -> Result<()> {
             mark(ratio >= 2.0)
         );
     }
+    if let Some(bare) = med(Contender::Bare, &|r| Some(r.tps)) {
+        let floor = 1.0 / (1.0 / bare + 1.0 / pg_tps);
+        println!(
+            "two hops' floor              : {floor:.0} tps = {:.2}x pgbench (bare HTTP {bare:.0} tps and \
+             pgbench's costs added); fluxbase = {:.2}x of it",
+            floor / pg_tps,
+            flux / floor
+        );
+    }
     if let Some(p99) = med(Contender::Fluxbase, &|r| r.p99_ms) {
         println!(
             "fluxbase p99                 : {p99:.2} ms (target <= 5 ms: {})",
@@ -597,5 +670,6 @@ async fn main() -> Result<()> {
         );
     }
     drop(node);
+    drop(bare);
     Ok(())
 }
