@@ -7,8 +7,8 @@
 //! ```
 //!
 //! * A segment is a sequence of records `[len: u32 LE][crc32: u32 LE][payload: len bytes]`; the
-//!   payload is one event as JSON (id, kind, table, record, the message's payload, …) and the
-//!   time it was stored. A record whose length runs past the end of its file or whose checksum
+//!   payload is one event as JSON (id, kind, table, …, the message's payload verbatim, a row
+//!   change's record and old row only inside it: see `Stored`) and the time it was stored. A record whose length runs past the end of its file or whose checksum
 //!   does not match (a write torn by a crash) ends the segment: the file is truncated there
 //!   when the history is opened, and what follows is ignored.
 //! * Appends are buffered and written (to the page cache) before a reader is told about them;
@@ -95,7 +95,11 @@ fn crc32(data: &[u8]) -> u32 {
     !c
 }
 
-/// One event as stored.
+/// One event as stored. Two forms are read: the payload as one JSON string in `p` (records
+/// written by earlier versions; every field as given), and the payload as raw JSON in `P` (written now)
+/// with a row change's `record` and `old` left out, because the payload holds both verbatim
+/// (`events::finish` writes them into it): stored once and without escaping, a row image is
+/// checksummed and written once instead of three times.
 #[derive(Serialize, Deserialize)]
 struct Stored {
     /// When it was stored, Unix milliseconds (for the age bound).
@@ -120,10 +124,15 @@ struct Stored {
     c: u64,
     e: u64,
     l: bool,
-    p: String,
+    /// The payload as a JSON string (the older form).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    p: Option<String>,
+    /// The payload itself (the current form).
+    #[serde(default, rename = "P", skip_serializing_if = "Option::is_none")]
+    raw: Option<Box<serde_json::value::RawValue>>,
 }
 
-/// [`Stored`] borrowing the event's fields: encoding copies nothing before serializing.
+/// The current form of [`Stored`] but its payload (written after it), borrowing the event.
 #[derive(Serialize)]
 struct StoredRef<'a> {
     at: i64,
@@ -144,7 +153,15 @@ struct StoredRef<'a> {
     c: u64,
     e: u64,
     l: bool,
-    p: &'a str,
+}
+
+/// A row change's rows as its payload holds them.
+#[derive(Deserialize)]
+struct PayloadRows<'a> {
+    #[serde(borrow)]
+    record: Option<&'a serde_json::value::RawValue>,
+    #[serde(borrow)]
+    old: Option<&'a serde_json::value::RawValue>,
 }
 
 /// Encodes an event as a record payload.
@@ -154,11 +171,24 @@ pub fn encode(event: &Event, at_ms: i64) -> Vec<u8> {
         EventKind::Schema { command } => ('s', command.as_str()),
         EventKind::Broadcast { event } => ('b', event.as_str()),
     };
-    let mut out = Vec::with_capacity(
-        160 + event.payload.len()
-            + event.record.as_ref().map_or(0, String::len)
-            + event.old.as_ref().map_or(0, String::len),
-    );
+    // The payload goes in as it is, so it must be JSON (it always is: anything else keeps the
+    // older form). Parsing it checks that and finds a row change's rows in it: they are left
+    // out when the payload holds them verbatim.
+    let rows_in_payload = if k == 'r' {
+        match serde_json::from_str::<PayloadRows>(&event.payload) {
+            Ok(rows) => {
+                rows.record.map(|r| r.get()) == event.record.as_deref()
+                    && rows.old.map(|o| o.get()) == event.old.as_deref()
+            }
+            Err(_) => return encode_as_string(event, at_ms, k, n),
+        }
+    } else {
+        if serde_json::from_str::<serde::de::IgnoredAny>(&event.payload).is_err() {
+            return encode_as_string(event, at_ms, k, n);
+        }
+        false
+    };
+    let mut out = Vec::with_capacity(192 + event.payload.len());
     serde_json::to_writer(
         &mut out,
         &StoredRef {
@@ -168,18 +198,44 @@ pub fn encode(event: &Event, at_ms: i64) -> Vec<u8> {
             n,
             s: event.schema.as_deref(),
             t: event.table.as_deref(),
-            r: event.record.as_deref(),
-            o: event.old.as_deref(),
+            r: event.record.as_deref().filter(|_| !rows_in_payload),
+            o: event.old.as_deref().filter(|_| !rows_in_payload),
             u: &event.unchanged_toast,
             ts: &event.commit_timestamp,
             c: event.commit_lsn.0,
             e: event.end_lsn.0,
             l: event.last_in_transaction,
-            p: &event.payload,
         },
     )
     .expect("serializable");
+    // `{...}` becomes `{...,"P":<payload>}`.
+    out.pop();
+    out.extend_from_slice(b",\"P\":");
+    out.extend_from_slice(event.payload.as_bytes());
+    out.push(b'}');
     out
+}
+
+/// The older form: every field as given, the payload as a JSON string.
+fn encode_as_string(event: &Event, at_ms: i64, k: char, n: &str) -> Vec<u8> {
+    serde_json::to_vec(&Stored {
+        at: at_ms,
+        id: event.id.clone(),
+        k,
+        n: n.to_string(),
+        s: event.schema.clone(),
+        t: event.table.clone(),
+        r: event.record.clone(),
+        o: event.old.clone(),
+        u: event.unchanged_toast.clone(),
+        ts: event.commit_timestamp.clone(),
+        c: event.commit_lsn.0,
+        e: event.end_lsn.0,
+        l: event.last_in_transaction,
+        p: Some(event.payload.to_string()),
+        raw: None,
+    })
+    .expect("serializable")
 }
 
 /// Decodes a record payload back into the event it stored.
@@ -193,19 +249,31 @@ pub fn decode(payload: &[u8]) -> Option<Event> {
         'b' => EventKind::Broadcast { event: s.n },
         _ => return None,
     };
+    let current = s.p.is_none();
+    let (payload, mut record, mut old) = match (s.p, s.raw) {
+        (Some(p), _) => (p, s.r, s.o),
+        (None, Some(raw)) => (raw.get().to_string(), s.r, s.o),
+        (None, None) => return None,
+    };
+    if current && matches!(kind, EventKind::Row { .. }) && record.is_none() {
+        // Left out of the current form: the payload holds them verbatim.
+        let rows: PayloadRows = serde_json::from_str(&payload).ok()?;
+        record = rows.record.map(|r| r.get().to_string());
+        old = rows.old.map(|o| o.get().to_string());
+    }
     Some(Event {
         id: s.id,
         kind,
         schema: s.s,
         table: s.t,
-        record: s.r,
-        old: s.o,
+        record,
+        old,
         unchanged_toast: s.u,
         commit_timestamp: s.ts,
         commit_lsn: Lsn(s.c),
         end_lsn: Lsn(s.e),
         last_in_transaction: s.l,
-        payload: Arc::from(s.p),
+        payload: Arc::from(payload),
         sender: None,
         gap_before: false,
     })
@@ -1018,7 +1086,11 @@ mod tests {
             for &b in data {
                 c ^= b as u32;
                 for _ in 0..8 {
-                    c = if c & 1 != 0 { 0xEDB8_8320 ^ (c >> 1) } else { c >> 1 };
+                    c = if c & 1 != 0 {
+                        0xEDB8_8320 ^ (c >> 1)
+                    } else {
+                        c >> 1
+                    };
                 }
             }
             !c
@@ -1031,33 +1103,93 @@ mod tests {
         }
     }
 
+    fn fields(e: &Event) -> impl PartialEq + std::fmt::Debug {
+        (
+            (
+                e.id.clone(),
+                e.kind.clone(),
+                e.schema.clone(),
+                e.table.clone(),
+            ),
+            (e.record.clone(), e.old.clone(), e.unchanged_toast.clone()),
+            (e.commit_timestamp.clone(), e.commit_lsn, e.end_lsn),
+            (e.last_in_transaction, e.payload.to_string()),
+        )
+    }
+
+    /// A row change as the change stream makes it: its payload holds the record and old row.
+    fn row_change() -> Event {
+        let pending = crate::cdc::events::Pending::Row {
+            operation: RowOp::Update,
+            schema: "public".into(),
+            table: "t \"q\"".into(),
+            record: r#"{"id":1,"note":"a \"quoted\" ü"}"#.into(),
+            old: Some(r#"{"id":1,"note":"before"}"#.into()),
+            unchanged_toast: vec!["big".into()],
+        };
+        crate::cdc::events::finish(
+            pending,
+            Lsn(0x10),
+            Lsn(0x20),
+            3,
+            "2026-01-01T00:00:00Z",
+            true,
+        )
+    }
+
     #[test]
-    fn an_encoded_event_reads_back_as_stored_before() {
-        let mut e = event(&id(1), "x");
-        e.old = Some("{\"b\":\"o\"}".into());
-        e.unchanged_toast = vec!["big".into()];
+    fn a_row_change_is_stored_once_and_reads_back_whole() {
+        let e = row_change();
         let bytes = encode(&e, 42);
-        // The owned form the history files have always held, field for field.
-        let owned = serde_json::to_vec(&Stored {
-            at: 42,
-            id: e.id.clone(),
-            k: 'r',
-            n: "INSERT".into(),
-            s: e.schema.clone(),
-            t: e.table.clone(),
-            r: e.record.clone(),
-            o: e.old.clone(),
-            u: e.unchanged_toast.clone(),
-            ts: e.commit_timestamp.clone(),
-            c: 1,
-            e: 2,
-            l: true,
-            p: e.payload.to_string(),
-        })
-        .unwrap();
-        assert_eq!(bytes, owned);
-        let back = decode(&bytes).unwrap();
-        assert_eq!((back.id, back.old, back.unchanged_toast), (e.id, e.old, e.unchanged_toast));
+        let text = std::str::from_utf8(&bytes).unwrap();
+        // The payload verbatim, and its rows nowhere else.
+        assert!(text.ends_with(&format!(",\"P\":{}}}", e.payload)), "{text}");
+        assert_eq!(text.matches("before").count(), 1, "{text}");
+        assert_eq!(fields(&decode(&bytes).unwrap()), fields(&e));
+        // Without an old row.
+        let mut insert = row_change();
+        insert.old = None;
+        insert.payload = Arc::from(
+            insert
+                .payload
+                .replace(r#"{"id":1,"note":"before"}"#, "null"),
+        );
+        assert_eq!(
+            fields(&decode(&encode(&insert, 1)).unwrap()),
+            fields(&insert)
+        );
+    }
+
+    #[test]
+    fn rows_the_payload_does_not_hold_and_other_events_are_stored_as_given() {
+        // The payload lacks the record (the tests' events): stored beside it.
+        let e = event(&id(1), "x");
+        assert_eq!(fields(&decode(&encode(&e, 0)).unwrap()), fields(&e));
+        let mut schema = event(&id(2), "x");
+        schema.kind = EventKind::Schema {
+            command: "ALTER TABLE".into(),
+        };
+        schema.record = None;
+        assert_eq!(
+            fields(&decode(&encode(&schema, 0)).unwrap()),
+            fields(&schema)
+        );
+        // A payload that is not JSON: the older form, which takes any text.
+        let mut odd = event(&id(3), "x");
+        odd.payload = Arc::from("not json \"");
+        let bytes = encode(&odd, 0);
+        assert!(std::str::from_utf8(&bytes)
+            .unwrap()
+            .contains(r#""p":"not json \"""#));
+        assert_eq!(fields(&decode(&bytes).unwrap()), fields(&odd));
+    }
+
+    #[test]
+    fn records_of_the_older_form_still_read() {
+        let e = row_change();
+        let older = encode_as_string(&e, 42, 'r', "UPDATE");
+        assert!(std::str::from_utf8(&older).unwrap().contains(r#""p":"{"#));
+        assert_eq!(fields(&decode(&older).unwrap()), fields(&e));
     }
 
     fn limits() -> Limits {
