@@ -181,7 +181,7 @@ impl Contender {
 /// so that of every two contenders each goes first in every other round.
 fn order(r: u64) -> [Contender; 3] {
     use Contender::*;
-    if r % 2 == 0 {
+    if r.is_multiple_of(2) {
         [Decoding, Reference, Fluxbase]
     } else {
         [Fluxbase, Reference, Decoding]
