@@ -80,7 +80,40 @@ impl Pending {
 }
 
 fn quote(out: &mut String, s: &str) {
-    out.push_str(&serde_json::to_string(s).expect("strings serialize"));
+    // Names and ids seldom need escaping: then the text goes in as it is, without serde_json's
+    // String per call (one per column of every row).
+    if s.bytes().all(|b| b >= 0x20 && b != b'"' && b != b'\\') {
+        out.reserve(s.len() + 2);
+        out.push('"');
+        out.push_str(s);
+        out.push('"');
+    } else {
+        out.push_str(&serde_json::to_string(s).expect("strings serialize"));
+    }
+}
+
+/// A column's text value: as it is when it is UTF-8 (the database's encoding always is), else
+/// with replacement characters.
+fn text_of(bytes: &[u8]) -> std::borrow::Cow<'_, str> {
+    match std::str::from_utf8(bytes) {
+        Ok(text) => std::borrow::Cow::Borrowed(text),
+        Err(_) => String::from_utf8_lossy(bytes),
+    }
+}
+
+/// Room for a tuple's JSON object: names, values and punctuation, so that the object is
+/// written without growing (a value's JSON is about its text's length).
+fn tuple_capacity(rel: &Relation, tuple: &Tuple) -> usize {
+    let values: usize = tuple
+        .0
+        .iter()
+        .map(|v| match v {
+            pgoutput::Column::Text(b) | pgoutput::Column::Binary(b) => b.len() + b.len() / 8,
+            _ => 4,
+        })
+        .sum();
+    let names: usize = rel.columns.iter().map(|c| c.name.len() + 4).sum();
+    16 + values + names
 }
 
 /// Renders a tuple as a JSON object. `old` fills unchanged TOAST values when it has them;
@@ -91,7 +124,7 @@ pub fn tuple_json(
     old: Option<&Tuple>,
     reg: &TypeRegistry,
 ) -> (String, Vec<String>) {
-    let mut out = String::with_capacity(64 + tuple.0.len() * 16);
+    let mut out = String::with_capacity(tuple_capacity(rel, tuple));
     let mut missing = Vec::new();
     out.push('{');
     let mut first = true;
@@ -115,8 +148,7 @@ pub fn tuple_json(
         match value {
             pgoutput::Column::Null => out.push_str("null"),
             pgoutput::Column::Text(bytes) => {
-                let text = String::from_utf8_lossy(bytes);
-                values::write_json(&mut out, col.type_id, Some(&text), reg);
+                values::write_json(&mut out, col.type_id, Some(&text_of(bytes)), reg);
             }
             // Binary mode is never requested; render defensively as a string.
             pgoutput::Column::Binary(bytes) => {
@@ -144,12 +176,9 @@ pub fn key_json(rel: &Relation, tuple: &Tuple, reg: &TypeRegistry) -> String {
         quote(&mut out, &col.name);
         out.push(':');
         match value {
-            pgoutput::Column::Text(bytes) => values::write_json(
-                &mut out,
-                col.type_id,
-                Some(&String::from_utf8_lossy(bytes)),
-                reg,
-            ),
+            pgoutput::Column::Text(bytes) => {
+                values::write_json(&mut out, col.type_id, Some(&text_of(bytes)), reg)
+            }
             _ => out.push_str("null"),
         }
     }
@@ -306,7 +335,17 @@ pub fn finish(
 ) -> Event {
     let id = event_id(commit_lsn, index);
     let lsn = commit_lsn.to_string();
-    let mut p = String::with_capacity(256);
+    let mut p = String::with_capacity(match &pending {
+        // The rows and names are copied in; room for them up front, so the payload never grows.
+        Pending::Row {
+            record,
+            old,
+            schema,
+            table,
+            ..
+        } => 256 + record.len() + old.as_ref().map_or(4, String::len) + schema.len() + table.len(),
+        _ => 256,
+    });
     match pending {
         Pending::Row {
             operation,
