@@ -83,7 +83,40 @@ impl Pending {
 }
 
 fn quote(out: &mut String, s: &str) {
-    out.push_str(&serde_json::to_string(s).expect("strings serialize"));
+    // Names and ids seldom need escaping: then the text goes in as it is, without serde_json's
+    // String per call (one per column of every row).
+    if s.bytes().all(|b| b >= 0x20 && b != b'"' && b != b'\\') {
+        out.reserve(s.len() + 2);
+        out.push('"');
+        out.push_str(s);
+        out.push('"');
+    } else {
+        out.push_str(&serde_json::to_string(s).expect("strings serialize"));
+    }
+}
+
+/// A column's text value: as it is when it is UTF-8 (the database's encoding always is), else
+/// with replacement characters.
+fn text_of(bytes: &[u8]) -> std::borrow::Cow<'_, str> {
+    match std::str::from_utf8(bytes) {
+        Ok(text) => std::borrow::Cow::Borrowed(text),
+        Err(_) => String::from_utf8_lossy(bytes),
+    }
+}
+
+/// Room for a tuple's JSON object: names, values and punctuation, so that the object is
+/// written without growing (a value's JSON is about its text's length).
+fn tuple_capacity(rel: &Relation, tuple: &Tuple) -> usize {
+    let values: usize = tuple
+        .0
+        .iter()
+        .map(|v| match v {
+            pgoutput::Column::Text(b) | pgoutput::Column::Binary(b) => b.len() + b.len() / 8,
+            _ => 4,
+        })
+        .sum();
+    let names: usize = rel.columns.iter().map(|c| c.name.len() + 4).sum();
+    16 + values + names
 }
 
 /// Renders a tuple as a JSON object. `old` fills unchanged TOAST values when it has them;
@@ -94,7 +127,7 @@ pub fn tuple_json(
     old: Option<&Tuple>,
     reg: &TypeRegistry,
 ) -> (String, Vec<String>) {
-    let mut out = String::with_capacity(64 + tuple.0.len() * 16);
+    let mut out = String::with_capacity(tuple_capacity(rel, tuple));
     let mut missing = Vec::new();
     out.push('{');
     let mut first = true;
@@ -118,8 +151,7 @@ pub fn tuple_json(
         match value {
             pgoutput::Column::Null => out.push_str("null"),
             pgoutput::Column::Text(bytes) => {
-                let text = String::from_utf8_lossy(bytes);
-                values::write_json(&mut out, col.type_id, Some(&text), reg);
+                values::write_json(&mut out, col.type_id, Some(&text_of(bytes)), reg);
             }
             // Binary mode is never requested; render defensively as a string.
             pgoutput::Column::Binary(bytes) => {
@@ -147,12 +179,9 @@ pub fn key_json(rel: &Relation, tuple: &Tuple, reg: &TypeRegistry) -> String {
         quote(&mut out, &col.name);
         out.push(':');
         match value {
-            pgoutput::Column::Text(bytes) => values::write_json(
-                &mut out,
-                col.type_id,
-                Some(&String::from_utf8_lossy(bytes)),
-                reg,
-            ),
+            pgoutput::Column::Text(bytes) => {
+                values::write_json(&mut out, col.type_id, Some(&text_of(bytes)), reg)
+            }
             _ => out.push_str("null"),
         }
     }
@@ -326,7 +355,33 @@ pub fn broadcast(content: &[u8]) -> Option<Pending> {
 
 /// `<commit LSN>-<index>`: fixed-width hex, so ids sort in commit order.
 pub fn event_id(commit_lsn: Lsn, index: u32) -> String {
-    format!("{:016X}-{index:08X}", commit_lsn.0)
+    // By hand: `format!` cost more than any other string of an event (one per event).
+    let mut id = String::with_capacity(25);
+    push_hex(&mut id, commit_lsn.0, 16);
+    id.push('-');
+    push_hex(&mut id, u64::from(index), 8);
+    id
+}
+
+/// An LSN as PostgreSQL writes it (`16/B374D848`), like its `Display`, without `format!`.
+fn push_lsn(out: &mut String, lsn: Lsn) {
+    let digits = |v: u64| (64 - v.leading_zeros()).div_ceil(4).max(1);
+    let (hi, lo) = (lsn.0 >> 32, lsn.0 & 0xFFFF_FFFF);
+    push_hex(out, hi, digits(hi));
+    out.push('/');
+    push_hex(out, lo, digits(lo));
+}
+
+/// The low `digits` hex digits of `value`, upper case, zero-padded.
+fn push_hex(out: &mut String, value: u64, digits: u32) {
+    for shift in (0..digits).rev() {
+        let nibble = ((value >> (shift * 4)) & 0xF) as u8;
+        out.push(char::from(if nibble < 10 {
+            b'0' + nibble
+        } else {
+            b'A' + nibble - 10
+        }));
+    }
 }
 
 /// Completes a pending change into a bus event.
@@ -339,8 +394,17 @@ pub fn finish(
     last: bool,
 ) -> Event {
     let id = event_id(commit_lsn, index);
-    let lsn = commit_lsn.to_string();
-    let mut p = String::with_capacity(256);
+    let mut p = String::with_capacity(match &pending {
+        // The rows and names are copied in; room for them up front, so the payload never grows.
+        Pending::Row {
+            record,
+            old,
+            schema,
+            table,
+            ..
+        } => 256 + record.len() + old.as_ref().map_or(4, String::len) + schema.len() + table.len(),
+        _ => 256,
+    });
     match pending {
         Pending::Row {
             operation,
@@ -365,8 +429,9 @@ pub fn finish(
             p.push_str(old.as_deref().unwrap_or("null"));
             p.push_str(",\"commitTimestamp\":");
             quote(&mut p, commit_timestamp);
-            p.push_str(",\"lsn\":");
-            quote(&mut p, &lsn);
+            p.push_str(",\"lsn\":\"");
+            push_lsn(&mut p, commit_lsn);
+            p.push('"');
             write_row_notes(&mut p, &unchanged_toast);
             p.push('}');
             Event {
@@ -429,7 +494,7 @@ pub fn finish(
                 "table": table,
                 "object": object,
                 "commitTimestamp": commit_timestamp,
-                "lsn": lsn,
+                "lsn": commit_lsn.to_string(),
             });
             if let Some(part) = partition {
                 payload["partition"] =
@@ -486,6 +551,25 @@ mod tests {
         let c = event_id(Lsn(0x1_0000_0000), 0);
         assert!(a < b && b < c);
         assert_eq!(a, "00000000016B3748-00000002");
+        assert_eq!(
+            event_id(Lsn(u64::MAX), u32::MAX),
+            format!("{:016X}-{:08X}", u64::MAX, u32::MAX)
+        );
+        assert_eq!(event_id(Lsn(0xABCDEF), 0xFA), "0000000000ABCDEF-000000FA");
+        for lsn in [
+            0,
+            1,
+            0xF,
+            0x10,
+            0x16_B374_D848,
+            0xFFFF_FFFF,
+            1 << 32,
+            u64::MAX,
+        ] {
+            let mut text = String::new();
+            push_lsn(&mut text, Lsn(lsn));
+            assert_eq!(text, Lsn(lsn).to_string());
+        }
     }
 
     #[test]

@@ -648,6 +648,7 @@ async fn stream_once<B: EventBus>(
     let mut asm = assemble::Assembler::new(bound, &spill_dir).with_message_key(&key);
     let mut tick = tokio::time::interval(Duration::from_millis(500));
     let mut lag_check = Instant::now();
+    let mut received = Lsn(0);
     loop {
         tokio::select! {
             event = stream.next() => {
@@ -681,10 +682,11 @@ async fn stream_once<B: EventBus>(
                             status.lock().expect("poisoned").spilled_bytes +=
                                 asm.spilled_bytes() - spilled;
                         }
+                        received = wal_end;
                         if let Some(tx) = committed {
                             release(&*bus, tx, status).await?;
+                            status.lock().expect("poisoned").received_lsn = Some(received.to_string());
                         }
-                        status.lock().expect("poisoned").received_lsn = Some(wal_end.to_string());
                     }
                     ReplicationEvent::Keepalive { wal_end, .. } => {
                         // Nothing in flight: an idle database must not pin WAL.
@@ -706,6 +708,10 @@ async fn stream_once<B: EventBus>(
                 }
                 {
                     let mut s = status.lock().expect("poisoned");
+                    if received > Lsn(0) {
+                        // Each commit reports it too; not every message (a lock and a String).
+                        s.received_lsn = Some(received.to_string());
+                    }
                     s.confirmed_lsn = Some(stream.confirmed().to_string());
                     s.buffered_bytes = asm.memory() as u64;
                     s.peak_buffered_bytes = asm.peak_memory() as u64;

@@ -14,12 +14,20 @@
 //!  fluxbase   cdc.start: slot → decode → assemble → bus → a subscriber counts N + U
 //! ```
 //!
-//! pg_recvlogical and Fluxbase take turns going first. events/s = (N + U) / elapsed; the ratio
-//! Fluxbase / pg_recvlogical (median over the rounds; the target is at least 0.9×) does not
-//! depend on the machine as much as either rate. Then, on the last project, one single-row
-//! INSERT per transaction at a steady BENCH_TPS for BENCH_LATENCY_SECONDS: each event's delay
-//! from its `commitTimestamp` (PostgreSQL's clock, same machine) and from when the client saw
-//! COMMIT return (negative when the event arrives first).
+//! The three drain the same WAL in turn, in the order decoding, pg_recvlogical, Fluxbase in
+//! odd rounds and the reverse in even ones, so that of any two each goes first in every other
+//! round; a first round (BENCH_WARMUP, default 1) runs them all the same way and is not
+//! counted, so that every contender meets a warm page cache, warm catalogs and (for the server)
+//! warm code. events/s = (N + U) / elapsed; each figure is the median over the counted rounds.
+//! The ratios, Fluxbase / decoding alone (target: median at least 0.5×) and Fluxbase /
+//! pg_recvlogical (target: every round at least 1.5×), are printed per round with pass/miss,
+//! the load average, and the CPU each process used while it drained (from
+//! `/proc/<pid>/schedstat`): the decoding backend; pg_recvlogical and its walsender; the
+//! change stream's walsender and this process (server and counting subscriber; of it the
+//! change streams' runtime threads). Then, on the last project, one single-row INSERT per
+//! transaction at a steady BENCH_TPS for BENCH_LATENCY_SECONDS: each event's delay from its
+//! `commitTimestamp` (PostgreSQL's clock, same machine) and from when the client saw COMMIT
+//! return (negative when the event arrives first).
 //!
 //! On a small machine the walsender, not decoding, is what limits a consumer: PostgreSQL's
 //! decoding alone runs several times faster than either. A consumer that waits between
@@ -33,7 +41,7 @@
 //!
 //! Environment: BENCH_ROWS (inserts, default 200000), BENCH_UPDATES (wide-row updates, default
 //! 20000), BENCH_WIDE_BYTES (default 1000), BENCH_BATCH (rows per transaction, default 1000),
-//! BENCH_ROUNDS (default 3), BENCH_TPS (default 1000), BENCH_LATENCY_SECONDS (default 10),
+//! BENCH_ROUNDS (default 3), BENCH_WARMUP (default 1), BENCH_TPS (default 1000), BENCH_LATENCY_SECONDS (default 10),
 //! FLUXBASE_LOG (server log filter, default warn).
 
 use std::path::PathBuf;
@@ -61,6 +69,7 @@ struct Settings {
     tps: u64,
     latency_seconds: u64,
     rounds: u64,
+    warmup: u64,
 }
 
 impl Settings {
@@ -74,6 +83,7 @@ impl Settings {
             tps: env_or("BENCH_TPS", 1000).max(1),
             latency_seconds: env_or("BENCH_LATENCY_SECONDS", 10),
             rounds: env_or("BENCH_ROUNDS", 3),
+            warmup: env_or("BENCH_WARMUP", 1),
         }
     }
 
@@ -110,15 +120,84 @@ struct Project {
 /// One pass of the workload through each consumer.
 struct Round {
     wal_bytes: u64,
+    /// Who went first (the order alternates: see [`order`]).
+    order: [Contender; 3],
     decoding: Duration,
     reference: Duration,
     fluxbase: Duration,
     first_event: Duration,
+    cpu: RoundCpu,
+    /// The 1-minute load average when the round ended.
+    load: f64,
 }
 
 impl Round {
-    fn ratio(&self) -> f64 {
+    /// Fluxbase / pg_recvlogical (events/s).
+    fn vs_reference(&self) -> f64 {
         self.reference.as_secs_f64() / self.fluxbase.as_secs_f64()
+    }
+
+    /// Fluxbase / decoding alone (events/s).
+    fn vs_decoding(&self) -> f64 {
+        self.decoding.as_secs_f64() / self.fluxbase.as_secs_f64()
+    }
+}
+
+/// CPU time (seconds) each process used while it drained the workload.
+#[derive(Default)]
+struct RoundCpu {
+    /// The backend running pg_logical_slot_get_binary_changes.
+    decoding_backend: f64,
+    /// pg_recvlogical's walsender, from its start to its exit.
+    reference_walsender: f64,
+    /// The pg_recvlogical process.
+    reference_client: f64,
+    /// The change stream's walsender, from its start to the last event on the bus.
+    fluxbase_walsender: f64,
+    /// This process (server and the counting subscriber) during the drain.
+    fluxbase_process: f64,
+    /// Of which the change stream's runtime (threads `fluxbase-cdc`).
+    fluxbase_stream: f64,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Contender {
+    Decoding,
+    Reference,
+    Fluxbase,
+}
+
+impl Contender {
+    fn name(self) -> &'static str {
+        match self {
+            Contender::Decoding => "decoding alone",
+            Contender::Reference => "pg_recvlogical",
+            Contender::Fluxbase => "fluxbase",
+        }
+    }
+}
+
+/// The order of round `r`: decoding, pg_recvlogical, Fluxbase, then the reverse, and so on,
+/// so that of every two contenders each goes first in every other round.
+fn order(r: u64) -> [Contender; 3] {
+    use Contender::*;
+    if r.is_multiple_of(2) {
+        [Decoding, Reference, Fluxbase]
+    } else {
+        [Fluxbase, Reference, Decoding]
+    }
+}
+
+/// The targets (issue 19): the median ratio to decoding alone, and every round's ratio to
+/// pg_recvlogical.
+const TARGET_VS_DECODING: f64 = 0.5;
+const TARGET_VS_REFERENCE: f64 = 1.5;
+
+fn verdict(ok: bool) -> &'static str {
+    if ok {
+        "pass"
+    } else {
+        "MISS"
     }
 }
 
@@ -126,25 +205,63 @@ async fn bench(app: &SharedApp, cluster: &Cluster, settings: &Settings) -> Resul
     let user = fluxbase_bench::bench_user(app).await?;
     let mut rounds = Vec::new();
     let mut project: Option<Project> = None;
-    for r in 0..settings.rounds {
-        eprintln!("[bench] round {} of {}", r + 1, settings.rounds);
+    let total = settings.warmup + settings.rounds;
+    for r in 0..total {
+        let warmup = r < settings.warmup;
+        eprintln!(
+            "[bench] round {} of {}{}",
+            r + 1,
+            total,
+            if warmup {
+                " (warm-up, not counted)"
+            } else {
+                ""
+            }
+        );
         if let Some(previous) = project.take() {
             app.cdc.stop(&previous.id).await;
         }
         let p = prepare(app, cluster, &user.id, settings).await?;
-        // Alternate which consumer goes first, in case the first reader of the WAL pays more.
-        let round = throughput(app, cluster, &p, settings, r % 2 == 1).await?;
+        let round = throughput(app, cluster, &p, settings, order(r)).await?;
+        let c = &round.cpu;
+        let rate = |d: Duration| settings.changes() as f64 / d.as_secs_f64();
+        let cores = |cpu: f64, d: Duration| cpu / d.as_secs_f64();
         eprintln!(
-            "[bench] round {}: pg_recvlogical {:.2} s, fluxbase {:.2} s: {:.2}x",
+            "[bench] round {}{} (order: {}; load {:.2}): decoding {:.0}k/s, pg_recvlogical {:.0}k/s, \
+             fluxbase {:.0}k/s: {:.2}x decoding (target >= {TARGET_VS_DECODING:.2}x: {}), \
+             {:.2}x pg_recvlogical (target >= {TARGET_VS_REFERENCE:.2}x: {})",
             r + 1,
-            round.reference.as_secs_f64(),
-            round.fluxbase.as_secs_f64(),
-            round.ratio()
+            if warmup { " (warm-up)" } else { "" },
+            round.order.map(Contender::name).join(", "),
+            round.load,
+            rate(round.decoding) / 1e3,
+            rate(round.reference) / 1e3,
+            rate(round.fluxbase) / 1e3,
+            round.vs_decoding(),
+            verdict(round.vs_decoding() >= TARGET_VS_DECODING),
+            round.vs_reference(),
+            verdict(round.vs_reference() >= TARGET_VS_REFERENCE),
         );
-        rounds.push(round);
+        eprintln!(
+            "[bench]   CPU (cores busy while draining): decoding backend {:.2}; pg_recvlogical's \
+             walsender {:.2}, pg_recvlogical {:.2}; fluxbase's walsender {:.2}, this process {:.2} \
+             (change stream thread {:.2})",
+            cores(c.decoding_backend, round.decoding),
+            cores(c.reference_walsender, round.reference),
+            cores(c.reference_client, round.reference),
+            cores(c.fluxbase_walsender, round.fluxbase),
+            cores(c.fluxbase_process, round.fluxbase),
+            cores(c.fluxbase_stream, round.fluxbase),
+        );
+        if !warmup {
+            rounds.push(round);
+        }
         project = Some(p);
     }
     let p = project.context("BENCH_ROUNDS must be at least 1")?;
+    if rounds.is_empty() {
+        bail!("BENCH_ROUNDS must be at least 1");
+    }
     let latency = latency(app, &p, settings).await?;
 
     let expected = settings.changes() as f64;
@@ -153,47 +270,70 @@ async fn bench(app: &SharedApp, cluster: &Cluster, settings: &Settings) -> Resul
         v.sort_by(f64::total_cmp);
         v[v.len() / 2]
     };
-    let list = |f: &dyn Fn(&Round) -> f64| {
+    let list = |f: &dyn Fn(&Round) -> f64, scale: f64, unit: &str| {
         rounds
             .iter()
-            .map(|r| format!("{:.0}k", f(r) / 1e3))
+            .map(|r| format!("{:.2}{unit}", f(r) / scale))
             .collect::<Vec<_>>()
             .join(" ")
     };
     let rate = |d: Duration| expected / d.as_secs_f64();
+    let cores = |f: &dyn Fn(&Round) -> (f64, Duration)| {
+        median(&|r| {
+            let (cpu, d) = f(r);
+            cpu / d.as_secs_f64()
+        })
+    };
     println!(
         "change capture: {} inserts + {} updates of ~{} B rows ({} rows/transaction), {:.1} MB of WAL, \
-         pgoutput proto 2; median of {} rounds",
+         pgoutput proto 2 (text); median of {} rounds after {} warm-up; load (1 min) {}",
         settings.rows,
         settings.updates,
         settings.wide_bytes,
         settings.batch,
         median(&|r| r.wal_bytes as f64) / 1e6,
-        rounds.len()
+        rounds.len(),
+        settings.warmup,
+        list(&|r| r.load, 1.0, ""),
     );
     println!(
-        "decoding alone    : {:>8.0} events/s (pg_logical_slot_get_binary_changes in a backend: no walsender, no network)",
-        median(&|r| rate(r.decoding))
+        "decoding alone    : {:>8.0} events/s (rounds: {}; pg_logical_slot_get_binary_changes in a backend: no walsender, no network); CPU: backend {:.2}",
+        median(&|r| rate(r.decoding)),
+        list(&|r| rate(r.decoding), 1e3, "k"),
+        cores(&|r| (r.cpu.decoding_backend, r.decoding)),
     );
     println!(
-        "pg_recvlogical    : {:>8.0} events/s (rounds: {})",
+        "pg_recvlogical    : {:>8.0} events/s (rounds: {}); CPU: walsender {:.2}, pg_recvlogical {:.2}",
         median(&|r| rate(r.reference)),
-        list(&|r| rate(r.reference))
+        list(&|r| rate(r.reference), 1e3, "k"),
+        cores(&|r| (r.cpu.reference_walsender, r.reference)),
+        cores(&|r| (r.cpu.reference_client, r.reference)),
     );
     println!(
-        "fluxbase → bus    : {:>8.0} events/s (rounds: {}; first event after {:.0} ms)",
+        "fluxbase → bus    : {:>8.0} events/s (rounds: {}; first event after {:.0} ms); CPU: walsender {:.2}, \
+         this process {:.2} (change stream {:.2})",
         median(&|r| rate(r.fluxbase)),
-        list(&|r| rate(r.fluxbase)),
-        median(&|r| r.first_event.as_secs_f64() * 1e3)
+        list(&|r| rate(r.fluxbase), 1e3, "k"),
+        median(&|r| r.first_event.as_secs_f64() * 1e3),
+        cores(&|r| (r.cpu.fluxbase_walsender, r.fluxbase)),
+        cores(&|r| (r.cpu.fluxbase_process, r.fluxbase)),
+        cores(&|r| (r.cpu.fluxbase_stream, r.fluxbase)),
+    );
+    let vs_decoding = median(&Round::vs_decoding);
+    let lowest_vs_reference = rounds
+        .iter()
+        .map(Round::vs_reference)
+        .fold(f64::INFINITY, f64::min);
+    println!(
+        "ratio to decoding : {vs_decoding:.2}x median (rounds: {}; target: median >= {TARGET_VS_DECODING:.2}x: {})",
+        list(&Round::vs_decoding, 1.0, ""),
+        verdict(vs_decoding >= TARGET_VS_DECODING),
     );
     println!(
-        "ratio             : {:.2}x pg_recvlogical (rounds: {}; target >= 0.90x)",
-        median(&Round::ratio),
-        rounds
-            .iter()
-            .map(|r| format!("{:.2}", r.ratio()))
-            .collect::<Vec<_>>()
-            .join(" ")
+        "ratio to recvlog. : {:.2}x median (rounds: {}; target: every round >= {TARGET_VS_REFERENCE:.2}x: {})",
+        median(&Round::vs_reference),
+        list(&Round::vs_reference, 1.0, ""),
+        verdict(lowest_vs_reference >= TARGET_VS_REFERENCE),
     );
     println!(
         "latency at {:.0} tx/s ({} transactions of one INSERT, target {} tx/s):",
@@ -242,13 +382,14 @@ async fn prepare(
     Ok(Project { id, db, client })
 }
 
-/// Commits the workload with nothing consuming, then drains it through each consumer.
+/// Commits the workload with nothing consuming, then drains it through each consumer in
+/// `order`.
 async fn throughput(
     app: &SharedApp,
     cluster: &Cluster,
     p: &Project,
     settings: &Settings,
-    fluxbase_first: bool,
+    order: [Contender; 3],
 ) -> Result<Round> {
     let client = &p.client;
     for name in [SQL_SLOT, RECV_SLOT] {
@@ -282,36 +423,58 @@ async fn throughput(
     );
 
     let expected = settings.changes();
-    eprintln!("[bench] decoding alone: pg_logical_slot_get_binary_changes");
-    let decoding = decode_in_backend(client, expected).await?;
-    let reference = async {
-        eprintln!(
-            "[bench] reference: pg_recvlogical draining its slot up to {}",
-            fmt_lsn(end)
-        );
-        let elapsed = pg_recvlogical(cluster, &p.db, end).await?;
-        drop_slot(client, RECV_SLOT).await?;
-        anyhow::Ok(elapsed)
-    };
-    let (reference, drained) = if fluxbase_first {
-        let drained = drain_to_bus(app, &p.id, &p.db, expected).await?;
-        (reference.await?, drained)
-    } else {
-        let reference = reference.await?;
-        (reference, drain_to_bus(app, &p.id, &p.db, expected).await?)
-    };
+    let mut cpu = RoundCpu::default();
+    let (mut decoding, mut reference, mut drained) = (None, None, None);
+    for contender in order {
+        match contender {
+            Contender::Decoding => {
+                eprintln!("[bench] decoding alone: pg_logical_slot_get_binary_changes");
+                let (elapsed, backend) = decode_in_backend(client, expected).await?;
+                cpu.decoding_backend = backend;
+                decoding = Some(elapsed);
+            }
+            Contender::Reference => {
+                eprintln!(
+                    "[bench] reference: pg_recvlogical draining its slot up to {}",
+                    fmt_lsn(end)
+                );
+                let run = pg_recvlogical(cluster, client, &p.db, end).await?;
+                drop_slot(client, RECV_SLOT).await?;
+                cpu.reference_walsender = run.walsender_cpu;
+                cpu.reference_client = run.client_cpu;
+                reference = Some(run.elapsed);
+            }
+            Contender::Fluxbase => {
+                let d = drain_to_bus(app, client, &p.id, &p.db, expected).await?;
+                cpu.fluxbase_walsender = d.walsender_cpu;
+                cpu.fluxbase_process = d.process_cpu;
+                cpu.fluxbase_stream = d.stream_cpu;
+                drained = Some(d);
+            }
+        }
+    }
+    let drained = drained.expect("every contender ran");
     Ok(Round {
         wal_bytes: end - start,
-        decoding,
-        reference,
+        order,
+        decoding: decoding.expect("every contender ran"),
+        reference: reference.expect("every contender ran"),
         fluxbase: drained.done - drained.started,
         first_event: drained.first - drained.started,
+        cpu,
+        load: load_average(),
     })
 }
 
 /// Decodes the workload with pgoutput inside a backend (PostgreSQL's decoding cost without the
-/// walsender and the network), checking that it holds one message per changed row.
-async fn decode_in_backend(client: &Client, expected: u64) -> Result<Duration> {
+/// walsender and the network), checking that it holds one message per changed row. Returns
+/// the time and the backend's CPU time.
+async fn decode_in_backend(client: &Client, expected: u64) -> Result<(Duration, f64)> {
+    let backend: i32 = client
+        .query_one("SELECT pg_backend_pid()", &[])
+        .await?
+        .get(0);
+    let cpu_before = process_cpu(backend as u32).unwrap_or(0.0);
     let t = Instant::now();
     let rows: i64 = client
         .query_one(
@@ -326,11 +489,113 @@ async fn decode_in_backend(client: &Client, expected: u64) -> Result<Duration> {
         .await?
         .get(0);
     let elapsed = t.elapsed();
+    let cpu = process_cpu(backend as u32).unwrap_or(0.0) - cpu_before;
     drop_slot(client, SQL_SLOT).await?;
     if rows as u64 != expected {
         bail!("pgoutput carried {rows} row changes, not {expected}");
     }
-    Ok(elapsed)
+    Ok((elapsed, cpu))
+}
+
+// CPU time from /proc (nanoseconds in schedstat: exact, unlike the 10 ms ticks of stat).
+
+/// CPU seconds a single-threaded process (a PostgreSQL backend, pg_recvlogical) has used.
+fn process_cpu(pid: u32) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/schedstat")).ok()?;
+    let ns: u64 = stat.split_whitespace().next()?.parse().ok()?;
+    Some(ns as f64 / 1e9)
+}
+
+/// CPU seconds of this process's live threads: all of them, and the change streams' runtime
+/// (threads `fluxbase-cdc`).
+fn own_cpu() -> (f64, f64) {
+    let (mut all, mut stream) = (0.0, 0.0);
+    let Ok(tasks) = std::fs::read_dir("/proc/self/task") else {
+        return (0.0, 0.0);
+    };
+    for task in tasks.flatten() {
+        let path = task.path();
+        let Some(cpu) = std::fs::read_to_string(path.join("schedstat"))
+            .ok()
+            .and_then(|s| s.split_whitespace().next()?.parse::<u64>().ok())
+        else {
+            continue;
+        };
+        let cpu = cpu as f64 / 1e9;
+        all += cpu;
+        if std::fs::read_to_string(path.join("comm")).is_ok_and(|c| c.starts_with("fluxbase-cdc")) {
+            stream += cpu;
+        }
+    }
+    (all, stream)
+}
+
+/// Follows a process's CPU time every 2 ms until it exits (or [`CpuWatch::finish`]): what it
+/// used in all, to within 2 ms.
+struct CpuWatch {
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    thread: std::thread::JoinHandle<f64>,
+}
+
+impl CpuWatch {
+    fn start(pid: u32) -> CpuWatch {
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let stopped = stop.clone();
+        let thread = std::thread::spawn(move || {
+            let mut last = 0.0;
+            while let Some(cpu) = process_cpu(pid) {
+                last = cpu;
+                if stopped.load(std::sync::atomic::Ordering::Relaxed) {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(2));
+            }
+            last
+        });
+        CpuWatch { stop, thread }
+    }
+
+    fn finish(self) -> f64 {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.thread.join().unwrap_or(0.0)
+    }
+}
+
+/// The process streaming from `slot` once one other than `not` does (within 10 s).
+async fn slot_walsender(client: &Client, slot: &str, not: Option<i32>) -> Result<u32> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let pid: Option<i32> = client
+            .query_one(
+                "SELECT active_pid FROM pg_replication_slots WHERE slot_name = $1",
+                &[&slot],
+            )
+            .await?
+            .get(0);
+        match pid {
+            Some(pid) if Some(pid) != not => return Ok(pid as u32),
+            _ if Instant::now() > deadline => bail!("no walsender took slot {slot} within 10 s"),
+            _ => tokio::time::sleep(Duration::from_millis(2)).await,
+        }
+    }
+}
+
+async fn slot_active_pid(client: &Client, slot: &str) -> Result<Option<i32>> {
+    Ok(client
+        .query_one(
+            "SELECT active_pid FROM pg_replication_slots WHERE slot_name = $1",
+            &[&slot],
+        )
+        .await?
+        .get(0))
+}
+
+/// The 1-minute load average.
+fn load_average() -> f64 {
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .and_then(|l| l.split_whitespace().next()?.parse().ok())
+        .unwrap_or(f64::NAN)
 }
 
 async fn connect(cluster: &Cluster, db: &str) -> Result<Client> {
@@ -507,9 +772,21 @@ fn pg_bindir() -> Result<PathBuf> {
     Ok(bindir)
 }
 
+/// pg_recvlogical's run: how long it took and the CPU it and its walsender used.
+struct ReferenceRun {
+    elapsed: Duration,
+    walsender_cpu: f64,
+    client_cpu: f64,
+}
+
 /// Runs pg_recvlogical on the reference slot with the change stream's pgoutput options until
-/// it has received everything up to `end`; returns how long that took.
-async fn pg_recvlogical(cluster: &Cluster, db: &str, end: u64) -> Result<Duration> {
+/// it has received everything up to `end`.
+async fn pg_recvlogical(
+    cluster: &Cluster,
+    client: &Client,
+    db: &str,
+    end: u64,
+) -> Result<ReferenceRun> {
     let mut command = tokio::process::Command::new(pg_bindir()?.join("pg_recvlogical"));
     command
         .args(["-h", "127.0.0.1", "-p", &cluster.port.to_string()])
@@ -529,6 +806,9 @@ async fn pg_recvlogical(cluster: &Cluster, db: &str, end: u64) -> Result<Duratio
         .kill_on_drop(true);
     let t = Instant::now();
     let child = command.spawn().context("starting pg_recvlogical")?;
+    let client_watch = child.id().map(CpuWatch::start);
+    let walsender = slot_walsender(client, RECV_SLOT, None).await?;
+    let walsender_watch = CpuWatch::start(walsender);
     let out = tokio::time::timeout(Duration::from_secs(600), child.wait_with_output())
         .await
         .context("pg_recvlogical did not reach the end LSN within 10 minutes")??;
@@ -540,23 +820,41 @@ async fn pg_recvlogical(cluster: &Cluster, db: &str, end: u64) -> Result<Duratio
             String::from_utf8_lossy(&out.stderr)
         );
     }
-    Ok(elapsed)
+    // The walsender exits once pg_recvlogical has gone; its watch ends with it.
+    let walsender_cpu = tokio::task::spawn_blocking(move || walsender_watch.thread.join())
+        .await?
+        .unwrap_or(0.0);
+    Ok(ReferenceRun {
+        elapsed,
+        walsender_cpu,
+        client_cpu: client_watch.map_or(0.0, CpuWatch::finish),
+    })
 }
 
 /// Restarts the project's change stream on the retained WAL and times it until a subscriber
 /// has received `expected` workload events.
-async fn drain_to_bus(app: &SharedApp, id: &str, db: &str, expected: u64) -> Result<Drained> {
+async fn drain_to_bus(
+    app: &SharedApp,
+    client: &Client,
+    id: &str,
+    db: &str,
+    expected: u64,
+) -> Result<Drained> {
     eprintln!("[bench] fluxbase: change stream draining its slot to the bus");
     // A durable subscriber, like the webhook outbox: the stream waits for room in its queue.
     // An ordinary one (QUEUE_LEN, 4096 events: ~20 ms at these rates) is cut off in about half
     // of the runs on 2 cores while the backlog drains at full speed.
     let bus = app.bus.project(id);
     let sub = bus.subscribe_durable();
+    let slot = fluxbase::cdc::slot_name(id);
+    let previous = slot_active_pid(client, &slot).await?;
     // Joining asks for a replay from the slot's confirmed position; the stream is stopped and
     // starts from there anyway, and ignores a request made before it started.
     let counter = tokio::task::spawn_blocking(move || count_events(sub, expected));
+    let (process_before, stream_before) = own_cpu();
     let started = Instant::now();
     app.cdc.start(id.to_string(), db.to_string());
+    let walsender = slot_walsender(client, &slot, previous).await?;
     let limit = Duration::from_secs(600);
     let (first, done) = match tokio::time::timeout(limit, counter).await {
         Ok(joined) => joined??,
@@ -566,6 +864,8 @@ async fn drain_to_bus(app: &SharedApp, id: &str, db: &str, expected: u64) -> Res
             app.cdc.status(id)
         ),
     };
+    let walsender_cpu = process_cpu(walsender).unwrap_or(0.0);
+    let (process_after, stream_after) = own_cpu();
     if let Some(status) = app.cdc.status(id) {
         if status.reconnects > 0 {
             eprintln!(
@@ -578,6 +878,9 @@ async fn drain_to_bus(app: &SharedApp, id: &str, db: &str, expected: u64) -> Res
         started,
         first,
         done,
+        walsender_cpu,
+        process_cpu: process_after - process_before,
+        stream_cpu: stream_after - stream_before,
     })
 }
 
@@ -585,6 +888,9 @@ struct Drained {
     started: Instant,
     first: Instant,
     done: Instant,
+    walsender_cpu: f64,
+    process_cpu: f64,
+    stream_cpu: f64,
 }
 
 fn is_workload_event(e: &Event) -> bool {
