@@ -20,7 +20,7 @@
 SET LOCAL fluxbase.cdc_internal = 'on';
 SET LOCAL ROLE {auth};
 
-CREATE FUNCTION auth.reset_session(alone boolean) RETURNS void
+CREATE OR REPLACE FUNCTION auth.reset_session(alone boolean) RETURNS void
 LANGUAGE plpgsql VOLATILE AS $$
 DECLARE
     name text;
