@@ -316,6 +316,36 @@ impl Backend {
         Ok(true)
     }
 
+    /// Moves a complete staged object to `to` and makes the move survive a crash of the machine
+    /// ([`Backend::persist`]), in one trip to the blocking pool on the local disk (the
+    /// directories made private, the rename, the directories synced). Whether anything was
+    /// synced.
+    pub async fn place(&self, from: &str, to: &str) -> Result<bool, StorageError> {
+        let Backend::Local { store, root } = self else {
+            self.rename(from, to).await?;
+            return self.persist(to).await;
+        };
+        let from_path = store
+            .path_to_filesystem(&path_of(from))
+            .map_err(unavailable)?;
+        let to_path = store.path_to_filesystem(&path_of(to)).map_err(unavailable)?;
+        let root = root.clone();
+        tokio::task::spawn_blocking(move || -> std::io::Result<()> {
+            if !to_path.starts_with(&root) || !from_path.starts_with(&root) {
+                return Err(std::io::Error::other("outside the storage root"));
+            }
+            if let Some(dir) = to_path.parent() {
+                private_dirs(dir)?;
+            }
+            std::fs::rename(&from_path, &to_path)?;
+            sync_dirs(&to_path, &root)
+        })
+        .await
+        .map_err(StorageError::from)?
+        .map_err(|e| StorageError::Unavailable(format!("placing {to}: {e}")))?;
+        Ok(true)
+    }
+
     /// Makes a stored object survive a crash of the machine before its metadata says it is
     /// stored. On the local disk its bytes were synced before the move into place (by the
     /// writer's `finish`); this syncs each directory from its own up to the storage root (the
@@ -335,12 +365,7 @@ impl Backend {
             if !path.starts_with(&root) {
                 return Err(std::io::Error::other("outside the storage root"));
             }
-            let mut dir = path.parent();
-            while let Some(d) = dir.filter(|d| d.starts_with(&root)) {
-                std::fs::File::open(d)?.sync_all()?;
-                dir = d.parent();
-            }
-            Ok(())
+            sync_dirs(&path, &root)
         })
         .await
         .map_err(StorageError::from)?
@@ -409,11 +434,34 @@ impl Backend {
         Ok(out)
     }
 
-    /// The object's bytes as a stream (large reads for local files).
+    /// The object's bytes as a stream (large reads for local files). A local file is opened
+    /// and its first chunk read in one trip to the blocking pool, so that the response's
+    /// headers and first bytes can leave together.
     pub async fn read(
         &self,
         key: &str,
     ) -> Result<(u64, BoxStream<'static, std::io::Result<Bytes>>), StorageError> {
+        if let Backend::Local { store, .. } = self {
+            let path = store
+                .path_to_filesystem(&path_of(key))
+                .map_err(unavailable)?;
+            let opened = tokio::task::spawn_blocking(move || open_local(&path))
+                .await
+                .map_err(StorageError::from)?
+                .map_err(|e| StorageError::Unavailable(format!("reading {key}: {e}")))?;
+            let Some((file, size, first)) = opened else {
+                return Err(StorageError::NotServed);
+            };
+            let rest = read_file(file, size - first.len() as u64);
+            let stream = if first.is_empty() {
+                rest
+            } else {
+                futures_util::stream::once(async move { Ok(Bytes::from(first)) })
+                    .chain(rest)
+                    .boxed()
+            };
+            return Ok((size, stream));
+        }
         let store = self.store();
         let got = match store.get(&path_of(key)).await {
             Ok(g) => g,
@@ -447,6 +495,44 @@ impl Backend {
             Backend::Local { .. } => None,
         }
     }
+}
+
+/// Syncs each directory from `path`'s own up to `root` (the entries that lead to it).
+fn sync_dirs(path: &std::path::Path, root: &std::path::Path) -> std::io::Result<()> {
+    let mut dir = path.parent();
+    while let Some(d) = dir.filter(|d| d.starts_with(root)) {
+        std::fs::File::open(d)?.sync_all()?;
+        dir = d.parent();
+    }
+    Ok(())
+}
+
+/// A local object's file, its size and its first [`READ_CHUNK`] bytes (fewer for a smaller
+/// file); `None` if there is no such file (a directory is none either).
+fn open_local(
+    path: &std::path::Path,
+) -> std::io::Result<Option<(std::fs::File, u64, Vec<u8>)>> {
+    use std::io::Read;
+    let mut file = match std::fs::File::open(path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e),
+    };
+    let meta = file.metadata()?;
+    if !meta.is_file() {
+        return Ok(None);
+    }
+    let size = meta.len();
+    let want = size.min(READ_CHUNK as u64);
+    let mut first = Vec::with_capacity(want as usize);
+    (&mut file).take(want).read_to_end(&mut first)?;
+    if (first.len() as u64) < want {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::UnexpectedEof,
+            "the file is shorter than its size",
+        ));
+    }
+    Ok(Some((file, size, first)))
 }
 
 /// Reads the `size` bytes of a file in large chunks on the blocking pool. The chunks are not
