@@ -38,7 +38,7 @@ pub(super) struct Member {
     pub(super) session: Option<String>,
     /// Live events offered during the room's current slice, queued together at its end
     /// ([`RoomState::send_pending`]); empty whenever the room's lock is free.
-    pub(super) pending: Vec<Message>,
+    pub(super) pending: super::socket::Pending,
 }
 
 #[derive(Default)]
@@ -48,6 +48,8 @@ pub(super) struct RoomState {
     pub(super) last_id: Option<String>,
     /// Epochs of catch-up tasks (a member's task ends when its epoch is no longer current).
     pub(super) next_epoch: u64,
+    /// Events in the slice being delivered (room is made for them in each member's pending).
+    pub(super) slice_len: usize,
 }
 
 impl RoomState {
@@ -227,6 +229,7 @@ impl Room {
             return Err(missing.into_iter().collect());
         }
         let mut history = self.history.lock().expect("poisoned");
+        state.slice_len = events.len();
         for (i, (event, skip)) in events.iter().enumerate() {
             if state
                 .last_id
@@ -296,24 +299,32 @@ impl Room {
         let old_record = || parsed_old.get_or_init(|| parse_row(&event.old)).clone();
         let mut n = 0;
         let mut full = Vec::new();
+        let slice = state.slice_len.max(1);
+        // Members mostly share a few identities: the last one's verdict is reused.
+        let mut last: Option<(&Identity, Option<&'v Verdict>)> = None;
         for (id, m) in state.members.iter_mut() {
             if m.catching_up.is_some() || Some(*id) == except {
                 continue;
             }
+            let identity = &m.interest.identity;
+            let seen = match last {
+                Some((i, v)) if i == identity => v,
+                _ => {
+                    let v = verdict(identity);
+                    last = Some((identity, v));
+                    v
+                }
+            };
             let instead;
-            let message =
-                match m
-                    .interest
-                    .decide(event, verdict(&m.interest.identity), &record, &old_record)
-                {
-                    Decision::Send => message,
-                    Decision::SendInstead(payload) => {
-                        instead = instead_frame(&self.room_id, payload);
-                        &instead
-                    }
-                    Decision::Skip => continue,
-                };
-            match m.socket.offer_deferred(message, &mut m.pending) {
+            let message = match m.interest.decide(event, seen, &record, &old_record) {
+                Decision::Send => message,
+                Decision::SendInstead(payload) => {
+                    instead = instead_frame(&self.room_id, payload);
+                    &instead
+                }
+                Decision::Skip => continue,
+            };
+            match m.socket.offer_deferred(message, &mut m.pending, slice) {
                 Offer::Queued => n += 1,
                 Offer::Full => {
                     // What it was offered before goes first, then the catch-up.

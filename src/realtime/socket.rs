@@ -143,16 +143,31 @@ impl CutOff {
 /// (one channel operation per socket for a room's slice of events, not one per event).
 pub(super) enum Outgoing {
     One(Message),
-    Many(Vec<Message>),
+    /// Boxed: every slot of the queue is the size of one message.
+    Many(Box<Vec<Message>>),
 }
 
 impl Outgoing {
-    fn messages(self) -> std::iter::Chain<std::option::IntoIter<Message>, std::vec::IntoIter<Message>> {
+    fn messages(
+        self,
+    ) -> std::iter::Chain<std::option::IntoIter<Message>, std::vec::IntoIter<Message>> {
         match self {
             Outgoing::One(m) => Some(m).into_iter().chain(Vec::new()),
-            Outgoing::Many(v) => None.into_iter().chain(v),
+            Outgoing::Many(v) => None.into_iter().chain(*v),
         }
     }
+}
+
+/// The live events a room offered a socket during its current slice, not queued yet (see
+/// [`SocketShared::offer_deferred`]).
+#[derive(Default)]
+pub(super) struct Pending {
+    messages: Vec<Message>,
+    /// Their bytes.
+    bytes: usize,
+    /// The socket's queued bytes when the slice's first event was offered (the writer only
+    /// takes from it meanwhile: a bound from above).
+    queued: usize,
 }
 
 /// What became of a live event offered to a socket.
@@ -228,40 +243,45 @@ impl SocketShared {
         }
     }
 
-    /// [`SocketShared::offer`] into `pending` (counted as queued at once) rather than into the
-    /// queue: [`SocketShared::send_pending`] hands them over together, before anything else
-    /// can be queued for this socket by the room (the room's lock is held in between).
-    pub(super) fn offer_deferred(&self, msg: &Message, pending: &mut Vec<Message>) -> Offer {
-        if self.tx.is_closed() || self.close.fired() {
-            return Offer::Gone;
+    /// [`SocketShared::offer`] into `pending` rather than into the queue:
+    /// [`SocketShared::send_pending`] hands them over together, before anything else can be
+    /// queued for this socket by the room (the room's lock is held in between). The socket's
+    /// shared state (closed, queued bytes) is read once per slice, at its first event, not
+    /// once per event: those are cache lines the socket's writer keeps writing. `slice` is how
+    /// many events the slice has (room for them is made at the first).
+    pub(super) fn offer_deferred(
+        &self,
+        msg: &Message,
+        pending: &mut Pending,
+        slice: usize,
+    ) -> Offer {
+        if pending.messages.is_empty() {
+            if self.tx.is_closed() || self.close.fired() {
+                return Offer::Gone;
+            }
+            pending.queued = self.queued.load(Ordering::Acquire);
+            pending.messages.reserve(slice);
         }
-        let queued = self.queued.load(Ordering::Acquire);
+        let queued = pending.queued + pending.bytes;
         if queued > 0 && queued + msg.len() > self.limit {
             return Offer::Full;
         }
-        self.queued.fetch_add(msg.len(), Ordering::AcqRel);
-        pending.push(msg.clone());
+        pending.bytes += msg.len();
+        pending.messages.push(msg.clone());
         Offer::Queued
     }
 
     /// Queues what [`SocketShared::offer_deferred`] collected, in one channel operation.
-    pub(super) fn send_pending(&self, pending: &mut Vec<Message>) {
-        match pending.len() {
+    pub(super) fn send_pending(&self, pending: &mut Pending) {
+        let bytes = std::mem::take(&mut pending.bytes);
+        let out = match pending.messages.len() {
             0 => return,
-            1 => {
-                let m = pending.pop().expect("one");
-                let len = m.len();
-                if self.tx.send(Outgoing::One(m)).is_err() {
-                    self.queued.fetch_sub(len, Ordering::AcqRel);
-                }
-                return;
-            }
-            _ => {}
-        }
-        let messages = std::mem::take(pending);
-        let len: usize = messages.iter().map(Message::len).sum();
-        if self.tx.send(Outgoing::Many(messages)).is_err() {
-            self.queued.fetch_sub(len, Ordering::AcqRel);
+            1 => Outgoing::One(pending.messages.pop().expect("one")),
+            _ => Outgoing::Many(Box::new(std::mem::take(&mut pending.messages))),
+        };
+        self.queued.fetch_add(bytes, Ordering::AcqRel);
+        if self.tx.send(out).is_err() {
+            self.queued.fetch_sub(bytes, Ordering::AcqRel);
         }
     }
 
@@ -579,13 +599,17 @@ impl Realtime {
                     } else {
                         "idle timeout"
                     };
-                    let _ = shared.tx.send(Outgoing::One(close_frame(CloseCode::Away, reason)));
+                    let _ = shared
+                        .tx
+                        .send(Outgoing::One(close_frame(CloseCode::Away, reason)));
                     break;
                 }
                 Ok(Some(Err(WsError::Capacity(e)))) => {
                     // Over MAX_MESSAGE: say so with 1009 (RFC 6455 §7.4.1) before closing.
                     let reason = format!("message too big: {e}");
-                    let _ = shared.tx.send(Outgoing::One(close_frame(CloseCode::Size, &reason)));
+                    let _ = shared
+                        .tx
+                        .send(Outgoing::One(close_frame(CloseCode::Size, &reason)));
                     break;
                 }
                 Ok(None) | Ok(Some(Err(_))) => break,

@@ -316,7 +316,7 @@ impl Realtime {
                     identity,
                 }),
                 catching_up: None,
-                pending: Vec::new(),
+                pending: Default::default(),
                 user,
                 key,
                 anonymous,

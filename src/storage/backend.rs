@@ -282,6 +282,15 @@ impl Backend {
         self.store().rename(from, to).await.map_err(unavailable)
     }
 
+    /// The size of the object stored at `key`, if there is one.
+    pub async fn object_size(&self, key: &str) -> Result<Option<u64>, StorageError> {
+        match self.store().head(&path_of(key)).await {
+            Ok(meta) => Ok(Some(meta.size)),
+            Err(object_store::Error::NotFound { .. }) => Ok(None),
+            Err(e) => Err(unavailable(e)),
+        }
+    }
+
     /// Whether an object is stored at `path`.
     async fn exists(&self, path: &Path) -> Result<bool, StorageError> {
         match self.store().head(path).await {
@@ -328,7 +337,9 @@ impl Backend {
         let from_path = store
             .path_to_filesystem(&path_of(from))
             .map_err(unavailable)?;
-        let to_path = store.path_to_filesystem(&path_of(to)).map_err(unavailable)?;
+        let to_path = store
+            .path_to_filesystem(&path_of(to))
+            .map_err(unavailable)?;
         let root = root.clone();
         tokio::task::spawn_blocking(move || -> std::io::Result<()> {
             if !to_path.starts_with(&root) || !from_path.starts_with(&root) {
@@ -509,9 +520,7 @@ fn sync_dirs(path: &std::path::Path, root: &std::path::Path) -> std::io::Result<
 
 /// A local object's file, its size and its first [`READ_CHUNK`] bytes (fewer for a smaller
 /// file); `None` if there is no such file (a directory is none either).
-fn open_local(
-    path: &std::path::Path,
-) -> std::io::Result<Option<(std::fs::File, u64, Vec<u8>)>> {
+fn open_local(path: &std::path::Path) -> std::io::Result<Option<(std::fs::File, u64, Vec<u8>)>> {
     use std::io::Read;
     let mut file = match std::fs::File::open(path) {
         Ok(f) => f,

@@ -263,8 +263,11 @@ impl Storage {
         result
     }
 
-    /// Makes the staged bytes durable while it reserves the row (at the same time: neither
-    /// waits for the other), moves the staged object into place, then records its size.
+    /// Makes the staged bytes durable while it reserves the row durably (at the same time:
+    /// neither waits for the other), moves the staged object into place and makes the move
+    /// durable, then lists the file ([`control::files::record`], which need not wait for its
+    /// WAL flush: the reservation already says what the file is, see
+    /// [`control::files::reserve`]).
     async fn commit_upload(
         &self,
         project_id: &str,
@@ -295,6 +298,8 @@ impl Storage {
             name: &name,
             s3_key: &key,
             content_type: &staged.content_type,
+            size: staged.size as i64,
+            staged: &staged.key,
             token: &token,
         };
         let reserve = async {
@@ -349,15 +354,13 @@ impl Storage {
                 return Err(e);
             }
         }
-        let size = staged.size as i64;
-        let file =
-            control::files::record(&client, &reserved.id, &token, size, &staged.content_type)
-                .await?
-                .ok_or_else(|| anyhow::anyhow!("upload reservation {} vanished", reserved.id))?;
+        let file = control::files::record(&client, &reserved.id, &token, &staged.key)
+            .await?
+            .ok_or_else(|| anyhow::anyhow!("upload reservation {} vanished", reserved.id))?;
         self.metrics
             .storage_uploaded_bytes
             .fetch_add(staged.size, std::sync::atomic::Ordering::Relaxed);
-        tracing::info!(project_id, file = %reserved.id, key, size, "file uploaded");
+        tracing::info!(project_id, file = %reserved.id, key, size = staged.size, "file uploaded");
         Ok(Uploaded {
             file,
             created: reserved.new,
