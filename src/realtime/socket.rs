@@ -248,19 +248,23 @@ impl SocketShared {
     /// queued for this socket by the room (the room's lock is held in between). The socket's
     /// shared state (closed, queued bytes) is read once per slice, at its first event, not
     /// once per event: those are cache lines the socket's writer keeps writing. `slice` is how
-    /// many events the slice has (room for them is made at the first).
+    /// many events the slice has (room for them is made at the second).
     pub(super) fn offer_deferred(
         &self,
         msg: &Message,
         pending: &mut Pending,
         slice: usize,
     ) -> Offer {
-        if pending.messages.is_empty() {
-            if self.tx.is_closed() || self.close.fired() {
-                return Offer::Gone;
+        match pending.messages.len() {
+            0 => {
+                if self.tx.is_closed() || self.close.fired() {
+                    return Offer::Gone;
+                }
+                pending.queued = self.queued.load(Ordering::Acquire);
             }
-            pending.queued = self.queued.load(Ordering::Acquire);
-            pending.messages.reserve(slice);
+            // A second event: room for the slice (a lone event allocates nothing).
+            1 => pending.messages.reserve(slice.saturating_sub(1)),
+            _ => {}
         }
         let queued = pending.queued + pending.bytes;
         if queued > 0 && queued + msg.len() > self.limit {
@@ -276,7 +280,8 @@ impl SocketShared {
         let bytes = std::mem::take(&mut pending.bytes);
         let out = match pending.messages.len() {
             0 => return,
-            1 => Outgoing::One(pending.messages.pop().expect("one")),
+            // Taken with its buffer: a socket keeps no allocation between slices.
+            1 => Outgoing::One(std::mem::take(&mut pending.messages).pop().expect("one")),
             _ => Outgoing::Many(Box::new(std::mem::take(&mut pending.messages))),
         };
         self.queued.fetch_add(bytes, Ordering::AcqRel);
