@@ -144,7 +144,7 @@ impl CutOff {
 pub(super) enum Outgoing {
     One(Message),
     /// Boxed: every slot of the queue is the size of one message.
-    Many(Box<Vec<Message>>),
+    Many(Box<[Message]>),
 }
 
 impl Outgoing {
@@ -153,7 +153,7 @@ impl Outgoing {
     ) -> std::iter::Chain<std::option::IntoIter<Message>, std::vec::IntoIter<Message>> {
         match self {
             Outgoing::One(m) => Some(m).into_iter().chain(Vec::new()),
-            Outgoing::Many(v) => None.into_iter().chain(*v),
+            Outgoing::Many(v) => None.into_iter().chain(Vec::from(v)),
         }
     }
 }
@@ -282,7 +282,7 @@ impl SocketShared {
             0 => return,
             // Taken with its buffer: a socket keeps no allocation between slices.
             1 => Outgoing::One(std::mem::take(&mut pending.messages).pop().expect("one")),
-            _ => Outgoing::Many(Box::new(std::mem::take(&mut pending.messages))),
+            _ => Outgoing::Many(std::mem::take(&mut pending.messages).into_boxed_slice()),
         };
         self.queued.fetch_add(bytes, Ordering::AcqRel);
         if self.tx.send(out).is_err() {
