@@ -62,6 +62,9 @@ use postgres_protocol::IsNull;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tracing::debug;
 
+mod cached;
+pub use cached::MAX_CACHED_STATEMENTS;
+
 /// PostgreSQL never sends a message larger than this (`MaxAllocSize`); a larger length means the
 /// stream is corrupt, and refusing it keeps a bogus header from reserving gigabytes.
 const MAX_MESSAGE_LEN: usize = 1 << 30;
@@ -444,6 +447,10 @@ pub struct Connection {
     max_result_bytes: usize,
     /// A DataRow was skipped since the result builder last looked.
     skipped_row: bool,
+    /// Statements prepared under names of their own (see [`Connection::query_cached`]).
+    cached: cached::StatementCache,
+    /// The reset run between uses of the session (see [`Connection::set_session_reset`]).
+    reset: Option<cached::SessionReset>,
 }
 
 impl fmt::Debug for Connection {
@@ -483,6 +490,8 @@ impl Connection {
             prelude: Vec::new(),
             max_result_bytes: usize::MAX,
             skipped_row: false,
+            cached: cached::StatementCache::default(),
+            reset: None,
         };
         let params = startup_parameters(cfg);
         conn.transport.encode(|buf| {
@@ -641,6 +650,7 @@ impl Connection {
                 },
                 Message::CommandComplete(body) => {
                     let tag = body.tag().map_err(|e| self.fail(WireError::protocol(e)))?;
+                    self.saw_tag(tag);
                     let mut builder = current
                         .take()
                         .unwrap_or_else(|| ResultBuilder::new(Vec::new(), 0, 0));
@@ -831,6 +841,7 @@ impl Connection {
                 }
                 Message::CommandComplete(body) => {
                     let tag = body.tag().map_err(|e| self.fail(WireError::protocol(e)))?;
+                    self.saw_tag(tag);
                     if self.take_skipped_row() {
                         builder.truncated = true;
                     }
@@ -880,17 +891,21 @@ impl Connection {
         &mut self,
         encode: impl FnOnce(&mut BytesMut) -> Result<(), E>,
     ) -> Result<usize, WireError> {
-        let prelude = std::mem::take(&mut self.prelude);
+        let mut prelude = std::mem::take(&mut self.prelude);
+        let reset = self.due_reset_query();
+        if let Some(call) = &reset {
+            prelude.insert(0, call.clone());
+        }
         for sql in &prelude {
             if let Err(e) = self.transport.encode(|buf| frontend::query(sql, buf)) {
                 self.transport.write_buf.clear();
-                self.prelude = prelude;
+                self.prelude = prelude.split_off(usize::from(reset.is_some()));
                 return Err(e);
             }
         }
         if let Err(e) = self.transport.encode(encode) {
             self.transport.write_buf.clear();
-            self.prelude = prelude;
+            self.prelude = prelude.split_off(usize::from(reset.is_some()));
             return Err(e);
         }
         Ok(prelude.len())
@@ -922,7 +937,11 @@ impl Connection {
                     e.message
                 )))
             }
-            None => Ok(()),
+            None => {
+                // A due session reset went first among them.
+                self.reset_done();
+                Ok(())
+            }
         }
     }
 

@@ -118,7 +118,7 @@ impl ApiError {
         let request_id = || {
             request_id
                 .map(str::to_string)
-                .unwrap_or_else(crate::secrets::random_hex::<8>)
+                .unwrap_or_else(crate::api::fresh_request_id)
         };
         match self {
             ApiError::Refused { sqlstate, .. } => {

@@ -44,6 +44,11 @@ pub const PROJECT_MIGRATIONS: &[(i32, &str, &str)] = &[
         "catalog_privacy",
         include_str!("../../sql/project/0009_catalog_privacy.sql"),
     ),
+    (
+        10,
+        "session_reset",
+        include_str!("../../sql/project/0010_session_reset.sql"),
+    ),
 ];
 
 /// The latest bootstrap version.

@@ -39,8 +39,9 @@
 //!   prelude in the same write as the caller's SQL (no round trip of its own), for readers of
 //!   `current_setting` (the guide's `SET LOCAL fluxbase.auth_uid`). It is set for the session
 //!   rather than `LOCAL`: a script may `COMMIT` and go on, and a single `VACUUM` or `CREATE INDEX
-//!   CONCURRENTLY` must stay outside any transaction block; `DISCARD ALL` before the
-//!   connection's next use clears it. It is informational only: `auth.uid()` reads the row.
+//!   CONCURRENTLY` must stay outside any transaction block; the session reset before the
+//!   connection's next use (`auth.reset_session()`: `RESET ALL`) clears it. It is
+//!   informational only: `auth.uid()` reads the row.
 //!
 //! A backend that never called `set_uid` but reuses the pid of a gone one could see that one's
 

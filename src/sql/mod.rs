@@ -11,9 +11,12 @@
 //! parameter's type and the JSON value is converted to that type's text input.
 //!
 //! Connections log in as `fx_<project>_<role>`: never a superuser, never a role that can
-//! `SET ROLE` to a stronger one. After each request the connection is reset (`ROLLBACK` if a
-//! transaction was left open, then `DISCARD ALL`) off the response path; one that cannot be reset
-//! is dropped. A statement that outlives `statement_timeout` (which the caller could lower or
+//! `SET ROLE` to a stronger one. After each request the connection is reset: `ROLLBACK` if a
+//! transaction was left open, off the response path, then `auth.reset_session()` (what
+//! `DISCARD ALL` resets but the statements the connection keeps prepared), which travels with
+//! the next request's statement, in its transaction; one that cannot be reset is dropped. A
+//! statement with `params` that PostgreSQL has seen in this project before runs prepared under
+//! a name of its own on the connection (Bind + Execute only). A statement that outlives `statement_timeout` (which the caller could lower or
 //! disable with `SET`) is cancelled by the server side guard here as well.
 //!
 //! One job per file:

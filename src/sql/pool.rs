@@ -65,8 +65,10 @@ impl managed::Manager for WireManager {
     type Error = PoolFailure;
 
     async fn create(&self) -> Result<PooledConnection, PoolFailure> {
+        let mut conn = self.login.connect(&self.cfg).await?;
+        conn.set_session_reset(SESSION_RESET_IN_PIPELINE, SESSION_RESET_ALONE);
         Ok(PooledConnection {
-            conn: self.login.connect(&self.cfg).await?,
+            conn,
             identity: crate::rls::KnownIdentity::Unknown,
         })
     }
@@ -376,8 +378,15 @@ impl std::ops::DerefMut for Checkout {
     }
 }
 
-/// Returns the connection to its pool with a reset queued: `DISCARD ALL` travels in the same
-/// write as the next request's query. A transaction left open is rolled back first, here.
+/// The reset between two requests on a connection: what `DISCARD ALL` resets but the
+/// statements the connection keeps prepared (sql/project/0010_session_reset.sql), inside the
+/// next statement's transaction, or on its own.
+const SESSION_RESET_IN_PIPELINE: &str = "SELECT auth.reset_session(false)";
+const SESSION_RESET_ALONE: &str = "SELECT auth.reset_session(true)";
+
+/// Returns the connection to its pool with a session reset due: it runs in the same round trip
+/// as the next request's statement (see [`fluxbase_replication::wire::Connection::query_cached`]).
+/// A transaction left open is rolled back first, here.
 pub fn release(conn: Checkout) {
     let Checkout {
         mut conn,
@@ -389,7 +398,7 @@ pub fn release(conn: Checkout) {
         return;
     }
     if conn.transaction_status() == TransactionStatus::Idle {
-        conn.queue_prelude("DISCARD ALL");
+        conn.reset_session();
         drop(conn);
         // Requests waiting on the budget may close it now.
         budget.idle.notify_waiters();
@@ -401,7 +410,7 @@ pub fn release(conn: Checkout) {
             let _ = Object::take(conn);
             return;
         }
-        conn.queue_prelude("DISCARD ALL");
+        conn.reset_session();
         drop(conn);
         budget.idle.notify_waiters();
     });

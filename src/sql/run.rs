@@ -199,7 +199,12 @@ async fn run_with_params(
         .filter(|t| t.len() == params.len())
     {
         let texts = params_to_text(params, &known, types)?;
-        match conn.query_oneshot(&req.query, &texts, max_rows).await {
+        let outcome = if runs_in_a_transaction(&req.query) {
+            conn.query_cached(&req.query, &texts, max_rows).await
+        } else {
+            conn.query_oneshot(&req.query, &texts, max_rows).await
+        };
+        match outcome {
             Err(WireError::Db(e)) if e.phase == Phase::Bind => statements.forget(&req.query),
             other => return Ok(other?),
         }
@@ -214,6 +219,37 @@ async fn run_with_params(
             Ok(other?)
         }
     }
+}
+
+/// Whether `sql` starts (after blanks and comments) with a keyword of a statement that may run
+/// inside a transaction block, as [`Connection::query_cached`] runs it (with the session reset
+/// before it): a query or DML. Anything else (VACUUM, CALL, BEGIN, DDL, ...) takes the unnamed
+/// statement, with the reset as a Query of its own.
+fn runs_in_a_transaction(sql: &str) -> bool {
+    let mut rest = sql;
+    loop {
+        rest = rest.trim_start();
+        if let Some(after) = rest.strip_prefix("--") {
+            rest = after.split_once('\n').map_or("", |(_, r)| r);
+        } else if rest.starts_with("/*") {
+            // Nested comments are legal in PostgreSQL: anything unusual is simply not cached.
+            match rest[2..].split_once("*/") {
+                Some((inside, r)) if !inside.contains("/*") => rest = r,
+                _ => return false,
+            }
+        } else {
+            break;
+        }
+    }
+    let word: String = rest
+        .chars()
+        .take_while(|c| c.is_ascii_alphabetic())
+        .collect::<String>()
+        .to_ascii_uppercase();
+    matches!(
+        word.as_str(),
+        "SELECT" | "WITH" | "INSERT" | "UPDATE" | "DELETE" | "VALUES" | "TABLE"
+    )
 }
 
 /// JSON parameters as text input for the types PostgreSQL inferred (text for extra ones, which
@@ -259,6 +295,35 @@ fn bind_failure(e: Box<DbError>) -> SqlFailure {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_queries_and_dml_run_as_cached_statements() {
+        for sql in [
+            "SELECT 1",
+            "  select $1::int",
+            "-- note\nWITH x AS (SELECT 1) SELECT * FROM x",
+            "/* c */ INSERT INTO t VALUES ($1)",
+            "update t set a = $1",
+            "DELETE FROM t WHERE id = $1",
+            "VALUES ($1)",
+            "TABLE t",
+        ] {
+            assert!(runs_in_a_transaction(sql), "{sql}");
+        }
+        for sql in [
+            "VACUUM t",
+            "CALL p($1)",
+            "BEGIN",
+            "CREATE INDEX CONCURRENTLY i ON t (a)",
+            "/* /* nested */ */ SELECT 1",
+            "/* unterminated SELECT 1",
+            "SELECTX",
+            "",
+            "DISCARD ALL",
+        ] {
+            assert!(!runs_in_a_transaction(sql), "{sql}");
+        }
+    }
 
     #[test]
     fn bind_errors_name_the_parameter() {

@@ -810,3 +810,119 @@ async fn sessions_have_their_own_request_budget() {
     );
     assert_eq!(by_session[8..], [429, 429], "{by_session:?}");
 }
+
+/// Statements with `params` run prepared under names of their own on the connection, and the
+/// session reset that runs before each (in the same round trip, `auth.reset_session()`) leaves
+/// nothing of one request to the next: settings, advisory locks, WITH HOLD cursors, SQL-level
+/// prepared statements, LISTEN, temporary tables and sequence state, also when made inside a
+/// function, where no command tag shows them.
+#[tokio::test]
+async fn cached_statements_carry_no_session_state_between_requests() {
+    let app = spawn_app_with(|c| c.pool_size = 1).await;
+    let f = app.fixture().await;
+    app.rows(
+        &f.admin,
+        &f.project,
+        "CREATE SEQUENCE seq;
+         CREATE TABLE shape (id int PRIMARY KEY, a text);
+         INSERT INTO shape VALUES (1, 'x');
+         CREATE FUNCTION leave_state() RETURNS int LANGUAGE plpgsql AS $$
+         BEGIN
+             EXECUTE 'DECLARE leak CURSOR WITH HOLD FOR SELECT 42';
+             EXECUTE 'PREPARE leak_stmt AS SELECT 1';
+             EXECUTE 'LISTEN leak_channel';
+             EXECUTE 'CREATE TEMP TABLE leak_tmp AS SELECT 1 AS x';
+             PERFORM set_config('app.secret', 'alice''s', false);
+             PERFORM set_config('search_path', 'nowhere', false);
+             PERFORM pg_advisory_lock(4711);
+             PERFORM nextval('public.seq');
+             RETURN 1;
+         END $$;
+         CREATE FUNCTION deallocate_everything() RETURNS int LANGUAGE plpgsql AS $$
+         BEGIN EXECUTE 'DEALLOCATE ALL'; RETURN 1; END $$;
+         GRANT SELECT ON shape TO PUBLIC",
+    )
+    .await;
+    let run = |query: &'static str| {
+        let (app, f) = (&app, &f);
+        async move {
+            let body = app
+                .sql_params(&f.admin, &f.project, query, json!([1]))
+                .await;
+            assert_eq!(body["success"], true, "{query}: {body}");
+            body["result"]["rows"][0].clone()
+        }
+    };
+    const LEAVE: &str = "SELECT public.leave_state() AS done WHERE $1::int = 1";
+    const PROBE: &str = "SELECT current_setting('app.secret', true) AS secret,
+        current_setting('search_path') AS path,
+        pg_advisory_unlock(4711) AS held,
+        (SELECT count(*) FROM pg_cursors WHERE is_holdable) AS cursors,
+        (SELECT count(*) FROM pg_prepared_statements WHERE from_sql) AS sql_prepared,
+        (SELECT count(*) FROM pg_prepared_statements WHERE NOT from_sql) AS kept,
+        (SELECT count(*) FROM pg_listening_channels()) AS listening,
+        to_regclass('pg_temp.leak_tmp') IS NULL AS no_tmp
+        WHERE $1::int = 1";
+    // Twice each, so that the second run of each goes through the connection's own statement.
+    for round in 0..3 {
+        assert_eq!(run(LEAVE).await, json!({ "done": 1 }));
+        let probe = run(PROBE).await;
+        assert_ne!(probe["secret"], "alice's", "{probe}");
+        assert_eq!(probe["path"], "\"$user\", public", "{probe}");
+        assert_eq!(probe["held"], false, "{probe}");
+        for zero in ["cursors", "sql_prepared", "listening"] {
+            assert_eq!(probe[zero], 0, "{zero}: {probe}");
+        }
+        assert_eq!(probe["no_tmp"], true, "{probe}");
+        // From the second round on, the statements are kept: the reset does not drop them.
+        if round > 0 {
+            assert!(probe["kept"].as_i64().unwrap() >= 2, "{probe}");
+        }
+    }
+    // currval/lastval state is gone as well.
+    let body = app
+        .sql_params(
+            &f.admin,
+            &f.project,
+            "SELECT lastval() AS v WHERE $1::int = 1",
+            json!([1]),
+        )
+        .await;
+    assert_eq!(body["success"], false, "{body}");
+    assert_eq!(body["error"]["details"], "ERROR:  55000", "{body}");
+
+    // The caller's SQL drops every prepared statement (from a function: no command tag shows
+    // it): the next cached run prepares again and answers.
+    const SHAPE: &str = "SELECT * FROM shape WHERE id = $1";
+    assert_eq!(run(SHAPE).await, json!({ "id": 1, "a": "x" }));
+    assert_eq!(run(SHAPE).await, json!({ "id": 1, "a": "x" }));
+    run("SELECT public.deallocate_everything() AS d WHERE $1::int = 1").await;
+    assert_eq!(run(SHAPE).await, json!({ "id": 1, "a": "x" }));
+    assert_eq!(run(PROBE).await["secret"], json!(""));
+    // DDL changes the statement's result type: it is prepared again, not answered stale.
+    app.rows(
+        &f.admin,
+        &f.project,
+        "ALTER TABLE shape ADD COLUMN b int DEFAULT 7",
+    )
+    .await;
+    assert_eq!(run(SHAPE).await, json!({ "id": 1, "a": "x", "b": 7 }));
+    // And a script's DISCARD ALL between two cached runs.
+    app.rows(&f.admin, &f.project, "DISCARD ALL").await;
+    assert_eq!(run(SHAPE).await, json!({ "id": 1, "a": "x", "b": 7 }));
+    // A failing statement in the same round trip as the reset leaves the connection usable
+    // and the next request still reset.
+    run(LEAVE).await;
+    let body = app
+        .sql_params(
+            &f.admin,
+            &f.project,
+            "SELECT 1 / ($1::int - 1) AS boom",
+            json!([1]),
+        )
+        .await;
+    assert_eq!(body["success"], false, "{body}");
+    let probe = run(PROBE).await;
+    assert_eq!(probe["held"], false, "{probe}");
+    assert_eq!(probe["path"], "\"$user\", public", "{probe}");
+}

@@ -1589,3 +1589,40 @@ async fn near_misses_of_scope_and_auth_uid_are_refused() {
         "{body}"
     );
 }
+
+/// A statement with `params` kept prepared on the connection (and planned generically after a
+/// few runs) still answers for each request's own end user: alternating identities on one
+/// connection, each sees only its rows and its `fluxbase.auth_uid`, on every run.
+#[tokio::test]
+async fn kept_statements_answer_for_each_requests_own_identity() {
+    let app = spawn_app_with(|c| c.pool_size = 1).await;
+    let f = app.fixture().await;
+    posts(&app, &f).await;
+    app.policy(&f, "posts", "own rows", "ALL", "user_id = auth.uid()")
+        .await;
+    let q = "SELECT body, current_setting('fluxbase.auth_uid', true) AS setting
+             FROM posts WHERE id > $1 ORDER BY body";
+    for run in 0..12 {
+        for (uid, expected) in [("alice", vec!["a1", "a2"]), ("bob", vec!["b1"])] {
+            let (status, body) = app
+                .call(
+                    "POST",
+                    "/api/execute-sql",
+                    Some(&f.read),
+                    Some(json!({ "projectId": f.project, "query": q, "params": [0], "authUid": uid })),
+                )
+                .await;
+            assert_eq!(status, 200, "{body}");
+            assert_eq!(body["success"], true, "{body}");
+            let rows = body["result"]["rows"].as_array().unwrap();
+            assert_eq!(bodies(rows), expected, "run {run} as {uid}");
+            assert!(
+                rows.iter().all(|r| r["setting"] == uid),
+                "run {run}: {body}"
+            );
+        }
+    }
+    // No identity: no rows and no setting left from the last request.
+    let body = app.sql_params(&f.read, &f.project, q, json!([0])).await;
+    assert_eq!(body["result"]["rows"], json!([]), "{body}");
+}
