@@ -49,6 +49,11 @@ pub const CONTROL_MIGRATIONS: &[(i32, &str, &str)] = &[
         "webhook_ordering",
         include_str!("../sql/control/0010_webhook_ordering.sql"),
     ),
+    (
+        12,
+        "storage_upload_pending",
+        include_str!("../sql/control/0012_storage_upload_pending.sql"),
+    ),
 ];
 
 /// Where the project databases live and how the server reaches the cluster as its admin role.

@@ -212,6 +212,10 @@ pub struct Reservation<'a> {
     pub name: &'a str,
     pub s3_key: &'a str,
     pub content_type: &'a str,
+    /// The file's size once it is in place.
+    pub size: i64,
+    /// Where its bytes are staged until they are moved to `s3_key`.
+    pub staged: &'a str,
     /// Proves the reservation is this upload's (only its holder finishes or releases it).
     pub token: &'a str,
 }
@@ -225,15 +229,16 @@ pub struct Reserved {
 }
 
 /// Reserves the row of an upload (`size IS NULL` for a new file; an existing file keeps its
-/// row, listed, with the token set). Without `upsert` an existing name fails with
-/// `unique_violation`; with it, `None` when another upload or a delete holds the file. A
-/// deleted bucket fails with `foreign_key_violation`.
+/// row, listed, with the token set), with what the file will be (`upload_size`,
+/// `upload_content_type`) and where it is staged (`upload_staged`). Without `upsert` an existing
+/// name fails with `unique_violation`; with it, `None` when another upload or a delete holds the
+/// file. A deleted bucket fails with `foreign_key_violation`.
 ///
-/// The reservation need not wait for its WAL flush: the final UPDATE ([`record`]) is
-/// synchronous and comes later in the WAL, so a crash never keeps a stored file whose
-/// reservation was lost; at worst it loses the reservation of an unfinished upload. Its
-/// transaction is pipelined (one round trip): the three requests are sent before any answer is
-/// read, and a failed INSERT turns the COMMIT into a rollback.
+/// The reservation is committed durably (its WAL flushed) before it returns, and the object
+/// is moved into place only after that: so [`record`] need not wait for its own WAL flush (a
+/// crash that loses it leaves a reservation the start-up sweep finishes, [`pending`]). The
+/// transaction is pipelined (one round trip): the three requests are sent before any answer
+/// is read, and a failed INSERT turns the COMMIT into a rollback.
 pub async fn reserve(
     client: &deadpool_postgres::Client,
     r: &Reservation<'_>,
@@ -242,22 +247,27 @@ pub async fn reserve(
     let insert = client
         .prepare_cached(if upsert {
             "INSERT INTO fluxbase.storage_files
-               (project_id, bucket_id, name, s3_key, content_type, upload_token, upload_started_at)
-             VALUES ($1, $2::text::uuid, $3, $4, $5, $6, now())
+               (project_id, bucket_id, name, s3_key, content_type, upload_token, upload_started_at,
+                upload_size, upload_content_type, upload_staged)
+             VALUES ($1, $2::text::uuid, $3, $4, $5, $6, now(), $7, $5, $8)
              ON CONFLICT (bucket_id, name) DO UPDATE
-               SET upload_token = EXCLUDED.upload_token, upload_started_at = now()
+               SET upload_token = EXCLUDED.upload_token, upload_started_at = now(),
+                   upload_size = EXCLUDED.upload_size,
+                   upload_content_type = EXCLUDED.upload_content_type,
+                   upload_staged = EXCLUDED.upload_staged
                WHERE storage_files.upload_token IS NULL AND storage_files.deleting_at IS NULL
              RETURNING id::text, size IS NULL"
         } else {
             "INSERT INTO fluxbase.storage_files
-               (project_id, bucket_id, name, s3_key, content_type, upload_token, upload_started_at)
-             VALUES ($1, $2::text::uuid, $3, $4, $5, $6, now())
+               (project_id, bucket_id, name, s3_key, content_type, upload_token, upload_started_at,
+                upload_size, upload_content_type, upload_staged)
+             VALUES ($1, $2::text::uuid, $3, $4, $5, $6, now(), $7, $5, $8)
              RETURNING id::text, true"
         })
         .await?;
     let pg: &tokio_postgres::Client = client;
     let (begun, inserted, committed) = futures_util::future::join3(
-        pg.batch_execute("BEGIN; SET LOCAL synchronous_commit = off"),
+        pg.batch_execute("BEGIN"),
         pg.query_opt(
             &insert,
             &[
@@ -267,6 +277,8 @@ pub async fn reserve(
                 &r.s3_key,
                 &r.content_type,
                 &r.token,
+                &r.size,
+                &r.staged,
             ],
         ),
         pg.batch_execute("COMMIT"),
@@ -290,35 +302,103 @@ pub async fn release(
     let sql = if reserved.new {
         "DELETE FROM fluxbase.storage_files WHERE id = $1::text::uuid AND upload_token = $2"
     } else {
-        "UPDATE fluxbase.storage_files SET upload_token = NULL, upload_started_at = NULL
+        "UPDATE fluxbase.storage_files SET upload_token = NULL, upload_started_at = NULL,
+           upload_size = NULL, upload_content_type = NULL, upload_staged = NULL
          WHERE id = $1::text::uuid AND upload_token = $2"
     };
     client.execute(sql, &[&reserved.id, &token]).await?;
     Ok(())
 }
 
-/// Finishes a reservation: the file's size and type are written and it is listed. `None` if
-/// the reservation is gone.
+/// Finishes a reservation once its object is in place: the reserved size and type are written
+/// and the file is listed. `None` if the reservation is gone. A reservation the start-up sweep
+/// finished meanwhile ([`complete`]; cluster mode: another node's restart) is recognised by its
+/// staging key and counts as finished.
+///
+/// Its commit does not wait for the WAL flush (`synchronous_commit = off`, pipelined in one
+/// round trip): the reservation, durable already, carries everything it writes, and the
+/// object is durably in place before this runs, so a crash that loses it is finished by the
+/// sweep ([`reserve`]).
 pub async fn record(
-    client: &impl GenericClient,
+    client: &deadpool_postgres::Client,
     id: &str,
     token: &str,
-    size: i64,
-    content_type: &str,
+    staged: &str,
 ) -> Result<Option<StoredFile>, Error> {
     let statement = client
         .prepare_cached(&format!(
             "WITH f AS (
-               UPDATE fluxbase.storage_files SET size = $3, content_type = $4,
-                 upload_token = NULL, upload_started_at = NULL, updated_at = now()
-               WHERE id = $1::text::uuid AND upload_token = $2 RETURNING *)
+               UPDATE fluxbase.storage_files SET size = coalesce(upload_size, size),
+                 content_type = coalesce(upload_content_type, content_type),
+                 upload_token = NULL, upload_started_at = NULL, upload_size = NULL,
+                 upload_content_type = NULL, upload_staged = NULL, updated_at = now()
+               WHERE id = $1::text::uuid AND upload_staged = $3
+                 AND (upload_token = $2 OR upload_token IS NULL)
+               RETURNING *)
              SELECT {COLUMNS} FROM f JOIN fluxbase.storage_buckets b ON b.id = f.bucket_id"
         ))
         .await?;
-    let row = client
-        .query_opt(&statement, &[&id, &token, &size, &content_type])
-        .await?;
+    let pg: &tokio_postgres::Client = client;
+    let (begun, updated, committed) = futures_util::future::join3(
+        pg.batch_execute("BEGIN; SET LOCAL synchronous_commit = off"),
+        pg.query_opt(&statement, &[&id, &token, &staged]),
+        pg.batch_execute("COMMIT"),
+    )
+    .await;
+    begun?;
+    let row = updated?;
+    committed?;
     Ok(row.as_ref().map(StoredFile::from_row))
+}
+
+/// A reservation whose upload had its object staged (see [`reserve`]): what the sweep needs
+/// to tell whether its object was moved into place.
+#[derive(Clone, Debug)]
+pub struct Pending {
+    pub id: String,
+    pub s3_key: String,
+    pub staged: String,
+    pub size: i64,
+}
+
+/// Every held reservation with a staged object.
+pub async fn pending(client: &impl GenericClient) -> Result<Vec<Pending>, Error> {
+    let rows = client
+        .query(
+            "SELECT id::text, s3_key, upload_staged, upload_size FROM fluxbase.storage_files
+             WHERE upload_token IS NOT NULL AND upload_staged IS NOT NULL
+               AND upload_size IS NOT NULL",
+            &[],
+        )
+        .await?;
+    Ok(rows
+        .iter()
+        .map(|r| Pending {
+            id: r.get(0),
+            s3_key: r.get(1),
+            staged: r.get(2),
+            size: r.get(3),
+        })
+        .collect())
+}
+
+/// Finishes a reservation whose object is in place (the sweep, after a crash lost its
+/// [`record`]): the reserved size and type are written and the file is listed. The staging key
+/// stays, so that the upload's own `record` (if it is still running, on another node) finds it
+/// finished.
+pub async fn complete(client: &impl GenericClient, id: &str, staged: &str) -> Result<(), Error> {
+    client
+        .execute(
+            "UPDATE fluxbase.storage_files SET size = upload_size,
+               content_type = coalesce(upload_content_type, content_type),
+               upload_token = NULL, upload_started_at = NULL, upload_size = NULL,
+               upload_content_type = NULL, updated_at = now()
+             WHERE id = $1::text::uuid AND upload_staged = $2 AND upload_token IS NOT NULL
+               AND upload_size IS NOT NULL",
+            &[&id, &staged],
+        )
+        .await?;
+    Ok(())
 }
 
 /// Every file's key, whatever its state.

@@ -164,7 +164,9 @@ impl Realtime {
         }
         let msg = frame("broadcast", &room.room_id, &event);
         // Broadcasts are not row-filtered: every member may see them.
+        state.slice_len = 1;
         let n = room.fan_out(&mut state, &event, &msg, from, |_| Some(&Verdict::Send));
+        state.send_pending();
         drop(state);
         self.delivered.fetch_add(n as u64, Ordering::Relaxed);
         Ok(n)

@@ -36,6 +36,9 @@ pub(super) struct Member {
     /// The login session behind it (a fingerprint; a session, or a token a session obtained):
     /// it ends when that session does.
     pub(super) session: Option<String>,
+    /// Live events offered during the room's current slice, queued together at its end
+    /// ([`RoomState::send_pending`]); empty whenever the room's lock is free.
+    pub(super) pending: super::socket::Pending,
 }
 
 #[derive(Default)]
@@ -45,6 +48,18 @@ pub(super) struct RoomState {
     pub(super) last_id: Option<String>,
     /// Epochs of catch-up tasks (a member's task ends when its epoch is no longer current).
     pub(super) next_epoch: u64,
+    /// Events in the slice being delivered (room is made for them in each member's pending).
+    pub(super) slice_len: usize,
+}
+
+impl RoomState {
+    /// Queues every member's pending events ([`Room::fan_out`]); called before the lock is
+    /// let go.
+    pub(super) fn send_pending(&mut self) {
+        for m in self.members.values_mut() {
+            m.socket.send_pending(&mut m.pending);
+        }
+    }
 }
 
 /// Why a project's room closes; its members get an `error` message with the code.
@@ -214,6 +229,7 @@ impl Room {
             return Err(missing.into_iter().collect());
         }
         let mut history = self.history.lock().expect("poisoned");
+        state.slice_len = events.len();
         for (i, (event, skip)) in events.iter().enumerate() {
             if state
                 .last_id
@@ -254,6 +270,7 @@ impl Room {
             });
             delivered.fetch_add(n as u64, Ordering::Relaxed);
         }
+        state.send_pending();
         if let Some(h) = history.as_mut() {
             // Trimmed from the index now; the files go outside the locks (the pump).
             if let Err(e) = h.flush().and_then(|_| h.trim_later(now_ms)) {
@@ -266,7 +283,8 @@ impl Room {
     /// Hands one stored event to the live members that want it and may see it (`verdict` of
     /// their identity; except `except`); a member whose queue is past its high-water mark
     /// starts catching up from the event before this one instead of being cut off. Returns how
-    /// many got it now.
+    /// many got it now. The events go to the members' `pending` lists: the caller queues them
+    /// ([`RoomState::send_pending`]) before it lets go of the room's lock.
     pub(super) fn fan_out<'v>(
         self: &Arc<Room>,
         state: &mut RoomState,
@@ -281,26 +299,38 @@ impl Room {
         let old_record = || parsed_old.get_or_init(|| parse_row(&event.old)).clone();
         let mut n = 0;
         let mut full = Vec::new();
-        for (id, m) in state.members.iter() {
+        let slice = state.slice_len.max(1);
+        // Members mostly share a few identities: the last one's verdict is reused.
+        let mut last: Option<(&Identity, Option<&'v Verdict>)> = None;
+        for (id, m) in state.members.iter_mut() {
             if m.catching_up.is_some() || Some(*id) == except {
                 continue;
             }
+            let identity = &m.interest.identity;
+            let seen = match last {
+                Some((i, v)) if i == identity => v,
+                _ => {
+                    let v = verdict(identity);
+                    last = Some((identity, v));
+                    v
+                }
+            };
             let instead;
-            let message =
-                match m
-                    .interest
-                    .decide(event, verdict(&m.interest.identity), &record, &old_record)
-                {
-                    Decision::Send => message,
-                    Decision::SendInstead(payload) => {
-                        instead = instead_frame(&self.room_id, payload);
-                        &instead
-                    }
-                    Decision::Skip => continue,
-                };
-            match m.socket.offer(message) {
+            let message = match m.interest.decide(event, seen, &record, &old_record) {
+                Decision::Send => message,
+                Decision::SendInstead(payload) => {
+                    instead = instead_frame(&self.room_id, payload);
+                    &instead
+                }
+                Decision::Skip => continue,
+            };
+            match m.socket.offer_deferred(message, &mut m.pending, slice) {
                 Offer::Queued => n += 1,
-                Offer::Full => full.push(*id),
+                Offer::Full => {
+                    // What it was offered before goes first, then the catch-up.
+                    m.socket.send_pending(&mut m.pending);
+                    full.push(*id)
+                }
                 Offer::Gone => {}
             }
         }

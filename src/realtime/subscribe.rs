@@ -316,6 +316,7 @@ impl Realtime {
                     identity,
                 }),
                 catching_up: None,
+                pending: Default::default(),
                 user,
                 key,
                 anonymous,

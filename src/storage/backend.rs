@@ -82,6 +82,7 @@ pub enum Backend {
     Local {
         store: Arc<LocalFileSystem>,
         root: PathBuf,
+        durable: Arc<DurableDirs>,
     },
     S3 {
         store: Arc<AmazonS3>,
@@ -133,6 +134,7 @@ impl Backend {
                 Ok(Backend::Local {
                     store: Arc::new(store),
                     root,
+                    durable: Default::default(),
                 })
             }
         }
@@ -269,17 +271,27 @@ impl Backend {
     }
 
     async fn rename_path(&self, from: &Path, to: &Path) -> Result<(), StorageError> {
-        if let Backend::Local { store, .. } = self {
+        if let Backend::Local { store, durable, .. } = self {
             // The store would make a missing directory with the default mode: make it private.
             let to_path = store.path_to_filesystem(to).map_err(unavailable)?;
             if let Some(dir) = to_path.parent().map(std::path::Path::to_path_buf) {
-                tokio::task::spawn_blocking(move || private_dirs(&dir))
+                let durable = durable.clone();
+                tokio::task::spawn_blocking(move || durable.create(&dir))
                     .await
                     .map_err(StorageError::from)?
                     .map_err(|e| StorageError::Unavailable(format!("creating {to}: {e}")))?;
             }
         }
         self.store().rename(from, to).await.map_err(unavailable)
+    }
+
+    /// The size of the object stored at `key`, if there is one.
+    pub async fn object_size(&self, key: &str) -> Result<Option<u64>, StorageError> {
+        match self.store().head(&path_of(key)).await {
+            Ok(meta) => Ok(Some(meta.size)),
+            Err(object_store::Error::NotFound { .. }) => Ok(None),
+            Err(e) => Err(unavailable(e)),
+        }
     }
 
     /// Whether an object is stored at `path`.
@@ -316,17 +328,61 @@ impl Backend {
         Ok(true)
     }
 
+    /// Moves a complete staged object to `to` and makes the move survive a crash of the machine
+    /// ([`Backend::persist`]), in one trip to the blocking pool on the local disk (the
+    /// directories made private, the rename, the directories synced). Whether anything was
+    /// synced.
+    pub async fn place(&self, from: &str, to: &str) -> Result<bool, StorageError> {
+        let Backend::Local {
+            store,
+            root,
+            durable,
+        } = self
+        else {
+            self.rename(from, to).await?;
+            return self.persist(to).await;
+        };
+        let durable = durable.clone();
+        let from_path = store
+            .path_to_filesystem(&path_of(from))
+            .map_err(unavailable)?;
+        let to_path = store
+            .path_to_filesystem(&path_of(to))
+            .map_err(unavailable)?;
+        let root = root.clone();
+        tokio::task::spawn_blocking(move || -> std::io::Result<()> {
+            if !to_path.starts_with(&root) || !from_path.starts_with(&root) {
+                return Err(std::io::Error::other("outside the storage root"));
+            }
+            if let Some(dir) = to_path.parent() {
+                durable.create(dir)?;
+            }
+            std::fs::rename(&from_path, &to_path)?;
+            durable.sync(&to_path, &root)
+        })
+        .await
+        .map_err(StorageError::from)?
+        .map_err(|e| StorageError::Unavailable(format!("placing {to}: {e}")))?;
+        Ok(true)
+    }
+
     /// Makes a stored object survive a crash of the machine before its metadata says it is
     /// stored. On the local disk its bytes were synced before the move into place (by the
-    /// writer's `finish`); this syncs each directory from its own up to the storage root (the
-    /// rename that put it there, and any directory made for it). Without it a power failure could keep the committed row and lose
+    /// writer's `finish`); this syncs its directory (the rename that put it there), then each
+    /// directory's entry up to the storage root that this process has not synced since it
+    /// made it ([`DurableDirs`]: any directory made for it). Without it a power failure could keep the committed row and lose
     /// the bytes, which otherwise reach the disk only at the kernel's next writeback. S3 made the
     /// object durable when the upload completed: nothing to do. Whether anything was synced.
     pub async fn persist(&self, key: &str) -> Result<bool, StorageError> {
-        let Backend::Local { store, root } = self else {
+        let Backend::Local {
+            store,
+            root,
+            durable,
+        } = self
+        else {
             return Ok(false);
         };
-        let root = root.clone();
+        let (root, durable) = (root.clone(), durable.clone());
         // The store's own mapping: it percent-encodes characters such as `%` or `{` on disk.
         let path = store
             .path_to_filesystem(&path_of(key))
@@ -335,12 +391,7 @@ impl Backend {
             if !path.starts_with(&root) {
                 return Err(std::io::Error::other("outside the storage root"));
             }
-            let mut dir = path.parent();
-            while let Some(d) = dir.filter(|d| d.starts_with(&root)) {
-                std::fs::File::open(d)?.sync_all()?;
-                dir = d.parent();
-            }
-            Ok(())
+            durable.sync(&path, &root)
         })
         .await
         .map_err(StorageError::from)?
@@ -409,11 +460,34 @@ impl Backend {
         Ok(out)
     }
 
-    /// The object's bytes as a stream (large reads for local files).
+    /// The object's bytes as a stream (large reads for local files). A local file is opened
+    /// and its first chunk read in one trip to the blocking pool, so that the response's
+    /// headers and first bytes can leave together.
     pub async fn read(
         &self,
         key: &str,
     ) -> Result<(u64, BoxStream<'static, std::io::Result<Bytes>>), StorageError> {
+        if let Backend::Local { store, .. } = self {
+            let path = store
+                .path_to_filesystem(&path_of(key))
+                .map_err(unavailable)?;
+            let opened = tokio::task::spawn_blocking(move || open_local(&path))
+                .await
+                .map_err(StorageError::from)?
+                .map_err(|e| StorageError::Unavailable(format!("reading {key}: {e}")))?;
+            let Some((file, size, first)) = opened else {
+                return Err(StorageError::NotServed);
+            };
+            let rest = read_file(file, size - first.len() as u64);
+            let stream = if first.is_empty() {
+                rest
+            } else {
+                futures_util::stream::once(async move { Ok(Bytes::from(first)) })
+                    .chain(rest)
+                    .boxed()
+            };
+            return Ok((size, stream));
+        }
         let store = self.store();
         let got = match store.get(&path_of(key)).await {
             Ok(g) => g,
@@ -447,6 +521,83 @@ impl Backend {
             Backend::Local { .. } => None,
         }
     }
+}
+
+/// The directories under the local root whose own entry (in their parent) this process has
+/// synced since it last made them: a file moved into one of them needs only its directory
+/// synced, not every directory up to the root. A directory is forgotten before it is made
+/// again (the store removes a directory once its last file is deleted), so a directory made
+/// anew is synced into its parent by the first upload that lands in it, and by every upload
+/// that lands in it until one of them has done so (each checks after its own move, so after
+/// the directory exists). Empty at start-up: the first upload into each directory syncs it.
+#[derive(Default)]
+pub struct DurableDirs(std::sync::Mutex<std::collections::HashSet<PathBuf>>);
+
+impl DurableDirs {
+    /// Makes `dir` and its missing parents (mode 0700), forgetting each missing one first.
+    fn create(&self, dir: &std::path::Path) -> std::io::Result<()> {
+        let mut missing = Vec::new();
+        let mut d = Some(dir);
+        while let Some(p) = d.filter(|p| !p.exists()) {
+            missing.push(p.to_path_buf());
+            d = p.parent();
+        }
+        if !missing.is_empty() {
+            let mut known = self.0.lock().expect("poisoned");
+            for m in &missing {
+                known.remove(m);
+            }
+        }
+        private_dirs(dir)
+    }
+
+    /// Syncs `path`'s directory (the entry a rename put there), then each directory's entry in
+    /// its parent up to `root`, stopping at one already synced.
+    fn sync(&self, path: &std::path::Path, root: &std::path::Path) -> std::io::Result<()> {
+        let Some(dir) = path.parent() else {
+            return Ok(());
+        };
+        std::fs::File::open(dir)?.sync_all()?;
+        let mut d = dir;
+        while d != root && d.starts_with(root) {
+            if self.0.lock().expect("poisoned").contains(d) {
+                break;
+            }
+            let Some(parent) = d.parent() else {
+                break;
+            };
+            std::fs::File::open(parent)?.sync_all()?;
+            self.0.lock().expect("poisoned").insert(d.to_path_buf());
+            d = parent;
+        }
+        Ok(())
+    }
+}
+
+/// A local object's file, its size and its first [`READ_CHUNK`] bytes (fewer for a smaller
+/// file); `None` if there is no such file (a directory is none either).
+fn open_local(path: &std::path::Path) -> std::io::Result<Option<(std::fs::File, u64, Vec<u8>)>> {
+    use std::io::Read;
+    let mut file = match std::fs::File::open(path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e),
+    };
+    let meta = file.metadata()?;
+    if !meta.is_file() {
+        return Ok(None);
+    }
+    let size = meta.len();
+    let want = size.min(READ_CHUNK as u64);
+    let mut first = Vec::with_capacity(want as usize);
+    (&mut file).take(want).read_to_end(&mut first)?;
+    if (first.len() as u64) < want {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::UnexpectedEof,
+            "the file is shorter than its size",
+        ));
+    }
+    Ok(Some((file, size, first)))
 }
 
 /// Reads the `size` bytes of a file in large chunks on the blocking pool. The chunks are not
@@ -682,5 +833,39 @@ impl ObjectWriter {
             }
             Inner::Local(w) => w.abort().await,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::DurableDirs;
+
+    #[test]
+    fn a_directory_is_synced_into_its_parent_until_it_is_made_again() {
+        let root = std::env::temp_dir().join(format!(
+            "fluxbase-durable-dirs-{}",
+            crate::secrets::random_hex::<8>()
+        ));
+        std::fs::create_dir_all(&root).unwrap();
+        let bucket = root.join("p/b");
+        let durable = DurableDirs::default();
+        let known = |d: &std::path::Path| durable.0.lock().unwrap().contains(d);
+        durable.create(&bucket).unwrap();
+        std::fs::write(bucket.join("f"), b"x").unwrap();
+        assert!(!known(&bucket) && !known(&root.join("p")));
+        durable.sync(&bucket.join("f"), &root).unwrap();
+        assert!(known(&bucket) && known(&root.join("p")));
+        assert!(
+            !known(&root),
+            "the root's own entry is not this process's to sync"
+        );
+        // Emptied and removed (the store cleans up), then made again: forgotten until synced.
+        std::fs::remove_dir_all(root.join("p")).unwrap();
+        durable.create(&bucket).unwrap();
+        assert!(!known(&bucket) && !known(&root.join("p")));
+        std::fs::write(bucket.join("g"), b"y").unwrap();
+        durable.sync(&bucket.join("g"), &root).unwrap();
+        assert!(known(&bucket) && known(&root.join("p")));
+        std::fs::remove_dir_all(&root).unwrap();
     }
 }

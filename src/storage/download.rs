@@ -50,14 +50,17 @@ impl Storage {
     /// stream. The caller has checked the grant (a signature, or none for public files) and that
     /// the key's project exists and is not suspended.
     pub async fn download(&self, key: &str, public_only: bool) -> Result<Download, StorageError> {
-        let file = self
-            .stored_file(project_of_key(key), key)
-            .await
-            .map_err(|_| StorageError::NotServed)?;
+        // The row and the object at once: nothing is served unless the row lists the file
+        // (an object opened for nothing is dropped unread).
+        let (file, object) = tokio::join!(
+            self.stored_file(project_of_key(key), key),
+            self.backend.read(key)
+        );
+        let file = file.map_err(|_| StorageError::NotServed)?;
         if public_only && !file.bucket_is_public {
             return Err(StorageError::NotServed);
         }
-        let (size, body) = self.backend.read(key).await?;
+        let (size, body) = object?;
         Ok(Download {
             name: file.name,
             content_type: file.content_type,

@@ -14,16 +14,22 @@
 //! `fluxbase.storage_files`); objects in the backend (see [`backend`]). The two never disagree
 //! in a way a caller can see:
 //! * **upload**: the file streams to a staging key first (the guide's curl sends `file` before
-//!   `bucketId` and `projectId`, so where it goes is not known yet). Then the row is reserved
-//!   (`size IS NULL`, `upload_token`), the staged object renamed into place, and `size` set;
-//!   only rows with a size are listed or signed. Any failure removes the staged object and the
-//!   reservation (or, for an `upsert` of an existing file, restores the old row: the old object
-//!   is replaced atomically or not at all). Success is answered only after all of it.
+//!   `bucketId` and `projectId`, so where it goes is not known yet). Then, at the same time,
+//!   the staged bytes are synced and the row is reserved durably (`size IS NULL`,
+//!   `upload_token`, and what the file will be: `upload_size`, `upload_content_type`,
+//!   `upload_staged`); the staged object is renamed into place and the directories synced;
+//!   then the row is listed (`size` set). Only rows with a size are listed or signed. That last
+//!   update does not wait for its WAL flush: a crash that loses it leaves a durable
+//!   reservation whose staged object is gone and whose object is at its key with the reserved
+//!   size, which the start-up sweep lists ([`sweep`]). Any failure removes the staged object
+//!   and the reservation (or, for an `upsert` of an existing file, restores the old row: the
+//!   old object is replaced atomically or not at all). Success is answered only after the
+//!   bytes, the move and the reservation are on the disk.
 //! * **delete**: the row is marked (`deleting_at`, hidden from then on), the object deleted,
 //!   then the row. If the object cannot be deleted the mark is lifted (both stay); if the row
 //!   cannot be removed afterwards it stays hidden and the start-up sweep finishes it.
-//! * the sweep at start-up also drops reservations and staged objects older than an hour
-//!   (uploads cut off by a crash).
+//! * the sweep at start-up also lists uploads whose listing a crash lost (above), and drops
+//!   reservations and staged objects older than an hour (uploads cut off by a crash).
 
 //!
 //! One job per file: [`buckets`] (create, change, list, delete), [`files`] (list, sign, delete),

@@ -55,6 +55,21 @@ impl Storage {
     pub async fn sweep(&self) -> Result<(), StorageError> {
         let client = self.control.get().await?;
         let cutoff = Utc::now() - chrono::Duration::seconds(ABANDONED_AFTER_SECS);
+        // Uploads whose object was moved into place but whose final update was lost (it is
+        // not waited for, control::files::record): the staged object is gone and the object
+        // at the key has the reserved size. Any other reservation is an upload that never
+        // got that far (or is still running on another node): left to the rules below.
+        for p in control::files::pending(&client).await? {
+            let staged_gone = self.backend.object_size(&p.staged).await?.is_none();
+            if staged_gone && self.backend.object_size(&p.s3_key).await? == Some(p.size as u64) {
+                tracing::info!(
+                    file = p.id,
+                    key = p.s3_key,
+                    "finishing an upload a crash interrupted after its object was in place"
+                );
+                control::files::complete(&client, &p.id, &p.staged).await?;
+            }
+        }
         for (id, key) in control::files::marked_for_deletion(&client).await? {
             if self.backend.delete(&key).await.is_ok() {
                 control::files::delete(&client, &id).await?;

@@ -66,6 +66,10 @@ struct Staged {
     content_type: String,
 }
 
+/// The staged file's write: made durable (`finish`) only once the form is read, at the same
+/// time as the reservation of its row.
+type Unfinished = Option<super::backend::ObjectWriter>;
+
 fn parse_bool(field: &'static str, v: &str) -> Result<bool, StorageError> {
     match v.trim().to_ascii_lowercase().as_str() {
         "true" | "1" => Ok(true),
@@ -116,6 +120,7 @@ impl Storage {
             form.upsert = Some(parse_bool("upsert", v)?);
         }
         let mut staged: Option<Staged> = None;
+        let mut unfinished: Unfinished = None;
         let mut early: Option<(Access, Bucket)> = None;
         let result: Result<Uploaded, Err> = async {
             while let Some(mut field) = multipart
@@ -189,10 +194,10 @@ impl Storage {
                             return Err(e.into());
                         }
                     }
-                    let size = writer.finish().await?;
                     if let Some(s) = staged.as_mut() {
-                        s.size = size;
+                        s.size = writer.written();
                     }
+                    unfinished = Some(writer);
                     continue;
                 }
                 let slot = match name.as_str() {
@@ -233,17 +238,21 @@ impl Storage {
                 resolved_ms = started.elapsed().as_secs_f64() * 1e3,
                 "upload staged"
             );
+            let writer = unfinished.take().ok_or(StorageError::NoFile)?;
             Ok(self
                 .commit_upload(
                     &access.project.id,
                     &bucket,
-                    staged_file,
+                    (staged_file, writer),
                     form.path.as_deref(),
                     form.upsert.unwrap_or(false),
                 )
                 .await?)
         }
         .await;
+        if let Some(writer) = unfinished {
+            writer.abort().await;
+        }
         if result.is_err() {
             if let Some(s) = &staged {
                 if let Err(e) = self.backend.delete(&s.key).await {
@@ -254,35 +263,55 @@ impl Storage {
         result
     }
 
-    /// Reserves the row, moves the staged object into place, then records its size.
+    /// Makes the staged bytes durable while it reserves the row durably (at the same time:
+    /// neither waits for the other), moves the staged object into place and makes the move
+    /// durable, then lists the file ([`control::files::record`], which need not wait for its
+    /// WAL flush: the reservation already says what the file is, see
+    /// [`control::files::reserve`]).
     async fn commit_upload(
         &self,
         project_id: &str,
         bucket: &Bucket,
-        staged: &Staged,
+        (staged, writer): (&Staged, super::backend::ObjectWriter),
         path: Option<&str>,
         upsert: bool,
     ) -> Result<Uploaded, StorageError> {
-        let name = names::object_name(path, staged.filename.as_deref())?;
-        check_mime(bucket, &staged.content_type)?;
-        if let Some(m) = bucket.max_file_size {
-            if staged.size > m as u64 {
-                return Err(StorageError::TooLarge(m as u64));
+        let checked = names::object_name(path, staged.filename.as_deref()).and_then(|name| {
+            check_mime(bucket, &staged.content_type)?;
+            match bucket.max_file_size {
+                Some(m) if staged.size > m as u64 => Err(StorageError::TooLarge(m as u64)),
+                _ => Ok(name),
             }
-        }
+        });
+        let name = match checked {
+            Ok(name) => name,
+            Err(e) => {
+                writer.abort().await;
+                return Err(e);
+            }
+        };
         let key = format!("{}/{}/{}", project_id, bucket.id, name);
         let token = crate::secrets::random_hex::<16>();
-        let client = self.control.get().await?;
         let reservation = control::files::Reservation {
             project_id,
             bucket_id: &bucket.id,
             name: &name,
             s3_key: &key,
             content_type: &staged.content_type,
+            size: staged.size as i64,
+            staged: &staged.key,
             token: &token,
         };
-        let reserved = control::files::reserve(&client, &reservation, upsert)
-            .await
+        let reserve = async {
+            let client = self.control.get().await?;
+            let reserved = control::files::reserve(&client, &reservation, upsert).await;
+            Ok::<_, StorageError>((client, reserved))
+        };
+        // The bytes reach the disk before the object is moved into place (so a crash never
+        // leaves a half-written file at its key), the reservation meanwhile.
+        let (finished, reserving) = tokio::join!(writer.finish(), reserve);
+        let (client, reserved) = reserving?;
+        let reserved = reserved
             .map_err(|e| match e.code() {
                 Some(&SqlState::UNIQUE_VIOLATION) if !upsert => StorageError::FileExists {
                     name: name.clone(),
@@ -300,18 +329,19 @@ impl Storage {
                 tracing::warn!(error = %e, file = reserved.id, "releasing an upload reservation");
             }
         };
-        if let Err(e) = self.backend.rename(&staged.key, &key).await {
+        if let Err(e) = finished {
             release().await;
             return Err(e);
         }
-        // The bytes reach the disk before the row that lists them is committed.
-        let syncing = std::time::Instant::now();
-        match self.backend.persist(&key).await {
+        // Moved into place and the move made durable before the row that lists it is
+        // committed.
+        let placing = std::time::Instant::now();
+        match self.backend.place(&staged.key, &key).await {
             Ok(synced) => {
                 if synced {
                     use std::sync::atomic::Ordering::Relaxed;
                     self.metrics.storage_fsyncs.fetch_add(1, Relaxed);
-                    let micros = syncing.elapsed().as_micros() as u64;
+                    let micros = placing.elapsed().as_micros() as u64;
                     self.metrics.storage_fsync_micros.fetch_add(micros, Relaxed);
                 }
             }
@@ -324,15 +354,13 @@ impl Storage {
                 return Err(e);
             }
         }
-        let size = staged.size as i64;
-        let file =
-            control::files::record(&client, &reserved.id, &token, size, &staged.content_type)
-                .await?
-                .ok_or_else(|| anyhow::anyhow!("upload reservation {} vanished", reserved.id))?;
+        let file = control::files::record(&client, &reserved.id, &token, &staged.key)
+            .await?
+            .ok_or_else(|| anyhow::anyhow!("upload reservation {} vanished", reserved.id))?;
         self.metrics
             .storage_uploaded_bytes
             .fetch_add(staged.size, std::sync::atomic::Ordering::Relaxed);
-        tracing::info!(project_id, file = %reserved.id, key, size, "file uploaded");
+        tracing::info!(project_id, file = %reserved.id, key, size = staged.size, "file uploaded");
         Ok(Uploaded {
             file,
             created: reserved.new,

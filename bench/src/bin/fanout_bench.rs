@@ -24,7 +24,7 @@
 //!    from its payload's `commitTimestamp` (PostgreSQL's clock, same machine) to when its client
 //!    read it.
 //! 3. **Throughput**, for each count: the first `count` sockets subscribed; rows committed at
-//!    BENCH_FANOUT_RATE / count changes/s (default 2,000,000 offered messages/s, more than this
+//!    BENCH_FANOUT_RATE / count changes/s (default 8,000,000 offered messages/s, more than this
 //!    machine delivers, so the figure is the capacity) in transactions every 10 ms, for
 //!    1 s of warm-up plus BENCH_SECONDS. A lag guard holds the generator back while the slowest
 //!    subscriber is more than 3/4 of the server's per-socket send queue behind, so that no socket
@@ -32,6 +32,19 @@
 //!    messages/s = messages read by all clients in the window / window length; then every
 //!    subscriber must have every committed change (the "complete" column). Latency is sampled
 //!    (every 16th message of each client) at that load.
+//!
+//!    Beside it, in the same run, a **bare reference**: this program started again as a child
+//!    process (`--bare-reference-server`), a minimal WebSocket server with tokio and
+//!    tokio-tungstenite (default settings, one `broadcast` channel, no auth, no rooms, no
+//!    history, no filters) that writes the same `db_event` frame (one captured from Fluxbase in
+//!    the round before, its `commitTimestamp` set when sent) to the same number of sockets of
+//!    its own, opened and read by the same client code, driven at the same offered rate under
+//!    the same lag guard (its "commit" is a line on its stdin). BENCH_ROUNDS rounds (default 3)
+//!    of both, the first alternating; each figure is the median of the rounds, and the ratio
+//!    Fluxbase / reference is judged (target ≥ 0.8× at 1,000 subscribers) only when every
+//!    round of both was saturated (the lag guard engaged); otherwise the figure is labelled as
+//!    the offered load. The reference does none of the work upstream of the room (PostgreSQL,
+//!    WAL decoding, the history), so the ratio charges all of it to Fluxbase.
 //!
 //! 4. **Row-level security**: BENCH_RLS_SUBSCRIBERS (default 1,000) sockets, each subscribed
 //!    as its own end user (the read key with `authUid` `u<i>`), on two tables:
@@ -53,11 +66,11 @@
 //! The machine's cores are shared by the server, PostgreSQL and the clients (which parse every
 //! frame like a real client would): the CPU columns show where the time went.
 //!
-//! Environment: BENCH_SUBSCRIBERS (default 100,1000,5000), BENCH_FANOUT_RATE (default 2000000),
+//! Environment: BENCH_SUBSCRIBERS (default 100,1000,5000), BENCH_FANOUT_RATE (default 8000000),
 //! BENCH_SECONDS (default 10), BENCH_LATENCY_SUBSCRIBERS (default 100), BENCH_TPS (default 1000),
 //! BENCH_LATENCY_SECONDS (default 10), BENCH_RLS_SUBSCRIBERS (default 1000, 0: no RLS rows),
-//! BENCH_RLS_RATE (default 40000), BENCH_TIME_LIMIT (seconds for the whole measurement,
-//! default 220), FLUXBASE_BIN (default target/release/fluxbase).
+//! BENCH_RLS_RATE (default 40000), BENCH_ROUNDS (default 3), BENCH_TIME_LIMIT (seconds for the
+//! whole measurement, default 600), FLUXBASE_BIN (default target/release/fluxbase).
 
 use std::path::Path;
 use std::process::Command;
@@ -93,6 +106,8 @@ const MEMORY_TARGET_KIB: f64 = 16.0;
 const THROUGHPUT_TARGET: f64 = 500_000.0;
 const THROUGHPUT_TARGET_AT: usize = 1000;
 const P99_TARGET_MS: f64 = 20.0;
+/// Fluxbase's delivered msg/s over the bare reference server's, at THROUGHPUT_TARGET_AT.
+const REFERENCE_RATIO_TARGET: f64 = 0.8;
 /// Owner-policy decided/s over unfiltered delivered/s, and the subquery case's delivered msg/s.
 const RLS_OWNER_RATIO_TARGET: f64 = 0.5;
 const RLS_SUBQUERY_TARGET: f64 = 20_000.0;
@@ -110,6 +125,7 @@ struct Settings {
     latency_seconds: u64,
     rls_subscribers: usize,
     rls_rate: u64,
+    rounds: usize,
     time_limit: u64,
 }
 
@@ -130,27 +146,33 @@ impl Settings {
         }
         Ok(Settings {
             subscribers,
-            offered: env_or("BENCH_FANOUT_RATE", 2_000_000).max(1),
+            offered: env_or("BENCH_FANOUT_RATE", 8_000_000).max(1),
             seconds: env_or("BENCH_SECONDS", 10).max(1),
             latency_subscribers: env_or("BENCH_LATENCY_SUBSCRIBERS", 100).max(1) as usize,
             latency_tps: env_or("BENCH_TPS", 1000).max(1),
             latency_seconds: env_or("BENCH_LATENCY_SECONDS", 10),
             rls_subscribers: env_or("BENCH_RLS_SUBSCRIBERS", 1000) as usize,
             rls_rate: env_or("BENCH_RLS_RATE", 40_000).max(1),
-            time_limit: env_or("BENCH_TIME_LIMIT", 220),
+            rounds: env_or("BENCH_ROUNDS", 3).max(1) as usize,
+            time_limit: env_or("BENCH_TIME_LIMIT", 600),
         })
     }
 
+    /// Sockets open at once: Fluxbase's, and the bare reference's beside them.
     fn max_sockets(&self) -> usize {
         let largest = self.subscribers.last().copied().unwrap_or(0);
         largest
             .max(self.latency_subscribers)
             .max(self.rls_subscribers)
+            + largest
     }
 }
 
 #[tokio::main]
 async fn main() -> Result<()> {
+    if std::env::args().nth(1).as_deref() == Some(REFERENCE_ARG) {
+        return bare_reference_server().await;
+    }
     fluxbase_bench::init_tracing();
     let mut settings = Settings::from_env()?;
     let binary = fluxbase_bench::server_binary()?;
@@ -195,7 +217,8 @@ fn fit_fd_limit(settings: &mut Settings) -> Result<Option<String>> {
     if soft >= needed {
         return Ok(None);
     }
-    let fits = soft.saturating_sub(SPARE_FDS) as usize;
+    // Each count's sockets twice: Fluxbase's and the bare reference's.
+    let fits = soft.saturating_sub(SPARE_FDS) as usize / 2;
     let dropped: Vec<String> = settings
         .subscribers
         .iter()
@@ -353,6 +376,10 @@ fn cores(a: &ProcSample, b: &ProcSample, ticks_per_sec: f64) -> f64 {
 struct Shared {
     /// Record the commit → receive delay of every n-th `db_event` (0: none).
     sample_every: AtomicU64,
+    /// Set: the next client to read a `db_event` keeps its text in `captured` (and clears
+    /// this), the bare reference's template.
+    capture: AtomicBool,
+    captured: Mutex<Option<String>>,
 }
 
 /// What a client's task publishes.
@@ -459,6 +486,11 @@ async fn client_task(
                     let kind = if is_event { Some("db_event") } else { parsed["type"].as_str() };
                     match kind {
                         Some("db_event") => {
+                            if shared.capture.load(Ordering::Relaxed)
+                                && shared.capture.swap(false, Ordering::AcqRel)
+                            {
+                                *shared.captured.lock().expect("poisoned") = Some(text.to_string());
+                            }
                             let every = shared.sample_every.load(Ordering::Relaxed);
                             if every > 0 && seen.is_multiple_of(every) {
                                 if let Some(delay) = commit_delay_micros(text) {
@@ -517,10 +549,12 @@ struct Pool {
 }
 
 impl Pool {
-    fn new(server: &Server) -> Pool {
+    /// Sockets to `url` (Fluxbase's or the bare reference's), subscribing to the project's
+    /// room with its read key (the reference ignores the room and the key).
+    fn new(url: &str, server: &Server) -> Pool {
         let room = format!("project_{}", server.project);
         Pool {
-            url: server.ws_url.clone(),
+            url: url.to_string(),
             subscribe: json!({ "type": "subscribe", "roomId": room, "token": server.read_key })
                 .to_string(),
             unsubscribe: json!({ "type": "unsubscribe", "roomId": room }).to_string(),
@@ -730,11 +764,21 @@ impl Target {
     }
 }
 
+/// Where the generator's changes go.
+enum Sink {
+    /// Rows committed into the project's tables through a superuser connection.
+    Postgres {
+        client: tokio_postgres::Client,
+        insert: tokio_postgres::Statement,
+        insert_owned: tokio_postgres::Statement,
+        insert_org: tokio_postgres::Statement,
+    },
+    /// The bare reference server's command pipe: `S <n>` writes n frames to its subscribers.
+    Bare(tokio::process::ChildStdin),
+}
+
 struct Generator {
-    client: tokio_postgres::Client,
-    insert: tokio_postgres::Statement,
-    insert_owned: tokio_postgres::Statement,
-    insert_org: tokio_postgres::Statement,
+    sink: Sink,
     target: Target,
     next_id: i64,
     /// Rows committed in the current phase (read by the measurement window).
@@ -799,10 +843,12 @@ impl Generator {
             ))
             .await?;
         Ok(Generator {
-            client,
-            insert,
-            insert_owned,
-            insert_org,
+            sink: Sink::Postgres {
+                client,
+                insert,
+                insert_owned,
+                insert_org,
+            },
             target: Target::Plain,
             next_id: 1,
             committed: Arc::new(AtomicU64::new(0)),
@@ -813,19 +859,33 @@ impl Generator {
     async fn commit(&mut self, rows: u64) -> Result<()> {
         let from = self.next_id;
         let to = from + rows as i64 - 1;
-        match self.target {
-            Target::Plain => self.client.execute(&self.insert, &[&from, &to]).await?,
-            Target::Owned(n) => {
-                self.client
-                    .execute(&self.insert_owned, &[&from, &to, &(n as i64)])
-                    .await?
+        match &mut self.sink {
+            Sink::Bare(stdin) => {
+                use tokio::io::AsyncWriteExt;
+                stdin.write_all(format!("S {rows}\n").as_bytes()).await?;
+                stdin.flush().await?;
             }
-            Target::Org => {
-                self.client
-                    .execute(&self.insert_org, &[&from, &to, &(RLS_ORGS as i64)])
-                    .await?
+            Sink::Postgres {
+                client,
+                insert,
+                insert_owned,
+                insert_org,
+            } => {
+                match self.target {
+                    Target::Plain => client.execute(insert, &[&from, &to]).await?,
+                    Target::Owned(n) => {
+                        client
+                            .execute(insert_owned, &[&from, &to, &(n as i64)])
+                            .await?
+                    }
+                    Target::Org => {
+                        client
+                            .execute(insert_org, &[&from, &to, &(RLS_ORGS as i64)])
+                            .await?
+                    }
+                };
             }
-        };
+        }
         self.next_id = to + 1;
         self.committed.fetch_add(rows, Ordering::Relaxed);
         Ok(())
@@ -941,14 +1001,88 @@ struct LoadRow {
 struct Report {
     memory: Vec<MemoryRow>,
     latency: LoadRow,
-    throughput: Vec<LoadRow>,
+    throughput: Vec<Throughput>,
     rls: Vec<LoadRow>,
+}
+
+#[derive(Clone, Copy)]
+enum Contender {
+    Fluxbase,
+    Bare,
+}
+
+impl Contender {
+    fn name(self) -> &'static str {
+        match self {
+            Contender::Fluxbase => "Fluxbase",
+            Contender::Bare => "bare reference",
+        }
+    }
+}
+
+/// One contender's rounds at one subscriber count.
+struct Rounds {
+    /// Every round's delivered msg/s, in the order run.
+    delivered: Vec<f64>,
+    /// The median delivered msg/s.
+    median: f64,
+    /// The round whose figure is the median (the lower of the middle two for an even count):
+    /// its other columns are shown.
+    row: LoadRow,
+    /// Every round was saturated (the lag guard held the generator back): the figure is
+    /// the capacity, not the offered load.
+    saturated: bool,
+}
+
+impl Rounds {
+    fn of(mut rows: Vec<LoadRow>) -> Rounds {
+        let delivered: Vec<f64> = rows.iter().map(|r| r.delivered).collect();
+        let saturated = rows.iter().all(|r| r.held_back > 0);
+        let mut sorted = delivered.clone();
+        sorted.sort_by(f64::total_cmp);
+        let median = match sorted.len() {
+            0 => f64::NAN,
+            n if n % 2 == 1 => sorted[n / 2],
+            n => (sorted[n / 2 - 1] + sorted[n / 2]) / 2.0,
+        };
+        rows.sort_by(|a, b| a.delivered.total_cmp(&b.delivered));
+        let row = rows.swap_remove((rows.len() - 1) / 2);
+        Rounds {
+            delivered,
+            median,
+            row,
+            saturated,
+        }
+    }
+}
+
+/// Fluxbase beside the bare reference at one subscriber count.
+struct Throughput {
+    fluxbase: Rounds,
+    bare: Rounds,
+    /// Bytes of the `db_event` frame both sent (the last one captured from Fluxbase).
+    frame_bytes: usize,
+}
+
+impl Throughput {
+    fn subscribers(&self) -> usize {
+        self.fluxbase.row.subscribers
+    }
+
+    /// Fluxbase's median over the reference's; judged only when both saturated.
+    fn ratio(&self) -> f64 {
+        self.fluxbase.median / self.bare.median.max(1.0)
+    }
+
+    fn judged(&self) -> bool {
+        self.fluxbase.saturated && self.bare.saturated
+    }
 }
 
 async fn bench(server: &Server, cluster: &Cluster, settings: &Settings) -> Result<Report> {
     let server_pid = server.process.pid.to_string();
     let mut generator = Generator::new(cluster, &server.project).await?;
-    let mut pool = Pool::new(server);
+    let mut pool = Pool::new(&server.ws_url, server);
 
     eprintln!("[bench] warm-up: one subscriber, one change through the whole path");
     pool.grow_to(1).await?;
@@ -1024,32 +1158,71 @@ async fn bench(server: &Server, cluster: &Cluster, settings: &Settings) -> Resul
     )
     .await?;
 
+    // Throughput: Fluxbase and the bare reference take turns (the first alternating per
+    // round), each round of each the same phase; the figures are the medians of the rounds.
+    let (bare, mut bare_generator) = Bare::start().await?;
+    let mut bare_pool = Pool::new(&bare.ws_url, server);
     let mut throughput = Vec::new();
     for &n in &settings.subscribers {
         let rate = settings.offered as f64 / n as f64;
-        eprintln!(
-            "[bench] throughput: {n} subscribers, up to {rate:.0} changes/s for 1 + {} s",
-            settings.seconds
-        );
-        let row = load(
-            &mut generator,
-            &mut pool,
-            &server_pid,
-            ticks,
-            Load {
-                subscribers: n,
-                rate,
-                tick: Duration::from_millis(10),
-                batch: LAG_GUARD / 2,
-                warm_up: Duration::from_secs(1),
-                seconds: settings.seconds,
-                sample_every: THROUGHPUT_SAMPLE_EVERY,
-                resubscribe: true,
-            },
-        )
-        .await?;
-        throughput.push(row);
+        bare_pool.grow_to(n).await?;
+        let (mut ours, mut theirs) = (Vec::new(), Vec::new());
+        for round in 0..settings.rounds {
+            let order = if round % 2 == 0 {
+                [Contender::Fluxbase, Contender::Bare]
+            } else {
+                [Contender::Bare, Contender::Fluxbase]
+            };
+            for contender in order {
+                eprintln!(
+                    "[bench] throughput, round {}/{}, {}: {n} subscribers, up to {rate:.0} changes/s for 1 + {} s",
+                    round + 1,
+                    settings.rounds,
+                    contender.name(),
+                    settings.seconds
+                );
+                let spec = Load {
+                    subscribers: n,
+                    rate,
+                    tick: Duration::from_millis(10),
+                    batch: LAG_GUARD / 2,
+                    warm_up: Duration::from_secs(1),
+                    seconds: settings.seconds,
+                    sample_every: THROUGHPUT_SAMPLE_EVERY,
+                    resubscribe: true,
+                };
+                match contender {
+                    Contender::Fluxbase => {
+                        pool.shared.capture.store(true, Ordering::Release);
+                        let row = load(&mut generator, &mut pool, &server_pid, ticks, spec).await?;
+                        ours.push(row);
+                    }
+                    Contender::Bare => {
+                        let frame = pool.shared.captured.lock().expect("poisoned").clone();
+                        let frame = frame.context("no db_event frame captured from Fluxbase")?;
+                        bare_generator.set_template(&frame).await?;
+                        let row = load(&mut bare_generator, &mut bare_pool, &bare.pid, ticks, spec)
+                            .await?;
+                        theirs.push(row);
+                    }
+                }
+            }
+        }
+        let frame_bytes = pool
+            .shared
+            .captured
+            .lock()
+            .expect("poisoned")
+            .as_ref()
+            .map_or(0, String::len);
+        throughput.push(Throughput {
+            fluxbase: Rounds::of(ours),
+            bare: Rounds::of(theirs),
+            frame_bytes,
+        });
     }
+    drop(bare_pool);
+    drop(bare);
     let mut rls = Vec::new();
     let n = settings.rls_subscribers;
     if n >= 1 {
@@ -1242,6 +1415,100 @@ fn thousands(v: f64) -> String {
 }
 
 impl Report {
+    /// Fluxbase beside the bare reference server, per subscriber count.
+    fn print_reference(&self, settings: &Settings) {
+        if self.throughput.is_empty() {
+            return;
+        }
+        println!(
+            "Fluxbase vs a bare WebSocket server (tokio + tokio-tungstenite, defaults, one \
+             broadcast channel, no auth, rooms, history or filters; a child process), the same \
+             clients and frames, {} messages/s offered, the same lag guard; median of {} rounds, \
+             the order alternating:",
+            thousands(settings.offered as f64),
+            settings.rounds
+        );
+        println!(
+            "{:>11}  {:>18}  {:>18}  {:>22}  {:>17}  {:>17}  {:>8}  {:>8}  {:>8}  {:>34}",
+            "subscribers",
+            "Fluxbase msg/s",
+            "bare msg/s",
+            "ratio (target)",
+            "cores srv/cli",
+            "bare srv/cli",
+            "machine",
+            "complete",
+            "frame B",
+            "rounds Fluxbase | bare (k msg/s)"
+        );
+        for t in &self.throughput {
+            let (ours, theirs) = (&t.fluxbase, &t.bare);
+            let label = |r: &Rounds| {
+                if r.saturated {
+                    thousands(r.median)
+                } else {
+                    format!("{} (offered)", thousands(r.median))
+                }
+            };
+            let ratio = t.ratio();
+            let verdict = if !t.judged() {
+                "not judged".to_string()
+            } else if t.subscribers() == THROUGHPUT_TARGET_AT {
+                format!(
+                    ">= {REFERENCE_RATIO_TARGET} {}",
+                    check(ratio >= REFERENCE_RATIO_TARGET)
+                )
+            } else {
+                "-".to_string()
+            };
+            let rounds = |r: &Rounds| {
+                r.delivered
+                    .iter()
+                    .map(|d| format!("{:.0}", d / 1e3))
+                    .collect::<Vec<_>>()
+                    .join(" ")
+            };
+            println!(
+                "{:>11}  {:>18}  {:>18}  {:>22}  {:>17}  {:>17}  {:>8}  {:>8}  {:>8}  {:>34}",
+                t.subscribers(),
+                label(ours),
+                label(theirs),
+                format!("{ratio:.2}x ({verdict})"),
+                format!("{:.2}/{:.2}", ours.row.server_cores, ours.row.client_cores),
+                format!(
+                    "{:.2}/{:.2}",
+                    theirs.row.server_cores, theirs.row.client_cores
+                ),
+                format!(
+                    "{:.2}/{:.2}",
+                    ours.row.machine_cores, theirs.row.machine_cores
+                ),
+                format!(
+                    "{:.0}/{:.0}%",
+                    ours.row.complete * 100.0,
+                    theirs.row.complete * 100.0
+                ),
+                t.frame_bytes,
+                format!("{} | {}", rounds(ours), rounds(theirs)),
+            );
+            if !theirs.row.closed.is_empty() {
+                println!(
+                    "  at {}: {} bare sockets closed ({})",
+                    t.subscribers(),
+                    theirs.row.closed.len(),
+                    theirs.row.closed[0]
+                );
+            }
+        }
+        println!(
+            "  a figure marked (offered) had a round where the lag guard never engaged: it is \
+             the offered load, not the capacity, and the ratio is not judged (raise \
+             BENCH_FANOUT_RATE); cores: the contender's server process / the clients (this \
+             process); machine: every process, Fluxbase's rounds / the reference's (PostgreSQL \
+             and the change stream work only in Fluxbase's)"
+        );
+    }
+
     fn print(&self, settings: &Settings, load_before: &str, fd_note: Option<&str>) {
         let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
         println!(
@@ -1294,19 +1561,21 @@ impl Report {
             format!("{:.2} (<= {P99_TARGET_MS:.0} {ok})", l.p99_ms),
             "-".into(),
         );
-        for row in &self.throughput {
+        for t in &self.throughput {
+            let row = &t.fluxbase.row;
+            let median = t.fluxbase.median;
             let delivered = if row.subscribers == THROUGHPUT_TARGET_AT {
-                let ok = check(row.delivered >= THROUGHPUT_TARGET);
-                let (got, target) = (thousands(row.delivered), thousands(THROUGHPUT_TARGET));
+                let ok = check(median >= THROUGHPUT_TARGET);
+                let (got, target) = (thousands(median), thousands(THROUGHPUT_TARGET));
                 format!("{got} (>= {target} {ok})")
             } else {
-                thousands(row.delivered)
+                thousands(median)
             };
             let p99 = format!("{:.2}", row.p99_ms);
             line(row, delivered, p99, memory(row.subscribers));
         }
         for m in &self.memory {
-            if !self.throughput.iter().any(|r| r.subscribers == m.sockets) {
+            if !self.throughput.iter().any(|t| t.subscribers() == m.sockets) {
                 println!("{:>11}  (idle only){:>118}", m.sockets, memory(m.sockets));
             }
         }
@@ -1322,7 +1591,17 @@ impl Report {
             settings.seconds,
             THROUGHPUT_SAMPLE_EVERY
         );
-        for row in self.throughput.iter().filter(|r| r.held_back > 0) {
+        println!(
+            "throughput rows: the median of {} rounds (that round's other columns); the bare \
+             reference beside them below",
+            settings.rounds
+        );
+        for row in self
+            .throughput
+            .iter()
+            .map(|t| &t.fluxbase.row)
+            .filter(|r| r.held_back > 0)
+        {
             println!(
                 "  at {}: {} of the {:.0} changes/s asked were held back (a subscriber was \
                  {LAG_GUARD} behind): saturated, the delivered figure is the capacity",
@@ -1331,6 +1610,7 @@ impl Report {
                 row.asked_changes
             );
         }
+        self.print_reference(settings);
         let clients: Vec<String> = self
             .memory
             .iter()
@@ -1382,7 +1662,7 @@ impl Report {
         }
         if let (Some(owner), Some(plain)) = (
             self.rls.iter().find(|r| r.case == "owner policy"),
-            self.throughput.iter().find(|r| {
+            self.throughput.iter().map(|t| &t.fluxbase.row).find(|r| {
                 self.rls
                     .first()
                     .is_some_and(|o| o.subscribers == r.subscribers)
@@ -1413,5 +1693,195 @@ impl Report {
         if let Some(note) = fd_note {
             println!("note: {note}");
         }
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// The bare reference server
+
+/// The argument that makes this program the bare reference server (a child of the benchmark).
+const REFERENCE_ARG: &str = "--bare-reference-server";
+/// Frames the reference's broadcast channel holds for its slowest socket (the lag guard keeps
+/// every socket within LAG_GUARD changes; a socket that still falls this far behind is closed,
+/// and the "complete" column shows it).
+const REFERENCE_QUEUE: usize = 16 * 1024;
+
+/// What a user would write instead of Fluxbase's realtime for this job: tokio +
+/// tokio-tungstenite with its default settings, no authentication, no rooms, no history, no
+/// filters. Every socket that sent a `subscribe` gets every frame from a `tokio::sync::broadcast`
+/// channel, feeding what is queued and flushing once per batch. It prints its port on stdout,
+/// then reads commands on stdin: `T <frame>` sets the frame (a `db_event` as Fluxbase sent
+/// it), `S <n>` sends n frames, each built once (with the current time as its
+/// `commitTimestamp`, so the clients time it like Fluxbase's) and the same bytes written to
+/// every socket. It exits when stdin closes.
+async fn bare_reference_server() -> Result<()> {
+    use tokio::io::AsyncBufReadExt;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    println!("{}", listener.local_addr()?.port());
+    let (frames, _) = tokio::sync::broadcast::channel::<Message>(REFERENCE_QUEUE);
+    let sender = frames.clone();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            tokio::spawn(bare_connection(stream, sender.clone()));
+        }
+    });
+    let mut lines = tokio::io::BufReader::new(tokio::io::stdin()).lines();
+    // The frame around its commitTimestamp's value.
+    let mut template = (String::new(), String::new());
+    while let Some(line) = lines.next_line().await? {
+        if let Some(frame) = line.strip_prefix("T ") {
+            const KEY: &str = r#""commitTimestamp":""#;
+            template = match frame.find(KEY).map(|i| i + KEY.len()) {
+                Some(start) => {
+                    let end = start + frame[start..].find('"').unwrap_or(0);
+                    (frame[..start].to_string(), frame[end..].to_string())
+                }
+                None => (frame.to_string(), String::new()),
+            };
+        } else if let Some(n) = line.strip_prefix("S ") {
+            let n: u64 = n.trim().parse().context("S <count>")?;
+            let now = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Micros, true);
+            for _ in 0..n {
+                let frame = format!("{}{now}{}", template.0, template.1);
+                // No receiver (nobody subscribed) is not an error for a broadcast.
+                let _ = frames.send(Message::text(frame));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// One reference socket: answers subscribe and unsubscribe, writes the broadcast frames.
+async fn bare_connection(
+    stream: tokio::net::TcpStream,
+    frames: tokio::sync::broadcast::Sender<Message>,
+) {
+    use tokio::sync::broadcast::error::{RecvError, TryRecvError};
+    let _ = stream.set_nodelay(true);
+    let Ok(mut ws) = tokio_tungstenite::accept_async(stream).await else {
+        return;
+    };
+    let mut feed: Option<tokio::sync::broadcast::Receiver<Message>> = None;
+    loop {
+        tokio::select! {
+            message = ws.next() => match message {
+                Some(Ok(Message::Text(text))) => {
+                    let request: Value = serde_json::from_str(text.as_str()).unwrap_or(Value::Null);
+                    let room = request["roomId"].clone();
+                    let answer = match request["type"].as_str() {
+                        Some("subscribe") => {
+                            feed = Some(frames.subscribe());
+                            json!({ "type": "subscribed", "roomId": room })
+                        }
+                        Some("unsubscribe") => {
+                            feed = None;
+                            json!({ "type": "unsubscribed", "roomId": room })
+                        }
+                        _ => json!({ "type": "error", "message": "unknown message" }),
+                    };
+                    if ws.send(Message::text(answer.to_string())).await.is_err() {
+                        return;
+                    }
+                }
+                Some(Ok(Message::Close(_))) | Some(Err(_)) | None => return,
+                Some(Ok(_)) => {}
+            },
+            frame = async { feed.as_mut().expect("guarded").recv().await }, if feed.is_some() => {
+                let lagged = |n: u64| format!("lagged {n} frames behind");
+                let first = match frame {
+                    Ok(m) => m,
+                    Err(RecvError::Lagged(n)) => return bare_close(ws, lagged(n)).await,
+                    Err(RecvError::Closed) => return,
+                };
+                if ws.feed(first).await.is_err() {
+                    return;
+                }
+                let rx = feed.as_mut().expect("guarded");
+                loop {
+                    match rx.try_recv() {
+                        Ok(m) => {
+                            if ws.feed(m).await.is_err() {
+                                return;
+                            }
+                        }
+                        Err(TryRecvError::Lagged(n)) => return bare_close(ws, lagged(n)).await,
+                        Err(_) => break,
+                    }
+                }
+                if ws.flush().await.is_err() {
+                    return;
+                }
+            }
+        }
+    }
+}
+
+async fn bare_close(
+    mut ws: tokio_tungstenite::WebSocketStream<tokio::net::TcpStream>,
+    reason: String,
+) {
+    use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+    use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+    let close = CloseFrame {
+        code: CloseCode::Policy,
+        reason: reason.into(),
+    };
+    let _ = ws.send(Message::Close(Some(close))).await;
+}
+
+/// The bare reference server as a child process of this program (its CPU is its own).
+struct Bare {
+    /// Killed when dropped.
+    _child: tokio::process::Child,
+    pid: String,
+    ws_url: String,
+}
+
+impl Bare {
+    /// Starts it; the generator that drives it.
+    async fn start() -> Result<(Bare, Generator)> {
+        use tokio::io::AsyncBufReadExt;
+        let mut child = tokio::process::Command::new(std::env::current_exe()?)
+            .arg(REFERENCE_ARG)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .context("starting the bare reference server")?;
+        let stdout = child.stdout.take().context("stdout")?;
+        let mut lines = tokio::io::BufReader::new(stdout).lines();
+        let port = tokio::time::timeout(Duration::from_secs(30), lines.next_line())
+            .await
+            .context("the bare reference server did not start within 30 s")??
+            .context("the bare reference server exited")?;
+        let stdin = child.stdin.take().context("stdin")?;
+        let bare = Bare {
+            pid: child.id().context("pid")?.to_string(),
+            ws_url: format!("ws://127.0.0.1:{}/", port.trim()),
+            _child: child,
+        };
+        eprintln!(
+            "[bench] bare reference server (pid {}) at {}",
+            bare.pid, bare.ws_url
+        );
+        let generator = Generator {
+            sink: Sink::Bare(stdin),
+            target: Target::Plain,
+            next_id: 1,
+            committed: Arc::new(AtomicU64::new(0)),
+        };
+        Ok((bare, generator))
+    }
+}
+
+impl Generator {
+    /// The bare reference's frame from now on (a `db_event` as Fluxbase sent it).
+    async fn set_template(&mut self, frame: &str) -> Result<()> {
+        use tokio::io::AsyncWriteExt;
+        if let Sink::Bare(stdin) = &mut self.sink {
+            stdin.write_all(format!("T {frame}\n").as_bytes()).await?;
+            stdin.flush().await?;
+        }
+        Ok(())
     }
 }

@@ -114,6 +114,110 @@ async fn start_up_finishes_interrupted_deletes_and_drops_abandoned_uploads() {
     t.stop().await;
 }
 
+#[tokio::test]
+async fn start_up_lists_uploads_whose_object_was_in_place_when_a_crash_lost_their_listing() {
+    let t = spawn_app().await;
+    let f = t.fixture().await;
+    let bucket = create_bucket(&t, &f, "docs", json!({})).await;
+    let bucket_id = bucket["id"].as_str().unwrap().to_string();
+    let root = t.app.config.data_dir.join("storage");
+    for (name, body) in [("replaced.txt", &b"old"[..]), ("kept.txt", &b"old"[..])] {
+        let (status, _) = upload(
+            &t,
+            &f.admin,
+            &f.project,
+            "docs",
+            name,
+            "text/plain",
+            body,
+            &[],
+        )
+        .await;
+        assert_eq!(status, 201);
+    }
+    let key = |name: &str| format!("{}/{bucket_id}/{name}", f.project);
+    std::fs::create_dir_all(root.join(".uploads")).unwrap();
+    // Moved into place, listing lost: a new file, and a new version of an existing one.
+    std::fs::write(root.join(key("lost.txt")), b"12345").unwrap();
+    std::fs::write(root.join(key("replaced.txt")), b"1234567").unwrap();
+    // Never moved: its bytes are still staged.
+    std::fs::write(root.join(".uploads/still-staged"), b"abc").unwrap();
+    {
+        let c = t.app.control.get().await.unwrap();
+        for (name, staged, size) in [
+            ("lost.txt", ".uploads/gone-1", 5i64),
+            ("moving.txt", ".uploads/still-staged", 3),
+        ] {
+            c.execute(
+                "INSERT INTO fluxbase.storage_files
+                   (project_id, bucket_id, name, s3_key, upload_token, upload_started_at,
+                    upload_size, upload_content_type, upload_staged)
+                 VALUES ($1, $2::text::uuid, $3, $4, 'tok', now(), $5, 'text/csv', $6)",
+                &[&f.project, &bucket_id, &name, &key(name), &size, &staged],
+            )
+            .await
+            .unwrap();
+        }
+        // Upserts: one whose object is the new version, one whose staged bytes went (its
+        // upload failed) while the object at its key is still the old one.
+        for (name, staged, size) in [
+            ("replaced.txt", ".uploads/gone-2", 7i64),
+            ("kept.txt", ".uploads/gone-3", 9),
+        ] {
+            let n = c
+                .execute(
+                    "UPDATE fluxbase.storage_files SET upload_token = 'tok',
+                       upload_started_at = now(), upload_size = $3,
+                       upload_content_type = 'text/csv', upload_staged = $4
+                     WHERE project_id = $1 AND name = $2",
+                    &[&f.project, &name, &size, &staged],
+                )
+                .await
+                .unwrap();
+            assert_eq!(n, 1);
+        }
+    }
+
+    let config = t.app.config.clone();
+    t.stop().await;
+    let t = crate::support::start_with(config).await;
+    let rows: Vec<(String, Option<i64>, String, bool)> = t
+        .app
+        .control
+        .get()
+        .await
+        .unwrap()
+        .query(
+            "SELECT name, size, content_type, upload_token IS NULL FROM fluxbase.storage_files
+             WHERE project_id = $1 ORDER BY name",
+            &[&f.project],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3)))
+        .collect();
+    let row = |name: &str, size: Option<i64>, ty: &str, free: bool| {
+        (name.to_string(), size, ty.to_string(), free)
+    };
+    assert_eq!(
+        rows,
+        [
+            row("kept.txt", Some(3), "text/plain", false),
+            row("lost.txt", Some(5), "text/csv", true),
+            row("moving.txt", None, "application/octet-stream", false),
+            row("replaced.txt", Some(7), "text/csv", true),
+        ]
+    );
+    let names: Vec<String> = list_files(&t, &f.read, &f.project, "docs")
+        .await
+        .iter()
+        .map(|v| v["name"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(names, ["kept.txt", "lost.txt", "replaced.txt"]);
+    t.stop().await;
+}
+
 /// Uploads files of several sizes, suspends the project (what `fluxbase project suspend` runs),
 /// checks it is refused while suspended, resumes it, and checks every file still downloads
 /// byte-identical and its object is still on the backend.
