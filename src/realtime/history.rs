@@ -1129,6 +1129,7 @@ mod tests {
             record: r#"{"id":1,"note":"a \"quoted\" ü"}"#.into(),
             old: Some(r#"{"id":1,"note":"before"}"#.into()),
             unchanged_toast: vec!["big".into()],
+            key: None,
         };
         crate::cdc::events::finish(
             pending,
