@@ -22,7 +22,10 @@
 //!   durable subscribers, so what they have not stored is replayed after a restart. Durable
 //!   subscribers are part of the pipeline rather than its audience: when one's queue is full
 //!   the stream waits (backpressure) instead of dropping it. When a durable subscriber joins,
-//!   the stream rewinds to the slot's confirmed position so that it receives what it missed.
+//!   the stream rewinds to the slot's confirmed position so that it receives what it missed,
+//!   and it receives nothing of the pass that was running when it joined: that pass may be past
+//!   what an earlier subscriber (a publisher's previous term) received and never stored, and
+//!   a subscriber that dropped replays by id would then skip what lies in between.
 //!
 //! The boundary is the pair of traits [`EventBus`] (the projects' channels) and
 //! [`ProjectChannel`] (one project's publish/subscribe, with the contract above in its docs),
@@ -148,7 +151,9 @@ pub struct Event {
 ///   of each transaction once stored ([`Subscription::ack`]); publishing waits for room in their
 ///   queue (backpressure) instead of cutting them off. Joining requests a rewind
 ///   ([`ProjectChannel::rewind_requested`]), so that the stream replays from the slot's
-///   confirmed position and they miss nothing.
+///   confirmed position and they miss nothing; they receive events only from that replay on
+///   ([`ProjectChannel::start_pass`]), so what they receive is in order from a point at or
+///   before everything they have not acknowledged.
 /// * **Confirmation.** [`ProjectChannel::confirmable`] is how far the replication slot may be
 ///   confirmed: the lowest durable acknowledgement, or everything published when there is no
 ///   durable subscriber. The stream never confirms past it.
@@ -165,6 +170,11 @@ pub trait ProjectChannel: Send + Sync + 'static {
     fn all_acked(&self) -> bool;
     /// The rewind requests so far; a stream notes it when it (re)starts from the slot.
     fn rewind_generation(&self) -> u64;
+    /// The stream (re)starts from the slot's confirmed position: returns the rewind generation
+    /// this pass serves ([`Self::rewind_generation`]). A durable subscriber receives events only
+    /// from the first pass that started after it joined, so it never sees the rest of an
+    /// earlier pass (events past what it will be replayed from) before its replay.
+    fn start_pass(&self) -> u64;
     /// Resolves when a rewind is requested (compare [`Self::rewind_generation`] with the one
     /// noted at the start: a wake-up may be stale).
     fn rewind_requested(&self) -> impl Future<Output = ()> + Send + '_;
@@ -254,6 +264,8 @@ struct Subscriber {
     durable: bool,
     /// Durable only: the highest end LSN stored.
     acked: Option<Lsn>,
+    /// Durable only: the first pass (rewind generation) whose events it receives.
+    from_pass: u64,
     closed_reason: Arc<Mutex<Option<String>>>,
 }
 
@@ -267,6 +279,8 @@ pub struct ProjectBus {
     rewind: Notify,
     /// Counts rewind requests, so a stream that started after one ignores its stale wake-up.
     rewinds: AtomicU64,
+    /// The rewind generation the stream's current pass started at ([`ProjectChannel::start_pass`]).
+    pass: AtomicU64,
     pub published_events: AtomicU64,
 }
 
@@ -278,6 +292,7 @@ impl ProjectBus {
             published: AtomicU64::new(0),
             rewind: Notify::new(),
             rewinds: AtomicU64::new(0),
+            pass: AtomicU64::new(0),
             published_events: AtomicU64::new(0),
         }
     }
@@ -290,16 +305,25 @@ impl ProjectBus {
         });
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let closed_reason = Arc::new(Mutex::new(None));
-        self.subscribers.lock().expect("poisoned").push(Subscriber {
+        let mut subs = self.subscribers.lock().expect("poisoned");
+        // Replay from the slot so that nothing since its confirmed position is missed; until
+        // that pass starts, the current one's events are not its own (they may be past what
+        // an earlier subscriber received and never stored).
+        let from_pass = if durable {
+            self.rewinds.fetch_add(1, Ordering::AcqRel) + 1
+        } else {
+            0
+        };
+        subs.push(Subscriber {
             id,
             tx,
             durable,
             acked: None,
+            from_pass,
             closed_reason: closed_reason.clone(),
         });
+        drop(subs);
         if durable {
-            // Replay from the slot so that nothing since its confirmed position is missed.
-            self.rewinds.fetch_add(1, Ordering::AcqRel);
             self.rewind.notify_one();
         }
         Subscription::new(
@@ -330,10 +354,13 @@ impl ProjectBus {
     pub async fn publish(&self, event: Arc<Event>) {
         let mut durable = Vec::new();
         {
+            let pass = self.pass.load(Ordering::Acquire);
             let mut subs = self.subscribers.lock().expect("poisoned");
             subs.retain_mut(|s| {
                 if s.durable {
-                    durable.push(s.tx.clone());
+                    if s.from_pass <= pass {
+                        durable.push(s.tx.clone());
+                    }
                     return true;
                 }
                 match s.tx.try_send(event.clone()) {
@@ -364,6 +391,16 @@ impl ProjectBus {
     /// The rewind requests so far; a stream notes it when it (re)starts from the slot.
     pub fn rewind_generation(&self) -> u64 {
         self.rewinds.load(Ordering::Acquire)
+    }
+
+    /// See [`ProjectChannel::start_pass`].
+    pub fn start_pass(&self) -> u64 {
+        // Under the subscribers' lock: a subscriber joins either before (this pass is its
+        // own) or after (its rewind ends this pass), never in between.
+        let _subs = self.subscribers.lock().expect("poisoned");
+        let generation = self.rewinds.load(Ordering::Acquire);
+        self.pass.store(generation, Ordering::Release);
+        generation
     }
 
     /// How far the slot may be confirmed: the lowest durable acknowledgement, or everything
@@ -422,6 +459,10 @@ impl ProjectChannel for ProjectBus {
         ProjectBus::rewind_generation(self)
     }
 
+    fn start_pass(&self) -> u64 {
+        ProjectBus::start_pass(self)
+    }
+
     fn rewind_requested(&self) -> impl Future<Output = ()> + Send + '_ {
         self.rewind.notified()
     }
@@ -462,10 +503,68 @@ impl EventBus for Bus {
 
 #[cfg(test)]
 mod tests {
-    use super::RowOp;
+    use super::*;
+
+    fn event(n: u64) -> Arc<Event> {
+        Arc::new(Event {
+            id: format!("{n:016X}-00000000"),
+            kind: EventKind::Schema {
+                command: "CREATE TABLE".into(),
+            },
+            schema: None,
+            table: None,
+            record: None,
+            old: None,
+            unchanged_toast: Vec::new(),
+            row_key: None,
+            commit_timestamp: String::new(),
+            commit_lsn: Lsn(n),
+            end_lsn: Lsn(n),
+            last_in_transaction: true,
+            payload: Arc::from("{}"),
+            sender: None,
+            gap_before: false,
+        })
+    }
+
+    #[tokio::test]
+    async fn a_durable_subscriber_receives_nothing_of_the_pass_running_when_it_joined() {
+        let bus = Bus::default().project("p");
+        let first = bus.start_pass();
+        let mut old = bus.subscribe_durable();
+        // `old` joined after the pass began: the stream is asked to rewind, and until it does,
+        // `old` gets nothing of this pass (its events may be past what `old` replays from).
+        bus.publish(event(1)).await;
+        assert!(old.events.try_recv().is_err());
+        assert!(bus.rewind_generation() > first);
+        assert_eq!(bus.start_pass(), bus.rewind_generation());
+        bus.publish(event(1)).await;
+        bus.publish(event(2)).await;
+        assert_eq!(old.events.try_recv().unwrap().end_lsn, Lsn(1));
+        assert_eq!(old.events.try_recv().unwrap().end_lsn, Lsn(2));
+        // A publisher's next term: its new subscription must not see event 3 of the running
+        // pass before the replay from the slot (it would skip what lies between).
+        let mut new = bus.subscribe_durable();
+        let mut live = bus.subscribe();
+        bus.publish(event(3)).await;
+        assert!(new.events.try_recv().is_err());
+        assert_eq!(old.events.try_recv().unwrap().end_lsn, Lsn(3));
+        bus.start_pass();
+        bus.publish(event(1)).await;
+        assert_eq!(new.events.try_recv().unwrap().end_lsn, Lsn(1));
+        // Ordinary subscribers get everything live, passes or not.
+        assert_eq!(live.events.try_recv().unwrap().end_lsn, Lsn(3));
+        assert_eq!(live.events.try_recv().unwrap().end_lsn, Lsn(1));
+        // Not confirmable past a subscriber that has acknowledged nothing.
+        old.ack(Lsn(3));
+        assert_eq!(bus.confirmable(), None);
+        new.ack(Lsn(1));
+        assert_eq!(bus.confirmable(), Some(Lsn(1)));
+    }
 
     #[test]
     fn row_operations_have_the_guide_s_names() {
+        use super::RowOp;
         for op in [RowOp::Insert, RowOp::Update, RowOp::Delete] {
             assert_eq!(RowOp::from_name(op.as_str()), Some(op));
             assert_eq!(op.to_string(), op.as_str());

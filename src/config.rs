@@ -200,6 +200,11 @@ pub struct Config {
     pub nats_retention_bytes: u64,
     /// Copies JetStream keeps of each stream (1 for a single NATS server; 3 for a NATS cluster).
     pub nats_replicas: usize,
+    /// How long the leader's publisher waits, after JetStream acknowledged an event, before it
+    /// lets the replication slot move past it, in milliseconds: a nats-server killed in that
+    /// window may have lost what it acknowledged (NATS 2.9 writes its store asynchronously), and
+    /// the events are then published again from the slot. 0 disables the wait.
+    pub nats_publish_settle_ms: u64,
 }
 
 impl Default for Config {
@@ -272,6 +277,7 @@ impl Default for Config {
             nats_retention_secs: 24 * 3600,
             nats_retention_bytes: 256 * 1024 * 1024,
             nats_replicas: 1,
+            nats_publish_settle_ms: 2000,
         }
     }
 }

@@ -88,6 +88,9 @@ pub struct ProjectLeadership {
     pub stream_sequence: Option<u64>,
     pub published: Option<u64>,
     pub skipped: Option<u64>,
+    /// On the leader: times the stream was found without events the slot had already been
+    /// confirmed past (JetStream lost them after `nats_publish_settle_ms`; see docs/cluster.md).
+    pub lost_tails: Option<u64>,
     pub publish_error: Option<String>,
 }
 
@@ -123,6 +126,7 @@ impl ClusterMode {
             stream_sequence: publisher.as_ref().map(|p| p.sequence),
             published: publisher.as_ref().map(|p| p.published),
             skipped: publisher.as_ref().map(|p| p.skipped),
+            lost_tails: publisher.as_ref().map(|p| p.lost_tails),
             publish_error: publisher.and_then(|p| p.last_error),
         }
     }

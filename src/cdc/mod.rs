@@ -599,8 +599,9 @@ async fn stream_once<B: EventBus>(
     let key = message_key(&sources.secrets, project_id);
     let _ = std::fs::remove_dir_all(&spill_dir);
     let slot = slot_name(project_id);
-    // Rewinds requested before this point are served by starting from the slot now.
-    let generation = bus.rewind_generation();
+    // Rewinds requested before this point are served by starting from the slot now; the
+    // durable subscribers that asked for them receive events from this pass on.
+    let generation = bus.start_pass();
 
     // Catalog side connection: slot health and user-defined types.
     let mut catalog = Connection::connect(&cfg).await?;

@@ -88,12 +88,19 @@ pub struct Retention {
     pub replicas: usize,
 }
 
+/// How the leader's publisher treats JetStream's acknowledgements ([`publisher`]).
+pub struct PublishSettings {
+    /// How long after JetStream's acknowledgement an event may let the slot move past it.
+    pub settle: Duration,
+}
+
 /// A node's link to the cluster: its name, its NATS connection and JetStream.
 pub struct Cluster {
     pub node_id: String,
     pub nats: async_nats::Client,
     pub js: jetstream::Context,
     pub retention: Retention,
+    pub publishing: PublishSettings,
     /// Counts (re)connections: a pull consumer's outstanding request does not survive a NATS
     /// restart, so feeds start over when this moves.
     connections: tokio::sync::watch::Sender<u64>,
@@ -219,6 +226,9 @@ impl Cluster {
                 max_age: Duration::from_secs(config.nats_retention_secs),
                 max_bytes: i64::try_from(config.nats_retention_bytes).unwrap_or(i64::MAX),
                 replicas: config.nats_replicas,
+            },
+            publishing: PublishSettings {
+                settle: Duration::from_millis(config.nats_publish_settle_ms),
             },
             connections,
         }))

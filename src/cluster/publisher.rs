@@ -13,7 +13,17 @@
 //! * No duplicates: at the start of a term the publisher reads the stream's last event id and
 //!   skips (acknowledging) every event at or below it: a replay after a failover or a rewind.
 //!   Each publish also carries its id as `Nats-Msg-Id` (JetStream's de-duplication window).
+//! * Settled before confirmed: JetStream's acknowledgement does not mean the event is in a
+//!   file yet (NATS 2.9 buffers its store's writes in the process and has no `sync_interval`:
+//!   a kill -9 of nats-server loses the acknowledged tail, seen losing ~1,900 events under
+//!   load). A transaction's end goes to the bus (which lets the slot be confirmed past it) only
+//!   [`super::PublishSettings::settle`] (`nats_publish_settle_ms`, 2 s) after its
+//!   acknowledgement, and only if the NATS connection stayed up since the term began; when it
+//!   is made again the term ends, and the next one reads the stream's tail and publishes again,
+//!   from the slot, whatever the stream no longer holds. A stream found shorter than what was
+//!   already let go (a loss older than the window) is reported, never hidden.
 
+use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -62,6 +72,46 @@ pub struct PublisherStatus {
     pub skipped: u64,
     pub terms: u64,
     pub last_error: Option<String>,
+    /// Terms that found the stream without events already let go to the slot: lost by
+    /// JetStream after the settle window.
+    pub lost_tails: u64,
+}
+
+/// Transaction ends acknowledged by JetStream, waiting out the settle window.
+#[derive(Default)]
+struct Settling {
+    /// (due, end, id of the event that ended it), in acknowledgement order.
+    queue: VecDeque<(tokio::time::Instant, Lsn, String)>,
+}
+
+/// Ends acknowledged within this long of each other wait as one entry (due with the latest),
+/// so the queue holds at most settle / GRAIN entries whatever the rate.
+const GRAIN: Duration = Duration::from_millis(10);
+
+impl Settling {
+    fn push(&mut self, due: tokio::time::Instant, end: Lsn, id: String) {
+        if let Some(back) = self.queue.back_mut() {
+            if due.saturating_duration_since(back.0) < GRAIN {
+                *back = (due, end, id);
+                return;
+            }
+        }
+        self.queue.push_back((due, end, id));
+    }
+
+    fn next_due(&self) -> Option<tokio::time::Instant> {
+        self.queue.front().map(|e| e.0)
+    }
+
+    /// The latest end whose window has passed, taken out of the queue.
+    fn take_due(&mut self, now: tokio::time::Instant) -> Option<(Lsn, String)> {
+        let mut last = None;
+        while self.queue.front().is_some_and(|e| e.0 <= now) {
+            let (_, end, id) = self.queue.pop_front().expect("not empty");
+            last = Some((end, id));
+        }
+        last
+    }
 }
 
 /// The id after `last` for a broadcast: `<last event id>-<n, 8 hex>`, one more than `last`'s own
@@ -107,9 +157,11 @@ pub async fn run(
 ) {
     let mut backoff = Duration::from_millis(200);
     let mut sub = first;
+    // The last event whose transaction this publisher let the slot move past, over all terms.
+    let mut released: Option<String> = None;
     loop {
         status.lock().expect("poisoned").terms += 1;
-        match term(&cluster, &mut sub, &project_id, &status).await {
+        match term(&cluster, &mut sub, &project_id, &status, &mut released).await {
             Ok(()) => return,
             Err(e) => {
                 tracing::warn!(project_id, error = %e, retry_in = ?backoff, "publishing to JetStream");
@@ -161,10 +213,39 @@ async fn term(
     sub: &mut Subscription,
     project_id: &str,
     status: &Mutex<PublisherStatus>,
+    released: &mut Option<String>,
 ) -> anyhow::Result<()> {
+    // A NATS connection made again from here on ends the term (see the module's doc).
+    let mut connections = cluster.connections();
+    connections.borrow_and_update();
     // The subscription asked the change stream to rewind to the slot's confirmed position:
     // nothing this publisher has not had acknowledged is lost.
     let (mut expected, mut last_id, mut last_end) = stream_tail(cluster, project_id).await?;
+    if let Some(gone) = released.as_deref() {
+        let holds = match last_id.as_deref() {
+            Some(last) => last >= gone,
+            // Everything expired (by retention) or the stream is new.
+            None => expected > 0,
+        };
+        if !holds {
+            let why = format!(
+                "the project's JetStream stream lost events the slot was already confirmed past: \
+                 it ends at {} (sequence {expected}), events up to {gone} had been acknowledged \
+                 more than nats_publish_settle_ms earlier; they cannot be published again. Run \
+                 nats-server 2.10 or later with `sync_interval: always`, or raise \
+                 nats_publish_settle_ms",
+                last_id.as_deref().unwrap_or("nothing")
+            );
+            tracing::error!(project_id, "{why}");
+            let mut s = status.lock().expect("poisoned");
+            s.lost_tails += 1;
+            s.last_error = Some(why);
+        }
+        // What is there now is the reference from here on.
+        *released = last_id.clone();
+    }
+    let settle = cluster.publishing.settle;
+    let mut settling = Settling::default();
     let mut asks = cluster
         .nats
         .subscribe(super::broadcast_subject(project_id))
@@ -178,8 +259,25 @@ async fn term(
     let mut in_flight: FuturesOrdered<futures_util::future::BoxFuture<'static, Done>> =
         FuturesOrdered::new();
     loop {
+        let next_due = settling.next_due();
         tokio::select! {
             biased;
+            _ = connections.changed() => {
+                anyhow::bail!(
+                    "the NATS connection was made again: what JetStream acknowledged in the last \
+                     {settle:?} is checked against the stream"
+                );
+            }
+            _ = tokio::time::sleep_until(next_due.unwrap_or_else(tokio::time::Instant::now)),
+                if next_due.is_some() => {
+                if !cluster.connected() {
+                    anyhow::bail!("NATS is unreachable: acknowledged events are not settled");
+                }
+                if let Some((end, id)) = settling.take_due(tokio::time::Instant::now()) {
+                    sub.ack(end);
+                    *released = Some(id);
+                }
+            }
             done = in_flight.next(), if !in_flight.is_empty() => {
                 let (result, end, reply, id) = done.expect("not empty");
                 match result {
@@ -193,7 +291,12 @@ async fn term(
                         }
                         // Acknowledgements come in order: a transaction's end is whole.
                         if let Some(end) = end {
-                            sub.ack(end);
+                            if settle.is_zero() {
+                                sub.ack(end);
+                                *released = Some(id.clone());
+                            } else {
+                                settling.push(tokio::time::Instant::now() + settle, end, id.clone());
+                            }
                         }
                         if let Some(reply) = reply {
                             answer(cluster, reply, Some(id), None).await;
@@ -212,7 +315,9 @@ async fn term(
                 let end = event.last_in_transaction.then_some(event.end_lsn);
                 if last_id.as_deref().is_some_and(|l| event.id.as_str() <= l) {
                     status.lock().expect("poisoned").skipped += 1;
-                    in_flight.push_back(Box::pin(async move { (Ok(0), end, None, String::new()) }));
+                    // Settled like a publish: the stream's tail may not be in its files yet.
+                    let id = event.id.clone();
+                    in_flight.push_back(Box::pin(async move { (Ok(0), end, None, id) }));
                     continue;
                 }
                 expected += 1;
@@ -331,7 +436,34 @@ async fn publish(
 
 #[cfg(test)]
 mod tests {
-    use super::next_broadcast_id;
+    use super::{next_broadcast_id, Settling, GRAIN};
+    use fluxbase_replication::pgoutput::Lsn;
+    use std::time::Duration;
+
+    #[test]
+    fn settling_lets_an_end_go_only_after_its_window_and_stays_small() {
+        let t0 = tokio::time::Instant::now();
+        let mut s = Settling::default();
+        assert_eq!(s.next_due(), None);
+        // A thousand ends acknowledged within one grain: one entry, due with the latest.
+        for i in 0..1000u64 {
+            s.push(t0 + Duration::from_micros(i), Lsn(i), format!("{i}"));
+        }
+        assert_eq!(s.queue.len(), 1);
+        assert_eq!(s.take_due(t0), None);
+        assert_eq!(
+            s.take_due(t0 + Duration::from_micros(999)),
+            Some((Lsn(999), "999".to_string()))
+        );
+        // Later ends wait for their own window; taking returns the latest due.
+        s.push(t0 + GRAIN * 2, Lsn(2000), "a".into());
+        s.push(t0 + GRAIN * 4, Lsn(3000), "b".into());
+        assert_eq!(s.next_due(), Some(t0 + GRAIN * 2));
+        assert_eq!(s.take_due(t0 + GRAIN), None);
+        assert_eq!(s.take_due(t0 + GRAIN * 3), Some((Lsn(2000), "a".into())));
+        assert_eq!(s.take_due(t0 + GRAIN * 9), Some((Lsn(3000), "b".into())));
+        assert_eq!(s.next_due(), None);
+    }
 
     #[test]
     fn broadcast_ids_sort_between_the_last_id_and_the_next_event() {

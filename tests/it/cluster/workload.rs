@@ -81,6 +81,12 @@ enum Loss {
     Leader,
     /// kill -9 of nats-server, then a restart on the same port and store.
     Nats,
+    /// kill -9 of nats-server, the newest messages of the project's stream cut from its files
+    /// (what nats-server 2.9 was seen losing of what it had acknowledged), then a restart: the
+    /// events must be published again from the slot. The nodes settle JetStream's
+    /// acknowledgements for 5 minutes (`nats_publish_settle_ms`), so that the cut falls inside
+    /// the window whatever the machine's speed.
+    NatsTail,
 }
 
 const OPERATIONS: i32 = 4000;
@@ -103,12 +109,16 @@ async fn count(client: &tokio_postgres::Client, query: &str, webhook: &str) -> i
 
 async fn through_a_loss(loss: Loss) {
     let mut own_nats = match loss {
-        Loss::Nats => Some(NatsServer::start().await),
+        Loss::Nats | Loss::NatsTail => Some(NatsServer::start().await),
         Loss::Leader => None,
     };
+    let settle: &[(&str, &str)] = match loss {
+        Loss::NatsTail => &[("FLUXBASE_NATS_PUBLISH_SETTLE_MS", "300000")],
+        _ => &[],
+    };
     let mut nodes = match &own_nats {
-        Some(n) => Nodes::start_with_nats(&n.url(), 3, &[]).await,
-        None => Nodes::start(3, &[]).await,
+        Some(n) => Nodes::start_with_nats(&n.url(), 3, settle).await,
+        None => Nodes::start(3, settle).await,
     };
     let p: Project = project(nodes.base(0)).await;
     let pg = pg().await;
@@ -198,9 +208,28 @@ async fn through_a_loss(loss: Loss) {
             }
             finished(workload).await;
         }
-        Loss::Nats => {
+        Loss::Nats | Loss::NatsTail => {
             let nats = own_nats.as_mut().unwrap();
+            let stream = format!("FLUXBASE_{}", p.project);
+            // NatsTail: a node's room falls behind the stream (stopped, as an overloaded node
+            // lags), so that what JetStream loses is what that room still has to read.
+            let lagging = (loss == Loss::NatsTail)
+                .then(|| (0..nodes.len()).find(|&i| nodes.ids[i] != leader).unwrap());
+            if let Some(i) = lagging {
+                nodes.node(i).pause();
+                tokio::time::sleep(Duration::from_secs(2)).await;
+            }
+            let before = nats.last_sequence(&stream).await.unwrap_or(0);
             nats.kill9();
+            if let Some(i) = lagging {
+                let cut = nats.cut_stream_tail(&stream);
+                eprintln!(
+                    "node {} stopped behind the stream; the stream ended at {before} at the \
+                     kill; {cut} bytes cut off its files",
+                    nodes.ids[i]
+                );
+                nodes.node(i).resume();
+            }
             release().await;
             // NATS down: HTTP serves on, every node's /ready says it cannot reach NATS, and
             // every subscriber is told its changes are delayed.
@@ -214,6 +243,16 @@ async fn through_a_loss(loss: Loss) {
             finished(workload).await;
             nats.restart().await;
             eprintln!("nats-server killed during the workload and restarted");
+            if loss == Loss::NatsTail {
+                // Read before the leader publishes again (it waits for its next term).
+                let after = nats.last_sequence(&stream).await.unwrap_or(0);
+                eprintln!("the stream ends at {after} after the restart");
+                assert!(
+                    after < before,
+                    "cutting the stream's files lost nothing ({after} of {before}): the test \
+                     would not exercise publishing again"
+                );
+            }
             for i in nodes.alive() {
                 ready_until(&nodes, i, true).await;
             }
@@ -335,7 +374,7 @@ async fn finish(
             feed.other
         );
         assert_exactly_once_in_order(&s.name, &feed, &expected);
-        if loss == Loss::Nats {
+        if loss != Loss::Leader {
             // Told when the changes were delayed, and when they flow again.
             let states: Vec<&Value> = feed
                 .other
@@ -450,7 +489,7 @@ async fn finish(
     let excused = around_the_kill.start.saturating_sub(IN_FLIGHT)..around_the_kill.end;
     let unexcused: Vec<_> = repeated
         .iter()
-        .filter(|(_, first)| loss == Loss::Nats || !excused.contains(first))
+        .filter(|(_, first)| loss != Loss::Leader || !excused.contains(first))
         .collect();
     assert!(
         unexcused.is_empty(),
@@ -504,4 +543,9 @@ async fn kill_9_of_the_leader_mid_workload_another_node_leads_within_5_s_and_not
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nats_killed_and_restarted_mid_workload_loses_nothing_for_subscribers_or_webhooks() {
     bounded(Duration::from_secs(900), through_a_loss(Loss::Nats)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nats_losing_the_tail_it_acknowledged_loses_nothing_for_subscribers_or_webhooks() {
+    bounded(Duration::from_secs(900), through_a_loss(Loss::NatsTail)).await;
 }

@@ -108,6 +108,17 @@ impl NatsServer {
         }
     }
 
+    /// The last sequence of stream `name`, from the monitoring endpoint.
+    pub async fn last_sequence(&self, name: &str) -> Option<u64> {
+        let jsz = self.jsz().await;
+        jsz["account_details"]
+            .as_array()?
+            .iter()
+            .flat_map(|a| a["stream_detail"].as_array().into_iter().flatten())
+            .find(|s| s["name"] == name)?["state"]["last_seq"]
+            .as_u64()
+    }
+
     /// Each stream's name, messages, first and last sequence, and each consumer's name,
     /// delivered and acknowledged stream sequences and pending count: one line each; only the
     /// stream named `only`, if given (the shared server holds every test's).
@@ -190,6 +201,51 @@ impl NatsServer {
                 }
             }
         }
+    }
+
+    /// What a nats-server killed under load loses (2.9 writes its store from a buffer in its own
+    /// process, asynchronously): the newest half of the stream `stream`'s last message block is
+    /// cut off its file, and the block's index and summary files are removed so that the
+    /// restarted server rebuilds them from what is left. Only while the server is stopped.
+    /// Returns the bytes cut.
+    pub fn cut_stream_tail(&mut self, stream: &str) -> u64 {
+        assert!(
+            self.child.is_none(),
+            "cut_stream_tail needs nats-server stopped"
+        );
+        let msgs = self
+            .dir
+            .join("store/jetstream/$G/streams")
+            .join(stream)
+            .join("msgs");
+        let mut blocks: Vec<(u64, std::path::PathBuf)> = std::fs::read_dir(&msgs)
+            .unwrap_or_else(|e| panic!("reading {}: {e}", msgs.display()))
+            .filter_map(|e| {
+                let path = e.ok()?.path();
+                let n = path
+                    .file_name()?
+                    .to_str()?
+                    .strip_suffix(".blk")?
+                    .parse()
+                    .ok()?;
+                Some((n, path))
+            })
+            .collect();
+        blocks.sort();
+        let (n, last) = blocks.pop().expect("the stream has a message block");
+        let len = std::fs::metadata(&last).unwrap().len();
+        let cut = len / 2;
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&last)
+            .unwrap()
+            .set_len(len - cut)
+            .unwrap();
+        for other in [format!("{n}.idx"), format!("{n}.fss")] {
+            let _ = std::fs::remove_file(msgs.join(other));
+        }
+        let _ = std::fs::remove_file(msgs.join("index.db"));
+        cut
     }
 
     /// Whether the process is running.
