@@ -1242,11 +1242,16 @@ impl Connection {
     }
 }
 
-/// Bind (text parameters, text results) + Describe portal + Execute (all rows) + Sync.
-fn encode_bind_execute(params: &[Option<String>], buf: &mut BytesMut) -> Result<(), String> {
+/// Bind of statement `statement` (`""`: the unnamed one) to the unnamed portal, text
+/// parameters and text results.
+fn encode_bind(
+    statement: &str,
+    params: &[Option<String>],
+    buf: &mut BytesMut,
+) -> Result<(), String> {
     frontend::bind(
         "",
-        "",
+        statement,
         std::iter::empty(), // no parameter formats: all text
         params,
         |param, buf| match param {
@@ -1262,7 +1267,13 @@ fn encode_bind_execute(params: &[Option<String>], buf: &mut BytesMut) -> Result<
     .map_err(|e| match e {
         frontend::BindError::Conversion(e) => e.to_string(),
         frontend::BindError::Serialization(e) => e.to_string(),
-    })?;
+    })
+}
+
+/// Bind of the unnamed statement (text parameters, text results) + Describe portal + Execute
+/// (all rows) + Sync.
+fn encode_bind_execute(params: &[Option<String>], buf: &mut BytesMut) -> Result<(), String> {
+    encode_bind("", params, buf)?;
     frontend::describe(b'P', "", buf).map_err(|e| e.to_string())?;
     frontend::execute("", 0, buf).map_err(|e| e.to_string())?;
     frontend::sync(buf);

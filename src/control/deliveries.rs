@@ -183,7 +183,10 @@ pub async fn insert_batch(
         .await
 }
 
-/// The project's most recent 500 deliveries, newest first.
+/// The project's most recent 500 deliveries, newest first. Filtered by webhook it reads that
+/// webhook's retained deliveries through `UNIQUE (webhook_id, event_id)` and sorts them; by
+/// project only, the whole outbox (no index keeps either order: each would cost an entry per
+/// delivery and another per recorded attempt, see sql/control/0015_webhook_outbox_indexes.sql).
 pub async fn list(
     client: &impl GenericClient,
     project_id: &str,

@@ -49,6 +49,11 @@ pub const PROJECT_MIGRATIONS: &[(i32, &str, &str)] = &[
         "session_reset",
         include_str!("../../sql/project/0010_session_reset.sql"),
     ),
+    (
+        11,
+        "session_reset_cheaper",
+        include_str!("../../sql/project/0011_session_reset_cheaper.sql"),
+    ),
 ];
 
 /// The latest bootstrap version.

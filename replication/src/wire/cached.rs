@@ -461,26 +461,3 @@ impl Connection {
         Ok(Round::Done(Err(WireError::Db(e))))
     }
 }
-
-/// Bind of statement `name` to the unnamed portal, text parameters and results.
-fn encode_bind(name: &str, params: &[Option<String>], buf: &mut BytesMut) -> Result<(), String> {
-    frontend::bind(
-        "",
-        name,
-        std::iter::empty(),
-        params,
-        |param, buf| match param {
-            Some(text) => {
-                buf.put_slice(text.as_bytes());
-                Ok(IsNull::No)
-            }
-            None => Ok(IsNull::Yes),
-        },
-        std::iter::empty(),
-        buf,
-    )
-    .map_err(|e| match e {
-        frontend::BindError::Conversion(e) => e.to_string(),
-        frontend::BindError::Serialization(e) => e.to_string(),
-    })
-}

@@ -926,3 +926,78 @@ async fn cached_statements_carry_no_session_state_between_requests() {
     assert_eq!(probe["held"], false, "{probe}");
     assert_eq!(probe["path"], "\"$user\", public", "{probe}");
 }
+
+/// The session reset closes every cursor held from an earlier request (`CLOSE ALL`, see
+/// sql/project/0011_session_reset_cheaper.sql), however it was made: several from a function
+/// (one with a name that needs quoting), a script's own `DECLARE … WITH HOLD`, one beside LISTEN
+/// and a SQL-level PREPARE (the reset then runs on its own first); and it leaves the
+/// statements the connection keeps prepared in place.
+#[tokio::test]
+async fn session_reset_closes_every_held_cursor_and_keeps_the_statements() {
+    let app = spawn_app_with(|c| c.pool_size = 1).await;
+    let f = app.fixture().await;
+    app.rows(
+        &f.admin,
+        &f.project,
+        r#"CREATE FUNCTION hold_cursors() RETURNS int LANGUAGE plpgsql AS $$
+         BEGIN
+             EXECUTE 'DECLARE "Odd ""name""" CURSOR WITH HOLD FOR SELECT 1';
+             EXECUTE 'DECLARE plain CURSOR WITH HOLD FOR SELECT g FROM generate_series(1, 3) g';
+             EXECUTE 'DECLARE transient CURSOR FOR SELECT 3';
+             RETURN 1;
+         END $$;
+         CREATE FUNCTION hold_and_listen() RETURNS int LANGUAGE plpgsql AS $$
+         BEGIN
+             EXECUTE 'DECLARE both_ways CURSOR WITH HOLD FOR SELECT 1';
+             EXECUTE 'LISTEN both_ways';
+             EXECUTE 'PREPARE both_ways AS SELECT 1';
+             RETURN 1;
+         END $$"#,
+    )
+    .await;
+    let run = |query: &'static str| {
+        let (app, f) = (&app, &f);
+        async move {
+            let body = app
+                .sql_params(&f.admin, &f.project, query, json!([1]))
+                .await;
+            assert_eq!(body["success"], true, "{query}: {body}");
+            body["result"]["rows"][0].clone()
+        }
+    };
+    const PROBE: &str = "SELECT
+        (SELECT count(*) FROM pg_cursors WHERE name <> '') AS cursors,
+        (SELECT count(*) FROM pg_prepared_statements WHERE from_sql) AS sql_prepared,
+        (SELECT count(*) FROM pg_prepared_statements WHERE NOT from_sql) AS kept,
+        (SELECT count(*) FROM pg_listening_channels()) AS listening
+        WHERE $1::int = 1";
+    const HOLD: &str = "SELECT public.hold_cursors() AS done WHERE $1::int = 1";
+    for round in 0..3 {
+        // Made by a kept statement's function.
+        assert_eq!(run(HOLD).await, json!({ "done": 1 }));
+        let probe = run(PROBE).await;
+        assert_eq!(probe["cursors"], 0, "round {round}: {probe}");
+        if round > 0 {
+            assert!(probe["kept"].as_i64().unwrap() >= 3, "{probe}");
+        }
+        // Made by a script (simple protocol), by the function and by DECLARE itself.
+        app.rows(
+            &f.admin,
+            &f.project,
+            "SELECT public.hold_cursors(); DECLARE scripted CURSOR WITH HOLD FOR SELECT 1",
+        )
+        .await;
+        let probe = run(PROBE).await;
+        assert_eq!(probe["cursors"], 0, "round {round}: {probe}");
+        // Beside LISTEN (the reset runs on its own first) and a SQL-level prepared statement.
+        run("SELECT public.hold_and_listen() AS done WHERE $1::int = 1").await;
+        let probe = run(PROBE).await;
+        for zero in ["cursors", "sql_prepared", "listening"] {
+            assert_eq!(probe[zero], 0, "round {round}, {zero}: {probe}");
+        }
+        // The kept statements are still the connection's: nothing was prepared again.
+        if round > 0 {
+            assert!(probe["kept"].as_i64().unwrap() >= 3, "{probe}");
+        }
+    }
+}

@@ -1,0 +1,12 @@
+-- The webhook outbox's upkeep per delivery (issue 19). A delivery is written once (INSERT) and
+-- recorded once (UPDATE to 'delivered'); that UPDATE can never be a HOT update (`status` is in
+-- the predicate of the pending indexes, which must stay partial to stay small), so PostgreSQL
+-- adds an entry for the new row version to every index whose predicate it meets.
+-- `webhook_deliveries_webhook (webhook_id, created_at DESC)` was one of them: an entry on the
+-- INSERT and another on every recorded attempt, for one reader only (the delivery log filtered
+-- by webhook, newest 500). It goes: that filter now uses `UNIQUE (webhook_id, event_id)` and
+-- sorts the webhook's retained deliveries (delivered ones are pruned after the retention
+-- period), as the log filtered by project only always did. Per delivery: 8 index entries → 6.
+-- Nothing else reads it: the outbox's writers and the delivery worker use the primary key, the
+-- unique key and the two pending indexes (webhook_deliveries_pending, webhook_deliveries_due).
+DROP INDEX IF EXISTS fluxbase.webhook_deliveries_webhook;
