@@ -305,7 +305,36 @@ async fn close_cli(app: SharedApp, lock: Option<DataDirLock>) {
 /// `fluxbase doctor`: the configured cluster, or the embedded one (the running server's, or
 /// started for the check and stopped after it).
 async fn doctor(config: Config) -> Result<()> {
-    let findings = match &config.database_url {
+    let mut findings = postgresql_findings(&config).await?;
+    // MySQL projects on the operator's server: its binlog settings and the admin's privileges
+    // (the embedded MariaDB is started with what it needs).
+    if let Some(url) = &config.mysql_url {
+        let secrets = fluxbase::secrets::Secrets::load_or_create(&config.data_dir)?;
+        findings.extend(
+            fluxbase::mysql::doctor::check(
+                url.expose(),
+                &fluxbase::mysql::replication_user(&secrets),
+            )
+            .await?,
+        );
+    }
+    if findings.is_empty() {
+        if config.nats_url.is_some() {
+            println!("ok: the cluster and its NATS server are ready for Fluxbase (cluster mode)");
+        } else {
+            println!("ok: the cluster is ready for Fluxbase");
+        }
+        return Ok(());
+    }
+    for f in &findings {
+        println!("problem: {}\n    fix: {}", f.problem, f.fix);
+    }
+    bail!("{} problem(s) found", findings.len())
+}
+
+/// The PostgreSQL side of `fluxbase doctor`.
+async fn postgresql_findings(config: &Config) -> Result<Vec<fluxbase::doctor::Finding>> {
+    Ok(match &config.database_url {
         Some(url) => {
             let target = ClusterTarget::from_url(url.expose())?;
             let mut findings = fluxbase::doctor::check(&target).await?;
@@ -355,19 +384,7 @@ async fn doctor(config: Config) -> Result<()> {
                 }
             }
         }
-    };
-    if findings.is_empty() {
-        if config.nats_url.is_some() {
-            println!("ok: the cluster and its NATS server are ready for Fluxbase (cluster mode)");
-        } else {
-            println!("ok: the cluster is ready for Fluxbase");
-        }
-        return Ok(());
-    }
-    for f in &findings {
-        println!("problem: {}\n    fix: {}", f.problem, f.fix);
-    }
-    bail!("{} problem(s) found", findings.len())
+    })
 }
 
 async fn project(app: &App, action: ProjectAction) -> Result<()> {

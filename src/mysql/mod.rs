@@ -14,6 +14,7 @@
 //! migrations under `sql/project/`) never sees a MySQL project: the app routes by
 //! [`crate::projects::Engine`].
 
+pub mod doctor;
 pub mod embedded;
 pub mod provision;
 pub mod render;
@@ -236,4 +237,9 @@ impl Target {
             client_host,
         })
     }
+}
+
+/// The replication account's name for an instance's secrets (see [`Mysql::replication_user`]).
+pub fn replication_user(secrets: &Secrets) -> String {
+    format!("fluxbase_repl_{}", &secrets.derive("mysql-repl-name")[..8])
 }
