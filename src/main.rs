@@ -340,7 +340,7 @@ async fn postgresql_findings(config: &Config) -> Result<Vec<fluxbase::doctor::Fi
             let mut findings = fluxbase::doctor::check(&target).await?;
             // Cluster mode (which needs database_url): the NATS server too.
             if config.nats_url.is_some() {
-                findings.extend(fluxbase::doctor::check_nats(&config, &target).await?);
+                findings.extend(fluxbase::doctor::check_nats(config, &target).await?);
             }
             findings
         }

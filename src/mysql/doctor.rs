@@ -33,11 +33,13 @@ pub async fn check(url: &str, replication_user: &str) -> anyhow::Result<Vec<Find
         .map_err(|e| anyhow::anyhow!("FLUXBASE_MYSQL_URL is not a valid MySQL URL: {e}"))?;
     let mut conn = match mysql_async::Conn::new(opts).await {
         Ok(c) => c,
-        Err(e) => return Ok(vec![Finding {
+        Err(e) => {
+            return Ok(vec![Finding {
             problem: format!("cannot connect to the MySQL server of FLUXBASE_MYSQL_URL: {e}"),
             fix: "check the URL's host, port, user and password (mysql://user:password@host:3306/)"
                 .into(),
-        }]),
+        }])
+        }
     };
     let mut findings = Vec::new();
     let version: String = conn
