@@ -243,3 +243,6 @@ impl Target {
 pub fn replication_user(secrets: &Secrets) -> String {
     format!("fluxbase_repl_{}", &secrets.derive("mysql-repl-name")[..8])
 }
+
+/// The MySQL client the server uses, for the benchmarks and tests that drive it directly.
+pub use mysql_async;
