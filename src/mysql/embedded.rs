@@ -195,7 +195,7 @@ impl Server {
 
     fn start_server(&mut self, extra: &[(&str, &str)]) -> Result<()> {
         let init = self.write_init_file()?;
-        let result = self.start_on_a_free_port(&init, extra);
+        let result = self.start_on_a_free_port(&init, extra, None);
         let _ = std::fs::remove_file(&init);
         result?;
         self.spawn_watchdog()?;
@@ -205,10 +205,19 @@ impl Server {
         Ok(())
     }
 
-    fn start_on_a_free_port(&mut self, init: &Path, extra: &[(&str, &str)]) -> Result<()> {
+    /// Starts `mariadbd` on `port` (when given: once), else on free ports until one holds.
+    fn start_on_a_free_port(
+        &mut self,
+        init: &Path,
+        extra: &[(&str, &str)],
+        port: Option<u16>,
+    ) -> Result<()> {
         let mut attempt = 1;
         loop {
-            self.port = free_port()?;
+            self.port = match (port, attempt) {
+                (Some(p), 1) => p,
+                _ => free_port()?,
+            };
             let log_start = std::fs::metadata(self.log_file())
                 .map(|m| m.len())
                 .unwrap_or(0);
@@ -357,15 +366,16 @@ impl Server {
         }
     }
 
-    /// Kills the server (`SIGKILL`, a crash) and starts it again on the same port (tests).
-    pub fn crash_and_restart(&mut self) -> Result<()> {
+    /// Kills the server (`SIGKILL`, a crash: InnoDB recovers at the next start) and starts it
+    /// again with `extra`, on the same port if it is still free (tests).
+    pub fn crash_and_restart(&mut self, extra: &[(&str, &str)]) -> Result<()> {
         if let Some(mut child) = self.child.lock().expect("poisoned").take() {
             let _ = child.kill();
             let _ = child.wait();
         }
         let port = self.port;
         let init = self.write_init_file()?;
-        let result = self.start_on_a_free_port(&init, &[]);
+        let result = self.start_on_a_free_port(&init, extra, Some(port));
         let _ = std::fs::remove_file(&init);
         result?;
         if self.port != port {
@@ -375,7 +385,13 @@ impl Server {
                 "MariaDB restarted on another port"
             );
         }
+        std::fs::write(self.root.join("port"), format!("{}\n", self.port))?;
         self.spawn_watchdog()
+    }
+
+    /// The process id of `mariadbd`.
+    pub fn pid(&self) -> u32 {
+        self.pid
     }
 }
 

@@ -92,6 +92,17 @@ impl Pools {
             .remove(project_id);
     }
 
+    /// Drops one pool with every connection in it (a connection of it was lost: the others,
+    /// opened before the same failure, are likely dead too).
+    fn forget_pool(&self, project_id: &str, role: DbRole) {
+        let gone = self
+            .pools
+            .lock()
+            .expect("poisoned")
+            .remove(&(project_id.to_string(), role));
+        disconnect(gone.into_iter().collect());
+    }
+
     pub fn clear(&self) {
         let gone: Vec<Pool> = self
             .pools
@@ -266,7 +277,10 @@ impl Mysql {
                     e.message, e.code
                 )))
             }
-            Ok(Err(e)) => return Err(SqlError::Unavailable(e.to_string())),
+            Ok(Err(e)) => {
+                self.sql.forget_pool(&project.id, access.db_role);
+                return Err(SqlError::Unavailable(e.to_string()));
+            }
             Ok(Ok(conn)) => conn,
         };
         let connection_id = conn.id();
@@ -322,6 +336,8 @@ impl Mysql {
             }
             Err(Failure::Db(e)) | Err(Failure::Broken(e)) => {
                 close(conn).await;
+                tracing::warn!(project_id = %project.id, error = %e, "MySQL connection lost");
+                self.sql.forget_pool(&project.id, access.db_role);
                 Err(SqlError::Unavailable(e.to_string()))
             }
         }

@@ -142,3 +142,59 @@ fn nix_is_root() -> bool {
         .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
         .unwrap_or(false)
 }
+
+/// `fluxbase project create --engine mysql`: the CLI names the engine and provisions on the
+/// MySQL server; an unknown engine is refused.
+#[tokio::test]
+async fn the_cli_creates_and_deletes_a_mysql_project() {
+    let pg = crate::support::pg().await;
+    let db = crate::support::mariadb::mariadb().await;
+    let dir = crate::support::scratch_dir(&format!(
+        "it-{}-{}",
+        std::process::id(),
+        crate::support::unique("cli")
+    ));
+    let control = crate::support::unique("ctl");
+    let run = |args: &[&str]| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_fluxbase"))
+            .args(args)
+            .env("FLUXBASE_DATA_DIR", &dir)
+            .env("FLUXBASE_DATABASE_URL", pg.url(&control))
+            .env("FLUXBASE_MYSQL_URL", &db.admin_url)
+            .env("FLUXBASE_LOG", "warn")
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (ok, _, err) = run(&["init", "--json"]);
+    assert!(ok, "{err}");
+    let (ok, out, err) = run(&[
+        "project", "create", "--name", "legacy", "--engine", "mysql", "--json",
+    ]);
+    assert!(ok, "{err}");
+    let created: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(created["project"]["engine"], "mysql", "{out}");
+    let id = created["project"]["id"].as_str().unwrap().to_string();
+    let schemas = db
+        .query(&format!(
+            "SELECT count(*) FROM information_schema.SCHEMATA WHERE SCHEMA_NAME = 'fx_{id}'"
+        ))
+        .await;
+    assert_eq!(schemas[0][0].as_deref(), Some("1"));
+    let (ok, out, _) = run(&["project", "create", "--name", "plain"]);
+    assert!(ok && out.contains("postgresql"), "{out}");
+    let (ok, _, err) = run(&["project", "create", "--name", "x", "--engine", "oracle"]);
+    assert!(!ok && err.contains("--engine"), "{err}");
+    let (ok, _, err) = run(&["project", "delete", &id]);
+    assert!(ok, "{err}");
+    let schemas = db
+        .query(&format!(
+            "SELECT count(*) FROM information_schema.SCHEMATA WHERE SCHEMA_NAME = 'fx_{id}'"
+        ))
+        .await;
+    assert_eq!(schemas[0][0].as_deref(), Some("0"));
+}

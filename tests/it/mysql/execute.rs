@@ -296,3 +296,123 @@ async fn rows_and_bytes_are_bounded_and_slow_statements_end() {
         vec![json!({"ok": 1})]
     );
 }
+
+/// A project's requests beyond its share wait, then get 429; none fails otherwise, and the
+/// accounts never hold more connections than their bound.
+#[tokio::test]
+async fn concurrent_requests_stay_within_the_projects_share() {
+    let url = crate::support::mariadb::mariadb().await.admin_url.clone();
+    let app = spawn_app_with(|c| {
+        c.mysql_url = Some(url.into());
+        c.sql_project_connections = 2;
+        c.sql_queue_timeout_ms = 300;
+    })
+    .await;
+    let f = app.mysql_fixture().await;
+    let tasks: Vec<_> = (0..12)
+        .map(|_| app.spawn_sql(&f.read, &f.project, "SELECT SLEEP(0.5) AS s"))
+        .collect();
+    let mut statuses = Vec::new();
+    for t in tasks {
+        let (status, body) = t.await.unwrap();
+        assert!(status == 200 || status == 429, "{status} {body}");
+        if status == 429 {
+            assert!(
+                body.contains("RATE_LIMIT") && body.contains("sql_project_connections"),
+                "{body}"
+            );
+        }
+        statuses.push(status);
+    }
+    assert!(
+        statuses.contains(&200) && statuses.contains(&429),
+        "{statuses:?}"
+    );
+    let held = crate::support::mariadb::mariadb()
+        .await
+        .query(&format!(
+            "SELECT count(*) FROM information_schema.PROCESSLIST WHERE USER = 'fx_{}_read'",
+            f.project
+        ))
+        .await;
+    assert!(
+        held[0][0].as_deref().unwrap().parse::<u32>().unwrap() <= 2,
+        "{held:?}"
+    );
+}
+
+/// kill -9 of the MySQL server: requests answer 503 meanwhile, and work again once it is back
+/// (the pool of dead connections is dropped, not served from).
+#[tokio::test]
+async fn a_crashed_mysql_server_is_503_then_recovers() {
+    use crate::support::mariadb::TEST_SETTINGS;
+    let root = crate::support::scratch_dir(&format!(
+        "it-{}-{}",
+        std::process::id(),
+        crate::support::unique("mdb")
+    ));
+    let password = fluxbase::secrets::random_base62(24);
+    let mut server = tokio::task::spawn_blocking(move || {
+        fluxbase::mysql::embedded::Server::start(&root, &password, TEST_SETTINGS)
+    })
+    .await
+    .unwrap()
+    .unwrap();
+    let url = server.admin_url();
+    let app = spawn_app_with(|c| c.mysql_url = Some(url.into())).await;
+    let f = app.mysql_fixture().await;
+    app.rows(
+        &f.admin,
+        &f.project,
+        "CREATE TABLE t (i int); INSERT INTO t VALUES (1)",
+    )
+    .await;
+    server = tokio::task::spawn_blocking(move || {
+        std::process::Command::new("kill")
+            .args(["-9", &server.pid().to_string()])
+            .status()
+            .unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(300));
+        server
+    })
+    .await
+    .unwrap();
+    let (status, body) = app
+        .call(
+            "POST",
+            "/api/execute-sql",
+            Some(&f.read),
+            Some(json!({ "projectId": f.project, "query": "SELECT i FROM t" })),
+        )
+        .await;
+    assert_eq!(status, 503, "{body}");
+    assert_eq!(body["error"]["code"], "DATABASE_CONNECTION_ERROR");
+    let port = server.port;
+    let server = tokio::task::spawn_blocking(move || {
+        server.crash_and_restart(TEST_SETTINGS).unwrap();
+        server
+    })
+    .await
+    .unwrap();
+    assert_eq!(server.port, port, "restarted on another port");
+    let mut last = serde_json::Value::Null;
+    for _ in 0..3 {
+        let (status, body) = app
+            .call(
+                "POST",
+                "/api/execute-sql",
+                Some(&f.read),
+                Some(json!({ "projectId": f.project, "query": "SELECT i FROM t" })),
+            )
+            .await;
+        last = body.clone();
+        if status == 200 {
+            break;
+        }
+    }
+    assert_eq!(last["result"]["rows"], json!([{ "i": 1 }]), "{last}");
+    tokio::task::spawn_blocking(move || server.stop())
+        .await
+        .unwrap()
+        .unwrap();
+}
