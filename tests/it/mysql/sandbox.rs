@@ -114,6 +114,11 @@ async fn no_account_reaches_another_project_or_the_servers_machinery() {
         "SELECT * FROM mysql.global_priv".into(),
         "SET GLOBAL max_connections = 1".into(),
         "SET GLOBAL local_infile = 1".into(),
+        // What would hide a session's changes from the binlog change capture, or thin them.
+        "SET SESSION sql_log_bin = 0".into(),
+        "SET SESSION binlog_format = 'STATEMENT'".into(),
+        "SET SESSION binlog_row_image = 'MINIMAL'".into(),
+        "SET SESSION gtid_domain_id = 9".into(),
         format!(
             "GRANT SELECT ON `fx_{}`.* TO 'fx_{}_read'@'127.0.0.1'",
             a.project, b.project
@@ -254,4 +259,35 @@ async fn rls_endpoints_name_the_engine() {
         body["error"]["message"].as_str().unwrap().contains("MySQL"),
         "{body}"
     );
+}
+
+/// The replication account reads the binlog and nothing else.
+#[tokio::test]
+async fn the_replication_account_reads_the_binlog_and_nothing_else() {
+    use mysql_async::prelude::Queryable;
+    let app = spawn_mysql_app().await;
+    let f = app.mysql_fixture().await;
+    app.rows(
+        &f.admin,
+        &f.project,
+        "CREATE TABLE t (i int); INSERT INTO t VALUES (1)",
+    )
+    .await;
+    let opts = app.app.mysql.replication_opts().await.unwrap();
+    assert_eq!(opts.user(), Some(app.app.mysql.replication_user().as_str()));
+    let mut conn = mysql_async::Conn::new(opts).await.unwrap();
+    let status: Vec<mysql_async::Row> = conn.query("SHOW BINLOG STATUS").await.unwrap();
+    assert_eq!(status.len(), 1, "the binlog is on");
+    for sql in [
+        format!("SELECT * FROM fx_{}.t", f.project),
+        "SELECT * FROM mysql.user".to_string(),
+        "CREATE DATABASE repl_made".to_string(),
+        "SET GLOBAL binlog_format = 'STATEMENT'".to_string(),
+    ] {
+        assert!(
+            conn.query_drop(&sql).await.is_err(),
+            "the replication account ran {sql}"
+        );
+    }
+    let _ = conn.disconnect().await;
 }
