@@ -140,7 +140,7 @@ impl App {
             config.rate_limit_window_secs,
         ));
         let account_limits = Arc::new(AccountLimits::new(&config));
-        let mysql = Arc::new(crate::mysql::Mysql::new(&config, &secrets));
+        let mysql = Arc::new(crate::mysql::Mysql::new(&config, &secrets, metrics.clone()));
         let app = Arc::new(App {
             auth: Arc::new(crate::auth::Auth::new(
                 control.clone(),

@@ -39,6 +39,8 @@ pub struct Mysql {
     /// Keeps the embedded server alive with the app; stopped at shutdown.
     embedded: std::sync::Mutex<Option<Arc<embedded::Server>>>,
     pub(crate) sql: sql::Pools,
+    /// The SQL API's counters, shared with PostgreSQL projects' requests.
+    metrics: Arc<crate::metrics::Metrics>,
 }
 
 /// A reachable server: its admin account and what it is.
@@ -54,8 +56,9 @@ pub struct Target {
 }
 
 impl Mysql {
-    pub fn new(config: &Config, secrets: &Secrets) -> Mysql {
+    pub fn new(config: &Config, secrets: &Secrets, metrics: Arc<crate::metrics::Metrics>) -> Mysql {
         Mysql {
+            metrics,
             config: config.clone(),
             secrets: secrets.clone(),
             server: OnceCell::new(),

@@ -312,6 +312,8 @@ impl Mysql {
             }
         };
         let elapsed = started.elapsed();
+        // As for PostgreSQL: a statement the server refused counts as failed.
+        self.metrics.observe_sql(elapsed, outcome.is_ok());
         if ddl(&req.query) {
             self.sql.forget_schema(&project.id);
         }
