@@ -55,6 +55,11 @@ pub const CONTROL_MIGRATIONS: &[(i32, &str, &str)] = &[
         include_str!("../sql/control/0012_storage_upload_pending.sql"),
     ),
     (
+        13,
+        "project_engine",
+        include_str!("../sql/control/0013_project_engine.sql"),
+    ),
+    (
         15,
         "webhook_outbox_indexes",
         include_str!("../sql/control/0015_webhook_outbox_indexes.sql"),

@@ -91,6 +91,9 @@ enum ProjectAction {
     Create {
         #[arg(long)]
         name: String,
+        /// The database engine: postgresql (default) or mysql.
+        #[arg(long, default_value = "postgresql")]
+        engine: String,
         #[arg(long)]
         json: bool,
     },
@@ -277,6 +280,16 @@ async fn open_cli(mut config: Config, role: &str) -> Result<(SharedApp, Option<D
             let secrets = fluxbase::secrets::Secrets::load_or_create(&config.data_dir)?;
             config.database_url =
                 Some(fluxbase::embedded::url_at(port, &secrets.pg_password, "fluxbase").into());
+            // The server's MariaDB too, never one of our own beside it on the same files.
+            if config.mysql_url.is_none() {
+                match fluxbase::mysql::embedded::running_port(&config.data_dir.join("mariadb")) {
+                    Some(port) => {
+                        config.mysql_url =
+                            Some(fluxbase::mysql::embedded_admin_url(&secrets, port).into())
+                    }
+                    None => config.mysql_embedded_off = true,
+                }
+            }
             Ok((App::open_cli(config).await?, None))
         }
     }
@@ -292,13 +305,42 @@ async fn close_cli(app: SharedApp, lock: Option<DataDirLock>) {
 /// `fluxbase doctor`: the configured cluster, or the embedded one (the running server's, or
 /// started for the check and stopped after it).
 async fn doctor(config: Config) -> Result<()> {
-    let findings = match &config.database_url {
+    let mut findings = postgresql_findings(&config).await?;
+    // MySQL projects on the operator's server: its binlog settings and the admin's privileges
+    // (the embedded MariaDB is started with what it needs).
+    if let Some(url) = &config.mysql_url {
+        let secrets = fluxbase::secrets::Secrets::load_or_create(&config.data_dir)?;
+        findings.extend(
+            fluxbase::mysql::doctor::check(
+                url.expose(),
+                &fluxbase::mysql::replication_user(&secrets),
+            )
+            .await?,
+        );
+    }
+    if findings.is_empty() {
+        if config.nats_url.is_some() {
+            println!("ok: the cluster and its NATS server are ready for Fluxbase (cluster mode)");
+        } else {
+            println!("ok: the cluster is ready for Fluxbase");
+        }
+        return Ok(());
+    }
+    for f in &findings {
+        println!("problem: {}\n    fix: {}", f.problem, f.fix);
+    }
+    bail!("{} problem(s) found", findings.len())
+}
+
+/// The PostgreSQL side of `fluxbase doctor`.
+async fn postgresql_findings(config: &Config) -> Result<Vec<fluxbase::doctor::Finding>> {
+    Ok(match &config.database_url {
         Some(url) => {
             let target = ClusterTarget::from_url(url.expose())?;
             let mut findings = fluxbase::doctor::check(&target).await?;
             // Cluster mode (which needs database_url): the NATS server too.
             if config.nats_url.is_some() {
-                findings.extend(fluxbase::doctor::check_nats(&config, &target).await?);
+                findings.extend(fluxbase::doctor::check_nats(config, &target).await?);
             }
             findings
         }
@@ -342,26 +384,17 @@ async fn doctor(config: Config) -> Result<()> {
                 }
             }
         }
-    };
-    if findings.is_empty() {
-        if config.nats_url.is_some() {
-            println!("ok: the cluster and its NATS server are ready for Fluxbase (cluster mode)");
-        } else {
-            println!("ok: the cluster is ready for Fluxbase");
-        }
-        return Ok(());
-    }
-    for f in &findings {
-        println!("problem: {}\n    fix: {}", f.problem, f.fix);
-    }
-    bail!("{} problem(s) found", findings.len())
+    })
 }
 
 async fn project(app: &App, action: ProjectAction) -> Result<()> {
     match action {
-        ProjectAction::Create { name, json } => {
+        ProjectAction::Create { name, engine, json } => {
+            let engine = fluxbase::projects::Engine::parse(&engine).ok_or_else(|| {
+                anyhow::anyhow!("--engine: expected postgresql or mysql, got {engine:?}")
+            })?;
             let user = app.projects.default_user().await?;
-            let (project, keys) = app.create_project(&user, &name).await?;
+            let (project, keys) = app.create_project(&user, &name, engine).await?;
             // A running server starts the new project's change stream when it hears this.
             app.auth
                 .notify_access_change(&AccessChange::Project(project.id.clone()))
@@ -379,7 +412,12 @@ async fn project(app: &App, action: ProjectAction) -> Result<()> {
                 };
                 println!("{}", serde_json::to_string_pretty(&out)?);
             } else {
-                println!("created project {} ({})", project.id, project.name);
+                println!(
+                    "created project {} ({}, {})",
+                    project.id,
+                    project.name,
+                    project.engine.as_str()
+                );
                 for k in keys.all() {
                     println!("  {:<9} {}", k.scope.as_str(), k.secret);
                 }
