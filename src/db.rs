@@ -54,6 +54,11 @@ pub const CONTROL_MIGRATIONS: &[(i32, &str, &str)] = &[
         "storage_upload_pending",
         include_str!("../sql/control/0012_storage_upload_pending.sql"),
     ),
+    (
+        14,
+        "binlog_positions",
+        include_str!("../sql/control/0014_binlog_positions.sql"),
+    ),
 ];
 
 /// Where the project databases live and how the server reaches the cluster as its admin role.
