@@ -101,7 +101,7 @@ pub fn slot_name(project_id: &str) -> String {
 }
 
 #[derive(Debug, thiserror::Error)]
-pub(super) enum BinlogError {
+pub enum BinlogError {
     #[error("{0}")]
     Mysql(#[from] mysql_async::Error),
     #[error("{0}")]

@@ -102,7 +102,9 @@ fn write_value(
             }
             MYSQL_TYPE_TIMESTAMP2 => {
                 let text = String::from_utf8_lossy(b);
-                let (secs, micros) = text.split_once('.').unwrap_or((&text, "0"));
+                // `seconds[.micros]` (mysql_common writes six fractional digits).
+                let (secs, frac) = text.split_once('.').unwrap_or((&text, ""));
+                let micros = format!("{:0<6}", &frac[..frac.len().min(6)]);
                 write_timestamp(
                     out,
                     secs.parse().unwrap_or(0),
@@ -137,7 +139,7 @@ fn write_value(
             _ => {
                 let text = String::from_utf8_lossy(b);
                 if info.is_some_and(|i| i.json)
-                    && serde_json::from_str::<serde_json::de::IgnoredAny>(&text).is_ok()
+                    && serde_json::from_str::<serde::de::IgnoredAny>(&text).is_ok()
                 {
                     // Embedded as it is, once checked to be JSON.
                     out.push_str(text.trim());
@@ -207,8 +209,12 @@ mod tests {
             "\"2024-02-29T13:04:05.250\""
         );
         assert_eq!(
-            render(MYSQL_TYPE_TIMESTAMP2, 63, Value::Bytes(b"1700000000.5".to_vec()), None, 1),
+            render(MYSQL_TYPE_TIMESTAMP2, 63, Value::Bytes(b"1700000000.500000".to_vec()), None, 1),
             "\"2023-11-14T22:13:20.5Z\""
+        );
+        assert_eq!(
+            render(MYSQL_TYPE_TIMESTAMP2, 63, Value::Bytes(b"1700000000".to_vec()), None, 0),
+            "\"2023-11-14T22:13:20Z\""
         );
         assert_eq!(
             render(MYSQL_TYPE_TIME2, 63, Value::Time(true, 1, 2, 3, 4, 0), None, 0),
