@@ -42,6 +42,9 @@ pub struct App {
     pub webhooks: crate::webhooks::Webhooks,
     /// Buckets and files: the object backend, URL signing and its clock.
     pub storage: crate::storage::Storage,
+    /// MySQL projects: the MySQL server (embedded MariaDB, started at the first need, or
+    /// `mysql_url`), their accounts and SQL pools.
+    pub mysql: Arc<crate::mysql::Mysql>,
     /// Keeps the embedded cluster alive as long as the server; stopped on shutdown.
     pub embedded: Option<embedded::Cluster>,
     /// Cluster mode (`nats_url`): this node's link to the others; `None` for a single node.
@@ -137,6 +140,7 @@ impl App {
             config.rate_limit_window_secs,
         ));
         let account_limits = Arc::new(AccountLimits::new(&config));
+        let mysql = Arc::new(crate::mysql::Mysql::new(&config, &secrets));
         let app = Arc::new(App {
             auth: Arc::new(crate::auth::Auth::new(
                 control.clone(),
@@ -164,7 +168,9 @@ impl App {
                 sql.repairs.clone(),
                 &config,
                 account_limits,
+                mysql.clone(),
             ),
+            mysql,
             keys: crate::keys::Keys::new(control.clone()),
             team: crate::team::Team::new(control.clone()),
             rls: crate::rls::Policies::new(sql.clone()),
@@ -233,6 +239,7 @@ impl App {
         self.cdc.stop_all();
         self.webhooks.stop();
         self.sql.clear();
+        self.mysql.shutdown();
         self.control.close();
         if let Some(cluster) = &self.embedded {
             if let Err(e) = cluster.stop() {
@@ -268,6 +275,7 @@ impl Running {
         no_delay(&listener)?;
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
         app.cdc.start_all().await?;
+        app.start_mysql_streams().await?;
         app.webhooks.start().await?;
         app.start_leading();
         crate::api::metrics::start_listener(&app).await?;

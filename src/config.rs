@@ -38,6 +38,15 @@ pub struct Config {
     pub data_dir: PathBuf,
     /// An existing PostgreSQL cluster (its database is the control database). Unset: embedded.
     pub database_url: Option<Secret>,
+    /// An existing MySQL or MariaDB server for MySQL projects, as an admin account's URL
+    /// (`mysql://user:password@host:3306/`): it creates each project's database and accounts
+    /// and the replication account. Unset: the embedded MariaDB under `<data_dir>/mariadb`,
+    /// started at the first MySQL project (docs/mysql.md).
+    pub mysql_url: Option<Secret>,
+    /// Not a setting: a CLI command attached to a running server whose embedded MariaDB is not
+    /// running must not start one of its own on the server's files.
+    #[serde(skip)]
+    pub mysql_embedded_off: bool,
     /// The URL clients use to reach this server (printed by `init`, used in links).
     pub public_url: Option<String>,
     /// Serve the dashboard's files from this directory instead of the copy built into the
@@ -211,6 +220,8 @@ impl Default for Config {
             metrics_addr: None,
             data_dir: PathBuf::from(".fluxbase"),
             database_url: None,
+            mysql_url: None,
+            mysql_embedded_off: false,
             public_url: None,
             dashboard_dir: None,
             storage: "local".into(),
@@ -300,6 +311,8 @@ const PREFIX: &str = "FLUXBASE_";
 /// * `FLUXBASE_LOG`: the `tracing` filter (main.rs).
 /// * `FLUXBASE_PG_BINDIR`, `FLUXBASE_PG_USER`: the embedded cluster's binaries and OS user
 ///   (embedded.rs, scripts/deps.sh).
+/// * `FLUXBASE_MYSQL_USER`, `FLUXBASE_MARIADB_BINDIR`: the embedded MariaDB's OS user and
+///   binaries (mysql/embedded.rs, scripts/deps.sh).
 /// * `FLUXBASE_BIN`: the binary the benchmarks start (bench/).
 /// * `FLUXBASE_API_KEY`, `FLUXBASE_ADMIN_KEY`, `FLUXBASE_READ_KEY`, `FLUXBASE_PROJECT_ID`,
 ///   `FLUXBASE_WS_URL`: a client's values in the README's examples and the guide test; a shell
@@ -310,6 +323,8 @@ const OTHER_VARIABLES: &[&str] = &[
     "FLUXBASE_LOG_FORMAT",
     "FLUXBASE_PG_BINDIR",
     "FLUXBASE_PG_USER",
+    "FLUXBASE_MYSQL_USER",
+    "FLUXBASE_MARIADB_BINDIR",
     "FLUXBASE_BIN",
     "FLUXBASE_API_KEY",
     "FLUXBASE_ADMIN_KEY",

@@ -55,6 +55,11 @@ pub const CONTROL_MIGRATIONS: &[(i32, &str, &str)] = &[
         include_str!("../sql/control/0012_storage_upload_pending.sql"),
     ),
     (
+        13,
+        "project_engine",
+        include_str!("../sql/control/0013_project_engine.sql"),
+    ),
+    (
         14,
         "binlog_positions",
         include_str!("../sql/control/0014_binlog_positions.sql"),

@@ -22,6 +22,7 @@ pub mod embedded;
 pub mod error;
 pub mod keys;
 pub mod metrics;
+pub mod mysql;
 pub mod projects;
 pub mod realtime;
 pub mod rls;

@@ -91,6 +91,9 @@ enum ProjectAction {
     Create {
         #[arg(long)]
         name: String,
+        /// The database engine: postgresql (default) or mysql.
+        #[arg(long, default_value = "postgresql")]
+        engine: String,
         #[arg(long)]
         json: bool,
     },
@@ -277,6 +280,17 @@ async fn open_cli(mut config: Config, role: &str) -> Result<(SharedApp, Option<D
             let secrets = fluxbase::secrets::Secrets::load_or_create(&config.data_dir)?;
             config.database_url =
                 Some(fluxbase::embedded::url_at(port, &secrets.pg_password, "fluxbase").into());
+            // The server's MariaDB too, never one of our own beside it on the same files.
+            if config.mysql_url.is_none() {
+                match fluxbase::mysql::embedded::running_port(&config.data_dir.join("mariadb")) {
+                    Some(port) => {
+                        config.mysql_url = Some(
+                            fluxbase::mysql::embedded_admin_url(&secrets, port).into(),
+                        )
+                    }
+                    None => config.mysql_embedded_off = true,
+                }
+            }
             Ok((App::open_cli(config).await?, None))
         }
     }
@@ -359,9 +373,12 @@ async fn doctor(config: Config) -> Result<()> {
 
 async fn project(app: &App, action: ProjectAction) -> Result<()> {
     match action {
-        ProjectAction::Create { name, json } => {
+        ProjectAction::Create { name, engine, json } => {
+            let engine = fluxbase::projects::Engine::parse(&engine).ok_or_else(|| {
+                anyhow::anyhow!("--engine: expected postgresql or mysql, got {engine:?}")
+            })?;
             let user = app.projects.default_user().await?;
-            let (project, keys) = app.create_project(&user, &name).await?;
+            let (project, keys) = app.create_project(&user, &name, engine).await?;
             // A running server starts the new project's change stream when it hears this.
             app.auth
                 .notify_access_change(&AccessChange::Project(project.id.clone()))
@@ -379,7 +396,12 @@ async fn project(app: &App, action: ProjectAction) -> Result<()> {
                 };
                 println!("{}", serde_json::to_string_pretty(&out)?);
             } else {
-                println!("created project {} ({})", project.id, project.name);
+                println!(
+                    "created project {} ({}, {})",
+                    project.id,
+                    project.name,
+                    project.engine.as_str()
+                );
                 for k in keys.all() {
                     println!("  {:<9} {}", k.scope.as_str(), k.secret);
                 }

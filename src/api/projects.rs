@@ -8,12 +8,17 @@ use super::reply::{Created, Json};
 use super::Request;
 use crate::app::SharedApp;
 use crate::auth::AccessChange;
-use crate::projects::{ApiKeySecrets, ListedProject, ProjectView, ProjectsError};
+use crate::projects::{ApiKeySecrets, Engine, ListedProject, ProjectView, ProjectsError};
 
 #[derive(Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct CreateProject {
     pub name: String,
+    /// `postgresql` (the default) or `mysql`: the database engine of the project, fixed at
+    /// creation.
+    #[serde(default)]
+    #[schema(value_type = Option<Engine>)]
+    pub engine: Option<serde_json::Value>,
 }
 
 #[derive(Deserialize, utoipa::ToSchema)]
@@ -66,8 +71,15 @@ pub async fn create_project(app: SharedApp, req: Request) -> ApiResult<Created<C
     let user_id = principal.require_session()?;
     // The quota applies to users of the API; the operator's CLI is not bound by it.
     let _turn = app.projects.quota_turn(user_id).await?;
-    let (project, keys) = app.create_project(user_id, &body.name).await?;
-    app.cdc.start(project.id.clone(), project.db_name.clone());
+    let engine = match &body.engine {
+        None | Some(serde_json::Value::Null) => Engine::Postgresql,
+        Some(v) => v
+            .as_str()
+            .and_then(Engine::parse)
+            .ok_or_else(|| ProjectsError::InvalidEngine(v.to_string()))?,
+    };
+    let (project, keys) = app.create_project(user_id, &body.name, engine).await?;
+    app.start_stream(&project);
     Ok(Created(CreatedProject {
         success: true,
         project: ProjectView::from(&project),
@@ -122,7 +134,9 @@ impl From<ProjectsError> for ApiError {
     fn from(e: ProjectsError) -> Self {
         match e {
             ProjectsError::Auth(e) => e.into(),
-            ProjectsError::InvalidName => ApiError::BadRequest(e.to_string()),
+            ProjectsError::InvalidName | ProjectsError::InvalidEngine(_) => {
+                ApiError::BadRequest(e.to_string())
+            }
             ProjectsError::QuotaReached(_) => ApiError::InsufficientPermissions(e.to_string()),
             ProjectsError::NoSuchProject(_) => ApiError::ProjectNotFound,
             ProjectsError::Internal(e) => e.into(),

@@ -36,6 +36,19 @@ pub struct PolicyDeleted {
 
 const MANAGING: &str = "Managing row-level security policies";
 
+/// Row-level security is PostgreSQL's: on a MySQL project every RLS endpoint answers 400
+/// naming the engine (after the caller's access is checked, so nothing is revealed to others).
+fn postgresql_only(access: &crate::auth::Access) -> Result<(), ApiError> {
+    match access.project.engine {
+        crate::projects::Engine::Postgresql => Ok(()),
+        crate::projects::Engine::Mysql => Err(ApiError::BadRequest(
+            "row-level security does not exist on MySQL projects (engine \"mysql\"): MySQL has \
+             no row policies; scope what each key may do with the read, readwrite and admin keys"
+                .into(),
+        )),
+    }
+}
+
 /// Every table with its RLS state and policies.
 #[utoipa::path(get, path = "/api/rls/policies", tag = "rls", security(("bearer" = [])),
     params(("projectId" = String, Query, description = "The project")),
@@ -43,6 +56,7 @@ const MANAGING: &str = "Managing row-level security policies";
                body = PolicyList)))]
 pub async fn list_policies(app: SharedApp, req: Request) -> ApiResult<impl Reply> {
     let access = req.access_by_query(&app).await?;
+    postgresql_only(&access)?;
     let tables = app.rls.list(&access).await?;
     Ok(Json(PolicyList {
         success: true,
@@ -57,6 +71,7 @@ pub async fn list_policies(app: SharedApp, req: Request) -> ApiResult<impl Reply
 pub async fn create_policy(app: SharedApp, req: Request) -> ApiResult<impl Reply> {
     // As before the typed body: who may manage the project's policies first, then the body.
     let access = req.access_by_body(&app).await?;
+    postgresql_only(&access)?;
     access.require_developer(MANAGING)?;
     let body: CreatePolicy = req.json()?;
     let policy = app.rls.create(&access, &body).await?;
@@ -73,6 +88,7 @@ pub async fn create_policy(app: SharedApp, req: Request) -> ApiResult<impl Reply
 pub async fn toggle_policy(app: SharedApp, req: Request) -> ApiResult<impl Reply> {
     // As before the typed body: who may manage the project's policies first, then the body.
     let access = req.access_by_body(&app).await?;
+    postgresql_only(&access)?;
     access.require_developer(MANAGING)?;
     let body: TogglePolicy = req.json()?;
     let policy = app.rls.toggle(&access, &body).await?;
@@ -91,6 +107,7 @@ pub async fn toggle_policy(app: SharedApp, req: Request) -> ApiResult<impl Reply
     responses((status = 200, description = "`{success: true}`", body = PolicyDeleted)))]
 pub async fn delete_policy(app: SharedApp, req: Request) -> ApiResult<impl Reply> {
     let access = req.access_by_query(&app).await?;
+    postgresql_only(&access)?;
     access.require_developer(MANAGING)?;
     app.rls
         .delete(

@@ -15,20 +15,25 @@ use std::sync::Arc;
 
 use crate::auth::{AccessChange, ListenerEvent};
 use crate::projects::instance::{InitReport, InstanceError};
-use crate::projects::{DefaultKeys, Project, ProjectStatus, ProjectsError};
+use crate::projects::{DefaultKeys, Engine, Project, ProjectStatus, ProjectsError};
 use crate::realtime::MemberChange;
 
 use super::{App, SharedApp};
 
 impl App {
     /// Creates a project owned by `user_id` (its admin) with one key of each scope, and its
-    /// replication slot. The caller starts its change stream (or announces it, from the CLI).
+    /// replication slot (PostgreSQL). The caller starts its change stream (or announces it,
+    /// from the CLI).
     pub async fn create_project(
         &self,
         user_id: &str,
         name: &str,
+        engine: Engine,
     ) -> Result<(Project, DefaultKeys), ProjectsError> {
-        let (project, keys) = self.projects.create(user_id, name).await?;
+        let (project, keys) = self.projects.create(user_id, name, engine).await?;
+        if engine == Engine::Mysql {
+            return Ok((project, keys));
+        }
         if let Err(e) = self.cdc.ensure_slot(&project.id, &project.db_name).await {
             self.sql.forget_project(&project.id);
             self.projects.discard(&project).await;
@@ -53,7 +58,7 @@ impl App {
         self.cdc.stop(project_id).await;
         self.sql.forget_project(project_id);
         self.projects
-            .deprovision(project_id, &project.db_name)
+            .drop_database(project_id, &project.db_name, project.engine)
             .await;
         self.projects.delete_row(project_id).await?;
         self.storage.delete_project_objects(project_id).await;
@@ -78,6 +83,16 @@ impl App {
         status: ProjectStatus,
     ) -> Result<(), ProjectsError> {
         self.projects.set_status(project_id, status).await?;
+        let engine = self
+            .auth
+            .load_project(project_id)
+            .await?
+            .map(|p| p.engine);
+        if engine == Some(Engine::Mysql) {
+            self.mysql
+                .set_locked(project_id, status == ProjectStatus::Suspended)
+                .await?;
+        }
         self.auth
             .notify_access_change(&AccessChange::Project(project_id.to_string()))
             .await;
@@ -95,7 +110,10 @@ impl App {
             &self.control,
             &self.accounts,
             self.config.base_url(),
-            |user_id, name| async move { self.create_project(&user_id, name).await },
+            |user_id, name| async move {
+                self.create_project(&user_id, name, Engine::Postgresql)
+                    .await
+            },
         )
         .await
     }
@@ -109,6 +127,54 @@ impl App {
         }
         if secure_roles {
             self.projects.secure_roles().await?;
+            self.repair_mysql_projects().await?;
+        }
+        Ok(())
+    }
+
+    /// The server's start-up with MySQL projects: the MySQL server is started (embedded) or
+    /// reached, and every project's database and accounts are made again as they should be
+    /// (passwords, grants, connection bound; locked while suspended).
+    async fn repair_mysql_projects(&self) -> anyhow::Result<()> {
+        let projects = crate::control::projects::mysql_projects(&self.control.get().await?).await?;
+        if projects.is_empty() {
+            return Ok(());
+        }
+        self.mysql.server().await?;
+        for p in projects {
+            if let Err(e) = self.mysql.provision(&p.id, &p.db_name).await {
+                tracing::error!(project_id = %p.id, error = %format!("{e:#}"), "could not repair a MySQL project's accounts");
+                continue;
+            }
+            if p.status == ProjectStatus::Suspended {
+                self.mysql.set_locked(&p.id, true).await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Starts the change stream of a project by its engine: PostgreSQL's logical replication
+    /// ([`crate::cdc`]) or the MySQL binlog ([`App::start_mysql_stream`]).
+    pub fn start_stream(&self, project: &Project) {
+        match project.engine {
+            Engine::Postgresql => self.cdc.start(project.id.clone(), project.db_name.clone()),
+            Engine::Mysql => self.start_mysql_stream(project),
+        }
+    }
+
+    /// The change stream of a MySQL project (from the binlog): issue 20, part B fills this in.
+    pub fn start_mysql_stream(&self, project: &Project) {
+        tracing::warn!(
+            project_id = %project.id,
+            "change capture for MySQL projects is not running: no db_event or webhook for this project"
+        );
+    }
+
+    /// Starts the change streams of every active MySQL project (the server starting to serve).
+    pub(crate) async fn start_mysql_streams(&self) -> anyhow::Result<()> {
+        let projects = crate::control::projects::mysql_projects(&self.control.get().await?).await?;
+        for p in projects.iter().filter(|p| p.status == ProjectStatus::Active) {
+            self.start_mysql_stream(p);
         }
         Ok(())
     }
@@ -176,9 +242,16 @@ impl App {
             // Only a project this server has no stream for: a stream that ended (a lost slot)
             // stays ended and reported.
             Ok(Some(p))
-                if p.status == ProjectStatus::Active && self.cdc.status(&p.id).is_none() =>
+                if p.status == ProjectStatus::Active
+                    && p.engine == Engine::Postgresql
+                    && self.cdc.status(&p.id).is_none() =>
             {
                 self.cdc.start(p.id, p.db_name)
+            }
+            // A MySQL project made by another process (`fluxbase project create --engine
+            // mysql`): its stream (a no-op when it runs already).
+            Ok(Some(p)) if p.status == ProjectStatus::Active && p.engine == Engine::Mysql => {
+                self.start_mysql_stream(&p)
             }
             Ok(Some(p)) if p.status == ProjectStatus::Suspended => {
                 self.sql.forget_project(project_id);

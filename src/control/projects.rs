@@ -6,7 +6,7 @@ use deadpool_postgres::GenericClient;
 use tokio_postgres::{Error, Row};
 
 use crate::auth::MemberRole;
-use crate::projects::{Project, ProjectStatus};
+use crate::projects::{Engine, Project, ProjectStatus};
 
 impl TryFrom<&Row> for Project {
     type Error = Error;
@@ -14,6 +14,7 @@ impl TryFrom<&Row> for Project {
         Ok(Project {
             id: r.try_get("id")?,
             name: r.try_get("name")?,
+            engine: engine(r.try_get("engine")?),
             status: r.try_get("status")?,
             realtime_public: r.try_get("realtime_public")?,
             db_name: r.try_get("db_name")?,
@@ -22,7 +23,12 @@ impl TryFrom<&Row> for Project {
     }
 }
 
-const PROJECT_COLUMNS: &str = "id, name, status, realtime_public, db_name, created_at";
+/// The column is checked to these two values (control migration 13).
+fn engine(text: &str) -> Engine {
+    Engine::parse(text).unwrap_or_default()
+}
+
+const PROJECT_COLUMNS: &str = "id, name, engine, status, realtime_public, db_name, created_at";
 
 pub async fn get(db: &impl GenericClient, project_id: &str) -> Result<Option<Project>, Error> {
     db.query_opt(
@@ -49,6 +55,7 @@ pub async fn exists(db: &impl GenericClient, project_id: &str) -> Result<bool, E
 pub struct Listed {
     pub id: String,
     pub name: String,
+    pub engine: Engine,
     pub status: ProjectStatus,
     pub realtime_public: bool,
     pub created_at: DateTime<Utc>,
@@ -63,13 +70,14 @@ fn listed(r: &Row) -> Result<Listed, Error> {
         realtime_public: r.try_get(3)?,
         created_at: r.try_get(4)?,
         role: r.try_get(5)?,
+        engine: engine(r.try_get(6)?),
     })
 }
 
 /// The projects `user_id` is a member of, oldest first.
 pub async fn of_member(db: &impl GenericClient, user_id: &str) -> Result<Vec<Listed>, Error> {
     db.query(
-        "SELECT p.id, p.name, p.status, p.realtime_public, p.created_at, m.role
+        "SELECT p.id, p.name, p.status, p.realtime_public, p.created_at, m.role, p.engine
          FROM fluxbase.projects p JOIN fluxbase.members m ON m.project_id = p.id
          WHERE m.user_id = $1 ORDER BY p.created_at",
         &[&user_id],
@@ -83,7 +91,7 @@ pub async fn of_member(db: &impl GenericClient, user_id: &str) -> Result<Vec<Lis
 /// The one project (as a list: none when it is gone), with no role.
 pub async fn listed_by_id(db: &impl GenericClient, project_id: &str) -> Result<Vec<Listed>, Error> {
     db.query(
-        "SELECT id, name, status, realtime_public, created_at, NULL::text
+        "SELECT id, name, status, realtime_public, created_at, NULL::text, engine
          FROM fluxbase.projects WHERE id = $1",
         &[&project_id],
     )
@@ -100,12 +108,13 @@ pub async fn insert(
     name: &str,
     db_name: &str,
     bootstrap_version: i32,
+    engine: Engine,
 ) -> Result<DateTime<Utc>, Error> {
     Ok(db
         .query_one(
-            "INSERT INTO fluxbase.projects (id, name, db_name, bootstrap_version)
-             VALUES ($1, $2, $3, $4) RETURNING created_at",
-            &[&project_id, &name, &db_name, &bootstrap_version],
+            "INSERT INTO fluxbase.projects (id, name, db_name, bootstrap_version, engine)
+             VALUES ($1, $2, $3, $4, $5) RETURNING created_at",
+            &[&project_id, &name, &db_name, &bootstrap_version, &engine.as_str()],
         )
         .await?
         .get(0))
@@ -161,14 +170,15 @@ pub async fn set_bootstrap_version(
     .await
 }
 
-/// (id, database, bootstrap version) of the projects below `latest`.
+/// (id, database, bootstrap version) of the PostgreSQL projects below `latest`.
 pub async fn behind(
     db: &impl GenericClient,
     latest: i32,
 ) -> Result<Vec<(String, String, i32)>, Error> {
     Ok(db
         .query(
-            "SELECT id, db_name, bootstrap_version FROM fluxbase.projects WHERE bootstrap_version < $1",
+            "SELECT id, db_name, bootstrap_version FROM fluxbase.projects
+             WHERE bootstrap_version < $1 AND engine = 'postgresql'",
             &[&latest],
         )
         .await?
@@ -177,11 +187,11 @@ pub async fn behind(
         .collect())
 }
 
-/// (id, database) of the projects with no replication slot recorded.
+/// (id, database) of the PostgreSQL projects with no replication slot recorded.
 pub async fn without_slot(db: &impl GenericClient) -> Result<Vec<(String, String)>, Error> {
     Ok(db
         .query(
-            "SELECT id, db_name FROM fluxbase.projects WHERE cdc_slot IS NULL",
+            "SELECT id, db_name FROM fluxbase.projects WHERE cdc_slot IS NULL AND engine = 'postgresql'",
             &[],
         )
         .await?
@@ -190,9 +200,13 @@ pub async fn without_slot(db: &impl GenericClient) -> Result<Vec<(String, String
         .collect())
 }
 
+/// The ids of the PostgreSQL projects (those with project roles in the cluster).
 pub async fn all_ids(db: &impl GenericClient) -> Result<Vec<String>, Error> {
     Ok(db
-        .query("SELECT id FROM fluxbase.projects", &[])
+        .query(
+            "SELECT id FROM fluxbase.projects WHERE engine = 'postgresql'",
+            &[],
+        )
         .await?
         .iter()
         .map(|r| r.get(0))
@@ -218,13 +232,14 @@ pub async fn set_slot(db: &impl GenericClient, project_id: &str, slot: &str) -> 
     .await
 }
 
-/// The ids and databases of the active projects whose replication slot is made (cluster mode
-/// leads these: a project being created has its row before its slot).
+/// The ids and databases of the active PostgreSQL projects whose replication slot is made
+/// (cluster mode leads these: a project being created has its row before its slot).
 pub async fn active_databases(db: &impl GenericClient) -> Result<Vec<(String, String)>, Error> {
     Ok(db
         .query(
             "SELECT id, db_name FROM fluxbase.projects
-             WHERE status = 'active' AND cdc_slot IS NOT NULL ORDER BY created_at",
+             WHERE status = 'active' AND cdc_slot IS NOT NULL AND engine = 'postgresql'
+             ORDER BY created_at",
             &[],
         )
         .await?
@@ -233,15 +248,29 @@ pub async fn active_databases(db: &impl GenericClient) -> Result<Vec<(String, St
         .collect())
 }
 
-/// (id, database) of every project, oldest first.
+/// (id, database) of every PostgreSQL project, oldest first (the PostgreSQL change streams).
 pub async fn all_databases(db: &impl GenericClient) -> Result<Vec<(String, String)>, Error> {
     Ok(db
         .query(
-            "SELECT id, db_name FROM fluxbase.projects ORDER BY created_at",
+            "SELECT id, db_name FROM fluxbase.projects WHERE engine = 'postgresql' ORDER BY created_at",
             &[],
         )
         .await?
         .iter()
         .map(|r| (r.get(0), r.get(1)))
         .collect())
+}
+
+/// Every MySQL project, oldest first.
+pub async fn mysql_projects(db: &impl GenericClient) -> Result<Vec<Project>, Error> {
+    db.query(
+        &format!(
+            "SELECT {PROJECT_COLUMNS} FROM fluxbase.projects WHERE engine = 'mysql' ORDER BY created_at"
+        ),
+        &[],
+    )
+    .await?
+    .iter()
+    .map(Project::try_from)
+    .collect()
 }

@@ -68,10 +68,40 @@ impl ProjectStatus {
     }
 }
 
+/// The database engine a project runs on: its own PostgreSQL database in the cluster, or its
+/// own database on the MySQL server (see [`crate::mysql`]). Chosen at creation, never changed.
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, serde::Deserialize, utoipa::ToSchema,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum Engine {
+    #[default]
+    Postgresql,
+    Mysql,
+}
+
+impl Engine {
+    pub fn parse(s: &str) -> Option<Engine> {
+        match s {
+            "postgresql" => Some(Engine::Postgresql),
+            "mysql" => Some(Engine::Mysql),
+            _ => None,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Engine::Postgresql => "postgresql",
+            Engine::Mysql => "mysql",
+        }
+    }
+}
+
 #[derive(Clone, Debug)]
 pub struct Project {
     pub id: String,
     pub name: String,
+    pub engine: Engine,
     pub status: ProjectStatus,
     pub realtime_public: bool,
     pub db_name: String,
@@ -84,6 +114,7 @@ pub struct Project {
 pub struct ProjectView {
     pub id: String,
     pub name: String,
+    pub engine: Engine,
     pub status: ProjectStatus,
     pub realtime_public: bool,
     #[schema(value_type = String, format = DateTime)]
@@ -95,6 +126,7 @@ impl From<&Project> for ProjectView {
         ProjectView {
             id: p.id.clone(),
             name: p.name.clone(),
+            engine: p.engine,
             status: p.status,
             realtime_public: p.realtime_public,
             created_at: p.created_at,
@@ -108,6 +140,7 @@ impl From<&Project> for ProjectView {
 pub struct ListedProject {
     pub id: String,
     pub name: String,
+    pub engine: Engine,
     pub status: ProjectStatus,
     pub realtime_public: bool,
     #[schema(value_type = String, format = DateTime)]
@@ -152,6 +185,8 @@ pub enum ProjectsError {
     Auth(#[from] AuthError),
     #[error("name: 1 to 100 printable characters, without control (such as NUL), text-direction (such as U+202E) or invisible (such as U+200B) characters")]
     InvalidName,
+    #[error("engine: expected \"postgresql\" or \"mysql\", got {0:?}")]
+    InvalidEngine(String),
     #[error(
         "Project quota reached: a user may administer at most {0} projects \
          (max_projects_per_user). Delete a project or ask the operator to raise it."
@@ -193,6 +228,8 @@ pub struct Projects {
     temp_file_limit_kb: u64,
     max_projects_per_user: u32,
     limits: Arc<AccountLimits>,
+    /// The MySQL server of MySQL projects (their database and accounts).
+    mysql: Arc<crate::mysql::Mysql>,
 }
 
 impl Projects {
@@ -203,6 +240,7 @@ impl Projects {
         repairs: deadpool_postgres::Pool,
         config: &crate::config::Config,
         limits: Arc<AccountLimits>,
+        mysql: Arc<crate::mysql::Mysql>,
     ) -> Projects {
         Projects {
             control,
@@ -212,6 +250,7 @@ impl Projects {
             temp_file_limit_kb: config.temp_file_limit_kb,
             max_projects_per_user: config.max_projects_per_user,
             limits,
+            mysql,
         }
     }
 
@@ -231,28 +270,34 @@ impl Projects {
     }
 
     /// Creates a project owned by `user_id` (its admin) with one key of each scope: database,
-    /// roles and rows. The caller then creates its replication slot, and [`discard`]s it if
-    /// that fails.
+    /// roles (or MySQL accounts) and rows. The caller then creates its replication slot (a
+    /// PostgreSQL project), and [`discard`]s it if that fails.
     ///
     /// [`discard`]: Self::discard
     pub async fn create(
         &self,
         user_id: &str,
         name: &str,
+        engine: Engine,
     ) -> Result<(Project, DefaultKeys), ProjectsError> {
         let name = validate_name(name)?;
         let id = random_hex::<8>();
         let db_name = format!("fx_{id}");
-        tracing::info!(project_id = %id, "creating project");
-        if let Err(e) = self.provision(&id, &db_name).await {
-            self.deprovision(&id, &db_name).await;
+        tracing::info!(project_id = %id, engine = engine.as_str(), "creating project");
+        let provisioned = match engine {
+            Engine::Postgresql => self.provision(&id, &db_name).await,
+            Engine::Mysql => self.mysql.provision(&id, &db_name).await,
+        };
+        if let Err(e) = provisioned {
+            self.drop_database(&id, &db_name, engine).await;
             return Err(e.into());
         }
         let result: Result<(Project, DefaultKeys), ProjectsError> = async {
             let mut client = self.control.get().await?;
             let tx = client.transaction().await?;
             let created_at =
-                control::projects::insert(&tx, &id, &name, &db_name, latest_version()).await?;
+                control::projects::insert(&tx, &id, &name, &db_name, latest_version(), engine)
+                    .await?;
             control::members::insert(&tx, &id, user_id, MemberRole::Admin).await?;
             let key = |scope: Scope| {
                 let name = format!("Default {} key", scope.as_str());
@@ -269,6 +314,7 @@ impl Projects {
                 Project {
                     id: id.clone(),
                     name: name.clone(),
+                    engine,
                     status: ProjectStatus::Active,
                     realtime_public: false,
                     db_name: db_name.clone(),
@@ -279,9 +325,17 @@ impl Projects {
         }
         .await;
         if result.is_err() {
-            self.deprovision(&id, &db_name).await;
+            self.drop_database(&id, &db_name, engine).await;
         }
         result
+    }
+
+    /// Drops a project's database and roles (or MySQL database and accounts).
+    pub async fn drop_database(&self, project_id: &str, db_name: &str, engine: Engine) {
+        match engine {
+            Engine::Postgresql => self.deprovision(project_id, db_name).await,
+            Engine::Mysql => self.mysql.deprovision(project_id, db_name).await,
+        }
     }
 
     /// Undoes a [`create`](Self::create) whose replication slot could not be made.
@@ -289,7 +343,8 @@ impl Projects {
         if let Ok(c) = self.control.get().await {
             let _ = control::projects::delete(&c, &project.id).await;
         }
-        self.deprovision(&project.id, &project.db_name).await;
+        self.drop_database(&project.id, &project.db_name, project.engine)
+            .await;
     }
 
     /// A user's turn to create a project: held until the project is created, so that two
@@ -325,6 +380,7 @@ impl Projects {
             .map(|r| ListedProject {
                 id: r.id,
                 name: r.name,
+                engine: r.engine,
                 status: r.status,
                 realtime_public: r.realtime_public,
                 created_at: r.created_at,

@@ -7,6 +7,7 @@ mod accounts;
 mod cdc;
 mod cluster;
 mod dashboard;
+mod mysql;
 mod operations;
 mod realtime;
 mod sql;

@@ -11,7 +11,7 @@ use tokio::io::{AsyncBufReadExt, BufReader};
 use crate::support::spawn_app;
 
 /// The guide's `fluxbase.js`, unchanged except `BASE_URL`.
-const GUIDE_SNIPPET: &str = r#"const BASE_URL = '__BASE_URL__';
+pub const GUIDE_SNIPPET: &str = r#"const BASE_URL = '__BASE_URL__';
 const API_KEY  = process.env.FLUXBASE_API_KEY;
 const PROJECT  = process.env.FLUXBASE_PROJECT_ID;
 

@@ -3,7 +3,7 @@
 //! document checked against the live server.
 
 mod cli;
-mod guide;
+pub mod guide;
 mod limits;
 mod openapi;
 mod operator;

@@ -6,6 +6,8 @@
 //! - `fixtures`: users, projects and keys; `http`: requests to a server known by its URL;
 //! - `ws`: the WebSocket client; `bus`: reading the event bus; `poll`: waiting with a deadline;
 //! - `receiver`: a webhook receiver; `multipart`: upload bodies; `fs`: files on disk;
+//! - `mariadb`: the MariaDB shared by the binary (MySQL projects: `spawn_mysql_app()`,
+//!   `mysql_fixture()`);
 //! - `nats`: `nats-server -js` as a child process (`nats()` shared, or a test's own to kill
 //!   and restart); `nodes`: several `fluxbase serve` processes as one cluster.
 
@@ -17,6 +19,7 @@ pub mod cluster;
 pub mod fixtures;
 pub mod fs;
 pub mod http;
+pub mod mariadb;
 pub mod multipart;
 pub mod nats;
 pub mod nodes;

@@ -1,0 +1,483 @@
+//! The embedded MariaDB server used for MySQL projects when no `FLUXBASE_MYSQL_URL` is set.
+//!
+//! Like the embedded PostgreSQL ([`crate::embedded`]) it needs nothing but Debian's packages
+//! (`mariadb-server`): the server runs the system's `mariadb-install-db` once and `mariadbd`
+//! at each start, with the settings below on the command line (`--no-defaults`: nothing from
+//! `/etc/mysql` applies). Run as root, its files belong to, and its process runs as, an
+//! unprivileged user (`mysql` by default, the user Debian's package creates;
+//! `FLUXBASE_MYSQL_USER` picks another).
+//!
+//! ```text
+//!  $FLUXBASE_DATA_DIR/mariadb/     owned by the server user
+//!    ├── data/                     the datadir (and binlog.NNNNNN, the change stream's source)
+//!    ├── mariadbd.sock             the unix socket (only root@localhost, by unix_socket auth)
+//!    ├── mariadbd.pid
+//!    └── server.log                MariaDB's own log
+//! ```
+//!
+//! It listens on 127.0.0.1 only, on a free port chosen at each start. The server's account is
+//! `fluxbase@127.0.0.1` (every privilege, with GRANT OPTION: it creates the project databases
+//! and accounts), its password derived from the instance secret and set again at every start
+//! (`--init-file`), so nothing about it is stored. A watchdog stops the server when the
+//! process that started it disappears (even after `kill -9`).
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context, Result};
+
+/// The server's own account on the embedded server.
+pub const ADMIN_USER: &str = "fluxbase";
+
+/// Settings of every embedded server: loopback only, row-based binlog with full images and
+/// metadata (the change stream reads it: column names come from `binlog_row_metadata=FULL`),
+/// no files read or written for a client.
+const SETTINGS: &[(&str, &str)] = &[
+    ("bind-address", "127.0.0.1"),
+    ("skip-name-resolve", ""),
+    ("server-id", "1"),
+    ("binlog-format", "ROW"),
+    ("binlog-row-image", "FULL"),
+    ("binlog-row-metadata", "FULL"),
+    // Kept a week: a change stream that was down longer starts from the current position and
+    // says so (m-b's stream); `fluxbase doctor` reports the setting.
+    ("binlog-expire-logs-seconds", "604800"),
+    ("max-binlog-size", "268435456"),
+    ("local-infile", "0"),
+    ("max-connections", "500"),
+    ("character-set-server", "utf8mb4"),
+    ("collation-server", "utf8mb4_unicode_ci"),
+    ("default-time-zone", "+00:00"),
+    ("explicit-defaults-for-timestamp", "1"),
+    ("skip-symbolic-links", ""),
+];
+
+/// A running embedded MariaDB.
+#[derive(Debug)]
+pub struct Server {
+    root: PathBuf,
+    bindir: Bindir,
+    run_as: Option<(u32, u32)>,
+    pub port: u16,
+    admin_password: String,
+    child: Mutex<Option<Child>>,
+    pid: u32,
+}
+
+#[derive(Debug, Clone)]
+struct Bindir {
+    mariadbd: PathBuf,
+    install_db: PathBuf,
+}
+
+impl Server {
+    /// Creates the server's files under `root` if they do not exist yet, then starts it on a
+    /// free loopback port. `extra` adds settings for this start only (tests relax durability).
+    pub fn start(root: &Path, admin_password: &str, extra: &[(&str, &str)]) -> Result<Server> {
+        let bindir = find_binaries()?;
+        let run_as = server_user()?;
+        std::fs::create_dir_all(root).with_context(|| format!("creating {}", root.display()))?;
+        let root = root.canonicalize()?;
+        if let Some((uid, gid)) = run_as {
+            std::os::unix::fs::chown(&root, Some(uid), Some(gid))
+                .with_context(|| format!("giving {} to the MariaDB user", root.display()))?;
+            check_reachable(&root, uid)?;
+        }
+        let socket = root.join("mariadbd.sock");
+        if socket.as_os_str().len() > 100 {
+            bail!(
+                "{} is too long for a unix socket path (100 bytes): choose a shorter \
+                 FLUXBASE_DATA_DIR",
+                socket.display()
+            );
+        }
+        let mut server = Server {
+            root,
+            bindir,
+            run_as,
+            port: 0,
+            admin_password: admin_password.to_string(),
+            child: Mutex::new(None),
+            pid: 0,
+        };
+        server.stop_leftover();
+        if !server.data_dir().join("mysql").exists() {
+            server.install()?;
+        }
+        server.start_server(extra)?;
+        Ok(server)
+    }
+
+    pub fn data_dir(&self) -> PathBuf {
+        self.root.join("data")
+    }
+
+    pub fn log_file(&self) -> PathBuf {
+        self.root.join("server.log")
+    }
+
+    fn pid_file(&self) -> PathBuf {
+        self.root.join("mariadbd.pid")
+    }
+
+    /// The server account's URL (`mysql://fluxbase:…@127.0.0.1:<port>/`).
+    pub fn admin_url(&self) -> String {
+        format!(
+            "mysql://{ADMIN_USER}:{}@127.0.0.1:{}/",
+            self.admin_password, self.port
+        )
+    }
+
+    fn command(&self, program: &Path) -> Command {
+        let mut cmd = Command::new(program);
+        if let Some((uid, gid)) = self.run_as {
+            use std::os::unix::process::CommandExt;
+            cmd.uid(uid).gid(gid);
+            cmd.env("HOME", &self.root);
+        }
+        cmd.current_dir(&self.root);
+        cmd
+    }
+
+    fn install(&self) -> Result<()> {
+        tracing::info!(dir = %self.data_dir().display(), "creating the embedded MariaDB server");
+        // A half-made datadir (an install that was interrupted) is made again.
+        let _ = std::fs::remove_dir_all(self.data_dir());
+        let out = self
+            .command(&self.bindir.install_db)
+            .arg("--no-defaults")
+            .arg(format!("--datadir={}", self.data_dir().display()))
+            .args(["--auth-root-authentication-method=socket", "--skip-test-db"])
+            .stdin(Stdio::null())
+            .output()
+            .context("running mariadb-install-db")?;
+        if !out.status.success() {
+            bail!(
+                "mariadb-install-db failed: {}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Ok(())
+    }
+
+    /// The statements run at every start (`--init-file`): the server account with the
+    /// password of this instance.
+    fn write_init_file(&self) -> Result<PathBuf> {
+        let path = self.root.join("init.sql");
+        let pw = &self.admin_password;
+        if !pw.bytes().all(|b| b.is_ascii_alphanumeric()) {
+            bail!("the MariaDB admin password must be alphanumeric");
+        }
+        let sql = format!(
+            "CREATE USER IF NOT EXISTS '{ADMIN_USER}'@'127.0.0.1' IDENTIFIED BY '{pw}';\n\
+             ALTER USER '{ADMIN_USER}'@'127.0.0.1' IDENTIFIED BY '{pw}';\n\
+             GRANT ALL PRIVILEGES ON *.* TO '{ADMIN_USER}'@'127.0.0.1' WITH GRANT OPTION;\n"
+        );
+        use std::io::Write;
+        use std::os::unix::fs::OpenOptionsExt;
+        let _ = std::fs::remove_file(&path);
+        let mut file = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&path)
+            .with_context(|| format!("creating {}", path.display()))?;
+        file.write_all(sql.as_bytes())?;
+        if let Some((uid, gid)) = self.run_as {
+            std::os::unix::fs::chown(&path, Some(uid), Some(gid))?;
+        }
+        Ok(path)
+    }
+
+    fn start_server(&mut self, extra: &[(&str, &str)]) -> Result<()> {
+        let init = self.write_init_file()?;
+        let result = self.start_on_a_free_port(&init, extra);
+        let _ = std::fs::remove_file(&init);
+        result?;
+        self.spawn_watchdog()?;
+        // For a CLI command run beside the server ([`running_port`]).
+        std::fs::write(self.root.join("port"), format!("{}\n", self.port))?;
+        tracing::info!(port = self.port, "embedded MariaDB is up");
+        Ok(())
+    }
+
+    fn start_on_a_free_port(&mut self, init: &Path, extra: &[(&str, &str)]) -> Result<()> {
+        let mut attempt = 1;
+        loop {
+            self.port = free_port()?;
+            let log_start = std::fs::metadata(self.log_file())
+                .map(|m| m.len())
+                .unwrap_or(0);
+            let mut cmd = self.command(&self.bindir.mariadbd);
+            cmd.arg("--no-defaults")
+                .arg(format!("--datadir={}", self.data_dir().display()))
+                .arg(format!("--socket={}", self.root.join("mariadbd.sock").display()))
+                .arg(format!("--pid-file={}", self.pid_file().display()))
+                .arg(format!("--log-error={}", self.log_file().display()))
+                .arg(format!("--log-bin={}", self.data_dir().join("binlog").display()))
+                .arg(format!("--init-file={}", init.display()))
+                .arg(format!("--port={}", self.port));
+            for (k, v) in SETTINGS.iter().chain(extra) {
+                if v.is_empty() {
+                    cmd.arg(format!("--{k}"));
+                } else {
+                    cmd.arg(format!("--{k}={v}"));
+                }
+            }
+            {
+                use std::os::unix::process::CommandExt;
+                // Its own process group: a Ctrl-C meant for the server is not MariaDB's.
+                cmd.process_group(0);
+            }
+            let mut child = cmd
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .context("starting mariadbd")?;
+            let deadline = Instant::now() + Duration::from_secs(120);
+            let outcome = loop {
+                let log = read_from(&self.log_file(), log_start);
+                if log.contains("ready for connections") {
+                    break Ok(());
+                }
+                if let Some(status) = child.try_wait()? {
+                    break Err((status, log));
+                }
+                if Instant::now() > deadline {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    bail!(
+                        "MariaDB did not start within 120 s; see {}",
+                        self.log_file().display()
+                    );
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            };
+            match outcome {
+                Ok(()) => {
+                    self.pid = child.id();
+                    *self.child.lock().expect("poisoned") = Some(child);
+                    return Ok(());
+                }
+                Err((_, log))
+                    if (log.contains("Address already in use") || log.contains("Bind on"))
+                        && attempt < PORT_ATTEMPTS =>
+                {
+                    tracing::warn!(
+                        port = self.port,
+                        attempt,
+                        "the embedded MariaDB's port was taken meanwhile; trying another"
+                    );
+                    attempt += 1;
+                }
+                Err((status, log)) => {
+                    let tail: Vec<&str> = log.lines().rev().take(15).collect();
+                    bail!(
+                        "MariaDB did not start ({status}); last lines of {}:\n{}",
+                        self.log_file().display(),
+                        tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+                    );
+                }
+            }
+        }
+    }
+
+    /// A server an earlier process left running on this datadir (its watchdog missed it) is
+    /// stopped before this one starts.
+    fn stop_leftover(&self) {
+        let Ok(text) = std::fs::read_to_string(self.pid_file()) else {
+            return;
+        };
+        let Ok(pid) = text.trim().parse::<u32>() else {
+            return;
+        };
+        let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+        if !comm.trim().starts_with("mariadbd") && !comm.trim().starts_with("mysqld") {
+            return;
+        }
+        tracing::warn!(pid, "an earlier embedded MariaDB is still running; stopping it");
+        terminate(pid);
+        wait_gone(pid, Duration::from_secs(60));
+    }
+
+    /// Stops this server when this process is gone, however it ended.
+    fn spawn_watchdog(&self) -> Result<()> {
+        let script = format!(
+            "while [ -d /proc/{owner} ] && [ -d /proc/{pid} ]; do sleep 1; done; \
+             [ -d /proc/{pid} ] && kill -TERM {pid}; exit 0",
+            owner = std::process::id(),
+            pid = self.pid,
+        );
+        let mut cmd = Command::new("sh");
+        cmd.args(["-c", &script])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .current_dir(&self.root);
+        if let Some((uid, gid)) = self.run_as {
+            use std::os::unix::process::CommandExt;
+            cmd.uid(uid).gid(gid);
+        }
+        cmd.spawn().context("starting the MariaDB watchdog")?;
+        Ok(())
+    }
+
+    /// Stops the server (SIGTERM: a clean shutdown) and waits for it.
+    pub fn stop(&self) -> Result<()> {
+        let child = self.child.lock().expect("poisoned").take();
+        let Some(mut child) = child else {
+            return Ok(());
+        };
+        terminate(self.pid);
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if child.try_wait()?.is_some() {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                bail!("MariaDB did not stop within 60 s: killed");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Kills the server (`SIGKILL`, a crash) and starts it again on the same port (tests).
+    pub fn crash_and_restart(&mut self) -> Result<()> {
+        if let Some(mut child) = self.child.lock().expect("poisoned").take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        let port = self.port;
+        let init = self.write_init_file()?;
+        let result = self.start_on_a_free_port(&init, &[]);
+        let _ = std::fs::remove_file(&init);
+        result?;
+        if self.port != port {
+            tracing::warn!(old = port, new = self.port, "MariaDB restarted on another port");
+        }
+        self.spawn_watchdog()
+    }
+}
+
+/// The port of the embedded server running under `root`, if one runs (its pid file names a
+/// live `mariadbd`).
+pub fn running_port(root: &Path) -> Option<u16> {
+    let pid: u32 = std::fs::read_to_string(root.join("mariadbd.pid"))
+        .ok()?
+        .trim()
+        .parse()
+        .ok()?;
+    let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).ok()?;
+    if !comm.trim().starts_with("mariadbd") && !comm.trim().starts_with("mysqld") {
+        return None;
+    }
+    std::fs::read_to_string(root.join("port"))
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
+}
+
+fn read_from(path: &Path, offset: u64) -> String {
+    let bytes = std::fs::read(path).unwrap_or_default();
+    String::from_utf8_lossy(bytes.get(offset as usize..).unwrap_or_default()).into_owned()
+}
+
+/// SIGTERM: MariaDB's clean shutdown.
+fn terminate(pid: u32) {
+    let _ = Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status();
+}
+
+fn wait_gone(pid: u32, limit: Duration) {
+    let deadline = Instant::now() + limit;
+    while Path::new(&format!("/proc/{pid}")).exists() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// `mariadbd` and `mariadb-install-db`: `FLUXBASE_MARIADB_BINDIR` (both in it), else Debian's
+/// places (`/usr/sbin`, `/usr/bin`), else `PATH`.
+fn find_binaries() -> Result<Bindir> {
+    let mut dirs: Vec<PathBuf> = Vec::new();
+    if let Ok(dir) = std::env::var("FLUXBASE_MARIADB_BINDIR") {
+        dirs.push(PathBuf::from(dir));
+    } else {
+        dirs.extend(["/usr/sbin", "/usr/bin", "/usr/local/sbin", "/usr/local/bin"].map(PathBuf::from));
+        if let Some(path) = std::env::var_os("PATH") {
+            dirs.extend(std::env::split_paths(&path));
+        }
+    }
+    let find = |name: &str| dirs.iter().map(|d| d.join(name)).find(|p| p.is_file());
+    match (find("mariadbd"), find("mariadb-install-db")) {
+        (Some(mariadbd), Some(install_db)) => Ok(Bindir {
+            mariadbd,
+            install_db,
+        }),
+        _ => Err(anyhow!(
+            "MariaDB (mariadbd, mariadb-install-db) was not found, and MySQL projects need it. \
+             Install it with `apt-get install mariadb-server mariadb-client` (Debian/Ubuntu), \
+             set FLUXBASE_MARIADB_BINDIR to its directory, or point FLUXBASE_MYSQL_URL at an \
+             existing MySQL/MariaDB server"
+        )),
+    }
+}
+
+/// `Some((uid, gid))` of the unprivileged user to run MariaDB as when we are root.
+fn server_user() -> Result<Option<(u32, u32)>> {
+    if id(&["-u"], None)? != 0 {
+        return Ok(None);
+    }
+    let name = std::env::var("FLUXBASE_MYSQL_USER").unwrap_or_else(|_| "mysql".into());
+    let uid = id(&["-u"], Some(&name)).with_context(|| {
+        format!(
+            "MariaDB is not run as root and there is no user `{name}` to run it as: install \
+             Debian's mariadb-server package (it creates `mysql`), create one with \
+             `useradd --system {name}`, or set FLUXBASE_MYSQL_USER"
+        )
+    })?;
+    let gid = id(&["-g"], Some(&name))?;
+    Ok(Some((uid, gid)))
+}
+
+fn id(flag: &[&str], user: Option<&str>) -> Result<u32> {
+    let out = Command::new("id").args(flag).args(user).output()?;
+    if !out.status.success() {
+        bail!("{}", String::from_utf8_lossy(&out.stderr).trim());
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).trim().parse()?)
+}
+
+/// The server user must be able to walk down to its directory.
+fn check_reachable(dir: &Path, uid: u32) -> Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    for ancestor in dir.ancestors().skip(1) {
+        let meta = std::fs::metadata(ancestor)?;
+        if meta.mode() & 0o001 == 0 && meta.uid() != uid {
+            bail!(
+                "the MariaDB user (uid {uid}) cannot enter {}: run `chmod o+x {}` or choose \
+                 another FLUXBASE_DATA_DIR",
+                ancestor.display(),
+                ancestor.display()
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Starts tried on fresh ports when the chosen one was taken before MariaDB bound it.
+const PORT_ATTEMPTS: u32 = 5;
+
+fn free_port() -> Result<u16> {
+    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}

@@ -1,0 +1,236 @@
+//! MySQL projects: a project whose database lives on a MySQL-compatible server (the embedded
+//! MariaDB, or `FLUXBASE_MYSQL_URL`) instead of the PostgreSQL cluster.
+//!
+//! ```text
+//!  Mysql (this service)
+//!   ├── server      embedded::Server under <data_dir>/mariadb, started at the first need,
+//!   │               or the operator's server (mysql_url); its admin account's pool
+//!   ├── provision   database fx_<id>; accounts fx_<id>_read|_readwrite|_admin
+//!   ├── sql         POST /api/execute-sql: pools per (project, account), limits, params
+//!   ├── render      values → JSON (shared with the binlog change stream)
+//!   └── replication the server-level account the change stream reads the binlog as
+//! ```
+//! Everything PostgreSQL-only (replication slots, row-level security, the PG pools, project
+//! migrations under `sql/project/`) never sees a MySQL project: the app routes by
+//! [`crate::projects::Engine`].
+
+pub mod embedded;
+pub mod provision;
+pub mod render;
+pub mod sql;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{anyhow, bail, Context, Result};
+use mysql_async::prelude::Queryable;
+use mysql_async::{Opts, OptsBuilder, Pool, PoolConstraints, PoolOpts};
+use tokio::sync::OnceCell;
+
+use crate::config::Config;
+use crate::secrets::Secrets;
+
+/// The MySQL side of a server: where the server is, its admin pool, the SQL pools.
+pub struct Mysql {
+    config: Config,
+    secrets: Secrets,
+    server: OnceCell<Target>,
+    /// Keeps the embedded server alive with the app; stopped at shutdown.
+    embedded: std::sync::Mutex<Option<Arc<embedded::Server>>>,
+    pub(crate) sql: sql::Pools,
+}
+
+/// A reachable server: its admin account and what it is.
+pub struct Target {
+    pub admin: Opts,
+    pub admin_pool: Pool,
+    /// The server is MariaDB (else MySQL): binlog privileges and timeout settings differ.
+    pub mariadb: bool,
+    pub version: String,
+    /// The host part of every account this server creates: where the server sees us connect
+    /// from (127.0.0.1 for the embedded one).
+    pub client_host: String,
+}
+
+impl Mysql {
+    pub fn new(config: &Config, secrets: &Secrets) -> Mysql {
+        Mysql {
+            config: config.clone(),
+            secrets: secrets.clone(),
+            server: OnceCell::new(),
+            embedded: std::sync::Mutex::new(None),
+            sql: sql::Pools::new(config),
+        }
+    }
+
+    /// Whether MySQL projects are served by the operator's server (`mysql_url`).
+    pub fn external(&self) -> bool {
+        self.config.mysql_url.is_some()
+    }
+
+    /// The password of the embedded server's `fluxbase` account.
+    fn admin_password(&self) -> String {
+        admin_password(&self.secrets)
+    }
+
+    /// The server, started (embedded) or reached (`mysql_url`) at the first call.
+    pub async fn server(&self) -> Result<&Target> {
+        self.server
+            .get_or_try_init(|| async {
+                let admin = match &self.config.mysql_url {
+                    Some(url) => Opts::from_url(url.expose())
+                        .map_err(|e| anyhow!("FLUXBASE_MYSQL_URL is not a valid MySQL URL: {e}"))?,
+                    None if self.config.mysql_embedded_off => bail!(
+                        "the running server has not started its embedded MariaDB yet: create the \
+                         first MySQL project through the API (or stop the server and run this \
+                         command again)"
+                    ),
+                    None => {
+                        let server = self.start_embedded(&[]).await?;
+                        Opts::from_url(&server.admin_url())?
+                    }
+                };
+                let target = Target::connect(admin).await?;
+                self.ensure_replication_account(&target).await?;
+                Ok(target)
+            })
+            .await
+    }
+
+    /// Starts the embedded server under `<data_dir>/mariadb` (or returns the running one).
+    pub async fn start_embedded(&self, extra: &[(&str, &str)]) -> Result<Arc<embedded::Server>> {
+        if let Some(server) = self.embedded.lock().expect("poisoned").clone() {
+            return Ok(server);
+        }
+        let root = self.config.data_dir.join("mariadb");
+        let data_dir = self.config.data_dir.clone();
+        let password = self.admin_password();
+        let extra: Vec<(String, String)> = extra
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        let server = tokio::task::spawn_blocking(move || {
+            // The server user must pass through the data directory to its own.
+            crate::secrets::create_data_dir(&data_dir, true)?;
+            let extra: Vec<(&str, &str)> = extra
+                .iter()
+                .map(|(k, v)| (k.as_str(), v.as_str()))
+                .collect();
+            embedded::Server::start(&root, &password, &extra)
+        })
+        .await??;
+        let server = Arc::new(server);
+        *self.embedded.lock().expect("poisoned") = Some(server.clone());
+        Ok(server)
+    }
+
+    /// The embedded server, if this app started one.
+    pub fn embedded(&self) -> Option<Arc<embedded::Server>> {
+        self.embedded.lock().expect("poisoned").clone()
+    }
+
+    /// The server-level account the change stream reads the binlog as: `fluxbase_repl_<tag>`,
+    /// the tag derived from the instance secret, so that several Fluxbase instances can share
+    /// one server (the nodes of a cluster share the secret, hence the account).
+    pub fn replication_user(&self) -> String {
+        format!("fluxbase_repl_{}", &self.secrets.derive("mysql-repl-name")[..8])
+    }
+
+    fn replication_password(&self) -> String {
+        self.secrets.derive("mysql-account:replication")
+    }
+
+    /// How to connect as the replication account (REPLICATION SLAVE and BINLOG MONITOR on
+    /// MariaDB, REPLICATION CLIENT on MySQL; nothing else). Starts the server if needed.
+    pub async fn replication_opts(&self) -> Result<Opts> {
+        let target = self.server().await?;
+        Ok(OptsBuilder::from_opts(target.admin.clone())
+            .user(Some(self.replication_user()))
+            .pass(Some(self.replication_password()))
+            .db_name(None::<String>)
+            .into())
+    }
+
+    async fn ensure_replication_account(&self, target: &Target) -> Result<()> {
+        let user = format!("'{}'@'{}'", self.replication_user(), target.client_host);
+        let pw = self.replication_password();
+        let monitor = if target.mariadb {
+            "BINLOG MONITOR"
+        } else {
+            "REPLICATION CLIENT"
+        };
+        let mut conn = target.admin_pool.get_conn().await?;
+        for stmt in [
+            format!("CREATE USER IF NOT EXISTS {user} IDENTIFIED BY '{pw}'"),
+            format!("ALTER USER {user} IDENTIFIED BY '{pw}'"),
+            format!("GRANT REPLICATION SLAVE, {monitor} ON *.* TO {user}"),
+        ] {
+            conn.query_drop(&stmt)
+                .await
+                .with_context(|| format!("setting up the replication account {user}"))?;
+        }
+        Ok(())
+    }
+
+    /// Closes the pools and stops the embedded server (shutdown).
+    pub fn shutdown(&self) {
+        self.sql.clear();
+        if let Some(server) = self.embedded.lock().expect("poisoned").take() {
+            if let Err(e) = server.stop() {
+                tracing::warn!(error = %e, "stopping the embedded MariaDB");
+            }
+        }
+    }
+}
+
+fn admin_password(secrets: &Secrets) -> String {
+    secrets.derive("mysql-admin")
+}
+
+/// The admin URL of the embedded MariaDB of this instance listening on `port` (a running
+/// server's, for a CLI command).
+pub fn embedded_admin_url(secrets: &Secrets, port: u16) -> String {
+    format!(
+        "mysql://{}:{}@127.0.0.1:{port}/",
+        embedded::ADMIN_USER,
+        admin_password(secrets)
+    )
+}
+
+impl Target {
+    async fn connect(admin: Opts) -> Result<Target> {
+        let admin_pool = Pool::new(
+            OptsBuilder::from_opts(admin.clone()).pool_opts(
+                PoolOpts::default()
+                    .with_constraints(PoolConstraints::new(0, 4).expect("0 ≤ 4"))
+                    .with_inactive_connection_ttl(Duration::from_secs(60))
+                    .with_ttl_check_interval(Duration::from_secs(30)),
+            ),
+        );
+        let mut conn = tokio::time::timeout(Duration::from_secs(30), admin_pool.get_conn())
+            .await
+            .map_err(|_| anyhow!("connecting to the MySQL server timed out"))?
+            .context("connecting to the MySQL server as its admin account")?;
+        let (version, user): (String, String) = conn
+            .query_first("SELECT VERSION(), USER()")
+            .await?
+            .ok_or_else(|| anyhow!("SELECT VERSION() answered nothing"))?;
+        drop(conn);
+        let client_host = user
+            .rsplit_once('@')
+            .map(|(_, h)| h.to_string())
+            .unwrap_or_else(|| "127.0.0.1".into());
+        if client_host.contains('\'') || client_host.contains('\\') {
+            bail!("unexpected client host {client_host:?}");
+        }
+        let mariadb = version.to_ascii_lowercase().contains("mariadb");
+        tracing::info!(%version, %client_host, "MySQL server reached");
+        Ok(Target {
+            admin,
+            admin_pool,
+            mariadb,
+            version,
+            client_host,
+        })
+    }
+}

@@ -1,0 +1,169 @@
+//! A MySQL project's database and accounts: created, repaired at start-up, locked while the
+//! project is suspended, dropped with it.
+//!
+//! ```text
+//!  database  fx_<id>             utf8mb4
+//!  fx_<id>_read       SELECT                          on fx_<id>.*   (read scope, viewers)
+//!  fx_<id>_readwrite  SELECT, INSERT, UPDATE          on fx_<id>.*   (readwrite scope)
+//!  fx_<id>_admin      ALL PRIVILEGES (no GRANT OPTION) on fx_<id>.*  (admin scope, developers)
+//! ```
+//! Each account exists only at the host the server sees Fluxbase connect from (127.0.0.1 for
+//! the embedded server), has no global privilege (so no FILE, PROCESS, SUPER, `mysql.*`, other
+//! databases, `SET GLOBAL`, `KILL` of other accounts' sessions), cannot grant, and is bounded
+//! to `sql_project_connections` connections (`MAX_USER_CONNECTIONS`). Passwords are derived
+//! from the instance secret and never stored; every start-up sets them again, with the grants.
+
+use anyhow::{Context, Result};
+use mysql_async::prelude::Queryable;
+
+use super::{Mysql, Target};
+use crate::auth::DbRole;
+
+/// The account of a scope: `fx_<project>_read|readwrite|admin`.
+pub fn account_name(project_id: &str, role: DbRole) -> String {
+    let suffix = match role {
+        DbRole::Read => "read",
+        DbRole::ReadWrite => "readwrite",
+        DbRole::Owner => "admin",
+    };
+    format!("fx_{project_id}_{suffix}")
+}
+
+fn privileges(role: DbRole) -> &'static str {
+    match role {
+        DbRole::Read => "SELECT",
+        DbRole::ReadWrite => "SELECT, INSERT, UPDATE",
+        DbRole::Owner => "ALL PRIVILEGES",
+    }
+}
+
+/// Project ids are 16 lowercase hex digits; database and account names are built from them
+/// and nothing else, so they never need quoting beyond backticks.
+fn check_id(project_id: &str) -> Result<()> {
+    anyhow::ensure!(
+        crate::auth::is_project_id(project_id),
+        "not a project id: {project_id:?}"
+    );
+    Ok(())
+}
+
+impl Mysql {
+    /// The password of a project account.
+    pub fn account_password(&self, account: &str) -> String {
+        self.secrets.derive(&format!("mysql-account:{account}"))
+    }
+
+    fn account(&self, target: &Target, project_id: &str, role: DbRole) -> String {
+        format!(
+            "'{}'@'{}'",
+            account_name(project_id, role),
+            target.client_host
+        )
+    }
+
+    /// Creates the project's database and accounts (idempotent: also repairs them).
+    pub async fn provision(&self, project_id: &str, db_name: &str) -> Result<()> {
+        check_id(project_id)?;
+        let target = self.server().await?;
+        let mut conn = target.admin_pool.get_conn().await?;
+        conn.query_drop(format!(
+            "CREATE DATABASE IF NOT EXISTS `{db_name}` CHARACTER SET utf8mb4 COLLATE utf8mb4_unicode_ci"
+        ))
+        .await
+        .with_context(|| format!("creating database {db_name}"))?;
+        let bound = self.config.sql_project_connections;
+        for role in DbRole::ALL {
+            let account = self.account(target, project_id, role);
+            let pw = self.account_password(&account_name(project_id, role));
+            for stmt in [
+                format!("CREATE USER IF NOT EXISTS {account} IDENTIFIED BY '{pw}'"),
+                format!(
+                    "ALTER USER {account} IDENTIFIED BY '{pw}' WITH MAX_USER_CONNECTIONS {bound}"
+                ),
+                // A repair starts from nothing: privileges granted by hand are taken back.
+                format!("REVOKE ALL PRIVILEGES, GRANT OPTION FROM {account}"),
+                format!(
+                    "GRANT {} ON `{db_name}`.* TO {account}",
+                    privileges(role)
+                ),
+            ] {
+                conn.query_drop(&stmt)
+                    .await
+                    .with_context(|| format!("provisioning {account}"))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Drops the project's accounts (ending their sessions) and database. Best effort: each
+    /// failure is logged, the rest still runs.
+    pub async fn deprovision(&self, project_id: &str, db_name: &str) {
+        if check_id(project_id).is_err() {
+            return;
+        }
+        self.sql.forget_project(project_id);
+        let target = match self.server().await {
+            Ok(t) => t,
+            Err(e) => {
+                tracing::error!(project_id, error = %e, "MySQL server unreachable: project database left");
+                return;
+            }
+        };
+        let mut conn = match target.admin_pool.get_conn().await {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::error!(project_id, error = %e, "MySQL server unreachable: project database left");
+                return;
+            }
+        };
+        let _ = self.kill_sessions(&mut conn, project_id).await;
+        let mut stmts: Vec<String> = DbRole::ALL
+            .iter()
+            .map(|r| format!("DROP USER IF EXISTS {}", self.account(target, project_id, *r)))
+            .collect();
+        stmts.push(format!("DROP DATABASE IF EXISTS `{db_name}`"));
+        for stmt in stmts {
+            if let Err(e) = conn.query_drop(&stmt).await {
+                tracing::error!(project_id, error = %e, statement = %stmt, "deprovisioning a MySQL project");
+            }
+        }
+    }
+
+    /// Suspension: the accounts are locked and their sessions ended; resuming unlocks them.
+    pub async fn set_locked(&self, project_id: &str, locked: bool) -> Result<()> {
+        check_id(project_id)?;
+        self.sql.forget_project(project_id);
+        let target = self.server().await?;
+        let mut conn = target.admin_pool.get_conn().await?;
+        let verb = if locked { "LOCK" } else { "UNLOCK" };
+        for role in DbRole::ALL {
+            conn.query_drop(format!(
+                "ALTER USER IF EXISTS {} ACCOUNT {verb}",
+                self.account(target, project_id, role)
+            ))
+            .await?;
+        }
+        if locked {
+            self.kill_sessions(&mut conn, project_id).await?;
+        }
+        Ok(())
+    }
+
+    /// Ends every session of the project's accounts.
+    async fn kill_sessions(&self, conn: &mut mysql_async::Conn, project_id: &str) -> Result<()> {
+        let users: Vec<String> = DbRole::ALL
+            .iter()
+            .map(|r| account_name(project_id, *r))
+            .collect();
+        let ids: Vec<u64> = conn
+            .exec(
+                "SELECT ID FROM information_schema.PROCESSLIST WHERE USER IN (?, ?, ?)",
+                (&users[0], &users[1], &users[2]),
+            )
+            .await?;
+        for id in ids {
+            let _ = conn.query_drop(format!("KILL CONNECTION {id}")).await;
+        }
+        Ok(())
+    }
+}

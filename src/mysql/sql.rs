@@ -1,0 +1,901 @@
+//! `POST /api/execute-sql` on a MySQL project: the caller's SQL as the account of its scope,
+//! answered in the guide's shapes, exactly as for PostgreSQL (see `crate::sql`).
+//!
+//! ```text
+//!  request ─► project share (sql_project_connections, ≤ sql_queue_timeout_ms, then 429)
+//!           ─► pool[(project, account)] (mysql_async, ≤ min(pool_size, share) connections,
+//!              COM_RESET_CONNECTION when a connection comes back, idle ones closed)
+//!           ─► no params: the text protocol, a script of several statements allowed
+//!              params:    one prepared statement, `$n` rewritten to `?` (or `?` as written)
+//!           ─► rows rendered as they arrive (render.rs), within max_rows / max_response_bytes
+//!  guard: past statement_timeout + 2 s the server's own account runs KILL QUERY <connection>
+//! ```
+//! Each request runs in a fresh session: the pool resets the connection (`Conn::reset`,
+//! COM_RESET_CONNECTION: variables, temporary tables, prepared statements, locks, an open
+//! transaction all gone) before the next request gets it, and then sets the statement
+//! timeout again (`max_statement_time` on MariaDB, `max_execution_time` on MySQL). A script
+//! answers with its last statement's result, as on PostgreSQL; unlike PostgreSQL, statements
+//! before a failing one stay done (MySQL commits each statement on its own unless the script
+//! opens a transaction, and DDL commits implicitly).
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use mysql_async::prelude::Queryable;
+use mysql_async::{Column, Conn, OptsBuilder, Pool, PoolConstraints, PoolOpts, Value};
+use serde_json::Value as Json;
+
+use super::render::{write_json, ColumnKind};
+use super::Mysql;
+use crate::auth::{Access, DbRole};
+use crate::config::Config;
+use crate::sql::{SqlError, SqlRequest};
+
+/// Extra time past `statement_timeout` before the server kills a statement itself (the
+/// caller may have raised or disabled `max_statement_time` for its session).
+const GUARD_GRACE: Duration = Duration::from_secs(2);
+
+/// The SQL pools of MySQL projects.
+pub struct Pools {
+    pools: Mutex<HashMap<(String, DbRole), Pool>>,
+    /// MariaDB's JSON columns per project (table, column): MariaDB sends them as LONGTEXT,
+    /// so they are known from their `json_valid` check in the catalog. Emptied by DDL.
+    json_columns: Mutex<HashMap<String, Arc<JsonColumns>>>,
+    shares: Mutex<HashMap<String, Arc<tokio::sync::Semaphore>>>,
+    pool_size: usize,
+    project_share: usize,
+    queue_timeout: Duration,
+    idle_timeout: Duration,
+    statement_timeout: Duration,
+    max_rows: usize,
+    max_response_bytes: usize,
+}
+
+impl Pools {
+    pub fn new(config: &Config) -> Pools {
+        Pools {
+            pools: Mutex::default(),
+            json_columns: Mutex::default(),
+            shares: Mutex::default(),
+            pool_size: config.pool_size.max(1),
+            project_share: config.sql_project_connections,
+            queue_timeout: Duration::from_millis(config.sql_queue_timeout_ms),
+            idle_timeout: Duration::from_secs(config.sql_idle_timeout_secs),
+            statement_timeout: config.statement_timeout(),
+            max_rows: config.max_rows,
+            max_response_bytes: config.max_response_bytes,
+        }
+    }
+
+    /// Closes a project's pools (deletion, suspension).
+    pub fn forget_project(&self, project_id: &str) {
+        let gone: Vec<Pool> = {
+            let mut pools = self.pools.lock().expect("poisoned");
+            let keys: Vec<_> = pools
+                .keys()
+                .filter(|(p, _)| p == project_id)
+                .cloned()
+                .collect();
+            keys.into_iter().filter_map(|k| pools.remove(&k)).collect()
+        };
+        self.shares.lock().expect("poisoned").remove(project_id);
+        self.forget_schema(project_id);
+        disconnect(gone);
+    }
+
+    /// The project's schema changed (or may have): its JSON columns are read again.
+    pub fn forget_schema(&self, project_id: &str) {
+        self.json_columns.lock().expect("poisoned").remove(project_id);
+    }
+
+    pub fn clear(&self) {
+        let gone: Vec<Pool> = self
+            .pools
+            .lock()
+            .expect("poisoned")
+            .drain()
+            .map(|(_, p)| p)
+            .collect();
+        disconnect(gone);
+    }
+
+    fn share(&self, project_id: &str) -> Arc<tokio::sync::Semaphore> {
+        self.shares
+            .lock()
+            .expect("poisoned")
+            .entry(project_id.to_string())
+            .or_insert_with(|| Arc::new(tokio::sync::Semaphore::new(self.project_share)))
+            .clone()
+    }
+}
+
+/// (table, column) of a database's JSON columns.
+pub type JsonColumns = std::collections::HashSet<(String, String)>;
+
+fn disconnect(pools: Vec<Pool>) {
+    if pools.is_empty() {
+        return;
+    }
+    if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+        runtime.spawn(async move {
+            for pool in pools {
+                let _ = tokio::time::timeout(Duration::from_secs(5), pool.disconnect()).await;
+            }
+        });
+    }
+}
+
+/// One result set as the answer shows it.
+#[derive(Default)]
+struct ResultSet {
+    columns: Vec<(String, ColumnKind)>,
+    /// Rendered rows (`{...}` each), within the limits.
+    rows: Vec<String>,
+    row_bytes: usize,
+    /// Rows read (returned or not), or rows affected for a statement without a result set.
+    count: u64,
+    has_rows: bool,
+    truncated: bool,
+}
+
+enum Failure {
+    Db(mysql_async::Error),
+    /// The connection cannot be trusted any more (it is closed, not pooled again).
+    Broken(mysql_async::Error),
+    Params(String),
+}
+
+impl Mysql {
+    /// The JSON columns of a project's database: MariaDB's JSON type is LONGTEXT with a
+    /// `json_valid` check of the column's name, which is how they are found (MySQL's JSON
+    /// type is a type of its own and needs none of this). Cached until the project runs DDL.
+    pub async fn json_columns(&self, project_id: &str, db_name: &str) -> Arc<JsonColumns> {
+        if let Some(known) = self.sql.json_columns.lock().expect("poisoned").get(project_id) {
+            return known.clone();
+        }
+        let found: JsonColumns = async {
+            let target = self.server().await.ok()?;
+            let mut conn = target.admin_pool.get_conn().await.ok()?;
+            let rows: Vec<(String, String)> = conn
+                .exec(
+                    "SELECT TABLE_NAME, CONSTRAINT_NAME FROM information_schema.CHECK_CONSTRAINTS \
+                     WHERE CONSTRAINT_SCHEMA = ? AND LEVEL = 'Column' \
+                     AND CHECK_CLAUSE = CONCAT('json_valid(`', CONSTRAINT_NAME, '`)')",
+                    (db_name,),
+                )
+                .await
+                .map_err(|e| tracing::warn!(error = %e, "reading a project's JSON columns"))
+                .ok()?;
+            Some(rows.into_iter().collect())
+        }
+        .await
+        .unwrap_or_default();
+        let found = Arc::new(found);
+        self.sql
+            .json_columns
+            .lock()
+            .expect("poisoned")
+            .insert(project_id.to_string(), found.clone());
+        found
+    }
+
+    fn pool(&self, target: &super::Target, project_id: &str, db_name: &str, role: DbRole) -> Pool {
+        let key = (project_id.to_string(), role);
+        let mut pools = self.sql.pools.lock().expect("poisoned");
+        if let Some(pool) = pools.get(&key) {
+            return pool.clone();
+        }
+        let user = super::provision::account_name(project_id, role);
+        let max = self.sql.pool_size.min(self.sql.project_share).max(1);
+        let timeout = self.sql.statement_timeout;
+        let setup = if target.mariadb {
+            format!(
+                "SET SESSION max_statement_time = {}, time_zone = '+00:00'",
+                timeout.as_secs_f64()
+            )
+        } else {
+            format!(
+                "SET SESSION max_execution_time = {}, time_zone = '+00:00'",
+                timeout.as_millis()
+            )
+        };
+        let opts = OptsBuilder::from_opts(target.admin.clone())
+            .user(Some(user.clone()))
+            .pass(Some(self.account_password(&user)))
+            .db_name(Some(db_name))
+            .setup(vec![setup])
+            // UPDATE counts the rows it matched, as PostgreSQL does.
+            .client_found_rows(true)
+            .tcp_nodelay(true)
+            // No file of this machine is ever sent for LOAD DATA LOCAL INFILE.
+            .local_infile_handler(None::<mysql_async::WhiteListFsHandler>)
+            .pool_opts(
+                PoolOpts::default()
+                    .with_constraints(PoolConstraints::new(0, max).expect("0 ≤ max"))
+                    .with_reset_connection(true)
+                    .with_inactive_connection_ttl(self.sql.idle_timeout)
+                    .with_ttl_check_interval(
+                        (self.sql.idle_timeout / 2).max(Duration::from_secs(1)),
+                    ),
+            );
+        let pool = Pool::new(opts);
+        pools.insert(key, pool.clone());
+        pool
+    }
+
+    /// Runs a request's SQL on a MySQL project and renders the guide's success or
+    /// SQL_EXEC_ERROR body.
+    pub async fn execute(&self, access: &Access, req: &SqlRequest) -> Result<String, SqlError> {
+        let started = Instant::now();
+        let project = &access.project;
+        let target = self
+            .server()
+            .await
+            .map_err(|e| SqlError::Unavailable(format!("{e:#}")))?;
+        let share = self.sql.share(&project.id);
+        let _permit = tokio::time::timeout(self.sql.queue_timeout, share.acquire_owned())
+            .await
+            .map_err(|_| {
+                SqlError::Busy(format!(
+                    "this project already runs {} SQL requests at once (sql_project_connections); \
+                     retry shortly",
+                    self.sql.project_share
+                ))
+            })?
+            .map_err(|_| SqlError::Unavailable("the project is being closed".into()))?;
+        let pool = self.pool(target, &project.id, &project.db_name, access.db_role);
+        let mut conn = match tokio::time::timeout(self.sql.queue_timeout, pool.get_conn()).await {
+            Err(_) => {
+                return Err(SqlError::Busy(
+                    "no connection to the project database came free in time".into(),
+                ))
+            }
+            Ok(Err(mysql_async::Error::Server(e))) => {
+                return Err(SqlError::Unavailable(format!(
+                    "logging in as the project account: {} ({})",
+                    e.message, e.code
+                )))
+            }
+            Ok(Err(e)) => return Err(SqlError::Unavailable(e.to_string())),
+            Ok(Ok(conn)) => conn,
+        };
+        let connection_id = conn.id();
+        let budget = self.sql.statement_timeout + GUARD_GRACE;
+        let (max_rows, max_bytes) = (self.sql.max_rows, self.sql.max_response_bytes);
+        let json = JsonLookup {
+            mysql: self,
+            mariadb: target.mariadb,
+            project_id: &project.id,
+            db_name: &project.db_name,
+        };
+        let outcome = {
+            let run = run(&mut conn, req, max_rows, max_bytes, &json);
+            tokio::pin!(run);
+            tokio::select! {
+                r = &mut run => r,
+                _ = tokio::time::sleep(budget) => {
+                    tracing::warn!(project_id = %project.id, "MySQL statement outlived its budget; killing it");
+                    if let Ok(mut admin) = target.admin_pool.get_conn().await {
+                        let _ = admin.query_drop(format!("KILL QUERY {connection_id}")).await;
+                    }
+                    match tokio::time::timeout(Duration::from_secs(5), &mut run).await {
+                        Ok(r) => r,
+                        Err(_) => Err(Failure::Broken(mysql_async::Error::Other(
+                            "the statement did not end after KILL QUERY".into(),
+                        ))),
+                    }
+                }
+            }
+        };
+        let elapsed = started.elapsed();
+        if ddl(&req.query) {
+            self.sql.forget_schema(&project.id);
+        }
+        match outcome {
+            Ok((set, statement)) => {
+                drop(conn);
+                Ok(render_success(&set, &statement, elapsed, max_bytes))
+            }
+            Err(Failure::Params(message)) => {
+                drop(conn);
+                Ok(render_error(&message, 2031, "HY000"))
+            }
+            Err(Failure::Db(mysql_async::Error::Server(e))) => {
+                drop(conn);
+                Ok(render_error(&e.message, e.code, &e.state))
+            }
+            Err(Failure::Db(mysql_async::Error::Driver(e))) => {
+                // The request's fault (a parameter count, LOAD DATA LOCAL), but the session
+                // may be mid-protocol: it is not pooled again.
+                close(conn).await;
+                Ok(driver_error(&e))
+            }
+            Err(Failure::Db(e)) | Err(Failure::Broken(e)) => {
+                close(conn).await;
+                Err(SqlError::Unavailable(e.to_string()))
+            }
+        }
+    }
+}
+
+/// Takes a connection out of its pool for good.
+async fn close(conn: Conn) {
+    let _ = tokio::time::timeout(Duration::from_secs(1), conn.disconnect()).await;
+}
+
+fn driver_error(e: &mysql_async::DriverError) -> String {
+    use mysql_async::DriverError as D;
+    match e {
+        D::LocalInfile(_) => render_error(
+            "LOAD DATA LOCAL INFILE is not available: the server sends no files",
+            2068,
+            "HY000",
+        ),
+        D::StmtParamsMismatch { required, supplied } => render_error(
+            &format!("the statement has {required} placeholders but {supplied} params were given"),
+            2031,
+            "HY000",
+        ),
+        other => render_error(&other.to_string(), 2000, "HY000"),
+    }
+}
+
+/// Whether a request may have changed the schema (then the JSON columns are read again).
+fn ddl(sql: &str) -> bool {
+    split_statements(sql).iter().any(|s| {
+        keywords(s, 1).first().is_some_and(|w| {
+            matches!(w.as_str(), "CREATE" | "ALTER" | "DROP" | "RENAME" | "TRUNCATE")
+        })
+    })
+}
+
+/// Finds which LONGTEXT columns of a result are MariaDB JSON columns.
+struct JsonLookup<'a> {
+    mysql: &'a Mysql,
+    mariadb: bool,
+    project_id: &'a str,
+    db_name: &'a str,
+}
+
+impl JsonLookup<'_> {
+    async fn mark(&self, columns: &[Column], kinds: &mut [(String, ColumnKind)]) {
+        use mysql_async::consts::ColumnType::*;
+        if !self.mariadb {
+            return;
+        }
+        let candidate = |c: &Column, k: &ColumnKind| {
+            !k.binary
+                && !c.org_table_ref().is_empty()
+                && c.schema_ref() == self.db_name.as_bytes()
+                && matches!(
+                    c.column_type(),
+                    MYSQL_TYPE_BLOB | MYSQL_TYPE_LONG_BLOB | MYSQL_TYPE_MEDIUM_BLOB | MYSQL_TYPE_TINY_BLOB
+                )
+        };
+        if !columns.iter().zip(kinds.iter()).any(|(c, (_, k))| candidate(c, k)) {
+            return;
+        }
+        let json = self.mysql.json_columns(self.project_id, self.db_name).await;
+        for (c, (_, k)) in columns.iter().zip(kinds.iter_mut()) {
+            if candidate(c, k)
+                && json.contains(&(c.org_table_str().into_owned(), c.org_name_str().into_owned()))
+            {
+                k.json = true;
+            }
+        }
+    }
+}
+
+async fn run(
+    conn: &mut Conn,
+    req: &SqlRequest,
+    max_rows: usize,
+    max_bytes: usize,
+    json: &JsonLookup<'_>,
+) -> Result<(ResultSet, String), Failure> {
+    let statements = split_statements(&req.query);
+    match req.params.as_deref() {
+        None | Some([]) => {
+            let mut result = conn.query_iter(req.query.as_str()).await.map_err(Failure::Db)?;
+            let mut sets = 0usize;
+            let last = loop {
+                let set = read_set(&mut result, max_rows, max_bytes, json).await?;
+                sets += 1;
+                if result.is_empty() {
+                    break set;
+                }
+            };
+            // The statement the answer is about: the last one, when the server answered once
+            // per statement (a CALL answers more, a routine's body has `;` of its own).
+            let statement = if sets == statements.len() {
+                statements.last().copied().unwrap_or("")
+            } else {
+                statements.first().copied().unwrap_or("")
+            };
+            Ok((last, statement.to_string()))
+        }
+        Some(params) => {
+            let (sql, values) = bind(&req.query, params).map_err(Failure::Params)?;
+            let mut result = conn
+                .exec_iter(sql.as_str(), mysql_async::Params::Positional(values))
+                .await
+                .map_err(Failure::Db)?;
+            let set = read_set(&mut result, max_rows, max_bytes, json).await?;
+            if !result.is_empty() {
+                // A CALL's further result sets: read and dropped.
+                result.drop_result().await.map_err(Failure::Db)?;
+            }
+            Ok((set, req.query.clone()))
+        }
+    }
+}
+
+async fn read_set<P: mysql_async::prelude::Protocol>(
+    result: &mut mysql_async::QueryResult<'_, 'static, P>,
+    max_rows: usize,
+    max_bytes: usize,
+    json: &JsonLookup<'_>,
+) -> Result<ResultSet, Failure> {
+    let columns: Vec<Column> = result.columns().map(|c| c.to_vec()).unwrap_or_default();
+    let mut set = ResultSet {
+        columns: columns
+            .iter()
+            .map(|c| (c.name_str().into_owned(), ColumnKind::of(c)))
+            .collect(),
+        has_rows: !columns.is_empty(),
+        ..Default::default()
+    };
+    json.mark(&columns, &mut set.columns).await;
+    if !set.has_rows {
+        set.count = result.affected_rows();
+    }
+    let names: Vec<String> = set
+        .columns
+        .iter()
+        .map(|(n, _)| serde_json::to_string(n).expect("strings serialize"))
+        .collect();
+    while let Some(row) = result.next().await.map_err(Failure::Db)? {
+        set.count += 1;
+        if set.truncated {
+            continue;
+        }
+        if set.rows.len() >= max_rows {
+            set.truncated = true;
+            continue;
+        }
+        let mut out = String::with_capacity(64);
+        out.push('{');
+        for (i, (_, kind)) in set.columns.iter().enumerate() {
+            if i > 0 {
+                out.push(',');
+            }
+            out.push_str(&names[i]);
+            out.push(':');
+            write_json(&mut out, kind, row.as_ref(i).unwrap_or(&Value::NULL));
+        }
+        out.push('}');
+        if set.row_bytes + out.len() + 1 > max_bytes {
+            set.truncated = true;
+            continue;
+        }
+        set.row_bytes += out.len() + 1;
+        set.rows.push(out);
+    }
+    Ok(set)
+}
+
+fn json_str(s: &str) -> String {
+    serde_json::to_string(s).expect("strings serialize")
+}
+
+/// The guide's success body (the same shape as PostgreSQL's, `crate::sql::SqlResponse`).
+fn render_success(set: &ResultSet, statement: &str, elapsed: Duration, max_bytes: usize) -> String {
+    let op = operation(statement, set.has_rows);
+    let tail = 256 + set.columns.iter().map(|(n, _)| n.len() * 2 + 40).sum::<usize>();
+    let budget = max_bytes.saturating_sub(tail);
+    let mut truncated = set.truncated;
+    let mut out = String::with_capacity(set.row_bytes.min(budget) + tail);
+    out.push_str("{\"success\":true,\"result\":{\"rows\":[");
+    for (i, row) in set.rows.iter().enumerate() {
+        if out.len() + row.len() + 1 > budget {
+            truncated = true;
+            break;
+        }
+        if i > 0 {
+            out.push(',');
+        }
+        out.push_str(row);
+    }
+    let names: Vec<String> = set.columns.iter().map(|(n, _)| json_str(n)).collect();
+    out.push_str("],\"columns\":[");
+    out.push_str(&names.join(","));
+    out.push_str("],\"columnTypes\":[");
+    let types: Vec<String> = set
+        .columns
+        .iter()
+        .map(|(_, k)| json_str(&k.type_name()))
+        .collect();
+    out.push_str(&types.join(","));
+    out.push_str("],\"rowCount\":");
+    out.push_str(&set.count.to_string());
+    out.push_str(",\"message\":");
+    match message(op.as_deref(), set) {
+        Some(m) => out.push_str(&json_str(&m)),
+        None => out.push_str("null"),
+    }
+    out.push_str(",\"truncated\":");
+    out.push_str(if truncated { "true" } else { "false" });
+    out.push_str("},\"executionInfo\":{\"time\":");
+    out.push_str(&json_str(&format!("{}ms", elapsed.as_millis())));
+    out.push_str(",\"rowCount\":");
+    out.push_str(&set.count.to_string());
+    out.push_str(",\"operation\":");
+    match &op {
+        Some(op) => out.push_str(&json_str(op)),
+        None => out.push_str("null"),
+    }
+    out.push_str("}}");
+    out
+}
+
+/// `null` for a statement returning rows; PostgreSQL's command tag for DML (`INSERT 0 1`,
+/// `UPDATE 2`, `DELETE 3`), so that clients reading tags read both engines alike; the
+/// operation for anything else (`CREATE TABLE`).
+fn message(op: Option<&str>, set: &ResultSet) -> Option<String> {
+    if set.has_rows {
+        return None;
+    }
+    let op = op?;
+    Some(match op {
+        "INSERT" | "REPLACE" => format!("INSERT 0 {}", set.count),
+        "UPDATE" | "DELETE" => format!("{op} {}", set.count),
+        _ => op.to_string(),
+    })
+}
+
+/// The SQL_EXEC_ERROR body: MySQL's message, `details: "ERROR:  <code> (<SQLSTATE>)"`.
+fn render_error(message: &str, code: u16, state: &str) -> String {
+    serde_json::json!({
+        "success": false,
+        "error": {
+            "message": message,
+            "code": "SQL_EXEC_ERROR",
+            "details": format!("ERROR:  {code} ({state})"),
+        }
+    })
+    .to_string()
+}
+
+/// The command of a statement: `SELECT`, `INSERT`, `CREATE TABLE`, `DROP INDEX`; `None` for
+/// an empty one.
+fn operation(statement: &str, has_rows: bool) -> Option<String> {
+    let words = keywords(statement, 6);
+    let first = words.first()?.clone();
+    let object = |from: usize| {
+        words
+            .iter()
+            .skip(from)
+            .find(|w| {
+                matches!(
+                    w.as_str(),
+                    "TABLE"
+                        | "INDEX"
+                        | "VIEW"
+                        | "DATABASE"
+                        | "SCHEMA"
+                        | "PROCEDURE"
+                        | "FUNCTION"
+                        | "TRIGGER"
+                        | "EVENT"
+                        | "SEQUENCE"
+                        | "USER"
+                        | "ROLE"
+                )
+            })
+            .cloned()
+    };
+    Some(match first.as_str() {
+        "CREATE" | "DROP" | "ALTER" | "RENAME" => match object(1) {
+            Some(obj) => format!("{first} {obj}"),
+            None => first,
+        },
+        "WITH" | "(" if has_rows => "SELECT".into(),
+        "WITH" => words
+            .iter()
+            .find(|w| matches!(w.as_str(), "INSERT" | "UPDATE" | "DELETE" | "REPLACE"))
+            .cloned()
+            .unwrap_or(first),
+        "TABLE" | "VALUES" => "SELECT".into(),
+        _ => first,
+    })
+}
+
+/// The first `n` words of `sql` (uppercase), outside comments.
+fn keywords(sql: &str, n: usize) -> Vec<String> {
+    let mut words = Vec::new();
+    let mut word = String::new();
+    for token in Lexer::new(sql) {
+        if let Token::Plain(text) = token {
+            for c in text.chars() {
+                if c.is_ascii_alphabetic() || c == '_' {
+                    word.push(c.to_ascii_uppercase());
+                } else {
+                    if !word.is_empty() {
+                        words.push(std::mem::take(&mut word));
+                    } else if c == '(' && words.is_empty() {
+                        words.push("(".into());
+                    }
+                    if words.len() >= n {
+                        return words;
+                    }
+                }
+            }
+        } else if !word.is_empty() {
+            words.push(std::mem::take(&mut word));
+        }
+        if words.len() >= n {
+            return words;
+        }
+    }
+    if !word.is_empty() {
+        words.push(word);
+    }
+    words
+}
+
+/// The statements of a script, split at `;` outside strings, identifiers and comments (empty
+/// ones left out).
+pub fn split_statements(sql: &str) -> Vec<&str> {
+    let mut out = Vec::new();
+    let mut start = 0;
+    let mut pos = 0;
+    for token in Lexer::new(sql) {
+        let len = token.text().len();
+        if let Token::Plain(text) = token {
+            for (i, c) in text.char_indices() {
+                if c == ';' {
+                    out.push(&sql[start..pos + i]);
+                    start = pos + i + 1;
+                }
+            }
+        }
+        pos += len;
+    }
+    out.push(&sql[start..]);
+    out.into_iter()
+        .filter(|s| !keywords(s, 1).is_empty())
+        .collect()
+}
+
+/// The statement with `$n` placeholders rewritten to `?` and the values in the order the
+/// `?`s take them (a `$n` used twice takes its value twice). Without any `$n`, the `?`s as
+/// written take the params in order.
+fn bind(sql: &str, params: &[Json]) -> Result<(String, Vec<Value>), String> {
+    let mut out = String::with_capacity(sql.len());
+    let mut order = Vec::new();
+    for token in Lexer::new(sql) {
+        match token {
+            Token::Plain(text) => {
+                let bytes = text.as_bytes();
+                let mut i = 0;
+                while i < bytes.len() {
+                    let c = bytes[i];
+                    let after_ident = i > 0 && is_ident_byte(bytes[i - 1])
+                        || (i == 0 && out.as_bytes().last().is_some_and(|b| is_ident_byte(*b)));
+                    if c == b'$' && !after_ident && bytes.get(i + 1).is_some_and(u8::is_ascii_digit) {
+                        let mut j = i + 1;
+                        while bytes.get(j).is_some_and(u8::is_ascii_digit) {
+                            j += 1;
+                        }
+                        let n: usize = text[i + 1..j]
+                            .parse()
+                            .map_err(|_| format!("placeholder {} is out of range", &text[i..j]))?;
+                        if n == 0 || n > params.len() {
+                            return Err(format!(
+                                "placeholder ${n} has no value: {} params were given",
+                                params.len()
+                            ));
+                        }
+                        order.push(n - 1);
+                        out.push('?');
+                        i = j;
+                    } else {
+                        let ch_len = text[i..].chars().next().map_or(1, char::len_utf8);
+                        out.push_str(&text[i..i + ch_len]);
+                        i += ch_len;
+                    }
+                }
+            }
+            other => out.push_str(other.text()),
+        }
+    }
+    if order.is_empty() {
+        return Ok((sql.to_string(), params.iter().map(json_param).collect()));
+    }
+    Ok((out, order.into_iter().map(|i| json_param(&params[i])).collect()))
+}
+
+fn is_ident_byte(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b == b'_' || b == b'$' || b >= 0x80
+}
+
+/// A JSON parameter as a MySQL value: numbers stay numbers (integers exact), booleans are
+/// 1/0, arrays and objects are sent as their JSON text (for a JSON column or JSON functions).
+fn json_param(v: &Json) -> Value {
+    match v {
+        Json::Null => Value::NULL,
+        Json::Bool(b) => Value::Int(i64::from(*b)),
+        Json::Number(n) => {
+            if let Some(i) = n.as_i64() {
+                Value::Int(i)
+            } else if let Some(u) = n.as_u64() {
+                Value::UInt(u)
+            } else {
+                Value::Double(n.as_f64().unwrap_or(f64::NAN))
+            }
+        }
+        Json::String(s) => Value::Bytes(s.as_bytes().to_vec()),
+        other => Value::Bytes(other.to_string().into_bytes()),
+    }
+}
+
+/// A piece of SQL text as MySQL reads it.
+#[derive(Debug, PartialEq)]
+enum Token<'a> {
+    Plain(&'a str),
+    /// A quoted string, `identifier` or comment, kept whole.
+    Quoted(&'a str),
+}
+
+impl<'a> Token<'a> {
+    fn text(&self) -> &'a str {
+        match self {
+            Token::Plain(t) | Token::Quoted(t) => t,
+        }
+    }
+}
+
+/// Splits SQL into plain text and the parts nothing may be rewritten in: `'…'` and `"…"`
+/// strings (with `\` escapes and doubled quotes), `` `…` `` identifiers, `-- ` and `#` line
+/// comments, `/* … */` comments.
+struct Lexer<'a> {
+    sql: &'a str,
+    pos: usize,
+}
+
+impl<'a> Lexer<'a> {
+    fn new(sql: &'a str) -> Self {
+        Lexer { sql, pos: 0 }
+    }
+}
+
+impl<'a> Iterator for Lexer<'a> {
+    type Item = Token<'a>;
+
+    fn next(&mut self) -> Option<Token<'a>> {
+        let rest = &self.sql[self.pos..];
+        if rest.is_empty() {
+            return None;
+        }
+        let b = rest.as_bytes();
+        let quoted_end = |i: usize| -> usize {
+            match b[0] {
+                b'\'' | b'"' | b'`' => {
+                    let q = b[0];
+                    let mut j = i;
+                    while j < b.len() {
+                        if b[j] == b'\\' && q != b'`' {
+                            j += 2;
+                        } else if b[j] == q {
+                            if b.get(j + 1) == Some(&q) {
+                                j += 2;
+                            } else {
+                                return j + 1;
+                            }
+                        } else {
+                            j += 1;
+                        }
+                    }
+                    b.len()
+                }
+                _ => unreachable!(),
+            }
+        };
+        let starts_special = |i: usize| -> bool {
+            match b[i] {
+                b'\'' | b'"' | b'`' | b'#' => true,
+                b'-' => {
+                    b.get(i + 1) == Some(&b'-')
+                        && b.get(i + 2).is_none_or(|c| c.is_ascii_whitespace())
+                }
+                b'/' => b.get(i + 1) == Some(&b'*'),
+                _ => false,
+            }
+        };
+        let len = if starts_special(0) {
+            match b[0] {
+                b'\'' | b'"' | b'`' => quoted_end(1),
+                b'#' | b'-' => rest.find('\n').map_or(b.len(), |n| n + 1),
+                _ => rest[2..].find("*/").map_or(b.len(), |n| n + 4),
+            }
+        } else {
+            let mut i = 0;
+            while i < b.len() && !starts_special(i) {
+                i += 1;
+            }
+            i
+        };
+        let len = len.min(b.len());
+        // Never split a character.
+        let len = (len..=b.len())
+            .find(|&l| rest.is_char_boundary(l))
+            .unwrap_or(b.len());
+        let text = &rest[..len];
+        self.pos += len;
+        Some(if starts_special(0) {
+            Token::Quoted(text)
+        } else {
+            Token::Plain(text)
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn dollar_placeholders_become_question_marks_outside_quotes_and_comments() {
+        let (sql, values) = bind(
+            "SELECT $1, '$1', \"$2\", `c$1`, price$1 -- $2\n, /* $2 */ $2, $1 # $1",
+            &[json!(7), json!("x")],
+        )
+        .unwrap();
+        assert_eq!(
+            sql,
+            "SELECT ?, '$1', \"$2\", `c$1`, price$1 -- $2\n, /* $2 */ ?, ? # $1"
+        );
+        assert_eq!(
+            values,
+            vec![Value::Int(7), Value::Bytes(b"x".to_vec()), Value::Int(7)]
+        );
+        let (sql, values) = bind("SELECT ? + ?", &[json!(1), json!(true)]).unwrap();
+        assert_eq!(sql, "SELECT ? + ?");
+        assert_eq!(values, vec![Value::Int(1), Value::Int(1)]);
+        assert!(bind("SELECT $3", &[json!(1)]).unwrap_err().contains("$3"));
+        assert!(bind("SELECT $0", &[json!(1)]).is_err());
+        let (sql, _) = bind("SELECT 'it\\'s $1', 'a''$1' , $1", &[json!(u64::MAX)]).unwrap();
+        assert_eq!(sql, "SELECT 'it\\'s $1', 'a''$1' , ?");
+    }
+
+    #[test]
+    fn scripts_split_at_semicolons_of_their_own() {
+        assert_eq!(
+            split_statements("INSERT INTO t VALUES (';'); -- ;\nSELECT 1; /* ; */ ;"),
+            vec!["INSERT INTO t VALUES (';')", " -- ;\nSELECT 1"]
+        );
+        assert_eq!(split_statements("  "), Vec::<&str>::new());
+        assert_eq!(split_statements("SELECT 'é;'"), vec!["SELECT 'é;'"]);
+    }
+
+    #[test]
+    fn operations_name_the_command() {
+        for (sql, rows, op) in [
+            ("select 1", true, "SELECT"),
+            ("/* c */ INSERT INTO t VALUES (1)", false, "INSERT"),
+            ("CREATE TABLE t (id int)", false, "CREATE TABLE"),
+            ("create unique index i on t (a)", false, "CREATE INDEX"),
+            ("CREATE OR REPLACE VIEW v AS SELECT 1", false, "CREATE VIEW"),
+            ("DROP TABLE IF EXISTS t", false, "DROP TABLE"),
+            ("WITH x AS (SELECT 1) SELECT * FROM x", true, "SELECT"),
+            ("(SELECT 1) UNION (SELECT 2)", true, "SELECT"),
+            ("SHOW TABLES", true, "SHOW"),
+            ("TRUNCATE t", false, "TRUNCATE"),
+        ] {
+            assert_eq!(operation(sql, rows).as_deref(), Some(op), "{sql}");
+        }
+        assert_eq!(operation(" -- nothing\n", false), None);
+    }
+}
