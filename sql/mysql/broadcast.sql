@@ -8,16 +8,19 @@
 -- enforce_gtid_consistency and logged outside the transaction by some, and BLACKHOLE is a
 -- plugin that may be off.
 --
--- Placeholders: {readwrite} the readwrite account ('user'@'host'). Run in the project database
--- by the provisioning account (the procedure's definer, which needs INSERT and DELETE on the
--- table), after the accounts exist. Idempotent.
-CREATE TABLE IF NOT EXISTS fluxbase_broadcasts (
+-- Run by the provisioning account (the procedure's definer, which needs INSERT and DELETE on the
+-- table) after the accounts exist, at every provisioning (idempotent): src/cdc/binlog/mod.rs
+-- `provision_broadcast` runs the statements one by one (separated by `-- next statement`), with
+-- {db} the project database and {readwrite} the readwrite account ('user'@'host').
+CREATE TABLE IF NOT EXISTS `{db}`.fluxbase_broadcasts (
     id      BIGINT UNSIGNED AUTO_INCREMENT PRIMARY KEY,
     event   VARCHAR(255) NOT NULL,
     payload LONGTEXT NOT NULL
-) ENGINE = InnoDB;
-DROP PROCEDURE IF EXISTS fluxbase_realtime_broadcast;
-CREATE PROCEDURE fluxbase_realtime_broadcast(IN p_event VARCHAR(255), IN p_payload LONGTEXT)
+) ENGINE = InnoDB
+-- next statement
+DROP PROCEDURE IF EXISTS `{db}`.fluxbase_realtime_broadcast
+-- next statement
+CREATE PROCEDURE `{db}`.fluxbase_realtime_broadcast(IN p_event VARCHAR(255), IN p_payload LONGTEXT)
     MODIFIES SQL DATA
     SQL SECURITY DEFINER
 BEGIN
@@ -34,5 +37,6 @@ BEGIN
     END IF;
     INSERT INTO fluxbase_broadcasts (event, payload) VALUES (p_event, p_payload);
     DELETE FROM fluxbase_broadcasts WHERE id = LAST_INSERT_ID();
-END;
-GRANT EXECUTE ON PROCEDURE fluxbase_realtime_broadcast TO {readwrite};
+END
+-- next statement
+GRANT EXECUTE ON PROCEDURE `{db}`.fluxbase_realtime_broadcast TO {readwrite}

@@ -228,8 +228,8 @@ pub struct Cdc {
     led: std::sync::atomic::AtomicBool,
     /// Where the streams run (see the module docs); made with the first stream.
     runtime: OnceLock<tokio::runtime::Runtime>,
-    /// The MySQL server of MySQL projects, when there is one ([`Cdc::set_mysql_source`]).
-    mysql: OnceLock<binlog::MysqlSource>,
+    /// How MySQL projects' streams reach their server ([`Cdc::set_mysql_source`]).
+    mysql: OnceLock<binlog::SourceProvider>,
 }
 
 impl Drop for Cdc {
@@ -267,21 +267,26 @@ impl Cdc {
         }
     }
 
-    /// Sets how MySQL projects' binlog streams reach their server (once, by the wiring).
-    pub fn set_mysql_source(&self, source: binlog::MysqlSource) {
-        if self.mysql.set(source).is_err() {
+    /// Sets how MySQL projects' binlog streams reach their server (once, by the wiring): asked
+    /// at every (re)connection, so that the server may start (embedded) after the wiring.
+    pub fn set_mysql_source(&self, provider: binlog::SourceProvider) {
+        if self.mysql.set(provider).is_err() {
             tracing::warn!("the MySQL source of the binlog streams was already set");
         }
+    }
+
+    fn mysql_provider(&self) -> anyhow::Result<binlog::SourceProvider> {
+        self.mysql
+            .get()
+            .cloned()
+            .ok_or_else(|| anyhow::anyhow!("no MySQL server is configured for change capture"))
     }
 
     /// Records where a new MySQL project's stream starts: the server's end of log now (call
     /// it once the project database is provisioned, so that nothing after is missed and
     /// nothing of its provisioning is reported). A project that has a position keeps it.
     pub async fn init_binlog_position(&self, project_id: &str) -> anyhow::Result<()> {
-        let source = self
-            .mysql
-            .get()
-            .ok_or_else(|| anyhow::anyhow!("no MySQL server is configured"))?;
+        let source = (self.mysql_provider()?)().await?;
         let mut conn = mysql_async::Conn::new(source.opts.clone()).await?;
         let now = binlog::current_position(&mut conn)
             .await
@@ -305,9 +310,12 @@ impl Cdc {
         if !self.enabled.load(std::sync::atomic::Ordering::Acquire) {
             return;
         }
-        let Some(source) = self.mysql.get().cloned() else {
-            tracing::error!(project_id, "a MySQL project's stream, but no MySQL server is configured");
-            return;
+        let source = match self.mysql_provider() {
+            Ok(p) => p,
+            Err(e) => {
+                tracing::error!(project_id, error = %e, "a MySQL project's stream cannot start");
+                return;
+            }
         };
         let mut streams = self.streams.lock().expect("poisoned");
         if streams

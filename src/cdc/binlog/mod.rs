@@ -60,14 +60,26 @@ use self::position::{BinlogPosition, Stored};
 use super::{Sources, StreamState, StreamStatus};
 use crate::bus::{EventBus, ProjectChannel};
 
-/// How the streams reach the MySQL server: a URL of an account with `REPLICATION SLAVE`,
-/// `REPLICATION CLIENT` (`BINLOG MONITOR` on MariaDB) and `SELECT` on `information_schema`.
+/// How the streams reach the MySQL server.
 #[derive(Clone)]
 pub struct MysqlSource {
+    /// The replication account (`REPLICATION SLAVE`, and `BINLOG MONITOR` on MariaDB or
+    /// `REPLICATION CLIENT` on MySQL): the binlog dump, the log's files and status.
     pub opts: Opts,
-    /// What makes this Fluxbase node's replica server ids its own (see [`server_id`]).
+    /// An account that sees the project databases' catalog (MariaDB JSON columns, which
+    /// `information_schema` shows only to accounts with privileges on the table).
+    pub catalog: Opts,
+    /// What makes this Fluxbase instance's replica server ids its own (see [`server_id`]).
     pub node: String,
 }
+
+/// Gives the source when a stream (re)connects: the wiring's way to the MySQL server, which may
+/// start (embedded) only when the first MySQL project needs it.
+pub type SourceProvider = Arc<
+    dyn Fn() -> std::pin::Pin<Box<dyn std::future::Future<Output = anyhow::Result<MysqlSource>> + Send>>
+        + Send
+        + Sync,
+>;
 
 impl std::fmt::Debug for MysqlSource {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -108,6 +120,8 @@ pub enum BinlogError {
     Decode(#[from] decode::DecodeError),
     #[error("control database: {0}")]
     Control(String),
+    #[error("reaching the MySQL server: {0}")]
+    Source(String),
     #[error(
         "the binlog position {0} is gone from the server (purged or reset): changes since it may be lost"
     )]
@@ -133,6 +147,7 @@ impl BinlogError {
             BinlogError::Mysql(_) => true,
             BinlogError::Decode(e) => e.is_transient(),
             BinlogError::Control(_)
+            | BinlogError::Source(_)
             | BinlogError::Release(_)
             | BinlogError::Rewind
             | BinlogError::Ended => true,
@@ -178,14 +193,17 @@ impl<B: EventBus> Sources<B> {
 
 pub(super) async fn run_stream<B: EventBus>(
     sources: Arc<Sources<B>>,
-    source: MysqlSource,
+    provider: SourceProvider,
     project_id: String,
     db_name: String,
     status: Arc<Mutex<StreamStatus>>,
 ) {
     let mut backoff = Duration::from_millis(500);
     loop {
-        let result = stream_once(&sources, &source, &project_id, &db_name, &status).await;
+        let result = match provider().await {
+            Ok(source) => stream_once(&sources, &source, &project_id, &db_name, &status).await,
+            Err(e) => Err(BinlogError::Source(format!("{e:#}"))),
+        };
         match result {
             Ok(()) => return,
             Err(BinlogError::Rewind) => {
@@ -213,6 +231,33 @@ pub(super) async fn run_stream<B: EventBus>(
             }
         }
     }
+}
+
+/// The broadcast table and procedure of a project database (sql/mysql/broadcast.sql), for its
+/// provisioning (also a repair: idempotent). `readwrite` is the readwrite account
+/// (`'user'@'host'`); the admin account has EXECUTE through its privileges on the database.
+pub async fn provision_broadcast(
+    conn: &mut Conn,
+    db_name: &str,
+    readwrite: &str,
+) -> Result<(), mysql_async::Error> {
+    const SQL: &str = include_str!("../../../sql/mysql/broadcast.sql");
+    for statement in SQL.split("-- next statement") {
+        // The file's leading comment is not a statement.
+        let body: String = statement
+            .lines()
+            .filter(|l| !l.trim_start().starts_with("--"))
+            .collect::<Vec<_>>()
+            .join("\n");
+        if body.trim().is_empty() {
+            continue;
+        }
+        let sql = body
+            .replace("{db}", db_name)
+            .replace("{readwrite}", readwrite);
+        conn.query_drop(sql).await?;
+    }
+    Ok(())
 }
 
 /// The server's settings that complete capture needs, each with its fix.
@@ -305,16 +350,20 @@ fn lag_bytes(logs: &[(String, u64)], from: &BinlogPosition) -> Option<u64> {
 }
 
 /// MariaDB's JSON columns of a table (LONGTEXT with the `json_valid` check MariaDB adds).
-async fn json_columns(catalog: &mut Conn, db: &str, table: &str) -> HashSet<String> {
-    let rows: Result<Vec<String>, _> = catalog
+async fn json_columns(
+    catalog: &mut Conn,
+    db: &str,
+    table: &str,
+) -> Result<HashSet<String>, mysql_async::Error> {
+    let rows: Vec<String> = catalog
         .exec(
             "SELECT CONSTRAINT_NAME FROM information_schema.CHECK_CONSTRAINTS \
              WHERE CONSTRAINT_SCHEMA = ? AND TABLE_NAME = ? \
              AND CHECK_CLAUSE = CONCAT('json_valid(`', CONSTRAINT_NAME, '`)')",
             (db, table),
         )
-        .await;
-    rows.map(|r| r.into_iter().collect()).unwrap_or_default()
+        .await?;
+    Ok(rows.into_iter().collect())
 }
 
 async fn stream_once<B: EventBus>(
@@ -332,7 +381,13 @@ async fn stream_once<B: EventBus>(
 
     let mut catalog = Conn::new(source.opts.clone()).await?;
     check_settings(&mut catalog).await?;
+    // MariaDB's versions are 10 and up (mysql_async drops the `5.5.5-` prefix); MySQL's below.
     let mariadb = catalog.server_version() >= (10, 0, 0);
+    let mut schema = if mariadb {
+        Some(Conn::new(source.catalog.clone()).await?)
+    } else {
+        None
+    };
     let stored = {
         let control = sources.control().await?;
         position::load(&**control, project_id)
@@ -397,9 +452,9 @@ async fn stream_once<B: EventBus>(
                     None => return Err(BinlogError::Ended),
                 };
                 let committed = decoder.handle(&event)?;
-                if mariadb {
+                if let Some(schema) = schema.as_mut() {
                     for table in decoder.wanted_tables() {
-                        let cols = json_columns(&mut catalog, db_name, &table).await;
+                        let cols = json_columns(schema, db_name, &table).await?;
                         decoder.set_json_columns(&table, cols);
                     }
                 }
