@@ -2,6 +2,7 @@
 //! with an engine, the accounts of each scope and what they cannot reach, `/api/execute-sql`'s
 //! answers and values (MariaDB's own `JSON_OBJECT` as the oracle), the embedded server.
 
+mod binlog;
 mod engine;
 mod execute;
 mod sandbox;
