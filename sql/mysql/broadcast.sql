@@ -10,7 +10,7 @@
 --
 -- Run by the provisioning account (the procedure's definer, which needs INSERT and DELETE on the
 -- table) after the accounts exist, at every provisioning (idempotent): src/cdc/binlog/mod.rs
--- `provision_broadcast` runs the statements one by one (separated by `-- next statement`), with
+-- `provision_broadcast` runs the statements one by one (split at the marker lines), with
 -- {db} the project database and {readwrite} the readwrite account ('user'@'host').
 CREATE TABLE IF NOT EXISTS `{db}`.fluxbase_broadcasts (
     id      BIGINT UNSIGNED AUTO_INCREMENT PRIMARY KEY,

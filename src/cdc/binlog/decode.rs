@@ -165,6 +165,11 @@ pub struct Decoder {
     last_gtid: Option<String>,
     /// Statement-logged row changes of the project (a session not in ROW format): skipped.
     rejected: u64,
+    /// A format description was read: later events' checksums are known to the reader.
+    fde_seen: bool,
+    /// The server checksums its events (`binlog_checksum` CRC32): the ROTATE it sends before
+    /// the first format description still carries its checksum after the file name.
+    checksums: bool,
 }
 
 impl Decoder {
@@ -187,7 +192,15 @@ impl Decoder {
             boundary: None,
             last_gtid: None,
             rejected: 0,
+            fde_seen: false,
+            checksums: false,
         }
+    }
+
+    /// The server checksums its events (`@@binlog_checksum` is not NONE).
+    pub fn with_checksums(mut self, checksums: bool) -> Decoder {
+        self.checksums = checksums;
+        self
     }
 
     /// The binlog file being read.
@@ -341,8 +354,17 @@ impl Decoder {
             return Ok(None);
         };
         match data {
+            EventData::FormatDescriptionEvent(_) => self.fde_seen = true,
             EventData::RotateEvent(r) => {
-                let name = r.name().into_owned();
+                let raw = r.name_raw();
+                // The first ROTATE comes before any format description: the reader could not
+                // know to cut its checksum off.
+                let raw = if !self.fde_seen && self.checksums && raw.len() > 4 {
+                    &raw[..raw.len() - 4]
+                } else {
+                    raw
+                };
+                let name = String::from_utf8_lossy(raw).into_owned();
                 self.seq = position::file_sequence(&name)
                     .ok_or_else(|| position::PositionError::NoSequence(name.clone()))?;
                 self.file = Some(name);

@@ -436,7 +436,11 @@ async fn stream_once<B: EventBus>(
     }
     tracing::info!(project_id, position = %start, "binlog stream started");
 
-    let mut decoder = Decoder::new(db_name, sources.settings.buffer_bytes, &spill_dir);
+    let checksum: Option<String> = catalog
+        .query_first("SELECT @@GLOBAL.binlog_checksum")
+        .await?;
+    let mut decoder = Decoder::new(db_name, sources.settings.buffer_bytes, &spill_dir)
+        .with_checksums(checksum.is_some_and(|c| !c.eq_ignore_ascii_case("NONE")));
     let mut released: VecDeque<(Lsn, Option<String>)> = VecDeque::new();
     let mut gtid: Option<String> = None;
     let mut tick = tokio::time::interval(Duration::from_millis(500));
