@@ -293,7 +293,7 @@ impl Decoder {
         let micros = self
             .next_commit_micros
             .take()
-            .unwrap_or(i64::from(ev.header().timestamp()) * 1_000_000);
+            .unwrap_or_else(|| commit_micros(ev.header().timestamp(), chrono::Utc::now()));
         let Some(tx) = self.current.take() else {
             return Ok(None);
         };
@@ -546,6 +546,16 @@ impl Decoder {
         }
         Ok(out)
     }
+}
+
+/// The commit time of a transaction whose log gives only the second its last statement began
+/// (MariaDB; MySQL 8 gives microseconds, `immediate_commit_timestamp`): the time it is read, when
+/// that is within the same second (a live stream reads a commit milliseconds after it), else the
+/// end of that second (a replay, a stream behind). Never before the second the log says, so that
+/// a webhook created in the same second as a commit after it still gets it.
+fn commit_micros(header_secs: u32, now: chrono::DateTime<chrono::Utc>) -> i64 {
+    let second = i64::from(header_secs) * 1_000_000;
+    now.timestamp_micros().clamp(second, second + 999_999)
 }
 
 /// MariaDB's GTID event: `domain-server-sequence` and its flags.
@@ -819,6 +829,17 @@ mod tests {
         ] {
             assert_eq!(first_words(q), w, "{q}");
         }
+    }
+
+    #[test]
+    fn second_precision_commit_times_are_read_times_within_that_second() {
+        let t = |micros: i64| chrono::DateTime::from_timestamp_micros(micros).unwrap();
+        // Read 2 ms into the second: that instant.
+        assert_eq!(commit_micros(100, t(100_002_000)), 100_002_000);
+        // Read later (a replay): the end of the second, the same on every replay.
+        assert_eq!(commit_micros(100, t(250_000_000)), 100_999_999);
+        // A clock behind the server's: never before the logged second.
+        assert_eq!(commit_micros(100, t(99_000_000)), 100_000_000);
     }
 
     #[test]

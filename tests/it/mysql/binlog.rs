@@ -336,3 +336,81 @@ async fn the_status_reports_the_binlog_stream() {
     assert_eq!(body["stream"]["slot"], format!("binlog:fluxbase_{}", f.project));
     assert!(body["stream"]["events"].as_u64() >= Some(1), "{body}");
 }
+
+/// Webhooks on a MySQL project: the guide's payload with both signatures, unchanged.
+#[tokio::test]
+async fn webhooks_deliver_mysql_changes_with_both_signatures() {
+    if let Ok(filter) = std::env::var("IT_LOG") {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(filter)
+            .with_test_writer()
+            .try_init();
+    }
+    let url = mariadb().await.admin_url.clone();
+    let app = crate::support::spawn_app_with(|c| {
+        c.mysql_url = Some(url.into());
+        c.webhook_allow_private = true;
+        c.webhook_backoff_scale = 0.01;
+    })
+    .await;
+    let f = app.mysql_fixture().await;
+    let rx = crate::support::receiver::Receiver::start().await;
+    let (status, hook) = app
+        .call(
+            "POST",
+            "/api/webhooks",
+            Some(&f.admin),
+            Some(json!({ "projectId": f.project, "url": rx.url,
+                "events": ["row.inserted", "row.updated", "row.deleted", "schema.changed"] })),
+        )
+        .await;
+    assert_eq!(status, 201, "{hook}");
+    let secret = hook["secret"].as_str().unwrap().to_string();
+    app.rows(
+        &f.admin,
+        &f.project,
+        "CREATE TABLE orders (id int PRIMARY KEY, amount decimal(8,2), status text)",
+    )
+    .await;
+    app.rows(&f.readwrite, &f.project, "INSERT INTO orders VALUES (123, 59.99, 'pending')")
+        .await;
+    app.rows(&f.readwrite, &f.project, "UPDATE orders SET status = 'paid' WHERE id = 123")
+        .await;
+    app.rows(&f.admin, &f.project, "DELETE FROM orders WHERE id = 123")
+        .await;
+    let got = rx.wait_for(4).await;
+    let bodies: Vec<Value> = got
+        .iter()
+        .map(|r| serde_json::from_str(&r.body).unwrap())
+        .collect();
+    assert_eq!(bodies[0]["event_type"], "schema.changed");
+    assert_eq!(bodies[1]["event_type"], "row.inserted");
+    assert_eq!(bodies[1]["table_id"], "orders");
+    assert_eq!(
+        bodies[1]["data"],
+        json!({ "new": { "id": 123, "amount": 59.99, "status": "pending" }, "old": null })
+    );
+    assert_eq!(bodies[2]["data"]["old"]["status"], "pending");
+    assert_eq!(bodies[2]["data"]["new"]["status"], "paid");
+    assert_eq!(bodies[3]["event_type"], "row.deleted");
+    assert_eq!(bodies[3]["data"]["old"]["id"], 123);
+    use base64::Engine;
+    let b64 = base64::engine::general_purpose::STANDARD;
+    for r in &got {
+        let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, secret.as_bytes());
+        let sig = hex::encode(ring::hmac::sign(&key, r.body.as_bytes()).as_ref());
+        assert_eq!(
+            r.headers["x-fluxbase-signature"].to_str().unwrap(),
+            format!("sha256={sig}")
+        );
+        let id = r.headers["webhook-id"].to_str().unwrap();
+        let ts = r.headers["webhook-timestamp"].to_str().unwrap();
+        let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &b64.decode(&secret[6..]).unwrap());
+        let expected =
+            b64.encode(ring::hmac::sign(&key, format!("{id}.{ts}.{}", r.body).as_bytes()).as_ref());
+        assert_eq!(
+            r.headers["webhook-signature"].to_str().unwrap(),
+            format!("v1,{expected}")
+        );
+    }
+}

@@ -3,6 +3,7 @@
 //! answers and values (MariaDB's own `JSON_OBJECT` as the oracle), the embedded server.
 
 mod binlog;
+mod binlog_restart;
 mod engine;
 mod execute;
 mod sandbox;
