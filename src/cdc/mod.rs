@@ -367,8 +367,12 @@ impl Cdc {
                 SlotReport::Present {
                     name: status.slot.clone(),
                     wal_status: Some(
-                        if status.state == StreamState::SlotLost { "lost" } else { "reserved" }
-                            .into(),
+                        if status.state == StreamState::SlotLost {
+                            "lost"
+                        } else {
+                            "reserved"
+                        }
+                        .into(),
                     ),
                     active: self.is_running(project_id),
                 }

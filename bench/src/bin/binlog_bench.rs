@@ -131,7 +131,12 @@ impl Round {
     }
 }
 
-async fn bench(app: &SharedApp, admin_url: &str, mariadbd: Option<u32>, s: &Settings) -> Result<()> {
+async fn bench(
+    app: &SharedApp,
+    admin_url: &str,
+    mariadbd: Option<u32>,
+    s: &Settings,
+) -> Result<()> {
     let user = fluxbase_bench::bench_user(app).await?;
     let (project, _) = app
         .create_project(&user.id, "binlog bench", Engine::Mysql)
@@ -180,12 +185,20 @@ async fn bench(app: &SharedApp, admin_url: &str, mariadbd: Option<u32>, s: &Sett
             let values: Vec<String> = (0..n)
                 .map(|i| {
                     let id = next_id + done + i;
-                    format!("({id}, {}, {}.{:02}, 'note {id}', NOW(6))", id % 97, id % 10_000, id % 100)
+                    format!(
+                        "({id}, {}, {}.{:02}, 'note {id}', NOW(6))",
+                        id % 97,
+                        id % 10_000,
+                        id % 100
+                    )
                 })
                 .collect();
             conn.query_drop("BEGIN").await?;
-            conn.query_drop(format!("INSERT INTO bench_rows VALUES {}", values.join(",")))
-                .await?;
+            conn.query_drop(format!(
+                "INSERT INTO bench_rows VALUES {}",
+                values.join(",")
+            ))
+            .await?;
             conn.query_drop("COMMIT").await?;
             done += n;
         }
@@ -218,10 +231,8 @@ async fn bench(app: &SharedApp, admin_url: &str, mariadbd: Option<u32>, s: &Sett
         for turn in 0..2 {
             if (turn == 0) == reference_first {
                 let server0 = mariadbd.and_then(process_cpu);
-                let (elapsed, cpu) = run_reference(
-                    &binlog, port, &repl_user, &repl_password, &start, &end,
-                )
-                .await?;
+                let (elapsed, cpu) =
+                    run_reference(&binlog, port, &repl_user, &repl_password, &start, &end).await?;
                 r.reference = elapsed;
                 r.reference_cpu = cpu;
                 r.reference_server_cpu = cpu_since(mariadbd, server0);
@@ -273,7 +284,11 @@ async fn bench(app: &SharedApp, admin_url: &str, mariadbd: Option<u32>, s: &Sett
     let ratio = median(&Round::ratio);
     println!(
         "ratio fluxbase / reference: {ratio:.2}x median (target >= {TARGET_RATIO:.1}x: {})",
-        if ratio >= TARGET_RATIO { "met" } else { "missed" }
+        if ratio >= TARGET_RATIO {
+            "met"
+        } else {
+            "missed"
+        }
     );
 
     // Latency at a steady rate.

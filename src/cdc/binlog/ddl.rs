@@ -479,10 +479,18 @@ mod tests {
         );
         assert_eq!(
             one("CREATE DEFINER=`fx`@`%` PROCEDURE `p`(IN a INT) BEGIN SELECT a; END"),
-            ("CREATE PROCEDURE".into(), "procedure", None, "p".into(), None)
+            (
+                "CREATE PROCEDURE".into(),
+                "procedure",
+                None,
+                "p".into(),
+                None
+            )
         );
         assert_eq!(
-            one("CREATE DEFINER=`fx`@`%` TRIGGER trg BEFORE INSERT ON t FOR EACH ROW SET NEW.a = 1"),
+            one(
+                "CREATE DEFINER=`fx`@`%` TRIGGER trg BEFORE INSERT ON t FOR EACH ROW SET NEW.a = 1"
+            ),
             (
                 "CREATE TRIGGER".into(),
                 "trigger",
@@ -546,15 +554,26 @@ mod tests {
     #[test]
     fn arbitrary_text_never_panics() {
         let samples = [
-            "CREATE `", "DROP TABLE a,", "RENAME TABLE a", "CREATE INDEX i ON", "'", "\"",
-            "/*!", "/*!5", "`a`.`", "ALTER DEFINER=", "CREATE TRIGGER t ON", "é CREATE",
+            "CREATE `",
+            "DROP TABLE a,",
+            "RENAME TABLE a",
+            "CREATE INDEX i ON",
+            "'",
+            "\"",
+            "/*!",
+            "/*!5",
+            "`a`.`",
+            "ALTER DEFINER=",
+            "CREATE TRIGGER t ON",
+            "é CREATE",
         ];
         for s in samples {
             let _ = parse(s);
             let _ = is_row_change(s);
         }
         // Every prefix of a real statement.
-        let sql = "CREATE DEFINER=`a`@`%` SQL SECURITY INVOKER VIEW `fx`.`v` AS SELECT 'x''y' -- c\n";
+        let sql =
+            "CREATE DEFINER=`a`@`%` SQL SECURITY INVOKER VIEW `fx`.`v` AS SELECT 'x''y' -- c\n";
         for i in 0..=sql.len() {
             if sql.is_char_boundary(i) {
                 let _ = parse(&sql[..i]);

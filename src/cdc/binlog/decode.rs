@@ -511,7 +511,11 @@ impl Decoder {
     }
 
     /// A statement logged as such (QUERY event) in the project database: its schema changes.
-    fn statement_changes(&mut self, schema: &str, query: &str) -> Result<Vec<Pending>, DecodeError> {
+    fn statement_changes(
+        &mut self,
+        schema: &str,
+        query: &str,
+    ) -> Result<Vec<Pending>, DecodeError> {
         let Some(parsed) = ddl::parse(query) else {
             if schema == self.db && ddl::is_row_change(query) {
                 self.rejected += 1;
@@ -888,7 +892,7 @@ mod tests {
             b.extend_from_slice(&[8, 15, 245]); // LONGLONG, VARCHAR, JSON
             b.extend_from_slice(&[3, 80, 0, 4]); // metadata: VARCHAR max bytes 80, JSON 4
             b.push(0b110); // nullable: name, doc
-            // Optional metadata (binlog_row_metadata=FULL): TLV fields.
+                           // Optional metadata (binlog_row_metadata=FULL): TLV fields.
             b.extend_from_slice(&[1, 1, 0b0000_0000]); // SIGNEDNESS: id signed
             b.extend_from_slice(&[2, 1, 255]); // DEFAULT_CHARSET utf8mb4_0900_ai_ci
             let mut names = Vec::new();
@@ -972,7 +976,9 @@ mod tests {
         // GTID ─ BEGIN ─ TABLE_MAP ─ WRITE ─ UPDATE ─ DELETE ─ XID
         let micros = u64::from(TIMESTAMP) * 1_000_000 + 123_456;
         assert!(feed(&mut d, &gtid(200, 42, micros)).unwrap().is_none());
-        assert!(feed(&mut d, &query(300, "fx_t", "BEGIN")).unwrap().is_none());
+        assert!(feed(&mut d, &query(300, "fx_t", "BEGIN"))
+            .unwrap()
+            .is_none());
         assert!(feed(&mut d, &table_map(400, 9, "fx_t")).unwrap().is_none());
         let insert = rows(30, 500, 9, &[image(1, Some("pen"))]);
         assert!(feed(&mut d, &insert).unwrap().is_none());
@@ -985,7 +991,10 @@ mod tests {
         assert_eq!(tx.end_lsn, Lsn((7 << 32) | 731));
         assert_eq!(tx.commit_lsn, tx.end_lsn);
         assert_eq!(tx.commit_timestamp.to_unix_micros(), micros as i64);
-        assert_eq!(d.last_gtid(), Some("3e3e3e3e-3e3e-3e3e-3e3e-3e3e3e3e3e3e:42"));
+        assert_eq!(
+            d.last_gtid(),
+            Some("3e3e3e3e-3e3e-3e3e-3e3e-3e3e3e3e3e3e:42")
+        );
         let changes = drain(tx);
         assert_eq!(changes.len(), 3);
         let full = json!({"id": 1, "name": "pen", "doc": {"a": 1}});
@@ -1000,7 +1009,9 @@ mod tests {
             (RowOp::Delete, no_name.clone(), Some(no_name))
         );
         match &changes[0] {
-            Pending::Row { key, schema, table, .. } => {
+            Pending::Row {
+                key, schema, table, ..
+            } => {
                 assert_eq!(key.as_deref(), Some(r#"{"id":1}"#));
                 assert_eq!((schema.as_str(), table.as_str()), ("fx_t", "items"));
             }
@@ -1010,9 +1021,12 @@ mod tests {
 
         // DDL: GTID ─ QUERY (no BEGIN), a transaction of its own.
         assert!(feed(&mut d, &gtid(800, 43, 0)).unwrap().is_none());
-        let tx = feed(&mut d, &query(900, "fx_t", "ALTER TABLE items ADD COLUMN c int"))
-            .unwrap()
-            .expect("DDL commits by itself");
+        let tx = feed(
+            &mut d,
+            &query(900, "fx_t", "ALTER TABLE items ADD COLUMN c int"),
+        )
+        .unwrap()
+        .expect("DDL commits by itself");
         assert_eq!(tx.end_lsn, Lsn((7 << 32) | 900));
         match &drain(tx)[..] {
             [Pending::Schema {
@@ -1032,8 +1046,12 @@ mod tests {
 
         // Another database's transaction: skipped (rows not decoded), the boundary moves.
         assert!(feed(&mut d, &gtid(1000, 44, 0)).unwrap().is_none());
-        assert!(feed(&mut d, &query(1100, "other", "BEGIN")).unwrap().is_none());
-        assert!(feed(&mut d, &table_map(1200, 10, "other")).unwrap().is_none());
+        assert!(feed(&mut d, &query(1100, "other", "BEGIN"))
+            .unwrap()
+            .is_none());
+        assert!(feed(&mut d, &table_map(1200, 10, "other"))
+            .unwrap()
+            .is_none());
         // Garbage rows: never decoded for another database.
         let mut junk = rows(30, 1300, 10, &[vec![0xff; 3]]);
         junk.truncate(junk.len());
@@ -1042,14 +1060,22 @@ mod tests {
         assert_eq!(d.boundary(), Some(Lsn((7 << 32) | 1331)));
 
         // A rolled-back transaction (non-transactional engines log it with ROLLBACK).
-        assert!(feed(&mut d, &query(1400, "fx_t", "BEGIN")).unwrap().is_none());
+        assert!(feed(&mut d, &query(1400, "fx_t", "BEGIN"))
+            .unwrap()
+            .is_none());
         assert!(feed(&mut d, &table_map(1500, 9, "fx_t")).unwrap().is_none());
-        assert!(feed(&mut d, &rows(30, 1600, 9, &[image(2, Some("x"))])).unwrap().is_none());
-        assert!(feed(&mut d, &query(1700, "fx_t", "ROLLBACK")).unwrap().is_none());
+        assert!(feed(&mut d, &rows(30, 1600, 9, &[image(2, Some("x"))]))
+            .unwrap()
+            .is_none());
+        assert!(feed(&mut d, &query(1700, "fx_t", "ROLLBACK"))
+            .unwrap()
+            .is_none());
         assert!(d.idle());
 
         // PARTIAL_UPDATE_ROWS (binlog_row_value_options=PARTIAL_JSON): refused, loudly.
-        assert!(feed(&mut d, &query(1800, "fx_t", "BEGIN")).unwrap().is_none());
+        assert!(feed(&mut d, &query(1800, "fx_t", "BEGIN"))
+            .unwrap()
+            .is_none());
         assert!(feed(&mut d, &table_map(1900, 9, "fx_t")).unwrap().is_none());
         let partial = rows(39, 2000, 9, &[image(1, None), image(1, None)]);
         assert!(matches!(
@@ -1155,10 +1181,7 @@ mod tests {
         data.extend_from_slice(&7u64.to_le_bytes());
         data.extend_from_slice(&2u32.to_le_bytes());
         data.push(mariadb::FL_STANDALONE | 0x20);
-        assert_eq!(
-            mariadb_gtid(&data, 1).unwrap(),
-            ("2-1-7".to_string(), 0x21)
-        );
+        assert_eq!(mariadb_gtid(&data, 1).unwrap(), ("2-1-7".to_string(), 0x21));
         assert!(mariadb_gtid(&data[..12], 1).is_err());
     }
 }

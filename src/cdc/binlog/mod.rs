@@ -76,8 +76,9 @@ pub struct MysqlSource {
 /// Gives the source when a stream (re)connects: the wiring's way to the MySQL server, which may
 /// start (embedded) only when the first MySQL project needs it.
 pub type SourceProvider = Arc<
-    dyn Fn() -> std::pin::Pin<Box<dyn std::future::Future<Output = anyhow::Result<MysqlSource>> + Send>>
-        + Send
+    dyn Fn() -> std::pin::Pin<
+            Box<dyn std::future::Future<Output = anyhow::Result<MysqlSource>> + Send>,
+        > + Send
         + Sync,
 >;
 
@@ -141,9 +142,7 @@ impl BinlogError {
         match self {
             BinlogError::Mysql(mysql_async::Error::Server(e)) => !definite_server_error(e.code),
             // A bad URL or an answer this client cannot read comes back on every attempt.
-            BinlogError::Mysql(mysql_async::Error::Url(_) | mysql_async::Error::Driver(_)) => {
-                false
-            }
+            BinlogError::Mysql(mysql_async::Error::Url(_) | mysql_async::Error::Driver(_)) => false,
             BinlogError::Mysql(_) => true,
             BinlogError::Decode(e) => e.is_transient(),
             BinlogError::Control(_)
@@ -292,13 +291,17 @@ pub async fn check_settings(conn: &mut Conn) -> Result<(), BinlogError> {
         );
     }
     if get("binlog_row_value_options").contains("PARTIAL_JSON") {
-        problems.push("binlog_row_value_options must be empty: SET GLOBAL binlog_row_value_options = ''");
+        problems.push(
+            "binlog_row_value_options must be empty: SET GLOBAL binlog_row_value_options = ''",
+        );
     }
     if get("log_bin_compress") == "ON" {
         problems.push("log_bin_compress must be OFF: SET GLOBAL log_bin_compress = OFF");
     }
     if get("encrypt_binlog") == "ON" {
-        problems.push("encrypt_binlog must be OFF (Fluxbase reads the log over the replication protocol)");
+        problems.push(
+            "encrypt_binlog must be OFF (Fluxbase reads the log over the replication protocol)",
+        );
     }
     if problems.is_empty() {
         Ok(())
@@ -414,8 +417,8 @@ async fn stream_once<B: EventBus>(
     if !logs.iter().any(|(f, _)| *f == start.file) {
         return Err(BinlogError::SlotLost(start.to_string()));
     }
-    let mut confirmed = position::to_lsn(&start.file, start.offset)
-        .map_err(|e| BinlogError::Decode(e.into()))?;
+    let mut confirmed =
+        position::to_lsn(&start.file, start.offset).map_err(|e| BinlogError::Decode(e.into()))?;
 
     let mut conn = Conn::new(source.opts.clone()).await?;
     // MariaDB sends its own GTID and annotate events only to replicas that say they read them.
@@ -603,11 +606,15 @@ mod tests {
         );
         assert!(!BinlogError::Settings("x".into()).is_transient());
         assert!(!BinlogError::Decode(decode::DecodeError::Compressed(166)).is_transient());
-        assert!(BinlogError::Decode(decode::DecodeError::Spill(std::io::Error::other("full")))
-            .is_transient());
-        assert!(BinlogError::Mysql(mysql_async::Error::Io(mysql_async::IoError::Io(
-            std::io::Error::other("reset")
-        )))
-        .is_transient());
+        assert!(
+            BinlogError::Decode(decode::DecodeError::Spill(std::io::Error::other("full")))
+                .is_transient()
+        );
+        assert!(
+            BinlogError::Mysql(mysql_async::Error::Io(mysql_async::IoError::Io(
+                std::io::Error::other("reset")
+            )))
+            .is_transient()
+        );
     }
 }

@@ -201,7 +201,13 @@ mod tests {
                 offset: 9
             }
         );
-        assert_eq!(name_for_sequence("binlog.000999", 1000).unwrap(), "binlog.001000");
-        assert_eq!(name_for_sequence("binlog.999999", 1_000_000).unwrap(), "binlog.1000000");
+        assert_eq!(
+            name_for_sequence("binlog.000999", 1000).unwrap(),
+            "binlog.001000"
+        );
+        assert_eq!(
+            name_for_sequence("binlog.999999", 1_000_000).unwrap(),
+            "binlog.1000000"
+        );
     }
 }

@@ -137,45 +137,119 @@ mod tests {
     #[test]
     fn binlog_values_render_as_execute_sql_renders_them() {
         use ColumnType::*;
-        assert_eq!(render(MYSQL_TYPE_LONGLONG, 63, Value::Int(i64::MIN), None), i64::MIN.to_string());
-        assert_eq!(render(MYSQL_TYPE_LONGLONG, 63, Value::UInt(u64::MAX), None), "18446744073709551615");
         assert_eq!(
-            render(MYSQL_TYPE_NEWDECIMAL, 63, Value::Bytes(b"-12345678901234567890.05".to_vec()), None),
+            render(MYSQL_TYPE_LONGLONG, 63, Value::Int(i64::MIN), None),
+            i64::MIN.to_string()
+        );
+        assert_eq!(
+            render(MYSQL_TYPE_LONGLONG, 63, Value::UInt(u64::MAX), None),
+            "18446744073709551615"
+        );
+        assert_eq!(
+            render(
+                MYSQL_TYPE_NEWDECIMAL,
+                63,
+                Value::Bytes(b"-12345678901234567890.05".to_vec()),
+                None
+            ),
             "-12345678901234567890.05"
         );
-        assert_eq!(render(MYSQL_TYPE_NEWDATE, 63, Value::Date(2024, 2, 29, 0, 0, 0, 0), None), "\"2024-02-29\"");
         assert_eq!(
-            render(MYSQL_TYPE_DATETIME2, 63, Value::Date(2024, 2, 29, 13, 4, 5, 250_000), None),
+            render(
+                MYSQL_TYPE_NEWDATE,
+                63,
+                Value::Date(2024, 2, 29, 0, 0, 0, 0),
+                None
+            ),
+            "\"2024-02-29\""
+        );
+        assert_eq!(
+            render(
+                MYSQL_TYPE_DATETIME2,
+                63,
+                Value::Date(2024, 2, 29, 13, 4, 5, 250_000),
+                None
+            ),
             "\"2024-02-29T13:04:05.25\""
         );
         assert_eq!(
-            render(MYSQL_TYPE_TIMESTAMP2, 63, Value::Bytes(b"1700000000.500000".to_vec()), None),
+            render(
+                MYSQL_TYPE_TIMESTAMP2,
+                63,
+                Value::Bytes(b"1700000000.500000".to_vec()),
+                None
+            ),
             "\"2023-11-14T22:13:20.5\""
         );
         assert_eq!(
-            render(MYSQL_TYPE_TIMESTAMP2, 63, Value::Bytes(b"1700000000".to_vec()), None),
+            render(
+                MYSQL_TYPE_TIMESTAMP2,
+                63,
+                Value::Bytes(b"1700000000".to_vec()),
+                None
+            ),
             "\"2023-11-14T22:13:20\""
         );
-        assert_eq!(render(MYSQL_TYPE_TIMESTAMP, 63, Value::Int(0), None), "\"1970-01-01T00:00:00\"");
-        assert_eq!(render(MYSQL_TYPE_YEAR, 63, Value::Bytes(b"2024".to_vec()), None), "2024");
-        assert_eq!(render(MYSQL_TYPE_BIT, 63, Value::Bytes(vec![1, 2]), None), "258");
-        assert_eq!(render(MYSQL_TYPE_BLOB, 63, Value::Bytes(vec![0xde, 0xad]), None), "\"\\\\xdead\"");
-        assert_eq!(render(MYSQL_TYPE_BLOB, 45, Value::Bytes(b"h\"i".to_vec()), None), "\"h\\\"i\"");
+        assert_eq!(
+            render(MYSQL_TYPE_TIMESTAMP, 63, Value::Int(0), None),
+            "\"1970-01-01T00:00:00\""
+        );
+        assert_eq!(
+            render(MYSQL_TYPE_YEAR, 63, Value::Bytes(b"2024".to_vec()), None),
+            "2024"
+        );
+        assert_eq!(
+            render(MYSQL_TYPE_BIT, 63, Value::Bytes(vec![1, 2]), None),
+            "258"
+        );
+        assert_eq!(
+            render(MYSQL_TYPE_BLOB, 63, Value::Bytes(vec![0xde, 0xad]), None),
+            "\"\\\\xdead\""
+        );
+        assert_eq!(
+            render(MYSQL_TYPE_BLOB, 45, Value::Bytes(b"h\"i".to_vec()), None),
+            "\"h\\\"i\""
+        );
         let info = ColumnInfo {
             enum_values: Some(vec!["a".into(), "b".into()]),
             set_values: Some(vec!["x".into(), "y".into(), "z".into()]),
             json: true,
             ..Default::default()
         };
-        assert_eq!(render(MYSQL_TYPE_ENUM, 45, Value::Int(2), Some(&info)), "\"b\"");
-        assert_eq!(render(MYSQL_TYPE_ENUM, 45, Value::Int(0), Some(&info)), "\"\"");
-        assert_eq!(render(MYSQL_TYPE_SET, 45, Value::Bytes(vec![0b101]), Some(&info)), "\"x,z\"");
-        assert_eq!(render(MYSQL_TYPE_SET, 45, Value::Bytes(vec![0]), Some(&info)), "\"\"");
         assert_eq!(
-            render(MYSQL_TYPE_BLOB, 45, Value::Bytes(br#"{"a": [1, 2]}"#.to_vec()), Some(&info)),
+            render(MYSQL_TYPE_ENUM, 45, Value::Int(2), Some(&info)),
+            "\"b\""
+        );
+        assert_eq!(
+            render(MYSQL_TYPE_ENUM, 45, Value::Int(0), Some(&info)),
+            "\"\""
+        );
+        assert_eq!(
+            render(MYSQL_TYPE_SET, 45, Value::Bytes(vec![0b101]), Some(&info)),
+            "\"x,z\""
+        );
+        assert_eq!(
+            render(MYSQL_TYPE_SET, 45, Value::Bytes(vec![0]), Some(&info)),
+            "\"\""
+        );
+        assert_eq!(
+            render(
+                MYSQL_TYPE_BLOB,
+                45,
+                Value::Bytes(br#"{"a": [1, 2]}"#.to_vec()),
+                Some(&info)
+            ),
             r#"{"a": [1, 2]}"#
         );
         // Not JSON after all: a string, never broken JSON.
-        assert_eq!(render(MYSQL_TYPE_BLOB, 45, Value::Bytes(b"{x".to_vec()), Some(&info)), "\"{x\"");
+        assert_eq!(
+            render(
+                MYSQL_TYPE_BLOB,
+                45,
+                Value::Bytes(b"{x".to_vec()),
+                Some(&info)
+            ),
+            "\"{x\""
+        );
     }
 }

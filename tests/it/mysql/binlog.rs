@@ -28,7 +28,9 @@ async fn setup() -> (TestApp, Fixture, Subscription) {
 /// A connection to the project database as the server account (real transactions, rollbacks).
 async fn project_conn(f: &Fixture) -> mysql_async::Conn {
     let mut conn = mariadb().await.admin().await;
-    conn.query_drop(format!("USE fx_{}", f.project)).await.unwrap();
+    conn.query_drop(format!("USE fx_{}", f.project))
+        .await
+        .unwrap();
     conn
 }
 
@@ -77,7 +79,9 @@ async fn row_changes_ddl_and_broadcasts_become_events_in_commit_order() {
     assert_eq!(ev[0]["old"], Value::Null);
     // The exact digits, not a float's.
     assert!(
-        serde_json::to_string(&ev[0]).unwrap().contains("9007199254740993"),
+        serde_json::to_string(&ev[0])
+            .unwrap()
+            .contains("9007199254740993"),
         "{}",
         ev[0]
     );
@@ -109,15 +113,21 @@ async fn row_changes_ddl_and_broadcasts_become_events_in_commit_order() {
     // A rolled-back transaction publishes nothing; the one after it is whole.
     let mut conn = project_conn(&f).await;
     conn.query_drop("BEGIN").await.unwrap();
-    conn.query_drop("INSERT INTO orders (id) VALUES (2)").await.unwrap();
+    conn.query_drop("INSERT INTO orders (id) VALUES (2)")
+        .await
+        .unwrap();
     conn.query_drop("CALL fluxbase_realtime_broadcast('rolled', '{}')")
         .await
         .unwrap();
     conn.query_drop("ROLLBACK").await.unwrap();
     conn.query_drop("BEGIN").await.unwrap();
-    conn.query_drop("INSERT INTO orders (id) VALUES (3), (4)").await.unwrap();
+    conn.query_drop("INSERT INTO orders (id) VALUES (3), (4)")
+        .await
+        .unwrap();
     conn.query_drop("SAVEPOINT s1").await.unwrap();
-    conn.query_drop("INSERT INTO orders (id) VALUES (5)").await.unwrap();
+    conn.query_drop("INSERT INTO orders (id) VALUES (5)")
+        .await
+        .unwrap();
     conn.query_drop("ROLLBACK TO SAVEPOINT s1").await.unwrap();
     conn.query_drop("CALL fluxbase_realtime_broadcast('committed', '{\"a\": 1}')")
         .await
@@ -146,15 +156,20 @@ async fn row_changes_ddl_and_broadcasts_become_events_in_commit_order() {
     assert!(tx.iter().all(|e| e.end_lsn == tx[0].end_lsn));
 
     // DDL mid-stream, TRUNCATE, in commit order with the rows around them.
-    app.rows(&f.admin, &f.project, "ALTER TABLE orders ADD COLUMN note text")
-        .await;
+    app.rows(
+        &f.admin,
+        &f.project,
+        "ALTER TABLE orders ADD COLUMN note text",
+    )
+    .await;
     app.rows(
         &f.readwrite,
         &f.project,
         "INSERT INTO orders (id, note) VALUES (6, 'after alter')",
     )
     .await;
-    app.rows(&f.admin, &f.project, "TRUNCATE TABLE orders").await;
+    app.rows(&f.admin, &f.project, "TRUNCATE TABLE orders")
+        .await;
     app.rows(&f.admin, &f.project, "DROP TABLE orders").await;
     let ev = events(&mut sub, 4).await;
     assert_eq!(ev[0]["command"], "ALTER TABLE", "{}", ev[0]);
@@ -167,8 +182,12 @@ async fn row_changes_ddl_and_broadcasts_become_events_in_commit_order() {
     // Another project's changes never reach this project's bus.
     let other = app.mysql_fixture().await;
     let mut other_sub = app.app.bus.project(&other.project).subscribe();
-    app.rows(&other.admin, &other.project, "CREATE TABLE t (id int PRIMARY KEY)")
-        .await;
+    app.rows(
+        &other.admin,
+        &other.project,
+        "CREATE TABLE t (id int PRIMARY KEY)",
+    )
+    .await;
     app.rows(&other.admin, &other.project, "INSERT INTO t VALUES (2)")
         .await;
     let ev = events(&mut other_sub, 2).await;
@@ -232,7 +251,11 @@ async fn replaying_the_events_of_a_random_workload_rebuilds_the_table() {
     let mut last_id = String::new();
     loop {
         let e = next_event(&mut sub).await;
-        assert!(e.id > last_id, "ids sort in commit order: {} after {last_id}", e.id);
+        assert!(
+            e.id > last_id,
+            "ids sort in commit order: {} after {last_id}",
+            e.id
+        );
         last_id = e.id.clone();
         let p: Value = serde_json::from_str(&e.payload).unwrap();
         if p["event_type"] == "schema_update" {
@@ -333,7 +356,10 @@ async fn the_status_reports_the_binlog_stream() {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     assert_eq!(body["stream"]["state"], "streaming", "{body}");
-    assert_eq!(body["stream"]["slot"], format!("binlog:fluxbase_{}", f.project));
+    assert_eq!(
+        body["stream"]["slot"],
+        format!("binlog:fluxbase_{}", f.project)
+    );
     assert!(body["stream"]["events"].as_u64() >= Some(1), "{body}");
 }
 
@@ -372,10 +398,18 @@ async fn webhooks_deliver_mysql_changes_with_both_signatures() {
         "CREATE TABLE orders (id int PRIMARY KEY, amount decimal(8,2), status text)",
     )
     .await;
-    app.rows(&f.readwrite, &f.project, "INSERT INTO orders VALUES (123, 59.99, 'pending')")
-        .await;
-    app.rows(&f.readwrite, &f.project, "UPDATE orders SET status = 'paid' WHERE id = 123")
-        .await;
+    app.rows(
+        &f.readwrite,
+        &f.project,
+        "INSERT INTO orders VALUES (123, 59.99, 'pending')",
+    )
+    .await;
+    app.rows(
+        &f.readwrite,
+        &f.project,
+        "UPDATE orders SET status = 'paid' WHERE id = 123",
+    )
+    .await;
     app.rows(&f.admin, &f.project, "DELETE FROM orders WHERE id = 123")
         .await;
     let got = rx.wait_for(4).await;
@@ -422,8 +456,12 @@ async fn the_guides_realtime_client_works_unchanged_against_a_mysql_project() {
     use tokio::io::AsyncBufReadExt;
     let (app, f, _sub) = setup().await;
     app.make_realtime_public(&f).await;
-    app.rows(&f.admin, &f.project, "CREATE TABLE todo (id int PRIMARY KEY, title text)")
-        .await;
+    app.rows(
+        &f.admin,
+        &f.project,
+        "CREATE TABLE todo (id int PRIMARY KEY, title text)",
+    )
+    .await;
     let original = "const PROJECT_ID = 'YOUR_PROJECT_ID';";
     let dir = crate::support::scratch_dir(&crate::support::unique("node"));
     let script = dir.join("realtime.js");
@@ -445,14 +483,26 @@ async fn the_guides_realtime_client_works_unchanged_against_a_mysql_project() {
     let mut log = String::new();
     wait_for(&mut stdout, &mut log, "[WS] Connected and subscribed.").await;
     wait_for(&mut stdout, &mut log, "[WS] Subscription confirmed.").await;
-    app.rows(&f.readwrite, &f.project, "INSERT INTO todo VALUES (1, 'write')")
-        .await;
-    app.rows(&f.readwrite, &f.project, "UPDATE todo SET title = 'test' WHERE id = 1")
-        .await;
+    app.rows(
+        &f.readwrite,
+        &f.project,
+        "INSERT INTO todo VALUES (1, 'write')",
+    )
+    .await;
+    app.rows(
+        &f.readwrite,
+        &f.project,
+        "UPDATE todo SET title = 'test' WHERE id = 1",
+    )
+    .await;
     app.rows(&f.admin, &f.project, "DELETE FROM todo WHERE id = 1")
         .await;
-    app.rows(&f.admin, &f.project, "ALTER TABLE todo ADD COLUMN done boolean")
-        .await;
+    app.rows(
+        &f.admin,
+        &f.project,
+        "ALTER TABLE todo ADD COLUMN done boolean",
+    )
+    .await;
     wait_for(&mut stdout, &mut log, "+  todo { id: 1, title: 'write' }").await;
     wait_for(
         &mut stdout,
@@ -461,7 +511,12 @@ async fn the_guides_realtime_client_works_unchanged_against_a_mysql_project() {
     )
     .await;
     wait_for(&mut stdout, &mut log, "-  todo { id: 1, title: 'test' }").await;
-    wait_for(&mut stdout, &mut log, "[WS] Schema changed — refresh your table list.").await;
+    wait_for(
+        &mut stdout,
+        &mut log,
+        "[WS] Schema changed — refresh your table list.",
+    )
+    .await;
     node.kill().await.unwrap();
     assert!(!log.contains("Disconnected"), "{log}");
 }

@@ -10,13 +10,13 @@ use fluxbase::cdc::StreamState;
 use mysql_async::prelude::Queryable;
 use serde_json::{json, Value};
 
-use crate::support::start_with;
 use crate::support::bus::{assert_quiet, next_event};
 use crate::support::http::call;
 use crate::support::mariadb::{mariadb, spawn_mysql_app};
 use crate::support::poll;
 use crate::support::process::ServerProcess;
 use crate::support::receiver::Receiver;
+use crate::support::start_with;
 use crate::support::unique;
 
 async fn project_conn(project: &str) -> mysql_async::Conn {
@@ -47,9 +47,13 @@ async fn a_restart_resumes_from_the_acknowledged_position_and_repeats_with_the_s
     let durable = app.app.bus.project(&f.project).subscribe_durable();
     let mut sub = app.app.bus.project(&f.project).subscribe();
     let mut conn = project_conn(&f.project).await;
-    conn.query_drop("CREATE TABLE r (id int PRIMARY KEY)").await.unwrap();
+    conn.query_drop("CREATE TABLE r (id int PRIMARY KEY)")
+        .await
+        .unwrap();
     for i in 1..=3 {
-        conn.query_drop(format!("INSERT INTO r VALUES ({i})")).await.unwrap();
+        conn.query_drop(format!("INSERT INTO r VALUES ({i})"))
+            .await
+            .unwrap();
     }
     let mut first = Vec::new();
     for _ in 0..4 {
@@ -62,7 +66,9 @@ async fn a_restart_resumes_from_the_acknowledged_position_and_repeats_with_the_s
 
     let config = app.abort_in_process();
     // Committed while no server runs.
-    conn.query_drop("INSERT INTO r VALUES (4), (5)").await.unwrap();
+    conn.query_drop("INSERT INTO r VALUES (4), (5)")
+        .await
+        .unwrap();
     let app = start_with(config).await;
     // A durable subscriber joining rewinds the stream to the stored position.
     let durable = app.app.bus.project(&f.project).subscribe_durable();
@@ -87,7 +93,11 @@ async fn a_restart_resumes_from_the_acknowledged_position_and_repeats_with_the_s
         .iter()
         .map(|e| serde_json::from_str::<Value>(&e.payload).unwrap()["record"]["id"].clone())
         .collect();
-    assert_eq!(tail, [json!(4), json!(5)], "changes made while down are not lost");
+    assert_eq!(
+        tail,
+        [json!(4), json!(5)],
+        "changes made while down are not lost"
+    );
     assert!(again[4].id > again[3].id);
 
     // Acknowledged: the position moves to the end of the last transaction, and the next
@@ -103,7 +113,9 @@ async fn a_restart_resumes_from_the_acknowledged_position_and_repeats_with_the_s
             if lsn >= end {
                 Ok(())
             } else {
-                Err(format!("stored {file}:{offset} ({lsn}), acknowledged {end}"))
+                Err(format!(
+                    "stored {file}:{offset} ({lsn}), acknowledged {end}"
+                ))
             }
         },
     )
@@ -285,7 +297,9 @@ async fn after_kill_9_every_committed_change_reaches_the_webhook() {
         }
     }
     assert!(killed);
-    conn.query_drop("INSERT INTO done VALUES (1)").await.unwrap();
+    conn.query_drop("INSERT INTO done VALUES (1)")
+        .await
+        .unwrap();
     let sentinel = |body: &str| body.contains("\"table_id\":\"done\"");
     // Deliveries of different rows go out concurrently (the `row` ordering): wait until every
     // committed change has arrived, or the deadline.
@@ -312,11 +326,17 @@ async fn after_kill_9_every_committed_change_reaches_the_webhook() {
         Duration::from_millis(250),
         || async {
             let (got, delivered) = delivered_now();
-            let missing = expected.iter().filter(|k| !delivered.contains_key(*k)).count();
+            let missing = expected
+                .iter()
+                .filter(|k| !delivered.contains_key(*k))
+                .count();
             if missing == 0 && got.iter().any(|r| sentinel(&r.body)) {
                 Ok(())
             } else {
-                Err(format!("{missing} committed changes not delivered yet ({} received)", got.len()))
+                Err(format!(
+                    "{missing} committed changes not delivered yet ({} received)",
+                    got.len()
+                ))
             }
         },
     )
@@ -326,18 +346,28 @@ async fn after_kill_9_every_committed_change_reaches_the_webhook() {
         .iter()
         .filter(|k| !delivered.contains_key(*k))
         .collect();
-    assert!(missing.is_empty(), "committed changes never delivered: {missing:?}");
+    assert!(
+        missing.is_empty(),
+        "committed changes never delivered: {missing:?}"
+    );
     let unexpected: Vec<_> = delivered
         .keys()
         .filter(|k| !expected.contains(*k))
         .collect();
-    assert!(unexpected.is_empty(), "delivered but not committed: {unexpected:?}");
+    assert!(
+        unexpected.is_empty(),
+        "delivered but not committed: {unexpected:?}"
+    );
     // (A rolled-back DELETE names the row's value, which a committed change may name too.)
     assert!(rolled_back
         .difference(&expected)
         .all(|k| !delivered.contains_key(k)));
     for (k, ids) in &delivered {
-        assert_eq!(ids.len(), 1, "{k:?} was delivered under several ids: {ids:?}");
+        assert_eq!(
+            ids.len(),
+            1,
+            "{k:?} was delivered under several ids: {ids:?}"
+        );
     }
     eprintln!(
         "{} committed changes delivered ({} requests), {} rolled back",
