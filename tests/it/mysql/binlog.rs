@@ -520,3 +520,67 @@ async fn the_guides_realtime_client_works_unchanged_against_a_mysql_project() {
     node.kill().await.unwrap();
     assert!(!log.contains("Disconnected"), "{log}");
 }
+
+/// `fluxbase_realtime_broadcast` as each scope: readwrite and admin may broadcast, read may not,
+/// no scope but admin may replace the procedure, and a row written into the broadcast table
+/// directly is a broadcast only when it is one (JSON), nothing else.
+#[tokio::test]
+async fn broadcasts_from_sql_follow_the_scopes_and_cannot_forge_other_events() {
+    let (app, f, mut sub) = setup().await;
+    let call = "CALL fluxbase_realtime_broadcast('ping', '{\"n\": 1}')";
+    let denied = app.sql(&f.read, &f.project, call).await;
+    assert_eq!(denied["success"], false, "{denied}");
+    assert_eq!(denied["error"]["code"], "SQL_EXEC_ERROR", "{denied}");
+    for key in [&f.readwrite, &f.admin] {
+        let ok = app.sql(key, &f.project, call).await;
+        assert_eq!(ok["success"], true, "{ok}");
+        let e = next_event(&mut sub).await;
+        assert_eq!(
+            e.kind,
+            fluxbase::bus::EventKind::Broadcast {
+                event: "ping".into()
+            }
+        );
+        assert_eq!(
+            serde_json::from_str::<Value>(&e.payload).unwrap(),
+            json!({"event": "ping", "payload": {"n": 1}})
+        );
+    }
+    let bad = app
+        .sql(
+            &f.readwrite,
+            &f.project,
+            "CALL fluxbase_realtime_broadcast('x', 'not json')",
+        )
+        .await;
+    assert_eq!(bad["success"], false, "{bad}");
+    let drop = app
+        .sql(
+            &f.readwrite,
+            &f.project,
+            "DROP PROCEDURE fluxbase_realtime_broadcast",
+        )
+        .await;
+    assert_eq!(drop["success"], false, "{drop}");
+    // Written directly: not JSON, dropped; JSON, a broadcast (as the procedure would make it).
+    app.rows(
+        &f.readwrite,
+        &f.project,
+        "INSERT INTO fluxbase_broadcasts (event, payload) VALUES ('forged', '{oops')",
+    )
+    .await;
+    app.rows(
+        &f.readwrite,
+        &f.project,
+        "INSERT INTO fluxbase_broadcasts (event, payload) VALUES ('direct', '[1]')",
+    )
+    .await;
+    let e = next_event(&mut sub).await;
+    assert_eq!(
+        e.kind,
+        fluxbase::bus::EventKind::Broadcast {
+            event: "direct".into()
+        }
+    );
+    assert_quiet(&mut sub, Duration::from_millis(300)).await;
+}
