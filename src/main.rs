@@ -284,8 +284,9 @@ async fn open_cli(mut config: Config, role: &str) -> Result<(SharedApp, Option<D
             if config.mysql_url.is_none() {
                 match fluxbase::mysql::embedded::running_port(&config.data_dir.join("mariadb")) {
                     Some(port) => {
-                        config.mysql_url =
-                            Some(fluxbase::mysql::embedded_admin_url(&secrets, port).into())
+                        config.mysql_url = Some(
+                            fluxbase::mysql::embedded_admin_url(&secrets, port).into(),
+                        )
                     }
                     None => config.mysql_embedded_off = true,
                 }

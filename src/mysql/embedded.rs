@@ -215,16 +215,10 @@ impl Server {
             let mut cmd = self.command(&self.bindir.mariadbd);
             cmd.arg("--no-defaults")
                 .arg(format!("--datadir={}", self.data_dir().display()))
-                .arg(format!(
-                    "--socket={}",
-                    self.root.join("mariadbd.sock").display()
-                ))
+                .arg(format!("--socket={}", self.root.join("mariadbd.sock").display()))
                 .arg(format!("--pid-file={}", self.pid_file().display()))
                 .arg(format!("--log-error={}", self.log_file().display()))
-                .arg(format!(
-                    "--log-bin={}",
-                    self.data_dir().join("binlog").display()
-                ))
+                .arg(format!("--log-bin={}", self.data_dir().join("binlog").display()))
                 .arg(format!("--init-file={}", init.display()))
                 .arg(format!("--port={}", self.port));
             for (k, v) in SETTINGS.iter().chain(extra) {
@@ -306,10 +300,7 @@ impl Server {
         if !comm.trim().starts_with("mariadbd") && !comm.trim().starts_with("mysqld") {
             return;
         }
-        tracing::warn!(
-            pid,
-            "an earlier embedded MariaDB is still running; stopping it"
-        );
+        tracing::warn!(pid, "an earlier embedded MariaDB is still running; stopping it");
         terminate(pid);
         wait_gone(pid, Duration::from_secs(60));
     }
@@ -369,11 +360,7 @@ impl Server {
         let _ = std::fs::remove_file(&init);
         result?;
         if self.port != port {
-            tracing::warn!(
-                old = port,
-                new = self.port,
-                "MariaDB restarted on another port"
-            );
+            tracing::warn!(old = port, new = self.port, "MariaDB restarted on another port");
         }
         self.spawn_watchdog()
     }
@@ -426,9 +413,7 @@ fn find_binaries() -> Result<Bindir> {
     if let Ok(dir) = std::env::var("FLUXBASE_MARIADB_BINDIR") {
         dirs.push(PathBuf::from(dir));
     } else {
-        dirs.extend(
-            ["/usr/sbin", "/usr/bin", "/usr/local/sbin", "/usr/local/bin"].map(PathBuf::from),
-        );
+        dirs.extend(["/usr/sbin", "/usr/bin", "/usr/local/sbin", "/usr/local/bin"].map(PathBuf::from));
         if let Some(path) = std::env::var_os("PATH") {
             dirs.extend(std::env::split_paths(&path));
         }

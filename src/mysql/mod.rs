@@ -133,10 +133,7 @@ impl Mysql {
     /// the tag derived from the instance secret, so that several Fluxbase instances can share
     /// one server (the nodes of a cluster share the secret, hence the account).
     pub fn replication_user(&self) -> String {
-        format!(
-            "fluxbase_repl_{}",
-            &self.secrets.derive("mysql-repl-name")[..8]
-        )
+        format!("fluxbase_repl_{}", &self.secrets.derive("mysql-repl-name")[..8])
     }
 
     fn replication_password(&self) -> String {
