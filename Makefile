@@ -3,7 +3,7 @@
 CARGO ?= cargo
 TEST_THREADS ?= 6
 
-.PHONY: run build test lint unit integration bench bench-sql bench-cdc bench-webhooks bench-fanout bench-rls bench-storage bench-cluster bench-binlog clean deps fuzz
+.PHONY: run build test lint unit integration bench bench-sql bench-cdc bench-webhooks bench-fanout bench-rls bench-storage bench-cluster bench-mysql-reset bench-binlog clean deps fuzz
 
 run: deps
 	$(CARGO) build --release --bin fluxbase
@@ -28,7 +28,7 @@ lint:
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
 
 # The benchmarks; each prints its reference run beside Fluxbase's (and its targets).
-bench: bench-sql bench-cdc bench-webhooks bench-fanout bench-rls bench-storage bench-cluster bench-binlog
+bench: bench-sql bench-cdc bench-webhooks bench-fanout bench-rls bench-storage bench-cluster bench-mysql-reset bench-binlog
 
 bench-sql: deps build
 	$(CARGO) run --release -p fluxbase-bench --bin sql_bench
@@ -44,6 +44,9 @@ bench-webhooks: deps
 
 bench-rls: deps
 	$(CARGO) run --release -p fluxbase-bench --bin rls_bench
+
+bench-mysql-reset: deps
+	$(CARGO) run --release -p fluxbase-bench --bin mysql_reset_bench
 
 # The server runs as a child process (its own RSS) with a socket per subscriber, the clients
 # here: both need more than the usual 1,024 open files.

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Makes sure what `make run` and `make test` need is installed: PostgreSQL's server binaries
-# (initdb, pg_ctl, pgbench, pg_recvlogical) and, for the tests, Node.js and npm, curl, Chromium (the
+# (initdb, pg_ctl, pgbench, pg_recvlogical), MariaDB's (mariadbd, mariadb-install-db, the
+# mariadb and mariadb-binlog clients: the embedded server of MySQL projects) and, for the tests, Node.js and npm, curl, Chromium (the
 # dashboard's browser tests drive it headless), a C++ compiler (the fuzz targets' libfuzzer-sys
 # builds libFuzzer, also on stable), nats-server with JetStream (the cluster tests start one; Debian
 # ships 2.9), from PyPI (into .fluxbase/tools/venv) schemathesis and
@@ -13,6 +14,12 @@ need_test_tools=${1:-}
 missing=()
 have_pg() { ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || { [ -n "${FLUXBASE_PG_BINDIR:-}" ] && [ -x "$FLUXBASE_PG_BINDIR/initdb" ]; }; }
 have_pg || missing+=(postgresql postgresql-contrib)
+have_mariadb() {
+  if [ -n "${FLUXBASE_MARIADB_BINDIR:-}" ]; then [ -x "$FLUXBASE_MARIADB_BINDIR/mariadbd" ] && [ -x "$FLUXBASE_MARIADB_BINDIR/mariadb-install-db" ]; return; fi
+  { [ -x /usr/sbin/mariadbd ] || command -v mariadbd >/dev/null 2>&1; } && command -v mariadb-install-db >/dev/null 2>&1
+}
+# An operator's MySQL server (FLUXBASE_MYSQL_URL) needs no local MariaDB.
+[ -n "${FLUXBASE_MYSQL_URL:-}" ] || have_mariadb || missing+=(mariadb-server mariadb-client)
 # Debian installs it in /usr/sbin, which is not on every user's PATH.
 have_nats() { [ -n "${NATS_SERVER:-}" ] && [ -x "$NATS_SERVER" ] || command -v nats-server >/dev/null 2>&1 || [ -x /usr/sbin/nats-server ]; }
 have_chromium() { [ -n "${CHROMIUM:-}" ] && [ -x "$CHROMIUM" ] || command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1; }
@@ -61,15 +68,29 @@ if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
   if [ ! -f /etc/postgresql-common/createcluster.conf ] || ! grep -q '^create_main_cluster' /etc/postgresql-common/createcluster.conf; then
     echo "create_main_cluster = false" >> /etc/postgresql-common/createcluster.conf
   fi
+  # Nor a system MariaDB: no package may start a service while this runs (policy-rc.d answers
+  # 101, "action forbidden", to invoke-rc.d and deb-systemd-invoke); removed again afterwards
+  # unless it was there before.
+  policy=/usr/sbin/policy-rc.d
+  own_policy=
+  if [ ! -e "$policy" ]; then
+    printf '#!/bin/sh\n# fluxbase scripts/deps.sh: no service starts during this install\nexit 101\n' > "$policy"
+    chmod 755 "$policy"
+    own_policy=1
+  fi
+  trap '[ -n "$own_policy" ] && rm -f "$policy"' EXIT
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -qq
   apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
   have_pg || { echo "PostgreSQL was installed but initdb is still not found"; exit 1; }
+  [ -n "${FLUXBASE_MYSQL_URL:-}" ] || have_mariadb || { echo "MariaDB was installed but mariadbd is still not found"; exit 1; }
   if [ "$need_test_tools" = "test" ]; then install_python_tools; install_node_tools; fi
 else
   echo "Missing: ${missing[*]}."
   echo "Install them with: sudo apt-get install ${missing[*]}"
   echo "(or set FLUXBASE_PG_BINDIR to a directory holding initdb and pg_ctl,"
-  echo " or FLUXBASE_DATABASE_URL to an existing PostgreSQL cluster)"
+  echo " or FLUXBASE_DATABASE_URL to an existing PostgreSQL cluster;"
+  echo " FLUXBASE_MARIADB_BINDIR to a directory holding mariadbd and mariadb-install-db,"
+  echo " or FLUXBASE_MYSQL_URL to an existing MySQL/MariaDB server)"
   exit 1
 fi

@@ -284,9 +284,8 @@ async fn open_cli(mut config: Config, role: &str) -> Result<(SharedApp, Option<D
             if config.mysql_url.is_none() {
                 match fluxbase::mysql::embedded::running_port(&config.data_dir.join("mariadb")) {
                     Some(port) => {
-                        config.mysql_url = Some(
-                            fluxbase::mysql::embedded_admin_url(&secrets, port).into(),
-                        )
+                        config.mysql_url =
+                            Some(fluxbase::mysql::embedded_admin_url(&secrets, port).into())
                     }
                     None => config.mysql_embedded_off = true,
                 }
@@ -306,13 +305,42 @@ async fn close_cli(app: SharedApp, lock: Option<DataDirLock>) {
 /// `fluxbase doctor`: the configured cluster, or the embedded one (the running server's, or
 /// started for the check and stopped after it).
 async fn doctor(config: Config) -> Result<()> {
-    let findings = match &config.database_url {
+    let mut findings = postgresql_findings(&config).await?;
+    // MySQL projects on the operator's server: its binlog settings and the admin's privileges
+    // (the embedded MariaDB is started with what it needs).
+    if let Some(url) = &config.mysql_url {
+        let secrets = fluxbase::secrets::Secrets::load_or_create(&config.data_dir)?;
+        findings.extend(
+            fluxbase::mysql::doctor::check(
+                url.expose(),
+                &fluxbase::mysql::replication_user(&secrets),
+            )
+            .await?,
+        );
+    }
+    if findings.is_empty() {
+        if config.nats_url.is_some() {
+            println!("ok: the cluster and its NATS server are ready for Fluxbase (cluster mode)");
+        } else {
+            println!("ok: the cluster is ready for Fluxbase");
+        }
+        return Ok(());
+    }
+    for f in &findings {
+        println!("problem: {}\n    fix: {}", f.problem, f.fix);
+    }
+    bail!("{} problem(s) found", findings.len())
+}
+
+/// The PostgreSQL side of `fluxbase doctor`.
+async fn postgresql_findings(config: &Config) -> Result<Vec<fluxbase::doctor::Finding>> {
+    Ok(match &config.database_url {
         Some(url) => {
             let target = ClusterTarget::from_url(url.expose())?;
             let mut findings = fluxbase::doctor::check(&target).await?;
             // Cluster mode (which needs database_url): the NATS server too.
             if config.nats_url.is_some() {
-                findings.extend(fluxbase::doctor::check_nats(&config, &target).await?);
+                findings.extend(fluxbase::doctor::check_nats(config, &target).await?);
             }
             findings
         }
@@ -356,19 +384,7 @@ async fn doctor(config: Config) -> Result<()> {
                 }
             }
         }
-    };
-    if findings.is_empty() {
-        if config.nats_url.is_some() {
-            println!("ok: the cluster and its NATS server are ready for Fluxbase (cluster mode)");
-        } else {
-            println!("ok: the cluster is ready for Fluxbase");
-        }
-        return Ok(());
-    }
-    for f in &findings {
-        println!("problem: {}\n    fix: {}", f.problem, f.fix);
-    }
-    bail!("{} problem(s) found", findings.len())
+    })
 }
 
 async fn project(app: &App, action: ProjectAction) -> Result<()> {

@@ -129,8 +129,7 @@ pub fn create_data_dir(dir: &Path, embedded_cluster: bool) -> std::io::Result<()
     // A CLI command attached to a running server's cluster has a database URL, but the
     // directory still hosts that embedded cluster (`pg/`): it must stay passable for it. The
     // mode is decided first and set once, so the cluster never sees it closed, not even briefly.
-    let hosts_cluster =
-        embedded_cluster || dir.join("pg").exists() || dir.join("mariadb").exists();
+    let hosts_cluster = embedded_cluster || dir.join("pg").exists() || dir.join("mariadb").exists();
     let mode = if hosts_cluster && std::fs::metadata(dir)?.uid() == 0 {
         0o711
     } else {

@@ -90,11 +90,7 @@ impl App {
         status: ProjectStatus,
     ) -> Result<(), ProjectsError> {
         self.projects.set_status(project_id, status).await?;
-        let engine = self
-            .auth
-            .load_project(project_id)
-            .await?
-            .map(|p| p.engine);
+        let engine = self.auth.load_project(project_id).await?.map(|p| p.engine);
         if engine == Some(Engine::Mysql) {
             self.mysql
                 .set_locked(project_id, status == ProjectStatus::Suspended)
@@ -179,7 +175,10 @@ impl App {
     /// Starts the change streams of every active MySQL project (the server starting to serve).
     pub(crate) async fn start_mysql_streams(&self) -> anyhow::Result<()> {
         let projects = crate::control::projects::mysql_projects(&self.control.get().await?).await?;
-        for p in projects.iter().filter(|p| p.status == ProjectStatus::Active) {
+        for p in projects
+            .iter()
+            .filter(|p| p.status == ProjectStatus::Active)
+        {
             self.start_mysql_stream(p);
         }
         Ok(())

@@ -114,7 +114,13 @@ pub async fn insert(
         .query_one(
             "INSERT INTO fluxbase.projects (id, name, db_name, bootstrap_version, engine)
              VALUES ($1, $2, $3, $4, $5) RETURNING created_at",
-            &[&project_id, &name, &db_name, &bootstrap_version, &engine.as_str()],
+            &[
+                &project_id,
+                &name,
+                &db_name,
+                &bootstrap_version,
+                &engine.as_str(),
+            ],
         )
         .await?
         .get(0))

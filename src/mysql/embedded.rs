@@ -195,7 +195,7 @@ impl Server {
 
     fn start_server(&mut self, extra: &[(&str, &str)]) -> Result<()> {
         let init = self.write_init_file()?;
-        let result = self.start_on_a_free_port(&init, extra);
+        let result = self.start_on_a_free_port(&init, extra, None);
         let _ = std::fs::remove_file(&init);
         result?;
         self.spawn_watchdog()?;
@@ -205,20 +205,35 @@ impl Server {
         Ok(())
     }
 
-    fn start_on_a_free_port(&mut self, init: &Path, extra: &[(&str, &str)]) -> Result<()> {
+    /// Starts `mariadbd` on `port` (when given: once), else on free ports until one holds.
+    fn start_on_a_free_port(
+        &mut self,
+        init: &Path,
+        extra: &[(&str, &str)],
+        port: Option<u16>,
+    ) -> Result<()> {
         let mut attempt = 1;
         loop {
-            self.port = free_port()?;
+            self.port = match (port, attempt) {
+                (Some(p), 1) => p,
+                _ => free_port()?,
+            };
             let log_start = std::fs::metadata(self.log_file())
                 .map(|m| m.len())
                 .unwrap_or(0);
             let mut cmd = self.command(&self.bindir.mariadbd);
             cmd.arg("--no-defaults")
                 .arg(format!("--datadir={}", self.data_dir().display()))
-                .arg(format!("--socket={}", self.root.join("mariadbd.sock").display()))
+                .arg(format!(
+                    "--socket={}",
+                    self.root.join("mariadbd.sock").display()
+                ))
                 .arg(format!("--pid-file={}", self.pid_file().display()))
                 .arg(format!("--log-error={}", self.log_file().display()))
-                .arg(format!("--log-bin={}", self.data_dir().join("binlog").display()))
+                .arg(format!(
+                    "--log-bin={}",
+                    self.data_dir().join("binlog").display()
+                ))
                 .arg(format!("--init-file={}", init.display()))
                 .arg(format!("--port={}", self.port));
             for (k, v) in SETTINGS.iter().chain(extra) {
@@ -300,7 +315,10 @@ impl Server {
         if !comm.trim().starts_with("mariadbd") && !comm.trim().starts_with("mysqld") {
             return;
         }
-        tracing::warn!(pid, "an earlier embedded MariaDB is still running; stopping it");
+        tracing::warn!(
+            pid,
+            "an earlier embedded MariaDB is still running; stopping it"
+        );
         terminate(pid);
         wait_gone(pid, Duration::from_secs(60));
     }
@@ -348,21 +366,32 @@ impl Server {
         }
     }
 
-    /// Kills the server (`SIGKILL`, a crash) and starts it again on the same port (tests).
-    pub fn crash_and_restart(&mut self) -> Result<()> {
+    /// Kills the server (`SIGKILL`, a crash: InnoDB recovers at the next start) and starts it
+    /// again with `extra`, on the same port if it is still free (tests).
+    pub fn crash_and_restart(&mut self, extra: &[(&str, &str)]) -> Result<()> {
         if let Some(mut child) = self.child.lock().expect("poisoned").take() {
             let _ = child.kill();
             let _ = child.wait();
         }
         let port = self.port;
         let init = self.write_init_file()?;
-        let result = self.start_on_a_free_port(&init, &[]);
+        let result = self.start_on_a_free_port(&init, extra, Some(port));
         let _ = std::fs::remove_file(&init);
         result?;
         if self.port != port {
-            tracing::warn!(old = port, new = self.port, "MariaDB restarted on another port");
+            tracing::warn!(
+                old = port,
+                new = self.port,
+                "MariaDB restarted on another port"
+            );
         }
+        std::fs::write(self.root.join("port"), format!("{}\n", self.port))?;
         self.spawn_watchdog()
+    }
+
+    /// The process id of `mariadbd`.
+    pub fn pid(&self) -> u32 {
+        self.pid
     }
 }
 
@@ -413,7 +442,9 @@ fn find_binaries() -> Result<Bindir> {
     if let Ok(dir) = std::env::var("FLUXBASE_MARIADB_BINDIR") {
         dirs.push(PathBuf::from(dir));
     } else {
-        dirs.extend(["/usr/sbin", "/usr/bin", "/usr/local/sbin", "/usr/local/bin"].map(PathBuf::from));
+        dirs.extend(
+            ["/usr/sbin", "/usr/bin", "/usr/local/sbin", "/usr/local/bin"].map(PathBuf::from),
+        );
         if let Some(path) = std::env::var_os("PATH") {
             dirs.extend(std::env::split_paths(&path));
         }

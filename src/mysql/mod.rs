@@ -14,6 +14,7 @@
 //! migrations under `sql/project/`) never sees a MySQL project: the app routes by
 //! [`crate::projects::Engine`].
 
+pub mod doctor;
 pub mod embedded;
 pub mod provision;
 pub mod render;
@@ -133,7 +134,10 @@ impl Mysql {
     /// the tag derived from the instance secret, so that several Fluxbase instances can share
     /// one server (the nodes of a cluster share the secret, hence the account).
     pub fn replication_user(&self) -> String {
-        format!("fluxbase_repl_{}", &self.secrets.derive("mysql-repl-name")[..8])
+        format!(
+            "fluxbase_repl_{}",
+            &self.secrets.derive("mysql-repl-name")[..8]
+        )
     }
 
     fn replication_password(&self) -> String {
@@ -234,3 +238,11 @@ impl Target {
         })
     }
 }
+
+/// The replication account's name for an instance's secrets (see [`Mysql::replication_user`]).
+pub fn replication_user(secrets: &Secrets) -> String {
+    format!("fluxbase_repl_{}", &secrets.derive("mysql-repl-name")[..8])
+}
+
+/// The MySQL client the server uses, for the benchmarks and tests that drive it directly.
+pub use mysql_async;

@@ -82,10 +82,7 @@ impl Mysql {
                 ),
                 // A repair starts from nothing: privileges granted by hand are taken back.
                 format!("REVOKE ALL PRIVILEGES, GRANT OPTION FROM {account}"),
-                format!(
-                    "GRANT {} ON `{db_name}`.* TO {account}",
-                    privileges(role)
-                ),
+                format!("GRANT {} ON `{db_name}`.* TO {account}", privileges(role)),
             ] {
                 conn.query_drop(&stmt)
                     .await
@@ -127,7 +124,12 @@ impl Mysql {
         let _ = self.kill_sessions(&mut conn, project_id).await;
         let mut stmts: Vec<String> = DbRole::ALL
             .iter()
-            .map(|r| format!("DROP USER IF EXISTS {}", self.account(target, project_id, *r)))
+            .map(|r| {
+                format!(
+                    "DROP USER IF EXISTS {}",
+                    self.account(target, project_id, *r)
+                )
+            })
             .collect();
         stmts.push(format!("DROP DATABASE IF EXISTS `{db_name}`"));
         for stmt in stmts {

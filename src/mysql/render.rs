@@ -39,27 +39,32 @@ pub const BINARY_CHARSET: u16 = 63;
 
 impl ColumnKind {
     pub fn new(ty: ColumnType, flags: ColumnFlags, charset: u16) -> ColumnKind {
+        use ColumnType::*;
+        // Numbers and date-times carry the binary character set too: only strings are bytes.
+        let string = matches!(
+            ty,
+            MYSQL_TYPE_VARCHAR
+                | MYSQL_TYPE_VAR_STRING
+                | MYSQL_TYPE_STRING
+                | MYSQL_TYPE_TINY_BLOB
+                | MYSQL_TYPE_MEDIUM_BLOB
+                | MYSQL_TYPE_LONG_BLOB
+                | MYSQL_TYPE_BLOB
+        );
         ColumnKind {
             ty,
             unsigned: flags.contains(ColumnFlags::UNSIGNED_FLAG),
-            binary: charset == BINARY_CHARSET,
+            binary: string && charset == BINARY_CHARSET,
             json: ty == ColumnType::MYSQL_TYPE_JSON,
             enumerated: flags.contains(ColumnFlags::ENUM_FLAG)
                 || flags.contains(ColumnFlags::SET_FLAG)
-                || matches!(
-                    ty,
-                    ColumnType::MYSQL_TYPE_ENUM | ColumnType::MYSQL_TYPE_SET
-                ),
+                || matches!(ty, ColumnType::MYSQL_TYPE_ENUM | ColumnType::MYSQL_TYPE_SET),
         }
     }
 
     /// The kind of a result set's column.
     pub fn of(column: &Column) -> ColumnKind {
-        ColumnKind::new(
-            column.column_type(),
-            column.flags(),
-            column.character_set(),
-        )
+        ColumnKind::new(column.column_type(), column.flags(), column.character_set())
     }
 
     /// The type's name as `columnTypes` shows it: `int`, `bigint unsigned`, `varchar`, `json`.
@@ -88,7 +93,9 @@ impl ColumnKind {
             MYSQL_TYPE_VECTOR => "vector",
             _ if self.json => "json",
             _ if self.enumerated => "enum",
-            MYSQL_TYPE_TINY_BLOB | MYSQL_TYPE_MEDIUM_BLOB | MYSQL_TYPE_LONG_BLOB
+            MYSQL_TYPE_TINY_BLOB
+            | MYSQL_TYPE_MEDIUM_BLOB
+            | MYSQL_TYPE_LONG_BLOB
             | MYSQL_TYPE_BLOB => {
                 if self.binary {
                     "blob"
@@ -123,7 +130,11 @@ impl ColumnKind {
         use ColumnType::*;
         matches!(
             self.ty,
-            MYSQL_TYPE_TINY | MYSQL_TYPE_SHORT | MYSQL_TYPE_INT24 | MYSQL_TYPE_LONG | MYSQL_TYPE_LONGLONG
+            MYSQL_TYPE_TINY
+                | MYSQL_TYPE_SHORT
+                | MYSQL_TYPE_INT24
+                | MYSQL_TYPE_LONG
+                | MYSQL_TYPE_LONGLONG
         )
     }
 
@@ -144,7 +155,10 @@ impl ColumnKind {
         use ColumnType::*;
         matches!(
             self.ty,
-            MYSQL_TYPE_DATETIME | MYSQL_TYPE_DATETIME2 | MYSQL_TYPE_TIMESTAMP | MYSQL_TYPE_TIMESTAMP2
+            MYSQL_TYPE_DATETIME
+                | MYSQL_TYPE_DATETIME2
+                | MYSQL_TYPE_TIMESTAMP
+                | MYSQL_TYPE_TIMESTAMP2
         )
     }
 
@@ -222,6 +236,10 @@ fn write_bytes(out: &mut String, kind: &ColumnKind, bytes: &[u8]) {
                 return;
             }
         }
+    }
+    if kind.is_date() {
+        write_str(out, &String::from_utf8_lossy(bytes));
+        return;
     }
     if kind.is_datetime() {
         let text = String::from_utf8_lossy(bytes);
@@ -346,10 +364,25 @@ mod tests {
     fn text_and_binary_protocol_values_render_alike() {
         use ColumnType::*;
         let cases: Vec<(ColumnType, &str, Value, &str)> = vec![
-            (MYSQL_TYPE_LONGLONG, "18446744073709551615", Value::UInt(u64::MAX), "18446744073709551615"),
-            (MYSQL_TYPE_LONGLONG, "-9223372036854775808", Value::Int(i64::MIN), "-9223372036854775808"),
+            (
+                MYSQL_TYPE_LONGLONG,
+                "18446744073709551615",
+                Value::UInt(u64::MAX),
+                "18446744073709551615",
+            ),
+            (
+                MYSQL_TYPE_LONGLONG,
+                "-9223372036854775808",
+                Value::Int(i64::MIN),
+                "-9223372036854775808",
+            ),
             (MYSQL_TYPE_DOUBLE, "1.5", Value::Double(1.5), "1.5"),
-            (MYSQL_TYPE_DATE, "2024-05-01", Value::Date(2024, 5, 1, 0, 0, 0, 0), "\"2024-05-01\""),
+            (
+                MYSQL_TYPE_DATE,
+                "2024-05-01",
+                Value::Date(2024, 5, 1, 0, 0, 0, 0),
+                "\"2024-05-01\"",
+            ),
             (
                 MYSQL_TYPE_DATETIME,
                 "2024-05-01 10:20:30.500000",
@@ -362,8 +395,18 @@ mod tests {
                 Value::Date(2024, 5, 1, 10, 20, 30, 0),
                 "\"2024-05-01T10:20:30\"",
             ),
-            (MYSQL_TYPE_TIME, "-838:59:59", Value::Time(true, 34, 22, 59, 59, 0), "\"-838:59:59\""),
-            (MYSQL_TYPE_TIME, "10:20:30.250000", Value::Time(false, 0, 10, 20, 30, 250_000), "\"10:20:30.25\""),
+            (
+                MYSQL_TYPE_TIME,
+                "-838:59:59",
+                Value::Time(true, 34, 22, 59, 59, 0),
+                "\"-838:59:59\"",
+            ),
+            (
+                MYSQL_TYPE_TIME,
+                "10:20:30.250000",
+                Value::Time(false, 0, 10, 20, 30, 250_000),
+                "\"10:20:30.25\"",
+            ),
         ];
         for (ty, t, typed, want) in cases {
             assert_eq!(text(ty, t), want, "{ty:?} as text");
@@ -376,7 +419,10 @@ mod tests {
     #[test]
     fn decimals_stay_exact_and_bytes_are_hex() {
         use ColumnType::*;
-        assert_eq!(text(MYSQL_TYPE_NEWDECIMAL, "12345678901234567890.123456789"), "12345678901234567890.123456789");
+        assert_eq!(
+            text(MYSQL_TYPE_NEWDECIMAL, "12345678901234567890.123456789"),
+            "12345678901234567890.123456789"
+        );
         assert_eq!(text(MYSQL_TYPE_NEWDECIMAL, "-0.50"), "-0.50");
         let blob = ColumnKind::new(MYSQL_TYPE_BLOB, ColumnFlags::BINARY_FLAG, BINARY_CHARSET);
         let mut out = String::new();
@@ -385,9 +431,30 @@ mod tests {
         assert_eq!(serde_json::from_str::<String>(&out).unwrap(), "\\x00ab10");
         let mut json = kind(MYSQL_TYPE_BLOB);
         json.json = true;
-        assert_eq!(to_json(&json, &Value::Bytes(br#"{"a": [1, 2]}"#.to_vec())), serde_json::json!({"a": [1, 2]}));
+        assert_eq!(
+            to_json(&json, &Value::Bytes(br#"{"a": [1, 2]}"#.to_vec())),
+            serde_json::json!({"a": [1, 2]})
+        );
         assert_eq!(text(MYSQL_TYPE_BIT, "\u{1}"), "1");
         assert_eq!(text(MYSQL_TYPE_VAR_STRING, "a \"q\"\n"), r#""a \"q\"\n""#);
+    }
+
+    #[test]
+    fn only_strings_of_the_binary_charset_are_bytes() {
+        use ColumnType::*;
+        let date = ColumnKind::new(MYSQL_TYPE_DATE, ColumnFlags::BINARY_FLAG, BINARY_CHARSET);
+        assert!(!date.binary);
+        let mut out = String::new();
+        write_json(&mut out, &date, &Value::Bytes(b"2024-02-29".to_vec()));
+        assert_eq!(out, "\"2024-02-29\"");
+        assert!(
+            ColumnKind::new(
+                MYSQL_TYPE_VAR_STRING,
+                ColumnFlags::BINARY_FLAG,
+                BINARY_CHARSET
+            )
+            .binary
+        );
     }
 
     #[test]

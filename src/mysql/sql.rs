@@ -86,7 +86,21 @@ impl Pools {
 
     /// The project's schema changed (or may have): its JSON columns are read again.
     pub fn forget_schema(&self, project_id: &str) {
-        self.json_columns.lock().expect("poisoned").remove(project_id);
+        self.json_columns
+            .lock()
+            .expect("poisoned")
+            .remove(project_id);
+    }
+
+    /// Drops one pool with every connection in it (a connection of it was lost: the others,
+    /// opened before the same failure, are likely dead too).
+    fn forget_pool(&self, project_id: &str, role: DbRole) {
+        let gone = self
+            .pools
+            .lock()
+            .expect("poisoned")
+            .remove(&(project_id.to_string(), role));
+        disconnect(gone.into_iter().collect());
     }
 
     pub fn clear(&self) {
@@ -151,7 +165,13 @@ impl Mysql {
     /// `json_valid` check of the column's name, which is how they are found (MySQL's JSON
     /// type is a type of its own and needs none of this). Cached until the project runs DDL.
     pub async fn json_columns(&self, project_id: &str, db_name: &str) -> Arc<JsonColumns> {
-        if let Some(known) = self.sql.json_columns.lock().expect("poisoned").get(project_id) {
+        if let Some(known) = self
+            .sql
+            .json_columns
+            .lock()
+            .expect("poisoned")
+            .get(project_id)
+        {
             return known.clone();
         }
         let found: JsonColumns = async {
@@ -257,7 +277,10 @@ impl Mysql {
                     e.message, e.code
                 )))
             }
-            Ok(Err(e)) => return Err(SqlError::Unavailable(e.to_string())),
+            Ok(Err(e)) => {
+                self.sql.forget_pool(&project.id, access.db_role);
+                return Err(SqlError::Unavailable(e.to_string()));
+            }
             Ok(Ok(conn)) => conn,
         };
         let connection_id = conn.id();
@@ -313,6 +336,8 @@ impl Mysql {
             }
             Err(Failure::Db(e)) | Err(Failure::Broken(e)) => {
                 close(conn).await;
+                tracing::warn!(project_id = %project.id, error = %e, "MySQL connection lost");
+                self.sql.forget_pool(&project.id, access.db_role);
                 Err(SqlError::Unavailable(e.to_string()))
             }
         }
@@ -345,7 +370,10 @@ fn driver_error(e: &mysql_async::DriverError) -> String {
 fn ddl(sql: &str) -> bool {
     split_statements(sql).iter().any(|s| {
         keywords(s, 1).first().is_some_and(|w| {
-            matches!(w.as_str(), "CREATE" | "ALTER" | "DROP" | "RENAME" | "TRUNCATE")
+            matches!(
+                w.as_str(),
+                "CREATE" | "ALTER" | "DROP" | "RENAME" | "TRUNCATE"
+            )
         })
     })
 }
@@ -370,16 +398,26 @@ impl JsonLookup<'_> {
                 && c.schema_ref() == self.db_name.as_bytes()
                 && matches!(
                     c.column_type(),
-                    MYSQL_TYPE_BLOB | MYSQL_TYPE_LONG_BLOB | MYSQL_TYPE_MEDIUM_BLOB | MYSQL_TYPE_TINY_BLOB
+                    MYSQL_TYPE_BLOB
+                        | MYSQL_TYPE_LONG_BLOB
+                        | MYSQL_TYPE_MEDIUM_BLOB
+                        | MYSQL_TYPE_TINY_BLOB
                 )
         };
-        if !columns.iter().zip(kinds.iter()).any(|(c, (_, k))| candidate(c, k)) {
+        if !columns
+            .iter()
+            .zip(kinds.iter())
+            .any(|(c, (_, k))| candidate(c, k))
+        {
             return;
         }
         let json = self.mysql.json_columns(self.project_id, self.db_name).await;
         for (c, (_, k)) in columns.iter().zip(kinds.iter_mut()) {
             if candidate(c, k)
-                && json.contains(&(c.org_table_str().into_owned(), c.org_name_str().into_owned()))
+                && json.contains(&(
+                    c.org_table_str().into_owned(),
+                    c.org_name_str().into_owned(),
+                ))
             {
                 k.json = true;
             }
@@ -397,12 +435,18 @@ async fn run(
     let statements = split_statements(&req.query);
     match req.params.as_deref() {
         None | Some([]) => {
-            let mut result = conn.query_iter(req.query.as_str()).await.map_err(Failure::Db)?;
+            let mut result = conn
+                .query_iter(req.query.as_str())
+                .await
+                .map_err(Failure::Db)?;
             let mut sets = 0usize;
             let last = loop {
                 let set = read_set(&mut result, max_rows, max_bytes, json).await?;
                 sets += 1;
                 if result.is_empty() {
+                    // A later statement's error is held as the next result (and `is_empty` is
+                    // true then): this reads it.
+                    result.next().await.map_err(Failure::Db)?;
                     break set;
                 }
             };
@@ -422,10 +466,8 @@ async fn run(
                 .await
                 .map_err(Failure::Db)?;
             let set = read_set(&mut result, max_rows, max_bytes, json).await?;
-            if !result.is_empty() {
-                // A CALL's further result sets: read and dropped.
-                result.drop_result().await.map_err(Failure::Db)?;
-            }
+            // A CALL's further result sets (or their error): read and dropped.
+            result.drop_result().await.map_err(Failure::Db)?;
             Ok((set, req.query.clone()))
         }
     }
@@ -492,7 +534,12 @@ fn json_str(s: &str) -> String {
 /// The guide's success body (the same shape as PostgreSQL's, `crate::sql::SqlResponse`).
 fn render_success(set: &ResultSet, statement: &str, elapsed: Duration, max_bytes: usize) -> String {
     let op = operation(statement, set.has_rows);
-    let tail = 256 + set.columns.iter().map(|(n, _)| n.len() * 2 + 40).sum::<usize>();
+    let tail = 256
+        + set
+            .columns
+            .iter()
+            .map(|(n, _)| n.len() * 2 + 40)
+            .sum::<usize>();
     let budget = max_bytes.saturating_sub(tail);
     let mut truncated = set.truncated;
     let mut out = String::with_capacity(set.row_bytes.min(budget) + tail);
@@ -683,7 +730,8 @@ fn bind(sql: &str, params: &[Json]) -> Result<(String, Vec<Value>), String> {
                     let c = bytes[i];
                     let after_ident = i > 0 && is_ident_byte(bytes[i - 1])
                         || (i == 0 && out.as_bytes().last().is_some_and(|b| is_ident_byte(*b)));
-                    if c == b'$' && !after_ident && bytes.get(i + 1).is_some_and(u8::is_ascii_digit) {
+                    if c == b'$' && !after_ident && bytes.get(i + 1).is_some_and(u8::is_ascii_digit)
+                    {
                         let mut j = i + 1;
                         while bytes.get(j).is_some_and(u8::is_ascii_digit) {
                             j += 1;
@@ -713,7 +761,10 @@ fn bind(sql: &str, params: &[Json]) -> Result<(String, Vec<Value>), String> {
     if order.is_empty() {
         return Ok((sql.to_string(), params.iter().map(json_param).collect()));
     }
-    Ok((out, order.into_iter().map(|i| json_param(&params[i])).collect()))
+    Ok((
+        out,
+        order.into_iter().map(|i| json_param(&params[i])).collect(),
+    ))
 }
 
 fn is_ident_byte(b: u8) -> bool {

@@ -358,7 +358,7 @@ async fn prepare(
     settings: &Settings,
 ) -> Result<Project> {
     let (project, _keys) = app
-        .create_project(user_id, "cdc bench")
+        .create_project(user_id, "cdc bench", fluxbase::projects::Engine::Postgresql)
         .await
         .map_err(|e| anyhow::anyhow!("creating a project: {e}"))?;
     let (id, db) = (project.id, project.db_name);

@@ -89,7 +89,11 @@ async fn run(cluster: &Cluster, dir: &Path) -> Result<()> {
     .await?;
     let user = fluxbase_bench::bench_user(&app).await?;
     let (project, keys) = app
-        .create_project(&user.id, "rls bench")
+        .create_project(
+            &user.id,
+            "rls bench",
+            fluxbase::projects::Engine::Postgresql,
+        )
         .await
         .map_err(|e| anyhow::anyhow!("creating a project: {e}"))?;
     let key = |scope: &str| {

@@ -141,7 +141,11 @@ async fn bench(app: &SharedApp, cluster: &Cluster, base: &str, settings: &Settin
     let receiver = Receiver::start()?;
     let user = fluxbase_bench::bench_user(app).await?;
     let (project, keys) = app
-        .create_project(&user.id, "webhook bench")
+        .create_project(
+            &user.id,
+            "webhook bench",
+            fluxbase::projects::Engine::Postgresql,
+        )
         .await
         .map_err(|e| anyhow::anyhow!("creating a project: {e}"))?;
     let admin = keys

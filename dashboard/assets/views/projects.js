@@ -5,23 +5,27 @@ import { post } from '../lib/api.js';
 
 export function projectsView(ctx, el) {
   const name = h('input', { name: 'name', type: 'text', required: true, maxLength: 100, placeholder: 'my-app' });
+  const engine = h('select', { name: 'engine', 'data-field': 'engine' },
+    h('option', { value: 'postgresql', selected: true }, 'PostgreSQL'),
+    h('option', { value: 'mysql' }, 'MySQL (MariaDB)'));
   const create = h('form', {
     class: 'inline-form', 'aria-label': 'Create a project',
     onsubmit: act(async () => {
-      const answer = await post('/api/projects', { name: name.value.trim() });
+      const answer = await post('/api/projects', { name: name.value.trim(), engine: engine.value });
       name.value = '';
       await ctx.refreshProjects();
       await showKeys(answer);
       ctx.navigate(`/projects/${answer.project.id}/settings`);
     }),
-  }, field('Project name', name), h('button', { type: 'submit', class: 'primary' }, 'Create project'));
+  }, field('Project name', name), field('Database', engine), h('button', { type: 'submit', class: 'primary' }, 'Create project'));
   const projects = ctx.projects;
   mount(el,
-    header('Projects', 'Every project you are a member of. Each has its own PostgreSQL database.'),
+    header('Projects', 'Every project you are a member of. Each has its own database: PostgreSQL, or MySQL (no row-level security).'),
     section('New project', create),
     section('Your projects', dataTable([
       { key: 'name', label: 'Name', render: (p) => h('a', { href: `/projects/${p.id}/settings`, 'data-project': p.id }, p.name) },
       { key: 'id', label: 'Project ID', render: (p) => h('code', {}, p.id) },
+      { key: 'engine', label: 'Database', render: (p) => h('span', { class: `engine ${p.engine}` }, p.engine === 'mysql' ? 'MySQL' : 'PostgreSQL') },
       { key: 'role', label: 'Your role' },
       { key: 'status', label: 'Status', render: (p) => h('span', { class: `status ${p.status}` }, p.status) },
       { key: 'createdAt', label: 'Created', render: (p) => when(p.createdAt) },

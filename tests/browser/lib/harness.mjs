@@ -147,11 +147,12 @@ class Tester {
 
   /** Creates a project through the Projects page (dismissing the keys shown once); returns its
    * id. The page is left on the project's Settings. */
-  async createProject(page, name = unique('proj')) {
-    this.log(`create project ${name}`);
+  async createProject(page, name = unique('proj'), engine = 'postgresql') {
+    this.log(`create project ${name} (${engine})`);
     await page.goto(`${BASE}/projects`);
     await page.waitForSelector('form[aria-label="Create a project"] input[name=name]');
     await page.type('input[name=name]', name);
+    await page.select('form[aria-label="Create a project"] select[name=engine]', engine);
     await page.click('form[aria-label="Create a project"] button[type=submit]');
     await page.waitForSelector('dialog[open] [data-secret]');
     await page.click('dialog[open] button[data-action=Done]');

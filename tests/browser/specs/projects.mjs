@@ -20,8 +20,17 @@ await spec('projects', async (t) => {
   await page.waitForSelector(`a[data-project="${second}"]`);
   const rows = await page.$$eval('table.grid tbody tr', (trs) => trs.map((tr) => tr.innerText));
   assert.equal(rows.length, 2, rows.join('\n'));
-  assert.ok(rows.some((r) => r.includes('shop') && r.includes(first) && r.includes('admin') && r.includes('active')), rows.join('\n'));
+  assert.ok(rows.some((r) => r.includes('shop') && r.includes(first) && r.includes('PostgreSQL') && r.includes('admin') && r.includes('active')), rows.join('\n'));
   await t.shot(page, 'list');
+
+  t.log('a MySQL project: chosen in the form, shown in the list, SQL in the editor');
+  const mysql = await t.createProject(page, 'legacy', 'mysql');
+  await page.goto(`${BASE}/projects`);
+  await page.waitForSelector(`a[data-project="${mysql}"]`);
+  const mysqlRow = await page.$eval(`a[data-project="${mysql}"]`, (a) => a.closest('tr').innerText);
+  assert.match(mysqlRow, /MySQL/, mysqlRow);
+  const answer = await call('POST', '/api/execute-sql', { token: await t.token(page), body: { projectId: mysql, query: 'SELECT VERSION() LIKE \'%MariaDB%\' AS maria' } });
+  assert.equal(answer.body.result.rows[0].maria, 1, JSON.stringify(answer.body));
 
   t.log('switch projects with the top bar');
   await page.click(`a[data-project="${first}"]`);

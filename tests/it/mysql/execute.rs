@@ -38,7 +38,11 @@ async fn the_guides_query_snippet_works_unchanged_against_a_mysql_project() {
     .await
     .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{stdout}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(stdout.contains("{ id: 1, name: 'Alice' }"), "{stdout}");
     assert!(stdout.contains("{ id: 3, name: 'Carol' }"), "{stdout}");
     assert!(!stdout.contains("Bob"), "{stdout}");
@@ -57,7 +61,12 @@ async fn answers_have_the_guides_shapes() {
     assert_eq!(body["result"]["rowCount"], 0);
 
     let body = app
-        .sql_params(&f.readwrite, &f.project, "INSERT INTO todos (title) VALUES ($1), ($2)", json!(["a", "b"]))
+        .sql_params(
+            &f.readwrite,
+            &f.project,
+            "INSERT INTO todos (title) VALUES ($1), ($2)",
+            json!(["a", "b"]),
+        )
         .await;
     assert_eq!(body["success"], true, "{body}");
     assert_eq!(body["result"]["message"], "INSERT 0 2");
@@ -72,7 +81,11 @@ async fn answers_have_the_guides_shapes() {
     assert_eq!(body["executionInfo"]["rowCount"], 2);
 
     let body = app
-        .sql(&f.read, &f.project, "SELECT id, title, done FROM todos ORDER BY id")
+        .sql(
+            &f.read,
+            &f.project,
+            "SELECT id, title, done FROM todos ORDER BY id",
+        )
         .await;
     assert_eq!(body["success"], true, "{body}");
     assert_eq!(
@@ -80,20 +93,31 @@ async fn answers_have_the_guides_shapes() {
         json!([{ "id": 1, "title": "a", "done": 0 }, { "id": 2, "title": "b", "done": 0 }])
     );
     assert_eq!(body["result"]["columns"], json!(["id", "title", "done"]));
-    assert_eq!(body["result"]["columnTypes"], json!(["bigint", "varchar", "tinyint"]));
+    assert_eq!(
+        body["result"]["columnTypes"],
+        json!(["bigint", "varchar", "tinyint"])
+    );
     assert_eq!(body["result"]["rowCount"], 2);
     assert_eq!(body["result"]["message"], json!(null));
     assert_eq!(body["result"]["truncated"], false);
     assert_eq!(body["executionInfo"]["operation"], "SELECT");
     assert_eq!(body["executionInfo"]["rowCount"], 2);
-    assert!(body["executionInfo"]["time"].as_str().unwrap().ends_with("ms"));
+    assert!(body["executionInfo"]["time"]
+        .as_str()
+        .unwrap()
+        .ends_with("ms"));
 }
 
 #[tokio::test]
 async fn params_bind_dollar_placeholders_and_question_marks() {
     let app = spawn_mysql_app().await;
     let f = app.mysql_fixture().await;
-    app.rows(&f.admin, &f.project, "CREATE TABLE t (id int PRIMARY KEY, name text, price decimal(10,2), `c$1` int)").await;
+    app.rows(
+        &f.admin,
+        &f.project,
+        "CREATE TABLE t (id int PRIMARY KEY, name text, price decimal(10,2), `c$1` int)",
+    )
+    .await;
     // `$n` outside strings, comments and backticks; a `$n` used twice; a `$` inside a name.
     let body = app
         .sql_params(
@@ -105,10 +129,18 @@ async fn params_bind_dollar_placeholders_and_question_marks() {
         .await;
     assert_eq!(body["success"], true, "{body}");
     let rows = app.rows(&f.read, &f.project, "SELECT * FROM t").await;
-    assert_eq!(rows, vec![json!({ "id": 1, "name": "x$1x", "price": 12.50, "c$1": 1 })]);
+    assert_eq!(
+        rows,
+        vec![json!({ "id": 1, "name": "x$1x", "price": 12.50, "c$1": 1 })]
+    );
     // `?` as MySQL writes them, bound in order; JSON types kept (true is 1, null is NULL).
     let body = app
-        .sql_params(&f.read, &f.project, "SELECT ? AS a, ? AS b, ? AS c, ? AS d, ? AS e", json!([9007199254740993u64, true, null, "s'q", 1.5]))
+        .sql_params(
+            &f.read,
+            &f.project,
+            "SELECT ? AS a, ? AS b, ? AS c, ? AS d, ? AS e",
+            json!([9007199254740993u64, true, null, "s'q", 1.5]),
+        )
         .await;
     assert_eq!(body["success"], true, "{body}");
     let text = serde_json::to_string(&body["result"]["rows"][0]).unwrap();
@@ -119,7 +151,12 @@ async fn params_bind_dollar_placeholders_and_question_marks() {
     assert_eq!(body["result"]["rows"][0]["e"], 1.5);
     // Injection through a value stays a value.
     let rows = app
-        .sql_params(&f.read, &f.project, "SELECT count(*) AS n FROM t WHERE name = $1", json!(["x' OR '1'='1"]))
+        .sql_params(
+            &f.read,
+            &f.project,
+            "SELECT count(*) AS n FROM t WHERE name = $1",
+            json!(["x' OR '1'='1"]),
+        )
         .await;
     assert_eq!(rows["result"]["rows"][0]["n"], 0, "{rows}");
     // A placeholder without a value is the caller's error.
@@ -128,7 +165,10 @@ async fn params_bind_dollar_placeholders_and_question_marks() {
         .await;
     assert_eq!(body["success"], false, "{body}");
     assert_eq!(body["error"]["code"], "SQL_EXEC_ERROR");
-    assert!(body["error"]["message"].as_str().unwrap().contains("$2"), "{body}");
+    assert!(
+        body["error"]["message"].as_str().unwrap().contains("$2"),
+        "{body}"
+    );
     let body = app
         .sql_params(&f.read, &f.project, "SELECT ?, ?", json!([1]))
         .await;
@@ -143,12 +183,18 @@ async fn errors_carry_mysqls_message_code_and_sqlstate() {
     assert_eq!(body["success"], false);
     assert_eq!(body["error"]["code"], "SQL_EXEC_ERROR");
     let message = body["error"]["message"].as_str().unwrap();
-    assert!(message.contains("usrs") && message.contains("doesn't exist"), "{body}");
+    assert!(
+        message.contains("usrs") && message.contains("doesn't exist"),
+        "{body}"
+    );
     assert_eq!(body["error"]["details"], "ERROR:  1146 (42S02)");
     let body = app.sql(&f.read, &f.project, "SELEC 1").await;
     assert_eq!(body["error"]["details"], "ERROR:  1064 (42000)", "{body}");
     // The connection serves the next request as if nothing happened.
-    assert_eq!(app.rows(&f.read, &f.project, "SELECT 1 AS one").await, vec![json!({"one": 1})]);
+    assert_eq!(
+        app.rows(&f.read, &f.project, "SELECT 1 AS one").await,
+        vec![json!({"one": 1})]
+    );
 }
 
 #[tokio::test]
@@ -156,23 +202,47 @@ async fn scripts_answer_with_their_last_statement_and_stop_at_an_error() {
     let app = spawn_mysql_app().await;
     let f = app.mysql_fixture().await;
     let body = app
-        .sql(&f.admin, &f.project, "CREATE TABLE s (n int); INSERT INTO s VALUES (1), (2); SELECT n FROM s ORDER BY n; ")
+        .sql(
+            &f.admin,
+            &f.project,
+            "CREATE TABLE s (n int); INSERT INTO s VALUES (1), (2); SELECT n FROM s ORDER BY n; ",
+        )
         .await;
     assert_eq!(body["success"], true, "{body}");
     assert_eq!(body["result"]["rows"], json!([{ "n": 1 }, { "n": 2 }]));
     assert_eq!(body["executionInfo"]["operation"], "SELECT");
     let body = app
-        .sql(&f.admin, &f.project, "INSERT INTO s VALUES (3); INSERT INTO nope VALUES (1); INSERT INTO s VALUES (4)")
+        .sql(
+            &f.admin,
+            &f.project,
+            "INSERT INTO s VALUES (3); INSERT INTO nope VALUES (1); INSERT INTO s VALUES (4)",
+        )
         .await;
     assert_eq!(body["success"], false, "{body}");
     assert_eq!(body["error"]["details"], "ERROR:  1146 (42S02)");
     // MySQL commits each statement: the one before the error stays, the one after never ran.
-    let rows = app.rows(&f.read, &f.project, "SELECT n FROM s ORDER BY n").await;
-    assert_eq!(rows, vec![json!({"n": 1}), json!({"n": 2}), json!({"n": 3})]);
+    let rows = app
+        .rows(&f.read, &f.project, "SELECT n FROM s ORDER BY n")
+        .await;
+    assert_eq!(
+        rows,
+        vec![json!({"n": 1}), json!({"n": 2}), json!({"n": 3})]
+    );
     // A session's state never reaches the next request (COM_RESET_CONNECTION).
-    app.rows(&f.admin, &f.project, "SET @secret = 42; CREATE TEMPORARY TABLE tmp (x int); BEGIN; INSERT INTO s VALUES (99)").await;
+    app.rows(
+        &f.admin,
+        &f.project,
+        "SET @secret = 42; CREATE TEMPORARY TABLE tmp (x int); BEGIN; INSERT INTO s VALUES (99)",
+    )
+    .await;
     for _ in 0..3 {
-        let rows = app.rows(&f.admin, &f.project, "SELECT @secret AS v, (SELECT count(*) FROM s WHERE n = 99) AS open").await;
+        let rows = app
+            .rows(
+                &f.admin,
+                &f.project,
+                "SELECT @secret AS v, (SELECT count(*) FROM s WHERE n = 99) AS open",
+            )
+            .await;
         assert_eq!(rows, vec![json!({"v": null, "open": 0})]);
         let body = app.sql(&f.admin, &f.project, "SELECT * FROM tmp").await;
         assert_eq!(body["success"], false, "{body}");
@@ -198,7 +268,11 @@ async fn rows_and_bytes_are_bounded_and_slow_statements_end() {
     assert_eq!(body["result"]["truncated"], true);
     assert_eq!(body["result"]["rowCount"], 100);
     let body = app
-        .sql(&f.read, &f.project, "SELECT REPEAT('x', 3000) AS a UNION ALL SELECT REPEAT('y', 3000)")
+        .sql(
+            &f.read,
+            &f.project,
+            "SELECT REPEAT('x', 3000) AS a UNION ALL SELECT REPEAT('y', 3000)",
+        )
         .await;
     assert_eq!(body["result"]["truncated"], true, "{body}");
     assert!(serde_json::to_string(&body).unwrap().len() < 4096 + 512);
@@ -209,9 +283,136 @@ async fn rows_and_bytes_are_bounded_and_slow_statements_end() {
     // ... and one that turned its own limit off is killed by the server's guard.
     let started = std::time::Instant::now();
     let body = app
-        .sql(&f.read, &f.project, "SET SESSION max_statement_time = 0; SELECT SLEEP(30) AS s")
+        .sql(
+            &f.read,
+            &f.project,
+            "SET SESSION max_statement_time = 0; SELECT SLEEP(30) AS s",
+        )
         .await;
     let waited = started.elapsed().as_secs();
     assert!(waited < 10, "waited {waited} s: {body}");
-    assert_eq!(app.rows(&f.read, &f.project, "SELECT 1 AS ok").await, vec![json!({"ok": 1})]);
+    assert_eq!(
+        app.rows(&f.read, &f.project, "SELECT 1 AS ok").await,
+        vec![json!({"ok": 1})]
+    );
+}
+
+/// A project's requests beyond its share wait, then get 429; none fails otherwise, and the
+/// accounts never hold more connections than their bound.
+#[tokio::test]
+async fn concurrent_requests_stay_within_the_projects_share() {
+    let url = crate::support::mariadb::mariadb().await.admin_url.clone();
+    let app = spawn_app_with(|c| {
+        c.mysql_url = Some(url.into());
+        c.sql_project_connections = 2;
+        c.sql_queue_timeout_ms = 300;
+    })
+    .await;
+    let f = app.mysql_fixture().await;
+    let tasks: Vec<_> = (0..12)
+        .map(|_| app.spawn_sql(&f.read, &f.project, "SELECT SLEEP(0.5) AS s"))
+        .collect();
+    let mut statuses = Vec::new();
+    for t in tasks {
+        let (status, body) = t.await.unwrap();
+        assert!(status == 200 || status == 429, "{status} {body}");
+        if status == 429 {
+            assert!(
+                body.contains("RATE_LIMIT") && body.contains("sql_project_connections"),
+                "{body}"
+            );
+        }
+        statuses.push(status);
+    }
+    assert!(
+        statuses.contains(&200) && statuses.contains(&429),
+        "{statuses:?}"
+    );
+    let held = crate::support::mariadb::mariadb()
+        .await
+        .query(&format!(
+            "SELECT count(*) FROM information_schema.PROCESSLIST WHERE USER = 'fx_{}_read'",
+            f.project
+        ))
+        .await;
+    assert!(
+        held[0][0].as_deref().unwrap().parse::<u32>().unwrap() <= 2,
+        "{held:?}"
+    );
+}
+
+/// kill -9 of the MySQL server: requests answer 503 meanwhile, and work again once it is back
+/// (the pool of dead connections is dropped, not served from).
+#[tokio::test]
+async fn a_crashed_mysql_server_is_503_then_recovers() {
+    use crate::support::mariadb::TEST_SETTINGS;
+    let root = crate::support::scratch_dir(&format!(
+        "it-{}-{}",
+        std::process::id(),
+        crate::support::unique("mdb")
+    ));
+    let password = fluxbase::secrets::random_base62(24);
+    let mut server = tokio::task::spawn_blocking(move || {
+        fluxbase::mysql::embedded::Server::start(&root, &password, TEST_SETTINGS)
+    })
+    .await
+    .unwrap()
+    .unwrap();
+    let url = server.admin_url();
+    let app = spawn_app_with(|c| c.mysql_url = Some(url.into())).await;
+    let f = app.mysql_fixture().await;
+    app.rows(
+        &f.admin,
+        &f.project,
+        "CREATE TABLE t (i int); INSERT INTO t VALUES (1)",
+    )
+    .await;
+    server = tokio::task::spawn_blocking(move || {
+        std::process::Command::new("kill")
+            .args(["-9", &server.pid().to_string()])
+            .status()
+            .unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(300));
+        server
+    })
+    .await
+    .unwrap();
+    let (status, body) = app
+        .call(
+            "POST",
+            "/api/execute-sql",
+            Some(&f.read),
+            Some(json!({ "projectId": f.project, "query": "SELECT i FROM t" })),
+        )
+        .await;
+    assert_eq!(status, 503, "{body}");
+    assert_eq!(body["error"]["code"], "DATABASE_CONNECTION_ERROR");
+    let port = server.port;
+    let server = tokio::task::spawn_blocking(move || {
+        server.crash_and_restart(TEST_SETTINGS).unwrap();
+        server
+    })
+    .await
+    .unwrap();
+    assert_eq!(server.port, port, "restarted on another port");
+    let mut last = serde_json::Value::Null;
+    for _ in 0..3 {
+        let (status, body) = app
+            .call(
+                "POST",
+                "/api/execute-sql",
+                Some(&f.read),
+                Some(json!({ "projectId": f.project, "query": "SELECT i FROM t" })),
+            )
+            .await;
+        last = body.clone();
+        if status == 200 {
+            break;
+        }
+    }
+    assert_eq!(last["result"]["rows"], json!([{ "i": 1 }]), "{last}");
+    tokio::task::spawn_blocking(move || server.stop())
+        .await
+        .unwrap()
+        .unwrap();
 }

@@ -26,7 +26,12 @@ fn code(body: &serde_json::Value) -> u64 {
 async fn each_scope_has_exactly_its_rights() {
     let app = spawn_mysql_app().await;
     let f = app.mysql_fixture().await;
-    app.rows(&f.admin, &f.project, "CREATE TABLE t (id int PRIMARY KEY, v text); INSERT INTO t VALUES (1, 'a')").await;
+    app.rows(
+        &f.admin,
+        &f.project,
+        "CREATE TABLE t (id int PRIMARY KEY, v text); INSERT INTO t VALUES (1, 'a')",
+    )
+    .await;
     let cases: &[(&str, [bool; 3])] = &[
         // (statement, [read, readwrite, admin] may run it)
         ("SELECT * FROM t", [true, true, true]),
@@ -65,7 +70,16 @@ async fn each_scope_has_exactly_its_rights() {
     assert_eq!(accounts.len(), 3, "{accounts:?}");
     for a in &accounts {
         assert_eq!(a[1].as_deref(), Some("8"), "{a:?}");
-        assert_eq!(&a[2..], &[Some("N".into()), Some("N".into()), Some("N".into()), Some("N".into())], "{a:?}");
+        assert_eq!(
+            &a[2..],
+            &[
+                Some("N".into()),
+                Some("N".into()),
+                Some("N".into()),
+                Some("N".into())
+            ],
+            "{a:?}"
+        );
     }
 }
 
@@ -74,11 +88,21 @@ async fn no_account_reaches_another_project_or_the_servers_machinery() {
     let app = spawn_mysql_app().await;
     let a = app.mysql_fixture().await;
     let b = app.mysql_fixture().await;
-    app.rows(&b.admin, &b.project, "CREATE TABLE secret (v text); INSERT INTO secret VALUES ('b only')").await;
+    app.rows(
+        &b.admin,
+        &b.project,
+        "CREATE TABLE secret (v text); INSERT INTO secret VALUES ('b only')",
+    )
+    .await;
     let other_db = format!("fx_{}", b.project);
     // A's key with B's project id: refused before any SQL runs.
     let (status, body) = app
-        .call("POST", "/api/execute-sql", Some(&a.admin), Some(json!({ "projectId": b.project, "query": "SELECT 1" })))
+        .call(
+            "POST",
+            "/api/execute-sql",
+            Some(&a.admin),
+            Some(json!({ "projectId": b.project, "query": "SELECT 1" })),
+        )
         .await;
     assert_eq!(status, 403, "{body}");
     for sql in [
@@ -90,7 +114,10 @@ async fn no_account_reaches_another_project_or_the_servers_machinery() {
         "SELECT * FROM mysql.global_priv".into(),
         "SET GLOBAL max_connections = 1".into(),
         "SET GLOBAL local_infile = 1".into(),
-        format!("GRANT SELECT ON `fx_{}`.* TO 'fx_{}_read'@'127.0.0.1'", a.project, b.project),
+        format!(
+            "GRANT SELECT ON `fx_{}`.* TO 'fx_{}_read'@'127.0.0.1'",
+            a.project, b.project
+        ),
         format!("SHOW GRANTS FOR 'fx_{}_admin'@'127.0.0.1'", b.project),
         "CREATE USER evil IDENTIFIED BY 'x'".into(),
         "SELECT 'x' INTO OUTFILE '/tmp/fluxbase-outfile-test'".into(),
@@ -111,11 +138,35 @@ async fn no_account_reaches_another_project_or_the_servers_machinery() {
     // Other sessions: not visible, not killable.
     let b_session = app.spawn_sql(&b.read, &b.project, "SELECT SLEEP(3)");
     tokio::time::sleep(std::time::Duration::from_millis(500)).await;
-    let list = app.rows(&a.admin, &a.project, "SELECT ID, USER FROM information_schema.PROCESSLIST").await;
-    assert!(list.iter().all(|r| r["USER"].as_str().unwrap().starts_with(&format!("fx_{}_", a.project))), "{list:?}");
-    let ids = mariadb().await.query(&format!("SELECT ID FROM information_schema.PROCESSLIST WHERE USER = 'fx_{}_read'", b.project)).await;
+    let list = app
+        .rows(
+            &a.admin,
+            &a.project,
+            "SELECT ID, USER FROM information_schema.PROCESSLIST",
+        )
+        .await;
+    assert!(
+        list.iter().all(|r| r["USER"]
+            .as_str()
+            .unwrap()
+            .starts_with(&format!("fx_{}_", a.project))),
+        "{list:?}"
+    );
+    let ids = mariadb()
+        .await
+        .query(&format!(
+            "SELECT ID FROM information_schema.PROCESSLIST WHERE USER = 'fx_{}_read'",
+            b.project
+        ))
+        .await;
     for id in ids {
-        let body = app.sql(&a.admin, &a.project, &format!("KILL {}", id[0].as_deref().unwrap())).await;
+        let body = app
+            .sql(
+                &a.admin,
+                &a.project,
+                &format!("KILL {}", id[0].as_deref().unwrap()),
+            )
+            .await;
         assert_eq!(code(&body), 1095, "{body}");
     }
     let (status, body) = b_session.await.unwrap();
@@ -123,32 +174,50 @@ async fn no_account_reaches_another_project_or_the_servers_machinery() {
     assert!(body.contains("\"success\":true"), "{body}");
     assert!(!std::path::Path::new("/tmp/fluxbase-outfile-test").exists());
     // B's data is as it was.
-    assert_eq!(app.rows(&b.read, &b.project, "SELECT v FROM secret").await, vec![json!({"v": "b only"})]);
+    assert_eq!(
+        app.rows(&b.read, &b.project, "SELECT v FROM secret").await,
+        vec![json!({"v": "b only"})]
+    );
 }
 
 #[tokio::test]
 async fn suspension_and_deletion_close_the_accounts() {
     let app = spawn_mysql_app().await;
     let f = app.mysql_fixture().await;
-    app.rows(&f.admin, &f.project, "CREATE TABLE t (i int)").await;
+    app.rows(&f.admin, &f.project, "CREATE TABLE t (i int)")
+        .await;
     app.app
         .set_project_status(&f.project, fluxbase::projects::ProjectStatus::Suspended)
         .await
         .unwrap();
     let (status, body) = app
-        .call("POST", "/api/execute-sql", Some(&f.read), Some(json!({ "projectId": f.project, "query": "SELECT 1" })))
+        .call(
+            "POST",
+            "/api/execute-sql",
+            Some(&f.read),
+            Some(json!({ "projectId": f.project, "query": "SELECT 1" })),
+        )
         .await;
     assert_eq!(status, 403, "{body}");
     assert_eq!(body["error"]["code"], "PROJECT_SUSPENDED");
-    let locked = mariadb().await.query(&format!("SELECT count(*) FROM mysql.global_priv WHERE User LIKE 'fx\\_{}\\_%' AND JSON_VALUE(Priv, '$.account_locked') = 'true'", f.project)).await;
+    let locked = mariadb().await.query(&format!("SELECT count(*) FROM mysql.global_priv WHERE User LIKE 'fx\\_{}\\_%' AND JSON_VALUE(Priv, '$.account_locked') IN ('1', 'true')", f.project)).await;
     assert_eq!(locked[0][0].as_deref(), Some("3"));
     app.app
         .set_project_status(&f.project, fluxbase::projects::ProjectStatus::Active)
         .await
         .unwrap();
-    assert_eq!(app.rows(&f.read, &f.project, "SELECT count(*) AS n FROM t").await, vec![json!({"n": 0})]);
+    assert_eq!(
+        app.rows(&f.read, &f.project, "SELECT count(*) AS n FROM t")
+            .await,
+        vec![json!({"n": 0})]
+    );
     let (status, body) = app
-        .call("DELETE", &format!("/api/projects?projectId={}", f.project), Some(&f.token), None)
+        .call(
+            "DELETE",
+            &format!("/api/projects?projectId={}", f.project),
+            Some(&f.token),
+            None,
+        )
         .await;
     assert_eq!(status, 200, "{body}");
     let left = mariadb().await.query(&format!("SELECT (SELECT count(*) FROM mysql.user WHERE User LIKE 'fx\\_{0}\\_%'), (SELECT count(*) FROM information_schema.SCHEMATA WHERE SCHEMA_NAME = 'fx_{0}')", f.project)).await;
@@ -160,13 +229,29 @@ async fn rls_endpoints_name_the_engine() {
     let app = spawn_mysql_app().await;
     let f = app.mysql_fixture().await;
     let (status, body) = app
-        .call("GET", &format!("/api/rls/policies?projectId={}", f.project), Some(&f.admin), None)
+        .call(
+            "GET",
+            &format!("/api/rls/policies?projectId={}", f.project),
+            Some(&f.admin),
+            None,
+        )
         .await;
     assert_eq!(status, 400, "{body}");
-    assert!(body["error"]["message"].as_str().unwrap().contains("MySQL"), "{body}");
+    assert!(
+        body["error"]["message"].as_str().unwrap().contains("MySQL"),
+        "{body}"
+    );
     let (status, body) = app
-        .call("POST", "/api/execute-sql", Some(&f.read), Some(json!({ "projectId": f.project, "query": "SELECT 1", "authUid": "u1" })))
+        .call(
+            "POST",
+            "/api/execute-sql",
+            Some(&f.read),
+            Some(json!({ "projectId": f.project, "query": "SELECT 1", "authUid": "u1" })),
+        )
         .await;
     assert_eq!(status, 400, "{body}");
-    assert!(body["error"]["message"].as_str().unwrap().contains("MySQL"), "{body}");
+    assert!(
+        body["error"]["message"].as_str().unwrap().contains("MySQL"),
+        "{body}"
+    );
 }

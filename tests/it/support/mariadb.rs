@@ -38,12 +38,11 @@ pub async fn mariadb() -> &'static MariaDb {
         .get_or_init(|| async {
             let root = scratch_dir(&format!("it-{}-mariadb", std::process::id()));
             let password = fluxbase::secrets::random_base62(24);
-            let server = tokio::task::spawn_blocking(move || {
-                Server::start(&root, &password, TEST_SETTINGS)
-            })
-            .await
-            .unwrap()
-            .expect("starting the test MariaDB");
+            let server =
+                tokio::task::spawn_blocking(move || Server::start(&root, &password, TEST_SETTINGS))
+                    .await
+                    .unwrap()
+                    .expect("starting the test MariaDB");
             MariaDb {
                 admin_url: server.admin_url(),
                 server,

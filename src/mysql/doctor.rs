@@ -1,0 +1,177 @@
+//! `fluxbase doctor` for the operator's MySQL server (`mysql_url`): what MySQL projects and
+//! their change capture need, each failure with the fix to apply.
+//!
+//! The embedded MariaDB is started with all of this on its command line; an operator's server
+//! is checked for: row-based binlog with full images and full metadata (the change stream reads
+//! column names from it), a server id, binlogs that expire, and an admin account that can
+//! create databases and accounts and grant what the project and replication accounts get.
+
+use mysql_async::prelude::Queryable;
+use mysql_async::Opts;
+
+use crate::doctor::Finding;
+
+/// Global privileges the admin account needs (and must be able to grant: WITH GRANT OPTION).
+const ADMIN_PRIVILEGES: &[&str] = &[
+    "SELECT",
+    "INSERT",
+    "UPDATE",
+    "DELETE",
+    "CREATE",
+    "DROP",
+    "ALTER",
+    "INDEX",
+    "CREATE USER",
+    "PROCESS",
+    "REPLICATION SLAVE",
+];
+
+/// Checks the server at `url` (an admin account's URL); `replication_user` is this instance's
+/// replication account, checked if it exists already.
+pub async fn check(url: &str, replication_user: &str) -> anyhow::Result<Vec<Finding>> {
+    let opts = Opts::from_url(url)
+        .map_err(|e| anyhow::anyhow!("FLUXBASE_MYSQL_URL is not a valid MySQL URL: {e}"))?;
+    let mut conn = match mysql_async::Conn::new(opts).await {
+        Ok(c) => c,
+        Err(e) => {
+            return Ok(vec![Finding {
+            problem: format!("cannot connect to the MySQL server of FLUXBASE_MYSQL_URL: {e}"),
+            fix: "check the URL's host, port, user and password (mysql://user:password@host:3306/)"
+                .into(),
+        }])
+        }
+    };
+    let mut findings = Vec::new();
+    let version: String = conn
+        .query_first("SELECT VERSION()")
+        .await?
+        .unwrap_or_default();
+    let mariadb = version.to_ascii_lowercase().contains("mariadb");
+    let restart = if mariadb {
+        "in the server's configuration ([mariadbd] section) and restart it"
+    } else {
+        "in the server's configuration ([mysqld] section) and restart it"
+    };
+    let log_bin: Option<String> = read(&mut conn, "log_bin").await;
+    if !matches!(log_bin.as_deref(), Some("1" | "ON")) {
+        findings.push(Finding {
+            problem: "the binary log is off (log_bin): MySQL projects have no change capture"
+                .into(),
+            fix: format!("set log_bin = binlog and server_id = 1 {restart}"),
+        });
+    }
+    for (name, want) in [
+        ("binlog_format", "ROW"),
+        ("binlog_row_image", "FULL"),
+        ("binlog_row_metadata", "FULL"),
+    ] {
+        match read(&mut conn, name).await {
+            Some(v) if v.eq_ignore_ascii_case(want) => {}
+            Some(v) => findings.push(Finding {
+                problem: format!("{name} is {v}; change capture needs {want}"),
+                fix: format!(
+                    "SET PERSIST/GLOBAL {name} = '{want}' and set {name} = {want} {restart}"
+                ),
+            }),
+            None => findings.push(Finding {
+                problem: format!("the server has no {name} (too old: {version})"),
+                fix: "use MariaDB 10.5+ or MySQL 8.0+".into(),
+            }),
+        }
+    }
+    if read(&mut conn, "server_id").await.as_deref() == Some("0") {
+        findings.push(Finding {
+            problem: "server_id is 0: the binary log cannot be read by a replica".into(),
+            fix: format!("set server_id = 1 (any id unique among your servers) {restart}"),
+        });
+    }
+    let expire_secs = read(&mut conn, "binlog_expire_logs_seconds")
+        .await
+        .and_then(|v| v.parse::<f64>().ok())
+        .unwrap_or(0.0);
+    let expire_days = read(&mut conn, "expire_logs_days")
+        .await
+        .and_then(|v| v.parse::<f64>().ok())
+        .unwrap_or(0.0);
+    if expire_secs == 0.0 && expire_days == 0.0 {
+        findings.push(Finding {
+            problem: "binary logs never expire: they fill the disk".into(),
+            fix: "SET GLOBAL binlog_expire_logs_seconds = 604800; (a week) and the same in the \
+                  configuration"
+                .into(),
+        });
+    }
+    // The admin account's own global privileges, and whether it can grant them.
+    let grantee: String = conn
+        .query_first(
+            "SELECT CONCAT('''', SUBSTRING_INDEX(CURRENT_USER(), '@', 1), '''@''', \
+             SUBSTRING_INDEX(CURRENT_USER(), '@', -1), '''')",
+        )
+        .await?
+        .unwrap_or_default();
+    let held: Vec<(String, String)> = conn
+        .exec(
+            "SELECT PRIVILEGE_TYPE, IS_GRANTABLE FROM information_schema.USER_PRIVILEGES \
+             WHERE GRANTEE = ?",
+            (&grantee,),
+        )
+        .await?;
+    let monitor = if mariadb {
+        "BINLOG MONITOR"
+    } else {
+        "REPLICATION CLIENT"
+    };
+    let mut needed: Vec<&str> = ADMIN_PRIVILEGES.to_vec();
+    needed.push(monitor);
+    let missing: Vec<&str> = needed
+        .iter()
+        .copied()
+        .filter(|p| !held.iter().any(|(h, g)| h == p && g == "YES"))
+        .collect();
+    if !missing.is_empty() {
+        findings.push(Finding {
+            problem: format!(
+                "the admin account {grantee} lacks (or cannot grant) {}",
+                missing.join(", ")
+            ),
+            fix: format!("GRANT ALL PRIVILEGES ON *.* TO {grantee} WITH GRANT OPTION;"),
+        });
+    }
+    // The replication account, once the server has made it.
+    let repl: Vec<(String, String)> = conn
+        .exec(
+            "SELECT GRANTEE, PRIVILEGE_TYPE FROM information_schema.USER_PRIVILEGES \
+             WHERE GRANTEE LIKE CONCAT('''', ?, '''@%')",
+            (replication_user,),
+        )
+        .await?;
+    if !repl.is_empty() {
+        for p in ["REPLICATION SLAVE", monitor] {
+            if !repl.iter().any(|(_, h)| h == p) {
+                findings.push(Finding {
+                    problem: format!("the replication account {replication_user} lacks {p}"),
+                    fix: format!(
+                        "GRANT REPLICATION SLAVE, {monitor} ON *.* TO {}; (or restart the \
+                         server: it grants them at start-up)",
+                        repl[0].0
+                    ),
+                });
+            }
+        }
+    }
+    let _ = conn.disconnect().await;
+    Ok(findings)
+}
+
+/// A global variable as text; `None` when the server does not know it.
+async fn read(conn: &mut mysql_async::Conn, name: &str) -> Option<String> {
+    let value: Option<mysql_async::Value> = conn
+        .query_first(format!("SELECT @@GLOBAL.{name}"))
+        .await
+        .ok()?;
+    match value? {
+        mysql_async::Value::Bytes(b) => Some(String::from_utf8_lossy(&b).into_owned()),
+        mysql_async::Value::NULL => None,
+        other => Some(other.as_sql(true).trim_matches('\'').to_string()),
+    }
+}

@@ -1,0 +1,96 @@
+//! `fluxbase doctor` on an operator's MySQL server: binlog settings and the admin account's
+//! privileges, each problem with its fix.
+
+use mysql_async::prelude::Queryable;
+
+use crate::support::cluster::{scratch_dir, unique};
+use crate::support::mariadb::{mariadb, TEST_SETTINGS};
+
+#[tokio::test]
+async fn a_well_configured_server_passes_and_a_weak_admin_is_named() {
+    let db = mariadb().await;
+    let findings = fluxbase::mysql::doctor::check(&db.admin_url, "fluxbase_repl_none")
+        .await
+        .unwrap();
+    let text: Vec<String> = findings
+        .iter()
+        .map(|f| format!("{} / {}", f.problem, f.fix))
+        .collect();
+    assert!(findings.is_empty(), "{text:?}");
+
+    let user = unique("weak");
+    let mut admin = db.admin().await;
+    admin
+        .query_drop(format!("CREATE USER '{user}'@'127.0.0.1' IDENTIFIED BY 'pw'; GRANT SELECT ON *.* TO '{user}'@'127.0.0.1'"))
+        .await
+        .unwrap();
+    let url = format!("mysql://{user}:pw@127.0.0.1:{}/", db.server.port);
+    let findings = fluxbase::mysql::doctor::check(&url, "fluxbase_repl_none")
+        .await
+        .unwrap();
+    assert_eq!(
+        findings.len(),
+        1,
+        "{:?}",
+        findings.iter().map(|f| &f.problem).collect::<Vec<_>>()
+    );
+    assert!(findings[0].problem.contains("CREATE USER") && findings[0].problem.contains(&user));
+    assert!(findings[0].fix.starts_with("GRANT ALL PRIVILEGES ON *.*"));
+    let findings = fluxbase::mysql::doctor::check(
+        &format!("mysql://{user}:wrong@127.0.0.1:{}/", db.server.port),
+        "x",
+    )
+    .await
+    .unwrap();
+    assert!(
+        findings[0].problem.contains("cannot connect"),
+        "{}",
+        findings[0].problem
+    );
+    admin
+        .query_drop(format!("DROP USER '{user}'@'127.0.0.1'"))
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn binlog_settings_change_capture_cannot_use_are_reported_with_their_fix() {
+    let root = scratch_dir(&format!("it-{}-{}", std::process::id(), unique("mdb")));
+    let password = fluxbase::secrets::random_base62(24);
+    let mut settings = TEST_SETTINGS.to_vec();
+    settings.extend([
+        ("binlog-format", "STATEMENT"),
+        ("binlog-row-image", "MINIMAL"),
+        ("binlog-row-metadata", "MINIMAL"),
+        ("binlog-expire-logs-seconds", "0"),
+    ]);
+    let server = tokio::task::spawn_blocking(move || {
+        fluxbase::mysql::embedded::Server::start(&root, &password, &settings)
+    })
+    .await
+    .unwrap()
+    .unwrap();
+    let findings = fluxbase::mysql::doctor::check(&server.admin_url(), "x")
+        .await
+        .unwrap();
+    let problems: Vec<&str> = findings.iter().map(|f| f.problem.as_str()).collect();
+    for want in [
+        "binlog_format is STATEMENT",
+        "binlog_row_image is MINIMAL",
+        "binlog_row_metadata is MINIMAL",
+        "never expire",
+    ] {
+        assert!(
+            problems.iter().any(|p| p.contains(want)),
+            "{want} not in {problems:?}"
+        );
+    }
+    assert!(findings.iter().all(|f| !f.fix.is_empty()));
+    assert!(findings
+        .iter()
+        .any(|f| f.fix.contains("binlog_format = 'ROW'")));
+    tokio::task::spawn_blocking(move || server.stop())
+        .await
+        .unwrap()
+        .unwrap();
+}
