@@ -3,7 +3,7 @@
 CARGO ?= cargo
 TEST_THREADS ?= 6
 
-.PHONY: run build test lint unit integration bench bench-sql bench-cdc bench-webhooks bench-fanout bench-rls bench-storage bench-cluster bench-mysql-reset clean deps fuzz
+.PHONY: run build test lint unit integration bench bench-sql bench-cdc bench-webhooks bench-fanout bench-rls bench-storage bench-cluster bench-mysql-reset bench-binlog clean deps fuzz
 
 run: deps
 	$(CARGO) build --release --bin fluxbase
@@ -28,13 +28,16 @@ lint:
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
 
 # The benchmarks; each prints its reference run beside Fluxbase's (and its targets).
-bench: bench-sql bench-cdc bench-webhooks bench-fanout bench-rls bench-storage bench-cluster bench-mysql-reset
+bench: bench-sql bench-cdc bench-webhooks bench-fanout bench-rls bench-storage bench-cluster bench-mysql-reset bench-binlog
 
 bench-sql: deps build
 	$(CARGO) run --release -p fluxbase-bench --bin sql_bench
 
 bench-cdc: deps
 	$(CARGO) run --release -p fluxbase-bench --bin cdc_bench
+
+bench-binlog: deps
+	$(CARGO) run --release -p fluxbase-bench --bin binlog_bench
 
 bench-webhooks: deps
 	$(CARGO) run --release -p fluxbase-bench --bin webhook_bench

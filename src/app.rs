@@ -210,6 +210,22 @@ impl App {
                 realtime.start_room(project_id);
             }
         });
+        // MySQL projects' binlog streams reach the server as the replication account (the
+        // server starts, embedded, when a stream or a project first needs it).
+        let mysql = Arc::downgrade(&app.mysql);
+        app.cdc.set_mysql_source(Arc::new(move || {
+            let mysql = mysql.clone();
+            Box::pin(async move {
+                let mysql = mysql
+                    .upgrade()
+                    .ok_or_else(|| anyhow::anyhow!("the server is shutting down"))?;
+                Ok(crate::cdc::binlog::MysqlSource {
+                    opts: mysql.replication_opts().await?,
+                    catalog: mysql.server().await?.admin.clone(),
+                    node: mysql.replication_user(),
+                })
+            })
+        }));
         app.migrate_projects(sweep).await?;
         // A server (not a CLI command) reports a storage backend that cannot be used now, not at
         // the first upload. It still starts (SQL, realtime and webhooks do not need it); `/ready`

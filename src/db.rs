@@ -60,6 +60,11 @@ pub const CONTROL_MIGRATIONS: &[(i32, &str, &str)] = &[
         include_str!("../sql/control/0013_project_engine.sql"),
     ),
     (
+        14,
+        "binlog_positions",
+        include_str!("../sql/control/0014_binlog_positions.sql"),
+    ),
+    (
         15,
         "webhook_outbox_indexes",
         include_str!("../sql/control/0015_webhook_outbox_indexes.sql"),

@@ -28,7 +28,11 @@ pub struct CdcStatus {
 pub async fn cdc_status(app: SharedApp, req: Request) -> ApiResult<Json<CdcStatus>> {
     let access = req.access_by_query(&app).await?;
     let (id, db) = (&access.project.id, &access.project.db_name);
-    let report = app.cdc.report(id, db).await?;
+    let report = match access.project.engine {
+        crate::projects::Engine::Postgresql => app.cdc.report(id, db).await?,
+        // The binlog stream and its stored position (src/cdc/binlog).
+        crate::projects::Engine::Mysql => app.cdc.report_mysql(id).await?,
+    };
     Ok(Json(CdcStatus {
         success: true,
         project_id: id.clone(),

@@ -32,6 +32,13 @@ impl App {
     ) -> Result<(Project, DefaultKeys), ProjectsError> {
         let (project, keys) = self.projects.create(user_id, name, engine).await?;
         if engine == Engine::Mysql {
+            // Where its binlog stream starts: the end of the log now, after its provisioning,
+            // before any client can write to it.
+            if let Err(e) = self.cdc.init_binlog_position(&project.id).await {
+                self.sql.forget_project(&project.id);
+                self.projects.discard(&project).await;
+                return Err(ProjectsError::Internal(e));
+            }
             return Ok((project, keys));
         }
         if let Err(e) = self.cdc.ensure_slot(&project.id, &project.db_name).await {
@@ -158,12 +165,11 @@ impl App {
         }
     }
 
-    /// The change stream of a MySQL project (from the binlog): issue 20, part B fills this in.
+    /// The change stream of a MySQL project, from the binlog ([`crate::cdc::binlog`]); a no-op
+    /// when it runs.
     pub fn start_mysql_stream(&self, project: &Project) {
-        tracing::warn!(
-            project_id = %project.id,
-            "change capture for MySQL projects is not running: no db_event or webhook for this project"
-        );
+        self.cdc
+            .start_mysql(project.id.clone(), project.db_name.clone());
     }
 
     /// Starts the change streams of every active MySQL project (the server starting to serve).

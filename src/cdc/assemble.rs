@@ -36,7 +36,7 @@ pub struct TxBuffer {
 }
 
 impl TxBuffer {
-    fn new(bound: usize, spill_dir: &Path, spilled_bytes: Arc<AtomicU64>) -> TxBuffer {
+    pub(crate) fn new(bound: usize, spill_dir: &Path, spilled_bytes: Arc<AtomicU64>) -> TxBuffer {
         TxBuffer {
             mem: Vec::new(),
             mem_bytes: 0,
@@ -49,7 +49,7 @@ impl TxBuffer {
         }
     }
 
-    fn push(&mut self, subxid: Option<Xid>, p: Pending) -> std::io::Result<()> {
+    pub(crate) fn push(&mut self, subxid: Option<Xid>, p: Pending) -> std::io::Result<()> {
         self.mem_bytes += p.size();
         self.mem.push((subxid, p));
         if self.mem_bytes > self.bound {
@@ -95,6 +95,11 @@ impl TxBuffer {
     /// Bytes held in memory now.
     pub fn memory(&self) -> usize {
         self.mem_bytes
+    }
+
+    /// True when nothing was pushed.
+    pub fn is_empty(&self) -> bool {
+        self.mem.is_empty() && self.spilled == 0
     }
 
     /// The transaction's changes in order, read back from disk first when it spilled.

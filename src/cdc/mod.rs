@@ -43,6 +43,7 @@
 //! the wiring sets ([`Cdc::on_stream_start`]).
 
 pub mod assemble;
+pub mod binlog;
 pub mod events;
 pub mod names;
 
@@ -227,6 +228,8 @@ pub struct Cdc {
     led: std::sync::atomic::AtomicBool,
     /// Where the streams run (see the module docs); made with the first stream.
     runtime: OnceLock<tokio::runtime::Runtime>,
+    /// How MySQL projects' streams reach their server ([`Cdc::set_mysql_source`]).
+    mysql: OnceLock<binlog::SourceProvider>,
 }
 
 impl Drop for Cdc {
@@ -260,7 +263,129 @@ impl Cdc {
             enabled: std::sync::atomic::AtomicBool::new(false),
             led: std::sync::atomic::AtomicBool::new(false),
             runtime: OnceLock::new(),
+            mysql: OnceLock::new(),
         }
+    }
+
+    /// Sets how MySQL projects' binlog streams reach their server (once, by the wiring): asked
+    /// at every (re)connection, so that the server may start (embedded) after the wiring.
+    pub fn set_mysql_source(&self, provider: binlog::SourceProvider) {
+        if self.mysql.set(provider).is_err() {
+            tracing::warn!("the MySQL source of the binlog streams was already set");
+        }
+    }
+
+    fn mysql_provider(&self) -> anyhow::Result<binlog::SourceProvider> {
+        self.mysql
+            .get()
+            .cloned()
+            .ok_or_else(|| anyhow::anyhow!("no MySQL server is configured for change capture"))
+    }
+
+    /// Records where a new MySQL project's stream starts: the server's end of log now (call
+    /// it once the project database is provisioned, so that nothing after is missed and
+    /// nothing of its provisioning is reported). A project that has a position keeps it.
+    pub async fn init_binlog_position(&self, project_id: &str) -> anyhow::Result<()> {
+        let source = (self.mysql_provider()?)().await?;
+        let mut conn = mysql_async::Conn::new(source.opts.clone()).await?;
+        let now = binlog::current_position(&mut conn)
+            .await
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        let _ = conn.disconnect().await;
+        let control = self.sources.control.get().await?;
+        binlog::position::init(&**control, project_id, &now).await?;
+        Ok(())
+    }
+
+    /// Starts the binlog stream of a MySQL project (no-op if it runs, if streams are
+    /// disabled, or in cluster mode where the leadership loop decides).
+    pub fn start_mysql(&self, project_id: String, db_name: String) {
+        if self.led.load(std::sync::atomic::Ordering::Acquire) {
+            return;
+        }
+        self.start_mysql_stream(project_id, db_name)
+    }
+
+    fn start_mysql_stream(&self, project_id: String, db_name: String) {
+        if !self.enabled.load(std::sync::atomic::Ordering::Acquire) {
+            return;
+        }
+        let source = match self.mysql_provider() {
+            Ok(p) => p,
+            Err(e) => {
+                tracing::error!(project_id, error = %e, "a MySQL project's stream cannot start");
+                return;
+            }
+        };
+        let mut streams = self.streams.lock().expect("poisoned");
+        if streams
+            .get(&project_id)
+            .is_some_and(|h| !h.task.is_finished())
+        {
+            return;
+        }
+        let status = Arc::new(Mutex::new(StreamStatus {
+            state: StreamState::Starting,
+            slot: binlog::slot_name(&project_id),
+            ..Default::default()
+        }));
+        if let Some(hook) = self.on_start.get() {
+            hook(&project_id);
+        }
+        let runtime = match self.runtime() {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::error!(project_id, error = %e, "starting the change streams' runtime");
+                return;
+            }
+        };
+        let task = runtime.spawn(binlog::run_stream(
+            self.sources.clone(),
+            source,
+            project_id.clone(),
+            db_name,
+            status.clone(),
+        ));
+        streams.insert(project_id, Handle { task, status });
+    }
+
+    /// A MySQL project's stream (state `stopped` when none runs here) and its stored position
+    /// (`slot`: present with `walStatus` `reserved`, or missing).
+    pub async fn report_mysql(&self, project_id: &str) -> anyhow::Result<StatusReport> {
+        let mut status = self.status(project_id).unwrap_or_else(|| StreamStatus {
+            state: StreamState::Stopped,
+            slot: binlog::slot_name(project_id),
+            ..Default::default()
+        });
+        let control = self.sources.control.get().await?;
+        let stored = binlog::position::load(&**control, project_id).await?;
+        let slot = match stored {
+            Some(s) => {
+                if let Ok(lsn) = binlog::position::to_lsn(&s.position.file, s.position.offset) {
+                    status.confirmed_lsn = Some(lsn.to_string());
+                }
+                SlotReport::Present {
+                    name: status.slot.clone(),
+                    wal_status: Some(
+                        if status.state == StreamState::SlotLost {
+                            "lost"
+                        } else {
+                            "reserved"
+                        }
+                        .into(),
+                    ),
+                    active: self.is_running(project_id),
+                }
+            }
+            None => SlotReport::Missing {
+                name: status.slot.clone(),
+                missing: true,
+            },
+        };
+        Ok(StatusReport {
+            stream: status,
+            slot,
+        })
     }
 
     /// Sets what runs when a project's stream starts (once, by the wiring): the realtime room

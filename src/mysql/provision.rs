@@ -89,6 +89,14 @@ impl Mysql {
                     .with_context(|| format!("provisioning {account}"))?;
             }
         }
+        // Realtime broadcasts from SQL (issue 20 part B): `fluxbase_realtime_broadcast`.
+        crate::cdc::binlog::provision_broadcast(
+            &mut conn,
+            db_name,
+            &self.account(target, project_id, DbRole::ReadWrite),
+        )
+        .await
+        .with_context(|| format!("provisioning the broadcast procedure of {db_name}"))?;
         Ok(())
     }
 

@@ -103,7 +103,7 @@ async fn curl_can_run_sql_with_the_guides_headers() {
 }
 
 /// Reads the child's output into `log` until a line starts with `prefix` (20 s at most).
-async fn wait_for(
+pub(crate) async fn wait_for(
     lines: &mut tokio::io::Lines<BufReader<tokio::process::ChildStdout>>,
     log: &mut String,
     prefix: &str,
@@ -126,7 +126,7 @@ async fn wait_for(
 }
 
 /// The guide's `realtime.js`, unchanged except `PROJECT_ID`.
-const REALTIME_SNIPPET: &str = r#"const WS_URL    = process.env.NEXT_PUBLIC_WS_URL ?? 'wss://fluxbase-realtime.onrender.com';
+pub(crate) const REALTIME_SNIPPET: &str = r#"const WS_URL    = process.env.NEXT_PUBLIC_WS_URL ?? 'wss://fluxbase-realtime.onrender.com';
 const PROJECT_ID = 'YOUR_PROJECT_ID';
 
 let socket;

@@ -1,0 +1,621 @@
+//! Change capture for MySQL projects: one binlog stream per project, from the server's binary
+//! log to the same event bus the PostgreSQL streams publish to.
+//!
+//! ```text
+//!  MySQL/MariaDB ── COM_BINLOG_DUMP (replication account, server id per node and project) ──┐
+//!   binlog: every database's transactions, in commit order                                   │
+//!                                                                                            ▼
+//!  mysql_async BinlogStream ─► decode::Decoder ─────────────────► cdc::release ─► ProjectBus
+//!   (mysql_common's event      TABLE_MAP of fx_<id> only, rows     (events::finish,  (same
+//!    decoder, checksums)       rendered (render.rs), DDL parsed    ids <lsn>-<idx>)  contract)
+//!                              (ddl.rs), TxBuffer spill                                 │
+//!  control db: fluxbase.binlog_positions ◄── position::save(bus.confirmable()) ◄────────┘
+//! ```
+//!
+//! **One stream per project, not one per server.** A binlog dump sends every database's
+//! events, so N projects on one server read the log N times; a single stream demultiplexed by
+//! database would read it once. Per project was chosen because everything after the decoder
+//! is per project already: the bus's channel, its durable subscribers and `confirmable()`, the
+//! rewind a new durable subscriber asks for, the stream state in `/api/cdc/status`, leadership
+//! in cluster mode. One shared stream would hold the log position at the slowest project's
+//! acknowledgement, replay every project when one rewinds, and stop them all on one project's
+//! definite error. The cost is bounded: other databases' row events are skipped before their
+//! rows are decoded (only TABLE_MAP's header and the event header are read), and the server
+//! sends from its page cache. `bench-binlog` measures a stream against `mariadb-binlog` reading
+//! the same log.
+//!
+//! **Positions and ids.** See [`position`]: `lsn = file sequence << 32 | offset`, commit LSN =
+//! end LSN = the position after the transaction's last event; event id `<lsn, 16 hex>-<index,
+//! 8 hex>` as on PostgreSQL, stable across restarts and sortable. The position stored in the
+//! control database advances only to what the bus says is confirmable (the durable
+//! subscribers' acknowledgements), or, when the project is idle and everything published is
+//! acknowledged, to the last transaction boundary of any database (an idle project does not
+//! replay other projects' traffic after a restart). A restart resumes there and repeats what
+//! follows with the same ids.
+//!
+//! **Errors** are transient (retried with backoff: the connection lost, the server restarting,
+//! too many connections, the control database unreachable, a full spill disk) or definite
+//! (reported once, stream stopped): the stored file purged from the server (state `slot_lost`:
+//! changes may be lost, never silently skipped), refused authentication or privilege, server
+//! settings that make capture incomplete (`binlog_format` not ROW, `binlog_row_image` not FULL,
+//! `binlog_row_metadata` not FULL, `binlog_row_value_options` PARTIAL_JSON, compressed or
+//! encrypted binlog), an event that cannot be decoded (state `failed`).
+
+pub mod ddl;
+pub mod decode;
+pub mod position;
+pub mod render;
+
+use std::collections::{HashSet, VecDeque};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use fluxbase_replication::pgoutput::Lsn;
+use futures_util::StreamExt;
+use mysql_async::prelude::Queryable;
+use mysql_async::{BinlogStreamRequest, Conn, Opts};
+
+use self::decode::Decoder;
+use self::position::{BinlogPosition, Stored};
+use super::{Sources, StreamState, StreamStatus};
+use crate::bus::{EventBus, ProjectChannel};
+
+/// How the streams reach the MySQL server.
+#[derive(Clone)]
+pub struct MysqlSource {
+    /// The replication account (`REPLICATION SLAVE`, and `BINLOG MONITOR` on MariaDB or
+    /// `REPLICATION CLIENT` on MySQL): the binlog dump, the log's files and status.
+    pub opts: Opts,
+    /// An account that sees the project databases' catalog (MariaDB JSON columns, which
+    /// `information_schema` shows only to accounts with privileges on the table).
+    pub catalog: Opts,
+    /// What makes this Fluxbase instance's replica server ids its own (see [`server_id`]).
+    pub node: String,
+}
+
+/// Gives the source when a stream (re)connects: the wiring's way to the MySQL server, which may
+/// start (embedded) only when the first MySQL project needs it.
+pub type SourceProvider = Arc<
+    dyn Fn() -> std::pin::Pin<
+            Box<dyn std::future::Future<Output = anyhow::Result<MysqlSource>> + Send>,
+        > + Send
+        + Sync,
+>;
+
+impl std::fmt::Debug for MysqlSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{}@{}:{}",
+            self.opts.user().unwrap_or(""),
+            self.opts.ip_or_hostname(),
+            self.opts.tcp_port()
+        )
+    }
+}
+
+/// The replica server id a project's stream registers with: the server allows one dump
+/// connection per id (a second one with the same id replaces the first), so each stream of
+/// each node has its own. Ids are in the upper half of the 32-bit range (2³¹…2³²−1), away
+/// from the small ids servers and their replicas are usually given.
+pub fn server_id(node: &str, project_id: &str) -> u32 {
+    // FNV-1a: stable across builds and platforms (std's hasher is not).
+    let mut h: u32 = 0x811c_9dc5;
+    for b in node.bytes().chain([0]).chain(project_id.bytes()) {
+        h ^= u32::from(b);
+        h = h.wrapping_mul(0x0100_0193);
+    }
+    0x8000_0000 | (h & 0x7FFF_FFFF)
+}
+
+/// The slot name a MySQL project's stream reports (`/api/cdc/status`'s `stream.slot`).
+pub fn slot_name(project_id: &str) -> String {
+    format!("binlog:fluxbase_{project_id}")
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum BinlogError {
+    #[error("{0}")]
+    Mysql(#[from] mysql_async::Error),
+    #[error("{0}")]
+    Decode(#[from] decode::DecodeError),
+    #[error("control database: {0}")]
+    Control(String),
+    #[error("reaching the MySQL server: {0}")]
+    Source(String),
+    #[error(
+        "the binlog position {0} is gone from the server (purged or reset): changes since it may be lost"
+    )]
+    SlotLost(String),
+    #[error("{0}")]
+    Settings(String),
+    #[error("publishing: {0}")]
+    Release(String),
+    #[error("rewinding to the stored binlog position")]
+    Rewind,
+    #[error("the server ended the binlog stream")]
+    Ended,
+}
+
+impl BinlogError {
+    fn is_transient(&self) -> bool {
+        match self {
+            BinlogError::Mysql(mysql_async::Error::Server(e)) => !definite_server_error(e.code),
+            // A bad URL or an answer this client cannot read comes back on every attempt.
+            BinlogError::Mysql(mysql_async::Error::Url(_) | mysql_async::Error::Driver(_)) => false,
+            BinlogError::Mysql(_) => true,
+            BinlogError::Decode(e) => e.is_transient(),
+            BinlogError::Control(_)
+            | BinlogError::Source(_)
+            | BinlogError::Release(_)
+            | BinlogError::Rewind
+            | BinlogError::Ended => true,
+            BinlogError::SlotLost(_) | BinlogError::Settings(_) => false,
+        }
+    }
+
+    fn state(&self) -> StreamState {
+        match self {
+            BinlogError::SlotLost(_) => StreamState::SlotLost,
+            BinlogError::Mysql(mysql_async::Error::Server(e)) if e.code == ER_MASTER_FATAL => {
+                StreamState::SlotLost
+            }
+            _ => StreamState::Failed,
+        }
+    }
+}
+
+/// `ER_MASTER_FATAL_ERROR_READING_BINLOG`: the requested file or position is not in the log
+/// (purged, reset, or past its end).
+const ER_MASTER_FATAL: u16 = 1236;
+
+/// Server errors the same attempt would meet again: refused authentication (1045, 1044, 1698,
+/// 1251), missing privileges (1227, 1142, 1143), an unknown database (1049), the log position
+/// gone (1236), binary logging off (1381). Everything else (the server shutting down 1053, too
+/// many connections 1040/1203, out of memory 1037/1041, lock timeouts, a killed connection
+/// 1927/1317) clears by itself and is retried.
+fn definite_server_error(code: u16) -> bool {
+    matches!(
+        code,
+        1044 | 1045 | 1698 | 1251 | 1227 | 1142 | 1143 | 1049 | ER_MASTER_FATAL | 1381
+    )
+}
+
+impl<B: EventBus> Sources<B> {
+    async fn control(&self) -> Result<deadpool_postgres::Object, BinlogError> {
+        self.control
+            .get()
+            .await
+            .map_err(|e| BinlogError::Control(e.to_string()))
+    }
+}
+
+pub(super) async fn run_stream<B: EventBus>(
+    sources: Arc<Sources<B>>,
+    provider: SourceProvider,
+    project_id: String,
+    db_name: String,
+    status: Arc<Mutex<StreamStatus>>,
+) {
+    let mut backoff = Duration::from_millis(500);
+    loop {
+        let result = match provider().await {
+            Ok(source) => stream_once(&sources, &source, &project_id, &db_name, &status).await,
+            Err(e) => Err(BinlogError::Source(format!("{e:#}"))),
+        };
+        match result {
+            Ok(()) => return,
+            Err(BinlogError::Rewind) => {
+                tracing::info!(project_id, "binlog stream rewinding to the stored position");
+                backoff = Duration::from_millis(500);
+            }
+            Err(e) if e.is_transient() => {
+                tracing::warn!(project_id, error = %e, retry_in = ?backoff, "binlog stream interrupted");
+                {
+                    let mut s = status.lock().expect("poisoned");
+                    s.state = StreamState::Reconnecting;
+                    s.last_error = Some(e.to_string());
+                    s.reconnects += 1;
+                }
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(15));
+            }
+            Err(e) => {
+                let state = e.state();
+                tracing::error!(project_id, error = %e, ?state, "binlog stream stopped");
+                let mut s = status.lock().expect("poisoned");
+                s.state = state;
+                s.last_error = Some(e.to_string());
+                return;
+            }
+        }
+    }
+}
+
+/// The broadcast table and procedure of a project database (sql/mysql/broadcast.sql), for its
+/// provisioning (also a repair: idempotent). `readwrite` is the readwrite account
+/// (`'user'@'host'`); the admin account has EXECUTE through its privileges on the database.
+pub async fn provision_broadcast(
+    conn: &mut Conn,
+    db_name: &str,
+    readwrite: &str,
+) -> Result<(), mysql_async::Error> {
+    const SQL: &str = include_str!("../../../sql/mysql/broadcast.sql");
+    for statement in SQL.split("-- next statement") {
+        // The file's leading comment is not a statement.
+        let body: String = statement
+            .lines()
+            .filter(|l| !l.trim_start().starts_with("--"))
+            .collect::<Vec<_>>()
+            .join("\n");
+        if body.trim().is_empty() {
+            continue;
+        }
+        let sql = body
+            .replace("{db}", db_name)
+            .replace("{readwrite}", readwrite);
+        conn.query_drop(sql).await?;
+    }
+    Ok(())
+}
+
+/// The server's settings that complete capture needs, each with its fix.
+pub async fn check_settings(conn: &mut Conn) -> Result<(), BinlogError> {
+    let rows: Vec<(String, Option<String>)> = conn
+        .query(
+            "SHOW GLOBAL VARIABLES WHERE Variable_name IN ('log_bin', 'binlog_format', \
+             'binlog_row_image', 'binlog_row_metadata', 'binlog_row_value_options', \
+             'log_bin_compress', 'encrypt_binlog')",
+        )
+        .await?;
+    let get = |name: &str| {
+        rows.iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case(name))
+            .and_then(|(_, v)| v.clone())
+            .unwrap_or_default()
+            .to_ascii_uppercase()
+    };
+    let mut problems = Vec::new();
+    if get("log_bin") != "ON" {
+        problems.push("binary logging is off: start the server with log_bin");
+    }
+    if get("binlog_format") != "ROW" {
+        problems.push("binlog_format must be ROW: SET GLOBAL binlog_format = 'ROW'");
+    }
+    if get("binlog_row_image") != "FULL" {
+        problems.push("binlog_row_image must be FULL: SET GLOBAL binlog_row_image = 'FULL'");
+    }
+    if get("binlog_row_metadata") != "FULL" {
+        problems.push(
+            "binlog_row_metadata must be FULL (column names): SET GLOBAL binlog_row_metadata = 'FULL'",
+        );
+    }
+    if get("binlog_row_value_options").contains("PARTIAL_JSON") {
+        problems.push(
+            "binlog_row_value_options must be empty: SET GLOBAL binlog_row_value_options = ''",
+        );
+    }
+    if get("log_bin_compress") == "ON" {
+        problems.push("log_bin_compress must be OFF: SET GLOBAL log_bin_compress = OFF");
+    }
+    if get("encrypt_binlog") == "ON" {
+        problems.push(
+            "encrypt_binlog must be OFF (Fluxbase reads the log over the replication protocol)",
+        );
+    }
+    if problems.is_empty() {
+        Ok(())
+    } else {
+        Err(BinlogError::Settings(problems.join("; ")))
+    }
+}
+
+/// The binary log files the server has, with their sizes.
+pub async fn binary_logs(conn: &mut Conn) -> Result<Vec<(String, u64)>, mysql_async::Error> {
+    let rows: Vec<mysql_async::Row> = conn.query("SHOW BINARY LOGS").await?;
+    Ok(rows
+        .into_iter()
+        .filter_map(|mut r| Some((r.take::<String, _>(0)?, r.take::<u64, _>(1)?)))
+        .collect())
+}
+
+/// The server's current end of log (`SHOW MASTER STATUS`; `SHOW BINARY LOG STATUS` on MySQL
+/// 8.4+, which dropped the old name).
+pub async fn current_position(conn: &mut Conn) -> Result<BinlogPosition, BinlogError> {
+    let row: Option<mysql_async::Row> = match conn.query_first("SHOW MASTER STATUS").await {
+        Ok(r) => r,
+        Err(mysql_async::Error::Server(_)) => conn.query_first("SHOW BINARY LOG STATUS").await?,
+        Err(e) => return Err(e.into()),
+    };
+    let mut row =
+        row.ok_or_else(|| BinlogError::Settings("binary logging is off (no log status)".into()))?;
+    Ok(BinlogPosition {
+        file: row.take::<String, _>(0).unwrap_or_default(),
+        offset: row.take::<u64, _>(1).unwrap_or(4),
+    })
+}
+
+/// Bytes of log between `from` and the end of `logs` (the lag of a stream confirmed at `from`).
+fn lag_bytes(logs: &[(String, u64)], from: &BinlogPosition) -> Option<u64> {
+    let from_seq = position::file_sequence(&from.file)?;
+    let mut lag = 0u64;
+    let mut seen = false;
+    for (file, size) in logs {
+        let seq = position::file_sequence(file)?;
+        if seq == from_seq {
+            seen = true;
+            lag += size.saturating_sub(from.offset);
+        } else if seq > from_seq {
+            lag += size;
+        }
+    }
+    seen.then_some(lag)
+}
+
+/// MariaDB's JSON columns of a table (LONGTEXT with the `json_valid` check MariaDB adds).
+async fn json_columns(
+    catalog: &mut Conn,
+    db: &str,
+    table: &str,
+) -> Result<HashSet<String>, mysql_async::Error> {
+    let rows: Vec<String> = catalog
+        .exec(
+            "SELECT CONSTRAINT_NAME FROM information_schema.CHECK_CONSTRAINTS \
+             WHERE CONSTRAINT_SCHEMA = ? AND TABLE_NAME = ? \
+             AND CHECK_CLAUSE = CONCAT('json_valid(`', CONSTRAINT_NAME, '`)')",
+            (db, table),
+        )
+        .await?;
+    Ok(rows.into_iter().collect())
+}
+
+async fn stream_once<B: EventBus>(
+    sources: &Sources<B>,
+    source: &MysqlSource,
+    project_id: &str,
+    db_name: &str,
+    status: &Mutex<StreamStatus>,
+) -> Result<(), BinlogError> {
+    let bus = sources.bus.channel(project_id);
+    // Rewinds requested before this point are served by starting from the stored position;
+    // the durable subscribers that asked for them receive events from this pass on.
+    let generation = bus.start_pass();
+    let spill_dir = sources.settings.spill_dir.join(project_id);
+    let _ = std::fs::remove_dir_all(&spill_dir);
+
+    let mut catalog = Conn::new(source.opts.clone()).await?;
+    check_settings(&mut catalog).await?;
+    // MariaDB's versions are 10 and up (mysql_async drops the `5.5.5-` prefix); MySQL's below.
+    let mariadb = catalog.server_version() >= (10, 0, 0);
+    let mut schema = if mariadb {
+        Some(Conn::new(source.catalog.clone()).await?)
+    } else {
+        None
+    };
+    let stored = {
+        let control = sources.control().await?;
+        position::load(&**control, project_id)
+            .await
+            .map_err(|e| BinlogError::Control(e.to_string()))?
+    };
+    let start = match stored {
+        Some(s) => s.position,
+        None => {
+            // A project without a position yet (made before its stream could record one):
+            // from the end of the log now.
+            let now = current_position(&mut catalog).await?;
+            let control = sources.control().await?;
+            position::init(&**control, project_id, &now)
+                .await
+                .map_err(|e| BinlogError::Control(e.to_string()))?;
+            position::load(&**control, project_id)
+                .await
+                .map_err(|e| BinlogError::Control(e.to_string()))?
+                .map_or(now, |s| s.position)
+        }
+    };
+    let logs = binary_logs(&mut catalog).await?;
+    if !logs.iter().any(|(f, _)| *f == start.file) {
+        return Err(BinlogError::SlotLost(start.to_string()));
+    }
+    let mut confirmed =
+        position::to_lsn(&start.file, start.offset).map_err(|e| BinlogError::Decode(e.into()))?;
+
+    let mut conn = Conn::new(source.opts.clone()).await?;
+    // MariaDB sends its own GTID and annotate events only to replicas that say they read them.
+    conn.query_drop("SET @mariadb_slave_capability = 4").await?;
+    // A heartbeat each second when the log is idle: the connection is known alive, and an idle
+    // project's position follows the log.
+    conn.query_drop("SET @master_heartbeat_period = 1000000000")
+        .await?;
+    let request = BinlogStreamRequest::new(server_id(&source.node, project_id))
+        .with_filename(start.file.as_bytes())
+        .with_pos(start.offset);
+    let mut stream = conn.get_binlog_stream(request).await?;
+    {
+        let mut s = status.lock().expect("poisoned");
+        s.state = StreamState::Streaming;
+        s.last_error = None;
+        s.confirmed_lsn = Some(confirmed.to_string());
+    }
+    tracing::info!(project_id, position = %start, "binlog stream started");
+
+    let checksum: Option<String> = catalog
+        .query_first("SELECT @@GLOBAL.binlog_checksum")
+        .await?;
+    let mut decoder = Decoder::new(db_name, sources.settings.buffer_bytes, &spill_dir)
+        .with_checksums(checksum.is_some_and(|c| !c.eq_ignore_ascii_case("NONE")));
+    let mut released: VecDeque<(Lsn, Option<String>)> = VecDeque::new();
+    let mut gtid: Option<String> = None;
+    let mut tick = tokio::time::interval(Duration::from_millis(500));
+    let mut lag_check = Instant::now() - Duration::from_secs(10);
+    let mut received = Lsn(0);
+    let mut reported_rejected = 0;
+    loop {
+        tokio::select! {
+            event = stream.next() => {
+                let event = match event {
+                    Some(Ok(e)) => e,
+                    Some(Err(e)) => return Err(e.into()),
+                    None => return Err(BinlogError::Ended),
+                };
+                let committed = decoder.handle(&event)?;
+                if let Some(schema) = schema.as_mut() {
+                    for table in decoder.wanted_tables() {
+                        let cols = json_columns(schema, db_name, &table).await?;
+                        decoder.set_json_columns(&table, cols);
+                    }
+                }
+                if let Some(tx) = committed {
+                    let end = tx.end_lsn;
+                    let spilled = decoder.spilled_bytes();
+                    super::release(&*bus, tx, status)
+                        .await
+                        .map_err(|e| BinlogError::Release(e.to_string()))?;
+                    released.push_back((end, decoder.last_gtid().map(str::to_string)));
+                    received = end;
+                    let mut s = status.lock().expect("poisoned");
+                    s.received_lsn = Some(received.to_string());
+                    s.spilled_bytes = spilled;
+                }
+            }
+            _ = tick.tick() => {
+                let mut to = bus.confirmable().filter(|l| *l > confirmed);
+                if decoder.idle() && bus.all_acked() {
+                    if let Some(b) = decoder.boundary() {
+                        if b > confirmed && to.is_none_or(|t| b > t) {
+                            to = Some(b);
+                        }
+                    }
+                }
+                if let Some(to) = to {
+                    while released.front().is_some_and(|(l, _)| *l <= to) {
+                        let (_, g) = released.pop_front().expect("peeked");
+                        if g.is_some() {
+                            gtid = g;
+                        }
+                    }
+                    let like = decoder.file().unwrap_or(&start.file);
+                    if let Some(position) = position::from_lsn(to, like) {
+                        let stored = Stored { position, gtid: gtid.clone() };
+                        let saved = match sources.control().await {
+                            Ok(c) => position::save(&**c, project_id, &stored).await.map_err(|e| e.to_string()),
+                            Err(e) => Err(e.to_string()),
+                        };
+                        match saved {
+                            Ok(()) => confirmed = to,
+                            // Kept in memory; stored on a later tick.
+                            Err(e) => tracing::warn!(project_id, error = %e, "storing the binlog position"),
+                        }
+                    }
+                }
+                {
+                    let mut s = status.lock().expect("poisoned");
+                    if received > Lsn(0) {
+                        s.received_lsn = Some(received.to_string());
+                    }
+                    s.confirmed_lsn = Some(confirmed.to_string());
+                    s.buffered_bytes = decoder.memory() as u64;
+                    s.peak_buffered_bytes = decoder.peak_memory() as u64;
+                    s.spilled_bytes = decoder.spilled_bytes();
+                    if decoder.rejected() > reported_rejected {
+                        s.rejected_messages += decoder.rejected() - reported_rejected;
+                        reported_rejected = decoder.rejected();
+                    }
+                }
+                if lag_check.elapsed() > Duration::from_secs(5) {
+                    lag_check = Instant::now();
+                    if let Ok(logs) = binary_logs(&mut catalog).await {
+                        let like = decoder.file().unwrap_or(&start.file).to_string();
+                        let at = position::from_lsn(confirmed, &like);
+                        let end = logs.last().and_then(|(f, size)| position::to_lsn(f, *size).ok());
+                        let mut s = status.lock().expect("poisoned");
+                        s.lag_bytes = at.and_then(|at| lag_bytes(&logs, &at));
+                        s.server_lsn = end.map(|l| l.to_string());
+                    }
+                }
+            }
+            _ = bus.rewind_requested() => {
+                if bus.rewind_generation() != generation {
+                    return Err(BinlogError::Rewind);
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn server_ids_are_stable_distinct_and_in_the_upper_half() {
+        let a = server_id("node-a", "0123456789abcdef");
+        assert_eq!(a, server_id("node-a", "0123456789abcdef"));
+        assert!(a >= 0x8000_0000);
+        let mut ids = HashSet::new();
+        for node in ["node-a", "node-b"] {
+            for i in 0..1000 {
+                ids.insert(server_id(node, &format!("{i:016x}")));
+            }
+        }
+        assert_eq!(ids.len(), 2000);
+        // The separator keeps ("ab", "c") and ("a", "bc") apart.
+        assert_ne!(server_id("ab", "c"), server_id("a", "bc"));
+    }
+
+    #[test]
+    fn lag_counts_the_bytes_after_the_position() {
+        let logs = vec![
+            ("binlog.000001".to_string(), 1000),
+            ("binlog.000002".to_string(), 500),
+            ("binlog.000003".to_string(), 300),
+        ];
+        let at = |file: &str, offset| BinlogPosition {
+            file: file.into(),
+            offset,
+        };
+        assert_eq!(lag_bytes(&logs, &at("binlog.000003", 300)), Some(0));
+        assert_eq!(lag_bytes(&logs, &at("binlog.000002", 100)), Some(400 + 300));
+        assert_eq!(lag_bytes(&logs, &at("binlog.000001", 4)), Some(996 + 800));
+        assert_eq!(lag_bytes(&logs, &at("binlog.000009", 4)), None);
+    }
+
+    #[test]
+    fn errors_are_transient_or_definite() {
+        let server = |code| {
+            BinlogError::Mysql(mysql_async::Error::Server(mysql_async::ServerError {
+                code,
+                message: "m".into(),
+                state: "HY000".into(),
+            }))
+        };
+        for code in [1053, 1040, 1203, 1927, 2013] {
+            assert!(server(code).is_transient(), "{code}");
+        }
+        for code in [1045, 1227, 1236, 1049] {
+            assert!(!server(code).is_transient(), "{code}");
+        }
+        assert_eq!(server(1236).state(), StreamState::SlotLost);
+        assert_eq!(server(1045).state(), StreamState::Failed);
+        assert!(BinlogError::Ended.is_transient());
+        assert!(BinlogError::Control("down".into()).is_transient());
+        assert!(!BinlogError::SlotLost("binlog.000001:4".into()).is_transient());
+        assert_eq!(
+            BinlogError::SlotLost("x".into()).state(),
+            StreamState::SlotLost
+        );
+        assert!(!BinlogError::Settings("x".into()).is_transient());
+        assert!(!BinlogError::Decode(decode::DecodeError::Compressed(166)).is_transient());
+        assert!(
+            BinlogError::Decode(decode::DecodeError::Spill(std::io::Error::other("full")))
+                .is_transient()
+        );
+        assert!(
+            BinlogError::Mysql(mysql_async::Error::Io(mysql_async::IoError::Io(
+                std::io::Error::other("reset")
+            )))
+            .is_transient()
+        );
+    }
+}

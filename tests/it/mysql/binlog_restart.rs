@@ -1,0 +1,378 @@
+//! The binlog stream across restarts: the stored position (control migration 0014) advances
+//! only with the durable subscribers' acknowledgements, a restart repeats what follows it with
+//! the same ids, a purged position stops the stream as `slot_lost`, and after `kill -9` of a
+//! real server process nothing a webhook should have received is lost.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::Duration;
+
+use fluxbase::cdc::StreamState;
+use mysql_async::prelude::Queryable;
+use serde_json::{json, Value};
+
+use crate::support::bus::{assert_quiet, next_event};
+use crate::support::http::call;
+use crate::support::mariadb::{mariadb, spawn_mysql_app};
+use crate::support::poll;
+use crate::support::process::ServerProcess;
+use crate::support::receiver::Receiver;
+use crate::support::start_with;
+use crate::support::unique;
+
+async fn project_conn(project: &str) -> mysql_async::Conn {
+    let mut conn = mariadb().await.admin().await;
+    conn.query_drop(format!("USE fx_{project}")).await.unwrap();
+    conn
+}
+
+async fn stored_position(app: &crate::support::TestApp, project: &str) -> Option<(String, i64)> {
+    let control = app.app.control.get().await.unwrap();
+    control
+        .query_opt(
+            "SELECT binlog_file, binlog_offset FROM fluxbase.binlog_positions WHERE project_id = $1",
+            &[&project],
+        )
+        .await
+        .unwrap()
+        .map(|r| (r.get(0), r.get(1)))
+}
+
+#[tokio::test]
+async fn a_restart_resumes_from_the_acknowledged_position_and_repeats_with_the_same_ids() {
+    let app = spawn_mysql_app().await;
+    let f = app.mysql_fixture().await;
+    let created_at = stored_position(&app, &f.project).await;
+    assert!(created_at.is_some(), "the position is recorded at creation");
+    // A durable subscriber that acknowledges nothing: the position must not move.
+    let durable = app.app.bus.project(&f.project).subscribe_durable();
+    let mut sub = app.app.bus.project(&f.project).subscribe();
+    let mut conn = project_conn(&f.project).await;
+    conn.query_drop("CREATE TABLE r (id int PRIMARY KEY)")
+        .await
+        .unwrap();
+    for i in 1..=3 {
+        conn.query_drop(format!("INSERT INTO r VALUES ({i})"))
+            .await
+            .unwrap();
+    }
+    let mut first = Vec::new();
+    for _ in 0..4 {
+        first.push(next_event(&mut sub).await);
+    }
+    // Several ticks of the stream: still where it was made.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(stored_position(&app, &f.project).await, created_at);
+    drop(durable);
+
+    let config = app.abort_in_process();
+    // Committed while no server runs.
+    conn.query_drop("INSERT INTO r VALUES (4), (5)")
+        .await
+        .unwrap();
+    let app = start_with(config).await;
+    // A durable subscriber joining rewinds the stream to the stored position.
+    let durable = app.app.bus.project(&f.project).subscribe_durable();
+    let mut durable = durable;
+    let mut again = Vec::new();
+    for _ in 0..6 {
+        again.push(next_event(&mut durable).await);
+    }
+    for (a, b) in first.iter().zip(&again) {
+        assert_eq!(a.id, b.id, "a repeated event keeps its id");
+        // The same event, but for MariaDB's commit time, which the log gives to the second
+        // (a replay reads the end of that second; see docs/change-capture.md).
+        let strip = |p: &str| {
+            let mut v: Value = serde_json::from_str(p).unwrap();
+            let t = v["commitTimestamp"].as_str().unwrap()[..19].to_string();
+            v["commitTimestamp"] = json!(t);
+            v
+        };
+        assert_eq!(strip(&a.payload), strip(&b.payload));
+    }
+    let tail: Vec<Value> = again[4..]
+        .iter()
+        .map(|e| serde_json::from_str::<Value>(&e.payload).unwrap()["record"]["id"].clone())
+        .collect();
+    assert_eq!(
+        tail,
+        [json!(4), json!(5)],
+        "changes made while down are not lost"
+    );
+    assert!(again[4].id > again[3].id);
+
+    // Acknowledged: the position moves to the end of the last transaction, and the next
+    // restart repeats nothing before it.
+    durable.ack(again[5].end_lsn);
+    let end = again[5].end_lsn;
+    poll::until(
+        Duration::from_secs(20),
+        Duration::from_millis(100),
+        || async {
+            let (file, offset) = stored_position(&app, &f.project).await.unwrap();
+            let lsn = fluxbase::cdc::binlog::position::to_lsn(&file, offset as u64).unwrap();
+            if lsn >= end {
+                Ok(())
+            } else {
+                Err(format!(
+                    "stored {file}:{offset} ({lsn}), acknowledged {end}"
+                ))
+            }
+        },
+    )
+    .await;
+    drop(durable);
+    let config = app.abort_in_process();
+    let app = start_with(config).await;
+    let mut durable = app.app.bus.project(&f.project).subscribe_durable();
+    conn.query_drop("INSERT INTO r VALUES (6)").await.unwrap();
+    let e = next_event(&mut durable).await;
+    let p: Value = serde_json::from_str(&e.payload).unwrap();
+    assert_eq!(p["record"]["id"], 6, "{p}");
+    assert!(e.id > again[5].id);
+    assert_quiet(&mut durable, Duration::from_millis(300)).await;
+
+    // A position whose file the server no longer has: slot_lost, never skipped.
+    drop(durable);
+    let config = app.abort_in_process();
+    let control = {
+        let app = start_with(config.clone()).await;
+        app.app.cdc.stop_all();
+        let c = app.app.control.get().await.unwrap();
+        c.execute(
+            "UPDATE fluxbase.binlog_positions SET binlog_file = 'binlog.999990' WHERE project_id = $1",
+            &[&f.project],
+        )
+        .await
+        .unwrap();
+        app.abort_in_process()
+    };
+    let app = start_with(control).await;
+    poll::until(
+        Duration::from_secs(20),
+        Duration::from_millis(100),
+        || async {
+            match app.app.cdc.status(&f.project).map(|s| s.state) {
+                Some(StreamState::SlotLost) => Ok(()),
+                other => Err(format!("{other:?}")),
+            }
+        },
+    )
+    .await;
+    let (status, body) = app
+        .call(
+            "GET",
+            &format!("/api/cdc/status?projectId={}", f.project),
+            Some(&f.admin),
+            None,
+        )
+        .await;
+    assert_eq!(status, 200);
+    assert_eq!(body["stream"]["state"], "slot_lost", "{body}");
+    assert!(
+        body["stream"]["lastError"]
+            .as_str()
+            .unwrap()
+            .contains("binlog.999990"),
+        "{body}"
+    );
+}
+
+/// `kill -9` of a real server process in the middle of a randomized workload (transactions,
+/// rollbacks) on a MySQL project, more committed while it is down: after the restart every
+/// committed change reaches the webhook at least once, with one delivery id per change, and
+/// nothing rolled back does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_kill_9_every_committed_change_reaches_the_webhook() {
+    let url = mariadb().await.admin_url.clone();
+    let mut server = ServerProcess::start(&[
+        ("FLUXBASE_WEBHOOK_ALLOW_PRIVATE", "true"),
+        ("FLUXBASE_WEBHOOK_BACKOFF_SCALE", "0.01"),
+        ("FLUXBASE_MYSQL_URL", url.as_str()),
+    ])
+    .await;
+    let email = format!("{}@example.com", unique("user"));
+    let (status, body) = call(
+        &server.base,
+        "POST",
+        "/api/auth/signup",
+        None,
+        json!({ "email": email, "password": "correct horse battery", "displayName": "T" }),
+    )
+    .await;
+    assert_eq!(status, 201, "{body}");
+    let token = body["token"].as_str().unwrap().to_string();
+    let (status, body) = call(
+        &server.base,
+        "POST",
+        "/api/projects",
+        Some(&token),
+        json!({ "name": "kill", "engine": "mysql" }),
+    )
+    .await;
+    assert_eq!(status, 201, "{body}");
+    let project = body["project"]["id"].as_str().unwrap().to_string();
+    let admin = body["apiKeys"]["admin"].as_str().unwrap().to_string();
+    let rx = Receiver::start().await;
+    for _ in 0..100_000 {
+        rx.answer(200, None);
+    }
+    let (status, hook) = call(
+        &server.base,
+        "POST",
+        "/api/webhooks",
+        Some(&admin),
+        json!({ "projectId": project, "url": rx.url, "tables": ["w", "done"],
+                "events": ["row.inserted", "row.updated", "row.deleted"] }),
+    )
+    .await;
+    assert_eq!(status, 201, "{hook}");
+    let mut conn = project_conn(&project).await;
+    conn.query_drop("CREATE TABLE w (id int PRIMARY KEY, v int NOT NULL)")
+        .await
+        .unwrap();
+    conn.query_drop("CREATE TABLE done (id int PRIMARY KEY)")
+        .await
+        .unwrap();
+
+    // Every change writes a new number into `v`: (operation, v) names it.
+    let mut seed = (std::process::id() as u64) << 20 | 12345;
+    let mut next = move |n: u64| {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        seed % n
+    };
+    let mut committed_rows: BTreeMap<i64, i64> = BTreeMap::new();
+    let mut expected: BTreeSet<(String, i64)> = BTreeSet::new();
+    let mut rolled_back: BTreeSet<(String, i64)> = BTreeSet::new();
+    let mut counter = 0i64;
+    let mut killed = false;
+    for round in 0..400 {
+        if round == 150 {
+            // Some deliveries are in: kill the server mid-stream, keep writing.
+            rx.wait_for(20).await;
+            server.kill9();
+            killed = true;
+        }
+        if round == 300 {
+            server.restart().await;
+        }
+        let mut rows = committed_rows.clone();
+        let mut changes = Vec::new();
+        conn.query_drop("BEGIN").await.unwrap();
+        for _ in 0..=next(4) {
+            let id = next(30) as i64;
+            counter += 1;
+            match (rows.get(&id).copied(), next(3)) {
+                (None, _) => {
+                    conn.query_drop(format!("INSERT INTO w VALUES ({id}, {counter})"))
+                        .await
+                        .unwrap();
+                    rows.insert(id, counter);
+                    changes.push(("INSERT".to_string(), counter));
+                }
+                (Some(v), 0) => {
+                    conn.query_drop(format!("DELETE FROM w WHERE id = {id}"))
+                        .await
+                        .unwrap();
+                    rows.remove(&id);
+                    changes.push(("DELETE".to_string(), v));
+                }
+                (Some(_), _) => {
+                    conn.query_drop(format!("UPDATE w SET v = {counter} WHERE id = {id}"))
+                        .await
+                        .unwrap();
+                    rows.insert(id, counter);
+                    changes.push(("UPDATE".to_string(), counter));
+                }
+            }
+        }
+        if next(5) == 0 {
+            conn.query_drop("ROLLBACK").await.unwrap();
+            rolled_back.extend(changes);
+        } else {
+            conn.query_drop("COMMIT").await.unwrap();
+            committed_rows = rows;
+            expected.extend(changes);
+        }
+    }
+    assert!(killed);
+    conn.query_drop("INSERT INTO done VALUES (1)")
+        .await
+        .unwrap();
+    let sentinel = |body: &str| body.contains("\"table_id\":\"done\"");
+    // Deliveries of different rows go out concurrently (the `row` ordering): wait until every
+    // committed change has arrived, or the deadline.
+    let delivered_now = || {
+        let got = rx.got.lock().unwrap().clone();
+        let mut delivered: BTreeMap<(String, i64), BTreeSet<String>> = BTreeMap::new();
+        for r in got.iter().filter(|r| !sentinel(&r.body)) {
+            let p: Value = serde_json::from_str(&r.body).unwrap();
+            let (op, v) = match p["event_type"].as_str().unwrap() {
+                "row.inserted" => ("INSERT", &p["data"]["new"]["v"]),
+                "row.updated" => ("UPDATE", &p["data"]["new"]["v"]),
+                "row.deleted" => ("DELETE", &p["data"]["old"]["v"]),
+                other => panic!("{other}"),
+            };
+            delivered
+                .entry((op.to_string(), v.as_i64().unwrap()))
+                .or_default()
+                .insert(r.delivery_id().to_string());
+        }
+        (got, delivered)
+    };
+    let _ = poll::until(
+        Duration::from_secs(120),
+        Duration::from_millis(250),
+        || async {
+            let (got, delivered) = delivered_now();
+            let missing = expected
+                .iter()
+                .filter(|k| !delivered.contains_key(*k))
+                .count();
+            if missing == 0 && got.iter().any(|r| sentinel(&r.body)) {
+                Ok(())
+            } else {
+                Err(format!(
+                    "{missing} committed changes not delivered yet ({} received)",
+                    got.len()
+                ))
+            }
+        },
+    )
+    .await;
+    let (got, delivered) = delivered_now();
+    let missing: Vec<_> = expected
+        .iter()
+        .filter(|k| !delivered.contains_key(*k))
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "committed changes never delivered: {missing:?}"
+    );
+    let unexpected: Vec<_> = delivered
+        .keys()
+        .filter(|k| !expected.contains(*k))
+        .collect();
+    assert!(
+        unexpected.is_empty(),
+        "delivered but not committed: {unexpected:?}"
+    );
+    // (A rolled-back DELETE names the row's value, which a committed change may name too.)
+    assert!(rolled_back
+        .difference(&expected)
+        .all(|k| !delivered.contains_key(k)));
+    for (k, ids) in &delivered {
+        assert_eq!(
+            ids.len(),
+            1,
+            "{k:?} was delivered under several ids: {ids:?}"
+        );
+    }
+    eprintln!(
+        "{} committed changes delivered ({} requests), {} rolled back",
+        expected.len(),
+        got.len(),
+        rolled_back.len()
+    );
+}
