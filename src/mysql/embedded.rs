@@ -136,8 +136,7 @@ impl Server {
         let dir = self.root.join(NO_FILES_DIR);
         if dir.exists() {
             std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700))?;
-            std::fs::remove_dir_all(&dir)
-                .with_context(|| format!("emptying {}", dir.display()))?;
+            std::fs::remove_dir_all(&dir).with_context(|| format!("emptying {}", dir.display()))?;
         }
         std::fs::create_dir(&dir).with_context(|| format!("creating {}", dir.display()))?;
         std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o555))?;

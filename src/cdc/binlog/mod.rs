@@ -264,11 +264,16 @@ pub async fn provision_broadcast(
                 (db_name, decode::BROADCAST_TABLE),
             )
             .await?;
-        let expected = [("id", "bigint"), ("event", "varchar"), ("payload", "longtext")];
+        let expected = [
+            ("id", "bigint"),
+            ("event", "varchar"),
+            ("payload", "longtext"),
+        ];
         let shape_ok = columns.len() == expected.len()
-            && columns.iter().zip(expected).all(|((n, t), (en, et))| {
-                n.eq_ignore_ascii_case(en) && t.eq_ignore_ascii_case(et)
-            });
+            && columns
+                .iter()
+                .zip(expected)
+                .all(|((n, t), (en, et))| n.eq_ignore_ascii_case(en) && t.eq_ignore_ascii_case(et));
         let base = kind.eq_ignore_ascii_case("BASE TABLE");
         let innodb = engine.is_some_and(|e| e.eq_ignore_ascii_case("InnoDB"));
         if !(base && innodb && shape_ok) {
