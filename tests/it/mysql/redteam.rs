@@ -42,21 +42,6 @@ async fn the_broadcast_procedure_runs_nothing_as_the_servers_account() {
         "CREATE TABLE secret (v text); INSERT INTO secret VALUES ('b only')",
     )
     .await;
-    let routine = mariadb()
-        .await
-        .query(&format!(
-            "SELECT DEFINER, SECURITY_TYPE FROM information_schema.ROUTINES \
-             WHERE ROUTINE_SCHEMA = 'fx_{}' AND ROUTINE_NAME = 'fluxbase_realtime_broadcast'",
-            a.project
-        ))
-        .await;
-    assert_eq!(
-        routine,
-        vec![vec![
-            Some(format!("fx_{}_admin@127.0.0.1", a.project)),
-            Some("INVOKER".into())
-        ]]
-    );
     app.rows(
         &a.admin,
         &a.project,
@@ -161,6 +146,22 @@ async fn the_broadcast_procedure_runs_nothing_as_the_servers_account() {
         );
         break;
     }
+    // The procedure as provisioned: defined by the project admin, run as its caller.
+    let routine = mariadb()
+        .await
+        .query(&format!(
+            "SELECT DEFINER, SECURITY_TYPE FROM information_schema.ROUTINES \
+             WHERE ROUTINE_SCHEMA = 'fx_{}' AND ROUTINE_NAME = 'fluxbase_realtime_broadcast'",
+            a.project
+        ))
+        .await;
+    assert_eq!(
+        routine,
+        vec![vec![
+            Some(format!("fx_{}_admin@127.0.0.1", a.project)),
+            Some("INVOKER".into())
+        ]]
+    );
     // Read still cannot broadcast.
     let body = app.sql(&a.read, &a.project, call).await;
     assert_ne!(code(&body), 0, "{body}");
