@@ -752,6 +752,7 @@ fn keywords(sql: &str, n: usize) -> Vec<String> {
 ///   commits, any project's), and a prepared XA branch outlives the pooled session.
 /// * `SET PASSWORD …` (as a statement) and `ALTER USER …`: a scope's account would lock the
 ///   server out of it (its password is derived, never stored).
+/// * the user-lock functions (`GET_LOCK`, `IS_USED_LOCK`, …): their names are server-wide.
 /// * dynamic SQL (`PREPARE … FROM`, `EXECUTE IMMEDIATE`) is accepted only from string literals,
 ///   which are checked the same way; from a variable or an expression it is refused, since its
 ///   text is not known before it runs.
@@ -805,6 +806,16 @@ fn refused_at(sql: &str, depth: usize) -> Option<String> {
                      project are managed by Fluxbase"
                         .into(),
                 );
+            }
+            "GET_LOCK" | "IS_FREE_LOCK" | "IS_USED_LOCK" | "RELEASE_LOCK" | "RELEASE_ALL_LOCKS"
+                if toks.get(i + 1) == Some(&Tok::Other('(')) =>
+            {
+                return Some(format!(
+                    "{}() is not available on MySQL projects: user lock names are server-wide \
+                     (one project would block or observe another's); use a row of a table of \
+                     the project with SELECT … FOR UPDATE",
+                    word(i)
+                ));
             }
             "PREPARE" if word(i + 2) == "FROM" => {
                 if let Some(why) = literal_refused(&toks[i + 3..], "PREPARE … FROM", depth) {
@@ -1179,6 +1190,9 @@ mod tests {
             "SET PASSWORD = PASSWORD('x')",
             "set password for current_user() = 'x'",
             "SELECT 1; SET PASSWORD = 'x'",
+            "SELECT GET_LOCK('a', 10)",
+            "SELECT is_used_lock ('a')",
+            "DO RELEASE_ALL_LOCKS()",
             "CREATE PROCEDURE p() BEGIN SET PASSWORD = 'x'; END",
             "ALTER USER CURRENT_USER() IDENTIFIED BY 'x'",
             "EXECUTE IMMEDIATE 'ALTER USER CURRENT_USER() IDENTIFIED BY ''x'''",
@@ -1198,6 +1212,8 @@ mod tests {
             "EXECUTE s USING @a",
             "START TRANSACTION; INSERT INTO t VALUES (1); COMMIT",
             "ALTER TABLE user ADD COLUMN x int",
+            "SELECT get_lock FROM t",
+            "SELECT id FROM t WHERE id = 1 FOR UPDATE",
         ] {
             assert_eq!(refused(sql), None, "{sql}");
         }

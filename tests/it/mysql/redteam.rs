@@ -181,7 +181,7 @@ async fn the_broadcast_procedure_runs_nothing_as_the_servers_account() {
     assert_eq!(server[0][2].as_deref(), Some("N"), "{server:?}");
 }
 
-/// XA statements never run (XA ids are server-wide), in any form; a session left inside a
+/// XA statements and user locks never run (their names are server-wide), in any form; a session left inside a
 /// transaction is never pooled again.
 #[tokio::test]
 async fn xa_is_refused_before_anything_runs_and_open_transactions_are_not_pooled() {
@@ -194,6 +194,7 @@ async fn xa_is_refused_before_anything_runs_and_open_transactions_are_not_pooled
         "XA START 'fx'; INSERT INTO t VALUES (1); XA END 'fx'; XA PREPARE 'fx'",
         "XA RECOVER",
         "XA COMMIT 'someone-elses'",
+        "SELECT GET_LOCK('fx', 0)",
         "/*!XA RECOVER*/",
         "SET STATEMENT max_statement_time = 1 FOR XA RECOVER",
         "EXECUTE IMMEDIATE 'XA RECOVER'",
