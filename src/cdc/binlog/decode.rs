@@ -482,12 +482,12 @@ impl Decoder {
                     self.push(p)?;
                 }
             }
-            EventData::HeartbeatEvent => {
-                if self.current.is_none() && log_pos >= 4 && self.file.is_some() {
-                    let at = self.lsn(log_pos)?;
-                    if self.boundary.is_none_or(|b| at > b) {
-                        self.boundary = Some(at);
-                    }
+            EventData::HeartbeatEvent
+                if self.current.is_none() && log_pos >= 4 && self.file.is_some() =>
+            {
+                let at = self.lsn(log_pos)?;
+                if self.boundary.is_none_or(|b| at > b) {
+                    self.boundary = Some(at);
                 }
             }
             EventData::TransactionPayloadEvent(_) => {

@@ -210,7 +210,7 @@ async fn replaying_the_events_of_a_random_workload_rebuilds_the_table() {
     let mut seed: u64 = std::env::var("SEED")
         .ok()
         .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| rand_seed());
+        .unwrap_or_else(rand_seed);
     println!("SEED={seed}");
     let mut next = move |n: u64| {
         seed ^= seed << 13;
