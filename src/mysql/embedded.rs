@@ -16,9 +16,10 @@
 //! ```
 //!
 //! It listens on 127.0.0.1 only, on a free port chosen at each start. The server's account is
-//! `fluxbase@127.0.0.1` (every privilege, with GRANT OPTION: it creates the project databases
-//! and accounts), its password derived from the instance secret and set again at every start
-//! (`--init-file`), so nothing about it is stored. A watchdog stops the server when the
+//! `fluxbase@127.0.0.1` (every privilege but FILE, with GRANT OPTION: it creates the project
+//! databases and accounts; `secure_file_priv` is an empty read-only directory, `no-files/`),
+//! its password derived from the instance secret and set again at every start (`--init-file`),
+//! so nothing about it is stored. A watchdog stops the server when the
 //! process that started it disappears (even after `kill -9`).
 
 use std::net::TcpListener;
@@ -53,7 +54,15 @@ const SETTINGS: &[(&str, &str)] = &[
     ("default-time-zone", "+00:00"),
     ("explicit-defaults-for-timestamp", "1"),
     ("skip-symbolic-links", ""),
+    // Routines and triggers of a project's admin (its own database only) need no SUPER: the
+    // binlog is row-based, so what they do is logged as rows, never replayed as statements.
+    ("log-bin-trust-function-creators", "1"),
 ];
+
+/// The only directory `LOAD_FILE`, `LOAD DATA INFILE` and `SELECT … INTO OUTFILE` may touch
+/// (`secure_file_priv`): empty, and not writable by the server (mode 0555). No account but
+/// root@localhost has FILE anyway; this holds even if one had.
+const NO_FILES_DIR: &str = "no-files";
 
 /// A running embedded MariaDB.
 #[derive(Debug)]
@@ -104,6 +113,7 @@ impl Server {
             pid: 0,
         };
         server.stop_leftover();
+        server.make_no_files_dir()?;
         if !server.data_dir().join("mysql").exists() {
             server.install()?;
         }
@@ -117,6 +127,20 @@ impl Server {
 
     pub fn log_file(&self) -> PathBuf {
         self.root.join("server.log")
+    }
+
+    /// The empty, read-only `secure_file_priv` directory (made again at each start: a file
+    /// found there is removed).
+    fn make_no_files_dir(&self) -> Result<()> {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = self.root.join(NO_FILES_DIR);
+        if dir.exists() {
+            std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700))?;
+            std::fs::remove_dir_all(&dir).with_context(|| format!("emptying {}", dir.display()))?;
+        }
+        std::fs::create_dir(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o555))?;
+        Ok(())
     }
 
     fn pid_file(&self) -> PathBuf {
@@ -175,7 +199,8 @@ impl Server {
         let sql = format!(
             "CREATE USER IF NOT EXISTS '{ADMIN_USER}'@'127.0.0.1' IDENTIFIED BY '{pw}';\n\
              ALTER USER '{ADMIN_USER}'@'127.0.0.1' IDENTIFIED BY '{pw}';\n\
-             GRANT ALL PRIVILEGES ON *.* TO '{ADMIN_USER}'@'127.0.0.1' WITH GRANT OPTION;\n"
+             GRANT ALL PRIVILEGES ON *.* TO '{ADMIN_USER}'@'127.0.0.1' WITH GRANT OPTION;\n\
+             REVOKE FILE ON *.* FROM '{ADMIN_USER}'@'127.0.0.1';\n"
         );
         use std::io::Write;
         use std::os::unix::fs::OpenOptionsExt;
@@ -235,6 +260,10 @@ impl Server {
                     self.data_dir().join("binlog").display()
                 ))
                 .arg(format!("--init-file={}", init.display()))
+                .arg(format!(
+                    "--secure-file-priv={}",
+                    self.root.join(NO_FILES_DIR).display()
+                ))
                 .arg(format!("--port={}", self.port));
             for (k, v) in SETTINGS.iter().chain(extra) {
                 if v.is_empty() {

@@ -93,6 +93,7 @@ impl Mysql {
         crate::cdc::binlog::provision_broadcast(
             &mut conn,
             db_name,
+            &self.account(target, project_id, DbRole::Owner),
             &self.account(target, project_id, DbRole::ReadWrite),
         )
         .await

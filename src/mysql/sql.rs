@@ -50,6 +50,8 @@ pub struct Pools {
     statement_timeout: Duration,
     max_rows: usize,
     max_response_bytes: usize,
+    /// Account repairs after a refused login run one at a time.
+    repair: tokio::sync::Mutex<()>,
 }
 
 impl Pools {
@@ -65,6 +67,7 @@ impl Pools {
             statement_timeout: config.statement_timeout(),
             max_rows: config.max_rows,
             max_response_bytes: config.max_response_bytes,
+            repair: tokio::sync::Mutex::new(()),
         }
     }
 
@@ -249,6 +252,9 @@ impl Mysql {
     pub async fn execute(&self, access: &Access, req: &SqlRequest) -> Result<String, SqlError> {
         let started = Instant::now();
         let project = &access.project;
+        if let Some(why) = refused(&req.query) {
+            return Ok(render_error(&why, 1227, "42000"));
+        }
         let target = self
             .server()
             .await
@@ -264,24 +270,36 @@ impl Mysql {
                 ))
             })?
             .map_err(|_| SqlError::Unavailable("the project is being closed".into()))?;
-        let pool = self.pool(target, &project.id, &project.db_name, access.db_role);
-        let mut conn = match tokio::time::timeout(self.sql.queue_timeout, pool.get_conn()).await {
-            Err(_) => {
-                return Err(SqlError::Busy(
-                    "no connection to the project database came free in time".into(),
-                ))
+        let mut repaired = false;
+        let mut conn = loop {
+            let pool = self.pool(target, &project.id, &project.db_name, access.db_role);
+            match tokio::time::timeout(self.sql.queue_timeout, pool.get_conn()).await {
+                Err(_) => {
+                    return Err(SqlError::Busy(
+                        "no connection to the project database came free in time".into(),
+                    ))
+                }
+                // Access denied to the project's own account (its password or the account
+                // changed behind Fluxbase's back): provisioned again, once, then retried.
+                Ok(Err(mysql_async::Error::Server(e))) if e.code == 1045 && !repaired => {
+                    repaired = true;
+                    tracing::warn!(project_id = %project.id, role = ?access.db_role,
+                        "the project account was refused its login (1045): provisioning it again");
+                    self.sql.forget_pool(&project.id, access.db_role);
+                    self.repair_accounts(&project.id, &project.db_name).await;
+                }
+                Ok(Err(mysql_async::Error::Server(e))) => {
+                    return Err(SqlError::Unavailable(format!(
+                        "logging in as the project account: {} ({})",
+                        e.message, e.code
+                    )))
+                }
+                Ok(Err(e)) => {
+                    self.sql.forget_pool(&project.id, access.db_role);
+                    return Err(SqlError::Unavailable(e.to_string()));
+                }
+                Ok(Ok(conn)) => break conn,
             }
-            Ok(Err(mysql_async::Error::Server(e))) => {
-                return Err(SqlError::Unavailable(format!(
-                    "logging in as the project account: {} ({})",
-                    e.message, e.code
-                )))
-            }
-            Ok(Err(e)) => {
-                self.sql.forget_pool(&project.id, access.db_role);
-                return Err(SqlError::Unavailable(e.to_string()));
-            }
-            Ok(Ok(conn)) => conn,
         };
         let connection_id = conn.id();
         let budget = self.sql.statement_timeout + GUARD_GRACE;
@@ -319,7 +337,12 @@ impl Mysql {
         }
         match outcome {
             Ok((set, statement)) => {
-                drop(conn);
+                if in_transaction(&conn) {
+                    // Not left for the reset to end: never pooled again.
+                    close(conn).await;
+                } else {
+                    drop(conn);
+                }
                 Ok(render_success(&set, &statement, elapsed, max_bytes))
             }
             Err(Failure::Params(message)) => {
@@ -327,7 +350,13 @@ impl Mysql {
                 Ok(render_error(&message, 2031, "HY000"))
             }
             Err(Failure::Db(mysql_async::Error::Server(e))) => {
-                drop(conn);
+                if xa_error(e.code) || in_transaction(&conn) {
+                    tracing::warn!(project_id = %project.id, code = e.code,
+                        "a MySQL session left in a transaction or an XA state is closed");
+                    close(conn).await;
+                } else {
+                    drop(conn);
+                }
                 Ok(render_error(&e.message, e.code, &e.state))
             }
             Err(Failure::Db(mysql_async::Error::Driver(e))) => {
@@ -342,6 +371,30 @@ impl Mysql {
                 self.sql.forget_pool(&project.id, access.db_role);
                 Err(SqlError::Unavailable(e.to_string()))
             }
+        }
+    }
+}
+
+/// Whether the server's last answer on `conn` says a transaction is open.
+fn in_transaction(conn: &Conn) -> bool {
+    conn.last_ok_packet().is_some_and(|ok| {
+        ok.status_flags()
+            .contains(mysql_async::consts::StatusFlags::SERVER_STATUS_IN_TRANS)
+    })
+}
+
+/// XA errors (XAER_*, XA_RB*): the session may hold an XA branch; it is closed, not pooled.
+fn xa_error(code: u16) -> bool {
+    matches!(code, 1397..=1402 | 1440 | 1613 | 1614)
+}
+
+impl Mysql {
+    /// Provisions a project's accounts again (a login was refused), at most one repair at a
+    /// time per server.
+    async fn repair_accounts(&self, project_id: &str, db_name: &str) {
+        let _one = self.sql.repair.lock().await;
+        if let Err(e) = self.provision(project_id, db_name).await {
+            tracing::error!(project_id, error = %e, "repairing the project's MySQL accounts");
         }
     }
 }
@@ -693,6 +746,198 @@ fn keywords(sql: &str, n: usize) -> Vec<String> {
     words
 }
 
+/// Why a request's SQL is refused before anything of it runs, if it is. Statements that reach
+/// past the project or break the server's own use of its accounts:
+///
+/// * `XA …` (anywhere: a routine's body, `SET STATEMENT … FOR`, an executable comment): XA
+///   transaction ids are server-wide in MySQL/MariaDB (`XA RECOVER` lists, `XA COMMIT`
+///   commits, any project's), and a prepared XA branch outlives the pooled session.
+/// * `SET PASSWORD …` (as a statement) and `ALTER USER …`: a scope's account would lock the
+///   server out of it (its password is derived, never stored).
+/// * the user-lock functions (`GET_LOCK`, `IS_USED_LOCK`, …): their names are server-wide.
+/// * dynamic SQL (`PREPARE … FROM`, `EXECUTE IMMEDIATE`) is accepted only from string literals,
+///   which are checked the same way; from a variable or an expression it is refused, since its
+///   text is not known before it runs.
+pub fn refused(sql: &str) -> Option<String> {
+    refused_at(sql, 0)
+}
+
+fn refused_at(sql: &str, depth: usize) -> Option<String> {
+    if depth > 4 {
+        return Some("dynamic SQL nested this deep is not accepted".into());
+    }
+    let mut toks = Vec::new();
+    scan(sql, &mut toks);
+    let word = |i: usize| match toks.get(i) {
+        Some(Tok::Word(w)) => w.as_str(),
+        _ => "",
+    };
+    for i in 0..toks.len() {
+        match word(i) {
+            "XA" if matches!(
+                word(i + 1),
+                "START" | "BEGIN" | "END" | "PREPARE" | "COMMIT" | "ROLLBACK" | "RECOVER"
+            ) =>
+            {
+                return Some(
+                    "XA transactions are not available on MySQL projects: XA ids are \
+                     server-wide (other projects' transactions would be visible and \
+                     committable); use START TRANSACTION … COMMIT"
+                        .into(),
+                );
+            }
+            "ALTER" if word(i + 1) == "USER" => {
+                return Some(
+                    "ALTER USER is not available on MySQL projects: the accounts of a project \
+                     are managed by Fluxbase"
+                        .into(),
+                );
+            }
+            "SET"
+                if word(i + 1) == "PASSWORD"
+                    && (i == 0
+                        || toks[i - 1] == Tok::Other(';')
+                        || matches!(
+                            word(i - 1),
+                            "BEGIN" | "THEN" | "ELSE" | "DO" | "FOR" | "LOOP" | "REPEAT"
+                        ))
+                    && (toks.get(i + 2) == Some(&Tok::Other('=')) || word(i + 2) == "FOR") =>
+            {
+                return Some(
+                    "SET PASSWORD is not available on MySQL projects: the accounts of a \
+                     project are managed by Fluxbase"
+                        .into(),
+                );
+            }
+            "GET_LOCK" | "IS_FREE_LOCK" | "IS_USED_LOCK" | "RELEASE_LOCK" | "RELEASE_ALL_LOCKS"
+                if toks.get(i + 1) == Some(&Tok::Other('(')) =>
+            {
+                return Some(format!(
+                    "{}() is not available on MySQL projects: user lock names are server-wide \
+                     (one project would block or observe another's); use a row of a table of \
+                     the project with SELECT … FOR UPDATE",
+                    word(i)
+                ));
+            }
+            "PREPARE" if word(i + 2) == "FROM" => {
+                if let Some(why) = literal_refused(&toks[i + 3..], "PREPARE … FROM", depth) {
+                    return Some(why);
+                }
+            }
+            "EXECUTE" if word(i + 1) == "IMMEDIATE" => {
+                if let Some(why) = literal_refused(&toks[i + 2..], "EXECUTE IMMEDIATE", depth) {
+                    return Some(why);
+                }
+            }
+            _ => {}
+        }
+    }
+    None
+}
+
+/// The text of dynamic SQL: adjacent string literals (MySQL concatenates them), checked as SQL.
+fn literal_refused(rest: &[Tok], what: &str, depth: usize) -> Option<String> {
+    let mut text = String::new();
+    let mut any = false;
+    for t in rest {
+        match t {
+            Tok::Str(s) => {
+                text.push_str(s);
+                any = true;
+            }
+            _ => break,
+        }
+    }
+    if !any {
+        return Some(format!(
+            "{what} is accepted on MySQL projects only with a string literal (its text is \
+             checked before it runs), not a variable or an expression"
+        ));
+    }
+    refused_at(&text, depth + 1)
+}
+
+/// A piece of SQL for [`refused`]: an unquoted word (uppercase), a string's content, a
+/// `` `quoted` `` identifier, or another character (whitespace left out).
+#[derive(Debug, PartialEq)]
+enum Tok {
+    Word(String),
+    Str(String),
+    Ident,
+    Other(char),
+}
+
+fn scan(sql: &str, out: &mut Vec<Tok>) {
+    for token in Lexer::new(sql) {
+        match token {
+            Token::Plain(text) => {
+                let mut word = String::new();
+                for c in text.chars() {
+                    if c.is_alphanumeric() || c == '_' || c == '$' {
+                        word.extend(c.to_uppercase());
+                        continue;
+                    }
+                    if !word.is_empty() {
+                        out.push(Tok::Word(std::mem::take(&mut word)));
+                    }
+                    if !c.is_whitespace() {
+                        out.push(Tok::Other(c));
+                    }
+                }
+                if !word.is_empty() {
+                    out.push(Tok::Word(word));
+                }
+            }
+            Token::Quoted(text) => {
+                let b = text.as_bytes();
+                match b[0] {
+                    b'\'' | b'"' => out.push(Tok::Str(unquote(text))),
+                    b'`' => out.push(Tok::Ident),
+                    b'/' if text.starts_with("/*!") || text.starts_with("/*M!") => {
+                        // An executable comment: the server runs what is inside.
+                        let inner = text
+                            .trim_start_matches("/*M!")
+                            .trim_start_matches("/*!")
+                            .trim_start_matches(|c: char| c.is_ascii_digit());
+                        let inner = inner.strip_suffix("*/").unwrap_or(inner);
+                        // Shorter than `text`: the recursion ends.
+                        scan(inner, out);
+                    }
+                    // A comment: a separator.
+                    _ => {}
+                }
+            }
+        }
+    }
+}
+
+/// A string literal's content: quotes taken off, `''` and `\x` read as MySQL reads them.
+fn unquote(text: &str) -> String {
+    let q = text.chars().next().unwrap_or('\'');
+    let body = text.strip_prefix(q).unwrap_or(text);
+    let body = body.strip_suffix(q).unwrap_or(body);
+    let mut out = String::with_capacity(body.len());
+    let mut chars = body.chars().peekable();
+    while let Some(c) = chars.next() {
+        if c == '\\' {
+            match chars.next() {
+                Some('n') => out.push('\n'),
+                Some('t') => out.push('\t'),
+                Some('r') => out.push('\r'),
+                Some('0') => out.push('\0'),
+                Some(other) => out.push(other),
+                None => {}
+            }
+        } else if c == q && chars.peek() == Some(&q) {
+            chars.next();
+            out.push(q);
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
 /// The statements of a script, split at `;` outside strings, identifiers and comments (empty
 /// ones left out).
 pub fn split_statements(sql: &str) -> Vec<&str> {
@@ -921,6 +1166,59 @@ mod tests {
         assert!(bind("SELECT $0", &[json!(1)]).is_err());
         let (sql, _) = bind("SELECT 'it\\'s $1', 'a''$1' , $1", &[json!(u64::MAX)]).unwrap();
         assert_eq!(sql, "SELECT 'it\\'s $1', 'a''$1' , ?");
+    }
+
+    #[test]
+    fn xa_password_and_unknown_dynamic_sql_are_refused_wherever_they_hide() {
+        for sql in [
+            "XA START 'x'",
+            "xa recover",
+            "SELECT 1; XA RECOVER",
+            "XA/* c */RECOVER",
+            "XA\nCOMMIT 'x'",
+            "SET STATEMENT max_statement_time=1 FOR XA RECOVER",
+            "/*!XA RECOVER*/",
+            "/*!50000 XA RECOVER */",
+            "/*M!100500 XA ROLLBACK 'x' */",
+            "CREATE PROCEDURE p() BEGIN XA RECOVER; END",
+            "EXECUTE IMMEDIATE 'XA RECOVER'",
+            "EXECUTE IMMEDIATE 'XA ' 'RECOVER'",
+            "EXECUTE IMMEDIATE 'EXECUTE IMMEDIATE ''XA RECOVER'''",
+            "PREPARE s FROM 'XA START \\'x\\''",
+            "PREPARE s FROM @q",
+            "PREPARE `s` FROM CONCAT('XA ', 'RECOVER')",
+            "EXECUTE IMMEDIATE @q",
+            "EXECUTE IMMEDIATE 0x5841205245434f564552",
+            "SET PASSWORD = PASSWORD('x')",
+            "set password for current_user() = 'x'",
+            "SELECT 1; SET PASSWORD = 'x'",
+            "SELECT GET_LOCK('a', 10)",
+            "SELECT is_used_lock ('a')",
+            "DO RELEASE_ALL_LOCKS()",
+            "CREATE PROCEDURE p() BEGIN SET PASSWORD = 'x'; END",
+            "ALTER USER CURRENT_USER() IDENTIFIED BY 'x'",
+            "EXECUTE IMMEDIATE 'ALTER USER CURRENT_USER() IDENTIFIED BY ''x'''",
+        ] {
+            assert!(refused(sql).is_some(), "{sql} was not refused");
+        }
+        assert!(refused("XA RECOVER").unwrap().contains("XA"));
+        for sql in [
+            "SELECT 'XA RECOVER', `xa` FROM t -- XA RECOVER",
+            "/* XA RECOVER */ SELECT 1",
+            "INSERT INTO notes (body) VALUES ('xa start; set password = 1')",
+            "UPDATE users SET password = 'x' WHERE id = 1",
+            "UPDATE users u SET password = ? WHERE id = 1",
+            "SELECT xa, recover FROM t",
+            "PREPARE s FROM 'SELECT ?'",
+            "EXECUTE IMMEDIATE 'SELECT 1'",
+            "EXECUTE s USING @a",
+            "START TRANSACTION; INSERT INTO t VALUES (1); COMMIT",
+            "ALTER TABLE user ADD COLUMN x int",
+            "SELECT get_lock FROM t",
+            "SELECT id FROM t WHERE id = 1 FOR UPDATE",
+        ] {
+            assert_eq!(refused(sql), None, "{sql}");
+        }
     }
 
     #[test]

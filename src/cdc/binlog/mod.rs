@@ -233,14 +233,67 @@ pub(super) async fn run_stream<B: EventBus>(
 }
 
 /// The broadcast table and procedure of a project database (sql/mysql/broadcast.sql), for its
-/// provisioning (also a repair: idempotent). `readwrite` is the readwrite account
-/// (`'user'@'host'`); the admin account has EXECUTE through its privileges on the database.
+/// provisioning (also a repair: idempotent). `admin` and `readwrite` are the project's admin
+/// and readwrite accounts (`'user'@'host'`): the procedure is defined by the admin account
+/// and runs as its caller (never as the server's account); the admin account has EXECUTE
+/// through its privileges on the database.
+///
+/// Repair: whatever holds the name `fluxbase_broadcasts` and is not the table this file
+/// creates (a view, another engine, other columns) is dropped first and the table made again.
+/// The table is always empty (each row is deleted in the transaction that wrote it), so
+/// nothing is lost; the stream ignores these statements (decode.rs: not a schema change).
 pub async fn provision_broadcast(
     conn: &mut Conn,
     db_name: &str,
+    admin: &str,
     readwrite: &str,
 ) -> Result<(), mysql_async::Error> {
     const SQL: &str = include_str!("../../../sql/mysql/broadcast.sql");
+    let found: Option<(String, Option<String>)> = conn
+        .exec_first(
+            "SELECT TABLE_TYPE, ENGINE FROM information_schema.TABLES \
+             WHERE TABLE_SCHEMA = ? AND TABLE_NAME = ?",
+            (db_name, decode::BROADCAST_TABLE),
+        )
+        .await?;
+    if let Some((kind, engine)) = found {
+        let columns: Vec<(String, String)> = conn
+            .exec(
+                "SELECT COLUMN_NAME, DATA_TYPE FROM information_schema.COLUMNS \
+                 WHERE TABLE_SCHEMA = ? AND TABLE_NAME = ? ORDER BY ORDINAL_POSITION",
+                (db_name, decode::BROADCAST_TABLE),
+            )
+            .await?;
+        let expected = [
+            ("id", "bigint"),
+            ("event", "varchar"),
+            ("payload", "longtext"),
+        ];
+        let shape_ok = columns.len() == expected.len()
+            && columns
+                .iter()
+                .zip(expected)
+                .all(|((n, t), (en, et))| n.eq_ignore_ascii_case(en) && t.eq_ignore_ascii_case(et));
+        let base = kind.eq_ignore_ascii_case("BASE TABLE");
+        let innodb = engine.is_some_and(|e| e.eq_ignore_ascii_case("InnoDB"));
+        if !(base && innodb && shape_ok) {
+            tracing::warn!(
+                database = db_name,
+                kind = %kind,
+                "`fluxbase_broadcasts` was replaced by something else: dropped and made again"
+            );
+            let drop = if kind.eq_ignore_ascii_case("VIEW") {
+                "VIEW"
+            } else {
+                "TABLE"
+            };
+            conn.query_drop(format!(
+                "DROP {drop} IF EXISTS `{db_name}`.`{}`",
+                decode::BROADCAST_TABLE
+            ))
+            .await?;
+        }
+    }
     for statement in SQL.split("-- next statement") {
         // The file's leading comment is not a statement.
         let body: String = statement
@@ -253,6 +306,7 @@ pub async fn provision_broadcast(
         }
         let sql = body
             .replace("{db}", db_name)
+            .replace("{admin}", admin)
             .replace("{readwrite}", readwrite);
         conn.query_drop(sql).await?;
     }

@@ -7,5 +7,6 @@ mod binlog_restart;
 mod doctor;
 mod engine;
 mod execute;
+mod redteam;
 mod sandbox;
 mod values;
