@@ -105,6 +105,11 @@ enum ProjectAction {
     Delete { id: String },
 }
 
+/// mimalloc instead of glibc's malloc: the SQL hot path allocates and frees many small buffers
+/// per request across the runtime's threads (see docs/decisions.md, "Global allocator").
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> Result<()> {
     // Plain text on standard error; colours only when that is a terminal (never in a file);
     // one JSON object per line with FLUXBASE_LOG_FORMAT=json.
