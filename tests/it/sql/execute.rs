@@ -927,6 +927,112 @@ async fn cached_statements_carry_no_session_state_between_requests() {
     assert_eq!(probe["path"], "\"$user\", public", "{probe}");
 }
 
+/// Session state that outlives a failed transaction is reset too: a statement that takes a
+/// session advisory lock, prepares a statement with SQL's PREPARE and advances a sequence (none
+/// of which a ROLLBACK undoes) and then fails. The failure also rolls back the reset that ran
+/// before it in the same transaction, so a design that marks the session clean once the reset
+/// was sent, rather than once it committed, would hand this state to the next request.
+#[tokio::test]
+async fn state_left_by_a_failing_statement_is_reset_before_the_next_request() {
+    let app = spawn_app_with(|c| c.pool_size = 1).await;
+    let f = app.fixture().await;
+    app.rows(
+        &f.admin,
+        &f.project,
+        "CREATE SEQUENCE seq;
+         CREATE FUNCTION leave_state_then_fail() RETURNS int LANGUAGE plpgsql AS $$
+         BEGIN
+             PERFORM pg_advisory_lock(4712);
+             EXECUTE 'PREPARE survivor AS SELECT 1';
+             PERFORM nextval('public.seq');
+             RAISE EXCEPTION 'failing after leaving state';
+         END $$",
+    )
+    .await;
+    const PROBE: &str = "SELECT pg_advisory_unlock(4712) AS held,
+        (SELECT count(*) FROM pg_prepared_statements WHERE from_sql) AS sql_prepared
+        WHERE $1::int = 1";
+    // Twice each: the first run prepares the connection's statement, the second binds it.
+    for _ in 0..2 {
+        let body = app
+            .sql_params(
+                &f.admin,
+                &f.project,
+                "SELECT public.leave_state_then_fail() AS x WHERE $1::int = 1",
+                json!([1]),
+            )
+            .await;
+        assert_eq!(body["success"], false, "{body}");
+        assert!(
+            body["error"]["message"]
+                .as_str()
+                .is_some_and(|m| m.contains("failing after leaving state")),
+            "{body}"
+        );
+        let probe = app
+            .sql_params(&f.admin, &f.project, PROBE, json!([1]))
+            .await;
+        assert_eq!(probe["success"], true, "{probe}");
+        assert_eq!(
+            probe["result"]["rows"][0],
+            json!({ "held": false, "sql_prepared": 0 }),
+            "{probe}"
+        );
+        let body = app
+            .sql_params(
+                &f.admin,
+                &f.project,
+                "SELECT lastval() AS v WHERE $1::int = 1",
+                json!([1]),
+            )
+            .await;
+        assert_eq!(body["error"]["details"], "ERROR:  55000", "{body}");
+    }
+}
+
+/// A SQL-language function (not PL/pgSQL: no EXECUTE, the statements are its body) that holds a
+/// cursor, listens and changes the role's settings from inside a SELECT: nothing of it reaches
+/// the next request.
+#[tokio::test]
+async fn state_made_by_a_sql_language_function_is_reset_before_the_next_request() {
+    let app = spawn_app_with(|c| c.pool_size = 1).await;
+    let f = app.fixture().await;
+    app.rows(
+        &f.admin,
+        &f.project,
+        "CREATE FUNCTION sql_leaves_state() RETURNS int LANGUAGE sql AS $$
+             DECLARE sql_leak CURSOR WITH HOLD FOR SELECT 1;
+             LISTEN sql_channel;
+             SELECT set_config('work_mem', '7MB', false);
+             SELECT 1
+         $$",
+    )
+    .await;
+    const PROBE: &str = "SELECT (SELECT count(*) FROM pg_cursors WHERE is_holdable) AS cursors,
+        (SELECT count(*) FROM pg_listening_channels()) AS listening,
+        current_setting('work_mem') = '7MB' AS changed
+        WHERE $1::int = 1";
+    for _ in 0..2 {
+        let body = app
+            .sql_params(
+                &f.admin,
+                &f.project,
+                "SELECT public.sql_leaves_state() AS x WHERE $1::int = 1",
+                json!([1]),
+            )
+            .await;
+        assert_eq!(body["success"], true, "{body}");
+        let probe = app
+            .sql_params(&f.admin, &f.project, PROBE, json!([1]))
+            .await;
+        assert_eq!(
+            probe["result"]["rows"][0],
+            json!({ "cursors": 0, "listening": 0, "changed": false }),
+            "{probe}"
+        );
+    }
+}
+
 /// The session reset closes every cursor held from an earlier request (`CLOSE ALL`, see
 /// sql/project/0011_session_reset_cheaper.sql), however it was made: several from a function
 /// (one with a name that needs quoting), a script's own `DECLARE … WITH HOLD`, one beside LISTEN
