@@ -521,6 +521,55 @@ pub fn finish(
     }
 }
 
+/// Whether a row change's payload is the one [`finish`] wrote for it: it begins with the
+/// event's own id, operation, schema and table, then `record` and `old` exactly as the event
+/// holds them, then `commitTimestamp`. Then its top-level `record` and `old` are the event's,
+/// and the whole is JSON (finish writes it from JSON parts). A plain comparison of bytes, so
+/// that the realtime history, which stores a row image only inside the payload, need not
+/// parse every payload to learn that (it parses those that do not match: other layouts, or
+/// names that needed escaping). False for anything else.
+pub fn payload_holds_rows(event: &Event) -> bool {
+    let EventKind::Row { operation } = event.kind else {
+        return false;
+    };
+    let (Some(schema), Some(table), Some(record)) = (
+        event.schema.as_deref(),
+        event.table.as_deref(),
+        event.record.as_deref(),
+    ) else {
+        return false;
+    };
+    let plain = |s: &str| s.bytes().all(|b| b >= 0x20 && b != b'"' && b != b'\\');
+    if !(plain(&event.id) && plain(schema) && plain(table)) {
+        return false;
+    }
+    let mut rest = event.payload.as_bytes();
+    let pieces: [&str; 13] = [
+        "{\"id\":\"",
+        &event.id,
+        "\",\"operation\":\"",
+        operation.as_str(),
+        "\",\"schema\":\"",
+        schema,
+        "\",\"table\":\"",
+        table,
+        "\",\"record\":",
+        record,
+        ",\"old\":",
+        event.old.as_deref().unwrap_or("null"),
+        ",\"commitTimestamp\":",
+    ];
+    pieces
+        .iter()
+        .all(|piece| match rest.strip_prefix(piece.as_bytes()) {
+            Some(after) => {
+                rest = after;
+                true
+            }
+            None => false,
+        })
+}
+
 /// What a row change says beyond its new and old rows, written after them in every channel's
 /// payload (the WebSocket `db_event` payload, the webhook's `data`): `unchangedToast`, the
 /// columns PostgreSQL left out because their TOASTed value did not change and no old row
