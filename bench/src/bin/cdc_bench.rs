@@ -850,7 +850,7 @@ async fn drain_to_bus(
     let previous = slot_active_pid(client, &slot).await?;
     // Joining asks for a replay from the slot's confirmed position; the stream is stopped and
     // starts from there anyway, and ignores a request made before it started.
-    let counter = tokio::task::spawn_blocking(move || count_events(sub, expected));
+    let counter = tokio::spawn(count_events(sub, expected));
     let (process_before, stream_before) = own_cpu();
     let started = Instant::now();
     app.cdc.start(id.to_string(), db.to_string());
@@ -904,9 +904,11 @@ fn is_workload_event(e: &Event) -> bool {
 }
 
 /// Receives (and acknowledges) until `expected` workload events have arrived; returns when the
-/// first and the last arrived. Runs on its own thread: a task woken by the stream's task would
-/// wait in that worker's LIFO slot until the stream yields.
-fn count_events(mut sub: Subscription, expected: u64) -> Result<(Instant, Instant)> {
+/// first and the last arrived. A task on the server's runtime, like the server's own durable
+/// subscribers (the realtime pump, the webhook outbox): the change stream runs on a runtime of
+/// its own, so waking this task never waits for the stream to yield. (A thread of its own,
+/// parked whenever it had caught up, cost the stream a futex wake-up for most runs of events.)
+async fn count_events(mut sub: Subscription, expected: u64) -> Result<(Instant, Instant)> {
     let mut seen = 0u64;
     let mut first = None;
     let mut report = Instant::now();
@@ -914,7 +916,7 @@ fn count_events(mut sub: Subscription, expected: u64) -> Result<(Instant, Instan
     // acknowledged per batch.
     let mut batch = Vec::with_capacity(256);
     while seen < expected {
-        if sub.events.blocking_recv_many(&mut batch, 256) == 0 {
+        if sub.events.recv_many(&mut batch, 256).await == 0 {
             bail!(
                 "the bus closed the subscription after {seen} of {expected} events: {}",
                 sub.closed_reason().unwrap_or_default()
