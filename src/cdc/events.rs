@@ -593,6 +593,77 @@ pub fn commit_time(ts: pgoutput::PgTimestamp) -> String {
 mod tests {
     use super::*;
 
+    fn row_event(schema: &str, record: &str, old: Option<&str>) -> Event {
+        finish(
+            Pending::Row {
+                operation: RowOp::Update,
+                schema: schema.into(),
+                table: "t".into(),
+                record: record.into(),
+                old: old.map(str::to_string),
+                unchanged_toast: vec!["big".into()],
+                key: None,
+            },
+            Lsn(0x10),
+            Lsn(0x20),
+            1,
+            "2026-01-01T00:00:00Z",
+            true,
+        )
+    }
+
+    #[test]
+    fn the_change_stream_s_row_payloads_are_recognized_and_nothing_else() {
+        let e = row_event("public", r#"{"id":1,"n":"a \"q\""}"#, Some(r#"{"id":1}"#));
+        assert!(payload_holds_rows(&e));
+        assert!(payload_holds_rows(&row_event("public", "{}", None)));
+        // The rows said in the payload are the event's.
+        let v: serde_json::Value = serde_json::from_str(&e.payload).unwrap();
+        assert_eq!(v["record"].to_string(), e.record.clone().unwrap());
+        assert_eq!(v["old"].to_string(), e.old.clone().unwrap());
+        // Any difference from the event's own fields: not recognized (the history parses it).
+        let mut other = row_event("public", "{\"id\":1}", None);
+        other.record = Some("{\"id\":2}".into());
+        assert!(!payload_holds_rows(&other));
+        let mut other = row_event("public", "{\"id\":1}", Some("{}"));
+        other.old = None;
+        assert!(!payload_holds_rows(&other));
+        let mut other = row_event("public", "{\"id\":1}", None);
+        other.table = Some("u".into());
+        assert!(!payload_holds_rows(&other));
+        let mut other = row_event("public", "{\"id\":1}", None);
+        other.kind = EventKind::Row {
+            operation: RowOp::Insert,
+        };
+        assert!(!payload_holds_rows(&other));
+        let mut other = row_event("public", "{\"id\":1}", None);
+        other.payload = Arc::from(format!("{} ", &other.payload[..other.payload.len() - 1]));
+        assert!(
+            payload_holds_rows(&other),
+            "only the fields up to the rows are compared"
+        );
+        other.payload = Arc::from(other.payload.replacen("{\"id\"", "{\"x\":0,\"id\"", 1));
+        assert!(!payload_holds_rows(&other));
+        // Names that needed escaping are left to the parser.
+        assert!(!payload_holds_rows(&row_event("a\"b", "{}", None)));
+        let schema = finish(
+            Pending::Schema {
+                command: "CREATE TABLE".into(),
+                object_type: "table".into(),
+                schema: Some("public".into()),
+                table: Some("t".into()),
+                object: Some("public.t".into()),
+                partition: None,
+            },
+            Lsn(1),
+            Lsn(2),
+            0,
+            "2026-01-01T00:00:00Z",
+            true,
+        );
+        assert!(!payload_holds_rows(&schema));
+    }
+
     #[test]
     fn event_ids_sort_in_commit_order() {
         let a = event_id(Lsn(0x16B3748), 2);
