@@ -22,7 +22,8 @@
 //! The ratios, Fluxbase / decoding alone (target: median at least 0.5×) and Fluxbase /
 //! pg_recvlogical (target: every round at least 1.5×), are printed per round with pass/miss,
 //! the load average, and the CPU each process used while it drained (from
-//! `/proc/<pid>/schedstat`): the decoding backend; pg_recvlogical and its walsender; the
+//! `/proc/<pid>/schedstat`; in cores busy and in µs per event, the figure that compares across
+//! runs on a shared machine): the decoding backend; pg_recvlogical and its walsender; the
 //! change stream's walsender and this process (server and counting subscriber; of it the
 //! change streams' runtime threads). Then, on the last project, one single-row INSERT per
 //! transaction at a steady BENCH_TPS for BENCH_LATENCY_SECONDS: each event's delay from its
@@ -253,6 +254,20 @@ async fn bench(app: &SharedApp, cluster: &Cluster, settings: &Settings) -> Resul
             cores(c.fluxbase_process, round.fluxbase),
             cores(c.fluxbase_stream, round.fluxbase),
         );
+        // The same per event: what compares across runs on a shared machine, where the rates
+        // (and cores busy) move with whatever else runs.
+        let us = |cpu: f64| cpu * 1e6 / settings.changes() as f64;
+        eprintln!(
+            "[bench]   CPU per event (µs): decoding backend {:.2}; pg_recvlogical's walsender \
+             {:.2}, pg_recvlogical {:.2}; fluxbase's walsender {:.2}, this process {:.2} (change \
+             stream thread {:.2})",
+            us(c.decoding_backend),
+            us(c.reference_walsender),
+            us(c.reference_client),
+            us(c.fluxbase_walsender),
+            us(c.fluxbase_process),
+            us(c.fluxbase_stream),
+        );
         if !warmup {
             rounds.push(round);
         }
@@ -318,6 +333,17 @@ async fn bench(app: &SharedApp, cluster: &Cluster, settings: &Settings) -> Resul
         cores(&|r| (r.cpu.fluxbase_walsender, r.fluxbase)),
         cores(&|r| (r.cpu.fluxbase_process, r.fluxbase)),
         cores(&|r| (r.cpu.fluxbase_stream, r.fluxbase)),
+    );
+    let us = |f: &dyn Fn(&RoundCpu) -> f64| median(&|r| f(&r.cpu) * 1e6 / expected);
+    println!(
+        "CPU per event    : decoding backend {:.2} µs; pg_recvlogical's walsender {:.2} + pg_recvlogical {:.2} µs; \
+         fluxbase's walsender {:.2} + this process {:.2} µs (change stream {:.2}) (medians of the rounds)",
+        us(&|c| c.decoding_backend),
+        us(&|c| c.reference_walsender),
+        us(&|c| c.reference_client),
+        us(&|c| c.fluxbase_walsender),
+        us(&|c| c.fluxbase_process),
+        us(&|c| c.fluxbase_stream),
     );
     let vs_decoding = median(&Round::vs_decoding);
     let lowest_vs_reference = rounds
