@@ -596,6 +596,62 @@ mod tests {
         assert_eq!(bus.confirmable(), Some(Lsn(1)));
     }
 
+    /// Events 1..=n as transactions of `per` events each (ends at multiples of `per`).
+    fn run(n: u64, per: u64) -> Vec<Arc<Event>> {
+        (1..=n)
+            .map(|i| {
+                let mut e = Arc::into_inner(event(i)).unwrap();
+                e.last_in_transaction = i % per == 0;
+                e.end_lsn = Lsn(i.div_ceil(per) * per);
+                Arc::new(e)
+            })
+            .collect()
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_batch_longer_than_a_durable_queue_arrives_whole_and_in_order() {
+        let bus = Bus::default().project("p");
+        let mut durable = bus.subscribe_durable();
+        bus.start_pass();
+        let mut live = bus.subscribe();
+        let n = (DURABLE_QUEUE_LEN * 3 + 7) as u64;
+        // The subscriber takes events slowly at first: the publisher waits for room a run at
+        // a time and must neither lose nor reorder any.
+        let reader = tokio::spawn(async move {
+            let mut got = Vec::new();
+            while got.len() < n as usize {
+                let Some(e) = durable.events.recv().await else {
+                    break;
+                };
+                if got.len() < 100 {
+                    tokio::time::sleep(std::time::Duration::from_micros(200)).await;
+                }
+                got.push(e.commit_lsn.0);
+            }
+            got
+        });
+        let events = run(n, 10);
+        tokio::time::timeout(
+            std::time::Duration::from_secs(30),
+            bus.publish_batch(&events),
+        )
+        .await
+        .expect("the publisher waited for room and got it");
+        let got = reader.await.unwrap();
+        assert_eq!(got, (1..=n).collect::<Vec<_>>());
+        // The last whole transaction is what was published.
+        assert_eq!(bus.published.load(Ordering::Acquire), n / 10 * 10);
+        // The ordinary subscriber's queue (QUEUE_LEN) was outrun within the batch: it is cut
+        // off with its reason, having received the events that fit, in order.
+        let mut live_got = Vec::new();
+        while let Ok(e) = live.events.try_recv() {
+            live_got.push(e.commit_lsn.0);
+        }
+        assert_eq!(live_got, (1..=QUEUE_LEN as u64).collect::<Vec<_>>());
+        assert!(live.closed_reason().unwrap().contains("fell more than"));
+        assert_eq!(bus.subscriber_count(), 1);
+    }
+
     #[test]
     fn row_operations_have_the_guide_s_names() {
         use super::RowOp;
