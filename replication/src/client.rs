@@ -391,7 +391,11 @@ impl ReplicationStream {
                 continue;
             }
             let deadline = self.periodic_status();
+            // The connection first: a message already buffered (most of them, while a backlog
+            // drains) is taken without arming the timer. The timer only wakes an idle stream:
+            // a status that falls due while messages keep coming is sent above.
             let received = tokio::select! {
+                biased;
                 received = self.conn.copy_both_recv() => received,
                 () = sleep_until(deadline) => continue,
             };

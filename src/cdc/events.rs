@@ -521,6 +521,55 @@ pub fn finish(
     }
 }
 
+/// Whether a row change's payload is the one [`finish`] wrote for it: it begins with the
+/// event's own id, operation, schema and table, then `record` and `old` exactly as the event
+/// holds them, then `commitTimestamp`. Then its top-level `record` and `old` are the event's,
+/// and the whole is JSON (finish writes it from JSON parts). A plain comparison of bytes, so
+/// that the realtime history, which stores a row image only inside the payload, need not
+/// parse every payload to learn that (it parses those that do not match: other layouts, or
+/// names that needed escaping). False for anything else.
+pub fn payload_holds_rows(event: &Event) -> bool {
+    let EventKind::Row { operation } = event.kind else {
+        return false;
+    };
+    let (Some(schema), Some(table), Some(record)) = (
+        event.schema.as_deref(),
+        event.table.as_deref(),
+        event.record.as_deref(),
+    ) else {
+        return false;
+    };
+    let plain = |s: &str| s.bytes().all(|b| b >= 0x20 && b != b'"' && b != b'\\');
+    if !(plain(&event.id) && plain(schema) && plain(table)) {
+        return false;
+    }
+    let mut rest = event.payload.as_bytes();
+    let pieces: [&str; 13] = [
+        "{\"id\":\"",
+        &event.id,
+        "\",\"operation\":\"",
+        operation.as_str(),
+        "\",\"schema\":\"",
+        schema,
+        "\",\"table\":\"",
+        table,
+        "\",\"record\":",
+        record,
+        ",\"old\":",
+        event.old.as_deref().unwrap_or("null"),
+        ",\"commitTimestamp\":",
+    ];
+    pieces
+        .iter()
+        .all(|piece| match rest.strip_prefix(piece.as_bytes()) {
+            Some(after) => {
+                rest = after;
+                true
+            }
+            None => false,
+        })
+}
+
 /// What a row change says beyond its new and old rows, written after them in every channel's
 /// payload (the WebSocket `db_event` payload, the webhook's `data`): `unchangedToast`, the
 /// columns PostgreSQL left out because their TOASTed value did not change and no old row
@@ -543,6 +592,77 @@ pub fn commit_time(ts: pgoutput::PgTimestamp) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn row_event(schema: &str, record: &str, old: Option<&str>) -> Event {
+        finish(
+            Pending::Row {
+                operation: RowOp::Update,
+                schema: schema.into(),
+                table: "t".into(),
+                record: record.into(),
+                old: old.map(str::to_string),
+                unchanged_toast: vec!["big".into()],
+                key: None,
+            },
+            Lsn(0x10),
+            Lsn(0x20),
+            1,
+            "2026-01-01T00:00:00Z",
+            true,
+        )
+    }
+
+    #[test]
+    fn the_change_stream_s_row_payloads_are_recognized_and_nothing_else() {
+        let e = row_event("public", r#"{"id":1,"n":"a \"q\""}"#, Some(r#"{"id":1}"#));
+        assert!(payload_holds_rows(&e));
+        assert!(payload_holds_rows(&row_event("public", "{}", None)));
+        // The rows said in the payload are the event's.
+        let v: serde_json::Value = serde_json::from_str(&e.payload).unwrap();
+        assert_eq!(v["record"].to_string(), e.record.clone().unwrap());
+        assert_eq!(v["old"].to_string(), e.old.clone().unwrap());
+        // Any difference from the event's own fields: not recognized (the history parses it).
+        let mut other = row_event("public", "{\"id\":1}", None);
+        other.record = Some("{\"id\":2}".into());
+        assert!(!payload_holds_rows(&other));
+        let mut other = row_event("public", "{\"id\":1}", Some("{}"));
+        other.old = None;
+        assert!(!payload_holds_rows(&other));
+        let mut other = row_event("public", "{\"id\":1}", None);
+        other.table = Some("u".into());
+        assert!(!payload_holds_rows(&other));
+        let mut other = row_event("public", "{\"id\":1}", None);
+        other.kind = EventKind::Row {
+            operation: RowOp::Insert,
+        };
+        assert!(!payload_holds_rows(&other));
+        let mut other = row_event("public", "{\"id\":1}", None);
+        other.payload = Arc::from(format!("{} ", &other.payload[..other.payload.len() - 1]));
+        assert!(
+            payload_holds_rows(&other),
+            "only the fields up to the rows are compared"
+        );
+        other.payload = Arc::from(other.payload.replacen("{\"id\"", "{\"x\":0,\"id\"", 1));
+        assert!(!payload_holds_rows(&other));
+        // Names that needed escaping are left to the parser.
+        assert!(!payload_holds_rows(&row_event("a\"b", "{}", None)));
+        let schema = finish(
+            Pending::Schema {
+                command: "CREATE TABLE".into(),
+                object_type: "table".into(),
+                schema: Some("public".into()),
+                table: Some("t".into()),
+                object: Some("public.t".into()),
+                partition: None,
+            },
+            Lsn(1),
+            Lsn(2),
+            0,
+            "2026-01-01T00:00:00Z",
+            true,
+        );
+        assert!(!payload_holds_rows(&schema));
+    }
 
     #[test]
     fn event_ids_sort_in_commit_order() {

@@ -60,7 +60,7 @@ use fluxbase_replication::values::TypeRegistry;
 use fluxbase_replication::wire::{ConnectConfig, Connection, WireError};
 use serde::Serialize;
 
-use crate::bus::{Bus, EventBus, ProjectChannel};
+use crate::bus::{Bus, Event, EventBus, ProjectChannel};
 use crate::config::Config;
 use crate::db::{quote_literal, ClusterTarget};
 use crate::secrets::Secrets;
@@ -863,6 +863,12 @@ async fn stream_once<B: EventBus>(
     }
 }
 
+/// Events of a transaction finished and handed to the bus at a time: the bus then waits for
+/// room in a durable subscriber's queue once per run rather than once per event, and a
+/// subscriber woken for the first finds the rest queued. Bounds the memory held meanwhile (a
+/// spilled transaction is read back this many events at a time).
+const PUBLISH_RUN: usize = 256;
+
 /// Publishes a committed transaction's events in order.
 async fn release<C: ProjectChannel>(
     bus: &C,
@@ -877,23 +883,30 @@ async fn release<C: ProjectChannel>(
         .peekable();
     let mut index = 0u32;
     let mut count = 0u64;
+    let mut run: Vec<Arc<Event>> = Vec::new();
     while let Some(p) = iter.next() {
         let p = p.map_err(assemble::AssembleError::Spill)?;
         let last = iter.peek().is_none();
-        bus.publish(Arc::new(events::finish(
+        if run.capacity() == 0 {
+            run.reserve_exact(if last { 1 } else { PUBLISH_RUN });
+        }
+        run.push(Arc::new(events::finish(
             p,
             tx.commit_lsn,
             tx.end_lsn,
             index,
             &commit_time,
             last,
-        )))
-        .await;
+        )));
         index += 1;
-        count += 1;
-        if count.is_multiple_of(256) {
-            // Let the other streams on this runtime read during a large transaction.
-            tokio::task::yield_now().await;
+        if run.len() == PUBLISH_RUN || last {
+            bus.publish_batch(&run).await;
+            count += run.len() as u64;
+            run.clear();
+            if !last {
+                // Let the other streams on this runtime read during a large transaction.
+                tokio::task::yield_now().await;
+            }
         }
     }
     // Each transaction spends a unit of tokio's cooperative budget, so that a stream catching

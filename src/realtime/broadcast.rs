@@ -9,7 +9,6 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
-use super::room::frame;
 use super::{Realtime, RealtimeError};
 use crate::auth::Access;
 use crate::bus::{Event, EventKind};
@@ -162,7 +161,7 @@ impl Realtime {
             }
             drop(history);
         }
-        let msg = frame("broadcast", &room.room_id, &event);
+        let msg = std::cell::OnceCell::new();
         // Broadcasts are not row-filtered: every member may see them.
         state.slice_len = 1;
         let n = room.fan_out(&mut state, &event, &msg, from, |_| Some(&Verdict::Send));

@@ -264,7 +264,8 @@ impl Room {
                     h.mark_gap(&event.id);
                 }
             }
-            let message = frame(kind_of(event), &self.room_id, event);
+            // Framed only if a member takes it (a room without sockets frames nothing).
+            let message = std::cell::OnceCell::new();
             let n = self.fan_out(&mut state, event, &message, event.sender, |identity| {
                 verdicts.get(identity, first_index + i)
             });
@@ -281,7 +282,8 @@ impl Room {
     }
 
     /// Hands one stored event to the live members that want it and may see it (`verdict` of
-    /// their identity; except `except`); a member whose queue is past its high-water mark
+    /// their identity; except `except`), framed once (`message`, made with [`frame`] when the
+    /// first member takes it, unless the caller made it); a member whose queue is past its high-water mark
     /// starts catching up from the event before this one instead of being cut off. Returns how
     /// many got it now. The events go to the members' `pending` lists: the caller queues them
     /// ([`RoomState::send_pending`]) before it lets go of the room's lock.
@@ -289,7 +291,7 @@ impl Room {
         self: &Arc<Room>,
         state: &mut RoomState,
         event: &Event,
-        message: &Message,
+        message: &std::cell::OnceCell<Message>,
         except: Option<u64>,
         verdict: impl Fn(&Identity) -> Option<&'v Verdict>,
     ) -> usize {
@@ -317,7 +319,9 @@ impl Room {
             };
             let instead;
             let message = match m.interest.decide(event, seen, &record, &old_record) {
-                Decision::Send => message,
+                Decision::Send => {
+                    message.get_or_init(|| frame(kind_of(event), &self.room_id, event))
+                }
                 Decision::SendInstead(payload) => {
                     instead = instead_frame(&self.room_id, payload);
                     &instead

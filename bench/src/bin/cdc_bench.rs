@@ -22,7 +22,8 @@
 //! The ratios, Fluxbase / decoding alone (target: median at least 0.5×) and Fluxbase /
 //! pg_recvlogical (target: every round at least 1.5×), are printed per round with pass/miss,
 //! the load average, and the CPU each process used while it drained (from
-//! `/proc/<pid>/schedstat`): the decoding backend; pg_recvlogical and its walsender; the
+//! `/proc/<pid>/schedstat`; in cores busy and in µs per event, the figure that compares across
+//! runs on a shared machine): the decoding backend; pg_recvlogical and its walsender; the
 //! change stream's walsender and this process (server and counting subscriber; of it the
 //! change streams' runtime threads). Then, on the last project, one single-row INSERT per
 //! transaction at a steady BENCH_TPS for BENCH_LATENCY_SECONDS: each event's delay from its
@@ -253,6 +254,20 @@ async fn bench(app: &SharedApp, cluster: &Cluster, settings: &Settings) -> Resul
             cores(c.fluxbase_process, round.fluxbase),
             cores(c.fluxbase_stream, round.fluxbase),
         );
+        // The same per event: what compares across runs on a shared machine, where the rates
+        // (and cores busy) move with whatever else runs.
+        let us = |cpu: f64| cpu * 1e6 / settings.changes() as f64;
+        eprintln!(
+            "[bench]   CPU per event (µs): decoding backend {:.2}; pg_recvlogical's walsender \
+             {:.2}, pg_recvlogical {:.2}; fluxbase's walsender {:.2}, this process {:.2} (change \
+             stream thread {:.2})",
+            us(c.decoding_backend),
+            us(c.reference_walsender),
+            us(c.reference_client),
+            us(c.fluxbase_walsender),
+            us(c.fluxbase_process),
+            us(c.fluxbase_stream),
+        );
         if !warmup {
             rounds.push(round);
         }
@@ -318,6 +333,17 @@ async fn bench(app: &SharedApp, cluster: &Cluster, settings: &Settings) -> Resul
         cores(&|r| (r.cpu.fluxbase_walsender, r.fluxbase)),
         cores(&|r| (r.cpu.fluxbase_process, r.fluxbase)),
         cores(&|r| (r.cpu.fluxbase_stream, r.fluxbase)),
+    );
+    let us = |f: &dyn Fn(&RoundCpu) -> f64| median(&|r| f(&r.cpu) * 1e6 / expected);
+    println!(
+        "CPU per event    : decoding backend {:.2} µs; pg_recvlogical's walsender {:.2} + pg_recvlogical {:.2} µs; \
+         fluxbase's walsender {:.2} + this process {:.2} µs (change stream {:.2}) (medians of the rounds)",
+        us(&|c| c.decoding_backend),
+        us(&|c| c.reference_walsender),
+        us(&|c| c.reference_client),
+        us(&|c| c.fluxbase_walsender),
+        us(&|c| c.fluxbase_process),
+        us(&|c| c.fluxbase_stream),
     );
     let vs_decoding = median(&Round::vs_decoding);
     let lowest_vs_reference = rounds
@@ -850,7 +876,7 @@ async fn drain_to_bus(
     let previous = slot_active_pid(client, &slot).await?;
     // Joining asks for a replay from the slot's confirmed position; the stream is stopped and
     // starts from there anyway, and ignores a request made before it started.
-    let counter = tokio::task::spawn_blocking(move || count_events(sub, expected));
+    let counter = tokio::spawn(count_events(sub, expected));
     let (process_before, stream_before) = own_cpu();
     let started = Instant::now();
     app.cdc.start(id.to_string(), db.to_string());
@@ -904,27 +930,31 @@ fn is_workload_event(e: &Event) -> bool {
 }
 
 /// Receives (and acknowledges) until `expected` workload events have arrived; returns when the
-/// first and the last arrived. Runs on its own thread: a task woken by the stream's task would
-/// wait in that worker's LIFO slot until the stream yields.
-fn count_events(mut sub: Subscription, expected: u64) -> Result<(Instant, Instant)> {
+/// first and the last arrived. A task on the server's runtime, like the server's own durable
+/// subscribers (the realtime pump, the webhook outbox): the change stream runs on a runtime of
+/// its own, so waking this task never waits for the stream to yield. (A thread of its own,
+/// parked whenever it had caught up, cost the stream a futex wake-up for most runs of events.)
+async fn count_events(mut sub: Subscription, expected: u64) -> Result<(Instant, Instant)> {
     let mut seen = 0u64;
     let mut first = None;
     let mut report = Instant::now();
+    // What is queued is taken at once (as the realtime pump and the webhook outbox do), and
+    // acknowledged per batch.
+    let mut batch = Vec::with_capacity(256);
     while seen < expected {
-        let Some(event) = sub.events.blocking_recv() else {
+        if sub.events.recv_many(&mut batch, 256).await == 0 {
             bail!(
                 "the bus closed the subscription after {seen} of {expected} events: {}",
                 sub.closed_reason().unwrap_or_default()
             );
-        };
+        }
         first.get_or_insert_with(Instant::now);
-        if is_workload_event(&event) {
-            seen += 1;
+        seen += batch.iter().filter(|e| is_workload_event(e)).count() as u64;
+        if let Some(end) = batch.iter().rev().find(|e| e.last_in_transaction) {
+            sub.ack(end.end_lsn);
         }
-        if event.last_in_transaction {
-            sub.ack(event.end_lsn);
-        }
-        if seen & 1023 == 0 && report.elapsed() > Duration::from_secs(5) {
+        batch.clear();
+        if report.elapsed() > Duration::from_secs(5) {
             report = Instant::now();
             eprintln!("[bench]   {seen} of {expected} events");
         }
