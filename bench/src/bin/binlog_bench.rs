@@ -376,8 +376,7 @@ async fn bench(
     while arrivals.lock().expect("poisoned").len() < total as usize && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    while raw_arrivals.lock().expect("poisoned").len() < total as usize
-        && Instant::now() < deadline
+    while raw_arrivals.lock().expect("poisoned").len() < total as usize && Instant::now() < deadline
     {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
@@ -390,7 +389,8 @@ async fn bench(
         .collect();
     raw_delays.sort_by(f64::total_cmp);
     if let Some(max) = raw_delays.last() {
-        let pct = |p: f64| raw_delays[((raw_delays.len() as f64 * p) as usize).min(raw_delays.len() - 1)];
+        let pct =
+            |p: f64| raw_delays[((raw_delays.len() as f64 * p) as usize).min(raw_delays.len() - 1)];
         println!(
             "floor: a bare binlog dump of the same log (mysql_async, event headers only): p50 {:.2} ms, p99 {:.2} ms, max {max:.2} ms",
             pct(0.5),
