@@ -933,9 +933,7 @@ fn row_json(row: &BinlogRow, table: &Table) -> (String, Option<String>) {
     (out, key)
 }
 
-fn write_str(out: &mut String, s: &str) {
-    out.push_str(&serde_json::to_string(s).expect("strings serialize"));
-}
+use crate::mysql::render::write_str;
 
 #[cfg(test)]
 mod tests {
