@@ -196,7 +196,11 @@ pub fn write_json(out: &mut String, kind: &ColumnKind, value: &Value) {
         Value::Time(neg, days, h, mi, s, us) => {
             let hours = u64::from(*days) * 24 + u64::from(*h);
             out.push('"');
-            let _ = write!(out, "{}{hours:02}:{mi:02}:{s:02}", if *neg { "-" } else { "" });
+            let _ = write!(
+                out,
+                "{}{hours:02}:{mi:02}:{s:02}",
+                if *neg { "-" } else { "" }
+            );
             push_fraction(out, *us);
             out.push('"');
         }
@@ -400,11 +404,20 @@ mod tests {
             .map(|c| format!("a{c}b{c}"))
             .collect();
         all.extend(
-            ["", "\"", "\\", "日本\u{0}😀\u{7f}\u{2028}", "\u{1f}\u{1f}", "plain text"]
-                .map(String::from),
+            [
+                "",
+                "\"",
+                "\\",
+                "日本\u{0}😀\u{7f}\u{2028}",
+                "\u{1f}\u{1f}",
+                "plain text",
+            ]
+            .map(String::from),
         );
         // Every pair of characters from a pool of escapes and multi-byte ones.
-        let pool = ['a', '"', '\\', '\n', '\u{1}', 'é', '😀', '\u{1f}', '/', '\u{7f}'];
+        let pool = [
+            'a', '"', '\\', '\n', '\u{1}', 'é', '😀', '\u{1f}', '/', '\u{7f}',
+        ];
         for x in pool {
             for y in pool {
                 for z in pool {
@@ -425,7 +438,10 @@ mod tests {
 
     #[test]
     fn fractions_lose_their_trailing_zeros_only() {
-        for micros in (0..1_000_000).step_by(7).chain([1, 10, 100_000, 999_999, 500_000, 120]) {
+        for micros in (0..1_000_000)
+            .step_by(7)
+            .chain([1, 10, 100_000, 999_999, 500_000, 120])
+        {
             let mut ours = String::new();
             push_fraction(&mut ours, micros);
             // The former formatting.

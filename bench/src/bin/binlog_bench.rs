@@ -43,6 +43,11 @@ use fluxbase::projects::Engine;
 use mysql_async::prelude::Queryable;
 use mysql_async::{Conn, Opts};
 
+/// `--features mimalloc`: the allocator experiment (docs/benchmarks.md).
+#[cfg(feature = "mimalloc")]
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 const TARGET_RATIO: f64 = 0.9;
 const TARGET_P99_MS: f64 = 20.0;
 
@@ -281,6 +286,14 @@ async fn bench(
         "fluxbase (binlog stream → bus)       : {:.0} events/s",
         median(&|r| rate(r.fluxbase))
     );
+    let per_event = |cpu: f64| cpu * 1e6 / s.changes() as f64;
+    println!(
+        "CPU per event (medians): reference client {:.2} µs (mariadbd {:.2} µs); this process {:.2} µs (mariadbd {:.2} µs)",
+        median(&|r| per_event(r.reference_cpu)),
+        median(&|r| per_event(r.reference_server_cpu)),
+        median(&|r| per_event(r.fluxbase_cpu)),
+        median(&|r| per_event(r.fluxbase_server_cpu)),
+    );
     let ratio = median(&Round::ratio);
     println!(
         "ratio fluxbase / reference: {ratio:.2}x median (target >= {TARGET_RATIO:.1}x: {})",
@@ -407,6 +420,16 @@ async fn bench(
         })
         .collect();
     let lost = total as usize - delays.len();
+    // Where the slowest events were: a stall at the stream's start (first table map) or a
+    // periodic one shows here.
+    let mut slowest: Vec<(f64, usize)> = delays.iter().copied().zip(0..).collect();
+    slowest.sort_by(|a, b| b.0.total_cmp(&a.0));
+    let slowest: Vec<String> = slowest
+        .iter()
+        .take(5)
+        .map(|(d, i)| format!("#{i} {d:.1} ms"))
+        .collect();
+    println!("slowest events (# in commit order): {}", slowest.join(", "));
     delays.sort_by(f64::total_cmp);
     let pct = |p: f64| delays[((delays.len() as f64 * p) as usize).min(delays.len() - 1)];
     if delays.is_empty() {

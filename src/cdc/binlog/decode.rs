@@ -266,6 +266,9 @@ pub struct Decoder {
     /// MariaDB JSON columns per table of the project, as the catalog said (see
     /// [`Decoder::wanted_tables`]).
     json_columns: HashMap<String, HashSet<String>>,
+    /// `json_columns` holds every table of the database that has JSON columns (the whole
+    /// catalog was read, [`Decoder::set_json_catalog`]): a table not in it has none.
+    json_catalog: bool,
     wanted: Vec<String>,
     current: Option<OpenTx>,
     /// The GTID announced for the next transaction (MySQL's comes before its BEGIN).
@@ -298,6 +301,7 @@ impl Decoder {
             seq: 0,
             tables: HashMap::new(),
             json_columns: HashMap::new(),
+            json_catalog: false,
             wanted: Vec::new(),
             current: None,
             next_gtid: None,
@@ -372,6 +376,20 @@ impl Decoder {
             }
         }
         self.json_columns.insert(table.to_string(), columns);
+    }
+
+    /// The JSON columns of every table of the database (tables without any left out), read
+    /// from the catalog at once: tables met later need no lookup of their own.
+    pub fn set_json_catalog(&mut self, catalog: HashMap<String, HashSet<String>>) {
+        for t in self.tables.values_mut().flatten() {
+            let json = catalog.get(&t.name);
+            for info in t.columns.iter_mut() {
+                info.json = json.is_some_and(|j| j.contains(&info.name));
+            }
+        }
+        self.json_columns = catalog;
+        self.json_catalog = true;
+        self.wanted.clear();
     }
 
     fn lsn(&self, log_pos: u32) -> Result<Lsn, DecodeError> {
@@ -534,6 +552,7 @@ impl Decoder {
                     }
                     // The catalog may have changed: JSON columns are looked up again.
                     self.json_columns.clear();
+                    self.json_catalog = false;
                     return self.commit(ev, log_pos);
                 }
                 for p in ours {
@@ -555,6 +574,7 @@ impl Decoder {
                         return Err(DecodeError::NoColumnNames(format!("`{name}`")));
                     };
                     match self.json_columns.get(&name) {
+                        None if self.json_catalog => {}
                         Some(json) => {
                             for c in columns.iter_mut() {
                                 c.json = json.contains(&c.name);

@@ -46,7 +46,7 @@ pub mod decode;
 pub mod position;
 pub mod render;
 
-use std::collections::{HashSet, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -406,21 +406,25 @@ fn lag_bytes(logs: &[(String, u64)], from: &BinlogPosition) -> Option<u64> {
     seen.then_some(lag)
 }
 
-/// MariaDB's JSON columns of a table (LONGTEXT with the `json_valid` check MariaDB adds).
-async fn json_columns(
+/// MariaDB's JSON columns (LONGTEXT with the `json_valid` check MariaDB adds) of every table
+/// of `db` that has some, by table.
+async fn json_catalog(
     catalog: &mut Conn,
     db: &str,
-    table: &str,
-) -> Result<HashSet<String>, mysql_async::Error> {
-    let rows: Vec<String> = catalog
+) -> Result<HashMap<String, HashSet<String>>, mysql_async::Error> {
+    let rows: Vec<(String, String)> = catalog
         .exec(
-            "SELECT CONSTRAINT_NAME FROM information_schema.CHECK_CONSTRAINTS \
-             WHERE CONSTRAINT_SCHEMA = ? AND TABLE_NAME = ? \
+            "SELECT TABLE_NAME, CONSTRAINT_NAME FROM information_schema.CHECK_CONSTRAINTS \
+             WHERE CONSTRAINT_SCHEMA = ? \
              AND CHECK_CLAUSE = CONCAT('json_valid(`', CONSTRAINT_NAME, '`)')",
-            (db, table),
+            (db,),
         )
         .await?;
-    Ok(rows.into_iter().collect())
+    let mut tables: HashMap<String, HashSet<String>> = HashMap::new();
+    for (table, column) in rows {
+        tables.entry(table).or_default().insert(column);
+    }
+    Ok(tables)
 }
 
 async fn stream_once<B: EventBus>(
@@ -499,6 +503,10 @@ async fn stream_once<B: EventBus>(
         .await?;
     let mut decoder = Decoder::new(db_name, sources.settings.buffer_bytes, &spill_dir)
         .with_checksums(checksum.is_some_and(|c| !c.eq_ignore_ascii_case("NONE")));
+    if let Some(schema) = schema.as_mut() {
+        // Before the first event: a table's first rows never wait for a catalog query.
+        decoder.set_json_catalog(json_catalog(schema, db_name).await?);
+    }
     let mut released: VecDeque<(Lsn, Option<String>)> = VecDeque::new();
     let mut gtid: Option<String> = None;
     // The control database and the server's log list are reached off the read path: a
@@ -529,9 +537,10 @@ async fn stream_once<B: EventBus>(
                 };
                 let committed = decoder.handle(&event)?;
                 if let Some(schema) = schema.as_mut() {
-                    for table in decoder.wanted_tables() {
-                        let cols = json_columns(schema, db_name, &table).await?;
-                        decoder.set_json_columns(&table, cols);
+                    // A table met for the first time after DDL: the catalog is read again,
+                    // all of it in one query.
+                    if !decoder.wanted_tables().is_empty() {
+                        decoder.set_json_catalog(json_catalog(schema, db_name).await?);
                     }
                 }
                 if let Some(tx) = committed {
