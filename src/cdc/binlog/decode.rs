@@ -562,6 +562,16 @@ impl Decoder {
             EventData::XidEvent(_) => return self.commit(ev, log_pos),
             EventData::TableMapEvent(tme) => {
                 let id = tme.table_id();
+                // Each transaction maps its tables again: the same map of a table already
+                // planned is kept (while the JSON catalog is fresh: a DDL statement may have
+                // changed which columns are JSON without changing the map).
+                if self.json_catalog {
+                    if let Some(Some(known)) = self.tables.get(&id) {
+                        if known.tme == tme {
+                            return Ok(None);
+                        }
+                    }
+                }
                 let table = if tme.database_name() == self.db.as_str() {
                     let tme = tme.into_owned();
                     let name = tme.table_name().into_owned();

@@ -479,6 +479,18 @@ async fn stream_once<B: EventBus>(
     let mut confirmed =
         position::to_lsn(&start.file, start.offset).map_err(|e| BinlogError::Decode(e.into()))?;
 
+    // Everything the decoder needs from the server is asked before the dump starts, and the
+    // state says `streaming` only then: the first events never wait behind these queries.
+    let checksum: Option<String> = catalog
+        .query_first("SELECT @@GLOBAL.binlog_checksum")
+        .await?;
+    let mut decoder = Decoder::new(db_name, sources.settings.buffer_bytes, &spill_dir)
+        .with_checksums(checksum.is_some_and(|c| !c.eq_ignore_ascii_case("NONE")));
+    if let Some(schema) = schema.as_mut() {
+        // Before the first event: a table's first rows never wait for a catalog query.
+        decoder.set_json_catalog(json_catalog(schema, db_name).await?);
+    }
+
     let mut conn = Conn::new(source.opts.clone()).await?;
     // MariaDB sends its own GTID and annotate events only to replicas that say they read them.
     conn.query_drop("SET @mariadb_slave_capability = 4").await?;
@@ -498,15 +510,6 @@ async fn stream_once<B: EventBus>(
     }
     tracing::info!(project_id, position = %start, "binlog stream started");
 
-    let checksum: Option<String> = catalog
-        .query_first("SELECT @@GLOBAL.binlog_checksum")
-        .await?;
-    let mut decoder = Decoder::new(db_name, sources.settings.buffer_bytes, &spill_dir)
-        .with_checksums(checksum.is_some_and(|c| !c.eq_ignore_ascii_case("NONE")));
-    if let Some(schema) = schema.as_mut() {
-        // Before the first event: a table's first rows never wait for a catalog query.
-        decoder.set_json_catalog(json_catalog(schema, db_name).await?);
-    }
     let mut released: VecDeque<(Lsn, Option<String>)> = VecDeque::new();
     let mut gtid: Option<String> = None;
     // The control database and the server's log list are reached off the read path: a
