@@ -49,6 +49,8 @@ use mysql_async::{Conn, Opts};
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 const TARGET_RATIO: f64 = 0.9;
+/// Latency events the subscriber received more than once.
+static REPEATED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 const TARGET_P99_MS: f64 = 20.0;
 
 struct Settings {
@@ -323,7 +325,12 @@ async fn bench(
                 let v: serde_json::Value = serde_json::from_str(&e.payload).unwrap_or_default();
                 if let Some(id) = v["record"]["id"].as_i64() {
                     // The first arrival counts (a replay after a rewind repeats ids).
-                    arrivals.lock().expect("poisoned").entry(id).or_insert(now);
+                    let mut arrivals = arrivals.lock().expect("poisoned");
+                    if arrivals.contains_key(&id) {
+                        REPEATED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    } else {
+                        arrivals.insert(id, now);
+                    }
                 }
             }
         })
@@ -430,7 +437,11 @@ async fn bench(
         .take(5)
         .map(|(d, i)| format!("#{i} {d:.1} ms"))
         .collect();
-    println!("slowest events (# in commit order): {}", slowest.join(", "));
+    println!(
+        "slowest events (# in commit order): {}; {} events arrived again (a replay)",
+        slowest.join(", "),
+        REPEATED.load(std::sync::atomic::Ordering::Relaxed)
+    );
     delays.sort_by(f64::total_cmp);
     let pct = |p: f64| delays[((delays.len() as f64 * p) as usize).min(delays.len() - 1)];
     if delays.is_empty() {
