@@ -344,6 +344,10 @@ async fn bench(
         let arrivals = raw_arrivals.clone();
         let opts = app.mysql.replication_opts().await?;
         let mut raw_conn = Conn::new(opts).await?;
+        // As the stream asks (MariaDB's own GTID events).
+        raw_conn
+            .query_drop("SET @mariadb_slave_capability = 4")
+            .await?;
         raw_conn
             .query_drop("SET @master_heartbeat_period = 1000000000")
             .await?;
