@@ -284,7 +284,7 @@ fn push_fraction(text: &mut String, mut micros: u32) {
     if micros > 0 {
         // Six digits without the trailing zeros.
         let mut width = 6;
-        while micros % 10 == 0 {
+        while micros.is_multiple_of(10) {
             micros /= 10;
             width -= 1;
         }

@@ -325,11 +325,13 @@ async fn bench(
                 let v: serde_json::Value = serde_json::from_str(&e.payload).unwrap_or_default();
                 if let Some(id) = v["record"]["id"].as_i64() {
                     // The first arrival counts (a replay after a rewind repeats ids).
-                    let mut arrivals = arrivals.lock().expect("poisoned");
-                    if arrivals.contains_key(&id) {
-                        REPEATED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                    } else {
-                        arrivals.insert(id, now);
+                    match arrivals.lock().expect("poisoned").entry(id) {
+                        std::collections::hash_map::Entry::Occupied(_) => {
+                            REPEATED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        }
+                        std::collections::hash_map::Entry::Vacant(v) => {
+                            v.insert(now);
+                        }
                     }
                 }
             }
