@@ -1649,6 +1649,50 @@ mod tests {
         assert!(keys > 100 && keys < rows_seen, "{keys} of {rows_seen}");
     }
 
+    /// The JSON catalog read at the start: tables not in it have no JSON columns and are not
+    /// looked up; a table map repeated by the next transaction keeps its plan while the catalog
+    /// is fresh; after DDL the next table map asks for the catalog again and JSON-ness follows
+    /// what it says, even for a map whose bytes did not change.
+    #[test]
+    fn the_json_catalog_is_read_once_and_again_after_ddl() {
+        use mysql8::*;
+        let dir = std::env::temp_dir().join(format!("fx-binlog-cat-{}", std::process::id()));
+        let mut d = Decoder::new("fx_t", 1 << 20, &dir);
+        feed(&mut d, &rotate("binlog.000001")).unwrap();
+        d.set_json_catalog(HashMap::new());
+        feed(&mut d, &table_map(100, 9, "fx_t")).unwrap();
+        assert!(
+            d.wanted_tables().is_empty(),
+            "known from the catalog: no lookup"
+        );
+        let planned = |d: &Decoder| {
+            let t = d.tables.get(&9).unwrap().as_ref().unwrap();
+            (
+                t.plan.as_ptr(),
+                t.columns.iter().map(|c| c.json).collect::<Vec<_>>(),
+            )
+        };
+        let (plan, json) = planned(&d);
+        assert_eq!(json, [false, false, false]);
+        feed(&mut d, &table_map(200, 9, "fx_t")).unwrap();
+        assert_eq!(planned(&d).0, plan, "the same map keeps its plan");
+        // DDL (a check that makes `name` a MariaDB JSON column): the catalog is stale.
+        feed(
+            &mut d,
+            &query(
+                300,
+                "fx_t",
+                "ALTER TABLE items ADD CHECK (json_valid(name))",
+            ),
+        )
+        .unwrap();
+        feed(&mut d, &table_map(400, 9, "fx_t")).unwrap();
+        assert_eq!(d.wanted_tables(), ["items"]);
+        d.set_json_catalog([("items".to_string(), ["name".to_string()].into())].into());
+        assert_eq!(planned(&d).1, [false, true, false]);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
     /// xorshift64*: a fixed sequence, no dependency.
     struct Rng(u64);
 
