@@ -502,13 +502,11 @@ async fn stream_once<B: EventBus>(
         .with_filename(start.file.as_bytes())
         .with_pos(start.offset);
     let mut stream = conn.get_binlog_stream(request).await?;
-    {
-        let mut s = status.lock().expect("poisoned");
-        s.state = StreamState::Streaming;
-        s.last_error = None;
-        s.confirmed_lsn = Some(confirmed.to_string());
-    }
-    tracing::info!(project_id, position = %start, "binlog stream started");
+    // The state says `streaming` from the first event the server sends (its ROTATE): a new dump
+    // with the replica id of one the server still holds (a restart: the old connection's dump
+    // thread has not noticed it is gone) starts only once the server has ended that one,
+    // ~0.1 s on MariaDB 10.11.
+    let mut streaming = false;
 
     let mut released: VecDeque<(Lsn, Option<String>)> = VecDeque::new();
     let mut gtid: Option<String> = None;
@@ -538,6 +536,15 @@ async fn stream_once<B: EventBus>(
                     Some(Err(e)) => return Err(e.into()),
                     None => return Err(BinlogError::Ended),
                 };
+                if !streaming {
+                    streaming = true;
+                    let mut s = status.lock().expect("poisoned");
+                    s.state = StreamState::Streaming;
+                    s.last_error = None;
+                    s.confirmed_lsn = Some(confirmed.to_string());
+                    drop(s);
+                    tracing::info!(project_id, position = %start, "binlog stream started");
+                }
                 let committed = decoder.handle(&event)?;
                 if let Some(schema) = schema.as_mut() {
                     // A table met for the first time after DDL: the catalog is read again,
