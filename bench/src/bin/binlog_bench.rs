@@ -11,7 +11,7 @@
 //!             and new image), through one admin connection; the range [start, end) noted
 //!  reference  mariadb-binlog --read-from-remote-server --start-position --stop-position -v
 //!             (rows decoded to text) > /dev/null, as the replication account
-//!  fluxbase   cdc.start_mysql: dump → decode → render → bus → a subscriber counts N + U
+//!  fluxbase   cdc.start_mysql: dump → decode → render → bus → a durable subscriber counts N + U
 //! ```
 //!
 //! The two read the same range in turn, the reference first in odd rounds and Fluxbase first in
@@ -512,7 +512,9 @@ async fn run_fluxbase(
     changes: u64,
 ) -> Result<Duration> {
     set_position(app, project_id, start).await?;
-    let mut sub = app.bus.project(project_id).subscribe();
+    // Durable (it acknowledges, the stream waits for it): the stream now outruns an ordinary
+    // subscriber on this runtime, which the bus then cuts off a queue behind.
+    let mut sub = app.bus.project(project_id).subscribe_durable();
     let began = Instant::now();
     app.cdc.start_mysql(project_id.to_string(), db.to_string());
     let mut n = 0;
@@ -523,6 +525,9 @@ async fn run_fluxbase(
             .context("the bus closed the subscription")?;
         if matches!(e.kind, fluxbase::bus::EventKind::Row { .. }) {
             n += 1;
+        }
+        if e.last_in_transaction {
+            sub.ack(e.end_lsn);
         }
     }
     let elapsed = began.elapsed();
