@@ -11,6 +11,11 @@ use fluxbase::config::Config;
 use fluxbase::embedded::Cluster;
 use serde_json::Value;
 
+/// The server binary's allocator (src/main.rs): every bench program links this library, so the
+/// benches that run the server in-process measure the allocator users run.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// Logs to stderr, filtered by `FLUXBASE_LOG` (default `warn`).
 pub fn init_tracing() {
     tracing_subscriber::fmt()

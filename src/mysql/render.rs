@@ -183,19 +183,26 @@ pub fn write_json(out: &mut String, kind: &ColumnKind, value: &Value) {
         }
         Value::Float(f) => write_float(out, f64::from(*f), &f.to_string()),
         Value::Double(d) => write_float(out, *d, &d.to_string()),
+        // Digits, dashes, colons and a dot: nothing to escape, written in place.
         Value::Date(y, mo, d, h, mi, s, us) => {
-            let mut text = format!("{y:04}-{mo:02}-{d:02}");
+            out.push('"');
+            let _ = write!(out, "{y:04}-{mo:02}-{d:02}");
             if !kind.is_date() {
-                let _ = write!(text, "T{h:02}:{mi:02}:{s:02}");
-                push_fraction(&mut text, *us);
+                let _ = write!(out, "T{h:02}:{mi:02}:{s:02}");
+                push_fraction(out, *us);
             }
-            write_str(out, &text);
+            out.push('"');
         }
         Value::Time(neg, days, h, mi, s, us) => {
             let hours = u64::from(*days) * 24 + u64::from(*h);
-            let mut text = format!("{}{hours:02}:{mi:02}:{s:02}", if *neg { "-" } else { "" });
-            push_fraction(&mut text, *us);
-            write_str(out, &text);
+            out.push('"');
+            let _ = write!(
+                out,
+                "{}{hours:02}:{mi:02}:{s:02}",
+                if *neg { "-" } else { "" }
+            );
+            push_fraction(out, *us);
+            out.push('"');
         }
         Value::Bytes(bytes) => write_bytes(out, kind, bytes),
     }
@@ -273,11 +280,16 @@ fn write_float(out: &mut String, value: f64, text: &str) {
     }
 }
 
-fn push_fraction(text: &mut String, micros: u32) {
+fn push_fraction(text: &mut String, mut micros: u32) {
     if micros > 0 {
-        let digits = format!("{micros:06}");
-        text.push('.');
-        text.push_str(digits.trim_end_matches('0'));
+        // Six digits without the trailing zeros.
+        let mut width = 6;
+        while micros.is_multiple_of(10) {
+            micros /= 10;
+            width -= 1;
+        }
+        use std::fmt::Write;
+        let _ = write!(text, ".{micros:0width$}");
     }
 }
 
@@ -300,8 +312,39 @@ fn write_hex(out: &mut String, bytes: &[u8]) {
     out.push('"');
 }
 
-fn write_str(out: &mut String, text: &str) {
-    out.push_str(&serde_json::to_string(text).expect("strings serialize"));
+/// `text` as a JSON string, escaped as serde_json escapes (`"`, `\\`, and control characters:
+/// `\b \t \n \f \r` by name, the others `\u00XX` in lower-case hex), without allocating.
+pub fn write_str(out: &mut String, text: &str) {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    out.reserve(text.len() + 2);
+    out.push('"');
+    let bytes = text.as_bytes();
+    let mut start = 0;
+    for (i, &b) in bytes.iter().enumerate() {
+        let short = match b {
+            b'"' => "\\\"",
+            b'\\' => "\\\\",
+            b'\n' => "\\n",
+            b'\r' => "\\r",
+            b'\t' => "\\t",
+            0x08 => "\\b",
+            0x0c => "\\f",
+            0..=0x1f => "",
+            _ => continue,
+        };
+        // Escapes are ASCII, so `i` is on a character boundary.
+        out.push_str(&text[start..i]);
+        if short.is_empty() {
+            out.push_str("\\u00");
+            out.push(HEX[usize::from(b >> 4)] as char);
+            out.push(HEX[usize::from(b & 0xf)] as char);
+        } else {
+            out.push_str(short);
+        }
+        start = i + 1;
+    }
+    out.push_str(&text[start..]);
+    out.push('"');
 }
 
 /// Whether `text` is a number as JSON writes it (MySQL's `-0.50`, `1e30`, `12`).
@@ -352,6 +395,63 @@ mod tests {
 
     fn kind(ty: ColumnType) -> ColumnKind {
         ColumnKind::new(ty, ColumnFlags::empty(), 45)
+    }
+
+    #[test]
+    fn strings_are_escaped_exactly_as_serde_json_escapes_them() {
+        let mut all: Vec<String> = (0u32..0x800)
+            .filter_map(char::from_u32)
+            .map(|c| format!("a{c}b{c}"))
+            .collect();
+        all.extend(
+            [
+                "",
+                "\"",
+                "\\",
+                "日本\u{0}😀\u{7f}\u{2028}",
+                "\u{1f}\u{1f}",
+                "plain text",
+            ]
+            .map(String::from),
+        );
+        // Every pair of characters from a pool of escapes and multi-byte ones.
+        let pool = [
+            'a', '"', '\\', '\n', '\u{1}', 'é', '😀', '\u{1f}', '/', '\u{7f}',
+        ];
+        for x in pool {
+            for y in pool {
+                for z in pool {
+                    all.push([x, y, z].iter().collect());
+                }
+            }
+        }
+        for text in all {
+            let mut out = String::from("prefix");
+            write_str(&mut out, &text);
+            assert_eq!(
+                out,
+                format!("prefix{}", serde_json::to_string(&text).unwrap()),
+                "{text:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn fractions_lose_their_trailing_zeros_only() {
+        for micros in (0..1_000_000)
+            .step_by(7)
+            .chain([1, 10, 100_000, 999_999, 500_000, 120])
+        {
+            let mut ours = String::new();
+            push_fraction(&mut ours, micros);
+            // The former formatting.
+            let expected = if micros > 0 {
+                format!(".{}", format!("{micros:06}").trim_end_matches('0'))
+            } else {
+                String::new()
+            };
+            assert_eq!(ours, expected, "{micros}");
+        }
     }
 
     fn text(ty: ColumnType, s: &str) -> String {

@@ -11,7 +11,7 @@
 //!             and new image), through one admin connection; the range [start, end) noted
 //!  reference  mariadb-binlog --read-from-remote-server --start-position --stop-position -v
 //!             (rows decoded to text) > /dev/null, as the replication account
-//!  fluxbase   cdc.start_mysql: dump → decode → render → bus → a subscriber counts N + U
+//!  fluxbase   cdc.start_mysql: dump → decode → render → bus → a durable subscriber counts N + U
 //! ```
 //!
 //! The two read the same range in turn, the reference first in odd rounds and Fluxbase first in
@@ -44,6 +44,8 @@ use mysql_async::prelude::Queryable;
 use mysql_async::{Conn, Opts};
 
 const TARGET_RATIO: f64 = 0.9;
+/// Latency events the subscriber received more than once.
+static REPEATED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 const TARGET_P99_MS: f64 = 20.0;
 
 struct Settings {
@@ -281,6 +283,14 @@ async fn bench(
         "fluxbase (binlog stream → bus)       : {:.0} events/s",
         median(&|r| rate(r.fluxbase))
     );
+    let per_event = |cpu: f64| cpu * 1e6 / s.changes() as f64;
+    println!(
+        "CPU per event (medians): reference client {:.2} µs (mariadbd {:.2} µs); this process {:.2} µs (mariadbd {:.2} µs)",
+        median(&|r| per_event(r.reference_cpu)),
+        median(&|r| per_event(r.reference_server_cpu)),
+        median(&|r| per_event(r.fluxbase_cpu)),
+        median(&|r| per_event(r.fluxbase_server_cpu)),
+    );
     let ratio = median(&Round::ratio);
     println!(
         "ratio fluxbase / reference: {ratio:.2}x median (target >= {TARGET_RATIO:.1}x: {})",
@@ -309,12 +319,70 @@ async fn bench(
                 }
                 let v: serde_json::Value = serde_json::from_str(&e.payload).unwrap_or_default();
                 if let Some(id) = v["record"]["id"].as_i64() {
-                    arrivals.lock().expect("poisoned").insert(id, now);
+                    // The first arrival counts (a replay after a rewind repeats ids).
+                    match arrivals.lock().expect("poisoned").entry(id) {
+                        std::collections::hash_map::Entry::Occupied(_) => {
+                            REPEATED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        }
+                        std::collections::hash_map::Entry::Vacant(v) => {
+                            v.insert(now);
+                        }
+                    }
                 }
             }
         })
     };
     let total = s.tps * s.latency_seconds;
+    // The floor: the same log read by a bare binlog dump (mysql_async, no decoding past the
+    // event header), each bench_latency row event stamped on arrival. One connection inserts
+    // the ids in order, so the k-th row event of the table is id k.
+    let raw_arrivals: Arc<Mutex<Vec<Instant>>> = Arc::default();
+    let raw = {
+        let arrivals = raw_arrivals.clone();
+        let opts = app.mysql.replication_opts().await?;
+        let mut raw_conn = Conn::new(opts).await?;
+        // As the stream asks (MariaDB's own GTID events).
+        raw_conn
+            .query_drop("SET @mariadb_slave_capability = 4")
+            .await?;
+        raw_conn
+            .query_drop("SET @master_heartbeat_period = 1000000000")
+            .await?;
+        let request = mysql_async::BinlogStreamRequest::new(7)
+            .with_filename(at.file.as_bytes())
+            .with_pos(at.offset);
+        let mut stream = raw_conn.get_binlog_stream(request).await?;
+        tokio::spawn(async move {
+            use futures_util::StreamExt;
+            use mysql_async::binlog::events::EventData;
+            let mut table_id = None;
+            while let Some(Ok(event)) = stream.next().await {
+                let now = Instant::now();
+                match event.header().event_type_raw() {
+                    // TABLE_MAP
+                    19 => {
+                        if let Ok(Some(EventData::TableMapEvent(t))) = event.read_data() {
+                            if t.table_name() == "bench_latency" {
+                                table_id = Some(t.table_id());
+                            }
+                        }
+                    }
+                    // WRITE_ROWS v1 (MariaDB) and v2: the table id is the body's first 6 bytes.
+                    23 | 30 => {
+                        let d = event.data();
+                        if d.len() >= 6 {
+                            let mut id = [0u8; 8];
+                            id[..6].copy_from_slice(&d[..6]);
+                            if Some(u64::from_le_bytes(id)) == table_id {
+                                arrivals.lock().expect("poisoned").push(now);
+                            }
+                        }
+                    }
+                    _ => {}
+                }
+            }
+        })
+    };
     let mut committed = Vec::with_capacity(total as usize);
     let mut tick = tokio::time::interval(Duration::from_secs_f64(1.0 / s.tps as f64));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
@@ -330,7 +398,27 @@ async fn bench(
     while arrivals.lock().expect("poisoned").len() < total as usize && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+    while raw_arrivals.lock().expect("poisoned").len() < total as usize && Instant::now() < deadline
+    {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     reader.abort();
+    raw.abort();
+    let mut raw_delays: Vec<f64> = committed
+        .iter()
+        .zip(raw_arrivals.lock().expect("poisoned").iter())
+        .map(|((_, at), a)| a.saturating_duration_since(*at).as_secs_f64() * 1e3)
+        .collect();
+    raw_delays.sort_by(f64::total_cmp);
+    if let Some(max) = raw_delays.last() {
+        let pct =
+            |p: f64| raw_delays[((raw_delays.len() as f64 * p) as usize).min(raw_delays.len() - 1)];
+        println!(
+            "floor: a bare binlog dump of the same log (mysql_async, event headers only): p50 {:.2} ms, p99 {:.2} ms, max {max:.2} ms",
+            pct(0.5),
+            pct(0.99)
+        );
+    }
     let arrivals = arrivals.lock().expect("poisoned");
     let mut delays: Vec<f64> = committed
         .iter()
@@ -341,6 +429,20 @@ async fn bench(
         })
         .collect();
     let lost = total as usize - delays.len();
+    // Where the slowest events were: a stall at the stream's start (first table map) or a
+    // periodic one shows here.
+    let mut slowest: Vec<(f64, usize)> = delays.iter().copied().zip(0..).collect();
+    slowest.sort_by(|a, b| b.0.total_cmp(&a.0));
+    let slowest: Vec<String> = slowest
+        .iter()
+        .take(5)
+        .map(|(d, i)| format!("#{i} {d:.1} ms"))
+        .collect();
+    println!(
+        "slowest events (# in commit order): {}; {} events arrived again (a replay)",
+        slowest.join(", "),
+        REPEATED.load(std::sync::atomic::Ordering::Relaxed)
+    );
     delays.sort_by(f64::total_cmp);
     let pct = |p: f64| delays[((delays.len() as f64 * p) as usize).min(delays.len() - 1)];
     if delays.is_empty() {
@@ -405,7 +507,9 @@ async fn run_fluxbase(
     changes: u64,
 ) -> Result<Duration> {
     set_position(app, project_id, start).await?;
-    let mut sub = app.bus.project(project_id).subscribe();
+    // Durable (it acknowledges, the stream waits for it): the stream now outruns an ordinary
+    // subscriber on this runtime, which the bus then cuts off a queue behind.
+    let mut sub = app.bus.project(project_id).subscribe_durable();
     let began = Instant::now();
     app.cdc.start_mysql(project_id.to_string(), db.to_string());
     let mut n = 0;
@@ -416,6 +520,9 @@ async fn run_fluxbase(
             .context("the bus closed the subscription")?;
         if matches!(e.kind, fluxbase::bus::EventKind::Row { .. }) {
             n += 1;
+        }
+        if e.last_in_transaction {
+            sub.ack(e.end_lsn);
         }
     }
     let elapsed = began.elapsed();

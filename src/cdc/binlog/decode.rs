@@ -49,6 +49,7 @@ use super::position;
 use crate::bus::RowOp;
 use crate::cdc::assemble::{Committed, TxBuffer};
 use crate::cdc::events::Pending;
+use crate::mysql::render::ColumnKind;
 
 /// The table `fluxbase_realtime_broadcast(event, payload)` writes (sql/mysql/broadcast.sql).
 pub const BROADCAST_TABLE: &str = "fluxbase_broadcasts";
@@ -127,6 +128,119 @@ struct Table {
     name: String,
     role: Role,
     columns: Vec<ColumnInfo>,
+    /// How each column's values are read and rendered: once per TABLE_MAP, not per row.
+    plan: Vec<ColumnPlan>,
+}
+
+/// One column of a table as the row loop needs it ([`read_row`]): what mysql_common's
+/// `BinlogRow` works out again for every column of every row (a `Column` with its names, type,
+/// flags and character set, from the TABLE_MAP's optional metadata), worked out once.
+#[derive(Debug)]
+struct ColumnPlan {
+    ty: ColumnType,
+    meta: Vec<u8>,
+    unsigned: bool,
+    primary_key: bool,
+    kind: ColumnKind,
+    /// `"name":`, the column's JSON key.
+    key: String,
+}
+
+/// The columns of `tme` as mysql_common's row decoder describes them: a row of all NULLs
+/// decoded by mysql_common itself (so type, signedness, character set, primary key and name
+/// are exactly what it gives a real row), turned into plans.
+fn column_plan(tme: &TableMapEvent<'_>) -> std::io::Result<Vec<ColumnPlan>> {
+    use bitvec::slice::BitSlice;
+    use mysql_common::io::ParseBuf;
+    let count = tme.columns_count();
+    let all = vec![0xFFu8; count.div_ceil(8) as usize];
+    let present = &BitSlice::<u8>::from_slice(&all)[..count as usize];
+    // The row: its null bitmap, every column NULL (no value bytes follow).
+    let row: BinlogRow = ParseBuf(&all).parse((count, present, false, tme))?;
+    row.columns_ref()
+        .iter()
+        .enumerate()
+        .map(|(i, col)| {
+            let ty = match tme.get_column_type(i) {
+                Ok(Some(ty)) => ty,
+                _ => {
+                    return Err(std::io::Error::new(
+                        std::io::ErrorKind::InvalidData,
+                        "No column type",
+                    ))
+                }
+            };
+            let mut key = String::with_capacity(col.name_ref().len() + 3);
+            write_str(&mut key, &col.name_str());
+            key.push(':');
+            Ok(ColumnPlan {
+                ty,
+                meta: tme.get_column_metadata(i).unwrap_or(&[]).to_vec(),
+                unsigned: col.flags().contains(ColumnFlags::UNSIGNED_FLAG),
+                primary_key: col.flags().contains(ColumnFlags::PRI_KEY_FLAG),
+                kind: ColumnKind::of(col),
+                key,
+            })
+        })
+        .collect()
+}
+
+/// Reads one row image of `table` from `buf` (`present`: the columns the image holds) as a
+/// JSON object and its primary key, as [`row_json`] renders mysql_common's `BinlogRow`, with
+/// the same value parser, but without building a `Column` per column per row.
+fn read_row<'a>(
+    buf: &mut mysql_common::io::ParseBuf<'a>,
+    present: &bitvec::slice::BitSlice<u8>,
+    table: &'a Table,
+) -> std::io::Result<(String, Option<String>)> {
+    let count = present.count_ones();
+    let nulls: &[u8] = buf.parse(count.div_ceil(8))?;
+    let mut out = String::with_capacity(64 + 16 * table.plan.len());
+    let mut key = String::new();
+    let mut key_complete = true;
+    let mut has_key = false;
+    let mut image = 0usize;
+    out.push('{');
+    for i in 0..present.len() {
+        if !present[i] {
+            continue;
+        }
+        let Some(col) = table.plan.get(i) else {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                "No column type",
+            ));
+        };
+        if image > 0 {
+            out.push(',');
+        }
+        out.push_str(&col.key);
+        let start = out.len();
+        let null = nulls[image / 8] & (1 << (image % 8)) != 0;
+        if null {
+            out.push_str("null");
+        } else {
+            let value: BinlogValue<'_> = buf.parse((col.ty, &col.meta[..], col.unsigned, false))?;
+            super::render::write_binlog_value_of(&mut out, col.kind, &value, table.columns.get(i));
+        }
+        image += 1;
+        if col.primary_key {
+            has_key = true;
+            key.push(if key.is_empty() { '{' } else { ',' });
+            key.push_str(&col.key);
+            let value = &out[start..];
+            if value == "null" {
+                key_complete = false;
+            }
+            key.push_str(value);
+        }
+    }
+    out.push('}');
+    let key = (has_key && key_complete).then(|| {
+        key.push('}');
+        key
+    });
+    Ok((out, key))
 }
 
 struct OpenTx {
@@ -152,6 +266,9 @@ pub struct Decoder {
     /// MariaDB JSON columns per table of the project, as the catalog said (see
     /// [`Decoder::wanted_tables`]).
     json_columns: HashMap<String, HashSet<String>>,
+    /// `json_columns` holds every table of the database that has JSON columns (the whole
+    /// catalog was read, [`Decoder::set_json_catalog`]): a table not in it has none.
+    json_catalog: bool,
     wanted: Vec<String>,
     current: Option<OpenTx>,
     /// The GTID announced for the next transaction (MySQL's comes before its BEGIN).
@@ -184,6 +301,7 @@ impl Decoder {
             seq: 0,
             tables: HashMap::new(),
             json_columns: HashMap::new(),
+            json_catalog: false,
             wanted: Vec::new(),
             current: None,
             next_gtid: None,
@@ -258,6 +376,20 @@ impl Decoder {
             }
         }
         self.json_columns.insert(table.to_string(), columns);
+    }
+
+    /// The JSON columns of every table of the database (tables without any left out), read
+    /// from the catalog at once: tables met later need no lookup of their own.
+    pub fn set_json_catalog(&mut self, catalog: HashMap<String, HashSet<String>>) {
+        for t in self.tables.values_mut().flatten() {
+            let json = catalog.get(&t.name);
+            for info in t.columns.iter_mut() {
+                info.json = json.is_some_and(|j| j.contains(&info.name));
+            }
+        }
+        self.json_columns = catalog;
+        self.json_catalog = true;
+        self.wanted.clear();
     }
 
     fn lsn(&self, log_pos: u32) -> Result<Lsn, DecodeError> {
@@ -420,6 +552,7 @@ impl Decoder {
                     }
                     // The catalog may have changed: JSON columns are looked up again.
                     self.json_columns.clear();
+                    self.json_catalog = false;
                     return self.commit(ev, log_pos);
                 }
                 for p in ours {
@@ -429,6 +562,16 @@ impl Decoder {
             EventData::XidEvent(_) => return self.commit(ev, log_pos),
             EventData::TableMapEvent(tme) => {
                 let id = tme.table_id();
+                // Each transaction maps its tables again: the same map of a table already
+                // planned is kept (while the JSON catalog is fresh: a DDL statement may have
+                // changed which columns are JSON without changing the map).
+                if self.json_catalog {
+                    if let Some(Some(known)) = self.tables.get(&id) {
+                        if known.tme == tme {
+                            return Ok(None);
+                        }
+                    }
+                }
                 let table = if tme.database_name() == self.db.as_str() {
                     let tme = tme.into_owned();
                     let name = tme.table_name().into_owned();
@@ -441,6 +584,7 @@ impl Decoder {
                         return Err(DecodeError::NoColumnNames(format!("`{name}`")));
                     };
                     match self.json_columns.get(&name) {
+                        None if self.json_catalog => {}
                         Some(json) => {
                             for c in columns.iter_mut() {
                                 c.json = json.contains(&c.name);
@@ -452,11 +596,13 @@ impl Decoder {
                             }
                         }
                     }
+                    let plan = column_plan(&tme)?;
                     Some(Table {
                         tme,
                         name,
                         role,
                         columns,
+                        plan,
                     })
                 } else {
                     None
@@ -701,39 +847,45 @@ fn rows_to_pending(
         RowsEventData::DeleteRowsEventV1(_) | RowsEventData::DeleteRowsEvent(_) => RowOp::Delete,
     };
     let mut out = Vec::new();
-    for row in rows.rows(&table.tme) {
-        let (before, after) = row?;
-        match table.role {
-            Role::Broadcast => {
-                if let (RowOp::Insert, Some(after)) = (op, after) {
-                    if let Some(p) = broadcast(&after) {
-                        out.push(p);
-                    }
+    if matches!(table.role, Role::Broadcast) {
+        for row in rows.rows(&table.tme) {
+            let (_, after) = row?;
+            if let (RowOp::Insert, Some(after)) = (op, after) {
+                if let Some(p) = broadcast(&after) {
+                    out.push(p);
                 }
             }
-            Role::User => {
-                let before = before.map(|r| row_json(&r, table));
-                let after = after.map(|r| row_json(&r, table));
-                let (record, old) = match op {
-                    RowOp::Insert => (after, None),
-                    RowOp::Update => (after, before),
-                    // The guide's client prints `record` for DELETE: the deleted row.
-                    RowOp::Delete => (before.clone(), before),
-                };
-                let Some((record, key)) = record else {
-                    continue;
-                };
-                out.push(Pending::Row {
-                    operation: op,
-                    schema: db.to_string(),
-                    table: table.name.clone(),
-                    record,
-                    old: old.map(|(o, _)| o),
-                    unchanged_toast: Vec::new(),
-                    key,
-                });
-            }
         }
+        return Ok(out);
+    }
+    let before_cols = rows.columns_before_image();
+    let after_cols = rows.columns_after_image();
+    let mut buf = mysql_common::io::ParseBuf(rows.rows_data());
+    while !buf.is_empty() {
+        let before = before_cols
+            .map(|cols| read_row(&mut buf, cols, table))
+            .transpose()?;
+        let after = after_cols
+            .map(|cols| read_row(&mut buf, cols, table))
+            .transpose()?;
+        let (record, old) = match op {
+            RowOp::Insert => (after, None),
+            RowOp::Update => (after, before),
+            // The guide's client prints `record` for DELETE: the deleted row.
+            RowOp::Delete => (before.clone(), before),
+        };
+        let Some((record, key)) = record else {
+            continue;
+        };
+        out.push(Pending::Row {
+            operation: op,
+            schema: db.to_string(),
+            table: table.name.clone(),
+            record,
+            old: old.map(|(o, _)| o),
+            unchanged_toast: Vec::new(),
+            key,
+        });
     }
     Ok(out)
 }
@@ -763,7 +915,9 @@ fn broadcast(row: &BinlogRow) -> Option<Pending> {
 }
 
 /// A row as a JSON object of its columns, and its primary key (`{"id":1}`) when the table has
-/// one whose columns are all in the image.
+/// one whose columns are all in the image: mysql_common's `BinlogRow` rendered, the oracle of
+/// [`read_row`]'s tests.
+#[cfg(test)]
 fn row_json(row: &BinlogRow, table: &Table) -> (String, Option<String>) {
     let mut out = String::with_capacity(64);
     let mut key = String::new();
@@ -809,9 +963,7 @@ fn row_json(row: &BinlogRow, table: &Table) -> (String, Option<String>) {
     (out, key)
 }
 
-fn write_str(out: &mut String, s: &str) {
-    out.push_str(&serde_json::to_string(s).expect("strings serialize"));
-}
+use crate::mysql::render::write_str;
 
 #[cfg(test)]
 mod tests {
@@ -1183,5 +1335,373 @@ mod tests {
         data.push(mariadb::FL_STANDALONE | 0x20);
         assert_eq!(mariadb_gtid(&data, 1).unwrap(), ("2-1-7".to_string(), 0x21));
         assert!(mariadb_gtid(&data[..12], 1).is_err());
+    }
+
+    /// The row loop ([`read_row`]) against mysql_common's own row decoder rendered by
+    /// [`row_json`] (what the stream did before it), on random row images of a table with every
+    /// column type the binlog carries: every record, old row and key must be the same text,
+    /// and an image one decoder refuses the other refuses too.
+    #[test]
+    fn the_row_loop_renders_rows_exactly_as_mysql_commons_decoder_does() {
+        use mysql8::event;
+        // (binlog type, metadata, value bytes for a random value)
+        type Gen = fn(&mut Rng) -> Vec<u8>;
+        fn lenenc(out: &mut Vec<u8>, b: &[u8]) {
+            out.push(b.len() as u8);
+            out.extend_from_slice(b);
+        }
+        fn text(r: &mut Rng, max: usize) -> Vec<u8> {
+            let n = r.below(max as u64 + 1) as usize;
+            let pool: &[&str] = &[
+                "a", "Z", "0", " ", "\"", "\\", "\n", "\t", "\u{1}", "\u{1f}", "\u{7f}", "é", "日",
+                "😀", "/", "<", "'", "{", "}", "\r", "\u{8}", "\u{c}",
+            ];
+            let mut s = String::new();
+            while s.len() < n {
+                let piece = pool[r.below(pool.len() as u64) as usize];
+                if s.len() + piece.len() > n {
+                    break;
+                }
+                s.push_str(piece);
+            }
+            if r.below(8) == 0 {
+                // Not UTF-8 at all.
+                return (0..n).map(|_| r.below(256) as u8).collect();
+            }
+            s.into_bytes()
+        }
+        fn bytes(r: &mut Rng, n: usize) -> Vec<u8> {
+            (0..n).map(|_| r.below(256) as u8).collect()
+        }
+        fn json_text(r: &mut Rng) -> Vec<u8> {
+            let docs: &[&str] = &[
+                r#"{"a": [1, 2]}"#,
+                "[]",
+                " 12 ",
+                "\"x\"",
+                "{x",
+                "",
+                "null",
+                r#"{"k":"\u00e9"}"#,
+            ];
+            docs[r.below(docs.len() as u64) as usize]
+                .as_bytes()
+                .to_vec()
+        }
+        let columns: Vec<(&str, u8, Vec<u8>, Gen)> = vec![
+            ("id", 8, vec![], |r| bytes(r, 8)),
+            ("tiny", 1, vec![], |r| bytes(r, 1)),
+            ("small_u", 2, vec![], |r| bytes(r, 2)),
+            ("medium", 9, vec![], |r| bytes(r, 3)),
+            ("int_u", 3, vec![], |r| bytes(r, 4)),
+            ("big_u", 8, vec![], |r| bytes(r, 8)),
+            ("f", 4, vec![4], |r| bytes(r, 4)),
+            ("d", 5, vec![8], |r| bytes(r, 8)),
+            // DECIMAL(12,2): 5 bytes of integer part (9 + 1 digits), 1 of fraction.
+            ("dec", 246, vec![12, 2], |r| {
+                let mut b = vec![0x80 | (r.below(2) as u8) << 6];
+                b.extend((0..5).map(|_| r.below(10) as u8));
+                if b[0] & 0x40 != 0 {
+                    b[0] = 0x80;
+                }
+                b
+            }),
+            ("yr", 13, vec![], |r| bytes(r, 1)),
+            ("dt", 10, vec![], |r| {
+                let v = (r.below(9999) << 9) | (r.below(13) << 5) | r.below(32);
+                v.to_le_bytes()[..3].to_vec()
+            }),
+            ("t2", 19, vec![3], |r| {
+                let mut b = vec![
+                    0x80 | r.below(8) as u8,
+                    r.below(256) as u8,
+                    r.below(64) as u8,
+                ];
+                b.extend(r.below(10000).to_be_bytes()[6..].iter());
+                b
+            }),
+            ("dt2", 18, vec![6], |r| {
+                let ym = r.below(9999) * 13 + r.below(13);
+                let v: u64 = (1 << 39)
+                    | (ym << 22)
+                    | (r.below(32) << 17)
+                    | (r.below(24) << 12)
+                    | (r.below(60) << 6)
+                    | r.below(60);
+                let mut b = v.to_be_bytes()[3..].to_vec();
+                b.extend(r.below(1_000_000).to_be_bytes()[5..].iter());
+                b
+            }),
+            ("ts2", 17, vec![2], |r| {
+                let mut b = (r.below(2_000_000_000) as u32).to_be_bytes().to_vec();
+                b.push(r.below(100) as u8);
+                b
+            }),
+            ("ts", 7, vec![], |r| {
+                (r.below(2_000_000_000) as u32).to_le_bytes().to_vec()
+            }),
+            ("bits", 16, vec![3, 1], |r| bytes(r, 2)),
+            ("name", 15, vec![80, 0], |r| {
+                let mut b = Vec::new();
+                lenenc(&mut b, &text(r, 80));
+                b
+            }),
+            ("code", 254, vec![254, 40], |r| {
+                let mut b = Vec::new();
+                lenenc(&mut b, &text(r, 40));
+                b
+            }),
+            ("color", 254, vec![247, 1], |r| vec![r.below(4) as u8]),
+            ("flags", 254, vec![248, 1], |r| vec![r.below(8) as u8]),
+            ("body", 252, vec![2], |r| {
+                let t = if r.below(2) == 0 {
+                    text(r, 300)
+                } else {
+                    json_text(r)
+                };
+                let mut b = (t.len() as u16).to_le_bytes().to_vec();
+                b.extend(t);
+                b
+            }),
+            ("raw", 252, vec![2], |r| {
+                let len = r.below(40) as usize;
+                let t = bytes(r, len);
+                let mut b = (t.len() as u16).to_le_bytes().to_vec();
+                b.extend(t);
+                b
+            }),
+            ("doc", 245, vec![4], |r| {
+                let doc: Vec<u8> = if r.below(4) == 0 {
+                    bytes(r, 5)
+                } else {
+                    mysql8::DOC.to_vec()
+                };
+                let mut b = (doc.len() as u32).to_le_bytes().to_vec();
+                b.extend(doc);
+                b
+            }),
+            ("geo", 255, vec![4], |r| {
+                let g = bytes(r, 25);
+                let mut b = (g.len() as u32).to_le_bytes().to_vec();
+                b.extend(g);
+                b
+            }),
+            ("Order \"Qty\"", 3, vec![], |r| bytes(r, 4)),
+        ];
+        let n = columns.len();
+        // TABLE_MAP with full optional metadata.
+        let mut b = vec![5, 0, 0, 0, 0, 0];
+        b.extend_from_slice(&1u16.to_le_bytes());
+        lenenc(&mut b, b"fx_t");
+        b.push(0);
+        lenenc(&mut b, b"wide");
+        b.push(0);
+        b.push(n as u8);
+        b.extend(columns.iter().map(|c| c.1));
+        let meta: Vec<u8> = columns.iter().flat_map(|c| c.2.clone()).collect();
+        lenenc(&mut b, &meta);
+        b.extend(vec![0xFFu8; n.div_ceil(8)]); // all nullable
+                                               // SIGNEDNESS: one bit per numeric column, most significant first; `_u` ones unsigned.
+        let numeric: Vec<bool> = columns
+            .iter()
+            .filter(|c| matches!(c.1, 1 | 2 | 3 | 4 | 5 | 8 | 9 | 13 | 246))
+            .map(|c| c.0.ends_with("_u"))
+            .collect();
+        let mut sign = vec![0u8; numeric.len().div_ceil(8)];
+        for (i, u) in numeric.iter().enumerate() {
+            if *u {
+                sign[i / 8] |= 0x80 >> (i % 8);
+            }
+        }
+        b.push(1);
+        lenenc(&mut b, &sign);
+        // COLUMN_CHARSET of the character columns (name, code, body, raw): raw is binary.
+        b.push(3);
+        lenenc(&mut b, &[45, 45, 45, 63]);
+        let mut names = Vec::new();
+        for c in &columns {
+            lenenc(&mut names, c.0.as_bytes());
+        }
+        b.push(4);
+        lenenc(&mut b, &names);
+        let mut sets = Vec::new();
+        sets.push(3);
+        for v in ["x", "y", "z"] {
+            lenenc(&mut sets, v.as_bytes());
+        }
+        b.push(5);
+        lenenc(&mut b, &sets);
+        let mut enums = Vec::new();
+        enums.push(3);
+        for v in ["red", "green", "bl\"ue"] {
+            lenenc(&mut enums, v.as_bytes());
+        }
+        b.push(6);
+        lenenc(&mut b, &enums);
+        b.push(10); // ENUM_AND_SET_DEFAULT_CHARSET
+        lenenc(&mut b, &[45]);
+        b.push(8); // SIMPLE_PRIMARY_KEY: id and the last column
+        lenenc(&mut b, &[0, (n - 1) as u8]);
+        let tme = event(19, 100, &b);
+
+        let dir = std::env::temp_dir().join(format!("fx-binlog-rows-{}", std::process::id()));
+        let mut d = Decoder::new("fx_t", 1 << 20, &dir);
+        feed(&mut d, &mysql8::rotate("binlog.000001")).unwrap();
+        feed(&mut d, &tme).unwrap();
+        // MariaDB's JSON columns are found in the catalog: `body` is one.
+        d.set_json_columns("wide", ["body".to_string()].into());
+        let table = d.tables.get(&5).unwrap().as_ref().unwrap();
+
+        let mut r = Rng(0x9e37_79b9_7f4a_7c15);
+        let (mut rows_seen, mut refused, mut keys) = (0, 0, 0);
+        for round in 0..3000 {
+            let ty = [30u8, 31, 32][round % 3];
+            let images = if ty == 31 { 2 } else { 1 };
+            // Mostly full images; now and then a partial one.
+            let present: Vec<bool> = (0..n).map(|_| r.below(10) != 0 || round % 5 != 0).collect();
+            let mut bitmap = vec![0u8; n.div_ceil(8)];
+            for (i, p) in present.iter().enumerate() {
+                if *p {
+                    bitmap[i / 8] |= 1 << (i % 8);
+                }
+            }
+            let mut body = vec![5, 0, 0, 0, 0, 0];
+            body.extend_from_slice(&1u16.to_le_bytes());
+            body.extend_from_slice(&2u16.to_le_bytes());
+            body.push(n as u8);
+            for _ in 0..images {
+                body.extend_from_slice(&bitmap);
+            }
+            for _ in 0..1 + r.below(3) {
+                for _ in 0..images {
+                    let count = present.iter().filter(|p| **p).count();
+                    let mut nulls = vec![0u8; count.div_ceil(8)];
+                    let mut values = Vec::new();
+                    let mut k = 0;
+                    for (i, c) in columns.iter().enumerate() {
+                        if !present[i] {
+                            continue;
+                        }
+                        if r.below(6) == 0 {
+                            nulls[k / 8] |= 1 << (k % 8);
+                        } else {
+                            values.extend((c.3)(&mut r));
+                        }
+                        k += 1;
+                    }
+                    body.extend(nulls);
+                    body.extend(values);
+                }
+            }
+            if round % 97 == 0 {
+                // A cut image: both decoders must refuse it.
+                body.truncate(body.len() - 1 - r.below(5) as usize);
+            }
+            let bytes = event(ty, 200, &body);
+            let fde = FormatDescriptionEvent::new(BinlogVersion::Version4);
+            let ev = Event::read(&fde, &bytes[..]).unwrap();
+            let Some(EventData::RowsEvent(rows)) = ev.read_data().unwrap() else {
+                panic!("a rows event");
+            };
+            let oracle: Result<Vec<_>, std::io::Error> = rows
+                .rows(&table.tme)
+                .map(|row| {
+                    row.map(|(before, after)| {
+                        (
+                            before.map(|b| row_json(&b, table)),
+                            after.map(|a| row_json(&a, table)),
+                        )
+                    })
+                })
+                .collect();
+            let ours = rows_to_pending("fx_t", table, &rows);
+            match (oracle, ours) {
+                (Ok(expected), Ok(got)) => {
+                    assert_eq!(expected.len(), got.len(), "round {round}");
+                    for ((before, after), p) in expected.into_iter().zip(got) {
+                        let Pending::Row {
+                            record, old, key, ..
+                        } = p
+                        else {
+                            panic!("a row change");
+                        };
+                        let (want_record, want_old) = match ty {
+                            30 => (after.unwrap(), None),
+                            31 => (after.unwrap(), before),
+                            _ => (before.clone().unwrap(), before),
+                        };
+                        assert_eq!(record, want_record.0, "round {round}");
+                        assert_eq!(key, want_record.1, "round {round}");
+                        assert_eq!(old, want_old.map(|o| o.0), "round {round}");
+                        serde_json::from_str::<serde_json::Value>(&record)
+                            .unwrap_or_else(|e| panic!("{e}: {record}"));
+                        keys += usize::from(key.is_some());
+                        rows_seen += 1;
+                    }
+                }
+                (Err(_), Err(_)) => refused += 1,
+                (o, g) => panic!("round {round}: mysql_common {o:?}, the row loop {g:?}"),
+            }
+        }
+        // The generator reached every case.
+        assert!(rows_seen > 3000, "{rows_seen}");
+        assert!(refused >= 20, "{refused}");
+        assert!(keys > 100 && keys < rows_seen, "{keys} of {rows_seen}");
+    }
+
+    /// The JSON catalog read at the start: tables not in it have no JSON columns and are not
+    /// looked up; a table map repeated by the next transaction keeps its plan while the catalog
+    /// is fresh; after DDL the next table map asks for the catalog again and JSON-ness follows
+    /// what it says, even for a map whose bytes did not change.
+    #[test]
+    fn the_json_catalog_is_read_once_and_again_after_ddl() {
+        use mysql8::*;
+        let dir = std::env::temp_dir().join(format!("fx-binlog-cat-{}", std::process::id()));
+        let mut d = Decoder::new("fx_t", 1 << 20, &dir);
+        feed(&mut d, &rotate("binlog.000001")).unwrap();
+        d.set_json_catalog(HashMap::new());
+        feed(&mut d, &table_map(100, 9, "fx_t")).unwrap();
+        assert!(
+            d.wanted_tables().is_empty(),
+            "known from the catalog: no lookup"
+        );
+        let planned = |d: &Decoder| {
+            let t = d.tables.get(&9).unwrap().as_ref().unwrap();
+            (
+                t.plan.as_ptr(),
+                t.columns.iter().map(|c| c.json).collect::<Vec<_>>(),
+            )
+        };
+        let (plan, json) = planned(&d);
+        assert_eq!(json, [false, false, false]);
+        feed(&mut d, &table_map(200, 9, "fx_t")).unwrap();
+        assert_eq!(planned(&d).0, plan, "the same map keeps its plan");
+        // DDL (a check that makes `name` a MariaDB JSON column): the catalog is stale.
+        feed(
+            &mut d,
+            &query(
+                300,
+                "fx_t",
+                "ALTER TABLE items ADD CHECK (json_valid(name))",
+            ),
+        )
+        .unwrap();
+        feed(&mut d, &table_map(400, 9, "fx_t")).unwrap();
+        assert_eq!(d.wanted_tables(), ["items"]);
+        d.set_json_catalog([("items".to_string(), ["name".to_string()].into())].into());
+        assert_eq!(planned(&d).1, [false, true, false]);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// xorshift64*: a fixed sequence, no dependency.
+    struct Rng(u64);
+
+    impl Rng {
+        fn below(&mut self, n: u64) -> u64 {
+            self.0 ^= self.0 >> 12;
+            self.0 ^= self.0 << 25;
+            self.0 ^= self.0 >> 27;
+            self.0.wrapping_mul(0x2545_f491_4f6c_dd1d) % n.max(1)
+        }
     }
 }

@@ -46,9 +46,9 @@ pub mod decode;
 pub mod position;
 pub mod render;
 
-use std::collections::{HashSet, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use fluxbase_replication::pgoutput::Lsn;
 use futures_util::StreamExt;
@@ -406,21 +406,25 @@ fn lag_bytes(logs: &[(String, u64)], from: &BinlogPosition) -> Option<u64> {
     seen.then_some(lag)
 }
 
-/// MariaDB's JSON columns of a table (LONGTEXT with the `json_valid` check MariaDB adds).
-async fn json_columns(
+/// MariaDB's JSON columns (LONGTEXT with the `json_valid` check MariaDB adds) of every table
+/// of `db` that has some, by table.
+async fn json_catalog(
     catalog: &mut Conn,
     db: &str,
-    table: &str,
-) -> Result<HashSet<String>, mysql_async::Error> {
-    let rows: Vec<String> = catalog
+) -> Result<HashMap<String, HashSet<String>>, mysql_async::Error> {
+    let rows: Vec<(String, String)> = catalog
         .exec(
-            "SELECT CONSTRAINT_NAME FROM information_schema.CHECK_CONSTRAINTS \
-             WHERE CONSTRAINT_SCHEMA = ? AND TABLE_NAME = ? \
+            "SELECT TABLE_NAME, CONSTRAINT_NAME FROM information_schema.CHECK_CONSTRAINTS \
+             WHERE CONSTRAINT_SCHEMA = ? \
              AND CHECK_CLAUSE = CONCAT('json_valid(`', CONSTRAINT_NAME, '`)')",
-            (db, table),
+            (db,),
         )
         .await?;
-    Ok(rows.into_iter().collect())
+    let mut tables: HashMap<String, HashSet<String>> = HashMap::new();
+    for (table, column) in rows {
+        tables.entry(table).or_default().insert(column);
+    }
+    Ok(tables)
 }
 
 async fn stream_once<B: EventBus>(
@@ -475,6 +479,18 @@ async fn stream_once<B: EventBus>(
     let mut confirmed =
         position::to_lsn(&start.file, start.offset).map_err(|e| BinlogError::Decode(e.into()))?;
 
+    // Everything the decoder needs from the server is asked before the dump starts, and the
+    // state says `streaming` only then: the first events never wait behind these queries.
+    let checksum: Option<String> = catalog
+        .query_first("SELECT @@GLOBAL.binlog_checksum")
+        .await?;
+    let mut decoder = Decoder::new(db_name, sources.settings.buffer_bytes, &spill_dir)
+        .with_checksums(checksum.is_some_and(|c| !c.eq_ignore_ascii_case("NONE")));
+    if let Some(schema) = schema.as_mut() {
+        // Before the first event: a table's first rows never wait for a catalog query.
+        decoder.set_json_catalog(json_catalog(schema, db_name).await?);
+    }
+
     let mut conn = Conn::new(source.opts.clone()).await?;
     // MariaDB sends its own GTID and annotate events only to replicas that say they read them.
     conn.query_drop("SET @mariadb_slave_capability = 4").await?;
@@ -486,23 +502,30 @@ async fn stream_once<B: EventBus>(
         .with_filename(start.file.as_bytes())
         .with_pos(start.offset);
     let mut stream = conn.get_binlog_stream(request).await?;
-    {
-        let mut s = status.lock().expect("poisoned");
-        s.state = StreamState::Streaming;
-        s.last_error = None;
-        s.confirmed_lsn = Some(confirmed.to_string());
-    }
-    tracing::info!(project_id, position = %start, "binlog stream started");
+    // The state says `streaming` from the first event the server sends (its ROTATE): a new dump
+    // with the replica id of one the server still holds (a restart: the old connection's dump
+    // thread has not noticed it is gone) starts only once the server has ended that one,
+    // ~0.1 s on MariaDB 10.11.
+    let mut streaming = false;
 
-    let checksum: Option<String> = catalog
-        .query_first("SELECT @@GLOBAL.binlog_checksum")
-        .await?;
-    let mut decoder = Decoder::new(db_name, sources.settings.buffer_bytes, &spill_dir)
-        .with_checksums(checksum.is_some_and(|c| !c.eq_ignore_ascii_case("NONE")));
     let mut released: VecDeque<(Lsn, Option<String>)> = VecDeque::new();
     let mut gtid: Option<String> = None;
+    // The control database and the server's log list are reached off the read path: a
+    // position save or `SHOW BINARY LOGS` that takes a while (a loaded control database) never
+    // holds back the events behind it. The saver stores the newest position asked for and says
+    // what it stored; `confirmed` follows what it stored, never what was only asked for.
+    let (save_tx, save_rx) = tokio::sync::watch::channel::<Option<(Lsn, Stored)>>(None);
+    let (saved_tx, mut saved_rx) = tokio::sync::watch::channel::<Option<Lsn>>(None);
+    let _saver = AbortOnDrop(tokio::spawn(save_positions(
+        sources.control.clone(),
+        project_id.to_string(),
+        save_rx,
+        saved_tx,
+    )));
+    let (logs_tx, mut logs_rx) = tokio::sync::watch::channel::<Option<Vec<(String, u64)>>>(None);
+    let _lister = AbortOnDrop(tokio::spawn(list_logs(catalog, logs_tx)));
+    let mut asked = confirmed;
     let mut tick = tokio::time::interval(Duration::from_millis(500));
-    let mut lag_check = Instant::now() - Duration::from_secs(10);
     let mut received = Lsn(0);
     let mut reported_rejected = 0;
     loop {
@@ -513,11 +536,21 @@ async fn stream_once<B: EventBus>(
                     Some(Err(e)) => return Err(e.into()),
                     None => return Err(BinlogError::Ended),
                 };
+                if !streaming {
+                    streaming = true;
+                    let mut s = status.lock().expect("poisoned");
+                    s.state = StreamState::Streaming;
+                    s.last_error = None;
+                    s.confirmed_lsn = Some(confirmed.to_string());
+                    drop(s);
+                    tracing::info!(project_id, position = %start, "binlog stream started");
+                }
                 let committed = decoder.handle(&event)?;
                 if let Some(schema) = schema.as_mut() {
-                    for table in decoder.wanted_tables() {
-                        let cols = json_columns(schema, db_name, &table).await?;
-                        decoder.set_json_columns(&table, cols);
+                    // A table met for the first time after DDL: the catalog is read again,
+                    // all of it in one query.
+                    if !decoder.wanted_tables().is_empty() {
+                        decoder.set_json_catalog(json_catalog(schema, db_name).await?);
                     }
                 }
                 if let Some(tx) = committed {
@@ -534,10 +567,10 @@ async fn stream_once<B: EventBus>(
                 }
             }
             _ = tick.tick() => {
-                let mut to = bus.confirmable().filter(|l| *l > confirmed);
+                let mut to = bus.confirmable().filter(|l| *l > asked);
                 if decoder.idle() && bus.all_acked() {
                     if let Some(b) = decoder.boundary() {
-                        if b > confirmed && to.is_none_or(|t| b > t) {
+                        if b > asked && to.is_none_or(|t| b > t) {
                             to = Some(b);
                         }
                     }
@@ -551,42 +584,32 @@ async fn stream_once<B: EventBus>(
                     }
                     let like = decoder.file().unwrap_or(&start.file);
                     if let Some(position) = position::from_lsn(to, like) {
-                        let stored = Stored { position, gtid: gtid.clone() };
-                        let saved = match sources.control().await {
-                            Ok(c) => position::save(&**c, project_id, &stored).await.map_err(|e| e.to_string()),
-                            Err(e) => Err(e.to_string()),
-                        };
-                        match saved {
-                            Ok(()) => confirmed = to,
-                            // Kept in memory; stored on a later tick.
-                            Err(e) => tracing::warn!(project_id, error = %e, "storing the binlog position"),
-                        }
+                        save_tx.send_replace(Some((to, Stored { position, gtid: gtid.clone() })));
+                        asked = to;
                     }
                 }
-                {
-                    let mut s = status.lock().expect("poisoned");
-                    if received > Lsn(0) {
-                        s.received_lsn = Some(received.to_string());
-                    }
-                    s.confirmed_lsn = Some(confirmed.to_string());
-                    s.buffered_bytes = decoder.memory() as u64;
-                    s.peak_buffered_bytes = decoder.peak_memory() as u64;
-                    s.spilled_bytes = decoder.spilled_bytes();
-                    if decoder.rejected() > reported_rejected {
-                        s.rejected_messages += decoder.rejected() - reported_rejected;
-                        reported_rejected = decoder.rejected();
-                    }
+                if let Some(saved) = *saved_rx.borrow_and_update() {
+                    confirmed = confirmed.max(saved);
                 }
-                if lag_check.elapsed() > Duration::from_secs(5) {
-                    lag_check = Instant::now();
-                    if let Ok(logs) = binary_logs(&mut catalog).await {
-                        let like = decoder.file().unwrap_or(&start.file).to_string();
-                        let at = position::from_lsn(confirmed, &like);
-                        let end = logs.last().and_then(|(f, size)| position::to_lsn(f, *size).ok());
-                        let mut s = status.lock().expect("poisoned");
-                        s.lag_bytes = at.and_then(|at| lag_bytes(&logs, &at));
-                        s.server_lsn = end.map(|l| l.to_string());
-                    }
+                let logs = logs_rx.borrow_and_update().clone();
+                let mut s = status.lock().expect("poisoned");
+                if received > Lsn(0) {
+                    s.received_lsn = Some(received.to_string());
+                }
+                s.confirmed_lsn = Some(confirmed.to_string());
+                s.buffered_bytes = decoder.memory() as u64;
+                s.peak_buffered_bytes = decoder.peak_memory() as u64;
+                s.spilled_bytes = decoder.spilled_bytes();
+                if decoder.rejected() > reported_rejected {
+                    s.rejected_messages += decoder.rejected() - reported_rejected;
+                    reported_rejected = decoder.rejected();
+                }
+                if let Some(logs) = logs {
+                    let like = decoder.file().unwrap_or(&start.file).to_string();
+                    let at = position::from_lsn(confirmed, &like);
+                    let end = logs.last().and_then(|(f, size)| position::to_lsn(f, *size).ok());
+                    s.lag_bytes = at.and_then(|at| lag_bytes(&logs, &at));
+                    s.server_lsn = end.map(|l| l.to_string());
                 }
             }
             _ = bus.rewind_requested() => {
@@ -595,6 +618,63 @@ async fn stream_once<B: EventBus>(
                 }
             }
         }
+    }
+}
+
+/// Aborts a task of the stream when the stream's pass ends (returns or fails).
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Stores the newest position asked for on `asked` and reports each one stored on `saved`;
+/// a failed save is retried (after 500 ms) unless a newer position comes first.
+async fn save_positions(
+    control: deadpool_postgres::Pool,
+    project_id: String,
+    mut asked: tokio::sync::watch::Receiver<Option<(Lsn, Stored)>>,
+    saved: tokio::sync::watch::Sender<Option<Lsn>>,
+) {
+    while asked.changed().await.is_ok() {
+        let Some((lsn, stored)) = asked.borrow_and_update().clone() else {
+            continue;
+        };
+        if saved.borrow().is_some_and(|s| s >= lsn) {
+            continue;
+        }
+        let result = match control.get().await {
+            Ok(c) => position::save(&**c, &project_id, &stored)
+                .await
+                .map_err(|e| e.to_string()),
+            Err(e) => Err(e.to_string()),
+        };
+        match result {
+            Ok(()) => {
+                saved.send_replace(Some(lsn));
+            }
+            Err(e) => {
+                // Kept in memory; stored on a later attempt.
+                tracing::warn!(project_id, error = %e, "storing the binlog position");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                asked.mark_changed();
+            }
+        }
+    }
+}
+
+/// The server's binary log files and sizes every 5 s (the stream's lag), on `catalog`.
+async fn list_logs(
+    mut catalog: Conn,
+    logs: tokio::sync::watch::Sender<Option<Vec<(String, u64)>>>,
+) {
+    loop {
+        if let Ok(list) = binary_logs(&mut catalog).await {
+            logs.send_replace(Some(list));
+        }
+        tokio::time::sleep(Duration::from_secs(5)).await;
     }
 }
 

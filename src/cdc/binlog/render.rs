@@ -37,7 +37,17 @@ pub fn write_binlog_value(
     value: &BinlogValue<'_>,
     info: Option<&ColumnInfo>,
 ) {
-    let mut kind = ColumnKind::of(col);
+    write_binlog_value_of(out, ColumnKind::of(col), value, info)
+}
+
+/// Appends `value` of a column of `kind` as JSON (the stream's row loop computes each
+/// column's kind once per TABLE_MAP).
+pub fn write_binlog_value_of(
+    out: &mut String,
+    mut kind: ColumnKind,
+    value: &BinlogValue<'_>,
+    info: Option<&ColumnInfo>,
+) {
     kind.json |= info.is_some_and(|i| i.json);
     match value {
         BinlogValue::Value(v) => write_value(out, kind, v, info),
