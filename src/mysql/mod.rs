@@ -84,6 +84,13 @@ impl Mysql {
                 let admin = match &self.config.mysql_url {
                     Some(url) => Opts::from_url(url.expose())
                         .map_err(|e| anyhow!("FLUXBASE_MYSQL_URL is not a valid MySQL URL: {e}"))?,
+                    // Each node would start its own server: a project's database, accounts and
+                    // binlog would exist on one node only.
+                    None if self.config.nats_url.is_some() => bail!(
+                        "MySQL projects in cluster mode need mysql_url (FLUXBASE_MYSQL_URL): one \
+                         MySQL/MariaDB server every node reaches; the embedded MariaDB is one \
+                         node's own"
+                    ),
                     None if self.config.mysql_embedded_off => bail!(
                         "the running server has not started its embedded MariaDB yet: create the \
                          first MySQL project through the API (or stop the server and run this \
