@@ -167,6 +167,32 @@ impl App {
             .start(project.id.clone(), project.db_name.clone(), project.engine)
     }
 
+    /// Purges the embedded MariaDB's binary logs every `mysql_binlog_purge_interval_secs`, up
+    /// to what MySQL projects' streams still need, within the retention bound
+    /// ([`crate::mysql::retention`]); nothing while no embedded server runs (an operator's
+    /// server purges by its own expiry). For as long as the app lives.
+    pub(crate) fn start_binlog_purging(self: &Arc<Self>) {
+        let app = Arc::downgrade(self);
+        let every = std::time::Duration::from_secs(self.config.mysql_binlog_purge_interval_secs);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                let Some(app) = app.upgrade() else { return };
+                if app.mysql.embedded().is_none() {
+                    continue;
+                }
+                let bound = crate::mysql::retention::Bound::from_config(&app.config);
+                if let Err(e) =
+                    crate::mysql::retention::purge(&app.mysql, &app.control, bound).await
+                {
+                    tracing::warn!(error = %format!("{e:#}"), "purging the embedded MariaDB's binary logs");
+                }
+            }
+        });
+    }
+
     /// Acts on a NOTIFY from another server (or this one): a project whose status changed gets
     /// its room closed if inactive; a removed member's realtime subscriptions end, unless they
     /// are a member again by now; a revoked key's end too.

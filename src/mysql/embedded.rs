@@ -43,9 +43,9 @@ const SETTINGS: &[(&str, &str)] = &[
     ("binlog-format", "ROW"),
     ("binlog-row-image", "FULL"),
     ("binlog-row-metadata", "FULL"),
-    // Kept a week: a change stream that was down longer starts from the current position and
-    // says so (m-b's stream); `fluxbase doctor` reports the setting.
-    ("binlog-expire-logs-seconds", "604800"),
+    // Never expired by the server: Fluxbase purges up to the oldest position a MySQL project's
+    // stream still needs, within mysql_binlog_retain_bytes/_secs (crate::mysql::retention).
+    ("binlog-expire-logs-seconds", "0"),
     ("max-binlog-size", "268435456"),
     ("local-infile", "0"),
     ("max-connections", "500"),

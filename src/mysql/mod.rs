@@ -8,7 +8,8 @@
 //!   ├── provision   database fx_<id>; accounts fx_<id>_read|_readwrite|_admin
 //!   ├── sql         POST /api/execute-sql: pools per (project, account), limits, params
 //!   ├── render      values → JSON (shared with the binlog change stream)
-//!   └── replication the server-level account the change stream reads the binlog as
+//!   ├── replication the server-level account the change stream reads the binlog as
+//!   └── retention   which binlog files the streams need; the embedded server's purging
 //! ```
 //! Everything PostgreSQL-only (replication slots, row-level security, the PG pools, project
 //! migrations under `sql/project/`) never sees a MySQL project: the app routes by
@@ -18,6 +19,7 @@ pub mod doctor;
 pub mod embedded;
 pub mod provision;
 pub mod render;
+pub mod retention;
 pub mod sql;
 
 use std::sync::Arc;

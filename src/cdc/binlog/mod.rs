@@ -582,6 +582,13 @@ async fn stream_once<B: EventBus>(
                     if let Ok(logs) = binary_logs(&mut catalog).await {
                         let like = decoder.file().unwrap_or(&start.file).to_string();
                         let at = position::from_lsn(confirmed, &like);
+                        // The file of the stored position purged (past the retention bound,
+                        // crate::mysql::retention, or the server's expiry): a restart could not
+                        // resume, so the changes since may be lost. Said now, not at the next
+                        // reconnection.
+                        if let Some(at) = at.as_ref().filter(|at| !logs.iter().any(|(f, _)| *f == at.file)) {
+                            return Err(BinlogError::SlotLost(format!("{at} (its file was purged)")));
+                        }
                         let end = logs.last().and_then(|(f, size)| position::to_lsn(f, *size).ok());
                         let mut s = status.lock().expect("poisoned");
                         s.lag_bytes = at.and_then(|at| lag_bytes(&logs, &at));

@@ -30,6 +30,9 @@ pub const TEST_SETTINGS: &[(&str, &str)] = &[
     ("sync-binlog", "0"),
     ("innodb-buffer-pool-size", "67108864"),
     ("innodb-log-file-size", "33554432"),
+    // An operator's server (the suite's apps reach it as `mysql_url`) expires its binary logs
+    // itself; the embedded server leaves that to Fluxbase (crate::mysql::retention).
+    ("binlog-expire-logs-seconds", "604800"),
 ];
 
 /// The MariaDB shared by every test of this binary.
