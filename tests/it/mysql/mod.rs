@@ -8,5 +8,6 @@ mod doctor;
 mod engine;
 mod execute;
 mod redteam;
+mod retention;
 mod sandbox;
 mod values;
