@@ -27,11 +27,7 @@ async fn setup() -> (TestApp, Fixture, Subscription) {
 
 /// A connection to the project database as the server account (real transactions, rollbacks).
 async fn project_conn(f: &Fixture) -> mysql_async::Conn {
-    let mut conn = mariadb().await.admin().await;
-    conn.query_drop(format!("USE fx_{}", f.project))
-        .await
-        .unwrap();
-    conn
+    crate::support::mariadb::project_conn(&f.project).await
 }
 
 #[tokio::test]
