@@ -2,7 +2,8 @@
 //! expiry is off and the real server purges every second (`mysql_binlog_purge_interval_secs`)
 //! up to the oldest position a MySQL project still needs; a stopped project's file survives
 //! and its stream resumes from it. Past the bound the file goes anyway and the project reports
-//! `slot_lost`, never a silent gap.
+//! `slot_lost`, never a silent gap: a stopped stream when it starts, a running one that lags
+//! (its outbox behind) at its next check.
 
 use std::time::Duration;
 
@@ -135,9 +136,19 @@ async fn a_stopped_streams_binlog_survives_purging_and_past_the_bound_it_is_lost
         assert!(seen.len() < 5, "no insert among {seen:?}");
     }
 
-    // C stops too; then a purge with a bound C's file is past: C's file goes, C is lost.
+    // C stops too, and D's stream runs but lags: a durable subscriber of D (a webhook outbox
+    // that is behind) acknowledges nothing, so D's position stays where it was. Then a purge
+    // with a bound both files are past: they go, C and D are lost, D's running stream says so.
     let c = app.mysql_fixture().await;
     stopped_with_a_change(&app, &c).await;
+    let d = app.mysql_fixture().await;
+    let _behind = app.app.bus.project(&d.project).subscribe_durable();
+    conn.query_drop(format!(
+        "CREATE TABLE fx_{0}.t (id int PRIMARY KEY); INSERT INTO fx_{0}.t VALUES (1)",
+        d.project
+    ))
+    .await
+    .unwrap();
     conn.query_drop("FLUSH BINARY LOGS").await.unwrap();
     let tight = Bound {
         bytes: 1,
@@ -152,7 +163,10 @@ async fn a_stopped_streams_binlog_survives_purging_and_past_the_bound_it_is_lost
             let plan = purge(&app.app.mysql, &app.app.control, tight)
                 .await
                 .unwrap();
-            assert!(plan.lost.contains(&c.project), "{plan:?}");
+            assert!(
+                plan.lost.contains(&c.project) && plan.lost.contains(&d.project),
+                "{plan:?}"
+            );
             let s = status(&app, &c).await;
             if s["binlog"]["present"] == false {
                 Ok(())
@@ -185,6 +199,27 @@ async fn a_stopped_streams_binlog_survives_purging_and_past_the_bound_it_is_lost
                 Ok(())
             } else {
                 Err(format!("C's stream is not slot_lost: {s}"))
+            }
+        },
+    )
+    .await;
+    // D's running stream stops at its next check, saying why.
+    poll::until(
+        Duration::from_secs(30),
+        Duration::from_millis(200),
+        || async {
+            let s = status(&app, &d).await;
+            if s["stream"]["state"] == "slot_lost" {
+                assert!(
+                    s["stream"]["lastError"]
+                        .as_str()
+                        .is_some_and(|e| e.contains("its file was purged")),
+                    "{s}"
+                );
+                assert_eq!(s["slot"]["walStatus"], "lost", "{s}");
+                Ok(())
+            } else {
+                Err(format!("D's running stream is not slot_lost: {s}"))
             }
         },
     )
