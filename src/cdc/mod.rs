@@ -438,8 +438,8 @@ impl Cdc {
 
     /// Starts change streams for every project (called when the server starts serving); in
     /// cluster mode, none: the leadership loop starts those this node leads. Every PostgreSQL
-    /// project (a suspended one's slot keeps being read, so that it does not pin WAL) and the
-    /// active MySQL projects (a suspended one's position waits in the control database).
+    /// project, whatever its status, and the active MySQL projects (a suspended one's position
+    /// waits in the control database; retention keeps its binlog files, crate::mysql::retention).
     pub async fn start_all(&self) -> anyhow::Result<()> {
         self.enabled
             .store(true, std::sync::atomic::Ordering::Release);

@@ -95,9 +95,11 @@ impl std::fmt::Debug for MysqlSource {
 }
 
 /// The replica server id a project's stream registers with: the server allows one dump
-/// connection per id (a second one with the same id replaces the first), so each stream of
-/// each node has its own. Ids are in the upper half of the 32-bit range (2³¹…2³²−1), away
-/// from the small ids servers and their replicas are usually given.
+/// connection per id (a second one with the same id ends the first), so each project of an
+/// instance has its own. The nodes of a cluster share it (`node` is the instance's replication
+/// account): a new leader's dump ends a previous leader's. Ids are in the upper half of the
+/// 32-bit range (2³¹…2³²−1), away from the small ids servers and their replicas are usually
+/// given.
 pub fn server_id(node: &str, project_id: &str) -> u32 {
     // FNV-1a: stable across builds and platforms (std's hasher is not).
     let mut h: u32 = 0x811c_9dc5;
