@@ -343,3 +343,26 @@ async fn a_cluster_without_mysql_url_refuses_mysql_projects_saying_why() {
     })
     .await;
 }
+
+/// A server that has MySQL projects and joins a cluster without `mysql_url` refuses to start,
+/// saying why: its embedded MariaDB would be this node's alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_with_mysql_projects_and_no_mysql_url_refuses_to_start() {
+    bounded(Duration::from_secs(300), async {
+        let app = crate::support::mariadb::spawn_mysql_app().await;
+        let _f = app.mysql_fixture().await;
+        let mut config = app.app.config.clone();
+        app.stop().await;
+        config.mysql_url = None;
+        config.nats_url = Some(crate::support::nats::nats().await.url().into());
+        let err = match fluxbase::app::App::open(config, &[]).await {
+            Ok(_) => panic!("a cluster node started with MySQL projects and no mysql_url"),
+            Err(e) => format!("{e:#}"),
+        };
+        assert!(
+            err.contains("cluster mode need mysql_url") && err.contains("embedded MariaDB"),
+            "{err}"
+        );
+    })
+    .await;
+}
