@@ -294,9 +294,9 @@ mod tests {
     fn past_the_bound_the_oldest_files_go_and_their_projects_are_lost() {
         let now = SystemTime::now();
         let l = logs(&[(1, 100, 50), (2, 100, 40), (3, 100, 30), (4, 10, 0)], now);
-        // 210 bytes: files 3 and 4.
+        // 200 bytes: files 3 and 4 (110 bytes; with file 2, 210).
         let by_size = Bound {
-            bytes: 210,
+            bytes: 200,
             age: WIDE.age,
         };
         let p = plan(
@@ -307,6 +307,14 @@ mod tests {
         );
         assert_eq!(p.purge_to.as_deref(), Some("binlog.000003"));
         assert_eq!(p.lost, vec!["a".to_string(), "c".to_string()]);
+        // Exactly 210 bytes keeps file 2 as well ("at most").
+        let exact = Bound {
+            bytes: 210,
+            age: WIDE.age,
+        };
+        let p = plan(&l, &[need("a", 1), need("c", 2)], now, exact);
+        assert_eq!(p.purge_to.as_deref(), Some("binlog.000002"));
+        assert_eq!(p.lost, vec!["a".to_string()]);
         // 35 s: files younger than that (3, 4).
         let by_age = Bound {
             bytes: u64::MAX,
