@@ -17,7 +17,8 @@ pub struct CdcStatus {
     pub stream: StreamStatus,
     pub slot: SlotReport,
     /// MySQL projects: the oldest binary log file the stream needs beside what the server keeps
-    /// and who purges it (docs/mysql.md, "Binary log retention").
+    /// and who purges it (docs/mysql.md, "Binary log retention"); absent while the MySQL
+    /// server cannot be reached.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub binlog: Option<crate::mysql::retention::BinlogRetention>,
     /// Cluster mode only: which node leads the project's change stream.
@@ -39,14 +40,23 @@ pub async fn cdc_status(app: SharedApp, req: Request) -> ApiResult<Json<CdcStatu
         crate::projects::Engine::Mysql => {
             let mut report = app.cdc.report_mysql(id).await?;
             let bound = crate::mysql::retention::Bound::from_config(&app.config);
-            let binlog =
-                crate::mysql::retention::report(&app.mysql, &app.control, id, bound).await?;
+            // Without the MySQL server (down, restarting) the stream's own state still says
+            // what is wrong (`reconnecting`, its last error): the object is left out.
+            let binlog = match crate::mysql::retention::report(&app.mysql, &app.control, id, bound)
+                .await
+            {
+                Ok(b) => Some(b),
+                Err(e) => {
+                    tracing::debug!(project_id = %id, error = %format!("{e:#}"), "reading the MySQL server's binary logs");
+                    None
+                }
+            };
             if let crate::cdc::SlotReport::Present { wal_status, .. } = &mut report.slot {
-                if !binlog.present {
+                if binlog.as_ref().is_some_and(|b| !b.present) {
                     *wal_status = Some("lost".into());
                 }
             }
-            (report, Some(binlog))
+            (report, binlog)
         }
     };
     Ok(Json(CdcStatus {
