@@ -291,7 +291,7 @@ impl Running {
         no_delay(&listener)?;
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
         app.cdc.start_all().await?;
-        app.start_mysql_streams().await?;
+        app.start_binlog_purging();
         app.webhooks.start().await?;
         app.start_leading();
         crate::api::metrics::start_listener(&app).await?;

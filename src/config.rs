@@ -43,6 +43,16 @@ pub struct Config {
     /// and the replication account. Unset: the embedded MariaDB under `<data_dir>/mariadb`,
     /// started at the first MySQL project (docs/mysql.md).
     pub mysql_url: Option<Secret>,
+    /// The embedded MariaDB's binary logs: Fluxbase purges them (the server's own expiry is
+    /// off) up to the oldest position a MySQL project's change stream still needs, but keeps
+    /// at most this many bytes of them (like PostgreSQL's `max_slot_wal_keep_size`: 8 GB as the
+    /// embedded cluster's): past it the oldest files go anyway and a stream that needed them
+    /// reports `slot_lost` (docs/mysql.md).
+    pub mysql_binlog_retain_bytes: u64,
+    /// … and no file older than this (seconds; a week: the expiry the server had before).
+    pub mysql_binlog_retain_secs: u64,
+    /// How often the embedded MariaDB's binary logs are purged (seconds).
+    pub mysql_binlog_purge_interval_secs: u64,
     /// Not a setting: a CLI command attached to a running server whose embedded MariaDB is not
     /// running must not start one of its own on the server's files.
     #[serde(skip)]
@@ -226,6 +236,9 @@ impl Default for Config {
             data_dir: PathBuf::from(".fluxbase"),
             database_url: None,
             mysql_url: None,
+            mysql_binlog_retain_bytes: 8 << 30,
+            mysql_binlog_retain_secs: 7 * 24 * 3600,
+            mysql_binlog_purge_interval_secs: 60,
             mysql_embedded_off: false,
             public_url: None,
             dashboard_dir: None,
@@ -457,6 +470,12 @@ impl Config {
             if !crate::cluster::valid_node_id(id) {
                 bail!("node_id: 1 to 64 letters, digits, `-` or `_`, not {id:?}");
             }
+        }
+        if self.mysql_binlog_retain_bytes == 0
+            || self.mysql_binlog_retain_secs == 0
+            || self.mysql_binlog_purge_interval_secs == 0
+        {
+            bail!("mysql_binlog_retain_bytes, mysql_binlog_retain_secs and mysql_binlog_purge_interval_secs must be positive");
         }
         if self.nats_url.is_some() && self.database_url.is_none() {
             bail!("nats_url (cluster mode) needs database_url: the nodes share one PostgreSQL");

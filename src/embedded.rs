@@ -16,7 +16,6 @@
 //! A watchdog process stops it when the process that started it disappears (even after
 //! `kill -9`), so no cluster outlives its server or test binary.
 
-use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
@@ -56,13 +55,13 @@ impl Cluster {
     /// loopback port. `extra` adds server settings for this start only (tests use `fsync=off`).
     pub fn start(root: &Path, password: &str, extra: &[(&str, &str)]) -> Result<Cluster> {
         let bindir = find_bindir()?;
-        let run_as = cluster_user()?;
+        let run_as = SERVER_USER.run_as()?;
         std::fs::create_dir_all(root).with_context(|| format!("creating {}", root.display()))?;
         let root = root.canonicalize()?;
         if let Some((uid, gid)) = run_as {
             std::os::unix::fs::chown(&root, Some(uid), Some(gid))
                 .with_context(|| format!("giving {} to the cluster user", root.display()))?;
-            check_reachable(&root, uid)?;
+            SERVER_USER.check_reachable(&root, uid)?;
         }
         let cluster = Cluster {
             root,
@@ -154,7 +153,7 @@ impl Cluster {
         // "Address already in use" and is tried again on a fresh port.
         let mut attempt = 1;
         loop {
-            self.port = free_port()?;
+            self.port = crate::os_user::free_port()?;
             let mut opts = format!("-p {}", self.port);
             for (k, v) in extra {
                 opts.push_str(&format!(" -c {k}={v}"));
@@ -339,55 +338,16 @@ pub fn find_bindir() -> Result<PathBuf> {
     ))
 }
 
-/// `Some((uid, gid))` of the unprivileged user to run PostgreSQL as when we are root.
-fn cluster_user() -> Result<Option<(u32, u32)>> {
-    if id(&["-u"], None)? != 0 {
-        return Ok(None);
-    }
-    let name = std::env::var("FLUXBASE_PG_USER").unwrap_or_else(|_| "postgres".into());
-    let uid = id(&["-u"], Some(&name)).with_context(|| {
-        format!(
-            "PostgreSQL cannot run as root and there is no user `{name}` to run it as: install \
-             Debian's postgresql package (it creates `postgres`), or create one with \
-             `useradd --system {name}` or set FLUXBASE_PG_USER"
-        )
-    })?;
-    let gid = id(&["-g"], Some(&name))?;
-    Ok(Some((uid, gid)))
-}
-
-fn id(flag: &[&str], user: Option<&str>) -> Result<u32> {
-    let out = Command::new("id").args(flag).args(user).output()?;
-    if !out.status.success() {
-        bail!("{}", String::from_utf8_lossy(&out.stderr).trim());
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).trim().parse()?)
-}
-
-/// The cluster user must be able to walk down to its directory.
-fn check_reachable(dir: &Path, uid: u32) -> Result<()> {
-    use std::os::unix::fs::MetadataExt;
-    for ancestor in dir.ancestors().skip(1) {
-        let meta = std::fs::metadata(ancestor)?;
-        let others_x = meta.mode() & 0o001 != 0;
-        if !others_x && meta.uid() != uid {
-            bail!(
-                "the PostgreSQL user (uid {uid}) cannot enter {}: run `chmod o+x {}` or choose \
-                 another FLUXBASE_DATA_DIR",
-                ancestor.display(),
-                ancestor.display()
-            );
-        }
-    }
-    Ok(())
-}
+/// The unprivileged user PostgreSQL runs as when we are root.
+const SERVER_USER: crate::os_user::ServerUser = crate::os_user::ServerUser {
+    product: "PostgreSQL",
+    env_var: "FLUXBASE_PG_USER",
+    default_user: "postgres",
+    package: "postgresql",
+};
 
 /// Starts tried on fresh ports when the chosen one was taken before PostgreSQL bound it.
 const PORT_ATTEMPTS: u32 = 5;
-
-fn free_port() -> Result<u16> {
-    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
-}
 
 /// The lock file of a data directory: `$FLUXBASE_DATA_DIR/fluxbase.lock`.
 ///

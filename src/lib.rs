@@ -23,6 +23,7 @@ pub mod error;
 pub mod keys;
 pub mod metrics;
 pub mod mysql;
+pub mod os_user;
 pub mod projects;
 pub mod realtime;
 pub mod rls;

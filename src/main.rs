@@ -322,6 +322,26 @@ async fn doctor(config: Config) -> Result<()> {
             )
             .await?,
         );
+        // The binary log files MySQL projects still need, from the control database (an
+        // operator's PostgreSQL; the embedded one is not started again for this).
+        if let Some(db) = &config.database_url {
+            let target = ClusterTarget::from_url(db.expose())?;
+            let control = target.connect(&target.control_db).await?;
+            let needed: Vec<(String, String)> = control
+                .query(
+                    "SELECT b.project_id, b.binlog_file FROM fluxbase.binlog_positions b
+                     JOIN fluxbase.projects p ON p.id = b.project_id WHERE p.engine = 'mysql'",
+                    &[],
+                )
+                .await
+                .map(|rows| rows.iter().map(|r| (r.get(0), r.get(1))).collect())
+                .unwrap_or_default();
+            let (more, info) = fluxbase::mysql::doctor::needed_logs(url.expose(), &needed).await?;
+            if let Some(info) = info {
+                println!("{info}");
+            }
+            findings.extend(more);
+        }
     }
     if findings.is_empty() {
         if config.nats_url.is_some() {

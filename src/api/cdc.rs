@@ -16,6 +16,11 @@ pub struct CdcStatus {
     pub project_id: String,
     pub stream: StreamStatus,
     pub slot: SlotReport,
+    /// MySQL projects: the oldest binary log file the stream needs beside what the server keeps
+    /// and who purges it (docs/mysql.md, "Binary log retention"); absent while the MySQL
+    /// server cannot be reached.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub binlog: Option<crate::mysql::retention::BinlogRetention>,
     /// Cluster mode only: which node leads the project's change stream.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub cluster: Option<crate::app::ProjectLeadership>,
@@ -28,16 +33,38 @@ pub struct CdcStatus {
 pub async fn cdc_status(app: SharedApp, req: Request) -> ApiResult<Json<CdcStatus>> {
     let access = req.access_by_query(&app).await?;
     let (id, db) = (&access.project.id, &access.project.db_name);
-    let report = match access.project.engine {
-        crate::projects::Engine::Postgresql => app.cdc.report(id, db).await?,
-        // The binlog stream and its stored position (src/cdc/binlog).
-        crate::projects::Engine::Mysql => app.cdc.report_mysql(id).await?,
+    let (report, binlog) = match access.project.engine {
+        crate::projects::Engine::Postgresql => (app.cdc.report(id, db).await?, None),
+        // The binlog stream, its stored position (src/cdc/binlog) and whether the server still
+        // has the position's file.
+        crate::projects::Engine::Mysql => {
+            let mut report = app.cdc.report_mysql(id).await?;
+            let bound = crate::mysql::retention::Bound::from_config(&app.config);
+            // Without the MySQL server (down, restarting) the stream's own state still says
+            // what is wrong (`reconnecting`, its last error): the object is left out.
+            let binlog = match crate::mysql::retention::report(&app.mysql, &app.control, id, bound)
+                .await
+            {
+                Ok(b) => Some(b),
+                Err(e) => {
+                    tracing::debug!(project_id = %id, error = %format!("{e:#}"), "reading the MySQL server's binary logs");
+                    None
+                }
+            };
+            if let crate::cdc::SlotReport::Present { wal_status, .. } = &mut report.slot {
+                if binlog.as_ref().is_some_and(|b| !b.present) {
+                    *wal_status = Some("lost".into());
+                }
+            }
+            (report, binlog)
+        }
     };
     Ok(Json(CdcStatus {
         success: true,
         project_id: id.clone(),
         stream: report.stream,
         slot: report.slot,
+        binlog,
         cluster: app.cluster_mode.as_ref().map(|m| m.project_report(id)),
     }))
 }

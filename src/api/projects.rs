@@ -134,9 +134,9 @@ impl From<ProjectsError> for ApiError {
     fn from(e: ProjectsError) -> Self {
         match e {
             ProjectsError::Auth(e) => e.into(),
-            ProjectsError::InvalidName | ProjectsError::InvalidEngine(_) => {
-                ApiError::BadRequest(e.to_string())
-            }
+            ProjectsError::InvalidName
+            | ProjectsError::InvalidEngine(_)
+            | ProjectsError::EngineUnavailable(_) => ApiError::BadRequest(e.to_string()),
             ProjectsError::QuotaReached(_) => ApiError::InsufficientPermissions(e.to_string()),
             ProjectsError::NoSuchProject(_) => ApiError::ProjectNotFound,
             ProjectsError::Internal(e) => e.into(),

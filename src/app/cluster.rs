@@ -14,9 +14,10 @@ use futures_util::future::BoxFuture;
 
 use super::App;
 use crate::cluster::feed::FeedHealth;
-use crate::cluster::leadership::{Leadership, Led};
+use crate::cluster::leadership::{Leadership, Led, LedProject};
 use crate::cluster::publisher::{self, BroadcastAsk, BroadcastReply, PublisherStatus};
 use crate::cluster::Cluster;
+use crate::projects::Engine;
 
 /// A running publisher: its task and what it reports.
 struct Publishing {
@@ -189,34 +190,25 @@ impl ClusterMode {
 struct LedByApp(Weak<App>);
 
 impl Led for LedByApp {
-    fn acquired(&self, project_id: String, db_name: String) -> BoxFuture<'_, ()> {
+    fn acquired(&self, project: LedProject) -> BoxFuture<'_, ()> {
         Box::pin(async move {
             let Some(app) = self.0.upgrade() else { return };
             let Some(mode) = app.cluster_mode.as_ref() else {
                 return;
             };
-            // A previous leader that lost its lock may still hold the slot: its walsender ends
-            // now (it can publish nothing either: the stream's expected sequence fences it).
-            let slot = crate::cdc::slot_name(&project_id);
-            match app.cluster.connect(&db_name).await {
-                Ok(admin) => {
-                    if let Err(e) = admin
-                        .execute(
-                            // Walsenders only: while a project is created, the backend
-                            // making its slot holds it too.
-                            "SELECT pg_terminate_backend(s.active_pid)
-                             FROM pg_replication_slots s JOIN pg_stat_activity a ON a.pid = s.active_pid
-                             WHERE s.slot_name = $1 AND a.backend_type = 'walsender'",
-                            &[&slot],
-                        )
-                        .await
-                    {
-                        tracing::warn!(project_id, error = %e, "ending a previous leader's walsender");
-                    }
-                }
-                Err(e) => {
-                    tracing::warn!(project_id, error = %e, "connecting to the project database")
-                }
+            let LedProject {
+                id: project_id,
+                db_name,
+                engine,
+            } = project;
+            // A previous leader that lost its lock may still read the project's log: its
+            // reader ends now (it can publish nothing either: the stream's expected sequence
+            // fences it). PostgreSQL: its walsender is terminated. MySQL: nothing to do here;
+            // every node registers the project's binlog dump with the same replica server id
+            // (crate::cdc::binlog::server_id of the instance, not the node), and the server
+            // ends the older dump of an id when a new one starts.
+            if engine == Engine::Postgresql {
+                end_previous_walsender(&app, &project_id, &db_name).await;
             }
             // Durable subscribers first (synchronously), then the stream: the slot is never
             // confirmed past what the publisher and the outbox have taken.
@@ -239,7 +231,7 @@ impl Led for LedByApp {
                 old.task.abort();
             }
             app.webhooks.lead(&project_id);
-            app.cdc.lead(project_id, db_name);
+            app.cdc.lead(project_id, db_name, engine);
         })
     }
 
@@ -268,20 +260,53 @@ impl Led for LedByApp {
         })
     }
 
-    fn projects(&self) -> BoxFuture<'_, anyhow::Result<Vec<(String, String)>>> {
+    fn projects(&self) -> BoxFuture<'_, anyhow::Result<Vec<LedProject>>> {
         Box::pin(async move {
             let app = self
                 .0
                 .upgrade()
                 .ok_or_else(|| anyhow::anyhow!("stopping"))?;
             let control = app.control.get().await?;
-            let projects = crate::control::projects::active_databases(&control).await?;
+            let projects: Vec<LedProject> = crate::control::projects::led(&control)
+                .await?
+                .into_iter()
+                .map(|(id, db_name, engine)| LedProject {
+                    id,
+                    db_name,
+                    engine,
+                })
+                .collect();
             // Every node keeps a room for every active project, fed by the project's stream.
-            for (id, _) in &projects {
-                app.realtime.start_room(id);
+            for p in &projects {
+                app.realtime.start_room(&p.id);
             }
             Ok(projects)
         })
+    }
+}
+
+/// Ends the walsender of a PostgreSQL project's slot that a previous leader may still hold.
+async fn end_previous_walsender(app: &App, project_id: &str, db_name: &str) {
+    let slot = crate::cdc::slot_name(project_id);
+    match app.cluster.connect(db_name).await {
+        Ok(admin) => {
+            if let Err(e) = admin
+                .execute(
+                    // Walsenders only: while a project is created, the backend making its slot
+                    // holds it too.
+                    "SELECT pg_terminate_backend(s.active_pid)
+                     FROM pg_replication_slots s JOIN pg_stat_activity a ON a.pid = s.active_pid
+                     WHERE s.slot_name = $1 AND a.backend_type = 'walsender'",
+                    &[&slot],
+                )
+                .await
+            {
+                tracing::warn!(project_id, error = %e, "ending a previous leader's walsender");
+            }
+        }
+        Err(e) => {
+            tracing::warn!(project_id, error = %e, "connecting to the project database")
+        }
     }
 }
 

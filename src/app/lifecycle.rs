@@ -30,21 +30,26 @@ impl App {
         name: &str,
         engine: Engine,
     ) -> Result<(Project, DefaultKeys), ProjectsError> {
-        let (project, keys) = self.projects.create(user_id, name, engine).await?;
-        if engine == Engine::Mysql {
-            // Where its binlog stream starts: the end of the log now, after its provisioning,
-            // before any client can write to it.
-            if let Err(e) = self.cdc.init_binlog_position(&project.id).await {
-                self.sql.forget_project(&project.id);
-                self.projects.discard(&project).await;
-                return Err(ProjectsError::Internal(e));
-            }
-            return Ok((project, keys));
+        if engine == Engine::Mysql && self.cluster_mode.is_some() && !self.mysql.external() {
+            return Err(ProjectsError::EngineUnavailable(
+                "MySQL projects in cluster mode need mysql_url (FLUXBASE_MYSQL_URL): one \
+                 MySQL/MariaDB server that every node reaches. Each node's embedded MariaDB \
+                 would hold its own copy of the project."
+                    .into(),
+            ));
         }
-        if let Err(e) = self.cdc.ensure_slot(&project.id, &project.db_name).await {
+        let (project, keys) = self.projects.create(user_id, name, engine).await?;
+        // Where its change stream starts: a PostgreSQL project's replication slot; a MySQL
+        // project's binlog position, the end of the log now, after its provisioning, before
+        // any client can write to it.
+        let prepared = match engine {
+            Engine::Postgresql => self.cdc.ensure_slot(&project.id, &project.db_name).await,
+            Engine::Mysql => self.cdc.init_binlog_position(&project.id).await,
+        };
+        if let Err(e) = prepared {
             self.sql.forget_project(&project.id);
             self.projects.discard(&project).await;
-            return Err(e.into());
+            return Err(ProjectsError::Internal(e));
         }
         if let Some(mode) = self.cluster_mode.as_ref() {
             // Some node leads it now rather than at the next tick.
@@ -156,32 +161,36 @@ impl App {
         Ok(())
     }
 
-    /// Starts the change stream of a project by its engine: PostgreSQL's logical replication
-    /// ([`crate::cdc`]) or the MySQL binlog ([`App::start_mysql_stream`]).
+    /// Starts the change stream of a project (by its engine: [`crate::cdc::Cdc::start`]).
     pub fn start_stream(&self, project: &Project) {
-        match project.engine {
-            Engine::Postgresql => self.cdc.start(project.id.clone(), project.db_name.clone()),
-            Engine::Mysql => self.start_mysql_stream(project),
-        }
-    }
-
-    /// The change stream of a MySQL project, from the binlog ([`crate::cdc::binlog`]); a no-op
-    /// when it runs.
-    pub fn start_mysql_stream(&self, project: &Project) {
         self.cdc
-            .start_mysql(project.id.clone(), project.db_name.clone());
+            .start(project.id.clone(), project.db_name.clone(), project.engine)
     }
 
-    /// Starts the change streams of every active MySQL project (the server starting to serve).
-    pub(crate) async fn start_mysql_streams(&self) -> anyhow::Result<()> {
-        let projects = crate::control::projects::mysql_projects(&self.control.get().await?).await?;
-        for p in projects
-            .iter()
-            .filter(|p| p.status == ProjectStatus::Active)
-        {
-            self.start_mysql_stream(p);
-        }
-        Ok(())
+    /// Purges the embedded MariaDB's binary logs every `mysql_binlog_purge_interval_secs`, up
+    /// to what MySQL projects' streams still need, within the retention bound
+    /// ([`crate::mysql::retention`]); nothing while no embedded server runs (an operator's
+    /// server purges by its own expiry). For as long as the app lives.
+    pub(crate) fn start_binlog_purging(self: &Arc<Self>) {
+        let app = Arc::downgrade(self);
+        let every = std::time::Duration::from_secs(self.config.mysql_binlog_purge_interval_secs);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                let Some(app) = app.upgrade() else { return };
+                if app.mysql.embedded().is_none() {
+                    continue;
+                }
+                let bound = crate::mysql::retention::Bound::from_config(&app.config);
+                if let Err(e) =
+                    crate::mysql::retention::purge(&app.mysql, &app.control, bound).await
+                {
+                    tracing::warn!(error = %format!("{e:#}"), "purging the embedded MariaDB's binary logs");
+                }
+            }
+        });
     }
 
     /// Acts on a NOTIFY from another server (or this one): a project whose status changed gets
@@ -244,19 +253,13 @@ impl App {
                 self.realtime
                     .close_project(project_id, crate::realtime::RoomClosed::Deleted)
             }
-            // Only a project this server has no stream for: a stream that ended (a lost slot)
-            // stays ended and reported.
+            // Only a project this server has no stream for (one made by another process, or
+            // resumed): a stream that ended (a lost slot or binlog position) stays ended and
+            // reported.
             Ok(Some(p))
-                if p.status == ProjectStatus::Active
-                    && p.engine == Engine::Postgresql
-                    && self.cdc.status(&p.id).is_none() =>
+                if p.status == ProjectStatus::Active && self.cdc.status(&p.id).is_none() =>
             {
-                self.cdc.start(p.id, p.db_name)
-            }
-            // A MySQL project made by another process (`fluxbase project create --engine
-            // mysql`): its stream (a no-op when it runs already).
-            Ok(Some(p)) if p.status == ProjectStatus::Active && p.engine == Engine::Mysql => {
-                self.start_mysql_stream(&p)
+                self.start_stream(&p)
             }
             Ok(Some(p)) if p.status == ProjectStatus::Suspended => {
                 self.sql.forget_project(project_id);

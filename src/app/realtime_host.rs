@@ -91,6 +91,22 @@ impl crate::realtime::Host for App {
     ) -> BoxFuture<'a, anyhow::Result<()>> {
         Box::pin(self.sql.identities().install_key(project))
     }
+
+    fn binlog_end(
+        &self,
+    ) -> BoxFuture<'_, Result<fluxbase_replication::pgoutput::Lsn, RealtimeError>> {
+        Box::pin(async move {
+            let read = async {
+                use crate::cdc::binlog::{current_position, position};
+                let mut conn = self.mysql.server().await?.admin_pool.get_conn().await?;
+                let end = current_position(&mut conn)
+                    .await
+                    .map_err(|e| anyhow::anyhow!("{e}"))?;
+                Ok::<_, anyhow::Error>(position::to_lsn(&end.file, end.offset)?)
+            };
+            read.await.map_err(RealtimeError::Internal)
+        })
+    }
 }
 
 /// Another service's refusal, as realtime passes it on: the guide's code and message.

@@ -63,6 +63,7 @@ use serde::Serialize;
 use crate::bus::{Bus, Event, EventBus, ProjectChannel};
 use crate::config::Config;
 use crate::db::{quote_literal, ClusterTarget};
+use crate::projects::Engine;
 use crate::secrets::Secrets;
 
 pub const PUBLICATION: &str = "fluxbase_changes";
@@ -297,58 +298,6 @@ impl Cdc {
         Ok(())
     }
 
-    /// Starts the binlog stream of a MySQL project (no-op if it runs, if streams are
-    /// disabled, or in cluster mode where the leadership loop decides).
-    pub fn start_mysql(&self, project_id: String, db_name: String) {
-        if self.led.load(std::sync::atomic::Ordering::Acquire) {
-            return;
-        }
-        self.start_mysql_stream(project_id, db_name)
-    }
-
-    fn start_mysql_stream(&self, project_id: String, db_name: String) {
-        if !self.enabled.load(std::sync::atomic::Ordering::Acquire) {
-            return;
-        }
-        let source = match self.mysql_provider() {
-            Ok(p) => p,
-            Err(e) => {
-                tracing::error!(project_id, error = %e, "a MySQL project's stream cannot start");
-                return;
-            }
-        };
-        let mut streams = self.streams.lock().expect("poisoned");
-        if streams
-            .get(&project_id)
-            .is_some_and(|h| !h.task.is_finished())
-        {
-            return;
-        }
-        let status = Arc::new(Mutex::new(StreamStatus {
-            state: StreamState::Starting,
-            slot: binlog::slot_name(&project_id),
-            ..Default::default()
-        }));
-        if let Some(hook) = self.on_start.get() {
-            hook(&project_id);
-        }
-        let runtime = match self.runtime() {
-            Ok(r) => r,
-            Err(e) => {
-                tracing::error!(project_id, error = %e, "starting the change streams' runtime");
-                return;
-            }
-        };
-        let task = runtime.spawn(binlog::run_stream(
-            self.sources.clone(),
-            source,
-            project_id.clone(),
-            db_name,
-            status.clone(),
-        ));
-        streams.insert(project_id, Handle { task, status });
-    }
-
     /// A MySQL project's stream (state `stopped` when none runs here) and its stored position
     /// (`slot`: present with `walStatus` `reserved`, or missing).
     pub async fn report_mysql(&self, project_id: &str) -> anyhow::Result<StatusReport> {
@@ -483,12 +432,14 @@ impl Cdc {
     }
 
     /// Cluster mode: starts the stream of a project this node now leads.
-    pub fn lead(&self, project_id: String, db_name: String) {
-        self.start_stream(project_id, db_name)
+    pub fn lead(&self, project_id: String, db_name: String, engine: Engine) {
+        self.start_stream(project_id, db_name, engine)
     }
 
     /// Starts change streams for every project (called when the server starts serving); in
-    /// cluster mode, none: the leadership loop starts those this node leads.
+    /// cluster mode, none: the leadership loop starts those this node leads. Every PostgreSQL
+    /// project, whatever its status, and the active MySQL projects (a suspended one's position
+    /// waits in the control database; retention keeps its binlog files, crate::mysql::retention).
     pub async fn start_all(&self) -> anyhow::Result<()> {
         self.enabled
             .store(true, std::sync::atomic::Ordering::Release);
@@ -496,25 +447,37 @@ impl Cdc {
             return Ok(());
         }
         let control = self.sources.control.get().await?;
-        for (id, db_name) in crate::control::projects::all_databases(&control).await? {
-            self.start(id, db_name);
+        for (id, db_name, engine) in crate::control::projects::streamed(&control).await? {
+            self.start(id, db_name, engine);
         }
         Ok(())
     }
 
-    /// Starts the change stream of one project (no-op if running or if streams are disabled;
-    /// in cluster mode too: the leadership loop decides).
-    pub fn start(&self, project_id: String, db_name: String) {
+    /// Starts the change stream of one project, chosen by its engine: PostgreSQL's logical
+    /// replication (this module) or the MySQL binlog ([`binlog`]). A no-op if it runs or if
+    /// streams are disabled; in cluster mode too: the leadership loop decides ([`Cdc::lead`]).
+    pub fn start(&self, project_id: String, db_name: String, engine: Engine) {
         if self.led.load(std::sync::atomic::Ordering::Acquire) {
             return;
         }
-        self.start_stream(project_id, db_name)
+        self.start_stream(project_id, db_name, engine)
     }
 
-    fn start_stream(&self, project_id: String, db_name: String) {
+    fn start_stream(&self, project_id: String, db_name: String, engine: Engine) {
         if !self.enabled.load(std::sync::atomic::Ordering::Acquire) {
             return;
         }
+        // A MySQL project's stream needs the way to its server, asked at each connection.
+        let mysql = match engine {
+            Engine::Postgresql => None,
+            Engine::Mysql => match self.mysql_provider() {
+                Ok(p) => Some(p),
+                Err(e) => {
+                    tracing::error!(project_id, error = %e, "a MySQL project's stream cannot start");
+                    return;
+                }
+            },
+        };
         let mut streams = self.streams.lock().expect("poisoned");
         if streams
             .get(&project_id)
@@ -524,7 +487,10 @@ impl Cdc {
         }
         let status = Arc::new(Mutex::new(StreamStatus {
             state: StreamState::Starting,
-            slot: slot_name(&project_id),
+            slot: match engine {
+                Engine::Postgresql => slot_name(&project_id),
+                Engine::Mysql => binlog::slot_name(&project_id),
+            },
             ..Default::default()
         }));
         if let Some(hook) = self.on_start.get() {
@@ -537,12 +503,12 @@ impl Cdc {
                 return;
             }
         };
-        let task = runtime.spawn(run_stream(
-            self.sources.clone(),
-            project_id.clone(),
-            db_name,
-            status.clone(),
-        ));
+        let sources = self.sources.clone();
+        let (id, st) = (project_id.clone(), status.clone());
+        let task = match mysql {
+            None => runtime.spawn(run_stream(sources, id, db_name, st)),
+            Some(source) => runtime.spawn(binlog::run_stream(sources, source, id, db_name, st)),
+        };
         streams.insert(project_id, Handle { task, status });
     }
 

@@ -21,6 +21,7 @@ use futures_util::future::BoxFuture;
 use futures_util::StreamExt;
 
 use crate::db::ClusterTarget;
+use crate::projects::Engine;
 
 /// How often a node looks at leadership.
 pub const TICK: Duration = Duration::from_millis(500);
@@ -28,12 +29,22 @@ pub const TICK: Duration = Duration::from_millis(500);
 /// What the wiring does when this node gains or loses a project.
 pub trait Led: Send + Sync + 'static {
     /// This node now leads the project: start its stream (publisher first).
-    fn acquired(&self, project_id: String, db_name: String) -> BoxFuture<'_, ()>;
+    fn acquired(&self, project: LedProject) -> BoxFuture<'_, ()>;
     /// This node no longer leads it: stop publishing before the lock is released.
     fn released(&self, project_id: String) -> BoxFuture<'_, ()>;
-    /// The active projects (id, database) the cluster should lead; every node also keeps a room
-    /// for each.
-    fn projects(&self) -> BoxFuture<'_, anyhow::Result<Vec<(String, String)>>>;
+    /// The active projects the cluster should lead, of either engine; every node also keeps a
+    /// room for each.
+    fn projects(&self) -> BoxFuture<'_, anyhow::Result<Vec<LedProject>>>;
+}
+
+/// A project whose change stream some node leads: PostgreSQL (its replication slot) or MySQL
+/// (its binlog position in the control database). Past the stream (the bus, the publisher, the
+/// outbox, the rooms) nothing depends on the engine.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LedProject {
+    pub id: String,
+    pub db_name: String,
+    pub engine: Engine,
 }
 
 /// The lock key of a project: its id's 64 bits as two `int4`s.
@@ -255,12 +266,12 @@ impl Leadership {
                 .map(|(_, _, n)| n.clone())
         };
         let mut leaders = HashMap::new();
-        for (id, _) in &projects {
-            if let Some(n) = holder(id) {
-                leaders.insert(id.clone(), n);
+        for p in &projects {
+            if let Some(n) = holder(&p.id) {
+                leaders.insert(p.id.clone(), n);
             }
         }
-        let active: HashSet<&str> = projects.iter().map(|(id, _)| id.as_str()).collect();
+        let active: HashSet<&str> = projects.iter().map(|p| p.id.as_str()).collect();
         // Projects this node leads that are gone or suspended: released.
         let gone: Vec<String> = self
             .led
@@ -287,7 +298,8 @@ impl Leadership {
             cluster.rebalance().await;
         } else {
             let mut room = share - mine.len();
-            for (id, db) in &projects {
+            for project in &projects {
+                let id = &project.id;
                 if room == 0 {
                     break;
                 }
@@ -300,10 +312,10 @@ impl Leadership {
                     .await?
                     .get(0);
                 if got {
-                    tracing::info!(project_id = %id, node = %self.node_id, "leading the project's change stream");
+                    tracing::info!(project_id = %id, node = %self.node_id, engine = project.engine.as_str(), "leading the project's change stream");
                     self.led.lock().expect("poisoned").insert(id.clone());
                     leaders.insert(id.clone(), self.node_id.clone());
-                    led.acquired(id.clone(), db.clone()).await;
+                    led.acquired(project.clone()).await;
                     room -= 1;
                 }
             }

@@ -238,32 +238,38 @@ pub async fn set_slot(db: &impl GenericClient, project_id: &str, slot: &str) -> 
     .await
 }
 
-/// The ids and databases of the active PostgreSQL projects whose replication slot is made
-/// (cluster mode leads these: a project being created has its row before its slot).
-pub async fn active_databases(db: &impl GenericClient) -> Result<Vec<(String, String)>, Error> {
+/// (id, database, engine) of the active projects whose change stream has where to start: a
+/// PostgreSQL project's replication slot made, a MySQL project's first binlog position
+/// recorded. Cluster mode leads these (a project being created has its row before either).
+pub async fn led(db: &impl GenericClient) -> Result<Vec<(String, String, Engine)>, Error> {
     Ok(db
         .query(
-            "SELECT id, db_name FROM fluxbase.projects
-             WHERE status = 'active' AND cdc_slot IS NOT NULL AND engine = 'postgresql'
+            "SELECT id, db_name, engine FROM fluxbase.projects p
+             WHERE status = 'active'
+               AND ((engine = 'postgresql' AND cdc_slot IS NOT NULL)
+                 OR (engine = 'mysql' AND EXISTS (SELECT 1 FROM fluxbase.binlog_positions b
+                                                  WHERE b.project_id = p.id)))
              ORDER BY created_at",
             &[],
         )
         .await?
         .iter()
-        .map(|r| (r.get(0), r.get(1)))
+        .map(|r| (r.get(0), r.get(1), engine(r.get(2))))
         .collect())
 }
 
-/// (id, database) of every PostgreSQL project, oldest first (the PostgreSQL change streams).
-pub async fn all_databases(db: &impl GenericClient) -> Result<Vec<(String, String)>, Error> {
+/// (id, database, engine) of the projects a single server streams, oldest first: every
+/// PostgreSQL project and the active MySQL ones.
+pub async fn streamed(db: &impl GenericClient) -> Result<Vec<(String, String, Engine)>, Error> {
     Ok(db
         .query(
-            "SELECT id, db_name FROM fluxbase.projects WHERE engine = 'postgresql' ORDER BY created_at",
+            "SELECT id, db_name, engine FROM fluxbase.projects
+             WHERE engine = 'postgresql' OR status = 'active' ORDER BY created_at",
             &[],
         )
         .await?
         .iter()
-        .map(|r| (r.get(0), r.get(1)))
+        .map(|r| (r.get(0), r.get(1), engine(r.get(2))))
         .collect())
 }
 

@@ -4,7 +4,11 @@
 //! The embedded MariaDB is started with all of this on its command line; an operator's server
 //! is checked for: row-based binlog with full images and full metadata (the change stream reads
 //! column names from it), a server id, binlogs that expire, and an admin account that can
-//! create databases and accounts and grant what the project and replication accounts get.
+//! create databases and accounts and grant what the project and replication accounts get; that
+//! no file of the server's host is reachable (`secure_file_priv`, FILE on the server's or a
+//! project's account), and that project admins may define routines and triggers
+//! (`log_bin_trust_function_creators`). With the control database at hand, the binary log files
+//! MySQL projects still need are checked against what the server has ([`needed_logs`]).
 
 use mysql_async::prelude::Queryable;
 use mysql_async::Opts;
@@ -101,6 +105,43 @@ pub async fn check(url: &str, replication_user: &str) -> anyhow::Result<Vec<Find
                 .into(),
         });
     }
+    // Files on the server's host: `LOAD_FILE`, `LOAD DATA INFILE` and `SELECT … INTO OUTFILE`
+    // reach only `secure_file_priv` (empty, or `/`: any directory the server can read or
+    // write; NULL: none).
+    if let Some(dir) = read(&mut conn, "secure_file_priv")
+        .await
+        .filter(|dir| dir.trim_end_matches('/').is_empty())
+    {
+        findings.push(Finding {
+            problem: format!(
+                "secure_file_priv is {dir:?}: an account with FILE reads and writes any file the \
+                 server can (LOAD_FILE, SELECT … INTO OUTFILE)"
+            ),
+            fix: format!(
+                "set secure_file_priv to an empty directory the server cannot write (e.g. \
+                 /var/lib/mysql-files, mode 0555) {restart}"
+            ),
+        });
+    }
+    // Project admins create routines and triggers in their own database: with the binary log
+    // on, the server refuses that to accounts without SUPER unless it trusts their creators
+    // (sound with a row-based log: routines are logged as the rows they change).
+    if !matches!(
+        read(&mut conn, "log_bin_trust_function_creators")
+            .await
+            .as_deref(),
+        Some("1" | "ON")
+    ) {
+        findings.push(Finding {
+            problem: "log_bin_trust_function_creators is off: a MySQL project's admin key cannot \
+                      create functions, procedures or triggers in its own database"
+                .into(),
+            fix: format!(
+                "SET GLOBAL log_bin_trust_function_creators = 1; and set \
+                 log_bin_trust_function_creators = 1 {restart} (sound with binlog_format = ROW)"
+            ),
+        });
+    }
     // The admin account's own global privileges, and whether it can grant them.
     let grantee: String = conn
         .query_first(
@@ -134,7 +175,29 @@ pub async fn check(url: &str, replication_user: &str) -> anyhow::Result<Vec<Find
                 "the admin account {grantee} lacks (or cannot grant) {}",
                 missing.join(", ")
             ),
-            fix: format!("GRANT ALL PRIVILEGES ON *.* TO {grantee} WITH GRANT OPTION;"),
+            fix: format!(
+                "GRANT ALL PRIVILEGES ON *.* TO {grantee} WITH GRANT OPTION; REVOKE FILE ON *.* \
+                 FROM {grantee};"
+            ),
+        });
+    }
+    // FILE: neither the server's account nor a project account needs it (a project's accounts
+    // get privileges on their own database only, which FILE is not). With it, SQL running as
+    // the account (a routine a project admin defines runs as its caller) reads server files.
+    let with_file: Vec<String> = conn
+        .exec(
+            r"SELECT GRANTEE FROM information_schema.USER_PRIVILEGES WHERE PRIVILEGE_TYPE = 'FILE'
+              AND (GRANTEE = ? OR GRANTEE LIKE '''fx\_%' OR GRANTEE LIKE ?) ORDER BY GRANTEE",
+            (&grantee, format!("'{replication_user}'@%")),
+        )
+        .await?;
+    for account in with_file {
+        findings.push(Finding {
+            problem: format!(
+                "{account} has FILE: SQL running as it can read the server's files (LOAD_FILE) \
+                 and write new ones"
+            ),
+            fix: format!("REVOKE FILE ON *.* FROM {account};"),
         });
     }
     // The replication account, once the server has made it.
@@ -161,6 +224,58 @@ pub async fn check(url: &str, replication_user: &str) -> anyhow::Result<Vec<Find
     }
     let _ = conn.disconnect().await;
     Ok(findings)
+}
+
+/// The binary log files MySQL projects' streams still need (`needed`: project, file of its
+/// stored position) against what the server at `url` has and its expiry: a purged one is a
+/// problem (that project's stream is `slot_lost`); the rest is printed (`info`).
+pub async fn needed_logs(
+    url: &str,
+    needed: &[(String, String)],
+) -> anyhow::Result<(Vec<Finding>, Option<String>)> {
+    let opts = Opts::from_url(url)
+        .map_err(|e| anyhow::anyhow!("FLUXBASE_MYSQL_URL is not a valid MySQL URL: {e}"))?;
+    let Ok(mut conn) = mysql_async::Conn::new(opts).await else {
+        // Said by check().
+        return Ok((Vec::new(), None));
+    };
+    let logs = crate::cdc::binlog::binary_logs(&mut conn).await?;
+    let expiry = super::retention::server_expiry(&mut conn).await?;
+    let _ = conn.disconnect().await;
+    let mut findings = Vec::new();
+    for (project, file) in needed {
+        if !logs.iter().any(|(f, _)| f == file) {
+            findings.push(Finding {
+                problem: format!(
+                    "MySQL project {project}'s change stream needs binary log {file}, which the \
+                     server no longer has: its stream is slot_lost (changes since are lost)"
+                ),
+                fix: format!(
+                    "raise binlog_expire_logs_seconds (now {expiry} s) above the longest time a \
+                     project's stream may be stopped; to capture from now on, delete the \
+                     project's row in fluxbase.binlog_positions and restart the server"
+                ),
+            });
+        }
+    }
+    let oldest_needed = needed
+        .iter()
+        .filter(|(_, f)| logs.iter().any(|(l, _)| l == f))
+        .min_by_key(|(_, f)| crate::cdc::binlog::position::file_sequence(f));
+    let info = oldest_needed.map(|(project, file)| {
+        format!(
+            "binary logs: MySQL projects need {file} on (project {project}); the server has {} \
+             to {} and expires files after {}",
+            logs.first().map_or("none", |(f, _)| f.as_str()),
+            logs.last().map_or("none", |(f, _)| f.as_str()),
+            if expiry == 0 {
+                "never".to_string()
+            } else {
+                format!("{expiry} s")
+            }
+        )
+    });
+    Ok((findings, info))
 }
 
 /// A global variable as text; `None` when the server does not know it.

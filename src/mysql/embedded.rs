@@ -22,7 +22,6 @@
 //! so nothing about it is stored. A watchdog stops the server when the
 //! process that started it disappears (even after `kill -9`).
 
-use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::Mutex;
@@ -43,9 +42,9 @@ const SETTINGS: &[(&str, &str)] = &[
     ("binlog-format", "ROW"),
     ("binlog-row-image", "FULL"),
     ("binlog-row-metadata", "FULL"),
-    // Kept a week: a change stream that was down longer starts from the current position and
-    // says so (m-b's stream); `fluxbase doctor` reports the setting.
-    ("binlog-expire-logs-seconds", "604800"),
+    // Never expired by the server: Fluxbase purges up to the oldest position a MySQL project's
+    // stream still needs, within mysql_binlog_retain_bytes/_secs (crate::mysql::retention).
+    ("binlog-expire-logs-seconds", "0"),
     ("max-binlog-size", "268435456"),
     ("local-infile", "0"),
     ("max-connections", "500"),
@@ -87,13 +86,13 @@ impl Server {
     /// free loopback port. `extra` adds settings for this start only (tests relax durability).
     pub fn start(root: &Path, admin_password: &str, extra: &[(&str, &str)]) -> Result<Server> {
         let bindir = find_binaries()?;
-        let run_as = server_user()?;
+        let run_as = SERVER_USER.run_as()?;
         std::fs::create_dir_all(root).with_context(|| format!("creating {}", root.display()))?;
         let root = root.canonicalize()?;
         if let Some((uid, gid)) = run_as {
             std::os::unix::fs::chown(&root, Some(uid), Some(gid))
                 .with_context(|| format!("giving {} to the MariaDB user", root.display()))?;
-            check_reachable(&root, uid)?;
+            SERVER_USER.check_reachable(&root, uid)?;
         }
         let socket = root.join("mariadbd.sock");
         if socket.as_os_str().len() > 100 {
@@ -241,7 +240,7 @@ impl Server {
         loop {
             self.port = match (port, attempt) {
                 (Some(p), 1) => p,
-                _ => free_port()?,
+                _ => crate::os_user::free_port()?,
             };
             let log_start = std::fs::metadata(self.log_file())
                 .map(|m| m.len())
@@ -493,51 +492,13 @@ fn find_binaries() -> Result<Bindir> {
     }
 }
 
-/// `Some((uid, gid))` of the unprivileged user to run MariaDB as when we are root.
-fn server_user() -> Result<Option<(u32, u32)>> {
-    if id(&["-u"], None)? != 0 {
-        return Ok(None);
-    }
-    let name = std::env::var("FLUXBASE_MYSQL_USER").unwrap_or_else(|_| "mysql".into());
-    let uid = id(&["-u"], Some(&name)).with_context(|| {
-        format!(
-            "MariaDB is not run as root and there is no user `{name}` to run it as: install \
-             Debian's mariadb-server package (it creates `mysql`), create one with \
-             `useradd --system {name}`, or set FLUXBASE_MYSQL_USER"
-        )
-    })?;
-    let gid = id(&["-g"], Some(&name))?;
-    Ok(Some((uid, gid)))
-}
-
-fn id(flag: &[&str], user: Option<&str>) -> Result<u32> {
-    let out = Command::new("id").args(flag).args(user).output()?;
-    if !out.status.success() {
-        bail!("{}", String::from_utf8_lossy(&out.stderr).trim());
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).trim().parse()?)
-}
-
-/// The server user must be able to walk down to its directory.
-fn check_reachable(dir: &Path, uid: u32) -> Result<()> {
-    use std::os::unix::fs::MetadataExt;
-    for ancestor in dir.ancestors().skip(1) {
-        let meta = std::fs::metadata(ancestor)?;
-        if meta.mode() & 0o001 == 0 && meta.uid() != uid {
-            bail!(
-                "the MariaDB user (uid {uid}) cannot enter {}: run `chmod o+x {}` or choose \
-                 another FLUXBASE_DATA_DIR",
-                ancestor.display(),
-                ancestor.display()
-            );
-        }
-    }
-    Ok(())
-}
+/// The unprivileged user MariaDB runs as when we are root.
+const SERVER_USER: crate::os_user::ServerUser = crate::os_user::ServerUser {
+    product: "MariaDB",
+    env_var: "FLUXBASE_MYSQL_USER",
+    default_user: "mysql",
+    package: "mariadb-server",
+};
 
 /// Starts tried on fresh ports when the chosen one was taken before MariaDB bound it.
 const PORT_ATTEMPTS: u32 = 5;
-
-fn free_port() -> Result<u16> {
-    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
-}

@@ -8,7 +8,8 @@
 //!   ├── provision   database fx_<id>; accounts fx_<id>_read|_readwrite|_admin
 //!   ├── sql         POST /api/execute-sql: pools per (project, account), limits, params
 //!   ├── render      values → JSON (shared with the binlog change stream)
-//!   └── replication the server-level account the change stream reads the binlog as
+//!   ├── replication the server-level account the change stream reads the binlog as
+//!   └── retention   which binlog files the streams need; the embedded server's purging
 //! ```
 //! Everything PostgreSQL-only (replication slots, row-level security, the PG pools, project
 //! migrations under `sql/project/`) never sees a MySQL project: the app routes by
@@ -18,6 +19,7 @@ pub mod doctor;
 pub mod embedded;
 pub mod provision;
 pub mod render;
+pub mod retention;
 pub mod sql;
 
 use std::sync::Arc;
@@ -84,6 +86,13 @@ impl Mysql {
                 let admin = match &self.config.mysql_url {
                     Some(url) => Opts::from_url(url.expose())
                         .map_err(|e| anyhow!("FLUXBASE_MYSQL_URL is not a valid MySQL URL: {e}"))?,
+                    // Each node would start its own server: a project's database, accounts and
+                    // binlog would exist on one node only.
+                    None if self.config.nats_url.is_some() => bail!(
+                        "MySQL projects in cluster mode need mysql_url (FLUXBASE_MYSQL_URL): one \
+                         MySQL/MariaDB server every node reaches; the embedded MariaDB is one \
+                         node's own"
+                    ),
                     None if self.config.mysql_embedded_off => bail!(
                         "the running server has not started its embedded MariaDB yet: create the \
                          first MySQL project through the API (or stop the server and run this \

@@ -194,6 +194,9 @@ pub enum ProjectsError {
     QuotaReached(u32),
     #[error("no project {0}")]
     NoSuchProject(String),
+    /// The engine exists but this deployment cannot host it (why, and the fix).
+    #[error("{0}")]
+    EngineUnavailable(String),
     #[error(transparent)]
     Internal(#[from] anyhow::Error),
 }

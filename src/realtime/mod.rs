@@ -207,6 +207,12 @@ pub trait Host: Send + Sync {
         &'a self,
         project: &'a Project,
     ) -> BoxFuture<'a, anyhow::Result<()>>;
+    /// Where the MySQL server's binary log ends now, as an event position
+    /// ([`crate::cdc::binlog::position`]): a transaction that commits later ends past it. (A
+    /// PostgreSQL project's is the WAL insert position, read by realtime itself.)
+    fn binlog_end(
+        &self,
+    ) -> BoxFuture<'_, Result<fluxbase_replication::pgoutput::Lsn, RealtimeError>>;
 }
 
 /// The realtime service: every room of this server, its sockets, and what they need (settings,

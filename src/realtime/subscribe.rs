@@ -195,8 +195,12 @@ impl Realtime {
         }
         let room = self.open_room(&project.id);
         // Measured after the room's bus subscription exists: the room gets every transaction
-        // that commits from here on.
-        let now = self.wal_insert_lsn().await?;
+        // that commits from here on. In the project's own log: PostgreSQL's WAL, or the MySQL
+        // server's binary log (event ids of the two are positions in different logs).
+        let now = match project.engine {
+            crate::projects::Engine::Postgresql => self.wal_insert_lsn().await?,
+            crate::projects::Engine::Mysql => host.binlog_end().await?,
+        };
         let mut state = loop {
             let state = room.state.lock().expect("poisoned");
             let seen = self.revocations(&project.id);

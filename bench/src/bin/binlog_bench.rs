@@ -11,7 +11,7 @@
 //!             and new image), through one admin connection; the range [start, end) noted
 //!  reference  mariadb-binlog --read-from-remote-server --start-position --stop-position -v
 //!             (rows decoded to text) > /dev/null, as the replication account
-//!  fluxbase   cdc.start_mysql: dump → decode → render → bus → a durable subscriber counts N + U
+//!  fluxbase   cdc.start (mysql): dump → decode → render → bus → a durable subscriber counts N + U
 //! ```
 //!
 //! The two read the same range in turn, the reference first in odd rounds and Fluxbase first in
@@ -306,7 +306,11 @@ async fn bench(
     let at = current(&mut conn).await?;
     set_position(app, &project.id, &at).await?;
     let mut sub = app.bus.project(&project.id).subscribe();
-    app.cdc.start_mysql(project.id.clone(), db.clone());
+    app.cdc.start(
+        project.id.clone(),
+        db.clone(),
+        fluxbase::projects::Engine::Mysql,
+    );
     wait_streaming(app, &project.id).await?;
     let arrivals: Arc<Mutex<HashMap<i64, Instant>>> = Arc::default();
     let reader = {
@@ -511,7 +515,11 @@ async fn run_fluxbase(
     // subscriber on this runtime, which the bus then cuts off a queue behind.
     let mut sub = app.bus.project(project_id).subscribe_durable();
     let began = Instant::now();
-    app.cdc.start_mysql(project_id.to_string(), db.to_string());
+    app.cdc.start(
+        project_id.to_string(),
+        db.to_string(),
+        fluxbase::projects::Engine::Mysql,
+    );
     let mut n = 0;
     while n < changes {
         let e = tokio::time::timeout(Duration::from_secs(120), sub.events.recv())

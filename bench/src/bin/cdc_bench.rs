@@ -388,7 +388,11 @@ async fn prepare(
         .await
         .map_err(|e| anyhow::anyhow!("creating a project: {e}"))?;
     let (id, db) = (project.id, project.db_name);
-    app.cdc.start(id.clone(), db.clone());
+    app.cdc.start(
+        id.clone(),
+        db.clone(),
+        fluxbase::projects::Engine::Postgresql,
+    );
     wait_streaming(app, &id).await?;
     let client = connect(cluster, &db).await?;
     eprintln!(
@@ -879,7 +883,11 @@ async fn drain_to_bus(
     let counter = tokio::spawn(count_events(sub, expected));
     let (process_before, stream_before) = own_cpu();
     let started = Instant::now();
-    app.cdc.start(id.to_string(), db.to_string());
+    app.cdc.start(
+        id.to_string(),
+        db.to_string(),
+        fluxbase::projects::Engine::Postgresql,
+    );
     let walsender = slot_walsender(client, &slot, previous).await?;
     let limit = Duration::from_secs(600);
     let (first, done) = match tokio::time::timeout(limit, counter).await {
@@ -986,7 +994,11 @@ async fn latency(app: &SharedApp, p: &Project, settings: &Settings) -> Result<La
         "[bench] latency: {} single-row transactions/s for {} s",
         settings.tps, settings.latency_seconds
     );
-    app.cdc.start(p.id.clone(), p.db.clone());
+    app.cdc.start(
+        p.id.clone(),
+        p.db.clone(),
+        fluxbase::projects::Engine::Postgresql,
+    );
     wait_streaming(app, &p.id).await?;
     let client = &p.client;
     let sub = app.bus.project(&p.id).subscribe();

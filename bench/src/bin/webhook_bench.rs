@@ -153,7 +153,8 @@ async fn bench(app: &SharedApp, cluster: &Cluster, base: &str, settings: &Settin
         .into_iter()
         .find(|k| k.scope.as_str() == "admin")
         .context("the new project has no admin key")?;
-    app.cdc.start(project.id.clone(), project.db_name.clone());
+    app.cdc
+        .start(project.id.clone(), project.db_name.clone(), project.engine);
     wait_streaming(app, &project.id).await?;
     let api = Api {
         http: reqwest::Client::new(),

@@ -95,9 +95,11 @@ impl std::fmt::Debug for MysqlSource {
 }
 
 /// The replica server id a project's stream registers with: the server allows one dump
-/// connection per id (a second one with the same id replaces the first), so each stream of
-/// each node has its own. Ids are in the upper half of the 32-bit range (2³¹…2³²−1), away
-/// from the small ids servers and their replicas are usually given.
+/// connection per id (a second one with the same id ends the first), so each project of an
+/// instance has its own. The nodes of a cluster share it (`node` is the instance's replication
+/// account): a new leader's dump ends a previous leader's. Ids are in the upper half of the
+/// 32-bit range (2³¹…2³²−1), away from the small ids servers and their replicas are usually
+/// given.
 pub fn server_id(node: &str, project_id: &str) -> u32 {
     // FNV-1a: stable across builds and platforms (std's hasher is not).
     let mut h: u32 = 0x811c_9dc5;
@@ -608,6 +610,17 @@ async fn stream_once<B: EventBus>(
                     let like = decoder.file().unwrap_or(&start.file).to_string();
                     let at = position::from_lsn(confirmed, &like);
                     let end = logs.last().and_then(|(f, size)| position::to_lsn(f, *size).ok());
+                    // The file of the stored position purged (past the retention bound,
+                    // crate::mysql::retention, or the server's expiry): a restart could not
+                    // resume, so the changes since may be lost. Said now, not at the next
+                    // reconnection. Older than the oldest listed file, not merely absent: the
+                    // list is refreshed every 5 s, so a file rotated in since is not in it yet.
+                    let oldest = logs.first().and_then(|(f, _)| position::to_lsn(f, 0).ok());
+                    if let (Some(at), Some(oldest)) = (at.as_ref(), oldest) {
+                        if confirmed.0 >> 32 < oldest.0 >> 32 {
+                            return Err(BinlogError::SlotLost(format!("{at} (its file was purged)")));
+                        }
+                    }
                     s.lag_bytes = at.and_then(|at| lag_bytes(&logs, &at));
                     s.server_lsn = end.map(|l| l.to_string());
                 }

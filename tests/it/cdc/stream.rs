@@ -506,9 +506,11 @@ async fn a_slot_that_disappears_is_a_loud_error_not_a_silent_gap() {
         )
         .await
         .unwrap();
-    app.app
-        .cdc
-        .start(f.project.clone(), format!("fx_{}", f.project));
+    app.app.cdc.start(
+        f.project.clone(),
+        format!("fx_{}", f.project),
+        fluxbase::projects::Engine::Postgresql,
+    );
     let deadline = std::time::Instant::now() + Duration::from_secs(60);
     loop {
         let s = app.app.cdc.status(&f.project).unwrap();

@@ -9,6 +9,10 @@
 //!   and the same workload with NATS killed and restarted in its middle (nothing lost);
 //! - `restart`: all three nodes restarted, a `since` resume gets what it missed;
 //! - `rate_limit`: the per-key limit holds across nodes;
+//! - `mysql`: a MySQL project (binlog stream) on three nodes sharing one MariaDB: every
+//!   subscriber on every node gets every change once, in order, under the same ids, through a
+//!   kill -9 of its leader; a cluster without `mysql_url` refuses MySQL projects (and a node
+//!   that has some refuses to start);
 //! - `creation`: a project whose slot is slow to create (older transactions running) still
 //!   streams: its leader neither starts before the slot exists nor fences its creator.
 //!
@@ -18,6 +22,7 @@
 
 mod creation;
 mod fanout;
+mod mysql;
 mod rate_limit;
 mod restart;
 mod workload;

@@ -27,11 +27,7 @@ async fn setup() -> (TestApp, Fixture, Subscription) {
 
 /// A connection to the project database as the server account (real transactions, rollbacks).
 async fn project_conn(f: &Fixture) -> mysql_async::Conn {
-    let mut conn = mariadb().await.admin().await;
-    conn.query_drop(format!("USE fx_{}", f.project))
-        .await
-        .unwrap();
-    conn
+    crate::support::mariadb::project_conn(&f.project).await
 }
 
 #[tokio::test]
@@ -583,4 +579,49 @@ async fn broadcasts_from_sql_follow_the_scopes_and_cannot_forge_other_events() {
         }
     );
     assert_quiet(&mut sub, Duration::from_millis(300)).await;
+}
+
+/// A MySQL project's event ids are positions in the MySQL server's binary log, not in
+/// PostgreSQL's WAL. A resume with `since` catches up from the room's history (compared with
+/// the WAL, the id looked never issued: RESUME_TOO_OLD and a silent gap), and a subscriber
+/// without `since` gets what commits after it subscribed, nothing from before.
+#[tokio::test]
+async fn a_resume_with_since_catches_up_on_a_mysql_project() {
+    use crate::support::fixtures::Project;
+    use crate::support::ws::{nothing_more, row, subscribed};
+    let app = spawn_mysql_app().await;
+    let f = app.mysql_fixture().await;
+    let p = Project {
+        project: f.project.clone(),
+        read: f.read.clone(),
+        readwrite: f.readwrite.clone(),
+        admin: f.admin.clone(),
+    };
+    let mut conn = project_conn(&f).await;
+    conn.query_drop("CREATE TABLE r (id int PRIMARY KEY)")
+        .await
+        .unwrap();
+    conn.query_drop("INSERT INTO r VALUES (0)").await.unwrap();
+    let mut ws = subscribed(&app.base, &p, None).await;
+    conn.query_drop("INSERT INTO r VALUES (1)").await.unwrap();
+    let (id, first) = row(&mut ws).await;
+    assert_eq!(
+        id, 1,
+        "the subscriber got a change from before it subscribed"
+    );
+    drop(ws);
+    for i in 2..=4 {
+        conn.query_drop(format!("INSERT INTO r VALUES ({i})"))
+            .await
+            .unwrap();
+    }
+    let mut ws = subscribed(&app.base, &p, Some(&first)).await;
+    let mut last = first.clone();
+    for want in 2..=4 {
+        let (id, event) = row(&mut ws).await;
+        assert_eq!(id, want);
+        assert!(event > last, "{event} after {last}");
+        last = event;
+    }
+    nothing_more(&mut ws).await;
 }

@@ -12,18 +12,12 @@ use serde_json::{json, Value};
 
 use crate::support::bus::{assert_quiet, next_event};
 use crate::support::http::call;
-use crate::support::mariadb::{mariadb, spawn_mysql_app};
+use crate::support::mariadb::{mariadb, project_conn, spawn_mysql_app};
 use crate::support::poll;
 use crate::support::process::ServerProcess;
 use crate::support::receiver::Receiver;
 use crate::support::start_with;
 use crate::support::unique;
-
-async fn project_conn(project: &str) -> mysql_async::Conn {
-    let mut conn = mariadb().await.admin().await;
-    conn.query_drop(format!("USE fx_{project}")).await.unwrap();
-    conn
-}
 
 async fn stored_position(app: &crate::support::TestApp, project: &str) -> Option<(String, i64)> {
     let control = app.app.control.get().await.unwrap();

@@ -94,3 +94,95 @@ async fn binlog_settings_change_capture_cannot_use_are_reported_with_their_fix()
         .unwrap()
         .unwrap();
 }
+
+/// Statements as the server's root account (unix socket authentication: the test runs as root).
+fn as_root(server: &fluxbase::mysql::embedded::Server, sql: &str) {
+    let socket = server.data_dir().parent().unwrap().join("mariadbd.sock");
+    let out = std::process::Command::new("mariadb")
+        .arg(format!("--socket={}", socket.display()))
+        .args(["-u", "root", "-e", sql])
+        .output()
+        .expect("running the mariadb client");
+    assert!(
+        out.status.success(),
+        "{sql}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[tokio::test]
+async fn files_reachable_from_sql_and_routines_refused_to_project_admins_are_reported() {
+    let root = scratch_dir(&format!("it-{}-{}", std::process::id(), unique("mdb")));
+    let password = fluxbase::secrets::random_base62(24);
+    let mut settings = TEST_SETTINGS.to_vec();
+    settings.extend([
+        // Every file the server's user can reach.
+        ("secure-file-priv", "/"),
+        ("log-bin-trust-function-creators", "0"),
+    ]);
+    let server = tokio::task::spawn_blocking(move || {
+        fluxbase::mysql::embedded::Server::start(&root, &password, &settings)
+    })
+    .await
+    .unwrap()
+    .unwrap();
+    // The server's account and a project's admin account with FILE.
+    as_root(
+        &server,
+        "GRANT FILE ON *.* TO 'fluxbase'@'127.0.0.1'; \
+         CREATE USER 'fx_0123456789abcdef_admin'@'127.0.0.1' IDENTIFIED BY 'pw'; \
+         GRANT FILE ON *.* TO 'fx_0123456789abcdef_admin'@'127.0.0.1'",
+    );
+    let url = server.admin_url();
+    let findings = fluxbase::mysql::doctor::check(&url, "x").await.unwrap();
+    let text: Vec<String> = findings
+        .iter()
+        .map(|f| format!("{} / {}", f.problem, f.fix))
+        .collect();
+    for (problem, fix) in [
+        (
+            "secure_file_priv is \"/\"",
+            "secure_file_priv to an empty directory",
+        ),
+        (
+            "log_bin_trust_function_creators is off",
+            "SET GLOBAL log_bin_trust_function_creators = 1",
+        ),
+        (
+            "'fluxbase'@'127.0.0.1' has FILE",
+            "REVOKE FILE ON *.* FROM 'fluxbase'@'127.0.0.1'",
+        ),
+        (
+            "'fx_0123456789abcdef_admin'@'127.0.0.1' has FILE",
+            "REVOKE FILE ON *.* FROM 'fx_0123456789abcdef_admin'@'127.0.0.1'",
+        ),
+    ] {
+        assert!(
+            findings
+                .iter()
+                .any(|f| f.problem.contains(problem) && f.fix.contains(fix)),
+            "{problem} / {fix} not in {text:#?}"
+        );
+    }
+    // The fixes that apply to a running server clear their findings.
+    as_root(
+        &server,
+        "SET GLOBAL log_bin_trust_function_creators = 1; \
+         REVOKE FILE ON *.* FROM 'fluxbase'@'127.0.0.1'; \
+         REVOKE FILE ON *.* FROM 'fx_0123456789abcdef_admin'@'127.0.0.1'",
+    );
+    let findings = fluxbase::mysql::doctor::check(&url, "x").await.unwrap();
+    let problems: Vec<&str> = findings.iter().map(|f| f.problem.as_str()).collect();
+    assert_eq!(
+        problems,
+        vec![findings
+            .iter()
+            .find(|f| f.problem.contains("secure_file_priv"))
+            .map_or("secure_file_priv missing", |f| f.problem.as_str())],
+        "only secure_file_priv (a restart's fix) is left"
+    );
+    tokio::task::spawn_blocking(move || server.stop())
+        .await
+        .unwrap()
+        .unwrap();
+}

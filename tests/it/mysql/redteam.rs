@@ -10,22 +10,7 @@ use serde_json::{json, Value};
 use crate::support::mariadb::{mariadb, spawn_mysql_app};
 use crate::support::ws::{connect, recv, send};
 
-/// The MySQL error number from `details`, or 0 on success.
-fn code(body: &Value) -> u64 {
-    if body["success"] == true {
-        return 0;
-    }
-    assert_eq!(body["error"]["code"], "SQL_EXEC_ERROR", "{body}");
-    body["error"]["details"]
-        .as_str()
-        .unwrap()
-        .trim_start_matches("ERROR:")
-        .split_whitespace()
-        .next()
-        .unwrap()
-        .parse()
-        .unwrap()
-}
+use crate::support::mariadb::mysql_error_code as code;
 
 /// The attack: the project's admin replaces `fluxbase_broadcasts` with a view WITH CHECK
 /// OPTION whose predicate is an oracle, then calls the procedure. The predicate must run as

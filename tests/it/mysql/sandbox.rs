@@ -5,22 +5,7 @@ use serde_json::json;
 
 use crate::support::mariadb::{mariadb, spawn_mysql_app};
 
-/// The MySQL error number from `details` (`ERROR:  1142 (42000)` → 1142), or 0 on success.
-fn code(body: &serde_json::Value) -> u64 {
-    if body["success"] == true {
-        return 0;
-    }
-    assert_eq!(body["error"]["code"], "SQL_EXEC_ERROR", "{body}");
-    body["error"]["details"]
-        .as_str()
-        .unwrap()
-        .trim_start_matches("ERROR:")
-        .split_whitespace()
-        .next()
-        .unwrap()
-        .parse()
-        .unwrap()
-}
+use crate::support::mariadb::mysql_error_code as code;
 
 #[tokio::test]
 async fn each_scope_has_exactly_its_rights() {

@@ -40,6 +40,12 @@ fn keys_of(body: &Value) -> Project {
 
 /// Signs up and creates a project named `resume` on the server at `base`.
 pub async fn project(base: &str) -> Project {
+    project_on(base, "postgresql").await
+}
+
+/// Signs up and creates a project named `resume` of `engine` (`postgresql`, `mysql`) on the
+/// server at `base`.
+pub async fn project_on(base: &str, engine: &str) -> Project {
     let email = format!("{}@example.com", unique("user"));
     let (status, body) = call(
         base,
@@ -56,10 +62,11 @@ pub async fn project(base: &str) -> Project {
         "POST",
         "/api/projects",
         Some(&token),
-        json!({ "name": "resume" }),
+        json!({ "name": "resume", "engine": engine }),
     )
     .await;
     assert_eq!(status, 201, "{body}");
+    assert_eq!(body["project"]["engine"], engine, "{body}");
     keys_of(&body)
 }
 

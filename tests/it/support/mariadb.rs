@@ -30,6 +30,9 @@ pub const TEST_SETTINGS: &[(&str, &str)] = &[
     ("sync-binlog", "0"),
     ("innodb-buffer-pool-size", "67108864"),
     ("innodb-log-file-size", "33554432"),
+    // An operator's server (the suite's apps reach it as `mysql_url`) expires its binary logs
+    // itself; the embedded server leaves that to Fluxbase (crate::mysql::retention).
+    ("binlog-expire-logs-seconds", "604800"),
 ];
 
 /// The MariaDB shared by every test of this binary.
@@ -77,6 +80,32 @@ impl MariaDb {
             })
             .collect()
     }
+}
+
+/// The MySQL error number of an `/api/execute-sql` answer (`details: "ERROR:  1142 (42000)"`
+/// → 1142), or 0 on success; any other failure fails the test.
+pub fn mysql_error_code(body: &Value) -> u64 {
+    if body["success"] == true {
+        return 0;
+    }
+    assert_eq!(body["error"]["code"], "SQL_EXEC_ERROR", "{body}");
+    body["error"]["details"]
+        .as_str()
+        .unwrap()
+        .trim_start_matches("ERROR:")
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap()
+}
+
+/// A connection to a project's database (`fx_<id>`) on the shared MariaDB as the server
+/// account: real transactions and rollbacks behind the API's back.
+pub async fn project_conn(project: &str) -> mysql_async::Conn {
+    let mut conn = mariadb().await.admin().await;
+    conn.query_drop(format!("USE fx_{project}")).await.unwrap();
+    conn
 }
 
 /// A server whose MySQL projects live on the shared MariaDB.

@@ -1,0 +1,118 @@
+//! What an embedded server (PostgreSQL, [`crate::embedded`]; MariaDB,
+//! [`crate::mysql::embedded`]) needs of the operating system: the unprivileged user it runs as
+//! when Fluxbase runs as root (neither server runs as root), that user's way down to its data
+//! directory, and a free loopback port.
+
+use std::path::Path;
+use std::process::Command;
+
+use anyhow::{bail, Context, Result};
+
+/// The unprivileged user a server runs as.
+pub struct ServerUser {
+    /// The server's name in messages (`PostgreSQL`, `MariaDB`).
+    pub product: &'static str,
+    /// The variable naming another user (`FLUXBASE_PG_USER`).
+    pub env_var: &'static str,
+    /// The user Debian's package creates (`postgres`), and that package.
+    pub default_user: &'static str,
+    pub package: &'static str,
+}
+
+impl ServerUser {
+    /// `Some((uid, gid))` of the user to run the server as when this process is root; `None`
+    /// otherwise (the server runs as this process's user).
+    pub fn run_as(&self) -> Result<Option<(u32, u32)>> {
+        if id(&["-u"], None)? != 0 {
+            return Ok(None);
+        }
+        let name = std::env::var(self.env_var).unwrap_or_else(|_| self.default_user.into());
+        let uid = id(&["-u"], Some(&name)).with_context(|| {
+            format!(
+                "{} does not run as root and there is no user `{name}` to run it as: install \
+                 Debian's {} package (it creates `{}`), create one with `useradd --system \
+                 {name}`, or set {}",
+                self.product, self.package, self.default_user, self.env_var
+            )
+        })?;
+        let gid = id(&["-g"], Some(&name))?;
+        Ok(Some((uid, gid)))
+    }
+
+    /// The user (`uid`) must be able to walk down to `dir`: every ancestor searchable by
+    /// others or its own.
+    pub fn check_reachable(&self, dir: &Path, uid: u32) -> Result<()> {
+        use std::os::unix::fs::MetadataExt;
+        for ancestor in dir.ancestors().skip(1) {
+            let meta = std::fs::metadata(ancestor)?;
+            if meta.mode() & 0o001 == 0 && meta.uid() != uid {
+                bail!(
+                    "the {} user (uid {uid}) cannot enter {}: run `chmod o+x {}` or choose \
+                     another FLUXBASE_DATA_DIR",
+                    self.product,
+                    ancestor.display(),
+                    ancestor.display()
+                );
+            }
+        }
+        Ok(())
+    }
+}
+
+/// `id <flag> [user]` as a number.
+fn id(flag: &[&str], user: Option<&str>) -> Result<u32> {
+    let out = Command::new("id").args(flag).args(user).output()?;
+    if !out.status.success() {
+        bail!("{}", String::from_utf8_lossy(&out.stderr).trim());
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).trim().parse()?)
+}
+
+/// A loopback port free now (a server started on it may still find it taken: callers retry).
+pub fn free_port() -> Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_directory_its_user_cannot_enter_is_named_with_the_fix() {
+        let dir = std::env::temp_dir().join(format!("os-user-{}", std::process::id()));
+        let closed = dir.join("closed");
+        let inner = closed.join("inner");
+        std::fs::create_dir_all(&inner).unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&closed, std::fs::Permissions::from_mode(0o700)).unwrap();
+        let user = ServerUser {
+            product: "MariaDB",
+            env_var: "FLUXBASE_MYSQL_USER",
+            default_user: "mysql",
+            package: "mariadb-server",
+        };
+        // A uid that owns nothing here.
+        let err = user
+            .check_reachable(&inner.join("data"), 4_000_000)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("MariaDB user (uid 4000000) cannot enter")
+                && err.contains(&format!("chmod o+x {}", closed.display())),
+            "{err}"
+        );
+        std::fs::set_permissions(&closed, std::fs::Permissions::from_mode(0o711)).unwrap();
+        user.check_reachable(&inner.join("data"), 4_000_000)
+            .unwrap();
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn free_ports_are_loopback_ports_nobody_holds() {
+        let port = free_port().unwrap();
+        assert!(port > 0);
+        std::net::TcpListener::bind(("127.0.0.1", port)).unwrap();
+    }
+}
