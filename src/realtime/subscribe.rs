@@ -197,9 +197,15 @@ impl Realtime {
         // Measured after the room's bus subscription exists: the room gets every transaction
         // that commits from here on. In the project's own log: PostgreSQL's WAL, or the MySQL
         // server's binary log (event ids of the two are positions in different logs).
+        // A PostgreSQL event's `commit_lsn` is where its commit record starts, so a transaction
+        // that committed before `now` has one below it; a binlog event's is where its commit
+        // event ends, which is exactly the log's end when it was the last one: the first
+        // position a later commit can have is one past the end.
         let now = match project.engine {
             crate::projects::Engine::Postgresql => self.wal_insert_lsn().await?,
-            crate::projects::Engine::Mysql => host.binlog_end().await?,
+            crate::projects::Engine::Mysql => {
+                fluxbase_replication::pgoutput::Lsn(host.binlog_end().await?.0 + 1)
+            }
         };
         let mut state = loop {
             let state = room.state.lock().expect("poisoned");
