@@ -34,6 +34,7 @@ use object_store::{
     Attribute, Attributes, GetResultPayload, ObjectStore, PutMultipartOptions, WriteMultipart,
 };
 
+use super::served::FileIdentity;
 use super::StorageError;
 use crate::config::Config;
 
@@ -55,6 +56,28 @@ pub fn legacy_path_of(key: &str) -> Option<Path> {
 const UPLOAD_CONCURRENCY: usize = 2;
 /// Bytes per read when streaming a local file out.
 const READ_CHUNK: usize = 1024 * 1024;
+/// A local file of at most this many bytes is read whole when it is opened and answered from
+/// that one buffer (no stream, no task feeding it); a larger one streams in [`READ_CHUNK`]s
+/// (four of them ahead of the client at most, `api::storage::response_body`), so a download
+/// holds at most about this much whatever the file's size.
+pub const WHOLE_READ: u64 = 4 * 1024 * 1024;
+
+/// A stored object as [`Backend::read`] hands it out.
+pub struct Object {
+    /// Bytes; the body is exactly this long (a shorter object cuts a stream off with an error).
+    pub size: u64,
+    pub body: ObjectBody,
+    /// Which file it is (the local backend only).
+    pub identity: Option<FileIdentity>,
+}
+
+/// An object's bytes.
+pub enum ObjectBody {
+    /// All of them, read already.
+    Whole(Bytes),
+    /// As they are read.
+    Stream(BoxStream<'static, std::io::Result<Bytes>>),
+}
 
 /// Where objects live: the `storage` setting (`local` or `s3`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Deserialize)]
@@ -331,8 +354,12 @@ impl Backend {
     /// Moves a complete staged object to `to` and makes the move survive a crash of the machine
     /// ([`Backend::persist`]), in one trip to the blocking pool on the local disk (the
     /// directories made private, the rename, the directories synced). Whether anything was
-    /// synced.
-    pub async fn place(&self, from: &str, to: &str) -> Result<bool, StorageError> {
+    /// synced, and which file the object now is (local only: what [`Backend::read`] will find).
+    pub async fn place(
+        &self,
+        from: &str,
+        to: &str,
+    ) -> Result<(bool, Option<FileIdentity>), StorageError> {
         let Backend::Local {
             store,
             root,
@@ -340,7 +367,7 @@ impl Backend {
         } = self
         else {
             self.rename(from, to).await?;
-            return self.persist(to).await;
+            return Ok((self.persist(to).await?, None));
         };
         let durable = durable.clone();
         let from_path = store
@@ -350,7 +377,7 @@ impl Backend {
             .path_to_filesystem(&path_of(to))
             .map_err(unavailable)?;
         let root = root.clone();
-        tokio::task::spawn_blocking(move || -> std::io::Result<()> {
+        let identity = tokio::task::spawn_blocking(move || -> std::io::Result<FileIdentity> {
             if !to_path.starts_with(&root) || !from_path.starts_with(&root) {
                 return Err(std::io::Error::other("outside the storage root"));
             }
@@ -358,12 +385,13 @@ impl Backend {
                 durable.create(dir)?;
             }
             std::fs::rename(&from_path, &to_path)?;
-            durable.sync(&to_path, &root)
+            durable.sync(&to_path, &root)?;
+            Ok(FileIdentity::of(&std::fs::metadata(&to_path)?))
         })
         .await
         .map_err(StorageError::from)?
         .map_err(|e| StorageError::Unavailable(format!("placing {to}: {e}")))?;
-        Ok(true)
+        Ok((true, Some(identity)))
     }
 
     /// Makes a stored object survive a crash of the machine before its metadata says it is
@@ -460,13 +488,11 @@ impl Backend {
         Ok(out)
     }
 
-    /// The object's bytes as a stream (large reads for local files). A local file is opened
-    /// and its first chunk read in one trip to the blocking pool, so that the response's
-    /// headers and first bytes can leave together.
-    pub async fn read(
-        &self,
-        key: &str,
-    ) -> Result<(u64, BoxStream<'static, std::io::Result<Bytes>>), StorageError> {
+    /// The object: its size, its bytes (a local file of at most [`WHOLE_READ`] bytes read
+    /// whole, a larger one streamed in large reads) and, for a local file, which file it is. A
+    /// local file is opened and read (its first chunk, or all of a small one) in one trip to
+    /// the blocking pool, so that the response's headers and first bytes can leave together.
+    pub async fn read(&self, key: &str) -> Result<Object, StorageError> {
         if let Backend::Local { store, .. } = self {
             let path = store
                 .path_to_filesystem(&path_of(key))
@@ -475,18 +501,32 @@ impl Backend {
                 .await
                 .map_err(StorageError::from)?
                 .map_err(|e| StorageError::Unavailable(format!("reading {key}: {e}")))?;
-            let Some((file, size, first)) = opened else {
+            let Some(Opened {
+                file,
+                size,
+                first,
+                identity,
+            }) = opened
+            else {
                 return Err(StorageError::NotServed);
             };
+            let first = Bytes::from(first);
+            if first.len() as u64 == size {
+                return Ok(Object {
+                    size,
+                    body: ObjectBody::Whole(first),
+                    identity: Some(identity),
+                });
+            }
             let rest = read_file(file, size - first.len() as u64);
-            let stream = if first.is_empty() {
-                rest
-            } else {
-                futures_util::stream::once(async move { Ok(Bytes::from(first)) })
-                    .chain(rest)
-                    .boxed()
-            };
-            return Ok((size, stream));
+            let stream = futures_util::stream::once(async move { Ok(first) })
+                .chain(rest)
+                .boxed();
+            return Ok(Object {
+                size,
+                body: ObjectBody::Stream(stream),
+                identity: Some(identity),
+            });
         }
         let store = self.store();
         let got = match store.get(&path_of(key)).await {
@@ -499,7 +539,11 @@ impl Backend {
             GetResultPayload::File(file, _) => read_file(file, size),
             GetResultPayload::Stream(s) => s.map(|r| r.map_err(std::io::Error::other)).boxed(),
         };
-        Ok((size, stream))
+        Ok(Object {
+            size,
+            body: ObjectBody::Stream(stream),
+            identity: None,
+        })
     }
 
     /// A real SigV4 pre-signed GET URL (S3 only; the local backend signs its own URLs).
@@ -574,9 +618,18 @@ impl DurableDirs {
     }
 }
 
-/// A local object's file, its size and its first [`READ_CHUNK`] bytes (fewer for a smaller
-/// file); `None` if there is no such file (a directory is none either).
-fn open_local(path: &std::path::Path) -> std::io::Result<Option<(std::fs::File, u64, Vec<u8>)>> {
+/// An opened local object: see [`open_local`].
+struct Opened {
+    file: std::fs::File,
+    size: u64,
+    /// All of a file of at most [`WHOLE_READ`] bytes, else its first [`READ_CHUNK`] bytes.
+    first: Vec<u8>,
+    identity: FileIdentity,
+}
+
+/// A local object's file, its size, its first bytes (all of a small file) and which file it
+/// is; `None` if there is no such file (a directory is none either).
+fn open_local(path: &std::path::Path) -> std::io::Result<Option<Opened>> {
     use std::io::Read;
     let mut file = match std::fs::File::open(path) {
         Ok(f) => f,
@@ -588,7 +641,11 @@ fn open_local(path: &std::path::Path) -> std::io::Result<Option<(std::fs::File, 
         return Ok(None);
     }
     let size = meta.len();
-    let want = size.min(READ_CHUNK as u64);
+    let want = if size <= WHOLE_READ {
+        size
+    } else {
+        READ_CHUNK as u64
+    };
     let mut first = Vec::with_capacity(want as usize);
     (&mut file).take(want).read_to_end(&mut first)?;
     if (first.len() as u64) < want {
@@ -597,7 +654,12 @@ fn open_local(path: &std::path::Path) -> std::io::Result<Option<(std::fs::File, 
             "the file is shorter than its size",
         ));
     }
-    Ok(Some((file, size, first)))
+    Ok(Some(Opened {
+        file,
+        size,
+        first,
+        identity: FileIdentity::of(&meta),
+    }))
 }
 
 /// Reads the `size` bytes of a file in large chunks on the blocking pool. The chunks are not

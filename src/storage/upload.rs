@@ -336,14 +336,15 @@ impl Storage {
         // Moved into place and the move made durable before the row that lists it is
         // committed.
         let placing = std::time::Instant::now();
-        match self.backend.place(&staged.key, &key).await {
-            Ok(synced) => {
+        let identity = match self.backend.place(&staged.key, &key).await {
+            Ok((synced, identity)) => {
                 if synced {
                     use std::sync::atomic::Ordering::Relaxed;
                     self.metrics.storage_fsyncs.fetch_add(1, Relaxed);
                     let micros = placing.elapsed().as_micros() as u64;
                     self.metrics.storage_fsync_micros.fetch_add(micros, Relaxed);
                 }
+                identity
             }
             Err(e) => {
                 // Not stored: a new file goes (unlisted), a replaced one keeps its row.
@@ -353,10 +354,19 @@ impl Storage {
                 release().await;
                 return Err(e);
             }
-        }
+        };
         let file = control::files::record(&client, &reserved.id, &token, &staged.key)
             .await?
             .ok_or_else(|| anyhow::anyhow!("upload reservation {} vanished", reserved.id))?;
+        if let Some(identity) = identity {
+            // The first download of it reads no row.
+            let served = super::served::Served {
+                name: file.name.clone(),
+                content_type: file.content_type.clone(),
+                public: file.bucket_is_public,
+            };
+            self.served.stored(&key, identity, served);
+        }
         self.metrics
             .storage_uploaded_bytes
             .fetch_add(staged.size, std::sync::atomic::Ordering::Relaxed);
