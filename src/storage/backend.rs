@@ -223,34 +223,14 @@ impl Backend {
         content_disposition: &str,
     ) -> Result<ObjectWriter, StorageError> {
         if let Backend::Local { store, .. } = self {
+            // The file is made by the first write, in the same trip to the blocking pool.
             let path = store
                 .path_to_filesystem(&path_of(key))
                 .map_err(unavailable)?;
-            let file = tokio::task::spawn_blocking(move || {
-                // The store removes a directory once its last file is deleted (automatic
-                // cleanup), so another upload's clean-up may remove the staging directory
-                // between the two calls: make it again and retry.
-                let mut attempts = 0;
-                loop {
-                    if let Some(dir) = path.parent() {
-                        private_dirs(dir)?;
-                    }
-                    match private_file(&path) {
-                        Ok(f) => return Ok((f, path)),
-                        Err(e) if e.kind() == std::io::ErrorKind::NotFound && attempts < 5 => {
-                            attempts += 1;
-                        }
-                        Err(e) => return Err(e),
-                    }
-                }
-            })
-            .await
-            .map_err(StorageError::from)?
-            .map_err(|e| StorageError::Unavailable(format!("creating {key}: {e}")))?;
             return Ok(ObjectWriter {
                 inner: Inner::Local(LocalWriter {
-                    path: file.1,
-                    file: Some(file.0),
+                    path,
+                    file: None,
                     in_flight: None,
                     part: Vec::new(),
                     part_len: 0,
@@ -736,11 +716,18 @@ const LOCAL_PART: usize = 1024 * 1024;
 
 /// Writes a local object straight into its file: parts of [`LOCAL_PART`] bytes on the blocking
 /// pool, one in flight while the next one fills, each handed to the kernel's writeback at once
-/// ([`start_writeback`]), so that the fsync at the end finds little left to write. The key is a staging key that nothing
-/// lists until the upload moves it into place, so a partial file is never seen as an object.
+/// ([`start_writeback`]), so that the fsync at the end finds little left to write. The key is a
+/// staging key that nothing lists until the upload moves it into place, so a partial file is
+/// never seen as an object.
+///
+/// Trips to the blocking pool: the file is made by the first part's write, a full part leaves
+/// only once the next chunk arrives (the last part is written by [`LocalWriter::finish`]), and
+/// `finish` writes the last part and syncs in one trip: a file of up to one part (1 MiB) is
+/// made, written and synced in a single trip.
 struct LocalWriter {
     path: PathBuf,
-    /// `None` while a part is being written (the task has it).
+    /// `None` before the first write (which makes the file) and while a part is being written
+    /// (the task has it).
     file: Option<std::fs::File>,
     in_flight: Option<tokio::task::JoinHandle<std::io::Result<std::fs::File>>>,
     part: Vec<Bytes>,
@@ -751,36 +738,68 @@ struct LocalWriter {
     done: bool,
 }
 
+/// Makes the staged file (mode 0600) and its directories. The store removes a directory once
+/// its last file is deleted (automatic cleanup), so another upload's clean-up may remove the
+/// staging directory between the two calls: make it again and retry.
+fn create_staged(path: &std::path::Path) -> std::io::Result<std::fs::File> {
+    let mut attempts = 0;
+    loop {
+        if let Some(dir) = path.parent() {
+            private_dirs(dir)?;
+        }
+        match private_file(path) {
+            Ok(f) => return Ok(f),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && attempts < 5 => {
+                attempts += 1;
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// Writes `part` at the end of `file` (made first if `None`); on the blocking pool.
+fn write_part(
+    file: Option<std::fs::File>,
+    path: &std::path::Path,
+    part: &[Bytes],
+) -> std::io::Result<std::fs::File> {
+    let mut file = match file {
+        Some(f) => f,
+        None => create_staged(path)?,
+    };
+    for chunk in part {
+        std::io::Write::write_all(&mut file, chunk)?;
+    }
+    Ok(file)
+}
+
 impl LocalWriter {
     fn failed(&self, e: impl std::fmt::Display) -> StorageError {
         StorageError::Unavailable(format!("writing {}: {e}", self.path.display()))
     }
 
-    /// The file, once the part in flight (if any) is written.
-    async fn file(&mut self) -> Result<std::fs::File, StorageError> {
+    /// The file once the part in flight (if any) is written; `None` if nothing made it yet.
+    async fn file(&mut self) -> Result<Option<std::fs::File>, StorageError> {
         if let Some(task) = self.in_flight.take() {
             return match task.await {
-                Ok(Ok(file)) => Ok(file),
+                Ok(Ok(file)) => Ok(Some(file)),
                 Ok(Err(e)) => Err(self.failed(e)),
                 Err(e) => Err(self.failed(e)),
             };
         }
-        self.file
-            .take()
-            .ok_or_else(|| StorageError::Internal(anyhow::anyhow!("local writer without a file")))
+        Ok(self.file.take())
     }
 
     /// Starts writing the collected part; waits for the previous one first.
     async fn send_part(&mut self) -> Result<(), StorageError> {
-        let mut file = self.file().await?;
+        let file = self.file().await?;
         let part = std::mem::take(&mut self.part);
         let (start, len) = (self.offset, self.part_len);
         self.offset += len as u64;
         self.part_len = 0;
+        let path = self.path.clone();
         self.in_flight = Some(tokio::task::spawn_blocking(move || {
-            for chunk in &part {
-                std::io::Write::write_all(&mut file, chunk)?;
-            }
+            let file = write_part(file, &path, &part)?;
             start_writeback(&file, start, len);
             Ok(file)
         }));
@@ -788,27 +807,39 @@ impl LocalWriter {
     }
 
     async fn write(&mut self, chunk: Bytes) -> Result<(), StorageError> {
-        self.part_len += chunk.len();
-        self.part.push(chunk);
+        // A full part leaves once more is coming: the last one goes with the sync.
         if self.part_len >= LOCAL_PART {
             self.send_part().await?;
         }
+        self.part_len += chunk.len();
+        self.part.push(chunk);
         Ok(())
     }
 
-    /// Writes what is left and waits until the bytes are on the disk: the object may then be
+    /// Writes what is left and waits until the bytes are on the disk (one trip: the last
+    /// part's write, the file made if no part made it, `fdatasync`): the object may then be
     /// renamed over an older one without a crash ever leaving a half-written file in its place.
     async fn finish(mut self) -> Result<(), StorageError> {
-        if self.part_len > 0 {
-            self.send_part().await?;
-        }
         let file = self.file().await?;
-        tokio::task::spawn_blocking(move || file.sync_data())
-            .await
-            .map_err(|e| self.failed(e))?
-            .map_err(|e| self.failed(e))?;
-        self.done = true;
-        Ok(())
+        let part = std::mem::take(&mut self.part);
+        self.offset += self.part_len as u64;
+        self.part_len = 0;
+        let path = self.path.clone();
+        let synced = tokio::task::spawn_blocking(move || {
+            let file = write_part(file, &path, &part)?;
+            file.sync_data()
+        })
+        .await;
+        // Whatever happened, the file was made or its making failed: a drop from now on
+        // (an error here) removes it; success keeps it.
+        match synced {
+            Ok(Ok(())) => {
+                self.done = true;
+                Ok(())
+            }
+            Ok(Err(e)) => Err(self.failed(e)),
+            Err(e) => Err(self.failed(e)),
+        }
     }
 
     async fn abort(mut self) {
