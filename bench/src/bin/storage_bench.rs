@@ -24,7 +24,7 @@
 //! (the two moved it one right after the other), the median over every file of every round:
 //! a file that waited for another process's writeback or for a core moves one pair, where a
 //! round's total (also printed, per round) moves with its slowest files. CPU per file per
-//! process comes from each process's CPU-time clock (nanoseconds, all threads).
+//! process comes from each thread's `/proc/<pid>/task/<tid>/schedstat` (nanoseconds).
 //!
 //! It starts the release `fluxbase` binary on a fresh data directory under `target/`
 //! (embedded cluster, rate limit off). Environment: BENCH_SMALL_FILES (default 64),
@@ -338,11 +338,11 @@ struct Ctx {
 }
 
 impl Ctx {
-    fn cpu(&self) -> [f64; 3] {
+    fn cpu(&self) -> [std::collections::HashMap<u64, u64>; 3] {
         [
-            cpu_seconds(&self.pids[0]),
-            cpu_seconds(&self.pids[1]),
-            cpu_seconds(&self.pids[2]),
+            cpu_threads(&self.pids[0]),
+            cpu_threads(&self.pids[1]),
+            cpu_threads(&self.pids[2]),
         ]
     }
 
@@ -362,7 +362,7 @@ impl Ctx {
         t.each.push(took);
         let now = self.cpu();
         for i in 0..3 {
-            t.cpu[i] += now[i] - cpu[i];
+            t.cpu[i] += cpu_between(&cpu[i], &now[i]);
         }
         Ok(out)
     }
@@ -486,30 +486,39 @@ impl Ctx {
     }
 }
 
-/// CPU seconds (user + system, all threads, exited ones included) a process has used so far:
-/// its CPU-time clock (`clock_getcpuclockid`, nanoseconds; /proc/<pid>/stat counts in 10 ms
-/// ticks, as coarse as a whole 1 MiB round trip). 0 if the clock cannot be read.
-fn cpu_seconds(pid: &str) -> f64 {
-    let pid: libc::pid_t = if pid == "self" {
-        0
-    } else {
-        match pid.parse() {
-            Ok(p) => p,
-            Err(_) => return 0.0,
-        }
+/// Nanoseconds on a CPU so far of each thread of a process (`self`: this one), from
+/// `/proc/<pid>/task/<tid>/schedstat` (its first field; `/proc/<pid>/stat` counts in 10 ms
+/// ticks, as coarse as several 1 MiB round trips). Empty if unreadable.
+fn cpu_threads(pid: &str) -> std::collections::HashMap<u64, u64> {
+    let mut out = std::collections::HashMap::new();
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return out;
     };
-    let mut clock: libc::clockid_t = 0;
-    // SAFETY: plain calls writing only into the locals passed.
-    unsafe {
-        if libc::clock_getcpuclockid(pid, &mut clock) != 0 {
-            return 0.0;
+    for task in tasks.flatten() {
+        let Some(tid) = task.file_name().to_str().and_then(|t| t.parse().ok()) else {
+            continue;
+        };
+        if let Some(ns) = std::fs::read_to_string(task.path().join("schedstat"))
+            .ok()
+            .and_then(|s| s.split_whitespace().next().and_then(|v| v.parse().ok()))
+        {
+            out.insert(tid, ns);
         }
-        let mut ts = std::mem::zeroed::<libc::timespec>();
-        if libc::clock_gettime(clock, &mut ts) != 0 {
-            return 0.0;
-        }
-        ts.tv_sec as f64 + ts.tv_nsec as f64 * 1e-9
     }
+    out
+}
+
+/// CPU seconds a process spent between two [`cpu_threads`] readings: every thread's own
+/// difference, a thread born since counted whole (one that ended since loses its share).
+fn cpu_between(
+    before: &std::collections::HashMap<u64, u64>,
+    after: &std::collections::HashMap<u64, u64>,
+) -> f64 {
+    let ns: u64 = after
+        .iter()
+        .map(|(tid, ns)| ns.saturating_sub(before.get(tid).copied().unwrap_or(0)))
+        .sum();
+    ns as f64 * 1e-9
 }
 
 fn median(values: &[f64]) -> f64 {
@@ -827,6 +836,6 @@ fn print(runs: &[Run], rounds: u64, load_before: &str) {
          reference's time over Fluxbase's for the same file number (the contenders took turns \
          file by file), with each round's median beside it; 'by round totals' is the median of \
          each round's ratio of total times, which one slow file can move; the MiB/s are the \
-         medians of the rounds. CPU from each process's CPU-time clock (ns)."
+         medians of the rounds. CPU: each thread's schedstat (ns)."
     );
 }
