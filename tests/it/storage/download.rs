@@ -257,7 +257,11 @@ async fn files_around_the_whole_read_size_download_exactly() {
         let key = body["file"]["s3_key"].as_str().unwrap();
         let (status, bytes) = download(&t, &f, key).await;
         assert_eq!(status, 200);
-        assert!(bytes.as_ref() == data.as_slice(), "{name}: {} bytes", bytes.len());
+        assert!(
+            bytes.as_ref() == data.as_slice(),
+            "{name}: {} bytes",
+            bytes.len()
+        );
     }
     t.stop().await;
 }

@@ -607,7 +607,10 @@ async fn a_body_split_at_every_position_is_stored_exactly() {
                 reqwest::Body::wrap_stream(chunks),
             )
             .await;
-            assert!(status == 200 || status == 201, "{order}, cut at {cut}: {reply}");
+            assert!(
+                status == 200 || status == 201,
+                "{order}, cut at {cut}: {reply}"
+            );
             assert_eq!(reply["file"]["size"], data.len(), "{order}, cut at {cut}");
             let key = reply["file"]["s3_key"].as_str().unwrap();
             let (status, bytes) = download(&t, &f, key).await;
@@ -617,7 +620,11 @@ async fn a_body_split_at_every_position_is_stored_exactly() {
     }
     // Nothing staged is left over.
     let staging = t.app.config.data_dir.join("storage/.uploads");
-    assert!(files_under(&staging).is_empty(), "{:?}", files_under(&staging));
+    assert!(
+        files_under(&staging).is_empty(),
+        "{:?}",
+        files_under(&staging)
+    );
     t.stop().await;
 }
 
@@ -638,7 +645,12 @@ async fn a_refusal_found_while_the_file_arrives_leaves_nothing() {
     .await;
     let data = pattern(3 * 1024 * 1024, 5);
     let cases = [
-        (other.readwrite.as_str(), "small", "image/png", 3 * 1024 * 1024),
+        (
+            other.readwrite.as_str(),
+            "small",
+            "image/png",
+            3 * 1024 * 1024,
+        ),
         (f.readwrite.as_str(), "nope", "image/png", 3 * 1024 * 1024),
         (f.readwrite.as_str(), "small", "text/plain", 10),
         (f.readwrite.as_str(), "small", "image/png", 3 * 1024 * 1024),
@@ -654,7 +666,9 @@ async fn a_refusal_found_while_the_file_arrives_leaves_nothing() {
             "{bucket} {content_type} {len}: {status} {reply}"
         );
     }
-    assert!(list_files(&t, &f.read, &f.project, "small").await.is_empty());
+    assert!(list_files(&t, &f.read, &f.project, "small")
+        .await
+        .is_empty());
     let root = t.app.config.data_dir.join("storage");
     let deadline = Instant::now() + Duration::from_secs(10);
     while !files_under(&root).is_empty() {
