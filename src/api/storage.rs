@@ -674,7 +674,7 @@ async fn serve(app: &App, key: &str, public_only: bool, head: bool) -> ApiResult
     if project.status == crate::projects::ProjectStatus::Suspended {
         return Err(ApiError::ProjectSuspended);
     }
-    let download = app.storage.download(key, public_only).await?;
+    let download = app.storage.download(key, public_only, !head).await?;
     if !head {
         app.metrics
             .storage_served_bytes

@@ -472,12 +472,13 @@ impl Backend {
     /// whole, a larger one streamed in large reads) and, for a local file, which file it is. A
     /// local file is opened and read (its first chunk, or all of a small one) in one trip to
     /// the blocking pool, so that the response's headers and first bytes can leave together.
-    pub async fn read(&self, key: &str) -> Result<Object, StorageError> {
+    /// Without `body` (a `HEAD`) a local file is only opened: its body is empty.
+    pub async fn read(&self, key: &str, body: bool) -> Result<Object, StorageError> {
         if let Backend::Local { store, .. } = self {
             let path = store
                 .path_to_filesystem(&path_of(key))
                 .map_err(unavailable)?;
-            let opened = tokio::task::spawn_blocking(move || open_local(&path))
+            let opened = tokio::task::spawn_blocking(move || open_local(&path, body))
                 .await
                 .map_err(StorageError::from)?
                 .map_err(|e| StorageError::Unavailable(format!("reading {key}: {e}")))?;
@@ -491,7 +492,7 @@ impl Backend {
                 return Err(StorageError::NotServed);
             };
             let first = Bytes::from(first);
-            if first.len() as u64 == size {
+            if first.len() as u64 == size || !body {
                 return Ok(Object {
                     size,
                     body: ObjectBody::Whole(first),
@@ -607,9 +608,9 @@ struct Opened {
     identity: FileIdentity,
 }
 
-/// A local object's file, its size, its first bytes (all of a small file) and which file it
-/// is; `None` if there is no such file (a directory is none either).
-fn open_local(path: &std::path::Path) -> std::io::Result<Option<Opened>> {
+/// A local object's file, its size, its first bytes (all of a small file; none without
+/// `body`) and which file it is; `None` if there is no such file (a directory is none either).
+fn open_local(path: &std::path::Path, body: bool) -> std::io::Result<Option<Opened>> {
     use std::io::Read;
     let mut file = match std::fs::File::open(path) {
         Ok(f) => f,
@@ -621,7 +622,9 @@ fn open_local(path: &std::path::Path) -> std::io::Result<Option<Opened>> {
         return Ok(None);
     }
     let size = meta.len();
-    let want = if size <= WHOLE_READ {
+    let want = if !body {
+        0
+    } else if size <= WHOLE_READ {
         size
     } else {
         READ_CHUNK as u64

@@ -48,12 +48,18 @@ impl Storage {
 
     /// The listed file stored under `key` (in a public bucket, with `public_only`), ready to
     /// serve. The caller has checked the grant (a signature, or none for public files) and that
-    /// the key's project exists and is not suspended.
+    /// the key's project exists and is not suspended. Without `body` (a `HEAD`) a local file's
+    /// bytes are not read (its body is empty).
     ///
     /// The row comes from [`super::served`] when it holds one made for the very file opened
     /// (the local backend: a file this server stored or served since), else from the control
     /// database, read at the same time as the object is opened.
-    pub async fn download(&self, key: &str, public_only: bool) -> Result<Download, StorageError> {
+    pub async fn download(
+        &self,
+        key: &str,
+        public_only: bool,
+        body: bool,
+    ) -> Result<Download, StorageError> {
         let make = |served: Served, object: super::backend::Object| Download {
             name: served.name,
             content_type: served.content_type,
@@ -62,7 +68,7 @@ impl Storage {
             body: object.body,
         };
         if self.served.holds(key) {
-            let object = self.backend.read(key).await?;
+            let object = self.backend.read(key, body).await?;
             if let Some(served) = object
                 .identity
                 .and_then(|id| self.served.get(key, &id))
@@ -82,7 +88,7 @@ impl Storage {
         // (an object opened for nothing is dropped unread).
         let (file, object) = tokio::join!(
             self.stored_file(project_of_key(key), key),
-            self.backend.read(key)
+            self.backend.read(key, body)
         );
         self.decide(key, public_only, file, object?, generation)
             .map(|(s, o)| make(s, o))

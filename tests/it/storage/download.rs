@@ -265,3 +265,49 @@ async fn files_around_the_whole_read_size_download_exactly() {
     }
     t.stop().await;
 }
+
+/// `HEAD` of a signed or public URL answers the headers of the `GET` (the file's length
+/// included) and no body, for a small file (read whole on `GET`) and a larger one (streamed).
+#[tokio::test]
+async fn head_answers_the_headers_of_get_without_the_body() {
+    let t = spawn_app().await;
+    let f = t.fixture().await;
+    create_bucket(&t, &f, "pub", json!({ "isPublic": true })).await;
+    let whole = fluxbase::storage::backend::WHOLE_READ as usize;
+    for (name, len) in [("small.txt", 5), ("large.bin", whole + 10)] {
+        let data = pattern(len, 7);
+        let (status, body) = upload(
+            &t,
+            &f.readwrite,
+            &f.project,
+            "pub",
+            name,
+            "text/plain",
+            &data,
+            &[],
+        )
+        .await;
+        assert_eq!(status, 201, "{body}");
+        let key = body["file"]["s3_key"].as_str().unwrap();
+        let public = body["file"]["public_url"].as_str().unwrap().to_string();
+        let (_, signed) = signed_url(&t, &f.read, &f.project, key).await;
+        for url in [signed["url"].as_str().unwrap(), public.as_str()] {
+            let (_, got, bytes) = fetch(url).await;
+            assert_eq!(bytes.len(), len);
+            let resp = reqwest::Client::new().head(url).send().await.unwrap();
+            assert_eq!(resp.status(), 200);
+            for h in [
+                "content-type",
+                "content-length",
+                "content-disposition",
+                "cache-control",
+                "content-security-policy",
+            ] {
+                assert_eq!(resp.headers().get(h), got.get(h), "{name}: {h}");
+            }
+            assert_eq!(resp.headers()["content-length"], len.to_string().as_str());
+            assert!(resp.bytes().await.unwrap().is_empty());
+        }
+    }
+    t.stop().await;
+}
