@@ -21,6 +21,7 @@ use crate::api::error::{ApiError, ApiResult};
 use crate::app::{App, SharedApp};
 use crate::auth::{Access, DbRole, Principal, Scope};
 use crate::config::Config;
+use crate::storage::backend::ObjectBody;
 use crate::storage::files::{project_of_key, DeletedFile};
 use crate::storage::{
     public_url, Bucket, BucketChange, BucketUsage, NewBucket, StorageError, StoredFile,
@@ -662,7 +663,8 @@ async fn public(app: SharedApp, req: Request, head: bool) -> ApiResult<Response>
 }
 
 /// The response for a download: the file's type, length and disposition, a sandboxing CSP, a
-/// cache policy by the bucket's visibility; the body streams (none for `HEAD`).
+/// cache policy by the bucket's visibility; the body is one buffer (a small local file) or
+/// streams (none for `HEAD`).
 async fn serve(app: &App, key: &str, public_only: bool, head: bool) -> ApiResult<Response> {
     let project = app
         .auth
@@ -672,7 +674,7 @@ async fn serve(app: &App, key: &str, public_only: bool, head: bool) -> ApiResult
     if project.status == crate::projects::ProjectStatus::Suspended {
         return Err(ApiError::ProjectSuspended);
     }
-    let download = app.storage.download(key, public_only).await?;
+    let download = app.storage.download(key, public_only, !head).await?;
     if !head {
         app.metrics
             .storage_served_bytes
@@ -680,10 +682,10 @@ async fn serve(app: &App, key: &str, public_only: bool, head: bool) -> ApiResult
     }
     let header = |v: String| HeaderValue::from_str(&v).map_err(|e| ApiError::Internal(e.into()));
     let disposition = header(download.content_disposition())?;
-    let mut response = if head {
-        Response::new(Default::default())
-    } else {
-        warp::reply::stream(response_body(download.body)).into_response()
+    let mut response = match download.body {
+        _ if head => Response::new(Default::default()),
+        ObjectBody::Whole(bytes) => Response::new(bytes.into()),
+        ObjectBody::Stream(body) => warp::reply::stream(response_body(body)).into_response(),
     };
     let h = response.headers_mut();
     h.insert("content-type", header(download.content_type)?);

@@ -34,6 +34,7 @@ use object_store::{
     Attribute, Attributes, GetResultPayload, ObjectStore, PutMultipartOptions, WriteMultipart,
 };
 
+use super::served::FileIdentity;
 use super::StorageError;
 use crate::config::Config;
 
@@ -55,6 +56,28 @@ pub fn legacy_path_of(key: &str) -> Option<Path> {
 const UPLOAD_CONCURRENCY: usize = 2;
 /// Bytes per read when streaming a local file out.
 const READ_CHUNK: usize = 1024 * 1024;
+/// A local file of at most this many bytes is read whole when it is opened and answered from
+/// that one buffer (no stream, no task feeding it); a larger one streams in [`READ_CHUNK`]s
+/// (four of them ahead of the client at most, `api::storage::response_body`), so a download
+/// holds at most about this much whatever the file's size.
+pub const WHOLE_READ: u64 = 4 * 1024 * 1024;
+
+/// A stored object as [`Backend::read`] hands it out.
+pub struct Object {
+    /// Bytes; the body is exactly this long (a shorter object cuts a stream off with an error).
+    pub size: u64,
+    pub body: ObjectBody,
+    /// Which file it is (the local backend only).
+    pub identity: Option<FileIdentity>,
+}
+
+/// An object's bytes.
+pub enum ObjectBody {
+    /// All of them, read already.
+    Whole(Bytes),
+    /// As they are read.
+    Stream(BoxStream<'static, std::io::Result<Bytes>>),
+}
 
 /// Where objects live: the `storage` setting (`local` or `s3`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Deserialize)]
@@ -200,34 +223,14 @@ impl Backend {
         content_disposition: &str,
     ) -> Result<ObjectWriter, StorageError> {
         if let Backend::Local { store, .. } = self {
+            // The file is made by the first write, in the same trip to the blocking pool.
             let path = store
                 .path_to_filesystem(&path_of(key))
                 .map_err(unavailable)?;
-            let file = tokio::task::spawn_blocking(move || {
-                // The store removes a directory once its last file is deleted (automatic
-                // cleanup), so another upload's clean-up may remove the staging directory
-                // between the two calls: make it again and retry.
-                let mut attempts = 0;
-                loop {
-                    if let Some(dir) = path.parent() {
-                        private_dirs(dir)?;
-                    }
-                    match private_file(&path) {
-                        Ok(f) => return Ok((f, path)),
-                        Err(e) if e.kind() == std::io::ErrorKind::NotFound && attempts < 5 => {
-                            attempts += 1;
-                        }
-                        Err(e) => return Err(e),
-                    }
-                }
-            })
-            .await
-            .map_err(StorageError::from)?
-            .map_err(|e| StorageError::Unavailable(format!("creating {key}: {e}")))?;
             return Ok(ObjectWriter {
                 inner: Inner::Local(LocalWriter {
-                    path: file.1,
-                    file: Some(file.0),
+                    path,
+                    file: None,
                     in_flight: None,
                     part: Vec::new(),
                     part_len: 0,
@@ -331,8 +334,12 @@ impl Backend {
     /// Moves a complete staged object to `to` and makes the move survive a crash of the machine
     /// ([`Backend::persist`]), in one trip to the blocking pool on the local disk (the
     /// directories made private, the rename, the directories synced). Whether anything was
-    /// synced.
-    pub async fn place(&self, from: &str, to: &str) -> Result<bool, StorageError> {
+    /// synced, and which file the object now is (local only: what [`Backend::read`] will find).
+    pub async fn place(
+        &self,
+        from: &str,
+        to: &str,
+    ) -> Result<(bool, Option<FileIdentity>), StorageError> {
         let Backend::Local {
             store,
             root,
@@ -340,7 +347,7 @@ impl Backend {
         } = self
         else {
             self.rename(from, to).await?;
-            return self.persist(to).await;
+            return Ok((self.persist(to).await?, None));
         };
         let durable = durable.clone();
         let from_path = store
@@ -350,7 +357,7 @@ impl Backend {
             .path_to_filesystem(&path_of(to))
             .map_err(unavailable)?;
         let root = root.clone();
-        tokio::task::spawn_blocking(move || -> std::io::Result<()> {
+        let identity = tokio::task::spawn_blocking(move || -> std::io::Result<FileIdentity> {
             if !to_path.starts_with(&root) || !from_path.starts_with(&root) {
                 return Err(std::io::Error::other("outside the storage root"));
             }
@@ -358,12 +365,13 @@ impl Backend {
                 durable.create(dir)?;
             }
             std::fs::rename(&from_path, &to_path)?;
-            durable.sync(&to_path, &root)
+            durable.sync(&to_path, &root)?;
+            Ok(FileIdentity::of(&std::fs::metadata(&to_path)?))
         })
         .await
         .map_err(StorageError::from)?
         .map_err(|e| StorageError::Unavailable(format!("placing {to}: {e}")))?;
-        Ok(true)
+        Ok((true, Some(identity)))
     }
 
     /// Makes a stored object survive a crash of the machine before its metadata says it is
@@ -460,33 +468,46 @@ impl Backend {
         Ok(out)
     }
 
-    /// The object's bytes as a stream (large reads for local files). A local file is opened
-    /// and its first chunk read in one trip to the blocking pool, so that the response's
-    /// headers and first bytes can leave together.
-    pub async fn read(
-        &self,
-        key: &str,
-    ) -> Result<(u64, BoxStream<'static, std::io::Result<Bytes>>), StorageError> {
+    /// The object: its size, its bytes (a local file of at most [`WHOLE_READ`] bytes read
+    /// whole, a larger one streamed in large reads) and, for a local file, which file it is. A
+    /// local file is opened and read (its first chunk, or all of a small one) in one trip to
+    /// the blocking pool, so that the response's headers and first bytes can leave together.
+    /// Without `body` (a `HEAD`) a local file is only opened: its body is empty.
+    pub async fn read(&self, key: &str, body: bool) -> Result<Object, StorageError> {
         if let Backend::Local { store, .. } = self {
             let path = store
                 .path_to_filesystem(&path_of(key))
                 .map_err(unavailable)?;
-            let opened = tokio::task::spawn_blocking(move || open_local(&path))
+            let opened = tokio::task::spawn_blocking(move || open_local(&path, body))
                 .await
                 .map_err(StorageError::from)?
                 .map_err(|e| StorageError::Unavailable(format!("reading {key}: {e}")))?;
-            let Some((file, size, first)) = opened else {
+            let Some(Opened {
+                file,
+                size,
+                first,
+                identity,
+            }) = opened
+            else {
                 return Err(StorageError::NotServed);
             };
+            let first = Bytes::from(first);
+            if first.len() as u64 == size || !body {
+                return Ok(Object {
+                    size,
+                    body: ObjectBody::Whole(first),
+                    identity: Some(identity),
+                });
+            }
             let rest = read_file(file, size - first.len() as u64);
-            let stream = if first.is_empty() {
-                rest
-            } else {
-                futures_util::stream::once(async move { Ok(Bytes::from(first)) })
-                    .chain(rest)
-                    .boxed()
-            };
-            return Ok((size, stream));
+            let stream = futures_util::stream::once(async move { Ok(first) })
+                .chain(rest)
+                .boxed();
+            return Ok(Object {
+                size,
+                body: ObjectBody::Stream(stream),
+                identity: Some(identity),
+            });
         }
         let store = self.store();
         let got = match store.get(&path_of(key)).await {
@@ -499,7 +520,11 @@ impl Backend {
             GetResultPayload::File(file, _) => read_file(file, size),
             GetResultPayload::Stream(s) => s.map(|r| r.map_err(std::io::Error::other)).boxed(),
         };
-        Ok((size, stream))
+        Ok(Object {
+            size,
+            body: ObjectBody::Stream(stream),
+            identity: None,
+        })
     }
 
     /// A real SigV4 pre-signed GET URL (S3 only; the local backend signs its own URLs).
@@ -574,9 +599,18 @@ impl DurableDirs {
     }
 }
 
-/// A local object's file, its size and its first [`READ_CHUNK`] bytes (fewer for a smaller
-/// file); `None` if there is no such file (a directory is none either).
-fn open_local(path: &std::path::Path) -> std::io::Result<Option<(std::fs::File, u64, Vec<u8>)>> {
+/// An opened local object: see [`open_local`].
+struct Opened {
+    file: std::fs::File,
+    size: u64,
+    /// All of a file of at most [`WHOLE_READ`] bytes, else its first [`READ_CHUNK`] bytes.
+    first: Vec<u8>,
+    identity: FileIdentity,
+}
+
+/// A local object's file, its size, its first bytes (all of a small file; none without
+/// `body`) and which file it is; `None` if there is no such file (a directory is none either).
+fn open_local(path: &std::path::Path, body: bool) -> std::io::Result<Option<Opened>> {
     use std::io::Read;
     let mut file = match std::fs::File::open(path) {
         Ok(f) => f,
@@ -588,7 +622,13 @@ fn open_local(path: &std::path::Path) -> std::io::Result<Option<(std::fs::File, 
         return Ok(None);
     }
     let size = meta.len();
-    let want = size.min(READ_CHUNK as u64);
+    let want = if !body {
+        0
+    } else if size <= WHOLE_READ {
+        size
+    } else {
+        READ_CHUNK as u64
+    };
     let mut first = Vec::with_capacity(want as usize);
     (&mut file).take(want).read_to_end(&mut first)?;
     if (first.len() as u64) < want {
@@ -597,7 +637,12 @@ fn open_local(path: &std::path::Path) -> std::io::Result<Option<(std::fs::File, 
             "the file is shorter than its size",
         ));
     }
-    Ok(Some((file, size, first)))
+    Ok(Some(Opened {
+        file,
+        size,
+        first,
+        identity: FileIdentity::of(&meta),
+    }))
 }
 
 /// Reads the `size` bytes of a file in large chunks on the blocking pool. The chunks are not
@@ -674,11 +719,18 @@ const LOCAL_PART: usize = 1024 * 1024;
 
 /// Writes a local object straight into its file: parts of [`LOCAL_PART`] bytes on the blocking
 /// pool, one in flight while the next one fills, each handed to the kernel's writeback at once
-/// ([`start_writeback`]), so that the fsync at the end finds little left to write. The key is a staging key that nothing
-/// lists until the upload moves it into place, so a partial file is never seen as an object.
+/// ([`start_writeback`]), so that the fsync at the end finds little left to write. The key is a
+/// staging key that nothing lists until the upload moves it into place, so a partial file is
+/// never seen as an object.
+///
+/// Trips to the blocking pool: the file is made by the first part's write, a full part leaves
+/// only once the next chunk arrives (the last part is written by [`LocalWriter::finish`]), and
+/// `finish` writes the last part and syncs in one trip: a file of up to one part (1 MiB) is
+/// made, written and synced in a single trip.
 struct LocalWriter {
     path: PathBuf,
-    /// `None` while a part is being written (the task has it).
+    /// `None` before the first write (which makes the file) and while a part is being written
+    /// (the task has it).
     file: Option<std::fs::File>,
     in_flight: Option<tokio::task::JoinHandle<std::io::Result<std::fs::File>>>,
     part: Vec<Bytes>,
@@ -689,36 +741,68 @@ struct LocalWriter {
     done: bool,
 }
 
+/// Makes the staged file (mode 0600) and its directories. The store removes a directory once
+/// its last file is deleted (automatic cleanup), so another upload's clean-up may remove the
+/// staging directory between the two calls: make it again and retry.
+fn create_staged(path: &std::path::Path) -> std::io::Result<std::fs::File> {
+    let mut attempts = 0;
+    loop {
+        if let Some(dir) = path.parent() {
+            private_dirs(dir)?;
+        }
+        match private_file(path) {
+            Ok(f) => return Ok(f),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && attempts < 5 => {
+                attempts += 1;
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// Writes `part` at the end of `file` (made first if `None`); on the blocking pool.
+fn write_part(
+    file: Option<std::fs::File>,
+    path: &std::path::Path,
+    part: &[Bytes],
+) -> std::io::Result<std::fs::File> {
+    let mut file = match file {
+        Some(f) => f,
+        None => create_staged(path)?,
+    };
+    for chunk in part {
+        std::io::Write::write_all(&mut file, chunk)?;
+    }
+    Ok(file)
+}
+
 impl LocalWriter {
     fn failed(&self, e: impl std::fmt::Display) -> StorageError {
         StorageError::Unavailable(format!("writing {}: {e}", self.path.display()))
     }
 
-    /// The file, once the part in flight (if any) is written.
-    async fn file(&mut self) -> Result<std::fs::File, StorageError> {
+    /// The file once the part in flight (if any) is written; `None` if nothing made it yet.
+    async fn file(&mut self) -> Result<Option<std::fs::File>, StorageError> {
         if let Some(task) = self.in_flight.take() {
             return match task.await {
-                Ok(Ok(file)) => Ok(file),
+                Ok(Ok(file)) => Ok(Some(file)),
                 Ok(Err(e)) => Err(self.failed(e)),
                 Err(e) => Err(self.failed(e)),
             };
         }
-        self.file
-            .take()
-            .ok_or_else(|| StorageError::Internal(anyhow::anyhow!("local writer without a file")))
+        Ok(self.file.take())
     }
 
     /// Starts writing the collected part; waits for the previous one first.
     async fn send_part(&mut self) -> Result<(), StorageError> {
-        let mut file = self.file().await?;
+        let file = self.file().await?;
         let part = std::mem::take(&mut self.part);
         let (start, len) = (self.offset, self.part_len);
         self.offset += len as u64;
         self.part_len = 0;
+        let path = self.path.clone();
         self.in_flight = Some(tokio::task::spawn_blocking(move || {
-            for chunk in &part {
-                std::io::Write::write_all(&mut file, chunk)?;
-            }
+            let file = write_part(file, &path, &part)?;
             start_writeback(&file, start, len);
             Ok(file)
         }));
@@ -726,27 +810,39 @@ impl LocalWriter {
     }
 
     async fn write(&mut self, chunk: Bytes) -> Result<(), StorageError> {
-        self.part_len += chunk.len();
-        self.part.push(chunk);
+        // A full part leaves once more is coming: the last one goes with the sync.
         if self.part_len >= LOCAL_PART {
             self.send_part().await?;
         }
+        self.part_len += chunk.len();
+        self.part.push(chunk);
         Ok(())
     }
 
-    /// Writes what is left and waits until the bytes are on the disk: the object may then be
+    /// Writes what is left and waits until the bytes are on the disk (one trip: the last
+    /// part's write, the file made if no part made it, `fdatasync`): the object may then be
     /// renamed over an older one without a crash ever leaving a half-written file in its place.
     async fn finish(mut self) -> Result<(), StorageError> {
-        if self.part_len > 0 {
-            self.send_part().await?;
-        }
         let file = self.file().await?;
-        tokio::task::spawn_blocking(move || file.sync_data())
-            .await
-            .map_err(|e| self.failed(e))?
-            .map_err(|e| self.failed(e))?;
-        self.done = true;
-        Ok(())
+        let part = std::mem::take(&mut self.part);
+        self.offset += self.part_len as u64;
+        self.part_len = 0;
+        let path = self.path.clone();
+        let synced = tokio::task::spawn_blocking(move || {
+            let file = write_part(file, &path, &part)?;
+            file.sync_data()
+        })
+        .await;
+        // Whatever happened, the file was made or its making failed: a drop from now on
+        // (an error here) removes it; success keeps it.
+        match synced {
+            Ok(Ok(())) => {
+                self.done = true;
+                Ok(())
+            }
+            Ok(Err(e)) => Err(self.failed(e)),
+            Err(e) => Err(self.failed(e)),
+        }
     }
 
     async fn abort(mut self) {

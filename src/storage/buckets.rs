@@ -94,9 +94,12 @@ impl Storage {
         )?;
         let bucket = self.find_bucket(project_id, id_or_name).await?;
         let client = self.control.get().await?;
-        control::buckets::update(&client, &bucket.id, &change)
+        let changed = control::buckets::update(&client, &bucket.id, &change)
             .await
-            .map_err(|e| exists_if_unique(e, || change.name.clone().unwrap_or_default()))
+            .map_err(|e| exists_if_unique(e, || change.name.clone().unwrap_or_default()));
+        // Its visibility may have changed: downloads read their rows again.
+        self.served.clear();
+        changed
     }
 
     /// Deletes an empty bucket. The bucket row is locked first, so an upload reserving a file

@@ -7,13 +7,12 @@
 //! API layer turns a [`Download`] into the response (headers from its metadata, no body for
 //! `HEAD`).
 
-use bytes::Bytes;
-use futures_util::stream::BoxStream;
-
+use super::backend::ObjectBody;
 use super::files::project_of_key;
+use super::served::Served;
 use super::{names, Storage, StorageError};
 
-/// A file to serve: what the response says about it, and its bytes as they are read.
+/// A file to serve: what the response says about it, and its bytes.
 pub struct Download {
     /// The file's name in its bucket.
     pub name: String,
@@ -23,7 +22,8 @@ pub struct Download {
     pub size: u64,
     /// The file's bucket is public (the response may then be cached by anyone).
     pub public: bool,
-    pub body: BoxStream<'static, std::io::Result<Bytes>>,
+    /// All of a small local file, else a stream.
+    pub body: ObjectBody,
 }
 
 impl Download {
@@ -47,26 +47,75 @@ impl Storage {
     }
 
     /// The listed file stored under `key` (in a public bucket, with `public_only`), ready to
-    /// stream. The caller has checked the grant (a signature, or none for public files) and that
-    /// the key's project exists and is not suspended.
-    pub async fn download(&self, key: &str, public_only: bool) -> Result<Download, StorageError> {
+    /// serve. The caller has checked the grant (a signature, or none for public files) and that
+    /// the key's project exists and is not suspended. Without `body` (a `HEAD`) a local file's
+    /// bytes are not read (its body is empty).
+    ///
+    /// The row comes from [`super::served`] when it holds one made for the very file opened
+    /// (the local backend: a file this server stored or served since), else from the control
+    /// database, read at the same time as the object is opened.
+    pub async fn download(
+        &self,
+        key: &str,
+        public_only: bool,
+        body: bool,
+    ) -> Result<Download, StorageError> {
+        let make = |served: Served, object: super::backend::Object| Download {
+            name: served.name,
+            content_type: served.content_type,
+            size: object.size,
+            public: served.public,
+            body: object.body,
+        };
+        if self.served.holds(key) {
+            let object = self.backend.read(key, body).await?;
+            if let Some(served) = object
+                .identity
+                .and_then(|id| self.served.get(key, &id))
+                .filter(|s| s.public || !public_only)
+            {
+                return Ok(make(served, object));
+            }
+            // Another file, or a private one asked for publicly: the database decides.
+            let generation = self.served.generation();
+            let file = self.stored_file(project_of_key(key), key).await;
+            return self
+                .decide(key, public_only, file, object, generation)
+                .map(|(s, o)| make(s, o));
+        }
+        let generation = self.served.generation();
         // The row and the object at once: nothing is served unless the row lists the file
         // (an object opened for nothing is dropped unread).
         let (file, object) = tokio::join!(
             self.stored_file(project_of_key(key), key),
-            self.backend.read(key)
+            self.backend.read(key, body)
         );
+        self.decide(key, public_only, file, object?, generation)
+            .map(|(s, o)| make(s, o))
+    }
+
+    /// Whether the row read from the database lets `object` be served; if so, the entry is
+    /// offered to [`super::served`].
+    fn decide(
+        &self,
+        key: &str,
+        public_only: bool,
+        file: Result<super::StoredFile, StorageError>,
+        object: super::backend::Object,
+        generation: u64,
+    ) -> Result<(Served, super::backend::Object), StorageError> {
         let file = file.map_err(|_| StorageError::NotServed)?;
-        if public_only && !file.bucket_is_public {
-            return Err(StorageError::NotServed);
-        }
-        let (size, body) = object?;
-        Ok(Download {
+        let served = Served {
             name: file.name,
             content_type: file.content_type,
-            size,
             public: file.bucket_is_public,
-            body,
-        })
+        };
+        if let Some(id) = object.identity {
+            self.served.offer(key, id, served.clone(), generation);
+        }
+        if public_only && !served.public {
+            return Err(StorageError::NotServed);
+        }
+        Ok((served, object))
     }
 }

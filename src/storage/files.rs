@@ -163,6 +163,8 @@ impl Storage {
                 },
             );
         };
+        // Hidden from now on: downloads read the row again (and find it marked).
+        self.served.forget(&marked.s3_key);
         if let Err(e) = self.backend.delete(&marked.s3_key).await {
             // Both stay: lift the mark so the file is listed again.
             control::files::unmark_deleting(&client, &marked.id).await?;

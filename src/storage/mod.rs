@@ -33,7 +33,8 @@
 
 //!
 //! One job per file: [`buckets`] (create, change, list, delete), [`files`] (list, sign, delete),
-//! [`download`] (what a signed or public URL serves), [`upload`] (the multipart stream),
+//! [`download`] (what a signed or public URL serves; [`served`] keeps the rows it needs of
+//! files just stored or served), [`upload`] (the multipart stream),
 //! [`sweep`] (start-up repairs, a deleted project's objects); under them [`backend`] (where
 //! objects live), [`names`] (what things may be called), [`signing`] (local URLs), and the
 //! rows in `crate::control::{buckets, files}`. Nothing here knows HTTP: the API layer
@@ -46,6 +47,7 @@ pub mod download;
 mod error;
 pub mod files;
 pub mod names;
+pub mod served;
 pub mod signing;
 pub mod sweep;
 pub mod upload;
@@ -82,6 +84,9 @@ pub struct Storage {
     /// forward.
     pub clock: Arc<Clock>,
     signer: signing::UrlSigner,
+    /// What downloads need of the rows of files this server stored or served (local backend,
+    /// single server: [`served`]).
+    served: served::ServedFiles,
     max_upload_bytes: u64,
     /// The last [`Storage::ready`] check and when it ran (checks are at most every few
     /// seconds, however often `/ready` is asked).
@@ -95,10 +100,13 @@ impl Storage {
         control: deadpool_postgres::Pool,
         metrics: Arc<Metrics>,
     ) -> anyhow::Result<Storage> {
+        let backend = Backend::open(config)?;
+        let served = served::ServedFiles::new(backend.is_local() && config.nats_url.is_none());
         Ok(Storage {
             control,
             metrics,
-            backend: Backend::open(config)?,
+            backend,
+            served,
             clock: Arc::new(Clock::default()),
             signer: signing::UrlSigner::new(&secrets.derive("storage-url-signing")),
             max_upload_bytes: config.max_upload_bytes,

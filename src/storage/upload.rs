@@ -3,8 +3,10 @@
 //! The body never sits in memory: multer yields the `file` part chunk by chunk and each chunk
 //! goes to an [`ObjectWriter`](super::backend::ObjectWriter) at a staging key, counted against
 //! the size limit as it arrives. Fields may come in any order (the guide's curl sends `file`
-//! first); when `projectId` and `bucketId` come first, access and the bucket's limits are
-//! checked before a byte of the file is read.
+//! first); when `projectId` and `bucketId` come first, access and the bucket are looked up
+//! while the file's first bytes arrive, and a refusal (no access, no such bucket, a type the
+//! bucket refuses, a size over its limit) ends the upload as soon as the answer is in: a few
+//! chunks at most are staged, and removed.
 //!
 //! The caller's access to the project is resolved by the caller (the API layer knows who is
 //! asking) through the `authorize` function it passes: called with the form's `projectId` once
@@ -133,23 +135,31 @@ impl Storage {
                     if staged.is_some() {
                         return Err(StorageError::SeveralFiles.into());
                     }
-                    if let (Some(p), Some(b)) = (&form.project_id, &form.bucket_id) {
-                        let access = authorize(p.clone()).await?;
-                        let bucket = self.find_bucket(&access.project.id, b).await?;
-                        early = Some((access, bucket));
-                    }
+                    // Fields before the file: the caller's access and the bucket are looked up
+                    // while the first bytes arrive (not before: that would be a round trip to
+                    // the control database on every upload's path), and the bucket's limits
+                    // apply from the moment they are known.
+                    let lookup = match (&form.project_id, &form.bucket_id) {
+                        (Some(p), Some(b)) => {
+                            let (p, b) = (p.clone(), b.clone());
+                            let authorize = &authorize;
+                            Some(async move {
+                                let access = authorize(p).await?;
+                                let bucket = self.find_bucket(&access.project.id, &b).await?;
+                                Ok::<_, Err>((access, bucket))
+                            })
+                        }
+                        _ => None,
+                    };
+                    let mut looking = lookup.is_some();
+                    let mut lookup =
+                        std::pin::pin!(futures_util::future::OptionFuture::from(lookup));
                     let filename = field.file_name().map(str::to_string);
                     let content_type = names::normalize_content_type(
                         field.content_type().map(|m| m.as_ref()),
                         filename.as_deref().unwrap_or_default(),
                     )?;
                     let mut limit = max;
-                    if let Some((_, bucket)) = &early {
-                        check_mime(bucket, &content_type)?;
-                        if let Some(m) = bucket.max_file_size {
-                            limit = limit.min(m as u64);
-                        }
-                    }
                     let key = format!("{STAGING}/{}", crate::secrets::random_hex::<16>());
                     // Set before the first write, so an error on the way removes it.
                     staged = Some(Staged {
@@ -169,11 +179,41 @@ impl Storage {
                         .backend
                         .writer(&key, &content_type, &disposition)
                         .await?;
+                    // The bucket's limits, once the lookup answered.
+                    let found = |found: Option<Result<(Access, Bucket), Err>>,
+                                 limit: &mut u64|
+                     -> Result<Option<(Access, Bucket)>, Err> {
+                        let Some(found) = found else {
+                            return Ok(None);
+                        };
+                        let (access, bucket) = found?;
+                        check_mime(&bucket, &content_type)?;
+                        if let Some(m) = bucket.max_file_size {
+                            *limit = (*limit).min(m as u64);
+                        }
+                        Ok(Some((access, bucket)))
+                    };
                     loop {
-                        let chunk = match field.chunk().await {
-                            Ok(Some(c)) => c,
-                            Ok(None) => break,
-                            Err(e) => {
+                        let next = tokio::select! {
+                            biased;
+                            answer = &mut lookup, if looking => {
+                                looking = false;
+                                match found(answer, &mut limit) {
+                                    Ok(f) => early = f,
+                                    Err(e) => {
+                                        writer.abort().await;
+                                        return Err(e);
+                                    }
+                                }
+                                None
+                            }
+                            chunk = field.chunk() => Some(chunk),
+                        };
+                        let chunk = match next {
+                            None => Bytes::new(),
+                            Some(Ok(Some(c))) => c,
+                            Some(Ok(None)) => break,
+                            Some(Err(e)) => {
                                 writer.abort().await;
                                 return Err(multipart_error(e, max).into());
                             }
@@ -189,9 +229,25 @@ impl Storage {
                             }
                             return Err(StorageError::TooLarge(limit).into());
                         }
+                        if chunk.is_empty() {
+                            continue;
+                        }
                         if let Err(e) = writer.write(chunk).await {
                             writer.abort().await;
                             return Err(e.into());
+                        }
+                    }
+                    if looking {
+                        match found(lookup.await, &mut limit) {
+                            Ok(f) => early = f,
+                            Err(e) => {
+                                writer.abort().await;
+                                return Err(e);
+                            }
+                        }
+                        if writer.written() > limit {
+                            writer.abort().await;
+                            return Err(StorageError::TooLarge(limit).into());
                         }
                     }
                     if let Some(s) = staged.as_mut() {
@@ -336,14 +392,15 @@ impl Storage {
         // Moved into place and the move made durable before the row that lists it is
         // committed.
         let placing = std::time::Instant::now();
-        match self.backend.place(&staged.key, &key).await {
-            Ok(synced) => {
+        let identity = match self.backend.place(&staged.key, &key).await {
+            Ok((synced, identity)) => {
                 if synced {
                     use std::sync::atomic::Ordering::Relaxed;
                     self.metrics.storage_fsyncs.fetch_add(1, Relaxed);
                     let micros = placing.elapsed().as_micros() as u64;
                     self.metrics.storage_fsync_micros.fetch_add(micros, Relaxed);
                 }
+                identity
             }
             Err(e) => {
                 // Not stored: a new file goes (unlisted), a replaced one keeps its row.
@@ -353,10 +410,19 @@ impl Storage {
                 release().await;
                 return Err(e);
             }
-        }
+        };
         let file = control::files::record(&client, &reserved.id, &token, &staged.key)
             .await?
             .ok_or_else(|| anyhow::anyhow!("upload reservation {} vanished", reserved.id))?;
+        if let Some(identity) = identity {
+            // The first download of it reads no row.
+            let served = super::served::Served {
+                name: file.name.clone(),
+                content_type: file.content_type.clone(),
+                public: file.bucket_is_public,
+            };
+            self.served.stored(&key, identity, served);
+        }
         self.metrics
             .storage_uploaded_bytes
             .fetch_add(staged.size, std::sync::atomic::Ordering::Relaxed);

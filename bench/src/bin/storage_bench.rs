@@ -19,8 +19,12 @@
 //! Every contender moves one file untimed first (warm-up). Then BENCH_ROUNDS rounds (default 3):
 //! in a round the contenders take turns file by file (so that the writeback of what one wrote
 //! weighs on all alike), in an order reversed every round; after each round its files are
-//! deleted and a `sync` runs, untimed. Each figure is the median of the rounds' MiB/s; the
-//! ratio judged is the median of each round's ratio (the two took turns file by file in it).
+//! deleted and a `sync` runs, untimed. Each MiB/s figure is the median of the rounds'; the
+//! ratio judged is, file by file, the reference's time over Fluxbase's for the same file number
+//! (the two moved it one right after the other), the median over every file of every round:
+//! a file that waited for another process's writeback or for a core moves one pair, where a
+//! round's total (also printed, per round) moves with its slowest files. CPU per file per
+//! process comes from each thread's `/proc/<pid>/task/<tid>/schedstat` (nanoseconds).
 //!
 //! It starts the release `fluxbase` binary on a fresh data directory under `target/`
 //! (embedded cluster, rate limit off). Environment: BENCH_SMALL_FILES (default 64),
@@ -293,11 +297,13 @@ enum Op {
 }
 const OPS: usize = 7;
 
-/// Time and CPU seconds (Fluxbase, the bare reference, this client) of one op over a round.
-#[derive(Clone, Copy, Default)]
+/// Time and CPU seconds (Fluxbase, the bare reference, this client) of one op over a round,
+/// and each file's time in turn order (file `i` of one contender beside file `i` of the other).
+#[derive(Clone, Default)]
 struct Tally {
     time: Duration,
     cpu: [f64; 3],
+    each: Vec<Duration>,
 }
 
 type RoundTally = [Tally; OPS];
@@ -332,11 +338,11 @@ struct Ctx {
 }
 
 impl Ctx {
-    fn cpu(&self) -> [f64; 3] {
+    fn cpu(&self) -> [std::collections::HashMap<u64, u64>; 3] {
         [
-            cpu_seconds(&self.pids[0]),
-            cpu_seconds(&self.pids[1]),
-            cpu_seconds(&self.pids[2]),
+            cpu_threads(&self.pids[0]),
+            cpu_threads(&self.pids[1]),
+            cpu_threads(&self.pids[2]),
         ]
     }
 
@@ -351,10 +357,12 @@ impl Ctx {
         let started = Instant::now();
         let out = run.await.with_context(|| format!("{op:?}"))?;
         let t = &mut tally[op as usize];
-        t.time += started.elapsed();
+        let took = started.elapsed();
+        t.time += took;
+        t.each.push(took);
         let now = self.cpu();
         for i in 0..3 {
-            t.cpu[i] += now[i] - cpu[i];
+            t.cpu[i] += cpu_between(&cpu[i], &now[i]);
         }
         Ok(out)
     }
@@ -478,25 +486,39 @@ impl Ctx {
     }
 }
 
-/// CPU seconds (user + system) a process has used so far, from /proc/<pid>/stat (Linux;
-/// 0 elsewhere). Shown beside the rates, which move with whatever else the machine runs.
-fn cpu_seconds(pid: &str) -> f64 {
-    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
-        return 0.0;
+/// Nanoseconds on a CPU so far of each thread of a process (`self`: this one), from
+/// `/proc/<pid>/task/<tid>/schedstat` (its first field; `/proc/<pid>/stat` counts in 10 ms
+/// ticks, as coarse as several 1 MiB round trips). Empty if unreadable.
+fn cpu_threads(pid: &str) -> std::collections::HashMap<u64, u64> {
+    let mut out = std::collections::HashMap::new();
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return out;
     };
-    // After the command name (which may hold spaces): utime and stime are the 12th and 13th.
-    let Some(end) = stat.rfind(')') else {
-        return 0.0;
-    };
-    let fields: Vec<&str> = stat[end + 1..].split_whitespace().collect();
-    let ticks = |i: usize| {
-        fields
-            .get(i)
-            .and_then(|v| v.parse::<u64>().ok())
-            .unwrap_or(0)
-    };
-    // USER_HZ is 100 on every Linux build that matters.
-    (ticks(11) + ticks(12)) as f64 / 100.0
+    for task in tasks.flatten() {
+        let Some(tid) = task.file_name().to_str().and_then(|t| t.parse().ok()) else {
+            continue;
+        };
+        if let Some(ns) = std::fs::read_to_string(task.path().join("schedstat"))
+            .ok()
+            .and_then(|s| s.split_whitespace().next().and_then(|v| v.parse().ok()))
+        {
+            out.insert(tid, ns);
+        }
+    }
+    out
+}
+
+/// CPU seconds a process spent between two [`cpu_threads`] readings: every thread's own
+/// difference, a thread born since counted whole (one that ended since loses its share).
+fn cpu_between(
+    before: &std::collections::HashMap<u64, u64>,
+    after: &std::collections::HashMap<u64, u64>,
+) -> f64 {
+    let ns: u64 = after
+        .iter()
+        .map(|(tid, ns)| ns.saturating_sub(before.get(tid).copied().unwrap_or(0)))
+        .sum();
+    ns as f64 * 1e-9
 }
 
 fn median(values: &[f64]) -> f64 {
@@ -540,6 +562,40 @@ impl Run {
         let each: Vec<f64> = a.iter().zip(&b).map(|(a, b)| a / b).collect();
         let m = median(&each);
         (each, m)
+    }
+
+    /// File by file, the reference's time over ours (the two moved file `i` one right after
+    /// the other): for each round the median of its files, and the median over every file of
+    /// every round, the judged ratio. A file that waited for someone else's writeback or a
+    /// descheduled process moves one pair, not the figure (a round's total time is at the
+    /// mercy of its slowest files).
+    fn paired(&self, ours: Op, theirs: Op) -> (Vec<f64>, f64) {
+        let mut all = Vec::new();
+        let per_round = self
+            .rounds
+            .iter()
+            .map(|r| {
+                let pairs: Vec<f64> = r[ours as usize]
+                    .each
+                    .iter()
+                    .zip(&r[theirs as usize].each)
+                    .map(|(a, b)| b.as_secs_f64() / a.as_secs_f64().max(1e-9))
+                    .collect();
+                all.extend_from_slice(&pairs);
+                median(&pairs)
+            })
+            .collect();
+        (per_round, median(&all))
+    }
+
+    /// The median time of one file of `op` over every round, in milliseconds.
+    fn median_ms(&self, op: Op) -> f64 {
+        let all: Vec<f64> = self
+            .rounds
+            .iter()
+            .flat_map(|r| r[op as usize].each.iter().map(|d| d.as_secs_f64() * 1e3))
+            .collect();
+        median(&all)
     }
 
     /// The median MiB/s of `a` then `b` one after the other, each round (a download with its
@@ -707,15 +763,25 @@ fn print(runs: &[Run], rounds: u64, load_before: &str) {
     for r in runs {
         let line = |what: &str, ours: Op, theirs: Op, target: f64| {
             let (a, b) = (r.median(ours), r.median(theirs));
-            let (each, ratio) = r.ratios(ours, theirs);
-            let each: Vec<String> = each.iter().map(|x| format!("{x:.2}")).collect();
+            let fmt = |v: Vec<f64>| {
+                v.iter()
+                    .map(|x| format!("{x:.2}"))
+                    .collect::<Vec<_>>()
+                    .join(" ")
+            };
+            let (each, ratio) = r.paired(ours, theirs);
+            let (totals, total_ratio) = r.ratios(ours, theirs);
             println!(
                 "{:>8} x {:<3} {what:<9}: Fluxbase {a:>8.1} | bare HTTP {b:>8.1} | {ratio:.2}x \
-                 (target >= {target:.1} {}) | per round {} | MiB/s per round {} vs {}",
+                 (target >= {target:.1} {}) | per round {} | median file {:.2} ms vs {:.2} | \
+                 by round totals {total_ratio:.2}x ({}) | MiB/s per round {} vs {}",
                 r.label,
                 r.count,
                 check(ratio >= target),
-                each.join(" "),
+                fmt(each),
+                r.median_ms(ours),
+                r.median_ms(theirs),
+                fmt(totals),
                 rounds_of(r, ours),
                 rounds_of(r, theirs)
             );
@@ -766,7 +832,10 @@ fn print(runs: &[Run], rounds: u64, load_before: &str) {
          the kernel's writeback, then fdatasync + directory fsync (durable before it answers, \
          like Fluxbase's uploads), GET served in 1 MiB reads; no multipart, metadata or auth. \
          Fluxbase's download is the GET of the signed URL; the line under it adds the request \
-         that signs it. The ratio judged is the median of each round's ratio (the contenders \
-         took turns file by file within a round); the MiB/s are the medians of the rounds."
+         that signs it. The ratio judged is the median over every file of every round of the \
+         reference's time over Fluxbase's for the same file number (the contenders took turns \
+         file by file), with each round's median beside it; 'by round totals' is the median of \
+         each round's ratio of total times, which one slow file can move; the MiB/s are the \
+         medians of the rounds. CPU: each thread's schedstat (ns)."
     );
 }

@@ -151,3 +151,163 @@ async fn stored_objects_are_private_files_served_with_a_sandboxing_csp() {
     );
     t.stop().await;
 }
+
+/// A download serves what the rows say now, whatever this server kept of them from the upload
+/// or an earlier download: an upsert of the same size with another type serves the new bytes
+/// and type at the same URL; a bucket made private answers its public URL 404 and its signed
+/// URLs `private, no-store`; a deleted file is 404 at once.
+#[tokio::test]
+async fn downloads_follow_replacements_visibility_and_deletes() {
+    let t = spawn_app().await;
+    let f = t.fixture().await;
+    create_bucket(&t, &f, "pub", json!({ "isPublic": true })).await;
+    let (status, first) = upload(
+        &t,
+        &f.readwrite,
+        &f.project,
+        "pub",
+        "a.txt",
+        "text/plain",
+        b"hello",
+        &[],
+    )
+    .await;
+    assert_eq!(status, 201, "{first}");
+    let key = first["file"]["s3_key"].as_str().unwrap().to_string();
+    let public = first["file"]["public_url"].as_str().unwrap().to_string();
+    let (_, signed) = signed_url(&t, &f.read, &f.project, &key).await;
+    let url = signed["url"].as_str().unwrap().to_string();
+    for _ in 0..2 {
+        let (status, headers, bytes) = fetch(&url).await;
+        assert_eq!((status, bytes.as_ref()), (200, b"hello".as_ref()));
+        assert_eq!(headers["content-type"], "text/plain");
+        assert_eq!(headers["cache-control"], "public, max-age=60");
+        assert_eq!(fetch(&public).await.2.as_ref(), b"hello");
+    }
+    // Replaced: same size, another type.
+    let (status, body) = upload(
+        &t,
+        &f.readwrite,
+        &f.project,
+        "pub",
+        "a.txt",
+        "image/png",
+        b"world",
+        &[("upsert", "true")],
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    let (status, headers, bytes) = fetch(&url).await;
+    assert_eq!((status, bytes.as_ref()), (200, b"world".as_ref()));
+    assert_eq!(headers["content-type"], "image/png");
+    // Made private.
+    let (status, _) = t
+        .call(
+            "PATCH",
+            "/api/storage/buckets",
+            Some(&f.admin),
+            Some(json!({ "projectId": f.project, "bucketId": "pub", "isPublic": false })),
+        )
+        .await;
+    assert_eq!(status, 200);
+    assert_eq!(fetch(&public).await.0, 404);
+    let (status, headers, _) = fetch(&url).await;
+    assert_eq!(status, 200);
+    assert_eq!(headers["cache-control"], "private, no-store");
+    // Deleted.
+    let (status, body) = t
+        .call(
+            "DELETE",
+            &format!(
+                "/api/storage/files?projectId={}&s3Key={}",
+                f.project,
+                urlencode(&key)
+            ),
+            Some(&f.admin),
+            None,
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(fetch(&url).await.0, 404);
+    t.stop().await;
+}
+
+/// A file a little over the size read whole (4 MiB) streams, byte for byte, as does one of
+/// exactly that size (read whole).
+#[tokio::test]
+async fn files_around_the_whole_read_size_download_exactly() {
+    let t = spawn_app().await;
+    let f = t.fixture().await;
+    create_bucket(&t, &f, "docs", json!({})).await;
+    let whole = fluxbase::storage::backend::WHOLE_READ as usize;
+    for (name, len) in [("at.bin", whole), ("over.bin", whole + 1), ("empty.bin", 0)] {
+        let data = pattern(len, len as u8);
+        let (status, body) = upload(
+            &t,
+            &f.readwrite,
+            &f.project,
+            "docs",
+            name,
+            "application/octet-stream",
+            &data,
+            &[],
+        )
+        .await;
+        assert_eq!(status, 201, "{body}");
+        let key = body["file"]["s3_key"].as_str().unwrap();
+        let (status, bytes) = download(&t, &f, key).await;
+        assert_eq!(status, 200);
+        assert!(
+            bytes.as_ref() == data.as_slice(),
+            "{name}: {} bytes",
+            bytes.len()
+        );
+    }
+    t.stop().await;
+}
+
+/// `HEAD` of a signed or public URL answers the headers of the `GET` (the file's length
+/// included) and no body, for a small file (read whole on `GET`) and a larger one (streamed).
+#[tokio::test]
+async fn head_answers_the_headers_of_get_without_the_body() {
+    let t = spawn_app().await;
+    let f = t.fixture().await;
+    create_bucket(&t, &f, "pub", json!({ "isPublic": true })).await;
+    let whole = fluxbase::storage::backend::WHOLE_READ as usize;
+    for (name, len) in [("small.txt", 5), ("large.bin", whole + 10)] {
+        let data = pattern(len, 7);
+        let (status, body) = upload(
+            &t,
+            &f.readwrite,
+            &f.project,
+            "pub",
+            name,
+            "text/plain",
+            &data,
+            &[],
+        )
+        .await;
+        assert_eq!(status, 201, "{body}");
+        let key = body["file"]["s3_key"].as_str().unwrap();
+        let public = body["file"]["public_url"].as_str().unwrap().to_string();
+        let (_, signed) = signed_url(&t, &f.read, &f.project, key).await;
+        for url in [signed["url"].as_str().unwrap(), public.as_str()] {
+            let (_, got, bytes) = fetch(url).await;
+            assert_eq!(bytes.len(), len);
+            let resp = reqwest::Client::new().head(url).send().await.unwrap();
+            assert_eq!(resp.status(), 200);
+            for h in [
+                "content-type",
+                "content-length",
+                "content-disposition",
+                "cache-control",
+                "content-security-policy",
+            ] {
+                assert_eq!(resp.headers().get(h), got.get(h), "{name}: {h}");
+            }
+            assert_eq!(resp.headers()["content-length"], len.to_string().as_str());
+            assert!(resp.bytes().await.unwrap().is_empty());
+        }
+    }
+    t.stop().await;
+}

@@ -570,3 +570,110 @@ async fn a_200_mb_upload_keeps_the_server_memory_flat() {
         .join(body["file"]["s3_key"].as_str().unwrap());
     assert_eq!(std::fs::metadata(stored).unwrap().len(), SIZE as u64);
 }
+
+/// However the body is cut into reads, the stored file is the file part, byte for byte: the body
+/// is sent as two chunks split at every position (a pause between them, so the server gets them
+/// apart), with the fields before the file (the bucket is then looked up while the file's bytes
+/// arrive) and after it (the guide's order). The file's bytes look like the boundary's start.
+#[tokio::test]
+async fn a_body_split_at_every_position_is_stored_exactly() {
+    let t = spawn_app().await;
+    let f = t.fixture().await;
+    create_bucket(&t, &f, "docs", json!({})).await;
+    let mut data = b"\r\n--\r\n-- almost a boundary --\r\n".to_vec();
+    data.extend_from_slice(&pattern(40, 3));
+    let fields = [("projectId", f.project.as_str()), ("bucketId", "docs")];
+    for (order, step) in [("fields first", 1), ("file first", 5)] {
+        let form = match order {
+            "fields first" => Form::new(&fields, Some(("s.bin", "application/octet-stream")), &[]),
+            _ => Form::new(&[], Some(("s.bin", "application/octet-stream")), &fields),
+        };
+        let body = form.with_bytes(&data);
+        for cut in (1..body.len()).step_by(step) {
+            let (a, b) = (
+                Bytes::copy_from_slice(&body[..cut]),
+                Bytes::copy_from_slice(&body[cut..]),
+            );
+            use futures_util::StreamExt;
+            let chunks = futures_util::stream::iter([a, b]).then(|c| async move {
+                tokio::time::sleep(Duration::from_millis(1)).await;
+                Ok::<_, std::io::Error>(c)
+            });
+            let (status, reply) = send_upload(
+                &t,
+                &f.readwrite,
+                "?upsert=true",
+                &form,
+                reqwest::Body::wrap_stream(chunks),
+            )
+            .await;
+            assert!(
+                status == 200 || status == 201,
+                "{order}, cut at {cut}: {reply}"
+            );
+            assert_eq!(reply["file"]["size"], data.len(), "{order}, cut at {cut}");
+            let key = reply["file"]["s3_key"].as_str().unwrap();
+            let (status, bytes) = download(&t, &f, key).await;
+            assert_eq!(status, 200);
+            assert_eq!(bytes.as_ref(), data.as_slice(), "{order}, cut at {cut}");
+        }
+    }
+    // Nothing staged is left over.
+    let staging = t.app.config.data_dir.join("storage/.uploads");
+    assert!(
+        files_under(&staging).is_empty(),
+        "{:?}",
+        files_under(&staging)
+    );
+    t.stop().await;
+}
+
+/// With the fields first, a refusal found while the file's bytes arrive (no access to the
+/// project, no such bucket, a type or a size the bucket refuses) ends the upload: nothing is
+/// listed and nothing staged is left.
+#[tokio::test]
+async fn a_refusal_found_while_the_file_arrives_leaves_nothing() {
+    let t = spawn_app().await;
+    let f = t.fixture().await;
+    let other = t.fixture().await;
+    create_bucket(
+        &t,
+        &f,
+        "small",
+        json!({ "maxFileSize": 1000, "allowedMimeTypes": ["image/*"] }),
+    )
+    .await;
+    let data = pattern(3 * 1024 * 1024, 5);
+    let cases = [
+        (
+            other.readwrite.as_str(),
+            "small",
+            "image/png",
+            3 * 1024 * 1024,
+        ),
+        (f.readwrite.as_str(), "nope", "image/png", 3 * 1024 * 1024),
+        (f.readwrite.as_str(), "small", "text/plain", 10),
+        (f.readwrite.as_str(), "small", "image/png", 3 * 1024 * 1024),
+        (f.readwrite.as_str(), "small", "image/png", 1001),
+    ];
+    for (token, bucket, content_type, len) in cases {
+        let fields = [("projectId", f.project.as_str()), ("bucketId", bucket)];
+        let form = Form::new(&fields, Some(("x.png", content_type)), &[]);
+        let body = form.with_bytes(&data[..len]);
+        let (status, reply) = send_upload(&t, token, "", &form, body.into()).await;
+        assert!(
+            [403, 404, 400, 413].contains(&status),
+            "{bucket} {content_type} {len}: {status} {reply}"
+        );
+    }
+    assert!(list_files(&t, &f.read, &f.project, "small")
+        .await
+        .is_empty());
+    let root = t.app.config.data_dir.join("storage");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !files_under(&root).is_empty() {
+        assert!(Instant::now() < deadline, "left: {:?}", files_under(&root));
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    t.stop().await;
+}
