@@ -73,6 +73,7 @@ impl App {
             .drop_database(project_id, &project.db_name, project.engine)
             .await;
         self.projects.delete_row(project_id).await?;
+        self.storage.forget_project(project_id);
         self.storage.delete_project_objects(project_id).await;
         if let Some(mode) = self.cluster_mode.as_ref() {
             mode.cluster.delete_stream(project_id).await;
@@ -250,6 +251,7 @@ impl App {
             Ok(None) => {
                 self.cdc.stop(project_id).await;
                 self.sql.forget_project(project_id);
+                self.storage.forget_project(project_id);
                 self.realtime
                     .close_project(project_id, crate::realtime::RoomClosed::Deleted)
             }

@@ -783,8 +783,13 @@ impl LocalWriter {
 
     /// The file once the part in flight (if any) is written; `None` if nothing made it yet.
     async fn file(&mut self) -> Result<Option<std::fs::File>, StorageError> {
-        if let Some(task) = self.in_flight.take() {
-            return match task.await {
+        if let Some(task) = self.in_flight.as_mut() {
+            // Awaited in place: a request cancelled meanwhile drops the writer with the task
+            // still in `in_flight`, and the drop waits for it (it may be making the file)
+            // before removing the file.
+            let outcome = task.await;
+            self.in_flight = None;
+            return match outcome {
                 Ok(Ok(file)) => Ok(Some(file)),
                 Ok(Err(e)) => Err(self.failed(e)),
                 Err(e) => Err(self.failed(e)),
@@ -828,21 +833,17 @@ impl LocalWriter {
         self.offset += self.part_len as u64;
         self.part_len = 0;
         let path = self.path.clone();
-        let synced = tokio::task::spawn_blocking(move || {
+        // In `in_flight` while it runs: a drop meanwhile (the request cancelled) waits for it
+        // before removing the file it makes.
+        self.in_flight = Some(tokio::task::spawn_blocking(move || {
             let file = write_part(file, &path, &part)?;
-            file.sync_data()
-        })
-        .await;
-        // Whatever happened, the file was made or its making failed: a drop from now on
-        // (an error here) removes it; success keeps it.
-        match synced {
-            Ok(Ok(())) => {
-                self.done = true;
-                Ok(())
-            }
-            Ok(Err(e)) => Err(self.failed(e)),
-            Err(e) => Err(self.failed(e)),
-        }
+            file.sync_data()?;
+            Ok(file)
+        }));
+        // An error drops the writer, which removes the file; success keeps it.
+        self.file().await?;
+        self.done = true;
+        Ok(())
     }
 
     async fn abort(mut self) {

@@ -121,14 +121,31 @@ impl ServedFiles {
     }
 
     /// Stores what an upload just committed for the file it moved into place (newer than any
-    /// row a download is reading meanwhile, which the new generation keeps out).
-    pub fn stored(&self, key: &str, identity: FileIdentity, served: Served) {
+    /// row a download is reading meanwhile, which the new generation keeps out), unless
+    /// something was forgotten since `generation` (read before the upload's commit read the
+    /// row: a bucket made private after that read must not be cached as public).
+    pub fn stored(&self, key: &str, identity: FileIdentity, served: Served, generation: u64) {
+        if !self.enabled {
+            return;
+        }
+        let mut inner = self.lock();
+        let unchanged = inner.generation == generation;
+        inner.generation += 1;
+        if unchanged {
+            insert(&mut inner, key, identity, served);
+        } else {
+            inner.entries.remove(key);
+        }
+    }
+
+    /// Drops the entries of every key under `prefix` (a project deleted: `"<project id>/"`).
+    pub fn forget_under(&self, prefix: &str) {
         if !self.enabled {
             return;
         }
         let mut inner = self.lock();
         inner.generation += 1;
-        insert(&mut inner, key, identity, served);
+        inner.entries.retain(|key, _| !key.starts_with(prefix));
     }
 
     /// Drops `key`'s entry (its row changed).
@@ -193,7 +210,7 @@ mod tests {
         std::fs::write(&key, b"one").unwrap();
         let first = identity_of(&key);
         let cache = ServedFiles::new(true);
-        cache.stored("p/b/key", first, served("text/plain"));
+        cache.stored("p/b/key", first, served("text/plain"), cache.generation());
         assert_eq!(cache.get("p/b/key", &first), Some(served("text/plain")));
         // Replaced by a file of the same size moved into place (as an upload does).
         std::fs::write(&staged, b"two").unwrap();
@@ -218,11 +235,23 @@ mod tests {
         assert!(cache.get("p/b/key", &id).is_some());
         // An upload's commit moves the generation on too: an older read stays out.
         let seen = cache.generation();
-        cache.stored("p/b/key", id, served("image/png"));
+        cache.stored("p/b/key", id, served("image/png"), seen);
         cache.offer("p/b/key", id, served("text/plain"), seen);
         assert_eq!(cache.get("p/b/key", &id), Some(served("image/png")));
         cache.clear();
         assert_eq!(cache.get("p/b/key", &id), None);
+        // An upload whose row was read before a bucket change is not stored after it (the
+        // row may say "public" of a bucket made private), and drops an older entry.
+        cache.stored("p/b/key", id, served("text/plain"), cache.generation());
+        let before_commit = cache.generation();
+        cache.clear();
+        cache.stored("p/b/other", id, served("text/plain"), cache.generation());
+        cache.stored("p/b/key", id, served("image/png"), before_commit);
+        assert!(!cache.holds("p/b/key"));
+        // A deleted project's entries go, others stay.
+        cache.stored("q/b/key", id, served("text/plain"), cache.generation());
+        cache.forget_under("p/");
+        assert!(!cache.holds("p/b/other") && cache.holds("q/b/key"));
     }
 
     #[test]
@@ -230,12 +259,17 @@ mod tests {
         let id = FileIdentity::of(&std::fs::metadata(std::env::temp_dir()).unwrap());
         let cache = ServedFiles::new(true);
         for i in 0..CAPACITY + 10 {
-            cache.stored(&format!("p/b/{i}"), id, served("text/plain"));
+            cache.stored(
+                &format!("p/b/{i}"),
+                id,
+                served("text/plain"),
+                cache.generation(),
+            );
         }
         assert_eq!(cache.len(), CAPACITY);
         assert!(cache.holds(&format!("p/b/{}", CAPACITY + 9)));
         let off = ServedFiles::new(false);
-        off.stored("p/b/k", id, served("text/plain"));
+        off.stored("p/b/k", id, served("text/plain"), off.generation());
         assert!(!off.holds("p/b/k") && off.get("p/b/k", &id).is_none());
     }
 }

@@ -13,6 +13,12 @@ use crate::control;
 const ABANDONED_AFTER_SECS: i64 = 3600;
 
 impl Storage {
+    /// Forgets what downloads kept of a deleted project's files (its rows are gone: nothing
+    /// of it may be served from memory while its objects are being deleted).
+    pub fn forget_project(&self, project_id: &str) {
+        self.served.forget_under(&format!("{project_id}/"));
+    }
+
     /// Removes every object of a deleted project (its rows go with the project's).
     pub async fn delete_project_objects(&self, project_id: &str) {
         match self.backend.delete_prefix(project_id).await {

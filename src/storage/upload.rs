@@ -411,6 +411,9 @@ impl Storage {
                 return Err(e);
             }
         };
+        // Read before the row is: a bucket change committed after `record` read the bucket's
+        // visibility moves it on, and the entry is then not stored (see `ServedFiles::stored`).
+        let generation = self.served.generation();
         let file = control::files::record(&client, &reserved.id, &token, &staged.key)
             .await?
             .ok_or_else(|| anyhow::anyhow!("upload reservation {} vanished", reserved.id))?;
@@ -421,7 +424,7 @@ impl Storage {
                 content_type: file.content_type.clone(),
                 public: file.bucket_is_public,
             };
-            self.served.stored(&key, identity, served);
+            self.served.stored(&key, identity, served, generation);
         }
         self.metrics
             .storage_uploaded_bytes
