@@ -437,9 +437,8 @@ impl Cdc {
     }
 
     /// Starts change streams for every project (called when the server starts serving); in
-    /// cluster mode, none: the leadership loop starts those this node leads. Every PostgreSQL
-    /// project, whatever its status, and the active MySQL projects (a suspended one's position
-    /// waits in the control database; retention keeps its binlog files, crate::mysql::retention).
+    /// cluster mode, none: the leadership loop starts those this node leads. Every project,
+    /// whatever its status or engine ([`crate::control::projects::streamed`]).
     pub async fn start_all(&self) -> anyhow::Result<()> {
         self.enabled
             .store(true, std::sync::atomic::Ordering::Release);

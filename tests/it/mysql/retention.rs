@@ -231,3 +231,115 @@ async fn a_stopped_streams_binlog_survives_purging_and_past_the_bound_it_is_lost
     drop(server);
     app.stop().await;
 }
+
+/// A suspended MySQL project is streamed as a PostgreSQL one is, across a restart too: its
+/// position follows the log (a purge to the current file loses nothing of it), and after the
+/// resume a subscriber with `since` gets every change committed while it was suspended, in
+/// order. (Before: only active MySQL projects were streamed after a restart, so a suspended
+/// one's position stayed in its old file until retention's bound purged it: `slot_lost` on
+/// resume.)
+#[tokio::test]
+async fn a_suspended_projects_stream_runs_on_and_its_resume_misses_nothing() {
+    use crate::support::fixtures::Project;
+    use crate::support::ws::{nothing_more, row, subscribed};
+    use fluxbase::projects::ProjectStatus;
+    let app = spawn_app_with(|c| c.mysql_binlog_purge_interval_secs = 3600).await;
+    let f = app.mysql_fixture().await;
+    let p = Project {
+        project: f.project.clone(),
+        read: f.read.clone(),
+        readwrite: f.readwrite.clone(),
+        admin: f.admin.clone(),
+    };
+    let mut conn = admin(&app).await;
+    conn.query_drop(format!(
+        "CREATE TABLE fx_{0}.r (id int PRIMARY KEY); INSERT INTO fx_{0}.r VALUES (0)",
+        f.project
+    ))
+    .await
+    .unwrap();
+    let mut ws = subscribed(&app.base, &p, None).await;
+    conn.query_drop(format!("INSERT INTO fx_{}.r VALUES (1)", f.project))
+        .await
+        .unwrap();
+    let (id, first) = row(&mut ws).await;
+    assert_eq!(id, 1);
+    drop(ws);
+    drop(conn);
+    app.app
+        .set_project_status(&f.project, ProjectStatus::Suspended)
+        .await
+        .unwrap();
+
+    // A restart while suspended, then changes (the server's account: the project's are locked).
+    let config = app.abort_in_process();
+    let app = crate::support::start_with(config).await;
+    let mut conn = admin(&app).await;
+    for i in 2..=4 {
+        conn.query_drop(format!("INSERT INTO fx_{}.r VALUES ({i})", f.project))
+            .await
+            .unwrap();
+    }
+    conn.query_drop("FLUSH BINARY LOGS").await.unwrap();
+    let current = logs(&app).await.last().unwrap().clone();
+    let stored = || async {
+        let control = app.app.control.get().await.unwrap();
+        let file: String = control
+            .query_one(
+                "SELECT binlog_file FROM fluxbase.binlog_positions WHERE project_id = $1",
+                &[&f.project],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        file
+    };
+    poll::until(
+        Duration::from_secs(30),
+        Duration::from_millis(200),
+        || async {
+            let file = stored().await;
+            if file == current {
+                Ok(())
+            } else {
+                Err(format!(
+                    "the suspended project's position stays in {file} (the log is at {current}); \
+                     stream: {:?}",
+                    app.app.cdc.status(&f.project).map(|s| s.state)
+                ))
+            }
+        },
+    )
+    .await;
+    // Retention's tightest bound keeps only the file being written: nothing of it is lost.
+    let tight = Bound {
+        bytes: 1,
+        age: Duration::from_secs(3600),
+    };
+    let plan = purge(&app.app.mysql, &app.app.control, tight)
+        .await
+        .unwrap();
+    assert!(!plan.lost.contains(&f.project), "{plan:?}");
+
+    app.app
+        .set_project_status(&f.project, ProjectStatus::Active)
+        .await
+        .unwrap();
+    let s = status(&app, &f).await;
+    assert_eq!(s["stream"]["state"], "streaming", "{s}");
+    assert_eq!(s["binlog"]["present"], true, "{s}");
+    let mut ws = subscribed(&app.base, &p, Some(&first)).await;
+    let mut last = first;
+    for want in 2..=4 {
+        let (id, event) = row(&mut ws).await;
+        assert_eq!(id, want);
+        assert!(event > last, "{event} after {last}");
+        last = event;
+    }
+    nothing_more(&mut ws).await;
+    conn.query_drop(format!("INSERT INTO fx_{}.r VALUES (5)", f.project))
+        .await
+        .unwrap();
+    assert_eq!(row(&mut ws).await.0, 5);
+    app.stop().await;
+}
