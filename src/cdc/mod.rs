@@ -285,17 +285,14 @@ impl Cdc {
 
     /// Records where a new MySQL project's stream starts: the server's end of log now (call
     /// it once the project database is provisioned, so that nothing after is missed and
-    /// nothing of its provisioning is reported). A project that has a position keeps it.
+    /// nothing of its provisioning is reported). A project that has a position keeps it. Read
+    /// and stored under the lock a binlog purge takes ([`binlog::init_position`]).
     pub async fn init_binlog_position(&self, project_id: &str) -> anyhow::Result<()> {
         let source = (self.mysql_provider()?)().await?;
         let mut conn = mysql_async::Conn::new(source.opts.clone()).await?;
-        let now = binlog::current_position(&mut conn)
-            .await
-            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        let result = binlog::init_position(&self.sources.control, &mut conn, project_id).await;
         let _ = conn.disconnect().await;
-        let control = self.sources.control.get().await?;
-        binlog::position::init(&**control, project_id, &now).await?;
-        Ok(())
+        result.map_err(|e| anyhow::anyhow!("{e}"))
     }
 
     /// A MySQL project's stream (state `stopped` when none runs here) and its stored position

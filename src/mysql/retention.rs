@@ -110,8 +110,7 @@ pub fn plan(logs: &[LogFile], needed: &[(String, String)], now: SystemTime, boun
 }
 
 /// (project, file) of every MySQL project's stored position.
-pub async fn needed(control: &deadpool_postgres::Pool) -> Result<Vec<(String, String)>> {
-    let client = control.get().await?;
+pub async fn needed(client: &impl tokio_postgres::GenericClient) -> Result<Vec<(String, String)>> {
     Ok(client
         .query(
             "SELECT b.project_id, b.binlog_file FROM fluxbase.binlog_positions b
@@ -152,8 +151,13 @@ pub async fn purge(
     };
     let target = mysql.server().await?;
     let mut conn = target.admin_pool.get_conn().await?;
+    // The files and the positions are read, and the purge made, under the lock a new project's
+    // first position is recorded under: that position is either seen here or read after.
+    let mut client = control.get().await?;
+    let tx = client.transaction().await?;
+    crate::cdc::binlog::position::lock(&*tx).await?;
     let logs = log_files(&mut conn, Some(&server.data_dir())).await?;
-    let needed = needed(control).await?;
+    let needed = needed(&*tx).await?;
     let plan = plan(&logs, &needed, SystemTime::now(), bound);
     if let Some(to) = &plan.purge_to {
         if !plan.lost.is_empty() {
@@ -172,6 +176,7 @@ pub async fn purge(
             .with_context(|| format!("PURGE BINARY LOGS TO '{to}'"))?;
         tracing::info!(purge_to = %to, "purged the embedded MariaDB's binary logs");
     }
+    tx.commit().await?;
     Ok(plan)
 }
 

@@ -484,6 +484,33 @@ pub async fn check_settings(conn: &mut Conn) -> Result<(), BinlogError> {
     }
 }
 
+/// Records a project's first position, the server's end of log now, unless it has one: read
+/// and stored under [`position::POSITIONS_LOCK`] (a purge never runs between the two).
+pub async fn init_position(
+    control: &deadpool_postgres::Pool,
+    conn: &mut Conn,
+    project_id: &str,
+) -> Result<(), BinlogError> {
+    let control_err = |e: tokio_postgres::Error| BinlogError::Control(e.to_string());
+    let mut client = control
+        .get()
+        .await
+        .map_err(|e| BinlogError::Control(e.to_string()))?;
+    let tx = client.transaction().await.map_err(control_err)?;
+    position::lock(&*tx).await.map_err(control_err)?;
+    if position::load(&*tx, project_id)
+        .await
+        .map_err(control_err)?
+        .is_none()
+    {
+        let now = current_position(conn).await?;
+        position::init(&*tx, project_id, &now)
+            .await
+            .map_err(control_err)?;
+    }
+    tx.commit().await.map_err(control_err)
+}
+
 /// The binary log files the server has, with their sizes.
 pub async fn binary_logs(conn: &mut Conn) -> Result<Vec<(String, u64)>, mysql_async::Error> {
     let rows: Vec<mysql_async::Row> = conn.query("SHOW BINARY LOGS").await?;
@@ -581,15 +608,13 @@ async fn stream_once<B: EventBus>(
         None => {
             // A project without a position yet (made before its stream could record one):
             // from the end of the log now.
-            let now = current_position(&mut catalog).await?;
+            init_position(&sources.control, &mut catalog, project_id).await?;
             let control = sources.control().await?;
-            position::init(&**control, project_id, &now)
-                .await
-                .map_err(|e| BinlogError::Control(e.to_string()))?;
             position::load(&**control, project_id)
                 .await
                 .map_err(|e| BinlogError::Control(e.to_string()))?
-                .map_or(now, |s| s.position)
+                .ok_or_else(|| BinlogError::Control("the first position vanished".into()))?
+                .position
         }
     };
     let logs = binary_logs(&mut catalog).await?;

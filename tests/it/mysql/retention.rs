@@ -343,3 +343,96 @@ async fn a_suspended_projects_stream_runs_on_and_its_resume_misses_nothing() {
     assert_eq!(row(&mut ws).await.0, 5);
     app.stop().await;
 }
+
+/// A new MySQL project's first position (the end of the log) and a purge cycle meeting: the
+/// position is read from the server, then stored in the control database; a rotation and a
+/// purge in between (which does not see the position yet) would remove the file the project
+/// starts in (`slot_lost` at its first start). Both take one advisory lock in the control
+/// database. Here the test is the creation in the middle of that window (it holds the lock,
+/// has read the end of the log, the log rotates): the real purge waits for it and keeps the
+/// file; and the real recording of a first position waits for a purge holding the lock.
+#[tokio::test]
+async fn a_new_projects_first_position_is_never_purged_under_it() {
+    let app = spawn_app_with(|c| c.mysql_binlog_purge_interval_secs = 3600).await;
+    let f = app.mysql_fixture().await;
+    app.app.cdc.stop(&f.project).await;
+    let wide = Bound {
+        bytes: u64::MAX,
+        age: Duration::from_secs(1 << 30),
+    };
+    let mut conn = admin(&app).await;
+    let mut control = app.app.control.get().await.unwrap();
+    control
+        .execute(
+            "DELETE FROM fluxbase.binlog_positions WHERE project_id = $1",
+            &[&f.project],
+        )
+        .await
+        .unwrap();
+
+    // A creation in its window: the lock held, the end of the log read, not yet stored.
+    let tx = control.transaction().await.unwrap();
+    fluxbase::cdc::binlog::position::lock(&*tx).await.unwrap();
+    let start = fluxbase::cdc::binlog::current_position(&mut conn)
+        .await
+        .unwrap();
+    conn.query_drop("FLUSH BINARY LOGS").await.unwrap();
+    let purging = tokio::spawn({
+        let (mysql, control) = (app.app.mysql.clone(), app.app.control.clone());
+        async move { purge(&mysql, &control, wide).await.unwrap() }
+    });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(
+        !purging.is_finished(),
+        "a purge ran while a first position was being recorded"
+    );
+    assert!(logs(&app).await.contains(&start.file));
+    fluxbase::cdc::binlog::position::init(&*tx, &f.project, &start)
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+    let plan = tokio::time::timeout(Duration::from_secs(30), purging)
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(plan.lost.is_empty(), "{plan:?}");
+    let now = logs(&app).await;
+    assert_eq!(now[0], start.file, "the new position's file was purged: {now:?}");
+
+    // The other way round: a purge holding the lock, the server's recording waits for it.
+    control
+        .execute(
+            "DELETE FROM fluxbase.binlog_positions WHERE project_id = $1",
+            &[&f.project],
+        )
+        .await
+        .unwrap();
+    let tx = control.transaction().await.unwrap();
+    fluxbase::cdc::binlog::position::lock(&*tx).await.unwrap();
+    let recording = tokio::spawn({
+        let app = app.app.clone();
+        let project = f.project.clone();
+        async move { app.cdc.init_binlog_position(&project).await.unwrap() }
+    });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(
+        !recording.is_finished(),
+        "a first position was recorded while a purge held the lock"
+    );
+    tx.commit().await.unwrap();
+    tokio::time::timeout(Duration::from_secs(30), recording)
+        .await
+        .unwrap()
+        .unwrap();
+    let stored: String = control
+        .query_one(
+            "SELECT binlog_file FROM fluxbase.binlog_positions WHERE project_id = $1",
+            &[&f.project],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(logs(&app).await.contains(&stored));
+    drop(control);
+    app.stop().await;
+}
