@@ -175,6 +175,7 @@ pub async fn purge(
             .await
             .with_context(|| format!("PURGE BINARY LOGS TO '{to}'"))?;
         tracing::info!(purge_to = %to, "purged the embedded MariaDB's binary logs");
+        mysql.binlog_facts.invalidate().await;
     }
     tx.commit().await?;
     Ok(plan)
@@ -200,7 +201,63 @@ pub struct BinlogRetention {
     pub server_expire_secs: Option<u64>,
 }
 
-/// A MySQL project's binary log as the server has it (for `/api/cdc/status`).
+/// What `/api/cdc/status` reads of the MySQL server for every MySQL project: its binary logs
+/// and (an operator's server) its expiry.
+#[derive(Debug)]
+pub struct ServerFacts {
+    pub logs: Vec<(String, u64)>,
+    pub expire_secs: Option<u64>,
+}
+
+/// How long `/api/cdc/status` reuses what it read of the server.
+pub const FACTS_TTL: Duration = Duration::from_secs(1);
+
+/// How long `/api/cdc/status` waits for an admin connection and the server's answers before it
+/// leaves the `binlog` object out.
+pub const FACTS_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The server facts shared by every `/api/cdc/status` call: read through one admin connection
+/// at a time (the admin pool has 4, needed by project creation, provisioning and purges) and
+/// at most once per [`FACTS_TTL`]; concurrent callers wait for that one read.
+#[derive(Default)]
+pub struct FactsCache(tokio::sync::Mutex<Option<(std::time::Instant, std::sync::Arc<ServerFacts>)>>);
+
+impl FactsCache {
+    pub async fn get(&self, mysql: &super::Mysql) -> Result<std::sync::Arc<ServerFacts>> {
+        let mut cached = self.0.lock().await;
+        if let Some((at, facts)) = cached.as_ref() {
+            if at.elapsed() < FACTS_TTL {
+                return Ok(facts.clone());
+            }
+        }
+        let read = async {
+            let target = mysql.server().await?;
+            let mut conn = target.admin_pool.get_conn().await?;
+            let logs = crate::cdc::binlog::binary_logs(&mut conn).await?;
+            let expire_secs = if mysql.embedded().is_some() {
+                None
+            } else {
+                Some(server_expiry(&mut conn).await?)
+            };
+            anyhow::Ok(ServerFacts { logs, expire_secs })
+        };
+        let facts = std::sync::Arc::new(
+            tokio::time::timeout(FACTS_TIMEOUT, read)
+                .await
+                .map_err(|_| anyhow::anyhow!("the MySQL server did not answer in {FACTS_TIMEOUT:?}"))??,
+        );
+        *cached = Some((std::time::Instant::now(), facts.clone()));
+        Ok(facts)
+    }
+
+    /// Forgets what was read (this server just purged: the next status reads the list again).
+    pub async fn invalidate(&self) {
+        *self.0.lock().await = None;
+    }
+}
+
+/// A MySQL project's binary log as the server has it (for `/api/cdc/status`; the server's
+/// side is at most [`FACTS_TTL`] old).
 pub async fn report(
     mysql: &super::Mysql,
     control: &deadpool_postgres::Pool,
@@ -211,9 +268,8 @@ pub async fn report(
         let client = control.get().await?;
         crate::cdc::binlog::position::load(&**client, project_id).await?
     };
-    let target = mysql.server().await?;
-    let mut conn = target.admin_pool.get_conn().await?;
-    let logs = crate::cdc::binlog::binary_logs(&mut conn).await?;
+    let facts = mysql.binlog_facts.get(mysql).await?;
+    let logs = &facts.logs;
     let needed_file = stored.map(|s| s.position.file);
     let present = needed_file
         .as_ref()
@@ -226,11 +282,7 @@ pub async fn report(
         purged_by: if embedded { "fluxbase" } else { "server" },
         retain_bytes: embedded.then_some(bound.bytes),
         retain_secs: embedded.then_some(bound.age.as_secs()),
-        server_expire_secs: if embedded {
-            None
-        } else {
-            Some(server_expiry(&mut conn).await?)
-        },
+        server_expire_secs: facts.expire_secs,
     })
 }
 

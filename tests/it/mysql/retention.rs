@@ -436,3 +436,38 @@ async fn a_new_projects_first_position_is_never_purged_under_it() {
     drop(control);
     app.stop().await;
 }
+
+/// `/api/cdc/status` of MySQL projects reads the server's binary logs through the admin pool
+/// (4 connections, which project creation and purges need too): one read at a time, reused
+/// for a second (crate::mysql::retention::FactsCache). 60 concurrent calls answer with the
+/// `binlog` object and cost the server a handful of `SHOW BINARY LOGS`, not 60.
+#[tokio::test]
+async fn status_calls_share_one_read_of_the_servers_binary_logs() {
+    let app = spawn_app_with(|c| c.mysql_binlog_purge_interval_secs = 3600).await;
+    let f = app.mysql_fixture().await;
+    let mut conn = admin(&app).await;
+    async fn shows(conn: &mut mysql_async::Conn) -> u64 {
+        conn.query_first::<(String, u64), _>("SHOW GLOBAL STATUS LIKE 'Com_show_binlogs'")
+            .await
+            .unwrap()
+            .unwrap()
+            .1
+    }
+    let before = shows(&mut conn).await;
+    let started = std::time::Instant::now();
+    let answers =
+        futures_util::future::join_all((0..60).map(|_| status(&app, &f))).await;
+    let elapsed = started.elapsed().as_secs();
+    let after = shows(&mut conn).await;
+    for s in &answers {
+        assert_eq!(s["binlog"]["present"], true, "{s}");
+    }
+    // One read a second, plus the stream's own listing every 5 s, plus this query's neighbours.
+    let allowed = elapsed + 1 + elapsed / 5 + 1 + 2;
+    assert!(
+        after - before <= allowed,
+        "{} SHOW BINARY LOGS for 60 status calls in {elapsed} s (at most {allowed})",
+        after - before
+    );
+    app.stop().await;
+}
