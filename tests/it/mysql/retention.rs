@@ -272,7 +272,9 @@ async fn a_suspended_projects_stream_runs_on_and_its_resume_misses_nothing() {
         .unwrap();
 
     // A restart while suspended, then changes (the server's account: the project's are locked).
-    let config = app.abort_in_process();
+    // (A graceful stop: it stops the embedded MariaDB, which the next start takes over.)
+    let config = app.app.config.clone();
+    app.stop().await;
     let app = crate::support::start_with(config).await;
     let mut conn = admin(&app).await;
     for i in 2..=4 {
