@@ -220,7 +220,9 @@ pub const FACTS_TIMEOUT: Duration = Duration::from_secs(5);
 /// at a time (the admin pool has 4, needed by project creation, provisioning and purges) and
 /// at most once per [`FACTS_TTL`]; concurrent callers wait for that one read.
 #[derive(Default)]
-pub struct FactsCache(tokio::sync::Mutex<Option<(std::time::Instant, std::sync::Arc<ServerFacts>)>>);
+pub struct FactsCache(
+    tokio::sync::Mutex<Option<(std::time::Instant, std::sync::Arc<ServerFacts>)>>,
+);
 
 impl FactsCache {
     pub async fn get(&self, mysql: &super::Mysql) -> Result<std::sync::Arc<ServerFacts>> {
@@ -241,11 +243,9 @@ impl FactsCache {
             };
             anyhow::Ok(ServerFacts { logs, expire_secs })
         };
-        let facts = std::sync::Arc::new(
-            tokio::time::timeout(FACTS_TIMEOUT, read)
-                .await
-                .map_err(|_| anyhow::anyhow!("the MySQL server did not answer in {FACTS_TIMEOUT:?}"))??,
-        );
+        let facts = std::sync::Arc::new(tokio::time::timeout(FACTS_TIMEOUT, read).await.map_err(
+            |_| anyhow::anyhow!("the MySQL server did not answer in {FACTS_TIMEOUT:?}"),
+        )??);
         *cached = Some((std::time::Instant::now(), facts.clone()));
         Ok(facts)
     }

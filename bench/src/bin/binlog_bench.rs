@@ -588,4 +588,3 @@ fn cpu_since(pid: Option<u32>, before: Option<f64>) -> f64 {
         _ => f64::NAN,
     }
 }
-

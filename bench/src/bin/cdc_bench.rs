@@ -587,7 +587,6 @@ async fn slot_active_pid(client: &Client, slot: &str) -> Result<Option<i32>> {
         .get(0))
 }
 
-
 async fn connect(cluster: &Cluster, db: &str) -> Result<Client> {
     let (client, conn) = tokio_postgres::connect(&cluster.url(db), tokio_postgres::NoTls)
         .await

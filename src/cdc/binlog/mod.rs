@@ -997,7 +997,10 @@ mod tests {
         // The file is there: "gone" is not believed (retried, the next start checks again);
         // another refusal is definite, but not a loss.
         let e = outcome(NOT_IN_INDEX, "binlog.000005");
-        assert!(e.is_transient() && e.state() != StreamState::SlotLost, "{e:?}");
+        assert!(
+            e.is_transient() && e.state() != StreamState::SlotLost,
+            "{e:?}"
+        );
         for m in [MARIADB_IMPOSSIBLE, MYSQL8_PACKET] {
             let e = outcome(m, "binlog.000006");
             assert!(matches!(e, BinlogError::Unreadable(_)), "{e:?}");

@@ -522,16 +522,10 @@ async fn broadcasts_from_sql_follow_the_scopes_and_cannot_forge_other_events() {
 /// without `since` gets what commits after it subscribed, nothing from before.
 #[tokio::test]
 async fn a_resume_with_since_catches_up_on_a_mysql_project() {
-    use crate::support::fixtures::Project;
     use crate::support::ws::{nothing_more, row, subscribed};
     let app = spawn_mysql_app().await;
     let f = app.mysql_fixture().await;
-    let p = Project {
-        project: f.project.clone(),
-        read: f.read.clone(),
-        readwrite: f.readwrite.clone(),
-        admin: f.admin.clone(),
-    };
+    let p = f.keys();
     let mut conn = project_conn(&f).await;
     conn.query_drop("CREATE TABLE r (id int PRIMARY KEY)")
         .await

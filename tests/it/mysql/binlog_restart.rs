@@ -31,6 +31,35 @@ async fn stored_position(app: &crate::support::TestApp, project: &str) -> Option
         .map(|r| (r.get(0), r.get(1)))
 }
 
+/// Waits (20 s at most) for the project's stream to stop in `state`; its `/api/cdc/status`.
+async fn stopped_as(
+    app: &crate::support::TestApp,
+    f: &crate::support::Fixture,
+    state: StreamState,
+) -> Value {
+    poll::until(
+        Duration::from_secs(20),
+        Duration::from_millis(100),
+        || async {
+            match app.app.cdc.status(&f.project).map(|s| s.state) {
+                Some(s) if s == state => Ok(()),
+                other => Err(format!("{other:?}")),
+            }
+        },
+    )
+    .await;
+    let (status, body) = app
+        .call(
+            "GET",
+            &format!("/api/cdc/status?projectId={}", f.project),
+            Some(&f.admin),
+            None,
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    body
+}
+
 #[tokio::test]
 async fn a_restart_resumes_from_the_acknowledged_position_and_repeats_with_the_same_ids() {
     let app = spawn_mysql_app().await;
@@ -141,26 +170,7 @@ async fn a_restart_resumes_from_the_acknowledged_position_and_repeats_with_the_s
         app.abort_in_process()
     };
     let app = start_with(control).await;
-    poll::until(
-        Duration::from_secs(20),
-        Duration::from_millis(100),
-        || async {
-            match app.app.cdc.status(&f.project).map(|s| s.state) {
-                Some(StreamState::SlotLost) => Ok(()),
-                other => Err(format!("{other:?}")),
-            }
-        },
-    )
-    .await;
-    let (status, body) = app
-        .call(
-            "GET",
-            &format!("/api/cdc/status?projectId={}", f.project),
-            Some(&f.admin),
-            None,
-        )
-        .await;
-    assert_eq!(status, 200);
+    let body = stopped_as(&app, &f, StreamState::SlotLost).await;
     assert_eq!(body["stream"]["state"], "slot_lost", "{body}");
     assert!(
         body["stream"]["lastError"]
@@ -395,26 +405,7 @@ async fn a_refused_position_in_a_file_the_server_has_is_failed_not_slot_lost() {
         format!("fx_{}", f.project),
         fluxbase::projects::Engine::Mysql,
     );
-    poll::until(
-        Duration::from_secs(20),
-        Duration::from_millis(100),
-        || async {
-            match app.app.cdc.status(&f.project).map(|s| s.state) {
-                Some(StreamState::Failed) => Ok(()),
-                other => Err(format!("{other:?}")),
-            }
-        },
-    )
-    .await;
-    let (status, body) = app
-        .call(
-            "GET",
-            &format!("/api/cdc/status?projectId={}", f.project),
-            Some(&f.admin),
-            None,
-        )
-        .await;
-    assert_eq!(status, 200);
+    let body = stopped_as(&app, &f, StreamState::Failed).await;
     assert_eq!(body["stream"]["state"], "failed", "{body}");
     assert_eq!(body["slot"]["walStatus"], "reserved", "{body}");
     let error = body["stream"]["lastError"].as_str().unwrap();

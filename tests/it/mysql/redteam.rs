@@ -441,8 +441,10 @@ async fn a_project_admin_cannot_reach_the_binlog_or_its_capture() {
         .rows(&a.admin, &a.project, "SHOW FULL PROCESSLIST")
         .await;
     assert!(
-        list.iter()
-            .all(|r| r["User"].as_str().unwrap().starts_with(&format!("fx_{}_", a.project))),
+        list.iter().all(|r| r["User"]
+            .as_str()
+            .unwrap()
+            .starts_with(&format!("fx_{}_", a.project))),
         "{list:?}"
     );
     // Nothing was hidden from the capture: the attack rows were refused, and the next change
@@ -450,7 +452,8 @@ async fn a_project_admin_cannot_reach_the_binlog_or_its_capture() {
     // told to filter them skip them) and set `pseudo_slave_mode` (meant for replaying
     // mysqlbinlog output, which BINLOG's privilege keeps out of reach): the capture reads such
     // events all the same, so a tenant cannot hide a change from its own webhooks that way.
-    app.rows(&a.admin, &a.project, "INSERT INTO t VALUES (1)").await;
+    app.rows(&a.admin, &a.project, "INSERT INTO t VALUES (1)")
+        .await;
     app.rows(
         &a.admin,
         &a.project,
@@ -475,14 +478,17 @@ async fn a_project_admin_cannot_reach_the_binlog_or_its_capture() {
         }
     }
     assert_eq!(
-        app.rows(&a.read, &a.project, "SELECT count(*) AS n FROM t").await,
+        app.rows(&a.read, &a.project, "SELECT count(*) AS n FROM t")
+            .await,
         vec![json!({"n": 3})]
     );
 
     // `/api/cdc/status`: the read scope sees its project; anonymous, another tenant's keys
     // and malformed ids see nothing.
     let path = |id: &str| format!("/api/cdc/status?projectId={id}");
-    let (status, body) = app.call("GET", &path(&a.project), Some(&a.read), None).await;
+    let (status, body) = app
+        .call("GET", &path(&a.project), Some(&a.read), None)
+        .await;
     assert_eq!(status, 200, "{body}");
     assert_eq!(body["binlog"]["present"], true, "{body}");
     let (status, _) = app.call("GET", &path(&a.project), None, None).await;
@@ -490,7 +496,10 @@ async fn a_project_admin_cannot_reach_the_binlog_or_its_capture() {
     for key in [&b.read, &b.admin, &b.token] {
         let (status, body) = app.call("GET", &path(&a.project), Some(key), None).await;
         assert!(status == 403 || status == 404, "{status} {body}");
-        assert!(body.get("binlog").is_none() && body.get("stream").is_none(), "{body}");
+        assert!(
+            body.get("binlog").is_none() && body.get("stream").is_none(),
+            "{body}"
+        );
     }
     for bad in [
         "x".repeat(10_000),

@@ -38,6 +38,19 @@ async fn logs(app: &TestApp) -> Vec<String> {
         .collect()
 }
 
+/// The file of the project's stored position.
+async fn stored_file(app: &TestApp, project: &str) -> String {
+    let control = app.app.control.get().await.unwrap();
+    control
+        .query_one(
+            "SELECT binlog_file FROM fluxbase.binlog_positions WHERE project_id = $1",
+            &[&project],
+        )
+        .await
+        .unwrap()
+        .get(0)
+}
+
 async fn status(app: &TestApp, f: &Fixture) -> Value {
     let (code, body) = app
         .call(
@@ -240,17 +253,11 @@ async fn a_stopped_streams_binlog_survives_purging_and_past_the_bound_it_is_lost
 /// resume.)
 #[tokio::test]
 async fn a_suspended_projects_stream_runs_on_and_its_resume_misses_nothing() {
-    use crate::support::fixtures::Project;
     use crate::support::ws::{nothing_more, row, subscribed};
     use fluxbase::projects::ProjectStatus;
     let app = spawn_app_with(|c| c.mysql_binlog_purge_interval_secs = 3600).await;
     let f = app.mysql_fixture().await;
-    let p = Project {
-        project: f.project.clone(),
-        read: f.read.clone(),
-        readwrite: f.readwrite.clone(),
-        admin: f.admin.clone(),
-    };
+    let p = f.keys();
     let mut conn = admin(&app).await;
     conn.query_drop(format!(
         "CREATE TABLE fx_{0}.r (id int PRIMARY KEY); INSERT INTO fx_{0}.r VALUES (0)",
@@ -284,23 +291,11 @@ async fn a_suspended_projects_stream_runs_on_and_its_resume_misses_nothing() {
     }
     conn.query_drop("FLUSH BINARY LOGS").await.unwrap();
     let current = logs(&app).await.last().unwrap().clone();
-    let stored = || async {
-        let control = app.app.control.get().await.unwrap();
-        let file: String = control
-            .query_one(
-                "SELECT binlog_file FROM fluxbase.binlog_positions WHERE project_id = $1",
-                &[&f.project],
-            )
-            .await
-            .unwrap()
-            .get(0);
-        file
-    };
     poll::until(
         Duration::from_secs(30),
         Duration::from_millis(200),
         || async {
-            let file = stored().await;
+            let file = stored_file(&app, &f.project).await;
             if file == current {
                 Ok(())
             } else {
@@ -399,7 +394,10 @@ async fn a_new_projects_first_position_is_never_purged_under_it() {
         .unwrap();
     assert!(plan.lost.is_empty(), "{plan:?}");
     let now = logs(&app).await;
-    assert_eq!(now[0], start.file, "the new position's file was purged: {now:?}");
+    assert_eq!(
+        now[0], start.file,
+        "the new position's file was purged: {now:?}"
+    );
 
     // The other way round: a purge holding the lock, the server's recording waits for it.
     control
@@ -426,14 +424,7 @@ async fn a_new_projects_first_position_is_never_purged_under_it() {
         .await
         .unwrap()
         .unwrap();
-    let stored: String = control
-        .query_one(
-            "SELECT binlog_file FROM fluxbase.binlog_positions WHERE project_id = $1",
-            &[&f.project],
-        )
-        .await
-        .unwrap()
-        .get(0);
+    let stored = stored_file(&app, &f.project).await;
     assert!(logs(&app).await.contains(&stored));
     drop(control);
     app.stop().await;
@@ -457,8 +448,7 @@ async fn status_calls_share_one_read_of_the_servers_binary_logs() {
     }
     let before = shows(&mut conn).await;
     let started = std::time::Instant::now();
-    let answers =
-        futures_util::future::join_all((0..60).map(|_| status(&app, &f))).await;
+    let answers = futures_util::future::join_all((0..60).map(|_| status(&app, &f))).await;
     let elapsed = started.elapsed().as_secs();
     let after = shows(&mut conn).await;
     for s in &answers {

@@ -101,7 +101,6 @@ async fn curl_can_run_sql_with_the_guides_headers() {
     assert_eq!(v["result"]["rows"][0]["two"], "x");
 }
 
-
 #[tokio::test]
 async fn the_guides_realtime_client_logs_inserts_updates_and_deletes_in_node() {
     let app = spawn_app().await;

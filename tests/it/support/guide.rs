@@ -90,7 +90,7 @@ pub async fn wait_for(
 /// each as the guide shows, in order, with no error and no disconnection.
 pub async fn run_realtime_client(app: &TestApp, f: &Fixture) {
     // The snippet sends no token: the project's room is public.
-    app.make_realtime_public(&f).await;
+    app.make_realtime_public(f).await;
     app.rows(
         &f.admin,
         &f.project,
