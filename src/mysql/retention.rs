@@ -218,18 +218,20 @@ pub const FACTS_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// The server facts shared by every `/api/cdc/status` call: read through one admin connection
 /// at a time (the admin pool has 4, needed by project creation, provisioning and purges) and
-/// at most once per [`FACTS_TTL`]; concurrent callers wait for that one read.
+/// at most once per [`FACTS_TTL`]; concurrent callers wait for that one read. A failed read
+/// is reused for the TTL too: callers queued behind an unreachable server fail at once rather
+/// than each waiting out [`FACTS_TIMEOUT`] in turn.
+type Read = std::result::Result<std::sync::Arc<ServerFacts>, String>;
+
 #[derive(Default)]
-pub struct FactsCache(
-    tokio::sync::Mutex<Option<(std::time::Instant, std::sync::Arc<ServerFacts>)>>,
-);
+pub struct FactsCache(tokio::sync::Mutex<Option<(std::time::Instant, Read)>>);
 
 impl FactsCache {
     pub async fn get(&self, mysql: &super::Mysql) -> Result<std::sync::Arc<ServerFacts>> {
         let mut cached = self.0.lock().await;
-        if let Some((at, facts)) = cached.as_ref() {
+        if let Some((at, read)) = cached.as_ref() {
             if at.elapsed() < FACTS_TTL {
-                return Ok(facts.clone());
+                return read.clone().map_err(anyhow::Error::msg);
             }
         }
         let read = async {
@@ -243,11 +245,15 @@ impl FactsCache {
             };
             anyhow::Ok(ServerFacts { logs, expire_secs })
         };
-        let facts = std::sync::Arc::new(tokio::time::timeout(FACTS_TIMEOUT, read).await.map_err(
-            |_| anyhow::anyhow!("the MySQL server did not answer in {FACTS_TIMEOUT:?}"),
-        )??);
-        *cached = Some((std::time::Instant::now(), facts.clone()));
-        Ok(facts)
+        let read: Read = match tokio::time::timeout(FACTS_TIMEOUT, read).await {
+            Ok(Ok(facts)) => Ok(std::sync::Arc::new(facts)),
+            Ok(Err(e)) => Err(format!("{e:#}")),
+            Err(_) => Err(format!(
+                "the MySQL server did not answer in {FACTS_TIMEOUT:?}"
+            )),
+        };
+        *cached = Some((std::time::Instant::now(), read.clone()));
+        read.map_err(anyhow::Error::msg)
     }
 
     /// Forgets what was read (this server just purged: the next status reads the list again).
