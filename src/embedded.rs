@@ -55,14 +55,7 @@ impl Cluster {
     /// loopback port. `extra` adds server settings for this start only (tests use `fsync=off`).
     pub fn start(root: &Path, password: &str, extra: &[(&str, &str)]) -> Result<Cluster> {
         let bindir = find_bindir()?;
-        let run_as = SERVER_USER.run_as()?;
-        std::fs::create_dir_all(root).with_context(|| format!("creating {}", root.display()))?;
-        let root = root.canonicalize()?;
-        if let Some((uid, gid)) = run_as {
-            std::os::unix::fs::chown(&root, Some(uid), Some(gid))
-                .with_context(|| format!("giving {} to the cluster user", root.display()))?;
-            SERVER_USER.check_reachable(&root, uid)?;
-        }
+        let (root, run_as) = SERVER_USER.prepare_root(root, "the cluster user")?;
         let cluster = Cluster {
             root,
             bindir,

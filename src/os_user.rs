@@ -3,7 +3,7 @@
 //! when Fluxbase runs as root (neither server runs as root), that user's way down to its data
 //! directory, and a free loopback port.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use anyhow::{bail, Context, Result};
@@ -37,6 +37,22 @@ impl ServerUser {
         })?;
         let gid = id(&["-g"], Some(&name))?;
         Ok(Some((uid, gid)))
+    }
+
+    /// Prepares a server's root directory: created if missing, made canonical, and, when this
+    /// process is root, given to the run-as user, who must be able to walk down to it. Returns
+    /// the canonical root and the run-as `(uid, gid)` ([`ServerUser::run_as`]). `what` names
+    /// the user in messages ("the cluster user", "the MariaDB user").
+    pub fn prepare_root(&self, root: &Path, what: &str) -> Result<(PathBuf, Option<(u32, u32)>)> {
+        let run_as = self.run_as()?;
+        std::fs::create_dir_all(root).with_context(|| format!("creating {}", root.display()))?;
+        let root = root.canonicalize()?;
+        if let Some((uid, gid)) = run_as {
+            std::os::unix::fs::chown(&root, Some(uid), Some(gid))
+                .with_context(|| format!("giving {} to {what}", root.display()))?;
+            self.check_reachable(&root, uid)?;
+        }
+        Ok((root, run_as))
     }
 
     /// The user (`uid`) must be able to walk down to `dir`: every ancestor searchable by
@@ -107,6 +123,30 @@ mod tests {
         user.check_reachable(&inner.join("data"), 4_000_000)
             .unwrap();
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_root_is_created_made_canonical_and_given_to_the_run_as_user() {
+        use std::os::unix::fs::MetadataExt;
+        let base = std::env::temp_dir().join(format!("os-user-root-{}", std::process::id()));
+        std::fs::create_dir_all(&base).unwrap();
+        let user = ServerUser {
+            product: "PostgreSQL",
+            env_var: "FLUXBASE_PG_USER",
+            default_user: "postgres",
+            package: "postgresql",
+        };
+        let (root, run_as) = user
+            .prepare_root(&base.join("x/../server"), "the cluster user")
+            .unwrap();
+        assert_eq!(root, base.canonicalize().unwrap().join("server"));
+        assert!(root.is_dir());
+        let owner = std::fs::metadata(&root).unwrap().uid();
+        match run_as {
+            Some((uid, _)) => assert_eq!(owner, uid, "given to the run-as user"),
+            None => assert_eq!(owner, id(&["-u"], None).unwrap()),
+        }
+        std::fs::remove_dir_all(&base).unwrap();
     }
 
     #[test]

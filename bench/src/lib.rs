@@ -35,6 +35,59 @@ pub fn env_or(name: &str, default: u64) -> u64 {
         .unwrap_or(default)
 }
 
+/// The change-capture workload of `cdc_bench` and `binlog_bench`: `rows` inserts in
+/// transactions of `batch`, then `updates` updates of `wide_bytes`-byte rows; `rounds` counted
+/// after `warmup`; the latency phase at `tps` transactions/s for `latency_seconds`. From
+/// `BENCH_ROWS`, `BENCH_UPDATES`, `BENCH_WIDE_BYTES`, `BENCH_BATCH`, `BENCH_ROUNDS`,
+/// `BENCH_WARMUP`, `BENCH_TPS`, `BENCH_LATENCY_SECONDS`.
+#[derive(Clone, Debug)]
+pub struct ChangeSettings {
+    pub rows: u64,
+    pub updates: u64,
+    pub wide_bytes: u64,
+    pub batch: u64,
+    pub rounds: u64,
+    pub warmup: u64,
+    pub tps: u64,
+    pub latency_seconds: u64,
+}
+
+impl ChangeSettings {
+    /// The settings from the environment; `rows` and `updates` default to the bench's own.
+    pub fn from_env(rows: u64, updates: u64) -> ChangeSettings {
+        ChangeSettings {
+            rows: env_or("BENCH_ROWS", rows),
+            updates: env_or("BENCH_UPDATES", updates),
+            wide_bytes: env_or("BENCH_WIDE_BYTES", 1000),
+            batch: env_or("BENCH_BATCH", 1000).max(1),
+            rounds: env_or("BENCH_ROUNDS", 3).max(1),
+            warmup: env_or("BENCH_WARMUP", 1),
+            tps: env_or("BENCH_TPS", 1000).max(1),
+            latency_seconds: env_or("BENCH_LATENCY_SECONDS", 10),
+        }
+    }
+
+    /// Row changes per round: the events a round must deliver.
+    pub fn changes(&self) -> u64 {
+        self.rows + self.updates
+    }
+}
+
+/// The median of a bench's per-round figures (the upper one of an even count).
+pub fn median(values: impl IntoIterator<Item = f64>) -> f64 {
+    let mut v: Vec<f64> = values.into_iter().collect();
+    v.sort_by(f64::total_cmp);
+    v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
+}
+
+/// The 1-minute load average (printed beside every figure: the machine is shared).
+pub fn load_average() -> f64 {
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .and_then(|l| l.split_whitespace().next()?.parse().ok())
+        .unwrap_or(f64::NAN)
+}
+
 /// The repository's root (the benches read `target/` and write scratch data there).
 pub fn repo_root() -> Result<PathBuf> {
     Ok(Path::new(env!("CARGO_MANIFEST_DIR"))

@@ -285,17 +285,14 @@ impl Cdc {
 
     /// Records where a new MySQL project's stream starts: the server's end of log now (call
     /// it once the project database is provisioned, so that nothing after is missed and
-    /// nothing of its provisioning is reported). A project that has a position keeps it.
+    /// nothing of its provisioning is reported). A project that has a position keeps it. Read
+    /// and stored under the lock a binlog purge takes ([`binlog::init_position`]).
     pub async fn init_binlog_position(&self, project_id: &str) -> anyhow::Result<()> {
         let source = (self.mysql_provider()?)().await?;
         let mut conn = mysql_async::Conn::new(source.opts.clone()).await?;
-        let now = binlog::current_position(&mut conn)
-            .await
-            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        let result = binlog::init_position(&self.sources.control, &mut conn, project_id).await;
         let _ = conn.disconnect().await;
-        let control = self.sources.control.get().await?;
-        binlog::position::init(&**control, project_id, &now).await?;
-        Ok(())
+        result.map_err(|e| anyhow::anyhow!("{e}"))
     }
 
     /// A MySQL project's stream (state `stopped` when none runs here) and its stored position
@@ -437,9 +434,8 @@ impl Cdc {
     }
 
     /// Starts change streams for every project (called when the server starts serving); in
-    /// cluster mode, none: the leadership loop starts those this node leads. Every PostgreSQL
-    /// project, whatever its status, and the active MySQL projects (a suspended one's position
-    /// waits in the control database; retention keeps its binlog files, crate::mysql::retention).
+    /// cluster mode, none: the leadership loop starts those this node leads. Every project,
+    /// whatever its status or engine ([`crate::control::projects::streamed`]).
     pub async fn start_all(&self) -> anyhow::Result<()> {
         self.enabled
             .store(true, std::sync::atomic::Ordering::Release);

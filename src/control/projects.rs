@@ -259,12 +259,14 @@ pub async fn led(db: &impl GenericClient) -> Result<Vec<(String, String, Engine)
 }
 
 /// (id, database, engine) of the projects a single server streams, oldest first: every
-/// PostgreSQL project and the active MySQL ones.
+/// project, whatever its status or engine. A suspended project's stream runs on (its room keeps
+/// its history, its webhooks their outbox, as on PostgreSQL, whose slot would otherwise hold
+/// WAL): a suspended MySQL project's stored position follows the log rather than pinning old
+/// binlog files until retention purges them and the resumed project is `slot_lost`.
 pub async fn streamed(db: &impl GenericClient) -> Result<Vec<(String, String, Engine)>, Error> {
     Ok(db
         .query(
-            "SELECT id, db_name, engine FROM fluxbase.projects
-             WHERE engine = 'postgresql' OR status = 'active' ORDER BY created_at",
+            "SELECT id, db_name, engine FROM fluxbase.projects ORDER BY created_at",
             &[],
         )
         .await?

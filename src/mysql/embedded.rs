@@ -86,14 +86,7 @@ impl Server {
     /// free loopback port. `extra` adds settings for this start only (tests relax durability).
     pub fn start(root: &Path, admin_password: &str, extra: &[(&str, &str)]) -> Result<Server> {
         let bindir = find_binaries()?;
-        let run_as = SERVER_USER.run_as()?;
-        std::fs::create_dir_all(root).with_context(|| format!("creating {}", root.display()))?;
-        let root = root.canonicalize()?;
-        if let Some((uid, gid)) = run_as {
-            std::os::unix::fs::chown(&root, Some(uid), Some(gid))
-                .with_context(|| format!("giving {} to the MariaDB user", root.display()))?;
-            SERVER_USER.check_reachable(&root, uid)?;
-        }
+        let (root, run_as) = SERVER_USER.prepare_root(root, "the MariaDB user")?;
         let socket = root.join("mariadbd.sock");
         if socket.as_os_str().len() > 100 {
             bail!(

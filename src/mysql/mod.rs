@@ -43,6 +43,9 @@ pub struct Mysql {
     pub(crate) sql: sql::Pools,
     /// The SQL API's counters, shared with PostgreSQL projects' requests.
     metrics: Arc<crate::metrics::Metrics>,
+    /// The server's binary logs as `/api/cdc/status` last read them (at most one admin
+    /// connection, once a second: [`retention::ServerFacts`]).
+    pub(crate) binlog_facts: retention::FactsCache,
 }
 
 /// A reachable server: its admin account and what it is.
@@ -66,6 +69,7 @@ impl Mysql {
             server: OnceCell::new(),
             embedded: std::sync::Mutex::new(None),
             sql: sql::Pools::new(config),
+            binlog_facts: retention::FactsCache::default(),
         }
     }
 

@@ -110,8 +110,7 @@ pub fn plan(logs: &[LogFile], needed: &[(String, String)], now: SystemTime, boun
 }
 
 /// (project, file) of every MySQL project's stored position.
-pub async fn needed(control: &deadpool_postgres::Pool) -> Result<Vec<(String, String)>> {
-    let client = control.get().await?;
+pub async fn needed(client: &impl tokio_postgres::GenericClient) -> Result<Vec<(String, String)>> {
     Ok(client
         .query(
             "SELECT b.project_id, b.binlog_file FROM fluxbase.binlog_positions b
@@ -152,8 +151,13 @@ pub async fn purge(
     };
     let target = mysql.server().await?;
     let mut conn = target.admin_pool.get_conn().await?;
+    // The files and the positions are read, and the purge made, under the lock a new project's
+    // first position is recorded under: that position is either seen here or read after.
+    let mut client = control.get().await?;
+    let tx = client.transaction().await?;
+    crate::cdc::binlog::position::lock(&*tx).await?;
     let logs = log_files(&mut conn, Some(&server.data_dir())).await?;
-    let needed = needed(control).await?;
+    let needed = needed(&*tx).await?;
     let plan = plan(&logs, &needed, SystemTime::now(), bound);
     if let Some(to) = &plan.purge_to {
         if !plan.lost.is_empty() {
@@ -171,7 +175,9 @@ pub async fn purge(
             .await
             .with_context(|| format!("PURGE BINARY LOGS TO '{to}'"))?;
         tracing::info!(purge_to = %to, "purged the embedded MariaDB's binary logs");
+        mysql.binlog_facts.invalidate().await;
     }
+    tx.commit().await?;
     Ok(plan)
 }
 
@@ -195,7 +201,69 @@ pub struct BinlogRetention {
     pub server_expire_secs: Option<u64>,
 }
 
-/// A MySQL project's binary log as the server has it (for `/api/cdc/status`).
+/// What `/api/cdc/status` reads of the MySQL server for every MySQL project: its binary logs
+/// and (an operator's server) its expiry.
+#[derive(Debug)]
+pub struct ServerFacts {
+    pub logs: Vec<(String, u64)>,
+    pub expire_secs: Option<u64>,
+}
+
+/// How long `/api/cdc/status` reuses what it read of the server.
+pub const FACTS_TTL: Duration = Duration::from_secs(1);
+
+/// How long `/api/cdc/status` waits for an admin connection and the server's answers before it
+/// leaves the `binlog` object out.
+pub const FACTS_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The server facts shared by every `/api/cdc/status` call: read through one admin connection
+/// at a time (the admin pool has 4, needed by project creation, provisioning and purges) and
+/// at most once per [`FACTS_TTL`]; concurrent callers wait for that one read. A failed read
+/// is reused for the TTL too: callers queued behind an unreachable server fail at once rather
+/// than each waiting out [`FACTS_TIMEOUT`] in turn.
+type Read = std::result::Result<std::sync::Arc<ServerFacts>, String>;
+
+#[derive(Default)]
+pub struct FactsCache(tokio::sync::Mutex<Option<(std::time::Instant, Read)>>);
+
+impl FactsCache {
+    pub async fn get(&self, mysql: &super::Mysql) -> Result<std::sync::Arc<ServerFacts>> {
+        let mut cached = self.0.lock().await;
+        if let Some((at, read)) = cached.as_ref() {
+            if at.elapsed() < FACTS_TTL {
+                return read.clone().map_err(anyhow::Error::msg);
+            }
+        }
+        let read = async {
+            let target = mysql.server().await?;
+            let mut conn = target.admin_pool.get_conn().await?;
+            let logs = crate::cdc::binlog::binary_logs(&mut conn).await?;
+            let expire_secs = if mysql.embedded().is_some() {
+                None
+            } else {
+                Some(server_expiry(&mut conn).await?)
+            };
+            anyhow::Ok(ServerFacts { logs, expire_secs })
+        };
+        let read: Read = match tokio::time::timeout(FACTS_TIMEOUT, read).await {
+            Ok(Ok(facts)) => Ok(std::sync::Arc::new(facts)),
+            Ok(Err(e)) => Err(format!("{e:#}")),
+            Err(_) => Err(format!(
+                "the MySQL server did not answer in {FACTS_TIMEOUT:?}"
+            )),
+        };
+        *cached = Some((std::time::Instant::now(), read.clone()));
+        read.map_err(anyhow::Error::msg)
+    }
+
+    /// Forgets what was read (this server just purged: the next status reads the list again).
+    pub async fn invalidate(&self) {
+        *self.0.lock().await = None;
+    }
+}
+
+/// A MySQL project's binary log as the server has it (for `/api/cdc/status`; the server's
+/// side is at most [`FACTS_TTL`] old).
 pub async fn report(
     mysql: &super::Mysql,
     control: &deadpool_postgres::Pool,
@@ -206,9 +274,8 @@ pub async fn report(
         let client = control.get().await?;
         crate::cdc::binlog::position::load(&**client, project_id).await?
     };
-    let target = mysql.server().await?;
-    let mut conn = target.admin_pool.get_conn().await?;
-    let logs = crate::cdc::binlog::binary_logs(&mut conn).await?;
+    let facts = mysql.binlog_facts.get(mysql).await?;
+    let logs = &facts.logs;
     let needed_file = stored.map(|s| s.position.file);
     let present = needed_file
         .as_ref()
@@ -221,11 +288,7 @@ pub async fn report(
         purged_by: if embedded { "fluxbase" } else { "server" },
         retain_bytes: embedded.then_some(bound.bytes),
         retain_secs: embedded.then_some(bound.age.as_secs()),
-        server_expire_secs: if embedded {
-            None
-        } else {
-            Some(server_expiry(&mut conn).await?)
-        },
+        server_expire_secs: facts.expire_secs,
     })
 }
 

@@ -48,41 +48,12 @@ const TARGET_RATIO: f64 = 0.9;
 static REPEATED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 const TARGET_P99_MS: f64 = 20.0;
 
-struct Settings {
-    rows: u64,
-    updates: u64,
-    wide_bytes: u64,
-    batch: u64,
-    rounds: u64,
-    warmup: u64,
-    tps: u64,
-    latency_seconds: u64,
-}
-
-impl Settings {
-    fn from_env() -> Settings {
-        use fluxbase_bench::env_or;
-        Settings {
-            rows: env_or("BENCH_ROWS", 100_000),
-            updates: env_or("BENCH_UPDATES", 10_000),
-            wide_bytes: env_or("BENCH_WIDE_BYTES", 1000),
-            batch: env_or("BENCH_BATCH", 1000).max(1),
-            rounds: env_or("BENCH_ROUNDS", 3).max(1),
-            warmup: env_or("BENCH_WARMUP", 1),
-            tps: env_or("BENCH_TPS", 1000).max(1),
-            latency_seconds: env_or("BENCH_LATENCY_SECONDS", 10),
-        }
-    }
-
-    fn changes(&self) -> u64 {
-        self.rows + self.updates
-    }
-}
+type Settings = fluxbase_bench::ChangeSettings;
 
 #[tokio::main]
 async fn main() -> Result<()> {
     fluxbase_bench::init_tracing();
-    let settings = Settings::from_env();
+    let settings = Settings::from_env(100000, 10000);
     fluxbase_bench::on_throwaway_cluster(
         "binlog-bench",
         fluxbase_bench::FAST.to_vec(),
@@ -265,15 +236,11 @@ async fn bench(
             rounds.push(r);
         }
     }
-    let median = |f: &dyn Fn(&Round) -> f64| {
-        let mut v: Vec<f64> = rounds.iter().map(f).collect();
-        v.sort_by(f64::total_cmp);
-        v[v.len() / 2]
-    };
+    let median = |f: &dyn Fn(&Round) -> f64| fluxbase_bench::median(rounds.iter().map(f));
     let rate = |d: Duration| s.changes() as f64 / d.as_secs_f64();
     println!(
         "binlog capture: {} inserts ({} per transaction) + {} updates of {}-byte rows; median of {} rounds after {} warm-up; load (1 min) {:.2}",
-        s.rows, s.batch, s.updates, s.wide_bytes, s.rounds, s.warmup, load_average()
+        s.rows, s.batch, s.updates, s.wide_bytes, s.rounds, s.warmup, fluxbase_bench::load_average()
     );
     println!(
         "reference (mariadb-binlog -v, remote): {:.0} events/s",
@@ -620,11 +587,4 @@ fn cpu_since(pid: Option<u32>, before: Option<f64>) -> f64 {
         (Some(a), Some(b)) => a - b,
         _ => f64::NAN,
     }
-}
-
-fn load_average() -> f64 {
-    std::fs::read_to_string("/proc/loadavg")
-        .ok()
-        .and_then(|l| l.split_whitespace().next()?.parse().ok())
-        .unwrap_or(f64::NAN)
 }

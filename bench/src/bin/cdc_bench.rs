@@ -62,41 +62,12 @@ const INSERT_TABLE: &str = "bench_rows";
 const WIDE_TABLE: &str = "bench_wide";
 const LATENCY_TABLE: &str = "bench_latency";
 
-struct Settings {
-    rows: u64,
-    updates: u64,
-    wide_bytes: u64,
-    batch: u64,
-    tps: u64,
-    latency_seconds: u64,
-    rounds: u64,
-    warmup: u64,
-}
-
-impl Settings {
-    fn from_env() -> Settings {
-        use fluxbase_bench::env_or;
-        Settings {
-            rows: env_or("BENCH_ROWS", 200_000),
-            updates: env_or("BENCH_UPDATES", 20_000),
-            wide_bytes: env_or("BENCH_WIDE_BYTES", 1000),
-            batch: env_or("BENCH_BATCH", 1000).max(1),
-            tps: env_or("BENCH_TPS", 1000).max(1),
-            latency_seconds: env_or("BENCH_LATENCY_SECONDS", 10),
-            rounds: env_or("BENCH_ROUNDS", 3),
-            warmup: env_or("BENCH_WARMUP", 1),
-        }
-    }
-
-    fn changes(&self) -> u64 {
-        self.rows + self.updates
-    }
-}
+type Settings = fluxbase_bench::ChangeSettings;
 
 #[tokio::main]
 async fn main() -> Result<()> {
     fluxbase_bench::init_tracing();
-    let settings = Settings::from_env();
+    let settings = Settings::from_env(200000, 20000);
     fluxbase_bench::on_throwaway_cluster(
         "cdc-bench",
         fluxbase_bench::FAST.to_vec(),
@@ -280,11 +251,7 @@ async fn bench(app: &SharedApp, cluster: &Cluster, settings: &Settings) -> Resul
     let latency = latency(app, &p, settings).await?;
 
     let expected = settings.changes() as f64;
-    let median = |f: &dyn Fn(&Round) -> f64| {
-        let mut v: Vec<f64> = rounds.iter().map(f).collect();
-        v.sort_by(f64::total_cmp);
-        v[v.len() / 2]
-    };
+    let median = |f: &dyn Fn(&Round) -> f64| fluxbase_bench::median(rounds.iter().map(f));
     let list = |f: &dyn Fn(&Round) -> f64, scale: f64, unit: &str| {
         rounds
             .iter()
@@ -492,7 +459,7 @@ async fn throughput(
         fluxbase: drained.done - drained.started,
         first_event: drained.first - drained.started,
         cpu,
-        load: load_average(),
+        load: fluxbase_bench::load_average(),
     })
 }
 
@@ -618,14 +585,6 @@ async fn slot_active_pid(client: &Client, slot: &str) -> Result<Option<i32>> {
         )
         .await?
         .get(0))
-}
-
-/// The 1-minute load average.
-fn load_average() -> f64 {
-    std::fs::read_to_string("/proc/loadavg")
-        .ok()
-        .and_then(|l| l.split_whitespace().next()?.parse().ok())
-        .unwrap_or(f64::NAN)
 }
 
 async fn connect(cluster: &Cluster, db: &str) -> Result<Client> {

@@ -137,6 +137,16 @@ pub enum BinlogError {
     Rewind,
     #[error("the server ended the binlog stream")]
     Ended,
+    /// Another dump with this stream's replica id connected and the server ended this one
+    /// (MySQL 8's 1236 "same server_uuid/server_id"): in cluster mode a previous leader's
+    /// stream waking up; retried with backoff, leadership decides who streams.
+    #[error("replaced by another dump with the same replica id: {0}")]
+    Replaced(String),
+    /// The server refused to read the log at the stored position though the position's file
+    /// is still there (1236 for another reason: an impossible position after a log reset, an
+    /// event larger than `max_allowed_packet`): the same attempt would meet it again.
+    #[error("the server cannot read the binary log: {0}")]
+    Unreadable(String),
 }
 
 impl BinlogError {
@@ -151,25 +161,89 @@ impl BinlogError {
             | BinlogError::Source(_)
             | BinlogError::Release(_)
             | BinlogError::Rewind
-            | BinlogError::Ended => true,
-            BinlogError::SlotLost(_) | BinlogError::Settings(_) => false,
+            | BinlogError::Ended
+            | BinlogError::Replaced(_) => true,
+            BinlogError::SlotLost(_) | BinlogError::Settings(_) | BinlogError::Unreadable(_) => {
+                false
+            }
         }
     }
 
     fn state(&self) -> StreamState {
         match self {
+            // Only a position verified gone ([`fatal_reading`]): the server's 1236 alone is
+            // not proof (MySQL 8 sends it to a dump replaced by another with its replica id).
             BinlogError::SlotLost(_) => StreamState::SlotLost,
-            BinlogError::Mysql(mysql_async::Error::Server(e)) if e.code == ER_MASTER_FATAL => {
-                StreamState::SlotLost
-            }
             _ => StreamState::Failed,
         }
     }
 }
 
-/// `ER_MASTER_FATAL_ERROR_READING_BINLOG`: the requested file or position is not in the log
-/// (purged, reset, or past its end).
+/// `ER_MASTER_FATAL_ERROR_READING_BINLOG`: the dump cannot go on. Its message says why: the
+/// requested file purged or reset, an impossible position, an event past `max_allowed_packet`,
+/// or (MySQL 8) another dump with the same replica id ([`fatal_kind`]).
 const ER_MASTER_FATAL: u16 = 1236;
+
+/// Why the server ended a dump with 1236, from its message (the code is the same for all).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FatalKind {
+    /// Another dump with the same replica id connected (MySQL 5.7/8: "A slave with the same
+    /// server_uuid/server_id as this slave has connected to the master", "A replica with the
+    /// same server_uuid/server_id as this replica has connected to the source" from 8.0.26).
+    Replaced,
+    /// The server says the requested file or the transactions are no longer in its log
+    /// ("Could not find first log file name in binary log index file", both servers; MySQL's
+    /// "the source purged required binary logs", MariaDB's "... which is not in the master's
+    /// binlog" for GTIDs).
+    PositionGone,
+    /// Anything else: an impossible position, an oversized event, the log not open.
+    Other,
+}
+
+/// Classifies a 1236 message (see [`FatalKind`]); case and the servers' master/source and
+/// slave/replica wordings do not matter.
+pub fn fatal_kind(message: &str) -> FatalKind {
+    let m = message.to_ascii_lowercase();
+    if m.contains("same server_uuid/server_id") {
+        FatalKind::Replaced
+    } else if m.contains("could not find first log file")
+        || m.contains("could not find log file")
+        || m.contains("purged required binary logs")
+        || m.contains("not in the master's binlog")
+        || m.contains("not in the source's binlog")
+    {
+        FatalKind::PositionGone
+    } else {
+        FatalKind::Other
+    }
+}
+
+/// What a 1236 means for the stream, once its message is classified and the server's files
+/// listed afresh: the stored position's file missing from the list is the only proof of a loss
+/// (`slot_lost`); a replaced dump, or a server that says "gone" of a file it lists, is retried;
+/// another refusal with the file there is definite (`failed`, with the server's words).
+pub fn fatal_outcome(
+    kind: FatalKind,
+    message: &str,
+    stored: &BinlogPosition,
+    logs: &[(String, u64)],
+) -> BinlogError {
+    if kind == FatalKind::Replaced {
+        return BinlogError::Replaced(message.to_string());
+    }
+    if !logs.iter().any(|(f, _)| *f == stored.file) {
+        let oldest = logs.first().map_or("none", |(f, _)| f.as_str());
+        return BinlogError::SlotLost(format!(
+            "{stored} (the server's oldest file is {oldest}; it said: {message})"
+        ));
+    }
+    match kind {
+        FatalKind::PositionGone => BinlogError::Source(format!(
+            "the server said the position is gone but lists its file: {message}"
+        )),
+        _ => BinlogError::Unreadable(message.to_string()),
+    }
+}
 
 /// Server errors the same attempt would meet again: refused authentication (1045, 1044, 1698,
 /// 1251), missing privileges (1227, 1142, 1143), an unknown database (1049), the log position
@@ -202,7 +276,16 @@ pub(super) async fn run_stream<B: EventBus>(
     let mut backoff = Duration::from_millis(500);
     loop {
         let result = match provider().await {
-            Ok(source) => stream_once(&sources, &source, &project_id, &db_name, &status).await,
+            Ok(source) => {
+                match stream_once(&sources, &source, &project_id, &db_name, &status).await {
+                    Err(BinlogError::Mysql(mysql_async::Error::Server(e)))
+                        if e.code == ER_MASTER_FATAL =>
+                    {
+                        Err(fatal_reading(&sources, &source, &project_id, &e.message).await)
+                    }
+                    other => other,
+                }
+            }
             Err(e) => Err(BinlogError::Source(format!("{e:#}"))),
         };
         match result {
@@ -231,6 +314,41 @@ pub(super) async fn run_stream<B: EventBus>(
                 return;
             }
         }
+    }
+}
+
+/// A 1236 from the server, decided against its current list of files and the stored position
+/// ([`fatal_outcome`]). Failing to check is itself transient: the next attempt checks again
+/// (its start compares the stored file with a fresh list too).
+async fn fatal_reading<B: EventBus>(
+    sources: &Sources<B>,
+    source: &MysqlSource,
+    project_id: &str,
+    message: &str,
+) -> BinlogError {
+    let kind = fatal_kind(message);
+    if kind == FatalKind::Replaced {
+        return BinlogError::Replaced(message.to_string());
+    }
+    let stored = match sources.control().await {
+        Ok(control) => match position::load(&**control, project_id).await {
+            Ok(Some(s)) => s.position,
+            Ok(None) => return BinlogError::Source(format!("no stored position: {message}")),
+            Err(e) => return BinlogError::Control(e.to_string()),
+        },
+        Err(e) => return e,
+    };
+    let logs = match Conn::new(source.opts.clone()).await {
+        Ok(mut conn) => {
+            let logs = binary_logs(&mut conn).await;
+            let _ = conn.disconnect().await;
+            logs
+        }
+        Err(e) => Err(e),
+    };
+    match logs {
+        Ok(logs) => fatal_outcome(kind, message, &stored, &logs),
+        Err(e) => BinlogError::Source(format!("listing the binary logs after \"{message}\": {e}")),
     }
 }
 
@@ -366,6 +484,33 @@ pub async fn check_settings(conn: &mut Conn) -> Result<(), BinlogError> {
     }
 }
 
+/// Records a project's first position, the server's end of log now, unless it has one: read
+/// and stored under [`position::POSITIONS_LOCK`] (a purge never runs between the two).
+pub async fn init_position(
+    control: &deadpool_postgres::Pool,
+    conn: &mut Conn,
+    project_id: &str,
+) -> Result<(), BinlogError> {
+    let control_err = |e: tokio_postgres::Error| BinlogError::Control(e.to_string());
+    let mut client = control
+        .get()
+        .await
+        .map_err(|e| BinlogError::Control(e.to_string()))?;
+    let tx = client.transaction().await.map_err(control_err)?;
+    position::lock(&*tx).await.map_err(control_err)?;
+    if position::load(&*tx, project_id)
+        .await
+        .map_err(control_err)?
+        .is_none()
+    {
+        let now = current_position(conn).await?;
+        position::init(&*tx, project_id, &now)
+            .await
+            .map_err(control_err)?;
+    }
+    tx.commit().await.map_err(control_err)
+}
+
 /// The binary log files the server has, with their sizes.
 pub async fn binary_logs(conn: &mut Conn) -> Result<Vec<(String, u64)>, mysql_async::Error> {
     let rows: Vec<mysql_async::Row> = conn.query("SHOW BINARY LOGS").await?;
@@ -463,15 +608,13 @@ async fn stream_once<B: EventBus>(
         None => {
             // A project without a position yet (made before its stream could record one):
             // from the end of the log now.
-            let now = current_position(&mut catalog).await?;
+            init_position(&sources.control, &mut catalog, project_id).await?;
             let control = sources.control().await?;
-            position::init(&**control, project_id, &now)
-                .await
-                .map_err(|e| BinlogError::Control(e.to_string()))?;
             position::load(&**control, project_id)
                 .await
                 .map_err(|e| BinlogError::Control(e.to_string()))?
-                .map_or(now, |s| s.position)
+                .ok_or_else(|| BinlogError::Control("the first position vanished".into()))?
+                .position
         }
     };
     let logs = binary_logs(&mut catalog).await?;
@@ -743,8 +886,15 @@ mod tests {
         for code in [1045, 1227, 1236, 1049] {
             assert!(!server(code).is_transient(), "{code}");
         }
-        assert_eq!(server(1236).state(), StreamState::SlotLost);
+        // A 1236 alone is not a loss: only once checked against the server's files.
+        assert_eq!(server(1236).state(), StreamState::Failed);
         assert_eq!(server(1045).state(), StreamState::Failed);
+        assert!(BinlogError::Replaced("x".into()).is_transient());
+        assert!(!BinlogError::Unreadable("x".into()).is_transient());
+        assert_eq!(
+            BinlogError::Unreadable("x".into()).state(),
+            StreamState::Failed
+        );
         assert!(BinlogError::Ended.is_transient());
         assert!(BinlogError::Control("down".into()).is_transient());
         assert!(!BinlogError::SlotLost("binlog.000001:4".into()).is_transient());
@@ -764,5 +914,98 @@ mod tests {
             )))
             .is_transient()
         );
+    }
+
+    /// The 1236 messages of MySQL 5.7/8.0/8.4 (sql/rpl_binlog_sender.cc, with the event range
+    /// the sender appends) and MariaDB 10.11 (sql/sql_repl.cc), word for word.
+    const MYSQL8_REPLACED: &str = "A replica with the same server_uuid/server_id as this \
+        replica has connected to the source; the first event 'binlog.000017' at 4, the last \
+        event read from './binlog.000017' at 96475, the last byte read from './binlog.000017' \
+        at 96475.";
+    const MYSQL57_REPLACED: &str = "A slave with the same server_uuid/server_id as this slave \
+        has connected to the master; the first event 'binlog.000002' at 119263798, the last \
+        event read from './binlog.000002' at 126, the last byte read from './binlog.000002' at \
+        119263798.";
+    const NOT_IN_INDEX: &str = "Could not find first log file name in binary log index file";
+    const MYSQL8_GTID_PURGED: &str = "Cannot replicate because the source purged required \
+        binary logs. Replicate the missing transactions from elsewhere, or provision a new \
+        replica from backup. Consider increasing the source's binary log expiration period. \
+        The GTID set sent by the replica is '', and the missing transactions are \
+        '3e11fa47-71ca-11e1-9e33-c80aa9429562:1-23'";
+    const MARIADB_GTID_GONE: &str = "Error: connecting slave requested to start from GTID \
+        0-1-120, which is not in the master's binlog";
+    const MARIADB_IMPOSSIBLE: &str = "Client requested master to start replication from \
+        impossible position; the first event 'binlog.000001' at 999999, the last event read \
+        from 'binlog.000001' at 4, the last byte read from 'binlog.000001' at 4.";
+    const MYSQL8_PACKET: &str = "log event entry exceeded max_allowed_packet; Increase \
+        max_allowed_packet on source; the first event 'binlog.000003' at 157, the last event \
+        read from './binlog.000003' at 157, the last byte read from './binlog.000003' at 4247.";
+
+    #[test]
+    fn fatal_reading_errors_are_classified_by_their_message() {
+        assert_eq!(fatal_kind(MYSQL8_REPLACED), FatalKind::Replaced);
+        assert_eq!(fatal_kind(MYSQL57_REPLACED), FatalKind::Replaced);
+        assert_eq!(fatal_kind(NOT_IN_INDEX), FatalKind::PositionGone);
+        assert_eq!(fatal_kind(MYSQL8_GTID_PURGED), FatalKind::PositionGone);
+        assert_eq!(fatal_kind(MARIADB_GTID_GONE), FatalKind::PositionGone);
+        assert_eq!(fatal_kind(MARIADB_IMPOSSIBLE), FatalKind::Other);
+        assert_eq!(fatal_kind(MYSQL8_PACKET), FatalKind::Other);
+        assert_eq!(fatal_kind(""), FatalKind::Other);
+    }
+
+    #[test]
+    fn only_a_stored_file_the_server_no_longer_lists_is_a_loss() {
+        let logs = vec![
+            ("binlog.000005".to_string(), 1000),
+            ("binlog.000006".to_string(), 500),
+        ];
+        let at = |file: &str| BinlogPosition {
+            file: file.into(),
+            offset: 400,
+        };
+        let outcome = |message: &str, file: &str| {
+            fatal_outcome(fatal_kind(message), message, &at(file), &logs)
+        };
+        // A replaced dump is retried whatever the files: never slot_lost.
+        for file in ["binlog.000001", "binlog.000006"] {
+            for m in [MYSQL8_REPLACED, MYSQL57_REPLACED] {
+                let e = outcome(m, file);
+                assert!(matches!(e, BinlogError::Replaced(_)), "{e:?}");
+                assert!(e.is_transient());
+                assert_ne!(e.state(), StreamState::SlotLost);
+            }
+        }
+        // Purged (older than the oldest listed) or reset away (newer than the newest): lost,
+        // whatever the server's words.
+        for m in [
+            NOT_IN_INDEX,
+            MYSQL8_GTID_PURGED,
+            MARIADB_IMPOSSIBLE,
+            MYSQL8_PACKET,
+        ] {
+            for file in ["binlog.000004", "binlog.000009"] {
+                let e = outcome(m, file);
+                assert_eq!(e.state(), StreamState::SlotLost, "{m} {file}: {e:?}");
+                assert!(!e.is_transient());
+                let text = e.to_string();
+                assert!(
+                    text.contains(&format!("{file}:400")) && text.contains("binlog.000005"),
+                    "{text}"
+                );
+            }
+        }
+        // The file is there: "gone" is not believed (retried, the next start checks again);
+        // another refusal is definite, but not a loss.
+        let e = outcome(NOT_IN_INDEX, "binlog.000005");
+        assert!(
+            e.is_transient() && e.state() != StreamState::SlotLost,
+            "{e:?}"
+        );
+        for m in [MARIADB_IMPOSSIBLE, MYSQL8_PACKET] {
+            let e = outcome(m, "binlog.000006");
+            assert!(matches!(e, BinlogError::Unreadable(_)), "{e:?}");
+            assert_eq!(e.state(), StreamState::Failed);
+            assert!(e.to_string().contains(m));
+        }
     }
 }

@@ -147,6 +147,21 @@ pub async fn init(
     Ok(())
 }
 
+/// The control database's advisory lock (transaction level, across processes) between
+/// recording a first position and a binlog purge ([`crate::mysql::retention::purge`]): a first
+/// position is read from the server and stored under it, and a purge lists the server's files
+/// and the stored positions under it, so a purge either sees the new position or ran before it
+/// was read. Without it, a rotation and a purge between the read and the store could remove
+/// the file the new project starts in.
+pub const POSITIONS_LOCK: i64 = 7_245_003;
+
+/// Takes [`POSITIONS_LOCK`] until the end of `tx`'s transaction.
+pub async fn lock(tx: &impl tokio_postgres::GenericClient) -> Result<(), tokio_postgres::Error> {
+    tx.execute("SELECT pg_advisory_xact_lock($1)", &[&POSITIONS_LOCK])
+        .await?;
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -448,73 +448,8 @@ async fn webhooks_deliver_mysql_changes_with_both_signatures() {
 /// The guide's realtime client, unchanged, against a MySQL project.
 #[tokio::test]
 async fn the_guides_realtime_client_works_unchanged_against_a_mysql_project() {
-    use crate::operations::guide::{wait_for, REALTIME_SNIPPET};
-    use tokio::io::AsyncBufReadExt;
     let (app, f, _sub) = setup().await;
-    app.make_realtime_public(&f).await;
-    app.rows(
-        &f.admin,
-        &f.project,
-        "CREATE TABLE todo (id int PRIMARY KEY, title text)",
-    )
-    .await;
-    let original = "const PROJECT_ID = 'YOUR_PROJECT_ID';";
-    let dir = crate::support::scratch_dir(&crate::support::unique("node"));
-    let script = dir.join("realtime.js");
-    std::fs::write(
-        &script,
-        REALTIME_SNIPPET.replace(original, &format!("const PROJECT_ID = '{}';", f.project)),
-    )
-    .unwrap();
-    let mut node = tokio::process::Command::new("node")
-        .arg("--experimental-websocket")
-        .arg(&script)
-        .env("NEXT_PUBLIC_WS_URL", app.base.replacen("http", "ws", 1))
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("node is installed (make test installs it)");
-    let mut stdout = tokio::io::BufReader::new(node.stdout.take().unwrap()).lines();
-    let mut log = String::new();
-    wait_for(&mut stdout, &mut log, "[WS] Connected and subscribed.").await;
-    wait_for(&mut stdout, &mut log, "[WS] Subscription confirmed.").await;
-    app.rows(
-        &f.readwrite,
-        &f.project,
-        "INSERT INTO todo VALUES (1, 'write')",
-    )
-    .await;
-    app.rows(
-        &f.readwrite,
-        &f.project,
-        "UPDATE todo SET title = 'test' WHERE id = 1",
-    )
-    .await;
-    app.rows(&f.admin, &f.project, "DELETE FROM todo WHERE id = 1")
-        .await;
-    app.rows(
-        &f.admin,
-        &f.project,
-        "ALTER TABLE todo ADD COLUMN done boolean",
-    )
-    .await;
-    wait_for(&mut stdout, &mut log, "+  todo { id: 1, title: 'write' }").await;
-    wait_for(
-        &mut stdout,
-        &mut log,
-        "~  todo { old: { id: 1, title: 'write' }, record: { id: 1, title: 'test' } }",
-    )
-    .await;
-    wait_for(&mut stdout, &mut log, "-  todo { id: 1, title: 'test' }").await;
-    wait_for(
-        &mut stdout,
-        &mut log,
-        "[WS] Schema changed — refresh your table list.",
-    )
-    .await;
-    node.kill().await.unwrap();
-    assert!(!log.contains("Disconnected"), "{log}");
+    crate::support::guide::run_realtime_client(&app, &f).await;
 }
 
 /// `fluxbase_realtime_broadcast` as each scope: readwrite and admin may broadcast, read may not,
@@ -587,16 +522,10 @@ async fn broadcasts_from_sql_follow_the_scopes_and_cannot_forge_other_events() {
 /// without `since` gets what commits after it subscribed, nothing from before.
 #[tokio::test]
 async fn a_resume_with_since_catches_up_on_a_mysql_project() {
-    use crate::support::fixtures::Project;
     use crate::support::ws::{nothing_more, row, subscribed};
     let app = spawn_mysql_app().await;
     let f = app.mysql_fixture().await;
-    let p = Project {
-        project: f.project.clone(),
-        read: f.read.clone(),
-        readwrite: f.readwrite.clone(),
-        admin: f.admin.clone(),
-    };
+    let p = f.keys();
     let mut conn = project_conn(&f).await;
     conn.query_drop("CREATE TABLE r (id int PRIMARY KEY)")
         .await

@@ -31,6 +31,35 @@ async fn stored_position(app: &crate::support::TestApp, project: &str) -> Option
         .map(|r| (r.get(0), r.get(1)))
 }
 
+/// Waits (20 s at most) for the project's stream to stop in `state`; its `/api/cdc/status`.
+async fn stopped_as(
+    app: &crate::support::TestApp,
+    f: &crate::support::Fixture,
+    state: StreamState,
+) -> Value {
+    poll::until(
+        Duration::from_secs(20),
+        Duration::from_millis(100),
+        || async {
+            match app.app.cdc.status(&f.project).map(|s| s.state) {
+                Some(s) if s == state => Ok(()),
+                other => Err(format!("{other:?}")),
+            }
+        },
+    )
+    .await;
+    let (status, body) = app
+        .call(
+            "GET",
+            &format!("/api/cdc/status?projectId={}", f.project),
+            Some(&f.admin),
+            None,
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    body
+}
+
 #[tokio::test]
 async fn a_restart_resumes_from_the_acknowledged_position_and_repeats_with_the_same_ids() {
     let app = spawn_mysql_app().await;
@@ -141,26 +170,7 @@ async fn a_restart_resumes_from_the_acknowledged_position_and_repeats_with_the_s
         app.abort_in_process()
     };
     let app = start_with(control).await;
-    poll::until(
-        Duration::from_secs(20),
-        Duration::from_millis(100),
-        || async {
-            match app.app.cdc.status(&f.project).map(|s| s.state) {
-                Some(StreamState::SlotLost) => Ok(()),
-                other => Err(format!("{other:?}")),
-            }
-        },
-    )
-    .await;
-    let (status, body) = app
-        .call(
-            "GET",
-            &format!("/api/cdc/status?projectId={}", f.project),
-            Some(&f.admin),
-            None,
-        )
-        .await;
-    assert_eq!(status, 200);
+    let body = stopped_as(&app, &f, StreamState::SlotLost).await;
     assert_eq!(body["stream"]["state"], "slot_lost", "{body}");
     assert!(
         body["stream"]["lastError"]
@@ -368,5 +378,48 @@ async fn after_kill_9_every_committed_change_reaches_the_webhook() {
         expected.len(),
         got.len(),
         rolled_back.len()
+    );
+}
+
+/// The server's 1236 is not proof of a loss: MariaDB refuses a position past its file's end
+/// ("impossible position") with the same code as a purged file, and MySQL 8 sends it to a dump
+/// another one with the same replica id replaced. With the stored file still listed, the
+/// stream is `failed` with the server's words, never `slot_lost` (src/cdc/binlog/mod.rs,
+/// `fatal_outcome`; the replaced case is unit-tested: MariaDB does not send it).
+#[tokio::test]
+async fn a_refused_position_in_a_file_the_server_has_is_failed_not_slot_lost() {
+    let app = spawn_mysql_app().await;
+    let f = app.mysql_fixture().await;
+    app.app.cdc.stop(&f.project).await;
+    let (file, _) = stored_position(&app, &f.project).await.unwrap();
+    let control = app.app.control.get().await.unwrap();
+    control
+        .execute(
+            "UPDATE fluxbase.binlog_positions SET binlog_offset = 2000000000 WHERE project_id = $1",
+            &[&f.project],
+        )
+        .await
+        .unwrap();
+    app.app.cdc.start(
+        f.project.clone(),
+        format!("fx_{}", f.project),
+        fluxbase::projects::Engine::Mysql,
+    );
+    let body = stopped_as(&app, &f, StreamState::Failed).await;
+    assert_eq!(body["stream"]["state"], "failed", "{body}");
+    assert_eq!(body["slot"]["walStatus"], "reserved", "{body}");
+    let error = body["stream"]["lastError"].as_str().unwrap();
+    assert!(
+        error.contains("cannot read the binary log") && error.contains("impossible position"),
+        "{body}"
+    );
+    assert!(
+        mariadb()
+            .await
+            .query("SHOW BINARY LOGS")
+            .await
+            .iter()
+            .any(|r| r[0].as_deref() == Some(file.as_str())),
+        "{file} is still listed"
     );
 }

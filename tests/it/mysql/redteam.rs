@@ -356,3 +356,158 @@ async fn a_read_key_socket_gets_row_events_of_a_mysql_project() {
         }
     }
 }
+
+/// Session 22's red team against the binlog and its capture, from a MySQL project's admin key
+/// (the strongest a tenant holds): nothing touches the log, hides or thins a change, reaches
+/// the dump thread or borrows another account; afterwards the stream still captures every
+/// change. Then `/api/cdc/status` of that project as anonymous, another tenant, and the read
+/// scope, and with malformed ids.
+#[tokio::test]
+async fn a_project_admin_cannot_reach_the_binlog_or_its_capture() {
+    let app = spawn_mysql_app().await;
+    let a = app.mysql_fixture().await;
+    let b = app.mysql_fixture().await;
+    let mut sub = app.app.bus.project(&a.project).subscribe();
+    app.rows(&a.admin, &a.project, "CREATE TABLE t (id int PRIMARY KEY)")
+        .await;
+    // The stream is running: its dump thread exists.
+    crate::support::poll::until(
+        Duration::from_secs(20),
+        Duration::from_millis(100),
+        || async {
+            match app.app.cdc.status(&a.project).map(|s| s.state) {
+                Some(fluxbase::cdc::StreamState::Streaming) => Ok(()),
+                other => Err(format!("{other:?}")),
+            }
+        },
+    )
+    .await;
+    let dumps = mariadb()
+        .await
+        .query("SELECT ID FROM information_schema.PROCESSLIST WHERE COMMAND LIKE 'Binlog Dump%'")
+        .await;
+    assert!(!dumps.is_empty(), "no binlog dump thread");
+    let mut attacks: Vec<String> = vec![
+        "PURGE BINARY LOGS BEFORE NOW()".into(),
+        "PURGE BINARY LOGS TO 'binlog.000001'".into(),
+        "FLUSH LOGS".into(),
+        "FLUSH BINARY LOGS".into(),
+        "RESET MASTER".into(),
+        "SHOW BINARY LOGS".into(),
+        "SHOW MASTER STATUS".into(),
+        "SHOW BINLOG EVENTS".into(),
+        "SHOW SLAVE HOSTS".into(),
+        "SET sql_log_bin = 0".into(),
+        "SET STATEMENT sql_log_bin = 0 FOR INSERT INTO t VALUES (100)".into(),
+        "SET SESSION binlog_format = 'STATEMENT'".into(),
+        "SET STATEMENT binlog_format = 'STATEMENT' FOR INSERT INTO t VALUES (101)".into(),
+        "SET SESSION binlog_format = 'MIXED'".into(),
+        "SET SESSION binlog_row_image = 'NOBLOB'".into(),
+        "SET SESSION server_id = 7".into(),
+        "SET SESSION gtid_seq_no = 1000000".into(),
+        "SET GLOBAL binlog_format = 'STATEMENT'".into(),
+        "SET GLOBAL binlog_row_metadata = 'MINIMAL'".into(),
+        "SET GLOBAL expire_logs_days = 1".into(),
+        "SET GLOBAL binlog_expire_logs_seconds = 1".into(),
+        "SET GLOBAL max_binlog_size = 4096".into(),
+        "SET GLOBAL log_bin_compress = ON".into(),
+        "SET GLOBAL event_scheduler = ON".into(),
+        // A raw binlog event replayed as a statement (BINLOG REPLAY privilege).
+        "BINLOG 'AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA'".into(),
+        "SELECT * FROM mysql.gtid_slave_pos".into(),
+        "SELECT * FROM mysql.user".into(),
+        "SELECT * FROM mysql.proc".into(),
+        "CREATE DEFINER = 'fluxbase'@'%' PROCEDURE p() SELECT 1".into(),
+        "CREATE DEFINER = 'fluxbase'@'127.0.0.1' VIEW v AS SELECT 1".into(),
+        format!(
+            "CREATE DEFINER = 'fx_{}_admin'@'127.0.0.1' PROCEDURE p2() SELECT 1",
+            b.project
+        ),
+        format!(
+            "CREATE DEFINER = '{}'@'127.0.0.1' TRIGGER tr BEFORE INSERT ON t FOR EACH ROW SET NEW.id = NEW.id",
+            app.app.mysql.replication_user()
+        ),
+    ];
+    for id in &dumps {
+        attacks.push(format!("KILL {}", id[0].as_deref().unwrap()));
+        attacks.push(format!("KILL QUERY {}", id[0].as_deref().unwrap()));
+    }
+    for sql in &attacks {
+        let body = app.sql(&a.admin, &a.project, sql).await;
+        assert_ne!(body["success"], true, "the admin account ran {sql}: {body}");
+    }
+    // SHOW PROCESSLIST: the project's own sessions only (not the dump threads).
+    let list = app
+        .rows(&a.admin, &a.project, "SHOW FULL PROCESSLIST")
+        .await;
+    assert!(
+        list.iter().all(|r| r["User"]
+            .as_str()
+            .unwrap()
+            .starts_with(&format!("fx_{}_", a.project))),
+        "{list:?}"
+    );
+    // Nothing was hidden from the capture: the attack rows were refused, and the next change
+    // arrives in full. MariaDB lets any session mark its events `skip_replication` (replicas
+    // told to filter them skip them) and set `pseudo_slave_mode` (meant for replaying
+    // mysqlbinlog output, which BINLOG's privilege keeps out of reach): the capture reads such
+    // events all the same, so a tenant cannot hide a change from its own webhooks that way.
+    app.rows(&a.admin, &a.project, "INSERT INTO t VALUES (1)")
+        .await;
+    app.rows(
+        &a.admin,
+        &a.project,
+        "SET SESSION skip_replication = 1; SET SESSION pseudo_slave_mode = 1; \
+         INSERT INTO t VALUES (2)",
+    )
+    .await;
+    app.rows(
+        &a.readwrite,
+        &a.project,
+        "SET SESSION skip_replication = 1; INSERT INTO t VALUES (3)",
+    )
+    .await;
+    for want in 1..=3 {
+        loop {
+            let e = crate::support::bus::next_event(&mut sub).await;
+            let p: Value = serde_json::from_str(&e.payload).unwrap();
+            if p["operation"] == "INSERT" {
+                assert_eq!(p["record"], json!({ "id": want }), "{p}");
+                break;
+            }
+        }
+    }
+    assert_eq!(
+        app.rows(&a.read, &a.project, "SELECT count(*) AS n FROM t")
+            .await,
+        vec![json!({"n": 3})]
+    );
+
+    // `/api/cdc/status`: the read scope sees its project; anonymous, another tenant's keys
+    // and malformed ids see nothing.
+    let path = |id: &str| format!("/api/cdc/status?projectId={id}");
+    let (status, body) = app
+        .call("GET", &path(&a.project), Some(&a.read), None)
+        .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["binlog"]["present"], true, "{body}");
+    let (status, _) = app.call("GET", &path(&a.project), None, None).await;
+    assert_eq!(status, 401);
+    for key in [&b.read, &b.admin, &b.token] {
+        let (status, body) = app.call("GET", &path(&a.project), Some(key), None).await;
+        assert!(status == 403 || status == 404, "{status} {body}");
+        assert!(
+            body.get("binlog").is_none() && body.get("stream").is_none(),
+            "{body}"
+        );
+    }
+    for bad in [
+        "x".repeat(10_000),
+        "%27%20OR%201%3D1--".to_string(),
+        "%00".to_string(),
+        String::new(),
+    ] {
+        let (status, body) = app.call("GET", &path(&bad), Some(&a.admin), None).await;
+        assert!((400..500).contains(&status), "{status} {body}");
+    }
+}

@@ -19,6 +19,18 @@ pub struct Fixture {
     pub admin: String,
 }
 
+impl Fixture {
+    /// The project and its keys alone (what the WebSocket helpers take).
+    pub fn keys(&self) -> Project {
+        Project {
+            project: self.project.clone(),
+            read: self.read.clone(),
+            readwrite: self.readwrite.clone(),
+            admin: self.admin.clone(),
+        }
+    }
+}
+
 /// The keys of a project created by [`project`] on a server reached by its base URL.
 pub struct Project {
     pub project: String,

@@ -5,6 +5,7 @@
 //! - `process`: the real binary as a child process, and any child, killed on drop;
 //! - `fixtures`: users, projects and keys; `http`: requests to a server known by its URL;
 //! - `ws`: the WebSocket client; `bus`: reading the event bus; `poll`: waiting with a deadline;
+//! - `guide`: the guide's `realtime.js` client in Node against a project;
 //! - `receiver`: a webhook receiver; `multipart`: upload bodies; `fs`: files on disk;
 //! - `mariadb`: the MariaDB shared by the binary (MySQL projects: `spawn_mysql_app()`,
 //!   `mysql_fixture()`);
@@ -18,6 +19,7 @@ pub mod bus;
 pub mod cluster;
 pub mod fixtures;
 pub mod fs;
+pub mod guide;
 pub mod http;
 pub mod mariadb;
 pub mod multipart;
