@@ -87,6 +87,7 @@ impl Sql {
                 let PooledConnection {
                     conn,
                     identity: known,
+                    ..
                 } = &mut *conn;
                 self.identities
                     .establish(&access.project, conn, known, identity)
@@ -107,6 +108,14 @@ impl Sql {
                 }
             }
         };
+        // One statement through the extended protocol (`params`), of a kind that runs in a
+        // transaction block, that succeeded: see `Checkout::ran_one_plain_statement`.
+        if outcome.is_ok()
+            && req.params.as_deref().is_some_and(|p| !p.is_empty())
+            && runs_in_a_transaction(&req.query)
+        {
+            conn.ran_one_plain_statement();
+        }
         release(conn);
         let elapsed = started.elapsed();
         self.metrics.observe_sql(elapsed, outcome.is_ok());
