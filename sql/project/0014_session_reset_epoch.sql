@@ -19,7 +19,8 @@
 -- moves or drops a routine, extension or language (event triggers below), and `safe`, the
 -- check above recomputed by the same transaction after it holds the row's lock (so the last of
 -- two concurrent DDL transactions sees the other's routines; under REPEATABLE READ the second
--- one fails with a serialization error instead). Both are read together and change together at
+-- one fails with a serialization error instead; so two transactions that make routines wait for
+-- each other until the first commits: routine DDL is rare and short). Both are read together and change together at
 -- commit. A reset given `known` = the `n` an earlier reset of this session returned, which the
 -- server passes only when everything the session ran since was such a single plain statement,
 -- skips the checks when `n` is still `known` and `safe` holds: no routine of the project's own
