@@ -375,7 +375,8 @@ pub struct Checkout {
 impl Checkout {
     /// Says that everything this use of the connection sent, besides the server's own
     /// statements (the identity, the type lookups), was one statement starting with SELECT,
-    /// WITH, INSERT, UPDATE, DELETE, VALUES or TABLE (one: the extended protocol refuses two)
+    /// WITH, INSERT, UPDATE, DELETE, VALUES or TABLE (one: sent with parameters, which the
+    /// extended protocol takes for one statement only, or a Query that completed exactly one)
     /// and that it succeeded. Such a statement makes LISTEN, SQL-level prepared statements and
     /// held cursors only through a routine of the project's own, so the next reset may skip
     /// its checks for them while the project has none (sql/project/0014_session_reset_epoch.sql).
@@ -403,7 +404,7 @@ impl std::ops::DerefMut for Checkout {
 /// the next statement's transaction (given the epoch the connection knows, when the checks for
 /// state only a utility statement makes may be skipped), or on its own (every check).
 const SESSION_RESET_IN_PIPELINE: &str = "SELECT auth.reset_session(false, $1::int8)";
-const SESSION_RESET_ALONE: &str = "SELECT auth.reset_session(true, NULL::int8)";
+const SESSION_RESET_ALONE: &str = "SELECT auth.reset_session(true, $1::int8)";
 
 /// Returns the connection to its pool with a session reset due: it runs in the same round trip
 /// as the next request's statement (see [`fluxbase_replication::wire::Connection::query_cached`]).
@@ -425,7 +426,9 @@ pub fn release(conn: Checkout) {
     }
     if conn.transaction_status() == TransactionStatus::Idle {
         let known = if plain { conn.conn.reset_epoch } else { None };
-        conn.conn.conn.reset_session_with(known.map(|e| e.to_string()));
+        conn.conn
+            .conn
+            .reset_session_with(known.map(|e| e.to_string()));
         drop(conn);
         // Requests waiting on the budget may close it now.
         budget.idle.notify_waiters();

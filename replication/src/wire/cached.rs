@@ -113,6 +113,21 @@ pub(super) struct SessionReset {
     value: Option<Option<String>>,
 }
 
+impl SessionReset {
+    /// The call on its own: with an argument, `$1` in it replaced by the argument as a quoted
+    /// literal (or NULL).
+    fn alone_call(&self) -> String {
+        if !self.takes_arg {
+            return self.alone.clone();
+        }
+        let literal = match &self.arg {
+            Some(v) => format!("'{}'", v.replace('\'', "''")),
+            None => "NULL".to_owned(),
+        };
+        self.alone.replace("$1", &literal)
+    }
+}
+
 /// SQLSTATE a pipelined reset raises when it cannot finish inside the statement's transaction
 /// (`UNLISTEN` only takes effect at commit): the reset then runs on its own first.
 const RESET_ALONE: &str = "FX002";
@@ -182,9 +197,10 @@ impl Connection {
         });
     }
 
-    /// As [`Connection::set_session_reset`], with an `in_pipeline` call that takes one text
-    /// parameter (`$1`), bound to what [`Connection::reset_session_with`] gave; the first value
-    /// of the row it answers is kept for [`Connection::take_reset_value`].
+    /// As [`Connection::set_session_reset`], with calls that take one text parameter (`$1`),
+    /// what [`Connection::reset_session_with`] gave: bound in `in_pipeline`, written as a
+    /// quoted literal in `alone` (a Query has no parameters). The first value of the row the
+    /// pipelined call answers is kept for [`Connection::take_reset_value`].
     pub fn set_session_reset_with_arg(&mut self, in_pipeline: &str, alone: &str) {
         self.set_session_reset(in_pipeline, alone);
         if let Some(r) = &mut self.reset {
@@ -232,7 +248,7 @@ impl Connection {
         self.reset
             .as_ref()
             .filter(|r| r.due)
-            .map(|r| r.alone.clone())
+            .map(SessionReset::alone_call)
     }
 
     /// A due reset has run.
@@ -290,7 +306,7 @@ impl Connection {
             None => self.cached.new_name(),
         };
         let due = self.reset.as_ref().filter(|r| r.due);
-        let alone = due.filter(|r| r.alone_next).map(|r| r.alone.clone());
+        let alone = due.filter(|r| r.alone_next).map(SessionReset::alone_call);
         let reset = due.filter(|r| !r.alone_next).map(|r| {
             let args = if r.takes_arg {
                 vec![r.arg.clone()]

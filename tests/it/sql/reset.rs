@@ -93,7 +93,8 @@ async fn the_reset_skips_its_checks_only_for_the_epoch_it_proved() {
     assert_eq!(reset(&db, Some(n2)).await, None);
     assert_eq!(listening(&db).await, 0);
     // Dropped again: a new epoch with the proof back.
-    app.rows(&f.admin, &f.project, "DROP FUNCTION public.f()").await;
+    app.rows(&f.admin, &f.project, "DROP FUNCTION public.f()")
+        .await;
     let (n3, safe) = epoch(&db).await;
     assert!(n3 > n2 && safe, "{n2} {n3} {safe}");
     // Made and dropped in one transaction: still a new epoch (a session that called it in
@@ -127,7 +128,11 @@ async fn the_reset_skips_its_checks_only_for_the_epoch_it_proved() {
             "SELECT auth.bump_routine_epoch()",
             "SELECT auth.only_our_routines()",
         ] {
-            assert_eq!(app.sql_error(key, &f.project, attack).await, "42501", "{attack}");
+            assert_eq!(
+                app.sql_error(key, &f.project, attack).await,
+                "42501",
+                "{attack}"
+            );
         }
     }
     assert!(!epoch(&db).await.1);
@@ -176,13 +181,51 @@ async fn a_routine_made_after_the_proof_is_reset_after_its_first_use() {
              $$",
         )
         .await;
-        assert_eq!(one(&app, &f.readwrite, &f, LEAVE).await, json!({ "x": 1 }));
-        assert_eq!(
-            one(&app, &f.readwrite, &f, PROBE).await,
-            clean(),
-            "round {round}"
-        );
+        // Even rounds with parameters (the pipelined reset), odd ones as Queries (the reset
+        // on its own before each, given the epoch as a literal).
+        if round % 2 == 0 {
+            assert_eq!(one(&app, &f.readwrite, &f, LEAVE).await, json!({ "x": 1 }));
+            assert_eq!(
+                one(&app, &f.readwrite, &f, PROBE).await,
+                clean(),
+                "round {round}"
+            );
+        } else {
+            let rows = app
+                .rows(&f.readwrite, &f.project, "SELECT public.leave() AS x")
+                .await;
+            assert_eq!(rows, [json!({ "x": 1 })]);
+            assert_eq!(probe_simple(&app, &f).await, clean(), "round {round}");
+        }
     }
+    // Queries only: the proof, the routine, its use, the look.
+    app.rows(&f.admin, &f.project, "DROP FUNCTION public.leave()")
+        .await;
+    for _ in 0..3 {
+        app.rows(&f.readwrite, &f.project, "SELECT 1 AS x").await;
+    }
+    app.rows(
+        &f.admin,
+        &f.project,
+        "CREATE FUNCTION public.leave() RETURNS int LANGUAGE sql AS $$
+             LISTEN leaked; SELECT 1
+         $$",
+    )
+    .await;
+    app.rows(&f.readwrite, &f.project, "SELECT public.leave() AS x")
+        .await;
+    assert_eq!(probe_simple(&app, &f).await, clean());
+}
+
+/// [`PROBE`] as a Query (no parameters).
+async fn probe_simple(app: &TestApp, f: &Fixture) -> Value {
+    app.rows(
+        &f.readwrite,
+        &f.project,
+        &PROBE.replace("WHERE $1::int = 1", ""),
+    )
+    .await[0]
+        .clone()
 }
 
 /// Routines reached without naming them: a view over one and a row-level security policy
@@ -265,10 +308,11 @@ async fn state_made_by_built_ins_in_a_plain_select_is_reset_when_the_checks_are_
                 json!([1]),
             )
             .await;
-        assert_eq!(body["error"]["details"], "ERROR:  55000", "round {round}: {body}");
-        let body = app
-            .sql_params(&f.admin, &f.project, TEMP, json!([1]))
-            .await;
+        assert_eq!(
+            body["error"]["details"], "ERROR:  55000",
+            "round {round}: {body}"
+        );
+        let body = app.sql_params(&f.admin, &f.project, TEMP, json!([1])).await;
         assert_eq!(body["success"], true, "{body}");
         let look = one(&app, &f.admin, &f, LOOK).await;
         assert_eq!(look["tmp"], false, "round {round}: {look}");
@@ -276,9 +320,9 @@ async fn state_made_by_built_ins_in_a_plain_select_is_reset_when_the_checks_are_
     assert!(epoch(&db).await.1);
 }
 
-/// LISTEN, DECLARE … WITH HOLD and PREPARE as statements of their own (a script, or one
-/// statement with parameters), while the project has no routine of its own: such a request is
-/// no plain statement, so the reset after it runs every check.
+/// LISTEN, DECLARE … WITH HOLD and PREPARE as statements of their own (a script, also one that
+/// starts with a SELECT, or one statement with parameters), while the project has no routine of
+/// its own: such a request is no plain statement, so the reset after it runs every check.
 #[tokio::test]
 async fn utility_statements_of_a_request_keep_every_check() {
     let app = spawn_app_with(|c| c.pool_size = 1).await;
@@ -302,6 +346,19 @@ async fn utility_statements_of_a_request_keep_every_check() {
             one(&app, &f.readwrite, &f, PROBE).await,
             clean(),
             "round {round}: a script"
+        );
+        // A script that starts with a plain SELECT.
+        app.rows(&f.readwrite, &f.project, "SELECT 1 AS x").await;
+        app.rows(
+            &f.readwrite,
+            &f.project,
+            "SELECT 1 AS x; LISTEN leaked; DECLARE held CURSOR WITH HOLD FOR SELECT 1",
+        )
+        .await;
+        assert_eq!(
+            probe_simple(&app, &f).await,
+            clean(),
+            "round {round}: a script after a SELECT"
         );
         one(&app, &f.readwrite, &f, PLAIN).await;
         let body = app
