@@ -87,6 +87,7 @@ impl Sql {
                 let PooledConnection {
                     conn,
                     identity: known,
+                    ..
                 } = &mut *conn;
                 self.identities
                     .establish(&access.project, conn, known, identity)
@@ -107,6 +108,14 @@ impl Sql {
                 }
             }
         };
+        // One statement, of a kind that runs in a transaction block, that succeeded: see
+        // `Checkout::ran_one_plain_statement`.
+        let outcome = outcome.map(|(result, one_statement)| {
+            if one_statement && runs_in_a_transaction(&req.query) {
+                conn.ran_one_plain_statement();
+            }
+            result
+        });
         release(conn);
         let elapsed = started.elapsed();
         self.metrics.observe_sql(elapsed, outcome.is_ok());
@@ -167,12 +176,18 @@ async fn run(
     max_rows: usize,
     types: &RwLock<TypeRegistry>,
     statements: &StatementCache,
-) -> Result<Option<StatementResult>, SqlFailure> {
-    let result = match req.params.as_deref() {
-        None | Some([]) => conn.simple_query(&req.query, max_rows).await?.last,
-        Some(params) => {
-            Some(run_with_params(conn, req, params, max_rows, types, statements).await?)
+) -> Result<(Option<StatementResult>, bool), SqlFailure> {
+    // With parameters the extended protocol takes one statement only; a Query may hold several
+    // (CommandComplete counts those that ran).
+    let (result, one_statement) = match req.params.as_deref() {
+        None | Some([]) => {
+            let outcome = conn.simple_query(&req.query, max_rows).await?;
+            (outcome.last, outcome.statements == 1)
         }
+        Some(params) => (
+            Some(run_with_params(conn, req, params, max_rows, types, statements).await?),
+            true,
+        ),
     };
     if let Some(result) = &result {
         let oids: Vec<u32> = result.columns.iter().map(|c| c.type_oid).collect();
@@ -181,7 +196,7 @@ async fn run(
             learn_types(conn, types, &oids).await?;
         }
     }
-    Ok(result)
+    Ok((result, one_statement))
 }
 
 /// One statement with `$n` parameters: one round trip when the parameter types are known from
