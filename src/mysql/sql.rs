@@ -30,6 +30,10 @@ use super::render::{write_json, ColumnKind};
 use super::Mysql;
 use crate::auth::{Access, DbRole};
 use crate::config::Config;
+
+/// How long a request holding its project's share waits for a login to the project database
+/// on top of `sql_queue_timeout_ms` (then 429).
+const MYSQL_CONNECT_BOUND: Duration = Duration::from_secs(5);
 use crate::sql::{SqlError, SqlRequest};
 
 /// Extra time past `statement_timeout` before the server kills a statement itself (the
@@ -273,7 +277,12 @@ impl Mysql {
         let mut repaired = false;
         let mut conn = loop {
             let pool = self.pool(target, &project.id, &project.db_name, access.db_role);
-            match tokio::time::timeout(self.sql.queue_timeout, pool.get_conn()).await {
+            // The share's permit is held: a slot is free or about to be (one returning after
+            // its reset), so what is left to wait for is mostly a login, bounded like the
+            // PostgreSQL pool's connection (queue timeout + a connect bound), not by the
+            // queue timeout alone (a slow login under load is not a busy project).
+            let bound = self.sql.queue_timeout + MYSQL_CONNECT_BOUND;
+            match tokio::time::timeout(bound, pool.get_conn()).await {
                 Err(_) => {
                     return Err(SqlError::Busy(
                         "no connection to the project database came free in time".into(),
