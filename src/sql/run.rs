@@ -87,7 +87,6 @@ impl Sql {
                 let PooledConnection {
                     conn,
                     identity: known,
-                    ..
                 } = &mut *conn;
                 self.identities
                     .establish(&access.project, conn, known, identity)
@@ -108,14 +107,6 @@ impl Sql {
                 }
             }
         };
-        // One statement, of a kind that runs in a transaction block, that succeeded: see
-        // `Checkout::ran_one_plain_statement`.
-        let outcome = outcome.map(|(result, one_statement)| {
-            if one_statement && runs_in_a_transaction(&req.query) {
-                conn.ran_one_plain_statement();
-            }
-            result
-        });
         release(conn);
         let elapsed = started.elapsed();
         self.metrics.observe_sql(elapsed, outcome.is_ok());
@@ -176,18 +167,12 @@ async fn run(
     max_rows: usize,
     types: &RwLock<TypeRegistry>,
     statements: &StatementCache,
-) -> Result<(Option<StatementResult>, bool), SqlFailure> {
-    // With parameters the extended protocol takes one statement only; a Query may hold several
-    // (CommandComplete counts those that ran).
-    let (result, one_statement) = match req.params.as_deref() {
-        None | Some([]) => {
-            let outcome = conn.simple_query(&req.query, max_rows).await?;
-            (outcome.last, outcome.statements == 1)
+) -> Result<Option<StatementResult>, SqlFailure> {
+    let result = match req.params.as_deref() {
+        None | Some([]) => conn.simple_query(&req.query, max_rows).await?.last,
+        Some(params) => {
+            Some(run_with_params(conn, req, params, max_rows, types, statements).await?)
         }
-        Some(params) => (
-            Some(run_with_params(conn, req, params, max_rows, types, statements).await?),
-            true,
-        ),
     };
     if let Some(result) = &result {
         let oids: Vec<u32> = result.columns.iter().map(|c| c.type_oid).collect();
@@ -196,7 +181,7 @@ async fn run(
             learn_types(conn, types, &oids).await?;
         }
     }
-    Ok((result, one_statement))
+    Ok(result)
 }
 
 /// One statement with `$n` parameters: one round trip when the parameter types are known from
@@ -245,7 +230,9 @@ fn runs_in_a_transaction(sql: &str) -> bool {
     loop {
         rest = rest.trim_start();
         if let Some(after) = rest.strip_prefix("--") {
-            rest = after.split_once('\n').map_or("", |(_, r)| r);
+            // PostgreSQL ends a `--` comment at `\r` as well as at `\n` (scan.l's
+            // `non_newline`): `--\rVACUUM` is a VACUUM.
+            rest = after.split_once(['\n', '\r']).map_or("", |(_, r)| r);
         } else if rest.starts_with("/*") {
             // Nested comments are legal in PostgreSQL: anything unusual is simply not cached.
             match rest[2..].split_once("*/") {
@@ -335,6 +322,8 @@ mod tests {
             "SELECTX",
             "",
             "DISCARD ALL",
+            "--\rPREPARE p AS SELECT 1 /*\nSELECT*/",
+            "-- c\r\nVACUUM t",
         ] {
             assert!(!runs_in_a_transaction(sql), "{sql}");
         }

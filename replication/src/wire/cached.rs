@@ -104,28 +104,6 @@ pub(super) struct SessionReset {
     prepared: bool,
     /// The last pipelined reset asked to run on its own ([`RESET_ALONE`]).
     alone_next: bool,
-    /// `in_pipeline` takes one parameter (`$1`): this value, text or NULL (see
-    /// [`Connection::reset_session_with`]).
-    takes_arg: bool,
-    arg: Option<String>,
-    /// The first value of the row the last pipelined reset answered, once its round succeeded
-    /// (see [`Connection::take_reset_value`]).
-    value: Option<Option<String>>,
-}
-
-impl SessionReset {
-    /// The call on its own: with an argument, `$1` in it replaced by the argument as a quoted
-    /// literal (or NULL).
-    fn alone_call(&self) -> String {
-        if !self.takes_arg {
-            return self.alone.clone();
-        }
-        let literal = match &self.arg {
-            Some(v) => format!("'{}'", v.replace('\'', "''")),
-            None => "NULL".to_owned(),
-        };
-        self.alone.replace("$1", &literal)
-    }
 }
 
 /// SQLSTATE a pipelined reset raises when it cannot finish inside the statement's transaction
@@ -191,50 +169,19 @@ impl Connection {
             due: false,
             prepared: false,
             alone_next: false,
-            takes_arg: false,
-            arg: None,
-            value: None,
         });
-    }
-
-    /// As [`Connection::set_session_reset`], with calls that take one text parameter (`$1`),
-    /// what [`Connection::reset_session_with`] gave: bound in `in_pipeline`, written as a
-    /// quoted literal in `alone` (a Query has no parameters). The first value of the row the
-    /// pipelined call answers is kept for [`Connection::take_reset_value`].
-    pub fn set_session_reset_with_arg(&mut self, in_pipeline: &str, alone: &str) {
-        self.set_session_reset(in_pipeline, alone);
-        if let Some(r) = &mut self.reset {
-            r.takes_arg = true;
-        }
     }
 
     /// Resets the session before the next operation: the call of
     /// [`Connection::set_session_reset`], or `DISCARD ALL` without one.
     pub fn reset_session(&mut self) {
-        self.reset_session_with(None);
-    }
-
-    /// [`Connection::reset_session`], binding `arg` to the pipelined call's `$1` (see
-    /// [`Connection::set_session_reset_with_arg`]); a reset still due from before takes the
-    /// new value.
-    pub fn reset_session_with(&mut self, arg: Option<String>) {
         match &mut self.reset {
-            Some(reset) => {
-                reset.due = true;
-                reset.arg = arg;
-            }
+            Some(reset) => reset.due = true,
             None => {
                 self.cached.forget_all();
                 self.queue_prelude("DISCARD ALL");
             }
         }
-    }
-
-    /// What the last pipelined reset answered (the first value of its row, NULL as `None`),
-    /// if one ran in a round that succeeded since the last call; a reset run on its own
-    /// answers nothing here.
-    pub fn take_reset_value(&mut self) -> Option<Option<String>> {
-        self.reset.as_mut().and_then(|r| r.value.take())
     }
 
     /// How many statements this connection keeps prepared.
@@ -248,7 +195,7 @@ impl Connection {
         self.reset
             .as_ref()
             .filter(|r| r.due)
-            .map(SessionReset::alone_call)
+            .map(|r| r.alone.clone())
     }
 
     /// A due reset has run.
@@ -306,15 +253,10 @@ impl Connection {
             None => self.cached.new_name(),
         };
         let due = self.reset.as_ref().filter(|r| r.due);
-        let alone = due.filter(|r| r.alone_next).map(SessionReset::alone_call);
-        let reset = due.filter(|r| !r.alone_next).map(|r| {
-            let args = if r.takes_arg {
-                vec![r.arg.clone()]
-            } else {
-                Vec::new()
-            };
-            (r.in_pipeline.clone(), r.prepared, args)
-        });
+        let alone = due.filter(|r| r.alone_next).map(|r| r.alone.clone());
+        let reset = due
+            .filter(|r| !r.alone_next)
+            .map(|r| (r.in_pipeline.clone(), r.prepared));
         let preludes = std::mem::take(&mut self.prelude);
         let to_close = std::mem::take(&mut self.cached.to_close);
         let mut steps = Vec::with_capacity(8 + 3 * preludes.len());
@@ -322,13 +264,13 @@ impl Connection {
             if let Some(call) = &alone {
                 frontend::query(call, buf).map_err(|e| e.to_string())?;
             }
-            if let Some((call, prepared, args)) = &reset {
+            if let Some((call, prepared)) = &reset {
                 if !prepared {
                     frontend::parse(RESET_STATEMENT, call, std::iter::empty(), buf)
                         .map_err(|e| e.to_string())?;
                     steps.push(Step::ResetParse);
                 }
-                encode_bind(RESET_STATEMENT, args, buf)?;
+                encode_bind(RESET_STATEMENT, &[], buf)?;
                 frontend::execute("", 0, buf).map_err(|e| e.to_string())?;
                 steps.extend([Step::ResetBind, Step::ResetExecute]);
             }
@@ -370,7 +312,6 @@ impl Connection {
         let mut builder: Option<ResultBuilder> = None;
         let mut result = None;
         let mut error: Option<(Step, Box<DbError>)> = None;
-        let mut reset_value: Option<Option<String>> = None;
         self.skipped_row = false;
         loop {
             let step = steps.get(next).copied();
@@ -407,9 +348,6 @@ impl Connection {
                     next += 1;
                 }
                 Message::DataRow(row) => {
-                    if step == Some(Step::ResetExecute) {
-                        reset_value = Some(first_value(&row).map_err(|e| self.fail(e))?);
-                    }
                     if step == Some(Step::Execute) {
                         if let Some(b) = builder.as_mut() {
                             if self.take_skipped_row() {
@@ -479,9 +417,6 @@ impl Connection {
         );
         let Some((at, e)) = error else {
             self.reset_done();
-            if let (Some(value), Some(r)) = (reset_value, &mut self.reset) {
-                r.value = Some(value);
-            }
             return Ok(Round::Done(result.ok_or_else(|| {
                 self.fail(WireError::protocol("execute ended without CommandComplete"))
             })));
@@ -525,13 +460,4 @@ impl Connection {
         }
         Ok(Round::Done(Err(WireError::Db(e))))
     }
-}
-
-/// The first value of a DataRow as text (`None`: NULL or no value).
-fn first_value(row: &DataRowBody) -> Result<Option<String>, WireError> {
-    let buf = row.buffer();
-    let first = row.ranges().next().map_err(WireError::protocol)?;
-    Ok(first
-        .flatten()
-        .map(|r| String::from_utf8_lossy(&buf[r]).into_owned()))
 }

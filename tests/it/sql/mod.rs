@@ -2,7 +2,6 @@
 //! row-level security, and what SQL sent with any key may not reach.
 
 mod execute;
-mod reset;
 mod rls;
 mod sandbox;
 mod values;
