@@ -12,6 +12,7 @@
 //!    ├── data/                     the datadir (and binlog.NNNNNN, the change stream's source)
 //!    ├── mariadbd.sock             the unix socket (only root@localhost, by unix_socket auth)
 //!    ├── mariadbd.pid
+//!    ├── tmp/                      its tmpdir (0700; never the machine's /tmp)
 //!    └── server.log                MariaDB's own log
 //! ```
 //!
@@ -106,6 +107,7 @@ impl Server {
         };
         server.stop_leftover();
         server.make_no_files_dir()?;
+        server.make_tmp_dir()?;
         if !server.data_dir().join("mysql").exists() {
             server.install()?;
         }
@@ -133,6 +135,26 @@ impl Server {
         std::fs::create_dir(&dir).with_context(|| format!("creating {}", dir.display()))?;
         std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o555))?;
         Ok(())
+    }
+
+    /// The server's own `tmpdir` (mode 0700, the server user's): never the machine's `/tmp`,
+    /// where servers installed at the same moment collided on their bootstrap's temporary
+    /// table names ("Unknown table 'mysql.tmp_user_sys'": 4 of 12 concurrent installs failed),
+    /// and where other local users could see its temporary files.
+    fn make_tmp_dir(&self) -> Result<()> {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = self.tmp_dir();
+        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        if let Some((uid, gid)) = self.run_as {
+            std::os::unix::fs::chown(&dir, Some(uid), Some(gid))
+                .with_context(|| format!("giving {} to the MariaDB user", dir.display()))?;
+        }
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700))?;
+        Ok(())
+    }
+
+    fn tmp_dir(&self) -> PathBuf {
+        self.root.join("tmp")
     }
 
     fn pid_file(&self) -> PathBuf {
@@ -166,6 +188,7 @@ impl Server {
             .command(&self.bindir.install_db)
             .arg("--no-defaults")
             .arg(format!("--datadir={}", self.data_dir().display()))
+            .arg(format!("--tmpdir={}", self.tmp_dir().display()))
             .args(["--auth-root-authentication-method=socket", "--skip-test-db"])
             .stdin(Stdio::null())
             .output()
@@ -246,6 +269,7 @@ impl Server {
                     self.root.join("mariadbd.sock").display()
                 ))
                 .arg(format!("--pid-file={}", self.pid_file().display()))
+                .arg(format!("--tmpdir={}", self.tmp_dir().display()))
                 .arg(format!("--log-error={}", self.log_file().display()))
                 .arg(format!(
                     "--log-bin={}",

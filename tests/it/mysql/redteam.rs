@@ -155,7 +155,7 @@ async fn the_broadcast_procedure_runs_nothing_as_the_servers_account() {
         .await
         .query(
             "SELECT LOAD_FILE('/etc/passwd') IS NULL, @@secure_file_priv, \
-             (SELECT File_priv FROM mysql.user WHERE User = 'fluxbase' LIMIT 1)",
+             (SELECT File_priv FROM mysql.user WHERE User = 'fluxbase' LIMIT 1), @@tmpdir",
         )
         .await;
     assert_eq!(server[0][0].as_deref(), Some("1"), "{server:?}");
@@ -164,6 +164,13 @@ async fn the_broadcast_procedure_runs_nothing_as_the_servers_account() {
         "{server:?}"
     );
     assert_eq!(server[0][2].as_deref(), Some("N"), "{server:?}");
+    // Its temporary files live in its own directory, not the machine's /tmp (shared with
+    // other users, and where servers installed at once collided).
+    let tmpdir = server[0][3].as_deref().unwrap_or("");
+    assert!(
+        tmpdir.ends_with("/tmp") && tmpdir.len() > "/tmp".len(),
+        "{server:?}"
+    );
 }
 
 /// XA statements and user locks never run (their names are server-wide), in any form; a session left inside a
