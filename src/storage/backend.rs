@@ -34,6 +34,7 @@ use object_store::{
     Attribute, Attributes, GetResultPayload, ObjectStore, PutMultipartOptions, WriteMultipart,
 };
 
+use super::buffers::{Buffers, Share, BIG_CHUNK, SMALL_CHUNK, STREAM_HOLD};
 use super::served::FileIdentity;
 use super::StorageError;
 use crate::config::Config;
@@ -54,12 +55,11 @@ pub fn legacy_path_of(key: &str) -> Option<Path> {
 
 /// Parts in flight per upload.
 const UPLOAD_CONCURRENCY: usize = 2;
-/// Bytes per read when streaming a local file out.
-const READ_CHUNK: usize = 1024 * 1024;
 /// A local file of at most this many bytes is read whole when it is opened and answered from
-/// that one buffer (no stream, no task feeding it); a larger one streams in [`READ_CHUNK`]s
-/// (four of them ahead of the client at most, `api::storage::response_body`), so a download
-/// holds at most about this much whatever the file's size.
+/// that one buffer (no stream, no task feeding it), if the read budget has that much free; a
+/// larger one streams (four chunks ahead of the client at most,
+/// `api::storage::response_body`). What downloads hold in all is bounded by the budget
+/// ([`super::buffers`]).
 pub const WHOLE_READ: u64 = 4 * 1024 * 1024;
 
 /// A stored object as [`Backend::read`] hands it out.
@@ -106,6 +106,8 @@ pub enum Backend {
         store: Arc<LocalFileSystem>,
         root: PathBuf,
         durable: Arc<DurableDirs>,
+        /// Read buffers (their budget) and upload parts, reused.
+        buffers: Arc<Buffers>,
     },
     S3 {
         store: Arc<AmazonS3>,
@@ -114,7 +116,7 @@ pub enum Backend {
 }
 
 impl Backend {
-    pub fn open(config: &Config) -> Result<Backend> {
+    pub fn open(config: &Config, metrics: Arc<crate::metrics::Metrics>) -> Result<Backend> {
         match config.storage.parse()? {
             StorageKind::S3 => {
                 let bucket = config
@@ -158,6 +160,7 @@ impl Backend {
                     store: Arc::new(store),
                     root,
                     durable: Default::default(),
+                    buffers: Buffers::new(config.storage_read_budget_bytes, metrics),
                 })
             }
         }
@@ -222,7 +225,7 @@ impl Backend {
         content_type: &str,
         content_disposition: &str,
     ) -> Result<ObjectWriter, StorageError> {
-        if let Backend::Local { store, .. } = self {
+        if let Backend::Local { store, buffers, .. } = self {
             // The file is made by the first write, in the same trip to the blocking pool.
             let path = store
                 .path_to_filesystem(&path_of(key))
@@ -233,7 +236,7 @@ impl Backend {
                     file: None,
                     in_flight: None,
                     part: Vec::new(),
-                    part_len: 0,
+                    buffers: buffers.clone(),
                     offset: 0,
                     done: false,
                 }),
@@ -344,6 +347,7 @@ impl Backend {
             store,
             root,
             durable,
+            ..
         } = self
         else {
             self.rename(from, to).await?;
@@ -386,6 +390,7 @@ impl Backend {
             store,
             root,
             durable,
+            ..
         } = self
         else {
             return Ok(false);
@@ -474,11 +479,12 @@ impl Backend {
     /// the blocking pool, so that the response's headers and first bytes can leave together.
     /// Without `body` (a `HEAD`) a local file is only opened: its body is empty.
     pub async fn read(&self, key: &str, body: bool) -> Result<Object, StorageError> {
-        if let Backend::Local { store, .. } = self {
+        if let Backend::Local { store, buffers, .. } = self {
             let path = store
                 .path_to_filesystem(&path_of(key))
                 .map_err(unavailable)?;
-            let opened = tokio::task::spawn_blocking(move || open_local(&path, body))
+            let buffers = buffers.clone();
+            let opened = tokio::task::spawn_blocking(move || open_local(&path, body, buffers))
                 .await
                 .map_err(StorageError::from)?
                 .map_err(|e| StorageError::Unavailable(format!("reading {key}: {e}")))?;
@@ -487,19 +493,19 @@ impl Backend {
                 size,
                 first,
                 identity,
+                rest,
             }) = opened
             else {
                 return Err(StorageError::NotServed);
             };
-            let first = Bytes::from(first);
-            if first.len() as u64 == size || !body {
+            let Some(rest) = rest else {
                 return Ok(Object {
                     size,
                     body: ObjectBody::Whole(first),
                     identity: Some(identity),
                 });
-            }
-            let rest = read_file(file, size - first.len() as u64);
+            };
+            let rest = read_file(file, size - first.len() as u64, rest);
             let stream = futures_util::stream::once(async move { Ok(first) })
                 .chain(rest)
                 .boxed();
@@ -517,7 +523,7 @@ impl Backend {
         };
         let size = got.meta.size;
         let stream = match got.payload {
-            GetResultPayload::File(file, _) => read_file(file, size),
+            GetResultPayload::File(file, _) => read_file(file, size, Reads::plain(BIG_CHUNK)),
             GetResultPayload::Stream(s) => s.map(|r| r.map_err(std::io::Error::other)).boxed(),
         };
         Ok(Object {
@@ -603,15 +609,64 @@ impl DurableDirs {
 struct Opened {
     file: std::fs::File,
     size: u64,
-    /// All of a file of at most [`WHOLE_READ`] bytes, else its first [`READ_CHUNK`] bytes.
-    first: Vec<u8>,
+    /// All of the file (read whole, or a `HEAD`'s empty body), else its first chunk.
+    first: Bytes,
     identity: FileIdentity,
+    /// How the rest streams, if anything is left.
+    rest: Option<Reads>,
 }
 
-/// A local object's file, its size, its first bytes (all of a small file; none without
-/// `body`) and which file it is; `None` if there is no such file (a directory is none either).
-fn open_local(path: &std::path::Path, body: bool) -> std::io::Result<Option<Opened>> {
-    use std::io::Read;
+/// How a local file's chunks are read: their size, the buffers they come from and the share
+/// of the read budget they hold (none: small chunks of plain memory).
+#[derive(Clone)]
+struct Reads {
+    chunk: usize,
+    buffers: Option<Arc<Buffers>>,
+    share: Option<Arc<Share>>,
+}
+
+impl Reads {
+    fn plain(chunk: usize) -> Reads {
+        Reads {
+            chunk,
+            buffers: None,
+            share: None,
+        }
+    }
+
+    /// The next `want` bytes of `file`: into a lent buffer with a share, else a plain one.
+    fn read(&self, file: &mut std::fs::File, want: u64) -> std::io::Result<Bytes> {
+        use std::io::Read;
+        let mut buf = match &self.buffers {
+            Some(b) if self.share.is_some() => b.get(want as usize),
+            _ => Vec::with_capacity(want as usize),
+        };
+        // Not zeroed first: `read_to_end` reads into the spare capacity.
+        file.take(want).read_to_end(&mut buf)?;
+        if (buf.len() as u64) < want {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::UnexpectedEof,
+                "the file is shorter than its size",
+            ));
+        }
+        Ok(match (&self.buffers, &self.share) {
+            (Some(b), Some(share)) => b.bytes(buf, Some(share.clone())),
+            _ => Bytes::from(buf),
+        })
+    }
+}
+
+/// A local object's file, its size, its first bytes and which file it is; `None` if there is
+/// no such file (a directory is none either). Without `body` nothing is read. A file of at
+/// most [`WHOLE_READ`] bytes is read whole if the read budget has room for it; a larger one
+/// streams in [`BIG_CHUNK`]s if the budget has room for [`STREAM_HOLD`]; otherwise the file
+/// streams in [`SMALL_CHUNK`]s ([`super::buffers`]). The first chunk is read here, so that the
+/// response's headers and first bytes can leave together.
+fn open_local(
+    path: &std::path::Path,
+    body: bool,
+    buffers: Arc<Buffers>,
+) -> std::io::Result<Option<Opened>> {
     let mut file = match std::fs::File::open(path) {
         Ok(f) => f,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
@@ -622,56 +677,62 @@ fn open_local(path: &std::path::Path, body: bool) -> std::io::Result<Option<Open
         return Ok(None);
     }
     let size = meta.len();
-    let want = if !body {
-        0
-    } else if size <= WHOLE_READ {
-        size
-    } else {
-        READ_CHUNK as u64
-    };
-    let mut first = Vec::with_capacity(want as usize);
-    (&mut file).take(want).read_to_end(&mut first)?;
-    if (first.len() as u64) < want {
-        return Err(std::io::Error::new(
-            std::io::ErrorKind::UnexpectedEof,
-            "the file is shorter than its size",
-        ));
+    let identity = FileIdentity::of(&meta);
+    if !body || size == 0 {
+        return Ok(Some(Opened {
+            file,
+            size,
+            first: Bytes::new(),
+            identity,
+            rest: None,
+        }));
     }
+    let whole = size <= WHOLE_READ;
+    let share = buffers
+        .take(if whole { size } else { STREAM_HOLD })
+        .map(Arc::new);
+    let reads = Reads {
+        chunk: match (&share, whole) {
+            (None, _) => SMALL_CHUNK,
+            (Some(_), true) => size as usize,
+            (Some(_), false) => BIG_CHUNK,
+        },
+        buffers: Some(buffers),
+        share,
+    };
+    let first = reads.read(&mut file, size.min(reads.chunk as u64))?;
+    let rest = (first.len() as u64) < size;
     Ok(Some(Opened {
         file,
         size,
         first,
-        identity: FileIdentity::of(&meta),
+        identity,
+        rest: rest.then_some(reads),
     }))
 }
 
-/// Reads the `size` bytes of a file in large chunks on the blocking pool. The chunks are not
-/// zeroed before the read, and the stream ends after `size` bytes without asking the pool for
-/// the end-of-file read (a file that turns out shorter is an error, so the response is cut
+/// Reads the `size` bytes of a file in chunks (`reads`) on the blocking pool. The chunks are
+/// not zeroed before the read, and the stream ends after `size` bytes without asking the pool
+/// for the end-of-file read (a file that turns out shorter is an error, so the response is cut
 /// off rather than short).
-fn read_file(file: std::fs::File, size: u64) -> BoxStream<'static, std::io::Result<Bytes>> {
-    futures_util::stream::try_unfold((file, size), |(file, left)| async move {
+fn read_file(
+    file: std::fs::File,
+    size: u64,
+    reads: Reads,
+) -> BoxStream<'static, std::io::Result<Bytes>> {
+    futures_util::stream::try_unfold((file, size, reads), |(file, left, reads)| async move {
         if left == 0 {
             return Ok(None);
         }
-        let (file, chunk) = tokio::task::spawn_blocking(move || {
-            use std::io::Read;
-            let want = left.min(READ_CHUNK as u64);
-            let mut buf = Vec::with_capacity(want as usize);
+        let (file, chunk, reads) = tokio::task::spawn_blocking(move || {
             let mut file = file;
-            (&mut file).take(want).read_to_end(&mut buf)?;
-            if (buf.len() as u64) < want {
-                return Err(std::io::Error::new(
-                    std::io::ErrorKind::UnexpectedEof,
-                    "the file is shorter than its recorded size",
-                ));
-            }
-            Ok((file, buf))
+            let chunk = reads.read(&mut file, left.min(reads.chunk as u64))?;
+            Ok::<_, std::io::Error>((file, chunk, reads))
         })
         .await
         .map_err(std::io::Error::other)??;
         let left = left - chunk.len() as u64;
-        Ok(Some((Bytes::from(chunk), (file, left))))
+        Ok(Some((chunk, (file, left, reads))))
     })
     .boxed()
 }
@@ -719,7 +780,10 @@ const LOCAL_PART: usize = 1024 * 1024;
 
 /// Writes a local object straight into its file: parts of [`LOCAL_PART`] bytes on the blocking
 /// pool, one in flight while the next one fills, each handed to the kernel's writeback at once
-/// ([`start_writeback`]), so that the fsync at the end finds little left to write. The key is a
+/// ([`start_writeback`]), so that the fsync at the end finds little left to write. The received
+/// chunks are copied into the part (a buffer reused from [`Buffers`]) and released at once: the
+/// multipart parser and hyper then reuse their own buffers instead of growing fresh ones, whose
+/// first touch costs more than the copy (the kernel zeroes every new page). The key is a
 /// staging key that nothing lists until the upload moves it into place, so a partial file is
 /// never seen as an object.
 ///
@@ -733,8 +797,9 @@ struct LocalWriter {
     /// (the task has it).
     file: Option<std::fs::File>,
     in_flight: Option<tokio::task::JoinHandle<std::io::Result<std::fs::File>>>,
-    part: Vec<Bytes>,
-    part_len: usize,
+    /// The part being filled (no capacity until the first byte comes).
+    part: Vec<u8>,
+    buffers: Arc<Buffers>,
     /// Bytes handed to writes so far.
     offset: u64,
     /// Finished or aborted: dropping it then leaves the file alone.
@@ -760,19 +825,21 @@ fn create_staged(path: &std::path::Path) -> std::io::Result<std::fs::File> {
     }
 }
 
-/// Writes `part` at the end of `file` (made first if `None`); on the blocking pool.
+/// Writes `part` at the end of `file` (made first if `None`), then gives the buffer back; on
+/// the blocking pool.
 fn write_part(
     file: Option<std::fs::File>,
     path: &std::path::Path,
-    part: &[Bytes],
+    part: Vec<u8>,
+    buffers: &Buffers,
 ) -> std::io::Result<std::fs::File> {
     let mut file = match file {
         Some(f) => f,
         None => create_staged(path)?,
     };
-    for chunk in part {
-        std::io::Write::write_all(&mut file, chunk)?;
-    }
+    let written = std::io::Write::write_all(&mut file, &part);
+    buffers.give_back(part);
+    written?;
     Ok(file)
 }
 
@@ -802,25 +869,32 @@ impl LocalWriter {
     async fn send_part(&mut self) -> Result<(), StorageError> {
         let file = self.file().await?;
         let part = std::mem::take(&mut self.part);
-        let (start, len) = (self.offset, self.part_len);
+        let (start, len) = (self.offset, part.len());
         self.offset += len as u64;
-        self.part_len = 0;
-        let path = self.path.clone();
+        let (path, buffers) = (self.path.clone(), self.buffers.clone());
         self.in_flight = Some(tokio::task::spawn_blocking(move || {
-            let file = write_part(file, &path, &part)?;
+            let file = write_part(file, &path, part, &buffers)?;
             start_writeback(&file, start, len);
             Ok(file)
         }));
         Ok(())
     }
 
+    /// Copies `chunk` into parts (and drops it).
     async fn write(&mut self, chunk: Bytes) -> Result<(), StorageError> {
-        // A full part leaves once more is coming: the last one goes with the sync.
-        if self.part_len >= LOCAL_PART {
-            self.send_part().await?;
+        let mut rest = &chunk[..];
+        while !rest.is_empty() {
+            // A full part leaves once more is coming: the last one goes with the sync.
+            if self.part.len() >= LOCAL_PART {
+                self.send_part().await?;
+            }
+            if self.part.capacity() == 0 {
+                self.part = self.buffers.get(LOCAL_PART);
+            }
+            let n = (LOCAL_PART - self.part.len()).min(rest.len());
+            self.part.extend_from_slice(&rest[..n]);
+            rest = &rest[n..];
         }
-        self.part_len += chunk.len();
-        self.part.push(chunk);
         Ok(())
     }
 
@@ -830,13 +904,12 @@ impl LocalWriter {
     async fn finish(mut self) -> Result<(), StorageError> {
         let file = self.file().await?;
         let part = std::mem::take(&mut self.part);
-        self.offset += self.part_len as u64;
-        self.part_len = 0;
-        let path = self.path.clone();
+        self.offset += part.len() as u64;
+        let (path, buffers) = (self.path.clone(), self.buffers.clone());
         // In `in_flight` while it runs: a drop meanwhile (the request cancelled) waits for it
         // before removing the file it makes.
         self.in_flight = Some(tokio::task::spawn_blocking(move || {
-            let file = write_part(file, &path, &part)?;
+            let file = write_part(file, &path, part, &buffers)?;
             file.sync_data()?;
             Ok(file)
         }));
@@ -891,8 +964,8 @@ fn start_writeback(file: &std::fs::File, start: u64, len: usize) {
 fn start_writeback(_file: &std::fs::File, _start: u64, _len: usize) {}
 
 impl ObjectWriter {
-    /// Queues `chunk` for the backend without copying it (the parts are made of the
-    /// received buffers themselves).
+    /// Queues `chunk` for the backend: on S3 without copying it (the parts are made of the
+    /// received buffers themselves), on the local disk copied into a reused part buffer.
     pub async fn write(&mut self, chunk: Bytes) -> Result<(), StorageError> {
         self.written += chunk.len() as u64;
         match &mut self.inner {

@@ -43,6 +43,7 @@
 
 pub mod backend;
 pub mod buckets;
+pub mod buffers;
 pub mod download;
 mod error;
 pub mod files;
@@ -100,7 +101,7 @@ impl Storage {
         control: deadpool_postgres::Pool,
         metrics: Arc<Metrics>,
     ) -> anyhow::Result<Storage> {
-        let backend = Backend::open(config)?;
+        let backend = Backend::open(config, metrics.clone())?;
         let served = served::ServedFiles::new(backend.is_local() && config.nats_url.is_none());
         Ok(Storage {
             control,
