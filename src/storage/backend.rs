@@ -199,6 +199,14 @@ impl Backend {
         }
     }
 
+    /// The local backend's buffers (its read budget).
+    pub fn buffers(&self) -> Option<&Arc<Buffers>> {
+        match self {
+            Backend::Local { buffers, .. } => Some(buffers),
+            Backend::S3 { .. } => None,
+        }
+    }
+
     pub fn is_local(&self) -> bool {
         matches!(self, Backend::Local { .. })
     }

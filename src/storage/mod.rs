@@ -115,6 +115,11 @@ impl Storage {
         })
     }
 
+    /// Bytes of the local backend's read budget not taken now ([`buffers`]); `None` on S3.
+    pub fn read_budget_free(&self) -> Option<u64> {
+        self.backend.buffers().map(|b| b.budget_free())
+    }
+
     /// Whether the backend is usable (see [`Backend::check`]), with the cause if not; the
     /// answer is reused for [`READY_CHECK_EVERY`].
     pub async fn ready(&self) -> Result<(), String> {
