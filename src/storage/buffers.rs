@@ -61,7 +61,9 @@ impl Buffers {
     /// Buffers with a read budget of `budget_bytes` (rounded up to whole KiB; 0: every download
     /// streams in small chunks).
     pub fn new(budget_bytes: u64, metrics: Arc<Metrics>) -> Arc<Buffers> {
-        let units = budget_bytes.div_ceil(UNIT).min(Semaphore::MAX_PERMITS as u64) as usize;
+        let units = budget_bytes
+            .div_ceil(UNIT)
+            .min(Semaphore::MAX_PERMITS as u64) as usize;
         Arc::new(Buffers {
             budget: Arc::new(Semaphore::new(units)),
             budget_bytes,
@@ -85,7 +87,9 @@ impl Buffers {
         let share = units.and_then(|n| self.budget.clone().try_acquire_many_owned(n).ok());
         match share {
             Some(p) => {
-                self.metrics.storage_downloads_budgeted.fetch_add(1, Relaxed);
+                self.metrics
+                    .storage_downloads_budgeted
+                    .fetch_add(1, Relaxed);
                 Some(Share(p))
             }
             None => {

@@ -383,7 +383,10 @@ async fn downloads_beyond_the_read_budget_stream_and_all_succeed() {
         held.push((socket, first));
     }
     let free = t.app.storage.read_budget_free().unwrap();
-    assert!(free < len as u64, "two whole files hold the budget: {free} free");
+    assert!(
+        free < len as u64,
+        "two whole files hold the budget: {free} free"
+    );
     assert_eq!(
         metrics.storage_downloads_budgeted.load(Relaxed) - budgeted,
         2,
@@ -403,6 +406,9 @@ async fn downloads_beyond_the_read_budget_stream_and_all_succeed() {
     }
     let (status, bytes) = download(&t, &f, key).await;
     assert!(status == 200 && bytes.as_ref() == data.as_slice());
-    assert_eq!(metrics.storage_downloads_budgeted.load(Relaxed) - budgeted, 3);
+    assert_eq!(
+        metrics.storage_downloads_budgeted.load(Relaxed) - budgeted,
+        3
+    );
     t.stop().await;
 }

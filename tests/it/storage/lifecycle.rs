@@ -456,7 +456,10 @@ async fn kill_9_mid_upload_leaves_nothing_half_written_and_the_sweep_removes_the
     server.kill9();
     for (request, tx) in cut {
         drop(tx);
-        assert!(request.await.unwrap().is_err(), "no answer from a killed server");
+        assert!(
+            request.await.unwrap().is_err(),
+            "no answer from a killed server"
+        );
     }
     server.restart().await;
 
@@ -494,12 +497,23 @@ async fn kill_9_mid_upload_leaves_nothing_half_written_and_the_sweep_removes_the
         .await
         .unwrap();
     let (status, _, bytes) = fetch(signed["url"].as_str().unwrap()).await;
-    assert!(status == 200 && bytes.as_ref() == old.as_slice(), "the old bytes");
+    assert!(
+        status == 200 && bytes.as_ref() == old.as_slice(),
+        "the old bytes"
+    );
     let bucket_dir = server.dir.join("storage").join(&key);
     let bucket_dir = bucket_dir.parent().unwrap();
-    assert_eq!(files_under(bucket_dir), ["doc.bin"], "nothing else in place");
+    assert_eq!(
+        files_under(bucket_dir),
+        ["doc.bin"],
+        "nothing else in place"
+    );
     let staged: Vec<_> = std::fs::read_dir(&staging).unwrap().flatten().collect();
-    assert_eq!(staged.len(), 2, "recent staged files are left to their hour");
+    assert_eq!(
+        staged.len(),
+        2,
+        "recent staged files are left to their hour"
+    );
 
     // An hour later (their times moved back), the next start-up removes them.
     for e in &staged {
