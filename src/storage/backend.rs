@@ -233,7 +233,7 @@ impl Backend {
         content_type: &str,
         content_disposition: &str,
     ) -> Result<ObjectWriter, StorageError> {
-        if let Backend::Local { store, buffers, .. } = self {
+        if let Backend::Local { store, .. } = self {
             // The file is made by the first write, in the same trip to the blocking pool.
             let path = store
                 .path_to_filesystem(&path_of(key))
@@ -244,7 +244,7 @@ impl Backend {
                     file: None,
                     in_flight: None,
                     part: Vec::new(),
-                    buffers: buffers.clone(),
+                    part_len: 0,
                     offset: 0,
                     done: false,
                 }),
@@ -788,10 +788,10 @@ const LOCAL_PART: usize = 1024 * 1024;
 
 /// Writes a local object straight into its file: parts of [`LOCAL_PART`] bytes on the blocking
 /// pool, one in flight while the next one fills, each handed to the kernel's writeback at once
-/// ([`start_writeback`]), so that the fsync at the end finds little left to write. The received
-/// chunks are copied into the part (a buffer reused from [`Buffers`]) and released at once: the
-/// multipart parser and hyper then reuse their own buffers instead of growing fresh ones, whose
-/// first touch costs more than the copy (the kernel zeroes every new page). The key is a
+/// ([`start_writeback`]), so that the fsync at the end finds little left to write. A part is the
+/// received chunks themselves, not a copy: copying them into a reused buffer (so that the
+/// multipart parser's buffer could be reused in place) cost more than the fresh pages it saved
+/// (100 MiB uploads: 87 → 141 ms of server CPU per file; docs/benchmarks.md, session 23). The key is a
 /// staging key that nothing lists until the upload moves it into place, so a partial file is
 /// never seen as an object.
 ///
@@ -805,9 +805,8 @@ struct LocalWriter {
     /// (the task has it).
     file: Option<std::fs::File>,
     in_flight: Option<tokio::task::JoinHandle<std::io::Result<std::fs::File>>>,
-    /// The part being filled (no capacity until the first byte comes).
-    part: Vec<u8>,
-    buffers: Arc<Buffers>,
+    part: Vec<Bytes>,
+    part_len: usize,
     /// Bytes handed to writes so far.
     offset: u64,
     /// Finished or aborted: dropping it then leaves the file alone.
@@ -833,21 +832,19 @@ fn create_staged(path: &std::path::Path) -> std::io::Result<std::fs::File> {
     }
 }
 
-/// Writes `part` at the end of `file` (made first if `None`), then gives the buffer back; on
-/// the blocking pool.
+/// Writes `part` at the end of `file` (made first if `None`); on the blocking pool.
 fn write_part(
     file: Option<std::fs::File>,
     path: &std::path::Path,
-    part: Vec<u8>,
-    buffers: &Buffers,
+    part: &[Bytes],
 ) -> std::io::Result<std::fs::File> {
     let mut file = match file {
         Some(f) => f,
         None => create_staged(path)?,
     };
-    let written = std::io::Write::write_all(&mut file, &part);
-    buffers.give_back(part);
-    written?;
+    for chunk in part {
+        std::io::Write::write_all(&mut file, chunk)?;
+    }
     Ok(file)
 }
 
@@ -877,32 +874,25 @@ impl LocalWriter {
     async fn send_part(&mut self) -> Result<(), StorageError> {
         let file = self.file().await?;
         let part = std::mem::take(&mut self.part);
-        let (start, len) = (self.offset, part.len());
+        let (start, len) = (self.offset, self.part_len);
         self.offset += len as u64;
-        let (path, buffers) = (self.path.clone(), self.buffers.clone());
+        self.part_len = 0;
+        let path = self.path.clone();
         self.in_flight = Some(tokio::task::spawn_blocking(move || {
-            let file = write_part(file, &path, part, &buffers)?;
+            let file = write_part(file, &path, &part)?;
             start_writeback(&file, start, len);
             Ok(file)
         }));
         Ok(())
     }
 
-    /// Copies `chunk` into parts (and drops it).
     async fn write(&mut self, chunk: Bytes) -> Result<(), StorageError> {
-        let mut rest = &chunk[..];
-        while !rest.is_empty() {
-            // A full part leaves once more is coming: the last one goes with the sync.
-            if self.part.len() >= LOCAL_PART {
-                self.send_part().await?;
-            }
-            if self.part.capacity() == 0 {
-                self.part = self.buffers.get(LOCAL_PART);
-            }
-            let n = (LOCAL_PART - self.part.len()).min(rest.len());
-            self.part.extend_from_slice(&rest[..n]);
-            rest = &rest[n..];
+        // A full part leaves once more is coming: the last one goes with the sync.
+        if self.part_len >= LOCAL_PART {
+            self.send_part().await?;
         }
+        self.part_len += chunk.len();
+        self.part.push(chunk);
         Ok(())
     }
 
@@ -912,12 +902,13 @@ impl LocalWriter {
     async fn finish(mut self) -> Result<(), StorageError> {
         let file = self.file().await?;
         let part = std::mem::take(&mut self.part);
-        self.offset += part.len() as u64;
-        let (path, buffers) = (self.path.clone(), self.buffers.clone());
+        self.offset += self.part_len as u64;
+        self.part_len = 0;
+        let path = self.path.clone();
         // In `in_flight` while it runs: a drop meanwhile (the request cancelled) waits for it
         // before removing the file it makes.
         self.in_flight = Some(tokio::task::spawn_blocking(move || {
-            let file = write_part(file, &path, part, &buffers)?;
+            let file = write_part(file, &path, &part)?;
             file.sync_data()?;
             Ok(file)
         }));
@@ -972,8 +963,8 @@ fn start_writeback(file: &std::fs::File, start: u64, len: usize) {
 fn start_writeback(_file: &std::fs::File, _start: u64, _len: usize) {}
 
 impl ObjectWriter {
-    /// Queues `chunk` for the backend: on S3 without copying it (the parts are made of the
-    /// received buffers themselves), on the local disk copied into a reused part buffer.
+    /// Queues `chunk` for the backend without copying it (the parts are made of the
+    /// received buffers themselves).
     pub async fn write(&mut self, chunk: Bytes) -> Result<(), StorageError> {
         self.written += chunk.len() as u64;
         match &mut self.inner {

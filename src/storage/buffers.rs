@@ -14,11 +14,10 @@
 //!
 //! **Reuse.** A freshly allocated megabyte is fresh memory: the kernel faults and zeroes its
 //! pages on first touch (a transparent huge page: 2 MiB zeroed), which a profile of 1 MiB
-//! uploads and downloads found to be ~30 % of the server's CPU (see docs/benchmarks.md,
-//! 2026-12-06 session 23). Buffers given back are kept (at most [`IDLE_MAX`] bytes of them) and
-//! handed out again: whole reads, and the 1 MiB parts of local uploads (into which the received
-//! chunks are copied, so that the multipart parser's and hyper's own buffers are released at
-//! once and reused in place instead of growing fresh ones).
+//! uploads and downloads found to be ~30 % of the server's CPU, half of it the downloads' reads
+//! (see docs/benchmarks.md, 2026-12-06 session 23). Read buffers given back are kept (at most
+//! [`IDLE_MAX`] bytes of them) and handed out again. (Uploads do not copy the received chunks
+//! into such buffers: the copy cost more than the fresh pages of the parser's buffers it saved.)
 
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{Arc, Mutex};
