@@ -412,3 +412,45 @@ async fn downloads_beyond_the_read_budget_stream_and_all_succeed() {
     );
     t.stop().await;
 }
+
+/// With no read budget at all every download streams in small chunks, a small file's and a
+/// large one's alike, byte for byte (and a `HEAD` reads nothing, so takes nothing).
+#[tokio::test]
+async fn with_no_read_budget_every_download_streams_in_small_chunks() {
+    use std::sync::atomic::Ordering::Relaxed;
+    let t = spawn_app_with(|c| c.storage_read_budget_bytes = 0).await;
+    let f = t.fixture().await;
+    create_bucket(&t, &f, "docs", json!({})).await;
+    let whole = fluxbase::storage::backend::WHOLE_READ as usize;
+    let metrics = &t.app.metrics;
+    for (name, len) in [("small.bin", 100_000), ("large.bin", whole + 70_000)] {
+        let data = pattern(len, 5);
+        let (status, body) = upload(
+            &t,
+            &f.readwrite,
+            &f.project,
+            "docs",
+            name,
+            "application/octet-stream",
+            &data,
+            &[],
+        )
+        .await;
+        assert_eq!(status, 201, "{body}");
+        let key = body["file"]["s3_key"].as_str().unwrap();
+        let small = metrics.storage_downloads_small.load(Relaxed);
+        let (status, bytes) = download(&t, &f, key).await;
+        assert!(status == 200 && bytes.as_ref() == data.as_slice(), "{name}");
+        assert_eq!(metrics.storage_downloads_small.load(Relaxed), small + 1);
+        let (_, signed) = signed_url(&t, &f.read, &f.project, key).await;
+        let head = reqwest::Client::new()
+            .head(signed["url"].as_str().unwrap())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(head.headers()["content-length"], len.to_string().as_str());
+        assert_eq!(metrics.storage_downloads_small.load(Relaxed), small + 1);
+    }
+    assert_eq!(metrics.storage_downloads_budgeted.load(Relaxed), 0);
+    t.stop().await;
+}
