@@ -642,11 +642,18 @@ impl Reads {
         }
     }
 
-    /// The next `want` bytes of `file`: into a lent buffer with a share, else a plain one.
-    fn read(&self, file: &mut std::fs::File, want: u64) -> std::io::Result<Bytes> {
+    /// The next `want` bytes of `file`: into a lent buffer of exactly the chunk's size (what
+    /// the share paid for) with a share, else a plain one. `buf`: a buffer taken already.
+    fn read(
+        &self,
+        file: &mut std::fs::File,
+        want: u64,
+        buf: Option<Vec<u8>>,
+    ) -> std::io::Result<Bytes> {
         use std::io::Read;
-        let mut buf = match &self.buffers {
-            Some(b) if self.share.is_some() => b.get(want as usize),
+        let mut buf = match (buf, &self.buffers) {
+            (Some(buf), _) => buf,
+            (None, Some(b)) if self.share.is_some() => b.get(self.chunk, self.chunk),
             _ => Vec::with_capacity(want as usize),
         };
         // Not zeroed first: `read_to_end` reads into the spare capacity.
@@ -695,10 +702,21 @@ fn open_local(
             rest: None,
         }));
     }
+    // A whole read's share pays for its buffer's capacity (an idle one may be up to half as
+    // big again as the file); a stream's for six chunks of exactly `BIG_CHUNK`.
     let whole = size <= WHOLE_READ;
-    let share = buffers
-        .take(if whole { size } else { STREAM_HOLD })
-        .map(Arc::new);
+    let (share, buf) = if whole {
+        let buf = buffers.get(size as usize, size as usize + size as usize / 2);
+        match buffers.take(buf.capacity() as u64) {
+            Some(share) => (Some(share), Some(buf)),
+            None => {
+                buffers.give_back(buf);
+                (None, None)
+            }
+        }
+    } else {
+        (buffers.take(STREAM_HOLD), None)
+    };
     let reads = Reads {
         chunk: match (&share, whole) {
             (None, _) => SMALL_CHUNK,
@@ -706,9 +724,9 @@ fn open_local(
             (Some(_), false) => BIG_CHUNK,
         },
         buffers: Some(buffers),
-        share,
+        share: share.map(Arc::new),
     };
-    let first = reads.read(&mut file, size.min(reads.chunk as u64))?;
+    let first = reads.read(&mut file, size.min(reads.chunk as u64), buf)?;
     let rest = (first.len() as u64) < size;
     Ok(Some(Opened {
         file,
@@ -734,7 +752,7 @@ fn read_file(
         }
         let (file, chunk, reads) = tokio::task::spawn_blocking(move || {
             let mut file = file;
-            let chunk = reads.read(&mut file, left.min(reads.chunk as u64))?;
+            let chunk = reads.read(&mut file, left.min(reads.chunk as u64), None)?;
             Ok::<_, std::io::Error>((file, chunk, reads))
         })
         .await

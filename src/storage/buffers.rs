@@ -16,7 +16,10 @@
 //! pages on first touch (a transparent huge page: 2 MiB zeroed), which a profile of 1 MiB
 //! uploads and downloads found to be ~30 % of the server's CPU, half of it the downloads' reads
 //! (see docs/benchmarks.md, 2026-12-06 session 23). Read buffers given back are kept (at most
-//! [`IDLE_MAX`] bytes of them) and handed out again. (Uploads do not copy the received chunks
+//! [`IDLE_MAX`] bytes of them, none under [`KEEP_MIN`]) and handed out again, only for a read
+//! they fit closely (a whole read: up to half as big again as the file, and its share of the
+//! budget is the buffer's capacity; a stream's chunk: exactly [`BIG_CHUNK`]), so that what the
+//! budget counts is what the buffers hold. (Uploads do not copy the received chunks
 //! into such buffers: the copy cost more than the fresh pages of the parser's buffers it saved.)
 
 use std::sync::atomic::Ordering::Relaxed;
@@ -40,6 +43,9 @@ pub const SMALL_CHUNK: usize = 64 * 1024;
 pub const SMALL_HOLD: u64 = 6 * SMALL_CHUNK as u64;
 /// Idle buffers kept for reuse, in bytes.
 pub const IDLE_MAX: usize = 16 * 1024 * 1024;
+/// Smaller buffers are not kept (small allocations cost little; the idle list stays short:
+/// at most `IDLE_MAX / KEEP_MIN` buffers).
+pub const KEEP_MIN: usize = 64 * 1024;
 /// The budget is counted in KiB (a semaphore takes at most `u32::MAX` permits at once).
 const UNIT: u64 = 1024;
 
@@ -80,7 +86,8 @@ impl Buffers {
         self.budget.available_permits() as u64 * UNIT
     }
 
-    /// `bytes` of the read budget, if that much is free now (never waits); counted.
+    /// `bytes` of the read budget, if that much is free now (never waits); counted. A share
+    /// is taken for the capacity of the buffers it pays for (see [`Buffers::get`]).
     pub fn take(&self, bytes: u64) -> Option<Share> {
         let units = u32::try_from(bytes.div_ceil(UNIT).max(1)).ok();
         let share = units.and_then(|n| self.budget.clone().try_acquire_many_owned(n).ok());
@@ -98,23 +105,25 @@ impl Buffers {
         }
     }
 
-    /// An empty buffer of at least `capacity` bytes: an idle one if one is big enough, else a
-    /// new one.
-    pub fn get(&self, capacity: usize) -> Vec<u8> {
-        {
+    /// An empty buffer of `min` to `max` bytes of capacity: an idle one if one fits, else a new
+    /// one of `min` (so what a buffer holds is never more than its share said).
+    pub fn get(&self, min: usize, max: usize) -> Vec<u8> {
+        if min >= KEEP_MIN {
             let mut idle = self.idle.lock().expect("poisoned");
-            if let Some(i) = idle.0.iter().position(|b| b.capacity() >= capacity) {
+            let fits = |b: &Vec<u8>| (min..=max).contains(&b.capacity());
+            if let Some(i) = idle.0.iter().position(fits) {
                 let buf = idle.0.swap_remove(i);
                 idle.1 -= buf.capacity();
                 return buf;
             }
         }
-        Vec::with_capacity(capacity)
+        Vec::with_capacity(min)
     }
 
-    /// Keeps `buf` for reuse (emptied) unless that would keep more than [`IDLE_MAX`] bytes idle.
+    /// Keeps `buf` for reuse (emptied) unless it is smaller than [`KEEP_MIN`] or that would keep
+    /// more than [`IDLE_MAX`] bytes idle.
     pub fn give_back(&self, mut buf: Vec<u8>) {
-        if buf.capacity() == 0 {
+        if buf.capacity() < KEEP_MIN {
             return;
         }
         buf.clear();
@@ -165,7 +174,7 @@ mod tests {
         let a = buffers.take(2 * 1024 * 1024).map(Arc::new);
         assert!(a.is_some());
         assert!(buffers.take(2 * 1024 * 1024).is_none(), "over the budget");
-        let mut buf = buffers.get(1024);
+        let mut buf = buffers.get(KEEP_MIN, KEEP_MIN);
         buf.extend_from_slice(b"hello");
         let bytes = buffers.bytes(buf, a);
         let clone = bytes.slice(1..3);
@@ -176,9 +185,33 @@ mod tests {
         assert_eq!(buffers.budget_free(), 3 * 1024 * 1024);
         assert_eq!(buffers.metrics.storage_downloads_budgeted.load(Relaxed), 1);
         assert_eq!(buffers.metrics.storage_downloads_small.load(Relaxed), 1);
-        // The buffer came back, empty, and is handed out again.
-        let again = buffers.get(512);
-        assert!(again.is_empty() && again.capacity() >= 1024);
+        // The buffer came back, empty, and is handed out again when it fits.
+        assert_eq!(
+            buffers.get(KEEP_MIN * 2, KEEP_MIN * 3).capacity(),
+            KEEP_MIN * 2
+        );
+        let again = buffers.get(KEEP_MIN, KEEP_MIN * 2);
+        assert!(again.is_empty() && again.capacity() == KEEP_MIN);
+    }
+
+    #[test]
+    fn a_buffer_is_reused_only_within_the_capacity_asked_for() {
+        let buffers = Buffers::new(0, Default::default());
+        buffers.give_back(Vec::with_capacity(4 << 20));
+        let fresh = buffers.get(KEEP_MIN, 2 * KEEP_MIN);
+        assert_eq!(
+            fresh.capacity(),
+            KEEP_MIN,
+            "the idle one is too big to lend"
+        );
+        let reused = buffers.get(3 << 20, 5 << 20);
+        assert_eq!(reused.capacity(), 4 << 20);
+        assert!(buffers.idle.lock().unwrap().0.is_empty());
+        buffers.give_back(Vec::with_capacity(KEEP_MIN - 1));
+        assert!(
+            buffers.idle.lock().unwrap().0.is_empty(),
+            "small ones are not kept"
+        );
     }
 
     #[test]
