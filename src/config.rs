@@ -76,6 +76,11 @@ pub struct Config {
     pub s3_secret_access_key: Option<Secret>,
     /// Largest accepted file upload, in bytes (then 413 `PAYLOAD_TOO_LARGE`).
     pub max_upload_bytes: u64,
+    /// Bytes that downloads' read buffers may hold at once across all downloads from the local
+    /// backend (a whole small file, or the chunks a large one has in flight); a download that
+    /// finds it spent streams in 64 KiB chunks instead (`storage::buffers`). 0: always stream
+    /// in small chunks.
+    pub storage_read_budget_bytes: u64,
     /// Let webhooks reach loopback and private addresses (development and tests only).
     pub webhook_allow_private: bool,
     /// Server-side statement timeout for `/api/execute-sql`, in milliseconds.
@@ -249,6 +254,7 @@ impl Default for Config {
             s3_access_key_id: None,
             s3_secret_access_key: None,
             max_upload_bytes: 50 * 1024 * 1024,
+            storage_read_budget_bytes: crate::storage::buffers::DEFAULT_READ_BUDGET,
             webhook_allow_private: false,
             statement_timeout_ms: 30_000,
             max_rows: 10_000,
@@ -797,6 +803,7 @@ mod tests {
                 ("FLUXBASE_DATA_DIR", "/var/lib/fx"),
                 ("FLUXBASE_PUBLIC_URL", "https://fx.example"),
                 ("FLUXBASE_MAX_UPLOAD_BYTES", "123"),
+                ("FLUXBASE_STORAGE_READ_BUDGET_BYTES", "0"),
                 ("FLUXBASE_RATE_LIMIT_REQUESTS", "4"),
                 ("FLUXBASE_MAX_ROWS", "6"),
                 ("FLUXBASE_WEBHOOK_BACKOFF_SCALE", "0.25"),
@@ -815,6 +822,7 @@ mod tests {
             (c.max_upload_bytes, c.rate_limit_requests, c.max_rows),
             (123, 4, 6)
         );
+        assert_eq!(c.storage_read_budget_bytes, 0);
         assert_eq!(c.webhook_backoff_scale, 0.25);
         assert!(c.webhook_allow_private && !c.trust_forwarded_for);
         assert_eq!(c.cdc_decoding_work_mem_kb, Some(64));

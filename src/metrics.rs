@@ -31,6 +31,10 @@ pub struct Metrics {
     /// time their fsyncs took (µs).
     pub storage_fsyncs: AtomicU64,
     pub storage_fsync_micros: AtomicU64,
+    /// Local downloads whose read buffers came from the read budget, and those that found it
+    /// spent and streamed in small chunks (`storage::buffers`).
+    pub storage_downloads_budgeted: AtomicU64,
+    pub storage_downloads_small: AtomicU64,
     /// Broadcasts from SQL or the REST API over their project's budget (dropped, or 429).
     pub realtime_broadcasts_dropped: AtomicU64,
     /// Row-level security evaluations of realtime events that failed or timed out (the events
@@ -149,6 +153,18 @@ impl Metrics {
                 "counter",
                 "Uploads made durable on the local disk (fsync of the file and its directories) before their metadata was committed.",
                 &self.storage_fsyncs,
+            ),
+            (
+                "fluxbase_storage_downloads_budgeted_total",
+                "counter",
+                "Local downloads read into buffers taken from the read budget (storage_read_budget_bytes).",
+                &self.storage_downloads_budgeted,
+            ),
+            (
+                "fluxbase_storage_downloads_small_total",
+                "counter",
+                "Local downloads that found the read budget spent and streamed in 64 KiB chunks.",
+                &self.storage_downloads_small,
             ),
             (
                 "fluxbase_realtime_broadcasts_dropped_total",

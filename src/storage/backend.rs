@@ -34,6 +34,7 @@ use object_store::{
     Attribute, Attributes, GetResultPayload, ObjectStore, PutMultipartOptions, WriteMultipart,
 };
 
+use super::buffers::{Buffers, Share, BIG_CHUNK, SMALL_CHUNK, STREAM_HOLD};
 use super::served::FileIdentity;
 use super::StorageError;
 use crate::config::Config;
@@ -54,12 +55,11 @@ pub fn legacy_path_of(key: &str) -> Option<Path> {
 
 /// Parts in flight per upload.
 const UPLOAD_CONCURRENCY: usize = 2;
-/// Bytes per read when streaming a local file out.
-const READ_CHUNK: usize = 1024 * 1024;
 /// A local file of at most this many bytes is read whole when it is opened and answered from
-/// that one buffer (no stream, no task feeding it); a larger one streams in [`READ_CHUNK`]s
-/// (four of them ahead of the client at most, `api::storage::response_body`), so a download
-/// holds at most about this much whatever the file's size.
+/// that one buffer (no stream, no task feeding it), if the read budget has that much free; a
+/// larger one streams (four chunks ahead of the client at most,
+/// `api::storage::response_body`). What downloads hold in all is bounded by the budget
+/// ([`super::buffers`]).
 pub const WHOLE_READ: u64 = 4 * 1024 * 1024;
 
 /// A stored object as [`Backend::read`] hands it out.
@@ -106,6 +106,8 @@ pub enum Backend {
         store: Arc<LocalFileSystem>,
         root: PathBuf,
         durable: Arc<DurableDirs>,
+        /// Read buffers (their budget) and upload parts, reused.
+        buffers: Arc<Buffers>,
     },
     S3 {
         store: Arc<AmazonS3>,
@@ -114,7 +116,7 @@ pub enum Backend {
 }
 
 impl Backend {
-    pub fn open(config: &Config) -> Result<Backend> {
+    pub fn open(config: &Config, metrics: Arc<crate::metrics::Metrics>) -> Result<Backend> {
         match config.storage.parse()? {
             StorageKind::S3 => {
                 let bucket = config
@@ -158,6 +160,7 @@ impl Backend {
                     store: Arc::new(store),
                     root,
                     durable: Default::default(),
+                    buffers: Buffers::new(config.storage_read_budget_bytes, metrics),
                 })
             }
         }
@@ -193,6 +196,14 @@ impl Backend {
         match self {
             Backend::Local { store, .. } => store.clone(),
             Backend::S3 { store, .. } => store.clone(),
+        }
+    }
+
+    /// The local backend's buffers (its read budget).
+    pub fn buffers(&self) -> Option<&Arc<Buffers>> {
+        match self {
+            Backend::Local { buffers, .. } => Some(buffers),
+            Backend::S3 { .. } => None,
         }
     }
 
@@ -344,6 +355,7 @@ impl Backend {
             store,
             root,
             durable,
+            ..
         } = self
         else {
             self.rename(from, to).await?;
@@ -386,6 +398,7 @@ impl Backend {
             store,
             root,
             durable,
+            ..
         } = self
         else {
             return Ok(false);
@@ -474,11 +487,12 @@ impl Backend {
     /// the blocking pool, so that the response's headers and first bytes can leave together.
     /// Without `body` (a `HEAD`) a local file is only opened: its body is empty.
     pub async fn read(&self, key: &str, body: bool) -> Result<Object, StorageError> {
-        if let Backend::Local { store, .. } = self {
+        if let Backend::Local { store, buffers, .. } = self {
             let path = store
                 .path_to_filesystem(&path_of(key))
                 .map_err(unavailable)?;
-            let opened = tokio::task::spawn_blocking(move || open_local(&path, body))
+            let buffers = buffers.clone();
+            let opened = tokio::task::spawn_blocking(move || open_local(&path, body, buffers))
                 .await
                 .map_err(StorageError::from)?
                 .map_err(|e| StorageError::Unavailable(format!("reading {key}: {e}")))?;
@@ -487,19 +501,19 @@ impl Backend {
                 size,
                 first,
                 identity,
+                rest,
             }) = opened
             else {
                 return Err(StorageError::NotServed);
             };
-            let first = Bytes::from(first);
-            if first.len() as u64 == size || !body {
+            let Some(rest) = rest else {
                 return Ok(Object {
                     size,
                     body: ObjectBody::Whole(first),
                     identity: Some(identity),
                 });
-            }
-            let rest = read_file(file, size - first.len() as u64);
+            };
+            let rest = read_file(file, size - first.len() as u64, rest);
             let stream = futures_util::stream::once(async move { Ok(first) })
                 .chain(rest)
                 .boxed();
@@ -517,7 +531,7 @@ impl Backend {
         };
         let size = got.meta.size;
         let stream = match got.payload {
-            GetResultPayload::File(file, _) => read_file(file, size),
+            GetResultPayload::File(file, _) => read_file(file, size, Reads::plain(BIG_CHUNK)),
             GetResultPayload::Stream(s) => s.map(|r| r.map_err(std::io::Error::other)).boxed(),
         };
         Ok(Object {
@@ -603,15 +617,71 @@ impl DurableDirs {
 struct Opened {
     file: std::fs::File,
     size: u64,
-    /// All of a file of at most [`WHOLE_READ`] bytes, else its first [`READ_CHUNK`] bytes.
-    first: Vec<u8>,
+    /// All of the file (read whole, or a `HEAD`'s empty body), else its first chunk.
+    first: Bytes,
     identity: FileIdentity,
+    /// How the rest streams, if anything is left.
+    rest: Option<Reads>,
 }
 
-/// A local object's file, its size, its first bytes (all of a small file; none without
-/// `body`) and which file it is; `None` if there is no such file (a directory is none either).
-fn open_local(path: &std::path::Path, body: bool) -> std::io::Result<Option<Opened>> {
-    use std::io::Read;
+/// How a local file's chunks are read: their size, the buffers they come from and the share
+/// of the read budget they hold (none: small chunks of plain memory).
+#[derive(Clone)]
+struct Reads {
+    chunk: usize,
+    buffers: Option<Arc<Buffers>>,
+    share: Option<Arc<Share>>,
+}
+
+impl Reads {
+    fn plain(chunk: usize) -> Reads {
+        Reads {
+            chunk,
+            buffers: None,
+            share: None,
+        }
+    }
+
+    /// The next `want` bytes of `file`: into a lent buffer of exactly the chunk's size (what
+    /// the share paid for) with a share, else a plain one. `buf`: a buffer taken already.
+    fn read(
+        &self,
+        file: &mut std::fs::File,
+        want: u64,
+        buf: Option<Vec<u8>>,
+    ) -> std::io::Result<Bytes> {
+        use std::io::Read;
+        let mut buf = match (buf, &self.buffers) {
+            (Some(buf), _) => buf,
+            (None, Some(b)) if self.share.is_some() => b.get(self.chunk, self.chunk),
+            _ => Vec::with_capacity(want as usize),
+        };
+        // Not zeroed first: `read_to_end` reads into the spare capacity.
+        file.take(want).read_to_end(&mut buf)?;
+        if (buf.len() as u64) < want {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::UnexpectedEof,
+                "the file is shorter than its size",
+            ));
+        }
+        Ok(match (&self.buffers, &self.share) {
+            (Some(b), Some(share)) => b.bytes(buf, Some(share.clone())),
+            _ => Bytes::from(buf),
+        })
+    }
+}
+
+/// A local object's file, its size, its first bytes and which file it is; `None` if there is
+/// no such file (a directory is none either). Without `body` nothing is read. A file of at
+/// most [`WHOLE_READ`] bytes is read whole if the read budget has room for it; a larger one
+/// streams in [`BIG_CHUNK`]s if the budget has room for [`STREAM_HOLD`]; otherwise the file
+/// streams in [`SMALL_CHUNK`]s ([`super::buffers`]). The first chunk is read here, so that the
+/// response's headers and first bytes can leave together.
+fn open_local(
+    path: &std::path::Path,
+    body: bool,
+    buffers: Arc<Buffers>,
+) -> std::io::Result<Option<Opened>> {
     let mut file = match std::fs::File::open(path) {
         Ok(f) => f,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
@@ -622,56 +692,73 @@ fn open_local(path: &std::path::Path, body: bool) -> std::io::Result<Option<Open
         return Ok(None);
     }
     let size = meta.len();
-    let want = if !body {
-        0
-    } else if size <= WHOLE_READ {
-        size
-    } else {
-        READ_CHUNK as u64
-    };
-    let mut first = Vec::with_capacity(want as usize);
-    (&mut file).take(want).read_to_end(&mut first)?;
-    if (first.len() as u64) < want {
-        return Err(std::io::Error::new(
-            std::io::ErrorKind::UnexpectedEof,
-            "the file is shorter than its size",
-        ));
+    let identity = FileIdentity::of(&meta);
+    if !body || size == 0 {
+        return Ok(Some(Opened {
+            file,
+            size,
+            first: Bytes::new(),
+            identity,
+            rest: None,
+        }));
     }
+    // A whole read's share pays for its buffer's capacity (an idle one may be up to half as
+    // big again as the file); a stream's for six chunks of exactly `BIG_CHUNK`.
+    let whole = size <= WHOLE_READ;
+    let (share, buf) = if whole {
+        let buf = buffers.get(size as usize, size as usize + size as usize / 2);
+        match buffers.take(buf.capacity() as u64) {
+            Some(share) => (Some(share), Some(buf)),
+            None => {
+                buffers.give_back(buf);
+                (None, None)
+            }
+        }
+    } else {
+        (buffers.take(STREAM_HOLD), None)
+    };
+    let reads = Reads {
+        chunk: match (&share, whole) {
+            (None, _) => SMALL_CHUNK,
+            (Some(_), true) => size as usize,
+            (Some(_), false) => BIG_CHUNK,
+        },
+        buffers: Some(buffers),
+        share: share.map(Arc::new),
+    };
+    let first = reads.read(&mut file, size.min(reads.chunk as u64), buf)?;
+    let rest = (first.len() as u64) < size;
     Ok(Some(Opened {
         file,
         size,
         first,
-        identity: FileIdentity::of(&meta),
+        identity,
+        rest: rest.then_some(reads),
     }))
 }
 
-/// Reads the `size` bytes of a file in large chunks on the blocking pool. The chunks are not
-/// zeroed before the read, and the stream ends after `size` bytes without asking the pool for
-/// the end-of-file read (a file that turns out shorter is an error, so the response is cut
+/// Reads the `size` bytes of a file in chunks (`reads`) on the blocking pool. The chunks are
+/// not zeroed before the read, and the stream ends after `size` bytes without asking the pool
+/// for the end-of-file read (a file that turns out shorter is an error, so the response is cut
 /// off rather than short).
-fn read_file(file: std::fs::File, size: u64) -> BoxStream<'static, std::io::Result<Bytes>> {
-    futures_util::stream::try_unfold((file, size), |(file, left)| async move {
+fn read_file(
+    file: std::fs::File,
+    size: u64,
+    reads: Reads,
+) -> BoxStream<'static, std::io::Result<Bytes>> {
+    futures_util::stream::try_unfold((file, size, reads), |(file, left, reads)| async move {
         if left == 0 {
             return Ok(None);
         }
-        let (file, chunk) = tokio::task::spawn_blocking(move || {
-            use std::io::Read;
-            let want = left.min(READ_CHUNK as u64);
-            let mut buf = Vec::with_capacity(want as usize);
+        let (file, chunk, reads) = tokio::task::spawn_blocking(move || {
             let mut file = file;
-            (&mut file).take(want).read_to_end(&mut buf)?;
-            if (buf.len() as u64) < want {
-                return Err(std::io::Error::new(
-                    std::io::ErrorKind::UnexpectedEof,
-                    "the file is shorter than its recorded size",
-                ));
-            }
-            Ok((file, buf))
+            let chunk = reads.read(&mut file, left.min(reads.chunk as u64), None)?;
+            Ok::<_, std::io::Error>((file, chunk, reads))
         })
         .await
         .map_err(std::io::Error::other)??;
         let left = left - chunk.len() as u64;
-        Ok(Some((Bytes::from(chunk), (file, left))))
+        Ok(Some((chunk, (file, left, reads))))
     })
     .boxed()
 }
@@ -719,7 +806,10 @@ const LOCAL_PART: usize = 1024 * 1024;
 
 /// Writes a local object straight into its file: parts of [`LOCAL_PART`] bytes on the blocking
 /// pool, one in flight while the next one fills, each handed to the kernel's writeback at once
-/// ([`start_writeback`]), so that the fsync at the end finds little left to write. The key is a
+/// ([`start_writeback`]), so that the fsync at the end finds little left to write. A part is the
+/// received chunks themselves, not a copy: copying them into a reused buffer (so that the
+/// multipart parser's buffer could be reused in place) cost more than the fresh pages it saved
+/// (100 MiB uploads: 87 → 141 ms of server CPU per file; docs/benchmarks.md, session 23). The key is a
 /// staging key that nothing lists until the upload moves it into place, so a partial file is
 /// never seen as an object.
 ///

@@ -43,6 +43,7 @@
 
 pub mod backend;
 pub mod buckets;
+pub mod buffers;
 pub mod download;
 mod error;
 pub mod files;
@@ -100,7 +101,7 @@ impl Storage {
         control: deadpool_postgres::Pool,
         metrics: Arc<Metrics>,
     ) -> anyhow::Result<Storage> {
-        let backend = Backend::open(config)?;
+        let backend = Backend::open(config, metrics.clone())?;
         let served = served::ServedFiles::new(backend.is_local() && config.nats_url.is_none());
         Ok(Storage {
             control,
@@ -112,6 +113,11 @@ impl Storage {
             max_upload_bytes: config.max_upload_bytes,
             checked: Default::default(),
         })
+    }
+
+    /// Bytes of the local backend's read budget not taken now ([`buffers`]); `None` on S3.
+    pub fn read_budget_free(&self) -> Option<u64> {
+        self.backend.buffers().map(|b| b.budget_free())
     }
 
     /// Whether the backend is usable (see [`Backend::check`]), with the cause if not; the

@@ -311,3 +311,146 @@ async fn head_answers_the_headers_of_get_without_the_body() {
     }
     t.stop().await;
 }
+
+/// A response's head read from a raw connection (the body left unread in the socket): its
+/// status and `Content-Length`, and the body bytes that came with the head.
+async fn open_download(addr: &str, path: &str) -> (tokio::net::TcpStream, u16, usize, Vec<u8>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut socket = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+    socket.write_all(request.as_bytes()).await.unwrap();
+    let mut got = Vec::new();
+    let mut buf = [0u8; 1024];
+    let end = loop {
+        let n = socket.read(&mut buf).await.unwrap();
+        assert!(n > 0, "closed before the head");
+        got.extend_from_slice(&buf[..n]);
+        if let Some(i) = got.windows(4).position(|w| w == b"\r\n\r\n") {
+            break i + 4;
+        }
+    };
+    let head = String::from_utf8_lossy(&got[..end]).to_ascii_lowercase();
+    let status = head[9..12].parse().unwrap();
+    let length = head
+        .lines()
+        .find_map(|l| l.strip_prefix("content-length:"))
+        .map(|v| v.trim().parse().unwrap())
+        .unwrap();
+    (socket, status, length, got[end..].to_vec())
+}
+
+/// The read budget bounds what downloads hold: with an 8 MiB budget, twelve downloads of a
+/// 4 MiB file whose clients read nothing yet can hold at most two whole files; the other ten
+/// find the budget spent and stream in small chunks (counted), and all twelve then deliver
+/// every byte. Once their bodies are sent, the budget is whole again and a download is read
+/// whole again.
+#[tokio::test]
+async fn downloads_beyond_the_read_budget_stream_and_all_succeed() {
+    use std::sync::atomic::Ordering::Relaxed;
+    use tokio::io::AsyncReadExt;
+    const BUDGET: u64 = 8 * 1024 * 1024;
+    let t = spawn_app_with(|c| c.storage_read_budget_bytes = BUDGET).await;
+    let f = t.fixture().await;
+    create_bucket(&t, &f, "docs", json!({})).await;
+    let len = fluxbase::storage::backend::WHOLE_READ as usize;
+    let data = pattern(len, 3);
+    let (status, body) = upload(
+        &t,
+        &f.readwrite,
+        &f.project,
+        "docs",
+        "big.bin",
+        "application/octet-stream",
+        &data,
+        &[],
+    )
+    .await;
+    assert_eq!(status, 201, "{body}");
+    let key = body["file"]["s3_key"].as_str().unwrap();
+    let (_, signed) = signed_url(&t, &f.read, &f.project, key).await;
+    let url = reqwest::Url::parse(signed["url"].as_str().unwrap()).unwrap();
+    let addr = format!("{}:{}", url.host_str().unwrap(), url.port().unwrap());
+    let path = format!("{}?{}", url.path(), url.query().unwrap());
+    let metrics = &t.app.metrics;
+    let (budgeted, small) = (
+        metrics.storage_downloads_budgeted.load(Relaxed),
+        metrics.storage_downloads_small.load(Relaxed),
+    );
+    let mut held = Vec::new();
+    for _ in 0..12 {
+        let (socket, status, length, first) = open_download(&addr, &path).await;
+        assert_eq!((status, length), (200, len));
+        held.push((socket, first));
+    }
+    let free = t.app.storage.read_budget_free().unwrap();
+    assert!(
+        free < len as u64,
+        "two whole files hold the budget: {free} free"
+    );
+    assert_eq!(
+        metrics.storage_downloads_budgeted.load(Relaxed) - budgeted,
+        2,
+        "two fit in the budget"
+    );
+    assert_eq!(metrics.storage_downloads_small.load(Relaxed) - small, 10);
+    for (mut socket, mut body) in held {
+        socket.read_to_end(&mut body).await.unwrap();
+        assert!(body == data, "{} bytes", body.len());
+    }
+    // Given back once the bodies are sent (the last chunk is dropped just after the client
+    // has it).
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while t.app.storage.read_budget_free() != Some(BUDGET) {
+        assert!(std::time::Instant::now() < deadline, "the budget came back");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    let (status, bytes) = download(&t, &f, key).await;
+    assert!(status == 200 && bytes.as_ref() == data.as_slice());
+    assert_eq!(
+        metrics.storage_downloads_budgeted.load(Relaxed) - budgeted,
+        3
+    );
+    t.stop().await;
+}
+
+/// With no read budget at all every download streams in small chunks, a small file's and a
+/// large one's alike, byte for byte (and a `HEAD` reads nothing, so takes nothing).
+#[tokio::test]
+async fn with_no_read_budget_every_download_streams_in_small_chunks() {
+    use std::sync::atomic::Ordering::Relaxed;
+    let t = spawn_app_with(|c| c.storage_read_budget_bytes = 0).await;
+    let f = t.fixture().await;
+    create_bucket(&t, &f, "docs", json!({})).await;
+    let whole = fluxbase::storage::backend::WHOLE_READ as usize;
+    let metrics = &t.app.metrics;
+    for (name, len) in [("small.bin", 100_000), ("large.bin", whole + 70_000)] {
+        let data = pattern(len, 5);
+        let (status, body) = upload(
+            &t,
+            &f.readwrite,
+            &f.project,
+            "docs",
+            name,
+            "application/octet-stream",
+            &data,
+            &[],
+        )
+        .await;
+        assert_eq!(status, 201, "{body}");
+        let key = body["file"]["s3_key"].as_str().unwrap();
+        let small = metrics.storage_downloads_small.load(Relaxed);
+        let (status, bytes) = download(&t, &f, key).await;
+        assert!(status == 200 && bytes.as_ref() == data.as_slice(), "{name}");
+        assert_eq!(metrics.storage_downloads_small.load(Relaxed), small + 1);
+        let (_, signed) = signed_url(&t, &f.read, &f.project, key).await;
+        let head = reqwest::Client::new()
+            .head(signed["url"].as_str().unwrap())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(head.headers()["content-length"], len.to_string().as_str());
+        assert_eq!(metrics.storage_downloads_small.load(Relaxed), small + 1);
+    }
+    assert_eq!(metrics.storage_downloads_budgeted.load(Relaxed), 0);
+    t.stop().await;
+}

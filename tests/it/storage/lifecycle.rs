@@ -377,3 +377,160 @@ async fn a_misconfigured_s3_backend_is_reported_by_ready_with_its_cause() {
     assert!(message.contains("SignatureDoesNotMatch"), "{message}");
     t.stop().await;
 }
+
+/// `kill -9` of the server while two uploads are mid-body (a new file, and an `upsert` of an
+/// existing one), then a restart: neither shows half-written (the new file is not listed, the
+/// replaced one lists and serves its old bytes), the cut-off bodies are only staged files, and
+/// the start-up sweep removes those once they are an hour old.
+#[tokio::test]
+async fn kill_9_mid_upload_leaves_nothing_half_written_and_the_sweep_removes_the_rest() {
+    let mut server = ServerProcess::start(&[]).await;
+    let http = reqwest::Client::new();
+    let Project {
+        project: project_id,
+        admin,
+        ..
+    } = project(&server.base).await;
+    let resp = http
+        .post(format!("{}/api/storage/buckets", server.base))
+        .bearer_auth(&admin)
+        .json(&json!({ "projectId": project_id, "name": "docs" }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 201);
+    let old = pattern(3 * 1024 * 1024, 1);
+    let form = |name: &str| {
+        Form::new(
+            &[("projectId", &project_id), ("bucketId", "docs")],
+            Some((name, "application/octet-stream")),
+            &[("upsert", "true")],
+        )
+    };
+    let f = form("doc.bin");
+    let resp = http
+        .post(format!("{}/api/storage/upload", server.base))
+        .bearer_auth(&admin)
+        .header("content-type", f.content_type())
+        .body([f.head.clone(), old.clone(), f.tail.clone()].concat())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 201);
+    let doc: Value = resp.json().await.unwrap();
+    let key = doc["file"]["s3_key"].as_str().unwrap().to_string();
+
+    // Two uploads that send 2 MiB of their file and then nothing more.
+    let staging = server.dir.join("storage/.uploads");
+    let mut cut = Vec::new();
+    for name in ["doc.bin", "new.bin"] {
+        let f = form(name);
+        let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, std::io::Error>>(4);
+        tx.send(Ok(Bytes::from(f.head.clone()))).await.unwrap();
+        tx.send(Ok(Bytes::from(pattern(2 * 1024 * 1024, 2))))
+            .await
+            .unwrap();
+        let body = reqwest::Body::wrap_stream(futures_util::stream::unfold(rx, |mut rx| async {
+            rx.recv().await.map(|c| (c, rx))
+        }));
+        let request = http
+            .post(format!("{}/api/storage/upload", server.base))
+            .bearer_auth(&admin)
+            .header("content-type", f.content_type())
+            .body(body)
+            .send();
+        cut.push((tokio::spawn(request), tx));
+    }
+    // Both are being written to staged files (1 MiB parts leave once more bytes come).
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let staged: Vec<u64> = std::fs::read_dir(&staging)
+            .map(|d| d.flatten().map(|e| e.metadata().unwrap().len()).collect())
+            .unwrap_or_default();
+        if staged.len() == 2 && staged.iter().all(|&n| n >= 1024 * 1024) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "staged: {staged:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    server.kill9();
+    for (request, tx) in cut {
+        drop(tx);
+        assert!(
+            request.await.unwrap().is_err(),
+            "no answer from a killed server"
+        );
+    }
+    server.restart().await;
+
+    let listed = |base: String| {
+        let (http, admin, project_id) = (http.clone(), admin.clone(), project_id.clone());
+        async move {
+            let resp = http
+                .get(format!("{base}/api/storage/files"))
+                .bearer_auth(&admin)
+                .query(&[("projectId", project_id.as_str()), ("bucketId", "docs")])
+                .send()
+                .await
+                .unwrap();
+            let v: Value = resp.json().await.unwrap();
+            v["files"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|f| (f["name"].as_str().unwrap().to_string(), f["size"].as_u64()))
+                .collect::<Vec<_>>()
+        }
+    };
+    assert_eq!(
+        listed(server.base.clone()).await,
+        [("doc.bin".to_string(), Some(old.len() as u64))]
+    );
+    let signed: Value = http
+        .get(format!("{}/api/storage/url", server.base))
+        .bearer_auth(&admin)
+        .query(&[("s3Key", key.as_str()), ("projectId", project_id.as_str())])
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let (status, _, bytes) = fetch(signed["url"].as_str().unwrap()).await;
+    assert!(
+        status == 200 && bytes.as_ref() == old.as_slice(),
+        "the old bytes"
+    );
+    let bucket_dir = server.dir.join("storage").join(&key);
+    let bucket_dir = bucket_dir.parent().unwrap();
+    assert_eq!(
+        files_under(bucket_dir),
+        ["doc.bin"],
+        "nothing else in place"
+    );
+    let staged: Vec<_> = std::fs::read_dir(&staging).unwrap().flatten().collect();
+    assert_eq!(
+        staged.len(),
+        2,
+        "recent staged files are left to their hour"
+    );
+
+    // An hour later (their times moved back), the next start-up removes them.
+    for e in &staged {
+        let moved = Command::new("touch")
+            .args(["-d", "2 hours ago"])
+            .arg(e.path())
+            .status()
+            .unwrap();
+        assert!(moved.success());
+    }
+    server.restart().await;
+    let left = std::fs::read_dir(&staging)
+        .map(|d| d.count())
+        .unwrap_or_default();
+    assert_eq!(left, 0, "the sweep removed the cut-off uploads");
+    assert_eq!(
+        listed(server.base.clone()).await,
+        [("doc.bin".to_string(), Some(old.len() as u64))]
+    );
+}

@@ -1,0 +1,227 @@
+//! The local backend's file buffers: a budget of bytes that downloads' read buffers share, and
+//! the buffers themselves, kept for reuse.
+//!
+//! **The budget.** A download of a file of at most [`super::backend::WHOLE_READ`] bytes is read
+//! whole into one buffer, and a larger one streams in [`BIG_CHUNK`]s with up to
+//! [`STREAM_HOLD`] bytes of them between the disk and the socket: either way its buffers are
+//! taken from one budget shared by every download (`storage_read_budget_bytes`, default
+//! [`DEFAULT_READ_BUDGET`]) and given back when the response body is dropped (sent, or the
+//! client gone). A download that finds the budget spent does not wait: it streams in
+//! [`SMALL_CHUNK`]s, holding at most about [`SMALL_HOLD`] bytes. So the bytes that downloads'
+//! buffers hold are at most the budget plus [`SMALL_HOLD`] per download in flight (which the
+//! listener's connection limit bounds), however many there are and however slowly their
+//! clients read.
+//!
+//! **Reuse.** A freshly allocated megabyte is fresh memory: the kernel faults and zeroes its
+//! pages on first touch (a transparent huge page: 2 MiB zeroed), which a profile of 1 MiB
+//! uploads and downloads found to be ~30 % of the server's CPU, half of it the downloads' reads
+//! (see docs/benchmarks.md, 2026-12-06 session 23). Read buffers given back are kept (at most
+//! [`IDLE_MAX`] bytes of them, none under [`KEEP_MIN`]) and handed out again, only for a read
+//! they fit closely (a whole read: up to half as big again as the file, and its share of the
+//! budget is the buffer's capacity; a stream's chunk: exactly [`BIG_CHUNK`]), so that what the
+//! budget counts is what the buffers hold. (Uploads do not copy the received chunks
+//! into such buffers: the copy cost more than the fresh pages of the parser's buffers it saved.)
+
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::{Arc, Mutex};
+
+use bytes::Bytes;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+
+use crate::metrics::Metrics;
+
+/// The default read budget: 256 MiB.
+pub const DEFAULT_READ_BUDGET: u64 = 256 * 1024 * 1024;
+/// Bytes per read of a large file's stream while it holds budget.
+pub const BIG_CHUNK: usize = 1024 * 1024;
+/// What a large file's stream may hold at once: the chunk being read, four queued for the
+/// socket (`api::storage::response_body`) and the one being written.
+pub const STREAM_HOLD: u64 = 6 * BIG_CHUNK as u64;
+/// Bytes per read of a download that found the budget spent.
+pub const SMALL_CHUNK: usize = 64 * 1024;
+/// What such a download holds at most: six small chunks.
+pub const SMALL_HOLD: u64 = 6 * SMALL_CHUNK as u64;
+/// Idle buffers kept for reuse, in bytes.
+pub const IDLE_MAX: usize = 16 * 1024 * 1024;
+/// Smaller buffers are not kept (small allocations cost little; the idle list stays short:
+/// at most `IDLE_MAX / KEEP_MIN` buffers).
+pub const KEEP_MIN: usize = 64 * 1024;
+/// The budget is counted in KiB (a semaphore takes at most `u32::MAX` permits at once).
+const UNIT: u64 = 1024;
+
+pub struct Buffers {
+    budget: Arc<Semaphore>,
+    budget_bytes: u64,
+    /// Given-back buffers (empty, with their capacity) and their total capacity.
+    idle: Mutex<(Vec<Vec<u8>>, usize)>,
+    /// Counts downloads by the way their bytes were read (`storage_downloads_budgeted`,
+    /// `storage_downloads_small`).
+    metrics: Arc<Metrics>,
+}
+
+/// A share of the read budget, given back when dropped.
+pub struct Share(#[allow(dead_code)] OwnedSemaphorePermit);
+
+impl Buffers {
+    /// Buffers with a read budget of `budget_bytes` (rounded up to whole KiB; 0: every download
+    /// streams in small chunks).
+    pub fn new(budget_bytes: u64, metrics: Arc<Metrics>) -> Arc<Buffers> {
+        let units = budget_bytes
+            .div_ceil(UNIT)
+            .min(Semaphore::MAX_PERMITS as u64) as usize;
+        Arc::new(Buffers {
+            budget: Arc::new(Semaphore::new(units)),
+            budget_bytes,
+            idle: Mutex::new((Vec::new(), 0)),
+            metrics,
+        })
+    }
+
+    pub fn budget_bytes(&self) -> u64 {
+        self.budget_bytes
+    }
+
+    /// Bytes of the budget not taken now.
+    pub fn budget_free(&self) -> u64 {
+        self.budget.available_permits() as u64 * UNIT
+    }
+
+    /// `bytes` of the read budget, if that much is free now (never waits); counted. A share
+    /// is taken for the capacity of the buffers it pays for (see [`Buffers::get`]).
+    pub fn take(&self, bytes: u64) -> Option<Share> {
+        let units = u32::try_from(bytes.div_ceil(UNIT).max(1)).ok();
+        let share = units.and_then(|n| self.budget.clone().try_acquire_many_owned(n).ok());
+        match share {
+            Some(p) => {
+                self.metrics
+                    .storage_downloads_budgeted
+                    .fetch_add(1, Relaxed);
+                Some(Share(p))
+            }
+            None => {
+                self.metrics.storage_downloads_small.fetch_add(1, Relaxed);
+                None
+            }
+        }
+    }
+
+    /// An empty buffer of `min` to `max` bytes of capacity: an idle one if one fits, else a new
+    /// one of `min` (so what a buffer holds is never more than its share said).
+    pub fn get(&self, min: usize, max: usize) -> Vec<u8> {
+        if min >= KEEP_MIN {
+            let mut idle = self.idle.lock().expect("poisoned");
+            let fits = |b: &Vec<u8>| (min..=max).contains(&b.capacity());
+            if let Some(i) = idle.0.iter().position(fits) {
+                let buf = idle.0.swap_remove(i);
+                idle.1 -= buf.capacity();
+                return buf;
+            }
+        }
+        Vec::with_capacity(min)
+    }
+
+    /// Keeps `buf` for reuse (emptied) unless it is smaller than [`KEEP_MIN`] or that would keep
+    /// more than [`IDLE_MAX`] bytes idle.
+    pub fn give_back(&self, mut buf: Vec<u8>) {
+        if buf.capacity() < KEEP_MIN {
+            return;
+        }
+        buf.clear();
+        let mut idle = self.idle.lock().expect("poisoned");
+        if idle.1 + buf.capacity() <= IDLE_MAX {
+            idle.1 += buf.capacity();
+            idle.0.push(buf);
+        }
+    }
+
+    /// `buf` as `Bytes` that give it back (and `share`, if any) once the last of them is
+    /// dropped.
+    pub fn bytes(self: &Arc<Self>, buf: Vec<u8>, share: Option<Arc<Share>>) -> Bytes {
+        Bytes::from_owner(Lent {
+            buf,
+            home: self.clone(),
+            _share: share,
+        })
+    }
+}
+
+/// A buffer lent out as `Bytes`.
+struct Lent {
+    buf: Vec<u8>,
+    home: Arc<Buffers>,
+    _share: Option<Arc<Share>>,
+}
+
+impl AsRef<[u8]> for Lent {
+    fn as_ref(&self) -> &[u8] {
+        &self.buf
+    }
+}
+
+impl Drop for Lent {
+    fn drop(&mut self) {
+        self.home.give_back(std::mem::take(&mut self.buf));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_budget_is_shared_and_given_back_with_the_last_bytes() {
+        let buffers = Buffers::new(3 * 1024 * 1024, Default::default());
+        let a = buffers.take(2 * 1024 * 1024).map(Arc::new);
+        assert!(a.is_some());
+        assert!(buffers.take(2 * 1024 * 1024).is_none(), "over the budget");
+        let mut buf = buffers.get(KEEP_MIN, KEEP_MIN);
+        buf.extend_from_slice(b"hello");
+        let bytes = buffers.bytes(buf, a);
+        let clone = bytes.slice(1..3);
+        drop(bytes);
+        assert_eq!(buffers.budget_free(), 1024 * 1024, "a slice still holds it");
+        assert_eq!(&clone[..], b"el");
+        drop(clone);
+        assert_eq!(buffers.budget_free(), 3 * 1024 * 1024);
+        assert_eq!(buffers.metrics.storage_downloads_budgeted.load(Relaxed), 1);
+        assert_eq!(buffers.metrics.storage_downloads_small.load(Relaxed), 1);
+        // The buffer came back, empty, and is handed out again when it fits.
+        assert_eq!(
+            buffers.get(KEEP_MIN * 2, KEEP_MIN * 3).capacity(),
+            KEEP_MIN * 2
+        );
+        let again = buffers.get(KEEP_MIN, KEEP_MIN * 2);
+        assert!(again.is_empty() && again.capacity() == KEEP_MIN);
+    }
+
+    #[test]
+    fn a_buffer_is_reused_only_within_the_capacity_asked_for() {
+        let buffers = Buffers::new(0, Default::default());
+        buffers.give_back(Vec::with_capacity(4 << 20));
+        let fresh = buffers.get(KEEP_MIN, 2 * KEEP_MIN);
+        assert_eq!(
+            fresh.capacity(),
+            KEEP_MIN,
+            "the idle one is too big to lend"
+        );
+        let reused = buffers.get(3 << 20, 5 << 20);
+        assert_eq!(reused.capacity(), 4 << 20);
+        assert!(buffers.idle.lock().unwrap().0.is_empty());
+        buffers.give_back(Vec::with_capacity(KEEP_MIN - 1));
+        assert!(
+            buffers.idle.lock().unwrap().0.is_empty(),
+            "small ones are not kept"
+        );
+    }
+
+    #[test]
+    fn idle_buffers_are_bounded() {
+        let buffers = Buffers::new(0, Default::default());
+        assert!(buffers.take(1).is_none(), "a zero budget lends nothing");
+        for _ in 0..(IDLE_MAX / (4 << 20)) + 3 {
+            buffers.give_back(Vec::with_capacity(4 << 20));
+        }
+        let idle = buffers.idle.lock().unwrap();
+        assert!(idle.1 <= IDLE_MAX && idle.1 == idle.0.iter().map(|b| b.capacity()).sum::<usize>());
+    }
+}
