@@ -109,7 +109,7 @@ impl Buffers {
     /// one of `min` (so what a buffer holds is never more than its share said).
     pub fn get(&self, min: usize, max: usize) -> Vec<u8> {
         if min >= KEEP_MIN {
-            let mut idle = self.idle.lock().expect("poisoned");
+            let mut idle = self.idle();
             let fits = |b: &Vec<u8>| (min..=max).contains(&b.capacity());
             if let Some(i) = idle.0.iter().position(fits) {
                 let buf = idle.0.swap_remove(i);
@@ -120,18 +120,26 @@ impl Buffers {
         Vec::with_capacity(min)
     }
 
-    /// Keeps `buf` for reuse (emptied) unless it is smaller than [`KEEP_MIN`] or that would keep
-    /// more than [`IDLE_MAX`] bytes idle.
+    /// Keeps `buf` for reuse (emptied) unless it is smaller than [`KEEP_MIN`] or larger than
+    /// [`IDLE_MAX`]; past [`IDLE_MAX`] idle bytes the oldest kept buffers make room, so a burst
+    /// of one size cannot fill the list with buffers no later read fits.
     pub fn give_back(&self, mut buf: Vec<u8>) {
-        if buf.capacity() < KEEP_MIN {
+        if buf.capacity() < KEEP_MIN || buf.capacity() > IDLE_MAX {
             return;
         }
         buf.clear();
-        let mut idle = self.idle.lock().expect("poisoned");
-        if idle.1 + buf.capacity() <= IDLE_MAX {
-            idle.1 += buf.capacity();
-            idle.0.push(buf);
+        let mut idle = self.idle();
+        while idle.1 + buf.capacity() > IDLE_MAX && !idle.0.is_empty() {
+            let old = idle.0.remove(0);
+            idle.1 -= old.capacity();
         }
+        idle.1 += buf.capacity();
+        idle.0.push(buf);
+    }
+
+    /// The idle list (nothing under its lock can panic; a poisoned lock is still consistent).
+    fn idle(&self) -> std::sync::MutexGuard<'_, (Vec<Vec<u8>>, usize)> {
+        self.idle.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// `buf` as `Bytes` that give it back (and `share`, if any) once the last of them is
@@ -212,6 +220,30 @@ mod tests {
             buffers.idle.lock().unwrap().0.is_empty(),
             "small ones are not kept"
         );
+    }
+
+    #[test]
+    fn buffers_of_a_new_size_push_out_the_oldest_idle_ones() {
+        let buffers = Buffers::new(0, Default::default());
+        // A burst of 128 KiB downloads fills the idle list...
+        for _ in 0..IDLE_MAX / (128 << 10) {
+            buffers.give_back(Vec::with_capacity(128 << 10));
+        }
+        assert_eq!(buffers.idle().1, IDLE_MAX);
+        // ...and a 1 MiB buffer given back afterwards is still kept for the next 1 MiB read.
+        buffers.give_back(Vec::with_capacity(1 << 20));
+        let idle_before = buffers.idle().0.len();
+        let reused = buffers.get(1 << 20, 1 << 20);
+        assert_eq!(reused.capacity(), 1 << 20);
+        assert_eq!(
+            buffers.idle().0.len(),
+            idle_before - 1,
+            "taken from the idle list"
+        );
+        assert!(buffers.idle().1 <= IDLE_MAX);
+        // A buffer larger than the whole list is not kept.
+        buffers.give_back(Vec::with_capacity(IDLE_MAX + 1));
+        assert!(buffers.idle().0.iter().all(|b| b.capacity() <= IDLE_MAX));
     }
 
     #[test]
