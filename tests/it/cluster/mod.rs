@@ -25,6 +25,7 @@ mod fanout;
 mod mysql;
 mod rate_limit;
 mod restart;
+mod suspended;
 mod workload;
 
 use std::collections::BTreeSet;
