@@ -11,11 +11,11 @@ use std::time::Duration;
 use mysql_async::prelude::Queryable;
 
 use super::{assert_exactly_once_in_order, bounded, directory, ChangeKey, Subscriber};
+use crate::support::cluster::slot_confirmed;
 use crate::support::fixtures::{project_on, Project};
 use crate::support::http::sql;
 use crate::support::mariadb::mariadb;
 use crate::support::nodes::Nodes;
-use crate::support::cluster::slot_confirmed;
 use crate::support::{pg, poll};
 
 /// The table every subscriber checks: `s` is the change number.
@@ -45,7 +45,11 @@ async fn write(engine: &str, p: &Project, s: i64) -> (String, u64) {
         conn.query_drop(format!("INSERT INTO {db}.w VALUES ({s}, {s}, {s})"))
             .await
             .unwrap();
-        let row: mysql_async::Row = conn.query_first("SHOW MASTER STATUS").await.unwrap().unwrap();
+        let row: mysql_async::Row = conn
+            .query_first("SHOW MASTER STATUS")
+            .await
+            .unwrap()
+            .unwrap();
         let file: String = row.get(0).unwrap();
         let offset: u64 = row.get(1).unwrap();
         (file, offset)
@@ -62,10 +66,14 @@ async fn operator(nodes: &Nodes, action: &str, project: &str) {
     ));
     let url = pg().await.url(nodes.control_database());
     let mysql = mariadb().await.admin_url.clone();
-    let (action, project) = (action.to_string(), project.to_string());
+    let args = [
+        "project".to_string(),
+        action.to_string(),
+        project.to_string(),
+    ];
     let out = tokio::task::spawn_blocking(move || {
         std::process::Command::new(env!("CARGO_BIN_EXE_fluxbase"))
-            .args(["project", &action, &project])
+            .args(&args)
             .env("FLUXBASE_DATABASE_URL", url)
             .env("FLUXBASE_MYSQL_URL", mysql)
             .env("FLUXBASE_DATA_DIR", &dir)
@@ -102,7 +110,10 @@ async fn a_suspended_project_is_streamed_by_the_cluster_and_its_resume_misses_no
             .map(|(k, i)| {
                 let name = format!("{}@{}", engines[k], nodes.ids[i]);
                 let p = &projects[k];
-                (k, Subscriber::start(&name, &p.project, &p.read, dir.clone(), i))
+                (
+                    k,
+                    Subscriber::start(&name, &p.project, &p.read, dir.clone(), i),
+                )
             })
             .collect();
         for (_, s) in &subscribers {
@@ -118,17 +129,21 @@ async fn a_suspended_project_is_streamed_by_the_cluster_and_its_resume_misses_no
         for p in &projects {
             operator(&nodes, "suspend", &p.project).await;
         }
-        // Every node heard it: its sockets were told and closed.
-        poll::until(Duration::from_secs(30), Duration::from_millis(100), || async {
-            let told = |s: &Subscriber| {
-                let f = s.feed.lock().unwrap();
-                f.other.iter().any(|m| m["code"] == "PROJECT_SUSPENDED")
-            };
-            match subscribers.iter().find(|(_, s)| !told(s)) {
-                None => Ok(()),
-                Some((_, s)) => Err(format!("subscriber {} was not told", s.name)),
-            }
-        })
+        // Every node heard it: its subscribers were told and removed from the room.
+        poll::until(
+            Duration::from_secs(30),
+            Duration::from_millis(100),
+            || async {
+                let told = |s: &Subscriber| {
+                    let f = s.feed.lock().unwrap();
+                    f.other.iter().any(|m| m["code"] == "PROJECT_SUSPENDED")
+                };
+                match subscribers.iter().find(|(_, s)| !told(s)) {
+                    None => Ok(()),
+                    Some((_, s)) => Err(format!("subscriber {} was not told", s.name)),
+                }
+            },
+        )
         .await;
 
         // Changes while suspended: the slot and the stored position follow them.
@@ -141,40 +156,52 @@ async fn a_suspended_project_is_streamed_by_the_cluster_and_its_resume_misses_no
             ends.push(end);
         }
         let control = pg().await.client(nodes.control_database()).await;
-        poll::until(Duration::from_secs(60), Duration::from_millis(250), || async {
-            let confirmed = slot_confirmed(&projects[0].project).await;
-            if confirmed <= ends[0].1 {
-                return Err(format!(
-                    "the suspended PostgreSQL project's slot is confirmed at {confirmed:#x}, \
+        poll::until(
+            Duration::from_secs(60),
+            Duration::from_millis(250),
+            || async {
+                let mut behind = Vec::new();
+                let confirmed = slot_confirmed(&projects[0].project).await;
+                if confirmed <= ends[0].1 {
+                    behind.push(format!(
+                        "the suspended PostgreSQL project's slot is confirmed at {confirmed:#x}, \
                      before its last commit (after {:#x}): nobody streams it",
-                    ends[0].1
-                ));
-            }
-            let row = control
-                .query_one(
-                    "SELECT binlog_file, binlog_offset FROM fluxbase.binlog_positions \
+                        ends[0].1
+                    ));
+                }
+                let row = control
+                    .query_one(
+                        "SELECT binlog_file, binlog_offset FROM fluxbase.binlog_positions \
                      WHERE project_id = $1",
-                    &[&projects[1].project],
-                )
-                .await
-                .unwrap();
-            let stored: (String, i64) = (row.get(0), row.get(1));
-            let (file, offset) = &ends[1];
-            if (stored.0.as_str(), stored.1 as u64) < (file.as_str(), *offset) {
-                return Err(format!(
-                    "the suspended MySQL project's stored position is {stored:?}, before its \
+                        &[&projects[1].project],
+                    )
+                    .await
+                    .unwrap();
+                let stored: (String, i64) = (row.get(0), row.get(1));
+                let (file, offset) = &ends[1];
+                if (stored.0.as_str(), stored.1 as u64) < (file.as_str(), *offset) {
+                    behind.push(format!(
+                        "the suspended MySQL project's stored position is {stored:?}, before its \
                      last commit ({file}, {offset}): nobody streams it"
-                ));
-            }
-            Ok(())
-        })
+                    ));
+                }
+                if behind.is_empty() {
+                    Ok(())
+                } else {
+                    Err(behind.join("; "))
+                }
+            },
+        )
         .await;
 
         for p in &projects {
             operator(&nodes, "resume", &p.project).await;
         }
-        // The subscribers resume (with `since`) on their node once it serves the project again;
-        // then the sentinel.
+        // The subscribers (their sockets open, no longer subscribed) subscribe again with
+        // `since`, on the other node; then the sentinel.
+        for (_, s) in &subscribers {
+            s.hop();
+        }
         for (_, s) in &subscribers {
             s.wait_subscribed(2, Duration::from_secs(60)).await;
         }
@@ -197,12 +224,16 @@ async fn a_suspended_project_is_streamed_by_the_cluster_and_its_resume_misses_no
             }
         }
         let expected: Vec<ChangeKey> = (1..=4).map(|s| ("row.inserted".to_string(), s)).collect();
-        poll::until(Duration::from_secs(120), Duration::from_millis(100), || async {
-            match subscribers.iter().find_map(|(_, s)| s.done().err()) {
-                None => Ok(()),
-                Some(waiting) => Err(format!("{waiting}\n{}", nodes.logs())),
-            }
-        })
+        poll::until(
+            Duration::from_secs(120),
+            Duration::from_millis(100),
+            || async {
+                match subscribers.iter().find_map(|(_, s)| s.done().err()) {
+                    None => Ok(()),
+                    Some(waiting) => Err(format!("{waiting}\n{}", nodes.logs())),
+                }
+            },
+        )
         .await;
         for (_, s) in &subscribers {
             let feed = s.feed.lock().unwrap();
