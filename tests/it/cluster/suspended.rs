@@ -59,36 +59,13 @@ async fn write(engine: &str, p: &Project, s: i64) -> (String, u64) {
 /// `fluxbase project <action> <id>`: the operator's CLI on the cluster's control database
 /// (and MariaDB, whose accounts it locks and unlocks).
 async fn operator(nodes: &Nodes, action: &str, project: &str) {
-    let dir = crate::support::scratch_dir(&format!(
-        "it-{}-{}",
-        std::process::id(),
-        crate::support::unique("operator")
-    ));
-    let url = pg().await.url(nodes.control_database());
     let mysql = mariadb().await.admin_url.clone();
-    let args = [
-        "project".to_string(),
-        action.to_string(),
-        project.to_string(),
-    ];
-    let out = tokio::task::spawn_blocking(move || {
-        std::process::Command::new(env!("CARGO_BIN_EXE_fluxbase"))
-            .args(&args)
-            .env("FLUXBASE_DATABASE_URL", url)
-            .env("FLUXBASE_MYSQL_URL", mysql)
-            .env("FLUXBASE_DATA_DIR", &dir)
-            .env("FLUXBASE_LOG", "warn")
-            .current_dir(&dir)
-            .output()
-            .unwrap()
-    })
-    .await
-    .unwrap();
-    assert!(
-        out.status.success(),
-        "fluxbase project {action} {project}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    crate::support::process::operator(
+        nodes.control_database(),
+        &["project", action, project],
+        &[("FLUXBASE_MYSQL_URL", &mysql)],
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

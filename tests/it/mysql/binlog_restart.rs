@@ -48,16 +48,7 @@ async fn stopped_as(
         },
     )
     .await;
-    let (status, body) = app
-        .call(
-            "GET",
-            &format!("/api/cdc/status?projectId={}", f.project),
-            Some(&f.admin),
-            None,
-        )
-        .await;
-    assert_eq!(status, 200, "{body}");
-    body
+    app.cdc_status(&f.project, &f.admin).await
 }
 
 #[tokio::test]
