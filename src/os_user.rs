@@ -117,8 +117,18 @@ pub mod inside {
             .custom_flags(libc::O_NOFOLLOW | libc::O_DIRECTORY)
             .open(path)
             .with_context(|| format!("opening {} (a link is refused)", path.display()))?;
+        give(&handle, path, owner, mode)
+    }
+
+    /// Gives an open file or directory its owner and mode, through its handle.
+    fn give(
+        handle: &std::fs::File,
+        path: &Path,
+        owner: Option<(u32, u32)>,
+        mode: u32,
+    ) -> Result<()> {
         if let Some((uid, gid)) = owner {
-            std::os::unix::fs::fchown(&handle, Some(uid), Some(gid))
+            std::os::unix::fs::fchown(handle, Some(uid), Some(gid))
                 .with_context(|| format!("giving {} to the server's user", path.display()))?;
         }
         handle.set_permissions(std::fs::Permissions::from_mode(mode))?;
@@ -152,11 +162,7 @@ pub mod inside {
             .custom_flags(libc::O_NOFOLLOW)
             .open(path)
             .with_context(|| format!("creating {}", path.display()))?;
-        if let Some((uid, gid)) = owner {
-            std::os::unix::fs::fchown(&file, Some(uid), Some(gid))
-                .with_context(|| format!("giving {} to the server's user", path.display()))?;
-        }
-        file.set_permissions(std::fs::Permissions::from_mode(mode))?;
+        give(&file, path, owner, mode)?;
         file.write_all(contents)?;
         Ok(())
     }
