@@ -265,4 +265,43 @@ mod tests {
         assert!(port > 0);
         std::net::TcpListener::bind(("127.0.0.1", port)).unwrap();
     }
+
+    #[test]
+    fn links_in_a_servers_root_are_replaced_never_followed() {
+        use std::os::unix::fs::{symlink, PermissionsExt};
+        let base = std::env::temp_dir().join(format!(
+            "os-user-links-{}",
+            crate::secrets::random_hex::<6>()
+        ));
+        let (victim_dir, victim_file) = (base.join("victim-dir"), base.join("victim-file"));
+        std::fs::create_dir_all(&victim_dir).unwrap();
+        std::fs::set_permissions(&victim_dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+        std::fs::write(&victim_file, "precious").unwrap();
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o7777;
+        let (dir, file) = (base.join("tmp"), base.join("port"));
+        symlink(&victim_dir, &dir).unwrap();
+        symlink(&victim_file, &file).unwrap();
+        inside::dir(&dir, None, 0o700).unwrap();
+        inside::file(&file, b"5432\n", None, 0o644).unwrap();
+        assert_eq!(mode(&victim_dir), 0o755);
+        assert_eq!(std::fs::read_to_string(&victim_file).unwrap(), "precious");
+        let meta = std::fs::symlink_metadata(&dir).unwrap();
+        assert!(meta.file_type().is_dir());
+        assert_eq!(mode(&dir), 0o700);
+        assert_eq!(std::fs::read_to_string(&file).unwrap(), "5432\n");
+        // A directory emptied and made again: a link inside it is removed, not followed.
+        let fresh = base.join("no-files");
+        std::fs::create_dir(&fresh).unwrap();
+        symlink(&victim_file, fresh.join("inner")).unwrap();
+        inside::fresh_dir(&fresh, None, 0o555).unwrap();
+        assert_eq!(std::fs::read_dir(&fresh).unwrap().count(), 0);
+        assert_eq!(mode(&fresh), 0o555);
+        assert!(victim_file.exists());
+        // Reads: not through a link, not a device, bounded.
+        symlink("/dev/zero", base.join("log")).unwrap();
+        assert!(inside::read(&base.join("log"), 0, 10).is_err());
+        assert_eq!(inside::read(&file, 1, 2).unwrap(), b"43");
+        std::fs::set_permissions(&fresh, std::fs::Permissions::from_mode(0o755)).unwrap();
+        std::fs::remove_dir_all(&base).unwrap();
+    }
 }
