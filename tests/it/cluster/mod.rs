@@ -15,6 +15,8 @@
 //!   that has some refuses to start);
 //! - `creation`: a project whose slot is slow to create (older transactions running) still
 //!   streams: its leader neither starts before the slot exists nor fences its creator.
+//! - `suspended`: a suspended project (both engines) is still led: its slot and binlog
+//!   position follow the log, and after the resume a `since` subscriber misses nothing.
 //!
 //! Subscribers here ([`Subscriber`]) read in a task of their own (a socket left unread would
 //! fall behind its send queue), reconnect with `since` (the last id they saw) when their
