@@ -653,3 +653,47 @@ async fn links_left_in_the_embedded_servers_root_are_never_followed() {
     let _ = bystander.kill();
     let _ = bystander.wait();
 }
+
+/// The embedded PostgreSQL's root is its own user's (`postgres`) too: a link left as its
+/// `.pwfile` (written at `initdb`, which that user can bring about by removing its data
+/// directory) is replaced, never followed by root. (Before: root wrote the superuser's
+/// password into the link's target and gave the target to `postgres`.)
+#[tokio::test]
+async fn a_link_left_in_the_embedded_clusters_root_is_never_followed() {
+    use std::os::unix::fs::{symlink, MetadataExt};
+    let euid = std::fs::read_to_string("/proc/self/status")
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix("Uid:"))
+        .and_then(|ids| ids.split_whitespace().nth(1).map(str::to_string));
+    if euid.as_deref() != Some("0") {
+        eprintln!("not root: the cluster runs as this user, nobody else can leave links");
+        return;
+    }
+    let base = crate::support::scratch_dir(&format!(
+        "it-{}-{}",
+        std::process::id(),
+        crate::support::unique("pglinks")
+    ));
+    let victim = base.join("victim");
+    std::fs::write(&victim, "precious\n").unwrap();
+    let root = base.join("pg");
+    std::fs::create_dir_all(&root).unwrap();
+    symlink(&victim, root.join(".pwfile")).unwrap();
+    let password = fluxbase::secrets::random_base62(24);
+    let cluster = tokio::task::spawn_blocking(move || {
+        fluxbase::embedded::Cluster::start(&root, &password, &[("fsync", "off")])
+    })
+    .await
+    .unwrap()
+    .unwrap();
+    assert_eq!(std::fs::read_to_string(&victim).unwrap(), "precious\n");
+    assert_eq!(std::fs::metadata(&victim).unwrap().uid(), 0);
+    let (client, conn) = tokio_postgres::connect(&cluster.url("postgres"), tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    client.query_one("SELECT 1", &[]).await.unwrap();
+    drop(client);
+    cluster.stop().unwrap();
+}
