@@ -223,6 +223,7 @@ impl App {
                     opts: mysql.replication_opts().await?,
                     catalog: mysql.server().await?.admin.clone(),
                     node: mysql.replication_user(),
+                    dumps: mysql.dumps.clone(),
                 })
             })
         }));

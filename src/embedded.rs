@@ -98,11 +98,10 @@ impl Cluster {
 
     fn initdb(&self) -> Result<()> {
         tracing::info!(dir = %self.data_dir().display(), "creating the embedded PostgreSQL cluster");
+        // The root and the data directory are the cluster user's: nothing there is followed
+        // (crate::os_user::inside).
         let pwfile = self.root.join(".pwfile");
-        std::fs::write(&pwfile, &self.password)?;
-        if let Some((uid, gid)) = self.run_as {
-            std::os::unix::fs::chown(&pwfile, Some(uid), Some(gid))?;
-        }
+        crate::os_user::inside::file(&pwfile, self.password.as_bytes(), self.run_as, 0o600)?;
         let out = self
             .command("initdb")
             .arg("-D")
@@ -126,13 +125,19 @@ impl Cluster {
             conf.push_str(&format!("{k} = {v}\n"));
         }
         let path = self.data_dir().join("postgresql.conf");
-        let mut existing = std::fs::read_to_string(&path)?;
+        let mut existing =
+            String::from_utf8_lossy(&crate::os_user::inside::read(&path, 0, 1 << 20)?).into_owned();
         existing.push_str(&conf);
-        std::fs::write(&path, existing)?;
+        crate::os_user::inside::file(&path, existing.as_bytes(), self.run_as, 0o600)?;
         let hba = "# Fluxbase: loopback only, passwords always\n\
                    host all all 127.0.0.1/32 scram-sha-256\n\
                    host replication all 127.0.0.1/32 scram-sha-256\n";
-        std::fs::write(self.data_dir().join("pg_hba.conf"), hba)?;
+        crate::os_user::inside::file(
+            &self.data_dir().join("pg_hba.conf"),
+            hba.as_bytes(),
+            self.run_as,
+            0o600,
+        )?;
         Ok(())
     }
 
@@ -167,8 +172,9 @@ impl Cluster {
             if out.status.success() {
                 break;
             }
-            let log = std::fs::read(self.log_file()).unwrap_or_default();
-            let log = String::from_utf8_lossy(log.get(log_start as usize..).unwrap_or_default());
+            let log = crate::os_user::inside::read(&self.log_file(), log_start, 1 << 20)
+                .unwrap_or_default();
+            let log = String::from_utf8_lossy(&log);
             if log.contains("Address already in use") && attempt < PORT_ATTEMPTS {
                 tracing::warn!(
                     port = self.port,
@@ -196,8 +202,10 @@ impl Cluster {
     /// follows one postmaster: it exits when that postmaster stops, so a watchdog left from an
     /// earlier process never touches a later start of the same cluster.
     fn spawn_watchdog(&self) -> Result<()> {
-        let pid_file = std::fs::read_to_string(self.data_dir().join("postmaster.pid"))
-            .context("reading postmaster.pid")?;
+        let pid_file =
+            crate::os_user::inside::read(&self.data_dir().join("postmaster.pid"), 0, 4096)
+                .context("reading postmaster.pid")?;
+        let pid_file = String::from_utf8_lossy(&pid_file);
         let postmaster: u32 = pid_file
             .lines()
             .next()

@@ -75,6 +75,116 @@ impl ServerUser {
     }
 }
 
+/// Files this process (root, when the server runs as another user) makes inside a server's
+/// root directory, which belongs to the server's user: that user (or whoever runs as it, such
+/// as another server of Debian's packages, or the server itself if a client took it over) may
+/// put a link in the place of any of them, so none is ever followed. A link, or a file where a
+/// directory belongs, is removed first; the new file or directory is then opened without
+/// following links (`O_NOFOLLOW`: a link put back meanwhile makes the call fail, never
+/// redirects it) and given its owner and mode through that handle (`fchown`, `fchmod`), never
+/// by name. (Before: `chown`, `chmod` and writes by name, as root, followed such links: a link
+/// `tmp -> /etc/cron.d` left by the server's user was given to that user at the next start.)
+pub mod inside {
+    use std::io::Write;
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    use std::path::Path;
+
+    use anyhow::{Context, Result};
+
+    /// Removes what stands at `path` unless it is a real directory (a link is removed itself,
+    /// never followed).
+    fn clear_unless_dir(path: &Path) -> Result<()> {
+        match std::fs::symlink_metadata(path) {
+            Ok(meta) if meta.file_type().is_dir() => Ok(()),
+            Ok(_) => std::fs::remove_file(path)
+                .with_context(|| format!("removing {} (not a directory)", path.display())),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(e).with_context(|| format!("looking at {}", path.display())),
+        }
+    }
+
+    /// The directory `path`, made if missing (its parent must exist), owned by `owner` (else
+    /// this process's user) with `mode`.
+    pub fn dir(path: &Path, owner: Option<(u32, u32)>, mode: u32) -> Result<()> {
+        clear_unless_dir(path)?;
+        match std::fs::create_dir(path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+            Err(e) => return Err(e).with_context(|| format!("creating {}", path.display())),
+        }
+        let handle = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_DIRECTORY)
+            .open(path)
+            .with_context(|| format!("opening {} (a link is refused)", path.display()))?;
+        give(&handle, path, owner, mode)
+    }
+
+    /// Gives an open file or directory its owner and mode, through its handle.
+    fn give(
+        handle: &std::fs::File,
+        path: &Path,
+        owner: Option<(u32, u32)>,
+        mode: u32,
+    ) -> Result<()> {
+        if let Some((uid, gid)) = owner {
+            std::os::unix::fs::fchown(handle, Some(uid), Some(gid))
+                .with_context(|| format!("giving {} to the server's user", path.display()))?;
+        }
+        handle.set_permissions(std::fs::Permissions::from_mode(mode))?;
+        Ok(())
+    }
+
+    /// A directory emptied and made again (`path` may hold anything the server's user put
+    /// there; nothing in it is followed).
+    pub fn fresh_dir(path: &Path, owner: Option<(u32, u32)>, mode: u32) -> Result<()> {
+        clear_unless_dir(path)?;
+        if path.exists() {
+            // std's remove_dir_all opens each level without following links.
+            std::fs::remove_dir_all(path)
+                .with_context(|| format!("emptying {}", path.display()))?;
+        }
+        dir(path, owner, mode)
+    }
+
+    /// A new file `path` holding `contents`, owned by `owner` with `mode` (whatever stood at
+    /// `path` is removed first, a link itself).
+    pub fn file(path: &Path, contents: &[u8], owner: Option<(u32, u32)>, mode: u32) -> Result<()> {
+        match std::fs::remove_file(path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e).with_context(|| format!("removing {}", path.display())),
+        }
+        let mut file = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(mode)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(path)
+            .with_context(|| format!("creating {}", path.display()))?;
+        give(&file, path, owner, mode)?;
+        file.write_all(contents)?;
+        Ok(())
+    }
+
+    /// Up to `limit` bytes of the file `path` from `offset`, not through a link, and only a
+    /// regular file (never a device or a pipe put in its place).
+    pub fn read(path: &Path, offset: u64, limit: u64) -> std::io::Result<Vec<u8>> {
+        use std::io::{Read, Seek};
+        let mut file = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+            .open(path)?;
+        if !file.metadata()?.file_type().is_file() {
+            return Err(std::io::Error::other("not a regular file"));
+        }
+        file.seek(std::io::SeekFrom::Start(offset))?;
+        let mut out = Vec::new();
+        file.take(limit).read_to_end(&mut out)?;
+        Ok(out)
+    }
+}
+
 /// `id <flag> [user]` as a number.
 fn id(flag: &[&str], user: Option<&str>) -> Result<u32> {
     let out = Command::new("id").args(flag).args(user).output()?;
@@ -154,5 +264,44 @@ mod tests {
         let port = free_port().unwrap();
         assert!(port > 0);
         std::net::TcpListener::bind(("127.0.0.1", port)).unwrap();
+    }
+
+    #[test]
+    fn links_in_a_servers_root_are_replaced_never_followed() {
+        use std::os::unix::fs::{symlink, PermissionsExt};
+        let base = std::env::temp_dir().join(format!(
+            "os-user-links-{}",
+            crate::secrets::random_hex::<6>()
+        ));
+        let (victim_dir, victim_file) = (base.join("victim-dir"), base.join("victim-file"));
+        std::fs::create_dir_all(&victim_dir).unwrap();
+        std::fs::set_permissions(&victim_dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+        std::fs::write(&victim_file, "precious").unwrap();
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o7777;
+        let (dir, file) = (base.join("tmp"), base.join("port"));
+        symlink(&victim_dir, &dir).unwrap();
+        symlink(&victim_file, &file).unwrap();
+        inside::dir(&dir, None, 0o700).unwrap();
+        inside::file(&file, b"5432\n", None, 0o644).unwrap();
+        assert_eq!(mode(&victim_dir), 0o755);
+        assert_eq!(std::fs::read_to_string(&victim_file).unwrap(), "precious");
+        let meta = std::fs::symlink_metadata(&dir).unwrap();
+        assert!(meta.file_type().is_dir());
+        assert_eq!(mode(&dir), 0o700);
+        assert_eq!(std::fs::read_to_string(&file).unwrap(), "5432\n");
+        // A directory emptied and made again: a link inside it is removed, not followed.
+        let fresh = base.join("no-files");
+        std::fs::create_dir(&fresh).unwrap();
+        symlink(&victim_file, fresh.join("inner")).unwrap();
+        inside::fresh_dir(&fresh, None, 0o555).unwrap();
+        assert_eq!(std::fs::read_dir(&fresh).unwrap().count(), 0);
+        assert_eq!(mode(&fresh), 0o555);
+        assert!(victim_file.exists());
+        // Reads: not through a link, not a device, bounded.
+        symlink("/dev/zero", base.join("log")).unwrap();
+        assert!(inside::read(&base.join("log"), 0, 10).is_err());
+        assert_eq!(inside::read(&file, 1, 2).unwrap(), b"43");
+        std::fs::set_permissions(&fresh, std::fs::Permissions::from_mode(0o755)).unwrap();
+        std::fs::remove_dir_all(&base).unwrap();
     }
 }

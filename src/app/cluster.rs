@@ -276,7 +276,8 @@ impl Led for LedByApp {
                     engine,
                 })
                 .collect();
-            // Every node keeps a room for every active project, fed by the project's stream.
+            // Every node keeps a room for every led project (a suspended one's keeps its
+            // history, as on a single server), fed by the project's stream.
             for p in &projects {
                 app.realtime.start_room(&p.id);
             }

@@ -68,6 +68,7 @@ impl App {
             .await?
             .ok_or_else(|| ProjectsError::NoSuchProject(project_id.to_string()))?;
         self.cdc.stop(project_id).await;
+        self.mysql.dumps.forget(project_id);
         self.sql.forget_project(project_id);
         self.projects
             .drop_database(project_id, &project.db_name, project.engine)
@@ -250,6 +251,7 @@ impl App {
         match self.auth.load_project(project_id).await {
             Ok(None) => {
                 self.cdc.stop(project_id).await;
+                self.mysql.dumps.forget(project_id);
                 self.sql.forget_project(project_id);
                 self.storage.forget_project(project_id);
                 self.realtime

@@ -2,7 +2,8 @@
 //! control-database connection per node (`application_name = fluxbase-node:<node id>`).
 //!
 //! Every tick (500 ms, or at once when another node asks through [`super::REBALANCE_SUBJECT`])
-//! the node reads the active projects, the nodes connected and who holds which lock, then:
+//! the node reads the projects (whatever their status: a suspended project is streamed, as on a
+//! single server), the nodes connected and who holds which lock, then:
 //! * keeps at most its fair share, `ceil(projects / nodes)`: a node that joins gets projects as
 //!   the others hand their extra ones over;
 //! * takes unheld projects (`pg_try_advisory_lock`) up to its share: after a leader died (its
@@ -32,8 +33,8 @@ pub trait Led: Send + Sync + 'static {
     fn acquired(&self, project: LedProject) -> BoxFuture<'_, ()>;
     /// This node no longer leads it: stop publishing before the lock is released.
     fn released(&self, project_id: String) -> BoxFuture<'_, ()>;
-    /// The active projects the cluster should lead, of either engine; every node also keeps a
-    /// room for each.
+    /// The projects the cluster should lead, of either engine and whatever their status (a
+    /// suspended one too); every node also keeps a room for each.
     fn projects(&self) -> BoxFuture<'_, anyhow::Result<Vec<LedProject>>>;
 }
 
@@ -271,14 +272,14 @@ impl Leadership {
                 leaders.insert(p.id.clone(), n);
             }
         }
-        let active: HashSet<&str> = projects.iter().map(|p| p.id.as_str()).collect();
-        // Projects this node leads that are gone or suspended: released.
+        let listed: HashSet<&str> = projects.iter().map(|p| p.id.as_str()).collect();
+        // Projects this node leads that are gone: released.
         let gone: Vec<String> = self
             .led
             .lock()
             .expect("poisoned")
             .iter()
-            .filter(|p| !active.contains(p.as_str()))
+            .filter(|p| !listed.contains(p.as_str()))
             .cloned()
             .collect();
         for p in gone {

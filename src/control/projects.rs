@@ -238,15 +238,16 @@ pub async fn set_slot(db: &impl GenericClient, project_id: &str, slot: &str) -> 
     .await
 }
 
-/// (id, database, engine) of the active projects whose change stream has where to start: a
+/// (id, database, engine) of the projects whose change stream has where to start: a
 /// PostgreSQL project's replication slot made, a MySQL project's first binlog position
-/// recorded. Cluster mode leads these (a project being created has its row before either).
+/// recorded. Cluster mode leads these (a project being created has its row before either),
+/// whatever their status: a suspended project is streamed as a single server streams it
+/// ([`streamed`]), so its slot does not hold WAL and its binlog position follows the log.
 pub async fn led(db: &impl GenericClient) -> Result<Vec<(String, String, Engine)>, Error> {
     Ok(db
         .query(
             "SELECT id, db_name, engine FROM fluxbase.projects p
-             WHERE status = 'active'
-               AND ((engine = 'postgresql' AND cdc_slot IS NOT NULL)
+             WHERE ((engine = 'postgresql' AND cdc_slot IS NOT NULL)
                  OR (engine = 'mysql' AND EXISTS (SELECT 1 FROM fluxbase.binlog_positions b
                                                   WHERE b.project_id = p.id)))
              ORDER BY created_at",

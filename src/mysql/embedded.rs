@@ -126,15 +126,8 @@ impl Server {
     /// The empty, read-only `secure_file_priv` directory (made again at each start: a file
     /// found there is removed).
     fn make_no_files_dir(&self) -> Result<()> {
-        use std::os::unix::fs::PermissionsExt;
-        let dir = self.root.join(NO_FILES_DIR);
-        if dir.exists() {
-            std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700))?;
-            std::fs::remove_dir_all(&dir).with_context(|| format!("emptying {}", dir.display()))?;
-        }
-        std::fs::create_dir(&dir).with_context(|| format!("creating {}", dir.display()))?;
-        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o555))?;
-        Ok(())
+        // Root's (when run as root), not the server user's: it cannot make it writable.
+        crate::os_user::inside::fresh_dir(&self.root.join(NO_FILES_DIR), None, 0o555)
     }
 
     /// The server's own `tmpdir` (mode 0700, the server user's): never the machine's `/tmp`,
@@ -142,19 +135,17 @@ impl Server {
     /// table names ("Unknown table 'mysql.tmp_user_sys'": 4 of 12 concurrent installs failed),
     /// and where other local users could see its temporary files.
     fn make_tmp_dir(&self) -> Result<()> {
-        use std::os::unix::fs::PermissionsExt;
-        let dir = self.tmp_dir();
-        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-        if let Some((uid, gid)) = self.run_as {
-            std::os::unix::fs::chown(&dir, Some(uid), Some(gid))
-                .with_context(|| format!("giving {} to the MariaDB user", dir.display()))?;
-        }
-        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700))?;
-        Ok(())
+        crate::os_user::inside::dir(&self.tmp_dir(), self.run_as, 0o700)
     }
 
     fn tmp_dir(&self) -> PathBuf {
         self.root.join("tmp")
+    }
+
+    /// The port, for a CLI command run beside the server ([`running_port`]); root's file.
+    fn write_port(&self) -> Result<()> {
+        let port = format!("{}\n", self.port);
+        crate::os_user::inside::file(&self.root.join("port"), port.as_bytes(), None, 0o644)
     }
 
     fn pid_file(&self) -> PathBuf {
@@ -217,19 +208,7 @@ impl Server {
              GRANT ALL PRIVILEGES ON *.* TO '{ADMIN_USER}'@'127.0.0.1' WITH GRANT OPTION;\n\
              REVOKE FILE ON *.* FROM '{ADMIN_USER}'@'127.0.0.1';\n"
         );
-        use std::io::Write;
-        use std::os::unix::fs::OpenOptionsExt;
-        let _ = std::fs::remove_file(&path);
-        let mut file = std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(&path)
-            .with_context(|| format!("creating {}", path.display()))?;
-        file.write_all(sql.as_bytes())?;
-        if let Some((uid, gid)) = self.run_as {
-            std::os::unix::fs::chown(&path, Some(uid), Some(gid))?;
-        }
+        crate::os_user::inside::file(&path, sql.as_bytes(), self.run_as, 0o600)?;
         Ok(path)
     }
 
@@ -240,7 +219,7 @@ impl Server {
         result?;
         self.spawn_watchdog()?;
         // For a CLI command run beside the server ([`running_port`]).
-        std::fs::write(self.root.join("port"), format!("{}\n", self.port))?;
+        self.write_port()?;
         tracing::info!(port = self.port, "embedded MariaDB is up");
         Ok(())
     }
@@ -258,7 +237,7 @@ impl Server {
                 (Some(p), 1) => p,
                 _ => crate::os_user::free_port()?,
             };
-            let log_start = std::fs::metadata(self.log_file())
+            let log_start = std::fs::symlink_metadata(self.log_file())
                 .map(|m| m.len())
                 .unwrap_or(0);
             let mut cmd = self.command(&self.bindir.mariadbd);
@@ -350,16 +329,9 @@ impl Server {
     /// A server an earlier process left running on this datadir (its watchdog missed it) is
     /// stopped before this one starts.
     fn stop_leftover(&self) {
-        let Ok(text) = std::fs::read_to_string(self.pid_file()) else {
+        let Some(pid) = server_pid(&self.root) else {
             return;
         };
-        let Ok(pid) = text.trim().parse::<u32>() else {
-            return;
-        };
-        let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
-        if !comm.trim().starts_with("mariadbd") && !comm.trim().starts_with("mysqld") {
-            return;
-        }
         tracing::warn!(
             pid,
             "an earlier embedded MariaDB is still running; stopping it"
@@ -430,7 +402,7 @@ impl Server {
                 "MariaDB restarted on another port"
             );
         }
-        std::fs::write(self.root.join("port"), format!("{}\n", self.port))?;
+        self.write_port()?;
         self.spawn_watchdog()
     }
 
@@ -443,25 +415,33 @@ impl Server {
 /// The port of the embedded server running under `root`, if one runs (its pid file names a
 /// live `mariadbd`).
 pub fn running_port(root: &Path) -> Option<u16> {
-    let pid: u32 = std::fs::read_to_string(root.join("mariadbd.pid"))
-        .ok()?
-        .trim()
-        .parse()
-        .ok()?;
-    let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).ok()?;
-    if !comm.trim().starts_with("mariadbd") && !comm.trim().starts_with("mysqld") {
-        return None;
-    }
-    std::fs::read_to_string(root.join("port"))
-        .ok()?
-        .trim()
-        .parse()
-        .ok()
+    server_pid(root)?;
+    let port = crate::os_user::inside::read(&root.join("port"), 0, 16).ok()?;
+    String::from_utf8_lossy(&port).trim().parse().ok()
 }
 
+/// The pid of the `mariadbd` serving the datadir under `root`, from its pid file: only a live
+/// `mariadbd` whose command line names this datadir (the pid file is the server user's: a pid
+/// of another process written there is not one to stop).
+fn server_pid(root: &Path) -> Option<u32> {
+    let text = crate::os_user::inside::read(&root.join("mariadbd.pid"), 0, 32).ok()?;
+    let pid: u32 = String::from_utf8_lossy(&text).trim().parse().ok()?;
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+    let mut args = cmdline.split(|b| *b == 0);
+    let program = args.next()?;
+    let name = program.rsplit(|b| *b == b'/').next()?;
+    if !name.starts_with(b"mariadbd") && !name.starts_with(b"mysqld") {
+        return None;
+    }
+    let datadir = format!("--datadir={}", root.join("data").display());
+    args.any(|a| a == datadir.as_bytes()).then_some(pid)
+}
+
+/// The server's log from `offset` (at most 1 MiB of it: a start writes a few kB), read without
+/// following a link put in its place.
 fn read_from(path: &Path, offset: u64) -> String {
-    let bytes = std::fs::read(path).unwrap_or_default();
-    String::from_utf8_lossy(bytes.get(offset as usize..).unwrap_or_default()).into_owned()
+    let bytes = crate::os_user::inside::read(path, offset, 1 << 20).unwrap_or_default();
+    String::from_utf8_lossy(&bytes).into_owned()
 }
 
 /// SIGTERM: MariaDB's clean shutdown.

@@ -46,6 +46,8 @@ pub struct Mysql {
     /// The server's binary logs as `/api/cdc/status` last read them (at most one admin
     /// connection, once a second: [`retention::ServerFacts`]).
     pub(crate) binlog_facts: retention::FactsCache,
+    /// The binlog dump each project's stream opened last (a restart ends it first).
+    pub dumps: Arc<crate::cdc::binlog::Dumps>,
 }
 
 /// A reachable server: its admin account and what it is.
@@ -70,6 +72,7 @@ impl Mysql {
             embedded: std::sync::Mutex::new(None),
             sql: sql::Pools::new(config),
             binlog_facts: retention::FactsCache::default(),
+            dumps: Default::default(),
         }
     }
 

@@ -31,9 +31,6 @@ use super::Mysql;
 use crate::auth::{Access, DbRole};
 use crate::config::Config;
 
-/// How long a request holding its project's share waits for a login to the project database
-/// on top of `sql_queue_timeout_ms` (then 429).
-const MYSQL_CONNECT_BOUND: Duration = Duration::from_secs(5);
 use crate::sql::{SqlError, SqlRequest};
 
 /// Extra time past `statement_timeout` before the server kills a statement itself (the
@@ -279,9 +276,9 @@ impl Mysql {
             let pool = self.pool(target, &project.id, &project.db_name, access.db_role);
             // The share's permit is held: a slot is free or about to be (one returning after
             // its reset), so what is left to wait for is mostly a login, bounded like the
-            // PostgreSQL pool's connection (queue timeout + a connect bound), not by the
+            // PostgreSQL pool's connection (queue timeout + the same login bound), not by the
             // queue timeout alone (a slow login under load is not a busy project).
-            let bound = self.sql.queue_timeout + MYSQL_CONNECT_BOUND;
+            let bound = self.sql.queue_timeout + crate::sql::LOGIN_BOUND;
             match tokio::time::timeout(bound, pool.get_conn()).await {
                 Err(_) => {
                     return Err(SqlError::Busy(

@@ -46,7 +46,7 @@ use crate::metrics::Metrics;
 use crate::rls::Identities;
 use crate::secrets::Secrets;
 
-pub use pool::{release, Checkout, PoolFailure, PooledConnection};
+pub use pool::{release, Checkout, PoolFailure, PooledConnection, LOGIN_BOUND};
 pub use render::SqlResponse;
 
 /// The body of `POST /api/execute-sql`. Fields it does not know are ignored: clients of the

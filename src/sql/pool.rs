@@ -310,6 +310,16 @@ const OWN_CONNECTIONS_MARGIN: i32 = 8;
 const REPAIR_CONNECTIONS: usize = 4;
 const REPAIR_WAIT: Duration = Duration::from_secs(10);
 
+/// How long a request that holds its project's share (and, on PostgreSQL, a place in the
+/// connection budget) may wait for a login to the project database on top of
+/// `sql_queue_timeout_ms`, then 429 / 503: both engines' pools (here and in
+/// `crate::mysql::sql`). A login is a TCP connect (bounded at 5 s itself), authentication and
+/// the session's setup: milliseconds on a healthy server; 10 s is twice the connect bound, room
+/// for a loaded machine (a MySQL login once took longer than the 5 s queue timeout on CI) while
+/// a client still hears back well inside a usual 30 s HTTP timeout. (Before: 30 s on
+/// PostgreSQL, 5 s on MySQL, for the same idea.)
+pub const LOGIN_BOUND: Duration = Duration::from_secs(10);
+
 pub(super) fn repair_pool(cluster: &ClusterTarget) -> deadpool_postgres::Pool {
     let mut cfg = cluster.pg_config(&cluster.control_db);
     cfg.application_name("fluxbase-repair");
@@ -523,7 +533,7 @@ impl Sql {
             .max_size(self.pool_size)
             .wait_timeout(Some(Duration::from_secs(10)))
             // The budget's wait plus a login (which finishes in its own task if this expires).
-            .create_timeout(Some(self.queue_timeout + Duration::from_secs(30)))
+            .create_timeout(Some(self.queue_timeout + LOGIN_BOUND))
             .runtime(deadpool::Runtime::Tokio1)
             .build()
             .map_err(|e| anyhow::anyhow!("building a pool: {e}"))?;

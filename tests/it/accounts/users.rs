@@ -488,30 +488,12 @@ async fn access_changes_made_by_another_process_reach_a_running_server() {
     assert_eq!(ack["type"], "subscribed", "{ack}");
 
     // Another process on the same control database: `fluxbase project suspend`.
-    let dir = crate::support::scratch_dir(&format!(
-        "it-{}-{}",
-        std::process::id(),
-        crate::support::unique("suspend")
-    ));
-    let url = crate::support::pg().await.url(&app.app.cluster.control_db);
-    let project = f.project.clone();
-    let out = tokio::task::spawn_blocking(move || {
-        std::process::Command::new(env!("CARGO_BIN_EXE_fluxbase"))
-            .args(["project", "suspend", &project])
-            .env("FLUXBASE_DATABASE_URL", url)
-            .env("FLUXBASE_DATA_DIR", &dir)
-            .env("FLUXBASE_LOG", "warn")
-            .current_dir(&dir)
-            .output()
-            .unwrap()
-    })
-    .await
-    .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    crate::support::process::operator(
+        &app.app.cluster.control_db,
+        &["project", "suspend", &f.project],
+        &[],
+    )
+    .await;
     // The running server heard the change: it empties its access cache, then closes the room
     // with the reason. From then on the project is refused.
     let m = crate::support::ws::recv(&mut ws).await;

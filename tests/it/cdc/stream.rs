@@ -578,15 +578,7 @@ async fn a_definite_error_stops_the_stream_and_reports_it_instead_of_retrying() 
     assert_eq!(later.state, StreamState::Failed);
     assert_eq!(later.reconnects, failed.reconnects, "{later:?}");
 
-    let (status, body) = app
-        .call(
-            "GET",
-            &format!("/api/cdc/status?projectId={}", f.project),
-            Some(&f.admin),
-            None,
-        )
-        .await;
-    assert_eq!(status, 200, "{body}");
+    let body = app.cdc_status(&f.project, &f.admin).await;
     assert_eq!(body["stream"]["state"], "failed", "{body}");
     assert_eq!(body["stream"]["lastError"], error.as_str(), "{body}");
     let text = app.app.metrics.render(0, &app.app.cdc.all_status());

@@ -15,6 +15,8 @@
 //!   that has some refuses to start);
 //! - `creation`: a project whose slot is slow to create (older transactions running) still
 //!   streams: its leader neither starts before the slot exists nor fences its creator.
+//! - `suspended`: a suspended project (both engines) is still led: its slot and binlog
+//!   position follow the log, and after the resume a `since` subscriber misses nothing.
 //!
 //! Subscribers here ([`Subscriber`]) read in a task of their own (a socket left unread would
 //! fall behind its send queue), reconnect with `since` (the last id they saw) when their
@@ -25,6 +27,7 @@ mod fanout;
 mod mysql;
 mod rate_limit;
 mod restart;
+mod suspended;
 mod workload;
 
 use std::collections::BTreeSet;
@@ -217,6 +220,44 @@ impl Subscriber {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
+}
+
+/// One subscriber per node (named by the node's id, preferring it), each subscribed before
+/// this returns.
+pub async fn subscribers_on_every_node(
+    nodes: &Nodes,
+    p: &crate::support::fixtures::Project,
+    dir: &Directory,
+) -> Vec<Subscriber> {
+    let subscribers: Vec<Subscriber> = (0..nodes.len())
+        .map(|i| Subscriber::start(&nodes.ids[i], &p.project, &p.read, dir.clone(), i))
+        .collect();
+    for s in &subscribers {
+        s.wait_subscribed(1, Duration::from_secs(60)).await;
+    }
+    subscribers
+}
+
+/// A webhook receiver and a webhook of every row change of tables `w` and `done` (made through
+/// node 1): what the workloads check deliveries against. Returns the receiver and the
+/// webhook's id.
+pub async fn workload_webhook(
+    nodes: &Nodes,
+    p: &crate::support::fixtures::Project,
+) -> (crate::support::receiver::Receiver, String) {
+    let rx = crate::support::receiver::Receiver::start().await;
+    let (status, hook) = crate::support::http::call(
+        nodes.base(1),
+        "POST",
+        "/api/webhooks",
+        Some(&p.admin),
+        json!({ "projectId": p.project, "url": rx.url, "tables": ["w", "done"],
+                "events": ["row.inserted", "row.updated", "row.deleted"] }),
+    )
+    .await;
+    assert_eq!(status, 201, "{hook}");
+    let id = hook["webhook"]["id"].as_str().unwrap().to_string();
+    (rx, id)
 }
 
 /// A subscriber's loop: connect to the preferred running node, subscribe (with `since` once it

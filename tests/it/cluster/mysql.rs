@@ -14,14 +14,15 @@ use mysql_async::prelude::Queryable;
 use serde_json::{json, Value};
 
 use super::{
-    assert_exactly_once_in_order, bounded, directory, update_directory, ChangeKey, Subscriber,
+    assert_exactly_once_in_order, bounded, directory, subscribers_on_every_node, update_directory,
+    workload_webhook, ChangeKey,
 };
 use crate::support::fixtures::project_on;
 use crate::support::http::call;
 use crate::support::mariadb::mariadb;
 use crate::support::nodes::Nodes;
 use crate::support::poll;
-use crate::support::receiver::{Received, Receiver};
+use crate::support::receiver::Received;
 
 /// Transactions of the workload; the leader is killed halfway.
 const TRANSACTIONS: u64 = 300;
@@ -105,17 +106,7 @@ async fn a_mysql_project_streams_through_the_cluster_and_a_kill_9_of_its_leader_
         conn.query_drop("CREATE TABLE done (id int PRIMARY KEY)")
             .await
             .unwrap();
-        let rx = Receiver::start().await;
-        let (status, hook) = call(
-            nodes.base(1),
-            "POST",
-            "/api/webhooks",
-            Some(&p.admin),
-            json!({ "projectId": p.project, "url": rx.url, "tables": ["w", "done"],
-                    "events": ["row.inserted", "row.updated", "row.deleted"] }),
-        )
-        .await;
-        assert_eq!(status, 201, "{hook}");
+        let (rx, _) = workload_webhook(&nodes, &p).await;
 
         let (leader, _) = nodes.wait_leader(&p, None, Duration::from_secs(60)).await;
         let killed = nodes.index_of(&leader);
@@ -130,12 +121,7 @@ async fn a_mysql_project_streams_through_the_cluster_and_a_kill_9_of_its_leader_
         );
 
         let dir = directory(&nodes);
-        let subscribers: Vec<Subscriber> = (0..nodes.len())
-            .map(|i| Subscriber::start(&nodes.ids[i], &p.project, &p.read, dir.clone(), i))
-            .collect();
-        for s in &subscribers {
-            s.wait_subscribed(1, Duration::from_secs(60)).await;
-        }
+        let subscribers = subscribers_on_every_node(&nodes, &p, &dir).await;
 
         let mut rng = Rng(0x9e37_79b9_7f4a_7c15 ^ u64::from(std::process::id()));
         let (mut rows, mut next_s) = (BTreeMap::new(), 0i64);

@@ -9,7 +9,8 @@ use std::time::{Duration, Instant};
 use serde_json::{json, Value};
 
 use super::{
-    assert_exactly_once_in_order, bounded, directory, update_directory, ChangeKey, Subscriber,
+    assert_exactly_once_in_order, bounded, directory, subscribers_on_every_node, update_directory,
+    workload_webhook, ChangeKey, Subscriber,
 };
 use crate::support::fixtures::{project, Project};
 use crate::support::http::{call, sql};
@@ -125,29 +126,13 @@ async fn through_a_loss(loss: Loss) {
     let db = format!("fx_{}", p.project);
     let control = pg.client(nodes.control_database()).await;
     sql(nodes.base(0), &p.admin, &p.project, SCHEMA).await;
-    let rx = Receiver::start().await;
-    let (status, hook) = call(
-        nodes.base(1),
-        "POST",
-        "/api/webhooks",
-        Some(&p.admin),
-        json!({ "projectId": p.project, "url": rx.url, "tables": ["w", "done"],
-                "events": ["row.inserted", "row.updated", "row.deleted"] }),
-    )
-    .await;
-    assert_eq!(status, 201, "{hook}");
-    let webhook_id = hook["webhook"]["id"].as_str().unwrap().to_string();
+    let (rx, webhook_id) = workload_webhook(&nodes, &p).await;
     let (leader, _) = nodes.wait_leader(&p, None, Duration::from_secs(60)).await;
     eprintln!("{loss:?}: project {} led by node {leader}", p.project);
 
     // One subscriber per node, each subscribed before the workload starts.
     let dir = directory(&nodes);
-    let subscribers: Vec<Subscriber> = (0..nodes.len())
-        .map(|i| Subscriber::start(&nodes.ids[i], &p.project, &p.read, dir.clone(), i))
-        .collect();
-    for s in &subscribers {
-        s.wait_subscribed(1, Duration::from_secs(60)).await;
-    }
+    let subscribers = subscribers_on_every_node(&nodes, &p, &dir).await;
 
     // The gate: the workload's second half waits until this session lets go of the lock.
     let gate = pg.client(&db).await;

@@ -333,16 +333,7 @@ async fn the_status_reports_the_binlog_stream() {
     let e = next_event(&mut sub).await;
     let mut body = Value::Null;
     for _ in 0..50 {
-        let (status, b) = app
-            .call(
-                "GET",
-                &format!("/api/cdc/status?projectId={}", f.project),
-                Some(&f.admin),
-                None,
-            )
-            .await;
-        assert_eq!(status, 200, "{b}");
-        body = b;
+        body = app.cdc_status(&f.project, &f.admin).await;
         let confirmed = body["stream"]["confirmedLsn"]
             .as_str()
             .and_then(|s| s.parse::<fluxbase_replication::pgoutput::Lsn>().ok());

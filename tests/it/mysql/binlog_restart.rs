@@ -48,16 +48,7 @@ async fn stopped_as(
         },
     )
     .await;
-    let (status, body) = app
-        .call(
-            "GET",
-            &format!("/api/cdc/status?projectId={}", f.project),
-            Some(&f.admin),
-            None,
-        )
-        .await;
-    assert_eq!(status, 200, "{body}");
-    body
+    app.cdc_status(&f.project, &f.admin).await
 }
 
 #[tokio::test]
@@ -422,4 +413,81 @@ async fn a_refused_position_in_a_file_the_server_has_is_failed_not_slot_lost() {
             .any(|r| r[0].as_deref() == Some(file.as_str())),
         "{file} is still listed"
     );
+}
+
+/// A rewind (a durable subscriber joining) is a deliberate restart: the stream ends its
+/// previous dump itself before it asks for the new one, so the new dump does not wait ~0.1 s
+/// for the server to end it (src/cdc/binlog/mod.rs, `Dumps`), and it takes no reconnection
+/// backoff. Counted, not timed: each rewind ends exactly the dump that was streaming (gone from
+/// the server's process list), `reconnects` never moves, and every rewound stream delivers.
+#[tokio::test]
+async fn a_rewind_ends_its_previous_dump_itself_and_takes_no_backoff() {
+    let app = spawn_mysql_app().await;
+    let f = app.mysql_fixture().await;
+    let maria = mariadb().await;
+    let mut conn = project_conn(&f.project).await;
+    conn.query_drop("CREATE TABLE r (id int PRIMARY KEY)")
+        .await
+        .unwrap();
+    let streaming = || async {
+        poll::until(
+            Duration::from_secs(20),
+            Duration::from_millis(50),
+            || async {
+                match app.app.cdc.status(&f.project) {
+                    Some(s) if s.state == StreamState::Streaming => Ok(s),
+                    other => Err(format!("{:?}", other.map(|s| s.state))),
+                }
+            },
+        )
+        .await
+    };
+    let reconnects = streaming().await.reconnects;
+    let dumps = &app.app.mysql.dumps;
+    let command = |id: u32| async move {
+        maria
+            .query(&format!(
+                "SELECT COMMAND FROM information_schema.PROCESSLIST WHERE ID = {id}"
+            ))
+            .await
+            .first()
+            .and_then(|r| r[0].clone())
+    };
+    for round in 1..=3u64 {
+        let before = dumps.current(&f.project).expect("the stream's dump");
+        assert_eq!(command(before).await.as_deref(), Some("Binlog Dump"));
+        assert_eq!(dumps.ended(&f.project), round - 1);
+        let durable = app.app.bus.project(&f.project).subscribe_durable();
+        let mut durable = durable;
+        conn.query_drop(format!("INSERT INTO r VALUES ({round})"))
+            .await
+            .unwrap();
+        // The rewound stream replays from the stored position, then this round's row.
+        loop {
+            let e = next_event(&mut durable).await;
+            let v: Value = serde_json::from_str(&e.payload).unwrap();
+            if v["record"]["id"] == json!(round) {
+                break;
+            }
+        }
+        assert_eq!(
+            dumps.ended(&f.project),
+            round,
+            "the previous dump was not ended by the stream"
+        );
+        let after = dumps.current(&f.project).expect("the new dump");
+        assert_ne!(after, before);
+        assert_eq!(
+            command(before).await,
+            None,
+            "the previous dump is still on the server"
+        );
+        assert_eq!(
+            streaming().await.reconnects,
+            reconnects,
+            "a rewind took the backoff path"
+        );
+        drop(durable);
+    }
+    app.stop().await;
 }

@@ -518,3 +518,182 @@ async fn a_project_admin_cannot_reach_the_binlog_or_its_capture() {
         assert!((400..500).contains(&status), "{status} {body}");
     }
 }
+
+/// The embedded server's root belongs to its unprivileged user (`mysql`), whom Fluxbase, as
+/// root, must never lend its rights: links that user leaves in the place of the files and
+/// directories Fluxbase makes there at each start (`tmp/`, `no-files/`, `port`, `init.sql`)
+/// are removed, never followed, and a pid file naming another `mariadbd` stops nothing. (Before:
+/// `chown tmp` gave a linked directory to the server's user, `chmod no-files` and a write of
+/// `port` reached the link's target, and any live `mariadbd`/`mysqld` named in the pid file was
+/// sent SIGTERM.) Only as root: without root no other user is involved.
+#[tokio::test]
+async fn links_left_in_the_embedded_servers_root_are_never_followed() {
+    use mysql_async::prelude::Queryable;
+    use std::os::unix::fs::{symlink, MetadataExt, PermissionsExt};
+    let euid = std::fs::read_to_string("/proc/self/status")
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix("Uid:"))
+        .and_then(|ids| ids.split_whitespace().nth(1).map(str::to_string));
+    if euid.as_deref() != Some("0") {
+        eprintln!("not root: the server runs as this user, nobody else can leave links");
+        return;
+    }
+    let base = crate::support::scratch_dir(&format!(
+        "it-{}-{}",
+        std::process::id(),
+        crate::support::unique("links")
+    ));
+    // The victims: root's, where the server's user may not write.
+    let victim_dir = base.join("victim-dir");
+    let victim_ro = base.join("victim-ro");
+    std::fs::create_dir_all(&victim_dir).unwrap();
+    std::fs::create_dir_all(&victim_ro).unwrap();
+    for d in [&base, &victim_dir, &victim_ro] {
+        std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    let victim_file = base.join("victim-file");
+    let victim_init = base.join("victim-init");
+    std::fs::write(&victim_file, "precious\n").unwrap();
+    std::fs::write(&victim_init, "precious\n").unwrap();
+    // A process named mariadbd that is not the server (a copy of sleep).
+    let fake = base.join("mariadbd");
+    std::fs::copy("/bin/sleep", &fake).unwrap();
+    let mut bystander = std::process::Command::new(&fake)
+        .arg("300")
+        .spawn()
+        .unwrap();
+
+    let root = base.join("mariadb");
+    let password = fluxbase::secrets::random_base62(24);
+    let start = |root: std::path::PathBuf, password: String| {
+        tokio::task::spawn_blocking(move || {
+            fluxbase::mysql::embedded::Server::start(
+                &root,
+                &password,
+                crate::support::mariadb::TEST_SETTINGS,
+            )
+        })
+    };
+    let server = start(root.clone(), password.clone())
+        .await
+        .unwrap()
+        .unwrap();
+    let user = std::fs::metadata(root.join("tmp")).unwrap().uid();
+    assert_ne!(user, 0, "the server runs as its own user");
+    server.stop().unwrap();
+    drop(server);
+
+    // What the server's user can do to its own directory between two starts.
+    std::fs::remove_dir_all(root.join("tmp")).unwrap();
+    symlink(&victim_dir, root.join("tmp")).unwrap();
+    std::fs::set_permissions(
+        root.join("no-files"),
+        std::fs::Permissions::from_mode(0o755),
+    )
+    .unwrap();
+    std::fs::remove_dir_all(root.join("no-files")).unwrap();
+    symlink(&victim_ro, root.join("no-files")).unwrap();
+    let _ = std::fs::remove_file(root.join("port"));
+    symlink(&victim_file, root.join("port")).unwrap();
+    symlink(&victim_init, root.join("init.sql")).unwrap();
+    std::fs::write(root.join("mariadbd.pid"), format!("{}\n", bystander.id())).unwrap();
+    // All of them the server user's, as if it had made them.
+    let gid = std::fs::metadata(&root).unwrap().gid();
+    for name in ["tmp", "no-files", "port", "init.sql", "mariadbd.pid"] {
+        std::os::unix::fs::lchown(root.join(name), Some(user), Some(gid)).unwrap();
+    }
+
+    let server = start(root.clone(), password).await.unwrap().unwrap();
+    let meta = |p: &std::path::Path| std::fs::metadata(p).unwrap();
+    for d in [&victim_dir, &victim_ro] {
+        assert_eq!(meta(d).uid(), 0, "{} was given away", d.display());
+        assert_eq!(
+            meta(d).mode() & 0o7777,
+            0o755,
+            "{} changed mode",
+            d.display()
+        );
+    }
+    for f in [&victim_file, &victim_init] {
+        assert_eq!(
+            std::fs::read_to_string(f).unwrap(),
+            "precious\n",
+            "{} written",
+            f.display()
+        );
+        assert_eq!(meta(f).uid(), 0, "{} was given away", f.display());
+    }
+    assert!(
+        bystander.try_wait().unwrap().is_none(),
+        "a process named in the pid file was stopped"
+    );
+    // The server made its own again, and runs on them.
+    let tmp = std::fs::symlink_metadata(root.join("tmp")).unwrap();
+    assert!(tmp.file_type().is_dir(), "tmp/ is a directory again");
+    assert_eq!((tmp.uid(), tmp.mode() & 0o7777), (user, 0o700));
+    let no_files = std::fs::symlink_metadata(root.join("no-files")).unwrap();
+    assert!(no_files.file_type().is_dir());
+    assert_eq!((no_files.uid(), no_files.mode() & 0o7777), (0, 0o555));
+    assert!(std::fs::symlink_metadata(root.join("port"))
+        .unwrap()
+        .file_type()
+        .is_file());
+    assert_eq!(
+        fluxbase::mysql::embedded::running_port(&root),
+        Some(server.port)
+    );
+    let mut conn = mysql_async::Conn::from_url(server.admin_url())
+        .await
+        .unwrap();
+    let tmpdir: Option<String> = conn.query_first("SELECT @@tmpdir").await.unwrap();
+    assert_eq!(tmpdir.as_deref(), root.join("tmp").to_str());
+    drop(conn);
+    server.stop().unwrap();
+    let _ = bystander.kill();
+    let _ = bystander.wait();
+}
+
+/// The embedded PostgreSQL's root is its own user's (`postgres`) too: a link left as its
+/// `.pwfile` (written at `initdb`, which that user can bring about by removing its data
+/// directory) is replaced, never followed by root. (Before: root wrote the superuser's
+/// password into the link's target and gave the target to `postgres`.)
+#[tokio::test]
+async fn a_link_left_in_the_embedded_clusters_root_is_never_followed() {
+    use std::os::unix::fs::{symlink, MetadataExt};
+    let euid = std::fs::read_to_string("/proc/self/status")
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix("Uid:"))
+        .and_then(|ids| ids.split_whitespace().nth(1).map(str::to_string));
+    if euid.as_deref() != Some("0") {
+        eprintln!("not root: the cluster runs as this user, nobody else can leave links");
+        return;
+    }
+    let base = crate::support::scratch_dir(&format!(
+        "it-{}-{}",
+        std::process::id(),
+        crate::support::unique("pglinks")
+    ));
+    let victim = base.join("victim");
+    std::fs::write(&victim, "precious\n").unwrap();
+    let root = base.join("pg");
+    std::fs::create_dir_all(&root).unwrap();
+    symlink(&victim, root.join(".pwfile")).unwrap();
+    let password = fluxbase::secrets::random_base62(24);
+    let cluster = tokio::task::spawn_blocking(move || {
+        fluxbase::embedded::Cluster::start(&root, &password, &[("fsync", "off")])
+    })
+    .await
+    .unwrap()
+    .unwrap();
+    assert_eq!(std::fs::read_to_string(&victim).unwrap(), "precious\n");
+    assert_eq!(std::fs::metadata(&victim).unwrap().uid(), 0);
+    let (client, conn) = tokio_postgres::connect(&cluster.url("postgres"), tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    client.query_one("SELECT 1", &[]).await.unwrap();
+    drop(client);
+    cluster.stop().unwrap();
+}

@@ -28,6 +28,15 @@ async fn admin(app: &TestApp) -> mysql_async::Conn {
         .unwrap()
 }
 
+/// A server whose periodic purge waits an hour (a test purges by calling [`purge`] itself), a
+/// MySQL project of its, and a connection as the MariaDB server account.
+async fn retention_app() -> (TestApp, Fixture, mysql_async::Conn) {
+    let app = spawn_app_with(|c| c.mysql_binlog_purge_interval_secs = 3600).await;
+    let f = app.mysql_fixture().await;
+    let conn = admin(&app).await;
+    (app, f, conn)
+}
+
 async fn logs(app: &TestApp) -> Vec<String> {
     let mut conn = admin(app).await;
     fluxbase::cdc::binlog::binary_logs(&mut conn)
@@ -52,16 +61,7 @@ async fn stored_file(app: &TestApp, project: &str) -> String {
 }
 
 async fn status(app: &TestApp, f: &Fixture) -> Value {
-    let (code, body) = app
-        .call(
-            "GET",
-            &format!("/api/cdc/status?projectId={}", f.project),
-            Some(&f.read),
-            None,
-        )
-        .await;
-    assert_eq!(code, 200, "{body}");
-    body
+    app.cdc_status(&f.project, &f.read).await
 }
 
 /// A project whose stream is stopped (as when its server was down): a row written meanwhile.
@@ -255,10 +255,8 @@ async fn a_stopped_streams_binlog_survives_purging_and_past_the_bound_it_is_lost
 async fn a_suspended_projects_stream_runs_on_and_its_resume_misses_nothing() {
     use crate::support::ws::{nothing_more, row, subscribed};
     use fluxbase::projects::ProjectStatus;
-    let app = spawn_app_with(|c| c.mysql_binlog_purge_interval_secs = 3600).await;
-    let f = app.mysql_fixture().await;
+    let (app, f, mut conn) = retention_app().await;
     let p = f.keys();
-    let mut conn = admin(&app).await;
     conn.query_drop(format!(
         "CREATE TABLE fx_{0}.r (id int PRIMARY KEY); INSERT INTO fx_{0}.r VALUES (0)",
         f.project
@@ -350,14 +348,12 @@ async fn a_suspended_projects_stream_runs_on_and_its_resume_misses_nothing() {
 /// file; and the real recording of a first position waits for a purge holding the lock.
 #[tokio::test]
 async fn a_new_projects_first_position_is_never_purged_under_it() {
-    let app = spawn_app_with(|c| c.mysql_binlog_purge_interval_secs = 3600).await;
-    let f = app.mysql_fixture().await;
+    let (app, f, mut conn) = retention_app().await;
     app.app.cdc.stop(&f.project).await;
     let wide = Bound {
         bytes: u64::MAX,
         age: Duration::from_secs(1 << 30),
     };
-    let mut conn = admin(&app).await;
     let mut control = app.app.control.get().await.unwrap();
     control
         .execute(
@@ -436,9 +432,7 @@ async fn a_new_projects_first_position_is_never_purged_under_it() {
 /// `binlog` object and cost the server a handful of `SHOW BINARY LOGS`, not 60.
 #[tokio::test]
 async fn status_calls_share_one_read_of_the_servers_binary_logs() {
-    let app = spawn_app_with(|c| c.mysql_binlog_purge_interval_secs = 3600).await;
-    let f = app.mysql_fixture().await;
-    let mut conn = admin(&app).await;
+    let (app, f, mut conn) = retention_app().await;
     async fn shows(conn: &mut mysql_async::Conn) -> u64 {
         conn.query_first::<(String, u64), _>("SHOW GLOBAL STATUS LIKE 'Com_show_binlogs'")
             .await

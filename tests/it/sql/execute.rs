@@ -3,7 +3,7 @@
 
 use serde_json::{json, Value};
 
-use crate::support::{spawn_app, spawn_app_with};
+use crate::support::{spawn_app, spawn_app_with, Fixture, TestApp};
 
 #[tokio::test]
 async fn select_answers_in_the_guides_shape() {
@@ -843,16 +843,7 @@ async fn cached_statements_carry_no_session_state_between_requests() {
          GRANT SELECT ON shape TO PUBLIC",
     )
     .await;
-    let run = |query: &'static str| {
-        let (app, f) = (&app, &f);
-        async move {
-            let body = app
-                .sql_params(&f.admin, &f.project, query, json!([1]))
-                .await;
-            assert_eq!(body["success"], true, "{query}: {body}");
-            body["result"]["rows"][0].clone()
-        }
-    };
+    let run = |query: &'static str| first_row(&app, &f, query);
     const LEAVE: &str = "SELECT public.leave_state() AS done WHERE $1::int = 1";
     const PROBE: &str = "SELECT current_setting('app.secret', true) AS secret,
         current_setting('search_path') AS path,
@@ -927,6 +918,20 @@ async fn cached_statements_carry_no_session_state_between_requests() {
     assert_eq!(probe["path"], "\"$user\", public", "{probe}");
 }
 
+/// `query` as the project's admin with the one parameter the reset tests bind (`$1 = 1`, so
+/// that it runs as a kept statement): the whole answer.
+async fn with_param(app: &TestApp, f: &Fixture, query: &str) -> Value {
+    app.sql_params(&f.admin, &f.project, query, json!([1]))
+        .await
+}
+
+/// [`with_param`], asserting it succeeded: its first row.
+async fn first_row(app: &TestApp, f: &Fixture, query: &str) -> Value {
+    let body = with_param(app, f, query).await;
+    assert_eq!(body["success"], true, "{query}: {body}");
+    body["result"]["rows"][0].clone()
+}
+
 /// Session state that outlives a failed transaction is reset too: a statement that takes a
 /// session advisory lock, prepares a statement with SQL's PREPARE and advances a sequence (none
 /// of which a ROLLBACK undoes) and then fails. The failure also rolls back the reset that ran
@@ -954,14 +959,12 @@ async fn state_left_by_a_failing_statement_is_reset_before_the_next_request() {
         WHERE $1::int = 1";
     // Twice each: the first run prepares the connection's statement, the second binds it.
     for _ in 0..2 {
-        let body = app
-            .sql_params(
-                &f.admin,
-                &f.project,
-                "SELECT public.leave_state_then_fail() AS x WHERE $1::int = 1",
-                json!([1]),
-            )
-            .await;
+        let body = with_param(
+            &app,
+            &f,
+            "SELECT public.leave_state_then_fail() AS x WHERE $1::int = 1",
+        )
+        .await;
         assert_eq!(body["success"], false, "{body}");
         assert!(
             body["error"]["message"]
@@ -969,23 +972,13 @@ async fn state_left_by_a_failing_statement_is_reset_before_the_next_request() {
                 .is_some_and(|m| m.contains("failing after leaving state")),
             "{body}"
         );
-        let probe = app
-            .sql_params(&f.admin, &f.project, PROBE, json!([1]))
-            .await;
-        assert_eq!(probe["success"], true, "{probe}");
+        let probe = first_row(&app, &f, PROBE).await;
         assert_eq!(
-            probe["result"]["rows"][0],
+            probe,
             json!({ "held": false, "sql_prepared": 0 }),
             "{probe}"
         );
-        let body = app
-            .sql_params(
-                &f.admin,
-                &f.project,
-                "SELECT lastval() AS v WHERE $1::int = 1",
-                json!([1]),
-            )
-            .await;
+        let body = with_param(&app, &f, "SELECT lastval() AS v WHERE $1::int = 1").await;
         assert_eq!(body["error"]["details"], "ERROR:  55000", "{body}");
     }
 }
@@ -1013,20 +1006,15 @@ async fn state_made_by_a_sql_language_function_is_reset_before_the_next_request(
         current_setting('work_mem') = '7MB' AS changed
         WHERE $1::int = 1";
     for _ in 0..2 {
-        let body = app
-            .sql_params(
-                &f.admin,
-                &f.project,
-                "SELECT public.sql_leaves_state() AS x WHERE $1::int = 1",
-                json!([1]),
-            )
-            .await;
-        assert_eq!(body["success"], true, "{body}");
-        let probe = app
-            .sql_params(&f.admin, &f.project, PROBE, json!([1]))
-            .await;
+        first_row(
+            &app,
+            &f,
+            "SELECT public.sql_leaves_state() AS x WHERE $1::int = 1",
+        )
+        .await;
+        let probe = first_row(&app, &f, PROBE).await;
         assert_eq!(
-            probe["result"]["rows"][0],
+            probe,
             json!({ "cursors": 0, "listening": 0, "changed": false }),
             "{probe}"
         );
@@ -1061,16 +1049,7 @@ async fn session_reset_closes_every_held_cursor_and_keeps_the_statements() {
          END $$"#,
     )
     .await;
-    let run = |query: &'static str| {
-        let (app, f) = (&app, &f);
-        async move {
-            let body = app
-                .sql_params(&f.admin, &f.project, query, json!([1]))
-                .await;
-            assert_eq!(body["success"], true, "{query}: {body}");
-            body["result"]["rows"][0].clone()
-        }
-    };
+    let run = |query: &'static str| first_row(&app, &f, query);
     const PROBE: &str = "SELECT
         (SELECT count(*) FROM pg_cursors WHERE name <> '') AS cursors,
         (SELECT count(*) FROM pg_prepared_statements WHERE from_sql) AS sql_prepared,

@@ -138,6 +138,20 @@ impl TestApp {
         (status, body)
     }
 
+    /// `GET /api/cdc/status` of the project with `key`; asserts HTTP 200 and returns the body.
+    pub async fn cdc_status(&self, project: &str, key: &str) -> Value {
+        let (status, body) = self
+            .call(
+                "GET",
+                &format!("/api/cdc/status?projectId={project}"),
+                Some(key),
+                None,
+            )
+            .await;
+        assert_eq!(status, 200, "{body}");
+        body
+    }
+
     /// The name of the project's own database.
     pub async fn project_db(&self, project: &str) -> String {
         self.app

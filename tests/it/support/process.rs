@@ -11,6 +11,41 @@ use std::time::{Duration, Instant};
 
 use super::cluster::{pg, scratch_dir, unique};
 
+/// `fluxbase <args>` as an operator runs it beside running servers (`project suspend`, …): on
+/// `control_db` of the shared cluster, with `env` added, in a data directory of its own.
+/// Asserts it succeeded; returns its stdout.
+pub async fn operator(control_db: &str, args: &[&str], env: &[(&str, &str)]) -> String {
+    let dir = scratch_dir(&format!("it-{}-{}", std::process::id(), unique("operator")));
+    let url = pg().await.url(control_db);
+    let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+    let env: Vec<(String, String)> = env
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    let out = tokio::task::spawn_blocking({
+        let args = args.clone();
+        move || {
+            Command::new(env!("CARGO_BIN_EXE_fluxbase"))
+                .args(&args)
+                .env("FLUXBASE_DATABASE_URL", url)
+                .env("FLUXBASE_DATA_DIR", &dir)
+                .env("FLUXBASE_LOG", "warn")
+                .envs(env)
+                .current_dir(&dir)
+                .output()
+                .expect("running the fluxbase CLI")
+        }
+    })
+    .await
+    .unwrap();
+    assert!(
+        out.status.success(),
+        "fluxbase {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
 /// A `fluxbase serve` child; killed on drop.
 pub struct ServerProcess {
     pub base: String,
