@@ -175,8 +175,16 @@ pub mod inside {
             .read(true)
             .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
             .open(path)?;
-        if !file.metadata()?.file_type().is_file() {
+        let meta = file.metadata()?;
+        if !meta.file_type().is_file() {
             return Err(std::io::Error::other("not a regular file"));
+        }
+        // A second name for the file may be a hard link the directory's owner made to a file
+        // it could not read itself (hosts with fs.protected_hardlinks=0).
+        if std::os::unix::fs::MetadataExt::nlink(&meta) != 1 {
+            return Err(std::io::Error::other(
+                "a file with other names (hard links)",
+            ));
         }
         file.seek(std::io::SeekFrom::Start(offset))?;
         let mut out = Vec::new();
@@ -301,6 +309,21 @@ mod tests {
         symlink("/dev/zero", base.join("log")).unwrap();
         assert!(inside::read(&base.join("log"), 0, 10).is_err());
         assert_eq!(inside::read(&file, 1, 2).unwrap(), b"43");
+        // Not a fifo (its open would block without O_NONBLOCK; it is not a regular file).
+        let fifo = base.join("fifo");
+        assert!(Command::new("mkfifo")
+            .arg(&fifo)
+            .status()
+            .unwrap()
+            .success());
+        assert!(inside::read(&fifo, 0, 10).is_err());
+        // Not a hard link to a file elsewhere.
+        let hard = base.join("hard");
+        std::fs::hard_link(&victim_file, &hard).unwrap();
+        assert!(
+            inside::read(&hard, 0, 10).is_err(),
+            "read through a hard link"
+        );
         std::fs::set_permissions(&fresh, std::fs::Permissions::from_mode(0o755)).unwrap();
         std::fs::remove_dir_all(&base).unwrap();
     }

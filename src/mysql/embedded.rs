@@ -433,6 +433,9 @@ fn server_pid(root: &Path) -> Option<u32> {
     if !name.starts_with(b"mariadbd") && !name.starts_with(b"mysqld") {
         return None;
     }
+    // The server was started with its root made absolute; a caller (the CLI) may name it
+    // relative to the working directory (the default data directory is `.fluxbase`).
+    let root = std::path::absolute(root).ok()?;
     let datadir = format!("--datadir={}", root.join("data").display());
     args.any(|a| a == datadir.as_bytes()).then_some(pid)
 }

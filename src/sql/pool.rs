@@ -314,11 +314,13 @@ const REPAIR_WAIT: Duration = Duration::from_secs(10);
 /// connection budget) may wait for a login to the project database on top of
 /// `sql_queue_timeout_ms`, then 429 / 503: both engines' pools (here and in
 /// `crate::mysql::sql`). A login is a TCP connect (bounded at 5 s itself), authentication and
-/// the session's setup: milliseconds on a healthy server; 10 s is twice the connect bound, room
-/// for a loaded machine (a MySQL login once took longer than the 5 s queue timeout on CI) while
-/// a client still hears back well inside a usual 30 s HTTP timeout. (Before: 30 s on
-/// PostgreSQL, 5 s on MySQL, for the same idea.)
-pub const LOGIN_BOUND: Duration = Duration::from_secs(10);
+/// the session's setup: milliseconds on a healthy server. But the same wait also covers what a
+/// PostgreSQL login queues behind: the per-role login lock, a repair session out of
+/// [`REPAIR_CONNECTIONS`] (up to [`REPAIR_WAIT`]), the cross-node advisory lock (5 s), the
+/// connect and the role's `ALTER ROLE` commits; many projects logging in at once on a loaded
+/// machine queue for seconds. 30 s stays above all of those together, as the PostgreSQL pool
+/// always had (the MySQL pool had 5 s, too short under load on CI).
+pub const LOGIN_BOUND: Duration = Duration::from_secs(30);
 
 pub(super) fn repair_pool(cluster: &ClusterTarget) -> deadpool_postgres::Pool {
     let mut cfg = cluster.pg_config(&cluster.control_db);

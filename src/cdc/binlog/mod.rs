@@ -85,8 +85,10 @@ pub struct MysqlSource {
 /// with a fresh id; the old connection's dump thread, waiting for the log to grow, has not
 /// noticed its client is gone). Every restart paid it before its catch-up. `KILL CONNECTION`
 /// of one's own connection needs no privilege; the id is checked to still be a dump of this
-/// account first (`information_schema.PROCESSLIST` shows an account its own threads), so a
-/// server restarted since (ids start over) never loses an unrelated connection.
+/// account first (`information_schema.PROCESSLIST` shows an account its own threads), and only
+/// while the server is the same run that gave the id (its start time, from `UPTIME`): ids
+/// start over when the server restarts, and the replication account is shared by every
+/// project and node, so an id from an earlier run may now be another project's dump.
 #[derive(Default)]
 pub struct Dumps {
     by_project: Mutex<HashMap<String, DumpRecord>>,
@@ -94,8 +96,9 @@ pub struct Dumps {
 
 #[derive(Default, Clone, Copy)]
 struct DumpRecord {
-    /// The connection id of the dump the project's stream opened last.
-    connection: Option<u32>,
+    /// The connection id of the dump the project's stream opened last, and the start time
+    /// (Unix seconds) of the server run that gave it.
+    connection: Option<(u32, i64)>,
     /// Previous dumps the stream ended itself before starting a new one.
     ended: u64,
 }
@@ -117,6 +120,20 @@ impl Dumps {
             .expect("poisoned")
             .get(project_id)
             .and_then(|r| r.connection)
+            .map(|(id, _)| id)
+    }
+
+    /// Tests: makes the project's recorded dump look as if an earlier server run gave its id.
+    #[doc(hidden)]
+    pub fn pretend_earlier_run(&self, project_id: &str) {
+        if let Some(r) = self
+            .by_project
+            .lock()
+            .expect("poisoned")
+            .get_mut(project_id)
+        {
+            r.connection = r.connection.map(|(id, start)| (id, start - 3600));
+        }
     }
 
     /// Forgets a deleted project.
@@ -124,22 +141,33 @@ impl Dumps {
         self.by_project.lock().expect("poisoned").remove(project_id);
     }
 
-    fn opened(&self, project_id: &str, connection: u32) {
-        self.by_project
-            .lock()
-            .expect("poisoned")
-            .entry(project_id.to_string())
-            .or_default()
-            .connection = Some(connection);
+    fn opened(&self, project_id: &str, connection: u32, server_start: Option<i64>) {
+        let mut all = self.by_project.lock().expect("poisoned");
+        let record = all.entry(project_id.to_string()).or_default();
+        // Without the server's start time the id is not kept: it could not be told apart from
+        // another run's.
+        record.connection = server_start.map(|start| (connection, start));
     }
 
     /// Ends the project's previous dump, if one of this process's is still on the server
     /// (`conn`: the replication account, as the dump). Failing to is not an error: the server
     /// ends it anyway when the new dump registers, only later.
-    async fn end_previous(&self, conn: &mut Conn, project_id: &str) {
-        let Some(previous) = self.current(project_id) else {
-            return;
+    /// Returns the server's start time (Unix seconds), for [`Dumps::opened`].
+    async fn end_previous(&self, conn: &mut Conn, project_id: &str) -> Option<i64> {
+        // Start times read at different moments may differ by a second of rounding.
+        let start = server_start(conn).await;
+        let previous = self
+            .by_project
+            .lock()
+            .expect("poisoned")
+            .get(project_id)
+            .and_then(|r| r.connection);
+        let Some((previous, then)) = previous else {
+            return start;
         };
+        if start.is_none_or(|now| (now - then).abs() > 2) {
+            return start;
+        }
         let alive: Result<Option<u32>, _> = conn
             .exec_first(
                 "SELECT ID FROM information_schema.PROCESSLIST \
@@ -172,7 +200,20 @@ impl Dumps {
                 tracing::debug!(project_id, error = %e, "looking for the stream's previous binlog dump")
             }
         }
+        start
     }
+}
+
+/// When the MySQL server's current run started (Unix seconds), or `None` if it cannot be read.
+async fn server_start(conn: &mut Conn) -> Option<i64> {
+    conn.query_first::<Option<i64>, _>(
+        "SELECT CAST(UNIX_TIMESTAMP() - VARIABLE_VALUE AS SIGNED) \
+         FROM information_schema.GLOBAL_STATUS WHERE VARIABLE_NAME = 'UPTIME'",
+    )
+    .await
+    .ok()
+    .flatten()
+    .flatten()
 }
 
 /// Gives the source when a stream (re)connects: the wiring's way to the MySQL server, which may
@@ -749,8 +790,8 @@ async fn stream_once<B: EventBus>(
         .with_filename(start.file.as_bytes())
         .with_pos(start.offset);
     // A restart ends its previous dump itself: the new one then starts at once ([`Dumps`]).
-    source.dumps.end_previous(&mut catalog, project_id).await;
-    source.dumps.opened(project_id, conn.id());
+    let server_start = source.dumps.end_previous(&mut catalog, project_id).await;
+    source.dumps.opened(project_id, conn.id(), server_start);
     let mut stream = conn.get_binlog_stream(request).await?;
     // The state says `streaming` from the first event the server sends (its ROTATE): a new dump
     // with the replica id of one the server still holds (another node's, or another process's

@@ -491,3 +491,51 @@ async fn a_rewind_ends_its_previous_dump_itself_and_takes_no_backoff() {
     }
     app.stop().await;
 }
+
+/// An id recorded in an earlier run of the MySQL server is never killed: ids start over when
+/// the server restarts and the replication account is every project's, so it may now be
+/// another project's dump. (Fails if the run is not checked: the rewind ends the dump.)
+#[tokio::test]
+async fn a_dump_id_from_an_earlier_server_run_is_not_ended() {
+    let app = spawn_mysql_app().await;
+    let f = app.mysql_fixture().await;
+    let mut conn = project_conn(&f.project).await;
+    conn.query_drop("CREATE TABLE r (id int PRIMARY KEY)")
+        .await
+        .unwrap();
+    let dumps = &app.app.mysql.dumps;
+    poll::until(
+        Duration::from_secs(20),
+        Duration::from_millis(50),
+        || async {
+            match app.app.cdc.status(&f.project) {
+                Some(s)
+                    if s.state == StreamState::Streaming && dumps.current(&f.project).is_some() =>
+                {
+                    Ok(())
+                }
+                other => Err(format!("{:?}", other.map(|s| s.state))),
+            }
+        },
+    )
+    .await;
+    let before = dumps.current(&f.project).unwrap();
+    dumps.pretend_earlier_run(&f.project);
+    // A durable subscriber rewinds the stream (as in the test above).
+    let mut durable = app.app.bus.project(&f.project).subscribe_durable();
+    conn.query_drop("INSERT INTO r VALUES (1)").await.unwrap();
+    loop {
+        let e = next_event(&mut durable).await;
+        let v: Value = serde_json::from_str(&e.payload).unwrap();
+        if v["record"]["id"] == json!(1) {
+            break;
+        }
+    }
+    assert_eq!(dumps.ended(&f.project), 0, "an earlier run's id was killed");
+    assert_ne!(
+        dumps.current(&f.project),
+        Some(before),
+        "the stream did rewind"
+    );
+    app.stop().await;
+}
