@@ -108,8 +108,9 @@ pub struct Event {
     /// `<commit LSN, 16 hex>-<index in the transaction, 8 hex>`: stable and sortable.
     pub id: String,
     pub kind: EventKind,
-    pub schema: Option<String>,
-    pub table: Option<String>,
+    /// Shared by the events of a table (the change stream makes them once per relation).
+    pub schema: Option<Arc<str>>,
+    pub table: Option<Arc<str>>,
     /// The new row (the deleted row for DELETE), as a JSON object; `None` for schema events.
     pub record: Option<String>,
     /// The old row (or its key), as a JSON object, when PostgreSQL sent it.
@@ -122,8 +123,8 @@ pub struct Event {
     /// ordering uses it; it is not part of any payload, and events that crossed the cluster's
     /// stream do not carry it (`None`: the table's changes are ordered as one row's).
     pub row_key: Option<String>,
-    /// RFC 3339 commit time.
-    pub commit_timestamp: String,
+    /// RFC 3339 commit time (shared by the events of a transaction).
+    pub commit_timestamp: Arc<str>,
     pub commit_lsn: Lsn,
     /// The transaction's end LSN: what a consumer acknowledges.
     pub end_lsn: Lsn,
@@ -551,7 +552,7 @@ mod tests {
             old: None,
             unchanged_toast: Vec::new(),
             row_key: None,
-            commit_timestamp: String::new(),
+            commit_timestamp: Arc::from(""),
             commit_lsn: Lsn(n),
             end_lsn: Lsn(n),
             last_in_transaction: true,

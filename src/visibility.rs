@@ -642,7 +642,7 @@ impl Visibility {
         }
         // The row images of the batch, per table.
         let mut tables: Vec<TableImages> = Vec::new();
-        let mut table_index: HashMap<(String, String), usize> = HashMap::new();
+        let mut table_index: HashMap<(Arc<str>, Arc<str>), usize> = HashMap::new();
         // Per event: its table's index in `tables` (row events only).
         let mut event_table: Vec<Option<usize>> = vec![None; events.len()];
         let roles: HashSet<DbRole> = identities.iter().map(|id| id.role).collect();
@@ -661,8 +661,8 @@ impl Visibility {
                         None => Arc::new(None),
                     };
                     tables.push(TableImages {
-                        schema: schema.clone(),
-                        table: table.clone(),
+                        schema: schema.to_string(),
+                        table: table.to_string(),
                         info,
                         images: Vec::new(),
                         by_event: HashMap::new(),

@@ -582,8 +582,13 @@ fn write_kind(out: &mut String, kind: Kind<'_>, text: &str, reg: &TypeRegistry, 
 fn write_string(out: &mut String, s: &str) {
     out.reserve(s.len() + 2);
     out.push('"');
+    let bytes = s.as_bytes();
     let mut start = 0;
-    for (i, &b) in s.as_bytes().iter().enumerate() {
+    let mut i = next_escape(bytes, 0);
+    while i < bytes.len() {
+        let b = bytes[i];
+        // `i` is at an ASCII byte: a character boundary.
+        out.push_str(&s[start..i]);
         let escaped = match b {
             b'"' => "\\\"",
             b'\\' => "\\\\",
@@ -592,19 +597,50 @@ fn write_string(out: &mut String, s: &str) {
             b'\t' => "\\t",
             0x08 => "\\b",
             0x0c => "\\f",
-            0..=0x1f => "",
-            _ => continue,
+            _ => "",
         };
-        out.push_str(&s[start..i]);
         if escaped.is_empty() {
             let _ = write!(out, "\\u{b:04x}");
         } else {
             out.push_str(escaped);
         }
         start = i + 1;
+        i = next_escape(bytes, start);
     }
     out.push_str(&s[start..]);
     out.push('"');
+}
+
+/// Whether a byte must be escaped in a JSON string: a control character, `"` or `\`.
+fn needs_escape(b: u8) -> bool {
+    b < 0x20 || b == b'"' || b == b'\\'
+}
+
+/// The position of the first byte at or after `from` that must be escaped (`bytes.len()` if
+/// none). Eight bytes at a time while none does (a row's text columns are mostly long runs of
+/// plain text: byte by byte this was the largest part of rendering a wide row), then byte by
+/// byte. The word tests are exact as booleans: "some byte below 0x20" is
+/// `(x - 0x20..) & !x & 0x80..` (a byte at or above 0x80 never counts), "some byte equal to c"
+/// is the same test for zero on `x ^ c..`.
+fn next_escape(bytes: &[u8], from: usize) -> usize {
+    const ONES: u64 = 0x0101_0101_0101_0101;
+    const HIGH: u64 = 0x8080_8080_8080_8080;
+    let zero_byte = |x: u64| x.wrapping_sub(ONES) & !x & HIGH;
+    let mut i = from;
+    while let Some(chunk) = bytes.get(i..i + 8) {
+        let x = u64::from_le_bytes(chunk.try_into().expect("eight bytes"));
+        let control = x.wrapping_sub(ONES * 0x20) & !x & HIGH;
+        let quote = zero_byte(x ^ (ONES * u64::from(b'"')));
+        let backslash = zero_byte(x ^ (ONES * u64::from(b'\\')));
+        if control | quote | backslash != 0 {
+            break;
+        }
+        i += 8;
+    }
+    while i < bytes.len() && !needs_escape(bytes[i]) {
+        i += 1;
+    }
+    i
 }
 
 /// PostgreSQL's `IsValidJsonNumber`: an optional `-`, then the JSON number grammar, nothing else.
@@ -1435,6 +1471,32 @@ mod tests {
             r#""a\"b\\c\nd\te\r\b\f\u0001é✓""#
         );
         assert_eq!(render(123_456, "unknown type"), "\"unknown type\"");
+    }
+
+    #[test]
+    fn every_byte_that_needs_escaping_is_found_at_every_place_in_a_word() {
+        // Each special byte (and its neighbours in value: 0x1f/0x20, 0x21/0x22/0x23,
+        // 0x5b/0x5c/0x5d, 0x7f, multi-byte characters) at every offset of texts longer than a
+        // word, alone and in pairs: rendered exactly as serde_json escapes them.
+        let specials = [
+            "\u{0}", "\u{1}", "\u{8}", "\t", "\n", "\u{c}", "\r", "\u{1f}", " ", "!", "\"", "#",
+            "[", "\\", "]", "\u{7f}", "é", "✓", "😀",
+        ];
+        for len in [0usize, 1, 7, 8, 9, 15, 16, 17, 31] {
+            for at in 0..=len {
+                for a in specials {
+                    for b in ["", "\"", "\u{1}", "é"] {
+                        let text = format!("{}{a}{b}{}", "x".repeat(at), "y".repeat(len - at));
+                        let mut out = String::new();
+                        write_string(&mut out, &text);
+                        assert_eq!(out, serde_json::to_string(&text).unwrap(), "{text:?}");
+                    }
+                }
+            }
+        }
+        assert_eq!(next_escape(b"abcdefghijklmnop", 0), 16);
+        assert_eq!(next_escape(b"abcdefghijklmno\"", 3), 15);
+        assert_eq!(next_escape(b"\\bcdefghijklmnop", 1), 16);
     }
 
     #[test]

@@ -159,7 +159,7 @@ struct OpenTx {
 
 /// Follows the pgoutput message sequence of one replication connection.
 pub struct Assembler {
-    relations: HashMap<u32, Relation>,
+    relations: HashMap<u32, events::Table>,
     current: Option<OpenTx>,
     streams: HashMap<Xid, TxBuffer>,
     stream_xid: Option<Xid>,
@@ -253,7 +253,7 @@ impl Assembler {
     }
 
     pub fn relation(&self, id: u32) -> Option<&Relation> {
-        self.relations.get(&id)
+        self.relations.get(&id).map(|t| &t.rel)
     }
 
     fn buffer(&mut self, what: &'static str) -> Result<&mut TxBuffer, AssembleError> {
@@ -269,7 +269,7 @@ impl Assembler {
         }
     }
 
-    fn rel(&self, id: u32, what: &'static str) -> Result<&Relation, AssembleError> {
+    fn rel(&self, id: u32, what: &'static str) -> Result<&events::Table, AssembleError> {
         self.relations
             .get(&id)
             .ok_or(AssembleError::UnknownRelation(what, id))
@@ -307,7 +307,7 @@ impl Assembler {
                 }));
             }
             M::Relation(r) => {
-                self.relations.insert(r.id, r);
+                self.relations.insert(r.id, events::Table::new(r));
             }
             M::Insert(i) => {
                 let p = events::insert(self.rel(i.relation_id, "Insert")?, &i.new, reg);
@@ -329,7 +329,7 @@ impl Assembler {
             M::Truncate(t) => {
                 let mut pending = Vec::new();
                 for id in &t.relation_ids {
-                    pending.push(events::truncate(self.rel(*id, "Truncate")?));
+                    pending.push(events::truncate(&self.rel(*id, "Truncate")?.rel));
                 }
                 let buf = self.buffer("Truncate")?;
                 for p in pending {

@@ -837,7 +837,7 @@ async fn release<C: ProjectChannel>(
     tx: assemble::Committed,
     status: &Mutex<StreamStatus>,
 ) -> Result<(), StreamError> {
-    let commit_time = events::commit_time(tx.commit_timestamp);
+    let commit_time: Arc<str> = Arc::from(events::commit_time(tx.commit_timestamp));
     let mut iter = tx
         .changes
         .drain()

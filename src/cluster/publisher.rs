@@ -400,7 +400,9 @@ fn broadcast_event(id: String, ask: &BroadcastAsk, last_end: Lsn) -> Event {
         old: None,
         unchanged_toast: Vec::new(),
         row_key: None,
-        commit_timestamp: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Micros, true),
+        commit_timestamp: chrono::Utc::now()
+            .to_rfc3339_opts(chrono::SecondsFormat::Micros, true)
+            .into(),
         // Not from the WAL: after every subscribe's starting point.
         commit_lsn: Lsn(u64::MAX),
         end_lsn: last_end,

@@ -141,7 +141,8 @@ impl Realtime {
             unchanged_toast: Vec::new(),
             row_key: None,
             commit_timestamp: chrono::Utc::now()
-                .to_rfc3339_opts(chrono::SecondsFormat::Micros, true),
+                .to_rfc3339_opts(chrono::SecondsFormat::Micros, true)
+                .into(),
             // Not from the WAL: after every subscribe's starting point.
             commit_lsn: Lsn(u64::MAX),
             end_lsn: Lsn(0),

@@ -95,7 +95,7 @@ impl Filter {
             return true;
         }
         for tables in [&self.tables, &self.token_tables].into_iter().flatten() {
-            match &event.table {
+            match event.table.as_deref() {
                 Some(t) if tables.contains(t) => {}
                 _ => return false,
             }

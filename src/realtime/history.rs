@@ -132,6 +132,14 @@ struct PayloadRows<'a> {
 
 /// Encodes an event as a record payload.
 pub fn encode(event: &Event, at_ms: i64) -> Vec<u8> {
+    let mut out = Vec::new();
+    encode_into(&mut out, event, at_ms);
+    out
+}
+
+/// [`encode`], appended to `out` (the history encodes each record straight into its write
+/// buffer: no record of its own to allocate, fill and copy).
+fn encode_into(out: &mut Vec<u8>, event: &Event, at_ms: i64) {
     let (k, n) = match &event.kind {
         EventKind::Row { operation } => ('r', operation.as_str()),
         EventKind::Schema { command } => ('s', command.as_str()),
@@ -151,18 +159,18 @@ pub fn encode(event: &Event, at_ms: i64) -> Vec<u8> {
                     rows.record.map(|r| r.get()) == event.record.as_deref()
                         && rows.old.map(|o| o.get()) == event.old.as_deref()
                 }
-                Err(_) => return encode_as_string(event, at_ms, k, n),
+                Err(_) => return encode_as_string(out, event, at_ms, k, n),
             }
         }
     } else {
         if serde_json::from_str::<serde::de::IgnoredAny>(&event.payload).is_err() {
-            return encode_as_string(event, at_ms, k, n);
+            return encode_as_string(out, event, at_ms, k, n);
         }
         false
     };
-    let mut out = Vec::with_capacity(192 + event.payload.len());
+    out.reserve(192 + event.payload.len());
     write_stored(
-        &mut out,
+        out,
         at_ms,
         event,
         k,
@@ -173,7 +181,27 @@ pub fn encode(event: &Event, at_ms: i64) -> Vec<u8> {
     out.extend_from_slice(b",\"P\":");
     out.extend_from_slice(event.payload.as_bytes());
     out.push(b'}');
-    out
+}
+
+/// A number in decimal, as serde_json writes it (without `fmt`'s machinery: three of them in
+/// every record). In u64 arithmetic: by i128 every digit was a software 128-bit division, which
+/// made this the costliest part of a record.
+fn push_int(out: &mut Vec<u8>, negative: bool, abs: u64) {
+    let mut digits = [0u8; 20];
+    let mut at = digits.len();
+    let mut rest = abs;
+    loop {
+        at -= 1;
+        digits[at] = b'0' + (rest % 10) as u8;
+        rest /= 10;
+        if rest == 0 {
+            break;
+        }
+    }
+    if negative {
+        out.push(b'-');
+    }
+    out.extend_from_slice(&digits[at..]);
 }
 
 /// A JSON string: as it is when nothing in it needs escaping (ids, names, times), else by
@@ -200,11 +228,11 @@ fn write_stored(
     n: &str,
     rows: Option<(Option<&str>, Option<&str>)>,
 ) {
-    fn num(out: &mut Vec<u8>, key: &[u8], v: &dyn std::fmt::Display) {
+    fn num(out: &mut Vec<u8>, key: &[u8], negative: bool, abs: u64) {
         out.extend_from_slice(key);
-        let _ = write!(out, "{v}");
+        push_int(out, negative, abs);
     }
-    num(out, b"{\"at\":", &at_ms);
+    num(out, b"{\"at\":", at_ms < 0, at_ms.unsigned_abs());
     out.extend_from_slice(b",\"id\":");
     push_json_str(out, &event.id);
     out.extend_from_slice(b",\"k\":");
@@ -230,8 +258,8 @@ fn write_stored(
     }
     out.extend_from_slice(b",\"ts\":");
     push_json_str(out, &event.commit_timestamp);
-    num(out, b",\"c\":", &event.commit_lsn.0);
-    num(out, b",\"e\":", &event.end_lsn.0);
+    num(out, b",\"c\":", false, event.commit_lsn.0);
+    num(out, b",\"e\":", false, event.end_lsn.0);
     out.extend_from_slice(if event.last_in_transaction {
         b",\"l\":true"
     } else {
@@ -240,24 +268,27 @@ fn write_stored(
 }
 
 /// The older form: every field as given, the payload as a JSON string.
-fn encode_as_string(event: &Event, at_ms: i64, k: char, n: &str) -> Vec<u8> {
-    serde_json::to_vec(&Stored {
-        at: at_ms,
-        id: event.id.clone(),
-        k,
-        n: n.to_string(),
-        s: event.schema.clone(),
-        t: event.table.clone(),
-        r: event.record.clone(),
-        o: event.old.clone(),
-        u: event.unchanged_toast.clone(),
-        ts: event.commit_timestamp.clone(),
-        c: event.commit_lsn.0,
-        e: event.end_lsn.0,
-        l: event.last_in_transaction,
-        p: Some(event.payload.to_string()),
-        raw: None,
-    })
+fn encode_as_string(out: &mut Vec<u8>, event: &Event, at_ms: i64, k: char, n: &str) {
+    serde_json::to_writer(
+        out,
+        &Stored {
+            at: at_ms,
+            id: event.id.clone(),
+            k,
+            n: n.to_string(),
+            s: event.schema.as_deref().map(str::to_string),
+            t: event.table.as_deref().map(str::to_string),
+            r: event.record.clone(),
+            o: event.old.clone(),
+            u: event.unchanged_toast.clone(),
+            ts: event.commit_timestamp.to_string(),
+            c: event.commit_lsn.0,
+            e: event.end_lsn.0,
+            l: event.last_in_transaction,
+            p: Some(event.payload.to_string()),
+            raw: None,
+        },
+    )
     .expect("serializable")
 }
 
@@ -287,13 +318,13 @@ pub fn decode(payload: &[u8]) -> Option<Event> {
     Some(Event {
         id: s.id,
         kind,
-        schema: s.s,
-        table: s.t,
+        schema: s.s.map(Arc::from),
+        table: s.t.map(Arc::from),
         record,
         old,
         unchanged_toast: s.u,
         row_key: None,
-        commit_timestamp: s.ts,
+        commit_timestamp: Arc::from(s.ts),
         commit_lsn: Lsn(s.c),
         end_lsn: Lsn(s.e),
         last_in_transaction: s.l,
@@ -317,9 +348,9 @@ struct Segment {
     /// Records and bytes (headers included) in it.
     count: usize,
     bytes: u64,
-    /// Stored time of its newest record, Unix ms.
+    /// Stored time of its newest record, Unix ms. (Its newest id is its last entry's: its
+    /// `count` entries are consecutive in the index.)
     newest_ms: i64,
-    last_id: Option<String>,
 }
 
 /// How much a history keeps.
@@ -624,7 +655,6 @@ impl History {
                 count: 0,
                 bytes: valid as u64,
                 newest_ms: 0,
-                last_id: None,
             };
             for (offset, payload) in records {
                 let Ok(s) = serde_json::from_slice::<Stored>(payload) else {
@@ -648,12 +678,10 @@ impl History {
                     }
                     h.bytes = 0;
                     seg.count = 0;
-                    seg.last_id = None;
                     continue;
                 }
                 seg.count += 1;
                 seg.newest_ms = seg.newest_ms.max(s.at);
-                seg.last_id = Some(s.id.clone());
                 h.entries.push_back(Entry {
                     id: s.id,
                     seg: no,
@@ -789,14 +817,6 @@ impl History {
         if self.last_id().is_some_and(|l| event.id.as_str() <= l) {
             return Ok(());
         }
-        let payload = encode(event, now_ms);
-        if payload.len() > MAX_RECORD {
-            // It could not be read back: refused (the caller marks the gap).
-            return Err(std::io::Error::new(
-                std::io::ErrorKind::InvalidInput,
-                format!("event {} is over {MAX_RECORD} bytes", event.id),
-            ));
-        }
         let need_new = match self.segments.back() {
             None => true,
             Some(s) => {
@@ -808,24 +828,35 @@ impl History {
         if need_new {
             self.roll()?;
         }
+        // Encoded in place behind room for its header, which is filled in once its length and
+        // checksum are known.
+        let start = self.buffer.len();
+        self.buffer.extend_from_slice(&[0; HEADER]);
+        encode_into(&mut self.buffer, event, now_ms);
+        let len = self.buffer.len() - start - HEADER;
+        if len > MAX_RECORD {
+            // It could not be read back: refused (the caller marks the gap).
+            self.buffer.truncate(start);
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                format!("event {} is over {MAX_RECORD} bytes", event.id),
+            ));
+        }
+        let crc = crc32(&self.buffer[start + HEADER..]);
+        self.buffer[start..start + 4].copy_from_slice(&(len as u32).to_le_bytes());
+        self.buffer[start + 4..start + HEADER].copy_from_slice(&crc.to_le_bytes());
         let seg = self.segments.back_mut().expect("rolled");
         let offset = seg.bytes;
-        self.buffer
-            .extend_from_slice(&(payload.len() as u32).to_le_bytes());
-        self.buffer
-            .extend_from_slice(&crc32(&payload).to_le_bytes());
-        self.buffer.extend_from_slice(&payload);
-        let size = (HEADER + payload.len()) as u64;
+        let size = (HEADER + len) as u64;
         seg.bytes += size;
         seg.count += 1;
         seg.newest_ms = seg.newest_ms.max(now_ms);
-        seg.last_id = Some(event.id.clone());
         self.bytes += size;
         self.entries.push_back(Entry {
             id: event.id.clone(),
             seg: seg.no,
             offset,
-            len: payload.len() as u32,
+            len: len as u32,
         });
         Ok(())
     }
@@ -858,7 +889,6 @@ impl History {
             count: 0,
             bytes: existing,
             newest_ms: 0,
-            last_id: None,
         });
         self.bytes += existing;
         Ok(())
@@ -927,11 +957,6 @@ impl History {
         }
         self.bytes -= seg.bytes - good;
         seg.bytes = good;
-        seg.last_id = self
-            .entries
-            .back()
-            .filter(|e| e.seg == seg.no)
-            .map(|e| e.id.clone());
         if let Some(id) = lost {
             tracing::error!(
                 id,
@@ -1032,15 +1057,17 @@ impl History {
                 self.dirty = false;
             }
             let seg = self.segments.pop_front().expect("checked");
-            if let Some(last) = &seg.last_id {
+            // Its entries are the first `count` of the index; the last of them is its newest.
+            let mut last = None;
+            for _ in 0..seg.count {
+                last = self.entries.pop_front().map(|e| e.id);
+                self.base += 1;
+            }
+            if let Some(last) = last {
                 if self.floor.as_deref().is_none_or(|f| last.as_str() > f) {
                     self.floor = Some(last.clone());
-                    job.floor = Some(last.clone());
+                    job.floor = Some(last);
                 }
-            }
-            for _ in 0..seg.count {
-                self.entries.pop_front();
-                self.base += 1;
             }
             self.bytes -= seg.bytes;
             dropped += seg.count;
@@ -1158,7 +1185,7 @@ mod tests {
             Lsn(0x10),
             Lsn(0x20),
             3,
-            "2026-01-01T00:00:00Z",
+            &Arc::from("2026-01-01T00:00:00Z"),
             true,
         )
     }
@@ -1202,12 +1229,16 @@ mod tests {
         cases.push(toast);
         for e in &cases {
             for rows in [None, Some((e.record.as_deref(), e.old.as_deref()))] {
-                for (k, n) in [('r', "UPDATE"), ('s', "ALTER \"x\""), ('b', "é")] {
+                for ((k, n), at) in [('r', "UPDATE"), ('s', "ALTER \"x\""), ('b', "é")]
+                    .into_iter()
+                    .zip([-7, 0, 1_764_979_200_123])
+                    .chain([(('r', "INSERT"), i64::MIN), (('r', "DELETE"), i64::MAX)])
+                {
                     let mut hand = Vec::new();
-                    write_stored(&mut hand, -7, e, k, n, rows);
+                    write_stored(&mut hand, at, e, k, n, rows);
                     let (r, o) = rows.unwrap_or((None, None));
                     let mut serde = serde_json::to_vec(&StoredRef {
-                        at: -7,
+                        at,
                         id: &e.id,
                         k,
                         n,
@@ -1259,7 +1290,8 @@ mod tests {
     #[test]
     fn records_of_the_older_form_still_read() {
         let e = row_change();
-        let older = encode_as_string(&e, 42, 'r', "UPDATE");
+        let mut older = Vec::new();
+        encode_as_string(&mut older, &e, 42, 'r', "UPDATE");
         assert!(std::str::from_utf8(&older).unwrap().contains(r#""p":"{"#));
         assert_eq!(fields(&decode(&older).unwrap()), fields(&e));
     }

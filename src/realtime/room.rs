@@ -230,10 +230,12 @@ impl Room {
         }
         let mut history = self.history.lock().expect("poisoned");
         state.slice_len = events.len();
+        // With no member to hand events to, the room's last id is recorded once, at the end of
+        // the slice (nobody sees the room in between: its lock is held), not copied per event.
+        let mut entered: Option<&str> = None;
         for (i, (event, skip)) in events.iter().enumerate() {
-            if state
-                .last_id
-                .as_deref()
+            if entered
+                .or(state.last_id.as_deref())
                 .is_some_and(|last| event.id.as_str() <= last)
             {
                 continue; // a replay after a stream rewind or a restart: already stored
@@ -252,6 +254,7 @@ impl Room {
             if *skip || oversized {
                 // Never fanned out nor retained; its id still counts as seen.
                 state.last_id = Some(event.id.clone());
+                entered = None;
                 continue;
             }
             if let Some(h) = history.as_mut() {
@@ -264,12 +267,22 @@ impl Room {
                     h.mark_gap(&event.id);
                 }
             }
+            if state.members.is_empty() {
+                entered = Some(&event.id);
+                continue;
+            }
+            if let Some(id) = entered.take() {
+                state.last_id = Some(id.to_string());
+            }
             // Framed only if a member takes it (a room without sockets frames nothing).
             let message = std::cell::OnceCell::new();
             let n = self.fan_out(&mut state, event, &message, event.sender, |identity| {
                 verdicts.get(identity, first_index + i)
             });
             delivered.fetch_add(n as u64, Ordering::Relaxed);
+        }
+        if let Some(id) = entered {
+            state.last_id = Some(id.to_string());
         }
         state.send_pending();
         if let Some(h) = history.as_mut() {

@@ -61,10 +61,12 @@ impl Hook {
     fn wants(&self, event: &Event, event_type: EventType) -> bool {
         let commit: Option<DateTime<Utc>> = event.commit_timestamp.parse().ok();
         self.events.contains(&event_type)
-            && self
-                .tables
-                .as_ref()
-                .is_none_or(|t| event.table.as_ref().is_some_and(|table| t.contains(table)))
+            && self.tables.as_ref().is_none_or(|t| {
+                event
+                    .table
+                    .as_deref()
+                    .is_some_and(|table| t.iter().any(|n| n == table))
+            })
             && commit.is_none_or(|c| c >= self.created_at)
     }
 }

@@ -38,9 +38,9 @@ pub fn payload(project_id: &str, event: &Event, event_type: EventType) -> String
     out.push_str(",\"project_id\":");
     out.push_str(&serde_json::to_string(project_id).expect("str"));
     out.push_str(",\"table_id\":");
-    out.push_str(&serde_json::to_string(&event.table).expect("str"));
+    out.push_str(&serde_json::to_string(&event.table.as_deref()).expect("str"));
     out.push_str(",\"timestamp\":");
-    out.push_str(&serde_json::to_string(&event.commit_timestamp).expect("str"));
+    out.push_str(&serde_json::to_string(&*event.commit_timestamp).expect("str"));
     out.push_str(",\"event_id\":");
     out.push_str(&serde_json::to_string(&event.id).expect("str"));
     out.push_str(",\"data\":{\"new\":");
@@ -174,7 +174,7 @@ mod tests {
             old: old.map(str::to_string),
             unchanged_toast: vec![],
             row_key: key.map(str::to_string),
-            commit_timestamp: String::new(),
+            commit_timestamp: std::sync::Arc::from(""),
             commit_lsn: Lsn(1),
             end_lsn: Lsn(2),
             last_in_transaction: true,

@@ -879,8 +879,8 @@ fn rows_to_pending(
         };
         out.push(Pending::Row {
             operation: op,
-            schema: db.to_string(),
-            table: table.name.clone(),
+            schema: db.into(),
+            table: table.name.as_str().into(),
             record,
             old: old.map(|(o, _)| o),
             unchanged_toast: Vec::new(),
@@ -1165,7 +1165,7 @@ mod tests {
                 key, schema, table, ..
             } => {
                 assert_eq!(key.as_deref(), Some(r#"{"id":1}"#));
-                assert_eq!((schema.as_str(), table.as_str()), ("fx_t", "items"));
+                assert_eq!((&**schema, &**table), ("fx_t", "items"));
             }
             _ => unreachable!(),
         }
