@@ -96,6 +96,54 @@ impl Cluster {
         cmd
     }
 
+    /// Writes (or with `append`, appends) `contents` to `name` in the data directory, as the
+    /// cluster user when there is one (mode 0600), so nothing there is done with root's rights.
+    fn write_in_data_dir(&self, name: &str, contents: &[u8], append: bool) -> Result<()> {
+        use std::io::Write;
+        use std::os::unix::fs::OpenOptionsExt;
+        let path = self.data_dir().join(name);
+        let Some((uid, gid)) = self.run_as else {
+            let mut file = std::fs::OpenOptions::new()
+                .create(true)
+                .write(true)
+                .append(append)
+                .truncate(!append)
+                .mode(0o600)
+                .open(&path)
+                .with_context(|| format!("writing {}", path.display()))?;
+            file.write_all(contents)?;
+            return Ok(());
+        };
+        use std::os::unix::process::CommandExt;
+        let redirect = if append { ">>" } else { ">" };
+        let mut child = Command::new("/bin/sh")
+            .args(["-c", &format!("umask 077 && cat {redirect} \"$1\""), "sh"])
+            .arg(&path)
+            .uid(uid)
+            .gid(gid)
+            .env("HOME", &self.root)
+            .current_dir(&self.root)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .context("starting sh as the cluster user")?;
+        child
+            .stdin
+            .take()
+            .context("sh's stdin")?
+            .write_all(contents)?;
+        let out = child.wait_with_output()?;
+        if !out.status.success() {
+            bail!(
+                "writing {} as the cluster user: {}",
+                path.display(),
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        Ok(())
+    }
+
     fn initdb(&self) -> Result<()> {
         tracing::info!(dir = %self.data_dir().display(), "creating the embedded PostgreSQL cluster");
         // The root and the data directory are the cluster user's: nothing there is followed
@@ -124,20 +172,14 @@ impl Cluster {
         for (k, v) in SETTINGS {
             conf.push_str(&format!("{k} = {v}\n"));
         }
-        let path = self.data_dir().join("postgresql.conf");
-        let mut existing =
-            String::from_utf8_lossy(&crate::os_user::inside::read(&path, 0, 1 << 20)?).into_owned();
-        existing.push_str(&conf);
-        crate::os_user::inside::file(&path, existing.as_bytes(), self.run_as, 0o600)?;
+        // The data directory is the cluster user's, who could swap it for a link while root
+        // works inside it by name (only a path's last part is protected by O_NOFOLLOW): the
+        // files in it are written by the cluster user itself.
+        self.write_in_data_dir("postgresql.conf", conf.as_bytes(), true)?;
         let hba = "# Fluxbase: loopback only, passwords always\n\
                    host all all 127.0.0.1/32 scram-sha-256\n\
                    host replication all 127.0.0.1/32 scram-sha-256\n";
-        crate::os_user::inside::file(
-            &self.data_dir().join("pg_hba.conf"),
-            hba.as_bytes(),
-            self.run_as,
-            0o600,
-        )?;
+        self.write_in_data_dir("pg_hba.conf", hba.as_bytes(), false)?;
         Ok(())
     }
 
