@@ -8,13 +8,23 @@
 //! `DISCARD ALL` before it 55–58 µs. So here a statement runs prepared under a name of its own
 //! once this connection has seen it ([`Connection::query_cached`]), and the reset is a call the
 //! caller chooses ([`Connection::set_session_reset`], e.g. a function that resets what
-//! `DISCARD ALL` does but leaves the protocol-level statements alone), sent as Bind + Execute in
-//! the same Sync group as the statement:
+//! `DISCARD ALL` does but leaves the protocol-level statements alone), sent as Parse + Bind +
+//! Execute of the unnamed statement in the same Sync group as the statement:
 //!
 //! ```text
-//!  [Parse fx_reset] Bind fx_reset Execute · (prelude: Parse Bind Execute)* ·
+//!  Parse "" (reset) Bind "" Execute · (prelude: Parse Bind Execute)* ·
 //!  [Close evicted] [Parse fx_s<n> Describe] Bind fx_s<n> Execute · Sync
 //! ```
+//!
+//! The reset is parsed every time, never kept under a name: the caller's SQL can replace any
+//! named statement (`DEALLOCATE x; PREPARE x AS …`, also from a function), and a reset bound
+//! from a replaced name would run the caller's statement instead of the reset. The unnamed
+//! statement is the one no SQL can reach: SQL-level PREPARE needs a name, and nothing runs
+//! between our Parse "" and its Bind. Parsing it costs the backend ~3.5 µs a request (PostgreSQL
+//! 15, pgbench `-M extended` against `-M prepared` on the call alone; docs/benchmarks.md). The
+//! statements kept under names (`fx_s<n>`) may be replaced the same way, but the reset runs first
+//! in their Sync group and deallocates every SQL-level prepared statement, so a replaced one is
+//! gone by its Bind (SQLSTATE 26000: prepared afresh below).
 //!
 //! All of it is one implicit transaction, so the statement always runs after the reset; if it
 //! fails, the reset's transactional part is rolled back with it and stays due for the next
@@ -33,9 +43,6 @@ use super::*;
 
 /// Statements kept prepared per connection; past this the least recently used one is closed.
 pub const MAX_CACHED_STATEMENTS: usize = 64;
-
-/// The server-side name of the session reset call.
-const RESET_STATEMENT: &str = "fx_reset";
 
 /// SQLSTATE invalid_sql_statement_name: a prepared statement that does not exist.
 const NO_SUCH_STATEMENT: &str = "26000";
@@ -100,8 +107,6 @@ pub(super) struct SessionReset {
     /// The call on its own (a Query, its own transaction).
     alone: String,
     pub(super) due: bool,
-    /// `in_pipeline` is prepared on the server as [`RESET_STATEMENT`].
-    prepared: bool,
     /// The last pipelined reset asked to run on its own ([`RESET_ALONE`]).
     alone_next: bool,
 }
@@ -167,7 +172,6 @@ impl Connection {
             in_pipeline: in_pipeline.to_owned(),
             alone: alone.to_owned(),
             due: false,
-            prepared: false,
             alone_next: false,
         });
     }
@@ -211,9 +215,6 @@ impl Connection {
     pub(super) fn saw_tag(&mut self, tag: &str) {
         if tag == "DISCARD ALL" || tag == "DEALLOCATE ALL" {
             self.cached.forget_all();
-            if let Some(r) = &mut self.reset {
-                r.prepared = false;
-            }
         }
     }
 
@@ -254,9 +255,7 @@ impl Connection {
         };
         let due = self.reset.as_ref().filter(|r| r.due);
         let alone = due.filter(|r| r.alone_next).map(|r| r.alone.clone());
-        let reset = due
-            .filter(|r| !r.alone_next)
-            .map(|r| (r.in_pipeline.clone(), r.prepared));
+        let reset = due.filter(|r| !r.alone_next).map(|r| r.in_pipeline.clone());
         let preludes = std::mem::take(&mut self.prelude);
         let to_close = std::mem::take(&mut self.cached.to_close);
         let mut steps = Vec::with_capacity(8 + 3 * preludes.len());
@@ -264,15 +263,11 @@ impl Connection {
             if let Some(call) = &alone {
                 frontend::query(call, buf).map_err(|e| e.to_string())?;
             }
-            if let Some((call, prepared)) = &reset {
-                if !prepared {
-                    frontend::parse(RESET_STATEMENT, call, std::iter::empty(), buf)
-                        .map_err(|e| e.to_string())?;
-                    steps.push(Step::ResetParse);
-                }
-                encode_bind(RESET_STATEMENT, &[], buf)?;
+            if let Some(call) = &reset {
+                frontend::parse("", call, std::iter::empty(), buf).map_err(|e| e.to_string())?;
+                encode_bind("", &[], buf)?;
                 frontend::execute("", 0, buf).map_err(|e| e.to_string())?;
-                steps.extend([Step::ResetBind, Step::ResetExecute]);
+                steps.extend([Step::ResetParse, Step::ResetBind, Step::ResetExecute]);
             }
             for prelude in &preludes {
                 frontend::parse("", prelude, std::iter::empty(), buf).map_err(|e| e.to_string())?;
@@ -317,14 +312,8 @@ impl Connection {
             let step = steps.get(next).copied();
             match self.recv().await? {
                 Message::ParseComplete => {
-                    match step {
-                        Some(Step::ResetParse) => {
-                            if let Some(r) = &mut self.reset {
-                                r.prepared = true;
-                            }
-                        }
-                        Some(Step::Parse) => parsed = true,
-                        _ => {}
+                    if step == Some(Step::Parse) {
+                        parsed = true;
                     }
                     next += 1;
                 }
@@ -429,14 +418,6 @@ impl Connection {
             }
             return Ok(Round::Again);
         }
-        if at == Step::ResetBind && e.code == NO_SUCH_STATEMENT {
-            // The caller's SQL deallocated everything: ours are gone as well.
-            self.cached.forget_all();
-            if let Some(r) = &mut self.reset {
-                r.prepared = false;
-            }
-            return Ok(Round::Again);
-        }
         if at.is_reset_or_prelude() {
             self.broken = true;
             return Err(WireError::Protocol(format!(
@@ -447,9 +428,6 @@ impl Connection {
         if at == Step::Bind && known.is_some() {
             if e.code == NO_SUCH_STATEMENT {
                 self.cached.forget_all();
-                if let Some(r) = &mut self.reset {
-                    r.prepared = false;
-                }
                 return Ok(Round::Again);
             }
             if e.code == RESULT_TYPE_CHANGED {
