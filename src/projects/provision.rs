@@ -54,6 +54,11 @@ pub const PROJECT_MIGRATIONS: &[(i32, &str, &str)] = &[
         "session_reset_cheaper",
         include_str!("../../sql/project/0011_session_reset_cheaper.sql"),
     ),
+    (
+        14,
+        "session_reset_epoch",
+        include_str!("../../sql/project/0014_session_reset_epoch.sql"),
+    ),
 ];
 
 /// The latest bootstrap version.

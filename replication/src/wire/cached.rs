@@ -109,6 +109,13 @@ pub(super) struct SessionReset {
     pub(super) due: bool,
     /// The last pipelined reset asked to run on its own ([`RESET_ALONE`]).
     alone_next: bool,
+    /// `in_pipeline` takes one parameter (`$1`): this value, text or NULL (see
+    /// [`Connection::reset_session_with`]). `alone` never takes one.
+    takes_arg: bool,
+    arg: Option<String>,
+    /// The first value of the row the last pipelined reset answered, once its round succeeded
+    /// (see [`Connection::take_reset_value`]).
+    value: Option<Option<String>>,
 }
 
 /// SQLSTATE a pipelined reset raises when it cannot finish inside the statement's transaction
@@ -173,19 +180,50 @@ impl Connection {
             alone: alone.to_owned(),
             due: false,
             alone_next: false,
+            takes_arg: false,
+            arg: None,
+            value: None,
         });
+    }
+
+    /// As [`Connection::set_session_reset`], with an `in_pipeline` call that takes one text
+    /// parameter (`$1`), bound to what [`Connection::reset_session_with`] gave; `alone` takes
+    /// none. The first value of the row the pipelined call answers is kept for
+    /// [`Connection::take_reset_value`].
+    pub fn set_session_reset_with_arg(&mut self, in_pipeline: &str, alone: &str) {
+        self.set_session_reset(in_pipeline, alone);
+        if let Some(r) = &mut self.reset {
+            r.takes_arg = true;
+        }
     }
 
     /// Resets the session before the next operation: the call of
     /// [`Connection::set_session_reset`], or `DISCARD ALL` without one.
     pub fn reset_session(&mut self) {
+        self.reset_session_with(None);
+    }
+
+    /// [`Connection::reset_session`], binding `arg` to the pipelined call's `$1` (see
+    /// [`Connection::set_session_reset_with_arg`]); a reset still due from before takes the new
+    /// value. The call on its own never gets it.
+    pub fn reset_session_with(&mut self, arg: Option<String>) {
         match &mut self.reset {
-            Some(reset) => reset.due = true,
+            Some(reset) => {
+                reset.due = true;
+                reset.arg = arg;
+            }
             None => {
                 self.cached.forget_all();
                 self.queue_prelude("DISCARD ALL");
             }
         }
+    }
+
+    /// What the last pipelined reset answered (the first value of its row, NULL as `None`), if
+    /// one ran in a round that succeeded since the last call; a reset run on its own answers
+    /// nothing here.
+    pub fn take_reset_value(&mut self) -> Option<Option<String>> {
+        self.reset.as_mut().and_then(|r| r.value.take())
     }
 
     /// How many statements this connection keeps prepared.
@@ -255,7 +293,14 @@ impl Connection {
         };
         let due = self.reset.as_ref().filter(|r| r.due);
         let alone = due.filter(|r| r.alone_next).map(|r| r.alone.clone());
-        let reset = due.filter(|r| !r.alone_next).map(|r| r.in_pipeline.clone());
+        let reset = due.filter(|r| !r.alone_next).map(|r| {
+            let args = if r.takes_arg {
+                vec![r.arg.clone()]
+            } else {
+                Vec::new()
+            };
+            (r.in_pipeline.clone(), args)
+        });
         let preludes = std::mem::take(&mut self.prelude);
         let to_close = std::mem::take(&mut self.cached.to_close);
         let mut steps = Vec::with_capacity(8 + 3 * preludes.len());
@@ -263,9 +308,9 @@ impl Connection {
             if let Some(call) = &alone {
                 frontend::query(call, buf).map_err(|e| e.to_string())?;
             }
-            if let Some(call) = &reset {
+            if let Some((call, args)) = &reset {
                 frontend::parse("", call, std::iter::empty(), buf).map_err(|e| e.to_string())?;
-                encode_bind("", &[], buf)?;
+                encode_bind("", args, buf)?;
                 frontend::execute("", 0, buf).map_err(|e| e.to_string())?;
                 steps.extend([Step::ResetParse, Step::ResetBind, Step::ResetExecute]);
             }
@@ -307,6 +352,7 @@ impl Connection {
         let mut builder: Option<ResultBuilder> = None;
         let mut result = None;
         let mut error: Option<(Step, Box<DbError>)> = None;
+        let mut reset_value: Option<Option<String>> = None;
         self.skipped_row = false;
         loop {
             let step = steps.get(next).copied();
@@ -337,6 +383,9 @@ impl Connection {
                     next += 1;
                 }
                 Message::DataRow(row) => {
+                    if step == Some(Step::ResetExecute) {
+                        reset_value = Some(first_value(&row).map_err(|e| self.fail(e))?);
+                    }
                     if step == Some(Step::Execute) {
                         if let Some(b) = builder.as_mut() {
                             if self.take_skipped_row() {
@@ -406,6 +455,9 @@ impl Connection {
         );
         let Some((at, e)) = error else {
             self.reset_done();
+            if let (Some(value), Some(r)) = (reset_value, &mut self.reset) {
+                r.value = Some(value);
+            }
             return Ok(Round::Done(result.ok_or_else(|| {
                 self.fail(WireError::protocol("execute ended without CommandComplete"))
             })));
@@ -438,4 +490,13 @@ impl Connection {
         }
         Ok(Round::Done(Err(WireError::Db(e))))
     }
+}
+
+/// The first value of a DataRow as text (`None`: NULL or no value).
+fn first_value(row: &DataRowBody) -> Result<Option<String>, WireError> {
+    let buf = row.buffer();
+    let first = row.ranges().next().map_err(WireError::protocol)?;
+    Ok(first
+        .flatten()
+        .map(|r| String::from_utf8_lossy(&buf[r]).into_owned()))
 }

@@ -1,0 +1,177 @@
+-- auth.reset_session(alone, known) (issue 19): the reset of 0011, whose checks for state only a
+-- utility statement can make (LISTEN, SQL-level PREPARE, DECLARE … WITH HOLD; ~10 µs of the
+-- backend's ~17 per reset) are skipped when no such state can exist. The cheap parts (RESET ALL,
+-- RESET ROLE, advisory locks, temporary objects, sequence state) always run: plain built-ins
+-- called from a SELECT (set_config, pg_advisory_lock, nextval, SELECT … INTO TEMP) make those.
+--
+-- Why the checks may be skipped. Those three states are made only by the statements LISTEN,
+-- PREPARE and DECLARE, at top level or from a routine (also a SQL-language one); PREPARE (after
+-- DEALLOCATE) is also the only way SQL can replace a statement the server keeps prepared under a
+-- name of its own, and the check deallocates every SQL-level one. No built-in runs them for a
+-- caller: the built-ins that run a query text (query_to_xml and its kin, ts_stat, ts_rewrite)
+-- use read-only SPI or a cursor, which refuse utility statements. So a session whose last use,
+-- after a reset that left none of them, ran one statement that PostgreSQL answered with exactly
+-- one CommandComplete tagged SELECT, INSERT, UPDATE, DELETE or MERGE (the server reads the tags
+-- of the answer; it never trusts the request's text: a `--` comment ends at `\r` too, and
+-- comments nest) while no routine of the project's own could be
+-- called holds none of them. "No routine of the project's own": no pg_proc row made after
+-- initdb (oid >= 16384) outside the server's schemas (auth, fluxbase_cdc, realtime: no project
+-- role may create there) other than `internal`-language ones (range constructors: built-in C
+-- code only). Extensions' functions count as the project's own (their C code could do anything).
+--
+-- The proof and its epoch. auth.routine_epoch holds `n`, bumped by every DDL that makes, alters,
+-- moves or drops a routine, extension or language (event triggers below), and `safe`, the
+-- check above recomputed by the same transaction after it holds the row's lock (so the last of
+-- two concurrent DDL transactions sees the other's routines; under REPEATABLE READ the second
+-- one fails with a serialization error instead; so two transactions that make routines wait for
+-- each other until the first commits: routine DDL is rare and short). Both are read together and change together at
+-- commit. A reset given `known` = the `n` an earlier reset of this session returned, which the
+-- server passes only when the session's last use was such a single plain statement that
+-- succeeded, skips the checks when `n` is still `known` and `safe` holds: no routine of the project's own
+-- existed since that earlier reset read `n` (one made later would have changed `n`). It returns
+-- `n` when `safe` holds (NULL otherwise), for the server to remember per connection; a caller
+-- calling it learns only the epoch. The server's memory of `known` cannot be forged from SQL.
+-- (Other utility statements answered with such a tag, CREATE TABLE AS, SELECT INTO, CREATE
+-- MATERIALIZED VIEW, EXECUTE of a prepared plain statement, make none of the three either.)
+-- The server passes `known` only to the reset in the statement's round trip; the reset on its
+-- own (an identity change, a session that listens) gets NULL, and with `alone` the function
+-- ignores `known` anyway: it always runs every check.
+--
+-- UNLOGGED: never in the WAL (the publication is FOR ALL TABLES). After a crash the table is
+-- empty and every backend is new: the first reset or routine DDL fills it again
+-- (auth.routine_epoch_now()).
+-- Placeholders: {owner}, {readwrite}, {read}, {auth} (quoted identifiers).
+SET LOCAL fluxbase.cdc_internal = 'on';
+SET LOCAL ROLE {auth};
+
+CREATE UNLOGGED TABLE IF NOT EXISTS auth.routine_epoch (
+    id boolean PRIMARY KEY DEFAULT true CHECK (id),
+    n bigint NOT NULL,
+    safe boolean NOT NULL
+);
+REVOKE ALL ON auth.routine_epoch FROM PUBLIC;
+GRANT SELECT ON auth.routine_epoch TO {owner}, {readwrite}, {read};
+
+-- True when no routine of the project's own exists (see above).
+CREATE OR REPLACE FUNCTION auth.only_our_routines() RETURNS boolean
+LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
+    SELECT NOT EXISTS (
+        SELECT FROM pg_catalog.pg_proc p
+        WHERE p.oid >= 16384
+          AND p.prolang OPERATOR(pg_catalog.<>) 12
+          AND p.pronamespace OPERATOR(pg_catalog.<>) ALL (ARRAY[
+              'auth'::regnamespace, 'fluxbase_cdc'::regnamespace, 'realtime'::regnamespace]::oid[]))
+$$;
+
+-- Bumps the epoch and recomputes `safe` after the row's lock is held (a new snapshot: the
+-- second statement sees every concurrent routine DDL that committed before it got the lock).
+CREATE OR REPLACE FUNCTION auth.bump_routine_epoch() RETURNS void
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    INSERT INTO auth.routine_epoch AS e (id, n, safe) VALUES (true, 1, false)
+        ON CONFLICT (id) DO UPDATE SET n = e.n + 1, safe = false;
+    UPDATE auth.routine_epoch SET safe = auth.only_our_routines();
+END
+$$;
+REVOKE ALL ON FUNCTION auth.only_our_routines(), auth.bump_routine_epoch() FROM PUBLIC;
+
+-- The epoch and its proof, filling the table first when it is empty (after a crash).
+CREATE OR REPLACE FUNCTION auth.routine_epoch_now(OUT n bigint, OUT safe boolean)
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    IF pg_catalog.current_setting('transaction_read_only') = 'on' THEN
+        -- Unknown for now (the reset then runs its checks); the next reset fills it.
+        RETURN;
+    END IF;
+    INSERT INTO auth.routine_epoch AS e (id, n, safe) VALUES (true, 1, false)
+        ON CONFLICT (id) DO NOTHING;
+    IF FOUND THEN
+        UPDATE auth.routine_epoch SET safe = auth.only_our_routines();
+    END IF;
+    SELECT e.n, e.safe INTO n, safe FROM auth.routine_epoch e;
+END
+$$;
+REVOKE ALL ON FUNCTION auth.routine_epoch_now() FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION auth.routine_epoch_now() TO {owner}, {readwrite}, {read};
+
+CREATE OR REPLACE FUNCTION auth.on_routine_ddl() RETURNS event_trigger
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    IF EXISTS (SELECT FROM pg_catalog.pg_event_trigger_ddl_commands() c
+               WHERE c.classid OPERATOR(pg_catalog.=) ANY (ARRAY[
+                   'pg_catalog.pg_proc'::regclass, 'pg_catalog.pg_extension'::regclass,
+                   'pg_catalog.pg_language'::regclass]::oid[])) THEN
+        PERFORM auth.bump_routine_epoch();
+    END IF;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION auth.on_routine_drop() RETURNS event_trigger
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    IF EXISTS (SELECT FROM pg_catalog.pg_event_trigger_dropped_objects() d
+               WHERE d.classid OPERATOR(pg_catalog.=) ANY (ARRAY[
+                   'pg_catalog.pg_proc'::regclass, 'pg_catalog.pg_extension'::regclass,
+                   'pg_catalog.pg_language'::regclass]::oid[])) THEN
+        PERFORM auth.bump_routine_epoch();
+    END IF;
+END
+$$;
+REVOKE ALL ON FUNCTION auth.on_routine_ddl(), auth.on_routine_drop() FROM PUBLIC;
+
+CREATE OR REPLACE FUNCTION auth.reset_session(alone boolean, known bigint) RETURNS bigint
+LANGUAGE plpgsql VOLATILE AS $$
+DECLARE
+    name text;
+    unlocked boolean;
+    epoch bigint;
+    safe boolean;
+BEGIN
+    RESET ALL;
+    RESET ROLE;
+    unlocked := pg_catalog.pg_advisory_unlock_all() IS NULL;
+    IF pg_catalog.pg_my_temp_schema() OPERATOR(pg_catalog.<>) 0 THEN
+        DISCARD TEMP;
+    END IF;
+    DISCARD SEQUENCES;
+    SELECT e.n, e.safe INTO epoch, safe FROM auth.routine_epoch e;
+    IF NOT FOUND THEN
+        SELECT r.n, r.safe INTO epoch, safe FROM auth.routine_epoch_now() r;
+    END IF;
+    -- Never on its own: that call runs every check whatever it is given.
+    IF NOT alone AND known IS NOT NULL AND known OPERATOR(pg_catalog.=) epoch AND safe THEN
+        RETURN epoch;
+    END IF;
+    IF EXISTS (SELECT FROM pg_catalog.pg_listening_channels()) THEN
+        IF NOT alone THEN
+            RAISE EXCEPTION 'the session listens: reset it on its own' USING ERRCODE = 'FX002';
+        END IF;
+        UNLISTEN *;
+    END IF;
+    EXECUTE 'CLOSE ALL';
+    IF EXISTS (SELECT FROM pg_catalog.pg_prepared_statements p WHERE p.from_sql) THEN
+        FOR name IN SELECT p.name FROM pg_catalog.pg_prepared_statements p WHERE p.from_sql LOOP
+            EXECUTE pg_catalog.format('DEALLOCATE %I', name);
+        END LOOP;
+    END IF;
+    IF safe THEN
+        RETURN epoch;
+    END IF;
+    RETURN NULL;
+END
+$$;
+
+REVOKE ALL ON FUNCTION auth.reset_session(boolean, bigint) FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION auth.reset_session(boolean, bigint) TO {owner}, {readwrite}, {read};
+
+RESET ROLE;
+
+-- Event triggers need the admin role (as 0002's); their functions belong to {auth}.
+DROP EVENT TRIGGER IF EXISTS fluxbase_routines;
+CREATE EVENT TRIGGER fluxbase_routines ON ddl_command_end
+    EXECUTE FUNCTION auth.on_routine_ddl();
+DROP EVENT TRIGGER IF EXISTS fluxbase_routines_drop;
+CREATE EVENT TRIGGER fluxbase_routines_drop ON sql_drop
+    EXECUTE FUNCTION auth.on_routine_drop();
+
+SELECT auth.bump_routine_epoch();
