@@ -352,6 +352,38 @@ mod tests {
     }
 
     #[test]
+    fn only_the_tags_of_queries_and_dml_are_plain() {
+        use crate::sql::pool::is_plain_tag;
+        for tag in [
+            "SELECT 1",
+            "SELECT 0",
+            "INSERT 0 3",
+            "UPDATE 2",
+            "DELETE 0",
+            "MERGE 1",
+        ] {
+            assert!(is_plain_tag(tag), "{tag}");
+        }
+        for tag in [
+            "PREPARE",
+            "DEALLOCATE",
+            "DEALLOCATE ALL",
+            "LISTEN",
+            "DECLARE CURSOR",
+            "CALL",
+            "DO",
+            "SET",
+            "COPY 1",
+            "FETCH 1",
+            "SELECTX 1",
+            "select 1",
+            "",
+        ] {
+            assert!(!is_plain_tag(tag), "{tag}");
+        }
+    }
+
+    #[test]
     fn bind_errors_name_the_parameter() {
         let e = DbError {
             severity: "ERROR".into(),
