@@ -119,13 +119,21 @@ END
 $$;
 REVOKE ALL ON FUNCTION auth.on_routine_ddl(), auth.on_routine_drop() FROM PUBLIC;
 
-CREATE OR REPLACE FUNCTION auth.reset_session(alone boolean, known bigint) RETURNS bigint
+-- Every type, operator and function in the reset's body is qualified with pg_catalog (or auth),
+-- declarations included: PL/pgSQL resolves a declaration's type name when it compiles the
+-- function, on its first call in a session, with the caller's search_path (pg_temp first for
+-- types), before RESET ALL. An unqualified `text` there once resolved to a caller's domain
+-- `ev.text` whose CHECK ran set_config after RESET ALL (when a prepared statement's name was
+-- assigned to the variable) and the next request inherited the caller's settings. No SET clause
+-- on the function: its saved values and RESET ALL inside it interact; qualification needs none.
+CREATE OR REPLACE FUNCTION auth.reset_session(alone pg_catalog.bool, known pg_catalog.int8)
+RETURNS pg_catalog.int8
 LANGUAGE plpgsql VOLATILE AS $$
 DECLARE
-    name text;
-    unlocked boolean;
-    epoch bigint;
-    safe boolean;
+    name pg_catalog.text;
+    unlocked pg_catalog.bool;
+    epoch pg_catalog.int8;
+    safe pg_catalog.bool;
 BEGIN
     RESET ALL;
     RESET ROLE;
@@ -160,6 +168,38 @@ BEGIN
     RETURN NULL;
 END
 $$;
+
+-- The one-argument reset of 0011 (kept for servers of the previous version during an upgrade)
+-- with the same qualified declaration.
+CREATE OR REPLACE FUNCTION auth.reset_session(alone pg_catalog.bool) RETURNS void
+LANGUAGE plpgsql VOLATILE AS $$
+DECLARE
+    name pg_catalog.text;
+    unlocked pg_catalog.bool;
+BEGIN
+    RESET ALL;
+    RESET ROLE;
+    unlocked := pg_catalog.pg_advisory_unlock_all() IS NULL;
+    IF EXISTS (SELECT FROM pg_catalog.pg_listening_channels()) THEN
+        IF NOT alone THEN
+            RAISE EXCEPTION 'the session listens: reset it on its own' USING ERRCODE = 'FX002';
+        END IF;
+        UNLISTEN *;
+    END IF;
+    EXECUTE 'CLOSE ALL';
+    IF EXISTS (SELECT FROM pg_catalog.pg_prepared_statements p WHERE p.from_sql) THEN
+        FOR name IN SELECT p.name FROM pg_catalog.pg_prepared_statements p WHERE p.from_sql LOOP
+            EXECUTE pg_catalog.format('DEALLOCATE %I', name);
+        END LOOP;
+    END IF;
+    IF pg_catalog.pg_my_temp_schema() OPERATOR(pg_catalog.<>) 0 THEN
+        DISCARD TEMP;
+    END IF;
+    DISCARD SEQUENCES;
+END
+$$;
+REVOKE ALL ON FUNCTION auth.reset_session(boolean) FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION auth.reset_session(boolean) TO {owner}, {readwrite}, {read};
 
 REVOKE ALL ON FUNCTION auth.reset_session(boolean, bigint) FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION auth.reset_session(boolean, bigint) TO {owner}, {readwrite}, {read};

@@ -707,3 +707,36 @@ async fn a_routine_made_after_the_proof_cannot_replace_a_kept_statement() {
             .await;
     }
 }
+
+/// A caller's type named like a built-in, reached through the caller's search_path when the
+/// reset's PL/pgSQL compiles (its first call in a session, before its RESET ALL): a domain
+/// `ev.text` whose CHECK sets the search_path and disables the statement timeout, run when the
+/// reset assigns a prepared statement's name to its `text` variable, after RESET ALL. The next
+/// request must still find the session's own settings. Failed with `name text` in the reset.
+#[tokio::test]
+async fn a_callers_type_named_like_a_built_in_cannot_outlive_the_reset() {
+    let app = spawn_app_with(|c| c.pool_size = 1).await;
+    let f = app.fixture().await;
+    // The first use of the project's only connection: the reset has not compiled there yet.
+    app.rows(
+        &f.admin,
+        &f.project,
+        "CREATE SCHEMA ev;
+         CREATE DOMAIN ev.text AS pg_catalog.text CHECK (VALUE IS NULL OR (
+             pg_catalog.set_config('search_path', 'ev, public', false) IS NOT NULL
+             AND pg_catalog.set_config('statement_timeout', '0', false) IS NOT NULL));
+         GRANT USAGE ON SCHEMA ev TO PUBLIC;
+         SET search_path = ev, pg_catalog;
+         PREPARE q AS SELECT 1",
+    )
+    .await;
+    for round in 0..2 {
+        let probe = rows_as(&app, &f.admin, &f, None, PROBE).await;
+        assert_ne!(probe[0]["timeout"], "0", "round {round}: {probe}");
+        assert!(
+            !probe[0]["path"].as_str().unwrap().contains("ev"),
+            "round {round}: {probe}"
+        );
+        assert_eq!(probe[0]["sql_prepared"], 0, "round {round}: {probe}");
+    }
+}
