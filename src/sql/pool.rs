@@ -411,8 +411,8 @@ impl std::ops::DerefMut for Checkout {
 /// the next statement's transaction, given the epoch the connection knows when the checks for
 /// state only a utility statement makes may be skipped; or on its own, always with every check.
 /// `reset_session(boolean)` (0011) stays for servers of the previous version during an upgrade.
-const SESSION_RESET_IN_PIPELINE: &str = "SELECT auth.reset_session(false, $1::int8)";
-const SESSION_RESET_ALONE: &str = "SELECT auth.reset_session(true, NULL::int8)";
+const SESSION_RESET_IN_PIPELINE: &str = "SELECT auth.reset_session(false, $1::pg_catalog.int8)";
+const SESSION_RESET_ALONE: &str = "SELECT auth.reset_session(true, NULL::pg_catalog.int8)";
 
 /// Returns the connection to its pool with a session reset due: it runs in the same round trip
 /// as the next request's statement (see [`fluxbase_replication::wire::Connection::query_cached`]).

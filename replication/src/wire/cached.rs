@@ -286,14 +286,18 @@ impl Connection {
         params: &[Option<String>],
         max_rows: usize,
     ) -> Result<Round, WireError> {
+        // The reset on its own (after FX002) runs first, in a round trip of its own: PostgreSQL
+        // would run the messages that follow a failed Query (see `Connection::queue_prelude`).
+        if self.reset.as_ref().is_some_and(|r| r.due && r.alone_next) {
+            self.run_preludes().await?;
+        }
         let known = self.cached.lookup(sql);
         let name = match &known {
             Some((name, _)) => name.clone(),
             None => self.cached.new_name(),
         };
         let due = self.reset.as_ref().filter(|r| r.due);
-        let alone = due.filter(|r| r.alone_next).map(|r| r.alone.clone());
-        let reset = due.filter(|r| !r.alone_next).map(|r| {
+        let reset = due.map(|r| {
             let args = if r.takes_arg {
                 vec![r.arg.clone()]
             } else {
@@ -305,9 +309,6 @@ impl Connection {
         let to_close = std::mem::take(&mut self.cached.to_close);
         let mut steps = Vec::with_capacity(8 + 3 * preludes.len());
         let encoded = self.transport.encode(|buf| {
-            if let Some(call) = &alone {
-                frontend::query(call, buf).map_err(|e| e.to_string())?;
-            }
             if let Some((call, args)) = &reset {
                 frontend::parse("", call, std::iter::empty(), buf).map_err(|e| e.to_string())?;
                 encode_bind("", args, buf)?;
@@ -342,9 +343,6 @@ impl Connection {
             return Ok(Round::Done(Err(e)));
         }
         self.send().await?;
-        if alone.is_some() {
-            self.finish_prelude(1).await?;
-        }
 
         let mut next = 0;
         let mut columns = known.as_ref().map(|(_, c)| c.clone());
@@ -449,7 +447,7 @@ impl Connection {
         debug!(
             pid = self.backend_key.0,
             statement = %name,
-            reset = reset.is_some() || alone.is_some(),
+            reset = reset.is_some(),
             failed = error.is_some(),
             "executed a cached statement"
         );

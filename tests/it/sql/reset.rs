@@ -740,3 +740,79 @@ async fn a_callers_type_named_like_a_built_in_cannot_outlive_the_reset() {
         assert_eq!(probe[0]["sql_prepared"], 0, "round {round}: {probe}");
     }
 }
+
+/// A temporary type named `int8`: pg_temp comes first in a type lookup, so the reset's own
+/// casts must name `pg_catalog.int8`. Without it the next request's reset failed (a 503), or
+/// with a domain over a function, ran the caller's code before the reset.
+#[tokio::test]
+async fn a_temporary_type_named_int8_does_not_break_the_reset() {
+    let app = spawn_app_with(|c| c.pool_size = 1).await;
+    let f = app.fixture().await;
+    let fresh = fresh_probe(&app, &f.admin, &f).await;
+    for round in 0..2 {
+        // Once through the pipelined reset (with parameters), once through the one on its own.
+        app.rows(
+            &f.admin,
+            &f.project,
+            "CREATE TYPE pg_temp.int8 AS ENUM ('x'); SET search_path = pg_temp, public",
+        )
+        .await;
+        assert_eq!(
+            rows_as(&app, &f.admin, &f, None, PROBE).await,
+            fresh,
+            "round {round}"
+        );
+        app.rows(
+            &f.admin,
+            &f.project,
+            "CREATE TYPE pg_temp.int8 AS ENUM ('x')",
+        )
+        .await;
+        assert_eq!(
+            app.rows(
+                &f.admin,
+                &f.project,
+                "SELECT to_regtype('pg_temp.int8')::text AS t"
+            )
+            .await,
+            vec![json!({ "t": null })],
+            "round {round}"
+        );
+    }
+}
+
+/// A reset on its own that fails (here: the caller's 1 ms statement timeout, still in force when
+/// the reset starts, against a thousand temporary tables to drop) must keep the next request's
+/// SQL from running at all: it was sent in the same write as a Query after the reset's Query,
+/// and PostgreSQL ran it on the session the reset had not cleared (the client answered 503).
+#[tokio::test]
+async fn the_next_request_never_runs_after_a_failed_reset() {
+    let app = spawn_app_with(|c| c.pool_size = 1).await;
+    let f = app.fixture().await;
+    app.rows(&f.admin, &f.project, "CREATE SEQUENCE public.hits")
+        .await;
+    app.rows(
+        &f.admin,
+        &f.project,
+        "DO $$ BEGIN
+             FOR i IN 1..1000 LOOP EXECUTE format('CREATE TEMP TABLE t%s ()', i); END LOOP;
+         END $$;
+         SET statement_timeout = 1",
+    )
+    .await;
+    let (status, body) = app
+        .call(
+            "POST",
+            "/api/execute-sql",
+            Some(&f.admin),
+            Some(json!({ "projectId": f.project, "query": "SELECT nextval('public.hits')" })),
+        )
+        .await;
+    assert_eq!(status, 503, "the reset failed: {body}");
+    assert_eq!(
+        app.rows(&f.admin, &f.project, "SELECT is_called FROM public.hits")
+            .await,
+        vec![json!({ "is_called": false })],
+        "the request after the failed reset ran"
+    );
+}
