@@ -37,6 +37,19 @@
 -- own (an identity change, a session that listens) gets NULL, and with `alone` the function
 -- ignores `known` anyway: it always runs every check.
 --
+-- Sealed. The event triggers below only see DDL that runs after this migration commits; a
+-- transaction that ran CREATE FUNCTION before then and commits later fires none, and a snapshot
+-- taken before it commits does not see its routine, so no recompute of `safe` (this migration's
+-- own, or a later trigger's) can be trusted while such a transaction may still be running. So
+-- `safe` is false (the bump computes `sealed AND …`) until `sealed` is set: the server, after
+-- this migration commits, lists the transactions of this database that hold an xid (pg_locks'
+-- transactionid locks, prepared ones too; a transaction that ran DDL before the commit had an
+-- xid by then; another database's transactions cannot make routines here), waits, a few seconds
+-- at most, until none of them runs, then calls auth.seal_routine_epoch(). Every routine DDL after that either committed before the
+-- seal's recompute (which takes the row's lock, then a new snapshot: it sees it) or fires a
+-- trigger. If the wait times out, `safe` stays false (every reset runs its checks) and the next
+-- start-up tries again (src/projects/provision.rs).
+--
 -- UNLOGGED: never in the WAL (the publication is FOR ALL TABLES). After a crash the table is
 -- empty and every backend is new: the first reset or routine DDL fills it again
 -- (auth.routine_epoch_now()).
@@ -47,7 +60,9 @@ SET LOCAL ROLE {auth};
 CREATE UNLOGGED TABLE IF NOT EXISTS auth.routine_epoch (
     id boolean PRIMARY KEY DEFAULT true CHECK (id),
     n bigint NOT NULL,
-    safe boolean NOT NULL
+    safe boolean NOT NULL,
+    -- Every transaction older than this migration's commit has ended (see "Sealed" above).
+    sealed boolean NOT NULL DEFAULT false
 );
 REVOKE ALL ON auth.routine_epoch FROM PUBLIC;
 GRANT SELECT ON auth.routine_epoch TO {owner}, {readwrite}, {read};
@@ -70,10 +85,23 @@ LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
 BEGIN
     INSERT INTO auth.routine_epoch AS e (id, n, safe) VALUES (true, 1, false)
         ON CONFLICT (id) DO UPDATE SET n = e.n + 1, safe = false;
-    UPDATE auth.routine_epoch SET safe = auth.only_our_routines();
+    UPDATE auth.routine_epoch e SET safe = e.sealed AND auth.only_our_routines();
 END
 $$;
-REVOKE ALL ON FUNCTION auth.only_our_routines(), auth.bump_routine_epoch() FROM PUBLIC;
+
+-- Called by the server once every transaction older than this migration's commit has ended
+-- (see "Sealed" above): from then on `safe` may become true. The same two statements as the
+-- bump (the recompute after the row's lock is held).
+CREATE OR REPLACE FUNCTION auth.seal_routine_epoch() RETURNS boolean
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    UPDATE auth.routine_epoch SET sealed = true;
+    UPDATE auth.routine_epoch e SET safe = auth.only_our_routines();
+    RETURN (SELECT e.safe FROM auth.routine_epoch e);
+END
+$$;
+REVOKE ALL ON FUNCTION auth.only_our_routines(), auth.bump_routine_epoch(),
+    auth.seal_routine_epoch() FROM PUBLIC;
 
 -- The epoch and its proof, filling the table first when it is empty (after a crash).
 CREATE OR REPLACE FUNCTION auth.routine_epoch_now(OUT n bigint, OUT safe boolean)
@@ -83,7 +111,8 @@ BEGIN
         -- Unknown for now (the reset then runs its checks); the next reset fills it.
         RETURN;
     END IF;
-    INSERT INTO auth.routine_epoch AS e (id, n, safe) VALUES (true, 1, false)
+    -- Empty only after a crash (UNLOGGED), when every older transaction is gone: sealed.
+    INSERT INTO auth.routine_epoch AS e (id, n, safe, sealed) VALUES (true, 1, false, true)
         ON CONFLICT (id) DO NOTHING;
     IF FOUND THEN
         UPDATE auth.routine_epoch SET safe = auth.only_our_routines();
@@ -214,4 +243,5 @@ DROP EVENT TRIGGER IF EXISTS fluxbase_routines_drop;
 CREATE EVENT TRIGGER fluxbase_routines_drop ON sql_drop
     EXECUTE FUNCTION auth.on_routine_drop();
 
+-- Not sealed: `safe` stays false until the server seals the epoch (see "Sealed" above).
 SELECT auth.bump_routine_epoch();

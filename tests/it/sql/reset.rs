@@ -816,3 +816,76 @@ async fn the_next_request_never_runs_after_a_failed_reset() {
         "the request after the failed reset ran"
     );
 }
+
+/// `safe` of the routine epoch after a transaction that made a routine without firing the
+/// event triggers (as one that ran CREATE FUNCTION before migration 0014 committed, here by
+/// `session_replication_role = replica`) and commits later: no recompute may count on a
+/// snapshot that cannot see it. Until every older transaction ended, the epoch stays unsealed
+/// and `safe` false, whatever routine DDL fires a trigger meanwhile (the bump once set `safe`
+/// from a snapshot without the routine); the server's start-up seals it once they ended.
+#[tokio::test]
+async fn a_routine_made_without_the_triggers_keeps_the_epoch_unsafe_until_it_ended() {
+    use crate::support::fixtures::project;
+    use crate::support::http::sql;
+    use crate::support::process::ServerProcess;
+
+    let mut server = ServerProcess::start(&[]).await;
+    let p = project(&server.base).await;
+    let db = pg().await.client(&format!("fx_{}", p.project)).await;
+    assert_eq!(state(&db).await, (true, true), "sealed at creation");
+    // The state right after the migration committed, with an older transaction still running.
+    db.batch_execute("UPDATE auth.routine_epoch SET sealed = false, safe = false")
+        .await
+        .unwrap();
+    let older = pg().await.client(&format!("fx_{}", p.project)).await;
+    older
+        .batch_execute(
+            "BEGIN; SET LOCAL session_replication_role = replica;
+             CREATE FUNCTION public.sneaky() RETURNS int LANGUAGE sql AS 'SELECT 1'",
+        )
+        .await
+        .unwrap();
+    sql(
+        &server.base,
+        &p.admin,
+        &p.project,
+        "CREATE FUNCTION public.f() RETURNS int LANGUAGE sql AS 'SELECT 1'; DROP FUNCTION public.f()",
+    )
+    .await;
+    assert_eq!(
+        state(&db).await,
+        (false, false),
+        "a trigger's bump while unsealed"
+    );
+    // A start-up while the older transaction runs: the seal waits, gives up, stays unsealed.
+    server.restart().await;
+    assert_eq!(
+        state(&db).await,
+        (false, false),
+        "sealed with an older transaction open"
+    );
+    older.batch_execute("COMMIT").await.unwrap();
+    server.restart().await;
+    assert_eq!(
+        state(&db).await,
+        (false, true),
+        "sealed, and the routine counted"
+    );
+    sql(
+        &server.base,
+        &p.admin,
+        &p.project,
+        "DROP FUNCTION public.sneaky()",
+    )
+    .await;
+    assert_eq!(state(&db).await, (true, true));
+}
+
+/// (safe, sealed) of the project's routine epoch.
+async fn state(db: &tokio_postgres::Client) -> (bool, bool) {
+    let row = db
+        .query_one("SELECT safe, sealed FROM auth.routine_epoch", &[])
+        .await
+        .unwrap();
+    (row.get(0), row.get(1))
+}
