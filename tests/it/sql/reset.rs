@@ -889,3 +889,31 @@ async fn state(db: &tokio_postgres::Client) -> (bool, bool) {
         .unwrap();
     (row.get(0), row.get(1))
 }
+
+/// The server's lookup of a result's unknown types runs in the request's session, after its
+/// SQL: an operator `ev.=` on `oid` first in the caller's search_path must not change what it
+/// learns for the whole project (every `=`, `<>`, `>` in it is `OPERATOR(pg_catalog.…)`).
+#[tokio::test]
+async fn a_callers_operator_cannot_corrupt_the_type_registry() {
+    let app = spawn_app_with(|c| c.pool_size = 1).await;
+    let f = app.fixture().await;
+    let first = app
+        .rows(
+            &f.admin,
+            &f.project,
+            "CREATE SCHEMA ev;
+             CREATE FUNCTION ev.eq(oid, oid) RETURNS boolean LANGUAGE sql IMMUTABLE AS 'SELECT true';
+             CREATE FUNCTION ev.ne(oid, oid) RETURNS boolean LANGUAGE sql IMMUTABLE AS 'SELECT false';
+             CREATE OPERATOR ev.= (LEFTARG = oid, RIGHTARG = oid, FUNCTION = ev.eq);
+             CREATE OPERATOR ev.<> (LEFTARG = oid, RIGHTARG = oid, FUNCTION = ev.ne);
+             CREATE TYPE public.pair AS (a int, b text);
+             SET search_path = ev, pg_catalog, public;
+             SELECT ROW(1, 'x')::public.pair AS p",
+        )
+        .await;
+    let next = app
+        .rows(&f.admin, &f.project, "SELECT ROW(2, 'y')::public.pair AS p")
+        .await;
+    assert_eq!(first, vec![json!({ "p": { "a": 1, "b": "x" } })]);
+    assert_eq!(next, vec![json!({ "p": { "a": 2, "b": "y" } })]);
+}
