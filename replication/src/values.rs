@@ -352,12 +352,12 @@ impl TypeRegistry {
              \n    SELECT o::pg_catalog.oid FROM pg_catalog.unnest('{{{list}}}'::pg_catalog.int8[]) AS u(o)\
              \n  UNION\
              \n    SELECT dep.oid FROM wanted w\
-             \n    JOIN pg_catalog.pg_type t ON t.oid = w.oid\
+             \n    JOIN pg_catalog.pg_type t ON t.oid OPERATOR(pg_catalog.=) w.oid\
              \n    CROSS JOIN LATERAL (\
-             \n        SELECT t.typelem WHERE t.typelem <> 0\
-             \n        UNION ALL SELECT t.typbasetype WHERE t.typbasetype <> 0\
+             \n        SELECT t.typelem WHERE t.typelem OPERATOR(pg_catalog.<>) 0\
+             \n        UNION ALL SELECT t.typbasetype WHERE t.typbasetype OPERATOR(pg_catalog.<>) 0\
              \n        UNION ALL SELECT a.atttypid FROM pg_catalog.pg_attribute a\
-             \n            WHERE t.typrelid <> 0 AND a.attrelid = t.typrelid AND a.attnum > 0 AND NOT a.attisdropped\
+             \n            WHERE t.typrelid OPERATOR(pg_catalog.<>) 0 AND a.attrelid OPERATOR(pg_catalog.=) t.typrelid AND a.attnum OPERATOR(pg_catalog.>) 0 AND NOT a.attisdropped\
              \n    ) AS dep(oid)\
              \n)\
              \nSELECT w.oid::pg_catalog.text, t.typname::pg_catalog.text, t.typtype::pg_catalog.text,\
@@ -365,14 +365,14 @@ impl TypeRegistry {
              \n    t.typdelim::pg_catalog.text, t.typrelid::pg_catalog.text, t.typlen::pg_catalog.text,\
              \n    (SELECT pg_catalog.json_agg(pg_catalog.json_build_array(a.attname, a.atttypid::pg_catalog.int8) ORDER BY a.attnum)\
              \n        FROM pg_catalog.pg_attribute a\
-             \n        WHERE t.typtype = 'c' AND a.attrelid = t.typrelid AND a.attnum > 0 AND NOT a.attisdropped\
+             \n        WHERE t.typtype OPERATOR(pg_catalog.=) 'c' AND a.attrelid OPERATOR(pg_catalog.=) t.typrelid AND a.attnum OPERATOR(pg_catalog.>) 0 AND NOT a.attisdropped\
              \n    )::pg_catalog.text,\
              \n    (SELECT p.proname::pg_catalog.text FROM pg_catalog.pg_cast c\
-             \n        JOIN pg_catalog.pg_proc p ON p.oid = c.castfunc\
-             \n        WHERE c.castsource = t.oid AND c.casttarget = 'pg_catalog.json'::pg_catalog.regtype\
-             \n          AND c.castmethod = 'f'\
+             \n        JOIN pg_catalog.pg_proc p ON p.oid OPERATOR(pg_catalog.=) c.castfunc\
+             \n        WHERE c.castsource OPERATOR(pg_catalog.=) t.oid AND c.casttarget OPERATOR(pg_catalog.=) 'pg_catalog.json'::pg_catalog.regtype\
+             \n          AND c.castmethod OPERATOR(pg_catalog.=) 'f'\
              \n        LIMIT 1)\
-             \nFROM wanted w LEFT JOIN pg_catalog.pg_type t ON t.oid = w.oid\
+             \nFROM wanted w LEFT JOIN pg_catalog.pg_type t ON t.oid OPERATOR(pg_catalog.=) w.oid\
              \nORDER BY w.oid"
         )
     }

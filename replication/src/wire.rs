@@ -616,11 +616,9 @@ impl Connection {
         max_rows: usize,
     ) -> Result<SimpleOutcome, WireError> {
         self.ensure_usable()?;
-        let prelude = self.encode_with_prelude(|buf| frontend::query(sql, buf))?;
+        self.run_preludes().await?;
+        self.transport.encode(|buf| frontend::query(sql, buf))?;
         self.send().await?;
-        if prelude > 0 {
-            self.finish_prelude(prelude).await?;
-        }
 
         let mut current: Option<ResultBuilder> = None;
         let mut outcome = SimpleOutcome::default();
@@ -689,16 +687,14 @@ impl Connection {
     /// it: Parse + Describe + Sync. Errors carry [`Phase::Parse`].
     pub async fn prepare(&mut self, sql: &str) -> Result<Prepared, WireError> {
         self.ensure_usable()?;
-        let prelude = self.encode_with_prelude(|buf| {
+        self.run_preludes().await?;
+        self.transport.encode(|buf| {
             frontend::parse("", sql, std::iter::empty(), buf)?;
             frontend::describe(b'S', "", buf)?;
             frontend::sync(buf);
             Ok::<_, io::Error>(())
         })?;
         self.send().await?;
-        if prelude > 0 {
-            self.finish_prelude(prelude).await?;
-        }
 
         let mut prepared = Prepared::default();
         let mut error = None;
@@ -763,14 +759,12 @@ impl Connection {
         max_rows: usize,
     ) -> Result<StatementResult, WireError> {
         self.ensure_usable()?;
-        let prelude = self.encode_with_prelude(|buf| {
+        self.run_preludes().await?;
+        self.transport.encode(|buf| {
             frontend::parse("", sql, std::iter::empty(), buf).map_err(|e| e.to_string())?;
             encode_bind_execute(params, buf)
         })?;
         self.send().await?;
-        if prelude > 0 {
-            self.finish_prelude(prelude).await?;
-        }
 
         self.read_portal_result(Phase::Parse, max_rows).await
     }
@@ -789,7 +783,8 @@ impl Connection {
         if statements.is_empty() {
             return Ok(Vec::new());
         }
-        let prelude = self.encode_with_prelude(|buf| {
+        self.run_preludes().await?;
+        self.transport.encode(|buf| {
             for (sql, params) in statements {
                 frontend::parse("", sql, std::iter::empty(), buf).map_err(|e| e.to_string())?;
                 encode_bind_execute(params, buf)?;
@@ -797,9 +792,6 @@ impl Connection {
             Ok::<_, String>(())
         })?;
         self.send().await?;
-        if prelude > 0 {
-            self.finish_prelude(prelude).await?;
-        }
         let mut results = Vec::with_capacity(statements.len());
         for i in 0..statements.len() {
             if i > 0 {
@@ -874,27 +866,30 @@ impl Connection {
         }
     }
 
-    /// Queues `sql` (e.g. `DISCARD ALL`) to run as a simple query right before the next
-    /// operation, sent in the same write, so a session reset costs no round trip of its own.
+    /// Queues `sql` (e.g. `DISCARD ALL`) to run as a simple query before the next operation.
     /// Several queued preludes run in the order queued, each as its own Query message (its own
-    /// implicit transaction). If one fails, the connection is marked broken and that operation
-    /// fails without running. `execute_prepared` never sends them (a Query would destroy the
-    /// unnamed statement): preludes go out with the `prepare` before it.
+    /// implicit transaction), all in one write; the operation is sent only once every one of
+    /// them answered ReadyForQuery without an error. If one fails, the connection is marked
+    /// broken and the operation is never sent: PostgreSQL runs a Query or Parse that arrives
+    /// after a failed Query (only an error inside an extended-protocol Sync group skips what
+    /// follows), so sending them in the same write let an operation run on a session whose
+    /// reset had failed. `execute_prepared` never sends them (a Query would destroy the unnamed
+    /// statement): preludes go out with the `prepare` before it.
     pub fn queue_prelude(&mut self, sql: &str) {
         self.prelude.push(sql.to_owned());
     }
 
-    /// Encodes the queued preludes, then the operation's own messages; returns how many
-    /// preludes go out with them. If the operation cannot be encoded, nothing is left to send
-    /// and the preludes stay queued.
-    fn encode_with_prelude<E: fmt::Display>(
-        &mut self,
-        encode: impl FnOnce(&mut BytesMut) -> Result<(), E>,
-    ) -> Result<usize, WireError> {
+    /// Runs the queued preludes and a due session reset on its own (first), each as a Query, and
+    /// waits for their answers (one round trip; none when nothing is queued or due). An error
+    /// breaks the connection (see [`Connection::queue_prelude`]).
+    pub(super) async fn run_preludes(&mut self) -> Result<(), WireError> {
         let mut prelude = std::mem::take(&mut self.prelude);
         let reset = self.due_reset_query();
         if let Some(call) = &reset {
             prelude.insert(0, call.clone());
+        }
+        if prelude.is_empty() {
+            return Ok(());
         }
         for sql in &prelude {
             if let Err(e) = self.transport.encode(|buf| frontend::query(sql, buf)) {
@@ -903,12 +898,8 @@ impl Connection {
                 return Err(e);
             }
         }
-        if let Err(e) = self.transport.encode(encode) {
-            self.transport.write_buf.clear();
-            self.prelude = prelude.split_off(usize::from(reset.is_some()));
-            return Err(e);
-        }
-        Ok(prelude.len())
+        self.send().await?;
+        self.finish_prelude(prelude.len()).await
     }
 
     /// Reads the responses of `count` preludes, each up to its ReadyForQuery.
@@ -923,8 +914,9 @@ impl Connection {
                 }
                 Message::ReadyForQuery(body) => {
                     self.ready(&body)?;
-                    self.in_progress = true;
                     done += 1;
+                    // More answers are due until the last ReadyForQuery.
+                    self.in_progress = done < count;
                 }
                 _ => {}
             }

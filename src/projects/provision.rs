@@ -54,7 +54,65 @@ pub const PROJECT_MIGRATIONS: &[(i32, &str, &str)] = &[
         "session_reset_cheaper",
         include_str!("../../sql/project/0011_session_reset_cheaper.sql"),
     ),
+    (
+        14,
+        "session_reset_epoch",
+        include_str!("../../sql/project/0014_session_reset_epoch.sql"),
+    ),
 ];
+
+/// The migration that makes the routine epoch (sql/project/0014_session_reset_epoch.sql).
+const ROUTINE_EPOCH_VERSION: i32 = 14;
+
+/// How long [`seal_routine_epoch`] waits for the transactions older than the migration.
+const SEAL_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Lets the routine epoch's `safe` become true (sql/project/0014_session_reset_epoch.sql,
+/// "Sealed") once every transaction older than the migration's commit has ended: lists the
+/// transactions of the project's database that hold an xid now (after that commit), waits up
+/// to [`SEAL_WAIT`] until none of them runs, then seals. Timed out: `safe` stays
+/// false (every reset runs its checks) and the next start-up tries again. Nothing to do once
+/// sealed, or when the table is empty (after a crash: the first reset fills it, sealed).
+async fn seal_routine_epoch(
+    client: &tokio_postgres::Client,
+    project_id: &str,
+) -> anyhow::Result<()> {
+    let sealed = client
+        .query_opt("SELECT sealed FROM auth.routine_epoch", &[])
+        .await?;
+    if sealed.is_none_or(|row| row.get::<_, bool>(0)) {
+        return Ok(());
+    }
+    // The transactions of this database that hold an xid now (after the migration committed:
+    // one that ran DDL before then had one). Other databases' cannot make routines here.
+    const OLDER: &str = "SELECT l.pid::pg_catalog.text || ':' || l.transactionid::pg_catalog.text
+        FROM pg_catalog.pg_locks l JOIN pg_catalog.pg_stat_activity a ON a.pid = l.pid
+        WHERE l.locktype = 'transactionid' AND l.mode = 'ExclusiveLock'
+          AND a.datname = pg_catalog.current_database() AND l.pid <> pg_catalog.pg_backend_pid()
+        UNION ALL
+        SELECT 'prepared:' || p.transaction::pg_catalog.text FROM pg_catalog.pg_prepared_xacts p
+        WHERE p.database = pg_catalog.current_database()";
+    let older = |rows: Vec<tokio_postgres::Row>| -> std::collections::HashSet<String> {
+        rows.iter().map(|r| r.get(0)).collect()
+    };
+    let waiting = older(client.query(OLDER, &[]).await?);
+    let deadline = std::time::Instant::now() + SEAL_WAIT;
+    loop {
+        let now = older(client.query(OLDER, &[]).await?);
+        if waiting.is_disjoint(&now) {
+            break;
+        }
+        if std::time::Instant::now() >= deadline {
+            tracing::warn!(project_id, "transactions older than the routine epoch still run; the reset keeps every check until a later start-up seals it");
+            return Ok(());
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    client
+        .execute("SELECT auth.seal_routine_epoch()", &[])
+        .await?;
+    Ok(())
+}
 
 /// The latest bootstrap version.
 pub fn latest_version() -> i32 {
@@ -139,6 +197,7 @@ impl Projects {
             return Ok(());
         }
         let client = self.cluster.connect(db_name).await?;
+        let seal = pending.iter().any(|m| m.0 == ROUTINE_EPOCH_VERSION);
         for (version, name, sql) in pending {
             let sql = sql
                 .replace("{db}", &quote_ident(db_name))
@@ -170,6 +229,9 @@ impl Projects {
                 .map_err(|e| failed(&e))?;
             let control = self.control.get().await?;
             crate::control::projects::set_bootstrap_version(&control, project_id, *version).await?;
+        }
+        if seal {
+            seal_routine_epoch(&client, project_id).await?;
         }
         Ok(())
     }
@@ -240,6 +302,21 @@ impl Projects {
         for (id, db, from) in behind {
             tracing::info!(project_id = %id, from, to = latest, "migrating project database");
             self.migrate_project(&id, &db, from).await?;
+        }
+        // Projects whose routine epoch an earlier start-up could not seal (see
+        // `seal_routine_epoch`): tried again, each a few seconds at most.
+        let current = crate::control::projects::behind(&self.control.get().await?, latest + 1)
+            .await?
+            .into_iter()
+            .filter(|(_, _, version)| *version >= ROUTINE_EPOCH_VERSION);
+        for (id, db, _) in current {
+            let sealed = async {
+                let client = self.cluster.connect(&db).await?;
+                seal_routine_epoch(&client, &id).await
+            };
+            if let Err(e) = sealed.await {
+                tracing::warn!(project_id = %id, error = %format!("{e:#}"), "could not seal the routine epoch");
+            }
         }
         Ok(crate::control::projects::without_slot(&self.control.get().await?).await?)
     }

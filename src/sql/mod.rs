@@ -14,7 +14,11 @@
 //! `SET ROLE` to a stronger one. After each request the connection is reset: `ROLLBACK` if a
 //! transaction was left open, off the response path, then `auth.reset_session()` (what
 //! `DISCARD ALL` resets but the statements the connection keeps prepared), which travels with
-//! the next request's statement, in its transaction; one that cannot be reset is dropped. A
+//! the next request's statement, in its transaction; one that cannot be reset is dropped. After
+//! one statement that PostgreSQL answered with a single plain CommandComplete (see
+//! [`Checkout`]), the reset is given the routine epoch the connection last proved and skips its
+//! LISTEN/PREPARE/held-cursor checks while that epoch stands
+//! (sql/project/0014_session_reset_epoch.sql). A
 //! statement with `params` that PostgreSQL has seen in this project before runs prepared under
 //! a name of its own on the connection (Bind + Execute only). A statement that outlives `statement_timeout` (which the caller could lower or
 //! disable with `SET`) is cancelled by the server side guard here as well.

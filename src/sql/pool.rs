@@ -32,6 +32,9 @@ use crate::db::ClusterTarget;
 pub struct PooledConnection {
     pub(super) conn: Connection,
     pub identity: crate::rls::KnownIdentity,
+    /// The routine epoch the last pipelined reset returned: no routine of the project's own
+    /// existed since it was read (sql/project/0014_session_reset_epoch.sql). `None`: unknown.
+    pub(super) reset_epoch: Option<i64>,
 }
 
 impl std::ops::Deref for PooledConnection {
@@ -66,10 +69,11 @@ impl managed::Manager for WireManager {
 
     async fn create(&self) -> Result<PooledConnection, PoolFailure> {
         let mut conn = self.login.connect(&self.cfg).await?;
-        conn.set_session_reset(SESSION_RESET_IN_PIPELINE, SESSION_RESET_ALONE);
+        conn.set_session_reset_with_arg(SESSION_RESET_IN_PIPELINE, SESSION_RESET_ALONE);
         Ok(PooledConnection {
             conn,
             identity: crate::rls::KnownIdentity::Unknown,
+            reset_epoch: None,
         })
     }
 
@@ -375,6 +379,30 @@ pub struct Checkout {
     conn: Object<BudgetedManager>,
     _share: tokio::sync::OwnedSemaphorePermit,
     budget: Arc<Budget>,
+    /// This use ran one plain statement that succeeded (see [`Checkout::ran_one_plain_statement`]).
+    plain: bool,
+}
+
+impl Checkout {
+    /// Says that the caller's part of this use of the connection (besides the server's own
+    /// statements: the identity, the type lookups) succeeded and PostgreSQL answered it with
+    /// exactly one CommandComplete whose tag is SELECT, INSERT, UPDATE, DELETE or MERGE (see
+    /// [`is_plain_tag`]). Such a statement makes LISTEN, SQL-level prepared statements and held
+    /// cursors only through a routine of the project's own, so the next pipelined reset may skip
+    /// its checks for them while the project has none (sql/project/0014_session_reset_epoch.sql).
+    /// Decided from the server's answer, never from the request's text. Not called: the next
+    /// reset runs every check.
+    pub(super) fn ran_one_plain_statement(&mut self) {
+        self.plain = true;
+    }
+}
+
+/// A CommandComplete tag of a plain statement: SELECT, INSERT, UPDATE, DELETE or MERGE (also
+/// answered by CREATE TABLE AS, SELECT INTO and EXECUTE of such a statement, none of which makes
+/// LISTEN, SQL-level prepared statements or held cursors either).
+pub(super) fn is_plain_tag(tag: &str) -> bool {
+    let word = tag.split(' ').next().unwrap_or("");
+    matches!(word, "SELECT" | "INSERT" | "UPDATE" | "DELETE" | "MERGE")
 }
 
 impl std::ops::Deref for Checkout {
@@ -391,10 +419,12 @@ impl std::ops::DerefMut for Checkout {
 }
 
 /// The reset between two requests on a connection: what `DISCARD ALL` resets but the
-/// statements the connection keeps prepared (sql/project/0010_session_reset.sql), inside the
-/// next statement's transaction, or on its own.
-const SESSION_RESET_IN_PIPELINE: &str = "SELECT auth.reset_session(false)";
-const SESSION_RESET_ALONE: &str = "SELECT auth.reset_session(true)";
+/// statements the connection keeps prepared (sql/project/0014_session_reset_epoch.sql), inside
+/// the next statement's transaction, given the epoch the connection knows when the checks for
+/// state only a utility statement makes may be skipped; or on its own, always with every check.
+/// `reset_session(boolean)` (0011) stays for servers of the previous version during an upgrade.
+const SESSION_RESET_IN_PIPELINE: &str = "SELECT auth.reset_session(false, $1::pg_catalog.int8)";
+const SESSION_RESET_ALONE: &str = "SELECT auth.reset_session(true, NULL::pg_catalog.int8)";
 
 /// Returns the connection to its pool with a session reset due: it runs in the same round trip
 /// as the next request's statement (see [`fluxbase_replication::wire::Connection::query_cached`]).
@@ -404,13 +434,21 @@ pub fn release(conn: Checkout) {
         mut conn,
         _share,
         budget,
+        plain,
     } = conn;
     if conn.is_broken() {
         let _ = Object::take(conn);
         return;
     }
+    let pooled = &mut conn.conn;
+    if let Some(value) = pooled.conn.take_reset_value() {
+        pooled.reset_epoch = value.and_then(|v| v.parse().ok());
+    }
     if conn.transaction_status() == TransactionStatus::Idle {
-        conn.reset_session();
+        let known = if plain { conn.conn.reset_epoch } else { None };
+        conn.conn
+            .conn
+            .reset_session_with(known.map(|e| e.to_string()));
         drop(conn);
         // Requests waiting on the budget may close it now.
         budget.idle.notify_waiters();
@@ -590,6 +628,7 @@ impl Sql {
             conn,
             _share: share,
             budget: self.budget.clone(),
+            plain: false,
         })
     }
 

@@ -16,7 +16,7 @@ use fluxbase_replication::wire::{
 };
 use serde_json::Value;
 
-use super::pool::{release, PooledConnection};
+use super::pool::{is_plain_tag, release, PooledConnection};
 use super::render::{render_db_error, render_sql_error, render_success};
 use super::{Sql, SqlError, SqlRequest};
 use crate::auth::Access;
@@ -87,6 +87,7 @@ impl Sql {
                 let PooledConnection {
                     conn,
                     identity: known,
+                    ..
                 } = &mut *conn;
                 self.identities
                     .establish(&access.project, conn, known, identity)
@@ -107,6 +108,14 @@ impl Sql {
                 }
             }
         };
+        // The caller's part succeeded and PostgreSQL answered it with one plain CommandComplete:
+        // see `Checkout::ran_one_plain_statement`.
+        let outcome = outcome.map(|(result, plain)| {
+            if plain {
+                conn.ran_one_plain_statement();
+            }
+            result
+        });
         release(conn);
         let elapsed = started.elapsed();
         self.metrics.observe_sql(elapsed, outcome.is_ok());
@@ -167,11 +176,24 @@ async fn run(
     max_rows: usize,
     types: &RwLock<TypeRegistry>,
     statements: &StatementCache,
-) -> Result<Option<StatementResult>, SqlFailure> {
-    let result = match req.params.as_deref() {
-        None | Some([]) => conn.simple_query(&req.query, max_rows).await?.last,
+) -> Result<(Option<StatementResult>, bool), SqlFailure> {
+    // Plain: exactly one CommandComplete, with a plain tag, in PostgreSQL's answer to the
+    // caller's SQL (a Query counts every statement that completed; with parameters the extended
+    // protocol runs one statement).
+    let (result, plain) = match req.params.as_deref() {
+        None | Some([]) => {
+            let outcome = conn.simple_query(&req.query, max_rows).await?;
+            let plain = outcome.statements == 1
+                && outcome
+                    .last
+                    .as_ref()
+                    .is_some_and(|r| is_plain_tag(&r.command_tag));
+            (outcome.last, plain)
+        }
         Some(params) => {
-            Some(run_with_params(conn, req, params, max_rows, types, statements).await?)
+            let result = run_with_params(conn, req, params, max_rows, types, statements).await?;
+            let plain = is_plain_tag(&result.command_tag);
+            (Some(result), plain)
         }
     };
     if let Some(result) = &result {
@@ -181,7 +203,7 @@ async fn run(
             learn_types(conn, types, &oids).await?;
         }
     }
-    Ok(result)
+    Ok((result, plain))
 }
 
 /// One statement with `$n` parameters: one round trip when the parameter types are known from
@@ -326,6 +348,38 @@ mod tests {
             "-- c\r\nVACUUM t",
         ] {
             assert!(!runs_in_a_transaction(sql), "{sql}");
+        }
+    }
+
+    #[test]
+    fn only_the_tags_of_queries_and_dml_are_plain() {
+        use crate::sql::pool::is_plain_tag;
+        for tag in [
+            "SELECT 1",
+            "SELECT 0",
+            "INSERT 0 3",
+            "UPDATE 2",
+            "DELETE 0",
+            "MERGE 1",
+        ] {
+            assert!(is_plain_tag(tag), "{tag}");
+        }
+        for tag in [
+            "PREPARE",
+            "DEALLOCATE",
+            "DEALLOCATE ALL",
+            "LISTEN",
+            "DECLARE CURSOR",
+            "CALL",
+            "DO",
+            "SET",
+            "COPY 1",
+            "FETCH 1",
+            "SELECTX 1",
+            "select 1",
+            "",
+        ] {
+            assert!(!is_plain_tag(tag), "{tag}");
         }
     }
 

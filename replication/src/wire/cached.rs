@@ -8,13 +8,23 @@
 //! `DISCARD ALL` before it 55–58 µs. So here a statement runs prepared under a name of its own
 //! once this connection has seen it ([`Connection::query_cached`]), and the reset is a call the
 //! caller chooses ([`Connection::set_session_reset`], e.g. a function that resets what
-//! `DISCARD ALL` does but leaves the protocol-level statements alone), sent as Bind + Execute in
-//! the same Sync group as the statement:
+//! `DISCARD ALL` does but leaves the protocol-level statements alone), sent as Parse + Bind +
+//! Execute of the unnamed statement in the same Sync group as the statement:
 //!
 //! ```text
-//!  [Parse fx_reset] Bind fx_reset Execute · (prelude: Parse Bind Execute)* ·
+//!  Parse "" (reset) Bind "" Execute · (prelude: Parse Bind Execute)* ·
 //!  [Close evicted] [Parse fx_s<n> Describe] Bind fx_s<n> Execute · Sync
 //! ```
+//!
+//! The reset is parsed every time, never kept under a name: the caller's SQL can replace any
+//! named statement (`DEALLOCATE x; PREPARE x AS …`, also from a function), and a reset bound
+//! from a replaced name would run the caller's statement instead of the reset. The unnamed
+//! statement is the one no SQL can reach: SQL-level PREPARE needs a name, and nothing runs
+//! between our Parse "" and its Bind. Parsing it costs the backend ~3.5 µs a request (PostgreSQL
+//! 15, pgbench `-M extended` against `-M prepared` on the call alone; docs/benchmarks.md). The
+//! statements kept under names (`fx_s<n>`) may be replaced the same way, but the reset runs first
+//! in their Sync group and deallocates every SQL-level prepared statement, so a replaced one is
+//! gone by its Bind (SQLSTATE 26000: prepared afresh below).
 //!
 //! All of it is one implicit transaction, so the statement always runs after the reset; if it
 //! fails, the reset's transactional part is rolled back with it and stays due for the next
@@ -33,9 +43,6 @@ use super::*;
 
 /// Statements kept prepared per connection; past this the least recently used one is closed.
 pub const MAX_CACHED_STATEMENTS: usize = 64;
-
-/// The server-side name of the session reset call.
-const RESET_STATEMENT: &str = "fx_reset";
 
 /// SQLSTATE invalid_sql_statement_name: a prepared statement that does not exist.
 const NO_SUCH_STATEMENT: &str = "26000";
@@ -100,10 +107,15 @@ pub(super) struct SessionReset {
     /// The call on its own (a Query, its own transaction).
     alone: String,
     pub(super) due: bool,
-    /// `in_pipeline` is prepared on the server as [`RESET_STATEMENT`].
-    prepared: bool,
     /// The last pipelined reset asked to run on its own ([`RESET_ALONE`]).
     alone_next: bool,
+    /// `in_pipeline` takes one parameter (`$1`): this value, text or NULL (see
+    /// [`Connection::reset_session_with`]). `alone` never takes one.
+    takes_arg: bool,
+    arg: Option<String>,
+    /// The first value of the row the last pipelined reset answered, once its round succeeded
+    /// (see [`Connection::take_reset_value`]).
+    value: Option<Option<String>>,
 }
 
 /// SQLSTATE a pipelined reset raises when it cannot finish inside the statement's transaction
@@ -167,21 +179,51 @@ impl Connection {
             in_pipeline: in_pipeline.to_owned(),
             alone: alone.to_owned(),
             due: false,
-            prepared: false,
             alone_next: false,
+            takes_arg: false,
+            arg: None,
+            value: None,
         });
+    }
+
+    /// As [`Connection::set_session_reset`], with an `in_pipeline` call that takes one text
+    /// parameter (`$1`), bound to what [`Connection::reset_session_with`] gave; `alone` takes
+    /// none. The first value of the row the pipelined call answers is kept for
+    /// [`Connection::take_reset_value`].
+    pub fn set_session_reset_with_arg(&mut self, in_pipeline: &str, alone: &str) {
+        self.set_session_reset(in_pipeline, alone);
+        if let Some(r) = &mut self.reset {
+            r.takes_arg = true;
+        }
     }
 
     /// Resets the session before the next operation: the call of
     /// [`Connection::set_session_reset`], or `DISCARD ALL` without one.
     pub fn reset_session(&mut self) {
+        self.reset_session_with(None);
+    }
+
+    /// [`Connection::reset_session`], binding `arg` to the pipelined call's `$1` (see
+    /// [`Connection::set_session_reset_with_arg`]); a reset still due from before takes the new
+    /// value. The call on its own never gets it.
+    pub fn reset_session_with(&mut self, arg: Option<String>) {
         match &mut self.reset {
-            Some(reset) => reset.due = true,
+            Some(reset) => {
+                reset.due = true;
+                reset.arg = arg;
+            }
             None => {
                 self.cached.forget_all();
                 self.queue_prelude("DISCARD ALL");
             }
         }
+    }
+
+    /// What the last pipelined reset answered (the first value of its row, NULL as `None`), if
+    /// one ran in a round that succeeded since the last call; a reset run on its own answers
+    /// nothing here.
+    pub fn take_reset_value(&mut self) -> Option<Option<String>> {
+        self.reset.as_mut().and_then(|r| r.value.take())
     }
 
     /// How many statements this connection keeps prepared.
@@ -211,9 +253,6 @@ impl Connection {
     pub(super) fn saw_tag(&mut self, tag: &str) {
         if tag == "DISCARD ALL" || tag == "DEALLOCATE ALL" {
             self.cached.forget_all();
-            if let Some(r) = &mut self.reset {
-                r.prepared = false;
-            }
         }
     }
 
@@ -247,32 +286,34 @@ impl Connection {
         params: &[Option<String>],
         max_rows: usize,
     ) -> Result<Round, WireError> {
+        // The reset on its own (after FX002) runs first, in a round trip of its own: PostgreSQL
+        // would run the messages that follow a failed Query (see `Connection::queue_prelude`).
+        if self.reset.as_ref().is_some_and(|r| r.due && r.alone_next) {
+            self.run_preludes().await?;
+        }
         let known = self.cached.lookup(sql);
         let name = match &known {
             Some((name, _)) => name.clone(),
             None => self.cached.new_name(),
         };
         let due = self.reset.as_ref().filter(|r| r.due);
-        let alone = due.filter(|r| r.alone_next).map(|r| r.alone.clone());
-        let reset = due
-            .filter(|r| !r.alone_next)
-            .map(|r| (r.in_pipeline.clone(), r.prepared));
+        let reset = due.map(|r| {
+            let args = if r.takes_arg {
+                vec![r.arg.clone()]
+            } else {
+                Vec::new()
+            };
+            (r.in_pipeline.clone(), args)
+        });
         let preludes = std::mem::take(&mut self.prelude);
         let to_close = std::mem::take(&mut self.cached.to_close);
         let mut steps = Vec::with_capacity(8 + 3 * preludes.len());
         let encoded = self.transport.encode(|buf| {
-            if let Some(call) = &alone {
-                frontend::query(call, buf).map_err(|e| e.to_string())?;
-            }
-            if let Some((call, prepared)) = &reset {
-                if !prepared {
-                    frontend::parse(RESET_STATEMENT, call, std::iter::empty(), buf)
-                        .map_err(|e| e.to_string())?;
-                    steps.push(Step::ResetParse);
-                }
-                encode_bind(RESET_STATEMENT, &[], buf)?;
+            if let Some((call, args)) = &reset {
+                frontend::parse("", call, std::iter::empty(), buf).map_err(|e| e.to_string())?;
+                encode_bind("", args, buf)?;
                 frontend::execute("", 0, buf).map_err(|e| e.to_string())?;
-                steps.extend([Step::ResetBind, Step::ResetExecute]);
+                steps.extend([Step::ResetParse, Step::ResetBind, Step::ResetExecute]);
             }
             for prelude in &preludes {
                 frontend::parse("", prelude, std::iter::empty(), buf).map_err(|e| e.to_string())?;
@@ -302,9 +343,6 @@ impl Connection {
             return Ok(Round::Done(Err(e)));
         }
         self.send().await?;
-        if alone.is_some() {
-            self.finish_prelude(1).await?;
-        }
 
         let mut next = 0;
         let mut columns = known.as_ref().map(|(_, c)| c.clone());
@@ -312,19 +350,14 @@ impl Connection {
         let mut builder: Option<ResultBuilder> = None;
         let mut result = None;
         let mut error: Option<(Step, Box<DbError>)> = None;
+        let mut reset_value: Option<Option<String>> = None;
         self.skipped_row = false;
         loop {
             let step = steps.get(next).copied();
             match self.recv().await? {
                 Message::ParseComplete => {
-                    match step {
-                        Some(Step::ResetParse) => {
-                            if let Some(r) = &mut self.reset {
-                                r.prepared = true;
-                            }
-                        }
-                        Some(Step::Parse) => parsed = true,
-                        _ => {}
+                    if step == Some(Step::Parse) {
+                        parsed = true;
                     }
                     next += 1;
                 }
@@ -348,6 +381,9 @@ impl Connection {
                     next += 1;
                 }
                 Message::DataRow(row) => {
+                    if step == Some(Step::ResetExecute) {
+                        reset_value = Some(first_value(&row).map_err(|e| self.fail(e))?);
+                    }
                     if step == Some(Step::Execute) {
                         if let Some(b) = builder.as_mut() {
                             if self.take_skipped_row() {
@@ -411,12 +447,15 @@ impl Connection {
         debug!(
             pid = self.backend_key.0,
             statement = %name,
-            reset = reset.is_some() || alone.is_some(),
+            reset = reset.is_some(),
             failed = error.is_some(),
             "executed a cached statement"
         );
         let Some((at, e)) = error else {
             self.reset_done();
+            if let (Some(value), Some(r)) = (reset_value, &mut self.reset) {
+                r.value = Some(value);
+            }
             return Ok(Round::Done(result.ok_or_else(|| {
                 self.fail(WireError::protocol("execute ended without CommandComplete"))
             })));
@@ -426,14 +465,6 @@ impl Connection {
         if at == Step::ResetExecute && e.code == RESET_ALONE {
             if let Some(r) = &mut self.reset {
                 r.alone_next = true;
-            }
-            return Ok(Round::Again);
-        }
-        if at == Step::ResetBind && e.code == NO_SUCH_STATEMENT {
-            // The caller's SQL deallocated everything: ours are gone as well.
-            self.cached.forget_all();
-            if let Some(r) = &mut self.reset {
-                r.prepared = false;
             }
             return Ok(Round::Again);
         }
@@ -447,9 +478,6 @@ impl Connection {
         if at == Step::Bind && known.is_some() {
             if e.code == NO_SUCH_STATEMENT {
                 self.cached.forget_all();
-                if let Some(r) = &mut self.reset {
-                    r.prepared = false;
-                }
                 return Ok(Round::Again);
             }
             if e.code == RESULT_TYPE_CHANGED {
@@ -460,4 +488,13 @@ impl Connection {
         }
         Ok(Round::Done(Err(WireError::Db(e))))
     }
+}
+
+/// The first value of a DataRow as text (`None`: NULL or no value).
+fn first_value(row: &DataRowBody) -> Result<Option<String>, WireError> {
+    let buf = row.buffer();
+    let first = row.ranges().next().map_err(WireError::protocol)?;
+    Ok(first
+        .flatten()
+        .map(|r| String::from_utf8_lossy(&buf[r]).into_owned()))
 }

@@ -1062,8 +1062,10 @@ async fn session_reset_closes_every_held_cursor_and_keeps_the_statements() {
         assert_eq!(run(HOLD).await, json!({ "done": 1 }));
         let probe = run(PROBE).await;
         assert_eq!(probe["cursors"], 0, "round {round}: {probe}");
+        // HOLD's and PROBE's statements (the reset itself is never kept: it goes through the
+        // unnamed statement).
         if round > 0 {
-            assert!(probe["kept"].as_i64().unwrap() >= 3, "{probe}");
+            assert!(probe["kept"].as_i64().unwrap() >= 2, "{probe}");
         }
         // Made by a script (simple protocol), by the function and by DECLARE itself.
         app.rows(

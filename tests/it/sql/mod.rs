@@ -2,6 +2,7 @@
 //! row-level security, and what SQL sent with any key may not reach.
 
 mod execute;
+mod reset;
 mod rls;
 mod sandbox;
 mod values;
