@@ -305,8 +305,8 @@ impl Connection {
             };
             (r.in_pipeline.clone(), args)
         });
-        let preludes = std::mem::take(&mut self.prelude);
-        let to_close = std::mem::take(&mut self.cached.to_close);
+        let mut preludes = std::mem::take(&mut self.prelude);
+        let mut to_close = std::mem::take(&mut self.cached.to_close);
         let mut steps = Vec::with_capacity(8 + 3 * preludes.len());
         let encoded = self.transport.encode(|buf| {
             if let Some((call, args)) = &reset {
@@ -462,10 +462,18 @@ impl Connection {
         };
         // The implicit transaction failed: whatever the reset did that is transactional was
         // rolled back, so it is still due.
+        // A round run again must send what this one took and never ran (everything after the
+        // error in the Sync group was skipped): the preludes, e.g. an identity's settings, ahead
+        // of any queued since, and the Closes.
+        let mut again = |conn: &mut Self| {
+            conn.prelude.splice(0..0, preludes.drain(..));
+            conn.cached.to_close.append(&mut to_close);
+        };
         if at == Step::ResetExecute && e.code == RESET_ALONE {
             if let Some(r) = &mut self.reset {
                 r.alone_next = true;
             }
+            again(self);
             return Ok(Round::Again);
         }
         if at.is_reset_or_prelude() {
@@ -478,11 +486,13 @@ impl Connection {
         if at == Step::Bind && known.is_some() {
             if e.code == NO_SUCH_STATEMENT {
                 self.cached.forget_all();
+                again(self);
                 return Ok(Round::Again);
             }
             if e.code == RESULT_TYPE_CHANGED {
                 self.cached.by_sql.remove(sql);
                 self.cached.to_close.push(name);
+                again(self);
                 return Ok(Round::Again);
             }
         }
