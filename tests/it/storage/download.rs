@@ -387,12 +387,16 @@ async fn downloads_beyond_the_read_budget_stream_and_all_succeed() {
         free < len as u64,
         "two whole files hold the budget: {free} free"
     );
-    assert_eq!(
+    // Two fit in the budget at once; a third may have found it once one of the first two was
+    // sent whole into the kernel's socket buffers (loopback buffers can take 4 MiB), which
+    // gives its share back. The rest stream in small chunks.
+    let (took, streamed) = (
         metrics.storage_downloads_budgeted.load(Relaxed) - budgeted,
-        2,
-        "two fit in the budget"
+        metrics.storage_downloads_small.load(Relaxed) - small,
     );
-    assert_eq!(metrics.storage_downloads_small.load(Relaxed) - small, 10);
+    assert_eq!(took + streamed, 12);
+    assert!((2..=4).contains(&took), "{took} took budget");
+    assert!(streamed >= 8, "{streamed} streamed in small chunks");
     for (mut socket, mut body) in held {
         socket.read_to_end(&mut body).await.unwrap();
         assert!(body == data, "{} bytes", body.len());
@@ -408,7 +412,8 @@ async fn downloads_beyond_the_read_budget_stream_and_all_succeed() {
     assert!(status == 200 && bytes.as_ref() == data.as_slice());
     assert_eq!(
         metrics.storage_downloads_budgeted.load(Relaxed) - budgeted,
-        3
+        took + 1,
+        "read whole again"
     );
     t.stop().await;
 }
