@@ -248,6 +248,9 @@ impl App {
             }
         }
         lifecycle::listen_for_access_changes(&app);
+        if sweep {
+            lifecycle::seal_routine_epochs(&app);
+        }
         Ok(app)
     }
 

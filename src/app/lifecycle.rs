@@ -299,3 +299,29 @@ pub(super) fn listen_for_access_changes(app: &SharedApp) {
         }
     });
 }
+
+/// Seals the routine epochs an earlier start-up could not (sql/project/0014, "Sealed"), off
+/// the start-up path: one project at a time, each a connection and up to a few seconds, for as
+/// long as the app lives. Until a project's epoch is sealed its reset runs every check.
+pub(super) fn seal_routine_epochs(app: &SharedApp) {
+    let app = Arc::downgrade(app);
+    tokio::spawn(async move {
+        let candidates = match app.upgrade() {
+            Some(app) => app.projects.sealing_candidates().await,
+            None => return,
+        };
+        let candidates = match candidates {
+            Ok(candidates) => candidates,
+            Err(e) => {
+                tracing::warn!(error = %format!("{e:#}"), "listing the routine epochs to seal");
+                return;
+            }
+        };
+        for (project_id, db_name) in candidates {
+            let Some(app) = app.upgrade() else { return };
+            if let Err(e) = app.projects.seal_pending(&project_id, &db_name).await {
+                tracing::warn!(project_id, error = %format!("{e:#}"), "could not seal the routine epoch");
+            }
+        }
+    });
+}

@@ -71,7 +71,8 @@ const SEAL_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 /// "Sealed") once every transaction older than the migration's commit has ended: lists the
 /// transactions of the project's database that hold an xid now (after that commit), waits up
 /// to [`SEAL_WAIT`] until none of them runs, then seals. Timed out: `safe` stays
-/// false (every reset runs its checks) and the next start-up tries again. Nothing to do once
+/// false (every reset runs its checks) and the server tries again after its next start-up
+/// (`seal_routine_epochs`, off the start-up path). Nothing to do once
 /// sealed, or when the table is empty (after a crash: the first reset fills it, sealed).
 async fn seal_routine_epoch(
     client: &tokio_postgres::Client,
@@ -103,7 +104,7 @@ async fn seal_routine_epoch(
             break;
         }
         if std::time::Instant::now() >= deadline {
-            tracing::warn!(project_id, "transactions older than the routine epoch still run; the reset keeps every check until a later start-up seals it");
+            tracing::warn!(project_id, "transactions older than the routine epoch still run; the reset keeps every check until the server seals it after a later start-up");
             return Ok(());
         }
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
@@ -303,22 +304,30 @@ impl Projects {
             tracing::info!(project_id = %id, from, to = latest, "migrating project database");
             self.migrate_project(&id, &db, from).await?;
         }
-        // Projects whose routine epoch an earlier start-up could not seal (see
-        // `seal_routine_epoch`): tried again, each a few seconds at most.
-        let current = crate::control::projects::behind(&self.control.get().await?, latest + 1)
-            .await?
-            .into_iter()
-            .filter(|(_, _, version)| *version >= ROUTINE_EPOCH_VERSION);
-        for (id, db, _) in current {
-            let sealed = async {
-                let client = self.cluster.connect(&db).await?;
-                seal_routine_epoch(&client, &id).await
-            };
-            if let Err(e) = sealed.await {
-                tracing::warn!(project_id = %id, error = %format!("{e:#}"), "could not seal the routine epoch");
-            }
-        }
         Ok(crate::control::projects::without_slot(&self.control.get().await?).await?)
+    }
+
+    /// The projects (id, database) whose routine epoch may still be unsealed: those at the
+    /// epoch's version or later (an earlier start-up's seal may have timed out, see
+    /// `seal_routine_epoch`). Sealed ones answer at once.
+    pub async fn sealing_candidates(&self) -> anyhow::Result<Vec<(String, String)>> {
+        let latest = latest_version();
+        Ok(
+            crate::control::projects::behind(&self.control.get().await?, latest + 1)
+                .await?
+                .into_iter()
+                .filter(|(_, _, version)| *version >= ROUTINE_EPOCH_VERSION)
+                .map(|(id, db, _)| (id, db))
+                .collect(),
+        )
+    }
+
+    /// Seals one project's routine epoch if an earlier start-up could not (a few seconds at
+    /// most; one connection to its database). The server does this after its start-up, off
+    /// the start-up path: until sealed, the reset runs every check (safe, only slower).
+    pub async fn seal_pending(&self, project_id: &str, db_name: &str) -> anyhow::Result<()> {
+        let client = self.cluster.connect(db_name).await?;
+        seal_routine_epoch(&client, project_id).await
     }
 
     /// Every project role: settings a caller left behind reset, temp_file_limit as configured,

@@ -822,7 +822,7 @@ async fn the_next_request_never_runs_after_a_failed_reset() {
 /// `session_replication_role = replica`) and commits later: no recompute may count on a
 /// snapshot that cannot see it. Until every older transaction ended, the epoch stays unsealed
 /// and `safe` false, whatever routine DDL fires a trigger meanwhile (the bump once set `safe`
-/// from a snapshot without the routine); the server's start-up seals it once they ended.
+/// from a snapshot without the routine); the server seals it after a start-up once they ended.
 #[tokio::test]
 async fn a_routine_made_without_the_triggers_keeps_the_epoch_unsafe_until_it_ended() {
     use crate::support::fixtures::project;
@@ -857,8 +857,10 @@ async fn a_routine_made_without_the_triggers_keeps_the_epoch_unsafe_until_it_end
         (false, false),
         "a trigger's bump while unsealed"
     );
-    // A start-up while the older transaction runs: the seal waits, gives up, stays unsealed.
+    // A start-up while the older transaction runs: the seal (after the start-up, off its path)
+    // waits up to 5 s, gives up, stays unsealed.
     server.restart().await;
+    tokio::time::sleep(std::time::Duration::from_secs(7)).await;
     assert_eq!(
         state(&db).await,
         (false, false),
@@ -866,10 +868,14 @@ async fn a_routine_made_without_the_triggers_keeps_the_epoch_unsafe_until_it_end
     );
     older.batch_execute("COMMIT").await.unwrap();
     server.restart().await;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while state(&db).await != (false, true) && std::time::Instant::now() < deadline {
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
     assert_eq!(
         state(&db).await,
         (false, true),
-        "sealed, and the routine counted"
+        "sealed after the start-up, and the routine counted"
     );
     sql(
         &server.base,
