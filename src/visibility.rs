@@ -847,10 +847,14 @@ impl Visibility {
             _ => {
                 let new = image(false).is_some_and(|(_, v)| v);
                 let old = image(true).filter(|(img, _)| full(img));
+                // An old image that is not full (a column added later in the same transaction,
+                // an identity of some columns) was not judged: its values are not sent.
+                let partial_old = image(true).is_some() && old.is_none();
                 match (new, old) {
-                    (true, Some((_, true))) | (true, None) => Verdict::Send,
-                    (true, Some((_, false))) => {
-                        // Entering the view: the hidden old values stay hidden.
+                    (true, Some((_, true))) => Verdict::Send,
+                    (true, None) if !partial_old => Verdict::Send,
+                    (true, _) => {
+                        // Entering the view, or an old row never judged: its values stay hidden.
                         let mut p: Value = serde_json::from_str(&e.payload).unwrap_or(Value::Null);
                         p["old"] = image(true)
                             .and_then(|(img, _)| info.key_of(&img.value))

@@ -306,6 +306,49 @@ async fn updates_into_out_of_and_within_the_view_and_deletes_follow_the_policy()
     );
 }
 
+/// An UPDATE whose old image is not full because the same transaction then added a column
+/// (the image lacks it, so the policy was never judged on the old row): the old values stay
+/// hidden, `old` is the key (found by the red team: the whole old row went out).
+#[tokio::test]
+async fn an_old_row_never_judged_is_reduced_to_its_key() {
+    let app = spawn_app().await;
+    let f = app.fixture().await;
+    admin_sql(
+        &app,
+        &f,
+        "CREATE TABLE marks (id serial PRIMARY KEY);
+         CREATE TABLE docs (id int PRIMARY KEY, owner text, secret text)",
+    )
+    .await;
+    app.policy(&f, "docs", "own", "SELECT", "owner = auth.uid()")
+        .await;
+    let alice = app
+        .realtime_token(
+            &f.read,
+            json!({ "projectId": f.project, "authUid": "alice" }),
+        )
+        .await;
+    let mut a = sub(&app, &f, "alice", json!({ "token": alice })).await;
+    admin_sql(
+        &app,
+        &f,
+        "INSERT INTO docs VALUES (71, 'bob', 'B-71');
+         UPDATE docs SET owner = 'alice' WHERE id = 71;
+         ALTER TABLE docs ADD COLUMN g1 int",
+    )
+    .await;
+    let until = mark(&app, &f).await;
+    let (seen, p) = collect(&mut a, until).await;
+    assert_eq!(
+        seen,
+        vec![("docs".to_string(), "UPDATE".to_string(), 71, false)],
+        "{p:?}"
+    );
+    assert_eq!(p[0]["record"]["secret"], "B-71", "{}", p[0]);
+    assert_eq!(p[0]["old"], json!({ "id": 71 }), "{}", p[0]);
+    assert!(!p[0]["old"].to_string().contains("bob"), "{}", p[0]);
+}
+
 #[tokio::test]
 async fn restrictive_policies_force_and_the_admin_key_behave_as_in_sql() {
     let app = spawn_app().await;
