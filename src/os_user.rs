@@ -293,7 +293,7 @@ pub mod process {
     pub fn watchdog_script(owner: (u32, u64), target: (u32, u64), signal: &str) -> String {
         let check = |(pid, start): (u32, u64)| {
             format!(
-                "{{ read -r s < /proc/{pid}/stat 2>/dev/null && set -- ${{s##*) }} && [ \"${{20}}\" = {start} ]; }}"
+                "{{ read -r s 2>/dev/null < /proc/{pid}/stat && set -- ${{s##*) }} && [ \"${{20}}\" = {start} ]; }}"
             )
         };
         format!(

@@ -535,7 +535,11 @@ mod tests {
 
     #[test]
     fn a_leftover_server_is_checked_held_and_stopped_by_its_handle() {
-        let dir = std::env::temp_dir().join(format!("mariadb-leftover-{}", std::process::id()));
+        // Under the working directory (the crate's): found by a relative path too.
+        let dir = std::env::current_dir()
+            .unwrap()
+            .join("target")
+            .join(format!("mariadb-leftover-{}", std::process::id()));
         let root = dir.join("mariadb");
         std::fs::create_dir_all(&root).unwrap();
         let mut server = fake_server(&dir, &root.join("data"));
@@ -551,12 +555,9 @@ mod tests {
         let held = server_process(&root).expect("the server under root");
         assert_eq!(held.pid, server.id());
         // Found relative to the working directory too (the CLI's default `.fluxbase`).
-        let rel = root
-            .strip_prefix(std::env::current_dir().unwrap())
-            .map(Path::to_path_buf);
-        if let Ok(rel) = rel {
-            assert!(server_process(&rel).is_some());
-        }
+        let rel = root.strip_prefix(std::env::current_dir().unwrap()).unwrap();
+        assert!(rel.is_relative());
+        assert!(server_process(rel).is_some());
         assert!(held.signal(rustix::process::Signal::TERM));
         assert!(held.wait_gone(Duration::from_secs(20)), "SIGTERM did not end it");
         server.wait().unwrap();
