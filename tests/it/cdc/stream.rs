@@ -399,12 +399,21 @@ async fn cdc_status_reports_the_slot_and_lag() {
     assert_eq!(stream["serverLsn"], Value::Null, "{body}");
     assert_eq!(stream["lagBytes"], 0, "{body}");
     // The operator's figure (the WAL the slot holds back, behind the server's end) is in
-    // /metrics.
-    let metrics = app.metrics_text().await;
-    assert!(
-        metrics.contains(&format!("fluxbase_cdc_lag_bytes{{project=\"{}\"}}", f.project)),
-        "{metrics}"
-    );
+    // /metrics, once the stream's periodic check (every 5 s) has read the server's end.
+    let series = format!("fluxbase_cdc_lag_bytes{{project=\"{}\"}}", f.project);
+    crate::support::poll::until(
+        Duration::from_secs(20),
+        Duration::from_millis(200),
+        || async {
+            let metrics = app.metrics_text().await;
+            if metrics.contains(&series) {
+                Ok(())
+            } else {
+                Err(format!("no {series} in {metrics}"))
+            }
+        },
+    )
+    .await;
     // lagSeconds is the commit-to-publish delay of the last transaction: published, so a
     // number, and not negative.
     let lag_seconds = stream["lagSeconds"]

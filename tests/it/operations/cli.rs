@@ -841,18 +841,24 @@ async fn cli_commands_with_a_relative_data_dir_reach_the_running_servers_mariadb
     let port = fluxbase::mysql::embedded::running_port(&db).expect("the server's MariaDB");
     let secrets = fluxbase::secrets::Secrets::load_or_create(&dir).unwrap();
     let url = fluxbase::mysql::embedded_admin_url(&secrets, port);
+    // (user, locked) of the project's three accounts, as the server has them.
     let locked = || async {
         use mysql_async::prelude::Queryable;
         let mut conn = mysql_async::Conn::from_url(url.as_str()).await.unwrap();
-        let n: Option<u64> = conn
-            .query_first(format!(
-                "SELECT count(*) FROM mysql.global_priv WHERE User LIKE 'fx\\_{project}\\_%' \
-                 AND JSON_VALUE(Priv, '$.account_locked') = 'true'"
+        let rows: Vec<(String, String)> = conn
+            .query(format!(
+                "SELECT User, Priv FROM mysql.global_priv WHERE User LIKE 'fx\\_{project}\\_%'"
             ))
             .await
             .unwrap();
         let _ = conn.disconnect().await;
-        n.unwrap()
+        assert_eq!(rows.len(), 3, "{rows:?}");
+        rows.iter()
+            .filter(|(_, p)| {
+                let p: Value = serde_json::from_str(p).unwrap();
+                p["account_locked"] == true
+            })
+            .count()
     };
     assert_eq!(locked().await, 3, "the CLI did not lock the project's accounts");
     ok(cli(&["project", "resume", &project]).await, "project resume");

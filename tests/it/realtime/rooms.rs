@@ -2038,24 +2038,19 @@ async fn subscribes_racing_a_suspension_never_stay_in_the_emptied_room() {
         if by_other {
             // This server has heard it once a new subscribe is refused.
             let mut probe = connect(&app, "/").await;
-            crate::support::poll::until(
-                Duration::from_secs(30),
-                Duration::from_millis(50),
-                || {
-                    let probe = &mut probe;
-                    let msg = msg.clone();
-                    async move {
-                        send(probe, msg).await;
-                        let m = recv(probe).await;
-                        if m["code"] == "PROJECT_SUSPENDED" {
-                            Ok(())
-                        } else {
-                            Err(format!("the server has not heard the suspension: {m}"))
-                        }
-                    }
-                },
-            )
-            .await;
+            let deadline = std::time::Instant::now() + Duration::from_secs(30);
+            loop {
+                send(&mut probe, msg.clone()).await;
+                let m = recv(&mut probe).await;
+                if m["code"] == "PROJECT_SUSPENDED" {
+                    break;
+                }
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "the server has not heard the suspension: {m}"
+                );
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
         }
         // Written while suspended (as the owner's database can be): the stream runs on and
         // the room records it; no socket of the round may receive it.
