@@ -264,7 +264,11 @@ pub mod process {
                 let left = deadline.saturating_duration_since(Instant::now());
                 let wait = Timespec {
                     tv_sec: left.as_secs().min(1) as _,
-                    tv_nsec: if left.as_secs() >= 1 { 0 } else { left.subsec_nanos() as _ },
+                    tv_nsec: if left.as_secs() >= 1 {
+                        0
+                    } else {
+                        left.subsec_nanos() as _
+                    },
                 };
                 match poll(&mut fds, Some(&wait)) {
                     Ok(n) if n > 0 => return true,
@@ -507,7 +511,10 @@ mod process_tests {
             if reused {
                 // It does not wait for a process that is not its target.
                 assert!(ends_within(&mut watchdog, Duration::from_secs(10)));
-                assert!(target.try_wait().unwrap().is_none(), "a stranger was signalled");
+                assert!(
+                    target.try_wait().unwrap().is_none(),
+                    "a stranger was signalled"
+                );
             } else {
                 // Waits while the owner lives ...
                 std::thread::sleep(Duration::from_millis(1500));
@@ -516,7 +523,10 @@ mod process_tests {
                 // ... and stops the target once the owner is gone.
                 owner.kill().unwrap();
                 owner.wait().unwrap();
-                assert!(ends_within(&mut target, Duration::from_secs(10)), "not signalled");
+                assert!(
+                    ends_within(&mut target, Duration::from_secs(10)),
+                    "not signalled"
+                );
                 assert!(ends_within(&mut watchdog, Duration::from_secs(10)));
             }
             let _ = owner.kill();

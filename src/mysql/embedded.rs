@@ -549,7 +549,11 @@ mod tests {
         std::fs::create_dir_all(&other).unwrap();
         std::fs::write(other.join("mariadbd.pid"), format!("{}\n", server.id())).unwrap();
         assert!(server_process(&other).is_none());
-        std::fs::write(other.join("mariadbd.pid"), format!("{}\n", std::process::id())).unwrap();
+        std::fs::write(
+            other.join("mariadbd.pid"),
+            format!("{}\n", std::process::id()),
+        )
+        .unwrap();
         assert!(server_process(&other).is_none());
 
         let held = server_process(&root).expect("the server under root");
@@ -559,7 +563,10 @@ mod tests {
         assert!(rel.is_relative());
         assert!(server_process(rel).is_some());
         assert!(held.signal(rustix::process::Signal::TERM));
-        assert!(held.wait_gone(Duration::from_secs(20)), "SIGTERM did not end it");
+        assert!(
+            held.wait_gone(Duration::from_secs(20)),
+            "SIGTERM did not end it"
+        );
         server.wait().unwrap();
         // Gone and reaped (its pid free for anyone): the handle signals nothing.
         assert!(!held.signal(rustix::process::Signal::TERM));

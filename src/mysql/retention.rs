@@ -422,7 +422,12 @@ mod tests {
         };
         // "stalled" stopped in file 2; "slow" lags into file 6 (its own 500 bytes); the rest
         // follow the log's end.
-        let needed = [need("stalled", 2), need("slow", 6), need("idle", 10), need("busy", 9)];
+        let needed = [
+            need("stalled", 2),
+            need("slow", 6),
+            need("idle", 10),
+            need("busy", 9),
+        ];
         let p = plan(&l, &needed, now, bound);
         assert_eq!(p.purge_to.as_deref(), Some("binlog.000006"));
         assert_eq!(p.lost, vec!["stalled".to_string()]);

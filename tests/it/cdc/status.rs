@@ -41,7 +41,9 @@ async fn caught_up(app: &TestApp, f: &Fixture, key: &str, transactions: u64) -> 
             {
                 Ok(body)
             } else {
-                Err(format!("not caught up ({transactions} transactions): {body}"))
+                Err(format!(
+                    "not caught up ({transactions} transactions): {body}"
+                ))
             }
         },
     )
@@ -113,7 +115,10 @@ async fn another_tenants_writes_move_nothing_a_project_reads(engine: Engine) {
     // before B wrote: the whole answer.
     for key in [&a.read, &a.readwrite, &a.admin, &a.token] {
         let after = app.cdc_status(&a.project, key).await;
-        assert_eq!(after, before, "another tenant's writes moved what A's callers read");
+        assert_eq!(
+            after, before,
+            "another tenant's writes moved what A's callers read"
+        );
     }
     // Nothing of the log's end; the stored position in the project's terms.
     let s = &before["stream"];
@@ -122,7 +127,10 @@ async fn another_tenants_writes_move_nothing_a_project_reads(engine: Engine) {
     // The operator's figures (`/metrics`) still see the whole log: B's writes are bytes there.
     let metrics = app.metrics_text().await;
     assert!(
-        metrics.contains(&format!("fluxbase_cdc_lag_bytes{{project=\"{}\"}}", a.project)),
+        metrics.contains(&format!(
+            "fluxbase_cdc_lag_bytes{{project=\"{}\"}}",
+            a.project
+        )),
         "{metrics}"
     );
 }

@@ -805,7 +805,10 @@ async fn cli_commands_with_a_relative_data_dir_reach_the_running_servers_mariadb
         String::from_utf8_lossy(&out.stdout).into_owned()
     };
     let init: Value = serde_json::from_str(&ok(cli(&["init", "--json"]).await, "init")).unwrap();
-    assert!(dir.join("pg").is_dir(), "init did not use rel/path from top/rel");
+    assert!(
+        dir.join("pg").is_dir(),
+        "init did not use rel/path from top/rel"
+    );
     let (mut server, base) = serve(server_cmd(), Stdio::null()).await;
     let email = init["user"]["email"].as_str().unwrap();
     let (status, v) = login(&base, email, init["user"]["password"].as_str().unwrap()).await;
@@ -833,7 +836,10 @@ async fn cli_commands_with_a_relative_data_dir_reach_the_running_servers_mariadb
         .unwrap();
     let postmaster = postmaster_pid(&dir).expect("the server's cluster runs");
 
-    ok(cli(&["project", "suspend", &project]).await, "project suspend");
+    ok(
+        cli(&["project", "suspend", &project]).await,
+        "project suspend",
+    );
     let (status, v) = sql_call(&base, &admin, &project, "SELECT 1").await;
     assert_eq!(status, 403, "{v}");
     // The project's accounts were locked on the server's MariaDB by the CLI itself.
@@ -860,20 +866,37 @@ async fn cli_commands_with_a_relative_data_dir_reach_the_running_servers_mariadb
             })
             .count()
     };
-    assert_eq!(locked().await, 3, "the CLI did not lock the project's accounts");
-    ok(cli(&["project", "resume", &project]).await, "project resume");
-    assert_eq!(locked().await, 0, "the CLI did not unlock the project's accounts");
+    assert_eq!(
+        locked().await,
+        3,
+        "the CLI did not lock the project's accounts"
+    );
+    ok(
+        cli(&["project", "resume", &project]).await,
+        "project resume",
+    );
+    assert_eq!(
+        locked().await,
+        0,
+        "the CLI did not unlock the project's accounts"
+    );
     crate::support::poll::until(Duration::from_secs(30), Duration::from_millis(100), || {
         let (base, admin, project) = (base.clone(), admin.clone(), project.clone());
         async move {
             match sql_call(&base, &admin, &project, "SELECT count(*) AS n FROM notes").await {
                 (200, v) if v["result"]["rows"] == json!([{ "n": 0 }]) => Ok(()),
-                other => Err(format!("the resumed MySQL project is not served: {other:?}")),
+                other => Err(format!(
+                    "the resumed MySQL project is not served: {other:?}"
+                )),
             }
         }
     })
     .await;
-    assert_eq!(postmaster_pid(&dir), Some(postmaster), "a CLI command restarted PostgreSQL");
+    assert_eq!(
+        postmaster_pid(&dir),
+        Some(postmaster),
+        "a CLI command restarted PostgreSQL"
+    );
     assert!(
         std::path::Path::new(&format!("/proc/{mariadbd}")).exists(),
         "a CLI command stopped the server's MariaDB"

@@ -2069,7 +2069,9 @@ async fn subscribes_racing_a_suspension_never_stay_in_the_emptied_room() {
                 if s.events as usize >= round as usize + 2 {
                     Ok(())
                 } else {
-                    Err(format!("the suspended project's row was not streamed: {s:?}"))
+                    Err(format!(
+                        "the suspended project's row was not streamed: {s:?}"
+                    ))
                 }
             },
         )
@@ -2095,7 +2097,11 @@ async fn subscribes_racing_a_suspension_never_stay_in_the_emptied_room() {
                 _ => panic!(
                     "round {round} (suspended by {}), socket {i}: {seen:?}: a subscribe \
                      stayed in the suspended project's emptied room",
-                    if by_other { "another process" } else { "this server" }
+                    if by_other {
+                        "another process"
+                    } else {
+                        "this server"
+                    }
                 ),
             }
         }
