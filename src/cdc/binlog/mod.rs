@@ -77,7 +77,10 @@ pub struct MysqlSource {
 
 /// The dump connection each project's stream last opened in this process, so that a stream
 /// starting again (a rewind for a new durable subscriber, a stop and start, a reconnection)
-/// ends its previous dump itself before it asks for a new one.
+/// ends its previous dump itself before it asks for a new one; and, through the control
+/// database's record of the last dump any process opened (control migration 0019), a stream
+/// starting in another process (a restart, a new leader after a failover) ends its
+/// predecessor's.
 ///
 /// Why: the server allows one dump per replica id and ends the older one when a new one
 /// registers, but a new dump whose id a live dump thread still holds starts only ~0.1 s later
