@@ -570,7 +570,9 @@ async fn stored_dump_is(app: &crate::support::TestApp, project: &str, connection
             if stored == Some(i64::from(connection)) {
                 Ok(())
             } else {
-                Err(format!("the control database records dump {stored:?}, not {connection}"))
+                Err(format!(
+                    "the control database records dump {stored:?}, not {connection}"
+                ))
             }
         },
     )
@@ -646,11 +648,23 @@ async fn a_new_process_ends_the_dump_its_predecessor_left() {
         let took = started.elapsed();
         assert_ne!(now, previous);
         if recorded {
-            assert_eq!(dumps.ended(&f.project), 1, "the predecessor's dump was not ended");
-            assert_eq!(command(previous).await, None, "the predecessor's dump is still there");
+            assert_eq!(
+                dumps.ended(&f.project),
+                1,
+                "the predecessor's dump was not ended"
+            );
+            assert_eq!(
+                command(previous).await,
+                None,
+                "the predecessor's dump is still there"
+            );
             with.push(took);
         } else {
-            assert_eq!(dumps.ended(&f.project), 0, "a dump nobody recorded was ended");
+            assert_eq!(
+                dumps.ended(&f.project),
+                0,
+                "a dump nobody recorded was ended"
+            );
             without.push(took);
         }
         // Still delivering.
