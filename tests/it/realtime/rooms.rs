@@ -2021,14 +2021,24 @@ async fn subscribes_racing_a_suspension_never_stay_in_the_emptied_room() {
             sockets.push(connect(&app, "/").await);
         }
         let msg = json!({ "type": "subscribe", "roomId": room(&f.project), "token": f.read });
-        let subscribes = futures_util::future::join_all(sockets.iter_mut().map(|ws| {
-            let msg = msg.clone();
-            async move { send(ws, msg).await }
-        }));
+        // Spread over the rounds: the suspension starts with the subscribes, or a little
+        // before or after them, so that it lands before, among and after their status checks.
+        let spread = (round / 4) * 700;
+        let (subscribes_after, suspend_after) = if round % 4 < 2 {
+            (0, spread)
+        } else {
+            (spread + 300, 0)
+        };
+        let subscribes = async {
+            tokio::time::sleep(Duration::from_micros(subscribes_after)).await;
+            futures_util::future::join_all(sockets.iter_mut().map(|ws| {
+                let msg = msg.clone();
+                async move { send(ws, msg).await }
+            }))
+            .await
+        };
         let suspend = async {
-            // Spread over the rounds: the suspension lands before, among and after the
-            // subscribes' status checks.
-            tokio::time::sleep(Duration::from_micros((round / 2) * 700)).await;
+            tokio::time::sleep(Duration::from_micros(suspend_after)).await;
             let by = if by_other { &other } else { &app.app };
             by.set_project_status(&f.project, fluxbase::projects::ProjectStatus::Suspended)
                 .await
@@ -2110,6 +2120,7 @@ async fn subscribes_racing_a_suspension_never_stay_in_the_emptied_room() {
             .await
             .unwrap();
     }
+    eprintln!("subscribes joined then closed: {joined_then_closed}, refused: {refused_at_once}");
     // Both outcomes occurred: the rounds did race the subscribes (a hang guard against a test
     // that only ever suspends before or after every subscribe).
     assert!(
