@@ -525,12 +525,24 @@ mod tests {
         let link = dir.join("mariadbd");
         let _ = std::fs::remove_file(&link);
         std::os::unix::fs::symlink("/bin/sh", &link).unwrap();
-        Command::new(&link)
+        let child = Command::new(&link)
             .args(["-c", "sleep 60; :", "mariadbd"])
             .arg(format!("--datadir={}", datadir.display()))
             .stdin(Stdio::null())
             .spawn()
-            .unwrap()
+            .unwrap();
+        // A spawn returns once the child's exec has begun; its command line is readable a
+        // moment later (the kernel sets it while loading the program).
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while !std::fs::read(format!("/proc/{}/cmdline", child.id()))
+            .unwrap_or_default()
+            .windows(9)
+            .any(|w| w == b"--datadir")
+        {
+            assert!(std::time::Instant::now() < deadline, "no command line");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        child
     }
 
     #[test]
