@@ -69,6 +69,11 @@ pub const CONTROL_MIGRATIONS: &[(i32, &str, &str)] = &[
         "webhook_outbox_indexes",
         include_str!("../sql/control/0015_webhook_outbox_indexes.sql"),
     ),
+    (
+        19,
+        "binlog_dump_owner",
+        include_str!("../sql/control/0019_binlog_dump_owner.sql"),
+    ),
 ];
 
 /// Where the project databases live and how the server reaches the cluster as its admin role.

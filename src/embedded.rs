@@ -253,12 +253,14 @@ impl Cluster {
             .next()
             .and_then(|l| l.trim().parse().ok())
             .ok_or_else(|| anyhow!("postmaster.pid has no process id"))?;
-        // SIGINT is PostgreSQL's fast shutdown.
-        let script = format!(
-            "while [ -d /proc/{owner} ] && [ -d /proc/{postmaster} ]; do sleep 1; done; \
-             [ -d /proc/{postmaster} ] && kill -INT {postmaster}; exit 0",
-            owner = std::process::id(),
-        );
+        // SIGINT is PostgreSQL's fast shutdown; sent only to that postmaster (its start time
+        // checked), never to a process that took its pid after it ended.
+        use crate::os_user::process::{start_time, watchdog_script};
+        let owner = std::process::id();
+        let (Some(owner_start), Some(start)) = (start_time(owner), start_time(postmaster)) else {
+            bail!("the postmaster (pid {postmaster}) is not running");
+        };
+        let script = watchdog_script((owner, owner_start), (postmaster, start), "INT");
         let mut cmd = Command::new("sh");
         cmd.args(["-c", &script])
             .stdin(Stdio::null())

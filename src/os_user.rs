@@ -209,6 +209,106 @@ pub fn free_port() -> Result<u16> {
         .port())
 }
 
+/// Signalling an embedded server's process without ever signalling another one that took its
+/// pid meanwhile.
+///
+/// * A server this process checks and then stops (a leftover `mariadbd` named by its pid
+///   file): [`Held`], a pidfd opened *before* the check, so the signal goes to the process
+///   whose command line was read, or fails (`ESRCH`) if that one is gone; its end is waited
+///   for on the same handle.
+/// * A watchdog that must outlive this process (a shell: it cannot hold a pidfd) checks the
+///   process's start time (`/proc/<pid>/stat`, field 22, in clock ticks since boot) before it
+///   signals: a pid reused by another process has another start time
+///   ([`watchdog_script`]).
+pub mod process {
+    use std::os::fd::OwnedFd;
+    use std::time::{Duration, Instant};
+
+    use rustix::process::{pidfd_open, pidfd_send_signal, Pid, PidfdFlags, Signal};
+
+    /// A process held by a pidfd.
+    #[derive(Debug)]
+    pub struct Held {
+        pub pid: u32,
+        fd: OwnedFd,
+    }
+
+    impl Held {
+        /// A handle on the process `pid` now is (`None`: no such process, or the kernel has
+        /// no `pidfd_open`, Linux < 5.3).
+        pub fn open(pid: u32) -> Option<Held> {
+            let raw = Pid::from_raw(i32::try_from(pid).ok()?)?;
+            match pidfd_open(raw, PidfdFlags::empty()) {
+                Ok(fd) => Some(Held { pid, fd }),
+                Err(e) => {
+                    if e != rustix::io::Errno::SRCH {
+                        tracing::warn!(pid, error = %e, "pidfd_open");
+                    }
+                    None
+                }
+            }
+        }
+
+        /// Sends `sig` to the held process; `false` when it is gone (never another process).
+        pub fn signal(&self, sig: Signal) -> bool {
+            pidfd_send_signal(&self.fd, sig).is_ok()
+        }
+
+        /// Waits until the held process has ended, `limit` at most; whether it ended.
+        pub fn wait_gone(&self, limit: Duration) -> bool {
+            use rustix::event::{poll, PollFd, PollFlags, Timespec};
+            let deadline = Instant::now() + limit;
+            loop {
+                // Readable once the process has exited.
+                let mut fds = [PollFd::new(&self.fd, PollFlags::IN)];
+                let left = deadline.saturating_duration_since(Instant::now());
+                let wait = Timespec {
+                    tv_sec: left.as_secs().min(1) as _,
+                    tv_nsec: if left.as_secs() >= 1 {
+                        0
+                    } else {
+                        left.subsec_nanos() as _
+                    },
+                };
+                match poll(&mut fds, Some(&wait)) {
+                    Ok(n) if n > 0 => return true,
+                    Ok(_) | Err(rustix::io::Errno::INTR) => {}
+                    Err(_) => return false,
+                }
+                if Instant::now() >= deadline {
+                    return false;
+                }
+            }
+        }
+    }
+
+    /// The start time of `pid` (clock ticks since boot; `None`: no such process).
+    pub fn start_time(pid: u32) -> Option<u64> {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+        // `pid (comm) state ppid …`: comm may hold spaces and parentheses, so split after the
+        // last `)`; starttime is field 22, the 20th after it.
+        let (_, rest) = stat.rsplit_once(')')?;
+        rest.split_whitespace().nth(19)?.parse().ok()
+    }
+
+    /// A `sh` script that waits while `owner` lives and `target` is still the process it was
+    /// (same pid, same start time), then sends `target` `signal` (`TERM`, `INT`) if it still
+    /// is; it checks once a second. Each `(pid, start time)` as [`start_time`] read it.
+    pub fn watchdog_script(owner: (u32, u64), target: (u32, u64), signal: &str) -> String {
+        let check = |(pid, start): (u32, u64)| {
+            format!(
+                "{{ read -r s 2>/dev/null < /proc/{pid}/stat && set -- ${{s##*) }} && [ \"${{20}}\" = {start} ]; }}"
+            )
+        };
+        format!(
+            "while {owner} && {target}; do sleep 1; done; {target} && kill -{signal} {pid}; exit 0",
+            owner = check(owner),
+            target = check(target),
+            pid = target.0,
+        )
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -326,5 +426,113 @@ mod tests {
         );
         std::fs::set_permissions(&fresh, std::fs::Permissions::from_mode(0o755)).unwrap();
         std::fs::remove_dir_all(&base).unwrap();
+    }
+}
+
+#[cfg(test)]
+mod process_tests {
+    use std::process::{Child, Command, Stdio};
+    use std::time::{Duration, Instant};
+
+    use super::process::{start_time, watchdog_script, Held};
+
+    fn sleeper(secs: u32) -> Child {
+        Command::new("sleep")
+            .arg(secs.to_string())
+            .stdin(Stdio::null())
+            .spawn()
+            .unwrap()
+    }
+
+    /// Waits (`limit` at most) for `child` to end; whether it did.
+    fn ends_within(child: &mut Child, limit: Duration) -> bool {
+        let deadline = Instant::now() + limit;
+        while Instant::now() < deadline {
+            if child.try_wait().unwrap().is_some() {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        false
+    }
+
+    #[test]
+    fn the_start_time_is_read_past_a_command_name_with_spaces_and_parentheses() {
+        let me = start_time(std::process::id()).unwrap();
+        assert!(me > 0);
+        let dir = std::env::temp_dir().join(format!("start-time-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let odd = dir.join("a) b (c");
+        let _ = std::fs::remove_file(&odd);
+        std::os::unix::fs::symlink(which_sleep(), &odd).unwrap();
+        let mut child = Command::new(&odd).arg("30").spawn().unwrap();
+        let t = start_time(child.id()).unwrap();
+        assert!(t >= me, "{t} < {me}");
+        child.kill().unwrap();
+        child.wait().unwrap();
+        assert_eq!(start_time(child.id()), None);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    fn which_sleep() -> std::path::PathBuf {
+        ["/usr/bin/sleep", "/bin/sleep"]
+            .iter()
+            .map(std::path::PathBuf::from)
+            .find(|p| p.exists())
+            .unwrap()
+    }
+
+    #[test]
+    fn a_held_process_gets_the_signal_and_once_gone_nothing_does() {
+        let mut child = sleeper(60);
+        let held = Held::open(child.id()).unwrap();
+        assert!(!held.wait_gone(Duration::from_millis(50)));
+        assert!(held.signal(rustix::process::Signal::TERM));
+        assert!(held.wait_gone(Duration::from_secs(20)));
+        child.wait().unwrap();
+        assert!(!held.signal(rustix::process::Signal::TERM));
+    }
+
+    /// The watchdog signals its target once the owner is gone, and never a process that merely
+    /// has the target's pid (here: the right pid with another start time, as a pid reused
+    /// after the target ended would have).
+    #[test]
+    fn a_watchdog_signals_only_the_process_it_was_given() {
+        for reused in [false, true] {
+            let mut owner = sleeper(60);
+            let mut target = sleeper(60);
+            let owner_at = (owner.id(), start_time(owner.id()).unwrap());
+            let start = start_time(target.id()).unwrap();
+            let target_at = (target.id(), if reused { start + 1 } else { start });
+            let mut watchdog = Command::new("sh")
+                .args(["-c", &watchdog_script(owner_at, target_at, "TERM")])
+                .spawn()
+                .unwrap();
+            if reused {
+                // It does not wait for a process that is not its target.
+                assert!(ends_within(&mut watchdog, Duration::from_secs(10)));
+                assert!(
+                    target.try_wait().unwrap().is_none(),
+                    "a stranger was signalled"
+                );
+            } else {
+                // Waits while the owner lives ...
+                std::thread::sleep(Duration::from_millis(1500));
+                assert!(watchdog.try_wait().unwrap().is_none());
+                assert!(target.try_wait().unwrap().is_none());
+                // ... and stops the target once the owner is gone.
+                owner.kill().unwrap();
+                owner.wait().unwrap();
+                assert!(
+                    ends_within(&mut target, Duration::from_secs(10)),
+                    "not signalled"
+                );
+                assert!(ends_within(&mut watchdog, Duration::from_secs(10)));
+            }
+            let _ = owner.kill();
+            let _ = owner.wait();
+            let _ = target.kill();
+            let _ = target.wait();
+        }
     }
 }

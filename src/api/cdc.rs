@@ -62,7 +62,8 @@ pub async fn cdc_status(app: SharedApp, req: Request) -> ApiResult<Json<CdcStatu
     Ok(Json(CdcStatus {
         success: true,
         project_id: id.clone(),
-        stream: report.stream,
+        // Never the shared log's end, nor anything that moves with another tenant's writes.
+        stream: report.stream.project_view(),
         slot: report.slot,
         binlog,
         cluster: app.cluster_mode.as_ref().map(|m| m.project_report(id)),

@@ -134,6 +134,48 @@ pub struct StreamStatus {
     /// `fluxbase.*` logical decoding messages dropped because the server did not emit them
     /// (no valid tag): forgeries, or messages from before the tags existed.
     pub rejected_messages: u64,
+    /// The end of the newest transaction of the project's own the stream received (a position
+    /// in the shared log). Never serialized: [`StreamStatus::project_view`] builds what the
+    /// project's own callers see from it.
+    #[serde(skip)]
+    pub own_commit_end: Option<u64>,
+}
+
+impl StreamStatus {
+    /// What `/api/cdc/status` shows a project's callers (any key or member, whatever the
+    /// scope): nothing that moves with another tenant's writes. The log (PostgreSQL's WAL, the
+    /// MySQL server's binary log) is shared by every project on the server, so its end
+    /// (`serverLsn`) and any distance to it (`lagBytes`) would let one tenant watch every
+    /// other tenant's write volume by polling; an idle project's stored position follows the
+    /// log's end too (so that it pins nothing). So, in the project's own terms:
+    ///
+    /// * `receivedLsn`: the end of the project's newest own transaction the stream received
+    ///   (its events' ids already carry that commit's position);
+    /// * `confirmedLsn`: the stored position, but never past `receivedLsn`;
+    /// * `lagBytes`: `receivedLsn − confirmedLsn`, 0 once everything of the project's own the
+    ///   stream received is stored;
+    /// * `serverLsn`: never (`null`).
+    ///
+    /// The three positions are `null` until the stream received one of the project's own
+    /// transactions (since this server started it). The operator's full figures (the log's
+    /// end, bytes behind it) are in `/metrics` (`fluxbase_cdc_lag_bytes`). docs/change-capture.md,
+    /// "What a project sees of its stream".
+    pub fn project_view(mut self) -> StreamStatus {
+        let own = self.own_commit_end.map(Lsn);
+        let stored = lsn_of(&self.confirmed_lsn);
+        let confirmed = match (own, stored) {
+            (Some(o), Some(c)) => Some(o.min(c)),
+            _ => None,
+        };
+        self.server_lsn = None;
+        self.received_lsn = own.map(|l| l.to_string());
+        self.confirmed_lsn = confirmed.map(|l| l.to_string());
+        self.lag_bytes = match (own, confirmed) {
+            (Some(o), Some(c)) => Some(o.0 - c.0),
+            _ => None,
+        };
+        self
+    }
 }
 
 /// The slot as the project database reports it (`/api/cdc/status`'s `slot`).
@@ -878,6 +920,8 @@ async fn release<C: ProjectChannel>(
     let mut s = status.lock().expect("poisoned");
     s.events += count;
     s.transactions += 1;
+    // The newest, not the last: a rewind replays older transactions.
+    s.own_commit_end = s.own_commit_end.max(Some(tx.end_lsn.0));
     if count > 0 {
         s.last_event_at =
             Some(chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true));

@@ -329,25 +329,33 @@ impl Server {
     /// A server an earlier process left running on this datadir (its watchdog missed it) is
     /// stopped before this one starts.
     fn stop_leftover(&self) {
-        let Some(pid) = server_pid(&self.root) else {
+        let Some(server) = server_process(&self.root) else {
             return;
         };
         tracing::warn!(
-            pid,
+            pid = server.pid,
             "an earlier embedded MariaDB is still running; stopping it"
         );
-        terminate(pid);
-        wait_gone(pid, Duration::from_secs(60));
+        // SIGTERM: MariaDB's clean shutdown, to the process checked (never one that took its
+        // pid since).
+        if server.signal(rustix::process::Signal::TERM)
+            && !server.wait_gone(Duration::from_secs(60))
+        {
+            tracing::warn!(
+                pid = server.pid,
+                "the earlier embedded MariaDB did not stop within 60 s"
+            );
+        }
     }
 
     /// Stops this server when this process is gone, however it ended.
     fn spawn_watchdog(&self) -> Result<()> {
-        let script = format!(
-            "while [ -d /proc/{owner} ] && [ -d /proc/{pid} ]; do sleep 1; done; \
-             [ -d /proc/{pid} ] && kill -TERM {pid}; exit 0",
-            owner = std::process::id(),
-            pid = self.pid,
-        );
+        use crate::os_user::process::{start_time, watchdog_script};
+        let owner = std::process::id();
+        let (Some(owner_start), Some(start)) = (start_time(owner), start_time(self.pid)) else {
+            bail!("MariaDB (pid {}) ended as it started", self.pid);
+        };
+        let script = watchdog_script((owner, owner_start), (self.pid, start), "TERM");
         let mut cmd = Command::new("sh");
         cmd.args(["-c", &script])
             .stdin(Stdio::null())
@@ -368,6 +376,7 @@ impl Server {
         let Some(mut child) = child else {
             return Ok(());
         };
+        // Our own child, not reaped yet: its pid cannot have been reused.
         terminate(self.pid);
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
@@ -420,12 +429,20 @@ pub fn running_port(root: &Path) -> Option<u16> {
     String::from_utf8_lossy(&port).trim().parse().ok()
 }
 
-/// The pid of the `mariadbd` serving the datadir under `root`, from its pid file: only a live
-/// `mariadbd` whose command line names this datadir (the pid file is the server user's: a pid
-/// of another process written there is not one to stop).
+/// The pid of the `mariadbd` serving the datadir under `root` (see [`server_process`]).
 fn server_pid(root: &Path) -> Option<u32> {
+    server_process(root).map(|p| p.pid)
+}
+
+/// The `mariadbd` serving the datadir under `root`, from its pid file: only a live `mariadbd`
+/// whose command line names this datadir (the pid file is the server user's: a pid of another
+/// process written there is not one to stop). Held by a pidfd opened before the command line
+/// is read: the handle names the process checked, or one gone since (a signal through it then
+/// fails), never a process that took the pid after the check.
+pub fn server_process(root: &Path) -> Option<crate::os_user::process::Held> {
     let text = crate::os_user::inside::read(&root.join("mariadbd.pid"), 0, 32).ok()?;
     let pid: u32 = String::from_utf8_lossy(&text).trim().parse().ok()?;
+    let held = crate::os_user::process::Held::open(pid)?;
     let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
     let mut args = cmdline.split(|b| *b == 0);
     let program = args.next()?;
@@ -437,7 +454,7 @@ fn server_pid(root: &Path) -> Option<u32> {
     // relative to the working directory (the default data directory is `.fluxbase`).
     let root = std::path::absolute(root).ok()?;
     let datadir = format!("--datadir={}", root.join("data").display());
-    args.any(|a| a == datadir.as_bytes()).then_some(pid)
+    args.any(|a| a == datadir.as_bytes()).then_some(held)
 }
 
 /// The server's log from `offset` (at most 1 MiB of it: a start writes a few kB), read without
@@ -454,13 +471,6 @@ fn terminate(pid: u32) {
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .status();
-}
-
-fn wait_gone(pid: u32, limit: Duration) {
-    let deadline = Instant::now() + limit;
-    while Path::new(&format!("/proc/{pid}")).exists() && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(50));
-    }
 }
 
 /// `mariadbd` and `mariadb-install-db`: `FLUXBASE_MARIADB_BINDIR` (both in it), else Debian's
@@ -502,3 +512,78 @@ const SERVER_USER: crate::os_user::ServerUser = crate::os_user::ServerUser {
 
 /// Starts tried on fresh ports when the chosen one was taken before MariaDB bound it.
 const PORT_ATTEMPTS: u32 = 5;
+
+#[cfg(test)]
+mod tests {
+    use std::process::{Command, Stdio};
+    use std::time::Duration;
+
+    use super::*;
+
+    /// A stand-in for a leftover `mariadbd`: `sh` run under that name (a link), on `datadir`.
+    fn fake_server(dir: &Path, datadir: &Path) -> std::process::Child {
+        let link = dir.join("mariadbd");
+        let _ = std::fs::remove_file(&link);
+        std::os::unix::fs::symlink("/bin/sh", &link).unwrap();
+        let child = Command::new(&link)
+            .args(["-c", "sleep 60; :", "mariadbd"])
+            .arg(format!("--datadir={}", datadir.display()))
+            .stdin(Stdio::null())
+            .spawn()
+            .unwrap();
+        // A spawn returns once the child's exec has begun; its command line is readable a
+        // moment later (the kernel sets it while loading the program).
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while !std::fs::read(format!("/proc/{}/cmdline", child.id()))
+            .unwrap_or_default()
+            .windows(9)
+            .any(|w| w == b"--datadir")
+        {
+            assert!(std::time::Instant::now() < deadline, "no command line");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        child
+    }
+
+    #[test]
+    fn a_leftover_server_is_checked_held_and_stopped_by_its_handle() {
+        // Under the working directory (the crate's): found by a relative path too.
+        let dir = std::env::current_dir()
+            .unwrap()
+            .join("target")
+            .join(format!("mariadb-leftover-{}", std::process::id()));
+        let root = dir.join("mariadb");
+        std::fs::create_dir_all(&root).unwrap();
+        let mut server = fake_server(&dir, &root.join("data"));
+        std::fs::write(root.join("mariadbd.pid"), format!("{}\n", server.id())).unwrap();
+        // Another datadir's server (or any other process) named by the pid file is not ours.
+        let other = dir.join("other");
+        std::fs::create_dir_all(&other).unwrap();
+        std::fs::write(other.join("mariadbd.pid"), format!("{}\n", server.id())).unwrap();
+        assert!(server_process(&other).is_none());
+        std::fs::write(
+            other.join("mariadbd.pid"),
+            format!("{}\n", std::process::id()),
+        )
+        .unwrap();
+        assert!(server_process(&other).is_none());
+
+        let held = server_process(&root).expect("the server under root");
+        assert_eq!(held.pid, server.id());
+        // Found relative to the working directory too (the CLI's default `.fluxbase`).
+        let rel = root.strip_prefix(std::env::current_dir().unwrap()).unwrap();
+        assert!(rel.is_relative());
+        assert!(server_process(rel).is_some());
+        assert!(held.signal(rustix::process::Signal::TERM));
+        assert!(
+            held.wait_gone(Duration::from_secs(20)),
+            "SIGTERM did not end it"
+        );
+        server.wait().unwrap();
+        // Gone and reaped (its pid free for anyone): the handle signals nothing.
+        assert!(!held.signal(rustix::process::Signal::TERM));
+        assert!(held.wait_gone(Duration::from_millis(10)));
+        assert!(server_process(&root).is_none());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

@@ -404,4 +404,44 @@ mod tests {
             Plan::default()
         );
     }
+
+    /// One tenant's stalled stream (its position far back) against the others': what it can
+    /// cost them is disk up to the bound, never their positions. Purging is by prefix (the
+    /// oldest files first), so past the bound the stalled stream is the first lost; a stream
+    /// that lags less keeps its file as long as its own distance to the log's end is within
+    /// the bound, however long the stalled one has held the log.
+    #[test]
+    fn a_stalled_tenant_is_lost_alone_and_never_takes_a_less_lagging_one_with_it() {
+        let now = SystemTime::now();
+        // Ten files of 100 bytes, the last being written; a bound of 500 bytes.
+        let files: Vec<(u32, u64, u64)> = (1..=10).map(|n| (n, 100, 100 - n as u64)).collect();
+        let l = logs(&files, now);
+        let bound = Bound {
+            bytes: 500,
+            age: WIDE.age,
+        };
+        // "stalled" stopped in file 2; "slow" lags into file 6 (its own 500 bytes); the rest
+        // follow the log's end.
+        let needed = [
+            need("stalled", 2),
+            need("slow", 6),
+            need("idle", 10),
+            need("busy", 9),
+        ];
+        let p = plan(&l, &needed, now, bound);
+        assert_eq!(p.purge_to.as_deref(), Some("binlog.000006"));
+        assert_eq!(p.lost, vec!["stalled".to_string()]);
+        let kept: u64 = l.iter().skip(5).map(|f| f.size).sum();
+        assert!(kept <= bound.bytes, "{kept}");
+        // Without the stalled tenant the others keep exactly the same files: it did not bring
+        // them any closer to losing theirs.
+        let p2 = plan(&l, &needed[1..], now, bound);
+        assert_eq!(p2.purge_to, p.purge_to);
+        assert!(p2.lost.is_empty());
+        // Within the bound the stalled tenant holds the log for itself (the disk it costs)
+        // and the others lose nothing.
+        let p3 = plan(&l, &[need("stalled", 6), need("busy", 9)], now, bound);
+        assert_eq!(p3.purge_to.as_deref(), Some("binlog.000006"));
+        assert!(p3.lost.is_empty());
+    }
 }

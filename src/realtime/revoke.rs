@@ -59,9 +59,9 @@ impl Realtime {
         own.wrapping_add(self.revoked_everywhere.load(Ordering::SeqCst))
     }
 
-    /// A key of `project_id` was revoked, or a member removed (counted before the
-    /// subscriptions are evicted).
-    fn note_revocation(&self, project_id: &str) {
+    /// A key of `project_id` was revoked, a member removed, or the project suspended or
+    /// deleted (counted before the subscriptions are evicted or the room emptied).
+    pub(super) fn note_revocation(&self, project_id: &str) {
         *self
             .revoked
             .lock()

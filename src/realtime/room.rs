@@ -469,6 +469,9 @@ impl Realtime {
     /// A suspended project's room keeps recording its history (as the project keeps its other
     /// data); a deleted one is dropped with its history.
     pub fn close_project(&self, project_id: &str, why: RoomClosed) {
+        // First: a subscribe that read the project's status before the suspension (or
+        // deletion) and has not joined yet reads it again before joining (see `subscribe`).
+        self.note_revocation(project_id);
         self.visibility.forget(project_id);
         let (code, message) = (why.code(), why.message());
         let deleted = why == RoomClosed::Deleted;

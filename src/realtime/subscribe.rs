@@ -240,14 +240,19 @@ impl Realtime {
                     return Err(RealtimeError::AccessRevoked(SESSION_ENDED.into()));
                 }
             }
-            if anonymous {
-                let public = host
-                    .load_project(&project.id)
-                    .await?
-                    .is_some_and(|p| p.realtime_public);
-                if !public {
-                    return Err(RealtimeError::AuthRequired(TOKEN_NEEDED.into()));
-                }
+            // The project suspended or deleted since its status was read above: its room was
+            // emptied meanwhile (`close_project` counts as a revocation before it empties),
+            // so joining now would leave this socket in it, unseen by the eviction.
+            let Some(current) = host.load_project(&project.id).await? else {
+                return Err(RealtimeError::ProjectNotFound(
+                    "No project found for the given projectId.".into(),
+                ));
+            };
+            if current.status == crate::projects::ProjectStatus::Suspended {
+                return Err(RealtimeError::ProjectSuspended);
+            }
+            if anonymous && !current.realtime_public {
+                return Err(RealtimeError::AuthRequired(TOKEN_NEEDED.into()));
             }
         };
         // Cluster mode: MAX_SOCKETS_PER_PROJECT holds across the cluster, each node taking

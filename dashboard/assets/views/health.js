@@ -141,7 +141,7 @@ export default {
         s.lastError ? errorBox({ code: 'LAST_ERROR', message: s.lastError }) : null,
         h('dl', { class: 'hl-list' },
           item('lagBytes', 'Lag (bytes)', bytes(s.lagBytes), s.lagBytes,
-            'WAL written by PostgreSQL that the stream has not confirmed yet (server position minus confirmed position); near 0 when it keeps up.'),
+            'This project\'s own changes the stream has received but not stored yet (its newest transaction\'s position minus the stored one); 0 when it keeps up. Other projects\' writes are never counted here.'),
           item('lagSeconds', 'Lag (time)', seconds(s.lagSeconds), s.lagSeconds,
             'How long the last transaction took from its commit to being published; — until the first one.'),
           item('lastEventAt', 'Last event', s.lastEventAt ? [when(s.lastEventAt), since ? h('span', { class: 'muted' }, ` (${since})`) : null] : '—', s.lastEventAt,
@@ -158,8 +158,8 @@ export default {
             'Bytes of large transactions written to spill files rather than kept in memory.'),
           item('rejectedMessages', 'Rejected messages', String(s.rejectedMessages), s.rejectedMessages,
             'Messages in the WAL claiming to be Fluxbase\'s own without its signature: dropped (a sign of forgery attempts).', s.rejectedMessages ? 'warn' : ''),
-          item('lsn', 'Positions (LSN)', h('code', {}, `confirmed ${s.confirmedLsn || '—'} · received ${s.receivedLsn || '—'} · server ${s.serverLsn || '—'}`), s.confirmedLsn,
-            'Where the stream has confirmed up to, what it has received, and where the server\'s WAL ends.')));
+          item('lsn', 'Positions (LSN)', h('code', {}, `confirmed ${s.confirmedLsn || '—'} · received ${s.receivedLsn || '—'}`), s.confirmedLsn,
+            'The end of this project\'s newest transaction the stream received, and how far of it is stored; — until the stream has received one since it started.')));
       const slot = cdc.ok.slot;
       if (slot.missing) {
         mount(slotBox, h('dl', { class: 'hl-list' },

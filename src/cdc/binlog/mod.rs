@@ -77,7 +77,10 @@ pub struct MysqlSource {
 
 /// The dump connection each project's stream last opened in this process, so that a stream
 /// starting again (a rewind for a new durable subscriber, a stop and start, a reconnection)
-/// ends its previous dump itself before it asks for a new one.
+/// ends its previous dump itself before it asks for a new one; and, through the control
+/// database's record of the last dump any process opened (control migration 0019), a stream
+/// starting in another process (a restart, a new leader after a failover) ends its
+/// predecessor's.
 ///
 /// Why: the server allows one dump per replica id and ends the older one when a new one
 /// registers, but a new dump whose id a live dump thread still holds starts only ~0.1 s later
@@ -149,55 +152,67 @@ impl Dumps {
         record.connection = server_start.map(|start| (connection, start));
     }
 
-    /// Ends the project's previous dump, if one of this process's is still on the server
-    /// (`conn`: the replication account, as the dump). Failing to is not an error: the server
-    /// ends it anyway when the new dump registers, only later.
+    /// Ends the project's previous dump, if one is still on the server (`conn`: the
+    /// replication account, as the dump): this process's, else `stored`, the one the control
+    /// database records (another process's before a restart, a previous leader's in cluster
+    /// mode). Failing to is not an error: the server ends it anyway when the new dump
+    /// registers, only later.
     /// Returns the server's start time (Unix seconds), for [`Dumps::opened`].
-    async fn end_previous(&self, conn: &mut Conn, project_id: &str) -> Option<i64> {
+    async fn end_previous(
+        &self,
+        conn: &mut Conn,
+        project_id: &str,
+        stored: Option<(u32, i64)>,
+    ) -> Option<i64> {
         // Start times read at different moments may differ by a second of rounding.
         let start = server_start(conn).await;
-        let previous = self
+        let mine = self
             .by_project
             .lock()
             .expect("poisoned")
             .get(project_id)
             .and_then(|r| r.connection);
-        let Some((previous, then)) = previous else {
-            return start;
-        };
-        if start.is_none_or(|now| (now - then).abs() > 2) {
-            return start;
-        }
-        let alive: Result<Option<u32>, _> = conn
-            .exec_first(
-                "SELECT ID FROM information_schema.PROCESSLIST \
-                 WHERE ID = ? AND COMMAND LIKE 'Binlog Dump%'",
-                (previous,),
-            )
-            .await;
-        match alive {
-            Ok(Some(_)) => match conn.query_drop(format!("KILL CONNECTION {previous}")).await {
-                Ok(()) => {
-                    let mut all = self.by_project.lock().expect("poisoned");
-                    let r = all.entry(project_id.to_string()).or_default();
-                    r.ended += 1;
-                    r.connection = None;
-                    drop(all);
-                    tracing::debug!(
-                        project_id,
-                        connection = previous,
-                        "ended the stream's previous binlog dump"
-                    );
-                }
-                // 1094: the thread ended meanwhile.
-                Err(mysql_async::Error::Server(e)) if e.code == 1094 => {}
+        // This process's last dump, and the last one any process recorded (the same one, or
+        // a newer one another node opened since, or an older one already gone).
+        let mut candidates: Vec<(u32, i64)> = mine.into_iter().chain(stored).collect();
+        candidates.dedup();
+        for (previous, then) in candidates {
+            // Only an id of the server run that gave it (ids start over at a restart, and
+            // the replication account is every project's).
+            if start.is_none_or(|now| (now - then).abs() > 2) {
+                continue;
+            }
+            let alive: Result<Option<u32>, _> = conn
+                .exec_first(
+                    "SELECT ID FROM information_schema.PROCESSLIST \
+                     WHERE ID = ? AND COMMAND LIKE 'Binlog Dump%'",
+                    (previous,),
+                )
+                .await;
+            match alive {
+                Ok(Some(_)) => match conn.query_drop(format!("KILL CONNECTION {previous}")).await {
+                    Ok(()) => {
+                        let mut all = self.by_project.lock().expect("poisoned");
+                        let r = all.entry(project_id.to_string()).or_default();
+                        r.ended += 1;
+                        r.connection = None;
+                        drop(all);
+                        tracing::debug!(
+                            project_id,
+                            connection = previous,
+                            "ended the stream's previous binlog dump"
+                        );
+                    }
+                    // 1094: the thread ended meanwhile.
+                    Err(mysql_async::Error::Server(e)) if e.code == 1094 => {}
+                    Err(e) => {
+                        tracing::debug!(project_id, error = %e, "ending the stream's previous binlog dump")
+                    }
+                },
+                Ok(None) => {}
                 Err(e) => {
-                    tracing::debug!(project_id, error = %e, "ending the stream's previous binlog dump")
+                    tracing::debug!(project_id, error = %e, "looking for the stream's previous binlog dump")
                 }
-            },
-            Ok(None) => {}
-            Err(e) => {
-                tracing::debug!(project_id, error = %e, "looking for the stream's previous binlog dump")
             }
         }
         start
@@ -789,9 +804,35 @@ async fn stream_once<B: EventBus>(
     let request = BinlogStreamRequest::new(server_id(&source.node, project_id))
         .with_filename(start.file.as_bytes())
         .with_pos(start.offset);
-    // A restart ends its previous dump itself: the new one then starts at once ([`Dumps`]).
-    let server_start = source.dumps.end_previous(&mut catalog, project_id).await;
+    // A restart ends its previous dump itself, this process's or (recorded in the control
+    // database) another's: the new one then starts at once ([`Dumps`]).
+    let stored_dump = {
+        let control = sources.control().await?;
+        position::load_dump(&**control, project_id)
+            .await
+            .map_err(|e| BinlogError::Control(e.to_string()))?
+    };
+    let server_start = source
+        .dumps
+        .end_previous(&mut catalog, project_id, stored_dump)
+        .await;
     source.dumps.opened(project_id, conn.id(), server_start);
+    if let Some(start) = server_start {
+        // For the next process or leader; off the stream's way (its first events never wait
+        // for it). Lost, it costs the next start the server's ~0.1 s, nothing else.
+        let (control, project, id) = (sources.control.clone(), project_id.to_string(), conn.id());
+        tokio::spawn(async move {
+            let saved = async {
+                let client = control.get().await.map_err(|e| e.to_string())?;
+                position::save_dump(&**client, &project, id, start)
+                    .await
+                    .map_err(|e| e.to_string())
+            };
+            if let Err(e) = saved.await {
+                tracing::debug!(project_id = %project, error = %e, "recording the binlog dump");
+            }
+        });
+    }
     let mut stream = conn.get_binlog_stream(request).await?;
     // The state says `streaming` from the first event the server sends (its ROTATE): a new dump
     // with the replica id of one the server still holds (another node's, or another process's

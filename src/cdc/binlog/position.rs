@@ -107,6 +107,42 @@ pub async fn load(
     }))
 }
 
+/// The dump the project's stream opened last, by any process or node: (connection id, start
+/// time of the MySQL server run that gave it), control migration 0019.
+pub async fn load_dump(
+    db: &impl tokio_postgres::GenericClient,
+    project_id: &str,
+) -> Result<Option<(u32, i64)>, tokio_postgres::Error> {
+    let row = db
+        .query_opt(
+            "SELECT dump_connection, dump_server_start FROM fluxbase.binlog_positions
+             WHERE project_id = $1",
+            &[&project_id],
+        )
+        .await?;
+    Ok(row.and_then(|r| {
+        let id: Option<i64> = r.get(0);
+        let start: Option<i64> = r.get(1);
+        Some((u32::try_from(id?).ok()?, start?))
+    }))
+}
+
+/// Records the dump the project's stream just opened (see [`load_dump`]).
+pub async fn save_dump(
+    db: &impl tokio_postgres::GenericClient,
+    project_id: &str,
+    connection: u32,
+    server_start: i64,
+) -> Result<(), tokio_postgres::Error> {
+    db.execute(
+        "UPDATE fluxbase.binlog_positions SET dump_connection = $2, dump_server_start = $3
+         WHERE project_id = $1",
+        &[&project_id, &i64::from(connection), &server_start],
+    )
+    .await?;
+    Ok(())
+}
+
 /// Records where the project's stream resumes. Never moves it backwards (a stale writer, e.g.
 /// an earlier stream of the project still finishing, loses): names of one log compare by length
 /// first (`binlog.1000000` follows `binlog.999999`), then as text, then by offset.

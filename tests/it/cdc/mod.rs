@@ -3,5 +3,6 @@
 
 mod outage;
 mod replication;
+mod status;
 mod stream;
 mod wire;

@@ -520,7 +520,19 @@ async fn a_dump_id_from_an_earlier_server_run_is_not_ended() {
     )
     .await;
     let before = dumps.current(&f.project).unwrap();
+    // The record in the control database too (control migration 0019: what another process
+    // or node would read), once the stream has written it.
+    stored_dump_is(&app, &f.project, before).await;
     dumps.pretend_earlier_run(&f.project);
+    let control = app.app.control.get().await.unwrap();
+    control
+        .execute(
+            "UPDATE fluxbase.binlog_positions SET dump_server_start = dump_server_start - 3600 \
+             WHERE project_id = $1",
+            &[&f.project],
+        )
+        .await
+        .unwrap();
     // A durable subscriber rewinds the stream (as in the test above).
     let mut durable = app.app.bus.project(&f.project).subscribe_durable();
     conn.query_drop("INSERT INTO r VALUES (1)").await.unwrap();
@@ -536,6 +548,143 @@ async fn a_dump_id_from_an_earlier_server_run_is_not_ended() {
         dumps.current(&f.project),
         Some(before),
         "the stream did rewind"
+    );
+    app.stop().await;
+}
+
+/// Waits (20 s at most) until the control database records `connection` as the project's dump.
+async fn stored_dump_is(app: &crate::support::TestApp, project: &str, connection: u32) {
+    poll::until(
+        Duration::from_secs(20),
+        Duration::from_millis(20),
+        || async {
+            let control = app.app.control.get().await.unwrap();
+            let stored: Option<i64> = control
+                .query_one(
+                    "SELECT dump_connection FROM fluxbase.binlog_positions WHERE project_id = $1",
+                    &[&project],
+                )
+                .await
+                .unwrap()
+                .get(0);
+            if stored == Some(i64::from(connection)) {
+                Ok(())
+            } else {
+                Err(format!(
+                    "the control database records dump {stored:?}, not {connection}"
+                ))
+            }
+        },
+    )
+    .await;
+}
+
+/// A stream starting in another process (a restart, a new leader after a failover: nothing of
+/// the previous dump in its memory) ends the dump its predecessor left on the server, found in
+/// the control database (control migration 0019), rather than waiting for the server to end
+/// it. Counted: with the record the previous dump is ended by the stream and gone from the
+/// process list; without it (as before the record existed) nothing is ended. The time from
+/// the start to the first event is printed for both (docs/benchmarks.md), never asserted.
+#[tokio::test]
+async fn a_new_process_ends_the_dump_its_predecessor_left() {
+    let app = spawn_mysql_app().await;
+    let f = app.mysql_fixture().await;
+    let maria = mariadb().await;
+    let mut conn = project_conn(&f.project).await;
+    conn.query_drop("CREATE TABLE r (id int PRIMARY KEY)")
+        .await
+        .unwrap();
+    let dumps = &app.app.mysql.dumps;
+    let streaming_with_a_dump = || async {
+        poll::until(
+            Duration::from_secs(20),
+            Duration::from_millis(2),
+            || async {
+                match (app.app.cdc.status(&f.project), dumps.current(&f.project)) {
+                    (Some(s), Some(d)) if s.state == StreamState::Streaming => Ok(d),
+                    (s, d) => Err(format!("{:?} {d:?}", s.map(|s| s.state))),
+                }
+            },
+        )
+        .await
+    };
+    let command = |id: u32| async move {
+        maria
+            .query(&format!(
+                "SELECT COMMAND FROM information_schema.PROCESSLIST WHERE ID = {id}"
+            ))
+            .await
+            .first()
+            .and_then(|r| r[0].clone())
+    };
+    let mut previous = streaming_with_a_dump().await;
+    let (mut with, mut without) = (Vec::new(), Vec::new());
+    for round in 0..6 {
+        let recorded = round % 2 == 1;
+        stored_dump_is(&app, &f.project, previous).await;
+        // The process "dies": its stream stops and its memory of the dump is gone; the dump
+        // thread stays on the server until it notices (the next heartbeat, 1 s).
+        app.app.cdc.stop(&f.project).await;
+        dumps.forget(&f.project);
+        assert_eq!(command(previous).await.as_deref(), Some("Binlog Dump"));
+        if !recorded {
+            let control = app.app.control.get().await.unwrap();
+            control
+                .execute(
+                    "UPDATE fluxbase.binlog_positions SET dump_connection = NULL \
+                     WHERE project_id = $1",
+                    &[&f.project],
+                )
+                .await
+                .unwrap();
+        }
+        let started = std::time::Instant::now();
+        app.app.cdc.start(
+            f.project.clone(),
+            format!("fx_{}", f.project),
+            fluxbase::projects::Engine::Mysql,
+        );
+        let now = streaming_with_a_dump().await;
+        let took = started.elapsed();
+        assert_ne!(now, previous);
+        if recorded {
+            assert_eq!(
+                dumps.ended(&f.project),
+                1,
+                "the predecessor's dump was not ended"
+            );
+            assert_eq!(
+                command(previous).await,
+                None,
+                "the predecessor's dump is still there"
+            );
+            with.push(took);
+        } else {
+            assert_eq!(
+                dumps.ended(&f.project),
+                0,
+                "a dump nobody recorded was ended"
+            );
+            without.push(took);
+        }
+        // Still delivering.
+        let mut sub = app.app.bus.project(&f.project).subscribe();
+        conn.query_drop(format!("INSERT INTO r VALUES ({round})"))
+            .await
+            .unwrap();
+        // (A replay of what followed the stored position may come first.)
+        loop {
+            let e = next_event(&mut sub).await;
+            let v: Value = serde_json::from_str(&e.payload).unwrap();
+            if v["record"]["id"] == json!(round) {
+                break;
+            }
+        }
+        previous = now;
+    }
+    eprintln!(
+        "start to streaming after another process's dump: without its record {without:?}, \
+         ending it from the record {with:?}"
     );
     app.stop().await;
 }

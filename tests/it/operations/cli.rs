@@ -752,3 +752,162 @@ fn waits_for_a_flock(pid: u32) -> bool {
         f.len() > 5 && f[1] == "->" && f[2] == "FLOCK" && f[5] == pid.to_string()
     })
 }
+
+/// `FLUXBASE_DATA_DIR` relative to the working directory (as the default `.fluxbase` is), the
+/// server and the CLI each in another working directory: a CLI command beside the running
+/// server finds its embedded PostgreSQL and MariaDB (whose pid file's server names the
+/// absolute data directory) and acts through them: `project suspend` of a MySQL project locks
+/// its accounts on the server's MariaDB (it failed with "has not started its embedded MariaDB
+/// yet" when the relative path was compared with the absolute one), `resume` unlocks them;
+/// Ctrl-C then stops the server with both databases.
+#[tokio::test]
+async fn cli_commands_with_a_relative_data_dir_reach_the_running_servers_mariadb() {
+    let top = crate::support::scratch_dir(&format!(
+        "it-{}-{}",
+        std::process::id(),
+        crate::support::unique("clirel")
+    ));
+    let dir = top.join("rel/path");
+    std::fs::create_dir_all(&dir).unwrap();
+    // The server runs in `top` on `rel/path`; the CLI in `top/rel` on `path`.
+    let server_cmd = || {
+        let mut cmd = fluxbase(&dir);
+        cmd.env("FLUXBASE_DATA_DIR", "rel/path")
+            .env_remove("FLUXBASE_MYSQL_URL")
+            .current_dir(&top);
+        cmd
+    };
+    let cli = |args: &[&str]| {
+        let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+        let (dir, cwd) = (dir.clone(), top.join("rel"));
+        async move {
+            tokio::task::spawn_blocking(move || {
+                fluxbase(&dir)
+                    .env("FLUXBASE_DATA_DIR", "path")
+                    .env_remove("FLUXBASE_MYSQL_URL")
+                    .current_dir(cwd)
+                    .args(&args)
+                    .stdin(Stdio::null())
+                    .output()
+                    .unwrap()
+            })
+            .await
+            .unwrap()
+        }
+    };
+    let ok = |out: std::process::Output, what: &str| -> String {
+        assert!(
+            out.status.success(),
+            "{what}: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let init: Value = serde_json::from_str(&ok(cli(&["init", "--json"]).await, "init")).unwrap();
+    assert!(
+        dir.join("pg").is_dir(),
+        "init did not use rel/path from top/rel"
+    );
+    let (mut server, base) = serve(server_cmd(), Stdio::null()).await;
+    let email = init["user"]["email"].as_str().unwrap();
+    let (status, v) = login(&base, email, init["user"]["password"].as_str().unwrap()).await;
+    assert_eq!(status, 200, "{v}");
+    let session = v["token"].as_str().unwrap().to_string();
+    // A MySQL project: the server starts its embedded MariaDB under rel/path.
+    let created: Value = reqwest::Client::new()
+        .post(format!("{base}/api/projects"))
+        .bearer_auth(&session)
+        .json(&json!({ "name": "m", "engine": "mysql" }))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let project = created["project"]["id"].as_str().unwrap().to_string();
+    let admin = created["apiKeys"]["admin"].as_str().unwrap().to_string();
+    let (status, v) = sql_call(&base, &admin, &project, "CREATE TABLE notes (body text)").await;
+    assert_eq!(status, 200, "{v}");
+    let mariadbd: u32 = std::fs::read_to_string(dir.join("mariadb/mariadbd.pid"))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    let postmaster = postmaster_pid(&dir).expect("the server's cluster runs");
+
+    ok(
+        cli(&["project", "suspend", &project]).await,
+        "project suspend",
+    );
+    let (status, v) = sql_call(&base, &admin, &project, "SELECT 1").await;
+    assert_eq!(status, 403, "{v}");
+    // The project's accounts were locked on the server's MariaDB by the CLI itself.
+    let db = dir.join("mariadb");
+    let port = fluxbase::mysql::embedded::running_port(&db).expect("the server's MariaDB");
+    let secrets = fluxbase::secrets::Secrets::load_or_create(&dir).unwrap();
+    let url = fluxbase::mysql::embedded_admin_url(&secrets, port);
+    // (user, locked) of the project's three accounts, as the server has them.
+    let locked = || async {
+        use mysql_async::prelude::Queryable;
+        let mut conn = mysql_async::Conn::from_url(url.as_str()).await.unwrap();
+        let rows: Vec<(String, String)> = conn
+            .query(format!(
+                "SELECT User, Priv FROM mysql.global_priv WHERE User LIKE 'fx\\_{project}\\_%'"
+            ))
+            .await
+            .unwrap();
+        let _ = conn.disconnect().await;
+        assert_eq!(rows.len(), 3, "{rows:?}");
+        rows.iter()
+            .filter(|(_, p)| {
+                let p: Value = serde_json::from_str(p).unwrap();
+                p["account_locked"] == true
+            })
+            .count()
+    };
+    assert_eq!(
+        locked().await,
+        3,
+        "the CLI did not lock the project's accounts"
+    );
+    ok(
+        cli(&["project", "resume", &project]).await,
+        "project resume",
+    );
+    assert_eq!(
+        locked().await,
+        0,
+        "the CLI did not unlock the project's accounts"
+    );
+    crate::support::poll::until(Duration::from_secs(30), Duration::from_millis(100), || {
+        let (base, admin, project) = (base.clone(), admin.clone(), project.clone());
+        async move {
+            match sql_call(&base, &admin, &project, "SELECT count(*) AS n FROM notes").await {
+                (200, v) if v["result"]["rows"] == json!([{ "n": 0 }]) => Ok(()),
+                other => Err(format!(
+                    "the resumed MySQL project is not served: {other:?}"
+                )),
+            }
+        }
+    })
+    .await;
+    assert_eq!(
+        postmaster_pid(&dir),
+        Some(postmaster),
+        "a CLI command restarted PostgreSQL"
+    );
+    assert!(
+        std::path::Path::new(&format!("/proc/{mariadbd}")).exists(),
+        "a CLI command stopped the server's MariaDB"
+    );
+
+    // Ctrl-C: the server stops both.
+    interrupt(&mut server);
+    assert!(postmaster_pid(&dir).is_none());
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while fluxbase::mysql::embedded::running_port(&db).is_some() {
+        assert!(Instant::now() < deadline, "MariaDB outlived its server");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}

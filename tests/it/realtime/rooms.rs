@@ -1989,3 +1989,142 @@ async fn a_flood_of_broadcasts_from_sql_or_rest_leaves_the_rooms_sockets_connect
         }
     }
 }
+
+/// Subscribes racing a suspension (this server's, or another process's heard through the
+/// access channel): a subscribe that read the project as active before the suspension and
+/// joins after its room was emptied must not stay in it (it would be a member no eviction
+/// saw: in cluster mode it would then get the suspended project's live events). Each socket's
+/// messages up to the `pong` to a ping sent once the suspension took effect: a `subscribed`
+/// is always followed by the room's `PROJECT_SUSPENDED`, or the subscribe itself is refused
+/// with it; and a row written while suspended reaches no socket.
+#[tokio::test]
+async fn subscribes_racing_a_suspension_never_stay_in_the_emptied_room() {
+    const SOCKETS: usize = 40;
+    let app = spawn_app().await;
+    let f = app.fixture().await;
+    app.rows(&f.admin, &f.project, "CREATE TABLE t (id int)")
+        .await;
+    // Another process on the same control database (as `fluxbase project suspend` is).
+    let mut config = app.app.config.clone();
+    config.database_url = Some(
+        crate::support::pg()
+            .await
+            .url(&app.app.cluster.control_db)
+            .into(),
+    );
+    let other = fluxbase::app::App::open(config, &[]).await.unwrap();
+    let (mut joined_then_closed, mut refused_at_once) = (0, 0);
+    for round in 0..8u64 {
+        let by_other = round % 2 == 1;
+        let mut sockets = Vec::new();
+        for _ in 0..SOCKETS {
+            sockets.push(connect(&app, "/").await);
+        }
+        let msg = json!({ "type": "subscribe", "roomId": room(&f.project), "token": f.read });
+        // Spread over the rounds: the suspension starts with the subscribes, or a little
+        // before or after them, so that it lands before, among and after their status checks.
+        let spread = (round / 4) * 700;
+        let (subscribes_after, suspend_after) = if round % 4 < 2 {
+            (0, spread)
+        } else {
+            (spread + 300, 0)
+        };
+        let subscribes = async {
+            tokio::time::sleep(Duration::from_micros(subscribes_after)).await;
+            futures_util::future::join_all(sockets.iter_mut().map(|ws| {
+                let msg = msg.clone();
+                async move { send(ws, msg).await }
+            }))
+            .await
+        };
+        let suspend = async {
+            tokio::time::sleep(Duration::from_micros(suspend_after)).await;
+            let by = if by_other { &other } else { &app.app };
+            by.set_project_status(&f.project, fluxbase::projects::ProjectStatus::Suspended)
+                .await
+                .unwrap();
+        };
+        tokio::join!(subscribes, suspend);
+        if by_other {
+            // This server has heard it once a new subscribe is refused.
+            let mut probe = connect(&app, "/").await;
+            let deadline = std::time::Instant::now() + Duration::from_secs(30);
+            loop {
+                send(&mut probe, msg.clone()).await;
+                let m = recv(&mut probe).await;
+                if m["code"] == "PROJECT_SUSPENDED" {
+                    break;
+                }
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "the server has not heard the suspension: {m}"
+                );
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+        // Written while suspended (as the owner's database can be): the stream runs on and
+        // the room records it; no socket of the round may receive it.
+        let db = app.project_db(&f.project).await;
+        let pg = crate::support::pg().await;
+        let conn = pg.client(&db).await;
+        conn.batch_execute(&format!("INSERT INTO t VALUES ({round})"))
+            .await
+            .unwrap();
+        // Wait until the stream has published it (the bus is this process's).
+        crate::support::poll::until(
+            Duration::from_secs(30),
+            Duration::from_millis(50),
+            || async {
+                let s = app.app.cdc.status(&f.project).unwrap();
+                if s.events as usize >= round as usize + 2 {
+                    Ok(())
+                } else {
+                    Err(format!(
+                        "the suspended project's row was not streamed: {s:?}"
+                    ))
+                }
+            },
+        )
+        .await;
+        for (i, ws) in sockets.iter_mut().enumerate() {
+            send(ws, json!({ "type": "ping" })).await;
+            let mut seen = Vec::new();
+            loop {
+                let m = recv(ws).await;
+                if m["type"] == "pong" {
+                    break;
+                }
+                seen.push(m);
+            }
+            let types: Vec<String> = seen
+                .iter()
+                .map(|m| format!("{}:{}", m["type"], m["code"]))
+                .collect();
+            let suspended = "\"error\":\"PROJECT_SUSPENDED\"";
+            match types.iter().map(String::as_str).collect::<Vec<_>>()[..] {
+                ["\"subscribed\":null", s] if s == suspended => joined_then_closed += 1,
+                [s] if s == suspended => refused_at_once += 1,
+                _ => panic!(
+                    "round {round} (suspended by {}), socket {i}: {seen:?}: a subscribe \
+                     stayed in the suspended project's emptied room",
+                    if by_other {
+                        "another process"
+                    } else {
+                        "this server"
+                    }
+                ),
+            }
+        }
+        app.app
+            .set_project_status(&f.project, fluxbase::projects::ProjectStatus::Active)
+            .await
+            .unwrap();
+    }
+    eprintln!("subscribes joined then closed: {joined_then_closed}, refused: {refused_at_once}");
+    // Both outcomes occurred: the rounds did race the subscribes (a hang guard against a test
+    // that only ever suspends before or after every subscribe).
+    assert!(
+        joined_then_closed > 0 && refused_at_once > 0,
+        "joined then closed {joined_then_closed}, refused {refused_at_once}"
+    );
+}
