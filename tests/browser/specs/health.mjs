@@ -38,8 +38,14 @@ await spec('health', async (t) => {
     assert.equal((await field(page, 'lastEventAt')).raw, '');
     assert.equal((await field(page, 'events')).raw, '0');
   }
-  assert.match((await field(page, 'lagBytes')).text, /\d+ (B|KiB|MiB)/);
-  assert.match(await page.$eval('[data-cdc]', (e) => e.innerText), /Lag \(bytes\)[\s\S]*WAL written by PostgreSQL/i);
+  // The lag in the project's own terms: none before its first own transaction (—), never the
+  // shared log's end (no server position on the page).
+  const lag = await field(page, 'lagBytes');
+  if (fresh.lagBytes === null) assert.equal(lag.raw, '', JSON.stringify(lag));
+  else assert.match(lag.text, /\d+ (B|KiB|MiB)/);
+  assert.equal(fresh.serverLsn, null, JSON.stringify(fresh));
+  assert.match(await page.$eval('[data-cdc]', (e) => e.innerText), /Lag \(bytes\)[\s\S]*Other projects' writes are never counted/i);
+  assert.equal(await page.$('[data-cdc] dd[data-field=serverLsn]'), null);
   assert.equal(await page.$eval('[data-slot] dd[data-field=slotName]', (d) => d.dataset.value), `fluxbase_${projectId}`);
 
   t.log('the server is ready: /ready as the page shows it');
