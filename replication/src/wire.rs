@@ -616,9 +616,28 @@ impl Connection {
         max_rows: usize,
     ) -> Result<SimpleOutcome, WireError> {
         self.ensure_usable()?;
-        self.run_preludes().await?;
-        self.transport.encode(|buf| frontend::query(sql, buf))?;
+        let pipelined = self.encode_pipelined_prelude()?;
+        if pipelined.is_none() {
+            self.run_preludes().await?;
+        }
+        let encoded = self.transport.encode(|buf| {
+            frontend::query(sql, buf)?;
+            if pipelined.is_some() {
+                frontend::sync(buf);
+            }
+            Ok::<_, io::Error>(())
+        });
+        if let Err(e) = encoded {
+            // The pipelined reset was encoded for this Query: never sent without it.
+            self.transport.write_buf.clear();
+            return Err(e);
+        }
         self.send().await?;
+        if let Some(executes) = pipelined {
+            self.finish_pipelined_prelude(executes).await?;
+            // The Query's answers follow, then the Sync's ReadyForQuery.
+            self.in_progress = true;
+        }
 
         let mut current: Option<ResultBuilder> = None;
         let mut outcome = SimpleOutcome::default();
@@ -662,12 +681,22 @@ impl Connection {
                 Message::ErrorResponse(body) => {
                     error = Some(self.recoverable_error(&body, Phase::Query)?)
                 }
-                Message::CopyInResponse(_) => self.refuse_copy_in(false).await?,
+                // Pipelined: the Sync sent after the Query arrived during COPY, which ignores
+                // it; another follows the CopyFail.
+                Message::CopyInResponse(_) => self.refuse_copy_in(pipelined.is_some()).await?,
                 Message::CopyOutResponse(_) | Message::CopyData(_) | Message::CopyDone => {}
                 Message::ReadyForQuery(body) => {
                     self.ready(&body)?;
                     break;
                 }
+                other => return Err(self.unexpected(&other, "simple query")),
+            }
+        }
+        if pipelined.is_some() {
+            // The Sync's ReadyForQuery.
+            self.in_progress = true;
+            match self.recv().await? {
+                Message::ReadyForQuery(body) => self.ready(&body)?,
                 other => return Err(self.unexpected(&other, "simple query")),
             }
         }
@@ -874,19 +903,24 @@ impl Connection {
     /// after a failed Query (only an error inside an extended-protocol Sync group skips what
     /// follows), so sending them in the same write let an operation run on a session whose
     /// reset had failed. `execute_prepared` never sends them (a Query would destroy the unnamed
-    /// statement): preludes go out with the `prepare` before it.
+    /// statement): preludes go out with the `prepare` before it. On a connection with a session
+    /// reset ([`Connection::set_session_reset`]) a `simple_query` sends them without that round
+    /// trip, in one transaction with the reset and in front of its Query (see
+    /// [`Connection::encode_pipelined_prelude`]): a prelude there must be one statement that may
+    /// run inside a transaction block.
     pub fn queue_prelude(&mut self, sql: &str) {
         self.prelude.push(sql.to_owned());
     }
 
     /// Runs the queued preludes and a due session reset on its own (first), each as a Query, and
     /// waits for their answers (one round trip; none when nothing is queued or due). An error
-    /// breaks the connection (see [`Connection::queue_prelude`]).
+    /// breaks the connection (see [`Connection::queue_prelude`]). A prelude that cannot be
+    /// encoded (a NUL byte) is dropped with the others and the operation fails: nothing is sent
+    /// and nothing stays queued for a later operation (a due reset stays due).
     pub(super) async fn run_preludes(&mut self) -> Result<(), WireError> {
         let mut prelude = std::mem::take(&mut self.prelude);
-        let reset = self.due_reset_query();
-        if let Some(call) = &reset {
-            prelude.insert(0, call.clone());
+        if let Some(call) = self.due_reset_query() {
+            prelude.insert(0, call);
         }
         if prelude.is_empty() {
             return Ok(());
@@ -894,7 +928,6 @@ impl Connection {
         for sql in &prelude {
             if let Err(e) = self.transport.encode(|buf| frontend::query(sql, buf)) {
                 self.transport.write_buf.clear();
-                self.prelude = prelude.split_off(usize::from(reset.is_some()));
                 return Err(e);
             }
         }
@@ -902,7 +935,9 @@ impl Connection {
         self.finish_prelude(prelude.len()).await
     }
 
-    /// Reads the responses of `count` preludes, each up to its ReadyForQuery.
+    /// Reads the responses of `count` preludes, each up to its ReadyForQuery. Anything a Query
+    /// of a prelude cannot answer (COPY, a Parse's answer) is a protocol error that breaks the
+    /// connection: the stream is in an unknown state.
     async fn finish_prelude(&mut self, count: usize) -> Result<(), WireError> {
         let mut failed = None;
         let mut done = 0;
@@ -918,9 +953,17 @@ impl Connection {
                     // More answers are due until the last ReadyForQuery.
                     self.in_progress = done < count;
                 }
-                _ => {}
+                Message::RowDescription(_)
+                | Message::DataRow(_)
+                | Message::CommandComplete(_)
+                | Message::EmptyQueryResponse => {}
+                other => return Err(self.unexpected(&other, "session reset")),
             }
         }
+        self.prelude_outcome(failed)
+    }
+
+    fn prelude_outcome(&mut self, failed: Option<Box<DbError>>) -> Result<(), WireError> {
         match failed {
             Some(e) => {
                 self.broken = true;
@@ -935,6 +978,88 @@ impl Connection {
                 Ok(())
             }
         }
+    }
+
+    /// The zero-round-trip form of [`Connection::run_preludes`] in front of a Query: a due reset
+    /// on its own and the queued preludes as extended-protocol messages (Parse + Bind + Execute
+    /// of the unnamed statement each), then `COMMIT` the same way, all with no Sync, encoded
+    /// into the write buffer; the caller appends its Query and a Sync. Returns how many
+    /// Executes were encoded, `None` when this form does not apply (nothing due; no session
+    /// reset set, whose callers may queue preludes that cannot run in a transaction block; or
+    /// not idle, where `COMMIT` would end the caller's own transaction).
+    ///
+    /// Why it is sound (PostgreSQL's "Extended Query" and "Pipelining"): an error in any
+    /// extended-protocol message makes the backend discard every message up to the next Sync,
+    /// a Query included (postgres.c checks `ignore_till_sync` before dispatching any message),
+    /// so a failed reset, prelude or `COMMIT` skips the Query; only the Sync answers
+    /// (ReadyForQuery) and [`Connection::finish_pipelined_prelude`] breaks the connection. When
+    /// all succeed, `COMMIT` ends their implicit transaction (a warning that none was open, as a
+    /// notice) and the Query runs in a transaction of its own, as after the round trip: not in a
+    /// pipeline, so VACUUM and the like still run. Then the Sync answers a second
+    /// ReadyForQuery, read after the Query's.
+    fn encode_pipelined_prelude(&mut self) -> Result<Option<usize>, WireError> {
+        if self.reset.is_none() || self.status != TransactionStatus::Idle {
+            return Ok(None);
+        }
+        let reset = self.due_reset_query();
+        if reset.is_none() && self.prelude.is_empty() {
+            return Ok(None);
+        }
+        let prelude = std::mem::take(&mut self.prelude);
+        let calls: Vec<&str> = reset
+            .iter()
+            .chain(prelude.iter())
+            .map(String::as_str)
+            .chain(["COMMIT"])
+            .collect();
+        let encoded = self.transport.encode(|buf| {
+            for sql in &calls {
+                frontend::parse("", sql, std::iter::empty(), buf).map_err(|e| e.to_string())?;
+                encode_bind("", &[], buf)?;
+                frontend::execute("", 0, buf).map_err(|e| e.to_string())?;
+            }
+            Ok::<_, String>(())
+        });
+        // On failure nothing is left in the buffer and the preludes are dropped (see
+        // `run_preludes`).
+        encoded.map(|()| Some(calls.len()))
+    }
+
+    /// Reads the answers to what [`Connection::encode_pipelined_prelude`] sent, up to the last
+    /// Execute's CommandComplete. After an error the backend skipped everything up to the Sync
+    /// (the caller's Query too): its ReadyForQuery is read and the connection broken.
+    async fn finish_pipelined_prelude(&mut self, executes: usize) -> Result<(), WireError> {
+        let mut failed = None;
+        let mut done = 0;
+        loop {
+            match self.recv().await? {
+                Message::ErrorResponse(body) => {
+                    let e = self.recoverable_error(&body, Phase::Query)?;
+                    failed.get_or_insert(e);
+                }
+                Message::ReadyForQuery(body) => {
+                    self.ready(&body)?;
+                    if failed.is_none() {
+                        return Err(
+                            self.fail(WireError::protocol("ReadyForQuery before the session reset ended"))
+                        );
+                    }
+                    break;
+                }
+                Message::CommandComplete(_) | Message::EmptyQueryResponse
+                    if failed.is_none() =>
+                {
+                    done += 1;
+                    if done == executes {
+                        break;
+                    }
+                }
+                Message::ParseComplete | Message::BindComplete | Message::DataRow(_)
+                    if failed.is_none() => {}
+                other => return Err(self.unexpected(&other, "session reset")),
+            }
+        }
+        self.prelude_outcome(failed)
     }
 
     /// Caps the row data a statement's result keeps, in bytes of PostgreSQL's text values (the
@@ -1844,5 +1969,47 @@ mod tests {
         assert!(!conn.is_broken());
         let outcome = conn.simple_query("", 10).await.unwrap();
         assert_eq!(outcome, SimpleOutcome::default());
+    }
+
+    /// A prelude's Query answered with something no Query of ours can cause (COPY FROM STDIN)
+    /// was once read past while waiting for ReadyForQuery: the client hung. Now a protocol
+    /// error that breaks the connection, and the operation is never sent.
+    #[tokio::test]
+    async fn an_unexpected_answer_to_a_prelude_breaks_the_connection() {
+        let copy_in = backend(b'G', &[0, 0, 0]);
+        let mut conn = connection_answering(copy_in, false).await;
+        conn.queue_prelude("SELECT 1");
+        let err = tokio::time::timeout(Duration::from_secs(5), conn.simple_query("SELECT 2", 10))
+            .await
+            .expect("the client hung on the prelude's answer")
+            .unwrap_err();
+        assert!(matches!(err, WireError::Protocol(_)), "{err:?}");
+        assert!(conn.is_broken());
+    }
+
+    /// A prelude that cannot be encoded fails the operation and is not left queued for the
+    /// next one (which then runs alone).
+    #[tokio::test]
+    async fn a_prelude_that_cannot_be_encoded_is_dropped() {
+        let (client, mut server) = tokio::io::duplex(64 * 1024);
+        let seen = tokio::spawn(async move {
+            read_startup(&mut server).await;
+            server.write_all(&session_start()).await.unwrap();
+            let query = read_frontend(&mut server).await;
+            server
+                .write_all(&[backend(b'I', b""), backend(b'Z', b"I")].concat())
+                .await
+                .unwrap();
+            query
+        });
+        let mut conn = Connection::handshake(Box::new(client), &config())
+            .await
+            .unwrap();
+        conn.queue_prelude("SELECT '\0'");
+        let err = conn.simple_query("", 10).await.unwrap_err();
+        assert!(matches!(err, WireError::InvalidInput(_)), "{err:?}");
+        assert!(!conn.is_broken());
+        conn.simple_query("", 10).await.unwrap();
+        assert_eq!(seen.await.unwrap(), (b'Q', vec![0]), "only the empty Query was sent");
     }
 }
