@@ -986,7 +986,7 @@ async fn the_one_argument_reset_is_the_full_reset() {
             "SELECT current_setting('statement_timeout'), current_setting('search_path'),
                     (SELECT count(*) FROM pg_listening_channels()),
                     (SELECT count(*) FROM pg_prepared_statements WHERE from_sql),
-                    (SELECT count(*) FROM pg_cursors),
+                    (SELECT count(*) FROM pg_cursors WHERE is_holdable),
                     to_regclass('pg_temp.shadow') IS NULL",
             &[],
         )
