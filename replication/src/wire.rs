@@ -620,14 +620,7 @@ impl Connection {
         if pipelined.is_none() {
             self.run_preludes().await?;
         }
-        let encoded = self.transport.encode(|buf| {
-            frontend::query(sql, buf)?;
-            if pipelined.is_some() {
-                frontend::sync(buf);
-            }
-            Ok::<_, io::Error>(())
-        });
-        if let Err(e) = encoded {
+        if let Err(e) = self.transport.encode(|buf| frontend::query(sql, buf)) {
             // The pipelined reset was encoded for this Query: never sent without it.
             self.transport.write_buf.clear();
             return Err(e);
@@ -635,8 +628,6 @@ impl Connection {
         self.send().await?;
         if let Some(executes) = pipelined {
             self.finish_pipelined_prelude(executes).await?;
-            // The Query's answers follow, then the Sync's ReadyForQuery.
-            self.in_progress = true;
         }
 
         let mut current: Option<ResultBuilder> = None;
@@ -681,22 +672,12 @@ impl Connection {
                 Message::ErrorResponse(body) => {
                     error = Some(self.recoverable_error(&body, Phase::Query)?)
                 }
-                // Pipelined: the Sync sent after the Query arrived during COPY, which ignores
-                // it; another follows the CopyFail.
-                Message::CopyInResponse(_) => self.refuse_copy_in(pipelined.is_some()).await?,
+                Message::CopyInResponse(_) => self.refuse_copy_in(false).await?,
                 Message::CopyOutResponse(_) | Message::CopyData(_) | Message::CopyDone => {}
                 Message::ReadyForQuery(body) => {
                     self.ready(&body)?;
                     break;
                 }
-                other => return Err(self.unexpected(&other, "simple query")),
-            }
-        }
-        if pipelined.is_some() {
-            // The Sync's ReadyForQuery.
-            self.in_progress = true;
-            match self.recv().await? {
-                Message::ReadyForQuery(body) => self.ready(&body)?,
                 other => return Err(self.unexpected(&other, "simple query")),
             }
         }
@@ -980,23 +961,24 @@ impl Connection {
         }
     }
 
-    /// The zero-round-trip form of [`Connection::run_preludes`] in front of a Query: a due reset
-    /// on its own and the queued preludes as extended-protocol messages (Parse + Bind + Execute
-    /// of the unnamed statement each), then `COMMIT` the same way, all with no Sync, encoded
-    /// into the write buffer; the caller appends its Query and a Sync. Returns how many
-    /// Executes were encoded, `None` when this form does not apply (nothing due; no session
-    /// reset set, whose callers may queue preludes that cannot run in a transaction block; or
-    /// not idle, where `COMMIT` would end the caller's own transaction).
+    /// The zero-round-trip form of [`Connection::run_preludes`] in front of a Query: `BEGIN`, a
+    /// due reset on its own, the queued preludes and `COMMIT`, each as extended-protocol
+    /// messages (Parse + Bind + Execute of the unnamed statement) with no Sync, encoded into the
+    /// write buffer; the caller appends its Query (and nothing else). Returns how many Executes
+    /// were encoded, `None` when this form does not apply (nothing due; no session reset set,
+    /// whose callers may queue preludes that cannot run in a transaction block; or not idle,
+    /// where `BEGIN`/`COMMIT` would meet the caller's own transaction).
     ///
-    /// Why it is sound (PostgreSQL's "Extended Query" and "Pipelining"): an error in any
-    /// extended-protocol message makes the backend discard every message up to the next Sync,
-    /// a Query included (postgres.c checks `ignore_till_sync` before dispatching any message),
-    /// so a failed reset, prelude or `COMMIT` skips the Query; only the Sync answers
-    /// (ReadyForQuery) and [`Connection::finish_pipelined_prelude`] breaks the connection. When
-    /// all succeed, `COMMIT` ends their implicit transaction (a warning that none was open, as a
-    /// notice) and the Query runs in a transaction of its own, as after the round trip: not in a
-    /// pipeline, so VACUUM and the like still run. Then the Sync answers a second
-    /// ReadyForQuery, read after the Query's.
+    /// Why it is sound (PostgreSQL's "Extended Query"): an error in any extended-protocol
+    /// message makes the backend discard every message up to the next Sync, a Query included
+    /// (postgres.c tests `ignore_till_sync` before it dispatches any message), so after a
+    /// failed reset, prelude or `COMMIT` the Query never runs: the backend sends the
+    /// ErrorResponse at once (errors are flushed as raised) and waits for a Sync, which
+    /// [`Connection::finish_pipelined_prelude`] sends only then, and breaks the connection.
+    /// When all succeed, `COMMIT` ends their transaction and the Query runs in one of its own,
+    /// as after the round trip (not in a pipeline: VACUUM and the like still run), answering
+    /// the only ReadyForQuery. `BEGIN` makes the `COMMIT` a real one: a `COMMIT` of the
+    /// implicit transaction would raise a warning, flushed on its own (one more wake-up).
     fn encode_pipelined_prelude(&mut self) -> Result<Option<usize>, WireError> {
         if self.reset.is_none() || self.status != TransactionStatus::Idle {
             return Ok(None);
@@ -1006,10 +988,10 @@ impl Connection {
             return Ok(None);
         }
         let prelude = std::mem::take(&mut self.prelude);
-        let calls: Vec<&str> = reset
-            .iter()
-            .chain(prelude.iter())
-            .map(String::as_str)
+        let calls: Vec<&str> = ["BEGIN"]
+            .into_iter()
+            .chain(reset.iter().map(String::as_str))
+            .chain(prelude.iter().map(String::as_str))
             .chain(["COMMIT"])
             .collect();
         let encoded = self.transport.encode(|buf| {
@@ -1026,40 +1008,39 @@ impl Connection {
     }
 
     /// Reads the answers to what [`Connection::encode_pipelined_prelude`] sent, up to the last
-    /// Execute's CommandComplete. After an error the backend skipped everything up to the Sync
-    /// (the caller's Query too): its ReadyForQuery is read and the connection broken.
+    /// Execute's CommandComplete; the Query's answers follow. After an error the backend skips
+    /// everything (the caller's Query too) until a Sync: one is sent, its ReadyForQuery read
+    /// and the connection broken.
     async fn finish_pipelined_prelude(&mut self, executes: usize) -> Result<(), WireError> {
-        let mut failed = None;
         let mut done = 0;
-        loop {
+        let failed = loop {
             match self.recv().await? {
                 Message::ErrorResponse(body) => {
-                    let e = self.recoverable_error(&body, Phase::Query)?;
-                    failed.get_or_insert(e);
+                    break self.recoverable_error(&body, Phase::Query)?;
                 }
-                Message::ReadyForQuery(body) => {
-                    self.ready(&body)?;
-                    if failed.is_none() {
-                        return Err(
-                            self.fail(WireError::protocol("ReadyForQuery before the session reset ended"))
-                        );
-                    }
-                    break;
-                }
-                Message::CommandComplete(_) | Message::EmptyQueryResponse
-                    if failed.is_none() =>
-                {
+                Message::CommandComplete(_) | Message::EmptyQueryResponse => {
                     done += 1;
                     if done == executes {
-                        break;
+                        return self.prelude_outcome(None);
                     }
                 }
-                Message::ParseComplete | Message::BindComplete | Message::DataRow(_)
-                    if failed.is_none() => {}
+                Message::ParseComplete | Message::BindComplete | Message::DataRow(_) => {}
+                other => return Err(self.unexpected(&other, "session reset")),
+            }
+        };
+        self.broken = true;
+        frontend::sync(&mut self.transport.write_buf);
+        self.send().await?;
+        loop {
+            match self.recv().await? {
+                Message::ReadyForQuery(body) => {
+                    self.ready(&body)?;
+                    break;
+                }
                 other => return Err(self.unexpected(&other, "session reset")),
             }
         }
-        self.prelude_outcome(failed)
+        self.prelude_outcome(Some(failed))
     }
 
     /// Caps the row data a statement's result keeps, in bytes of PostgreSQL's text values (the
