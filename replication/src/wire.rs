@@ -1991,6 +1991,10 @@ mod tests {
         assert!(matches!(err, WireError::InvalidInput(_)), "{err:?}");
         assert!(!conn.is_broken());
         conn.simple_query("", 10).await.unwrap();
-        assert_eq!(seen.await.unwrap(), (b'Q', vec![0]), "only the empty Query was sent");
+        assert_eq!(
+            seen.await.unwrap(),
+            (b'Q', vec![0]),
+            "only the empty Query was sent"
+        );
     }
 }

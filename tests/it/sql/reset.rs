@@ -960,7 +960,11 @@ async fn statements_forgotten_after_a_deallocate_are_closed_on_the_server() {
                 json!([{ "v": i }])
             );
         }
-        assert_eq!(server_side().await, 3, "round {round}: statements left behind");
+        assert_eq!(
+            server_side().await,
+            3,
+            "round {round}: statements left behind"
+        );
     }
 }
 
@@ -1070,8 +1074,14 @@ async fn prepared_transactions_keep_the_routine_epoch_unsealed() {
     fluxbase::projects::seal_routine_epoch(&db, &f.project)
         .await
         .unwrap();
-    assert_eq!(state(&db).await, (false, true), "sealed, the routine counted");
-    db.batch_execute("DROP FUNCTION public.sneaky()").await.unwrap();
+    assert_eq!(
+        state(&db).await,
+        (false, true),
+        "sealed, the routine counted"
+    );
+    db.batch_execute("DROP FUNCTION public.sneaky()")
+        .await
+        .unwrap();
     assert_eq!(state(&db).await, (true, true));
 
     // (2) A crash empties the table; a prepared transaction of this database survives it.
@@ -1084,15 +1094,21 @@ async fn prepared_transactions_keep_the_routine_epoch_unsealed() {
             one(&app, &f.readwrite, &f, "SELECT $1::int AS one").await;
         }
     };
-    db.batch_execute("DELETE FROM auth.routine_epoch").await.unwrap();
+    db.batch_execute("DELETE FROM auth.routine_epoch")
+        .await
+        .unwrap();
     two_requests().await;
     assert_eq!(
         state(&db).await,
         (false, false),
         "refilled sealed with a prepared transaction alive"
     );
-    db.batch_execute("ROLLBACK PREPARED 'survivor'").await.unwrap();
-    db.batch_execute("DELETE FROM auth.routine_epoch").await.unwrap();
+    db.batch_execute("ROLLBACK PREPARED 'survivor'")
+        .await
+        .unwrap();
+    db.batch_execute("DELETE FROM auth.routine_epoch")
+        .await
+        .unwrap();
     two_requests().await;
     assert_eq!(state(&db).await, (true, true), "refilled sealed");
 }
