@@ -1031,14 +1031,10 @@ impl Connection {
         self.broken = true;
         frontend::sync(&mut self.transport.write_buf);
         self.send().await?;
-        loop {
-            match self.recv().await? {
-                Message::ReadyForQuery(body) => {
-                    self.ready(&body)?;
-                    break;
-                }
-                other => return Err(self.unexpected(&other, "session reset")),
-            }
+        // Nothing else: the backend skipped every message up to this Sync.
+        match self.recv().await? {
+            Message::ReadyForQuery(body) => self.ready(&body)?,
+            other => return Err(self.unexpected(&other, "session reset")),
         }
         self.prelude_outcome(Some(failed))
     }
