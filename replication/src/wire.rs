@@ -616,9 +616,19 @@ impl Connection {
         max_rows: usize,
     ) -> Result<SimpleOutcome, WireError> {
         self.ensure_usable()?;
-        self.run_preludes().await?;
-        self.transport.encode(|buf| frontend::query(sql, buf))?;
+        let pipelined = self.encode_pipelined_prelude()?;
+        if pipelined.is_none() {
+            self.run_preludes().await?;
+        }
+        if let Err(e) = self.transport.encode(|buf| frontend::query(sql, buf)) {
+            // The pipelined reset was encoded for this Query: never sent without it.
+            self.transport.write_buf.clear();
+            return Err(e);
+        }
         self.send().await?;
+        if let Some(executes) = pipelined {
+            self.finish_pipelined_prelude(executes).await?;
+        }
 
         let mut current: Option<ResultBuilder> = None;
         let mut outcome = SimpleOutcome::default();
@@ -874,19 +884,24 @@ impl Connection {
     /// after a failed Query (only an error inside an extended-protocol Sync group skips what
     /// follows), so sending them in the same write let an operation run on a session whose
     /// reset had failed. `execute_prepared` never sends them (a Query would destroy the unnamed
-    /// statement): preludes go out with the `prepare` before it.
+    /// statement): preludes go out with the `prepare` before it. On a connection with a session
+    /// reset ([`Connection::set_session_reset`]) a `simple_query` sends them without that round
+    /// trip, in one transaction with the reset and in front of its Query (see
+    /// [`Connection::encode_pipelined_prelude`]): a prelude there must be one statement that may
+    /// run inside a transaction block.
     pub fn queue_prelude(&mut self, sql: &str) {
         self.prelude.push(sql.to_owned());
     }
 
     /// Runs the queued preludes and a due session reset on its own (first), each as a Query, and
     /// waits for their answers (one round trip; none when nothing is queued or due). An error
-    /// breaks the connection (see [`Connection::queue_prelude`]).
+    /// breaks the connection (see [`Connection::queue_prelude`]). A prelude that cannot be
+    /// encoded (a NUL byte) is dropped with the others and the operation fails: nothing is sent
+    /// and nothing stays queued for a later operation (a due reset stays due).
     pub(super) async fn run_preludes(&mut self) -> Result<(), WireError> {
         let mut prelude = std::mem::take(&mut self.prelude);
-        let reset = self.due_reset_query();
-        if let Some(call) = &reset {
-            prelude.insert(0, call.clone());
+        if let Some(call) = self.due_reset_query() {
+            prelude.insert(0, call);
         }
         if prelude.is_empty() {
             return Ok(());
@@ -894,7 +909,6 @@ impl Connection {
         for sql in &prelude {
             if let Err(e) = self.transport.encode(|buf| frontend::query(sql, buf)) {
                 self.transport.write_buf.clear();
-                self.prelude = prelude.split_off(usize::from(reset.is_some()));
                 return Err(e);
             }
         }
@@ -902,7 +916,9 @@ impl Connection {
         self.finish_prelude(prelude.len()).await
     }
 
-    /// Reads the responses of `count` preludes, each up to its ReadyForQuery.
+    /// Reads the responses of `count` preludes, each up to its ReadyForQuery. Anything a Query
+    /// of a prelude cannot answer (COPY, a Parse's answer) is a protocol error that breaks the
+    /// connection: the stream is in an unknown state.
     async fn finish_prelude(&mut self, count: usize) -> Result<(), WireError> {
         let mut failed = None;
         let mut done = 0;
@@ -918,9 +934,17 @@ impl Connection {
                     // More answers are due until the last ReadyForQuery.
                     self.in_progress = done < count;
                 }
-                _ => {}
+                Message::RowDescription(_)
+                | Message::DataRow(_)
+                | Message::CommandComplete(_)
+                | Message::EmptyQueryResponse => {}
+                other => return Err(self.unexpected(&other, "session reset")),
             }
         }
+        self.prelude_outcome(failed)
+    }
+
+    fn prelude_outcome(&mut self, failed: Option<Box<DbError>>) -> Result<(), WireError> {
         match failed {
             Some(e) => {
                 self.broken = true;
@@ -935,6 +959,84 @@ impl Connection {
                 Ok(())
             }
         }
+    }
+
+    /// The zero-round-trip form of [`Connection::run_preludes`] in front of a Query: `BEGIN`, a
+    /// due reset on its own, the queued preludes and `COMMIT`, each as extended-protocol
+    /// messages (Parse + Bind + Execute of the unnamed statement) with no Sync, encoded into the
+    /// write buffer; the caller appends its Query (and nothing else). Returns how many Executes
+    /// were encoded, `None` when this form does not apply (nothing due; no session reset set,
+    /// whose callers may queue preludes that cannot run in a transaction block; or not idle,
+    /// where `BEGIN`/`COMMIT` would meet the caller's own transaction).
+    ///
+    /// Why it is sound (PostgreSQL's "Extended Query"): an error in any extended-protocol
+    /// message makes the backend discard every message up to the next Sync, a Query included
+    /// (postgres.c tests `ignore_till_sync` before it dispatches any message), so after a
+    /// failed reset, prelude or `COMMIT` the Query never runs: the backend sends the
+    /// ErrorResponse at once (errors are flushed as raised) and waits for a Sync, which
+    /// [`Connection::finish_pipelined_prelude`] sends only then, and breaks the connection.
+    /// When all succeed, `COMMIT` ends their transaction and the Query runs in one of its own,
+    /// as after the round trip (not in a pipeline: VACUUM and the like still run), answering
+    /// the only ReadyForQuery. `BEGIN` makes the `COMMIT` a real one: a `COMMIT` of the
+    /// implicit transaction would raise a warning, flushed on its own (one more wake-up).
+    fn encode_pipelined_prelude(&mut self) -> Result<Option<usize>, WireError> {
+        if self.reset.is_none() || self.status != TransactionStatus::Idle {
+            return Ok(None);
+        }
+        let reset = self.due_reset_query();
+        if reset.is_none() && self.prelude.is_empty() {
+            return Ok(None);
+        }
+        let prelude = std::mem::take(&mut self.prelude);
+        let calls: Vec<&str> = ["BEGIN"]
+            .into_iter()
+            .chain(reset.iter().map(String::as_str))
+            .chain(prelude.iter().map(String::as_str))
+            .chain(["COMMIT"])
+            .collect();
+        let encoded = self.transport.encode(|buf| {
+            for sql in &calls {
+                frontend::parse("", sql, std::iter::empty(), buf).map_err(|e| e.to_string())?;
+                encode_bind("", &[], buf)?;
+                frontend::execute("", 0, buf).map_err(|e| e.to_string())?;
+            }
+            Ok::<_, String>(())
+        });
+        // On failure nothing is left in the buffer and the preludes are dropped (see
+        // `run_preludes`).
+        encoded.map(|()| Some(calls.len()))
+    }
+
+    /// Reads the answers to what [`Connection::encode_pipelined_prelude`] sent, up to the last
+    /// Execute's CommandComplete; the Query's answers follow. After an error the backend skips
+    /// everything (the caller's Query too) until a Sync: one is sent, its ReadyForQuery read
+    /// and the connection broken.
+    async fn finish_pipelined_prelude(&mut self, executes: usize) -> Result<(), WireError> {
+        let mut done = 0;
+        let failed = loop {
+            match self.recv().await? {
+                Message::ErrorResponse(body) => {
+                    break self.recoverable_error(&body, Phase::Query)?;
+                }
+                Message::CommandComplete(_) | Message::EmptyQueryResponse => {
+                    done += 1;
+                    if done == executes {
+                        return self.prelude_outcome(None);
+                    }
+                }
+                Message::ParseComplete | Message::BindComplete | Message::DataRow(_) => {}
+                other => return Err(self.unexpected(&other, "session reset")),
+            }
+        };
+        self.broken = true;
+        frontend::sync(&mut self.transport.write_buf);
+        self.send().await?;
+        // Nothing else: the backend skipped every message up to this Sync.
+        match self.recv().await? {
+            Message::ReadyForQuery(body) => self.ready(&body)?,
+            other => return Err(self.unexpected(&other, "session reset")),
+        }
+        self.prelude_outcome(Some(failed))
     }
 
     /// Caps the row data a statement's result keeps, in bytes of PostgreSQL's text values (the
@@ -1844,5 +1946,51 @@ mod tests {
         assert!(!conn.is_broken());
         let outcome = conn.simple_query("", 10).await.unwrap();
         assert_eq!(outcome, SimpleOutcome::default());
+    }
+
+    /// A prelude's Query answered with something no Query of ours can cause (COPY FROM STDIN)
+    /// was once read past while waiting for ReadyForQuery: the client hung. Now a protocol
+    /// error that breaks the connection, and the operation is never sent.
+    #[tokio::test]
+    async fn an_unexpected_answer_to_a_prelude_breaks_the_connection() {
+        let copy_in = backend(b'G', &[0, 0, 0]);
+        let mut conn = connection_answering(copy_in, false).await;
+        conn.queue_prelude("SELECT 1");
+        let err = tokio::time::timeout(Duration::from_secs(5), conn.simple_query("SELECT 2", 10))
+            .await
+            .expect("the client hung on the prelude's answer")
+            .unwrap_err();
+        assert!(matches!(err, WireError::Protocol(_)), "{err:?}");
+        assert!(conn.is_broken());
+    }
+
+    /// A prelude that cannot be encoded fails the operation and is not left queued for the
+    /// next one (which then runs alone).
+    #[tokio::test]
+    async fn a_prelude_that_cannot_be_encoded_is_dropped() {
+        let (client, mut server) = tokio::io::duplex(64 * 1024);
+        let seen = tokio::spawn(async move {
+            read_startup(&mut server).await;
+            server.write_all(&session_start()).await.unwrap();
+            let query = read_frontend(&mut server).await;
+            server
+                .write_all(&[backend(b'I', b""), backend(b'Z', b"I")].concat())
+                .await
+                .unwrap();
+            query
+        });
+        let mut conn = Connection::handshake(Box::new(client), &config())
+            .await
+            .unwrap();
+        conn.queue_prelude("SELECT '\0'");
+        let err = conn.simple_query("", 10).await.unwrap_err();
+        assert!(matches!(err, WireError::InvalidInput(_)), "{err:?}");
+        assert!(!conn.is_broken());
+        conn.simple_query("", 10).await.unwrap();
+        assert_eq!(
+            seen.await.unwrap(),
+            (b'Q', vec![0]),
+            "only the empty Query was sent"
+        );
     }
 }

@@ -39,7 +39,7 @@ use crate::db::ClusterTarget;
 use crate::keys::NewKey;
 use crate::secrets::{random_hex, Secrets};
 
-pub use provision::{latest_version, PROJECT_MIGRATIONS};
+pub use provision::{latest_version, seal_routine_epoch, PROJECT_MIGRATIONS};
 pub use role_login::RoleLogin;
 
 /// Whether a project serves requests. Suspension only refuses access: the project's database,

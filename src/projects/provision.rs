@@ -60,6 +60,11 @@ pub const PROJECT_MIGRATIONS: &[(i32, &str, &str)] = &[
         include_str!("../../sql/project/0014_session_reset_epoch.sql"),
     ),
     (
+        15,
+        "session_reset_delegate",
+        include_str!("../../sql/project/0015_session_reset_delegate.sql"),
+    ),
+    (
         16,
         "shared_lock_and_stats_privacy",
         include_str!("../../sql/project/0016_shared_lock_and_stats_privacy.sql"),
@@ -79,7 +84,7 @@ const SEAL_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 /// false (every reset runs its checks) and the server tries again after its next start-up
 /// (`seal_routine_epochs`, off the start-up path). Nothing to do once
 /// sealed, or when the table is empty (after a crash: the first reset fills it, sealed).
-async fn seal_routine_epoch(
+pub async fn seal_routine_epoch(
     client: &tokio_postgres::Client,
     project_id: &str,
 ) -> anyhow::Result<()> {
@@ -90,13 +95,16 @@ async fn seal_routine_epoch(
         return Ok(());
     }
     // The transactions of this database that hold an xid now (after the migration committed:
-    // one that ran DDL before then had one). Other databases' cannot make routines here.
-    const OLDER: &str = "SELECT l.pid::pg_catalog.text || ':' || l.transactionid::pg_catalog.text
+    // one that ran DDL before then had one), by xid alone: a transaction keeps its xid when it
+    // is prepared (PREPARE TRANSACTION), when its lock moves from its backend to the prepared
+    // transaction's dummy process (a key with the pid would look like it ended). Other
+    // databases' cannot make routines here.
+    const OLDER: &str = "SELECT l.transactionid::pg_catalog.text
         FROM pg_catalog.pg_locks l JOIN pg_catalog.pg_stat_activity a ON a.pid = l.pid
         WHERE l.locktype = 'transactionid' AND l.mode = 'ExclusiveLock'
           AND a.datname = pg_catalog.current_database() AND l.pid <> pg_catalog.pg_backend_pid()
-        UNION ALL
-        SELECT 'prepared:' || p.transaction::pg_catalog.text FROM pg_catalog.pg_prepared_xacts p
+        UNION
+        SELECT p.transaction::pg_catalog.text FROM pg_catalog.pg_prepared_xacts p
         WHERE p.database = pg_catalog.current_database()";
     let older = |rows: Vec<tokio_postgres::Row>| -> std::collections::HashSet<String> {
         rows.iter().map(|r| r.get(0)).collect()

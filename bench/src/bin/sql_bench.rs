@@ -29,7 +29,9 @@
 //! Environment: BENCH_CLIENTS (default 8), BENCH_SECONDS (default 10), BENCH_ROUNDS (default
 //! 3), BENCH_WARMUP_SECONDS (default 2). The Node reference needs `node` and `npm` (Debian:
 //! `nodejs`, `npm`); its one package (`pg`, pinned in `bench/node/package-lock.json`) is
-//! installed with `npm ci` on first use. BENCH_NODE=0 skips it.
+//! installed with `npm ci` on first use. BENCH_NODE=0 skips it. BENCH_PARAMS=0 sends the HTTP
+//! contenders the query with the account id written into its text and no `params` (Fluxbase's
+//! simple-query path, as a script takes; node-postgres's too); pgbench stays `-M prepared`.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -153,6 +155,9 @@ struct LeanClient {
     head: String,
     buf: Vec<u8>,
     seed: u64,
+    /// `$1` in `params` (the default), or the id written into the query text with no `params`
+    /// (`BENCH_PARAMS=0`: the simple-query path, a script).
+    params: bool,
 }
 
 impl LeanClient {
@@ -169,6 +174,7 @@ impl LeanClient {
             head,
             buf: Vec::with_capacity(4096),
             seed: 0x9E37_79B9_7F4A_7C15u64 ^ (n + 1),
+            params: env_or("BENCH_PARAMS", 1) != 0,
         })
     }
 
@@ -178,7 +184,12 @@ impl LeanClient {
         self.seed ^= self.seed >> 7;
         self.seed ^= self.seed << 17;
         let aid = 1 + self.seed % 100_000;
-        let body = format!(r#"{{"projectId":"{project}","query":"{SQL}","params":[{aid}]}}"#);
+        let body = if self.params {
+            format!(r#"{{"projectId":"{project}","query":"{SQL}","params":[{aid}]}}"#)
+        } else {
+            let sql = SQL.replace("$1", &aid.to_string());
+            format!(r#"{{"projectId":"{project}","query":"{sql}"}}"#)
+        };
         let request = format!("{}Content-Length: {}\r\n\r\n{body}", self.head, body.len());
         self.stream.write_all(request.as_bytes()).await?;
         self.buf.clear();
@@ -596,7 +607,13 @@ async fn main() -> Result<()> {
     let mut results: Vec<(Contender, Vec<Run>)> = order.iter().map(|c| (*c, vec![])).collect();
     println!(
         "{clients} clients, {rounds} rounds of {seconds} s (after {warmup} s of warm-up each), \
-         the order rotating; cores used: server / node or bare / postgres / client"
+         the order rotating; cores used: server / node or bare / postgres / client; HTTP \
+         requests {}",
+        if env_or("BENCH_PARAMS", 1) != 0 {
+            "with params ($1)"
+        } else {
+            "without params (the id in the text: simple query)"
+        }
     );
     for round in 0..rounds {
         let n = order.len();

@@ -72,6 +72,14 @@ impl StatementCache {
         self.to_close.clear();
     }
 
+    /// Forgets every statement but closes each with the next round: some may still be on the
+    /// server (one found gone says nothing of the others; Close of a missing name is no error).
+    /// Bounded: at most [`MAX_CACHED_STATEMENTS`] names join those already due.
+    fn close_all(&mut self) {
+        let names = self.by_sql.drain().map(|(_, c)| c.name);
+        self.to_close.extend(names);
+    }
+
     fn lookup(&mut self, sql: &str) -> Option<(String, Vec<Column>)> {
         self.clock += 1;
         let clock = self.clock;
@@ -337,8 +345,11 @@ impl Connection {
             Ok::<_, String>(())
         });
         if let Err(e) = encoded {
+            // Nothing was sent. The preludes belong to this operation (e.g. the request's
+            // identity setting): dropped with it, never left queued for a later one. The Closes
+            // stay due (the server still has those statements); a due reset stays due.
             self.transport.write_buf.clear();
-            self.prelude = preludes;
+            drop(preludes);
             self.cached.to_close = to_close;
             return Ok(Round::Done(Err(e)));
         }
@@ -485,7 +496,9 @@ impl Connection {
         }
         if at == Step::Bind && known.is_some() {
             if e.code == NO_SUCH_STATEMENT {
-                self.cached.forget_all();
+                // A caller's `DEALLOCATE fx_s<n>` took this one; the others stay on the server
+                // until closed (else each such request would leave up to 64 of them behind).
+                self.cached.close_all();
                 again(self);
                 return Ok(Round::Again);
             }

@@ -467,3 +467,75 @@ async fn a_terminated_session_leaves_the_connection_broken() {
         Err(WireError::Closed)
     ));
 }
+
+/// A session reset (and the queued preludes) in front of a Query travels in the same write
+/// without a round trip of its own: as extended-protocol messages with no Sync before the Query.
+/// When it fails, PostgreSQL must skip the Query (it discards every message up to the Sync),
+/// and the connection is broken; with a Sync between them (or the reset as a Query of its own
+/// in the same write) the INSERT below ran on the session the reset had not cleared.
+#[tokio::test]
+async fn a_failed_pipelined_reset_keeps_the_query_from_running() {
+    let cfg = config().await;
+    let mut setup = Connection::connect(&cfg).await.unwrap();
+    query(&mut setup, "CREATE TABLE hits (a int)").await;
+    for (reset, prelude) in [("SELECT 1/0", None), ("SELECT 1", Some("SELECT 1/0"))] {
+        let mut conn = Connection::connect(&cfg).await.unwrap();
+        conn.set_session_reset("SELECT 1", reset);
+        conn.reset_session();
+        if let Some(prelude) = prelude {
+            conn.queue_prelude(prelude);
+        }
+        let err = conn
+            .simple_query("INSERT INTO hits VALUES (1)", 10)
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(&err, WireError::Protocol(m) if m.contains("session reset failed")),
+            "{err:?}"
+        );
+        assert!(conn.is_broken());
+        let count = query(&mut setup, "SELECT count(*) FROM hits").await;
+        assert_eq!(
+            text(&count.rows),
+            [[Some("0")]],
+            "the Query ran after {reset} / {prelude:?} failed"
+        );
+    }
+}
+
+/// After a pipelined reset the Query runs in a transaction of its own, as a Query sent alone
+/// would: the reset's `COMMIT` ended theirs (VACUUM refuses to run in a transaction block or a
+/// pipeline), the preludes' session settings stay, COPY FROM STDIN is refused with the
+/// connection usable (its Sync, ignored during COPY, is sent again), a BEGIN stays open.
+#[tokio::test]
+async fn a_query_after_a_pipelined_reset_runs_as_if_alone() {
+    let mut conn = connect().await;
+    query(&mut conn, "CREATE TABLE t (a int)").await;
+    conn.set_session_reset("SELECT 1", "RESET ALL");
+    let reset = |conn: &mut Connection| {
+        conn.reset_session();
+        conn.queue_prelude("SELECT set_config('fx.test', 'on', false)");
+    };
+    reset(&mut conn);
+    query(&mut conn, "VACUUM t").await;
+    reset(&mut conn);
+    let shown = query(&mut conn, "SHOW fx.test").await;
+    assert_eq!(text(&shown.rows), [[Some("on")]]);
+    reset(&mut conn);
+    let e = db_error(conn.simple_query("COPY t FROM STDIN", 10).await);
+    assert_eq!(e.code, "57014");
+    assert!(!conn.is_broken());
+    assert_eq!(conn.transaction_status(), TransactionStatus::Idle);
+    reset(&mut conn);
+    let e = db_error(conn.simple_query("SELECT 1/0", 10).await);
+    assert_eq!(e.code, "22012");
+    reset(&mut conn);
+    query(&mut conn, "BEGIN; INSERT INTO t VALUES (1)").await;
+    assert_eq!(conn.transaction_status(), TransactionStatus::InTransaction);
+    // In a transaction block the reset goes alone (a COMMIT would end the caller's block).
+    conn.reset_session();
+    let shown = query(&mut conn, "SHOW fx.test").await;
+    assert_eq!(text(&shown.rows), [[Some("")]]);
+    query(&mut conn, "ROLLBACK").await;
+    assert!(!conn.is_broken());
+}

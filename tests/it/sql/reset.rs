@@ -922,3 +922,198 @@ async fn a_callers_operator_cannot_corrupt_the_type_registry() {
     assert_eq!(first, vec![json!({ "p": { "a": 1, "b": "x" } })]);
     assert_eq!(next, vec![json!({ "p": { "a": 2, "b": "y" } })]);
 }
+
+/// Statements the server kept prepared on the connection (`fx_s<n>`) besides one a caller's
+/// `DEALLOCATE` took: when the Bind finds its statement gone (26000) the cache forgets them all
+/// and prepares afresh, so it must Close the others (they stayed on the server, under names the
+/// cache no longer knows: each such request left up to 64 behind, until the connection closed).
+#[tokio::test]
+async fn statements_forgotten_after_a_deallocate_are_closed_on_the_server() {
+    let app = spawn_app_with(|c| c.pool_size = 1).await;
+    let f = app.fixture().await;
+    let key = &f.readwrite;
+    let kept = |i: usize| format!("SELECT {i} AS v WHERE $1::int = 1");
+    const COUNT: &str = "SELECT count(*)::int AS n FROM pg_prepared_statements WHERE NOT from_sql";
+    let server_side = || async {
+        app.rows(key, &f.project, COUNT).await[0]["n"]
+            .as_i64()
+            .unwrap()
+    };
+    for i in 0..3 {
+        // Twice: the first run prepares (and learns the types), the second keeps it.
+        for _ in 0..2 {
+            rows_as(&app, key, &f, None, &kept(i)).await;
+        }
+    }
+    assert_eq!(server_side().await, 3);
+    for round in 0..3 {
+        let names: Vec<String> = app
+            .rows(
+                key,
+                &f.project,
+                "SELECT name FROM pg_prepared_statements WHERE NOT from_sql ORDER BY name",
+            )
+            .await
+            .iter()
+            .map(|r| r["name"].as_str().unwrap().to_owned())
+            .collect();
+        app.rows(key, &f.project, &format!("DEALLOCATE {}", names[0]))
+            .await;
+        for i in 0..3 {
+            assert_eq!(
+                rows_as(&app, key, &f, None, &kept(i)).await,
+                json!([{ "v": i }])
+            );
+        }
+        assert_eq!(
+            server_side().await,
+            3,
+            "round {round}: statements left behind"
+        );
+    }
+}
+
+/// 0015: the one-argument reset (kept for servers of the previous version during an upgrade)
+/// runs the two-argument one with every check, so the two cannot drift apart.
+#[tokio::test]
+async fn the_one_argument_reset_is_the_full_reset() {
+    let app = spawn_app_with(|_| {}).await;
+    let f = app.fixture().await;
+    let db = pg().await.client(&format!("fx_{}", f.project)).await;
+    db.batch_execute(
+        "SET search_path = public; SET statement_timeout = 1234; LISTEN ch;
+         PREPARE p AS SELECT 1; BEGIN; DECLARE c CURSOR WITH HOLD FOR SELECT 1; COMMIT;
+         CREATE TEMP TABLE shadow ()",
+    )
+    .await
+    .unwrap();
+    db.execute("SELECT auth.reset_session(true)", &[])
+        .await
+        .unwrap();
+    let row = db
+        .query_one(
+            "SELECT current_setting('statement_timeout'), current_setting('search_path'),
+                    (SELECT count(*) FROM pg_listening_channels()),
+                    (SELECT count(*) FROM pg_prepared_statements WHERE from_sql),
+                    (SELECT count(*) FROM pg_cursors WHERE is_holdable),
+                    to_regclass('pg_temp.shadow') IS NULL",
+            &[],
+        )
+        .await
+        .unwrap();
+    let state: (String, String, i64, i64, i64, bool) = (
+        row.get(0),
+        row.get(1),
+        row.get(2),
+        row.get(3),
+        row.get(4),
+        row.get(5),
+    );
+    assert_eq!(
+        state,
+        ("0".into(), "\"$user\", public".into(), 0, 0, 0, true)
+    );
+    let body: String = db
+        .query_one(
+            "SELECT prosrc FROM pg_proc WHERE oid = 'auth.reset_session(boolean)'::regprocedure",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(
+        body.contains("auth.reset_session(alone, NULL::pg_catalog.int8)"),
+        "{body}"
+    );
+}
+
+/// The routine epoch's seal with prepared transactions (a cluster of its own with
+/// `max_prepared_transactions`; the shared one has none): (1) a transaction older than the
+/// seal that is prepared while the seal waits is the same transaction (keyed by xid, not by
+/// backend: it once looked ended, and the seal counted on a snapshot without its routine);
+/// (2) after a crash empties the unlogged table, the first reset refills it unsealed while a
+/// prepared transaction of the database survives (emulated by emptying it by hand).
+#[tokio::test]
+async fn prepared_transactions_keep_the_routine_epoch_unsealed() {
+    use crate::support::cluster::DedicatedCluster;
+    let cluster = DedicatedCluster::start(&[("max_prepared_transactions", "4")]).await;
+    let control = crate::support::unique("ctl");
+    let app = spawn_app_with(|c| c.database_url = Some(cluster.cluster.url(&control).into())).await;
+    let f = app.fixture().await;
+    let project_db = format!("fx_{}", f.project);
+    let db = cluster.client(&project_db).await;
+    assert_eq!(state(&db).await, (true, true), "sealed at creation");
+
+    // (1) The state right after the migration committed, an older transaction still running.
+    db.batch_execute("UPDATE auth.routine_epoch SET sealed = false, safe = false")
+        .await
+        .unwrap();
+    let older = cluster.client(&project_db).await;
+    older
+        .batch_execute(
+            "BEGIN; SET LOCAL session_replication_role = replica;
+             CREATE FUNCTION public.sneaky() RETURNS int LANGUAGE sql AS 'SELECT 1'",
+        )
+        .await
+        .unwrap();
+    let sealer = cluster.client(&project_db).await;
+    let project = f.project.clone();
+    let seal = tokio::spawn(async move {
+        fluxbase::projects::seal_routine_epoch(&sealer, &project)
+            .await
+            .unwrap();
+    });
+    // The seal has listed the older transaction by now (it polls every 50 ms for 5 s).
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    older
+        .batch_execute("PREPARE TRANSACTION 'older'")
+        .await
+        .unwrap();
+    seal.await.unwrap();
+    assert_eq!(
+        state(&db).await,
+        (false, false),
+        "sealed while the older transaction, prepared, could still commit its routine"
+    );
+    db.batch_execute("COMMIT PREPARED 'older'").await.unwrap();
+    fluxbase::projects::seal_routine_epoch(&db, &f.project)
+        .await
+        .unwrap();
+    assert_eq!(
+        state(&db).await,
+        (false, true),
+        "sealed, the routine counted"
+    );
+    db.batch_execute("DROP FUNCTION public.sneaky()")
+        .await
+        .unwrap();
+    assert_eq!(state(&db).await, (true, true));
+
+    // (2) A crash empties the table; a prepared transaction of this database survives it.
+    db.batch_execute("BEGIN; SELECT pg_current_xact_id(); PREPARE TRANSACTION 'survivor'")
+        .await
+        .unwrap();
+    // The first request opens the connection; the reset before the second refills the table.
+    let two_requests = || async {
+        for _ in 0..2 {
+            one(&app, &f.readwrite, &f, "SELECT $1::int AS one").await;
+        }
+    };
+    db.batch_execute("DELETE FROM auth.routine_epoch")
+        .await
+        .unwrap();
+    two_requests().await;
+    assert_eq!(
+        state(&db).await,
+        (false, false),
+        "refilled sealed with a prepared transaction alive"
+    );
+    db.batch_execute("ROLLBACK PREPARED 'survivor'")
+        .await
+        .unwrap();
+    db.batch_execute("DELETE FROM auth.routine_epoch")
+        .await
+        .unwrap();
+    two_requests().await;
+    assert_eq!(state(&db).await, (true, true), "refilled sealed");
+}
