@@ -180,11 +180,14 @@ pub fn mime_allowed(content_type: &str, allowed: &[String]) -> bool {
     let essence = content_type.split(';').next().unwrap_or_default().trim();
     allowed.iter().any(|pattern| {
         let pattern = pattern.trim().to_ascii_lowercase();
+        if pattern == "*/*" {
+            return true;
+        }
         match pattern.strip_suffix("/*") {
             Some(top) => essence
                 .split_once('/')
                 .is_some_and(|(t, _)| t.eq_ignore_ascii_case(top)),
-            None => pattern == "*/*" || essence.eq_ignore_ascii_case(&pattern),
+            None => essence.eq_ignore_ascii_case(&pattern),
         }
     })
 }
