@@ -40,6 +40,7 @@ use std::sync::{Arc, Mutex};
 use bytes::Bytes;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
+use crate::auth::ratelimit::address_key;
 use crate::metrics::Metrics;
 
 /// The default read budget: 256 MiB.
@@ -112,18 +113,6 @@ impl Drop for Share {
     }
 }
 
-/// The address a client's shares are counted under: IPv4 as it is, IPv6 by its /64 (an
-/// IPv4-mapped IPv6 address as the IPv4 address).
-pub fn client_key(ip: IpAddr) -> IpAddr {
-    match ip {
-        IpAddr::V4(_) => ip,
-        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
-            Some(v4) => IpAddr::V4(v4),
-            None => IpAddr::V6((u128::from(v6) & !((1u128 << 64) - 1)).into()),
-        },
-    }
-}
-
 impl Buffers {
     /// Buffers with a read budget of `budget_bytes` (rounded up to whole KiB; 0: every download
     /// streams in small chunks).
@@ -154,7 +143,7 @@ impl Buffers {
     /// the client's address holds fewer than its cap of shares (never waits); counted. A share
     /// is taken for the capacity of the buffers it pays for (see [`Buffers::get`]).
     pub fn take(&self, client: Option<IpAddr>, bytes: u64) -> Option<Share> {
-        let client = client.map(client_key).filter(|_| self.per_client > 0);
+        let client = client.map(address_key).filter(|_| self.per_client > 0);
         if let Some(c) = client {
             // Counted first (so two downloads of one client cannot both pass the cap), taken
             // back below if the budget is spent.
@@ -192,11 +181,12 @@ impl Buffers {
         }
     }
 
-    /// Shares held by downloads to `client` now (its address as counted: [`client_key`]).
+    /// Shares held by downloads to `client` now (its address as counted: by
+    /// [`address_key`], IPv6 by its /64).
     pub fn held_by(&self, client: IpAddr) -> u32 {
         self.holders
             .lock()
-            .get(&client_key(client))
+            .get(&address_key(client))
             .copied()
             .unwrap_or(0)
     }
@@ -389,12 +379,14 @@ mod tests {
     }
 
     #[test]
-    fn ipv6_clients_count_by_their_64_and_mapped_ipv4_as_ipv4() {
-        let k = |s: &str| client_key(s.parse().unwrap());
-        assert_eq!(k("2001:db8:1:2:aaaa::1"), k("2001:db8:1:2:bbbb::9"));
-        assert_ne!(k("2001:db8:1:2::1"), k("2001:db8:1:3::1"));
-        assert_eq!(k("::ffff:192.0.2.7"), k("192.0.2.7"));
-        assert_eq!(k("192.0.2.7"), "192.0.2.7".parse::<IpAddr>().unwrap());
+    fn ipv6_clients_count_by_their_64() {
+        let buffers = Buffers::new(64 * 1024 * 1024, 1, Default::default());
+        let a: IpAddr = "2001:db8:1:2:aaaa::1".parse().unwrap();
+        let b: IpAddr = "2001:db8:1:2:bbbb::9".parse().unwrap();
+        let _held = buffers.take(Some(a), 1 << 20).expect("first");
+        assert!(buffers.take(Some(b), 1 << 20).is_none(), "the same /64");
+        let c: IpAddr = "2001:db8:1:3::1".parse().unwrap();
+        assert!(buffers.take(Some(c), 1 << 20).is_some(), "another /64");
     }
 
     #[test]
