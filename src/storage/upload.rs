@@ -269,13 +269,13 @@ impl Storage {
                     "projectId" => &mut form.project_id,
                     "path" => &mut form.path,
                     "upsert" => {
-                        let v = read_text(&mut multipart, &name).await?;
+                        let v = read_text(&mut multipart, &name, max).await?;
                         form.upsert = Some(parse_bool("upsert", &v)?);
                         continue;
                     }
                     other => return Err(StorageError::UnknownField(other.to_string()).into()),
                 };
-                *slot = Some(read_text(&mut multipart, &name).await?);
+                *slot = Some(read_text(&mut multipart, &name, max).await?);
             }
             let staged_file = staged.as_ref().ok_or(StorageError::NoFile)?;
             let project_id = form
@@ -483,12 +483,16 @@ fn check_mime(bucket: &Bucket, content_type: &str) -> Result<(), StorageError> {
 }
 
 /// The rest of the current part as text.
-async fn read_text(multipart: &mut Multipart, name: &str) -> Result<String, StorageError> {
+async fn read_text(
+    multipart: &mut Multipart,
+    name: &str,
+    limit: u64,
+) -> Result<String, StorageError> {
     let mut buf = Vec::new();
     while let Some(chunk) = multipart
         .chunk()
         .await
-        .map_err(StorageError::InvalidMultipart)?
+        .map_err(|e| multipart_error(e, limit))?
     {
         if buf.len() + chunk.len() > MAX_TEXT_FIELD {
             return Err(StorageError::FieldTooLong {
