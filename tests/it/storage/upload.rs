@@ -707,7 +707,12 @@ async fn broken_multipart_bodies_are_refused_and_leave_nothing() {
     let many = format!("\r\n--{b}\r\nContent-Disposition: form-data; name=\"path\"\r\n\r\nx.bin")
         .repeat(70);
     let cases: Vec<(&str, Vec<u8>, u16, &str)> = vec![
-        ("no closing boundary", with(&data, b""), 400, "closing boundary"),
+        (
+            "no closing boundary",
+            with(&data, b""),
+            400,
+            "closing boundary",
+        ),
         (
             "cut inside the closing boundary",
             with(&data, format!("\r\n--{b}-").as_bytes()),
@@ -724,7 +729,11 @@ async fn broken_multipart_bodies_are_refused_and_leave_nothing() {
             "headers past the bound",
             with(
                 &data,
-                format!("\r\n--{b}\r\nX-Pad: {}\r\n\r\nv\r\n--{b}--", "p".repeat(10_000)).as_bytes(),
+                format!(
+                    "\r\n--{b}\r\nX-Pad: {}\r\n\r\nv\r\n--{b}--",
+                    "p".repeat(10_000)
+                )
+                .as_bytes(),
             ),
             400,
             "headers are longer",
@@ -756,8 +765,11 @@ async fn broken_multipart_bodies_are_refused_and_leave_nothing() {
         assert!(message.contains(says), "{what}: {reply}");
     }
     // Past the upload limit in text fields (a file within it): the whole body is bounded.
-    let padding = format!("\r\n--{b}\r\nContent-Disposition: form-data; name=\"path\"\r\n\r\n{}", "x".repeat(4000))
-        .repeat(60);
+    let padding = format!(
+        "\r\n--{b}\r\nContent-Disposition: form-data; name=\"path\"\r\n\r\n{}",
+        "x".repeat(4000)
+    )
+    .repeat(60);
     // Streamed without a length, so that the parser's bound (not the declared length) refuses it.
     let body = with(&data, format!("{padding}\r\n--{b}--").as_bytes());
     let chunks: Vec<Result<Bytes, std::io::Error>> = body
@@ -769,7 +781,8 @@ async fn broken_multipart_bodies_are_refused_and_leave_nothing() {
     assert_eq!(got, 413, "{reply}");
     assert_eq!(reply["error"]["code"], "PAYLOAD_TOO_LARGE");
     // The same file with a well-formed body is stored: the cases above failed on their framing.
-    let (got, reply) = send_upload(&t, &f.readwrite, "", &form, form.with_bytes(&data).into()).await;
+    let (got, reply) =
+        send_upload(&t, &f.readwrite, "", &form, form.with_bytes(&data).into()).await;
     assert_eq!(got, 201, "{reply}");
     let key = reply["file"]["s3_key"].as_str().unwrap();
     assert_eq!(download(&t, &f, key).await.1.as_ref(), data.as_slice());
