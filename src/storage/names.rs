@@ -274,6 +274,9 @@ mod tests {
         assert!(mime_allowed("application/pdf", &allowed));
         assert!(!mime_allowed("text/html", &allowed));
         assert!(!mime_allowed("imagex/png", &allowed));
+        // `*/*` allows any type (it is a valid pattern at bucket creation).
+        assert!(mime_allowed("text/html", &["*/*".to_string()]));
+        assert!(mime_allowed("Image/PNG; q=1", &[" IMAGE/* ".to_string()]));
     }
 
     #[test]

@@ -798,3 +798,31 @@ async fn broken_multipart_bodies_are_refused_and_leave_nothing() {
     assert_eq!(list_files(&t, &f.read, &f.project, "docs").await.len(), 1);
     t.stop().await;
 }
+
+/// The reservation checks a bucket's types in SQL (`reserve_in_bucket`) the way
+/// `names::mime_allowed` does in Rust: `*/*` takes any type, `image/*` only images, on the
+/// small-body path (the bucket found by the reservation) and the early one alike.
+#[tokio::test]
+async fn bucket_type_patterns_hold_on_both_lookup_paths() {
+    let t = spawn_app().await;
+    let f = t.fixture().await;
+    create_bucket(&t, &f, "any", json!({ "allowedMimeTypes": ["*/*"] })).await;
+    create_bucket(&t, &f, "pics", json!({ "allowedMimeTypes": ["image/*"] })).await;
+    let big = pattern(5 * 1024 * 1024, 2);
+    for (bucket, name, ct, len, want) in [
+        ("any", "a.html", "text/html", 10, 201),
+        ("any", "b.html", "text/html", big.len(), 201),
+        ("pics", "c.png", "image/png", 10, 201),
+        ("pics", "d.txt", "text/plain", 10, 400),
+        ("pics", "e.txt", "text/plain", big.len(), 400),
+    ] {
+        let fields = [("projectId", f.project.as_str()), ("bucketId", bucket)];
+        let form = Form::new(&fields, Some((name, ct)), &[]);
+        let body = form.with_bytes(&big[..len]);
+        let (status, reply) = send_upload(&t, &f.readwrite, "", &form, body.into()).await;
+        assert_eq!(status, want, "{bucket} {ct} {len}: {reply}");
+    }
+    assert_eq!(list_files(&t, &f.read, &f.project, "any").await.len(), 2);
+    assert_eq!(list_files(&t, &f.read, &f.project, "pics").await.len(), 1);
+    t.stop().await;
+}
