@@ -81,6 +81,10 @@ pub struct Config {
     /// finds it spent streams in 64 KiB chunks instead (`storage::buffers`). 0: always stream
     /// in small chunks.
     pub storage_read_budget_bytes: u64,
+    /// Most shares of that budget that downloads to one client address may hold at once
+    /// (IPv6: one /64); its further downloads stream in 64 KiB chunks, so a few clients that
+    /// stop reading cannot take the whole budget (`storage::buffers`). 0: no cap per address.
+    pub storage_read_shares_per_client: u32,
     /// Let webhooks reach loopback and private addresses (development and tests only).
     pub webhook_allow_private: bool,
     /// Server-side statement timeout for `/api/execute-sql`, in milliseconds.
@@ -255,6 +259,7 @@ impl Default for Config {
             s3_secret_access_key: None,
             max_upload_bytes: 50 * 1024 * 1024,
             storage_read_budget_bytes: crate::storage::buffers::DEFAULT_READ_BUDGET,
+            storage_read_shares_per_client: crate::storage::buffers::DEFAULT_SHARES_PER_CLIENT,
             webhook_allow_private: false,
             statement_timeout_ms: 30_000,
             max_rows: 10_000,
@@ -804,6 +809,7 @@ mod tests {
                 ("FLUXBASE_PUBLIC_URL", "https://fx.example"),
                 ("FLUXBASE_MAX_UPLOAD_BYTES", "123"),
                 ("FLUXBASE_STORAGE_READ_BUDGET_BYTES", "0"),
+                ("FLUXBASE_STORAGE_READ_SHARES_PER_CLIENT", "3"),
                 ("FLUXBASE_RATE_LIMIT_REQUESTS", "4"),
                 ("FLUXBASE_MAX_ROWS", "6"),
                 ("FLUXBASE_WEBHOOK_BACKOFF_SCALE", "0.25"),
@@ -823,6 +829,7 @@ mod tests {
             (123, 4, 6)
         );
         assert_eq!(c.storage_read_budget_bytes, 0);
+        assert_eq!(c.storage_read_shares_per_client, 3);
         assert_eq!(c.webhook_backoff_scale, 0.25);
         assert!(c.webhook_allow_private && !c.trust_forwarded_for);
         assert_eq!(c.cdc_decoding_work_mem_kb, Some(64));

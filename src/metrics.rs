@@ -35,6 +35,9 @@ pub struct Metrics {
     /// spent and streamed in small chunks (`storage::buffers`).
     pub storage_downloads_budgeted: AtomicU64,
     pub storage_downloads_small: AtomicU64,
+    /// Of those, the downloads that streamed small because their client address held its cap
+    /// of shares (`storage_read_shares_per_client`), not because the budget was spent.
+    pub storage_downloads_client_capped: AtomicU64,
     /// Broadcasts from SQL or the REST API over their project's budget (dropped, or 429).
     pub realtime_broadcasts_dropped: AtomicU64,
     /// Row-level security evaluations of realtime events that failed or timed out (the events
@@ -165,6 +168,12 @@ impl Metrics {
                 "counter",
                 "Local downloads that found the read budget spent and streamed in 64 KiB chunks.",
                 &self.storage_downloads_small,
+            ),
+            (
+                "fluxbase_storage_downloads_client_capped_total",
+                "counter",
+                "Local downloads that streamed in 64 KiB chunks because their client address already held storage_read_shares_per_client shares of the read budget (counted in fluxbase_storage_downloads_small_total too).",
+                &self.storage_downloads_client_capped,
             ),
             (
                 "fluxbase_realtime_broadcasts_dropped_total",

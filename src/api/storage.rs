@@ -633,7 +633,7 @@ async fn signed(app: SharedApp, req: Request, head: bool) -> ApiResult<Response>
     let key = req.param("key")?;
     let (expires, signature) = (req.param("expires")?, req.param("signature")?);
     app.storage.verify_signed(key, expires, signature)?;
-    serve(&app, key, false, head).await
+    serve(&app, key, false, head, req.client).await
 }
 
 /// A file of a public bucket, at `/api/storage/public/<projectId>/<bucket>/<path>`.
@@ -659,13 +659,19 @@ async fn public(app: SharedApp, req: Request, head: bool) -> ApiResult<Response>
     let key = percent_encoding::percent_decode_str(&req.tail)
         .decode_utf8()
         .map_err(|_| ApiError::from(StorageError::NotServed))?;
-    serve(&app, &key, true, head).await
+    serve(&app, &key, true, head, req.client).await
 }
 
 /// The response for a download: the file's type, length and disposition, a sandboxing CSP, a
 /// cache policy by the bucket's visibility; the body is one buffer (a small local file) or
 /// streams (none for `HEAD`).
-async fn serve(app: &App, key: &str, public_only: bool, head: bool) -> ApiResult<Response> {
+async fn serve(
+    app: &App,
+    key: &str,
+    public_only: bool,
+    head: bool,
+    client: Option<std::net::IpAddr>,
+) -> ApiResult<Response> {
     let project = app
         .auth
         .load_project(project_of_key(key))
@@ -674,7 +680,10 @@ async fn serve(app: &App, key: &str, public_only: bool, head: bool) -> ApiResult
     if project.status == crate::projects::ProjectStatus::Suspended {
         return Err(ApiError::ProjectSuspended);
     }
-    let download = app.storage.download(key, public_only, !head).await?;
+    let download = app
+        .storage
+        .download(key, public_only, !head, client)
+        .await?;
     if !head {
         app.metrics
             .storage_served_bytes

@@ -50,7 +50,8 @@ pub struct BucketChange {
 const COLUMNS: &str = "id::text, name, is_public, max_file_size, allowed_mime_types, created_at";
 
 impl Bucket {
-    fn from_row(r: &Row) -> Bucket {
+    /// A bucket from a row whose first columns are [`COLUMNS`].
+    pub(crate) fn from_row(r: &Row) -> Bucket {
         Bucket {
             id: r.get(0),
             name: r.get(1),

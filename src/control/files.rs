@@ -204,22 +204,6 @@ pub async fn delete(client: &impl GenericClient, id: &str) -> Result<(), Error> 
     Ok(())
 }
 
-/// An upload's claim on a file name: the row it reserves.
-#[derive(Clone, Debug)]
-pub struct Reservation<'a> {
-    pub project_id: &'a str,
-    pub bucket_id: &'a str,
-    pub name: &'a str,
-    pub s3_key: &'a str,
-    pub content_type: &'a str,
-    /// The file's size once it is in place.
-    pub size: i64,
-    /// Where its bytes are staged until they are moved to `s3_key`.
-    pub staged: &'a str,
-    /// Proves the reservation is this upload's (only its holder finishes or releases it).
-    pub token: &'a str,
-}
-
 /// A reserved row.
 #[derive(Clone, Debug)]
 pub struct Reserved {
@@ -228,69 +212,146 @@ pub struct Reserved {
     pub new: bool,
 }
 
+/// An upload's reservation made by the bucket's id or name ([`reserve_in_bucket`]).
+#[derive(Clone, Debug)]
+pub struct BucketReservation<'a> {
+    pub project_id: &'a str,
+    /// The bucket's UUID or name (lowercase); a UUID wins.
+    pub bucket: &'a str,
+    pub name: &'a str,
+    /// The stored type (lowercase, as `storage::names::normalize_content_type` makes it).
+    pub content_type: &'a str,
+    pub size: i64,
+    pub staged: &'a str,
+    pub token: &'a str,
+}
+
+/// What [`reserve_in_bucket`] found.
+#[derive(Debug)]
+pub enum BucketReserved {
+    /// No such bucket in the project.
+    NoBucket,
+    /// The bucket refuses the file: its size (`size_ok` false) or its type.
+    Refused {
+        bucket: crate::control::buckets::Bucket,
+        size_ok: bool,
+    },
+    /// The name is taken: without `upsert` by any file, with it by another upload or a
+    /// delete holding the file.
+    Taken(crate::control::buckets::Bucket),
+    /// Reserved; the file's key is `<projectId>/<bucketUuid>/<name>`.
+    Reserved {
+        bucket: crate::control::buckets::Bucket,
+        reserved: Reserved,
+        s3_key: String,
+    },
+}
+
 /// Reserves the row of an upload (`size IS NULL` for a new file; an existing file keeps its
 /// row, listed, with the token set), with what the file will be (`upload_size`,
-/// `upload_content_type`) and where it is staged (`upload_staged`). Without `upsert` an existing
-/// name fails with `unique_violation`; with it, `None` when another upload or a delete holds the
-/// file. A deleted bucket fails with `foreign_key_violation`.
+/// `upload_content_type`) and where it is staged (`upload_staged`); the bucket is looked up
+/// and its limits checked in the same statement: one round trip from a finished form to a
+/// durable reservation, and nothing reserved when the bucket refuses the file.
 ///
 /// The reservation is committed durably (its WAL flushed) before it returns, and the object
 /// is moved into place only after that: so [`record`] need not wait for its own WAL flush (a
 /// crash that loses it leaves a reservation the start-up sweep finishes, [`pending`]). The
 /// transaction is pipelined (one round trip): the three requests are sent before any answer
-/// is read, and a failed INSERT turns the COMMIT into a rollback.
-pub async fn reserve(
+/// is read, and a failed statement turns the COMMIT into a rollback.
+/// The bucket's type patterns are
+/// matched as `storage::names::mime_allowed` does (`*/*`, `type/*` or the exact type, without
+/// parameters, case-insensitive); `essence` is the stored type without parameters, `top` its
+/// first half. A deleted bucket (deleted meanwhile) fails with `foreign_key_violation`.
+pub async fn reserve_in_bucket(
     client: &deadpool_postgres::Client,
-    r: &Reservation<'_>,
+    r: &BucketReservation<'_>,
     upsert: bool,
-) -> Result<Option<Reserved>, Error> {
+) -> Result<BucketReserved, Error> {
+    let on_conflict = if upsert {
+        "ON CONFLICT (bucket_id, name) DO UPDATE
+           SET upload_token = EXCLUDED.upload_token, upload_started_at = now(),
+               upload_size = EXCLUDED.upload_size,
+               upload_content_type = EXCLUDED.upload_content_type,
+               upload_staged = EXCLUDED.upload_staged
+           WHERE storage_files.upload_token IS NULL AND storage_files.deleting_at IS NULL"
+    } else {
+        "ON CONFLICT (bucket_id, name) DO NOTHING"
+    };
     let insert = client
-        .prepare_cached(if upsert {
-            "INSERT INTO fluxbase.storage_files
-               (project_id, bucket_id, name, s3_key, content_type, upload_token, upload_started_at,
-                upload_size, upload_content_type, upload_staged)
-             VALUES ($1, $2::text::uuid, $3, $4, $5, $6, now(), $7, $5, $8)
-             ON CONFLICT (bucket_id, name) DO UPDATE
-               SET upload_token = EXCLUDED.upload_token, upload_started_at = now(),
-                   upload_size = EXCLUDED.upload_size,
-                   upload_content_type = EXCLUDED.upload_content_type,
-                   upload_staged = EXCLUDED.upload_staged
-               WHERE storage_files.upload_token IS NULL AND storage_files.deleting_at IS NULL
-             RETURNING id::text, size IS NULL"
-        } else {
-            "INSERT INTO fluxbase.storage_files
-               (project_id, bucket_id, name, s3_key, content_type, upload_token, upload_started_at,
-                upload_size, upload_content_type, upload_staged)
-             VALUES ($1, $2::text::uuid, $3, $4, $5, $6, now(), $7, $5, $8)
-             RETURNING id::text, true"
-        })
+        .prepare_cached(&format!(
+            "WITH b AS (
+               SELECT id, name, is_public, max_file_size, allowed_mime_types, created_at,
+                 (max_file_size IS NULL OR $6 <= max_file_size) AS size_ok,
+                 (allowed_mime_types IS NULL OR EXISTS (
+                    SELECT 1 FROM unnest(allowed_mime_types) AS a(p)
+                    WHERE lower(btrim(p)) IN ('*/*', $8, $9 || '/*'))) AS type_ok
+               FROM fluxbase.storage_buckets
+               WHERE project_id = $1 AND (id::text = $2 OR name = $2)
+               ORDER BY (id::text = $2) DESC LIMIT 1
+             ), f AS (
+               INSERT INTO fluxbase.storage_files
+                 (project_id, bucket_id, name, s3_key, content_type, upload_token,
+                  upload_started_at, upload_size, upload_content_type, upload_staged)
+               SELECT $1, b.id, $3, $1 || '/' || b.id::text || '/' || $3, $4, $5, now(), $6, $4,
+                      $7
+               FROM b WHERE b.size_ok AND b.type_ok
+               {on_conflict}
+               RETURNING id::text AS id, size IS NULL AS new, s3_key
+             )
+             SELECT b.id::text, b.name, b.is_public, b.max_file_size, b.allowed_mime_types,
+                    b.created_at, b.size_ok, b.type_ok, f.id, f.new, f.s3_key
+             FROM b LEFT JOIN f ON true"
+        ))
         .await?;
+    let essence = r
+        .content_type
+        .split(';')
+        .next()
+        .unwrap_or_default()
+        .trim()
+        .to_ascii_lowercase();
+    let top = essence.split('/').next().unwrap_or_default().to_string();
     let pg: &tokio_postgres::Client = client;
-    let (begun, inserted, committed) = futures_util::future::join3(
+    let (begun, found, committed) = futures_util::future::join3(
         pg.batch_execute("BEGIN"),
         pg.query_opt(
             &insert,
             &[
                 &r.project_id,
-                &r.bucket_id,
+                &r.bucket,
                 &r.name,
-                &r.s3_key,
                 &r.content_type,
                 &r.token,
                 &r.size,
                 &r.staged,
+                &essence,
+                &top,
             ],
         ),
         pg.batch_execute("COMMIT"),
     )
     .await;
     begun?;
-    let reserved = inserted?;
+    let row = found?;
     committed?;
-    Ok(reserved.map(|row| Reserved {
-        id: row.get(0),
-        new: row.get(1),
-    }))
+    let Some(row) = row else {
+        return Ok(BucketReserved::NoBucket);
+    };
+    let bucket = crate::control::buckets::Bucket::from_row(&row);
+    let (size_ok, type_ok): (bool, bool) = (row.get(6), row.get(7));
+    let id: Option<String> = row.get(8);
+    Ok(match id {
+        _ if !size_ok || !type_ok => BucketReserved::Refused { bucket, size_ok },
+        None => BucketReserved::Taken(bucket),
+        Some(id) => BucketReserved::Reserved {
+            bucket,
+            reserved: Reserved {
+                id,
+                new: row.get(9),
+            },
+            s3_key: row.get(10),
+        },
+    })
 }
 
 /// Gives a reservation up: a new row goes, an existing file keeps its row as it was.
@@ -318,7 +379,7 @@ pub async fn release(
 /// Its commit does not wait for the WAL flush (`synchronous_commit = off`, pipelined in one
 /// round trip): the reservation, durable already, carries everything it writes, and the
 /// object is durably in place before this runs, so a crash that loses it is finished by the
-/// sweep ([`reserve`]).
+/// sweep ([`reserve_in_bucket`]).
 pub async fn record(
     client: &deadpool_postgres::Client,
     id: &str,
@@ -351,7 +412,7 @@ pub async fn record(
     Ok(row.as_ref().map(StoredFile::from_row))
 }
 
-/// A reservation whose upload had its object staged (see [`reserve`]): what the sweep needs
+/// A reservation whose upload had its object staged (see [`reserve_in_bucket`]): what the sweep needs
 /// to tell whether its object was moved into place.
 #[derive(Clone, Debug)]
 pub struct Pending {

@@ -160,7 +160,11 @@ impl Backend {
                     store: Arc::new(store),
                     root,
                     durable: Default::default(),
-                    buffers: Buffers::new(config.storage_read_budget_bytes, metrics),
+                    buffers: Buffers::new(
+                        config.storage_read_budget_bytes,
+                        config.storage_read_shares_per_client,
+                        metrics,
+                    ),
                 })
             }
         }
@@ -486,16 +490,24 @@ impl Backend {
     /// local file is opened and read (its first chunk, or all of a small one) in one trip to
     /// the blocking pool, so that the response's headers and first bytes can leave together.
     /// Without `body` (a `HEAD`) a local file is only opened: its body is empty.
-    pub async fn read(&self, key: &str, body: bool) -> Result<Object, StorageError> {
+    /// `client`: the address the download goes to (its shares of the read budget are capped,
+    /// [`super::buffers`]).
+    pub async fn read(
+        &self,
+        key: &str,
+        body: bool,
+        client: Option<std::net::IpAddr>,
+    ) -> Result<Object, StorageError> {
         if let Backend::Local { store, buffers, .. } = self {
             let path = store
                 .path_to_filesystem(&path_of(key))
                 .map_err(unavailable)?;
             let buffers = buffers.clone();
-            let opened = tokio::task::spawn_blocking(move || open_local(&path, body, buffers))
-                .await
-                .map_err(StorageError::from)?
-                .map_err(|e| StorageError::Unavailable(format!("reading {key}: {e}")))?;
+            let opened =
+                tokio::task::spawn_blocking(move || open_local(&path, body, buffers, client))
+                    .await
+                    .map_err(StorageError::from)?
+                    .map_err(|e| StorageError::Unavailable(format!("reading {key}: {e}")))?;
             let Some(Opened {
                 file,
                 size,
@@ -681,6 +693,7 @@ fn open_local(
     path: &std::path::Path,
     body: bool,
     buffers: Arc<Buffers>,
+    client: Option<std::net::IpAddr>,
 ) -> std::io::Result<Option<Opened>> {
     let mut file = match std::fs::File::open(path) {
         Ok(f) => f,
@@ -707,7 +720,7 @@ fn open_local(
     let whole = size <= WHOLE_READ;
     let (share, buf) = if whole {
         let buf = buffers.get(size as usize, size as usize + size as usize / 2);
-        match buffers.take(buf.capacity() as u64) {
+        match buffers.take(client, buf.capacity() as u64) {
             Some(share) => (Some(share), Some(buf)),
             None => {
                 buffers.give_back(buf);
@@ -715,7 +728,7 @@ fn open_local(
             }
         }
     } else {
-        (buffers.take(STREAM_HOLD), None)
+        (buffers.take(client, STREAM_HOLD), None)
     };
     let reads = Reads {
         chunk: match (&share, whole) {

@@ -12,6 +12,16 @@
 //! listener's connection limit bounds), however many there are and however slowly their
 //! clients read.
 //!
+//! **Per client.** A share is held until its response is sent or dropped, so a client that
+//! stops reading keeps its shares until its connection ends: a few such clients of a public
+//! bucket could take the whole budget and push every other download onto small chunks. The
+//! shares held by downloads to one client address are capped (`storage_read_shares_per_client`,
+//! default [`DEFAULT_SHARES_PER_CLIENT`]; IPv6 addresses count by their /64, which one client
+//! typically has whole): past it, that address's downloads stream in small chunks, and it can
+//! hold at most `cap × STREAM_HOLD` (48 MiB by default) of the budget. Taking the whole
+//! default budget then needs six addresses that read nothing; the listener's per-address
+//! connection limit bounds what each holds besides.
+//!
 //! **Reuse.** A freshly allocated megabyte is fresh memory: the kernel faults and zeroes its
 //! pages on first touch (a transparent huge page: 2 MiB zeroed), which a profile of 1 MiB
 //! uploads and downloads found to be ~30 % of the server's CPU, half of it the downloads' reads
@@ -22,16 +32,22 @@
 //! budget counts is what the buffers hold. (Uploads do not copy the received chunks
 //! into such buffers: the copy cost more than the fresh pages of the parser's buffers it saved.)
 
+use std::collections::HashMap;
+use std::net::IpAddr;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
+use crate::auth::ratelimit::address_key;
 use crate::metrics::Metrics;
 
 /// The default read budget: 256 MiB.
 pub const DEFAULT_READ_BUDGET: u64 = 256 * 1024 * 1024;
+/// The default cap of budget shares that one client address's downloads may hold at once: a
+/// browser opens six connections to a host, and a page's files load well in parallel.
+pub const DEFAULT_SHARES_PER_CLIENT: u32 = 8;
 /// Bytes per read of a large file's stream while it holds budget.
 pub const BIG_CHUNK: usize = 1024 * 1024;
 /// What a large file's stream may hold at once: the chunk being read, four queued for the
@@ -55,17 +71,52 @@ pub struct Buffers {
     /// Given-back buffers (empty, with their capacity) and their total capacity.
     idle: Mutex<(Vec<Vec<u8>>, usize)>,
     /// Counts downloads by the way their bytes were read (`storage_downloads_budgeted`,
-    /// `storage_downloads_small`).
+    /// `storage_downloads_small`, `storage_downloads_client_capped`).
     metrics: Arc<Metrics>,
+    /// Most shares per client address (0: no cap).
+    per_client: u32,
+    holders: Arc<Holders>,
 }
 
-/// A share of the read budget, given back when dropped.
-pub struct Share(#[allow(dead_code)] OwnedSemaphorePermit);
+/// The shares held per client address; only addresses holding one are kept, so it has at most
+/// as many entries as shares are out (the budget over the smallest share).
+#[derive(Default)]
+struct Holders(Mutex<HashMap<IpAddr, u32>>);
+
+impl Holders {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<IpAddr, u32>> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn release(&self, client: &IpAddr) {
+        let mut held = self.lock();
+        if let Some(n) = held.get_mut(client) {
+            *n -= 1;
+            if *n == 0 {
+                held.remove(client);
+            }
+        }
+    }
+}
+
+/// A share of the read budget, given back (with its client's count) when dropped.
+pub struct Share {
+    _permit: OwnedSemaphorePermit,
+    holder: Option<(Arc<Holders>, IpAddr)>,
+}
+
+impl Drop for Share {
+    fn drop(&mut self) {
+        if let Some((holders, client)) = &self.holder {
+            holders.release(client);
+        }
+    }
+}
 
 impl Buffers {
     /// Buffers with a read budget of `budget_bytes` (rounded up to whole KiB; 0: every download
     /// streams in small chunks).
-    pub fn new(budget_bytes: u64, metrics: Arc<Metrics>) -> Arc<Buffers> {
+    pub fn new(budget_bytes: u64, per_client: u32, metrics: Arc<Metrics>) -> Arc<Buffers> {
         let units = budget_bytes
             .div_ceil(UNIT)
             .min(Semaphore::MAX_PERMITS as u64) as usize;
@@ -74,6 +125,8 @@ impl Buffers {
             budget_bytes,
             idle: Mutex::new((Vec::new(), 0)),
             metrics,
+            per_client,
+            holders: Default::default(),
         })
     }
 
@@ -86,23 +139,56 @@ impl Buffers {
         self.budget.available_permits() as u64 * UNIT
     }
 
-    /// `bytes` of the read budget, if that much is free now (never waits); counted. A share
+    /// `bytes` of the read budget for a download to `client`, if that much is free now and
+    /// the client's address holds fewer than its cap of shares (never waits); counted. A share
     /// is taken for the capacity of the buffers it pays for (see [`Buffers::get`]).
-    pub fn take(&self, bytes: u64) -> Option<Share> {
+    pub fn take(&self, client: Option<IpAddr>, bytes: u64) -> Option<Share> {
+        let client = client.map(address_key).filter(|_| self.per_client > 0);
+        if let Some(c) = client {
+            // Counted first (so two downloads of one client cannot both pass the cap), taken
+            // back below if the budget is spent.
+            let mut held = self.holders.lock();
+            let n = held.entry(c).or_insert(0);
+            if *n >= self.per_client {
+                drop(held);
+                self.metrics.storage_downloads_small.fetch_add(1, Relaxed);
+                self.metrics
+                    .storage_downloads_client_capped
+                    .fetch_add(1, Relaxed);
+                return None;
+            }
+            *n += 1;
+        }
         let units = u32::try_from(bytes.div_ceil(UNIT).max(1)).ok();
-        let share = units.and_then(|n| self.budget.clone().try_acquire_many_owned(n).ok());
-        match share {
+        let permit = units.and_then(|n| self.budget.clone().try_acquire_many_owned(n).ok());
+        match permit {
             Some(p) => {
                 self.metrics
                     .storage_downloads_budgeted
                     .fetch_add(1, Relaxed);
-                Some(Share(p))
+                Some(Share {
+                    _permit: p,
+                    holder: client.map(|c| (self.holders.clone(), c)),
+                })
             }
             None => {
+                if let Some(c) = &client {
+                    self.holders.release(c);
+                }
                 self.metrics.storage_downloads_small.fetch_add(1, Relaxed);
                 None
             }
         }
+    }
+
+    /// Shares held by downloads to `client` now (its address as counted: by
+    /// [`address_key`], IPv6 by its /64).
+    pub fn held_by(&self, client: IpAddr) -> u32 {
+        self.holders
+            .lock()
+            .get(&address_key(client))
+            .copied()
+            .unwrap_or(0)
     }
 
     /// An empty buffer of `min` to `max` bytes of capacity: an idle one if one fits, else a new
@@ -178,10 +264,13 @@ mod tests {
 
     #[test]
     fn the_budget_is_shared_and_given_back_with_the_last_bytes() {
-        let buffers = Buffers::new(3 * 1024 * 1024, Default::default());
-        let a = buffers.take(2 * 1024 * 1024).map(Arc::new);
+        let buffers = Buffers::new(3 * 1024 * 1024, 0, Default::default());
+        let a = buffers.take(None, 2 * 1024 * 1024).map(Arc::new);
         assert!(a.is_some());
-        assert!(buffers.take(2 * 1024 * 1024).is_none(), "over the budget");
+        assert!(
+            buffers.take(None, 2 * 1024 * 1024).is_none(),
+            "over the budget"
+        );
         let mut buf = buffers.get(KEEP_MIN, KEEP_MIN);
         buf.extend_from_slice(b"hello");
         let bytes = buffers.bytes(buf, a);
@@ -204,7 +293,7 @@ mod tests {
 
     #[test]
     fn a_buffer_is_reused_only_within_the_capacity_asked_for() {
-        let buffers = Buffers::new(0, Default::default());
+        let buffers = Buffers::new(0, 0, Default::default());
         buffers.give_back(Vec::with_capacity(4 << 20));
         let fresh = buffers.get(KEEP_MIN, 2 * KEEP_MIN);
         assert_eq!(
@@ -224,7 +313,7 @@ mod tests {
 
     #[test]
     fn buffers_of_a_new_size_push_out_the_oldest_idle_ones() {
-        let buffers = Buffers::new(0, Default::default());
+        let buffers = Buffers::new(0, 0, Default::default());
         // A burst of 128 KiB downloads fills the idle list...
         for _ in 0..IDLE_MAX / (128 << 10) {
             buffers.give_back(Vec::with_capacity(128 << 10));
@@ -247,9 +336,66 @@ mod tests {
     }
 
     #[test]
+    fn one_client_address_holds_at_most_its_cap_of_shares() {
+        let buffers = Buffers::new(64 * 1024 * 1024, 2, Default::default());
+        let a: IpAddr = "192.0.2.1".parse().unwrap();
+        let b: IpAddr = "192.0.2.2".parse().unwrap();
+        let a1 = buffers.take(Some(a), 1 << 20).expect("first");
+        let a2 = buffers.take(Some(a), 1 << 20).expect("second");
+        assert!(buffers.take(Some(a), 1 << 20).is_none(), "past the cap");
+        assert_eq!(buffers.held_by(a), 2);
+        // Another address, and downloads with no address, are not held back.
+        let b1 = buffers.take(Some(b), 1 << 20).expect("another client");
+        let none = buffers.take(None, 1 << 20).expect("no address");
+        assert_eq!(buffers.budget_free(), 60 * 1024 * 1024);
+        assert_eq!(
+            buffers
+                .metrics
+                .storage_downloads_client_capped
+                .load(Relaxed),
+            1
+        );
+        drop(a1);
+        assert_eq!(buffers.held_by(a), 1);
+        let a3 = buffers.take(Some(a), 1 << 20).expect("a share came back");
+        drop((a2, a3, b1, none));
+        assert_eq!(buffers.held_by(a), 0);
+        assert!(
+            buffers.holders.lock().is_empty(),
+            "no entry is kept for nothing"
+        );
+        assert_eq!(buffers.budget_free(), 64 * 1024 * 1024);
+        // A spent budget does not count against the client.
+        let small = Buffers::new(1 << 20, 2, Default::default());
+        let held = small.take(Some(a), 1 << 20).expect("the whole budget");
+        assert!(small.take(Some(a), 1 << 20).is_none());
+        assert_eq!(small.held_by(a), 1);
+        drop(held);
+        assert_eq!(small.held_by(a), 0);
+        // No cap.
+        let uncapped = Buffers::new(8 << 20, 0, Default::default());
+        let all: Vec<_> = (0..8).map(|_| uncapped.take(Some(a), 1 << 20)).collect();
+        assert!(all.iter().all(Option::is_some));
+    }
+
+    #[test]
+    fn ipv6_clients_count_by_their_64() {
+        let buffers = Buffers::new(64 * 1024 * 1024, 1, Default::default());
+        let a: IpAddr = "2001:db8:1:2:aaaa::1".parse().unwrap();
+        let b: IpAddr = "2001:db8:1:2:bbbb::9".parse().unwrap();
+        let _held = buffers.take(Some(a), 1 << 20).expect("first");
+        assert!(buffers.take(Some(b), 1 << 20).is_none(), "the same /64");
+        let c: IpAddr = "2001:db8:1:3::1".parse().unwrap();
+        assert!(buffers.take(Some(c), 1 << 20).is_some(), "another /64");
+    }
+
+    #[test]
     fn idle_buffers_are_bounded() {
-        let buffers = Buffers::new(0, Default::default());
-        assert!(buffers.take(1).is_none(), "a zero budget lends nothing");
+        let buffers = Buffers::new(0, 0, Default::default());
+        assert!(
+            buffers.take(None, 1).is_none(),
+            "a zero budget lends nothing"
+        );
         for _ in 0..(IDLE_MAX / (4 << 20)) + 3 {
             buffers.give_back(Vec::with_capacity(4 << 20));
         }

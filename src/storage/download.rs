@@ -59,6 +59,7 @@ impl Storage {
         key: &str,
         public_only: bool,
         body: bool,
+        client: Option<std::net::IpAddr>,
     ) -> Result<Download, StorageError> {
         let make = |served: Served, object: super::backend::Object| Download {
             name: served.name,
@@ -68,7 +69,7 @@ impl Storage {
             body: object.body,
         };
         if self.served.holds(key) {
-            let object = self.backend.read(key, body).await?;
+            let object = self.backend.read(key, body, client).await?;
             if let Some(served) = object
                 .identity
                 .and_then(|id| self.served.get(key, &id))
@@ -88,7 +89,7 @@ impl Storage {
         // (an object opened for nothing is dropped unread).
         let (file, object) = tokio::join!(
             self.stored_file(project_of_key(key), key),
-            self.backend.read(key, body)
+            self.backend.read(key, body, client)
         );
         self.decide(key, public_only, file, object?, generation)
             .map(|(s, o)| make(s, o))

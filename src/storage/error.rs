@@ -41,7 +41,7 @@ pub enum StorageError {
     #[error("Content-Type: expected multipart/form-data with a boundary")]
     NotMultipart,
     #[error("invalid multipart body: {0}")]
-    InvalidMultipart(multer::Error),
+    InvalidMultipart(super::multipart::Error),
     #[error("{0}: expected true or false")]
     NotABoolean(&'static str),
     #[error("{0}: unknown form field (expected file, bucketId, projectId, path, upsert)")]

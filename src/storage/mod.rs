@@ -34,7 +34,7 @@
 //!
 //! One job per file: [`buckets`] (create, change, list, delete), [`files`] (list, sign, delete),
 //! [`download`] (what a signed or public URL serves; [`served`] keeps the rows it needs of
-//! files just stored or served), [`upload`] (the multipart stream),
+//! files just stored or served), [`upload`] (the multipart stream, parsed by [`multipart`]),
 //! [`sweep`] (start-up repairs, a deleted project's objects); under them [`backend`] (where
 //! objects live), [`names`] (what things may be called), [`signing`] (local URLs), and the
 //! rows in `crate::control::{buckets, files}`. Nothing here knows HTTP: the API layer
@@ -47,6 +47,7 @@ pub mod buffers;
 pub mod download;
 mod error;
 pub mod files;
+pub mod multipart;
 pub mod names;
 pub mod served;
 pub mod signing;

@@ -180,11 +180,14 @@ pub fn mime_allowed(content_type: &str, allowed: &[String]) -> bool {
     let essence = content_type.split(';').next().unwrap_or_default().trim();
     allowed.iter().any(|pattern| {
         let pattern = pattern.trim().to_ascii_lowercase();
+        if pattern == "*/*" {
+            return true;
+        }
         match pattern.strip_suffix("/*") {
             Some(top) => essence
                 .split_once('/')
                 .is_some_and(|(t, _)| t.eq_ignore_ascii_case(top)),
-            None => pattern == "*/*" || essence.eq_ignore_ascii_case(&pattern),
+            None => essence.eq_ignore_ascii_case(&pattern),
         }
     })
 }
@@ -271,6 +274,9 @@ mod tests {
         assert!(mime_allowed("application/pdf", &allowed));
         assert!(!mime_allowed("text/html", &allowed));
         assert!(!mime_allowed("imagex/png", &allowed));
+        // `*/*` allows any type (it is a valid pattern at bucket creation).
+        assert!(mime_allowed("text/html", &["*/*".to_string()]));
+        assert!(mime_allowed("Image/PNG; q=1", &[" IMAGE/* ".to_string()]));
     }
 
     #[test]

@@ -1,8 +1,9 @@
 //! `POST /api/storage/upload`: a multipart/form-data body streamed to the backend.
 //!
-//! The body never sits in memory: multer yields the `file` part chunk by chunk and each chunk
-//! goes to an [`ObjectWriter`](super::backend::ObjectWriter) at a staging key, counted against
-//! the size limit as it arrives. Fields may come in any order (the guide's curl sends `file`
+//! The body never sits in memory: the multipart parser ([`super::multipart`]) yields the `file`
+//! part as slices of the body's own chunks (no copy) and each goes to an
+//! [`ObjectWriter`](super::backend::ObjectWriter) at a staging key, counted against the size
+//! limit as it arrives. Fields may come in any order (the guide's curl sends `file`
 //! first); when `projectId` and `bucketId` come first, access and the bucket are looked up
 //! while the file's first bytes arrive, and a refusal (no access, no such bucket, a type the
 //! bucket refuses, a size over its limit) ends the upload as soon as the answer is in: a few
@@ -19,6 +20,7 @@ use futures_util::Stream;
 
 use tokio_postgres::error::SqlState;
 
+use super::multipart::{self, Multipart};
 use super::{names, Bucket, Storage, StorageError, StoredFile};
 use crate::auth::Access;
 use crate::control;
@@ -30,7 +32,14 @@ const MAX_TEXT_FIELD: usize = 4096;
 /// After a refusal mid-stream, read and discard at most this much more of the body so the
 /// client sees the answer instead of a reset connection.
 const DRAIN_LIMIT: u64 = 16 * 1024 * 1024;
-/// Multipart framing adds a little; a body declared far beyond the limit is refused unread.
+/// With the fields before the file, the caller's access and the bucket are looked up while a
+/// body declared larger than this arrives (or one of no declared length), so that a refusal
+/// ends it early; a smaller body is read first and the bucket is looked up by the statement
+/// that reserves its row (one round trip to the control database fewer; a refused body of at
+/// most this much is staged, then removed).
+const EARLY_LOOKUP_FROM: u64 = 4 * 1024 * 1024;
+/// Multipart framing and the text fields add a little: a body declared beyond the limit plus
+/// this is refused unread, and one that sends more is cut off there (413).
 const FRAMING_ALLOWANCE: u64 = 64 * 1024;
 
 /// What an upload request says besides its body.
@@ -80,11 +89,9 @@ fn parse_bool(field: &'static str, v: &str) -> Result<bool, StorageError> {
     }
 }
 
-fn multipart_error(e: multer::Error, limit: u64) -> StorageError {
+fn multipart_error(e: multipart::Error, limit: u64) -> StorageError {
     match e {
-        multer::Error::StreamSizeExceeded { .. } | multer::Error::FieldSizeExceeded { .. } => {
-            StorageError::TooLarge(limit)
-        }
+        multipart::Error::TooLarge(_) => StorageError::TooLarge(limit),
         other => StorageError::InvalidMultipart(other),
     }
 }
@@ -114,9 +121,9 @@ impl Storage {
             return Err(StorageError::TooLarge(max).into());
         }
         let boundary =
-            multer::parse_boundary(request.content_type).map_err(|_| StorageError::NotMultipart)?;
+            multipart::boundary(request.content_type).ok_or(StorageError::NotMultipart)?;
         let started = std::time::Instant::now();
-        let mut multipart = multer::Multipart::new(body, boundary);
+        let mut multipart = Multipart::new(body, &boundary, max + FRAMING_ALLOWANCE);
         let mut form = Form::default();
         if let Some(v) = request.upsert {
             form.upsert = Some(parse_bool("upsert", v)?);
@@ -125,12 +132,12 @@ impl Storage {
         let mut unfinished: Unfinished = None;
         let mut early: Option<(Access, Bucket)> = None;
         let result: Result<Uploaded, Err> = async {
-            while let Some(mut field) = multipart
-                .next_field()
+            while let Some(part) = multipart
+                .next_part()
                 .await
                 .map_err(|e| multipart_error(e, max))?
             {
-                let name = field.name().unwrap_or_default().to_string();
+                let name = part.name.unwrap_or_default();
                 if name == "file" {
                     if staged.is_some() {
                         return Err(StorageError::SeveralFiles.into());
@@ -139,8 +146,11 @@ impl Storage {
                     // while the first bytes arrive (not before: that would be a round trip to
                     // the control database on every upload's path), and the bucket's limits
                     // apply from the moment they are known.
+                    let small = request
+                        .content_length
+                        .is_some_and(|n| n <= EARLY_LOOKUP_FROM);
                     let lookup = match (&form.project_id, &form.bucket_id) {
-                        (Some(p), Some(b)) => {
+                        (Some(p), Some(b)) if !small => {
                             let (p, b) = (p.clone(), b.clone());
                             let authorize = &authorize;
                             Some(async move {
@@ -154,9 +164,13 @@ impl Storage {
                     let mut looking = lookup.is_some();
                     let mut lookup =
                         std::pin::pin!(futures_util::future::OptionFuture::from(lookup));
-                    let filename = field.file_name().map(str::to_string);
+                    let filename = part.filename;
+                    // A type that is not a MIME type is as good as none (the file name's then).
+                    let given = part
+                        .content_type
+                        .filter(|c| c.parse::<mime_guess::mime::Mime>().is_ok());
                     let content_type = names::normalize_content_type(
-                        field.content_type().map(|m| m.as_ref()),
+                        given.as_deref(),
                         filename.as_deref().unwrap_or_default(),
                     )?;
                     let mut limit = max;
@@ -207,7 +221,7 @@ impl Storage {
                                 }
                                 None
                             }
-                            chunk = field.chunk() => Some(chunk),
+                            chunk = multipart.chunk() => Some(chunk),
                         };
                         let chunk = match next {
                             None => Bytes::new(),
@@ -220,13 +234,7 @@ impl Storage {
                         };
                         if writer.written() + chunk.len() as u64 > limit {
                             writer.abort().await;
-                            let mut drained = 0u64;
-                            while let Ok(Some(c)) = field.chunk().await {
-                                drained += c.len() as u64;
-                                if drained > DRAIN_LIMIT {
-                                    break;
-                                }
-                            }
+                            multipart.drain(DRAIN_LIMIT).await;
                             return Err(StorageError::TooLarge(limit).into());
                         }
                         if chunk.is_empty() {
@@ -261,13 +269,13 @@ impl Storage {
                     "projectId" => &mut form.project_id,
                     "path" => &mut form.path,
                     "upsert" => {
-                        let v = read_text(&mut field, &name).await?;
+                        let v = read_text(&mut multipart, &name, max).await?;
                         form.upsert = Some(parse_bool("upsert", &v)?);
                         continue;
                     }
                     other => return Err(StorageError::UnknownField(other.to_string()).into()),
                 };
-                *slot = Some(read_text(&mut field, &name).await?);
+                *slot = Some(read_text(&mut multipart, &name, max).await?);
             }
             let staged_file = staged.as_ref().ok_or(StorageError::NoFile)?;
             let project_id = form
@@ -282,12 +290,8 @@ impl Storage {
                 .ok_or(StorageError::MissingField("bucketId"))?;
             let received = started.elapsed();
             let (access, bucket) = match early.take() {
-                Some(found) => found,
-                None => {
-                    let access = authorize(project_id.to_string()).await?;
-                    let bucket = self.find_bucket(&access.project.id, bucket_id).await?;
-                    (access, bucket)
-                }
+                Some((access, bucket)) => (access, Some(bucket)),
+                None => (authorize(project_id.to_string()).await?, None),
             };
             tracing::debug!(
                 received_ms = received.as_secs_f64() * 1e3,
@@ -298,7 +302,7 @@ impl Storage {
             Ok(self
                 .commit_upload(
                     &access.project.id,
-                    &bucket,
+                    (bucket_id, bucket.as_ref()),
                     (staged_file, writer),
                     form.path.as_deref(),
                     form.upsert.unwrap_or(false),
@@ -320,24 +324,25 @@ impl Storage {
     }
 
     /// Makes the staged bytes durable while it reserves the row durably (at the same time:
-    /// neither waits for the other), moves the staged object into place and makes the move
-    /// durable, then lists the file ([`control::files::record`], which need not wait for its
-    /// WAL flush: the reservation already says what the file is, see
-    /// [`control::files::reserve`]).
+    /// neither waits for the other; the reservation looks the bucket up and checks its limits
+    /// in the same statement, [`control::files::reserve_in_bucket`]), moves the staged object
+    /// into place and makes the move durable, then lists the file ([`control::files::record`],
+    /// which need not wait for its WAL flush: the reservation already says what the file is,
+    /// see [`control::files::reserve_in_bucket`]). `bucket`: the form's `bucketId`, and the bucket if it
+    /// was looked up while the file arrived.
     async fn commit_upload(
         &self,
         project_id: &str,
-        bucket: &Bucket,
+        (bucket_id, known): (&str, Option<&Bucket>),
         (staged, writer): (&Staged, super::backend::ObjectWriter),
         path: Option<&str>,
         upsert: bool,
     ) -> Result<Uploaded, StorageError> {
         let checked = names::object_name(path, staged.filename.as_deref()).and_then(|name| {
-            check_mime(bucket, &staged.content_type)?;
-            match bucket.max_file_size {
-                Some(m) if staged.size > m as u64 => Err(StorageError::TooLarge(m as u64)),
-                _ => Ok(name),
+            if let Some(bucket) = known {
+                check_limits(bucket, &staged.content_type, staged.size)?;
             }
+            Ok(name)
         });
         let name = match checked {
             Ok(name) => name,
@@ -346,13 +351,15 @@ impl Storage {
                 return Err(e);
             }
         };
-        let key = format!("{}/{}/{}", project_id, bucket.id, name);
+        let needle = match known {
+            Some(b) => b.id.clone(),
+            None => bucket_id.trim().to_ascii_lowercase(),
+        };
         let token = crate::secrets::random_hex::<16>();
-        let reservation = control::files::Reservation {
+        let reservation = control::files::BucketReservation {
             project_id,
-            bucket_id: &bucket.id,
+            bucket: &needle,
             name: &name,
-            s3_key: &key,
             content_type: &staged.content_type,
             size: staged.size as i64,
             staged: &staged.key,
@@ -360,26 +367,42 @@ impl Storage {
         };
         let reserve = async {
             let client = self.control.get().await?;
-            let reserved = control::files::reserve(&client, &reservation, upsert).await;
+            let reserved = control::files::reserve_in_bucket(&client, &reservation, upsert).await;
             Ok::<_, StorageError>((client, reserved))
         };
         // The bytes reach the disk before the object is moved into place (so a crash never
         // leaves a half-written file at its key), the reservation meanwhile.
         let (finished, reserving) = tokio::join!(writer.finish(), reserve);
         let (client, reserved) = reserving?;
-        let reserved = reserved
-            .map_err(|e| match e.code() {
-                Some(&SqlState::UNIQUE_VIOLATION) if !upsert => StorageError::FileExists {
-                    name: name.clone(),
-                    bucket: bucket.name.clone(),
-                },
-                // The bucket was deleted between the lookup and the reservation.
-                Some(&SqlState::FOREIGN_KEY_VIOLATION) => {
-                    StorageError::BucketDeleted(bucket.name.clone())
-                }
-                _ => e.into(),
-            })?
-            .ok_or_else(|| StorageError::FileBusy(name.clone()))?;
+        let shown = || known.map_or(bucket_id, |b| b.name.as_str()).to_string();
+        let reserved = reserved.map_err(|e| match e.code() {
+            // The bucket was deleted between the lookup and the reservation.
+            Some(&SqlState::FOREIGN_KEY_VIOLATION) => StorageError::BucketDeleted(shown()),
+            _ => e.into(),
+        })?;
+        use control::files::BucketReserved;
+        let (reserved, key) = match reserved {
+            BucketReserved::Reserved {
+                reserved, s3_key, ..
+            } => (reserved, s3_key),
+            BucketReserved::NoBucket => {
+                return Err(StorageError::NoSuchBucket(bucket_id.to_string()))
+            }
+            BucketReserved::Refused { bucket, .. } => {
+                return Err(check_limits(&bucket, &staged.content_type, staged.size)
+                    .err()
+                    .unwrap_or_else(|| {
+                        anyhow::anyhow!("the bucket's limits refused what they allow").into()
+                    }))
+            }
+            BucketReserved::Taken(_) if upsert => return Err(StorageError::FileBusy(name)),
+            BucketReserved::Taken(bucket) => {
+                return Err(StorageError::FileExists {
+                    name,
+                    bucket: bucket.name,
+                })
+            }
+        };
         let release = || async {
             if let Err(e) = control::files::release(&client, &reserved, &token).await {
                 tracing::warn!(error = %e, file = reserved.id, "releasing an upload reservation");
@@ -437,6 +460,15 @@ impl Storage {
     }
 }
 
+/// The bucket's type and size limits.
+fn check_limits(bucket: &Bucket, content_type: &str, size: u64) -> Result<(), StorageError> {
+    check_mime(bucket, content_type)?;
+    match bucket.max_file_size {
+        Some(m) if size > m as u64 => Err(StorageError::TooLarge(m as u64)),
+        _ => Ok(()),
+    }
+}
+
 fn check_mime(bucket: &Bucket, content_type: &str) -> Result<(), StorageError> {
     match &bucket.allowed_mime_types {
         Some(allowed) if !names::mime_allowed(content_type, allowed) => {
@@ -450,12 +482,17 @@ fn check_mime(bucket: &Bucket, content_type: &str) -> Result<(), StorageError> {
     }
 }
 
-async fn read_text(field: &mut multer::Field<'_>, name: &str) -> Result<String, StorageError> {
+/// The rest of the current part as text.
+async fn read_text(
+    multipart: &mut Multipart,
+    name: &str,
+    limit: u64,
+) -> Result<String, StorageError> {
     let mut buf = Vec::new();
-    while let Some(chunk) = field
+    while let Some(chunk) = multipart
         .chunk()
         .await
-        .map_err(StorageError::InvalidMultipart)?
+        .map_err(|e| multipart_error(e, limit))?
     {
         if buf.len() + chunk.len() > MAX_TEXT_FIELD {
             return Err(StorageError::FieldTooLong {

@@ -315,8 +315,29 @@ async fn head_answers_the_headers_of_get_without_the_body() {
 /// A response's head read from a raw connection (the body left unread in the socket): its
 /// status and `Content-Length`, and the body bytes that came with the head.
 async fn open_download(addr: &str, path: &str) -> (tokio::net::TcpStream, u16, usize, Vec<u8>) {
+    let socket = tokio::net::TcpStream::connect(addr).await.unwrap();
+    read_download_head(socket, addr, path).await
+}
+
+/// [`open_download`] from the loopback address `from` (any of 127.0.0.0/8 reaches the
+/// server's 127.0.0.1): another client address.
+async fn open_download_from(
+    from: std::net::IpAddr,
+    addr: &str,
+    path: &str,
+) -> (tokio::net::TcpStream, u16, usize, Vec<u8>) {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind((from, 0).into()).unwrap();
+    let socket = socket.connect(addr.parse().unwrap()).await.unwrap();
+    read_download_head(socket, addr, path).await
+}
+
+async fn read_download_head(
+    mut socket: tokio::net::TcpStream,
+    addr: &str,
+    path: &str,
+) -> (tokio::net::TcpStream, u16, usize, Vec<u8>) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut socket = tokio::net::TcpStream::connect(addr).await.unwrap();
     let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
     socket.write_all(request.as_bytes()).await.unwrap();
     let mut got = Vec::new();
@@ -457,5 +478,88 @@ async fn with_no_read_budget_every_download_streams_in_small_chunks() {
         assert_eq!(metrics.storage_downloads_small.load(Relaxed), small + 1);
     }
     assert_eq!(metrics.storage_downloads_budgeted.load(Relaxed), 0);
+    t.stop().await;
+}
+
+/// A client address that holds downloads unread keeps at most its cap of read-budget shares
+/// (`storage_read_shares_per_client`): with a budget of three streams' holds and a cap of two,
+/// six unread downloads from one address take two shares and stream the rest in small chunks,
+/// so a download to another address still gets the third share (without the cap the first
+/// address would have taken all three). Every byte is delivered to all, and the shares come
+/// back.
+#[tokio::test]
+async fn one_address_holding_unread_downloads_leaves_budget_to_others() {
+    use fluxbase::storage::buffers::STREAM_HOLD;
+    use std::sync::atomic::Ordering::Relaxed;
+    use tokio::io::AsyncReadExt;
+    let t = spawn_app_with(|c| {
+        c.storage_read_budget_bytes = 3 * STREAM_HOLD;
+        c.storage_read_shares_per_client = 2;
+    })
+    .await;
+    let f = t.fixture().await;
+    create_bucket(&t, &f, "docs", json!({})).await;
+    // Large enough that an unread stream cannot end into loopback's socket buffers.
+    let data = pattern(24 * 1024 * 1024, 8);
+    let (status, body) = upload(
+        &t,
+        &f.readwrite,
+        &f.project,
+        "docs",
+        "big.bin",
+        "application/octet-stream",
+        &data,
+        &[],
+    )
+    .await;
+    assert_eq!(status, 201, "{body}");
+    let key = body["file"]["s3_key"].as_str().unwrap();
+    let (_, signed) = signed_url(&t, &f.read, &f.project, key).await;
+    let url = reqwest::Url::parse(signed["url"].as_str().unwrap()).unwrap();
+    let addr = format!("{}:{}", url.host_str().unwrap(), url.port().unwrap());
+    let path = format!("{}?{}", url.path(), url.query().unwrap());
+    let metrics = &t.app.metrics;
+    let buffers = t.app.storage.backend.buffers().unwrap().clone();
+    let (hog, other): (std::net::IpAddr, std::net::IpAddr) =
+        ("127.0.0.2".parse().unwrap(), "127.0.0.3".parse().unwrap());
+    let (budgeted, capped) = (
+        metrics.storage_downloads_budgeted.load(Relaxed),
+        metrics.storage_downloads_client_capped.load(Relaxed),
+    );
+    let mut held = Vec::new();
+    for _ in 0..6 {
+        let (socket, status, length, first) = open_download_from(hog, &addr, &path).await;
+        assert_eq!((status, length), (200, data.len()));
+        held.push((socket, first));
+    }
+    assert_eq!(buffers.held_by(hog), 2, "the cap");
+    assert_eq!(
+        metrics.storage_downloads_budgeted.load(Relaxed) - budgeted,
+        2
+    );
+    assert_eq!(
+        metrics.storage_downloads_client_capped.load(Relaxed) - capped,
+        4
+    );
+    // Another address still finds a share.
+    let (socket, status, _, first) = open_download_from(other, &addr, &path).await;
+    assert_eq!(status, 200);
+    assert_eq!(buffers.held_by(other), 1, "budgeted");
+    assert_eq!(
+        metrics.storage_downloads_budgeted.load(Relaxed) - budgeted,
+        3
+    );
+    held.push((socket, first));
+    for (mut socket, mut body) in held {
+        socket.read_to_end(&mut body).await.unwrap();
+        assert!(body == data, "{} bytes", body.len());
+    }
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while t.app.storage.read_budget_free() != Some(3 * STREAM_HOLD)
+        || buffers.held_by(hog) + buffers.held_by(other) != 0
+    {
+        assert!(std::time::Instant::now() < deadline, "the shares came back");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
     t.stop().await;
 }
