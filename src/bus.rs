@@ -138,6 +138,12 @@ pub struct Event {
     /// this node read it (its consumer fell behind the stream's retention): the room's history
     /// records a gap here, so that no resume passes over it silently.
     pub gap_before: bool,
+    /// A row change made by the change stream (`cdc::events::finish`), whose `payload` holds
+    /// every field above but `end_lsn`, `last_in_transaction`, `row_key`, `sender` and
+    /// `gap_before`, exactly as they are ([`crate::cdc::events::payload_is_finished`]): the
+    /// realtime history then stores the payload alone. False for anything else (and for an
+    /// event whose fields were changed after it was made).
+    pub payload_whole: bool,
 }
 
 /// The publish/subscribe boundary of one project: what the change stream publishes to and
@@ -559,6 +565,7 @@ mod tests {
             payload: Arc::from("{}"),
             sender: None,
             gap_before: false,
+            payload_whole: false,
         })
     }
 

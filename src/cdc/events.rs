@@ -455,6 +455,9 @@ pub fn finish(
             unchanged_toast,
             key,
         } => {
+            // Names and times that needed no escaping are compared as they are by
+            // `payload_is_finished`; the rare others keep the history's JSON form.
+            let payload_whole = plain(&schema) && plain(&table) && plain(commit_timestamp);
             p.push_str("{\"id\":");
             quote(&mut p, &id);
             p.push_str(",\"operation\":\"");
@@ -490,6 +493,7 @@ pub fn finish(
                 payload: Arc::from(p),
                 sender: None,
                 gap_before: false,
+                payload_whole,
             }
         }
         Pending::Broadcast { event, payload } => {
@@ -515,6 +519,7 @@ pub fn finish(
                 payload: Arc::from(p),
                 sender: None,
                 gap_before: false,
+                payload_whole: false,
             }
         }
         Pending::Schema {
@@ -556,6 +561,7 @@ pub fn finish(
                 payload: Arc::from(payload.to_string()),
                 sender: None,
                 gap_before: false,
+                payload_whole: false,
             }
         }
     }
@@ -797,6 +803,7 @@ mod tests {
             row_event("public", "{}", None),
         ];
         for e in &cases {
+            assert!(e.payload_whole);
             assert!(payload_is_finished(e), "{}", e.payload);
             let f = finished_fields(&e.payload).unwrap();
             assert_eq!(f.id, e.id);
@@ -835,6 +842,26 @@ mod tests {
         let mut other = base();
         other.commit_timestamp = Arc::from("a\"b");
         assert!(!payload_is_finished(&other));
+        // What finish made with names or a time that needed escaping is not vouched for.
+        assert!(!row_event("a\"b", "{}", None).payload_whole);
+        let odd_time = finish(
+            Pending::Row {
+                operation: RowOp::Insert,
+                schema: "public".into(),
+                table: "t".into(),
+                record: "{}".into(),
+                old: None,
+                unchanged_toast: Vec::new(),
+                key: None,
+            },
+            Lsn(1),
+            Lsn(2),
+            0,
+            &Arc::from("\u{1}"),
+            true,
+        );
+        assert!(!odd_time.payload_whole);
+        assert!(!payload_is_finished(&odd_time));
         // Payloads that are not a row change's.
         assert!(finished_fields(r#"{"event":"x","payload":{}}"#).is_none());
         assert!(finished_fields("not json").is_none());
