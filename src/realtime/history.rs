@@ -447,10 +447,36 @@ pub fn decode(payload: &[u8]) -> Option<Event> {
     })
 }
 
+/// An event id as the index keeps it: the change stream's ids (`<16 hex>-<8 hex>`, 25 ASCII
+/// bytes) inline, so that indexing an event allocates nothing (and trimming frees nothing);
+/// any other id on the heap. Ordered as its text.
+#[derive(Clone, Debug)]
+enum IndexId {
+    Inline([u8; 25]),
+    Heap(Box<str>),
+}
+
+impl IndexId {
+    fn new(id: &str) -> IndexId {
+        match <[u8; 25]>::try_from(id.as_bytes()) {
+            Ok(bytes) if bytes.is_ascii() => IndexId::Inline(bytes),
+            _ => IndexId::Heap(id.into()),
+        }
+    }
+
+    fn as_str(&self) -> &str {
+        match self {
+            // ASCII, checked when it was made.
+            IndexId::Inline(bytes) => std::str::from_utf8(bytes).expect("ASCII"),
+            IndexId::Heap(id) => id,
+        }
+    }
+}
+
 /// Where a retained record is.
 #[derive(Clone, Debug)]
 pub struct Entry {
-    pub id: String,
+    id: IndexId,
     seg: u64,
     offset: u64,
     len: u32,
@@ -773,7 +799,9 @@ impl History {
                 let Some((id, at)) = record_key(payload) else {
                     continue;
                 };
-                if h.entries.back().is_some_and(|e| e.id >= id)
+                if h.entries
+                    .back()
+                    .is_some_and(|e| e.id.as_str() >= id.as_str())
                     || h.floor.as_deref().is_some_and(|f| id.as_str() <= f)
                 {
                     continue; // never out of order, never below the floor
@@ -796,7 +824,7 @@ impl History {
                 seg.count += 1;
                 seg.newest_ms = seg.newest_ms.max(at);
                 h.entries.push_back(Entry {
-                    id,
+                    id: IndexId::new(&id),
                     seg: no,
                     offset,
                     len: (payload.len()) as u32,
@@ -909,7 +937,7 @@ impl History {
                 first || bytes <= max_bytes
             })
             .map(|e| Pending {
-                id: e.id.clone(),
+                id: e.id.as_str().to_string(),
                 path: self.segment_path(e.seg),
                 offset: e.offset,
                 len: e.len,
@@ -966,7 +994,7 @@ impl History {
         seg.newest_ms = seg.newest_ms.max(now_ms);
         self.bytes += size;
         self.entries.push_back(Entry {
-            id: event.id.clone(),
+            id: IndexId::new(&event.id),
             seg: seg.no,
             offset,
             len: len as u32,
@@ -1066,7 +1094,7 @@ impl History {
         {
             let e = self.entries.pop_back().expect("checked");
             seg.count -= 1;
-            lost.get_or_insert(e.id);
+            lost.get_or_insert_with(|| e.id.as_str().to_string());
         }
         self.bytes -= seg.bytes - good;
         seg.bytes = good;
@@ -1176,6 +1204,7 @@ impl History {
                 last = self.entries.pop_front().map(|e| e.id);
                 self.base += 1;
             }
+            let last = last.map(|id| id.as_str().to_string());
             if let Some(last) = last {
                 if self.floor.as_deref().is_none_or(|f| last.as_str() > f) {
                     self.floor = Some(last.clone());
@@ -1755,6 +1784,47 @@ mod tests {
         h.append(&event(&id(9), "x"), 0).unwrap();
         h.flush().unwrap();
         assert!(stale.read().is_err(), "a read of another record is refused");
+        let _ = std::fs::remove_dir_all(&d);
+    }
+
+    #[test]
+    fn ids_of_any_shape_index_in_text_order() {
+        // The change stream's ids are kept inline, any other on the heap: one order.
+        assert!(matches!(IndexId::new(&id(1)), IndexId::Inline(_)));
+        assert!(matches!(IndexId::new("short"), IndexId::Heap(_)));
+        assert!(matches!(
+            IndexId::new("ü000000000000000-0000000"),
+            IndexId::Heap(_)
+        ));
+        let d = dir("id-shapes");
+        let ids = [
+            "0".to_string(),
+            id(1),
+            format!("{}0", id(1)),
+            id(2),
+            "1".to_string(),
+        ];
+        let mut h = History::open(&d, limits()).unwrap();
+        for i in &ids {
+            h.append(&event(i, "x"), 0).unwrap();
+        }
+        // Not after the last: ignored.
+        h.append(&event(&id(3), "x"), 0).unwrap();
+        h.flush().unwrap();
+        assert_eq!(h.len(), ids.len());
+        assert_eq!(h.last_id(), Some("1"));
+        for (n, since) in ids.iter().enumerate() {
+            let got: Vec<String> = h
+                .after(Some(since), 100, u64::MAX)
+                .iter()
+                .map(|p| p.read().unwrap().id)
+                .collect();
+            assert_eq!(got, ids[n + 1..].to_vec(), "after {since}");
+        }
+        drop(h);
+        let h = History::open(&d, limits()).unwrap();
+        assert_eq!(h.len(), ids.len());
+        assert!(h.accepts(Some(&id(1))));
         let _ = std::fs::remove_dir_all(&d);
     }
 
