@@ -60,7 +60,7 @@ pub(super) fn spawn(rt: &Arc<Realtime>, room: &Arc<Room>) -> tokio::task::JoinHa
             let mut batch = Vec::new();
             let mut synced = None;
             tokio::select! {
-                e = sub.events.recv() => match e {
+                e = sub.recv() => match e {
                     Some(e) => batch.push(e),
                     None => return,
                 },
