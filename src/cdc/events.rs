@@ -455,6 +455,9 @@ pub fn finish(
             unchanged_toast,
             key,
         } => {
+            // Names and times that needed no escaping are compared as they are by
+            // `payload_is_finished`; the rare others keep the history's JSON form.
+            let payload_whole = plain(&schema) && plain(&table) && plain(commit_timestamp);
             p.push_str("{\"id\":");
             quote(&mut p, &id);
             p.push_str(",\"operation\":\"");
@@ -490,6 +493,7 @@ pub fn finish(
                 payload: Arc::from(p),
                 sender: None,
                 gap_before: false,
+                payload_whole,
             }
         }
         Pending::Broadcast { event, payload } => {
@@ -515,6 +519,7 @@ pub fn finish(
                 payload: Arc::from(p),
                 sender: None,
                 gap_before: false,
+                payload_whole: false,
             }
         }
         Pending::Schema {
@@ -556,6 +561,7 @@ pub fn finish(
                 payload: Arc::from(payload.to_string()),
                 sender: None,
                 gap_before: false,
+                payload_whole: false,
             }
         }
     }
@@ -569,19 +575,113 @@ pub fn finish(
 /// parse every payload to learn that (it parses those that do not match: other layouts, or
 /// names that needed escaping). False for anything else.
 pub fn payload_holds_rows(event: &Event) -> bool {
-    let EventKind::Row { operation } = event.kind else {
+    rows_prefix(event).is_some()
+}
+
+/// Whether a row change's payload is exactly the one [`finish`] wrote for it, byte for byte:
+/// [`payload_holds_rows`], then the event's own commit time, commit LSN and unchanged TOAST
+/// columns, and nothing after them. Every field of the event but its end LSN and whether it
+/// ends its transaction can then be read back from the payload alone ([`finished_fields`]):
+/// the realtime history stores such an event as its payload and those two.
+pub fn payload_is_finished(event: &Event) -> bool {
+    let Some(mut rest) = rows_prefix(event) else {
         return false;
+    };
+    let ts = &*event.commit_timestamp;
+    if !plain(ts) {
+        return false;
+    }
+    if !strip_all(&mut rest, &["\"", ts, "\",\"lsn\":\""]) {
+        return false;
+    }
+    // The LSN's text is not read back (the history keeps the commit LSN itself): only its
+    // extent matters, so that nothing else hides in the payload.
+    let digits = rest
+        .iter()
+        .take_while(|b| b.is_ascii_hexdigit() || **b == b'/')
+        .count();
+    rest = &rest[digits..];
+    // An empty `String` does not allocate: the usual case (no unchanged TOAST) costs nothing.
+    let mut notes = String::new();
+    write_row_notes(&mut notes, &event.unchanged_toast);
+    strip_all(&mut rest, &["\"", &notes, "}"]) && rest.is_empty()
+}
+
+/// Names, ids and times that go into JSON as they are (nothing to escape).
+fn plain(s: &str) -> bool {
+    s.bytes().all(|b| b >= 0x20 && b != b'"' && b != b'\\')
+}
+
+/// Strips `pieces` in turn from the front of `rest`; false at the first that is not there.
+fn strip_all(rest: &mut &[u8], pieces: &[&str]) -> bool {
+    pieces
+        .iter()
+        .all(|piece| match rest.strip_prefix(piece.as_bytes()) {
+            Some(after) => {
+                *rest = after;
+                true
+            }
+            None => false,
+        })
+}
+
+/// A row change's fields as read back from a payload [`finish`] wrote (see
+/// [`payload_is_finished`]): `None` for anything else.
+pub struct FinishedFields {
+    pub id: String,
+    pub operation: RowOp,
+    pub schema: String,
+    pub table: String,
+    pub record: String,
+    pub old: Option<String>,
+    pub commit_timestamp: String,
+    pub unchanged_toast: Vec<String>,
+}
+
+/// Reads a row change's fields back from its payload (the inverse of [`finish`] for rows).
+pub fn finished_fields(payload: &str) -> Option<FinishedFields> {
+    #[derive(Deserialize)]
+    #[serde(rename_all = "camelCase")]
+    struct Row<'a> {
+        id: String,
+        operation: &'a str,
+        schema: String,
+        table: String,
+        #[serde(borrow)]
+        record: &'a serde_json::value::RawValue,
+        #[serde(borrow)]
+        old: Option<&'a serde_json::value::RawValue>,
+        commit_timestamp: String,
+        #[serde(default)]
+        unchanged_toast: Vec<String>,
+    }
+    let row: Row = serde_json::from_str(payload).ok()?;
+    Some(FinishedFields {
+        id: row.id,
+        operation: RowOp::from_name(row.operation)?,
+        schema: row.schema,
+        table: row.table,
+        record: row.record.get().to_string(),
+        old: row.old.map(|o| o.get().to_string()),
+        commit_timestamp: row.commit_timestamp,
+        unchanged_toast: row.unchanged_toast,
+    })
+}
+
+/// [`payload_holds_rows`]: the rest of the payload after `,"commitTimestamp":` when it holds.
+fn rows_prefix(event: &Event) -> Option<&[u8]> {
+    let EventKind::Row { operation } = event.kind else {
+        return None;
     };
     let (Some(schema), Some(table), Some(record)) = (
         event.schema.as_deref(),
         event.table.as_deref(),
         event.record.as_deref(),
     ) else {
-        return false;
+        return None;
     };
-    let plain = |s: &str| s.bytes().all(|b| b >= 0x20 && b != b'"' && b != b'\\');
     if !(plain(&event.id) && plain(schema) && plain(table)) {
-        return false;
+        return None;
     }
     let mut rest = event.payload.as_bytes();
     let pieces: [&str; 13] = [
@@ -599,15 +699,7 @@ pub fn payload_holds_rows(event: &Event) -> bool {
         event.old.as_deref().unwrap_or("null"),
         ",\"commitTimestamp\":",
     ];
-    pieces
-        .iter()
-        .all(|piece| match rest.strip_prefix(piece.as_bytes()) {
-            Some(after) => {
-                rest = after;
-                true
-            }
-            None => false,
-        })
+    strip_all(&mut rest, &pieces).then_some(rest)
 }
 
 /// What a row change says beyond its new and old rows, written after them in every channel's
@@ -702,6 +794,77 @@ mod tests {
             true,
         );
         assert!(!payload_holds_rows(&schema));
+    }
+
+    #[test]
+    fn a_finished_payload_is_recognized_whole_and_its_fields_read_back() {
+        let cases = [
+            row_event("public", r#"{"id":1,"n":"a \"q\""}"#, Some(r#"{"id":1}"#)),
+            row_event("public", "{}", None),
+        ];
+        for e in &cases {
+            assert!(e.payload_whole);
+            assert!(payload_is_finished(e), "{}", e.payload);
+            let f = finished_fields(&e.payload).unwrap();
+            assert_eq!(f.id, e.id);
+            assert_eq!(f.operation, RowOp::Update);
+            assert_eq!(f.schema, "public");
+            assert_eq!(f.table, "t");
+            assert_eq!(Some(f.record), e.record);
+            assert_eq!(f.old, e.old);
+            assert_eq!(f.commit_timestamp, &*e.commit_timestamp);
+            assert_eq!(f.unchanged_toast, e.unchanged_toast);
+        }
+        let base = || row_event("public", "{\"id\":1}", None);
+        // Anything the payload says otherwise than the event, or anything more: not whole.
+        let mut other = base();
+        other.commit_timestamp = Arc::from("2026-01-01T00:00:01Z");
+        assert!(!payload_is_finished(&other));
+        let mut other = base();
+        other.unchanged_toast.push("more".into());
+        assert!(!payload_is_finished(&other));
+        let mut other = base();
+        other.unchanged_toast.clear();
+        assert!(!payload_is_finished(&other));
+        for (from, to) in [
+            ("}", "} "),
+            ("}", ",\"record\":{}}"),
+            ("\"lsn\":\"0/10\"", "\"lsn\":\"0/10\",\"x\":1"),
+            ("\"lsn\":\"0/10\"", "\"lsn\":\"0/1\\\"0\""),
+        ] {
+            let mut other = base();
+            let at = other.payload.rfind(from).unwrap();
+            let mut p = other.payload.to_string();
+            p.replace_range(at..at + from.len(), to);
+            other.payload = Arc::from(p);
+            assert!(!payload_is_finished(&other), "{}", other.payload);
+        }
+        let mut other = base();
+        other.commit_timestamp = Arc::from("a\"b");
+        assert!(!payload_is_finished(&other));
+        // What finish made with names or a time that needed escaping is not vouched for.
+        assert!(!row_event("a\"b", "{}", None).payload_whole);
+        let odd_time = finish(
+            Pending::Row {
+                operation: RowOp::Insert,
+                schema: "public".into(),
+                table: "t".into(),
+                record: "{}".into(),
+                old: None,
+                unchanged_toast: Vec::new(),
+                key: None,
+            },
+            Lsn(1),
+            Lsn(2),
+            0,
+            &Arc::from("\u{1}"),
+            true,
+        );
+        assert!(!odd_time.payload_whole);
+        assert!(!payload_is_finished(&odd_time));
+        // Payloads that are not a row change's.
+        assert!(finished_fields(r#"{"event":"x","payload":{}}"#).is_none());
+        assert!(finished_fields("not json").is_none());
     }
 
     #[test]

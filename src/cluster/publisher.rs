@@ -410,6 +410,7 @@ fn broadcast_event(id: String, ask: &BroadcastAsk, last_end: Lsn) -> Event {
         payload: Arc::from(body),
         sender: None,
         gap_before: false,
+        payload_whole: false,
     }
 }
 

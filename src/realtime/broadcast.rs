@@ -150,6 +150,7 @@ impl Realtime {
             payload: Arc::from(body),
             sender: None,
             gap_before: false,
+            payload_whole: false,
         };
         {
             if let Some(h) = history.as_mut() {

@@ -7,8 +7,14 @@
 //! ```
 //!
 //! * A segment is a sequence of records `[len: u32 LE][crc32: u32 LE][payload: len bytes]`; the
-//!   payload is one event as JSON (id, kind, table, …, the message's payload verbatim, a row
-//!   change's record and old row only inside it: see `Stored`) and the time it was stored. A record whose length runs past the end of its file or whose checksum
+//!   payload is one event and the time it was stored, in one of two forms told apart by its
+//!   first byte (see [`COMPACT_ROW`]): a row change exactly as the change stream made it is
+//!   its guide payload behind a 26-byte binary header (stored time, commit and end LSN,
+//!   whether it ends its transaction; everything else is read back from the payload, which
+//!   holds it), anything else is JSON (`{`: id, kind, table, …, the message's payload
+//!   verbatim, a row change's record and old row only inside it: see `Stored`). Both are
+//!   read whatever wrote them: histories written before the compact form (JSON only) read
+//!   on after an upgrade. A record whose length runs past the end of its file or whose checksum
 //!   does not match (a write torn by a crash) ends the segment: the file is truncated there
 //!   when the history is opened, and what follows is ignored.
 //! * Appends are buffered and written (to the page cache) before a reader is told about them;
@@ -130,11 +136,92 @@ struct PayloadRows<'a> {
     old: Option<&'a serde_json::value::RawValue>,
 }
 
-/// Encodes an event as a record payload.
+/// First byte of a compact record: a row change whose payload is exactly the one the change
+/// stream's `events::finish` wrote ([`crate::cdc::events::payload_is_finished`]), stored as
+///
+/// ```text
+///  [0x01][flags: u8, bit 0 = last in its transaction][stored at: i64 LE, Unix ms]
+///  [commit LSN: u64 LE][end LSN: u64 LE][the payload: JSON, verbatim]
+/// ```
+///
+/// The JSON form repeats the id, operation, names, commit time and unchanged TOAST columns
+/// beside the payload that holds them (≈ 170 of ≈ 460 bytes of an insert); this form keeps
+/// only what the payload does not say, so each event is encoded, checksummed, written, synced
+/// and trimmed with a third fewer bytes. Reading (resumes: rare) parses them back from the
+/// payload. JSON records begin with `{`, so a reader tells the forms apart by this byte; a
+/// reader older than this form skips such records (docs/realtime-resume.md: no downgrade).
+pub const COMPACT_ROW: u8 = 0x01;
+/// Bytes of a compact record before its payload.
+const COMPACT_HEADER: usize = 26;
+
+/// Encodes an event as a record payload in the JSON form: the form every version reads (the
+/// cluster's stream carries it, so nodes of different versions understand each other).
 pub fn encode(event: &Event, at_ms: i64) -> Vec<u8> {
     let mut out = Vec::new();
     encode_into(&mut out, event, at_ms);
     out
+}
+
+/// The history's record of an event, appended to `out`: the compact form ([`COMPACT_ROW`])
+/// when the event is a row change as the change stream made it, else the JSON form.
+fn encode_record_into(out: &mut Vec<u8>, event: &Event, at_ms: i64) {
+    // The change stream vouches for its own events (comparing every row image with the
+    // payload's cost the pump ~0.1 µs an event); the tests check that it holds.
+    if !event.payload_whole {
+        return encode_into(out, event, at_ms);
+    }
+    debug_assert!(
+        crate::cdc::events::payload_is_finished(event),
+        "{}",
+        event.payload
+    );
+    out.reserve(COMPACT_HEADER + event.payload.len());
+    out.push(COMPACT_ROW);
+    out.push(u8::from(event.last_in_transaction));
+    out.extend_from_slice(&at_ms.to_le_bytes());
+    out.extend_from_slice(&event.commit_lsn.0.to_le_bytes());
+    out.extend_from_slice(&event.end_lsn.0.to_le_bytes());
+    out.extend_from_slice(event.payload.as_bytes());
+}
+
+/// A compact record's header: (stored at, commit LSN, end LSN, last in its transaction) and
+/// its payload; `None` when it is not one.
+fn compact_parts(record: &[u8]) -> Option<(i64, Lsn, Lsn, bool, &[u8])> {
+    if record.first() != Some(&COMPACT_ROW) || record.len() < COMPACT_HEADER {
+        return None;
+    }
+    let word = |at: usize| -> [u8; 8] { record[at..at + 8].try_into().expect("8 bytes") };
+    let last = match record[1] {
+        0 => false,
+        1 => true,
+        _ => return None,
+    };
+    Some((
+        i64::from_le_bytes(word(2)),
+        Lsn(u64::from_le_bytes(word(10))),
+        Lsn(u64::from_le_bytes(word(18))),
+        last,
+        &record[COMPACT_HEADER..],
+    ))
+}
+
+/// What opening a history needs of a record: its id and when it was stored (without
+/// decoding the event).
+fn record_key(record: &[u8]) -> Option<(String, i64)> {
+    if let Some((at, _, _, _, payload)) = compact_parts(record) {
+        // The payload begins with its id, which needed no escaping (payload_is_finished).
+        let rest = payload.strip_prefix(b"{\"id\":\"")?;
+        let end = rest.iter().position(|&b| b == b'"')?;
+        let id = std::str::from_utf8(&rest[..end]).ok()?;
+        return Some((id.to_string(), at));
+    }
+    #[derive(Deserialize)]
+    struct Key {
+        at: i64,
+        id: String,
+    }
+    let k: Key = serde_json::from_slice(record).ok()?;
+    Some((k.id, k.at))
 }
 
 /// [`encode`], appended to `out` (the history encodes each record straight into its write
@@ -151,7 +238,7 @@ fn encode_into(out: &mut Vec<u8>, event: &Event, at_ms: i64) {
     let rows_in_payload = if k == 'r' {
         // The change stream's own layout is recognized by comparing bytes; anything else is
         // parsed.
-        if crate::cdc::events::payload_holds_rows(event) {
+        if event.payload_whole || crate::cdc::events::payload_holds_rows(event) {
             true
         } else {
             match serde_json::from_str::<PayloadRows>(&event.payload) {
@@ -292,8 +379,33 @@ fn encode_as_string(out: &mut Vec<u8>, event: &Event, at_ms: i64, k: char, n: &s
     .expect("serializable")
 }
 
-/// Decodes a record payload back into the event it stored.
+/// Decodes a record payload (either form) back into the event it stored.
 pub fn decode(payload: &[u8]) -> Option<Event> {
+    if let Some((_, commit_lsn, end_lsn, last, payload)) = compact_parts(payload) {
+        let payload = std::str::from_utf8(payload).ok()?;
+        let f = crate::cdc::events::finished_fields(payload)?;
+        return Some(Event {
+            id: f.id,
+            kind: EventKind::Row {
+                operation: f.operation,
+            },
+            schema: Some(Arc::from(f.schema)),
+            table: Some(Arc::from(f.table)),
+            record: Some(f.record),
+            old: f.old,
+            unchanged_toast: f.unchanged_toast,
+            row_key: None,
+            commit_timestamp: Arc::from(f.commit_timestamp),
+            commit_lsn,
+            end_lsn,
+            last_in_transaction: last,
+            payload: Arc::from(payload),
+            sender: None,
+            gap_before: false,
+            // Every field was read from the payload (the commit LSN from beside it).
+            payload_whole: true,
+        });
+    }
     let s: Stored = serde_json::from_slice(payload).ok()?;
     let kind = match s.k {
         'r' => EventKind::Row {
@@ -331,13 +443,40 @@ pub fn decode(payload: &[u8]) -> Option<Event> {
         payload: Arc::from(payload),
         sender: None,
         gap_before: false,
+        payload_whole: false,
     })
+}
+
+/// An event id as the index keeps it: the change stream's ids (`<16 hex>-<8 hex>`, 25 ASCII
+/// bytes) inline, so that indexing an event allocates nothing (and trimming frees nothing);
+/// any other id on the heap. Ordered as its text.
+#[derive(Clone, Debug)]
+enum IndexId {
+    Inline([u8; 25]),
+    Heap(Box<str>),
+}
+
+impl IndexId {
+    fn new(id: &str) -> IndexId {
+        match <[u8; 25]>::try_from(id.as_bytes()) {
+            Ok(bytes) if bytes.is_ascii() => IndexId::Inline(bytes),
+            _ => IndexId::Heap(id.into()),
+        }
+    }
+
+    fn as_str(&self) -> &str {
+        match self {
+            // ASCII, checked when it was made.
+            IndexId::Inline(bytes) => std::str::from_utf8(bytes).expect("ASCII"),
+            IndexId::Heap(id) => id,
+        }
+    }
 }
 
 /// Where a retained record is.
 #[derive(Clone, Debug)]
 pub struct Entry {
-    pub id: String,
+    id: IndexId,
     seg: u64,
     offset: u64,
     len: u32,
@@ -657,20 +796,22 @@ impl History {
                 newest_ms: 0,
             };
             for (offset, payload) in records {
-                let Ok(s) = serde_json::from_slice::<Stored>(payload) else {
+                let Some((id, at)) = record_key(payload) else {
                     continue;
                 };
-                if h.entries.back().is_some_and(|e| e.id >= s.id)
-                    || h.floor.as_deref().is_some_and(|f| s.id.as_str() <= f)
+                if h.entries
+                    .back()
+                    .is_some_and(|e| e.id.as_str() >= id.as_str())
+                    || h.floor.as_deref().is_some_and(|f| id.as_str() <= f)
                 {
                     continue; // never out of order, never below the floor
                 }
                 if std::mem::take(&mut hole) {
                     tracing::warn!(
-                        floor = s.id,
+                        floor = id,
                         "realtime history: records were lost in an older segment; resumes from before the next one are refused"
                     );
-                    h.write_floor(&s.id)?;
+                    h.write_floor(&id)?;
                     h.base += h.entries.len() as u64;
                     h.entries.clear();
                     for old in std::mem::take(&mut h.segments) {
@@ -681,9 +822,9 @@ impl History {
                     continue;
                 }
                 seg.count += 1;
-                seg.newest_ms = seg.newest_ms.max(s.at);
+                seg.newest_ms = seg.newest_ms.max(at);
                 h.entries.push_back(Entry {
-                    id: s.id,
+                    id: IndexId::new(&id),
                     seg: no,
                     offset,
                     len: (payload.len()) as u32,
@@ -796,7 +937,7 @@ impl History {
                 first || bytes <= max_bytes
             })
             .map(|e| Pending {
-                id: e.id.clone(),
+                id: e.id.as_str().to_string(),
                 path: self.segment_path(e.seg),
                 offset: e.offset,
                 len: e.len,
@@ -832,7 +973,7 @@ impl History {
         // checksum are known.
         let start = self.buffer.len();
         self.buffer.extend_from_slice(&[0; HEADER]);
-        encode_into(&mut self.buffer, event, now_ms);
+        encode_record_into(&mut self.buffer, event, now_ms);
         let len = self.buffer.len() - start - HEADER;
         if len > MAX_RECORD {
             // It could not be read back: refused (the caller marks the gap).
@@ -853,7 +994,7 @@ impl History {
         seg.newest_ms = seg.newest_ms.max(now_ms);
         self.bytes += size;
         self.entries.push_back(Entry {
-            id: event.id.clone(),
+            id: IndexId::new(&event.id),
             seg: seg.no,
             offset,
             len: len as u32,
@@ -953,7 +1094,7 @@ impl History {
         {
             let e = self.entries.pop_back().expect("checked");
             seg.count -= 1;
-            lost.get_or_insert(e.id);
+            lost.get_or_insert_with(|| e.id.as_str().to_string());
         }
         self.bytes -= seg.bytes - good;
         seg.bytes = good;
@@ -1063,6 +1204,7 @@ impl History {
                 last = self.entries.pop_front().map(|e| e.id);
                 self.base += 1;
             }
+            let last = last.map(|id| id.as_str().to_string());
             if let Some(last) = last {
                 if self.floor.as_deref().is_none_or(|f| last.as_str() > f) {
                     self.floor = Some(last.clone());
@@ -1121,11 +1263,186 @@ mod tests {
             payload: Arc::from(format!("{{\"id\":\"{id}\"}}")),
             sender: None,
             gap_before: false,
+            payload_whole: false,
         }
     }
 
     fn id(i: u32) -> String {
         format!("{:016X}-{:08X}", 0x1000 + i as u64, 0)
+    }
+
+    /// A row change exactly as the change stream makes it (plain names): stored compactly.
+    fn streamed(i: u32, op: RowOp, old: Option<&str>, toast: &[&str], last: bool) -> Event {
+        let pending = crate::cdc::events::Pending::Row {
+            operation: op,
+            schema: "public".into(),
+            table: "items".into(),
+            record: format!(r#"{{"id":{i},"note":"a \"quoted\" ü\n"}}"#),
+            old: old.map(str::to_string),
+            unchanged_toast: toast.iter().map(|t| t.to_string()).collect(),
+            key: Some(format!(r#"{{"id":{i}}}"#)),
+        };
+        crate::cdc::events::finish(
+            pending,
+            Lsn(0x1000 + i as u64),
+            Lsn(0x1000 + i as u64 + 0x80),
+            0,
+            &Arc::from("2026-12-06T04:25:07.123456Z"),
+            last,
+        )
+    }
+
+    fn streamed_cases() -> Vec<Event> {
+        vec![
+            streamed(1, RowOp::Insert, None, &[], true),
+            streamed(
+                2,
+                RowOp::Update,
+                Some(r#"{"id":2,"note":"before"}"#),
+                &[],
+                false,
+            ),
+            streamed(
+                3,
+                RowOp::Update,
+                Some(r#"{"id":3}"#),
+                &["big", "b\"ig"],
+                true,
+            ),
+            streamed(4, RowOp::Delete, Some(r#"{"id":4}"#), &[], true),
+        ]
+    }
+
+    #[test]
+    fn a_streamed_row_change_is_its_payload_behind_a_binary_header() {
+        for e in streamed_cases() {
+            assert!(e.payload_whole);
+            assert!(crate::cdc::events::payload_is_finished(&e), "{}", e.payload);
+            let mut compact = Vec::new();
+            encode_record_into(&mut compact, &e, -42);
+            assert_eq!(compact[0], COMPACT_ROW);
+            assert_eq!(compact.len(), COMPACT_HEADER + e.payload.len());
+            assert_eq!(&compact[COMPACT_HEADER..], e.payload.as_bytes());
+            let json = encode(&e, -42);
+            assert!(
+                json.len() > compact.len() + 100,
+                "{} vs {}",
+                json.len(),
+                compact.len()
+            );
+            let mut back = decode(&compact).unwrap();
+            assert!(back.row_key.is_none());
+            back.row_key = e.row_key.clone();
+            assert_eq!(fields(&back), fields(&e));
+            assert_eq!(back.end_lsn, e.end_lsn);
+            assert_eq!(record_key(&compact), Some((e.id.clone(), -42)));
+            assert_eq!(record_key(&json), Some((e.id.clone(), -42)));
+        }
+        // Whatever the change stream does not vouch for keeps the JSON form, even in its
+        // layout (events of other origins, a test's event changed after it was made).
+        let mut other = streamed(5, RowOp::Insert, None, &[], true);
+        other.payload_whole = false;
+        let mut out = Vec::new();
+        encode_record_into(&mut out, &other, 0);
+        assert_eq!(out[0], b'{');
+        assert_eq!(fields(&decode(&out).unwrap()), fields(&other));
+        // Names that needed escaping: the stream does not vouch (the JSON form).
+        let mut quoted = row_change();
+        assert!(!quoted.payload_whole);
+        quoted.row_key = None;
+        out.clear();
+        encode_record_into(&mut out, &quoted, 0);
+        assert_eq!(out[0], b'{', "a name that needed escaping");
+        assert_eq!(fields(&decode(&out).unwrap()), fields(&quoted));
+        // A damaged header or payload decodes to nothing (its checksum caught it first on
+        // disk; this is the cluster's or a test's bytes).
+        let mut compact = Vec::new();
+        encode_record_into(
+            &mut compact,
+            &streamed(7, RowOp::Insert, None, &[], true),
+            0,
+        );
+        let mut bad = compact.clone();
+        bad[1] = 2;
+        assert!(decode(&bad).is_none());
+        assert!(decode(&compact[..COMPACT_HEADER - 1]).is_none());
+        assert!(decode(&compact[..compact.len() - 1]).is_none());
+    }
+
+    /// A segment as main's encoder (the JSON form, before the compact one) wrote it.
+    fn json_segment(events: &[Event], at_ms: i64) -> Vec<u8> {
+        let mut out = Vec::new();
+        for e in events {
+            let record = encode(e, at_ms);
+            out.extend_from_slice(&(record.len() as u32).to_le_bytes());
+            out.extend_from_slice(&crc32(&record).to_le_bytes());
+            out.extend_from_slice(&record);
+        }
+        out
+    }
+
+    #[test]
+    fn a_history_written_before_the_compact_form_reads_on_after_the_upgrade() {
+        let d = dir("upgrade");
+        create_dir(&d).unwrap();
+        let old: Vec<Event> = streamed_cases();
+        let now = chrono::Utc::now().timestamp_millis();
+        std::fs::write(d.join(format!("{:016x}.seg", 1)), json_segment(&old, now)).unwrap();
+        let mut h = History::open(&d, limits()).unwrap();
+        assert_eq!(h.len(), old.len());
+        assert_eq!(h.last_id(), Some(old[3].id.as_str()));
+        // New records after them (in the next segment: an opened history appends to a new
+        // one): compact.
+        let new: Vec<Event> = (10..14)
+            .map(|i| streamed(i, RowOp::Insert, None, &[], i % 2 == 0))
+            .collect();
+        for e in &new {
+            h.append(e, now).unwrap();
+        }
+        h.flush().unwrap();
+        drop(h);
+        let mut forms = Vec::new();
+        for no in [1, 2] {
+            let data = std::fs::read(d.join(format!("{no:016x}.seg"))).unwrap();
+            let (records, valid) = scan(&data);
+            assert_eq!(valid, data.len());
+            forms.extend(records.iter().map(|(_, r)| r[0]));
+        }
+        assert_eq!(forms, [b'{', b'{', b'{', b'{', 1, 1, 1, 1]);
+        // Both forms index on open, resume from anywhere, read back whole, and age by their
+        // stored time.
+        let h = History::open(&d, limits()).unwrap();
+        assert_eq!(h.len(), 8);
+        let all: Vec<&Event> = old.iter().chain(&new).collect();
+        for from in 0..all.len() {
+            let since = (from > 0).then(|| all[from - 1].id.as_str());
+            assert!(h.accepts(since) || since.is_none());
+            let got: Vec<Event> = h
+                .after(since, 100, u64::MAX)
+                .iter()
+                .map(|p| p.read().unwrap())
+                .collect();
+            assert_eq!(got.len(), all.len() - from);
+            for (g, want) in got.iter().zip(&all[from..]) {
+                // Everything but the key only webhook ordering reads (never stored).
+                assert!(g.row_key.is_none());
+                assert_eq!(fields(g), fields(want));
+                assert_eq!(g.end_lsn, want.end_lsn);
+            }
+        }
+        let mut h = History::open(
+            &d,
+            Limits {
+                age_ms: 10,
+                ..limits()
+            },
+        )
+        .unwrap();
+        h.trim(now + 5).unwrap();
+        assert_eq!(h.len(), 8, "nothing is older than 10 ms at `now + 5`");
+        h.trim(now + 11).unwrap();
+        assert!(h.is_empty());
+        let _ = std::fs::remove_dir_all(&d);
     }
 
     #[test]
@@ -1467,6 +1784,47 @@ mod tests {
         h.append(&event(&id(9), "x"), 0).unwrap();
         h.flush().unwrap();
         assert!(stale.read().is_err(), "a read of another record is refused");
+        let _ = std::fs::remove_dir_all(&d);
+    }
+
+    #[test]
+    fn ids_of_any_shape_index_in_text_order() {
+        // The change stream's ids are kept inline, any other on the heap: one order.
+        assert!(matches!(IndexId::new(&id(1)), IndexId::Inline(_)));
+        assert!(matches!(IndexId::new("short"), IndexId::Heap(_)));
+        assert!(matches!(
+            IndexId::new("ü000000000000000-0000000"),
+            IndexId::Heap(_)
+        ));
+        let d = dir("id-shapes");
+        let ids = [
+            "0".to_string(),
+            id(1),
+            format!("{}0", id(1)),
+            id(2),
+            "1".to_string(),
+        ];
+        let mut h = History::open(&d, limits()).unwrap();
+        for i in &ids {
+            h.append(&event(i, "x"), 0).unwrap();
+        }
+        // Not after the last: ignored.
+        h.append(&event(&id(3), "x"), 0).unwrap();
+        h.flush().unwrap();
+        assert_eq!(h.len(), ids.len());
+        assert_eq!(h.last_id(), Some("1"));
+        for (n, since) in ids.iter().enumerate() {
+            let got: Vec<String> = h
+                .after(Some(since), 100, u64::MAX)
+                .iter()
+                .map(|p| p.read().unwrap().id)
+                .collect();
+            assert_eq!(got, ids[n + 1..].to_vec(), "after {since}");
+        }
+        drop(h);
+        let h = History::open(&d, limits()).unwrap();
+        assert_eq!(h.len(), ids.len());
+        assert!(h.accepts(Some(&id(1))));
         let _ = std::fs::remove_dir_all(&d);
     }
 

@@ -60,7 +60,7 @@ pub(super) fn spawn(rt: &Arc<Realtime>, room: &Arc<Room>) -> tokio::task::JoinHa
             let mut batch = Vec::new();
             let mut synced = None;
             tokio::select! {
-                e = sub.events.recv() => match e {
+                e = sub.recv() => match e {
                     Some(e) => batch.push(e),
                     None => return,
                 },
@@ -145,7 +145,9 @@ pub(super) fn spawn(rt: &Arc<Realtime>, room: &Arc<Room>) -> tokio::task::JoinHa
                     (event, skip)
                 })
                 .collect();
-            let all: Vec<Arc<Event>> = events.iter().map(|(e, _)| e.clone()).collect();
+            // The batch as the visibility check takes it: made only when an identity needs
+            // verdicts (a room without live members clones no event).
+            let mut all: Vec<Arc<Event>> = Vec::new();
             let mut verdicts = Verdicts::default();
             let mut missing = room.identities();
             // Stored and delivered a slice at a time, letting the sockets' writers run in
@@ -154,6 +156,9 @@ pub(super) fn spawn(rt: &Arc<Realtime>, room: &Arc<Room>) -> tokio::task::JoinHa
             for (n, slice) in events.chunks(DELIVERY_SLICE).enumerate() {
                 loop {
                     if !missing.is_empty() {
+                        if all.is_empty() {
+                            all = events.iter().map(|(e, _)| e.clone()).collect();
+                        }
                         let more = rt
                             .visibility
                             .verdicts(&*host, &project, &missing, &all)

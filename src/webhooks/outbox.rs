@@ -86,7 +86,7 @@ async fn run(shared: Weak<Shared>, mut sub: Subscription, project_id: String) {
     loop {
         // At least one whole transaction...
         loop {
-            let Some(event) = sub.events.recv().await else {
+            let Some(event) = sub.recv().await else {
                 return;
             };
             let last = event.last_in_transaction;

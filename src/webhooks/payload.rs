@@ -181,6 +181,7 @@ mod tests {
             payload: "{}".into(),
             sender: None,
             gap_before: false,
+            payload_whole: false,
         }
     }
 

@@ -283,7 +283,7 @@ async fn bench(
     let reader = {
         let arrivals = arrivals.clone();
         tokio::spawn(async move {
-            while let Some(e) = sub.events.recv().await {
+            while let Some(e) = sub.recv().await {
                 let now = Instant::now();
                 if e.table.as_deref() != Some("bench_latency") {
                     continue;
@@ -489,7 +489,7 @@ async fn run_fluxbase(
     );
     let mut n = 0;
     while n < changes {
-        let e = tokio::time::timeout(Duration::from_secs(120), sub.events.recv())
+        let e = tokio::time::timeout(Duration::from_secs(120), sub.recv())
             .await
             .context("no event within 120 s")?
             .context("the bus closed the subscription")?;

@@ -909,7 +909,7 @@ async fn count_events(mut sub: Subscription, expected: u64) -> Result<(Instant, 
     // acknowledged per batch.
     let mut batch = Vec::with_capacity(256);
     while seen < expected {
-        if sub.events.recv_many(&mut batch, 256).await == 0 {
+        if sub.recv_many(&mut batch, 256).await == 0 {
             bail!(
                 "the bus closed the subscription after {seen} of {expected} events: {}",
                 sub.closed_reason().unwrap_or_default()
@@ -1002,8 +1002,7 @@ async fn collect_latency(
     let mut out = Vec::with_capacity(total);
     let mut buf: Vec<Arc<Event>> = Vec::with_capacity(64);
     while out.len() < total {
-        let got =
-            tokio::time::timeout_at(deadline.into(), sub.events.recv_many(&mut buf, 64)).await;
+        let got = tokio::time::timeout_at(deadline.into(), sub.recv_many(&mut buf, 64)).await;
         let received_at = now_micros();
         match got {
             Err(_) => bail!("only {} of {total} latency events arrived", out.len()),
