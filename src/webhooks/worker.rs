@@ -310,7 +310,9 @@ async fn drain_batches(
     webhook_id: &str,
     claim: Option<&mut Claim<'_>>,
 ) -> anyhow::Result<Drain> {
-    match hooks::ordering(&shared.work.get().await?, webhook_id).await? {
+    // Bound first: a temporary in the `match` would hold the connection for the whole drain.
+    let ordering = hooks::ordering(&shared.work.get().await?, webhook_id).await?;
+    match ordering {
         // Deleted meanwhile.
         None => Ok(Drain::Done),
         Some(Order::Strict) => drain_strict(shared, webhook_id, claim).await,

@@ -111,7 +111,18 @@ async fn webhooks_stuck_on_the_control_database_leave_the_api_its_connections() 
             if n >= 4 {
                 Ok(n)
             } else {
-                Err(format!("{n} waiting on the outbox"))
+                let activity: Vec<String> = watcher
+                    .query(
+                        "SELECT coalesce(wait_event_type, '') || ' ' || coalesce(wait_event, '') || ' ' || state || ' ' || left(query, 80)
+                         FROM pg_stat_activity WHERE datname = current_database()",
+                        &[],
+                    )
+                    .await
+                    .unwrap()
+                    .iter()
+                    .map(|r| r.get(0))
+                    .collect();
+                Err(format!("{n} waiting on the outbox: {activity:#?}"))
             }
         },
     )
@@ -295,15 +306,9 @@ async fn webhooks_per_project_url_length_events_and_tables_are_capped() {
     assert_eq!(list["webhooks"].as_array().unwrap().len(), 3);
     // Deleting one makes room.
     let id = list["webhooks"][0]["id"].as_str().unwrap().to_string();
-    let (status, _) = app
-        .call(
-            "DELETE",
-            "/api/webhooks",
-            Some(&f.admin),
-            Some(json!({ "projectId": f.project, "webhookId": id })),
-        )
-        .await;
-    assert_eq!(status, 200);
+    let path = format!("/api/webhooks?projectId={}&webhookId={id}", f.project);
+    let (status, b) = app.call("DELETE", &path, Some(&f.admin), None).await;
+    assert_eq!(status, 200, "{b}");
     hook(&app, &f, json!({ "url": url, "events": ["row.inserted"] })).await;
 
     // Another project has its own quota; there, the shapes of what one webhook may hold.
