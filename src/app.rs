@@ -190,10 +190,11 @@ impl App {
                 crate::db::control_pool(&cluster, config.webhook_control_connections)?,
                 bus.clone(),
                 {
-                let mut settings = crate::webhooks::Settings::from_config(&config);
-                settings.node_id = cluster_mode.as_ref().map(|m| m.node_id().to_string());
-                settings
-            })
+                    let mut settings = crate::webhooks::Settings::from_config(&config);
+                    settings.node_id = cluster_mode.as_ref().map(|m| m.node_id().to_string());
+                    settings
+                },
+            )
             .with_cluster(cluster.clone()),
             bus,
             storage,

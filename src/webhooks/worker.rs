@@ -141,7 +141,10 @@ impl Scheduler {
         for _ in 0..self.turn.len() {
             let project = self.turn.pop_front()?;
             let running = busy.values().filter(|(p, _)| *p == project).count();
-            let queue = self.waiting.get_mut(&project).expect("a project in turn waits");
+            let queue = self
+                .waiting
+                .get_mut(&project)
+                .expect("a project in turn waits");
             let pick = (running < per_project)
                 .then(|| queue.iter().position(|h| !busy.contains_key(h)))
                 .flatten();
@@ -228,9 +231,15 @@ pub(super) async fn run(shared: Weak<Shared>) {
                         Ok(Yield::Done) => {}
                         // Its turn is over, not its work: queued again, behind the others.
                         Ok(Yield::Yielded) => {
-                            s.queue.fresh.lock().expect("poisoned").insert(hook.clone(), project);
+                            s.queue
+                                .fresh
+                                .lock()
+                                .expect("poisoned")
+                                .insert(hook.clone(), project);
                         }
-                        Err(e) => tracing::warn!(webhook = %hook, error = %e, "delivering webhooks"),
+                        Err(e) => {
+                            tracing::warn!(webhook = %hook, error = %e, "delivering webhooks")
+                        }
                     }
                 }
             });
@@ -640,4 +649,55 @@ async fn record(shared: &Shared, delivered: &Successes) -> anyhow::Result<()> {
     }
     deliveries::mark_delivered(&shared.work.get().await?, delivered).await?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn busy(entries: &[(&str, &str)]) -> HashMap<String, (String, Arc<Notify>)> {
+        entries
+            .iter()
+            .map(|(h, p)| (h.to_string(), (p.to_string(), Arc::default())))
+            .collect()
+    }
+
+    #[test]
+    fn projects_take_turns_within_both_caps() {
+        let mut s = Scheduler::default();
+        for h in ["e1", "e2", "e3", "e4"] {
+            s.offer(h.into(), "E".into());
+        }
+        s.offer("a1".into(), "A".into());
+        s.offer("e1".into(), "E".into()); // already waiting: held once
+        assert_eq!(s.len(), 5);
+        let mut running = busy(&[]);
+        let mut order = Vec::new();
+        while let Some((h, p)) = s.next(&running, 4, 2) {
+            order.push(h.clone());
+            running.insert(h, (p, Arc::default()));
+        }
+        // E and A in turn; E stops at its cap of 2 although slots are free.
+        assert_eq!(order, ["e1", "a1", "e2"]);
+        assert_eq!(s.len(), 2);
+        // One of E's ends: its next webhook starts.
+        running.remove("e1");
+        assert_eq!(s.next(&running, 4, 2), Some(("e3".into(), "E".into())));
+        // Every slot taken: nothing starts.
+        let full = busy(&[("x", "X"), ("y", "Y"), ("z", "Z"), ("w", "W")]);
+        assert_eq!(s.next(&full, 4, 2), None);
+    }
+
+    #[test]
+    fn a_webhook_draining_already_stays_queued() {
+        let mut s = Scheduler::default();
+        s.offer("e1".into(), "E".into());
+        s.offer("e2".into(), "E".into());
+        let running = busy(&[("e1", "E")]);
+        assert_eq!(s.next(&running, 4, 4), Some(("e2".into(), "E".into())));
+        assert_eq!(s.next(&running, 4, 4), None);
+        assert_eq!(s.len(), 1);
+        assert_eq!(s.next(&busy(&[]), 4, 4), Some(("e1".into(), "E".into())));
+        assert_eq!(s.len(), 0);
+    }
 }

@@ -128,7 +128,10 @@ async fn webhooks_stuck_on_the_control_database_leave_the_api_its_connections() 
     )
     .await;
     // The machinery's own pool (4 by default) is all it may hold.
-    assert_eq!(stuck, 4, "the webhook machinery took more than its own pool");
+    assert_eq!(
+        stuck, 4,
+        "the webhook machinery took more than its own pool"
+    );
     for _ in 0..3 {
         tenant_a_is_served(&app, &a).await;
     }
@@ -186,7 +189,12 @@ async fn a_projects_held_drains_leave_slots_for_other_projects() {
     rx_e.wait_held(2).await;
 
     let rx_a = Receiver::start().await;
-    hook(&app, &a, json!({ "url": rx_a.url, "events": ["row.inserted"] })).await;
+    hook(
+        &app,
+        &a,
+        json!({ "url": rx_a.url, "events": ["row.inserted"] }),
+    )
+    .await;
     app.rows(&a.admin, &a.project, "CREATE TABLE t (v text)")
         .await;
     app.rows(&a.admin, &a.project, "INSERT INTO t VALUES ('a')")
@@ -234,11 +242,20 @@ async fn a_backlog_is_drained_in_turns_while_other_tenants_are_served() {
     let mut receivers = Vec::new();
     for _ in 0..3 {
         let rx = TimedReceiver::start(0, u64::MAX).await;
-        hook(&app, &e, json!({ "url": rx.url, "events": ["row.inserted"] })).await;
+        hook(
+            &app,
+            &e,
+            json!({ "url": rx.url, "events": ["row.inserted"] }),
+        )
+        .await;
         receivers.push(rx);
     }
-    app.rows(&e.admin, &e.project, "CREATE TABLE wt (id serial PRIMARY KEY, v text)")
-        .await;
+    app.rows(
+        &e.admin,
+        &e.project,
+        "CREATE TABLE wt (id serial PRIMARY KEY, v text)",
+    )
+    .await;
     app.rows(
         &e.admin,
         &e.project,
@@ -287,7 +304,8 @@ async fn webhooks_per_project_url_length_events_and_tables_are_capped() {
     let app = app_with(|c| c.webhook_max_per_project = 3).await;
     let f = app.fixture().await;
     let url = "http://127.0.0.1:9/hook";
-    let tries = (0..6).map(|_| register(&app, &f, json!({ "url": url, "events": ["row.inserted"] })));
+    let tries =
+        (0..6).map(|_| register(&app, &f, json!({ "url": url, "events": ["row.inserted"] })));
     let answers = futures_util::future::join_all(tries).await;
     let created = answers.iter().filter(|(s, _)| *s == 201).count();
     assert_eq!(created, 3, "{answers:?}");
@@ -301,7 +319,12 @@ async fn webhooks_per_project_url_length_events_and_tables_are_capped() {
             .contains("webhook_max_per_project"));
     }
     let (_, list) = app
-        .call("GET", &format!("/api/webhooks?projectId={}", f.project), Some(&f.admin), None)
+        .call(
+            "GET",
+            &format!("/api/webhooks?projectId={}", f.project),
+            Some(&f.admin),
+            None,
+        )
         .await;
     assert_eq!(list["webhooks"].as_array().unwrap().len(), 3);
     // Deleting one makes room.
@@ -315,21 +338,47 @@ async fn webhooks_per_project_url_length_events_and_tables_are_capped() {
     let g = app.fixture().await;
     let at_most = format!("http://127.0.0.1:9/{}", "a".repeat(2048 - 19));
     assert_eq!(at_most.len(), 2048);
-    let ok = hook(&app, &g, json!({ "url": at_most, "events": ["row.inserted"] })).await;
+    let ok = hook(
+        &app,
+        &g,
+        json!({ "url": at_most, "events": ["row.inserted"] }),
+    )
+    .await;
     let too_long = format!("{at_most}a");
     let bad = [
-        (json!({ "url": too_long, "events": ["row.inserted"] }), "url"),
-        (json!({ "url": "http://127.0.0.1:9/".to_string() + &"a".repeat(100_000), "events": ["row.inserted"] }), "url"),
-        (json!({ "url": url, "events": vec!["row.inserted"; 5] }), "events"),
-        (json!({ "url": url, "events": ["row.inserted"], "tables": vec!["t"; 101] }), "tables"),
-        (json!({ "url": url, "events": ["row.inserted"], "tables": ["a".repeat(257)] }), "tables"),
-        (json!({ "url": url, "events": ["row.inserted"], "tables": [""] }), "tables"),
+        (
+            json!({ "url": too_long, "events": ["row.inserted"] }),
+            "url",
+        ),
+        (
+            json!({ "url": "http://127.0.0.1:9/".to_string() + &"a".repeat(100_000), "events": ["row.inserted"] }),
+            "url",
+        ),
+        (
+            json!({ "url": url, "events": vec!["row.inserted"; 5] }),
+            "events",
+        ),
+        (
+            json!({ "url": url, "events": ["row.inserted"], "tables": vec!["t"; 101] }),
+            "tables",
+        ),
+        (
+            json!({ "url": url, "events": ["row.inserted"], "tables": ["a".repeat(257)] }),
+            "tables",
+        ),
+        (
+            json!({ "url": url, "events": ["row.inserted"], "tables": [""] }),
+            "tables",
+        ),
     ];
     for (body, field) in bad {
         let (status, b) = register(&app, &g, body).await;
         assert_eq!(status, 400, "{b}");
         assert_eq!(b["error"]["code"], "BAD_REQUEST", "{b}");
-        assert!(b["error"]["message"].as_str().unwrap().starts_with(field), "{b}");
+        assert!(
+            b["error"]["message"].as_str().unwrap().starts_with(field),
+            "{b}"
+        );
     }
     let patch = |body: Value| {
         let mut body = body;
@@ -338,7 +387,11 @@ async fn webhooks_per_project_url_length_events_and_tables_are_capped() {
         app.call("PATCH", "/api/webhooks", Some(&g.admin), Some(body))
     };
     let (status, b) = patch(json!({ "url": too_long })).await;
-    assert_eq!((status, b["error"]["code"].clone()), (400, json!("BAD_REQUEST")), "{b}");
+    assert_eq!(
+        (status, b["error"]["code"].clone()),
+        (400, json!("BAD_REQUEST")),
+        "{b}"
+    );
     let (status, b) = patch(json!({ "tables": vec!["t"; 101] })).await;
     assert_eq!(status, 400, "{b}");
     let (status, b) = patch(json!({ "events": vec!["row.inserted"; 5] })).await;
@@ -354,10 +407,23 @@ async fn deliveries_of_another_projects_webhook_are_not_found() {
     let app = app_with(|_| {}).await;
     let f = app.fixture().await;
     let g = app.fixture().await;
-    let theirs = hook(&app, &g, json!({ "url": "http://127.0.0.1:9/", "events": ["row.inserted"] })).await;
-    let mine = hook(&app, &f, json!({ "url": "http://127.0.0.1:9/", "events": ["row.inserted"] })).await;
+    let theirs = hook(
+        &app,
+        &g,
+        json!({ "url": "http://127.0.0.1:9/", "events": ["row.inserted"] }),
+    )
+    .await;
+    let mine = hook(
+        &app,
+        &f,
+        json!({ "url": "http://127.0.0.1:9/", "events": ["row.inserted"] }),
+    )
+    .await;
     for id in [theirs.as_str(), "wh_nope"] {
-        let path = format!("/api/webhooks/deliveries?projectId={}&webhookId={id}", f.project);
+        let path = format!(
+            "/api/webhooks/deliveries?projectId={}&webhookId={id}",
+            f.project
+        );
         let (status, b) = app.call("GET", &path, Some(&f.admin), None).await;
         assert_eq!(status, 404, "{b}");
         assert_eq!(b["error"]["code"], "NOT_FOUND", "{b}");
@@ -372,7 +438,10 @@ async fn deliveries_of_another_projects_webhook_are_not_found() {
             .await;
         assert_eq!((status2, &b2["error"]["code"]), (404, &json!("NOT_FOUND")));
     }
-    let path = format!("/api/webhooks/deliveries?projectId={}&webhookId={mine}", f.project);
+    let path = format!(
+        "/api/webhooks/deliveries?projectId={}&webhookId={mine}",
+        f.project
+    );
     let (status, b) = app.call("GET", &path, Some(&f.admin), None).await;
     assert_eq!(status, 200, "{b}");
     assert_eq!(b["deliveries"], json!([]));
