@@ -185,11 +185,16 @@ impl App {
                 crate::cdc::StreamSettings::from_config(&config),
             ),
             realtime,
-            webhooks: crate::webhooks::Webhooks::new(control.clone(), bus.clone(), {
-                let mut settings = crate::webhooks::Settings::from_config(&config);
-                settings.node_id = cluster_mode.as_ref().map(|m| m.node_id().to_string());
-                settings
-            })
+            webhooks: crate::webhooks::Webhooks::new(
+                control.clone(),
+                crate::db::control_pool(&cluster, config.webhook_control_connections)?,
+                bus.clone(),
+                {
+                    let mut settings = crate::webhooks::Settings::from_config(&config);
+                    settings.node_id = cluster_mode.as_ref().map(|m| m.node_id().to_string());
+                    settings
+                },
+            )
             .with_cluster(cluster.clone()),
             bus,
             storage,

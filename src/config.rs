@@ -125,6 +125,16 @@ pub struct Config {
     /// Most deliveries of one webhook in flight at once under the `row` ordering (`strict`
     /// webhooks have one); see docs/configuration.md for why 64.
     pub webhook_max_in_flight: usize,
+    /// Control-database connections of the webhook machinery (outbox writers, delivery worker),
+    /// a pool of its own: a flood of deliveries waits for these, never for the API's.
+    pub webhook_control_connections: usize,
+    /// Most webhooks draining at once (each up to `webhook_max_in_flight` requests).
+    pub webhook_max_drains: usize,
+    /// Most webhooks of one project draining at once: one project's backlog cannot take every
+    /// drain, and others' deliveries go out beside it.
+    pub webhook_max_drains_per_project: usize,
+    /// Webhooks one project may register.
+    pub webhook_max_per_project: u32,
     /// Events a realtime room keeps for `since` resumes.
     pub realtime_retention_events: usize,
     /// Seconds a realtime room keeps events for `since` resumes.
@@ -276,6 +286,10 @@ impl Default for Config {
             webhook_backoff_scale: 1.0,
             webhook_scan_ms: 500,
             webhook_max_in_flight: 64,
+            webhook_control_connections: 4,
+            webhook_max_drains: 16,
+            webhook_max_drains_per_project: 4,
+            webhook_max_per_project: 25,
             realtime_retention_events: 100_000,
             realtime_retention_secs: 600,
             realtime_retention_bytes: 64 * 1024 * 1024,
@@ -496,6 +510,13 @@ impl Config {
             || self.nats_retention_bytes == 0
         {
             bail!("nats_replicas, nats_retention_secs and nats_retention_bytes must be positive");
+        }
+        if self.webhook_control_connections == 0
+            || self.webhook_max_drains == 0
+            || self.webhook_max_drains_per_project == 0
+            || self.webhook_max_per_project == 0
+        {
+            bail!("webhook_control_connections, webhook_max_drains, webhook_max_drains_per_project and webhook_max_per_project must be positive");
         }
         if self.max_rows == 0 || self.pool_size == 0 || self.rate_limit_window_secs == 0 {
             bail!("max_rows, pool_size and rate_limit_window_secs must be positive");

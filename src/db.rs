@@ -169,6 +169,15 @@ pub async fn open_control(target: &ClusterTarget, pool_size: usize) -> Result<Po
             ))
             .await?;
     }
+    let pool = control_pool(target, pool_size)?;
+    migrate(&pool).await?;
+    Ok(pool)
+}
+
+/// A pool of at most `size` connections to the control database (connections open on first
+/// use), for a user that must not take the API's (the webhook machinery): call after
+/// [`open_control`], which creates and migrates the database.
+pub fn control_pool(target: &ClusterTarget, size: usize) -> Result<Pool> {
     let mgr = Manager::from_config(
         target.pg_config(&target.control_db),
         NoTls,
@@ -177,16 +186,14 @@ pub async fn open_control(target: &ClusterTarget, pool_size: usize) -> Result<Po
         },
     );
     // Bounded waits: a request never queues forever behind busy control connections.
-    let pool = Pool::builder(mgr)
-        .max_size(pool_size)
+    Pool::builder(mgr)
+        .max_size(size)
         .wait_timeout(Some(std::time::Duration::from_secs(10)))
         .create_timeout(Some(std::time::Duration::from_secs(10)))
         .recycle_timeout(Some(std::time::Duration::from_secs(5)))
         .runtime(deadpool_postgres::Runtime::Tokio1)
         .build()
-        .context("building the control pool")?;
-    migrate(&pool).await?;
-    Ok(pool)
+        .context("building a control pool")
 }
 
 async fn migrate(pool: &Pool) -> Result<()> {

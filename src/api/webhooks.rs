@@ -22,8 +22,13 @@ impl From<WebhookError> for ApiError {
             | WebhookError::UnknownEvent(_)
             | WebhookError::Url(_)
             | WebhookError::SecretLength
+            | WebhookError::UrlLength
+            | WebhookError::TooManyEvents
+            | WebhookError::Tables
             | WebhookError::UnknownOrdering(_)
             | WebhookError::UnknownStatus(_) => ApiError::BadRequest(e.to_string()),
+            // As the project quota (`max_projects_per_user`) answers.
+            WebhookError::QuotaReached(_) => ApiError::InsufficientPermissions(e.to_string()),
             WebhookError::WebhookNotFound(_) | WebhookError::DeliveryNotFound(_) => {
                 ApiError::NotFound(e.to_string())
             }

@@ -282,17 +282,53 @@ pub async fn ordering(
 }
 
 /// Enabled webhooks with a pending delivery whose time has come.
-pub async fn with_due_deliveries(client: &impl GenericClient) -> Result<Vec<String>, Error> {
+/// The enabled webhooks with deliveries due now: (webhook id, project id).
+pub async fn with_due_deliveries(
+    client: &impl GenericClient,
+) -> Result<Vec<(String, String)>, Error> {
     let rows = client
         .query(
-            "SELECT w.id FROM fluxbase.webhooks w
+            "SELECT w.id, w.project_id FROM fluxbase.webhooks w
              WHERE w.enabled AND EXISTS (
                  SELECT 1 FROM fluxbase.webhook_deliveries d
                  WHERE d.webhook_id = w.id AND d.status = 'pending' AND d.next_attempt_at <= now())",
             &[],
         )
         .await?;
-    Ok(rows.iter().map(|r| r.get(0)).collect())
+    Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
+}
+
+/// In a transaction: takes the project's webhook-registration lock (until the transaction
+/// ends) and counts the project's webhooks, so that a count-then-insert cannot race another.
+pub async fn lock_and_count(client: &impl GenericClient, project_id: &str) -> Result<i64, Error> {
+    client
+        .execute(
+            "SELECT pg_advisory_xact_lock(hashtextextended('fluxbase.webhooks:' || $1, 0))",
+            &[&project_id],
+        )
+        .await?;
+    let row = client
+        .query_one(
+            "SELECT count(*) FROM fluxbase.webhooks WHERE project_id = $1",
+            &[&project_id],
+        )
+        .await?;
+    Ok(row.get(0))
+}
+
+/// Whether the project has this webhook.
+pub async fn exists(
+    client: &impl GenericClient,
+    project_id: &str,
+    webhook_id: &str,
+) -> Result<bool, Error> {
+    let row = client
+        .query_opt(
+            "SELECT 1 FROM fluxbase.webhooks WHERE project_id = $1 AND id = $2",
+            &[&project_id, &webhook_id],
+        )
+        .await?;
+    Ok(row.is_some())
 }
 
 /// Cluster mode: takes the webhook's drain for `node` for `lease_secs`, if no other node holds an

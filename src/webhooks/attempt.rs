@@ -191,18 +191,18 @@ pub(super) async fn settle(
             delivered.bodies.push(resp.body);
             if *failing {
                 *failing = false;
-                hooks::clear_failing(&shared.control.get().await?, webhook_id).await?;
+                hooks::clear_failing(&shared.work.get().await?, webhook_id).await?;
             }
             Ok(Settled::Delivered)
         }
         Ok(resp) if resp.status == 410 => {
-            let control = shared.control.get().await?;
+            let control = shared.work.get().await?;
             deliveries::mark_gone(&control, &d.id, attempts, &resp.body).await?;
             hooks::disable(&control, webhook_id, "the endpoint answered 410 Gone").await?;
             Ok(Settled::Disabled)
         }
         other => {
-            let control = shared.control.get().await?;
+            let control = shared.work.get().await?;
             let (status, body, error, retry_after) = match other {
                 Ok(resp) => (
                     Some(resp.status as i32),

@@ -61,6 +61,17 @@ pub enum WebhookError {
     Url(egress::EgressError),
     #[error("secret: 16 to 256 characters")]
     SecretLength,
+    #[error("url: at most {MAX_URL_BYTES} bytes")]
+    UrlLength,
+    #[error("events: at most {n} entries", n = EventType::ALL.len())]
+    TooManyEvents,
+    #[error("tables: at most {MAX_TABLES} names, each 1 to {MAX_TABLE_NAME_BYTES} bytes")]
+    Tables,
+    #[error(
+        "Webhook quota reached: a project may have at most {0} webhooks \
+         (webhook_max_per_project). Delete one or ask the operator to raise it."
+    )]
+    QuotaReached(u32),
     #[error(transparent)]
     UnknownOrdering(#[from] hooks::UnknownOrdering),
     #[error("webhookId: no webhook {0:?} in this project")]
@@ -87,6 +98,12 @@ pub struct Settings {
     pub scan_interval: Duration,
     /// Most deliveries of one webhook in flight at once (ordering `row`); at least 1.
     pub max_in_flight: usize,
+    /// Most webhooks draining at once; at least 1.
+    pub max_drains: usize,
+    /// Most webhooks of one project draining at once; at least 1.
+    pub max_drains_per_project: usize,
+    /// Webhooks one project may register.
+    pub max_per_project: u32,
     /// Cluster mode: this node's name. Every node runs a delivery worker; a webhook's
     /// deliveries are sent by the node holding its drain claim (`webhooks.drain_node`).
     pub node_id: Option<String>,
@@ -99,6 +116,9 @@ impl Settings {
             backoff_scale: config.webhook_backoff_scale,
             scan_interval: Duration::from_millis(config.webhook_scan_ms.max(10)),
             max_in_flight: config.webhook_max_in_flight.max(1),
+            max_drains: config.webhook_max_drains.max(1),
+            max_drains_per_project: config.webhook_max_drains_per_project.max(1),
+            max_per_project: config.webhook_max_per_project,
             node_id: None,
         }
     }
@@ -152,9 +172,22 @@ pub struct Webhooks {
     shared: Arc<Shared>,
 }
 
+/// Longest webhook URL accepted, in bytes (browsers' and proxies' common bound; the URL is
+/// stored, listed and sent with every delivery).
+pub const MAX_URL_BYTES: usize = 2048;
+/// Most table names one webhook may filter on.
+pub const MAX_TABLES: usize = 100;
+/// Longest table name accepted in a filter, in bytes (PostgreSQL's and MySQL's identifiers are
+/// at most 63 bytes and 64 characters).
+pub const MAX_TABLE_NAME_BYTES: usize = 256;
+
 /// What the service and its tasks share (tasks hold it weakly).
 struct Shared {
+    /// The API's control pool: registration and the delivery log, answered for callers.
     control: deadpool_postgres::Pool,
+    /// The machinery's own control pool (outbox writers, delivery worker, claims): a backlog
+    /// of deliveries waits for these connections, never for the API's.
+    work: deadpool_postgres::Pool,
     /// Where the project databases are (their catalogs name the rows: [`keys`]); `None`: rows
     /// are not told apart (each table is ordered as one row).
     cluster: Option<crate::db::ClusterTarget>,
@@ -174,10 +207,18 @@ struct Shared {
 }
 
 impl Webhooks {
-    pub fn new(control: deadpool_postgres::Pool, bus: Arc<Bus>, settings: Settings) -> Webhooks {
+    /// `control` answers the API's calls; `work` is the machinery's own pool (see
+    /// `webhook_control_connections`).
+    pub fn new(
+        control: deadpool_postgres::Pool,
+        work: deadpool_postgres::Pool,
+        bus: Arc<Bus>,
+        settings: Settings,
+    ) -> Webhooks {
         Webhooks {
             shared: Arc::new(Shared {
                 control,
+                work,
                 cluster: None,
                 bus,
                 sender: attempt::Sender::new(settings.allow_private),
@@ -284,6 +325,10 @@ impl Webhooks {
         req: NewWebhookRequest,
     ) -> Result<Registered, WebhookError> {
         validate_events(&req.events)?;
+        validate_url_length(&req.url)?;
+        if let Some(tables) = &req.tables {
+            validate_tables(tables)?;
+        }
         let ordering = req
             .ordering
             .as_deref()
@@ -305,8 +350,16 @@ impl Webhooks {
             }
         };
         let id = format!("wh_{}", random_base62(16));
+        let mut control = self.shared.control.get().await?;
+        // Counted and inserted under the project's lock: concurrent registrations cannot pass
+        // the quota together.
+        let tx = control.transaction().await?;
+        let quota = self.shared.settings.max_per_project;
+        if hooks::lock_and_count(&tx, project_id).await? >= i64::from(quota) {
+            return Err(WebhookError::QuotaReached(quota));
+        }
         let webhook = hooks::insert(
-            &self.shared.control.get().await?,
+            &tx,
             &NewWebhook {
                 id: &id,
                 project_id,
@@ -319,6 +372,8 @@ impl Webhooks {
             },
         )
         .await?;
+        tx.commit().await?;
+        drop(control);
         if !self.led() {
             outbox::start(&self.shared, project_id);
         }
@@ -339,6 +394,12 @@ impl Webhooks {
     ) -> Result<Webhook, WebhookError> {
         if let Some(events) = &patch.events {
             validate_events(events)?;
+        }
+        if let Some(url) = &patch.url {
+            validate_url_length(url)?;
+        }
+        if let Some(tables) = &patch.tables {
+            validate_tables(tables)?;
         }
         let ordering = patch
             .ordering
@@ -389,13 +450,14 @@ impl Webhooks {
         webhook_id: Option<&str>,
         status: Option<DeliveryStatus>,
     ) -> Result<Vec<Delivery>, WebhookError> {
-        Ok(deliveries::list(
-            &self.shared.control.get().await?,
-            project_id,
-            webhook_id,
-            status,
-        )
-        .await?)
+        let control = self.shared.control.get().await?;
+        if let Some(id) = webhook_id {
+            // Another project's webhook answers as a missing one, as on every webhook route.
+            if !hooks::exists(&control, project_id, id).await? {
+                return Err(WebhookError::WebhookNotFound(id.to_string()));
+            }
+        }
+        Ok(deliveries::list(&control, project_id, webhook_id, status).await?)
     }
 
     /// Sends a delivery again (same id, attempts counted afresh), at once.
@@ -413,9 +475,30 @@ impl Webhooks {
     }
 }
 
+fn validate_url_length(url: &str) -> Result<(), WebhookError> {
+    if url.len() > MAX_URL_BYTES {
+        return Err(WebhookError::UrlLength);
+    }
+    Ok(())
+}
+
+fn validate_tables(tables: &[String]) -> Result<(), WebhookError> {
+    if tables.len() > MAX_TABLES
+        || tables
+            .iter()
+            .any(|t| t.is_empty() || t.len() > MAX_TABLE_NAME_BYTES)
+    {
+        return Err(WebhookError::Tables);
+    }
+    Ok(())
+}
+
 fn validate_events(events: &[String]) -> Result<(), WebhookError> {
     if events.is_empty() {
         return Err(WebhookError::NoEvents);
+    }
+    if events.len() > EventType::ALL.len() {
+        return Err(WebhookError::TooManyEvents);
     }
     match events.iter().find(|e| e.parse::<EventType>().is_err()) {
         Some(bad) => Err(WebhookError::UnknownEvent(bad.clone())),

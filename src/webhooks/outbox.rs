@@ -116,7 +116,7 @@ async fn run(shared: Weak<Shared>, mut sub: Subscription, project_id: String) {
             match store(&shared, &project_id, &batch[..complete], &mut key_columns).await {
                 Ok(hooks) => {
                     if !hooks.is_empty() {
-                        shared.queue.stored(hooks);
+                        shared.queue.stored(&project_id, hooks);
                     }
                     break;
                 }
@@ -140,7 +140,7 @@ async fn store(
     events: &[Arc<Event>],
     key_columns: &mut KeyColumns,
 ) -> anyhow::Result<HashSet<String>> {
-    let subscribers = hooks::enabled_subscribers(&shared.control.get().await?, project_id).await?;
+    let subscribers = hooks::enabled_subscribers(&shared.work.get().await?, project_id).await?;
     if subscribers.is_empty() {
         return Ok(HashSet::new());
     }
@@ -161,7 +161,7 @@ async fn store(
             if keys.is_none() {
                 let names = match (&event.row_key, &event.schema, &event.table) {
                     (None, Some(schema), Some(table)) if kind != EventType::SchemaChanged => {
-                        key_columns.of(&shared.control, schema, table).await
+                        key_columns.of(&shared.work, schema, table).await
                     }
                     _ => RowNames::Table,
                 };
@@ -179,7 +179,7 @@ async fn store(
     if new.ids.is_empty() {
         return Ok(HashSet::new());
     }
-    let n = deliveries::insert_batch(&shared.control.get().await?, project_id, &new).await?;
+    let n = deliveries::insert_batch(&shared.work.get().await?, project_id, &new).await?;
     // All of them were there already (a transaction replayed after a restart): nothing new.
     if n == 0 {
         return Ok(HashSet::new());

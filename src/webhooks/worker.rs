@@ -8,9 +8,15 @@
 //! grew to seconds. New deliveries name their webhook instead ([`Queue::stored`]), and the
 //! scan runs on a timer (`webhook_scan_ms`): for retries whose time has come, and for what a
 //! restart left pending.
+//!
+//! Drains are bounded and shared fairly ([`Scheduler`]): at most `webhook_max_drains` webhooks
+//! drain at once, at most `webhook_max_drains_per_project` of one project, the waiting ones
+//! started project by project in turn; a drain that has started [`DRAIN_SLICE`] attempts while
+//! others wait ends after its attempts in flight and queues again behind them. A project's
+//! backlog thus delays other projects' deliveries by at most a slice, however large it is.
 
-use std::collections::{HashMap, HashSet};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
@@ -32,24 +38,28 @@ const RETENTION: &str = "7 days";
 pub(super) struct Queue {
     /// Wakes the delivery worker.
     wake: Notify,
-    /// Webhooks with deliveries stored since the worker last looked (or that it found busy):
-    /// the worker drains these without asking the database which webhooks have due deliveries.
-    fresh: Mutex<HashSet<String>>,
+    /// Webhooks with deliveries stored since the worker last looked (or whose drain yielded
+    /// its turn), and their projects: the worker drains these without asking the database
+    /// which webhooks have due deliveries.
+    fresh: Mutex<HashMap<String, String>>,
     /// Set when the worker should look for due deliveries of every webhook at once (a webhook
     /// enabled again, a delivery re-queued), not only at its periodic scan.
     scan: AtomicBool,
-    /// Webhooks being drained, and how to tell their drain that new deliveries were stored.
-    busy: Mutex<HashMap<String, Arc<Notify>>>,
+    /// Webhooks being drained: their project, and how to tell their drain that new
+    /// deliveries were stored.
+    busy: Mutex<HashMap<String, (String, Arc<Notify>)>>,
+    /// Webhooks waiting for a drain slot: a drain past its slice yields while any do.
+    waiting: AtomicUsize,
 }
 
 impl Queue {
     /// New deliveries of `hooks` are stored: the worker sends them at once.
-    pub(super) fn stored(&self, hooks: impl IntoIterator<Item = String>) {
+    pub(super) fn stored(&self, project_id: &str, hooks: impl IntoIterator<Item = String>) {
         let mut fresh = self.fresh.lock().expect("poisoned");
-        fresh.extend(hooks);
+        fresh.extend(hooks.into_iter().map(|h| (h, project_id.to_string())));
         let busy = self.busy.lock().expect("poisoned");
-        for hook in fresh.iter() {
-            if let Some(signal) = busy.get(hook) {
+        for hook in fresh.keys() {
+            if let Some((_, signal)) = busy.get(hook) {
                 signal.notify_one();
             }
         }
@@ -63,7 +73,7 @@ impl Queue {
             .lock()
             .expect("poisoned")
             .get(hook)
-            .cloned()
+            .map(|(_, signal)| signal.clone())
             .unwrap_or_default()
     }
 
@@ -79,17 +89,93 @@ impl Queue {
     }
 }
 
+/// Which waiting webhook drains next: at most `max` drains at once, at most `per_project` of one
+/// project, projects served in turn (round robin), each project's webhooks in the order they
+/// came. Holds each webhook once.
+#[derive(Default)]
+pub(super) struct Scheduler {
+    /// Projects with waiting webhooks, in turn order.
+    turn: VecDeque<String>,
+    /// Each project's waiting webhooks.
+    waiting: HashMap<String, VecDeque<String>>,
+    /// How many webhooks wait, in all.
+    len: usize,
+}
+
+impl Scheduler {
+    /// Queues the webhook (of `project`) unless it waits already.
+    pub(super) fn offer(&mut self, hook: String, project: String) {
+        let queue = match self.waiting.get_mut(&project) {
+            Some(q) => q,
+            None => {
+                self.turn.push_back(project.clone());
+                self.waiting.entry(project).or_default()
+            }
+        };
+        if !queue.contains(&hook) {
+            queue.push_back(hook);
+            self.len += 1;
+        }
+    }
+
+    pub(super) fn len(&self) -> usize {
+        self.len
+    }
+
+    pub(super) fn clear(&mut self) {
+        *self = Scheduler::default();
+    }
+
+    /// The next webhook to drain, given those draining now (webhook → project), or `None`
+    /// when every slot is taken or nothing waiting may start. A webhook draining already stays
+    /// queued (its drain may have missed what brought it here).
+    pub(super) fn next(
+        &mut self,
+        busy: &HashMap<String, (String, Arc<Notify>)>,
+        max: usize,
+        per_project: usize,
+    ) -> Option<(String, String)> {
+        if busy.len() >= max {
+            return None;
+        }
+        for _ in 0..self.turn.len() {
+            let project = self.turn.pop_front()?;
+            let running = busy.values().filter(|(p, _)| *p == project).count();
+            let queue = self
+                .waiting
+                .get_mut(&project)
+                .expect("a project in turn waits");
+            let pick = (running < per_project)
+                .then(|| queue.iter().position(|h| !busy.contains_key(h)))
+                .flatten();
+            if let Some(i) = pick {
+                let hook = queue.remove(i).expect("found above");
+                self.len -= 1;
+                if queue.is_empty() {
+                    self.waiting.remove(&project);
+                } else {
+                    self.turn.push_back(project.clone());
+                }
+                return Some((hook, project));
+            }
+            self.turn.push_back(project);
+        }
+        None
+    }
+}
+
 /// Runs until the service is dropped.
 pub(super) async fn run(shared: Weak<Shared>) {
     let mut last_prune = Instant::now() - Duration::from_secs(3600);
     let mut last_scan: Option<Instant> = None;
+    let mut scheduler = Scheduler::default();
     loop {
         let Some(strong) = shared.upgrade() else {
             return;
         };
         if last_prune.elapsed() > Duration::from_secs(3600) {
             last_prune = Instant::now();
-            if let Ok(c) = strong.control.get().await {
+            if let Ok(c) = strong.work.get().await {
                 let _ = deliveries::prune_delivered(&c, RETENTION).await;
             }
         }
@@ -108,16 +194,31 @@ pub(super) async fn run(shared: Weak<Shared>) {
         if strong.handing_over.load(Ordering::Acquire) {
             // Cluster mode, stopping: the other nodes send from now on.
             candidates.clear();
+            scheduler.clear();
         }
-        for hook in candidates {
-            let mut busy = queue.busy.lock().expect("poisoned");
-            if busy.insert(hook.clone(), Default::default()).is_some() {
-                // Being drained: look again when that drain ends (it wakes the worker), in
-                // case the new deliveries came after its last look.
-                drop(busy);
-                queue.fresh.lock().expect("poisoned").insert(hook);
-                continue;
+        {
+            // One lock order everywhere: `fresh`, then `busy`.
+            let mut fresh = queue.fresh.lock().expect("poisoned");
+            let busy = queue.busy.lock().expect("poisoned");
+            for (hook, project) in candidates {
+                if busy.contains_key(&hook) {
+                    // Being drained: look again when that drain ends (it wakes the worker), in
+                    // case the new deliveries came after its last look.
+                    fresh.insert(hook, project);
+                } else {
+                    scheduler.offer(hook, project);
+                }
             }
+        }
+        let settings = &strong.settings;
+        loop {
+            let mut busy = queue.busy.lock().expect("poisoned");
+            let Some((hook, project)) =
+                scheduler.next(&busy, settings.max_drains, settings.max_drains_per_project)
+            else {
+                break;
+            };
+            busy.insert(hook.clone(), (project.clone(), Default::default()));
             drop(busy);
             let shared = Arc::downgrade(&strong);
             tokio::spawn(async move {
@@ -126,12 +227,24 @@ pub(super) async fn run(shared: Weak<Shared>) {
                         queue: &s.queue,
                         hook: &hook,
                     };
-                    if let Err(e) = drain(&s, &hook).await {
-                        tracing::warn!(webhook = %hook, error = %e, "delivering webhooks");
+                    match drain(&s, &hook).await {
+                        Ok(Yield::Done) => {}
+                        // Its turn is over, not its work: queued again, behind the others.
+                        Ok(Yield::Yielded) => {
+                            s.queue
+                                .fresh
+                                .lock()
+                                .expect("poisoned")
+                                .insert(hook.clone(), project);
+                        }
+                        Err(e) => {
+                            tracing::warn!(webhook = %hook, error = %e, "delivering webhooks")
+                        }
                     }
                 }
             });
         }
+        queue.waiting.store(scheduler.len(), Ordering::Relaxed);
         let next_scan = last_scan.map_or(Duration::ZERO, |t| {
             scan_interval.saturating_sub(t.elapsed())
         });
@@ -155,17 +268,38 @@ impl Drop for Drained<'_> {
     }
 }
 
-async fn due_webhooks(shared: &Shared) -> anyhow::Result<Vec<String>> {
-    Ok(hooks::with_due_deliveries(&shared.control.get().await?).await?)
+async fn due_webhooks(shared: &Shared) -> anyhow::Result<Vec<(String, String)>> {
+    Ok(hooks::with_due_deliveries(&shared.work.get().await?).await?)
 }
 
-/// Sends a webhook's due deliveries in order until none is due; in cluster mode only while this
-/// node holds the webhook's drain claim ([`Claim`]).
-async fn drain(shared: &Shared, webhook_id: &str) -> anyhow::Result<()> {
+/// Attempts a drain starts before it gives its turn to a waiting webhook (it ends once its
+/// attempts in flight are settled, then queues again): what bounds how long a backlog holds a
+/// drain slot while others wait.
+const DRAIN_SLICE: usize = 512;
+
+/// Whether a drain ended with nothing left to send, or gave its turn up.
+#[derive(Debug, PartialEq)]
+enum Yield {
+    Done,
+    Yielded,
+}
+
+/// Sends a webhook's due deliveries in order until none is due, or until it has had its slice
+/// while others wait; in cluster mode only while this node holds the webhook's drain claim
+/// ([`Claim`]).
+async fn drain(shared: &Shared, webhook_id: &str) -> anyhow::Result<Yield> {
     match &shared.settings.node_id {
-        None => drain_batches(shared, webhook_id, None).await.map(|_| ()),
+        None => Ok(match drain_batches(shared, webhook_id, None).await? {
+            Drain::Yielded => Yield::Yielded,
+            _ => Yield::Done,
+        }),
         Some(node) => drain_claimed(shared, webhook_id, node).await,
     }
+}
+
+/// The drain has started `started` attempts and another webhook waits for a slot.
+fn slice_spent(shared: &Shared, started: usize) -> bool {
+    started >= DRAIN_SLICE && shared.queue.waiting.load(Ordering::Relaxed) > 0
 }
 
 /// How a drain ended.
@@ -176,6 +310,8 @@ enum Drain {
     Lapsed,
     /// Cluster mode: this node is stopping; another node sends the rest.
     HandedOver,
+    /// Its slice is spent while other webhooks wait: queued again.
+    Yielded,
 }
 
 async fn drain_batches(
@@ -183,7 +319,9 @@ async fn drain_batches(
     webhook_id: &str,
     claim: Option<&mut Claim<'_>>,
 ) -> anyhow::Result<Drain> {
-    match hooks::ordering(&shared.control.get().await?, webhook_id).await? {
+    // Bound first: a temporary in the `match` would hold the connection for the whole drain.
+    let ordering = hooks::ordering(&shared.work.get().await?, webhook_id).await?;
+    match ordering {
         // Deleted meanwhile.
         None => Ok(Drain::Done),
         Some(Order::Strict) => drain_strict(shared, webhook_id, claim).await,
@@ -199,8 +337,12 @@ async fn drain_strict(
 ) -> anyhow::Result<Drain> {
     // Unknown until the first answer: the first success clears a recorded failure streak.
     let mut failing = true;
+    let mut started = 0;
     loop {
-        let due = deliveries::due(&shared.control.get().await?, webhook_id).await?;
+        if slice_spent(shared, started) {
+            return Ok(Drain::Yielded);
+        }
+        let due = deliveries::due(&shared.work.get().await?, webhook_id).await?;
         if due.is_empty() {
             return Ok(Drain::Done);
         }
@@ -218,6 +360,7 @@ async fn drain_strict(
                     return Ok(Drain::Lapsed);
                 }
             }
+            started += 1;
             match attempt(shared, webhook_id, d, &mut failing, &mut delivered).await? {
                 Next::Continue => {}
                 Next::Disabled => {
@@ -268,14 +411,19 @@ async fn drain_rows(
     let mut delivered = Successes::default();
     let mut oldest_success: Option<Instant> = None;
     let mut recording: Option<tokio::task::JoinHandle<anyhow::Result<()>>> = None;
+    let mut started_total = 0;
     let result = loop {
+        if stopping.is_none() && slice_spent(shared, started_total) {
+            // What is in flight is settled first; the window is read again next turn.
+            stopping = Some(Drain::Yielded);
+        }
         if stopping.is_none()
             && more
             && (window.len() + REFILL_AT <= WINDOW
                 || (window.in_flight() == 0 && window.len() < WINDOW))
         {
             let page = deliveries::pending_after(
-                &shared.control.get().await?,
+                &shared.work.get().await?,
                 webhook_id,
                 window.position(),
                 (WINDOW - window.len()) as i64,
@@ -310,6 +458,7 @@ async fn drain_rows(
                 }
                 let due = window.start(seq, &target.0, &target.1);
                 started = true;
+                started_total += 1;
                 in_flight.push(async move {
                     let sent = attempt::send(shared, &due).await;
                     (seq, due, sent)
@@ -390,7 +539,7 @@ async fn record_in_background(
         previous.await??;
     }
     let batch = std::mem::take(delivered);
-    let control = shared.control.clone();
+    let control = shared.work.clone();
     *recording = Some(tokio::spawn(async move {
         deliveries::mark_delivered(&control.get().await?, &batch).await?;
         Ok(())
@@ -428,7 +577,7 @@ impl<'a> Claim<'a> {
         node: &'a str,
     ) -> anyhow::Result<Option<Claim<'a>>> {
         let asked = Instant::now();
-        let control = shared.control.get().await?;
+        let control = shared.work.get().await?;
         let taken =
             hooks::claim_drain(&control, webhook_id, node, DRAIN_LEASE.as_secs_f64()).await?;
         Ok(taken.then_some(Claim {
@@ -445,7 +594,7 @@ impl<'a> Claim<'a> {
             return Ok(true);
         }
         let asked = Instant::now();
-        let control = shared.control.get().await?;
+        let control = shared.work.get().await?;
         if hooks::renew_drain(
             &control,
             self.webhook_id,
@@ -462,7 +611,7 @@ impl<'a> Claim<'a> {
     }
 
     async fn release(self, shared: &Shared) -> anyhow::Result<()> {
-        hooks::release_drain(&shared.control.get().await?, self.webhook_id, self.node).await?;
+        hooks::release_drain(&shared.work.get().await?, self.webhook_id, self.node).await?;
         Ok(())
     }
 }
@@ -470,24 +619,26 @@ impl<'a> Claim<'a> {
 /// Cluster mode: drains while holding the webhook's claim. Another node's claim means that node
 /// drains (and looks again after it gives the claim back, so nothing stored meanwhile waits for
 /// the next scan).
-async fn drain_claimed(shared: &Shared, webhook_id: &str, node: &str) -> anyhow::Result<()> {
+async fn drain_claimed(shared: &Shared, webhook_id: &str, node: &str) -> anyhow::Result<Yield> {
     loop {
         let Some(mut claim) = Claim::take(shared, webhook_id, node).await? else {
-            return Ok(());
+            return Ok(Yield::Done);
         };
         let drained = drain_batches(shared, webhook_id, Some(&mut claim)).await;
         let released = claim.release(shared).await;
         match drained? {
             // The claim lapsed (this node stalled): start over from the outbox, claiming again.
             Drain::Lapsed => continue,
-            Drain::HandedOver => return released,
+            Drain::HandedOver => return released.map(|_| Yield::Done),
+            // Given back for now; this node's worker queues it again.
+            Drain::Yielded => return released.map(|_| Yield::Yielded),
             Drain::Done => released?,
         }
         // Given back: look once more. A delivery committed after this drain's last look was
         // announced to its node's worker after its commit; if that worker found the claim still
         // ours, it left the delivery to us, and this look (after the release) sees it.
-        if !deliveries::any_due(&shared.control.get().await?, webhook_id).await? {
-            return Ok(());
+        if !deliveries::any_due(&shared.work.get().await?, webhook_id).await? {
+            return Ok(Yield::Done);
         }
     }
 }
@@ -496,6 +647,57 @@ async fn record(shared: &Shared, delivered: &Successes) -> anyhow::Result<()> {
     if delivered.is_empty() {
         return Ok(());
     }
-    deliveries::mark_delivered(&shared.control.get().await?, delivered).await?;
+    deliveries::mark_delivered(&shared.work.get().await?, delivered).await?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn busy(entries: &[(&str, &str)]) -> HashMap<String, (String, Arc<Notify>)> {
+        entries
+            .iter()
+            .map(|(h, p)| (h.to_string(), (p.to_string(), Arc::default())))
+            .collect()
+    }
+
+    #[test]
+    fn projects_take_turns_within_both_caps() {
+        let mut s = Scheduler::default();
+        for h in ["e1", "e2", "e3", "e4"] {
+            s.offer(h.into(), "E".into());
+        }
+        s.offer("a1".into(), "A".into());
+        s.offer("e1".into(), "E".into()); // already waiting: held once
+        assert_eq!(s.len(), 5);
+        let mut running = busy(&[]);
+        let mut order = Vec::new();
+        while let Some((h, p)) = s.next(&running, 4, 2) {
+            order.push(h.clone());
+            running.insert(h, (p, Arc::default()));
+        }
+        // E and A in turn; E stops at its cap of 2 although slots are free.
+        assert_eq!(order, ["e1", "a1", "e2"]);
+        assert_eq!(s.len(), 2);
+        // One of E's ends: its next webhook starts.
+        running.remove("e1");
+        assert_eq!(s.next(&running, 4, 2), Some(("e3".into(), "E".into())));
+        // Every slot taken: nothing starts.
+        let full = busy(&[("x", "X"), ("y", "Y"), ("z", "Z"), ("w", "W")]);
+        assert_eq!(s.next(&full, 4, 2), None);
+    }
+
+    #[test]
+    fn a_webhook_draining_already_stays_queued() {
+        let mut s = Scheduler::default();
+        s.offer("e1".into(), "E".into());
+        s.offer("e2".into(), "E".into());
+        let running = busy(&[("e1", "E")]);
+        assert_eq!(s.next(&running, 4, 4), Some(("e2".into(), "E".into())));
+        assert_eq!(s.next(&running, 4, 4), None);
+        assert_eq!(s.len(), 1);
+        assert_eq!(s.next(&busy(&[]), 4, 4), Some(("e1".into(), "E".into())));
+        assert_eq!(s.len(), 0);
+    }
 }

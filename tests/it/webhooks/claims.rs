@@ -15,6 +15,7 @@ use crate::support::spawn_webhook_app;
 fn node(app: &crate::support::TestApp, id: &str) -> Webhooks {
     let w = Webhooks::new(
         app.app.control.clone(),
+        app.app.control.clone(),
         app.app.bus.clone(),
         Settings {
             allow_private: true,
@@ -22,6 +23,9 @@ fn node(app: &crate::support::TestApp, id: &str) -> Webhooks {
             // Both scan all the time: every due webhook is fought over.
             scan_interval: Duration::from_millis(10),
             max_in_flight: 8,
+            max_drains: 16,
+            max_drains_per_project: 4,
+            max_per_project: 25,
             node_id: Some(id.to_string()),
         },
     );

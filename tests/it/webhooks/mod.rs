@@ -4,4 +4,5 @@
 mod claims;
 mod delivery;
 mod egress;
+mod limits;
 mod ordering;
