@@ -35,6 +35,12 @@ pub struct Metrics {
     /// spent and streamed in small chunks (`storage::buffers`).
     pub storage_downloads_budgeted: AtomicU64,
     pub storage_downloads_small: AtomicU64,
+    /// Bytes of SQL answers built and not yet taken by their clients (a gauge), answers refused
+    /// because the budget or the address's cap was spent, connections cut at their send
+    /// deadline (`api::answers`).
+    pub sql_answer_bytes_in_flight: AtomicU64,
+    pub sql_answers_refused: AtomicU64,
+    pub sql_answers_cut: AtomicU64,
     /// Broadcasts from SQL or the REST API over their project's budget (dropped, or 429).
     pub realtime_broadcasts_dropped: AtomicU64,
     /// Row-level security evaluations of realtime events that failed or timed out (the events
@@ -165,6 +171,24 @@ impl Metrics {
                 "counter",
                 "Local downloads that found the read budget spent and streamed in 64 KiB chunks.",
                 &self.storage_downloads_small,
+            ),
+            (
+                "fluxbase_sql_answer_bytes_in_flight",
+                "gauge",
+                "Bytes of /api/execute-sql answers built and not yet taken by their clients (at most sql_answer_budget_bytes).",
+                &self.sql_answer_bytes_in_flight,
+            ),
+            (
+                "fluxbase_sql_answers_refused_total",
+                "counter",
+                "SQL answers refused with 429 because sql_answer_budget_bytes or sql_answer_budget_per_address_bytes was spent.",
+                &self.sql_answers_refused,
+            ),
+            (
+                "fluxbase_sql_answers_cut_total",
+                "counter",
+                "Connections closed because the client did not take a response within sql_answer_send_timeout_secs.",
+                &self.sql_answers_cut,
             ),
             (
                 "fluxbase_realtime_broadcasts_dropped_total",
