@@ -395,3 +395,43 @@ mod tests {
         assert!(counts.enter(ip, 2).is_some());
     }
 }
+
+#[cfg(test)]
+mod deadline_tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_deadline_passes_only_while_its_guard_lives() {
+        let slot = SendDeadline::default();
+        let passed = |d: &SendDeadline| {
+            let d = d.clone();
+            async move {
+                tokio::time::timeout(Duration::from_millis(300), d.passed())
+                    .await
+                    .is_ok()
+            }
+        };
+        assert!(!passed(&slot).await, "no deadline set");
+        let guard = slot.set(Duration::from_millis(50));
+        assert!(passed(&slot).await, "the deadline passed while held");
+        drop(guard);
+        assert!(!passed(&slot).await, "lifted with its guard");
+        // A guard dropped late does not lift the next answer's deadline.
+        let old = slot.set(Duration::from_secs(60));
+        let _new = slot.set(Duration::from_millis(50));
+        drop(old);
+        assert!(passed(&slot).await, "the newer deadline stands");
+        // A deadline set while the connection task already waits wakes it.
+        let waiter = tokio::spawn({
+            let slot = slot.clone();
+            async move { slot.passed().await }
+        });
+        drop(_new);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let _later = slot.set(Duration::from_millis(50));
+        tokio::time::timeout(Duration::from_secs(2), waiter)
+            .await
+            .expect("woken by the new deadline")
+            .unwrap();
+    }
+}
