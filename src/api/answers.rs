@@ -107,7 +107,11 @@ impl AnswerBudget {
 
     /// `bytes` for an answer to `client`, if both the address's cap and the server's budget
     /// have room now (never waits).
-    pub fn take(self: &Arc<Self>, client: Option<IpAddr>, bytes: u64) -> Result<Reservation, Refusal> {
+    pub fn take(
+        self: &Arc<Self>,
+        client: Option<IpAddr>,
+        bytes: u64,
+    ) -> Result<Reservation, Refusal> {
         let mut held = self.held();
         let mine = held.by_address.get(&client).copied().unwrap_or(0);
         if mine + bytes > self.per_address {
@@ -220,12 +224,16 @@ mod tests {
         let a = budget.answer("x".repeat(50), ip("10.0.0.1"), None).unwrap();
         assert_eq!(budget.in_flight(), 50);
         assert_eq!(
-            budget.answer("y".repeat(20), ip("10.0.0.1"), None).unwrap_err(),
+            budget
+                .answer("y".repeat(20), ip("10.0.0.1"), None)
+                .unwrap_err(),
             Refusal::Address { held: 50, cap: 60 }
         );
         let b = budget.answer("z".repeat(45), ip("10.0.0.2"), None).unwrap();
         assert_eq!(
-            budget.answer("w".repeat(10), ip("10.0.0.3"), None).unwrap_err(),
+            budget
+                .answer("w".repeat(10), ip("10.0.0.3"), None)
+                .unwrap_err(),
             Refusal::Server { budget: 100 }
         );
         assert_eq!(budget.metrics.sql_answers_refused.load(Relaxed), 2);
@@ -247,7 +255,11 @@ mod tests {
         let mut text = String::with_capacity(4 << 20);
         text.push_str("{}");
         let body = budget.answer(text, None, None).unwrap();
-        assert!(budget.in_flight() < 2 * SLACK as u64, "{}", budget.in_flight());
+        assert!(
+            budget.in_flight() < 2 * SLACK as u64,
+            "{}",
+            budget.in_flight()
+        );
         drop(body);
         let mut text = String::with_capacity(1000);
         text.push_str("{}");

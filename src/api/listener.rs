@@ -9,6 +9,9 @@
 //!               │  idle keep-alive included, is disconnected)
 //!               ▼  ClientAddr(peer) in the request's extensions
 //!  the route table (crate::api) ─► rate limits by address use [`client_ip`]
+//!               │ SendDeadline in the extensions: a SQL answer sets it while it is held
+//!               ▼
+//!  the connection task drops a connection whose deadline passed (socket, body, budget freed)
 //! ```
 //!
 //! Behind a proxy (`trust_forwarded_for`) the per-address cap is not applied at accept: every
@@ -66,7 +69,10 @@ pub struct DeadlineGuard {
 impl SendDeadline {
     /// The connection is cut if this guard still lives `within` from now.
     pub fn set(&self, within: Duration) -> DeadlineGuard {
-        let id = self.0.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let id = self
+            .0
+            .next
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         *self.0.at() = Some((id, tokio::time::Instant::now() + within));
         self.0.changed.notify_one();
         DeadlineGuard {
@@ -313,7 +319,8 @@ pub async fn serve<F>(
                     // Dropping the connection closes the socket and drops the response body.
                     tracing::warn!(%peer, "closing a connection: the client did not take a response within its send deadline");
                     if let Some(m) = &limits.metrics {
-                        m.sql_answers_cut.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        m.sql_answers_cut
+                            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     }
                 }
             }

@@ -2,12 +2,12 @@
 
 use super::error::ApiError;
 use super::reply::{json_body, Reply};
-use warp::reply::Response;
 use super::Request;
 use crate::api::error::ApiResult;
 use crate::app::SharedApp;
 use crate::auth::DbRole;
 use crate::sql::{SqlError, SqlRequest, SqlResponse};
+use warp::reply::Response;
 
 /// The header a trusted backend names its end user with (see [`crate::rls::identity`]).
 pub const AUTH_UID_HEADER: &str = "x-fluxbase-auth-uid";
@@ -65,7 +65,11 @@ fn answer(app: &SharedApp, req: &Request, text: String) -> ApiResult<Response> {
     let deadline = std::time::Duration::from_secs(app.config.sql_answer_send_timeout_secs);
     let body = app
         .answers
-        .answer(text, req.client, req.send_deadline.as_ref().map(|d| (d, deadline)))
+        .answer(
+            text,
+            req.client,
+            req.send_deadline.as_ref().map(|d| (d, deadline)),
+        )
         .map_err(|refused| {
             tracing::warn!(client = ?req.client, %refused, "SQL answer refused");
             ApiError::Busy(refused.to_string())

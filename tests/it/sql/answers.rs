@@ -132,7 +132,13 @@ async fn slow_readers_are_held_within_the_address_cap_and_the_server_budget() {
     let mut slow = Vec::new();
     for i in 1..=2u64 {
         slow.push(send_sql(&t, a, &f.read, &f.project, LARGE).await);
-        wait_in_flight(&t, BUDGET, |h| h >= i * 6_000_000, "slow reader's answer held").await;
+        wait_in_flight(
+            &t,
+            BUDGET,
+            |h| h >= i * 6_000_000,
+            "slow reader's answer held",
+        )
+        .await;
     }
     assert_eq!(t.app.answers.addresses(), 1);
 
@@ -150,7 +156,10 @@ async fn slow_readers_are_held_within_the_address_cap_and_the_server_budget() {
 
     // Address b is not held back by a's slow readers: a small and a large answer.
     let (status, _, body) = sql_from(&t, b, &f.read, &f.project, "select 1 as one").await;
-    assert_eq!((status, &body["result"]["rows"]), (200, &json!([{ "one": 1 }])));
+    assert_eq!(
+        (status, &body["result"]["rows"]),
+        (200, &json!([{ "one": 1 }]))
+    );
     let (status, _, body) = sql_from(&t, b, &f.read, &f.project, LARGE).await;
     assert_eq!(status, 200);
     assert_eq!(body["result"]["rows"].as_array().unwrap().len(), 6);
@@ -167,8 +176,14 @@ async fn slow_readers_are_held_within_the_address_cap_and_the_server_budget() {
     let (status, _, _) = sql_from(&t, "127.0.0.3", &f.read, &f.project, "select 1").await;
     assert_eq!(status, 200);
     let metrics = t.metrics_text().await;
-    assert!(metrics.contains("fluxbase_sql_answers_refused_total 2"), "{metrics}");
-    assert!(metrics.contains("fluxbase_sql_answer_bytes_in_flight "), "{metrics}");
+    assert!(
+        metrics.contains("fluxbase_sql_answers_refused_total 2"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("fluxbase_sql_answer_bytes_in_flight "),
+        "{metrics}"
+    );
 
     // The slow clients go away: their answers are dropped and the budget is whole again.
     drop(slow);
