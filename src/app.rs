@@ -25,6 +25,9 @@ pub struct App {
     pub cluster: ClusterTarget,
     pub control: deadpool_postgres::Pool,
     pub sql: Arc<Sql>,
+    /// SQL answers held until their clients take them: the server's budget, the per-address
+    /// cap (`api::answers`).
+    pub answers: Arc<crate::api::answers::AnswerBudget>,
     /// The row-level security policy API (over `sql`'s connections).
     pub rls: crate::rls::Policies,
     /// The per-caller request limit (applied by `auth`, and to realtime tokens).
@@ -142,6 +145,11 @@ impl App {
         let account_limits = Arc::new(AccountLimits::new(&config));
         let mysql = Arc::new(crate::mysql::Mysql::new(&config, &secrets, metrics.clone()));
         let app = Arc::new(App {
+            answers: crate::api::answers::AnswerBudget::new(
+                config.sql_answer_budget_bytes,
+                config.sql_answer_budget_per_address_bytes,
+                metrics.clone(),
+            ),
             auth: Arc::new(crate::auth::Auth::new(
                 control.clone(),
                 rate.clone(),
@@ -311,6 +319,7 @@ impl Running {
             ),
             max_connections_per_address: app.config.max_connections_per_address,
             trust_forwarded_for: app.config.trust_forwarded_for,
+            metrics: Some(app.metrics.clone()),
         };
         let task = tokio::spawn(crate::api::listener::serve(
             listener,

@@ -94,6 +94,16 @@ pub struct Config {
     /// Largest `/api/execute-sql` answer, in bytes: rows past it are dropped as they arrive
     /// (never held in memory) and the answer says `truncated: true`.
     pub max_response_bytes: usize,
+    /// Bytes of built `/api/execute-sql` answers the server holds at once until their clients
+    /// have taken them (all answers together); an answer that finds it spent is refused with
+    /// 429 `RATE_LIMIT` (`api::answers`).
+    pub sql_answer_budget_bytes: u64,
+    /// The share of `sql_answer_budget_bytes` one client address may hold (IPv6 by /64; the
+    /// `X-Forwarded-For` address with `trust_forwarded_for`).
+    pub sql_answer_budget_per_address_bytes: u64,
+    /// Seconds a client has to take an `/api/execute-sql` answer once it is built; then the
+    /// connection is closed and the answer dropped.
+    pub sql_answer_send_timeout_secs: u64,
     /// Largest accepted request body, in bytes (then 413).
     pub max_body_bytes: usize,
     /// Requests allowed per API key in each rate window (0 disables the limit).
@@ -274,6 +284,9 @@ impl Default for Config {
             statement_timeout_ms: 30_000,
             max_rows: 10_000,
             max_response_bytes: 32 * 1024 * 1024,
+            sql_answer_budget_bytes: crate::api::answers::DEFAULT_BUDGET,
+            sql_answer_budget_per_address_bytes: crate::api::answers::DEFAULT_PER_ADDRESS,
+            sql_answer_send_timeout_secs: crate::api::answers::DEFAULT_SEND_TIMEOUT_SECS,
             max_body_bytes: 1024 * 1024,
             rate_limit_requests: 50,
             session_rate_limit_requests: 300,
@@ -483,6 +496,19 @@ impl Config {
         }
         if self.max_response_bytes < 1024 {
             bail!("max_response_bytes must be at least 1024");
+        }
+        // An answer of max_response_bytes must fit, with room for the envelope and the row
+        // that crosses the bound.
+        let largest = self.max_response_bytes as u64 + self.max_response_bytes as u64 / 8;
+        if self.sql_answer_budget_per_address_bytes < largest
+            || self.sql_answer_budget_bytes < self.sql_answer_budget_per_address_bytes
+        {
+            bail!(
+                "sql_answer_budget_bytes >= sql_answer_budget_per_address_bytes >= 1.125 ×                  max_response_bytes ({largest}) is required"
+            );
+        }
+        if self.sql_answer_send_timeout_secs == 0 {
+            bail!("sql_answer_send_timeout_secs must be positive");
         }
         if self.realtime_rls_max_identities == 0
             || self.realtime_rls_batch_rows == 0

@@ -38,6 +38,12 @@ pub struct Metrics {
     /// Of those, the downloads that streamed small because their client address held its cap
     /// of shares (`storage_read_shares_per_client`), not because the budget was spent.
     pub storage_downloads_client_capped: AtomicU64,
+    /// Bytes of SQL answers built and not yet taken by their clients (a gauge), answers refused
+    /// because the budget or the address's cap was spent, connections cut at their send
+    /// deadline (`api::answers`).
+    pub sql_answer_bytes_in_flight: AtomicU64,
+    pub sql_answers_refused: AtomicU64,
+    pub sql_answers_cut: AtomicU64,
     /// Broadcasts from SQL or the REST API over their project's budget (dropped, or 429).
     pub realtime_broadcasts_dropped: AtomicU64,
     /// Row-level security evaluations of realtime events that failed or timed out (the events
@@ -174,6 +180,24 @@ impl Metrics {
                 "counter",
                 "Local downloads that streamed in 64 KiB chunks because their client address already held storage_read_shares_per_client shares of the read budget (counted in fluxbase_storage_downloads_small_total too).",
                 &self.storage_downloads_client_capped,
+            ),
+            (
+                "fluxbase_sql_answer_bytes_in_flight",
+                "gauge",
+                "Bytes of /api/execute-sql answers built and not yet taken by their clients (at most sql_answer_budget_bytes).",
+                &self.sql_answer_bytes_in_flight,
+            ),
+            (
+                "fluxbase_sql_answers_refused_total",
+                "counter",
+                "SQL answers refused with 429 because sql_answer_budget_bytes or sql_answer_budget_per_address_bytes was spent.",
+                &self.sql_answers_refused,
+            ),
+            (
+                "fluxbase_sql_answers_cut_total",
+                "counter",
+                "Connections closed because the client did not take a response within sql_answer_send_timeout_secs.",
+                &self.sql_answers_cut,
             ),
             (
                 "fluxbase_realtime_broadcasts_dropped_total",

@@ -9,6 +9,9 @@
 //!               │  idle keep-alive included, is disconnected)
 //!               ▼  ClientAddr(peer) in the request's extensions
 //!  the route table (crate::api) ─► rate limits by address use [`client_ip`]
+//!               │ SendDeadline in the extensions: a SQL answer sets it while it is held
+//!               ▼
+//!  the connection task drops a connection whose deadline passed (socket, body, budget freed)
 //! ```
 //!
 //! Behind a proxy (`trust_forwarded_for`) the per-address cap is not applied at accept: every
@@ -37,6 +40,85 @@ use warp::Filter;
 /// The TCP peer of the connection a request came on (set by [`serve`]).
 #[derive(Clone, Copy, Debug)]
 pub struct ClientAddr(pub SocketAddr);
+
+/// The connection's send deadline (in each request's extensions, set by [`serve`]): a response
+/// whose body must be taken by the client within a time sets it ([`SendDeadline::set`]) for as
+/// long as it holds the returned guard; if the time passes first, the connection task drops the
+/// connection (the socket closed, the body and what it holds dropped).
+///
+/// Why here and not in the body: hyper polls a response body only when its write buffer has
+/// room, so once a client stops reading (the socket full) the body is never polled again and a
+/// timer inside it could not fire. The connection task is the one place that always runs.
+#[derive(Clone, Default)]
+pub struct SendDeadline(Arc<DeadlineSlot>);
+
+#[derive(Default)]
+struct DeadlineSlot {
+    /// The current deadline and the number of the guard that set it.
+    at: Mutex<Option<(u64, tokio::time::Instant)>>,
+    changed: tokio::sync::Notify,
+    next: std::sync::atomic::AtomicU64,
+}
+
+/// Holds a connection's deadline; dropping it lifts the deadline (unless a later one replaced it).
+pub struct DeadlineGuard {
+    slot: Arc<DeadlineSlot>,
+    id: u64,
+}
+
+impl SendDeadline {
+    /// The connection is cut if this guard still lives `within` from now.
+    pub fn set(&self, within: Duration) -> DeadlineGuard {
+        let id = self
+            .0
+            .next
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        *self.0.at() = Some((id, tokio::time::Instant::now() + within));
+        self.0.changed.notify_one();
+        DeadlineGuard {
+            slot: self.0.clone(),
+            id,
+        }
+    }
+
+    /// Resolves when a deadline set on this connection passes while its guard still lives.
+    async fn passed(&self) {
+        loop {
+            let changed = self.0.changed.notified();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
+            let at = *self.0.at();
+            match at {
+                None => changed.await,
+                Some((_, at)) => tokio::select! {
+                    _ = tokio::time::sleep_until(at) => {
+                        if self.0.at().is_some_and(|(_, now)| now <= at) {
+                            return;
+                        }
+                    }
+                    _ = changed => {}
+                },
+            }
+        }
+    }
+}
+
+impl DeadlineSlot {
+    fn at(&self) -> std::sync::MutexGuard<'_, Option<(u64, tokio::time::Instant)>> {
+        self.at.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+impl Drop for DeadlineGuard {
+    fn drop(&mut self) {
+        let mut at = self.slot.at();
+        if at.is_some_and(|(id, _)| id == self.id) {
+            *at = None;
+            drop(at);
+            self.slot.changed.notify_one();
+        }
+    }
+}
 
 pub use crate::auth::ratelimit::address_key;
 
@@ -147,13 +229,15 @@ impl AsyncWrite for CountedStream {
 }
 
 /// What the listener enforces (from [`crate::config::Config`]).
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone)]
 pub struct Limits {
     pub header_read_timeout: Duration,
     /// 0: no cap.
     pub max_connections_per_address: usize,
     /// A proxy in front: the peer address is the proxy's, so the cap above is not applied.
     pub trust_forwarded_for: bool,
+    /// Counts connections cut at their send deadline (`fluxbase_sql_answers_cut_total`).
+    pub metrics: Option<Arc<crate::metrics::Metrics>>,
 }
 
 /// Serves `routes` on `listener` until `shutdown` resolves, then lets open requests finish.
@@ -198,12 +282,16 @@ pub async fn serve<F>(
             _guard: guard,
         });
         let filter = hyper_util::service::TowerToHyperService::new(warp::service(routes.clone()));
+        let deadline = SendDeadline::default();
+        let slot = deadline.clone();
         let service = hyper::service::service_fn(move |mut req| {
             req.extensions_mut().insert(ClientAddr(peer));
+            req.extensions_mut().insert(slot.clone());
             hyper::service::Service::call(&filter, req)
         });
         let mut stop = stop_rx.clone();
         let alive = alive_tx.clone();
+        let limits = limits.clone();
         tokio::spawn(async move {
             let conn = hyper::server::conn::http1::Builder::new()
                 .timer(TokioTimer::new())
@@ -212,14 +300,29 @@ pub async fn serve<F>(
                 .with_upgrades();
             tokio::pin!(conn);
             let result = tokio::select! {
-                r = conn.as_mut() => r,
+                r = conn.as_mut() => Some(r),
                 _ = stop.changed() => {
                     conn.as_mut().graceful_shutdown();
-                    conn.await
+                    tokio::select! {
+                        r = conn.as_mut() => Some(r),
+                        _ = deadline.passed() => None,
+                    }
                 }
+                _ = deadline.passed() => None,
             };
-            if let Err(e) = result {
-                tracing::debug!(%peer, error = %e, "connection ended with an error");
+            match result {
+                Some(Err(e)) => {
+                    tracing::debug!(%peer, error = %e, "connection ended with an error")
+                }
+                Some(Ok(())) => {}
+                None => {
+                    // Dropping the connection closes the socket and drops the response body.
+                    tracing::warn!(%peer, "closing a connection: the client did not take a response within its send deadline");
+                    if let Some(m) = &limits.metrics {
+                        m.sql_answers_cut
+                            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    }
+                }
             }
             drop(alive);
         });
@@ -297,5 +400,45 @@ mod tests {
         assert!(counts.enter("1.2.3.5".parse().unwrap(), 2).is_some());
         drop(a);
         assert!(counts.enter(ip, 2).is_some());
+    }
+}
+
+#[cfg(test)]
+mod deadline_tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_deadline_passes_only_while_its_guard_lives() {
+        let slot = SendDeadline::default();
+        let passed = |d: &SendDeadline| {
+            let d = d.clone();
+            async move {
+                tokio::time::timeout(Duration::from_millis(300), d.passed())
+                    .await
+                    .is_ok()
+            }
+        };
+        assert!(!passed(&slot).await, "no deadline set");
+        let guard = slot.set(Duration::from_millis(50));
+        assert!(passed(&slot).await, "the deadline passed while held");
+        drop(guard);
+        assert!(!passed(&slot).await, "lifted with its guard");
+        // A guard dropped late does not lift the next answer's deadline.
+        let old = slot.set(Duration::from_secs(60));
+        let _new = slot.set(Duration::from_millis(50));
+        drop(old);
+        assert!(passed(&slot).await, "the newer deadline stands");
+        // A deadline set while the connection task already waits wakes it.
+        let waiter = tokio::spawn({
+            let slot = slot.clone();
+            async move { slot.passed().await }
+        });
+        drop(_new);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let _later = slot.set(Duration::from_millis(50));
+        tokio::time::timeout(Duration::from_secs(2), waiter)
+            .await
+            .expect("woken by the new deadline")
+            .unwrap();
     }
 }

@@ -10,6 +10,7 @@
 //! the three cannot drift. Handlers (one file per area) parse a typed request, call the domain
 //! and return a typed reply; errors map to the guide's status and code in [`error`].
 
+pub mod answers;
 pub mod auth;
 pub mod cdc;
 pub mod dashboard;
@@ -57,6 +58,7 @@ pub fn filter(
         .and(warp::query::raw().or(warp::any().map(String::new)).unify())
         .and(warp::header::headers_cloned())
         .and(warp::ext::optional::<crate::api::listener::ClientAddr>())
+        .and(warp::ext::optional::<crate::api::listener::SendDeadline>())
         .and(warp::ext::optional::<hyper::upgrade::OnUpgrade>())
         .and(warp::body::stream())
         .then(
@@ -65,6 +67,7 @@ pub fn filter(
                   query: String,
                   headers: HeaderMap,
                   peer: Option<crate::api::listener::ClientAddr>,
+                  send_deadline: Option<crate::api::listener::SendDeadline>,
                   upgrade: Option<hyper::upgrade::OnUpgrade>,
                   body| {
                 let app = app.clone();
@@ -76,6 +79,7 @@ pub fn filter(
                         query,
                         headers,
                         peer,
+                        send_deadline,
                         upgrade,
                     };
                     handle(app, &table, incoming, body).await
@@ -90,6 +94,7 @@ struct Incoming {
     query: String,
     headers: HeaderMap,
     peer: Option<crate::api::listener::ClientAddr>,
+    send_deadline: Option<crate::api::listener::SendDeadline>,
     upgrade: Option<hyper::upgrade::OnUpgrade>,
 }
 
@@ -177,6 +182,7 @@ where
             headers: incoming.headers,
             client,
             peer: incoming.peer.map(|crate::api::listener::ClientAddr(a)| a),
+            send_deadline: incoming.send_deadline,
             tail,
             request_id: request_id.clone(),
             body: None,

@@ -38,15 +38,6 @@ impl<T: Serialize> Reply for Created<T> {
     }
 }
 
-/// A body the domain already serialized (the SQL endpoint renders rows straight to JSON text).
-pub struct RawJson(pub String);
-
-impl Reply for RawJson {
-    fn into_response(self) -> Response {
-        raw_json_response(StatusCode::OK, self.0)
-    }
-}
-
 fn serialize<T: Serialize>(status: StatusCode, body: &T) -> Response {
     match serde_json::to_string(body) {
         Ok(text) => raw_json_response(status, text),
@@ -56,6 +47,16 @@ fn serialize<T: Serialize>(status: StatusCode, body: &T) -> Response {
 
 pub fn json_response(status: StatusCode, body: &Value) -> Response {
     raw_json_response(status, body.to_string())
+}
+
+/// `200 OK` with JSON bytes (the SQL answer, which holds its budget in them).
+pub fn json_body(body: bytes::Bytes) -> Response {
+    let mut response = Response::new(body.into());
+    response.headers_mut().insert(
+        warp::http::header::CONTENT_TYPE,
+        warp::http::HeaderValue::from_static("application/json"),
+    );
+    response
 }
 
 pub fn raw_json_response(status: StatusCode, body: String) -> Response {

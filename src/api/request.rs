@@ -26,6 +26,8 @@ pub struct Request {
     pub client: Option<IpAddr>,
     /// The TCP peer (the listener's view, before any forwarding header).
     pub peer: Option<SocketAddr>,
+    /// The connection's send deadline (none outside the listener, e.g. in unit tests).
+    pub send_deadline: Option<crate::api::listener::SendDeadline>,
     /// The rest of the path after a route's `{…}` tail parameter, still percent-encoded.
     pub tail: String,
     pub request_id: String,

@@ -1,12 +1,13 @@
 //! SQL over HTTP.
 
 use super::error::ApiError;
-use super::reply::{RawJson, Reply};
+use super::reply::{json_body, Reply};
 use super::Request;
 use crate::api::error::ApiResult;
 use crate::app::SharedApp;
 use crate::auth::DbRole;
 use crate::sql::{SqlError, SqlRequest, SqlResponse};
+use warp::reply::Response;
 
 /// The header a trusted backend names its end user with (see [`crate::rls::identity`]).
 pub const AUTH_UID_HEADER: &str = "x-fluxbase-auth-uid";
@@ -43,7 +44,8 @@ pub async fn execute_sql(app: SharedApp, req: Request) -> ApiResult<impl Reply> 
                     .into(),
             ));
         }
-        return Ok(RawJson(app.mysql.execute(&access, &sql).await?));
+        let text = app.mysql.execute(&access, &sql).await?;
+        return answer(&app, &req, text);
     }
     let identity = crate::rls::request_identity(
         &access,
@@ -52,9 +54,27 @@ pub async fn execute_sql(app: SharedApp, req: Request) -> ApiResult<impl Reply> 
     )?;
     // Rendered by the domain straight to JSON text (no value tree per row); `SqlResponse`
     // describes those bytes for the document.
-    Ok(RawJson(
-        app.sql.execute(&access, &sql, identity.as_deref()).await?,
-    ))
+    let text = app.sql.execute(&access, &sql, identity.as_deref()).await?;
+    answer(&app, &req, text)
+}
+
+/// The answer's text as the response body, within the answer budget and the client address's
+/// cap (else 429 `RATE_LIMIT`), held until the client has taken it or its send deadline passed
+/// (see [`crate::api::answers`]).
+fn answer(app: &SharedApp, req: &Request, text: String) -> ApiResult<Response> {
+    let deadline = std::time::Duration::from_secs(app.config.sql_answer_send_timeout_secs);
+    let body = app
+        .answers
+        .answer(
+            text,
+            req.client,
+            req.send_deadline.as_ref().map(|d| (d, deadline)),
+        )
+        .map_err(|refused| {
+            tracing::warn!(client = ?req.client, %refused, "SQL answer refused");
+            ApiError::Busy(refused.to_string())
+        })?;
+    Ok(json_body(body))
 }
 
 /// The role of the requested `scope`, refused if it is stronger than the caller's own.

@@ -1,0 +1,248 @@
+//! SQL answers held for slow clients: the server's budget of answer bytes in flight, the cap of
+//! one client address, and the send deadline (`api::answers`), through the real listener with
+//! raw TCP clients that send a request and read nothing.
+
+use std::net::{IpAddr, SocketAddr};
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpSocket, TcpStream};
+
+use crate::support::{spawn_app_with, TestApp};
+
+const MIB: u64 = 1024 * 1024;
+/// Six rows of a million characters: an answer of ~6 MB, more than loopback's socket buffers
+/// take from a client that reads nothing (its receive buffer is made small).
+const LARGE: &str = "select repeat('x', 1000000) as x from generate_series(1, 6)";
+
+fn server(t: &TestApp) -> SocketAddr {
+    t.base
+        .trim_start_matches("http://")
+        .parse()
+        .expect("base is ip:port")
+}
+
+/// A client socket from `from` (any 127/8 address is this machine) that takes little into its
+/// receive buffer, so what it does not read stays with the server.
+async fn connect(t: &TestApp, from: &str) -> TcpStream {
+    let socket = TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    socket
+        .bind(SocketAddr::new(from.parse::<IpAddr>().unwrap(), 0))
+        .unwrap();
+    socket.connect(server(t)).await.unwrap()
+}
+
+/// Sends `POST /api/execute-sql` and reads nothing.
+async fn send_sql(t: &TestApp, from: &str, key: &str, project: &str, query: &str) -> TcpStream {
+    let mut stream = connect(t, from).await;
+    let body = json!({ "projectId": project, "query": query }).to_string();
+    let request = format!(
+        "POST /api/execute-sql HTTP/1.1\r\nhost: fluxbase\r\nauthorization: Bearer {key}\r\n\
+         content-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    stream.write_all(request.as_bytes()).await.unwrap();
+    stream
+}
+
+/// The whole answer to `query` from `from`: status, `Retry-After`, and the body as JSON.
+async fn sql_from(
+    t: &TestApp,
+    from: &str,
+    key: &str,
+    project: &str,
+    query: &str,
+) -> (u16, Option<String>, Value) {
+    let mut stream = send_sql(t, from, key, project, query).await;
+    // Read to the end: ask the server to close after this answer.
+    let mut got = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(30), async {
+        let mut buf = vec![0u8; 1 << 16];
+        loop {
+            let n = stream.read(&mut buf).await.unwrap();
+            if n == 0 {
+                return;
+            }
+            got.extend_from_slice(&buf[..n]);
+            if let Some(end) = got.windows(4).position(|w| w == b"\r\n\r\n") {
+                let head = String::from_utf8_lossy(&got[..end]).to_ascii_lowercase();
+                let length: usize = head
+                    .lines()
+                    .find_map(|l| l.strip_prefix("content-length:"))
+                    .map(|v| v.trim().parse().unwrap())
+                    .expect("a content-length");
+                if got.len() >= end + 4 + length {
+                    return;
+                }
+            }
+        }
+    });
+    read.await.expect("the answer came in time");
+    let end = got.windows(4).position(|w| w == b"\r\n\r\n").unwrap();
+    let head = String::from_utf8_lossy(&got[..end]).to_ascii_lowercase();
+    let status = head[9..12].parse().unwrap();
+    let retry = head
+        .lines()
+        .find_map(|l| l.strip_prefix("retry-after:"))
+        .map(|v| v.trim().to_string());
+    let body = serde_json::from_slice(&got[end + 4..]).expect("a JSON body");
+    (status, retry, body)
+}
+
+/// Waits (≤ 20 s) until the answer bytes in flight satisfy `ok`, checking on the way that the
+/// gauge never passes the budget.
+async fn wait_in_flight(t: &TestApp, budget: u64, ok: impl Fn(u64) -> bool, what: &str) -> u64 {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let held = t
+            .app
+            .metrics
+            .sql_answer_bytes_in_flight
+            .load(std::sync::atomic::Ordering::Relaxed);
+        assert!(held <= budget, "{held} bytes in flight, over the budget");
+        assert_eq!(held, t.app.answers.in_flight());
+        if ok(held) {
+            return held;
+        }
+        assert!(Instant::now() < deadline, "{what}: {held} bytes in flight");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Slow readers from one address hold answers up to that address's cap: the next large
+/// answer to that address is refused with 429 `RATE_LIMIT` and `Retry-After`, while another
+/// address still gets small and large answers; slow readers of several addresses together
+/// reach the server's budget, past which a large answer to anyone is refused; and once the
+/// slow clients go away the budget comes back whole. The gauge never passes the budget.
+#[tokio::test]
+async fn slow_readers_are_held_within_the_address_cap_and_the_server_budget() {
+    const BUDGET: u64 = 20 * MIB;
+    let t = spawn_app_with(|c| {
+        c.max_response_bytes = 8 * MIB as usize;
+        c.sql_answer_budget_per_address_bytes = 16 * MIB;
+        c.sql_answer_budget_bytes = BUDGET;
+    })
+    .await;
+    let f = t.fixture().await;
+    let (a, b) = ("127.0.0.1", "127.0.0.2");
+
+    // Two slow readers at address a: ~12 MB held (the kernel takes a few MB of each).
+    let mut slow = Vec::new();
+    for i in 1..=2u64 {
+        slow.push(send_sql(&t, a, &f.read, &f.project, LARGE).await);
+        wait_in_flight(
+            &t,
+            BUDGET,
+            |h| h >= i * 6_000_000,
+            "slow reader's answer held",
+        )
+        .await;
+    }
+    assert_eq!(t.app.answers.addresses(), 1);
+
+    // A third large answer to a would pass a's cap.
+    let (status, retry, body) = sql_from(&t, a, &f.read, &f.project, LARGE).await;
+    assert_eq!(status, 429, "{body}");
+    assert_eq!(retry.as_deref(), Some("1"));
+    assert_eq!(body["success"], false);
+    assert_eq!(body["error"]["code"], "RATE_LIMIT");
+    let message = body["error"]["message"].as_str().unwrap();
+    assert!(
+        message.contains("sql_answer_budget_per_address_bytes"),
+        "{message}"
+    );
+
+    // Address b is not held back by a's slow readers: a small and a large answer.
+    let (status, _, body) = sql_from(&t, b, &f.read, &f.project, "select 1 as one").await;
+    assert_eq!(
+        (status, &body["result"]["rows"]),
+        (200, &json!([{ "one": 1 }]))
+    );
+    let (status, _, body) = sql_from(&t, b, &f.read, &f.project, LARGE).await;
+    assert_eq!(status, 200);
+    assert_eq!(body["result"]["rows"].as_array().unwrap().len(), 6);
+
+    // One slow reader at b: ~18 MB held; a further large answer (b's cap has room) would pass
+    // the server's budget.
+    slow.push(send_sql(&t, b, &f.read, &f.project, LARGE).await);
+    wait_in_flight(&t, BUDGET, |h| h >= 18_000_000, "b's slow reader held").await;
+    let (status, _, body) = sql_from(&t, b, &f.read, &f.project, LARGE).await;
+    assert_eq!(status, 429, "{body}");
+    let message = body["error"]["message"].as_str().unwrap();
+    assert!(message.contains("sql_answer_budget_bytes"), "{message}");
+    // A small answer still fits.
+    let (status, _, _) = sql_from(&t, "127.0.0.3", &f.read, &f.project, "select 1").await;
+    assert_eq!(status, 200);
+    let metrics = t.metrics_text().await;
+    assert!(
+        metrics.contains("fluxbase_sql_answers_refused_total 2"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("fluxbase_sql_answer_bytes_in_flight "),
+        "{metrics}"
+    );
+
+    // The slow clients go away: their answers are dropped and the budget is whole again.
+    drop(slow);
+    wait_in_flight(&t, BUDGET, |h| h == 0, "the budget came back").await;
+    assert_eq!(t.app.answers.addresses(), 0);
+    let (status, _, _) = sql_from(&t, a, &f.read, &f.project, LARGE).await;
+    assert_eq!(status, 200);
+    t.stop().await;
+}
+
+/// A client that takes an answer too slowly is cut at the send deadline: the connection is
+/// closed, its answer's bytes are given back, the cut is counted; a client that reads keeps
+/// its keep-alive connection across the deadline.
+#[tokio::test]
+async fn an_answer_not_taken_within_the_send_deadline_is_cut() {
+    const BUDGET: u64 = 64 * MIB;
+    let t = spawn_app_with(|c| c.sql_answer_send_timeout_secs = 2).await;
+    let f = t.fixture().await;
+    let mut slow = send_sql(&t, "127.0.0.1", &f.read, &f.project, LARGE).await;
+    let started = Instant::now();
+    wait_in_flight(&t, BUDGET, |h| h >= 6_000_000, "the answer held").await;
+    wait_in_flight(&t, BUDGET, |h| h == 0, "the answer dropped at the deadline").await;
+    let waited = started.elapsed();
+    assert!(waited >= Duration::from_millis(1500), "{waited:?}");
+    assert_eq!(
+        t.app
+            .metrics
+            .sql_answers_cut
+            .load(std::sync::atomic::Ordering::Relaxed),
+        1
+    );
+    // What the kernel already had arrives, then the connection ends short of the answer.
+    let mut got = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(10), slow.read_to_end(&mut got))
+        .await
+        .expect("the server closed the connection");
+    assert!(got.len() < 6_000_000, "{} bytes", got.len());
+
+    // A keep-alive client that reads is not cut: two answers on one connection, with more than
+    // the deadline between them.
+    let client = reqwest::Client::new();
+    for _ in 0..2 {
+        let resp = client
+            .post(t.url("/api/execute-sql"))
+            .bearer_auth(&f.read)
+            .json(&json!({ "projectId": f.project, "query": LARGE }))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 200);
+        assert!(resp.bytes().await.unwrap().len() > 6_000_000);
+        tokio::time::sleep(Duration::from_millis(2500)).await;
+    }
+    assert_eq!(
+        t.app
+            .metrics
+            .sql_answers_cut
+            .load(std::sync::atomic::Ordering::Relaxed),
+        1
+    );
+    t.stop().await;
+}
