@@ -139,7 +139,21 @@ pub struct StreamStatus {
     /// project's own callers see from it.
     #[serde(skip)]
     pub own_commit_end: Option<u64>,
+    /// The project's own transactions received and not known stored yet: (end in the log,
+    /// bytes of their events' payloads), oldest first, at most [`OWN_UNSTORED`] entries.
+    #[serde(skip)]
+    pub own_unstored: OwnUnstored,
+    /// The end of the newest own transaction known stored.
+    #[serde(skip)]
+    pub own_stored_end: Option<u64>,
 }
+
+/// See [`StreamStatus::own_unstored`].
+pub type OwnUnstored = std::collections::VecDeque<(u64, u64)>;
+
+/// Most own transactions [`StreamStatus::own_unstored`] lists one by one; past it the two
+/// oldest are merged (their bytes summed: the lag stays exact, the confirmed position coarser).
+const OWN_UNSTORED: usize = 1024;
 
 impl StreamStatus {
     /// What `/api/cdc/status` shows a project's callers (any key or member, whatever the
@@ -162,19 +176,49 @@ impl StreamStatus {
     /// "What a project sees of its stream".
     pub fn project_view(mut self) -> StreamStatus {
         let own = self.own_commit_end.map(Lsn);
-        let stored = lsn_of(&self.confirmed_lsn);
-        let confirmed = match (own, stored) {
-            (Some(o), Some(c)) => Some(o.min(c)),
-            _ => None,
-        };
+        self.settle_own(lsn_of(&self.confirmed_lsn).map(|l| l.0));
         self.server_lsn = None;
         self.received_lsn = own.map(|l| l.to_string());
-        self.confirmed_lsn = confirmed.map(|l| l.to_string());
-        self.lag_bytes = match (own, confirmed) {
-            (Some(o), Some(c)) => Some(o.0 - c.0),
-            _ => None,
-        };
+        // Never the stored position itself (an idle project's follows the shared log's end),
+        // and never a distance in the log (it would count other tenants' writes in between,
+        // and a binary log's positions of different files do not subtract): the end of the
+        // newest own transaction stored, and the payload bytes of the own ones not stored.
+        self.confirmed_lsn = self.own_stored_end.map(|l| Lsn(l).to_string());
+        self.lag_bytes = own.map(|_| self.own_unstored.iter().map(|(_, b)| b).sum());
         self
+    }
+
+    /// Notes an own transaction received (its end, its events' payload bytes).
+    fn note_own(&mut self, end: u64, bytes: u64) {
+        self.own_commit_end = self.own_commit_end.max(Some(end));
+        self.settle_own(lsn_of(&self.confirmed_lsn).map(|l| l.0));
+        let known = self
+            .own_unstored
+            .back()
+            .map(|e| e.0)
+            .max(self.own_stored_end);
+        if known.is_some_and(|k| end <= k) {
+            return; // a rewind's replay of one already counted
+        }
+        self.own_unstored.push_back((end, bytes));
+        if self.own_unstored.len() > OWN_UNSTORED {
+            let (_, first) = self.own_unstored.pop_front().expect("more than one");
+            if let Some(next) = self.own_unstored.front_mut() {
+                next.1 += first;
+            }
+        }
+    }
+
+    /// Moves the own transactions the stored position covers out of the unstored list.
+    fn settle_own(&mut self, stored: Option<u64>) {
+        let Some(stored) = stored else { return };
+        while let Some(&(end, _)) = self.own_unstored.front() {
+            if end > stored {
+                break;
+            }
+            self.own_unstored.pop_front();
+            self.own_stored_end = self.own_stored_end.max(Some(end));
+        }
     }
 }
 
@@ -887,6 +931,7 @@ async fn release<C: ProjectChannel>(
         .peekable();
     let mut index = 0u32;
     let mut count = 0u64;
+    let mut bytes = 0u64;
     let mut run: Vec<Arc<Event>> = Vec::new();
     while let Some(p) = iter.next() {
         let p = p.map_err(assemble::AssembleError::Spill)?;
@@ -894,14 +939,9 @@ async fn release<C: ProjectChannel>(
         if run.capacity() == 0 {
             run.reserve_exact(if last { 1 } else { PUBLISH_RUN });
         }
-        run.push(Arc::new(events::finish(
-            p,
-            tx.commit_lsn,
-            tx.end_lsn,
-            index,
-            &commit_time,
-            last,
-        )));
+        let event = events::finish(p, tx.commit_lsn, tx.end_lsn, index, &commit_time, last);
+        bytes += event.payload.len() as u64;
+        run.push(Arc::new(event));
         index += 1;
         if run.len() == PUBLISH_RUN || last {
             bus.publish_batch(&run).await;
@@ -921,7 +961,7 @@ async fn release<C: ProjectChannel>(
     s.events += count;
     s.transactions += 1;
     // The newest, not the last: a rewind replays older transactions.
-    s.own_commit_end = s.own_commit_end.max(Some(tx.end_lsn.0));
+    s.note_own(tx.end_lsn.0, bytes);
     if count > 0 {
         s.last_event_at =
             Some(chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true));
@@ -933,6 +973,51 @@ async fn release<C: ProjectChannel>(
 
 #[cfg(test)]
 mod tests {
+    /// What a project sees of its stream never moves with the shared log: a stored position
+    /// that followed other tenants' writes shows as the newest own transaction it covers, and
+    /// the lag is the own payload bytes not stored (also across a binary log's files, whose
+    /// positions do not subtract), never a distance in the log.
+    #[test]
+    fn the_project_view_counts_only_the_projects_own_transactions() {
+        use super::{Lsn, StreamStatus};
+        let view = |s: &StreamStatus| {
+            let v = s.clone().project_view();
+            (v.confirmed_lsn, v.received_lsn, v.lag_bytes, v.server_lsn)
+        };
+        let at = |l: u64| Some(Lsn(l).to_string());
+        let mut s = StreamStatus {
+            confirmed_lsn: at(1_000),
+            server_lsn: at(9_000),
+            ..Default::default()
+        };
+        assert_eq!(view(&s), (None, None, None, None), "nothing own yet");
+        s.note_own(2_000, 300);
+        // Stored still at an older heartbeat's position (others' writes since): not shown.
+        assert_eq!(view(&s), (None, at(2_000), Some(300), None));
+        s.note_own(5_000, 200);
+        s.confirmed_lsn = at(3_000); // covers the first only
+        assert_eq!(view(&s), (at(2_000), at(5_000), Some(200), None));
+        s.confirmed_lsn = at(8_000); // past both, following the log's end
+        assert_eq!(view(&s), (at(5_000), at(5_000), Some(0), None));
+        // A rewind replays an older transaction: counted once.
+        s.note_own(5_000, 200);
+        assert_eq!(view(&s), (at(5_000), at(5_000), Some(0), None));
+        // Binary log positions of two files ((file << 32) | offset): bytes, not 4 GiB.
+        let (f1, f2) = ((1u64 << 32) | 4_000, (2u64 << 32) | 100);
+        let mut m = StreamStatus {
+            confirmed_lsn: at(f1),
+            ..Default::default()
+        };
+        m.note_own(f2, 512);
+        assert_eq!(view(&m).2, Some(512));
+        // Bounded: past the list's size the oldest merge, bytes kept.
+        for i in 0..(super::OWN_UNSTORED as u64 + 10) {
+            m.note_own(f2 + 1 + i, 1);
+        }
+        assert!(m.own_unstored.len() <= super::OWN_UNSTORED);
+        assert_eq!(view(&m).2, Some(512 + super::OWN_UNSTORED as u64 + 10));
+    }
+
     use fluxbase_replication::wire::{DbError, Phase};
 
     use super::*;

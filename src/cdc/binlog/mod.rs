@@ -182,10 +182,13 @@ impl Dumps {
             if start.is_none_or(|now| (now - then).abs() > 2) {
                 continue;
             }
+            // Of our replication account too: on a server where it was given PROCESS, a real
+            // replica's dump could otherwise carry a recorded id.
             let alive: Result<Option<u32>, _> = conn
                 .exec_first(
                     "SELECT ID FROM information_schema.PROCESSLIST \
-                     WHERE ID = ? AND COMMAND LIKE 'Binlog Dump%'",
+                     WHERE ID = ? AND COMMAND LIKE 'Binlog Dump%' \
+                     AND USER = SUBSTRING_INDEX(CURRENT_USER(), '@', 1)",
                     (previous,),
                 )
                 .await;
