@@ -93,6 +93,7 @@ impl Auth {
             let key = match self.cache.key(&hash) {
                 Some(k) => k,
                 None => {
+                    let read_at = self.cache.generation();
                     let client = self.control.get().await?;
                     let grant = control::api_keys::live_by_hash(&client, &hash)
                         .await?
@@ -102,7 +103,7 @@ impl Auth {
                         project_id: grant.project_id,
                         scope: grant.scope,
                     };
-                    self.cache.put_key(hash.clone(), key.clone());
+                    self.cache.put_key(hash.clone(), key.clone(), read_at);
                     key
                 }
             };
@@ -168,10 +169,11 @@ impl Auth {
         if let Some(p) = self.cache.project(project_id) {
             return Ok(Some(p));
         }
+        let read_at = self.cache.generation();
         let client = self.control.get().await?;
         let project = control::projects::get(&client, project_id).await?;
         if let Some(p) = &project {
-            self.cache.put_project(p.clone());
+            self.cache.put_project(p.clone(), read_at);
         }
         Ok(project)
     }

@@ -27,6 +27,10 @@ pub const CACHE_CHANNEL: &str = "fluxbase_cache";
 #[derive(Default)]
 pub struct AuthCache {
     live: AtomicBool,
+    /// Bumped by every [`AuthCache::clear`] before it empties the maps: an entry read from
+    /// the control database before a clear is not put back after it (a project suspended, a
+    /// key revoked meanwhile would otherwise be served from the cache for up to [`Self::TTL`]).
+    generation: std::sync::atomic::AtomicU64,
     keys: Mutex<HashMap<Vec<u8>, (CachedKey, Instant)>>,
     projects: Mutex<HashMap<String, (Project, Instant)>>,
 }
@@ -60,11 +64,16 @@ impl AuthCache {
         map: &Mutex<HashMap<K, (V, Instant)>>,
         key: K,
         value: V,
+        read_at: u64,
     ) {
         if !self.live.load(Ordering::Acquire) {
             return;
         }
         let mut map = map.lock().expect("poisoned");
+        // Under the map's lock: a clear bumps the generation before it takes the lock.
+        if self.generation.load(Ordering::Acquire) != read_at {
+            return;
+        }
         if map.len() > 100_000 {
             map.clear();
         }
@@ -75,19 +84,25 @@ impl AuthCache {
         self.get(&self.keys, hash)
     }
 
-    pub(super) fn put_key(&self, hash: Vec<u8>, key: CachedKey) {
-        self.put(&self.keys, hash, key)
+    /// The generation to pass to a put of what is read from the control database next.
+    pub(super) fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Acquire)
+    }
+
+    pub(super) fn put_key(&self, hash: Vec<u8>, key: CachedKey, read_at: u64) {
+        self.put(&self.keys, hash, key, read_at)
     }
 
     pub(super) fn project(&self, project_id: &str) -> Option<Project> {
         self.get(&self.projects, project_id)
     }
 
-    pub(super) fn put_project(&self, project: Project) {
-        self.put(&self.projects, project.id.clone(), project)
+    pub(super) fn put_project(&self, project: Project, read_at: u64) {
+        self.put(&self.projects, project.id.clone(), project, read_at)
     }
 
     pub fn clear(&self) {
+        self.generation.fetch_add(1, Ordering::AcqRel);
         self.keys.lock().expect("poisoned").clear();
         self.projects.lock().expect("poisoned").clear();
     }
@@ -274,6 +289,29 @@ pub async fn run_cache_listener(
 #[cfg(test)]
 mod tests {
     use super::AccessChange;
+
+    /// A project read before a clear (a suspension notified meanwhile) is not put back after
+    /// it; one read after the clear is.
+    #[test]
+    fn an_entry_read_before_a_clear_is_not_cached_after_it() {
+        let cache = super::AuthCache::default();
+        cache.set_live(true);
+        let project = crate::projects::Project {
+            id: "p1".into(),
+            name: "p1".into(),
+            engine: crate::projects::Engine::Postgresql,
+            status: crate::projects::ProjectStatus::Active,
+            realtime_public: false,
+            db_name: "fx_p1".into(),
+            created_at: chrono::Utc::now(),
+        };
+        let read_at = cache.generation();
+        cache.clear();
+        cache.put_project(project.clone(), read_at);
+        assert!(cache.project("p1").is_none(), "a stale read was cached");
+        cache.put_project(project, cache.generation());
+        assert!(cache.project("p1").is_some());
+    }
 
     #[test]
     fn access_changes_round_trip_through_their_payload() {
