@@ -11,6 +11,10 @@ use super::StorageError;
 /// Longest object name, in bytes (S3's key limit is 1,024 bytes for the whole key).
 pub const MAX_OBJECT_NAME: usize = 900;
 
+/// Longest segment of an object name (between `/`), in bytes: segments become directory and
+/// file names on the local disk, where a name is at most 255 bytes (`NAME_MAX`).
+pub const MAX_SEGMENT: usize = 255;
+
 /// The guide's rule: lowercase alphanumeric, hyphens, underscores, 1–63 characters.
 pub fn validate_bucket_name(name: &str) -> Result<(), StorageError> {
     let ok = (1..=63).contains(&name.len())
@@ -63,6 +67,11 @@ pub fn validate_object_name(name: &str) -> Result<(), StorageError> {
                     return refuse("empty path segments (`//` or a trailing `/`) are not allowed")
                 }
                 "." | ".." => return refuse("`.` and `..` segments are not allowed"),
+                s if s.len() > MAX_SEGMENT => {
+                    return refuse(&format!(
+                        "a path segment (between `/`) is longer than {MAX_SEGMENT} bytes"
+                    ))
+                }
                 _ => {}
             }
         }
@@ -204,6 +213,14 @@ mod tests {
         for bad in ["", "Photos", "a b", "a.b", "ü", &"a".repeat(64), "a/b"] {
             assert!(validate_bucket_name(bad).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn object_name_segments_fit_a_file_name() {
+        let long = "b".repeat(MAX_SEGMENT + 1);
+        assert!(validate_object_name(&format!("a/{long}")).is_err());
+        assert!(validate_object_name(&format!("{long}/a")).is_err());
+        assert!(validate_object_name(&format!("a/{}", "b".repeat(MAX_SEGMENT))).is_ok());
     }
 
     #[test]
