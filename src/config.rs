@@ -15,6 +15,15 @@ use serde::Deserialize;
 
 use crate::secrets::Secret;
 
+/// The default budget of SQL answer bytes in flight (`sql_answer_budget_bytes`): 256 MiB.
+pub const DEFAULT_SQL_ANSWER_BUDGET: u64 = 256 * 1024 * 1024;
+/// The default cap of one client address (`sql_answer_budget_per_address_bytes`): 64 MiB (two
+/// answers of the default `max_response_bytes`; a quarter of the budget, so at least four
+/// addresses are needed to spend it).
+pub const DEFAULT_SQL_ANSWER_PER_ADDRESS: u64 = 64 * 1024 * 1024;
+/// The default time a client has to take an answer (`sql_answer_send_timeout_secs`): 60 s.
+pub const DEFAULT_SQL_ANSWER_SEND_TIMEOUT_SECS: u64 = 60;
+
 /// Every setting of the server. The same names work in `fluxbase.toml` (lowercase) and in the
 /// environment (`FLUXBASE_` + uppercase).
 #[derive(Clone, Debug, Deserialize)]
@@ -284,9 +293,9 @@ impl Default for Config {
             statement_timeout_ms: 30_000,
             max_rows: 10_000,
             max_response_bytes: 32 * 1024 * 1024,
-            sql_answer_budget_bytes: crate::api::answers::DEFAULT_BUDGET,
-            sql_answer_budget_per_address_bytes: crate::api::answers::DEFAULT_PER_ADDRESS,
-            sql_answer_send_timeout_secs: crate::api::answers::DEFAULT_SEND_TIMEOUT_SECS,
+            sql_answer_budget_bytes: DEFAULT_SQL_ANSWER_BUDGET,
+            sql_answer_budget_per_address_bytes: DEFAULT_SQL_ANSWER_PER_ADDRESS,
+            sql_answer_send_timeout_secs: DEFAULT_SQL_ANSWER_SEND_TIMEOUT_SECS,
             max_body_bytes: 1024 * 1024,
             rate_limit_requests: 50,
             session_rate_limit_requests: 300,

@@ -35,14 +35,13 @@ use bytes::Bytes;
 use crate::api::listener::{DeadlineGuard, SendDeadline};
 use crate::metrics::Metrics;
 
-/// The default budget of answer bytes in flight: 256 MiB.
-pub const DEFAULT_BUDGET: u64 = 256 * 1024 * 1024;
-/// The default cap of one client address: 64 MiB (two answers of the default
-/// `max_response_bytes`; a quarter of the budget, so at least four addresses are needed to
-/// spend it).
-pub const DEFAULT_PER_ADDRESS: u64 = 64 * 1024 * 1024;
-/// The default time a client has to take an answer: 60 s.
-pub const DEFAULT_SEND_TIMEOUT_SECS: u64 = 60;
+// The defaults live with the settings (src/config.rs: a domain module may not import the
+// HTTP layer); re-exported here for this module's readers.
+pub use crate::config::{
+    DEFAULT_SQL_ANSWER_BUDGET as DEFAULT_BUDGET,
+    DEFAULT_SQL_ANSWER_PER_ADDRESS as DEFAULT_PER_ADDRESS,
+    DEFAULT_SQL_ANSWER_SEND_TIMEOUT_SECS as DEFAULT_SEND_TIMEOUT_SECS,
+};
 /// A text whose capacity passes its length by more than this is shrunk before it is reserved.
 const SLACK: usize = 64 * 1024;
 
