@@ -470,11 +470,21 @@ async fn a_rewind_ends_its_previous_dump_itself_and_takes_no_backoff() {
                 break;
             }
         }
-        assert_eq!(
-            dumps.ended(&f.project),
-            round,
-            "the previous dump was not ended by the stream"
-        );
+        // The old dump may deliver the row before the rewind replaces it (the rewind is
+        // asynchronous to the subscribe): wait for the rewind, bounded.
+        crate::support::poll::until(
+            std::time::Duration::from_secs(30),
+            std::time::Duration::from_millis(20),
+            || async {
+                match dumps.ended(&f.project) {
+                    n if n == round => Ok(()),
+                    n => Err(format!(
+                        "the previous dump was not ended by the stream: {n}"
+                    )),
+                }
+            },
+        )
+        .await;
         let after = dumps.current(&f.project).expect("the new dump");
         assert_ne!(after, before);
         assert_eq!(
