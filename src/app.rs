@@ -317,6 +317,7 @@ impl Running {
             header_read_timeout: std::time::Duration::from_secs(
                 app.config.header_read_timeout_secs,
             ),
+            send_stall_timeout: std::time::Duration::from_secs(app.config.send_stall_timeout_secs),
             max_connections_per_address: app.config.max_connections_per_address,
             trust_forwarded_for: app.config.trust_forwarded_for,
             metrics: Some(app.metrics.clone()),

@@ -205,6 +205,10 @@ pub struct Config {
     /// Seconds a client has to send a complete request head (an idle keep-alive connection
     /// included) before it is disconnected.
     pub header_read_timeout_secs: u64,
+    /// Seconds a connection may have bytes to send that its client does not take (its socket
+    /// accepts nothing) before it is closed with the response and what it holds: any response,
+    /// a file download as much as a SQL answer.
+    pub send_stall_timeout_secs: u64,
     /// Open connections (WebSockets included) one client address may hold; more are answered
     /// 429 and closed. IPv6 clients count by /64. 0: no cap. Not applied with
     /// `trust_forwarded_for` (the proxy is then the only address; it bounds its clients).
@@ -330,6 +334,7 @@ impl Default for Config {
             realtime_project_broadcasts_per_sec: 100,
             realtime_project_broadcast_bytes_per_sec: 1024 * 1024,
             header_read_timeout_secs: 20,
+            send_stall_timeout_secs: 60,
             max_connections_per_address: 512,
             trust_forwarded_for: false,
             auth_attempts_per_address: 30,
@@ -518,6 +523,9 @@ impl Config {
         }
         if self.sql_answer_send_timeout_secs == 0 {
             bail!("sql_answer_send_timeout_secs must be positive");
+        }
+        if self.send_stall_timeout_secs == 0 {
+            bail!("send_stall_timeout_secs must be positive");
         }
         if self.realtime_rls_max_identities == 0
             || self.realtime_rls_batch_rows == 0

@@ -44,6 +44,7 @@ pub struct Metrics {
     pub sql_answer_bytes_in_flight: AtomicU64,
     pub sql_answers_refused: AtomicU64,
     pub sql_answers_cut: AtomicU64,
+    pub connections_stalled: AtomicU64,
     /// Broadcasts from SQL or the REST API over their project's budget (dropped, or 429).
     pub realtime_broadcasts_dropped: AtomicU64,
     /// Row-level security evaluations of realtime events that failed or timed out (the events
@@ -198,6 +199,12 @@ impl Metrics {
                 "counter",
                 "Connections closed because the client did not take a response within sql_answer_send_timeout_secs.",
                 &self.sql_answers_cut,
+            ),
+            (
+                "fluxbase_connections_stalled_total",
+                "counter",
+                "Connections closed because their client took none of a response's bytes for send_stall_timeout_secs (downloads, answers, any response).",
+                &self.connections_stalled,
             ),
             (
                 "fluxbase_realtime_broadcasts_dropped_total",

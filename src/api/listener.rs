@@ -11,7 +11,9 @@
 //!  the route table (crate::api) ─► rate limits by address use [`client_ip`]
 //!               │ SendDeadline in the extensions: a SQL answer sets it while it is held
 //!               ▼
-//!  the connection task drops a connection whose deadline passed (socket, body, budget freed)
+//!  the connection task drops a connection whose deadline passed (socket, body, budget freed),
+//!  and one whose socket took none of the bytes it had to send for send_stall_timeout_secs
+//!  (WriteStall: any response — a file download, a SQL answer — to a client that stopped reading)
 //! ```
 //!
 //! Behind a proxy (`trust_forwarded_for`) the per-address cap is not applied at accept: every
@@ -182,10 +184,79 @@ impl Drop for AddressGuard {
     }
 }
 
-/// A client socket that holds its address's count for as long as it is open.
+/// Since when a connection's socket has refused the bytes the server had to send (its client not
+/// reading and the kernel's buffers full), until a write succeeds again. Written by the
+/// connection's socket ([`CountedStream`]) and watched by its connection task
+/// ([`WriteStall::stalled`]): both run in that one task, so a write costs an atomic load.
+///
+/// A response body is polled only while hyper can write, so no timer in a body could see a
+/// client that stopped reading; the socket is where it shows. Like nginx's `send_timeout`, the
+/// clock measures the time between two writes that took bytes, not the whole response: a slow
+/// client that keeps reading is never cut, however long its download.
+#[derive(Default)]
+struct WriteStall {
+    blocked: std::sync::atomic::AtomicBool,
+    since: Mutex<Option<tokio::time::Instant>>,
+    began: tokio::sync::Notify,
+}
+
+impl WriteStall {
+    fn since(&self) -> std::sync::MutexGuard<'_, Option<tokio::time::Instant>> {
+        self.since.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The socket refused a write.
+    fn refused(&self) {
+        use std::sync::atomic::Ordering::Relaxed;
+        if !self.blocked.swap(true, Relaxed) {
+            *self.since() = Some(tokio::time::Instant::now());
+            self.began.notify_one();
+        }
+    }
+
+    /// The socket took bytes.
+    fn took(&self) {
+        use std::sync::atomic::Ordering::Relaxed;
+        if self.blocked.load(Relaxed) {
+            *self.since() = None;
+            self.blocked.store(false, Relaxed);
+        }
+    }
+
+    /// Resolves once the socket has refused every write for `within`.
+    async fn stalled(&self, within: Duration) {
+        loop {
+            let began = self.began.notified();
+            tokio::pin!(began);
+            began.as_mut().enable();
+            let since = *self.since();
+            match since {
+                None => began.await,
+                Some(since) => {
+                    tokio::time::sleep_until(since + within).await;
+                    if *self.since() == Some(since) {
+                        return;
+                    }
+                }
+            }
+        }
+    }
+
+    fn note<T>(&self, written: &Poll<std::io::Result<T>>, took: impl Fn(&T) -> bool) {
+        match written {
+            Poll::Pending => self.refused(),
+            Poll::Ready(Ok(n)) if took(n) => self.took(),
+            Poll::Ready(_) => {}
+        }
+    }
+}
+
+/// A client socket that holds its address's count for as long as it is open, and notes when
+/// it refuses writes ([`WriteStall`]).
 struct CountedStream {
     inner: TcpStream,
     _guard: AddressGuard,
+    stall: Arc<WriteStall>,
 }
 
 impl AsyncRead for CountedStream {
@@ -204,7 +275,9 @@ impl AsyncWrite for CountedStream {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write(cx, buf)
+        let written = Pin::new(&mut self.inner).poll_write(cx, buf);
+        self.stall.note(&written, |n| *n > 0);
+        written
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
@@ -220,7 +293,9 @@ impl AsyncWrite for CountedStream {
         cx: &mut Context<'_>,
         bufs: &[std::io::IoSlice<'_>],
     ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+        let written = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
+        self.stall.note(&written, |n| *n > 0);
+        written
     }
 
     fn is_write_vectored(&self) -> bool {
@@ -228,15 +303,26 @@ impl AsyncWrite for CountedStream {
     }
 }
 
+/// Why the connection task closed a connection itself.
+enum Cut {
+    /// A [`SendDeadline`] passed.
+    Deadline,
+    /// The socket refused every write for the stall timeout ([`WriteStall`]).
+    Stalled,
+}
+
 /// What the listener enforces (from [`crate::config::Config`]).
 #[derive(Clone)]
 pub struct Limits {
     pub header_read_timeout: Duration,
+    /// A connection whose socket refuses every write this long is closed ([`WriteStall`]).
+    pub send_stall_timeout: Duration,
     /// 0: no cap.
     pub max_connections_per_address: usize,
     /// A proxy in front: the peer address is the proxy's, so the cap above is not applied.
     pub trust_forwarded_for: bool,
-    /// Counts connections cut at their send deadline (`fluxbase_sql_answers_cut_total`).
+    /// Counts connections cut at their send deadline (`fluxbase_sql_answers_cut_total`) or
+    /// for a stalled send (`fluxbase_connections_stalled_total`).
     pub metrics: Option<Arc<crate::metrics::Metrics>>,
 }
 
@@ -277,9 +363,11 @@ pub async fn serve<F>(
             tokio::spawn(refuse(stream, limits.max_connections_per_address));
             continue;
         };
+        let stall = Arc::new(WriteStall::default());
         let io = TokioIo::new(CountedStream {
             inner: stream,
             _guard: guard,
+            stall: stall.clone(),
         });
         let filter = hyper_util::service::TowerToHyperService::new(warp::service(routes.clone()));
         let deadline = SendDeadline::default();
@@ -299,29 +387,39 @@ pub async fn serve<F>(
                 .serve_connection(io, service)
                 .with_upgrades();
             tokio::pin!(conn);
+            let within = limits.send_stall_timeout;
             let result = tokio::select! {
-                r = conn.as_mut() => Some(r),
+                r = conn.as_mut() => Ok(r),
                 _ = stop.changed() => {
                     conn.as_mut().graceful_shutdown();
                     tokio::select! {
-                        r = conn.as_mut() => Some(r),
-                        _ = deadline.passed() => None,
+                        r = conn.as_mut() => Ok(r),
+                        _ = deadline.passed() => Err(Cut::Deadline),
+                        _ = stall.stalled(within) => Err(Cut::Stalled),
                     }
                 }
-                _ = deadline.passed() => None,
+                _ = deadline.passed() => Err(Cut::Deadline),
+                _ = stall.stalled(within) => Err(Cut::Stalled),
+            };
+            // Dropping the connection (leaving this block) closes the socket and drops the
+            // response body with whatever it holds.
+            let count = |counter: fn(&crate::metrics::Metrics) -> &std::sync::atomic::AtomicU64| {
+                if let Some(m) = &limits.metrics {
+                    counter(m).fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                }
             };
             match result {
-                Some(Err(e)) => {
+                Ok(Err(e)) => {
                     tracing::debug!(%peer, error = %e, "connection ended with an error")
                 }
-                Some(Ok(())) => {}
-                None => {
-                    // Dropping the connection closes the socket and drops the response body.
+                Ok(Ok(())) => {}
+                Err(Cut::Deadline) => {
                     tracing::warn!(%peer, "closing a connection: the client did not take a response within its send deadline");
-                    if let Some(m) = &limits.metrics {
-                        m.sql_answers_cut
-                            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                    }
+                    count(|m| &m.sql_answers_cut);
+                }
+                Err(Cut::Stalled) => {
+                    tracing::warn!(%peer, seconds = within.as_secs(), "closing a connection: its client took none of the response's bytes for send_stall_timeout_secs");
+                    count(|m| &m.connections_stalled);
                 }
             }
             drop(alive);

@@ -563,3 +563,81 @@ async fn one_address_holding_unread_downloads_leaves_budget_to_others() {
     }
     t.stop().await;
 }
+
+/// A client that stops reading a download has its connection closed once its socket has taken
+/// nothing for `send_stall_timeout_secs` (counted), and the read-budget share it held comes
+/// back; a client that reads slowly but keeps reading is never cut, though its download lasts
+/// more than twice the stall timeout.
+#[tokio::test]
+async fn a_download_whose_client_stops_reading_is_closed_and_a_slow_reader_is_not() {
+    use std::sync::atomic::Ordering::Relaxed;
+    use std::time::{Duration, Instant};
+    use tokio::io::AsyncReadExt;
+    let t = spawn_app_with(|c| c.send_stall_timeout_secs = 2).await;
+    let f = t.fixture().await;
+    create_bucket(&t, &f, "docs", json!({})).await;
+    // Larger than loopback's socket buffers and what the server reads ahead together.
+    let data = pattern(24 * 1024 * 1024, 9);
+    let (status, body) = upload(
+        &t,
+        &f.readwrite,
+        &f.project,
+        "docs",
+        "big.bin",
+        "application/octet-stream",
+        &data,
+        &[],
+    )
+    .await;
+    assert_eq!(status, 201, "{body}");
+    let key = body["file"]["s3_key"].as_str().unwrap();
+    let (_, signed) = signed_url(&t, &f.read, &f.project, key).await;
+    let url = reqwest::Url::parse(signed["url"].as_str().unwrap()).unwrap();
+    let addr = format!("{}:{}", url.host_str().unwrap(), url.port().unwrap());
+    let path = format!("{}?{}", url.path(), url.query().unwrap());
+    let metrics = &t.app.metrics;
+    let whole = t.app.storage.read_budget_free();
+
+    let (mut stopped, status, length, mut got) = open_download(&addr, &path).await;
+    assert_eq!((status, length), (200, data.len()));
+    let started = Instant::now();
+    while metrics.connections_stalled.load(Relaxed) == 0 {
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "the stalled download was not closed"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(started.elapsed() >= Duration::from_millis(1500));
+    // What the kernel already had arrives, then the connection ends short of the file.
+    tokio::time::timeout(Duration::from_secs(10), stopped.read_to_end(&mut got))
+        .await
+        .expect("the server closed the connection")
+        .ok();
+    assert!(got.len() < data.len(), "{} bytes", got.len());
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while t.app.storage.read_budget_free() != whole {
+        assert!(Instant::now() < deadline, "the share came back");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    // A slow reader: 1 MiB every 200 ms, never a pause near the timeout.
+    let (mut slow, status, _, mut got) = open_download(&addr, &path).await;
+    assert_eq!(status, 200);
+    let started = Instant::now();
+    let mut buf = vec![0u8; 64 * 1024];
+    while got.len() < data.len() {
+        let mut chunk = 0;
+        while chunk < 1024 * 1024 && got.len() < data.len() {
+            let n = slow.read(&mut buf).await.unwrap();
+            assert!(n > 0, "closed after {} bytes", got.len());
+            got.extend_from_slice(&buf[..n]);
+            chunk += n;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(started.elapsed() > Duration::from_secs(4));
+    assert!(got == data, "{} bytes", got.len());
+    assert_eq!(metrics.connections_stalled.load(Relaxed), 1);
+    t.stop().await;
+}
