@@ -25,14 +25,14 @@
 //! already exists whole), so an answer that finds the budget spent is refused at once (never a
 //! wait): 429 `RATE_LIMIT` with `Retry-After: 1`, like the project's other bounded shares.
 
-use std::collections::HashMap;
 use std::net::IpAddr;
-use std::sync::atomic::Ordering::Relaxed;
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::Arc;
 
 use bytes::Bytes;
 
 use crate::api::listener::{DeadlineGuard, SendDeadline};
+use crate::auth::ratelimit::{AddressHold, AddressLedger};
 use crate::metrics::Metrics;
 
 // The defaults live with the settings (src/config.rs: a domain module may not import the
@@ -49,15 +49,10 @@ const SLACK: usize = 64 * 1024;
 pub struct AnswerBudget {
     budget: u64,
     per_address: u64,
-    held: Mutex<Held>,
-    metrics: Arc<Metrics>,
-}
-
-#[derive(Default)]
-struct Held {
-    total: u64,
+    total: AtomicU64,
     /// `None`: requests without a known client address share one entry.
-    by_address: HashMap<Option<IpAddr>, u64>,
+    by_address: Arc<AddressLedger>,
+    metrics: Arc<Metrics>,
 }
 
 /// Why an answer was not reserved.
@@ -90,7 +85,7 @@ impl std::fmt::Display for Refusal {
 /// A share of the budget, given back when dropped.
 pub struct Reservation {
     home: Arc<AnswerBudget>,
-    key: Option<IpAddr>,
+    _address: AddressHold,
     bytes: u64,
 }
 
@@ -99,7 +94,8 @@ impl AnswerBudget {
         Arc::new(AnswerBudget {
             budget,
             per_address,
-            held: Mutex::new(Held::default()),
+            total: AtomicU64::new(0),
+            by_address: Default::default(),
             metrics,
         })
     }
@@ -111,44 +107,40 @@ impl AnswerBudget {
         client: Option<IpAddr>,
         bytes: u64,
     ) -> Result<Reservation, Refusal> {
-        let mut held = self.held();
-        let mine = held.by_address.get(&client).copied().unwrap_or(0);
-        if mine + bytes > self.per_address {
-            return Err(Refusal::Address {
-                held: mine,
+        // The address first (given back if the budget is spent), so two answers to one
+        // client cannot both pass its cap.
+        let address = self
+            .by_address
+            .hold(client, bytes, self.per_address)
+            .map_err(|held| Refusal::Address {
+                held,
                 cap: self.per_address,
-            });
-        }
-        if held.total + bytes > self.budget {
-            return Err(Refusal::Server {
+            })?;
+        self.total
+            .fetch_update(Relaxed, Relaxed, |t| {
+                (t + bytes <= self.budget).then_some(t + bytes)
+            })
+            .map_err(|_| Refusal::Server {
                 budget: self.budget,
-            });
-        }
-        held.total += bytes;
-        *held.by_address.entry(client).or_default() += bytes;
+            })?;
         self.metrics
             .sql_answer_bytes_in_flight
-            .store(held.total, Relaxed);
+            .fetch_add(bytes, Relaxed);
         Ok(Reservation {
             home: self.clone(),
-            key: client,
+            _address: address,
             bytes,
         })
     }
 
     /// Answer bytes held now.
     pub fn in_flight(&self) -> u64 {
-        self.held().total
+        self.total.load(Relaxed)
     }
 
     /// Client addresses holding answers now.
     pub fn addresses(&self) -> usize {
-        self.held().by_address.len()
-    }
-
-    /// The counts (nothing under the lock can panic; a poisoned lock is still consistent).
-    fn held(&self) -> std::sync::MutexGuard<'_, Held> {
-        self.held.lock().unwrap_or_else(|e| e.into_inner())
+        self.by_address.addresses()
     }
 
     /// `text` as the body of an answer to `client`: reserved for the capacity it holds, and
@@ -181,18 +173,11 @@ impl AnswerBudget {
 
 impl Drop for Reservation {
     fn drop(&mut self) {
-        let mut held = self.home.held();
-        held.total -= self.bytes;
-        if let Some(n) = held.by_address.get_mut(&self.key) {
-            *n -= self.bytes;
-            if *n == 0 {
-                held.by_address.remove(&self.key);
-            }
-        }
+        self.home.total.fetch_sub(self.bytes, Relaxed);
         self.home
             .metrics
             .sql_answer_bytes_in_flight
-            .store(held.total, Relaxed);
+            .fetch_sub(self.bytes, Relaxed);
     }
 }
 

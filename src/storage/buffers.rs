@@ -32,7 +32,6 @@
 //! budget counts is what the buffers hold. (Uploads do not copy the received chunks
 //! into such buffers: the copy cost more than the fresh pages of the parser's buffers it saved.)
 
-use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{Arc, Mutex};
@@ -40,7 +39,7 @@ use std::sync::{Arc, Mutex};
 use bytes::Bytes;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
-use crate::auth::ratelimit::address_key;
+use crate::auth::ratelimit::{AddressHold, AddressLedger};
 use crate::metrics::Metrics;
 
 /// The default read budget: 256 MiB.
@@ -75,42 +74,15 @@ pub struct Buffers {
     metrics: Arc<Metrics>,
     /// Most shares per client address (0: no cap).
     per_client: u32,
-    holders: Arc<Holders>,
-}
-
-/// The shares held per client address; only addresses holding one are kept, so it has at most
-/// as many entries as shares are out (the budget over the smallest share).
-#[derive(Default)]
-struct Holders(Mutex<HashMap<IpAddr, u32>>);
-
-impl Holders {
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<IpAddr, u32>> {
-        self.0.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    fn release(&self, client: &IpAddr) {
-        let mut held = self.lock();
-        if let Some(n) = held.get_mut(client) {
-            *n -= 1;
-            if *n == 0 {
-                held.remove(client);
-            }
-        }
-    }
+    /// The shares held per client address (only addresses holding one: at most as many entries
+    /// as shares are out, the budget over the smallest share).
+    holders: Arc<AddressLedger>,
 }
 
 /// A share of the read budget, given back (with its client's count) when dropped.
 pub struct Share {
     _permit: OwnedSemaphorePermit,
-    holder: Option<(Arc<Holders>, IpAddr)>,
-}
-
-impl Drop for Share {
-    fn drop(&mut self) {
-        if let Some((holders, client)) = &self.holder {
-            holders.release(client);
-        }
-    }
+    _holder: Option<AddressHold>,
 }
 
 impl Buffers {
@@ -143,22 +115,21 @@ impl Buffers {
     /// the client's address holds fewer than its cap of shares (never waits); counted. A share
     /// is taken for the capacity of the buffers it pays for (see [`Buffers::get`]).
     pub fn take(&self, client: Option<IpAddr>, bytes: u64) -> Option<Share> {
-        let client = client.map(address_key).filter(|_| self.per_client > 0);
-        if let Some(c) = client {
-            // Counted first (so two downloads of one client cannot both pass the cap), taken
-            // back below if the budget is spent.
-            let mut held = self.holders.lock();
-            let n = held.entry(c).or_insert(0);
-            if *n >= self.per_client {
-                drop(held);
-                self.metrics.storage_downloads_small.fetch_add(1, Relaxed);
-                self.metrics
-                    .storage_downloads_client_capped
-                    .fetch_add(1, Relaxed);
-                return None;
-            }
-            *n += 1;
-        }
+        // Counted first (so two downloads of one client cannot both pass the cap), given back
+        // below if the budget is spent. Downloads with no known address are not capped.
+        let holder = match client.filter(|_| self.per_client > 0) {
+            None => None,
+            Some(c) => match self.holders.hold(Some(c), 1, self.per_client.into()) {
+                Ok(hold) => Some(hold),
+                Err(_) => {
+                    self.metrics.storage_downloads_small.fetch_add(1, Relaxed);
+                    self.metrics
+                        .storage_downloads_client_capped
+                        .fetch_add(1, Relaxed);
+                    return None;
+                }
+            },
+        };
         let units = u32::try_from(bytes.div_ceil(UNIT).max(1)).ok();
         let permit = units.and_then(|n| self.budget.clone().try_acquire_many_owned(n).ok());
         match permit {
@@ -168,13 +139,10 @@ impl Buffers {
                     .fetch_add(1, Relaxed);
                 Some(Share {
                     _permit: p,
-                    holder: client.map(|c| (self.holders.clone(), c)),
+                    _holder: holder,
                 })
             }
             None => {
-                if let Some(c) = &client {
-                    self.holders.release(c);
-                }
                 self.metrics.storage_downloads_small.fetch_add(1, Relaxed);
                 None
             }
@@ -182,13 +150,9 @@ impl Buffers {
     }
 
     /// Shares held by downloads to `client` now (its address as counted: by
-    /// [`address_key`], IPv6 by its /64).
+    /// [`crate::auth::ratelimit::address_key`], IPv6 by its /64).
     pub fn held_by(&self, client: IpAddr) -> u32 {
-        self.holders
-            .lock()
-            .get(&address_key(client))
-            .copied()
-            .unwrap_or(0)
+        self.holders.held_by(Some(client)) as u32
     }
 
     /// An empty buffer of `min` to `max` bytes of capacity: an idle one if one fits, else a new
@@ -360,8 +324,9 @@ mod tests {
         let a3 = buffers.take(Some(a), 1 << 20).expect("a share came back");
         drop((a2, a3, b1, none));
         assert_eq!(buffers.held_by(a), 0);
-        assert!(
-            buffers.holders.lock().is_empty(),
+        assert_eq!(
+            buffers.holders.addresses(),
+            0,
             "no entry is kept for nothing"
         );
         assert_eq!(buffers.budget_free(), 64 * 1024 * 1024);
