@@ -371,27 +371,8 @@ async fn downloads_beyond_the_read_budget_stream_and_all_succeed() {
     use tokio::io::AsyncReadExt;
     const BUDGET: u64 = 8 * 1024 * 1024;
     let t = spawn_app_with(|c| c.storage_read_budget_bytes = BUDGET).await;
-    let f = t.fixture().await;
-    create_bucket(&t, &f, "docs", json!({})).await;
     let len = fluxbase::storage::backend::WHOLE_READ as usize;
-    let data = pattern(len, 3);
-    let (status, body) = upload(
-        &t,
-        &f.readwrite,
-        &f.project,
-        "docs",
-        "big.bin",
-        "application/octet-stream",
-        &data,
-        &[],
-    )
-    .await;
-    assert_eq!(status, 201, "{body}");
-    let key = body["file"]["s3_key"].as_str().unwrap();
-    let (_, signed) = signed_url(&t, &f.read, &f.project, key).await;
-    let url = reqwest::Url::parse(signed["url"].as_str().unwrap()).unwrap();
-    let addr = format!("{}:{}", url.host_str().unwrap(), url.port().unwrap());
-    let path = format!("{}?{}", url.path(), url.query().unwrap());
+    let (data, addr, path) = signed_file(&t, len, 3).await;
     let metrics = &t.app.metrics;
     let (budgeted, small) = (
         metrics.storage_downloads_budgeted.load(Relaxed),
@@ -429,7 +410,7 @@ async fn downloads_beyond_the_read_budget_stream_and_all_succeed() {
         assert!(std::time::Instant::now() < deadline, "the budget came back");
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
-    let (status, bytes) = download(&t, &f, key).await;
+    let (status, _, bytes) = fetch(&format!("http://{addr}{path}")).await;
     assert!(status == 200 && bytes.as_ref() == data.as_slice());
     assert_eq!(
         metrics.storage_downloads_budgeted.load(Relaxed) - budgeted,
@@ -497,27 +478,8 @@ async fn one_address_holding_unread_downloads_leaves_budget_to_others() {
         c.storage_read_shares_per_client = 2;
     })
     .await;
-    let f = t.fixture().await;
-    create_bucket(&t, &f, "docs", json!({})).await;
     // Large enough that an unread stream cannot end into loopback's socket buffers.
-    let data = pattern(24 * 1024 * 1024, 8);
-    let (status, body) = upload(
-        &t,
-        &f.readwrite,
-        &f.project,
-        "docs",
-        "big.bin",
-        "application/octet-stream",
-        &data,
-        &[],
-    )
-    .await;
-    assert_eq!(status, 201, "{body}");
-    let key = body["file"]["s3_key"].as_str().unwrap();
-    let (_, signed) = signed_url(&t, &f.read, &f.project, key).await;
-    let url = reqwest::Url::parse(signed["url"].as_str().unwrap()).unwrap();
-    let addr = format!("{}:{}", url.host_str().unwrap(), url.port().unwrap());
-    let path = format!("{}?{}", url.path(), url.query().unwrap());
+    let (data, addr, path) = signed_file(&t, UNREAD_SIZED, 8).await;
     let metrics = &t.app.metrics;
     let buffers = t.app.storage.backend.buffers().unwrap().clone();
     let (hog, other): (std::net::IpAddr, std::net::IpAddr) =
@@ -574,27 +536,7 @@ async fn a_download_whose_client_stops_reading_is_closed_and_a_slow_reader_is_no
     use std::time::{Duration, Instant};
     use tokio::io::AsyncReadExt;
     let t = spawn_app_with(|c| c.send_stall_timeout_secs = 2).await;
-    let f = t.fixture().await;
-    create_bucket(&t, &f, "docs", json!({})).await;
-    // Larger than loopback's socket buffers and what the server reads ahead together.
-    let data = pattern(24 * 1024 * 1024, 9);
-    let (status, body) = upload(
-        &t,
-        &f.readwrite,
-        &f.project,
-        "docs",
-        "big.bin",
-        "application/octet-stream",
-        &data,
-        &[],
-    )
-    .await;
-    assert_eq!(status, 201, "{body}");
-    let key = body["file"]["s3_key"].as_str().unwrap();
-    let (_, signed) = signed_url(&t, &f.read, &f.project, key).await;
-    let url = reqwest::Url::parse(signed["url"].as_str().unwrap()).unwrap();
-    let addr = format!("{}:{}", url.host_str().unwrap(), url.port().unwrap());
-    let path = format!("{}?{}", url.path(), url.query().unwrap());
+    let (data, addr, path) = signed_file(&t, UNREAD_SIZED, 9).await;
     let metrics = &t.app.metrics;
     let whole = t.app.storage.read_budget_free();
 
@@ -640,4 +582,34 @@ async fn a_download_whose_client_stops_reading_is_closed_and_a_slow_reader_is_no
     assert!(got == data, "{} bytes", got.len());
     assert_eq!(metrics.connections_stalled.load(Relaxed), 1);
     t.stop().await;
+}
+
+/// Larger than loopback's socket buffers and what the server reads ahead together: a download
+/// of a file this large left unread cannot end into them.
+const UNREAD_SIZED: usize = 24 * 1024 * 1024;
+
+/// A file of `len` bytes (`pattern` of `seed`) uploaded to a new project's bucket, and the
+/// address and path of its signed URL.
+async fn signed_file(t: &TestApp, len: usize, seed: u8) -> (Vec<u8>, String, String) {
+    let f = t.fixture().await;
+    create_bucket(t, &f, "docs", json!({})).await;
+    let data = pattern(len, seed);
+    let (status, body) = upload(
+        t,
+        &f.readwrite,
+        &f.project,
+        "docs",
+        "big.bin",
+        "application/octet-stream",
+        &data,
+        &[],
+    )
+    .await;
+    assert_eq!(status, 201, "{body}");
+    let key = body["file"]["s3_key"].as_str().unwrap();
+    let (_, signed) = signed_url(t, &f.read, &f.project, key).await;
+    let url = reqwest::Url::parse(signed["url"].as_str().unwrap()).unwrap();
+    let addr = format!("{}:{}", url.host_str().unwrap(), url.port().unwrap());
+    let path = format!("{}?{}", url.path(), url.query().unwrap());
+    (data, addr, path)
 }
