@@ -37,6 +37,12 @@ async fn sub(app: &TestApp, f: &Fixture, name: &'static str, extra: Value) -> Su
     Sub { name, ws }
 }
 
+/// A realtime token of the read key for the end user `uid`.
+async fn token_of(app: &TestApp, f: &Fixture, uid: &str) -> String {
+    app.realtime_token(&f.read, json!({ "projectId": f.project, "authUid": uid }))
+        .await
+}
+
 /// Subscribing with `extra` is refused with `code`.
 async fn refused(app: &TestApp, f: &Fixture, extra: Value, code: &str) {
     let mut ws = connect(app, "/").await;
@@ -161,15 +167,8 @@ async fn two_users_each_receive_exactly_their_rows_under_the_guides_four_pattern
     app.policy(&f, "audit", "lockdown", "SELECT", "false").await;
     let (viewer, viewer_id) = app.member(&f.project, "viewer").await;
 
-    let alice = app
-        .realtime_token(
-            &f.read,
-            json!({ "projectId": f.project, "authUid": "alice" }),
-        )
-        .await;
-    let bob = app
-        .realtime_token(&f.read, json!({ "projectId": f.project, "authUid": "bob" }))
-        .await;
+    let alice = token_of(&app, &f, "alice").await;
+    let bob = token_of(&app, &f, "bob").await;
     let mut subs = [
         sub(&app, &f, "alice", json!({ "token": alice })).await,
         sub(&app, &f, "bob", json!({ "token": bob })).await,
@@ -249,15 +248,8 @@ async fn updates_into_out_of_and_within_the_view_and_deletes_follow_the_policy()
         .await;
     app.policy(&f, "keyonly", "own", "SELECT", "user_id = auth.uid()")
         .await;
-    let alice = app
-        .realtime_token(
-            &f.read,
-            json!({ "projectId": f.project, "authUid": "alice" }),
-        )
-        .await;
-    let bob = app
-        .realtime_token(&f.read, json!({ "projectId": f.project, "authUid": "bob" }))
-        .await;
+    let alice = token_of(&app, &f, "alice").await;
+    let bob = token_of(&app, &f, "bob").await;
     let mut a = sub(&app, &f, "alice", json!({ "token": alice })).await;
     let mut b = sub(&app, &f, "bob", json!({ "token": bob })).await;
 
@@ -322,12 +314,7 @@ async fn an_old_row_never_judged_is_reduced_to_its_key() {
     .await;
     app.policy(&f, "docs", "own", "SELECT", "owner = auth.uid()")
         .await;
-    let alice = app
-        .realtime_token(
-            &f.read,
-            json!({ "projectId": f.project, "authUid": "alice" }),
-        )
-        .await;
+    let alice = token_of(&app, &f, "alice").await;
     let mut a = sub(&app, &f, "alice", json!({ "token": alice })).await;
     admin_sql(
         &app,
@@ -365,12 +352,7 @@ async fn restrictive_policies_force_and_the_admin_key_behave_as_in_sql() {
          CREATE POLICY writes ON docs FOR INSERT WITH CHECK (true)",
     )
     .await;
-    let alice = app
-        .realtime_token(
-            &f.read,
-            json!({ "projectId": f.project, "authUid": "alice" }),
-        )
-        .await;
+    let alice = token_of(&app, &f, "alice").await;
     let mut subs = [
         sub(&app, &f, "alice", json!({ "token": alice })).await,
         sub(
@@ -434,12 +416,7 @@ async fn policy_changes_take_effect_for_open_sockets_from_the_next_event() {
     .await;
     app.policy(&f, "owned", "own", "SELECT", "user_id = auth.uid()")
         .await;
-    let alice = app
-        .realtime_token(
-            &f.read,
-            json!({ "projectId": f.project, "authUid": "alice" }),
-        )
-        .await;
+    let alice = token_of(&app, &f, "alice").await;
     let mut a = sub(&app, &f, "alice", json!({ "token": alice })).await;
     let steps: [(&str, &[i64]); 6] = [
         ("SELECT 1", &[1]),
@@ -488,12 +465,7 @@ async fn identities_come_from_the_key_the_token_the_session_or_nobody() {
     )
     .await;
     let (viewer, viewer_id) = app.member(&f.project, "viewer").await;
-    let carol = app
-        .realtime_token(
-            &f.read,
-            json!({ "projectId": f.project, "authUid": "carol" }),
-        )
-        .await;
+    let carol = token_of(&app, &f, "carol").await;
     let viewer_token = app
         .realtime_token(&viewer, json!({ "projectId": f.project }))
         .await;
@@ -613,15 +585,8 @@ async fn a_membership_subquery_is_evaluated_by_postgresql_as_the_subscriber() {
         "EXISTS (SELECT 1 FROM memberships m WHERE m.org = docs.org AND m.uid = auth.uid())",
     )
     .await;
-    let alice = app
-        .realtime_token(
-            &f.read,
-            json!({ "projectId": f.project, "authUid": "alice" }),
-        )
-        .await;
-    let bob = app
-        .realtime_token(&f.read, json!({ "projectId": f.project, "authUid": "bob" }))
-        .await;
+    let alice = token_of(&app, &f, "alice").await;
+    let bob = token_of(&app, &f, "bob").await;
     let mut a = sub(&app, &f, "alice", json!({ "token": alice })).await;
     let mut b = sub(&app, &f, "bob", json!({ "token": bob })).await;
     admin_sql(
@@ -680,9 +645,7 @@ async fn the_fast_path_and_postgresql_agree_on_the_same_rows() {
     let uids = ["alice", "bob", "Alice", " alice", "élodie"];
     let mut subs = Vec::new();
     for (i, uid) in uids.iter().enumerate() {
-        let t = app
-            .realtime_token(&f.read, json!({ "projectId": f.project, "authUid": uid }))
-            .await;
+        let t = token_of(&app, &f, uid).await;
         let name: &'static str = ["alice", "bob", "Alice", "space alice", "élodie"][i];
         subs.push((Some(*uid), sub(&app, &f, name, json!({ "token": t })).await));
     }
@@ -779,12 +742,7 @@ async fn a_column_left_out_as_unchanged_toast_hides_the_change_only_from_policie
          CREATE POLICY p ON on_big FOR SELECT USING (user_id = auth.uid() AND length(big) > 0)",
     )
     .await;
-    let alice = app
-        .realtime_token(
-            &f.read,
-            json!({ "projectId": f.project, "authUid": "alice" }),
-        )
-        .await;
+    let alice = token_of(&app, &f, "alice").await;
     let mut a = sub(&app, &f, "alice", json!({ "token": alice })).await;
     let big = "(SELECT string_agg(md5(g::text), '') FROM generate_series(1, 4000) g)";
     for t in ["on_owner", "on_big"] {
@@ -854,12 +812,7 @@ async fn a_since_resume_replays_only_what_the_identity_may_see() {
     .await;
     app.policy(&f, "owned", "own", "SELECT", "user_id = auth.uid()")
         .await;
-    let alice = app
-        .realtime_token(
-            &f.read,
-            json!({ "projectId": f.project, "authUid": "alice" }),
-        )
-        .await;
+    let alice = token_of(&app, &f, "alice").await;
     let mut first = sub(&app, &f, "alice", json!({ "token": alice })).await;
     let resume_from = mark(&app, &f).await;
     let since = mark_id(&mut first, resume_from).await;
@@ -954,12 +907,7 @@ async fn a_policy_is_evaluated_read_only_and_leaves_nothing_behind() {
          CREATE POLICY p ON quiet FOR SELECT USING (lower(user_id) = auth.uid())",
     )
     .await;
-    let alice = app
-        .realtime_token(
-            &f.read,
-            json!({ "projectId": f.project, "authUid": "alice" }),
-        )
-        .await;
+    let alice = token_of(&app, &f, "alice").await;
     let mut a = sub(&app, &f, "alice", json!({ "token": alice })).await;
     admin_sql(
         &app,
