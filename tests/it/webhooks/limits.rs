@@ -139,20 +139,25 @@ async fn webhooks_stuck_on_the_control_database_leave_the_api_its_connections() 
     lock.rollback().await.unwrap();
     drop((locker, watcher));
     // Then the failures are recorded, retried, and delivered.
+    delivered(&app, &e, HOOKS).await;
+}
+
+/// Waits (60 s at most) until `f`'s project lists `n` delivered deliveries.
+async fn delivered(app: &TestApp, f: &Fixture, n: usize) {
     poll::until(
         Duration::from_secs(60),
         Duration::from_millis(100),
         || async {
             let path = format!(
                 "/api/webhooks/deliveries?projectId={}&status=delivered",
-                e.project
+                f.project
             );
-            let (_, b) = app.call("GET", &path, Some(&e.admin), None).await;
-            let n = b["deliveries"].as_array().map_or(0, Vec::len);
-            if n == HOOKS {
+            let (_, b) = app.call("GET", &path, Some(&f.admin), None).await;
+            let got = b["deliveries"].as_array().map_or(0, Vec::len);
+            if got == n {
                 Ok(())
             } else {
-                Err(format!("{n} of {HOOKS} delivered: {b}"))
+                Err(format!("{got} of {n} delivered: {b}"))
             }
         },
     )
@@ -206,24 +211,7 @@ async fn a_projects_held_drains_leave_slots_for_other_projects() {
     assert_eq!(rx_e.got.lock().unwrap().len(), 2);
     rx_e.release();
     // Then E's other two webhooks get their turn, and the held ones their retries.
-    poll::until(
-        Duration::from_secs(60),
-        Duration::from_millis(100),
-        || async {
-            let path = format!(
-                "/api/webhooks/deliveries?projectId={}&status=delivered",
-                e.project
-            );
-            let (_, b) = app.call("GET", &path, Some(&e.admin), None).await;
-            let n = b["deliveries"].as_array().map_or(0, Vec::len);
-            if n == 4 {
-                Ok(())
-            } else {
-                Err(format!("{n} of 4 delivered"))
-            }
-        },
-    )
-    .await;
+    delivered(&app, &e, 4).await;
 }
 
 /// A large backlog (three webhooks × 2,000 rows, one drain slot) is sent in turns: the third
