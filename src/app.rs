@@ -148,6 +148,7 @@ impl App {
             answers: crate::api::answers::AnswerBudget::new(
                 config.sql_answer_budget_bytes,
                 config.sql_answer_budget_per_address_bytes,
+                config.sql_answer_budget_per_project_bytes,
                 metrics.clone(),
             ),
             auth: Arc::new(crate::auth::Auth::new(

@@ -21,6 +21,9 @@ pub const DEFAULT_SQL_ANSWER_BUDGET: u64 = 256 * 1024 * 1024;
 /// answers of the default `max_response_bytes`; a quarter of the budget, so at least four
 /// addresses are needed to spend it).
 pub const DEFAULT_SQL_ANSWER_PER_ADDRESS: u64 = 64 * 1024 * 1024;
+/// The default cap of one project (`sql_answer_budget_per_project_bytes`): 64 MiB, a quarter of
+/// the budget.
+pub const DEFAULT_SQL_ANSWER_PER_PROJECT: u64 = 64 * 1024 * 1024;
 /// The default time a client has to take an answer (`sql_answer_send_timeout_secs`): 60 s.
 pub const DEFAULT_SQL_ANSWER_SEND_TIMEOUT_SECS: u64 = 60;
 
@@ -110,6 +113,8 @@ pub struct Config {
     /// The share of `sql_answer_budget_bytes` one client address may hold (IPv6 by /64; the
     /// `X-Forwarded-For` address with `trust_forwarded_for`).
     pub sql_answer_budget_per_address_bytes: u64,
+    /// The share of `sql_answer_budget_bytes` one project's answers may hold.
+    pub sql_answer_budget_per_project_bytes: u64,
     /// Seconds a client has to take an `/api/execute-sql` answer once it is built; then the
     /// connection is closed and the answer dropped.
     pub sql_answer_send_timeout_secs: u64,
@@ -299,6 +304,7 @@ impl Default for Config {
             max_response_bytes: 32 * 1024 * 1024,
             sql_answer_budget_bytes: DEFAULT_SQL_ANSWER_BUDGET,
             sql_answer_budget_per_address_bytes: DEFAULT_SQL_ANSWER_PER_ADDRESS,
+            sql_answer_budget_per_project_bytes: DEFAULT_SQL_ANSWER_PER_PROJECT,
             sql_answer_send_timeout_secs: DEFAULT_SQL_ANSWER_SEND_TIMEOUT_SECS,
             max_body_bytes: 1024 * 1024,
             rate_limit_requests: 50,
@@ -515,10 +521,14 @@ impl Config {
         // that crosses the bound.
         let largest = self.max_response_bytes as u64 + self.max_response_bytes as u64 / 8;
         if self.sql_answer_budget_per_address_bytes < largest
+            || self.sql_answer_budget_per_project_bytes < largest
             || self.sql_answer_budget_bytes < self.sql_answer_budget_per_address_bytes
+            || self.sql_answer_budget_bytes < self.sql_answer_budget_per_project_bytes
         {
             bail!(
-                "sql_answer_budget_bytes >= sql_answer_budget_per_address_bytes >= 1.125 ×                  max_response_bytes ({largest}) is required"
+                "sql_answer_budget_bytes >= sql_answer_budget_per_address_bytes and \
+                 sql_answer_budget_per_project_bytes, each >= 1.125 × max_response_bytes \
+                 ({largest}), is required"
             );
         }
         if self.sql_answer_send_timeout_secs == 0 {

@@ -44,6 +44,7 @@ pub struct Metrics {
     pub sql_answer_bytes_in_flight: AtomicU64,
     pub sql_answers_refused: AtomicU64,
     pub sql_answers_cut: AtomicU64,
+    pub sql_answers_shortened: AtomicU64,
     pub connections_stalled: AtomicU64,
     /// Broadcasts from SQL or the REST API over their project's budget (dropped, or 429).
     pub realtime_broadcasts_dropped: AtomicU64,
@@ -199,6 +200,12 @@ impl Metrics {
                 "counter",
                 "Connections closed because the client did not take a response within sql_answer_send_timeout_secs.",
                 &self.sql_answers_cut,
+            ),
+            (
+                "fluxbase_sql_answers_shortened_total",
+                "counter",
+                "SQL answers of a role that may write sent without their rows (truncated) because a budget was spent: such a request ran and is never answered 429.",
+                &self.sql_answers_shortened,
             ),
             (
                 "fluxbase_connections_stalled_total",

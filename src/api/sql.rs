@@ -45,7 +45,7 @@ pub async fn execute_sql(app: SharedApp, req: Request) -> ApiResult<impl Reply> 
             ));
         }
         let text = app.mysql.execute(&access, &sql).await?;
-        return answer(&app, &req, text);
+        return answer(&app, &req, &access, text);
     }
     let identity = crate::rls::request_identity(
         &access,
@@ -55,19 +55,30 @@ pub async fn execute_sql(app: SharedApp, req: Request) -> ApiResult<impl Reply> 
     // Rendered by the domain straight to JSON text (no value tree per row); `SqlResponse`
     // describes those bytes for the document.
     let text = app.sql.execute(&access, &sql, identity.as_deref()).await?;
-    answer(&app, &req, text)
+    answer(&app, &req, &access, text)
 }
 
 /// The answer's text as the response body, within the answer budget and the client address's
-/// cap (else 429 `RATE_LIMIT`), held until the client has taken it or its send deadline passed
-/// (see [`crate::api::answers`]).
-fn answer(app: &SharedApp, req: &Request, text: String) -> ApiResult<Response> {
+/// and project's caps (else 429 `RATE_LIMIT`, or its rows left out for a role that may have
+/// written), held until the client has taken it or its send deadline passed (see
+/// [`crate::api::answers`]).
+fn answer(
+    app: &SharedApp,
+    req: &Request,
+    access: &crate::auth::Access,
+    text: String,
+) -> ApiResult<Response> {
     let deadline = std::time::Duration::from_secs(app.config.sql_answer_send_timeout_secs);
+    let asker = crate::api::answers::Asker {
+        client: req.client,
+        project: &access.project.id,
+        may_write: access.db_role != DbRole::Read,
+    };
     let body = app
         .answers
         .answer(
             text,
-            req.client,
+            asker,
             req.send_deadline.as_ref().map(|d| (d, deadline)),
         )
         .map_err(|refused| {

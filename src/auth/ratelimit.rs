@@ -456,64 +456,63 @@ pub fn address_key(ip: std::net::IpAddr) -> std::net::IpAddr {
     }
 }
 
-/// What client addresses hold now of something bounded per address (bytes of SQL answers not
-/// yet read, shares of the storage read budget), each address as [`address_key`] counts it
-/// (IPv6 by its /64); `None`, a request with no known address, is one entry of its own. An
+/// What each key holds now of something bounded per key: per client address (bytes of SQL
+/// answers not yet read, shares of the storage read budget; keyed by [`address_key`], IPv6 by
+/// its /64, `None` for a request with no known address) or per project (answer bytes). An
 /// entry lives only while it holds something, so the map is never larger than the holds out.
-#[derive(Default)]
-pub struct AddressLedger(Mutex<HashMap<Option<IpAddr>, u64>>);
+pub struct Ledger<K>(Mutex<HashMap<K, u64>>);
 
-/// An amount an address holds in an [`AddressLedger`], given back when dropped.
-pub struct AddressHold {
-    ledger: Arc<AddressLedger>,
-    key: Option<IpAddr>,
+/// The ledger of client addresses.
+pub type AddressLedger = Ledger<Option<IpAddr>>;
+
+impl<K> Default for Ledger<K> {
+    fn default() -> Self {
+        Ledger(Mutex::new(HashMap::new()))
+    }
+}
+
+/// An amount a key holds in a [`Ledger`], given back when dropped.
+pub struct Hold<K: std::hash::Hash + Eq> {
+    ledger: Arc<Ledger<K>>,
+    key: K,
     amount: u64,
 }
 
-impl AddressLedger {
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<Option<IpAddr>, u64>> {
+impl<K: std::hash::Hash + Eq + Clone> Ledger<K> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<K, u64>> {
         // Nothing under the lock can panic; a poisoned lock is still consistent.
         self.0.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// `amount` more for `client`, if what it holds stays within `cap`; else what it holds.
-    pub fn hold(
-        self: &Arc<Self>,
-        client: Option<IpAddr>,
-        amount: u64,
-        cap: u64,
-    ) -> Result<AddressHold, u64> {
-        let key = client.map(address_key);
+    /// `amount` more for `key`, if what it holds stays within `cap`; else what it holds.
+    pub fn hold(self: &Arc<Self>, key: K, amount: u64, cap: u64) -> Result<Hold<K>, u64> {
         let mut held = self.lock();
         let mine = held.get(&key).copied().unwrap_or(0);
         if mine + amount > cap {
             return Err(mine);
         }
-        *held.entry(key).or_default() += amount;
-        Ok(AddressHold {
+        *held.entry(key.clone()).or_default() += amount;
+        Ok(Hold {
             ledger: self.clone(),
             key,
             amount,
         })
     }
 
-    /// What `client`'s address holds now.
-    pub fn held_by(&self, client: Option<IpAddr>) -> u64 {
-        self.lock()
-            .get(&client.map(address_key))
-            .copied()
-            .unwrap_or(0)
+    /// What `key` holds now.
+    pub fn held_by(&self, key: &K) -> u64 {
+        self.lock().get(key).copied().unwrap_or(0)
     }
 
-    /// Addresses holding something now.
-    pub fn addresses(&self) -> usize {
+    /// Keys holding something now.
+    pub fn keys(&self) -> usize {
         self.lock().len()
     }
 }
 
-impl Drop for AddressHold {
+impl<K: std::hash::Hash + Eq> Drop for Hold<K> {
     fn drop(&mut self) {
-        let mut held = self.ledger.lock();
+        let mut held = self.ledger.0.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(n) = held.get_mut(&self.key) {
             *n -= self.amount;
             if *n == 0 {

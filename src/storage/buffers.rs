@@ -39,7 +39,7 @@ use std::sync::{Arc, Mutex};
 use bytes::Bytes;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
-use crate::auth::ratelimit::{AddressHold, AddressLedger};
+use crate::auth::ratelimit::{address_key, AddressLedger, Hold};
 use crate::metrics::Metrics;
 
 /// The default read budget: 256 MiB.
@@ -82,7 +82,7 @@ pub struct Buffers {
 /// A share of the read budget, given back (with its client's count) when dropped.
 pub struct Share {
     _permit: OwnedSemaphorePermit,
-    _holder: Option<AddressHold>,
+    _holder: Option<Hold<Option<IpAddr>>>,
 }
 
 impl Buffers {
@@ -119,7 +119,10 @@ impl Buffers {
         // below if the budget is spent. Downloads with no known address are not capped.
         let holder = match client.filter(|_| self.per_client > 0) {
             None => None,
-            Some(c) => match self.holders.hold(Some(c), 1, self.per_client.into()) {
+            Some(c) => match self
+                .holders
+                .hold(Some(address_key(c)), 1, self.per_client.into())
+            {
                 Ok(hold) => Some(hold),
                 Err(_) => {
                     self.metrics.storage_downloads_small.fetch_add(1, Relaxed);
@@ -150,9 +153,9 @@ impl Buffers {
     }
 
     /// Shares held by downloads to `client` now (its address as counted: by
-    /// [`crate::auth::ratelimit::address_key`], IPv6 by its /64).
+    /// [`address_key`], IPv6 by its /64).
     pub fn held_by(&self, client: IpAddr) -> u32 {
-        self.holders.held_by(Some(client)) as u32
+        self.holders.held_by(&Some(address_key(client))) as u32
     }
 
     /// An empty buffer of `min` to `max` bytes of capacity: an idle one if one fits, else a new
@@ -324,11 +327,7 @@ mod tests {
         let a3 = buffers.take(Some(a), 1 << 20).expect("a share came back");
         drop((a2, a3, b1, none));
         assert_eq!(buffers.held_by(a), 0);
-        assert_eq!(
-            buffers.holders.addresses(),
-            0,
-            "no entry is kept for nothing"
-        );
+        assert_eq!(buffers.holders.keys(), 0, "no entry is kept for nothing");
         assert_eq!(buffers.budget_free(), 64 * 1024 * 1024);
         // A spent budget does not count against the client.
         let small = Buffers::new(1 << 20, 2, Default::default());

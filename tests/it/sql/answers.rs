@@ -122,6 +122,7 @@ async fn slow_readers_are_held_within_the_address_cap_and_the_server_budget() {
     let t = spawn_app_with(|c| {
         c.max_response_bytes = 8 * MIB as usize;
         c.sql_answer_budget_per_address_bytes = 16 * MIB;
+        c.sql_answer_budget_per_project_bytes = BUDGET;
         c.sql_answer_budget_bytes = BUDGET;
     })
     .await;
@@ -164,11 +165,12 @@ async fn slow_readers_are_held_within_the_address_cap_and_the_server_budget() {
     assert_eq!(status, 200);
     assert_eq!(body["result"]["rows"].as_array().unwrap().len(), 6);
 
-    // One slow reader at b: ~18 MB held; a further large answer (b's cap has room) would pass
-    // the server's budget.
-    slow.push(send_sql(&t, b, &f.read, &f.project, LARGE).await);
+    // One slow reader at b, of another project: ~18 MB held; a further large answer (b's and
+    // that project's caps have room) would pass the server's budget.
+    let g = t.fixture().await;
+    slow.push(send_sql(&t, b, &g.read, &g.project, LARGE).await);
     wait_in_flight(&t, BUDGET, |h| h >= 18_000_000, "b's slow reader held").await;
-    let (status, _, body) = sql_from(&t, b, &f.read, &f.project, LARGE).await;
+    let (status, _, body) = sql_from(&t, b, &g.read, &g.project, LARGE).await;
     assert_eq!(status, 429, "{body}");
     let message = body["error"]["message"].as_str().unwrap();
     assert!(message.contains("sql_answer_budget_bytes"), "{message}");
@@ -243,6 +245,90 @@ async fn an_answer_not_taken_within_the_send_deadline_is_cut() {
             .sql_answers_cut
             .load(std::sync::atomic::Ordering::Relaxed),
         1
+    );
+    t.stop().await;
+}
+
+/// One project's slow readers from many addresses hold at most the project's share: its next
+/// large answer is refused naming `sql_answer_budget_per_project_bytes` while another project
+/// still gets large answers (red team, session 25: nine addresses of one read key spent the
+/// whole budget and every tenant got 429). And a request whose role may write is never
+/// answered 429 after it ran: its answer comes without rows, `truncated: true`, and the rows
+/// it wrote are there once (a client retrying a 429 would have written them twice).
+#[tokio::test]
+async fn one_project_holds_its_share_and_a_write_is_never_answered_429() {
+    const BUDGET: u64 = 40 * MIB;
+    let t = spawn_app_with(|c| {
+        c.max_response_bytes = 8 * MIB as usize;
+        c.sql_answer_budget_per_address_bytes = 16 * MIB;
+        c.sql_answer_budget_per_project_bytes = 12 * MIB;
+        c.sql_answer_budget_bytes = BUDGET;
+    })
+    .await;
+    let hog = t.fixture().await;
+    let other = t.fixture().await;
+    let mut slow = Vec::new();
+    for (i, from) in ["127.0.0.2", "127.0.0.3"].into_iter().enumerate() {
+        slow.push(send_sql(&t, from, &hog.read, &hog.project, LARGE).await);
+        let want = (i as u64 + 1) * 6_000_000;
+        wait_in_flight(&t, BUDGET, |h| h >= want, "a slow reader's answer held").await;
+    }
+    let (status, _, body) = sql_from(&t, "127.0.0.4", &hog.read, &hog.project, LARGE).await;
+    assert_eq!(status, 429, "{body}");
+    let message = body["error"]["message"].as_str().unwrap();
+    assert!(
+        message.contains("sql_answer_budget_per_project_bytes"),
+        "{message}"
+    );
+    let (status, _, body) = sql_from(&t, "127.0.0.4", &other.read, &other.project, LARGE).await;
+    assert_eq!(status, 200, "another project is not held back");
+    assert_eq!(body["result"]["rows"].as_array().unwrap().len(), 6);
+
+    // The hog's project at its share: a write that returns a large answer still answers 200.
+    let (status, _, body) = sql_from(
+        &t,
+        "127.0.0.5",
+        &hog.admin,
+        &hog.project,
+        "create table big (v text)",
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    let (status, _, body) = sql_from(
+        &t,
+        "127.0.0.5",
+        &hog.readwrite,
+        &hog.project,
+        "insert into big select repeat('x', 1000000) from generate_series(1, 6) returning v",
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["success"], true);
+    assert_eq!(body["result"]["rows"], json!([]));
+    assert_eq!(body["result"]["truncated"], true);
+    assert_eq!(body["result"]["rowCount"], 6);
+    assert_eq!(body["executionInfo"]["operation"], "INSERT");
+    assert_eq!(
+        t.app
+            .metrics
+            .sql_answers_shortened
+            .load(std::sync::atomic::Ordering::Relaxed),
+        1
+    );
+    drop(slow);
+    wait_in_flight(&t, BUDGET, |h| h == 0, "the budget came back").await;
+    assert_eq!(t.app.answers.projects(), 0);
+    let (status, _, body) = sql_from(
+        &t,
+        "127.0.0.5",
+        &hog.read,
+        &hog.project,
+        "select count(*) as n from big",
+    )
+    .await;
+    assert_eq!(
+        (status, &body["result"]["rows"]),
+        (200, &json!([{ "n": 6 }]))
     );
     t.stop().await;
 }
