@@ -68,6 +68,13 @@ pub use cached::MAX_CACHED_STATEMENTS;
 /// PostgreSQL never sends a message larger than this (`MaxAllocSize`); a larger length means the
 /// stream is corrupt, and refusing it keeps a bogus header from reserving gigabytes.
 const MAX_MESSAGE_LEN: usize = 1 << 30;
+/// An ErrorResponse or NoticeResponse whose fields pass this many bytes keeps only these first
+/// bytes (the field they cut ends in [`CUT_MARK`], later fields are dropped) and the rest is read
+/// past unbuffered: a caller's `RAISE EXCEPTION '%', repeat('x', 300000000)` was otherwise held
+/// whole, and answered whole (red team, session 25: 1.5 GB resident per such request).
+pub const MAX_NOTICE_FIELDS: usize = 64 * 1024;
+/// Ends a field [`MAX_NOTICE_FIELDS`] cut.
+pub const CUT_MARK: &str = " [cut: the server's message was longer]";
 const READ_CHUNK: usize = 16 * 1024;
 
 /// How to reach and log in to a PostgreSQL server.
@@ -338,8 +345,10 @@ struct Transport {
     write_buf: BytesMut,
     /// A DataRow longer than this is discarded as it arrives ([`Backend::SkippedDataRow`]).
     max_data_row: usize,
-    /// Bytes of a discarded DataRow still to be read past.
+    /// Bytes of a discarded DataRow, or of a cut notice's rest, still to be read past.
     skipping: usize,
+    /// What reading past them ends in (`None`: [`Backend::SkippedDataRow`]).
+    after_skip: Option<Backend>,
 }
 
 impl Transport {
@@ -350,6 +359,7 @@ impl Transport {
             write_buf: BytesMut::with_capacity(1024),
             max_data_row: MAX_MESSAGE_LEN,
             skipping: 0,
+            after_skip: None,
         }
     }
 
@@ -361,7 +371,7 @@ impl Transport {
                 self.read_buf.advance(n);
                 self.skipping -= n;
                 if self.skipping == 0 {
-                    return Ok(Backend::SkippedDataRow);
+                    return Ok(self.after_skip.take().unwrap_or(Backend::SkippedDataRow));
                 }
                 self.read_buf.reserve(READ_CHUNK);
                 if self.socket.read_buf(&mut self.read_buf).await? == 0 {
@@ -379,6 +389,31 @@ impl Transport {
                 }
                 if header.tag() == b'D' && header.len() as usize > self.max_data_row {
                     self.skipping = 1 + header.len() as usize;
+                    continue;
+                }
+                if matches!(header.tag(), b'E' | b'N')
+                    && header.len() as usize > 4 + MAX_NOTICE_FIELDS
+                {
+                    // Never parsed whole: `Message::parse` would reserve all of it.
+                    let keep = 5 + MAX_NOTICE_FIELDS;
+                    if self.read_buf.len() >= keep {
+                        let head = self.read_buf.split_to(keep);
+                        let fields = cut_fields(&head[5..]);
+                        let mut framed = BytesMut::with_capacity(5 + fields.len());
+                        framed.extend_from_slice(&[header.tag()]);
+                        framed.extend_from_slice(&(4 + fields.len() as i32).to_be_bytes());
+                        framed.extend_from_slice(&fields);
+                        let message = Message::parse(&mut framed)
+                            .map_err(WireError::protocol)?
+                            .ok_or_else(|| WireError::protocol("a cut notice did not parse"))?;
+                        self.skipping = 1 + header.len() as usize - keep;
+                        self.after_skip = Some(Backend::Message(message));
+                        continue;
+                    }
+                    self.read_buf.reserve(READ_CHUNK);
+                    if self.socket.read_buf(&mut self.read_buf).await? == 0 {
+                        return Err(WireError::Closed);
+                    }
                     continue;
                 }
                 let total = 1 + header.len() as usize;
@@ -419,6 +454,38 @@ impl Transport {
         self.socket.flush().await?;
         Ok(())
     }
+}
+
+/// The fields of an ErrorResponse or NoticeResponse cut at `prefix`'s end (see
+/// [`MAX_NOTICE_FIELDS`]): whole fields kept, the cut one ended at a character boundary with
+/// [`CUT_MARK`], then the terminator.
+fn cut_fields(prefix: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(prefix.len() + CUT_MARK.len() + 2);
+    let mut rest = prefix;
+    while let Some((&kind, value)) = rest.split_first() {
+        if kind == 0 {
+            break;
+        }
+        out.push(kind);
+        match value.iter().position(|&b| b == 0) {
+            Some(end) => {
+                out.extend_from_slice(&value[..=end]);
+                rest = &value[end + 1..];
+            }
+            None => {
+                let whole = match std::str::from_utf8(value) {
+                    Ok(_) => value.len(),
+                    Err(e) => e.valid_up_to(),
+                };
+                out.extend_from_slice(&value[..whole]);
+                out.extend_from_slice(CUT_MARK.as_bytes());
+                out.push(0);
+                break;
+            }
+        }
+    }
+    out.push(0);
+    out
 }
 
 /// A backend message as [`Transport`] reads it: what `postgres-protocol` decodes, plus
@@ -1689,6 +1756,67 @@ mod tests {
         assert_eq!(last.command_tag, "SELECT 2");
         assert_eq!(outcome.statements, 2);
         assert!(!conn.is_broken());
+    }
+
+    /// A 300 kB error message keeps its first 64 KiB (cut at a character boundary, marked), its
+    /// code, and none of the later fields; the rest is read past without ever being buffered,
+    /// and the connection goes on.
+    #[tokio::test]
+    async fn an_oversized_error_is_cut_and_read_past_unbuffered() {
+        let mut fields = Vec::new();
+        for (kind, value) in [(b'S', "ERROR".to_string()), (b'C', "P0001".into())] {
+            fields.push(kind);
+            fields.extend(cstr(&value));
+        }
+        fields.push(b'M');
+        // Two-byte characters, so the cut falls inside one.
+        fields.extend(cstr(&"é".repeat(150_000)));
+        fields.push(b'D');
+        fields.extend(cstr("the detail"));
+        fields.push(0);
+        let mut reply = backend(b'E', &fields);
+        reply.extend(backend(b'Z', b"I"));
+        reply.extend(row_description("v"));
+        reply.extend(data_row(b"after"));
+        reply.extend(backend(b'C', &cstr("SELECT 1")));
+        reply.extend(backend(b'Z', b"I"));
+        let mut conn = connection_answering(reply, false).await;
+        let Err(WireError::Db(e)) = conn.simple_query("DO ...", 100).await else {
+            panic!("an error");
+        };
+        assert_eq!(e.code, "P0001");
+        assert!(
+            e.message.ends_with(CUT_MARK),
+            "{}",
+            &e.message[e.message.len() - 60..]
+        );
+        let kept = e.message.len() - CUT_MARK.len();
+        assert!(
+            (MAX_NOTICE_FIELDS - 20..MAX_NOTICE_FIELDS).contains(&kept),
+            "{kept}"
+        );
+        assert!(e.message[..kept].chars().all(|c| c == 'é'));
+        assert_eq!(e.detail, None);
+        assert!(
+            conn.transport.read_buf.capacity() < 4 * MAX_NOTICE_FIELDS,
+            "{}",
+            conn.transport.read_buf.capacity()
+        );
+        assert!(!conn.is_broken());
+        let last = conn.simple_query("SELECT ...", 100).await.unwrap().last;
+        assert_eq!(last.unwrap().rows, vec![vec![Some("after".into())]]);
+    }
+
+    #[test]
+    fn fields_are_cut_whole_or_at_a_character_boundary() {
+        let mut prefix = b"SERROR\0CXX000\0M".to_vec();
+        prefix.extend("ab€".as_bytes());
+        prefix.truncate(prefix.len() - 1); // inside the €
+        let mut want = b"SERROR\0CXX000\0Mab".to_vec();
+        want.extend(CUT_MARK.as_bytes());
+        want.extend(b"\0\0");
+        assert_eq!(cut_fields(&prefix), want);
+        assert_eq!(cut_fields(b"SERROR\0"), b"SERROR\0\0");
     }
 
     #[tokio::test]
