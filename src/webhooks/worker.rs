@@ -11,9 +11,11 @@
 //!
 //! Drains are bounded and shared fairly ([`Scheduler`]): at most `webhook_max_drains` webhooks
 //! drain at once, at most `webhook_max_drains_per_project` of one project, the waiting ones
-//! started project by project in turn; a drain that has started [`DRAIN_SLICE`] attempts while
-//! others wait ends after its attempts in flight and queues again behind them. A project's
-//! backlog thus delays other projects' deliveries by at most a slice, however large it is.
+//! started project by project in turn; a drain that has started [`DRAIN_SLICE`] attempts, or
+//! started attempts for [`DRAIN_TURN`], while others wait ends after its attempts in flight and
+//! queues again behind them. A project's backlog thus delays other projects' deliveries by at
+//! most a turn (≤ 2 s plus the request timeout), however large it is and however slow its
+//! receiver.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -276,6 +278,12 @@ async fn due_webhooks(shared: &Shared) -> anyhow::Result<Vec<(String, String)>> 
 /// attempts in flight are settled, then queues again): what bounds how long a backlog holds a
 /// drain slot while others wait.
 const DRAIN_SLICE: usize = 512;
+/// How long a drain starts attempts while another webhook waits, however few: against a
+/// receiver that never answers, 512 attempts at 64 in flight were eight rounds of the request
+/// timeout (red team, session 25: another tenant's first delivery waited 81 s). A turn now
+/// ends at most this long after it began, plus the settling of its attempts in flight (each
+/// bounded by the webhook request timeout).
+const DRAIN_TURN: Duration = Duration::from_secs(2);
 
 /// Whether a drain ended with nothing left to send, or gave its turn up.
 #[derive(Debug, PartialEq)]
@@ -297,9 +305,11 @@ async fn drain(shared: &Shared, webhook_id: &str) -> anyhow::Result<Yield> {
     }
 }
 
-/// The drain has started `started` attempts and another webhook waits for a slot.
-fn slice_spent(shared: &Shared, started: usize) -> bool {
-    started >= DRAIN_SLICE && shared.queue.waiting.load(Ordering::Relaxed) > 0
+/// The drain began at `began` and has started `started` attempts, and another webhook waits
+/// for a slot.
+fn slice_spent(shared: &Shared, started: usize, began: Instant) -> bool {
+    (started >= DRAIN_SLICE || began.elapsed() >= DRAIN_TURN)
+        && shared.queue.waiting.load(Ordering::Relaxed) > 0
 }
 
 /// How a drain ended.
@@ -338,8 +348,9 @@ async fn drain_strict(
     // Unknown until the first answer: the first success clears a recorded failure streak.
     let mut failing = true;
     let mut started = 0;
+    let began = Instant::now();
     loop {
-        if slice_spent(shared, started) {
+        if slice_spent(shared, started, began) {
             return Ok(Drain::Yielded);
         }
         let due = deliveries::due(&shared.work.get().await?, webhook_id).await?;
@@ -412,8 +423,9 @@ async fn drain_rows(
     let mut oldest_success: Option<Instant> = None;
     let mut recording: Option<tokio::task::JoinHandle<anyhow::Result<()>>> = None;
     let mut started_total = 0;
+    let began = Instant::now();
     let result = loop {
-        if stopping.is_none() && slice_spent(shared, started_total) {
+        if stopping.is_none() && slice_spent(shared, started_total, began) {
             // What is in flight is settled first; the window is read again next turn.
             stopping = Some(Drain::Yielded);
         }

@@ -214,6 +214,62 @@ async fn a_projects_held_drains_leave_slots_for_other_projects() {
     delivered(&app, &e, 4).await;
 }
 
+/// A drain whose receiver never answers gives its slot up after its turn's time, not after
+/// 512 attempts: with one drain slot, project E's 300 deliveries to a receiver that holds every
+/// request, and 64 of them in flight until the 10 s request timeout, project A's delivery
+/// arrives once those 64 are settled — before E's drain starts a second round (red team,
+/// session 25: 512 attempts at 64 in flight were eight rounds of the timeout, 81 s).
+#[tokio::test]
+async fn a_drain_against_a_silent_receiver_yields_its_slot_after_its_turn() {
+    let app = app_with(|c| {
+        c.webhook_max_drains = 1;
+        c.webhook_max_drains_per_project = 1;
+    })
+    .await;
+    let e = app.fixture().await;
+    let a = app.fixture().await;
+    let rx_e = Receiver::start().await;
+    for _ in 0..300 {
+        rx_e.hold();
+    }
+    hook(
+        &app,
+        &e,
+        json!({ "url": rx_e.url, "events": ["row.inserted"] }),
+    )
+    .await;
+    app.rows(&e.admin, &e.project, "CREATE TABLE wt (id int PRIMARY KEY)")
+        .await;
+    app.rows(
+        &e.admin,
+        &e.project,
+        "INSERT INTO wt SELECT g FROM generate_series(1, 300) g",
+    )
+    .await;
+    rx_e.wait_held(64).await;
+
+    let rx_a = Receiver::start().await;
+    hook(
+        &app,
+        &a,
+        json!({ "url": rx_a.url, "events": ["row.inserted"] }),
+    )
+    .await;
+    app.rows(&a.admin, &a.project, "CREATE TABLE t (v text)")
+        .await;
+    app.rows(&a.admin, &a.project, "INSERT INTO t VALUES ('a')")
+        .await;
+    // E's first round times out after 10 s; a second round would be another 10.
+    let got = rx_a.wait_for(1).await;
+    assert!(got[0].body.contains("\"a\""), "{}", got[0].body);
+    let sent_to_e = rx_e.got.lock().unwrap().len();
+    assert!(
+        sent_to_e <= 128,
+        "{sent_to_e} requests to E before A's turn"
+    );
+    rx_e.release();
+}
+
 /// A large backlog (three webhooks × 2,000 rows, one drain slot) is sent in turns: the third
 /// webhook's first delivery goes out before the first webhook's backlog is through, and another
 /// tenant's API requests succeed while it drains.
