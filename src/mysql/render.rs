@@ -316,6 +316,9 @@ fn push_digits(out: &mut String, mut value: u64, width: usize) {
             break;
         }
     }
+    for _ in digits.len()..width {
+        out.push('0');
+    }
     at = at.min(digits.len().saturating_sub(width));
     for &d in &digits[at..] {
         out.push(char::from(d));
