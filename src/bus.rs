@@ -149,8 +149,8 @@ pub struct Event {
 
 /// A row image of an [`Event`]: its JSON object text, held by the event itself, or a range of
 /// the event's payload that holds it verbatim (the change stream's events, whose payload
-/// [`crate::cdc::events::finish`] writes with the rows in it: the row is then stored, copied
-/// and freed once, not twice).
+/// [`crate::cdc::events::finish`] writes with the rows in it: the event then holds each row
+/// once, not twice).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub enum RowImage {
     #[default]

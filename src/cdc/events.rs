@@ -478,8 +478,9 @@ pub fn finish(
             quote(&mut p, &schema);
             p.push_str(",\"table\":");
             quote(&mut p, &table);
-            // The rows stay in the payload only: the event reads them there (one copy and one
-            // allocation per image less, and nothing of them freed on the consumer's thread).
+            // The rows stay in the payload only: the event reads them there, holds each row once,
+            // and the rendered strings are freed here, on the thread that made them, not by the
+            // last consumer on another.
             p.push_str(",\"record\":");
             let record = in_payload(&mut p, &record);
             p.push_str(",\"old\":");
