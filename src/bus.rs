@@ -111,10 +111,11 @@ pub struct Event {
     /// Shared by the events of a table (the change stream makes them once per relation).
     pub schema: Option<Arc<str>>,
     pub table: Option<Arc<str>>,
-    /// The new row (the deleted row for DELETE), as a JSON object; `None` for schema events.
-    pub record: Option<String>,
-    /// The old row (or its key), as a JSON object, when PostgreSQL sent it.
-    pub old: Option<String>,
+    /// The new row (the deleted row for DELETE), as a JSON object; none for schema events.
+    /// Read it with [`Event::record`].
+    pub record: RowImage,
+    /// The old row (or its key), as a JSON object, when PostgreSQL sent it ([`Event::old`]).
+    pub old: RowImage,
     /// Columns left out of `record`: their TOASTed value did not change and no old row gave it
     /// (replica identity other than FULL). Every channel names them (`unchangedToast`).
     pub unchanged_toast: Vec<String>,
@@ -144,6 +145,56 @@ pub struct Event {
     /// realtime history then stores the payload alone. False for anything else (and for an
     /// event whose fields were changed after it was made).
     pub payload_whole: bool,
+}
+
+/// A row image of an [`Event`]: its JSON object text, held by the event itself, or a range of
+/// the event's payload that holds it verbatim (the change stream's events, whose payload
+/// [`crate::cdc::events::finish`] writes with the rows in it: the event then holds each row
+/// once, not twice).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub enum RowImage {
+    #[default]
+    None,
+    Own(String),
+    /// Bytes `start..end` of the event's payload.
+    InPayload {
+        start: u32,
+        end: u32,
+    },
+}
+
+impl From<Option<String>> for RowImage {
+    fn from(image: Option<String>) -> RowImage {
+        image.map_or(RowImage::None, RowImage::Own)
+    }
+}
+
+impl RowImage {
+    /// The image's text, read from `payload` when it lies there (`None` when there is no
+    /// image, or when the range is not one of `payload`'s: an event whose payload was replaced).
+    pub fn get<'a>(&'a self, payload: &'a str) -> Option<&'a str> {
+        match self {
+            RowImage::None => None,
+            RowImage::Own(text) => Some(text),
+            RowImage::InPayload { start, end } => payload.get(*start as usize..*end as usize),
+        }
+    }
+
+    pub fn is_some(&self) -> bool {
+        !matches!(self, RowImage::None)
+    }
+}
+
+impl Event {
+    /// The new row (the deleted row for DELETE) as a JSON object; `None` for other events.
+    pub fn record(&self) -> Option<&str> {
+        self.record.get(&self.payload)
+    }
+
+    /// The old row (or its key) as a JSON object, when the database sent it.
+    pub fn old(&self) -> Option<&str> {
+        self.old.get(&self.payload)
+    }
 }
 
 /// The publish/subscribe boundary of one project: what the change stream publishes to and
@@ -614,8 +665,8 @@ mod tests {
             },
             schema: None,
             table: None,
-            record: None,
-            old: None,
+            record: RowImage::None,
+            old: RowImage::None,
             unchanged_toast: Vec::new(),
             row_key: None,
             commit_timestamp: Arc::from(""),

@@ -704,17 +704,17 @@ impl Visibility {
             };
             match operation {
                 RowOp::Insert | RowOp::Update => {
-                    if let Some(r) = &e.record {
+                    if let Some(r) = e.record() {
                         push(r, false);
                     }
                     if operation == RowOp::Update {
-                        if let Some(o) = &e.old {
+                        if let Some(o) = e.old() {
                             push(o, true);
                         }
                     }
                 }
                 _ => {
-                    if let Some(o) = e.old.as_ref().or(e.record.as_ref()) {
+                    if let Some(o) = e.old().or(e.record()) {
                         push(o, true);
                     }
                 }

@@ -22,7 +22,7 @@ use fluxbase_replication::values::{self, TypeRegistry};
 use serde::{Deserialize, Serialize};
 
 use super::names;
-use crate::bus::{Event, EventKind, RowOp};
+use crate::bus::{Event, EventKind, RowImage, RowOp};
 
 /// A change whose transaction has not committed yet. Serializable so that large transactions
 /// can be spilled to disk.
@@ -424,6 +424,18 @@ fn push_hex(out: &mut String, value: u64, digits: u32) {
     }
 }
 
+/// Appends a row image to a payload being written: the image, as the range of the payload that
+/// holds it.
+fn in_payload(p: &mut String, image: &str) -> RowImage {
+    let start = p.len();
+    p.push_str(image);
+    match (u32::try_from(start), u32::try_from(p.len())) {
+        (Ok(start), Ok(end)) => RowImage::InPayload { start, end },
+        // A payload past 4 GiB (never, under the stream's bounds): the event keeps its copy.
+        _ => RowImage::Own(image.to_string()),
+    }
+}
+
 /// Completes a pending change into a bus event.
 pub fn finish(
     pending: Pending,
@@ -466,10 +478,19 @@ pub fn finish(
             quote(&mut p, &schema);
             p.push_str(",\"table\":");
             quote(&mut p, &table);
+            // The rows stay in the payload only: the event reads them there, holds each row once,
+            // and the rendered strings are freed here, on the thread that made them, not by the
+            // last consumer on another.
             p.push_str(",\"record\":");
-            p.push_str(&record);
+            let record = in_payload(&mut p, &record);
             p.push_str(",\"old\":");
-            p.push_str(old.as_deref().unwrap_or("null"));
+            let old = match old {
+                Some(old) => in_payload(&mut p, &old),
+                None => {
+                    p.push_str("null");
+                    RowImage::None
+                }
+            };
             p.push_str(",\"commitTimestamp\":");
             quote(&mut p, commit_timestamp);
             p.push_str(",\"lsn\":\"");
@@ -482,7 +503,7 @@ pub fn finish(
                 kind: EventKind::Row { operation },
                 schema: Some(schema),
                 table: Some(table),
-                record: Some(record),
+                record,
                 old,
                 unchanged_toast,
                 row_key: key,
@@ -508,8 +529,8 @@ pub fn finish(
                 kind: EventKind::Broadcast { event },
                 schema: None,
                 table: None,
-                record: None,
-                old: None,
+                record: RowImage::None,
+                old: RowImage::None,
                 unchanged_toast: Vec::new(),
                 row_key: None,
                 commit_timestamp: commit_timestamp.clone(),
@@ -550,8 +571,8 @@ pub fn finish(
                 kind: EventKind::Schema { command },
                 schema: schema.map(Arc::from),
                 table: table.map(Arc::from),
-                record: None,
-                old: None,
+                record: RowImage::None,
+                old: RowImage::None,
                 unchanged_toast: Vec::new(),
                 row_key: None,
                 commit_timestamp: commit_timestamp.clone(),
@@ -676,7 +697,7 @@ fn rows_prefix(event: &Event) -> Option<&[u8]> {
     let (Some(schema), Some(table), Some(record)) = (
         event.schema.as_deref(),
         event.table.as_deref(),
-        event.record.as_deref(),
+        event.record(),
     ) else {
         return None;
     };
@@ -696,7 +717,7 @@ fn rows_prefix(event: &Event) -> Option<&[u8]> {
         "\",\"record\":",
         record,
         ",\"old\":",
-        event.old.as_deref().unwrap_or("null"),
+        event.old().unwrap_or("null"),
         ",\"commitTimestamp\":",
     ];
     strip_all(&mut rest, &pieces).then_some(rest)
@@ -751,14 +772,17 @@ mod tests {
         assert!(payload_holds_rows(&row_event("public", "{}", None)));
         // The rows said in the payload are the event's.
         let v: serde_json::Value = serde_json::from_str(&e.payload).unwrap();
-        assert_eq!(v["record"].to_string(), e.record.clone().unwrap());
-        assert_eq!(v["old"].to_string(), e.old.clone().unwrap());
+        assert_eq!(v["record"].to_string(), e.record().unwrap());
+        assert_eq!(v["old"].to_string(), e.old().unwrap());
+        // Both read from the payload itself, not from copies.
+        assert!(matches!(e.record, RowImage::InPayload { .. }));
+        assert!(matches!(e.old, RowImage::InPayload { .. }));
         // Any difference from the event's own fields: not recognized (the history parses it).
         let mut other = row_event("public", "{\"id\":1}", None);
-        other.record = Some("{\"id\":2}".into());
+        other.record = RowImage::Own("{\"id\":2}".into());
         assert!(!payload_holds_rows(&other));
         let mut other = row_event("public", "{\"id\":1}", Some("{}"));
-        other.old = None;
+        other.old = RowImage::None;
         assert!(!payload_holds_rows(&other));
         let mut other = row_event("public", "{\"id\":1}", None);
         other.table = Some("u".into());
@@ -810,8 +834,8 @@ mod tests {
             assert_eq!(f.operation, RowOp::Update);
             assert_eq!(f.schema, "public");
             assert_eq!(f.table, "t");
-            assert_eq!(Some(f.record), e.record);
-            assert_eq!(f.old, e.old);
+            assert_eq!(Some(f.record.as_str()), e.record());
+            assert_eq!(f.old.as_deref(), e.old());
             assert_eq!(f.commit_timestamp, &*e.commit_timestamp);
             assert_eq!(f.unchanged_toast, e.unchanged_toast);
         }

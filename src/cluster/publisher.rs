@@ -396,8 +396,8 @@ fn broadcast_event(id: String, ask: &BroadcastAsk, last_end: Lsn) -> Event {
         },
         schema: None,
         table: None,
-        record: None,
-        old: None,
+        record: crate::bus::RowImage::None,
+        old: crate::bus::RowImage::None,
         unchanged_toast: Vec::new(),
         row_key: None,
         commit_timestamp: chrono::Utc::now()

@@ -136,8 +136,8 @@ impl Realtime {
             },
             schema: None,
             table: None,
-            record: None,
-            old: None,
+            record: crate::bus::RowImage::None,
+            old: crate::bus::RowImage::None,
             unchanged_toast: Vec::new(),
             row_key: None,
             commit_timestamp: chrono::Utc::now()

@@ -159,8 +159,8 @@ impl Room {
                 .await;
             drop(chunk);
             for (i, (id, event, framed)) in shared.events.iter().enumerate() {
-                let record = || parse_row(&event.record);
-                let old_record = || parse_row(&event.old);
+                let record = || parse_row(event.record());
+                let old_record = || parse_row(event.old());
                 let message = match interest.decide(
                     event,
                     verdicts.get(&interest.identity, i),

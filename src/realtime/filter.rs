@@ -176,9 +176,8 @@ impl Interest {
 }
 
 /// A row image of an event (`record` or `old`) as JSON (`Null` when absent).
-pub(super) fn parse_row(text: &Option<String>) -> Value {
-    text.as_deref()
-        .and_then(|r| serde_json::from_str(r).ok())
+pub(super) fn parse_row(text: Option<&str>) -> Value {
+    text.and_then(|r| serde_json::from_str(r).ok())
         .unwrap_or(Value::Null)
 }
 

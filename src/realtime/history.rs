@@ -47,7 +47,7 @@ use std::sync::Arc;
 use fluxbase_replication::pgoutput::Lsn;
 use serde::{Deserialize, Serialize};
 
-use crate::bus::{Event, EventKind, RowOp};
+use crate::bus::{Event, EventKind, RowImage, RowOp};
 
 /// Bytes of a record's header (length and checksum).
 const HEADER: usize = 8;
@@ -243,8 +243,8 @@ fn encode_into(out: &mut Vec<u8>, event: &Event, at_ms: i64) {
         } else {
             match serde_json::from_str::<PayloadRows>(&event.payload) {
                 Ok(rows) => {
-                    rows.record.map(|r| r.get()) == event.record.as_deref()
-                        && rows.old.map(|o| o.get()) == event.old.as_deref()
+                    rows.record.map(|r| r.get()) == event.record()
+                        && rows.old.map(|o| o.get()) == event.old()
                 }
                 Err(_) => return encode_as_string(out, event, at_ms, k, n),
             }
@@ -262,7 +262,7 @@ fn encode_into(out: &mut Vec<u8>, event: &Event, at_ms: i64) {
         event,
         k,
         n,
-        (!rows_in_payload).then_some((event.record.as_deref(), event.old.as_deref())),
+        (!rows_in_payload).then_some((event.record(), event.old())),
     );
     // `{...}` becomes `{...,"P":<payload>}`.
     out.extend_from_slice(b",\"P\":");
@@ -365,8 +365,8 @@ fn encode_as_string(out: &mut Vec<u8>, event: &Event, at_ms: i64, k: char, n: &s
             n: n.to_string(),
             s: event.schema.as_deref().map(str::to_string),
             t: event.table.as_deref().map(str::to_string),
-            r: event.record.clone(),
-            o: event.old.clone(),
+            r: event.record().map(str::to_string),
+            o: event.old().map(str::to_string),
             u: event.unchanged_toast.clone(),
             ts: event.commit_timestamp.to_string(),
             c: event.commit_lsn.0,
@@ -391,8 +391,8 @@ pub fn decode(payload: &[u8]) -> Option<Event> {
             },
             schema: Some(Arc::from(f.schema)),
             table: Some(Arc::from(f.table)),
-            record: Some(f.record),
-            old: f.old,
+            record: RowImage::Own(f.record),
+            old: f.old.into(),
             unchanged_toast: f.unchanged_toast,
             row_key: None,
             commit_timestamp: Arc::from(f.commit_timestamp),
@@ -432,8 +432,8 @@ pub fn decode(payload: &[u8]) -> Option<Event> {
         kind,
         schema: s.s.map(Arc::from),
         table: s.t.map(Arc::from),
-        record,
-        old,
+        record: record.into(),
+        old: old.into(),
         unchanged_toast: s.u,
         row_key: None,
         commit_timestamp: Arc::from(s.ts),
@@ -1252,8 +1252,8 @@ mod tests {
             },
             schema: Some("public".into()),
             table: Some("t".into()),
-            record: Some(format!("{{\"b\":\"{body}\"}}")),
-            old: None,
+            record: RowImage::Own(format!("{{\"b\":\"{body}\"}}")),
+            old: RowImage::None,
             unchanged_toast: Vec::new(),
             row_key: None,
             commit_timestamp: "2026-01-01T00:00:00Z".into(),
@@ -1480,7 +1480,11 @@ mod tests {
                 e.schema.clone(),
                 e.table.clone(),
             ),
-            (e.record.clone(), e.old.clone(), e.unchanged_toast.clone()),
+            (
+                e.record().map(str::to_string),
+                e.old().map(str::to_string),
+                e.unchanged_toast.clone(),
+            ),
             (e.commit_timestamp.clone(), e.commit_lsn, e.end_lsn),
             (e.last_in_transaction, e.payload.to_string()),
         )
@@ -1518,7 +1522,7 @@ mod tests {
         assert_eq!(fields(&decode(&bytes).unwrap()), fields(&e));
         // Without an old row.
         let mut insert = row_change();
-        insert.old = None;
+        insert.old = RowImage::None;
         insert.payload = Arc::from(
             insert
                 .payload
@@ -1545,7 +1549,7 @@ mod tests {
         toast.unchanged_toast = vec!["a".into(), "b\"c".into()];
         cases.push(toast);
         for e in &cases {
-            for rows in [None, Some((e.record.as_deref(), e.old.as_deref()))] {
+            for rows in [None, Some((e.record(), e.old()))] {
                 for ((k, n), at) in [('r', "UPDATE"), ('s', "ALTER \"x\""), ('b', "é")]
                     .into_iter()
                     .zip([-7, 0, 1_764_979_200_123])
@@ -1589,7 +1593,7 @@ mod tests {
         schema.kind = EventKind::Schema {
             command: "ALTER TABLE".into(),
         };
-        schema.record = None;
+        schema.record = RowImage::None;
         assert_eq!(
             fields(&decode(&encode(&schema, 0)).unwrap()),
             fields(&schema)
@@ -1881,7 +1885,7 @@ mod tests {
         let got: Vec<String> = h
             .after(None, 100, u64::MAX)
             .iter()
-            .map(|p| p.read().unwrap().record.unwrap())
+            .map(|p| p.read().unwrap().record().unwrap().to_string())
             .collect();
         assert_eq!(got.len(), 3);
         assert_eq!(got[2], "{\"b\":\"again\"}");

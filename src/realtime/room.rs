@@ -310,8 +310,8 @@ impl Room {
     ) -> usize {
         let before = state.last_id.replace(event.id.clone());
         let (parsed, parsed_old) = (std::cell::OnceCell::new(), std::cell::OnceCell::new());
-        let record = || parsed.get_or_init(|| parse_row(&event.record)).clone();
-        let old_record = || parsed_old.get_or_init(|| parse_row(&event.old)).clone();
+        let record = || parsed.get_or_init(|| parse_row(event.record())).clone();
+        let old_record = || parsed_old.get_or_init(|| parse_row(event.old())).clone();
         let mut n = 0;
         let mut full = Vec::new();
         let slice = state.slice_len.max(1);

@@ -25,10 +25,10 @@ pub fn payload(project_id: &str, event: &Event, event_type: EventType) -> String
     let (new, old) = match &event.kind {
         EventKind::Row {
             operation: RowOp::Delete,
-        } => ("null", event.old.as_deref().unwrap_or("null")),
+        } => ("null", event.old().unwrap_or("null")),
         EventKind::Row { .. } => (
-            event.record.as_deref().unwrap_or("null"),
-            event.old.as_deref().unwrap_or("null"),
+            event.record().unwrap_or("null"),
+            event.old().unwrap_or("null"),
         ),
         _ => (&*event.payload, "null"),
     };
@@ -84,7 +84,7 @@ pub fn order_keys(event: &Event, names: &RowNames) -> Option<String> {
         event.table.as_deref().unwrap_or(""),
     ])
     .expect("strings serialize");
-    let (new, old) = (event.record.as_deref(), event.old.as_deref());
+    let (new, old) = (event.record(), event.old());
     let mut keys: Vec<String> = Vec::with_capacity(2);
     match (&event.row_key, names) {
         (Some(key), _) => {
@@ -170,8 +170,8 @@ mod tests {
             kind: EventKind::Row { operation: op },
             schema: Some("public".into()),
             table: Some("t".into()),
-            record: record.map(str::to_string),
-            old: old.map(str::to_string),
+            record: record.map(str::to_string).into(),
+            old: old.map(str::to_string).into(),
             unchanged_toast: vec![],
             row_key: key.map(str::to_string),
             commit_timestamp: std::sync::Arc::from(""),

@@ -1016,8 +1016,7 @@ async fn collect_latency(
             if e.table.as_deref() != Some(LATENCY_TABLE) {
                 continue;
             }
-            let record: serde_json::Value =
-                serde_json::from_str(e.record.as_deref().unwrap_or("null"))?;
+            let record: serde_json::Value = serde_json::from_str(e.record().unwrap_or("null"))?;
             let id = record["id"]
                 .as_u64()
                 .filter(|&id| (id as usize) < total)

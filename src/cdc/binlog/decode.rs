@@ -126,6 +126,8 @@ enum Role {
 struct Table {
     tme: TableMapEvent<'static>,
     name: String,
+    /// `name`, shared by every row change of the table (no allocation per row).
+    shared_name: Arc<str>,
     role: Role,
     columns: Vec<ColumnInfo>,
     /// How each column's values are read and rendered: once per TABLE_MAP, not per row.
@@ -255,6 +257,8 @@ struct OpenTx {
 /// Follows one binlog dump connection (see the module docs).
 pub struct Decoder {
     db: String,
+    /// `db`, shared by every row change (no allocation per row).
+    shared_db: Arc<str>,
     bound: usize,
     spill_dir: PathBuf,
     spilled_bytes: Arc<AtomicU64>,
@@ -293,6 +297,7 @@ impl Decoder {
     pub fn new(db: &str, bound: usize, spill_dir: &Path) -> Decoder {
         Decoder {
             db: db.to_string(),
+            shared_db: Arc::from(db),
             bound,
             spill_dir: spill_dir.to_path_buf(),
             spilled_bytes: Arc::default(),
@@ -599,6 +604,7 @@ impl Decoder {
                     let plan = column_plan(&tme)?;
                     Some(Table {
                         tme,
+                        shared_name: Arc::from(name.as_str()),
                         name,
                         role,
                         columns,
@@ -618,7 +624,7 @@ impl Decoder {
                 if matches!(rows, RowsEventData::PartialUpdateRowsEvent(_)) {
                     return Err(DecodeError::PartialUpdate(format!("`{}`", table.name)));
                 }
-                let pending = rows_to_pending(&self.db, table, &rows)?;
+                let pending = rows_to_pending(&self.shared_db, table, &rows)?;
                 if self.current.is_none() {
                     // A non-transactional engine's change outside BEGIN (MySQL without GTIDs
                     // logs BEGIN for those too; defensively, a transaction of its own follows).
@@ -835,7 +841,7 @@ fn column_infos(tme: &TableMapEvent<'_>) -> Option<Vec<ColumnInfo>> {
 }
 
 fn rows_to_pending(
-    db: &str,
+    db: &Arc<str>,
     table: &Table,
     rows: &RowsEventData<'_>,
 ) -> Result<Vec<Pending>, DecodeError> {
@@ -879,8 +885,8 @@ fn rows_to_pending(
         };
         out.push(Pending::Row {
             operation: op,
-            schema: db.into(),
-            table: table.name.as_str().into(),
+            schema: db.clone(),
+            table: table.shared_name.clone(),
             record,
             old: old.map(|(o, _)| o),
             unchanged_toast: Vec::new(),
@@ -1614,7 +1620,7 @@ mod tests {
                     })
                 })
                 .collect();
-            let ours = rows_to_pending("fx_t", table, &rows);
+            let ours = rows_to_pending(&Arc::from("fx_t"), table, &rows);
             match (oracle, ours) {
                 (Ok(expected), Ok(got)) => {
                     assert_eq!(expected.len(), got.len(), "round {round}");

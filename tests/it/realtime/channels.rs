@@ -575,9 +575,7 @@ async fn an_independent_decoder_on_a_second_slot_agrees_on_every_change_its_orde
         loop {
             let e = crate::support::bus::next_event_within(&mut sub, Duration::from_secs(60)).await;
             let done = e.table.as_deref() == Some("t")
-                && e.record
-                    .as_deref()
-                    .is_some_and(|r| r.starts_with("{\"id\":999,"));
+                && e.record().is_some_and(|r| r.starts_with("{\"id\":999,"));
             out.push(e);
             if done {
                 return out;
