@@ -8,23 +8,24 @@
 //! `DISCARD ALL` before it 55–58 µs. So here a statement runs prepared under a name of its own
 //! once this connection has seen it ([`Connection::query_cached`]), and the reset is a call the
 //! caller chooses ([`Connection::set_session_reset`], e.g. a function that resets what
-//! `DISCARD ALL` does but leaves the protocol-level statements alone), sent as Parse + Bind +
-//! Execute of the unnamed statement in the same Sync group as the statement:
+//! `DISCARD ALL` does but leaves the protocol-level statements alone), sent in the same Sync
+//! group as the statement, under the name `fx_reset`:
 //!
 //! ```text
-//!  Parse "" (reset) Bind "" Execute · (prelude: Parse Bind Execute)* ·
+//!  [Close fx_reset Parse fx_reset (reset)] Bind fx_reset Execute · (prelude: Parse Bind Execute)* ·
 //!  [Close evicted] [Parse fx_s<n> Describe] Bind fx_s<n> Execute · Sync
 //! ```
 //!
-//! The reset is parsed every time, never kept under a name: the caller's SQL can replace any
-//! named statement (`DEALLOCATE x; PREPARE x AS …`, also from a function), and a reset bound
-//! from a replaced name would run the caller's statement instead of the reset. The unnamed
-//! statement is the one no SQL can reach: SQL-level PREPARE needs a name, and nothing runs
-//! between our Parse "" and its Bind. Parsing it costs the backend ~3.5 µs a request (PostgreSQL
-//! 15, pgbench `-M extended` against `-M prepared` on the call alone; docs/benchmarks.md). The
-//! statements kept under names (`fx_s<n>`) may be replaced the same way, but the reset runs first
-//! in their Sync group and deallocates every SQL-level prepared statement, so a replaced one is
-//! gone by its Bind (SQLSTATE 26000: prepared afresh below).
+//! The caller's SQL can replace any named statement (`DEALLOCATE x; PREPARE x AS …`, also from a
+//! function), and a reset bound from a replaced name would run the caller's statement instead of
+//! the reset. So the reset is closed and parsed afresh (nothing runs between that Parse and its
+//! Bind) unless the caller vouched for the connection's last use and that use was covered
+//! ([`Connection::reset_session_vouched`]): one statement, in this reset's own transaction,
+//! that could neither run a utility statement nor call a routine that does. Parsing the call
+//! costs the backend ≈ 6 µs a request (PostgreSQL 15; docs/benchmarks.md). The statements kept
+//! under names (`fx_s<n>`) may be replaced the same way, but the reset runs first in their Sync
+//! group and deallocates every SQL-level prepared statement unless it proved there is none, so
+//! a replaced one is gone by its Bind (SQLSTATE 26000: prepared afresh below).
 //!
 //! All of it is one implicit transaction, so the statement always runs after the reset; if it
 //! fails, the reset's transactional part is rolled back with it and stays due for the next

@@ -1214,7 +1214,10 @@ async fn a_routine_made_while_a_plain_statement_runs_cannot_replace_the_kept_res
         query_to_xml('SELECT public.replace_kept_reset() FROM public.race', false, false, '') IS NOT NULL AS x
         WHERE $1::int = 1";
     for round in 0..2 {
-        assert!(epoch(&db).await.1, "round {round}: the bound reset must be possible here");
+        assert!(
+            epoch(&db).await.1,
+            "round {round}: the bound reset must be possible here"
+        );
         // The statements are the connection's own (the first run of a text prepares it apart
         // from the reset; this one fails, the routine is not there yet), so the slow one runs
         // in the pipelined reset's transaction.
@@ -1232,13 +1235,10 @@ async fn a_routine_made_while_a_plain_statement_runs_cannot_replace_the_kept_res
              END $f$;
              GRANT EXECUTE ON FUNCTION public.replace_kept_reset() TO PUBLIC"
         );
-        let (slow, _) = tokio::join!(
-            app.sql_params(key, &f.project, SLOW, json!([1])),
-            async {
-                tokio::time::sleep(std::time::Duration::from_millis(500)).await;
-                app.rows(&f.admin, &f.project, &make).await;
-            }
-        );
+        let (slow, _) = tokio::join!(app.sql_params(key, &f.project, SLOW, json!([1])), async {
+            tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+            app.rows(&f.admin, &f.project, &make).await;
+        });
         // With the lock the routine is not there yet when the statement looks for it.
         assert_eq!(slow["success"], false, "round {round}: {slow}");
         assert!(
@@ -1252,7 +1252,11 @@ async fn a_routine_made_while_a_plain_statement_runs_cannot_replace_the_kept_res
             fresh,
             "round {round}"
         );
-        app.rows(&f.admin, &f.project, "DROP FUNCTION public.replace_kept_reset()")
-            .await;
+        app.rows(
+            &f.admin,
+            &f.project,
+            "DROP FUNCTION public.replace_kept_reset()",
+        )
+        .await;
     }
 }
