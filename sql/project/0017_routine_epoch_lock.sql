@@ -20,7 +20,9 @@
 -- first: the DDL cannot commit, so its routine cannot be called, before the request's
 -- transaction ended. Costs: nothing on a request (the read took that lock already, fast-path);
 -- a transaction that makes a routine waits, at that statement, for the project's requests in
--- flight and holds the requests that start after it until it commits. A request whose
+-- flight and holds the requests that start after it until it commits (also while it waits:
+-- they queue behind its lock request, so during a long request that is at most the statement
+-- timeout, as for an ALTER TABLE on a table requests read). A request whose
 -- statement waits for a lock that transaction already holds (it altered a table the request
 -- reads, then made a function) is a deadlock PostgreSQL resolves after deadlock_timeout (1 s)
 -- by failing one of the two with 40P01.
