@@ -933,7 +933,9 @@ async fn statements_forgotten_after_a_deallocate_are_closed_on_the_server() {
     let f = app.fixture().await;
     let key = &f.readwrite;
     let kept = |i: usize| format!("SELECT {i} AS v WHERE $1::int = 1");
-    const COUNT: &str = "SELECT count(*)::int AS n FROM pg_prepared_statements WHERE NOT from_sql";
+    // The kept statements, not the reset's own (`fx_reset`).
+    const COUNT: &str = "SELECT count(*)::int AS n FROM pg_prepared_statements
+        WHERE NOT from_sql AND name <> 'fx_reset'";
     let server_side = || async {
         app.rows(key, &f.project, COUNT).await[0]["n"]
             .as_i64()
@@ -951,7 +953,8 @@ async fn statements_forgotten_after_a_deallocate_are_closed_on_the_server() {
             .rows(
                 key,
                 &f.project,
-                "SELECT name FROM pg_prepared_statements WHERE NOT from_sql ORDER BY name",
+                "SELECT name FROM pg_prepared_statements
+                 WHERE NOT from_sql AND name <> 'fx_reset' ORDER BY name",
             )
             .await
             .iter()
