@@ -1158,6 +1158,11 @@ impl Connection {
 
     async fn send(&mut self) -> Result<(), WireError> {
         self.in_progress = true;
+        // Whatever this operation is, the caller's last statement is no longer the one a
+        // pipelined reset covered (see `Connection::reset_session_vouched`).
+        if let Some(r) = &mut self.reset {
+            r.covered = false;
+        }
         self.transport.flush().await.map_err(|e| self.fail(e))
     }
 
@@ -1399,6 +1404,9 @@ impl Connection {
 
     /// Writes the queued messages. Cancel-safe: what a dropped call did not write stays queued.
     pub(crate) async fn flush_queued(&mut self) -> Result<(), WireError> {
+        if let Some(r) = &mut self.reset {
+            r.covered = false;
+        }
         self.transport.flush().await.map_err(|e| self.fail(e))
     }
 }

@@ -69,6 +69,11 @@ pub const PROJECT_MIGRATIONS: &[(i32, &str, &str)] = &[
         "shared_lock_and_stats_privacy",
         include_str!("../../sql/project/0016_shared_lock_and_stats_privacy.sql"),
     ),
+    (
+        17,
+        "routine_epoch_lock",
+        include_str!("../../sql/project/0017_routine_epoch_lock.sql"),
+    ),
 ];
 
 /// The migration that makes the routine epoch (sql/project/0014_session_reset_epoch.sql).

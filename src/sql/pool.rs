@@ -441,14 +441,22 @@ pub fn release(conn: Checkout) {
         return;
     }
     let pooled = &mut conn.conn;
-    if let Some(value) = pooled.conn.take_reset_value() {
-        pooled.reset_epoch = value.and_then(|v| v.parse().ok());
+    // What this use's pipelined reset answered: the epoch it proved, or NULL (no proof).
+    let proved = pooled.conn.take_reset_value();
+    if let Some(value) = &proved {
+        pooled.reset_epoch = value.as_deref().and_then(|v| v.parse().ok());
     }
     if conn.transaction_status() == TransactionStatus::Idle {
         let known = if plain { conn.conn.reset_epoch } else { None };
-        conn.conn
-            .conn
-            .reset_session_with(known.map(|e| e.to_string()));
+        let arg = known.map(|e| e.to_string());
+        // Vouched: this use's plain statement follows a reset of this use that proved the epoch
+        // (the wire also checks that the statement ran in that reset's transaction); the next
+        // reset may then be bound from its kept name (docs/security.md).
+        if plain && known.is_some() && matches!(proved, Some(Some(_))) {
+            conn.conn.conn.reset_session_vouched(arg);
+        } else {
+            conn.conn.conn.reset_session_with(arg);
+        }
         drop(conn);
         // Requests waiting on the budget may close it now.
         budget.idle.notify_waiters();

@@ -8,23 +8,24 @@
 //! `DISCARD ALL` before it 55–58 µs. So here a statement runs prepared under a name of its own
 //! once this connection has seen it ([`Connection::query_cached`]), and the reset is a call the
 //! caller chooses ([`Connection::set_session_reset`], e.g. a function that resets what
-//! `DISCARD ALL` does but leaves the protocol-level statements alone), sent as Parse + Bind +
-//! Execute of the unnamed statement in the same Sync group as the statement:
+//! `DISCARD ALL` does but leaves the protocol-level statements alone), sent in the same Sync
+//! group as the statement, under the name `fx_reset`:
 //!
 //! ```text
-//!  Parse "" (reset) Bind "" Execute · (prelude: Parse Bind Execute)* ·
+//!  [Close fx_reset Parse fx_reset (reset)] Bind fx_reset Execute · (prelude: Parse Bind Execute)* ·
 //!  [Close evicted] [Parse fx_s<n> Describe] Bind fx_s<n> Execute · Sync
 //! ```
 //!
-//! The reset is parsed every time, never kept under a name: the caller's SQL can replace any
-//! named statement (`DEALLOCATE x; PREPARE x AS …`, also from a function), and a reset bound
-//! from a replaced name would run the caller's statement instead of the reset. The unnamed
-//! statement is the one no SQL can reach: SQL-level PREPARE needs a name, and nothing runs
-//! between our Parse "" and its Bind. Parsing it costs the backend ~3.5 µs a request (PostgreSQL
-//! 15, pgbench `-M extended` against `-M prepared` on the call alone; docs/benchmarks.md). The
-//! statements kept under names (`fx_s<n>`) may be replaced the same way, but the reset runs first
-//! in their Sync group and deallocates every SQL-level prepared statement, so a replaced one is
-//! gone by its Bind (SQLSTATE 26000: prepared afresh below).
+//! The caller's SQL can replace any named statement (`DEALLOCATE x; PREPARE x AS …`, also from a
+//! function), and a reset bound from a replaced name would run the caller's statement instead of
+//! the reset. So the reset is closed and parsed afresh (nothing runs between that Parse and its
+//! Bind) unless the caller vouched for the connection's last use and that use was covered
+//! ([`Connection::reset_session_vouched`]): one statement, in this reset's own transaction,
+//! that could neither run a utility statement nor call a routine that does. Parsing the call
+//! costs the backend ≈ 6 µs a request (PostgreSQL 15; docs/benchmarks.md). The statements kept
+//! under names (`fx_s<n>`) may be replaced the same way, but the reset runs first in their Sync
+//! group and deallocates every SQL-level prepared statement unless it proved there is none, so
+//! a replaced one is gone by its Bind (SQLSTATE 26000: prepared afresh below).
 //!
 //! All of it is one implicit transaction, so the statement always runs after the reset; if it
 //! fails, the reset's transactional part is rolled back with it and stays due for the next
@@ -124,7 +125,20 @@ pub(super) struct SessionReset {
     /// The first value of the row the last pipelined reset answered, once its round succeeded
     /// (see [`Connection::take_reset_value`]).
     value: Option<Option<String>>,
+    /// The caller vouched for the connection's last use (see
+    /// [`Connection::reset_session_vouched`]): the next pipelined reset may be bound from
+    /// [`RESET_STATEMENT`] without parsing it, if [`SessionReset::covered`] holds too.
+    vouched: bool,
+    /// The last operation sent on this connection was a cached round that ran the pipelined
+    /// reset and succeeded: the caller's statement ran in the reset's transaction. Cleared by
+    /// every operation sent ([`Connection::send`]).
+    pub(super) covered: bool,
 }
+
+/// The name the pipelined reset is kept under. Parsed afresh (after a Close of whatever has
+/// the name) unless the caller vouched for the last use and that use was covered; see
+/// [`Connection::reset_session_vouched`] for why a bound name is then the server's own.
+const RESET_STATEMENT: &str = "fx_reset";
 
 /// SQLSTATE a pipelined reset raises when it cannot finish inside the statement's transaction
 /// (`UNLISTEN` only takes effect at commit): the reset then runs on its own first.
@@ -133,6 +147,7 @@ const RESET_ALONE: &str = "FX002";
 /// One step of a cached round, in the order the server answers them.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 enum Step {
+    ResetClose,
     ResetParse,
     ResetBind,
     ResetExecute,
@@ -159,7 +174,8 @@ impl Step {
     fn is_reset_or_prelude(self) -> bool {
         matches!(
             self,
-            Step::ResetParse
+            Step::ResetClose
+                | Step::ResetParse
                 | Step::ResetBind
                 | Step::ResetExecute
                 | Step::PreludeParse
@@ -191,6 +207,8 @@ impl Connection {
             takes_arg: false,
             arg: None,
             value: None,
+            vouched: false,
+            covered: false,
         });
     }
 
@@ -219,11 +237,34 @@ impl Connection {
             Some(reset) => {
                 reset.due = true;
                 reset.arg = arg;
+                reset.vouched = false;
             }
             None => {
                 self.cached.forget_all();
                 self.queue_prelude("DISCARD ALL");
             }
+        }
+    }
+
+    /// [`Connection::reset_session_with`], the caller vouching that the caller's part of the
+    /// connection's last use was one statement that succeeded, answered with one CommandComplete
+    /// whose tag makes none of the state only utility statements make, and that the reset of
+    /// that use proved (by what it answered) that no routine of the caller's own could run. Then,
+    /// if that statement ran in the pipelined reset's own transaction (the last operation was
+    /// such a [`Connection::query_cached`] round), the next pipelined reset is a Bind of the
+    /// statement kept under [`RESET_STATEMENT`] instead of Close + Parse + Bind.
+    ///
+    /// Why a bound name is then the server's: SQL can replace a named statement only with
+    /// utility statements (`DEALLOCATE`, `PREPARE`, `DISCARD ALL`), run at top level (a
+    /// CommandComplete of its own) or from a routine (a built-in that runs SQL text refuses
+    /// them). The reset's proof covers its whole transaction because routine DDL waits for
+    /// it (sql/project/0017_routine_epoch_lock.sql). Every other reset parses the name afresh,
+    /// with nothing run between that Parse and its Bind; the full reset also deallocates every
+    /// statement SQL prepared.
+    pub fn reset_session_vouched(&mut self, arg: Option<String>) {
+        self.reset_session_with(arg);
+        if let Some(reset) = &mut self.reset {
+            reset.vouched = true;
         }
     }
 
@@ -253,6 +294,7 @@ impl Connection {
         if let Some(r) = &mut self.reset {
             r.due = false;
             r.alone_next = false;
+            r.vouched = false;
         }
     }
 
@@ -311,17 +353,24 @@ impl Connection {
             } else {
                 Vec::new()
             };
-            (r.in_pipeline.clone(), args)
+            (r.in_pipeline.clone(), args, r.vouched && r.covered)
         });
         let mut preludes = std::mem::take(&mut self.prelude);
         let mut to_close = std::mem::take(&mut self.cached.to_close);
         let mut steps = Vec::with_capacity(8 + 3 * preludes.len());
         let encoded = self.transport.encode(|buf| {
-            if let Some((call, args)) = &reset {
-                frontend::parse("", call, std::iter::empty(), buf).map_err(|e| e.to_string())?;
-                encode_bind("", args, buf)?;
+            if let Some((call, args, bound)) = &reset {
+                if !bound {
+                    // Whatever has the name goes first (Close of a missing name is no error);
+                    // nothing runs between this Parse and its Bind.
+                    frontend::close(b'S', RESET_STATEMENT, buf).map_err(|e| e.to_string())?;
+                    frontend::parse(RESET_STATEMENT, call, std::iter::empty(), buf)
+                        .map_err(|e| e.to_string())?;
+                    steps.extend([Step::ResetClose, Step::ResetParse]);
+                }
+                encode_bind(RESET_STATEMENT, args, buf)?;
                 frontend::execute("", 0, buf).map_err(|e| e.to_string())?;
-                steps.extend([Step::ResetParse, Step::ResetBind, Step::ResetExecute]);
+                steps.extend([Step::ResetBind, Step::ResetExecute]);
             }
             for prelude in &preludes {
                 frontend::parse("", prelude, std::iter::empty(), buf).map_err(|e| e.to_string())?;
@@ -455,10 +504,12 @@ impl Connection {
                 None => self.cached.to_close.push(name.clone()),
             }
         }
+        let bound = reset.as_ref().is_some_and(|r| r.2);
         debug!(
             pid = self.backend_key.0,
             statement = %name,
             reset = reset.is_some(),
+            reset_bound = bound,
             failed = error.is_some(),
             "executed a cached statement"
         );
@@ -466,6 +517,9 @@ impl Connection {
             self.reset_done();
             if let (Some(value), Some(r)) = (reset_value, &mut self.reset) {
                 r.value = Some(value);
+            }
+            if let (true, Some(r)) = (reset.is_some(), &mut self.reset) {
+                r.covered = true;
             }
             return Ok(Round::Done(result.ok_or_else(|| {
                 self.fail(WireError::protocol("execute ended without CommandComplete"))
@@ -484,6 +538,12 @@ impl Connection {
             if let Some(r) = &mut self.reset {
                 r.alone_next = true;
             }
+            again(self);
+            return Ok(Round::Again);
+        }
+        if at == Step::ResetBind && bound && e.code == NO_SUCH_STATEMENT {
+            // The kept reset is gone (nothing ran: the Bind failed): parsed afresh, since this
+            // round's send cleared `covered`.
             again(self);
             return Ok(Round::Again);
         }

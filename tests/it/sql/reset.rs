@@ -933,7 +933,9 @@ async fn statements_forgotten_after_a_deallocate_are_closed_on_the_server() {
     let f = app.fixture().await;
     let key = &f.readwrite;
     let kept = |i: usize| format!("SELECT {i} AS v WHERE $1::int = 1");
-    const COUNT: &str = "SELECT count(*)::int AS n FROM pg_prepared_statements WHERE NOT from_sql";
+    // The kept statements, not the reset's own (`fx_reset`).
+    const COUNT: &str = "SELECT count(*)::int AS n FROM pg_prepared_statements
+        WHERE NOT from_sql AND name <> 'fx_reset'";
     let server_side = || async {
         app.rows(key, &f.project, COUNT).await[0]["n"]
             .as_i64()
@@ -951,7 +953,8 @@ async fn statements_forgotten_after_a_deallocate_are_closed_on_the_server() {
             .rows(
                 key,
                 &f.project,
-                "SELECT name FROM pg_prepared_statements WHERE NOT from_sql ORDER BY name",
+                "SELECT name FROM pg_prepared_statements
+                 WHERE NOT from_sql AND name <> 'fx_reset' ORDER BY name",
             )
             .await
             .iter()
@@ -1116,4 +1119,147 @@ async fn prepared_transactions_keep_the_routine_epoch_unsealed() {
         .unwrap();
     two_requests().await;
     assert_eq!(state(&db).await, (true, true), "refilled sealed");
+}
+
+/// A fake for the kept reset statement `fx_reset`: it answers the epoch it is given, as the
+/// reset does, and leaves a disabled statement timeout and another search_path behind (what the
+/// next request's probe shows if it ever runs instead of the reset).
+const FAKE_RESET: &str = "PREPARE fx_reset(int8) AS SELECT $1 + 0 * length(
+    set_config('statement_timeout', '0', false) || set_config('search_path', 'pg_temp, public', false))";
+
+/// Deallocates `fx_reset` if the connection has it (a DO block: no error when it has not).
+const DROP_KEPT_RESET: &str = "DO $$ BEGIN
+    IF EXISTS (SELECT FROM pg_prepared_statements WHERE name = 'fx_reset') THEN
+        EXECUTE 'DEALLOCATE fx_reset';
+    END IF;
+END $$";
+
+/// Since session 25 the pipelined reset is kept under the name `fx_reset` and, after a plain
+/// statement that ran in its transaction while the project had no routine of its own, bound
+/// from that name without parsing it. Every other way SQL can replace that name — a script at
+/// top level (DEALLOCATE, DEALLOCATE ALL, DISCARD ALL before the PREPARE), one that fails after
+/// the PREPARE (prepared statements outlive the rollback), a DO block, and the built-ins that run
+/// SQL text (refused) — leaves a use that is no plain statement, so the next reset closes the
+/// name and parses it afresh: the next request finds a fresh session every time. (Fails when the
+/// server binds the kept name after any use.)
+#[tokio::test]
+async fn the_kept_reset_replaced_in_any_way_is_parsed_afresh() {
+    let app = spawn_app_with(|c| c.pool_size = 1).await;
+    let f = app.fixture().await;
+    let db = pg().await.client(&app.project_db(&f.project).await).await;
+    assert!(epoch(&db).await.1, "the bound reset must be possible here");
+    let key = &f.admin;
+    let fresh = fresh_probe(&app, key, &f).await;
+    let attacks: Vec<Vec<String>> = vec![
+        vec![format!("{DROP_KEPT_RESET}; {FAKE_RESET}")],
+        vec![format!("DEALLOCATE ALL; {FAKE_RESET}")],
+        vec!["DISCARD ALL".into(), FAKE_RESET.into()],
+        vec![format!("{DROP_KEPT_RESET}; {FAKE_RESET}; SELECT 1 / 0")],
+        vec![format!(
+            "DO $do$ BEGIN
+                 EXECUTE 'DEALLOCATE ALL';
+                 EXECUTE $p${FAKE_RESET}$p$;
+             END $do$"
+        )],
+    ];
+    for (i, attack) in attacks.iter().enumerate() {
+        for round in 0..2 {
+            for script in attack {
+                app.sql(key, &f.project, script).await;
+            }
+            let body = request(&app, key, &f, None, PROBE, json!([1])).await;
+            assert_eq!(
+                body["result"]["rows"][0], fresh[0],
+                "attack {i}, round {round}: {body}"
+            );
+        }
+    }
+    // The built-ins that run SQL text refuse utility statements (read-only SPI, or a cursor),
+    // in a plain SELECT with parameters too.
+    for text in [
+        "SELECT query_to_xml('DEALLOCATE fx_reset', false, false, '') IS NULL AS x WHERE $1::int = 1",
+        "SELECT query_to_xml('PREPARE fx_reset AS SELECT 1', false, false, '') IS NULL AS x WHERE $1::int = 1",
+        "SELECT count(*) AS x FROM ts_stat('DEALLOCATE ALL') WHERE $1::int = 1",
+    ] {
+        let body = app.sql_params(key, &f.project, text, json!([1])).await;
+        assert_eq!(body["success"], false, "{text}: {body}");
+        assert_eq!(rows_as(&app, key, &f, None, PROBE).await, fresh, "{text}");
+    }
+    assert!(epoch(&db).await.1);
+}
+
+/// A routine made by another connection *while* a plain statement runs (after that request's
+/// reset proved there was none) and called by it at once, through a built-in that runs SQL text
+/// after a sleep: it replaces the kept reset with a fake that leaves settings behind. Routine
+/// DDL waits for the request's transaction (sql/project/0017_routine_epoch_lock.sql), so the
+/// statement cannot call it and the next request is reset. (Fails without 0017's lock: the
+/// statement answers one plain SELECT, the server binds the kept name, the fake runs instead of
+/// the reset and the next request inherits a disabled statement timeout.)
+#[tokio::test]
+async fn a_routine_made_while_a_plain_statement_runs_cannot_replace_the_kept_reset() {
+    let app = spawn_app_with(|c| c.pool_size = 1).await;
+    let f = app.fixture().await;
+    let db = pg().await.client(&app.project_db(&f.project).await).await;
+    let key = &f.readwrite;
+    let fresh = fresh_probe(&app, key, &f).await;
+    // The admin key's pool logs in before the race, not during it. The built-in's query locks
+    // a table the transaction has not locked yet: the backend then takes in the catalog's
+    // changes (without a new lock a running statement keeps its catalog snapshot and would not
+    // see the routine in any case).
+    app.rows(
+        &f.admin,
+        &f.project,
+        "CREATE TABLE public.race (x int); INSERT INTO public.race VALUES (1);
+         GRANT SELECT ON public.race TO PUBLIC",
+    )
+    .await;
+    const SLOW: &str = "SELECT pg_sleep(1.5) IS NULL AS slept,
+        query_to_xml('SELECT public.replace_kept_reset() FROM public.race', false, false, '') IS NOT NULL AS x
+        WHERE $1::int = 1";
+    for round in 0..2 {
+        assert!(
+            epoch(&db).await.1,
+            "round {round}: the bound reset must be possible here"
+        );
+        // The statements are the connection's own (the first run of a text prepares it apart
+        // from the reset; this one fails, the routine is not there yet), so the slow one runs
+        // in the pipelined reset's transaction.
+        let body = app.sql_params(key, &f.project, SLOW, json!([1])).await;
+        assert_eq!(body["success"], false, "{body}");
+        for _ in 0..2 {
+            rows_as(&app, key, &f, None, PROBE).await;
+        }
+        let make = format!(
+            "CREATE FUNCTION public.replace_kept_reset() RETURNS int LANGUAGE plpgsql AS $f$
+             BEGIN
+                 EXECUTE 'DEALLOCATE fx_reset';
+                 EXECUTE $p${FAKE_RESET}$p$;
+                 RETURN 1;
+             END $f$;
+             GRANT EXECUTE ON FUNCTION public.replace_kept_reset() TO PUBLIC"
+        );
+        let (slow, _) = tokio::join!(app.sql_params(key, &f.project, SLOW, json!([1])), async {
+            tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+            app.rows(&f.admin, &f.project, &make).await;
+        });
+        // With the lock the routine is not there yet when the statement looks for it.
+        assert_eq!(slow["success"], false, "round {round}: {slow}");
+        assert!(
+            slow["error"]["message"]
+                .as_str()
+                .is_some_and(|m| m.contains("replace_kept_reset() does not exist")),
+            "round {round}: {slow}"
+        );
+        assert_eq!(
+            rows_as(&app, key, &f, None, PROBE).await,
+            fresh,
+            "round {round}"
+        );
+        app.rows(
+            &f.admin,
+            &f.project,
+            "DROP FUNCTION public.replace_kept_reset()",
+        )
+        .await;
+    }
 }
