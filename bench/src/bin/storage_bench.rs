@@ -28,7 +28,9 @@
 //!
 //! It starts the release `fluxbase` binary on a fresh data directory under `target/`
 //! (embedded cluster, rate limit off). Environment: BENCH_SMALL_FILES (default 64),
-//! BENCH_LARGE_FILES (default 4), BENCH_ROUNDS (default 3).
+//! BENCH_LARGE_FILES (default 4), BENCH_ROUNDS (default 3); BENCH_STEPS (set: where each
+//! small upload's time goes: the bare reference prints its steps on stderr, the server logs its
+//! own at debug level in `<data>/server.log`, "upload steps").
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -214,6 +216,7 @@ where
 {
     use futures_util::StreamExt;
     use warp::Reply;
+    let started = Instant::now();
     let stored = async {
         let path = dir.join(name);
         let mut file = tokio::task::spawn_blocking(move || std::fs::File::create(path)).await??;
@@ -233,12 +236,27 @@ where
                 at += len;
             }
         }
+        let received = started.elapsed();
         let (file, _) = write_chunk(file, buf, at).await?;
-        tokio::task::spawn_blocking(move || {
+        let written = started.elapsed();
+        let synced = tokio::task::spawn_blocking(move || {
             file.sync_data()?;
-            std::fs::File::open(&dir)?.sync_all()
+            let synced = started.elapsed();
+            std::fs::File::open(&dir)?.sync_all()?;
+            std::io::Result::Ok(synced)
         })
         .await??;
+        if std::env::var_os("BENCH_STEPS").is_some() && at + UPLOAD_CHUNK as u64 <= 2 << 20 {
+            // Where the reference's time goes (µs from the handler's start), for
+            // docs/benchmarks.md's breakdown beside Fluxbase's debug-level "upload steps".
+            eprintln!(
+                "[bare steps] received_us={} written_us={} synced_us={} total_us={}",
+                received.as_micros(),
+                written.as_micros(),
+                synced.as_micros(),
+                started.elapsed().as_micros()
+            );
+        }
         anyhow::Ok(())
     };
     let status = match stored.await {
@@ -645,12 +663,15 @@ async fn main() -> Result<()> {
     let bare_dir = dir.join("bare");
     std::fs::create_dir_all(&bare_dir)?;
     let bare = Bare::start(&bare_dir).await?;
-    let server = fluxbase_bench::ServerProcess::start(
-        &binary,
-        &data,
-        &[("FLUXBASE_MAX_UPLOAD_BYTES", (200 * MIB).to_string())],
-    )
-    .await?;
+    let mut envs = vec![("FLUXBASE_MAX_UPLOAD_BYTES", (200 * MIB).to_string())];
+    if std::env::var_os("BENCH_STEPS").is_some() {
+        // The server's "upload steps" lines (debug level) in its log, <data>/server.log.
+        envs.push((
+            "FLUXBASE_LOG",
+            "warn,fluxbase::storage::upload=debug".into(),
+        ));
+    }
+    let server = fluxbase_bench::ServerProcess::start(&binary, &data, &envs).await?;
     let rounds = fluxbase_bench::env_or("BENCH_ROUNDS", 3).max(1);
     let mut ctx = Ctx {
         http: reqwest::Client::new(),
