@@ -221,8 +221,11 @@ pub struct BucketReservation<'a> {
     pub name: &'a str,
     /// The stored type (lowercase, as `storage::names::normalize_content_type` makes it).
     pub content_type: &'a str,
-    pub size: i64,
-    pub staged: &'a str,
+    /// `None` for a reservation made before the file's bytes arrived (a direct write, see
+    /// [`record_direct`]): its size is checked by the upload as the bytes come.
+    pub size: Option<i64>,
+    /// The staging key; `None` for a direct write (the object is written at its key).
+    pub staged: Option<&'a str>,
     pub token: &'a str,
 }
 
@@ -281,7 +284,8 @@ pub async fn reserve_in_bucket(
         .prepare_cached(&format!(
             "WITH b AS (
                SELECT id, name, is_public, max_file_size, allowed_mime_types, created_at,
-                 (max_file_size IS NULL OR $6 <= max_file_size) AS size_ok,
+                 ($6::bigint IS NULL OR max_file_size IS NULL OR $6 <= max_file_size)
+                   AS size_ok,
                  (allowed_mime_types IS NULL OR EXISTS (
                     SELECT 1 FROM unnest(allowed_mime_types) AS a(p)
                     WHERE lower(btrim(p)) IN ('*/*', $8, $9 || '/*'))) AS type_ok
@@ -352,6 +356,38 @@ pub async fn reserve_in_bucket(
             s3_key: row.get(10),
         },
     })
+}
+
+/// Lists a file written directly at its key ([`BucketReservation`] with no staging key, made
+/// before its bytes arrived) once its bytes and its directory entry are durable: the size and
+/// the reserved type are written. `None` if the reservation is gone.
+///
+/// Unlike [`record`], its commit waits for the WAL flush: the reservation does not say how
+/// large the file is, so nothing but this commit tells a complete object at the key from one a
+/// crash cut short. Lost with a crash before it committed (the upload was not answered), the
+/// reservation is an abandoned upload: its object and row are removed by the start-up sweep
+/// once an hour old ([`abandoned`]), like any reservation whose upload never finished.
+pub async fn record_direct(
+    client: &deadpool_postgres::Client,
+    id: &str,
+    token: &str,
+    size: i64,
+) -> Result<Option<StoredFile>, Error> {
+    let statement = client
+        .prepare_cached(&format!(
+            "WITH f AS (
+               UPDATE fluxbase.storage_files SET size = $3,
+                 content_type = coalesce(upload_content_type, content_type),
+                 upload_token = NULL, upload_started_at = NULL, upload_size = NULL,
+                 upload_content_type = NULL, upload_staged = NULL, updated_at = now()
+               WHERE id = $1::text::uuid AND upload_token = $2 AND size IS NULL
+                 AND upload_staged IS NULL
+               RETURNING *)
+             SELECT {COLUMNS} FROM f JOIN fluxbase.storage_buckets b ON b.id = f.bucket_id"
+        ))
+        .await?;
+    let row = client.query_opt(&statement, &[&id, &token, &size]).await?;
+    Ok(row.as_ref().map(StoredFile::from_row))
 }
 
 /// Gives a reservation up: a new row goes, an existing file keeps its row as it was.

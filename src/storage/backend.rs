@@ -251,6 +251,7 @@ impl Backend {
                     part_len: 0,
                     offset: 0,
                     done: false,
+                    dropped: None,
                 }),
                 written: 0,
             });
@@ -842,6 +843,9 @@ struct LocalWriter {
     offset: u64,
     /// Finished or aborted: dropping it then leaves the file alone.
     done: bool,
+    /// Run once a write dropped half-way has had its file removed ([`ObjectWriter::direct`]:
+    /// the release of the reservation that holds the file's key).
+    dropped: Option<futures_util::future::BoxFuture<'static, ()>>,
 }
 
 /// Makes the staged file (mode 0600) and its directories. The store removes a directory once
@@ -930,7 +934,8 @@ impl LocalWriter {
     /// Writes what is left and waits until the bytes are on the disk (one trip: the last
     /// part's write, the file made if no part made it, `fdatasync`): the object may then be
     /// renamed over an older one without a crash ever leaving a half-written file in its place.
-    async fn finish(mut self) -> Result<(), StorageError> {
+    /// The file's identity once synced.
+    async fn finish(mut self) -> Result<FileIdentity, StorageError> {
         let file = self.file().await?;
         let part = std::mem::take(&mut self.part);
         self.offset += self.part_len as u64;
@@ -943,10 +948,23 @@ impl LocalWriter {
             file.sync_data()?;
             Ok(file)
         }));
-        // An error drops the writer, which removes the file; success keeps it.
-        self.file().await?;
+        // A drop meanwhile removes the file; a failure removes it here, before the caller goes
+        // on (it may give up the reservation of the file's key next: `dropped` is not run).
+        let synced = self.file().await;
         self.done = true;
-        Ok(())
+        let identity = match synced {
+            Ok(Some(file)) => file.metadata().map(|m| FileIdentity::of(&m)),
+            Ok(None) => Err(std::io::Error::other("no file")),
+            Err(e) => Err(std::io::Error::other(e.to_string())),
+        };
+        match identity {
+            Ok(identity) => Ok(identity),
+            Err(e) => {
+                let path = self.path.clone();
+                let _ = tokio::task::spawn_blocking(move || std::fs::remove_file(path)).await;
+                Err(self.failed(e))
+            }
+        }
     }
 
     async fn abort(mut self) {
@@ -965,15 +983,20 @@ impl Drop for LocalWriter {
             return;
         }
         let (path, in_flight) = (self.path.clone(), self.in_flight.take());
+        let dropped = self.dropped.take();
         let remove = async move {
             if let Some(task) = in_flight {
                 let _ = task.await;
             }
             let _ = tokio::task::spawn_blocking(move || std::fs::remove_file(path)).await;
+            if let Some(then) = dropped {
+                then.await;
+            }
         };
         match tokio::runtime::Handle::try_current() {
             Ok(runtime) => drop(runtime.spawn(remove)),
             Err(_) => {
+                // No runtime: nothing can run `dropped` (the reservation is left to the sweep).
                 let _ = std::fs::remove_file(&self.path);
             }
         }
@@ -1014,14 +1037,78 @@ impl ObjectWriter {
         self.written
     }
 
+    /// Whether writing `len` more bytes would send a part to the disk (local only).
+    pub fn would_send(&self, len: usize) -> bool {
+        match &self.inner {
+            Inner::Local(w) => w.part_len >= LOCAL_PART && len > 0,
+            Inner::Remote(_) => false,
+        }
+    }
+
     pub async fn finish(self) -> Result<u64, StorageError> {
-        match self.inner {
+        Ok(self.finish_identified().await?.0)
+    }
+
+    /// [`ObjectWriter::finish`], and on the local disk the identity of the file written.
+    pub async fn finish_identified(self) -> Result<(u64, Option<FileIdentity>), StorageError> {
+        let identity = match self.inner {
             Inner::Remote(w) => {
                 w.finish().await.map_err(unavailable)?;
+                None
             }
-            Inner::Local(w) => w.finish().await?,
+            Inner::Local(w) => Some(w.finish().await?),
+        };
+        Ok((self.written, identity))
+    }
+
+    /// Writes the object at `key` itself instead of the key it was started at, if nothing has
+    /// been written yet (local disk only; `false` otherwise, and nothing changes): the upload's
+    /// reservation of `key` is durable and holds it for this write ([`crate::storage::upload`]).
+    /// Starts making the file (mode 0600, its directories 0700) and syncing its directory
+    /// entry up to the storage root while the body still arrives, so that only the bytes are
+    /// left to sync once it is in. `dropped` runs if the write is dropped half-way, after its
+    /// file is removed (never before: the key is not free until the file is gone).
+    pub fn direct(
+        &mut self,
+        backend: &Backend,
+        key: &str,
+        dropped: futures_util::future::BoxFuture<'static, ()>,
+    ) -> Result<bool, StorageError> {
+        let (
+            Inner::Local(w),
+            Backend::Local {
+                store,
+                root,
+                durable,
+                ..
+            },
+        ) = (&mut self.inner, backend)
+        else {
+            return Ok(false);
+        };
+        if w.file.is_some() || w.in_flight.is_some() || w.offset > 0 || w.done {
+            return Ok(false);
         }
-        Ok(self.written)
+        let path = store
+            .path_to_filesystem(&path_of(key))
+            .map_err(unavailable)?;
+        if !path.starts_with(root) {
+            return Err(StorageError::Unavailable(format!(
+                "{key}: outside the storage root"
+            )));
+        }
+        w.path = path.clone();
+        w.dropped = Some(dropped);
+        let (root, durable) = (root.clone(), durable.clone());
+        w.in_flight = Some(tokio::task::spawn_blocking(move || {
+            if let Some(dir) = path.parent() {
+                durable.create(dir)?;
+            }
+            let file = private_file(&path)?;
+            durable.sync(&path, &root)?;
+            Ok(file)
+        }));
+        Ok(true)
     }
 
     pub async fn abort(self) {
