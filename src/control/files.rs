@@ -534,6 +534,23 @@ pub async fn abandoned(
     Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
 }
 
+/// (id, key) of the new files written at their key ([`record_direct`]) whose upload started
+/// before `cutoff` and was never listed.
+pub async fn unfinished_direct(
+    client: &impl GenericClient,
+    cutoff: DateTime<Utc>,
+) -> Result<Vec<(String, String)>, Error> {
+    let rows = client
+        .query(
+            "SELECT id::text, s3_key FROM fluxbase.storage_files
+             WHERE size IS NULL AND upload_token IS NOT NULL AND upload_staged IS NULL
+               AND upload_started_at < $1",
+            &[&cutoff],
+        )
+        .await?;
+    Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
+}
+
 /// Removes an abandoned reservation (if it still is one).
 pub async fn delete_abandoned(client: &impl GenericClient, id: &str) -> Result<(), Error> {
     client

@@ -252,6 +252,8 @@ impl Backend {
                     offset: 0,
                     done: false,
                     dropped: None,
+                    sync_dir: None,
+                    dir_synced: None,
                 }),
                 written: 0,
             });
@@ -846,6 +848,11 @@ struct LocalWriter {
     /// Run once a write dropped half-way has had its file removed ([`ObjectWriter::direct`]:
     /// the release of the reservation that holds the file's key).
     dropped: Option<futures_util::future::BoxFuture<'static, ()>>,
+    /// A file made at its key ([`ObjectWriter::direct`]): its directory entry is synced (up to
+    /// the root) on a task of its own once the file exists, beside the writes of its bytes...
+    sync_dir: Option<(Arc<DurableDirs>, PathBuf)>,
+    /// ...which `finish` waits for with the bytes' sync.
+    dir_synced: Option<tokio::task::JoinHandle<std::io::Result<()>>>,
 }
 
 /// Makes the staged file (mode 0600) and its directories. The store removes a directory once
@@ -897,7 +904,15 @@ impl LocalWriter {
             let outcome = task.await;
             self.in_flight = None;
             return match outcome {
-                Ok(Ok(file)) => Ok(Some(file)),
+                Ok(Ok(file)) => {
+                    if let Some((durable, root)) = self.sync_dir.take() {
+                        let path = self.path.clone();
+                        self.dir_synced = Some(tokio::task::spawn_blocking(move || {
+                            durable.sync(&path, &root)
+                        }));
+                    }
+                    Ok(Some(file))
+                }
                 Ok(Err(e)) => Err(self.failed(e)),
                 Err(e) => Err(self.failed(e)),
             };
@@ -936,7 +951,13 @@ impl LocalWriter {
     /// renamed over an older one without a crash ever leaving a half-written file in its place.
     /// The file's identity once synced.
     async fn finish(mut self) -> Result<FileIdentity, StorageError> {
-        let file = self.file().await?;
+        let file = match self.file().await {
+            Ok(file) => file,
+            Err(e) => {
+                self.remove().await;
+                return Err(e);
+            }
+        };
         let part = std::mem::take(&mut self.part);
         self.offset += self.part_len as u64;
         self.part_len = 0;
@@ -950,7 +971,12 @@ impl LocalWriter {
         }));
         // A drop meanwhile removes the file; a failure removes it here, before the caller goes
         // on (it may give up the reservation of the file's key next: `dropped` is not run).
-        let synced = self.file().await;
+        let mut synced = self.file().await;
+        if let (Ok(_), Some(dir)) = (&synced, self.dir_synced.take()) {
+            if let Err(e) = dir.await.map_err(std::io::Error::other).and_then(|r| r) {
+                synced = Err(self.failed(e));
+            }
+        }
         self.done = true;
         let identity = match synced {
             Ok(Some(file)) => file.metadata().map(|m| FileIdentity::of(&m)),
@@ -960,11 +986,17 @@ impl LocalWriter {
         match identity {
             Ok(identity) => Ok(identity),
             Err(e) => {
-                let path = self.path.clone();
-                let _ = tokio::task::spawn_blocking(move || std::fs::remove_file(path)).await;
+                self.remove().await;
                 Err(self.failed(e))
             }
         }
+    }
+
+    /// Removes the file after a failure, here (`dropped` is not run: the caller goes on).
+    async fn remove(&mut self) {
+        self.done = true;
+        let path = self.path.clone();
+        let _ = tokio::task::spawn_blocking(move || std::fs::remove_file(path)).await;
     }
 
     async fn abort(mut self) {
@@ -1064,9 +1096,9 @@ impl ObjectWriter {
     /// Writes the object at `key` itself instead of the key it was started at, if nothing has
     /// been written yet (local disk only; `false` otherwise, and nothing changes): the upload's
     /// reservation of `key` is durable and holds it for this write ([`crate::storage::upload`]).
-    /// Starts making the file (mode 0600, its directories 0700) and syncing its directory
-    /// entry up to the storage root while the body still arrives, so that only the bytes are
-    /// left to sync once it is in. `dropped` runs if the write is dropped half-way, after its
+    /// Starts making the file (mode 0600, its directories 0700) while the body still arrives;
+    /// its directory entry is synced (up to the storage root) beside the writes of its bytes,
+    /// and `finish` waits for both. `dropped` runs if the write is dropped half-way, after its
     /// file is removed (never before: the key is not free until the file is gone).
     pub fn direct(
         &mut self,
@@ -1099,14 +1131,13 @@ impl ObjectWriter {
         }
         w.path = path.clone();
         w.dropped = Some(dropped);
-        let (root, durable) = (root.clone(), durable.clone());
+        w.sync_dir = Some((durable.clone(), root.clone()));
+        let durable = durable.clone();
         w.in_flight = Some(tokio::task::spawn_blocking(move || {
             if let Some(dir) = path.parent() {
                 durable.create(dir)?;
             }
-            let file = private_file(&path)?;
-            durable.sync(&path, &root)?;
-            Ok(file)
+            private_file(&path)
         }));
         Ok(true)
     }

@@ -90,6 +90,9 @@ pub struct Storage {
     /// single server: [`served`]).
     served: served::ServedFiles,
     max_upload_bytes: u64,
+    /// No other node shares the control database (no `nats_url`): at start-up no upload is
+    /// running anywhere, so the sweep may remove every unfinished direct write at once.
+    single_server: bool,
     /// The last [`Storage::ready`] check and when it ran (checks are at most every few
     /// seconds, however often `/ready` is asked).
     checked: tokio::sync::Mutex<Option<(std::time::Instant, Result<(), String>)>>,
@@ -112,6 +115,7 @@ impl Storage {
             clock: Arc::new(Clock::default()),
             signer: signing::UrlSigner::new(&secrets.derive("storage-url-signing")),
             max_upload_bytes: config.max_upload_bytes,
+            single_server: config.nats_url.is_none(),
             checked: Default::default(),
         })
     }

@@ -534,3 +534,81 @@ async fn kill_9_mid_upload_leaves_nothing_half_written_and_the_sweep_removes_the
         [("doc.bin".to_string(), Some(old.len() as u64))]
     );
 }
+
+/// A server killed in the middle of a small upload written at its key (fields first): after the
+/// restart nothing of it is listed or left at the key, and its name is free at once (a single
+/// server: nothing else can still be writing it).
+#[tokio::test]
+async fn kill_9_mid_direct_upload_leaves_nothing_and_the_name_free() {
+    use tokio::io::AsyncWriteExt;
+    let mut server = ServerProcess::start(&[]).await;
+    let http = reqwest::Client::new();
+    let Project {
+        project: project_id,
+        admin,
+        ..
+    } = project(&server.base).await;
+    let resp = http
+        .post(format!("{}/api/storage/buckets", server.base))
+        .bearer_auth(&admin)
+        .json(&json!({ "projectId": project_id, "name": "docs" }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 201);
+    let bucket: Value = resp.json().await.unwrap();
+    let path = server
+        .dir
+        .join("storage")
+        .join(&project_id)
+        .join(bucket["bucket"]["id"].as_str().unwrap())
+        .join("cut.bin");
+    let fields = [("projectId", project_id.as_str()), ("bucketId", "docs")];
+    let form = Form::new(&fields, Some(("cut.bin", "application/octet-stream")), &[]);
+    let data = pattern(3 * 1024 * 1024, 6);
+    let addr = server.base.trim_start_matches("http://").to_string();
+    let mut conn = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    let request = format!(
+        "POST /api/storage/upload HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {admin}\r\n\
+         Content-Type: {}\r\nContent-Length: {}\r\n\r\n",
+        form.content_type(),
+        form.head.len() + data.len() + form.tail.len()
+    );
+    conn.write_all(request.as_bytes()).await.unwrap();
+    conn.write_all(&form.head).await.unwrap();
+    conn.write_all(&data[..2 * 1024 * 1024]).await.unwrap();
+    conn.flush().await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !std::fs::metadata(&path).is_ok_and(|m| m.len() >= 1024 * 1024) {
+        assert!(
+            Instant::now() < deadline,
+            "the upload never reached its key"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    server.kill9();
+    drop(conn);
+    server.restart().await;
+
+    assert!(!path.exists(), "the cut-off file stayed at its key");
+    let listed: Value = http
+        .get(format!("{}/api/storage/files", server.base))
+        .bearer_auth(&admin)
+        .query(&[("projectId", project_id.as_str()), ("bucketId", "docs")])
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(listed["files"], json!([]));
+    let resp = http
+        .post(format!("{}/api/storage/upload", server.base))
+        .bearer_auth(&admin)
+        .header("content-type", form.content_type())
+        .body(form.with_bytes(b"again"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 201, "the name is free after the restart");
+}

@@ -826,3 +826,231 @@ async fn bucket_type_patterns_hold_on_both_lookup_paths() {
     assert_eq!(list_files(&t, &f.read, &f.project, "pics").await.len(), 1);
     t.stop().await;
 }
+
+/// Sends the head of a fields-first upload of `name` whose body declares `len` file bytes over
+/// raw TCP, then `sent` of them; the connection, for the test to finish or drop.
+async fn start_raw_upload(
+    t: &TestApp,
+    f: &Fixture,
+    bucket: &str,
+    name: &str,
+    len: usize,
+    sent: &[u8],
+) -> (tokio::net::TcpStream, Form) {
+    use tokio::io::AsyncWriteExt;
+    let fields = [("projectId", f.project.as_str()), ("bucketId", bucket)];
+    let form = Form::new(&fields, Some((name, "application/octet-stream")), &[]);
+    let addr = t.base.trim_start_matches("http://").to_string();
+    let mut conn = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    let request = format!(
+        "POST /api/storage/upload HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {}\r\n\
+         Content-Type: {}\r\nContent-Length: {}\r\n\r\n",
+        f.readwrite,
+        form.content_type(),
+        form.head.len() + len + form.tail.len()
+    );
+    conn.write_all(request.as_bytes()).await.unwrap();
+    conn.write_all(&form.head).await.unwrap();
+    conn.write_all(sent).await.unwrap();
+    conn.flush().await.unwrap();
+    (conn, form)
+}
+
+/// Waits until `path` exists with at least `len` bytes.
+async fn wait_for_file(path: &Path, len: u64) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !std::fs::metadata(path).is_ok_and(|m| m.len() >= len) {
+        assert!(
+            Instant::now() < deadline,
+            "{} never had {len} bytes",
+            path.display()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A small body whose fields come first is written at its key while it arrives (its row
+/// reserved first: the name is held, a second upload of it is refused), and is listed with
+/// its bytes once complete; a refusal found while it arrives, a `path` sent after the file, a
+/// name already taken and an upsert all end as on the staged way, and leave nothing behind.
+#[tokio::test]
+async fn small_uploads_with_their_fields_first_are_written_at_their_key() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let t = spawn_app().await;
+    let f = t.fixture().await;
+    let bucket = create_bucket(&t, &f, "docs", json!({ "maxFileSize": 2 * 1024 * 1024 })).await;
+    let root = t.app.config.data_dir.join("storage");
+    let dir = root.join(&f.project).join(bucket["id"].as_str().unwrap());
+    let data = pattern(1536 * 1024, 3);
+
+    // Half-way through the body, the file is at its key and the name is held.
+    let (mut conn, form) =
+        start_raw_upload(&t, &f, "docs", "a.bin", data.len(), &data[..1200 * 1024]).await;
+    wait_for_file(&dir.join("a.bin"), 1024 * 1024).await;
+    assert!(
+        files_under(&root.join(".uploads")).is_empty(),
+        "nothing staged"
+    );
+    assert!(
+        list_files(&t, &f.read, &f.project, "docs").await.is_empty(),
+        "not listed yet"
+    );
+    let (status, reply) = upload(
+        &t,
+        &f.readwrite,
+        &f.project,
+        "docs",
+        "a.bin",
+        "text/plain",
+        b"x",
+        &[],
+    )
+    .await;
+    assert_eq!(status, 409, "the name is held: {reply}");
+    conn.write_all(&data[1200 * 1024..]).await.unwrap();
+    conn.write_all(&form.tail).await.unwrap();
+    let mut answer = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(20), conn.read_to_end(&mut answer)).await;
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 201"), "{answer}");
+    let key = format!("{}/{}/a.bin", f.project, bucket["id"].as_str().unwrap());
+    let (status, bytes) = download(&t, &f, &key).await;
+    assert!(
+        status == 200 && bytes.as_ref() == data.as_slice(),
+        "{status}"
+    );
+    let listed = list_files(&t, &f.read, &f.project, "docs").await;
+    assert_eq!(listed.len(), 1);
+    assert_eq!(listed[0]["size"], data.len());
+
+    // Over the bucket's limit: refused as it arrives; nothing left, the name free again.
+    let fields = [("projectId", f.project.as_str()), ("bucketId", "docs")];
+    let big = pattern(3 * 1024 * 1024, 4);
+    let over = Form::new(&fields, Some(("b.bin", "application/octet-stream")), &[]);
+    let (status, reply) =
+        send_upload(&t, &f.readwrite, "", &over, over.with_bytes(&big).into()).await;
+    assert_eq!(status, 413, "{reply}");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while dir.join("b.bin").exists() {
+        assert!(
+            Instant::now() < deadline,
+            "the refused file stayed at its key"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let (status, reply) = send_upload(
+        &t,
+        &f.readwrite,
+        "",
+        &over,
+        over.with_bytes(b"small").into(),
+    )
+    .await;
+    assert_eq!(status, 201, "the name is free again: {reply}");
+
+    // A `path` after the file: stored under it, nothing under the file's own name.
+    let later = Form::new(
+        &fields,
+        Some(("c.bin", "application/octet-stream")),
+        &[("path", "d/e.bin")],
+    );
+    let (status, reply) =
+        send_upload(&t, &f.readwrite, "", &later, later.with_bytes(&data).into()).await;
+    assert_eq!(status, 201, "{reply}");
+    assert_eq!(reply["file"]["name"], "d/e.bin");
+    assert!(!dir.join("c.bin").exists());
+    let (status, bytes) = download(&t, &f, reply["file"]["s3_key"].as_str().unwrap()).await;
+    assert!(
+        status == 200 && bytes.as_ref() == data.as_slice(),
+        "{status}"
+    );
+
+    // A taken name: 409 and the file as it was; with upsert, replaced.
+    let again = Form::new(&fields, Some(("a.bin", "application/octet-stream")), &[]);
+    let (status, reply) = send_upload(
+        &t,
+        &f.readwrite,
+        "",
+        &again,
+        again.with_bytes(b"other").into(),
+    )
+    .await;
+    assert_eq!(status, 409, "{reply}");
+    let (_, bytes) = download(&t, &f, &key).await;
+    assert_eq!(bytes.as_ref(), data.as_slice());
+    let (status, reply) = send_upload(
+        &t,
+        &f.readwrite,
+        "?upsert=true",
+        &again,
+        again.with_bytes(b"other").into(),
+    )
+    .await;
+    assert_eq!(status, 200, "{reply}");
+    let (_, bytes) = download(&t, &f, &key).await;
+    assert_eq!(bytes.as_ref(), b"other");
+
+    let mut names: Vec<String> = list_files(&t, &f.read, &f.project, "docs")
+        .await
+        .iter()
+        .map(|f| f["name"].as_str().unwrap().to_string())
+        .collect();
+    names.sort();
+    assert_eq!(names, ["a.bin", "b.bin", "d/e.bin"]);
+    assert_eq!(files_under(&dir), ["a.bin", "b.bin", "d/e.bin"]);
+    t.stop().await;
+}
+
+/// A client that goes away in the middle of a small upload written at its key leaves nothing:
+/// the file is removed, then its reservation is given up, and the name is free again.
+#[tokio::test]
+async fn a_client_that_disconnects_mid_direct_upload_leaves_nothing_and_frees_the_name() {
+    let t = spawn_app().await;
+    let f = t.fixture().await;
+    let bucket = create_bucket(&t, &f, "docs", json!({})).await;
+    let root = t.app.config.data_dir.join("storage");
+    let path = root
+        .join(&f.project)
+        .join(bucket["id"].as_str().unwrap())
+        .join("cut.bin");
+    let data = pattern(3 * 1024 * 1024, 8);
+    let (conn, _) = start_raw_upload(
+        &t,
+        &f,
+        "docs",
+        "cut.bin",
+        data.len(),
+        &data[..2 * 1024 * 1024],
+    )
+    .await;
+    wait_for_file(&path, 1024 * 1024).await;
+    drop(conn);
+    let fields = [("projectId", f.project.as_str()), ("bucketId", "docs")];
+    let form = Form::new(&fields, Some(("cut.bin", "application/octet-stream")), &[]);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let (status, reply) = send_upload(
+            &t,
+            &f.readwrite,
+            "",
+            &form,
+            form.with_bytes(b"again").into(),
+        )
+        .await;
+        if status == 201 {
+            break;
+        }
+        assert_eq!(status, 409, "{reply}");
+        assert!(Instant::now() < deadline, "the name stayed held");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let (_, bytes) = download(
+        &t,
+        &f,
+        &format!("{}/{}/cut.bin", f.project, bucket["id"].as_str().unwrap()),
+    )
+    .await;
+    assert_eq!(bytes.as_ref(), b"again");
+    assert_eq!(list_files(&t, &f.read, &f.project, "docs").await.len(), 1);
+    t.stop().await;
+}
