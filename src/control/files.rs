@@ -224,7 +224,8 @@ pub struct BucketReservation<'a> {
     /// `None` for a reservation made before the file's bytes arrived (a direct write, see
     /// [`record_direct`]): its size is checked by the upload as the bytes come.
     pub size: Option<i64>,
-    /// The staging key; `None` for a direct write (the object is written at its key).
+    /// The staging key; `None` for a direct write (the object is written at its key, which is
+    /// then also its `upload_staged`: what [`record_direct`] and [`unfinished_direct`] look for).
     pub staged: Option<&'a str>,
     pub token: &'a str,
 }
@@ -297,7 +298,7 @@ pub async fn reserve_in_bucket(
                  (project_id, bucket_id, name, s3_key, content_type, upload_token,
                   upload_started_at, upload_size, upload_content_type, upload_staged)
                SELECT $1, b.id, $3, $1 || '/' || b.id::text || '/' || $3, $4, $5, now(), $6, $4,
-                      $7
+                      coalesce($7::text, $1 || '/' || b.id::text || '/' || $3)
                FROM b WHERE b.size_ok AND b.type_ok
                {on_conflict}
                RETURNING id::text AS id, size IS NULL AS new, s3_key
@@ -381,7 +382,7 @@ pub async fn record_direct(
                  upload_token = NULL, upload_started_at = NULL, upload_size = NULL,
                  upload_content_type = NULL, upload_staged = NULL, updated_at = now()
                WHERE id = $1::text::uuid AND upload_token = $2 AND size IS NULL
-                 AND upload_staged IS NULL
+                 AND upload_staged = s3_key
                RETURNING *)
              SELECT {COLUMNS} FROM f JOIN fluxbase.storage_buckets b ON b.id = f.bucket_id"
         ))
@@ -543,8 +544,8 @@ pub async fn unfinished_direct(
     let rows = client
         .query(
             "SELECT id::text, s3_key FROM fluxbase.storage_files
-             WHERE size IS NULL AND upload_token IS NOT NULL AND upload_staged IS NULL
-               AND upload_started_at < $1",
+             WHERE size IS NULL AND upload_token IS NOT NULL AND upload_staged = s3_key
+               AND upload_size IS NULL AND upload_started_at < $1",
             &[&cutoff],
         )
         .await?;

@@ -99,9 +99,11 @@ struct Steps {
 /// The reservation holds the key: nothing else writes there until it is given up, and it is
 /// given up only once the file is gone ([`super::backend::ObjectWriter::direct`] for a write
 /// dropped half-way).
+///
+/// It holds no control-database connection while the bytes arrive (a slow client would hold
+/// one of the pool's for as long as it likes): giving it up and listing it take one each.
 struct Direct {
     control: deadpool_postgres::Pool,
-    client: Option<deadpool_postgres::Client>,
     /// `projectId` and `bucketId` as the form gave them before the file.
     fields: (String, String),
     project_id: String,
@@ -120,30 +122,28 @@ impl Direct {
     /// Gives the reservation up (the row goes).
     async fn release(mut self) {
         self.armed = false;
-        if let Some(client) = self.client.take() {
-            release_direct(&client, &self.id, &self.token).await;
-        }
+        self.release_later().await;
     }
 
-    /// [`Direct::release`] on another connection, for a write dropped half-way.
+    /// [`Direct::release`] as a task's future (for a write dropped half-way, or a reservation
+    /// dropped).
     fn release_later(&self) -> futures_util::future::BoxFuture<'static, ()> {
         let (control, id, token) = (self.control.clone(), self.id.clone(), self.token.clone());
         Box::pin(async move {
-            match control.get().await {
-                Ok(client) => release_direct(&client, &id, &token).await,
-                Err(e) => tracing::warn!(error = %e, file = id, "releasing an upload reservation"),
+            let reserved = control::files::Reserved {
+                id: id.clone(),
+                new: true,
+            };
+            let released = match control.get().await {
+                Ok(client) => control::files::release(&client, &reserved, &token)
+                    .await
+                    .map_err(StorageError::from),
+                Err(e) => Err(e.into()),
+            };
+            if let Err(e) = released {
+                tracing::warn!(error = %e, file = id, "releasing an upload reservation");
             }
         })
-    }
-}
-
-async fn release_direct(client: &deadpool_postgres::Client, id: &str, token: &str) {
-    let reserved = control::files::Reserved {
-        id: id.to_string(),
-        new: true,
-    };
-    if let Err(e) = control::files::release(client, &reserved, token).await {
-        tracing::warn!(error = %e, file = id, "releasing an upload reservation");
     }
 }
 
@@ -153,11 +153,8 @@ impl Drop for Direct {
         if !self.armed {
             return;
         }
-        if let (Some(client), Ok(runtime)) =
-            (self.client.take(), tokio::runtime::Handle::try_current())
-        {
-            let (id, token) = (self.id.clone(), self.token.clone());
-            runtime.spawn(async move { release_direct(&client, &id, &token).await });
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            runtime.spawn(self.release_later());
         }
     }
 }
@@ -576,9 +573,9 @@ impl Storage {
             };
             // Without `upsert` a reservation is a new row.
             debug_assert!(reserved.new);
+            drop(client);
             let direct = Direct {
                 control: control.clone(),
-                client: Some(client),
                 fields: Default::default(),
                 project_id: project_id.clone(),
                 bucket,
@@ -608,6 +605,15 @@ impl Storage {
             writer.abort().await;
             return Err(e);
         }
+        // Before the bytes are synced: a failure here still removes the file and gives the
+        // reservation up.
+        let client = match self.control.get().await {
+            Ok(client) => client,
+            Err(e) => {
+                writer.abort().await;
+                return Err(e.into());
+            }
+        };
         let (size, identity) = writer.finish_identified().await?;
         d.finished = true;
         steps.synced = begun.elapsed();
@@ -619,11 +625,7 @@ impl Storage {
             self.metrics.storage_fsync_micros.fetch_add(micros, Relaxed);
         }
         let generation = self.served.generation();
-        let client = d
-            .client
-            .as_ref()
-            .ok_or_else(|| anyhow::anyhow!("upload reservation {} without its connection", d.id))?;
-        let file = control::files::record_direct(client, &d.id, &d.token, size as i64)
+        let file = control::files::record_direct(&client, &d.id, &d.token, size as i64)
             .await?
             .ok_or_else(|| anyhow::anyhow!("upload reservation {} vanished", d.id))?;
         steps.recorded = begun.elapsed();

@@ -844,7 +844,7 @@ async fn start_raw_upload(
     let mut conn = tokio::net::TcpStream::connect(&addr).await.unwrap();
     let request = format!(
         "POST /api/storage/upload HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {}\r\n\
-         Content-Type: {}\r\nContent-Length: {}\r\n\r\n",
+         Content-Type: {}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
         f.readwrite,
         form.content_type(),
         form.head.len() + len + form.tail.len()
