@@ -103,8 +103,9 @@ fn file_stream(
     })
 }
 
-/// The multipart body: fields, then the file read from disk in 1 MiB chunks.
-fn multipart(path: PathBuf, name: &str, project: &str) -> (String, reqwest::Body) {
+/// The multipart body: fields, then the file read from disk in 1 MiB chunks; its content type
+/// and length (declared, as curl and browsers declare a form's).
+fn multipart(path: PathBuf, name: &str, project: &str) -> (String, u64, reqwest::Body) {
     let boundary = format!("----bench{}", fluxbase::secrets::random_hex::<8>());
     let head = format!(
         "--{boundary}\r\nContent-Disposition: form-data; name=\"projectId\"\r\n\r\n{project}\r\n\
@@ -113,6 +114,9 @@ fn multipart(path: PathBuf, name: &str, project: &str) -> (String, reqwest::Body
          Content-Type: application/octet-stream\r\n\r\n"
     );
     let tail = format!("\r\n--{boundary}--\r\n");
+    let len = head.len() as u64
+        + std::fs::metadata(&path).map_or(0, |m| m.len())
+        + tail.len() as u64;
     let file = file_stream(path);
     let stream = futures_util::StreamExt::chain(
         futures_util::StreamExt::chain(
@@ -123,6 +127,7 @@ fn multipart(path: PathBuf, name: &str, project: &str) -> (String, reqwest::Body
     );
     (
         format!("multipart/form-data; boundary={boundary}"),
+        len,
         reqwest::Body::wrap_stream(stream),
     )
 }
@@ -452,12 +457,14 @@ impl Ctx {
 
     /// Uploads the source as `f-<tag>.bin`; its key.
     async fn upload(&self, tag: &str) -> Result<String> {
-        let (ct, body) = multipart(self.source.clone(), &format!("f-{tag}.bin"), &self.project);
+        let (ct, len, body) =
+            multipart(self.source.clone(), &format!("f-{tag}.bin"), &self.project);
         let resp = self
             .http
             .post(format!("{}/api/storage/upload", self.base))
             .bearer_auth(&self.admin)
             .header("content-type", ct)
+            .header("content-length", len)
             .body(body)
             .send()
             .await?;
