@@ -221,12 +221,8 @@ pub struct BucketReservation<'a> {
     pub name: &'a str,
     /// The stored type (lowercase, as `storage::names::normalize_content_type` makes it).
     pub content_type: &'a str,
-    /// `None` for a reservation made before the file's bytes arrived (a direct write, see
-    /// [`record_direct`]): its size is checked by the upload as the bytes come.
-    pub size: Option<i64>,
-    /// The staging key; `None` for a direct write (the object is written at its key, which is
-    /// then also its `upload_staged`: what [`record_direct`] and [`unfinished_direct`] look for).
-    pub staged: Option<&'a str>,
+    pub size: i64,
+    pub staged: &'a str,
     pub token: &'a str,
 }
 
@@ -285,8 +281,7 @@ pub async fn reserve_in_bucket(
         .prepare_cached(&format!(
             "WITH b AS (
                SELECT id, name, is_public, max_file_size, allowed_mime_types, created_at,
-                 ($6::bigint IS NULL OR max_file_size IS NULL OR $6 <= max_file_size)
-                   AS size_ok,
+                 (max_file_size IS NULL OR $6 <= max_file_size) AS size_ok,
                  (allowed_mime_types IS NULL OR EXISTS (
                     SELECT 1 FROM unnest(allowed_mime_types) AS a(p)
                     WHERE lower(btrim(p)) IN ('*/*', $8, $9 || '/*'))) AS type_ok
@@ -298,7 +293,7 @@ pub async fn reserve_in_bucket(
                  (project_id, bucket_id, name, s3_key, content_type, upload_token,
                   upload_started_at, upload_size, upload_content_type, upload_staged)
                SELECT $1, b.id, $3, $1 || '/' || b.id::text || '/' || $3, $4, $5, now(), $6, $4,
-                      coalesce($7::text, $1 || '/' || b.id::text || '/' || $3)
+                      $7
                FROM b WHERE b.size_ok AND b.type_ok
                {on_conflict}
                RETURNING id::text AS id, size IS NULL AS new, s3_key
@@ -357,38 +352,6 @@ pub async fn reserve_in_bucket(
             s3_key: row.get(10),
         },
     })
-}
-
-/// Lists a file written directly at its key ([`BucketReservation`] with no staging key, made
-/// before its bytes arrived) once its bytes and its directory entry are durable: the size and
-/// the reserved type are written. `None` if the reservation is gone.
-///
-/// Unlike [`record`], its commit waits for the WAL flush: the reservation does not say how
-/// large the file is, so nothing but this commit tells a complete object at the key from one a
-/// crash cut short. Lost with a crash before it committed (the upload was not answered), the
-/// reservation is an abandoned upload: its object and row are removed by the start-up sweep
-/// once an hour old ([`abandoned`]), like any reservation whose upload never finished.
-pub async fn record_direct(
-    client: &deadpool_postgres::Client,
-    id: &str,
-    token: &str,
-    size: i64,
-) -> Result<Option<StoredFile>, Error> {
-    let statement = client
-        .prepare_cached(&format!(
-            "WITH f AS (
-               UPDATE fluxbase.storage_files SET size = $3,
-                 content_type = coalesce(upload_content_type, content_type),
-                 upload_token = NULL, upload_started_at = NULL, upload_size = NULL,
-                 upload_content_type = NULL, upload_staged = NULL, updated_at = now()
-               WHERE id = $1::text::uuid AND upload_token = $2 AND size IS NULL
-                 AND upload_staged = s3_key
-               RETURNING *)
-             SELECT {COLUMNS} FROM f JOIN fluxbase.storage_buckets b ON b.id = f.bucket_id"
-        ))
-        .await?;
-    let row = client.query_opt(&statement, &[&id, &token, &size]).await?;
-    Ok(row.as_ref().map(StoredFile::from_row))
 }
 
 /// Gives a reservation up: a new row goes, an existing file keeps its row as it was.
@@ -529,23 +492,6 @@ pub async fn abandoned(
         .query(
             "SELECT id::text, s3_key FROM fluxbase.storage_files
              WHERE size IS NULL AND upload_started_at < $1",
-            &[&cutoff],
-        )
-        .await?;
-    Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
-}
-
-/// (id, key) of the new files written at their key ([`record_direct`]) whose upload started
-/// before `cutoff` and was never listed.
-pub async fn unfinished_direct(
-    client: &impl GenericClient,
-    cutoff: DateTime<Utc>,
-) -> Result<Vec<(String, String)>, Error> {
-    let rows = client
-        .query(
-            "SELECT id::text, s3_key FROM fluxbase.storage_files
-             WHERE size IS NULL AND upload_token IS NOT NULL AND upload_staged = s3_key
-               AND upload_size IS NULL AND upload_started_at < $1",
             &[&cutoff],
         )
         .await?;

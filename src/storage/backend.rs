@@ -251,9 +251,6 @@ impl Backend {
                     part_len: 0,
                     offset: 0,
                     done: false,
-                    dropped: None,
-                    sync_dir: None,
-                    dir_synced: None,
                 }),
                 written: 0,
             });
@@ -845,14 +842,6 @@ struct LocalWriter {
     offset: u64,
     /// Finished or aborted: dropping it then leaves the file alone.
     done: bool,
-    /// Run once a write dropped half-way has had its file removed ([`ObjectWriter::direct`]:
-    /// the release of the reservation that holds the file's key).
-    dropped: Option<futures_util::future::BoxFuture<'static, ()>>,
-    /// A file made at its key ([`ObjectWriter::direct`]): its directory entry is synced (up to
-    /// the root) on a task of its own once the file exists, beside the writes of its bytes...
-    sync_dir: Option<(Arc<DurableDirs>, PathBuf)>,
-    /// ...which `finish` waits for with the bytes' sync.
-    dir_synced: Option<tokio::task::JoinHandle<std::io::Result<()>>>,
 }
 
 /// Makes the staged file (mode 0600) and its directories. The store removes a directory once
@@ -904,15 +893,7 @@ impl LocalWriter {
             let outcome = task.await;
             self.in_flight = None;
             return match outcome {
-                Ok(Ok(file)) => {
-                    if let Some((durable, root)) = self.sync_dir.take() {
-                        let path = self.path.clone();
-                        self.dir_synced = Some(tokio::task::spawn_blocking(move || {
-                            durable.sync(&path, &root)
-                        }));
-                    }
-                    Ok(Some(file))
-                }
+                Ok(Ok(file)) => Ok(Some(file)),
                 Ok(Err(e)) => Err(self.failed(e)),
                 Err(e) => Err(self.failed(e)),
             };
@@ -949,15 +930,8 @@ impl LocalWriter {
     /// Writes what is left and waits until the bytes are on the disk (one trip: the last
     /// part's write, the file made if no part made it, `fdatasync`): the object may then be
     /// renamed over an older one without a crash ever leaving a half-written file in its place.
-    /// The file's identity once synced.
-    async fn finish(mut self) -> Result<FileIdentity, StorageError> {
-        let file = match self.file().await {
-            Ok(file) => file,
-            Err(e) => {
-                self.remove().await;
-                return Err(e);
-            }
-        };
+    async fn finish(mut self) -> Result<(), StorageError> {
+        let file = self.file().await?;
         let part = std::mem::take(&mut self.part);
         self.offset += self.part_len as u64;
         self.part_len = 0;
@@ -969,34 +943,10 @@ impl LocalWriter {
             file.sync_data()?;
             Ok(file)
         }));
-        // A drop meanwhile removes the file; a failure removes it here, before the caller goes
-        // on (it may give up the reservation of the file's key next: `dropped` is not run).
-        let mut synced = self.file().await;
-        if let (Ok(_), Some(dir)) = (&synced, self.dir_synced.take()) {
-            if let Err(e) = dir.await.map_err(std::io::Error::other).and_then(|r| r) {
-                synced = Err(self.failed(e));
-            }
-        }
+        // An error drops the writer, which removes the file; success keeps it.
+        self.file().await?;
         self.done = true;
-        let identity = match synced {
-            Ok(Some(file)) => file.metadata().map(|m| FileIdentity::of(&m)),
-            Ok(None) => Err(std::io::Error::other("no file")),
-            Err(e) => Err(std::io::Error::other(e.to_string())),
-        };
-        match identity {
-            Ok(identity) => Ok(identity),
-            Err(e) => {
-                self.remove().await;
-                Err(self.failed(e))
-            }
-        }
-    }
-
-    /// Removes the file after a failure, here (`dropped` is not run: the caller goes on).
-    async fn remove(&mut self) {
-        self.done = true;
-        let path = self.path.clone();
-        let _ = tokio::task::spawn_blocking(move || std::fs::remove_file(path)).await;
+        Ok(())
     }
 
     async fn abort(mut self) {
@@ -1015,20 +965,15 @@ impl Drop for LocalWriter {
             return;
         }
         let (path, in_flight) = (self.path.clone(), self.in_flight.take());
-        let dropped = self.dropped.take();
         let remove = async move {
             if let Some(task) = in_flight {
                 let _ = task.await;
             }
             let _ = tokio::task::spawn_blocking(move || std::fs::remove_file(path)).await;
-            if let Some(then) = dropped {
-                then.await;
-            }
         };
         match tokio::runtime::Handle::try_current() {
             Ok(runtime) => drop(runtime.spawn(remove)),
             Err(_) => {
-                // No runtime: nothing can run `dropped` (the reservation is left to the sweep).
                 let _ = std::fs::remove_file(&self.path);
             }
         }
@@ -1069,77 +1014,14 @@ impl ObjectWriter {
         self.written
     }
 
-    /// Whether writing `len` more bytes would send a part to the disk (local only).
-    pub fn would_send(&self, len: usize) -> bool {
-        match &self.inner {
-            Inner::Local(w) => w.part_len >= LOCAL_PART && len > 0,
-            Inner::Remote(_) => false,
-        }
-    }
-
     pub async fn finish(self) -> Result<u64, StorageError> {
-        Ok(self.finish_identified().await?.0)
-    }
-
-    /// [`ObjectWriter::finish`], and on the local disk the identity of the file written.
-    pub async fn finish_identified(self) -> Result<(u64, Option<FileIdentity>), StorageError> {
-        let identity = match self.inner {
+        match self.inner {
             Inner::Remote(w) => {
                 w.finish().await.map_err(unavailable)?;
-                None
             }
-            Inner::Local(w) => Some(w.finish().await?),
-        };
-        Ok((self.written, identity))
-    }
-
-    /// Writes the object at `key` itself instead of the key it was started at, if nothing has
-    /// been written yet (local disk only; `false` otherwise, and nothing changes): the upload's
-    /// reservation of `key` is durable and holds it for this write ([`crate::storage::upload`]).
-    /// Starts making the file (mode 0600, its directories 0700) while the body still arrives;
-    /// its directory entry is synced (up to the storage root) beside the writes of its bytes,
-    /// and `finish` waits for both. `dropped` runs if the write is dropped half-way, after its
-    /// file is removed (never before: the key is not free until the file is gone).
-    pub fn direct(
-        &mut self,
-        backend: &Backend,
-        key: &str,
-        dropped: futures_util::future::BoxFuture<'static, ()>,
-    ) -> Result<bool, StorageError> {
-        let (
-            Inner::Local(w),
-            Backend::Local {
-                store,
-                root,
-                durable,
-                ..
-            },
-        ) = (&mut self.inner, backend)
-        else {
-            return Ok(false);
-        };
-        if w.file.is_some() || w.in_flight.is_some() || w.offset > 0 || w.done {
-            return Ok(false);
+            Inner::Local(w) => w.finish().await?,
         }
-        let path = store
-            .path_to_filesystem(&path_of(key))
-            .map_err(unavailable)?;
-        if !path.starts_with(root) {
-            return Err(StorageError::Unavailable(format!(
-                "{key}: outside the storage root"
-            )));
-        }
-        w.path = path.clone();
-        w.dropped = Some(dropped);
-        w.sync_dir = Some((durable.clone(), root.clone()));
-        let durable = durable.clone();
-        w.in_flight = Some(tokio::task::spawn_blocking(move || {
-            if let Some(dir) = path.parent() {
-                durable.create(dir)?;
-            }
-            private_file(&path)
-        }));
-        Ok(true)
+        Ok(self.written)
     }
 
     pub async fn abort(self) {

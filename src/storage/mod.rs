@@ -25,16 +25,6 @@
 //!   and the reservation (or, for an `upsert` of an existing file, restores the old row: the
 //!   old object is replaced atomically or not at all). Success is answered only after the
 //!   bytes, the move and the reservation are on the disk.
-//! * **small upload, fields first** (local disk, a declared body of at most 4 MiB whose
-//!   `projectId` and `bucketId` come before the file; [`upload`]'s `Direct`): the row is reserved
-//!   durably while the bytes arrive (no size yet: `upload_size` NULL, `upload_staged` the key itself), the
-//!   file is made at its key itself, and once the bytes are in, the bytes and the directory
-//!   entry are synced and the row is listed by a commit that waits for its WAL flush. Nothing
-//!   is moved, and the reservation's commit is off the path after the body. Until the listing
-//!   commits the object is never served (its row has no size); a crash before it leaves an
-//!   unanswered upload that the start-up sweep removes, object then row (a single server at
-//!   once, with other nodes once an hour old); a client that goes away has its file removed,
-//!   then the reservation given up (never the other way round: the reservation holds the key).
 //! * **delete**: the row is marked (`deleting_at`, hidden from then on), the object deleted,
 //!   then the row. If the object cannot be deleted the mark is lifted (both stay); if the row
 //!   cannot be removed afterwards it stays hidden and the start-up sweep finishes it.
@@ -100,9 +90,6 @@ pub struct Storage {
     /// single server: [`served`]).
     served: served::ServedFiles,
     max_upload_bytes: u64,
-    /// No other node shares the control database (no `nats_url`): at start-up no upload is
-    /// running anywhere, so the sweep may remove every unfinished direct write at once.
-    single_server: bool,
     /// The last [`Storage::ready`] check and when it ran (checks are at most every few
     /// seconds, however often `/ready` is asked).
     checked: tokio::sync::Mutex<Option<(std::time::Instant, Result<(), String>)>>,
@@ -125,7 +112,6 @@ impl Storage {
             clock: Arc::new(Clock::default()),
             signer: signing::UrlSigner::new(&secrets.derive("storage-url-signing")),
             max_upload_bytes: config.max_upload_bytes,
-            single_server: config.nats_url.is_none(),
             checked: Default::default(),
         })
     }

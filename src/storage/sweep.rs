@@ -76,25 +76,6 @@ impl Storage {
                 control::files::complete(&client, &p.id, &p.staged).await?;
             }
         }
-        // Small uploads written at their key (storage::upload's `Direct`) whose listing never
-        // committed: never answered, so removed (object first, then the row that holds its
-        // key). A single server removes them now (nothing can still be writing them, and their
-        // names are free again at once); with other nodes, an hour old like any other.
-        let direct_cutoff = if self.single_server {
-            Utc::now()
-        } else {
-            cutoff
-        };
-        for (id, key) in control::files::unfinished_direct(&client, direct_cutoff).await? {
-            if self.backend.delete(&key).await.is_ok() {
-                tracing::info!(
-                    file = id,
-                    key,
-                    "removing an upload a crash interrupted before it was listed"
-                );
-                control::files::delete_abandoned(&client, &id).await?;
-            }
-        }
         for (id, key) in control::files::marked_for_deletion(&client).await? {
             if self.backend.delete(&key).await.is_ok() {
                 control::files::delete(&client, &id).await?;

@@ -91,74 +91,6 @@ struct Steps {
     recorded: std::time::Duration,
 }
 
-/// A new file's row reserved before its bytes arrived (a small body whose `projectId` and
-/// `bucketId` come before the file, on the local disk): the file is written at its key itself,
-/// created and its directory entry synced while the bytes arrive, and listed by a commit that
-/// waits for its WAL flush once the bytes are synced ([`control::files::record_direct`]): no
-/// staging key, no move, and the reservation's commit off the path that follows the body.
-/// The reservation holds the key: nothing else writes there until it is given up, and it is
-/// given up only once the file is gone ([`super::backend::ObjectWriter::direct`] for a write
-/// dropped half-way).
-///
-/// It holds no control-database connection while the bytes arrive (a slow client would hold
-/// one of the pool's for as long as it likes): giving it up and listing it take one each.
-struct Direct {
-    control: deadpool_postgres::Pool,
-    /// `projectId` and `bucketId` as the form gave them before the file.
-    fields: (String, String),
-    project_id: String,
-    bucket: Bucket,
-    name: String,
-    key: String,
-    id: String,
-    token: String,
-    /// Released when dropped (nothing has been written at the key).
-    armed: bool,
-    /// The bytes are synced at the key.
-    finished: bool,
-}
-
-impl Direct {
-    /// Gives the reservation up (the row goes).
-    async fn release(mut self) {
-        self.armed = false;
-        self.release_later().await;
-    }
-
-    /// [`Direct::release`] as a task's future (for a write dropped half-way, or a reservation
-    /// dropped).
-    fn release_later(&self) -> futures_util::future::BoxFuture<'static, ()> {
-        let (control, id, token) = (self.control.clone(), self.id.clone(), self.token.clone());
-        Box::pin(async move {
-            let reserved = control::files::Reserved {
-                id: id.clone(),
-                new: true,
-            };
-            let released = match control.get().await {
-                Ok(client) => control::files::release(&client, &reserved, &token)
-                    .await
-                    .map_err(StorageError::from),
-                Err(e) => Err(e.into()),
-            };
-            if let Err(e) = released {
-                tracing::warn!(error = %e, file = id, "releasing an upload reservation");
-            }
-        })
-    }
-}
-
-/// A reservation answered after its upload went away, or dropped before its file was made.
-impl Drop for Direct {
-    fn drop(&mut self) {
-        if !self.armed {
-            return;
-        }
-        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
-            runtime.spawn(self.release_later());
-        }
-    }
-}
-
 /// The staged file's write: made durable (`finish`) only once the form is read, at the same
 /// time as the reservation of its row.
 type Unfinished = Option<super::backend::ObjectWriter>;
@@ -213,7 +145,6 @@ impl Storage {
         let mut staged: Option<Staged> = None;
         let mut unfinished: Unfinished = None;
         let mut early: Option<(Access, Bucket)> = None;
-        let mut direct: Option<Direct> = None;
         let result: Result<Uploaded, Err> = async {
             while let Some(part) = multipart
                 .next_part()
@@ -256,33 +187,6 @@ impl Storage {
                         given.as_deref(),
                         filename.as_deref().unwrap_or_default(),
                     )?;
-                    // A small body with its fields first, on the local disk: its row is reserved
-                    // while the bytes arrive, and the file is written at its key (module docs).
-                    let reserving = match (&form.project_id, &form.bucket_id) {
-                        (Some(p), Some(b)) if small && self.backend.is_local() => {
-                            let fields = (p.clone(), b.clone());
-                            let name =
-                                names::object_name(form.path.as_deref(), filename.as_deref());
-                            let (authorize, content_type) = (&authorize, content_type.clone());
-                            Some(async move {
-                                let access = authorize(fields.0.clone()).await.ok()?;
-                                let mut reserved = self
-                                    .reserve_direct(
-                                        &access.project.id,
-                                        &fields.1,
-                                        name.ok()?,
-                                        content_type,
-                                    )
-                                    .await?;
-                                reserved.fields = fields;
-                                Some(reserved)
-                            })
-                        }
-                        _ => None,
-                    };
-                    let mut awaiting = reserving.is_some();
-                    let mut reserving =
-                        std::pin::pin!(futures_util::future::OptionFuture::from(reserving));
                     let mut limit = max;
                     let key = format!("{STAGING}/{}", crate::secrets::random_hex::<16>());
                     // Set before the first write, so an error on the way removes it.
@@ -317,37 +221,9 @@ impl Storage {
                         }
                         Ok(Some((access, bucket)))
                     };
-                    // The reservation's answer: the file goes to its key if nothing left for the
-                    // staging key yet, else the reservation is given up.
-                    let mut reserved = |answer: Option<Option<Direct>>,
-                                        writer: &mut super::backend::ObjectWriter,
-                                        limit: &mut u64,
-                                        staged: &mut Option<Staged>|
-                     -> Option<Direct> {
-                        let mut d = answer.flatten()?;
-                        let release = d.release_later();
-                        if !matches!(writer.direct(&self.backend, &d.key, release), Ok(true)) {
-                            return Some(d);
-                        }
-                        d.armed = false;
-                        if let Some(m) = d.bucket.max_file_size {
-                            *limit = (*limit).min(m as u64);
-                        }
-                        if let Some(s) = staged.as_mut() {
-                            s.key = d.key.clone();
-                        }
-                        direct = Some(d);
-                        None
-                    };
-                    let mut given_up: Option<Direct> = None;
                     loop {
                         let next = tokio::select! {
                             biased;
-                            answer = &mut reserving, if awaiting => {
-                                awaiting = false;
-                                given_up = reserved(answer, &mut writer, &mut limit, &mut staged);
-                                None
-                            }
                             answer = &mut lookup, if looking => {
                                 looking = false;
                                 match found(answer, &mut limit) {
@@ -378,33 +254,10 @@ impl Storage {
                         if chunk.is_empty() {
                             continue;
                         }
-                        if awaiting && writer.would_send(chunk.len()) {
-                            // The file's first part would leave for the staging key: the
-                            // reservation's answer first.
-                            awaiting = false;
-                            let answer = (&mut reserving).await;
-                            given_up = reserved(answer, &mut writer, &mut limit, &mut staged);
-                            if writer.written() + chunk.len() as u64 > limit {
-                                writer.abort().await;
-                                multipart.drain(DRAIN_LIMIT).await;
-                                return Err(StorageError::TooLarge(limit).into());
-                            }
-                        }
                         if let Err(e) = writer.write(chunk).await {
                             writer.abort().await;
                             return Err(e.into());
                         }
-                    }
-                    if awaiting {
-                        let answer = reserving.await;
-                        given_up = reserved(answer, &mut writer, &mut limit, &mut staged);
-                        if writer.written() > limit {
-                            writer.abort().await;
-                            return Err(StorageError::TooLarge(limit).into());
-                        }
-                    }
-                    if let Some(d) = given_up.take() {
-                        d.release().await;
                     }
                     if looking {
                         match found(lookup.await, &mut limit) {
@@ -450,36 +303,6 @@ impl Storage {
                 .filter(|s| !s.is_empty())
                 .ok_or(StorageError::MissingField("bucketId"))?;
             let received = started.elapsed();
-            if let Some(d) = direct.as_mut() {
-                let name =
-                    names::object_name(form.path.as_deref(), staged_file.filename.as_deref());
-                // A field sent again after the file, or a `path` after it, changes what the
-                // reservation was made for: the file is then moved from its reserved key as
-                // from a staging key, and the reservation given up after.
-                if d.fields.0 == project_id
-                    && d.fields.1 == bucket_id
-                    && matches!(&name, Ok(n) if *n == d.name)
-                {
-                    let writer = unfinished.take().ok_or(StorageError::NoFile)?;
-                    let mut steps = Steps::default();
-                    let uploaded = self
-                        .commit_direct(d, (staged_file, writer), &mut steps)
-                        .await?;
-                    tracing::debug!(
-                        size = staged_file.size,
-                        received_us = received.as_micros() as u64,
-                        resolved_us = received.as_micros() as u64,
-                        synced_us = steps.synced.as_micros() as u64,
-                        reserved_us = 0,
-                        placed_us = steps.placed.as_micros() as u64,
-                        recorded_us = steps.recorded.as_micros() as u64,
-                        total_us = started.elapsed().as_micros() as u64,
-                        direct = true,
-                        "upload steps"
-                    );
-                    return Ok(uploaded);
-                }
-            }
             let (access, bucket) = match early.take() {
                 Some((access, bucket)) => (access, Some(bucket)),
                 None => (authorize(project_id.to_string()).await?, None),
@@ -514,138 +337,14 @@ impl Storage {
         if let Some(writer) = unfinished {
             writer.abort().await;
         }
-        // A direct write whose bytes were synced keeps its object (its row may be listed: a
-        // failed listing's commit may have happened), and its reservation: both the sweep's.
-        let kept = direct.as_ref().is_some_and(|d| d.finished);
-        if result.is_err() && !kept {
+        if result.is_err() {
             if let Some(s) = &staged {
                 if let Err(e) = self.backend.delete(&s.key).await {
                     tracing::warn!(key = s.key, error = %e, "removing a staged upload");
                 }
             }
         }
-        // After the object is gone: the key is free once the reservation is.
-        if let Some(d) = direct {
-            if !d.finished {
-                d.release().await;
-            }
-        }
         result
-    }
-
-    /// Reserves a new file's row before its bytes arrive ([`Direct`]); `None` if the name is
-    /// taken, the bucket refuses the type or is not there, or the control database failed: the
-    /// upload then goes the staged way, which answers those. Made on a task of its own, so that
-    /// a reservation answered after its upload went away is given up.
-    async fn reserve_direct(
-        &self,
-        project_id: &str,
-        bucket: &str,
-        name: String,
-        content_type: String,
-    ) -> Option<Direct> {
-        let (control, project_id) = (self.control.clone(), project_id.to_string());
-        let needle = bucket.trim().to_ascii_lowercase();
-        let (tx, rx) = tokio::sync::oneshot::channel();
-        tokio::spawn(async move {
-            let token = crate::secrets::random_hex::<16>();
-            let client = match control.get().await {
-                Ok(c) => c,
-                Err(_) => return,
-            };
-            let reservation = control::files::BucketReservation {
-                project_id: &project_id,
-                bucket: &needle,
-                name: &name,
-                content_type: &content_type,
-                size: None,
-                staged: None,
-                token: &token,
-            };
-            let reserved = control::files::reserve_in_bucket(&client, &reservation, false).await;
-            let Ok(control::files::BucketReserved::Reserved {
-                bucket,
-                reserved,
-                s3_key,
-            }) = reserved
-            else {
-                return;
-            };
-            // Without `upsert` a reservation is a new row.
-            debug_assert!(reserved.new);
-            drop(client);
-            let direct = Direct {
-                control: control.clone(),
-                fields: Default::default(),
-                project_id: project_id.clone(),
-                bucket,
-                name,
-                key: s3_key,
-                id: reserved.id,
-                token,
-                armed: true,
-                finished: false,
-            };
-            // Gone: dropped, which gives it up.
-            let _ = tx.send(direct);
-        });
-        rx.await.ok()
-    }
-
-    /// Lists a file written at its key ([`Direct`]): its bytes synced, then the listing
-    /// committed durably. Its directory entry was synced while the bytes arrived.
-    async fn commit_direct(
-        &self,
-        d: &mut Direct,
-        (staged, writer): (&Staged, super::backend::ObjectWriter),
-        steps: &mut Steps,
-    ) -> Result<Uploaded, StorageError> {
-        let begun = std::time::Instant::now();
-        if let Err(e) = check_limits(&d.bucket, &staged.content_type, staged.size) {
-            writer.abort().await;
-            return Err(e);
-        }
-        // Before the bytes are synced: a failure here still removes the file and gives the
-        // reservation up.
-        let client = match self.control.get().await {
-            Ok(client) => client,
-            Err(e) => {
-                writer.abort().await;
-                return Err(e.into());
-            }
-        };
-        let (size, identity) = writer.finish_identified().await?;
-        d.finished = true;
-        steps.synced = begun.elapsed();
-        steps.placed = steps.synced;
-        {
-            use std::sync::atomic::Ordering::Relaxed;
-            self.metrics.storage_fsyncs.fetch_add(1, Relaxed);
-            let micros = steps.synced.as_micros() as u64;
-            self.metrics.storage_fsync_micros.fetch_add(micros, Relaxed);
-        }
-        let generation = self.served.generation();
-        let file = control::files::record_direct(&client, &d.id, &d.token, size as i64)
-            .await?
-            .ok_or_else(|| anyhow::anyhow!("upload reservation {} vanished", d.id))?;
-        steps.recorded = begun.elapsed();
-        if let Some(identity) = identity {
-            let served = super::served::Served {
-                name: file.name.clone(),
-                content_type: file.content_type.clone(),
-                public: file.bucket_is_public,
-            };
-            self.served.stored(&d.key, identity, served, generation);
-        }
-        self.metrics
-            .storage_uploaded_bytes
-            .fetch_add(size, std::sync::atomic::Ordering::Relaxed);
-        let project_id = &d.project_id;
-        tracing::info!(project_id, file = %d.id, key = d.key, size, "file uploaded");
-        Ok(Uploaded {
-            file,
-            created: true,
-        })
     }
 
     /// Makes the staged bytes durable while it reserves the row durably (at the same time:
@@ -688,8 +387,8 @@ impl Storage {
             bucket: &needle,
             name: &name,
             content_type: &staged.content_type,
-            size: Some(staged.size as i64),
-            staged: Some(&staged.key),
+            size: staged.size as i64,
+            staged: &staged.key,
             token: &token,
         };
         let reserve = async {

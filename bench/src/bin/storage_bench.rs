@@ -173,11 +173,6 @@ impl Bare {
             .arg(dir)
             .stdin(std::process::Stdio::piped())
             .stdout(std::process::Stdio::piped())
-            .stderr(match std::env::var_os("BENCH_STEPS") {
-                // Its "bare steps" lines, read by `print_steps`.
-                Some(_) => std::fs::File::create(steps_log(dir))?.into(),
-                None => std::process::Stdio::inherit(),
-            })
             .kill_on_drop(true)
             .spawn()
             .context("starting the bare-HTTP reference")?;
@@ -260,7 +255,7 @@ where
             // Where the reference's time goes (µs from the handler's start), for
             // docs/benchmarks.md's breakdown beside Fluxbase's debug-level "upload steps".
             eprintln!(
-                "bare steps received_us={} written_us={} synced_us={} total_us={}",
+                "[bare steps] received_us={} written_us={} synced_us={} total_us={}",
                 received.as_micros(),
                 written.as_micros(),
                 synced.as_micros(),
@@ -682,7 +677,6 @@ async fn main() -> Result<()> {
             "FLUXBASE_LOG",
             "warn,fluxbase::storage::upload=debug".into(),
         ));
-        envs.push(("FLUXBASE_LOG_FORMAT", "json".into()));
     }
     let server = fluxbase_bench::ServerProcess::start(&binary, &data, &envs).await?;
     let rounds = fluxbase_bench::env_or("BENCH_ROUNDS", 3).max(1);
@@ -767,75 +761,7 @@ async fn main() -> Result<()> {
     print(&runs, rounds, &load_before);
     drop(server);
     drop(bare);
-    if std::env::var_os("BENCH_STEPS").is_some() {
-        print_steps(&data.join("server.log"), &steps_log(&dir.join("bare")))?;
-    }
     let _ = std::fs::remove_dir_all(&dir);
-    Ok(())
-}
-
-/// Where the bare reference writes its "bare steps" lines (`BENCH_STEPS`).
-fn steps_log(bare_dir: &Path) -> PathBuf {
-    bare_dir.with_file_name("bare-steps.log")
-}
-
-/// With `BENCH_STEPS`: the median of each step's end over the small uploads (warm-up
-/// included), in ms from the start of the server's upload handling (Fluxbase: its
-/// "upload steps" log lines; bare: from its handler's start).
-fn print_steps(server_log: &Path, bare_log: &Path) -> Result<()> {
-    fn medians(samples: Vec<Vec<u64>>, names: &[&str]) -> String {
-        let mut out = format!("{} uploads:", samples.len());
-        for (i, name) in names.iter().enumerate() {
-            let mut v: Vec<u64> = samples.iter().map(|s| s[i]).collect();
-            v.sort_unstable();
-            let m = v.get(v.len() / 2).copied().unwrap_or(0);
-            out += &format!(" {name} {:.2}", m as f64 / 1e3);
-        }
-        out
-    }
-    let flux = [
-        "received", "resolved", "synced", "reserved", "placed", "recorded", "total",
-    ];
-    let mut samples = Vec::new();
-    for line in std::fs::read_to_string(server_log)?.lines() {
-        let Ok(v) = serde_json::from_str::<Value>(line) else {
-            continue;
-        };
-        let fields = &v["fields"];
-        if fields["message"] != "upload steps" || fields["size"].as_u64() > Some(2 * MIB) {
-            continue;
-        }
-        samples.push(
-            flux.iter()
-                .map(|f| fields[format!("{f}_us")].as_u64().unwrap_or(0))
-                .collect(),
-        );
-    }
-    println!(
-        "steps, median ms from the start (1 MiB uploads), Fluxbase: {}",
-        medians(samples, &flux)
-    );
-    let bare = ["received", "written", "synced", "total"];
-    let mut samples = Vec::new();
-    for line in std::fs::read_to_string(bare_log)?.lines() {
-        let Some(rest) = line.strip_prefix("bare steps ") else {
-            continue;
-        };
-        samples.push(
-            bare.iter()
-                .map(|f| {
-                    rest.split(' ')
-                        .find_map(|kv| kv.strip_prefix(&format!("{f}_us=")))
-                        .and_then(|n| n.parse().ok())
-                        .unwrap_or(0)
-                })
-                .collect(),
-        );
-    }
-    println!(
-        "steps, median ms from the start (1 MiB uploads), bare: {}",
-        medians(samples, &bare)
-    );
     Ok(())
 }
 
