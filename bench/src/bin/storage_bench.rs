@@ -114,9 +114,8 @@ fn multipart(path: PathBuf, name: &str, project: &str) -> (String, u64, reqwest:
          Content-Type: application/octet-stream\r\n\r\n"
     );
     let tail = format!("\r\n--{boundary}--\r\n");
-    let len = head.len() as u64
-        + std::fs::metadata(&path).map_or(0, |m| m.len())
-        + tail.len() as u64;
+    let len =
+        head.len() as u64 + std::fs::metadata(&path).map_or(0, |m| m.len()) + tail.len() as u64;
     let file = file_stream(path);
     let stream = futures_util::StreamExt::chain(
         futures_util::StreamExt::chain(
