@@ -77,6 +77,20 @@ struct Staged {
     content_type: String,
 }
 
+/// When an upload's last steps ended, from the start of [`Storage::commit_upload`] (logged at
+/// debug level with the time the body took to arrive: where an upload's time goes).
+#[derive(Default)]
+struct Steps {
+    /// The staged bytes written and synced.
+    synced: std::time::Duration,
+    /// The reservation committed.
+    reserved: std::time::Duration,
+    /// The object moved into place and the move synced.
+    placed: std::time::Duration,
+    /// The file listed.
+    recorded: std::time::Duration,
+}
+
 /// The staged file's write: made durable (`finish`) only once the form is read, at the same
 /// time as the reservation of its row.
 type Unfinished = Option<super::backend::ObjectWriter>;
@@ -293,21 +307,31 @@ impl Storage {
                 Some((access, bucket)) => (access, Some(bucket)),
                 None => (authorize(project_id.to_string()).await?, None),
             };
-            tracing::debug!(
-                received_ms = received.as_secs_f64() * 1e3,
-                resolved_ms = started.elapsed().as_secs_f64() * 1e3,
-                "upload staged"
-            );
+            let resolved = started.elapsed();
             let writer = unfinished.take().ok_or(StorageError::NoFile)?;
-            Ok(self
+            let mut steps = Steps::default();
+            let uploaded = self
                 .commit_upload(
                     &access.project.id,
                     (bucket_id, bucket.as_ref()),
                     (staged_file, writer),
                     form.path.as_deref(),
                     form.upsert.unwrap_or(false),
+                    &mut steps,
                 )
-                .await?)
+                .await?;
+            tracing::debug!(
+                size = staged_file.size,
+                received_us = received.as_micros() as u64,
+                resolved_us = resolved.as_micros() as u64,
+                synced_us = steps.synced.as_micros() as u64,
+                reserved_us = steps.reserved.as_micros() as u64,
+                placed_us = steps.placed.as_micros() as u64,
+                recorded_us = steps.recorded.as_micros() as u64,
+                total_us = started.elapsed().as_micros() as u64,
+                "upload steps"
+            );
+            Ok(uploaded)
         }
         .await;
         if let Some(writer) = unfinished {
@@ -337,7 +361,9 @@ impl Storage {
         (staged, writer): (&Staged, super::backend::ObjectWriter),
         path: Option<&str>,
         upsert: bool,
+        steps: &mut Steps,
     ) -> Result<Uploaded, StorageError> {
+        let begun = std::time::Instant::now();
         let checked = names::object_name(path, staged.filename.as_deref()).and_then(|name| {
             if let Some(bucket) = known {
                 check_limits(bucket, &staged.content_type, staged.size)?;
@@ -368,12 +394,17 @@ impl Storage {
         let reserve = async {
             let client = self.control.get().await?;
             let reserved = control::files::reserve_in_bucket(&client, &reservation, upsert).await;
-            Ok::<_, StorageError>((client, reserved))
+            Ok::<_, StorageError>((client, reserved, begun.elapsed()))
+        };
+        let finish = async {
+            let finished = writer.finish().await;
+            (finished, begun.elapsed())
         };
         // The bytes reach the disk before the object is moved into place (so a crash never
         // leaves a half-written file at its key), the reservation meanwhile.
-        let (finished, reserving) = tokio::join!(writer.finish(), reserve);
-        let (client, reserved) = reserving?;
+        let ((finished, synced), reserving) = tokio::join!(finish, reserve);
+        let (client, reserved, reserved_after) = reserving?;
+        (steps.synced, steps.reserved) = (synced, reserved_after);
         let shown = || known.map_or(bucket_id, |b| b.name.as_str()).to_string();
         let reserved = reserved.map_err(|e| match e.code() {
             // The bucket was deleted between the lookup and the reservation.
@@ -434,12 +465,14 @@ impl Storage {
                 return Err(e);
             }
         };
+        steps.placed = begun.elapsed();
         // Read before the row is: a bucket change committed after `record` read the bucket's
         // visibility moves it on, and the entry is then not stored (see `ServedFiles::stored`).
         let generation = self.served.generation();
         let file = control::files::record(&client, &reserved.id, &token, &staged.key)
             .await?
             .ok_or_else(|| anyhow::anyhow!("upload reservation {} vanished", reserved.id))?;
+        steps.recorded = begun.elapsed();
         if let Some(identity) = identity {
             // The first download of it reads no row.
             let served = super::served::Served {

@@ -28,7 +28,9 @@
 //!
 //! It starts the release `fluxbase` binary on a fresh data directory under `target/`
 //! (embedded cluster, rate limit off). Environment: BENCH_SMALL_FILES (default 64),
-//! BENCH_LARGE_FILES (default 4), BENCH_ROUNDS (default 3).
+//! BENCH_LARGE_FILES (default 4), BENCH_ROUNDS (default 3); BENCH_STEPS (set: where each
+//! small upload's time goes: the bare reference prints its steps on stderr, the server logs its
+//! own at debug level in `<data>/server.log`, "upload steps").
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -101,8 +103,9 @@ fn file_stream(
     })
 }
 
-/// The multipart body: fields, then the file read from disk in 1 MiB chunks.
-fn multipart(path: PathBuf, name: &str, project: &str) -> (String, reqwest::Body) {
+/// The multipart body: fields, then the file read from disk in 1 MiB chunks; its content type
+/// and length (declared, as curl and browsers declare a form's).
+fn multipart(path: PathBuf, name: &str, project: &str) -> (String, u64, reqwest::Body) {
     let boundary = format!("----bench{}", fluxbase::secrets::random_hex::<8>());
     let head = format!(
         "--{boundary}\r\nContent-Disposition: form-data; name=\"projectId\"\r\n\r\n{project}\r\n\
@@ -111,6 +114,8 @@ fn multipart(path: PathBuf, name: &str, project: &str) -> (String, reqwest::Body
          Content-Type: application/octet-stream\r\n\r\n"
     );
     let tail = format!("\r\n--{boundary}--\r\n");
+    let len =
+        head.len() as u64 + std::fs::metadata(&path).map_or(0, |m| m.len()) + tail.len() as u64;
     let file = file_stream(path);
     let stream = futures_util::StreamExt::chain(
         futures_util::StreamExt::chain(
@@ -121,6 +126,7 @@ fn multipart(path: PathBuf, name: &str, project: &str) -> (String, reqwest::Body
     );
     (
         format!("multipart/form-data; boundary={boundary}"),
+        len,
         reqwest::Body::wrap_stream(stream),
     )
 }
@@ -214,6 +220,7 @@ where
 {
     use futures_util::StreamExt;
     use warp::Reply;
+    let started = Instant::now();
     let stored = async {
         let path = dir.join(name);
         let mut file = tokio::task::spawn_blocking(move || std::fs::File::create(path)).await??;
@@ -233,12 +240,27 @@ where
                 at += len;
             }
         }
+        let received = started.elapsed();
         let (file, _) = write_chunk(file, buf, at).await?;
-        tokio::task::spawn_blocking(move || {
+        let written = started.elapsed();
+        let synced = tokio::task::spawn_blocking(move || {
             file.sync_data()?;
-            std::fs::File::open(&dir)?.sync_all()
+            let synced = started.elapsed();
+            std::fs::File::open(&dir)?.sync_all()?;
+            std::io::Result::Ok(synced)
         })
         .await??;
+        if std::env::var_os("BENCH_STEPS").is_some() && at + UPLOAD_CHUNK as u64 <= 2 << 20 {
+            // Where the reference's time goes (µs from the handler's start), for
+            // docs/benchmarks.md's breakdown beside Fluxbase's debug-level "upload steps".
+            eprintln!(
+                "[bare steps] received_us={} written_us={} synced_us={} total_us={}",
+                received.as_micros(),
+                written.as_micros(),
+                synced.as_micros(),
+                started.elapsed().as_micros()
+            );
+        }
         anyhow::Ok(())
     };
     let status = match stored.await {
@@ -429,12 +451,14 @@ impl Ctx {
 
     /// Uploads the source as `f-<tag>.bin`; its key.
     async fn upload(&self, tag: &str) -> Result<String> {
-        let (ct, body) = multipart(self.source.clone(), &format!("f-{tag}.bin"), &self.project);
+        let (ct, len, body) =
+            multipart(self.source.clone(), &format!("f-{tag}.bin"), &self.project);
         let resp = self
             .http
             .post(format!("{}/api/storage/upload", self.base))
             .bearer_auth(&self.admin)
             .header("content-type", ct)
+            .header("content-length", len)
             .body(body)
             .send()
             .await?;
@@ -645,12 +669,15 @@ async fn main() -> Result<()> {
     let bare_dir = dir.join("bare");
     std::fs::create_dir_all(&bare_dir)?;
     let bare = Bare::start(&bare_dir).await?;
-    let server = fluxbase_bench::ServerProcess::start(
-        &binary,
-        &data,
-        &[("FLUXBASE_MAX_UPLOAD_BYTES", (200 * MIB).to_string())],
-    )
-    .await?;
+    let mut envs = vec![("FLUXBASE_MAX_UPLOAD_BYTES", (200 * MIB).to_string())];
+    if std::env::var_os("BENCH_STEPS").is_some() {
+        // The server's "upload steps" lines (debug level) in its log, <data>/server.log.
+        envs.push((
+            "FLUXBASE_LOG",
+            "warn,fluxbase::storage::upload=debug".into(),
+        ));
+    }
+    let server = fluxbase_bench::ServerProcess::start(&binary, &data, &envs).await?;
     let rounds = fluxbase_bench::env_or("BENCH_ROUNDS", 3).max(1);
     let mut ctx = Ctx {
         http: reqwest::Client::new(),
