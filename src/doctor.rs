@@ -78,6 +78,19 @@ pub async fn check_cluster(
             });
         }
     }
+    let prepared: i64 = setting("max_prepared_transactions").await?.parse()?;
+    if prepared > 0 {
+        findings.push(Finding {
+            problem: format!(
+                "max_prepared_transactions is {prepared}: any tenant can PREPARE TRANSACTION and \
+                 hold its locks forever (the session reset's routine-epoch lock included, which \
+                 then blocks that project's requests and the server's own migrations at start-up)"
+            ),
+            fix: "ALTER SYSTEM SET max_prepared_transactions = 0; then restart PostgreSQL \
+                  (Fluxbase uses no prepared transactions)"
+                .into(),
+        });
+    }
     let keep: String = setting("max_slot_wal_keep_size").await?;
     if keep == "-1" {
         findings.push(Finding {
