@@ -217,6 +217,7 @@ impl App {
         app.join_cluster();
         let host: std::sync::Weak<dyn crate::realtime::Host> = Arc::downgrade(&app) as _;
         app.realtime.attach(host);
+        app.realtime.start_token_expiry();
         // A stream's room stores it in the durable resume history from its start.
         let realtime = Arc::downgrade(&app.realtime);
         app.cdc.on_stream_start(move |project_id| {

@@ -204,6 +204,17 @@ impl Realtime {
     /// Ends the subscriptions of a project's room that `revoked` picks: each socket gets
     /// `ACCESS_REVOKED` with `message` and stays open for its other rooms. Returns how many.
     fn evict(&self, project_id: &str, revoked: impl Fn(&Member) -> bool, message: &str) -> usize {
+        self.evict_with(project_id, revoked, "ACCESS_REVOKED", message)
+    }
+
+    /// [`Realtime::evict`] with the error `code` the sockets get.
+    fn evict_with(
+        &self,
+        project_id: &str,
+        revoked: impl Fn(&Member) -> bool,
+        code: &str,
+        message: &str,
+    ) -> usize {
         let Some(room) = self.room(project_id) else {
             return 0;
         };
@@ -215,7 +226,7 @@ impl Realtime {
             .map(|(id, _)| *id)
             .collect();
         let msg = Message::text(
-            json!({ "type": "error", "code": "ACCESS_REVOKED", "roomId": room.room_id,
+            json!({ "type": "error", "code": code, "roomId": room.room_id,
                     "message": message })
             .to_string(),
         );
@@ -225,6 +236,53 @@ impl Realtime {
             }
         }
         gone.len()
+    }
+
+    /// Ends every subscription whose realtime token has expired: its socket gets
+    /// `TOKEN_EXPIRED` for the room and stays open (subscribe again with a new token). Run once
+    /// a second ([`Realtime::start_token_expiry`]); a token is checked when it subscribes, so
+    /// this is what ends one that expires while subscribed.
+    pub fn end_expired(&self) -> usize {
+        let now = self.clock.now().timestamp();
+        let rooms: Vec<String> = self
+            .rooms
+            .lock()
+            .expect("poisoned")
+            .keys()
+            .cloned()
+            .collect();
+        let mut ended = 0;
+        for project_id in rooms {
+            ended += self.evict_with(
+                &project_id,
+                |m| m.expires.is_some_and(|at| at <= now),
+                "TOKEN_EXPIRED",
+                "The realtime token of this subscription expired: subscribe again with a new one.",
+            );
+        }
+        if ended > 0 {
+            tracing::info!(
+                subscriptions = ended,
+                "realtime subscriptions ended: their tokens expired"
+            );
+        }
+        ended
+    }
+
+    /// Runs [`Realtime::end_expired`] once a second for as long as this `Realtime` lives.
+    pub fn start_token_expiry(self: &Arc<Self>) {
+        let weak = Arc::downgrade(self);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                let Some(realtime) = weak.upgrade() else {
+                    return;
+                };
+                realtime.end_expired();
+            }
+        });
     }
 
     /// An API key was deleted or rotated (here or by another server): the realtime

@@ -36,6 +36,9 @@ pub(super) struct Member {
     /// The login session behind it (a fingerprint; a session, or a token a session obtained):
     /// it ends when that session does.
     pub(super) session: Option<String>,
+    /// When the realtime token it was made with expires (unix seconds by the app's clock): it
+    /// ends then ([`super::Realtime::end_expired`]).
+    pub(super) expires: Option<i64>,
     /// Live events offered during the room's current slice, queued together at its end
     /// ([`RoomState::send_pending`]); empty whenever the room's lock is free.
     pub(super) pending: super::socket::Pending,

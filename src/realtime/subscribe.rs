@@ -77,6 +77,7 @@ impl Realtime {
         let mut anonymous = false;
         // The login session behind it (directly or through a token it obtained), fingerprinted.
         let mut session: Option<String> = None;
+        let mut expires: Option<i64> = None;
         // The subscription's identity for row-level security (see crate::visibility).
         let named_uid = &msg["authUid"];
         let identity: Identity;
@@ -86,6 +87,7 @@ impl Realtime {
         match msg["token"].as_str().filter(|t| !t.is_empty()) {
             Some(token) if token.starts_with(TOKEN_PREFIX) => {
                 let mut claims = self.verify_token(token)?;
+                expires = Some(claims.e);
                 if claims.p != project.id {
                     return Err(RealtimeError::ScopeMismatch(
                         "This token belongs to another project.".into(),
@@ -336,6 +338,7 @@ impl Realtime {
                 key,
                 anonymous,
                 session,
+                expires,
             },
         );
         if let Some(since) = catch_up {

@@ -425,10 +425,25 @@ async fn an_expired_realtime_token_is_refused_with_token_expired() {
         (3500..=3600).contains(&left),
         "{expires_at} is not an hour away"
     );
-    let mut ws = connect(&app, "/").await;
-    let ack = subscribe(&mut ws, &f.project, Some(&token)).await;
+    let mut held = connect(&app, "/").await;
+    let ack = subscribe(&mut held, &f.project, Some(&token)).await;
     assert_eq!(ack["type"], "subscribed", "{ack}");
     clock.advance(Duration::from_secs(left as u64 + 1));
+    // The subscription made with it ends too (red team, session 25: it kept receiving
+    // events): TOKEN_EXPIRED for the room, then nothing of later changes.
+    let ended = recv(&mut held).await;
+    assert_eq!(
+        (&ended["type"], &ended["code"]),
+        (&json!("error"), &json!("TOKEN_EXPIRED")),
+        "{ended}"
+    );
+    app.rows(
+        &f.admin,
+        &f.project,
+        "CREATE TABLE later (id int); INSERT INTO later VALUES (1)",
+    )
+    .await;
+    nothing_more(&mut held).await;
     let mut ws = connect(&app, "/").await;
     refused(
         &mut ws,
