@@ -213,17 +213,20 @@ impl Mysql {
         let user = super::provision::account_name(project_id, role);
         let max = self.sql.pool_size.min(self.sql.project_share).max(1);
         let timeout = self.sql.statement_timeout;
-        let setup = if target.mariadb {
-            format!(
-                "SET SESSION max_statement_time = {}, time_zone = '+00:00'",
-                timeout.as_secs_f64()
-            )
+        // After every connect and every reset (COM_RESET_CONNECTION gives the server's
+        // defaults back): the statement timeout, UTC, and the reading of SQL text the
+        // refusal check assumes (`refused`): utf8mb4 (the handshake's collation) and an
+        // sql_mode without ANSI_QUOTES / NO_BACKSLASH_ESCAPES, which no request can change.
+        let limit = if target.mariadb {
+            format!("max_statement_time = {}", timeout.as_secs_f64())
         } else {
-            format!(
-                "SET SESSION max_execution_time = {}, time_zone = '+00:00'",
-                timeout.as_millis()
-            )
+            format!("max_execution_time = {}", timeout.as_millis())
         };
+        let setup = format!(
+            "SET NAMES utf8mb4 COLLATE utf8mb4_general_ci, SESSION {limit}, \
+             time_zone = '+00:00', sql_mode = '{}'",
+            target.sql_mode
+        );
         let opts = OptsBuilder::from_opts(target.admin.clone())
             .user(Some(user.clone()))
             .pass(Some(self.account_password(&user)))
@@ -772,13 +775,66 @@ fn refused_at(sql: &str, depth: usize) -> Option<String> {
     if depth > 4 {
         return Some("dynamic SQL nested this deep is not accepted".into());
     }
+    // MariaDB ends a comment at a NUL byte and refuses one in plain text: not worth reading
+    // the same way, refused (a string holds one as `\0`, or a parameter).
+    if sql.contains('\0') {
+        return Some(
+            "a NUL character is accepted on MySQL projects only as `\\0` in a string literal \
+             or in params"
+                .into(),
+        );
+    }
     let mut toks = Vec::new();
     scan(sql, &mut toks);
+    if toks.contains(&Tok::Executable) {
+        // Run or skipped by the server's version number: two readings of the same text.
+        return Some(
+            "executable comments (/*! … */, /*M! … */) are not accepted on MySQL projects: \
+             write the statement plainly"
+                .into(),
+        );
+    }
     let word = |i: usize| match toks.get(i) {
         Some(Tok::Word(w)) => w.as_str(),
         _ => "",
     };
+    // A word or a `quoted` name.
+    let name = |i: usize| match toks.get(i) {
+        Some(Tok::Word(w) | Tok::Ident(w)) => w.as_str(),
+        _ => "",
+    };
+    // What `SET NAMES` / `SET CHARACTER SET` take: a character set's name (a word, a string,
+    // a `quoted` name) or DEFAULT; any other word is an error of the server's.
+    let charset_at = |i: usize| match toks.get(i) {
+        Some(Tok::Str(_) | Tok::Ident(_)) => true,
+        Some(Tok::Word(w)) => {
+            w == "DEFAULT" || w == "BINARY" || CHARSETS.contains(&w.to_lowercase().as_str())
+        }
+        _ => false,
+    };
+    // Where an option of a SET statement starts (`SET x`, `SET a = 1, x`, `SET STATEMENT x`).
+    let set_option_at = |i: usize| {
+        i > 0
+            && (toks[i - 1] == Tok::Other(',')
+                || matches!(
+                    word(i - 1),
+                    "SET" | "STATEMENT" | "SESSION" | "LOCAL" | "GLOBAL"
+                ))
+    };
     for i in 0..toks.len() {
+        if LEXING_VARIABLES.contains(&name(i))
+            && matches!(toks.get(i + 1), Some(Tok::Other('=' | ':')))
+        {
+            return Some(lexing_refused(name(i)));
+        }
+        if set_option_at(i)
+            && ((word(i) == "NAMES" || word(i) == "CHARSET") && charset_at(i + 1)
+                || matches!(word(i), "CHAR" | "CHARACTER")
+                    && word(i + 1) == "SET"
+                    && charset_at(i + 2))
+        {
+            return Some(lexing_refused(&format!("SET {}", word(i))));
+        }
         match word(i) {
             "XA" if matches!(
                 word(i + 1),
@@ -841,6 +897,36 @@ fn refused_at(sql: &str, depth: usize) -> Option<String> {
     None
 }
 
+/// The session variables that decide how the server splits and reads SQL text: the refusal
+/// check reads a request as the pinned session reads it (`sql_mode` without ANSI_QUOTES /
+/// NO_BACKSLASH_ESCAPES, utf8mb4), so nothing of a request may change them for what follows
+/// (`NO_BACKSLASH_ESCAPES` would turn `'\'; XA START 'x'; …'` into three statements; a gbk
+/// lead byte swallows a backslash).
+const LEXING_VARIABLES: &[&str] = &[
+    "SQL_MODE",
+    "CHARACTER_SET_CLIENT",
+    "CHARACTER_SET_CONNECTION",
+    "CHARACTER_SET_RESULTS",
+    "COLLATION_CONNECTION",
+];
+
+/// MariaDB's and MySQL's character set names (`SHOW CHARACTER SET`), for `SET NAMES x`.
+const CHARSETS: &[&str] = &[
+    "armscii8", "ascii", "big5", "binary", "cp1250", "cp1251", "cp1256", "cp1257", "cp850",
+    "cp852", "cp866", "cp932", "dec8", "eucjpms", "euckr", "gb18030", "gb2312", "gbk", "geostd8",
+    "greek", "hebrew", "hp8", "keybcs2", "koi8r", "koi8u", "latin1", "latin2", "latin5", "latin7",
+    "macce", "macroman", "sjis", "swe7", "tis620", "ucs2", "ujis", "utf16", "utf16le", "utf32",
+    "utf8", "utf8mb3", "utf8mb4",
+];
+
+fn lexing_refused(what: &str) -> String {
+    format!(
+        "{} cannot be changed on MySQL projects: the session's sql_mode and character set \
+         (utf8mb4) are fixed, since they decide how the server reads the rest of the request",
+        what.to_lowercase()
+    )
+}
+
 /// The text of dynamic SQL: adjacent string literals (MySQL concatenates them), checked as SQL.
 fn literal_refused(rest: &[Tok], what: &str, depth: usize) -> Option<String> {
     let mut text = String::new();
@@ -869,7 +955,11 @@ fn literal_refused(rest: &[Tok], what: &str, depth: usize) -> Option<String> {
 enum Tok {
     Word(String),
     Str(String),
-    Ident,
+    /// A `` `quoted` `` identifier's name (uppercase).
+    Ident(String),
+    /// An executable comment (`/*! … */`, `/*M! … */`): its content is scanned as SQL too,
+    /// but whether the server runs it depends on its version number.
+    Executable,
     Other(char),
 }
 
@@ -898,12 +988,13 @@ fn scan(sql: &str, out: &mut Vec<Tok>) {
                 let b = text.as_bytes();
                 match b[0] {
                     b'\'' | b'"' => out.push(Tok::Str(unquote(text))),
-                    b'`' => out.push(Tok::Ident),
-                    b'/' if text.starts_with("/*!") || text.starts_with("/*M!") => {
+                    b'`' => out.push(Tok::Ident(unquote_ident(text).to_uppercase())),
+                    b'/' if executable_comment(text) => {
+                        out.push(Tok::Executable);
                         // An executable comment: the server runs what is inside.
-                        let inner = text
-                            .trim_start_matches("/*M!")
-                            .trim_start_matches("/*!")
+                        let inner = text[2..]
+                            .trim_start_matches(['M', 'm'])
+                            .trim_start_matches('!')
                             .trim_start_matches(|c: char| c.is_ascii_digit());
                         let inner = inner.strip_suffix("*/").unwrap_or(inner);
                         // Shorter than `text`: the recursion ends.
@@ -915,6 +1006,18 @@ fn scan(sql: &str, out: &mut Vec<Tok>) {
             }
         }
     }
+}
+
+/// A `` `quoted` `` identifier's name.
+fn unquote_ident(text: &str) -> String {
+    let body = text.strip_prefix('`').unwrap_or(text);
+    body.strip_suffix('`').unwrap_or(body).replace("``", "`")
+}
+
+/// Whether a comment is one the server may run (`/*!…`, `/*M!…`).
+fn executable_comment(text: &str) -> bool {
+    let b = text.as_bytes();
+    b.get(2) == Some(&b'!') || (matches!(b.get(2), Some(b'M' | b'm')) && b.get(3) == Some(&b'!'))
 }
 
 /// A string literal's content: quotes taken off, `''` and `\x` read as MySQL reads them.
@@ -1109,9 +1212,12 @@ impl<'a> Iterator for Lexer<'a> {
         let starts_special = |i: usize| -> bool {
             match b[i] {
                 b'\'' | b'"' | b'`' | b'#' => true,
+                // MariaDB: `--` then a space or any control character (`\x0b`, `\x01`: its
+                // `my_isspace || my_iscntrl`), or the end.
                 b'-' => {
                     b.get(i + 1) == Some(&b'-')
-                        && b.get(i + 2).is_none_or(|c| c.is_ascii_whitespace())
+                        && b.get(i + 2)
+                            .is_none_or(|c| c.is_ascii_whitespace() || c.is_ascii_control())
                 }
                 b'/' => b.get(i + 1) == Some(&b'*'),
                 _ => false,
@@ -1186,6 +1292,7 @@ mod tests {
             "/*!XA RECOVER*/",
             "/*!50000 XA RECOVER */",
             "/*M!100500 XA ROLLBACK 'x' */",
+            "SELECT '\\'' XA RECOVER",
             "CREATE PROCEDURE p() BEGIN XA RECOVER; END",
             "EXECUTE IMMEDIATE 'XA RECOVER'",
             "EXECUTE IMMEDIATE 'XA ' 'RECOVER'",
@@ -1225,6 +1332,73 @@ mod tests {
         ] {
             assert_eq!(refused(sql), None, "{sql}");
         }
+    }
+
+    /// The red team's repros (a request changing how the server reads its own rest) and
+    /// every other way to change the reading: refused whatever the scope.
+    #[test]
+    fn nothing_of_a_request_changes_how_the_server_reads_it() {
+        for sql in [
+            "SET sql_mode='NO_BACKSLASH_ESCAPES'; SELECT '\\'; XA START 'x'; INSERT INTO t(v) \
+             VALUES ('a'); XA END 'x'; XA PREPARE 'x'; SELECT '\\'",
+            "SET NAMES gbk; SELECT '中\\', IS_FREE_LOCK('x') -- '",
+            "SET sql_mode = 'ANSI_QUOTES'; SELECT \"a\\\"; XA RECOVER; \"",
+            "set @@session.sql_mode := ''",
+            "SET LOCAL sql_mode = DEFAULT",
+            "SET @a = 1, `sql_mode` = 'ORACLE'",
+            "SET @@`SQL_MODE`='MSSQL'",
+            "SET STATEMENT sql_mode='NO_BACKSLASH_ESCAPES' FOR EXECUTE IMMEDIATE 'SELECT 1'",
+            "SET character_set_client = gbk",
+            "SET collation_connection = 'gbk_chinese_ci'",
+            "SET @@character_set_connection=big5",
+            "SET NAMES 'sjis'",
+            "SET NAMES `gbk` COLLATE gbk_bin",
+            "SET NAMES DEFAULT",
+            "SET @x = 1, NAMES gbk",
+            "SET CHARACTER SET gbk",
+            "SET CHAR SET big5",
+            "set charset cp932",
+            "CREATE PROCEDURE p() BEGIN SET sql_mode = 'NO_BACKSLASH_ESCAPES'; \
+             EXECUTE IMMEDIATE 'SELECT 1'; END",
+            "CREATE PROCEDURE p() BEGIN DECLARE CONTINUE HANDLER FOR SQLEXCEPTION SET NAMES \
+             gbk; SELECT 1; END",
+            "/*!99999 ' */ SELECT GET_LOCK('a', 1) -- '",
+            "/*!SELECT '*/' , GET_LOCK('a',1) -- '*/",
+            "/*m!100000 SELECT 1 */",
+            "SELECT 1 --\x01 '\n, GET_LOCK('a',1) -- '",
+            "SELECT 1 # \0 '\n, GET_LOCK('a',1) -- '",
+        ] {
+            assert!(refused(sql).is_some(), "{sql} was not refused");
+        }
+        assert!(refused("SET NAMES gbk").unwrap().contains("set names"));
+        // `--` and a control character: a comment, as MariaDB reads it.
+        assert_eq!(split_statements("SELECT 1 --\x0b; x\nSELECT 2").len(), 1);
+        for sql in [
+            "SELECT @@sql_mode, @@character_set_client",
+            "CREATE TABLE t (a TEXT CHARACTER SET latin1, b TEXT CHARSET utf8mb4)",
+            "CREATE TABLE t (a int) ENGINE=InnoDB, CHARSET=latin1",
+            "ALTER TABLE t CONVERT TO CHARACTER SET utf8mb4",
+            "SELECT a, names FROM t",
+            "UPDATE t SET names = 'x', charset = 'y'",
+            "INSERT INTO t (id, names) VALUES (1, 'SET NAMES gbk')",
+            "SELECT 'sql_mode = 1' -- sql_mode = 1",
+            "SELECT 1 --x",
+            "/* SET NAMES gbk */ SELECT 1",
+        ] {
+            assert_eq!(refused(sql), None, "{sql}");
+        }
+    }
+
+    #[test]
+    fn the_session_sql_mode_keeps_no_mode_that_changes_the_reading() {
+        assert_eq!(
+            crate::mysql::session_sql_mode(
+                "STRICT_TRANS_TABLES,ANSI_QUOTES,NO_BACKSLASH_ESCAPES,ORACLE,PIPES_AS_CONCAT"
+            ),
+            "STRICT_TRANS_TABLES,PIPES_AS_CONCAT"
+        );
+        assert_eq!(crate::mysql::session_sql_mode(""), "");
+        assert_eq!(crate::mysql::session_sql_mode("A'B,C"), "C");
     }
 
     #[test]
