@@ -23,7 +23,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use mysql_async::prelude::Queryable;
-use mysql_async::{Column, Conn, OptsBuilder, Pool, PoolConstraints, PoolOpts, Value};
+use mysql_async::{Column, Conn, Opts, OptsBuilder, Value};
 use serde_json::Value as Json;
 
 use super::render::{write_json, ColumnKind};
@@ -37,9 +37,11 @@ use crate::sql::{SqlError, SqlRequest};
 /// caller may have raised or disabled `max_statement_time` for its session).
 const GUARD_GRACE: Duration = Duration::from_secs(2);
 
-/// The SQL pools of MySQL projects.
+/// The SQL connections of MySQL projects: idle ones per (project, account), all of them within
+/// one budget for the server (see [`Budget`]).
 pub struct Pools {
-    pools: Mutex<HashMap<(String, DbRole), Pool>>,
+    idle: Arc<Mutex<IdleMap>>,
+    budget: Budget,
     /// MariaDB's JSON columns per project (table, column): MariaDB sends them as LONGTEXT,
     /// so they are known from their `json_valid` check in the catalog. Emptied by DDL.
     json_columns: Mutex<HashMap<String, Arc<JsonColumns>>>,
@@ -55,10 +57,46 @@ pub struct Pools {
     repair: tokio::sync::Mutex<()>,
 }
 
+/// Idle connections per (project, account), the most recently used last.
+type IdleMap = HashMap<(String, DbRole), Vec<Idle>>;
+
+/// A connection with its place in the budget.
+struct Held {
+    conn: Conn,
+    permit: tokio::sync::OwnedSemaphorePermit,
+}
+
+struct Idle {
+    held: Held,
+    since: Instant,
+}
+
+/// The connections all MySQL projects' sessions may hold together, as for PostgreSQL projects
+/// (`crate::sql::pool`): three quarters of what the server's `max_connections` leaves after
+/// the connections other clients hold when the first request comes and a margin for this
+/// server's own (admin pool, binlog dumps), or `sql_max_connections` if lower. A request that
+/// needs a new connection with none free closes the longest-idle connection of any project;
+/// with none idle it waits up to `sql_queue_timeout_ms`, then 429. (Not `crate::sql::pool`'s
+/// type itself: that one sizes from PostgreSQL and closes deadpool pools' connections.)
+struct Budget {
+    permits: tokio::sync::OnceCell<(Arc<tokio::sync::Semaphore>, usize)>,
+    configured: usize,
+    /// Signalled when a connection goes idle or closes (a waiting request may use it).
+    went_idle: Arc<tokio::sync::Notify>,
+}
+
+/// Connections of the server kept out of the budget besides those open when it is sized.
+const OWN_CONNECTIONS_MARGIN: i64 = 8;
+
 impl Pools {
     pub fn new(config: &Config) -> Pools {
         Pools {
-            pools: Mutex::default(),
+            idle: Arc::default(),
+            budget: Budget {
+                permits: tokio::sync::OnceCell::new(),
+                configured: config.sql_max_connections,
+                went_idle: Arc::default(),
+            },
             json_columns: Mutex::default(),
             shares: Mutex::default(),
             pool_size: config.pool_size.max(1),
@@ -72,16 +110,19 @@ impl Pools {
         }
     }
 
-    /// Closes a project's pools (deletion, suspension).
+    /// Closes a project's idle connections (deletion, suspension).
     pub fn forget_project(&self, project_id: &str) {
-        let gone: Vec<Pool> = {
-            let mut pools = self.pools.lock().expect("poisoned");
-            let keys: Vec<_> = pools
+        let gone: Vec<Idle> = {
+            let mut idle = self.idle.lock().expect("poisoned");
+            let keys: Vec<_> = idle
                 .keys()
                 .filter(|(p, _)| p == project_id)
                 .cloned()
                 .collect();
-            keys.into_iter().filter_map(|k| pools.remove(&k)).collect()
+            keys.into_iter()
+                .filter_map(|k| idle.remove(&k))
+                .flatten()
+                .collect()
         };
         self.shares.lock().expect("poisoned").remove(project_id);
         self.forget_schema(project_id);
@@ -96,26 +137,34 @@ impl Pools {
             .remove(project_id);
     }
 
-    /// Drops one pool with every connection in it (a connection of it was lost: the others,
+    /// Closes one account's idle connections (a connection of it was lost: the others,
     /// opened before the same failure, are likely dead too).
     fn forget_pool(&self, project_id: &str, role: DbRole) {
         let gone = self
-            .pools
+            .idle
             .lock()
             .expect("poisoned")
             .remove(&(project_id.to_string(), role));
-        disconnect(gone.into_iter().collect());
+        disconnect(gone.unwrap_or_default());
     }
 
     pub fn clear(&self) {
-        let gone: Vec<Pool> = self
-            .pools
+        let gone: Vec<Idle> = self
+            .idle
             .lock()
             .expect("poisoned")
             .drain()
-            .map(|(_, p)| p)
+            .flat_map(|(_, p)| p)
             .collect();
         disconnect(gone);
+    }
+
+    /// Connections open now (idle or in use) and the budget's size.
+    pub fn connections(&self) -> (usize, usize) {
+        self.budget
+            .permits
+            .get()
+            .map_or((0, 0), |(p, size)| (size - p.available_permits(), *size))
     }
 
     fn share(&self, project_id: &str) -> Arc<tokio::sync::Semaphore> {
@@ -126,19 +175,182 @@ impl Pools {
             .or_insert_with(|| Arc::new(tokio::sync::Semaphore::new(self.project_share)))
             .clone()
     }
+
+    /// An idle connection of the account, the most recently used.
+    fn take_idle(&self, key: &(String, DbRole)) -> Option<Held> {
+        let mut idle = self.idle.lock().expect("poisoned");
+        let list = idle.get_mut(key)?;
+        let held = list.pop().map(|i| i.held);
+        if list.is_empty() {
+            idle.remove(key);
+        }
+        held
+    }
+
+    /// Gives a connection back: reset (COM_RESET_CONNECTION, then the session's setup again:
+    /// variables, temporary tables, prepared statements, locks, an open transaction all gone)
+    /// and kept idle, or closed if the reset fails or the account already keeps
+    /// min(pool_size, sql_project_connections) idle.
+    fn give_back(&self, key: (String, DbRole), held: Held) {
+        let idle = self.idle.clone();
+        let went_idle = self.budget.went_idle.clone();
+        let keep = self.pool_size.min(self.project_share).max(1);
+        tokio::spawn(async move {
+            let Held { mut conn, permit } = held;
+            if !matches!(
+                tokio::time::timeout(Duration::from_secs(5), conn.reset()).await,
+                Ok(Ok(true))
+            ) {
+                close(conn).await;
+                drop(permit);
+                went_idle.notify_waiters();
+                return;
+            }
+            let extra = {
+                let mut idle = idle.lock().expect("poisoned");
+                let list = idle.entry(key).or_default();
+                list.push(Idle {
+                    held: Held { conn, permit },
+                    since: Instant::now(),
+                });
+                (list.len() > keep).then(|| list.remove(0))
+            };
+            disconnect(extra.into_iter().collect());
+            went_idle.notify_waiters();
+        });
+    }
+
+    /// Closes a connection for good (its place in the budget is free once it is closed).
+    async fn close_held(&self, held: Held) {
+        close(held.conn).await;
+        drop(held.permit);
+        self.budget.went_idle.notify_waiters();
+    }
+
+    /// Sizes the budget from the server (once), and starts closing idle connections.
+    async fn ensure_budget(&self, target: &super::Target) -> Result<(), SqlError> {
+        let idle = Arc::downgrade(&self.idle);
+        let idle_timeout = self.idle_timeout;
+        self.budget
+            .permits
+            .get_or_try_init(|| async {
+                let mut conn = target.admin_pool.get_conn().await?;
+                let (max, others): (i64, i64) = conn
+                    .query_first(
+                        "SELECT @@max_connections, (SELECT VARIABLE_VALUE FROM \
+                         information_schema.GLOBAL_STATUS WHERE VARIABLE_NAME = 'THREADS_CONNECTED')",
+                    )
+                    .await?
+                    .unwrap_or((151, 0));
+                let left = max - others - OWN_CONNECTIONS_MARGIN;
+                let auto = (left.max(4) as usize) * 3 / 4;
+                let size = match self.budget.configured {
+                    0 => auto,
+                    n => n.min(auto),
+                };
+                tracing::info!(
+                    max_connections = max,
+                    other_connections = others,
+                    budget = size,
+                    "MySQL SQL connection budget"
+                );
+                tokio::spawn(close_idle(idle, idle_timeout));
+                Ok::<_, mysql_async::Error>((Arc::new(tokio::sync::Semaphore::new(size)), size))
+            })
+            .await
+            .map_err(|e| SqlError::Unavailable(format!("sizing the MySQL connection budget: {e}")))?;
+        Ok(())
+    }
+
+    /// A place for one more connection: a free one, one freed by closing the longest-idle
+    /// connection of any project, or one that frees up within `sql_queue_timeout_ms`.
+    async fn permit(&self) -> Result<tokio::sync::OwnedSemaphorePermit, SqlError> {
+        let (permits, size) = self.budget.permits.get().expect("ensure_budget ran");
+        let busy = || {
+            SqlError::Busy(format!(
+                "All {size} SQL connections of the MySQL server are in use \
+                 (sql_max_connections); retry in a moment."
+            ))
+        };
+        let deadline = tokio::time::Instant::now() + self.queue_timeout;
+        loop {
+            if let Ok(p) = permits.clone().try_acquire_owned() {
+                return Ok(p);
+            }
+            // Registered before looking for idle connections, so none going idle is missed.
+            let went_idle = self.budget.went_idle.notified();
+            tokio::pin!(went_idle);
+            went_idle.as_mut().enable();
+            // A closed connection gives its place back once it is closed.
+            self.close_longest_idle();
+            tokio::select! {
+                p = permits.clone().acquire_owned() => return p.map_err(|_| busy()),
+                _ = &mut went_idle => continue,
+                _ = tokio::time::sleep_until(deadline) => return Err(busy()),
+            }
+        }
+    }
+
+    /// Closes the connection idle longest, whatever its project.
+    fn close_longest_idle(&self) {
+        let gone = {
+            let mut idle = self.idle.lock().expect("poisoned");
+            let oldest = idle
+                .iter()
+                .filter_map(|(k, list)| list.first().map(|i| (i.since, k.clone())))
+                .min();
+            oldest.map(|(_, key)| {
+                let list = idle.get_mut(&key).expect("just seen");
+                let first = list.remove(0);
+                if list.is_empty() {
+                    idle.remove(&key);
+                }
+                first
+            })
+        };
+        disconnect(gone.into_iter().collect());
+    }
+}
+
+/// Closes connections idle for `idle_timeout`, until the pools are gone.
+async fn close_idle(idle: std::sync::Weak<Mutex<IdleMap>>, idle_timeout: Duration) {
+    let every = (idle_timeout / 4).clamp(Duration::from_millis(100), Duration::from_secs(5));
+    loop {
+        tokio::time::sleep(every).await;
+        let Some(idle) = idle.upgrade() else {
+            return;
+        };
+        let gone: Vec<Idle> = {
+            let mut idle = idle.lock().expect("poisoned");
+            let mut gone = Vec::new();
+            idle.retain(|_, list| {
+                let (old, kept): (Vec<Idle>, Vec<Idle>) = std::mem::take(list)
+                    .into_iter()
+                    .partition(|i| i.since.elapsed() >= idle_timeout);
+                gone.extend(old);
+                *list = kept;
+                !list.is_empty()
+            });
+            gone
+        };
+        disconnect(gone);
+    }
 }
 
 /// (table, column) of a database's JSON columns.
 pub type JsonColumns = std::collections::HashSet<(String, String)>;
 
-fn disconnect(pools: Vec<Pool>) {
-    if pools.is_empty() {
+/// Closes idle connections (each gives its place in the budget back once closed).
+fn disconnect(idle: Vec<Idle>) {
+    if idle.is_empty() {
         return;
     }
     if let Ok(runtime) = tokio::runtime::Handle::try_current() {
         runtime.spawn(async move {
-            for pool in pools {
-                let _ = tokio::time::timeout(Duration::from_secs(5), pool.disconnect()).await;
+            for i in idle {
+                let Held { conn, permit } = i.held;
+                close(conn).await;
+                drop(permit);
             }
         });
     }
@@ -204,14 +416,9 @@ impl Mysql {
         found
     }
 
-    fn pool(&self, target: &super::Target, project_id: &str, db_name: &str, role: DbRole) -> Pool {
-        let key = (project_id.to_string(), role);
-        let mut pools = self.sql.pools.lock().expect("poisoned");
-        if let Some(pool) = pools.get(&key) {
-            return pool.clone();
-        }
+    /// How to log in as a project's account.
+    fn opts(&self, target: &super::Target, project_id: &str, db_name: &str, role: DbRole) -> Opts {
         let user = super::provision::account_name(project_id, role);
-        let max = self.sql.pool_size.min(self.sql.project_share).max(1);
         let timeout = self.sql.statement_timeout;
         // After every connect and every reset (COM_RESET_CONNECTION gives the server's
         // defaults back): the statement timeout, UTC, and the reading of SQL text the
@@ -227,7 +434,7 @@ impl Mysql {
              time_zone = '+00:00', sql_mode = '{}'",
             target.sql_mode
         );
-        let opts = OptsBuilder::from_opts(target.admin.clone())
+        OptsBuilder::from_opts(target.admin.clone())
             .user(Some(user.clone()))
             .pass(Some(self.account_password(&user)))
             .db_name(Some(db_name))
@@ -237,18 +444,7 @@ impl Mysql {
             .tcp_nodelay(true)
             // No file of this machine is ever sent for LOAD DATA LOCAL INFILE.
             .local_infile_handler(None::<mysql_async::WhiteListFsHandler>)
-            .pool_opts(
-                PoolOpts::default()
-                    .with_constraints(PoolConstraints::new(0, max).expect("0 ≤ max"))
-                    .with_reset_connection(true)
-                    .with_inactive_connection_ttl(self.sql.idle_timeout)
-                    .with_ttl_check_interval(
-                        (self.sql.idle_timeout / 2).max(Duration::from_secs(1)),
-                    ),
-            );
-        let pool = Pool::new(opts);
-        pools.insert(key, pool.clone());
-        pool
+            .into()
     }
 
     /// Runs a request's SQL on a MySQL project and renders the guide's success or
@@ -274,24 +470,29 @@ impl Mysql {
                 ))
             })?
             .map_err(|_| SqlError::Unavailable("the project is being closed".into()))?;
+        let key = (project.id.clone(), access.db_role);
         let mut repaired = false;
-        let mut conn = loop {
-            let pool = self.pool(target, &project.id, &project.db_name, access.db_role);
-            // The share's permit is held: a slot is free or about to be (one returning after
-            // its reset), so what is left to wait for is mostly a login, bounded like the
-            // PostgreSQL pool's connection (queue timeout + the same login bound), not by the
-            // queue timeout alone (a slow login under load is not a busy project).
-            let bound = self.sql.queue_timeout + crate::sql::LOGIN_BOUND;
-            match tokio::time::timeout(bound, pool.get_conn()).await {
+        let held = loop {
+            if let Some(held) = self.sql.take_idle(&key) {
+                break held;
+            }
+            // A place in the server-wide budget (≤ sql_queue_timeout_ms, then 429), then a
+            // login, bounded like the PostgreSQL pool's (a slow login under load is not a
+            // busy project).
+            self.sql.ensure_budget(target).await?;
+            let permit = self.sql.permit().await?;
+            let opts = self.opts(target, &project.id, &project.db_name, access.db_role);
+            match tokio::time::timeout(crate::sql::LOGIN_BOUND, Conn::new(opts)).await {
                 Err(_) => {
                     return Err(SqlError::Busy(
-                        "no connection to the project database came free in time".into(),
+                        "logging in to the project database took too long".into(),
                     ))
                 }
                 // Access denied to the project's own account (its password or the account
                 // changed behind Fluxbase's back): provisioned again, once, then retried.
                 Ok(Err(mysql_async::Error::Server(e))) if e.code == 1045 && !repaired => {
                     repaired = true;
+                    drop(permit);
                     tracing::warn!(project_id = %project.id, role = ?access.db_role,
                         "the project account was refused its login (1045): provisioning it again");
                     self.sql.forget_pool(&project.id, access.db_role);
@@ -307,9 +508,10 @@ impl Mysql {
                     self.sql.forget_pool(&project.id, access.db_role);
                     return Err(SqlError::Unavailable(e.to_string()));
                 }
-                Ok(Ok(conn)) => break conn,
+                Ok(Ok(conn)) => break Held { conn, permit },
             }
         };
+        let Held { mut conn, permit } = held;
         let connection_id = conn.id();
         let budget = self.sql.statement_timeout + GUARD_GRACE;
         let (max_rows, max_bytes) = (self.sql.max_rows, self.sql.max_response_bytes);
@@ -348,34 +550,34 @@ impl Mysql {
             Ok((set, statement)) => {
                 if in_transaction(&conn) {
                     // Not left for the reset to end: never pooled again.
-                    close(conn).await;
+                    self.sql.close_held(Held { conn, permit }).await;
                 } else {
-                    drop(conn);
+                    self.sql.give_back(key, Held { conn, permit });
                 }
                 Ok(render_success(&set, &statement, elapsed, max_bytes))
             }
             Err(Failure::Params(message)) => {
-                drop(conn);
+                self.sql.give_back(key, Held { conn, permit });
                 Ok(render_error(&message, 2031, "HY000"))
             }
             Err(Failure::Db(mysql_async::Error::Server(e))) => {
                 if xa_error(e.code) || in_transaction(&conn) {
                     tracing::warn!(project_id = %project.id, code = e.code,
                         "a MySQL session left in a transaction or an XA state is closed");
-                    close(conn).await;
+                    self.sql.close_held(Held { conn, permit }).await;
                 } else {
-                    drop(conn);
+                    self.sql.give_back(key, Held { conn, permit });
                 }
                 Ok(render_error(&e.message, e.code, &e.state))
             }
             Err(Failure::Db(mysql_async::Error::Driver(e))) => {
                 // The request's fault (a parameter count, LOAD DATA LOCAL), but the session
                 // may be mid-protocol: it is not pooled again.
-                close(conn).await;
+                self.sql.close_held(Held { conn, permit }).await;
                 Ok(driver_error(&e))
             }
             Err(Failure::Db(e)) | Err(Failure::Broken(e)) => {
-                close(conn).await;
+                self.sql.close_held(Held { conn, permit }).await;
                 tracing::warn!(project_id = %project.id, error = %e, "MySQL connection lost");
                 self.sql.forget_pool(&project.id, access.db_role);
                 Err(SqlError::Unavailable(e.to_string()))
