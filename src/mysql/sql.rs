@@ -1029,6 +1029,15 @@ fn refused_at(sql: &str, depth: usize) -> Option<String> {
         {
             return Some(lexing_refused(name(i)));
         }
+        if MEMORY_VARIABLES.contains(&name(i))
+            && matches!(toks.get(i + 1), Some(Tok::Other('=' | ':')))
+        {
+            return Some(format!(
+                "{} cannot be changed on MySQL projects: it bounds the memory one session \
+                 holds on the shared server",
+                name(i).to_lowercase()
+            ));
+        }
         if set_option_at(i)
             && ((word(i) == "NAMES" || word(i) == "CHARSET") && charset_at(i + 1)
                 || matches!(word(i), "CHAR" | "CHARACTER")
@@ -1110,6 +1119,19 @@ const LEXING_VARIABLES: &[&str] = &[
     "CHARACTER_SET_CONNECTION",
     "CHARACTER_SET_RESULTS",
     "COLLATION_CONNECTION",
+];
+
+/// Session variables that bound what one session holds in the server's memory (the server's
+/// settings stand: `max_session_mem_used`, internal temporary tables in memory up to
+/// min(tmp_table_size, max_heap_table_size), then on disk) or keep tables out of it.
+const MEMORY_VARIABLES: &[&str] = &[
+    "MAX_SESSION_MEM_USED",
+    "MAX_HEAP_TABLE_SIZE",
+    "TMP_TABLE_SIZE",
+    "TMP_MEMORY_TABLE_SIZE",
+    "ENFORCE_STORAGE_ENGINE",
+    "DEFAULT_STORAGE_ENGINE",
+    "DEFAULT_TMP_STORAGE_ENGINE",
 ];
 
 /// MariaDB's and MySQL's character set names (`SHOW CHARACTER SET`), for `SET NAMES x`.
@@ -1569,6 +1591,10 @@ mod tests {
             "/*m!100000 SELECT 1 */",
             "SELECT 1 --\x01 '\n, GET_LOCK('a',1) -- '",
             "SELECT 1 # \0 '\n, GET_LOCK('a',1) -- '",
+            "SET SESSION max_heap_table_size = 1073741824",
+            "SET @@max_session_mem_used := 0",
+            "SET STATEMENT tmp_table_size = 1e9 FOR SELECT 1",
+            "SET enforce_storage_engine = NULL",
         ] {
             assert!(refused(sql).is_some(), "{sql} was not refused");
         }
