@@ -159,14 +159,6 @@ impl Pools {
         disconnect(gone);
     }
 
-    /// Connections open now (idle or in use) and the budget's size.
-    pub fn connections(&self) -> (usize, usize) {
-        self.budget
-            .permits
-            .get()
-            .map_or((0, 0), |(p, size)| (size - p.available_permits(), *size))
-    }
-
     fn share(&self, project_id: &str) -> Arc<tokio::sync::Semaphore> {
         self.shares
             .lock()
@@ -1615,6 +1607,84 @@ mod tests {
         ] {
             assert_eq!(refused(sql), None, "{sql}");
         }
+    }
+
+    /// Every way to write an assignment of each pinned variable (mode × form × value × letter
+    /// case, the case drawn from a fixed-seed generator): all refused; the same words read
+    /// (not assigned) are not.
+    #[test]
+    fn every_form_of_changing_the_reading_is_refused() {
+        let mut seed = 0x2545_f491_4f6c_dd1du64;
+        let mut mixed_case = |s: &str| -> String {
+            s.chars()
+                .map(|c| {
+                    seed ^= seed << 13;
+                    seed ^= seed >> 7;
+                    seed ^= seed << 17;
+                    if seed & 1 == 0 {
+                        c.to_ascii_uppercase()
+                    } else {
+                        c.to_ascii_lowercase()
+                    }
+                })
+                .collect()
+        };
+        let forms = [
+            "SET {v} = {x}",
+            "SET SESSION {v}={x}",
+            "SET LOCAL {v} = {x}",
+            "SET @@{v} := {x}",
+            "SET @@session.{v} = {x}",
+            "SET @@local.`{v}` = {x}",
+            "SET `{v}` = {x}",
+            "SET @a = 1, {v} = {x}",
+            "set /* c */ {v} /* d */ = {x}",
+            "SET {v}\n-- c\n= {x}",
+            "SET STATEMENT {v} = {x} FOR SELECT 1",
+            "SET STATEMENT max_statement_time = 1, {v} = {x} FOR SELECT 1",
+            "SELECT 1; SET {v} = {x}; SELECT '\\'",
+            "CREATE PROCEDURE p() BEGIN SET {v} = {x}; END",
+            "CREATE PROCEDURE p() BEGIN DECLARE EXIT HANDLER FOR SQLEXCEPTION SET {v} = {x}; END",
+            "CREATE TRIGGER tr BEFORE INSERT ON t FOR EACH ROW SET {v} = {x}",
+        ];
+        let values = [
+            "'NO_BACKSLASH_ESCAPES'",
+            "'ANSI_QUOTES'",
+            "'ORACLE'",
+            "DEFAULT",
+            "@saved",
+            "'gbk'",
+            "CONCAT('ANSI', '_QUOTES')",
+        ];
+        let mut count = 0;
+        for v in LEXING_VARIABLES.iter().chain(MEMORY_VARIABLES) {
+            for form in forms {
+                for x in values {
+                    let sql = form.replace("{v}", &mixed_case(v)).replace("{x}", x);
+                    assert!(refused(&sql).is_some(), "{sql} was not refused");
+                    count += 1;
+                }
+            }
+            let read = format!("SELECT @@{}, @@session.{} AS x", mixed_case(v), v);
+            assert_eq!(refused(&read), None, "{read}");
+        }
+        for charset in ["gbk", "'big5'", "`sjis`", "DEFAULT", "cp932", "utf8mb4"] {
+            for form in [
+                "SET NAMES {c}",
+                "SET NAMES {c} COLLATE x",
+                "SET @a = 1, NAMES {c}",
+                "SET CHARACTER SET {c}",
+                "SET CHAR SET {c}",
+                "SET CHARSET {c}",
+                "SET @a = 1, CHARSET {c}",
+                "CREATE PROCEDURE p() BEGIN SET NAMES {c}; END",
+            ] {
+                let sql = mixed_case(&form.replace("{c}", charset));
+                assert!(refused(&sql).is_some(), "{sql} was not refused");
+                count += 1;
+            }
+        }
+        assert!(count > 700, "{count}");
     }
 
     #[test]
