@@ -182,8 +182,16 @@ impl Pools {
     /// Gives a connection back: reset (COM_RESET_CONNECTION, then the session's setup again:
     /// variables, temporary tables, prepared statements, locks, an open transaction all gone)
     /// and kept idle, or closed if the reset fails or the account already keeps
-    /// min(pool_size, sql_project_connections) idle.
-    fn give_back(&self, key: (String, DbRole), held: Held) {
+    /// min(pool_size, sql_project_connections) idle. The request's share of its project is
+    /// given back only then: a connection being reset still counts against the project (so an
+    /// account never logs in more than `sql_project_connections` times, its
+    /// `MAX_USER_CONNECTIONS`).
+    fn give_back(
+        &self,
+        key: (String, DbRole),
+        held: Held,
+        share: tokio::sync::OwnedSemaphorePermit,
+    ) {
         let idle = self.idle.clone();
         let went_idle = self.budget.went_idle.clone();
         let keep = self.pool_size.min(self.project_share).max(1);
@@ -194,7 +202,7 @@ impl Pools {
                 Ok(Ok(true))
             ) {
                 close(conn).await;
-                drop(permit);
+                drop((permit, share));
                 went_idle.notify_waiters();
                 return;
             }
@@ -207,6 +215,7 @@ impl Pools {
                 });
                 (list.len() > keep).then(|| list.remove(0))
             };
+            drop(share);
             disconnect(extra.into_iter().collect());
             went_idle.notify_waiters();
         });
@@ -452,7 +461,7 @@ impl Mysql {
             .await
             .map_err(|e| SqlError::Unavailable(format!("{e:#}")))?;
         let share = self.sql.share(&project.id);
-        let _permit = tokio::time::timeout(self.sql.queue_timeout, share.acquire_owned())
+        let share = tokio::time::timeout(self.sql.queue_timeout, share.acquire_owned())
             .await
             .map_err(|_| {
                 SqlError::Busy(format!(
@@ -544,12 +553,12 @@ impl Mysql {
                     // Not left for the reset to end: never pooled again.
                     self.sql.close_held(Held { conn, permit }).await;
                 } else {
-                    self.sql.give_back(key, Held { conn, permit });
+                    self.sql.give_back(key, Held { conn, permit }, share);
                 }
                 Ok(render_success(&set, &statement, elapsed, max_bytes))
             }
             Err(Failure::Params(message)) => {
-                self.sql.give_back(key, Held { conn, permit });
+                self.sql.give_back(key, Held { conn, permit }, share);
                 Ok(render_error(&message, 2031, "HY000"))
             }
             Err(Failure::Db(mysql_async::Error::Server(e))) => {
@@ -558,7 +567,7 @@ impl Mysql {
                         "a MySQL session left in a transaction or an XA state is closed");
                     self.sql.close_held(Held { conn, permit }).await;
                 } else {
-                    self.sql.give_back(key, Held { conn, permit });
+                    self.sql.give_back(key, Held { conn, permit }, share);
                 }
                 Ok(render_error(&e.message, e.code, &e.state))
             }
