@@ -499,3 +499,38 @@ async fn mysql_projects_share_one_connection_budget() {
     assert!(open().await <= 4);
     app.stop().await;
 }
+
+/// Short requests back to back on a share of 2: a connection being reset still counts against
+/// its project, so the account never logs in past its `MAX_USER_CONNECTIONS` (which the server
+/// would refuse: a 503) and every request is answered.
+#[tokio::test]
+async fn back_to_back_requests_never_log_in_past_the_accounts_limit() {
+    let url = crate::support::mariadb::mariadb().await.admin_url.clone();
+    let app = spawn_app_with(|c| {
+        c.mysql_url = Some(url.into());
+        c.sql_project_connections = 2;
+        c.sql_queue_timeout_ms = 20_000;
+    })
+    .await;
+    let f = app.mysql_fixture().await;
+    for _ in 0..3 {
+        let tasks: Vec<_> = (0..40)
+            .map(|i| app.spawn_sql(&f.read, &f.project, &format!("SELECT {i} AS i")))
+            .collect();
+        for t in tasks {
+            let (status, body) = t.await.unwrap();
+            assert_eq!(status, 200, "{body}");
+        }
+    }
+    let held = crate::support::mariadb::mariadb()
+        .await
+        .query(&format!(
+            "SELECT count(*) FROM information_schema.PROCESSLIST WHERE USER = 'fx_{}_read'",
+            f.project
+        ))
+        .await;
+    assert!(
+        held[0][0].as_deref().unwrap().parse::<u32>().unwrap() <= 2,
+        "{held:?}"
+    );
+}
