@@ -500,9 +500,9 @@ async fn mysql_projects_share_one_connection_budget() {
     app.stop().await;
 }
 
-/// Short requests back to back on a share of 2: a connection being reset still counts against
-/// its project, so the account never logs in past its `MAX_USER_CONNECTIONS` (which the server
-/// would refuse: a 503) and every request is answered.
+/// Short requests back to back on a share of 2 are all answered (a login past the account's
+/// `MAX_USER_CONNECTIONS` would be a 503) and the account never holds more than 2 sessions:
+/// idle connections are reused, a connection being reset still counts against its project.
 #[tokio::test]
 async fn back_to_back_requests_never_log_in_past_the_accounts_limit() {
     let url = crate::support::mariadb::mariadb().await.admin_url.clone();
