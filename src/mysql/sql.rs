@@ -236,13 +236,18 @@ impl Pools {
             .permits
             .get_or_try_init(|| async {
                 let mut conn = target.admin_pool.get_conn().await?;
-                let (max, others): (i64, i64) = conn
-                    .query_first(
-                        "SELECT @@max_connections, (SELECT VARIABLE_VALUE FROM \
-                         information_schema.GLOBAL_STATUS WHERE VARIABLE_NAME = 'THREADS_CONNECTED')",
+                let max: i64 = conn
+                    .query_first("SELECT @@max_connections")
+                    .await?
+                    .unwrap_or(151);
+                // SHOW (not information_schema.GLOBAL_STATUS): MySQL 8 has no such table.
+                let others: i64 = conn
+                    .query_first::<(String, String), _>(
+                        "SHOW GLOBAL STATUS LIKE 'Threads_connected'",
                     )
                     .await?
-                    .unwrap_or((151, 0));
+                    .and_then(|(_, v)| v.parse().ok())
+                    .unwrap_or(0);
                 let left = max - others - OWN_CONNECTIONS_MARGIN;
                 let auto = (left.max(4) as usize) * 3 / 4;
                 let size = match self.budget.configured {
@@ -259,7 +264,9 @@ impl Pools {
                 Ok::<_, mysql_async::Error>((Arc::new(tokio::sync::Semaphore::new(size)), size))
             })
             .await
-            .map_err(|e| SqlError::Unavailable(format!("sizing the MySQL connection budget: {e}")))?;
+            .map_err(|e| {
+                SqlError::Unavailable(format!("sizing the MySQL connection budget: {e}"))
+            })?;
         Ok(())
     }
 
