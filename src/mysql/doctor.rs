@@ -142,6 +142,40 @@ pub async fn check(url: &str, replication_user: &str) -> anyhow::Result<Vec<Find
             ),
         });
     }
+    // MEMORY tables live in the server's RAM until dropped, sized by a session-settable
+    // max_heap_table_size: a tenant's admin key must not be able to create them.
+    if mariadb {
+        let enforced = read(&mut conn, "enforce_storage_engine").await;
+        if !enforced
+            .as_deref()
+            .is_some_and(|e| e.eq_ignore_ascii_case("InnoDB"))
+        {
+            findings.push(Finding {
+                problem: format!(
+                    "enforce_storage_engine is {}: a MySQL project's admin key can create \
+                     ENGINE=MEMORY tables, held in the server's RAM until dropped",
+                    enforced.as_deref().unwrap_or("unset")
+                ),
+                fix: format!(
+                    "SET GLOBAL enforce_storage_engine = 'InnoDB'; and set \
+                     enforce_storage_engine = InnoDB {restart}"
+                ),
+            });
+        }
+    } else {
+        let disabled = read(&mut conn, "disabled_storage_engines")
+            .await
+            .unwrap_or_default()
+            .to_ascii_uppercase();
+        if !disabled.split(',').any(|e| e.trim() == "MEMORY") {
+            findings.push(Finding {
+                problem: "disabled_storage_engines does not list MEMORY: a MySQL project's \
+                          admin key can create ENGINE=MEMORY tables, held in the server's RAM"
+                    .into(),
+                fix: format!("set disabled_storage_engines = \"MEMORY\" {restart}"),
+            });
+        }
+    }
     // The admin account's own global privileges, and whether it can grant them.
     let grantee: String = conn
         .query_first(

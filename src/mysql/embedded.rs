@@ -57,6 +57,12 @@ const SETTINGS: &[(&str, &str)] = &[
     // Routines and triggers of a project's admin (its own database only) need no SUPER: the
     // binlog is row-based, so what they do is logged as rows, never replayed as statements.
     ("log-bin-trust-function-creators", "1"),
+    // No MEMORY (or other engine's) table: a tenant's table lives on disk, in InnoDB, however
+    // it is declared (refused with NO_ENGINE_SUBSTITUTION, the default sql_mode).
+    ("enforce-storage-engine", "InnoDB"),
+    // What one session may allocate (sorts, joins, internal temporary tables, user
+    // variables): the query past it fails. Project sessions cannot raise it (crate::mysql::sql).
+    ("max-session-mem-used", "536870912"),
 ];
 
 /// The only directory `LOAD_FILE`, `LOAD DATA INFILE` and `SELECT … INTO OUTFILE` may touch

@@ -60,6 +60,10 @@ pub struct Target {
     /// The host part of every account this server creates: where the server sees us connect
     /// from (127.0.0.1 for the embedded one).
     pub client_host: String,
+    /// The `sql_mode` every project session is pinned to: the server's own without the modes
+    /// that change how SQL text is read (ANSI_QUOTES, NO_BACKSLASH_ESCAPES, the dialect
+    /// modes), so that the refusal check (`sql::refused`) reads requests as the server does.
+    pub sql_mode: String,
 }
 
 impl Mysql {
@@ -234,10 +238,11 @@ impl Target {
             .await
             .map_err(|_| anyhow!("connecting to the MySQL server timed out"))?
             .context("connecting to the MySQL server as its admin account")?;
-        let (version, user): (String, String) = conn
-            .query_first("SELECT VERSION(), USER()")
+        let (version, user, global_mode): (String, String, String) = conn
+            .query_first("SELECT VERSION(), USER(), @@GLOBAL.sql_mode")
             .await?
             .ok_or_else(|| anyhow!("SELECT VERSION() answered nothing"))?;
+        let sql_mode = session_sql_mode(&global_mode);
         drop(conn);
         let client_host = user
             .rsplit_once('@')
@@ -254,8 +259,33 @@ impl Target {
             mariadb,
             version,
             client_host,
+            sql_mode,
         })
     }
+}
+
+/// The server's `sql_mode` without the modes that change how SQL text is lexed or parsed.
+pub fn session_sql_mode(global: &str) -> String {
+    const LEXING: &[&str] = &[
+        "ANSI_QUOTES",
+        "NO_BACKSLASH_ESCAPES",
+        "ANSI",
+        "ORACLE",
+        "MSSQL",
+        "DB2",
+        "MAXDB",
+        "POSTGRESQL",
+    ];
+    global
+        .split(',')
+        .map(str::trim)
+        .filter(|m| {
+            !m.is_empty()
+                && !LEXING.contains(&m.to_ascii_uppercase().as_str())
+                && m.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
+        })
+        .collect::<Vec<_>>()
+        .join(",")
 }
 
 /// The replication account's name for an instance's secrets (see [`Mysql::replication_user`]).

@@ -23,7 +23,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use mysql_async::prelude::Queryable;
-use mysql_async::{Column, Conn, OptsBuilder, Pool, PoolConstraints, PoolOpts, Value};
+use mysql_async::{Column, Conn, Opts, OptsBuilder, Value};
 use serde_json::Value as Json;
 
 use super::render::{write_json, ColumnKind};
@@ -37,9 +37,11 @@ use crate::sql::{SqlError, SqlRequest};
 /// caller may have raised or disabled `max_statement_time` for its session).
 const GUARD_GRACE: Duration = Duration::from_secs(2);
 
-/// The SQL pools of MySQL projects.
+/// The SQL connections of MySQL projects: idle ones per (project, account), all of them within
+/// one budget for the server (see [`Budget`]).
 pub struct Pools {
-    pools: Mutex<HashMap<(String, DbRole), Pool>>,
+    idle: Arc<Mutex<IdleMap>>,
+    budget: Budget,
     /// MariaDB's JSON columns per project (table, column): MariaDB sends them as LONGTEXT,
     /// so they are known from their `json_valid` check in the catalog. Emptied by DDL.
     json_columns: Mutex<HashMap<String, Arc<JsonColumns>>>,
@@ -55,10 +57,46 @@ pub struct Pools {
     repair: tokio::sync::Mutex<()>,
 }
 
+/// Idle connections per (project, account), the most recently used last.
+type IdleMap = HashMap<(String, DbRole), Vec<Idle>>;
+
+/// A connection with its place in the budget.
+struct Held {
+    conn: Conn,
+    permit: tokio::sync::OwnedSemaphorePermit,
+}
+
+struct Idle {
+    held: Held,
+    since: Instant,
+}
+
+/// The connections all MySQL projects' sessions may hold together, as for PostgreSQL projects
+/// (`crate::sql::pool`): three quarters of what the server's `max_connections` leaves after
+/// the connections other clients hold when the first request comes and a margin for this
+/// server's own (admin pool, binlog dumps), or `sql_max_connections` if lower. A request that
+/// needs a new connection with none free closes the longest-idle connection of any project;
+/// with none idle it waits up to `sql_queue_timeout_ms`, then 429. (Not `crate::sql::pool`'s
+/// type itself: that one sizes from PostgreSQL and closes deadpool pools' connections.)
+struct Budget {
+    permits: tokio::sync::OnceCell<(Arc<tokio::sync::Semaphore>, usize)>,
+    configured: usize,
+    /// Signalled when a connection goes idle or closes (a waiting request may use it).
+    went_idle: Arc<tokio::sync::Notify>,
+}
+
+/// Connections of the server kept out of the budget besides those open when it is sized.
+const OWN_CONNECTIONS_MARGIN: i64 = 8;
+
 impl Pools {
     pub fn new(config: &Config) -> Pools {
         Pools {
-            pools: Mutex::default(),
+            idle: Arc::default(),
+            budget: Budget {
+                permits: tokio::sync::OnceCell::new(),
+                configured: config.sql_max_connections,
+                went_idle: Arc::default(),
+            },
             json_columns: Mutex::default(),
             shares: Mutex::default(),
             pool_size: config.pool_size.max(1),
@@ -72,16 +110,19 @@ impl Pools {
         }
     }
 
-    /// Closes a project's pools (deletion, suspension).
+    /// Closes a project's idle connections (deletion, suspension).
     pub fn forget_project(&self, project_id: &str) {
-        let gone: Vec<Pool> = {
-            let mut pools = self.pools.lock().expect("poisoned");
-            let keys: Vec<_> = pools
+        let gone: Vec<Idle> = {
+            let mut idle = self.idle.lock().expect("poisoned");
+            let keys: Vec<_> = idle
                 .keys()
                 .filter(|(p, _)| p == project_id)
                 .cloned()
                 .collect();
-            keys.into_iter().filter_map(|k| pools.remove(&k)).collect()
+            keys.into_iter()
+                .filter_map(|k| idle.remove(&k))
+                .flatten()
+                .collect()
         };
         self.shares.lock().expect("poisoned").remove(project_id);
         self.forget_schema(project_id);
@@ -96,24 +137,24 @@ impl Pools {
             .remove(project_id);
     }
 
-    /// Drops one pool with every connection in it (a connection of it was lost: the others,
+    /// Closes one account's idle connections (a connection of it was lost: the others,
     /// opened before the same failure, are likely dead too).
     fn forget_pool(&self, project_id: &str, role: DbRole) {
         let gone = self
-            .pools
+            .idle
             .lock()
             .expect("poisoned")
             .remove(&(project_id.to_string(), role));
-        disconnect(gone.into_iter().collect());
+        disconnect(gone.unwrap_or_default());
     }
 
     pub fn clear(&self) {
-        let gone: Vec<Pool> = self
-            .pools
+        let gone: Vec<Idle> = self
+            .idle
             .lock()
             .expect("poisoned")
             .drain()
-            .map(|(_, p)| p)
+            .flat_map(|(_, p)| p)
             .collect();
         disconnect(gone);
     }
@@ -126,19 +167,198 @@ impl Pools {
             .or_insert_with(|| Arc::new(tokio::sync::Semaphore::new(self.project_share)))
             .clone()
     }
+
+    /// An idle connection of the account, the most recently used.
+    fn take_idle(&self, key: &(String, DbRole)) -> Option<Held> {
+        let mut idle = self.idle.lock().expect("poisoned");
+        let list = idle.get_mut(key)?;
+        let held = list.pop().map(|i| i.held);
+        if list.is_empty() {
+            idle.remove(key);
+        }
+        held
+    }
+
+    /// Gives a connection back: reset (COM_RESET_CONNECTION, then the session's setup again:
+    /// variables, temporary tables, prepared statements, locks, an open transaction all gone)
+    /// and kept idle, or closed if the reset fails or the account already keeps
+    /// min(pool_size, sql_project_connections) idle. The request's share of its project is
+    /// given back only then: a connection being reset still counts against the project (so an
+    /// account never logs in more than `sql_project_connections` times, its
+    /// `MAX_USER_CONNECTIONS`).
+    fn give_back(
+        &self,
+        key: (String, DbRole),
+        held: Held,
+        share: tokio::sync::OwnedSemaphorePermit,
+    ) {
+        let idle = self.idle.clone();
+        let went_idle = self.budget.went_idle.clone();
+        let keep = self.pool_size.min(self.project_share).max(1);
+        tokio::spawn(async move {
+            let Held { mut conn, permit } = held;
+            if !matches!(
+                tokio::time::timeout(Duration::from_secs(5), conn.reset()).await,
+                Ok(Ok(true))
+            ) {
+                close(conn).await;
+                drop((permit, share));
+                went_idle.notify_waiters();
+                return;
+            }
+            let extra = {
+                let mut idle = idle.lock().expect("poisoned");
+                let list = idle.entry(key).or_default();
+                list.push(Idle {
+                    held: Held { conn, permit },
+                    since: Instant::now(),
+                });
+                (list.len() > keep).then(|| list.remove(0))
+            };
+            drop(share);
+            disconnect(extra.into_iter().collect());
+            went_idle.notify_waiters();
+        });
+    }
+
+    /// Closes a connection for good (its place in the budget is free once it is closed).
+    async fn close_held(&self, held: Held) {
+        close(held.conn).await;
+        drop(held.permit);
+        self.budget.went_idle.notify_waiters();
+    }
+
+    /// Sizes the budget from the server (once), and starts closing idle connections.
+    async fn ensure_budget(&self, target: &super::Target) -> Result<(), SqlError> {
+        let idle = Arc::downgrade(&self.idle);
+        let idle_timeout = self.idle_timeout;
+        self.budget
+            .permits
+            .get_or_try_init(|| async {
+                let mut conn = target.admin_pool.get_conn().await?;
+                let max: i64 = conn
+                    .query_first("SELECT @@max_connections")
+                    .await?
+                    .unwrap_or(151);
+                // SHOW (not information_schema.GLOBAL_STATUS): MySQL 8 has no such table.
+                let others: i64 = conn
+                    .query_first::<(String, String), _>(
+                        "SHOW GLOBAL STATUS LIKE 'Threads_connected'",
+                    )
+                    .await?
+                    .and_then(|(_, v)| v.parse().ok())
+                    .unwrap_or(0);
+                let left = max - others - OWN_CONNECTIONS_MARGIN;
+                let auto = (left.max(4) as usize) * 3 / 4;
+                let size = match self.budget.configured {
+                    0 => auto,
+                    n => n.min(auto),
+                };
+                tracing::info!(
+                    max_connections = max,
+                    other_connections = others,
+                    budget = size,
+                    "MySQL SQL connection budget"
+                );
+                tokio::spawn(close_idle(idle, idle_timeout));
+                Ok::<_, mysql_async::Error>((Arc::new(tokio::sync::Semaphore::new(size)), size))
+            })
+            .await
+            .map_err(|e| {
+                SqlError::Unavailable(format!("sizing the MySQL connection budget: {e}"))
+            })?;
+        Ok(())
+    }
+
+    /// A place for one more connection: a free one, one freed by closing the longest-idle
+    /// connection of any project, or one that frees up within `sql_queue_timeout_ms`.
+    async fn permit(&self) -> Result<tokio::sync::OwnedSemaphorePermit, SqlError> {
+        let (permits, size) = self.budget.permits.get().expect("ensure_budget ran");
+        let busy = || {
+            SqlError::Busy(format!(
+                "All {size} SQL connections of the MySQL server are in use \
+                 (sql_max_connections); retry in a moment."
+            ))
+        };
+        let deadline = tokio::time::Instant::now() + self.queue_timeout;
+        loop {
+            if let Ok(p) = permits.clone().try_acquire_owned() {
+                return Ok(p);
+            }
+            // Registered before looking for idle connections, so none going idle is missed.
+            let went_idle = self.budget.went_idle.notified();
+            tokio::pin!(went_idle);
+            went_idle.as_mut().enable();
+            // A closed connection gives its place back once it is closed.
+            self.close_longest_idle();
+            tokio::select! {
+                p = permits.clone().acquire_owned() => return p.map_err(|_| busy()),
+                _ = &mut went_idle => continue,
+                _ = tokio::time::sleep_until(deadline) => return Err(busy()),
+            }
+        }
+    }
+
+    /// Closes the connection idle longest, whatever its project.
+    fn close_longest_idle(&self) {
+        let gone = {
+            let mut idle = self.idle.lock().expect("poisoned");
+            let oldest = idle
+                .iter()
+                .filter_map(|(k, list)| list.first().map(|i| (i.since, k.clone())))
+                .min();
+            oldest.map(|(_, key)| {
+                let list = idle.get_mut(&key).expect("just seen");
+                let first = list.remove(0);
+                if list.is_empty() {
+                    idle.remove(&key);
+                }
+                first
+            })
+        };
+        disconnect(gone.into_iter().collect());
+    }
+}
+
+/// Closes connections idle for `idle_timeout`, until the pools are gone.
+async fn close_idle(idle: std::sync::Weak<Mutex<IdleMap>>, idle_timeout: Duration) {
+    let every = (idle_timeout / 4).clamp(Duration::from_millis(100), Duration::from_secs(5));
+    loop {
+        tokio::time::sleep(every).await;
+        let Some(idle) = idle.upgrade() else {
+            return;
+        };
+        let gone: Vec<Idle> = {
+            let mut idle = idle.lock().expect("poisoned");
+            let mut gone = Vec::new();
+            idle.retain(|_, list| {
+                let (old, kept): (Vec<Idle>, Vec<Idle>) = std::mem::take(list)
+                    .into_iter()
+                    .partition(|i| i.since.elapsed() >= idle_timeout);
+                gone.extend(old);
+                *list = kept;
+                !list.is_empty()
+            });
+            gone
+        };
+        disconnect(gone);
+    }
 }
 
 /// (table, column) of a database's JSON columns.
 pub type JsonColumns = std::collections::HashSet<(String, String)>;
 
-fn disconnect(pools: Vec<Pool>) {
-    if pools.is_empty() {
+/// Closes idle connections (each gives its place in the budget back once closed).
+fn disconnect(idle: Vec<Idle>) {
+    if idle.is_empty() {
         return;
     }
     if let Ok(runtime) = tokio::runtime::Handle::try_current() {
         runtime.spawn(async move {
-            for pool in pools {
-                let _ = tokio::time::timeout(Duration::from_secs(5), pool.disconnect()).await;
+            for i in idle {
+                let Held { conn, permit } = i.held;
+                close(conn).await;
+                drop(permit);
             }
         });
     }
@@ -204,27 +424,25 @@ impl Mysql {
         found
     }
 
-    fn pool(&self, target: &super::Target, project_id: &str, db_name: &str, role: DbRole) -> Pool {
-        let key = (project_id.to_string(), role);
-        let mut pools = self.sql.pools.lock().expect("poisoned");
-        if let Some(pool) = pools.get(&key) {
-            return pool.clone();
-        }
+    /// How to log in as a project's account.
+    fn opts(&self, target: &super::Target, project_id: &str, db_name: &str, role: DbRole) -> Opts {
         let user = super::provision::account_name(project_id, role);
-        let max = self.sql.pool_size.min(self.sql.project_share).max(1);
         let timeout = self.sql.statement_timeout;
-        let setup = if target.mariadb {
-            format!(
-                "SET SESSION max_statement_time = {}, time_zone = '+00:00'",
-                timeout.as_secs_f64()
-            )
+        // After every connect and every reset (COM_RESET_CONNECTION gives the server's
+        // defaults back): the statement timeout, UTC, and the reading of SQL text the
+        // refusal check assumes (`refused`): utf8mb4 (the handshake's collation) and an
+        // sql_mode without ANSI_QUOTES / NO_BACKSLASH_ESCAPES, which no request can change.
+        let limit = if target.mariadb {
+            format!("max_statement_time = {}", timeout.as_secs_f64())
         } else {
-            format!(
-                "SET SESSION max_execution_time = {}, time_zone = '+00:00'",
-                timeout.as_millis()
-            )
+            format!("max_execution_time = {}", timeout.as_millis())
         };
-        let opts = OptsBuilder::from_opts(target.admin.clone())
+        let setup = format!(
+            "SET NAMES utf8mb4 COLLATE utf8mb4_general_ci, SESSION {limit}, \
+             time_zone = '+00:00', sql_mode = '{}'",
+            target.sql_mode
+        );
+        OptsBuilder::from_opts(target.admin.clone())
             .user(Some(user.clone()))
             .pass(Some(self.account_password(&user)))
             .db_name(Some(db_name))
@@ -234,18 +452,7 @@ impl Mysql {
             .tcp_nodelay(true)
             // No file of this machine is ever sent for LOAD DATA LOCAL INFILE.
             .local_infile_handler(None::<mysql_async::WhiteListFsHandler>)
-            .pool_opts(
-                PoolOpts::default()
-                    .with_constraints(PoolConstraints::new(0, max).expect("0 ≤ max"))
-                    .with_reset_connection(true)
-                    .with_inactive_connection_ttl(self.sql.idle_timeout)
-                    .with_ttl_check_interval(
-                        (self.sql.idle_timeout / 2).max(Duration::from_secs(1)),
-                    ),
-            );
-        let pool = Pool::new(opts);
-        pools.insert(key, pool.clone());
-        pool
+            .into()
     }
 
     /// Runs a request's SQL on a MySQL project and renders the guide's success or
@@ -261,7 +468,7 @@ impl Mysql {
             .await
             .map_err(|e| SqlError::Unavailable(format!("{e:#}")))?;
         let share = self.sql.share(&project.id);
-        let _permit = tokio::time::timeout(self.sql.queue_timeout, share.acquire_owned())
+        let share = tokio::time::timeout(self.sql.queue_timeout, share.acquire_owned())
             .await
             .map_err(|_| {
                 SqlError::Busy(format!(
@@ -271,24 +478,29 @@ impl Mysql {
                 ))
             })?
             .map_err(|_| SqlError::Unavailable("the project is being closed".into()))?;
+        let key = (project.id.clone(), access.db_role);
         let mut repaired = false;
-        let mut conn = loop {
-            let pool = self.pool(target, &project.id, &project.db_name, access.db_role);
-            // The share's permit is held: a slot is free or about to be (one returning after
-            // its reset), so what is left to wait for is mostly a login, bounded like the
-            // PostgreSQL pool's connection (queue timeout + the same login bound), not by the
-            // queue timeout alone (a slow login under load is not a busy project).
-            let bound = self.sql.queue_timeout + crate::sql::LOGIN_BOUND;
-            match tokio::time::timeout(bound, pool.get_conn()).await {
+        let held = loop {
+            if let Some(held) = self.sql.take_idle(&key) {
+                break held;
+            }
+            // A place in the server-wide budget (≤ sql_queue_timeout_ms, then 429), then a
+            // login, bounded like the PostgreSQL pool's (a slow login under load is not a
+            // busy project).
+            self.sql.ensure_budget(target).await?;
+            let permit = self.sql.permit().await?;
+            let opts = self.opts(target, &project.id, &project.db_name, access.db_role);
+            match tokio::time::timeout(crate::sql::LOGIN_BOUND, Conn::new(opts)).await {
                 Err(_) => {
                     return Err(SqlError::Busy(
-                        "no connection to the project database came free in time".into(),
+                        "logging in to the project database took too long".into(),
                     ))
                 }
                 // Access denied to the project's own account (its password or the account
                 // changed behind Fluxbase's back): provisioned again, once, then retried.
                 Ok(Err(mysql_async::Error::Server(e))) if e.code == 1045 && !repaired => {
                     repaired = true;
+                    drop(permit);
                     tracing::warn!(project_id = %project.id, role = ?access.db_role,
                         "the project account was refused its login (1045): provisioning it again");
                     self.sql.forget_pool(&project.id, access.db_role);
@@ -304,9 +516,10 @@ impl Mysql {
                     self.sql.forget_pool(&project.id, access.db_role);
                     return Err(SqlError::Unavailable(e.to_string()));
                 }
-                Ok(Ok(conn)) => break conn,
+                Ok(Ok(conn)) => break Held { conn, permit },
             }
         };
+        let Held { mut conn, permit } = held;
         let connection_id = conn.id();
         let budget = self.sql.statement_timeout + GUARD_GRACE;
         let (max_rows, max_bytes) = (self.sql.max_rows, self.sql.max_response_bytes);
@@ -345,34 +558,34 @@ impl Mysql {
             Ok((set, statement)) => {
                 if in_transaction(&conn) {
                     // Not left for the reset to end: never pooled again.
-                    close(conn).await;
+                    self.sql.close_held(Held { conn, permit }).await;
                 } else {
-                    drop(conn);
+                    self.sql.give_back(key, Held { conn, permit }, share);
                 }
                 Ok(render_success(&set, &statement, elapsed, max_bytes))
             }
             Err(Failure::Params(message)) => {
-                drop(conn);
+                self.sql.give_back(key, Held { conn, permit }, share);
                 Ok(render_error(&message, 2031, "HY000"))
             }
             Err(Failure::Db(mysql_async::Error::Server(e))) => {
                 if xa_error(e.code) || in_transaction(&conn) {
                     tracing::warn!(project_id = %project.id, code = e.code,
                         "a MySQL session left in a transaction or an XA state is closed");
-                    close(conn).await;
+                    self.sql.close_held(Held { conn, permit }).await;
                 } else {
-                    drop(conn);
+                    self.sql.give_back(key, Held { conn, permit }, share);
                 }
                 Ok(render_error(&e.message, e.code, &e.state))
             }
             Err(Failure::Db(mysql_async::Error::Driver(e))) => {
                 // The request's fault (a parameter count, LOAD DATA LOCAL), but the session
                 // may be mid-protocol: it is not pooled again.
-                close(conn).await;
+                self.sql.close_held(Held { conn, permit }).await;
                 Ok(driver_error(&e))
             }
             Err(Failure::Db(e)) | Err(Failure::Broken(e)) => {
-                close(conn).await;
+                self.sql.close_held(Held { conn, permit }).await;
                 tracing::warn!(project_id = %project.id, error = %e, "MySQL connection lost");
                 self.sql.forget_pool(&project.id, access.db_role);
                 Err(SqlError::Unavailable(e.to_string()))
@@ -772,13 +985,75 @@ fn refused_at(sql: &str, depth: usize) -> Option<String> {
     if depth > 4 {
         return Some("dynamic SQL nested this deep is not accepted".into());
     }
+    // MariaDB ends a comment at a NUL byte and refuses one in plain text: not worth reading
+    // the same way, refused (a string holds one as `\0`, or a parameter).
+    if sql.contains('\0') {
+        return Some(
+            "a NUL character is accepted on MySQL projects only as `\\0` in a string literal \
+             or in params"
+                .into(),
+        );
+    }
     let mut toks = Vec::new();
     scan(sql, &mut toks);
+    if toks.contains(&Tok::Executable) {
+        // Run or skipped by the server's version number: two readings of the same text.
+        return Some(
+            "executable comments (/*! … */, /*M! … */) are not accepted on MySQL projects: \
+             write the statement plainly"
+                .into(),
+        );
+    }
     let word = |i: usize| match toks.get(i) {
         Some(Tok::Word(w)) => w.as_str(),
         _ => "",
     };
+    // A word or a `quoted` name.
+    let name = |i: usize| match toks.get(i) {
+        Some(Tok::Word(w) | Tok::Ident(w)) => w.as_str(),
+        _ => "",
+    };
+    // What `SET NAMES` / `SET CHARACTER SET` take: a character set's name (a word, a string,
+    // a `quoted` name) or DEFAULT; any other word is an error of the server's.
+    let charset_at = |i: usize| match toks.get(i) {
+        Some(Tok::Str(_) | Tok::Ident(_)) => true,
+        Some(Tok::Word(w)) => {
+            w == "DEFAULT" || w == "BINARY" || CHARSETS.contains(&w.to_lowercase().as_str())
+        }
+        _ => false,
+    };
+    // Where an option of a SET statement starts (`SET x`, `SET a = 1, x`, `SET STATEMENT x`).
+    let set_option_at = |i: usize| {
+        i > 0
+            && (toks[i - 1] == Tok::Other(',')
+                || matches!(
+                    word(i - 1),
+                    "SET" | "STATEMENT" | "SESSION" | "LOCAL" | "GLOBAL"
+                ))
+    };
     for i in 0..toks.len() {
+        if LEXING_VARIABLES.contains(&name(i))
+            && matches!(toks.get(i + 1), Some(Tok::Other('=' | ':')))
+        {
+            return Some(lexing_refused(name(i)));
+        }
+        if MEMORY_VARIABLES.contains(&name(i))
+            && matches!(toks.get(i + 1), Some(Tok::Other('=' | ':')))
+        {
+            return Some(format!(
+                "{} cannot be changed on MySQL projects: it bounds the memory one session \
+                 holds on the shared server",
+                name(i).to_lowercase()
+            ));
+        }
+        if set_option_at(i)
+            && ((word(i) == "NAMES" || word(i) == "CHARSET") && charset_at(i + 1)
+                || matches!(word(i), "CHAR" | "CHARACTER")
+                    && word(i + 1) == "SET"
+                    && charset_at(i + 2))
+        {
+            return Some(lexing_refused(&format!("SET {}", word(i))));
+        }
         match word(i) {
             "XA" if matches!(
                 word(i + 1),
@@ -841,6 +1116,49 @@ fn refused_at(sql: &str, depth: usize) -> Option<String> {
     None
 }
 
+/// The session variables that decide how the server splits and reads SQL text: the refusal
+/// check reads a request as the pinned session reads it (`sql_mode` without ANSI_QUOTES /
+/// NO_BACKSLASH_ESCAPES, utf8mb4), so nothing of a request may change them for what follows
+/// (`NO_BACKSLASH_ESCAPES` would turn `'\'; XA START 'x'; …'` into three statements; a gbk
+/// lead byte swallows a backslash).
+const LEXING_VARIABLES: &[&str] = &[
+    "SQL_MODE",
+    "CHARACTER_SET_CLIENT",
+    "CHARACTER_SET_CONNECTION",
+    "CHARACTER_SET_RESULTS",
+    "COLLATION_CONNECTION",
+];
+
+/// Session variables that bound what one session holds in the server's memory (the server's
+/// settings stand: `max_session_mem_used`, internal temporary tables in memory up to
+/// min(tmp_table_size, max_heap_table_size), then on disk) or keep tables out of it.
+const MEMORY_VARIABLES: &[&str] = &[
+    "MAX_SESSION_MEM_USED",
+    "MAX_HEAP_TABLE_SIZE",
+    "TMP_TABLE_SIZE",
+    "TMP_MEMORY_TABLE_SIZE",
+    "ENFORCE_STORAGE_ENGINE",
+    "DEFAULT_STORAGE_ENGINE",
+    "DEFAULT_TMP_STORAGE_ENGINE",
+];
+
+/// MariaDB's and MySQL's character set names (`SHOW CHARACTER SET`), for `SET NAMES x`.
+const CHARSETS: &[&str] = &[
+    "armscii8", "ascii", "big5", "binary", "cp1250", "cp1251", "cp1256", "cp1257", "cp850",
+    "cp852", "cp866", "cp932", "dec8", "eucjpms", "euckr", "gb18030", "gb2312", "gbk", "geostd8",
+    "greek", "hebrew", "hp8", "keybcs2", "koi8r", "koi8u", "latin1", "latin2", "latin5", "latin7",
+    "macce", "macroman", "sjis", "swe7", "tis620", "ucs2", "ujis", "utf16", "utf16le", "utf32",
+    "utf8", "utf8mb3", "utf8mb4",
+];
+
+fn lexing_refused(what: &str) -> String {
+    format!(
+        "{} cannot be changed on MySQL projects: the session's sql_mode and character set \
+         (utf8mb4) are fixed, since they decide how the server reads the rest of the request",
+        what.to_lowercase()
+    )
+}
+
 /// The text of dynamic SQL: adjacent string literals (MySQL concatenates them), checked as SQL.
 fn literal_refused(rest: &[Tok], what: &str, depth: usize) -> Option<String> {
     let mut text = String::new();
@@ -869,7 +1187,11 @@ fn literal_refused(rest: &[Tok], what: &str, depth: usize) -> Option<String> {
 enum Tok {
     Word(String),
     Str(String),
-    Ident,
+    /// A `` `quoted` `` identifier's name (uppercase).
+    Ident(String),
+    /// An executable comment (`/*! … */`, `/*M! … */`): its content is scanned as SQL too,
+    /// but whether the server runs it depends on its version number.
+    Executable,
     Other(char),
 }
 
@@ -898,12 +1220,13 @@ fn scan(sql: &str, out: &mut Vec<Tok>) {
                 let b = text.as_bytes();
                 match b[0] {
                     b'\'' | b'"' => out.push(Tok::Str(unquote(text))),
-                    b'`' => out.push(Tok::Ident),
-                    b'/' if text.starts_with("/*!") || text.starts_with("/*M!") => {
+                    b'`' => out.push(Tok::Ident(unquote_ident(text).to_uppercase())),
+                    b'/' if executable_comment(text) => {
+                        out.push(Tok::Executable);
                         // An executable comment: the server runs what is inside.
-                        let inner = text
-                            .trim_start_matches("/*M!")
-                            .trim_start_matches("/*!")
+                        let inner = text[2..]
+                            .trim_start_matches(['M', 'm'])
+                            .trim_start_matches('!')
                             .trim_start_matches(|c: char| c.is_ascii_digit());
                         let inner = inner.strip_suffix("*/").unwrap_or(inner);
                         // Shorter than `text`: the recursion ends.
@@ -915,6 +1238,18 @@ fn scan(sql: &str, out: &mut Vec<Tok>) {
             }
         }
     }
+}
+
+/// A `` `quoted` `` identifier's name.
+fn unquote_ident(text: &str) -> String {
+    let body = text.strip_prefix('`').unwrap_or(text);
+    body.strip_suffix('`').unwrap_or(body).replace("``", "`")
+}
+
+/// Whether a comment is one the server may run (`/*!…`, `/*M!…`).
+fn executable_comment(text: &str) -> bool {
+    let b = text.as_bytes();
+    b.get(2) == Some(&b'!') || (matches!(b.get(2), Some(b'M' | b'm')) && b.get(3) == Some(&b'!'))
 }
 
 /// A string literal's content: quotes taken off, `''` and `\x` read as MySQL reads them.
@@ -1109,9 +1444,12 @@ impl<'a> Iterator for Lexer<'a> {
         let starts_special = |i: usize| -> bool {
             match b[i] {
                 b'\'' | b'"' | b'`' | b'#' => true,
+                // MariaDB: `--` then a space or any control character (`\x0b`, `\x01`: its
+                // `my_isspace || my_iscntrl`), or the end.
                 b'-' => {
                     b.get(i + 1) == Some(&b'-')
-                        && b.get(i + 2).is_none_or(|c| c.is_ascii_whitespace())
+                        && b.get(i + 2)
+                            .is_none_or(|c| c.is_ascii_whitespace() || c.is_ascii_control())
                 }
                 b'/' => b.get(i + 1) == Some(&b'*'),
                 _ => false,
@@ -1186,6 +1524,7 @@ mod tests {
             "/*!XA RECOVER*/",
             "/*!50000 XA RECOVER */",
             "/*M!100500 XA ROLLBACK 'x' */",
+            "SELECT '\\'' XA RECOVER",
             "CREATE PROCEDURE p() BEGIN XA RECOVER; END",
             "EXECUTE IMMEDIATE 'XA RECOVER'",
             "EXECUTE IMMEDIATE 'XA ' 'RECOVER'",
@@ -1225,6 +1564,155 @@ mod tests {
         ] {
             assert_eq!(refused(sql), None, "{sql}");
         }
+    }
+
+    /// The red team's repros (a request changing how the server reads its own rest) and
+    /// every other way to change the reading: refused whatever the scope.
+    #[test]
+    fn nothing_of_a_request_changes_how_the_server_reads_it() {
+        for sql in [
+            "SET sql_mode='NO_BACKSLASH_ESCAPES'; SELECT '\\'; XA START 'x'; INSERT INTO t(v) \
+             VALUES ('a'); XA END 'x'; XA PREPARE 'x'; SELECT '\\'",
+            "SET NAMES gbk; SELECT '中\\', IS_FREE_LOCK('x') -- '",
+            "SET sql_mode = 'ANSI_QUOTES'; SELECT \"a\\\"; XA RECOVER; \"",
+            "set @@session.sql_mode := ''",
+            "SET LOCAL sql_mode = DEFAULT",
+            "SET @a = 1, `sql_mode` = 'ORACLE'",
+            "SET @@`SQL_MODE`='MSSQL'",
+            "SET STATEMENT sql_mode='NO_BACKSLASH_ESCAPES' FOR EXECUTE IMMEDIATE 'SELECT 1'",
+            "SET character_set_client = gbk",
+            "SET collation_connection = 'gbk_chinese_ci'",
+            "SET @@character_set_connection=big5",
+            "SET NAMES 'sjis'",
+            "SET NAMES `gbk` COLLATE gbk_bin",
+            "SET NAMES DEFAULT",
+            "SET @x = 1, NAMES gbk",
+            "SET CHARACTER SET gbk",
+            "SET CHAR SET big5",
+            "set charset cp932",
+            "CREATE PROCEDURE p() BEGIN SET sql_mode = 'NO_BACKSLASH_ESCAPES'; \
+             EXECUTE IMMEDIATE 'SELECT 1'; END",
+            "CREATE PROCEDURE p() BEGIN DECLARE CONTINUE HANDLER FOR SQLEXCEPTION SET NAMES \
+             gbk; SELECT 1; END",
+            "/*!99999 ' */ SELECT GET_LOCK('a', 1) -- '",
+            "/*!SELECT '*/' , GET_LOCK('a',1) -- '*/",
+            "/*m!100000 SELECT 1 */",
+            "SELECT 1 --\x01 '\n, GET_LOCK('a',1) -- '",
+            "SELECT 1 # \0 '\n, GET_LOCK('a',1) -- '",
+            "SET SESSION max_heap_table_size = 1073741824",
+            "SET @@max_session_mem_used := 0",
+            "SET STATEMENT tmp_table_size = 1e9 FOR SELECT 1",
+            "SET enforce_storage_engine = NULL",
+        ] {
+            assert!(refused(sql).is_some(), "{sql} was not refused");
+        }
+        assert!(refused("SET NAMES gbk").unwrap().contains("set names"));
+        // `--` and a control character: a comment, as MariaDB reads it.
+        assert_eq!(split_statements("SELECT 1 --\x0b; x\nSELECT 2").len(), 1);
+        for sql in [
+            "SELECT @@sql_mode, @@character_set_client",
+            "CREATE TABLE t (a TEXT CHARACTER SET latin1, b TEXT CHARSET utf8mb4)",
+            "CREATE TABLE t (a int) ENGINE=InnoDB, CHARSET=latin1",
+            "ALTER TABLE t CONVERT TO CHARACTER SET utf8mb4",
+            "SELECT a, names FROM t",
+            "UPDATE t SET names = 'x', charset = 'y'",
+            "INSERT INTO t (id, names) VALUES (1, 'SET NAMES gbk')",
+            "SELECT 'sql_mode = 1' -- sql_mode = 1",
+            "SELECT 1 --x",
+            "/* SET NAMES gbk */ SELECT 1",
+        ] {
+            assert_eq!(refused(sql), None, "{sql}");
+        }
+    }
+
+    /// Every way to write an assignment of each pinned variable (mode × form × value × letter
+    /// case, the case drawn from a fixed-seed generator): all refused; the same words read
+    /// (not assigned) are not.
+    #[test]
+    fn every_form_of_changing_the_reading_is_refused() {
+        let mut seed = 0x2545_f491_4f6c_dd1du64;
+        let mut mixed_case = |s: &str| -> String {
+            s.chars()
+                .map(|c| {
+                    seed ^= seed << 13;
+                    seed ^= seed >> 7;
+                    seed ^= seed << 17;
+                    if seed & 1 == 0 {
+                        c.to_ascii_uppercase()
+                    } else {
+                        c.to_ascii_lowercase()
+                    }
+                })
+                .collect()
+        };
+        let forms = [
+            "SET {v} = {x}",
+            "SET SESSION {v}={x}",
+            "SET LOCAL {v} = {x}",
+            "SET @@{v} := {x}",
+            "SET @@session.{v} = {x}",
+            "SET @@local.`{v}` = {x}",
+            "SET `{v}` = {x}",
+            "SET @a = 1, {v} = {x}",
+            "set /* c */ {v} /* d */ = {x}",
+            "SET {v}\n-- c\n= {x}",
+            "SET STATEMENT {v} = {x} FOR SELECT 1",
+            "SET STATEMENT max_statement_time = 1, {v} = {x} FOR SELECT 1",
+            "SELECT 1; SET {v} = {x}; SELECT '\\'",
+            "CREATE PROCEDURE p() BEGIN SET {v} = {x}; END",
+            "CREATE PROCEDURE p() BEGIN DECLARE EXIT HANDLER FOR SQLEXCEPTION SET {v} = {x}; END",
+            "CREATE TRIGGER tr BEFORE INSERT ON t FOR EACH ROW SET {v} = {x}",
+        ];
+        let values = [
+            "'NO_BACKSLASH_ESCAPES'",
+            "'ANSI_QUOTES'",
+            "'ORACLE'",
+            "DEFAULT",
+            "@saved",
+            "'gbk'",
+            "CONCAT('ANSI', '_QUOTES')",
+        ];
+        let mut count = 0;
+        for v in LEXING_VARIABLES.iter().chain(MEMORY_VARIABLES) {
+            for form in forms {
+                for x in values {
+                    let sql = form.replace("{v}", &mixed_case(v)).replace("{x}", x);
+                    assert!(refused(&sql).is_some(), "{sql} was not refused");
+                    count += 1;
+                }
+            }
+            let read = format!("SELECT @@{}, @@session.{} AS x", mixed_case(v), v);
+            assert_eq!(refused(&read), None, "{read}");
+        }
+        for charset in ["gbk", "'big5'", "`sjis`", "DEFAULT", "cp932", "utf8mb4"] {
+            for form in [
+                "SET NAMES {c}",
+                "SET NAMES {c} COLLATE x",
+                "SET @a = 1, NAMES {c}",
+                "SET CHARACTER SET {c}",
+                "SET CHAR SET {c}",
+                "SET CHARSET {c}",
+                "SET @a = 1, CHARSET {c}",
+                "CREATE PROCEDURE p() BEGIN SET NAMES {c}; END",
+            ] {
+                let sql = mixed_case(&form.replace("{c}", charset));
+                assert!(refused(&sql).is_some(), "{sql} was not refused");
+                count += 1;
+            }
+        }
+        assert!(count > 700, "{count}");
+    }
+
+    #[test]
+    fn the_session_sql_mode_keeps_no_mode_that_changes_the_reading() {
+        assert_eq!(
+            crate::mysql::session_sql_mode(
+                "STRICT_TRANS_TABLES,ANSI_QUOTES,NO_BACKSLASH_ESCAPES,ORACLE,PIPES_AS_CONCAT"
+            ),
+            "STRICT_TRANS_TABLES,PIPES_AS_CONCAT"
+        );
+        assert_eq!(crate::mysql::session_sql_mode(""), "");
+        assert_eq!(crate::mysql::session_sql_mode("A'B,C"), "C");
     }
 
     #[test]

@@ -13,7 +13,7 @@ use super::filter::{parse_filter, Interest};
 use super::revoke::{KeyBinding, MemberChange};
 use super::room::Member;
 use super::socket::SocketShared;
-use super::token::TOKEN_PREFIX;
+use super::token::{MYSQL_NO_AUTH_UID, TOKEN_PREFIX};
 use super::{Realtime, RealtimeError};
 use crate::auth::{DbRole, Principal};
 use crate::visibility::Identity;
@@ -84,10 +84,18 @@ impl Realtime {
         let project = host.load_project(project_id).await?.ok_or_else(|| {
             RealtimeError::ProjectNotFound("No project found for the given projectId.".into())
         })?;
+        let mysql = project.engine == crate::projects::Engine::Mysql;
+        if mysql && !named_uid.is_null() {
+            return Err(RealtimeError::BadRequest(MYSQL_NO_AUTH_UID.into()));
+        }
         match msg["token"].as_str().filter(|t| !t.is_empty()) {
             Some(token) if token.starts_with(TOKEN_PREFIX) => {
                 let mut claims = self.verify_token(token)?;
                 expires = Some(claims.e);
+                // A key's token minted with an authUid (before MySQL projects refused it).
+                if mysql && claims.u.is_some() && claims.m.is_none() {
+                    return Err(RealtimeError::BadRequest(MYSQL_NO_AUTH_UID.into()));
+                }
                 if claims.p != project.id {
                     return Err(RealtimeError::ScopeMismatch(
                         "This token belongs to another project.".into(),

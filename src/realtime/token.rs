@@ -10,6 +10,12 @@ use super::{Realtime, RealtimeError};
 use crate::auth::{Access, DbRole, Principal};
 use crate::secrets::Secrets;
 
+/// Why `authUid` is refused for a MySQL project (as `/api/execute-sql` refuses it): without
+/// row-level security a subscriber named for one end user would receive every user's rows.
+pub(super) const MYSQL_NO_AUTH_UID: &str = "authUid: row-level security does not exist on \
+     MySQL projects (engine \"mysql\"): a subscription for one end user would receive every \
+     user's rows; subscribe without authUid";
+
 pub(super) const TOKEN_PREFIX: &str = "flx_rt_";
 
 /// Claims of a realtime token.
@@ -126,6 +132,9 @@ impl Realtime {
             ));
         }
         if let Some(uid) = &req.auth_uid {
+            if access.project.engine == crate::projects::Engine::Mysql {
+                return Err(RealtimeError::BadRequest(MYSQL_NO_AUTH_UID.into()));
+            }
             crate::rls::valid_uid(uid, "authUid")
                 .map_err(|e| RealtimeError::BadRequest(e.to_string()))?;
             if access.principal.user_id().is_some_and(|me| me != uid) {

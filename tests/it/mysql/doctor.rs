@@ -131,7 +131,8 @@ async fn files_reachable_from_sql_and_routines_refused_to_project_admins_are_rep
         &server,
         "GRANT FILE ON *.* TO 'fluxbase'@'127.0.0.1'; \
          CREATE USER 'fx_0123456789abcdef_admin'@'127.0.0.1' IDENTIFIED BY 'pw'; \
-         GRANT FILE ON *.* TO 'fx_0123456789abcdef_admin'@'127.0.0.1'",
+         GRANT FILE ON *.* TO 'fx_0123456789abcdef_admin'@'127.0.0.1'; \
+         SET GLOBAL enforce_storage_engine = NULL",
     );
     let url = server.admin_url();
     let findings = fluxbase::mysql::doctor::check(&url, "x").await.unwrap();
@@ -147,6 +148,10 @@ async fn files_reachable_from_sql_and_routines_refused_to_project_admins_are_rep
         (
             "log_bin_trust_function_creators is off",
             "SET GLOBAL log_bin_trust_function_creators = 1",
+        ),
+        (
+            "enforce_storage_engine is unset",
+            "SET GLOBAL enforce_storage_engine = 'InnoDB'",
         ),
         (
             "'fluxbase'@'127.0.0.1' has FILE",
@@ -168,6 +173,7 @@ async fn files_reachable_from_sql_and_routines_refused_to_project_admins_are_rep
     as_root(
         &server,
         "SET GLOBAL log_bin_trust_function_creators = 1; \
+         SET GLOBAL enforce_storage_engine = 'InnoDB'; \
          REVOKE FILE ON *.* FROM 'fluxbase'@'127.0.0.1'; \
          REVOKE FILE ON *.* FROM 'fx_0123456789abcdef_admin'@'127.0.0.1'",
     );

@@ -419,3 +419,118 @@ async fn a_crashed_mysql_server_is_503_then_recovers() {
         .unwrap()
         .unwrap();
 }
+
+/// MySQL projects share one connection budget (here 4 places, a share of 3 per project):
+/// one project's busy connections leave the rest to another, its idle ones are closed to make
+/// room for another's, and past the budget a request waits `sql_queue_timeout_ms` and gets
+/// 429 naming `sql_max_connections`, never the server's own "Too many connections".
+#[tokio::test]
+async fn mysql_projects_share_one_connection_budget() {
+    use std::time::{Duration, Instant};
+    let url = crate::support::mariadb::mariadb().await.admin_url.clone();
+    let app = spawn_app_with(|c| {
+        c.mysql_url = Some(url.into());
+        c.sql_max_connections = 4;
+        c.sql_project_connections = 3;
+        c.sql_queue_timeout_ms = 1_500;
+        c.sql_idle_timeout_secs = 600;
+    })
+    .await;
+    let a = app.mysql_fixture().await;
+    let b = app.mysql_fixture().await;
+    let open = || async {
+        let rows = crate::support::mariadb::mariadb()
+            .await
+            .query(&format!(
+                "SELECT COUNT(*) FROM information_schema.PROCESSLIST WHERE USER LIKE 'fx\\_{}\\_%' \
+                 OR USER LIKE 'fx\\_{}\\_%'",
+                a.project, b.project
+            ))
+            .await;
+        rows[0][0].as_deref().unwrap().parse::<usize>().unwrap()
+    };
+    // A holds three places.
+    let sleeps: Vec<_> = (0..3)
+        .map(|_| app.spawn_sql(&a.read, &a.project, "SELECT SLEEP(2) AS s"))
+        .collect();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while open().await < 3 {
+        assert!(Instant::now() < deadline, "A's requests never ran");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // B gets the fourth at once.
+    assert_eq!(
+        app.rows(&b.read, &b.project, "SELECT 1 AS one").await,
+        vec![json!({"one": 1})]
+    );
+    for task in sleeps {
+        let (status, body) = task.await.unwrap();
+        assert_eq!(status, 200, "{body}");
+    }
+    // A's three are idle now: B's three at once close them to make room.
+    let tasks: Vec<_> = (0..3)
+        .map(|_| app.spawn_sql(&b.read, &b.project, "SELECT SLEEP(1) AS s"))
+        .collect();
+    for task in tasks {
+        let (status, body) = task.await.unwrap();
+        assert_eq!(status, 200, "{body}");
+    }
+    assert!(open().await <= 4);
+    // Six requests of 3 s for four places: two wait 1.5 s and are told to retry.
+    let tasks: Vec<_> = (0..6)
+        .map(|i| {
+            let f = if i % 2 == 0 { &a } else { &b };
+            app.spawn_sql(&f.read, &f.project, "SELECT SLEEP(3) AS s")
+        })
+        .collect();
+    let (mut answered, mut refused) = (0, 0);
+    for task in tasks {
+        let (status, body) = task.await.unwrap();
+        match status {
+            200 => answered += 1,
+            429 => {
+                assert!(body.contains("sql_max_connections"), "{body}");
+                refused += 1;
+            }
+            other => panic!("{other}: {body}"),
+        }
+    }
+    assert_eq!((answered, refused), (4, 2));
+    assert!(open().await <= 4);
+    app.stop().await;
+}
+
+/// Short requests back to back on a share of 2 are all answered (a login past the account's
+/// `MAX_USER_CONNECTIONS` would be a 503) and the account never holds more than 2 sessions:
+/// idle connections are reused, a connection being reset still counts against its project.
+#[tokio::test]
+async fn back_to_back_requests_never_log_in_past_the_accounts_limit() {
+    let url = crate::support::mariadb::mariadb().await.admin_url.clone();
+    let app = spawn_app_with(|c| {
+        c.mysql_url = Some(url.into());
+        c.sql_project_connections = 2;
+        c.sql_queue_timeout_ms = 20_000;
+    })
+    .await;
+    let f = app.mysql_fixture().await;
+    for _ in 0..3 {
+        let tasks: Vec<_> = (0..40)
+            .map(|i| app.spawn_sql(&f.read, &f.project, &format!("SELECT {i} AS i")))
+            .collect();
+        for t in tasks {
+            let (status, body) = t.await.unwrap();
+            assert_eq!(status, 200, "{body}");
+        }
+    }
+    let held = crate::support::mariadb::mariadb()
+        .await
+        .query(&format!(
+            "SELECT count(*) FROM information_schema.PROCESSLIST WHERE USER = 'fx_{}_read'",
+            f.project
+        ))
+        .await;
+    assert!(
+        held[0][0].as_deref().unwrap().parse::<u32>().unwrap() <= 2,
+        "{held:?}"
+    );
+}

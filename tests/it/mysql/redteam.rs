@@ -697,3 +697,102 @@ async fn a_link_left_in_the_embedded_clusters_root_is_never_followed() {
     drop(client);
     cluster.stop().unwrap();
 }
+
+/// The red team's repros: a request changing how the server reads the rest of itself
+/// (`sql_mode`, the character set) to hide XA, user locks or a password change from the
+/// refusal check. Each is refused before anything runs, for every scope; the session every
+/// request starts in reads SQL as the check does (utf8mb4, no NO_BACKSLASH_ESCAPES /
+/// ANSI_QUOTES), and a routine that changes them (one created behind the API's back, as
+/// before this check) leaves nothing changed for the statements after its CALL.
+#[tokio::test]
+async fn a_request_cannot_change_how_the_server_reads_it() {
+    let app = spawn_mysql_app().await;
+    let a = app.mysql_fixture().await;
+    let b = app.mysql_fixture().await;
+    app.rows(&a.admin, &a.project, "CREATE TABLE t (v text)")
+        .await;
+    let attacks = [
+        "SET sql_mode='NO_BACKSLASH_ESCAPES'; SELECT '\\'; XA START 'fxm'; INSERT INTO t(v) \
+         VALUES ('a'); XA END 'fxm'; XA PREPARE 'fxm'; SELECT '\\'",
+        "SET NAMES gbk; SELECT '中\\', IS_FREE_LOCK('x') -- '",
+        "SET sql_mode='ANSI_QUOTES'; SELECT \"a\\\"; XA START 'fxm'; \"",
+        "SET STATEMENT sql_mode='NO_BACKSLASH_ESCAPES' FOR EXECUTE IMMEDIATE \
+         'SELECT ''\\'', GET_LOCK(''x'', 0) -- '''",
+        "SET CHARACTER SET gbk; SELECT '中\\', GET_LOCK('x', 0) -- '",
+        "SET @@session.character_set_client = 'gbk'; SELECT '中\\', GET_LOCK('x', 0) -- '",
+        "/*!99999 ' */ SELECT GET_LOCK('x', 0) -- '",
+        "SELECT 1 --\u{1} '\n, GET_LOCK('x', 0) -- '",
+        "SET sql_mode='NO_BACKSLASH_ESCAPES'; SELECT '\\'; SET PASSWORD = PASSWORD('x'); SELECT '\\'",
+    ];
+    for sql in attacks {
+        for key in [&a.read, &a.readwrite, &a.admin] {
+            let body = app.sql(key, &a.project, sql).await;
+            assert_eq!(code(&body), 1227, "{sql}: {body}");
+        }
+    }
+    // Nothing ran: no row, no XA branch for another tenant to list or commit, no lock held.
+    assert_eq!(
+        app.rows(&a.read, &a.project, "SELECT COUNT(*) AS n FROM t")
+            .await,
+        vec![json!({"n": 0})]
+    );
+    let xa = mariadb().await.query("XA RECOVER").await;
+    assert!(xa.iter().all(|r| r[3].as_deref() != Some("fxm")), "{xa:?}");
+    let locks = mariadb().await.query("SELECT IS_USED_LOCK('x')").await;
+    assert_eq!(locks, vec![vec![None]]);
+    // Another tenant's read key sees no XA (and may not ask).
+    assert_eq!(
+        code(&app.sql(&b.read, &b.project, "XA RECOVER").await),
+        1227
+    );
+    // The session as every request starts it (read, not set: reading is allowed).
+    let pinned = "SELECT @@session.sql_mode AS m, @@character_set_client AS c, \
+                  @@collation_connection AS k";
+    let row = &app.rows(&a.read, &a.project, pinned).await[0];
+    let mode = row["m"].as_str().unwrap();
+    assert!(
+        !mode.contains("NO_BACKSLASH_ESCAPES") && !mode.contains("ANSI_QUOTES"),
+        "{row}"
+    );
+    assert_eq!(row["c"], "utf8mb4", "{row}");
+    assert_eq!(row["k"], "utf8mb4_general_ci", "{row}");
+    // A routine created outside the API that changes both: MariaDB gives the caller's back
+    // when it returns, so the statements after the CALL are read as checked.
+    let mut conn = crate::support::mariadb::project_conn(&a.project).await;
+    use fluxbase::mysql::mysql_async::prelude::Queryable;
+    conn.query_drop(
+        "CREATE PROCEDURE lexing() BEGIN SET sql_mode = 'NO_BACKSLASH_ESCAPES,ANSI_QUOTES'; \
+         SET NAMES gbk; END",
+    )
+    .await
+    .unwrap();
+    conn.query_drop(format!(
+        "GRANT EXECUTE ON PROCEDURE fx_{0}.lexing TO 'fx_{0}_readwrite'@'127.0.0.1'",
+        a.project
+    ))
+    .await
+    .unwrap();
+    drop(conn);
+    let body = app
+        .sql(
+            &a.readwrite,
+            &a.project,
+            &format!("CALL lexing(); {pinned}"),
+        )
+        .await;
+    let row = &body["result"]["rows"][0];
+    assert!(
+        !row["m"].as_str().unwrap().contains("NO_BACKSLASH"),
+        "{body}"
+    );
+    assert_eq!(row["c"], "utf8mb4", "{body}");
+    // And the string the attack relies on is still read with its backslash escape.
+    let body = app
+        .sql(
+            &a.readwrite,
+            &a.project,
+            "CALL lexing(); SELECT 'a\\'b' AS s",
+        )
+        .await;
+    assert_eq!(body["result"]["rows"][0]["s"], "a'b", "{body}");
+}

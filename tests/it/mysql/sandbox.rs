@@ -276,3 +276,109 @@ async fn the_replication_account_reads_the_binlog_and_nothing_else() {
     }
     let _ = conn.disconnect().await;
 }
+
+/// Realtime `authUid` on a MySQL project (a token minted for an end user, a subscribe naming
+/// one) is refused naming the engine, as on `/api/execute-sql`: without row-level security
+/// that subscriber would receive every user's rows. Without authUid both still work.
+#[tokio::test]
+async fn realtime_auth_uid_is_refused_naming_the_engine() {
+    use crate::support::ws::{connect, recv, send};
+    let app = spawn_mysql_app().await;
+    let f = app.mysql_fixture().await;
+    for key in [&f.read, &f.admin] {
+        let (status, body) = app
+            .call(
+                "POST",
+                "/api/realtime/token",
+                Some(key),
+                Some(json!({ "projectId": f.project, "authUid": "alice" })),
+            )
+            .await;
+        assert_eq!(status, 400, "{body}");
+        assert!(
+            body["error"]["message"].as_str().unwrap().contains("MySQL"),
+            "{body}"
+        );
+    }
+    let (status, body) = app
+        .call(
+            "POST",
+            "/api/realtime/token",
+            Some(&f.read),
+            Some(json!({ "projectId": f.project })),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let token = body["token"].as_str().unwrap().to_string();
+    let room = format!("project_{}", f.project);
+    for (credential, uid) in [(&f.read, true), (&token, true), (&token, false)] {
+        let mut ws = connect(&app, "/").await;
+        let mut msg = json!({ "type": "subscribe", "roomId": room, "token": credential });
+        if uid {
+            msg["authUid"] = json!("alice");
+        }
+        send(&mut ws, msg).await;
+        let answer = recv(&mut ws).await;
+        if uid {
+            assert_eq!(answer["type"], "error", "{answer}");
+            assert_eq!(answer["code"], "BAD_MESSAGE", "{answer}");
+            assert!(answer.to_string().contains("MySQL"), "{answer}");
+        } else {
+            assert_eq!(answer["type"], "subscribed", "{answer}");
+        }
+    }
+}
+
+/// An admin key's table never lives in the server's RAM: `ENGINE=MEMORY` is refused (the
+/// server enforces InnoDB), and the session settings that size memory (max_heap_table_size,
+/// tmp_table_size, max_session_mem_used, the engine settings) cannot be changed.
+#[tokio::test]
+async fn memory_tables_are_refused_and_session_memory_stays_bounded() {
+    let app = spawn_mysql_app().await;
+    let f = app.mysql_fixture().await;
+    for sql in [
+        "CREATE TABLE heap (v text) ENGINE=MEMORY",
+        "CREATE TABLE heap2 (v text) ENGINE = HEAP",
+    ] {
+        let body = app.sql(&f.admin, &f.project, sql).await;
+        assert_ne!(code(&body), 0, "{sql}: {body}");
+    }
+    app.rows(&f.admin, &f.project, "CREATE TABLE t (v text)")
+        .await;
+    let body = app
+        .sql(&f.admin, &f.project, "ALTER TABLE t ENGINE=MEMORY")
+        .await;
+    assert_ne!(code(&body), 0, "{body}");
+    let engines = mariadb()
+        .await
+        .query(&format!(
+            "SELECT ENGINE FROM information_schema.TABLES WHERE TABLE_SCHEMA = 'fx_{}' \
+             AND TABLE_NAME IN ('heap', 'heap2', 't')",
+            f.project
+        ))
+        .await;
+    assert!(
+        engines.iter().all(|r| r[0].as_deref() == Some("InnoDB")),
+        "{engines:?}"
+    );
+    for sql in [
+        "SET SESSION max_heap_table_size = 134217728",
+        "SET tmp_table_size = 1073741824",
+        "SET @@session.max_session_mem_used = 0",
+        "SET enforce_storage_engine = NULL",
+        "SET STATEMENT max_heap_table_size = 134217728 FOR CREATE TABLE h (v text) ENGINE=MEMORY",
+    ] {
+        let body = app.sql(&f.admin, &f.project, sql).await;
+        assert_eq!(code(&body), 1227, "{sql}: {body}");
+    }
+    // The session's bound is the server's.
+    let row = &app
+        .rows(
+            &f.read,
+            &f.project,
+            "SELECT @@session.max_session_mem_used AS m, @@session.enforce_storage_engine AS e",
+        )
+        .await[0];
+    assert_eq!(row["e"], "InnoDB", "{row}");
+    assert_eq!(row["m"], 536870912, "{row}");
+}
