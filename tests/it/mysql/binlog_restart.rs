@@ -634,6 +634,7 @@ async fn a_new_process_ends_the_dump_its_predecessor_left() {
         stored_dump_is(&app, &f.project, previous).await;
         // The process "dies": its stream stops and its memory of the dump is gone; the dump
         // thread stays on the server until it notices (the next heartbeat, 1 s).
+        let stopped = std::time::Instant::now();
         app.app.cdc.stop(&f.project).await;
         dumps.forget(&f.project);
         assert_eq!(command(previous).await.as_deref(), Some("Binlog Dump"));
@@ -658,11 +659,15 @@ async fn a_new_process_ends_the_dump_its_predecessor_left() {
         let took = started.elapsed();
         assert_ne!(now, previous);
         if recorded {
-            assert_eq!(
-                dumps.ended(&f.project),
-                1,
-                "the predecessor's dump was not ended"
-            );
+            // The old dump thread notices its closed connection only when a heartbeat write
+            // fails: the second one after the close at the earliest, over a second later. A
+            // start that took longer (CI under load) may find it gone by itself.
+            let ended = dumps.ended(&f.project);
+            if stopped.elapsed() < Duration::from_millis(900) {
+                assert_eq!(ended, 1, "the predecessor's dump was not ended");
+            } else {
+                assert!(ended <= 1, "{ended} dumps ended");
+            }
             assert_eq!(
                 command(previous).await,
                 None,
