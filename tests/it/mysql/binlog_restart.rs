@@ -637,7 +637,9 @@ async fn a_new_process_ends_the_dump_its_predecessor_left() {
         let stopped = std::time::Instant::now();
         app.app.cdc.stop(&f.project).await;
         dumps.forget(&f.project);
-        assert_eq!(command(previous).await.as_deref(), Some("Binlog Dump"));
+        // Under load the old thread may already have noticed: then this round cannot show the
+        // kill (it still shows the restart).
+        let alive = command(previous).await.as_deref() == Some("Binlog Dump");
         if !recorded {
             let control = app.app.control.get().await.unwrap();
             control
@@ -663,7 +665,7 @@ async fn a_new_process_ends_the_dump_its_predecessor_left() {
             // fails: the second one after the close at the earliest, over a second later. A
             // start that took longer (CI under load) may find it gone by itself.
             let ended = dumps.ended(&f.project);
-            if stopped.elapsed() < Duration::from_millis(900) {
+            if alive && stopped.elapsed() < Duration::from_millis(900) {
                 assert_eq!(ended, 1, "the predecessor's dump was not ended");
             } else {
                 assert!(ended <= 1, "{ended} dumps ended");
