@@ -70,6 +70,16 @@ impl Realtime {
             .or_default() += 1;
     }
 
+    /// The projects with a room on this server now.
+    fn room_ids(&self) -> Vec<String> {
+        self.rooms
+            .lock()
+            .expect("poisoned")
+            .keys()
+            .cloned()
+            .collect()
+    }
+
     /// Revocations may have been missed anywhere.
     fn keys_revoked_everywhere(&self) {
         self.revoked_everywhere.fetch_add(1, Ordering::SeqCst);
@@ -127,13 +137,7 @@ impl Realtime {
     pub fn end_sessions(&self, user_id: &str, session: Option<&str>) {
         // Every project's subscribes in flight check again (a session spans projects).
         self.keys_revoked_everywhere();
-        let rooms: Vec<String> = self
-            .rooms
-            .lock()
-            .expect("poisoned")
-            .keys()
-            .cloned()
-            .collect();
+        let rooms = self.room_ids();
         let mut sockets = 0;
         for project_id in rooms {
             sockets += self.evict(
@@ -244,13 +248,7 @@ impl Realtime {
     /// this is what ends one that expires while subscribed.
     pub fn end_expired(&self) -> usize {
         let now = self.clock.now().timestamp();
-        let rooms: Vec<String> = self
-            .rooms
-            .lock()
-            .expect("poisoned")
-            .keys()
-            .cloned()
-            .collect();
+        let rooms = self.room_ids();
         let mut ended = 0;
         for project_id in rooms {
             ended += self.evict_with(
