@@ -309,9 +309,13 @@ impl Running {
         let addr = listener.local_addr()?;
         no_delay(&listener)?;
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        // The webhook outbox writers subscribe (durably) before any stream starts: a stream
+        // whose project has no durable subscriber yet confirms what it publishes, so events
+        // replayed from the slot at start-up would be confirmed past the writer that joins a
+        // moment later, and their deliveries lost across the restart.
+        app.webhooks.start().await?;
         app.cdc.start_all().await?;
         app.start_binlog_purging();
-        app.webhooks.start().await?;
         app.start_leading();
         crate::api::metrics::start_listener(&app).await?;
         let routes = crate::api::filter(app.clone());

@@ -53,7 +53,7 @@ use std::time::Duration;
 use fluxbase_replication::pgoutput::Lsn;
 use futures_util::StreamExt;
 use mysql_async::prelude::Queryable;
-use mysql_async::{BinlogStreamRequest, Conn, Opts};
+use mysql_async::{BinlogStream, BinlogStreamRequest, Conn, Opts};
 
 use self::decode::Decoder;
 use self::position::{BinlogPosition, Stored};
@@ -435,10 +435,21 @@ pub(super) async fn run_stream<B: EventBus>(
     status: Arc<Mutex<StreamStatus>>,
 ) {
     let mut backoff = Duration::from_millis(500);
+    // A rewound pass's dump, kept open until the next pass has ended it (see `stream_once`).
+    let mut rewound: Option<BinlogStream> = None;
     loop {
         let result = match provider().await {
             Ok(source) => {
-                match stream_once(&sources, &source, &project_id, &db_name, &status).await {
+                match stream_once(
+                    &sources,
+                    &source,
+                    &project_id,
+                    &db_name,
+                    &status,
+                    &mut rewound,
+                )
+                .await
+                {
                     Err(BinlogError::Mysql(mysql_async::Error::Server(e)))
                         if e.code == ER_MASTER_FATAL =>
                     {
@@ -741,7 +752,15 @@ async fn stream_once<B: EventBus>(
     project_id: &str,
     db_name: &str,
     status: &Mutex<StreamStatus>,
+    rewound: &mut Option<BinlogStream>,
 ) -> Result<(), BinlogError> {
+    // The previous pass's dump, when it ended for a rewind: its connection stays open until
+    // this pass has ended its dump thread with `KILL` ([`Dumps::end_previous`]). Closed first,
+    // the thread would notice by itself at its next heartbeat or event (within a second, and
+    // sooner when other databases write), racing the `KILL`: then the new dump, registering
+    // under the same replica id while the old thread is still there, waits for the server to
+    // end it. Dropped on any return before that.
+    let previous_dump = rewound.take();
     let bus = sources.bus.channel(project_id);
     // Rewinds requested before this point are served by starting from the stored position;
     // the durable subscribers that asked for them receive events from this pass on.
@@ -819,6 +838,7 @@ async fn stream_once<B: EventBus>(
         .dumps
         .end_previous(&mut catalog, project_id, stored_dump)
         .await;
+    drop(previous_dump);
     source.dumps.opened(project_id, conn.id(), server_start);
     if let Some(start) = server_start {
         // For the next process or leader; off the stream's way (its first events never wait
@@ -959,6 +979,7 @@ async fn stream_once<B: EventBus>(
             }
             _ = bus.rewind_requested() => {
                 if bus.rewind_generation() != generation {
+                    *rewound = Some(stream);
                     return Err(BinlogError::Rewind);
                 }
             }

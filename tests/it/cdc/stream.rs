@@ -482,8 +482,10 @@ async fn after_the_streams_are_aborted_in_process_every_event_past_the_last_ackn
         .await
         .unwrap();
 
-    let app = crate::support::start_with(config).await;
-    let mut durable = app.app.bus.project(&f.project).subscribe_durable();
+    // Subscribed before the stream starts (as the webhook writers are): a subscriber joining
+    // after it could find the replay already confirmed, nobody having held the slot.
+    let (_app, durable) = crate::support::start_with_durable(config, Some(&f.project)).await;
+    let mut durable = durable.expect("subscribed");
     let mut seen = std::collections::BTreeSet::new();
     while seen.len() < 40 || !(21..=60).all(|x| seen.contains(&x)) {
         let e = next_event(&mut durable).await;

@@ -58,11 +58,23 @@ pub async fn spawn_webhook_app() -> TestApp {
 
 /// Starts a server with exactly this configuration (e.g. a restart of an earlier one).
 pub async fn start_with(config: Config) -> TestApp {
+    start_with_durable(config, None).await.0
+}
+
+/// [`start_with`], with a durable subscriber on `project`'s bus registered before any change
+/// stream starts (as the webhook outbox writers are): a stream whose project has no durable
+/// subscriber confirms what it publishes, so one subscribing after the start could find the
+/// replay it is waiting for already confirmed past it.
+pub async fn start_with_durable(
+    config: Config,
+    project: Option<&str>,
+) -> (TestApp, Option<fluxbase::bus::Subscription>) {
     let app = App::open(config, &[]).await.expect("opening the app");
+    let durable = project.map(|p| app.bus.project(p).subscribe_durable());
     let running = Running::start(app.clone())
         .await
         .expect("starting the server");
-    TestApp {
+    let app = TestApp {
         base: format!("http://{}", running.addr),
         http: reqwest::Client::builder()
             .timeout(Duration::from_secs(60))
@@ -70,7 +82,8 @@ pub async fn start_with(config: Config) -> TestApp {
             .unwrap(),
         app,
         running: Some(running),
-    }
+    };
+    (app, durable)
 }
 
 impl TestApp {

@@ -30,6 +30,8 @@ pub mod process;
 pub mod receiver;
 pub mod ws;
 
-pub use app::{spawn_app, spawn_app_with, spawn_webhook_app, start_with, TestApp};
+pub use app::{
+    spawn_app, spawn_app_with, spawn_webhook_app, start_with, start_with_durable, TestApp,
+};
 pub use cluster::{pg, scratch_dir, unique};
 pub use fixtures::Fixture;
