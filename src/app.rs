@@ -314,6 +314,7 @@ impl Running {
         // replayed from the slot at start-up would be confirmed past the writer that joins a
         // moment later, and their deliveries lost across the restart.
         app.webhooks.start().await?;
+        app.sql.memory.start(&app.cluster);
         app.cdc.start_all().await?;
         app.start_binlog_purging();
         app.start_leading();

@@ -141,6 +141,12 @@ pub struct Config {
     /// materialized results spilled to disk) one session may hold at once. Set on the roles by
     /// the server (the roles cannot change it).
     pub temp_file_limit_kb: u64,
+    /// Private memory one tenant backend (with its parallel workers) may hold before the
+    /// server ends it, MiB (0: no such limit; `sql::memory`).
+    pub sql_backend_memory_limit_mb: u64,
+    /// Private memory all tenant backends together may hold before the server ends the largest,
+    /// MiB (0: half of the machine's memory).
+    pub sql_backends_memory_total_mb: u64,
     /// Multiplies the webhook retry schedule (tests shorten it; 1.0 in production).
     pub webhook_backoff_scale: f64,
     /// How often, in ms, the webhook worker looks for deliveries that have come due (retries,
@@ -315,6 +321,8 @@ impl Default for Config {
             cdc_buffer_bytes: 16 * 1024 * 1024,
             cdc_decoding_work_mem_kb: None,
             temp_file_limit_kb: 256 * 1024,
+            sql_backend_memory_limit_mb: 512,
+            sql_backends_memory_total_mb: 0,
             webhook_backoff_scale: 1.0,
             webhook_scan_ms: 500,
             webhook_max_in_flight: 64,

@@ -91,6 +91,18 @@ pub async fn check_cluster(
                 .into(),
         });
     }
+    if let Err(why) = crate::sql::memory::visible_postmaster(&client, target).await {
+        findings.push(Finding {
+            problem: format!(
+                "the tenants' backends' memory cannot be watched from this host ({why}): any \
+                 role may SET work_mem, and nothing ends a backend that grows to gigabytes"
+            ),
+            fix: "run Fluxbase on the cluster's host (same PID namespace, update_process_title = \
+                  on), or bound the cluster's memory by its own means (a cgroup, systemd's \
+                  MemoryMax) so that the OOM killer never picks the postmaster"
+                .into(),
+        });
+    }
     let keep: String = setting("max_slot_wal_keep_size").await?;
     if keep == "-1" {
         findings.push(Finding {

@@ -45,6 +45,8 @@ pub struct Metrics {
     pub sql_answers_refused: AtomicU64,
     pub sql_answers_cut: AtomicU64,
     pub sql_answers_shortened: AtomicU64,
+    /// Tenant backends the server ended for their memory (`sql::memory`).
+    pub sql_backends_ended_for_memory: AtomicU64,
     pub connections_stalled: AtomicU64,
     /// Broadcasts from SQL or the REST API over their project's budget (dropped, or 429).
     pub realtime_broadcasts_dropped: AtomicU64,
@@ -206,6 +208,12 @@ impl Metrics {
                 "counter",
                 "SQL answers of a role that may write sent without their rows (truncated) because a budget was spent: such a request ran and is never answered 429.",
                 &self.sql_answers_shortened,
+            ),
+            (
+                "fluxbase_sql_backends_ended_for_memory_total",
+                "counter",
+                "Tenant PostgreSQL backends ended because their private memory passed sql_backend_memory_limit_mb, or they were the largest while all together passed sql_backends_memory_total_mb.",
+                &self.sql_backends_ended_for_memory,
             ),
             (
                 "fluxbase_connections_stalled_total",

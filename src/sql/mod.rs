@@ -31,6 +31,7 @@
 //! The type registry the rendering reads is [`crate::catalog`], shared with the change stream;
 //! the request's identity (`auth.uid()`) is [`crate::rls::identity`].
 
+pub mod memory;
 mod pool;
 mod render;
 mod run;
@@ -226,6 +227,8 @@ pub struct Sql {
     /// Admin sessions for the role repairs of new connections (see
     /// [`crate::projects::RoleLogin`]): never the control pool that serves requests.
     pub repairs: deadpool_postgres::Pool,
+    /// The tenant backends' memory, watched from outside PostgreSQL ([`memory`]).
+    pub memory: Arc<memory::BackendMemory>,
 }
 
 impl Sql {
@@ -256,6 +259,11 @@ impl Sql {
                 Arc::downgrade(&pools),
             )),
             repairs: pool::repair_pool(cluster),
+            memory: memory::BackendMemory::new(
+                config.sql_backend_memory_limit_mb,
+                config.sql_backends_memory_total_mb,
+                metrics.clone(),
+            ),
             pools,
             shares: Mutex::new(HashMap::new()),
             project_share: config.sql_project_connections,

@@ -142,7 +142,12 @@ impl Sql {
             Err(SqlFailure::Wire(WireError::InvalidInput(m))) => {
                 Ok(render_sql_error(&m, "22021", "ERROR"))
             }
-            Err(SqlFailure::Wire(e)) => Err(SqlError::Unavailable(e.to_string())),
+            // The server ended the backend for its memory (`super::memory`): the statement's
+            // own doing, answered as PostgreSQL answers running out of memory (53200).
+            Err(SqlFailure::Wire(e)) => match self.memory.ended_for_memory(backend_key.0) {
+                Some(why) => Ok(render_sql_error(&why, "53200", "ERROR")),
+                None => Err(SqlError::Unavailable(e.to_string())),
+            },
             Err(SqlFailure::Identity(e)) => {
                 tracing::error!(project_id = %access.project.id, error = %e, "could not set the request's identity");
                 Err(SqlError::Unavailable(format!(

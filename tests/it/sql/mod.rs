@@ -3,6 +3,7 @@
 
 mod answers;
 mod execute;
+mod memory;
 mod reset;
 mod rls;
 mod sandbox;

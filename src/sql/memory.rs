@@ -1,0 +1,576 @@
+//! The memory of the tenants' PostgreSQL backends, bounded from outside PostgreSQL.
+//!
+//! Nothing inside PostgreSQL can stop a tenant from raising its own memory: `work_mem`,
+//! `hash_mem_multiplier`, `maintenance_work_mem`, `max_parallel_workers_per_gather` are
+//! `USERSET` (any role may `SET` them, in a script, a routine's `SET` clause or `set_config()`),
+//! so one read key can drive a backend to gigabytes, and a few projects' connections together to
+//! the kernel's OOM killer, which takes the whole cluster down (the control database too). So the
+//! server watches the backends of the cluster it serves, from the operating system's side:
+//!
+//! ```text
+//!  every CHECK_EVERY (200 ms):
+//!   /proc/<postmaster>/task/<postmaster>/children ──► each backend's /proc/<pid>/statm
+//!     private memory (resident − shared: work_mem, hash tables, sorts; not shared_buffers)
+//!     + the dynamic shared memory segments it maps (/proc/<pid>/maps, read only while
+//!       /dev/shm holds large PostgreSQL.* segments: a parallel hash join's table), counted
+//!       once for a leader and its workers
+//!   ≥ NOTICE_FLOOR: its process title names it (`postgres: <user> <database> …`, or `parallel
+//!     worker for PID <leader>`, counted with its leader)
+//!   a tenant's backend (role fx_<id>_read|readwrite|owner in database fx_<id>) whose memory,
+//!     with its parallel workers', passes `sql_backend_memory_limit_mb`, or the largest while
+//!     all tenants' together pass `sql_backends_memory_total_mb`:
+//!       pg_terminate_backend(pid) (its workers end with it, its memory goes back at once)
+//!  the request on it answers SQL_EXEC_ERROR 53200 naming the limit (not 503)
+//! ```
+//!
+//! Only the server's own roles' sessions, the walsenders and PostgreSQL's auxiliary processes
+//! are never touched. The watch needs the cluster's processes on this host (the embedded
+//! cluster, or `database_url` on the same machine and PID namespace): it finds them from its own
+//! session's backend (its process title must name the server's user and control database),
+//! and says so in the log when it cannot (a remote cluster: bound memory there with the
+//! cluster's own means, e.g. a cgroup). `fluxbase doctor` reports it too.
+//!
+//! Sampling bounds a backend to its limit plus what it allocates in one period (a sort touching
+//! memory at ~2 GB/s adds ~400 MB): the limits are set well below what the machine has.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use crate::db::ClusterTarget;
+use crate::metrics::Metrics;
+
+/// How often the backends' memory is read.
+const CHECK_EVERY: Duration = Duration::from_millis(200);
+/// Backends with less private memory than this are not looked at further (an idle backend holds
+/// 2–10 MiB; reading every title each period would cost more than the sums it changes).
+const NOTICE_FLOOR: u64 = 32 << 20;
+/// How long a backend ended for memory is remembered for its request's answer (its pid may be
+/// given to another backend later).
+const REMEMBER: Duration = Duration::from_secs(60);
+/// How often the watch tries again to find the cluster's processes when it could not.
+const LOCATE_AGAIN: Duration = Duration::from_secs(60);
+
+/// Where the watch stands, for `fluxbase doctor` and the log.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Watch {
+    /// Not started, or both limits are 0.
+    Off,
+    /// Watching the children of this postmaster.
+    Watching { postmaster: u32 },
+    /// The cluster's processes are not visible from here.
+    Blind(String),
+}
+
+/// The limits, the backends ended for memory, and the watch's state.
+pub struct BackendMemory {
+    per_backend: u64,
+    total: u64,
+    ended: Mutex<HashMap<i32, (Instant, String)>>,
+    watch: Mutex<Watch>,
+    metrics: Arc<Metrics>,
+}
+
+impl BackendMemory {
+    /// `per_backend_mb`, `total_mb`: `sql_backend_memory_limit_mb`,
+    /// `sql_backends_memory_total_mb` (0: half of the machine's memory); both 0 turns it off.
+    pub fn new(per_backend_mb: u64, total_mb: u64, metrics: Arc<Metrics>) -> Arc<BackendMemory> {
+        let total = if total_mb == 0 {
+            machine_memory().map_or(0, |m| m / 2)
+        } else {
+            total_mb << 20
+        };
+        Arc::new(BackendMemory {
+            per_backend: per_backend_mb << 20,
+            total,
+            ended: Mutex::new(HashMap::new()),
+            watch: Mutex::new(Watch::Off),
+            metrics,
+        })
+    }
+
+    pub fn watch(&self) -> Watch {
+        self.watch.lock().expect("poisoned").clone()
+    }
+
+    /// The answer's message when `pid`'s backend was ended for memory (taken: said once).
+    pub fn ended_for_memory(&self, pid: i32) -> Option<String> {
+        let mut ended = self.ended.lock().expect("poisoned");
+        ended.retain(|_, (at, _)| at.elapsed() < REMEMBER);
+        ended.remove(&pid).map(|(_, why)| why)
+    }
+
+    /// Starts the watch over `cluster`'s backends (a task for the server's life).
+    pub fn start(self: &Arc<Self>, cluster: &ClusterTarget) {
+        if self.per_backend == 0 && self.total == 0 {
+            return;
+        }
+        let weak = Arc::downgrade(self);
+        let cluster = cluster.clone();
+        tokio::spawn(async move {
+            let Ok(pool) = crate::db::control_pool(&cluster, 1) else {
+                return;
+            };
+            loop {
+                let Some(me) = weak.upgrade() else { return };
+                let located = locate(&pool, &cluster).await;
+                let postmaster = match located {
+                    Ok(pm) => pm,
+                    Err(why) => {
+                        me.blind(why);
+                        drop(me);
+                        tokio::time::sleep(LOCATE_AGAIN).await;
+                        continue;
+                    }
+                };
+                *me.watch.lock().expect("poisoned") = Watch::Watching { postmaster };
+                tracing::info!(
+                    postmaster,
+                    per_backend_mb = me.per_backend >> 20,
+                    total_mb = me.total >> 20,
+                    "watching tenant backends' memory"
+                );
+                drop(me);
+                let mut tick = tokio::time::interval(CHECK_EVERY);
+                tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                loop {
+                    tick.tick().await;
+                    let Some(me) = weak.upgrade() else { return };
+                    let (limits, floor) = ((me.per_backend, me.total), NOTICE_FLOOR);
+                    let scan = tokio::task::spawn_blocking(move || {
+                        scan(postmaster, floor).map(|b| over_limits(&b, limits.0, limits.1))
+                    })
+                    .await;
+                    match scan {
+                        Ok(Some(over)) => {
+                            for (backend, why) in over {
+                                me.end(&pool, backend, why).await;
+                            }
+                        }
+                        // The postmaster is gone (a restart): find the new one.
+                        Ok(None) => break,
+                        Err(_) => {}
+                    }
+                }
+            }
+        });
+    }
+
+    fn blind(&self, why: String) {
+        let mut w = self.watch.lock().expect("poisoned");
+        if *w != Watch::Blind(why.clone()) {
+            tracing::warn!(
+                reason = %why,
+                "tenant backends' memory is not watched: the cluster's processes are not visible from this server"
+            );
+            *w = Watch::Blind(why);
+        }
+    }
+
+    /// Ends a tenant's backend over a limit.
+    async fn end(&self, pool: &deadpool_postgres::Pool, b: Backend, why: String) {
+        let client = match pool.get().await {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!(error = %e, pid = b.pid, "ending a backend over its memory limit");
+                return;
+            }
+        };
+        // Remembered before it ends, so its request's answer finds the reason.
+        self.ended
+            .lock()
+            .expect("poisoned")
+            .insert(b.pid as i32, (Instant::now(), why.clone()));
+        match client
+            .query_one(
+                "SELECT pg_catalog.pg_terminate_backend($1)",
+                &[&(b.pid as i32)],
+            )
+            .await
+        {
+            Ok(_) => {
+                self.metrics
+                    .sql_backends_ended_for_memory
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                tracing::warn!(
+                    project_id = %b.project,
+                    role = %b.role,
+                    pid = b.pid,
+                    memory_mb = b.bytes >> 20,
+                    "ended a tenant backend: {why}"
+                );
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, pid = b.pid, "ending a backend over its memory limit")
+            }
+        }
+    }
+}
+
+/// The machine's memory (`MemTotal`), bytes.
+fn machine_memory() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = text.lines().find(|l| l.starts_with("MemTotal:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb << 10)
+}
+
+/// The postmaster of the cluster `pool` reaches, if its processes are visible here.
+async fn locate(pool: &deadpool_postgres::Pool, cluster: &ClusterTarget) -> Result<u32, String> {
+    let client = pool.get().await.map_err(|e| e.to_string())?;
+    visible_postmaster(&client, cluster).await
+}
+
+/// The postmaster of `client`'s cluster, if this host sees its processes: `client`'s own backend
+/// must be a process here whose title names `cluster`'s user and control database (not merely a
+/// process with the same pid: another host's or PID namespace's). Also `fluxbase doctor`'s check.
+pub async fn visible_postmaster(
+    client: &tokio_postgres::Client,
+    cluster: &ClusterTarget,
+) -> Result<u32, String> {
+    let row = client
+        .query_one(
+            "SELECT pg_catalog.pg_backend_pid(), current_database()",
+            &[],
+        )
+        .await
+        .map_err(|e| e.to_string())?;
+    let (pid, database): (i32, String) = (row.get(0), row.get(1));
+    let pid = u32::try_from(pid).map_err(|_| format!("backend pid {pid}"))?;
+    let title = std::fs::read(format!("/proc/{pid}/cmdline"))
+        .map_err(|e| format!("no process {pid} on this host ({e})"))?;
+    match parse_title(&title) {
+        Some(Title::Backend { user, database: db }) if user == cluster.admin_user && db == database => {}
+        _ => {
+            return Err(format!(
+                "process {pid} on this host is not this server's session (the cluster runs on another host or in another PID namespace, or update_process_title is off)"
+            ))
+        }
+    }
+    parent(pid).ok_or_else(|| format!("no parent of process {pid}"))
+}
+
+fn parent(pid: u32) -> Option<u32> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // `pid (comm) state ppid …`: comm may hold spaces and parentheses; it ends at the last ')'.
+    let rest = &stat[stat.rfind(')')? + 1..];
+    rest.split_whitespace().nth(1)?.parse().ok()
+}
+
+/// What a backend's process title says of it.
+#[derive(Debug, PartialEq, Eq)]
+enum Title<'a> {
+    Backend { user: &'a str, database: &'a str },
+    ParallelWorker { leader: u32 },
+    Other,
+}
+
+/// `postgres: [cluster_name: ]<user> <database> <host> <activity>`, or `postgres:
+/// [cluster_name: ]parallel worker for PID <leader>`; auxiliary processes and walsenders are
+/// [`Title::Other`].
+fn parse_title(cmdline: &[u8]) -> Option<Title<'_>> {
+    let end = cmdline
+        .iter()
+        .position(|&b| b == 0)
+        .unwrap_or(cmdline.len());
+    let text = std::str::from_utf8(&cmdline[..end]).ok()?;
+    let mut rest = text.strip_prefix("postgres: ")?;
+    // A `cluster_name` comes first, followed by ": ".
+    let first = rest.split(' ').next()?;
+    if first.ends_with(':') {
+        rest = &rest[first.len() + 1..];
+    }
+    if let Some(leader) = rest.strip_prefix("parallel worker for PID ") {
+        let leader = leader.split_whitespace().next()?.parse().ok()?;
+        return Some(Title::ParallelWorker { leader });
+    }
+    // A client's session: its host is `[local]` or `address(port)` (`hostname(port)` with
+    // log_hostname); auxiliary processes ("autovacuum launcher", "logical replication
+    // launcher") have no such word, a walsender's title starts with "walsender".
+    let mut words = rest.split(' ');
+    let (user, database, host) = (words.next()?, words.next()?, words.next().unwrap_or(""));
+    if user == "walsender" || !(host == "[local]" || host.ends_with(')')) {
+        return Some(Title::Other);
+    }
+    Some(Title::Backend { user, database })
+}
+
+/// The project whose tenant role `user` is in its own database `database`, if so.
+fn tenant<'a>(user: &'a str, database: &str) -> Option<(&'a str, &'a str)> {
+    let rest = user.strip_prefix("fx_")?;
+    let (project, role) = rest.rsplit_once('_')?;
+    (matches!(role, "read" | "readwrite" | "owner")
+        && database.strip_prefix("fx_") == Some(project))
+    .then_some((project, role))
+}
+
+/// A tenant backend's memory (with its workers'), as one scan read it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Backend {
+    pid: u32,
+    project: String,
+    role: String,
+    bytes: u64,
+}
+
+/// Where PostgreSQL keeps its dynamic shared memory segments (`dynamic_shared_memory_type`
+/// posix, the default on Linux; `mmap` puts them under the data directory's `pg_dynshmem`).
+const DSM_PREFIXES: [&str; 2] = ["/dev/shm/PostgreSQL.", "/pg_dynshmem/mmap."];
+
+/// The bytes of dynamic shared memory segments in /dev/shm: cheap, and nothing more is read
+/// while they are small.
+fn dsm_in_dev_shm() -> u64 {
+    let Ok(dir) = std::fs::read_dir("/dev/shm") else {
+        return 0;
+    };
+    dir.filter_map(Result::ok)
+        .filter(|e| e.file_name().to_string_lossy().starts_with("PostgreSQL."))
+        .filter_map(|e| e.metadata().ok())
+        .map(|m| m.len())
+        .sum()
+}
+
+/// The dynamic shared memory segments `pid` maps: (path, size).
+fn dsm_mappings(pid: u32) -> Vec<(String, u64)> {
+    let Ok(maps) = std::fs::read_to_string(format!("/proc/{pid}/maps")) else {
+        return Vec::new();
+    };
+    maps.lines()
+        .filter_map(|line| {
+            // `start-end perms offset dev inode path`
+            let path = line.split_whitespace().nth(5)?;
+            if !DSM_PREFIXES.iter().any(|p| path.contains(p)) {
+                return None;
+            }
+            let (start, end) = line.split_whitespace().next()?.split_once('-')?;
+            let size = u64::from_str_radix(end, 16).ok()? - u64::from_str_radix(start, 16).ok()?;
+            Some((path.to_string(), size))
+        })
+        .collect()
+}
+
+/// Reads the memory of the postmaster's children: private memory, and the dynamic shared
+/// memory segments they map (a parallel hash join's table lives there, sized by the tenant's
+/// work_mem; counted once per leader and its workers). `None` when the postmaster is gone.
+fn scan(postmaster: u32, floor: u64) -> Option<Vec<Backend>> {
+    let children =
+        std::fs::read_to_string(format!("/proc/{postmaster}/task/{postmaster}/children")).ok()?;
+    let page = rustix::param::page_size() as u64;
+    // Segments are looked for in the processes' maps only while there are large ones at all.
+    let dsm = dsm_in_dev_shm() >= floor;
+    let mut big: Vec<(u32, u64, Vec<(String, u64)>)> = Vec::new();
+    for pid in children
+        .split_whitespace()
+        .filter_map(|p| p.parse::<u32>().ok())
+    {
+        let Ok(statm) = std::fs::read_to_string(format!("/proc/{pid}/statm")) else {
+            continue; // ended meanwhile
+        };
+        let mut f = statm
+            .split_whitespace()
+            .skip(1)
+            .map(|v| v.parse::<u64>().unwrap_or(0) * page);
+        let (resident, shared) = (f.next().unwrap_or(0), f.next().unwrap_or(0));
+        let private = resident.saturating_sub(shared);
+        let segments = if dsm && shared >= floor {
+            dsm_mappings(pid)
+        } else {
+            Vec::new()
+        };
+        if private >= floor || segments.iter().map(|s| s.1).sum::<u64>() >= floor {
+            big.push((pid, private, segments));
+        }
+    }
+    let mut tenants: HashMap<u32, (Backend, HashMap<String, u64>)> = HashMap::new();
+    for (pid, private, segments) in big {
+        let Ok(title) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
+            continue;
+        };
+        let (leader, title_of_leader) = match parse_title(&title) {
+            Some(Title::Backend { .. }) => (pid, title.clone()),
+            Some(Title::ParallelWorker { leader }) => {
+                let Ok(t) = std::fs::read(format!("/proc/{leader}/cmdline")) else {
+                    continue;
+                };
+                (leader, t)
+            }
+            _ => continue,
+        };
+        let Some(Title::Backend { user, database }) = parse_title(&title_of_leader) else {
+            continue;
+        };
+        let Some((project, role)) = tenant(user, database) else {
+            continue;
+        };
+        let (backend, shared) = tenants.entry(leader).or_insert_with(|| {
+            (
+                Backend {
+                    pid: leader,
+                    project: project.to_string(),
+                    role: role.to_string(),
+                    bytes: 0,
+                },
+                HashMap::new(),
+            )
+        });
+        backend.bytes += private;
+        shared.extend(segments);
+    }
+    Some(
+        tenants
+            .into_values()
+            .map(|(mut b, shared)| {
+                b.bytes += shared.values().sum::<u64>();
+                b
+            })
+            .collect(),
+    )
+}
+
+/// The backends to end: each over `per_backend` (0: no such limit), then the largest others
+/// while all together are over `total` (0: none).
+fn over_limits(backends: &[Backend], per_backend: u64, total: u64) -> Vec<(Backend, String)> {
+    let mut sorted: Vec<&Backend> = backends.iter().collect();
+    sorted.sort_by_key(|b| std::cmp::Reverse(b.bytes));
+    let mut sum: u64 = sorted.iter().map(|b| b.bytes).sum();
+    let mut out = Vec::new();
+    for b in sorted {
+        if per_backend > 0 && b.bytes > per_backend {
+            out.push((
+                b.clone(),
+                format!(
+                    "the statement used more than {} MiB of memory (sql_backend_memory_limit_mb); lower work_mem or hash_mem_multiplier, or process less at a time",
+                    per_backend >> 20
+                ),
+            ));
+            sum -= b.bytes;
+        } else if total > 0 && sum > total {
+            out.push((
+                b.clone(),
+                format!(
+                    "the statement was the largest when the tenants' statements together used more than {} MiB of memory (sql_backends_memory_total_mb); retry, or process less at a time",
+                    total >> 20
+                ),
+            ));
+            sum -= b.bytes;
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn titles_name_backends_workers_and_nothing_else() {
+        let t = |s: &str| {
+            let mut v = s.as_bytes().to_vec();
+            v.extend([0, 0, 0]);
+            v
+        };
+        let a = t("postgres: fx_ab12_read fx_ab12 127.0.0.1(43592) SELECT");
+        assert_eq!(
+            parse_title(&a),
+            Some(Title::Backend {
+                user: "fx_ab12_read",
+                database: "fx_ab12"
+            })
+        );
+        let b = t("postgres: main: fx_ab12_owner fx_ab12 [local] idle");
+        assert_eq!(
+            parse_title(&b),
+            Some(Title::Backend {
+                user: "fx_ab12_owner",
+                database: "fx_ab12"
+            })
+        );
+        assert_eq!(
+            parse_title(&t("postgres: parallel worker for PID 4242")),
+            Some(Title::ParallelWorker { leader: 4242 })
+        );
+        assert_eq!(
+            parse_title(&t("postgres: main: parallel worker for PID 7 ")),
+            Some(Title::ParallelWorker { leader: 7 })
+        );
+        for other in [
+            "postgres: checkpointer ",
+            "postgres: autovacuum launcher ",
+            "postgres: logical replication launcher ",
+            "postgres: autovacuum worker fx_ab12",
+            "postgres: background writer ",
+            "postgres: walsender fluxbase 127.0.0.1(5) START_REPLICATION",
+        ] {
+            assert_eq!(parse_title(&t(other)), Some(Title::Other), "{other}");
+        }
+        assert_eq!(
+            parse_title(&t("/usr/lib/postgresql/15/bin/postgres -D x")),
+            None
+        );
+    }
+
+    #[test]
+    fn only_a_projects_own_roles_in_its_own_database_are_tenants() {
+        assert_eq!(tenant("fx_ab12_read", "fx_ab12"), Some(("ab12", "read")));
+        assert_eq!(
+            tenant("fx_ab12_readwrite", "fx_ab12"),
+            Some(("ab12", "readwrite"))
+        );
+        assert_eq!(tenant("fx_ab12_owner", "fx_ab12"), Some(("ab12", "owner")));
+        for (user, db) in [
+            ("fx_ab12_read", "fx_cd34"),
+            ("fx_ab12_auth", "fx_ab12"),
+            ("fluxbase", "fx_ab12"),
+            ("fluxbase", "fluxbase"),
+            ("fx_ab12_read", "fluxbase"),
+            ("postgres", "postgres"),
+        ] {
+            assert_eq!(tenant(user, db), None, "{user} {db}");
+        }
+    }
+
+    fn b(pid: u32, project: &str, mb: u64) -> Backend {
+        Backend {
+            pid,
+            project: project.into(),
+            role: "read".into(),
+            bytes: mb << 20,
+        }
+    }
+
+    #[test]
+    fn a_backend_over_its_limit_ends_and_then_the_largest_while_all_are_over_the_total() {
+        let pids =
+            |o: Vec<(Backend, String)>| o.into_iter().map(|(o, _)| o.pid).collect::<Vec<_>>();
+        let all = [
+            b(1, "a", 900),
+            b(2, "b", 300),
+            b(3, "c", 200),
+            b(4, "a", 100),
+        ];
+        let mb = |n: u64| n << 20;
+        assert_eq!(pids(over_limits(&all, mb(1024), 0)), Vec::<u32>::new());
+        assert_eq!(pids(over_limits(&all, mb(512), 0)), vec![1]);
+        // 1,500 MiB together against 1,000: the largest (900) goes, and that suffices.
+        assert_eq!(pids(over_limits(&all, 0, mb(1000))), vec![1]);
+        // Against 400: 900 and 300 go (200 + 100 left).
+        assert_eq!(pids(over_limits(&all, 0, mb(400))), vec![1, 2]);
+        // Per backend first, then the total with what is left.
+        assert_eq!(pids(over_limits(&all, mb(250), mb(400))), vec![1, 2]);
+        // 100 left is not over 100.
+        assert_eq!(pids(over_limits(&all, mb(250), mb(100))), vec![1, 2, 3]);
+        let (_, why) = &over_limits(&all, mb(512), 0)[0];
+        assert!(why.contains("sql_backend_memory_limit_mb"), "{why}");
+        let (_, why) = &over_limits(&all, 0, mb(1000))[0];
+        assert!(why.contains("sql_backends_memory_total_mb"), "{why}");
+    }
+
+    #[test]
+    fn the_process_tree_of_this_machine_reads() {
+        // This process's parent is visible, and a scan of a process with no children is empty.
+        let me = std::process::id();
+        assert!(parent(me).is_some());
+        assert_eq!(scan(me, NOTICE_FLOOR), Some(Vec::new()));
+        assert_eq!(scan(u32::MAX - 1, NOTICE_FLOOR), None);
+    }
+}

@@ -1,0 +1,127 @@
+//! The tenants' PostgreSQL backends are bounded in memory from outside PostgreSQL
+//! (src/sql/memory.rs): any role may raise `work_mem`/`hash_mem_multiplier` for itself, so the
+//! server ends a backend whose private memory passes `sql_backend_memory_limit_mb`, and the
+//! request answers `SQL_EXEC_ERROR` 53200 naming the limit.
+
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use fluxbase::sql::memory::Watch;
+
+use crate::support::{poll, spawn_app_with};
+
+/// Sorts 1.5 M rows of 32-byte texts in memory when `work_mem` lets it (≈ 250 MB of private
+/// memory in the backend), on disk otherwise.
+const BIG_SORT: &str = "SELECT count(*) FROM (SELECT g, md5(g::text) AS m \
+                        FROM generate_series(1, 1500000) g ORDER BY m OFFSET 0) s";
+
+#[tokio::test]
+async fn a_statement_past_its_backends_memory_limit_ends_with_53200_and_no_one_else_notices() {
+    let app = spawn_app_with(|c| c.sql_backend_memory_limit_mb = 96).await;
+    let f = app.fixture().await;
+    let other = app.fixture().await;
+    // The watch found the cluster's processes (the test cluster runs on this host).
+    poll::until(
+        Duration::from_secs(20),
+        Duration::from_millis(50),
+        || async {
+            match app.app.sql.memory.watch() {
+                Watch::Watching { .. } => Ok(()),
+                w => Err(format!("{w:?}")),
+            }
+        },
+    )
+    .await;
+
+    // Within the limit, the same statement runs (PostgreSQL sorts on disk at the default
+    // work_mem): the limit is on memory, not on the statement.
+    let body = app.sql(&f.read, &f.project, BIG_SORT).await;
+    assert_eq!(body["success"], true, "{body}");
+    assert_eq!(body["result"]["rows"][0]["count"], 1_500_000, "{body}");
+
+    // A read key raises its own work_mem: the backend grows past 96 MiB and is ended, while the
+    // other tenant's requests are served meanwhile.
+    let ended_before = app
+        .app
+        .metrics
+        .sql_backends_ended_for_memory
+        .load(Ordering::Relaxed);
+    let hog = app.spawn_sql(
+        &f.read,
+        &f.project,
+        &format!("SET work_mem = '2GB'; SET hash_mem_multiplier = 10; {BIG_SORT}"),
+    );
+    let started = Instant::now();
+    while !hog.is_finished() && started.elapsed() < Duration::from_secs(60) {
+        let body = app
+            .sql(&other.read, &other.project, "SELECT 1 AS one")
+            .await;
+        assert_eq!(body["result"]["rows"][0]["one"], 1, "{body}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let (status, body) = hog.await.unwrap();
+    assert_eq!(status, 200, "{body}");
+    let body: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(body["success"], false, "{body}");
+    assert_eq!(body["error"]["code"], "SQL_EXEC_ERROR", "{body}");
+    assert!(
+        body["error"]["details"].as_str().unwrap().contains("53200"),
+        "{body}"
+    );
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("sql_backend_memory_limit_mb"),
+        "{body}"
+    );
+    assert_eq!(
+        app.app
+            .metrics
+            .sql_backends_ended_for_memory
+            .load(Ordering::Relaxed),
+        ended_before + 1
+    );
+    // The key works on: the ended backend's connection is not handed out again.
+    for _ in 0..10 {
+        let body = app.sql(&f.read, &f.project, "SELECT 2 AS two").await;
+        assert_eq!(body["result"]["rows"][0]["two"], 2, "{body}");
+    }
+    app.stop().await;
+}
+
+/// A parallel hash join keeps its hash table in dynamic shared memory, not in any process's
+/// private memory: counted too (shared memory past the cluster's main segment).
+#[tokio::test]
+async fn a_parallel_hash_tables_shared_memory_counts_against_the_limit() {
+    let app = spawn_app_with(|c| c.sql_backend_memory_limit_mb = 96).await;
+    let f = app.fixture().await;
+    let made = app
+        .sql(
+            &f.admin,
+            &f.project,
+            "CREATE TABLE a AS SELECT g AS id, md5(g::text) AS m FROM generate_series(1, 1500000) g; \
+             CREATE TABLE b AS SELECT g AS id, md5(g::text) AS n FROM generate_series(1, 1500000) g; \
+             ANALYZE a; ANALYZE b",
+        )
+        .await;
+    assert_eq!(made["success"], true, "{made}");
+    let settings = "SET work_mem = '2GB'; SET hash_mem_multiplier = 4; \
+                    SET max_parallel_workers_per_gather = 2; SET parallel_setup_cost = 0; \
+                    SET parallel_tuple_cost = 0; SET min_parallel_table_scan_size = 0; \
+                    SET enable_mergejoin = off; SET parallel_leader_participation = off;";
+    let join = "SELECT count(*), max(a.m), max(b.n) FROM a JOIN b USING (id)";
+    let plan = app
+        .sql(&f.read, &f.project, &format!("{settings} EXPLAIN {join}"))
+        .await;
+    assert!(plan.to_string().contains("Parallel Hash"), "{plan}");
+    let body = app
+        .sql(&f.read, &f.project, &format!("{settings} {join}"))
+        .await;
+    assert_eq!(body["success"], false, "{body}");
+    assert!(
+        body["error"]["details"].as_str().unwrap().contains("53200"),
+        "{body}"
+    );
+    app.stop().await;
+}
