@@ -330,8 +330,11 @@ fn dsm_in_dev_shm() -> u64 {
         .sum()
 }
 
-/// The dynamic shared memory segments `pid` maps: (path, size).
-fn dsm_mappings(pid: u32) -> Vec<(String, u64)> {
+/// Dynamic shared memory segments: (path, size).
+type Segments = Vec<(String, u64)>;
+
+/// The dynamic shared memory segments `pid` maps.
+fn dsm_mappings(pid: u32) -> Segments {
     let Ok(maps) = std::fs::read_to_string(format!("/proc/{pid}/maps")) else {
         return Vec::new();
     };
@@ -358,7 +361,7 @@ fn scan(postmaster: u32, floor: u64) -> Option<Vec<Backend>> {
     let page = rustix::param::page_size() as u64;
     // Segments are looked for in the processes' maps only while there are large ones at all.
     let dsm = dsm_in_dev_shm() >= floor;
-    let mut big: Vec<(u32, u64, Vec<(String, u64)>)> = Vec::new();
+    let mut big: Vec<(u32, u64, Segments)> = Vec::new();
     for pid in children
         .split_whitespace()
         .filter_map(|p| p.parse::<u32>().ok())
