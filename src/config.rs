@@ -144,8 +144,8 @@ pub struct Config {
     /// Private memory one tenant backend (with its parallel workers) may hold before the
     /// server ends it, MiB (0: no such limit; `sql::memory`).
     pub sql_backend_memory_limit_mb: u64,
-    /// Private memory all tenant backends together may hold before the server ends the largest,
-    /// MiB (0: half of the machine's memory).
+    /// Private memory all tenant backends together may hold before the server ends the largest
+    /// backend of the project holding the most, MiB (0: half of the machine's memory).
     pub sql_backends_memory_total_mb: u64,
     /// Multiplies the webhook retry schedule (tests shorten it; 1.0 in production).
     pub webhook_backoff_scale: f64,

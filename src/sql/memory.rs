@@ -17,8 +17,8 @@
 //!   ≥ NOTICE_FLOOR: its process title names it (`postgres: <user> <database> …`, or `parallel
 //!     worker for PID <leader>`, counted with its leader)
 //!   a tenant's backend (role fx_<id>_read|readwrite|owner in database fx_<id>) whose memory,
-//!     with its parallel workers', passes `sql_backend_memory_limit_mb`, or the largest while
-//!     all tenants' together pass `sql_backends_memory_total_mb`:
+//!     with its parallel workers', passes `sql_backend_memory_limit_mb`, or the largest of the
+//!     project holding the most while all tenants' together pass `sql_backends_memory_total_mb`:
 //!       pg_terminate_backend(pid) (its workers end with it, its memory goes back at once)
 //!  the request on it answers SQL_EXEC_ERROR 53200 naming the limit (not 503)
 //! ```
@@ -430,14 +430,13 @@ fn scan(postmaster: u32, floor: u64) -> Option<Vec<Backend>> {
     )
 }
 
-/// The backends to end: each over `per_backend` (0: no such limit), then the largest others
-/// while all together are over `total` (0: none).
+/// The backends to end: each over `per_backend` (0: no such limit); then, while all together
+/// are over `total` (0: none), the largest backend of the project holding the most (a tenant
+/// with one large statement is not ended for another's many).
 fn over_limits(backends: &[Backend], per_backend: u64, total: u64) -> Vec<(Backend, String)> {
-    let mut sorted: Vec<&Backend> = backends.iter().collect();
-    sorted.sort_by_key(|b| std::cmp::Reverse(b.bytes));
-    let mut sum: u64 = sorted.iter().map(|b| b.bytes).sum();
     let mut out = Vec::new();
-    for b in sorted {
+    let mut left: Vec<&Backend> = Vec::new();
+    for b in backends {
         if per_backend > 0 && b.bytes > per_backend {
             out.push((
                 b.clone(),
@@ -446,17 +445,36 @@ fn over_limits(backends: &[Backend], per_backend: u64, total: u64) -> Vec<(Backe
                     per_backend >> 20
                 ),
             ));
-            sum -= b.bytes;
-        } else if total > 0 && sum > total {
-            out.push((
-                b.clone(),
-                format!(
-                    "the statement was the largest when the tenants' statements together used more than {} MiB of memory (sql_backends_memory_total_mb); retry, or process less at a time",
-                    total >> 20
-                ),
-            ));
-            sum -= b.bytes;
+        } else {
+            left.push(b);
         }
+    }
+    let mut sum: u64 = left.iter().map(|b| b.bytes).sum();
+    while total > 0 && sum > total && !left.is_empty() {
+        let mut by_project: HashMap<&str, u64> = HashMap::new();
+        for b in &left {
+            *by_project.entry(b.project.as_str()).or_default() += b.bytes;
+        }
+        let heaviest = by_project
+            .into_iter()
+            .max_by_key(|(p, bytes)| (*bytes, std::cmp::Reverse(*p)))
+            .map(|(p, _)| p.to_string())
+            .expect("not empty");
+        let (i, _) = left
+            .iter()
+            .enumerate()
+            .filter(|(_, b)| b.project == heaviest)
+            .max_by_key(|(_, b)| (b.bytes, std::cmp::Reverse(b.pid)))
+            .expect("the project has a backend");
+        let b = left.swap_remove(i);
+        sum -= b.bytes;
+        out.push((
+            b.clone(),
+            format!(
+                "the statement was the largest of the project holding the most memory when the tenants' statements together used more than {} MiB (sql_backends_memory_total_mb); retry, or process less at a time",
+                total >> 20
+            ),
+        ));
     }
     out
 }
@@ -542,21 +560,22 @@ mod tests {
     }
 
     #[test]
-    fn a_backend_over_its_limit_ends_and_then_the_largest_while_all_are_over_the_total() {
+    fn a_backend_over_its_limit_ends_and_then_the_heaviest_projects_largest_while_all_are_over_the_total(
+    ) {
         let pids =
             |o: Vec<(Backend, String)>| o.into_iter().map(|(o, _)| o.pid).collect::<Vec<_>>();
+        let mb = |n: u64| n << 20;
         let all = [
             b(1, "a", 900),
             b(2, "b", 300),
             b(3, "c", 200),
             b(4, "a", 100),
         ];
-        let mb = |n: u64| n << 20;
         assert_eq!(pids(over_limits(&all, mb(1024), 0)), Vec::<u32>::new());
         assert_eq!(pids(over_limits(&all, mb(512), 0)), vec![1]);
-        // 1,500 MiB together against 1,000: the largest (900) goes, and that suffices.
+        // 1,500 MiB together against 1,000: a's largest (900) goes, and that suffices.
         assert_eq!(pids(over_limits(&all, 0, mb(1000))), vec![1]);
-        // Against 400: 900 and 300 go (200 + 100 left).
+        // Against 400: 900 (a: 1,000), then 300 (b: 300 against a's 100 and c's 200).
         assert_eq!(pids(over_limits(&all, 0, mb(400))), vec![1, 2]);
         // Per backend first, then the total with what is left.
         assert_eq!(pids(over_limits(&all, mb(250), mb(400))), vec![1, 2]);
@@ -566,6 +585,20 @@ mod tests {
         assert!(why.contains("sql_backend_memory_limit_mb"), "{why}");
         let (_, why) = &over_limits(&all, 0, mb(1000))[0];
         assert!(why.contains("sql_backends_memory_total_mb"), "{why}");
+        // One tenant's single large statement is not ended for another's many: d holds 6 × 300
+        // (1,800) against e's one 500; past 2,000 together, d's go first.
+        let many = [
+            b(10, "d", 300),
+            b(11, "d", 300),
+            b(12, "d", 300),
+            b(13, "d", 300),
+            b(14, "d", 300),
+            b(15, "d", 300),
+            b(20, "e", 500),
+        ];
+        let ended = pids(over_limits(&many, 0, mb(2000)));
+        assert_eq!(ended.len(), 1, "{ended:?}");
+        assert!(ended[0] != 20, "{ended:?}");
     }
 
     #[test]
