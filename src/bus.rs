@@ -379,6 +379,10 @@ struct Subscriber {
     durable: bool,
     /// Durable only: the highest end LSN stored.
     acked: Option<Lsn>,
+    /// Durable only: the end LSN of the last event handed to it, in any pass: what it owes an
+    /// acknowledgement for. `None`: handed nothing yet, so it holds nothing back (an idle
+    /// project's webhook writer or room pump must not pin the slot at its last position).
+    handed: Option<Lsn>,
     /// Durable only: the first pass (rewind generation) whose events it receives.
     from_pass: u64,
     closed_reason: Arc<Mutex<Option<String>>>,
@@ -436,6 +440,7 @@ impl ProjectBus {
             runs: runs.clone(),
             durable,
             acked: None,
+            handed: None,
             from_pass,
             closed_reason: closed_reason.clone(),
         });
@@ -484,6 +489,7 @@ impl ProjectBus {
             return;
         }
         let mut durable = Vec::new();
+        let last_end = events.last().expect("not empty").end_lsn;
         {
             let pass = self.pass.load(Ordering::Acquire);
             let mut subs = self.subscribers.lock().expect("poisoned");
@@ -491,6 +497,9 @@ impl ProjectBus {
                 if s.durable {
                     if s.from_pass <= pass {
                         durable.push((s.tx.clone(), s.runs.clone()));
+                        // Owed from now on (before the hand-over: never "all acknowledged"
+                        // while events are on their way).
+                        s.handed = Some(s.handed.map_or(last_end, |h| h.max(last_end)));
                     }
                     return true;
                 }
@@ -548,33 +557,47 @@ impl ProjectBus {
         let _subs = self.subscribers.lock().expect("poisoned");
         let generation = self.rewinds.load(Ordering::Acquire);
         self.pass.store(generation, Ordering::Release);
+        // What an earlier pass published is not this one's: until the replay publishes again,
+        // nothing is confirmable on its account.
+        self.published.store(0, Ordering::Release);
         generation
     }
 
     /// How far the slot may be confirmed: the lowest durable acknowledgement, or everything
-    /// published when there is no durable subscriber. `None`: nothing may be confirmed yet.
+    /// published in this pass when no durable subscriber owes one. `None`: nothing may be
+    /// confirmed yet (nothing published, a durable subscriber that has acknowledged nothing of
+    /// what it was handed, or one waiting for its rewind).
     pub fn confirmable(&self) -> Option<Lsn> {
         let published = Lsn(self.published.load(Ordering::Acquire));
+        let pass = self.pass.load(Ordering::Acquire);
         let subs = self.subscribers.lock().expect("poisoned");
         let mut bound: Option<Lsn> = (published.0 > 0).then_some(published);
         for s in subs.iter().filter(|s| s.durable) {
-            match s.acked {
-                None => return None,
-                Some(a) => bound = Some(bound.map_or(a, |b| b.min(a))),
+            if s.from_pass > pass {
+                return None;
+            }
+            match (s.acked, s.handed) {
+                // Handed nothing: it holds nothing back.
+                (None, None) => {}
+                (None, Some(_)) => return None,
+                (Some(a), _) => bound = Some(bound.map_or(a, |b| b.min(a))),
             }
         }
         bound
     }
 
-    /// True when every durable subscriber has acknowledged everything published.
+    /// True when every durable subscriber has acknowledged everything it was handed, and none
+    /// waits for its rewind: the stream may then follow the log past other databases' writes.
     pub fn all_acked(&self) -> bool {
-        let published = Lsn(self.published.load(Ordering::Acquire));
+        let pass = self.pass.load(Ordering::Acquire);
         self.subscribers
             .lock()
             .expect("poisoned")
             .iter()
             .filter(|s| s.durable)
-            .all(|s| s.acked.is_some_and(|a| a >= published))
+            .all(|s| {
+                s.from_pass <= pass && s.handed.is_none_or(|h| s.acked.is_some_and(|a| a >= h))
+            })
     }
 
     pub fn subscriber_count(&self) -> usize {
@@ -713,6 +736,47 @@ mod tests {
         assert_eq!(bus.confirmable(), None);
         new.ack(Lsn(1));
         assert_eq!(bus.confirmable(), Some(Lsn(1)));
+    }
+
+    /// An idle project's durable subscribers (a webhook writer, a room's pump) that were
+    /// handed nothing must not hold the slot at its last position: the stream follows the log
+    /// past other databases' writes only when `all_acked`, and an idle slot that never moves
+    /// pins WAL until it is lost (red team rt4: MySQL positions stuck at project creation).
+    #[tokio::test]
+    async fn a_durable_subscriber_handed_nothing_holds_nothing_back() {
+        let bus = Bus::default().project("p");
+        let idle = bus.subscribe_durable();
+        // Waiting for its rewind: nothing may move yet.
+        assert!(!bus.all_acked());
+        assert_eq!(bus.confirmable(), None);
+        bus.start_pass();
+        // Its pass started and nothing was handed to it: it owes nothing.
+        assert!(bus.all_acked());
+        assert_eq!(bus.confirmable(), None, "nothing published in this pass");
+        bus.publish(event(5)).await;
+        assert!(!bus.all_acked(), "handed 5, acknowledged nothing");
+        assert_eq!(bus.confirmable(), None);
+        idle.ack(Lsn(5));
+        assert!(bus.all_acked());
+        assert_eq!(bus.confirmable(), Some(Lsn(5)));
+        // A second subscriber that joins idle waits for its rewind, then holds nothing back;
+        // the first, having acknowledged all, neither.
+        let late = bus.subscribe_durable();
+        assert!(!bus.all_acked());
+        bus.start_pass();
+        assert!(bus.all_acked());
+        // What `idle` acknowledged stays confirmable (no more).
+        assert_eq!(bus.confirmable(), Some(Lsn(5)));
+        bus.publish(event(6)).await;
+        idle.ack(Lsn(6));
+        assert_eq!(
+            bus.confirmable(),
+            None,
+            "late was handed 6 and acknowledged nothing"
+        );
+        late.ack(Lsn(6));
+        assert_eq!(bus.confirmable(), Some(Lsn(6)));
+        assert!(bus.all_acked());
     }
 
     /// Events 1..=n as transactions of `per` events each (ends at multiples of `per`).

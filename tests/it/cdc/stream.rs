@@ -693,6 +693,66 @@ async fn an_idle_database_does_not_pin_wal() {
     );
 }
 
+/// The same with a durable subscriber that was handed nothing (an idle project's room pump or
+/// webhook writer): it holds nothing back, so the slot still follows the WAL (red team rt4: idle
+/// projects' positions never moved, and an idle slot that never moves pins the cluster's WAL
+/// until it is lost). What it is handed later it receives, and the slot waits for its ack.
+#[tokio::test]
+async fn an_idle_database_with_a_durable_subscriber_that_was_handed_nothing_does_not_pin_wal() {
+    let (app, f, mut sub) = setup().await;
+    app.rows(&f.admin, &f.project, "CREATE TABLE t (x int)")
+        .await;
+    let create = next_event(&mut sub).await;
+    // With no durable subscriber everything published is confirmable: past the CREATE first,
+    // so that the durable subscriber's replay is empty.
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while slot_confirmed(&f.project).await < create.end_lsn.0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the slot never confirmed the CREATE"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let mut durable = app.app.bus.project(&f.project).subscribe_durable();
+    let (seen_tx, mut seen) = tokio::sync::mpsc::unbounded_channel();
+    let acker = tokio::spawn(async move {
+        while let Some(e) = durable.recv().await {
+            durable.ack(e.end_lsn);
+            let _ = seen_tx.send(e);
+        }
+    });
+    let pg = crate::support::pg().await;
+    let c = pg.client("postgres").await;
+    let table = crate::support::unique("elsewhere");
+    c.batch_execute(&format!(
+        "CREATE TABLE {table} (x int); INSERT INTO {table} SELECT generate_series(1, 1000)"
+    ))
+    .await
+    .unwrap();
+    let target: i64 = c
+        .query_one("SELECT (pg_current_wal_lsn() - '0/0'::pg_lsn)::int8", &[])
+        .await
+        .unwrap()
+        .get(0);
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while (slot_confirmed(&f.project).await as i64) < target {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "an idle durable subscriber pins the slot"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    app.rows(&f.admin, &f.project, "INSERT INTO t VALUES (1)")
+        .await;
+    let e = tokio::time::timeout(Duration::from_secs(20), seen.recv())
+        .await
+        .expect("the durable subscriber got the insert")
+        .unwrap();
+    let v: Value = serde_json::from_str(&e.payload).unwrap();
+    assert_eq!(v["record"], json!({ "x": 1 }), "{v}");
+    acker.abort();
+}
+
 #[tokio::test]
 async fn the_stream_recovers_after_postgresql_crashes_and_restarts() {
     let root = crate::support::scratch_dir(&format!(
