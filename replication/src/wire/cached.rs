@@ -365,7 +365,11 @@ impl Connection {
     /// its preludes are queued again, and the text goes as a Query ([`Connection::simple_query`],
     /// with the reset on its own in front). Such a use never counts as covered by a pipelined
     /// reset: that Query's send clears it.
-    pub async fn query_one(&mut self, sql: &str, max_rows: usize) -> Result<SimpleOutcome, WireError> {
+    pub async fn query_one(
+        &mut self,
+        sql: &str,
+        max_rows: usize,
+    ) -> Result<SimpleOutcome, WireError> {
         self.ensure_usable()?;
         for _ in 0..2 {
             match self.cached_round(sql, &[], max_rows, false).await? {
@@ -379,7 +383,9 @@ impl Connection {
                 Round::Refused => return self.simple_query(sql, max_rows).await,
             }
         }
-        Err(self.fail(WireError::protocol("the kept session reset kept disappearing")))
+        Err(self.fail(WireError::protocol(
+            "the kept session reset kept disappearing",
+        )))
     }
 
     /// One round: `keep` runs `sql` under a name of this cache (Parse + Describe the first
