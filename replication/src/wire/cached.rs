@@ -27,6 +27,11 @@
 //! group and deallocates every SQL-level prepared statement unless it proved there is none, so
 //! a replaced one is gone by its Bind (SQLSTATE 26000: prepared afresh below).
 //!
+//! A text without parameters that should be one query or DML statement goes the same way as
+//! the unnamed statement ([`Connection::query_one`]: Parse + Bind + Describe portal + Execute
+//! in place of the named statement's messages), falling back to a Query when PostgreSQL
+//! refuses it as one statement.
+//!
 //! All of it is one implicit transaction, so the statement always runs after the reset; if it
 //! fails, the reset's transactional part is rolled back with it and stays due for the next
 //! operation. Statements that cannot run inside a transaction block (VACUUM, CREATE DATABASE,
