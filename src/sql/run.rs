@@ -2,9 +2,10 @@
 //! under the server's own guard against a statement that outlives its budget.
 //!
 //! Without `params` the text goes through the simple query protocol (a script, one implicit
-//! transaction, the last statement's result); with `params` it is one statement through the
-//! extended protocol, whose parameter types PostgreSQL infers ([`StatementCache`] remembers
-//! them). A statement PostgreSQL refuses is an answer (`SQL_EXEC_ERROR`), not an error.
+//! transaction, the last statement's result), unless it is one query or DML statement, which
+//! runs as the unnamed statement in the pipelined reset's round trip and answers alike
+//! ([`Connection::query_one`]); with `params` it is one statement through the extended
+//! protocol, whose parameter types PostgreSQL infers ([`StatementCache`] remembers them). A statement PostgreSQL refuses is an answer (`SQL_EXEC_ERROR`), not an error.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, RwLock};
@@ -187,7 +188,15 @@ async fn run(
     // protocol runs one statement).
     let (result, plain) = match req.params.as_deref() {
         None | Some([]) => {
-            let outcome = conn.simple_query(&req.query, max_rows).await?;
+            // One query or DML statement goes in the same round trip and transaction as the
+            // pipelined reset (as with parameters); a script, or anything else, as a Query
+            // after the reset on its own. `query_one` sends a text PostgreSQL refuses as one
+            // statement as a Query too, so the answer is the Query's either way.
+            let outcome = if runs_in_a_transaction(&req.query) {
+                conn.query_one(&req.query, max_rows).await?
+            } else {
+                conn.simple_query(&req.query, max_rows).await?
+            };
             let plain = outcome.statements == 1
                 && outcome
                     .last

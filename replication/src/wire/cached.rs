@@ -27,6 +27,11 @@
 //! group and deallocates every SQL-level prepared statement unless it proved there is none, so
 //! a replaced one is gone by its Bind (SQLSTATE 26000: prepared afresh below).
 //!
+//! A text without parameters that should be one query or DML statement goes the same way as
+//! the unnamed statement ([`Connection::query_one`]: Parse + Bind + Describe portal + Execute
+//! in place of the named statement's messages), falling back to a Query when PostgreSQL
+//! refuses it as one statement.
+//!
 //! All of it is one implicit transaction, so the statement always runs after the reset; if it
 //! fails, the reset's transactional part is rolled back with it and stays due for the next
 //! operation. Statements that cannot run inside a transaction block (VACUUM, CREATE DATABASE,
@@ -190,6 +195,25 @@ enum Round {
     Done(Result<StatementResult, WireError>),
     /// The cache was stale; nothing of the statement ran: run the round again.
     Again,
+    /// The text is no one statement the extended protocol runs without parameters (several
+    /// statements, a `$n`): PostgreSQL refused it at Parse or Bind, before any of it ran, and
+    /// what the round took (preludes, Closes) is queued again. Only for
+    /// [`Connection::query_one`], which then sends the text as a Query.
+    Refused,
+}
+
+/// Whether an error of [`Connection::query_one`]'s round says that the text is no single
+/// statement that runs without parameters, rather than a statement that failed: PostgreSQL's
+/// Parse refuses several statements ("cannot insert multiple commands into a prepared
+/// statement", 42601) and a `$n` it cannot type (42P18), and an untyped `$n` makes the Bind of
+/// no parameters a protocol error (08P01). Class 42 at Parse covers the first two and every
+/// other error of the text itself (a Query answers those alike); nothing of it ran.
+fn refused_as_one_statement(at: Step, code: &str) -> bool {
+    match at {
+        Step::Parse => code.starts_with("42"),
+        Step::Bind => code == "08P01",
+        _ => false,
+    }
 }
 
 impl Connection {
@@ -320,9 +344,10 @@ impl Connection {
     ) -> Result<StatementResult, WireError> {
         self.ensure_usable()?;
         for _ in 0..2 {
-            match self.cached_round(sql, params, max_rows).await? {
+            match self.cached_round(sql, params, max_rows, true).await? {
                 Round::Done(result) => return result,
                 Round::Again => continue,
+                Round::Refused => unreachable!("only an unnamed round is refused"),
             }
         }
         Err(self.fail(WireError::protocol(
@@ -330,21 +355,63 @@ impl Connection {
         )))
     }
 
+    /// Runs `sql`, a text without parameters that the caller expects to be one statement that
+    /// may run inside a transaction block (a query or DML), and answers what
+    /// [`Connection::simple_query`] would: as the unnamed statement (Parse + Bind + Describe +
+    /// Execute) in the same Sync group as a due session reset and the queued preludes, inside
+    /// their transaction, as [`Connection::query_cached`] runs a statement — so the reset is
+    /// the pipelined one (bound from its kept name when vouched for) instead of the reset on its
+    /// own, `BEGIN` and `COMMIT` in front of a Query. Kept unnamed: such texts carry their
+    /// values inline and rarely repeat, and must not evict the statements kept under names.
+    ///
+    /// When PostgreSQL refuses the text as one statement (see [`refused_as_one_statement`]:
+    /// several statements, a `$n`, or any error of the text that a Query raises as well),
+    /// nothing of it ran: the round's reset was rolled back with its transaction and stays due,
+    /// its preludes are queued again, and the text goes as a Query ([`Connection::simple_query`],
+    /// with the reset on its own in front). Such a use never counts as covered by a pipelined
+    /// reset: that Query's send clears it.
+    pub async fn query_one(
+        &mut self,
+        sql: &str,
+        max_rows: usize,
+    ) -> Result<SimpleOutcome, WireError> {
+        self.ensure_usable()?;
+        for _ in 0..2 {
+            match self.cached_round(sql, &[], max_rows, false).await? {
+                Round::Done(result) => {
+                    return result.map(|last| SimpleOutcome {
+                        last: Some(last),
+                        statements: 1,
+                    })
+                }
+                Round::Again => continue,
+                Round::Refused => return self.simple_query(sql, max_rows).await,
+            }
+        }
+        Err(self.fail(WireError::protocol(
+            "the kept session reset kept disappearing",
+        )))
+    }
+
+    /// One round: `keep` runs `sql` under a name of this cache (Parse + Describe the first
+    /// time), else as the unnamed statement (Parse + Bind + Describe portal + Execute).
     async fn cached_round(
         &mut self,
         sql: &str,
         params: &[Option<String>],
         max_rows: usize,
+        keep: bool,
     ) -> Result<Round, WireError> {
         // The reset on its own (after FX002) runs first, in a round trip of its own: PostgreSQL
         // would run the messages that follow a failed Query (see `Connection::queue_prelude`).
         if self.reset.as_ref().is_some_and(|r| r.due && r.alone_next) {
             self.run_preludes().await?;
         }
-        let known = self.cached.lookup(sql);
+        let known = if keep { self.cached.lookup(sql) } else { None };
         let name = match &known {
             Some((name, _)) => name.clone(),
-            None => self.cached.new_name(),
+            None if keep => self.cached.new_name(),
+            None => String::new(),
         };
         let due = self.reset.as_ref().filter(|r| r.due);
         let reset = due.map(|r| {
@@ -382,14 +449,23 @@ impl Connection {
                 frontend::close(b'S', old, buf).map_err(|e| e.to_string())?;
                 steps.push(Step::Close);
             }
-            if known.is_none() {
-                frontend::parse(&name, sql, std::iter::empty(), buf).map_err(|e| e.to_string())?;
-                frontend::describe(b'S', &name, buf).map_err(|e| e.to_string())?;
-                steps.extend([Step::Parse, Step::Describe]);
+            if !keep {
+                frontend::parse("", sql, std::iter::empty(), buf).map_err(|e| e.to_string())?;
+                encode_bind("", params, buf)?;
+                frontend::describe(b'P', "", buf).map_err(|e| e.to_string())?;
+                frontend::execute("", 0, buf).map_err(|e| e.to_string())?;
+                steps.extend([Step::Parse, Step::Bind, Step::Describe, Step::Execute]);
+            } else {
+                if known.is_none() {
+                    frontend::parse(&name, sql, std::iter::empty(), buf)
+                        .map_err(|e| e.to_string())?;
+                    frontend::describe(b'S', &name, buf).map_err(|e| e.to_string())?;
+                    steps.extend([Step::Parse, Step::Describe]);
+                }
+                encode_bind(&name, params, buf)?;
+                frontend::execute("", 0, buf).map_err(|e| e.to_string())?;
+                steps.extend([Step::Bind, Step::Execute]);
             }
-            encode_bind(&name, params, buf)?;
-            frontend::execute("", 0, buf).map_err(|e| e.to_string())?;
-            steps.extend([Step::Bind, Step::Execute]);
             frontend::sync(buf);
             Ok::<_, String>(())
         });
@@ -433,7 +509,12 @@ impl Connection {
                 }
                 Message::ParameterDescription(_) => {}
                 Message::RowDescription(body) => {
-                    columns = Some(self.columns(&body)?);
+                    let described = self.columns(&body)?;
+                    // The portal's description (unnamed) comes after its BindComplete.
+                    if let Some(b) = builder.as_mut() {
+                        b.columns = described.clone();
+                    }
+                    columns = Some(described);
                     next += 1;
                 }
                 Message::NoData => {
@@ -487,7 +568,7 @@ impl Connection {
                 other => return Err(self.unexpected(&other, "cached statement")),
             }
         }
-        if known.is_none() && parsed {
+        if keep && known.is_none() && parsed {
             match columns {
                 Some(columns) => {
                     self.cached.clock += 1;
@@ -546,6 +627,11 @@ impl Connection {
             // round's send cleared `covered`.
             again(self);
             return Ok(Round::Again);
+        }
+        if !keep && refused_as_one_statement(at, &e.code) {
+            debug!(pid = self.backend_key.0, code = %e.code, "not one statement: sent as a Query");
+            again(self);
+            return Ok(Round::Refused);
         }
         if at.is_reset_or_prelude() {
             self.broken = true;

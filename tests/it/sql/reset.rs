@@ -1197,11 +1197,46 @@ async fn the_kept_reset_replaced_in_any_way_is_parsed_afresh() {
 /// the reset and the next request inherits a disabled statement timeout.)
 #[tokio::test]
 async fn a_routine_made_while_a_plain_statement_runs_cannot_replace_the_kept_reset() {
+    race_for_the_kept_reset(true).await;
+}
+
+/// The same race with the statement and the probe sent without `params`: one SELECT then runs
+/// as the unnamed statement in the pipelined reset's transaction (`Connection::query_one`), so
+/// the next reset may be bound from its kept name just the same. (Fails without 0017's lock,
+/// as the `params` twin does: the routine is made and called while the statement sleeps, and
+/// the next request inherits the fake's disabled statement timeout. Before session 26 such a
+/// statement went as a Query after the reset's own transaction, never followed by a bound
+/// reset.)
+#[tokio::test]
+async fn a_routine_made_while_a_statement_without_params_runs_cannot_replace_the_kept_reset() {
+    race_for_the_kept_reset(false).await;
+}
+
+/// A request with `params` = [1] (`$1` in `query`), or without params (`$1` written as 1).
+async fn either(app: &TestApp, key: &str, f: &Fixture, params: bool, query: &str) -> Value {
+    if params {
+        app.sql_params(key, &f.project, query, json!([1])).await
+    } else {
+        app.sql(key, &f.project, &query.replace("$1::int", "1"))
+            .await
+    }
+}
+
+/// [`either`] that must succeed: its rows.
+async fn either_rows(app: &TestApp, key: &str, f: &Fixture, params: bool, query: &str) -> Value {
+    let body = either(app, key, f, params, query).await;
+    assert_eq!(body["success"], true, "{query}: {body}");
+    body["result"]["rows"].clone()
+}
+
+async fn race_for_the_kept_reset(params: bool) {
     let app = spawn_app_with(|c| c.pool_size = 1).await;
     let f = app.fixture().await;
     let db = pg().await.client(&app.project_db(&f.project).await).await;
     let key = &f.readwrite;
-    let fresh = fresh_probe(&app, key, &f).await;
+    either_rows(&app, key, &f, params, PROBE).await;
+    let fresh = either_rows(&app, key, &f, params, PROBE).await;
+    assert_ne!(fresh[0]["timeout"], "0", "{fresh}");
     // The admin key's pool logs in before the race, not during it. The built-in's query locks
     // a table the transaction has not locked yet: the backend then takes in the catalog's
     // changes (without a new lock a running statement keeps its catalog snapshot and would not
@@ -1224,10 +1259,10 @@ async fn a_routine_made_while_a_plain_statement_runs_cannot_replace_the_kept_res
         // The statements are the connection's own (the first run of a text prepares it apart
         // from the reset; this one fails, the routine is not there yet), so the slow one runs
         // in the pipelined reset's transaction.
-        let body = app.sql_params(key, &f.project, SLOW, json!([1])).await;
+        let body = either(&app, key, &f, params, SLOW).await;
         assert_eq!(body["success"], false, "{body}");
         for _ in 0..2 {
-            rows_as(&app, key, &f, None, PROBE).await;
+            either_rows(&app, key, &f, params, PROBE).await;
         }
         let make = format!(
             "CREATE FUNCTION public.replace_kept_reset() RETURNS int LANGUAGE plpgsql AS $f$
@@ -1238,7 +1273,7 @@ async fn a_routine_made_while_a_plain_statement_runs_cannot_replace_the_kept_res
              END $f$;
              GRANT EXECUTE ON FUNCTION public.replace_kept_reset() TO PUBLIC"
         );
-        let (slow, _) = tokio::join!(app.sql_params(key, &f.project, SLOW, json!([1])), async {
+        let (slow, _) = tokio::join!(either(&app, key, &f, params, SLOW), async {
             tokio::time::sleep(std::time::Duration::from_millis(500)).await;
             app.rows(&f.admin, &f.project, &make).await;
         });
@@ -1251,7 +1286,7 @@ async fn a_routine_made_while_a_plain_statement_runs_cannot_replace_the_kept_res
             "round {round}: {slow}"
         );
         assert_eq!(
-            rows_as(&app, key, &f, None, PROBE).await,
+            either_rows(&app, key, &f, params, PROBE).await,
             fresh,
             "round {round}"
         );
@@ -1262,4 +1297,58 @@ async fn a_routine_made_while_a_plain_statement_runs_cannot_replace_the_kept_res
         )
         .await;
     }
+}
+
+/// Texts without `params` that start like one query but are no single statement PostgreSQL's
+/// Parse takes — a script that starts with a SELECT, `$1` without a value, a syntax error — go
+/// as a Query (`Connection::query_one`): answered as a Query answers them, and never counted as
+/// one plain statement, so the next request (with or without params) runs every check of the
+/// reset and finds a fresh session. (Fails when a refused text counts as one statement: the
+/// next reset skips its checks and the script's LISTEN and prepared statement survive it.)
+#[tokio::test]
+async fn texts_that_are_no_single_statement_run_as_a_query() {
+    let app = spawn_app_with(|c| c.pool_size = 1).await;
+    let f = app.fixture().await;
+    let key = &f.admin;
+    let db = pg().await.client(&app.project_db(&f.project).await).await;
+    assert!(epoch(&db).await.1, "the skip must be possible here");
+    either_rows(&app, key, &f, false, PROBE).await;
+    let fresh = either_rows(&app, key, &f, false, PROBE).await;
+    assert_eq!(fresh[0]["sql_prepared"], 0, "{fresh}");
+    let body = app
+        .sql(key, &f.project, "SELECT 1 AS a; SELECT 2 AS b")
+        .await;
+    assert_eq!(body["result"]["rows"], json!([{ "b": 2 }]), "{body}");
+    let script = format!(
+        "SELECT 1 AS a; {DROP_KEPT_RESET}; {FAKE_RESET}; PREPARE leaked AS SELECT 1;
+         LISTEN leaked; SET statement_timeout = 0; CREATE TEMP TABLE shadow (x int);
+         SELECT 2 AS b"
+    );
+    for round in 0..2 {
+        for params in [false, true] {
+            either_rows(&app, key, &f, false, PROBE).await;
+            assert_eq!(
+                app.rows(key, &f.project, &script).await,
+                vec![json!({ "b": 2 })]
+            );
+            assert_eq!(
+                either_rows(&app, key, &f, params, PROBE).await,
+                fresh,
+                "round {round}, params {params}"
+            );
+        }
+    }
+    let body = app.sql(key, &f.project, "SELECT $1::int AS x").await;
+    assert_eq!(body["success"], false, "{body}");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("there is no parameter $1")),
+        "{body}"
+    );
+    assert_eq!(
+        app.sql_error(key, &f.project, "SELECT FROM WHERE").await,
+        "42601"
+    );
+    assert_eq!(either_rows(&app, key, &f, false, PROBE).await, fresh);
 }
