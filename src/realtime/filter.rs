@@ -21,6 +21,9 @@ pub(super) struct Filter {
     pub(super) row: Option<RowFilter>,
 }
 
+/// The most values a row filter's `in` list may name (as Supabase Realtime's `in` filter).
+pub(super) const MAX_IN_VALUES: usize = 100;
+
 #[derive(Clone, Debug)]
 pub(super) struct RowFilter {
     column: String,
@@ -44,7 +47,16 @@ impl RowFilter {
                     .strip_prefix('(')
                     .and_then(|v| v.strip_suffix(')'))
                     .ok_or_else(|| format!("row filter {s:?}: `in` takes (a,b,c)"))?;
-                inner.split(',').map(|v| v.trim().to_string()).collect()
+                let values: Vec<String> = inner.split(',').map(|v| v.trim().to_string()).collect();
+                // Each value is held for as long as the subscription and compared against every
+                // event (red team rt4: 31,000 values in one 62 KB subscribe held ~1 MB).
+                if values.len() > MAX_IN_VALUES {
+                    return Err(format!(
+                        "row filter: `in` takes at most {MAX_IN_VALUES} values, got {}",
+                        values.len()
+                    ));
+                }
+                values
             }
             other => return Err(format!("row filter {s:?}: unknown operator {other:?}")),
         };
@@ -243,5 +255,14 @@ mod tests {
         assert!(RowFilter::parse("status=like.x").is_err());
         assert!(RowFilter::parse("nonsense").is_err());
         assert!(RowFilter::parse("id=in.1,2").is_err());
+        let list = |n: usize| {
+            format!(
+                "id=in.({})",
+                (0..n).map(|i| i.to_string()).collect::<Vec<_>>().join(",")
+            )
+        };
+        assert!(RowFilter::parse(&list(MAX_IN_VALUES)).is_ok());
+        let e = RowFilter::parse(&list(MAX_IN_VALUES + 1)).unwrap_err();
+        assert!(e.contains("at most 100 values"), "{e}");
     }
 }
