@@ -74,6 +74,11 @@ pub const PROJECT_MIGRATIONS: &[(i32, &str, &str)] = &[
         "routine_epoch_lock",
         include_str!("../../sql/project/0017_routine_epoch_lock.sql"),
     ),
+    (
+        18,
+        "reset_in_default_transaction",
+        include_str!("../../sql/project/0018_reset_in_default_transaction.sql"),
+    ),
 ];
 
 /// The migration that makes the routine epoch (sql/project/0014_session_reset_epoch.sql).

@@ -206,11 +206,14 @@ enum Round {
 /// statement that runs without parameters, rather than a statement that failed: PostgreSQL's
 /// Parse refuses several statements ("cannot insert multiple commands into a prepared
 /// statement", 42601) and a `$n` it cannot type (42P18), and an untyped `$n` makes the Bind of
-/// no parameters a protocol error (08P01). Class 42 at Parse covers the first two and every
-/// other error of the text itself (a Query answers those alike); nothing of it ran.
+/// no parameters a protocol error (08P01). Only those: Parse and Bind can run the caller's code
+/// (a domain's CHECK on a typed literal, an immutable function folded by the planner), whose
+/// effects outside the transaction (`nextval`) a re-send as a Query would repeat; any other
+/// error is the statement's answer. (A routine of the project's own that raises one of these
+/// codes after such an effect repeats it: its own doing, on its own data.)
 fn refused_as_one_statement(at: Step, code: &str) -> bool {
     match at {
-        Step::Parse => code.starts_with("42"),
+        Step::Parse => matches!(code, "42601" | "42P18"),
         Step::Bind => code == "08P01",
         _ => false,
     }

@@ -1352,3 +1352,74 @@ async fn texts_that_are_no_single_statement_run_as_a_query() {
     );
     assert_eq!(either_rows(&app, key, &f, false, PROBE).await, fresh);
 }
+
+/// A plain SELECT can set the session's transaction defaults (`default_transaction_read_only`,
+/// `_isolation`, `_deferrable`); the next request's transaction begins at its pipelined reset,
+/// under those defaults, which RESET ALL cannot change for a running transaction. The reset
+/// then runs on its own first (project migration 0018): the next request's writes are not
+/// refused as read only, and it runs READ COMMITTED (0017's lock argument needs it), with
+/// `params` and without (review of session 26).
+#[tokio::test]
+async fn transaction_defaults_a_request_sets_never_shape_the_next_requests_transaction() {
+    let app = spawn_app_with(|c| c.pool_size = 1).await;
+    let f = app.fixture().await;
+    app.rows(&f.admin, &f.project, "CREATE TABLE public.w (x int)")
+        .await;
+    app.rows(&f.admin, &f.project, "GRANT INSERT ON public.w TO PUBLIC")
+        .await;
+    const LOOK: &str = "SELECT current_setting('transaction_isolation') AS iso, \
+        current_setting('transaction_read_only') AS ro, \
+        current_setting('transaction_deferrable') AS def";
+    let clean = json!({ "iso": "read committed", "ro": "off", "def": "off" });
+    for (round, leave) in [
+        "SELECT set_config('default_transaction_read_only', 'on', false) AS s",
+        "SELECT set_config('default_transaction_isolation', 'repeatable read', false) AS s",
+        "SELECT set_config('default_transaction_isolation', 'serializable', false) AS s, \
+         set_config('default_transaction_read_only', 'on', false) AS r, \
+         set_config('default_transaction_deferrable', 'on', false) AS d",
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        for with_params in [false, true] {
+            let body = app.sql(&f.readwrite, &f.project, leave).await;
+            assert_eq!(body["success"], true, "{body}");
+            let body = if with_params {
+                app.sql_params(
+                    &f.readwrite,
+                    &f.project,
+                    "INSERT INTO public.w VALUES ($1)",
+                    json!([round]),
+                )
+                .await
+            } else {
+                app.sql(
+                    &f.readwrite,
+                    &f.project,
+                    &format!("INSERT INTO public.w VALUES ({round})"),
+                )
+                .await
+            };
+            assert_eq!(
+                body["success"], true,
+                "round {round}, params {with_params}: {body}"
+            );
+            app.sql(&f.readwrite, &f.project, leave).await;
+            let look = if with_params {
+                request(
+                    &app,
+                    &f.readwrite,
+                    &f,
+                    None,
+                    &format!("{LOOK} WHERE $1::int = 1"),
+                    json!([1]),
+                )
+                .await["result"]["rows"][0]
+                    .clone()
+            } else {
+                app.sql(&f.readwrite, &f.project, LOOK).await["result"]["rows"][0].clone()
+            };
+            assert_eq!(look, clean, "round {round}, params {with_params}");
+        }
+    }
+}
