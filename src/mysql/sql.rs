@@ -1670,13 +1670,94 @@ mod tests {
             "UPDATE users SET password = 'x' WHERE id = 1",
             "UPDATE users u SET password = ? WHERE id = 1",
             "SELECT xa, recover FROM t",
-            "PREPARE s FROM 'SELECT ?'",
-            "EXECUTE IMMEDIATE 'SELECT 1'",
-            "EXECUTE s USING @a",
             "START TRANSACTION; INSERT INTO t VALUES (1); COMMIT",
             "ALTER TABLE user ADD COLUMN x int",
             "SELECT get_lock FROM t",
             "SELECT id FROM t WHERE id = 1 FOR UPDATE",
+        ] {
+            assert_eq!(refused(sql), None, "{sql}");
+        }
+    }
+
+    /// Red team rt4: dynamic SQL under a name the old scanner split (`a€b`), a `quoted`
+    /// function name, `SET PASSWORD` in a handler's body; and every neighbour of each.
+    #[test]
+    fn dynamic_sql_quoted_names_and_nested_statements_are_refused() {
+        for sql in [
+            // (a) dynamic SQL, any name, any source, anywhere.
+            "SET @v='SET sql_mode=''NO_BACKSLASH_ESCAPES'''; PREPARE a€b FROM @v; EXECUTE a€b; \
+             SELECT @@sql_mode",
+            "SET @v='SET NAMES gbk'; PREPARE a€b FROM @v; EXECUTE a€b",
+            "CREATE PROCEDURE run(q TEXT) BEGIN SET @q=q; PREPARE a€b FROM @q; EXECUTE a€b; END",
+            "PREPARE s FROM 'SELECT ?'",
+            "prepare `s` from 'SELECT 1'",
+            "PREPARE s$x FROM @q",
+            "EXECUTE IMMEDIATE 'SELECT 1'",
+            "EXECUTE s USING @a",
+            "execute\ta€b",
+            "DEALLOCATE PREPARE s",
+            "DROP PREPARE s",
+            "SELECT 1; /* x */ PREPARE s FROM 'SELECT 1'",
+            "CREATE EVENT e ON SCHEDULE EVERY 1 SECOND DO EXECUTE IMMEDIATE 'SELECT 1'",
+            "CREATE TRIGGER tr BEFORE INSERT ON t FOR EACH ROW BEGIN PREPARE s FROM @q; END",
+            "BEGIN NOT ATOMIC DECLARE i INT DEFAULT 0; WHILE i < 6000 DO \
+             PREPARE s FROM 'SELECT 1'; SET i = i + 1; END WHILE; END",
+            // (b) names as the server looks them up: quoted, folded.
+            "SELECT `GET_LOCK`('cross',0)",
+            "SELECT `get_lock` ('cross', 0)",
+            "DO `RELEASE_ALL_LOCKS`()",
+            "SELECT IS_USED_LOCK/* c */('x')",
+            "SELECT gét_lock('x', 0)",
+            "SELECT ıs_free_lock('x')",
+            "SET `sql_mode` = 'ANSI_QUOTES'",
+            "SET @@session.`max_session_mem_used` = 8589934592",
+            "SET sql_mödé = 'ANSI_QUOTES'",
+            "SET STATEMENT max_session_mem_used=8589934592 FOR SELECT 1",
+            // (c) SET PASSWORD wherever a statement can start.
+            "BEGIN NOT ATOMIC DECLARE CONTINUE HANDLER FOR SQLSTATE '45000' SET PASSWORD = \
+             PASSWORD('x'); SIGNAL SQLSTATE '45000'; END",
+            "BEGIN NOT ATOMIC DECLARE EXIT HANDLER FOR 1062 SET PASSWORD = 'x'; END",
+            "BEGIN NOT ATOMIC DECLARE c CONDITION FOR 1; DECLARE EXIT HANDLER FOR c \
+             SET PASSWORD = 'x'; END",
+            "IF 1 THEN SET PASSWORD = 'x'; END IF",
+            "IF (SELECT 1 FROM t FOR UPDATE) THEN SET PASSWORD = 'x'; END IF",
+            "CASE WHEN 1 THEN SET PASSWORD = 'x'; END CASE",
+            "lbl: LOOP SET PASSWORD = 'x'; LEAVE lbl; END LOOP",
+            "WHILE 1 DO SET PASSWORD = 'x'; END WHILE",
+            "REPEAT SET PASSWORD = 'x'; UNTIL 1 END REPEAT",
+            "FOR i IN 1..2 DO SET PASSWORD = 'x'; END FOR",
+            "CREATE PROCEDURE p() SET PASSWORD = 'x'",
+            "CREATE PROCEDURE p() COMMENT 'c' SET PASSWORD = 'x'",
+            "CREATE PROCEDURE db.update() SET PASSWORD = 'x'",
+            "CREATE TRIGGER tr BEFORE UPDATE ON t FOR EACH ROW SET PASSWORD = 'x'",
+            "CREATE TRIGGER tr BEFORE UPDATE ON t FOR EACH ROW FOLLOWS o SET PASSWORD = 'x'",
+            "CREATE EVENT e ON SCHEDULE EVERY 1 DAY DO SET PASSWORD = 'x'",
+            "SET @a = 1, PASSWORD = 'x'",
+            "SET STATEMENT max_statement_time = 1 FOR SET PASSWORD = 'x'",
+            "SET PASSWORD FOR CURRENT_USER() = 'x'",
+            "UPDATE t SET a = 1; BEGIN NOT ATOMIC SET PASSWORD = 'x'; END",
+            "SELECT 1;; SET PASSWORD = 'x'",
+            "BEGIN NOT ATOMIC UPDATE t SET password = 'x'; END",
+        ] {
+            assert!(refused(sql).is_some(), "{sql} was not refused");
+        }
+        assert!(refused("PREPARE a€b FROM @v").unwrap().contains("dynamic SQL"));
+        assert!(refused("SELECT `GET_LOCK`('x', 0)").unwrap().contains("GET_LOCK"));
+        for sql in [
+            "UPDATE users SET password = 'x' WHERE id = 1",
+            "UPDATE users u JOIN t ON t.id = u.id SET u.a = 1, password = ? WHERE 1",
+            "INSERT INTO users SET name = 'a', password = 'x'",
+            "BEGIN; UPDATE users SET password = 'x'; COMMIT",
+            "START TRANSACTION; UPDATE users SET password = 'x'; COMMIT",
+            "SELECT * FROM users WHERE password = ?",
+            "CREATE PROCEDURE p() BEGIN UPDATE t SET `password` = 'x'; END",
+            "SELECT `execute`, t.prepare, `deallocate` FROM t",
+            "SELECT 'PREPARE s FROM @q', `GET_LOCK` FROM t -- EXECUTE s",
+            "SELECT a€b, $x, prepared, executed FROM t",
+            "SELECT get_locks('x'), my_get_lock('x'), `get lock`('x')",
+            "SET @a = 1, @password = 2",
+            "CREATE TABLE t (id int, password varchar(80), a SET('x', 'y'))",
+            "CALL p(1)",
         ] {
             assert_eq!(refused(sql), None, "{sql}");
         }
