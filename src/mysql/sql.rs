@@ -1741,8 +1741,12 @@ mod tests {
         ] {
             assert!(refused(sql).is_some(), "{sql} was not refused");
         }
-        assert!(refused("PREPARE a€b FROM @v").unwrap().contains("dynamic SQL"));
-        assert!(refused("SELECT `GET_LOCK`('x', 0)").unwrap().contains("GET_LOCK"));
+        assert!(refused("PREPARE a€b FROM @v")
+            .unwrap()
+            .contains("dynamic SQL"));
+        assert!(refused("SELECT `GET_LOCK`('x', 0)")
+            .unwrap()
+            .contains("GET_LOCK"));
         for sql in [
             "UPDATE users SET password = 'x' WHERE id = 1",
             "UPDATE users u JOIN t ON t.id = u.id SET u.a = 1, password = ? WHERE 1",
