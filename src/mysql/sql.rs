@@ -1075,7 +1075,7 @@ pub fn refused(sql: &str) -> Option<String> {
                 ))
     };
     let password_statements = password_statements(&toks);
-    for i in 0..toks.len() {
+    for (i, password_statement) in password_statements.iter().enumerate() {
         let assigned = matches!(toks.get(i + 1), Some(Tok::Other('=' | ':')));
         if let (Some(v), true) = (is_name(i, LEXING_VARIABLES), assigned) {
             return Some(lexing_refused(&v));
@@ -1125,7 +1125,7 @@ pub fn refused(sql: &str) -> Option<String> {
                         .into(),
                 );
             }
-            "PASSWORD" if password_statements[i] => {
+            "PASSWORD" if *password_statement => {
                 return Some(
                     "SET PASSWORD is not available on MySQL projects: the accounts of a \
                      project are managed by Fluxbase (a column named password is written \
