@@ -324,3 +324,41 @@ async fn read(conn: &mut mysql_async::Conn, name: &str) -> Option<String> {
         other => Some(other.as_sql(true).trim_matches('\'').to_string()),
     }
 }
+
+/// The stored programs of MySQL projects (routines, triggers, events in `fx_*` databases of
+/// the server at `url`) whose body holds SQL a request is refused ([`super::sql::refused`]):
+/// made before a refusal existed (red team rt4: dynamic SQL, `SET PASSWORD` in a handler),
+/// they would still run it when called or fired. Each is a finding, with the `DROP` to apply.
+pub async fn refused_programs(url: &str) -> anyhow::Result<Vec<Finding>> {
+    let opts = Opts::from_url(url)
+        .map_err(|e| anyhow::anyhow!("FLUXBASE_MYSQL_URL is not a valid MySQL URL: {e}"))?;
+    let mut conn = mysql_async::Conn::new(opts).await?;
+    let programs: Vec<(String, String, String, Option<String>)> = conn
+        .query(
+            "SELECT ROUTINE_SCHEMA, ROUTINE_TYPE, ROUTINE_NAME, ROUTINE_DEFINITION \
+               FROM information_schema.ROUTINES WHERE ROUTINE_SCHEMA LIKE 'fx\\_%' \
+             UNION ALL SELECT TRIGGER_SCHEMA, 'TRIGGER', TRIGGER_NAME, ACTION_STATEMENT \
+               FROM information_schema.TRIGGERS WHERE TRIGGER_SCHEMA LIKE 'fx\\_%' \
+             UNION ALL SELECT EVENT_SCHEMA, 'EVENT', EVENT_NAME, EVENT_DEFINITION \
+               FROM information_schema.EVENTS WHERE EVENT_SCHEMA LIKE 'fx\\_%' \
+             ORDER BY 1, 2, 3",
+        )
+        .await?;
+    let _ = conn.disconnect().await;
+    let quote = |s: &str| format!("`{}`", s.replace('`', "``"));
+    Ok(programs
+        .into_iter()
+        .filter_map(|(schema, kind, name, body)| {
+            let why = super::sql::refused(body.as_deref().unwrap_or(""))?;
+            Some(Finding {
+                problem: format!(
+                    "{} {}.{} runs SQL refused on MySQL projects: {why}",
+                    kind.to_lowercase(),
+                    schema,
+                    name
+                ),
+                fix: format!("DROP {kind} {}.{};", quote(&schema), quote(&name)),
+            })
+        })
+        .collect())
+}
