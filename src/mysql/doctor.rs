@@ -333,18 +333,28 @@ pub async fn refused_programs(url: &str) -> anyhow::Result<Vec<Finding>> {
     let opts = Opts::from_url(url)
         .map_err(|e| anyhow::anyhow!("FLUXBASE_MYSQL_URL is not a valid MySQL URL: {e}"))?;
     let mut conn = mysql_async::Conn::new(opts).await?;
+    let found = refused_in(&mut conn, "fx\\_%").await;
+    let _ = conn.disconnect().await;
+    found
+}
+
+/// [`refused_programs`] in the databases whose names are `LIKE schemas`.
+pub(crate) async fn refused_in(
+    conn: &mut mysql_async::Conn,
+    schemas: &str,
+) -> anyhow::Result<Vec<Finding>> {
     let programs: Vec<(String, String, String, Option<String>)> = conn
-        .query(
+        .exec(
             "SELECT ROUTINE_SCHEMA, ROUTINE_TYPE, ROUTINE_NAME, ROUTINE_DEFINITION \
-               FROM information_schema.ROUTINES WHERE ROUTINE_SCHEMA LIKE 'fx\\_%' \
+               FROM information_schema.ROUTINES WHERE ROUTINE_SCHEMA LIKE ? \
              UNION ALL SELECT TRIGGER_SCHEMA, 'TRIGGER', TRIGGER_NAME, ACTION_STATEMENT \
-               FROM information_schema.TRIGGERS WHERE TRIGGER_SCHEMA LIKE 'fx\\_%' \
+               FROM information_schema.TRIGGERS WHERE TRIGGER_SCHEMA LIKE ? \
              UNION ALL SELECT EVENT_SCHEMA, 'EVENT', EVENT_NAME, EVENT_DEFINITION \
-               FROM information_schema.EVENTS WHERE EVENT_SCHEMA LIKE 'fx\\_%' \
+               FROM information_schema.EVENTS WHERE EVENT_SCHEMA LIKE ? \
              ORDER BY 1, 2, 3",
+            (schemas, schemas, schemas),
         )
         .await?;
-    let _ = conn.disconnect().await;
     let quote = |s: &str| format!("`{}`", s.replace('`', "``"));
     Ok(programs
         .into_iter()
