@@ -8,7 +8,8 @@
 //! no file of the server's host is reachable (`secure_file_priv`, FILE on the server's or a
 //! project's account), and that project admins may define routines and triggers
 //! (`log_bin_trust_function_creators`). With the control database at hand, the binary log files
-//! MySQL projects still need are checked against what the server has ([`needed_logs`]).
+//! MySQL projects still need are checked against what the server has ([`needed_logs`]), and the
+//! projects' stored programs against the refusal check ([`refused_programs`]).
 
 use mysql_async::prelude::Queryable;
 use mysql_async::Opts;
