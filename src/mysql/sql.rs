@@ -1926,6 +1926,19 @@ mod tests {
         assert_eq!(split_statements("SELECT 'é;'"), vec!["SELECT 'é;'"]);
     }
 
+    /// The driver's refusal of a packet past its limit is told apart from a lost connection.
+    #[test]
+    fn a_packet_past_the_limit_is_recognised() {
+        use mysql_common::proto::codec::error::PacketCodecError;
+        let too_large: mysql_async::Error = PacketCodecError::PacketTooLarge.into();
+        assert!(packet_too_large(&too_large));
+        let lost: mysql_async::Error =
+            PacketCodecError::Io(std::io::Error::from(std::io::ErrorKind::ConnectionReset)).into();
+        assert!(!packet_too_large(&lost));
+        let other: mysql_async::Error = PacketCodecError::PacketsOutOfSync.into();
+        assert!(!packet_too_large(&other));
+    }
+
     #[test]
     fn operations_name_the_command() {
         for (sql, rows, op) in [
