@@ -322,6 +322,8 @@ async fn doctor(config: Config) -> Result<()> {
             )
             .await?,
         );
+        // Stored programs of MySQL projects made before a refusal existed (red team rt4).
+        findings.extend(fluxbase::mysql::doctor::refused_programs(url.expose()).await?);
         // The binary log files MySQL projects still need, from the control database (an
         // operator's PostgreSQL; the embedded one is not started again for this).
         if let Some(db) = &config.database_url {

@@ -8,7 +8,8 @@
 //! no file of the server's host is reachable (`secure_file_priv`, FILE on the server's or a
 //! project's account), and that project admins may define routines and triggers
 //! (`log_bin_trust_function_creators`). With the control database at hand, the binary log files
-//! MySQL projects still need are checked against what the server has ([`needed_logs`]).
+//! MySQL projects still need are checked against what the server has ([`needed_logs`]), and the
+//! projects' stored programs against the refusal check ([`refused_programs`]).
 
 use mysql_async::prelude::Queryable;
 use mysql_async::Opts;
@@ -323,4 +324,52 @@ async fn read(conn: &mut mysql_async::Conn, name: &str) -> Option<String> {
         mysql_async::Value::NULL => None,
         other => Some(other.as_sql(true).trim_matches('\'').to_string()),
     }
+}
+
+/// The stored programs of MySQL projects (routines, triggers, events in `fx_*` databases of
+/// the server at `url`) whose body holds SQL a request is refused ([`super::sql::refused`]):
+/// made before a refusal existed (red team rt4: dynamic SQL, `SET PASSWORD` in a handler),
+/// they would still run it when called or fired. Each is a finding, with the `DROP` to apply.
+pub async fn refused_programs(url: &str) -> anyhow::Result<Vec<Finding>> {
+    let opts = Opts::from_url(url)
+        .map_err(|e| anyhow::anyhow!("FLUXBASE_MYSQL_URL is not a valid MySQL URL: {e}"))?;
+    let mut conn = mysql_async::Conn::new(opts).await?;
+    let found = refused_in(&mut conn, "fx\\_%").await;
+    let _ = conn.disconnect().await;
+    found
+}
+
+/// [`refused_programs`] in the databases whose names are `LIKE schemas`.
+pub(crate) async fn refused_in(
+    conn: &mut mysql_async::Conn,
+    schemas: &str,
+) -> anyhow::Result<Vec<Finding>> {
+    let programs: Vec<(String, String, String, Option<String>)> = conn
+        .exec(
+            "SELECT ROUTINE_SCHEMA, ROUTINE_TYPE, ROUTINE_NAME, ROUTINE_DEFINITION \
+               FROM information_schema.ROUTINES WHERE ROUTINE_SCHEMA LIKE ? \
+             UNION ALL SELECT TRIGGER_SCHEMA, 'TRIGGER', TRIGGER_NAME, ACTION_STATEMENT \
+               FROM information_schema.TRIGGERS WHERE TRIGGER_SCHEMA LIKE ? \
+             UNION ALL SELECT EVENT_SCHEMA, 'EVENT', EVENT_NAME, EVENT_DEFINITION \
+               FROM information_schema.EVENTS WHERE EVENT_SCHEMA LIKE ? \
+             ORDER BY 1, 2, 3",
+            (schemas, schemas, schemas),
+        )
+        .await?;
+    let quote = |s: &str| format!("`{}`", s.replace('`', "``"));
+    Ok(programs
+        .into_iter()
+        .filter_map(|(schema, kind, name, body)| {
+            let why = super::sql::refused(body.as_deref().unwrap_or(""))?;
+            Some(Finding {
+                problem: format!(
+                    "{} {}.{} runs SQL refused on MySQL projects: {why}",
+                    kind.to_lowercase(),
+                    schema,
+                    name
+                ),
+                fix: format!("DROP {kind} {}.{};", quote(&schema), quote(&name)),
+            })
+        })
+        .collect())
 }

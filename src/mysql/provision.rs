@@ -98,6 +98,22 @@ impl Mysql {
         )
         .await
         .with_context(|| format!("provisioning the broadcast procedure of {db_name}"))?;
+        // Stored programs made before a refusal existed (red team rt4) still run what they
+        // hold when called: named at every start-up (and in `fluxbase doctor`), not dropped.
+        let like = db_name
+            .replace('\\', "\\\\")
+            .replace('_', "\\_")
+            .replace('%', "\\%");
+        match super::doctor::refused_in(&mut conn, &like).await {
+            Ok(found) => {
+                for f in found {
+                    tracing::warn!(project_id, problem = %f.problem, fix = %f.fix,
+                        "a stored program of a MySQL project runs SQL that requests are refused");
+                }
+            }
+            Err(e) => tracing::warn!(project_id, error = %e,
+                "reading a MySQL project's stored programs failed"),
+        }
         Ok(())
     }
 

@@ -450,6 +450,11 @@ impl Mysql {
             // UPDATE counts the rows it matched, as PostgreSQL does.
             .client_found_rows(true)
             .tcp_nodelay(true)
+            // A row is read whatever its size up to the server's maximum packet (1 GiB), then
+            // kept or dropped by `max_response_bytes` (`truncated`), as on PostgreSQL; the
+            // default (the server's `@@max_allowed_packet`, 16 MiB) broke the connection on
+            // a larger row.
+            .max_allowed_packet(Some(crate::cdc::binlog::MAX_PACKET))
             // No file of this machine is ever sent for LOAD DATA LOCAL INFILE.
             .local_infile_handler(None::<mysql_async::WhiteListFsHandler>)
             .into()
@@ -584,6 +589,16 @@ impl Mysql {
                 self.sql.close_held(Held { conn, permit }).await;
                 Ok(driver_error(&e))
             }
+            Err(Failure::Db(e)) if packet_too_large(&e) => {
+                // One row over 1 GiB: this request's answer, not the server's unavailability.
+                self.sql.close_held(Held { conn, permit }).await;
+                Ok(render_error(
+                    "a row of the result is larger than 1 GiB (the largest packet MySQL sends): \
+                     select fewer or smaller columns",
+                    2020,
+                    "HY000",
+                ))
+            }
             Err(Failure::Db(e)) | Err(Failure::Broken(e)) => {
                 self.sql.close_held(Held { conn, permit }).await;
                 tracing::warn!(project_id = %project.id, error = %e, "MySQL connection lost");
@@ -591,6 +606,24 @@ impl Mysql {
                 Err(SqlError::Unavailable(e.to_string()))
             }
         }
+    }
+}
+
+/// Whether the driver refused a packet past its `max_allowed_packet`.
+fn packet_too_large(e: &mysql_async::Error) -> bool {
+    match e {
+        mysql_async::Error::Io(mysql_async::IoError::Io(io)) => io
+            .get_ref()
+            .and_then(|inner| {
+                inner.downcast_ref::<mysql_common::proto::codec::error::PacketCodecError>()
+            })
+            .is_some_and(|c| {
+                matches!(
+                    c,
+                    mysql_common::proto::codec::error::PacketCodecError::PacketTooLarge
+                )
+            }),
+        _ => false,
     }
 }
 
@@ -974,17 +1007,15 @@ fn keywords(sql: &str, n: usize) -> Vec<String> {
 /// * `SET PASSWORD …` (as a statement) and `ALTER USER …`: a scope's account would lock the
 ///   server out of it (its password is derived, never stored).
 /// * the user-lock functions (`GET_LOCK`, `IS_USED_LOCK`, …): their names are server-wide.
-/// * dynamic SQL (`PREPARE … FROM`, `EXECUTE IMMEDIATE`) is accepted only from string literals,
-///   which are checked the same way; from a variable or an expression it is refused, since its
-///   text is not known before it runs.
+/// * dynamic SQL (`PREPARE`, `EXECUTE`, `EXECUTE IMMEDIATE`, `DEALLOCATE` / `DROP PREPARE`),
+///   anywhere: its text is built when it runs, out of this check's sight (and prepared
+///   statements fill the server-wide `max_prepared_stmt_count`).
+///
+/// Names are read as the server reads them: a word runs on through `$` and every non-ASCII
+/// character, a `quoted` name is a name like any other for the rules on functions and
+/// variables, and the rules on `SET PASSWORD` hold wherever a statement can start
+/// ([`password_statements`]).
 pub fn refused(sql: &str) -> Option<String> {
-    refused_at(sql, 0)
-}
-
-fn refused_at(sql: &str, depth: usize) -> Option<String> {
-    if depth > 4 {
-        return Some("dynamic SQL nested this deep is not accepted".into());
-    }
     // MariaDB ends a comment at a NUL byte and refuses one in plain text: not worth reading
     // the same way, refused (a string holds one as `\0`, or a parameter).
     if sql.contains('\0') {
@@ -1004,14 +1035,26 @@ fn refused_at(sql: &str, depth: usize) -> Option<String> {
                 .into(),
         );
     }
+    // A statement keyword: a bare word (a keyword is never quoted), not a name after `.`
+    // (`t.execute` is a column).
     let word = |i: usize| match toks.get(i) {
-        Some(Tok::Word(w)) => w.as_str(),
+        Some(Tok::Word(w)) if i == 0 || toks[i - 1] != Tok::Other('.') => w.as_str(),
         _ => "",
     };
-    // A word or a `quoted` name.
-    let name = |i: usize| match toks.get(i) {
-        Some(Tok::Word(w) | Tok::Ident(w)) => w.as_str(),
-        _ => "",
+    // A name (of a function, a variable) as the server looks it up: a word or a `quoted`
+    // name, compared without regard to case and with every non-ASCII character standing for
+    // any character (the server compares names under utf8mb3_general_ci, where `é` is `E`
+    // and `ı` is `I`).
+    let is_name = |i: usize, names: &[&str]| -> Option<String> {
+        let n = match toks.get(i) {
+            Some(Tok::Word(w)) => w.as_str(),
+            Some(Tok::Ident(w)) => w.trim_end_matches(' '),
+            _ => return None,
+        };
+        names
+            .iter()
+            .find(|target| name_matches(n, target))
+            .map(|t| t.to_string())
     };
     // What `SET NAMES` / `SET CHARACTER SET` take: a character set's name (a word, a string,
     // a `quoted` name) or DEFAULT; any other word is an error of the server's.
@@ -1031,19 +1074,27 @@ fn refused_at(sql: &str, depth: usize) -> Option<String> {
                     "SET" | "STATEMENT" | "SESSION" | "LOCAL" | "GLOBAL"
                 ))
     };
-    for i in 0..toks.len() {
-        if LEXING_VARIABLES.contains(&name(i))
-            && matches!(toks.get(i + 1), Some(Tok::Other('=' | ':')))
-        {
-            return Some(lexing_refused(name(i)));
+    let password_statements = password_statements(&toks);
+    for (i, password_statement) in password_statements.iter().enumerate() {
+        let assigned = matches!(toks.get(i + 1), Some(Tok::Other('=' | ':')));
+        if let (Some(v), true) = (is_name(i, LEXING_VARIABLES), assigned) {
+            return Some(lexing_refused(&v));
         }
-        if MEMORY_VARIABLES.contains(&name(i))
-            && matches!(toks.get(i + 1), Some(Tok::Other('=' | ':')))
-        {
+        if let (Some(v), true) = (is_name(i, MEMORY_VARIABLES), assigned) {
             return Some(format!(
                 "{} cannot be changed on MySQL projects: it bounds the memory one session \
                  holds on the shared server",
-                name(i).to_lowercase()
+                v.to_lowercase()
+            ));
+        }
+        if let (Some(f), true) = (
+            is_name(i, LOCK_FUNCTIONS),
+            toks.get(i + 1) == Some(&Tok::Other('(')),
+        ) {
+            return Some(format!(
+                "{f}() is not available on MySQL projects: user lock names are server-wide \
+                 (one project would block or observe another's); use a row of a table of \
+                 the project with SELECT … FOR UPDATE"
             ));
         }
         if set_option_at(i)
@@ -1074,46 +1125,131 @@ fn refused_at(sql: &str, depth: usize) -> Option<String> {
                         .into(),
                 );
             }
-            "SET"
-                if word(i + 1) == "PASSWORD"
-                    && (i == 0
-                        || toks[i - 1] == Tok::Other(';')
-                        || matches!(
-                            word(i - 1),
-                            "BEGIN" | "THEN" | "ELSE" | "DO" | "FOR" | "LOOP" | "REPEAT"
-                        ))
-                    && (toks.get(i + 2) == Some(&Tok::Other('=')) || word(i + 2) == "FOR") =>
-            {
+            "PASSWORD" if *password_statement => {
                 return Some(
                     "SET PASSWORD is not available on MySQL projects: the accounts of a \
-                     project are managed by Fluxbase"
+                     project are managed by Fluxbase (a column named password is written \
+                     `password` in a routine, trigger, event or compound statement)"
                         .into(),
                 );
             }
-            "GET_LOCK" | "IS_FREE_LOCK" | "IS_USED_LOCK" | "RELEASE_LOCK" | "RELEASE_ALL_LOCKS"
-                if toks.get(i + 1) == Some(&Tok::Other('(')) =>
-            {
+            // Dynamic SQL, whatever follows: its text is built when it runs, out of the
+            // check's sight; and prepared statements count against the server-wide
+            // `max_prepared_stmt_count`.
+            w @ ("PREPARE" | "EXECUTE" | "DEALLOCATE") => {
                 return Some(format!(
-                    "{}() is not available on MySQL projects: user lock names are server-wide \
-                     (one project would block or observe another's); use a row of a table of \
-                     the project with SELECT … FOR UPDATE",
-                    word(i)
+                    "{w} is not available on MySQL projects: dynamic SQL (PREPARE, EXECUTE, \
+                     EXECUTE IMMEDIATE, DEALLOCATE / DROP PREPARE) is refused, in a request \
+                     and in a routine, trigger or event body; send parameters with `params` \
+                     (a column or name of that word is written `{}`)",
+                    w.to_lowercase()
                 ));
-            }
-            "PREPARE" if word(i + 2) == "FROM" => {
-                if let Some(why) = literal_refused(&toks[i + 3..], "PREPARE … FROM", depth) {
-                    return Some(why);
-                }
-            }
-            "EXECUTE" if word(i + 1) == "IMMEDIATE" => {
-                if let Some(why) = literal_refused(&toks[i + 2..], "EXECUTE IMMEDIATE", depth) {
-                    return Some(why);
-                }
             }
             _ => {}
         }
     }
     None
+}
+
+/// Whether `name` (ASCII uppercase already) is `target`, each non-ASCII character of `name`
+/// standing for any one character (the server's general_ci folds many to an ASCII letter).
+fn name_matches(name: &str, target: &str) -> bool {
+    name.chars().count() == target.len()
+        && name
+            .chars()
+            .zip(target.bytes())
+            .all(|(c, t)| !c.is_ascii() || c as u32 == u32::from(t))
+}
+
+/// The user-lock functions: their names are server-wide.
+const LOCK_FUNCTIONS: &[&str] = &[
+    "GET_LOCK",
+    "IS_FREE_LOCK",
+    "IS_USED_LOCK",
+    "RELEASE_LOCK",
+    "RELEASE_ALL_LOCKS",
+];
+
+/// For each token: whether it is the `PASSWORD` of a `SET PASSWORD` statement (or option of a
+/// SET list), the form `SET PASSWORD [FOR …] =` / `…, PASSWORD =`. The same words assign a
+/// column `password` in `UPDATE … SET`, `INSERT … SET`, `LOAD DATA … SET`: those are accepted
+/// only where the statement's extent is certain. A request is read statement by statement
+/// (`;`) while every statement so far is a simple one (none holds another statement, so its
+/// `;` ends it); there a candidate is refused when its statement is a `SET`. From the first
+/// statement that may hold others on (a routine, trigger or event, `BEGIN NOT ATOMIC`, `IF`,
+/// a loop, a label, anything not known simple), a candidate is refused wherever it stands:
+/// a handler's body, a trigger's, `IF … THEN`, a loop (a column is then written `password`).
+fn password_statements(toks: &[Tok]) -> Vec<bool> {
+    let mut out = vec![false; toks.len()];
+    let bare = |i: usize| match toks.get(i) {
+        Some(Tok::Word(w)) if i == 0 || toks[i - 1] != Tok::Other('.') => w.as_str(),
+        _ => "",
+    };
+    let candidate = |i: usize| {
+        bare(i) == "PASSWORD"
+            && i > 0
+            && (toks[i - 1] == Tok::Other(',')
+                || matches!(
+                    bare(i - 1),
+                    "SET" | "SESSION" | "LOCAL" | "GLOBAL" | "STATEMENT"
+                ))
+            && (toks.get(i + 1) == Some(&Tok::Other('=')) || bare(i + 1) == "FOR")
+    };
+    let mut start = 0;
+    while start < toks.len() {
+        let end = (start..toks.len())
+            .find(|&j| toks[j] == Tok::Other(';'))
+            .unwrap_or(toks.len());
+        if end == start {
+            start = end + 1;
+            continue;
+        }
+        let first = bare(start);
+        let second = bare(start + 1);
+        let simple = match first {
+            "SELECT" | "INSERT" | "UPDATE" | "DELETE" | "REPLACE" | "WITH" | "VALUES" | "TABLE"
+            | "SHOW" | "DESCRIBE" | "DESC" | "EXPLAIN" | "START" | "COMMIT" | "ROLLBACK"
+            | "SAVEPOINT" | "RELEASE" | "TRUNCATE" | "LOAD" | "DROP" | "RENAME" | "CALL"
+            | "USE" | "LOCK" | "UNLOCK" | "ANALYZE" | "OPTIMIZE" | "CHECK" | "REPAIR"
+            | "CHECKSUM" => true,
+            "BEGIN" => {
+                matches!(toks.get(start + 1), None | Some(Tok::Other(';'))) || second == "WORK"
+            }
+            "CREATE" | "ALTER" => matches!(
+                if second == "OR" {
+                    bare(start + 3)
+                } else {
+                    second
+                },
+                "TABLE"
+                    | "TEMPORARY"
+                    | "INDEX"
+                    | "UNIQUE"
+                    | "FULLTEXT"
+                    | "SPATIAL"
+                    | "DATABASE"
+                    | "SCHEMA"
+                    | "SEQUENCE"
+                    | "VIEW"
+            ),
+            "" => toks.get(start) == Some(&Tok::Other('(')),
+            _ => false,
+        };
+        if !simple && first != "SET" {
+            // May hold statements of its own: from here on, a candidate anywhere.
+            for (j, o) in out.iter_mut().enumerate().skip(start) {
+                *o = candidate(j);
+            }
+            return out;
+        }
+        if first == "SET" {
+            for (j, o) in out.iter_mut().enumerate().take(end).skip(start) {
+                *o = candidate(j);
+            }
+        }
+        start = end + 1;
+    }
+    out
 }
 
 /// The session variables that decide how the server splits and reads SQL text: the refusal
@@ -1159,28 +1295,6 @@ fn lexing_refused(what: &str) -> String {
     )
 }
 
-/// The text of dynamic SQL: adjacent string literals (MySQL concatenates them), checked as SQL.
-fn literal_refused(rest: &[Tok], what: &str, depth: usize) -> Option<String> {
-    let mut text = String::new();
-    let mut any = false;
-    for t in rest {
-        match t {
-            Tok::Str(s) => {
-                text.push_str(s);
-                any = true;
-            }
-            _ => break,
-        }
-    }
-    if !any {
-        return Some(format!(
-            "{what} is accepted on MySQL projects only with a string literal (its text is \
-             checked before it runs), not a variable or an expression"
-        ));
-    }
-    refused_at(&text, depth + 1)
-}
-
 /// A piece of SQL for [`refused`]: an unquoted word (uppercase), a string's content, a
 /// `` `quoted` `` identifier, or another character (whitespace left out).
 #[derive(Debug, PartialEq)]
@@ -1201,8 +1315,10 @@ fn scan(sql: &str, out: &mut Vec<Tok>) {
             Token::Plain(text) => {
                 let mut word = String::new();
                 for c in text.chars() {
-                    if c.is_alphanumeric() || c == '_' || c == '$' {
-                        word.extend(c.to_uppercase());
+                    // MariaDB's identifier characters: ASCII letters and digits, `_`, `$`
+                    // and every byte from 0x80 on (any non-ASCII character of utf8mb4).
+                    if c.is_ascii_alphanumeric() || c == '_' || c == '$' || !c.is_ascii() {
+                        word.push(c.to_ascii_uppercase());
                         continue;
                     }
                     if !word.is_empty() {
@@ -1220,7 +1336,7 @@ fn scan(sql: &str, out: &mut Vec<Tok>) {
                 let b = text.as_bytes();
                 match b[0] {
                     b'\'' | b'"' => out.push(Tok::Str(unquote(text))),
-                    b'`' => out.push(Tok::Ident(unquote_ident(text).to_uppercase())),
+                    b'`' => out.push(Tok::Ident(unquote_ident(text).to_ascii_uppercase())),
                     b'/' if executable_comment(text) => {
                         out.push(Tok::Executable);
                         // An executable comment: the server runs what is inside.
@@ -1554,13 +1670,98 @@ mod tests {
             "UPDATE users SET password = 'x' WHERE id = 1",
             "UPDATE users u SET password = ? WHERE id = 1",
             "SELECT xa, recover FROM t",
-            "PREPARE s FROM 'SELECT ?'",
-            "EXECUTE IMMEDIATE 'SELECT 1'",
-            "EXECUTE s USING @a",
             "START TRANSACTION; INSERT INTO t VALUES (1); COMMIT",
             "ALTER TABLE user ADD COLUMN x int",
             "SELECT get_lock FROM t",
             "SELECT id FROM t WHERE id = 1 FOR UPDATE",
+        ] {
+            assert_eq!(refused(sql), None, "{sql}");
+        }
+    }
+
+    /// Red team rt4: dynamic SQL under a name the old scanner split (`a€b`), a `quoted`
+    /// function name, `SET PASSWORD` in a handler's body; and every neighbour of each.
+    #[test]
+    fn dynamic_sql_quoted_names_and_nested_statements_are_refused() {
+        for sql in [
+            // (a) dynamic SQL, any name, any source, anywhere.
+            "SET @v='SET sql_mode=''NO_BACKSLASH_ESCAPES'''; PREPARE a€b FROM @v; EXECUTE a€b; \
+             SELECT @@sql_mode",
+            "SET @v='SET NAMES gbk'; PREPARE a€b FROM @v; EXECUTE a€b",
+            "CREATE PROCEDURE run(q TEXT) BEGIN SET @q=q; PREPARE a€b FROM @q; EXECUTE a€b; END",
+            "PREPARE s FROM 'SELECT ?'",
+            "prepare `s` from 'SELECT 1'",
+            "PREPARE s$x FROM @q",
+            "EXECUTE IMMEDIATE 'SELECT 1'",
+            "EXECUTE s USING @a",
+            "execute\ta€b",
+            "DEALLOCATE PREPARE s",
+            "DROP PREPARE s",
+            "SELECT 1; /* x */ PREPARE s FROM 'SELECT 1'",
+            "CREATE EVENT e ON SCHEDULE EVERY 1 SECOND DO EXECUTE IMMEDIATE 'SELECT 1'",
+            "CREATE TRIGGER tr BEFORE INSERT ON t FOR EACH ROW BEGIN PREPARE s FROM @q; END",
+            "BEGIN NOT ATOMIC DECLARE i INT DEFAULT 0; WHILE i < 6000 DO \
+             PREPARE s FROM 'SELECT 1'; SET i = i + 1; END WHILE; END",
+            // (b) names as the server looks them up: quoted, folded.
+            "SELECT `GET_LOCK`('cross',0)",
+            "SELECT `get_lock` ('cross', 0)",
+            "DO `RELEASE_ALL_LOCKS`()",
+            "SELECT IS_USED_LOCK/* c */('x')",
+            "SELECT gét_lock('x', 0)",
+            "SELECT ıs_free_lock('x')",
+            "SET `sql_mode` = 'ANSI_QUOTES'",
+            "SET @@session.`max_session_mem_used` = 8589934592",
+            "SET sql_mödé = 'ANSI_QUOTES'",
+            "SET STATEMENT max_session_mem_used=8589934592 FOR SELECT 1",
+            // (c) SET PASSWORD wherever a statement can start.
+            "BEGIN NOT ATOMIC DECLARE CONTINUE HANDLER FOR SQLSTATE '45000' SET PASSWORD = \
+             PASSWORD('x'); SIGNAL SQLSTATE '45000'; END",
+            "BEGIN NOT ATOMIC DECLARE EXIT HANDLER FOR 1062 SET PASSWORD = 'x'; END",
+            "BEGIN NOT ATOMIC DECLARE c CONDITION FOR 1; DECLARE EXIT HANDLER FOR c \
+             SET PASSWORD = 'x'; END",
+            "IF 1 THEN SET PASSWORD = 'x'; END IF",
+            "IF (SELECT 1 FROM t FOR UPDATE) THEN SET PASSWORD = 'x'; END IF",
+            "CASE WHEN 1 THEN SET PASSWORD = 'x'; END CASE",
+            "lbl: LOOP SET PASSWORD = 'x'; LEAVE lbl; END LOOP",
+            "WHILE 1 DO SET PASSWORD = 'x'; END WHILE",
+            "REPEAT SET PASSWORD = 'x'; UNTIL 1 END REPEAT",
+            "FOR i IN 1..2 DO SET PASSWORD = 'x'; END FOR",
+            "CREATE PROCEDURE p() SET PASSWORD = 'x'",
+            "CREATE PROCEDURE p() COMMENT 'c' SET PASSWORD = 'x'",
+            "CREATE PROCEDURE db.update() SET PASSWORD = 'x'",
+            "CREATE TRIGGER tr BEFORE UPDATE ON t FOR EACH ROW SET PASSWORD = 'x'",
+            "CREATE TRIGGER tr BEFORE UPDATE ON t FOR EACH ROW FOLLOWS o SET PASSWORD = 'x'",
+            "CREATE EVENT e ON SCHEDULE EVERY 1 DAY DO SET PASSWORD = 'x'",
+            "SET @a = 1, PASSWORD = 'x'",
+            "SET STATEMENT max_statement_time = 1 FOR SET PASSWORD = 'x'",
+            "SET PASSWORD FOR CURRENT_USER() = 'x'",
+            "UPDATE t SET a = 1; BEGIN NOT ATOMIC SET PASSWORD = 'x'; END",
+            "SELECT 1;; SET PASSWORD = 'x'",
+            "BEGIN NOT ATOMIC UPDATE t SET password = 'x'; END",
+        ] {
+            assert!(refused(sql).is_some(), "{sql} was not refused");
+        }
+        assert!(refused("PREPARE a€b FROM @v")
+            .unwrap()
+            .contains("dynamic SQL"));
+        assert!(refused("SELECT `GET_LOCK`('x', 0)")
+            .unwrap()
+            .contains("GET_LOCK"));
+        for sql in [
+            "UPDATE users SET password = 'x' WHERE id = 1",
+            "UPDATE users u JOIN t ON t.id = u.id SET u.a = 1, password = ? WHERE 1",
+            "INSERT INTO users SET name = 'a', password = 'x'",
+            "BEGIN; UPDATE users SET password = 'x'; COMMIT",
+            "START TRANSACTION; UPDATE users SET password = 'x'; COMMIT",
+            "SELECT * FROM users WHERE password = ?",
+            "CREATE PROCEDURE p() BEGIN UPDATE t SET `password` = 'x'; END",
+            "SELECT `execute`, t.prepare, `deallocate` FROM t",
+            "SELECT 'PREPARE s FROM @q', `GET_LOCK` FROM t -- EXECUTE s",
+            "SELECT a€b, $x, prepared, executed FROM t",
+            "SELECT get_locks('x'), my_get_lock('x'), `get lock`('x')",
+            "SET @a = 1, @password = 2",
+            "CREATE TABLE t (id int, password varchar(80), a SET('x', 'y'))",
+            "CALL p(1)",
         ] {
             assert_eq!(refused(sql), None, "{sql}");
         }
@@ -1723,6 +1924,19 @@ mod tests {
         );
         assert_eq!(split_statements("  "), Vec::<&str>::new());
         assert_eq!(split_statements("SELECT 'é;'"), vec!["SELECT 'é;'"]);
+    }
+
+    /// The driver's refusal of a packet past its limit is told apart from a lost connection.
+    #[test]
+    fn a_packet_past_the_limit_is_recognised() {
+        use mysql_common::proto::codec::error::PacketCodecError;
+        let too_large: mysql_async::Error = PacketCodecError::PacketTooLarge.into();
+        assert!(packet_too_large(&too_large));
+        let lost: mysql_async::Error =
+            PacketCodecError::Io(std::io::Error::from(std::io::ErrorKind::ConnectionReset)).into();
+        assert!(!packet_too_large(&lost));
+        let other: mysql_async::Error = PacketCodecError::PacketsOutOfSync.into();
+        assert!(!packet_too_large(&other));
     }
 
     #[test]

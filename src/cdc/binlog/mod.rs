@@ -60,6 +60,10 @@ use self::position::{BinlogPosition, Stored};
 use super::{Sources, StreamState, StreamStatus};
 use crate::bus::{EventBus, ProjectChannel};
 
+/// The largest packet MySQL and MariaDB send or accept (`max_allowed_packet`'s maximum, 1 GiB):
+/// the dump connection's client limit, so that no row event is too large to read.
+pub const MAX_PACKET: usize = 1 << 30;
+
 /// How the streams reach the MySQL server.
 #[derive(Clone)]
 pub struct MysqlSource {
@@ -816,7 +820,12 @@ async fn stream_once<B: EventBus>(
         decoder.set_json_catalog(json_catalog(schema, db_name).await?);
     }
 
-    let mut conn = Conn::new(source.opts.clone()).await?;
+    // The client's packet limit is the server's maximum, not `@@max_allowed_packet` (16 MiB
+    // by default, what mysql_async reads when none is given): one row event is one packet, and
+    // a tenant's row over that limit would stop this stream at the same position forever.
+    let dump_opts = mysql_async::OptsBuilder::from_opts(source.opts.clone())
+        .max_allowed_packet(Some(MAX_PACKET));
+    let mut conn = Conn::new(dump_opts).await?;
     // MariaDB sends its own GTID and annotate events only to replicas that say they read them.
     conn.query_drop("SET @mariadb_slave_capability = 4").await?;
     // A heartbeat each second when the log is idle: the connection is known alive, and an idle

@@ -545,3 +545,80 @@ async fn a_resume_with_since_catches_up_on_a_mysql_project() {
     }
     nothing_more(&mut ws).await;
 }
+
+/// Red team rt4 finding 2: one tenant's row over 16 MiB (the server's default
+/// `max_allowed_packet`, which the client took as its own limit) stopped every MySQL
+/// project's stream at that event, retried forever, and a SELECT of the row answered 503. Now
+/// another project's stream delivers its own INSERT, the tenant's own stream goes on past the
+/// row, and the row read back is answered (dropped past `max_response_bytes`: `truncated`).
+#[tokio::test]
+async fn a_row_over_16_mib_stops_no_stream() {
+    let (app, a, mut sub_a) = setup().await;
+    let b = app.mysql_fixture().await;
+    let mut sub_b = app.app.bus.project(&b.project).subscribe();
+    app.rows(
+        &a.admin,
+        &a.project,
+        "CREATE TABLE f2 (id int PRIMARY KEY, a LONGBLOB, b LONGBLOB)",
+    )
+    .await;
+    app.rows(&b.admin, &b.project, "CREATE TABLE t (id int PRIMARY KEY)")
+        .await;
+    assert_eq!(
+        events(&mut sub_a, 1).await[0]["event_type"],
+        "schema_update"
+    );
+    assert_eq!(
+        events(&mut sub_b, 1).await[0]["event_type"],
+        "schema_update"
+    );
+    app.rows(
+        &a.admin,
+        &a.project,
+        "INSERT INTO f2 VALUES (2, REPEAT('a', 9000000), REPEAT('b', 9000000))",
+    )
+    .await;
+    app.rows(&b.readwrite, &b.project, "INSERT INTO t VALUES (1)")
+        .await;
+    let ev = events(&mut sub_b, 1).await;
+    assert_eq!(ev[0]["operation"], "INSERT", "{}", ev[0]);
+    assert_eq!(ev[0]["record"]["id"], 1, "{}", ev[0]);
+    // The tenant's own stream: past its row (whatever the event of the row says), on to the
+    // next one.
+    app.rows(&a.admin, &a.project, "INSERT INTO f2 VALUES (3, 'x', 'y')")
+        .await;
+    let mut seen = Vec::new();
+    loop {
+        let e: Value = serde_json::from_str(&next_event(&mut sub_a).await.payload).unwrap();
+        let id = e["record"]["id"].clone();
+        seen.push(id.clone());
+        if id == 3 {
+            break;
+        }
+        assert!(seen.len() < 5, "{seen:?}");
+    }
+    for p in [&a.project, &b.project] {
+        let status = app.app.cdc.status(p).unwrap();
+        assert_eq!(
+            status.state,
+            fluxbase::cdc::StreamState::Streaming,
+            "{status:?}"
+        );
+    }
+    // Read back: answered, the 36 MB of JSON dropped past max_response_bytes (32 MiB).
+    let body = app
+        .sql(&a.read, &a.project, "SELECT * FROM f2 ORDER BY id")
+        .await;
+    let text = body.to_string();
+    assert_eq!(body["success"], true, "{}", &text[..300.min(text.len())]);
+    assert_eq!(body["result"]["truncated"], true);
+    assert_eq!(body["result"]["rowCount"], 2);
+    let rows = app
+        .rows(
+            &a.read,
+            &a.project,
+            "SELECT id, LENGTH(a) + LENGTH(b) AS n FROM f2 ORDER BY id",
+        )
+        .await;
+    assert_eq!(rows[0], json!({"id": 2, "n": 18000000}));
+}

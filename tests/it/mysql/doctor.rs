@@ -192,3 +192,51 @@ async fn files_reachable_from_sql_and_routines_refused_to_project_admins_are_rep
         .unwrap()
         .unwrap();
 }
+
+/// Red team rt4's gap: stored programs a project made before the refusals existed (here made
+/// directly, as they were then) are found by `fluxbase doctor` with the DROP to apply; a
+/// harmless one is not named.
+#[tokio::test]
+async fn stored_programs_running_refused_sql_are_reported() {
+    let app = crate::support::mariadb::spawn_mysql_app().await;
+    let f = app.mysql_fixture().await;
+    let mut conn = crate::support::mariadb::project_conn(&f.project).await;
+    for sql in [
+        "CREATE TABLE t (id int)",
+        "CREATE PROCEDURE run(q TEXT) BEGIN SET @q = q; PREPARE a€b FROM @q; EXECUTE a€b; END",
+        "CREATE PROCEDURE pw() BEGIN DECLARE CONTINUE HANDLER FOR SQLSTATE '45000' \
+         SET PASSWORD = PASSWORD('x'); SIGNAL SQLSTATE '45000'; END",
+        "CREATE TRIGGER tr BEFORE INSERT ON t FOR EACH ROW SET @l = `GET_LOCK`('x', 0)",
+        "CREATE FUNCTION fine(a int) RETURNS int DETERMINISTIC RETURN a + 1",
+    ] {
+        conn.query_drop(sql).await.unwrap();
+    }
+    drop(conn);
+    let db = mariadb().await;
+    let findings = fluxbase::mysql::doctor::refused_programs(&db.admin_url)
+        .await
+        .unwrap();
+    let schema = format!("fx_{}", f.project);
+    let all: Vec<(String, String)> = findings.into_iter().map(|x| (x.problem, x.fix)).collect();
+    let mine: Vec<&(String, String)> = all
+        .iter()
+        .filter(|(p, _)| p.contains(&format!("{schema}.")))
+        .collect();
+    assert_eq!(mine.len(), 3, "{all:?}");
+    assert!(
+        mine[0].0.starts_with(&format!("procedure {schema}.pw")),
+        "{mine:?}"
+    );
+    assert!(mine[0].0.contains("SET PASSWORD"), "{mine:?}");
+    assert!(
+        mine[1].0.starts_with(&format!("procedure {schema}.run")),
+        "{mine:?}"
+    );
+    assert!(mine[1].0.contains("dynamic SQL"), "{mine:?}");
+    assert_eq!(mine[1].1, format!("DROP PROCEDURE `{schema}`.`run`;"));
+    assert!(
+        mine[2].0.starts_with(&format!("trigger {schema}.tr")),
+        "{mine:?}"
+    );
+    assert!(mine[2].0.contains("GET_LOCK"), "{mine:?}");
+}

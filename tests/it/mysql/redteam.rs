@@ -796,3 +796,90 @@ async fn a_request_cannot_change_how_the_server_reads_it() {
         .await;
     assert_eq!(body["result"]["rows"][0]["s"], "a'b", "{body}");
 }
+
+/// Red team rt4, against the session-25 check: dynamic SQL under a statement name the old
+/// scanner split in two (`a€b`: MariaDB reads every non-ASCII byte as part of a name), a
+/// `quoted` function name, `SET PASSWORD` as a handler's body. Each is refused for every
+/// scope, and nothing of it ran: the session is still pinned, no lock is held, the read
+/// account still logs in with its own password.
+#[tokio::test]
+async fn dynamic_sql_quoted_names_and_handler_bodies_are_refused() {
+    let app = spawn_mysql_app().await;
+    let a = app.mysql_fixture().await;
+    let attacks = [
+        "SET @v='SET sql_mode=''NO_BACKSLASH_ESCAPES'''; PREPARE a€b FROM @v; EXECUTE a€b; \
+         SELECT @@sql_mode AS m",
+        "SET @v='SET NAMES gbk'; PREPARE a€b FROM @v; EXECUTE a€b; SELECT 1",
+        "SET @v='SET max_session_mem_used=8589934592'; PREPARE a€b FROM @v; EXECUTE a€b; \
+         SELECT @@max_session_mem_used AS m",
+        "SELECT `GET_LOCK`('fxm2-cross', 0) AS l",
+        "BEGIN NOT ATOMIC DECLARE CONTINUE HANDLER FOR SQLSTATE '45000' SET PASSWORD = \
+         PASSWORD('x'); SIGNAL SQLSTATE '45000'; END",
+        // rt4 finding 5: prepared statements count against a server-wide maximum.
+        "PREPARE s1 FROM 'SELECT 1'",
+    ];
+    for sql in attacks {
+        for key in [&a.read, &a.readwrite, &a.admin] {
+            let body = app.sql(key, &a.project, sql).await;
+            assert_eq!(code(&body), 1227, "{sql}: {body}");
+            // Checked at once (a later login refused with 1045 would repair the account).
+            let changed = mariadb()
+                .await
+                .query(&format!(
+                    "SELECT user FROM mysql.user WHERE user LIKE 'fx\\_{}\\_%' \
+                     AND authentication_string = PASSWORD('x')",
+                    a.project
+                ))
+                .await;
+            assert!(changed.is_empty(), "{sql}: {changed:?}");
+        }
+    }
+    // The admin's routine that runs whatever text its caller passes.
+    let body = app
+        .sql(
+            &a.admin,
+            &a.project,
+            "CREATE PROCEDURE run(q TEXT) BEGIN SET @q=q; PREPARE a€b FROM @q; EXECUTE a€b; END",
+        )
+        .await;
+    assert_eq!(code(&body), 1227, "{body}");
+    let routines = mariadb()
+        .await
+        .query(&format!(
+            "SELECT COUNT(*) FROM information_schema.ROUTINES WHERE ROUTINE_SCHEMA = 'fx_{}'",
+            a.project
+        ))
+        .await;
+    let before = routines[0][0].clone();
+    assert_eq!(
+        mariadb()
+            .await
+            .query("SELECT IS_USED_LOCK('fxm2-cross')")
+            .await,
+        vec![vec![None]]
+    );
+    let pinned = "SELECT @@session.sql_mode AS m, @@character_set_client AS c, \
+                  @@max_session_mem_used AS k";
+    let row = &app.rows(&a.read, &a.project, pinned).await[0];
+    assert!(
+        !row["m"].as_str().unwrap().contains("NO_BACKSLASH"),
+        "{row}"
+    );
+    assert_eq!(row["c"], "utf8mb4", "{row}");
+    assert_ne!(row["k"].to_string(), "8589934592", "{row}");
+    // Parameters still run prepared (the binary protocol: no SQL text to refuse).
+    let body = app
+        .sql_with(&a.read, &a.project, "SELECT $1 + 1 AS n", json!([41]))
+        .await;
+    assert_eq!(body["result"]["rows"][0]["n"], 42, "{body}");
+    assert_eq!(
+        mariadb()
+            .await
+            .query(&format!(
+                "SELECT COUNT(*) FROM information_schema.ROUTINES WHERE ROUTINE_SCHEMA = 'fx_{}'",
+                a.project
+            ))
+            .await[0][0],
+        before
+    );
+}
