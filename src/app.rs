@@ -239,6 +239,7 @@ impl App {
                     catalog: mysql.server().await?.admin.clone(),
                     node: mysql.replication_user(),
                     dumps: mysql.dumps.clone(),
+                    logs: mysql.logs.clone(),
                 })
             })
         }));

@@ -48,6 +48,8 @@ pub struct Mysql {
     pub(crate) binlog_facts: retention::FactsCache,
     /// The binlog dump each project's stream opened last (a restart ends it first).
     pub dumps: Arc<crate::cdc::binlog::Dumps>,
+    /// The server's binary logs, read once for all streams.
+    pub logs: Arc<crate::cdc::binlog::LogLister>,
 }
 
 /// A reachable server: its admin account and what it is.
@@ -77,6 +79,7 @@ impl Mysql {
             sql: sql::Pools::new(config),
             binlog_facts: retention::FactsCache::default(),
             dumps: Default::default(),
+            logs: Default::default(),
         }
     }
 

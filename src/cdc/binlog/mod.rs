@@ -77,6 +77,55 @@ pub struct MysqlSource {
     pub node: String,
     /// The dump connections this process's streams opened, by project ([`Dumps`]).
     pub dumps: Arc<Dumps>,
+    /// The server's list of binary logs, read for all of this process's streams ([`LogLister`]).
+    pub logs: Arc<LogLister>,
+}
+
+/// Every stream follows the server's list of binary logs (its position's file purged: the
+/// stream stops as `slot_lost` at once; the lag in bytes): one reader for all of them, on a
+/// connection of its own, every 5 s, so that a project's stream holds one connection on the
+/// server — its dump — and the catalog connections it needs at its start are closed before it
+/// streams (red team rt4: three connections per project, outside the SQL connection budget,
+/// let project creation alone exhaust MariaDB's `max_connections`).
+#[derive(Default)]
+pub struct LogLister {
+    current: Mutex<Option<ListerTask>>,
+}
+
+struct ListerTask {
+    opts: Opts,
+    rx: tokio::sync::watch::Receiver<Option<Vec<(String, u64)>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl LogLister {
+    /// The list as it is read (`None` until the first read), by the reader of `opts`' server
+    /// (started, or restarted for another server, here).
+    fn subscribe(&self, opts: &Opts) -> tokio::sync::watch::Receiver<Option<Vec<(String, u64)>>> {
+        let mut current = self.current.lock().expect("poisoned");
+        if let Some(t) = current.as_ref() {
+            if t.opts == *opts && !t.task.is_finished() {
+                return t.rx.clone();
+            }
+            t.task.abort();
+        }
+        let (tx, rx) = tokio::sync::watch::channel(None);
+        let task = tokio::spawn(list_logs(opts.clone(), tx));
+        *current = Some(ListerTask {
+            opts: opts.clone(),
+            rx: rx.clone(),
+            task,
+        });
+        rx
+    }
+}
+
+impl Drop for LogLister {
+    fn drop(&mut self) {
+        if let Some(t) = self.current.lock().expect("poisoned").take() {
+            t.task.abort();
+        }
+    }
 }
 
 /// The dump connection each project's stream last opened in this process, so that a stream
@@ -776,10 +825,13 @@ async fn stream_once<B: EventBus>(
     check_settings(&mut catalog).await?;
     // MariaDB's versions are 10 and up (mysql_async drops the `5.5.5-` prefix); MySQL's below.
     let mariadb = catalog.server_version() >= (10, 0, 0);
-    let mut schema = if mariadb {
-        Some(Conn::new(source.catalog.clone()).await?)
-    } else {
-        None
+    // MariaDB's JSON columns are read from the catalog at the start and after DDL, each time on
+    // a connection of its own closed after the read (one connection per stream while it streams).
+    let json_catalog_now = || async {
+        let mut schema = Conn::new(source.catalog.clone()).await?;
+        let catalog = json_catalog(&mut schema, db_name).await;
+        let _ = schema.disconnect().await;
+        catalog
     };
     let stored = {
         let control = sources.control().await?;
@@ -815,9 +867,9 @@ async fn stream_once<B: EventBus>(
         .await?;
     let mut decoder = Decoder::new(db_name, sources.settings.buffer_bytes, &spill_dir)
         .with_checksums(checksum.is_some_and(|c| !c.eq_ignore_ascii_case("NONE")));
-    if let Some(schema) = schema.as_mut() {
+    if mariadb {
         // Before the first event: a table's first rows never wait for a catalog query.
-        decoder.set_json_catalog(json_catalog(schema, db_name).await?);
+        decoder.set_json_catalog(json_catalog_now().await?);
     }
 
     // The client's packet limit is the server's maximum, not `@@max_allowed_packet` (16 MiB
@@ -885,8 +937,8 @@ async fn stream_once<B: EventBus>(
         save_rx,
         saved_tx,
     )));
-    let (logs_tx, mut logs_rx) = tokio::sync::watch::channel::<Option<Vec<(String, u64)>>>(None);
-    let _lister = AbortOnDrop(tokio::spawn(list_logs(catalog, logs_tx)));
+    let _ = catalog.disconnect().await;
+    let mut logs_rx = source.logs.subscribe(&source.opts);
     let mut asked = confirmed;
     let mut tick = tokio::time::interval(Duration::from_millis(500));
     let mut received = Lsn(0);
@@ -909,12 +961,10 @@ async fn stream_once<B: EventBus>(
                     tracing::info!(project_id, position = %start, "binlog stream started");
                 }
                 let committed = decoder.handle(&event)?;
-                if let Some(schema) = schema.as_mut() {
-                    // A table met for the first time after DDL: the catalog is read again,
-                    // all of it in one query.
-                    if !decoder.wanted_tables().is_empty() {
-                        decoder.set_json_catalog(json_catalog(schema, db_name).await?);
-                    }
+                // A table met for the first time after DDL: the catalog is read again, all of it
+                // in one query.
+                if mariadb && !decoder.wanted_tables().is_empty() {
+                    decoder.set_json_catalog(json_catalog_now().await?);
                 }
                 if let Some(tx) = committed {
                     let end = tx.end_lsn;
@@ -1041,13 +1091,23 @@ async fn save_positions(
 }
 
 /// The server's binary log files and sizes every 5 s (the stream's lag), on `catalog`.
-async fn list_logs(
-    mut catalog: Conn,
-    logs: tokio::sync::watch::Sender<Option<Vec<(String, u64)>>>,
-) {
+/// [`LogLister`]'s reader: the list every 5 s, on a connection opened again after a failure.
+async fn list_logs(opts: Opts, logs: tokio::sync::watch::Sender<Option<Vec<(String, u64)>>>) {
+    let mut conn: Option<Conn> = None;
     loop {
-        if let Ok(list) = binary_logs(&mut catalog).await {
-            logs.send_replace(Some(list));
+        if conn.is_none() {
+            conn = Conn::new(opts.clone()).await.ok();
+        }
+        if let Some(c) = conn.as_mut() {
+            match binary_logs(c).await {
+                Ok(list) => {
+                    logs.send_replace(Some(list));
+                }
+                Err(e) => {
+                    tracing::debug!(error = %e, "listing the binary logs");
+                    conn = None;
+                }
+            }
         }
         tokio::time::sleep(Duration::from_secs(5)).await;
     }

@@ -766,3 +766,64 @@ async fn a_new_process_ends_the_dump_its_predecessor_left() {
     );
     app.stop().await;
 }
+
+/// While they stream, a process's MySQL streams hold one connection each on the server — the
+/// dump — and one more for all of them lists the binary logs: the catalog connections a stream
+/// needs at its start are closed before it streams (red team rt4: three per project, outside the
+/// SQL connection budget, let project creation alone exhaust MariaDB's `max_connections`).
+#[tokio::test]
+async fn streaming_projects_hold_one_connection_each_on_the_server() {
+    let app = spawn_mysql_app().await;
+    let maria = mariadb().await;
+    let mut projects = Vec::new();
+    for _ in 0..3 {
+        projects.push(app.mysql_fixture().await);
+    }
+    for f in &projects {
+        let mut conn = project_conn(&f.project).await;
+        conn.query_drop("CREATE TABLE j (id int PRIMARY KEY, doc JSON)")
+            .await
+            .unwrap();
+        let mut sub = app.app.bus.project(&f.project).subscribe();
+        conn.query_drop("INSERT INTO j VALUES (1, '{\"a\": 1}')")
+            .await
+            .unwrap();
+        // Streaming past DDL, with the JSON column read from the catalog.
+        loop {
+            let e = next_event(&mut sub).await;
+            let v: Value = serde_json::from_str(&e.payload).unwrap();
+            if v["record"]["id"] == json!(1) {
+                assert_eq!(v["record"]["doc"], json!({ "a": 1 }), "{v}");
+                break;
+            }
+        }
+    }
+    let user = app.app.mysql.replication_user();
+    let dumps: Vec<u32> = projects
+        .iter()
+        .map(|f| app.app.mysql.dumps.current(&f.project).expect("a dump"))
+        .collect();
+    poll::until(
+        Duration::from_secs(20),
+        Duration::from_millis(100),
+        || async {
+            let rows = maria
+                .query(&format!(
+                    "SELECT ID, COMMAND FROM information_schema.PROCESSLIST WHERE USER = '{user}'"
+                ))
+                .await;
+            let ids: Vec<u32> = rows
+                .iter()
+                .map(|r| r[0].as_deref().unwrap().parse().unwrap())
+                .collect();
+            // The dumps, and the one reader of the log list.
+            if ids.len() == dumps.len() + 1 && dumps.iter().all(|d| ids.contains(d)) {
+                Ok(())
+            } else {
+                Err(format!("{rows:?}, dumps {dumps:?}"))
+            }
+        },
+    )
+    .await;
+    app.stop().await;
+}
