@@ -341,6 +341,45 @@ async fn concurrent_requests_stay_within_the_projects_share() {
     );
 }
 
+/// A client that hangs up does not end its request's hold on the project's share and the
+/// connection budget while its statement still runs on the server: the statement runs to its
+/// end in a task of its own (red team rt4: 8 × `SELECT SLEEP(25)` with `curl -m 1`, then 8
+/// more requests: 6 answered 503 "max_user_connections (1226)" — the shares were free while the
+/// sessions still ran, and the account's connection limit was full).
+#[tokio::test]
+async fn a_client_hanging_up_leaves_its_statement_holding_its_share_until_it_ends() {
+    let app = spawn_mysql_app().await;
+    let f = app.mysql_fixture().await;
+    let impatient = reqwest::Client::builder()
+        .timeout(std::time::Duration::from_millis(500))
+        .build()
+        .unwrap();
+    let gone: Vec<_> = (0..8)
+        .map(|_| {
+            let r = impatient
+                .post(app.url("/api/execute-sql"))
+                .bearer_auth(&f.read)
+                .json(&json!({ "projectId": f.project, "query": "SELECT SLEEP(3) AS s" }))
+                .send();
+            tokio::spawn(async move { r.await.is_err() })
+        })
+        .collect();
+    for g in gone {
+        assert!(g.await.unwrap(), "the impatient client got an answer");
+    }
+    // The eight statements still run: the next requests wait for the share (up to the queue
+    // timeout, 5 s), then each is served on a connection of the account's eight.
+    let next: Vec<_> = (0..8)
+        .map(|_| app.spawn_sql(&f.read, &f.project, "SELECT 1 AS one"))
+        .collect();
+    for t in next {
+        let (status, body) = t.await.unwrap();
+        assert_eq!(status, 200, "{body}");
+        assert!(body.contains("\"success\":true"), "{body}");
+    }
+    app.stop().await;
+}
+
 /// kill -9 of the MySQL server: requests answer 503 meanwhile, and work again once it is back
 /// (the pool of dead connections is dropped, not served from).
 #[tokio::test]
