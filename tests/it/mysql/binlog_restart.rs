@@ -827,3 +827,64 @@ async fn streaming_projects_hold_one_connection_each_on_the_server() {
     .await;
     app.stop().await;
 }
+
+/// A project written to and then idle, with a durable subscriber that has acknowledged all it
+/// was handed: its stored position follows the server's binlog as other projects write, so
+/// an idle project never pins the log (red team rt4: a MySQL project "written then idle" kept
+/// its position where its last transaction ended while the log moved on).
+#[tokio::test]
+async fn a_project_written_then_idle_follows_the_binlog() {
+    let app = spawn_mysql_app().await;
+    let f = app.mysql_fixture().await;
+    let other = app.mysql_fixture().await;
+    let mut durable = app.app.bus.project(&f.project).subscribe_durable();
+    let mut conn = project_conn(&f.project).await;
+    conn.query_drop("CREATE TABLE r (id int PRIMARY KEY)")
+        .await
+        .unwrap();
+    conn.query_drop("INSERT INTO r VALUES (1)").await.unwrap();
+    for _ in 0..2 {
+        let e = next_event(&mut durable).await;
+        durable.ack(e.end_lsn);
+    }
+    // Another project writes: the log moves on past this project's last transaction.
+    let mut elsewhere = project_conn(&other.project).await;
+    elsewhere
+        .query_drop("CREATE TABLE o (id int PRIMARY KEY)")
+        .await
+        .unwrap();
+    for i in 0..50 {
+        elsewhere
+            .query_drop(format!("INSERT INTO o VALUES ({i})"))
+            .await
+            .unwrap();
+    }
+    let maria = mariadb().await;
+    let status = maria.query("SHOW MASTER STATUS").await;
+    let target = fluxbase::cdc::binlog::position::to_lsn(
+        status[0][0].as_deref().unwrap(),
+        status[0][1].as_deref().unwrap().parse().unwrap(),
+    )
+    .unwrap();
+    poll::until(
+        Duration::from_secs(30),
+        Duration::from_millis(200),
+        || async {
+            let (file, offset) = stored_position(&app, &f.project).await.unwrap();
+            let lsn = fluxbase::cdc::binlog::position::to_lsn(&file, offset as u64).unwrap();
+            if lsn >= target {
+                Ok(())
+            } else {
+                Err(format!(
+                    "stored {file}:{offset} ({lsn}), the log at {target}"
+                ))
+            }
+        },
+    )
+    .await;
+    // Following the log published nothing: the next event is this project's next row.
+    conn.query_drop("INSERT INTO r VALUES (2)").await.unwrap();
+    let e = next_event(&mut durable).await;
+    let v: Value = serde_json::from_str(&e.payload).unwrap();
+    assert_eq!(v["record"], json!({ "id": 2 }), "{v}");
+}
