@@ -248,6 +248,11 @@ pub struct Config {
     pub max_concurrent_password_hashes: usize,
     /// Projects a user may administer before `POST /api/projects` refuses (0: no quota).
     pub max_projects_per_user: u32,
+    /// Projects this deployment holds, all engines and owners together, before creating one
+    /// more is refused (0: no own cap; the database servers' capacity still bounds each engine:
+    /// a free replication slot and walsender per PostgreSQL project, a fifth of the MySQL
+    /// server's `max_connections` for MySQL projects' binlog dumps; see `App::room_for_project`).
+    pub max_projects: u32,
     /// Connections the SQL pools may hold across all projects. 0: three quarters of the
     /// cluster's `max_connections` minus its reserved ones (read at start-up); a larger value
     /// is lowered to that.
@@ -358,6 +363,7 @@ impl Default for Config {
             auth_rate_window_secs: 60,
             max_concurrent_password_hashes: 4,
             max_projects_per_user: 10,
+            max_projects: 0,
             sql_max_connections: 0,
             sql_project_connections: 8,
             sql_queue_timeout_ms: 5_000,

@@ -137,7 +137,9 @@ impl From<ProjectsError> for ApiError {
             ProjectsError::InvalidName
             | ProjectsError::InvalidEngine(_)
             | ProjectsError::EngineUnavailable(_) => ApiError::BadRequest(e.to_string()),
-            ProjectsError::QuotaReached(_) => ApiError::InsufficientPermissions(e.to_string()),
+            ProjectsError::QuotaReached(_) | ProjectsError::ServerFull(_) => {
+                ApiError::InsufficientPermissions(e.to_string())
+            }
             ProjectsError::NoSuchProject(_) => ApiError::ProjectNotFound,
             ProjectsError::Internal(e) => e.into(),
         }

@@ -38,6 +38,8 @@ impl App {
                     .into(),
             ));
         }
+        let _turn = self.projects.server_turn().await;
+        self.room_for_project(engine).await?;
         let (project, keys) = self.projects.create(user_id, name, engine).await?;
         // Where its change stream starts: a PostgreSQL project's replication slot; a MySQL
         // project's binlog position, the end of the log now, after its provisioning, before
@@ -57,6 +59,83 @@ impl App {
             mode.cluster.rebalance().await;
         }
         Ok((project, keys))
+    }
+
+    /// Whether the deployment has room for one more project of `engine`: its own cap
+    /// (`max_projects`, every engine and owner together) and what the database server can
+    /// hold. Each PostgreSQL project keeps a replication slot and a walsender for its change
+    /// stream: without a free one the project could not be made (or its stream could not
+    /// run). Each MySQL project keeps one connection for its binlog dump: MySQL projects
+    /// together may hold at most a fifth of the MySQL server's `max_connections`, the rest
+    /// staying for SQL (the SQL connection budget is sized from what is left when it is first
+    /// needed). Refused before anything is made, naming what is full (403, as a quota).
+    pub async fn room_for_project(&self, engine: Engine) -> Result<(), ProjectsError> {
+        let control = self
+            .control
+            .get()
+            .await
+            .map_err(|e| ProjectsError::Internal(e.into()))?;
+        let (all, _, mysql) = crate::control::projects::counts(&control).await?;
+        let cap = self.config.max_projects;
+        if cap > 0 && all >= i64::from(cap) {
+            return Err(ProjectsError::ServerFull(format!(
+                "This server holds as many projects as it is set to ({all}; max_projects = \
+                 {cap}). Delete a project or ask the operator to raise max_projects."
+            )));
+        }
+        match engine {
+            Engine::Postgresql => {
+                // The cluster's slots and walsenders: the control database is on that cluster.
+                let r = control
+                    .query_one(
+                        "SELECT current_setting('max_replication_slots')::int8, \
+                                (SELECT count(*) FROM pg_replication_slots), \
+                                current_setting('max_wal_senders')::int8, \
+                                (SELECT count(*) FROM pg_stat_replication \
+                                  WHERE application_name NOT LIKE 'fluxbase%'), \
+                                (SELECT count(*) FROM pg_replication_slots \
+                                  WHERE slot_name LIKE 'fluxbase\\_%')",
+                        &[],
+                    )
+                    .await
+                    .map_err(|e| ProjectsError::Internal(e.into()))?;
+                let (slots, used, senders, other_senders, ours): (i64, i64, i64, i64, i64) =
+                    (r.get(0), r.get(1), r.get(2), r.get(3), r.get(4));
+                if used >= slots {
+                    return Err(ProjectsError::ServerFull(format!(
+                        "The database cluster has no free replication slot for a new project's \
+                         change stream (all {slots} in use; max_replication_slots). Delete a \
+                         project or ask the operator to raise max_replication_slots."
+                    )));
+                }
+                if ours + other_senders >= senders {
+                    return Err(ProjectsError::ServerFull(format!(
+                        "The database cluster has no free walsender for a new project's change \
+                         stream ({ours} projects' streams and {other_senders} other \
+                         replication connections of {senders}; max_wal_senders). Delete a \
+                         project or ask the operator to raise max_wal_senders."
+                    )));
+                }
+            }
+            Engine::Mysql => {
+                let max = self
+                    .mysql
+                    .max_connections()
+                    .await
+                    .map_err(ProjectsError::Internal)?;
+                let room = max / 5;
+                if mysql >= room {
+                    return Err(ProjectsError::ServerFull(format!(
+                        "The MySQL server holds as many projects as its connections allow \
+                         ({mysql}: each keeps one connection for its change stream, and MySQL \
+                         projects together at most a fifth of max_connections = {max}). Delete \
+                         a MySQL project or ask the operator to raise the MySQL server's \
+                         max_connections."
+                    )));
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Deletes a project: its change stream and slot, database, roles, keys, members and

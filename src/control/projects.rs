@@ -206,6 +206,18 @@ pub async fn without_slot(db: &impl GenericClient) -> Result<Vec<(String, String
         .collect())
 }
 
+/// How many projects there are: of every engine, and of PostgreSQL and MySQL.
+pub async fn counts(db: &impl GenericClient) -> Result<(i64, i64, i64), Error> {
+    let r = db
+        .query_one(
+            "SELECT count(*), count(*) FILTER (WHERE engine = 'postgresql'), \
+             count(*) FILTER (WHERE engine = 'mysql') FROM fluxbase.projects",
+            &[],
+        )
+        .await?;
+    Ok((r.get(0), r.get(1), r.get(2)))
+}
+
 /// The ids of the PostgreSQL projects (those with project roles in the cluster).
 pub async fn all_ids(db: &impl GenericClient) -> Result<Vec<String>, Error> {
     Ok(db

@@ -203,6 +203,14 @@ impl Mysql {
     }
 
     /// Closes the pools and stops the embedded server (shutdown).
+    /// The MySQL server's `max_connections` (read now: an operator may change it live).
+    pub async fn max_connections(&self) -> Result<i64> {
+        let target = self.server().await?;
+        let mut conn = target.admin_pool.get_conn().await?;
+        let max: Option<i64> = conn.query_first("SELECT @@max_connections").await?;
+        Ok(max.unwrap_or(151))
+    }
+
     pub fn shutdown(&self) {
         self.sql.clear();
         if let Some(server) = self.embedded.lock().expect("poisoned").take() {

@@ -192,6 +192,10 @@ pub enum ProjectsError {
          (max_projects_per_user). Delete a project or ask the operator to raise it."
     )]
     QuotaReached(u32),
+    /// The deployment holds as many projects as it can (its own cap or a database server's
+    /// capacity): what is full, and the setting that would change it.
+    #[error("{0}")]
+    ServerFull(String),
     #[error("no project {0}")]
     NoSuchProject(String),
     /// The engine exists but this deployment cannot host it (why, and the fix).
@@ -231,6 +235,9 @@ pub struct Projects {
     temp_file_limit_kb: u64,
     max_projects_per_user: u32,
     limits: Arc<AccountLimits>,
+    /// Held while a project is created, so that two creations cannot both take the last room
+    /// the deployment has (`App::room_for_project`).
+    creating: tokio::sync::Mutex<()>,
     /// The MySQL server of MySQL projects (their database and accounts).
     mysql: Arc<crate::mysql::Mysql>,
 }
@@ -253,6 +260,7 @@ impl Projects {
             temp_file_limit_kb: config.temp_file_limit_kb,
             max_projects_per_user: config.max_projects_per_user,
             limits,
+            creating: tokio::sync::Mutex::new(()),
             mysql,
         }
     }
@@ -365,6 +373,12 @@ impl Projects {
             }
         }
         Ok(turn)
+    }
+
+    /// The deployment's turn to create a project (one at a time in this process: the room
+    /// left is read, then taken).
+    pub async fn server_turn(&self) -> tokio::sync::MutexGuard<'_, ()> {
+        self.creating.lock().await
     }
 
     /// The projects the caller can reach: a session's memberships, a key's one project.

@@ -576,6 +576,145 @@ async fn the_project_quota_per_user_gives_a_clear_error_and_cannot_be_raced() {
     app.stop().await;
 }
 
+async fn create(app: &crate::support::TestApp, token: String) -> (u16, Value) {
+    create_as(app, token, "postgresql").await
+}
+
+async fn create_as(app: &crate::support::TestApp, token: String, engine: &str) -> (u16, Value) {
+    app.call(
+        "POST",
+        "/api/projects",
+        Some(&token),
+        Some(json!({ "name": "p", "engine": engine })),
+    )
+    .await
+}
+
+/// The deployment's own cap (`max_projects`) and the database cluster's replication slots bound
+/// projects across all owners: each PostgreSQL project keeps a slot and a walsender, so many
+/// accounts creating their quota each could exhaust them. Refused with a clear 403 naming what
+/// is full, before anything is made (no database, role or row left), racing creations
+/// included; a project deleted gives its room back.
+#[tokio::test]
+async fn projects_of_all_owners_are_bounded_by_the_servers_room_with_a_clear_error() {
+    use crate::support::cluster::DedicatedCluster;
+    // Two slots in the whole cluster.
+    let pg = DedicatedCluster::start(&[("max_replication_slots", "2")]).await;
+    let control = unique("ctl");
+    let app = spawn_app_with(|c| c.database_url = Some(pg.cluster.url(&control).into())).await;
+    let owners = [
+        app.signup().await.0,
+        app.signup().await.0,
+        app.signup().await.0,
+    ];
+    let (a, b, c) = tokio::join!(
+        create(&app, owners[0].clone()),
+        create(&app, owners[1].clone()),
+        create(&app, owners[2].clone())
+    );
+    let mut statuses = vec![a.0, b.0, c.0];
+    statuses.sort();
+    assert_eq!(statuses, vec![201, 201, 403], "{a:?} {b:?} {c:?}");
+    let refused = [&a, &b, &c].into_iter().find(|(s, _)| *s == 403).unwrap();
+    assert_eq!(refused.1["error"]["code"], "INSUFFICIENT_PERMISSIONS");
+    let message = refused.1["error"]["message"].as_str().unwrap();
+    assert!(message.contains("max_replication_slots"), "{message}");
+    // Nothing of the refused project was made.
+    let watcher = pg.client("postgres").await;
+    let databases: i64 = watcher
+        .query_one(
+            "SELECT count(*) FROM pg_database WHERE datname LIKE 'fx\\_%'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(databases, 2);
+    let control_rows: i64 = app
+        .app
+        .control
+        .get()
+        .await
+        .unwrap()
+        .query_one("SELECT count(*) FROM fluxbase.projects", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(control_rows, 2);
+    // A deleted project gives its slot back.
+    let (owner, created) = [(0, &a), (1, &b), (2, &c)]
+        .into_iter()
+        .find(|(_, (s, _))| *s == 201)
+        .unwrap();
+    let id = created.1["project"]["id"].as_str().unwrap();
+    let (status, _) = app
+        .call(
+            "DELETE",
+            &format!("/api/projects?projectId={id}"),
+            Some(&owners[owner]),
+            None,
+        )
+        .await;
+    assert_eq!(status, 200);
+    let (status, body) = create(&app, owners[owner].clone()).await;
+    assert_eq!(status, 201, "{body}");
+    app.stop().await;
+
+    // The deployment's own cap, whatever the cluster could hold.
+    let app = spawn_app_with(|c| c.max_projects = 1).await;
+    let (first, second) = (app.signup().await.0, app.signup().await.0);
+    assert_eq!(create(&app, first).await.0, 201);
+    let (status, body) = create(&app, second).await;
+    assert_eq!(status, 403, "{body}");
+    let message = body["error"]["message"].as_str().unwrap();
+    assert!(message.contains("max_projects = 1"), "{message}");
+    app.stop().await;
+}
+
+/// MySQL projects keep one connection each for their binlog dumps: together at most a fifth of
+/// the MySQL server's `max_connections` (read at each creation: an operator may change it),
+/// the rest staying for SQL; past it a clear 403 naming the setting, nothing made.
+#[tokio::test]
+async fn mysql_projects_are_bounded_by_the_mysql_servers_connections() {
+    use mysql_async::prelude::Queryable;
+    // Its own embedded MariaDB (no mysql_url): the test changes its max_connections.
+    let app = crate::support::spawn_app().await;
+    let (token, _, _) = app.signup().await;
+    let (status, body) = create_as(&app, token.clone(), "mysql").await;
+    assert_eq!(status, 201, "{body}");
+    let target = app.app.mysql.server().await.unwrap();
+    let mut admin = target.admin_pool.get_conn().await.unwrap();
+    admin
+        .query_drop("SET GLOBAL max_connections = 10")
+        .await
+        .unwrap();
+    let (status, body) = create_as(&app, token.clone(), "mysql").await;
+    assert_eq!(status, 201, "{body}");
+    let (status, body) = create_as(&app, token.clone(), "mysql").await;
+    assert_eq!(status, 403, "{body}");
+    let message = body["error"]["message"].as_str().unwrap();
+    assert!(message.contains("max_connections = 10"), "{message}");
+    let databases: Vec<String> = admin
+        .query(
+            "SELECT SCHEMA_NAME FROM information_schema.SCHEMATA WHERE SCHEMA_NAME LIKE 'fx\\_%'",
+        )
+        .await
+        .unwrap();
+    assert_eq!(databases.len(), 2, "{databases:?}");
+    // PostgreSQL projects do not count against the MySQL server.
+    let (status, body) = app
+        .call(
+            "POST",
+            "/api/projects",
+            Some(&token),
+            Some(json!({ "name": "p" })),
+        )
+        .await;
+    assert_eq!(status, 201, "{body}");
+    drop(admin);
+    app.stop().await;
+}
+
 /// SQL connections the server holds on `cluster`, by state.
 async fn sql_connections(pg: &tokio_postgres::Client) -> (i64, i64) {
     let row = pg

@@ -63,8 +63,11 @@ pub async fn pg() -> &'static Pg {
                     ("full_page_writes", "off"),
                     // Every project of every test keeps its slot until the run ends (servers
                     // are dropped, not their projects): a few hundred tests, the dashboard's
-                    // specs with several projects each, and their connections.
+                    // specs with several projects each, and their connections. A project is
+                    // created only with a walsender for each slot of the cluster's projects
+                    // (`App::room_for_project`), so as many walsenders as slots.
                     ("max_replication_slots", "1024"),
+                    ("max_wal_senders", "1024"),
                     ("max_connections", "600"),
                 ],
             )
