@@ -380,8 +380,10 @@ struct Subscriber {
     /// Durable only: the highest end LSN stored.
     acked: Option<Lsn>,
     /// Durable only: the end LSN of the last event handed to it, in any pass: what it owes an
-    /// acknowledgement for. `None`: handed nothing yet, so it holds nothing back (an idle
-    /// project's webhook writer or room pump must not pin the slot at its last position).
+    /// acknowledgement for. `None`: handed nothing yet, so it owes nothing for
+    /// [`ProjectBus::all_acked`] (an idle project's webhook writer or room pump must not stop
+    /// an idle stream from following the log), though it still holds `confirmable` back until
+    /// it acknowledges something.
     handed: Option<Lsn>,
     /// Durable only: the first pass (rewind generation) whose events it receives.
     from_pass: u64,
@@ -564,9 +566,21 @@ impl ProjectBus {
     }
 
     /// How far the slot may be confirmed: the lowest durable acknowledgement, or everything
-    /// published in this pass when no durable subscriber owes one. `None`: nothing may be
-    /// confirmed yet (nothing published, a durable subscriber that has acknowledged nothing of
-    /// what it was handed, or one waiting for its rewind).
+    /// published in this pass when there is no durable subscriber. `None`: nothing may be
+    /// confirmed yet (nothing published, a durable subscriber that has acknowledged nothing,
+    /// or one waiting for its rewind).
+    ///
+    /// A durable subscriber that has acknowledged nothing holds everything back here even when
+    /// it was handed nothing: it joined for a rewind (a webhook writer, a room pump, the
+    /// cluster's JetStream publisher starting a new term) and the replay it waits for starts
+    /// at the slot's confirmed position, while the others' acknowledgements may be far past
+    /// it, from the earlier pass. Taking their minimum would confirm the slot past what it
+    /// never received, and the next rewind would replay from there (seen: a JetStream
+    /// publisher retrying while NATS was down, each term rewinding, lost 532 changes). An idle
+    /// stream moves on through [`ProjectBus::all_acked`] instead, which a subscriber handed
+    /// nothing does satisfy: the stream then follows only what it has itself read in this
+    /// pass (a keepalive's sent position, the binlog's boundary), every change of which it
+    /// would have handed over.
     pub fn confirmable(&self) -> Option<Lsn> {
         let published = Lsn(self.published.load(Ordering::Acquire));
         let pass = self.pass.load(Ordering::Acquire);
@@ -576,11 +590,9 @@ impl ProjectBus {
             if s.from_pass > pass {
                 return None;
             }
-            match (s.acked, s.handed) {
-                // Handed nothing: it holds nothing back.
-                (None, None) => {}
-                (None, Some(_)) => return None,
-                (Some(a), _) => bound = Some(bound.map_or(a, |b| b.min(a))),
+            match s.acked {
+                None => return None,
+                Some(a) => bound = Some(bound.map_or(a, |b| b.min(a))),
             }
         }
         bound
@@ -759,14 +771,16 @@ mod tests {
         idle.ack(Lsn(5));
         assert!(bus.all_acked());
         assert_eq!(bus.confirmable(), Some(Lsn(5)));
-        // A second subscriber that joins idle waits for its rewind, then holds nothing back;
-        // the first, having acknowledged all, neither.
+        // A second subscriber that joins idle waits for its rewind, then owes nothing (an idle
+        // stream may follow what it reads); the first, having acknowledged all, neither.
         let late = bus.subscribe_durable();
         assert!(!bus.all_acked());
         bus.start_pass();
         assert!(bus.all_acked());
-        // What `idle` acknowledged stays confirmable (no more).
-        assert_eq!(bus.confirmable(), Some(Lsn(5)));
+        // But what `idle` acknowledged in the earlier pass does not speak for `late`, which has
+        // nothing of the replay yet: nothing is confirmable on its account (a JetStream
+        // publisher's new term must not let the slot pass what the stream holds).
+        assert_eq!(bus.confirmable(), None);
         bus.publish(event(6)).await;
         idle.ack(Lsn(6));
         assert_eq!(
