@@ -312,7 +312,7 @@ const OWN_CONNECTIONS_MARGIN: i32 = 8;
 /// repair holds its session for one login (its lock waits are 200 ms each), so the wait is a
 /// queue of logins, not of attackers; it stays well below the SQL pool's create timeout.
 const REPAIR_CONNECTIONS: usize = 4;
-const REPAIR_WAIT: Duration = Duration::from_secs(10);
+const REPAIR_WAIT: Duration = Duration::from_secs(20);
 
 /// How long a request that holds its project's share (and, on PostgreSQL, a place in the
 /// connection budget) may wait for a login to the project database on top of

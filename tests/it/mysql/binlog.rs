@@ -8,7 +8,7 @@ use fluxbase::bus::Subscription;
 use mysql_async::prelude::Queryable;
 use serde_json::{json, Value};
 
-use crate::support::bus::{assert_quiet, events, next_event};
+use crate::support::bus::{assert_quiet, events, next_event, next_event_within};
 use crate::support::mariadb::{mariadb, spawn_mysql_app};
 use crate::support::{Fixture, TestApp};
 
@@ -589,7 +589,9 @@ async fn a_row_over_16_mib_stops_no_stream() {
         .await;
     let mut seen = Vec::new();
     loop {
-        let e: Value = serde_json::from_str(&next_event(&mut sub_a).await.payload).unwrap();
+        // An 18 MB row through a debug build on a loaded CI machine: 20 s was not always enough.
+        let e = next_event_within(&mut sub_a, std::time::Duration::from_secs(90)).await;
+        let e: Value = serde_json::from_str(&e.payload).unwrap();
         let id = e["record"]["id"].clone();
         seen.push(id.clone());
         if id == 3 {
