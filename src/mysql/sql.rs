@@ -450,11 +450,13 @@ impl Mysql {
             // UPDATE counts the rows it matched, as PostgreSQL does.
             .client_found_rows(true)
             .tcp_nodelay(true)
-            // A row is read whatever its size up to the server's maximum packet (1 GiB), then
-            // kept or dropped by `max_response_bytes` (`truncated`), as on PostgreSQL; the
-            // default (the server's `@@max_allowed_packet`, 16 MiB) broke the connection on
-            // a larger row.
-            .max_allowed_packet(Some(crate::cdc::binlog::MAX_PACKET))
+            // A row is read whole (the driver holds a packet whole) up to
+            // [`row_packet_limit`], then kept or dropped by `max_response_bytes`
+            // (`truncated`), as on PostgreSQL. The driver's default (the server's
+            // `@@max_allowed_packet`, 16 MiB) broke the connection on a larger row; the
+            // server's largest packet (1 GiB) let one request hold a row of ~1 GiB in memory
+            // (red team rt5: 1.2 GB RSS for one 400 MB row, eight of them per project).
+            .max_allowed_packet(Some(row_packet_limit(self.sql.max_response_bytes)))
             // No file of this machine is ever sent for LOAD DATA LOCAL INFILE.
             .local_infile_handler(None::<mysql_async::WhiteListFsHandler>)
             .into()
@@ -590,11 +592,18 @@ impl Mysql {
                 Ok(driver_error(&e))
             }
             Err(Failure::Db(e)) if packet_too_large(&e) => {
-                // One row over 1 GiB: this request's answer, not the server's unavailability.
+                // One row past the bound: this request's answer, not the server's
+                // unavailability. The session is mid-result: closed, so its statement ends
+                // there and later statements of the request do not run.
                 self.sql.close_held(Held { conn, permit }).await;
+                let limit = row_packet_limit(max_bytes);
                 Ok(render_error(
-                    "a row of the result is larger than 1 GiB (the largest packet MySQL sends): \
-                     select fewer or smaller columns",
+                    &format!(
+                        "a row of the result is larger than {limit} bytes (twice \
+                         max_response_bytes, at least 64 MiB: the largest row the server \
+                         reads): the statement was ended there and later statements of the \
+                         request were not run; select fewer or smaller columns"
+                    ),
                     2020,
                     "HY000",
                 ))
@@ -607,6 +616,15 @@ impl Mysql {
             }
         }
     }
+}
+
+/// The largest row packet a request's session reads (the driver holds one whole): twice
+/// `max_response_bytes` (a row that large is dropped from the answer anyway), at least 64 MiB,
+/// at most the server's largest packet (1 GiB).
+pub fn row_packet_limit(max_response_bytes: usize) -> usize {
+    max_response_bytes
+        .saturating_mul(2)
+        .clamp(64 << 20, crate::cdc::binlog::MAX_PACKET)
 }
 
 /// Whether the driver refused a packet past its `max_allowed_packet`.

@@ -137,13 +137,20 @@ impl BackendMemory {
                     tick.tick().await;
                     let Some(me) = weak.upgrade() else { return };
                     let (limits, floor) = ((me.per_backend, me.total), NOTICE_FLOOR);
-                    let scan = tokio::task::spawn_blocking(move || {
-                        scan(postmaster, floor).map(|b| over_limits(&b, limits.0, limits.1))
-                    })
-                    .await;
+                    let scan = tokio::task::spawn_blocking(move || scan(postmaster, floor)).await;
                     match scan {
-                        Ok(Some(over)) => {
-                            for (backend, why) in over {
+                        Ok(Some(backends)) => {
+                            // Who administers the projects holding memory: read only when all
+                            // together are over the total (the choice is then by account).
+                            let sum: u64 = backends.iter().map(|b| b.bytes).sum();
+                            let admins = if limits.1 > 0 && sum > limits.1 {
+                                admins_of(&pool, &backends).await
+                            } else {
+                                HashMap::new()
+                            };
+                            for (backend, why) in
+                                over_limits(&backends, limits.0, limits.1, &admins)
+                            {
                                 me.end(&pool, backend, why).await;
                             }
                         }
@@ -430,10 +437,47 @@ fn scan(postmaster: u32, floor: u64) -> Option<Vec<Backend>> {
     )
 }
 
+/// The admins of the projects `backends` belong to (project id → user ids), from the control
+/// database; empty when it cannot be read (the choice then falls back to projects).
+async fn admins_of(
+    pool: &deadpool_postgres::Pool,
+    backends: &[Backend],
+) -> HashMap<String, Vec<String>> {
+    let mut projects: Vec<&str> = backends.iter().map(|b| b.project.as_str()).collect();
+    projects.sort_unstable();
+    projects.dedup();
+    let rows = async {
+        let c = pool.get().await.ok()?;
+        c.query(
+            "SELECT project_id, user_id FROM fluxbase.members \
+             WHERE role = 'admin' AND project_id = ANY($1)",
+            &[&projects],
+        )
+        .await
+        .ok()
+    }
+    .await
+    .unwrap_or_default();
+    let mut admins: HashMap<String, Vec<String>> = HashMap::new();
+    for r in rows {
+        admins.entry(r.get(0)).or_default().push(r.get(1));
+    }
+    admins
+}
+
 /// The backends to end: each over `per_backend` (0: no such limit); then, while all together
-/// are over `total` (0: none), the largest backend of the project holding the most (a tenant
-/// with one large statement is not ended for another's many).
-fn over_limits(backends: &[Backend], per_backend: u64, total: u64) -> Vec<(Backend, String)> {
+/// are over `total` (0: none), the largest backend of the account holding the most: an
+/// account (a project admin, from `admins`: project → admin user ids; a project without a
+/// known admin is an account of its own) holds what all the projects it administers hold. A
+/// tenant with one large statement is not ended for another's many, nor for another's many
+/// spread over several projects (red team rt5: three projects of one account, three
+/// statements each, got another account's single statement ended first).
+fn over_limits(
+    backends: &[Backend],
+    per_backend: u64,
+    total: u64,
+    admins: &HashMap<String, Vec<String>>,
+) -> Vec<(Backend, String)> {
     let mut out = Vec::new();
     let mut left: Vec<&Backend> = Vec::new();
     for b in backends {
@@ -450,28 +494,37 @@ fn over_limits(backends: &[Backend], per_backend: u64, total: u64) -> Vec<(Backe
         }
     }
     let mut sum: u64 = left.iter().map(|b| b.bytes).sum();
-    while total > 0 && sum > total && !left.is_empty() {
-        let mut by_project: HashMap<&str, u64> = HashMap::new();
-        for b in &left {
-            *by_project.entry(b.project.as_str()).or_default() += b.bytes;
+    // The accounts a backend counts for: its project's admins, or the project itself.
+    let accounts_of = |b: &Backend| -> Vec<String> {
+        match admins.get(&b.project) {
+            Some(users) if !users.is_empty() => users.iter().map(|u| format!("user:{u}")).collect(),
+            _ => vec![format!("project:{}", b.project)],
         }
-        let heaviest = by_project
+    };
+    while total > 0 && sum > total && !left.is_empty() {
+        let mut by_account: HashMap<String, u64> = HashMap::new();
+        for b in &left {
+            for a in accounts_of(b) {
+                *by_account.entry(a).or_default() += b.bytes;
+            }
+        }
+        let heaviest = by_account
             .into_iter()
-            .max_by_key(|(p, bytes)| (*bytes, std::cmp::Reverse(*p)))
-            .map(|(p, _)| p.to_string())
+            .max_by(|(a, x), (b, y)| x.cmp(y).then_with(|| b.cmp(a)))
+            .map(|(a, _)| a)
             .expect("not empty");
         let (i, _) = left
             .iter()
             .enumerate()
-            .filter(|(_, b)| b.project == heaviest)
+            .filter(|(_, b)| accounts_of(b).contains(&heaviest))
             .max_by_key(|(_, b)| (b.bytes, std::cmp::Reverse(b.pid)))
-            .expect("the project has a backend");
+            .expect("the account has a backend");
         let b = left.swap_remove(i);
         sum -= b.bytes;
         out.push((
             b.clone(),
             format!(
-                "the statement was the largest of the project holding the most memory when the tenants' statements together used more than {} MiB (sql_backends_memory_total_mb); retry, or process less at a time",
+                "the statement was the largest of the account holding the most memory (its projects together) when the tenants' statements together used more than {} MiB (sql_backends_memory_total_mb); retry, or process less at a time",
                 total >> 20
             ),
         ));
@@ -565,25 +618,32 @@ mod tests {
         let pids =
             |o: Vec<(Backend, String)>| o.into_iter().map(|(o, _)| o.pid).collect::<Vec<_>>();
         let mb = |n: u64| n << 20;
+        let none = HashMap::new();
         let all = [
             b(1, "a", 900),
             b(2, "b", 300),
             b(3, "c", 200),
             b(4, "a", 100),
         ];
-        assert_eq!(pids(over_limits(&all, mb(1024), 0)), Vec::<u32>::new());
-        assert_eq!(pids(over_limits(&all, mb(512), 0)), vec![1]);
+        assert_eq!(
+            pids(over_limits(&all, mb(1024), 0, &none)),
+            Vec::<u32>::new()
+        );
+        assert_eq!(pids(over_limits(&all, mb(512), 0, &none)), vec![1]);
         // 1,500 MiB together against 1,000: a's largest (900) goes, and that suffices.
-        assert_eq!(pids(over_limits(&all, 0, mb(1000))), vec![1]);
+        assert_eq!(pids(over_limits(&all, 0, mb(1000), &none)), vec![1]);
         // Against 400: 900 (a: 1,000), then 300 (b: 300 against a's 100 and c's 200).
-        assert_eq!(pids(over_limits(&all, 0, mb(400))), vec![1, 2]);
+        assert_eq!(pids(over_limits(&all, 0, mb(400), &none)), vec![1, 2]);
         // Per backend first, then the total with what is left.
-        assert_eq!(pids(over_limits(&all, mb(250), mb(400))), vec![1, 2]);
+        assert_eq!(pids(over_limits(&all, mb(250), mb(400), &none)), vec![1, 2]);
         // 100 left is not over 100.
-        assert_eq!(pids(over_limits(&all, mb(250), mb(100))), vec![1, 2, 3]);
-        let (_, why) = &over_limits(&all, mb(512), 0)[0];
+        assert_eq!(
+            pids(over_limits(&all, mb(250), mb(100), &none)),
+            vec![1, 2, 3]
+        );
+        let (_, why) = &over_limits(&all, mb(512), 0, &none)[0];
         assert!(why.contains("sql_backend_memory_limit_mb"), "{why}");
-        let (_, why) = &over_limits(&all, 0, mb(1000))[0];
+        let (_, why) = &over_limits(&all, 0, mb(1000), &none)[0];
         assert!(why.contains("sql_backends_memory_total_mb"), "{why}");
         // One tenant's single large statement is not ended for another's many: d holds 6 × 300
         // (1,800) against e's one 500; past 2,000 together, d's go first.
@@ -596,9 +656,45 @@ mod tests {
             b(15, "d", 300),
             b(20, "e", 500),
         ];
-        let ended = pids(over_limits(&many, 0, mb(2000)));
+        let ended = pids(over_limits(&many, 0, mb(2000), &none));
         assert_eq!(ended.len(), 1, "{ended:?}");
         assert!(ended[0] != 20, "{ended:?}");
+    }
+
+    /// The total's choice is by account: one admin's statements spread over several projects
+    /// count together (red team rt5: a's three projects, three 70 MiB statements each, against
+    /// b's one of 373 MiB: b's was ended first when the choice was by project).
+    #[test]
+    fn past_the_total_the_account_holding_the_most_over_its_projects_gives_first() {
+        let pids =
+            |o: Vec<(Backend, String)>| o.into_iter().map(|(o, _)| o.pid).collect::<Vec<_>>();
+        let mb = |n: u64| n << 20;
+        let mut all = Vec::new();
+        for (i, project) in ["a1", "a2", "a3"].into_iter().enumerate() {
+            for j in 0..3 {
+                all.push(b((i * 3 + j) as u32 + 1, project, 70));
+            }
+        }
+        all.push(b(100, "b1", 373));
+        let admins: HashMap<String, Vec<String>> = [
+            ("a1", "alice"),
+            ("a2", "alice"),
+            ("a3", "alice"),
+            ("b1", "bob"),
+        ]
+        .into_iter()
+        .map(|(p, u)| (p.to_string(), vec![u.to_string()]))
+        .collect();
+        // 630 + 373 = 1,003 MiB against 800: alice's statements go (70 each: 560, 490) until
+        // under it (793).
+        let ended = pids(over_limits(&all, 0, mb(800), &admins));
+        assert!(!ended.contains(&100), "{ended:?}");
+        assert_eq!(ended.len(), 3, "{ended:?}");
+        // By project (no admins known), b1 is the heaviest project and goes first.
+        let ended = pids(over_limits(&all, 0, mb(800), &HashMap::new()));
+        assert_eq!(ended, vec![100], "{ended:?}");
+        let (_, why) = &over_limits(&all, 0, mb(800), &admins)[0];
+        assert!(why.contains("account holding the most"), "{why}");
     }
 
     #[test]

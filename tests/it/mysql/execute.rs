@@ -249,6 +249,55 @@ async fn scripts_answer_with_their_last_statement_and_stop_at_an_error() {
     }
 }
 
+/// A row is read whole by the driver: the largest one a request's session reads is bounded
+/// (twice `max_response_bytes`, at least 64 MiB), so one request cannot hold a row of up to
+/// the server's 1 GiB packet in the server's memory (red team rt5: 1.2 GB RSS for one 400 MB
+/// row). Past it a clear SQL_EXEC_ERROR; the project's next request is served as usual.
+#[tokio::test]
+async fn a_row_past_the_read_bound_is_a_clear_error_not_held_in_memory() {
+    let url = crate::support::mariadb::mariadb().await.admin_url.clone();
+    let app = spawn_app_with(|c| {
+        c.mysql_url = Some(url.into());
+        c.max_response_bytes = 4096;
+    })
+    .await;
+    let f = app.mysql_fixture().await;
+    // Six values of 12 MB (each under the server's 16 MiB max_allowed_packet): a 72 MB row.
+    let columns: Vec<String> = (0..6)
+        .map(|i| format!("REPEAT('x', 12000000) AS c{i}"))
+        .collect();
+    let body = app
+        .sql(
+            &f.read,
+            &f.project,
+            &format!("SELECT {}", columns.join(", ")),
+        )
+        .await;
+    assert_eq!(
+        body["success"],
+        false,
+        "{}",
+        &body.to_string()[..300.min(body.to_string().len())]
+    );
+    assert_eq!(body["error"]["code"], "SQL_EXEC_ERROR", "{body}");
+    let message = body["error"]["message"].as_str().unwrap();
+    assert!(message.contains("larger than 67108864 bytes"), "{message}");
+    // A row under the bound is read and dropped past max_response_bytes, as before.
+    let body = app
+        .sql(&f.read, &f.project, "SELECT REPEAT('x', 12000000) AS c")
+        .await;
+    assert_eq!(
+        body["success"],
+        true,
+        "{}",
+        &body.to_string()[..300.min(body.to_string().len())]
+    );
+    assert_eq!(body["result"]["truncated"], true);
+    let body = app.sql(&f.read, &f.project, "SELECT 1 AS one").await;
+    assert_eq!(body["result"]["rows"], json!([{ "one": 1 }]), "{body}");
+    app.stop().await;
+}
+
 #[tokio::test]
 async fn rows_and_bytes_are_bounded_and_slow_statements_end() {
     let url = crate::support::mariadb::mariadb().await.admin_url.clone();
