@@ -418,7 +418,8 @@ impl Drop for Reservation {
 
 /// The memory of an answer being built (see [`AnswerBudget::building`]): nothing reserved up
 /// to [`SMALL`] bytes, then a reservation grown a [`STEP`] at a time, within the same caps and
-/// budget as a built answer. Once a step is refused, every later one is.
+/// budget as a built answer. Once a step is refused, every later one is, and what it held is
+/// given back at once (the build drops its rows then).
 pub struct Building {
     home: Arc<AnswerBudget>,
     asker: Asker,
@@ -482,6 +483,9 @@ impl AnswerMemory for Building {
                     .fetch_add(1, Relaxed);
                 tracing::debug!(project_id = %self.asker.project, %refusal,
                     "an SQL answer's build was refused its next step");
+                // The build drops what it held (it keeps no row once refused): given back now,
+                // for the other answers, not when its statement has ended.
+                built.reservation = None;
                 built.refused = Some(refusal);
                 None
             }
@@ -811,6 +815,11 @@ mod tests {
             }
         }
         assert_eq!(stopped, [true, true]);
+        assert_eq!(
+            budget.in_flight(),
+            0,
+            "a stopped build gives back what it held"
+        );
         assert_eq!(budget.metrics.sql_answer_builds_stopped.load(Relaxed), 2);
         assert_eq!(reader.cover(1), None, "stopped for good");
         let text = r#"{"success":true,"result":{"rows":[{"a":1}],"columns":["a"],"columnTypes":["int4"],"rowCount":1,"message":null,"truncated":true},"executionInfo":{"time":"1ms","rowCount":1,"operation":"INSERT"}}"#;

@@ -150,8 +150,8 @@ pub(super) fn render_success(
         row_budget + tail,
         held,
     );
-    text.out
-        .push_str("{\"success\":true,\"result\":{\"rows\":[");
+    const HEAD: &str = "{\"success\":true,\"result\":{\"rows\":[";
+    text.out.push_str(HEAD);
     // A row's text without escapes: what the text is grown by before it is written.
     let names_len = names.iter().map(|n| n.len() + 4).sum::<usize>() + 2;
     for (i, row) in rows.into_iter().enumerate() {
@@ -183,10 +183,15 @@ pub(super) fn render_success(
         // The row is dropped at the end of this turn.
         text.others -= row_footprint(&row);
         if !text.check() {
-            text.out.truncate(mark);
             truncated = true;
             break;
         }
+    }
+    if text.refused() {
+        // Refused a step: no row is kept (the answer is refused, or sent without its rows),
+        // and what they took is given back now.
+        text.out.truncate(HEAD.len());
+        text.out.shrink_to_fit();
     }
     // Rows not rendered (past a bound) are dropped here.
     text.others = 0;
