@@ -564,7 +564,7 @@ async fn one_accounts_projects_together_hold_at_most_its_share() {
     assert!((12_000_000..=ACCOUNT).contains(&account), "{account}");
     let (project, read) = &projects[2];
     let (status, _, body) = sql_from(&t, "127.0.1.9", read, project, LARGE).await;
-    assert_eq!(status, 429, "{body}");
+    assert_eq!(status, 429, "{:.300}", body.to_string());
     let message = body["error"]["message"].as_str().unwrap();
     assert!(
         message.contains("sql_answer_budget_per_account_bytes"),
