@@ -1,43 +1,66 @@
-//! The bytes of SQL answers in flight: a budget shared by the whole server, a cap per client
-//! address and per project, a part of the budget only small answers may use, and a deadline
-//! for the client to take an answer.
+//! The bytes of SQL answers in flight, from while they are built until their clients have
+//! taken them: a budget shared by the whole server, a cap per client address, per project and
+//! per account (a project's owner: all its projects together), a part of the budget only small
+//! answers may use, and a deadline for the client to take an answer.
 //!
 //! ```text
-//!  execute-sql ─► answer built (String, at most about max_response_bytes)
-//!        │ take(asker, capacity) ──(a cap or the budget spent)──► read-only role: 429 RATE_LIMIT
-//!        │                                                   └─► a role that writes: the answer
-//!        │                                                        without its rows (truncated)
+//!  execute-sql ─► Building (asker: address, project, account, may_write) handed to the domain
+//!        │  rows read (PostgreSQL: wire::ResultBuilder) and text rendered (both engines:
+//!        │  sql::AnswerText) ──cover(bytes in all)──► nothing up to SMALL, then grown a STEP
+//!        │                                            at a time: caps, then the budget
+//!        │      a step refused ──► the build keeps no more rows (the rest read past, the
+//!        │                         statement run to its end), gives its reservation back now
+//!        ▼ text built
+//!  answer(building, text): the build's reservation trued to the text's capacity (or, for a
+//!        │ small answer, taken once now)
+//!        │  refused (a step, or now) ──► read-only role: 429 RATE_LIMIT naming the limit
+//!        │                          └─► a role that writes: the answer without its rows
 //!        ▼ Answer { text, Reservation, DeadlineGuard } as Bytes::from_owner
 //!  hyper writes it ──► every byte handed to the socket: Bytes dropped, reservation given back
 //!        └─ not taken within sql_answer_send_timeout_secs: the listener drops the connection
 //!           (listener::SendDeadline), which drops the body and gives the reservation back
 //! ```
 //!
-//! An answer is reserved once it is built, for the capacity its text holds (shrunk to its
+//! **While it is built** (red team rt4 #7: 40 answers of ~33 MB built at once took the server
+//! to 907 MB; the bound was `max_response_bytes` × the requests that may run at once): the
+//! domain asks its [`Building`] to cover what the build holds in all — PostgreSQL's rows as
+//! they are read, then the rows not rendered yet plus the text (the rows are dropped as they
+//! are rendered); MySQL's text as its rows are rendered. Nothing is reserved for the first
+//! [`SMALL`] bytes (a `SELECT 1` pays one reservation, when it is built, as before builds were
+//! counted: at most [`SMALL`] per running request goes uncounted), then whole [`STEP`]s, so a
+//! large answer takes the ledgers' locks once per MiB. The reservation made while building is
+//! the one the answer holds (shrunk or grown to the text's capacity): no second take, and no
+//! moment counted twice or not at all. A build whose step is refused keeps no row, so what it
+//! held is given back at once, not when its statement ends.
+//!
+//! **Held** answers, waiting for slow clients, were before bounded only by the connection cap
+//! per address (red-team finding: eight slow readers per wave, ~45 MB each, the server at
+//! 1.1 GB after three waves). An answer is held for the capacity its text holds (shrunk to its
 //! length first when much larger: for a large answer glibc shrinks an mmap'd block with
-//! `mremap`, no copy). While an answer is being built it is bounded by `max_response_bytes`
-//! and the number of requests that may run at once (each project's `sql_project_connections`,
-//! the server's `sql_max_connections`); what this budget bounds is the answers *held* after
-//! that, waiting for slow clients, which before were bounded only by the connection cap per
-//! address (red-team finding: eight slow readers per wave, ~45 MB each, the server at 1.1 GB
-//! after three waves).
+//! `mremap`, no copy).
 //!
 //! The same idea as the storage read budget (`storage::buffers`): the reservation lives in the
 //! `Bytes` the HTTP layer sends, so it is given back exactly when hyper has dropped them (sent,
-//! or the connection gone). Unlike a download, an answer cannot fall back to small chunks (it
-//! already exists whole), so an answer that finds the budget spent is refused at once (never a
-//! wait): 429 `RATE_LIMIT` with `Retry-After: 1`, like the project's other bounded shares.
+//! or the connection gone). Unlike a download, an answer cannot fall back to small chunks, so an
+//! answer (or a step of its build) that finds the budget spent is refused at once (never a
+//! wait): 429 `RATE_LIMIT` with `Retry-After: 1`, like the project's other bounded shares, its
+//! message naming the limit that refused (the part of the budget large answers may use, when
+//! that is what is spent).
 //!
 //! **What one tenant can take** (red team, session 25: one read key from nine addresses held
-//! the whole budget, and every tenant's `SELECT 1` got 429 for a minute): a project holds at
-//! most `sql_answer_budget_per_project_bytes`, and an eighth of the budget is kept for answers
-//! of at most [`SMALL`] bytes (the usual ones), which large answers may not use.
+//! the whole budget, and every tenant's `SELECT 1` got 429 for a minute; rt4 #6: one user's
+//! four projects, each within its cap, held 231 MB of the 256 MiB budget): a project holds at
+//! most `sql_answer_budget_per_project_bytes`, the projects of one account together at most
+//! `sql_answer_budget_per_account_bytes`, and an eighth of the budget is kept for answers of at
+//! most [`SMALL`] bytes (the usual ones), which large answers (and builds past [`SMALL`]) may
+//! not use.
 //!
 //! **A request that may have written is never answered 429** (it ran; a client retrying on
-//! 429 would write twice): when its answer does not fit, it goes out without its rows —
-//! `rows: []`, `truncated: true`, the counts, message and `executionInfo` kept — a few hundred
-//! bytes outside the budget. Only the read scope's answers, which cannot have written (a
-//! `SECURITY DEFINER` routine an admin made aside), are refused.
+//! 429 would write twice): when its answer does not fit, or its build was refused a step, it
+//! goes out without its rows — `rows: []`, `truncated: true`, the counts, message and
+//! `executionInfo` kept — a few hundred bytes outside the budget. Only the read scope's
+//! answers, which cannot have written (a `SECURITY DEFINER` routine an admin made aside), are
+//! refused.
 
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};

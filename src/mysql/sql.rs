@@ -7,7 +7,8 @@
 //!              COM_RESET_CONNECTION when a connection comes back, idle ones closed)
 //!           ─► no params: the text protocol, a script of several statements allowed
 //!              params:    one prepared statement, `$n` rewritten to `?` (or `?` as written)
-//!           ─► rows rendered as they arrive (render.rs), within max_rows / max_response_bytes
+//!           ─► rows rendered as they arrive (render.rs) into the answer's text, within
+//!              max_rows / max_response_bytes and the answer budget (`crate::sql::building`)
 //!  guard: past statement_timeout + 2 s the server's own account runs KILL QUERY <connection>
 //! ```
 //! Each request runs in a fresh session: the pool resets the connection (`Conn::reset`,
