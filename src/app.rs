@@ -149,6 +149,7 @@ impl App {
                 config.sql_answer_budget_bytes,
                 config.sql_answer_budget_per_address_bytes,
                 config.sql_answer_budget_per_project_bytes,
+                config.sql_answer_budget_per_account_bytes,
                 metrics.clone(),
             ),
             auth: Arc::new(crate::auth::Auth::new(

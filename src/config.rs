@@ -24,6 +24,10 @@ pub const DEFAULT_SQL_ANSWER_PER_ADDRESS: u64 = 64 * 1024 * 1024;
 /// The default cap of one project (`sql_answer_budget_per_project_bytes`): 64 MiB, a quarter of
 /// the budget.
 pub const DEFAULT_SQL_ANSWER_PER_PROJECT: u64 = 64 * 1024 * 1024;
+/// The default cap of one account's projects together (`sql_answer_budget_per_account_bytes`):
+/// 64 MiB, a quarter of the budget, whatever the number of projects the account has (up to
+/// `max_projects_per_user`, 10 by default: ten projects' caps would be 640 MiB).
+pub const DEFAULT_SQL_ANSWER_PER_ACCOUNT: u64 = 64 * 1024 * 1024;
 /// The default time a client has to take an answer (`sql_answer_send_timeout_secs`): 60 s.
 pub const DEFAULT_SQL_ANSWER_SEND_TIMEOUT_SECS: u64 = 60;
 
@@ -115,6 +119,9 @@ pub struct Config {
     pub sql_answer_budget_per_address_bytes: u64,
     /// The share of `sql_answer_budget_bytes` one project's answers may hold.
     pub sql_answer_budget_per_project_bytes: u64,
+    /// The share of `sql_answer_budget_bytes` the answers of all the projects of one account
+    /// (each project's first admin) may hold together.
+    pub sql_answer_budget_per_account_bytes: u64,
     /// Seconds a client has to take an `/api/execute-sql` answer once it is built; then the
     /// connection is closed and the answer dropped.
     pub sql_answer_send_timeout_secs: u64,
@@ -316,6 +323,7 @@ impl Default for Config {
             sql_answer_budget_bytes: DEFAULT_SQL_ANSWER_BUDGET,
             sql_answer_budget_per_address_bytes: DEFAULT_SQL_ANSWER_PER_ADDRESS,
             sql_answer_budget_per_project_bytes: DEFAULT_SQL_ANSWER_PER_PROJECT,
+            sql_answer_budget_per_account_bytes: DEFAULT_SQL_ANSWER_PER_ACCOUNT,
             sql_answer_send_timeout_secs: DEFAULT_SQL_ANSWER_SEND_TIMEOUT_SECS,
             max_body_bytes: 1024 * 1024,
             rate_limit_requests: 50,
@@ -531,18 +539,22 @@ impl Config {
         if self.max_response_bytes < 1024 {
             bail!("max_response_bytes must be at least 1024");
         }
-        // An answer of max_response_bytes must fit, with room for the envelope and the row
-        // that crosses the bound.
-        let largest = self.max_response_bytes as u64 + self.max_response_bytes as u64 / 8;
-        if self.sql_answer_budget_per_address_bytes < largest
-            || self.sql_answer_budget_per_project_bytes < largest
-            || self.sql_answer_budget_bytes < self.sql_answer_budget_per_address_bytes
-            || self.sql_answer_budget_bytes < self.sql_answer_budget_per_project_bytes
-        {
+        // An answer of max_response_bytes must fit while it is built: the rows read and the
+        // text rendered from them overlap (the text grows by a quarter at a time as the rows
+        // are dropped), with the envelope and the row that crosses the bound.
+        let largest = self.max_response_bytes as u64 + self.max_response_bytes as u64 / 2;
+        let caps = [
+            self.sql_answer_budget_per_address_bytes,
+            self.sql_answer_budget_per_project_bytes,
+            self.sql_answer_budget_per_account_bytes,
+        ];
+        // A cap above the budget is the budget (the budget refuses first).
+        if self.sql_answer_budget_bytes < largest || caps.iter().any(|&cap| cap < largest) {
             bail!(
-                "sql_answer_budget_bytes >= sql_answer_budget_per_address_bytes and \
-                 sql_answer_budget_per_project_bytes, each >= 1.125 × max_response_bytes \
-                 ({largest}), is required"
+                "sql_answer_budget_bytes, sql_answer_budget_per_address_bytes, \
+                 sql_answer_budget_per_project_bytes and sql_answer_budget_per_account_bytes \
+                 must each be at least 1.5 × max_response_bytes ({largest}): an answer of the \
+                 largest size must fit while it is built"
             );
         }
         if self.sql_answer_send_timeout_secs == 0 {

@@ -38,13 +38,15 @@ pub struct Metrics {
     /// Of those, the downloads that streamed small because their client address held its cap
     /// of shares (`storage_read_shares_per_client`), not because the budget was spent.
     pub storage_downloads_client_capped: AtomicU64,
-    /// Bytes of SQL answers built and not yet taken by their clients (a gauge), answers refused
-    /// because the budget or the address's cap was spent, connections cut at their send
-    /// deadline (`api::answers`).
+    /// Bytes of SQL answers being built or built and not yet taken by their clients (a gauge),
+    /// answers refused because the budget or a cap was spent, connections cut at their send
+    /// deadline, answers of writers sent without rows, builds whose next step the budget or a
+    /// cap refused (`api::answers`).
     pub sql_answer_bytes_in_flight: AtomicU64,
     pub sql_answers_refused: AtomicU64,
     pub sql_answers_cut: AtomicU64,
     pub sql_answers_shortened: AtomicU64,
+    pub sql_answer_builds_stopped: AtomicU64,
     /// Tenant backends the server ended for their memory (`sql::memory`).
     pub sql_backends_ended_for_memory: AtomicU64,
     pub connections_stalled: AtomicU64,
@@ -188,14 +190,20 @@ impl Metrics {
             (
                 "fluxbase_sql_answer_bytes_in_flight",
                 "gauge",
-                "Bytes of /api/execute-sql answers built and not yet taken by their clients (at most sql_answer_budget_bytes).",
+                "Bytes of /api/execute-sql answers being built, or built and not yet taken by their clients (at most sql_answer_budget_bytes).",
                 &self.sql_answer_bytes_in_flight,
             ),
             (
                 "fluxbase_sql_answers_refused_total",
                 "counter",
-                "SQL answers refused with 429 because sql_answer_budget_bytes or sql_answer_budget_per_address_bytes was spent.",
+                "SQL answers refused with 429 because sql_answer_budget_bytes or its share per address, project or account was spent (while the answer was built or once it was).",
                 &self.sql_answers_refused,
+            ),
+            (
+                "fluxbase_sql_answer_builds_stopped_total",
+                "counter",
+                "SQL answers whose next step of memory was refused while they were built (the budget or a share of it spent): the rest of their rows read past and dropped, then the answer refused with 429 (read scope) or sent without rows (a role that may write).",
+                &self.sql_answer_builds_stopped,
             ),
             (
                 "fluxbase_sql_answers_cut_total",

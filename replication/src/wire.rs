@@ -154,6 +154,27 @@ pub struct StatementResult {
     pub command_tag: String,
 }
 
+/// The memory a statement's rows take while they are read, reserved by the caller as they
+/// come (an answer budget shared with other requests): see [`Connection::set_result_memory`].
+pub trait ResultMemory: Send + Sync {
+    /// Room for `bytes` in all (what the result being built holds now): `Some(covered)`, at
+    /// least `bytes`, so that the next call comes only past it; `None`: refused, and every
+    /// later call is refused too.
+    fn cover(&self, bytes: usize) -> Option<usize>;
+}
+
+/// The memory a row of a [`StatementResult`] takes: its values' bytes, each value's
+/// `Option<String>` and the row's `Vec` (with room for the rows `Vec` growing), so that a
+/// result of many small values is not counted as its few bytes of text.
+pub fn row_footprint(row: &[Option<String>]) -> usize {
+    const VALUE: usize = std::mem::size_of::<Option<String>>();
+    const ROW: usize = 2 * std::mem::size_of::<Vec<Option<String>>>();
+    ROW + row
+        .iter()
+        .map(|v| VALUE + v.as_ref().map_or(0, |s| s.len()))
+        .sum::<usize>()
+}
+
 /// What [`Connection::simple_query`] returns.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct SimpleOutcome {
@@ -514,6 +535,9 @@ pub struct Connection {
     max_result_bytes: usize,
     /// A DataRow was skipped since the result builder last looked.
     skipped_row: bool,
+    /// Where the rows of a result being read are reserved (see
+    /// [`Connection::set_result_memory`]).
+    result_memory: Option<std::sync::Arc<dyn ResultMemory>>,
     /// Statements prepared under names of their own (see [`Connection::query_cached`]).
     cached: cached::StatementCache,
     /// The reset run between uses of the session (see [`Connection::set_session_reset`]).
@@ -557,6 +581,7 @@ impl Connection {
             prelude: Vec::new(),
             max_result_bytes: usize::MAX,
             skipped_row: false,
+            result_memory: None,
             cached: cached::StatementCache::default(),
             reset: None,
         };
@@ -705,11 +730,8 @@ impl Connection {
                 Message::RowDescription(body) => {
                     outcome.last = None;
                     self.skipped_row = false;
-                    current = Some(ResultBuilder::new(
-                        self.columns(&body)?,
-                        max_rows,
-                        self.max_result_bytes,
-                    ));
+                    let columns = self.columns(&body)?;
+                    current = Some(self.result_builder(columns, max_rows));
                 }
                 Message::DataRow(row) => match current.as_mut() {
                     Some(builder) => {
@@ -892,7 +914,7 @@ impl Connection {
         mut phase: Phase,
         max_rows: usize,
     ) -> Result<StatementResult, WireError> {
-        let mut builder = ResultBuilder::new(Vec::new(), max_rows, self.max_result_bytes);
+        let mut builder = self.result_builder(Vec::new(), max_rows);
         self.skipped_row = false;
         let mut result = None;
         let mut error = None;
@@ -1112,6 +1134,22 @@ impl Connection {
     pub fn set_max_result_bytes(&mut self, bytes: usize) {
         self.max_result_bytes = bytes;
         self.transport.max_data_row = bytes.saturating_add(4).min(MAX_MESSAGE_LEN);
+    }
+
+    /// Reserves the rows of the results read from now on in `memory` as they come (their
+    /// [`row_footprint`]); `None`: no reservation (the default). When `memory` refuses, the
+    /// rows kept so far are dropped and the rest read past, as past `max_result_bytes`: the
+    /// result is empty and `truncated`, the statement runs to its end and the connection stays
+    /// usable. The caller clears it before the connection serves anything else.
+    pub fn set_result_memory(&mut self, memory: Option<std::sync::Arc<dyn ResultMemory>>) {
+        self.result_memory = memory;
+    }
+
+    /// A builder for a result with this connection's limits and memory.
+    fn result_builder(&self, columns: Vec<Column>, max_rows: usize) -> ResultBuilder {
+        let mut builder = ResultBuilder::new(columns, max_rows, self.max_result_bytes);
+        builder.memory = self.result_memory.clone();
+        builder
     }
 
     /// Whether a DataRow was skipped since the last call (see [`Backend::SkippedDataRow`]).
@@ -1450,7 +1488,8 @@ fn encode_bind_execute(params: &[Option<String>], buf: &mut BytesMut) -> Result<
 }
 
 /// Accumulates one statement's rows, keeping at most `max_rows` rows and `max_bytes` bytes of
-/// row data; once one row is dropped, every later one is too (the result is a prefix).
+/// row data, and reserving their footprint in `memory` as they come; once one row is dropped,
+/// every later one is too (the result is a prefix; empty once `memory` refused).
 struct ResultBuilder {
     columns: Vec<Column>,
     rows: Vec<Vec<Option<String>>>,
@@ -1458,6 +1497,11 @@ struct ResultBuilder {
     max_bytes: usize,
     bytes: usize,
     truncated: bool,
+    memory: Option<std::sync::Arc<dyn ResultMemory>>,
+    /// The rows' [`row_footprint`]s together.
+    footprint: usize,
+    /// What `memory` covers: it is asked again only past this (once per step, not per row).
+    covered: usize,
 }
 
 impl ResultBuilder {
@@ -1469,6 +1513,9 @@ impl ResultBuilder {
             max_bytes,
             bytes: 0,
             truncated: false,
+            memory: None,
+            footprint: 0,
+            covered: 0,
         }
     }
 
@@ -1480,6 +1527,25 @@ impl ResultBuilder {
         {
             self.truncated = true;
             return Ok(());
+        }
+        if let Some(memory) = &self.memory {
+            // The footprint the row will have (its values' text is at most the body's size).
+            let after = self.footprint
+                + 2 * std::mem::size_of::<Vec<Option<String>>>()
+                + self.columns.len() * std::mem::size_of::<Option<String>>()
+                + size;
+            if after > self.covered {
+                match memory.cover(after) {
+                    Some(covered) => self.covered = covered,
+                    None => {
+                        // Refused: nothing of this result is kept (its rows are left out of
+                        // the answer, or the answer refused), and the rest is read past.
+                        self.rows = Vec::new();
+                        self.truncated = true;
+                        return Ok(());
+                    }
+                }
+            }
         }
         self.bytes += size;
         let buf = row.buffer();
@@ -1495,6 +1561,7 @@ impl ResultBuilder {
                 self.columns.len()
             )));
         }
+        self.footprint += row_footprint(&values);
         self.rows.push(values);
         Ok(())
     }
@@ -1764,6 +1831,78 @@ mod tests {
         assert_eq!(last.command_tag, "SELECT 2");
         assert_eq!(outcome.statements, 2);
         assert!(!conn.is_broken());
+    }
+
+    /// Memory that covers in steps of `step` bytes up to `limit`, then refuses for good.
+    struct Steps {
+        step: usize,
+        limit: usize,
+        asked: std::sync::Mutex<Vec<usize>>,
+        refused: std::sync::atomic::AtomicBool,
+    }
+
+    impl ResultMemory for Steps {
+        fn cover(&self, bytes: usize) -> Option<usize> {
+            self.asked.lock().unwrap().push(bytes);
+            let covered = bytes.div_ceil(self.step) * self.step;
+            if covered > self.limit || self.refused.load(std::sync::atomic::Ordering::Relaxed) {
+                self.refused
+                    .store(true, std::sync::atomic::Ordering::Relaxed);
+                return None;
+            }
+            Some(covered)
+        }
+    }
+
+    /// Rows are reserved as they come, once per step; when the next step is refused the result
+    /// keeps no row (`truncated`), the rest is read past, and the connection stays usable.
+    #[tokio::test]
+    async fn rows_are_reserved_in_steps_and_a_refusal_leaves_the_result_empty() {
+        let mut reply = row_description("v");
+        for _ in 0..10 {
+            reply.extend(data_row(&[b'a'; 100]));
+        }
+        reply.extend(backend(b'C', &cstr("SELECT 10")));
+        reply.extend(backend(b'Z', b"I"));
+        let mut conn = connection_answering(reply.clone(), false).await;
+        let memory = std::sync::Arc::new(Steps {
+            step: 1000,
+            limit: usize::MAX,
+            asked: Default::default(),
+            refused: Default::default(),
+        });
+        conn.set_result_memory(Some(memory.clone()));
+        let last = conn
+            .simple_query("SELECT ...", 100)
+            .await
+            .unwrap()
+            .last
+            .unwrap();
+        assert_eq!(last.rows.len(), 10);
+        assert!(!last.truncated);
+        let footprint: usize = last.rows.iter().map(|r| row_footprint(r)).sum();
+        let asked = memory.asked.lock().unwrap().clone();
+        assert!(
+            asked.len() < 10 && asked.len() >= footprint / 1000,
+            "{asked:?}"
+        );
+        assert!(*asked.last().unwrap() <= footprint.div_ceil(1000) * 1000);
+
+        let mut conn = connection_answering(reply, false).await;
+        let memory = std::sync::Arc::new(Steps {
+            step: 500,
+            limit: 1000,
+            asked: Default::default(),
+            refused: Default::default(),
+        });
+        conn.set_result_memory(Some(memory.clone()));
+        let outcome = conn.simple_query("SELECT ...", 100).await.unwrap();
+        let last = outcome.last.unwrap();
+        assert!(last.rows.is_empty(), "{} rows kept", last.rows.len());
+        assert!(last.truncated);
+        assert_eq!(last.command_tag, "SELECT 10");
+        assert!(!conn.is_broken());
+        assert_eq!(conn.transaction_status(), TransactionStatus::Idle);
     }
 
     /// A 300 kB error message keeps its first 64 KiB (cut at a character boundary, marked), its

@@ -7,6 +7,7 @@ use crate::api::error::ApiResult;
 use crate::app::SharedApp;
 use crate::auth::DbRole;
 use crate::sql::{SqlError, SqlRequest, SqlResponse};
+use std::sync::Arc;
 use warp::reply::Response;
 
 /// The header a trusted backend names its end user with (see [`crate::rls::identity`]).
@@ -44,10 +45,12 @@ pub async fn execute_sql(app: SharedApp, req: Request) -> ApiResult<impl Reply> 
                     .into(),
             ));
         }
-        let (run_app, run_access) = (app.clone(), access.clone());
+        let building = building(&app, &req, &access);
+        let (run_app, run_access, memory) = (app.clone(), access.clone(), building.clone());
         let text =
-            to_completion(async move { run_app.mysql.execute(&run_access, &sql).await }).await??;
-        return answer(&app, &req, &access, text);
+            to_completion(async move { run_app.mysql.execute(&run_access, &sql, memory).await })
+                .await??;
+        return answer(&app, &req, &building, text);
     }
     let identity = crate::rls::request_identity(
         &access,
@@ -56,15 +59,16 @@ pub async fn execute_sql(app: SharedApp, req: Request) -> ApiResult<impl Reply> 
     )?;
     // Rendered by the domain straight to JSON text (no value tree per row); `SqlResponse`
     // describes those bytes for the document.
-    let (run_app, run_access) = (app.clone(), access.clone());
+    let building = building(&app, &req, &access);
+    let (run_app, run_access, memory) = (app.clone(), access.clone(), building.clone());
     let text = to_completion(async move {
         run_app
             .sql
-            .execute(&run_access, &sql, identity.as_deref())
+            .execute(&run_access, &sql, identity.as_deref(), memory)
             .await
     })
     .await??;
-    answer(&app, &req, &access, text)
+    answer(&app, &req, &building, text)
 }
 
 /// Runs a request's statement to its end even when its client goes away: what the request
@@ -81,27 +85,38 @@ async fn to_completion<T: Send + 'static>(
         .map_err(|e| ApiError::Internal(anyhow::anyhow!("the SQL request's task: {e}")))
 }
 
-/// The answer's text as the response body, within the answer budget and the client address's
-/// and project's caps (else 429 `RATE_LIMIT`, or its rows left out for a role that may have
-/// written), held until the client has taken it or its send deadline passed (see
+/// The memory of the request's answer while the domain builds it: reserved in steps within
+/// the answer budget and the client address's, project's and account's caps (see
 /// [`crate::api::answers`]).
-fn answer(
+fn building(
     app: &SharedApp,
     req: &Request,
     access: &crate::auth::Access,
+) -> Arc<crate::api::answers::Building> {
+    app.answers.building(crate::api::answers::Asker {
+        client: req.client,
+        project: Arc::from(access.project.id.as_str()),
+        account: access.project.owner.as_deref().map(Arc::from),
+        may_write: access.db_role != DbRole::Read,
+    })
+}
+
+/// The answer's text, built in `building`, as the response body: its reservation held until
+/// the client has taken it or its send deadline passed; an answer whose build was refused a
+/// step (or that does not fit) is 429 `RATE_LIMIT`, or its rows left out for a role that may
+/// have written (see [`crate::api::answers`]).
+fn answer(
+    app: &SharedApp,
+    req: &Request,
+    building: &crate::api::answers::Building,
     text: String,
 ) -> ApiResult<Response> {
     let deadline = std::time::Duration::from_secs(app.config.sql_answer_send_timeout_secs);
-    let asker = crate::api::answers::Asker {
-        client: req.client,
-        project: &access.project.id,
-        may_write: access.db_role != DbRole::Read,
-    };
     let body = app
         .answers
         .answer(
+            building,
             text,
-            asker,
             req.send_deadline.as_ref().map(|d| (d, deadline)),
         )
         .map_err(|refused| {

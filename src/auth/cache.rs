@@ -304,6 +304,7 @@ mod tests {
             realtime_public: false,
             db_name: "fx_p1".into(),
             created_at: chrono::Utc::now(),
+            owner: None,
         };
         let read_at = cache.generation();
         cache.clear();

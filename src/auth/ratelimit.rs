@@ -510,6 +510,37 @@ impl<K: std::hash::Hash + Eq + Clone> Ledger<K> {
     }
 }
 
+impl<K: std::hash::Hash + Eq + Clone> Hold<K> {
+    /// `more` for the same key, if what the key holds stays within `cap`; else what it holds
+    /// (and this hold is unchanged).
+    pub fn grow(&mut self, more: u64, cap: u64) -> Result<(), u64> {
+        let mut held = self.ledger.lock();
+        let mine = held.get(&self.key).copied().unwrap_or(0);
+        if mine + more > cap {
+            return Err(mine);
+        }
+        *held.entry(self.key.clone()).or_default() += more;
+        self.amount += more;
+        Ok(())
+    }
+
+    /// Gives back all of this hold but `keep` (no more than it holds).
+    pub fn shrink_to(&mut self, keep: u64) {
+        let give = self.amount.saturating_sub(keep);
+        if give == 0 {
+            return;
+        }
+        let mut held = self.ledger.lock();
+        if let Some(n) = held.get_mut(&self.key) {
+            *n -= give;
+            if *n == 0 {
+                held.remove(&self.key);
+            }
+        }
+        self.amount -= give;
+    }
+}
+
 impl<K: std::hash::Hash + Eq> Drop for Hold<K> {
     fn drop(&mut self) {
         let mut held = self.ledger.0.lock().unwrap_or_else(|e| e.into_inner());

@@ -19,6 +19,7 @@ impl TryFrom<&Row> for Project {
             realtime_public: r.try_get("realtime_public")?,
             db_name: r.try_get("db_name")?,
             created_at: r.try_get("created_at")?,
+            owner: r.try_get("owner")?,
         })
     }
 }
@@ -28,7 +29,11 @@ fn engine(text: &str) -> Engine {
     Engine::parse(text).unwrap_or_default()
 }
 
-const PROJECT_COLUMNS: &str = "id, name, engine, status, realtime_public, db_name, created_at";
+/// The project's columns and its owner: the admin who joined first (`members` by its primary
+/// key: a project has a handful of members).
+const PROJECT_COLUMNS: &str = "id, name, engine, status, realtime_public, db_name, created_at, \
+     (SELECT m.user_id FROM fluxbase.members m WHERE m.project_id = projects.id \
+      AND m.role = 'admin' ORDER BY m.joined_at, m.user_id LIMIT 1) AS owner";
 
 pub async fn get(db: &impl GenericClient, project_id: &str) -> Result<Option<Project>, Error> {
     db.query_opt(

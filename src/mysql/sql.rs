@@ -7,7 +7,8 @@
 //!              COM_RESET_CONNECTION when a connection comes back, idle ones closed)
 //!           ─► no params: the text protocol, a script of several statements allowed
 //!              params:    one prepared statement, `$n` rewritten to `?` (or `?` as written)
-//!           ─► rows rendered as they arrive (render.rs), within max_rows / max_response_bytes
+//!           ─► rows rendered as they arrive (render.rs) into the answer's text, within
+//!              max_rows / max_response_bytes and the answer budget (`crate::sql::building`)
 //!  guard: past statement_timeout + 2 s the server's own account runs KILL QUERY <connection>
 //! ```
 //! Each request runs in a fresh session: the pool resets the connection (`Conn::reset`,
@@ -31,7 +32,7 @@ use super::Mysql;
 use crate::auth::{Access, DbRole};
 use crate::config::Config;
 
-use crate::sql::{SqlError, SqlRequest};
+use crate::sql::{AnswerMemory, AnswerText, SqlError, SqlRequest};
 
 /// Extra time past `statement_timeout` before the server kills a statement itself (the
 /// caller may have raised or disabled `max_statement_time` for its session).
@@ -365,17 +366,19 @@ fn disconnect(idle: Vec<Idle>) {
 }
 
 /// One result set as the answer shows it.
-#[derive(Default)]
-struct ResultSet {
+struct ResultSet<'m> {
     columns: Vec<(String, ColumnKind)>,
-    /// Rendered rows (`{...}` each), within the limits.
-    rows: Vec<String>,
-    row_bytes: usize,
+    /// The answer up to its rows' end: [`ROWS_HEAD`] and the rows kept (`{...}` each, within
+    /// the limits), rendered as they arrive into a text grown within the answer's memory.
+    text: AnswerText<'m>,
     /// Rows read (returned or not), or rows affected for a statement without a result set.
     count: u64,
     has_rows: bool,
     truncated: bool,
 }
+
+/// What a success answer starts with, up to its first row.
+const ROWS_HEAD: &str = "{\"success\":true,\"result\":{\"rows\":[";
 
 enum Failure {
     Db(mysql_async::Error),
@@ -463,8 +466,14 @@ impl Mysql {
     }
 
     /// Runs a request's SQL on a MySQL project and renders the guide's success or
-    /// SQL_EXEC_ERROR body.
-    pub async fn execute(&self, access: &Access, req: &SqlRequest) -> Result<String, SqlError> {
+    /// SQL_EXEC_ERROR body, its text reserved in `memory` as it grows
+    /// ([`crate::sql::building`]).
+    pub async fn execute(
+        &self,
+        access: &Access,
+        req: &SqlRequest,
+        memory: Arc<dyn AnswerMemory>,
+    ) -> Result<String, SqlError> {
         let started = Instant::now();
         let project = &access.project;
         if let Some(why) = refused(&req.query) {
@@ -537,7 +546,7 @@ impl Mysql {
             db_name: &project.db_name,
         };
         let outcome = {
-            let run = run(&mut conn, req, max_rows, max_bytes, &json);
+            let run = run(&mut conn, req, max_rows, max_bytes, &json, &*memory);
             tokio::pin!(run);
             tokio::select! {
                 r = &mut run => r,
@@ -569,7 +578,7 @@ impl Mysql {
                 } else {
                     self.sql.give_back(key, Held { conn, permit }, share);
                 }
-                Ok(render_success(&set, &statement, elapsed, max_bytes))
+                Ok(render_success(set, &statement, elapsed))
             }
             Err(Failure::Params(message)) => {
                 self.sql.give_back(key, Held { conn, permit }, share);
@@ -750,13 +759,14 @@ impl JsonLookup<'_> {
     }
 }
 
-async fn run(
+async fn run<'m>(
     conn: &mut Conn,
     req: &SqlRequest,
     max_rows: usize,
     max_bytes: usize,
     json: &JsonLookup<'_>,
-) -> Result<(ResultSet, String), Failure> {
+    memory: &'m dyn AnswerMemory,
+) -> Result<(ResultSet<'m>, String), Failure> {
     let statements = split_statements(&req.query);
     match req.params.as_deref() {
         None | Some([]) => {
@@ -766,7 +776,7 @@ async fn run(
                 .map_err(Failure::Db)?;
             let mut sets = 0usize;
             let last = loop {
-                let set = read_set(&mut result, max_rows, max_bytes, json).await?;
+                let set = read_set(&mut result, max_rows, max_bytes, json, memory).await?;
                 sets += 1;
                 if result.is_empty() {
                     // A later statement's error is held as the next result (and `is_empty` is
@@ -790,7 +800,7 @@ async fn run(
                 .exec_iter(sql.as_str(), mysql_async::Params::Positional(values))
                 .await
                 .map_err(Failure::Db)?;
-            let set = read_set(&mut result, max_rows, max_bytes, json).await?;
+            let set = read_set(&mut result, max_rows, max_bytes, json, memory).await?;
             // A CALL's further result sets (or their error): read and dropped.
             result.drop_result().await.map_err(Failure::Db)?;
             Ok((set, req.query.clone()))
@@ -798,22 +808,30 @@ async fn run(
     }
 }
 
-async fn read_set<P: mysql_async::prelude::Protocol>(
+async fn read_set<'m, P: mysql_async::prelude::Protocol>(
     result: &mut mysql_async::QueryResult<'_, 'static, P>,
     max_rows: usize,
     max_bytes: usize,
     json: &JsonLookup<'_>,
-) -> Result<ResultSet, Failure> {
+    memory: &'m dyn AnswerMemory,
+) -> Result<ResultSet<'m>, Failure> {
     let columns: Vec<Column> = result.columns().map(|c| c.to_vec()).unwrap_or_default();
+    let mut kinds: Vec<(String, ColumnKind)> = columns
+        .iter()
+        .map(|c| (c.name_str().into_owned(), ColumnKind::of(c)))
+        .collect();
+    json.mark(&columns, &mut kinds).await;
+    // What follows the rows: column names and types, counts, message, timing.
+    let tail = 256 + kinds.iter().map(|(n, _)| n.len() * 2 + 40).sum::<usize>();
+    let budget = max_bytes.saturating_sub(tail);
     let mut set = ResultSet {
-        columns: columns
-            .iter()
-            .map(|c| (c.name_str().into_owned(), ColumnKind::of(c)))
-            .collect(),
         has_rows: !columns.is_empty(),
-        ..Default::default()
+        columns: kinds,
+        text: AnswerText::new(memory, ROWS_HEAD.len() + tail, budget + tail, 0),
+        count: 0,
+        truncated: false,
     };
-    json.mark(&columns, &mut set.columns).await;
+    set.text.out.push_str(ROWS_HEAD);
     if !set.has_rows {
         set.count = result.affected_rows();
     }
@@ -822,33 +840,66 @@ async fn read_set<P: mysql_async::prelude::Protocol>(
         .iter()
         .map(|(n, _)| serde_json::to_string(n).expect("strings serialize"))
         .collect();
+    let mut kept = 0usize;
+    // One row's text, then copied into the answer's (the row is checked against the bounds
+    // before the answer grows).
+    let mut row_text = String::new();
     while let Some(row) = result.next().await.map_err(Failure::Db)? {
         set.count += 1;
         if set.truncated {
             continue;
         }
-        if set.rows.len() >= max_rows {
+        if kept >= max_rows {
             set.truncated = true;
             continue;
         }
-        let mut out = String::with_capacity(64);
-        out.push('{');
+        // The row's text is at least its strings' bytes (a JSON column's aside, which may lose
+        // blanks, and a BIT's, a number): a row that cannot fit is not rendered at all.
+        let at_least: usize = (0..set.columns.len())
+            .filter(|&i| {
+                let kind = &set.columns[i].1;
+                !kind.json && kind.ty != mysql_async::consts::ColumnType::MYSQL_TYPE_BIT
+            })
+            .map(|i| match row.as_ref(i) {
+                Some(Value::Bytes(b)) => b.len(),
+                _ => 0,
+            })
+            .sum();
+        if set.text.out.len() + at_least > budget {
+            set.truncated = true;
+            continue;
+        }
+        row_text.clear();
+        row_text.push('{');
         for (i, (_, kind)) in set.columns.iter().enumerate() {
             if i > 0 {
-                out.push(',');
+                row_text.push(',');
             }
-            out.push_str(&names[i]);
-            out.push(':');
-            write_json(&mut out, kind, row.as_ref(i).unwrap_or(&Value::NULL));
+            row_text.push_str(&names[i]);
+            row_text.push(':');
+            write_json(&mut row_text, kind, row.as_ref(i).unwrap_or(&Value::NULL));
         }
-        out.push('}');
-        if set.row_bytes + out.len() + 1 > max_bytes {
+        row_text.push('}');
+        if set.text.out.len() + row_text.len() + 1 > budget {
             set.truncated = true;
             continue;
         }
-        set.row_bytes += out.len() + 1;
-        set.rows.push(out);
+        set.text.others = row_text.capacity();
+        if !set.text.reserve(row_text.len() + 1) {
+            // Refused: nothing of this result is kept (its rows are left out of the answer,
+            // or the answer refused), and the rest is read past.
+            set.text.out.truncate(ROWS_HEAD.len());
+            set.text.out.shrink_to_fit();
+            set.truncated = true;
+            continue;
+        }
+        if kept > 0 {
+            set.text.out.push(',');
+        }
+        set.text.out.push_str(&row_text);
+        kept += 1;
     }
+    set.text.others = 0;
     Ok(set)
 }
 
@@ -856,43 +907,32 @@ fn json_str(s: &str) -> String {
     serde_json::to_string(s).expect("strings serialize")
 }
 
-/// The guide's success body (the same shape as PostgreSQL's, `crate::sql::SqlResponse`).
-fn render_success(set: &ResultSet, statement: &str, elapsed: Duration, max_bytes: usize) -> String {
+/// The guide's success body (the same shape as PostgreSQL's, `crate::sql::SqlResponse`): the
+/// result set's text, and what follows its rows.
+fn render_success(set: ResultSet<'_>, statement: &str, elapsed: Duration) -> String {
     let op = operation(statement, set.has_rows);
-    let tail = 256
-        + set
-            .columns
-            .iter()
-            .map(|(n, _)| n.len() * 2 + 40)
-            .sum::<usize>();
-    let budget = max_bytes.saturating_sub(tail);
-    let mut truncated = set.truncated;
-    let mut out = String::with_capacity(set.row_bytes.min(budget) + tail);
-    out.push_str("{\"success\":true,\"result\":{\"rows\":[");
-    for (i, row) in set.rows.iter().enumerate() {
-        if out.len() + row.len() + 1 > budget {
-            truncated = true;
-            break;
-        }
-        if i > 0 {
-            out.push(',');
-        }
-        out.push_str(row);
-    }
-    let names: Vec<String> = set.columns.iter().map(|(n, _)| json_str(n)).collect();
+    let message = message(op.as_deref(), &set);
+    let ResultSet {
+        columns,
+        text,
+        count,
+        truncated,
+        ..
+    } = set;
+    let mut out = text.into_string();
+    let names: Vec<String> = columns.iter().map(|(n, _)| json_str(n)).collect();
     out.push_str("],\"columns\":[");
     out.push_str(&names.join(","));
     out.push_str("],\"columnTypes\":[");
-    let types: Vec<String> = set
-        .columns
+    let types: Vec<String> = columns
         .iter()
         .map(|(_, k)| json_str(&k.type_name()))
         .collect();
     out.push_str(&types.join(","));
     out.push_str("],\"rowCount\":");
-    out.push_str(&set.count.to_string());
+    out.push_str(&count.to_string());
     out.push_str(",\"message\":");
-    match message(op.as_deref(), set) {
+    match message {
         Some(m) => out.push_str(&json_str(&m)),
         None => out.push_str("null"),
     }
@@ -901,7 +941,7 @@ fn render_success(set: &ResultSet, statement: &str, elapsed: Duration, max_bytes
     out.push_str("},\"executionInfo\":{\"time\":");
     out.push_str(&json_str(&format!("{}ms", elapsed.as_millis())));
     out.push_str(",\"rowCount\":");
-    out.push_str(&set.count.to_string());
+    out.push_str(&count.to_string());
     out.push_str(",\"operation\":");
     match &op {
         Some(op) => out.push_str(&json_str(op)),
@@ -914,7 +954,7 @@ fn render_success(set: &ResultSet, statement: &str, elapsed: Duration, max_bytes
 /// `null` for a statement returning rows; PostgreSQL's command tag for DML (`INSERT 0 1`,
 /// `UPDATE 2`, `DELETE 3`), so that clients reading tags read both engines alike; the
 /// operation for anything else (`CREATE TABLE`).
-fn message(op: Option<&str>, set: &ResultSet) -> Option<String> {
+fn message(op: Option<&str>, set: &ResultSet<'_>) -> Option<String> {
     if set.has_rows {
         return None;
     }

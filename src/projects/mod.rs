@@ -106,6 +106,10 @@ pub struct Project {
     pub realtime_public: bool,
     pub db_name: String,
     pub created_at: DateTime<Utc>,
+    /// The account the project belongs to: its first admin (the user who created it, unless
+    /// that user left it). `None`: no admin is left. What one account's projects hold together
+    /// is bounded by it (`sql_answer_budget_per_account_bytes`).
+    pub owner: Option<String>,
 }
 
 /// A project as the API shows it (never its database's name).
@@ -330,6 +334,7 @@ impl Projects {
                     realtime_public: false,
                     db_name: db_name.clone(),
                     created_at,
+                    owner: Some(user_id.to_string()),
                 },
                 keys,
             ))

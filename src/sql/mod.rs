@@ -26,11 +26,13 @@
 //! One job per file:
 //! - [`pool`]: connections per (project, role) within the cluster's budget, checkout and reset;
 //! - [`run`]: a request's statement(s) on a checked-out connection, parameters, cancellation;
-//! - [`render`]: the answer as JSON text, written straight from PostgreSQL's text values.
+//! - [`render`]: the answer as JSON text, written straight from PostgreSQL's text values;
+//! - [`building`]: the memory of an answer while it is built, reserved in steps (both engines).
 //!
 //! The type registry the rendering reads is [`crate::catalog`], shared with the change stream;
 //! the request's identity (`auth.uid()`) is [`crate::rls::identity`].
 
+pub mod building;
 pub mod memory;
 mod pool;
 mod render;
@@ -51,6 +53,7 @@ use crate::metrics::Metrics;
 use crate::rls::Identities;
 use crate::secrets::Secrets;
 
+pub use building::{AnswerMemory, AnswerText};
 pub use pool::{release, Checkout, PoolFailure, PooledConnection, LOGIN_BOUND};
 pub use render::SqlResponse;
 

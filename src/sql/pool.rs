@@ -441,6 +441,8 @@ pub fn release(conn: Checkout) {
         return;
     }
     let pooled = &mut conn.conn;
+    // An answer's memory is never lent to the next use.
+    pooled.conn.set_result_memory(None);
     // What this use's pipelined reset answered: the epoch it proved, or NULL (no proof).
     let proved = pooled.conn.take_reset_value();
     if let Some(value) = &proved {

@@ -9,10 +9,12 @@
 use std::time::Duration;
 
 use fluxbase_replication::values::{self, TypeRegistry};
-use fluxbase_replication::wire::{DbError, StatementResult};
+use fluxbase_replication::wire::{row_footprint, DbError, StatementResult};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 use utoipa::ToSchema;
+
+use super::building::{AnswerMemory, AnswerText};
 
 /// What `POST /api/execute-sql` answers with HTTP 200: the statement's result, or the error
 /// PostgreSQL raised (always check `success`).
@@ -115,40 +117,62 @@ fn json_str(s: &str) -> String {
 }
 
 /// The success body, at most about `max_bytes` long: rows that would pass it are left out and
-/// the answer says `truncated: true`.
+/// the answer says `truncated: true`. Built within `memory`: the rows are rendered into a text
+/// grown in covered steps and dropped as they are rendered; once a step is refused no further
+/// row is rendered (`truncated`, and the caller sees the refusal in `memory`).
 pub(super) fn render_success(
-    result: Option<&StatementResult>,
+    result: Option<StatementResult>,
     reg: &TypeRegistry,
     elapsed: Duration,
     max_bytes: usize,
+    memory: &dyn AnswerMemory,
 ) -> String {
-    let empty = StatementResult::default();
-    let r = result.unwrap_or(&empty);
-    let op = operation(&r.command_tag);
-    let count = row_count(&r.command_tag, r.rows.len());
-    let names: Vec<String> = r.columns.iter().map(|c| json_str(&c.name)).collect();
+    let StatementResult {
+        columns,
+        rows,
+        truncated,
+        command_tag,
+    } = result.unwrap_or_default();
+    let op = operation(&command_tag);
+    let count = row_count(&command_tag, rows.len());
+    let names: Vec<String> = columns.iter().map(|c| json_str(&c.name)).collect();
     // What follows the rows: column names, counts, message, timing.
     let tail = 256
         + names.iter().map(|n| n.len() + 1).sum::<usize>()
-        + r.columns.len() * 70
-        + r.command_tag.len() * 2;
+        + columns.len() * 70
+        + command_tag.len() * 2;
     let row_budget = max_bytes.saturating_sub(tail);
-    let mut truncated = r.truncated;
-    let mut out = String::with_capacity((128 + r.rows.len() * 64).min(row_budget));
-    out.push_str("{\"success\":true,\"result\":{\"rows\":[");
-    for (i, row) in r.rows.iter().enumerate() {
+    let mut truncated = truncated;
+    let held: usize = rows.iter().map(|r| row_footprint(r)).sum();
+    let mut text = AnswerText::new(
+        memory,
+        (128 + rows.len() * 64).min(row_budget) + tail,
+        row_budget + tail,
+        held,
+    );
+    const HEAD: &str = "{\"success\":true,\"result\":{\"rows\":[";
+    text.out.push_str(HEAD);
+    // A row's text without escapes: what the text is grown by before it is written.
+    let names_len = names.iter().map(|n| n.len() + 4).sum::<usize>() + 2;
+    for (i, row) in rows.into_iter().enumerate() {
+        let foreseen = names_len + row.iter().flatten().map(String::len).sum::<usize>();
+        if !text.reserve(foreseen) {
+            truncated = true;
+            break;
+        }
+        let out = &mut text.out;
         let mark = out.len();
         if i > 0 {
             out.push(',');
         }
         out.push('{');
-        for (j, (col, value)) in r.columns.iter().zip(row).enumerate() {
+        for (j, (col, value)) in columns.iter().zip(&row).enumerate() {
             if j > 0 {
                 out.push(',');
             }
             out.push_str(&names[j]);
             out.push(':');
-            values::write_json(&mut out, col.type_oid, value.as_deref(), reg);
+            values::write_json(out, col.type_oid, value.as_deref(), reg);
         }
         out.push('}');
         if out.len() > row_budget {
@@ -156,11 +180,26 @@ pub(super) fn render_success(
             truncated = true;
             break;
         }
+        // The row is dropped at the end of this turn.
+        text.others -= row_footprint(&row);
+        if !text.check() {
+            truncated = true;
+            break;
+        }
     }
+    if text.refused() {
+        // Refused a step: no row is kept (the answer is refused, or sent without its rows),
+        // and what they took is given back now.
+        text.out.truncate(HEAD.len());
+        text.out.shrink_to_fit();
+    }
+    // Rows not rendered (past a bound) are dropped here.
+    text.others = 0;
+    let mut out = text.into_string();
     out.push_str("],\"columns\":[");
     out.push_str(&names.join(","));
     out.push_str("],\"columnTypes\":[");
-    for (j, col) in r.columns.iter().enumerate() {
+    for (j, col) in columns.iter().enumerate() {
         if j > 0 {
             out.push(',');
         }
@@ -169,10 +208,10 @@ pub(super) fn render_success(
     out.push_str("],\"rowCount\":");
     out.push_str(&count.to_string());
     out.push_str(",\"message\":");
-    if op == "SELECT" || r.command_tag.is_empty() {
+    if op == "SELECT" || command_tag.is_empty() {
         out.push_str("null");
     } else {
-        out.push_str(&json_str(&r.command_tag));
+        out.push_str(&json_str(&command_tag));
     }
     out.push_str(",\"truncated\":");
     out.push_str(if truncated { "true" } else { "false" });
@@ -268,7 +307,13 @@ mod tests {
             (Some(&insert), 1 << 20),
             (None, 1 << 20),
         ] {
-            let text = render_success(result, &reg, Duration::from_millis(3), max_bytes);
+            let text = render_success(
+                result.cloned(),
+                &reg,
+                Duration::from_millis(3),
+                max_bytes,
+                &super::super::building::Unbounded,
+            );
             match serde_json::from_str::<SqlResponse>(&text) {
                 Ok(SqlResponse::Success(s)) => {
                     assert!(s.success);

@@ -19,7 +19,7 @@ use serde_json::Value;
 
 use super::pool::{is_plain_tag, release, PooledConnection};
 use super::render::{render_db_error, render_sql_error, render_success};
-use super::{Sql, SqlError, SqlRequest};
+use super::{AnswerMemory, Sql, SqlError, SqlRequest};
 use crate::auth::Access;
 use crate::catalog::learn_types;
 
@@ -66,12 +66,14 @@ impl Sql {
     }
 
     /// Runs a request's SQL as `identity` (`auth.uid()`, see [`crate::rls`]) and renders the
-    /// guide's success or SQL_EXEC_ERROR body.
+    /// guide's success or SQL_EXEC_ERROR body, its rows and text reserved in `memory` as they
+    /// are read and rendered ([`super::building`]).
     pub async fn execute(
         &self,
         access: &Access,
         req: &SqlRequest,
         identity: Option<&str>,
+        memory: Arc<dyn AnswerMemory>,
     ) -> Result<String, SqlError> {
         let started = Instant::now();
         let rp = self.role_pool(&access.project, access.db_role)?;
@@ -94,7 +96,7 @@ impl Sql {
                     .establish(&access.project, conn, known, identity)
                     .await
                     .map_err(SqlFailure::Identity)?;
-                run(conn, req, self.max_rows, &types, &statements).await
+                run(conn, req, self.max_rows, &types, &statements, &memory).await
             };
             tokio::pin!(run);
             tokio::select! {
@@ -117,6 +119,8 @@ impl Sql {
             }
             result
         });
+        // Never left to a later use of the connection (`run` clears it on its way too).
+        conn.set_result_memory(None);
         release(conn);
         let elapsed = started.elapsed();
         self.metrics.observe_sql(elapsed, outcome.is_ok());
@@ -124,10 +128,11 @@ impl Sql {
             Ok(result) => {
                 let reg = types.read().expect("poisoned");
                 Ok(render_success(
-                    result.as_ref(),
+                    result,
                     &reg,
                     elapsed,
                     self.max_response_bytes,
+                    &*memory,
                 ))
             }
             Err(SqlFailure::Param {
@@ -182,6 +187,31 @@ async fn run(
     max_rows: usize,
     types: &RwLock<TypeRegistry>,
     statements: &StatementCache,
+    memory: &Arc<dyn AnswerMemory>,
+) -> Result<(Option<StatementResult>, bool), SqlFailure> {
+    // The caller's rows are reserved as they are read; the server's own statements around
+    // them (identity, type lookups) are not the answer's.
+    conn.set_result_memory(Some(memory.clone()));
+    let outcome = run_caller_sql(conn, req, max_rows, types, statements).await;
+    conn.set_result_memory(None);
+    let (result, plain) = outcome?;
+    if let Some(result) = &result {
+        let oids: Vec<u32> = result.columns.iter().map(|c| c.type_oid).collect();
+        // A failed transaction cannot run the catalog query; unknown types then render as text.
+        if conn.transaction_status() != TransactionStatus::Failed {
+            learn_types(conn, types, &oids).await?;
+        }
+    }
+    Ok((result, plain))
+}
+
+/// The caller's SQL: its last statement's result, and whether it was plain.
+async fn run_caller_sql(
+    conn: &mut Connection,
+    req: &SqlRequest,
+    max_rows: usize,
+    types: &RwLock<TypeRegistry>,
+    statements: &StatementCache,
 ) -> Result<(Option<StatementResult>, bool), SqlFailure> {
     // Plain: exactly one CommandComplete, with a plain tag, in PostgreSQL's answer to the
     // caller's SQL (a Query counts every statement that completed; with parameters the extended
@@ -210,13 +240,6 @@ async fn run(
             (Some(result), plain)
         }
     };
-    if let Some(result) = &result {
-        let oids: Vec<u32> = result.columns.iter().map(|c| c.type_oid).collect();
-        // A failed transaction cannot run the catalog query; unknown types then render as text.
-        if conn.transaction_status() != TransactionStatus::Failed {
-            learn_types(conn, types, &oids).await?;
-        }
-    }
     Ok((result, plain))
 }
 

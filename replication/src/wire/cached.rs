@@ -502,11 +502,9 @@ impl Connection {
                 }
                 Message::BindComplete | Message::CloseComplete => {
                     if step == Some(Step::Bind) {
-                        builder = Some(ResultBuilder::new(
-                            columns.clone().unwrap_or_default(),
-                            max_rows,
-                            self.max_result_bytes,
-                        ));
+                        builder = Some(
+                            self.result_builder(columns.clone().unwrap_or_default(), max_rows),
+                        );
                     }
                     next += 1;
                 }

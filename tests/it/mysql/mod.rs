@@ -3,6 +3,7 @@
 //! answers and values (MariaDB's own `JSON_OBJECT` as the oracle), the embedded server and its
 //! binary log retention (`retention.rs`), `fluxbase doctor` on an operator's server.
 
+mod answers;
 mod binlog;
 mod binlog_restart;
 mod doctor;

@@ -16,7 +16,7 @@ const MIB: u64 = 1024 * 1024;
 /// take from a client that reads nothing (its receive buffer is made small).
 const LARGE: &str = "select repeat('x', 1000000) as x from generate_series(1, 6)";
 
-fn server(t: &TestApp) -> SocketAddr {
+pub(crate) fn server(t: &TestApp) -> SocketAddr {
     t.base
         .trim_start_matches("http://")
         .parse()
@@ -25,7 +25,7 @@ fn server(t: &TestApp) -> SocketAddr {
 
 /// A client socket from `from` (any 127/8 address is this machine) that takes little into its
 /// receive buffer, so what it does not read stays with the server.
-async fn connect(t: &TestApp, from: &str) -> TcpStream {
+pub(crate) async fn connect(t: &TestApp, from: &str) -> TcpStream {
     let socket = TcpSocket::new_v4().unwrap();
     socket.set_recv_buffer_size(4096).unwrap();
     socket
@@ -35,7 +35,13 @@ async fn connect(t: &TestApp, from: &str) -> TcpStream {
 }
 
 /// Sends `POST /api/execute-sql` and reads nothing.
-async fn send_sql(t: &TestApp, from: &str, key: &str, project: &str, query: &str) -> TcpStream {
+pub(crate) async fn send_sql(
+    t: &TestApp,
+    from: &str,
+    key: &str,
+    project: &str,
+    query: &str,
+) -> TcpStream {
     let mut stream = connect(t, from).await;
     let body = json!({ "projectId": project, "query": query }).to_string();
     let request = format!(
@@ -48,7 +54,7 @@ async fn send_sql(t: &TestApp, from: &str, key: &str, project: &str, query: &str
 }
 
 /// The whole answer to `query` from `from`: status, `Retry-After`, and the body as JSON.
-async fn sql_from(
+pub(crate) async fn sql_from(
     t: &TestApp,
     from: &str,
     key: &str,
@@ -93,7 +99,12 @@ async fn sql_from(
 
 /// Waits (≤ 20 s) until the answer bytes in flight satisfy `ok`, checking on the way that the
 /// gauge never passes the budget.
-async fn wait_in_flight(t: &TestApp, budget: u64, ok: impl Fn(u64) -> bool, what: &str) -> u64 {
+pub(crate) async fn wait_in_flight(
+    t: &TestApp,
+    budget: u64,
+    ok: impl Fn(u64) -> bool,
+    what: &str,
+) -> u64 {
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
         let held = t
@@ -118,7 +129,9 @@ async fn wait_in_flight(t: &TestApp, budget: u64, ok: impl Fn(u64) -> bool, what
 /// slow clients go away the budget comes back whole. The gauge never passes the budget.
 #[tokio::test]
 async fn slow_readers_are_held_within_the_address_cap_and_the_server_budget() {
-    const BUDGET: u64 = 20 * MIB;
+    // Room for two held answers of ~6 MB and one being built (~7 MiB: its rows and its text
+    // overlap while it is built) in what large answers may use (7/8 of the budget).
+    const BUDGET: u64 = 24 * MIB;
     let t = spawn_app_with(|c| {
         c.max_response_bytes = 8 * MIB as usize;
         c.sql_answer_budget_per_address_bytes = 16 * MIB;
@@ -166,7 +179,7 @@ async fn slow_readers_are_held_within_the_address_cap_and_the_server_budget() {
     assert_eq!(body["result"]["rows"].as_array().unwrap().len(), 6);
 
     // One slow reader at b, of another project: ~18 MB held; a further large answer (b's and
-    // that project's caps have room) would pass the server's budget.
+    // that project's caps have room) would pass what large answers may use of the budget.
     let g = t.fixture().await;
     slow.push(send_sql(&t, b, &g.read, &g.project, LARGE).await);
     wait_in_flight(&t, BUDGET, |h| h >= 18_000_000, "b's slow reader held").await;
@@ -174,6 +187,10 @@ async fn slow_readers_are_held_within_the_address_cap_and_the_server_budget() {
     assert_eq!(status, 429, "{body}");
     let message = body["error"]["message"].as_str().unwrap();
     assert!(message.contains("sql_answer_budget_bytes"), "{message}");
+    assert!(
+        message.contains("less the eighth kept for small answers"),
+        "{message}"
+    );
     // A small answer still fits.
     let (status, _, _) = sql_from(&t, "127.0.0.3", &f.read, &f.project, "select 1").await;
     assert_eq!(status, 200);
@@ -261,7 +278,8 @@ async fn one_project_holds_its_share_and_a_write_is_never_answered_429() {
     let t = spawn_app_with(|c| {
         c.max_response_bytes = 8 * MIB as usize;
         c.sql_answer_budget_per_address_bytes = 16 * MIB;
-        c.sql_answer_budget_per_project_bytes = 12 * MIB;
+        // Two held answers of ~6 MB, not two and one being built.
+        c.sql_answer_budget_per_project_bytes = 14 * MIB;
         c.sql_answer_budget_bytes = BUDGET;
     })
     .await;
@@ -330,5 +348,238 @@ async fn one_project_holds_its_share_and_a_write_is_never_answered_429() {
         (status, &body["result"]["rows"]),
         (200, &json!([{ "n": 6 }]))
     );
+    t.stop().await;
+}
+
+/// The status of an answer on `stream` and, when at most `small` bytes, its body; a larger
+/// body is left unread (held by the server for this client).
+pub(crate) async fn status_of(stream: &mut TcpStream, small: usize) -> (u16, Option<Value>) {
+    let mut got = Vec::new();
+    let mut buf = vec![0u8; 4096];
+    let answered = tokio::time::timeout(Duration::from_secs(60), async {
+        loop {
+            let n = stream.read(&mut buf).await.unwrap();
+            assert!(n > 0, "the server closed the connection");
+            got.extend_from_slice(&buf[..n]);
+            let Some(end) = got.windows(4).position(|w| w == b"\r\n\r\n") else {
+                continue;
+            };
+            let head = String::from_utf8_lossy(&got[..end]).to_ascii_lowercase();
+            let status: u16 = head[9..12].parse().unwrap();
+            let length: usize = head
+                .lines()
+                .find_map(|l| l.strip_prefix("content-length:"))
+                .map(|v| v.trim().parse().unwrap())
+                .expect("a content-length");
+            if length > small {
+                return (status, None);
+            }
+            if got.len() >= end + 4 + length {
+                let body = serde_json::from_slice(&got[end + 4..end + 4 + length]).unwrap();
+                return (status, Some(body));
+            }
+        }
+    });
+    answered.await.expect("the answer came in time")
+}
+
+/// The most answer bytes held at once while it runs (the gauge, checked against the budget's
+/// own count at each look).
+pub(crate) struct Peak {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    task: tokio::task::JoinHandle<u64>,
+}
+
+impl Peak {
+    pub(crate) fn watch(t: &TestApp) -> Peak {
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (app, until) = (t.app.clone(), stop.clone());
+        let task = tokio::spawn(async move {
+            let mut peak = 0;
+            while !until.load(std::sync::atomic::Ordering::Relaxed) {
+                let held = app
+                    .metrics
+                    .sql_answer_bytes_in_flight
+                    .load(std::sync::atomic::Ordering::Relaxed);
+                peak = peak.max(held);
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+            peak
+        });
+        Peak { stop, task }
+    }
+
+    pub(crate) async fn end(self) -> u64 {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.task.await.unwrap()
+    }
+}
+
+fn stopped_builds(t: &TestApp) -> u64 {
+    t.app
+        .metrics
+        .sql_answer_builds_stopped
+        .load(std::sync::atomic::Ordering::Relaxed)
+}
+
+/// Eight rows of a million characters, a tenth of a second apart: an answer of ~8 MB that
+/// takes a while to build.
+const SLOW_LARGE: &str = "select repeat('x', 1000000) as x from generate_series(1, 8) g \
+                          where pg_sleep(0.1) is not null";
+
+/// An answer is reserved while it is built, a step at a time (the gauge shows it growing, not
+/// jumping to the built answer's size), and builds together never take more than what large
+/// answers may use of the budget: with one built answer held for a slow client, a reader's and
+/// a writer's builds running at once are both stopped when their next step does not fit —
+/// the reader answered 429 `RATE_LIMIT` naming the limit, the writer's script run to its end
+/// and answered without rows (its INSERT there once) — and what they held comes back (red
+/// team rt4 #7: 40 answers of ~33 MB built at once took the server to 907 MB).
+#[tokio::test]
+async fn answers_are_reserved_while_they_are_built_and_builds_stay_within_the_budget() {
+    const BUDGET: u64 = 16 * MIB;
+    const USABLE: u64 = BUDGET - BUDGET / 8;
+    let t = spawn_app_with(|c| {
+        c.max_response_bytes = 8 * MIB as usize;
+        c.sql_answer_budget_bytes = BUDGET;
+        c.sql_answer_budget_per_address_bytes = BUDGET;
+        c.sql_answer_budget_per_project_bytes = BUDGET;
+        c.sql_answer_budget_per_account_bytes = BUDGET;
+    })
+    .await;
+    let f = t.fixture().await;
+    t.sql(&f.admin, &f.project, "create table log (v text)")
+        .await;
+
+    // One answer built for a client that reads nothing: the gauge passes through the sizes
+    // of its build (whole MiB steps short of the answer), then holds the built answer.
+    let peak = Peak::watch(&t);
+    let mut held = send_sql(&t, "127.0.0.2", &f.read, &f.project, SLOW_LARGE).await;
+    wait_in_flight(
+        &t,
+        BUDGET,
+        |h| (2 * MIB..=5 * MIB).contains(&h),
+        "the answer reserved while it is built",
+    )
+    .await;
+    let (status, body) = status_of(&mut held, 4096).await;
+    assert_eq!((status, body), (200, None));
+    wait_in_flight(&t, BUDGET, |h| h > 8_000_000, "the built answer held").await;
+    assert!(peak.end().await <= USABLE);
+
+    // Two more builds at once, a reader's and a writer's (a script that writes, then reads
+    // rows): neither fits beside the held answer.
+    let peak = Peak::watch(&t);
+    let mut reader = send_sql(&t, "127.0.0.3", &f.read, &f.project, SLOW_LARGE).await;
+    let script = format!("insert into log values ('w'); {SLOW_LARGE}");
+    let mut writer = send_sql(&t, "127.0.0.4", &f.readwrite, &f.project, &script).await;
+    let (status, body) = status_of(&mut reader, 1 << 20).await;
+    let body = body.unwrap();
+    assert_eq!(
+        (status, &body["error"]["code"]),
+        (429, &json!("RATE_LIMIT"))
+    );
+    let message = body["error"]["message"].as_str().unwrap();
+    assert!(message.contains("sql_answer_budget_bytes"), "{message}");
+    let (status, body) = status_of(&mut writer, 1 << 20).await;
+    let body = body.unwrap();
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["success"], true);
+    assert_eq!(body["result"]["rows"], json!([]));
+    assert_eq!(body["result"]["truncated"], true);
+    assert_eq!(body["result"]["rowCount"], 8);
+    let peak = peak.end().await;
+    assert!(peak <= USABLE, "{peak} bytes held at once");
+    assert_eq!(stopped_builds(&t), 2);
+    let metrics = t.metrics_text().await;
+    assert!(
+        metrics.contains("fluxbase_sql_answer_builds_stopped_total 2"),
+        "{metrics}"
+    );
+    // Only the held answer is left.
+    wait_in_flight(
+        &t,
+        BUDGET,
+        |h| h < 8_100_000,
+        "the stopped builds gave back",
+    )
+    .await;
+    drop(held);
+    wait_in_flight(&t, BUDGET, |h| h == 0, "the budget came back").await;
+    let (status, _, body) = sql_from(
+        &t,
+        "127.0.0.5",
+        &f.read,
+        &f.project,
+        "select count(*) as n from log",
+    )
+    .await;
+    assert_eq!(
+        (status, &body["result"]["rows"]),
+        (200, &json!([{ "n": 1 }]))
+    );
+    t.stop().await;
+}
+
+/// The projects of one account hold at most the account's share together, whatever the
+/// number of its projects: its next large answer is refused naming
+/// `sql_answer_budget_per_account_bytes` while another account's answer is served (red team
+/// rt4 #6: one user's four projects held 231 MB of the 256 MiB budget, and other tenants got
+/// 429).
+#[tokio::test]
+async fn one_accounts_projects_together_hold_at_most_its_share() {
+    const BUDGET: u64 = 40 * MIB;
+    const ACCOUNT: u64 = 16 * MIB;
+    let t = spawn_app_with(|c| {
+        c.max_response_bytes = 8 * MIB as usize;
+        c.sql_answer_budget_bytes = BUDGET;
+        c.sql_answer_budget_per_address_bytes = BUDGET;
+        c.sql_answer_budget_per_project_bytes = BUDGET;
+        c.sql_answer_budget_per_account_bytes = ACCOUNT;
+    })
+    .await;
+    let owner = t.fixture().await;
+    // Two more projects of the same account.
+    let mut projects = vec![(owner.project.clone(), owner.read.clone())];
+    for _ in 0..2 {
+        let (status, body) = t
+            .call(
+                "POST",
+                "/api/projects",
+                Some(&owner.token),
+                Some(json!({ "name": "another" })),
+            )
+            .await;
+        assert_eq!(status, 201, "{body}");
+        let keys = crate::support::fixtures::keys_of(&body);
+        projects.push((keys.project, keys.read));
+    }
+    let mut slow = Vec::new();
+    for (i, (project, read)) in projects[..2].iter().enumerate() {
+        let from = format!("127.0.1.{}", i + 1);
+        slow.push(send_sql(&t, &from, read, project, LARGE).await);
+        let want = (i as u64 + 1) * 6_000_000;
+        wait_in_flight(&t, BUDGET, |h| h >= want, "a slow reader's answer held").await;
+    }
+    let account = t.app.answers.held_by_account(&owner.user_id);
+    assert!((12_000_000..=ACCOUNT).contains(&account), "{account}");
+    let (project, read) = &projects[2];
+    let (status, _, body) = sql_from(&t, "127.0.1.9", read, project, LARGE).await;
+    assert_eq!(status, 429, "{:.300}", body.to_string());
+    let message = body["error"]["message"].as_str().unwrap();
+    assert!(
+        message.contains("sql_answer_budget_per_account_bytes"),
+        "{message}"
+    );
+    assert!(t.app.answers.held_by_account(&owner.user_id) <= ACCOUNT);
+    // Another account's large answer is served meanwhile.
+    let other = t.fixture().await;
+    let (status, _, body) = sql_from(&t, "127.0.1.9", &other.read, &other.project, LARGE).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["result"]["rows"].as_array().unwrap().len(), 6);
+    drop(slow);
+    wait_in_flight(&t, BUDGET, |h| h == 0, "the budget came back").await;
+    assert_eq!(t.app.answers.accounts(), 0);
+    let (status, _, _) = sql_from(&t, "127.0.1.9", read, project, LARGE).await;
+    assert_eq!(status, 200);
     t.stop().await;
 }

@@ -40,7 +40,7 @@ pub struct Project {
 }
 
 /// The project id and its three keys from a `POST /api/projects` answer.
-fn keys_of(body: &Value) -> Project {
+pub fn keys_of(body: &Value) -> Project {
     let key = |s: &str| body["apiKeys"][s].as_str().unwrap().to_string();
     Project {
         project: body["project"]["id"].as_str().unwrap().to_string(),
