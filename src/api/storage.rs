@@ -59,7 +59,9 @@ impl From<StorageError> for ApiError {
             | BucketNotEmpty { .. }
             | FileExists { .. }
             | UploadInProgress
-            | FileBusy(_) => ApiError::Conflict(e.to_string()),
+            | FileBusy(_)
+            | NameConflict { .. }
+            | PathInUse(_) => ApiError::Conflict(e.to_string()),
             InvalidSignature | UrlExpired => ApiError::AccessDenied(e.to_string()),
             Unavailable(cause) => ApiError::StorageUnavailable(cause),
             Internal(e) => ApiError::from(e),

@@ -426,6 +426,13 @@ impl Storage {
                         anyhow::anyhow!("the bucket's limits refused what they allow").into()
                     }))
             }
+            BucketReserved::Conflict { bucket, existing } => {
+                return Err(StorageError::NameConflict {
+                    name,
+                    bucket: bucket.name,
+                    existing,
+                })
+            }
             BucketReserved::Taken(_) if upsert => return Err(StorageError::FileBusy(name)),
             BucketReserved::Taken(bucket) => {
                 return Err(StorageError::FileExists {
