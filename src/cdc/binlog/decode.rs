@@ -838,11 +838,29 @@ fn column_infos(tme: &TableMapEvent<'_>) -> Option<Vec<ColumnInfo>> {
                     ) => meta.first().copied().unwrap_or(0),
                     _ => 0,
                 },
+                fixed_len: (ty == Some(ColumnType::MYSQL_TYPE_STRING))
+                    .then(|| string_length(meta))
+                    .flatten(),
                 catalog: None,
             }
         })
         .collect();
     Some(columns)
+}
+
+/// A CHAR or BINARY column's length in bytes from its TABLE_MAP metadata: the real type's
+/// byte with two bits of the length folded into it (lengths up to 1023), then the length's
+/// low byte.
+fn string_length(meta: &[u8]) -> Option<usize> {
+    let [real, low] = *meta else {
+        return None;
+    };
+    let high = if real & 0x30 != 0x30 {
+        usize::from((real & 0x30) ^ 0x30) << 4
+    } else {
+        0
+    };
+    Some(high | usize::from(low))
 }
 
 fn rows_to_pending(

@@ -10,6 +10,7 @@
 //! | SET: a bitmask                           | its strings joined by `,` (SET_STR_VALUE)      |
 //! | TIMESTAMP: seconds since the epoch (UTC) | a DATETIME in UTC (the SQL sessions' zone)     |
 //! | MySQL JSON: binary JSON                  | the document                                   |
+//! | BINARY(n): without its trailing zero bytes | all n bytes (zeros put back)                |
 //! | MariaDB JSON: LONGTEXT                   | the document, when the catalog says it is JSON |
 //! | MariaDB INET4, INET6: 4 or 16 bytes      | the address as MariaDB prints it (`::1`, `::ffff:192.0.2.1`), when the catalog says which |
 //! | MariaDB UUID: 16 bytes                   | `6ccd780c-baba-1026-9564-5b8c656024db`, when the catalog says it is one |
@@ -67,6 +68,9 @@ pub struct ColumnInfo {
     pub decimals: u8,
     /// A MariaDB type the TABLE_MAP does not name, from the catalog.
     pub catalog: Option<CatalogType>,
+    /// CHAR and BINARY: the length in bytes (the binlog strips a BINARY value's trailing zero
+    /// bytes, which the SQL answer has).
+    pub fixed_len: Option<usize>,
 }
 
 impl ColumnInfo {
@@ -138,6 +142,13 @@ fn write_value(out: &mut String, kind: ColumnKind, v: &Value, info: Option<&Colu
                 })
                 .unwrap_or_default();
             write_json(out, &kind, &Value::Bytes(text.join(",").into_bytes()));
+        }
+        (MYSQL_TYPE_STRING, Value::Bytes(b))
+            if kind.binary && info.and_then(|i| i.fixed_len).is_some_and(|n| n > b.len()) =>
+        {
+            let mut padded = b.clone();
+            padded.resize(info.and_then(|i| i.fixed_len).unwrap_or_default(), 0);
+            write_json(out, &kind, &Value::Bytes(padded));
         }
         (MYSQL_TYPE_TIMESTAMP, Value::Int(secs)) => write_timestamp(out, &kind, *secs, 0),
         (MYSQL_TYPE_TIMESTAMP2, Value::Bytes(b)) => {
@@ -342,6 +353,20 @@ mod tests {
         assert_eq!(of(Uuid, ""), "\"00000000-0000-0000-0000-000000000000\"");
         // Longer than the type: not one of its values, shown as the bytes they are.
         assert_eq!(of(Inet4, "0102030405"), "\"\\\\x0102030405\"");
+        // A BINARY(4)'s trailing zeros, stripped in the binlog, are put back.
+        let binary4 = ColumnInfo {
+            fixed_len: Some(4),
+            ..Default::default()
+        };
+        assert_eq!(
+            render(
+                ColumnType::MYSQL_TYPE_STRING,
+                BINARY_CHARSET,
+                Value::Bytes(vec![0xab]),
+                Some(&binary4)
+            ),
+            "\"\\\\xab000000\""
+        );
         // Without the catalog's word, a BINARY(16) is bytes.
         assert_eq!(
             render(
