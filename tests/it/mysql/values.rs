@@ -60,6 +60,8 @@ const TYPES: &[(&str, &str)] = &[
     ("uuid", "'018f6a3e-9b1c-7d2e-8f00-0123456789ab'"),
     ("uuid", "'00000000-0000-0000-0000-000000000000'"),
     ("uuid", "'6CCD780C-BABA-1026-9564-5B8C65602400'"),
+    // Geometry: its stored bytes (SRID and WKB) on both paths.
+    ("point", "ST_GeomFromText('POINT(1 2)')"),
 ];
 
 #[tokio::test]
@@ -96,7 +98,9 @@ async fn each_type_renders_as_mariadbs_own_json_object_says() {
     let (event, nulls_event) = (inserted(1), inserted(2));
     // JSON_OBJECT writes the raw bytes of BIT and binary columns (not even valid JSON): those
     // are checked against HEX() instead.
-    let bytes = |ty: &str| ty.starts_with("bit") || ty.contains("binary") || ty == "blob";
+    let bytes = |ty: &str| {
+        ty.starts_with("bit") || ty.contains("binary") || ty == "blob" || ty == "point"
+    };
     let pairs: Vec<String> = TYPES
         .iter()
         .enumerate()
@@ -168,7 +172,7 @@ async fn each_type_renders_as_mariadbs_own_json_object_says() {
                 }
                 // Deliberate: bytes as PostgreSQL's bytea, `\x` and hex (JSON_OBJECT would put
                 // the raw bytes in a string); checked against the server's HEX().
-                t if t.contains("binary") || t == "blob" => {
+                t if t.contains("binary") || t == "blob" || t == "point" => {
                     let want = format!("\\x{}", hex[&c].as_str().unwrap().to_lowercase());
                     assert_eq!(got.as_str(), Some(want.as_str()), "{protocol} {ty}");
                 }
