@@ -98,9 +98,8 @@ async fn each_type_renders_as_mariadbs_own_json_object_says() {
     let (event, nulls_event) = (inserted(1), inserted(2));
     // JSON_OBJECT writes the raw bytes of BIT and binary columns (not even valid JSON): those
     // are checked against HEX() instead.
-    let bytes = |ty: &str| {
-        ty.starts_with("bit") || ty.contains("binary") || ty == "blob" || ty == "point"
-    };
+    let bytes =
+        |ty: &str| ty.starts_with("bit") || ty.contains("binary") || ty == "blob" || ty == "point";
     let pairs: Vec<String> = TYPES
         .iter()
         .enumerate()
