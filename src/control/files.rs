@@ -428,6 +428,32 @@ pub async fn lock_names(
     Ok(())
 }
 
+/// A row of the bucket (in any state) in the way of a file named `name`: one of its folders,
+/// or a name inside it (the reservation's own check, [`reserve_in_bucket`], read early and
+/// without its locks: an upload whose name is taken as a folder is refused while its bytes
+/// still arrive; the reservation's check stays the one that holds against concurrent uploads).
+pub async fn in_the_way(
+    client: &impl GenericClient,
+    bucket_id: &str,
+    name: &str,
+) -> Result<Option<String>, Error> {
+    let folders = crate::storage::names::folders_of(name);
+    let row = client
+        .query_opt(
+            "(SELECT name FROM fluxbase.storage_files
+              WHERE bucket_id = $1::text::uuid AND name = ANY($2::text[]) LIMIT 1)
+             UNION ALL
+             (SELECT name FROM fluxbase.storage_files
+              WHERE bucket_id = $1::text::uuid AND name COLLATE \"C\" >= $3 || '/'
+                AND name COLLATE \"C\" < $3 || '0'
+              ORDER BY name COLLATE \"C\" LIMIT 1)
+             LIMIT 1",
+            &[&bucket_id, &folders, &name],
+        )
+        .await?;
+    Ok(row.map(|r| r.get(0)))
+}
+
 /// Gives a reservation up: a new row goes, an existing file keeps its row as it was.
 pub async fn release(
     client: &impl GenericClient,

@@ -158,6 +158,65 @@ async fn a_name_is_a_file_or_a_folder_on_s3() {
     t.stop().await;
 }
 
+/// With the fields first, a name taken as a folder is refused while the file's bytes still
+/// arrive: the answer comes while the client still holds the rest of its body back (it sends
+/// the rest only once it has the answer), and nothing is left.
+#[tokio::test]
+async fn a_clash_known_from_the_fields_ends_the_upload_early() {
+    let t = spawn_app().await;
+    let f = t.fixture().await;
+    create_bucket(&t, &f, "docs", json!({})).await;
+    let (status, body) = put(&t, &f, "a/b.txt", &[]).await;
+    assert_eq!(status, 201, "{body}");
+    let fields = [
+        ("projectId", f.project.as_str()),
+        ("bucketId", "docs"),
+        ("path", "a"),
+    ];
+    let form = Form::new(&fields, Some(("x.bin", "application/octet-stream")), &[]);
+    let (release, held) = tokio::sync::oneshot::channel::<()>();
+    let first = [form.head.clone(), pattern(256 * 1024, 3)].concat();
+    let rest = [pattern(1024 * 1024, 4), form.tail.clone()].concat();
+    use futures_util::StreamExt;
+    // No length declared: the bucket and the name are looked up while the body arrives.
+    let stream = futures_util::stream::iter([Ok::<_, std::io::Error>(Bytes::from(first))]).chain(
+        futures_util::stream::once(async move {
+            let _ = held.await;
+            Ok(Bytes::from(rest))
+        }),
+    );
+    // Without the early check the server waits for the body, which waits for the answer.
+    let (status, reply) = tokio::time::timeout(
+        Duration::from_secs(60),
+        send_upload(
+            &t,
+            &f.readwrite,
+            "",
+            &form,
+            reqwest::Body::wrap_stream(stream),
+        ),
+    )
+    .await
+    .expect("no answer while the body was held back");
+    drop(release);
+    assert_eq!(status, 409, "{reply}");
+    assert!(
+        reply["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("a/b.txt"),
+        "{reply}"
+    );
+    assert_eq!(rows_of(&t, &f.project).await, ["a/b.txt"]);
+    let root = t.app.config.data_dir.join("storage").join(".uploads");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !files_under(&root).is_empty() {
+        assert!(Instant::now() < deadline, "left: {:?}", files_under(&root));
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    t.stop().await;
+}
+
 /// Removes the empty directories under `dir` (not `dir` itself).
 fn remove_empty_dirs(dir: &Path) {
     for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
