@@ -74,6 +74,11 @@ pub const CONTROL_MIGRATIONS: &[(i32, &str, &str)] = &[
         "binlog_dump_owner",
         include_str!("../sql/control/0019_binlog_dump_owner.sql"),
     ),
+    (
+        20,
+        "storage_names_bytewise",
+        include_str!("../sql/control/0020_storage_names_bytewise.sql"),
+    ),
 ];
 
 /// Where the project databases live and how the server reaches the cluster as its admin role.

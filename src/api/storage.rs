@@ -59,7 +59,9 @@ impl From<StorageError> for ApiError {
             | BucketNotEmpty { .. }
             | FileExists { .. }
             | UploadInProgress
-            | FileBusy(_) => ApiError::Conflict(e.to_string()),
+            | FileBusy(_)
+            | NameConflict { .. }
+            | PathInUse(_) => ApiError::Conflict(e.to_string()),
             InvalidSignature | UrlExpired => ApiError::AccessDenied(e.to_string()),
             Unavailable(cause) => ApiError::StorageUnavailable(cause),
             Internal(e) => ApiError::from(e),
@@ -789,6 +791,30 @@ mod tests {
                 "The URL has expired.".into()
             )
         );
+        // A name that would be a file and a folder: a conflict naming both paths, for good.
+        let (status, code, message) = answer(StorageError::NameConflict {
+            name: "a".into(),
+            bucket: "docs".into(),
+            existing: "a/b.txt".into(),
+        });
+        assert_eq!((status, code), (StatusCode::CONFLICT, "CONFLICT"));
+        assert_eq!(
+            message,
+            "Cannot store \"a\" in bucket \"docs\": \"a\" is a folder there (it holds \
+             \"a/b.txt\"). A name is a file or a folder, not both: choose another name, or \
+             delete \"a/b.txt\" first."
+        );
+        let (_, _, message) = answer(StorageError::NameConflict {
+            name: "a/b.txt".into(),
+            bucket: "docs".into(),
+            existing: "a".into(),
+        });
+        assert!(
+            message.contains("\"a\" is a file there, so it cannot be a folder"),
+            "{message}"
+        );
+        let (status, code, _) = answer(StorageError::PathInUse("x/y".into()));
+        assert_eq!((status, code), (StatusCode::CONFLICT, "CONFLICT"));
         // The backend's cause is logged, never answered.
         let (status, code, message) = answer(StorageError::Unavailable("disk full".into()));
         assert_eq!(

@@ -239,6 +239,12 @@ pub enum BucketReserved {
     /// The name is taken: without `upsert` by any file, with it by another upload or a
     /// delete holding the file.
     Taken(crate::control::buckets::Bucket),
+    /// The name would be a file and a folder at once: `existing` (a file, reserved, listed or
+    /// being deleted) is one of its folders, or is inside it.
+    Conflict {
+        bucket: crate::control::buckets::Bucket,
+        existing: String,
+    },
     /// Reserved; the file's key is `<projectId>/<bucketUuid>/<name>`.
     Reserved {
         bucket: crate::control::buckets::Bucket,
@@ -258,6 +264,16 @@ pub enum BucketReserved {
 /// crash that loses it leaves a reservation the start-up sweep finishes, [`pending`]). The
 /// transaction is pipelined (one round trip): the three requests are sent before any answer
 /// is read, and a failed statement turns the COMMIT into a rollback.
+/// A name is a file or a folder, not both: the reservation is refused ([`BucketReserved::Conflict`])
+/// when a row of the bucket, in any state, is one of its folders (index lookups of the
+/// folders' names) or lies inside it (the first name of the range `<name>/`…`<name>0` in byte
+/// order, on the index of control migration 0020: one index probe, 0.3–0.4 ms measured in a
+/// bucket of 300,000 names all inside the name, where a scan of the bucket took 200–300 ms).
+/// The bucket is a scalar subquery there, so that the planner reads the range in index order
+/// and stops at its first row. The check
+/// is race-free across processes: the statement before it takes the name's advisory locks
+/// ([`lock_names`]), so of two uploads whose names clash the second one's check (a statement
+/// of its own, so its snapshot is taken once the first has committed) sees the first one's row.
 /// The bucket's type patterns are
 /// matched as `storage::names::mime_allowed` does (`*/*`, `type/*` or the exact type, without
 /// parameters, case-insensitive); `essence` is the stored type without parameters, `top` its
@@ -277,6 +293,7 @@ pub async fn reserve_in_bucket(
     } else {
         "ON CONFLICT (bucket_id, name) DO NOTHING"
     };
+    let lock = client.prepare_cached(LOCK_NAMES).await?;
     let insert = client
         .prepare_cached(&format!(
             "WITH b AS (
@@ -288,18 +305,28 @@ pub async fn reserve_in_bucket(
                FROM fluxbase.storage_buckets
                WHERE project_id = $1 AND (id::text = $2 OR name = $2)
                ORDER BY (id::text = $2) DESC LIMIT 1
+             ), c AS (
+               (SELECT x.name FROM fluxbase.storage_files x
+                WHERE x.bucket_id = (SELECT id FROM b) AND x.name = ANY($10::text[]) LIMIT 1)
+               UNION ALL
+               (SELECT x.name FROM fluxbase.storage_files x
+                WHERE x.bucket_id = (SELECT id FROM b) AND x.name COLLATE \"C\" >= $3 || '/'
+                  AND x.name COLLATE \"C\" < $3 || '0'
+                ORDER BY x.name COLLATE \"C\" LIMIT 1)
+               LIMIT 1
              ), f AS (
                INSERT INTO fluxbase.storage_files
                  (project_id, bucket_id, name, s3_key, content_type, upload_token,
                   upload_started_at, upload_size, upload_content_type, upload_staged)
                SELECT $1, b.id, $3, $1 || '/' || b.id::text || '/' || $3, $4, $5, now(), $6, $4,
                       $7
-               FROM b WHERE b.size_ok AND b.type_ok
+               FROM b WHERE b.size_ok AND b.type_ok AND NOT EXISTS (SELECT 1 FROM c)
                {on_conflict}
                RETURNING id::text AS id, size IS NULL AS new, s3_key
              )
              SELECT b.id::text, b.name, b.is_public, b.max_file_size, b.allowed_mime_types,
-                    b.created_at, b.size_ok, b.type_ok, f.id, f.new, f.s3_key
+                    b.created_at, b.size_ok, b.type_ok, f.id, f.new, f.s3_key,
+                    (SELECT name FROM c)
              FROM b LEFT JOIN f ON true"
         ))
         .await?;
@@ -311,9 +338,12 @@ pub async fn reserve_in_bucket(
         .trim()
         .to_ascii_lowercase();
     let top = essence.split('/').next().unwrap_or_default().to_string();
+    let folders = crate::storage::names::folders_of(r.name);
+    let (paths, exclusive) = lock_arguments(r.name);
     let pg: &tokio_postgres::Client = client;
-    let (begun, found, committed) = futures_util::future::join3(
+    let (begun, locked, found, committed) = futures_util::future::join4(
         pg.batch_execute("BEGIN"),
+        pg.execute(&lock, &[&r.project_id, &r.bucket, &paths, &exclusive]),
         pg.query_opt(
             &insert,
             &[
@@ -326,12 +356,14 @@ pub async fn reserve_in_bucket(
                 &r.staged,
                 &essence,
                 &top,
+                &folders,
             ],
         ),
         pg.batch_execute("COMMIT"),
     )
     .await;
     begun?;
+    locked?;
     let row = found?;
     committed?;
     let Some(row) = row else {
@@ -340,10 +372,12 @@ pub async fn reserve_in_bucket(
     let bucket = crate::control::buckets::Bucket::from_row(&row);
     let (size_ok, type_ok): (bool, bool) = (row.get(6), row.get(7));
     let id: Option<String> = row.get(8);
-    Ok(match id {
+    let conflict: Option<String> = row.get(11);
+    Ok(match (id, conflict) {
         _ if !size_ok || !type_ok => BucketReserved::Refused { bucket, size_ok },
-        None => BucketReserved::Taken(bucket),
-        Some(id) => BucketReserved::Reserved {
+        (None, Some(existing)) => BucketReserved::Conflict { bucket, existing },
+        (None, None) => BucketReserved::Taken(bucket),
+        (Some(id), _) => BucketReserved::Reserved {
             bucket,
             reserved: Reserved {
                 id,
@@ -352,6 +386,72 @@ pub async fn reserve_in_bucket(
             s3_key: row.get(10),
         },
     })
+}
+
+/// Takes the advisory locks of a reservation of `name` ([`crate::storage::names::name_locks`])
+/// in the bucket `bucket` (UUID or name, as [`reserve_in_bucket`] finds it) of the project,
+/// until the transaction ends. Keys are the bucket's UUID and the path hashed
+/// (`hashtextextended`, single `bigint` keys as the other advisory locks of the control
+/// database), taken in ascending order, each once, so two reservations never wait for each
+/// other in a cycle. The bucket's row is locked `FOR KEY SHARE` (as the insert's foreign key
+/// check does anyway), so the name that found it keeps meaning it until the transaction ends.
+/// No bucket: nothing is locked.
+const LOCK_NAMES: &str = "WITH b AS (
+       SELECT id FROM fluxbase.storage_buckets
+       WHERE project_id = $1 AND (id::text = $2 OR name = $2)
+       ORDER BY (id::text = $2) DESC LIMIT 1
+       FOR KEY SHARE)
+     SELECT CASE WHEN l.x THEN pg_advisory_xact_lock(l.k)::text
+                 ELSE pg_advisory_xact_lock_shared(l.k)::text END
+     FROM (SELECT hashtextextended('fluxbase.storage_names:' || b.id::text || '/' || t.p, 0)
+                    AS k,
+                  bool_or(t.x) AS x
+           FROM b, unnest($3::text[], $4::bool[]) AS t(p, x)
+           GROUP BY 1 ORDER BY 1) l";
+
+fn lock_arguments(name: &str) -> (Vec<&str>, Vec<bool>) {
+    crate::storage::names::name_locks(name).into_iter().unzip()
+}
+
+/// Takes, in the transaction `tx`, the locks an upload of `name` takes before its
+/// reservation's checks ([`LOCK_NAMES`]). Uploads take them themselves
+/// ([`reserve_in_bucket`]); this is for tests and tools that write rows of their own.
+pub async fn lock_names(
+    tx: &impl GenericClient,
+    project_id: &str,
+    bucket: &str,
+    name: &str,
+) -> Result<(), Error> {
+    let (paths, exclusive) = lock_arguments(name);
+    tx.execute(LOCK_NAMES, &[&project_id, &bucket, &paths, &exclusive])
+        .await?;
+    Ok(())
+}
+
+/// A row of the bucket (in any state) in the way of a file named `name`: one of its folders,
+/// or a name inside it (the reservation's own check, [`reserve_in_bucket`], read early and
+/// without its locks: an upload whose name is taken as a folder is refused while its bytes
+/// still arrive; the reservation's check stays the one that holds against concurrent uploads).
+pub async fn in_the_way(
+    client: &impl GenericClient,
+    bucket_id: &str,
+    name: &str,
+) -> Result<Option<String>, Error> {
+    let folders = crate::storage::names::folders_of(name);
+    let row = client
+        .query_opt(
+            "(SELECT name FROM fluxbase.storage_files
+              WHERE bucket_id = $1::text::uuid AND name = ANY($2::text[]) LIMIT 1)
+             UNION ALL
+             (SELECT name FROM fluxbase.storage_files
+              WHERE bucket_id = $1::text::uuid AND name COLLATE \"C\" >= $3 || '/'
+                AND name COLLATE \"C\" < $3 || '0'
+              ORDER BY name COLLATE \"C\" LIMIT 1)
+             LIMIT 1",
+            &[&bucket_id, &folders, &name],
+        )
+        .await?;
+    Ok(row.map(|r| r.get(0)))
 }
 
 /// Gives a reservation up: a new row goes, an existing file keeps its row as it was.

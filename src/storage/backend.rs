@@ -53,6 +53,23 @@ pub fn legacy_path_of(key: &str) -> Option<Path> {
     (legacy != path_of(key)).then_some(legacy)
 }
 
+/// Why a move into place on the local disk failed. A file where a folder of the key should be,
+/// or a folder (with something in it) at the key itself, is not a passing failure: the same
+/// move fails the same way until one of them goes, so it is a conflict (409) naming what is in
+/// the way, never the 503 that asks the client to retry. The reservation's check makes this
+/// unreachable for files that have rows ([`crate::control::files::reserve_in_bucket`]); an
+/// object on the disk that no row lists can still be in the way.
+fn placing_error(key: &str, e: std::io::Error) -> StorageError {
+    use std::io::ErrorKind::*;
+    match e.kind() {
+        NotADirectory | IsADirectory | DirectoryNotEmpty | AlreadyExists => {
+            let name = key.splitn(3, '/').nth(2).unwrap_or(key);
+            StorageError::PathInUse(name.to_string())
+        }
+        _ => StorageError::Unavailable(format!("placing {key}: {e}")),
+    }
+}
+
 /// Parts in flight per upload.
 const UPLOAD_CONCURRENCY: usize = 2;
 /// A local file of at most this many bytes is read whole when it is opened and answered from
@@ -380,13 +397,24 @@ impl Backend {
             if let Some(dir) = to_path.parent() {
                 durable.create(dir)?;
             }
-            std::fs::rename(&from_path, &to_path)?;
+            match std::fs::rename(&from_path, &to_path) {
+                // An empty directory where the file goes, left by a move into it that failed
+                // after making it: no object is in it, and the reservation found no row under
+                // the name, so it goes (a directory with anything in it stays, and refuses).
+                Err(e)
+                    if e.kind() == std::io::ErrorKind::IsADirectory
+                        && std::fs::remove_dir(&to_path).is_ok() =>
+                {
+                    std::fs::rename(&from_path, &to_path)?
+                }
+                moved => moved?,
+            }
             durable.sync(&to_path, &root)?;
             Ok(FileIdentity::of(&std::fs::metadata(&to_path)?))
         })
         .await
         .map_err(StorageError::from)?
-        .map_err(|e| StorageError::Unavailable(format!("placing {to}: {e}")))?;
+        .map_err(|e| placing_error(to, e))?;
         Ok((true, Some(identity)))
     }
 

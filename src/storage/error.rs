@@ -84,6 +84,21 @@ pub enum StorageError {
         "A file named {name:?} already exists in bucket {bucket:?}. Send upsert=true to replace it."
     )]
     FileExists { name: String, bucket: String },
+    /// A name that would be a file and a folder at once: `existing` is a file that `name` would
+    /// be inside, or a name inside `name` (retrying changes nothing until one of them goes).
+    #[error("{}", name_conflict(name, bucket, existing))]
+    NameConflict {
+        name: String,
+        bucket: String,
+        existing: String,
+    },
+    /// The local disk holds a file where `name` needs a folder, or a folder where it needs a
+    /// file, that no row lists ([`super::backend`]'s `placing_error`).
+    #[error(
+        "Cannot store {0:?}: the storage holds a file where it needs a folder, or a folder where \
+         it needs a file. A name is a file or a folder, not both: choose another name."
+    )]
+    PathInUse(String),
     #[error("An upload of this file is in progress; retry when it is done.")]
     UploadInProgress,
     #[error("Another upload or a delete of {0:?} is in progress; retry when it is done.")]
@@ -102,6 +117,18 @@ pub enum StorageError {
     /// The control database or a bug.
     #[error(transparent)]
     Internal(#[from] anyhow::Error),
+}
+
+fn name_conflict(name: &str, bucket: &str, existing: &str) -> String {
+    let clash = if name.starts_with(&format!("{existing}/")) {
+        format!("{existing:?} is a file there, so it cannot be a folder")
+    } else {
+        format!("{name:?} is a folder there (it holds {existing:?})")
+    };
+    format!(
+        "Cannot store {name:?} in bucket {bucket:?}: {clash}. A name is a file or a folder, \
+         not both: choose another name, or delete {existing:?} first."
+    )
 }
 
 impl From<tokio_postgres::Error> for StorageError {

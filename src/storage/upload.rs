@@ -163,6 +163,10 @@ impl Storage {
                     let small = request
                         .content_length
                         .is_some_and(|n| n <= EARLY_LOOKUP_FROM);
+                    // The name, when the fields say it: a name already taken as a folder (or
+                    // under a file) is refused then too.
+                    let early_name =
+                        names::object_name(form.path.as_deref(), part.filename.as_deref()).ok();
                     let lookup = match (&form.project_id, &form.bucket_id) {
                         (Some(p), Some(b)) if !small => {
                             let (p, b) = (p.clone(), b.clone());
@@ -170,6 +174,9 @@ impl Storage {
                             Some(async move {
                                 let access = authorize(p).await?;
                                 let bucket = self.find_bucket(&access.project.id, &b).await?;
+                                if let Some(name) = early_name {
+                                    self.check_name(&bucket, name).await?;
+                                }
                                 Ok::<_, Err>((access, bucket))
                             })
                         }
@@ -426,6 +433,13 @@ impl Storage {
                         anyhow::anyhow!("the bucket's limits refused what they allow").into()
                     }))
             }
+            BucketReserved::Conflict { bucket, existing } => {
+                return Err(StorageError::NameConflict {
+                    name,
+                    bucket: bucket.name,
+                    existing,
+                })
+            }
             BucketReserved::Taken(_) if upsert => return Err(StorageError::FileBusy(name)),
             BucketReserved::Taken(bucket) => {
                 return Err(StorageError::FileExists {
@@ -490,6 +504,21 @@ impl Storage {
             file,
             created: reserved.new,
         })
+    }
+}
+
+impl Storage {
+    /// Refuses `name` when a row of `bucket` is in its way ([`control::files::in_the_way`]).
+    async fn check_name(&self, bucket: &Bucket, name: String) -> Result<(), StorageError> {
+        let client = self.control.get().await?;
+        match control::files::in_the_way(&client, &bucket.id, &name).await? {
+            Some(existing) => Err(StorageError::NameConflict {
+                name,
+                bucket: bucket.name.clone(),
+                existing,
+            }),
+            None => Ok(()),
+        }
     }
 }
 

@@ -29,7 +29,7 @@
 //!   `fluxbase_realtime_broadcast` procedure) become broadcasts, not row changes; its deletes
 //!   (the procedure empties it in the same transaction) are not reported.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -112,7 +112,10 @@ impl DecodeError {
     }
 }
 
-use super::render::ColumnInfo;
+use super::render::{CatalogType, ColumnInfo};
+
+/// The columns of one table whose type the catalog tells (by name).
+pub type CatalogColumns = HashMap<String, CatalogType>;
 
 #[derive(Debug)]
 enum Role {
@@ -267,12 +270,12 @@ pub struct Decoder {
     seq: u32,
     /// Tables of the project database by table id; ids of other databases map to `None`.
     tables: HashMap<u64, Option<Table>>,
-    /// MariaDB JSON columns per table of the project, as the catalog said (see
-    /// [`Decoder::wanted_tables`]).
-    json_columns: HashMap<String, HashSet<String>>,
-    /// `json_columns` holds every table of the database that has JSON columns (the whole
-    /// catalog was read, [`Decoder::set_json_catalog`]): a table not in it has none.
-    json_catalog: bool,
+    /// Columns of a type the binlog does not name (MariaDB's JSON, INET4, INET6, UUID) per
+    /// table of the project, as the catalog said (see [`Decoder::wanted_tables`]).
+    catalog_columns: HashMap<String, CatalogColumns>,
+    /// `catalog_columns` holds every table of the database that has such columns (the whole
+    /// catalog was read, [`Decoder::set_catalog`]): a table not in it has none.
+    catalog_read: bool,
     wanted: Vec<String>,
     current: Option<OpenTx>,
     /// The GTID announced for the next transaction (MySQL's comes before its BEGIN).
@@ -305,8 +308,8 @@ impl Decoder {
             file: None,
             seq: 0,
             tables: HashMap::new(),
-            json_columns: HashMap::new(),
-            json_catalog: false,
+            catalog_columns: HashMap::new(),
+            catalog_read: false,
             wanted: Vec::new(),
             current: None,
             next_gtid: None,
@@ -364,36 +367,38 @@ impl Decoder {
         self.rejected
     }
 
-    /// Tables of the project met for the first time (or again after DDL): the stream looks up
-    /// their MariaDB JSON columns ([`Decoder::set_json_columns`]) before the next event.
+    /// Tables of the project met for the first time (or again after DDL): the stream reads
+    /// the catalog again ([`Decoder::set_catalog`]) before the next event.
     pub fn wanted_tables(&mut self) -> Vec<String> {
         std::mem::take(&mut self.wanted)
     }
 
-    /// The JSON columns of `table` (MariaDB declares `JSON` as LONGTEXT with a check; the
-    /// binlog does not say it).
-    pub fn set_json_columns(&mut self, table: &str, columns: HashSet<String>) {
+    /// The columns of `table` whose type the binlog does not say (MariaDB declares `JSON` as
+    /// LONGTEXT with a check; INET4, INET6 and UUID are fixed binary strings in the binlog).
+    #[cfg(test)]
+    fn set_catalog_columns(&mut self, table: &str, columns: CatalogColumns) {
         for t in self.tables.values_mut().flatten() {
             if t.name == table {
                 for info in t.columns.iter_mut() {
-                    info.json = columns.contains(&info.name);
+                    info.catalog = columns.get(&info.name).copied();
                 }
             }
         }
-        self.json_columns.insert(table.to_string(), columns);
+        self.catalog_columns.insert(table.to_string(), columns);
     }
 
-    /// The JSON columns of every table of the database (tables without any left out), read
-    /// from the catalog at once: tables met later need no lookup of their own.
-    pub fn set_json_catalog(&mut self, catalog: HashMap<String, HashSet<String>>) {
+    /// The columns of a type the binlog does not name of every table of the database (tables
+    /// without any left out), read from the catalog at once: tables met later need no lookup
+    /// of their own.
+    pub fn set_catalog(&mut self, catalog: HashMap<String, CatalogColumns>) {
         for t in self.tables.values_mut().flatten() {
-            let json = catalog.get(&t.name);
+            let columns = catalog.get(&t.name);
             for info in t.columns.iter_mut() {
-                info.json = json.is_some_and(|j| j.contains(&info.name));
+                info.catalog = columns.and_then(|c| c.get(&info.name)).copied();
             }
         }
-        self.json_columns = catalog;
-        self.json_catalog = true;
+        self.catalog_columns = catalog;
+        self.catalog_read = true;
         self.wanted.clear();
     }
 
@@ -555,9 +560,9 @@ impl Decoder {
                     for p in ours {
                         self.push(p)?;
                     }
-                    // The catalog may have changed: JSON columns are looked up again.
-                    self.json_columns.clear();
-                    self.json_catalog = false;
+                    // The catalog may have changed: column types are looked up again.
+                    self.catalog_columns.clear();
+                    self.catalog_read = false;
                     return self.commit(ev, log_pos);
                 }
                 for p in ours {
@@ -568,9 +573,9 @@ impl Decoder {
             EventData::TableMapEvent(tme) => {
                 let id = tme.table_id();
                 // Each transaction maps its tables again: the same map of a table already
-                // planned is kept (while the JSON catalog is fresh: a DDL statement may have
-                // changed which columns are JSON without changing the map).
-                if self.json_catalog {
+                // planned is kept (while the catalog is fresh: a DDL statement may have
+                // changed which columns are JSON or UUID without changing the map).
+                if self.catalog_read {
                     if let Some(Some(known)) = self.tables.get(&id) {
                         if known.tme == tme {
                             return Ok(None);
@@ -588,11 +593,11 @@ impl Decoder {
                     let Some(mut columns) = column_infos(&tme) else {
                         return Err(DecodeError::NoColumnNames(format!("`{name}`")));
                     };
-                    match self.json_columns.get(&name) {
-                        None if self.json_catalog => {}
-                        Some(json) => {
+                    match self.catalog_columns.get(&name) {
+                        None if self.catalog_read => {}
+                        Some(types) => {
                             for c in columns.iter_mut() {
-                                c.json = json.contains(&c.name);
+                                c.catalog = types.get(&c.name).copied();
                             }
                         }
                         None => {
@@ -833,11 +838,29 @@ fn column_infos(tme: &TableMapEvent<'_>) -> Option<Vec<ColumnInfo>> {
                     ) => meta.first().copied().unwrap_or(0),
                     _ => 0,
                 },
-                json: false,
+                fixed_len: (ty == Some(ColumnType::MYSQL_TYPE_STRING))
+                    .then(|| string_length(meta))
+                    .flatten(),
+                catalog: None,
             }
         })
         .collect();
     Some(columns)
+}
+
+/// A CHAR or BINARY column's length in bytes from its TABLE_MAP metadata: the real type's
+/// byte with two bits of the length folded into it (lengths up to 1023), then the length's
+/// low byte.
+fn string_length(meta: &[u8]) -> Option<usize> {
+    let [real, low] = *meta else {
+        return None;
+    };
+    let high = if real & 0x30 != 0x30 {
+        usize::from((real & 0x30) ^ 0x30) << 4
+    } else {
+        0
+    };
+    Some(high | usize::from(low))
 }
 
 fn rows_to_pending(
@@ -1555,7 +1578,7 @@ mod tests {
         feed(&mut d, &mysql8::rotate("binlog.000001")).unwrap();
         feed(&mut d, &tme).unwrap();
         // MariaDB's JSON columns are found in the catalog: `body` is one.
-        d.set_json_columns("wide", ["body".to_string()].into());
+        d.set_catalog_columns("wide", [("body".to_string(), CatalogType::Json)].into());
         let table = d.tables.get(&5).unwrap().as_ref().unwrap();
 
         let mut r = Rng(0x9e37_79b9_7f4a_7c15);
@@ -1665,7 +1688,7 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("fx-binlog-cat-{}", std::process::id()));
         let mut d = Decoder::new("fx_t", 1 << 20, &dir);
         feed(&mut d, &rotate("binlog.000001")).unwrap();
-        d.set_json_catalog(HashMap::new());
+        d.set_catalog(HashMap::new());
         feed(&mut d, &table_map(100, 9, "fx_t")).unwrap();
         assert!(
             d.wanted_tables().is_empty(),
@@ -1675,7 +1698,7 @@ mod tests {
             let t = d.tables.get(&9).unwrap().as_ref().unwrap();
             (
                 t.plan.as_ptr(),
-                t.columns.iter().map(|c| c.json).collect::<Vec<_>>(),
+                t.columns.iter().map(|c| c.is_json()).collect::<Vec<_>>(),
             )
         };
         let (plan, json) = planned(&d);
@@ -1694,7 +1717,13 @@ mod tests {
         .unwrap();
         feed(&mut d, &table_map(400, 9, "fx_t")).unwrap();
         assert_eq!(d.wanted_tables(), ["items"]);
-        d.set_json_catalog([("items".to_string(), ["name".to_string()].into())].into());
+        d.set_catalog(
+            [(
+                "items".to_string(),
+                [("name".to_string(), CatalogType::Json)].into(),
+            )]
+            .into(),
+        );
         assert_eq!(planned(&d).1, [false, true, false]);
         let _ = std::fs::remove_dir_all(&dir);
     }

@@ -46,7 +46,7 @@ pub mod decode;
 pub mod position;
 pub mod render;
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -778,23 +778,29 @@ fn lag_bytes(logs: &[(String, u64)], from: &BinlogPosition) -> Option<u64> {
     seen.then_some(lag)
 }
 
-/// MariaDB's JSON columns (LONGTEXT with the `json_valid` check MariaDB adds) of every table
-/// of `db` that has some, by table.
-async fn json_catalog(
+/// The columns of every table of `db` whose type the binlog does not name, by table (tables
+/// without any left out): MariaDB's JSON (LONGTEXT with the `json_valid` check MariaDB adds),
+/// INET4, INET6 and UUID (fixed binary strings in the binlog, [`render`]'s table). One query.
+async fn column_catalog(
     catalog: &mut Conn,
     db: &str,
-) -> Result<HashMap<String, HashSet<String>>, mysql_async::Error> {
-    let rows: Vec<(String, String)> = catalog
+) -> Result<HashMap<String, decode::CatalogColumns>, mysql_async::Error> {
+    let rows: Vec<(String, String, String)> = catalog
         .exec(
-            "SELECT TABLE_NAME, CONSTRAINT_NAME FROM information_schema.CHECK_CONSTRAINTS \
+            "SELECT TABLE_NAME, CONSTRAINT_NAME, 'json' FROM information_schema.CHECK_CONSTRAINTS \
              WHERE CONSTRAINT_SCHEMA = ? \
-             AND CHECK_CLAUSE = CONCAT('json_valid(`', CONSTRAINT_NAME, '`)')",
-            (db,),
+             AND CHECK_CLAUSE = CONCAT('json_valid(`', CONSTRAINT_NAME, '`)') \
+             UNION ALL \
+             SELECT TABLE_NAME, COLUMN_NAME, DATA_TYPE FROM information_schema.COLUMNS \
+             WHERE TABLE_SCHEMA = ? AND DATA_TYPE IN ('inet4', 'inet6', 'uuid')",
+            (db, db),
         )
         .await?;
-    let mut tables: HashMap<String, HashSet<String>> = HashMap::new();
-    for (table, column) in rows {
-        tables.entry(table).or_default().insert(column);
+    let mut tables: HashMap<String, decode::CatalogColumns> = HashMap::new();
+    for (table, column, data_type) in rows {
+        if let Some(ty) = render::CatalogType::of(&data_type) {
+            tables.entry(table).or_default().insert(column, ty);
+        }
     }
     Ok(tables)
 }
@@ -825,11 +831,12 @@ async fn stream_once<B: EventBus>(
     check_settings(&mut catalog).await?;
     // MariaDB's versions are 10 and up (mysql_async drops the `5.5.5-` prefix); MySQL's below.
     let mariadb = catalog.server_version() >= (10, 0, 0);
-    // MariaDB's JSON columns are read from the catalog at the start and after DDL, each time on
-    // a connection of its own closed after the read (one connection per stream while it streams).
-    let json_catalog_now = || async {
+    // MariaDB's JSON, INET4, INET6 and UUID columns are read from the catalog at the start and
+    // after DDL, each time on a connection of its own closed after the read (one connection per
+    // stream while it streams).
+    let column_catalog_now = || async {
         let mut schema = Conn::new(source.catalog.clone()).await?;
-        let catalog = json_catalog(&mut schema, db_name).await;
+        let catalog = column_catalog(&mut schema, db_name).await;
         let _ = schema.disconnect().await;
         catalog
     };
@@ -869,7 +876,7 @@ async fn stream_once<B: EventBus>(
         .with_checksums(checksum.is_some_and(|c| !c.eq_ignore_ascii_case("NONE")));
     if mariadb {
         // Before the first event: a table's first rows never wait for a catalog query.
-        decoder.set_json_catalog(json_catalog_now().await?);
+        decoder.set_catalog(column_catalog_now().await?);
     }
 
     // The client's packet limit is the server's maximum, not `@@max_allowed_packet` (16 MiB
@@ -964,7 +971,7 @@ async fn stream_once<B: EventBus>(
                 // A table met for the first time after DDL: the catalog is read again, all of it
                 // in one query.
                 if mariadb && !decoder.wanted_tables().is_empty() {
-                    decoder.set_json_catalog(json_catalog_now().await?);
+                    decoder.set_catalog(column_catalog_now().await?);
                 }
                 if let Some(tx) = committed {
                     let end = tx.end_lsn;
@@ -1115,6 +1122,8 @@ async fn list_logs(opts: Opts, logs: tokio::sync::watch::Sender<Option<Vec<(Stri
 
 #[cfg(test)]
 mod tests {
+    use std::collections::HashSet;
+
     use super::*;
 
     #[test]

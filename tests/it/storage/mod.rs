@@ -9,6 +9,7 @@
 mod buckets;
 mod download;
 mod flow;
+mod folders;
 mod lifecycle;
 mod names;
 mod upload;

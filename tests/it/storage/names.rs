@@ -133,7 +133,7 @@ async fn upload_odd_name(t: &TestApp, data: &[u8]) -> (Fixture, String) {
     (f, key)
 }
 
-async fn delete_object(t: &TestApp, f: &Fixture, key: &str) {
+pub(super) async fn delete_object(t: &TestApp, f: &Fixture, key: &str) {
     let q = format!(
         "/api/storage/delete?projectId={}&s3Key={}",
         f.project,

@@ -441,7 +441,8 @@ async fn a_failed_local_write_is_not_listed() {
     let t = spawn_app().await;
     let f = t.fixture().await;
     let bucket = create_bucket(&t, &f, "docs", json!({})).await;
-    // A directory where the object should go makes the final rename fail.
+    // A directory where the object should go (with something in it, and no row) makes the
+    // final rename fail: a conflict naming the file, not a 503 the client would retry forever.
     let root = t.app.config.data_dir.join("storage");
     let blocked = root
         .join(&f.project)
@@ -459,7 +460,8 @@ async fn a_failed_local_write_is_not_listed() {
         &[],
     )
     .await;
-    assert_eq!(status, 503, "{body}");
+    assert_eq!(status, 409, "{body}");
+    assert_eq!(body["error"]["code"], "CONFLICT", "{body}");
     assert!(list_files(&t, &f.read, &f.project, "docs").await.is_empty());
     let staged: Vec<String> = files_under(&root)
         .into_iter()
