@@ -181,7 +181,7 @@ impl App {
                 mysql.clone(),
             ),
             mysql,
-            keys: crate::keys::Keys::new(control.clone()),
+            keys: crate::keys::Keys::new(control.clone(), config.max_api_keys_per_project),
             team: crate::team::Team::new(control.clone()),
             rls: crate::rls::Policies::new(sql.clone()),
             sql,

@@ -255,6 +255,8 @@ pub struct Config {
     pub max_concurrent_password_hashes: usize,
     /// Projects a user may administer before `POST /api/projects` refuses (0: no quota).
     pub max_projects_per_user: u32,
+    /// Live API keys a project may have before `POST /api/keys` refuses (the CLI is exempt).
+    pub max_api_keys_per_project: u32,
     /// Projects this deployment holds, all engines and owners together, before creating one
     /// more is refused (0: no own cap; the database servers' capacity still bounds each engine:
     /// a free replication slot and walsender per PostgreSQL project, a fifth of the MySQL
@@ -371,6 +373,7 @@ impl Default for Config {
             auth_rate_window_secs: 60,
             max_concurrent_password_hashes: 4,
             max_projects_per_user: 10,
+            max_api_keys_per_project: 25,
             max_projects: 0,
             sql_max_connections: 0,
             sql_project_connections: 8,
@@ -589,6 +592,9 @@ impl Config {
             || self.nats_retention_bytes == 0
         {
             bail!("nats_replicas, nats_retention_secs and nats_retention_bytes must be positive");
+        }
+        if self.max_api_keys_per_project < 3 {
+            bail!("max_api_keys_per_project must be at least 3 (a project starts with one key of each scope)");
         }
         if self.webhook_control_connections == 0
             || self.webhook_max_drains == 0

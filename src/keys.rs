@@ -25,6 +25,11 @@ pub enum KeysError {
     NoSuchKey(String),
     #[error("no project {0}")]
     NoSuchProject(String),
+    #[error(
+        "Key quota reached: a project may have at most {0} live API keys \
+         (max_api_keys_per_project). Revoke one you no longer use."
+    )]
+    QuotaReached(u32),
     #[error(transparent)]
     Internal(#[from] anyhow::Error),
 }
@@ -138,11 +143,17 @@ pub fn key_name(name: Option<&str>, default: impl FnOnce() -> String) -> Result<
 /// The keys of every project, on the control database.
 pub struct Keys {
     control: deadpool_postgres::Pool,
+    /// Live keys a project may have through the API (`max_api_keys_per_project`): each key
+    /// has its own request rate, so keys without bound would multiply a project's rate.
+    max_per_project: u32,
 }
 
 impl Keys {
-    pub fn new(control: deadpool_postgres::Pool) -> Keys {
-        Keys { control }
+    pub fn new(control: deadpool_postgres::Pool, max_per_project: u32) -> Keys {
+        Keys {
+            control,
+            max_per_project,
+        }
     }
 
     /// The project's live keys, oldest first (admins only).
@@ -174,8 +185,17 @@ impl Keys {
         access.require_admin()?;
         let scope = Scope::parse(scope).ok_or(KeysError::InvalidScope)?;
         let name = key_name(name, || format!("{} key", scope.as_str()))?;
-        let client = self.control.get().await?;
-        Ok(insert_key(&client, &access.project.id, scope, &name).await?)
+        let mut client = self.control.get().await?;
+        // Counted and inserted under the project's lock: concurrent creations cannot pass the
+        // quota together (the operator's CLI is not bound by it).
+        let tx = client.transaction().await?;
+        let live = api_keys::lock_and_count_live(&tx, &access.project.id).await?;
+        if live >= i64::from(self.max_per_project) {
+            return Err(KeysError::QuotaReached(self.max_per_project));
+        }
+        let key = insert_key(&tx, &access.project.id, scope, &name).await?;
+        tx.commit().await?;
+        Ok(key)
     }
 
     /// `fluxbase keys create`: a new key for an operator with no session or key (recovery).

@@ -146,3 +146,24 @@ pub async fn revoke(
         .await?
         > 0)
 }
+
+/// The project's live (not revoked) keys, counted under a transaction-scoped lock of the
+/// project's key creations (two creations at once cannot both pass a quota).
+pub async fn lock_and_count_live(
+    client: &impl GenericClient,
+    project_id: &str,
+) -> Result<i64, Error> {
+    client
+        .execute(
+            "SELECT pg_advisory_xact_lock(hashtextextended('fluxbase.api_keys:' || $1, 0))",
+            &[&project_id],
+        )
+        .await?;
+    let row = client
+        .query_one(
+            "SELECT count(*) FROM fluxbase.api_keys WHERE project_id = $1 AND revoked_at IS NULL",
+            &[&project_id],
+        )
+        .await?;
+    Ok(row.get(0))
+}

@@ -576,6 +576,59 @@ async fn the_project_quota_per_user_gives_a_clear_error_and_cannot_be_raced() {
     app.stop().await;
 }
 
+/// Live API keys per project are capped (each key has its own request rate: keys without
+/// bound multiply a project's; red team rt5 made 30): a clear 403 past it, racing creations
+/// included; a revoked key gives its place back.
+#[tokio::test]
+async fn api_keys_per_project_are_capped_with_a_clear_error_and_cannot_be_raced() {
+    let app = spawn_app_with(|c| c.max_api_keys_per_project = 5).await;
+    let f = app.fixture().await;
+    // Three keys come with the project: two more fit, of four asked at once.
+    let ask = || {
+        app.call(
+            "POST",
+            "/api/keys",
+            Some(&f.admin),
+            Some(json!({ "projectId": f.project, "scope": "read" })),
+        )
+    };
+    let (a, b, c, d) = tokio::join!(ask(), ask(), ask(), ask());
+    let mut statuses = vec![a.0, b.0, c.0, d.0];
+    statuses.sort();
+    assert_eq!(
+        statuses,
+        vec![201, 201, 403, 403],
+        "{a:?} {b:?} {c:?} {d:?}"
+    );
+    let refused = [&a, &b, &c, &d]
+        .into_iter()
+        .find(|(s, _)| *s == 403)
+        .unwrap();
+    assert_eq!(refused.1["error"]["code"], "INSUFFICIENT_PERMISSIONS");
+    let message = refused.1["error"]["message"].as_str().unwrap();
+    assert!(message.contains("at most 5 live API keys"), "{message}");
+    let id = [&a, &b, &c, &d]
+        .into_iter()
+        .find(|(s, _)| *s == 201)
+        .unwrap()
+        .1["key"]["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let (status, body) = app
+        .call(
+            "DELETE",
+            &format!("/api/keys?projectId={}&keyId={id}", f.project),
+            Some(&f.admin),
+            None,
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let (status, body) = ask().await;
+    assert_eq!(status, 201, "{body}");
+    app.stop().await;
+}
+
 async fn create(app: &crate::support::TestApp, token: String) -> (u16, Value) {
     create_as(app, token, "postgresql").await
 }
