@@ -263,6 +263,21 @@ impl App {
             if let Err(e) = app.storage.sweep().await {
                 tracing::warn!(error = %e, "storage sweep at start-up");
             }
+            // Then staged uploads nobody writes any more, every so often, as long as it runs.
+            let weak = Arc::downgrade(&app);
+            let every = std::time::Duration::from_secs(app.config.storage_staged_sweep_secs);
+            tokio::spawn(async move {
+                let mut tick = tokio::time::interval(every);
+                tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                tick.tick().await;
+                loop {
+                    tick.tick().await;
+                    let Some(app) = weak.upgrade() else { return };
+                    if let Err(e) = app.storage.sweep_staged().await {
+                        tracing::warn!(error = %e, "sweeping staged uploads");
+                    }
+                }
+            });
         }
         lifecycle::listen_for_access_changes(&app);
         if sweep {

@@ -101,6 +101,9 @@ pub struct Config {
     /// (IPv6: one /64); its further downloads stream in 64 KiB chunks, so a few clients that
     /// stop reading cannot take the whole budget (`storage::buffers`). 0: no cap per address.
     pub storage_read_shares_per_client: u32,
+    /// Seconds between sweeps of staged uploads nobody writes any more (a crash's, a killed
+    /// process's): a staged object untouched for an hour is removed (`storage::sweep`).
+    pub storage_staged_sweep_secs: u64,
     /// Let webhooks reach loopback and private addresses (development and tests only).
     pub webhook_allow_private: bool,
     /// Server-side statement timeout for `/api/execute-sql`, in milliseconds.
@@ -318,6 +321,7 @@ impl Default for Config {
             max_upload_bytes: 50 * 1024 * 1024,
             storage_read_budget_bytes: crate::storage::buffers::DEFAULT_READ_BUDGET,
             storage_read_shares_per_client: crate::storage::buffers::DEFAULT_SHARES_PER_CLIENT,
+            storage_staged_sweep_secs: 600,
             webhook_allow_private: false,
             statement_timeout_ms: 30_000,
             max_rows: 10_000,
@@ -592,6 +596,9 @@ impl Config {
             || self.nats_retention_bytes == 0
         {
             bail!("nats_replicas, nats_retention_secs and nats_retention_bytes must be positive");
+        }
+        if self.storage_staged_sweep_secs == 0 {
+            bail!("storage_staged_sweep_secs must be positive");
         }
         if self.max_api_keys_per_project < 3 {
             bail!("max_api_keys_per_project must be at least 3 (a project starts with one key of each scope)");

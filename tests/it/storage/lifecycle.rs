@@ -114,6 +114,41 @@ async fn start_up_finishes_interrupted_deletes_and_drops_abandoned_uploads() {
     t.stop().await;
 }
 
+/// While the server runs, staged uploads nobody has written for an hour (a killed process's:
+/// red team rt5 found them kept until a restart an hour later) are removed every
+/// `storage_staged_sweep_secs`; one being written is not.
+#[tokio::test]
+async fn a_running_server_removes_staged_uploads_nobody_writes_any_more() {
+    let t = crate::support::spawn_app_with(|c| c.storage_staged_sweep_secs = 1).await;
+    let staging = t.app.config.data_dir.join("storage").join(".uploads");
+    std::fs::create_dir_all(&staging).unwrap();
+    std::fs::write(staging.join("left"), b"cut off by a kill -9").unwrap();
+    std::fs::write(staging.join("written"), b"in flight").unwrap();
+    let old = Command::new("touch")
+        .args(["-d", "2 hours ago"])
+        .arg(staging.join("left"))
+        .status()
+        .unwrap();
+    assert!(old.success());
+    crate::support::poll::until(
+        std::time::Duration::from_secs(30),
+        std::time::Duration::from_millis(200),
+        || async {
+            if staging.join("left").exists() {
+                Err("the abandoned staged upload is still there".to_string())
+            } else {
+                Ok(())
+            }
+        },
+    )
+    .await;
+    assert!(
+        staging.join("written").exists(),
+        "a fresh staged upload was removed"
+    );
+    t.stop().await;
+}
+
 #[tokio::test]
 async fn start_up_lists_uploads_whose_object_was_in_place_when_a_crash_lost_their_listing() {
     let t = spawn_app().await;
