@@ -6,7 +6,8 @@
 //! interleaved with other transactions, each change tagged with its (sub)transaction id, and
 //! finally Stream Commit or Stream Abort. Each open transaction has a [`TxBuffer`] that keeps
 //! changes in memory up to a bound and spills the rest to a file, so a transaction of any size
-//! passes through in bounded memory.
+//! passes through in bounded memory. The spill file is written in [`super::blocking`]: a
+//! tenant's large transaction must not keep the worker other projects' streams run on.
 
 use std::collections::{HashMap, HashSet};
 use std::fs::File;
@@ -53,9 +54,15 @@ impl TxBuffer {
         self.mem_bytes += p.size();
         self.mem.push((subxid, p));
         if self.mem_bytes > self.bound {
-            self.spill_mem()?;
+            // Up to the bound's worth of JSON written at once: file I/O off the streams' worker.
+            super::blocking(|| self.spill_mem())?;
         }
         Ok(())
+    }
+
+    /// True when part of the transaction is on disk.
+    pub fn is_spilled(&self) -> bool {
+        self.spill.is_some()
     }
 
     fn spill_mem(&mut self) -> std::io::Result<()> {

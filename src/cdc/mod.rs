@@ -35,7 +35,10 @@
 //! 15–45 ms late), or keep the worker and leave the consumer it woke parked in that worker's
 //! LIFO slot, which no other worker may steal (webhook deliveries waited up to 0.7 s). From a
 //! thread of its own, each wake-up reaches the server's runtime through its shared queue, where
-//! any idle worker takes it, and the stream reads on while they run.
+//! any idle worker takes it, and the stream reads on while they run. The streams of all
+//! projects share that runtime, so none may keep a worker long: a stream's long synchronous
+//! stretches (a huge row's decoding and rendering, spill file I/O) run in [`blocking`], which
+//! hands its worker's other streams to another thread meanwhile.
 //!
 //! [`Cdc`] is the service: it holds what the streams need (the cluster, the control pool, the
 //! bus they publish to, the secrets their message key derives from, the settings) and nothing
@@ -428,13 +431,16 @@ impl Cdc {
         }
     }
 
-    /// The streams' runtime: half the cores (at least one thread), so that decoding keeps up
-    /// with many busy projects without taking the cores the server needs for its clients.
+    /// The streams' runtime: half the cores, so that decoding keeps up with many busy projects
+    /// without taking the cores the server needs for its clients; but at least two threads,
+    /// so that on a small machine one stream's long stretch (see [`blocking`]) never leaves the
+    /// others without a worker meanwhile (red team rt5: on one thread, a 320 MB MySQL row held
+    /// back every PostgreSQL project's stream for a minute, their walsenders timed out).
     fn runtime(&self) -> std::io::Result<tokio::runtime::Handle> {
         if let Some(rt) = self.runtime.get() {
             return Ok(rt.handle().clone());
         }
-        let threads = std::thread::available_parallelism().map_or(1, |n| (n.get() / 2).max(1));
+        let threads = std::thread::available_parallelism().map_or(2, |n| (n.get() / 2).max(2));
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(threads)
             .thread_name("fluxbase-cdc")
@@ -754,6 +760,34 @@ async fn run_stream<B: EventBus>(
     }
 }
 
+/// A message, event or transaction at least this large is handled in [`blocking`]: below it the
+/// work is short and handing the worker over would cost more than it saves.
+pub(crate) const HEAVY_BYTES: usize = 1 << 20;
+
+/// Runs a long synchronous stretch of a stream (rendering a huge row, writing or reading back a
+/// spilled transaction) without holding a worker of the streams' runtime: the worker's other
+/// streams move to another thread meanwhile, so one tenant's huge transaction never holds back
+/// another tenant's events or its walsender's keepalive replies. On the streams' (multi-thread)
+/// runtime only; elsewhere (unit tests, a current-thread runtime), and when already inside
+/// such a stretch, `f` just runs.
+pub(crate) fn blocking<R>(f: impl FnOnce() -> R) -> R {
+    match tokio::runtime::Handle::try_current() {
+        Ok(h) if h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
+            tokio::task::block_in_place(f)
+        }
+        _ => f(),
+    }
+}
+
+/// [`blocking`] when `heavy`, else `f` right here.
+pub(crate) fn blocking_if<R>(heavy: bool, f: impl FnOnce() -> R) -> R {
+    if heavy {
+        blocking(f)
+    } else {
+        f()
+    }
+}
+
 fn lsn_of(s: &Option<String>) -> Option<Lsn> {
     s.as_deref().and_then(|v| v.parse().ok())
 }
@@ -834,6 +868,8 @@ async fn stream_once<B: EventBus>(
                 };
                 match event {
                     ReplicationEvent::XLogData { wal_end, data, .. } => {
+                        // A change carrying a huge row: decoded and rendered off the worker.
+                        let heavy = data.len() >= HEAVY_BYTES;
                         let msg = pgoutput::decode(data, ctx)?;
                         ctx.observe(&msg);
                         if let LogicalReplicationMessage::Relation(r) = &msg {
@@ -846,7 +882,7 @@ async fn stream_once<B: EventBus>(
                         let spilled = asm.spilled_bytes();
                         let committed = {
                             let reg = types.read().expect("poisoned");
-                            asm.handle(msg, &reg)?
+                            blocking_if(heavy, || asm.handle(msg, &reg))?
                         };
                         if asm.rejected_messages() > rejected {
                             status.lock().expect("poisoned").rejected_messages +=
@@ -924,33 +960,44 @@ async fn release<C: ProjectChannel>(
     status: &Mutex<StreamStatus>,
 ) -> Result<(), StreamError> {
     let commit_time: Arc<str> = Arc::from(events::commit_time(tx.commit_timestamp));
-    let mut iter = tx
-        .changes
-        .drain()
+    // Reading a spilled transaction back and finishing huge rows' events: off the worker, a
+    // run at a time (see [`blocking`]).
+    let heavy = tx.changes.is_spilled() || tx.changes.memory() >= HEAVY_BYTES;
+    let mut iter = blocking_if(heavy, || tx.changes.drain())
         .map_err(assemble::AssembleError::Spill)?
         .peekable();
     let mut index = 0u32;
     let mut count = 0u64;
     let mut bytes = 0u64;
-    let mut run: Vec<Arc<Event>> = Vec::new();
-    while let Some(p) = iter.next() {
-        let p = p.map_err(assemble::AssembleError::Spill)?;
-        let last = iter.peek().is_none();
-        if run.capacity() == 0 {
-            run.reserve_exact(if last { 1 } else { PUBLISH_RUN });
-        }
-        let event = events::finish(p, tx.commit_lsn, tx.end_lsn, index, &commit_time, last);
-        bytes += event.payload.len() as u64;
-        run.push(Arc::new(event));
-        index += 1;
-        if run.len() == PUBLISH_RUN || last {
+    let mut done = false;
+    while !done {
+        let run = blocking_if(heavy, || {
+            let mut run: Vec<Arc<Event>> = Vec::new();
+            while let Some(p) = iter.next() {
+                let p = p.map_err(assemble::AssembleError::Spill)?;
+                let last = iter.peek().is_none();
+                if run.capacity() == 0 {
+                    run.reserve_exact(if last { 1 } else { PUBLISH_RUN });
+                }
+                let event = events::finish(p, tx.commit_lsn, tx.end_lsn, index, &commit_time, last);
+                bytes += event.payload.len() as u64;
+                run.push(Arc::new(event));
+                index += 1;
+                if last || run.len() == PUBLISH_RUN {
+                    done = last;
+                    return Ok::<_, StreamError>(run);
+                }
+            }
+            done = true;
+            Ok(run)
+        })?;
+        if !run.is_empty() {
             bus.publish_batch(&run).await;
             count += run.len() as u64;
-            run.clear();
-            if !last {
-                // Let the other streams on this runtime read during a large transaction.
-                tokio::task::yield_now().await;
-            }
+        }
+        if !done {
+            // Let the other streams on this runtime read during a large transaction.
+            tokio::task::yield_now().await;
         }
     }
     // Each transaction spends a unit of tokio's cooperative budget, so that a stream catching

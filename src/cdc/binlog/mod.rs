@@ -967,7 +967,10 @@ async fn stream_once<B: EventBus>(
                     drop(s);
                     tracing::info!(project_id, position = %start, "binlog stream started");
                 }
-                let committed = decoder.handle(&event)?;
+                // A huge row (one event carries it whole) is rendered and spilled off the
+                // worker; another database's is skipped without decoding its rows.
+                let heavy = event.data().len() >= super::HEAVY_BYTES;
+                let committed = super::blocking_if(heavy, || decoder.handle(&event))?;
                 // A table met for the first time after DDL: the catalog is read again, all of it
                 // in one query.
                 if mariadb && !decoder.wanted_tables().is_empty() {

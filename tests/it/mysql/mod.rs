@@ -9,6 +9,7 @@ mod binlog_restart;
 mod doctor;
 mod engine;
 mod execute;
+mod isolation;
 mod redteam;
 mod retention;
 mod sandbox;
