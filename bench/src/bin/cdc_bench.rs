@@ -778,7 +778,8 @@ async fn pg_recvlogical(
 ) -> Result<ReferenceRun> {
     let mut command = tokio::process::Command::new(pg_bindir()?.join("pg_recvlogical"));
     command
-        .args(["-h", "127.0.0.1", "-p", &cluster.port.to_string()])
+        // The server's own transport (the cluster's Unix socket when it has one).
+        .args(["-h", &cluster.host(), "-p", &cluster.port.to_string()])
         .args(["-U", SUPERUSER, "-d", db, "--slot", RECV_SLOT, "--start"])
         .arg(format!("--endpos={}", fmt_lsn(end)))
         .args(["--no-loop", "-f", "/dev/null"])

@@ -1009,3 +1009,48 @@ fn row_x(e: &fluxbase::bus::Event) -> i64 {
     );
     v["record"]["x"].as_i64().unwrap()
 }
+
+/// The server reaches its embedded cluster over the cluster's Unix socket, not loopback TCP:
+/// the walsender sends one message per change, and a socket costs both ends far less per
+/// message (docs/benchmarks.md). Both the change stream and the SQL API's sessions.
+#[tokio::test]
+async fn the_change_stream_and_sql_sessions_use_the_clusters_unix_socket() {
+    let (app, f, _sub) = setup().await;
+    let rows = app
+        .rows(
+            &f.read,
+            &f.project,
+            "SELECT inet_client_addr() IS NULL AS over_socket",
+        )
+        .await;
+    assert_eq!(
+        rows,
+        vec![json!({ "over_socket": true })],
+        "a SQL session over TCP"
+    );
+    let pg = crate::support::pg().await;
+    let c = pg.client("postgres").await;
+    let slot = format!("fluxbase_{}", f.project);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let over_socket = loop {
+        let row = c
+            .query_opt(
+                "SELECT r.client_addr IS NULL AS over_socket FROM pg_stat_replication r \
+                 JOIN pg_replication_slots s ON s.active_pid = r.pid WHERE s.slot_name = $1",
+                &[&slot],
+            )
+            .await
+            .unwrap();
+        match row {
+            Some(row) => break row.get::<_, bool>("over_socket"),
+            None if std::time::Instant::now() < deadline => {
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await
+            }
+            None => panic!("no walsender streams {slot}"),
+        }
+    };
+    assert!(
+        over_socket,
+        "the change stream's walsender serves a TCP client"
+    );
+}
