@@ -75,7 +75,7 @@ impl App {
             .get()
             .await
             .map_err(|e| ProjectsError::Internal(e.into()))?;
-        let (all, _, mysql) = crate::control::projects::counts(&control).await?;
+        let (all, mysql) = crate::control::projects::counts(&control).await?;
         let cap = self.config.max_projects;
         if cap > 0 && all >= i64::from(cap) {
             return Err(ProjectsError::ServerFull(format!(

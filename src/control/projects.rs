@@ -211,16 +211,16 @@ pub async fn without_slot(db: &impl GenericClient) -> Result<Vec<(String, String
         .collect())
 }
 
-/// How many projects there are: of every engine, and of PostgreSQL and MySQL.
-pub async fn counts(db: &impl GenericClient) -> Result<(i64, i64, i64), Error> {
+/// How many projects there are: of every engine, and of MySQL. (PostgreSQL's room is counted
+/// in the cluster's own slots and walsenders, which other users of the cluster take too.)
+pub async fn counts(db: &impl GenericClient) -> Result<(i64, i64), Error> {
     let r = db
         .query_one(
-            "SELECT count(*), count(*) FILTER (WHERE engine = 'postgresql'), \
-             count(*) FILTER (WHERE engine = 'mysql') FROM fluxbase.projects",
+            "SELECT count(*), count(*) FILTER (WHERE engine = 'mysql') FROM fluxbase.projects",
             &[],
         )
         .await?;
-    Ok((r.get(0), r.get(1), r.get(2)))
+    Ok((r.get(0), r.get(1)))
 }
 
 /// The ids of the PostgreSQL projects (those with project roles in the cluster).

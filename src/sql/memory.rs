@@ -48,6 +48,10 @@ const NOTICE_FLOOR: u64 = 32 << 20;
 /// How long a backend ended for memory is remembered for its request's answer (its pid may be
 /// given to another backend later).
 const REMEMBER: Duration = Duration::from_secs(60);
+/// A backend already sent its end is not judged again for this long: a large backend can take
+/// more than one period to exit (it frees its memory first), and ending it twice would count
+/// twice (seen under load: the metric said 2 for one backend).
+const ENDING: Duration = Duration::from_secs(10);
 /// How often the watch tries again to find the cluster's processes when it could not.
 const LOCATE_AGAIN: Duration = Duration::from_secs(60);
 
@@ -67,6 +71,8 @@ pub struct BackendMemory {
     per_backend: u64,
     total: u64,
     ended: Mutex<HashMap<i32, (Instant, String)>>,
+    /// Backends sent their end, by pid, and when (see [`ENDING`]).
+    ending: Mutex<HashMap<u32, Instant>>,
     watch: Mutex<Watch>,
     metrics: Arc<Metrics>,
 }
@@ -84,6 +90,7 @@ impl BackendMemory {
             per_backend: per_backend_mb << 20,
             total,
             ended: Mutex::new(HashMap::new()),
+            ending: Mutex::new(HashMap::new()),
             watch: Mutex::new(Watch::Off),
             metrics,
         })
@@ -139,7 +146,17 @@ impl BackendMemory {
                     let (limits, floor) = ((me.per_backend, me.total), NOTICE_FLOOR);
                     let scan = tokio::task::spawn_blocking(move || scan(postmaster, floor)).await;
                     match scan {
-                        Ok(Some(backends)) => {
+                        Ok(Some(mut backends)) => {
+                            me.not_ending(&mut backends);
+                            let over_one =
+                                limits.0 > 0 && backends.iter().any(|b| b.bytes > limits.0);
+                            let sum: u64 = backends.iter().map(|b| b.bytes).sum();
+                            if !over_one && !(limits.1 > 0 && sum > limits.1) {
+                                continue;
+                            }
+                            // Only this deployment's projects: another server's tenants on a
+                            // shared cluster are its watch's to judge, by its own limits.
+                            keep_own(&pool, &mut backends).await;
                             // Who administers the projects holding memory: read only when all
                             // together are over the total (the choice is then by account).
                             let sum: u64 = backends.iter().map(|b| b.bytes).sum();
@@ -174,6 +191,13 @@ impl BackendMemory {
         }
     }
 
+    /// Leaves out of `backends` those sent their end less than [`ENDING`] ago.
+    fn not_ending(&self, backends: &mut Vec<Backend>) {
+        let mut ending = self.ending.lock().expect("poisoned");
+        ending.retain(|_, at| at.elapsed() < ENDING);
+        backends.retain(|b| !ending.contains_key(&b.pid));
+    }
+
     /// Ends a tenant's backend over a limit.
     async fn end(&self, pool: &deadpool_postgres::Pool, b: Backend, why: String) {
         let client = match pool.get().await {
@@ -183,6 +207,10 @@ impl BackendMemory {
                 return;
             }
         };
+        self.ending
+            .lock()
+            .expect("poisoned")
+            .insert(b.pid, Instant::now());
         // Remembered before it ends, so its request's answer finds the reason.
         self.ended
             .lock()
@@ -435,6 +463,28 @@ fn scan(postmaster: u32, floor: u64) -> Option<Vec<Backend>> {
             })
             .collect(),
     )
+}
+
+/// Keeps of `backends` those of projects in this server's control database. When that cannot be
+/// read, all are kept: the cluster's memory is guarded rather than not.
+async fn keep_own(pool: &deadpool_postgres::Pool, backends: &mut Vec<Backend>) {
+    let mut projects: Vec<&str> = backends.iter().map(|b| b.project.as_str()).collect();
+    projects.sort_unstable();
+    projects.dedup();
+    let own = async {
+        let c = pool.get().await.ok()?;
+        c.query(
+            "SELECT id FROM fluxbase.projects WHERE id = ANY($1)",
+            &[&projects],
+        )
+        .await
+        .ok()
+    }
+    .await;
+    if let Some(rows) = own {
+        let own: std::collections::HashSet<String> = rows.iter().map(|r| r.get(0)).collect();
+        backends.retain(|b| own.contains(&b.project));
+    }
 }
 
 /// The admins of the projects `backends` belong to (project id → user ids), from the control

@@ -655,13 +655,9 @@ async fn deleting_a_project_drops_its_slot_and_database() {
     assert_eq!(status, 401, "the project's keys went with it");
 }
 
-#[tokio::test]
-async fn an_idle_database_does_not_pin_wal() {
-    let (app, f, mut sub) = setup().await;
-    app.rows(&f.admin, &f.project, "CREATE TABLE t (x int)")
-        .await;
-    events(&mut sub, 1).await;
-    // WAL moves on elsewhere in the cluster; this project's slot follows it.
+/// Writes WAL in another database of the cluster, then waits (at most 120 s) until `project`'s
+/// slot has confirmed past it; `pinned` is the failure's message.
+async fn wal_moves_elsewhere_and_the_slot_follows(project: &str, pinned: &str) {
     let pg = crate::support::pg().await;
     let c = pg.client("postgres").await;
     let table = crate::support::unique("elsewhere");
@@ -676,13 +672,20 @@ async fn an_idle_database_does_not_pin_wal() {
         .unwrap()
         .get(0);
     let deadline = std::time::Instant::now() + Duration::from_secs(120);
-    while (slot_confirmed(&f.project).await as i64) < target {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the idle slot still pins WAL"
-        );
+    while (slot_confirmed(project).await as i64) < target {
+        assert!(std::time::Instant::now() < deadline, "{pinned}");
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+}
+
+#[tokio::test]
+async fn an_idle_database_does_not_pin_wal() {
+    let (app, f, mut sub) = setup().await;
+    app.rows(&f.admin, &f.project, "CREATE TABLE t (x int)")
+        .await;
+    events(&mut sub, 1).await;
+    // WAL moves on elsewhere in the cluster; this project's slot follows it.
+    wal_moves_elsewhere_and_the_slot_follows(&f.project, "the idle slot still pins WAL").await;
     // Following the WAL published nothing: the next event is a later row of this project's.
     app.rows(&f.admin, &f.project, "INSERT INTO t VALUES (1)")
         .await;
@@ -721,27 +724,11 @@ async fn an_idle_database_with_a_durable_subscriber_that_was_handed_nothing_does
             let _ = seen_tx.send(e);
         }
     });
-    let pg = crate::support::pg().await;
-    let c = pg.client("postgres").await;
-    let table = crate::support::unique("elsewhere");
-    c.batch_execute(&format!(
-        "CREATE TABLE {table} (x int); INSERT INTO {table} SELECT generate_series(1, 1000)"
-    ))
-    .await
-    .unwrap();
-    let target: i64 = c
-        .query_one("SELECT (pg_current_wal_lsn() - '0/0'::pg_lsn)::int8", &[])
-        .await
-        .unwrap()
-        .get(0);
-    let deadline = std::time::Instant::now() + Duration::from_secs(60);
-    while (slot_confirmed(&f.project).await as i64) < target {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "an idle durable subscriber pins the slot"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    wal_moves_elsewhere_and_the_slot_follows(
+        &f.project,
+        "an idle durable subscriber pins the slot",
+    )
+    .await;
     app.rows(&f.admin, &f.project, "INSERT INTO t VALUES (1)")
         .await;
     let e = tokio::time::timeout(Duration::from_secs(20), seen.recv())

@@ -90,6 +90,51 @@ async fn a_statement_past_its_backends_memory_limit_ends_with_53200_and_no_one_e
     app.stop().await;
 }
 
+/// Two deployments on one cluster: a server judges only its own projects' backends, by its own
+/// limits (before, a server with a low limit ended another's tenants: in this suite, whose
+/// servers share one cluster, other tests' statements were ended by this file's servers).
+#[tokio::test]
+async fn a_server_judges_only_its_own_projects_backends() {
+    let strict = spawn_app_with(|c| c.sql_backend_memory_limit_mb = 96).await;
+    let other = spawn_app_with(|c| c.sql_backend_memory_limit_mb = 0).await;
+    poll::until(
+        Duration::from_secs(20),
+        Duration::from_millis(50),
+        || async {
+            match strict.app.sql.memory.watch() {
+                Watch::Watching { .. } => Ok(()),
+                w => Err(format!("{w:?}")),
+            }
+        },
+    )
+    .await;
+    let f = other.fixture().await;
+    // ≈ 250 MB in the other server's tenant's backend, for a second or more: the strict
+    // server's watch sees it every 200 ms.
+    let body = other
+        .sql(
+            &f.read,
+            &f.project,
+            &format!("SET work_mem = '2GB'; SET hash_mem_multiplier = 10; {BIG_SORT}"),
+        )
+        .await;
+    assert_eq!(
+        body["success"], true,
+        "another server's limit ended it: {body}"
+    );
+    assert_eq!(body["result"]["rows"][0]["count"], 1_500_000, "{body}");
+    assert_eq!(
+        strict
+            .app
+            .metrics
+            .sql_backends_ended_for_memory
+            .load(Ordering::Relaxed),
+        0
+    );
+    strict.stop().await;
+    other.stop().await;
+}
+
 /// A parallel hash join keeps its hash table in dynamic shared memory, not in any process's
 /// private memory: counted too (shared memory past the cluster's main segment).
 #[tokio::test]
