@@ -151,7 +151,8 @@ impl BackendMemory {
                             let over_one =
                                 limits.0 > 0 && backends.iter().any(|b| b.bytes > limits.0);
                             let sum: u64 = backends.iter().map(|b| b.bytes).sum();
-                            if !over_one && !(limits.1 > 0 && sum > limits.1) {
+                            let over_total = limits.1 > 0 && sum > limits.1;
+                            if !over_one && !over_total {
                                 continue;
                             }
                             // Only this deployment's projects: another server's tenants on a
