@@ -12,13 +12,7 @@
 //!    └── server.log                PostgreSQL's own log
 //! ```
 //!
-//! The cluster listens on 127.0.0.1, on a free port chosen at each start, and on a Unix socket in
-//! its root directory (`$FLUXBASE_DATA_DIR/pg/.s.PGSQL.<port>`), which the server itself uses:
-//! a Unix socket costs both ends far less per message than loopback TCP (the walsender sends
-//! one message per change; pg_recvlogical drained the same slot 1.8× as fast over a socket on
-//! this project's machine). Logins over either need the password (SCRAM). When the root's path
-//! is too long for a socket address (over 91 bytes) or holds characters other than letters,
-//! digits and `/._-`, the cluster listens on TCP only and the server uses that.
+//! The cluster listens on 127.0.0.1 only, on a free port chosen at each start, with no unix socket.
 //! A watchdog process stops it when the process that started it disappears (even after
 //! `kill -9`), so no cluster outlives its server or test binary.
 
@@ -83,19 +77,12 @@ impl Cluster {
         self.root.join("server.log")
     }
 
-    /// A `postgres://` URL for the superuser and the given database: over the Unix socket when
-    /// the cluster has one, else loopback TCP.
+    /// A `postgres://` URL for the superuser and the given database.
     pub fn url(&self, database: &str) -> String {
-        url_at(&self.root, self.port, &self.password, database)
-    }
-
-    /// What libpq's tools take as `-h` for this cluster: the socket's directory when there is
-    /// one, else `127.0.0.1` (the benchmarks give their references the server's own transport).
-    pub fn host(&self) -> String {
-        match socket_dir(&self.root) {
-            Some(dir) if self.root.join(format!(".s.PGSQL.{}", self.port)).exists() => dir,
-            _ => "127.0.0.1".to_string(),
-        }
+        format!(
+            "postgres://{SUPERUSER}:{}@127.0.0.1:{}/{database}",
+            self.password, self.port
+        )
     }
 
     fn command(&self, program: &str) -> Command {
@@ -189,26 +176,11 @@ impl Cluster {
         // works inside it by name (only a path's last part is protected by O_NOFOLLOW): the
         // files in it are written by the cluster user itself.
         self.write_in_data_dir("postgresql.conf", conf.as_bytes(), true)?;
-        self.write_hba()
-    }
-
-    /// Writes pg_hba.conf: loopback TCP and the Unix socket, passwords always. Written at each
-    /// start too, so that clusters made before the socket existed accept logins over it.
-    fn write_hba(&self) -> Result<()> {
-        let hba = "# Fluxbase: loopback and the Unix socket only, passwords always\n\
-                   local all all scram-sha-256\n\
-                   local replication all scram-sha-256\n\
+        let hba = "# Fluxbase: loopback only, passwords always\n\
                    host all all 127.0.0.1/32 scram-sha-256\n\
                    host replication all 127.0.0.1/32 scram-sha-256\n";
-        self.write_in_data_dir("pg_hba.conf", hba.as_bytes(), false)
-    }
-
-    /// The server options of every start: the port, and the socket's directory when it has one.
-    fn start_options(&self) -> String {
-        match socket_dir(&self.root) {
-            Some(dir) => format!("-p {} -c unix_socket_directories={dir}", self.port),
-            None => format!("-p {}", self.port),
-        }
+        self.write_in_data_dir("pg_hba.conf", hba.as_bytes(), false)?;
+        Ok(())
     }
 
     fn start_server(mut self, extra: &[(&str, &str)]) -> Result<Cluster> {
@@ -216,14 +188,13 @@ impl Cluster {
             tracing::warn!("an earlier embedded PostgreSQL is still running; restarting it");
             self.stop()?;
         }
-        self.write_hba()?;
         // PostgreSQL cannot listen on port 0 and report the port, so a free port is picked and
         // handed over; another process may take it in between. Then the start fails with
         // "Address already in use" and is tried again on a fresh port.
         let mut attempt = 1;
         loop {
             self.port = crate::os_user::free_port()?;
-            let mut opts = self.start_options();
+            let mut opts = format!("-p {}", self.port);
             for (k, v) in extra {
                 opts.push_str(&format!(" -c {k}={v}"));
             }
@@ -339,7 +310,14 @@ impl Cluster {
             .arg(self.data_dir())
             .arg("-l")
             .arg(self.log_file())
-            .args(["-w", "-t", "120", "-o", &self.start_options(), "start"])
+            .args([
+                "-w",
+                "-t",
+                "120",
+                "-o",
+                &format!("-p {}", self.port),
+                "start",
+            ])
             .stdin(Stdio::null())
             .output()
             .context("running pg_ctl start")?;
@@ -618,61 +596,14 @@ impl DataDirLock {
     }
 }
 
-/// The superuser URL of the embedded cluster under `root` (`$FLUXBASE_DATA_DIR/pg`) listening
-/// on `port` (a running server's): its Unix socket when that exists (a cluster started by an
-/// older server has none), else loopback TCP.
-pub fn url_at(root: &Path, port: u16, password: &str, database: &str) -> String {
-    let root = root.canonicalize().unwrap_or_else(|_| root.to_path_buf());
-    let host = match socket_dir(&root) {
-        Some(dir) if root.join(format!(".s.PGSQL.{port}")).exists() => dir.replace('/', "%2F"),
-        _ => "127.0.0.1".to_string(),
-    };
-    format!("postgres://{SUPERUSER}:{password}@{host}:{port}/{database}")
-}
-
-/// Where the cluster under `root` makes its Unix socket: `root` itself, if its path fits a
-/// socket address with the socket's name (`/.s.PGSQL.65535`: 16 bytes of the 107 usable) and
-/// is made only of letters, digits and `/._-` (it goes through pg_ctl's shell command line and
-/// a URL unquoted). `root` is absolute (canonical) in a running cluster.
-fn socket_dir(root: &Path) -> Option<String> {
-    let dir = root.to_str()?;
-    let plain = dir
-        .bytes()
-        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'/' | b'.' | b'_' | b'-'));
-    (dir.starts_with('/') && plain && dir.len() + 16 <= 107).then(|| dir.to_string())
+/// The superuser URL of the embedded cluster listening on `port` (a running server's).
+pub fn url_at(port: u16, password: &str, database: &str) -> String {
+    format!("postgres://{SUPERUSER}:{password}@127.0.0.1:{port}/{database}")
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn the_socket_lives_in_the_root_when_its_path_fits_and_needs_no_quoting() {
-        let fits = "/".to_string() + &"a".repeat(90);
-        assert_eq!(socket_dir(Path::new(&fits)), Some(fits.clone()));
-        assert_eq!(socket_dir(Path::new(&format!("{fits}b"))), None, "92 bytes");
-        assert_eq!(socket_dir(Path::new("/srv/my data/pg")), None, "a space");
-        assert_eq!(socket_dir(Path::new("/srv/it's/pg")), None, "a quote");
-        assert_eq!(socket_dir(Path::new("relative/pg")), None);
-        let dir = std::env::temp_dir().join(format!("fluxbase-sock-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let root = dir.canonicalize().unwrap();
-        // No socket there (a cluster started by an older server): loopback TCP.
-        assert_eq!(
-            url_at(&root, 5999, "pw", "db"),
-            "postgres://fluxbase:pw@127.0.0.1:5999/db"
-        );
-        std::fs::write(root.join(".s.PGSQL.5999"), b"").unwrap();
-        let url = url_at(&root, 5999, "pw", "db");
-        let cfg: tokio_postgres::Config = url.parse().unwrap();
-        assert_eq!(
-            cfg.get_hosts(),
-            &[tokio_postgres::config::Host::Unix(root.clone())],
-            "{url}"
-        );
-        assert_eq!(cfg.get_ports(), &[5999]);
-        let _ = std::fs::remove_dir_all(&dir);
-    }
 
     fn scratch() -> PathBuf {
         let dir = std::env::temp_dir().join(format!(

@@ -283,15 +283,8 @@ async fn open_cli(mut config: Config, role: &str) -> Result<(SharedApp, Option<D
         CliCluster::Attach { pid, port } => {
             tracing::info!(pid, port, "using the cluster of the running server");
             let secrets = fluxbase::secrets::Secrets::load_or_create(&config.data_dir)?;
-            config.database_url = Some(
-                fluxbase::embedded::url_at(
-                    &config.data_dir.join("pg"),
-                    port,
-                    &secrets.pg_password,
-                    "fluxbase",
-                )
-                .into(),
-            );
+            config.database_url =
+                Some(fluxbase::embedded::url_at(port, &secrets.pg_password, "fluxbase").into());
             // The server's MariaDB too, never one of our own beside it on the same files.
             if config.mysql_url.is_none() {
                 match fluxbase::mysql::embedded::running_port(&config.data_dir.join("mariadb")) {
@@ -388,12 +381,7 @@ async fn postgresql_findings(config: &Config) -> Result<Vec<fluxbase::doctor::Fi
                     println!(
                         "checking the embedded cluster of the running server (pid {pid}, port {port})"
                     );
-                    let url = fluxbase::embedded::url_at(
-                        &config.data_dir.join("pg"),
-                        port,
-                        &secrets.pg_password,
-                        "fluxbase",
-                    );
+                    let url = fluxbase::embedded::url_at(port, &secrets.pg_password, "fluxbase");
                     fluxbase::doctor::check(&ClusterTarget::from_url(&url)?).await?
                 }
                 CliCluster::Own(lock) => {

@@ -131,37 +131,6 @@ pub async fn on_throwaway_cluster<T>(
     Ok(value)
 }
 
-/// Whether `BENCH_PG_TRANSPORT=tcp` asks the in-process server (and the references following
-/// it) to reach the cluster over loopback TCP instead of its Unix socket: an A/B of transports.
-pub fn pg_over_tcp() -> bool {
-    std::env::var("BENCH_PG_TRANSPORT").is_ok_and(|v| v == "tcp")
-}
-
-/// The superuser URL of `database` the in-process server is given: the cluster's own (its
-/// Unix socket when it has one, as the server uses it), or loopback TCP under
-/// `BENCH_PG_TRANSPORT=tcp`.
-pub fn server_url(cluster: &Cluster, database: &str) -> String {
-    if pg_over_tcp() {
-        format!(
-            "postgres://{}:{}@127.0.0.1:{}/{database}",
-            fluxbase::embedded::SUPERUSER,
-            cluster.password,
-            cluster.port
-        )
-    } else {
-        cluster.url(database)
-    }
-}
-
-/// What libpq's tools get as `-h` to reach `cluster` the way the in-process server does.
-pub fn pg_host(cluster: &Cluster) -> String {
-    if pg_over_tcp() {
-        "127.0.0.1".to_string()
-    } else {
-        cluster.host()
-    }
-}
-
 /// The server in this process on `cluster` (its data under `dir/app`, a free loopback port),
 /// with `tweak` applied to the configuration.
 pub async fn start_app(
@@ -172,7 +141,7 @@ pub async fn start_app(
     let mut config = Config {
         listen: "127.0.0.1:0".parse()?,
         data_dir: dir.join("app"),
-        database_url: Some(server_url(cluster, "fluxbase").into()),
+        database_url: Some(cluster.url("fluxbase").into()),
         ..Config::default()
     };
     tweak(&mut config);

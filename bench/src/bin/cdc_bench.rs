@@ -43,8 +43,7 @@
 //! Environment: BENCH_ROWS (inserts, default 200000), BENCH_UPDATES (wide-row updates, default
 //! 20000), BENCH_WIDE_BYTES (default 1000), BENCH_BATCH (rows per transaction, default 1000),
 //! BENCH_ROUNDS (default 3), BENCH_WARMUP (default 1), BENCH_TPS (default 1000), BENCH_LATENCY_SECONDS (default 10),
-//! BENCH_PG_TRANSPORT (`tcp`: the server and pg_recvlogical over loopback TCP instead of the
-//! cluster's Unix socket, for comparing the two), FLUXBASE_LOG (server log filter, default warn).
+//! FLUXBASE_LOG (server log filter, default warn).
 
 use std::path::PathBuf;
 use std::process::Stdio;
@@ -779,13 +778,7 @@ async fn pg_recvlogical(
 ) -> Result<ReferenceRun> {
     let mut command = tokio::process::Command::new(pg_bindir()?.join("pg_recvlogical"));
     command
-        // The server's own transport (the cluster's Unix socket when it has one).
-        .args([
-            "-h",
-            &fluxbase_bench::pg_host(cluster),
-            "-p",
-            &cluster.port.to_string(),
-        ])
+        .args(["-h", "127.0.0.1", "-p", &cluster.port.to_string()])
         .args(["-U", SUPERUSER, "-d", db, "--slot", RECV_SLOT, "--start"])
         .arg(format!("--endpos={}", fmt_lsn(end)))
         .args(["--no-loop", "-f", "/dev/null"])

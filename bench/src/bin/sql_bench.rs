@@ -512,12 +512,6 @@ async fn main() -> Result<()> {
         .context("port in postmaster.pid")?
         .trim()
         .to_string();
-    // The references connect as the server does: over the cluster's Unix socket when
-    // postmaster.pid names its directory (line 5), else loopback TCP.
-    let pg_host = match pid_file.lines().nth(4).map(str::trim) {
-        Some(dir) if dir.starts_with('/') => dir.to_string(),
-        _ => "127.0.0.1".to_string(),
-    };
     let secrets: Value =
         serde_json::from_str(&std::fs::read_to_string(data.join("secrets.json"))?)?;
     let pg_password = secrets["pg_password"]
@@ -527,15 +521,10 @@ async fn main() -> Result<()> {
     let bindir = pg_bindir()?;
     let db = format!("fx_{project}");
     let pg = {
-        let (bindir, pg_port, pg_password, pg_host) = (
-            bindir.clone(),
-            pg_port.clone(),
-            pg_password.clone(),
-            pg_host.clone(),
-        );
+        let (bindir, pg_port, pg_password) = (bindir.clone(), pg_port.clone(), pg_password.clone());
         move |program: &str| {
             let mut c = Command::new(bindir.join(program));
-            c.args(["-h", &pg_host, "-p", &pg_port, "-U", "fluxbase"])
+            c.args(["-h", "127.0.0.1", "-p", &pg_port, "-U", "fluxbase"])
                 .env("PGPASSWORD", &pg_password);
             c
         }
@@ -568,8 +557,7 @@ async fn main() -> Result<()> {
         .await?;
     let bare = start_bare(&answer)?;
     let node = if with_node {
-        let host = pg_host.replace('/', "%2F");
-        let url = format!("postgres://fluxbase:{pg_password}@{host}:{pg_port}/{db}");
+        let url = format!("postgres://fluxbase:{pg_password}@127.0.0.1:{pg_port}/{db}");
         Some(start_node(
             &root.join("bench/node"),
             &url,
