@@ -296,3 +296,44 @@ async fn deleting_a_project_while_its_statements_run_gives_its_accounts_places_b
     assert_eq!(app.app.sql.account_shares_in_use(), 0);
     app.stop().await;
 }
+
+/// A client that hangs up leaves its statement holding its account's place until the statement
+/// ends (the request runs to its end in a task of its own): hanging up never frees room the
+/// database has not freed, for the account as for the project.
+#[tokio::test]
+async fn a_client_hanging_up_leaves_its_statement_holding_its_accounts_place() {
+    let app = spawn_app_with(|c| {
+        c.sql_project_connections = 2;
+        c.sql_account_connections = 2;
+        c.sql_queue_timeout_ms = 1_000;
+    })
+    .await;
+    let a = app.fixture().await;
+    let (second, second_read) = another_project(&app, &a.token, "postgresql").await;
+    let watcher = crate::support::cluster::pg().await.client("postgres").await;
+    let sleeps: Vec<_> = (0..2)
+        .map(|_| app.spawn_sql(&a.read, &a.project, "SELECT pg_sleep(20)"))
+        .collect();
+    until_sleeping(&watcher, &[&a.project], 2, &sleeps).await;
+    // The clients hang up; their statements still run.
+    for task in &sleeps {
+        task.abort();
+    }
+    for task in sleeps {
+        assert!(task.await.unwrap_err().is_cancelled());
+    }
+    assert_eq!(sleeping(&watcher, &[&a.project]).await, 2);
+    let (status, body) = app
+        .call(
+            "POST",
+            "/api/execute-sql",
+            Some(&second_read),
+            Some(json!({ "projectId": second, "query": "SELECT 1" })),
+        )
+        .await;
+    assert_eq!(status, 429, "{body}");
+    let message = body["error"]["message"].as_str().unwrap();
+    assert!(message.contains("sql_account_connections"), "{message}");
+    assert_eq!(sleeping(&watcher, &[&a.project]).await, 2);
+    app.stop().await;
+}
