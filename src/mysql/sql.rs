@@ -131,35 +131,9 @@ impl Pools {
         let _ = self.cluster.set(leadership);
     }
 
-    /// A place in `project`'s account's share on this node (none when account shares are
-    /// off), waiting until `deadline`, then 429 naming `sql_account_connections`.
-    async fn account_place(
-        &self,
-        project: &crate::auth::Project,
-        deadline: tokio::time::Instant,
-    ) -> Result<Option<tokio::sync::OwnedSemaphorePermit>, SqlError> {
-        let nodes = self.cluster.get().map_or(1, |l| l.node_count().max(1));
-        let bound = self.accounts.size();
-        let size = crate::cluster::per_node(bound, nodes);
-        self.accounts
-            .acquire(&project.account(), size, deadline)
-            .await
-            .map_err(|()| {
-                tracing::info!(project_id = %project.id, account = %project.account(),
-                    "MySQL request refused: its account's share is in use");
-                SqlError::Busy(if nodes > 1 {
-                    format!(
-                        "the projects of this project's account already run {size} SQL requests \
-                         at once on this node (its share of sql_account_connections = {bound} \
-                         across {nodes} nodes); retry shortly"
-                    )
-                } else {
-                    format!(
-                        "the projects of this project's account already run {bound} SQL \
-                         requests at once (sql_account_connections); retry shortly"
-                    )
-                })
-            })
+    /// The nodes that split `sql_account_connections` (1: a single node).
+    fn nodes(&self) -> usize {
+        self.cluster.get().map_or(1, |l| l.node_count().max(1))
     }
 
     /// Closes a project's idle connections (deletion, suspension).
@@ -529,6 +503,8 @@ impl Mysql {
             .server()
             .await
             .map_err(|e| SqlError::Unavailable(format!("{e:#}")))?;
+        // The budget is sized first: the account's share is at most half of it.
+        self.sql.ensure_budget(target).await?;
         // One wait for the project's share and then the account's.
         let deadline = tokio::time::Instant::now() + self.sql.queue_timeout;
         let share = self.sql.share(&project.id);
@@ -544,7 +520,16 @@ impl Mysql {
             .map_err(|_| SqlError::Unavailable("the project is being closed".into()))?;
         let share = SharePlaces {
             project: share,
-            account: self.sql.account_place(project, deadline).await?,
+            account: self
+                .sql
+                .accounts
+                .place(
+                    project,
+                    self.sql.nodes(),
+                    self.sql.budget.permits.get().map_or(0, |(_, size)| *size),
+                    deadline,
+                )
+                .await?,
         };
         let key = (project.id.clone(), access.db_role);
         let mut repaired = false;
@@ -555,7 +540,6 @@ impl Mysql {
             // A place in the server-wide budget (≤ sql_queue_timeout_ms, then 429), then a
             // login, bounded like the PostgreSQL pool's (a slow login under load is not a
             // busy project).
-            self.sql.ensure_budget(target).await?;
             let permit = self.sql.permit().await?;
             let opts = self.opts(target, &project.id, &project.db_name, access.db_role);
             match tokio::time::timeout(crate::sql::LOGIN_BOUND, Conn::new(opts)).await {

@@ -228,6 +228,11 @@ impl Budget {
         Ok(())
     }
 
+    /// The connections the budget holds (0: not sized yet).
+    pub(super) fn size(&self) -> usize {
+        self.permits.get().map_or(0, |(_, size)| *size)
+    }
+
     /// A place for one more connection: a free one, or one freed by closing an idle
     /// connection of any pool, or one that frees up within the wait.
     async fn permit(&self) -> Result<tokio::sync::OwnedSemaphorePermit, PoolFailure> {
@@ -500,38 +505,6 @@ impl Sql {
         (crate::cluster::per_node(self.project_share, nodes), nodes)
     }
 
-    /// A place in `project`'s account's share (none when account shares are off), waiting
-    /// until `deadline`, then 429 naming `sql_account_connections`.
-    async fn account_place(
-        &self,
-        project: &Project,
-        deadline: tokio::time::Instant,
-    ) -> Result<Option<tokio::sync::OwnedSemaphorePermit>, SqlError> {
-        let nodes = self.nodes();
-        let bound = self.accounts.size();
-        let size = crate::cluster::per_node(bound, nodes);
-        self.accounts
-            .acquire(&project.account(), size, deadline)
-            .await
-            .map_err(|()| {
-                tracing::info!(project_id = %project.id, account = %project.account(),
-                    "SQL request refused: its account's share is in use");
-                SqlError::Busy(if nodes > 1 {
-                    format!(
-                        "The projects of this project's account already run {size} SQL requests \
-                         at once on this node (its share of sql_account_connections = {bound} \
-                         across {nodes} nodes); retry when one has finished."
-                    )
-                } else {
-                    format!(
-                        "The projects of this project's account already run {bound} SQL \
-                         requests at once (sql_account_connections); retry when one has \
-                         finished."
-                    )
-                })
-            })
-    }
-
     /// The project's share of connections. In cluster mode a share whose size the node count
     /// changed is replaced for later requests (those holding the old one finish on it).
     fn share(&self, project_id: &str, size: usize) -> Arc<tokio::sync::Semaphore> {
@@ -665,7 +638,10 @@ impl Sql {
         };
         let shares = super::shares::SharePlaces {
             project: share,
-            account: self.account_place(project, deadline).await?,
+            account: self
+                .accounts
+                .place(project, self.nodes(), self.budget.size(), deadline)
+                .await?,
         };
         let conn = rp.pool.get().await.map_err(|e| match e {
             managed::PoolError::Backend(PoolFailure::Wire(WireError::Auth(m))) => {

@@ -23,10 +23,15 @@ use std::sync::{Arc, Mutex, Weak};
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
+use super::SqlError;
+use crate::auth::Project;
+
 /// Accounts' shares of SQL connections on this server.
 pub struct AccountShares {
     /// `sql_account_connections` as it applies (never below the project share); 0: off.
     size: usize,
+    /// `sql_project_connections`.
+    project: usize,
     map: Mutex<AccountMap>,
 }
 
@@ -66,6 +71,7 @@ impl AccountShares {
         };
         AccountShares {
             size,
+            project,
             map: Mutex::default(),
         }
     }
@@ -75,9 +81,58 @@ impl AccountShares {
         self.size
     }
 
+    /// The places of one account on this node: `sql_account_connections` split between the
+    /// `nodes` ([`crate::cluster::per_node`]; 1: a single node), and at most half of this
+    /// node's connection budget (`budget`, 0: not sized yet) but never below the node's project
+    /// share: on a small cluster the setting alone would let one account hold the whole budget
+    /// (16 of `sql_max_connections = 16`, the red team's measurement), so at least half of it
+    /// stays for the other accounts.
+    pub fn size_on_node(&self, nodes: usize, budget: usize) -> usize {
+        let size = crate::cluster::per_node(self.size, nodes);
+        match budget {
+            0 => size,
+            budget => size.min((budget / 2).max(crate::cluster::per_node(self.project, nodes))),
+        }
+    }
+
+    /// A place in `project`'s account's share on this node ([`AccountShares::size_on_node`]),
+    /// waiting until `deadline`, then 429 naming `sql_account_connections`. `None`: account
+    /// shares are off.
+    pub async fn place(
+        &self,
+        project: &Project,
+        nodes: usize,
+        budget: usize,
+        deadline: tokio::time::Instant,
+    ) -> Result<Option<OwnedSemaphorePermit>, SqlError> {
+        let size = self.size_on_node(nodes, budget);
+        let account = project.account();
+        self.acquire(&account, size, deadline).await.map_err(|()| {
+            tracing::debug!(project_id = %project.id, %account,
+                "SQL request refused: its account's share is in use");
+            let per_node = crate::cluster::per_node(self.size, nodes);
+            let whose = match (nodes > 1, size < per_node) {
+                (false, false) => "sql_account_connections".to_string(),
+                (true, false) => format!(
+                    "this node's share of sql_account_connections = {} across {nodes} nodes",
+                    self.size
+                ),
+                (_, true) => format!(
+                    "sql_account_connections = {}, here half of the server's {budget} SQL \
+                     connections (sql_max_connections)",
+                    self.size
+                ),
+            };
+            SqlError::Busy(format!(
+                "The projects of this project's account already run {size} SQL requests at once \
+                 ({whose}); retry when one has finished."
+            ))
+        })
+    }
+
     /// A place in `account`'s share of `size` places, waiting until `deadline`; `Ok(None)`:
     /// account shares are off. `Err(())`: none came free in time.
-    pub async fn acquire(
+    async fn acquire(
         &self,
         account: &str,
         size: usize,
@@ -177,6 +232,22 @@ mod tests {
         let new = shares.acquire("a", 2, soon()).await.unwrap();
         assert!(new.is_some());
         drop(old);
+    }
+
+    #[test]
+    fn an_account_holds_at_most_half_of_the_budget_but_never_less_than_a_project() {
+        let shares = AccountShares::new(16, 8);
+        // A budget not sized yet, or a large one: the setting.
+        assert_eq!(shares.size_on_node(1, 0), 16);
+        assert_eq!(shares.size_on_node(1, 65), 16);
+        // The red team's 16: half of it.
+        assert_eq!(shares.size_on_node(1, 16), 8);
+        // Never below a project's own share.
+        assert_eq!(shares.size_on_node(1, 10), 8);
+        // Three nodes: 6 of 16 and 3 of 8 each, within half of each node's budget.
+        assert_eq!(shares.size_on_node(3, 65), 6);
+        assert_eq!(shares.size_on_node(3, 8), 4);
+        assert_eq!(shares.size_on_node(3, 4), 3);
     }
 
     #[tokio::test]
