@@ -12,6 +12,9 @@
 //! the SQL answer budget counts by ([`crate::projects::Project::account`]: the project's first
 //! admin). The project share is taken first: requests waiting on the account then hold at most
 //! their own project's share, never places another project of the same account could use.
+//! An account holds at most half of its engine's connection budget, never less than one
+//! project's share ([`AccountShares::size_on_node`]). Every checkout counts, the server's own
+//! for a project too (realtime RLS evaluations, the policy API): they hold the same connections.
 //!
 //! An account's share lives while a request holds or waits on it: the map keeps only a weak
 //! reference, so accounts that ran SQL once cost nothing afterwards (dead entries are swept as
