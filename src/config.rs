@@ -28,6 +28,12 @@ pub const DEFAULT_SQL_ANSWER_PER_PROJECT: u64 = 64 * 1024 * 1024;
 /// 64 MiB, a quarter of the budget, whatever the number of projects the account has (up to
 /// `max_projects_per_user`, 10 by default: ten projects' caps would be 640 MiB).
 pub const DEFAULT_SQL_ANSWER_PER_ACCOUNT: u64 = 64 * 1024 * 1024;
+/// The default share of SQL connections of one account's projects together
+/// (`sql_account_connections`): two projects' full shares (`sql_project_connections`, 8), so
+/// an account with a second busy project is not slowed, while ten projects no longer hold 80.
+/// A quarter of the ~65 connections a PostgreSQL of default `max_connections` (100) leaves the
+/// budget: four accounts at full tilt leave room for the others.
+pub const DEFAULT_SQL_ACCOUNT_CONNECTIONS: usize = 16;
 /// The default time a client has to take an answer (`sql_answer_send_timeout_secs`): 60 s.
 pub const DEFAULT_SQL_ANSWER_SEND_TIMEOUT_SECS: u64 = 60;
 
@@ -272,6 +278,11 @@ pub struct Config {
     /// Requests of one project running SQL at once (all its keys and members together); the
     /// next ones wait up to `sql_queue_timeout_ms`, then get 429.
     pub sql_project_connections: usize,
+    /// Requests of all the projects of one account (each project's first admin, as for
+    /// `sql_answer_budget_per_account_bytes`) running SQL at once, taken beside each project's
+    /// share; the next ones wait up to `sql_queue_timeout_ms`, then get 429. 0: off; a value
+    /// below `sql_project_connections` is raised to it.
+    pub sql_account_connections: usize,
     /// How long a request waits for its project's share (and a connection), in milliseconds.
     pub sql_queue_timeout_ms: u64,
     /// Seconds a pooled SQL connection may sit idle before it is closed.
@@ -381,6 +392,7 @@ impl Default for Config {
             max_projects: 0,
             sql_max_connections: 0,
             sql_project_connections: 8,
+            sql_account_connections: DEFAULT_SQL_ACCOUNT_CONNECTIONS,
             sql_queue_timeout_ms: 5_000,
             sql_idle_timeout_secs: 60,
             nats_url: None,

@@ -104,11 +104,12 @@ pub struct Asker {
 }
 
 impl Asker {
-    /// The key of the account ledger.
+    /// The key of the account ledger: the same as the SQL connections' account share's
+    /// ([`crate::projects::account_key`]).
     fn account_key(&self) -> Arc<str> {
         match &self.account {
             Some(account) => account.clone(),
-            None => Arc::from(format!("project {}", self.project)),
+            None => Arc::from(crate::projects::account_key(&self.project, None)),
         }
     }
 }

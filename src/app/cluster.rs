@@ -406,6 +406,7 @@ impl App {
             leadership: mode.leadership.clone(),
         }));
         self.sql.join_cluster(mode.leadership.clone());
+        self.mysql.sql.join_cluster(mode.leadership.clone());
     }
 
     /// Cluster mode: starts taking leadership (when the server starts serving).

@@ -2,7 +2,8 @@
 //! answered in the guide's shapes, exactly as for PostgreSQL (see `crate::sql`).
 //!
 //! ```text
-//!  request ─► project share (sql_project_connections, ≤ sql_queue_timeout_ms, then 429)
+//!  request ─► project share (sql_project_connections) ┐ ≤ sql_queue_timeout_ms, then 429
+//!           ─► account share (sql_account_connections) ┘ (`crate::sql::shares`)
 //!           ─► pool[(project, account)] (mysql_async, ≤ min(pool_size, share) connections,
 //!              COM_RESET_CONNECTION when a connection comes back, idle ones closed)
 //!           ─► no params: the text protocol, a script of several statements allowed
@@ -32,6 +33,7 @@ use super::Mysql;
 use crate::auth::{Access, DbRole};
 use crate::config::Config;
 
+use crate::sql::shares::{AccountShares, SharePlaces};
 use crate::sql::{AnswerMemory, AnswerText, SqlError, SqlRequest};
 
 /// Extra time past `statement_timeout` before the server kills a statement itself (the
@@ -47,6 +49,14 @@ pub struct Pools {
     /// so they are known from their `json_valid` check in the catalog. Emptied by DDL.
     json_columns: Mutex<HashMap<String, Arc<JsonColumns>>>,
     shares: Mutex<HashMap<String, Arc<tokio::sync::Semaphore>>>,
+    /// Per account (all its projects together): requests that may hold a connection at once
+    /// (`sql_account_connections`).
+    accounts: AccountShares,
+    /// Cluster mode: `sql_account_connections` is an account's bound across the cluster, and
+    /// this node's share of it is [`crate::cluster::per_node`] (as on PostgreSQL). The project
+    /// share needs no split here: the MySQL server bounds each project account to
+    /// `sql_project_connections` sessions itself (`MAX_USER_CONNECTIONS`), whatever the node.
+    cluster: std::sync::OnceLock<Arc<crate::cluster::leadership::Leadership>>,
     pool_size: usize,
     project_share: usize,
     queue_timeout: Duration,
@@ -100,6 +110,11 @@ impl Pools {
             },
             json_columns: Mutex::default(),
             shares: Mutex::default(),
+            accounts: AccountShares::new(
+                config.sql_account_connections,
+                config.sql_project_connections,
+            ),
+            cluster: std::sync::OnceLock::new(),
             pool_size: config.pool_size.max(1),
             project_share: config.sql_project_connections,
             queue_timeout: Duration::from_millis(config.sql_queue_timeout_ms),
@@ -109,6 +124,16 @@ impl Pools {
             max_response_bytes: config.max_response_bytes,
             repair: tokio::sync::Mutex::new(()),
         }
+    }
+
+    /// Cluster mode: the account share is split between the nodes (see [`Pools::cluster`]).
+    pub fn join_cluster(&self, leadership: Arc<crate::cluster::leadership::Leadership>) {
+        let _ = self.cluster.set(leadership);
+    }
+
+    /// The nodes that split `sql_account_connections` (1: a single node).
+    fn nodes(&self) -> usize {
+        self.cluster.get().map_or(1, |l| l.node_count().max(1))
     }
 
     /// Closes a project's idle connections (deletion, suspension).
@@ -183,16 +208,11 @@ impl Pools {
     /// Gives a connection back: reset (COM_RESET_CONNECTION, then the session's setup again:
     /// variables, temporary tables, prepared statements, locks, an open transaction all gone)
     /// and kept idle, or closed if the reset fails or the account already keeps
-    /// min(pool_size, sql_project_connections) idle. The request's share of its project is
-    /// given back only then: a connection being reset still counts against the project (so an
-    /// account never logs in more than `sql_project_connections` times, its
-    /// `MAX_USER_CONNECTIONS`).
-    fn give_back(
-        &self,
-        key: (String, DbRole),
-        held: Held,
-        share: tokio::sync::OwnedSemaphorePermit,
-    ) {
+    /// min(pool_size, sql_project_connections) idle. The request's shares of its project and
+    /// its account are given back only then: a connection being reset still counts against the
+    /// project (so an account never logs in more than `sql_project_connections` times, its
+    /// `MAX_USER_CONNECTIONS`) and its account.
+    fn give_back(&self, key: (String, DbRole), held: Held, share: SharePlaces) {
         let idle = self.idle.clone();
         let went_idle = self.budget.went_idle.clone();
         let keep = self.pool_size.min(self.project_share).max(1);
@@ -483,8 +503,12 @@ impl Mysql {
             .server()
             .await
             .map_err(|e| SqlError::Unavailable(format!("{e:#}")))?;
+        // The budget is sized first: the account's share is at most half of it.
+        self.sql.ensure_budget(target).await?;
+        // One wait for the project's share and then the account's.
+        let deadline = tokio::time::Instant::now() + self.sql.queue_timeout;
         let share = self.sql.share(&project.id);
-        let share = tokio::time::timeout(self.sql.queue_timeout, share.acquire_owned())
+        let share = tokio::time::timeout_at(deadline, share.acquire_owned())
             .await
             .map_err(|_| {
                 SqlError::Busy(format!(
@@ -494,6 +518,19 @@ impl Mysql {
                 ))
             })?
             .map_err(|_| SqlError::Unavailable("the project is being closed".into()))?;
+        let share = SharePlaces {
+            project: share,
+            account: self
+                .sql
+                .accounts
+                .place(
+                    project,
+                    self.sql.nodes(),
+                    self.sql.budget.permits.get().map_or(0, |(_, size)| *size),
+                    deadline,
+                )
+                .await?,
+        };
         let key = (project.id.clone(), access.db_role);
         let mut repaired = false;
         let held = loop {
@@ -503,7 +540,6 @@ impl Mysql {
             // A place in the server-wide budget (≤ sql_queue_timeout_ms, then 429), then a
             // login, bounded like the PostgreSQL pool's (a slow login under load is not a
             // busy project).
-            self.sql.ensure_budget(target).await?;
             let permit = self.sql.permit().await?;
             let opts = self.opts(target, &project.id, &project.db_name, access.db_role);
             match tokio::time::timeout(crate::sql::LOGIN_BOUND, Conn::new(opts)).await {

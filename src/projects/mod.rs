@@ -112,6 +112,26 @@ pub struct Project {
     pub owner: Option<String>,
 }
 
+impl Project {
+    /// The account the project's use of shared resources is counted against, all its projects
+    /// together: the SQL answer budget's (`sql_answer_budget_per_account_bytes`) and the SQL
+    /// connections' (`sql_account_connections`). See [`account_key`].
+    pub fn account(&self) -> std::borrow::Cow<'_, str> {
+        account_key(&self.id, self.owner.as_deref())
+    }
+}
+
+/// The key of a project's account: its owner (the first admin), or the project itself (`project
+/// <id>`, never a user id) when no admin is left. An owner who leaves hands the project's use
+/// to the next admin for later requests; an admin is one who accepted the invitation, so
+/// nobody is made to carry another's project without agreeing to.
+pub fn account_key<'a>(project_id: &str, owner: Option<&'a str>) -> std::borrow::Cow<'a, str> {
+    match owner {
+        Some(owner) => std::borrow::Cow::Borrowed(owner),
+        None => std::borrow::Cow::Owned(format!("project {project_id}")),
+    }
+}
+
 /// A project as the API shows it (never its database's name).
 #[derive(Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]

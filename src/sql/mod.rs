@@ -27,7 +27,8 @@
 //! - [`pool`]: connections per (project, role) within the cluster's budget, checkout and reset;
 //! - [`run`]: a request's statement(s) on a checked-out connection, parameters, cancellation;
 //! - [`render`]: the answer as JSON text, written straight from PostgreSQL's text values;
-//! - [`building`]: the memory of an answer while it is built, reserved in steps (both engines).
+//! - [`building`]: the memory of an answer while it is built, reserved in steps (both engines);
+//! - [`shares`]: the connections one account's projects hold together (both engines).
 //!
 //! The type registry the rendering reads is [`crate::catalog`], shared with the change stream;
 //! the request's identity (`auth.uid()`) is [`crate::rls::identity`].
@@ -37,6 +38,7 @@ pub mod memory;
 mod pool;
 mod render;
 mod run;
+pub mod shares;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, RwLock};
@@ -216,8 +218,12 @@ pub struct Sql {
     /// Per project: requests that may hold a connection at once (and that number).
     shares: Mutex<HashMap<String, (usize, Arc<tokio::sync::Semaphore>)>>,
     project_share: usize,
-    /// Cluster mode: `sql_project_connections` is the project's bound across the cluster, and
-    /// this node's share of it is [`crate::cluster::per_node`] (see [`Sql::join_cluster`]).
+    /// Per account (all its projects together): requests that may hold a connection at once
+    /// (`sql_account_connections`, see [`shares`]).
+    accounts: shares::AccountShares,
+    /// Cluster mode: `sql_project_connections` and `sql_account_connections` are bounds across
+    /// the cluster, and this node's share of each is [`crate::cluster::per_node`] (see
+    /// [`Sql::join_cluster`]).
     cluster: std::sync::OnceLock<Arc<crate::cluster::leadership::Leadership>>,
     queue_timeout: Duration,
     types: TypeCatalog,
@@ -270,6 +276,10 @@ impl Sql {
             pools,
             shares: Mutex::new(HashMap::new()),
             project_share: config.sql_project_connections,
+            accounts: shares::AccountShares::new(
+                config.sql_account_connections,
+                config.sql_project_connections,
+            ),
             cluster: std::sync::OnceLock::new(),
             queue_timeout,
             types: TypeCatalog::default(),

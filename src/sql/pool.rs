@@ -4,7 +4,8 @@
 //! # Sharing the cluster's connections
 //!
 //! ```text
-//!  request ─► project share (sql_project_connections, wait ≤ sql_queue_timeout_ms, then 429)
+//!  request ─► project share (sql_project_connections) ┐ wait ≤ sql_queue_timeout_ms,
+//!           ─► account share (sql_account_connections) ┘ then 429 naming the one refusing
 //!               ─► pool[(project, role)] ─► idle connection, or a new one:
 //!                    global budget (sql_max_connections ≤ ¾ of what the cluster's max_connections
 //!                    leaves after its reserved ones, other clients and this server's own)
@@ -13,8 +14,9 @@
 //!                    └─ none idle: wait ≤ sql_queue_timeout_ms, then 429
 //!  reaper: every pooled connection idle for sql_idle_timeout_secs is closed
 //! ```
-//! A noisy project therefore waits on its own share while the rest of the budget serves the
-//! others, and what an attack opened is closed again once it is over.
+//! A noisy project therefore waits on its own share, and a noisy account's projects on the
+//! account's ([`super::shares`]), while the rest of the budget serves the others, and what an
+//! attack opened is closed again once it is over.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -226,6 +228,11 @@ impl Budget {
         Ok(())
     }
 
+    /// The connections the budget holds (0: not sized yet).
+    pub(super) fn size(&self) -> usize {
+        self.permits.get().map_or(0, |(_, size)| *size)
+    }
+
     /// A place for one more connection: a free one, or one freed by closing an idle
     /// connection of any pool, or one that frees up within the wait.
     async fn permit(&self) -> Result<tokio::sync::OwnedSemaphorePermit, PoolFailure> {
@@ -374,10 +381,11 @@ pub(super) async fn close_idle(pools: std::sync::Weak<PoolMap>, idle_timeout: Du
     }
 }
 
-/// A pooled connection checked out for a request, holding its project's share until released.
+/// A pooled connection checked out for a request, holding its project's and its account's
+/// shares until released.
 pub struct Checkout {
     conn: Object<BudgetedManager>,
-    _share: tokio::sync::OwnedSemaphorePermit,
+    _shares: super::shares::SharePlaces,
     budget: Arc<Budget>,
     /// This use ran one plain statement that succeeded (see [`Checkout::ran_one_plain_statement`]).
     plain: bool,
@@ -432,7 +440,7 @@ const SESSION_RESET_ALONE: &str = "SELECT auth.reset_session(true, NULL::pg_cata
 pub fn release(conn: Checkout) {
     let Checkout {
         mut conn,
-        _share,
+        _shares,
         budget,
         plain,
     } = conn;
@@ -477,22 +485,24 @@ pub fn release(conn: Checkout) {
 }
 
 impl Sql {
-    /// Cluster mode: `sql_project_connections` bounds a project across every node; each node
-    /// takes `ceil(sql_project_connections / nodes)` (as many as the leadership loop last saw).
+    /// Cluster mode: `sql_project_connections` bounds a project, and `sql_account_connections`
+    /// an account's projects, across every node; each node takes `ceil(bound / nodes)` of each
+    /// (as many nodes as the leadership loop last saw).
     pub fn join_cluster(&self, leadership: Arc<crate::cluster::leadership::Leadership>) {
         let _ = self.cluster.set(leadership);
+    }
+
+    /// The nodes this node shares the per-project and per-account bounds with (1: a single
+    /// node).
+    fn nodes(&self) -> usize {
+        self.cluster.get().map_or(1, |l| l.node_count().max(1))
     }
 
     /// How many SQL requests of one project this node runs at once, and the nodes it shares
     /// `sql_project_connections` with (1: a single node).
     fn project_share(&self) -> (usize, usize) {
-        match self.cluster.get() {
-            None => (self.project_share, 1),
-            Some(l) => {
-                let nodes = l.node_count();
-                (crate::cluster::per_node(self.project_share, nodes), nodes)
-            }
-        }
+        let nodes = self.nodes();
+        (crate::cluster::per_node(self.project_share, nodes), nodes)
     }
 
     /// The project's share of connections. In cluster mode a share whose size the node count
@@ -528,6 +538,11 @@ impl Sql {
         for (_, rp) in self.pools.lock().expect("poisoned").drain() {
             rp.pool.close();
         }
+    }
+
+    /// Accounts with a SQL request holding or waiting on their share now.
+    pub fn account_shares_in_use(&self) -> usize {
+        self.accounts.active()
     }
 
     /// Pooled connections (idle and in use) across all projects.
@@ -592,16 +607,18 @@ impl Sql {
         Ok(rp)
     }
 
-    /// A connection for `project`: first a place in its share, then one from the pool.
+    /// A connection for `project`: first a place in its share, then in its account's (one
+    /// wait for both), then one from the pool.
     pub(super) async fn checkout(
         &self,
         project: &Project,
         rp: &RolePool,
     ) -> Result<Checkout, SqlError> {
         self.budget.ensure(&self.control).await?;
+        let deadline = tokio::time::Instant::now() + self.queue_timeout;
         let (size, nodes) = self.project_share();
         let share = self.share(&project.id, size);
-        let share = match tokio::time::timeout(self.queue_timeout, share.acquire_owned()).await {
+        let share = match tokio::time::timeout_at(deadline, share.acquire_owned()).await {
             Ok(Ok(permit)) => permit,
             _ if nodes > 1 => {
                 return Err(SqlError::Busy(format!(
@@ -618,6 +635,13 @@ impl Sql {
                     self.project_share
                 )))
             }
+        };
+        let shares = super::shares::SharePlaces {
+            project: share,
+            account: self
+                .accounts
+                .place(project, self.nodes(), self.budget.size(), deadline)
+                .await?,
         };
         let conn = rp.pool.get().await.map_err(|e| match e {
             managed::PoolError::Backend(PoolFailure::Wire(WireError::Auth(m))) => {
@@ -636,7 +660,7 @@ impl Sql {
         })?;
         Ok(Checkout {
             conn,
-            _share: share,
+            _shares: shares,
             budget: self.budget.clone(),
             plain: false,
         })

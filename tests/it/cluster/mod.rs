@@ -9,6 +9,7 @@
 //!   and the same workload with NATS killed and restarted in its middle (nothing lost);
 //! - `restart`: all three nodes restarted, a `since` resume gets what it missed;
 //! - `rate_limit`: the per-key limit holds across nodes;
+//! - `shares`: each node takes its share of an account's SQL connections;
 //! - `mysql`: a MySQL project (binlog stream) on three nodes sharing one MariaDB: every
 //!   subscriber on every node gets every change once, in order, under the same ids, through a
 //!   kill -9 of its leader; a cluster without `mysql_url` refuses MySQL projects (and a node
@@ -27,6 +28,7 @@ mod fanout;
 mod mysql;
 mod rate_limit;
 mod restart;
+mod shares;
 mod suspended;
 mod workload;
 

@@ -13,4 +13,5 @@ mod isolation;
 mod redteam;
 mod retention;
 mod sandbox;
+mod shares;
 mod values;

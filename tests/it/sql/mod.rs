@@ -7,4 +7,5 @@ mod memory;
 mod reset;
 mod rls;
 mod sandbox;
+pub(crate) mod shares;
 mod values;
