@@ -106,7 +106,7 @@ impl App {
                 (target, Some(cluster))
             }
         };
-        let control = crate::db::open_control(&cluster, 8).await?;
+        let control = crate::db::open_control(&cluster, crate::db::CONTROL_CONNECTIONS).await?;
         let cluster_mode = match &config.nats_url {
             None => None,
             Some(_) => {

@@ -155,6 +155,10 @@ impl ClusterTarget {
     }
 }
 
+/// Sessions of the server's control pool (requests' control queries, the streams' slot
+/// checks and lag).
+pub const CONTROL_CONNECTIONS: usize = 8;
+
 /// Opens the control database (creating it when missing), applies migrations, returns a pool.
 pub async fn open_control(target: &ClusterTarget, pool_size: usize) -> Result<Pool> {
     if let Err(e) = target.connect(&target.control_db).await {

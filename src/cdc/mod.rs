@@ -60,12 +60,12 @@ use fluxbase_replication::client::{
 };
 use fluxbase_replication::pgoutput::{self, DecodeContext, LogicalReplicationMessage, Lsn};
 use fluxbase_replication::values::TypeRegistry;
-use fluxbase_replication::wire::{ConnectConfig, Connection, WireError};
+use fluxbase_replication::wire::{ConnectConfig, WireError};
 use serde::Serialize;
 
 use crate::bus::{Bus, Event, EventBus, ProjectChannel};
 use crate::config::Config;
-use crate::db::{quote_literal, ClusterTarget};
+use crate::db::ClusterTarget;
 use crate::projects::Engine;
 use crate::secrets::Secrets;
 
@@ -280,6 +280,10 @@ struct Sources<B: EventBus> {
     bus: Arc<B>,
     secrets: Secrets,
     settings: StreamSettings,
+    /// The cluster's WAL end (`pg_current_wal_lsn()`) for every stream's lag, read every
+    /// [`LAG_CHECK`] by one task ([`watch_wal_end`]): the same for all projects, so no stream
+    /// keeps a session of its own for it.
+    wal_end: Mutex<Option<Lsn>>,
 }
 
 impl<B: EventBus> Sources<B> {
@@ -347,6 +351,7 @@ impl Cdc {
                 bus,
                 secrets,
                 settings,
+                wal_end: Mutex::new(None),
             }),
             on_start: OnceLock::new(),
             streams: Mutex::new(HashMap::new()),
@@ -447,8 +452,12 @@ impl Cdc {
             .enable_all()
             .build()?;
         // Another caller may have made one meanwhile: theirs is kept, this one dropped.
-        if let Err(rt) = self.runtime.set(rt) {
-            rt.shutdown_background();
+        match self.runtime.set(rt) {
+            Ok(()) => {
+                let rt = self.runtime.get().expect("set above");
+                rt.spawn(watch_wal_end(Arc::downgrade(&self.sources)));
+            }
+            Err(rt) => rt.shutdown_background(),
         }
         Ok(self.runtime.get().expect("set above").handle().clone())
     }
@@ -667,6 +676,8 @@ enum StreamError {
     Rewind,
     #[error("the server ended the replication stream")]
     Ended,
+    #[error("reading the slot's state from the control database: {0}")]
+    Control(String),
 }
 
 impl StreamError {
@@ -684,7 +695,7 @@ impl StreamError {
             // The spill directory: a full disk may be freed.
             StreamError::Assemble(assemble::AssembleError::Spill(_)) => true,
             // The server closed the stream (a shutdown): it resumes from the slot.
-            StreamError::Ended | StreamError::Rewind => true,
+            StreamError::Ended | StreamError::Rewind | StreamError::Control(_) => true,
             StreamError::Decode(_) | StreamError::Assemble(_) | StreamError::SlotLost(_) => false,
         }
     }
@@ -760,6 +771,31 @@ async fn run_stream<B: EventBus>(
     }
 }
 
+/// How often the streams' lag (the cluster's WAL end against each slot's confirmed position)
+/// is refreshed.
+const LAG_CHECK: Duration = Duration::from_secs(5);
+
+/// Reads the cluster's WAL end every [`LAG_CHECK`] through the control pool, for as long as the
+/// streams' service lives.
+async fn watch_wal_end<B: EventBus>(sources: std::sync::Weak<Sources<B>>) {
+    loop {
+        let Some(s) = sources.upgrade() else { return };
+        let read = async {
+            let c = s.control.get().await.ok()?;
+            let row = c
+                .query_one("SELECT pg_current_wal_lsn()::text", &[])
+                .await
+                .ok()?;
+            row.get::<_, String>(0).parse::<Lsn>().ok()
+        };
+        if let Some(lsn) = read.await {
+            *s.wal_end.lock().expect("poisoned") = Some(lsn);
+        }
+        drop(s);
+        tokio::time::sleep(LAG_CHECK).await;
+    }
+}
+
 /// A message, event or transaction at least this large is handled in [`blocking`]: below it the
 /// work is short and handing the worker over would cost more than it saves.
 pub(crate) const HEAVY_BYTES: usize = 1 << 20;
@@ -810,24 +846,31 @@ async fn stream_once<B: EventBus>(
     // durable subscribers that asked for them receive events from this pass on.
     let generation = bus.start_pass();
 
-    // Catalog side connection: slot health and user-defined types.
-    let mut catalog = Connection::connect(&cfg).await?;
-    let check = catalog
-        .simple_query(
-            &format!(
-                "SELECT wal_status FROM pg_replication_slots WHERE slot_name = {}",
-                quote_literal(&slot)
-            ),
-            1,
-        )
-        .await?;
-    match check.last.and_then(|r| r.rows.into_iter().next()) {
+    // The slot's health, from the cluster's view (the control pool: a stream keeps no session
+    // of its own besides its walsender, so projects do not spend the cluster's connections).
+    let wal_status = {
+        let control = sources
+            .control
+            .get()
+            .await
+            .map_err(|e| StreamError::Control(e.to_string()))?;
+        control
+            .query_opt(
+                "SELECT wal_status FROM pg_catalog.pg_replication_slots WHERE slot_name = $1",
+                &[&slot],
+            )
+            .await
+            .map_err(|e| StreamError::Control(e.to_string()))?
+            .map(|r| r.get::<_, Option<String>>(0))
+    };
+    match wal_status {
         None => return Err(StreamError::SlotLost(slot)),
-        Some(row) if row.first().and_then(|v| v.as_deref()) == Some("lost") => {
-            return Err(StreamError::SlotLost(slot))
-        }
+        Some(Some(s)) if s == "lost" => return Err(StreamError::SlotLost(slot)),
         Some(_) => {}
     }
+    // User-defined types are read from the project's catalog when a relation brings one not
+    // known yet: a session opened for that and closed again.
+    let mut catalog = crate::catalog::OnDemand::new(cfg.clone());
 
     let client = ReplicationClient::connect(&cfg).await?;
     let options = PgOutputOptions {
@@ -874,9 +917,8 @@ async fn stream_once<B: EventBus>(
                         ctx.observe(&msg);
                         if let LogicalReplicationMessage::Relation(r) = &msg {
                             let oids: Vec<u32> = r.columns.iter().map(|c| c.type_id).collect();
-                            if let Err(e) = crate::catalog::learn_types(&mut catalog, types, &oids).await {
-                                tracing::warn!(error = %e, "reading types for the change stream");
-                            }
+                            // Not learned, its values would render wrong: the stream retries instead.
+                            catalog.learn_types(types, &oids).await?;
                         }
                         let rejected = asm.rejected_messages();
                         let spilled = asm.spilled_bytes();
@@ -926,15 +968,15 @@ async fn stream_once<B: EventBus>(
                     s.buffered_bytes = asm.memory() as u64;
                     s.peak_buffered_bytes = asm.peak_memory() as u64;
                 }
-                if lag_check.elapsed() > Duration::from_secs(5) {
+                if lag_check.elapsed() > LAG_CHECK {
                     lag_check = Instant::now();
-                    if let Ok(o) = catalog.simple_query("SELECT pg_current_wal_lsn()::text", 1).await {
-                        let server = o.last.and_then(|r| r.rows.into_iter().next()).and_then(|r| r.into_iter().next().flatten());
+                    let server = *sources.wal_end.lock().expect("poisoned");
+                    if let Some(server) = server {
                         let mut s = status.lock().expect("poisoned");
-                        if let (Some(server), Some(conf)) = (lsn_of(&server), lsn_of(&s.confirmed_lsn)) {
+                        if let Some(conf) = lsn_of(&s.confirmed_lsn) {
                             s.lag_bytes = Some(server.0.saturating_sub(conf.0));
                         }
-                        s.server_lsn = server;
+                        s.server_lsn = Some(server.to_string());
                     }
                 }
             }

@@ -56,7 +56,7 @@ use crate::rls::Identities;
 use crate::secrets::Secrets;
 
 pub use building::{AnswerMemory, AnswerText};
-pub use pool::{release, Checkout, PoolFailure, PooledConnection, LOGIN_BOUND};
+pub use pool::{own_connections, release, Checkout, PoolFailure, PooledConnection, LOGIN_BOUND};
 pub use render::SqlResponse;
 
 /// The body of `POST /api/execute-sql`. Fields it does not know are ignored: clients of the
@@ -264,6 +264,7 @@ impl Sql {
             max_response_bytes: config.max_response_bytes,
             budget: Arc::new(pool::Budget::new(
                 config.sql_max_connections,
+                pool::own_connections(config),
                 queue_timeout,
                 Arc::downgrade(&pools),
             )),

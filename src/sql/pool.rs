@@ -165,6 +165,9 @@ pub(super) struct RolePool {
 pub struct Budget {
     permits: tokio::sync::OnceCell<(Arc<tokio::sync::Semaphore>, usize)>,
     configured: usize,
+    /// The most sessions this server opens on the cluster outside the SQL pools
+    /// ([`own_connections`]).
+    own: usize,
     wait: Duration,
     pools: std::sync::Weak<PoolMap>,
     /// Signalled when a request gives a connection back (it is idle now: closable).
@@ -174,12 +177,14 @@ pub struct Budget {
 impl Budget {
     pub(super) fn new(
         configured: usize,
+        own: usize,
         wait: Duration,
         pools: std::sync::Weak<PoolMap>,
     ) -> Budget {
         Budget {
             permits: tokio::sync::OnceCell::new(),
             configured,
+            own,
             wait,
             pools,
             idle: tokio::sync::Notify::new(),
@@ -188,29 +193,44 @@ impl Budget {
 
     /// Sizes the budget from the cluster (once, at the first SQL request): three quarters of
     /// the connections left after the reserved ones, those other clients hold at that moment
-    /// and a margin for this server's own ([`OWN_CONNECTIONS_MARGIN`]), or
-    /// `sql_max_connections` if that is lower.
+    /// and the most this server opens outside the SQL pools ([`own_connections`]), or
+    /// `sql_max_connections` if that is lower. This server's control sessions open at that
+    /// moment are among the clients counted: they are taken out again, not counted twice.
     async fn ensure(&self, control: &deadpool_postgres::Pool) -> anyhow::Result<()> {
         self.permits
             .get_or_try_init(|| async {
-                let row = control
-                    .get()
-                    .await?
+                let session = control.get().await?;
+                // Ours, counted below as other clients' (this one included).
+                let own_open = control.status().size as i32;
+                let row = session
                     .query_one(
                         "SELECT current_setting('max_connections')::int,
                                 current_setting('superuser_reserved_connections')::int
                                 + coalesce(current_setting('reserved_connections', true), '0')::int,
                                 (SELECT count(*)::int FROM pg_catalog.pg_stat_activity
-                                 WHERE backend_type IN ('client backend', 'walsender')
+                                 WHERE backend_type = 'client backend'
                                    AND application_name IS DISTINCT FROM 'fluxbase-sql')",
                         &[],
                     )
                     .await?;
+                // Walsenders are not counted: PostgreSQL keeps their places apart
+                // (`max_wal_senders`).
                 let (max, reserved, others): (i32, i32, i32) = (row.get(0), row.get(1), row.get(2));
                 // What the cluster's other clients hold now (this server's control pool and
                 // streams, CLI commands, other servers), and room for this server's own
                 // sessions to grow to their maximum.
-                let left = max - reserved - others - OWN_CONNECTIONS_MARGIN;
+                let others = (others - own_open).max(0);
+                let left = max - reserved - others - self.own as i32;
+                if left < 4 {
+                    tracing::warn!(
+                        max_connections = max,
+                        other_connections = others,
+                        own_connections = self.own,
+                        "the database cluster has room for fewer than 4 SQL connections besides \
+                         its other clients and this server's own sessions: the SQL API gets 3, \
+                         and requests may find the cluster full; raise max_connections"
+                    );
+                }
                 let auto = (left.max(4) as usize) * 3 / 4;
                 let size = match self.configured {
                     0 => auto,
@@ -219,6 +239,7 @@ impl Budget {
                 tracing::info!(
                     max_connections = max,
                     other_connections = others,
+                    own_connections = self.own,
                     budget = size,
                     "SQL connection budget"
                 );
@@ -310,10 +331,21 @@ fn close_all(removed: Vec<Budgeted>) {
     }
 }
 
-/// Connections kept out of the SQL budget besides those in use when it is sized (which include
-/// this server's control and role-repair sessions open by then): room for those pools to grow,
-/// change streams and CLI commands started later.
-const OWN_CONNECTIONS_MARGIN: i32 = 8;
+/// The most sessions this server opens on its cluster outside the SQL pools, kept out of the
+/// SQL budget: the control pool ([`crate::db::CONTROL_CONNECTIONS`]), the webhook writer's
+/// (`webhook_control_connections`), the role repairs' ([`REPAIR_CONNECTIONS`]), and
+/// [`OTHER_OWN_CONNECTIONS`] more. A change stream holds only its walsender, which PostgreSQL
+/// counts apart from `max_connections` (`max_wal_senders`).
+pub fn own_connections(config: &crate::config::Config) -> usize {
+    crate::db::CONTROL_CONNECTIONS
+        + config.webhook_control_connections
+        + REPAIR_CONNECTIONS
+        + OTHER_OWN_CONNECTIONS
+}
+
+/// The memory watchdog's session, the cluster leadership's, a stream learning a new type, a
+/// CLI command run beside the server.
+const OTHER_OWN_CONNECTIONS: usize = 4;
 
 /// Admin sessions the role repairs may use at once, and how long a login waits for one. A
 /// repair holds its session for one login (its lock waits are 200 ms each), so the wait is a

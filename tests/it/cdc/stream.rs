@@ -996,3 +996,49 @@ fn row_x(e: &fluxbase::bus::Event) -> i64 {
     );
     v["record"]["x"].as_i64().unwrap()
 }
+
+/// A project's change stream spends none of the cluster's `max_connections`: it holds its
+/// walsender (PostgreSQL counts those apart, `max_wal_senders`) and no session besides, even
+/// after it has read a user-defined type from the project's catalog. Otherwise every project
+/// held one more session for good, and enough projects filled the cluster under the SQL API.
+#[tokio::test]
+async fn a_stream_holds_only_its_walsender_even_after_learning_a_type() {
+    let (app, f, mut sub) = setup().await;
+    app.rows(
+        &f.admin,
+        &f.project,
+        "CREATE DOMAIN score AS int CHECK (VALUE >= 0);
+         CREATE TABLE scores (id int PRIMARY KEY, s score)",
+    )
+    .await;
+    app.rows(&f.readwrite, &f.project, "INSERT INTO scores VALUES (1, 5)")
+        .await;
+    let ev = events(&mut sub, 3).await;
+    // Learned: a domain over int renders as its base type (a number, not the text "5").
+    assert_eq!(ev[2]["operation"], "INSERT", "{ev:?}");
+    assert_eq!(ev[2]["record"], json!({ "id": 1, "s": 5 }), "{ev:?}");
+    let pg = crate::support::cluster::pg().await.client("postgres").await;
+    let database = format!("fx_{}", f.project);
+    crate::support::poll::until(
+        Duration::from_secs(20),
+        Duration::from_millis(100),
+        || async {
+            let rows = pg
+                .query(
+                    "SELECT backend_type, count(*) FROM pg_stat_activity
+                     WHERE datname = $1 AND application_name = 'fluxbase-cdc'
+                     GROUP BY backend_type ORDER BY 1",
+                    &[&database],
+                )
+                .await
+                .unwrap();
+            let held: Vec<(String, i64)> = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
+            if held == [("walsender".to_string(), 1)] {
+                Ok(())
+            } else {
+                Err(format!("the stream of {database} holds {held:?}"))
+            }
+        },
+    )
+    .await;
+}

@@ -1133,7 +1133,7 @@ async fn connections_going_idle_reach_requests_already_waiting_on_the_budget() {
 #[tokio::test]
 async fn the_connection_budget_leaves_out_what_other_clients_of_the_cluster_hold() {
     use crate::support::cluster::DedicatedCluster;
-    let pg = DedicatedCluster::start(&[("max_connections", "40")]).await;
+    let pg = DedicatedCluster::start(&[("max_connections", "60")]).await;
     // Another client of the cluster (another server, a CLI command, a tool) holds 20.
     let mut others = Vec::new();
     for _ in 0..20 {
@@ -1146,22 +1146,43 @@ async fn the_connection_budget_leaves_out_what_other_clients_of_the_cluster_hold
         c.sql_queue_timeout_ms = 1_000;
     })
     .await;
+    let own = fluxbase::sql::own_connections(&app.app.config) as u64;
     let f = app.fixture().await;
-    let flood: Vec<_> = (0..30)
+    // More requests than the budget left (60 − 3 reserved − 20 − this server's own sessions,
+    // ¾ of it) and fewer than one counting the 20 as free.
+    let flood: Vec<_> = (0..24)
         .map(|_| app.spawn_sql(&f.read, &f.project, "SELECT pg_sleep(2)"))
         .collect();
     // The budget is what is left: requests past it are told to retry, none finds the cluster
-    // full (which would be a 503 for every tenant).
-    let mut answered = 0;
+    // full (which would be a 503 for every tenant, this server's own sessions included).
+    let (mut answered, mut refused) = (0, 0);
     for task in flood {
         let (status, body) = task.await.unwrap();
         match status {
             200 => answered += 1,
-            429 => assert!(body.contains("sql_max_connections"), "{body}"),
+            429 => {
+                refused += 1;
+                let v: Value = serde_json::from_str(&body).unwrap();
+                let message = v["error"]["message"].as_str().unwrap();
+                assert!(message.contains("(sql_max_connections)"), "{body}");
+                let budget: u64 = message
+                    .strip_prefix("All ")
+                    .and_then(|m| m.split(' ').next())
+                    .and_then(|n| n.parse().ok())
+                    .unwrap_or_else(|| panic!("no budget in {body}"));
+                assert!(
+                    budget + 20 + own <= 60 - 3,
+                    "budget {budget}, own {own}: {body}"
+                );
+            }
             other => panic!("{other}: {body}"),
         }
     }
-    assert!(answered > 0);
+    assert!(
+        answered > 0 && refused > 0,
+        "{answered} answered, {refused} refused"
+    );
+    // This server's own sessions still find room at their most.
     let (status, body) = app.call("GET", "/ready", None, None).await;
     assert_eq!(status, 200, "{body}");
     drop(others);
