@@ -33,7 +33,7 @@ use super::Mysql;
 use crate::auth::{Access, DbRole};
 use crate::config::Config;
 
-use crate::sql::shares::{AccountShares, SharePlaces};
+use crate::sql::shares::{AccountShares, KeyedShares, SharePlaces};
 use crate::sql::{AnswerMemory, AnswerText, SqlError, SqlRequest};
 
 /// Extra time past `statement_timeout` before the server kills a statement itself (the
@@ -48,7 +48,7 @@ pub struct Pools {
     /// MariaDB's JSON columns per project (table, column): MariaDB sends them as LONGTEXT,
     /// so they are known from their `json_valid` check in the catalog. Emptied by DDL.
     json_columns: Mutex<HashMap<String, Arc<JsonColumns>>>,
-    shares: Mutex<HashMap<String, Arc<tokio::sync::Semaphore>>>,
+    shares: KeyedShares,
     /// Per account (all its projects together): requests that may hold a connection at once
     /// (`sql_account_connections`).
     accounts: AccountShares,
@@ -109,7 +109,7 @@ impl Pools {
                 went_idle: Arc::default(),
             },
             json_columns: Mutex::default(),
-            shares: Mutex::default(),
+            shares: KeyedShares::default(),
             accounts: AccountShares::new(
                 config.sql_account_connections,
                 config.sql_project_connections,
@@ -150,7 +150,6 @@ impl Pools {
                 .flatten()
                 .collect()
         };
-        self.shares.lock().expect("poisoned").remove(project_id);
         self.forget_schema(project_id);
         disconnect(gone);
     }
@@ -183,15 +182,6 @@ impl Pools {
             .flat_map(|(_, p)| p)
             .collect();
         disconnect(gone);
-    }
-
-    fn share(&self, project_id: &str) -> Arc<tokio::sync::Semaphore> {
-        self.shares
-            .lock()
-            .expect("poisoned")
-            .entry(project_id.to_string())
-            .or_insert_with(|| Arc::new(tokio::sync::Semaphore::new(self.project_share)))
-            .clone()
     }
 
     /// An idle connection of the account, the most recently used.
@@ -507,17 +497,18 @@ impl Mysql {
         self.sql.ensure_budget(target).await?;
         // One wait for the project's share and then the account's.
         let deadline = tokio::time::Instant::now() + self.sql.queue_timeout;
-        let share = self.sql.share(&project.id);
-        let share = tokio::time::timeout_at(deadline, share.acquire_owned())
+        let share = self
+            .sql
+            .shares
+            .acquire(&project.id, self.sql.project_share, deadline)
             .await
-            .map_err(|_| {
+            .map_err(|()| {
                 SqlError::Busy(format!(
                     "this project already runs {} SQL requests at once (sql_project_connections); \
                      retry shortly",
                     self.sql.project_share
                 ))
-            })?
-            .map_err(|_| SqlError::Unavailable("the project is being closed".into()))?;
+            })?;
         let share = SharePlaces {
             project: share,
             account: self

@@ -216,7 +216,7 @@ pub struct Sql {
     pools: Arc<pool::PoolMap>,
     budget: Arc<pool::Budget>,
     /// Per project: requests that may hold a connection at once (and that number).
-    shares: Mutex<HashMap<String, (usize, Arc<tokio::sync::Semaphore>)>>,
+    shares: shares::KeyedShares,
     project_share: usize,
     /// Per account (all its projects together): requests that may hold a connection at once
     /// (`sql_account_connections`, see [`shares`]).
@@ -275,7 +275,7 @@ impl Sql {
                 metrics.clone(),
             ),
             pools,
-            shares: Mutex::new(HashMap::new()),
+            shares: shares::KeyedShares::default(),
             project_share: config.sql_project_connections,
             accounts: shares::AccountShares::new(
                 config.sql_account_connections,

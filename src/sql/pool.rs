@@ -537,19 +537,6 @@ impl Sql {
         (crate::cluster::per_node(self.project_share, nodes), nodes)
     }
 
-    /// The project's share of connections. In cluster mode a share whose size the node count
-    /// changed is replaced for later requests (those holding the old one finish on it).
-    fn share(&self, project_id: &str, size: usize) -> Arc<tokio::sync::Semaphore> {
-        let mut shares = self.shares.lock().expect("poisoned");
-        let entry = shares
-            .entry(project_id.to_string())
-            .or_insert_with(|| (size, Arc::new(tokio::sync::Semaphore::new(size))));
-        if entry.0 != size {
-            *entry = (size, Arc::new(tokio::sync::Semaphore::new(size)));
-        }
-        entry.1.clone()
-    }
-
     /// Closes every pooled connection of a project (suspension, deletion).
     pub fn forget_project(&self, project_id: &str) {
         let mut pools = self.pools.lock().expect("poisoned");
@@ -563,7 +550,6 @@ impl Sql {
         });
         self.types.forget(project_id);
         self.statements.lock().expect("poisoned").remove(project_id);
-        self.shares.lock().expect("poisoned").remove(project_id);
     }
 
     pub fn clear(&self) {
@@ -649,9 +635,8 @@ impl Sql {
         self.budget.ensure(&self.control).await?;
         let deadline = tokio::time::Instant::now() + self.queue_timeout;
         let (size, nodes) = self.project_share();
-        let share = self.share(&project.id, size);
-        let share = match tokio::time::timeout_at(deadline, share.acquire_owned()).await {
-            Ok(Ok(permit)) => permit,
+        let share = match self.shares.acquire(&project.id, size, deadline).await {
+            Ok(permit) => permit,
             _ if nodes > 1 => {
                 return Err(SqlError::Busy(format!(
                     "This project already runs {size} SQL requests at once on this node (its \

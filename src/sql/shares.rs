@@ -16,10 +16,11 @@
 //! project's share ([`AccountShares::size_on_node`]). Every checkout counts, the server's own
 //! for a project too (realtime RLS evaluations, the policy API): they hold the same connections.
 //!
-//! An account's share lives while a request holds or waits on it: the map keeps only a weak
-//! reference, so accounts that ran SQL once cost nothing afterwards (dead entries are swept as
-//! the map grows). A share whose size changed (cluster mode: the node count) is replaced for
-//! later requests; those holding the old one finish on it.
+//! Project and account shares alike are [`KeyedShares`]: a share lives while a request holds or
+//! waits on it: the map keeps only a weak reference, so projects and accounts that ran SQL once
+//! cost nothing afterwards (dead entries are swept as the map grows; a deleted project's goes
+//! with its last request). A share whose size changed (cluster mode: the node count) is
+//! replaced for later requests; those holding the old one finish on it.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, Weak};
@@ -29,20 +30,75 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use super::SqlError;
 use crate::auth::Project;
 
+/// Semaphores by key (a project, an account), each kept while a request holds or waits on it.
+#[derive(Default)]
+pub struct KeyedShares {
+    map: Mutex<KeyedMap>,
+}
+
+#[derive(Default)]
+struct KeyedMap {
+    shares: HashMap<String, (usize, Weak<Semaphore>)>,
+    /// The map's size at which dead entries are swept next.
+    sweep_at: usize,
+}
+
+impl KeyedShares {
+    /// The share of `key` with `size` places: the one in use, or a new one when none is held or
+    /// its size differs (those holding the old one finish on it).
+    pub fn share(&self, key: &str, size: usize) -> Arc<Semaphore> {
+        let mut map = self.map.lock().expect("poisoned");
+        if let Some((n, weak)) = map.shares.get(key) {
+            if *n == size {
+                if let Some(share) = weak.upgrade() {
+                    return share;
+                }
+            }
+        }
+        let share = Arc::new(Semaphore::new(size));
+        map.shares
+            .insert(key.to_string(), (size, Arc::downgrade(&share)));
+        if map.shares.len() >= map.sweep_at {
+            map.shares.retain(|_, (_, weak)| weak.strong_count() > 0);
+            map.sweep_at = (map.shares.len() * 2).max(SWEEP_FLOOR);
+        }
+        share
+    }
+
+    /// A place in `key`'s share of `size` places, waiting until `deadline`; `Err(())`: none
+    /// came free in time.
+    pub async fn acquire(
+        &self,
+        key: &str,
+        size: usize,
+        deadline: tokio::time::Instant,
+    ) -> Result<OwnedSemaphorePermit, ()> {
+        let share = self.share(key, size);
+        match tokio::time::timeout_at(deadline, share.acquire_owned()).await {
+            Ok(Ok(permit)) => Ok(permit),
+            _ => Err(()),
+        }
+    }
+
+    /// Keys with a request holding or waiting on their share now.
+    pub fn active(&self) -> usize {
+        self.map
+            .lock()
+            .expect("poisoned")
+            .shares
+            .values()
+            .filter(|(_, weak)| weak.strong_count() > 0)
+            .count()
+    }
+}
+
 /// Accounts' shares of SQL connections on this server.
 pub struct AccountShares {
     /// `sql_account_connections` as it applies (never below the project share); 0: off.
     size: usize,
     /// `sql_project_connections`.
     project: usize,
-    map: Mutex<AccountMap>,
-}
-
-#[derive(Default)]
-struct AccountMap {
-    shares: HashMap<String, (usize, Weak<Semaphore>)>,
-    /// The map's size at which dead entries are swept next.
-    sweep_at: usize,
+    shares: KeyedShares,
 }
 
 /// What a request holds while its statement runs: its place in the project's share and, when
@@ -75,7 +131,7 @@ impl AccountShares {
         AccountShares {
             size,
             project,
-            map: Mutex::default(),
+            shares: KeyedShares::default(),
         }
     }
 
@@ -144,41 +200,12 @@ impl AccountShares {
         if self.size == 0 {
             return Ok(None);
         }
-        let share = self.share(account, size);
-        match tokio::time::timeout_at(deadline, share.acquire_owned()).await {
-            Ok(Ok(permit)) => Ok(Some(permit)),
-            _ => Err(()),
-        }
-    }
-
-    fn share(&self, account: &str, size: usize) -> Arc<Semaphore> {
-        let mut map = self.map.lock().expect("poisoned");
-        if let Some((n, weak)) = map.shares.get(account) {
-            if *n == size {
-                if let Some(share) = weak.upgrade() {
-                    return share;
-                }
-            }
-        }
-        let share = Arc::new(Semaphore::new(size));
-        map.shares
-            .insert(account.to_string(), (size, Arc::downgrade(&share)));
-        if map.shares.len() >= map.sweep_at {
-            map.shares.retain(|_, (_, weak)| weak.strong_count() > 0);
-            map.sweep_at = (map.shares.len() * 2).max(SWEEP_FLOOR);
-        }
-        share
+        self.shares.acquire(account, size, deadline).await.map(Some)
     }
 
     /// Accounts with a request holding or waiting on their share now.
     pub fn active(&self) -> usize {
-        self.map
-            .lock()
-            .expect("poisoned")
-            .shares
-            .values()
-            .filter(|(_, weak)| weak.strong_count() > 0)
-            .count()
+        self.shares.active()
     }
 }
 
@@ -221,7 +248,7 @@ mod tests {
                 .unwrap();
         }
         assert_eq!(shares.active(), 0);
-        let len = shares.map.lock().unwrap().shares.len();
+        let len = shares.shares.map.lock().unwrap().shares.len();
         assert!(len <= 2 * SWEEP_FLOOR, "{len} entries kept");
     }
 
