@@ -157,16 +157,9 @@ impl BackendMemory {
                                 continue;
                             }
                             // Only this deployment's projects: another server's tenants on a
-                            // shared cluster are its watch's to judge, by its own limits.
-                            keep_own(&pool, &mut backends).await;
-                            // Who administers the projects holding memory: read only when all
-                            // together are over the total (the choice is then by account).
-                            let sum: u64 = backends.iter().map(|b| b.bytes).sum();
-                            let admins = if limits.1 > 0 && sum > limits.1 {
-                                admins_of(&pool, &backends).await
-                            } else {
-                                HashMap::new()
-                            };
+                            // shared cluster are its watch's to judge, by its own limits. Their
+                            // admins come with them (past the total the choice is by account).
+                            let admins = keep_own(&pool, &mut backends).await;
                             for (backend, why) in
                                 over_limits(&backends, limits.0, limits.1, &admins)
                             {
@@ -467,33 +460,13 @@ fn scan(postmaster: u32, floor: u64) -> Option<Vec<Backend>> {
     )
 }
 
-/// Keeps of `backends` those of projects in this server's control database. When that cannot be
-/// read, all are kept: the cluster's memory is guarded rather than not.
-async fn keep_own(pool: &deadpool_postgres::Pool, backends: &mut Vec<Backend>) {
-    let mut projects: Vec<&str> = backends.iter().map(|b| b.project.as_str()).collect();
-    projects.sort_unstable();
-    projects.dedup();
-    let own = async {
-        let c = pool.get().await.ok()?;
-        c.query(
-            "SELECT id FROM fluxbase.projects WHERE id = ANY($1)",
-            &[&projects],
-        )
-        .await
-        .ok()
-    }
-    .await;
-    if let Some(rows) = own {
-        let own: std::collections::HashSet<String> = rows.iter().map(|r| r.get(0)).collect();
-        backends.retain(|b| own.contains(&b.project));
-    }
-}
-
-/// The admins of the projects `backends` belong to (project id → user ids), from the control
-/// database; empty when it cannot be read (the choice then falls back to projects).
-async fn admins_of(
+/// Keeps of `backends` those of projects in this server's control database, and returns who
+/// administers them (project id → user ids), in one query. When the control database cannot
+/// be read, all are kept (the cluster's memory is guarded rather than not) and no admin is
+/// known (the choice past the total then falls back to projects).
+async fn keep_own(
     pool: &deadpool_postgres::Pool,
-    backends: &[Backend],
+    backends: &mut Vec<Backend>,
 ) -> HashMap<String, Vec<String>> {
     let mut projects: Vec<&str> = backends.iter().map(|b| b.project.as_str()).collect();
     projects.sort_unstable();
@@ -501,20 +474,28 @@ async fn admins_of(
     let rows = async {
         let c = pool.get().await.ok()?;
         c.query(
-            "SELECT project_id, user_id FROM fluxbase.members \
-             WHERE role = 'admin' AND project_id = ANY($1)",
+            "SELECT p.id, m.user_id FROM fluxbase.projects p \
+             LEFT JOIN fluxbase.members m ON m.project_id = p.id AND m.role = 'admin' \
+             WHERE p.id = ANY($1)",
             &[&projects],
         )
         .await
         .ok()
     }
-    .await
-    .unwrap_or_default();
-    let mut admins: HashMap<String, Vec<String>> = HashMap::new();
+    .await;
+    let Some(rows) = rows else {
+        return HashMap::new();
+    };
+    let mut own: HashMap<String, Vec<String>> = HashMap::new();
     for r in rows {
-        admins.entry(r.get(0)).or_default().push(r.get(1));
+        let admins = own.entry(r.get(0)).or_default();
+        if let Some(user) = r.get::<_, Option<String>>(1) {
+            admins.push(user);
+        }
     }
-    admins
+    backends.retain(|b| own.contains_key(&b.project));
+    own.retain(|_, admins| !admins.is_empty());
+    own
 }
 
 /// The backends to end: each over `per_backend` (0: no such limit); then, while all together
