@@ -25,17 +25,7 @@ async fn a_project_whose_slot_waits_for_older_transactions_still_streams_on_ever
         let url = pg.cluster.url(&unique("ctl"));
         let nodes = Nodes::start(3, &[("FLUXBASE_DATABASE_URL", &url)]).await;
         let a = nodes.base(0);
-        let (status, body) = call(
-            a,
-            "POST",
-            "/api/auth/signup",
-            None,
-            json!({ "email": format!("{}@example.com", unique("user")),
-                    "password": "correct horse battery", "displayName": "T" }),
-        )
-        .await;
-        assert_eq!(status, 201, "{body}");
-        let token = body["token"].as_str().unwrap().to_string();
+        let token = crate::support::fixtures::signup_on(a).await;
 
         // An older transaction with an id, open: the slot's creation waits for it.
         let holder = pg.client("postgres").await;

@@ -297,22 +297,12 @@ async fn a_cluster_without_mysql_url_refuses_mysql_projects_saying_why() {
     bounded(Duration::from_secs(300), async {
         let nodes = Nodes::start(1, &[]).await;
         let p = project_on(nodes.base(0), "postgresql").await;
-        let email = format!("{}@example.com", crate::support::unique("user"));
-        let (status, body) = call(
-            nodes.base(0),
-            "POST",
-            "/api/auth/signup",
-            None,
-            json!({ "email": email, "password": "correct horse battery", "displayName": "T" }),
-        )
-        .await;
-        assert_eq!(status, 201, "{body}");
-        let token = body["token"].as_str().unwrap();
+        let token = crate::support::fixtures::signup_on(nodes.base(0)).await;
         let (status, body) = call(
             nodes.base(0),
             "POST",
             "/api/projects",
-            Some(token),
+            Some(&token),
             json!({ "name": "nope", "engine": "mysql" }),
         )
         .await;

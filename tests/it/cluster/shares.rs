@@ -6,6 +6,7 @@ use std::time::Duration;
 use serde_json::{json, Value};
 
 use super::bounded;
+use crate::support::fixtures;
 use crate::support::http::call;
 use crate::support::nodes::Nodes;
 
@@ -25,29 +26,10 @@ async fn each_node_takes_its_share_of_an_accounts_connections() {
         )
         .await;
         let base = nodes.base(0);
-        let email = format!("{}@example.com", crate::support::cluster::unique("user"));
-        let (status, body) = call(
-            base,
-            "POST",
-            "/api/auth/signup",
-            None,
-            json!({ "email": email, "password": "correct horse battery", "displayName": "T" }),
-        )
-        .await;
-        assert_eq!(status, 201, "{body}");
-        let token = body["token"].as_str().unwrap().to_string();
+        let token = fixtures::signup_on(base).await;
         let mut projects = Vec::new();
         for _ in 0..2 {
-            let (status, body) = call(
-                base,
-                "POST",
-                "/api/projects",
-                Some(&token),
-                json!({ "name": "shares" }),
-            )
-            .await;
-            assert_eq!(status, 201, "{body}");
-            projects.push(crate::support::fixtures::keys_of(&body));
+            projects.push(fixtures::new_project_on(base, &token, "postgresql").await);
         }
         // The nodes have seen each other (a leadership tick is 500 ms).
         tokio::time::sleep(Duration::from_secs(2)).await;

@@ -16,7 +16,6 @@ use crate::support::mariadb::{mariadb, project_conn, spawn_mysql_app};
 use crate::support::poll;
 use crate::support::process::ServerProcess;
 use crate::support::receiver::Receiver;
-use crate::support::unique;
 use crate::support::{start_with, start_with_durable};
 
 async fn stored_position(app: &crate::support::TestApp, project: &str) -> Option<(String, i64)> {
@@ -186,28 +185,8 @@ async fn after_kill_9_every_committed_change_reaches_the_webhook() {
         ("FLUXBASE_MYSQL_URL", url.as_str()),
     ])
     .await;
-    let email = format!("{}@example.com", unique("user"));
-    let (status, body) = call(
-        &server.base,
-        "POST",
-        "/api/auth/signup",
-        None,
-        json!({ "email": email, "password": "correct horse battery", "displayName": "T" }),
-    )
-    .await;
-    assert_eq!(status, 201, "{body}");
-    let token = body["token"].as_str().unwrap().to_string();
-    let (status, body) = call(
-        &server.base,
-        "POST",
-        "/api/projects",
-        Some(&token),
-        json!({ "name": "kill", "engine": "mysql" }),
-    )
-    .await;
-    assert_eq!(status, 201, "{body}");
-    let project = body["project"]["id"].as_str().unwrap().to_string();
-    let admin = body["apiKeys"]["admin"].as_str().unwrap().to_string();
+    let p = crate::support::fixtures::project_on(&server.base, "mysql").await;
+    let (project, admin) = (p.project, p.admin);
     let rx = Receiver::start().await;
     for _ in 0..100_000 {
         rx.answer(200, None);

@@ -147,6 +147,23 @@ async fn one_accounts_projects_hold_at_most_its_share_together() {
     app.stop().await;
 }
 
+/// `SELECT 1` with `key` on `project` is refused with the guide's 429 `RATE_LIMIT` naming
+/// `sql_account_connections`: the account's share is full.
+async fn refused_by_the_account_share(app: &TestApp, key: &str, project: &str) {
+    let (status, body) = app
+        .call(
+            "POST",
+            "/api/execute-sql",
+            Some(key),
+            Some(json!({ "projectId": project, "query": "SELECT 1" })),
+        )
+        .await;
+    assert_eq!(status, 429, "{body}");
+    assert_eq!(body["error"]["code"], "RATE_LIMIT", "{body}");
+    let message = body["error"]["message"].as_str().unwrap();
+    assert!(message.contains("sql_account_connections"), "{message}");
+}
+
 /// Waits until `n` statements of `projects` run `pg_sleep`.
 async fn until_sleeping(
     pg: &tokio_postgres::Client,
@@ -226,18 +243,7 @@ async fn a_project_whose_first_admin_leaves_counts_for_the_next_admins_account()
         app.spawn_sql(&handed_read, &handed, "SELECT pg_sleep(10)"),
     ];
     until_sleeping(&watcher, &[&b.project, &handed], 2, &b_sleeps).await;
-    let (status, body) = app
-        .call(
-            "POST",
-            "/api/execute-sql",
-            Some(&b.read),
-            Some(json!({ "projectId": b.project, "query": "SELECT 1" })),
-        )
-        .await;
-    assert_eq!(status, 429, "{body}");
-    assert_eq!(body["error"]["code"], "RATE_LIMIT", "{body}");
-    let message = body["error"]["message"].as_str().unwrap();
-    assert!(message.contains("sql_account_connections"), "{message}");
+    refused_by_the_account_share(&app, &b.read, &b.project).await;
     for (status, _) in outcomes(a_sleeps.into_iter().chain(b_sleeps).collect()).await {
         assert_eq!(status, 200);
     }
@@ -262,22 +268,7 @@ async fn deleting_a_project_while_its_statements_run_gives_its_accounts_places_b
         .map(|_| app.spawn_sql(&doomed_read, &doomed, "SELECT pg_sleep(60)"))
         .collect();
     until_sleeping(&watcher, &[&doomed], 2, &sleeps).await;
-    let (status, body) = app
-        .call(
-            "POST",
-            "/api/execute-sql",
-            Some(&a.read),
-            Some(json!({ "projectId": a.project, "query": "SELECT 1" })),
-        )
-        .await;
-    assert_eq!(status, 429, "{body}");
-    assert!(
-        body["error"]["message"]
-            .as_str()
-            .unwrap()
-            .contains("sql_account_connections"),
-        "{body}"
-    );
+    refused_by_the_account_share(&app, &a.read, &a.project).await;
     let (status, body) = app
         .call(
             "DELETE",
@@ -327,17 +318,7 @@ async fn a_client_hanging_up_leaves_its_statement_holding_its_accounts_place() {
         assert!(task.await.unwrap_err().is_cancelled());
     }
     assert_eq!(sleeping(&watcher, &[&a.project]).await, 2);
-    let (status, body) = app
-        .call(
-            "POST",
-            "/api/execute-sql",
-            Some(&second_read),
-            Some(json!({ "projectId": second, "query": "SELECT 1" })),
-        )
-        .await;
-    assert_eq!(status, 429, "{body}");
-    let message = body["error"]["message"].as_str().unwrap();
-    assert!(message.contains("sql_account_connections"), "{message}");
+    refused_by_the_account_share(&app, &second_read, &second).await;
     assert_eq!(sleeping(&watcher, &[&a.project]).await, 2);
     app.stop().await;
 }

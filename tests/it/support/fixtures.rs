@@ -58,6 +58,12 @@ pub async fn project(base: &str) -> Project {
 /// Signs up and creates a project named `resume` of `engine` (`postgresql`, `mysql`) on the
 /// server at `base`.
 pub async fn project_on(base: &str, engine: &str) -> Project {
+    let token = signup_on(base).await;
+    new_project_on(base, &token, engine).await
+}
+
+/// Signs up a new user on the server at `base`: its session token.
+pub async fn signup_on(base: &str) -> String {
     let email = format!("{}@example.com", unique("user"));
     let (status, body) = call(
         base,
@@ -68,12 +74,16 @@ pub async fn project_on(base: &str, engine: &str) -> Project {
     )
     .await;
     assert_eq!(status, 201, "{body}");
-    let token = body["token"].as_str().unwrap().to_string();
+    body["token"].as_str().unwrap().to_string()
+}
+
+/// Creates a project named `resume` of `engine` for the user of `token` on the server at `base`.
+pub async fn new_project_on(base: &str, token: &str, engine: &str) -> Project {
     let (status, body) = call(
         base,
         "POST",
         "/api/projects",
-        Some(&token),
+        Some(token),
         json!({ "name": "resume", "engine": engine }),
     )
     .await;
