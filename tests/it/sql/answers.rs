@@ -436,9 +436,18 @@ const SLOW_LARGE: &str = "select repeat('x', 1000000) as x from generate_series(
 /// team rt4 #7: 40 answers of ~33 MB built at once took the server to 907 MB).
 #[tokio::test]
 async fn answers_are_reserved_while_they_are_built_and_builds_stay_within_the_budget() {
+    builds_stay_within_the_budget(None, SLOW_LARGE).await;
+}
+
+/// The scenario above on a project of PostgreSQL (`mysql_url` `None`) or of the MySQL server
+/// at `mysql_url`, building `slow_large` (eight rows of a million characters, a tenth of a
+/// second apart, in the engine's SQL).
+pub async fn builds_stay_within_the_budget(mysql_url: Option<String>, slow_large: &str) {
     const BUDGET: u64 = 16 * MIB;
     const USABLE: u64 = BUDGET - BUDGET / 8;
+    let mysql = mysql_url.is_some();
     let t = spawn_app_with(|c| {
+        c.mysql_url = mysql_url.map(Into::into);
         c.max_response_bytes = 8 * MIB as usize;
         c.sql_answer_budget_bytes = BUDGET;
         c.sql_answer_budget_per_address_bytes = BUDGET;
@@ -446,14 +455,19 @@ async fn answers_are_reserved_while_they_are_built_and_builds_stay_within_the_bu
         c.sql_answer_budget_per_account_bytes = BUDGET;
     })
     .await;
-    let f = t.fixture().await;
-    t.sql(&f.admin, &f.project, "create table log (v text)")
+    let f = match mysql {
+        true => t.mysql_fixture().await,
+        false => t.fixture().await,
+    };
+    let body = t
+        .sql(&f.admin, &f.project, "create table log (v text)")
         .await;
+    assert_eq!(body["success"], true, "{body}");
 
     // One answer built for a client that reads nothing: the gauge passes through the sizes
     // of its build (whole MiB steps short of the answer), then holds the built answer.
     let peak = Peak::watch(&t);
-    let mut held = send_sql(&t, "127.0.0.2", &f.read, &f.project, SLOW_LARGE).await;
+    let mut held = send_sql(&t, "127.0.0.2", &f.read, &f.project, slow_large).await;
     wait_in_flight(
         &t,
         BUDGET,
@@ -469,8 +483,8 @@ async fn answers_are_reserved_while_they_are_built_and_builds_stay_within_the_bu
     // Two more builds at once, a reader's and a writer's (a script that writes, then reads
     // rows): neither fits beside the held answer.
     let peak = Peak::watch(&t);
-    let mut reader = send_sql(&t, "127.0.0.3", &f.read, &f.project, SLOW_LARGE).await;
-    let script = format!("insert into log values ('w'); {SLOW_LARGE}");
+    let mut reader = send_sql(&t, "127.0.0.3", &f.read, &f.project, slow_large).await;
+    let script = format!("insert into log values ('w'); {slow_large}");
     let mut writer = send_sql(&t, "127.0.0.4", &f.readwrite, &f.project, &script).await;
     let (status, body) = status_of(&mut reader, 1 << 20).await;
     let body = body.unwrap();
