@@ -89,6 +89,7 @@ impl Metrics {
     pub fn render(
         &self,
         pooled_connections: usize,
+        connection_budget: usize,
         streams: &[(String, crate::cdc::StreamStatus)],
     ) -> String {
         let mut out = String::new();
@@ -135,6 +136,13 @@ impl Metrics {
         out.push_str("# HELP fluxbase_sql_pooled_connections Open project database connections.\n");
         out.push_str("# TYPE fluxbase_sql_pooled_connections gauge\n");
         let _ = writeln!(out, "fluxbase_sql_pooled_connections {pooled_connections}");
+        out.push_str(
+            "# HELP fluxbase_sql_connection_budget Connections all PostgreSQL projects' pools may \
+             hold together (sql_max_connections as sized from the cluster at the first SQL \
+             request; 0 before it).\n",
+        );
+        out.push_str("# TYPE fluxbase_sql_connection_budget gauge\n");
+        let _ = writeln!(out, "fluxbase_sql_connection_budget {connection_budget}");
         out.push_str(
             "# HELP fluxbase_rls_identity_changes_total Pooled connections whose auth.uid() identity was set before a request (one round trip each).\n",
         );

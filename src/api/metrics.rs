@@ -45,9 +45,11 @@ pub async fn metrics(app: SharedApp, req: Request) -> ApiResult<Response> {
 /// The metrics of every part of the server, as Prometheus text.
 fn text(app: &App) -> Response {
     warp::reply::with_header(
-        app.metrics
-            .render(app.sql.connection_count(), &app.cdc.all_status())
-            + &app.realtime.render_metrics()
+        app.metrics.render(
+            app.sql.connection_count(),
+            app.sql.connection_budget(),
+            &app.cdc.all_status(),
+        ) + &app.realtime.render_metrics()
             + &app
                 .cluster_mode
                 .as_ref()

@@ -564,6 +564,12 @@ impl Sql {
     }
 
     /// Pooled connections (idle and in use) across all projects.
+    /// The SQL connection budget of all PostgreSQL projects' pools (0: not sized yet, before
+    /// the first SQL request).
+    pub fn connection_budget(&self) -> usize {
+        self.budget.size()
+    }
+
     pub fn connection_count(&self) -> usize {
         self.pools
             .lock()

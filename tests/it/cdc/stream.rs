@@ -592,7 +592,7 @@ async fn a_definite_error_stops_the_stream_and_reports_it_instead_of_retrying() 
     let body = app.cdc_status(&f.project, &f.admin).await;
     assert_eq!(body["stream"]["state"], "failed", "{body}");
     assert_eq!(body["stream"]["lastError"], error.as_str(), "{body}");
-    let text = app.app.metrics.render(0, &app.app.cdc.all_status());
+    let text = app.app.metrics.render(0, 0, &app.app.cdc.all_status());
     assert!(
         text.contains(&format!(
             "fluxbase_cdc_failed{{project=\"{}\"}} 1",

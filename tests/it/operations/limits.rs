@@ -1188,3 +1188,70 @@ async fn the_connection_budget_leaves_out_what_other_clients_of_the_cluster_hold
     drop(others);
     app.stop().await;
 }
+
+/// Projects' change streams take nothing of the SQL connection budget: a stream holds only its
+/// walsender, which PostgreSQL counts apart from `max_connections` (red team rt6 C1: after a
+/// restart with 144 projects the budget was 3 for the whole server — each stream's walsender
+/// and its catalog session counted as other clients — and on a budget sized before projects
+/// were added, their sessions filled the cluster: 503 for idle tenants).
+#[tokio::test]
+async fn projects_change_streams_leave_the_sql_connection_budget_whole() {
+    use crate::support::cluster::DedicatedCluster;
+    const MAX: u64 = 60;
+    let pg = DedicatedCluster::start(&[("max_connections", "60")]).await;
+    let control = unique("ctl");
+    let app = spawn_app_with(|c| c.database_url = Some(pg.cluster.url(&control).into())).await;
+    let mut tenants = Vec::new();
+    for _ in 0..12 {
+        tenants.push(app.fixture().await);
+    }
+    crate::support::poll::until(
+        std::time::Duration::from_secs(60),
+        std::time::Duration::from_millis(200),
+        || async {
+            let streaming = app
+                .app
+                .cdc
+                .all_status()
+                .iter()
+                .filter(|(_, s)| s.state == fluxbase::cdc::StreamState::Streaming)
+                .count();
+            if streaming == tenants.len() {
+                Ok(())
+            } else {
+                Err(format!("{streaming} of {} streams started", tenants.len()))
+            }
+        },
+    )
+    .await;
+    // The first SQL request sizes the budget, with every stream running.
+    let f = &tenants[0];
+    assert_eq!(
+        app.rows(&f.read, &f.project, "SELECT 1 AS one").await,
+        vec![json!({ "one": 1 })]
+    );
+    let metrics = app.metrics_text().await;
+    let budget: u64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("fluxbase_sql_connection_budget "))
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no budget in {metrics}"));
+    // ¾ of what is left after the 3 reserved places and this server's own sessions at their
+    // most; of those, the webhook writer's and the role repairs' open now are counted among the
+    // other clients too (at most 8 here): 12 walsenders and 12 catalog sessions are not.
+    let own = fluxbase::sql::own_connections(&app.app.config) as u64;
+    let whole = (MAX - 3 - own) * 3 / 4;
+    let least = (MAX - 3 - own - 8) * 3 / 4;
+    assert!(
+        (least..=whole).contains(&budget),
+        "budget {budget}, expected {least}..={whole}"
+    );
+    // Every tenant is served at once.
+    for t in &tenants {
+        assert_eq!(
+            app.rows(&t.readwrite, &t.project, "SELECT 2 AS two").await,
+            vec![json!({ "two": 2 })]
+        );
+    }
+    app.stop().await;
+}

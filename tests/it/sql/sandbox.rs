@@ -214,7 +214,7 @@ async fn fluxbase_messages_forged_from_sql_reach_no_socket_and_no_webhook() {
     // Counted: two forged by the admin role above, plus any the SQL API let through.
     let status = app.app.cdc.status(&f.project).unwrap();
     assert!(status.rejected_messages >= 2, "{status:?}");
-    let text = app.app.metrics.render(0, &app.app.cdc.all_status());
+    let text = app.app.metrics.render(0, 0, &app.app.cdc.all_status());
     assert!(
         text.contains(&format!(
             "fluxbase_cdc_rejected_messages_total{{project=\"{}\"}}",
