@@ -79,6 +79,11 @@ pub const CONTROL_MIGRATIONS: &[(i32, &str, &str)] = &[
         "storage_names_bytewise",
         include_str!("../sql/control/0020_storage_names_bytewise.sql"),
     ),
+    (
+        22,
+        "members_chose_admin",
+        include_str!("../sql/control/0022_members_chose_admin.sql"),
+    ),
 ];
 
 /// Where the project databases live and how the server reaches the cluster as its admin role.

@@ -56,14 +56,16 @@ pub async fn role(
 pub async fn administered_by(db: &impl GenericClient, user_id: &str) -> Result<i64, Error> {
     Ok(db
         .query_one(
-            "SELECT count(*) FROM fluxbase.members WHERE user_id = $1 AND role = 'admin'",
+            "SELECT count(*) FROM fluxbase.members
+             WHERE user_id = $1 AND role = 'admin' AND chose_admin",
             &[&user_id],
         )
         .await?
         .get(0))
 }
 
-/// Adds a member, or changes the role of one.
+/// Adds a member, or changes the role of one, as the member chose it (an accepted invitation):
+/// an admin so added chose the admin role.
 pub async fn upsert(
     db: &impl GenericClient,
     project_id: &str,
@@ -71,13 +73,16 @@ pub async fn upsert(
     role: MemberRole,
 ) -> Result<u64, Error> {
     db.execute(
-        "INSERT INTO fluxbase.members (project_id, user_id, role) VALUES ($1, $2, $3)
-         ON CONFLICT (project_id, user_id) DO UPDATE SET role = EXCLUDED.role",
+        "INSERT INTO fluxbase.members (project_id, user_id, role, chose_admin)
+         VALUES ($1, $2, $3, $3 = 'admin')
+         ON CONFLICT (project_id, user_id)
+         DO UPDATE SET role = EXCLUDED.role, chose_admin = EXCLUDED.chose_admin",
         &[&project_id, &user_id, &role],
     )
     .await
 }
 
+/// Adds a member who chose `role` (the project's creator).
 pub async fn insert(
     db: &impl GenericClient,
     project_id: &str,
@@ -85,12 +90,15 @@ pub async fn insert(
     role: MemberRole,
 ) -> Result<u64, Error> {
     db.execute(
-        "INSERT INTO fluxbase.members (project_id, user_id, role) VALUES ($1, $2, $3)",
+        "INSERT INTO fluxbase.members (project_id, user_id, role, chose_admin)
+         VALUES ($1, $2, $3, $3 = 'admin')",
         &[&project_id, &user_id, &role],
     )
     .await
 }
 
+/// Another admin changes a member's role: a member made admin so did not choose it (nor does
+/// one who chose it once and was demoted since).
 pub async fn set_role(
     db: &impl GenericClient,
     project_id: &str,
@@ -98,7 +106,8 @@ pub async fn set_role(
     role: MemberRole,
 ) -> Result<u64, Error> {
     db.execute(
-        "UPDATE fluxbase.members SET role = $3 WHERE project_id = $1 AND user_id = $2",
+        "UPDATE fluxbase.members SET role = $3, chose_admin = chose_admin AND $3 = 'admin'
+         WHERE project_id = $1 AND user_id = $2",
         &[&project_id, &user_id, &role],
     )
     .await

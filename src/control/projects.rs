@@ -29,11 +29,22 @@ fn engine(text: &str) -> Engine {
     Engine::parse(text).unwrap_or_default()
 }
 
-/// The project's columns and its owner: the admin who joined first (`members` by its primary
-/// key: a project has a handful of members).
-const PROJECT_COLUMNS: &str = "id, name, engine, status, realtime_public, db_name, created_at, \
-     (SELECT m.user_id FROM fluxbase.members m WHERE m.project_id = projects.id \
-      AND m.role = 'admin' ORDER BY m.joined_at, m.user_id LIMIT 1) AS owner";
+/// The owner of the `projects` row at hand: the admin who joined first among those who chose
+/// the role (control migration 22; `members` by its primary key: a project has a handful of
+/// members). A macro: `concat!` takes literals only.
+macro_rules! owner {
+    () => {
+        "(SELECT m.user_id FROM fluxbase.members m WHERE m.project_id = projects.id \
+         AND m.role = 'admin' AND m.chose_admin ORDER BY m.joined_at, m.user_id LIMIT 1)"
+    };
+}
+
+/// The project's columns and its owner.
+const PROJECT_COLUMNS: &str = concat!(
+    "id, name, engine, status, realtime_public, db_name, created_at, ",
+    owner!(),
+    " AS owner"
+);
 
 pub async fn get(db: &impl GenericClient, project_id: &str) -> Result<Option<Project>, Error> {
     db.query_opt(
@@ -44,6 +55,26 @@ pub async fn get(db: &impl GenericClient, project_id: &str) -> Result<Option<Pro
     .as_ref()
     .map(Project::try_from)
     .transpose()
+}
+
+/// The projects among `ids` that exist, each with its owner (see [`PROJECT_COLUMNS`]).
+pub async fn owners(
+    db: &impl GenericClient,
+    ids: &[&str],
+) -> Result<Vec<(String, Option<String>)>, Error> {
+    Ok(db
+        .query(
+            concat!(
+                "SELECT id, ",
+                owner!(),
+                " FROM fluxbase.projects WHERE id = ANY($1)"
+            ),
+            &[&ids],
+        )
+        .await?
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect())
 }
 
 pub async fn exists(db: &impl GenericClient, project_id: &str) -> Result<bool, Error> {

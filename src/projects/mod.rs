@@ -121,10 +121,12 @@ impl Project {
     }
 }
 
-/// The key of a project's account: its owner (the first admin), or the project itself (`project
-/// <id>`, never a user id) when no admin is left. An owner who leaves hands the project's use
-/// to the next admin for later requests; an admin is one who accepted the invitation, so
-/// nobody is made to carry another's project without agreeing to.
+/// The key of a project's account: its owner (the first admin who chose the role: created the
+/// project or accepted an invitation as admin, control migration 22), or the project itself
+/// (`project <id>`, never a user id) when no such admin is left. An owner who leaves hands the
+/// project's use to the next such admin for later requests; an admin made by another admin's
+/// role change is never the owner, so nobody is made to carry another's project without
+/// agreeing to (red team rt6 H1).
 pub fn account_key<'a>(project_id: &str, owner: Option<&'a str>) -> std::borrow::Cow<'a, str> {
     match owner {
         Some(owner) => std::borrow::Cow::Borrowed(owner),

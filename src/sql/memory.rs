@@ -158,10 +158,10 @@ impl BackendMemory {
                             }
                             // Only this deployment's projects: another server's tenants on a
                             // shared cluster are its watch's to judge, by its own limits. Their
-                            // admins come with them (past the total the choice is by account).
-                            let admins = keep_own(&pool, &mut backends).await;
+                            // accounts come with them (past the total the choice is by account).
+                            let accounts = keep_own(&pool, &mut backends).await;
                             for (backend, why) in
-                                over_limits(&backends, limits.0, limits.1, &admins)
+                                over_limits(&backends, limits.0, limits.1, &accounts)
                             {
                                 me.end(&pool, backend, why).await;
                             }
@@ -460,48 +460,42 @@ fn scan(postmaster: u32, floor: u64) -> Option<Vec<Backend>> {
     )
 }
 
-/// Keeps of `backends` those of projects in this server's control database, and returns who
-/// administers them (project id → user ids), in one query. When the control database cannot
-/// be read, all are kept (the cluster's memory is guarded rather than not) and no admin is
+/// Keeps of `backends` those of projects in this server's control database, and returns the
+/// account each of them counts for (project id → [`crate::projects::account_key`]: its owner,
+/// the first admin who chose the role), in one query. When the control database cannot be
+/// read, all are kept (the cluster's memory is guarded rather than not) and no account is
 /// known (the choice past the total then falls back to projects).
 async fn keep_own(
     pool: &deadpool_postgres::Pool,
     backends: &mut Vec<Backend>,
-) -> HashMap<String, Vec<String>> {
+) -> HashMap<String, String> {
     let mut projects: Vec<&str> = backends.iter().map(|b| b.project.as_str()).collect();
     projects.sort_unstable();
     projects.dedup();
     let rows = async {
         let c = pool.get().await.ok()?;
-        c.query(
-            "SELECT p.id, m.user_id FROM fluxbase.projects p \
-             LEFT JOIN fluxbase.members m ON m.project_id = p.id AND m.role = 'admin' \
-             WHERE p.id = ANY($1)",
-            &[&projects],
-        )
-        .await
-        .ok()
+        crate::control::projects::owners(&c, &projects).await.ok()
     }
     .await;
     let Some(rows) = rows else {
         return HashMap::new();
     };
-    let mut own: HashMap<String, Vec<String>> = HashMap::new();
-    for r in rows {
-        let admins = own.entry(r.get(0)).or_default();
-        if let Some(user) = r.get::<_, Option<String>>(1) {
-            admins.push(user);
-        }
-    }
+    let own: HashMap<String, String> = rows
+        .into_iter()
+        .map(|(id, owner)| {
+            let account = crate::projects::account_key(&id, owner.as_deref()).into_owned();
+            (id, account)
+        })
+        .collect();
     backends.retain(|b| own.contains_key(&b.project));
-    own.retain(|_, admins| !admins.is_empty());
     own
 }
 
 /// The backends to end: each over `per_backend` (0: no such limit); then, while all together
 /// are over `total` (0: none), the largest backend of the account holding the most: an
-/// account (a project admin, from `admins`: project → admin user ids; a project without a
-/// known admin is an account of its own) holds what all the projects it administers hold. A
+/// account (from `accounts`: project → its account; a project not in it is an account of its
+/// own) holds what all the projects it owns hold — one account per project, so an admin who
+/// never chose the role is never charged for it (red team rt6 H1). A
 /// tenant with one large statement is not ended for another's many, nor for another's many
 /// spread over several projects (red team rt5: three projects of one account, three
 /// statements each, got another account's single statement ended first).
@@ -509,7 +503,7 @@ fn over_limits(
     backends: &[Backend],
     per_backend: u64,
     total: u64,
-    admins: &HashMap<String, Vec<String>>,
+    accounts: &HashMap<String, String>,
 ) -> Vec<(Backend, String)> {
     let mut out = Vec::new();
     let mut left: Vec<&Backend> = Vec::new();
@@ -527,19 +521,17 @@ fn over_limits(
         }
     }
     let mut sum: u64 = left.iter().map(|b| b.bytes).sum();
-    // The accounts a backend counts for: its project's admins, or the project itself.
-    let accounts_of = |b: &Backend| -> Vec<String> {
-        match admins.get(&b.project) {
-            Some(users) if !users.is_empty() => users.iter().map(|u| format!("user:{u}")).collect(),
-            _ => vec![format!("project:{}", b.project)],
-        }
+    // The account a backend counts for: its project's, or the project itself.
+    let account_of = |b: &Backend| -> String {
+        accounts
+            .get(&b.project)
+            .cloned()
+            .unwrap_or_else(|| crate::projects::account_key(&b.project, None).into_owned())
     };
     while total > 0 && sum > total && !left.is_empty() {
         let mut by_account: HashMap<String, u64> = HashMap::new();
         for b in &left {
-            for a in accounts_of(b) {
-                *by_account.entry(a).or_default() += b.bytes;
-            }
+            *by_account.entry(account_of(b)).or_default() += b.bytes;
         }
         let heaviest = by_account
             .into_iter()
@@ -549,7 +541,7 @@ fn over_limits(
         let (i, _) = left
             .iter()
             .enumerate()
-            .filter(|(_, b)| accounts_of(b).contains(&heaviest))
+            .filter(|(_, b)| account_of(b) == heaviest)
             .max_by_key(|(_, b)| (b.bytes, std::cmp::Reverse(b.pid)))
             .expect("the account has a backend");
         let b = left.swap_remove(i);
@@ -709,14 +701,14 @@ mod tests {
             }
         }
         all.push(b(100, "b1", 373));
-        let admins: HashMap<String, Vec<String>> = [
+        let admins: HashMap<String, String> = [
             ("a1", "alice"),
             ("a2", "alice"),
             ("a3", "alice"),
             ("b1", "bob"),
         ]
         .into_iter()
-        .map(|(p, u)| (p.to_string(), vec![u.to_string()]))
+        .map(|(p, u)| (p.to_string(), u.to_string()))
         .collect();
         // 630 + 373 = 1,003 MiB against 800: alice's statements go (70 each: 560, 490) until
         // under it (793).

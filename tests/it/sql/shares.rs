@@ -5,7 +5,7 @@
 
 use serde_json::{json, Value};
 
-use crate::support::{spawn_app_with, TestApp};
+use crate::support::{spawn_app_with, Fixture, TestApp};
 
 /// A project of the account of `token`: (project id, read key).
 pub async fn another_project(app: &TestApp, token: &str, engine: &str) -> (String, String) {
@@ -147,6 +147,42 @@ async fn one_accounts_projects_hold_at_most_its_share_together() {
     app.stop().await;
 }
 
+/// `member` joins `project` as `role` on the invitation of the admin session `by`.
+async fn join(app: &TestApp, by: &str, project: &str, member: &Fixture, role: &str) {
+    let (status, body) = app
+        .call(
+            "POST",
+            "/api/team",
+            Some(by),
+            Some(json!({ "projectId": project, "email": member.email, "role": role })),
+        )
+        .await;
+    assert_eq!(status, 201, "{body}");
+    let invite = body["invite"]["id"].as_str().unwrap();
+    let (status, body) = app
+        .call(
+            "POST",
+            "/api/team/invites/accept",
+            Some(&member.token),
+            Some(json!({ "inviteId": invite, "status": "accepted" })),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+}
+
+/// `member` is removed from `project` by the admin credential `by`.
+async fn leave(app: &TestApp, by: &str, project: &str, member: &Fixture) {
+    let (status, body) = app
+        .call(
+            "DELETE",
+            &format!("/api/team?projectId={project}&userId={}", member.user_id),
+            Some(by),
+            None,
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+}
+
 /// `SELECT 1` with `key` on `project` is refused with the guide's 429 `RATE_LIMIT` naming
 /// `sql_account_connections`: the account's share is full.
 async fn refused_by_the_account_share(app: &TestApp, key: &str, project: &str) {
@@ -197,34 +233,8 @@ async fn a_project_whose_first_admin_leaves_counts_for_the_next_admins_account()
     let (handed, handed_read) = another_project(&app, &a.token, "postgresql").await;
     let b = app.fixture().await;
     // B joins the second project as admin, and A leaves it.
-    let (status, body) = app
-        .call(
-            "POST",
-            "/api/team",
-            Some(&a.token),
-            Some(json!({ "projectId": handed, "email": b.email, "role": "admin" })),
-        )
-        .await;
-    assert_eq!(status, 201, "{body}");
-    let invite = body["invite"]["id"].as_str().unwrap();
-    let (status, body) = app
-        .call(
-            "POST",
-            "/api/team/invites/accept",
-            Some(&b.token),
-            Some(json!({ "inviteId": invite, "status": "accepted" })),
-        )
-        .await;
-    assert_eq!(status, 200, "{body}");
-    let (status, body) = app
-        .call(
-            "DELETE",
-            &format!("/api/team?projectId={handed}&userId={}", a.user_id),
-            Some(&b.token),
-            None,
-        )
-        .await;
-    assert!(status == 200 || status == 204, "{status} {body}");
+    join(&app, &a.token, &handed, &b, "admin").await;
+    leave(&app, &b.token, &handed, &a).await;
     let watcher = crate::support::cluster::pg().await.client("postgres").await;
 
     // A's account is full with its first project's statements …
@@ -320,5 +330,50 @@ async fn a_client_hanging_up_leaves_its_statement_holding_its_accounts_place() {
     assert_eq!(sleeping(&watcher, &[&a.project]).await, 2);
     refused_by_the_account_share(&app, &second_read, &second).await;
     assert_eq!(sleeping(&watcher, &[&a.project]).await, 2);
+    app.stop().await;
+}
+
+/// An admin made by another admin's role change never agreed to carry the project (red team
+/// rt6 H1): A invites V as a viewer, makes V admin and leaves. The project then counts for an
+/// account of its own: not against V's connections (V's own project is served while it runs
+/// its share full), nor against V's project quota.
+#[tokio::test]
+async fn an_admin_made_by_a_role_change_is_not_charged_for_the_project() {
+    let app = spawn_app_with(|c| {
+        c.sql_project_connections = 2;
+        c.sql_account_connections = 2;
+        c.sql_queue_timeout_ms = 1_500;
+        c.max_projects_per_user = 2;
+    })
+    .await;
+    let a = app.fixture().await;
+    let (pushed, pushed_read) = another_project(&app, &a.token, "postgresql").await;
+    let v = app.fixture().await;
+    join(&app, &a.token, &pushed, &v, "viewer").await;
+    let (status, body) = app
+        .call(
+            "PATCH",
+            "/api/team",
+            Some(&a.token),
+            Some(json!({ "projectId": pushed, "userId": v.user_id, "role": "admin" })),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    leave(&app, &a.token, &pushed, &a).await;
+
+    let watcher = crate::support::cluster::pg().await.client("postgres").await;
+    let sleeps: Vec<_> = (0..2)
+        .map(|_| app.spawn_sql(&pushed_read, &pushed, "SELECT pg_sleep(8)"))
+        .collect();
+    until_sleeping(&watcher, &[&pushed], 2, &sleeps).await;
+    assert_eq!(
+        app.rows(&v.read, &v.project, "SELECT 1 AS one").await,
+        vec![json!({ "one": 1 })]
+    );
+    // V's quota of 2: its own project and a second one; the pushed project is not V's.
+    another_project(&app, &v.token, "postgresql").await;
+    for (status, _) in outcomes(sleeps).await {
+        assert_eq!(status, 200);
+    }
     app.stop().await;
 }
