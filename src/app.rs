@@ -52,6 +52,9 @@ pub struct App {
     pub embedded: Option<embedded::Cluster>,
     /// Cluster mode (`nats_url`): this node's link to the others; `None` for a single node.
     pub cluster_mode: Option<Arc<ClusterMode>>,
+    /// Projects this server is deleting now: their statements' errors are answered as the
+    /// project being gone, not as an unreachable database ([`App::is_being_deleted`]).
+    deleting: std::sync::Mutex<std::collections::HashSet<String>>,
 }
 
 pub type SharedApp = Arc<App>;
@@ -214,6 +217,7 @@ impl App {
             control,
             embedded,
             cluster_mode,
+            deleting: Default::default(),
         });
         app.join_cluster();
         let host: std::sync::Weak<dyn crate::realtime::Host> = Arc::downgrade(&app) as _;

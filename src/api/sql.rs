@@ -49,7 +49,11 @@ pub async fn execute_sql(app: SharedApp, req: Request) -> ApiResult<impl Reply> 
         let (run_app, run_access, memory) = (app.clone(), access.clone(), building.clone());
         let text =
             to_completion(async move { run_app.mysql.execute(&run_access, &sql, memory).await })
-                .await??;
+                .await?;
+        let text = match text {
+            Ok(text) => text,
+            Err(e) => return Err(unless_deleted(&app, &access.project.id, e).await),
+        };
         return answer(&app, &req, &building, text);
     }
     let identity = crate::rls::request_identity(
@@ -67,8 +71,22 @@ pub async fn execute_sql(app: SharedApp, req: Request) -> ApiResult<impl Reply> 
             .execute(&run_access, &sql, identity.as_deref(), memory)
             .await
     })
-    .await??;
+    .await?;
+    let text = match text {
+        Ok(text) => text,
+        Err(e) => return Err(unless_deleted(&app, &access.project.id, e).await),
+    };
     answer(&app, &req, &building, text)
+}
+
+/// The request's error, or 404 `PROJECT_NOT_FOUND` when its database went away because the
+/// project was deleted meanwhile (its statements are ended with it): "unreachable, retry" would
+/// send the client back to a project that is gone (red team rt6 L2).
+async fn unless_deleted(app: &SharedApp, project_id: &str, e: SqlError) -> ApiError {
+    if matches!(e, SqlError::Unavailable(_)) && app.is_being_deleted(project_id).await {
+        return ApiError::ProjectNotFound;
+    }
+    e.into()
 }
 
 /// Runs a request's statement to its end even when its client goes away: what the request

@@ -146,13 +146,22 @@ impl App {
             .load_project(project_id)
             .await?
             .ok_or_else(|| ProjectsError::NoSuchProject(project_id.to_string()))?;
-        self.cdc.stop(project_id).await;
-        self.mysql.dumps.forget(project_id);
-        self.sql.forget_project(project_id);
-        self.projects
-            .drop_database(project_id, &project.db_name, project.engine)
-            .await;
-        self.projects.delete_row(project_id).await?;
+        self.deleting
+            .lock()
+            .expect("poisoned")
+            .insert(project_id.to_string());
+        let deleted = async {
+            self.cdc.stop(project_id).await;
+            self.mysql.dumps.forget(project_id);
+            self.sql.forget_project(project_id);
+            self.projects
+                .drop_database(project_id, &project.db_name, project.engine)
+                .await;
+            self.projects.delete_row(project_id).await
+        }
+        .await;
+        self.deleting.lock().expect("poisoned").remove(project_id);
+        deleted?;
         self.storage.forget_project(project_id);
         self.storage.delete_project_objects(project_id).await;
         if let Some(mode) = self.cluster_mode.as_ref() {
@@ -166,6 +175,21 @@ impl App {
         self.bus.remove(project_id);
         tracing::info!(project_id, "project deleted");
         Ok(())
+    }
+
+    /// Whether this server is deleting `project_id` now, or it is gone (deleted by another
+    /// server or the CLI); `false` when the control database cannot tell.
+    pub async fn is_being_deleted(&self, project_id: &str) -> bool {
+        if self.deleting.lock().expect("poisoned").contains(project_id) {
+            return true;
+        }
+        match self.control.get().await {
+            Ok(client) => matches!(
+                crate::control::projects::exists(&client, project_id).await,
+                Ok(false)
+            ),
+            Err(_) => false,
+        }
     }
 
     /// `fluxbase project suspend|resume <id>`: changes the status only, never the data; every
