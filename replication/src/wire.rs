@@ -76,6 +76,8 @@ pub const MAX_NOTICE_FIELDS: usize = 64 * 1024;
 /// Ends a field [`MAX_NOTICE_FIELDS`] cut.
 pub const CUT_MARK: &str = " [cut: the server's message was longer]";
 const READ_CHUNK: usize = 16 * 1024;
+/// The room `read_buf` keeps past a large message (`Transport::let_go_of_a_large_buffer`).
+const READ_BUF_KEPT: usize = 1 << 20;
 
 /// How to reach and log in to a PostgreSQL server.
 #[derive(Clone)]
@@ -447,12 +449,26 @@ impl Transport {
             if let Some(message) =
                 Message::parse(&mut self.read_buf).map_err(WireError::protocol)?
             {
+                self.let_go_of_a_large_buffer();
                 return Ok(Backend::Message(message));
             }
             self.read_buf.reserve(READ_CHUNK);
             if self.socket.read_buf(&mut self.read_buf).await? == 0 {
                 return Err(WireError::Closed);
             }
+        }
+    }
+
+    /// After a large message, `read_buf` is the rest of the allocation it was read into (a
+    /// message is split off, not copied): that allocation would live as long as the buffer
+    /// still had room in it — a 120 MB row kept 120 MB per connection until as much more
+    /// traffic had come (red team rt6 M1). The few bytes read past the message move to a
+    /// buffer of ordinary size instead, and the large allocation goes with its last message.
+    fn let_go_of_a_large_buffer(&mut self) {
+        if self.read_buf.capacity() > READ_BUF_KEPT && self.read_buf.len() <= READ_BUF_KEPT / 2 {
+            let mut fresh = BytesMut::with_capacity(READ_CHUNK.max(self.read_buf.len()));
+            fresh.extend_from_slice(&self.read_buf);
+            self.read_buf = fresh;
         }
     }
 
@@ -1806,6 +1822,23 @@ mod tests {
         body.extend((value.len() as i32).to_be_bytes());
         body.extend_from_slice(value);
         backend(b'D', &body)
+    }
+
+    #[tokio::test]
+    async fn a_large_messages_buffer_is_let_go_once_it_is_read() {
+        let mut reply = row_description("v");
+        reply.extend(data_row(&vec![b'x'; 6 << 20]));
+        reply.extend(backend(b'C', &cstr("SELECT 1")));
+        reply.extend(backend(b'Z', b"I"));
+        let mut conn = connection_answering(reply, false).await;
+        let outcome = conn.simple_query("SELECT ...", 1).await.unwrap();
+        assert_eq!(
+            outcome.last.unwrap().rows[0][0].as_ref().unwrap().len(),
+            6 << 20
+        );
+        // What the connection keeps to read the next message, not the 6 MiB row's allocation.
+        let kept = conn.transport.read_buf.capacity();
+        assert!(kept <= READ_BUF_KEPT, "{kept} bytes kept");
     }
 
     #[tokio::test]
