@@ -66,31 +66,20 @@ pub async fn learn_types(
     Ok(())
 }
 
-/// A session on a project database opened only when a type has to be learned, and closed
-/// again: for a change stream, whose relations name user-defined types rarely (once per type
-/// and stream), so that a stream keeps no session of its own on the cluster besides its
-/// walsender.
-pub struct OnDemand {
-    cfg: fluxbase_replication::wire::ConnectConfig,
-}
-
-impl OnDemand {
-    pub fn new(cfg: fluxbase_replication::wire::ConnectConfig) -> OnDemand {
-        OnDemand { cfg }
+/// [`learn_types`] on a session to a project database opened only if some of `oids` are not
+/// known, and closed again: for a change stream, whose relations name user-defined types
+/// rarely (once per type and stream), so that a stream keeps no session of its own on the
+/// cluster besides its walsender.
+pub async fn learn_types_connecting(
+    cfg: &fluxbase_replication::wire::ConnectConfig,
+    types: &RwLock<TypeRegistry>,
+    oids: &[u32],
+) -> Result<(), WireError> {
+    if types.read().expect("poisoned").missing(oids).is_empty() {
+        return Ok(());
     }
-
-    /// [`learn_types`] on a session of its own, opened only if some of `oids` are not known.
-    pub async fn learn_types(
-        &mut self,
-        types: &RwLock<TypeRegistry>,
-        oids: &[u32],
-    ) -> Result<(), WireError> {
-        if types.read().expect("poisoned").missing(oids).is_empty() {
-            return Ok(());
-        }
-        let mut conn = Connection::connect(&self.cfg).await?;
-        let learned = learn_types(&mut conn, types, oids).await;
-        conn.close().await;
-        learned
-    }
+    let mut conn = Connection::connect(cfg).await?;
+    let learned = learn_types(&mut conn, types, oids).await;
+    conn.close().await;
+    learned
 }

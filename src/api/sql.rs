@@ -52,7 +52,7 @@ pub async fn execute_sql(app: SharedApp, req: Request) -> ApiResult<impl Reply> 
                 .await?;
         let text = match text {
             Ok(text) => text,
-            Err(e) => return Err(unless_deleted(&app, &access.project.id, e).await),
+            Err(e) => return Err(unless_deleted(&app, &access.project.id, e)),
         };
         return answer(&app, &req, &building, text);
     }
@@ -74,7 +74,7 @@ pub async fn execute_sql(app: SharedApp, req: Request) -> ApiResult<impl Reply> 
     .await?;
     let text = match text {
         Ok(text) => text,
-        Err(e) => return Err(unless_deleted(&app, &access.project.id, e).await),
+        Err(e) => return Err(unless_deleted(&app, &access.project.id, e)),
     };
     answer(&app, &req, &building, text)
 }
@@ -82,8 +82,8 @@ pub async fn execute_sql(app: SharedApp, req: Request) -> ApiResult<impl Reply> 
 /// The request's error, or 404 `PROJECT_NOT_FOUND` when its database went away because the
 /// project was deleted meanwhile (its statements are ended with it): "unreachable, retry" would
 /// send the client back to a project that is gone (red team rt6 L2).
-async fn unless_deleted(app: &SharedApp, project_id: &str, e: SqlError) -> ApiError {
-    if matches!(e, SqlError::Unavailable(_)) && app.is_being_deleted(project_id).await {
+fn unless_deleted(app: &SharedApp, project_id: &str, e: SqlError) -> ApiError {
+    if matches!(e, SqlError::Unavailable(_)) && app.is_being_deleted(project_id) {
         return ApiError::ProjectNotFound;
     }
     e.into()

@@ -177,19 +177,11 @@ impl App {
         Ok(())
     }
 
-    /// Whether this server is deleting `project_id` now, or it is gone (deleted by another
-    /// server or the CLI); `false` when the control database cannot tell.
-    pub async fn is_being_deleted(&self, project_id: &str) -> bool {
-        if self.deleting.lock().expect("poisoned").contains(project_id) {
-            return true;
-        }
-        match self.control.get().await {
-            Ok(client) => matches!(
-                crate::control::projects::exists(&client, project_id).await,
-                Ok(false)
-            ),
-            Err(_) => false,
-        }
+    /// Whether this server is deleting `project_id` now (its database is dropped before its
+    /// row, so the row says nothing yet; and an unreachable database, the other cause of the
+    /// same error, must not cost a control round trip per request).
+    pub fn is_being_deleted(&self, project_id: &str) -> bool {
+        self.deleting.lock().expect("poisoned").contains(project_id)
     }
 
     /// `fluxbase project suspend|resume <id>`: changes the status only, never the data; every

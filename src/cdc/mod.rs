@@ -868,9 +868,6 @@ async fn stream_once<B: EventBus>(
         Some(Some(s)) if s == "lost" => return Err(StreamError::SlotLost(slot)),
         Some(_) => {}
     }
-    // User-defined types are read from the project's catalog when a relation brings one not
-    // known yet: a session opened for that and closed again.
-    let mut catalog = crate::catalog::OnDemand::new(cfg.clone());
 
     let client = ReplicationClient::connect(&cfg).await?;
     let options = PgOutputOptions {
@@ -918,7 +915,8 @@ async fn stream_once<B: EventBus>(
                         if let LogicalReplicationMessage::Relation(r) = &msg {
                             let oids: Vec<u32> = r.columns.iter().map(|c| c.type_id).collect();
                             // Not learned, its values would render wrong: the stream retries instead.
-                            catalog.learn_types(types, &oids).await?;
+                            // From the project's catalog, on a session opened for it.
+                            crate::catalog::learn_types_connecting(&cfg, types, &oids).await?;
                         }
                         let rejected = asm.rejected_messages();
                         let spilled = asm.spilled_bytes();

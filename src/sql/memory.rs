@@ -25,10 +25,11 @@
 //!
 //! The server's own roles' sessions, the walsenders and PostgreSQL's auxiliary processes are
 //! never touched, nor backends of projects this server's control database does not hold
-//! (another deployment's on a shared cluster: its own watch judges them by its own limits). The watch needs the cluster's processes on this host (the embedded
-//! cluster, or `database_url` on the same machine and PID namespace): it finds them from its own
-//! session's backend (its process title must name the server's user and control database),
-//! and says so in the log when it cannot (a remote cluster: bound memory there with the
+//! (another deployment's on a shared cluster: its own watch judges them by its own limits).
+//! The watch needs the cluster's processes on this host (the embedded cluster, or
+//! `database_url` on the same machine and PID namespace): it finds them from its own session's
+//! backend (its process title must name the server's user and control database), and says so
+//! in the log when it cannot (a remote cluster: bound memory there with the
 //! cluster's own means, e.g. a cgroup). `fluxbase doctor` reports it too.
 //!
 //! Sampling bounds a backend to its limit plus what it allocates in one period (a sort touching
