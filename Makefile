@@ -3,7 +3,7 @@
 CARGO ?= cargo
 TEST_THREADS ?= 6
 
-.PHONY: run build test lint unit integration bench bench-sql bench-cdc bench-webhooks bench-fanout bench-rls bench-storage bench-cluster bench-mysql-reset bench-binlog clean deps fuzz
+.PHONY: run build test lint unit integration bench bench-sql bench-cdc bench-webhooks bench-fanout bench-rls bench-storage bench-cluster bench-mysql-reset bench-binlog bench-host clean deps fuzz
 
 run: deps
 	$(CARGO) build --release --bin fluxbase
@@ -28,7 +28,11 @@ lint:
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
 
 # The benchmarks; each prints its reference run beside Fluxbase's (and its targets).
-bench: bench-sql bench-cdc bench-webhooks bench-fanout bench-rls bench-storage bench-cluster bench-mysql-reset bench-binlog
+bench: bench-host bench-sql bench-cdc bench-webhooks bench-fanout bench-rls bench-storage bench-cluster bench-mysql-reset bench-binlog
+
+# What this machine charges for wake-ups and small socket messages (read the other ratios by it).
+bench-host:
+	$(CARGO) run --release -p fluxbase-bench --bin host_bench
 
 bench-sql: deps build
 	$(CARGO) run --release -p fluxbase-bench --bin sql_bench
