@@ -34,7 +34,9 @@
 //! decoding alone runs several times faster than either. A consumer that waits between
 //! messages (pg_recvlogical, which only writes them out) makes the walsender wake it for each
 //! one, which costs more there than a busier consumer's own work; so Fluxbase can come out
-//! faster than the reference.
+//! faster than the reference. The summary prints that bound: one core at the stream's
+//! walsender's CPU per event, as events/s and as a ratio to decoding alone, and how much of it
+//! the stream used (`make bench-host` shows what this host charges per small `send()`).
 //!
 //! The cluster runs with `fsync=off` (a faster workload; the WAL is read from the page cache
 //! either way) and the default `synchronous_commit=on`, so a commit reaches the walsender as
@@ -311,6 +313,19 @@ async fn bench(app: &SharedApp, cluster: &Cluster, settings: &Settings) -> Resul
         us(&|c| c.fluxbase_walsender),
         us(&|c| c.fluxbase_process),
         us(&|c| c.fluxbase_stream),
+    );
+    // What the stream's own walsender allows: its CPU per event, one core. A stream that keeps
+    // its walsender busy cannot go faster whatever the client does (docs/benchmarks.md, "The
+    // host": on a host where one small send() costs microseconds, this is the bound).
+    let walsender_us = us(&|c| c.fluxbase_walsender);
+    let ceiling = 1e6 / walsender_us;
+    let decoding_rate = median(&|r| rate(r.decoding));
+    println!(
+        "walsender bound  : {ceiling:.0} events/s = {:.2}x decoding alone (one core at the stream's walsender's \
+         {walsender_us:.2} µs per event; decoding {:.2}); the walsender was busy {:.2} of a core",
+        ceiling / decoding_rate,
+        us(&|c| c.decoding_backend),
+        cores(&|r| (r.cpu.fluxbase_walsender, r.fluxbase)),
     );
     let vs_decoding = median(&Round::vs_decoding);
     let lowest_vs_reference = rounds
