@@ -170,3 +170,93 @@ async fn a_parallel_hash_tables_shared_memory_counts_against_the_limit() {
     );
     app.stop().await;
 }
+
+/// Past the total, the choice is by account: the largest backend of the account whose projects
+/// together hold the most is ended, not the largest backend (red team rt5: one account's
+/// statements spread over three projects got another account's single statement ended first).
+/// Account A runs three sorts of ≈ 196 MiB over three projects, account B one of ≈ 288 MiB, the
+/// largest backend; with all four at their peak (≈ 880 MiB) the total of 760 MiB is passed, and
+/// one of A's is ended (then A ≈ 392 + B ≈ 288 fit); B's runs to its end.
+#[tokio::test]
+async fn past_the_total_an_accounts_statements_over_several_projects_give_first() {
+    let app = spawn_app_with(|c| {
+        c.sql_backend_memory_limit_mb = 0;
+        c.sql_backends_memory_total_mb = 760;
+    })
+    .await;
+    poll::until(
+        Duration::from_secs(20),
+        Duration::from_millis(50),
+        || async {
+            match app.app.sql.memory.watch() {
+                Watch::Watching { .. } => Ok(()),
+                w => Err(format!("{w:?}")),
+            }
+        },
+    )
+    .await;
+    let a = app.fixture().await;
+    let mut a_projects = vec![(a.read.clone(), a.project.clone())];
+    for _ in 0..2 {
+        let p = crate::support::fixtures::new_project_on(&app.base, &a.token, "postgresql").await;
+        a_projects.push((p.read, p.project));
+    }
+    let b = app.fixture().await;
+    // Held at its peak for 8 s after the sort (the sort's memory lives to the statement's end),
+    // so that all four overlap however the machine schedules them.
+    let sort = |rows: u32| {
+        format!(
+            "SET work_mem = '2GB'; SELECT count(*) AS n, pg_sleep(8) FROM (SELECT g, md5(g::text) AS m \
+             FROM generate_series(1, {rows}) g ORDER BY m OFFSET 0) s"
+        )
+    };
+    let b_run = app.spawn_sql(&b.read, &b.project, &sort(1_800_000));
+    let a_runs: Vec<_> = a_projects
+        .iter()
+        .map(|(key, project)| app.spawn_sql(key, project, &sort(1_200_000)))
+        .collect();
+
+    let (status, body) = b_run.await.unwrap();
+    assert_eq!(status, 200, "{body}");
+    let body: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(
+        body["success"], true,
+        "the other account's single (largest) statement was ended: {body}"
+    );
+    assert_eq!(body["result"]["rows"][0]["n"], 1_800_000, "{body}");
+    let mut ended = 0;
+    for run in a_runs {
+        let (status, body) = run.await.unwrap();
+        assert_eq!(status, 200, "{body}");
+        let body: serde_json::Value = serde_json::from_str(&body).unwrap();
+        if body["success"] == true {
+            assert_eq!(body["result"]["rows"][0]["n"], 1_200_000, "{body}");
+            continue;
+        }
+        ended += 1;
+        assert_eq!(body["error"]["code"], "SQL_EXEC_ERROR", "{body}");
+        assert!(
+            body["error"]["details"].as_str().unwrap().contains("53200"),
+            "{body}"
+        );
+        assert!(
+            body["error"]["message"]
+                .as_str()
+                .unwrap()
+                .contains("sql_backends_memory_total_mb"),
+            "{body}"
+        );
+    }
+    assert!(
+        ended >= 1,
+        "none of the heaviest account's statements was ended"
+    );
+    assert_eq!(
+        app.app
+            .metrics
+            .sql_backends_ended_for_memory
+            .load(Ordering::Relaxed),
+        ended
+    );
+    app.stop().await;
+}
