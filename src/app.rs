@@ -185,7 +185,7 @@ impl App {
             ),
             mysql,
             keys: crate::keys::Keys::new(control.clone(), config.max_api_keys_per_project),
-            team: crate::team::Team::new(control.clone()),
+            team: crate::team::Team::new(control.clone(), config.max_projects_per_user),
             rls: crate::rls::Policies::new(sql.clone()),
             sql,
             rate,

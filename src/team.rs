@@ -15,6 +15,14 @@
 //! * A project always keeps an admin: changes that would remove or demote its last admin are
 //!   refused with 409. Membership changes of one project are serialized by a lock on its row,
 //!   so two admins demoting each other at once cannot both succeed.
+//! * A project always keeps an owner: an admin who chose the role (its creator, or an account
+//!   that accepted an admin invitation), whose account the project counts for (its project
+//!   quota, SQL connection share, answer budget, memory total). Removing or demoting the last
+//!   of them is refused with 409, also when another admin remains whom a role change made:
+//!   such an admin never became the account that pays (red team rt6 H1), and a project left
+//!   with none would count for no account's limits (red team rt7 H1: a project per puppet
+//!   account's sign-up, each with limits of its own). Ownership passes by inviting another
+//!   account as admin; once it accepts, the first may leave.
 //! * Access is never cached for sessions: `Auth::project_access` reads the membership on every
 //!   request, so a removed or demoted member's next request already sees the change. A removed
 //!   member's realtime subscriptions are ended on every server (NOTIFY on the access channel).
@@ -48,6 +56,18 @@ pub enum TeamError {
          Make another member admin first."
     )]
     LastAdmin,
+    #[error(
+        "userId: this is the project's last owner (an admin by creating the project or by \
+         accepting an admin invitation; its account is what the project counts for); it can be \
+         neither removed nor demoted. Invite another account as admin and have it accept first."
+    )]
+    LastOwner,
+    #[error(
+        "Project quota reached: a user may administer at most {0} projects \
+         (max_projects_per_user); accepting an admin invitation makes this account one of the \
+         project's owners. Delete or leave a project, or ask to be invited with another role."
+    )]
+    QuotaReached(u32),
     /// The project went away during the change.
     #[error("No project found for the given projectId.")]
     ProjectGone,
@@ -224,14 +244,31 @@ pub struct Answered {
 }
 
 /// Locks the project's row for a membership change (serializing changes of one project) and
-/// counts its admins.
+/// counts its admins and owners.
 async fn lock_team(
     tx: &impl deadpool_postgres::GenericClient,
     project_id: &str,
-) -> Result<i64, TeamError> {
+) -> Result<members::Admins, TeamError> {
     members::lock_team(tx, project_id)
         .await?
         .ok_or(TeamError::ProjectGone)
+}
+
+/// Refuses a change that leaves the project without an admin, or without an owner: `before`
+/// is the member's standing (role, owner), `after` its role afterwards (`None`: removed).
+fn keeps_an_admin_and_an_owner(
+    team: members::Admins,
+    before: (MemberRole, bool),
+    after: Option<MemberRole>,
+) -> Result<(), TeamError> {
+    let stays_admin = after == Some(MemberRole::Admin);
+    if before.0 == MemberRole::Admin && !stays_admin && team.admins <= 1 {
+        return Err(TeamError::LastAdmin);
+    }
+    if before.1 && !stays_admin && team.owners <= 1 {
+        return Err(TeamError::LastOwner);
+    }
+    Ok(())
 }
 
 /// A project's members and invitations, on the control database. A removed member must also
@@ -239,11 +276,16 @@ async fn lock_team(
 /// (`crate::api::team`).
 pub struct Team {
     control: deadpool_postgres::Pool,
+    /// `max_projects_per_user` (0: none): accepting an admin invitation counts like creating.
+    max_projects_per_user: u32,
 }
 
 impl Team {
-    pub fn new(control: deadpool_postgres::Pool) -> Team {
-        Team { control }
+    pub fn new(control: deadpool_postgres::Pool, max_projects_per_user: u32) -> Team {
+        Team {
+            control,
+            max_projects_per_user,
+        }
     }
 
     /// Members and invitations (every state).
@@ -318,11 +360,21 @@ impl Team {
         let project_id = invite.project_id;
         let mut member = None;
         if answer == Answer::Accepted {
-            let admins = lock_team(&tx, &project_id).await?;
-            let current = members::role(&tx, &project_id, user_id).await?;
-            if current == Some(MemberRole::Admin) && invite.role != MemberRole::Admin && admins <= 1
+            let team = lock_team(&tx, &project_id).await?;
+            let before = members::standing(&tx, &project_id, user_id).await?;
+            if let Some(before) = before {
+                keeps_an_admin_and_an_owner(team, before, Some(invite.role))?;
+            }
+            // Accepting to be an admin makes one of the project's owners: it counts against the
+            // account's project quota as creating a project does (red team rt7).
+            let owner_already = before.is_some_and(|(_, owner)| owner);
+            let quota = self.max_projects_per_user;
+            if invite.role == MemberRole::Admin
+                && !owner_already
+                && quota > 0
+                && members::administered_by(&tx, user_id).await? >= i64::from(quota)
             {
-                return Err(TeamError::LastAdmin);
+                return Err(TeamError::QuotaReached(quota));
             }
             members::upsert(&tx, &project_id, user_id, invite.role).await?;
             member = Some(members::get(&tx, &project_id, user_id).await?.into());
@@ -336,7 +388,7 @@ impl Team {
         })
     }
 
-    /// Changes a member's role; the last admin cannot be demoted.
+    /// Changes a member's role; the last admin and the last owner cannot be demoted.
     pub async fn change_role(
         &self,
         access: &Access,
@@ -347,11 +399,10 @@ impl Team {
         let project_id = &access.project.id;
         let mut client = self.control.get().await?;
         let tx = client.transaction().await?;
-        let admins = lock_team(&tx, project_id).await?;
-        let current = member_role(&tx, project_id, user_id).await?;
-        if current == MemberRole::Admin && role != MemberRole::Admin && admins <= 1 {
-            return Err(TeamError::LastAdmin);
-        }
+        let team = lock_team(&tx, project_id).await?;
+        let before = member_standing(&tx, project_id, user_id).await?;
+        keeps_an_admin_and_an_owner(team, before, Some(role))?;
+        let current = before.0;
         members::set_role(&tx, project_id, user_id, role).await?;
         let member = members::get(&tx, project_id, user_id).await?.into();
         tx.commit().await?;
@@ -359,17 +410,15 @@ impl Team {
         Ok(member)
     }
 
-    /// Removes a member; the last admin cannot be removed.
+    /// Removes a member; the last admin and the last owner cannot be removed.
     pub async fn remove_member(&self, access: &Access, user_id: &str) -> Result<(), TeamError> {
         require_team_admin(access)?;
         let project_id = &access.project.id;
         let mut client = self.control.get().await?;
         let tx = client.transaction().await?;
-        let admins = lock_team(&tx, project_id).await?;
-        let current = member_role(&tx, project_id, user_id).await?;
-        if current == MemberRole::Admin && admins <= 1 {
-            return Err(TeamError::LastAdmin);
-        }
+        let team = lock_team(&tx, project_id).await?;
+        let before = member_standing(&tx, project_id, user_id).await?;
+        keeps_an_admin_and_an_owner(team, before, None)?;
         members::delete(&tx, project_id, user_id).await?;
         tx.commit().await?;
         tracing::info!(%project_id, %user_id, "member removed");
@@ -377,12 +426,12 @@ impl Team {
     }
 }
 
-async fn member_role(
+async fn member_standing(
     tx: &impl deadpool_postgres::GenericClient,
     project_id: &str,
     user_id: &str,
-) -> Result<MemberRole, TeamError> {
-    members::role(tx, project_id, user_id)
+) -> Result<(MemberRole, bool), TeamError> {
+    members::standing(tx, project_id, user_id)
         .await?
         .ok_or_else(|| TeamError::NotAMember(user_id.to_string()))
 }

@@ -268,6 +268,11 @@ mod tests {
         );
         assert_eq!(shape(ProjectsError::QuotaReached(3)).0, 403);
         assert_eq!(shape(TeamError::LastAdmin).0, 409);
+        assert_eq!(shape(TeamError::LastOwner).0, 409);
+        assert_eq!(
+            shape(TeamError::QuotaReached(3)).1,
+            "INSUFFICIENT_PERMISSIONS"
+        );
         assert_eq!(
             shape(TeamError::NoSuchAccount("a@b.co".into())),
             (

@@ -216,10 +216,12 @@ impl From<TeamError> for ApiError {
         use TeamError::*;
         match e {
             Auth(e) => e.into(),
-            AdminRequired | NotTheInvitee => ApiError::InsufficientPermissions(e.to_string()),
+            AdminRequired | NotTheInvitee | QuotaReached(_) => {
+                ApiError::InsufficientPermissions(e.to_string())
+            }
             NoSuchAccount(_) => ApiError::UserNotFound(e.to_string()),
             NoSuchInvite(_) | NotAMember(_) => ApiError::NotFound(e.to_string()),
-            AlreadyAnswered(_) | LastAdmin => ApiError::Conflict(e.to_string()),
+            AlreadyAnswered(_) | LastAdmin | LastOwner => ApiError::Conflict(e.to_string()),
             ProjectGone => ApiError::ProjectNotFound,
             Internal(e) => e.into(),
         }

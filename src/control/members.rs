@@ -52,6 +52,23 @@ pub async fn role(
     .transpose()
 }
 
+/// `user_id`'s role in the project and whether they are one of its owners (an admin who chose
+/// the role), if a member.
+pub async fn standing(
+    db: &impl GenericClient,
+    project_id: &str,
+    user_id: &str,
+) -> Result<Option<(MemberRole, bool)>, Error> {
+    db.query_opt(
+        "SELECT role, role = 'admin' AND chose_admin FROM fluxbase.members
+         WHERE project_id = $1 AND user_id = $2",
+        &[&project_id, &user_id],
+    )
+    .await?
+    .map(|r| Ok((r.try_get(0)?, r.try_get(1)?)))
+    .transpose()
+}
+
 /// How many projects `user_id` administers.
 pub async fn administered_by(db: &impl GenericClient, user_id: &str) -> Result<i64, Error> {
     Ok(db
@@ -180,9 +197,17 @@ pub async fn of_user(db: &impl GenericClient, user_id: &str) -> Result<Vec<Membe
     .collect()
 }
 
+/// A project's admins, and of them its owners: the admins who chose the role (creating the
+/// project or accepting an admin invitation), whose account the project counts for.
+#[derive(Clone, Copy, Debug)]
+pub struct Admins {
+    pub admins: i64,
+    pub owners: i64,
+}
+
 /// Locks the project's row for a membership change (serializing the changes of one project)
-/// and counts its admins; `None` when the project is gone.
-pub async fn lock_team(db: &impl GenericClient, project_id: &str) -> Result<Option<i64>, Error> {
+/// and counts its admins and owners; `None` when the project is gone.
+pub async fn lock_team(db: &impl GenericClient, project_id: &str) -> Result<Option<Admins>, Error> {
     if db
         .query_opt(
             "SELECT 1 FROM fluxbase.projects WHERE id = $1 FOR NO KEY UPDATE",
@@ -193,11 +218,15 @@ pub async fn lock_team(db: &impl GenericClient, project_id: &str) -> Result<Opti
     {
         return Ok(None);
     }
-    let admins = db
+    let row = db
         .query_one(
-            "SELECT count(*) FROM fluxbase.members WHERE project_id = $1 AND role = 'admin'",
+            "SELECT count(*), count(*) FILTER (WHERE chose_admin)
+             FROM fluxbase.members WHERE project_id = $1 AND role = 'admin'",
             &[&project_id],
         )
         .await?;
-    Ok(Some(admins.get(0)))
+    Ok(Some(Admins {
+        admins: row.get(0),
+        owners: row.get(1),
+    }))
 }

@@ -1213,3 +1213,93 @@ async fn each_role_and_scope_may_do_exactly_what_the_role_table_says() {
         wrong.join("\n")
     );
 }
+
+/// A project always keeps an owner, an admin who chose the role (red team rt7 H1: the creator
+/// made a viewer admin by a role change and left; the project then counted for no account, so
+/// one puppet account's sign-up carried any number of projects past every per-account bound).
+/// While only an admin made by a role change would remain, the owner can be neither removed
+/// nor demoted, by anyone; ownership passes when another account accepts an admin invitation.
+#[tokio::test]
+async fn the_last_owner_stays_while_only_an_admin_made_by_a_role_change_would_remain() {
+    let app = spawn_app().await;
+    let f = app.fixture().await;
+    let pushed = join(&app, &f, "viewer").await;
+    let (status, body) = patch_role(&app, &f.token, &f.project, &pushed.user_id, "admin").await;
+    assert_eq!(status, 200, "{body}");
+    let last_owner = |status: u16, body: &Value| {
+        assert_error(status, body, 409, "CONFLICT");
+        assert!(
+            body["error"]["message"]
+                .as_str()
+                .unwrap()
+                .contains("last owner"),
+            "{body}"
+        );
+    };
+    for by in [&f.token, &f.admin, &pushed.token] {
+        let (status, body) = remove(&app, by, &f.project, &f.user_id).await;
+        last_owner(status, &body);
+        for role in ["developer", "viewer"] {
+            let (status, body) = patch_role(&app, by, &f.project, &f.user_id, role).await;
+            last_owner(status, &body);
+        }
+    }
+    // Nor by accepting an invitation to a lesser role.
+    let (_, sent) = invite(&app, &f.token, &f.project, &f.email, "developer").await;
+    let id = sent["invite"]["id"].as_str().unwrap().to_string();
+    let (status, body) = answer(&app, &f.token, &id, "accepted").await;
+    last_owner(status, &body);
+    // The admin made by a role change may still step down or be removed.
+    let (status, body) = patch_role(&app, &f.token, &f.project, &pushed.user_id, "developer").await;
+    assert_eq!(status, 200, "{body}");
+    let (status, body) = patch_role(&app, &f.token, &f.project, &pushed.user_id, "admin").await;
+    assert_eq!(status, 200, "{body}");
+
+    // An account that accepts an admin invitation becomes an owner: the first may then leave,
+    // and the new one is the last owner in its turn.
+    let heir = join(&app, &f, "admin").await;
+    let (status, body) = remove(&app, &heir.token, &f.project, &f.user_id).await;
+    assert_eq!(status, 200, "{body}");
+    let (status, body) = remove(&app, &pushed.token, &f.project, &heir.user_id).await;
+    last_owner(status, &body);
+    let (status, body) = patch_role(&app, &pushed.token, &f.project, &heir.user_id, "viewer").await;
+    last_owner(status, &body);
+}
+
+/// Accepting an admin invitation makes an owner, whose account the project counts for: it takes
+/// a place in the account's project quota as creating a project does (red team rt7: an account
+/// at its quota accepted and was then charged past it).
+#[tokio::test]
+async fn accepting_an_admin_invitation_counts_against_the_project_quota() {
+    let app = crate::support::spawn_app_with(|c| c.max_projects_per_user = 1).await;
+    let f = app.fixture().await;
+    let (token, user_id, email) = app.signup().await;
+    let (status, body) = app
+        .call(
+            "POST",
+            "/api/projects",
+            Some(&token),
+            Some(json!({ "name": "own" })),
+        )
+        .await;
+    assert_eq!(status, 201, "{body}");
+    let (_, sent) = invite(&app, &f.token, &f.project, &email, "admin").await;
+    let id = sent["invite"]["id"].as_str().unwrap().to_string();
+    let (status, body) = answer(&app, &token, &id, "accepted").await;
+    assert_error(status, &body, 403, "INSUFFICIENT_PERMISSIONS");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("max_projects_per_user"),
+        "{body}"
+    );
+    let (_, me) = app.call("GET", "/api/auth/me", Some(&token), None).await;
+    assert_eq!(me["invites"][0]["status"], "pending", "rolled back: {me}");
+    // Another role takes no place in the quota.
+    let (_, sent) = invite(&app, &f.token, &f.project, &email, "developer").await;
+    let id = sent["invite"]["id"].as_str().unwrap().to_string();
+    let (status, body) = answer(&app, &token, &id, "accepted").await;
+    assert_eq!(status, 200, "{body}");
+    assert!(!admins_of(&app, &f).await.contains(&user_id));
+}

@@ -340,9 +340,9 @@ async fn a_client_hanging_up_leaves_its_statement_holding_its_accounts_place() {
 }
 
 /// An admin made by another admin's role change never agreed to carry the project (red team
-/// rt6 H1): A invites V as a viewer, makes V admin and leaves. The project then counts for an
-/// account of its own: not against V's connections (V's own project is served while it runs
-/// its share full), nor against V's project quota.
+/// rt6 H1): A invites V as a viewer and makes V admin. The project stays A's: A, its last
+/// owner, cannot leave (red team rt7 H1), and it counts neither against V's connections (V's
+/// own project is served while it runs its share full) nor against V's project quota.
 #[tokio::test]
 async fn an_admin_made_by_a_role_change_is_not_charged_for_the_project() {
     let app = spawn_app_with(|c| {
@@ -365,7 +365,24 @@ async fn an_admin_made_by_a_role_change_is_not_charged_for_the_project() {
         )
         .await;
     assert_eq!(status, 200, "{body}");
-    leave(&app, &a.token, &pushed, &a).await;
+    // Nor can A leave V with it: A is the project's last owner (red team rt7 H1: a project with
+    // no owner counted for no account).
+    let (status, body) = app
+        .call(
+            "DELETE",
+            &format!("/api/team?projectId={pushed}&userId={}", a.user_id),
+            Some(&a.token),
+            None,
+        )
+        .await;
+    assert_eq!(status, 409, "{body}");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("last owner"),
+        "{body}"
+    );
 
     let watcher = crate::support::cluster::pg().await.client("postgres").await;
     let sleeps: Vec<_> = (0..2)
