@@ -616,6 +616,14 @@ impl Cdc {
             h.task.abort();
             let _ = h.task.await;
         }
+        // What the stream spilled is never read again (a stream starts by emptying it), and a
+        // deleted project's directory would stay for good (red team rt7).
+        let spill = self.sources.settings.spill_dir.join(project_id);
+        if let Err(e) = std::fs::remove_dir_all(&spill) {
+            if e.kind() != std::io::ErrorKind::NotFound {
+                tracing::warn!(project_id, error = %e, "could not remove the stream's spill directory");
+            }
+        }
     }
 
     /// The stream of a project (state `stopped` when none runs here) and its slot, with the
