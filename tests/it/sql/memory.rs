@@ -10,17 +10,9 @@ use fluxbase::sql::memory::Watch;
 
 use crate::support::{poll, spawn_app_with};
 
-/// Sorts 1.5 M rows of 32-byte texts in memory when `work_mem` lets it (≈ 250 MB of private
-/// memory in the backend), on disk otherwise.
-const BIG_SORT: &str = "SELECT count(*) FROM (SELECT g, md5(g::text) AS m \
-                        FROM generate_series(1, 1500000) g ORDER BY m OFFSET 0) s";
-
-#[tokio::test]
-async fn a_statement_past_its_backends_memory_limit_ends_with_53200_and_no_one_else_notices() {
-    let app = spawn_app_with(|c| c.sql_backend_memory_limit_mb = 96).await;
-    let f = app.fixture().await;
-    let other = app.fixture().await;
-    // The watch found the cluster's processes (the test cluster runs on this host).
+/// Until the server's watch has found the cluster's processes (the test cluster runs on this
+/// host).
+async fn until_watching(app: &crate::support::TestApp) {
     poll::until(
         Duration::from_secs(20),
         Duration::from_millis(50),
@@ -32,6 +24,19 @@ async fn a_statement_past_its_backends_memory_limit_ends_with_53200_and_no_one_e
         },
     )
     .await;
+}
+
+/// Sorts 1.5 M rows of 32-byte texts in memory when `work_mem` lets it (≈ 250 MB of private
+/// memory in the backend), on disk otherwise.
+const BIG_SORT: &str = "SELECT count(*) FROM (SELECT g, md5(g::text) AS m \
+                        FROM generate_series(1, 1500000) g ORDER BY m OFFSET 0) s";
+
+#[tokio::test]
+async fn a_statement_past_its_backends_memory_limit_ends_with_53200_and_no_one_else_notices() {
+    let app = spawn_app_with(|c| c.sql_backend_memory_limit_mb = 96).await;
+    let f = app.fixture().await;
+    let other = app.fixture().await;
+    until_watching(&app).await;
 
     // Within the limit, the same statement runs (PostgreSQL sorts on disk at the default
     // work_mem): the limit is on memory, not on the statement.
@@ -97,17 +102,7 @@ async fn a_statement_past_its_backends_memory_limit_ends_with_53200_and_no_one_e
 async fn a_server_judges_only_its_own_projects_backends() {
     let strict = spawn_app_with(|c| c.sql_backend_memory_limit_mb = 96).await;
     let other = spawn_app_with(|c| c.sql_backend_memory_limit_mb = 0).await;
-    poll::until(
-        Duration::from_secs(20),
-        Duration::from_millis(50),
-        || async {
-            match strict.app.sql.memory.watch() {
-                Watch::Watching { .. } => Ok(()),
-                w => Err(format!("{w:?}")),
-            }
-        },
-    )
-    .await;
+    until_watching(&strict).await;
     let f = other.fixture().await;
     // ≈ 250 MB in the other server's tenant's backend, for a second or more: the strict
     // server's watch sees it every 200 ms.
@@ -184,17 +179,7 @@ async fn past_the_total_an_accounts_statements_over_several_projects_give_first(
         c.sql_backends_memory_total_mb = 760;
     })
     .await;
-    poll::until(
-        Duration::from_secs(20),
-        Duration::from_millis(50),
-        || async {
-            match app.app.sql.memory.watch() {
-                Watch::Watching { .. } => Ok(()),
-                w => Err(format!("{w:?}")),
-            }
-        },
-    )
-    .await;
+    until_watching(&app).await;
     let a = app.fixture().await;
     let mut a_projects = vec![(a.read.clone(), a.project.clone())];
     for _ in 0..2 {
