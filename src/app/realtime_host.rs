@@ -92,6 +92,10 @@ impl crate::realtime::Host for App {
         Box::pin(self.sql.identities().install_key(project))
     }
 
+    fn stream_delayed(&self, project_id: &str) -> Option<String> {
+        self.cdc.delayed(project_id)
+    }
+
     fn binlog_end(
         &self,
     ) -> BoxFuture<'_, Result<fluxbase_replication::pgoutput::Lsn, RealtimeError>> {

@@ -178,6 +178,13 @@ impl Auth {
         Ok(project)
     }
 
+    /// Whether `project_id` is gone from the control database now (its cached row ignored):
+    /// what an operation that lost its project's bucket or database midway answers by.
+    pub async fn project_gone(&self, project_id: &str) -> Result<bool, AuthError> {
+        let client = self.control.get().await?;
+        Ok(control::projects::get(&client, project_id).await?.is_none())
+    }
+
     /// What `principal` may do with `project_id`; refuses suspended projects.
     pub async fn project_access(
         &self,

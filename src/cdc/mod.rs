@@ -469,6 +469,22 @@ impl Cdc {
             .map(|h| h.status.lock().expect("poisoned").clone())
     }
 
+    /// Why the project's changes are not arriving from its stream on this server now, if they
+    /// are not because the stream is reconnecting (the database restarting, no walsender or
+    /// connection free): nothing is lost meanwhile, the slot keeps the changes. Cheap enough
+    /// for every realtime batch: one lock, no allocation while streaming.
+    pub fn delayed(&self, project_id: &str) -> Option<String> {
+        let streams = self.streams.lock().expect("poisoned");
+        let state = streams
+            .get(project_id)?
+            .status
+            .lock()
+            .expect("poisoned")
+            .state;
+        (state == StreamState::Reconnecting)
+            .then(|| "the change stream is reconnecting to the project's database".to_string())
+    }
+
     /// True while the project's stream task runs here (streaming, or waiting to retry); false
     /// once it has ended (stopped on a definite error, or never started).
     pub fn is_running(&self, project_id: &str) -> bool {

@@ -207,6 +207,9 @@ pub trait Host: Send + Sync {
         &'a self,
         project: &'a Project,
     ) -> BoxFuture<'a, anyhow::Result<()>>;
+    /// Single node: why the project's changes are not arriving from its stream now (it is
+    /// reconnecting), if they are not; rooms tell their members as cluster mode's relay does.
+    fn stream_delayed(&self, project_id: &str) -> Option<String>;
     /// Where the MySQL server's binary log ends now, as an event position
     /// ([`crate::cdc::binlog::position`]): a transaction that commits later ends past it. (A
     /// PostgreSQL project's is the WAL insert position, read by realtime itself.)

@@ -54,7 +54,7 @@ pub(super) fn spawn(rt: &Arc<Realtime>, room: &Arc<Room>) -> tokio::task::JoinHa
         // the acknowledgement it makes durable. At most one at a time: what is stored
         // meanwhile goes into the next (group commit).
         let mut syncing: Option<(SyncTask, Option<Lsn>)> = None;
-        // Cluster mode: whether the project's events are arriving, as last announced.
+        // Why the project's events are not arriving, as last announced (none: they are).
         let mut degraded: Option<String> = None;
         loop {
             let mut batch = Vec::new();
@@ -87,12 +87,15 @@ pub(super) fn spawn(rt: &Arc<Realtime>, room: &Arc<Room>) -> tokio::task::JoinHa
             let Ok(host) = rt.host() else {
                 return;
             };
-            if let Some(relay) = rt.relay.get() {
-                let now = relay.degraded(&room.project_id);
-                if now.is_some() != degraded.is_some() {
-                    room.announce(now.as_deref());
-                    degraded = now;
-                }
+            // Whether the project's events are arriving: through NATS (cluster mode) or from
+            // this server's own stream (single node).
+            let now = match rt.relay.get() {
+                Some(relay) => relay.degraded(&room.project_id),
+                None => host.stream_delayed(&room.project_id),
+            };
+            if now.is_some() != degraded.is_some() {
+                room.announce(now.as_deref());
+                degraded = now;
             }
             if let Some(result) = synced {
                 let (_, covers) = syncing.take().expect("in flight");

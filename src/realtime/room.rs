@@ -147,9 +147,10 @@ pub(super) fn instead_frame(room_id: &str, payload: &str) -> Message {
 }
 
 impl Room {
-    /// Cluster mode: tells every member whether the project's events are arriving
+    /// Tells every member whether the project's events are arriving
     /// (`{"type":"status","roomId","state":"degraded"|"live","message"?}`): while NATS is
-    /// unreachable nothing is lost (the slot keeps the WAL) but nothing arrives either.
+    /// unreachable (cluster mode) or the project's stream reconnects to its database (single
+    /// node) nothing is lost (the slot keeps the WAL) but nothing arrives either.
     pub(super) fn announce(&self, degraded: Option<&str>) {
         let body = match degraded {
             Some(why) => serde_json::json!({

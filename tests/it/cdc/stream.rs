@@ -609,15 +609,7 @@ async fn a_definite_error_stops_the_stream_and_reports_it_instead_of_retrying() 
 #[tokio::test]
 async fn deleting_a_project_drops_its_slot_and_database() {
     let (app, f, _sub) = setup().await;
-    let (status, b) = app
-        .call(
-            "DELETE",
-            &format!("/api/projects?projectId={}", f.project),
-            Some(&f.admin),
-            None,
-        )
-        .await;
-    assert_eq!(status, 200, "{b}");
+    app.delete_project(&f.project, &f.admin).await;
     let pg = crate::support::pg().await;
     let c = pg.client("postgres").await;
     let slots = c

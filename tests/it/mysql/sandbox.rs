@@ -201,15 +201,7 @@ async fn suspension_and_deletion_close_the_accounts() {
             .await,
         vec![json!({"n": 0})]
     );
-    let (status, body) = app
-        .call(
-            "DELETE",
-            &format!("/api/projects?projectId={}", f.project),
-            Some(&f.token),
-            None,
-        )
-        .await;
-    assert_eq!(status, 200, "{body}");
+    app.delete_project(&f.project, &f.token).await;
     let left = mariadb().await.query(&format!("SELECT (SELECT count(*) FROM mysql.user WHERE User LIKE 'fx\\_{0}\\_%'), (SELECT count(*) FROM information_schema.SCHEMATA WHERE SCHEMA_NAME = 'fx_{0}')", f.project)).await;
     assert_eq!(left, vec![vec![Some("0".into()), Some("0".into())]]);
 }

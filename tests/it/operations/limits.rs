@@ -562,15 +562,7 @@ async fn the_project_quota_per_user_gives_a_clear_error_and_cannot_be_raced() {
 
     let created = [a, b, c].into_iter().find(|(s, _)| *s == 201).unwrap().1;
     let id = created["project"]["id"].as_str().unwrap();
-    let (status, _) = app
-        .call(
-            "DELETE",
-            &format!("/api/projects?projectId={id}"),
-            Some(&token),
-            None,
-        )
-        .await;
-    assert_eq!(status, 200);
+    app.delete_project(id, &token).await;
     let (status, body) = create().await;
     assert_eq!(status, 201, "{body}");
     app.stop().await;
@@ -700,15 +692,7 @@ async fn projects_of_all_owners_are_bounded_by_the_servers_room_with_a_clear_err
         .find(|(_, (s, _))| *s == 201)
         .unwrap();
     let id = created.1["project"]["id"].as_str().unwrap();
-    let (status, _) = app
-        .call(
-            "DELETE",
-            &format!("/api/projects?projectId={id}"),
-            Some(&owners[owner]),
-            None,
-        )
-        .await;
-    assert_eq!(status, 200);
+    app.delete_project(id, &owners[owner]).await;
     let (status, body) = create(&app, owners[owner].clone()).await;
     assert_eq!(status, 201, "{body}");
     app.stop().await;

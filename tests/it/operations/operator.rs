@@ -191,15 +191,7 @@ async fn spilled_transactions_are_private_files() {
     assert_eq!(mode_of(&app.app.config.data_dir), 0o700);
     client.batch_execute("ROLLBACK").await.unwrap();
     // Deleting the project takes its spill directory with it (red team rt7: an empty one stayed).
-    let (status, body) = app
-        .call(
-            "DELETE",
-            &format!("/api/projects?projectId={}", f.project),
-            Some(&f.token),
-            None,
-        )
-        .await;
-    assert_eq!(status, 200, "{body}");
+    app.delete_project(&f.project, &f.token).await;
     assert!(!spill_dir.exists(), "{} left behind", spill_dir.display());
     app.stop().await;
 }

@@ -279,15 +279,7 @@ async fn deleting_a_project_while_its_statements_run_gives_its_accounts_places_b
         .collect();
     until_sleeping(&watcher, &[&doomed], 2, &sleeps).await;
     refused_by_the_account_share(&app, &a.read, &a.project).await;
-    let (status, body) = app
-        .call(
-            "DELETE",
-            &format!("/api/projects?projectId={doomed}"),
-            Some(&a.token),
-            None,
-        )
-        .await;
-    assert_eq!(status, 200, "{body}");
+    app.delete_project(&doomed, &a.token).await;
     assert_eq!(
         app.rows(&a.read, &a.project, "SELECT 1 AS one").await,
         vec![json!({ "one": 1 })]

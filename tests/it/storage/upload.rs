@@ -137,6 +137,64 @@ async fn a_client_that_disconnects_mid_upload_leaves_nothing() {
     t.stop().await;
 }
 
+/// An upload whose project is deleted while its body arrives answers 404 `PROJECT_NOT_FOUND`,
+/// as statements cut off by the same deletion do, not "no bucket" (red team rt7 LOW 6), and
+/// leaves nothing staged.
+#[tokio::test]
+async fn an_upload_cut_off_by_its_projects_deletion_answers_project_not_found() {
+    let t = spawn_app().await;
+    let f = t.fixture().await;
+    create_bucket(&t, &f, "docs", json!({})).await;
+    let staging = t.app.config.data_dir.join("storage/.uploads");
+    let form = Form::new(
+        &[("projectId", f.project.as_str()), ("bucketId", "docs")],
+        Some(("late.bin", "application/octet-stream")),
+        &[],
+    );
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, std::io::Error>>(4);
+    tx.send(Ok(Bytes::from(form.head.clone()))).await.unwrap();
+    tx.send(Ok(Bytes::from(pattern(2 * 1024 * 1024, 4))))
+        .await
+        .unwrap();
+    let body = reqwest::Body::wrap_stream(futures_util::stream::unfold(rx, |mut rx| async {
+        rx.recv().await.map(|c| (c, rx))
+    }));
+    // The upload was authorized and is being written when the project goes.
+    let delete_midway = async {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while files_under(&staging).is_empty() {
+            assert!(
+                Instant::now() < deadline,
+                "the upload never reached the disk"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        t.delete_project(&f.project, &f.token).await;
+        tx.send(Ok(Bytes::from(pattern(1024 * 1024, 5))))
+            .await
+            .unwrap();
+        tx.send(Ok(Bytes::from(form.tail.clone()))).await.unwrap();
+        drop(tx);
+    };
+    let ((status, reply), ()) = tokio::join!(
+        send_upload(&t, &f.readwrite, "", &form, body),
+        delete_midway
+    );
+    assert_eq!(status, 404, "{reply}");
+    assert_eq!(reply["error"]["code"], "PROJECT_NOT_FOUND", "{reply}");
+    assert_eq!(reply["success"], false, "{reply}");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !files_under(&staging).is_empty() {
+        assert!(
+            Instant::now() < deadline,
+            "left behind: {:?}",
+            files_under(&staging)
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    t.stop().await;
+}
+
 #[tokio::test]
 async fn uploads_over_the_limits_are_refused_and_leave_nothing() {
     let t = spawn_app_with(|c| c.max_upload_bytes = 1024 * 1024).await;

@@ -151,6 +151,20 @@ impl TestApp {
         (status, body)
     }
 
+    /// `DELETE /api/projects?projectId=` with `token` (a user's session or an admin key);
+    /// asserts HTTP 200.
+    pub async fn delete_project(&self, project: &str, token: &str) {
+        let (status, body) = self
+            .call(
+                "DELETE",
+                &format!("/api/projects?projectId={project}"),
+                Some(token),
+                None,
+            )
+            .await;
+        assert_eq!(status, 200, "deleting {project}: {body}");
+    }
+
     /// `GET /api/cdc/status` of the project with `key`; asserts HTTP 200 and returns the body.
     pub async fn cdc_status(&self, project: &str, key: &str) -> Value {
         let (status, body) = self
