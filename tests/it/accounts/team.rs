@@ -1226,16 +1226,7 @@ async fn the_last_owner_stays_while_only_an_admin_made_by_a_role_change_would_re
     let pushed = join(&app, &f, "viewer").await;
     let (status, body) = patch_role(&app, &f.token, &f.project, &pushed.user_id, "admin").await;
     assert_eq!(status, 200, "{body}");
-    let last_owner = |status: u16, body: &Value| {
-        assert_error(status, body, 409, "CONFLICT");
-        assert!(
-            body["error"]["message"]
-                .as_str()
-                .unwrap()
-                .contains("last owner"),
-            "{body}"
-        );
-    };
+    let last_owner = crate::support::http::assert_last_owner;
     for by in [&f.token, &f.admin, &pushed.token] {
         let (status, body) = remove(&app, by, &f.project, &f.user_id).await;
         last_owner(status, &body);

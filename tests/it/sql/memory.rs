@@ -10,6 +10,27 @@ use fluxbase::sql::memory::Watch;
 
 use crate::support::{poll, spawn_app_with};
 
+/// Asserts `body` is the answer of a statement the watchdog ended: `SQL_EXEC_ERROR`, SQLSTATE
+/// 53200, and a message naming the setting that bound it (`None`: any).
+fn assert_ended_for_memory(body: &serde_json::Value, setting: Option<&str>) {
+    assert_eq!(body["success"], false, "{body}");
+    assert_eq!(body["error"]["code"], "SQL_EXEC_ERROR", "{body}");
+    assert!(
+        body["error"]["details"]
+            .as_str()
+            .is_some_and(|d| d.contains("53200")),
+        "{body}"
+    );
+    if let Some(setting) = setting {
+        assert!(
+            body["error"]["message"]
+                .as_str()
+                .is_some_and(|m| m.contains(setting)),
+            "{body}"
+        );
+    }
+}
+
 /// Until the server's watch has found the cluster's processes (the test cluster runs on this
 /// host).
 async fn until_watching(app: &crate::support::TestApp) {
@@ -67,19 +88,7 @@ async fn a_statement_past_its_backends_memory_limit_ends_with_53200_and_no_one_e
     let (status, body) = hog.await.unwrap();
     assert_eq!(status, 200, "{body}");
     let body: serde_json::Value = serde_json::from_str(&body).unwrap();
-    assert_eq!(body["success"], false, "{body}");
-    assert_eq!(body["error"]["code"], "SQL_EXEC_ERROR", "{body}");
-    assert!(
-        body["error"]["details"].as_str().unwrap().contains("53200"),
-        "{body}"
-    );
-    assert!(
-        body["error"]["message"]
-            .as_str()
-            .unwrap()
-            .contains("sql_backend_memory_limit_mb"),
-        "{body}"
-    );
+    assert_ended_for_memory(&body, Some("sql_backend_memory_limit_mb"));
     assert_eq!(
         app.app
             .metrics
@@ -158,11 +167,7 @@ async fn a_parallel_hash_tables_shared_memory_counts_against_the_limit() {
     let body = app
         .sql(&f.read, &f.project, &format!("{settings} {join}"))
         .await;
-    assert_eq!(body["success"], false, "{body}");
-    assert!(
-        body["error"]["details"].as_str().unwrap().contains("53200"),
-        "{body}"
-    );
+    assert_ended_for_memory(&body, None);
     app.stop().await;
 }
 
@@ -219,18 +224,7 @@ async fn past_the_total_an_accounts_statements_over_several_projects_give_first(
             continue;
         }
         ended += 1;
-        assert_eq!(body["error"]["code"], "SQL_EXEC_ERROR", "{body}");
-        assert!(
-            body["error"]["details"].as_str().unwrap().contains("53200"),
-            "{body}"
-        );
-        assert!(
-            body["error"]["message"]
-                .as_str()
-                .unwrap()
-                .contains("sql_backends_memory_total_mb"),
-            "{body}"
-        );
+        assert_ended_for_memory(&body, Some("sql_backends_memory_total_mb"));
     }
     assert!(
         ended >= 1,

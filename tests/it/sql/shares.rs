@@ -367,14 +367,7 @@ async fn an_admin_made_by_a_role_change_is_not_charged_for_the_project() {
             None,
         )
         .await;
-    assert_eq!(status, 409, "{body}");
-    assert!(
-        body["error"]["message"]
-            .as_str()
-            .unwrap()
-            .contains("last owner"),
-        "{body}"
-    );
+    crate::support::http::assert_last_owner(status, &body);
 
     let watcher = crate::support::cluster::pg().await.client("postgres").await;
     let sleeps: Vec<_> = (0..2)

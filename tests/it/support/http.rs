@@ -63,3 +63,17 @@ pub async fn rest_broadcast(base: &str, p: &Project, event: &str) {
     .await;
     assert_eq!(status, 200, "{body}");
 }
+
+/// Asserts a team change was refused because it would leave the project without an owner: 409
+/// `CONFLICT` naming the last owner.
+pub fn assert_last_owner(status: u16, body: &Value) {
+    assert_eq!(status, 409, "{body}");
+    assert_eq!(body["success"], false, "{body}");
+    assert_eq!(body["error"]["code"], "CONFLICT", "{body}");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("last owner")),
+        "{body}"
+    );
+}
