@@ -55,6 +55,10 @@ pub struct App {
     /// Projects this server is deleting now: their statements' errors are answered as the
     /// project being gone, not as an unreachable database ([`App::is_being_deleted`]).
     deleting: std::sync::Mutex<std::collections::HashSet<String>>,
+    /// Projects another process (a node, the CLI) announced it is deleting
+    /// ([`crate::auth::AccessChange::Deleting`]), and when: the same, for
+    /// [`lifecycle::DELETING_ELSEWHERE`].
+    deleting_elsewhere: std::sync::Mutex<std::collections::HashMap<String, std::time::Instant>>,
 }
 
 pub type SharedApp = Arc<App>;
@@ -218,6 +222,7 @@ impl App {
             embedded,
             cluster_mode,
             deleting: Default::default(),
+            deleting_elsewhere: Default::default(),
         });
         app.join_cluster();
         let host: std::sync::Weak<dyn crate::realtime::Host> = Arc::downgrade(&app) as _;

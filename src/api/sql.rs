@@ -52,7 +52,7 @@ pub async fn execute_sql(app: SharedApp, req: Request) -> ApiResult<impl Reply> 
                 .await?;
         let text = match text {
             Ok(text) => text,
-            Err(e) => return Err(unless_deleted(&app, &access.project.id, e)),
+            Err(e) => return Err(unless_deleted(&app, &access.project.id, e).await),
         };
         return answer(&app, &req, &building, text);
     }
@@ -74,7 +74,7 @@ pub async fn execute_sql(app: SharedApp, req: Request) -> ApiResult<impl Reply> 
     .await?;
     let text = match text {
         Ok(text) => text,
-        Err(e) => return Err(unless_deleted(&app, &access.project.id, e)),
+        Err(e) => return Err(unless_deleted(&app, &access.project.id, e).await),
     };
     answer(&app, &req, &building, text)
 }
@@ -82,12 +82,21 @@ pub async fn execute_sql(app: SharedApp, req: Request) -> ApiResult<impl Reply> 
 /// The request's error, or 404 `PROJECT_NOT_FOUND` when its database went away because the
 /// project was deleted meanwhile (its statements are ended with it): "unreachable, retry" would
 /// send the client back to a project that is gone (red team rt6 L2).
-fn unless_deleted(app: &SharedApp, project_id: &str, e: SqlError) -> ApiError {
-    if matches!(e, SqlError::Unavailable(_)) && app.is_being_deleted(project_id) {
+/// A deletion by another process (a node, the CLI) is announced to this server by a NOTIFY sent
+/// before the drop, but heard through its own connection and tasks: the ended statement's error
+/// may come first, so an unreachable database waits up to [`HEARING_A_DELETION`] for it.
+async fn unless_deleted(app: &SharedApp, project_id: &str, e: SqlError) -> ApiError {
+    if matches!(e, SqlError::Unavailable(_))
+        && app.deletion_heard(project_id, HEARING_A_DELETION).await
+    {
         return ApiError::ProjectNotFound;
     }
     e.into()
 }
+
+/// How long a statement that lost its database waits to hear of its project's deletion before
+/// it answers 503 (the answer tells the client to wait 2 s before retrying anyway).
+const HEARING_A_DELETION: std::time::Duration = std::time::Duration::from_millis(300);
 
 /// Runs a request's statement to its end even when its client goes away: what the request
 /// holds (the project's share, a place in the connection budget, the pooled connection) is

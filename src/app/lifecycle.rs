@@ -20,6 +20,13 @@ use crate::realtime::MemberChange;
 
 use super::{App, SharedApp};
 
+/// How long a deletion announced by another process ([`AccessChange::Deleting`]) makes this
+/// server answer its project's ended statements as the project being gone: a deletion drops
+/// the database within seconds of announcing it. A deletion that then fails leaves the project
+/// in place; until this passes, its statements that lose their database answer 404 rather than
+/// 503.
+pub(crate) const DELETING_ELSEWHERE: std::time::Duration = std::time::Duration::from_secs(60);
+
 impl App {
     /// Creates a project owned by `user_id` (its admin) with one key of each scope, and its
     /// replication slot (PostgreSQL). The caller starts its change stream (or announces it,
@@ -150,6 +157,11 @@ impl App {
             .lock()
             .expect("poisoned")
             .insert(project_id.to_string());
+        // Every other server (and a CLI's deletion, every server) learns it before the database
+        // is dropped: the statements the drop ends there answer PROJECT_NOT_FOUND too.
+        self.auth
+            .notify_access_change(&AccessChange::Deleting(project_id.to_string()))
+            .await;
         let deleted = async {
             self.cdc.stop(project_id).await;
             self.mysql.dumps.forget(project_id);
@@ -177,11 +189,31 @@ impl App {
         Ok(())
     }
 
-    /// Whether this server is deleting `project_id` now (its database is dropped before its
-    /// row, so the row says nothing yet; and an unreachable database, the other cause of the
-    /// same error, must not cost a control round trip per request).
+    /// Whether `project_id` is being deleted, by this server or by another process that
+    /// announced it ([`AccessChange::Deleting`], within [`DELETING_ELSEWHERE`]): its database is
+    /// dropped before its row, so the row says nothing yet; and an unreachable database, the
+    /// other cause of the same error, must not cost a control round trip per request.
     pub fn is_being_deleted(&self, project_id: &str) -> bool {
-        self.deleting.lock().expect("poisoned").contains(project_id)
+        if self.deleting.lock().expect("poisoned").contains(project_id) {
+            return true;
+        }
+        let mut elsewhere = self.deleting_elsewhere.lock().expect("poisoned");
+        elsewhere.retain(|_, since| since.elapsed() < DELETING_ELSEWHERE);
+        elsewhere.contains_key(project_id)
+    }
+
+    /// [`Self::is_being_deleted`], or becomes so within `wait` (checked every 10 ms).
+    pub async fn deletion_heard(&self, project_id: &str, wait: std::time::Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            if self.is_being_deleted(project_id) {
+                return true;
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return false;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
     }
 
     /// `fluxbase project suspend|resume <id>`: changes the status only, never the data; every
@@ -335,6 +367,12 @@ impl App {
                 }
             }
             AccessChange::Project(project_id) => self.close_room_if_inactive(&project_id).await,
+            AccessChange::Deleting(project_id) => {
+                let mut elsewhere = self.deleting_elsewhere.lock().expect("poisoned");
+                elsewhere.retain(|_, since| since.elapsed() < DELETING_ELSEWHERE);
+                // Bounded by what the control database's members may delete in the window.
+                elsewhere.insert(project_id, std::time::Instant::now());
+            }
         }
     }
 

@@ -120,6 +120,9 @@ pub enum AccessChange {
     Any,
     /// A project's status changed, or it was created or deleted.
     Project(String),
+    /// A project's deletion is starting (its database is dropped next, then its row): the
+    /// statements the drop ends are answered as the project being gone on every server.
+    Deleting(String),
     /// `user_id` left `project_id`.
     MemberRemoved { project_id: String, user_id: String },
     /// `user_id`'s role in `project_id` changed.
@@ -137,13 +140,15 @@ pub enum AccessChange {
 }
 
 impl AccessChange {
-    /// The NOTIFY payload: empty, a project id, `<project> member-removed <user>`,
+    /// The NOTIFY payload: empty, a project id, `<project> deleting`,
+    /// `<project> member-removed <user>`,
     /// `<project> member-changed <user>`, `<project> public-closed`, `<project> key-revoked <key>`
     /// or `sessions-ended <user> <session fingerprint, or *>`.
     pub fn payload(&self) -> String {
         match self {
             AccessChange::Any => String::new(),
             AccessChange::Project(id) => id.clone(),
+            AccessChange::Deleting(id) => format!("{id} deleting"),
             AccessChange::MemberRemoved {
                 project_id,
                 user_id,
@@ -192,6 +197,9 @@ impl AccessChange {
         }
         if let Some(project_id) = payload.strip_suffix(" public-closed") {
             return AccessChange::PublicClosed(project_id.into());
+        }
+        if let Some(project_id) = payload.strip_suffix(" deleting") {
+            return AccessChange::Deleting(project_id.into());
         }
         match payload.split_once(" member-removed ") {
             Some((project_id, user_id)) => AccessChange::MemberRemoved {
@@ -328,6 +336,7 @@ mod tests {
                 user_id: "usr_x".into(),
             },
             AccessChange::PublicClosed("0123456789abcdef".into()),
+            AccessChange::Deleting("0123456789abcdef".into()),
             AccessChange::SessionsEnded {
                 user_id: "usr_x".into(),
                 session: Some("00ff".into()),

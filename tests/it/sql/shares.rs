@@ -300,6 +300,50 @@ async fn deleting_a_project_while_its_statements_run_gives_its_accounts_places_b
     app.stop().await;
 }
 
+/// A deletion by another process (`fluxbase project delete`, as another node of a cluster
+/// would): the statements its drop ends here are answered as the project being gone, never
+/// "unreachable, retry" (503), since the deleting process announces the deletion to every
+/// server before it drops the database.
+#[tokio::test]
+async fn statements_ended_by_a_deletion_through_the_cli_are_not_answered_503() {
+    let app = crate::support::spawn_app().await;
+    let f = app.fixture().await;
+    let watcher = crate::support::cluster::pg().await.client("postgres").await;
+    let sleeps: Vec<_> = (0..2)
+        .map(|_| app.spawn_sql(&f.read, &f.project, "SELECT pg_sleep(60)"))
+        .collect();
+    until_sleeping(&watcher, &[&f.project], 2, &sleeps).await;
+    let config = &app.app.config;
+    let cli = std::process::Command::new(env!("CARGO_BIN_EXE_fluxbase"))
+        .args(["project", "delete", &f.project])
+        .env("FLUXBASE_DATA_DIR", &config.data_dir)
+        .env(
+            "FLUXBASE_DATABASE_URL",
+            config.database_url.as_ref().unwrap().expose(),
+        )
+        .env("FLUXBASE_LOG", "warn")
+        .output();
+    let out = tokio::task::spawn_blocking(move || cli.unwrap())
+        .await
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for task in sleeps {
+        let (status, body) = task.await.unwrap();
+        let body: Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(body["success"], false, "{status} {body}");
+        assert!(
+            (status, body["error"]["code"].as_str()) == (404, Some("PROJECT_NOT_FOUND"))
+                || (status, body["error"]["code"].as_str()) == (200, Some("SQL_EXEC_ERROR")),
+            "{status} {body}"
+        );
+    }
+    app.stop().await;
+}
+
 /// A client that hangs up leaves its statement holding its account's place until the statement
 /// ends (the request runs to its end in a task of its own): hanging up never frees room the
 /// database has not freed, for the account as for the project.
