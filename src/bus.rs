@@ -119,6 +119,9 @@ pub struct Event {
     /// Columns left out of `record`: their TOASTed value did not change and no old row gave it
     /// (replica identity other than FULL). Every channel names them (`unchangedToast`).
     pub unchanged_toast: Vec<String>,
+    /// Columns left out of `record` and `old` because a row image would pass
+    /// `cdc_max_row_bytes` with them. Every channel names them (`tooLarge`).
+    pub too_large: Vec<String>,
     /// A row change: the row's replica identity key as a JSON object (`{"id":1}`), when its
     /// table has one that names the row ([`crate::cdc::events::identity_key`]). Webhook
     /// ordering uses it; it is not part of any payload, and events that crossed the cluster's
@@ -703,6 +706,7 @@ mod tests {
             record: RowImage::None,
             old: RowImage::None,
             unchanged_toast: Vec::new(),
+            too_large: Vec::new(),
             row_key: None,
             commit_timestamp: Arc::from(""),
             commit_lsn: Lsn(n),

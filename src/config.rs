@@ -150,6 +150,11 @@ pub struct Config {
     /// Bytes of one open transaction's changes the change stream keeps in memory before
     /// spilling the rest to disk.
     pub cdc_buffer_bytes: usize,
+    /// Bytes of one row image (`record`, or `old`) a change event carries: past it the row's
+    /// largest values are left out (the event names them in `tooLarge`) until the rest fits;
+    /// 0: no bound. Bounds what one huge row costs every consumer (realtime history and
+    /// sockets, webhook bodies and outbox, the cluster's stream).
+    pub cdc_max_row_bytes: usize,
     /// `logical_decoding_work_mem` for the change streams' walsenders, in kB: transactions
     /// larger than this arrive streamed. Unset: the cluster's setting.
     pub cdc_decoding_work_mem_kb: Option<u64>,
@@ -349,6 +354,7 @@ impl Default for Config {
             session_ttl_secs: 24 * 3600,
             pool_size: 16,
             cdc_buffer_bytes: 16 * 1024 * 1024,
+            cdc_max_row_bytes: 16 * 1024 * 1024,
             cdc_decoding_work_mem_kb: None,
             temp_file_limit_kb: 256 * 1024,
             sql_backend_memory_limit_mb: 512,

@@ -182,6 +182,8 @@ pub struct Assembler {
     /// `fluxbase.*` messages dropped: no valid tag (not emitted by the server), not
     /// transactional, or unreadable.
     rejected: u64,
+    /// Bytes of one row image an event carries (`cdc_max_row_bytes`; 0: no bound).
+    max_row_bytes: usize,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -207,7 +209,15 @@ impl Assembler {
             spilled_bytes: Arc::default(),
             message_key: None,
             rejected: 0,
+            max_row_bytes: 0,
         }
+    }
+
+    /// Leaves the largest values out of row images past `bytes` (0: no bound; see
+    /// [`events::largest_until_within`]).
+    pub fn with_max_row_bytes(mut self, bytes: usize) -> Assembler {
+        self.max_row_bytes = bytes;
+        self
     }
 
     /// Accepts `fluxbase.*` messages tagged under `key` (and only those).
@@ -317,7 +327,8 @@ impl Assembler {
                 self.relations.insert(r.id, events::Table::new(r));
             }
             M::Insert(i) => {
-                let p = events::insert(self.rel(i.relation_id, "Insert")?, &i.new, reg);
+                let cap = self.max_row_bytes;
+                let p = events::insert(self.rel(i.relation_id, "Insert")?, &i.new, reg, cap);
                 self.buffer("Insert")?.push(i.xid, p)?;
             }
             M::Update(u) => {
@@ -326,11 +337,13 @@ impl Assembler {
                     u.old.as_ref(),
                     &u.new,
                     reg,
+                    self.max_row_bytes,
                 );
                 self.buffer("Update")?.push(u.xid, p)?;
             }
             M::Delete(d) => {
-                let p = events::delete(self.rel(d.relation_id, "Delete")?, &d.old, reg);
+                let cap = self.max_row_bytes;
+                let p = events::delete(self.rel(d.relation_id, "Delete")?, &d.old, reg, cap);
                 self.buffer("Delete")?.push(d.xid, p)?;
             }
             M::Truncate(t) => {

@@ -40,6 +40,10 @@ pub enum Pending {
         old: Option<String>,
         /// Columns whose unchanged TOASTed value PostgreSQL did not send (no full old row).
         unchanged_toast: Vec<String>,
+        /// Columns left out of `record` and `old` because the row image would pass
+        /// `cdc_max_row_bytes` with them ([`left_out`]).
+        #[serde(default)]
+        too_large: Vec<String>,
         /// The row's replica identity key ([`identity_key`]), for webhook ordering.
         #[serde(default)]
         key: Option<String>,
@@ -163,12 +167,16 @@ pub fn tuple_json(
     tuple: &Tuple,
     old: Option<&Tuple>,
     reg: &TypeRegistry,
+    omit: &[bool],
 ) -> (String, Vec<String>) {
     let mut out = String::with_capacity(tuple_capacity(rel, tuple));
     let mut missing = Vec::new();
     out.push('{');
     let mut first = true;
     for (i, (col, value)) in rel.columns.iter().zip(tuple.0.iter()).enumerate() {
+        if omit.get(i).copied().unwrap_or(false) {
+            continue;
+        }
         let value = match value {
             pgoutput::Column::UnchangedToast => match old.and_then(|o| o.0.get(i)) {
                 Some(v @ (pgoutput::Column::Text(_) | pgoutput::Column::Null)) => v,
@@ -252,53 +260,141 @@ pub fn identity_key(rel: &Relation, tuple: &Tuple, reg: &TypeRegistry) -> Option
     any.then(|| key_json(rel, tuple, reg))
 }
 
-pub fn insert(table: &Table, new: &Tuple, reg: &TypeRegistry) -> Pending {
+pub fn insert(table: &Table, new: &Tuple, reg: &TypeRegistry, cap: usize) -> Pending {
     let rel = &table.rel;
-    let (record, unchanged_toast) = tuple_json(rel, new, None, reg);
+    let omit = left_out(&[new], cap);
+    let (record, unchanged_toast) = tuple_json(rel, new, None, reg, &omit);
     let key = identity_key(rel, new, reg);
-    row(table, RowOp::Insert, record, None, unchanged_toast, key)
+    row(
+        table,
+        RowOp::Insert,
+        (record, None),
+        unchanged_toast,
+        (&omit, key),
+    )
 }
 
-pub fn update(table: &Table, old: Option<&OldTuple>, new: &Tuple, reg: &TypeRegistry) -> Pending {
+pub fn update(
+    table: &Table,
+    old: Option<&OldTuple>,
+    new: &Tuple,
+    reg: &TypeRegistry,
+    cap: usize,
+) -> Pending {
     let rel = &table.rel;
     let old_row = match old {
         Some(OldTuple::Row(t)) => Some(t),
         _ => None,
     };
-    let (record, unchanged_toast) = tuple_json(rel, new, old_row, reg);
+    // A column left out of one image is left out of both: an event never shows a value on one
+    // side only because of its size.
+    let omit = match old_row {
+        Some(o) => left_out(&[new, o], cap),
+        None => left_out(&[new], cap),
+    };
+    let (record, unchanged_toast) = tuple_json(rel, new, old_row, reg, &omit);
     let key = identity_key(rel, new, reg);
     let old_json = match old {
-        Some(OldTuple::Row(t)) => Some(tuple_json(rel, t, None, reg).0),
+        Some(OldTuple::Row(t)) => Some(tuple_json(rel, t, None, reg, &omit).0),
         Some(OldTuple::Key(t)) => Some(key_json(rel, t, reg)),
         None => None,
     };
-    row(table, RowOp::Update, record, old_json, unchanged_toast, key)
+    row(
+        table,
+        RowOp::Update,
+        (record, old_json),
+        unchanged_toast,
+        (&omit, key),
+    )
 }
 
-pub fn delete(table: &Table, old: &OldTuple, reg: &TypeRegistry) -> Pending {
+pub fn delete(table: &Table, old: &OldTuple, reg: &TypeRegistry, cap: usize) -> Pending {
     let rel = &table.rel;
-    let (old_json, key) = match old {
-        OldTuple::Row(t) => (tuple_json(rel, t, None, reg).0, None),
-        OldTuple::Key(t) => (key_json(rel, t, reg), identity_key(rel, t, reg)),
+    let (old_json, key, omit) = match old {
+        OldTuple::Row(t) => {
+            let omit = left_out(&[t], cap);
+            (tuple_json(rel, t, None, reg, &omit).0, None, omit)
+        }
+        OldTuple::Key(t) => (key_json(rel, t, reg), identity_key(rel, t, reg), Vec::new()),
     };
     // The guide's client prints `record` for DELETE: it is the deleted row (or its key).
     row(
         table,
         RowOp::Delete,
-        old_json.clone(),
-        Some(old_json),
+        (old_json.clone(), Some(old_json)),
         Vec::new(),
-        key,
+        (&omit, key),
     )
+}
+
+/// Which columns to leave out of a row's images so that each fits in `cap` bytes (0: no
+/// bound): the largest values first, until the rest fits; a column left out of one image is
+/// left out of all. Sizes are the values' text as PostgreSQL sent it (the JSON written for a
+/// value is about as long), so that a huge value is never rendered at all.
+fn left_out(images: &[&Tuple], cap: usize) -> Vec<bool> {
+    let mut omit = Vec::new();
+    if cap == 0 {
+        return omit;
+    }
+    for image in images {
+        let sizes: Vec<usize> = image
+            .0
+            .iter()
+            .map(|v| match v {
+                pgoutput::Column::Text(b) | pgoutput::Column::Binary(b) => b.len(),
+                _ => 0,
+            })
+            .collect();
+        let chosen = largest_until_within(&sizes, cap);
+        if omit.len() < chosen.len() {
+            omit.resize(chosen.len(), false);
+        }
+        for (o, c) in omit.iter_mut().zip(chosen) {
+            *o |= c;
+        }
+    }
+    omit
+}
+
+/// The values to leave out of a row image whose values are `sizes` bytes so that the rest
+/// fits in `cap` (with a few bytes per value for names and punctuation): the largest first.
+/// None when the whole fits. Shared by both engines' change streams.
+pub fn largest_until_within(sizes: &[usize], cap: usize) -> Vec<bool> {
+    const PER_VALUE: usize = 16;
+    let total: usize = sizes.iter().map(|s| s + PER_VALUE).sum();
+    let mut omit = vec![false; sizes.len()];
+    if cap == 0 || total <= cap {
+        return omit;
+    }
+    let mut order: Vec<usize> = (0..sizes.len()).collect();
+    order.sort_by_key(|&i| std::cmp::Reverse(sizes[i]));
+    let mut left = total;
+    for i in order {
+        if left <= cap {
+            break;
+        }
+        omit[i] = true;
+        left -= sizes[i] + PER_VALUE;
+    }
+    omit
+}
+
+/// The names of the columns `omit` leaves out, in the table's order.
+fn names_left_out(rel: &Relation, omit: &[bool]) -> Vec<String> {
+    rel.columns
+        .iter()
+        .zip(omit)
+        .filter(|(_, o)| **o)
+        .map(|(c, _)| c.name.clone())
+        .collect()
 }
 
 fn row(
     table: &Table,
     op: RowOp,
-    record: String,
-    old: Option<String>,
+    (record, old): (String, Option<String>),
     unchanged_toast: Vec<String>,
-    key: Option<String>,
+    (omit, key): (&[bool], Option<String>),
 ) -> Pending {
     Pending::Row {
         operation: op,
@@ -307,6 +403,7 @@ fn row(
         record,
         old,
         unchanged_toast,
+        too_large: names_left_out(&table.rel, omit),
         key,
     }
 }
@@ -465,6 +562,7 @@ pub fn finish(
             record,
             old,
             unchanged_toast,
+            too_large,
             key,
         } => {
             // Names and times that needed no escaping are compared as they are by
@@ -496,7 +594,7 @@ pub fn finish(
             p.push_str(",\"lsn\":\"");
             push_lsn(&mut p, commit_lsn);
             p.push('"');
-            write_row_notes(&mut p, &unchanged_toast);
+            write_row_notes(&mut p, &unchanged_toast, &too_large);
             p.push('}');
             Event {
                 id,
@@ -506,6 +604,7 @@ pub fn finish(
                 record,
                 old,
                 unchanged_toast,
+                too_large,
                 row_key: key,
                 commit_timestamp: commit_timestamp.clone(),
                 commit_lsn,
@@ -532,6 +631,7 @@ pub fn finish(
                 record: RowImage::None,
                 old: RowImage::None,
                 unchanged_toast: Vec::new(),
+                too_large: Vec::new(),
                 row_key: None,
                 commit_timestamp: commit_timestamp.clone(),
                 commit_lsn,
@@ -574,6 +674,7 @@ pub fn finish(
                 record: RowImage::None,
                 old: RowImage::None,
                 unchanged_toast: Vec::new(),
+                too_large: Vec::new(),
                 row_key: None,
                 commit_timestamp: commit_timestamp.clone(),
                 commit_lsn,
@@ -624,7 +725,7 @@ pub fn payload_is_finished(event: &Event) -> bool {
     rest = &rest[digits..];
     // An empty `String` does not allocate: the usual case (no unchanged TOAST) costs nothing.
     let mut notes = String::new();
-    write_row_notes(&mut notes, &event.unchanged_toast);
+    write_row_notes(&mut notes, &event.unchanged_toast, &event.too_large);
     strip_all(&mut rest, &["\"", &notes, "}"]) && rest.is_empty()
 }
 
@@ -657,6 +758,7 @@ pub struct FinishedFields {
     pub old: Option<String>,
     pub commit_timestamp: String,
     pub unchanged_toast: Vec<String>,
+    pub too_large: Vec<String>,
 }
 
 /// Reads a row change's fields back from its payload (the inverse of [`finish`] for rows).
@@ -675,6 +777,8 @@ pub fn finished_fields(payload: &str) -> Option<FinishedFields> {
         commit_timestamp: String,
         #[serde(default)]
         unchanged_toast: Vec<String>,
+        #[serde(default)]
+        too_large: Vec<String>,
     }
     let row: Row = serde_json::from_str(payload).ok()?;
     Some(FinishedFields {
@@ -686,6 +790,7 @@ pub fn finished_fields(payload: &str) -> Option<FinishedFields> {
         old: row.old.map(|o| o.get().to_string()),
         commit_timestamp: row.commit_timestamp,
         unchanged_toast: row.unchanged_toast,
+        too_large: row.too_large,
     })
 }
 
@@ -726,11 +831,16 @@ fn rows_prefix(event: &Event) -> Option<&[u8]> {
 /// What a row change says beyond its new and old rows, written after them in every channel's
 /// payload (the WebSocket `db_event` payload, the webhook's `data`): `unchangedToast`, the
 /// columns PostgreSQL left out because their TOASTed value did not change and no old row
-/// supplied it. Nothing when there is nothing to say.
-pub fn write_row_notes(out: &mut String, unchanged_toast: &[String]) {
-    if !unchanged_toast.is_empty() {
-        out.push_str(",\"unchangedToast\":");
-        out.push_str(&serde_json::to_string(unchanged_toast).expect("strings serialize"));
+/// supplied it; `tooLarge`, the columns left out because the row image would pass
+/// `cdc_max_row_bytes` with them. Nothing when there is nothing to say.
+pub fn write_row_notes(out: &mut String, unchanged_toast: &[String], too_large: &[String]) {
+    for (name, columns) in [("unchangedToast", unchanged_toast), ("tooLarge", too_large)] {
+        if !columns.is_empty() {
+            out.push_str(",\"");
+            out.push_str(name);
+            out.push_str("\":");
+            out.push_str(&serde_json::to_string(columns).expect("strings serialize"));
+        }
     }
 }
 
@@ -755,6 +865,7 @@ mod tests {
                 record: record.into(),
                 old: old.map(str::to_string),
                 unchanged_toast: vec!["big".into()],
+                too_large: Vec::new(),
                 key: None,
             },
             Lsn(0x10),
@@ -876,6 +987,7 @@ mod tests {
                 record: "{}".into(),
                 old: None,
                 unchanged_toast: Vec::new(),
+                too_large: Vec::new(),
                 key: None,
             },
             Lsn(1),
@@ -976,5 +1088,24 @@ mod tests {
         );
         assert!(partition_truncate(br#"{"schema":"public","table":"t"}"#).is_none());
         assert!(partition_truncate(b"[]").is_none());
+    }
+
+    /// The largest values go first, and only as many as the rest needs to fit; nothing goes
+    /// when the whole fits or there is no bound.
+    #[test]
+    fn the_largest_values_are_left_out_until_the_rest_fits() {
+        assert_eq!(largest_until_within(&[10, 500, 20], 0), [false; 3]);
+        assert_eq!(largest_until_within(&[10, 500, 20], 10_000), [false; 3]);
+        assert_eq!(
+            largest_until_within(&[10, 500, 20], 200),
+            [false, true, false]
+        );
+        assert_eq!(
+            largest_until_within(&[300, 500, 20], 200),
+            [true, true, false]
+        );
+        // Each value counts a little for its name and punctuation.
+        assert_eq!(largest_until_within(&[100, 100], 232), [false; 2]);
+        assert_eq!(largest_until_within(&[100, 101], 231), [false, true]);
     }
 }

@@ -255,6 +255,8 @@ pub struct StreamSettings {
     pub buffer_bytes: usize,
     /// The walsenders' `logical_decoding_work_mem`, in kB (`cdc_decoding_work_mem_kb`).
     pub decoding_work_mem_kb: Option<u64>,
+    /// Bytes of one row image an event carries (`cdc_max_row_bytes`; 0: no bound).
+    pub max_row_bytes: usize,
     /// Where open transactions spill (`<data_dir>/cdc-spill`, one directory per project).
     pub spill_dir: PathBuf,
 }
@@ -264,6 +266,7 @@ impl StreamSettings {
         StreamSettings {
             buffer_bytes: config.cdc_buffer_bytes,
             decoding_work_mem_kb: config.cdc_decoding_work_mem_kb,
+            max_row_bytes: config.cdc_max_row_bytes,
             spill_dir: config.data_dir.join("cdc-spill"),
         }
     }
@@ -917,7 +920,9 @@ async fn stream_once<B: EventBus>(
     tracing::info!(project_id, slot, "change stream started");
 
     let mut ctx = DecodeContext::new(options.proto_version);
-    let mut asm = assemble::Assembler::new(bound, &spill_dir).with_message_key(&key);
+    let mut asm = assemble::Assembler::new(bound, &spill_dir)
+        .with_message_key(&key)
+        .with_max_row_bytes(sources.settings.max_row_bytes);
     let mut tick = tokio::time::interval(Duration::from_millis(500));
     let mut lag_check = Instant::now();
     let mut received = Lsn(0);

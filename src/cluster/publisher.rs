@@ -399,6 +399,7 @@ fn broadcast_event(id: String, ask: &BroadcastAsk, last_end: Lsn) -> Event {
         record: crate::bus::RowImage::None,
         old: crate::bus::RowImage::None,
         unchanged_toast: Vec::new(),
+        too_large: Vec::new(),
         row_key: None,
         commit_timestamp: chrono::Utc::now()
             .to_rfc3339_opts(chrono::SecondsFormat::Micros, true)

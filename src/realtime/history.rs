@@ -93,6 +93,9 @@ struct Stored {
     /// Columns left out of `r` as unchanged TOAST.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     u: Vec<String>,
+    /// Columns left out of `r` and `o` for their size (`cdc_max_row_bytes`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    x: Vec<String>,
     ts: String,
     c: u64,
     e: u64,
@@ -124,6 +127,8 @@ struct StoredRef<'a> {
     o: Option<&'a str>,
     #[serde(skip_serializing_if = "<[String]>::is_empty")]
     u: &'a [String],
+    #[serde(skip_serializing_if = "<[String]>::is_empty")]
+    x: &'a [String],
     ts: &'a str,
     c: u64,
     e: u64,
@@ -346,6 +351,10 @@ fn write_stored(
         out.extend_from_slice(b",\"u\":");
         serde_json::to_writer(&mut *out, &event.unchanged_toast).expect("strings serialize");
     }
+    if !event.too_large.is_empty() {
+        out.extend_from_slice(b",\"x\":");
+        serde_json::to_writer(&mut *out, &event.too_large).expect("strings serialize");
+    }
     out.extend_from_slice(b",\"ts\":");
     push_json_str(out, &event.commit_timestamp);
     num(out, b",\"c\":", false, event.commit_lsn.0);
@@ -371,6 +380,7 @@ fn encode_as_string(out: &mut Vec<u8>, event: &Event, at_ms: i64, k: char, n: &s
             r: event.record().map(str::to_string),
             o: event.old().map(str::to_string),
             u: event.unchanged_toast.clone(),
+            x: event.too_large.clone(),
             ts: event.commit_timestamp.to_string(),
             c: event.commit_lsn.0,
             e: event.end_lsn.0,
@@ -397,6 +407,7 @@ pub fn decode(payload: &[u8]) -> Option<Event> {
             record: RowImage::Own(f.record),
             old: f.old.into(),
             unchanged_toast: f.unchanged_toast,
+            too_large: f.too_large,
             row_key: None,
             commit_timestamp: Arc::from(f.commit_timestamp),
             commit_lsn,
@@ -438,6 +449,7 @@ pub fn decode(payload: &[u8]) -> Option<Event> {
         record: record.into(),
         old: old.into(),
         unchanged_toast: s.u,
+        too_large: s.x,
         row_key: None,
         commit_timestamp: Arc::from(s.ts),
         commit_lsn: Lsn(s.c),
@@ -1261,6 +1273,7 @@ mod tests {
             record: RowImage::Own(format!("{{\"b\":\"{body}\"}}")),
             old: RowImage::None,
             unchanged_toast: Vec::new(),
+            too_large: Vec::new(),
             row_key: None,
             commit_timestamp: "2026-01-01T00:00:00Z".into(),
             commit_lsn: Lsn(1),
@@ -1302,6 +1315,7 @@ mod tests {
             record: format!(r#"{{"id":{i},"note":"a \"quoted\" ü\n"}}"#),
             old: old.map(str::to_string),
             unchanged_toast: toast.iter().map(|t| t.to_string()).collect(),
+            too_large: Vec::new(),
             key: Some(format!(r#"{{"id":{i}}}"#)),
         };
         crate::cdc::events::finish(
@@ -1521,6 +1535,7 @@ mod tests {
             record: r#"{"id":1,"note":"a \"quoted\" ü"}"#.into(),
             old: Some(r#"{"id":1,"note":"before"}"#.into()),
             unchanged_toast: vec!["big".into()],
+            too_large: Vec::new(),
             key: None,
         };
         crate::cdc::events::finish(
@@ -1590,6 +1605,7 @@ mod tests {
                         r,
                         o,
                         u: &e.unchanged_toast,
+                        x: &e.too_large,
                         ts: &e.commit_timestamp,
                         c: e.commit_lsn.0,
                         e: e.end_lsn.0,

@@ -48,7 +48,7 @@ pub fn payload(project_id: &str, event: &Event, event_type: EventType) -> String
     out.push_str(",\"old\":");
     out.push_str(old);
     if matches!(event.kind, EventKind::Row { .. }) {
-        crate::cdc::events::write_row_notes(&mut out, &event.unchanged_toast);
+        crate::cdc::events::write_row_notes(&mut out, &event.unchanged_toast, &event.too_large);
     }
     out.push_str("}}");
     out
@@ -173,6 +173,7 @@ mod tests {
             record: record.map(str::to_string).into(),
             old: old.map(str::to_string).into(),
             unchanged_toast: vec![],
+            too_large: Vec::new(),
             row_key: key.map(str::to_string),
             commit_timestamp: std::sync::Arc::from(""),
             commit_lsn: Lsn(1),

@@ -193,10 +193,15 @@ fn column_plan(tme: &TableMapEvent<'_>) -> std::io::Result<Vec<ColumnPlan>> {
 /// Reads one row image of `table` from `buf` (`present`: the columns the image holds) as a
 /// JSON object and its primary key, as [`row_json`] renders mysql_common's `BinlogRow`, with
 /// the same value parser, but without building a `Column` per column per row.
+/// Reads one row image and renders it as a JSON object, with its primary key's (when whole).
+/// Columns `omit` marks are read past and left out; `sizes`, when given, gets each column's
+/// rendered length (by column index; 0 for columns not in the image).
 fn read_row<'a>(
     buf: &mut mysql_common::io::ParseBuf<'a>,
     present: &bitvec::slice::BitSlice<u8>,
     table: &'a Table,
+    omit: &[bool],
+    mut sizes: Option<&mut Vec<usize>>,
 ) -> std::io::Result<(String, Option<String>)> {
     let count = present.count_ones();
     let nulls: &[u8] = buf.parse(count.div_ceil(8))?;
@@ -205,6 +210,7 @@ fn read_row<'a>(
     let mut key_complete = true;
     let mut has_key = false;
     let mut image = 0usize;
+    let mut written = 0usize;
     out.push('{');
     for i in 0..present.len() {
         if !present[i] {
@@ -216,7 +222,9 @@ fn read_row<'a>(
                 "No column type",
             ));
         };
-        if image > 0 {
+        let left_out = omit.get(i).copied().unwrap_or(false);
+        let entry = out.len();
+        if written > 0 {
             out.push(',');
         }
         out.push_str(&col.key);
@@ -229,6 +237,24 @@ fn read_row<'a>(
             super::render::write_binlog_value_of(&mut out, col.kind, &value, table.columns.get(i));
         }
         image += 1;
+        if let Some(sizes) = sizes.as_deref_mut() {
+            if sizes.len() <= i {
+                sizes.resize(i + 1, 0);
+            }
+            sizes[i] = out.len() - start;
+        }
+        if left_out {
+            // Its key part (if any) is kept: the row's identity never depends on its size.
+            if col.primary_key {
+                has_key = true;
+                key.push(if key.is_empty() { '{' } else { ',' });
+                key.push_str(&col.key);
+                key.push_str(&out[start..]);
+            }
+            out.truncate(entry);
+            continue;
+        }
+        written += 1;
         if col.primary_key {
             has_key = true;
             key.push(if key.is_empty() { '{' } else { ',' });
@@ -294,6 +320,8 @@ pub struct Decoder {
     /// The server checksums its events (`binlog_checksum` CRC32): the ROTATE it sends before
     /// the first format description still carries its checksum after the file name.
     checksums: bool,
+    /// Bytes of one row image an event carries (`cdc_max_row_bytes`; 0: no bound).
+    max_row_bytes: usize,
 }
 
 impl Decoder {
@@ -320,7 +348,15 @@ impl Decoder {
             rejected: 0,
             fde_seen: false,
             checksums: false,
+            max_row_bytes: 0,
         }
+    }
+
+    /// Leaves the largest values out of row images past `bytes` (0: no bound; see
+    /// [`crate::cdc::events::largest_until_within`]).
+    pub fn with_max_row_bytes(mut self, bytes: usize) -> Decoder {
+        self.max_row_bytes = bytes;
+        self
     }
 
     /// The server checksums its events (`@@binlog_checksum` is not NONE).
@@ -629,7 +665,7 @@ impl Decoder {
                 if matches!(rows, RowsEventData::PartialUpdateRowsEvent(_)) {
                     return Err(DecodeError::PartialUpdate(format!("`{}`", table.name)));
                 }
-                let pending = rows_to_pending(&self.shared_db, table, &rows)?;
+                let pending = rows_to_pending(&self.shared_db, table, &rows, self.max_row_bytes)?;
                 if self.current.is_none() {
                     // A non-transactional engine's change outside BEGIN (MySQL without GTIDs
                     // logs BEGIN for those too; defensively, a transaction of its own follows).
@@ -867,6 +903,7 @@ fn rows_to_pending(
     db: &Arc<str>,
     table: &Table,
     rows: &RowsEventData<'_>,
+    cap: usize,
 ) -> Result<Vec<Pending>, DecodeError> {
     let op = match rows {
         RowsEventData::WriteRowsEventV1(_) | RowsEventData::WriteRowsEvent(_) => RowOp::Insert,
@@ -891,12 +928,53 @@ fn rows_to_pending(
     let after_cols = rows.columns_after_image();
     let mut buf = mysql_common::io::ParseBuf(rows.rows_data());
     while !buf.is_empty() {
-        let before = before_cols
-            .map(|cols| read_row(&mut buf, cols, table))
+        let row_start = mysql_common::io::ParseBuf(buf.0);
+        let mut before = before_cols
+            .map(|cols| read_row(&mut buf, cols, table, &[], None))
             .transpose()?;
-        let after = after_cols
-            .map(|cols| read_row(&mut buf, cols, table))
+        let mut after = after_cols
+            .map(|cols| read_row(&mut buf, cols, table, &[], None))
             .transpose()?;
+        let over = |image: &Option<(String, Option<String>)>| {
+            image.as_ref().is_some_and(|(json, _)| json.len() > cap)
+        };
+        let mut too_large = Vec::new();
+        if cap > 0 && (over(&before) || over(&after)) {
+            // Rare: read the row again for its values' sizes, then once more without the
+            // largest (a column left out of one image is left out of both).
+            let omit = {
+                let mut again = mysql_common::io::ParseBuf(row_start.0);
+                let mut omit: Vec<bool> = Vec::new();
+                for cols in [before_cols, after_cols].into_iter().flatten() {
+                    let mut sizes = Vec::new();
+                    read_row(&mut again, cols, table, &[], Some(&mut sizes))?;
+                    let chosen = crate::cdc::events::largest_until_within(&sizes, cap);
+                    if omit.len() < chosen.len() {
+                        omit.resize(chosen.len(), false);
+                    }
+                    for (o, c) in omit.iter_mut().zip(chosen) {
+                        *o |= c;
+                    }
+                }
+                omit
+            };
+            let mut again = mysql_common::io::ParseBuf(row_start.0);
+            before = before_cols
+                .map(|cols| read_row(&mut again, cols, table, &omit, None))
+                .transpose()?;
+            after = after_cols
+                .map(|cols| read_row(&mut again, cols, table, &omit, None))
+                .transpose()?;
+            too_large = table
+                .plan
+                .iter()
+                .zip(&omit)
+                .filter(|(_, o)| **o)
+                .filter_map(|(c, _)| {
+                    serde_json::from_str::<String>(c.key.strip_suffix(':').unwrap_or(&c.key)).ok()
+                })
+                .collect();
+        }
         let (record, old) = match op {
             RowOp::Insert => (after, None),
             RowOp::Update => (after, before),
@@ -913,6 +991,7 @@ fn rows_to_pending(
             record,
             old: old.map(|(o, _)| o),
             unchanged_toast: Vec::new(),
+            too_large,
             key,
         });
     }
@@ -1643,7 +1722,7 @@ mod tests {
                     })
                 })
                 .collect();
-            let ours = rows_to_pending(&Arc::from("fx_t"), table, &rows);
+            let ours = rows_to_pending(&Arc::from("fx_t"), table, &rows, 0);
             match (oracle, ours) {
                 (Ok(expected), Ok(got)) => {
                     assert_eq!(expected.len(), got.len(), "round {round}");

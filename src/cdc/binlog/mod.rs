@@ -873,7 +873,8 @@ async fn stream_once<B: EventBus>(
         .query_first("SELECT @@GLOBAL.binlog_checksum")
         .await?;
     let mut decoder = Decoder::new(db_name, sources.settings.buffer_bytes, &spill_dir)
-        .with_checksums(checksum.is_some_and(|c| !c.eq_ignore_ascii_case("NONE")));
+        .with_checksums(checksum.is_some_and(|c| !c.eq_ignore_ascii_case("NONE")))
+        .with_max_row_bytes(sources.settings.max_row_bytes);
     if mariadb {
         // Before the first event: a table's first rows never wait for a catalog query.
         decoder.set_catalog(column_catalog_now().await?);

@@ -341,6 +341,169 @@ async fn a_tenant_can_neither_forge_a_truncate_nor_silence_a_partitions_one_and_
     assert_eq!(rejected - rejected_before, 2);
 }
 
+/// A server whose events carry at most 64 KiB per row image, sending webhooks to loopback.
+async fn capped_app(mysql: bool) -> TestApp {
+    let mysql_url = match mysql {
+        true => Some(crate::support::mariadb::mariadb().await.admin_url.clone()),
+        false => None,
+    };
+    spawn_app_with(move |c| {
+        c.webhook_allow_private = true;
+        c.webhook_backoff_scale = 0.01;
+        c.cdc_max_row_bytes = 64 * 1024;
+        if let Some(url) = mysql_url {
+            c.mysql_url = Some(url.into());
+        }
+    })
+    .await
+}
+
+/// A row image past `cdc_max_row_bytes` loses its largest values, on both engines and every
+/// channel alike: the socket's payload, the webhook's `data`, and the realtime history a
+/// resume replays name them in `tooLarge` and carry the rest; the row's key stays. A row that
+/// fits says nothing (red team rt5/rt6: a 240 MB row cost every consumer its size).
+#[tokio::test]
+async fn values_that_would_pass_the_row_bound_are_left_out_and_named_on_every_channel() {
+    for mysql in [false, true] {
+        let app = capped_app(mysql).await;
+        let f = match mysql {
+            true => app.mysql_fixture().await,
+            false => app.fixture().await,
+        };
+        let rx = hook(&app, &f, None).await;
+        let mut ws = socket(&app, &f, None).await;
+        let (text, repeat) = match mysql {
+            true => ("LONGTEXT", "REPEAT"),
+            false => ("text", "repeat"),
+        };
+        app.rows(
+            &f.admin,
+            &f.project,
+            &format!("CREATE TABLE docs (id int PRIMARY KEY, title {text}, body {text}, n int)"),
+        )
+        .await;
+        for sql in [
+            // 200 kB of body: left out, the rest kept.
+            format!("INSERT INTO docs VALUES (1, 'big', {repeat}('x', 200000), 0)"),
+            // Both images hold it: left out of both.
+            "UPDATE docs SET n = 1 WHERE id = 1".to_string(),
+            // Two values of 40 kB: only the larger goes (the rest then fits).
+            format!("INSERT INTO docs VALUES (2, {repeat}('t', 30000), {repeat}('y', 40000), 0)"),
+            format!("INSERT INTO docs VALUES (3, 'small', {repeat}('z', 1000), 0)"),
+            "DELETE FROM docs WHERE id = 1".to_string(),
+        ] {
+            app.rows(&f.admin, &f.project, &sql).await;
+        }
+        let last = |p: &Value| p["operation"] == "DELETE";
+        let all_payloads = socket_until(&mut ws, last).await;
+        // The CREATE TABLE's schema_update comes first: a resume after it replays the rows.
+        let since = all_payloads[0]["id"].as_str().unwrap().to_string();
+        assert_eq!(
+            all_payloads[0]["event_type"], "schema_update",
+            "{all_payloads:?}"
+        );
+        let payloads: Vec<Value> = all_payloads
+            .into_iter()
+            .filter(|p| p["operation"].is_string())
+            .collect();
+        let shown: Vec<(String, Value, Value, Value)> = payloads
+            .iter()
+            .map(|p| {
+                let ids = |image: &Value| {
+                    image.as_object().map_or(json!(null), |o| {
+                        let mut keys: Vec<&str> = o.keys().map(String::as_str).collect();
+                        keys.sort();
+                        json!(keys)
+                    })
+                };
+                (
+                    p["operation"].as_str().unwrap().to_string(),
+                    ids(&p["record"]),
+                    ids(&p["old"]),
+                    p["tooLarge"].clone(),
+                )
+            })
+            .collect();
+        let body_left_out = json!(["id", "n", "title"]);
+        let (all, two_left_out) = (json!(["body", "id", "n", "title"]), body_left_out.clone());
+        let engine = if mysql { "mysql" } else { "postgresql" };
+        assert_eq!(
+            shown,
+            vec![
+                (
+                    "INSERT".into(),
+                    body_left_out.clone(),
+                    json!(null),
+                    json!(["body"])
+                ),
+                (
+                    "UPDATE".into(),
+                    body_left_out.clone(),
+                    body_left_out.clone(),
+                    json!(["body"])
+                ),
+                ("INSERT".into(), two_left_out, json!(null), json!(["body"])),
+                ("INSERT".into(), all, json!(null), json!(null)),
+                (
+                    "DELETE".into(),
+                    body_left_out.clone(),
+                    body_left_out,
+                    json!(["body"])
+                ),
+            ],
+            "{engine}: {payloads:?}"
+        );
+        assert_eq!(payloads[1]["record"]["n"], 1, "{engine}");
+        assert_eq!(
+            payloads[2]["record"]["title"].as_str().unwrap().len(),
+            30000
+        );
+        // The webhook's data says the same.
+        let hooks = hooks_until(&rx, |b| b["event_type"] == "row.deleted").await;
+        let rows: Vec<&Value> = hooks
+            .iter()
+            .filter(|b| b["event_type"].as_str().unwrap().starts_with("row."))
+            .collect();
+        assert_eq!(rows.len(), payloads.len(), "{engine}");
+        // (Deliveries of different rows may arrive in any order: matched by event id.)
+        for payload in &payloads {
+            let hook = rows
+                .iter()
+                .find(|h| h["event_id"] == payload["id"])
+                .unwrap_or_else(|| panic!("{engine}: no delivery of {}", payload["id"]));
+            let id = &payload["id"];
+            assert_eq!(
+                hook["data"]["tooLarge"], payload["tooLarge"],
+                "{engine} {id}"
+            );
+            if payload["operation"] != "DELETE" {
+                assert!(
+                    hook["data"]["new"] == payload["record"],
+                    "{engine} {id}: new"
+                );
+            }
+            assert!(hook["data"]["old"] == payload["old"], "{engine} {id}: old");
+        }
+        // A resume from before the first replays the same payloads from the history.
+        let mut resumed = connect(&app, "/").await;
+        send(
+            &mut resumed,
+            json!({ "type": "subscribe", "roomId": format!("project_{}", f.project),
+                    "token": f.read, "since": since }),
+        )
+        .await;
+        let ack = recv(&mut resumed).await;
+        assert_eq!(ack["type"], "subscribed", "{ack}");
+        let replayed: Vec<Value> = socket_until(&mut resumed, last)
+            .await
+            .into_iter()
+            .filter(|p| p["operation"].is_string())
+            .collect();
+        assert!(replayed == payloads, "{engine}: the replay differs");
+        app.stop().await;
+    }
+}
+
 #[tokio::test]
 async fn the_socket_and_the_webhook_carry_the_same_unchanged_toast_for_the_same_update() {
     let app = app().await;
