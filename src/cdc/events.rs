@@ -336,15 +336,16 @@ fn left_out(images: &[&Tuple], cap: usize) -> Vec<bool> {
     if cap == 0 {
         return omit;
     }
+    let size = |v: &pgoutput::Column| match v {
+        pgoutput::Column::Text(b) | pgoutput::Column::Binary(b) => b.len(),
+        _ => 0,
+    };
     for image in images {
-        let sizes: Vec<usize> = image
-            .0
-            .iter()
-            .map(|v| match v {
-                pgoutput::Column::Text(b) | pgoutput::Column::Binary(b) => b.len(),
-                _ => 0,
-            })
-            .collect();
+        // The usual row fits: told without allocating.
+        if image.0.iter().map(size).sum::<usize>() <= cap / 2 {
+            continue;
+        }
+        let sizes: Vec<usize> = image.0.iter().map(size).collect();
         let chosen = largest_until_within(&sizes, cap);
         if omit.len() < chosen.len() {
             omit.resize(chosen.len(), false);

@@ -472,10 +472,11 @@ impl Cdc {
             .map(|h| h.status.lock().expect("poisoned").clone())
     }
 
-    /// Why the project's changes are not arriving from its stream on this server now, if they
-    /// are not because the stream is reconnecting (the database restarting, no walsender or
-    /// connection free): nothing is lost meanwhile, the slot keeps the changes. Cheap enough
-    /// for every realtime batch: one lock, no allocation while streaming.
+    /// What realtime tells a project's subscribers while its changes are not arriving from its
+    /// stream on this server (`None`: they are, or no stream runs here): the stream reconnecting
+    /// (the database restarting, no walsender or connection free: nothing is lost, the slot
+    /// keeps the changes), or stopped for good (its slot lost: changes may be lost; or failed).
+    /// Cheap enough for every realtime batch: one lock, no allocation while streaming.
     pub fn delayed(&self, project_id: &str) -> Option<String> {
         let streams = self.streams.lock().expect("poisoned");
         let state = streams
@@ -484,8 +485,22 @@ impl Cdc {
             .lock()
             .expect("poisoned")
             .state;
-        (state == StreamState::Reconnecting)
-            .then(|| "the change stream is reconnecting to the project's database".to_string())
+        let message = match state {
+            StreamState::Reconnecting => {
+                "Changes are delayed: the change stream is reconnecting to the project's \
+                 database. Nothing is lost; they arrive when it is back."
+            }
+            StreamState::SlotLost => {
+                "Changes stopped: the project's change stream lost its replication slot, so \
+                 changes committed since may be lost. It stays stopped until it is started again."
+            }
+            StreamState::Failed => {
+                "Changes stopped: the project's change stream failed. It stays stopped until it \
+                 is started again."
+            }
+            StreamState::Starting | StreamState::Streaming | StreamState::Stopped => return None,
+        };
+        Some(message.to_string())
     }
 
     /// True while the project's stream task runs here (streaming, or waiting to retry); false

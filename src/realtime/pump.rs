@@ -90,10 +90,14 @@ pub(super) fn spawn(rt: &Arc<Realtime>, room: &Arc<Room>) -> tokio::task::JoinHa
             // Whether the project's events are arriving: through NATS (cluster mode) or from
             // this server's own stream (single node).
             let now = match rt.relay.get() {
-                Some(relay) => relay.degraded(&room.project_id),
+                Some(relay) => relay.degraded(&room.project_id).map(|why| {
+                    format!(
+                        "Changes are delayed: {why}. Nothing is lost; they arrive when it is back."
+                    )
+                }),
                 None => host.stream_delayed(&room.project_id),
             };
-            if now.is_some() != degraded.is_some() {
+            if now != degraded {
                 room.announce(now.as_deref());
                 degraded = now;
             }

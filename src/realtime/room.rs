@@ -53,6 +53,9 @@ pub(super) struct RoomState {
     pub(super) next_epoch: u64,
     /// Events in the slice being delivered (room is made for them in each member's pending).
     pub(super) slice_len: usize,
+    /// Why the project's events are not arriving, as last announced ([`Room::announce`]):
+    /// told to members who subscribe meanwhile too.
+    pub(super) degraded: Option<String>,
 }
 
 impl RoomState {
@@ -148,24 +151,31 @@ pub(super) fn instead_frame(room_id: &str, payload: &str) -> Message {
 
 impl Room {
     /// Tells every member whether the project's events are arriving
-    /// (`{"type":"status","roomId","state":"degraded"|"live","message"?}`): while NATS is
-    /// unreachable (cluster mode) or the project's stream reconnects to its database (single
-    /// node) nothing is lost (the slot keeps the WAL) but nothing arrives either.
+    /// (`{"type":"status","roomId","state":"degraded"|"live","message"?}`, `degraded` the
+    /// message): while NATS is unreachable (cluster mode) or the project's stream reconnects to
+    /// its database (single node) nothing is lost (the slot keeps the WAL) but nothing arrives
+    /// either; a stream that stopped for good says so. Members who subscribe while it is
+    /// degraded are told after their `subscribed`.
     pub(super) fn announce(&self, degraded: Option<&str>) {
+        let msg = self.status_message(degraded);
+        let mut state = self.state.lock().expect("poisoned");
+        state.degraded = degraded.map(str::to_string);
+        for m in state.members.values() {
+            let _ = m.socket.offer(&msg);
+        }
+    }
+
+    /// The `status` message for `degraded` (`None`: live).
+    pub(super) fn status_message(&self, degraded: Option<&str>) -> Message {
         let body = match degraded {
-            Some(why) => serde_json::json!({
-                "type": "status", "roomId": self.room_id, "state": "degraded",
-                "message": format!("Changes are delayed: {why}. Nothing is lost; they arrive when it is back."),
+            Some(message) => serde_json::json!({
+                "type": "status", "roomId": self.room_id, "state": "degraded", "message": message,
             }),
             None => {
                 serde_json::json!({ "type": "status", "roomId": self.room_id, "state": "live" })
             }
         };
-        let msg = Message::text(body.to_string());
-        let state = self.state.lock().expect("poisoned");
-        for m in state.members.values() {
-            let _ = m.socket.offer(&msg);
-        }
+        Message::text(body.to_string())
     }
 
     /// Whether a broadcast of `bytes` from SQL or the REST API fits the project's budget now

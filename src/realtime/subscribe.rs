@@ -300,6 +300,9 @@ impl Realtime {
         socket.push(Message::text(
             json!({ "type": "subscribed", "roomId": room.room_id }).to_string(),
         ));
+        if let Some(degraded) = state.degraded.as_deref() {
+            socket.push(room.status_message(Some(degraded)));
+        }
         // With `since`: catching up from the history after it (at the pace the socket drains),
         // then live. An id whose successors the history cannot vouch for (trimmed, or older
         // than the history) gets RESUME_TOO_OLD and live events, never a silent gap.

@@ -659,9 +659,37 @@ async fn a_suspended_project_closes_its_room_and_refuses_new_subscribes() {
     assert_eq!(db_event(&mut ws).await["record"]["id"], 2);
 }
 
+/// Kills the project's walsender every 50 ms until dropped (the stream waits 0.5, 1, 2 s…
+/// between attempts: reconnecting most of that time).
+fn keep_killing_the_walsender(project: &str) -> tokio::task::JoinHandle<()> {
+    let kill = format!(
+        "SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots \
+         WHERE slot_name = 'fluxbase_{project}' AND active_pid IS NOT NULL"
+    );
+    tokio::spawn(async move {
+        let admin = crate::support::pg().await.client("postgres").await;
+        loop {
+            admin.batch_execute(&kill).await.unwrap();
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+}
+
+/// The next message, asserted to be the room's `status` with `state`; its message.
+async fn status(ws: &mut Socket, project: &str, state: &str) -> String {
+    let m = ws::next(ws).await;
+    assert_eq!(
+        (&m["type"], &m["state"], &m["roomId"]),
+        (&json!("status"), &json!(state), &json!(room(project))),
+        "{m}"
+    );
+    m["message"].as_str().unwrap_or_default().to_string()
+}
+
 /// While the project's stream reconnects (its walsender killed again and again) its members are
-/// told `status: degraded`, then `live` once it streams again; nothing committed meanwhile is
-/// lost (red team rt7 LOW 3: only cluster mode said so).
+/// told `status: degraded`, and so is a member who subscribes meanwhile (after its
+/// `subscribed`); then `live` once it streams again, and nothing committed meanwhile is lost
+/// (red team rt7 LOW 3: only cluster mode said so; rt8 LOW 2: a late subscriber was not told).
 #[tokio::test]
 async fn members_are_told_while_the_stream_reconnects_and_lose_nothing() {
     let app = spawn_app().await;
@@ -670,52 +698,82 @@ async fn members_are_told_while_the_stream_reconnects_and_lose_nothing() {
     app.rows(&f.admin, &f.project, "CREATE TABLE t (id int PRIMARY KEY)")
         .await;
     assert_eq!(recv(&mut ws).await["type"], "schema_update");
-    let pg = crate::support::pg().await;
-    let admin = pg.client("postgres").await;
-    let kill = format!(
-        "SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots \
-         WHERE slot_name = 'fluxbase_{}' AND active_pid IS NOT NULL",
-        f.project
-    );
-    // Its walsender is killed every 50 ms until the members are told (the stream waits 0.5,
-    // 1, 2 s… between attempts: reconnecting most of that time).
-    let told = async move {
-        let m = recv(&mut ws).await;
-        (m, ws)
-    };
-    tokio::pin!(told);
-    let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    let (degraded, mut ws) = loop {
-        tokio::select! {
-            m = &mut told => break m,
-            _ = tokio::time::sleep(Duration::from_millis(50)) => {
-                admin.batch_execute(&kill).await.unwrap();
-                assert!(std::time::Instant::now() < deadline, "never told");
-            }
-        }
-    };
+    let killer = keep_killing_the_walsender(&f.project);
+    let message = status(&mut ws, &f.project, "degraded").await;
+    assert!(message.contains("reconnecting"), "{message}");
+    assert!(message.contains("Nothing is lost"), "{message}");
+    assert!(!message.contains("127.0.0.1"), "no internals: {message}");
+    let mut late = connect(&app, "/").await;
     assert_eq!(
-        (&degraded["type"], &degraded["state"], &degraded["roomId"]),
-        (
-            &json!("status"),
-            &json!("degraded"),
-            &json!(room(&f.project))
-        ),
-        "{degraded}"
+        subscribe(&mut late, &f.project, Some(&f.read)).await["type"],
+        "subscribed"
     );
-    let message = degraded["message"].as_str().unwrap_or_default();
-    assert!(message.contains("reconnecting"), "{degraded}");
-    assert!(!message.contains("127.0.0.1"), "no internals: {degraded}");
+    assert_eq!(status(&mut late, &f.project, "degraded").await, message);
+    killer.abort();
+    let _ = killer.await;
     // Committed while nobody streams: arrives after `live`.
     app.rows(&f.admin, &f.project, "INSERT INTO t VALUES (1)")
         .await;
-    let live = ws::next(&mut ws).await;
+    for ws in [&mut ws, &mut late] {
+        assert_eq!(status(ws, &f.project, "live").await, "");
+        assert_eq!(db_event(ws).await["record"]["id"], 1);
+        nothing_more(ws).await;
+    }
+}
+
+/// A stream that stops for good (its slot dropped under it) is never announced `live`: its
+/// members are told it stopped and that changes may be lost (red team rt8 M2: they were told
+/// "nothing is lost", then `live`).
+#[tokio::test]
+async fn members_of_a_stream_that_lost_its_slot_are_told_it_stopped_and_never_live() {
+    let app = spawn_app().await;
+    let f = app.fixture().await;
+    let mut ws = subscribed_socket(&app, &f).await;
+    app.rows(&f.admin, &f.project, "CREATE TABLE t (id int PRIMARY KEY)")
+        .await;
+    assert_eq!(recv(&mut ws).await["type"], "schema_update");
+    let killer = keep_killing_the_walsender(&f.project);
+    let admin = crate::support::pg().await.client("postgres").await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while admin
+        .batch_execute(&format!(
+            "SELECT pg_drop_replication_slot('fluxbase_{}')",
+            f.project
+        ))
+        .await
+        .is_err()
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the slot stayed in use"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    killer.abort();
+    let _ = killer.await;
+    // Told it is delayed (maybe), then that it stopped: never live.
+    let mut stopped = status(&mut ws, &f.project, "degraded").await;
+    if stopped.contains("reconnecting") {
+        stopped = status(&mut ws, &f.project, "degraded").await;
+    }
+    assert!(stopped.contains("stopped"), "{stopped}");
+    assert!(stopped.contains("may be lost"), "{stopped}");
     assert_eq!(
-        live,
-        json!({ "type": "status", "roomId": room(&f.project), "state": "live" })
+        app.app.cdc.status(&f.project).unwrap().state,
+        fluxbase::cdc::StreamState::SlotLost
     );
-    assert_eq!(db_event(&mut ws).await["record"]["id"], 1);
+    app.rows(&f.admin, &f.project, "INSERT INTO t VALUES (1)")
+        .await;
+    // A few of the pump's ticks: no `live` (and no event) comes.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
     nothing_more(&mut ws).await;
+    // A member who subscribes now is told too.
+    let mut late = connect(&app, "/").await;
+    assert_eq!(
+        subscribe(&mut late, &f.project, Some(&f.read)).await["type"],
+        "subscribed"
+    );
+    assert_eq!(status(&mut late, &f.project, "degraded").await, stopped);
 }
 
 #[tokio::test]
