@@ -278,13 +278,21 @@ pub struct Team {
     control: deadpool_postgres::Pool,
     /// `max_projects_per_user` (0: none): accepting an admin invitation counts like creating.
     max_projects_per_user: u32,
+    /// The per-account turn project creation takes ([`crate::auth::ratelimit::AccountLimits`]): an
+    /// acceptance that makes an owner takes it too.
+    limits: std::sync::Arc<crate::auth::ratelimit::AccountLimits>,
 }
 
 impl Team {
-    pub fn new(control: deadpool_postgres::Pool, max_projects_per_user: u32) -> Team {
+    pub fn new(
+        control: deadpool_postgres::Pool,
+        max_projects_per_user: u32,
+        limits: std::sync::Arc<crate::auth::ratelimit::AccountLimits>,
+    ) -> Team {
         Team {
             control,
             max_projects_per_user,
+            limits,
         }
     }
 
@@ -346,6 +354,17 @@ impl Team {
         invite_id: &str,
         answer: Answer,
     ) -> Result<Answered, TeamError> {
+        // An acceptance may make an owner: counted and joined under the account's turn, taken
+        // before a connection is (a creation holding the turn may be waiting for one), so that
+        // this server's creations and acceptances of the account come one after another; and
+        // on every server under an advisory lock held to the commit (red team rt8 M1: four
+        // acceptances answered at once all passed the quota).
+        let _turn = match answer {
+            Answer::Accepted if self.max_projects_per_user > 0 => {
+                Some(self.limits.creating_project(user_id).await)
+            }
+            _ => None,
+        };
         let mut client = self.control.get().await?;
         let tx = client.transaction().await?;
         let invite = invitations::lock_for_answer(&tx, invite_id, user_id)
@@ -369,12 +388,15 @@ impl Team {
             // account's project quota as creating a project does (red team rt7).
             let owner_already = before.is_some_and(|(_, owner)| owner);
             let quota = self.max_projects_per_user;
-            if invite.role == MemberRole::Admin
-                && !owner_already
-                && quota > 0
-                && members::administered_by(&tx, user_id).await? >= i64::from(quota)
-            {
-                return Err(TeamError::QuotaReached(quota));
+            if invite.role == MemberRole::Admin && !owner_already && quota > 0 {
+                tx.execute(
+                    "SELECT pg_advisory_xact_lock(7245002, hashtext($1))",
+                    &[&user_id],
+                )
+                .await?;
+                if members::administered_by(&tx, user_id).await? >= i64::from(quota) {
+                    return Err(TeamError::QuotaReached(quota));
+                }
             }
             members::upsert(&tx, &project_id, user_id, invite.role).await?;
             member = Some(members::get(&tx, &project_id, user_id).await?.into());

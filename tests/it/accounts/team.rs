@@ -1294,3 +1294,46 @@ async fn accepting_an_admin_invitation_counts_against_the_project_quota() {
     assert_eq!(status, 200, "{body}");
     assert!(!admins_of(&app, &f).await.contains(&user_id));
 }
+
+/// Acceptances answered at once count against the quota one after another, and so does an
+/// acceptance racing a creation (red team rt8 M1: four admin invitations accepted at once all
+/// passed a quota of 2, and an acceptance beside a creation both passed).
+#[tokio::test]
+async fn acceptances_and_creations_at_once_never_pass_the_project_quota() {
+    let app = crate::support::spawn_app_with(|c| c.max_projects_per_user = 2).await;
+    let (token, _, email) = app.signup().await;
+    let mut ids = Vec::new();
+    for _ in 0..4 {
+        let f = app.fixture().await;
+        let (_, sent) = invite(&app, &f.token, &f.project, &email, "admin").await;
+        ids.push(sent["invite"]["id"].as_str().unwrap().to_string());
+    }
+    let create = async {
+        app.call(
+            "POST",
+            "/api/projects",
+            Some(&token),
+            Some(json!({ "name": "own" })),
+        )
+        .await
+    };
+    let accepts =
+        futures_util::future::join_all(ids.iter().map(|id| answer(&app, &token, id, "accepted")));
+    let ((created, _), answers) = tokio::join!(create, accepts);
+    let mut passed = usize::from(created == 201);
+    for (status, body) in &answers {
+        match status {
+            200 => passed += 1,
+            _ => assert_error(*status, body, 403, "INSUFFICIENT_PERMISSIONS"),
+        }
+    }
+    assert_eq!(passed, 2, "created {created}, accepted {answers:?}");
+    let (_, listed) = app.call("GET", "/api/projects", Some(&token), None).await;
+    let admin_of = listed["projects"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|p| p["role"] == "admin")
+        .count();
+    assert_eq!(admin_of, 2, "{listed}");
+}
