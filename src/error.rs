@@ -20,6 +20,17 @@ pub fn is_connection_error(e: &(dyn std::error::Error + 'static)) -> bool {
             _ => false,
         };
     }
+    // MySQL (the binlog stream's catalog queries, realtime's checks on a MySQL project): the
+    // socket failed or the connection is gone. Never a server error: a statement can raise any
+    // error number with SIGNAL.
+    if let Some(me) = e.downcast_ref::<mysql_async::Error>() {
+        use mysql_async::DriverError as D;
+        return matches!(
+            me,
+            mysql_async::Error::Io(_)
+                | mysql_async::Error::Driver(D::ConnectionClosed | D::PoolDisconnected)
+        );
+    }
     if let Some(we) = e.downcast_ref::<WireError>() {
         return match we {
             WireError::Io(_) | WireError::Timeout | WireError::Closed => true,
@@ -59,4 +70,31 @@ fn pg_connection_error(e: &tokio_postgres::Error) -> bool {
 /// too many connections (53300), when the server sent them as FATAL (it closed the connection).
 fn connection_sqlstate(code: &str) -> bool {
     code.starts_with("08") || matches!(code, "57P01" | "57P02" | "57P03" | "53300")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::is_connection_error;
+
+    /// A MySQL connection that failed or closed is an outage (503, realtime's
+    /// `DATABASE_CONNECTION_ERROR`); a server error never is, whatever its number: a statement
+    /// can SIGNAL any (red team rt8 L3: a subscribe while MariaDB was down answered
+    /// INTERNAL_ERROR).
+    #[test]
+    fn mysql_connection_failures_are_outages_and_server_errors_are_not() {
+        let refused = mysql_async::Error::Io(mysql_async::IoError::Io(std::io::Error::from(
+            std::io::ErrorKind::ConnectionRefused,
+        )));
+        assert!(is_connection_error(&refused));
+        let closed = mysql_async::Error::Driver(mysql_async::DriverError::ConnectionClosed);
+        assert!(is_connection_error(&closed));
+        let signalled = mysql_async::Error::Server(mysql_async::ServerError {
+            code: 1040,
+            message: "Too many connections".into(),
+            state: "08004".into(),
+        });
+        assert!(!is_connection_error(&signalled));
+        let through_anyhow = anyhow::Error::from(refused).context("subscribing");
+        assert!(through_anyhow.chain().any(is_connection_error));
+    }
 }

@@ -476,9 +476,16 @@ async fn serve(config: Config) -> Result<()> {
     let mut lock = tokio::task::spawn_blocking(move || DataDirLock::for_serve(&data_dir)).await??;
     let app = App::open(config, &[]).await?;
     lock.record_cluster(app.embedded.as_ref().map(|c| c.port))?;
-    let report = app.init_instance().await?;
+    let mut report = app.init_instance().await?;
     let addr_file = app.config.addr_file.clone();
+    let derived_url = app.config.public_url.is_none();
     let running = Running::start(app).await?;
+    if derived_url {
+        // The address bound, not the one asked for: `listen` on port 0 printed port 0 (red
+        // team rt8 L4).
+        report.base_url = format!("http://{}", running.addr);
+        report.ws_url = format!("ws://{}", running.addr);
+    }
     eprint!("{}", describe(&report));
     // Always printed (whatever the log level): with `listen` on port 0 this is where the port
     // is found, as well as in `addr_file`.

@@ -311,9 +311,25 @@ impl Projects {
         {
             statements.push(format!("DROP ROLE IF EXISTS {}", quote_ident(&role)));
         }
+        // A request arriving during the deletion may be changing a role's login at that moment
+        // (`role_login`'s ALTER ROLE): PostgreSQL then fails the DROP ROLE with "tuple
+        // concurrently updated" (XX000), and the role stayed behind (red team rt8 L1). Each
+        // statement is retried a few times.
         for sql in statements {
-            if let Err(e) = admin.batch_execute(&sql).await {
-                tracing::warn!(project_id, error = %e, "cleaning up a project");
+            let mut attempt = 0;
+            loop {
+                match admin.batch_execute(&sql).await {
+                    Ok(()) => break,
+                    Err(e) if attempt < 5 => {
+                        attempt += 1;
+                        tracing::debug!(project_id, error = ?e, attempt, "cleaning up a project; retrying");
+                        tokio::time::sleep(std::time::Duration::from_millis(50 * attempt)).await;
+                    }
+                    Err(e) => {
+                        tracing::warn!(project_id, error = ?e, statement = %sql, "cleaning up a project");
+                        break;
+                    }
+                }
             }
         }
     }

@@ -195,3 +195,21 @@ async fn spilled_transactions_are_private_files() {
     assert!(!spill_dir.exists(), "{} left behind", spill_dir.display());
     app.stop().await;
 }
+
+/// The start-up banner names the address bound, not the one asked for: with `listen` on port 0
+/// it printed port 0 (red team rt8 L4).
+#[tokio::test]
+async fn the_start_up_banner_names_the_bound_address() {
+    let server = crate::support::process::ServerProcess::start(&[]).await;
+    let log = std::fs::read_to_string(server.dir.join("server.log")).unwrap();
+    let addr = server.base.trim_start_matches("http://");
+    assert!(
+        log.contains(&format!("Base URL:      http://{addr}\n")),
+        "{log}"
+    );
+    assert!(
+        log.contains(&format!("WebSocket URL: ws://{addr}\n")),
+        "{log}"
+    );
+    assert!(!log.contains(":0/") && !log.contains(":0\n"), "{log}");
+}
