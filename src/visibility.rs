@@ -34,8 +34,9 @@
 //!   that leaves the view (full old image visible, new one not) becomes an `outOfView` DELETE
 //!   notice carrying the primary key only; a row that enters it is sent with `old` reduced to
 //!   the primary key.
-//! * A column missing from the image (an unchanged TOASTed value without a full old row) that
-//!   a policy reads makes the row invisible (fail closed, counted), as does an evaluation that
+//! * A column missing from the image (an unchanged TOASTed value without a full old row, or a
+//!   value left out for its size: `cdc_max_row_bytes`) that a policy reads makes the row
+//!   invisible (fail closed, counted), as does an evaluation that
 //!   fails or times out.
 //! * Policies are read from the catalog now, not as of the event's commit: policy changes take
 //!   effect from the next event on (the pump invalidates the project's cache on every schema
@@ -741,7 +742,7 @@ impl Visibility {
                             .map(|img| {
                                 if view.reads_any(&img.missing) {
                                     self.log_once(project_id, &ti.schema, &ti.table,
-                                        "a policy reads a column the change did not carry (unchanged TOAST without a full old row)");
+                                        "a policy reads a column the change did not carry (unchanged TOAST without a full old row, or left out for its size)");
                                     return false;
                                 }
                                 fast_combined(permissive, restrictive, &img.value, id.auth_uid.as_deref())
@@ -877,6 +878,7 @@ impl Visibility {
                         obj.insert("record".into(), key.clone());
                         obj.insert("old".into(), key);
                         obj.remove("unchangedToast");
+                        obj.remove("tooLarge");
                         obj.insert("outOfView".into(), Value::Bool(true));
                         Verdict::SendInstead {
                             payload: Arc::from(p.to_string()),
@@ -922,7 +924,7 @@ impl Visibility {
                 .collect();
             if usable.len() < ti.images.len() {
                 self.log_once(&project.id, &ti.schema, &ti.table,
-                    "a policy reads a column the change did not carry (unchanged TOAST without a full old row)");
+                    "a policy reads a column the change did not carry (unchanged TOAST without a full old row, or left out for its size)");
             }
             let sql = format!(
                 "SELECT (SELECT coalesce(({expr}), false) \

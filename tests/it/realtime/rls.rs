@@ -784,6 +784,48 @@ async fn a_column_left_out_as_unchanged_toast_hides_the_change_only_from_policie
     assert!(failures >= 1, "{failures}");
 }
 
+/// A value left out for its size (`cdc_max_row_bytes`) is a column the change does not carry:
+/// it hides the change from a subscriber whose policy reads it (fail closed: judged as NULL the
+/// policy here would pass), not from one whose policy does not.
+#[tokio::test]
+async fn a_column_left_out_for_its_size_hides_the_change_only_from_policies_reading_it() {
+    let app = crate::support::spawn_app_with(|c| c.cdc_max_row_bytes = 16 * 1024).await;
+    let f = app.fixture().await;
+    admin_sql(
+        &app,
+        &f,
+        "CREATE TABLE marks (id serial PRIMARY KEY);
+         CREATE TABLE on_owner (id int PRIMARY KEY, user_id text, big text);
+         CREATE TABLE on_big (id int PRIMARY KEY, user_id text, big text);
+         ALTER TABLE on_owner ENABLE ROW LEVEL SECURITY;
+         ALTER TABLE on_big ENABLE ROW LEVEL SECURITY;
+         CREATE POLICY p ON on_owner FOR SELECT USING (user_id = auth.uid());
+         CREATE POLICY p ON on_big FOR SELECT USING (user_id = auth.uid() AND (big IS NULL OR big <> ''))",
+    )
+    .await;
+    let alice = token_of(&app, &f, "alice").await;
+    let mut a = sub(&app, &f, "alice", json!({ "token": alice })).await;
+    for t in ["on_owner", "on_big"] {
+        admin_sql(
+            &app,
+            &f,
+            &format!("INSERT INTO {t} VALUES (1, 'alice', repeat('x', 40000))"),
+        )
+        .await;
+    }
+    let until = mark(&app, &f).await;
+    let (seen, payloads) = collect(&mut a, until).await;
+    assert_eq!(
+        seen,
+        vec![("on_owner".to_string(), "INSERT".to_string(), 1, false)]
+    );
+    assert_eq!(payloads[0]["tooLarge"], json!(["big"]), "{}", payloads[0]);
+    assert_eq!(
+        payloads[0]["record"],
+        json!({ "id": 1, "user_id": "alice" })
+    );
+}
+
 /// The id of the `marks` event `until` as `s` receives it (everything before it is skipped).
 async fn mark_id(s: &mut Sub, until: i64) -> String {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
