@@ -192,10 +192,9 @@ fn column_plan(tme: &TableMapEvent<'_>) -> std::io::Result<Vec<ColumnPlan>> {
 
 /// Reads one row image of `table` from `buf` (`present`: the columns the image holds) as a
 /// JSON object and its primary key, as [`row_json`] renders mysql_common's `BinlogRow`, with
-/// the same value parser, but without building a `Column` per column per row.
-/// Reads one row image and renders it as a JSON object, with its primary key's (when whole).
-/// Columns `omit` marks are read past and left out; `sizes`, when given, gets each column's
-/// rendered length (by column index; 0 for columns not in the image).
+/// the same value parser, but without building a `Column` per column per row. Columns `omit`
+/// marks are read past and left out (their key part kept); `sizes`, when given, gets each
+/// column's rendered length (by column index; 0 for columns not in the image).
 fn read_row<'a>(
     buf: &mut mysql_common::io::ParseBuf<'a>,
     present: &bitvec::slice::BitSlice<u8>,
@@ -941,7 +940,9 @@ fn rows_to_pending(
         let mut too_large = Vec::new();
         if cap > 0 && (over(&before) || over(&after)) {
             // Rare: read the row again for its values' sizes, then once more without the
-            // largest (a column left out of one image is left out of both).
+            // largest (a column left out of one image is left out of both). The whole images
+            // go first: one image's rendering at a time is held meanwhile.
+            drop((before.take(), after.take()));
             let omit = {
                 let mut again = mysql_common::io::ParseBuf(row_start.0);
                 let mut omit: Vec<bool> = Vec::new();
