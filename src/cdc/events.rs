@@ -329,23 +329,34 @@ pub fn delete(table: &Table, old: &OldTuple, reg: &TypeRegistry, cap: usize) -> 
 
 /// Which columns to leave out of a row's images so that each fits in `cap` bytes (0: no
 /// bound): the largest values first, until the rest fits; a column left out of one image is
-/// left out of all. Sizes are the values' text as PostgreSQL sent it (the JSON written for a
-/// value is about as long), so that a huge value is never rendered at all.
+/// left out of all. Sizes are the JSON a value's text would take as a string (its quotes and
+/// escapes counted, [`json_len`]), measured without writing it, so that a huge value is never
+/// rendered at all.
 fn left_out(images: &[&Tuple], cap: usize) -> Vec<bool> {
     let mut omit = Vec::new();
     if cap == 0 {
         return omit;
     }
-    let size = |v: &pgoutput::Column| match v {
+    let raw = |v: &pgoutput::Column| match v {
         pgoutput::Column::Text(b) | pgoutput::Column::Binary(b) => b.len(),
         _ => 0,
     };
     for image in images {
-        // The usual row fits: told without allocating.
-        if image.0.iter().map(size).sum::<usize>() <= cap / 2 {
+        // The usual row fits even if every byte were escaped (six bytes, `\u0001`): told
+        // without reading the values or allocating.
+        let most = 6 * image.0.iter().map(raw).sum::<usize>() + 32 * image.0.len();
+        if most <= cap {
             continue;
         }
-        let sizes: Vec<usize> = image.0.iter().map(size).collect();
+        let sizes: Vec<usize> = image
+            .0
+            .iter()
+            .map(|v| match v {
+                pgoutput::Column::Text(b) => json_len(b),
+                pgoutput::Column::Binary(b) => 2 * b.len() + 4,
+                _ => 4,
+            })
+            .collect();
         let chosen = largest_until_within(&sizes, cap);
         if omit.len() < chosen.len() {
             omit.resize(chosen.len(), false);
@@ -355,6 +366,21 @@ fn left_out(images: &[&Tuple], cap: usize) -> Vec<bool> {
         }
     }
     omit
+}
+
+/// The bytes of a value's text written as a JSON string: its quotes, two bytes for a quote or
+/// a backslash, six for a control character (`\n` and `\t` take two: an upper bound). Numbers,
+/// booleans and JSON values are written shorter than that.
+fn json_len(text: &[u8]) -> usize {
+    2 + text.len()
+        + text
+            .iter()
+            .map(|&b| match b {
+                b'"' | b'\\' => 1,
+                0..=0x1f => 5,
+                _ => 0,
+            })
+            .sum::<usize>()
 }
 
 /// The values to leave out of a row image whose values are `sizes` bytes so that the rest
@@ -1108,5 +1134,15 @@ mod tests {
         // Each value counts a little for its name and punctuation.
         assert_eq!(largest_until_within(&[100, 100], 232), [false; 2]);
         assert_eq!(largest_until_within(&[100, 101], 231), [false, true]);
+    }
+
+    /// A value's size is the JSON string its text makes: what `tuple_json` writes for text.
+    #[test]
+    fn a_values_size_counts_its_quotes_and_escapes() {
+        let text = b"a\"\\\x01z";
+        let mut written = String::new();
+        quote(&mut written, std::str::from_utf8(text).unwrap());
+        assert_eq!(written, "\"a\\\"\\\\\\u0001z\"");
+        assert_eq!(json_len(text), written.len());
     }
 }

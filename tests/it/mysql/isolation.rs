@@ -11,8 +11,19 @@ use fluxbase::bus::{Event, Subscription};
 use serde_json::Value;
 
 use crate::support::bus::events;
-use crate::support::mariadb::spawn_mysql_app;
 use crate::support::{Fixture, TestApp};
+
+/// A server with MySQL projects whose change events carry rows whole
+/// (`cdc_max_row_bytes` 0): the huge row here must reach the bus whole, spilled and read back
+/// (with the default bound its values would be left out and nothing would be spilled).
+async fn unbounded_rows_app() -> TestApp {
+    let url = crate::support::mariadb::mariadb().await.admin_url.clone();
+    crate::support::spawn_app_with(|c| {
+        c.mysql_url = Some(url.into());
+        c.cdc_max_row_bytes = 0;
+    })
+    .await
+}
 
 /// Commits `huge` in project A, waits until A's stream is reading the spilled transaction back
 /// at its commit (its spill file made, then unlinked as reading starts: from there until the
@@ -132,7 +143,7 @@ async fn a_huge_row_of_a_does_not_hold_back_b(app: &TestApp, a: Fixture, ddl: &s
 /// reads on. An ordering, never a time.
 #[tokio::test]
 async fn a_huge_mysql_row_does_not_hold_back_another_projects_stream() {
-    let app = spawn_mysql_app().await;
+    let app = unbounded_rows_app().await;
     let a = app.mysql_fixture().await;
     a_huge_row_of_a_does_not_hold_back_b(
         &app,
@@ -148,7 +159,7 @@ async fn a_huge_mysql_row_does_not_hold_back_another_projects_stream() {
 /// The same with a PostgreSQL project A's 12 MB row (one change message).
 #[tokio::test]
 async fn a_huge_postgres_row_does_not_hold_back_another_projects_stream() {
-    let app = spawn_mysql_app().await;
+    let app = unbounded_rows_app().await;
     let a = app.fixture().await;
     a_huge_row_of_a_does_not_hold_back_b(
         &app,
