@@ -686,6 +686,18 @@ async fn status(ws: &mut Socket, project: &str, state: &str) -> String {
     m["message"].as_str().unwrap_or_default().to_string()
 }
 
+/// A member who subscribes to the project's degraded room: told `status: degraded` with
+/// `message` right after its `subscribed`.
+async fn late_member_told(app: &TestApp, f: &Fixture, message: &str) -> Socket {
+    let mut late = connect(app, "/").await;
+    assert_eq!(
+        subscribe(&mut late, &f.project, Some(&f.read)).await["type"],
+        "subscribed"
+    );
+    assert_eq!(status(&mut late, &f.project, "degraded").await, message);
+    late
+}
+
 /// While the project's stream reconnects (its walsender killed again and again) its members are
 /// told `status: degraded`, and so is a member who subscribes meanwhile (after its
 /// `subscribed`); then `live` once it streams again, and nothing committed meanwhile is lost
@@ -703,12 +715,7 @@ async fn members_are_told_while_the_stream_reconnects_and_lose_nothing() {
     assert!(message.contains("reconnecting"), "{message}");
     assert!(message.contains("Nothing is lost"), "{message}");
     assert!(!message.contains("127.0.0.1"), "no internals: {message}");
-    let mut late = connect(&app, "/").await;
-    assert_eq!(
-        subscribe(&mut late, &f.project, Some(&f.read)).await["type"],
-        "subscribed"
-    );
-    assert_eq!(status(&mut late, &f.project, "degraded").await, message);
+    let mut late = late_member_told(&app, &f, &message).await;
     killer.abort();
     let _ = killer.await;
     // Committed while nobody streams: arrives after `live`.
@@ -768,12 +775,7 @@ async fn members_of_a_stream_that_lost_its_slot_are_told_it_stopped_and_never_li
     tokio::time::sleep(Duration::from_millis(1500)).await;
     nothing_more(&mut ws).await;
     // A member who subscribes now is told too.
-    let mut late = connect(&app, "/").await;
-    assert_eq!(
-        subscribe(&mut late, &f.project, Some(&f.read)).await["type"],
-        "subscribed"
-    );
-    assert_eq!(status(&mut late, &f.project, "degraded").await, stopped);
+    late_member_told(&app, &f, &stopped).await;
 }
 
 #[tokio::test]

@@ -54,6 +54,22 @@ async fn outcomes(tasks: Vec<tokio::task::JoinHandle<(u16, String)>>) -> Vec<(u1
     out
 }
 
+/// Statements ended by their project's deletion (how depends on when: an error either way)
+/// are never answered "unreachable, retry" (503) for a project that is gone (red team rt6 L2):
+/// 404 `PROJECT_NOT_FOUND`, or 200 `SQL_EXEC_ERROR` when the drop's error came first.
+async fn assert_ended_by_deletion(tasks: Vec<tokio::task::JoinHandle<(u16, String)>>) {
+    for task in tasks {
+        let (status, body) = task.await.unwrap();
+        let body: Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(body["success"], false, "{status} {body}");
+        assert!(
+            (status, body["error"]["code"].as_str()) == (404, Some("PROJECT_NOT_FOUND"))
+                || (status, body["error"]["code"].as_str()) == (200, Some("SQL_EXEC_ERROR")),
+            "{status} {body}"
+        );
+    }
+}
+
 /// Two projects of a new account each send `per_project` × `pg_sleep(8)`: at most `held` run
 /// at once, those past it get 429 with `refusal` in the message, and another account's request
 /// is served while they run.
@@ -284,18 +300,7 @@ async fn deleting_a_project_while_its_statements_run_gives_its_accounts_places_b
         app.rows(&a.read, &a.project, "SELECT 1 AS one").await,
         vec![json!({ "one": 1 })]
     );
-    for task in sleeps {
-        // Ended by the deletion (how depends on when: an error either way), never "unreachable,
-        // retry" (503) for a project that is gone (red team rt6 L2).
-        let (status, body) = task.await.unwrap();
-        let body: Value = serde_json::from_str(&body).unwrap();
-        assert_eq!(body["success"], false, "{status} {body}");
-        assert!(
-            (status, body["error"]["code"].as_str()) == (404, Some("PROJECT_NOT_FOUND"))
-                || (status, body["error"]["code"].as_str()) == (200, Some("SQL_EXEC_ERROR")),
-            "{status} {body}"
-        );
-    }
+    assert_ended_by_deletion(sleeps).await;
     assert_eq!(app.app.sql.account_shares_in_use(), 0);
     app.stop().await;
 }
@@ -331,16 +336,7 @@ async fn statements_ended_by_a_deletion_through_the_cli_are_not_answered_503() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    for task in sleeps {
-        let (status, body) = task.await.unwrap();
-        let body: Value = serde_json::from_str(&body).unwrap();
-        assert_eq!(body["success"], false, "{status} {body}");
-        assert!(
-            (status, body["error"]["code"].as_str()) == (404, Some("PROJECT_NOT_FOUND"))
-                || (status, body["error"]["code"].as_str()) == (200, Some("SQL_EXEC_ERROR")),
-            "{status} {body}"
-        );
-    }
+    assert_ended_by_deletion(sleeps).await;
     app.stop().await;
 }
 

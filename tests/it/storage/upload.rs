@@ -84,6 +84,25 @@ async fn the_same_name_twice_is_a_conflict_unless_upsert() {
     t.stop().await;
 }
 
+/// Waits (up to 20 s) until something is under `dir` (`true`: an upload has reached the disk)
+/// or nothing is (`false`: nothing was left behind).
+async fn until_files_under(dir: &std::path::Path, something: bool) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while files_under(dir).is_empty() == something {
+        assert!(
+            Instant::now() < deadline,
+            "{}: {:?}",
+            if something {
+                "the upload never reached the disk"
+            } else {
+                "left behind"
+            },
+            files_under(dir)
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 /// A client that goes away in the middle of its file leaves nothing behind: no staged bytes, no
 /// row. The body declares 8 MiB and stops after 3 MiB (so parts are on the disk), then the
 /// connection is closed.
@@ -115,24 +134,9 @@ async fn a_client_that_disconnects_mid_upload_leaves_nothing() {
     conn.write_all(&pattern(3 * 1024 * 1024, 9)).await.unwrap();
     conn.flush().await.unwrap();
     // The staged file exists (it has received bytes) before the client goes.
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while files_under(&staging).is_empty() {
-        assert!(
-            Instant::now() < deadline,
-            "the upload never reached the disk"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    until_files_under(&staging, true).await;
     drop(conn);
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !files_under(&root).is_empty() {
-        assert!(
-            Instant::now() < deadline,
-            "left behind: {:?}",
-            files_under(&root)
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    until_files_under(&root, false).await;
     assert!(list_files(&t, &f.read, &f.project, "docs").await.is_empty());
     t.stop().await;
 }
@@ -161,14 +165,7 @@ async fn an_upload_cut_off_by_its_projects_deletion_answers_project_not_found() 
     }));
     // The upload was authorized and is being written when the project goes.
     let delete_midway = async {
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while files_under(&staging).is_empty() {
-            assert!(
-                Instant::now() < deadline,
-                "the upload never reached the disk"
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        until_files_under(&staging, true).await;
         t.delete_project(&f.project, &f.token).await;
         tx.send(Ok(Bytes::from(pattern(1024 * 1024, 5))))
             .await
@@ -183,15 +180,7 @@ async fn an_upload_cut_off_by_its_projects_deletion_answers_project_not_found() 
     assert_eq!(status, 404, "{reply}");
     assert_eq!(reply["error"]["code"], "PROJECT_NOT_FOUND", "{reply}");
     assert_eq!(reply["success"], false, "{reply}");
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !files_under(&staging).is_empty() {
-        assert!(
-            Instant::now() < deadline,
-            "left behind: {:?}",
-            files_under(&staging)
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    until_files_under(&staging, false).await;
     t.stop().await;
 }
 
