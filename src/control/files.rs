@@ -471,45 +471,99 @@ pub async fn release(
     Ok(())
 }
 
-/// Finishes a reservation once its object is in place: the reserved size and type are written
-/// and the file is listed. `None` if the reservation is gone. A reservation the start-up sweep
-/// finished meanwhile ([`complete`]; cluster mode: another node's restart) is recognised by its
-/// staging key and counts as finished.
+/// Finishes a reservation: the reserved size and type are written and the file is listed, in
+/// a transaction written while the object is moved into place ([`Listing::write`]) and
+/// committed once the move is durable ([`Listing::end`]): only the COMMIT's round trip follows
+/// the move (the update's own round trip and execution, ≈ 0.3 ms of a 1 MiB upload, ran after
+/// it before). Nothing is listed before the object is durably in place, as before: readers do
+/// not see the uncommitted row, and a concurrent reservation of the same name waits on its lock.
 ///
-/// Its commit does not wait for the WAL flush (`synchronous_commit = off`, pipelined in one
-/// round trip): the reservation, durable already, carries everything it writes, and the
-/// object is durably in place before this runs, so a crash that loses it is finished by the
-/// sweep ([`reserve_in_bucket`]).
-pub async fn record(
-    client: &deadpool_postgres::Client,
-    id: &str,
-    token: &str,
-    staged: &str,
-) -> Result<Option<StoredFile>, Error> {
-    let statement = client
-        .prepare_cached(&format!(
-            "WITH f AS (
-               UPDATE fluxbase.storage_files SET size = coalesce(upload_size, size),
-                 content_type = coalesce(upload_content_type, content_type),
-                 upload_token = NULL, upload_started_at = NULL, upload_size = NULL,
-                 upload_content_type = NULL, upload_staged = NULL, updated_at = now()
-               WHERE id = $1::text::uuid AND upload_staged = $3
-                 AND (upload_token = $2 OR upload_token IS NULL)
-               RETURNING *)
-             SELECT {COLUMNS} FROM f JOIN fluxbase.storage_buckets b ON b.id = f.bucket_id"
-        ))
-        .await?;
-    let pg: &tokio_postgres::Client = client;
-    let (begun, updated, committed) = futures_util::future::join3(
-        pg.batch_execute("BEGIN; SET LOCAL synchronous_commit = off"),
-        pg.query_opt(&statement, &[&id, &token, &staged]),
-        pg.batch_execute("COMMIT"),
-    )
-    .await;
-    begun?;
-    let row = updated?;
-    committed?;
-    Ok(row.as_ref().map(StoredFile::from_row))
+/// The commit does not wait for the WAL flush (`synchronous_commit = off`): the reservation,
+/// durable already, carries everything it writes, and the object is durably in place before
+/// the commit, so a crash that loses it leaves a reservation the start-up sweep finishes
+/// ([`reserve_in_bucket`], [`pending`]).
+///
+/// Dropped with its transaction open (the upload's future dropped between the two), the
+/// connection is closed rather than returned to the pool inside the transaction (PostgreSQL
+/// rolls it back when it goes).
+pub struct Listing {
+    client: Option<deadpool_postgres::Client>,
+    open: bool,
+}
+
+impl Listing {
+    pub fn new(client: deadpool_postgres::Client) -> Self {
+        Listing {
+            client: Some(client),
+            open: false,
+        }
+    }
+
+    /// The pooled connection (not inside the listing's transaction unless [`Self::write`] ran
+    /// and [`Self::end`] did not).
+    pub fn client(&self) -> &deadpool_postgres::Client {
+        self.client.as_ref().expect("held until dropped")
+    }
+
+    /// Begins the transaction and writes the listing, one round trip. `None` if the
+    /// reservation is gone. A reservation the start-up sweep finished meanwhile ([`complete`];
+    /// cluster mode: another node's restart) is recognised by its staging key and counts as
+    /// finished. The transaction is open afterwards, whatever the outcome: [`Self::end`] it.
+    pub async fn write(
+        &mut self,
+        id: &str,
+        token: &str,
+        staged: &str,
+    ) -> Result<Option<StoredFile>, Error> {
+        let client = self.client.as_ref().expect("held until dropped");
+        let statement = client
+            .prepare_cached(&format!(
+                "WITH f AS (
+                   UPDATE fluxbase.storage_files SET size = coalesce(upload_size, size),
+                     content_type = coalesce(upload_content_type, content_type),
+                     upload_token = NULL, upload_started_at = NULL, upload_size = NULL,
+                     upload_content_type = NULL, upload_staged = NULL, updated_at = now()
+                   WHERE id = $1::text::uuid AND upload_staged = $3
+                     AND (upload_token = $2 OR upload_token IS NULL)
+                   RETURNING *)
+                 SELECT {COLUMNS} FROM f JOIN fluxbase.storage_buckets b ON b.id = f.bucket_id"
+            ))
+            .await?;
+        let pg: &tokio_postgres::Client = client;
+        self.open = true;
+        let (begun, updated) = futures_util::future::join(
+            pg.batch_execute("BEGIN; SET LOCAL synchronous_commit = off"),
+            pg.query_opt(&statement, &[&id, &token, &staged]),
+        )
+        .await;
+        begun?;
+        Ok(updated?.as_ref().map(StoredFile::from_row))
+    }
+
+    /// Commits (`commit`) or rolls back what [`Self::write`] wrote. A COMMIT after a failed
+    /// statement rolls back: PostgreSQL says so without an error, so `commit` is only asked
+    /// after a write that succeeded.
+    pub async fn end(&mut self, commit: bool) -> Result<(), Error> {
+        if !self.open {
+            return Ok(());
+        }
+        let client = self.client.as_ref().expect("held until dropped");
+        client
+            .batch_execute(if commit { "COMMIT" } else { "ROLLBACK" })
+            .await?;
+        self.open = false;
+        Ok(())
+    }
+}
+
+impl Drop for Listing {
+    fn drop(&mut self) {
+        if self.open {
+            if let Some(client) = self.client.take() {
+                drop(deadpool_postgres::Object::take(client));
+            }
+        }
+    }
 }
 
 /// A reservation whose upload had its object staged (see [`reserve_in_bucket`]): what the sweep needs

@@ -17,9 +17,10 @@
 //!   `bucketId` and `projectId`, so where it goes is not known yet). Then, at the same time,
 //!   the staged bytes are synced and the row is reserved durably (`size IS NULL`,
 //!   `upload_token`, and what the file will be: `upload_size`, `upload_content_type`,
-//!   `upload_staged`); the staged object is renamed into place and the directories synced;
-//!   then the row is listed (`size` set). Only rows with a size are listed or signed. That last
-//!   update does not wait for its WAL flush: a crash that loses it leaves a durable
+//!   `upload_staged`); the staged object is renamed into place and the directories synced
+//!   while the row's listing (`size` set) is written in a transaction left open; that
+//!   transaction commits once the move is durable. Only rows with a size are listed or signed.
+//!   That commit does not wait for its WAL flush: a crash that loses it leaves a durable
 //!   reservation whose staged object is gone and whose object is at its key with the reserved
 //!   size, which the start-up sweep lists ([`sweep`]). Any failure removes the staged object
 //!   and the reservation (or, for an `upsert` of an existing file, restores the old row: the

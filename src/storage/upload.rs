@@ -357,9 +357,10 @@ impl Storage {
     /// Makes the staged bytes durable while it reserves the row durably (at the same time:
     /// neither waits for the other; the reservation looks the bucket up and checks its limits
     /// in the same statement, [`control::files::reserve_in_bucket`]), moves the staged object
-    /// into place and makes the move durable, then lists the file ([`control::files::record`],
-    /// which need not wait for its WAL flush: the reservation already says what the file is,
-    /// see [`control::files::reserve_in_bucket`]). `bucket`: the form's `bucketId`, and the bucket if it
+    /// into place and makes the move durable while it writes the file's listing, which it
+    /// commits after the move is durable ([`control::files::Listing`], whose commit need not wait
+    /// for its WAL flush: the reservation already says what the file is, see
+    /// [`control::files::reserve_in_bucket`]). `bucket`: the form's `bucketId`, and the bucket if it
     /// was looked up while the file arrived.
     async fn commit_upload(
         &self,
@@ -448,44 +449,59 @@ impl Storage {
                 })
             }
         };
-        let release = || async {
-            if let Err(e) = control::files::release(&client, &reserved, &token).await {
-                tracing::warn!(error = %e, file = reserved.id, "releasing an upload reservation");
-            }
-        };
+        let mut listing = control::files::Listing::new(client);
         if let Err(e) = finished {
-            release().await;
+            release(listing.client(), &reserved, &token).await;
             return Err(e);
         }
+        // Read before the row is: a bucket change committed after the listing read the
+        // bucket's visibility moves it on, and the entry is then not stored (see
+        // `ServedFiles::stored`).
+        let generation = self.served.generation();
         // Moved into place and the move made durable before the row that lists it is
-        // committed.
+        // committed; the row is written meanwhile, uncommitted (`Listing`).
         let placing = std::time::Instant::now();
-        let identity = match self.backend.place(&staged.key, &key).await {
+        let place = async {
+            let placed = self.backend.place(&staged.key, &key).await;
+            (placed, placing.elapsed())
+        };
+        let ((placed, placed_in), written) =
+            tokio::join!(place, listing.write(&reserved.id, &token, &staged.key));
+        steps.placed = placing.duration_since(begun) + placed_in;
+        let identity = match placed {
             Ok((synced, identity)) => {
                 if synced {
                     use std::sync::atomic::Ordering::Relaxed;
                     self.metrics.storage_fsyncs.fetch_add(1, Relaxed);
-                    let micros = placing.elapsed().as_micros() as u64;
+                    let micros = placed_in.as_micros() as u64;
                     self.metrics.storage_fsync_micros.fetch_add(micros, Relaxed);
                 }
                 identity
             }
             Err(e) => {
                 // Not stored: a new file goes (unlisted), a replaced one keeps its row.
+                roll_back(&mut listing).await;
                 if reserved.new {
                     let _ = self.backend.delete(&key).await;
                 }
-                release().await;
+                release(listing.client(), &reserved, &token).await;
                 return Err(e);
             }
         };
-        steps.placed = begun.elapsed();
-        // Read before the row is: a bucket change committed after `record` read the bucket's
-        // visibility moves it on, and the entry is then not stored (see `ServedFiles::stored`).
-        let generation = self.served.generation();
-        let file = control::files::record(&client, &reserved.id, &token, &staged.key)
-            .await?
-            .ok_or_else(|| anyhow::anyhow!("upload reservation {} vanished", reserved.id))?;
+        let file = match written {
+            Ok(Some(file)) => file,
+            // In place but not listed: the reservation stays for the sweep (as a listing lost
+            // to a crash would).
+            Ok(None) => {
+                roll_back(&mut listing).await;
+                return Err(anyhow::anyhow!("upload reservation {} vanished", reserved.id).into());
+            }
+            Err(e) => {
+                roll_back(&mut listing).await;
+                return Err(e.into());
+            }
+        };
+        listing.end(true).await?;
         steps.recorded = begun.elapsed();
         if let Some(identity) = identity {
             // The first download of it reads no row.
@@ -565,4 +581,24 @@ async fn read_text(
         buf.extend_from_slice(&chunk);
     }
     String::from_utf8(buf).map_err(|_| StorageError::FieldNotUtf8(name.to_string()))
+}
+
+/// Gives an upload's reservation up ([`control::files::release`]); a failure is logged (the
+/// start-up sweep drops reservations abandoned for an hour).
+async fn release(
+    client: &deadpool_postgres::Client,
+    reserved: &control::files::Reserved,
+    token: &str,
+) {
+    if let Err(e) = control::files::release(client, reserved, token).await {
+        tracing::warn!(error = %e, file = reserved.id, "releasing an upload reservation");
+    }
+}
+
+/// Rolls the listing's transaction back; a failure is logged (the connection is then closed,
+/// not pooled: [`control::files::Listing`]).
+async fn roll_back(listing: &mut control::files::Listing) {
+    if let Err(e) = listing.end(false).await {
+        tracing::warn!(error = %e, "rolling back an upload's listing");
+    }
 }

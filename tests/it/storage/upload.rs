@@ -875,3 +875,47 @@ async fn bucket_type_patterns_hold_on_both_lookup_paths() {
     assert_eq!(list_files(&t, &f.read, &f.project, "pics").await.len(), 1);
     t.stop().await;
 }
+
+/// An upload's listing is written in a transaction that stays open while its object is moved
+/// into place (`control::files::Listing`). If the upload's future is dropped in between, the
+/// connection is closed, never returned to the pool inside the transaction (where the next
+/// request would run in it, holding the row's lock).
+#[tokio::test]
+async fn a_listing_dropped_before_its_commit_leaves_no_transaction_in_the_pool() {
+    let t = spawn_app().await;
+    let client = t.app.control.get().await.unwrap();
+    let pid: i32 = client
+        .query_one("SELECT pg_backend_pid()", &[])
+        .await
+        .unwrap()
+        .get(0);
+    let mut listing = fluxbase::control::files::Listing::new(client);
+    let id = "00000000-0000-4000-8000-000000000000";
+    assert!(listing
+        .write(id, "token", ".uploads/none")
+        .await
+        .unwrap()
+        .is_none());
+    drop(listing);
+    let watcher = crate::support::cluster::pg().await.client("postgres").await;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let state: Option<String> = watcher
+            .query_opt("SELECT state FROM pg_stat_activity WHERE pid = $1", &[&pid])
+            .await
+            .unwrap()
+            .map(|r| r.get(0));
+        match state {
+            None => break,
+            Some(state) => assert!(
+                Instant::now() < deadline,
+                "the listing's connection stayed: {state}"
+            ),
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // The pool still serves.
+    let client = t.app.control.get().await.unwrap();
+    client.query_one("SELECT 1", &[]).await.unwrap();
+    t.stop().await;
+}
