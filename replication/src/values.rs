@@ -519,6 +519,93 @@ pub fn write_json(out: &mut String, type_oid: u32, text: Option<&str>, reg: &Typ
     }
 }
 
+/// The bytes [`write_json`] would append, counted without writing them (memory: the value's
+/// largest element, never its JSON). A value's JSON can be far longer than its text: a
+/// composite writes every attribute's name (`(,,)` of a type with long names becomes
+/// kilobytes), arrays quote their elements, booleans spell `true`.
+pub fn json_len(type_oid: u32, text: Option<&str>, reg: &TypeRegistry) -> usize {
+    let mut measure = Measure(0);
+    match text {
+        None => measure.push_str("null"),
+        Some(text) => write_value(&mut measure, type_oid, text, reg, 0),
+    }
+    measure.0
+}
+
+/// Whether a value of `type_oid` is written as a JSON string of its text ([`json_len`] is then
+/// the text's length with quotes and escapes, which the caller can count without parsing).
+pub fn renders_as_string(type_oid: u32, reg: &TypeRegistry) -> bool {
+    matches!(reg.resolve(type_oid), Kind::Text)
+}
+
+/// Whether a value of `type_oid` can be written at most six bytes per byte of its text plus a
+/// few bytes (an escaped control character, `\u0001`, is the most): everything but a
+/// composite, or an array of composites, whose attribute names are written per value.
+pub fn renders_within_six_times(type_oid: u32, reg: &TypeRegistry) -> bool {
+    let mut kind = reg.resolve(type_oid);
+    for _ in 0..MAX_DEPTH {
+        match kind {
+            Kind::Composite(_) => return false,
+            Kind::Array { elem, .. } | Kind::Vector { elem } => kind = reg.resolve(elem),
+            _ => return true,
+        }
+    }
+    false
+}
+
+/// Where the renderer writes: a `String`, or a [`Measure`] that only counts.
+trait Out: std::fmt::Write {
+    fn push(&mut self, c: char);
+    fn push_str(&mut self, s: &str);
+    fn len(&self) -> usize;
+    fn truncate(&mut self, len: usize);
+    fn reserve(&mut self, additional: usize);
+}
+
+impl Out for String {
+    fn push(&mut self, c: char) {
+        String::push(self, c)
+    }
+    fn push_str(&mut self, s: &str) {
+        String::push_str(self, s)
+    }
+    fn len(&self) -> usize {
+        String::len(self)
+    }
+    fn truncate(&mut self, len: usize) {
+        String::truncate(self, len)
+    }
+    fn reserve(&mut self, additional: usize) {
+        String::reserve(self, additional)
+    }
+}
+
+/// Counts what would be written ([`json_len`]).
+struct Measure(usize);
+
+impl std::fmt::Write for Measure {
+    fn write_str(&mut self, s: &str) -> std::fmt::Result {
+        self.0 += s.len();
+        Ok(())
+    }
+}
+
+impl Out for Measure {
+    fn push(&mut self, c: char) {
+        self.0 += c.len_utf8();
+    }
+    fn push_str(&mut self, s: &str) {
+        self.0 += s.len();
+    }
+    fn len(&self) -> usize {
+        self.0
+    }
+    fn truncate(&mut self, len: usize) {
+        self.0 = self.0.min(len);
+    }
+    fn reserve(&mut self, _: usize) {}
+}
+
 /// [`write_json`] parsed into a [`serde_json::Value`]. Without serde_json's `arbitrary_precision`
 /// feature, numbers beyond `i64`/`u64`/`f64` precision lose digits here: prefer [`write_json`].
 /// A document nested deeper than serde_json's recursion limit (128) comes back as a string.
@@ -531,11 +618,11 @@ pub fn to_json_value(type_oid: u32, text: Option<&str>, reg: &TypeRegistry) -> V
 /// The text does not have the shape its type prints: the caller writes it as a string instead.
 struct Malformed;
 
-fn write_value(out: &mut String, oid: u32, text: &str, reg: &TypeRegistry, depth: usize) {
+fn write_value<O: Out>(out: &mut O, oid: u32, text: &str, reg: &TypeRegistry, depth: usize) {
     write_kind(out, reg.resolve(oid), text, reg, depth);
 }
 
-fn write_kind(out: &mut String, kind: Kind<'_>, text: &str, reg: &TypeRegistry, depth: usize) {
+fn write_kind<O: Out>(out: &mut O, kind: Kind<'_>, text: &str, reg: &TypeRegistry, depth: usize) {
     if depth > MAX_DEPTH {
         return write_string(out, text);
     }
@@ -579,7 +666,7 @@ fn write_kind(out: &mut String, kind: Kind<'_>, text: &str, reg: &TypeRegistry, 
 }
 
 /// A JSON string, escaped like PostgreSQL's `escape_json` (which serde_json parses identically).
-fn write_string(out: &mut String, s: &str) {
+fn write_string<O: Out>(out: &mut O, s: &str) {
     out.reserve(s.len() + 2);
     out.push('"');
     let bytes = s.as_bytes();
@@ -816,7 +903,7 @@ fn scan_json_string(b: &[u8], mut i: usize) -> Option<usize> {
 
 /// `2020-01-02 03:04:05.6[+05:30][ BC]` (DateStyle ISO) to the XSD form `to_json()` prints:
 /// `T` between date and time, and a zone offset with at least minutes (`+00` → `+00:00`).
-fn write_xsd_timestamp(out: &mut String, text: &str, with_zone: bool) -> Result<(), Malformed> {
+fn write_xsd_timestamp<O: Out>(out: &mut O, text: &str, with_zone: bool) -> Result<(), Malformed> {
     if text == "infinity" || text == "-infinity" {
         return Err(Malformed); // written as the string it is
     }
@@ -923,8 +1010,8 @@ fn read_quoted(text: &str, mut i: usize, buf: &mut String) -> Result<usize, Malf
 
 /// An array's text output (`array_out`) as nested JSON arrays. The optional dimension decoration
 /// (`[0:1]=`) is skipped; elements are `NULL`, unquoted, or double-quoted with backslash escapes.
-fn write_array(
-    out: &mut String,
+fn write_array<O: Out>(
+    out: &mut O,
     text: &str,
     elem: u32,
     delim: u8,
@@ -1007,8 +1094,8 @@ fn write_array(
 /// A composite's text output (`record_out`) as a JSON object keyed by attribute name. Follows
 /// `record_in`: an empty field is NULL, `""` is an empty string; inside quotes `""` is a quote;
 /// a backslash escapes the next character anywhere.
-fn write_composite(
-    out: &mut String,
+fn write_composite<O: Out>(
+    out: &mut O,
     text: &str,
     attrs: &[Attribute],
     reg: &TypeRegistry,
@@ -1085,7 +1172,7 @@ fn write_composite(
 
 /// hstore's text output (`"k"=>"v", "k2"=>NULL`) as `hstore_to_json` renders it: every value a
 /// string or null.
-fn write_hstore(out: &mut String, text: &str) -> Result<(), Malformed> {
+fn write_hstore<O: Out>(out: &mut O, text: &str) -> Result<(), Malformed> {
     let b = text.as_bytes();
     let ws = |i: &mut usize| {
         while b.get(*i).is_some_and(u8::is_ascii_whitespace) {
@@ -2082,5 +2169,52 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// The measure is exactly what the renderer writes, for every shape (malformed text
+    /// falling back to a string included), and it says which types can exceed six bytes per
+    /// byte of text.
+    #[test]
+    fn the_measure_is_the_rendered_length() {
+        let reg = registry();
+        let cases: &[(u32, &str)] = &[
+            (BOOL, "t"),
+            (BOOL, "f"),
+            (INT4, "42"),
+            (NUMERIC, "NaN"),
+            (TEXT, "a \"quoted\" \\ line\n\u{1}"),
+            (JSONB, r#"{"a": [1, 2]}"#),
+            (TIMESTAMPTZ, "2024-01-02 03:04:05.123+00"),
+            (TIMESTAMP, "not a time"),
+            (BOOL_ARRAY, "{t,f,NULL,t}"),
+            (TEXT_ARRAY, r#"{a,"b c","d\"e",NULL}"#),
+            (INT4_ARRAY, "[0:1]={1,2}"),
+            (PAIR, r#"(1,"a ""b"" \\c")"#),
+            (PAIR, "(,)"),
+            (PAIR_ARRAY, r#"{"(1,x)","(,)",NULL}"#),
+            (NESTED, "broken"),
+            (HSTORE, r#""a"=>"1", "b c"=>NULL"#),
+            (MOOD_ARRAY, "{happy,sad}"),
+        ];
+        for (oid, text) in cases {
+            assert_eq!(
+                json_len(*oid, Some(text), &reg),
+                render(*oid, text).len(),
+                "{oid} {text:?}"
+            );
+        }
+        assert_eq!(json_len(TEXT, None, &reg), 4);
+        // Empty attributes of a composite cost their names.
+        assert!(json_len(PAIR, Some("(,)"), &reg) > 6 * "(,)".len());
+        for oid in [PAIR, PAIR_ARRAY, NESTED] {
+            assert!(!renders_within_six_times(oid, &reg), "{oid}");
+        }
+        for oid in [
+            BOOL, TEXT, BOOL_ARRAY, TEXT_ARRAY, JSONB, HSTORE, MOOD_ARRAY,
+        ] {
+            assert!(renders_within_six_times(oid, &reg), "{oid}");
+        }
+        assert!(renders_as_string(TEXT, &reg) && renders_as_string(MOOD, &reg));
+        assert!(!renders_as_string(BOOL, &reg) && !renders_as_string(TEXT_ARRAY, &reg));
     }
 }

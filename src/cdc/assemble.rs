@@ -324,7 +324,7 @@ impl Assembler {
                 }));
             }
             M::Relation(r) => {
-                self.relations.insert(r.id, events::Table::new(r));
+                self.relations.insert(r.id, events::Table::new(r, reg));
             }
             M::Insert(i) => {
                 let cap = self.max_row_bytes;

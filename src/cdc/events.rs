@@ -85,14 +85,48 @@ pub struct Table {
     pub rel: Relation,
     pub schema: Arc<str>,
     pub name: Arc<str>,
+    /// What the row bound needs of the columns, made once ([`left_out`]).
+    sizing: Sizing,
+}
+
+/// Per column: the bytes its name takes in a row's JSON (`"name":` and a comma), and how its
+/// value's JSON is measured (as a string of its text, or by the renderer's count); whether any
+/// column can take more than six bytes per byte of its text (a composite: its attributes'
+/// names are written per value).
+#[derive(Debug, Clone, Default)]
+struct Sizing {
+    names: Vec<usize>,
+    names_total: usize,
+    as_string: Vec<bool>,
+    any_composite: bool,
 }
 
 impl Table {
-    pub fn new(rel: Relation) -> Table {
+    /// `reg` knows the relation's types (learned before its Relation message is handled).
+    pub fn new(rel: Relation, reg: &TypeRegistry) -> Table {
+        let names: Vec<usize> = rel
+            .columns
+            .iter()
+            .map(|c| json_len(c.name.as_bytes()) + 2)
+            .collect();
+        let sizing = Sizing {
+            names_total: names.iter().sum(),
+            names,
+            as_string: rel
+                .columns
+                .iter()
+                .map(|c| values::renders_as_string(c.type_id, reg))
+                .collect(),
+            any_composite: rel
+                .columns
+                .iter()
+                .any(|c| !values::renders_within_six_times(c.type_id, reg)),
+        };
         Table {
             schema: Arc::from(rel.namespace.as_str()),
             name: Arc::from(rel.name.as_str()),
             rel,
+            sizing,
         }
     }
 }
@@ -262,7 +296,7 @@ pub fn identity_key(rel: &Relation, tuple: &Tuple, reg: &TypeRegistry) -> Option
 
 pub fn insert(table: &Table, new: &Tuple, reg: &TypeRegistry, cap: usize) -> Pending {
     let rel = &table.rel;
-    let omit = left_out(&[new], cap);
+    let omit = left_out(table, &[new], reg, cap);
     let (record, unchanged_toast) = tuple_json(rel, new, None, reg, &omit);
     let key = identity_key(rel, new, reg);
     row(
@@ -289,8 +323,8 @@ pub fn update(
     // A column left out of one image is left out of both: an event never shows a value on one
     // side only because of its size.
     let omit = match old_row {
-        Some(o) => left_out(&[new, o], cap),
-        None => left_out(&[new], cap),
+        Some(o) => left_out(table, &[new, o], reg, cap),
+        None => left_out(table, &[new], reg, cap),
     };
     let (record, unchanged_toast) = tuple_json(rel, new, old_row, reg, &omit);
     let key = identity_key(rel, new, reg);
@@ -312,7 +346,7 @@ pub fn delete(table: &Table, old: &OldTuple, reg: &TypeRegistry, cap: usize) -> 
     let rel = &table.rel;
     let (old_json, key, omit) = match old {
         OldTuple::Row(t) => {
-            let omit = left_out(&[t], cap);
+            let omit = left_out(table, &[t], reg, cap);
             (tuple_json(rel, t, None, reg, &omit).0, None, omit)
         }
         OldTuple::Key(t) => (key_json(rel, t, reg), identity_key(rel, t, reg), Vec::new()),
@@ -329,32 +363,55 @@ pub fn delete(table: &Table, old: &OldTuple, reg: &TypeRegistry, cap: usize) -> 
 
 /// Which columns to leave out of a row's images so that each fits in `cap` bytes (0: no
 /// bound): the largest values first, until the rest fits; a column left out of one image is
-/// left out of all. Sizes are the JSON a value's text would take as a string (its quotes and
-/// escapes counted, [`json_len`]), measured without writing it, so that a huge value is never
-/// rendered at all.
-fn left_out(images: &[&Tuple], cap: usize) -> Vec<bool> {
+/// left out of all. `images[0]` takes the unchanged TOAST values it lacks from `images[1]` (as
+/// [`tuple_json`] writes it). A value's size is the JSON it becomes with its name: a text's
+/// quotes and escapes ([`json_len`]), or what the renderer would write, counted without
+/// writing it ([`values::json_len`]: a composite writes its attributes' names, an array quotes
+/// its elements), so that a huge value is never rendered at all. Red team rt9 HIGH 2: sized by
+/// its text, a 2 MB array of composites with long attribute names became a 157 MB event.
+fn left_out(table: &Table, images: &[&Tuple], reg: &TypeRegistry, cap: usize) -> Vec<bool> {
     let mut omit = Vec::new();
     if cap == 0 {
         return omit;
     }
-    let raw = |v: &pgoutput::Column| match v {
-        pgoutput::Column::Text(b) | pgoutput::Column::Binary(b) => b.len(),
-        _ => 0,
-    };
-    for image in images {
-        // The usual row fits even if every byte were escaped (six bytes, `\u0001`): told
-        // without reading the values or allocating.
-        let most = 6 * image.0.iter().map(raw).sum::<usize>() + 32 * image.0.len();
-        if most <= cap {
-            continue;
+    let sizing = &table.sizing;
+    for (k, image) in images.iter().enumerate() {
+        let value = |i: usize| match image.0.get(i) {
+            Some(pgoutput::Column::UnchangedToast) if k == 0 => {
+                images.get(1).and_then(|o| o.0.get(i))
+            }
+            v => v,
+        };
+        // The usual row fits even if every byte took six (`\u0001`): told without reading
+        // the values or allocating (not for composites, whose names are written per value).
+        if !sizing.any_composite {
+            let most = sizing.names_total
+                + (0..image.0.len())
+                    .map(|i| match value(i) {
+                        Some(pgoutput::Column::Text(b) | pgoutput::Column::Binary(b)) => {
+                            6 * b.len() + 8
+                        }
+                        _ => 4,
+                    })
+                    .sum::<usize>();
+            if most <= cap {
+                continue;
+            }
         }
-        let sizes: Vec<usize> = image
-            .0
-            .iter()
-            .map(|v| match v {
-                pgoutput::Column::Text(b) => json_len(b),
-                pgoutput::Column::Binary(b) => 2 * b.len() + 4,
-                _ => 4,
+        let sizes: Vec<usize> = (0..image.0.len())
+            .map(|i| {
+                let name = sizing.names.get(i).copied().unwrap_or(0);
+                name + match value(i) {
+                    Some(pgoutput::Column::Text(b)) if sizing.as_string.get(i) == Some(&true) => {
+                        json_len(b)
+                    }
+                    Some(pgoutput::Column::Text(b)) => {
+                        let type_oid = table.rel.columns.get(i).map_or(0, |c| c.type_id);
+                        values::json_len(type_oid, Some(&text_of(b)), reg)
+                    }
+                    Some(pgoutput::Column::Binary(b)) => 2 * b.len() + 6,
+                    _ => 4,
+                }
             })
             .collect();
         let chosen = largest_until_within(&sizes, cap);
@@ -383,8 +440,9 @@ fn json_len(text: &[u8]) -> usize {
             .sum::<usize>()
 }
 
-/// The values to leave out of a row image whose values are `sizes` bytes so that the rest
-/// fits in `cap` (with a few bytes per value for names and punctuation): the largest first.
+/// The values to leave out of a row image whose values are `sizes` bytes (each with its name,
+/// as the row's JSON writes it) so that the rest fits in `cap` (with a few bytes of slack per
+/// value): the largest first.
 /// None when the whole fits. Shared by both engines' change streams.
 pub fn largest_until_within(sizes: &[usize], cap: usize) -> Vec<bool> {
     const PER_VALUE: usize = 16;
@@ -1144,5 +1202,58 @@ mod tests {
         quote(&mut written, std::str::from_utf8(text).unwrap());
         assert_eq!(written, "\"a\\\"\\\\\\u0001z\"");
         assert_eq!(json_len(text), written.len());
+    }
+
+    /// A composite's value is sized as the JSON it becomes (every attribute's name), not as its
+    /// text: `(,,…)` of a type with long attribute names is left out once its JSON would pass
+    /// the bound, and the event that is written stays within it (red team rt9 HIGH 2).
+    #[test]
+    fn a_composite_is_sized_by_the_json_it_becomes() {
+        const WIDE: u32 = 90001;
+        let attrs: Vec<(String, u32)> = (0..100)
+            .map(|i| (format!("attribute_with_a_long_name_{i:034}"), 23))
+            .collect();
+        let attrs = serde_json::to_string(&attrs).unwrap();
+        let mut reg = TypeRegistry::new();
+        let row: Vec<Option<String>> = ["90001", "t", "c", "C", "0", "0", ",", "0", "-1", &attrs]
+            .iter()
+            .map(|s| Some(s.to_string()))
+            .chain([None])
+            .collect();
+        reg.absorb(&[row]).unwrap();
+        let column = |name: &str, type_id, is_key| pgoutput::RelationColumn {
+            is_key,
+            name: name.into(),
+            type_id,
+            type_modifier: -1,
+        };
+        let table = Table::new(
+            Relation {
+                xid: None,
+                id: 1,
+                namespace: "public".into(),
+                name: "t".into(),
+                replica_identity: pgoutput::ReplicaIdentity::Default,
+                columns: vec![column("id", 23, true), column("w", WIDE, false)],
+            },
+            &reg,
+        );
+        let empty = format!("({})", ",".repeat(99));
+        let tuple = Tuple(vec![
+            pgoutput::Column::Text(bytes::Bytes::from_static(b"1")),
+            pgoutput::Column::Text(bytes::Bytes::from(empty.clone())),
+        ]);
+        let rendered = values::json_len(WIDE, Some(&empty), &reg);
+        assert!(rendered > 6 * empty.len() + 100, "{rendered}");
+        for (cap, left) in [(rendered + 64, false), (4096, true)] {
+            let Pending::Row {
+                record, too_large, ..
+            } = insert(&table, &tuple, &reg, cap)
+            else {
+                panic!("a row")
+            };
+            assert_eq!(too_large, if left { vec!["w".to_string()] } else { vec![] });
+            assert!(record.len() <= cap, "{} > {cap}", record.len());
+        }
     }
 }

@@ -240,7 +240,7 @@ fn read_row<'a>(
             if sizes.len() <= i {
                 sizes.resize(i + 1, 0);
             }
-            sizes[i] = out.len() - start;
+            sizes[i] = out.len() - entry;
         }
         if left_out {
             // Its key part (if any) is kept: the row's identity never depends on its size.

@@ -358,6 +358,52 @@ async fn capped_app(mysql: bool) -> TestApp {
     .await
 }
 
+/// The row bound measures the JSON a value becomes, not its text: an array of composites
+/// whose attributes have long names writes each name per element (`(,,…)` of ten bytes becomes
+/// kilobytes), and is left out before its event passes the bound (red team rt9 HIGH 2: 2 MB of
+/// such text became a 157 MB event, 700 MB of the server's memory).
+#[tokio::test]
+async fn a_value_is_measured_by_the_json_it_becomes() {
+    let app = capped_app(false).await;
+    let f = app.fixture().await;
+    let mut ws = socket(&app, &f, None).await;
+    let attributes: Vec<String> = (0..100)
+        .map(|i| format!("attribute_with_a_rather_long_name_{i:028} int"))
+        .collect();
+    app.rows(
+        &f.admin,
+        &f.project,
+        &format!(
+            "CREATE TYPE wide AS ({});
+             CREATE TABLE walls (id int PRIMARY KEY, w wide[], n int)",
+            attributes.join(", ")
+        ),
+    )
+    .await;
+    // 300 empty composites: 30 kB of text, ≈ 2 MB of JSON; then a row that fits.
+    for sql in [
+        "INSERT INTO walls VALUES (1, NULL, 0)",
+        "INSERT INTO walls SELECT 2, array_agg(('(' || repeat(',', 99) || ')')::wide), 0
+         FROM generate_series(1, 300)",
+        "INSERT INTO walls SELECT 3, array_agg(('(' || repeat(',', 99) || ')')::wide), 0
+         FROM generate_series(1, 2)",
+    ] {
+        app.rows(&f.admin, &f.project, sql).await;
+    }
+    let last = |p: &Value| p["record"]["id"] == 3;
+    let payloads: Vec<Value> = socket_until(&mut ws, last)
+        .await
+        .into_iter()
+        .filter(|p| p["operation"] == "INSERT")
+        .collect();
+    assert_eq!(payloads.len(), 3, "{payloads:?}");
+    assert_eq!(payloads[1]["tooLarge"], json!(["w"]));
+    assert_eq!(payloads[1]["record"], json!({ "id": 2, "n": 0 }));
+    assert!(payloads[1].to_string().len() < 64 * 1024);
+    assert_eq!(payloads[2]["record"]["w"].as_array().unwrap().len(), 2);
+    assert!(payloads[2].get("tooLarge").is_none(), "{}", payloads[2]);
+}
+
 /// A row image past `cdc_max_row_bytes` loses its largest values, on both engines and every
 /// channel alike: the socket's payload, the webhook's `data`, and the realtime history a
 /// resume replays name them in `tooLarge` and carry the rest; the row's key stays. A row that

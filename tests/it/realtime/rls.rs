@@ -824,6 +824,70 @@ async fn a_column_left_out_for_its_size_hides_the_change_only_from_policies_read
         payloads[0]["record"],
         json!({ "id": 1, "user_id": "alice" })
     );
+    // The row leaves alice's view, comes back and is deleted: a value left out that the
+    // policy does not read takes none of that from her (red team rt9 MEDIUM 3: she never got
+    // the leave notice nor the DELETE, and kept a row that was gone).
+    for sql in [
+        "UPDATE on_owner SET user_id = 'bob' WHERE id = 1",
+        "UPDATE on_owner SET user_id = 'alice' WHERE id = 1",
+        "DELETE FROM on_owner WHERE id = 1",
+    ] {
+        admin_sql(&app, &f, sql).await;
+    }
+    let until = mark(&app, &f).await;
+    let (seen, payloads) = collect(&mut a, until).await;
+    let on_owner = |op: &str, out_of_view| ("on_owner".to_string(), op.to_string(), 1, out_of_view);
+    assert_eq!(
+        seen,
+        vec![
+            on_owner("DELETE", true),
+            on_owner("UPDATE", false),
+            on_owner("DELETE", false)
+        ],
+        "{payloads:?}"
+    );
+    assert_eq!(payloads[2]["tooLarge"], json!(["big"]), "{}", payloads[2]);
+}
+
+/// A policy that reads the whole row (`can_see(t)`, `t::text`) names no column in the
+/// catalog's dependencies: it is judged on the whole row, never on one whose columns are all
+/// NULL (red team rt9 HIGH 1: a row hidden from the read key's SELECT reached its subscribers).
+#[tokio::test]
+async fn a_policy_reading_the_whole_row_is_judged_on_the_whole_row() {
+    let app = spawn_app().await;
+    let f = app.fixture().await;
+    admin_sql(
+        &app,
+        &f,
+        "CREATE TABLE marks (id serial PRIMARY KEY);
+         CREATE TABLE fr (id int PRIMARY KEY, note text, secret text);
+         CREATE FUNCTION can_see(r fr) RETURNS boolean LANGUAGE sql STABLE
+           AS $$ SELECT r.secret IS NULL OR r.secret NOT LIKE 'hidden%' $$;
+         CREATE TABLE fr2 (id int PRIMARY KEY, note text);
+         ALTER TABLE fr ENABLE ROW LEVEL SECURITY;
+         ALTER TABLE fr2 ENABLE ROW LEVEL SECURITY;
+         CREATE POLICY p ON fr FOR SELECT USING (can_see(fr));
+         CREATE POLICY p ON fr2 FOR SELECT USING (length(fr2::text) < 100)",
+    )
+    .await;
+    let alice = token_of(&app, &f, "alice").await;
+    let mut a = sub(&app, &f, "alice", json!({ "token": alice })).await;
+    admin_sql(
+        &app,
+        &f,
+        "INSERT INTO fr VALUES (1, 'open', NULL), (2, 'hidden-small', 'hidden');
+         INSERT INTO fr2 VALUES (1, 'short'), (2, repeat('x', 200))",
+    )
+    .await;
+    let until = mark(&app, &f).await;
+    let (seen, _) = collect(&mut a, until).await;
+    assert_eq!(
+        seen,
+        vec![
+            ("fr".to_string(), "INSERT".to_string(), 1, false),
+            ("fr2".to_string(), "INSERT".to_string(), 1, false)
+        ]
+    );
 }
 
 /// The id of the `marks` event `until` as `s` receives it (everything before it is skipped).
