@@ -131,6 +131,16 @@ impl Realtime {
                 "expiresIn: between 1 and 86400 seconds".into(),
             ));
         }
+        // As a webhook's: a token is carried in every subscribe (red team rt9 LOW 4: 100,000
+        // names made a 1.2 MB token that no socket could send).
+        if let Some(tables) = &req.tables {
+            use crate::webhooks::{MAX_TABLES, MAX_TABLE_NAME_BYTES};
+            if !crate::webhooks::tables_within_bounds(tables) {
+                return Err(RealtimeError::BadRequest(format!(
+                    "tables: at most {MAX_TABLES} names, each 1 to {MAX_TABLE_NAME_BYTES} bytes"
+                )));
+            }
+        }
         if let Some(uid) = &req.auth_uid {
             if access.project.engine == crate::projects::Engine::Mysql {
                 return Err(RealtimeError::BadRequest(MYSQL_NO_AUTH_UID.into()));

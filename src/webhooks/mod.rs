@@ -483,14 +483,19 @@ fn validate_url_length(url: &str) -> Result<(), WebhookError> {
 }
 
 fn validate_tables(tables: &[String]) -> Result<(), WebhookError> {
-    if tables.len() > MAX_TABLES
-        || tables
-            .iter()
-            .any(|t| t.is_empty() || t.len() > MAX_TABLE_NAME_BYTES)
-    {
+    if !tables_within_bounds(tables) {
         return Err(WebhookError::Tables);
     }
     Ok(())
+}
+
+/// At most [`MAX_TABLES`] names of 1 to [`MAX_TABLE_NAME_BYTES`] bytes: a webhook's `tables`,
+/// and a realtime token's (carried in every subscribe).
+pub fn tables_within_bounds(tables: &[String]) -> bool {
+    tables.len() <= MAX_TABLES
+        && tables
+            .iter()
+            .all(|t| !t.is_empty() && t.len() <= MAX_TABLE_NAME_BYTES)
 }
 
 fn validate_events(events: &[String]) -> Result<(), WebhookError> {
