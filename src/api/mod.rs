@@ -273,3 +273,61 @@ mod request_id_tests {
             .all(|id| id.len() == 16 && id.bytes().all(|b| b.is_ascii_hexdigit())));
     }
 }
+
+/// Runs a request's work to its end even when its client goes away.
+/// - SQL: what the request holds (the project's share, a place in the connection budget, the
+///   pooled connection) is held as long as its statement runs on the server, not only as long
+///   as its client waits. (Red team rt4: clients hanging up after a second released the shares
+///   of `SLEEP(25)` statements still running on MariaDB, and the next requests found the
+///   accounts' connection limit full. The statement is bounded by the statement timeout and
+///   the server's guard.)
+/// - Uploads: a commit that began (reservation, move into place, listing) is finished or undone,
+///   never left halfway (red team rt10: a client hanging up at the wrong moment left a held
+///   reservation blocking the name, or an upsert's new bytes under the old listing). A body
+///   still arriving ends with its connection, and the upload fails and cleans up.
+///
+/// It runs in the request's own task ([`ToCompletion`]); a panic in it is a 500, as a panic of
+/// a task of its own was.
+pub(crate) async fn to_completion<T: Send + 'static>(
+    work: impl std::future::Future<Output = T> + Send + 'static,
+) -> Result<T, ApiError> {
+    use futures_util::FutureExt;
+    ToCompletion(Some(Box::pin(
+        std::panic::AssertUnwindSafe(work).catch_unwind(),
+    )))
+    .await
+    .map_err(|_| ApiError::Internal(anyhow::anyhow!("the request's work panicked")))
+}
+
+/// A future polled in the task that awaits it, which moves to a task of its own if that task
+/// drops it before its end (the client went away): no hand-over to another task and back per
+/// request (a spawn and a cross-task wake-up, often another worker's core), and still run to
+/// its end. The boxed future is moved, not the future itself (it stays pinned where it is).
+struct ToCompletion<T: Send + 'static>(
+    Option<std::pin::Pin<Box<dyn std::future::Future<Output = T> + Send>>>,
+);
+
+impl<T: Send + 'static> std::future::Future for ToCompletion<T> {
+    type Output = T;
+
+    fn poll(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<T> {
+        let work = self.0.as_mut().expect("polled after its end");
+        let out = std::task::ready!(work.as_mut().poll(cx));
+        self.0 = None;
+        std::task::Poll::Ready(out)
+    }
+}
+
+impl<T: Send + 'static> Drop for ToCompletion<T> {
+    fn drop(&mut self) {
+        if let Some(work) = self.0.take() {
+            // Outside a runtime (shutting down) there is nothing left to run it on.
+            if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+                runtime.spawn(work);
+            }
+        }
+    }
+}

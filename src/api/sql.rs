@@ -48,8 +48,10 @@ pub async fn execute_sql(app: SharedApp, req: Request) -> ApiResult<impl Reply> 
         let building = building(&app, &req, &access);
         let (run_app, run_access, memory) = (app.clone(), access.clone(), building.clone());
         let text =
-            to_completion(async move { run_app.mysql.execute(&run_access, &sql, memory).await })
-                .await?;
+            super::to_completion(
+                async move { run_app.mysql.execute(&run_access, &sql, memory).await },
+            )
+            .await?;
         let text = match text {
             Ok(text) => text,
             Err(e) => return Err(unless_deleted(&app, &access.project.id, e).await),
@@ -65,7 +67,7 @@ pub async fn execute_sql(app: SharedApp, req: Request) -> ApiResult<impl Reply> 
     // describes those bytes for the document.
     let building = building(&app, &req, &access);
     let (run_app, run_access, memory) = (app.clone(), access.clone(), building.clone());
-    let text = to_completion(async move {
+    let text = super::to_completion(async move {
         run_app
             .sql
             .execute(&run_access, &sql, identity.as_deref(), memory)
@@ -97,58 +99,6 @@ async fn unless_deleted(app: &SharedApp, project_id: &str, e: SqlError) -> ApiEr
 /// How long a statement that lost its database waits to hear of its project's deletion before
 /// it answers 503 (the answer tells the client to wait 2 s before retrying anyway).
 const HEARING_A_DELETION: std::time::Duration = std::time::Duration::from_millis(300);
-
-/// Runs a request's statement to its end even when its client goes away: what the request
-/// holds (the project's share, a place in the connection budget, the pooled connection) is
-/// held as long as its statement runs on the server, not only as long as its client waits.
-/// (Red team rt4: clients hanging up after a second released the shares of `SLEEP(25)`
-/// statements still running on MariaDB, and the next requests found the accounts' connection
-/// limit full. The statement itself is bounded by the statement timeout and the server's guard.)
-/// It runs in the request's own task ([`ToCompletion`]); a panic in it is a 500, as a panic of
-/// a task of its own was.
-async fn to_completion<T: Send + 'static>(
-    work: impl std::future::Future<Output = T> + Send + 'static,
-) -> Result<T, ApiError> {
-    use futures_util::FutureExt;
-    ToCompletion(Some(Box::pin(
-        std::panic::AssertUnwindSafe(work).catch_unwind(),
-    )))
-    .await
-    .map_err(|_| ApiError::Internal(anyhow::anyhow!("the SQL request's work panicked")))
-}
-
-/// A future polled in the task that awaits it, which moves to a task of its own if that task
-/// drops it before its end (the client went away): no hand-over to another task and back per
-/// request (a spawn and a cross-task wake-up, often another worker's core), and still run to
-/// its end. The boxed future is moved, not the future itself (it stays pinned where it is).
-struct ToCompletion<T: Send + 'static>(
-    Option<std::pin::Pin<Box<dyn std::future::Future<Output = T> + Send>>>,
-);
-
-impl<T: Send + 'static> std::future::Future for ToCompletion<T> {
-    type Output = T;
-
-    fn poll(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<T> {
-        let work = self.0.as_mut().expect("polled after its end");
-        let out = std::task::ready!(work.as_mut().poll(cx));
-        self.0 = None;
-        std::task::Poll::Ready(out)
-    }
-}
-
-impl<T: Send + 'static> Drop for ToCompletion<T> {
-    fn drop(&mut self) {
-        if let Some(work) = self.0.take() {
-            // Outside a runtime (shutting down) there is nothing left to run it on.
-            if let Ok(runtime) = tokio::runtime::Handle::try_current() {
-                runtime.spawn(work);
-            }
-        }
-    }
-}
 
 /// The memory of the request's answer while the domain builds it: reserved in steps within
 /// the answer budget and the client address's, project's and account's caps (see

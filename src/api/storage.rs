@@ -7,6 +7,7 @@
 //! `From` impl.
 
 use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
@@ -447,20 +448,28 @@ pub async fn upload_file(app: SharedApp, mut req: Request) -> ApiResult<Response
     }
     let body = req.take_stream();
     let header = |name: header::HeaderName| req.headers.get(name).and_then(|v| v.to_str().ok());
-    let request = UploadRequest {
-        content_type: header(header::CONTENT_TYPE).unwrap_or_default(),
-        content_length: header(header::CONTENT_LENGTH).and_then(|v| v.parse().ok()),
-        upsert: req.optional_param("upsert"),
+    let content_type = header(header::CONTENT_TYPE).unwrap_or_default().to_string();
+    let content_length = header(header::CONTENT_LENGTH).and_then(|v| v.parse().ok());
+    let upsert = req.optional_param("upsert").map(str::to_string);
+    let asked = Arc::new(std::sync::Mutex::new(None::<String>));
+    // Owned, so that the upload runs to its end if the client goes (`to_completion`).
+    let (app_owned, asked_owned) = (app.clone(), asked.clone());
+    let work = async move {
+        let request = UploadRequest {
+            content_type: &content_type,
+            content_length,
+            upsert: upsert.as_deref(),
+        };
+        let (app_ref, principal, asked_ref) = (&*app_owned, &principal, &*asked_owned);
+        let authorize = move |project_id: String| async move {
+            let access = app_ref.auth.project_access(principal, &project_id).await?;
+            require_readwrite(&access, "Uploading files")?;
+            *asked_ref.lock().expect("poisoned") = Some(project_id);
+            Ok::<_, ApiError>(access)
+        };
+        app_owned.storage.upload(request, body, authorize).await
     };
-    let asked = std::sync::Mutex::new(None::<String>);
-    let (app_ref, principal, asked_ref) = (&*app, &principal, &asked);
-    let authorize = move |project_id: String| async move {
-        let access = app_ref.auth.project_access(principal, &project_id).await?;
-        require_readwrite(&access, "Uploading files")?;
-        *asked_ref.lock().expect("poisoned") = Some(project_id);
-        Ok::<_, ApiError>(access)
-    };
-    let uploaded = match app.storage.upload(request, body, authorize).await {
+    let uploaded = match super::to_completion(work).await? {
         Ok(uploaded) => uploaded,
         Err(e) => {
             let project_id = asked.lock().expect("poisoned").take();

@@ -919,3 +919,94 @@ async fn a_listing_dropped_before_its_commit_leaves_no_transaction_in_the_pool()
     client.query_one("SELECT 1", &[]).await.unwrap();
     t.stop().await;
 }
+
+/// Clients that hang up the moment their upload is sent, before the answer: each upload is
+/// finished or undone, never left halfway (red team rt10: a held reservation blocked the
+/// name, "in progress", until a restart an hour later; an upsert's new bytes were served under
+/// the old listing). Afterwards no reservation is held, every listed file downloads with its
+/// listed size, and each name takes a new upsert.
+#[tokio::test]
+async fn uploads_whose_clients_hang_up_before_the_answer_are_finished_or_undone() {
+    use tokio::io::AsyncWriteExt;
+    let t = spawn_app().await;
+    let f = t.fixture().await;
+    create_bucket(&t, &f, "docs", json!({})).await;
+    let names: Vec<String> = (0..8).map(|i| format!("f{i}.bin")).collect();
+    for name in &names[..4] {
+        let (status, body) = upload(
+            &t,
+            &f.readwrite,
+            &f.project,
+            "docs",
+            name,
+            "text/plain",
+            b"small",
+            &[],
+        )
+        .await;
+        assert_eq!(status, 201, "{body}");
+    }
+    let addr = t.base.trim_start_matches("http://").to_string();
+    for round in 0..24u64 {
+        let name = &names[round as usize % names.len()];
+        let form = Form::new(
+            &[("projectId", f.project.as_str()), ("bucketId", "docs")],
+            Some((name.as_str(), "application/octet-stream")),
+            &[],
+        );
+        let body = form.with_bytes(&pattern(300_000, round as u8));
+        let head = format!(
+            "POST /api/storage/upload?upsert=true HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {}\r\n\
+             Content-Type: {}\r\nContent-Length: {}\r\n\r\n",
+            f.readwrite,
+            form.content_type(),
+            body.len()
+        );
+        let mut conn = tokio::net::TcpStream::connect(&addr).await.unwrap();
+        conn.write_all(&[head.as_bytes(), &body].concat())
+            .await
+            .unwrap();
+        conn.flush().await.unwrap();
+        tokio::time::sleep(Duration::from_micros(500 * (round % 8))).await;
+        drop(conn);
+    }
+    let control = t.app.control.get().await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let held: i64 = control
+            .query_one(
+                "SELECT count(*) FROM fluxbase.storage_files
+                 WHERE project_id = $1 AND upload_token IS NOT NULL",
+                &[&f.project],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        if held == 0 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{held} reservations still held");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    for file in list_files(&t, &f.read, &f.project, "docs").await {
+        let (status, bytes) = download(&t, &f, file["s3_key"].as_str().unwrap()).await;
+        assert_eq!(status, 200, "{file}");
+        assert_eq!(bytes.len() as u64, file["size"].as_u64().unwrap(), "{file}");
+    }
+    for name in &names {
+        let (status, body) = upload(
+            &t,
+            &f.readwrite,
+            &f.project,
+            "docs",
+            name,
+            "text/plain",
+            b"last",
+            &[("upsert", "true")],
+        )
+        .await;
+        assert!(status == 200 || status == 201, "{status} {body}");
+    }
+    until_files_under(&t.app.config.data_dir.join("storage/.uploads"), false).await;
+    t.stop().await;
+}
