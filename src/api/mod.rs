@@ -261,19 +261,6 @@ where
     Ok(buf.freeze())
 }
 
-#[cfg(test)]
-mod request_id_tests {
-    #[test]
-    fn fresh_request_ids_are_distinct_16_hex_digits() {
-        let ids: std::collections::HashSet<String> =
-            (0..10_000).map(|_| super::fresh_request_id()).collect();
-        assert_eq!(ids.len(), 10_000);
-        assert!(ids
-            .iter()
-            .all(|id| id.len() == 16 && id.bytes().all(|b| b.is_ascii_hexdigit())));
-    }
-}
-
 /// Runs a request's work to its end even when its client goes away.
 /// - SQL: what the request holds (the project's share, a place in the connection budget, the
 ///   pooled connection) is held as long as its statement runs on the server, not only as long
@@ -329,5 +316,18 @@ impl<T: Send + 'static> Drop for ToCompletion<T> {
                 runtime.spawn(work);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod request_id_tests {
+    #[test]
+    fn fresh_request_ids_are_distinct_16_hex_digits() {
+        let ids: std::collections::HashSet<String> =
+            (0..10_000).map(|_| super::fresh_request_id()).collect();
+        assert_eq!(ids.len(), 10_000);
+        assert!(ids
+            .iter()
+            .all(|id| id.len() == 16 && id.bytes().all(|b| b.is_ascii_hexdigit())));
     }
 }
