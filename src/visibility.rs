@@ -112,6 +112,9 @@ struct CatalogColumn {
     type_oid: u32,
     /// The column's collation is deterministic (equality is byte equality).
     det: bool,
+    /// A generated column: pgoutput never sends it (PostgreSQL 15), so no image carries it.
+    #[serde(default)]
+    gen: bool,
 }
 
 #[derive(Debug, Deserialize)]
@@ -195,6 +198,9 @@ impl RoleView {
 #[derive(Debug)]
 struct TableInfo {
     columns: Vec<String>,
+    /// Generated columns: in no image (pgoutput does not send them). A policy reading one
+    /// fails closed; for the others an old image lacking only them is full.
+    generated: HashSet<String>,
     /// The primary key (or the replica identity index): what a leave notice carries.
     key: Vec<String>,
     roles: HashMap<DbRole, RoleView>,
@@ -245,7 +251,8 @@ const CATALOG_SQL: &str = r#"
 SELECT json_build_object(
   'columns', (SELECT coalesce(json_agg(json_build_object(
                  'name', a.attname, 'type', a.atttypid::int8,
-                 'det', coalesce(co.collisdeterministic, true)) ORDER BY a.attnum), '[]')
+                 'det', coalesce(co.collisdeterministic, true),
+                 'gen', a.attgenerated <> '') ORDER BY a.attnum), '[]')
               FROM pg_attribute a LEFT JOIN pg_collation co ON co.oid = a.attcollation
               WHERE a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped),
   'key', (SELECT coalesce(json_agg(a.attname ORDER BY k.ord), '[]')
@@ -458,6 +465,12 @@ impl TableInfo {
             roles.insert(role, view);
         }
         TableInfo {
+            generated: cat
+                .columns
+                .iter()
+                .filter(|c| c.gen)
+                .map(|c| c.name.clone())
+                .collect(),
             columns: cat.columns.into_iter().map(|c| c.name).collect(),
             key: cat.key,
             roles,
@@ -835,11 +848,16 @@ impl Visibility {
             let p = if old { slots.1 } else { slots.0 }?;
             Some((&ti.images[p], results.get(p).copied().unwrap_or(false)))
         };
-        // A full old image carries every column of the table, but for values left out for
-        // their size (named in `tooLarge`): a policy reading one of those judged it false
+        // A full old image carries every column of the table, but for generated columns
+        // (never sent: rt10 LOW 4, tables with one got no DELETE or leave notice) and values
+        // left out for their size (named in `tooLarge`): a policy reading one of those judged it false
         // already (`reads_any`), one that does not judged the row it would see (red team rt9
         // MEDIUM 3: such rows never got their DELETE or their leave notice).
-        let full = |img: &Image| img.missing.iter().all(|m| e.too_large.contains(m));
+        let full = |img: &Image| {
+            img.missing
+                .iter()
+                .all(|m| e.too_large.contains(m) || info.generated.contains(m))
+        };
         match operation {
             RowOp::Insert => match image(false) {
                 Some((_, true)) => Verdict::Send,
@@ -1082,6 +1100,7 @@ mod tests {
             name: name.into(),
             type_oid,
             det,
+            gen: false,
         };
         vec![
             c("owner", TEXT_OID, true),

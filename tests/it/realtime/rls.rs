@@ -1030,3 +1030,51 @@ async fn a_policy_is_evaluated_read_only_and_leaves_nothing_behind() {
         .await;
     assert_eq!(trail[0]["n"], 0, "the evaluation wrote: {trail:?}");
 }
+
+/// Generated columns are in no change (pgoutput does not send them): a policy reading one hides
+/// the change (fail closed), and for a policy that does not, an old row lacking only them is a
+/// full one (red team rt10 LOW 4: a table with a generated column got no DELETE and no leave
+/// notice).
+#[tokio::test]
+async fn generated_columns_fail_closed_only_for_policies_reading_them() {
+    let app = spawn_app().await;
+    let f = app.fixture().await;
+    admin_sql(
+        &app,
+        &f,
+        "CREATE TABLE marks (id serial PRIMARY KEY);
+         CREATE TABLE g1 (id int PRIMARY KEY, user_id text,
+                          shout text GENERATED ALWAYS AS (upper(user_id)) STORED);
+         CREATE TABLE g2 (id int PRIMARY KEY, user_id text,
+                          shout text GENERATED ALWAYS AS (upper(user_id)) STORED);
+         ALTER TABLE g1 ENABLE ROW LEVEL SECURITY;
+         ALTER TABLE g2 ENABLE ROW LEVEL SECURITY;
+         CREATE POLICY p ON g1 FOR SELECT USING (user_id = auth.uid());
+         CREATE POLICY p ON g2 FOR SELECT USING (shout = 'ALICE')",
+    )
+    .await;
+    let alice = token_of(&app, &f, "alice").await;
+    let mut a = sub(&app, &f, "alice", json!({ "token": alice })).await;
+    for sql in [
+        "INSERT INTO g1 VALUES (1, 'alice'); INSERT INTO g2 VALUES (1, 'alice')",
+        "UPDATE g1 SET user_id = 'bob'",
+        "UPDATE g1 SET user_id = 'alice'",
+        "DELETE FROM g1",
+        "DELETE FROM g2",
+    ] {
+        admin_sql(&app, &f, sql).await;
+    }
+    let until = mark(&app, &f).await;
+    let (seen, payloads) = collect(&mut a, until).await;
+    let g1 = |op: &str, out_of_view| ("g1".to_string(), op.to_string(), 1, out_of_view);
+    assert_eq!(
+        seen,
+        vec![
+            g1("INSERT", false),
+            g1("DELETE", true),
+            g1("UPDATE", false),
+            g1("DELETE", false)
+        ],
+        "{payloads:?}"
+    );
+}
