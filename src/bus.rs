@@ -122,6 +122,10 @@ pub struct Event {
     /// Columns left out of `record` and `old` because a row image would pass
     /// `cdc_max_row_bytes` with them. Every channel names them (`tooLarge`).
     pub too_large: Vec<String>,
+    /// A PostgreSQL row change: its table's OID. Realtime row-level security judges the change
+    /// by that table, never by another that took its name since (red team rt10 MEDIUM 3).
+    /// `None`: MySQL, and events stored or relayed before it was kept (judged by name).
+    pub relation: Option<u32>,
     /// A row change: the row's replica identity key as a JSON object (`{"id":1}`), when its
     /// table has one that names the row ([`crate::cdc::events::identity_key`]). Webhook
     /// ordering uses it; it is not part of any payload, and events that crossed the cluster's
@@ -707,6 +711,7 @@ mod tests {
             old: RowImage::None,
             unchanged_toast: Vec::new(),
             too_large: Vec::new(),
+            relation: None,
             row_key: None,
             commit_timestamp: Arc::from(""),
             commit_lsn: Lsn(n),

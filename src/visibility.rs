@@ -206,12 +206,16 @@ struct TableInfo {
     roles: HashMap<DbRole, RoleView>,
 }
 
+/// A table of a batch: its schema, name and OID (when the event carried it).
+type TableKey = (Arc<str>, Arc<str>, Option<u32>);
+
 /// One project's cached tables (`None`: the table is gone), and the invalidations so far: a
 /// catalog read that began before an invalidation is not cached.
 #[derive(Default)]
 struct ProjectTables {
     generation: u64,
-    tables: HashMap<(String, String), Arc<Option<TableInfo>>>,
+    /// By schema, name and OID (`None`: an event that did not carry it).
+    tables: HashMap<(String, String, Option<u32>), Arc<Option<TableInfo>>>,
 }
 
 /// Per project: the tables' catalog data, loaded on first use and dropped on every schema
@@ -292,6 +296,7 @@ SELECT json_build_object(
 )::text
 FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
 WHERE n.nspname = $1 AND c.relname = $2 AND c.relkind IN ('r', 'p')
+  AND ($4::int8 IS NULL OR c.oid = $4::int8::oid)
 "#;
 
 const TEXT_OID: u32 = 25;
@@ -562,8 +567,9 @@ impl Visibility {
         project: &Project,
         schema: &str,
         table: &str,
+        relation: Option<u32>,
     ) -> Arc<Option<TableInfo>> {
-        let key = (schema.to_string(), table.to_string());
+        let key = (schema.to_string(), table.to_string(), relation);
         let generation = {
             let mut projects = self.projects.lock().expect("poisoned");
             let p = projects.entry(project.id.clone()).or_default();
@@ -582,7 +588,10 @@ impl Visibility {
                 .map(|r| r.role_name(&project.id))
                 .collect();
             let row = client
-                .query_opt(CATALOG_SQL, &[&schema, &table, &roles])
+                .query_opt(
+                    CATALOG_SQL,
+                    &[&schema, &table, &roles, &relation.map(i64::from)],
+                )
                 .await?;
             let Some(row) = row else {
                 return Ok::<_, anyhow::Error>(None);
@@ -657,7 +666,7 @@ impl Visibility {
         }
         // The row images of the batch, per table.
         let mut tables: Vec<TableImages> = Vec::new();
-        let mut table_index: HashMap<(Arc<str>, Arc<str>), usize> = HashMap::new();
+        let mut table_index: HashMap<TableKey, usize> = HashMap::new();
         // Per event: its table's index in `tables` (row events only).
         let mut event_table: Vec<Option<usize>> = vec![None; events.len()];
         let roles: HashSet<DbRole> = identities.iter().map(|id| id.role).collect();
@@ -668,11 +677,11 @@ impl Visibility {
             let (Some(schema), Some(table)) = (&e.schema, &e.table) else {
                 continue;
             };
-            let t = match table_index.get(&(schema.clone(), table.clone())) {
+            let t = match table_index.get(&(schema.clone(), table.clone(), e.relation)) {
                 Some(t) => *t,
                 None => {
                     let info = match &project {
-                        Some(p) => self.table_info(host, p, schema, table).await,
+                        Some(p) => self.table_info(host, p, schema, table, e.relation).await,
                         None => Arc::new(None),
                     };
                     tables.push(TableImages {
@@ -682,7 +691,10 @@ impl Visibility {
                         images: Vec::new(),
                         by_event: HashMap::new(),
                     });
-                    table_index.insert((schema.clone(), table.clone()), tables.len() - 1);
+                    table_index.insert(
+                        (schema.clone(), table.clone(), e.relation),
+                        tables.len() - 1,
+                    );
                     tables.len() - 1
                 }
             };

@@ -44,6 +44,9 @@ pub enum Pending {
         /// `cdc_max_row_bytes` with them ([`left_out`]).
         #[serde(default)]
         too_large: Vec<String>,
+        /// The table's OID ([`crate::bus::Event::relation`]).
+        #[serde(default)]
+        relation: Option<u32>,
         /// The row's replica identity key ([`identity_key`]), for webhook ordering.
         #[serde(default)]
         key: Option<String>,
@@ -489,6 +492,7 @@ fn row(
         old,
         unchanged_toast,
         too_large: names_left_out(&table.rel, omit),
+        relation: Some(table.rel.id),
         key,
     }
 }
@@ -648,6 +652,7 @@ pub fn finish(
             old,
             unchanged_toast,
             too_large,
+            relation,
             key,
         } => {
             // Names and times that needed no escaping are compared as they are by
@@ -690,6 +695,7 @@ pub fn finish(
                 old,
                 unchanged_toast,
                 too_large,
+                relation,
                 row_key: key,
                 commit_timestamp: commit_timestamp.clone(),
                 commit_lsn,
@@ -717,6 +723,7 @@ pub fn finish(
                 old: RowImage::None,
                 unchanged_toast: Vec::new(),
                 too_large: Vec::new(),
+                relation: None,
                 row_key: None,
                 commit_timestamp: commit_timestamp.clone(),
                 commit_lsn,
@@ -760,6 +767,7 @@ pub fn finish(
                 old: RowImage::None,
                 unchanged_toast: Vec::new(),
                 too_large: Vec::new(),
+                relation: None,
                 row_key: None,
                 commit_timestamp: commit_timestamp.clone(),
                 commit_lsn,
@@ -951,6 +959,7 @@ mod tests {
                 old: old.map(str::to_string),
                 unchanged_toast: vec!["big".into()],
                 too_large: Vec::new(),
+                relation: None,
                 key: None,
             },
             Lsn(0x10),
@@ -1073,6 +1082,7 @@ mod tests {
                 old: None,
                 unchanged_toast: Vec::new(),
                 too_large: Vec::new(),
+                relation: None,
                 key: None,
             },
             Lsn(1),

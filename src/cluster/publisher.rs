@@ -400,6 +400,7 @@ fn broadcast_event(id: String, ask: &BroadcastAsk, last_end: Lsn) -> Event {
         old: crate::bus::RowImage::None,
         unchanged_toast: Vec::new(),
         too_large: Vec::new(),
+        relation: None,
         row_key: None,
         commit_timestamp: chrono::Utc::now()
             .to_rfc3339_opts(chrono::SecondsFormat::Micros, true)

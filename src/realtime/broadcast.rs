@@ -140,6 +140,7 @@ impl Realtime {
             old: crate::bus::RowImage::None,
             unchanged_toast: Vec::new(),
             too_large: Vec::new(),
+            relation: None,
             row_key: None,
             commit_timestamp: chrono::Utc::now()
                 .to_rfc3339_opts(chrono::SecondsFormat::Micros, true)

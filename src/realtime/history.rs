@@ -96,6 +96,9 @@ struct Stored {
     /// Columns left out of `r` and `o` for their size (`cdc_max_row_bytes`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     x: Vec<String>,
+    /// The table's OID ([`Event::relation`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    q: Option<u32>,
     ts: String,
     c: u64,
     e: u64,
@@ -129,6 +132,8 @@ struct StoredRef<'a> {
     u: &'a [String],
     #[serde(skip_serializing_if = "<[String]>::is_empty")]
     x: &'a [String],
+    #[serde(skip_serializing_if = "Option::is_none")]
+    q: Option<u32>,
     ts: &'a str,
     c: u64,
     e: u64,
@@ -148,8 +153,9 @@ struct PayloadRows<'a> {
 /// stream's `events::finish` wrote ([`crate::cdc::events::payload_is_finished`]), stored as
 ///
 /// ```text
-///  [0x01][flags: u8, bit 0 = last in its transaction][stored at: i64 LE, Unix ms]
-///  [commit LSN: u64 LE][end LSN: u64 LE][the payload: JSON, verbatim]
+///  [0x01][flags: u8, bit 0 = last in its transaction, bit 1 = the table's OID follows]
+///  [stored at: i64 LE, Unix ms][commit LSN: u64 LE][end LSN: u64 LE]
+///  [the table's OID: u32 LE, when flagged][the payload: JSON, verbatim]
 /// ```
 ///
 /// The JSON form repeats the id, operation, names, commit time and unchanged TOAST columns
@@ -159,8 +165,10 @@ struct PayloadRows<'a> {
 /// payload. JSON records begin with `{`, so a reader tells the forms apart by this byte; a
 /// reader older than this form skips such records (docs/realtime-resume.md: no downgrade).
 pub const COMPACT_ROW: u8 = 0x01;
-/// Bytes of a compact record before its payload.
+/// Bytes of a compact record before its payload (and its table's OID, when flagged).
 const COMPACT_HEADER: usize = 26;
+/// Flag of a compact record whose table's OID follows its header.
+const COMPACT_HAS_RELATION: u8 = 2;
 
 /// Encodes an event as a record payload in the JSON form: the form every version reads (the
 /// cluster's stream carries it, so nodes of different versions understand each other).
@@ -183,40 +191,67 @@ fn encode_record_into(out: &mut Vec<u8>, event: &Event, at_ms: i64) {
         "{}",
         event.payload
     );
-    out.reserve(COMPACT_HEADER + event.payload.len());
+    out.reserve(COMPACT_HEADER + 4 + event.payload.len());
     out.push(COMPACT_ROW);
-    out.push(u8::from(event.last_in_transaction));
+    out.push(
+        u8::from(event.last_in_transaction)
+            | if event.relation.is_some() {
+                COMPACT_HAS_RELATION
+            } else {
+                0
+            },
+    );
     out.extend_from_slice(&at_ms.to_le_bytes());
     out.extend_from_slice(&event.commit_lsn.0.to_le_bytes());
     out.extend_from_slice(&event.end_lsn.0.to_le_bytes());
+    if let Some(relation) = event.relation {
+        out.extend_from_slice(&relation.to_le_bytes());
+    }
     out.extend_from_slice(event.payload.as_bytes());
 }
 
-/// A compact record's header: (stored at, commit LSN, end LSN, last in its transaction) and
-/// its payload; `None` when it is not one.
-fn compact_parts(record: &[u8]) -> Option<(i64, Lsn, Lsn, bool, &[u8])> {
+/// A compact record's header and its payload; `None` when it is not one.
+struct CompactParts<'a> {
+    at: i64,
+    commit_lsn: Lsn,
+    end_lsn: Lsn,
+    last: bool,
+    relation: Option<u32>,
+    payload: &'a [u8],
+}
+
+fn compact_parts(record: &[u8]) -> Option<CompactParts<'_>> {
     if record.first() != Some(&COMPACT_ROW) || record.len() < COMPACT_HEADER {
         return None;
     }
     let word = |at: usize| -> [u8; 8] { record[at..at + 8].try_into().expect("8 bytes") };
-    let last = match record[1] {
-        0 => false,
-        1 => true,
-        _ => return None,
+    let flags = record[1];
+    if flags & !(1 | COMPACT_HAS_RELATION) != 0 {
+        return None;
+    }
+    let (relation, payload) = if flags & COMPACT_HAS_RELATION != 0 {
+        let oid = record.get(COMPACT_HEADER..COMPACT_HEADER + 4)?;
+        (
+            Some(u32::from_le_bytes(oid.try_into().expect("4 bytes"))),
+            &record[COMPACT_HEADER + 4..],
+        )
+    } else {
+        (None, &record[COMPACT_HEADER..])
     };
-    Some((
-        i64::from_le_bytes(word(2)),
-        Lsn(u64::from_le_bytes(word(10))),
-        Lsn(u64::from_le_bytes(word(18))),
-        last,
-        &record[COMPACT_HEADER..],
-    ))
+    Some(CompactParts {
+        at: i64::from_le_bytes(word(2)),
+        commit_lsn: Lsn(u64::from_le_bytes(word(10))),
+        end_lsn: Lsn(u64::from_le_bytes(word(18))),
+        last: flags & 1 != 0,
+        relation,
+        payload,
+    })
 }
 
 /// What opening a history needs of a record: its id and when it was stored (without
 /// decoding the event).
 fn record_key(record: &[u8]) -> Option<(String, i64)> {
-    if let Some((at, _, _, _, payload)) = compact_parts(record) {
+    if let Some(CompactParts { at, payload, .. }) = compact_parts(record) {
         // The payload begins with its id, which needed no escaping (payload_is_finished).
         let rest = payload.strip_prefix(b"{\"id\":\"")?;
         let end = rest.iter().position(|&b| b == b'"')?;
@@ -355,6 +390,9 @@ fn write_stored(
         out.extend_from_slice(b",\"x\":");
         serde_json::to_writer(&mut *out, &event.too_large).expect("strings serialize");
     }
+    if let Some(relation) = event.relation {
+        num(out, b",\"q\":", false, relation.into());
+    }
     out.extend_from_slice(b",\"ts\":");
     push_json_str(out, &event.commit_timestamp);
     num(out, b",\"c\":", false, event.commit_lsn.0);
@@ -381,6 +419,7 @@ fn encode_as_string(out: &mut Vec<u8>, event: &Event, at_ms: i64, k: char, n: &s
             o: event.old().map(str::to_string),
             u: event.unchanged_toast.clone(),
             x: event.too_large.clone(),
+            q: event.relation,
             ts: event.commit_timestamp.to_string(),
             c: event.commit_lsn.0,
             e: event.end_lsn.0,
@@ -394,7 +433,15 @@ fn encode_as_string(out: &mut Vec<u8>, event: &Event, at_ms: i64, k: char, n: &s
 
 /// Decodes a record payload (either form) back into the event it stored.
 pub fn decode(payload: &[u8]) -> Option<Event> {
-    if let Some((_, commit_lsn, end_lsn, last, payload)) = compact_parts(payload) {
+    if let Some(CompactParts {
+        commit_lsn,
+        end_lsn,
+        last,
+        relation,
+        payload,
+        ..
+    }) = compact_parts(payload)
+    {
         let payload = std::str::from_utf8(payload).ok()?;
         let f = crate::cdc::events::finished_fields(payload)?;
         return Some(Event {
@@ -408,6 +455,7 @@ pub fn decode(payload: &[u8]) -> Option<Event> {
             old: f.old.into(),
             unchanged_toast: f.unchanged_toast,
             too_large: f.too_large,
+            relation,
             row_key: None,
             commit_timestamp: Arc::from(f.commit_timestamp),
             commit_lsn,
@@ -450,6 +498,7 @@ pub fn decode(payload: &[u8]) -> Option<Event> {
         old: old.into(),
         unchanged_toast: s.u,
         too_large: s.x,
+        relation: s.q,
         row_key: None,
         commit_timestamp: Arc::from(s.ts),
         commit_lsn: Lsn(s.c),
@@ -1274,6 +1323,7 @@ mod tests {
             old: RowImage::None,
             unchanged_toast: Vec::new(),
             too_large: Vec::new(),
+            relation: None,
             row_key: None,
             commit_timestamp: "2026-01-01T00:00:00Z".into(),
             commit_lsn: Lsn(1),
@@ -1316,6 +1366,7 @@ mod tests {
             old: old.map(str::to_string),
             unchanged_toast: toast.iter().map(|t| t.to_string()).collect(),
             too_large: Vec::new(),
+            relation: Some(16_385),
             key: Some(format!(r#"{{"id":{i}}}"#)),
         };
         crate::cdc::events::finish(
@@ -1357,8 +1408,10 @@ mod tests {
             let mut compact = Vec::new();
             encode_record_into(&mut compact, &e, -42);
             assert_eq!(compact[0], COMPACT_ROW);
-            assert_eq!(compact.len(), COMPACT_HEADER + e.payload.len());
-            assert_eq!(&compact[COMPACT_HEADER..], e.payload.as_bytes());
+            // The table's OID between the header and the payload.
+            let head = COMPACT_HEADER + 4 * usize::from(e.relation.is_some());
+            assert_eq!(compact.len(), head + e.payload.len());
+            assert_eq!(&compact[head..], e.payload.as_bytes());
             let json = encode(&e, -42);
             assert!(
                 json.len() > compact.len() + 100,
@@ -1399,9 +1452,11 @@ mod tests {
             0,
         );
         let mut bad = compact.clone();
-        bad[1] = 2;
+        bad[1] = 4;
         assert!(decode(&bad).is_none());
         assert!(decode(&compact[..COMPACT_HEADER - 1]).is_none());
+        // Flagged with an OID but cut before it.
+        assert!(decode(&compact[..COMPACT_HEADER + 3]).is_none());
         assert!(decode(&compact[..compact.len() - 1]).is_none());
     }
 
@@ -1520,6 +1575,8 @@ mod tests {
                 e.record().map(str::to_string),
                 e.old().map(str::to_string),
                 e.unchanged_toast.clone(),
+                e.too_large.clone(),
+                e.relation,
             ),
             (e.commit_timestamp.clone(), e.commit_lsn, e.end_lsn),
             (e.last_in_transaction, e.payload.to_string()),
@@ -1536,6 +1593,7 @@ mod tests {
             old: Some(r#"{"id":1,"note":"before"}"#.into()),
             unchanged_toast: vec!["big".into()],
             too_large: Vec::new(),
+            relation: Some(16_385),
             key: None,
         };
         crate::cdc::events::finish(
@@ -1606,6 +1664,7 @@ mod tests {
                         o,
                         u: &e.unchanged_toast,
                         x: &e.too_large,
+                        q: e.relation,
                         ts: &e.commit_timestamp,
                         c: e.commit_lsn.0,
                         e: e.end_lsn.0,

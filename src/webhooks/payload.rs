@@ -174,6 +174,7 @@ mod tests {
             old: old.map(str::to_string).into(),
             unchanged_toast: vec![],
             too_large: Vec::new(),
+            relation: None,
             row_key: key.map(str::to_string),
             commit_timestamp: std::sync::Arc::from(""),
             commit_lsn: Lsn(1),

@@ -993,6 +993,7 @@ fn rows_to_pending(
             old: old.map(|(o, _)| o),
             unchanged_toast: Vec::new(),
             too_large,
+            relation: None,
             key,
         });
     }

@@ -1078,3 +1078,56 @@ async fn generated_columns_fail_closed_only_for_policies_reading_them() {
         "{payloads:?}"
     );
 }
+
+/// A change is judged by the table it was made in, not by another that took its name since:
+/// a resume after `owned` was dropped and re-created without row-level security replays none
+/// of the old table's rows to a read-role subscriber (red team rt10 MEDIUM 3: judged by name,
+/// bob's secret reached alice), while the new table's rows, which she may read, arrive.
+#[tokio::test]
+async fn a_resume_judges_changes_by_their_table_not_by_its_name() {
+    let app = spawn_app().await;
+    let f = app.fixture().await;
+    admin_sql(
+        &app,
+        &f,
+        "CREATE TABLE marks (id serial PRIMARY KEY);
+         CREATE TABLE owned (id int PRIMARY KEY, user_id text, body text)",
+    )
+    .await;
+    app.policy(&f, "owned", "own", "SELECT", "user_id = auth.uid()")
+        .await;
+    let alice = token_of(&app, &f, "alice").await;
+    let mut first = sub(&app, &f, "alice", json!({ "token": alice })).await;
+    let resume_from = mark(&app, &f).await;
+    let since = mark_id(&mut first, resume_from).await;
+    admin_sql(
+        &app,
+        &f,
+        "INSERT INTO owned VALUES (1, 'alice', 'a'), (2, 'bob', 'secret')",
+    )
+    .await;
+    let until = mark(&app, &f).await;
+    let (live, _) = collect(&mut first, until).await;
+    let t = |id: i64| ("owned".to_string(), "INSERT".to_string(), id, false);
+    assert_eq!(live, vec![t(1)]);
+    admin_sql(
+        &app,
+        &f,
+        "DROP TABLE owned;
+         CREATE TABLE owned (id int PRIMARY KEY, user_id text, body text);
+         INSERT INTO owned VALUES (3, 'bob', 'open')",
+    )
+    .await;
+    let until = mark(&app, &f).await;
+    let mut again = sub(
+        &app,
+        &f,
+        "alice again",
+        json!({ "token": alice, "since": since }),
+    )
+    .await;
+    let (replayed, payloads) = collect(&mut again, until).await;
+    // The old table is gone: its changes reach the owner role only (alice's is the read
+    // role); the new one has no row-level security.
+    assert_eq!(replayed, vec![t(3)], "{payloads:?}");
+}
