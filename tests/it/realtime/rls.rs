@@ -905,23 +905,30 @@ async fn mark_id(s: &mut Sub, until: i64) -> String {
     }
 }
 
-#[tokio::test]
-async fn a_since_resume_replays_only_what_the_identity_may_see() {
-    let app = spawn_app().await;
-    let f = app.fixture().await;
+/// `owned` with the policy `user_id = auth.uid()`, alice's token, her subscription, and the id
+/// of a `marks` event she received: where a resume can start from.
+async fn owned_rows_and_a_resume_point(app: &TestApp, f: &Fixture) -> (String, Sub, String) {
     admin_sql(
-        &app,
-        &f,
+        app,
+        f,
         "CREATE TABLE marks (id serial PRIMARY KEY);
          CREATE TABLE owned (id int PRIMARY KEY, user_id text, body text)",
     )
     .await;
-    app.policy(&f, "owned", "own", "SELECT", "user_id = auth.uid()")
+    app.policy(f, "owned", "own", "SELECT", "user_id = auth.uid()")
         .await;
-    let alice = token_of(&app, &f, "alice").await;
-    let mut first = sub(&app, &f, "alice", json!({ "token": alice })).await;
-    let resume_from = mark(&app, &f).await;
+    let alice = token_of(app, f, "alice").await;
+    let mut first = sub(app, f, "alice", json!({ "token": alice })).await;
+    let resume_from = mark(app, f).await;
     let since = mark_id(&mut first, resume_from).await;
+    (alice, first, since)
+}
+
+#[tokio::test]
+async fn a_since_resume_replays_only_what_the_identity_may_see() {
+    let app = spawn_app().await;
+    let f = app.fixture().await;
+    let (alice, mut first, since) = owned_rows_and_a_resume_point(&app, &f).await;
     admin_sql(
         &app,
         &f,
@@ -1087,19 +1094,7 @@ async fn generated_columns_fail_closed_only_for_policies_reading_them() {
 async fn a_resume_judges_changes_by_their_table_not_by_its_name() {
     let app = spawn_app().await;
     let f = app.fixture().await;
-    admin_sql(
-        &app,
-        &f,
-        "CREATE TABLE marks (id serial PRIMARY KEY);
-         CREATE TABLE owned (id int PRIMARY KEY, user_id text, body text)",
-    )
-    .await;
-    app.policy(&f, "owned", "own", "SELECT", "user_id = auth.uid()")
-        .await;
-    let alice = token_of(&app, &f, "alice").await;
-    let mut first = sub(&app, &f, "alice", json!({ "token": alice })).await;
-    let resume_from = mark(&app, &f).await;
-    let since = mark_id(&mut first, resume_from).await;
+    let (alice, mut first, since) = owned_rows_and_a_resume_point(&app, &f).await;
     admin_sql(
         &app,
         &f,
