@@ -19,8 +19,9 @@ deps:
 test: lint
 	@./scripts/deps.sh test
 	$(CARGO) test --workspace --lib --bins
+	@./scripts/disk.sh before
 	ulimit -n 65536 2>/dev/null || ulimit -n $$(ulimit -Hn) 2>/dev/null; \
-	$(CARGO) test --test it -- --test-threads=$(TEST_THREADS)
+	$(CARGO) test --test it -- --test-threads=$(TEST_THREADS) || { ./scripts/disk.sh after; exit 1; }
 	$(MAKE) fuzz
 
 lint:
