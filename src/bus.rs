@@ -41,7 +41,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use fluxbase_replication::pgoutput::Lsn;
-use tokio::sync::{mpsc, Notify};
+use tokio::sync::{mpsc, Notify, Semaphore};
 
 /// Queue length of an ordinary subscriber, in events.
 pub const QUEUE_LEN: usize = 4096;
@@ -54,6 +54,11 @@ pub const DURABLE_QUEUE_LEN: usize = 2048;
 /// Events a publisher hands to a durable subscriber's queue at a time: it waits until there is
 /// room for that many (a quarter of the queue), not for each free slot.
 pub const DURABLE_RUN: usize = DURABLE_QUEUE_LEN / 4;
+/// Bytes of events ([`Event::held_bytes`], counted in whole KiB) a durable subscriber's queue
+/// holds at most, besides its length: 2,048 events of rows near `cdc_max_row_bytes` (16 MiB)
+/// would otherwise be 32 GiB. The publisher waits for room as it waits for free slots; an event
+/// larger than the whole bound goes alone. Small events never meet it (2,048 × 1 KiB is 2 MiB).
+pub const DURABLE_QUEUE_BYTES: usize = 16 << 20;
 
 /// The operation of a row change.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
@@ -202,6 +207,48 @@ impl Event {
     pub fn old(&self) -> Option<&str> {
         self.old.get(&self.payload)
     }
+
+    /// The bytes of text it holds: its payload and the row images it keeps beside it.
+    pub fn held_bytes(&self) -> usize {
+        let own = |image: &RowImage| match image {
+            RowImage::Own(text) => text.len(),
+            _ => 0,
+        };
+        self.payload.len() + own(&self.record) + own(&self.old)
+    }
+}
+
+/// What an event counts against a durable queue's [`DURABLE_QUEUE_BYTES`], in KiB (at least 1,
+/// at most the whole bound).
+fn queue_kib(event: &Event) -> usize {
+    event
+        .held_bytes()
+        .div_ceil(1024)
+        .clamp(1, DURABLE_QUEUE_BYTES / 1024)
+}
+
+/// `events` in consecutive runs of at most `run` events and at most the whole byte bound each (a
+/// run must fit the bound to ever find room in it).
+fn by_room(events: &[Arc<Event>], run: usize) -> impl Iterator<Item = &[Arc<Event>]> {
+    let mut rest = events;
+    std::iter::from_fn(move || {
+        if rest.is_empty() {
+            return None;
+        }
+        let mut kib = 0;
+        let mut n = 0;
+        while n < rest.len().min(run) {
+            let k = queue_kib(&rest[n]);
+            if n > 0 && kib + k > DURABLE_QUEUE_BYTES / 1024 {
+                break;
+            }
+            kib += k;
+            n += 1;
+        }
+        let (chunk, tail) = rest.split_at(n);
+        rest = tail;
+        Some(chunk)
+    })
 }
 
 /// The publish/subscribe boundary of one project: what the change stream publishes to and
@@ -271,11 +318,25 @@ pub trait SubscriptionLink: Send + Sync {
 
 /// A subscriber's end of the bus, whatever the transport: events arrive on `events`.
 pub struct Subscription {
-    pub events: mpsc::Receiver<Arc<Event>>,
+    /// Taken only through the methods below, which give a durable queue's room back.
+    events: mpsc::Receiver<Arc<Event>>,
     /// The in-process bus's durable subscribers: signalled once per run of events handed over
     /// (see [`Subscription::recv`]). `None`: wait on `events` itself.
     runs: Option<Arc<Notify>>,
+    /// The in-process bus's durable subscribers: the room left in the queue's byte bound
+    /// ([`DURABLE_QUEUE_BYTES`], KiB permits), given back as events are taken through
+    /// [`Subscription::recv`], [`Subscription::recv_many`] and [`Subscription::try_recv`]; closed
+    /// when the subscription is dropped, so a publisher waiting for room stops waiting.
+    room: Option<Arc<Semaphore>>,
     link: Box<dyn SubscriptionLink>,
+}
+
+impl Drop for Subscription {
+    fn drop(&mut self) {
+        if let Some(room) = &self.room {
+            room.close();
+        }
+    }
 }
 
 impl Subscription {
@@ -286,8 +347,23 @@ impl Subscription {
         Subscription {
             events,
             runs: None,
+            room: None,
             link: Box::new(link),
         }
+    }
+
+    /// An event taken off the queue gives its bytes back to the publisher.
+    fn taken(&self, event: Arc<Event>) -> Arc<Event> {
+        if let Some(room) = &self.room {
+            room.add_permits(queue_kib(&event));
+        }
+        event
+    }
+
+    /// The next queued event, without waiting.
+    pub fn try_recv(&mut self) -> Option<Arc<Event>> {
+        let event = self.events.try_recv().ok()?;
+        Some(self.taken(event))
     }
 
     /// The next event; `None` once the queue is closed and empty. Cancel-safe. A durable
@@ -302,7 +378,7 @@ impl Subscription {
         };
         loop {
             match self.events.try_recv() {
-                Ok(event) => return Some(event),
+                Ok(event) => return Some(self.taken(event)),
                 Err(mpsc::error::TryRecvError::Disconnected) => return None,
                 Err(mpsc::error::TryRecvError::Empty) => {}
             }
@@ -324,12 +400,12 @@ impl Subscription {
         buf.push(first);
         let mut n = 1;
         while n < limit {
-            match self.events.try_recv() {
-                Ok(event) => {
+            match self.try_recv() {
+                Some(event) => {
                     buf.push(event);
                     n += 1;
                 }
-                Err(_) => break,
+                None => break,
             }
         }
         n
@@ -383,6 +459,8 @@ struct Subscriber {
     tx: mpsc::Sender<Arc<Event>>,
     /// Durable only: signalled after each run handed over ([`Subscription::recv`]).
     runs: Option<Arc<Notify>>,
+    /// Durable only: the room left in its queue's byte bound ([`Subscription::room`]).
+    room: Option<Arc<Semaphore>>,
     durable: bool,
     /// Durable only: the highest end LSN stored.
     acked: Option<Lsn>,
@@ -443,10 +521,12 @@ impl ProjectBus {
             0
         };
         let runs = durable.then(|| Arc::new(Notify::new()));
+        let room = durable.then(|| Arc::new(Semaphore::new(DURABLE_QUEUE_BYTES / 1024)));
         subs.push(Subscriber {
             id,
             tx,
             runs: runs.clone(),
+            room: room.clone(),
             durable,
             acked: None,
             handed: None,
@@ -466,6 +546,7 @@ impl ProjectBus {
             },
         );
         sub.runs = runs;
+        sub.room = room;
         sub
     }
 
@@ -505,7 +586,7 @@ impl ProjectBus {
             subs.retain_mut(|s| {
                 if s.durable {
                     if s.from_pass <= pass {
-                        durable.push((s.tx.clone(), s.runs.clone()));
+                        durable.push((s.tx.clone(), s.runs.clone(), s.room.clone()));
                         // Owed from now on (before the hand-over: never "all acknowledged"
                         // while events are on their way).
                         s.handed = Some(s.handed.map_or(last_end, |h| h.max(last_end)));
@@ -530,15 +611,32 @@ impl ProjectBus {
                 true
             });
         }
-        for (tx, runs) in durable {
+        'subscribers: for (tx, runs, room) in durable {
             let run = DURABLE_RUN.min(tx.max_capacity()).max(1);
-            for chunk in events.chunks(run) {
+            for chunk in by_room(events, run) {
+                // Room in the byte bound first; once the events are queued it is theirs until
+                // taken (forgotten here, given back by the subscription). A publish abandoned
+                // before that gives it back with the permit.
+                let bytes_room = match &room {
+                    Some(room) => {
+                        let kib = chunk.iter().map(|e| queue_kib(e)).sum::<usize>();
+                        match room.acquire_many(kib as u32).await {
+                            Ok(permit) => Some(permit),
+                            // Dropped: the subscriber is gone.
+                            Err(_) => continue 'subscribers,
+                        }
+                    }
+                    None => None,
+                };
                 // A closed queue means the subscriber is gone; its Drop removes it.
                 let Ok(permits) = tx.reserve_many(chunk.len()).await else {
                     break;
                 };
                 for (permit, event) in permits.zip(chunk) {
                     permit.send(event.clone());
+                }
+                if let Some(permit) = bytes_room {
+                    permit.forget();
                 }
                 // One wake for the run (a subscriber taking events through
                 // `Subscription::recv` never waits on the queue itself).
@@ -732,7 +830,7 @@ mod tests {
         // `old` joined after the pass began: the stream is asked to rewind, and until it does,
         // `old` gets nothing of this pass (its events may be past what `old` replays from).
         bus.publish(event(1)).await;
-        assert!(old.events.try_recv().is_err());
+        assert!(old.try_recv().is_none());
         assert!(bus.rewind_generation() > first);
         assert_eq!(bus.start_pass(), bus.rewind_generation());
         bus.publish(event(1)).await;
@@ -744,7 +842,7 @@ mod tests {
         let mut new = bus.subscribe_durable();
         let mut live = bus.subscribe();
         bus.publish(event(3)).await;
-        assert!(new.events.try_recv().is_err());
+        assert!(new.try_recv().is_none());
         assert_eq!(old.events.try_recv().unwrap().end_lsn, Lsn(3));
         bus.start_pass();
         bus.publish(event(1)).await;
@@ -814,6 +912,53 @@ mod tests {
             .collect()
     }
 
+    /// However few the events, a durable queue holds at most [`DURABLE_QUEUE_BYTES`] of them:
+    /// the publisher waits until the subscriber takes some (before, 2,048 rows of 16 MiB could
+    /// queue: 32 GiB), and every byte taken is room again.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_durable_queue_is_bounded_in_bytes_and_taking_events_makes_room() {
+        let bus = Bus::default().project("p");
+        let mut durable = bus.subscribe_durable();
+        bus.start_pass();
+        let mib = "x".repeat(1 << 20);
+        let events: Vec<Arc<Event>> = (1..=24)
+            .map(|n| {
+                let mut e = Arc::into_inner(event(n)).unwrap();
+                e.payload = Arc::from(mib.as_str());
+                Arc::new(e)
+            })
+            .collect();
+        let wait = std::time::Duration::from_millis(200);
+        // 24 MiB: the first 16 fill the bound, the rest wait (the publish is abandoned here).
+        assert!(tokio::time::timeout(wait, bus.publish_batch(&events))
+            .await
+            .is_err());
+        let room = durable.room.clone().unwrap();
+        assert_eq!(room.available_permits(), 0);
+        let mut got = Vec::new();
+        while let Some(e) = durable.try_recv() {
+            got.push(e.commit_lsn.0);
+        }
+        assert_eq!(got, (1..=16).collect::<Vec<_>>());
+        assert_eq!(room.available_permits(), DURABLE_QUEUE_BYTES / 1024);
+        // The rest fits now; taken through `recv_many`, their room comes back too.
+        tokio::time::timeout(wait, bus.publish_batch(&events[16..]))
+            .await
+            .expect("room was made");
+        let mut buf = Vec::new();
+        assert_eq!(durable.recv_many(&mut buf, 100).await, 8);
+        assert_eq!(room.available_permits(), DURABLE_QUEUE_BYTES / 1024);
+        // A subscriber dropped while the publisher waits for room does not hold it up.
+        let more: Vec<Arc<Event>> = events.iter().cycle().take(40).cloned().collect();
+        let publish = bus.publish_batch(&more);
+        tokio::pin!(publish);
+        assert!(tokio::time::timeout(wait, &mut publish).await.is_err());
+        drop(durable);
+        tokio::time::timeout(wait, publish)
+            .await
+            .expect("a closed queue ends the wait");
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_batch_longer_than_a_durable_queue_arrives_whole_and_in_order() {
         let bus = Bus::default().project("p");
@@ -826,7 +971,7 @@ mod tests {
         let reader = tokio::spawn(async move {
             let mut got = Vec::new();
             while got.len() < n as usize {
-                let Some(e) = durable.events.recv().await else {
+                let Some(e) = durable.recv().await else {
                     break;
                 };
                 if got.len() < 100 {
@@ -834,7 +979,7 @@ mod tests {
                 }
                 got.push(e.commit_lsn.0);
             }
-            got
+            (got, durable)
         });
         let events = run(n, 10);
         tokio::time::timeout(
@@ -843,7 +988,7 @@ mod tests {
         )
         .await
         .expect("the publisher waited for room and got it");
-        let got = reader.await.unwrap();
+        let (got, _durable) = reader.await.unwrap();
         assert_eq!(got, (1..=n).collect::<Vec<_>>());
         // The last whole transaction is what was published.
         assert_eq!(bus.published.load(Ordering::Acquire), n / 10 * 10);

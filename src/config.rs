@@ -181,6 +181,9 @@ pub struct Config {
     pub webhook_control_connections: usize,
     /// Most webhooks draining at once (each up to `webhook_max_in_flight` requests).
     pub webhook_max_drains: usize,
+    /// MiB of delivery bodies over 8 KiB that the drains hold at once: such a body is read from
+    /// the outbox when its attempt starts and held until it ends; attempts wait for room.
+    pub webhook_large_body_memory_mb: u64,
     /// Most webhooks of one project draining at once: one project's backlog cannot take every
     /// drain, and others' deliveries go out beside it.
     pub webhook_max_drains_per_project: usize,
@@ -364,6 +367,7 @@ impl Default for Config {
             webhook_max_in_flight: 64,
             webhook_control_connections: 4,
             webhook_max_drains: 16,
+            webhook_large_body_memory_mb: 64,
             webhook_max_drains_per_project: 4,
             webhook_max_per_project: 25,
             realtime_retention_events: 100_000,
@@ -625,8 +629,9 @@ impl Config {
             || self.webhook_max_drains == 0
             || self.webhook_max_drains_per_project == 0
             || self.webhook_max_per_project == 0
+            || self.webhook_large_body_memory_mb == 0
         {
-            bail!("webhook_control_connections, webhook_max_drains, webhook_max_drains_per_project and webhook_max_per_project must be positive");
+            bail!("webhook_control_connections, webhook_max_drains, webhook_max_drains_per_project, webhook_max_per_project and webhook_large_body_memory_mb must be positive");
         }
         if self.max_rows == 0 || self.pool_size == 0 || self.rate_limit_window_secs == 0 {
             bail!("max_rows, pool_size and rate_limit_window_secs must be positive");

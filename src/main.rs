@@ -107,6 +107,8 @@ enum ProjectAction {
 
 /// mimalloc instead of glibc's malloc: the SQL hot path allocates and frees many small buffers
 /// per request across the runtime's threads (see docs/decisions.md, "Global allocator").
+/// `--features system-allocator` keeps glibc's, which heap profilers (heaptrack) can follow.
+#[cfg(not(feature = "system-allocator"))]
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 

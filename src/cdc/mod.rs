@@ -1036,6 +1036,9 @@ async fn stream_once<B: EventBus>(
 /// subscriber woken for the first finds the rest queued. Bounds the memory held meanwhile (a
 /// spilled transaction is read back this many events at a time).
 const PUBLISH_RUN: usize = 256;
+/// A run also ends once its events' payloads reach this many bytes (after at least one event):
+/// 256 rows near `cdc_max_row_bytes` would be 4 GiB read back from a spill file at once.
+const PUBLISH_RUN_BYTES: usize = 4 << 20;
 
 /// Publishes a committed transaction's events in order.
 async fn release<C: ProjectChannel>(
@@ -1057,6 +1060,7 @@ async fn release<C: ProjectChannel>(
     while !done {
         let run = blocking_if(heavy, || {
             let mut run: Vec<Arc<Event>> = Vec::new();
+            let mut run_bytes = 0;
             while let Some(p) = iter.next() {
                 let p = p.map_err(assemble::AssembleError::Spill)?;
                 let last = iter.peek().is_none();
@@ -1065,9 +1069,10 @@ async fn release<C: ProjectChannel>(
                 }
                 let event = events::finish(p, tx.commit_lsn, tx.end_lsn, index, &commit_time, last);
                 bytes += event.payload.len() as u64;
+                run_bytes += event.held_bytes();
                 run.push(Arc::new(event));
                 index += 1;
-                if last || run.len() == PUBLISH_RUN {
+                if last || run.len() == PUBLISH_RUN || run_bytes >= PUBLISH_RUN_BYTES {
                     done = last;
                     return Ok::<_, StreamError>(run);
                 }

@@ -310,7 +310,7 @@ async fn term(
                     }
                 }
             }
-            event = sub.events.recv(), if in_flight.len() < IN_FLIGHT => {
+            event = sub.recv(), if in_flight.len() < IN_FLIGHT => {
                 let Some(event) = event else { return Ok(()) };
                 let end = event.last_in_transaction.then_some(event.end_lsn);
                 if last_id.as_deref().is_some_and(|l| event.id.as_str() <= l) {

@@ -76,9 +76,9 @@ pub(super) fn spawn(rt: &Arc<Realtime>, room: &Arc<Room>) -> tokio::task::JoinHa
                     Some(EventKind::Schema { .. })
                 )
             {
-                match sub.events.try_recv() {
-                    Ok(e) => batch.push(e),
-                    Err(_) => break,
+                match sub.try_recv() {
+                    Some(e) => batch.push(e),
+                    None => break,
                 }
             }
             let (Some(room), Some(rt)) = (weak_room.upgrade(), weak_rt.upgrade()) else {

@@ -86,20 +86,22 @@ impl Sender {
     }
 
     /// POSTs the delivery's body, signed both ways at `timestamp`.
-    async fn send(&self, d: &Due, timestamp: i64) -> Result<egress::Response, EgressError> {
+    async fn send(
+        &self,
+        d: &Due,
+        body: bytes::Bytes,
+        timestamp: i64,
+    ) -> Result<egress::Response, EgressError> {
         let headers = [
             ("content-type", "application/json".to_string()),
-            (
-                "x-fluxbase-signature",
-                guide_signature(&d.secret, d.body.as_bytes()),
-            ),
+            ("x-fluxbase-signature", guide_signature(&d.secret, &body)),
             ("x-fluxbase-delivery", d.id.clone()),
             ("x-fluxbase-event", d.event_type.clone()),
             ("webhook-id", d.id.clone()),
             ("webhook-timestamp", timestamp.to_string()),
             (
                 "webhook-signature",
-                standard_signature(&d.secret, &d.id, timestamp, d.body.as_bytes()),
+                standard_signature(&d.secret, &d.id, timestamp, &body),
             ),
         ];
         let url =
@@ -108,7 +110,7 @@ impl Sender {
             self.client(),
             &url,
             &headers,
-            bytes::Bytes::from(d.body.clone()),
+            body,
             self.allow_private,
             RESPONSE_BODY_CAP,
         )
@@ -145,11 +147,53 @@ pub(super) struct Sent {
     outcome: Result<egress::Response, EgressError>,
 }
 
-/// Sends one attempt of a delivery; nothing is recorded (see [`settle`]).
-pub(super) async fn send(shared: &Shared, d: &Due) -> Sent {
+/// The server's budget for the bodies that did not come with their page (over
+/// [`deliveries::INLINE_BODY_BYTES`]): each is read from the outbox when its attempt starts and
+/// held until the attempt ends, within this many bytes for every drain together
+/// (`webhook_large_body_memory_mb`). An attempt waits for room; one body larger than the whole
+/// budget goes alone.
+pub(super) struct BodyBudget {
+    kib: tokio::sync::Semaphore,
+    total_kib: usize,
+}
+
+impl BodyBudget {
+    pub(super) fn new(bytes: usize) -> BodyBudget {
+        let total_kib = (bytes / 1024).max(1);
+        BodyBudget {
+            kib: tokio::sync::Semaphore::new(total_kib),
+            total_kib,
+        }
+    }
+
+    /// Room for a body of `bytes`, held until the permit is dropped.
+    async fn room(&self, bytes: usize) -> tokio::sync::SemaphorePermit<'_> {
+        let kib = bytes.div_ceil(1024).clamp(1, self.total_kib);
+        self.kib
+            .acquire_many(u32::try_from(kib).unwrap_or(u32::MAX))
+            .await
+            .expect("never closed")
+    }
+}
+
+/// Sends one attempt of a delivery; nothing is recorded (see [`settle`]). A body that did not
+/// come with its page is read now, within [`BodyBudget`]. `None`: the delivery is no longer
+/// stored (its webhook or project was deleted meanwhile); an error: the outbox could not be read
+/// (nothing was sent).
+pub(super) async fn send(shared: &Shared, d: &Due) -> anyhow::Result<Option<Sent>> {
+    let (body, _room) = match &d.body {
+        Some(body) => (body.clone(), None),
+        None => {
+            let room = shared.large_bodies.room(d.body_bytes).await;
+            let Some(body) = deliveries::body(&shared.work.get().await?, &d.id).await? else {
+                return Ok(None);
+            };
+            (body, Some(room))
+        }
+    };
     let at = Utc::now();
-    let outcome = shared.sender.send(d, at.timestamp()).await;
-    Sent { at, outcome }
+    let outcome = shared.sender.send(d, body, at.timestamp()).await;
+    Ok(Some(Sent { at, outcome }))
 }
 
 /// One attempt of one delivery, and its bookkeeping. A success is added to `delivered` (the
@@ -161,7 +205,9 @@ pub(super) async fn attempt(
     failing: &mut bool,
     delivered: &mut Successes,
 ) -> anyhow::Result<Next> {
-    let sent = send(shared, d).await;
+    let Some(sent) = send(shared, d).await? else {
+        return Ok(Next::Continue);
+    };
     Ok(
         match settle(shared, webhook_id, d, sent, failing, delivered).await? {
             Settled::Disabled => Next::Disabled,

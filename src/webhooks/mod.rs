@@ -100,6 +100,8 @@ pub struct Settings {
     pub max_in_flight: usize,
     /// Most webhooks draining at once; at least 1.
     pub max_drains: usize,
+    /// Bytes of large bodies ([`attempt::BodyBudget`]) held by every drain together.
+    pub large_body_memory: usize,
     /// Most webhooks of one project draining at once; at least 1.
     pub max_drains_per_project: usize,
     /// Webhooks one project may register.
@@ -117,6 +119,8 @@ impl Settings {
             scan_interval: Duration::from_millis(config.webhook_scan_ms.max(10)),
             max_in_flight: config.webhook_max_in_flight.max(1),
             max_drains: config.webhook_max_drains.max(1),
+            large_body_memory: (config.webhook_large_body_memory_mb as usize)
+                .saturating_mul(1 << 20),
             max_drains_per_project: config.webhook_max_drains_per_project.max(1),
             max_per_project: config.webhook_max_per_project,
             node_id: None,
@@ -194,6 +198,8 @@ struct Shared {
     bus: Arc<Bus>,
     settings: Settings,
     sender: attempt::Sender,
+    /// Room for the large bodies being sent ([`attempt::BodyBudget`]).
+    large_bodies: attempt::BodyBudget,
     queue: worker::Queue,
     /// The outbox writer of each project with webhooks.
     writers: Mutex<HashMap<String, tokio::task::JoinHandle<()>>>,
@@ -222,6 +228,7 @@ impl Webhooks {
                 cluster: None,
                 bus,
                 sender: attempt::Sender::new(settings.allow_private),
+                large_bodies: attempt::BodyBudget::new(settings.large_body_memory),
                 settings,
                 queue: Default::default(),
                 writers: Default::default(),

@@ -19,9 +19,14 @@ use crate::control::deliveries::{self, NewDeliveries};
 use crate::control::webhooks::{self as hooks, Subscriber};
 use crate::secrets::random_base62;
 
-/// Most events whose deliveries the outbox writer stores with one INSERT (a larger transaction
-/// still goes in one).
+/// Most events whose deliveries the outbox writer stores with one INSERT.
 const OUTBOX_BATCH: usize = 1024;
+/// Most bytes of events (their rows and payloads) the writer holds before storing their
+/// deliveries: a larger transaction is stored in parts as it arrives, so the writer never holds
+/// more than about this plus one event (≤ `cdc_max_row_bytes` per row image), whatever the
+/// transaction's size (the change stream spills large transactions to disk; holding them whole
+/// here undid that: ten 14 MB rows in one transaction took 1 GB).
+const OUTBOX_BATCH_BYTES: usize = 4 << 20;
 
 /// Starts the project's outbox writer, unless it runs already.
 pub(super) fn start(shared: &Arc<Shared>, project_id: &str) {
@@ -77,6 +82,12 @@ impl Hook {
 /// (up to [`OUTBOX_BATCH`] events): when the control database answers slowly, the writer falls
 /// behind by one batch instead of building a backlog one round trip per transaction, which at
 /// 1,000 transactions/s on a loaded machine grew to seconds.
+///
+/// A transaction larger than a batch ([`OUTBOX_BATCH`] events or [`OUTBOX_BATCH_BYTES`]) is
+/// stored in parts, and acknowledged after its last part: its deliveries are committed changes,
+/// so sending the first before the last are stored changes nothing a receiver sees, and after a
+/// crash between parts the stream replays the whole transaction, whose stored deliveries are
+/// skipped (`UNIQUE (webhook_id, event_id)`: same ids, never twice).
 async fn run(shared: Weak<Shared>, mut sub: Subscription, project_id: String) {
     let mut batch: Vec<Arc<Event>> = Vec::new();
     let mut key_columns = match shared.upgrade() {
@@ -84,36 +95,37 @@ async fn run(shared: Weak<Shared>, mut sub: Subscription, project_id: String) {
         None => return,
     };
     loop {
-        // At least one whole transaction...
-        loop {
-            let Some(event) = sub.recv().await else {
-                return;
+        // Until a transaction has ended and nothing more is queued, or the batch is full.
+        let mut bytes = 0;
+        let mut ended = false;
+        while batch.len() < OUTBOX_BATCH && bytes < OUTBOX_BATCH_BYTES {
+            let event = if ended {
+                match sub.try_recv() {
+                    Some(event) => event,
+                    None => break,
+                }
+            } else {
+                match sub.recv().await {
+                    Some(event) => event,
+                    None => return,
+                }
             };
-            let last = event.last_in_transaction;
-            batch.push(event);
-            if last {
-                break;
-            }
-        }
-        // ...and whatever is already queued behind it. Only whole transactions are stored; the
-        // rest of the last one waits in `batch` for its end.
-        while batch.len() < OUTBOX_BATCH {
-            let Ok(event) = sub.events.try_recv() else {
-                break;
-            };
+            ended |= event.last_in_transaction;
+            bytes += event.held_bytes();
             batch.push(event);
         }
-        let complete = 1 + batch
+        // Acknowledged up to the last transaction that ends in the batch.
+        let end = batch
             .iter()
-            .rposition(|e| e.last_in_transaction)
-            .expect("a whole transaction was received");
-        let end = batch[complete - 1].end_lsn;
+            .rev()
+            .find(|e| e.last_in_transaction)
+            .map(|e| e.end_lsn);
         let Some(shared) = shared.upgrade() else {
             return;
         };
         let mut backoff = Duration::from_millis(200);
         loop {
-            match store(&shared, &project_id, &batch[..complete], &mut key_columns).await {
+            match store(&shared, &project_id, &batch, &mut key_columns).await {
                 Ok(hooks) => {
                     if !hooks.is_empty() {
                         shared.queue.stored(&project_id, hooks);
@@ -128,8 +140,10 @@ async fn run(shared: Weak<Shared>, mut sub: Subscription, project_id: String) {
                 }
             }
         }
-        sub.ack(end);
-        batch.drain(..complete);
+        if let Some(end) = end {
+            sub.ack(end);
+        }
+        batch.clear();
     }
 }
 
@@ -157,7 +171,11 @@ async fn store(
         let mut body = None;
         let mut keys = None;
         for hook in hooks.iter().filter(|h| h.wants(event, kind)) {
-            let body = body.get_or_insert_with(|| payload(project_id, event, kind));
+            // One text per event, shared by its deliveries to every webhook.
+            let body = *body.get_or_insert_with(|| {
+                new.texts.push(payload(project_id, event, kind));
+                new.texts.len() - 1
+            });
             if keys.is_none() {
                 let names = match (&event.row_key, &event.schema, &event.table) {
                     (None, Some(schema), Some(table)) if kind != EventType::SchemaChanged => {
@@ -172,7 +190,7 @@ async fn store(
             new.webhook_ids.push(hook.id.clone());
             new.event_ids.push(event.id.clone());
             new.event_types.push(kind.as_str().to_string());
-            new.bodies.push(body.clone());
+            new.bodies.push(body);
             new.row_keys.push(keys.clone());
         }
     }

@@ -1,6 +1,11 @@
 //! What a receiver gets: the event type of a bus event and the guide's JSON body for it; and
 //! what the delivery worker orders it by ([`order_keys`]).
 
+use std::borrow::Cow;
+use std::collections::HashMap;
+
+use serde_json::value::RawValue;
+
 use super::keys::RowNames;
 use crate::bus::{Event, EventKind, RowOp};
 use crate::control::webhooks::EventType;
@@ -137,8 +142,13 @@ pub fn order_keys(event: &Event, names: &RowNames) -> Option<String> {
 
 /// The key columns of a row image as a JSON object, in the key's order (`{"id":1}`); `None` when
 /// the image is not an object or lacks one of them.
+///
+/// The values are the image's own text (the change stream writes every image of a row with the
+/// same renderer, so equal keys are equal text): nothing of the row is copied or parsed into
+/// values but the key (a 16 MiB row used to become a tree of `serde_json::Value`s here), and a
+/// bigint past 2^53 stays exact.
 fn key_of(image: &str, columns: &[String]) -> Option<String> {
-    let value: serde_json::Map<String, serde_json::Value> = serde_json::from_str(image).ok()?;
+    let value: HashMap<Cow<'_, str>, &RawValue> = serde_json::from_str(image).ok()?;
     let mut out = String::from("{");
     for (i, c) in columns.iter().enumerate() {
         if i > 0 {
@@ -146,7 +156,7 @@ fn key_of(image: &str, columns: &[String]) -> Option<String> {
         }
         out.push_str(&serde_json::to_string(c).ok()?);
         out.push(':');
-        out.push_str(&serde_json::to_string(value.get(c)?).ok()?);
+        out.push_str(value.get(c.as_str())?.get());
     }
     out.push('}');
     Some(out)

@@ -109,6 +109,7 @@ impl Window {
         Due {
             id: q.id.clone(),
             body: q.body.clone(),
+            body_bytes: q.body_bytes,
             attempts: q.attempts,
             created_at: q.created_at,
             event_type: q.event_type.clone(),
@@ -158,7 +159,8 @@ mod tests {
         let now = Utc::now();
         Queued {
             id: format!("dlv_{n}"),
-            body: String::new(),
+            body: Some(bytes::Bytes::new()),
+            body_bytes: 0,
             attempts: 0,
             created_at: now,
             event_id: format!("{n:08}"),

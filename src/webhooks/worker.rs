@@ -511,6 +511,11 @@ async fn drain_rows(
                     outcomes.push(o);
                 }
                 for (seq, due, sent) in outcomes {
+                    // Gone from the outbox (its webhook was deleted): nothing to record.
+                    let Some(sent) = sent? else {
+                        window.finish(seq);
+                        continue;
+                    };
                     match attempt::settle(shared, webhook_id, &due, sent, &mut failing, &mut delivered).await? {
                         Settled::Delivered => {
                             oldest_success.get_or_insert_with(Instant::now);

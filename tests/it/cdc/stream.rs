@@ -858,7 +858,7 @@ async fn replaying_the_events_of_a_random_workload_rebuilds_the_tables() {
     let mut last_id = String::new();
     loop {
         // A hang guard only: events of a committed workload keep coming.
-        let e = match tokio::time::timeout(Duration::from_secs(120), sub.events.recv()).await {
+        let e = match tokio::time::timeout(Duration::from_secs(120), sub.recv()).await {
             Ok(Some(e)) => e,
             Ok(None) => panic!("cut off: {:?}", sub.closed_reason()),
             Err(_) => panic!("the sentinel never arrived ({count} row changes before it)"),
@@ -960,7 +960,7 @@ async fn a_subscriber_that_cannot_keep_up_is_cut_off_and_told_why_while_a_readin
     assert_eq!(v["command"], "CREATE TABLE", "{v}");
     let mut got = 1;
     loop {
-        match tokio::time::timeout(Duration::from_secs(20), stalled.events.recv()).await {
+        match tokio::time::timeout(Duration::from_secs(20), stalled.recv()).await {
             Ok(Some(e)) => {
                 assert_eq!(
                     (row_x(&e), &e.id),

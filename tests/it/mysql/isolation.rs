@@ -47,7 +47,7 @@ async fn first_published(
     for (present, what) in [(true, "spilled"), (false, "read back")] {
         while spilled() != present {
             assert!(
-                sub_a.events.try_recv().is_err(),
+                sub_a.try_recv().is_none(),
                 "A's transaction was published before it was seen {what}"
             );
             assert!(
@@ -64,8 +64,8 @@ async fn first_published(
     let wait = Duration::from_secs(180);
     let first = tokio::time::timeout(wait, async {
         tokio::select! {
-            e = sub_a.events.recv() => ("a", e.expect("bus closed")),
-            e = sub_b.events.recv() => ("b", e.expect("bus closed")),
+            e = sub_a.recv() => ("a", e.expect("bus closed")),
+            e = sub_b.recv() => ("b", e.expect("bus closed")),
         }
     })
     .await
@@ -77,7 +77,7 @@ async fn first_published(
     );
     let (a_event, b_event) = match first {
         ("b", e) => (
-            tokio::time::timeout(wait, sub_a.events.recv())
+            tokio::time::timeout(wait, sub_a.recv())
                 .await
                 .expect("A's transaction never published")
                 .unwrap(),
@@ -85,7 +85,7 @@ async fn first_published(
         ),
         (_, e) => (
             e,
-            tokio::time::timeout(wait, sub_b.events.recv())
+            tokio::time::timeout(wait, sub_b.recv())
                 .await
                 .expect("B's row never published")
                 .unwrap(),

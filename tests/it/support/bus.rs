@@ -13,7 +13,7 @@ pub async fn next_event(sub: &mut Subscription) -> Arc<Event> {
 }
 
 pub async fn next_event_within(sub: &mut Subscription, wait: Duration) -> Arc<Event> {
-    tokio::time::timeout(wait, sub.events.recv())
+    tokio::time::timeout(wait, sub.recv())
         .await
         .unwrap_or_else(|_| panic!("no event within {wait:?}"))
         .expect("the bus closed the subscription")
@@ -31,7 +31,7 @@ pub async fn events(sub: &mut Subscription, n: usize) -> Vec<Value> {
 
 /// Nothing more arrives within `wait`.
 pub async fn assert_quiet(sub: &mut Subscription, wait: Duration) {
-    if let Ok(Some(e)) = tokio::time::timeout(wait, sub.events.recv()).await {
+    if let Ok(Some(e)) = tokio::time::timeout(wait, sub.recv()).await {
         panic!("unexpected event: {}", e.payload);
     }
 }

@@ -24,6 +24,7 @@ fn node(app: &crate::support::TestApp, id: &str) -> Webhooks {
             scan_interval: Duration::from_millis(10),
             max_in_flight: 8,
             max_drains: 16,
+            large_body_memory: 64 << 20,
             max_drains_per_project: 4,
             max_per_project: 25,
             node_id: Some(id.to_string()),
@@ -42,7 +43,8 @@ async fn store(app: &crate::support::TestApp, project: &str, webhook: &str, from
         d.webhook_ids.push(webhook.to_string());
         d.event_ids.push(format!("evt_{i:05}"));
         d.event_types.push("row.inserted".into());
-        d.bodies.push(json!({ "n": i }).to_string());
+        d.bodies.push(d.texts.len());
+        d.texts.push(json!({ "n": i }).to_string());
         d.row_keys.push(Some(format!("row{i}")));
     }
     let client = app.app.control.get().await.unwrap();
