@@ -75,6 +75,7 @@ pub async fn pg() -> &'static Pg {
         .await
         .unwrap()
         .expect("starting the test cluster");
+        start_janitor(cluster.url("postgres"));
         Pg {
             host: "127.0.0.1".into(),
             port: cluster.port,
@@ -84,6 +85,77 @@ pub async fn pg() -> &'static Pg {
         }
     })
     .await
+}
+
+/// How long a project or control database of the shared cluster must have had no connection and
+/// no active replication slot before the janitor drops it.
+const LEFT_FOR: std::time::Duration = std::time::Duration::from_secs(180);
+
+/// Drops what ended tests left on the shared cluster: a project database (`fx_…`) or control
+/// database (`ctl_…`) with no connection and no active slot for [`LEFT_FOR`], with its slots.
+/// Servers are dropped, not their projects, so a run left ~900 databases (7.3 GB) and its ended
+/// tests' slots kept every WAL segment since the oldest (4.7 GB): 15 GB under target/tmp on a
+/// disk CI shares (measured 2026-12-07). A running test's databases always have connections (its
+/// server's pools, its stream's walsender); one that is restarted after a pause comes back
+/// within seconds, far inside the three minutes.
+fn start_janitor(url: String) {
+    std::thread::Builder::new()
+        .name("test-cluster-janitor".into())
+        .spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("the janitor's runtime");
+            rt.block_on(async move {
+                let mut idle_since: std::collections::HashMap<String, std::time::Instant> =
+                    Default::default();
+                loop {
+                    tokio::time::sleep(std::time::Duration::from_secs(30)).await;
+                    let Ok((client, conn)) =
+                        tokio_postgres::connect(&url, tokio_postgres::NoTls).await
+                    else {
+                        continue;
+                    };
+                    tokio::spawn(conn);
+                    let Ok(rows) = client
+                        .query(
+                            "SELECT d.datname::text FROM pg_database d
+                             WHERE (d.datname LIKE 'fx\\_%' OR d.datname LIKE 'ctl\\_%')
+                               AND NOT EXISTS (SELECT 1 FROM pg_stat_activity a WHERE a.datid = d.oid)
+                               AND NOT EXISTS (SELECT 1 FROM pg_replication_slots s
+                                               WHERE s.database = d.datname AND s.active)",
+                            &[],
+                        )
+                        .await
+                    else {
+                        continue;
+                    };
+                    let idle: std::collections::HashSet<String> =
+                        rows.iter().map(|r| r.get(0)).collect();
+                    idle_since.retain(|db, _| idle.contains(db));
+                    let now = std::time::Instant::now();
+                    for db in idle {
+                        let since = *idle_since.entry(db.clone()).or_insert(now);
+                        if now.duration_since(since) < LEFT_FOR {
+                            continue;
+                        }
+                        let _ = client
+                            .execute(
+                                "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots
+                                 WHERE database = $1 AND NOT active",
+                                &[&db],
+                            )
+                            .await;
+                        let quoted = db.replace('"', "\"\"");
+                        let _ = client
+                            .batch_execute(&format!("DROP DATABASE IF EXISTS \"{quoted}\" WITH (FORCE)"))
+                            .await;
+                        idle_since.remove(&db);
+                    }
+                }
+            });
+        })
+        .expect("starting the test cluster's janitor");
 }
 
 /// A superuser tokio-postgres client for `url`, its connection driven in a task of its own.
