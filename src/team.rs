@@ -164,6 +164,10 @@ pub struct Member {
     pub role: MemberRole,
     #[schema(value_type = String, format = DateTime)]
     pub joined_at: DateTime<Utc>,
+    /// One of the project's owners: an admin who chose the role (created the project, or
+    /// accepted an admin invitation), whose account the project counts for. The last owner can
+    /// be neither removed nor demoted (409), even while admins made by a role change remain.
+    pub owner: bool,
 }
 
 impl From<members::MemberRow> for Member {
@@ -174,6 +178,7 @@ impl From<members::MemberRow> for Member {
             display_name: m.display_name,
             role: m.role,
             joined_at: m.joined_at,
+            owner: m.owner,
         }
     }
 }

@@ -13,6 +13,8 @@ pub struct MemberRow {
     pub display_name: Option<String>,
     pub role: MemberRole,
     pub joined_at: DateTime<Utc>,
+    /// An admin who chose the role: one of the project's owners.
+    pub owner: bool,
 }
 
 impl TryFrom<&Row> for MemberRow {
@@ -24,11 +26,13 @@ impl TryFrom<&Row> for MemberRow {
             display_name: r.try_get("display_name")?,
             role: r.try_get("role")?,
             joined_at: r.try_get("joined_at")?,
+            owner: r.try_get("owner")?,
         })
     }
 }
 
-const MEMBER_COLUMNS: &str = "m.user_id, u.email, u.display_name, m.role, m.joined_at";
+const MEMBER_COLUMNS: &str = "m.user_id, u.email, u.display_name, m.role, m.joined_at,
+     m.role = 'admin' AND m.chose_admin AS owner";
 
 /// A project a user belongs to, with their role.
 pub struct Membership {

@@ -23,6 +23,10 @@ use fluxbase_replication::pgoutput::Lsn;
 type SyncTask = tokio::task::JoinHandle<(super::history::SyncJob, std::io::Result<()>)>;
 /// Events the pump stores (and fsyncs) at a time.
 const PUMP_BATCH: usize = 1024;
+/// A batch also ends once its events hold this many bytes: taking events off the bus gives their
+/// room back to the stream, so a batch bounded in events only (1,024 rows near the 16 MiB row
+/// bound) would hold what the bus's byte bound keeps out of its queue.
+const PUMP_BATCH_BYTES: usize = 4 << 20;
 /// How often the pump makes what was stored since durable and trims by age when idle.
 const PUMP_TICK: Duration = Duration::from_millis(500);
 
@@ -70,14 +74,19 @@ pub(super) fn spawn(rt: &Arc<Realtime>, room: &Arc<Room>) -> tokio::task::JoinHa
             }
             // What is queued, up to a schema event (policies may change with it) or the
             // batch bound: one row-level security evaluation for all of it.
+            let mut bytes = batch.first().map_or(0, |e| e.held_bytes());
             while batch.len() < PUMP_BATCH
+                && bytes < PUMP_BATCH_BYTES
                 && !matches!(
                     batch.last().map(|e| &e.kind),
                     Some(EventKind::Schema { .. })
                 )
             {
                 match sub.try_recv() {
-                    Some(e) => batch.push(e),
+                    Some(e) => {
+                        bytes += e.held_bytes();
+                        batch.push(e);
+                    }
                     None => break,
                 }
             }

@@ -5,7 +5,7 @@
 //! Both signatures cover the exact bytes sent. Retries follow [`BACKOFF`] with ±10 % jitter;
 //! `Retry-After` is honoured up to 6 h.
 
-use std::sync::OnceLock;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use chrono::Utc;
@@ -152,8 +152,9 @@ pub(super) struct Sent {
 /// held until the attempt ends, within this many bytes for every drain together
 /// (`webhook_large_body_memory_mb`). An attempt waits for room; one body larger than the whole
 /// budget goes alone.
+#[derive(Clone)]
 pub(super) struct BodyBudget {
-    kib: tokio::sync::Semaphore,
+    kib: Arc<tokio::sync::Semaphore>,
     total_kib: usize,
 }
 
@@ -161,16 +162,17 @@ impl BodyBudget {
     pub(super) fn new(bytes: usize) -> BodyBudget {
         let total_kib = (bytes / 1024).max(1);
         BodyBudget {
-            kib: tokio::sync::Semaphore::new(total_kib),
+            kib: Arc::new(tokio::sync::Semaphore::new(total_kib)),
             total_kib,
         }
     }
 
     /// Room for a body of `bytes`, held until the permit is dropped.
-    async fn room(&self, bytes: usize) -> tokio::sync::SemaphorePermit<'_> {
+    async fn room(&self, bytes: usize) -> tokio::sync::OwnedSemaphorePermit {
         let kib = bytes.div_ceil(1024).clamp(1, self.total_kib);
         self.kib
-            .acquire_many(u32::try_from(kib).unwrap_or(u32::MAX))
+            .clone()
+            .acquire_many_owned(u32::try_from(kib).unwrap_or(u32::MAX))
             .await
             .expect("never closed")
     }
@@ -184,8 +186,18 @@ pub(super) async fn send(shared: &Shared, d: &Due) -> anyhow::Result<Option<Sent
     let (body, _room) = match &d.body {
         Some(body) => (body.clone(), None),
         None => {
-            let room = shared.large_bodies.room(d.body_bytes).await;
-            let Some(body) = deliveries::body(&shared.work.get().await?, &d.id).await? else {
+            // Read in a task of its own: a `row` drain polls its attempts only while it looks at
+            // them, and a pool connection handed to an attempt meanwhile would sit there while
+            // the drain itself waits for one (with 4 connections, every one in turn).
+            let (budget, pool) = (shared.large_bodies.clone(), shared.work.clone());
+            let (id, bytes) = (d.id.clone(), d.body_bytes);
+            let fetched = tokio::spawn(async move {
+                let room = budget.room(bytes).await;
+                let body = deliveries::body(&pool.get().await?, &id).await?;
+                anyhow::Ok(body.map(|body| (body, room)))
+            })
+            .await??;
+            let Some((body, room)) = fetched else {
                 return Ok(None);
             };
             (body, Some(room))

@@ -143,10 +143,10 @@ pub fn order_keys(event: &Event, names: &RowNames) -> Option<String> {
 /// The key columns of a row image as a JSON object, in the key's order (`{"id":1}`); `None` when
 /// the image is not an object or lacks one of them.
 ///
-/// The values are the image's own text (the change stream writes every image of a row with the
-/// same renderer, so equal keys are equal text): nothing of the row is copied or parsed into
-/// values but the key (a 16 MiB row used to become a tree of `serde_json::Value`s here), and a
-/// bigint past 2^53 stays exact.
+/// Only the key's values are parsed (the rest of the row is skipped as raw text: a 16 MiB row
+/// used to become a tree of `serde_json::Value`s here); they are written as before, parsed and
+/// printed again, so that the keys of deliveries an older server stored still match (`1.50`
+/// prints as `1.5` either way).
 fn key_of(image: &str, columns: &[String]) -> Option<String> {
     let value: HashMap<Cow<'_, str>, &RawValue> = serde_json::from_str(image).ok()?;
     let mut out = String::from("{");
@@ -156,7 +156,8 @@ fn key_of(image: &str, columns: &[String]) -> Option<String> {
         }
         out.push_str(&serde_json::to_string(c).ok()?);
         out.push(':');
-        out.push_str(value.get(c.as_str())?.get());
+        let v: serde_json::Value = serde_json::from_str(value.get(c.as_str())?.get()).ok()?;
+        out.push_str(&serde_json::to_string(&v).ok()?);
     }
     out.push('}');
     Some(out)

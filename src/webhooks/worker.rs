@@ -372,7 +372,15 @@ async fn drain_strict(
                 }
             }
             started += 1;
-            match attempt(shared, webhook_id, d, &mut failing, &mut delivered).await? {
+            let next = match attempt(shared, webhook_id, d, &mut failing, &mut delivered).await {
+                Ok(next) => next,
+                Err(e) => {
+                    // What was delivered is recorded before the drain ends (else sent again).
+                    record(shared, &delivered).await?;
+                    return Err(e);
+                }
+            };
+            match next {
                 Next::Continue => {}
                 Next::Disabled => {
                     record(shared, &delivered).await?;
@@ -511,10 +519,20 @@ async fn drain_rows(
                     outcomes.push(o);
                 }
                 for (seq, due, sent) in outcomes {
-                    // Gone from the outbox (its webhook was deleted): nothing to record.
-                    let Some(sent) = sent? else {
-                        window.finish(seq);
-                        continue;
+                    let sent = match sent {
+                        Ok(Some(sent)) => sent,
+                        // Gone from the outbox (its webhook was deleted): nothing to record.
+                        Ok(None) => {
+                            window.finish(seq);
+                            continue;
+                        }
+                        // Its body could not be read (nothing was sent): tried again shortly,
+                        // no attempt counted; the rest of the drain goes on.
+                        Err(e) => {
+                            tracing::warn!(webhook_id, delivery_id = %due.id, error = %e, "reading a delivery's body; trying again");
+                            window.retry(seq, due.attempts, chrono::Utc::now() + chrono::Duration::seconds(2));
+                            continue;
+                        }
                     };
                     match attempt::settle(shared, webhook_id, &due, sent, &mut failing, &mut delivered).await? {
                         Settled::Delivered => {

@@ -1,6 +1,6 @@
 // Team: the project's members and invitations. Admins invite a registered account (email and
 // role), change a member's role and remove members; the API refuses to remove or demote the
-// last admin (409 CONFLICT), so that is not offered. Developers and viewers cannot list the team
+// last admin or the last owner (409 CONFLICT), so that is not offered. Developers and viewers cannot list the team
 // (403 INSUFFICIENT_PERMISSIONS): they get a note with their own role.
 
 import { h, mount, field, header, section, errorBox, dataTable, when, confirmDialog, toast, act } from '../lib/dom.js';
@@ -68,12 +68,14 @@ function render(ctx, el) {
     }
     if (!alive) return;
     const admins = team.members.filter((m) => m.role === 'admin').length;
+    const owners = team.members.filter((m) => m.owner).length;
+    const lockOf = (m) => locked(m, admins, owners);
     mount(members, dataTable([
       { key: 'member', label: 'Member', render: (m) => h('span', {},
         memberLabel(m), m.userId === me ? h('span', { class: 'you' }, ' (you)') : null) },
-      { key: 'role', label: 'Role', render: (m) => roleCell(m, admins) },
+      { key: 'role', label: 'Role', render: (m) => roleCell(m, lockOf(m)) },
       { key: 'joinedAt', label: 'Joined', render: (m) => when(m.joinedAt) },
-      { key: 'actions', label: 'Actions', render: (m) => removeCell(m, admins) },
+      { key: 'actions', label: 'Actions', render: (m) => removeCell(m, lockOf(m)) },
     ], team.members, { empty: 'No members.' }));
     tag(members, team.members, (tr, m) => { tr.dataset.member = m.email; tr.dataset.userId = m.userId; tr.dataset.role = m.role; });
 
@@ -87,13 +89,28 @@ function render(ctx, el) {
     tag(invites, sorted, (tr, i) => { tr.dataset.invite = i.email; tr.dataset.status = i.status; });
   }
 
-  /** The last admin can be neither demoted nor removed (409): shown as text, no control. */
-  const locked = (m, admins) => m.role === 'admin' && admins <= 1;
+  /**
+   * The last admin, and the last owner (an admin who created the project or accepted an admin
+   * invitation: the account the project counts for), can be neither demoted nor removed (409):
+   * shown as text, no control. Which of the two, or null.
+   */
+  function locked(m, admins, owners) {
+    if (m.role === 'admin' && admins <= 1) {
+      return { label: 'last admin', why: 'The project\'s last admin: make another member admin first.' };
+    }
+    if (m.owner && owners <= 1) {
+      return {
+        label: 'last owner',
+        why: 'The project\'s last owner, the account it counts for: invite another account as admin and have it accept first (an admin made by changing a role does not own the project).',
+      };
+    }
+    return null;
+  }
 
-  function roleCell(m, admins) {
-    if (locked(m, admins)) {
-      return h('span', { class: 'role-locked', title: 'The project\'s last admin: make another member admin first.' },
-        m.role, h('span', { class: 'muted' }, ' (last admin)'));
+  function roleCell(m, lock) {
+    if (lock) {
+      return h('span', { class: 'role-locked', title: lock.why },
+        m.role, h('span', { class: 'muted' }, ` (${lock.label})`));
     }
     // A select and a Save button (not a change listener: with the keyboard, each arrow key
     // would be a request).
@@ -129,8 +146,8 @@ function render(ctx, el) {
     return h('div', { class: 'row role-edit' }, select, save);
   }
 
-  function removeCell(m, admins) {
-    if (locked(m, admins)) return h('span', { class: 'muted' }, '—');
+  function removeCell(m, lock) {
+    if (lock) return h('span', { class: 'muted', title: lock.why }, '—');
     const self = m.userId === me;
     return h('button', {
       type: 'button', class: 'small danger', 'data-remove': m.email, 'aria-label': `Remove ${m.email}`,

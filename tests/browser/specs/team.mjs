@@ -1,7 +1,7 @@
 // Team and invitations: the owner invites an account as developer in the UI; the invitee (a
 // browser context of its own) sees the badge and the invitation, accepts, and the project is in
-// their list; the owner changes their role (to admin and back: the last admin is never offered a
-// demotion or removal), to viewer (the invitee's views turn read-only), removes them; a rejected
+// their list; the owner changes their role (to admin and back: the last admin, and the last
+// owner while the other admin only got the role by a change, is never offered a demotion or removal), to viewer (the invitee's views turn read-only), removes them; a rejected
 // invitation shows as rejected. Every step is checked against the API too.
 import { spec, BASE, assert, call, until, textOf, unique, account } from '../lib/harness.mjs';
 
@@ -76,19 +76,23 @@ await spec('team', async (t) => {
   await bp.waitForSelector(`a[data-project="${id}"]`);
   assert.match(await bp.$eval(`a[data-project="${id}"]`, (a) => a.closest('tr').innerText), /developer/);
 
-  t.log('the owner sees Bob; making him admin lets the owner step down, making him developer again locks the owner');
+  t.log('the owner sees Bob; making him admin by a role change leaves the owner locked as the last owner (the API would answer 409), then as the last admin again');
   await owner.reload();
   await owner.waitForSelector(bobRow);
   assert.match(await textOf(owner, `tr[data-invite="${bob.email}"]`), /accepted/);
   assert.equal(await owner.$eval(`select[data-role-of="${bob.email}"]`, (s) => s.value), 'developer');
   await setRole(bob.email, 'admin');
   await owner.waitForSelector(`${bobRow}[data-role=admin]`);
-  await owner.waitForSelector(`select[data-role-of="${ownerAccount.email}"]`);
-  await owner.waitForSelector(`${ownerRow} button[data-remove]`);
-  assert.equal((await team()).members.find((m) => m.email === bob.email).role, 'admin');
+  await owner.waitForFunction((s) => /last owner/.test(document.querySelector(s)?.innerText || ''), {}, ownerRow);
+  assert.equal(await owner.$(`${ownerRow} select`), null);
+  assert.equal(await owner.$(`${ownerRow} button[data-remove]`), null);
+  const listed = await team();
+  assert.deepEqual(listed.members.map((m) => [m.email, m.role, m.owner]),
+    [[ownerAccount.email, 'admin', true], [bob.email, 'admin', false]]);
+  assert.equal((await call('DELETE', `/api/team?projectId=${id}&userId=${listed.members[0].userId}`, { token })).status, 409);
   await setRole(bob.email, 'developer');
   await owner.waitForSelector(`${bobRow}[data-role=developer]`);
-  await owner.waitForFunction((s) => !document.querySelector(s), {}, `${ownerRow} select`);
+  await owner.waitForFunction((s) => /last admin/.test(document.querySelector(s)?.innerText || ''), {}, ownerRow);
 
   t.log('the owner makes Bob a viewer');
   await setRole(bob.email, 'viewer');

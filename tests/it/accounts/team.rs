@@ -95,12 +95,21 @@ fn assert_error(status: u16, body: &Value, want_status: u16, code: &str) {
 }
 
 async fn admins_of(app: &TestApp, f: &Fixture) -> Vec<String> {
+    members_where(app, f, |m| m["role"] == "admin").await
+}
+
+/// The members `GET /api/team` marks as owners.
+async fn owners_of(app: &TestApp, f: &Fixture) -> Vec<String> {
+    members_where(app, f, |m| m["owner"] == true).await
+}
+
+async fn members_where(app: &TestApp, f: &Fixture, keep: impl Fn(&Value) -> bool) -> Vec<String> {
     let (_, body) = team(app, &f.admin, &f.project).await;
     body["members"]
         .as_array()
         .unwrap()
         .iter()
-        .filter(|m| m["role"] == "admin")
+        .filter(|m| keep(m))
         .map(|m| m["userId"].as_str().unwrap().to_string())
         .collect()
 }
@@ -118,6 +127,7 @@ async fn team_listing_has_the_guides_shape_for_members_and_invites() {
     assert_eq!(me["email"], f.email.as_str());
     assert_eq!(me["displayName"], "Test");
     assert_eq!(me["role"], "admin");
+    assert_eq!(me["owner"], true, "the creator owns the project");
     assert!(me["joinedAt"].as_str().unwrap().contains('T'));
     assert_eq!(body["invites"], json!([]));
 
@@ -147,8 +157,10 @@ async fn team_listing_has_the_guides_shape_for_members_and_invites() {
         assert!(keys.contains(&k), "{k} missing in {keys:?}");
     }
     assert_eq!(invites[0], *inv);
+    // The guide's five fields, and `owner` (whether the member is one the project counts for:
+    // the dashboard offers no removal of the last).
     let keys = body["members"][0].as_object().unwrap().len();
-    assert_eq!(keys, 5, "{body}");
+    assert_eq!(keys, 6, "{body}");
 }
 
 #[tokio::test]
@@ -1226,6 +1238,9 @@ async fn the_last_owner_stays_while_only_an_admin_made_by_a_role_change_would_re
     let pushed = join(&app, &f, "viewer").await;
     let (status, body) = patch_role(&app, &f.token, &f.project, &pushed.user_id, "admin").await;
     assert_eq!(status, 200, "{body}");
+    assert_eq!(body["member"]["owner"], false, "{body}");
+    // The listing says who owns it (the dashboard offers no removal of the last owner by it).
+    assert_eq!(owners_of(&app, &f).await, vec![f.user_id.clone()]);
     let last_owner = crate::support::http::assert_last_owner;
     for by in [&f.token, &f.admin, &pushed.token] {
         let (status, body) = remove(&app, by, &f.project, &f.user_id).await;
@@ -1249,6 +1264,10 @@ async fn the_last_owner_stays_while_only_an_admin_made_by_a_role_change_would_re
     // An account that accepts an admin invitation becomes an owner: the first may then leave,
     // and the new one is the last owner in its turn.
     let heir = join(&app, &f, "admin").await;
+    assert_eq!(
+        owners_of(&app, &f).await,
+        vec![f.user_id.clone(), heir.user_id.clone()]
+    );
     let (status, body) = remove(&app, &heir.token, &f.project, &f.user_id).await;
     assert_eq!(status, 200, "{body}");
     let (status, body) = remove(&app, &pushed.token, &f.project, &heir.user_id).await;

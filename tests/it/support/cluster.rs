@@ -147,8 +147,9 @@ fn start_janitor(url: String) {
                             )
                             .await;
                         let quoted = db.replace('"', "\"\"");
+                        // Not forced: one that gained a connection since is kept.
                         let _ = client
-                            .batch_execute(&format!("DROP DATABASE IF EXISTS \"{quoted}\" WITH (FORCE)"))
+                            .batch_execute(&format!("DROP DATABASE IF EXISTS \"{quoted}\""))
                             .await;
                         idle_since.remove(&db);
                     }
