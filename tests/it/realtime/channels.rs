@@ -60,17 +60,21 @@ async fn socket_until(ws: &mut Socket, last: impl Fn(&Value) -> bool) -> Vec<Val
     }
 }
 
+/// The webhook bodies received so far, in arrival order.
+fn bodies(rx: &Receiver) -> Vec<Value> {
+    rx.got
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|r| serde_json::from_str(&r.body).unwrap())
+        .collect()
+}
+
 /// Webhook bodies, in arrival order, until one for which `last` holds (20 s at most).
 async fn hooks_until(rx: &Receiver, last: impl Fn(&Value) -> bool) -> Vec<Value> {
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
-        let got: Vec<Value> = rx
-            .got
-            .lock()
-            .unwrap()
-            .iter()
-            .map(|r| serde_json::from_str(&r.body).unwrap())
-            .collect();
+        let got = bodies(rx);
         if let Some(i) = got.iter().position(&last) {
             return got[..=i].to_vec();
         }
@@ -86,13 +90,7 @@ async fn hooks_until(rx: &Receiver, last: impl Fn(&Value) -> bool) -> Vec<Value>
 async fn hooks_until_count(rx: &Receiver, kept: impl Fn(&Value) -> bool, n: usize) -> Vec<Value> {
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
-        let got: Vec<Value> = rx
-            .got
-            .lock()
-            .unwrap()
-            .iter()
-            .map(|r| serde_json::from_str(&r.body).unwrap())
-            .collect();
+        let got = bodies(rx);
         if got.iter().filter(|b| kept(b)).count() >= n {
             return got;
         }
