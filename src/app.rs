@@ -49,7 +49,7 @@ pub struct App {
     /// `mysql_url`), their accounts and SQL pools.
     pub mysql: Arc<crate::mysql::Mysql>,
     /// Keeps the embedded cluster alive as long as the server; stopped on shutdown.
-    pub embedded: Option<embedded::Cluster>,
+    pub embedded: Option<Arc<embedded::Cluster>>,
     /// Cluster mode (`nats_url`): this node's link to the others; `None` for a single node.
     pub cluster_mode: Option<Arc<ClusterMode>>,
     /// Projects this server is deleting now: their statements' errors are answered as the
@@ -110,7 +110,7 @@ impl App {
                 })
                 .await??;
                 let target = ClusterTarget::from_url(&cluster.url("fluxbase"))?;
-                (target, Some(cluster))
+                (target, Some(Arc::new(cluster)))
             }
         };
         let control = crate::db::open_control(&cluster, crate::db::CONTROL_CONNECTIONS).await?;
@@ -228,6 +228,11 @@ impl App {
             deleting: Default::default(),
             deleting_elsewhere: Default::default(),
         });
+        // A server keeps its embedded databases running (a CLI command's run is short, and it
+        // stops what it started).
+        if sweep {
+            app.supervise_embedded()?;
+        }
         app.join_cluster();
         let host: std::sync::Weak<dyn crate::realtime::Host> = Arc::downgrade(&app) as _;
         app.realtime.attach(host);
@@ -297,6 +302,21 @@ impl App {
             lifecycle::seal_routine_epochs(&app);
         }
         Ok(app)
+    }
+
+    /// Starts the supervisors of the embedded PostgreSQL (if the server runs one) and of the
+    /// embedded MariaDB (whenever it starts): [`crate::supervise`].
+    fn supervise_embedded(&self) -> Result<()> {
+        if let Some(cluster) = &self.embedded {
+            let metrics = self.metrics.clone();
+            crate::supervise::supervise(cluster, move || {
+                metrics
+                    .embedded_postgres_restarts
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            })
+            .context("starting the embedded PostgreSQL's supervisor")?;
+        }
+        self.mysql.supervise_embedded()
     }
 
     /// Stops what the server started (the embedded cluster).

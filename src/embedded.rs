@@ -48,6 +48,14 @@ pub struct Cluster {
     run_as: Option<(u32, u32)>,
     pub port: u16,
     pub password: String,
+    /// The settings this start added (`extra` of [`Cluster::start`]): every later start of
+    /// this instance (a restart, the supervisor's) gets them too.
+    extra: Vec<(String, String)>,
+    /// Taken by every stop and start after the first, so that the supervisor
+    /// ([`crate::supervise`]) and a restart never start the cluster twice.
+    ops: std::sync::Mutex<()>,
+    /// Set once the server stops the cluster: its supervisor lets it end.
+    stopping: std::sync::atomic::AtomicBool,
 }
 
 impl Cluster {
@@ -62,11 +70,17 @@ impl Cluster {
             run_as,
             port: 0,
             password: password.to_string(),
+            extra: extra
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            ops: Default::default(),
+            stopping: Default::default(),
         };
         if !cluster.data_dir().join("PG_VERSION").exists() {
             cluster.initdb()?;
         }
-        cluster.start_server(extra)
+        cluster.start_server()
     }
 
     pub fn data_dir(&self) -> PathBuf {
@@ -183,7 +197,16 @@ impl Cluster {
         Ok(())
     }
 
-    fn start_server(mut self, extra: &[(&str, &str)]) -> Result<Cluster> {
+    /// `pg_ctl start`'s server options: the port and this instance's settings.
+    fn options(&self) -> String {
+        let mut opts = format!("-p {}", self.port);
+        for (k, v) in &self.extra {
+            opts.push_str(&format!(" -c {k}={v}"));
+        }
+        opts
+    }
+
+    fn start_server(mut self) -> Result<Cluster> {
         if self.is_running() {
             tracing::warn!("an earlier embedded PostgreSQL is still running; restarting it");
             self.stop()?;
@@ -194,10 +217,7 @@ impl Cluster {
         let mut attempt = 1;
         loop {
             self.port = crate::os_user::free_port()?;
-            let mut opts = format!("-p {}", self.port);
-            for (k, v) in extra {
-                opts.push_str(&format!(" -c {k}={v}"));
-            }
+            let opts = self.options();
             let log_start = std::fs::metadata(self.log_file())
                 .map(|m| m.len())
                 .unwrap_or(0);
@@ -290,6 +310,7 @@ impl Cluster {
     /// Stops the cluster with `mode` (`fast`, or `immediate`: a crash, recovery at the next
     /// start) and starts it again on the same port.
     pub fn restart(&self, mode: &str) -> Result<()> {
+        let _ops = self.ops.lock().expect("poisoned");
         let out = self
             .command("pg_ctl")
             .arg("-D")
@@ -304,34 +325,76 @@ impl Cluster {
                 String::from_utf8_lossy(&out.stderr)
             );
         }
+        self.start_on_its_port()
+    }
+
+    /// `pg_ctl start` on the port this instance has (the server's pools and URLs name it),
+    /// then a watchdog for the new postmaster. The caller holds `ops`.
+    fn start_on_its_port(&self) -> Result<()> {
+        let log_start = std::fs::metadata(self.log_file())
+            .map(|m| m.len())
+            .unwrap_or(0);
         let out = self
             .command("pg_ctl")
             .arg("-D")
             .arg(self.data_dir())
             .arg("-l")
             .arg(self.log_file())
-            .args([
-                "-w",
-                "-t",
-                "120",
-                "-o",
-                &format!("-p {}", self.port),
-                "start",
-            ])
+            .args(["-w", "-t", "120", "-o", &self.options(), "start"])
             .stdin(Stdio::null())
             .output()
             .context("running pg_ctl start")?;
         if !out.status.success() {
+            // The cause is in PostgreSQL's log (the port taken, the old processes' shared
+            // memory still attached), not in pg_ctl's output.
+            let log = crate::os_user::inside::read(&self.log_file(), log_start, 1 << 20)
+                .unwrap_or_default();
+            let log = String::from_utf8_lossy(&log);
+            let cause = log
+                .lines()
+                .rev()
+                .find(|l| l.contains("FATAL") || l.contains("ERROR"))
+                .unwrap_or("");
             bail!(
-                "PostgreSQL did not restart: {}",
-                String::from_utf8_lossy(&out.stderr)
+                "PostgreSQL did not start: {} {}",
+                String::from_utf8_lossy(&out.stderr).trim(),
+                cause.trim()
             );
         }
         self.spawn_watchdog()
     }
 
-    /// Stops the cluster (fast shutdown: open sessions are rolled back).
+    /// The postmaster running this cluster's data directory now, from its pid file: only a
+    /// live `postgres` whose command line names this data directory (a pid file a crash left
+    /// may name a process that took the pid since). Held by a pidfd opened before the command
+    /// line is read, so the handle names the process checked or one gone since.
+    pub fn postmaster(&self) -> Option<crate::os_user::process::Held> {
+        let pid_file =
+            crate::os_user::inside::read(&self.data_dir().join("postmaster.pid"), 0, 4096).ok()?;
+        let pid: u32 = String::from_utf8_lossy(&pid_file)
+            .lines()
+            .next()?
+            .trim()
+            .parse()
+            .ok()?;
+        let held = crate::os_user::process::Held::open(pid)?;
+        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+        let mut args = cmdline.split(|b| *b == 0);
+        let program = args.next()?;
+        if !program.ends_with(b"postgres") {
+            return None;
+        }
+        let data_dir = self.data_dir();
+        let data_dir = data_dir.as_os_str().as_encoded_bytes();
+        args.any(|a| a == data_dir).then_some(held)
+    }
+
+    /// Stops the cluster (fast shutdown: open sessions are rolled back). Its supervisor, if it
+    /// has one, lets it end.
     pub fn stop(&self) -> Result<()> {
+        self.stopping
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        let _ops = self.ops.lock().expect("poisoned");
         let out = self
             .command("pg_ctl")
             .arg("-D")
@@ -347,6 +410,29 @@ impl Cluster {
             );
         }
         Ok(())
+    }
+}
+
+impl crate::supervise::Supervised for Cluster {
+    fn name(&self) -> &'static str {
+        "PostgreSQL"
+    }
+
+    fn process(&self) -> Option<crate::os_user::process::Held> {
+        self.postmaster()
+    }
+
+    fn stopping(&self) -> bool {
+        self.stopping.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    fn start_again(&self) -> Result<bool> {
+        let _ops = self.ops.lock().expect("poisoned");
+        if self.stopping() || self.postmaster().is_some() {
+            return Ok(false);
+        }
+        self.start_on_its_port()?;
+        Ok(true)
     }
 }
 

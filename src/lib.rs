@@ -30,6 +30,7 @@ pub mod rls;
 pub mod secrets;
 pub mod sql;
 pub mod storage;
+pub mod supervise;
 pub mod team;
 pub mod text;
 pub mod visibility;

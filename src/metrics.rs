@@ -55,6 +55,10 @@ pub struct Metrics {
     /// Row-level security evaluations of realtime events that failed or timed out (the events
     /// were hidden from the identities they were evaluated for).
     pub realtime_rls_failures: AtomicU64,
+    /// Starts of the embedded PostgreSQL and MariaDB by their supervisors after their main
+    /// process ended unexpectedly (`crate::supervise`).
+    pub embedded_postgres_restarts: AtomicU64,
+    pub embedded_mariadb_restarts: AtomicU64,
     /// The dedicated `/metrics` listener (`metrics_addr`): its bound address and task.
     listener: Mutex<Option<(std::net::SocketAddr, tokio::task::JoinHandle<()>)>>,
 }
@@ -252,6 +256,23 @@ impl Metrics {
         ] {
             let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
             let _ = writeln!(out, "{name} {}", value.load(Ordering::Relaxed));
+        }
+        {
+            let name = "fluxbase_embedded_restarts_total";
+            let _ = writeln!(
+                out,
+                "# HELP {name} Times the server started its embedded database again after its main process ended unexpectedly (killed, crashed).\n# TYPE {name} counter"
+            );
+            for (engine, n) in [
+                ("postgresql", &self.embedded_postgres_restarts),
+                ("mariadb", &self.embedded_mariadb_restarts),
+            ] {
+                let _ = writeln!(
+                    out,
+                    "{name}{{engine=\"{engine}\"}} {}",
+                    n.load(Ordering::Relaxed)
+                );
+            }
         }
         {
             let name = "fluxbase_storage_fsync_seconds_total";

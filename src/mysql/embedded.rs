@@ -25,6 +25,7 @@
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -79,7 +80,14 @@ pub struct Server {
     pub port: u16,
     admin_password: String,
     child: Mutex<Option<Child>>,
-    pid: u32,
+    pid: AtomicU32,
+    /// The settings this server was started with (`extra`): every later start gets them too.
+    extra: Mutex<Vec<(String, String)>>,
+    /// Taken by every start after the first and by the stop, so that the supervisor
+    /// ([`crate::supervise`]) and a restart never start the server twice.
+    ops: Mutex<()>,
+    /// Set once the server is being stopped: its supervisor lets it end.
+    stopping: AtomicBool,
 }
 
 #[derive(Debug, Clone)]
@@ -109,7 +117,15 @@ impl Server {
             port: 0,
             admin_password: admin_password.to_string(),
             child: Mutex::new(None),
-            pid: 0,
+            pid: AtomicU32::new(0),
+            extra: Mutex::new(
+                extra
+                    .iter()
+                    .map(|(k, v)| (k.to_string(), v.to_string()))
+                    .collect(),
+            ),
+            ops: Mutex::new(()),
+            stopping: AtomicBool::new(false),
         };
         server.stop_leftover();
         server.make_no_files_dir()?;
@@ -117,7 +133,7 @@ impl Server {
         if !server.data_dir().join("mysql").exists() {
             server.install()?;
         }
-        server.start_server(extra)?;
+        server.start_server()?;
         Ok(server)
     }
 
@@ -218,9 +234,9 @@ impl Server {
         Ok(path)
     }
 
-    fn start_server(&mut self, extra: &[(&str, &str)]) -> Result<()> {
+    fn start_server(&mut self) -> Result<()> {
         let init = self.write_init_file()?;
-        let result = self.start_on_a_free_port(&init, extra, None);
+        let result = self.start_on_a_free_port(&init, None);
         let _ = std::fs::remove_file(&init);
         result?;
         self.spawn_watchdog()?;
@@ -230,89 +246,17 @@ impl Server {
         Ok(())
     }
 
-    /// Starts `mariadbd` on `port` (when given: once), else on free ports until one holds.
-    fn start_on_a_free_port(
-        &mut self,
-        init: &Path,
-        extra: &[(&str, &str)],
-        port: Option<u16>,
-    ) -> Result<()> {
+    /// Starts `mariadbd` on `port` (when given: first), else on free ports until one holds.
+    fn start_on_a_free_port(&mut self, init: &Path, port: Option<u16>) -> Result<()> {
         let mut attempt = 1;
         loop {
             self.port = match (port, attempt) {
                 (Some(p), 1) => p,
                 _ => crate::os_user::free_port()?,
             };
-            let log_start = std::fs::symlink_metadata(self.log_file())
-                .map(|m| m.len())
-                .unwrap_or(0);
-            let mut cmd = self.command(&self.bindir.mariadbd);
-            cmd.arg("--no-defaults")
-                .arg(format!("--datadir={}", self.data_dir().display()))
-                .arg(format!(
-                    "--socket={}",
-                    self.root.join("mariadbd.sock").display()
-                ))
-                .arg(format!("--pid-file={}", self.pid_file().display()))
-                .arg(format!("--tmpdir={}", self.tmp_dir().display()))
-                .arg(format!("--log-error={}", self.log_file().display()))
-                .arg(format!(
-                    "--log-bin={}",
-                    self.data_dir().join("binlog").display()
-                ))
-                .arg(format!("--init-file={}", init.display()))
-                .arg(format!(
-                    "--secure-file-priv={}",
-                    self.root.join(NO_FILES_DIR).display()
-                ))
-                .arg(format!("--port={}", self.port));
-            for (k, v) in SETTINGS.iter().chain(extra) {
-                if v.is_empty() {
-                    cmd.arg(format!("--{k}"));
-                } else {
-                    cmd.arg(format!("--{k}={v}"));
-                }
-            }
-            {
-                use std::os::unix::process::CommandExt;
-                // Its own process group: a Ctrl-C meant for the server is not MariaDB's.
-                cmd.process_group(0);
-            }
-            let mut child = cmd
-                .stdin(Stdio::null())
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()
-                .context("starting mariadbd")?;
-            let deadline = Instant::now() + Duration::from_secs(120);
-            let outcome = loop {
-                let log = read_from(&self.log_file(), log_start);
-                if log.contains("ready for connections") {
-                    break Ok(());
-                }
-                if let Some(status) = child.try_wait()? {
-                    break Err((status, log));
-                }
-                if Instant::now() > deadline {
-                    let _ = child.kill();
-                    let _ = child.wait();
-                    bail!(
-                        "MariaDB did not start within 120 s; see {}",
-                        self.log_file().display()
-                    );
-                }
-                std::thread::sleep(Duration::from_millis(50));
-            };
-            match outcome {
-                Ok(()) => {
-                    self.pid = child.id();
-                    *self.child.lock().expect("poisoned") = Some(child);
-                    return Ok(());
-                }
-                Err((_, log))
-                    if (log.contains("Address already in use") || log.contains("Bind on"))
-                        && attempt < PORT_ATTEMPTS =>
-                {
+            match self.launch(init)? {
+                Launch::Up => return Ok(()),
+                Launch::PortTaken if attempt < PORT_ATTEMPTS => {
                     tracing::warn!(
                         port = self.port,
                         attempt,
@@ -320,16 +264,90 @@ impl Server {
                     );
                     attempt += 1;
                 }
-                Err((status, log)) => {
-                    let tail: Vec<&str> = log.lines().rev().take(15).collect();
-                    bail!(
-                        "MariaDB did not start ({status}); last lines of {}:\n{}",
-                        self.log_file().display(),
-                        tail.into_iter().rev().collect::<Vec<_>>().join("\n")
-                    );
-                }
+                Launch::PortTaken => bail!("MariaDB did not start: port {} is taken", self.port),
             }
         }
+    }
+
+    /// Starts `mariadbd` on `self.port` and waits until it is ready for connections; then it
+    /// is this server's child and pid.
+    fn launch(&self, init: &Path) -> Result<Launch> {
+        let log_start = std::fs::symlink_metadata(self.log_file())
+            .map(|m| m.len())
+            .unwrap_or(0);
+        let mut cmd = self.command(&self.bindir.mariadbd);
+        cmd.arg("--no-defaults")
+            .arg(format!("--datadir={}", self.data_dir().display()))
+            .arg(format!(
+                "--socket={}",
+                self.root.join("mariadbd.sock").display()
+            ))
+            .arg(format!("--pid-file={}", self.pid_file().display()))
+            .arg(format!("--tmpdir={}", self.tmp_dir().display()))
+            .arg(format!("--log-error={}", self.log_file().display()))
+            .arg(format!(
+                "--log-bin={}",
+                self.data_dir().join("binlog").display()
+            ))
+            .arg(format!("--init-file={}", init.display()))
+            .arg(format!(
+                "--secure-file-priv={}",
+                self.root.join(NO_FILES_DIR).display()
+            ))
+            .arg(format!("--port={}", self.port));
+        let extra = self.extra.lock().expect("poisoned").clone();
+        for (k, v) in SETTINGS
+            .iter()
+            .map(|(k, v)| (*k, *v))
+            .chain(extra.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+        {
+            if v.is_empty() {
+                cmd.arg(format!("--{k}"));
+            } else {
+                cmd.arg(format!("--{k}={v}"));
+            }
+        }
+        {
+            use std::os::unix::process::CommandExt;
+            // Its own process group: a Ctrl-C meant for the server is not MariaDB's.
+            cmd.process_group(0);
+        }
+        let mut child = cmd
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("starting mariadbd")?;
+        let deadline = Instant::now() + Duration::from_secs(120);
+        let (status, log) = loop {
+            let log = read_from(&self.log_file(), log_start);
+            if log.contains("ready for connections") {
+                self.pid.store(child.id(), Ordering::SeqCst);
+                *self.child.lock().expect("poisoned") = Some(child);
+                return Ok(Launch::Up);
+            }
+            if let Some(status) = child.try_wait()? {
+                break (status, log);
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                bail!(
+                    "MariaDB did not start within 120 s; see {}",
+                    self.log_file().display()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        if log.contains("Address already in use") || log.contains("Bind on") {
+            return Ok(Launch::PortTaken);
+        }
+        let tail: Vec<&str> = log.lines().rev().take(15).collect();
+        bail!(
+            "MariaDB did not start ({status}); last lines of {}:\n{}",
+            self.log_file().display(),
+            tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+        );
     }
 
     /// A server an earlier process left running on this datadir (its watchdog missed it) is
@@ -358,10 +376,11 @@ impl Server {
     fn spawn_watchdog(&self) -> Result<()> {
         use crate::os_user::process::{start_time, watchdog_script};
         let owner = std::process::id();
-        let (Some(owner_start), Some(start)) = (start_time(owner), start_time(self.pid)) else {
-            bail!("MariaDB (pid {}) ended as it started", self.pid);
+        let pid = self.pid();
+        let (Some(owner_start), Some(start)) = (start_time(owner), start_time(pid)) else {
+            bail!("MariaDB (pid {pid}) ended as it started");
         };
-        let script = watchdog_script((owner, owner_start), (self.pid, start), "TERM");
+        let script = watchdog_script((owner, owner_start), (pid, start), "TERM");
         let mut cmd = Command::new("sh");
         cmd.args(["-c", &script])
             .stdin(Stdio::null())
@@ -376,14 +395,17 @@ impl Server {
         Ok(())
     }
 
-    /// Stops the server (SIGTERM: a clean shutdown) and waits for it.
+    /// Stops the server (SIGTERM: a clean shutdown) and waits for it. Its supervisor, if it
+    /// has one, lets it end.
     pub fn stop(&self) -> Result<()> {
+        self.stopping.store(true, Ordering::SeqCst);
+        let _ops = self.ops.lock().expect("poisoned");
         let child = self.child.lock().expect("poisoned").take();
         let Some(mut child) = child else {
             return Ok(());
         };
         // Our own child, not reaped yet: its pid cannot have been reused.
-        terminate(self.pid);
+        terminate(self.pid());
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
             if child.try_wait()?.is_some() {
@@ -405,9 +427,13 @@ impl Server {
             let _ = child.kill();
             let _ = child.wait();
         }
+        *self.extra.lock().expect("poisoned") = extra
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
         let port = self.port;
         let init = self.write_init_file()?;
-        let result = self.start_on_a_free_port(&init, extra, Some(port));
+        let result = self.start_on_a_free_port(&init, Some(port));
         let _ = std::fs::remove_file(&init);
         result?;
         if self.port != port {
@@ -423,7 +449,62 @@ impl Server {
 
     /// The process id of `mariadbd`.
     pub fn pid(&self) -> u32 {
-        self.pid
+        self.pid.load(Ordering::SeqCst)
+    }
+}
+
+/// How one `mariadbd` start went.
+enum Launch {
+    Up,
+    /// It ended at once because its port was taken.
+    PortTaken,
+}
+
+impl crate::supervise::Supervised for Server {
+    fn name(&self) -> &'static str {
+        "MariaDB"
+    }
+
+    fn process(&self) -> Option<crate::os_user::process::Held> {
+        let mut child = self.child.lock().expect("poisoned");
+        let running = child.as_mut()?;
+        // Our child, not reaped while it is held here: its pid is its own.
+        match running.try_wait() {
+            Ok(None) => crate::os_user::process::Held::open(running.id()),
+            _ => None,
+        }
+    }
+
+    fn stopping(&self) -> bool {
+        self.stopping.load(Ordering::SeqCst)
+    }
+
+    fn start_again(&self) -> Result<bool> {
+        let _ops = self.ops.lock().expect("poisoned");
+        if self.stopping() {
+            return Ok(false);
+        }
+        {
+            let mut child = self.child.lock().expect("poisoned");
+            if let Some(running) = child.as_mut() {
+                if running.try_wait()?.is_none() {
+                    return Ok(false);
+                }
+            }
+            // Reaped above (or never ours): forget it.
+            *child = None;
+        }
+        // The same port only: the server's pools, the change streams' options and a CLI
+        // command beside the server all name it.
+        let init = self.write_init_file()?;
+        let launched = self.launch(&init);
+        let _ = std::fs::remove_file(&init);
+        match launched? {
+            Launch::Up => {}
+            Launch::PortTaken => bail!("its port {} is taken", self.port),
+        }
+        self.spawn_watchdog()?;
+        Ok(true)
     }
 }
 

@@ -40,6 +40,9 @@ pub struct Mysql {
     server: OnceCell<Target>,
     /// Keeps the embedded server alive with the app; stopped at shutdown.
     embedded: std::sync::Mutex<Option<Arc<embedded::Server>>>,
+    /// Whether the embedded server gets a supervisor when it starts (a server's, not a CLI
+    /// command's: [`Mysql::supervise_embedded`]).
+    supervised: std::sync::atomic::AtomicBool,
     pub(crate) sql: sql::Pools,
     /// The SQL API's counters, shared with PostgreSQL projects' requests.
     metrics: Arc<crate::metrics::Metrics>,
@@ -76,6 +79,7 @@ impl Mysql {
             secrets: secrets.clone(),
             server: OnceCell::new(),
             embedded: std::sync::Mutex::new(None),
+            supervised: Default::default(),
             sql: sql::Pools::new(config),
             binlog_facts: retention::FactsCache::default(),
             dumps: Default::default(),
@@ -148,7 +152,31 @@ impl Mysql {
         .await??;
         let server = Arc::new(server);
         *self.embedded.lock().expect("poisoned") = Some(server.clone());
+        if self.supervised.load(std::sync::atomic::Ordering::SeqCst) {
+            self.supervise(&server)?;
+        }
         Ok(server)
+    }
+
+    /// From now on the embedded server, once started, is started again whenever it ends
+    /// unexpectedly ([`crate::supervise`]); a server calls this, a CLI command does not.
+    pub fn supervise_embedded(&self) -> Result<()> {
+        self.supervised
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        match self.embedded() {
+            Some(server) => self.supervise(&server),
+            None => Ok(()),
+        }
+    }
+
+    fn supervise(&self, server: &Arc<embedded::Server>) -> Result<()> {
+        let metrics = self.metrics.clone();
+        crate::supervise::supervise(server, move || {
+            metrics
+                .embedded_mariadb_restarts
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        })
+        .context("starting the embedded MariaDB's supervisor")
     }
 
     /// The embedded server, if this app started one.

@@ -911,3 +911,213 @@ async fn cli_commands_with_a_relative_data_dir_reach_the_running_servers_mariadb
         std::thread::sleep(Duration::from_millis(100));
     }
 }
+
+/// `/metrics` of the server at `base` (loopback, no token configured): the value of `series`.
+async fn metric(base: &str, series: &str) -> Option<f64> {
+    let body = reqwest::get(format!("{base}/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    body.lines()
+        .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
+}
+
+/// Rows of `notes` (their `body`) the socket receives as `db_event`s until `last` arrives.
+async fn bodies_until(ws: &mut crate::support::ws::Socket, last: &str) -> Vec<String> {
+    let mut seen = Vec::new();
+    loop {
+        let m = crate::support::ws::next(ws).await;
+        if m["type"] != "db_event" {
+            continue; // `status` (degraded, live) while the stream reconnects
+        }
+        let body = m["payload"]["record"]["body"].as_str().unwrap().to_string();
+        seen.push(body.clone());
+        if body == last {
+            return seen;
+        }
+    }
+}
+
+/// Polls `sql` on the project until it answers 200 (the database is back).
+async fn served_again(base: &str, key: &str, project: &str, sql: &str, what: &str) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(90);
+    loop {
+        let (status, v) = sql_call(base, key, project, sql).await;
+        if status == 200 && v["success"] == true {
+            return v;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{what} was not served again: {status} {v}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+#[tokio::test]
+async fn serve_starts_its_embedded_databases_again_after_they_are_killed() {
+    let dir = crate::support::scratch_dir(&format!(
+        "it-{}-{}",
+        std::process::id(),
+        crate::support::unique("supervise")
+    ));
+    let init: Value = serde_json::from_str(&cli_ok(&dir, &["init", "--json"], None).await).unwrap();
+    let project = init["project"]["id"].as_str().unwrap().to_string();
+    let admin = init["apiKeys"]["admin"].as_str().unwrap().to_string();
+    let (mut server, base) = serve(
+        {
+            let mut cmd = fluxbase(&dir);
+            cmd.env_remove("FLUXBASE_MYSQL_URL");
+            cmd
+        },
+        Stdio::null(),
+    )
+    .await;
+    let (status, v) = sql_call(
+        &base,
+        &admin,
+        &project,
+        "CREATE TABLE notes (id serial PRIMARY KEY, body text); INSERT INTO notes (body) VALUES ('kept')",
+    )
+    .await;
+    assert_eq!(status, 200, "{v}");
+    let mut ws = crate::support::ws::connect_to(&base, "/").await;
+    let ack = crate::support::ws::subscribe(&mut ws, &project, Some(&admin)).await;
+    assert_eq!(ack["type"], "subscribed", "{ack}");
+
+    // PostgreSQL killed -9 right after a commit: started again on its port, the SQL API serves
+    // again, and the room gets the change committed before the kill and one made after.
+    let postmaster = postmaster_pid(&dir).expect("the server's cluster runs");
+    let (status, v) = sql_call(
+        &base,
+        &admin,
+        &project,
+        "INSERT INTO notes (body) VALUES ('before the kill')",
+    )
+    .await;
+    assert_eq!(status, 200, "{v}");
+    let killed = Command::new("kill")
+        .args(["-KILL", &postmaster.to_string()])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    served_again(
+        &base,
+        &admin,
+        &project,
+        "INSERT INTO notes (body) VALUES ('after the restart')",
+        "PostgreSQL",
+    )
+    .await;
+    let again = postmaster_pid(&dir).expect("PostgreSQL runs again");
+    assert_ne!(again, postmaster);
+    let seen = bodies_until(&mut ws, "after the restart").await;
+    assert!(
+        seen.iter().any(|b| b == "before the kill"),
+        "the change committed before the kill was lost: {seen:?}"
+    );
+    // Nothing committed was lost by the crash.
+    let (status, v) = sql_call(
+        &base,
+        &admin,
+        &project,
+        "SELECT body FROM notes ORDER BY id",
+    )
+    .await;
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(
+        v["result"]["rows"],
+        json!([{ "body": "kept" }, { "body": "before the kill" }, { "body": "after the restart" }])
+    );
+    assert_eq!(
+        metric(
+            &base,
+            "fluxbase_embedded_restarts_total{engine=\"postgresql\"}"
+        )
+        .await,
+        Some(1.0)
+    );
+
+    // MariaDB killed -9: the same for a MySQL project.
+    let email = init["user"]["email"].as_str().unwrap();
+    let (status, v) = login(&base, email, init["user"]["password"].as_str().unwrap()).await;
+    assert_eq!(status, 200, "{v}");
+    let session = v["token"].as_str().unwrap().to_string();
+    let created: Value = reqwest::Client::new()
+        .post(format!("{base}/api/projects"))
+        .bearer_auth(&session)
+        .json(&json!({ "name": "m", "engine": "mysql" }))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let my = created["project"]["id"].as_str().unwrap().to_string();
+    let my_admin = created["apiKeys"]["admin"].as_str().unwrap().to_string();
+    let (status, v) = sql_call(
+        &base,
+        &my_admin,
+        &my,
+        "CREATE TABLE notes (id int PRIMARY KEY, body text); INSERT INTO notes VALUES (1, 'kept')",
+    )
+    .await;
+    assert_eq!(status, 200, "{v}");
+    let mut my_ws = crate::support::ws::connect_to(&base, "/").await;
+    let ack = crate::support::ws::subscribe(&mut my_ws, &my, Some(&my_admin)).await;
+    assert_eq!(ack["type"], "subscribed", "{ack}");
+    let db = dir.join("mariadb");
+    let port = fluxbase::mysql::embedded::running_port(&db).expect("the server's MariaDB");
+    let mariadbd = fluxbase::mysql::embedded::server_process(&db).expect("mariadbd runs");
+    let (status, v) = sql_call(
+        &base,
+        &my_admin,
+        &my,
+        "INSERT INTO notes VALUES (2, 'before the kill')",
+    )
+    .await;
+    assert_eq!(status, 200, "{v}");
+    assert!(mariadbd.signal(rustix::process::Signal::KILL));
+    served_again(
+        &base,
+        &my_admin,
+        &my,
+        "INSERT INTO notes VALUES (3, 'after the restart')",
+        "MariaDB",
+    )
+    .await;
+    let again = fluxbase::mysql::embedded::server_process(&db).expect("MariaDB runs again");
+    assert_ne!(again.pid, mariadbd.pid);
+    assert_eq!(
+        fluxbase::mysql::embedded::running_port(&db),
+        Some(port),
+        "MariaDB came back on another port"
+    );
+    let seen = bodies_until(&mut my_ws, "after the restart").await;
+    assert!(
+        seen.iter().any(|b| b == "before the kill"),
+        "the change committed before the kill was lost: {seen:?}"
+    );
+    assert_eq!(
+        metric(
+            &base,
+            "fluxbase_embedded_restarts_total{engine=\"mariadb\"}"
+        )
+        .await,
+        Some(1.0)
+    );
+
+    // Ctrl-C: the server stops both, and its supervisors start neither again.
+    interrupt(&mut server);
+    assert!(
+        postmaster_pid(&dir).is_none(),
+        "PostgreSQL outlived its server"
+    );
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while fluxbase::mysql::embedded::running_port(&db).is_some() {
+        assert!(Instant::now() < deadline, "MariaDB outlived its server");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
