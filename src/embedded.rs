@@ -355,9 +355,15 @@ impl Cluster {
                 .rev()
                 .find(|l| l.contains("FATAL") || l.contains("ERROR"))
                 .unwrap_or("");
+            let said = String::from_utf8_lossy(&out.stderr);
+            let said: Vec<&str> = said
+                .lines()
+                .map(str::trim)
+                .filter(|l| !l.is_empty())
+                .collect();
             bail!(
                 "PostgreSQL did not start: {} {}",
-                String::from_utf8_lossy(&out.stderr).trim(),
+                said.join(" "),
                 cause.trim()
             );
         }
