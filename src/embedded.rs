@@ -56,6 +56,8 @@ pub struct Cluster {
     ops: std::sync::Mutex<()>,
     /// Set once the server stops the cluster: its supervisor lets it end.
     stopping: std::sync::atomic::AtomicBool,
+    /// The postmaster the last watchdog watches.
+    watched: std::sync::atomic::AtomicU32,
 }
 
 impl Cluster {
@@ -76,6 +78,7 @@ impl Cluster {
                 .collect(),
             ops: Default::default(),
             stopping: Default::default(),
+            watched: Default::default(),
         };
         if !cluster.data_dir().join("PG_VERSION").exists() {
             cluster.initdb()?;
@@ -209,7 +212,9 @@ impl Cluster {
     fn start_server(mut self) -> Result<Cluster> {
         if self.is_running() {
             tracing::warn!("an earlier embedded PostgreSQL is still running; restarting it");
-            self.stop()?;
+            // Not `stop()`: that marks this instance stopping, and its supervisor would never
+            // start it again.
+            self.stop_server()?;
         }
         // PostgreSQL cannot listen on port 0 and report the port, so a free port is picked and
         // handed over; another process may take it in between. Then the start fails with
@@ -291,7 +296,10 @@ impl Cluster {
             use std::os::unix::process::CommandExt;
             cmd.uid(uid).gid(gid);
         }
-        cmd.spawn().context("starting the cluster watchdog")?;
+        let watchdog = cmd.spawn().context("starting the cluster watchdog")?;
+        crate::os_user::process::reap_in_background(watchdog);
+        self.watched
+            .store(postmaster, std::sync::atomic::Ordering::SeqCst);
         Ok(())
     }
 
@@ -400,6 +408,11 @@ impl Cluster {
     pub fn stop(&self) -> Result<()> {
         self.stopping
             .store(true, std::sync::atomic::Ordering::SeqCst);
+        self.stop_server()
+    }
+
+    /// `pg_ctl stop -m fast` (under `ops`).
+    fn stop_server(&self) -> Result<()> {
         let _ops = self.ops.lock().expect("poisoned");
         let out = self
             .command("pg_ctl")
@@ -425,7 +438,19 @@ impl crate::supervise::Supervised for Cluster {
     }
 
     fn process(&self) -> Option<crate::os_user::process::Held> {
-        self.postmaster()
+        let held = self.postmaster()?;
+        // A postmaster left without a watchdog (its start timed out in a long recovery, after
+        // which it came up) gets one: none may outlive the server.
+        if self.watched.load(std::sync::atomic::Ordering::SeqCst) != held.pid {
+            if let Err(e) = self.spawn_watchdog() {
+                tracing::warn!(error = %format!("{e:#}"), "watching the embedded PostgreSQL");
+            }
+        }
+        Some(held)
+    }
+
+    fn ended(&self, postmaster: &crate::os_user::process::Held) {
+        postmaster.reap();
     }
 
     fn stopping(&self) -> bool {

@@ -202,8 +202,27 @@ fn id(flag: &[&str], user: Option<&str>) -> Result<u32> {
     Ok(String::from_utf8_lossy(&out.stdout).trim().parse()?)
 }
 
-/// A loopback port free now (a server started on it may still find it taken: callers retry).
+/// A loopback port free now for an embedded server (a server started on it may still find it
+/// taken: callers retry). Chosen below the kernel's ephemeral range (`ip_local_port_range`)
+/// when there is room for it: a port of that range, what binding port 0 gives, can go to any
+/// process's outgoing connection or `bind(0)` while the server is down, and a server its
+/// supervisor starts again must come back on the same port ([`crate::supervise`]).
 pub fn free_port() -> Result<u16> {
+    /// The lowest port chosen: above the well-known and most registered services' ports.
+    const FLOOR: u16 = 10_000;
+    let below = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|r| r.split_whitespace().next()?.parse::<u16>().ok())
+        .filter(|low| *low > FLOOR + 1_000);
+    if let Some(low) = below {
+        for _ in 0..64 {
+            let [a, b] = crate::secrets::random_bytes::<2>();
+            let port = FLOOR + u16::from_le_bytes([a, b]) % (low - FLOOR);
+            if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+                return Ok(port);
+            }
+        }
+    }
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?
         .local_addr()?
         .port())
@@ -254,6 +273,18 @@ pub mod process {
             pidfd_send_signal(&self.fd, sig).is_ok()
         }
 
+        /// Reaps the held process if it ended and this process is its parent (a server run as
+        /// PID 1 inherits the postmaster `pg_ctl` started: unreaped, its pid would stay taken
+        /// and PostgreSQL would refuse to start again beside its lock file). Nothing otherwise.
+        pub fn reap(&self) {
+            use rustix::process::{waitid, WaitId, WaitIdOptions};
+            use std::os::fd::AsFd;
+            let _ = waitid(
+                WaitId::PidFd(self.fd.as_fd()),
+                WaitIdOptions::EXITED | WaitIdOptions::NOHANG,
+            );
+        }
+
         /// Waits until the held process has ended, `limit` at most; whether it ended.
         pub fn wait_gone(&self, limit: Duration) -> bool {
             use rustix::event::{poll, PollFd, PollFlags, Timespec};
@@ -279,6 +310,20 @@ pub mod process {
                     return false;
                 }
             }
+        }
+    }
+
+    /// Waits for `child` (a watchdog) on a thread of its own, so that it is reaped when it
+    /// exits instead of staying a zombie for the server's life (each start of an embedded
+    /// server has one; its supervisor may start it many times).
+    pub fn reap_in_background(mut child: std::process::Child) {
+        let spawned = std::thread::Builder::new()
+            .name("reap-watchdog".into())
+            .spawn(move || {
+                let _ = child.wait();
+            });
+        if let Err(e) = spawned {
+            tracing::warn!(error = %e, "a thread to reap a watchdog");
         }
     }
 

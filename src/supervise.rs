@@ -18,7 +18,7 @@
 //! `restart` (tests), never by both: they share [`Supervised::start_again`]'s lock.
 
 use std::sync::{Arc, Weak};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::Result;
 
@@ -28,20 +28,27 @@ use crate::os_user::process::Held;
 pub trait Supervised: Send + Sync + 'static {
     /// "PostgreSQL", "MariaDB": for the logs.
     fn name(&self) -> &'static str;
-    /// The database's main process as it runs now (`None`: none runs).
+    /// The database's main process as it runs now (`None`: none runs, or it cannot be held).
     fn process(&self) -> Option<Held>;
+    /// Its main process ended (before it is started again).
+    fn ended(&self, _process: &Held) {}
     /// Whether the server is stopping it (then it is not started again).
     fn stopping(&self) -> bool;
     /// Starts it again, on the port it had, after its main process ended, unless another start
-    /// got there first (under the lock every start of it takes). `Ok(false)`: one already runs.
+    /// got there first (under the lock every start of it takes). `Ok(false)`: one runs.
     fn start_again(&self) -> Result<bool>;
 }
 
-/// How often a supervisor looks at `stopping` while its database runs.
+/// How often a supervisor looks at `stopping` while its database runs, and how often it looks
+/// for a running database it cannot hold by a pidfd (Linux < 5.3, a seccomp filter).
 const CHECK: Duration = Duration::from_secs(1);
 /// The first wait before a failed start is tried again, and the longest.
 const FIRST_RETRY: Duration = Duration::from_millis(500);
 const LAST_RETRY: Duration = Duration::from_secs(10);
+/// A database that ends sooner than this after its supervisor started it waits the backoff
+/// before the next start (and makes it longer), as a failed start does: one that dies in its
+/// recovery is not started over and over as fast as it can start.
+const STABLE: Duration = Duration::from_secs(60);
 
 /// Starts the supervisor thread of `target`; `on_restart` runs after each start it made (the
 /// server counts them in `/metrics`). The thread ends once `target` is stopping or dropped.
@@ -58,6 +65,9 @@ pub fn supervise<S: Supervised>(
 }
 
 fn run<S: Supervised>(target: Weak<S>, on_restart: impl Fn()) {
+    let mut wait = FIRST_RETRY;
+    // When this supervisor last started it.
+    let mut started: Option<Instant> = None;
     loop {
         // Wait for the running process to end (or find none running).
         let held = match target.upgrade() {
@@ -76,18 +86,31 @@ fn run<S: Supervised>(target: Weak<S>, on_restart: impl Fn()) {
                 }
             }
             let Some(t) = target.upgrade() else { return };
+            t.ended(&held);
             if t.stopping() {
                 return;
             }
+            let soon = started.is_some_and(|s| s.elapsed() < STABLE);
             tracing::error!(
                 database = t.name(),
                 pid,
-                "the embedded {} ended while the server needs it: starting it again",
-                t.name()
+                "the embedded {} ended while the server needs it: starting it again{}",
+                t.name(),
+                if soon {
+                    " (it ended soon after its last start: after a pause)"
+                } else {
+                    ""
+                }
             );
+            drop(t);
+            if soon {
+                std::thread::sleep(wait);
+                wait = (wait * 2).min(LAST_RETRY);
+            } else {
+                wait = FIRST_RETRY;
+            }
         }
         // Start it again, until that holds or the server stops it.
-        let mut wait = FIRST_RETRY;
         let mut attempt = 1u32;
         loop {
             let Some(t) = target.upgrade() else { return };
@@ -103,10 +126,16 @@ fn run<S: Supervised>(target: Weak<S>, on_restart: impl Fn()) {
                         t.name()
                     );
                     on_restart();
+                    started = Some(Instant::now());
                     break;
                 }
-                // Another start (a test's restart) got there first: watch that one.
-                Ok(false) => break,
+                // One runs (another start got there first, or it cannot be held by a pidfd):
+                // watch that one, looking again after a pause (never a busy loop).
+                Ok(false) => {
+                    drop(t);
+                    std::thread::sleep(CHECK);
+                    break;
+                }
                 Err(e) => {
                     tracing::error!(
                         database = t.name(),
@@ -138,6 +167,10 @@ mod tests {
         child: Mutex<Child>,
         stopping: AtomicBool,
         fail_next: AtomicUsize,
+        /// `process()` cannot hold it (as without pidfds).
+        hidden: AtomicBool,
+        /// Calls of `start_again`.
+        starts: AtomicUsize,
     }
 
     impl Sleeper {
@@ -159,6 +192,9 @@ mod tests {
             "sleeper"
         }
         fn process(&self) -> Option<Held> {
+            if self.hidden.load(Ordering::SeqCst) {
+                return None;
+            }
             let mut child = self.child.lock().unwrap();
             if child.try_wait().unwrap().is_some() {
                 return None;
@@ -169,6 +205,7 @@ mod tests {
             self.stopping.load(Ordering::SeqCst)
         }
         fn start_again(&self) -> Result<bool> {
+            self.starts.fetch_add(1, Ordering::SeqCst);
             let mut child = self.child.lock().unwrap();
             if child.try_wait()?.is_none() {
                 return Ok(false);
@@ -196,6 +233,8 @@ mod tests {
             child: Mutex::new(Sleeper::spawn()),
             stopping: AtomicBool::new(false),
             fail_next: AtomicUsize::new(2),
+            hidden: AtomicBool::new(false),
+            starts: AtomicUsize::new(0),
         });
         let restarts = Arc::new(AtomicUsize::new(0));
         let counted = restarts.clone();
@@ -218,12 +257,32 @@ mod tests {
         });
         assert_ne!(sleeper.pid(), second);
 
+        // A running process it cannot hold: looked for once a second, not in a busy loop;
+        // killed, it is still started again.
+        sleeper.hidden.store(true, Ordering::SeqCst);
+        let hidden = sleeper.pid();
+        sleeper.kill();
+        wait_until("started again while hidden", || {
+            restarts.load(Ordering::SeqCst) == 3
+        });
+        assert_ne!(sleeper.pid(), hidden);
+        let looked = sleeper.starts.load(Ordering::SeqCst);
+        std::thread::sleep(Duration::from_secs(3));
+        let more = sleeper.starts.load(Ordering::SeqCst) - looked;
+        assert!(
+            (1..=4).contains(&more),
+            "{more} looks in 3 s at a process it cannot hold"
+        );
+        assert_eq!(restarts.load(Ordering::SeqCst), 3);
+        sleeper.hidden.store(false, Ordering::SeqCst);
+        std::thread::sleep(Duration::from_millis(1500));
+
         // Stopping: ended, and left ended.
         sleeper.stopping.store(true, Ordering::SeqCst);
         let last = sleeper.pid();
         sleeper.kill();
         std::thread::sleep(Duration::from_secs(3));
-        assert_eq!(restarts.load(Ordering::SeqCst), 2);
+        assert_eq!(restarts.load(Ordering::SeqCst), 3);
         assert_eq!(sleeper.pid(), last, "a stopping process was started again");
     }
 }

@@ -88,6 +88,10 @@ pub struct Server {
     ops: Mutex<()>,
     /// Set once the server is being stopped: its supervisor lets it end.
     stopping: AtomicBool,
+    /// The `mariadbd` the last watchdog watches.
+    watched: AtomicU32,
+    /// Whether a supervisor keeps it running (one at most).
+    supervised: AtomicBool,
 }
 
 #[derive(Debug, Clone)]
@@ -126,6 +130,8 @@ impl Server {
             ),
             ops: Mutex::new(()),
             stopping: AtomicBool::new(false),
+            watched: AtomicU32::new(0),
+            supervised: AtomicBool::new(false),
         };
         server.stop_leftover();
         server.make_no_files_dir()?;
@@ -391,7 +397,9 @@ impl Server {
             use std::os::unix::process::CommandExt;
             cmd.uid(uid).gid(gid);
         }
-        cmd.spawn().context("starting the MariaDB watchdog")?;
+        let watchdog = cmd.spawn().context("starting the MariaDB watchdog")?;
+        crate::os_user::process::reap_in_background(watchdog);
+        self.watched.store(pid, Ordering::SeqCst);
         Ok(())
     }
 
@@ -447,6 +455,11 @@ impl Server {
         self.spawn_watchdog()
     }
 
+    /// `true` the first time only: the caller starts its one supervisor.
+    pub fn claim_supervision(&self) -> bool {
+        !self.supervised.swap(true, Ordering::SeqCst)
+    }
+
     /// The process id of `mariadbd`.
     pub fn pid(&self) -> u32 {
         self.pid.load(Ordering::SeqCst)
@@ -466,13 +479,23 @@ impl crate::supervise::Supervised for Server {
     }
 
     fn process(&self) -> Option<crate::os_user::process::Held> {
-        let mut child = self.child.lock().expect("poisoned");
-        let running = child.as_mut()?;
-        // Our child, not reaped while it is held here: its pid is its own.
-        match running.try_wait() {
-            Ok(None) => crate::os_user::process::Held::open(running.id()),
-            _ => None,
+        let held = {
+            let mut child = self.child.lock().expect("poisoned");
+            let running = child.as_mut()?;
+            // Our child, not reaped while it is held here: its pid is its own.
+            match running.try_wait() {
+                Ok(None) => crate::os_user::process::Held::open(running.id())?,
+                _ => return None,
+            }
+        };
+        // A server whose watchdog could not be started after it came up gets one now: none
+        // may outlive the Fluxbase server.
+        if self.watched.load(Ordering::SeqCst) != held.pid {
+            if let Err(e) = self.spawn_watchdog() {
+                tracing::warn!(error = %format!("{e:#}"), "watching the embedded MariaDB");
+            }
         }
+        Some(held)
     }
 
     fn stopping(&self) -> bool {

@@ -43,6 +43,8 @@ pub struct Mysql {
     /// Whether the embedded server gets a supervisor when it starts (a server's, not a CLI
     /// command's: [`Mysql::supervise_embedded`]).
     supervised: std::sync::atomic::AtomicBool,
+    /// Set by [`Mysql::shutdown`]: no embedded server starts after it.
+    shut: std::sync::atomic::AtomicBool,
     pub(crate) sql: sql::Pools,
     /// The SQL API's counters, shared with PostgreSQL projects' requests.
     metrics: Arc<crate::metrics::Metrics>,
@@ -80,6 +82,7 @@ impl Mysql {
             server: OnceCell::new(),
             embedded: std::sync::Mutex::new(None),
             supervised: Default::default(),
+            shut: Default::default(),
             sql: sql::Pools::new(config),
             binlog_facts: retention::FactsCache::default(),
             dumps: Default::default(),
@@ -130,8 +133,14 @@ impl Mysql {
 
     /// Starts the embedded server under `<data_dir>/mariadb` (or returns the running one).
     pub async fn start_embedded(&self, extra: &[(&str, &str)]) -> Result<Arc<embedded::Server>> {
-        if let Some(server) = self.embedded.lock().expect("poisoned").clone() {
-            return Ok(server);
+        {
+            let embedded = self.embedded.lock().expect("poisoned");
+            if let Some(server) = embedded.clone() {
+                return Ok(server);
+            }
+            if self.shut.load(std::sync::atomic::Ordering::SeqCst) {
+                bail!("the server is shutting down");
+            }
         }
         let root = self.config.data_dir.join("mariadb");
         let data_dir = self.config.data_dir.clone();
@@ -151,7 +160,19 @@ impl Mysql {
         })
         .await??;
         let server = Arc::new(server);
-        *self.embedded.lock().expect("poisoned") = Some(server.clone());
+        {
+            let mut embedded = self.embedded.lock().expect("poisoned");
+            // A start that raced the shutdown (which took the running one, if any): stopped
+            // here, never kept (nor supervised) past it.
+            if self.shut.load(std::sync::atomic::Ordering::SeqCst) {
+                drop(embedded);
+                if let Err(e) = server.stop() {
+                    tracing::warn!(error = %e, "stopping the embedded MariaDB");
+                }
+                bail!("the server is shutting down");
+            }
+            *embedded = Some(server.clone());
+        }
         if self.supervised.load(std::sync::atomic::Ordering::SeqCst) {
             self.supervise(&server)?;
         }
@@ -170,6 +191,9 @@ impl Mysql {
     }
 
     fn supervise(&self, server: &Arc<embedded::Server>) -> Result<()> {
+        if !server.claim_supervision() {
+            return Ok(());
+        }
         let metrics = self.metrics.clone();
         crate::supervise::supervise(server, move || {
             metrics
@@ -241,7 +265,13 @@ impl Mysql {
 
     pub fn shutdown(&self) {
         self.sql.clear();
-        if let Some(server) = self.embedded.lock().expect("poisoned").take() {
+        let server = {
+            let mut embedded = self.embedded.lock().expect("poisoned");
+            self.shut.store(true, std::sync::atomic::Ordering::SeqCst);
+            embedded.take()
+        };
+        // Stopped without the lock held: `embedded()` callers on the runtime do not wait.
+        if let Some(server) = server {
             if let Err(e) = server.stop() {
                 tracing::warn!(error = %e, "stopping the embedded MariaDB");
             }

@@ -966,6 +966,19 @@ async fn serve_starts_its_embedded_databases_again_after_they_are_killed() {
     let init: Value = serde_json::from_str(&cli_ok(&dir, &["init", "--json"], None).await).unwrap();
     let project = init["project"]["id"].as_str().unwrap().to_string();
     let admin = init["apiKeys"]["admin"].as_str().unwrap().to_string();
+    // The cluster is left running when `serve` starts (as after a CLI command ended by Ctrl-C,
+    // or a server killed a moment ago): `serve` stops it and starts its own, which it must
+    // still supervise.
+    let leftover = tokio::task::spawn_blocking({
+        let dir = dir.clone();
+        move || {
+            let secrets = fluxbase::secrets::Secrets::load_or_create(&dir).unwrap();
+            fluxbase::embedded::Cluster::start(&dir.join("pg"), &secrets.pg_password, &[]).unwrap()
+        }
+    })
+    .await
+    .unwrap();
+    let leftover_pid = postmaster_pid(&dir).expect("the leftover cluster runs");
     let (mut server, base) = serve(
         {
             let mut cmd = fluxbase(&dir);
@@ -975,6 +988,7 @@ async fn serve_starts_its_embedded_databases_again_after_they_are_killed() {
         Stdio::null(),
     )
     .await;
+    drop(leftover);
     let (status, v) = sql_call(
         &base,
         &admin,
@@ -990,6 +1004,7 @@ async fn serve_starts_its_embedded_databases_again_after_they_are_killed() {
     // PostgreSQL killed -9 right after a commit: started again on its port, the SQL API serves
     // again, and the room gets the change committed before the kill and one made after.
     let postmaster = postmaster_pid(&dir).expect("the server's cluster runs");
+    assert_ne!(postmaster, leftover_pid, "serve kept the leftover cluster");
     let (status, v) = sql_call(
         &base,
         &admin,
