@@ -420,7 +420,7 @@ async fn write_socket(
                     if counted {
                         sent_bytes += m.len();
                     }
-                    sink.feed(m).await?;
+                    feed(&mut sink, m).await?;
                     n += 1;
                 }
                 counted = true;
@@ -456,6 +456,45 @@ async fn write_socket(
         let _ = sink.close().await;
     };
     let _ = tokio::time::timeout(CLOSE_GRACE, goodbye).await;
+}
+
+/// The largest WebSocket frame a socket's writer hands to tungstenite: a larger text message
+/// goes out as a fragmented message (RFC 6455 §5.4: a text frame, then continuation frames;
+/// every client reassembles it, and `ws.onmessage` sees one message).
+const FRAGMENT_BYTES: usize = 64 * 1024;
+
+/// Feeds `m` to the socket's sink, a large text message as fragments of [`FRAGMENT_BYTES`].
+/// tungstenite copies each frame it is fed into the connection's write buffer and keeps it
+/// there until the client reads it: fed whole, a 14 MB row change was copied once per socket,
+/// and every socket that stopped reading held its own copy until its stall cut-off (red team
+/// rt11: 80 such sockets took the server to 1.5 GB). In fragments each socket holds at most
+/// its write buffer and one fragment; the message itself is the room's one shared allocation.
+async fn feed(
+    sink: &mut futures_util::stream::SplitSink<WebSocket, Message>,
+    m: Message,
+) -> Result<(), WsError> {
+    use tokio_tungstenite::tungstenite::protocol::frame::coding::{Data, OpCode};
+    use tokio_tungstenite::tungstenite::protocol::frame::Frame;
+    let Message::Text(text) = m else {
+        return sink.feed(m).await;
+    };
+    if text.len() <= FRAGMENT_BYTES {
+        return sink.feed(Message::Text(text)).await;
+    }
+    let data = bytes::Bytes::from(text);
+    let mut start = 0;
+    while start < data.len() {
+        let end = (start + FRAGMENT_BYTES).min(data.len());
+        let opcode = if start == 0 {
+            OpCode::Data(Data::Text)
+        } else {
+            OpCode::Data(Data::Continue)
+        };
+        let frame = Frame::message(data.slice(start..end), opcode, end == data.len());
+        sink.feed(Message::Frame(frame)).await?;
+        start = end;
+    }
+    Ok(())
 }
 
 /// Why a write to a socket did not complete.

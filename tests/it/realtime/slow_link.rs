@@ -131,3 +131,78 @@ async fn a_slow_link_reading_a_large_message_steadily_is_not_cut_off() {
     }
     assert_eq!(got, (1..=4).collect::<Vec<i64>>());
 }
+
+/// A socket on the server at `base` with a small fixed receive buffer, subscribed to the
+/// project with its read key.
+async fn subscribed_small(
+    base: &str,
+    p: &crate::support::fixtures::Project,
+) -> tokio_tungstenite::WebSocketStream<tokio::net::TcpStream> {
+    let addr = base.trim_start_matches("http://").trim_end_matches('/');
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(64 * 1024).unwrap();
+    let tcp = socket.connect(addr.parse().unwrap()).await.unwrap();
+    let (mut ws, _) = tokio_tungstenite::client_async(format!("ws://{addr}/"), tcp)
+        .await
+        .expect("websocket connect");
+    use futures_util::SinkExt;
+    ws.send(Message::text(
+        json!({ "type": "subscribe", "roomId": room(&p.project), "token": p.read }).to_string(),
+    ))
+    .await
+    .unwrap();
+    loop {
+        if let Message::Text(t) = ws.next().await.unwrap().unwrap() {
+            let v: Value = serde_json::from_str(&t).unwrap();
+            assert_eq!(v["type"], "subscribed", "{v}");
+            return ws;
+        }
+    }
+}
+
+/// Sockets that stopped reading do not each hold a copy of a large row change: a message past
+/// 64 KiB goes out in fragments, each socket holding at most its write buffer and one fragment
+/// of the message every socket shares. Before, tungstenite copied each message whole into each
+/// socket's write buffer: red team rt11 took the server to 1.5 GB with 80 such sockets. A
+/// socket that reads gets each change whole (one message, reassembled by its client).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sockets_that_stop_reading_do_not_each_hold_a_copy_of_a_large_change() {
+    const SOCKETS: usize = 24;
+    const ROWS: i64 = 3;
+    // md5 (32 characters) repeated: ≈ 6 MB a row.
+    const REPEAT: usize = 192_000;
+    let server = crate::support::process::ServerProcess::start(&[]).await;
+    let p = crate::support::fixtures::project(&server.base).await;
+    let sql = |q: &'static str| crate::support::http::sql(&server.base, &p.admin, &p.project, q);
+    sql("CREATE TABLE big (id int PRIMARY KEY, body text)").await;
+    let mut stopped = Vec::new();
+    for _ in 0..SOCKETS {
+        stopped.push(subscribed_small(&server.base, &p).await);
+    }
+    let mut reader = crate::support::ws::subscribed(&server.base, &p, None).await;
+    // Warm up (the stream, the room, allocator arenas), then take the baseline.
+    sql("INSERT INTO big VALUES (0, 'warm')").await;
+    let m = crate::support::ws::next(&mut reader).await;
+    assert_eq!(m["type"], "db_event", "{m}");
+    let baseline = server.peak_rss();
+    sql("INSERT INTO big SELECT g, repeat(md5(g::text), 192000) FROM generate_series(1, 3) g")
+        .await;
+    for id in 1..=ROWS {
+        let m = crate::support::ws::next(&mut reader).await;
+        assert_eq!(m["type"], "db_event", "{m}");
+        assert_eq!(m["payload"]["record"]["id"], id);
+        let body = m["payload"]["record"]["body"].as_str().unwrap();
+        assert_eq!(body.len(), 32 * REPEAT);
+        assert_eq!(body, body[..32].repeat(REPEAT), "row {id} arrived altered");
+    }
+    // The stopped sockets' writers have fed what they could meanwhile.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let grew = server.peak_rss().saturating_sub(baseline);
+    eprintln!("the peak grew by {} MB", grew >> 20);
+    assert!(
+        grew < 130 << 20,
+        "{SOCKETS} sockets that stopped reading grew the peak by {} MB",
+        grew >> 20
+    );
+    drop(stopped);
+}
