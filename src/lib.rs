@@ -10,6 +10,7 @@ pub mod app;
 #[cfg(test)]
 mod architecture;
 pub mod auth;
+pub mod budget;
 pub mod bus;
 pub mod catalog;
 pub mod cdc;

@@ -228,7 +228,7 @@ impl Webhooks {
                 cluster: None,
                 bus,
                 sender: attempt::Sender::new(settings.allow_private),
-                large_bodies: attempt::BodyBudget::new(settings.large_body_memory),
+                large_bodies: attempt::body_budget(settings.large_body_memory),
                 settings,
                 queue: Default::default(),
                 writers: Default::default(),

@@ -229,7 +229,7 @@ pub(super) async fn run(shared: Weak<Shared>) {
                         queue: &s.queue,
                         hook: &hook,
                     };
-                    match drain(&s, &hook).await {
+                    match drain(&s, &hook, &project).await {
                         Ok(Yield::Done) => {}
                         // Its turn is over, not its work: queued again, behind the others.
                         Ok(Yield::Yielded) => {
@@ -295,13 +295,15 @@ enum Yield {
 /// Sends a webhook's due deliveries in order until none is due, or until it has had its slice
 /// while others wait; in cluster mode only while this node holds the webhook's drain claim
 /// ([`Claim`]).
-async fn drain(shared: &Shared, webhook_id: &str) -> anyhow::Result<Yield> {
+async fn drain(shared: &Shared, webhook_id: &str, project: &str) -> anyhow::Result<Yield> {
     match &shared.settings.node_id {
-        None => Ok(match drain_batches(shared, webhook_id, None).await? {
-            Drain::Yielded => Yield::Yielded,
-            _ => Yield::Done,
-        }),
-        Some(node) => drain_claimed(shared, webhook_id, node).await,
+        None => Ok(
+            match drain_batches(shared, webhook_id, project, None).await? {
+                Drain::Yielded => Yield::Yielded,
+                _ => Yield::Done,
+            },
+        ),
+        Some(node) => drain_claimed(shared, webhook_id, project, node).await,
     }
 }
 
@@ -327,6 +329,7 @@ enum Drain {
 async fn drain_batches(
     shared: &Shared,
     webhook_id: &str,
+    project: &str,
     claim: Option<&mut Claim<'_>>,
 ) -> anyhow::Result<Drain> {
     // Bound first: a temporary in the `match` would hold the connection for the whole drain.
@@ -334,8 +337,8 @@ async fn drain_batches(
     match ordering {
         // Deleted meanwhile.
         None => Ok(Drain::Done),
-        Some(Order::Strict) => drain_strict(shared, webhook_id, claim).await,
-        Some(Order::Row) => drain_rows(shared, webhook_id, claim).await,
+        Some(Order::Strict) => drain_strict(shared, webhook_id, project, claim).await,
+        Some(Order::Row) => drain_rows(shared, webhook_id, project, claim).await,
     }
 }
 
@@ -343,6 +346,7 @@ async fn drain_batches(
 async fn drain_strict(
     shared: &Shared,
     webhook_id: &str,
+    project: &str,
     mut claim: Option<&mut Claim<'_>>,
 ) -> anyhow::Result<Drain> {
     // Unknown until the first answer: the first success clears a recorded failure streak.
@@ -372,14 +376,15 @@ async fn drain_strict(
                 }
             }
             started += 1;
-            let next = match attempt(shared, webhook_id, d, &mut failing, &mut delivered).await {
-                Ok(next) => next,
-                Err(e) => {
-                    // What was delivered is recorded before the drain ends (else sent again).
-                    record(shared, &delivered).await?;
-                    return Err(e);
-                }
-            };
+            let next =
+                match attempt(shared, webhook_id, project, d, &mut failing, &mut delivered).await {
+                    Ok(next) => next,
+                    Err(e) => {
+                        // What was delivered is recorded before the drain ends (else sent again).
+                        record(shared, &delivered).await?;
+                        return Err(e);
+                    }
+                };
             match next {
                 Next::Continue => {}
                 Next::Disabled => {
@@ -415,6 +420,7 @@ const RECORD_WITHIN: Duration = Duration::from_millis(100);
 async fn drain_rows(
     shared: &Shared,
     webhook_id: &str,
+    project: &str,
     mut claim: Option<&mut Claim<'_>>,
 ) -> anyhow::Result<Drain> {
     let cap = shared.settings.max_in_flight.max(1);
@@ -480,7 +486,7 @@ async fn drain_rows(
                 started = true;
                 started_total += 1;
                 in_flight.push(async move {
-                    let sent = attempt::send(shared, &due).await;
+                    let sent = attempt::send(shared, &due, project).await;
                     (seq, due, sent)
                 });
             }
@@ -654,12 +660,17 @@ impl<'a> Claim<'a> {
 /// Cluster mode: drains while holding the webhook's claim. Another node's claim means that node
 /// drains (and looks again after it gives the claim back, so nothing stored meanwhile waits for
 /// the next scan).
-async fn drain_claimed(shared: &Shared, webhook_id: &str, node: &str) -> anyhow::Result<Yield> {
+async fn drain_claimed(
+    shared: &Shared,
+    webhook_id: &str,
+    project: &str,
+    node: &str,
+) -> anyhow::Result<Yield> {
     loop {
         let Some(mut claim) = Claim::take(shared, webhook_id, node).await? else {
             return Ok(Yield::Done);
         };
-        let drained = drain_batches(shared, webhook_id, Some(&mut claim)).await;
+        let drained = drain_batches(shared, webhook_id, project, Some(&mut claim)).await;
         let released = claim.release(shared).await;
         match drained? {
             // The claim lapsed (this node stalled): start over from the outbox, claiming again.

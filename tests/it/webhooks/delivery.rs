@@ -1273,3 +1273,76 @@ async fn callers_who_may_not_manage_webhooks_see_no_hook_credentials() {
         }
     }
 }
+
+/// Projects take turns at the large-body budget (`webhook_large_body_memory_mb`): another
+/// project's large delivery gets the first room that frees, not a place behind one project's
+/// whole backlog. Project A's receiver holds every request; its first large bodies take the
+/// whole budget (8 MiB here) and twenty more wait for room. Project B then commits one large
+/// row. When A's held requests are answered, B's body is sent next; with a first-come queue A's
+/// waiting bodies took the freed room (and were held again) and B's never went (red team rt11:
+/// 117 s, minutes with more of A's webhooks).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn another_projects_large_delivery_is_not_queued_behind_a_backlog_of_large_bodies() {
+    let app = spawn_app_with(|c| {
+        c.webhook_allow_private = true;
+        c.webhook_large_body_memory_mb = 8;
+        // A's answered attempts are retried after minutes, not during the test.
+        c.webhook_backoff_scale = 100.0;
+    })
+    .await;
+    let (a, b) = (app.fixture().await, app.fixture().await);
+    let (rx_a, rx_b) = (Receiver::start().await, Receiver::start().await);
+    for _ in 0..64 {
+        rx_a.hold();
+    }
+    register(
+        &app,
+        &a,
+        json!({ "url": rx_a.url, "events": ["row.inserted"] }),
+    )
+    .await;
+    register(
+        &app,
+        &b,
+        json!({ "url": rx_b.url, "events": ["row.inserted"] }),
+    )
+    .await;
+    for f in [&a, &b] {
+        app.rows(
+            &f.admin,
+            &f.project,
+            "CREATE TABLE big (id int PRIMARY KEY, v text)",
+        )
+        .await;
+    }
+    // 24 bodies of ≈ 1.9 MB: four fit in the budget at once.
+    app.rows(
+        &a.admin,
+        &a.project,
+        "INSERT INTO big SELECT g, repeat('a', 1900000) FROM generate_series(1, 24) g",
+    )
+    .await;
+    rx_a.wait_held(4).await;
+    // Give A's other attempts time to queue for room.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let sent_to_a = rx_a.got.lock().unwrap().len();
+    assert!(
+        sent_to_a < 24,
+        "the budget held back none of A's bodies: {sent_to_a} sent"
+    );
+    app.rows(
+        &b.admin,
+        &b.project,
+        "INSERT INTO big VALUES (1, repeat('b', 1900000))",
+    )
+    .await;
+    // B's body waits for room (A holds all of it)...
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(rx_b.got.lock().unwrap().is_empty(), "B's body found room");
+    // ...and gets the first that frees.
+    rx_a.release();
+    let got = rx_b.wait_for(1).await;
+    let body: Value = serde_json::from_str(&got[0].body).unwrap();
+    assert_eq!(body["data"]["new"]["v"].as_str().unwrap().len(), 1_900_000);
+    rx_a.release();
+}
