@@ -279,6 +279,7 @@ pub async fn body(client: &impl GenericClient, delivery_id: &str) -> Result<Opti
 }
 
 /// A pending delivery whose time has come, with what sending it takes.
+#[derive(Clone)]
 pub struct Due {
     pub id: String,
     /// `None` when it is larger than [`INLINE_BODY_BYTES`]: read when the attempt starts.

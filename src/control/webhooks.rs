@@ -281,6 +281,20 @@ pub async fn ordering(
         .map(|r| r.get::<_, &str>(0).parse().unwrap_or(Ordering::Strict)))
 }
 
+/// Whether the webhook is enabled, its URL and its secret (`None`: deleted).
+pub async fn target(
+    client: &impl GenericClient,
+    webhook_id: &str,
+) -> Result<Option<(bool, String, String)>, Error> {
+    let stmt = client
+        .prepare_cached("SELECT enabled, url, secret FROM fluxbase.webhooks WHERE id = $1")
+        .await?;
+    Ok(client
+        .query_opt(&stmt, &[&webhook_id])
+        .await?
+        .map(|r| (r.get(0), r.get(1), r.get(2))))
+}
+
 /// Enabled webhooks with a pending delivery whose time has come.
 /// The enabled webhooks with deliveries due now: (webhook id, project id).
 pub async fn with_due_deliveries(

@@ -437,6 +437,7 @@ impl Webhooks {
         )
         .await?
         .ok_or_else(|| WebhookError::WebhookNotFound(webhook_id.to_string()))?;
+        self.shared.queue.changed();
         self.shared.queue.rescan();
         Ok(webhook)
     }
@@ -444,6 +445,7 @@ impl Webhooks {
     /// Deletes a webhook and its deliveries.
     pub async fn delete(&self, project_id: &str, webhook_id: &str) -> Result<(), WebhookError> {
         if hooks::delete(&self.shared.control.get().await?, project_id, webhook_id).await? {
+            self.shared.queue.changed();
             Ok(())
         } else {
             Err(WebhookError::WebhookNotFound(webhook_id.to_string()))

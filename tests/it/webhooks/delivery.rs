@@ -1346,3 +1346,101 @@ async fn another_projects_large_delivery_is_not_queued_behind_a_backlog_of_large
     assert_eq!(body["data"]["new"]["v"].as_str().unwrap().len(), 1_900_000);
     rx_a.release();
 }
+
+/// `PATCH` of a webhook's URL or `enabled` while its drain is busy: no attempt starts after the
+/// change was answered (only those already in flight end). Before, a drain went on with its
+/// page of up to 2,048 deliveries to the old URL, or to a disabled or deleted webhook (red team
+/// rt11: 172 such requests over 5 s).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_webhook_pointed_elsewhere_or_disabled_mid_drain_gets_no_attempt_started_after_the_change(
+) {
+    let app = spawn_app_with(|c| {
+        c.webhook_allow_private = true;
+        c.webhook_max_in_flight = 2;
+        c.webhook_backoff_scale = 0.01;
+    })
+    .await;
+    let f = app.fixture().await;
+    app.rows(&f.admin, &f.project, "CREATE TABLE t (id int PRIMARY KEY)")
+        .await;
+    let patch = |hook: String, change: Value| {
+        let (app, f) = (&app, &f);
+        async move {
+            let mut body = json!({ "projectId": f.project, "webhookId": hook });
+            for (k, v) in change.as_object().unwrap() {
+                body[k] = v.clone();
+            }
+            let (status, b) = app
+                .call("PATCH", "/api/webhooks", Some(&f.admin), Some(body))
+                .await;
+            assert_eq!(status, 200, "{b}");
+        }
+    };
+
+    // Pointed elsewhere: the two attempts in flight end at the old URL; every later one,
+    // their retries included, goes to the new.
+    let (old, new) = (Receiver::start().await, Receiver::start().await);
+    for _ in 0..100 {
+        old.hold();
+    }
+    let hook = register(
+        &app,
+        &f,
+        json!({ "url": old.url, "events": ["row.inserted"], "tables": ["t"] }),
+    )
+    .await;
+    let hook = hook["webhook"]["id"].as_str().unwrap().to_string();
+    app.rows(
+        &f.admin,
+        &f.project,
+        "INSERT INTO t SELECT g FROM generate_series(1, 20) g",
+    )
+    .await;
+    old.wait_held(2).await;
+    patch(hook.clone(), json!({ "url": new.url })).await;
+    old.release();
+    new.wait_for(20).await;
+    assert_eq!(
+        old.got.lock().unwrap().len(),
+        2,
+        "sent to the old URL after the change"
+    );
+
+    // Disabled: the attempts in flight end; nothing more starts.
+    let (status, b) = app
+        .call(
+            "DELETE",
+            &format!("/api/webhooks?projectId={}&webhookId={hook}", f.project),
+            Some(&f.admin),
+            None,
+        )
+        .await;
+    assert!(status == 200 || status == 204, "{b}");
+    let rx = Receiver::start().await;
+    for _ in 0..100 {
+        rx.hold();
+    }
+    let hook = register(
+        &app,
+        &f,
+        json!({ "url": rx.url, "events": ["row.inserted"], "tables": ["t"] }),
+    )
+    .await;
+    let hook = hook["webhook"]["id"].as_str().unwrap().to_string();
+    app.rows(
+        &f.admin,
+        &f.project,
+        "INSERT INTO t SELECT g FROM generate_series(21, 40) g",
+    )
+    .await;
+    rx.wait_held(2).await;
+    patch(hook, json!({ "enabled": false })).await;
+    rx.release();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(
+        rx.got.lock().unwrap().len(),
+        2,
+        "sent to a disabled webhook"
+    );
+    rx.release();
+}
