@@ -419,49 +419,63 @@ async fn drain_strict(
         if due.is_empty() {
             return Ok(Drain::Done);
         }
-        // Successful attempts of one batch, recorded with a single UPDATE. A crash before it
-        // only means these deliveries go out again, with the same ids: at-least-once either way.
+        // Successful attempts, recorded in the background while the next attempt goes out:
+        // whatever succeeded since the last recording started, once it ended (so a slow
+        // receiver's successes are recorded one by one as the drain goes on, a fast one's in
+        // batches as large as a recording is long). Before, a batch of 64 was recorded at its
+        // end: with a slow receiver that took minutes, the whole batch stayed `pending` and a
+        // crash sent every answered delivery again (red team rt11: 9 large bodies). A crash
+        // before a recording still only means those deliveries go out again, with the same
+        // ids: at-least-once either way. All of it is recorded before the next batch is read.
         let mut delivered = Successes::default();
+        let mut recording: Option<tokio::task::JoinHandle<anyhow::Result<()>>> = None;
         let mut target: Option<Target> = None;
-        for d in &due {
-            let target =
-                target.get_or_insert_with(|| Target::new(shared, d.url.clone(), d.secret.clone()));
-            if !target.still_enabled(shared, webhook_id).await? {
-                record(shared, &delivered).await?;
-                return Ok(Drain::Done);
-            }
-            let mut d = d.clone();
-            (d.url, d.secret) = (target.url.clone(), target.secret.clone());
-            let d = &d;
-            if let Some(claim) = claim.as_deref_mut() {
-                if shared.handing_over.load(Ordering::Acquire) {
-                    record(shared, &delivered).await?;
-                    return Ok(Drain::HandedOver);
+        let ended = 'batch: {
+            for d in &due {
+                let target = target
+                    .get_or_insert_with(|| Target::new(shared, d.url.clone(), d.secret.clone()));
+                if !target.still_enabled(shared, webhook_id).await? {
+                    break 'batch Some(Ok(Drain::Done));
                 }
-                if !claim.keep(shared).await? {
-                    record(shared, &delivered).await?;
-                    return Ok(Drain::Lapsed);
-                }
-            }
-            started += 1;
-            let next =
-                match attempt(shared, webhook_id, project, d, &mut failing, &mut delivered).await {
-                    Ok(next) => next,
-                    Err(e) => {
-                        // What was delivered is recorded before the drain ends (else sent again).
-                        record(shared, &delivered).await?;
-                        return Err(e);
+                let mut d = d.clone();
+                (d.url, d.secret) = (target.url.clone(), target.secret.clone());
+                if let Some(claim) = claim.as_deref_mut() {
+                    if shared.handing_over.load(Ordering::Acquire) {
+                        break 'batch Some(Ok(Drain::HandedOver));
                     }
-                };
-            match next {
-                Next::Continue => {}
-                Next::Disabled => {
-                    record(shared, &delivered).await?;
-                    return Ok(Drain::Done);
+                    if !claim.keep(shared).await? {
+                        break 'batch Some(Ok(Drain::Lapsed));
+                    }
+                }
+                if recording.as_ref().is_none_or(|r| r.is_finished()) {
+                    record_in_background(shared, &mut recording, &mut delivered).await?;
+                }
+                started += 1;
+                match attempt(
+                    shared,
+                    webhook_id,
+                    project,
+                    &d,
+                    &mut failing,
+                    &mut delivered,
+                )
+                .await
+                {
+                    Ok(Next::Continue) => {}
+                    Ok(Next::Disabled) => break 'batch Some(Ok(Drain::Done)),
+                    // What was delivered is recorded before the drain ends (else sent again).
+                    Err(e) => break 'batch Some(Err(e)),
                 }
             }
+            None
+        };
+        if let Some(last) = recording.take() {
+            last.await??;
         }
         record(shared, &delivered).await?;
+        if let Some(ended) = ended {
+            return ended;
+        }
     }
 }
 

@@ -1444,3 +1444,45 @@ async fn a_webhook_pointed_elsewhere_or_disabled_mid_drain_gets_no_attempt_start
     );
     rx.release();
 }
+
+/// A `strict` webhook's successes are recorded while its drain goes on, not only at the end of
+/// its batch of up to 64: while the receiver holds the fourth request, the first three are
+/// listed `delivered`. Before, a whole batch stayed `pending` until its last delivery was
+/// answered, and a crash sent every answered one again (red team rt11: minutes of answered
+/// large deliveries with a slow receiver).
+#[tokio::test]
+async fn a_strict_webhooks_successes_are_recorded_while_its_batch_goes_on() {
+    let app = app().await;
+    let f = app.fixture().await;
+    let rx = Receiver::start().await;
+    for _ in 0..3 {
+        rx.answer(200, None);
+    }
+    rx.hold();
+    let hook = register(
+        &app,
+        &f,
+        json!({ "url": rx.url, "events": ["row.inserted"], "ordering": "strict" }),
+    )
+    .await;
+    let hook = hook["webhook"]["id"].as_str().unwrap().to_string();
+    app.rows(
+        &f.admin,
+        &f.project,
+        "CREATE TABLE t (id int PRIMARY KEY); INSERT INTO t SELECT g FROM generate_series(1, 10) g",
+    )
+    .await;
+    rx.wait_held(1).await;
+    let listed = deliveries_until(&app, &f, &format!("webhookId={hook}"), |b| {
+        b["deliveries"]
+            .as_array()
+            .is_some_and(|d| d.iter().filter(|d| d["status"] == "delivered").count() == 3)
+    })
+    .await;
+    assert_eq!(
+        listed["deliveries"].as_array().unwrap().len(),
+        10,
+        "{listed}"
+    );
+    rx.release();
+}
