@@ -349,6 +349,14 @@ impl Successes {
     pub fn is_empty(&self) -> bool {
         self.ids.is_empty()
     }
+
+    /// Moves `other`'s successes after these.
+    pub fn append(&mut self, other: &mut Successes) {
+        self.ids.append(&mut other.ids);
+        self.attempts.append(&mut other.attempts);
+        self.statuses.append(&mut other.statuses);
+        self.bodies.append(&mut other.bodies);
+    }
 }
 
 /// Records successful attempts with one statement.
