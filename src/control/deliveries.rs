@@ -267,15 +267,30 @@ fn inline_body(row: &Row, idx: usize) -> Option<Bytes> {
         .map(|text| Bytes::copy_from_slice(text.as_bytes()))
 }
 
-/// A delivery's stored body; `None`: it is gone (its webhook or project was deleted).
-pub async fn body(client: &impl GenericClient, delivery_id: &str) -> Result<Option<Bytes>, Error> {
+/// A delivery's stored body, with its webhook as it is now (enabled, URL, secret): a large
+/// body is read when its attempt starts, which may be long after the drain read the webhook
+/// (it waited for room), and it goes where the webhook points then, if it is still enabled.
+/// `None`: it is gone (its webhook or project was deleted).
+pub async fn body(
+    client: &impl GenericClient,
+    delivery_id: &str,
+) -> Result<Option<(Bytes, bool, String, String)>, Error> {
     let stmt = client
-        .prepare_cached("SELECT body FROM fluxbase.webhook_deliveries WHERE id = $1")
+        .prepare_cached(
+            "SELECT d.body, w.enabled, w.url, w.secret
+             FROM fluxbase.webhook_deliveries d
+             JOIN fluxbase.webhooks w ON w.id = d.webhook_id
+             WHERE d.id = $1",
+        )
         .await?;
-    Ok(client
-        .query_opt(&stmt, &[&delivery_id])
-        .await?
-        .map(|r| Bytes::copy_from_slice(r.get::<_, &str>(0).as_bytes())))
+    Ok(client.query_opt(&stmt, &[&delivery_id]).await?.map(|r| {
+        (
+            Bytes::copy_from_slice(r.get::<_, &str>(0).as_bytes()),
+            r.get(1),
+            r.get(2),
+            r.get(3),
+        )
+    }))
 }
 
 /// A pending delivery whose time has come, with what sending it takes.

@@ -484,7 +484,12 @@ async fn feed(
     let data = bytes::Bytes::from(text);
     let mut start = 0;
     while start < data.len() {
-        let end = (start + FRAGMENT_BYTES).min(data.len());
+        let mut end = (start + FRAGMENT_BYTES).min(data.len());
+        // On a character's boundary: RFC 6455 lets a fragment end inside one, but a client
+        // that decodes each frame on its own would choke on it.
+        while end < data.len() && data[end] & 0xC0 == 0x80 {
+            end -= 1;
+        }
         let opcode = if start == 0 {
             OpCode::Data(Data::Text)
         } else {

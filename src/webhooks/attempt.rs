@@ -163,7 +163,8 @@ pub(super) fn body_budget(bytes: usize) -> BodyBudget {
 }
 
 /// Sends one attempt of a delivery; nothing is recorded (see [`settle`]). A body that did not
-/// come with its page is read now, within [`BodyBudget`]. `None`: the delivery is no longer
+/// come with its page is read now, within [`BodyBudget`], and sent where its webhook points
+/// then. `None`: the delivery was not sent: its webhook was disabled meanwhile, or it is no longer
 /// stored (its webhook or project was deleted meanwhile); an error: the outbox could not be read
 /// (nothing was sent).
 pub(super) async fn send(shared: &Shared, d: &Due, project: &str) -> anyhow::Result<Option<Sent>> {
@@ -181,9 +182,22 @@ pub(super) async fn send(shared: &Shared, d: &Due, project: &str) -> anyhow::Res
                 anyhow::Ok(body.map(|body| (body, room)))
             })
             .await??;
-            let Some((body, room)) = fetched else {
+            // Disabled while it waited for room: not sent (it stays pending; the drain stops
+            // at its next look at the webhook). Pointed elsewhere meanwhile: sent there.
+            let Some(((body, true, url, secret), room)) = fetched else {
                 return Ok(None);
             };
+            if url != d.url || secret != d.secret {
+                let d = Due {
+                    url,
+                    secret,
+                    ..d.clone()
+                };
+                let at = Utc::now();
+                let outcome = shared.sender.send(&d, body, at.timestamp()).await;
+                drop(room);
+                return Ok(Some(Sent { at, outcome }));
+            }
             (body, Some(room))
         }
     };

@@ -341,12 +341,18 @@ struct Target {
 }
 
 impl Target {
-    fn new(shared: &Shared, url: String, secret: String) -> Target {
+    /// What a read of the webhook starting now will be as fresh as: taken *before* the query,
+    /// so that a change committed while it ran is looked at again.
+    fn stamp(shared: &Shared) -> (u64, Instant) {
+        (shared.queue.changes.load(Ordering::Acquire), Instant::now())
+    }
+
+    fn new(url: String, secret: String, (changes, read): (u64, Instant)) -> Target {
         Target {
             url,
             secret,
-            changes: shared.queue.changes.load(Ordering::Acquire),
-            read: Instant::now(),
+            changes,
+            read,
         }
     }
 
@@ -356,7 +362,7 @@ impl Target {
         if changes == self.changes && self.read.elapsed() < TARGET_FRESH {
             return Ok(true);
         }
-        let read = Instant::now();
+        let (changes, read) = Target::stamp(shared);
         match hooks::target(&shared.work.get().await?, webhook_id).await? {
             Some((true, url, secret)) => {
                 *self = Target {
@@ -415,6 +421,7 @@ async fn drain_strict(
         if slice_spent(shared, started, began) {
             return Ok(Drain::Yielded);
         }
+        let stamp = Target::stamp(shared);
         let due = deliveries::due(&shared.work.get().await?, webhook_id).await?;
         if due.is_empty() {
             return Ok(Drain::Done);
@@ -436,10 +443,14 @@ async fn drain_strict(
         let mut target: Option<Target> = None;
         let ended = 'batch: {
             for d in &due {
+                // Every way out of the batch goes through the end of this block, which records
+                // what was delivered (else it is sent again).
                 let target = target
-                    .get_or_insert_with(|| Target::new(shared, d.url.clone(), d.secret.clone()));
-                if !target.still_enabled(shared, webhook_id).await? {
-                    break 'batch Some(Ok(Drain::Done));
+                    .get_or_insert_with(|| Target::new(d.url.clone(), d.secret.clone(), stamp));
+                match target.still_enabled(shared, webhook_id).await {
+                    Ok(true) => {}
+                    Ok(false) => break 'batch Some(Ok(Drain::Done)),
+                    Err(e) => break 'batch Some(Err(e)),
                 }
                 let mut d = d.clone();
                 (d.url, d.secret) = (target.url.clone(), target.secret.clone());
@@ -447,12 +458,17 @@ async fn drain_strict(
                     if shared.handing_over.load(Ordering::Acquire) {
                         break 'batch Some(Ok(Drain::HandedOver));
                     }
-                    if !claim.keep(shared).await? {
-                        break 'batch Some(Ok(Drain::Lapsed));
+                    match claim.keep(shared).await {
+                        Ok(true) => {}
+                        Ok(false) => break 'batch Some(Ok(Drain::Lapsed)),
+                        Err(e) => break 'batch Some(Err(e)),
                     }
                 }
                 started += 1;
                 let mut this = Successes::default();
+                // A recording that failed: the drain ends with its error once this attempt has
+                // (never dropped midway: its outcome is recorded either way).
+                let mut failed: Option<anyhow::Error> = None;
                 let next = {
                     let sending = attempt(shared, webhook_id, project, &d, &mut failing, &mut this);
                     tokio::pin!(sending);
@@ -470,9 +486,25 @@ async fn drain_strict(
                         let idle = recording.as_ref().is_none_or(|r| r.is_finished());
                         tokio::select! {
                             next = &mut sending => break next,
-                            _ = &mut timer, if due.is_some() && idle => {
-                                record_in_background(shared, &mut recording, &mut delivered).await?;
+                            _ = &mut timer, if due.is_some() && idle && failed.is_none() => {
+                                if let Err(e) = record_in_background(shared, &mut recording, &mut delivered).await {
+                                    failed = Some(e);
+                                }
                                 first_success = None;
+                            }
+                            // The recording under way ended: the timer may go now.
+                            ended = async {
+                                match recording.as_mut() {
+                                    Some(r) => r.await,
+                                    None => std::future::pending().await,
+                                }
+                            }, if !idle => {
+                                recording = None;
+                                match ended {
+                                    Ok(Ok(())) => {}
+                                    Ok(Err(e)) => failed = Some(e),
+                                    Err(e) => failed = Some(e.into()),
+                                }
                             }
                         }
                     }
@@ -481,11 +513,19 @@ async fn drain_strict(
                     delivered.append(&mut this);
                     first_success.get_or_insert_with(Instant::now);
                 }
-                if first_success.is_some_and(|t| t.elapsed() >= RECORD_WITHIN)
+                if failed.is_none()
+                    && first_success.is_some_and(|t| t.elapsed() >= RECORD_WITHIN)
                     && recording.as_ref().is_none_or(|r| r.is_finished())
                 {
-                    record_in_background(shared, &mut recording, &mut delivered).await?;
+                    if let Err(e) =
+                        record_in_background(shared, &mut recording, &mut delivered).await
+                    {
+                        failed = Some(e);
+                    }
                     first_success = None;
+                }
+                if let Some(e) = failed {
+                    break 'batch Some(Err(e));
                 }
                 match next {
                     Ok(Next::Continue) => {}
@@ -557,6 +597,7 @@ async fn drain_rows(
             && (window.len() + REFILL_AT <= WINDOW
                 || (window.in_flight() == 0 && window.len() < WINDOW))
         {
+            let stamp = Target::stamp(shared);
             let page = deliveries::pending_after(
                 &shared.work.get().await?,
                 webhook_id,
@@ -567,7 +608,7 @@ async fn drain_rows(
             match page {
                 Some(page) if page.enabled => {
                     more = page.rows.len() == WINDOW - window.len();
-                    target = Some(Target::new(shared, page.url, page.secret));
+                    target = Some(Target::new(page.url, page.secret, stamp));
                     for q in page.rows {
                         window.push(q);
                     }

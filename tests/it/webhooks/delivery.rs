@@ -1486,3 +1486,59 @@ async fn a_strict_webhooks_successes_are_recorded_while_its_batch_goes_on() {
     );
     rx.release();
 }
+
+/// A large body that waited for room goes where its webhook points when it is sent, not where it
+/// pointed when its drain read it: after `PATCH url`, the bodies still waiting for room go to
+/// the new URL (only the four already sent end at the old one).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_bodies_waiting_for_room_go_where_the_webhook_points_when_they_are_sent() {
+    let app = spawn_app_with(|c| {
+        c.webhook_allow_private = true;
+        c.webhook_large_body_memory_mb = 8;
+        c.webhook_backoff_scale = 0.01;
+    })
+    .await;
+    let f = app.fixture().await;
+    let (old, new) = (Receiver::start().await, Receiver::start().await);
+    for _ in 0..100 {
+        old.hold();
+    }
+    let hook = register(
+        &app,
+        &f,
+        json!({ "url": old.url, "events": ["row.inserted"] }),
+    )
+    .await;
+    let hook = hook["webhook"]["id"].as_str().unwrap().to_string();
+    app.rows(
+        &f.admin,
+        &f.project,
+        "CREATE TABLE big (id int PRIMARY KEY, v text)",
+    )
+    .await;
+    // Ten bodies of ≈ 1.9 MB: four fit in the budget, six wait for room.
+    app.rows(
+        &f.admin,
+        &f.project,
+        "INSERT INTO big SELECT g, repeat('a', 1900000) FROM generate_series(1, 10) g",
+    )
+    .await;
+    old.wait_held(4).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (status, b) = app
+        .call(
+            "PATCH",
+            "/api/webhooks",
+            Some(&f.admin),
+            Some(json!({ "projectId": f.project, "webhookId": hook, "url": new.url })),
+        )
+        .await;
+    assert_eq!(status, 200, "{b}");
+    old.release();
+    new.wait_for(10).await;
+    assert_eq!(
+        old.got.lock().unwrap().len(),
+        4,
+        "bodies sent to the old URL after the change"
+    );
+}
