@@ -422,6 +422,41 @@ async fn login(base: &str, email: &str, password: &str) -> (u16, Value) {
     (resp.status().as_u16(), resp.json().await.unwrap())
 }
 
+/// A fresh data directory (named after `tag`) and what `fluxbase init --json` printed there.
+async fn initialised(tag: &str) -> (std::path::PathBuf, Value) {
+    let dir = crate::support::scratch_dir(&format!(
+        "it-{}-{}",
+        std::process::id(),
+        crate::support::unique(tag)
+    ));
+    let init = serde_json::from_str(&cli_ok(&dir, &["init", "--json"], None).await).unwrap();
+    (dir, init)
+}
+
+/// Logs in as the user `init` printed and creates a MySQL project (named `m`) on the server at
+/// `base`: its id and admin key.
+async fn mysql_project(base: &str, init: &Value) -> (String, String) {
+    let email = init["user"]["email"].as_str().unwrap();
+    let (status, v) = login(base, email, init["user"]["password"].as_str().unwrap()).await;
+    assert_eq!(status, 200, "{v}");
+    let session = v["token"].as_str().unwrap().to_string();
+    let created: Value = reqwest::Client::new()
+        .post(format!("{base}/api/projects"))
+        .bearer_auth(&session)
+        .json(&json!({ "name": "m", "engine": "mysql" }))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(created["success"], true, "{created}");
+    (
+        created["project"]["id"].as_str().unwrap().to_string(),
+        created["apiKeys"]["admin"].as_str().unwrap().to_string(),
+    )
+}
+
 /// The process id of the embedded cluster's postmaster, from its pid file.
 fn postmaster_pid(dir: &Path) -> Option<u32> {
     std::fs::read_to_string(dir.join("pg/data/postmaster.pid"))
@@ -446,12 +481,7 @@ async fn still_serving(base: &str, key: &str, project: &str, step: &str) {
 
 #[tokio::test]
 async fn cli_commands_on_a_running_servers_data_dir_use_its_cluster_and_never_restart_it() {
-    let dir = crate::support::scratch_dir(&format!(
-        "it-{}-{}",
-        std::process::id(),
-        crate::support::unique("clilive")
-    ));
-    let init: Value = serde_json::from_str(&cli_ok(&dir, &["init", "--json"], None).await).unwrap();
+    let (dir, init) = initialised("clilive").await;
     let project = init["project"]["id"].as_str().unwrap().to_string();
     let admin = init["apiKeys"]["admin"].as_str().unwrap().to_string();
     let email = init["user"]["email"].as_str().unwrap().to_string();
@@ -810,23 +840,8 @@ async fn cli_commands_with_a_relative_data_dir_reach_the_running_servers_mariadb
         "init did not use rel/path from top/rel"
     );
     let (mut server, base) = serve(server_cmd(), Stdio::null()).await;
-    let email = init["user"]["email"].as_str().unwrap();
-    let (status, v) = login(&base, email, init["user"]["password"].as_str().unwrap()).await;
-    assert_eq!(status, 200, "{v}");
-    let session = v["token"].as_str().unwrap().to_string();
     // A MySQL project: the server starts its embedded MariaDB under rel/path.
-    let created: Value = reqwest::Client::new()
-        .post(format!("{base}/api/projects"))
-        .bearer_auth(&session)
-        .json(&json!({ "name": "m", "engine": "mysql" }))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let project = created["project"]["id"].as_str().unwrap().to_string();
-    let admin = created["apiKeys"]["admin"].as_str().unwrap().to_string();
+    let (project, admin) = mysql_project(&base, &init).await;
     let (status, v) = sql_call(&base, &admin, &project, "CREATE TABLE notes (body text)").await;
     assert_eq!(status, 200, "{v}");
     let mariadbd: u32 = std::fs::read_to_string(dir.join("mariadb/mariadbd.pid"))
@@ -940,6 +955,20 @@ async fn bodies_until(ws: &mut crate::support::ws::Socket, last: &str) -> Vec<St
     }
 }
 
+/// Runs `sql` on the project (its id and admin key), then a socket subscribed to its room.
+async fn watched(
+    base: &str,
+    (project, admin): (&str, &str),
+    sql: &str,
+) -> crate::support::ws::Socket {
+    let (status, v) = sql_call(base, admin, project, sql).await;
+    assert_eq!(status, 200, "{v}");
+    let mut ws = crate::support::ws::connect_to(base, "/").await;
+    let ack = crate::support::ws::subscribe(&mut ws, project, Some(admin)).await;
+    assert_eq!(ack["type"], "subscribed", "{ack}");
+    ws
+}
+
 /// Polls `sql` on the project until it answers 200 (the database is back).
 async fn served_again(base: &str, key: &str, project: &str, sql: &str, what: &str) -> Value {
     let deadline = Instant::now() + Duration::from_secs(90);
@@ -958,12 +987,7 @@ async fn served_again(base: &str, key: &str, project: &str, sql: &str, what: &st
 
 #[tokio::test]
 async fn serve_starts_its_embedded_databases_again_after_they_are_killed() {
-    let dir = crate::support::scratch_dir(&format!(
-        "it-{}-{}",
-        std::process::id(),
-        crate::support::unique("supervise")
-    ));
-    let init: Value = serde_json::from_str(&cli_ok(&dir, &["init", "--json"], None).await).unwrap();
+    let (dir, init) = initialised("supervise").await;
     let project = init["project"]["id"].as_str().unwrap().to_string();
     let admin = init["apiKeys"]["admin"].as_str().unwrap().to_string();
     // The cluster is left running when `serve` starts (as after a CLI command ended by Ctrl-C,
@@ -989,17 +1013,12 @@ async fn serve_starts_its_embedded_databases_again_after_they_are_killed() {
     )
     .await;
     drop(leftover);
-    let (status, v) = sql_call(
+    let mut ws = watched(
         &base,
-        &admin,
-        &project,
+        (&project, &admin),
         "CREATE TABLE notes (id serial PRIMARY KEY, body text); INSERT INTO notes (body) VALUES ('kept')",
     )
     .await;
-    assert_eq!(status, 200, "{v}");
-    let mut ws = crate::support::ws::connect_to(&base, "/").await;
-    let ack = crate::support::ws::subscribe(&mut ws, &project, Some(&admin)).await;
-    assert_eq!(ack["type"], "subscribed", "{ack}");
 
     // PostgreSQL killed -9 right after a commit: started again on its port, the SQL API serves
     // again, and the room gets the change committed before the kill and one made after.
@@ -1056,33 +1075,13 @@ async fn serve_starts_its_embedded_databases_again_after_they_are_killed() {
     );
 
     // MariaDB killed -9: the same for a MySQL project.
-    let email = init["user"]["email"].as_str().unwrap();
-    let (status, v) = login(&base, email, init["user"]["password"].as_str().unwrap()).await;
-    assert_eq!(status, 200, "{v}");
-    let session = v["token"].as_str().unwrap().to_string();
-    let created: Value = reqwest::Client::new()
-        .post(format!("{base}/api/projects"))
-        .bearer_auth(&session)
-        .json(&json!({ "name": "m", "engine": "mysql" }))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let my = created["project"]["id"].as_str().unwrap().to_string();
-    let my_admin = created["apiKeys"]["admin"].as_str().unwrap().to_string();
-    let (status, v) = sql_call(
+    let (my, my_admin) = mysql_project(&base, &init).await;
+    let mut my_ws = watched(
         &base,
-        &my_admin,
-        &my,
+        (&my, &my_admin),
         "CREATE TABLE notes (id int PRIMARY KEY, body text); INSERT INTO notes VALUES (1, 'kept')",
     )
     .await;
-    assert_eq!(status, 200, "{v}");
-    let mut my_ws = crate::support::ws::connect_to(&base, "/").await;
-    let ack = crate::support::ws::subscribe(&mut my_ws, &my, Some(&my_admin)).await;
-    assert_eq!(ack["type"], "subscribed", "{ack}");
     let db = dir.join("mariadb");
     let port = fluxbase::mysql::embedded::running_port(&db).expect("the server's MariaDB");
     let mariadbd = fluxbase::mysql::embedded::server_process(&db).expect("mariadbd runs");

@@ -1274,6 +1274,13 @@ async fn callers_who_may_not_manage_webhooks_see_no_hook_credentials() {
     }
 }
 
+/// Inserts rows `1..=n` of ≈ 1.9 MB into the project's `big (id, v)` in one transaction.
+async fn large_rows(app: &TestApp, f: &Fixture, n: usize) {
+    let sql =
+        format!("INSERT INTO big SELECT g, repeat('a', 1900000) FROM generate_series(1, {n}) g");
+    app.rows(&f.admin, &f.project, &sql).await;
+}
+
 /// Projects take turns at the large-body budget (`webhook_large_body_memory_mb`): another
 /// project's large delivery gets the first room that frees, not a place behind one project's
 /// whole backlog. Project A's receiver holds every request; its first large bodies take the
@@ -1316,12 +1323,7 @@ async fn another_projects_large_delivery_is_not_queued_behind_a_backlog_of_large
         .await;
     }
     // 24 bodies of ≈ 1.9 MB: four fit in the budget at once.
-    app.rows(
-        &a.admin,
-        &a.project,
-        "INSERT INTO big SELECT g, repeat('a', 1900000) FROM generate_series(1, 24) g",
-    )
-    .await;
+    large_rows(&app, &a, 24).await;
     rx_a.wait_held(4).await;
     // Give A's other attempts time to queue for room.
     tokio::time::sleep(Duration::from_millis(500)).await;
@@ -1377,25 +1379,32 @@ async fn a_webhook_pointed_elsewhere_or_disabled_mid_drain_gets_no_attempt_start
         }
     };
 
+    // A webhook of `t`'s inserts to `url`, and rows `ids` inserted: its id.
+    let busy = |url: String, ids: (i32, i32)| {
+        let (app, f) = (&app, &f);
+        async move {
+            let hook = register(
+                app,
+                f,
+                json!({ "url": url, "events": ["row.inserted"], "tables": ["t"] }),
+            )
+            .await;
+            let sql = format!(
+                "INSERT INTO t SELECT g FROM generate_series({}, {}) g",
+                ids.0, ids.1
+            );
+            app.rows(&f.admin, &f.project, &sql).await;
+            hook["webhook"]["id"].as_str().unwrap().to_string()
+        }
+    };
+
     // Pointed elsewhere: the two attempts in flight end at the old URL; every later one,
     // their retries included, goes to the new.
     let (old, new) = (Receiver::start().await, Receiver::start().await);
     for _ in 0..100 {
         old.hold();
     }
-    let hook = register(
-        &app,
-        &f,
-        json!({ "url": old.url, "events": ["row.inserted"], "tables": ["t"] }),
-    )
-    .await;
-    let hook = hook["webhook"]["id"].as_str().unwrap().to_string();
-    app.rows(
-        &f.admin,
-        &f.project,
-        "INSERT INTO t SELECT g FROM generate_series(1, 20) g",
-    )
-    .await;
+    let hook = busy(old.url.clone(), (1, 20)).await;
     old.wait_held(2).await;
     patch(hook.clone(), json!({ "url": new.url })).await;
     old.release();
@@ -1420,19 +1429,7 @@ async fn a_webhook_pointed_elsewhere_or_disabled_mid_drain_gets_no_attempt_start
     for _ in 0..100 {
         rx.hold();
     }
-    let hook = register(
-        &app,
-        &f,
-        json!({ "url": rx.url, "events": ["row.inserted"], "tables": ["t"] }),
-    )
-    .await;
-    let hook = hook["webhook"]["id"].as_str().unwrap().to_string();
-    app.rows(
-        &f.admin,
-        &f.project,
-        "INSERT INTO t SELECT g FROM generate_series(21, 40) g",
-    )
-    .await;
+    let hook = busy(rx.url.clone(), (21, 40)).await;
     rx.wait_held(2).await;
     patch(hook, json!({ "enabled": false })).await;
     rx.release();
@@ -1517,12 +1514,7 @@ async fn large_bodies_waiting_for_room_go_where_the_webhook_points_when_they_are
     )
     .await;
     // Ten bodies of ≈ 1.9 MB: four fit in the budget, six wait for room.
-    app.rows(
-        &f.admin,
-        &f.project,
-        "INSERT INTO big SELECT g, repeat('a', 1900000) FROM generate_series(1, 10) g",
-    )
-    .await;
+    large_rows(&app, &f, 10).await;
     old.wait_held(4).await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     let (status, b) = app
