@@ -1534,3 +1534,41 @@ async fn large_bodies_waiting_for_room_go_where_the_webhook_points_when_they_are
         "bodies sent to the old URL after the change"
     );
 }
+
+/// A large body (read from the outbox when its attempt starts) answered 500 is read again and
+/// sent whole on its retry, under the same `webhook-id`, and recorded with two attempts.
+#[tokio::test]
+async fn a_large_body_answered_500_is_sent_whole_again_on_its_retry() {
+    let app = spawn_app_with(|c| {
+        c.webhook_allow_private = true;
+        c.webhook_backoff_scale = 0.01;
+    })
+    .await;
+    let f = app.fixture().await;
+    let rx = Receiver::start().await;
+    rx.answer(500, None);
+    let hook = register(
+        &app,
+        &f,
+        json!({ "url": rx.url, "events": ["row.inserted"] }),
+    )
+    .await;
+    let hook = hook["webhook"]["id"].as_str().unwrap().to_string();
+    app.rows(
+        &f.admin,
+        &f.project,
+        "CREATE TABLE big (id int PRIMARY KEY, v text)",
+    )
+    .await;
+    large_rows(&app, &f, 1).await;
+    let got = rx.wait_for(2).await;
+    assert_eq!(got[0].delivery_id(), got[1].delivery_id());
+    assert_eq!(got[0].body, got[1].body);
+    let body: Value = serde_json::from_str(&got[1].body).unwrap();
+    assert_eq!(body["data"]["new"]["v"].as_str().unwrap().len(), 1_900_000);
+    let listed = deliveries_until(&app, &f, &format!("webhookId={hook}"), |b| {
+        b["deliveries"][0]["status"] == "delivered"
+    })
+    .await;
+    assert_eq!(listed["deliveries"][0]["attempts"], 2, "{listed}");
+}
