@@ -365,12 +365,7 @@ impl Target {
         let (changes, read) = Target::stamp(shared);
         match hooks::target(&shared.work.get().await?, webhook_id).await? {
             Some((true, url, secret)) => {
-                *self = Target {
-                    url,
-                    secret,
-                    changes,
-                    read,
-                };
+                *self = Target::new(url, secret, (changes, read));
                 Ok(true)
             }
             _ => Ok(false),
@@ -631,8 +626,7 @@ async fn drain_rows(
             let room = cap.saturating_sub(window.in_flight());
             let (url, secret) = target
                 .as_ref()
-                .map(|t| (t.url.clone(), t.secret.clone()))
-                .unwrap_or_default();
+                .map_or(("", ""), |t| (t.url.as_str(), t.secret.as_str()));
             for seq in window.startable(now, room) {
                 if let Some(claim) = claim.as_deref_mut() {
                     if shared.handing_over.load(Ordering::Acquire) {
@@ -644,7 +638,7 @@ async fn drain_rows(
                         break;
                     }
                 }
-                let due = window.start(seq, &url, &secret);
+                let due = window.start(seq, url, secret);
                 started = true;
                 started_total += 1;
                 in_flight.push(async move {

@@ -1274,6 +1274,18 @@ async fn callers_who_may_not_manage_webhooks_see_no_hook_credentials() {
     }
 }
 
+/// A webhook of the project's inserts to `url`, and its table `big (id, v)`: the webhook's id.
+async fn hooked_big_table(app: &TestApp, f: &Fixture, url: &str) -> String {
+    let hook = register(app, f, json!({ "url": url, "events": ["row.inserted"] })).await;
+    app.rows(
+        &f.admin,
+        &f.project,
+        "CREATE TABLE big (id int PRIMARY KEY, v text)",
+    )
+    .await;
+    hook["webhook"]["id"].as_str().unwrap().to_string()
+}
+
 /// Inserts rows `1..=n` of ≈ 1.9 MB into the project's `big (id, v)` in one transaction.
 async fn large_rows(app: &TestApp, f: &Fixture, n: usize) {
     let sql =
@@ -1302,26 +1314,8 @@ async fn another_projects_large_delivery_is_not_queued_behind_a_backlog_of_large
     for _ in 0..64 {
         rx_a.hold();
     }
-    register(
-        &app,
-        &a,
-        json!({ "url": rx_a.url, "events": ["row.inserted"] }),
-    )
-    .await;
-    register(
-        &app,
-        &b,
-        json!({ "url": rx_b.url, "events": ["row.inserted"] }),
-    )
-    .await;
-    for f in [&a, &b] {
-        app.rows(
-            &f.admin,
-            &f.project,
-            "CREATE TABLE big (id int PRIMARY KEY, v text)",
-        )
-        .await;
-    }
+    hooked_big_table(&app, &a, &rx_a.url).await;
+    hooked_big_table(&app, &b, &rx_b.url).await;
     // 24 bodies of ≈ 1.9 MB: four fit in the budget at once.
     large_rows(&app, &a, 24).await;
     rx_a.wait_held(4).await;
@@ -1500,19 +1494,7 @@ async fn large_bodies_waiting_for_room_go_where_the_webhook_points_when_they_are
     for _ in 0..100 {
         old.hold();
     }
-    let hook = register(
-        &app,
-        &f,
-        json!({ "url": old.url, "events": ["row.inserted"] }),
-    )
-    .await;
-    let hook = hook["webhook"]["id"].as_str().unwrap().to_string();
-    app.rows(
-        &f.admin,
-        &f.project,
-        "CREATE TABLE big (id int PRIMARY KEY, v text)",
-    )
-    .await;
+    let hook = hooked_big_table(&app, &f, &old.url).await;
     // Ten bodies of ≈ 1.9 MB: four fit in the budget, six wait for room.
     large_rows(&app, &f, 10).await;
     old.wait_held(4).await;
@@ -1547,19 +1529,7 @@ async fn a_large_body_answered_500_is_sent_whole_again_on_its_retry() {
     let f = app.fixture().await;
     let rx = Receiver::start().await;
     rx.answer(500, None);
-    let hook = register(
-        &app,
-        &f,
-        json!({ "url": rx.url, "events": ["row.inserted"] }),
-    )
-    .await;
-    let hook = hook["webhook"]["id"].as_str().unwrap().to_string();
-    app.rows(
-        &f.admin,
-        &f.project,
-        "CREATE TABLE big (id int PRIMARY KEY, v text)",
-    )
-    .await;
+    let hook = hooked_big_table(&app, &f, &rx.url).await;
     large_rows(&app, &f, 1).await;
     let got = rx.wait_for(2).await;
     assert_eq!(got[0].delivery_id(), got[1].delivery_id());
