@@ -421,25 +421,14 @@ async fn drain_strict(
         if due.is_empty() {
             return Ok(Drain::Done);
         }
-        // Successful attempts, recorded in the background within [`RECORD_WITHIN`] of the
-        // first unrecorded one, while attempts go on (one recording at a time): a fast
-        // receiver's successes in batches of about 100 ms, a slow one's soon after each answer.
-        // Before, a batch of 64 was recorded at its end: with a slow receiver that took
-        // minutes, the batch stayed `pending`, and a crash sent every answered delivery again
-        // (red team rt11: 9 large bodies). A crash before a recording still only means those
-        // deliveries go out again, with the same ids: at-least-once either way. All of it is
-        // recorded before the next batch is read.
-        let mut delivered = Successes::default();
-        let mut recording: Option<tokio::task::JoinHandle<anyhow::Result<()>>> = None;
-        let mut first_success: Option<Instant> = None;
-        let timer = tokio::time::sleep(Duration::ZERO);
-        tokio::pin!(timer);
-        let mut armed_for: Option<Instant> = None;
+        // Successful attempts are recorded while attempts go on (see [`Recorder`]); all of a
+        // batch's before the next batch is read.
+        let mut recorder = Recorder::default();
         let mut target: Option<Target> = None;
-        let ended = 'batch: {
+        // Every way out of the batch goes through the recording below (else what was delivered
+        // is sent again).
+        let ended: Option<anyhow::Result<Drain>> = 'batch: {
             for d in &due {
-                // Every way out of the batch goes through the end of this block, which records
-                // what was delivered (else it is sent again).
                 let target = target
                     .get_or_insert_with(|| Target::new(d.url.clone(), d.secret.clone(), stamp));
                 match target.still_enabled(shared, webhook_id).await {
@@ -461,83 +450,162 @@ async fn drain_strict(
                 }
                 started += 1;
                 let mut this = Successes::default();
-                // A recording that failed: the drain ends with its error once this attempt has
-                // (never dropped midway: its outcome is recorded either way).
-                let mut failed: Option<anyhow::Error> = None;
-                let next = {
-                    let sending = attempt(shared, webhook_id, project, &d, &mut failing, &mut this);
-                    tokio::pin!(sending);
-                    loop {
-                        let due = first_success.map(|t| t + RECORD_WITHIN);
-                        // One timer, moved only when the deadline does (about every 100 ms
-                        // with a fast receiver): a timer per attempt cost 13 % of `strict`'s
-                        // deliveries/s.
-                        if due != armed_for {
-                            if let Some(due) = due {
-                                timer.as_mut().reset(due.into());
-                            }
-                            armed_for = due;
-                        }
-                        let idle = recording.as_ref().is_none_or(|r| r.is_finished());
-                        tokio::select! {
-                            next = &mut sending => break next,
-                            _ = &mut timer, if due.is_some() && idle && failed.is_none() => {
-                                if let Err(e) = record_in_background(shared, &mut recording, &mut delivered).await {
-                                    failed = Some(e);
-                                }
-                                first_success = None;
-                            }
-                            // The recording under way ended: the timer may go now.
-                            ended = async {
-                                match recording.as_mut() {
-                                    Some(r) => r.await,
-                                    None => std::future::pending().await,
-                                }
-                            }, if !idle => {
-                                recording = None;
-                                match ended {
-                                    Ok(Ok(())) => {}
-                                    Ok(Err(e)) => failed = Some(e),
-                                    Err(e) => failed = Some(e.into()),
-                                }
-                            }
-                        }
-                    }
+                let sending = attempt(shared, webhook_id, project, &d, &mut failing, &mut this);
+                let (next, failed) = recorder.during(shared, sending).await;
+                recorder.add(this);
+                // A recording that failed ends the drain once its attempt has (never dropped
+                // midway: its outcome is recorded either way).
+                let failed = match failed {
+                    Some(e) => Some(e),
+                    None => recorder.start_if_due(shared).await.err(),
                 };
-                if !this.is_empty() {
-                    delivered.append(&mut this);
-                    first_success.get_or_insert_with(Instant::now);
-                }
-                if failed.is_none()
-                    && first_success.is_some_and(|t| t.elapsed() >= RECORD_WITHIN)
-                    && recording.as_ref().is_none_or(|r| r.is_finished())
-                {
-                    if let Err(e) =
-                        record_in_background(shared, &mut recording, &mut delivered).await
-                    {
-                        failed = Some(e);
-                    }
-                    first_success = None;
-                }
                 if let Some(e) = failed {
                     break 'batch Some(Err(e));
                 }
                 match next {
                     Ok(Next::Continue) => {}
                     Ok(Next::Disabled) => break 'batch Some(Ok(Drain::Done)),
-                    // What was delivered is recorded before the drain ends (else sent again).
                     Err(e) => break 'batch Some(Err(e)),
                 }
             }
             None
         };
-        if let Some(last) = recording.take() {
-            last.await??;
-        }
-        record(shared, &delivered).await?;
+        recorder.finish(shared).await?;
         if let Some(ended) = ended {
             return ended;
         }
+    }
+}
+
+/// A drain's successes not recorded yet, and the recording under way: recorded within
+/// [`RECORD_WITHIN`] of the oldest unrecorded one (or in batches of [`RECORD_BATCH`], `row`),
+/// by a background task, one at a time, while attempts go on; what is left when the drain's
+/// batch ends, before it ends ([`Recorder::finish`]). A fast receiver's successes go in batches
+/// of about 100 ms, a slow one's soon after each answer. Before (`strict`), a batch of 64 was
+/// recorded at its end: with a slow receiver that took minutes, the batch stayed `pending`, and
+/// a crash sent every answered delivery again (red team rt11: 9 large bodies). A crash before a
+/// recording still only means those deliveries go out again, with the same ids: at-least-once
+/// either way.
+struct Recorder {
+    delivered: Successes,
+    /// When the oldest success not yet handed to a recording came.
+    oldest: Option<Instant>,
+    recording: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
+    /// `strict`'s deadline timer ([`Recorder::during`]), and the deadline it is set to. One
+    /// timer, moved only when the deadline does (about every 100 ms with a fast receiver): a
+    /// timer per attempt cost 13 % of `strict`'s deliveries/s.
+    timer: std::pin::Pin<Box<tokio::time::Sleep>>,
+    armed_for: Option<Instant>,
+}
+
+impl Default for Recorder {
+    fn default() -> Recorder {
+        Recorder {
+            delivered: Successes::default(),
+            oldest: None,
+            recording: None,
+            timer: Box::pin(tokio::time::sleep(Duration::ZERO)),
+            armed_for: None,
+        }
+    }
+}
+
+impl Recorder {
+    /// Successes to record.
+    fn add(&mut self, mut successes: Successes) {
+        if !successes.is_empty() {
+            self.delivered.append(&mut successes);
+            self.succeeded();
+        }
+    }
+
+    /// A success was added to `delivered`.
+    fn succeeded(&mut self) {
+        self.oldest.get_or_insert_with(Instant::now);
+    }
+
+    /// When the oldest unrecorded success is to be recorded by.
+    fn due(&self) -> Option<Instant> {
+        self.oldest.map(|t| t + RECORD_WITHIN)
+    }
+
+    /// The oldest unrecorded success waited [`RECORD_WITHIN`].
+    fn overdue(&self) -> bool {
+        self.oldest.is_some_and(|t| t.elapsed() >= RECORD_WITHIN)
+    }
+
+    /// No recording under way.
+    fn idle(&self) -> bool {
+        self.recording.as_ref().is_none_or(|r| r.is_finished())
+    }
+
+    /// Hands the successes so far to a background recording, once the previous one ended
+    /// (whose error it returns).
+    async fn start(&mut self, shared: &Shared) -> anyhow::Result<()> {
+        self.oldest = None;
+        record_in_background(shared, &mut self.recording, &mut self.delivered).await
+    }
+
+    /// `strict`, after an attempt: [`Recorder::start`] if the oldest success waited
+    /// [`RECORD_WITHIN`] and no recording is under way.
+    async fn start_if_due(&mut self, shared: &Shared) -> anyhow::Result<()> {
+        if !self.overdue() || !self.idle() {
+            return Ok(());
+        }
+        self.start(shared).await
+    }
+
+    /// Runs a `strict` attempt to its end, starting recordings as they fall due meanwhile. A
+    /// recording that fails is returned beside the attempt's outcome: the attempt is never
+    /// dropped midway, so its outcome is recorded either way.
+    async fn during<F: std::future::Future>(
+        &mut self,
+        shared: &Shared,
+        attempt: F,
+    ) -> (F::Output, Option<anyhow::Error>) {
+        tokio::pin!(attempt);
+        let mut failed: Option<anyhow::Error> = None;
+        loop {
+            let due = self.due();
+            if due != self.armed_for {
+                if let Some(due) = due {
+                    self.timer.as_mut().reset(due.into());
+                }
+                self.armed_for = due;
+            }
+            let idle = self.idle();
+            let (timer, recording) = (&mut self.timer, &mut self.recording);
+            tokio::select! {
+                out = &mut attempt => return (out, failed),
+                _ = timer, if due.is_some() && idle && failed.is_none() => {
+                    if let Err(e) = self.start(shared).await {
+                        failed = Some(e);
+                    }
+                }
+                // The recording under way ended: the timer may go now.
+                ended = async {
+                    match recording.as_mut() {
+                        Some(r) => r.await,
+                        None => std::future::pending().await,
+                    }
+                }, if !idle => {
+                    self.recording = None;
+                    match ended {
+                        Ok(Ok(())) => {}
+                        Ok(Err(e)) => failed = Some(e),
+                        Err(e) => failed = Some(e.into()),
+                    }
+                }
+            }
+        }
+    }
+
+    /// Records everything: the recording under way, then the rest.
+    async fn finish(mut self, shared: &Shared) -> anyhow::Result<()> {
+        if let Some(last) = self.recording.take() {
+            last.await??;
+        }
+        record(shared, &self.delivered).await
     }
 }
 
@@ -577,9 +645,7 @@ async fn drain_rows(
     let mut in_flight = FuturesUnordered::new();
     // Unknown until the first answer: the first success clears a recorded failure streak.
     let mut failing = true;
-    let mut delivered = Successes::default();
-    let mut oldest_success: Option<Instant> = None;
-    let mut recording: Option<tokio::task::JoinHandle<anyhow::Result<()>>> = None;
+    let mut recorder = Recorder::default();
     let mut started_total = 0;
     let began = Instant::now();
     let result = loop {
@@ -663,15 +729,13 @@ async fn drain_rows(
                 break stopping.unwrap_or(Drain::Done);
             }
         }
-        if delivered.ids.len() >= RECORD_BATCH
-            || oldest_success.is_some_and(|t| t.elapsed() >= RECORD_WITHIN)
-        {
-            record_in_background(shared, &mut recording, &mut delivered).await?;
-            oldest_success = None;
+        if recorder.delivered.ids.len() >= RECORD_BATCH || recorder.overdue() {
+            recorder.start(shared).await?;
         }
         let retry_in = retry_in.unwrap_or(Duration::from_secs(3600));
-        let record_in = oldest_success
-            .map(|t| RECORD_WITHIN.saturating_sub(t.elapsed()))
+        let record_in = recorder
+            .due()
+            .map(|t| t.saturating_duration_since(Instant::now()))
             .unwrap_or(Duration::from_secs(3600));
         tokio::select! {
             Some((seq, due, sent)) = in_flight.next() => {
@@ -696,9 +760,9 @@ async fn drain_rows(
                             continue;
                         }
                     };
-                    match attempt::settle(shared, webhook_id, &due, sent, &mut failing, &mut delivered).await? {
+                    match attempt::settle(shared, webhook_id, &due, sent, &mut failing, &mut recorder.delivered).await? {
                         Settled::Delivered => {
-                            oldest_success.get_or_insert_with(Instant::now);
+                            recorder.succeeded();
                             window.finish(seq);
                         }
                         Settled::Failed => window.finish(seq),
@@ -716,10 +780,7 @@ async fn drain_rows(
             _ = tokio::time::sleep(retry_in.min(record_in)) => {}
         }
     };
-    record_in_background(shared, &mut recording, &mut delivered).await?;
-    if let Some(last) = recording.take() {
-        last.await??;
-    }
+    recorder.finish(shared).await?;
     Ok(result)
 }
 
