@@ -477,37 +477,30 @@ async fn drain_strict(
     }
 }
 
-/// A drain's successes not recorded yet, and the recording under way: recorded within
-/// [`RECORD_WITHIN`] of the oldest unrecorded one (or in batches of [`RECORD_BATCH`], `row`),
-/// by a background task, one at a time, while attempts go on; what is left when the drain's
-/// batch ends, before it ends ([`Recorder::finish`]). A fast receiver's successes go in batches
-/// of about 100 ms, a slow one's soon after each answer. Before (`strict`), a batch of 64 was
-/// recorded at its end: with a slow receiver that took minutes, the batch stayed `pending`, and
-/// a crash sent every answered delivery again (red team rt11: 9 large bodies). A crash before a
-/// recording still only means those deliveries go out again, with the same ids: at-least-once
-/// either way.
+/// A drain's successes not recorded yet, and the recording under way.
+///
+/// While attempts go on, a background task records the successes so far, one recording at a
+/// time: `strict` once the oldest unrecorded success waited [`RECORD_WITHIN`], `row` then or
+/// once [`RECORD_BATCH`] wait. A fast receiver's successes go in batches of about 100 ms, a slow
+/// one's soon after each answer. [`Recorder::finish`] waits for the recording under way and
+/// records the rest itself, before the drain (`row`) or its batch (`strict`) ends.
+///
+/// Before, `strict` recorded a batch of 64 at its end: with a slow receiver that took minutes,
+/// the batch stayed `pending`, and a crash sent every answered delivery again (red team rt11: 9
+/// large bodies). A crash before a recording still only means those deliveries go out again,
+/// with the same ids: at-least-once either way.
+#[derive(Default)]
 struct Recorder {
     delivered: Successes,
-    /// When the oldest success not yet handed to a recording came.
+    /// When the oldest success not yet handed to a recording came (`None` also after a
+    /// [`Recorder::start`] that found the previous recording failed: the drain then ends).
     oldest: Option<Instant>,
     recording: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
-    /// `strict`'s deadline timer ([`Recorder::during`]), and the deadline it is set to. One
-    /// timer, moved only when the deadline does (about every 100 ms with a fast receiver): a
-    /// timer per attempt cost 13 % of `strict`'s deliveries/s.
-    timer: std::pin::Pin<Box<tokio::time::Sleep>>,
+    /// `strict`'s deadline timer ([`Recorder::during`]; made on first use), and the deadline it
+    /// is set to. One timer, moved only when the deadline does (about every 100 ms with a fast
+    /// receiver): a timer per attempt cost 13 % of `strict`'s deliveries/s.
+    timer: Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
     armed_for: Option<Instant>,
-}
-
-impl Default for Recorder {
-    fn default() -> Recorder {
-        Recorder {
-            delivered: Successes::default(),
-            oldest: None,
-            recording: None,
-            timer: Box::pin(tokio::time::sleep(Duration::ZERO)),
-            armed_for: None,
-        }
-    }
 }
 
 impl Recorder {
@@ -546,6 +539,15 @@ impl Recorder {
         record_in_background(shared, &mut self.recording, &mut self.delivered).await
     }
 
+    /// `row`: [`Recorder::start`] once [`RECORD_BATCH`] successes wait or the oldest waited
+    /// [`RECORD_WITHIN`] (after the recording under way, if any, ended).
+    async fn start_if_full_or_due(&mut self, shared: &Shared) -> anyhow::Result<()> {
+        if self.delivered.ids.len() < RECORD_BATCH && !self.overdue() {
+            return Ok(());
+        }
+        self.start(shared).await
+    }
+
     /// `strict`, after an attempt: [`Recorder::start`] if the oldest success waited
     /// [`RECORD_WITHIN`] and no recording is under way.
     async fn start_if_due(&mut self, shared: &Shared) -> anyhow::Result<()> {
@@ -569,7 +571,10 @@ impl Recorder {
             let due = self.due();
             if due != self.armed_for {
                 if let Some(due) = due {
-                    self.timer.as_mut().reset(due.into());
+                    match self.timer.as_mut() {
+                        Some(timer) => timer.as_mut().reset(due.into()),
+                        None => self.timer = Some(Box::pin(tokio::time::sleep_until(due.into()))),
+                    }
                 }
                 self.armed_for = due;
             }
@@ -577,7 +582,12 @@ impl Recorder {
             let (timer, recording) = (&mut self.timer, &mut self.recording);
             tokio::select! {
                 out = &mut attempt => return (out, failed),
-                _ = timer, if due.is_some() && idle && failed.is_none() => {
+                _ = async {
+                    match timer.as_mut() {
+                        Some(t) => t.await,
+                        None => std::future::pending().await,
+                    }
+                }, if due.is_some() && idle && failed.is_none() => {
                     if let Err(e) = self.start(shared).await {
                         failed = Some(e);
                     }
@@ -625,8 +635,8 @@ const RECORD_WITHIN: Duration = Duration::from_millis(100);
 /// One task: the attempts are futures polled together (the HTTP connections are the client's
 /// own tasks); each outcome is settled here, one at a time, so the bookkeeping of failures is
 /// sequential as in `strict`. Successes are recorded in batches, in the background, one batch at
-/// a time; the drain ends only after its last batch is recorded (a later drain reads the outbox
-/// again). The drain reads the outbox a page at a time, after the last delivery it read; the
+/// a time ([`Recorder`]); the last batch is recorded before the drain ends (a later drain reads
+/// the outbox again). The drain reads the outbox a page at a time, after the last delivery it read; the
 /// outbox writer's signal (see [`Queue::stored`]) says there are more. It ends when nothing is
 /// in flight and nothing can start: what waits for a retry is then found by the periodic scan.
 async fn drain_rows(
@@ -729,9 +739,7 @@ async fn drain_rows(
                 break stopping.unwrap_or(Drain::Done);
             }
         }
-        if recorder.delivered.ids.len() >= RECORD_BATCH || recorder.overdue() {
-            recorder.start(shared).await?;
-        }
+        recorder.start_if_full_or_due(shared).await?;
         let retry_in = retry_in.unwrap_or(Duration::from_secs(3600));
         let record_in = recorder
             .due()
