@@ -324,26 +324,30 @@ impl Server {
             .stderr(Stdio::null())
             .spawn()
             .context("starting mariadbd")?;
-        let deadline = Instant::now() + Duration::from_secs(120);
-        let (status, log) = loop {
-            let log = read_from(&self.log_file(), log_start);
-            if log.contains("ready for connections") {
+        let (status, log) = match wait_started(
+            &mut child,
+            &self.log_file(),
+            log_start,
+            START_QUIET,
+            START_MOST,
+        )? {
+            Started::Ready => {
                 self.pid.store(child.id(), Ordering::SeqCst);
                 *self.child.lock().expect("poisoned") = Some(child);
                 return Ok(Launch::Up);
             }
-            if let Some(status) = child.try_wait()? {
-                break (status, log);
-            }
-            if Instant::now() > deadline {
+            Started::Exited(status, log) => (status, log),
+            Started::Stalled(after) => {
                 let _ = child.kill();
                 let _ = child.wait();
                 bail!(
-                    "MariaDB did not start within 120 s; see {}",
+                    "MariaDB did not start: nothing new in its log for {} s ({} s in all); \
+                         see {}",
+                    START_QUIET.as_secs().min(after.as_secs()),
+                    after.as_secs(),
                     self.log_file().display()
                 );
             }
-            std::thread::sleep(Duration::from_millis(50));
         };
         if log.contains("Address already in use") || log.contains("Bind on") {
             return Ok(Launch::PortTaken);
@@ -569,6 +573,55 @@ pub fn server_process(root: &Path) -> Option<crate::os_user::process::Held> {
 
 /// The server's log from `offset` (at most 1 MiB of it: a start writes a few kB), read without
 /// following a link put in its place.
+/// How long a starting MariaDB may go without writing to its log before the start is given up,
+/// and the longest a start may take in all. A crash recovery of a large InnoDB log writes its
+/// progress every 15 s or so: it is waited for, not killed midway (which would only make the
+/// next start recover again); a server that hangs silently is given up after two minutes.
+const START_QUIET: Duration = Duration::from_secs(120);
+const START_MOST: Duration = Duration::from_secs(3600);
+
+/// How a start ended.
+enum Started {
+    /// "ready for connections" in its log.
+    Ready,
+    /// It exited: its status and what it logged.
+    Exited(std::process::ExitStatus, String),
+    /// Nothing new in its log for `quiet`, or `most` passed: how long it ran.
+    Stalled(Duration),
+}
+
+/// Waits for a `mariadbd` being started to be ready (its log, from `log_start`, says so), to
+/// exit, or to stall (see [`START_QUIET`]).
+fn wait_started(
+    child: &mut Child,
+    log: &Path,
+    log_start: u64,
+    quiet: Duration,
+    most: Duration,
+) -> Result<Started> {
+    let begun = Instant::now();
+    let (mut size, mut grew) = (log_start, begun);
+    loop {
+        // Whether it exited, then its log: all it wrote before it exited is read.
+        let exited = child.try_wait()?;
+        let text = read_from(log, log_start);
+        if text.contains("ready for connections") {
+            return Ok(Started::Ready);
+        }
+        if let Some(status) = exited {
+            return Ok(Started::Exited(status, text));
+        }
+        let now = std::fs::symlink_metadata(log).map_or(size, |m| m.len());
+        if now != size {
+            (size, grew) = (now, Instant::now());
+        }
+        if grew.elapsed() > quiet || begun.elapsed() > most {
+            return Ok(Started::Stalled(begun.elapsed()));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 fn read_from(path: &Path, offset: u64) -> String {
     let bytes = crate::os_user::inside::read(path, offset, 1 << 20).unwrap_or_default();
     String::from_utf8_lossy(&bytes).into_owned()
@@ -653,6 +706,64 @@ mod tests {
             std::thread::sleep(Duration::from_millis(5));
         }
         child
+    }
+
+    /// A start that keeps writing to its log (a long crash recovery) is waited for past the
+    /// quiet period; one that writes nothing for that long is given up; one that exits says
+    /// so with what it logged.
+    #[test]
+    fn a_start_is_waited_for_while_its_log_grows_and_given_up_when_it_falls_silent() {
+        let dir = std::env::temp_dir().join(format!("mariadb-start-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let log = dir.join("server.log");
+        std::fs::write(&log, "an earlier start: ready for connections\n").unwrap();
+        let from = std::fs::metadata(&log).unwrap().len();
+        let start = |script: &str| {
+            Command::new("/bin/sh")
+                .args(["-c", script, "sh"])
+                .arg(&log)
+                .stdin(Stdio::null())
+                .spawn()
+                .unwrap()
+        };
+        let quiet = Duration::from_millis(700);
+        let most = Duration::from_secs(60);
+        // Progress every 300 ms for 2.4 s (past the quiet period three times over), then ready.
+        let mut recovering = start(
+            r#"for i in 1 2 3 4 5 6 7 8; do echo "InnoDB: recovered $i" >> "$1"; sleep 0.3; done
+               echo "mariadbd: ready for connections" >> "$1"; sleep 30"#,
+        );
+        let begun = std::time::Instant::now();
+        let started = wait_started(&mut recovering, &log, from, quiet, most).unwrap();
+        assert!(matches!(started, Started::Ready), "not ready");
+        assert!(
+            begun.elapsed() > Duration::from_secs(2),
+            "ready too early: the earlier start's line was read"
+        );
+        recovering.kill().unwrap();
+        recovering.wait().unwrap();
+
+        let from = std::fs::metadata(&log).unwrap().len();
+        let mut silent = start(r#"echo "InnoDB: starting" >> "$1"; sleep 30"#);
+        let begun = std::time::Instant::now();
+        match wait_started(&mut silent, &log, from, quiet, most).unwrap() {
+            Started::Stalled(after) => assert!(after >= quiet && after < Duration::from_secs(10)),
+            _ => panic!("a silent start was not given up"),
+        }
+        assert!(begun.elapsed() < Duration::from_secs(10));
+        silent.kill().unwrap();
+        silent.wait().unwrap();
+
+        let from = std::fs::metadata(&log).unwrap().len();
+        let mut failing = start(r#"echo "[ERROR] Aborting" >> "$1"; exit 3"#);
+        match wait_started(&mut failing, &log, from, quiet, most).unwrap() {
+            Started::Exited(status, text) => {
+                assert_eq!(status.code(), Some(3));
+                assert_eq!(text, "[ERROR] Aborting\n");
+            }
+            _ => panic!("an exit was not seen"),
+        }
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]
