@@ -244,6 +244,10 @@ pub struct Config {
     /// accepts nothing) before it is closed with the response and what it holds: any response,
     /// a file download as much as a SQL answer.
     pub send_stall_timeout_secs: u64,
+    /// Seconds a request body may go without a byte arriving (any body: JSON, an upload)
+    /// before the request is answered 408 `REQUEST_TIMEOUT` and its connection closed: a client
+    /// that trickles a body holds no connection, upload or share for longer.
+    pub body_idle_timeout_secs: u64,
     /// Open connections (WebSockets included) one client address may hold; more are answered
     /// 429 and closed. IPv6 clients count by /64. 0: no cap. Not applied with
     /// `trust_forwarded_for` (the proxy is then the only address; it bounds its clients).
@@ -389,6 +393,7 @@ impl Default for Config {
             realtime_project_broadcast_bytes_per_sec: 1024 * 1024,
             header_read_timeout_secs: 20,
             send_stall_timeout_secs: 60,
+            body_idle_timeout_secs: 30,
             max_connections_per_address: 512,
             trust_forwarded_for: false,
             auth_attempts_per_address: 30,
@@ -589,8 +594,8 @@ impl Config {
         if self.sql_answer_send_timeout_secs == 0 {
             bail!("sql_answer_send_timeout_secs must be positive");
         }
-        if self.send_stall_timeout_secs == 0 {
-            bail!("send_stall_timeout_secs must be positive");
+        if self.send_stall_timeout_secs == 0 || self.body_idle_timeout_secs == 0 {
+            bail!("send_stall_timeout_secs and body_idle_timeout_secs must be positive");
         }
         if self.realtime_rls_max_identities == 0
             || self.realtime_rls_batch_rows == 0

@@ -98,3 +98,10 @@ mod tests {
         assert!(through_anyhow.chain().any(is_connection_error));
     }
 }
+
+/// A request body of which no byte arrived for this many seconds (`body_idle_timeout_secs`):
+/// the error a body stream ends with, which every domain reading one (an upload's form) passes
+/// on as the API's 408 `REQUEST_TIMEOUT`.
+#[derive(Debug, Clone, Copy, thiserror::Error)]
+#[error("no byte of the request body arrived for {0} s")]
+pub struct BodyStalled(pub u64);

@@ -39,6 +39,9 @@ pub enum ApiError {
     Conflict(String),
     #[error("Request body is larger than the limit of {0} bytes.")]
     PayloadTooLarge(usize),
+    /// No byte of the request body arrived for this many seconds (`body_idle_timeout_secs`).
+    #[error("No byte of the request body arrived for {0} s (body_idle_timeout_secs); the request was abandoned.")]
+    BodyStalled(u64),
     #[error("Too many requests: {limit} per {window_secs} seconds. Retry after {retry_after} s.")]
     RateLimited {
         limit: u32,
@@ -78,6 +81,7 @@ impl ApiError {
             ProjectNotFound | UserNotFound(_) | NotFound(_) => StatusCode::NOT_FOUND,
             Conflict(_) => StatusCode::CONFLICT,
             PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            BodyStalled(_) => StatusCode::REQUEST_TIMEOUT,
             RateLimited { .. } | Busy(_) => StatusCode::TOO_MANY_REQUESTS,
             DatabaseUnavailable(_) | StorageUnavailable(_) | RealtimeUnavailable(_) => {
                 StatusCode::SERVICE_UNAVAILABLE
@@ -102,6 +106,7 @@ impl ApiError {
             NotFound(_) => "NOT_FOUND",
             Conflict(_) => "CONFLICT",
             PayloadTooLarge(_) => "PAYLOAD_TOO_LARGE",
+            BodyStalled(_) => "REQUEST_TIMEOUT",
             RateLimited { .. } | Busy(_) => "RATE_LIMIT",
             DatabaseUnavailable(_) => "DATABASE_CONNECTION_ERROR",
             StorageUnavailable(_) => "STORAGE_UNAVAILABLE",

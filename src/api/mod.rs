@@ -189,13 +189,16 @@ where
             stream: Default::default(),
             upgrade: std::sync::Mutex::new(incoming.upgrade),
         };
+        let idle = std::time::Duration::from_secs(app.config.body_idle_timeout_secs);
         match route.body {
             BodyMode::Stream => {
                 req.stream = std::sync::Mutex::new(Some(Box::pin(
-                    body.map(|r| r.map(|mut b| b.copy_to_bytes(b.remaining()))),
+                    request::idle_bounded(body, idle)
+                        .map(|r| r.map(|mut b| b.copy_to_bytes(b.remaining()))),
                 )))
             }
             BodyMode::Read if req.method != Method::GET && req.method != Method::HEAD => {
+                let body = request::idle_bounded(body, idle);
                 req.body = Some(read_body(body, &req.headers, app.config.max_body_bytes).await?);
             }
             BodyMode::Read => {}
@@ -233,7 +236,7 @@ where
 /// Reads the body up to `limit` bytes; a declared or actual larger body is a 413.
 async fn read_body<S, B>(body: S, headers: &HeaderMap, limit: usize) -> ApiResult<Bytes>
 where
-    S: Stream<Item = Result<B, warp::Error>>,
+    S: Stream<Item = Result<B, request::BodyError>>,
     B: Buf,
 {
     let declared = headers
@@ -246,8 +249,12 @@ where
     let mut buf = BytesMut::new();
     futures_util::pin_mut!(body);
     while let Some(chunk) = body.next().await {
-        let mut chunk =
-            chunk.map_err(|e| ApiError::BadRequest(format!("reading the body: {e}")))?;
+        let mut chunk = chunk.map_err(|e| match e {
+            request::BodyError::Stalled(crate::error::BodyStalled(secs)) => {
+                ApiError::BodyStalled(secs)
+            }
+            e => ApiError::BadRequest(format!("reading the body: {e}")),
+        })?;
         if buf.len() + chunk.remaining() > limit {
             return Err(ApiError::PayloadTooLarge(limit));
         }

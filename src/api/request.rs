@@ -14,7 +14,45 @@ use warp::http::{HeaderMap, Method};
 use crate::api::error::{ApiError, ApiResult};
 
 /// A streamed request body (uploads), chunk by chunk as the client sends it.
-pub type BodyStream = BoxStream<'static, Result<Bytes, warp::Error>>;
+pub type BodyStream = BoxStream<'static, Result<Bytes, BodyError>>;
+
+/// Why a request body could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum BodyError {
+    /// The connection failed or the client broke the HTTP framing.
+    #[error("{0}")]
+    Read(warp::Error),
+    /// No byte arrived for `body_idle_timeout_secs`.
+    #[error("{0}")]
+    Stalled(#[from] crate::error::BodyStalled),
+}
+
+/// `body`, ended with [`BodyError::Stalled`] once no chunk arrives for `idle` (a client that
+/// trickles a body, or stops sending one, holds the request for at most that long per chunk).
+pub fn idle_bounded<S, T>(
+    body: S,
+    idle: std::time::Duration,
+) -> impl futures_util::Stream<Item = Result<T, BodyError>>
+where
+    S: futures_util::Stream<Item = Result<T, warp::Error>>,
+{
+    futures_util::stream::unfold(
+        (Box::pin(body), false),
+        move |(mut body, stalled)| async move {
+            if stalled {
+                return None;
+            }
+            match tokio::time::timeout(idle, futures_util::StreamExt::next(&mut body)).await {
+                Ok(Some(chunk)) => Some((chunk.map_err(BodyError::Read), (body, false))),
+                Ok(None) => None,
+                Err(_) => {
+                    let stalled = crate::error::BodyStalled(idle.as_secs());
+                    Some((Err(BodyError::Stalled(stalled)), (body, true)))
+                }
+            }
+        },
+    )
+}
 
 pub struct Request {
     pub method: Method,

@@ -53,6 +53,7 @@ impl From<StorageError> for ApiError {
             | NoFile
             | MissingField(_) => ApiError::BadRequest(e.to_string()),
             TooLarge(limit) => ApiError::PayloadTooLarge(limit as usize),
+            BodyStalled(crate::error::BodyStalled(secs)) => ApiError::BodyStalled(secs),
             NoSuchBucket(_) | BucketDeleted(_) | NoSuchKey(_) | NoSuchFile(_) | NotServed => {
                 ApiError::NotFound(e.to_string())
             }

@@ -56,6 +56,9 @@ pub enum StorageError {
     NoFile,
     #[error("{0}: missing form field")]
     MissingField(&'static str),
+    /// No byte of the body arrived for `body_idle_timeout_secs`.
+    #[error("{0}")]
+    BodyStalled(crate::error::BodyStalled),
     /// The file, or the whole body, is larger than the limit (bytes).
     #[error("larger than the limit of {0} bytes")]
     TooLarge(u64),

@@ -493,6 +493,112 @@ async fn a_slow_header_client_is_disconnected_after_the_header_timeout() {
     app.stop().await;
 }
 
+/// Writes a request head and the first `sent` bytes of its body (declared longer), then
+/// nothing: the answer read until the server closes, or `None` if it kept the connection
+/// open for `limit`.
+async fn stalled_body(
+    addr: &str,
+    head: &str,
+    body: &[u8],
+    limit: std::time::Duration,
+) -> Option<String> {
+    use tokio::io::AsyncWriteExt;
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    stream.write_all(head.as_bytes()).await.unwrap();
+    stream.write_all(body).await.unwrap();
+    read_until_closed(&mut stream, limit)
+        .await
+        .map(|b| String::from_utf8_lossy(&b).into_owned())
+}
+
+/// A request body that stops arriving (a JSON body, an upload's form) is answered 408
+/// `REQUEST_TIMEOUT` in the guide's error shape once no byte came for `body_idle_timeout_secs`,
+/// its connection closed and what it held freed (the upload's staged file); a body that keeps
+/// arriving, however slowly, is not cut. Before, such a request held its connection, and an
+/// upload its staged file, for as long as the client kept the socket open (docs/security.md's
+/// known gap).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_body_that_stops_arriving_is_answered_408_and_frees_what_it_held() {
+    use tokio::io::AsyncWriteExt;
+    let app = spawn_app_with(|c| c.body_idle_timeout_secs = 1).await;
+    let f = app.fixture().await;
+    let addr = app.base.trim_start_matches("http://").to_string();
+    let within = std::time::Duration::from_secs(15);
+
+    let query =
+        serde_json::json!({ "projectId": f.project, "query": "SELECT 1 AS one" }).to_string();
+    let head = |len: usize| {
+        format!(
+            "POST /api/execute-sql HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {}\r\n\
+             Content-Type: application/json\r\nContent-Length: {len}\r\n\r\n",
+            f.read
+        )
+    };
+    let began = std::time::Instant::now();
+    let answer = stalled_body(&addr, &head(query.len()), &query.as_bytes()[..10], within)
+        .await
+        .expect("a stalled JSON body kept its connection open");
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    assert!(answer.contains(r#""code":"REQUEST_TIMEOUT""#), "{answer}");
+    assert!(answer.contains(r#""success":false"#), "{answer}");
+    assert!(began.elapsed() < std::time::Duration::from_secs(10));
+
+    // Slow but steady: four pieces 600 ms apart (2.4 s in all, past the idle bound) is served.
+    let mut steady = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    steady
+        .write_all(head(query.len()).as_bytes())
+        .await
+        .unwrap();
+    for piece in query.as_bytes().chunks(query.len().div_ceil(4)) {
+        tokio::time::sleep(std::time::Duration::from_millis(600)).await;
+        steady.write_all(piece).await.unwrap();
+    }
+    let mut answer = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !String::from_utf8_lossy(&answer).contains(r#""rowCount":1"#) {
+        use tokio::io::AsyncReadExt;
+        let n = tokio::time::timeout(within, steady.read(&mut buf))
+            .await
+            .expect("no answer to a steady body")
+            .unwrap();
+        assert!(n > 0, "closed: {}", String::from_utf8_lossy(&answer));
+        answer.extend_from_slice(&buf[..n]);
+    }
+    assert!(
+        answer.starts_with(b"HTTP/1.1 200"),
+        "{}",
+        String::from_utf8_lossy(&answer)
+    );
+
+    // An upload whose form stops mid-file: 408, and its staged file removed.
+    crate::storage::create_bucket(&app, &f, "docs", serde_json::json!({})).await;
+    let form = crate::support::multipart::Form::new(
+        &[("projectId", f.project.as_str()), ("bucketId", "docs")],
+        Some(("stuck.bin", "application/octet-stream")),
+        &[],
+    );
+    let mut body = form.head.clone();
+    body.extend(std::iter::repeat_n(7u8, 256 * 1024));
+    let head = format!(
+        "POST /api/storage/upload HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {}\r\n\
+         Content-Type: {}\r\nContent-Length: {}\r\n\r\n",
+        f.readwrite,
+        form.content_type(),
+        body.len() + 1024 * 1024 + form.tail.len()
+    );
+    let staging = app.app.config.data_dir.join("storage/.uploads");
+    let answer = stalled_body(&addr, &head, &body, within)
+        .await
+        .expect("a stalled upload kept its connection open");
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    assert!(answer.contains(r#""code":"REQUEST_TIMEOUT""#), "{answer}");
+    let left: Vec<_> = std::fs::read_dir(&staging)
+        .map(|d| d.flatten().map(|e| e.path()).collect())
+        .unwrap_or_default();
+    assert!(left.is_empty(), "staged files left: {left:?}");
+    app.stop().await;
+}
+
 #[tokio::test]
 async fn connections_past_the_per_address_cap_are_refused_with_429() {
     use tokio::io::AsyncWriteExt;

@@ -270,6 +270,60 @@ async fn a_drain_against_a_silent_receiver_yields_its_slot_after_its_turn() {
     rx_e.release();
 }
 
+/// The same for a `strict` webhook, which sends one delivery at a time: its drain gives its
+/// slot up between two attempts once its turn's time has passed, not after its batch of 64.
+/// With one drain slot, project E's strict webhook to a receiver that holds every request times
+/// out its first attempt after 10 s; project A's delivery then goes out before E's second
+/// attempt. Before (red team rt12), the turn was checked once per batch: A waited for all ten
+/// of E's timeouts (100 s; with 16 such webhooks every slot was held for ≈ 11 minutes).
+#[tokio::test]
+async fn a_strict_drain_against_a_silent_receiver_yields_its_slot_between_attempts() {
+    let app = app_with(|c| {
+        c.webhook_max_drains = 1;
+        c.webhook_max_drains_per_project = 1;
+    })
+    .await;
+    let e = app.fixture().await;
+    let a = app.fixture().await;
+    let rx_e = Receiver::start().await;
+    for _ in 0..10 {
+        rx_e.hold();
+    }
+    hook(
+        &app,
+        &e,
+        json!({ "url": rx_e.url, "events": ["row.inserted"], "ordering": "strict" }),
+    )
+    .await;
+    app.rows(&e.admin, &e.project, "CREATE TABLE wt (id int PRIMARY KEY)")
+        .await;
+    app.rows(
+        &e.admin,
+        &e.project,
+        "INSERT INTO wt SELECT g FROM generate_series(1, 10) g",
+    )
+    .await;
+    rx_e.wait_held(1).await;
+
+    let rx_a = Receiver::start().await;
+    hook(
+        &app,
+        &a,
+        json!({ "url": rx_a.url, "events": ["row.inserted"] }),
+    )
+    .await;
+    app.rows(&a.admin, &a.project, "CREATE TABLE t (v text)")
+        .await;
+    app.rows(&a.admin, &a.project, "INSERT INTO t VALUES ('a')")
+        .await;
+    // E's first attempt times out after 10 s; its second would end 10 s later.
+    let got = rx_a.wait_for(1).await;
+    assert!(got[0].body.contains("\"a\""), "{}", got[0].body);
+    let sent_to_e = rx_e.got.lock().unwrap().len();
+    assert!(sent_to_e <= 2, "{sent_to_e} requests to E before A's turn");
+    rx_e.release();
+}
+
 /// A large backlog (three webhooks × 2,000 rows, one drain slot) is sent in turns: the third
 /// webhook's first delivery goes out before the first webhook's backlog is through, and another
 /// tenant's API requests succeed while it drains.
