@@ -84,6 +84,11 @@ pub const CONTROL_MIGRATIONS: &[(i32, &str, &str)] = &[
         "members_chose_admin",
         include_str!("../sql/control/0022_members_chose_admin.sql"),
     ),
+    (
+        23,
+        "webhook_delivery_requeues",
+        include_str!("../sql/control/0023_webhook_delivery_requeues.sql"),
+    ),
 ];
 
 /// Where the project databases live and how the server reaches the cluster as its admin role.

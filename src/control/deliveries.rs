@@ -226,7 +226,7 @@ pub async fn requeue(
         .query_opt(
             &format!(
                 "UPDATE fluxbase.webhook_deliveries SET status = 'pending', next_attempt_at = now(),
-                        attempts = 0, last_error = NULL
+                        attempts = 0, last_error = NULL, requeues = requeues + 1
                  WHERE id = $1 AND project_id = $2 RETURNING {COLUMNS}"
             ),
             &[&delivery_id, &project_id],
@@ -303,6 +303,9 @@ pub struct Due {
     pub body_bytes: usize,
     /// Attempts made so far.
     pub attempts: i32,
+    /// Redeliveries asked for so far: an attempt's outcome is recorded only while it is still
+    /// this ([`mark_delivered`], [`record_failure`], [`mark_gone`]).
+    pub requeues: i32,
     pub created_at: DateTime<Utc>,
     pub event_type: String,
     pub url: String,
@@ -327,7 +330,7 @@ pub async fn any_due(client: &impl GenericClient, webhook_id: &str) -> Result<bo
 pub async fn due(client: &impl GenericClient, webhook_id: &str) -> Result<Vec<Due>, Error> {
     let stmt = client
         .prepare_cached(&format!(
-            "SELECT d.id, d.attempts, d.created_at, d.event_type, w.url, w.secret, {}
+            "SELECT d.id, d.attempts, d.created_at, d.event_type, w.url, w.secret, d.requeues, {}
              FROM fluxbase.webhook_deliveries d JOIN fluxbase.webhooks w ON w.id = d.webhook_id
              WHERE d.webhook_id = $1 AND d.status = 'pending' AND d.next_attempt_at <= now()
                AND w.enabled
@@ -345,8 +348,9 @@ pub async fn due(client: &impl GenericClient, webhook_id: &str) -> Result<Vec<Du
             event_type: r.get(3),
             url: r.get(4),
             secret: r.get(5),
-            body: inline_body(r, 6),
-            body_bytes: r.get::<_, i32>(7) as usize,
+            requeues: r.get(6),
+            body: inline_body(r, 7),
+            body_bytes: r.get::<_, i32>(8) as usize,
         })
         .collect())
 }
@@ -356,6 +360,8 @@ pub async fn due(client: &impl GenericClient, webhook_id: &str) -> Result<Vec<Du
 pub struct Successes {
     pub ids: Vec<String>,
     pub attempts: Vec<i32>,
+    /// Each delivery's `requeues` when its attempt read it.
+    pub requeues: Vec<i32>,
     pub statuses: Vec<i32>,
     pub bodies: Vec<String>,
 }
@@ -369,6 +375,7 @@ impl Successes {
     pub fn append(&mut self, other: &mut Successes) {
         self.ids.append(&mut other.ids);
         self.attempts.append(&mut other.attempts);
+        self.requeues.append(&mut other.requeues);
         self.statuses.append(&mut other.statuses);
         self.bodies.append(&mut other.bodies);
     }
@@ -381,12 +388,16 @@ pub async fn mark_delivered(client: &impl GenericClient, s: &Successes) -> Resul
             "UPDATE fluxbase.webhook_deliveries d SET status = 'delivered', attempts = u.attempts,
                     response_status = u.status, response_body = u.body, delivered_at = now(),
                     last_error = NULL
-             FROM unnest($1::text[], $2::int4[], $3::int4[], $4::text[]) AS u(id, attempts, status, body)
-             WHERE d.id = u.id",
+             FROM unnest($1::text[], $2::int4[], $3::int4[], $4::text[], $5::int4[])
+                  AS u(id, attempts, status, body, requeues)
+             WHERE d.id = u.id AND d.requeues = u.requeues",
         )
         .await?;
     client
-        .execute(&stmt, &[&s.ids, &s.attempts, &s.statuses, &s.bodies])
+        .execute(
+            &stmt,
+            &[&s.ids, &s.attempts, &s.statuses, &s.bodies, &s.requeues],
+        )
         .await?;
     Ok(())
 }
@@ -395,15 +406,15 @@ pub async fn mark_delivered(client: &impl GenericClient, s: &Successes) -> Resul
 pub async fn mark_gone(
     client: &impl GenericClient,
     delivery_id: &str,
-    attempts: i32,
+    (attempts, requeues): (i32, i32),
     response_body: &str,
 ) -> Result<(), Error> {
     client
         .execute(
             "UPDATE fluxbase.webhook_deliveries SET status = 'failed', attempts = $2,
                     response_status = 410, response_body = $3, last_error = 'endpoint answered 410 Gone'
-             WHERE id = $1",
-            &[&delivery_id, &attempts, &response_body],
+             WHERE id = $1 AND requeues = $4",
+            &[&delivery_id, &attempts, &response_body, &requeues],
         )
         .await?;
     Ok(())
@@ -413,6 +424,8 @@ pub async fn mark_gone(
 pub struct FailedAttempt<'a> {
     pub status: DeliveryStatus,
     pub attempts: i32,
+    /// The delivery's `requeues` when the attempt read it.
+    pub requeues: i32,
     pub next_attempt_at: DateTime<Utc>,
     pub response_status: Option<i32>,
     pub response_body: Option<&'a str>,
@@ -428,7 +441,7 @@ pub async fn record_failure(
         .execute(
             "UPDATE fluxbase.webhook_deliveries SET status = $2, attempts = $3, next_attempt_at = $4,
                     response_status = $5, response_body = $6, last_error = $7
-             WHERE id = $1",
+             WHERE id = $1 AND requeues = $8",
             &[
                 &delivery_id,
                 &f.status,
@@ -437,6 +450,7 @@ pub async fn record_failure(
                 &f.response_status,
                 &f.response_body,
                 &f.error,
+                &f.requeues,
             ],
         )
         .await?;
@@ -452,6 +466,8 @@ pub struct Queued {
     pub body_bytes: usize,
     /// Attempts made so far.
     pub attempts: i32,
+    /// Redeliveries asked for so far (see [`Due::requeues`]).
+    pub requeues: i32,
     pub created_at: DateTime<Utc>,
     pub event_id: String,
     pub event_type: String,
@@ -484,7 +500,7 @@ pub async fn pending_after(
     // with its parameters each time, it takes the pending index from `after` on.
     let sql = format!(
         "SELECT w.enabled, w.url, w.secret, d.id, d.attempts, d.created_at,
-                d.event_id, d.event_type, d.next_attempt_at, d.row_keys, {}
+                d.event_id, d.event_type, d.next_attempt_at, d.row_keys, d.requeues, {}
          FROM fluxbase.webhooks w
          LEFT JOIN LATERAL (
              SELECT * FROM fluxbase.webhook_deliveries d
@@ -523,8 +539,9 @@ pub async fn pending_after(
             event_type: r.get(7),
             next_attempt_at: r.get(8),
             row_keys: r.get(9),
-            body: inline_body(r, 10),
-            body_bytes: r.get::<_, i32>(11) as usize,
+            requeues: r.get(10),
+            body: inline_body(r, 11),
+            body_bytes: r.get::<_, i32>(12) as usize,
         });
     }
     Ok(Some(page))

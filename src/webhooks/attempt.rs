@@ -244,6 +244,7 @@ pub(super) async fn settle(
         Ok(resp) if (200..300).contains(&resp.status) => {
             delivered.ids.push(d.id.clone());
             delivered.attempts.push(attempts);
+            delivered.requeues.push(d.requeues);
             delivered.statuses.push(resp.status as i32);
             delivered.bodies.push(resp.body);
             if *failing {
@@ -254,7 +255,7 @@ pub(super) async fn settle(
         }
         Ok(resp) if resp.status == 410 => {
             let control = shared.work.get().await?;
-            deliveries::mark_gone(&control, &d.id, attempts, &resp.body).await?;
+            deliveries::mark_gone(&control, &d.id, (attempts, d.requeues), &resp.body).await?;
             hooks::disable(&control, webhook_id, "the endpoint answered 410 Gone").await?;
             Ok(Settled::Disabled)
         }
@@ -286,6 +287,7 @@ pub(super) async fn settle(
                         DeliveryStatus::Pending
                     },
                     attempts,
+                    requeues: d.requeues,
                     next_attempt_at: next,
                     response_status: status,
                     response_body: body.as_deref(),

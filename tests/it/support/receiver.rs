@@ -42,6 +42,8 @@ pub struct Receiver {
     /// The indexes (in `got`) of the requests held unanswered.
     held: Arc<Mutex<Vec<usize>>>,
     release: Arc<Notify>,
+    /// What [`Receiver::release`] answers the held requests (503 unless set).
+    release_status: Arc<std::sync::atomic::AtomicU16>,
 }
 
 impl Receiver {
@@ -50,12 +52,15 @@ impl Receiver {
         let script: Script = Arc::default();
         let held: Arc<Mutex<Vec<usize>>> = Arc::default();
         let release = Arc::new(Notify::new());
+        let release_status = Arc::new(std::sync::atomic::AtomicU16::new(503));
         let (g, s, h, r) = (got.clone(), script.clone(), held.clone(), release.clone());
+        let rs = release_status.clone();
         let route = warp::post()
             .and(warp::header::headers_cloned())
             .and(warp::body::bytes())
             .then(move |headers, body: bytes::Bytes| {
                 let (g, s, h, r) = (g.clone(), s.clone(), h.clone(), r.clone());
+                let rs = rs.clone();
                 async move {
                     // One lock order (script, then got): a request's step and its place in
                     // `got` are taken together.
@@ -76,7 +81,7 @@ impl Receiver {
                         Step::Answer(status, retry_after) => (status, retry_after),
                         Step::Hold => {
                             r.notified().await;
-                            (503, None)
+                            (rs.load(std::sync::atomic::Ordering::SeqCst), None)
                         }
                     };
                     let mut resp = warp::http::Response::builder().status(status);
@@ -95,6 +100,7 @@ impl Receiver {
             script,
             held,
             release,
+            release_status,
         }
     }
 
@@ -110,6 +116,13 @@ impl Receiver {
     /// [`Receiver::release`] (then answered 503).
     pub fn hold(&self) {
         self.script.lock().unwrap().push_back(Step::Hold);
+    }
+
+    /// Answers every request held so far with `status`.
+    pub fn release_with(&self, status: u16) {
+        self.release_status
+            .store(status, std::sync::atomic::Ordering::SeqCst);
+        self.release.notify_waiters();
     }
 
     /// Answers every request held so far (503).

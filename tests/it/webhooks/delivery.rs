@@ -657,6 +657,57 @@ async fn forbidden_targets_are_refused_at_registration() {
     );
 }
 
+/// A redelivery asked for while the delivery's attempt is in flight is sent again after that
+/// attempt succeeds (both orderings): the attempt's success no longer overwrites the requeue.
+/// Before (red team rt12), the success recorded ~100 ms later set the requeued row back to
+/// `delivered` and the redelivery, answered `pending`, never went out.
+#[tokio::test]
+async fn a_redelivery_asked_for_while_its_attempt_is_in_flight_is_sent_after_it() {
+    let app = app().await;
+    for ordering in ["row", "strict"] {
+        let f = app.fixture().await;
+        let rx = Receiver::start().await;
+        rx.hold();
+        let hook = register(
+            &app,
+            &f,
+            json!({ "url": rx.url, "events": ["row.inserted"], "ordering": ordering }),
+        )
+        .await;
+        let wh = hook["webhook"]["id"].as_str().unwrap().to_string();
+        app.rows(
+            &f.admin,
+            &f.project,
+            "CREATE TABLE t (x int); INSERT INTO t VALUES (1)",
+        )
+        .await;
+        rx.wait_held(1).await;
+        let b = deliveries_until(&app, &f, &format!("webhookId={wh}"), |b| {
+            b["deliveries"].as_array().unwrap().len() == 1
+        })
+        .await;
+        let id = b["deliveries"][0]["id"].as_str().unwrap().to_string();
+        redeliver(&app, &f, &id).await;
+        // The attempt in flight succeeds after the redelivery was asked for.
+        rx.release_with(200);
+        let got = rx.wait_for(2).await;
+        assert_eq!(
+            got[1].headers["webhook-id"], got[0].headers["webhook-id"],
+            "{ordering}"
+        );
+        assert_eq!(
+            got[1].headers["webhook-id"].to_str().unwrap(),
+            id,
+            "{ordering}"
+        );
+        let filter = format!("webhookId={wh}&status=delivered");
+        deliveries_until(&app, &f, &filter, |b| {
+            b["deliveries"].as_array().unwrap().len() == 1
+        })
+        .await;
+    }
+}
+
 #[tokio::test]
 async fn a_failed_delivery_can_be_redelivered_and_webhooks_can_be_updated_and_deleted() {
     let app = app().await;
