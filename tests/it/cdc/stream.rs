@@ -1097,16 +1097,7 @@ async fn schema_changes_between_the_parts_of_a_streamed_transaction_of_large_row
             break e["id"].as_str().unwrap().to_string();
         }
     };
-    let spilled = || async {
-        let text = app.metrics_text().await;
-        let series = format!(
-            "fluxbase_cdc_spilled_bytes_total{{project=\"{}\"}} ",
-            f.project
-        );
-        text.lines()
-            .find_map(|l| l.strip_prefix(&series))
-            .map_or(0, |v| v.trim().parse::<f64>().unwrap() as u64)
-    };
+    let spilled = || project_metric(&app.base, "fluxbase_cdc_spilled_bytes_total", &f.project);
     let spilled_before = spilled().await;
     let rx = crate::support::receiver::Receiver::start().await;
     let (status, hook) = app
