@@ -402,7 +402,8 @@ pub async fn mark_delivered(client: &impl GenericClient, s: &Successes) -> Resul
     Ok(())
 }
 
-/// The endpoint answered 410 Gone: the delivery failed for good.
+/// The endpoint answered 410 Gone: the delivery failed for good (unless a redelivery was asked
+/// for since the attempt read it).
 pub async fn mark_gone(
     client: &impl GenericClient,
     delivery_id: &str,
@@ -432,12 +433,14 @@ pub struct FailedAttempt<'a> {
     pub error: &'a str,
 }
 
+/// Records a failed attempt; `false` when a redelivery was asked for since the attempt read the
+/// delivery (the row, pending again, is left as the redelivery made it).
 pub async fn record_failure(
     client: &impl GenericClient,
     delivery_id: &str,
     f: &FailedAttempt<'_>,
-) -> Result<(), Error> {
-    client
+) -> Result<bool, Error> {
+    let updated = client
         .execute(
             "UPDATE fluxbase.webhook_deliveries SET status = $2, attempts = $3, next_attempt_at = $4,
                     response_status = $5, response_body = $6, last_error = $7
@@ -454,7 +457,7 @@ pub async fn record_failure(
             ],
         )
         .await?;
-    Ok(())
+    Ok(updated == 1)
 }
 
 /// A pending delivery as the `row` ordering's worker holds it, due or not.

@@ -135,7 +135,8 @@ pub(super) enum Settled {
         attempts: i32,
         next_attempt_at: chrono::DateTime<Utc>,
     },
-    /// Given up (recorded).
+    /// Given up (recorded), or not recorded because a redelivery was asked for meanwhile (the
+    /// row, pending again, is sent by a later read): nothing more for this copy.
     Failed,
     /// The webhook was disabled (410 Gone, or a day of failures); this delivery is recorded.
     Disabled,
@@ -277,7 +278,7 @@ pub(super) async fn settle(
             let next =
                 now + chrono::Duration::from_std(delay).unwrap_or(chrono::Duration::hours(6));
             let give_up = next > d.created_at + GIVE_UP_AFTER;
-            deliveries::record_failure(
+            let recorded = deliveries::record_failure(
                 &control,
                 &d.id,
                 &FailedAttempt {
@@ -301,7 +302,10 @@ pub(super) async fn settle(
                 hooks::disable(&control, webhook_id, "every delivery failed for 24 hours").await?;
                 return Ok(Settled::Disabled);
             }
-            Ok(if give_up {
+            Ok(if give_up || !recorded {
+                // Not recorded: a redelivery was asked for meanwhile. This copy is dropped
+                // (a `row` window would retry it unrecorded); the row, pending again, is sent
+                // by the next read of the outbox.
                 Settled::Failed
             } else {
                 Settled::Retry {

@@ -431,8 +431,10 @@ async fn drain_strict(
             for d in &due {
                 // Before every attempt, not once a batch: a batch of 64 to a receiver that
                 // never answers is 64 request timeouts, and 16 such drains held every slot
-                // for ≈ 11 minutes while other tenants' webhooks waited (red team rt12).
-                if slice_spent(shared, started, began) {
+                // for ≈ 11 minutes while other tenants' webhooks waited (red team rt12). Once
+                // an attempt has started: a drain whose wait for a connection and its batch
+                // took its whole turn still sends one (else it could yield forever).
+                if started > 0 && slice_spent(shared, started, began) {
                     break 'batch Some(Ok(Drain::Yielded));
                 }
                 let target = target
