@@ -22,6 +22,7 @@ impl From<WebhookError> for ApiError {
             | WebhookError::UnknownEvent(_)
             | WebhookError::Url(_)
             | WebhookError::SecretLength
+            | WebhookError::SecretTwice
             | WebhookError::UrlLength
             | WebhookError::TooManyEvents
             | WebhookError::Tables
@@ -79,6 +80,11 @@ pub struct PatchWebhook {
     /// `row` or `strict` (see `POST /api/webhooks`).
     #[schema(value_type = Option<Ordering>)]
     pub ordering: Option<String>,
+    /// A new signing secret, 16 to 256 bytes (UTF-8). Every attempt that starts once this is
+    /// answered is signed with it, pending deliveries and retries included.
+    pub secret: Option<String>,
+    /// `true`: a fresh `whsec_…` signing secret, shown in this answer only (not with `secret`).
+    pub rotate_secret: Option<bool>,
 }
 
 /// `POST /api/webhooks/redeliver`.
@@ -107,6 +113,9 @@ pub struct WebhookList {
 pub struct WebhookChanged {
     pub success: bool,
     pub webhook: Webhook,
+    /// The new signing secret, when the PATCH gave or rotated one: shown in this answer only.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub secret: Option<String>,
 }
 
 #[derive(Serialize, ToSchema)]
@@ -184,7 +193,7 @@ pub async fn patch_webhook(app: SharedApp, req: Request) -> ApiResult<Json<Webho
     let access = req.access_by_body(&app).await?;
     let body: PatchWebhook = req.json()?;
     access.require_developer(MANAGING)?;
-    let webhook = app
+    let (webhook, secret) = app
         .webhooks
         .patch(
             &access.project.id,
@@ -195,12 +204,15 @@ pub async fn patch_webhook(app: SharedApp, req: Request) -> ApiResult<Json<Webho
                 tables: body.tables,
                 enabled: body.enabled,
                 ordering: body.ordering,
+                secret: body.secret,
+                rotate_secret: body.rotate_secret.unwrap_or(false),
             },
         )
         .await?;
     Ok(Json(WebhookChanged {
         success: true,
         webhook,
+        secret,
     }))
 }
 

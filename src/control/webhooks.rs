@@ -187,6 +187,7 @@ pub struct WebhookChanges<'a> {
     pub tables: Option<&'a [String]>,
     pub enabled: Option<bool>,
     pub ordering: Option<Ordering>,
+    pub secret: Option<&'a str>,
 }
 
 /// The changed webhook, or `None` when the project has no such webhook.
@@ -204,11 +205,11 @@ pub async fn update(
                         enabled = coalesce($7, enabled),
                         disabled_reason = CASE WHEN $7 THEN NULL ELSE disabled_reason END,
                         failing_since = CASE WHEN $7 THEN NULL ELSE failing_since END,
-                        ordering = coalesce($8, ordering)
+                        ordering = coalesce($8, ordering), secret = coalesce($9, secret)
                  WHERE id = $1 AND project_id = $2 RETURNING {COLUMNS}"
             ),
             &[&webhook_id, &project_id, &c.url, &c.events, &c.tables, &c.tables.is_some(), &c.enabled,
-              &c.ordering.map(Ordering::as_str)],
+              &c.ordering.map(Ordering::as_str), &c.secret],
         )
         .await?;
     Ok(row.as_ref().map(Webhook::from))

@@ -61,6 +61,8 @@ pub enum WebhookError {
     Url(egress::EgressError),
     #[error("secret: 16 to 256 characters")]
     SecretLength,
+    #[error("secret and rotateSecret: give one or the other")]
+    SecretTwice,
     #[error("url: at most {MAX_URL_BYTES} bytes")]
     UrlLength,
     #[error("events: at most {n} entries", n = EventType::ALL.len())]
@@ -167,6 +169,25 @@ pub struct WebhookPatch {
     pub tables: Option<Vec<String>>,
     pub enabled: Option<bool>,
     pub ordering: Option<String>,
+    /// A new signing secret of the caller's (16 to 256 bytes).
+    pub secret: Option<String>,
+    /// A fresh `whsec_…` signing secret.
+    pub rotate_secret: bool,
+}
+
+/// A new signing secret: the caller's (checked), or a fresh `whsec_…` one.
+fn signing_secret(given: Option<String>) -> Result<String, WebhookError> {
+    match given {
+        Some(s) if s.len() < 16 || s.len() > 256 => Err(WebhookError::SecretLength),
+        Some(s) => Ok(s),
+        None => {
+            use base64::Engine;
+            Ok(format!(
+                "whsec_{}",
+                base64::engine::general_purpose::STANDARD.encode(random_bytes::<24>())
+            ))
+        }
+    }
 }
 
 /// This server's webhooks: registration and the delivery log, the outbox writers per project
@@ -345,17 +366,7 @@ impl Webhooks {
         let url = egress::validate_url(&req.url, self.shared.settings.allow_private)
             .await
             .map_err(WebhookError::Url)?;
-        let secret = match req.secret {
-            Some(s) if s.len() < 16 || s.len() > 256 => return Err(WebhookError::SecretLength),
-            Some(s) => s,
-            None => {
-                use base64::Engine;
-                format!(
-                    "whsec_{}",
-                    base64::engine::general_purpose::STANDARD.encode(random_bytes::<24>())
-                )
-            }
-        };
+        let secret = signing_secret(req.secret)?;
         let id = format!("wh_{}", random_base62(16));
         let mut control = self.shared.control.get().await?;
         // Counted and inserted under the project's lock: concurrent registrations cannot pass
@@ -392,13 +403,20 @@ impl Webhooks {
         Ok(hooks::list(&self.shared.control.get().await?, project_id).await?)
     }
 
-    /// Changes a webhook; enabling it clears a server-side disable and sends what is due.
+    /// Changes a webhook; enabling it clears a server-side disable and sends what is due. With a
+    /// new signing secret, that secret (every attempt that starts once this answered is signed
+    /// with it, pending deliveries included).
     pub async fn patch(
         &self,
         project_id: &str,
         webhook_id: &str,
         patch: WebhookPatch,
-    ) -> Result<Webhook, WebhookError> {
+    ) -> Result<(Webhook, Option<String>), WebhookError> {
+        let secret = match (patch.secret, patch.rotate_secret) {
+            (Some(_), true) => return Err(WebhookError::SecretTwice),
+            (None, false) => None,
+            (given, _) => Some(signing_secret(given)?),
+        };
         if let Some(events) = &patch.events {
             validate_events(events)?;
         }
@@ -428,6 +446,7 @@ impl Webhooks {
             tables: patch.tables.as_deref(),
             enabled: patch.enabled,
             ordering,
+            secret: secret.as_deref(),
         };
         let webhook = hooks::update(
             &self.shared.control.get().await?,
@@ -439,7 +458,7 @@ impl Webhooks {
         .ok_or_else(|| WebhookError::WebhookNotFound(webhook_id.to_string()))?;
         self.shared.queue.changed();
         self.shared.queue.rescan();
-        Ok(webhook)
+        Ok((webhook, secret))
     }
 
     /// Deletes a webhook and its deliveries.

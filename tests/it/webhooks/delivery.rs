@@ -657,6 +657,114 @@ async fn forbidden_targets_are_refused_at_registration() {
     );
 }
 
+/// `PATCH /api/webhooks` rotates the signing secret (`rotateSecret: true`: a fresh `whsec_…`,
+/// shown once) or sets one (`secret`): deliveries after the answer, a retry of one that failed
+/// before included, are signed with the new secret; the listing never shows it; both at once,
+/// or a short secret, are a 400. Before, rotating meant deleting the webhook (and its pending
+/// deliveries) and creating it again (red team rt12).
+#[tokio::test]
+async fn a_webhooks_signing_secret_is_rotated_by_patch() {
+    let app = app().await;
+    let f = app.fixture().await;
+    let rx = Receiver::start().await;
+    let hook = register(
+        &app,
+        &f,
+        json!({ "url": rx.url, "events": ["row.inserted"] }),
+    )
+    .await;
+    let wh = hook["webhook"]["id"].as_str().unwrap().to_string();
+    let first = hook["secret"].as_str().unwrap().to_string();
+    app.rows(
+        &f.admin,
+        &f.project,
+        "CREATE TABLE t (x int); INSERT INTO t VALUES (1)",
+    )
+    .await;
+    assert!(signed_by(&rx.wait_for(1).await[0], &first));
+
+    let patch = |body: Value| {
+        let mut body = body;
+        body["projectId"] = json!(f.project);
+        body["webhookId"] = json!(wh);
+        app.call("PATCH", "/api/webhooks", Some(&f.admin), Some(body))
+    };
+    // The next delivery fails once, then is retried after the rotation.
+    rx.answer(500, Some("1"));
+    app.rows(&f.admin, &f.project, "INSERT INTO t VALUES (2)")
+        .await;
+    rx.wait_for(2).await;
+    let (status, b) = patch(json!({ "rotateSecret": true })).await;
+    assert_eq!(status, 200, "{b}");
+    let second = b["secret"].as_str().unwrap().to_string();
+    assert!(second.starts_with("whsec_") && second != first, "{b}");
+    assert_eq!(b["webhook"]["secret"], Value::Null, "{b}");
+    app.rows(&f.admin, &f.project, "INSERT INTO t VALUES (3)")
+        .await;
+    let got = rx.wait_for(4).await;
+    for r in &got[2..] {
+        assert!(
+            signed_by(r, &second),
+            "not signed with the rotated secret: {r:?}"
+        );
+    }
+    let bodies: Vec<&str> = got[2..].iter().map(|r| r.body.as_str()).collect();
+    assert!(
+        bodies.iter().any(|b| b.contains(r#""x":2"#)),
+        "the retry: {bodies:?}"
+    );
+    assert!(bodies.iter().any(|b| b.contains(r#""x":3"#)), "{bodies:?}");
+
+    // A secret of the caller's.
+    let own = "my-own-secret-of-some-length";
+    let (status, b) = patch(json!({ "secret": own })).await;
+    assert_eq!((status, b["secret"].as_str()), (200, Some(own)), "{b}");
+    app.rows(&f.admin, &f.project, "INSERT INTO t VALUES (4)")
+        .await;
+    let r = rx.wait_for(5).await.remove(4);
+    assert_eq!(
+        r.headers["x-fluxbase-signature"].to_str().unwrap(),
+        format!("sha256={}", hmac_hex(own, &r.body))
+    );
+    // Nothing else changed, and no secret in the listing.
+    let (_, list) = app
+        .call(
+            "GET",
+            &format!("/api/webhooks?projectId={}", f.project),
+            Some(&f.admin),
+            None,
+        )
+        .await;
+    assert!(!list.to_string().contains(own) && !list.to_string().contains(&second));
+    assert_eq!(list["webhooks"][0]["events"], json!(["row.inserted"]));
+
+    for (body, why) in [
+        (
+            json!({ "secret": own, "rotateSecret": true }),
+            "secret and rotateSecret",
+        ),
+        (json!({ "secret": "short" }), "secret: 16 to 256"),
+    ] {
+        let (status, b) = patch(body).await;
+        assert_eq!(
+            (status, b["error"]["code"].as_str()),
+            (400, Some("BAD_REQUEST")),
+            "{b}"
+        );
+        assert!(b["error"]["message"].as_str().unwrap().contains(why), "{b}");
+    }
+    // The weaker scopes cannot.
+    let (status, b) = app
+        .call(
+            "PATCH",
+            "/api/webhooks",
+            Some(&f.readwrite),
+            Some(json!({ "projectId": f.project, "webhookId": wh, "rotateSecret": true })),
+        )
+        .await;
+    assert_eq!(status, 403, "{b}");
+}
+
 /// A redelivery asked for while the delivery's attempt is in flight is sent again after that
 /// attempt succeeds (both orderings): the attempt's success no longer overwrites the requeue.
 /// Before (red team rt12), the success recorded ~100 ms later set the requeued row back to
