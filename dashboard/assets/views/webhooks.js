@@ -1,5 +1,5 @@
 // Webhooks: the project's endpoints (URL, events, tables, state), creating one (its signing
-// secret shown once), enabling/disabling and deleting it, and each endpoint's delivery log
+// secret shown once), rotating its secret, enabling/disabling and deleting it, and each endpoint's delivery log
 // (status, attempts, the receiver's last answer, timestamps) with a status filter, refresh and
 // redelivery. Viewers see the endpoints and their logs read-only, as the API decides.
 
@@ -90,6 +90,14 @@ export default {
           type: 'button', class: 'small', 'data-edit': w.id, 'aria-label': `Edit the webhook to ${w.url}`,
           onclick: act(() => editWebhook(w)),
         }, 'Edit') : null,
+        canWrite ? h('button', {
+          type: 'button', class: 'small', 'data-rotate': w.id, 'aria-label': `Rotate the signing secret of the webhook to ${w.url}`,
+          onclick: act(async () => {
+            if (!await confirmDialog(`Rotate the signing secret of the webhook to ${w.url}? Every delivery from now on is signed with a new secret, shown once: give it to the receiver, or its checks fail until you do.`, { confirmLabel: 'Rotate secret' })) return;
+            const answer = await patch('/api/webhooks', { projectId, webhookId: w.id, rotateSecret: true });
+            await showSecret(answer, 'Signing secret rotated');
+          }),
+        }, 'Rotate secret') : null,
         canWrite ? h('button', {
           type: 'button', class: 'small', 'data-toggle': w.id,
           'aria-label': `${w.enabled ? 'Disable' : 'Enable'} the webhook to ${w.url}`,
@@ -197,9 +205,9 @@ export default {
       return form;
     }
 
-    async function showSecret(answer) {
+    async function showSecret(answer, title = 'Webhook registered') {
       await dialog({
-        title: 'Webhook registered',
+        title,
         body: h('div', { 'data-webhook-created': answer.webhook.id },
           h('p', {}, 'Each delivery is signed with this secret: ',
             h('code', {}, 'X-Fluxbase-Signature: sha256=<hex HMAC-SHA256 of the raw body>'),

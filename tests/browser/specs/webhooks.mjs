@@ -203,6 +203,24 @@ await spec('webhooks', async (t) => {
     assert.deepEqual(edited.events, ['row.inserted', 'row.updated']);
     assert.equal(edited.url, hookUrl);
 
+    t.log('rotate its secret: asked first, the new one shown once, the next delivery signed with it');
+    await press(page, `button[data-rotate="${hook.id}"]`);
+    await page.waitForSelector('dialog[open]');
+    await page.click('dialog[open] button[data-action=Cancel]');
+    await page.waitForFunction(() => !document.querySelector('dialog'));
+    await press(page, `button[data-rotate="${hook.id}"]`);
+    await page.click('dialog[open] button[data-action="Rotate secret"]');
+    const rotatedField = await page.waitForSelector('dialog[open] [data-secret]');
+    const rotated = await rotatedField.evaluate((i) => i.value);
+    assert.match(rotated, /^whsec_/);
+    assert.notEqual(rotated, secret);
+    await page.click('dialog[open] button[data-action=Done]');
+    await page.waitForFunction(() => !document.querySelector('dialog'));
+    assert.ok(!(await page.content()).includes(rotated), 'the rotated secret is gone from the page once dismissed');
+    await sql("insert into orders (item) values ('fig')");
+    const fig = await until('the fig delivery', () => on('/hook').find((g) => JSON.parse(g.raw).data.new.item === 'fig'));
+    assert.equal(fig.headers['x-fluxbase-signature'], `sha256=${crypto.createHmac('sha256', rotated).update(fig.raw).digest('hex')}`);
+
     t.log('disable it: no more deliveries (a second, enabled endpoint is the witness)');
     await press(page, `button[data-toggle="${hook.id}"]`);
     await page.waitForSelector(`${row}[data-enabled=false]`);
@@ -228,7 +246,7 @@ await spec('webhooks', async (t) => {
     await vpage.waitForSelector(`tr[data-webhook="${hook.id}"][data-enabled=false]`);
     await vpage.waitForSelector('[data-read-only]');
     assert.equal(await vpage.$(form), null);
-    assert.equal(await vpage.$('button[data-toggle], button[data-delete], button[data-edit]'), null);
+    assert.equal(await vpage.$('button[data-toggle], button[data-delete], button[data-edit], button[data-rotate]'), null);
     await press(vpage, `button[data-show-log="${hook.id}"]`);
     await vpage.waitForSelector(`[data-deliveries] tr[data-delivery="${first}"]`);
     assert.equal(await vpage.$('button[data-redeliver]'), null);
