@@ -105,22 +105,17 @@ fn parse_bool(field: &'static str, v: &str) -> Result<bool, StorageError> {
 
 /// The body stream's stall, wherever it is in the error's chain.
 fn stalled(e: &(dyn std::error::Error + 'static)) -> Option<crate::error::BodyStalled> {
-    let mut at = Some(e);
-    while let Some(e) = at {
-        if let Some(s) = e.downcast_ref::<crate::error::BodyStalled>() {
-            return Some(*s);
-        }
-        at = e.source();
-    }
-    None
+    std::iter::successors(Some(e), |e| e.source())
+        .find_map(|e| e.downcast_ref::<crate::error::BodyStalled>().copied())
 }
 
 fn multipart_error(e: multipart::Error, limit: u64) -> StorageError {
     match e {
         multipart::Error::TooLarge(_) => StorageError::TooLarge(limit),
-        multipart::Error::Body(e) if stalled(&*e).is_some() => {
-            StorageError::BodyStalled(stalled(&*e).expect("just seen"))
-        }
+        multipart::Error::Body(e) => match stalled(&*e) {
+            Some(s) => StorageError::BodyStalled(s),
+            None => StorageError::InvalidMultipart(multipart::Error::Body(e)),
+        },
         other => StorageError::InvalidMultipart(other),
     }
 }
