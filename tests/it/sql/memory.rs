@@ -192,12 +192,19 @@ async fn past_the_total_an_accounts_statements_over_several_projects_give_first(
         a_projects.push((p.read, p.project));
     }
     let b = app.fixture().await;
-    // Held at its peak for 8 s after the sort (the sort's memory lives to the statement's end),
-    // so that all four overlap however the machine schedules them.
+    // Each holds its peak after its sort (the sort's memory lives to the statement's end) until
+    // one moment shared by all four, so that they overlap however late the machine schedules
+    // one of them (a relative sleep of 8 s once let a busy CI host finish one sort after
+    // another had let go: nothing passed the total).
+    let until = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+        + 24;
     let sort = |rows: u32| {
         format!(
-            "SET work_mem = '2GB'; SELECT count(*) AS n, pg_sleep(8) FROM (SELECT g, md5(g::text) AS m \
-             FROM generate_series(1, {rows}) g ORDER BY m OFFSET 0) s"
+            "SET work_mem = '2GB'; SELECT count(*) AS n, pg_sleep_until(to_timestamp({until})) \
+             FROM (SELECT g, md5(g::text) AS m FROM generate_series(1, {rows}) g ORDER BY m OFFSET 0) s"
         )
     };
     let b_run = app.spawn_sql(&b.read, &b.project, &sort(1_800_000));
@@ -221,6 +228,7 @@ async fn past_the_total_an_accounts_statements_over_several_projects_give_first(
         let body: serde_json::Value = serde_json::from_str(&body).unwrap();
         if body["success"] == true {
             assert_eq!(body["result"]["rows"][0]["n"], 1_200_000, "{body}");
+            eprintln!("one of A's statements ran to its end");
             continue;
         }
         ended += 1;
