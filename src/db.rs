@@ -89,6 +89,11 @@ pub const CONTROL_MIGRATIONS: &[(i32, &str, &str)] = &[
         "webhook_delivery_requeues",
         include_str!("../sql/control/0023_webhook_delivery_requeues.sql"),
     ),
+    (
+        24,
+        "webhook_previous_secret",
+        include_str!("../sql/control/0024_webhook_previous_secret.sql"),
+    ),
 ];
 
 /// Where the project databases live and how the server reaches the cluster as its admin role.

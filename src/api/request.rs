@@ -91,8 +91,22 @@ impl Request {
                 "request body: expected a JSON object".into(),
             ));
         }
-        serde_json::from_slice(body)
-            .map_err(|e| ApiError::BadRequest(format!("invalid request body: {e}")))
+        // The path of the value that failed (`keepPreviousSecretSecs: invalid value: integer
+        // \`-1\`, expected u32 …`): serde_json alone names missing and unknown fields, not a
+        // mistyped one.
+        let mut de = serde_json::Deserializer::from_slice(body);
+        let value = serde_path_to_error::deserialize(&mut de).map_err(|e| {
+            let path = e.path().to_string();
+            let inner = e.into_inner();
+            if path == "." || path.is_empty() {
+                ApiError::BadRequest(format!("invalid request body: {inner}"))
+            } else {
+                ApiError::BadRequest(format!("invalid request body: {path}: {inner}"))
+            }
+        })?;
+        de.end()
+            .map_err(|e| ApiError::BadRequest(format!("invalid request body: {e}")))?;
+        Ok(value)
     }
 
     /// Whether the request carries a non-blank body.

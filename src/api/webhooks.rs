@@ -23,6 +23,7 @@ impl From<WebhookError> for ApiError {
             | WebhookError::Url(_)
             | WebhookError::SecretLength
             | WebhookError::SecretTwice
+            | WebhookError::KeepPreviousSecret
             | WebhookError::UrlLength
             | WebhookError::TooManyEvents
             | WebhookError::Tables
@@ -85,6 +86,11 @@ pub struct PatchWebhook {
     pub secret: Option<String>,
     /// `true`: a fresh `whsec_…` signing secret, shown in this answer only (not with `secret`).
     pub rotate_secret: Option<bool>,
+    /// How long the secret replaced by this PATCH (`secret` or `rotateSecret`) goes on signing
+    /// beside the new one in `webhook-signature`, in seconds: 0 to 604800 (7 days), default
+    /// 86400 (a day). Without a new secret it moves the end of the current overlap (0: ends it).
+    #[schema(maximum = 604800)]
+    pub keep_previous_secret_secs: Option<u32>,
 }
 
 /// `POST /api/webhooks/redeliver`.
@@ -206,6 +212,7 @@ pub async fn patch_webhook(app: SharedApp, req: Request) -> ApiResult<Json<Webho
                 ordering: body.ordering,
                 secret: body.secret,
                 rotate_secret: body.rotate_secret.unwrap_or(false),
+                keep_previous_secret_secs: body.keep_previous_secret_secs,
             },
         )
         .await?;

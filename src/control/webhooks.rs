@@ -119,11 +119,41 @@ pub struct Webhook {
     /// Why the server disabled it (410 Gone, a day of failures); `null` when enabled by its owner.
     #[schema(required = true)]
     pub disabled_reason: Option<String>,
+    /// Until when attempts are also signed with the secret the last rotation replaced
+    /// (`webhook-signature` carries both); `null`: only the current one.
+    #[schema(value_type = Option<String>, format = DateTime, required = true)]
+    pub previous_secret_until: Option<DateTime<Utc>>,
     #[schema(value_type = String, format = DateTime)]
     pub created_at: DateTime<Utc>,
 }
 
-const COLUMNS: &str = "id, url, events, tables, enabled, ordering, disabled_reason, created_at";
+const COLUMNS: &str = "id, url, events, tables, enabled, ordering, disabled_reason, created_at,
+     CASE WHEN previous_secret_until > now() THEN previous_secret_until END AS previous_secret_until";
+
+/// The longest a replaced secret may go on signing beside the new one (7 days).
+pub const MAX_PREVIOUS_SECRET_SECS: u32 = 7 * 24 * 3600;
+
+/// The secrets an attempt is signed with: the webhook's current one, and the one its last
+/// rotation replaced while that overlap lasts.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Secrets {
+    pub current: String,
+    pub previous: Option<String>,
+}
+
+/// The two columns [`Secrets::at`] reads, of the webhook joined as `w`.
+pub const SECRETS: &str =
+    "w.secret, CASE WHEN w.previous_secret_until > now() THEN w.previous_secret END";
+
+impl Secrets {
+    /// The secrets in a row's columns `idx` and `idx + 1` (selected as [`SECRETS`]).
+    pub fn at(row: &Row, idx: usize) -> Secrets {
+        Secrets {
+            current: row.get(idx),
+            previous: row.get(idx + 1),
+        }
+    }
+}
 
 impl From<&Row> for Webhook {
     fn from(r: &Row) -> Self {
@@ -139,6 +169,7 @@ impl From<&Row> for Webhook {
                 .parse()
                 .unwrap_or(Ordering::Strict),
             disabled_reason: r.get("disabled_reason"),
+            previous_secret_until: r.get("previous_secret_until"),
             created_at: r.get("created_at"),
         }
     }
@@ -188,6 +219,10 @@ pub struct WebhookChanges<'a> {
     pub enabled: Option<bool>,
     pub ordering: Option<Ordering>,
     pub secret: Option<&'a str>,
+    /// How long the secret this change replaces (with `secret`), or else the one kept from the
+    /// last rotation while it still signs, goes on signing beside the current one, in seconds
+    /// from now; 0 ends it. `None`: a replaced secret is not kept, a kept one stays as it is.
+    pub keep_previous_secs: Option<u32>,
 }
 
 /// The changed webhook, or `None` when the project has no such webhook.
@@ -205,11 +240,20 @@ pub async fn update(
                         enabled = coalesce($7, enabled),
                         disabled_reason = CASE WHEN $7 THEN NULL ELSE disabled_reason END,
                         failing_since = CASE WHEN $7 THEN NULL ELSE failing_since END,
-                        ordering = coalesce($8, ordering), secret = coalesce($9, secret)
+                        ordering = coalesce($8, ordering), secret = coalesce($9, secret),
+                        previous_secret = CASE WHEN $9 IS NOT NULL AND $10::int > 0 THEN secret
+                            WHEN $9 IS NOT NULL OR $10::int = 0 THEN NULL
+                            ELSE previous_secret END,
+                        previous_secret_until = CASE
+                            WHEN $9 IS NOT NULL AND $10::int > 0 THEN now() + make_interval(secs => $10::int)
+                            WHEN $9 IS NOT NULL OR $10::int = 0 THEN NULL
+                            WHEN $10::int > 0 AND previous_secret_until > now()
+                                THEN now() + make_interval(secs => $10::int)
+                            ELSE previous_secret_until END
                  WHERE id = $1 AND project_id = $2 RETURNING {COLUMNS}"
             ),
             &[&webhook_id, &project_id, &c.url, &c.events, &c.tables, &c.tables.is_some(), &c.enabled,
-              &c.ordering.map(Ordering::as_str), &c.secret],
+              &c.ordering.map(Ordering::as_str), &c.secret, &c.keep_previous_secs.map(|s| s as i32)],
         )
         .await?;
     Ok(row.as_ref().map(Webhook::from))
@@ -282,18 +326,20 @@ pub async fn ordering(
         .map(|r| r.get::<_, &str>(0).parse().unwrap_or(Ordering::Strict)))
 }
 
-/// Whether the webhook is enabled, its URL and its secret (`None`: deleted).
+/// Whether the webhook is enabled, its URL and its secrets (`None`: deleted).
 pub async fn target(
     client: &impl GenericClient,
     webhook_id: &str,
-) -> Result<Option<(bool, String, String)>, Error> {
+) -> Result<Option<(bool, String, Secrets)>, Error> {
     let stmt = client
-        .prepare_cached("SELECT enabled, url, secret FROM fluxbase.webhooks WHERE id = $1")
+        .prepare_cached(&format!(
+            "SELECT w.enabled, w.url, {SECRETS} FROM fluxbase.webhooks w WHERE w.id = $1"
+        ))
         .await?;
     Ok(client
         .query_opt(&stmt, &[&webhook_id])
         .await?
-        .map(|r| (r.get(0), r.get(1), r.get(2))))
+        .map(|r| (r.get(0), r.get(1), Secrets::at(&r, 2))))
 }
 
 /// Enabled webhooks with a pending delivery whose time has come.

@@ -53,6 +53,23 @@ pub fn standard_signature(secret: &str, id: &str, timestamp: i64, body: &[u8]) -
     format!("v1,{}", b64.encode(ctx.sign().as_ref()))
 }
 
+/// The `webhook-signature` header: the current secret's signature, then, while a rotation's
+/// overlap lasts, the replaced secret's, space-delimited as Standard Webhooks has it (a
+/// receiver accepts the delivery when any one of them verifies).
+pub fn standard_signatures(
+    secrets: &hooks::Secrets,
+    id: &str,
+    timestamp: i64,
+    body: &[u8],
+) -> String {
+    let mut header = standard_signature(&secrets.current, id, timestamp, body);
+    if let Some(previous) = &secrets.previous {
+        header.push(' ');
+        header.push_str(&standard_signature(previous, id, timestamp, body));
+    }
+    header
+}
+
 /// The delay before attempt `attempts + 1`, with ±10 % jitter.
 pub fn backoff(attempts: i32) -> Duration {
     let base = BACKOFF[(attempts.max(1) as usize - 1).min(BACKOFF.len() - 1)] as f64;
@@ -94,14 +111,18 @@ impl Sender {
     ) -> Result<egress::Response, EgressError> {
         let headers = [
             ("content-type", "application/json".to_string()),
-            ("x-fluxbase-signature", guide_signature(&d.secret, &body)),
+            // The guide's header holds one signature: the current secret's.
+            (
+                "x-fluxbase-signature",
+                guide_signature(&d.secret.current, &body),
+            ),
             ("x-fluxbase-delivery", d.id.clone()),
             ("x-fluxbase-event", d.event_type.clone()),
             ("webhook-id", d.id.clone()),
             ("webhook-timestamp", timestamp.to_string()),
             (
                 "webhook-signature",
-                standard_signature(&d.secret, &d.id, timestamp, &body),
+                standard_signatures(&d.secret, &d.id, timestamp, &body),
             ),
         ];
         let url =

@@ -63,6 +63,8 @@ pub enum WebhookError {
     SecretLength,
     #[error("secret and rotateSecret: give one or the other")]
     SecretTwice,
+    #[error("keepPreviousSecretSecs: 0 to {max} seconds", max = hooks::MAX_PREVIOUS_SECRET_SECS)]
+    KeepPreviousSecret,
     #[error("url: at most {MAX_URL_BYTES} bytes")]
     UrlLength,
     #[error("events: at most {n} entries", n = EventType::ALL.len())]
@@ -173,7 +175,16 @@ pub struct WebhookPatch {
     pub secret: Option<String>,
     /// A fresh `whsec_…` signing secret.
     pub rotate_secret: bool,
+    /// How long a secret replaced by this patch goes on signing beside the new one, in seconds
+    /// (`None`: [`KEEP_PREVIOUS_SECRET`]); with no new secret, the new end of the current
+    /// overlap (0 ends it).
+    pub keep_previous_secret_secs: Option<u32>,
 }
+
+/// How long a replaced signing secret goes on signing beside the new one unless the PATCH says
+/// otherwise: a day, for the receiver's configuration to follow (as Svix keeps an old secret
+/// for 24 hours). Signing with it harms no one: the receiver decides which secrets it accepts.
+pub const KEEP_PREVIOUS_SECRET: u32 = 24 * 3600;
 
 /// A new signing secret: the caller's (checked), or a fresh `whsec_…` one.
 fn signing_secret(given: Option<String>) -> Result<String, WebhookError> {
@@ -417,6 +428,13 @@ impl Webhooks {
             (None, false) => None,
             (given, _) => Some(signing_secret(given)?),
         };
+        let keep_previous_secs = match patch.keep_previous_secret_secs {
+            Some(secs) if secs > hooks::MAX_PREVIOUS_SECRET_SECS => {
+                return Err(WebhookError::KeepPreviousSecret)
+            }
+            None if secret.is_some() => Some(KEEP_PREVIOUS_SECRET),
+            keep => keep,
+        };
         if let Some(events) = &patch.events {
             validate_events(events)?;
         }
@@ -447,6 +465,7 @@ impl Webhooks {
             enabled: patch.enabled,
             ordering,
             secret: secret.as_deref(),
+            keep_previous_secs,
         };
         let webhook = hooks::update(
             &self.shared.control.get().await?,

@@ -18,6 +18,7 @@ use std::collections::{BTreeMap, HashSet};
 use chrono::{DateTime, Utc};
 
 use crate::control::deliveries::{Due, Queued};
+use crate::control::webhooks::Secrets;
 
 /// One pending delivery in the window.
 pub(super) struct Entry {
@@ -100,7 +101,7 @@ impl Window {
     }
 
     /// Marks a delivery in flight; what sending it takes.
-    pub fn start(&mut self, seq: u64, url: &str, secret: &str) -> Due {
+    pub fn start(&mut self, seq: u64, url: &str, secret: &Secrets) -> Due {
         let e = self.entries.get_mut(&seq).expect("a startable delivery");
         e.in_flight = true;
         self.waiting.remove(&seq);
@@ -115,7 +116,7 @@ impl Window {
             created_at: q.created_at,
             event_type: q.event_type.clone(),
             url: url.to_string(),
-            secret: secret.to_string(),
+            secret: secret.clone(),
         }
     }
 
@@ -199,7 +200,7 @@ mod tests {
             queued(1, Some(&["a"]), 0),
             queued(2, Some(&["b"]), 0),
         ]);
-        let _ = w.start(0, "u", "s");
+        let _ = w.start(0, "u", &Secrets::default());
         w.retry(0, 1, Utc::now() + chrono::Duration::seconds(60));
         assert_eq!(w.in_flight(), 0);
         assert_eq!(w.startable(Utc::now(), 10), vec![2]);
@@ -228,11 +229,11 @@ mod tests {
             queued(2, Some(&["b"]), 0),
         ]);
         assert_eq!(w.startable(Utc::now(), 10), vec![0]);
-        let _ = w.start(0, "u", "s");
+        let _ = w.start(0, "u", &Secrets::default());
         assert!(w.startable(Utc::now(), 10).is_empty());
         w.finish(0);
         assert_eq!(w.startable(Utc::now(), 10), vec![1]);
-        let _ = w.start(1, "u", "s");
+        let _ = w.start(1, "u", &Secrets::default());
         assert!(w.startable(Utc::now(), 10).is_empty());
         // A barrier waiting for its retry holds everything after it.
         w.retry(1, 1, Utc::now() + chrono::Duration::seconds(60));

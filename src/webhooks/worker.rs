@@ -335,7 +335,7 @@ const TARGET_FRESH: Duration = Duration::from_secs(1);
 /// webhook, or to the old URL, over 5 s after the change.
 struct Target {
     url: String,
-    secret: String,
+    secret: hooks::Secrets,
     changes: u64,
     read: Instant,
 }
@@ -347,7 +347,7 @@ impl Target {
         (shared.queue.changes.load(Ordering::Acquire), Instant::now())
     }
 
-    fn new(url: String, secret: String, (changes, read): (u64, Instant)) -> Target {
+    fn new(url: String, secret: hooks::Secrets, (changes, read): (u64, Instant)) -> Target {
         Target {
             url,
             secret,
@@ -708,9 +708,10 @@ async fn drain_rows(
         }
         if stopping.is_none() {
             let room = cap.saturating_sub(window.in_flight());
+            let none = hooks::Secrets::default();
             let (url, secret) = target
                 .as_ref()
-                .map_or(("", ""), |t| (t.url.as_str(), t.secret.as_str()));
+                .map_or(("", &none), |t| (t.url.as_str(), &t.secret));
             for seq in window.startable(now, room) {
                 if let Some(claim) = claim.as_deref_mut() {
                     if shared.handing_over.load(Ordering::Acquire) {

@@ -77,7 +77,18 @@ export default {
     function stateCell(w) {
       return h('span', { class: 'wh-state' },
         h('span', { class: w.enabled ? 'status active' : 'status bad', 'data-state': w.enabled ? 'enabled' : 'disabled' }, w.enabled ? 'enabled' : 'disabled'),
-        w.disabledReason ? h('small', { class: 'hint wh-reason' }, w.disabledReason) : null);
+        w.disabledReason ? h('small', { class: 'hint wh-reason' }, w.disabledReason) : null,
+        w.previousSecretUntil ? h('small', { class: 'hint wh-previous', 'data-previous-secret': w.id },
+          'old secret also signs until ', when(w.previousSecretUntil),
+          canWrite ? h('button', {
+            type: 'button', class: 'small', 'data-end-previous': w.id,
+            'aria-label': `Stop signing with the previous secret of the webhook to ${w.url}`,
+            onclick: act(async () => {
+              await patch('/api/webhooks', { projectId, webhookId: w.id, keepPreviousSecretSecs: 0 });
+              toast('The previous secret no longer signs.', 'success');
+              await loadWebhooks();
+            }),
+          }, 'End now') : null) : null);
     }
 
     function actionsCell(w) {
@@ -93,9 +104,10 @@ export default {
         canWrite ? h('button', {
           type: 'button', class: 'small', 'data-rotate': w.id, 'aria-label': `Rotate the signing secret of the webhook to ${w.url}`,
           onclick: act(async () => {
-            if (!await confirmDialog(`Rotate the signing secret of the webhook to ${w.url}? Every delivery from now on is signed with a new secret, shown once: give it to the receiver, or its checks fail until you do.`, { confirmLabel: 'Rotate secret' })) return;
+            if (!await confirmDialog(`Rotate the signing secret of the webhook to ${w.url}? Every delivery from now on is signed with a new secret, shown once. For a day the old secret's signature goes beside it in webhook-signature (Standard Webhooks receivers keep verifying); X-Fluxbase-Signature carries the new one only: give it to the receiver.`, { confirmLabel: 'Rotate secret' })) return;
             const answer = await patch('/api/webhooks', { projectId, webhookId: w.id, rotateSecret: true });
             await showSecret(answer, 'Signing secret rotated');
+            await loadWebhooks();
           }),
         }, 'Rotate secret') : null,
         canWrite ? h('button', {

@@ -220,6 +220,19 @@ await spec('webhooks', async (t) => {
     await sql("insert into orders (item) values ('fig')");
     const fig = await until('the fig delivery', () => on('/hook').find((g) => JSON.parse(g.raw).data.new.item === 'fig'));
     assert.equal(fig.headers['x-fluxbase-signature'], `sha256=${crypto.createHmac('sha256', rotated).update(fig.raw).digest('hex')}`);
+    const standard = (g, s) => `v1,${crypto.createHmac('sha256', Buffer.from(s.slice('whsec_'.length), 'base64'))
+      .update(`${g.headers['webhook-id']}.${g.headers['webhook-timestamp']}.${g.raw}`).digest('base64')}`;
+    assert.equal(fig.headers['webhook-signature'], `${standard(fig, rotated)} ${standard(fig, secret)}`, 'the old secret signs beside the new one');
+
+    t.log('the previous secret is shown as still signing; "End now" stops it');
+    await page.waitForSelector(`[data-previous-secret="${hook.id}"]`);
+    await t.shot(page, 'previous-secret');
+    await press(page, `button[data-end-previous="${hook.id}"]`);
+    await page.waitForFunction((id) => !document.querySelector(`[data-previous-secret="${id}"]`), {}, hook.id);
+    assert.equal((await call('GET', `/api/webhooks?projectId=${projectId}`, { token })).body.webhooks[0].previousSecretUntil, null);
+    await sql("insert into orders (item) values ('date')");
+    const date = await until('the date delivery', () => on('/hook').find((g) => JSON.parse(g.raw).data.new.item === 'date'));
+    assert.equal(date.headers['webhook-signature'], standard(date, rotated), 'the new secret alone');
 
     t.log('disable it: no more deliveries (a second, enabled endpoint is the witness)');
     await press(page, `button[data-toggle="${hook.id}"]`);

@@ -154,19 +154,42 @@ async fn each_event_type_arrives_in_the_guides_shape_with_both_signatures() {
 /// Whether both of the delivery's signatures are right for `secret`: the guide's Node check,
 /// exactly, and Standard Webhooks' (v1,<base64 HMAC of id.timestamp.body> with the base64
 /// secret); and its ids are the guide's.
+/// Whether both headers are signed with `secret` (a `whsec_…` one), and it alone:
+/// `webhook-signature` carries no other signature.
 fn signed_by(r: &Received, secret: &str) -> bool {
+    signed_first_by(r, secret) && standard_signatures(r).len() == 1
+}
+
+/// Whether `X-Fluxbase-Signature` and the first of `webhook-signature`'s signatures are
+/// `secret`'s.
+fn signed_first_by(r: &Received, secret: &str) -> bool {
+    let id = r.headers["webhook-id"].to_str().unwrap();
+    assert_eq!(r.headers["x-fluxbase-delivery"].to_str().unwrap(), id);
+    assert!(id.starts_with("dlv_"));
+    r.headers["x-fluxbase-signature"].to_str().unwrap()
+        == format!("sha256={}", hmac_hex(secret, &r.body))
+        && standard_signatures(r).first() == Some(&standard_signature(r, secret))
+}
+
+/// The Standard Webhooks signature of a delivery with a `whsec_…` secret: `v1,<base64>`.
+fn standard_signature(r: &Received, secret: &str) -> String {
     use base64::Engine;
     let b64 = base64::engine::general_purpose::STANDARD;
     let id = r.headers["webhook-id"].to_str().unwrap();
     let ts = r.headers["webhook-timestamp"].to_str().unwrap();
     let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &b64.decode(&secret[6..]).unwrap());
-    let standard =
-        b64.encode(ring::hmac::sign(&key, format!("{id}.{ts}.{}", r.body).as_bytes()).as_ref());
-    assert_eq!(r.headers["x-fluxbase-delivery"].to_str().unwrap(), id);
-    assert!(id.starts_with("dlv_"));
-    r.headers["x-fluxbase-signature"].to_str().unwrap()
-        == format!("sha256={}", hmac_hex(secret, &r.body))
-        && r.headers["webhook-signature"].to_str().unwrap() == format!("v1,{standard}")
+    let sig = ring::hmac::sign(&key, format!("{id}.{ts}.{}", r.body).as_bytes());
+    format!("v1,{}", b64.encode(sig.as_ref()))
+}
+
+/// The space-delimited signatures of `webhook-signature`.
+fn standard_signatures(r: &Received) -> Vec<String> {
+    r.headers["webhook-signature"]
+        .to_str()
+        .unwrap()
+        .split(' ')
+        .map(str::to_string)
+        .collect()
 }
 
 /// A transaction of rows of 3 MB each to two webhooks (one `strict`, one `row`): every delivery
@@ -661,7 +684,10 @@ async fn forbidden_targets_are_refused_at_registration() {
 /// shown once) or sets one (`secret`): deliveries after the answer, a retry of one that failed
 /// before included, are signed with the new secret; the listing never shows it; both at once,
 /// or a short secret, are a 400. Before, rotating meant deleting the webhook (and its pending
-/// deliveries) and creating it again (red team rt12).
+/// deliveries) and creating it again (red team rt12). The replaced secret goes on signing in
+/// `webhook-signature` beside the new one for a day (`previousSecretUntil`), or as long as
+/// `keepPreviousSecretSecs` says: 0 ends it, and it ends by itself when its time is up; the
+/// guide's `X-Fluxbase-Signature` carries the new secret's alone.
 #[tokio::test]
 async fn a_webhooks_signing_secret_is_rotated_by_patch() {
     let app = app().await;
@@ -699,13 +725,29 @@ async fn a_webhooks_signing_secret_is_rotated_by_patch() {
     let second = b["secret"].as_str().unwrap().to_string();
     assert!(second.starts_with("whsec_") && second != first, "{b}");
     assert_eq!(b["webhook"]["secret"], Value::Null, "{b}");
+    let until =
+        chrono::DateTime::parse_from_rfc3339(b["webhook"]["previousSecretUntil"].as_str().unwrap())
+            .unwrap();
+    let left = until
+        .signed_duration_since(chrono::Utc::now())
+        .num_seconds();
+    assert!((86_300..=86_400).contains(&left), "a day: {b}");
     app.rows(&f.admin, &f.project, "INSERT INTO t VALUES (3)")
         .await;
     let got = rx.wait_for(4).await;
     for r in &got[2..] {
         assert!(
-            signed_by(r, &second),
+            signed_first_by(r, &second),
             "not signed with the rotated secret: {r:?}"
+        );
+        // A receiver still checking the replaced secret accepts it.
+        assert_eq!(
+            standard_signatures(r),
+            [
+                standard_signature(r, &second),
+                standard_signature(r, &first)
+            ],
+            "{r:?}"
         );
     }
     let bodies: Vec<&str> = got[2..].iter().map(|r| r.body.as_str()).collect();
@@ -715,17 +757,54 @@ async fn a_webhooks_signing_secret_is_rotated_by_patch() {
     );
     assert!(bodies.iter().any(|b| b.contains(r#""x":3"#)), "{bodies:?}");
 
-    // A secret of the caller's.
+    // The overlap ended early: the new secret's signature alone.
+    let (status, b) = patch(json!({ "keepPreviousSecretSecs": 0 })).await;
+    assert_eq!(status, 200, "{b}");
+    assert_eq!(b["webhook"]["previousSecretUntil"], Value::Null, "{b}");
+    assert_eq!(b.get("secret"), None, "{b}");
+    app.rows(&f.admin, &f.project, "INSERT INTO t VALUES (30)")
+        .await;
+    let r = rx.wait_for(5).await.remove(4);
+    assert!(signed_by(&r, &second), "{r:?}");
+
+    // A secret of the caller's, the replaced one kept for 2 s: both, then the new one alone.
     let own = "my-own-secret-of-some-length";
-    let (status, b) = patch(json!({ "secret": own })).await;
+    let (status, b) = patch(json!({ "secret": own, "keepPreviousSecretSecs": 2 })).await;
     assert_eq!((status, b["secret"].as_str()), (200, Some(own)), "{b}");
     app.rows(&f.admin, &f.project, "INSERT INTO t VALUES (4)")
         .await;
-    let r = rx.wait_for(5).await.remove(4);
+    let r = rx.wait_for(6).await.remove(5);
     assert_eq!(
         r.headers["x-fluxbase-signature"].to_str().unwrap(),
         format!("sha256={}", hmac_hex(own, &r.body))
     );
+    assert_eq!(standard_signatures(&r)[1], standard_signature(&r, &second));
+    tokio::time::sleep(Duration::from_millis(2_500)).await;
+    let (_, list) = app
+        .call(
+            "GET",
+            &format!("/api/webhooks?projectId={}", f.project),
+            Some(&f.admin),
+            None,
+        )
+        .await;
+    assert_eq!(
+        list["webhooks"][0]["previousSecretUntil"],
+        Value::Null,
+        "{list}"
+    );
+    app.rows(&f.admin, &f.project, "INSERT INTO t VALUES (5)")
+        .await;
+    let r = rx.wait_for(7).await.remove(6);
+    assert_eq!(
+        standard_signatures(&r).len(),
+        1,
+        "expired, still signing: {r:?}"
+    );
+    // Extending an overlap that has ended brings nothing back.
+    let (status, b) = patch(json!({ "keepPreviousSecretSecs": 600 })).await;
+    assert_eq!(status, 200, "{b}");
+    assert_eq!(b["webhook"]["previousSecretUntil"], Value::Null, "{b}");
     // Nothing else changed, and no secret in the listing.
     let (_, list) = app
         .call(
@@ -744,6 +823,14 @@ async fn a_webhooks_signing_secret_is_rotated_by_patch() {
             "secret and rotateSecret",
         ),
         (json!({ "secret": "short" }), "secret: 16 to 256"),
+        (
+            json!({ "rotateSecret": true, "keepPreviousSecretSecs": 604_801 }),
+            "keepPreviousSecretSecs: 0 to 604800",
+        ),
+        (
+            json!({ "keepPreviousSecretSecs": -1 }),
+            "keepPreviousSecretSecs: invalid value",
+        ),
     ] {
         let (status, b) = patch(body).await;
         assert_eq!(
