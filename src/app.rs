@@ -176,6 +176,7 @@ impl App {
                 control.clone(),
                 account_limits.clone(),
                 config.session_ttl_secs,
+                config.invite_ttl_secs as i32,
                 storage.clock.clone(),
             ),
             projects: crate::projects::Projects::new(
@@ -192,6 +193,7 @@ impl App {
             team: crate::team::Team::new(
                 control.clone(),
                 config.max_projects_per_user,
+                config.invite_ttl_secs as i32,
                 account_limits,
             ),
             rls: crate::rls::Policies::new(sql.clone()),

@@ -145,6 +145,8 @@ pub struct Config {
     pub rate_limit_window_secs: u64,
     /// Lifetime of a login session, in seconds.
     pub session_ttl_secs: u64,
+    /// Lifetime of a team invitation, in seconds (1 to 2^31 − 1): answering it later is 409.
+    pub invite_ttl_secs: u32,
     /// Connections per project and scope in the SQL pool.
     pub pool_size: usize,
     /// Bytes of one open transaction's changes the change stream keeps in memory before
@@ -359,6 +361,7 @@ impl Default for Config {
             session_rate_limit_requests: 300,
             rate_limit_window_secs: 10,
             session_ttl_secs: 24 * 3600,
+            invite_ttl_secs: 7 * 24 * 3600,
             pool_size: 16,
             cdc_buffer_bytes: 16 * 1024 * 1024,
             cdc_max_row_bytes: 16 * 1024 * 1024,
@@ -590,6 +593,9 @@ impl Config {
                  must each be at least 1.5 × max_response_bytes ({largest}): an answer of the \
                  largest size must fit while it is built"
             );
+        }
+        if self.invite_ttl_secs == 0 || self.invite_ttl_secs > i32::MAX as u32 {
+            bail!("invite_ttl_secs must be between 1 and 2147483647");
         }
         if self.sql_answer_send_timeout_secs == 0 {
             bail!("sql_answer_send_timeout_secs must be positive");

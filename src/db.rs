@@ -94,6 +94,11 @@ pub const CONTROL_MIGRATIONS: &[(i32, &str, &str)] = &[
         "webhook_previous_secret",
         include_str!("../sql/control/0024_webhook_previous_secret.sql"),
     ),
+    (
+        25,
+        "api_key_rotated_at",
+        include_str!("../sql/control/0025_api_key_rotated_at.sql"),
+    ),
 ];
 
 /// Where the project databases live and how the server reaches the cluster as its admin role.

@@ -23,6 +23,8 @@ pub enum KeysError {
     NameTooLong,
     #[error("keyId: no key {0:?} in this project")]
     NoSuchKey(String),
+    #[error("keyId: key {0:?} was rotated by another request at the same time; its answer holds the secret that works")]
+    RotatedMeanwhile(String),
     #[error("no project {0}")]
     NoSuchProject(String),
     #[error(
@@ -218,10 +220,23 @@ impl Keys {
         access.require_admin()?;
         let (secret, hash, prefix) = new_secret();
         let client = self.control.get().await?;
-        let (name, scope) =
-            api_keys::replace_secret(&client, &access.project.id, key_id, &hash, &prefix)
+        let project_id = &access.project.id;
+        let replaced = api_keys::live_hash(&client, project_id, key_id)
+            .await?
+            .ok_or_else(|| KeysError::NoSuchKey(key_id.to_string()))?;
+        let Some((name, scope)) =
+            api_keys::replace_secret(&client, project_id, key_id, &replaced, &hash, &prefix)
                 .await?
-                .ok_or_else(|| KeysError::NoSuchKey(key_id.to_string()))?;
+        else {
+            // Rotated (or revoked) by another request between the two statements: that one
+            // answered the secret that works, so this one must not answer a dead one.
+            return Err(
+                match api_keys::live_hash(&client, project_id, key_id).await? {
+                    Some(_) => KeysError::RotatedMeanwhile(key_id.to_string()),
+                    None => KeysError::NoSuchKey(key_id.to_string()),
+                },
+            );
+        };
         Ok(NewKey {
             id: key_id.to_string(),
             name,

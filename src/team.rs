@@ -11,7 +11,13 @@
 //!   admin API key. Anyone else gets 403 `INSUFFICIENT_PERMISSIONS`.
 //! * An invitation names a registered account by email (any case); a new invitation to the same
 //!   address replaces the earlier one whatever its state (new id, pending again).
-//! * Only the invitee's own session answers it (its account's email equals the invitation's).
+//! * Only the invitee's own session answers it (its account's email equals the invitation's),
+//!   and only while it is answerable: younger than `invite_ttl_secs` (7 days) and vouched for
+//!   by its sender, a member still admin of the project or an admin key still live and not
+//!   rotated since (else 409). An admin withdraws one with `DELETE /api/team/invites`; removing
+//!   a member or changing their role withdraws their pending invitations to the project, so
+//!   that accepting one sent earlier cannot undo it (red team rt13: a removed member came back
+//!   as admin and owner through an invitation nobody could withdraw).
 //! * A project always keeps an admin: changes that would remove or demote its last admin are
 //!   refused with 409. Membership changes of one project are serialized by a lock on its row,
 //!   so two admins demoting each other at once cannot both succeed.
@@ -49,6 +55,10 @@ pub enum TeamError {
     NotTheInvitee,
     #[error("inviteId: this invitation was already {0}; ask an admin for a new one.")]
     AlreadyAnswered(InviteStatus),
+    #[error("inviteId: this invitation expired (invitations last {0} s, invite_ttl_secs); ask an admin for a new one.")]
+    InviteExpired(i32),
+    #[error("inviteId: whoever sent this invitation no longer vouches for it (no longer an admin of the project, or its admin key was revoked or rotated since); ask an admin for a new one.")]
+    InviteNotVouched,
     #[error("userId: {0:?} is not a member of this project")]
     NotAMember(String),
     #[error(
@@ -193,6 +203,12 @@ pub struct Invite {
     #[schema(value_type = String, format = DateTime)]
     pub invited_at: DateTime<Utc>,
     pub status: InviteStatus,
+    /// When it can no longer be answered (`invitedAt` + `invite_ttl_secs`).
+    #[schema(value_type = String, format = DateTime)]
+    pub expires_at: DateTime<Utc>,
+    /// Whether its invitee can accept it now: pending, not expired, and its sender still an
+    /// admin of the project (a member, or an admin key neither revoked nor rotated since).
+    pub answerable: bool,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub project_id: Option<String>,
 }
@@ -205,6 +221,8 @@ impl Invite {
             role: r.role,
             invited_at: r.invited_at,
             status: r.status,
+            expires_at: r.expires_at,
+            answerable: r.answerable,
             project_id: with_project.then_some(r.project_id),
         }
     }
@@ -246,6 +264,9 @@ pub struct Roster {
 pub struct Answered {
     pub invite: Invite,
     pub member: Option<Member>,
+    /// The invitee was a member already and the acceptance changed their role: what they
+    /// hold with the old one (realtime subscriptions) must end, as after a PATCH.
+    pub role_changed: bool,
 }
 
 /// Locks the project's row for a membership change (serializing changes of one project) and
@@ -283,6 +304,8 @@ pub struct Team {
     control: deadpool_postgres::Pool,
     /// `max_projects_per_user` (0: none): accepting an admin invitation counts like creating.
     max_projects_per_user: u32,
+    /// `invite_ttl_secs`.
+    invite_ttl_secs: i32,
     /// The per-account turn project creation takes ([`crate::auth::ratelimit::AccountLimits`]): an
     /// acceptance that makes an owner takes it too.
     limits: std::sync::Arc<crate::auth::ratelimit::AccountLimits>,
@@ -292,11 +315,13 @@ impl Team {
     pub fn new(
         control: deadpool_postgres::Pool,
         max_projects_per_user: u32,
+        invite_ttl_secs: i32,
         limits: std::sync::Arc<crate::auth::ratelimit::AccountLimits>,
     ) -> Team {
         Team {
             control,
             max_projects_per_user,
+            invite_ttl_secs,
             limits,
         }
     }
@@ -310,7 +335,7 @@ impl Team {
             .into_iter()
             .map(Member::from)
             .collect();
-        let invites = invitations::list(&client, &access.project.id)
+        let invites = invitations::list(&client, &access.project.id, self.invite_ttl_secs)
             .await?
             .into_iter()
             .map(|r| Invite::from_row(r, false))
@@ -346,6 +371,7 @@ impl Team {
                 role,
                 invited_by: &invited_by,
             },
+            self.invite_ttl_secs,
         )
         .await?;
         tracing::info!(project_id = %access.project.id, invite_id = %id, role = role.as_str(), %invited_by, "invitation sent");
@@ -372,7 +398,7 @@ impl Team {
         };
         let mut client = self.control.get().await?;
         let tx = client.transaction().await?;
-        let invite = invitations::lock_for_answer(&tx, invite_id, user_id)
+        let invite = invitations::lock_for_answer(&tx, invite_id, user_id, self.invite_ttl_secs)
             .await?
             .ok_or_else(|| TeamError::NoSuchInvite(invite_id.to_string()))?;
         if !invite.to_user {
@@ -381,8 +407,18 @@ impl Team {
         if invite.status != InviteStatus::Pending {
             return Err(TeamError::AlreadyAnswered(invite.status));
         }
+        // A rejection needs no voucher: declining what cannot be accepted any more is fine.
+        if answer == Answer::Accepted {
+            if invite.expired {
+                return Err(TeamError::InviteExpired(self.invite_ttl_secs));
+            }
+            if !invite.vouched {
+                return Err(TeamError::InviteNotVouched);
+            }
+        }
         let project_id = invite.project_id;
         let mut member = None;
+        let mut role_changed = false;
         if answer == Answer::Accepted {
             let team = lock_team(&tx, &project_id).await?;
             let before = members::standing(&tx, &project_id, user_id).await?;
@@ -403,15 +439,18 @@ impl Team {
                     return Err(TeamError::QuotaReached(quota));
                 }
             }
+            role_changed = before.is_some_and(|(role, _)| role != invite.role);
             members::upsert(&tx, &project_id, user_id, invite.role).await?;
             member = Some(members::get(&tx, &project_id, user_id).await?.into());
         }
-        let row = invitations::answer(&tx, invite_id, answer.status()).await?;
+        let row =
+            invitations::answer(&tx, invite_id, answer.status(), self.invite_ttl_secs).await?;
         tx.commit().await?;
         tracing::info!(%project_id, %invite_id, %user_id, answer = answer.status().as_str(), "invitation answered");
         Ok(Answered {
             invite: Invite::from_row(row, true),
             member,
+            role_changed,
         })
     }
 
@@ -431,10 +470,23 @@ impl Team {
         keeps_an_admin_and_an_owner(team, before, Some(role))?;
         let current = before.0;
         members::set_role(&tx, project_id, user_id, role).await?;
+        invitations::drop_pending_for_member(&tx, project_id, user_id).await?;
         let member = members::get(&tx, project_id, user_id).await?.into();
         tx.commit().await?;
         tracing::info!(%project_id, %user_id, from = current.as_str(), to = role.as_str(), "member role changed");
         Ok(member)
+    }
+
+    /// Withdraws an invitation of the project (any state); its id then answers 404.
+    pub async fn revoke_invite(&self, access: &Access, invite_id: &str) -> Result<(), TeamError> {
+        require_team_admin(access)?;
+        let project_id = &access.project.id;
+        let client = self.control.get().await?;
+        if !invitations::revoke(&client, project_id, invite_id).await? {
+            return Err(TeamError::NoSuchInvite(invite_id.to_string()));
+        }
+        tracing::info!(%project_id, %invite_id, "invitation withdrawn");
+        Ok(())
     }
 
     /// Removes a member; the last admin and the last owner cannot be removed.
@@ -447,6 +499,7 @@ impl Team {
         let before = member_standing(&tx, project_id, user_id).await?;
         keeps_an_admin_and_an_owner(team, before, None)?;
         members::delete(&tx, project_id, user_id).await?;
+        invitations::drop_pending_for_member(&tx, project_id, user_id).await?;
         tx.commit().await?;
         tracing::info!(%project_id, %user_id, "member removed");
         Ok(())

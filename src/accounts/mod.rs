@@ -128,6 +128,8 @@ pub struct Accounts {
     control: deadpool_postgres::Pool,
     limits: Arc<AccountLimits>,
     session_ttl_secs: u64,
+    /// `invite_ttl_secs`: the invitations `me` lists are those still answerable.
+    invite_ttl_secs: i32,
     /// Time as sessions expire by (the app's one clock, which tests move forward).
     clock: Arc<crate::storage::Clock>,
 }
@@ -137,12 +139,14 @@ impl Accounts {
         control: deadpool_postgres::Pool,
         limits: Arc<AccountLimits>,
         session_ttl_secs: u64,
+        invite_ttl_secs: i32,
         clock: Arc<crate::storage::Clock>,
     ) -> Accounts {
         Accounts {
             control,
             limits,
             session_ttl_secs,
+            invite_ttl_secs,
             clock,
         }
     }
@@ -271,7 +275,7 @@ impl Accounts {
                 role: m.role,
             })
             .collect();
-        let invites = invitations::pending_for(&client, user_id)
+        let invites = invitations::pending_for(&client, user_id, self.invite_ttl_secs)
             .await?
             .into_iter()
             .map(PendingInvite::from)

@@ -108,6 +108,7 @@ pub async fn logout(app: SharedApp, req: Request) -> ApiResult<Json<Done>> {
     if let crate::auth::Principal::Session {
         user_id,
         token_hash,
+        ..
     } = &principal
     {
         let session = app.realtime.session_fingerprint(token_hash);

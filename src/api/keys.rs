@@ -121,6 +121,7 @@ impl From<KeysError> for ApiError {
             KeysError::Auth(e) => e.into(),
             KeysError::InvalidScope | KeysError::NameTooLong => ApiError::BadRequest(e.to_string()),
             KeysError::NoSuchKey(_) => ApiError::NotFound(e.to_string()),
+            KeysError::RotatedMeanwhile(_) => ApiError::Conflict(e.to_string()),
             KeysError::NoSuchProject(_) => ApiError::ProjectNotFound,
             KeysError::QuotaReached(_) => ApiError::InsufficientPermissions(e.to_string()),
             KeysError::Internal(e) => e.into(),

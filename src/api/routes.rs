@@ -97,6 +97,7 @@ route_table! {
     team::invite_member,
     team::change_role,
     team::remove_member,
+    team::revoke_invite,
     team::answer_invite,
     storage::list_buckets,
     storage::create_bucket,

@@ -191,6 +191,18 @@ pub async fn remove_member(app: SharedApp, req: Request) -> ApiResult<Json<Done>
     Ok(Done::reply())
 }
 
+/// Withdraws an invitation (any state): its id answers 404 from then on.
+#[utoipa::path(delete, path = "/api/team/invites", tag = "team", security(("bearer" = [])),
+    params(("projectId" = String, Query, description = "The project"),
+           ("inviteId" = String, Query, description = "The invitation")),
+    responses((status = 200, description = "The invitation is withdrawn", body = Done)))]
+pub async fn revoke_invite(app: SharedApp, req: Request) -> ApiResult<Json<Done>> {
+    let access = req.access_by_query(&app).await?;
+    let invite_id = req.param("inviteId")?;
+    app.team.revoke_invite(&access, invite_id).await?;
+    Ok(Done::reply())
+}
+
 /// Accepts or rejects an invitation addressed to the caller.
 #[utoipa::path(post, path = "/api/team/invites/accept", tag = "team", security(("bearer" = [])),
     request_body = AnswerRequest,
@@ -204,6 +216,20 @@ pub async fn answer_invite(app: SharedApp, req: Request) -> ApiResult<Json<Answe
         ApiError::BadRequest("status: must be \"accepted\" or \"rejected\"".into())
     })?;
     let answered = app.team.answer_invite(user_id, &invite_id, answer).await?;
+    if answered.role_changed {
+        // As after a PATCH of the role: subscriptions accepted with the old role end here and,
+        // through NOTIFY, on every other server (red team rt13: a member who accepted a viewer
+        // invitation kept receiving rows the viewer's policies hide).
+        let project_id = answered.invite.project_id.clone().unwrap_or_default();
+        app.realtime
+            .evict_user(&project_id, user_id, MemberChange::RoleChanged);
+        app.auth
+            .notify_access_change(&AccessChange::MemberChanged {
+                project_id,
+                user_id: user_id.to_string(),
+            })
+            .await;
+    }
     Ok(Json(AnswerReply {
         success: true,
         invite: answered.invite,
@@ -221,7 +247,9 @@ impl From<TeamError> for ApiError {
             }
             NoSuchAccount(_) => ApiError::UserNotFound(e.to_string()),
             NoSuchInvite(_) | NotAMember(_) => ApiError::NotFound(e.to_string()),
-            AlreadyAnswered(_) | LastAdmin | LastOwner => ApiError::Conflict(e.to_string()),
+            AlreadyAnswered(_) | InviteExpired(_) | InviteNotVouched | LastAdmin | LastOwner => {
+                ApiError::Conflict(e.to_string())
+            }
             ProjectGone => ApiError::ProjectNotFound,
             Internal(e) => e.into(),
         }

@@ -115,15 +115,16 @@ impl Auth {
             }
         } else if token.starts_with(SESSION_PREFIX) {
             let client = self.control.get().await?;
-            let (user_id, expired) = control::sessions::by_hash(&client, &hash, self.clock.now())
+            let (user_id, expires_at) = control::sessions::by_hash(&client, &hash)
                 .await?
                 .ok_or(AuthError::InvalidSession)?;
-            if expired {
+            if expires_at <= self.clock.now() {
                 return Err(AuthError::SessionExpired);
             }
             Principal::Session {
                 user_id,
                 token_hash: hash,
+                expires_at: expires_at.timestamp(),
             }
         } else {
             return Err(AuthError::MissingCredential);

@@ -112,6 +112,9 @@ pub enum Principal {
     Session {
         user_id: String,
         token_hash: Vec<u8>,
+        /// When the session expires (Unix seconds): what it authorized for longer than a
+        /// request (realtime subscriptions, realtime tokens) ends then too.
+        expires_at: i64,
     },
 }
 

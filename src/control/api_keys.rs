@@ -112,19 +112,39 @@ pub async fn insert(db: &impl GenericClient, key: &NewKeyRow<'_>) -> Result<u64,
     .await
 }
 
-/// Replaces a live key's secret; its (name, scope), or `None` when there is no such live key.
+/// A live key's secret hash, to replace with [`replace_secret`]; `None`: no such live key.
+pub async fn live_hash(
+    db: &impl GenericClient,
+    project_id: &str,
+    key_id: &str,
+) -> Result<Option<Vec<u8>>, Error> {
+    db.query_opt(
+        "SELECT key_hash FROM fluxbase.api_keys
+         WHERE id = $1 AND project_id = $2 AND revoked_at IS NULL",
+        &[&key_id, &project_id],
+    )
+    .await?
+    .map(|r| r.try_get(0))
+    .transpose()
+}
+
+/// Replaces a live key's secret if it is still `replaced` (so that of two rotations at once
+/// one answers, not both with secrets of which one is already dead); its (name, scope), or
+/// `None` when there is no such live key or its secret changed meanwhile.
 pub async fn replace_secret(
     db: &impl GenericClient,
     project_id: &str,
     key_id: &str,
+    replaced: &[u8],
     hash: &[u8],
     prefix: &str,
 ) -> Result<Option<(String, Scope)>, Error> {
     db.query_opt(
-        "UPDATE fluxbase.api_keys SET key_hash = $3, prefix = $4, last_used_at = NULL
-             WHERE id = $1 AND project_id = $2 AND revoked_at IS NULL
+        "UPDATE fluxbase.api_keys SET key_hash = $3, prefix = $4, last_used_at = NULL,
+                rotated_at = now()
+             WHERE id = $1 AND project_id = $2 AND revoked_at IS NULL AND key_hash = $5
              RETURNING name, scope",
-        &[&key_id, &project_id, &hash, &prefix],
+        &[&key_id, &project_id, &hash, &prefix, &replaced],
     )
     .await?
     .map(|r| Ok((r.try_get(0)?, r.try_get(1)?)))

@@ -1,5 +1,12 @@
 //! `fluxbase.invites`: invitations by email, one row per project and address (a new one
 //! replaces the earlier one whatever its state).
+//!
+//! An invitation is answerable while it is pending, younger than the invitation lifetime
+//! (`invite_ttl_secs`) and vouched for by its sender: a member who is still an admin of the
+//! project, or an admin key still live and not rotated since (red team rt13: a removed member,
+//! or the holder of a leaked admin key deleted since, came back as admin and owner through an
+//! invitation nobody could withdraw). Queries with a `$ttl` parameter take the lifetime in
+//! seconds.
 
 use chrono::{DateTime, Utc};
 use deadpool_postgres::GenericClient;
@@ -15,6 +22,9 @@ pub struct InviteRow {
     pub role: MemberRole,
     pub status: InviteStatus,
     pub invited_at: DateTime<Utc>,
+    pub expires_at: DateTime<Utc>,
+    /// Pending, not expired, and its sender still vouches for it.
+    pub answerable: bool,
 }
 
 impl TryFrom<&Row> for InviteRow {
@@ -27,20 +37,47 @@ impl TryFrom<&Row> for InviteRow {
             role: r.try_get("role")?,
             status: r.try_get("status")?,
             invited_at: r.try_get("invited_at")?,
+            expires_at: r.try_get("expires_at")?,
+            answerable: r.try_get("answerable")?,
         })
     }
 }
 
-const INVITE_COLUMNS: &str = "id, project_id, email, role, status, invited_at";
+/// Whether the sender of invitation `i` still vouches for it: an admin member of its project,
+/// or an admin key of it, live and not rotated since the invitation was sent.
+const VOUCHED: &str = "(EXISTS (SELECT 1 FROM fluxbase.members m
+        WHERE m.project_id = i.project_id AND m.user_id = i.invited_by AND m.role = 'admin')
+    OR EXISTS (SELECT 1 FROM fluxbase.api_keys k
+        WHERE k.id = i.invited_by AND k.project_id = i.project_id AND k.revoked_at IS NULL
+          AND k.scope = 'admin' AND coalesce(k.rotated_at, k.created_at) <= i.invited_at))";
+
+/// When invitation `i` expires; `ttl` is the parameter holding the lifetime in seconds.
+fn expires(ttl: &str) -> String {
+    format!("i.invited_at + make_interval(secs => {ttl}::int)")
+}
+
+/// The columns of an [`InviteRow`] of invitation `i`.
+fn invite_columns(ttl: &str) -> String {
+    let expires = expires(ttl);
+    format!(
+        "i.id, i.project_id, i.email, i.role, i.status, i.invited_at, {expires} AS expires_at,
+         (i.status = 'pending' AND {expires} > now() AND {VOUCHED}) AS answerable"
+    )
+}
 
 /// Every invitation of a project (every state), oldest first.
-pub async fn list(db: &impl GenericClient, project_id: &str) -> Result<Vec<InviteRow>, Error> {
+pub async fn list(
+    db: &impl GenericClient,
+    project_id: &str,
+    ttl_secs: i32,
+) -> Result<Vec<InviteRow>, Error> {
     db.query(
         &format!(
-            "SELECT {INVITE_COLUMNS} FROM fluxbase.invites
-             WHERE project_id = $1 ORDER BY invited_at, id"
+            "SELECT {} FROM fluxbase.invites i
+             WHERE i.project_id = $1 ORDER BY i.invited_at, i.id",
+            invite_columns("$2")
         ),
-        &[&project_id],
+        &[&project_id, &ttl_secs],
     )
     .await?
     .iter()
@@ -58,17 +95,22 @@ pub struct NewInvite<'a> {
 }
 
 /// Invites `email`, replacing an earlier invitation of the same address (pending again).
-pub async fn upsert(db: &impl GenericClient, invite: &NewInvite<'_>) -> Result<InviteRow, Error> {
+pub async fn upsert(
+    db: &impl GenericClient,
+    invite: &NewInvite<'_>,
+    ttl_secs: i32,
+) -> Result<InviteRow, Error> {
     let row = db
         .query_one(
             &format!(
-                "INSERT INTO fluxbase.invites (id, project_id, email, role, invited_by)
+                "INSERT INTO fluxbase.invites AS i (id, project_id, email, role, invited_by)
                  VALUES ($1, $2, $3, $4, $5)
                  ON CONFLICT (project_id, lower(email)) DO UPDATE SET
                      id = EXCLUDED.id, email = EXCLUDED.email, role = EXCLUDED.role,
                      status = 'pending', invited_by = EXCLUDED.invited_by,
                      invited_at = now(), responded_at = NULL
-                 RETURNING {INVITE_COLUMNS}"
+                 RETURNING {}",
+                invite_columns("$6")
             ),
             &[
                 &invite.id,
@@ -76,6 +118,7 @@ pub async fn upsert(db: &impl GenericClient, invite: &NewInvite<'_>) -> Result<I
                 &invite.email,
                 &invite.role,
                 &invite.invited_by,
+                &ttl_secs,
             ],
         )
         .await?;
@@ -89,6 +132,10 @@ pub struct Addressed {
     pub status: InviteStatus,
     /// Whether it is addressed to the user's email.
     pub to_user: bool,
+    /// Whether its lifetime has passed.
+    pub expired: bool,
+    /// Whether its sender still vouches for it (see the module docs).
+    pub vouched: bool,
 }
 
 /// The invitation `invite_id` locked for the answer of `user_id`.
@@ -96,12 +143,17 @@ pub async fn lock_for_answer(
     db: &impl GenericClient,
     invite_id: &str,
     user_id: &str,
+    ttl_secs: i32,
 ) -> Result<Option<Addressed>, Error> {
     db.query_opt(
-        "SELECT i.project_id, i.role, i.status, lower(i.email) = lower(u.email)
-         FROM fluxbase.invites i, fluxbase.users u
-         WHERE i.id = $1 AND u.id = $2 FOR UPDATE OF i",
-        &[&invite_id, &user_id],
+        &format!(
+            "SELECT i.project_id, i.role, i.status, lower(i.email) = lower(u.email),
+                    {} <= now(), {VOUCHED}
+             FROM fluxbase.invites i, fluxbase.users u
+             WHERE i.id = $1 AND u.id = $2 FOR UPDATE OF i",
+            expires("$3")
+        ),
+        &[&invite_id, &user_id, &ttl_secs],
     )
     .await?
     .map(|r| {
@@ -110,9 +162,42 @@ pub async fn lock_for_answer(
             role: r.try_get(1)?,
             status: r.try_get(2)?,
             to_user: r.try_get(3)?,
+            expired: r.try_get(4)?,
+            vouched: r.try_get(5)?,
         })
     })
     .transpose()
+}
+
+/// Withdraws an invitation of the project (any state); whether there was one.
+pub async fn revoke(
+    db: &impl GenericClient,
+    project_id: &str,
+    invite_id: &str,
+) -> Result<bool, Error> {
+    Ok(db
+        .execute(
+            "DELETE FROM fluxbase.invites WHERE id = $1 AND project_id = $2",
+            &[&invite_id, &project_id],
+        )
+        .await?
+        > 0)
+}
+
+/// Withdraws the pending invitations of the project addressed to a user's account: a member
+/// removed or given another role must not undo it by accepting one sent earlier.
+pub async fn drop_pending_for_member(
+    db: &impl GenericClient,
+    project_id: &str,
+    user_id: &str,
+) -> Result<u64, Error> {
+    db.execute(
+        "DELETE FROM fluxbase.invites i USING fluxbase.users u
+         WHERE i.project_id = $1 AND u.id = $2 AND lower(i.email) = lower(u.email)
+           AND i.status = 'pending'",
+        &[&project_id, &user_id],
+    )
+    .await
 }
 
 /// Records the invitee's answer.
@@ -120,14 +205,16 @@ pub async fn answer(
     db: &impl GenericClient,
     invite_id: &str,
     status: InviteStatus,
+    ttl_secs: i32,
 ) -> Result<InviteRow, Error> {
     let row = db
         .query_one(
             &format!(
-                "UPDATE fluxbase.invites SET status = $2, responded_at = now() WHERE id = $1
-                 RETURNING {INVITE_COLUMNS}"
+                "UPDATE fluxbase.invites i SET status = $2, responded_at = now() WHERE i.id = $1
+                 RETURNING {}",
+                invite_columns("$3")
             ),
-            &[&invite_id, &status],
+            &[&invite_id, &status, &ttl_secs],
         )
         .await?;
     InviteRow::try_from(&row)
@@ -143,15 +230,23 @@ pub struct PendingRow {
     pub status: InviteStatus,
 }
 
-/// The pending invitations addressed to a user's email, oldest first.
-pub async fn pending_for(db: &impl GenericClient, user_id: &str) -> Result<Vec<PendingRow>, Error> {
+/// The answerable invitations addressed to a user's email, oldest first.
+pub async fn pending_for(
+    db: &impl GenericClient,
+    user_id: &str,
+    ttl_secs: i32,
+) -> Result<Vec<PendingRow>, Error> {
     db.query(
-        "SELECT i.id, i.project_id, p.name, i.role, i.invited_at, i.status
-         FROM fluxbase.invites i
-         JOIN fluxbase.projects p ON p.id = i.project_id
-         JOIN fluxbase.users u ON lower(u.email) = lower(i.email)
-         WHERE u.id = $1 AND i.status = 'pending' ORDER BY i.invited_at, i.id",
-        &[&user_id],
+        &format!(
+            "SELECT i.id, i.project_id, p.name, i.role, i.invited_at, i.status
+             FROM fluxbase.invites i
+             JOIN fluxbase.projects p ON p.id = i.project_id
+             JOIN fluxbase.users u ON lower(u.email) = lower(i.email)
+             WHERE u.id = $1 AND i.status = 'pending' AND {} > now() AND {VOUCHED}
+             ORDER BY i.invited_at, i.id",
+            expires("$2")
+        ),
+        &[&user_id, &ttl_secs],
     )
     .await?
     .iter()

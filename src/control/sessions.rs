@@ -4,16 +4,15 @@ use chrono::{DateTime, Utc};
 use deadpool_postgres::GenericClient;
 use tokio_postgres::Error;
 
-/// The session's user and whether it has expired at `now` (the app's clock).
+/// The session's user and when it expires.
 pub async fn by_hash(
     db: &impl GenericClient,
     hash: &[u8],
-    now: DateTime<Utc>,
-) -> Result<Option<(String, bool)>, Error> {
+) -> Result<Option<(String, DateTime<Utc>)>, Error> {
     Ok(db
         .query_opt(
-            "SELECT user_id, expires_at <= $2 FROM fluxbase.sessions WHERE token_hash = $1",
-            &[&hash, &now],
+            "SELECT user_id, expires_at FROM fluxbase.sessions WHERE token_hash = $1",
+            &[&hash],
         )
         .await?
         .map(|r| (r.get(0), r.get(1))))

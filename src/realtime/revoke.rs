@@ -255,7 +255,7 @@ impl Realtime {
                 &project_id,
                 |m| m.expires.is_some_and(|at| at <= now),
                 "TOKEN_EXPIRED",
-                "The realtime token of this subscription expired: subscribe again with a new one.",
+                "The token of this subscription (a realtime token, or the login session it was made with) expired: subscribe again with a new one.",
             );
         }
         if ended > 0 {

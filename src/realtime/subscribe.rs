@@ -173,8 +173,16 @@ impl Realtime {
                             .key_fingerprint(&crate::secrets::sha256(token.as_bytes())),
                     });
                 }
-                if let Principal::Session { token_hash, .. } = &principal {
+                if let Principal::Session {
+                    token_hash,
+                    expires_at,
+                    ..
+                } = &principal
+                {
                     session = Some(self.session_fingerprint(token_hash));
+                    // Ended with the session (red team rt13: a socket subscribed with a
+                    // session kept receiving events after the session had expired).
+                    expires = Some(*expires_at);
                 }
                 let access = host.project_access(&principal, &project.id).await?;
                 // As execute-sql: a key may name its end user, a session acts as its own.

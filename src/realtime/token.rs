@@ -153,7 +153,14 @@ impl Realtime {
                 ));
             }
         }
-        let expires = self.clock.now() + chrono::Duration::seconds(ttl);
+        let mut expires = self.clock.now() + chrono::Duration::seconds(ttl);
+        // A session's token ends with the session at the latest (red team rt13: one minted a
+        // minute before its session expired kept its subscriptions for a day).
+        if let Principal::Session { expires_at, .. } = &access.principal {
+            if let Some(session_end) = chrono::DateTime::from_timestamp(*expires_at, 0) {
+                expires = expires.min(session_end);
+            }
+        }
         let (k, f) = match &access.principal {
             Principal::Key { key_id, .. } => {
                 let hash = self

@@ -84,9 +84,33 @@ function render(ctx, el) {
       { key: 'email', label: 'Email' },
       { key: 'role', label: 'Role' },
       { key: 'invitedAt', label: 'Invited', render: (i) => when(i.invitedAt) },
-      { key: 'status', label: 'Status', render: (i) => h('span', { class: `invite-status ${i.status}` }, i.status) },
+      { key: 'status', label: 'Status', render: inviteStatus },
+      { key: 'actions', label: 'Actions', render: withdrawCell },
     ], sorted, { empty: 'No invitations yet: invite a registered account above.' }));
-    tag(invites, sorted, (tr, i) => { tr.dataset.invite = i.email; tr.dataset.status = i.status; });
+    tag(invites, sorted, (tr, i) => { tr.dataset.invite = i.email; tr.dataset.status = i.status; tr.dataset.answerable = String(i.answerable); });
+  }
+
+  // A pending invitation that can no longer be accepted says why: expired, or its sender is no
+  // longer an admin (a member demoted or removed, an admin key revoked or rotated).
+  function inviteStatus(i) {
+    const cell = h('span', { class: `invite-status ${i.status}` }, i.status);
+    if (i.status !== 'pending') return cell;
+    if (i.answerable) return h('span', {}, cell, h('small', { class: 'hint' }, ` until ${when(i.expiresAt)}`));
+    const expired = new Date(i.expiresAt).getTime() <= Date.now();
+    return h('span', {}, cell, h('small', { class: 'hint warn', 'data-unanswerable': '' },
+      expired ? ' expired' : ' void: its sender is no longer an admin'));
+  }
+
+  function withdrawCell(i) {
+    return h('button', {
+      type: 'button', class: 'small danger', 'data-withdraw': i.email, 'aria-label': `Withdraw the invitation of ${i.email}`,
+      onclick: act(async () => {
+        if (!await confirmDialog(`Withdraw the invitation of ${i.email}? It can no longer be accepted; invite them again to change your mind.`, { confirmLabel: 'Withdraw' })) return;
+        await del('/api/team/invites', { projectId: p.id, inviteId: i.id });
+        toast(`Invitation of ${i.email} withdrawn.`, 'success');
+        await load();
+      }),
+    }, i.status === 'pending' ? 'Withdraw' : 'Remove');
   }
 
   /**

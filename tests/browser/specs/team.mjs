@@ -157,4 +157,18 @@ await spec('team', async (t) => {
   assert.match(await textOf(owner, `tr[data-invite="${carol.email}"]`), /viewer[\s\S]*rejected/);
   assert.equal(await owner.$(`tr[data-member="${carol.email}"]`), null);
   await t.shot(owner, 'rejected');
+
+  t.log('the owner invites Carol again, then withdraws it (asks first): gone from both sides');
+  await owner.type('input[name=invite-email]', carol.email);
+  await owner.select('select[name=invite-role]', 'developer');
+  await owner.click('form[data-invite-form] button[type=submit]');
+  await owner.waitForSelector(`tr[data-invite="${carol.email}"][data-status=pending][data-answerable=true]`);
+  await cp.reload();
+  await cp.waitForSelector('a.invites[data-invites="1"]');
+  await owner.click(`button[data-withdraw="${carol.email}"]`);
+  await (await owner.waitForSelector('dialog[open] button[data-action="Withdraw"]')).click();
+  await owner.waitForFunction((email) => !document.querySelector(`tr[data-invite="${email}"]`), {}, carol.email);
+  assert.equal((await team()).invites.find((i) => i.email === carol.email), undefined);
+  await cp.reload();
+  await cp.waitForSelector('a.invites[data-invites="0"]');
 });

@@ -152,8 +152,17 @@ async fn team_listing_has_the_guides_shape_for_members_and_invites() {
         .keys()
         .map(String::as_str)
         .collect();
-    assert_eq!(keys.len(), 5, "{keys:?}");
-    for k in ["id", "email", "role", "invitedAt", "status"] {
+    // The guide's four, `status`, and `expiresAt` and `answerable` (red team rt13).
+    assert_eq!(keys.len(), 7, "{keys:?}");
+    for k in [
+        "id",
+        "email",
+        "role",
+        "invitedAt",
+        "status",
+        "expiresAt",
+        "answerable",
+    ] {
         assert!(keys.contains(&k), "{k} missing in {keys:?}");
     }
     assert_eq!(invites[0], *inv);
@@ -1355,4 +1364,223 @@ async fn acceptances_and_creations_at_once_never_pass_the_project_quota() {
         .filter(|p| p["role"] == "admin")
         .count();
     assert_eq!(admin_of, 2, "{listed}");
+}
+
+async fn withdraw(app: &TestApp, by: &str, project: &str, invite_id: &str) -> (u16, Value) {
+    app.call(
+        "DELETE",
+        &format!("/api/team/invites?projectId={project}&inviteId={invite_id}"),
+        Some(by),
+        None,
+    )
+    .await
+}
+
+/// `by` invites `email` with `role`: the invitation's id.
+async fn invited(app: &TestApp, by: &str, project: &str, email: &str, role: &str) -> String {
+    let (status, body) = invite(app, by, project, email, role).await;
+    assert_eq!(status, 201, "{body}");
+    body["invite"]["id"].as_str().unwrap().to_string()
+}
+
+/// The listed invitation `id` (every field), if the project lists it.
+async fn listed_invite(app: &TestApp, f: &Fixture, id: &str) -> Option<Value> {
+    let (_, body) = team(app, &f.admin, &f.project).await;
+    body["invites"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|i| i["id"] == id)
+        .cloned()
+}
+
+/// The invitations `GET /api/auth/me` offers a session.
+async fn offered(app: &TestApp, token: &str) -> Vec<Value> {
+    let (status, body) = app.call("GET", "/api/auth/me", Some(token), None).await;
+    assert_eq!(status, 200, "{body}");
+    body["invites"].as_array().unwrap().clone()
+}
+
+/// Red team rt13 M1: an invitation could be neither withdrawn nor voided, so a member removed
+/// (or demoted) came back as admin and owner by accepting one sent earlier, and the holder of a
+/// leaked admin key deleted since still got in through the invitations it had sent. Now
+/// removing a member or changing their role withdraws their pending invitations; an invitation
+/// is accepted only while its sender vouches for it (a member still admin, an admin key live
+/// and not rotated since), is listed with `answerable`, and an admin withdraws one with
+/// `DELETE /api/team/invites`.
+#[tokio::test]
+async fn an_invitation_counts_only_while_its_sender_vouches_for_it_and_can_be_withdrawn() {
+    let app = spawn_app().await;
+    let f = app.fixture().await;
+
+    // A member removed, or demoted, after an admin invitation was sent to them.
+    for demoted in [false, true] {
+        let bob = join(&app, &f, "developer").await;
+        let id = invited(&app, &f.token, &f.project, &bob.email, "admin").await;
+        let (status, body) = if demoted {
+            patch_role(&app, &f.token, &f.project, &bob.user_id, "viewer").await
+        } else {
+            remove(&app, &f.token, &f.project, &bob.user_id).await
+        };
+        assert_eq!(status, 200, "{body}");
+        assert_eq!(
+            listed_invite(&app, &f, &id).await,
+            None,
+            "withdrawn with the change"
+        );
+        let (status, body) = answer(&app, &bob.token, &id, "accepted").await;
+        assert_error(status, &body, 404, "NOT_FOUND");
+        assert!(!admins_of(&app, &f).await.contains(&bob.user_id));
+    }
+
+    // Sent with an admin key that is then revoked, or rotated: not accepted (409); the invitee
+    // is not offered it and may still decline it.
+    for rotated in [false, true] {
+        let (key_id, key) = app.new_key(&f, "admin", None).await;
+        let (token, user_id, email) = app.signup().await;
+        let id = invited(&app, &key, &f.project, &email, "admin").await;
+        let listed = listed_invite(&app, &f, &id).await.unwrap();
+        assert_eq!(listed["answerable"], true, "{listed}");
+        assert_eq!(offered(&app, &token).await.len(), 1);
+        let (status, body) = if rotated {
+            app.call(
+                "POST",
+                "/api/keys/rotate",
+                Some(&f.admin),
+                Some(json!({ "projectId": f.project, "keyId": key_id })),
+            )
+            .await
+        } else {
+            app.call(
+                "DELETE",
+                &format!("/api/keys?projectId={}&keyId={key_id}", f.project),
+                Some(&f.admin),
+                None,
+            )
+            .await
+        };
+        assert_eq!(status, 200, "{body}");
+        let rotated_secret = body["secret"].as_str().map(str::to_string);
+        let listed = listed_invite(&app, &f, &id).await.unwrap();
+        assert_eq!(
+            (&listed["answerable"], &listed["status"]),
+            (&json!(false), &json!("pending")),
+            "{listed}"
+        );
+        assert!(offered(&app, &token).await.is_empty());
+        let (status, body) = answer(&app, &token, &id, "accepted").await;
+        assert_error(status, &body, 409, "CONFLICT");
+        assert!(
+            body["error"]["message"]
+                .as_str()
+                .unwrap()
+                .contains("no longer vouches"),
+            "{body}"
+        );
+        assert!(!admins_of(&app, &f).await.contains(&user_id));
+        let (status, body) = answer(&app, &token, &id, "rejected").await;
+        assert_eq!(status, 200, "declining needs no voucher: {body}");
+        if let Some(secret) = rotated_secret {
+            // Sent again with the rotated key's new secret: accepted.
+            let id = invited(&app, &secret, &f.project, &email, "admin").await;
+            let (status, body) = answer(&app, &token, &id, "accepted").await;
+            assert_eq!(status, 200, "{body}");
+            assert!(admins_of(&app, &f).await.contains(&user_id));
+        }
+    }
+
+    // Sent by a member who is no longer an admin.
+    let frank = join(&app, &f, "admin").await;
+    let (gina_token, gina, gina_email) = app.signup().await;
+    let id = invited(&app, &frank.token, &f.project, &gina_email, "developer").await;
+    let (status, body) = patch_role(&app, &f.token, &f.project, &frank.user_id, "developer").await;
+    assert_eq!(status, 200, "{body}");
+    let (status, body) = answer(&app, &gina_token, &id, "accepted").await;
+    assert_error(status, &body, 409, "CONFLICT");
+    // Sent again by an admin: accepted.
+    let id = invited(&app, &f.token, &f.project, &gina_email, "developer").await;
+    let (status, body) = answer(&app, &gina_token, &id, "accepted").await;
+    assert_eq!(status, 200, "{body}");
+    assert!(members_where(&app, &f, |m| m["role"] == "developer")
+        .await
+        .contains(&gina));
+
+    // Withdrawn by an admin: its id answers 404 to the invitee and to a second withdrawal;
+    // nobody but an admin of the project may withdraw one.
+    let (hank_token, _, hank_email) = app.signup().await;
+    let id = invited(&app, &f.admin, &f.project, &hank_email, "viewer").await;
+    let other = app.fixture().await;
+    for by in [
+        f.readwrite.as_str(),
+        frank.token.as_str(),
+        other.admin.as_str(),
+    ] {
+        let (status, body) = withdraw(&app, by, &f.project, &id).await;
+        assert_eq!(status, 403, "{body}");
+    }
+    let (status, body) = withdraw(&app, &other.admin, &other.project, &id).await;
+    assert_error(status, &body, 404, "NOT_FOUND");
+    let (status, body) = withdraw(&app, &f.token, &f.project, &id).await;
+    assert_eq!((status, &body["success"]), (200, &json!(true)), "{body}");
+    assert_eq!(listed_invite(&app, &f, &id).await, None);
+    let (status, body) = answer(&app, &hank_token, &id, "accepted").await;
+    assert_error(status, &body, 404, "NOT_FOUND");
+    let (status, body) = withdraw(&app, &f.admin, &f.project, &id).await;
+    assert_error(status, &body, 404, "NOT_FOUND");
+}
+
+/// An invitation lasts `invite_ttl_secs` (listed as `expiresAt`): accepting it later is 409,
+/// and the invitee is no longer offered it.
+#[tokio::test]
+async fn an_invitation_expires_after_its_lifetime() {
+    let app = spawn_app_with(|c| c.invite_ttl_secs = 2).await;
+    let f = app.fixture().await;
+    let (token, _, email) = app.signup().await;
+    let id = invited(&app, &f.admin, &f.project, &email, "developer").await;
+    let listed = listed_invite(&app, &f, &id).await.unwrap();
+    let at = |field: &str| {
+        chrono::DateTime::parse_from_rfc3339(listed[field].as_str().unwrap()).unwrap()
+    };
+    assert_eq!(
+        (at("expiresAt") - at("invitedAt")).num_seconds(),
+        2,
+        "{listed}"
+    );
+    assert_eq!(offered(&app, &token).await.len(), 1);
+    tokio::time::sleep(Duration::from_millis(2_300)).await;
+    assert!(offered(&app, &token).await.is_empty());
+    assert_eq!(
+        listed_invite(&app, &f, &id).await.unwrap()["answerable"],
+        false
+    );
+    let (status, body) = answer(&app, &token, &id, "accepted").await;
+    assert_error(status, &body, 409, "CONFLICT");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("expired"),
+        "{body}"
+    );
+    // A new one to the same address lasts again.
+    let id = invited(&app, &f.admin, &f.project, &email, "developer").await;
+    let (status, body) = answer(&app, &token, &id, "accepted").await;
+    assert_eq!(status, 200, "{body}");
+}
+
+/// Red team rt13 LOW 1: a member who accepted an invitation to another role kept the realtime
+/// subscriptions made with the old one (a PATCH ends them). Now the acceptance ends them too.
+#[tokio::test]
+async fn accepting_an_invitation_to_another_role_ends_the_members_subscriptions() {
+    let app = spawn_app().await;
+    let f = app.fixture().await;
+    let dev = join(&app, &f, "developer").await;
+    let mut ws = connect(&app, "/").await;
+    let ack = subscribe(&mut ws, &f.project, Some(&dev.token)).await;
+    assert_eq!(ack["type"], "subscribed", "{ack}");
+    let id = invited(&app, &f.token, &f.project, &dev.email, "viewer").await;
+    let (status, body) = answer(&app, &dev.token, &id, "accepted").await;
+    assert_eq!(status, 200, "{body}");
+    let msg = recv(&mut ws).await;
+    assert_eq!(msg["code"], "ACCESS_REVOKED", "{msg}");
 }

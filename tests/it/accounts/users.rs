@@ -829,3 +829,132 @@ async fn logging_out_or_a_password_reset_ends_the_realtime_subscriptions_and_tok
         );
     }
 }
+
+/// Red team rt13 M2: a socket subscribed with a login session kept receiving events after the
+/// session expired (only realtime tokens carried an expiry), and a realtime token minted from a
+/// session a minute before its end lasted its whole `expiresIn`. Now both end with the session:
+/// TOKEN_EXPIRED, then nothing of later changes.
+#[tokio::test]
+async fn what_a_session_authorized_ends_when_the_session_expires() {
+    use crate::support::ws::{connect, recv, send, subscribe};
+    let app = crate::support::spawn_app_with(|c| c.session_ttl_secs = 3600).await;
+    let f = app.fixture().await;
+    app.rows(&f.admin, &f.project, "CREATE TABLE t (id int)")
+        .await;
+    let clock = &app.app.storage.clock;
+    clock.advance(std::time::Duration::from_secs(3600 - 120));
+    let (status, body) = app
+        .call(
+            "POST",
+            "/api/realtime/token",
+            Some(&f.token),
+            Some(json!({ "projectId": f.project, "expiresIn": 3600 })),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let token = body["token"].as_str().unwrap().to_string();
+    let expires_at: chrono::DateTime<chrono::Utc> =
+        body["expiresAt"].as_str().unwrap().parse().unwrap();
+    let left = (expires_at - clock.now()).num_seconds();
+    assert!((1..=120).contains(&left), "ends with the session: {body}");
+
+    let mut by_session = connect(&app, "/").await;
+    let mut by_token = connect(&app, "/").await;
+    let mut bystander = connect(&app, "/").await;
+    for (ws, t) in [
+        (&mut by_session, f.token.as_str()),
+        (&mut by_token, token.as_str()),
+        (&mut bystander, f.read.as_str()),
+    ] {
+        let ack = subscribe(ws, &f.project, Some(t)).await;
+        assert_eq!(ack["type"], "subscribed", "{ack}");
+    }
+    clock.advance(std::time::Duration::from_secs(121));
+    for ws in [&mut by_session, &mut by_token] {
+        let msg = recv(ws).await;
+        assert_eq!(msg["code"], "TOKEN_EXPIRED", "{msg}");
+    }
+    app.rows(&f.admin, &f.project, "INSERT INTO t VALUES (1)")
+        .await;
+    assert_eq!(recv(&mut bystander).await["payload"]["record"]["id"], 1);
+    for ws in [&mut by_session, &mut by_token] {
+        send(ws, json!({ "type": "ping" })).await;
+        assert_eq!(
+            recv(ws).await,
+            json!({ "type": "pong" }),
+            "nothing of the insert"
+        );
+    }
+}
+
+/// Red team rt13 LOW 2: rotations of one key at once all answered 200, each with a different
+/// secret, of which only one worked. Now, of rotations that read the key before any of them
+/// replaced it, one answers its secret (which works) and the others 409 CONFLICT. The key's row
+/// is held locked until all three are waiting to replace it, so they overlap every time.
+#[tokio::test]
+async fn rotations_of_one_key_at_once_answer_one_working_secret() {
+    let app = spawn_app().await;
+    let f = app.fixture().await;
+    let (key_id, _) = app.new_key(&f, "read", None).await;
+    let pg = crate::support::pg().await;
+    let mut ctl = pg.client(&app.app.cluster.control_db).await;
+    let lock = ctl.transaction().await.unwrap();
+    lock.execute(
+        "SELECT 1 FROM fluxbase.api_keys WHERE id = $1 FOR UPDATE",
+        &[&key_id],
+    )
+    .await
+    .unwrap();
+    let rotations = (0..3).map(|_| {
+        app.call(
+            "POST",
+            "/api/keys/rotate",
+            Some(&f.admin),
+            Some(json!({ "projectId": f.project, "keyId": key_id })),
+        )
+    });
+    let watch = pg.client(&app.app.cluster.control_db).await;
+    let release = async {
+        crate::support::poll::until(
+            std::time::Duration::from_secs(20),
+            std::time::Duration::from_millis(20),
+            || async {
+                let waiting: i64 = watch
+                    .query_one(
+                        "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'
+                         AND query LIKE 'UPDATE fluxbase.api_keys SET key_hash%'",
+                        &[],
+                    )
+                    .await
+                    .unwrap()
+                    .get(0);
+                if waiting == 3 {
+                    Ok(())
+                } else {
+                    Err(format!("{waiting} rotations waiting for the key's row"))
+                }
+            },
+        )
+        .await;
+        lock.commit().await.unwrap();
+    };
+    let (answers, ()) = tokio::join!(futures_util::future::join_all(rotations), release);
+    let mut answered = Vec::new();
+    for (status, body) in &answers {
+        match status {
+            200 => answered.push(body["secret"].as_str().unwrap().to_string()),
+            409 => assert_eq!(body["error"]["code"], "CONFLICT", "{body}"),
+            _ => panic!("{status}: {body}"),
+        }
+    }
+    assert_eq!(answered.len(), 1, "{answers:?}");
+    let (status, body) = app
+        .call(
+            "POST",
+            "/api/execute-sql",
+            Some(&answered[0]),
+            Some(json!({ "projectId": f.project, "query": "SELECT 1" })),
+        )
+        .await;
+    assert_eq!(status, 200, "the answered secret does not work: {body}");
+}
