@@ -39,7 +39,7 @@ pub enum AccountsError {
     EmailTooLong(usize),
     #[error("email: {0:?} is not a valid email address")]
     InvalidEmail(String),
-    #[error("password: must be between 8 and 1024 characters")]
+    #[error("password: must be between 8 and 1024 bytes (UTF-8)")]
     InvalidPassword,
     #[error("displayName: at most 200 characters, without control (such as NUL), text-direction (such as U+202E) or invisible (such as U+200B) characters")]
     DisplayNameTooLong,

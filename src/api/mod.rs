@@ -221,6 +221,12 @@ where
     if let Ok(v) = HeaderValue::from_str(&request_id) {
         response.headers_mut().insert("x-request-id", v);
     }
+    // Every answer is what its Content-Type says (JSON, a file): never sniffed into HTML, even
+    // an error that echoes what the request held (red team rt13).
+    response
+        .headers_mut()
+        .entry("x-content-type-options")
+        .or_insert(HeaderValue::from_static("nosniff"));
     let status = response.status().as_u16();
     app.metrics.observe_request(label, status);
     span.in_scope(|| {

@@ -426,6 +426,15 @@ impl Policies {
         body: &CreatePolicy,
     ) -> Result<TablePolicy, RlsError> {
         let (table, name) = policy_ref(&body.schema, &body.table, &body.name)?;
+        // A new name, shown to every admin (the dashboard's policy list): as other names a
+        // caller chooses (red team rt13: `pol\u{202E}icy` was accepted). Existing policies,
+        // made by SQL, are still named as they are by toggle and delete.
+        if crate::text::has_deceptive(&name) {
+            return Err(RlsError::Invalid(format!(
+                "name: without {}",
+                crate::text::DECEPTIVE_CHARACTERS
+            )));
+        }
         let command_text = body.command.text("command", true)?.expect("required");
         let command = Command::parse(command_text).ok_or_else(|| {
             RlsError::Invalid("command: expected one of ALL, SELECT, INSERT, UPDATE, DELETE".into())

@@ -23,17 +23,21 @@ function adminsOnly(ctx, el) {
       h('p', { class: 'muted' }, 'A project admin invites members and changes their roles.')));
 }
 
-/** "Name <email>" as text (dialogs). The server refuses text-direction characters in names; an
- * older one's are kept inside its own part by the isolating markup of memberLabel(). */
+/** "email (Name)" as text (dialogs): the email, which the account proved, comes first, so that
+ * a display name cannot pass for another member's ("alice <alice@t.io>" followed by blanks
+ * pushed the real address out of sight: red team rt13). The server refuses text-direction
+ * characters in names; an older one's are kept inside its own part by memberLabel(). */
 function memberName(m) {
-  return m.displayName ? `${m.displayName} <${m.email}>` : m.email;
+  return m.displayName ? `${m.email} (${m.displayName})` : m.email;
 }
 
-/** The same as isolated parts: a name cannot reorder the email shown after it. */
-function memberLabel(m) {
-  return m.displayName
-    ? h('span', {}, h('bdi', {}, m.displayName), ' <', h('bdi', {}, m.email), '>')
-    : h('bdi', {}, m.email);
+/** The same as isolated parts: the email whole on its line, the name below it, cut to the
+ * column with an ellipsis (and whole in its tooltip). */
+function memberLabel(m, me) {
+  return h('span', { class: 'member-label' },
+    h('bdi', { class: 'member-email' }, m.email),
+    m.userId === me ? h('span', { class: 'you' }, ' (you)') : null,
+    m.displayName ? h('bdi', { class: 'member-name muted', title: m.displayName }, m.displayName) : null);
 }
 
 /** A suspended project answers 403 PROJECT_SUSPENDED to every request naming it. */
@@ -71,8 +75,7 @@ function render(ctx, el) {
     const owners = team.members.filter((m) => m.owner).length;
     const lockOf = (m) => locked(m, admins, owners);
     mount(members, dataTable([
-      { key: 'member', label: 'Member', render: (m) => h('span', {},
-        memberLabel(m), m.userId === me ? h('span', { class: 'you' }, ' (you)') : null) },
+      { key: 'member', label: 'Member', render: (m) => memberLabel(m, me) },
       { key: 'role', label: 'Role', render: (m) => roleCell(m, lockOf(m)) },
       { key: 'joinedAt', label: 'Joined', render: (m) => when(m.joinedAt) },
       { key: 'actions', label: 'Actions', render: (m) => removeCell(m, lockOf(m)) },

@@ -370,6 +370,19 @@ async fn auth_error_codes_follow_the_guide() {
         .collect();
     allow.sort();
     assert_eq!(allow, ["DELETE", "GET", "POST"]);
+    // An answer echoing the request (here its path) is never sniffed into a page (rt13).
+    let resp = app
+        .http
+        .get(app.url("/api/%3Cscript%3Ealert(1)%3C/script%3E"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 404);
+    assert_eq!(resp.headers()["x-content-type-options"], "nosniff");
+    assert!(resp.headers()["content-type"]
+        .to_str()
+        .unwrap()
+        .starts_with("application/json"));
 }
 
 #[tokio::test]
