@@ -897,6 +897,9 @@ async fn malformed_policy_requests_are_bad_requests_naming_the_field() {
         (with("table", json!(3)), "table"),
         (with("name", json!("")), "name"),
         (with("name", json!("n".repeat(64))), "name"),
+        // Shown to every admin: no text-direction or invisible characters (red team rt13).
+        (with("name", json!("pol\u{202E}icy")), "name"),
+        (with("name", json!("a\u{200B}b")), "name"),
         (with("command", json!("TRUNCATE")), "command"),
         (with("using", Value::Null), "using"),
         (with("using", json!(true)), "using"),
