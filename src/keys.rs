@@ -237,6 +237,8 @@ impl Keys {
                 },
             );
         };
+        // What the old secret sent stays void (the acceptance also checks the rotation's time).
+        crate::control::invitations::drop_pending_sent_by(&client, project_id, key_id).await?;
         Ok(NewKey {
             id: key_id.to_string(),
             name,
@@ -253,6 +255,8 @@ impl Keys {
         if !api_keys::revoke(&client, &access.project.id, key_id).await? {
             return Err(KeysError::NoSuchKey(key_id.to_string()));
         }
+        crate::control::invitations::drop_pending_sent_by(&client, &access.project.id, key_id)
+            .await?;
         Ok(())
     }
 }

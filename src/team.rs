@@ -398,6 +398,20 @@ impl Team {
         };
         let mut client = self.control.get().await?;
         let tx = client.transaction().await?;
+        // An acceptance changes the team: the project's lock first, as every membership change
+        // takes it, then the invitation's row (locked the other way round, an acceptance and a
+        // removal of the same member at once deadlocked), and only then is the sender's
+        // standing judged, so that a demotion or removal of the sender that commits meanwhile
+        // is seen (review of rt13's fix).
+        let team = match answer {
+            Answer::Accepted => {
+                let project_id = invitations::project_of(&tx, invite_id)
+                    .await?
+                    .ok_or_else(|| TeamError::NoSuchInvite(invite_id.to_string()))?;
+                Some(lock_team(&tx, &project_id).await?)
+            }
+            Answer::Rejected => None,
+        };
         let invite = invitations::lock_for_answer(&tx, invite_id, user_id, self.invite_ttl_secs)
             .await?
             .ok_or_else(|| TeamError::NoSuchInvite(invite_id.to_string()))?;
@@ -419,8 +433,7 @@ impl Team {
         let project_id = invite.project_id;
         let mut member = None;
         let mut role_changed = false;
-        if answer == Answer::Accepted {
-            let team = lock_team(&tx, &project_id).await?;
+        if let Some(team) = team {
             let before = members::standing(&tx, &project_id, user_id).await?;
             if let Some(before) = before {
                 keeps_an_admin_and_an_owner(team, before, Some(invite.role))?;
@@ -471,22 +484,30 @@ impl Team {
         let current = before.0;
         members::set_role(&tx, project_id, user_id, role).await?;
         invitations::drop_pending_for_member(&tx, project_id, user_id).await?;
+        if current == MemberRole::Admin && role != MemberRole::Admin {
+            invitations::drop_pending_sent_by(&tx, project_id, user_id).await?;
+        }
         let member = members::get(&tx, project_id, user_id).await?.into();
         tx.commit().await?;
         tracing::info!(%project_id, %user_id, from = current.as_str(), to = role.as_str(), "member role changed");
         Ok(member)
     }
 
-    /// Withdraws an invitation of the project (any state); its id then answers 404.
-    pub async fn revoke_invite(&self, access: &Access, invite_id: &str) -> Result<(), TeamError> {
+    /// Withdraws an invitation of the project (any state); its id then answers 404. Its state
+    /// when withdrawn: `accepted` when the invitee got in first (they stay a member).
+    pub async fn revoke_invite(
+        &self,
+        access: &Access,
+        invite_id: &str,
+    ) -> Result<InviteStatus, TeamError> {
         require_team_admin(access)?;
         let project_id = &access.project.id;
         let client = self.control.get().await?;
-        if !invitations::revoke(&client, project_id, invite_id).await? {
-            return Err(TeamError::NoSuchInvite(invite_id.to_string()));
-        }
-        tracing::info!(%project_id, %invite_id, "invitation withdrawn");
-        Ok(())
+        let status = invitations::revoke(&client, project_id, invite_id)
+            .await?
+            .ok_or_else(|| TeamError::NoSuchInvite(invite_id.to_string()))?;
+        tracing::info!(%project_id, %invite_id, status = status.as_str(), "invitation withdrawn");
+        Ok(status)
     }
 
     /// Removes a member; the last admin and the last owner cannot be removed.
@@ -500,6 +521,7 @@ impl Team {
         keeps_an_admin_and_an_owner(team, before, None)?;
         members::delete(&tx, project_id, user_id).await?;
         invitations::drop_pending_for_member(&tx, project_id, user_id).await?;
+        invitations::drop_pending_sent_by(&tx, project_id, user_id).await?;
         tx.commit().await?;
         tracing::info!(%project_id, %user_id, "member removed");
         Ok(())

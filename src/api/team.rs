@@ -12,7 +12,7 @@ use super::Request;
 use crate::app::SharedApp;
 use crate::auth::{AccessChange, MemberRole};
 use crate::realtime::MemberChange;
-use crate::team::{Answer, Invite, Member, TeamError};
+use crate::team::{Answer, Invite, InviteStatus, Member, TeamError};
 
 /// The JSON object of a request body, read field by field so that every error names its field.
 pub struct Body(Map<String, Value>);
@@ -191,16 +191,28 @@ pub async fn remove_member(app: SharedApp, req: Request) -> ApiResult<Json<Done>
     Ok(Done::reply())
 }
 
+/// The answer to a withdrawal.
+#[derive(Serialize, utoipa::ToSchema)]
+pub struct Withdrawn {
+    pub success: bool,
+    /// The invitation's state when it was withdrawn: `accepted` means the invitee got in
+    /// first (they stay a member: remove them with `DELETE /api/team`).
+    pub status: InviteStatus,
+}
+
 /// Withdraws an invitation (any state): its id answers 404 from then on.
 #[utoipa::path(delete, path = "/api/team/invites", tag = "team", security(("bearer" = [])),
     params(("projectId" = String, Query, description = "The project"),
            ("inviteId" = String, Query, description = "The invitation")),
-    responses((status = 200, description = "The invitation is withdrawn", body = Done)))]
-pub async fn revoke_invite(app: SharedApp, req: Request) -> ApiResult<Json<Done>> {
+    responses((status = 200, description = "The invitation is withdrawn", body = Withdrawn)))]
+pub async fn revoke_invite(app: SharedApp, req: Request) -> ApiResult<Json<Withdrawn>> {
     let access = req.access_by_query(&app).await?;
     let invite_id = req.param("inviteId")?;
-    app.team.revoke_invite(&access, invite_id).await?;
-    Ok(Done::reply())
+    let status = app.team.revoke_invite(&access, invite_id).await?;
+    Ok(Json(Withdrawn {
+        success: true,
+        status,
+    }))
 }
 
 /// Accepts or rejects an invitation addressed to the caller.

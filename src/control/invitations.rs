@@ -169,19 +169,49 @@ pub async fn lock_for_answer(
     .transpose()
 }
 
-/// Withdraws an invitation of the project (any state); whether there was one.
+/// The project of invitation `invite_id` (not locked: see [`lock_for_answer`]).
+pub async fn project_of(db: &impl GenericClient, invite_id: &str) -> Result<Option<String>, Error> {
+    db.query_opt(
+        "SELECT project_id FROM fluxbase.invites WHERE id = $1",
+        &[&invite_id],
+    )
+    .await?
+    .map(|r| r.try_get(0))
+    .transpose()
+}
+
+/// Withdraws an invitation of the project (any state); its state when it was withdrawn, or
+/// `None` when the project has no such invitation. An answer in progress is waited for (the
+/// row is locked by it), so `accepted` says the invitee got in first.
 pub async fn revoke(
     db: &impl GenericClient,
     project_id: &str,
     invite_id: &str,
-) -> Result<bool, Error> {
-    Ok(db
-        .execute(
-            "DELETE FROM fluxbase.invites WHERE id = $1 AND project_id = $2",
-            &[&invite_id, &project_id],
-        )
-        .await?
-        > 0)
+) -> Result<Option<InviteStatus>, Error> {
+    db.query_opt(
+        "DELETE FROM fluxbase.invites WHERE id = $1 AND project_id = $2 RETURNING status",
+        &[&invite_id, &project_id],
+    )
+    .await?
+    .map(|r| r.try_get(0))
+    .transpose()
+}
+
+/// Withdraws the pending invitations of the project sent by `sender` (a user id or a key id):
+/// called when the sender stops vouching for them (an admin removed or demoted, a key revoked
+/// or rotated), so that they stay void if it vouches again later (an admin made admin again).
+/// [`VOUCHED`] is the check at acceptance; this keeps what it judged from coming back.
+pub async fn drop_pending_sent_by(
+    db: &impl GenericClient,
+    project_id: &str,
+    sender: &str,
+) -> Result<u64, Error> {
+    db.execute(
+        "DELETE FROM fluxbase.invites
+         WHERE project_id = $1 AND invited_by = $2 AND status = 'pending'",
+        &[&project_id, &sender],
+    )
+    .await
 }
 
 /// Withdraws the pending invitations of the project addressed to a user's account: a member

@@ -326,6 +326,19 @@ pub async fn ordering(
         .map(|r| r.get::<_, &str>(0).parse().unwrap_or(Ordering::Strict)))
 }
 
+/// Clears the replaced secrets whose overlap has ended (they sign nothing any more: kept, they
+/// would sit in the control database and its backups for good); hourly, with the outbox's
+/// pruning. The number cleared.
+pub async fn forget_previous_secrets(client: &impl GenericClient) -> Result<u64, Error> {
+    client
+        .execute(
+            "UPDATE fluxbase.webhooks SET previous_secret = NULL, previous_secret_until = NULL
+             WHERE previous_secret_until <= now()",
+            &[],
+        )
+        .await
+}
+
 /// Whether the webhook is enabled, its URL and its secrets (`None`: deleted).
 pub async fn target(
     client: &impl GenericClient,

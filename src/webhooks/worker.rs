@@ -187,6 +187,7 @@ pub(super) async fn run(shared: Weak<Shared>) {
             last_prune = Instant::now();
             if let Ok(c) = strong.work.get().await {
                 let _ = deliveries::prune_delivered(&c, RETENTION).await;
+                let _ = hooks::forget_previous_secrets(&c).await;
             }
         }
         let scan_interval = strong.settings.scan_interval;

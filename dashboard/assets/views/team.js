@@ -101,16 +101,22 @@ function render(ctx, el) {
     if (i.answerable) return h('span', {}, cell, h('small', { class: 'hint' }, ` until ${when(i.expiresAt)}`));
     const expired = new Date(i.expiresAt).getTime() <= Date.now();
     return h('span', {}, cell, h('small', { class: 'hint warn', 'data-unanswerable': '' },
-      expired ? ' expired' : ' void: its sender is no longer an admin'));
+      expired ? ' expired' : ' void: its sender no longer vouches for it (an admin removed or demoted, a key revoked or rotated)'));
   }
 
   function withdrawCell(i) {
     return h('button', {
       type: 'button', class: 'small danger', 'data-withdraw': i.email, 'aria-label': `Withdraw the invitation of ${i.email}`,
       onclick: act(async () => {
-        if (!await confirmDialog(`Withdraw the invitation of ${i.email}? It can no longer be accepted; invite them again to change your mind.`, { confirmLabel: 'Withdraw' })) return;
-        await del('/api/team/invites', { projectId: p.id, inviteId: i.id });
-        toast(`Invitation of ${i.email} withdrawn.`, 'success');
+        const pending = i.status === 'pending';
+        if (!await confirmDialog(pending
+          ? `Withdraw the invitation of ${i.email}? It can no longer be accepted; invite them again to change your mind.`
+          : `Remove the ${i.status} invitation of ${i.email} from the list? ${i.status === 'accepted' ? 'They stay a member.' : ''}`,
+        { confirmLabel: pending ? 'Withdraw' : 'Remove' })) return;
+        const answer = await del('/api/team/invites', { projectId: p.id, inviteId: i.id });
+        toast(pending && answer.status === 'accepted'
+          ? `${i.email} had accepted it already: they are a member (remove them from Members if need be).`
+          : `Invitation of ${i.email} ${pending ? 'withdrawn' : 'removed'}.`, 'success');
         await load();
       }),
     }, i.status === 'pending' ? 'Withdraw' : 'Remove');

@@ -228,7 +228,6 @@ async fn past_the_total_an_accounts_statements_over_several_projects_give_first(
         let body: serde_json::Value = serde_json::from_str(&body).unwrap();
         if body["success"] == true {
             assert_eq!(body["result"]["rows"][0]["n"], 1_200_000, "{body}");
-            eprintln!("one of A's statements ran to its end");
             continue;
         }
         ended += 1;

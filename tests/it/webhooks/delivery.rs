@@ -151,11 +151,10 @@ async fn each_event_type_arrives_in_the_guides_shape_with_both_signatures() {
     }
 }
 
-/// Whether both of the delivery's signatures are right for `secret`: the guide's Node check,
-/// exactly, and Standard Webhooks' (v1,<base64 HMAC of id.timestamp.body> with the base64
-/// secret); and its ids are the guide's.
-/// Whether both headers are signed with `secret` (a `whsec_…` one), and it alone:
-/// `webhook-signature` carries no other signature.
+/// Whether both of the delivery's signatures are right for `secret` (a `whsec_…` one), and it
+/// alone: the guide's Node check, exactly, and Standard Webhooks' (v1,<base64 HMAC of
+/// id.timestamp.body> with the base64 secret), with no other signature beside it; and its ids
+/// are the guide's.
 fn signed_by(r: &Received, secret: &str) -> bool {
     signed_first_by(r, secret) && standard_signatures(r).len() == 1
 }
@@ -801,10 +800,42 @@ async fn a_webhooks_signing_secret_is_rotated_by_patch() {
         1,
         "expired, still signing: {r:?}"
     );
+    // The hourly sweep forgets it (it would otherwise stay in the control database).
+    let ctl = app.app.control.get().await.unwrap();
+    assert!(
+        fluxbase::control::webhooks::forget_previous_secrets(&ctl)
+            .await
+            .unwrap()
+            >= 1
+    );
+    let kept: Option<String> = ctl
+        .query_one(
+            "SELECT previous_secret FROM fluxbase.webhooks WHERE id = $1",
+            &[&wh],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(kept, None);
     // Extending an overlap that has ended brings nothing back.
     let (status, b) = patch(json!({ "keepPreviousSecretSecs": 600 })).await;
     assert_eq!(status, 200, "{b}");
     assert_eq!(b["webhook"]["previousSecretUntil"], Value::Null, "{b}");
+    // A rotation that keeps nothing; then one that keeps a day, moved to ten minutes.
+    let (status, b) = patch(json!({ "rotateSecret": true, "keepPreviousSecretSecs": 0 })).await;
+    assert_eq!(status, 200, "{b}");
+    assert_eq!(b["webhook"]["previousSecretUntil"], Value::Null, "{b}");
+    let (status, b) = patch(json!({ "rotateSecret": true })).await;
+    assert_eq!(status, 200, "{b}");
+    assert!(b["webhook"]["previousSecretUntil"].is_string(), "{b}");
+    let (status, b) = patch(json!({ "keepPreviousSecretSecs": 600 })).await;
+    assert_eq!(status, 200, "{b}");
+    let until = chrono::DateTime::parse_from_rfc3339(
+        b["webhook"]["previousSecretUntil"].as_str().unwrap(),
+    )
+    .unwrap();
+    let left = until.signed_duration_since(chrono::Utc::now()).num_seconds();
+    assert!((500..=600).contains(&left), "moved to ten minutes: {b}");
     // Nothing else changed, and no secret in the listing.
     let (_, list) = app
         .call(
