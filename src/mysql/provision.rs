@@ -37,6 +37,31 @@ fn privileges(role: DbRole) -> &'static str {
     }
 }
 
+/// A database name as a grant's pattern: in `GRANT … ON db.*` an unescaped `_` or `%` is a
+/// wildcard, so `fx_<id>` granted as is also gave every account of the project `fx?<id>` for any
+/// character `?`: an admin key could create such databases, all three scopes used them, and
+/// deleting the project left them behind (red team rt14).
+fn grant_pattern(db_name: &str) -> String {
+    db_name
+        .replace('\\', "\\\\")
+        .replace('_', "\\_")
+        .replace('%', "\\%")
+}
+
+/// The databases other than `db_name` that `db_name` read as an unescaped grant pattern matches
+/// (`fx?<id>`): made by the project's admin key while the grant was a wildcard. No other
+/// project's database matches (ids are 16 hex digits, all in the name).
+async fn strays(conn: &mut mysql_async::Conn, db_name: &str) -> Result<Vec<String>> {
+    let names: Vec<String> = conn
+        .exec(
+            "SELECT SCHEMA_NAME FROM information_schema.SCHEMATA \
+             WHERE CAST(SCHEMA_NAME AS BINARY) LIKE CAST(? AS BINARY) AND SCHEMA_NAME <> ?",
+            (db_name, db_name),
+        )
+        .await?;
+    Ok(names)
+}
+
 /// Project ids are 16 lowercase hex digits; database and account names are built from them
 /// and nothing else, so they never need quoting beyond backticks.
 fn check_id(project_id: &str) -> Result<()> {
@@ -82,7 +107,11 @@ impl Mysql {
                 ),
                 // A repair starts from nothing: privileges granted by hand are taken back.
                 format!("REVOKE ALL PRIVILEGES, GRANT OPTION FROM {account}"),
-                format!("GRANT {} ON `{db_name}`.* TO {account}", privileges(role)),
+                format!(
+                    "GRANT {} ON `{}`.* TO {account}",
+                    privileges(role),
+                    grant_pattern(db_name)
+                ),
             ] {
                 conn.query_drop(&stmt)
                     .await
@@ -98,12 +127,17 @@ impl Mysql {
         )
         .await
         .with_context(|| format!("provisioning the broadcast procedure of {db_name}"))?;
+        // Databases the wildcard grant let the project's admin create (before the grant was
+        // escaped): its accounts reach them no more; named at every start-up, dropped with the
+        // project.
+        for stray in strays(&mut conn, db_name).await? {
+            tracing::warn!(project_id, database = %stray,
+                "a database the project's admin key created beside its own before the grant was \
+                 escaped: unreachable by the project's accounts now; dropped with the project");
+        }
         // Stored programs made before a refusal existed (red team rt4) still run what they
         // hold when called: named at every start-up (and in `fluxbase doctor`), not dropped.
-        let like = db_name
-            .replace('\\', "\\\\")
-            .replace('_', "\\_")
-            .replace('%', "\\%");
+        let like = grant_pattern(db_name);
         match super::doctor::refused_in(&mut conn, &like).await {
             Ok(found) => {
                 for f in found {
@@ -149,6 +183,16 @@ impl Mysql {
             })
             .collect();
         stmts.push(format!("DROP DATABASE IF EXISTS `{db_name}`"));
+        match strays(&mut conn, db_name).await {
+            Ok(found) => stmts.extend(
+                found
+                    .into_iter()
+                    .map(|d| format!("DROP DATABASE IF EXISTS `{}`", d.replace('`', "``"))),
+            ),
+            Err(e) => {
+                tracing::error!(project_id, error = %e, "listing a MySQL project's stray databases")
+            }
+        }
         for stmt in stmts {
             if let Err(e) = conn.query_drop(&stmt).await {
                 tracing::error!(project_id, error = %e, statement = %stmt, "deprovisioning a MySQL project");

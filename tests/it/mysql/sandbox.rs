@@ -374,3 +374,51 @@ async fn memory_tables_are_refused_and_session_memory_stays_bounded() {
     assert_eq!(row["e"], "InnoDB", "{row}");
     assert_eq!(row["m"], 536870912, "{row}");
 }
+
+/// Red team rt14: the accounts' grant named the database `fx_<id>` unescaped, and in a MySQL
+/// grant `_` matches any character: the admin key could create `fxZ<id>`, every scope used it,
+/// and deleting the project left it and its rows behind. Now the grant is the name itself;
+/// a database made under the old grant (here by hand) is out of the accounts' reach and goes
+/// with the project.
+#[tokio::test]
+async fn the_grant_names_the_projects_database_alone_and_strays_go_with_the_project() {
+    let app = spawn_mysql_app().await;
+    let f = app.mysql_fixture().await;
+    let stray = format!("fxZ{}", f.project);
+    for key in [&f.admin, &f.readwrite, &f.read] {
+        let body = app
+            .sql(key, &f.project, &format!("CREATE DATABASE `{stray}`"))
+            .await;
+        assert_eq!(body["success"], false, "{body}");
+        assert_eq!(code(&body), 1044, "{body}");
+    }
+    let grants = mariadb()
+        .await
+        .query(&format!(
+            "SHOW GRANTS FOR 'fx_{}_read'@'127.0.0.1'",
+            f.project
+        ))
+        .await;
+    let grants = format!("{grants:?}");
+    assert!(
+        grants.contains(&format!("`fx\\\\_{}`", f.project)),
+        "{grants}"
+    );
+    let root = mariadb().await;
+    root.query(&format!(
+        "CREATE DATABASE `{stray}`; CREATE TABLE `{stray}`.t (v text); \
+         INSERT INTO `{stray}`.t VALUES ('left behind')"
+    ))
+    .await;
+    for key in [&f.admin, &f.readwrite, &f.read] {
+        let body = app
+            .sql(key, &f.project, &format!("SELECT * FROM `{stray}`.t"))
+            .await;
+        assert_eq!(body["success"], false, "{body}");
+    }
+    app.delete_project(&f.project, &f.admin).await;
+    let left = root
+        .query(&format!("SHOW DATABASES LIKE '%{}'", f.project))
+        .await;
+    assert!(left.is_empty(), "{left:?}");
+}

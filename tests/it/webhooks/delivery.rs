@@ -830,11 +830,12 @@ async fn a_webhooks_signing_secret_is_rotated_by_patch() {
     assert!(b["webhook"]["previousSecretUntil"].is_string(), "{b}");
     let (status, b) = patch(json!({ "keepPreviousSecretSecs": 600 })).await;
     assert_eq!(status, 200, "{b}");
-    let until = chrono::DateTime::parse_from_rfc3339(
-        b["webhook"]["previousSecretUntil"].as_str().unwrap(),
-    )
-    .unwrap();
-    let left = until.signed_duration_since(chrono::Utc::now()).num_seconds();
+    let until =
+        chrono::DateTime::parse_from_rfc3339(b["webhook"]["previousSecretUntil"].as_str().unwrap())
+            .unwrap();
+    let left = until
+        .signed_duration_since(chrono::Utc::now())
+        .num_seconds();
     assert!((500..=600).contains(&left), "moved to ten minutes: {b}");
     // Nothing else changed, and no secret in the listing.
     let (_, list) = app
