@@ -392,9 +392,10 @@ const ROWS_HEAD: &str = "{\"success\":true,\"result\":{\"rows\":[";
 
 enum Failure {
     Db(mysql_async::Error),
-    /// The connection cannot be trusted any more (it is closed, not pooled again).
-    Broken(mysql_async::Error),
     Params(String),
+    /// The statement survived KILL QUERY (a handler of the caller's caught it): its
+    /// connection was killed, and its server thread is gone.
+    Killed,
 }
 
 impl Mysql {
@@ -579,14 +580,22 @@ impl Mysql {
                 r = &mut run => r,
                 _ = tokio::time::sleep(budget) => {
                     tracing::warn!(project_id = %project.id, "MySQL statement outlived its budget; killing it");
-                    if let Ok(mut admin) = target.admin_pool.get_conn().await {
-                        let _ = admin.query_drop(format!("KILL QUERY {connection_id}")).await;
-                    }
-                    match tokio::time::timeout(Duration::from_secs(5), &mut run).await {
+                    kill(target, "QUERY", connection_id).await;
+                    match tokio::time::timeout(KILL_GRACE, &mut run).await {
                         Ok(r) => r,
-                        Err(_) => Err(Failure::Broken(mysql_async::Error::Other(
-                            "the statement did not end after KILL QUERY".into(),
-                        ))),
+                        Err(_) => {
+                            // A handler in the caller's SQL caught the KILL QUERY (`DECLARE
+                            // CONTINUE HANDLER FOR SQLEXCEPTION` around a loop): the thread went
+                            // on, outside every bound, after its places were given back (red
+                            // team rt14). Its connection is killed, which no handler catches,
+                            // and the places are kept until the server's thread is gone.
+                            tracing::warn!(project_id = %project.id, connection_id,
+                                "a MySQL statement survived KILL QUERY; killing its connection");
+                            kill(target, "CONNECTION", connection_id).await;
+                            let _ = tokio::time::timeout(KILL_GRACE, &mut run).await;
+                            thread_gone(target, connection_id).await;
+                            Err(Failure::Killed)
+                        }
                     }
                 }
             }
@@ -644,7 +653,20 @@ impl Mysql {
                     "HY000",
                 ))
             }
-            Err(Failure::Db(e)) | Err(Failure::Broken(e)) => {
+            Err(Failure::Killed) => {
+                self.sql.close_held(Held { conn, permit }).await;
+                Ok(render_error(
+                    &format!(
+                        "Query execution was interrupted (max_statement_time exceeded): the \
+                         statement outlived statement_timeout ({} ms) and went on after KILL \
+                         QUERY (a handler caught it), so its connection was killed",
+                        self.sql.statement_timeout.as_millis()
+                    ),
+                    1969,
+                    "70100",
+                ))
+            }
+            Err(Failure::Db(e)) => {
                 self.sql.close_held(Held { conn, permit }).await;
                 tracing::warn!(project_id = %project.id, error = %e, "MySQL connection lost");
                 self.sql.forget_pool(&project.id, access.db_role);
@@ -652,6 +674,50 @@ impl Mysql {
             }
         }
     }
+}
+
+/// How long a killed statement (KILL QUERY, then KILL CONNECTION) is given to end.
+const KILL_GRACE: Duration = Duration::from_secs(5);
+/// How long a killed connection's server thread is waited for, its places kept meanwhile.
+const THREAD_GONE_WITHIN: Duration = Duration::from_secs(30);
+
+/// `KILL QUERY|CONNECTION <id>` as the server's own account (best effort: logged).
+async fn kill(target: &super::Target, what: &str, connection_id: u32) {
+    let result = async {
+        let mut admin = target.admin_pool.get_conn().await?;
+        admin
+            .query_drop(format!("KILL {what} {connection_id}"))
+            .await
+    }
+    .await;
+    if let Err(e) = result {
+        tracing::warn!(connection_id, error = %e, "KILL {what} of a MySQL session failed");
+    }
+}
+
+/// Waits (at most [`THREAD_GONE_WITHIN`]) until the server no longer lists the thread.
+async fn thread_gone(target: &super::Target, connection_id: u32) {
+    let deadline = Instant::now() + THREAD_GONE_WITHIN;
+    while Instant::now() < deadline {
+        let listed = async {
+            let mut admin = target.admin_pool.get_conn().await?;
+            admin
+                .exec_first::<u64, _, _>(
+                    "SELECT COUNT(*) FROM information_schema.PROCESSLIST WHERE ID = ?",
+                    (connection_id,),
+                )
+                .await
+        }
+        .await;
+        match listed {
+            Ok(Some(0)) => return,
+            Ok(_) | Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+        }
+    }
+    tracing::error!(
+        connection_id,
+        "a killed MySQL session's thread is still listed after 30 s"
+    );
 }
 
 /// The largest row packet a request's session reads (the driver holds one whole): twice
@@ -805,9 +871,14 @@ async fn run<'m>(
             let last = loop {
                 let set = read_set(&mut result, max_rows, max_bytes, json, memory).await?;
                 sets += 1;
-                if result.is_empty() {
-                    // A later statement's error is held as the next result (and `is_empty` is
-                    // true then): this reads it.
+                // Reading a set to its end moves the driver on to the next one: a next set is
+                // there when its columns are (none for an OK answer's: `Some` of nothing).
+                // Before, `is_empty()` was asked, which is true once the next set is the last
+                // and has no rows: `CREATE TABLE t; INSERT …` answered the CREATE's result,
+                // `SELECT 1; INSERT …` the SELECT's rows (red team rt14).
+                if result.columns().is_none() {
+                    // A later statement's error is held as the next result (no columns then):
+                    // this reads it.
                     result.next().await.map_err(Failure::Db)?;
                     break set;
                 }

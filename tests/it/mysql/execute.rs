@@ -211,6 +211,30 @@ async fn scripts_answer_with_their_last_statement_and_stop_at_an_error() {
     assert_eq!(body["success"], true, "{body}");
     assert_eq!(body["result"]["rows"], json!([{ "n": 1 }, { "n": 2 }]));
     assert_eq!(body["executionInfo"]["operation"], "SELECT");
+    // Ending with a statement that answers no rows: its result, not an earlier one's (red
+    // team rt14: the first statement's was answered).
+    for (script, message, operation) in [
+        (
+            "CREATE TABLE s2 (n int); INSERT INTO s2 VALUES (1), (2)",
+            "INSERT 0 2",
+            "INSERT",
+        ),
+        (
+            "INSERT INTO s2 VALUES (3); INSERT INTO s2 VALUES (4), (5)",
+            "INSERT 0 2",
+            "INSERT",
+        ),
+        ("SELECT 1; DELETE FROM s2 WHERE n > 3", "DELETE 2", "DELETE"),
+    ] {
+        let body = app.sql(&f.admin, &f.project, script).await;
+        assert_eq!(body["success"], true, "{script}: {body}");
+        assert_eq!(body["result"]["message"], message, "{script}: {body}");
+        assert_eq!(
+            body["executionInfo"]["operation"], operation,
+            "{script}: {body}"
+        );
+        assert_eq!(body["result"]["rows"], json!([]), "{script}: {body}");
+    }
     let body = app
         .sql(
             &f.admin,
@@ -340,6 +364,39 @@ async fn rows_and_bytes_are_bounded_and_slow_statements_end() {
         .await;
     let waited = started.elapsed().as_secs();
     assert!(waited < 10, "waited {waited} s: {body}");
+    assert_eq!(
+        app.rows(&f.read, &f.project, "SELECT 1 AS ok").await,
+        vec![json!({"ok": 1})]
+    );
+    // ... and one whose handler catches the timeout and the guard's KILL QUERY has its
+    // connection killed: answered as a timeout, and its server thread gone (red team rt14:
+    // it looped on, outside every bound, after its places were given back).
+    let started = std::time::Instant::now();
+    let body = app
+        .sql(
+            &f.read,
+            &f.project,
+            "BEGIN NOT ATOMIC DECLARE CONTINUE HANDLER FOR SQLEXCEPTION BEGIN END; \
+             LOOP DO SLEEP(0.2); END LOOP; END",
+        )
+        .await;
+    let waited = started.elapsed().as_secs();
+    assert!(waited < 20, "waited {waited} s: {body}");
+    assert_eq!(body["success"], false, "{body}");
+    assert_eq!(body["error"]["code"], "SQL_EXEC_ERROR", "{body}");
+    assert!(
+        body["error"]["details"].as_str().unwrap().contains("1969"),
+        "{body}"
+    );
+    let left = crate::support::mariadb::mariadb()
+        .await
+        .query(&format!(
+            "SELECT ID, INFO FROM information_schema.PROCESSLIST WHERE USER = 'fx_{}_read' \
+             AND INFO LIKE '%SLEEP(0.2)%'",
+            f.project
+        ))
+        .await;
+    assert!(left.is_empty(), "the caught statement still runs: {left:?}");
     assert_eq!(
         app.rows(&f.read, &f.project, "SELECT 1 AS ok").await,
         vec![json!({"ok": 1})]
