@@ -130,10 +130,19 @@ impl Mysql {
         // Databases the wildcard grant let the project's admin create (before the grant was
         // escaped): its accounts reach them no more; named at every start-up, dropped with the
         // project.
-        for stray in strays(&mut conn, db_name).await? {
-            tracing::warn!(project_id, database = %stray,
-                "a database the project's admin key created beside its own before the grant was \
-                 escaped: unreachable by the project's accounts now; dropped with the project");
+        // A diagnosis, like the stored programs' below: a failed listing is logged, never
+        // what fails the provisioning.
+        match strays(&mut conn, db_name).await {
+            Ok(found) => {
+                for stray in found {
+                    tracing::warn!(project_id, database = %stray,
+                        "a database the project's admin key created beside its own before the \
+                         grant was escaped: unreachable by the project's accounts now; dropped \
+                         with the project");
+                }
+            }
+            Err(e) => tracing::warn!(project_id, error = %e,
+                "listing a MySQL project's stray databases failed"),
         }
         // Stored programs made before a refusal existed (red team rt4) still run what they
         // hold when called: named at every start-up (and in `fluxbase doctor`), not dropped.
