@@ -29,7 +29,7 @@ use futures_util::stream::{FuturesUnordered, StreamExt};
 use super::attempt::{self, attempt, Next, Settled};
 use super::window::Window;
 use super::Shared;
-use crate::control::deliveries::{self, Successes};
+use crate::control::deliveries::{self, PendingPage, Successes};
 use crate::control::webhooks::{self as hooks, Ordering as Order};
 
 /// How long delivered deliveries stay in the log.
@@ -549,12 +549,31 @@ impl Recorder {
     }
 
     /// `row`: [`Recorder::start`] once [`RECORD_BATCH`] successes wait or the oldest waited
-    /// [`RECORD_WITHIN`] (after the recording under way, if any, ended).
+    /// [`RECORD_WITHIN`], when no recording is under way; while one is, the drain goes on and
+    /// waits for it only once [`MAX_UNRECORDED`] successes wait behind it. The drain's loop
+    /// wakes when a recording ends ([`Recorder::recording_ended`]), so the next one starts then
+    /// with everything that came meanwhile: the drain never stands still for a round trip to
+    /// the control database, and a busy one's batches grow with what one recording takes.
     async fn start_if_full_or_due(&mut self, shared: &Shared) -> anyhow::Result<()> {
-        if self.delivered.ids.len() < RECORD_BATCH && !self.overdue() {
+        let waiting = self.delivered.ids.len();
+        if waiting < RECORD_BATCH && !self.overdue() {
+            return Ok(());
+        }
+        if !self.idle() && waiting < MAX_UNRECORDED {
             return Ok(());
         }
         self.start(shared).await
+    }
+
+    /// Waits for the recording under way to end (pending forever when there is none), and
+    /// returns its error.
+    async fn recording_ended(&mut self) -> anyhow::Result<()> {
+        let Some(recording) = self.recording.as_mut() else {
+            return std::future::pending().await;
+        };
+        let ended = recording.await;
+        self.recording = None;
+        ended?
     }
 
     /// `strict`, after an attempt: [`Recorder::start`] if the oldest success waited
@@ -632,10 +651,17 @@ impl Recorder {
 const WINDOW: usize = 2048;
 /// A `row` drain reads the next page of the outbox once this much of its window is free.
 const REFILL_AT: usize = 256;
-/// Successes recorded with one UPDATE (at most; fewer when the drain goes idle or after
-/// [`RECORD_WITHIN`]). With one batch being recorded and one filling, at most twice this many
-/// successes are unrecorded at once: what a crash sends again, besides what was in flight.
+/// A page of the outbox being read: the page, how many deliveries were asked for, and the
+/// webhook's freshness stamp taken before the read ([`Target::stamp`]).
+type PageRead =
+    tokio::task::JoinHandle<anyhow::Result<(Option<PendingPage>, usize, (u64, Instant))>>;
+/// Successes that start a recording (one UPDATE of every success waiting) when none is under
+/// way; fewer are recorded when the drain goes idle or after [`RECORD_WITHIN`].
 const RECORD_BATCH: usize = 64;
+/// Successes a `row` drain lets wait behind a recording under way before it waits for that
+/// recording itself. At most twice this many are unrecorded at once (one recording of them
+/// and as many waiting): what a crash sends again, besides what was in flight.
+const MAX_UNRECORDED: usize = 256;
 /// The longest a success waits to be recorded while the drain is busy.
 const RECORD_WITHIN: Duration = Duration::from_millis(100);
 
@@ -662,6 +688,10 @@ async fn drain_rows(
     let mut more = true;
     let mut stopping: Option<Drain> = None;
     let mut in_flight = FuturesUnordered::new();
+    // The next page of the outbox being read, if any: in a task of its own, so that the pool
+    // connection it holds is never held by a future this loop does not poll while it waits for
+    // another connection itself (as `attempt::send` reads a large body).
+    let mut reading: Option<PageRead> = None;
     // Unknown until the first answer: the first success clears a recorded failure streak.
     let mut failing = true;
     let mut recorder = Recorder::default();
@@ -674,28 +704,26 @@ async fn drain_rows(
         }
         if stopping.is_none()
             && more
+            && reading.is_none()
             && (window.len() + REFILL_AT <= WINDOW
                 || (window.in_flight() == 0 && window.len() < WINDOW))
         {
+            // Read while the attempts in flight go on and are settled (the loop waits for the
+            // page only when nothing else is left to do): a page of a busy outbox takes
+            // milliseconds, and an inline read stood the whole drain still meanwhile.
             let stamp = Target::stamp(shared);
-            let page = deliveries::pending_after(
-                &shared.work.get().await?,
-                webhook_id,
-                window.position(),
-                (WINDOW - window.len()) as i64,
-            )
-            .await?;
-            match page {
-                Some(page) if page.enabled => {
-                    more = page.rows.len() == WINDOW - window.len();
-                    target = Some(Target::new(page.url, page.secret, stamp));
-                    for q in page.rows {
-                        window.push(q);
-                    }
-                }
-                // Disabled or deleted: what is in flight ends; nothing more starts.
-                _ => stopping = Some(Drain::Done),
-            }
+            let after = window.position().map(|(at, event)| (at, event.to_string()));
+            let want = WINDOW - window.len();
+            // Set again by the outbox writer's signal while the page is read, or by a full page.
+            more = false;
+            let (pool, webhook) = (shared.work.clone(), webhook_id.to_string());
+            reading = Some(tokio::spawn(async move {
+                let after = after.as_ref().map(|(at, event)| (*at, event.as_str()));
+                let control = pool.get().await?;
+                let page =
+                    deliveries::pending_after(&control, &webhook, after, want as i64).await?;
+                anyhow::Ok((page, want, stamp))
+            }));
         }
         let mut started = false;
         let now = chrono::Utc::now();
@@ -737,7 +765,7 @@ async fn drain_rows(
         let retry_in = window
             .next_due(now)
             .map(|t| (t - now).to_std().unwrap_or(Duration::ZERO));
-        if window.in_flight() == 0 && !started {
+        if window.in_flight() == 0 && !started && (reading.is_none() || stopping.is_some()) {
             if stopping.is_none() && more && window.len() < WINDOW {
                 continue;
             }
@@ -794,7 +822,24 @@ async fn drain_rows(
                     }
                 }
             }
+            read = async { reading.as_mut().expect("reading").await }, if reading.is_some() && stopping.is_none() => {
+                reading = None;
+                let (page, want, stamp) = read??;
+                match page {
+                    Some(page) if page.enabled => {
+                        more |= page.rows.len() == want;
+                        target = Some(Target::new(page.url, page.secret, stamp));
+                        for q in page.rows {
+                            window.push(q);
+                        }
+                    }
+                    // Disabled or deleted: what is in flight ends; nothing more starts.
+                    _ => stopping = Some(Drain::Done),
+                }
+            }
             _ = signal.notified() => more = true,
+            // The next recording may start now, with what came meanwhile.
+            ended = recorder.recording_ended(), if !recorder.idle() => ended?,
             _ = tokio::time::sleep(retry_in.min(record_in)) => {}
         }
     };
