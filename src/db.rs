@@ -99,6 +99,11 @@ pub const CONTROL_MIGRATIONS: &[(i32, &str, &str)] = &[
         "api_key_rotated_at",
         include_str!("../sql/control/0025_api_key_rotated_at.sql"),
     ),
+    (
+        26,
+        "invite_sender_key_hash",
+        include_str!("../sql/control/0026_invite_sender_key_hash.sql"),
+    ),
 ];
 
 /// Where the project databases live and how the server reaches the cluster as its admin role.
@@ -120,6 +125,9 @@ impl std::fmt::Debug for ClusterTarget {
         )
     }
 }
+
+/// The startup options of the server's admin sessions (see [`ClusterTarget::pg_config`]).
+pub const ADMIN_SESSION_OPTIONS: &str = "-c search_path=pg_catalog,pg_temp";
 
 impl ClusterTarget {
     pub fn from_url(url: &str) -> Result<ClusterTarget> {
@@ -145,12 +153,20 @@ impl ClusterTarget {
     }
 
     /// tokio-postgres settings for `database` as the admin role.
+    ///
+    /// Its sessions resolve names in `pg_catalog` alone (`pg_temp` last, and never for functions
+    /// or operators): in a project's database the `public` schema belongs to the tenant, and
+    /// with the default `"$user", public` a tenant's `public.unnest(smallint[])` (an exact
+    /// match beats `pg_catalog.unnest(anyarray)`) ran as the superuser inside the server's own
+    /// catalog queries (red team rt15). Every name outside `pg_catalog` the server's SQL uses
+    /// is schema-qualified.
     pub fn pg_config(&self, database: &str) -> tokio_postgres::Config {
         let mut cfg = tokio_postgres::Config::new();
         cfg.host(&self.host)
             .port(self.port)
             .user(&self.admin_user)
             .dbname(database)
+            .options(ADMIN_SESSION_OPTIONS)
             .application_name("fluxbase")
             .connect_timeout(std::time::Duration::from_secs(10));
         if let Some(pw) = &self.admin_password {

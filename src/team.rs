@@ -357,9 +357,11 @@ impl Team {
         let email = users::stored_email(&client, &email)
             .await?
             .ok_or(TeamError::NoSuchAccount(email))?;
-        let invited_by = match &access.principal {
-            Principal::Session { user_id, .. } => user_id.clone(),
-            Principal::Key { key_id, .. } => key_id.clone(),
+        let (invited_by, invited_by_key_hash) = match &access.principal {
+            Principal::Session { user_id, .. } => (user_id.clone(), None),
+            Principal::Key {
+                key_id, key_hash, ..
+            } => (key_id.clone(), Some(key_hash.as_slice())),
         };
         let id = format!("inv_{}", random_base62(16));
         let row = invitations::upsert(
@@ -370,6 +372,7 @@ impl Team {
                 email: &email,
                 role,
                 invited_by: &invited_by,
+                invited_by_key_hash,
             },
             self.invite_ttl_secs,
         )

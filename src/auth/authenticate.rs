@@ -112,6 +112,7 @@ impl Auth {
                 key_id: key.key_id,
                 project_id: key.project_id,
                 scope: key.scope,
+                key_hash: hash,
             }
         } else if token.starts_with(SESSION_PREFIX) {
             let client = self.control.get().await?;

@@ -108,6 +108,11 @@ pub enum Principal {
         key_id: String,
         project_id: String,
         scope: Scope,
+        /// The SHA-256 of the secret this request presented: what it authorized for longer
+        /// than the request (an invitation, a realtime token) is bound to that secret, so a
+        /// request that authenticated just before a rotation does not vouch for the new one
+        /// (red team rt15).
+        key_hash: Vec<u8>,
     },
     Session {
         user_id: String,

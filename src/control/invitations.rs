@@ -44,12 +44,18 @@ impl TryFrom<&Row> for InviteRow {
 }
 
 /// Whether the sender of invitation `i` still vouches for it: an admin member of its project,
-/// or an admin key of it, live and not rotated since the invitation was sent.
+/// or an admin key of it, live and still with the secret that sent it (invitations from before
+/// control migration 26 carry no secret's hash: not rotated since they were sent). A time
+/// alone let a request authenticated with the old secret just before a rotation committed send
+/// one that counted for the new secret (red team rt15).
 const VOUCHED: &str = "(EXISTS (SELECT 1 FROM fluxbase.members m
         WHERE m.project_id = i.project_id AND m.user_id = i.invited_by AND m.role = 'admin')
     OR EXISTS (SELECT 1 FROM fluxbase.api_keys k
         WHERE k.id = i.invited_by AND k.project_id = i.project_id AND k.revoked_at IS NULL
-          AND k.scope = 'admin' AND coalesce(k.rotated_at, k.created_at) <= i.invited_at))";
+          AND k.scope = 'admin'
+          AND CASE WHEN i.invited_by_key_hash IS NULL
+                   THEN coalesce(k.rotated_at, k.created_at) <= i.invited_at
+                   ELSE k.key_hash = i.invited_by_key_hash END))";
 
 /// When invitation `i` expires; `ttl` is the parameter holding the lifetime in seconds.
 fn expires(ttl: &str) -> String {
@@ -92,6 +98,8 @@ pub struct NewInvite<'a> {
     pub role: MemberRole,
     /// A user id, or the id of the admin key.
     pub invited_by: &'a str,
+    /// The hash of the key's secret that sent it (`None`: sent by a member).
+    pub invited_by_key_hash: Option<&'a [u8]>,
 }
 
 /// Invites `email`, replacing an earlier invitation of the same address (pending again).
@@ -103,11 +111,13 @@ pub async fn upsert(
     let row = db
         .query_one(
             &format!(
-                "INSERT INTO fluxbase.invites AS i (id, project_id, email, role, invited_by)
-                 VALUES ($1, $2, $3, $4, $5)
+                "INSERT INTO fluxbase.invites AS i
+                     (id, project_id, email, role, invited_by, invited_by_key_hash)
+                 VALUES ($1, $2, $3, $4, $5, $7)
                  ON CONFLICT (project_id, lower(email)) DO UPDATE SET
                      id = EXCLUDED.id, email = EXCLUDED.email, role = EXCLUDED.role,
                      status = 'pending', invited_by = EXCLUDED.invited_by,
+                     invited_by_key_hash = EXCLUDED.invited_by_key_hash,
                      invited_at = now(), responded_at = NULL
                  RETURNING {}",
                 invite_columns("$6")
@@ -119,6 +129,7 @@ pub async fn upsert(
                 &invite.role,
                 &invite.invited_by,
                 &ttl_secs,
+                &invite.invited_by_key_hash,
             ],
         )
         .await?;

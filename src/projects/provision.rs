@@ -79,6 +79,11 @@ pub const PROJECT_MIGRATIONS: &[(i32, &str, &str)] = &[
         "reset_in_default_transaction",
         include_str!("../../sql/project/0018_reset_in_default_transaction.sql"),
     ),
+    (
+        19,
+        "search_paths_and_large_objects",
+        include_str!("../../sql/project/0019_search_paths_and_large_objects.sql"),
+    ),
 ];
 
 /// The migration that makes the routine epoch (sql/project/0014_session_reset_epoch.sql).
@@ -161,13 +166,17 @@ impl Projects {
             crate::rls::padded_keys(&crate::cdc::message_key(&self.secrets, project_id));
         let key = [inner, outer].concat();
         let oid: i64 = client
-            .query_one("SELECT lo_from_bytea(0, $1)::int8", &[&key])
+            .query_one(
+                "SELECT pg_catalog.lo_from_bytea(0, $1)::pg_catalog.int8",
+                &[&key],
+            )
             .await?
             .get(0);
         client
             .batch_execute(&format!(
                 "CREATE OR REPLACE FUNCTION fluxbase_cdc.message_key() RETURNS bytea
-                 LANGUAGE sql STABLE SET search_path = pg_catalog AS $$ SELECT lo_get({oid}::oid) $$;
+                 LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp
+                 AS $$ SELECT pg_catalog.lo_get({oid}::pg_catalog.oid) $$;
                  REVOKE ALL ON FUNCTION fluxbase_cdc.message_key() FROM PUBLIC;"
             ))
             .await?;

@@ -162,14 +162,19 @@ impl Realtime {
             }
         }
         let (k, f) = match &access.principal {
-            Principal::Key { key_id, .. } => {
-                let hash = self
-                    .current_key_hash(&access.project.id, key_id)
-                    .await?
-                    .ok_or_else(|| {
-                        RealtimeError::AuthRequired("Invalid or revoked API key.".into())
-                    })?;
-                (Some(key_id.clone()), Some(self.key_fingerprint(&hash)))
+            Principal::Key {
+                key_id, key_hash, ..
+            } => {
+                // Bound to the secret presented, and only while it is the key's secret: a
+                // request authenticated just before a rotation (or a deletion) committed mints
+                // nothing that outlives it (red team rt15: such a token subscribed for a day).
+                let current = self.current_key_hash(&access.project.id, key_id).await?;
+                if current.as_deref() != Some(key_hash.as_slice()) {
+                    return Err(RealtimeError::AuthRequired(
+                        "Invalid or revoked API key.".into(),
+                    ));
+                }
+                (Some(key_id.clone()), Some(self.key_fingerprint(key_hash)))
             }
             Principal::Session { .. } => (None, None),
         };

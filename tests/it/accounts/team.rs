@@ -7,7 +7,7 @@ use serde_json::{json, Value};
 
 use crate::support::poll::until;
 use crate::support::ws::{connect, recv, send, subscribe};
-use crate::support::{spawn_app, spawn_app_with, Fixture, TestApp};
+use crate::support::{pg, spawn_app, spawn_app_with, Fixture, TestApp};
 
 /// A user who joined a project through an invitation.
 struct Member {
@@ -1606,4 +1606,128 @@ async fn accepting_an_invitation_to_another_role_ends_the_members_subscriptions(
     assert_eq!(status, 200, "{body}");
     let msg = recv(&mut ws).await;
     assert_eq!(msg["code"], "ACCESS_REVOKED", "{msg}");
+}
+
+/// Red team rt15 M1: an invitation sent by a request that authenticated with an admin key's
+/// old secret just before a rotation committed was written after it, so a comparison of times
+/// counted it for the new secret (accepted 5 times in 6). It carries the hash of the secret
+/// that sent it now, and counts only while the key has that secret. Also L1: a key rotating
+/// itself twice with the same secret gets 409 the second time, not a secret that voids the
+/// first answer's.
+#[tokio::test]
+async fn a_request_authenticated_before_a_rotation_vouches_for_nothing_after_it() {
+    let app = spawn_app().await;
+    let f = app.fixture().await;
+    let (key_id, key) = app.new_key(&f, "admin", None).await;
+    let (token, user_id, email) = app.signup().await;
+    // The invitation is held between its authentication and its write: it reads the
+    // invitee's account first (a rotation by another admin key reads no account).
+    let holder = pg().await.client(&app.app.cluster.control_db).await;
+    holder
+        .batch_execute("BEGIN; LOCK TABLE fluxbase.users IN ACCESS EXCLUSIVE MODE")
+        .await
+        .unwrap();
+    let watcher = pg().await.client(&app.app.cluster.control_db).await;
+    let (sent, rotated) = tokio::join!(invite(&app, &key, &f.project, &email, "admin"), async {
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        loop {
+            let waiting: i64 = watcher
+                .query_one(
+                    "SELECT count(*) FROM pg_locks
+                         WHERE NOT granted AND relation = 'fluxbase.users'::regclass",
+                    &[],
+                )
+                .await
+                .unwrap()
+                .get(0);
+            if waiting > 0 {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the invitation never waited"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let rotated = app
+            .call(
+                "POST",
+                "/api/keys/rotate",
+                Some(&f.admin),
+                Some(json!({ "projectId": f.project, "keyId": key_id })),
+            )
+            .await;
+        holder.batch_execute("COMMIT").await.unwrap();
+        rotated
+    });
+    assert_eq!(rotated.0, 200, "{}", rotated.1);
+    // The request was authenticated before the rotation: it is answered, but what it sent
+    // counts for nothing.
+    assert_eq!(sent.0, 201, "{}", sent.1);
+    let id = sent.1["invite"]["id"].as_str().unwrap().to_string();
+    let listed = listed_invite(&app, &f, &id).await.unwrap();
+    assert_eq!(listed["answerable"], false, "{listed}");
+    assert!(offered(&app, &token).await.is_empty());
+    let (status, body) = answer(&app, &token, &id, "accepted").await;
+    assert!(status >= 400, "{status} {body}");
+    assert!(!admins_of(&app, &f).await.contains(&user_id));
+    // Sent again with the new secret: it counts.
+    let new_secret = rotated.1["secret"].as_str().unwrap().to_string();
+    let id = invited(&app, &new_secret, &f.project, &email, "admin").await;
+    let (status, body) = answer(&app, &token, &id, "accepted").await;
+    assert_eq!(status, 200, "{body}");
+
+    // L1: a key rotating itself twice at once, with the same secret: each replaces the secret
+    // it presented, so one answers and the other 409s, both held at their write until both
+    // have authenticated.
+    let (self_id, own) = app.new_key(&f, "admin", None).await;
+    let holder = pg().await.client(&app.app.cluster.control_db).await;
+    holder
+        .batch_execute(&format!(
+            "BEGIN; SELECT 1 FROM fluxbase.api_keys WHERE id = '{self_id}' FOR UPDATE"
+        ))
+        .await
+        .unwrap();
+    let rotate_self = || {
+        app.call(
+            "POST",
+            "/api/keys/rotate",
+            Some(&own),
+            Some(json!({ "projectId": f.project, "keyId": self_id })),
+        )
+    };
+    let release = async {
+        until(
+            Duration::from_secs(20),
+            Duration::from_millis(20),
+            || async {
+                let waiting: i64 = watcher
+                    .query_one(
+                        "SELECT count(*) FROM pg_stat_activity
+                     WHERE wait_event_type = 'Lock'
+                       AND query LIKE 'UPDATE fluxbase.api_keys SET key_hash%'",
+                        &[],
+                    )
+                    .await
+                    .unwrap()
+                    .get(0);
+                if waiting == 2 {
+                    Ok(())
+                } else {
+                    Err(format!("{waiting} rotations wait"))
+                }
+            },
+        )
+        .await;
+        holder.batch_execute("COMMIT").await.unwrap();
+    };
+    let (a, b, ()) = tokio::join!(rotate_self(), rotate_self(), release);
+    let mut statuses = [a.0, b.0];
+    statuses.sort();
+    assert_eq!(statuses, [200, 409], "{} {}", a.1, b.1);
+    let answered = if a.0 == 200 { &a.1 } else { &b.1 };
+    let live = answered["secret"].as_str().unwrap().to_string();
+    let (status, body) = team(&app, &live, &f.project).await;
+    assert_eq!(status, 200, "the answered secret works: {body}");
+    app.stop().await;
 }

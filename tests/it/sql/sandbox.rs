@@ -629,3 +629,214 @@ async fn logins_of_one_role_wait_for_another_process_logging_in_as_it() {
     assert_eq!(status, 200, "{body}");
     app.stop().await;
 }
+
+/// The exploit of red team rt15's C1, with `payload` as the body of the tenant's cast function:
+/// a temporary type renamed `oid` after a COMMIT, so that a function of the server's resolving
+/// `oid` with the temporary schema first (inside the change capture's event trigger, as the
+/// superuser) runs the tenant's cast.
+fn temp_oid_exploit() -> String {
+    "CREATE TYPE pg_temp.x AS (v int);
+     CREATE FUNCTION pg_temp.to_real(pg_temp.x) RETURNS pg_catalog.oid LANGUAGE plpgsql
+       AS $f$ BEGIN RETURN ($1).v; END $f$;
+     CREATE FUNCTION pg_temp.to_fake(integer) RETURNS pg_temp.x LANGUAGE plpgsql
+       AS $f$ BEGIN RAISE EXCEPTION 'ran as % (superuser %)', current_user,
+         (SELECT rolsuper FROM pg_catalog.pg_roles WHERE rolname = current_user); END $f$;
+     CREATE CAST (integer AS pg_temp.x) WITH FUNCTION pg_temp.to_fake(integer);
+     CREATE CAST (pg_temp.x AS pg_catalog.oid) WITH FUNCTION pg_temp.to_real(pg_temp.x) AS IMPLICIT;
+     COMMIT;
+     ALTER TYPE pg_temp.x RENAME TO oid;"
+        .to_string()
+}
+
+#[tokio::test]
+async fn a_tenants_temporary_types_are_never_resolved_by_the_servers_functions() {
+    let app = spawn_app().await;
+    let f = app.fixture().await;
+    let db = format!("fx_{}", f.project);
+    let su = pg().await.client(&db).await;
+    // The trap is armed: the function as it was before (its search path `pg_catalog` alone,
+    // `::oid` unqualified) runs the tenant's cast as the superuser.
+    let fixed: String = su
+        .query_one(
+            "SELECT pg_catalog.pg_get_functiondef('fluxbase_cdc.message_key()'::pg_catalog.regprocedure)",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    let oid: String = regex_lite_oid(&fixed);
+    su.batch_execute(&format!(
+        "SET fluxbase.cdc_internal = 'on';
+         CREATE OR REPLACE FUNCTION fluxbase_cdc.message_key() RETURNS bytea
+         LANGUAGE sql STABLE SET search_path = pg_catalog AS $$ SELECT lo_get({oid}::oid) $$"
+    ))
+    .await
+    .unwrap();
+    let body = app.sql(&f.admin, &f.project, &temp_oid_exploit()).await;
+    let text = body.to_string();
+    assert!(
+        text.contains("ran as") && text.contains("superuser t"),
+        "{body}"
+    );
+    // As the server made it (and as 0019 mends it in existing projects): the tenant's type is
+    // never looked at.
+    su.batch_execute(&format!("SET fluxbase.cdc_internal = 'on'; {fixed}"))
+        .await
+        .unwrap();
+    let body = app.sql(&f.admin, &f.project, &temp_oid_exploit()).await;
+    assert!(!body.to_string().contains("ran as"), "{body}");
+    // And no function of the server's searches the temporary schema before pg_catalog.
+    let unsafe_paths: Vec<String> = su
+        .query(
+            "SELECT p.oid::pg_catalog.regprocedure::text FROM pg_catalog.pg_proc p
+             WHERE p.proowner = (SELECT r.oid FROM pg_catalog.pg_roles r WHERE r.rolname = current_user)
+               AND p.pronamespace <> 'pg_catalog'::pg_catalog.regnamespace
+               AND EXISTS (SELECT FROM pg_catalog.unnest(p.proconfig) c
+                           WHERE c LIKE 'search_path=%' AND c NOT LIKE '%pg_temp')",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert!(unsafe_paths.is_empty(), "{unsafe_paths:?}");
+    // The change stream still reads its key: a DDL still reaches a subscriber.
+    let mut ws = connect(&app, "/").await;
+    let ack = subscribe(&mut ws, &f.project, Some(&f.read)).await;
+    assert_eq!(ack["type"], "subscribed", "{ack}");
+    app.rows(&f.admin, &f.project, "CREATE TABLE after_fix (id int)")
+        .await;
+    let update = recv(&mut ws).await;
+    assert_eq!(update["type"], "schema_update", "{update}");
+    app.stop().await;
+}
+
+/// The large object's oid in `fluxbase_cdc.message_key()`'s definition.
+fn regex_lite_oid(definition: &str) -> String {
+    let at = definition.find("lo_get(").expect("lo_get") + "lo_get(".len();
+    definition[at..]
+        .chars()
+        .take_while(|c| c.is_ascii_digit())
+        .collect()
+}
+
+#[tokio::test]
+async fn a_tenants_public_functions_never_run_in_the_servers_own_sessions() {
+    let app = spawn_webhook_app().await;
+    let f = app.fixture().await;
+    let db = format!("fx_{}", f.project);
+    // A trap in the tenant's `public`: an exact match for what the server's catalog queries
+    // call (`unnest(int2[])`, `array_position`), recording any superuser that runs it.
+    for q in [
+        "CREATE TABLE public.loot (who text)",
+        "CREATE FUNCTION public.unnest(smallint[]) RETURNS SETOF smallint LANGUAGE plpgsql AS $f$
+         BEGIN
+           IF (SELECT rolsuper FROM pg_catalog.pg_roles WHERE rolname = current_user) THEN
+             INSERT INTO public.loot VALUES (current_user);
+           END IF;
+           RETURN QUERY SELECT x FROM pg_catalog.unnest($1) x;
+         END $f$",
+        "CREATE TABLE notes (id serial PRIMARY KEY, owner text, body text)",
+        "ALTER TABLE notes ENABLE ROW LEVEL SECURITY",
+        "CREATE POLICY own ON notes FOR SELECT USING (owner = auth.uid())",
+    ] {
+        let body = app.sql(&f.admin, &f.project, q).await;
+        assert_eq!(body["success"], true, "{q}: {body}");
+    }
+    // Armed: a superuser session with the default search path falls into it.
+    let su = pg().await.client(&db).await;
+    su.batch_execute("SELECT count(*) FROM unnest('{1,2}'::int2[])")
+        .await
+        .unwrap();
+    let caught: i64 = su
+        .query_one("SELECT count(*) FROM public.loot", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(caught, 1);
+    su.batch_execute("DELETE FROM public.loot").await.unwrap();
+    // The server's sessions name pg_catalog alone.
+    let server = app.app.cluster.connect(&db).await.unwrap();
+    let path: String = server
+        .query_one("SHOW search_path", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(path, "pg_catalog,pg_temp");
+
+    // What runs the server's catalog queries in the project's database: a subscriber bound by
+    // row-level security (the visibility catalog) and a row-ordered webhook (its row keys).
+    let rx = Receiver::start().await;
+    let (status, body) = app
+        .call(
+            "POST",
+            "/api/webhooks",
+            Some(&f.admin),
+            Some(json!({ "projectId": f.project, "url": rx.url, "events": ["row.inserted"] })),
+        )
+        .await;
+    assert_eq!(status, 201, "{body}");
+    let mut ws = connect(&app, "/").await;
+    crate::support::ws::send(
+        &mut ws,
+        json!({ "type": "subscribe", "roomId": room(&f.project), "token": f.read, "authUid": "alice" }),
+    )
+    .await;
+    let ack = recv(&mut ws).await;
+    assert_eq!(ack["type"], "subscribed", "{ack}");
+    app.rows(
+        &f.admin,
+        &f.project,
+        "INSERT INTO notes (owner, body) VALUES ('alice', 'mine')",
+    )
+    .await;
+    loop {
+        let m = recv(&mut ws).await;
+        if m["type"] == "db_event" {
+            assert_eq!(m["payload"]["record"]["body"], "mine", "{m}");
+            break;
+        }
+    }
+    let delivered = rx.wait_for(1).await;
+    assert_eq!(delivered.len(), 1);
+    let caught = app
+        .rows(&f.admin, &f.project, "SELECT who FROM public.loot")
+        .await;
+    assert!(
+        caught.is_empty(),
+        "the server ran the tenant's function: {caught:?}"
+    );
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn large_objects_are_refused_to_every_key() {
+    let app = spawn_app().await;
+    let f = app.fixture().await;
+    for key in [&f.read, &f.readwrite, &f.admin] {
+        for q in [
+            "SELECT pg_catalog.lo_from_bytea(0, 'x')",
+            "SELECT lo_create(0)",
+            "SELECT lo_creat(-1)",
+            "SELECT lo_unlink(1)",
+            "SELECT lo_put(1, 0, 'x')",
+        ] {
+            let body = app.sql(key, &f.project, q).await;
+            assert_eq!(body["success"], false, "{q}: {body}");
+            assert_eq!(body["error"]["details"], "ERROR:  42501", "{q}: {body}");
+        }
+    }
+    // The read key's loop of rt15 (one lock per subtransaction) ends at its first call.
+    let body = app
+        .sql(
+            &f.read,
+            &f.project,
+            "DO $$ BEGIN FOR i IN 1..100000 LOOP
+               BEGIN PERFORM lo_unlink(lo_create(0)); EXCEPTION WHEN out_of_memory THEN EXIT; END;
+             END LOOP; END $$",
+        )
+        .await;
+    assert_eq!(body["error"]["details"], "ERROR:  42501", "{body}");
+    app.stop().await;
+}
