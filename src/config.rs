@@ -170,6 +170,10 @@ pub struct Config {
     /// Private memory all tenant backends together may hold before the server ends the largest
     /// backend of the project holding the most, MiB (0: half of the machine's memory).
     pub sql_backends_memory_total_mb: u64,
+    /// Entries of the cluster's shared lock table one tenant backend may hold before the
+    /// server ends it (0: no such limit; `sql::memory`). Past half the table's size, tenants'
+    /// backends together, the largest holder of the account holding the most is ended.
+    pub sql_backend_locks_limit: u64,
     /// Multiplies the webhook retry schedule (tests shorten it; 1.0 in production).
     pub webhook_backoff_scale: f64,
     /// How often, in ms, the webhook worker looks for deliveries that have come due (retries,
@@ -369,6 +373,7 @@ impl Default for Config {
             temp_file_limit_kb: 256 * 1024,
             sql_backend_memory_limit_mb: 512,
             sql_backends_memory_total_mb: 0,
+            sql_backend_locks_limit: 8192,
             webhook_backoff_scale: 1.0,
             webhook_scan_ms: 500,
             webhook_max_in_flight: 64,

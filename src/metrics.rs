@@ -49,6 +49,8 @@ pub struct Metrics {
     pub sql_answer_builds_stopped: AtomicU64,
     /// Tenant backends the server ended for their memory (`sql::memory`).
     pub sql_backends_ended_for_memory: AtomicU64,
+    /// Tenant backends the server ended for the locks they held (`sql::memory`).
+    pub sql_backends_ended_for_locks: AtomicU64,
     pub connections_stalled: AtomicU64,
     /// Broadcasts from SQL or the REST API over their project's budget (dropped, or 429).
     pub realtime_broadcasts_dropped: AtomicU64,
@@ -234,6 +236,12 @@ impl Metrics {
                 "counter",
                 "Tenant PostgreSQL backends ended because their private memory passed sql_backend_memory_limit_mb, or they were the largest while all together passed sql_backends_memory_total_mb.",
                 &self.sql_backends_ended_for_memory,
+            ),
+            (
+                "fluxbase_sql_backends_ended_for_locks_total",
+                "counter",
+                "Tenant PostgreSQL backends ended because they held more than sql_backend_locks_limit entries of the cluster's shared lock table, or the most while tenants together held half of it.",
+                &self.sql_backends_ended_for_locks,
             ),
             (
                 "fluxbase_connections_stalled_total",

@@ -32,6 +32,11 @@
 //! in the log when it cannot (a remote cluster: bound memory there with the
 //! cluster's own means, e.g. a cgroup). `fluxbase doctor` reports it too.
 //!
+//! Every fifth check (once a second) the cluster's one shared lock table is read as well
+//! (`pg_lock_status()`, which takes no lock itself): a tenant's backend holding more than
+//! `sql_backend_locks_limit` entries, or the largest holder of the account holding the most
+//! while tenants together hold half the table, is ended the same way ([`Measure::Locks`]).
+//!
 //! Sampling bounds a backend to its limit plus what it allocates in one period (a sort touching
 //! memory at ~2 GB/s adds ~400 MB): the limits are set well below what the machine has.
 
@@ -56,6 +61,11 @@ const REMEMBER: Duration = Duration::from_secs(60);
 const ENDING: Duration = Duration::from_secs(10);
 /// How often the watch tries again to find the cluster's processes when it could not.
 const LOCATE_AGAIN: Duration = Duration::from_secs(60);
+/// The shared lock table is read every this many memory checks (once a second).
+const LOCKS_EVERY: u32 = 5;
+/// Backends holding fewer lock entries than this are not looked at (every statement holds a
+/// few; the table's size is tens of thousands).
+const LOCKS_FLOOR: i64 = 256;
 
 /// Where the watch stands, for `fluxbase doctor` and the log.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -72,6 +82,8 @@ pub enum Watch {
 pub struct BackendMemory {
     per_backend: u64,
     total: u64,
+    /// `sql_backend_locks_limit` (0: the lock table is not watched).
+    locks_per_backend: u64,
     ended: Mutex<HashMap<i32, (Instant, String)>>,
     /// Backends sent their end, by pid, and when (see [`ENDING`]).
     ending: Mutex<HashMap<u32, Instant>>,
@@ -82,7 +94,13 @@ pub struct BackendMemory {
 impl BackendMemory {
     /// `per_backend_mb`, `total_mb`: `sql_backend_memory_limit_mb`,
     /// `sql_backends_memory_total_mb` (0: half of the machine's memory); both 0 turns it off.
-    pub fn new(per_backend_mb: u64, total_mb: u64, metrics: Arc<Metrics>) -> Arc<BackendMemory> {
+    /// `locks`: `sql_backend_locks_limit` (0: the shared lock table is not watched).
+    pub fn new(
+        per_backend_mb: u64,
+        total_mb: u64,
+        locks: u64,
+        metrics: Arc<Metrics>,
+    ) -> Arc<BackendMemory> {
         let total = if total_mb == 0 {
             machine_memory().map_or(0, |m| m / 2)
         } else {
@@ -91,6 +109,7 @@ impl BackendMemory {
         Arc::new(BackendMemory {
             per_backend: per_backend_mb << 20,
             total,
+            locks_per_backend: locks,
             ended: Mutex::new(HashMap::new()),
             ending: Mutex::new(HashMap::new()),
             watch: Mutex::new(Watch::Off),
@@ -140,11 +159,18 @@ impl BackendMemory {
                     "watching tenant backends' memory"
                 );
                 drop(me);
+                // Half the shared lock table: past it, tenants together give back.
+                let locks_total = lock_table_size(&pool).await / 2;
                 let mut tick = tokio::time::interval(CHECK_EVERY);
                 tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                let mut ticks: u32 = 0;
                 loop {
                     tick.tick().await;
                     let Some(me) = weak.upgrade() else { return };
+                    ticks = ticks.wrapping_add(1);
+                    if me.locks_per_backend > 0 && ticks.is_multiple_of(LOCKS_EVERY) {
+                        me.watch_locks(&pool, locks_total).await;
+                    }
                     let (limits, floor) = ((me.per_backend, me.total), NOTICE_FLOOR);
                     let scan = tokio::task::spawn_blocking(move || scan(postmaster, floor)).await;
                     match scan {
@@ -161,10 +187,14 @@ impl BackendMemory {
                             // shared cluster are its watch's to judge, by its own limits. Their
                             // accounts come with them (past the total the choice is by account).
                             let accounts = keep_own(&pool, &mut backends).await;
-                            for (backend, why) in
-                                over_limits(&backends, limits.0, limits.1, &accounts)
-                            {
-                                me.end(&pool, backend, why).await;
+                            for (backend, why) in over_limits(
+                                &backends,
+                                limits.0,
+                                limits.1,
+                                &accounts,
+                                Measure::Memory,
+                            ) {
+                                me.end(&pool, backend, why, Measure::Memory).await;
                             }
                         }
                         // The postmaster is gone (a restart): find the new one.
@@ -194,8 +224,64 @@ impl BackendMemory {
         backends.retain(|b| !ending.contains_key(&b.pid));
     }
 
+    /// The shared lock table: a tenant's backend holding more than `sql_backend_locks_limit`
+    /// entries, or, while tenants' backends together hold more than `total` (half the table),
+    /// the largest holder of the account holding the most, is ended. Every database of the
+    /// cluster shares the one table; full, every tenant's DDL, new projects and the server's own
+    /// logins fail with 53200 "out of shared memory" (red team rt15: filled in ~5 s from one
+    /// statement, held for its 30 s). Read with `pg_lock_status()` (the function behind
+    /// `pg_locks`): it takes no lock of its own, so it works on a full table.
+    async fn watch_locks(&self, pool: &deadpool_postgres::Pool, total: u64) {
+        let rows = async {
+            let c = pool.get().await.ok()?;
+            c.query(
+                "SELECT pid, count(*) FROM pg_catalog.pg_lock_status()
+                 WHERE pid IS NOT NULL GROUP BY pid HAVING count(*) >= $1",
+                &[&LOCKS_FLOOR],
+            )
+            .await
+            .ok()
+        }
+        .await;
+        let Some(rows) = rows else { return };
+        let mut backends: Vec<Backend> = rows
+            .iter()
+            .filter_map(|r| {
+                let pid = u32::try_from(r.get::<_, i32>(0)).ok()?;
+                let held = u64::try_from(r.get::<_, i64>(1)).ok()?;
+                let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+                let Some(Title::Backend { user, database }) = parse_title(&cmdline) else {
+                    return None;
+                };
+                let (project, role) = tenant(user, database)?;
+                Some(Backend {
+                    pid,
+                    project: project.to_string(),
+                    role: role.to_string(),
+                    bytes: held,
+                })
+            })
+            .collect();
+        self.not_ending(&mut backends);
+        let over_one = backends.iter().any(|b| b.bytes > self.locks_per_backend);
+        let over_total = total > 0 && backends.iter().map(|b| b.bytes).sum::<u64>() > total;
+        if !over_one && !over_total {
+            return;
+        }
+        let accounts = keep_own(pool, &mut backends).await;
+        for (backend, why) in over_limits(
+            &backends,
+            self.locks_per_backend,
+            total,
+            &accounts,
+            Measure::Locks,
+        ) {
+            self.end(pool, backend, why, Measure::Locks).await;
+        }
+    }
+
     /// Ends a tenant's backend over a limit.
-    async fn end(&self, pool: &deadpool_postgres::Pool, b: Backend, why: String) {
+    async fn end(&self, pool: &deadpool_postgres::Pool, b: Backend, why: String, what: Measure) {
         let client = match pool.get().await {
             Ok(c) => c,
             Err(e) => {
@@ -220,14 +306,16 @@ impl BackendMemory {
             .await
         {
             Ok(_) => {
-                self.metrics
-                    .sql_backends_ended_for_memory
-                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let counter = match what {
+                    Measure::Memory => &self.metrics.sql_backends_ended_for_memory,
+                    Measure::Locks => &self.metrics.sql_backends_ended_for_locks,
+                };
+                counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 tracing::warn!(
                     project_id = %b.project,
                     role = %b.role,
                     pid = b.pid,
-                    memory_mb = b.bytes >> 20,
+                    held = %what.amount(b.bytes),
                     "ended a tenant backend: {why}"
                 );
             }
@@ -236,6 +324,70 @@ impl BackendMemory {
             }
         }
     }
+}
+
+/// What a watch counts of a backend ([`Backend::bytes`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Measure {
+    /// Private memory, bytes.
+    Memory,
+    /// Entries of the shared lock table.
+    Locks,
+}
+
+impl Measure {
+    fn amount(self, n: u64) -> String {
+        match self {
+            Measure::Memory => format!("{} MiB", n >> 20),
+            Measure::Locks => format!("{n} locks"),
+        }
+    }
+
+    /// Why a backend over its own limit was ended.
+    fn over_one(self, limit: u64) -> String {
+        match self {
+            Measure::Memory => format!(
+                "the statement used more than {} MiB of memory (sql_backend_memory_limit_mb); lower work_mem or hash_mem_multiplier, or process less at a time",
+                limit >> 20
+            ),
+            Measure::Locks => format!(
+                "the statement held more than {limit} entries of the cluster's shared lock table (sql_backend_locks_limit): each table, partition or subtransaction's row writes hold one until the statement ends; touch fewer at a time"
+            ),
+        }
+    }
+
+    /// Why the largest backend of the heaviest account was ended past the total.
+    fn over_total(self, total: u64) -> String {
+        match self {
+            Measure::Memory => format!(
+                "the statement was the largest of the account holding the most memory (its projects together) when the tenants' statements together used more than {} MiB (sql_backends_memory_total_mb); retry, or process less at a time",
+                total >> 20
+            ),
+            Measure::Locks => format!(
+                "the statement held the most locks of the account holding the most (its projects together) when the tenants' statements together held more than {total} entries, half the cluster's shared lock table; retry, or touch fewer tables at a time"
+            ),
+        }
+    }
+}
+
+/// The shared lock table's size: `max_locks_per_transaction` × (`max_connections` +
+/// `max_prepared_transactions`), 0 when the settings cannot be read.
+async fn lock_table_size(pool: &deadpool_postgres::Pool) -> u64 {
+    let size = async {
+        let c = pool.get().await.ok()?;
+        let row = c
+            .query_one(
+                "SELECT (current_setting('max_locks_per_transaction')::int8
+                         * (current_setting('max_connections')::int8
+                            + current_setting('max_prepared_transactions')::int8))",
+                &[],
+            )
+            .await
+            .ok()?;
+        u64::try_from(row.get::<_, i64>(0)).ok()
+    }
+    .await;
+    size.unwrap_or(0)
 }
 
 /// The machine's memory (`MemTotal`), bytes.
@@ -505,18 +657,13 @@ fn over_limits(
     per_backend: u64,
     total: u64,
     accounts: &HashMap<String, String>,
+    what: Measure,
 ) -> Vec<(Backend, String)> {
     let mut out = Vec::new();
     let mut left: Vec<&Backend> = Vec::new();
     for b in backends {
         if per_backend > 0 && b.bytes > per_backend {
-            out.push((
-                b.clone(),
-                format!(
-                    "the statement used more than {} MiB of memory (sql_backend_memory_limit_mb); lower work_mem or hash_mem_multiplier, or process less at a time",
-                    per_backend >> 20
-                ),
-            ));
+            out.push((b.clone(), what.over_one(per_backend)));
         } else {
             left.push(b);
         }
@@ -547,13 +694,7 @@ fn over_limits(
             .expect("the account has a backend");
         let b = left.swap_remove(i);
         sum -= b.bytes;
-        out.push((
-            b.clone(),
-            format!(
-                "the statement was the largest of the account holding the most memory (its projects together) when the tenants' statements together used more than {} MiB (sql_backends_memory_total_mb); retry, or process less at a time",
-                total >> 20
-            ),
-        ));
+        out.push((b.clone(), what.over_total(total)));
     }
     out
 }
@@ -652,24 +793,36 @@ mod tests {
             b(4, "a", 100),
         ];
         assert_eq!(
-            pids(over_limits(&all, mb(1024), 0, &none)),
+            pids(over_limits(&all, mb(1024), 0, &none, Measure::Memory)),
             Vec::<u32>::new()
         );
-        assert_eq!(pids(over_limits(&all, mb(512), 0, &none)), vec![1]);
+        assert_eq!(
+            pids(over_limits(&all, mb(512), 0, &none, Measure::Memory)),
+            vec![1]
+        );
         // 1,500 MiB together against 1,000: a's largest (900) goes, and that suffices.
-        assert_eq!(pids(over_limits(&all, 0, mb(1000), &none)), vec![1]);
+        assert_eq!(
+            pids(over_limits(&all, 0, mb(1000), &none, Measure::Memory)),
+            vec![1]
+        );
         // Against 400: 900 (a: 1,000), then 300 (b: 300 against a's 100 and c's 200).
-        assert_eq!(pids(over_limits(&all, 0, mb(400), &none)), vec![1, 2]);
+        assert_eq!(
+            pids(over_limits(&all, 0, mb(400), &none, Measure::Memory)),
+            vec![1, 2]
+        );
         // Per backend first, then the total with what is left.
-        assert_eq!(pids(over_limits(&all, mb(250), mb(400), &none)), vec![1, 2]);
+        assert_eq!(
+            pids(over_limits(&all, mb(250), mb(400), &none, Measure::Memory)),
+            vec![1, 2]
+        );
         // 100 left is not over 100.
         assert_eq!(
-            pids(over_limits(&all, mb(250), mb(100), &none)),
+            pids(over_limits(&all, mb(250), mb(100), &none, Measure::Memory)),
             vec![1, 2, 3]
         );
-        let (_, why) = &over_limits(&all, mb(512), 0, &none)[0];
+        let (_, why) = &over_limits(&all, mb(512), 0, &none, Measure::Memory)[0];
         assert!(why.contains("sql_backend_memory_limit_mb"), "{why}");
-        let (_, why) = &over_limits(&all, 0, mb(1000), &none)[0];
+        let (_, why) = &over_limits(&all, 0, mb(1000), &none, Measure::Memory)[0];
         assert!(why.contains("sql_backends_memory_total_mb"), "{why}");
         // One tenant's single large statement is not ended for another's many: d holds 6 × 300
         // (1,800) against e's one 500; past 2,000 together, d's go first.
@@ -682,7 +835,7 @@ mod tests {
             b(15, "d", 300),
             b(20, "e", 500),
         ];
-        let ended = pids(over_limits(&many, 0, mb(2000), &none));
+        let ended = pids(over_limits(&many, 0, mb(2000), &none, Measure::Memory));
         assert_eq!(ended.len(), 1, "{ended:?}");
         assert!(ended[0] != 20, "{ended:?}");
     }
@@ -713,13 +866,19 @@ mod tests {
         .collect();
         // 630 + 373 = 1,003 MiB against 800: alice's statements go (70 each: 560, 490) until
         // under it (793).
-        let ended = pids(over_limits(&all, 0, mb(800), &admins));
+        let ended = pids(over_limits(&all, 0, mb(800), &admins, Measure::Memory));
         assert!(!ended.contains(&100), "{ended:?}");
         assert_eq!(ended.len(), 3, "{ended:?}");
         // By project (no admins known), b1 is the heaviest project and goes first.
-        let ended = pids(over_limits(&all, 0, mb(800), &HashMap::new()));
+        let ended = pids(over_limits(
+            &all,
+            0,
+            mb(800),
+            &HashMap::new(),
+            Measure::Memory,
+        ));
         assert_eq!(ended, vec![100], "{ended:?}");
-        let (_, why) = &over_limits(&all, 0, mb(800), &admins)[0];
+        let (_, why) = &over_limits(&all, 0, mb(800), &admins, Measure::Memory)[0];
         assert!(why.contains("account holding the most"), "{why}");
     }
 

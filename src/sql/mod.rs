@@ -272,6 +272,7 @@ impl Sql {
             memory: memory::BackendMemory::new(
                 config.sql_backend_memory_limit_mb,
                 config.sql_backends_memory_total_mb,
+                config.sql_backend_locks_limit,
                 metrics.clone(),
             ),
             pools,

@@ -246,3 +246,62 @@ async fn past_the_total_an_accounts_statements_over_several_projects_give_first(
     );
     app.stop().await;
 }
+
+/// Red team rt15 H1: the cluster's one shared lock table filled from one statement (a read key's
+/// large objects then; any role's many relation or subtransaction locks still), and every
+/// tenant's DDL and new projects failed with 53200 for the statement's 30 s. A tenant's backend
+/// holding more than `sql_backend_locks_limit` entries is ended, its request answered 53200
+/// naming the setting, while another tenant's DDL goes on.
+#[tokio::test]
+async fn a_statement_holding_too_many_locks_ends_with_53200_and_others_ddl_goes_on() {
+    let app = spawn_app_with(|c| c.sql_backend_locks_limit = 2000).await;
+    let f = app.fixture().await;
+    let other = app.fixture().await;
+    until_watching(&app).await;
+    let ended_before = app
+        .app
+        .metrics
+        .sql_backends_ended_for_locks
+        .load(Ordering::Relaxed);
+    // Each temporary table holds its locks until the statement's transaction ends.
+    let hog = app.spawn_sql(
+        &f.admin,
+        &f.project,
+        "DO $$ BEGIN FOR i IN 1..200000 LOOP
+           EXECUTE format('CREATE TEMP TABLE hog_%s (a int)', i);
+         END LOOP; END $$",
+    );
+    let started = Instant::now();
+    let mut n = 0;
+    while !hog.is_finished() && started.elapsed() < Duration::from_secs(60) {
+        n += 1;
+        let body = app
+            .sql(
+                &other.admin,
+                &other.project,
+                &format!("CREATE TABLE meanwhile_{n} (id int)"),
+            )
+            .await;
+        assert_eq!(body["success"], true, "{body}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let (status, body) = hog.await.unwrap();
+    assert_eq!(status, 200, "{body}");
+    let body: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_ended_for_memory(&body, Some("sql_backend_locks_limit"));
+    assert!(
+        started.elapsed() < Duration::from_secs(20),
+        "ended late: {:?}",
+        started.elapsed()
+    );
+    assert_eq!(
+        app.app
+            .metrics
+            .sql_backends_ended_for_locks
+            .load(Ordering::Relaxed),
+        ended_before + 1
+    );
+    let body = app.sql(&f.admin, &f.project, "SELECT 1 AS one").await;
+    assert_eq!(body["result"]["rows"][0]["one"], 1, "{body}");
+    app.stop().await;
+}

@@ -685,14 +685,18 @@ async fn a_tenants_temporary_types_are_never_resolved_by_the_servers_functions()
         .unwrap();
     let body = app.sql(&f.admin, &f.project, &temp_oid_exploit()).await;
     assert!(!body.to_string().contains("ran as"), "{body}");
-    // And no function of the server's searches the temporary schema before pg_catalog.
+    // And no function of the server's searches the temporary schema before pg_catalog, nor
+    // runs as its owner with the caller's search path.
     let unsafe_paths: Vec<String> = su
         .query(
             "SELECT p.oid::pg_catalog.regprocedure::text FROM pg_catalog.pg_proc p
              WHERE p.proowner = (SELECT r.oid FROM pg_catalog.pg_roles r WHERE r.rolname = current_user)
                AND p.pronamespace <> 'pg_catalog'::pg_catalog.regnamespace
-               AND EXISTS (SELECT FROM pg_catalog.unnest(p.proconfig) c
-                           WHERE c LIKE 'search_path=%' AND c NOT LIKE '%pg_temp')",
+               AND (EXISTS (SELECT FROM pg_catalog.unnest(p.proconfig) c
+                            WHERE c LIKE 'search_path=%' AND c NOT LIKE '%pg_temp')
+                    OR p.prosecdef AND NOT EXISTS (
+                        SELECT FROM pg_catalog.unnest(p.proconfig) c
+                        WHERE c LIKE 'search_path=%'))",
             &[],
         )
         .await
