@@ -61,11 +61,11 @@ const REMEMBER: Duration = Duration::from_secs(60);
 const ENDING: Duration = Duration::from_secs(10);
 /// How often the watch tries again to find the cluster's processes when it could not.
 const LOCATE_AGAIN: Duration = Duration::from_secs(60);
-/// The shared lock table is read every this many memory checks (once a second).
-const LOCKS_EVERY: u32 = 5;
-/// Backends holding fewer lock entries than this are not looked at (every statement holds a
-/// few; the table's size is tens of thousands).
-const LOCKS_FLOOR: i64 = 256;
+/// How often the shared lock table is read.
+const LOCKS_EVERY: Duration = Duration::from_secs(1);
+/// Backends holding fewer entries of the shared table than this are not counted (every
+/// statement holds a few, mostly in its fast-path slots, which are not the shared table's).
+const LOCKS_FLOOR: i64 = 16;
 
 /// Where the watch stands, for `fluxbase doctor` and the log.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -128,8 +128,30 @@ impl BackendMemory {
         ended.remove(&pid).map(|(_, why)| why)
     }
 
-    /// Starts the watch over `cluster`'s backends (a task for the server's life).
+    /// Starts the watch over `cluster`'s backends (a task for the server's life), and the
+    /// shared lock table's (another, which needs no process of the cluster on this host).
     pub fn start(self: &Arc<Self>, cluster: &ClusterTarget) {
+        if self.locks_per_backend > 0 {
+            let weak = Arc::downgrade(self);
+            let cluster = cluster.clone();
+            tokio::spawn(async move {
+                let Ok(pool) = crate::db::control_pool(&cluster, 1) else {
+                    return;
+                };
+                let mut names = Names::default();
+                let mut size = 0;
+                let mut tick = tokio::time::interval(LOCKS_EVERY);
+                tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                loop {
+                    tick.tick().await;
+                    let Some(me) = weak.upgrade() else { return };
+                    if size == 0 {
+                        size = lock_table_size(&pool).await;
+                    }
+                    me.watch_locks(&pool, size, &mut names).await;
+                }
+            });
+        }
         if self.per_backend == 0 && self.total == 0 {
             return;
         }
@@ -159,18 +181,11 @@ impl BackendMemory {
                     "watching tenant backends' memory"
                 );
                 drop(me);
-                // Half the shared lock table: past it, tenants together give back.
-                let locks_total = lock_table_size(&pool).await / 2;
                 let mut tick = tokio::time::interval(CHECK_EVERY);
                 tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-                let mut ticks: u32 = 0;
                 loop {
                     tick.tick().await;
                     let Some(me) = weak.upgrade() else { return };
-                    ticks = ticks.wrapping_add(1);
-                    if me.locks_per_backend > 0 && ticks.is_multiple_of(LOCKS_EVERY) {
-                        me.watch_locks(&pool, locks_total).await;
-                    }
                     let (limits, floor) = ((me.per_backend, me.total), NOTICE_FLOOR);
                     let scan = tokio::task::spawn_blocking(move || scan(postmaster, floor)).await;
                     match scan {
@@ -224,58 +239,66 @@ impl BackendMemory {
         backends.retain(|b| !ending.contains_key(&b.pid));
     }
 
-    /// The shared lock table: a tenant's backend holding more than `sql_backend_locks_limit`
-    /// entries, or, while tenants' backends together hold more than `total` (half the table),
-    /// the largest holder of the account holding the most, is ended. Every database of the
-    /// cluster shares the one table; full, every tenant's DDL, new projects and the server's own
-    /// logins fail with 53200 "out of shared memory" (red team rt15: filled in ~5 s from one
-    /// statement, held for its 30 s). Read with `pg_lock_status()` (the function behind
-    /// `pg_locks`): it takes no lock of its own, so it works on a full table.
-    async fn watch_locks(&self, pool: &deadpool_postgres::Pool, total: u64) {
-        let rows = async {
-            let c = pool.get().await.ok()?;
-            c.query(
-                "SELECT pid, count(*) FROM pg_catalog.pg_lock_status()
-                 WHERE pid IS NOT NULL GROUP BY pid HAVING count(*) >= $1",
+    /// The shared lock table (`size` entries; 0: unknown): a tenant's backend holding more than
+    /// `sql_backend_locks_limit` entries (at most a quarter of the table), or, while tenants'
+    /// backends together hold more than half the table, the largest holder of the account
+    /// holding the most, is ended. Every database of the cluster shares the one table; full,
+    /// every tenant's DDL, new projects and the server's own logins fail with 53200 "out of
+    /// shared memory" (red team rt15: filled in ~5 s from one statement, held for its 30 s).
+    /// Read with `pg_lock_status()` and `pg_stat_get_activity()` (functions: no lock of their
+    /// own, so they work on a full table; no process of the cluster need be on this host),
+    /// parallel workers' entries counted with their leader's, fast-path ones not (they are not
+    /// the table's); role and database names from `names`, read while the table has room.
+    async fn watch_locks(&self, pool: &deadpool_postgres::Pool, size: u64, names: &mut Names) {
+        let Ok(c) = pool.get().await else { return };
+        let Ok(rows) = c
+            .query(
+                "SELECT coalesce(a.leader_pid, l.pid), a.usesysid::int8, a.datid::int8, count(*)
+                 FROM pg_catalog.pg_lock_status() l
+                 JOIN pg_catalog.pg_stat_get_activity(NULL) a ON a.pid = l.pid
+                 WHERE NOT l.fastpath
+                 GROUP BY 1, 2, 3 HAVING count(*) >= $1",
                 &[&LOCKS_FLOOR],
             )
             .await
-            .ok()
-        }
-        .await;
-        let Some(rows) = rows else { return };
-        let mut backends: Vec<Backend> = rows
+        else {
+            return;
+        };
+        let held: Vec<(i32, i64, i64, i64)> = rows
             .iter()
-            .filter_map(|r| {
-                let pid = u32::try_from(r.get::<_, i32>(0)).ok()?;
-                let held = u64::try_from(r.get::<_, i64>(1)).ok()?;
-                let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
-                let Some(Title::Backend { user, database }) = parse_title(&cmdline) else {
-                    return None;
-                };
+            .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3)))
+            .collect();
+        if held.iter().any(|&(_, role, db, _)| !names.knows(role, db)) {
+            names.read(&c).await;
+        }
+        drop(c);
+        let mut backends: Vec<Backend> = held
+            .into_iter()
+            .filter_map(|(pid, role, db, n)| {
+                let (user, database) = names.of(role, db)?;
                 let (project, role) = tenant(user, database)?;
                 Some(Backend {
-                    pid,
+                    pid: u32::try_from(pid).ok()?,
                     project: project.to_string(),
                     role: role.to_string(),
-                    bytes: held,
+                    bytes: u64::try_from(n).ok()?,
                 })
             })
             .collect();
         self.not_ending(&mut backends);
-        let over_one = backends.iter().any(|b| b.bytes > self.locks_per_backend);
+        let per_backend = match size {
+            0 => self.locks_per_backend,
+            size => self.locks_per_backend.min(size / 4),
+        };
+        let total = size / 2;
+        let over_one = backends.iter().any(|b| b.bytes > per_backend);
         let over_total = total > 0 && backends.iter().map(|b| b.bytes).sum::<u64>() > total;
         if !over_one && !over_total {
             return;
         }
         let accounts = keep_own(pool, &mut backends).await;
-        for (backend, why) in over_limits(
-            &backends,
-            self.locks_per_backend,
-            total,
-            &accounts,
-            Measure::Locks,
-        ) {
+        for (backend, why) in over_limits(&backends, per_backend, total, &accounts, Measure::Locks)
+        {
             self.end(pool, backend, why, Measure::Locks).await;
         }
     }
@@ -285,7 +308,7 @@ impl BackendMemory {
         let client = match pool.get().await {
             Ok(c) => c,
             Err(e) => {
-                tracing::warn!(error = %e, pid = b.pid, "ending a backend over its memory limit");
+                tracing::warn!(error = %e, pid = b.pid, "ending a backend over its {} limit", what.name());
                 return;
             }
         };
@@ -320,7 +343,7 @@ impl BackendMemory {
                 );
             }
             Err(e) => {
-                tracing::warn!(error = %e, pid = b.pid, "ending a backend over its memory limit")
+                tracing::warn!(error = %e, pid = b.pid, "ending a backend over its {} limit", what.name())
             }
         }
     }
@@ -336,6 +359,13 @@ enum Measure {
 }
 
 impl Measure {
+    fn name(self) -> &'static str {
+        match self {
+            Measure::Memory => "memory",
+            Measure::Locks => "locks",
+        }
+    }
+
     fn amount(self, n: u64) -> String {
         match self {
             Measure::Memory => format!("{} MiB", n >> 20),
@@ -366,6 +396,46 @@ impl Measure {
             Measure::Locks => format!(
                 "the statement held the most locks of the account holding the most (its projects together) when the tenants' statements together held more than {total} entries, half the cluster's shared lock table; retry, or touch fewer tables at a time"
             ),
+        }
+    }
+}
+
+/// Role and database names by oid, for the lock watch: read again when an oid is unknown
+/// (a new project), which works while the table has room (the catalogs they come from are
+/// shared ones, whose locks need the table); what was read stays for when it has none.
+#[derive(Default)]
+struct Names {
+    roles: HashMap<i64, String>,
+    databases: HashMap<i64, String>,
+}
+
+impl Names {
+    fn knows(&self, role: i64, db: i64) -> bool {
+        self.roles.contains_key(&role) && self.databases.contains_key(&db)
+    }
+
+    fn of(&self, role: i64, db: i64) -> Option<(&str, &str)> {
+        Some((self.roles.get(&role)?, self.databases.get(&db)?))
+    }
+
+    async fn read(&mut self, c: &deadpool_postgres::Client) {
+        if let Ok(rows) = c
+            .query(
+                "SELECT oid::int8, rolname::text FROM pg_catalog.pg_roles",
+                &[],
+            )
+            .await
+        {
+            self.roles = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
+        }
+        if let Ok(rows) = c
+            .query(
+                "SELECT oid::int8, datname::text FROM pg_catalog.pg_database",
+                &[],
+            )
+            .await
+        {
+            self.databases = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
         }
     }
 }

@@ -651,16 +651,26 @@ impl Recorder {
 const WINDOW: usize = 2048;
 /// A `row` drain reads the next page of the outbox once this much of its window is free.
 const REFILL_AT: usize = 256;
-/// A page of the outbox being read: the page, how many deliveries were asked for, and the
-/// webhook's freshness stamp taken before the read ([`Target::stamp`]).
-type PageRead =
-    tokio::task::JoinHandle<anyhow::Result<(Option<PendingPage>, usize, (u64, Instant))>>;
+/// A page of the outbox being read, in a task of its own. Aborted when dropped (the drain ended, or failed, with the read under way): a page nobody
+/// will use does not go on holding one of the worker's few control connections.
+struct PageRead(tokio::task::JoinHandle<anyhow::Result<Page>>);
+
+/// A page read: the page, how many deliveries were asked for, and the webhook's freshness
+/// stamp taken before the read ([`Target::stamp`]).
+type Page = (Option<PendingPage>, usize, (u64, Instant));
+
+impl Drop for PageRead {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
 /// Successes that start a recording (one UPDATE of every success waiting) when none is under
 /// way; fewer are recorded when the drain goes idle or after [`RECORD_WITHIN`].
 const RECORD_BATCH: usize = 64;
 /// Successes a `row` drain lets wait behind a recording under way before it waits for that
-/// recording itself. At most twice this many are unrecorded at once (one recording of them
-/// and as many waiting): what a crash sends again, besides what was in flight.
+/// recording itself. About twice this many are unrecorded at once (one recording of them and
+/// as many waiting, each side up to what one look at the attempts settles more): what a crash
+/// sends again, besides what was in flight.
 const MAX_UNRECORDED: usize = 256;
 /// The longest a success waits to be recorded while the drain is busy.
 const RECORD_WITHIN: Duration = Duration::from_millis(100);
@@ -717,13 +727,13 @@ async fn drain_rows(
             // Set again by the outbox writer's signal while the page is read, or by a full page.
             more = false;
             let (pool, webhook) = (shared.work.clone(), webhook_id.to_string());
-            reading = Some(tokio::spawn(async move {
+            reading = Some(PageRead(tokio::spawn(async move {
                 let after = after.as_ref().map(|(at, event)| (*at, event.as_str()));
                 let control = pool.get().await?;
                 let page =
                     deliveries::pending_after(&control, &webhook, after, want as i64).await?;
                 anyhow::Ok((page, want, stamp))
-            }));
+            })));
         }
         let mut started = false;
         let now = chrono::Utc::now();
@@ -779,8 +789,11 @@ async fn drain_rows(
         }
         recorder.start_if_full_or_due(shared).await?;
         let retry_in = retry_in.unwrap_or(Duration::from_secs(3600));
+        // While a recording is under way, its end wakes the loop (`recording_ended`): an
+        // overdue success must not turn the timer into a busy loop meanwhile.
         let record_in = recorder
             .due()
+            .filter(|_| recorder.idle())
             .map(|t| t.saturating_duration_since(Instant::now()))
             .unwrap_or(Duration::from_secs(3600));
         tokio::select! {
@@ -822,7 +835,7 @@ async fn drain_rows(
                     }
                 }
             }
-            read = async { reading.as_mut().expect("reading").await }, if reading.is_some() && stopping.is_none() => {
+            read = async { (&mut reading.as_mut().expect("reading").0).await }, if reading.is_some() && stopping.is_none() => {
                 reading = None;
                 let (page, want, stamp) = read??;
                 match page {

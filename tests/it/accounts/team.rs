@@ -1633,8 +1633,9 @@ async fn a_request_authenticated_before_a_rotation_vouches_for_nothing_after_it(
         loop {
             let waiting: i64 = watcher
                 .query_one(
-                    "SELECT count(*) FROM pg_locks
-                         WHERE NOT granted AND relation = 'fluxbase.users'::regclass",
+                    "SELECT count(*) FROM pg_stat_activity
+                     WHERE wait_event_type = 'Lock'
+                       AND query LIKE 'SELECT email FROM fluxbase.users%'",
                     &[],
                 )
                 .await
