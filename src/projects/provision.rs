@@ -84,6 +84,11 @@ pub const PROJECT_MIGRATIONS: &[(i32, &str, &str)] = &[
         "search_paths_and_large_objects",
         include_str!("../../sql/project/0019_search_paths_and_large_objects.sql"),
     ),
+    (
+        20,
+        "server_schemas_guard",
+        include_str!("../../sql/project/0020_server_schemas_guard.sql"),
+    ),
 ];
 
 /// The migration that makes the routine epoch (sql/project/0014_session_reset_epoch.sql).

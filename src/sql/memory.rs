@@ -305,13 +305,6 @@ impl BackendMemory {
 
     /// Ends a tenant's backend over a limit.
     async fn end(&self, pool: &deadpool_postgres::Pool, b: Backend, why: String, what: Measure) {
-        let client = match pool.get().await {
-            Ok(c) => c,
-            Err(e) => {
-                tracing::warn!(error = %e, pid = b.pid, "ending a backend over its {} limit", what.name());
-                return;
-            }
-        };
         self.ending
             .lock()
             .expect("poisoned")
@@ -321,14 +314,28 @@ impl BackendMemory {
             .lock()
             .expect("poisoned")
             .insert(b.pid as i32, (Instant::now(), why.clone()));
-        match client
-            .query_one(
-                "SELECT pg_catalog.pg_terminate_backend($1)",
-                &[&(b.pid as i32)],
-            )
-            .await
-        {
-            Ok(_) => {
+        let by_sql = async {
+            let client = pool.get().await.map_err(|e| e.to_string())?;
+            client
+                .query_one(
+                    "SELECT pg_catalog.pg_terminate_backend($1)",
+                    &[&(b.pid as i32)],
+                )
+                .await
+                .map_err(|e| e.to_string())?;
+            Ok::<_, String>(())
+        }
+        .await;
+        // On a full lock table `pg_terminate_backend` itself fails (its role check reads a
+        // shared catalog, whose lock needs the table: red team rt16), and so does a new
+        // connection: the backend is then sent SIGTERM directly, which is all the function
+        // does, when it is on this host and still the same tenant's backend.
+        let ended = by_sql.or_else(|e| match signal_backend(&b) {
+            Ok(()) => Ok(()),
+            Err(why_not) => Err(format!("{e}; {why_not}")),
+        });
+        match ended {
+            Ok(()) => {
                 let counter = match what {
                     Measure::Memory => &self.metrics.sql_backends_ended_for_memory,
                     Measure::Locks => &self.metrics.sql_backends_ended_for_locks,
@@ -343,10 +350,29 @@ impl BackendMemory {
                 );
             }
             Err(e) => {
+                // Judged again at the next look, not left alone for `ENDING`.
+                self.ending.lock().expect("poisoned").remove(&b.pid);
+                self.ended.lock().expect("poisoned").remove(&(b.pid as i32));
                 tracing::warn!(error = %e, pid = b.pid, "ending a backend over its {} limit", what.name())
             }
         }
     }
+}
+
+/// Sends SIGTERM to `b`'s process (what `pg_terminate_backend` does) if this host shows it as
+/// that tenant's backend still (its process title names the role and database: a pid given
+/// to another process since is left alone).
+fn signal_backend(b: &Backend) -> Result<(), String> {
+    let cmdline = std::fs::read(format!("/proc/{}/cmdline", b.pid))
+        .map_err(|e| format!("process {} not visible: {e}", b.pid))?;
+    let same = matches!(parse_title(&cmdline), Some(Title::Backend { user, database })
+        if tenant(user, database) == Some((b.project.as_str(), b.role.as_str())));
+    if !same {
+        return Err(format!("process {} is not that backend", b.pid));
+    }
+    let pid = rustix::process::Pid::from_raw(b.pid as i32).ok_or("pid 0")?;
+    rustix::process::kill_process(pid, rustix::process::Signal::TERM)
+        .map_err(|e| format!("SIGTERM: {e}"))
 }
 
 /// What a watch counts of a backend ([`Backend::bytes`]).

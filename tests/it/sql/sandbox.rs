@@ -854,3 +854,47 @@ async fn large_objects_are_refused_to_every_key() {
     assert_eq!(body["error"]["details"], "ERROR:  42501", "{body}");
     app.stop().await;
 }
+
+/// Red team rt16 L1: the owner role installed trusted extensions into the server's schemas (a
+/// trusted extension's script runs as the superuser). Refused now; its own schemas take them.
+#[tokio::test]
+async fn extensions_and_objects_stay_out_of_the_servers_schemas() {
+    let app = spawn_app().await;
+    let f = app.fixture().await;
+    for q in [
+        "CREATE EXTENSION pg_trgm SCHEMA pg_catalog",
+        "CREATE EXTENSION citext SCHEMA auth",
+        "CREATE EXTENSION ltree SCHEMA fluxbase_cdc",
+        "CREATE EXTENSION tablefunc SCHEMA realtime",
+    ] {
+        let body = app.sql(&f.admin, &f.project, q).await;
+        assert_eq!(body["success"], false, "{q}: {body}");
+        assert_eq!(body["error"]["details"], "ERROR:  42501", "{q}: {body}");
+    }
+    // In the project's own schema it works, and cannot be moved into the server's.
+    let body = app
+        .sql(&f.admin, &f.project, "CREATE EXTENSION pg_trgm")
+        .await;
+    assert_eq!(body["success"], true, "{body}");
+    let body = app
+        .sql(
+            &f.admin,
+            &f.project,
+            "ALTER EXTENSION pg_trgm SET SCHEMA realtime",
+        )
+        .await;
+    assert_eq!(body["error"]["details"], "ERROR:  42501", "{body}");
+    let rows = app
+        .rows(
+            &f.admin,
+            &f.project,
+            "SELECT n.nspname FROM pg_extension e JOIN pg_namespace n ON n.oid = e.extnamespace
+             WHERE e.extname = 'pg_trgm'",
+        )
+        .await;
+    assert_eq!(rows[0]["nspname"], "public");
+    // The project's other DDL is untouched.
+    app.rows(&f.admin, &f.project, "CREATE TABLE after_guard (id int)")
+        .await;
+    app.stop().await;
+}
