@@ -305,3 +305,72 @@ async fn a_statement_holding_too_many_locks_ends_with_53200_and_others_ddl_goes_
     assert_eq!(body["result"]["rows"][0]["one"], 1, "{body}");
     app.stop().await;
 }
+
+/// Red team rt16 H1: a tenant's statement filling the rest of a lock table another session
+/// holds most of is ended within seconds, not held for its statement. (On a full table
+/// `pg_terminate_backend` itself can fail: its role check may need a shared catalog's lock;
+/// the watch then sends SIGTERM. This test does not force that path: here the watch usually
+/// ends the holder while the table still has room, or the role is in its cache.) A cluster of
+/// its own with a small table (2,560 entries; 640 per backend).
+#[tokio::test]
+async fn a_full_lock_table_is_given_back_by_the_tenant_holding_it() {
+    use crate::support::cluster::DedicatedCluster;
+    let pg = DedicatedCluster::start(&[
+        ("max_connections", "40"),
+        ("max_locks_per_transaction", "64"),
+    ])
+    .await;
+    let control = crate::support::cluster::unique("ctl");
+    let app = spawn_app_with(|c| {
+        c.database_url = Some(pg.cluster.url(&control).into());
+        c.sql_project_connections = 3;
+    })
+    .await;
+    let f = app.fixture().await;
+    // Most of the table, held by a session of no project's.
+    let holder = pg.client("postgres").await;
+    holder.batch_execute("BEGIN").await.unwrap();
+    let mut held: i64 = 0;
+    for _ in 0..200 {
+        if holder
+            .batch_execute(
+                "SAVEPOINT s; SELECT pg_advisory_xact_lock(g) FROM generate_series(1, 100) g; RELEASE s",
+            )
+            .await
+            .is_err()
+        {
+            holder.batch_execute("ROLLBACK TO s").await.unwrap();
+            break;
+        }
+        held += 100;
+    }
+    assert!(held > 100, "{held}");
+    // Room for about 1,000 entries left (past the 640 a backend may hold here): the tenant's statement takes them all at once.
+    holder
+        .batch_execute(&format!(
+            "ROLLBACK; BEGIN; SELECT pg_advisory_xact_lock(g) FROM generate_series(1, {}) g",
+            held.saturating_sub(1000)
+        ))
+        .await
+        .unwrap();
+    let hog = app.spawn_sql(
+        &f.admin,
+        &f.project,
+        "DO $$ BEGIN FOR i IN 1..5000 LOOP
+           BEGIN EXECUTE format('CREATE TEMP TABLE hog_%s (a int)', i);
+           EXCEPTION WHEN out_of_memory THEN EXIT; END;
+         END LOOP; PERFORM pg_sleep(25); END $$",
+    );
+    let started = Instant::now();
+    let (status, body) = hog.await.unwrap();
+    assert_eq!(status, 200, "{body}");
+    let body: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_ended_for_memory(&body, Some("sql_backend_locks_limit"));
+    assert!(
+        started.elapsed() < Duration::from_secs(15),
+        "held the table for {:?}",
+        started.elapsed()
+    );
+    holder.batch_execute("ROLLBACK").await.unwrap();
+    app.stop().await;
+}
