@@ -32,10 +32,11 @@
 //! in the log when it cannot (a remote cluster: bound memory there with the
 //! cluster's own means, e.g. a cgroup). `fluxbase doctor` reports it too.
 //!
-//! Every fifth check (once a second) the cluster's one shared lock table is read as well
-//! (`pg_lock_status()`, which takes no lock itself): a tenant's backend holding more than
-//! `sql_backend_locks_limit` entries, or the largest holder of the account holding the most
-//! while tenants together hold half the table, is ended the same way ([`Measure::Locks`]).
+//! A second task reads the cluster's one shared lock table every second (`pg_lock_status()`
+//! and `pg_stat_get_activity()`, which take no lock themselves and need no process of the
+//! cluster on this host): a tenant's backend holding more than `sql_backend_locks_limit`
+//! entries, or the largest holder of the account holding the most while tenants together hold
+//! half the table, is ended the same way ([`Measure::Locks`], [`BackendMemory::watch_locks`]).
 //!
 //! Sampling bounds a backend to its limit plus what it allocates in one period (a sort touching
 //! memory at ~2 GB/s adds ~400 MB): the limits are set well below what the machine has.
@@ -589,6 +590,8 @@ struct Backend {
     pid: u32,
     project: String,
     role: String,
+    /// Private memory in bytes ([`Measure::Memory`]), or entries of the shared lock table
+    /// ([`Measure::Locks`]).
     bytes: u64,
 }
 
