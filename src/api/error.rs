@@ -60,6 +60,10 @@ pub enum ApiError {
     /// The storage backend (disk or S3) failed; the operation changed nothing.
     #[error("The storage backend is unavailable. Retry after a few seconds.")]
     StorageUnavailable(String),
+    /// A download's `Range` has no byte within the file of this many bytes (answered with
+    /// `Content-Range: bytes */<size>`, RFC 9110 §15.5.17).
+    #[error("Range: no byte of the range is within the file's {0} bytes.")]
+    RangeNotSatisfiable(u64),
     /// The path exists with other methods: those (the `Allow` header, RFC 9110 §15.5.6).
     #[error("Method not allowed.")]
     MethodNotAllowed(String),
@@ -87,6 +91,7 @@ impl ApiError {
                 StatusCode::SERVICE_UNAVAILABLE
             }
             MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
+            RangeNotSatisfiable(_) => StatusCode::RANGE_NOT_SATISFIABLE,
             Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -112,6 +117,7 @@ impl ApiError {
             StorageUnavailable(_) => "STORAGE_UNAVAILABLE",
             RealtimeUnavailable(_) => "REALTIME_UNAVAILABLE",
             MethodNotAllowed(_) => "METHOD_NOT_ALLOWED",
+            RangeNotSatisfiable(_) => "RANGE_NOT_SATISFIABLE",
             Internal(_) => "INTERNAL_ERROR",
         }
     }

@@ -76,6 +76,12 @@ pub fn error_response(e: &ApiError, request_id: Option<&str>) -> Response {
             .headers_mut()
             .insert("retry-after", secs.to_string().parse().expect("digits"));
     }
+    if let ApiError::RangeNotSatisfiable(size) = e {
+        response.headers_mut().insert(
+            "content-range",
+            format!("bytes */{size}").parse().expect("ascii"),
+        );
+    }
     if let ApiError::MethodNotAllowed(allow) = e {
         if let Ok(v) = allow.parse() {
             response.headers_mut().insert("allow", v);

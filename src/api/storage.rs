@@ -12,7 +12,7 @@ use std::sync::Arc;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
-use warp::http::{header, HeaderMap, HeaderValue};
+use warp::http::{header, HeaderMap, HeaderValue, StatusCode};
 use warp::reply::Response;
 use warp::Reply as _;
 
@@ -659,7 +659,13 @@ impl DeleteFile {
 responses((status = 200, description = "The file's bytes, with the type it was uploaded with", content_type = "*/*",
         headers(("content-disposition" = String, description = "inline or attachment, with the file's name"),
                 ("content-security-policy" = String, description = "`default-src 'none'; sandbox`: a file is never a page of this origin"),
-                ("cache-control" = String, description = "public files `public, max-age=60`, private ones `private, no-store`")))))]
+                ("cache-control" = String, description = "public files `public, max-age=60`, private ones `private, no-store`"),
+                ("etag" = String, description = "A strong entity tag of this version of the file"),
+                ("last-modified" = String, description = "When the file last changed"),
+                ("accept-ranges" = String, description = "`bytes`"))),
+        (status = 206, description = "The bytes of the one range `Range: bytes=…` asked for, with `Content-Range`", content_type = "*/*"),
+        (status = 304, description = "`If-None-Match` or `If-Modified-Since`: the client's copy is this version"),
+        (status = 416, description = "`Range` starts at or past the file's end; `Content-Range: bytes */<size>`", body = crate::api::openapi::ErrorBody)))]
 pub async fn signed_download(app: SharedApp, req: Request) -> ApiResult<Response> {
     signed(app, req, false).await
 }
@@ -669,7 +675,8 @@ pub async fn signed_download(app: SharedApp, req: Request) -> ApiResult<Response
     params(("key" = String, Query, description = "The file's key"),
            ("expires" = String, Query, description = "Unix seconds"),
            ("signature" = String, Query, description = "HMAC of key and expiry")),
-    responses((status = 200, description = "The file's headers")))]
+    responses((status = 200, description = "The file's headers (a `HEAD` ignores `Range`)"),
+        (status = 304, description = "`If-None-Match` or `If-Modified-Since`: the client's copy is this version")))]
 pub async fn signed_download_head(app: SharedApp, req: Request) -> ApiResult<Response> {
     signed(app, req, true).await
 }
@@ -678,7 +685,7 @@ async fn signed(app: SharedApp, req: Request, head: bool) -> ApiResult<Response>
     let key = req.param("key")?;
     let (expires, signature) = (req.param("expires")?, req.param("signature")?);
     app.storage.verify_signed(key, expires, signature)?;
-    serve(&app, key, false, head, req.client).await
+    serve(&app, key, false, head, &req.headers, req.client).await
 }
 
 /// A file of a public bucket, at `/api/storage/public/<projectId>/<bucket>/<path>`.
@@ -687,7 +694,13 @@ async fn signed(app: SharedApp, req: Request, head: bool) -> ApiResult<Response>
 responses((status = 200, description = "The file's bytes, with the type it was uploaded with", content_type = "*/*",
         headers(("content-disposition" = String, description = "inline or attachment, with the file's name"),
                 ("content-security-policy" = String, description = "`default-src 'none'; sandbox`: a file is never a page of this origin"),
-                ("cache-control" = String, description = "public files `public, max-age=60`, private ones `private, no-store`")))))]
+                ("cache-control" = String, description = "public files `public, max-age=60`, private ones `private, no-store`"),
+                ("etag" = String, description = "A strong entity tag of this version of the file"),
+                ("last-modified" = String, description = "When the file last changed"),
+                ("accept-ranges" = String, description = "`bytes`"))),
+        (status = 206, description = "The bytes of the one range `Range: bytes=…` asked for, with `Content-Range`", content_type = "*/*"),
+        (status = 304, description = "`If-None-Match` or `If-Modified-Since`: the client's copy is this version"),
+        (status = 416, description = "`Range` starts at or past the file's end; `Content-Range: bytes */<size>`", body = crate::api::openapi::ErrorBody)))]
 pub async fn public_download(app: SharedApp, req: Request) -> ApiResult<Response> {
     public(app, req, false).await
 }
@@ -695,7 +708,8 @@ pub async fn public_download(app: SharedApp, req: Request) -> ApiResult<Response
 /// The headers of [`public_download`], without the body.
 #[utoipa::path(head, path = "/api/storage/public/{path}", tag = "storage",
     params(("path" = String, Path, description = "`<projectId>/<bucket>/<file path>`, percent-encoded")),
-    responses((status = 200, description = "The file's headers")))]
+    responses((status = 200, description = "The file's headers (a `HEAD` ignores `Range`)"),
+        (status = 304, description = "`If-None-Match` or `If-Modified-Since`: the client's copy is this version")))]
 pub async fn public_download_head(app: SharedApp, req: Request) -> ApiResult<Response> {
     public(app, req, true).await
 }
@@ -704,19 +718,22 @@ async fn public(app: SharedApp, req: Request, head: bool) -> ApiResult<Response>
     let key = percent_encoding::percent_decode_str(&req.tail)
         .decode_utf8()
         .map_err(|_| ApiError::from(StorageError::NotServed))?;
-    serve(&app, &key, true, head, req.client).await
+    serve(&app, &key, true, head, &req.headers, req.client).await
 }
 
 /// The response for a download: the file's type, length and disposition, a sandboxing CSP, a
-/// cache policy by the bucket's visibility; the body is one buffer (a small local file) or
-/// streams (none for `HEAD`).
+/// cache policy by the bucket's visibility, its validators; the body is one buffer (a small local
+/// file) or streams (none for `HEAD`). A range or a precondition in `headers` makes it a 206
+/// with `Content-Range`, a 304 or a 416 ([`crate::storage::ranges`]).
 async fn serve(
     app: &App,
     key: &str,
     public_only: bool,
     head: bool,
+    headers: &HeaderMap,
     client: Option<std::net::IpAddr>,
 ) -> ApiResult<Response> {
+    use crate::storage::ranges::{Conditions, Outcome};
     let project = app
         .auth
         .load_project(project_of_key(key))
@@ -725,10 +742,19 @@ async fn serve(
     if project.status == crate::projects::ProjectStatus::Suspended {
         return Err(ApiError::ProjectSuspended);
     }
+    let conditions = Conditions::from_headers(!head, |name| {
+        headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string)
+    });
     let download = app
         .storage
-        .download(key, public_only, !head, client)
+        .download(key, public_only, !head, &conditions, client)
         .await?;
+    if download.outcome == Outcome::Unsatisfiable {
+        return Err(ApiError::RangeNotSatisfiable(download.total));
+    }
     if !head {
         app.metrics
             .storage_served_bytes
@@ -736,21 +762,22 @@ async fn serve(
     }
     let header = |v: String| HeaderValue::from_str(&v).map_err(|e| ApiError::Internal(e.into()));
     let disposition = header(download.content_disposition())?;
+    let status = match download.outcome {
+        Outcome::NotModified => StatusCode::NOT_MODIFIED,
+        Outcome::Part { .. } => StatusCode::PARTIAL_CONTENT,
+        _ => StatusCode::OK,
+    };
     let mut response = match download.body {
-        _ if head => Response::new(Default::default()),
+        _ if head || download.outcome == Outcome::NotModified => Response::new(Default::default()),
         ObjectBody::Whole(bytes) => Response::new(bytes.into()),
         ObjectBody::Stream(body) => warp::reply::stream(response_body(body)).into_response(),
     };
+    *response.status_mut() = status;
     let h = response.headers_mut();
-    h.insert("content-type", header(download.content_type)?);
-    h.insert("content-length", header(download.size.to_string())?);
-    h.insert("x-content-type-options", header("nosniff".into())?);
-    // A user's file is never a page of this origin: no scripts, no requests, no forms.
-    h.insert(
-        "content-security-policy",
-        header("default-src 'none'; sandbox".into())?,
-    );
-    h.insert("content-disposition", disposition);
+    h.insert("etag", header(download.validators.etag.clone())?);
+    if let Some(date) = download.validators.last_modified() {
+        h.insert("last-modified", header(date)?);
+    }
     h.insert(
         "cache-control",
         header(
@@ -762,6 +789,26 @@ async fn serve(
             .into(),
         )?,
     );
+    h.insert("x-content-type-options", header("nosniff".into())?);
+    if download.outcome == Outcome::NotModified {
+        return Ok(response);
+    }
+    if let Outcome::Part { start, len } = download.outcome {
+        let last = start + len - 1;
+        h.insert(
+            "content-range",
+            header(format!("bytes {start}-{last}/{}", download.total))?,
+        );
+    }
+    h.insert("accept-ranges", header("bytes".into())?);
+    h.insert("content-type", header(download.content_type.clone())?);
+    h.insert("content-length", header(download.size.to_string())?);
+    // A user's file is never a page of this origin: no scripts, no requests, no forms.
+    h.insert(
+        "content-security-policy",
+        header("default-src 'none'; sandbox".into())?,
+    );
+    h.insert("content-disposition", disposition);
     Ok(response)
 }
 

@@ -35,6 +35,7 @@ use object_store::{
 };
 
 use super::buffers::{Buffers, Share, BIG_CHUNK, SMALL_CHUNK, STREAM_HOLD};
+use super::ranges::{Conditions, Outcome, Validators};
 use super::served::FileIdentity;
 use super::StorageError;
 use crate::config::Config;
@@ -81,8 +82,15 @@ pub const WHOLE_READ: u64 = 4 * 1024 * 1024;
 
 /// A stored object as [`Backend::read`] hands it out.
 pub struct Object {
-    /// Bytes; the body is exactly this long (a shorter object cuts a stream off with an error).
+    /// The body's bytes: the whole object, the range asked for, or none (not modified, an
+    /// unsatisfiable range); the body is exactly this long (a shorter object cuts a stream off
+    /// with an error).
     pub size: u64,
+    /// The whole object's bytes.
+    pub total: u64,
+    /// What the request's range and preconditions make of it ([`super::ranges`]).
+    pub outcome: Outcome,
+    pub validators: Validators,
     pub body: ObjectBody,
     /// Which file it is (the local backend only).
     pub identity: Option<FileIdentity>,
@@ -517,13 +525,16 @@ impl Backend {
     /// whole, a larger one streamed in large reads) and, for a local file, which file it is. A
     /// local file is opened and read (its first chunk, or all of a small one) in one trip to
     /// the blocking pool, so that the response's headers and first bytes can leave together.
-    /// Without `body` (a `HEAD`) a local file is only opened: its body is empty.
+    /// Without `body` (a `HEAD`) a local file is only opened: its body is empty. `conditions`:
+    /// the request's range and preconditions, judged against the object's validators before
+    /// anything is read; only the bytes the outcome needs are read.
     /// `client`: the address the download goes to (its shares of the read budget are capped,
     /// [`super::buffers`]).
     pub async fn read(
         &self,
         key: &str,
         body: bool,
+        conditions: &Conditions,
         client: Option<std::net::IpAddr>,
     ) -> Result<Object, StorageError> {
         if let Backend::Local { store, buffers, .. } = self {
@@ -531,14 +542,18 @@ impl Backend {
                 .path_to_filesystem(&path_of(key))
                 .map_err(unavailable)?;
             let buffers = buffers.clone();
-            let opened =
-                tokio::task::spawn_blocking(move || open_local(&path, body, buffers, client))
-                    .await
-                    .map_err(StorageError::from)?
-                    .map_err(|e| StorageError::Unavailable(format!("reading {key}: {e}")))?;
+            let conditions = conditions.clone();
+            let opened = tokio::task::spawn_blocking(move || {
+                open_local(&path, body, &conditions, buffers, client)
+            })
+            .await
+            .map_err(StorageError::from)?
+            .map_err(|e| StorageError::Unavailable(format!("reading {key}: {e}")))?;
             let Some(Opened {
                 file,
                 size,
+                total,
+                outcome,
                 first,
                 identity,
                 rest,
@@ -546,39 +561,91 @@ impl Backend {
             else {
                 return Err(StorageError::NotServed);
             };
-            let Some(rest) = rest else {
-                return Ok(Object {
-                    size,
-                    body: ObjectBody::Whole(first),
-                    identity: Some(identity),
-                });
+            let validators = identity.validators();
+            let body = match rest {
+                None => ObjectBody::Whole(first),
+                Some(rest) => {
+                    let rest = read_file(file, size - first.len() as u64, rest);
+                    ObjectBody::Stream(
+                        futures_util::stream::once(async move { Ok(first) })
+                            .chain(rest)
+                            .boxed(),
+                    )
+                }
             };
-            let rest = read_file(file, size - first.len() as u64, rest);
-            let stream = futures_util::stream::once(async move { Ok(first) })
-                .chain(rest)
-                .boxed();
             return Ok(Object {
                 size,
-                body: ObjectBody::Stream(stream),
+                total,
+                outcome,
+                validators,
+                body,
                 identity: Some(identity),
             });
         }
         let store = self.store();
-        let got = match store.get(&path_of(key)).await {
-            Ok(g) => g,
-            Err(object_store::Error::NotFound { .. }) => return Err(StorageError::NotServed),
-            Err(e) => return Err(unavailable(e)),
+        let path = path_of(key);
+        let missing = |e: object_store::Error| match e {
+            object_store::Error::NotFound { .. } => StorageError::NotServed,
+            e => unavailable(e),
         };
-        let size = got.meta.size;
-        let stream = match got.payload {
-            GetResultPayload::File(file, _) => read_file(file, size, Reads::plain(BIG_CHUNK)),
-            GetResultPayload::Stream(s) => s.map(|r| r.map_err(std::io::Error::other)).boxed(),
-        };
-        Ok(Object {
-            size,
-            body: ObjectBody::Stream(stream),
-            identity: None,
-        })
+        // With a range or a precondition the object's metadata decides first (one more round
+        // trip); the read that follows is of that very object (`If-Match` its ETag), else the
+        // judgement is made again, once.
+        let mut options = object_store::GetOptions::default();
+        let mut judged = None;
+        for attempt in 0..2 {
+            if !conditions.is_empty() {
+                let meta = store.head(&path).await.map_err(missing)?;
+                let validators = s3_validators(&meta);
+                let outcome = conditions.judge(&validators, meta.size);
+                let range = match outcome {
+                    Outcome::Whole => None,
+                    Outcome::Part { start, len } => {
+                        Some(object_store::GetRange::Bounded(start..start + len))
+                    }
+                    Outcome::NotModified | Outcome::Unsatisfiable => {
+                        return Ok(Object {
+                            size: 0,
+                            total: meta.size,
+                            outcome,
+                            validators,
+                            body: ObjectBody::Whole(Bytes::new()),
+                            identity: None,
+                        })
+                    }
+                };
+                options = object_store::GetOptions {
+                    if_match: meta.e_tag.clone(),
+                    range,
+                    ..Default::default()
+                };
+                judged = Some((outcome, validators));
+            }
+            let got = match store.get_opts(&path, options.clone()).await {
+                Ok(g) => g,
+                Err(object_store::Error::Precondition { .. }) if attempt == 0 => continue,
+                Err(e) => return Err(missing(e)),
+            };
+            let total = got.meta.size;
+            let size = got.range.end - got.range.start;
+            let (outcome, validators) =
+                judged.unwrap_or_else(|| (Outcome::Whole, s3_validators(&got.meta)));
+            let stream = match got.payload {
+                GetResultPayload::File(file, _) => read_file(file, size, Reads::plain(BIG_CHUNK)),
+                GetResultPayload::Stream(s) => s.map(|r| r.map_err(std::io::Error::other)).boxed(),
+            };
+            return Ok(Object {
+                size,
+                total,
+                outcome,
+                validators,
+                body: ObjectBody::Stream(stream),
+                identity: None,
+            });
+        }
+        Err(StorageError::Unavailable(format!(
+            "reading {key}: the object changed twice while it was being read"
+        )))
     }
 
     /// A real SigV4 pre-signed GET URL (S3 only; the local backend signs its own URLs).
@@ -656,7 +723,11 @@ impl DurableDirs {
 /// An opened local object: see [`open_local`].
 struct Opened {
     file: std::fs::File,
+    /// The bytes to send.
     size: u64,
+    /// The file's.
+    total: u64,
+    outcome: Outcome,
     /// All of the file (read whole, or a `HEAD`'s empty body), else its first chunk.
     first: Bytes,
     identity: FileIdentity,
@@ -711,18 +782,22 @@ impl Reads {
     }
 }
 
-/// A local object's file, its size, its first bytes and which file it is; `None` if there is
-/// no such file (a directory is none either). Without `body` nothing is read. A file of at
-/// most [`WHOLE_READ`] bytes is read whole if the read budget has room for it; a larger one
-/// streams in [`BIG_CHUNK`]s if the budget has room for [`STREAM_HOLD`]; otherwise the file
-/// streams in [`SMALL_CHUNK`]s ([`super::buffers`]). The first chunk is read here, so that the
-/// response's headers and first bytes can leave together.
+/// A local object's file, the bytes to send (`size`: all of it, the range asked for, or none),
+/// its first bytes and which file it is; `None` if there is no such file (a directory is none
+/// either). `conditions` are judged against the file's validators first ([`Outcome`]); nothing
+/// is read without `body`, for a `304` or for a `416`. A body of at most [`WHOLE_READ`] bytes is
+/// read whole if the read budget has room for it; a larger one streams in [`BIG_CHUNK`]s if the
+/// budget has room for [`STREAM_HOLD`]; otherwise it streams in [`SMALL_CHUNK`]s
+/// ([`super::buffers`]). The first chunk is read here, so that the response's headers and
+/// first bytes can leave together.
 fn open_local(
     path: &std::path::Path,
     body: bool,
+    conditions: &Conditions,
     buffers: Arc<Buffers>,
     client: Option<std::net::IpAddr>,
 ) -> std::io::Result<Option<Opened>> {
+    use std::io::{Seek, SeekFrom};
     let mut file = match std::fs::File::open(path) {
         Ok(f) => f,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
@@ -732,19 +807,34 @@ fn open_local(
     if !meta.is_file() {
         return Ok(None);
     }
-    let size = meta.len();
+    let total = meta.len();
     let identity = FileIdentity::of(&meta);
+    let outcome = if conditions.is_empty() {
+        Outcome::Whole
+    } else {
+        conditions.judge(&identity.validators(), total)
+    };
+    let (start, size) = match outcome {
+        Outcome::Whole => (0, total),
+        Outcome::Part { start, len } => (start, len),
+        Outcome::NotModified | Outcome::Unsatisfiable => (0, 0),
+    };
     if !body || size == 0 {
         return Ok(Some(Opened {
             file,
             size,
+            total,
+            outcome,
             first: Bytes::new(),
             identity,
             rest: None,
         }));
     }
+    if start > 0 {
+        file.seek(SeekFrom::Start(start))?;
+    }
     // A whole read's share pays for its buffer's capacity (an idle one may be up to half as
-    // big again as the file); a stream's for six chunks of exactly `BIG_CHUNK`.
+    // big again as the body); a stream's for six chunks of exactly `BIG_CHUNK`.
     let whole = size <= WHOLE_READ;
     let (share, buf) = if whole {
         let buf = buffers.get(size as usize, size as usize + size as usize / 2);
@@ -772,10 +862,31 @@ fn open_local(
     Ok(Some(Opened {
         file,
         size,
+        total,
+        outcome,
         first,
         identity,
         rest: rest.then_some(reads),
     }))
+}
+
+/// An S3 object's validators: from its own ETag, size and time (the same on every node).
+fn s3_validators(meta: &object_store::ObjectMeta) -> Validators {
+    let modified: std::time::SystemTime = meta.last_modified.into();
+    let nanos = meta
+        .last_modified
+        .timestamp_nanos_opt()
+        .unwrap_or_default()
+        .to_le_bytes();
+    Validators::new(
+        &[
+            b"s3",
+            meta.e_tag.as_deref().unwrap_or_default().as_bytes(),
+            &meta.size.to_le_bytes(),
+            &nanos,
+        ],
+        Some(modified),
+    )
 }
 
 /// Reads the `size` bytes of a file in chunks (`reads`) on the blocking pool. The chunks are

@@ -17,9 +17,14 @@ pub struct Download {
     /// The file's name in its bucket.
     pub name: String,
     pub content_type: String,
-    /// Bytes; the body is exactly this long (a shorter object cuts the stream off with an
-    /// error).
+    /// The body's bytes (all of the file, its range, or none); the body is exactly this long
+    /// (a shorter object cuts the stream off with an error).
     pub size: u64,
+    /// The file's bytes.
+    pub total: u64,
+    /// Whole, a part, not modified or an unsatisfiable range ([`super::ranges`]).
+    pub outcome: super::ranges::Outcome,
+    pub validators: super::ranges::Validators,
     /// The file's bucket is public (the response may then be cached by anyone).
     pub public: bool,
     /// All of a small local file, else a stream.
@@ -49,7 +54,8 @@ impl Storage {
     /// The listed file stored under `key` (in a public bucket, with `public_only`), ready to
     /// serve. The caller has checked the grant (a signature, or none for public files) and that
     /// the key's project exists and is not suspended. Without `body` (a `HEAD`) a local file's
-    /// bytes are not read (its body is empty).
+    /// bytes are not read (its body is empty); `conditions` (a range, preconditions) decide
+    /// which of them are.
     ///
     /// The row comes from [`super::served`] when it holds one made for the very file opened
     /// (the local backend: a file this server stored or served since), else from the control
@@ -59,17 +65,21 @@ impl Storage {
         key: &str,
         public_only: bool,
         body: bool,
+        conditions: &super::ranges::Conditions,
         client: Option<std::net::IpAddr>,
     ) -> Result<Download, StorageError> {
         let make = |served: Served, object: super::backend::Object| Download {
             name: served.name,
             content_type: served.content_type,
             size: object.size,
+            total: object.total,
+            outcome: object.outcome,
+            validators: object.validators,
             public: served.public,
             body: object.body,
         };
         if self.served.holds(key) {
-            let object = self.backend.read(key, body, client).await?;
+            let object = self.backend.read(key, body, conditions, client).await?;
             if let Some(served) = object
                 .identity
                 .and_then(|id| self.served.get(key, &id))
@@ -89,7 +99,7 @@ impl Storage {
         // (an object opened for nothing is dropped unread).
         let (file, object) = tokio::join!(
             self.stored_file(project_of_key(key), key),
-            self.backend.read(key, body, client)
+            self.backend.read(key, body, conditions, client)
         );
         self.decide(key, public_only, file, object?, generation)
             .map(|(s, o)| make(s, o))

@@ -50,6 +50,7 @@ mod error;
 pub mod files;
 pub mod multipart;
 pub mod names;
+pub mod ranges;
 pub mod served;
 pub mod signing;
 pub mod sweep;

@@ -52,6 +52,24 @@ impl FileIdentity {
             mtime_ns: ns(meta.mtime(), meta.mtime_nsec()),
         }
     }
+
+    /// Its entity tag (a digest of all of it: a replaced or rewritten file gets another) and
+    /// its modification time ([`super::ranges`]).
+    pub fn validators(&self) -> super::ranges::Validators {
+        let modified = u64::try_from(self.mtime_ns)
+            .ok()
+            .map(|ns| std::time::UNIX_EPOCH + std::time::Duration::from_nanos(ns));
+        super::ranges::Validators::new(
+            &[
+                &self.dev.to_le_bytes(),
+                &self.ino.to_le_bytes(),
+                &self.size.to_le_bytes(),
+                &self.ctime_ns.to_le_bytes(),
+                &self.mtime_ns.to_le_bytes(),
+            ],
+            modified,
+        )
+    }
 }
 
 /// What a download answers about a file, besides its bytes.

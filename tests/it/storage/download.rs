@@ -613,3 +613,243 @@ async fn signed_file(t: &TestApp, len: usize, seed: u8) -> (Vec<u8>, String, Str
     let path = format!("{}?{}", url.path(), url.query().unwrap());
     (data, addr, path)
 }
+
+/// A GET of `url` with `headers`: status, response headers, body.
+async fn fetch_with(
+    url: &str,
+    headers: &[(&str, &str)],
+) -> (u16, reqwest::header::HeaderMap, Bytes) {
+    let mut req = reqwest::Client::new().get(url);
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    let resp = req.send().await.expect("fetching a download URL");
+    let status = resp.status().as_u16();
+    let got = resp.headers().clone();
+    (status, got, resp.bytes().await.unwrap())
+}
+
+/// Ranges and preconditions on the URLs Fluxbase serves itself (`urls` of a file holding
+/// `data`): a range's bytes with `Content-Range`, a suffix, an open end, one past the end (416
+/// in the error shape), ignored forms, `If-Range`, `If-None-Match`, `If-Modified-Since`, `HEAD`.
+async fn ranges_are_served(urls: &[String], data: &[u8]) {
+    let len = data.len();
+    for url in urls {
+        let (status, whole, bytes) = fetch(url).await;
+        assert_eq!(status, 200);
+        assert_eq!(bytes.as_ref(), data);
+        assert_eq!(whole["accept-ranges"], "bytes");
+        let etag = whole["etag"].to_str().unwrap().to_string();
+        assert!(etag.starts_with('"') && etag.ends_with('"'), "{etag}");
+        let modified = whole["last-modified"].to_str().unwrap().to_string();
+
+        let cases: &[(String, usize, usize)] = &[
+            ("bytes=0-9".into(), 0, 10),
+            (format!("bytes={}-{}", len / 2, len / 2 + 99), len / 2, 100),
+            (format!("bytes={}-", len - 7), len - 7, 7),
+            ("bytes=-5".into(), len - 5, 5),
+            (format!("bytes=-{}", len * 3), 0, len),
+            (format!("bytes=3-{}", len * 9), 3, len - 3),
+        ];
+        for (range, start, n) in cases {
+            let (status, got, bytes) = fetch_with(url, &[("range", range)]).await;
+            assert_eq!(status, 206, "{range}");
+            assert_eq!(bytes.as_ref(), &data[*start..start + n], "{range}");
+            assert_eq!(
+                got["content-range"],
+                format!("bytes {start}-{}/{len}", start + n - 1).as_str(),
+                "{range}"
+            );
+            assert_eq!(got["content-length"], n.to_string().as_str());
+            assert_eq!(got["etag"], etag.as_str());
+            for h in ["content-type", "content-disposition", "cache-control"] {
+                assert_eq!(got.get(h), whole.get(h), "{range}: {h}");
+            }
+        }
+        // Nothing of the file: 416 in the guide's error shape, with the size.
+        for range in [format!("bytes={len}-"), "bytes=-0".into()] {
+            let (status, got, bytes) = fetch_with(url, &[("range", &range)]).await;
+            assert_eq!(status, 416, "{range}");
+            assert_eq!(got["content-range"], format!("bytes */{len}").as_str());
+            let body: Value = serde_json::from_slice(&bytes).unwrap();
+            assert_eq!(body["success"], false);
+            assert_eq!(body["error"]["code"], "RANGE_NOT_SATISFIABLE", "{body}");
+        }
+        // Forms RFC 9110 lets a server ignore: the whole file.
+        for range in ["bytes=0-1,5-9", "lines=0-9", "bytes=9-3", "bytes=x-"] {
+            let (status, got, bytes) = fetch_with(url, &[("range", range)]).await;
+            assert_eq!(status, 200, "{range}");
+            assert_eq!(bytes.len(), len);
+            assert!(got.get("content-range").is_none());
+        }
+        // If-Range: the file's own tag or date keeps the range; another gives the whole file.
+        for (validator, partial) in [
+            (etag.as_str(), true),
+            (modified.as_str(), true),
+            ("\"another\"", false),
+            ("Thu, 01 Jan 2015 00:00:00 GMT", false),
+        ] {
+            let (status, _, bytes) =
+                fetch_with(url, &[("range", "bytes=0-3"), ("if-range", validator)]).await;
+            assert_eq!(status, if partial { 206 } else { 200 }, "{validator}");
+            assert_eq!(bytes.len(), if partial { 4 } else { len });
+        }
+        // Revalidation: 304 with no body while the file is this one.
+        for headers in [
+            vec![("if-none-match", etag.as_str())],
+            vec![("if-none-match", "*")],
+            vec![("if-modified-since", modified.as_str())],
+        ] {
+            let (status, got, bytes) = fetch_with(url, &headers).await;
+            assert_eq!(status, 304, "{headers:?}");
+            assert!(bytes.is_empty());
+            assert_eq!(got["etag"], etag.as_str());
+        }
+        let (status, _, bytes) = fetch_with(url, &[("if-none-match", "\"another\"")]).await;
+        assert_eq!((status, bytes.len()), (200, len));
+        let (status, _, _) = fetch_with(
+            url,
+            &[("if-modified-since", "Thu, 01 Jan 2015 00:00:00 GMT")],
+        )
+        .await;
+        assert_eq!(status, 200);
+        // HEAD ignores Range.
+        let resp = reqwest::Client::new()
+            .head(url)
+            .header("range", "bytes=0-9")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 200);
+        assert_eq!(resp.headers()["content-length"], len.to_string().as_str());
+    }
+}
+
+/// A file's public URL and (on the local backend) its signed URL.
+async fn urls_of(t: &TestApp, f: &Fixture, key: &str, public: &str, local: bool) -> Vec<String> {
+    let mut urls = vec![public.to_string()];
+    if local {
+        let (_, signed) = signed_url(t, &f.read, &f.project, key).await;
+        urls.push(signed["url"].as_str().unwrap().to_string());
+    }
+    urls
+}
+
+/// Ranges on small (read whole) and large (streamed) files; a replaced file's old tag no longer
+/// matches; the served bytes count what was sent.
+async fn ranges_on(t: &TestApp, local: bool) {
+    let f = t.fixture().await;
+    create_bucket(t, &f, "media", json!({ "isPublic": true })).await;
+    let whole = fluxbase::storage::backend::WHOLE_READ as usize;
+    for (name, len) in [("clip.mp4", 1000), ("movie.mp4", whole + 4321)] {
+        let data = pattern(len, 3);
+        let (status, body) = upload(
+            t,
+            &f.readwrite,
+            &f.project,
+            "media",
+            name,
+            "video/mp4",
+            &data,
+            &[],
+        )
+        .await;
+        assert_eq!(status, 201, "{body}");
+        let key = body["file"]["s3_key"].as_str().unwrap().to_string();
+        let public = body["file"]["public_url"].as_str().unwrap().to_string();
+        let urls = urls_of(t, &f, &key, &public, local).await;
+        ranges_are_served(&urls, &data).await;
+
+        // Replaced: the old tag matches nothing (200, new bytes; If-Range gives the whole).
+        let (_, before, _) = fetch(&public).await;
+        let old_tag = before["etag"].to_str().unwrap().to_string();
+        let new = pattern(len, 9);
+        let (status, body) = upload(
+            t,
+            &f.readwrite,
+            &f.project,
+            "media",
+            name,
+            "video/mp4",
+            &new,
+            &[("upsert", "true")],
+        )
+        .await;
+        assert_eq!(status, 200, "{body}");
+        for url in urls_of(t, &f, &key, &public, local).await {
+            let (status, got, bytes) = fetch_with(&url, &[("if-none-match", &old_tag)]).await;
+            assert_eq!(status, 200, "{url}");
+            assert_eq!(bytes.as_ref(), new.as_slice());
+            assert_ne!(got["etag"], old_tag.as_str());
+            let (status, _, bytes) =
+                fetch_with(&url, &[("range", "bytes=0-3"), ("if-range", &old_tag)]).await;
+            assert_eq!((status, bytes.as_ref()), (200, new.as_slice()));
+        }
+    }
+    // A private file's public URL stays 404 whatever the range.
+    create_bucket(t, &f, "private", json!({})).await;
+    let (status, body) = upload(
+        t,
+        &f.readwrite,
+        &f.project,
+        "private",
+        "a.txt",
+        "text/plain",
+        b"secret",
+        &[],
+    )
+    .await;
+    assert_eq!(status, 201, "{body}");
+    let key = body["file"]["s3_key"].as_str().unwrap();
+    let url = t.url(&format!("/api/storage/public/{key}"));
+    for headers in [
+        vec![("range", "bytes=0-1")],
+        vec![("range", "bytes=100-")],
+        vec![("if-none-match", "*")],
+    ] {
+        let (status, _, _) = fetch_with(&url, &headers).await;
+        assert_eq!(status, 404, "{headers:?}");
+    }
+}
+
+#[tokio::test]
+async fn ranges_and_revalidation_are_answered_on_the_local_backend() {
+    let t = spawn_app().await;
+    ranges_on(&t, true).await;
+    // The served bytes count a range's bytes, not the file's.
+    let f = t.fixture().await;
+    create_bucket(&t, &f, "count", json!({ "isPublic": true })).await;
+    let (_, body) = upload(
+        &t,
+        &f.readwrite,
+        &f.project,
+        "count",
+        "c.bin",
+        "application/octet-stream",
+        &pattern(100_000, 1),
+        &[],
+    )
+    .await;
+    let public = body["file"]["public_url"].as_str().unwrap().to_string();
+    let served = || async {
+        let text = t.metrics_text().await;
+        text.lines()
+            .find_map(|l| l.strip_prefix("fluxbase_storage_served_bytes_total "))
+            .unwrap()
+            .parse::<u64>()
+            .unwrap()
+    };
+    let before = served().await;
+    let (status, _, _) = fetch_with(&public, &[("range", "bytes=10-19")]).await;
+    assert_eq!(status, 206);
+    assert_eq!(served().await - before, 10);
+    t.stop().await;
+}
+
+#[tokio::test]
+async fn ranges_and_revalidation_are_answered_on_s3() {
+    let s3 = S3Server::start().await;
+    let t = s3.spawn_app().await;
+    ranges_on(&t, false).await;
+    t.stop().await;
+}
