@@ -283,6 +283,21 @@ impl App {
             if let Err(e) = app.storage.sweep().await {
                 tracing::warn!(error = %e, "storage sweep at start-up");
             }
+            // Databases and roles a crash or a failed drop left behind (recorded ones only):
+            // now, then every so often, off the start-up path.
+            let weak = Arc::downgrade(&app);
+            tokio::spawn(async move {
+                let mut tick = tokio::time::interval(crate::projects::teardown::SWEEP_EVERY);
+                tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                loop {
+                    tick.tick().await;
+                    let Some(app) = weak.upgrade() else { return };
+                    let grace = crate::projects::teardown::CREATION_GRACE;
+                    if let Err(e) = app.projects.sweep_teardowns(grace, &app.metrics).await {
+                        tracing::warn!(error = %format!("{e:#}"), "sweeping project teardowns");
+                    }
+                }
+            });
             // Then staged uploads nobody writes any more, every so often, as long as it runs.
             let weak = Arc::downgrade(&app);
             let every = std::time::Duration::from_secs(app.config.storage_staged_sweep_secs);

@@ -104,6 +104,11 @@ pub const CONTROL_MIGRATIONS: &[(i32, &str, &str)] = &[
         "invite_sender_key_hash",
         include_str!("../sql/control/0026_invite_sender_key_hash.sql"),
     ),
+    (
+        27,
+        "project_teardowns",
+        include_str!("../sql/control/0027_project_teardowns.sql"),
+    ),
 ];
 
 /// Where the project databases live and how the server reaches the cluster as its admin role.

@@ -51,6 +51,10 @@ pub struct Metrics {
     pub sql_backends_ended_for_memory: AtomicU64,
     /// Tenant backends the server ended for the locks they held (`sql::memory`).
     pub sql_backends_ended_for_locks: AtomicU64,
+    /// Project databases and roles the teardown sweep dropped, and those its last pass left to
+    /// drop (a gauge; `projects::teardown`).
+    pub project_teardowns_swept: AtomicU64,
+    pub project_teardowns_pending: AtomicU64,
     pub connections_stalled: AtomicU64,
     /// Broadcasts from SQL or the REST API over their project's budget (dropped, or 429).
     pub realtime_broadcasts_dropped: AtomicU64,
@@ -242,6 +246,18 @@ impl Metrics {
                 "counter",
                 "Tenant PostgreSQL backends ended because they held more than sql_backend_locks_limit entries of the cluster's shared lock table, or the most while tenants together held half of it.",
                 &self.sql_backends_ended_for_locks,
+            ),
+            (
+                "fluxbase_project_teardowns_swept_total",
+                "counter",
+                "Databases and roles of projects that were not (or no longer) projects, left by a crash or a failed drop, that the teardown sweep dropped.",
+                &self.project_teardowns_swept,
+            ),
+            (
+                "fluxbase_project_teardowns_pending",
+                "gauge",
+                "Databases and roles of deleted or abandoned projects still to drop after the teardown sweep's last pass (their drop failed; retried every sweep).",
+                &self.project_teardowns_pending,
             ),
             (
                 "fluxbase_connections_stalled_total",

@@ -166,8 +166,9 @@ impl App {
             self.cdc.stop(project_id).await;
             self.mysql.dumps.forget(project_id);
             self.sql.forget_project(project_id);
+            // Recorded first: what a failed drop leaves, the sweep drops once the row is gone.
             self.projects
-                .drop_database(project_id, &project.db_name, project.engine)
+                .tear_down(project_id, &project.db_name, project.engine)
                 .await;
             self.projects.delete_row(project_id).await
         }

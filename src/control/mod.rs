@@ -11,6 +11,7 @@ pub mod invitations;
 pub mod members;
 pub mod projects;
 pub mod sessions;
+pub mod teardowns;
 pub mod users;
 pub mod webhooks;
 

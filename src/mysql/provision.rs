@@ -161,24 +161,25 @@ impl Mysql {
     }
 
     /// Drops the project's accounts (ending their sessions) and database. Best effort: each
-    /// failure is logged, the rest still runs.
-    pub async fn deprovision(&self, project_id: &str, db_name: &str) {
+    /// failure is logged, the rest still runs; whether everything went (else the teardown
+    /// sweep tries again).
+    pub async fn deprovision(&self, project_id: &str, db_name: &str) -> bool {
         if check_id(project_id).is_err() {
-            return;
+            return false;
         }
         self.sql.forget_project(project_id);
         let target = match self.server().await {
             Ok(t) => t,
             Err(e) => {
                 tracing::error!(project_id, error = %e, "MySQL server unreachable: project database left");
-                return;
+                return false;
             }
         };
         let mut conn = match target.admin_pool.get_conn().await {
             Ok(c) => c,
             Err(e) => {
                 tracing::error!(project_id, error = %e, "MySQL server unreachable: project database left");
-                return;
+                return false;
             }
         };
         let _ = self.kill_sessions(&mut conn, project_id).await;
@@ -192,6 +193,7 @@ impl Mysql {
             })
             .collect();
         stmts.push(format!("DROP DATABASE IF EXISTS `{db_name}`"));
+        let mut clean = true;
         match strays(&mut conn, db_name).await {
             Ok(found) => stmts.extend(
                 found
@@ -199,14 +201,17 @@ impl Mysql {
                     .map(|d| format!("DROP DATABASE IF EXISTS `{}`", d.replace('`', "``"))),
             ),
             Err(e) => {
+                clean = false;
                 tracing::error!(project_id, error = %e, "listing a MySQL project's stray databases")
             }
         }
         for stmt in stmts {
             if let Err(e) = conn.query_drop(&stmt).await {
+                clean = false;
                 tracing::error!(project_id, error = %e, statement = %stmt, "deprovisioning a MySQL project");
             }
         }
+        clean
     }
 
     /// Suspension: the accounts are locked and their sessions ended; resuming unlocks them.

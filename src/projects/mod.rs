@@ -26,6 +26,7 @@
 pub mod instance;
 mod provision;
 mod role_login;
+pub mod teardown;
 
 use std::sync::Arc;
 
@@ -321,12 +322,15 @@ impl Projects {
         let id = random_hex::<8>();
         let db_name = format!("fx_{id}");
         tracing::info!(project_id = %id, engine = engine.as_str(), "creating project");
+        // Recorded before anything is made: a crash from here on leaves a record the teardown
+        // sweep finds, not a database and roles nothing names.
+        control::teardowns::record(&self.control.get().await?, &id, &db_name, engine, true).await?;
         let provisioned = match engine {
             Engine::Postgresql => self.provision(&id, &db_name).await,
             Engine::Mysql => self.mysql.provision(&id, &db_name).await,
         };
         if let Err(e) = provisioned {
-            self.drop_database(&id, &db_name, engine).await;
+            self.tear_down(&id, &db_name, engine).await;
             return Err(e.into());
         }
         let result: Result<(Project, DefaultKeys), ProjectsError> = async {
@@ -336,6 +340,13 @@ impl Projects {
                 control::projects::insert(&tx, &id, &name, &db_name, latest_version(), engine)
                     .await?;
             control::members::insert(&tx, &id, user_id, MemberRole::Admin).await?;
+            if !control::teardowns::created(&tx, &id).await? {
+                return Err(ProjectsError::Internal(anyhow::anyhow!(
+                    "project {id}: its creation outlasted the teardown sweep's grace ({} s) and \
+                     was swept as abandoned",
+                    teardown::CREATION_GRACE.as_secs()
+                )));
+            }
             let key = |scope: Scope| {
                 let name = format!("Default {} key", scope.as_str());
                 let (tx, id) = (&tx, &id);
@@ -363,13 +374,14 @@ impl Projects {
         }
         .await;
         if result.is_err() {
-            self.drop_database(&id, &db_name, engine).await;
+            self.tear_down(&id, &db_name, engine).await;
         }
         result
     }
 
-    /// Drops a project's database and roles (or MySQL database and accounts).
-    pub async fn drop_database(&self, project_id: &str, db_name: &str, engine: Engine) {
+    /// Drops a project's database and roles (or MySQL database and accounts); whether all of
+    /// it went.
+    pub async fn drop_database(&self, project_id: &str, db_name: &str, engine: Engine) -> bool {
         match engine {
             Engine::Postgresql => self.deprovision(project_id, db_name).await,
             Engine::Mysql => self.mysql.deprovision(project_id, db_name).await,
@@ -381,7 +393,7 @@ impl Projects {
         if let Ok(c) = self.control.get().await {
             let _ = control::projects::delete(&c, &project.id).await;
         }
-        self.drop_database(&project.id, &project.db_name, project.engine)
+        self.tear_down(&project.id, &project.db_name, project.engine)
             .await;
     }
 

@@ -276,10 +276,14 @@ impl Projects {
 
     /// Drops what [`provision`](Self::provision) created and the project's replication slot
     /// (after a failed creation, or to delete the project). The caller forgets the project's
-    /// SQL pools first.
-    pub async fn deprovision(&self, project_id: &str, db_name: &str) {
-        let Ok(admin) = self.cluster.connect(&self.cluster.control_db).await else {
-            return;
+    /// SQL pools first. Whether everything is gone (else the teardown sweep tries again).
+    pub async fn deprovision(&self, project_id: &str, db_name: &str) -> bool {
+        let admin = match self.cluster.connect(&self.cluster.control_db).await {
+            Ok(admin) => admin,
+            Err(e) => {
+                tracing::warn!(project_id, error = %format!("{e:#}"), "cleaning up a project: the cluster is unreachable");
+                return false;
+            }
         };
         let slot = crate::cdc::slot_name(project_id);
         // A slot keeps its database from being dropped: end its walsender, then drop it.
@@ -329,6 +333,7 @@ impl Projects {
         // (`role_login`'s ALTER ROLE): PostgreSQL then fails the DROP ROLE with "tuple
         // concurrently updated" (XX000), and the role stayed behind (red team rt8 L1). Each
         // statement is retried a few times.
+        let mut clean = dropped;
         for sql in statements {
             let mut attempt = 0;
             loop {
@@ -341,11 +346,13 @@ impl Projects {
                     }
                     Err(e) => {
                         tracing::warn!(project_id, error = ?e, statement = %sql, "cleaning up a project");
+                        clean = false;
                         break;
                     }
                 }
             }
         }
+        clean
     }
 
     /// Brings every project's database up to the latest bootstrap version; (id, database) of

@@ -8,3 +8,4 @@ mod limits;
 mod openapi;
 mod operator;
 mod red;
+mod teardown;

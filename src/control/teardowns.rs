@@ -1,0 +1,102 @@
+//! `fluxbase.project_teardowns` (control migration 27): the project databases and roles to drop
+//! that no project row stands for any more, or not yet. A creation records its project before
+//! it makes anything and removes the record in the transaction that makes the project's row; a
+//! deletion (or a failed creation's clean-up) records it before it drops, and removes the record
+//! once the drop succeeded. What stays is dropped again by the sweep ([`claim`]).
+
+use deadpool_postgres::GenericClient;
+use tokio_postgres::Error;
+
+use crate::projects::Engine;
+
+/// Records a project's database to drop (`creating`: a creation under way). A record there
+/// already keeps its age and count of attempts.
+pub async fn record(
+    db: &impl GenericClient,
+    project_id: &str,
+    db_name: &str,
+    engine: Engine,
+    creating: bool,
+) -> Result<(), Error> {
+    db.execute(
+        "INSERT INTO fluxbase.project_teardowns (project_id, db_name, engine, creating)
+         VALUES ($1, $2, $3, $4)
+         ON CONFLICT (project_id) DO UPDATE SET creating = EXCLUDED.creating",
+        &[&project_id, &db_name, &engine.as_str(), &creating],
+    )
+    .await
+    .map(drop)
+}
+
+/// In the transaction that makes the project's row: the creation's record goes. False when
+/// it is gone or no longer a creation's (a sweep took the project for abandoned: the creation
+/// must fail, its database is being dropped).
+pub async fn created(db: &impl GenericClient, project_id: &str) -> Result<bool, Error> {
+    Ok(db
+        .execute(
+            "DELETE FROM fluxbase.project_teardowns WHERE project_id = $1 AND creating",
+            &[&project_id],
+        )
+        .await?
+        == 1)
+}
+
+/// The drop succeeded: nothing is left to do.
+pub async fn done(db: &impl GenericClient, project_id: &str) -> Result<(), Error> {
+    db.execute(
+        "DELETE FROM fluxbase.project_teardowns WHERE project_id = $1",
+        &[&project_id],
+    )
+    .await
+    .map(drop)
+}
+
+/// One record to sweep, locked in the caller's transaction (another node's sweep skips it, a
+/// creation finishing waits for it): not a creation, or a creation older than `grace_secs`;
+/// never one whose project row exists; none of `skip` (tried already in this sweep).
+pub async fn claim(
+    tx: &impl GenericClient,
+    grace_secs: f64,
+    skip: &[String],
+) -> Result<Option<(String, String, Engine, i32)>, Error> {
+    Ok(tx
+        .query_opt(
+            "SELECT t.project_id, t.db_name, t.engine, t.attempts
+             FROM fluxbase.project_teardowns t
+             WHERE (NOT t.creating OR t.since < now() - make_interval(secs => $1))
+               AND NOT EXISTS (SELECT FROM fluxbase.projects p WHERE p.id = t.project_id)
+               AND t.project_id <> ALL ($2)
+             ORDER BY t.since LIMIT 1
+             FOR UPDATE SKIP LOCKED",
+            &[&grace_secs, &skip],
+        )
+        .await?
+        .map(|r| {
+            let engine: &str = r.get(2);
+            (
+                r.get(0),
+                r.get(1),
+                Engine::parse(engine).unwrap_or_default(),
+                r.get(3),
+            )
+        }))
+}
+
+/// A swept drop failed: tried again at the next sweep, as abandoned.
+pub async fn failed(db: &impl GenericClient, project_id: &str) -> Result<(), Error> {
+    db.execute(
+        "UPDATE fluxbase.project_teardowns SET creating = false, attempts = attempts + 1
+         WHERE project_id = $1",
+        &[&project_id],
+    )
+    .await
+    .map(drop)
+}
+
+/// How many records wait (for `/metrics`).
+pub async fn count(db: &impl GenericClient) -> Result<i64, Error> {
+    Ok(db
+        .query_one("SELECT count(*) FROM fluxbase.project_teardowns", &[])
+        .await?
+        .get(0))
+}

@@ -1,0 +1,103 @@
+//! Databases and roles that no project stands for: what a crash in the middle of a creation or
+//! deletion, or a drop that failed (a full lock table, an unreachable server), leaves in the
+//! cluster or on the MySQL server. Each is named in `fluxbase.project_teardowns` before it can
+//! be left behind ([`crate::control::teardowns`]), and the sweep here drops it again: at the
+//! server's start-up and every [`SWEEP_EVERY`]. Nothing is dropped that the table does not name,
+//! so a cluster shared with another deployment (or anything else) is safe, and nothing whose
+//! project row exists.
+
+use std::sync::atomic::Ordering::Relaxed;
+use std::time::Duration;
+
+use super::{Engine, Projects};
+use crate::control;
+
+/// How old a creation's record must be before the sweep takes it for abandoned (another node
+/// may be creating it: a creation takes seconds). A creation still running then fails when it
+/// would make its project's row.
+pub const CREATION_GRACE: Duration = Duration::from_secs(600);
+
+/// How often a server sweeps, after the pass at its start-up.
+pub const SWEEP_EVERY: Duration = Duration::from_secs(600);
+
+/// At most this many records a pass (the rest wait for the next).
+const PER_PASS: usize = 100;
+
+impl Projects {
+    /// Drops a project's database and roles after recording them (so that a failure or a crash
+    /// on the way leaves the record for the sweep), and forgets the record once they are gone.
+    pub async fn tear_down(&self, project_id: &str, db_name: &str, engine: Engine) {
+        let recorded = match self.control.get().await {
+            Ok(c) => control::teardowns::record(&c, project_id, db_name, engine, false)
+                .await
+                .map_err(anyhow::Error::from),
+            Err(e) => Err(e.into()),
+        };
+        if let Err(e) = &recorded {
+            tracing::warn!(project_id, error = %format!("{e:#}"), "recording a project's teardown");
+        }
+        if self.drop_database(project_id, db_name, engine).await {
+            if let Ok(c) = self.control.get().await {
+                if let Err(e) = control::teardowns::done(&c, project_id).await {
+                    tracing::warn!(project_id, error = %e, "forgetting a finished teardown (the sweep will drop nothing and forget it)");
+                }
+            }
+        } else {
+            tracing::warn!(
+                project_id,
+                db_name,
+                "a project's database or roles could not all be dropped; the teardown sweep tries again"
+            );
+        }
+    }
+
+    /// One sweep: every recorded teardown whose project row does not exist, not a creation
+    /// younger than `grace`, is dropped again; each record is locked while its drop runs (no
+    /// other node sweeps it, a creation finishing waits and then fails). Returns how many were
+    /// dropped; the metrics say how many are left.
+    pub async fn sweep_teardowns(
+        &self,
+        grace: Duration,
+        metrics: &crate::metrics::Metrics,
+    ) -> anyhow::Result<usize> {
+        let mut client = self.control.get().await?;
+        let mut tried = Vec::new();
+        let mut swept = 0;
+        while tried.len() < PER_PASS {
+            let tx = client.transaction().await?;
+            let Some((project_id, db_name, engine, attempts)) =
+                control::teardowns::claim(&tx, grace.as_secs_f64(), &tried).await?
+            else {
+                break;
+            };
+            tried.push(project_id.clone());
+            if self.drop_database(&project_id, &db_name, engine).await {
+                control::teardowns::done(&tx, &project_id).await?;
+                swept += 1;
+                tracing::info!(
+                    project_id,
+                    db_name,
+                    engine = engine.as_str(),
+                    "dropped the database and roles of a deleted or abandoned project"
+                );
+            } else {
+                control::teardowns::failed(&tx, &project_id).await?;
+                tracing::warn!(
+                    project_id,
+                    db_name,
+                    attempts = attempts + 1,
+                    "the database or roles of a deleted or abandoned project could not all be dropped; tried again at the next sweep"
+                );
+            }
+            tx.commit().await?;
+        }
+        metrics
+            .project_teardowns_swept
+            .fetch_add(swept as u64, Relaxed);
+        let left = control::teardowns::count(&client).await?;
+        metrics
+            .project_teardowns_pending
+            .store(left.max(0) as u64, Relaxed);
+        Ok(swept)
+    }
+}

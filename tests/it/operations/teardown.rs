@@ -1,0 +1,235 @@
+//! Databases and roles no project stands for: a deletion whose drop fails, and what a crash in
+//! the middle of a creation leaves, are recorded (`fluxbase.project_teardowns`) and dropped by
+//! the sweep once they can be; nothing unrecorded, nothing of a live project, and no young
+//! creation is touched.
+
+use std::time::Duration;
+
+use crate::support::{pg, spawn_app, unique};
+
+/// Whether a role and a database of these names exist.
+async fn exists(c: &tokio_postgres::Client, role: &str, db: &str) -> (bool, bool) {
+    let role = c
+        .query_opt("SELECT 1 FROM pg_roles WHERE rolname = $1", &[&role])
+        .await
+        .unwrap()
+        .is_some();
+    let db = c
+        .query_opt("SELECT 1 FROM pg_database WHERE datname = $1", &[&db])
+        .await
+        .unwrap()
+        .is_some();
+    (role, db)
+}
+
+/// The record of `project`: (creating, attempts), if any.
+async fn record(control: &tokio_postgres::Client, project: &str) -> Option<(bool, i32)> {
+    control
+        .query_opt(
+            "SELECT creating, attempts FROM fluxbase.project_teardowns WHERE project_id = $1",
+            &[&project],
+        )
+        .await
+        .unwrap()
+        .map(|r| (r.get(0), r.get(1)))
+}
+
+fn metric(text: &str, name: &str) -> u64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(&format!("{name} ")))
+        .unwrap_or_else(|| panic!("{name} in {text}"))
+        .parse()
+        .unwrap()
+}
+
+#[tokio::test]
+async fn a_deletion_whose_drop_fails_is_finished_by_the_sweep() {
+    let t = spawn_app().await;
+    let f = t.fixture().await;
+    let pg = pg().await;
+    let postgres = pg.client("postgres").await;
+    let control = pg.client(&t.app.cluster.control_db).await;
+    let read_role = format!("fx_{}_read", f.project);
+    let db = format!("fx_{}", f.project);
+    // An object of the project's read role elsewhere in the cluster: its DROP ROLE fails.
+    let blocker = unique("teardown_blocker");
+    postgres
+        .batch_execute(&format!(
+            "CREATE TABLE {blocker} (x int); ALTER TABLE {blocker} OWNER TO \"{read_role}\""
+        ))
+        .await
+        .unwrap();
+    t.delete_project(&f.project, &f.admin).await;
+    assert_eq!(exists(&postgres, &read_role, &db).await, (true, false));
+    assert_eq!(record(&control, &f.project).await, Some((false, 0)));
+
+    let sweep = || {
+        t.app
+            .projects
+            .sweep_teardowns(Duration::from_secs(600), &t.app.metrics)
+    };
+    assert_eq!(sweep().await.unwrap(), 0);
+    assert_eq!(record(&control, &f.project).await, Some((false, 1)));
+    let text = t.metrics_text().await;
+    assert!(
+        metric(&text, "fluxbase_project_teardowns_pending") >= 1,
+        "{text}"
+    );
+
+    postgres
+        .batch_execute(&format!("DROP TABLE {blocker}"))
+        .await
+        .unwrap();
+    assert!(sweep().await.unwrap() >= 1);
+    assert_eq!(exists(&postgres, &read_role, &db).await, (false, false));
+    assert_eq!(record(&control, &f.project).await, None);
+    let text = t.metrics_text().await;
+    assert!(
+        metric(&text, "fluxbase_project_teardowns_swept_total") >= 1,
+        "{text}"
+    );
+    t.stop().await;
+}
+
+#[tokio::test]
+async fn what_a_crash_mid_creation_left_is_dropped_and_nothing_else() {
+    let t = spawn_app().await;
+    let f = t.fixture().await;
+    let pg = pg().await;
+    let postgres = pg.client("postgres").await;
+    let control = pg.client(&t.app.cluster.control_db).await;
+    // Three half-made projects, as a creation stopped by a crash leaves them: an old one, one
+    // younger than the grace (another node may still be creating it), and one that nothing
+    // recorded (another deployment's, or anyone's).
+    let made = |id: String| {
+        let postgres = &postgres;
+        async move {
+            let (role, db) = (format!("fx_{id}_owner"), format!("fx_{id}"));
+            // One statement each: CREATE DATABASE runs outside a transaction block.
+            for sql in [
+                format!("CREATE ROLE \"{role}\" NOLOGIN"),
+                format!("CREATE DATABASE \"{db}\""),
+            ] {
+                postgres.batch_execute(&sql).await.unwrap();
+            }
+            (id, role, db)
+        }
+    };
+    let hex = || format!("{:016x}", rand_u64());
+    let (old, old_role, old_db) = made(hex()).await;
+    let (young, young_role, young_db) = made(hex()).await;
+    let (_, stray_role, stray_db) = made(hex()).await;
+    for (id, age) in [(&old, 3600), (&young, 5)] {
+        control
+            .execute(
+                "INSERT INTO fluxbase.project_teardowns (project_id, db_name, engine, creating, since)
+                 VALUES ($1, 'fx_' || $1, 'postgresql', true, now() - make_interval(secs => $2))",
+                &[id, &(age as f64)],
+            )
+            .await
+            .unwrap();
+    }
+    // A live project's record (a deletion that has not dropped yet) is not swept either.
+    control
+        .execute(
+            "INSERT INTO fluxbase.project_teardowns (project_id, db_name, engine, creating, since)
+             VALUES ($1, 'fx_' || $1, 'postgresql', false, now() - interval '1 hour')",
+            &[&f.project],
+        )
+        .await
+        .unwrap();
+
+    t.app
+        .projects
+        .sweep_teardowns(Duration::from_secs(600), &t.app.metrics)
+        .await
+        .unwrap();
+    assert_eq!(exists(&postgres, &old_role, &old_db).await, (false, false));
+    assert_eq!(record(&control, &old).await, None);
+    assert_eq!(
+        exists(&postgres, &young_role, &young_db).await,
+        (true, true)
+    );
+    assert_eq!(record(&control, &young).await, Some((true, 0)));
+    assert_eq!(
+        exists(&postgres, &stray_role, &stray_db).await,
+        (true, true)
+    );
+    let live = (
+        format!("fx_{}_owner", f.project),
+        format!("fx_{}", f.project),
+    );
+    assert_eq!(exists(&postgres, &live.0, &live.1).await, (true, true));
+    assert_eq!(record(&control, &f.project).await, Some((false, 0)));
+    let rows = t.rows(&f.admin, &f.project, "SELECT 1 AS one").await;
+    assert_eq!(rows[0]["one"], 1, "the live project still answers");
+
+    // Once the young one is old enough it goes too; the stray one never.
+    t.app
+        .projects
+        .sweep_teardowns(Duration::ZERO, &t.app.metrics)
+        .await
+        .unwrap();
+    assert_eq!(
+        exists(&postgres, &young_role, &young_db).await,
+        (false, false)
+    );
+    assert_eq!(
+        exists(&postgres, &stray_role, &stray_db).await,
+        (true, true)
+    );
+    for sql in [
+        format!("DROP DATABASE \"{stray_db}\""),
+        format!("DROP ROLE \"{stray_role}\""),
+    ] {
+        postgres.batch_execute(&sql).await.unwrap();
+    }
+    control
+        .execute(
+            "DELETE FROM fluxbase.project_teardowns WHERE project_id = $1",
+            &[&f.project],
+        )
+        .await
+        .unwrap();
+    t.stop().await;
+}
+
+#[tokio::test]
+async fn a_created_project_leaves_no_record_and_a_swept_creation_fails() {
+    let t = spawn_app().await;
+    let f = t.fixture().await;
+    let pg = pg().await;
+    let control = pg.client(&t.app.cluster.control_db).await;
+    assert_eq!(record(&control, &f.project).await, None);
+    // A creation the sweep took for abandoned cannot make its row: the record is not a
+    // creation's any more.
+    let mut client = t.app.control.get().await.unwrap();
+    let tx = client.transaction().await.unwrap();
+    let id = format!("{:016x}", rand_u64());
+    fluxbase::control::teardowns::record(&tx, &id, "fx_none", Default::default(), false)
+        .await
+        .unwrap();
+    assert!(!fluxbase::control::teardowns::created(&tx, &id)
+        .await
+        .unwrap());
+    fluxbase::control::teardowns::record(&tx, &id, "fx_none", Default::default(), true)
+        .await
+        .unwrap();
+    assert!(fluxbase::control::teardowns::created(&tx, &id)
+        .await
+        .unwrap());
+    tx.rollback().await.unwrap();
+    t.stop().await;
+}
+
+fn rand_u64() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos(),
+    );
+    h.finish()
+}
