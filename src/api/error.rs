@@ -64,6 +64,9 @@ pub enum ApiError {
     /// `Content-Range: bytes */<size>`, RFC 9110 §15.5.17).
     #[error("Range: no byte of the range is within the file's {0} bytes.")]
     RangeNotSatisfiable(u64),
+    /// A download's `If-Match` or `If-Unmodified-Since` named another version of the file.
+    #[error("If-Match / If-Unmodified-Since: the file is not that version any more.")]
+    PreconditionFailed,
     /// The path exists with other methods: those (the `Allow` header, RFC 9110 §15.5.6).
     #[error("Method not allowed.")]
     MethodNotAllowed(String),
@@ -92,6 +95,7 @@ impl ApiError {
             }
             MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
             RangeNotSatisfiable(_) => StatusCode::RANGE_NOT_SATISFIABLE,
+            PreconditionFailed => StatusCode::PRECONDITION_FAILED,
             Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -118,6 +122,7 @@ impl ApiError {
             RealtimeUnavailable(_) => "REALTIME_UNAVAILABLE",
             MethodNotAllowed(_) => "METHOD_NOT_ALLOWED",
             RangeNotSatisfiable(_) => "RANGE_NOT_SATISFIABLE",
+            PreconditionFailed => "PRECONDITION_FAILED",
             Internal(_) => "INTERNAL_ERROR",
         }
     }

@@ -24,6 +24,7 @@ use crate::auth::{Access, DbRole, Principal, Scope};
 use crate::config::Config;
 use crate::storage::backend::ObjectBody;
 use crate::storage::files::{project_of_key, DeletedFile};
+use crate::storage::signing::Grant;
 use crate::storage::{
     public_url, Bucket, BucketChange, BucketUsage, NewBucket, StorageError, StoredFile,
     UploadRequest, URL_TTL,
@@ -566,9 +567,18 @@ pub async fn list_files(app: SharedApp, req: Request) -> ApiResult<Json<FileList
 pub async fn signed_url(app: SharedApp, req: Request) -> ApiResult<Json<DownloadUrl>> {
     let access = req.access_by_query(&app).await?;
     let base = base_url(&app.config, &req.headers);
+    // The URL ends with the access of whoever asked for it (a local URL; S3's own are S3's).
+    let grant = match &access.principal {
+        Principal::Key {
+            key_id, key_hash, ..
+        } => app.storage.key_grant(key_id, key_hash),
+        Principal::Session { user_id, .. } => Grant::Member {
+            user_id: user_id.clone(),
+        },
+    };
     let signed = app
         .storage
-        .signed_url(&access.project.id, req.param("s3Key")?, &base)
+        .signed_url(&access.project.id, req.param("s3Key")?, &base, &grant)
         .await?;
     let file = FileInfo::new(signed.file, &base);
     Ok(Json(DownloadUrl {
@@ -655,7 +665,8 @@ impl DeleteFile {
 #[utoipa::path(get, path = "/api/storage/object", tag = "storage",
     params(("key" = String, Query, description = "The file's key"),
            ("expires" = String, Query, description = "Unix seconds"),
-           ("signature" = String, Query, description = "HMAC of key and expiry")),
+           ("grant" = Option<String>, Query, description = "Whom the URL was signed for (an API key or a member); checked at each download"),
+           ("signature" = String, Query, description = "HMAC of key, expiry and grant")),
 responses((status = 200, description = "The file's bytes, with the type it was uploaded with", content_type = "*/*",
         headers(("content-disposition" = String, description = "inline or attachment, with the file's name"),
                 ("content-security-policy" = String, description = "`default-src 'none'; sandbox`: a file is never a page of this origin"),
@@ -665,6 +676,7 @@ responses((status = 200, description = "The file's bytes, with the type it was u
                 ("accept-ranges" = String, description = "`bytes`"))),
         (status = 206, description = "The bytes of the one range `Range: bytes=…` asked for, with `Content-Range`", content_type = "*/*"),
         (status = 304, description = "`If-None-Match` or `If-Modified-Since`: the client's copy is this version"),
+        (status = 412, description = "`If-Match` or `If-Unmodified-Since` named another version of the file", body = crate::api::openapi::ErrorBody),
         (status = 416, description = "`Range` starts at or past the file's end; `Content-Range: bytes */<size>`", body = crate::api::openapi::ErrorBody)))]
 pub async fn signed_download(app: SharedApp, req: Request) -> ApiResult<Response> {
     signed(app, req, false).await
@@ -674,9 +686,11 @@ pub async fn signed_download(app: SharedApp, req: Request) -> ApiResult<Response
 #[utoipa::path(head, path = "/api/storage/object", tag = "storage",
     params(("key" = String, Query, description = "The file's key"),
            ("expires" = String, Query, description = "Unix seconds"),
-           ("signature" = String, Query, description = "HMAC of key and expiry")),
+           ("grant" = Option<String>, Query, description = "Whom the URL was signed for (an API key or a member); checked at each download"),
+           ("signature" = String, Query, description = "HMAC of key, expiry and grant")),
     responses((status = 200, description = "The file's headers (a `HEAD` ignores `Range`)"),
-        (status = 304, description = "`If-None-Match` or `If-Modified-Since`: the client's copy is this version")))]
+        (status = 304, description = "`If-None-Match` or `If-Modified-Since`: the client's copy is this version"),
+        (status = 412, description = "`If-Match` or `If-Unmodified-Since` named another version of the file", body = crate::api::openapi::ErrorBody)))]
 pub async fn signed_download_head(app: SharedApp, req: Request) -> ApiResult<Response> {
     signed(app, req, true).await
 }
@@ -684,8 +698,44 @@ pub async fn signed_download_head(app: SharedApp, req: Request) -> ApiResult<Res
 async fn signed(app: SharedApp, req: Request, head: bool) -> ApiResult<Response> {
     let key = req.param("key")?;
     let (expires, signature) = (req.param("expires")?, req.param("signature")?);
-    app.storage.verify_signed(key, expires, signature)?;
+    let grant = app
+        .storage
+        .verify_signed(key, expires, req.optional_param("grant"), signature)?;
+    if let Some(grant) = grant {
+        still_granted(&app, project_of_key(key), &grant).await?;
+    }
     serve(&app, key, false, head, &req.headers, req.client).await
+}
+
+/// Whether whoever a signed URL was made for still has access to its project: the API key
+/// with the same secret (not deleted, not rotated since), or a member still a member. 403
+/// `ACCESS_DENIED` otherwise, as for an altered URL.
+async fn still_granted(app: &App, project_id: &str, grant: &Grant) -> ApiResult<()> {
+    let granted = match grant {
+        Grant::Key {
+            key_id,
+            fingerprint,
+        } => app
+            .auth
+            .key_secret(project_id, key_id)
+            .await?
+            .is_some_and(|hash| app.storage.fingerprint_matches(fingerprint, &hash)),
+        Grant::Member { user_id } => app.auth.is_member_cached(project_id, user_id).await?,
+    };
+    if granted {
+        return Ok(());
+    }
+    Err(ApiError::AccessDenied(
+        match grant {
+            Grant::Key { .. } => {
+                "This URL was signed for an API key that has since been deleted or rotated."
+            }
+            Grant::Member { .. } => {
+                "This URL was signed for a member who has since left the project."
+            }
+        }
+        .into(),
+    ))
 }
 
 /// A file of a public bucket, at `/api/storage/public/<projectId>/<bucket>/<path>`.
@@ -700,6 +750,7 @@ responses((status = 200, description = "The file's bytes, with the type it was u
                 ("accept-ranges" = String, description = "`bytes`"))),
         (status = 206, description = "The bytes of the one range `Range: bytes=…` asked for, with `Content-Range`", content_type = "*/*"),
         (status = 304, description = "`If-None-Match` or `If-Modified-Since`: the client's copy is this version"),
+        (status = 412, description = "`If-Match` or `If-Unmodified-Since` named another version of the file", body = crate::api::openapi::ErrorBody),
         (status = 416, description = "`Range` starts at or past the file's end; `Content-Range: bytes */<size>`", body = crate::api::openapi::ErrorBody)))]
 pub async fn public_download(app: SharedApp, req: Request) -> ApiResult<Response> {
     public(app, req, false).await
@@ -709,7 +760,8 @@ pub async fn public_download(app: SharedApp, req: Request) -> ApiResult<Response
 #[utoipa::path(head, path = "/api/storage/public/{path}", tag = "storage",
     params(("path" = String, Path, description = "`<projectId>/<bucket>/<file path>`, percent-encoded")),
     responses((status = 200, description = "The file's headers (a `HEAD` ignores `Range`)"),
-        (status = 304, description = "`If-None-Match` or `If-Modified-Since`: the client's copy is this version")))]
+        (status = 304, description = "`If-None-Match` or `If-Modified-Since`: the client's copy is this version"),
+        (status = 412, description = "`If-Match` or `If-Unmodified-Since` named another version of the file", body = crate::api::openapi::ErrorBody)))]
 pub async fn public_download_head(app: SharedApp, req: Request) -> ApiResult<Response> {
     public(app, req, true).await
 }
@@ -742,18 +794,23 @@ async fn serve(
     if project.status == crate::projects::ProjectStatus::Suspended {
         return Err(ApiError::ProjectSuspended);
     }
+    // Several lines of one header are one list (a second `Range` line makes it ignored).
     let conditions = Conditions::from_headers(!head, |name| {
-        headers
-            .get(name)
-            .and_then(|v| v.to_str().ok())
-            .map(str::to_string)
+        let values: Vec<&str> = headers
+            .get_all(name)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .collect();
+        (!values.is_empty()).then(|| values.join(", "))
     });
     let download = app
         .storage
         .download(key, public_only, !head, &conditions, client)
         .await?;
-    if download.outcome == Outcome::Unsatisfiable {
-        return Err(ApiError::RangeNotSatisfiable(download.total));
+    match download.outcome {
+        Outcome::Unsatisfiable => return Err(ApiError::RangeNotSatisfiable(download.total)),
+        Outcome::PreconditionFailed => return Err(ApiError::PreconditionFailed),
+        _ => {}
     }
     if !head {
         app.metrics

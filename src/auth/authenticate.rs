@@ -163,6 +163,48 @@ impl Auth {
         });
     }
 
+    /// The SHA-256 of the current secret of `project_id`'s live API key `key_id` (through the
+    /// cache), or `None`: deleted, or not that project's.
+    pub async fn key_secret(
+        &self,
+        project_id: &str,
+        key_id: &str,
+    ) -> Result<Option<Vec<u8>>, AuthError> {
+        let entry = format!("{project_id}/{key_id}");
+        if let Some(hash) = self.cache.key_secret(&entry) {
+            return Ok(Some(hash));
+        }
+        let read_at = self.cache.generation();
+        let client = self.control.get().await?;
+        let live = control::api_keys::live_secret(&client, project_id, key_id).await?;
+        Ok(live.map(|(hash, _)| {
+            self.cache.put_key_secret(entry, hash.clone(), read_at);
+            hash
+        }))
+    }
+
+    /// Whether `user_id` is a member of `project_id` (through the cache, which every
+    /// membership change empties): what a signed URL made for a member is checked by.
+    pub async fn is_member_cached(
+        &self,
+        project_id: &str,
+        user_id: &str,
+    ) -> Result<bool, AuthError> {
+        let entry = format!("{project_id}/{user_id}");
+        if self.cache.member(&entry) {
+            return Ok(true);
+        }
+        let read_at = self.cache.generation();
+        let client = self.control.get().await?;
+        let member = control::members::role(&client, project_id, user_id)
+            .await?
+            .is_some();
+        if member {
+            self.cache.put_member(entry, read_at);
+        }
+        Ok(member)
+    }
+
     /// The project `project_id` (through the cache), or `None`.
     pub async fn load_project(&self, project_id: &str) -> Result<Option<Project>, AuthError> {
         if !is_project_id(project_id) {

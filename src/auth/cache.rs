@@ -33,6 +33,10 @@ pub struct AuthCache {
     generation: std::sync::atomic::AtomicU64,
     keys: Mutex<HashMap<Vec<u8>, (CachedKey, Instant)>>,
     projects: Mutex<HashMap<String, (Project, Instant)>>,
+    /// What a signed download URL's grant is checked against: a live key's current secret
+    /// hash by `<project>/<key id>`, and members by `<project>/<user id>` (present ones only).
+    key_secrets: Mutex<HashMap<String, (Vec<u8>, Instant)>>,
+    members: Mutex<HashMap<String, ((), Instant)>>,
 }
 
 #[derive(Clone)]
@@ -101,10 +105,28 @@ impl AuthCache {
         self.put(&self.projects, project.id.clone(), project, read_at)
     }
 
+    pub(super) fn key_secret(&self, project_key: &str) -> Option<Vec<u8>> {
+        self.get(&self.key_secrets, project_key)
+    }
+
+    pub(super) fn put_key_secret(&self, project_key: String, hash: Vec<u8>, read_at: u64) {
+        self.put(&self.key_secrets, project_key, hash, read_at)
+    }
+
+    pub(super) fn member(&self, project_user: &str) -> bool {
+        self.get(&self.members, project_user).is_some()
+    }
+
+    pub(super) fn put_member(&self, project_user: String, read_at: u64) {
+        self.put(&self.members, project_user, (), read_at)
+    }
+
     pub fn clear(&self) {
         self.generation.fetch_add(1, Ordering::AcqRel);
         self.keys.lock().expect("poisoned").clear();
         self.projects.lock().expect("poisoned").clear();
+        self.key_secrets.lock().expect("poisoned").clear();
+        self.members.lock().expect("poisoned").clear();
     }
 
     fn set_live(&self, live: bool) {

@@ -53,7 +53,8 @@ pub async fn done(db: &impl GenericClient, project_id: &str) -> Result<(), Error
 
 /// One record to sweep, locked in the caller's transaction (another node's sweep skips it, a
 /// creation finishing waits for it): not a creation, or a creation older than `grace_secs`;
-/// never one whose project row exists; none of `skip` (tried already in this sweep).
+/// never one whose project row exists; none of `skip` (tried already in this sweep). The ones
+/// tried least first, so that records whose drop keeps failing do not hold up newer ones.
 pub async fn claim(
     tx: &impl GenericClient,
     grace_secs: f64,
@@ -66,7 +67,7 @@ pub async fn claim(
              WHERE (NOT t.creating OR t.since < now() - make_interval(secs => $1))
                AND NOT EXISTS (SELECT FROM fluxbase.projects p WHERE p.id = t.project_id)
                AND t.project_id <> ALL ($2)
-             ORDER BY t.since LIMIT 1
+             ORDER BY t.attempts, t.since LIMIT 1
              FOR UPDATE SKIP LOCKED",
             &[&grace_secs, &skip],
         )
@@ -93,10 +94,15 @@ pub async fn failed(db: &impl GenericClient, project_id: &str) -> Result<(), Err
     .map(drop)
 }
 
-/// How many records wait (for `/metrics`).
-pub async fn count(db: &impl GenericClient) -> Result<i64, Error> {
+/// How many records a sweep would take now (for `/metrics`): as [`claim`] selects them.
+pub async fn count(db: &impl GenericClient, grace_secs: f64) -> Result<i64, Error> {
     Ok(db
-        .query_one("SELECT count(*) FROM fluxbase.project_teardowns", &[])
+        .query_one(
+            "SELECT count(*) FROM fluxbase.project_teardowns t
+             WHERE (NOT t.creating OR t.since < now() - make_interval(secs => $1))
+               AND NOT EXISTS (SELECT FROM fluxbase.projects p WHERE p.id = t.project_id)",
+            &[&grace_secs],
+        )
         .await?
         .get(0))
 }

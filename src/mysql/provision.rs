@@ -167,6 +167,9 @@ impl Mysql {
         if check_id(project_id).is_err() {
             return false;
         }
+        // No repair of its accounts runs meanwhile, or starts after (sql.rs `repair_accounts`).
+        let _no_repair = self.sql.repair.lock().await;
+        self.sql.mark_gone(project_id);
         self.sql.forget_project(project_id);
         let target = match self.server().await {
             Ok(t) => t,

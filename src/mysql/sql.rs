@@ -64,9 +64,17 @@ pub struct Pools {
     statement_timeout: Duration,
     max_rows: usize,
     max_response_bytes: usize,
-    /// Account repairs after a refused login run one at a time.
-    repair: tokio::sync::Mutex<()>,
+    /// Account repairs after a refused login run one at a time, and never during or after a
+    /// deprovisioning of their project (its accounts refused because they were dropped: a
+    /// repair would make them and the database again, behind the deletion).
+    pub(super) repair: tokio::sync::Mutex<()>,
+    /// Projects deprovisioned in the last [`GONE_FOR`] (by id), under `repair`'s lock.
+    pub(super) gone: std::sync::Mutex<HashMap<String, std::time::Instant>>,
 }
+
+/// How long a deprovisioned project's accounts are never repaired: longer than any request
+/// that authenticated before its deletion can last.
+const GONE_FOR: Duration = Duration::from_secs(600);
 
 /// Idle connections per (project, account), the most recently used last.
 type IdleMap = HashMap<(String, DbRole), Vec<Idle>>;
@@ -123,7 +131,24 @@ impl Pools {
             max_rows: config.max_rows,
             max_response_bytes: config.max_response_bytes,
             repair: tokio::sync::Mutex::new(()),
+            gone: Default::default(),
         }
+    }
+
+    /// Marks a project as deprovisioned (the caller holds `repair`'s lock); forgets marks
+    /// older than [`GONE_FOR`].
+    pub(super) fn mark_gone(&self, project_id: &str) {
+        let mut gone = self.gone.lock().expect("poisoned");
+        gone.retain(|_, at| at.elapsed() < GONE_FOR);
+        gone.insert(project_id.to_string(), std::time::Instant::now());
+    }
+
+    fn is_gone(&self, project_id: &str) -> bool {
+        self.gone
+            .lock()
+            .expect("poisoned")
+            .get(project_id)
+            .is_some_and(|at| at.elapsed() < GONE_FOR)
     }
 
     /// Cluster mode: the account share is split between the nodes (see [`Pools::cluster`]).
@@ -765,6 +790,9 @@ impl Mysql {
     /// time per server.
     async fn repair_accounts(&self, project_id: &str, db_name: &str) {
         let _one = self.sql.repair.lock().await;
+        if self.sql.is_gone(project_id) {
+            return;
+        }
         if let Err(e) = self.provision(project_id, db_name).await {
             tracing::error!(project_id, error = %e, "repairing the project's MySQL accounts");
         }

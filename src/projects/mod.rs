@@ -388,13 +388,29 @@ impl Projects {
         }
     }
 
-    /// Undoes a [`create`](Self::create) whose replication slot could not be made.
+    /// Undoes a [`create`](Self::create) whose replication slot could not be made: recorded
+    /// for the teardown sweep first, then the row deleted, then the database and roles dropped
+    /// (only once the row is gone; otherwise the sweep does it when it is).
     pub async fn discard(&self, project: &Project) {
-        if let Ok(c) = self.control.get().await {
-            let _ = control::projects::delete(&c, &project.id).await;
+        let deleted = async {
+            let c = self.control.get().await?;
+            control::teardowns::record(&c, &project.id, &project.db_name, project.engine, false)
+                .await?;
+            control::projects::delete(&c, &project.id).await?;
+            anyhow::Ok(())
         }
-        self.tear_down(&project.id, &project.db_name, project.engine)
-            .await;
+        .await;
+        match deleted {
+            Ok(()) => {
+                self.tear_down(&project.id, &project.db_name, project.engine)
+                    .await
+            }
+            Err(e) => tracing::warn!(
+                project_id = %project.id,
+                error = %format!("{e:#}"),
+                "discarding a project whose creation failed: its row stays, its database too"
+            ),
+        }
     }
 
     /// A user's turn to create a project: held until the project is created, so that two

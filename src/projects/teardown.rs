@@ -53,8 +53,9 @@ impl Projects {
 
     /// One sweep: every recorded teardown whose project row does not exist, not a creation
     /// younger than `grace`, is dropped again; each record is locked while its drop runs (no
-    /// other node sweeps it, a creation finishing waits and then fails). Returns how many were
-    /// dropped; the metrics say how many are left.
+    /// other node sweeps it, a creation finishing waits and then fails; the ones tried least
+    /// first). Returns how many were dropped; the metrics count them as each commits and say
+    /// how many the next pass would take.
     pub async fn sweep_teardowns(
         &self,
         grace: Duration,
@@ -73,7 +74,9 @@ impl Projects {
             tried.push(project_id.clone());
             if self.drop_database(&project_id, &db_name, engine).await {
                 control::teardowns::done(&tx, &project_id).await?;
+                tx.commit().await?;
                 swept += 1;
+                metrics.project_teardowns_swept.fetch_add(1, Relaxed);
                 tracing::info!(
                     project_id,
                     db_name,
@@ -82,6 +85,7 @@ impl Projects {
                 );
             } else {
                 control::teardowns::failed(&tx, &project_id).await?;
+                tx.commit().await?;
                 tracing::warn!(
                     project_id,
                     db_name,
@@ -89,12 +93,8 @@ impl Projects {
                     "the database or roles of a deleted or abandoned project could not all be dropped; tried again at the next sweep"
                 );
             }
-            tx.commit().await?;
         }
-        metrics
-            .project_teardowns_swept
-            .fetch_add(swept as u64, Relaxed);
-        let left = control::teardowns::count(&client).await?;
+        let left = control::teardowns::count(&client, grace.as_secs_f64()).await?;
         metrics
             .project_teardowns_pending
             .store(left.max(0) as u64, Relaxed);

@@ -588,22 +588,32 @@ impl Backend {
             object_store::Error::NotFound { .. } => StorageError::NotServed,
             e => unavailable(e),
         };
-        // With a range or a precondition the object's metadata decides first (one more round
-        // trip); the read that follows is of that very object (`If-Match` its ETag), else the
-        // judgement is made again, once.
+        // With a range or a precondition, or for a `HEAD`, the object's metadata decides first
+        // (one more round trip for a `GET`); the read that follows is of that very object
+        // (`If-Match` its ETag, when S3 gives one), else the judgement is made again, once.
         let mut options = object_store::GetOptions::default();
         let mut judged = None;
         for attempt in 0..2 {
-            if !conditions.is_empty() {
+            if !conditions.is_empty() || !body {
                 let meta = store.head(&path).await.map_err(missing)?;
                 let validators = s3_validators(&meta);
                 let outcome = conditions.judge(&validators, meta.size);
                 let range = match outcome {
+                    Outcome::Whole if !body => {
+                        return Ok(Object {
+                            size: meta.size,
+                            total: meta.size,
+                            outcome,
+                            validators,
+                            body: ObjectBody::Whole(Bytes::new()),
+                            identity: None,
+                        })
+                    }
                     Outcome::Whole => None,
                     Outcome::Part { start, len } => {
                         Some(object_store::GetRange::Bounded(start..start + len))
                     }
-                    Outcome::NotModified | Outcome::Unsatisfiable => {
+                    Outcome::NotModified | Outcome::Unsatisfiable | Outcome::PreconditionFailed => {
                         return Ok(Object {
                             size: 0,
                             total: meta.size,
@@ -628,8 +638,24 @@ impl Backend {
             };
             let total = got.meta.size;
             let size = got.range.end - got.range.start;
-            let (outcome, validators) =
-                judged.unwrap_or_else(|| (Outcome::Whole, s3_validators(&got.meta)));
+            let (outcome, validators) = match judged {
+                // What S3 sent (an object without an ETag may have changed since its
+                // metadata was read, and a range is then cut to it).
+                Some((Outcome::Part { .. }, validators)) => (
+                    Outcome::Part {
+                        start: got.range.start,
+                        len: size,
+                    },
+                    validators,
+                ),
+                Some(judged) => judged,
+                None => (Outcome::Whole, s3_validators(&got.meta)),
+            };
+            if matches!(outcome, Outcome::Part { .. }) && size == 0 {
+                return Err(StorageError::Unavailable(format!(
+                    "reading {key}: the object shrank while it was being read"
+                )));
+            }
             let stream = match got.payload {
                 GetResultPayload::File(file, _) => read_file(file, size, Reads::plain(BIG_CHUNK)),
                 GetResultPayload::Stream(s) => s.map(|r| r.map_err(std::io::Error::other)).boxed(),
@@ -817,7 +843,7 @@ fn open_local(
     let (start, size) = match outcome {
         Outcome::Whole => (0, total),
         Outcome::Part { start, len } => (start, len),
-        Outcome::NotModified | Outcome::Unsatisfiable => (0, 0),
+        Outcome::NotModified | Outcome::Unsatisfiable | Outcome::PreconditionFailed => (0, 0),
     };
     if !body || size == 0 {
         return Ok(Some(Opened {

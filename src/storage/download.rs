@@ -10,6 +10,7 @@
 use super::backend::ObjectBody;
 use super::files::project_of_key;
 use super::served::Served;
+use super::signing::Grant;
 use super::{names, Storage, StorageError};
 
 /// A file to serve: what the response says about it, and its bytes.
@@ -40,15 +41,38 @@ impl Download {
 }
 
 impl Storage {
-    /// Checks a local signed URL: its signature, then its expiry ([`super::signing`]).
+    /// Checks a local signed URL: its signature, then its expiry ([`super::signing`]). Returns
+    /// whom it was signed for (none: a URL signed before grants existed, or a grant this
+    /// version cannot read), for the caller to check that they still have access.
     pub fn verify_signed(
         &self,
         key: &str,
         expires: &str,
+        grant: Option<&str>,
         signature: &str,
-    ) -> Result<(), StorageError> {
+    ) -> Result<Option<Grant>, StorageError> {
         self.signer
-            .verify("GET", key, expires, signature, self.clock.now())
+            .verify("GET", key, expires, grant, signature, self.clock.now())?;
+        Ok(grant.and_then(Grant::decode))
+    }
+
+    /// The grant of a URL signed for an API key whose secret hashes to `key_hash`.
+    pub fn key_grant(&self, key_id: &str, key_hash: &[u8]) -> Grant {
+        Grant::Key {
+            key_id: key_id.to_string(),
+            fingerprint: self.signer.key_fingerprint(key_hash),
+        }
+    }
+
+    /// Whether `fingerprint` is that of the secret hashing to `key_hash` (constant time).
+    pub fn fingerprint_matches(&self, fingerprint: &str, key_hash: &[u8]) -> bool {
+        let current = self.signer.key_fingerprint(key_hash);
+        current.len() == fingerprint.len()
+            && current
+                .bytes()
+                .zip(fingerprint.bytes())
+                .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+                == 0
     }
 
     /// The listed file stored under `key` (in a public bucket, with `public_only`), ready to

@@ -110,6 +110,7 @@ impl Storage {
         project_id: &str,
         s3_key: &str,
         base: &str,
+        grant: &super::signing::Grant,
     ) -> Result<SignedUrl, StorageError> {
         let file = self.stored_file(project_id, s3_key).await?;
         let now = self.clock.now();
@@ -118,10 +119,12 @@ impl Storage {
             Some(url) => url?.to_string(),
             None => {
                 let expires = expires_at.timestamp();
-                let signature = self.signer.sign("GET", s3_key, expires);
+                let grant = grant.encode();
+                let signature = self.signer.sign("GET", s3_key, expires, Some(&grant));
                 let query = serde_urlencoded::to_string([
                     ("key", s3_key),
                     ("expires", &expires.to_string()),
+                    ("grant", &grant),
                     ("signature", &signature),
                 ])
                 .map_err(anyhow::Error::from)?;

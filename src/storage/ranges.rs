@@ -1,23 +1,28 @@
 //! Partial and conditional downloads (RFC 9110 §8.8, §13, §14): what a file's URL answers to a
-//! `Range`, `If-Range`, `If-None-Match` or `If-Modified-Since` header.
+//! `Range`, `If-Range`, `If-Match`, `If-Unmodified-Since`, `If-None-Match` or
+//! `If-Modified-Since` header.
 //!
 //! - Every served file has a strong `ETag` (a digest of which file it is: on the local disk its
 //!   device, inode, size and times, so a replaced file never keeps its tag; on S3 the object's
-//!   own ETag and size, the same on every node) and a `Last-Modified` (its modification time).
-//! - `Range: bytes=<first>-<last>`, `bytes=<first>-` or `bytes=-<suffix length>` on a `GET`:
-//!   206 with those bytes and `Content-Range`; a range that starts at or past the end of the
-//!   file (or a suffix of 0 bytes, or any range of an empty file) is 416
-//!   `RANGE_NOT_SATISFIABLE` with `Content-Range: bytes */<size>`. A last byte past the end
-//!   means the end. Anything else in `Range` (another unit, several ranges, a last byte before
-//!   the first, anything not a number) is ignored, as RFC 9110 allows: the whole file, 200.
-//!   `HEAD` ignores `Range` (range handling is defined for `GET` only).
-//! - `If-Range` (an entity tag, compared strongly, or an HTTP date equal to `Last-Modified`):
-//!   the range applies only while the file is the one named; otherwise the whole file, 200.
+//!   own ETag and size, the same on every node) and a `Last-Modified` (its modification time,
+//!   never later than now).
+//! - `If-Match` (`*` or entity tags, compared strongly) and, without it, `If-Unmodified-Since`:
+//!   412 `PRECONDITION_FAILED` when the file is not that version any more (a client fetching a
+//!   file in parts does not splice parts of two versions).
 //! - `If-None-Match` (`*` or entity tags, compared weakly) and, without it,
 //!   `If-Modified-Since`: 304 Not Modified, no body, when the file has not changed.
-//!
-//! `If-Match` and `If-Unmodified-Since` are not evaluated (their answer, 412, is for changing a
-//! resource, and these URLs only read).
+//! - `Range: bytes=<first>-<last>`, `bytes=<first>-` or `bytes=-<suffix length>` on a `GET`:
+//!   206 with those bytes and `Content-Range`; a range that starts at or past the end of the
+//!   file (or a suffix of 0 bytes, or a first byte of an empty file) is 416
+//!   `RANGE_NOT_SATISFIABLE` with `Content-Range: bytes */<size>`; a suffix of an empty file is
+//!   the whole (empty) file, 200. A last byte past the end means the end. Anything else in
+//!   `Range` (another unit, several ranges, several `Range` lines, a last byte before the first,
+//!   anything not a number) is ignored, as RFC 9110 allows: the whole file, 200. `HEAD` ignores
+//!   `Range` (range handling is defined for `GET` only).
+//! - `If-Range` with an entity tag (compared strongly): the range applies only while the file
+//!   is that version; otherwise the whole file, 200. An `If-Range` date always gives the whole
+//!   file: a file replaced within the same second has the same `Last-Modified`, so a date is not
+//!   a strong validator here (RFC 9110 §13.1.5 allows only strong ones).
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -94,8 +99,10 @@ pub struct Validators {
 
 impl Validators {
     /// A strong tag from what identifies the stored bytes (never the bytes themselves: nothing
-    /// is read to make it), and the modification time.
+    /// is read to make it), and the modification time (a future one, from a clock that ran
+    /// ahead, is now: RFC 9110 §8.8.2.1).
     pub fn new(identity: &[&[u8]], modified: Option<SystemTime>) -> Validators {
+        let modified = modified.map(|m| m.min(SystemTime::now()));
         let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
         for part in identity {
             ctx.update(&(part.len() as u64).to_le_bytes());
@@ -130,6 +137,8 @@ impl Validators {
 pub struct Conditions {
     range: Option<ByteRange>,
     if_range: Option<String>,
+    if_match: Option<String>,
+    if_unmodified_since: Option<SystemTime>,
     if_none_match: Option<String>,
     if_modified_since: Option<SystemTime>,
 }
@@ -145,13 +154,16 @@ pub enum Outcome {
     NotModified,
     /// No byte of the range is in the file (416).
     Unsatisfiable,
+    /// `If-Match` or `If-Unmodified-Since` named another version (412).
+    PreconditionFailed,
 }
 
 impl Conditions {
-    /// From a request's headers (`header`: a header's value by its lowercase name); `get`: a
-    /// `GET` (only it has ranges).
+    /// From a request's headers (`header`: a header's values by its lowercase name, several
+    /// lines joined with `", "` as RFC 9110 §5.3 allows); `get`: a `GET` (only it has ranges).
     pub fn from_headers(get: bool, header: impl Fn(&str) -> Option<String>) -> Conditions {
         let text = header;
+        let date = |name| text(name).and_then(|v| httpdate::parse_http_date(v.trim()).ok());
         Conditions {
             range: if get {
                 text("range").and_then(|v| ByteRange::parse(&v))
@@ -159,9 +171,10 @@ impl Conditions {
                 None
             },
             if_range: text("if-range"),
+            if_match: text("if-match"),
+            if_unmodified_since: date("if-unmodified-since"),
             if_none_match: text("if-none-match"),
-            if_modified_since: text("if-modified-since")
-                .and_then(|v| httpdate::parse_http_date(v.trim()).ok()),
+            if_modified_since: date("if-modified-since"),
         }
     }
 
@@ -172,58 +185,63 @@ impl Conditions {
 
     /// What to answer for a file of `size` bytes with these validators.
     pub fn judge(&self, v: &Validators, size: u64) -> Outcome {
+        let seconds = |t: SystemTime| {
+            t.duration_since(UNIX_EPOCH)
+                .unwrap_or(Duration::ZERO)
+                .as_secs()
+        };
+        // RFC 9110 §13.2.2's order: If-Match, If-Unmodified-Since, If-None-Match,
+        // If-Modified-Since, If-Range.
+        if let Some(tags) = &self.if_match {
+            if !matches_any(tags, &v.etag, true) {
+                return Outcome::PreconditionFailed;
+            }
+        } else if let (Some(date), Some(modified)) =
+            (self.if_unmodified_since, v.modified_seconds())
+        {
+            if modified > seconds(date) {
+                return Outcome::PreconditionFailed;
+            }
+        }
         if let Some(tags) = &self.if_none_match {
-            if matches_any(tags, &v.etag) {
+            if matches_any(tags, &v.etag, false) {
                 return Outcome::NotModified;
             }
         } else if let (Some(since), Some(modified)) = (self.if_modified_since, v.modified_seconds())
         {
-            let since = since
-                .duration_since(UNIX_EPOCH)
-                .unwrap_or(Duration::ZERO)
-                .as_secs();
-            if modified <= since {
+            if modified <= seconds(since) {
                 return Outcome::NotModified;
             }
         }
         let Some(range) = self.range else {
             return Outcome::Whole;
         };
+        // Only the file's own strong tag keeps the range (a weak tag or a date never does).
         if let Some(validator) = &self.if_range {
-            if !if_range_holds(validator.trim(), v) {
+            if validator.trim() != v.etag {
                 return Outcome::Whole;
             }
         }
         match range.resolve(size) {
             Some((start, len)) => Outcome::Part { start, len },
+            // A suffix of an empty file: all of it is the empty file (RFC 9110 §14.1.1).
+            None if size == 0 && matches!(range, ByteRange::Suffix(n) if n > 0) => Outcome::Whole,
             None => Outcome::Unsatisfiable,
         }
     }
 }
 
-/// `If-None-Match`: `*`, or a list of entity tags one of which is `etag` (weak comparison: a
-/// `W/` prefix does not count).
-fn matches_any(tags: &str, etag: &str) -> bool {
-    tags.split(',')
-        .map(str::trim)
-        .any(|t| t == "*" || t.strip_prefix("W/").unwrap_or(t) == etag)
-}
-
-/// `If-Range`: a strong entity tag equal to the file's, or an HTTP date equal to its
-/// modification time (RFC 9110 §13.1.5); a weak tag never holds.
-fn if_range_holds(validator: &str, v: &Validators) -> bool {
-    if validator.starts_with('"') {
-        return validator == v.etag;
-    }
-    if validator.starts_with("W/") {
-        return false;
-    }
-    match (httpdate::parse_http_date(validator), v.modified_seconds()) {
-        (Ok(date), Some(modified)) => date
-            .duration_since(UNIX_EPOCH)
-            .is_ok_and(|d| d.as_secs() == modified),
-        _ => false,
-    }
+/// `If-Match` (`strong`) or `If-None-Match`: `*`, or a list of entity tags one of which is
+/// `etag`. The strong comparison never matches a weak tag; the weak one ignores `W/`.
+fn matches_any(tags: &str, etag: &str, strong: bool) -> bool {
+    tags.split(',').map(str::trim).any(|t| {
+        t == "*"
+            || if strong {
+                t == etag
+            } else {
+                t.strip_prefix("W/").unwrap_or(t) == etag
+            }
+    })
 }
 
 #[cfg(test)]
@@ -310,12 +328,13 @@ mod tests {
             Outcome::Unsatisfiable
         );
         assert_eq!(judge(&[], true), Outcome::Whole);
-        // If-Range: the same tag or date keeps the range, another gives the whole file.
+        // If-Range: the same tag keeps the range; another, a weak one or a date (even the
+        // file's own) gives the whole file.
         for (validator, outcome) in [
             (v.etag.as_str(), part),
             (other.etag.as_str(), Outcome::Whole),
             (&*format!("W/{}", v.etag), Outcome::Whole),
-            (date.as_str(), part),
+            (date.as_str(), Outcome::Whole),
             ("Thu, 01 Jan 2015 00:00:00 GMT", Outcome::Whole),
             ("garbage", Outcome::Whole),
         ] {
@@ -349,5 +368,53 @@ mod tests {
             Outcome::Whole
         );
         assert!(conditions(&[("range", "bytes=1-0")], true).is_empty());
+        // If-Match (strong) and If-Unmodified-Since: 412 for another version, before all else.
+        for (tags, outcome) in [
+            (v.etag.clone(), part),
+            ("*".to_string(), part),
+            (format!("\"x\", {}", v.etag), part),
+            (other.etag.clone(), Outcome::PreconditionFailed),
+            (format!("W/{}", v.etag), Outcome::PreconditionFailed),
+        ] {
+            let got = judge(&[("if-match", &tags), ("range", "bytes=10-19")], true);
+            assert_eq!(got, outcome, "{tags}");
+        }
+        assert_eq!(
+            judge(
+                &[("if-match", &other.etag), ("if-none-match", &v.etag)],
+                true
+            ),
+            Outcome::PreconditionFailed
+        );
+        assert_eq!(
+            judge(&[("if-unmodified-since", &date)], true),
+            Outcome::Whole
+        );
+        assert_eq!(
+            judge(
+                &[("if-unmodified-since", "Thu, 01 Jan 2015 00:00:00 GMT")],
+                true
+            ),
+            Outcome::PreconditionFailed
+        );
+        // If-Match wins over If-Unmodified-Since.
+        assert_eq!(
+            judge(
+                &[
+                    ("if-match", &v.etag),
+                    ("if-unmodified-since", "Thu, 01 Jan 2015 00:00:00 GMT")
+                ],
+                true
+            ),
+            Outcome::Whole
+        );
+        // A suffix of an empty file is the empty file; a first byte of it is unsatisfiable.
+        let empty = |range: &str| conditions(&[("range", range)], true).judge(&v, 0);
+        assert_eq!(empty("bytes=-5"), Outcome::Whole);
+        assert_eq!(empty("bytes=-0"), Outcome::Unsatisfiable);
+        assert_eq!(empty("bytes=0-"), Outcome::Unsatisfiable);
+        // A modification time in the future is now.
+        let future = Validators::new(&[b"f"], Some(SystemTime::now() + Duration::from_secs(3600)));
+        assert!(future.modified.unwrap() <= SystemTime::now());
     }
 }

@@ -219,6 +219,57 @@ async fn a_created_project_leaves_no_record_and_a_swept_creation_fails() {
         .await
         .unwrap());
     tx.rollback().await.unwrap();
+
+    // A creation finishing while a sweep holds its record waits for the sweep, then fails.
+    control
+        .execute(
+            "INSERT INTO fluxbase.project_teardowns (project_id, db_name, engine, creating, since)
+             VALUES ($1, 'fx_' || $1, 'postgresql', true, now() - interval '1 hour')",
+            &[&id],
+        )
+        .await
+        .unwrap();
+    let mut sweeper = t.app.control.get().await.unwrap();
+    let sweep = sweeper.transaction().await.unwrap();
+    let claimed = fluxbase::control::teardowns::claim(&sweep, 600.0, &[])
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(claimed.0, id);
+    let app = t.app.clone();
+    let creator = tokio::spawn({
+        let id = id.clone();
+        async move {
+            let mut client = app.control.get().await.unwrap();
+            let tx = client.transaction().await.unwrap();
+            let created = fluxbase::control::teardowns::created(&tx, &id)
+                .await
+                .unwrap();
+            tx.commit().await.unwrap();
+            created
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        !creator.is_finished(),
+        "the creation waits for the sweep's lock"
+    );
+    // A second sweep (another node) skips the locked record.
+    let mut other = t.app.control.get().await.unwrap();
+    let other_tx = other.transaction().await.unwrap();
+    assert!(fluxbase::control::teardowns::claim(&other_tx, 600.0, &[])
+        .await
+        .unwrap()
+        .is_none());
+    other_tx.rollback().await.unwrap();
+    fluxbase::control::teardowns::done(&sweep, &id)
+        .await
+        .unwrap();
+    sweep.commit().await.unwrap();
+    assert!(
+        !creator.await.unwrap(),
+        "the swept creation cannot make its row"
+    );
     t.stop().await;
 }
 

@@ -682,10 +682,11 @@ async fn ranges_are_served(urls: &[String], data: &[u8]) {
             assert_eq!(bytes.len(), len);
             assert!(got.get("content-range").is_none());
         }
-        // If-Range: the file's own tag or date keeps the range; another gives the whole file.
+        // If-Range: the file's own tag keeps the range; another, or a date (even the file's
+        // own: not a strong validator), gives the whole file.
         for (validator, partial) in [
             (etag.as_str(), true),
-            (modified.as_str(), true),
+            (modified.as_str(), false),
             ("\"another\"", false),
             ("Thu, 01 Jan 2015 00:00:00 GMT", false),
         ] {
@@ -694,6 +695,23 @@ async fn ranges_are_served(urls: &[String], data: &[u8]) {
             assert_eq!(status, if partial { 206 } else { 200 }, "{validator}");
             assert_eq!(bytes.len(), if partial { 4 } else { len });
         }
+        // If-Match: this version's parts, 412 for another (in the error shape).
+        let (status, _, bytes) =
+            fetch_with(url, &[("if-match", &etag), ("range", "bytes=0-3")]).await;
+        assert_eq!((status, bytes.len()), (206, 4));
+        for headers in [
+            vec![("if-match", "\"another\""), ("range", "bytes=0-3")],
+            vec![("if-unmodified-since", "Thu, 01 Jan 2015 00:00:00 GMT")],
+        ] {
+            let (status, _, bytes) = fetch_with(url, &headers).await;
+            assert_eq!(status, 412, "{headers:?}");
+            let body: Value = serde_json::from_slice(&bytes).unwrap();
+            assert_eq!(body["error"]["code"], "PRECONDITION_FAILED", "{body}");
+        }
+        // Two Range lines are one list of two ranges: ignored.
+        let (status, _, bytes) =
+            fetch_with(url, &[("range", "bytes=0-3"), ("range", "bytes=5-9")]).await;
+        assert_eq!((status, bytes.len()), (200, len));
         // Revalidation: 304 with no body while the file is this one.
         for headers in [
             vec![("if-none-match", etag.as_str())],
@@ -784,6 +802,10 @@ async fn ranges_on(t: &TestApp, local: bool) {
             let (status, _, bytes) =
                 fetch_with(&url, &[("range", "bytes=0-3"), ("if-range", &old_tag)]).await;
             assert_eq!((status, bytes.as_ref()), (200, new.as_slice()));
+            // A client fetching the old version in parts is stopped, not given the new one's.
+            let (status, _, _) =
+                fetch_with(&url, &[("range", "bytes=4-7"), ("if-match", &old_tag)]).await;
+            assert_eq!(status, 412, "{url}");
         }
     }
     // A private file's public URL stays 404 whatever the range.
@@ -851,5 +873,148 @@ async fn ranges_and_revalidation_are_answered_on_s3() {
     let s3 = S3Server::start().await;
     let t = s3.spawn_app().await;
     ranges_on(&t, false).await;
+    t.stop().await;
+}
+
+/// A signed URL of the local backend ends with the access of whoever asked for it: an API key
+/// rotated or deleted, or a member removed from the project, and its URLs are 403
+/// `ACCESS_DENIED`; the grant cannot be dropped or swapped (the signature covers it); the
+/// key's new secret, and other keys' URLs, keep working.
+#[tokio::test]
+async fn a_signed_url_ends_with_the_access_of_whoever_asked_for_it() {
+    let t = spawn_app().await;
+    let f = t.fixture().await;
+    create_bucket(&t, &f, "docs", json!({})).await;
+    let (status, body) = upload(
+        &t,
+        &f.readwrite,
+        &f.project,
+        "docs",
+        "a.txt",
+        "text/plain",
+        b"granted",
+        &[],
+    )
+    .await;
+    assert_eq!(status, 201, "{body}");
+    let key = body["file"]["s3_key"].as_str().unwrap().to_string();
+    let url_for = |token: String| {
+        let (t, f, key) = (&t, &f, key.clone());
+        async move {
+            let (status, body) = signed_url(t, &token, &f.project, &key).await;
+            assert_eq!(status, 200, "{body}");
+            body["url"].as_str().unwrap().to_string()
+        }
+    };
+    let denied = |url: String| async move {
+        let (status, _, bytes) = fetch(&url).await;
+        assert_eq!(status, 403, "{url}");
+        let body: Value = serde_json::from_slice(&bytes).unwrap();
+        assert_eq!(body["error"]["code"], "ACCESS_DENIED", "{body}");
+        body["error"]["message"].as_str().unwrap().to_string()
+    };
+
+    // Keys: one rotated, one deleted; the read key untouched.
+    let (rotated_id, rotated) = t.new_key(&f, "read", None).await;
+    let (deleted_id, deleted) = t.new_key(&f, "read", None).await;
+    let (rotated_url, deleted_url, kept_url) = (
+        url_for(rotated.clone()).await,
+        url_for(deleted).await,
+        url_for(f.read.clone()).await,
+    );
+    assert!(rotated_url.contains("grant=k."), "{rotated_url}");
+    for url in [&rotated_url, &deleted_url, &kept_url] {
+        let (status, _, bytes) = fetch(url).await;
+        assert_eq!((status, bytes.as_ref()), (200, b"granted".as_slice()));
+    }
+    // Dropped or swapped, the grant breaks the signature.
+    let (without, _) = rotated_url.split_once("&grant=").unwrap();
+    let signature = rotated_url.split("&signature=").nth(1).unwrap();
+    let stripped = format!("{without}&signature={signature}");
+    let msg = denied(stripped).await;
+    assert!(!msg.contains("rotated"), "{msg}");
+    let kept_grant = kept_url
+        .split("grant=")
+        .nth(1)
+        .unwrap()
+        .split('&')
+        .next()
+        .unwrap();
+    let rotated_grant = rotated_url
+        .split("grant=")
+        .nth(1)
+        .unwrap()
+        .split('&')
+        .next()
+        .unwrap();
+    denied(rotated_url.replace(rotated_grant, kept_grant)).await;
+
+    let (status, body) = t
+        .call(
+            "POST",
+            "/api/keys/rotate",
+            Some(&f.admin),
+            Some(json!({ "projectId": f.project, "keyId": rotated_id })),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let new_secret = body["secret"].as_str().unwrap().to_string();
+    let (status, body) = t
+        .call(
+            "DELETE",
+            &format!("/api/keys?projectId={}&keyId={deleted_id}", f.project),
+            Some(&f.admin),
+            None,
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let msg = denied(rotated_url).await;
+    assert!(msg.contains("deleted or rotated"), "{msg}");
+    denied(deleted_url).await;
+    let (status, _, _) = fetch(&kept_url).await;
+    assert_eq!(status, 200);
+    let fresh = url_for(new_secret).await;
+    let (status, _, _) = fetch(&fresh).await;
+    assert_eq!(
+        status, 200,
+        "the rotated key's new secret signs URLs that work"
+    );
+
+    // A member's URL ends when they leave the project.
+    let (token, user_id, email) = t.signup().await;
+    let (status, body) = t
+        .call(
+            "POST",
+            "/api/team",
+            Some(&f.token),
+            Some(json!({ "projectId": f.project, "email": email, "role": "viewer" })),
+        )
+        .await;
+    assert_eq!(status, 201, "{body}");
+    let invite = body["invite"]["id"].as_str().unwrap().to_string();
+    let (status, body) = t
+        .call(
+            "POST",
+            "/api/team/invites/accept",
+            Some(&token),
+            Some(json!({ "inviteId": invite, "status": "accepted" })),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let member_url = url_for(token.clone()).await;
+    assert!(member_url.contains("grant=u."), "{member_url}");
+    let (status, _, _) = fetch(&member_url).await;
+    assert_eq!(status, 200);
+    let (status, body) = t
+        .call(
+            "DELETE",
+            &format!("/api/team?projectId={}&userId={user_id}", f.project),
+            Some(&f.token),
+            None,
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let msg = denied(member_url).await;
+    assert!(msg.contains("left the project"), "{msg}");
     t.stop().await;
 }
