@@ -232,13 +232,13 @@ pub fn free_port() -> Result<u16> {
 /// pid meanwhile.
 ///
 /// * A server this process checks and then stops (a leftover `mariadbd` named by its pid
-///   file): [`Held`], a pidfd opened *before* the check, so the signal goes to the process
+///   file): [`process::Held`], a pidfd opened *before* the check, so the signal goes to the process
 ///   whose command line was read, or fails (`ESRCH`) if that one is gone; its end is waited
 ///   for on the same handle.
 /// * A watchdog that must outlive this process (a shell: it cannot hold a pidfd) checks the
 ///   process's start time (`/proc/<pid>/stat`, field 22, in clock ticks since boot) before it
 ///   signals: a pid reused by another process has another start time
-///   ([`watchdog_script`]).
+///   ([`process::watchdog_script`]).
 pub mod process {
     use std::os::fd::OwnedFd;
     use std::time::{Duration, Instant};

@@ -71,7 +71,7 @@ pub enum ApiError {
     #[error("Method not allowed.")]
     MethodNotAllowed(String),
     /// Built from an `anyhow::Error` with `?`, unless the error is a lost or refused database
-    /// connection: that is a [`ApiError::DatabaseUnavailable`] (see [`is_connection_error`]).
+    /// connection: that is a [`ApiError::DatabaseUnavailable`] (see [`crate::error::is_connection_error`]).
     #[error("Unexpected server error.")]
     Internal(anyhow::Error),
 }

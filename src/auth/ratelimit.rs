@@ -344,7 +344,7 @@ impl AccountLimits {
     /// too often lately, or to an account that has failed very often from anywhere. A guesser
     /// locks out its own network for that account, not the owner logging in from elsewhere.
     /// Otherwise counts this attempt as a failure up front (in both), so that concurrent
-    /// attempts cannot all pass before the first of them fails; [`login_not_failed`] takes it
+    /// attempts cannot all pass before the first of them fails; [`Self::login_not_failed`] takes it
     /// back.
     pub fn login_allowed(&self, account: &str, client: Option<IpAddr>) -> Result<(), LimitError> {
         let network = account_network_key(account, client);
@@ -356,7 +356,7 @@ impl AccountLimits {
         Ok(())
     }
 
-    /// The attempt [`login_allowed`] counted was no failure (the password was right, or it
+    /// The attempt [`Self::login_allowed`] counted was no failure (the password was right, or it
     /// was never checked).
     pub fn login_not_failed(&self, account: &str, client: Option<IpAddr>) {
         self.per_account_network

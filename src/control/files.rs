@@ -260,7 +260,7 @@ pub enum BucketReserved {
 /// durable reservation, and nothing reserved when the bucket refuses the file.
 ///
 /// The reservation is committed durably (its WAL flushed) before it returns, and the object
-/// is moved into place only after that: so [`record`] need not wait for its own WAL flush (a
+/// is moved into place only after that: so the listing ([`Listing`]) need not wait for its own WAL flush (a
 /// crash that loses it leaves a reservation the start-up sweep finishes, [`pending`]). The
 /// transaction is pipelined (one round trip): the three requests are sent before any answer
 /// is read, and a failed statement turns the COMMIT into a rollback.
@@ -598,8 +598,8 @@ pub async fn pending(client: &impl GenericClient) -> Result<Vec<Pending>, Error>
 }
 
 /// Finishes a reservation whose object is in place (the sweep, after a crash lost its
-/// [`record`]): the reserved size and type are written and the file is listed. The staging key
-/// stays, so that the upload's own `record` (if it is still running, on another node) finds it
+/// listing, [`Listing`]): the reserved size and type are written and the file is listed. The staging key
+/// stays, so that the upload's own listing (if it is still running, on another node) finds it
 /// finished.
 pub async fn complete(client: &impl GenericClient, id: &str, staged: &str) -> Result<(), Error> {
     client

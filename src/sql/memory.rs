@@ -193,8 +193,8 @@ impl BackendMemory {
                         Ok(Some(mut backends)) => {
                             me.not_ending(&mut backends);
                             let over_one =
-                                limits.0 > 0 && backends.iter().any(|b| b.bytes > limits.0);
-                            let sum: u64 = backends.iter().map(|b| b.bytes).sum();
+                                limits.0 > 0 && backends.iter().any(|b| b.amount > limits.0);
+                            let sum: u64 = backends.iter().map(|b| b.amount).sum();
                             let over_total = limits.1 > 0 && sum > limits.1;
                             if !over_one && !over_total {
                                 continue;
@@ -282,7 +282,7 @@ impl BackendMemory {
                     pid: u32::try_from(pid).ok()?,
                     project: project.to_string(),
                     role: role.to_string(),
-                    bytes: u64::try_from(n).ok()?,
+                    amount: u64::try_from(n).ok()?,
                 })
             })
             .collect();
@@ -292,8 +292,8 @@ impl BackendMemory {
             size => self.locks_per_backend.min(size / 4),
         };
         let total = size / 2;
-        let over_one = backends.iter().any(|b| b.bytes > per_backend);
-        let over_total = total > 0 && backends.iter().map(|b| b.bytes).sum::<u64>() > total;
+        let over_one = backends.iter().any(|b| b.amount > per_backend);
+        let over_total = total > 0 && backends.iter().map(|b| b.amount).sum::<u64>() > total;
         if !over_one && !over_total {
             return;
         }
@@ -346,7 +346,7 @@ impl BackendMemory {
                     project_id = %b.project,
                     role = %b.role,
                     pid = b.pid,
-                    held = %what.amount(b.bytes),
+                    held = %what.amount(b.amount),
                     "ended a tenant backend: {why}"
                 );
             }
@@ -376,7 +376,7 @@ fn signal_backend(b: &Backend) -> Result<(), String> {
         .map_err(|e| format!("SIGTERM: {e}"))
 }
 
-/// What a watch counts of a backend ([`Backend::bytes`]).
+/// What a watch counts of a backend ([`Backend::amount`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Measure {
     /// Private memory, bytes.
@@ -592,7 +592,7 @@ struct Backend {
     role: String,
     /// Private memory in bytes ([`Measure::Memory`]), or entries of the shared lock table
     /// ([`Measure::Locks`]).
-    bytes: u64,
+    amount: u64,
 }
 
 /// Where PostgreSQL keeps its dynamic shared memory segments (`dynamic_shared_memory_type`
@@ -693,19 +693,19 @@ fn scan(postmaster: u32, floor: u64) -> Option<Vec<Backend>> {
                     pid: leader,
                     project: project.to_string(),
                     role: role.to_string(),
-                    bytes: 0,
+                    amount: 0,
                 },
                 HashMap::new(),
             )
         });
-        backend.bytes += private;
+        backend.amount += private;
         shared.extend(segments);
     }
     Some(
         tenants
             .into_values()
             .map(|(mut b, shared)| {
-                b.bytes += shared.values().sum::<u64>();
+                b.amount += shared.values().sum::<u64>();
                 b
             })
             .collect(),
@@ -761,13 +761,13 @@ fn over_limits(
     let mut out = Vec::new();
     let mut left: Vec<&Backend> = Vec::new();
     for b in backends {
-        if per_backend > 0 && b.bytes > per_backend {
+        if per_backend > 0 && b.amount > per_backend {
             out.push((b.clone(), what.over_one(per_backend)));
         } else {
             left.push(b);
         }
     }
-    let mut sum: u64 = left.iter().map(|b| b.bytes).sum();
+    let mut sum: u64 = left.iter().map(|b| b.amount).sum();
     // The account a backend counts for: its project's, or the project itself.
     let account_of = |b: &Backend| -> String {
         accounts
@@ -778,7 +778,7 @@ fn over_limits(
     while total > 0 && sum > total && !left.is_empty() {
         let mut by_account: HashMap<String, u64> = HashMap::new();
         for b in &left {
-            *by_account.entry(account_of(b)).or_default() += b.bytes;
+            *by_account.entry(account_of(b)).or_default() += b.amount;
         }
         let heaviest = by_account
             .into_iter()
@@ -789,10 +789,10 @@ fn over_limits(
             .iter()
             .enumerate()
             .filter(|(_, b)| account_of(b) == heaviest)
-            .max_by_key(|(_, b)| (b.bytes, std::cmp::Reverse(b.pid)))
+            .max_by_key(|(_, b)| (b.amount, std::cmp::Reverse(b.pid)))
             .expect("the account has a backend");
         let b = left.swap_remove(i);
-        sum -= b.bytes;
+        sum -= b.amount;
         out.push((b.clone(), what.over_total(total)));
     }
     out
@@ -874,7 +874,7 @@ mod tests {
             pid,
             project: project.into(),
             role: "read".into(),
-            bytes: mb << 20,
+            amount: mb << 20,
         }
     }
 
