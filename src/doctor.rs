@@ -139,7 +139,84 @@ pub async fn check_cluster(
             fix: "start the Fluxbase server that owns it, or drop the project (fluxbase project delete <id>) if it is gone".into(),
         });
     }
+    findings.extend(unowned_project_databases(&client).await?);
     Ok(findings)
+}
+
+/// Databases and roles named as this deployment names a project's (`fx_<16 hex>`,
+/// `fx_<id>_owner|readwrite|read|auth`) that no project row of the control database stands
+/// for and no teardown record names (those the server's sweep drops by itself): what a crash
+/// or a failed drop left before control migration 27 recorded teardowns. Only reported: the
+/// cluster may hold another deployment's projects (another control database), which the
+/// operator alone can tell apart. Nothing when `client` is not on a control database.
+async fn unowned_project_databases(
+    client: &tokio_postgres::Client,
+) -> anyhow::Result<Vec<Finding>> {
+    let row = client
+        .query_one(
+            "SELECT pg_catalog.to_regclass('fluxbase.projects') IS NOT NULL,
+                    pg_catalog.to_regclass('fluxbase.project_teardowns') IS NOT NULL",
+            &[],
+        )
+        .await?;
+    let (projects, teardowns): (bool, bool) = (row.get(0), row.get(1));
+    if !projects {
+        return Ok(Vec::new());
+    }
+    let recorded = if teardowns {
+        "OR EXISTS (SELECT FROM fluxbase.project_teardowns t WHERE t.project_id = x.id)"
+    } else {
+        ""
+    };
+    let rows = client
+        .query(
+            &format!(
+                "SELECT x.id, pg_catalog.bool_or(x.db), pg_catalog.array_agg(x.name ORDER BY x.name)
+                 FROM (
+                     SELECT pg_catalog.substr(datname, 4) AS id, true AS db, datname::text AS name
+                     FROM pg_catalog.pg_database WHERE datname ~ '^fx_[0-9a-f]{{16}}$'
+                     UNION ALL
+                     SELECT pg_catalog.substr(rolname, 4, 16), false, rolname::text
+                     FROM pg_catalog.pg_roles
+                     WHERE rolname ~ '^fx_[0-9a-f]{{16}}_(owner|readwrite|read|auth)$'
+                 ) x
+                 WHERE NOT (EXISTS (SELECT FROM fluxbase.projects p WHERE p.id = x.id) {recorded})
+                 GROUP BY x.id ORDER BY x.id"
+            ),
+            &[],
+        )
+        .await?;
+    Ok(rows
+        .iter()
+        .map(|r| {
+            let (id, has_db, names): (String, bool, Vec<String>) = (r.get(0), r.get(1), r.get(2));
+            let quoted = |n: &String| format!("\"{n}\"");
+            let db = format!("fx_{id}");
+            let roles: Vec<String> = names.iter().filter(|n| **n != db).map(quoted).collect();
+            let mut fix = String::from(
+                "if no other Fluxbase deployment uses this cluster (another control database), \
+                 they are leftovers of a deleted or failed project: ",
+            );
+            if has_db {
+                fix.push_str(&format!("DROP DATABASE \"{db}\" WITH (FORCE); "));
+            }
+            if !roles.is_empty() {
+                fix.push_str(&format!("DROP ROLE IF EXISTS {};", roles.join(", ")));
+            }
+            Finding {
+                problem: format!(
+                    "{} of project {id}, which this control database does not know: {}",
+                    if has_db {
+                        "the database and roles"
+                    } else {
+                        "roles"
+                    },
+                    names.join(", ")
+                ),
+                fix,
+            }
+        })
+        .collect())
 }
 
 /// What `fluxbase doctor` learned of the NATS server of a cluster (`nats_url`).

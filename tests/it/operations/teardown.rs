@@ -284,3 +284,83 @@ fn rand_u64() -> u64 {
     );
     h.finish()
 }
+
+/// `fluxbase doctor` names the databases and roles of projects its control database does not
+/// know (leftovers from before teardowns were recorded), with the statements that drop them,
+/// and not those of a live project or of a recorded teardown.
+#[tokio::test]
+async fn the_doctor_names_databases_and_roles_no_project_stands_for() {
+    let t = spawn_app().await;
+    let f = t.fixture().await;
+    let pg = pg().await;
+    let postgres = pg.client("postgres").await;
+    let control = pg.client(&t.app.cluster.control_db).await;
+    let (stray, recorded, roles_only) = (
+        format!("{:016x}", rand_u64()),
+        format!("{:016x}", rand_u64()),
+        format!("{:016x}", rand_u64()),
+    );
+    for sql in [
+        format!("CREATE ROLE \"fx_{stray}_owner\" NOLOGIN"),
+        format!("CREATE DATABASE \"fx_{stray}\""),
+        format!("CREATE DATABASE \"fx_{recorded}\""),
+        format!("CREATE ROLE \"fx_{roles_only}_read\" NOLOGIN"),
+    ] {
+        postgres.batch_execute(&sql).await.unwrap();
+    }
+    control
+        .execute(
+            "INSERT INTO fluxbase.project_teardowns (project_id, db_name, engine, creating)
+             VALUES ($1, 'fx_' || $1, 'postgresql', true)",
+            &[&recorded],
+        )
+        .await
+        .unwrap();
+    let dir = crate::support::scratch_dir(&unique("doctor-leftovers"));
+    std::fs::create_dir_all(&dir).unwrap();
+    let url = pg.url(&t.app.cluster.control_db);
+    let out = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(env!("CARGO_BIN_EXE_fluxbase"))
+            .env("FLUXBASE_DATA_DIR", &dir)
+            .env("FLUXBASE_DATABASE_URL", url)
+            .env("FLUXBASE_LOG", "warn")
+            .current_dir(&dir)
+            .arg("doctor")
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(!out.status.success(), "{text}");
+    assert!(
+        text.contains(&format!(
+            "the database and roles of project {stray}, which this control database does not know: fx_{stray}, fx_{stray}_owner"
+        )) && text.contains(&format!(
+            "DROP DATABASE \"fx_{stray}\" WITH (FORCE); DROP ROLE IF EXISTS \"fx_{stray}_owner\";"
+        )),
+        "{text}"
+    );
+    assert!(
+        text.contains(&format!("roles of project {roles_only}"))
+            && text.contains(&format!("DROP ROLE IF EXISTS \"fx_{roles_only}_read\";")),
+        "{text}"
+    );
+    assert!(
+        !text.contains(&recorded),
+        "a recorded teardown is the sweep's: {text}"
+    );
+    assert!(
+        !text.contains(&f.project),
+        "a live project is no leftover: {text}"
+    );
+    for sql in [
+        format!("DROP DATABASE \"fx_{stray}\""),
+        format!("DROP ROLE \"fx_{stray}_owner\""),
+        format!("DROP DATABASE \"fx_{recorded}\""),
+        format!("DROP ROLE \"fx_{roles_only}_read\""),
+    ] {
+        postgres.batch_execute(&sql).await.unwrap();
+    }
+    t.stop().await;
+}
