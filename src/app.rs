@@ -292,6 +292,9 @@ impl App {
                 loop {
                     tick.tick().await;
                     let Some(app) = weak.upgrade() else { return };
+                    if let Err(e) = app.resume_deletions().await {
+                        tracing::warn!(error = %format!("{e:#}"), "finishing interrupted project deletions");
+                    }
                     let grace = crate::projects::teardown::CREATION_GRACE;
                     if let Err(e) = app.projects.sweep_teardowns(grace, &app.metrics).await {
                         tracing::warn!(error = %format!("{e:#}"), "sweeping project teardowns");

@@ -166,11 +166,21 @@ impl App {
             self.cdc.stop(project_id).await;
             self.mysql.dumps.forget(project_id);
             self.sql.forget_project(project_id);
-            // Recorded first: what a failed drop leaves, the sweep drops once the row is gone.
+            // Recorded first: a crash from here on leaves a record the sweep finishes the
+            // deletion from, and what a failed drop leaves it drops once the row is gone.
             self.projects
-                .tear_down(project_id, &project.db_name, project.engine)
+                .record_teardown(project_id, &project.db_name, project.engine)
+                .await
+                .map_err(ProjectsError::Internal)?;
+            let clean = self
+                .projects
+                .drop_database(project_id, &project.db_name, project.engine)
                 .await;
-            self.projects.delete_row(project_id).await
+            self.projects.delete_row(project_id).await?;
+            if clean {
+                self.projects.teardown_done(project_id).await;
+            }
+            Ok::<(), ProjectsError>(())
         }
         .await;
         self.deleting.lock().expect("poisoned").remove(project_id);
@@ -187,6 +197,25 @@ impl App {
             .close_project(project_id, crate::realtime::RoomClosed::Deleted);
         self.bus.remove(project_id);
         tracing::info!(project_id, "project deleted");
+        Ok(())
+    }
+
+    /// Deletes again the projects whose deletion stopped half way (a crash between its drops
+    /// and its row's delete: the row says `active`, its database is gone), found by their
+    /// teardown records; each logged. The teardown sweep's task runs it before each pass.
+    pub async fn resume_deletions(&self) -> anyhow::Result<()> {
+        for project_id in self.projects.interrupted_deletions().await? {
+            tracing::warn!(
+                project_id,
+                "finishing a project deletion that stopped half way"
+            );
+            match self.delete_project(&project_id).await {
+                Ok(()) | Err(ProjectsError::NoSuchProject(_)) => {}
+                Err(e) => {
+                    tracing::warn!(project_id, error = %e, "finishing an interrupted project deletion")
+                }
+            }
+        }
         Ok(())
     }
 

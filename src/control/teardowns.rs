@@ -106,3 +106,24 @@ pub async fn count(db: &impl GenericClient, grace_secs: f64) -> Result<i64, Erro
         .await?
         .get(0))
 }
+
+/// Deletions that stopped half way (a crash, a failed row delete): records that are not a
+/// creation's, older than `grace_secs`, whose project row still exists. The caller deletes
+/// those projects again.
+pub async fn interrupted_deletions(
+    db: &impl GenericClient,
+    grace_secs: f64,
+) -> Result<Vec<String>, Error> {
+    Ok(db
+        .query(
+            "SELECT t.project_id FROM fluxbase.project_teardowns t
+             WHERE NOT t.creating AND t.since < now() - make_interval(secs => $1)
+               AND EXISTS (SELECT FROM fluxbase.projects p WHERE p.id = t.project_id)
+             ORDER BY t.since LIMIT 100",
+            &[&grace_secs],
+        )
+        .await?
+        .iter()
+        .map(|r| r.get(0))
+        .collect())
+}

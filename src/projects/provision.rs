@@ -318,23 +318,28 @@ impl Projects {
             tracing::warn!(project_id, slot, "could not drop the replication slot");
         }
         // One statement each: DROP DATABASE cannot run inside a transaction block.
+        let roles: Vec<String> = DbRole::ALL
+            .map(|r| r.role_name(project_id))
+            .into_iter()
+            .chain([crate::rls::auth_role(project_id)])
+            .collect();
         let mut statements = vec![format!(
             "DROP DATABASE IF EXISTS {} WITH (FORCE)",
             quote_ident(db_name)
         )];
-        for role in DbRole::ALL
-            .map(|r| r.role_name(project_id))
-            .into_iter()
-            .chain([crate::rls::auth_role(project_id)])
-        {
-            statements.push(format!("DROP ROLE IF EXISTS {}", quote_ident(&role)));
+        for role in &roles {
+            statements.push(format!("DROP ROLE IF EXISTS {}", quote_ident(role)));
         }
         // A request arriving during the deletion may be changing a role's login at that moment
         // (`role_login`'s ALTER ROLE): PostgreSQL then fails the DROP ROLE with "tuple
         // concurrently updated" (XX000), and the role stayed behind (red team rt8 L1). Each
         // statement is retried a few times.
         let mut clean = dropped;
-        for sql in statements {
+        for (i, sql) in statements.into_iter().enumerate() {
+            if i == 1 {
+                // The database is gone; what still names the roles is elsewhere.
+                clean &= self.revoke_elsewhere(&admin, project_id, &roles).await;
+            }
             let mut attempt = 0;
             loop {
                 match admin.batch_execute(&sql).await {
@@ -353,6 +358,93 @@ impl Projects {
             }
         }
         clean
+    }
+
+    /// Another project's owner may have granted privileges on its objects to this project's
+    /// roles, named them in a policy or in default privileges (red team rt17): entries of the
+    /// shared dependency catalog in that database that make `DROP ROLE` fail, so that any
+    /// tenant could keep another project's roles from ever being dropped. Each database (and
+    /// the shared objects) holding such an entry is visited and `DROP OWNED BY` the roles run
+    /// there: it revokes what was granted to them and removes them from policies (they own
+    /// nothing outside their own database, now dropped). Whether every visit succeeded.
+    async fn revoke_elsewhere(
+        &self,
+        admin: &tokio_postgres::Client,
+        project_id: &str,
+        roles: &[String],
+    ) -> bool {
+        let holders = match admin
+            .query(
+                "SELECT DISTINCT coalesce(d.datname, pg_catalog.current_database())
+                 FROM pg_catalog.pg_shdepend s
+                 JOIN pg_catalog.pg_roles r ON r.oid = s.refobjid
+                 LEFT JOIN pg_catalog.pg_database d ON d.oid = s.dbid
+                 WHERE s.refclassid = 'pg_catalog.pg_authid'::pg_catalog.regclass
+                   AND r.rolname = ANY ($1)
+                   AND (s.dbid = 0 OR d.oid IS NOT NULL)",
+                &[&roles],
+            )
+            .await
+        {
+            Ok(rows) => rows
+                .iter()
+                .map(|r| r.get::<_, String>(0))
+                .collect::<Vec<_>>(),
+            Err(e) => {
+                tracing::warn!(project_id, error = %e, "listing what names a project's roles");
+                return false;
+            }
+        };
+        let drop_owned = format!(
+            "DROP OWNED BY {}",
+            roles
+                .iter()
+                .map(|r| quote_ident(r))
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+        let mut ok = true;
+        for db in holders {
+            let visited = async {
+                let client = self.cluster.connect(&db).await?;
+                // Roles dropped already by an earlier attempt are not there to name.
+                let present: Vec<String> = client
+                    .query(
+                        "SELECT rolname::pg_catalog.text FROM pg_catalog.pg_roles
+                         WHERE rolname = ANY ($1)",
+                        &[&roles],
+                    )
+                    .await?
+                    .iter()
+                    .map(|r| r.get(0))
+                    .collect();
+                if present.is_empty() {
+                    return anyhow::Ok(());
+                }
+                client
+                    .batch_execute(&format!(
+                        "DROP OWNED BY {}",
+                        present
+                            .iter()
+                            .map(|r| quote_ident(r))
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    ))
+                    .await?;
+                Ok(())
+            }
+            .await;
+            match visited {
+                Ok(()) => {
+                    tracing::info!(project_id, database = %db, statement = %drop_owned, "revoked what another database granted to a deleted project's roles")
+                }
+                Err(e) => {
+                    ok = false;
+                    tracing::warn!(project_id, database = %db, error = %format!("{e:#}"), "revoking what another database granted to a deleted project's roles");
+                }
+            }
+        }
+        ok
     }
 
     /// Brings every project's database up to the latest bootstrap version; (id, database) of

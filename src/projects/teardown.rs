@@ -4,7 +4,9 @@
 //! be left behind ([`crate::control::teardowns`]), and the sweep here drops it again: at the
 //! server's start-up and every [`SWEEP_EVERY`]. Nothing is dropped that the table does not name,
 //! so a cluster shared with another deployment (or anything else) is safe, and nothing whose
-//! project row exists.
+//! project row exists: a deletion that stopped half way (its record older than
+//! [`DELETION_GRACE`], its row still there) is finished by deleting the project again
+//! (`App::resume_deletions`).
 
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::Duration;
@@ -17,13 +19,46 @@ use crate::control;
 /// would make its project's row.
 pub const CREATION_GRACE: Duration = Duration::from_secs(600);
 
+/// How old a deletion's record must be, its project row still there, before a sweep takes
+/// the deletion for interrupted (a crash half way) and deletes the project again: a deletion
+/// takes seconds.
+pub const DELETION_GRACE: Duration = Duration::from_secs(60);
+
 /// How often a server sweeps, after the pass at its start-up.
-pub const SWEEP_EVERY: Duration = Duration::from_secs(600);
+pub const SWEEP_EVERY: Duration = Duration::from_secs(60);
 
 /// At most this many records a pass (the rest wait for the next).
 const PER_PASS: usize = 100;
 
 impl Projects {
+    /// Records a project's database and roles for the sweep before a deletion drops them.
+    pub async fn record_teardown(
+        &self,
+        project_id: &str,
+        db_name: &str,
+        engine: Engine,
+    ) -> anyhow::Result<()> {
+        let c = self.control.get().await?;
+        control::teardowns::record(&c, project_id, db_name, engine, false).await?;
+        Ok(())
+    }
+
+    /// The teardown recorded for `project_id` is finished (best effort: a record left behind
+    /// is swept, its drops finding nothing).
+    pub async fn teardown_done(&self, project_id: &str) {
+        if let Ok(c) = self.control.get().await {
+            if let Err(e) = control::teardowns::done(&c, project_id).await {
+                tracing::warn!(project_id, error = %e, "forgetting a finished teardown");
+            }
+        }
+    }
+
+    /// Projects whose deletion stopped half way ([`DELETION_GRACE`]): to delete again.
+    pub async fn interrupted_deletions(&self) -> anyhow::Result<Vec<String>> {
+        let c = self.control.get().await?;
+        Ok(control::teardowns::interrupted_deletions(&c, DELETION_GRACE.as_secs_f64()).await?)
+    }
+
     /// Drops a project's database and roles after recording them (so that a failure or a crash
     /// on the way leaves the record for the sweep), and forgets the record once they are gone.
     pub async fn tear_down(&self, project_id: &str, db_name: &str, engine: Engine) {

@@ -51,12 +51,11 @@ async fn a_deletion_whose_drop_fails_is_finished_by_the_sweep() {
     let control = pg.client(&t.app.cluster.control_db).await;
     let read_role = format!("fx_{}_read", f.project);
     let db = format!("fx_{}", f.project);
-    // An object of the project's read role elsewhere in the cluster: its DROP ROLE fails.
+    // A database the project's read role owns (only the operator could make one): its DROP
+    // ROLE fails, and DROP OWNED does not drop databases.
     let blocker = unique("teardown_blocker");
     postgres
-        .batch_execute(&format!(
-            "CREATE TABLE {blocker} (x int); ALTER TABLE {blocker} OWNER TO \"{read_role}\""
-        ))
+        .batch_execute(&format!("CREATE DATABASE {blocker} OWNER \"{read_role}\""))
         .await
         .unwrap();
     t.delete_project(&f.project, &f.admin).await;
@@ -77,7 +76,7 @@ async fn a_deletion_whose_drop_fails_is_finished_by_the_sweep() {
     );
 
     postgres
-        .batch_execute(&format!("DROP TABLE {blocker}"))
+        .batch_execute(&format!("DROP DATABASE {blocker}"))
         .await
         .unwrap();
     assert!(sweep().await.unwrap() >= 1);
@@ -88,6 +87,126 @@ async fn a_deletion_whose_drop_fails_is_finished_by_the_sweep() {
         metric(&text, "fluxbase_project_teardowns_swept_total") >= 1,
         "{text}"
     );
+    t.stop().await;
+}
+
+/// Red team rt17: another project's owner grants privileges on its objects to a project's
+/// roles, names them in a policy and in default privileges; deleting that project still drops
+/// every one of its roles at once (what named them is revoked), and leaves no record.
+#[tokio::test]
+async fn grants_from_another_project_do_not_keep_a_deleted_projects_roles() {
+    let t = spawn_app().await;
+    let attacker = t.fixture().await;
+    let victim = t.fixture().await;
+    let v = &victim.project;
+    let sql = format!(
+        "CREATE TABLE g (x int);
+         GRANT SELECT ON g TO fx_{v}_read;
+         GRANT ALL ON g TO fx_{v}_owner;
+         ALTER TABLE g ENABLE ROW LEVEL SECURITY;
+         CREATE POLICY pv ON g TO fx_{v}_auth USING (true);
+         ALTER DEFAULT PRIVILEGES GRANT SELECT ON TABLES TO fx_{v}_readwrite"
+    );
+    let (status, body) = t
+        .call(
+            "POST",
+            "/api/execute-sql",
+            Some(&attacker.admin),
+            Some(serde_json::json!({ "projectId": attacker.project, "query": sql })),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let pg = pg().await;
+    let postgres = pg.client("postgres").await;
+    let control = pg.client(&t.app.cluster.control_db).await;
+    let named: i64 = postgres
+        .query_one(
+            "SELECT count(*) FROM pg_shdepend s JOIN pg_roles r ON r.oid = s.refobjid
+             WHERE r.rolname LIKE $1",
+            &[&format!("fx_{v}_%")],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(named >= 4, "the attack names the victim's roles ({named})");
+    t.delete_project(v, &victim.admin).await;
+    let left: Vec<String> = postgres
+        .query(
+            "SELECT rolname::text FROM pg_roles WHERE rolname LIKE $1",
+            &[&format!("fx_{v}_%")],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert!(left.is_empty(), "roles left: {left:?}");
+    assert_eq!(record(&control, v).await, None);
+    // The attacker's own table and policy are still there.
+    let rows = t
+        .rows(
+            &attacker.admin,
+            &attacker.project,
+            "SELECT count(*) AS n FROM g",
+        )
+        .await;
+    assert_eq!(rows[0]["n"], 0);
+    t.stop().await;
+}
+
+/// Red team rt17: a server killed between a deletion's drops and its row's delete left a
+/// project row that said `active` over a dropped database. Its record (older than the
+/// deletion grace, its row still there) makes the sweep's task delete it again; a younger one
+/// (a deletion under way, maybe on another node) is left alone.
+#[tokio::test]
+async fn a_deletion_a_crash_stopped_half_way_is_finished() {
+    let t = spawn_app().await;
+    let (stopped, running) = (t.fixture().await, t.fixture().await);
+    let pg = pg().await;
+    let postgres = pg.client("postgres").await;
+    let control = pg.client(&t.app.cluster.control_db).await;
+    for (f, age) in [(&stopped, 120.0), (&running, 0.0)] {
+        control
+            .execute(
+                "INSERT INTO fluxbase.project_teardowns (project_id, db_name, engine, creating, since)
+                 VALUES ($1, 'fx_' || $1, 'postgresql', false, now() - make_interval(secs => $2))",
+                &[&f.project, &age],
+            )
+            .await
+            .unwrap();
+    }
+    // (What the crash left is the record and the row; whether the drops had run before it
+    // does not matter: a deletion drops only what is there.)
+    t.app.resume_deletions().await.unwrap();
+    let (role, db) = exists(
+        &postgres,
+        &format!("fx_{}_owner", stopped.project),
+        &format!("fx_{}", stopped.project),
+    )
+    .await;
+    assert_eq!((role, db), (false, false));
+    assert_eq!(record(&control, &stopped.project).await, None);
+    let (status, _) = t
+        .call(
+            "POST",
+            "/api/execute-sql",
+            Some(&stopped.admin),
+            Some(serde_json::json!({ "projectId": stopped.project, "query": "SELECT 1" })),
+        )
+        .await;
+    assert_eq!(status, 401, "the project and its keys are gone");
+    let rows = t
+        .rows(&running.admin, &running.project, "SELECT 1 AS one")
+        .await;
+    assert_eq!(rows[0]["one"], 1, "a deletion under way is not taken over");
+    assert_eq!(record(&control, &running.project).await, Some((false, 0)));
+    control
+        .execute(
+            "DELETE FROM fluxbase.project_teardowns WHERE project_id = $1",
+            &[&running.project],
+        )
+        .await
+        .unwrap();
     t.stop().await;
 }
 
@@ -129,11 +248,11 @@ async fn what_a_crash_mid_creation_left_is_dropped_and_nothing_else() {
             .await
             .unwrap();
     }
-    // A live project's record (a deletion that has not dropped yet) is not swept either.
+    // A live project's record (a deletion under way, not dropped yet) is not swept either.
     control
         .execute(
-            "INSERT INTO fluxbase.project_teardowns (project_id, db_name, engine, creating, since)
-             VALUES ($1, 'fx_' || $1, 'postgresql', false, now() - interval '1 hour')",
+            "INSERT INTO fluxbase.project_teardowns (project_id, db_name, engine, creating)
+             VALUES ($1, 'fx_' || $1, 'postgresql', false)",
             &[&f.project],
         )
         .await

@@ -832,6 +832,24 @@ async fn ranges_on(t: &TestApp, local: bool) {
         let (status, _, _) = fetch_with(&url, &headers).await;
         assert_eq!(status, 404, "{headers:?}");
     }
+    // Paths through a private file, or too long for the disk, answer as a missing file does
+    // (red team rt17: 503 told a private file from a missing one).
+    let missing = t.url(&format!("/api/storage/public/{key}.nope/x"));
+    for url in [
+        format!("{url}/x"),
+        format!("{url}/{}", "x".repeat(300)),
+        missing,
+    ] {
+        for head in [false, true] {
+            let req = if head {
+                reqwest::Client::new().head(&url)
+            } else {
+                reqwest::Client::new().get(&url)
+            };
+            let status = req.send().await.unwrap().status();
+            assert_eq!(status, 404, "{url} (HEAD {head})");
+        }
+    }
 }
 
 #[tokio::test]
