@@ -358,8 +358,26 @@ impl WireError {
 }
 
 /// A byte stream to the server: TCP, unix socket, or an in-memory pipe in tests.
-pub(crate) trait Socket: AsyncRead + AsyncWrite + Unpin + Send + Sync {}
-impl<T: AsyncRead + AsyncWrite + Unpin + Send + Sync> Socket for T {}
+pub(crate) trait Socket: AsyncRead + AsyncWrite + Unpin + Send + Sync {
+    /// The socket's descriptor, for [`Connection::has_unread_input`] (none for a pipe).
+    fn descriptor(&self) -> Option<std::os::fd::BorrowedFd<'_>> {
+        None
+    }
+}
+
+impl Socket for tokio::net::TcpStream {
+    fn descriptor(&self) -> Option<std::os::fd::BorrowedFd<'_>> {
+        Some(std::os::fd::AsFd::as_fd(self))
+    }
+}
+
+impl Socket for tokio::net::UnixStream {
+    fn descriptor(&self) -> Option<std::os::fd::BorrowedFd<'_>> {
+        Some(std::os::fd::AsFd::as_fd(self))
+    }
+}
+
+impl Socket for tokio::io::DuplexStream {}
 
 /// Framing only: backend messages out of a buffered reader, frontend messages into `write_buf`.
 struct Transport {
@@ -580,6 +598,28 @@ impl Connection {
         })
         .await
         .map_err(|_| WireError::Timeout)?
+    }
+
+    /// Whether the server sent anything (or closed the connection) while no operation was
+    /// running: a NotificationResponse to a session that listens, a FATAL of an administrator's
+    /// termination. Peeks at the socket without blocking and reads nothing (`MSG_PEEK`); false
+    /// when it cannot tell (an in-memory socket). A pool checks its idle connections with it: an
+    /// idle session that listens is never read, so PostgreSQL blocks sending it notifications
+    /// and its place in the cluster's one NOTIFY queue holds the queue's tail.
+    pub fn has_unread_input(&self) -> bool {
+        if !self.transport.read_buf.is_empty() {
+            return true;
+        }
+        let Some(fd) = self.transport.socket.descriptor() else {
+            return false;
+        };
+        let mut byte = [0u8; 1];
+        use rustix::net::RecvFlags;
+        // Data waiting, or the end of the stream (0 bytes); EAGAIN is a quiet socket.
+        match rustix::net::recv(fd, &mut byte, RecvFlags::PEEK | RecvFlags::DONTWAIT) {
+            Ok(_) => true,
+            Err(e) => e != rustix::io::Errno::AGAIN && e != rustix::io::Errno::INTR,
+        }
     }
 
     /// Startup and authentication over an open socket (an in-memory pipe in unit tests).

@@ -385,7 +385,8 @@ pub(super) fn repair_pool(cluster: &ClusterTarget) -> deadpool_postgres::Pool {
         .expect("a pool with a runtime builds")
 }
 
-/// Closes pooled connections idle for `idle_timeout`, until the pools are gone.
+/// Closes pooled connections idle for `idle_timeout`, or that the server sent anything while
+/// idle (looked at every quarter of it, at most every 5 s), until the pools are gone.
 pub(super) async fn close_idle(pools: std::sync::Weak<PoolMap>, idle_timeout: Duration) {
     let every = (idle_timeout / 4).clamp(Duration::from_millis(100), Duration::from_secs(5));
     loop {
@@ -401,7 +402,11 @@ pub(super) async fn close_idle(pools: std::sync::Weak<PoolMap>, idle_timeout: Du
             .collect();
         drop(pools);
         for pool in all {
-            let removed = pool.retain(|_, m| m.last_used() < idle_timeout);
+            // Idle too long, or spoken to while idle: a session that listens (its
+            // notifications, never read, would keep the cluster's NOTIFY queue from moving
+            // past it: red team rt16) or one the server ended.
+            let removed = pool
+                .retain(|conn, m| m.last_used() < idle_timeout && !conn.conn.has_unread_input());
             if !removed.removed.is_empty() {
                 tracing::debug!(
                     closed = removed.removed.len(),

@@ -898,3 +898,50 @@ async fn extensions_and_objects_stay_out_of_the_servers_schemas() {
         .await;
     app.stop().await;
 }
+
+/// Red team rt16: a session that LISTENs and then sits idle in the pool is never read, so
+/// PostgreSQL blocks sending it notifications and its place holds the cluster's one NOTIFY
+/// queue (8 GB) from moving on: any key could fill it while its connection idled. The pool now
+/// closes an idle connection the server spoke to within seconds (not at its idle timeout).
+#[tokio::test]
+async fn an_idle_pooled_session_that_listens_is_closed_once_notified() {
+    let app = spawn_app_with(|c| c.sql_idle_timeout_secs = 600).await;
+    let f = app.fixture().await;
+    let rows = app
+        .rows(
+            &f.admin,
+            &f.project,
+            "LISTEN rt16_tail; SELECT pg_backend_pid() AS pid",
+        )
+        .await;
+    let pid = rows[0]["pid"].as_i64().unwrap() as i32;
+    let pg = pg().await;
+    let superuser = pg.client("postgres").await;
+    let alive = || async {
+        superuser
+            .query_opt("SELECT 1 FROM pg_stat_activity WHERE pid = $1", &[&pid])
+            .await
+            .unwrap()
+            .is_some()
+    };
+    // Quiet, it stays pooled (its idle timeout is ten minutes).
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    assert!(alive().await, "a quiet idle connection is kept");
+    let project_db = pg.client(&format!("fx_{}", f.project)).await;
+    project_db
+        .batch_execute("NOTIFY rt16_tail, 'to a session nobody reads'")
+        .await
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while alive().await {
+        assert!(
+            Instant::now() < deadline,
+            "the notified idle session {pid} is still open"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // The project's next request gets a fresh session and answers.
+    let rows = app.rows(&f.admin, &f.project, "SELECT 1 AS one").await;
+    assert_eq!(rows[0]["one"], 1);
+    app.stop().await;
+}
