@@ -108,18 +108,24 @@ pub async fn count(db: &impl GenericClient, grace_secs: f64) -> Result<i64, Erro
 }
 
 /// Deletions that stopped half way (a crash, a failed row delete): records that are not a
-/// creation's, older than `grace_secs`, whose project row still exists. The caller deletes
-/// those projects again.
+/// creation's, older than `grace_secs`, whose project row still exists. They are claimed (their
+/// age restarts: another node's sweep, or this one's next, leaves them alone for `grace_secs`,
+/// and a resumed deletion that fails is tried again after it); the caller deletes those projects
+/// again.
 pub async fn interrupted_deletions(
     db: &impl GenericClient,
     grace_secs: f64,
 ) -> Result<Vec<String>, Error> {
     Ok(db
         .query(
-            "SELECT t.project_id FROM fluxbase.project_teardowns t
-             WHERE NOT t.creating AND t.since < now() - make_interval(secs => $1)
-               AND EXISTS (SELECT FROM fluxbase.projects p WHERE p.id = t.project_id)
-             ORDER BY t.since LIMIT 100",
+            "UPDATE fluxbase.project_teardowns t SET since = now()
+             WHERE t.project_id IN (
+                     SELECT o.project_id FROM fluxbase.project_teardowns o
+                     WHERE NOT o.creating AND o.since < now() - make_interval(secs => $1)
+                       AND EXISTS (SELECT FROM fluxbase.projects p WHERE p.id = o.project_id)
+                     ORDER BY o.since LIMIT 100)
+               AND NOT t.creating AND t.since < now() - make_interval(secs => $1)
+             RETURNING t.project_id",
             &[&grace_secs],
         )
         .await?

@@ -200,6 +200,24 @@ async fn a_deletion_a_crash_stopped_half_way_is_finished() {
         .await;
     assert_eq!(rows[0]["one"], 1, "a deletion under way is not taken over");
     assert_eq!(record(&control, &running.project).await, Some((false, 0)));
+    // Claimed once: a second sweep (another node's) does not take the same deletion over.
+    control
+        .execute(
+            "UPDATE fluxbase.project_teardowns SET since = now() - interval '2 minutes'
+             WHERE project_id = $1",
+            &[&running.project],
+        )
+        .await
+        .unwrap();
+    let pool = t.app.control.get().await.unwrap();
+    let first = fluxbase::control::teardowns::interrupted_deletions(&pool, 60.0)
+        .await
+        .unwrap();
+    assert_eq!(first, vec![running.project.clone()]);
+    let second = fluxbase::control::teardowns::interrupted_deletions(&pool, 60.0)
+        .await
+        .unwrap();
+    assert!(second.is_empty(), "{second:?}");
     control
         .execute(
             "DELETE FROM fluxbase.project_teardowns WHERE project_id = $1",
