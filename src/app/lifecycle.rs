@@ -163,15 +163,16 @@ impl App {
             .notify_access_change(&AccessChange::Deleting(project_id.to_string()))
             .await;
         let deleted = async {
-            self.cdc.stop(project_id).await;
-            self.mysql.dumps.forget(project_id);
-            self.sql.forget_project(project_id);
-            // Recorded first: a crash from here on leaves a record the sweep finishes the
-            // deletion from, and what a failed drop leaves it drops once the row is gone.
+            // Recorded first, before anything stops: a crash from here on leaves a record the
+            // sweep finishes the deletion from, and what a failed drop leaves it drops once the
+            // row is gone. A failure to record stops the deletion with nothing changed.
             self.projects
                 .record_teardown(project_id, &project.db_name, project.engine)
                 .await
                 .map_err(ProjectsError::Internal)?;
+            self.cdc.stop(project_id).await;
+            self.mysql.dumps.forget(project_id);
+            self.sql.forget_project(project_id);
             let clean = self
                 .projects
                 .drop_database(project_id, &project.db_name, project.engine)
@@ -204,7 +205,12 @@ impl App {
     /// and its row's delete: the row says `active`, its database is gone), found by their
     /// teardown records; each logged. The teardown sweep's task runs it before each pass.
     pub async fn resume_deletions(&self) -> anyhow::Result<()> {
-        for project_id in self.projects.interrupted_deletions().await? {
+        // One claimed at a time, right before it is deleted (a claim another node could take
+        // again once its minute is over is never held while others are deleted).
+        for _ in 0..100 {
+            let Some(project_id) = self.projects.interrupted_deletion().await? else {
+                return Ok(());
+            };
             tracing::warn!(
                 project_id,
                 "finishing a project deletion that stopped half way"

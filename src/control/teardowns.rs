@@ -10,7 +10,8 @@ use tokio_postgres::Error;
 use crate::projects::Engine;
 
 /// Records a project's database to drop (`creating`: a creation under way). A record there
-/// already keeps its age and count of attempts.
+/// already keeps its count of attempts; its age restarts when a deletion (or clean-up) records
+/// it again (a retried deletion is not taken for an interrupted one meanwhile).
 pub async fn record(
     db: &impl GenericClient,
     project_id: &str,
@@ -21,7 +22,8 @@ pub async fn record(
     db.execute(
         "INSERT INTO fluxbase.project_teardowns (project_id, db_name, engine, creating)
          VALUES ($1, $2, $3, $4)
-         ON CONFLICT (project_id) DO UPDATE SET creating = EXCLUDED.creating",
+         ON CONFLICT (project_id) DO UPDATE SET creating = EXCLUDED.creating,
+             since = CASE WHEN EXCLUDED.creating THEN project_teardowns.since ELSE now() END",
         &[&project_id, &db_name, &engine.as_str(), &creating],
     )
     .await
@@ -65,6 +67,7 @@ pub async fn claim(
             "SELECT t.project_id, t.db_name, t.engine, t.attempts
              FROM fluxbase.project_teardowns t
              WHERE (NOT t.creating OR t.since < now() - make_interval(secs => $1))
+               AND t.since < now() - make_interval(mins => least(t.attempts, 60))
                AND NOT EXISTS (SELECT FROM fluxbase.projects p WHERE p.id = t.project_id)
                AND t.project_id <> ALL ($2)
              ORDER BY t.attempts, t.since LIMIT 1
@@ -83,10 +86,12 @@ pub async fn claim(
         }))
 }
 
-/// A swept drop failed: tried again at the next sweep, as abandoned.
+/// A swept drop failed: tried again, as abandoned, once as many minutes have passed as it
+/// failed (at most an hour).
 pub async fn failed(db: &impl GenericClient, project_id: &str) -> Result<(), Error> {
     db.execute(
-        "UPDATE fluxbase.project_teardowns SET creating = false, attempts = attempts + 1
+        "UPDATE fluxbase.project_teardowns
+         SET creating = false, attempts = attempts + 1, since = now()
          WHERE project_id = $1",
         &[&project_id],
     )
@@ -115,6 +120,7 @@ pub async fn count(db: &impl GenericClient, grace_secs: f64) -> Result<i64, Erro
 pub async fn interrupted_deletions(
     db: &impl GenericClient,
     grace_secs: f64,
+    limit: i64,
 ) -> Result<Vec<String>, Error> {
     Ok(db
         .query(
@@ -123,10 +129,25 @@ pub async fn interrupted_deletions(
                      SELECT o.project_id FROM fluxbase.project_teardowns o
                      WHERE NOT o.creating AND o.since < now() - make_interval(secs => $1)
                        AND EXISTS (SELECT FROM fluxbase.projects p WHERE p.id = o.project_id)
-                     ORDER BY o.since LIMIT 100)
+                     ORDER BY o.since LIMIT $2)
                AND NOT t.creating AND t.since < now() - make_interval(secs => $1)
              RETURNING t.project_id",
-            &[&grace_secs],
+            &[&grace_secs, &limit],
+        )
+        .await?
+        .iter()
+        .map(|r| r.get(0))
+        .collect())
+}
+
+/// The projects with a deletion recorded (not a creation's record) whose row still exists.
+pub async fn deleting(db: &impl GenericClient) -> Result<Vec<String>, Error> {
+    Ok(db
+        .query(
+            "SELECT t.project_id FROM fluxbase.project_teardowns t
+             WHERE NOT t.creating
+               AND EXISTS (SELECT FROM fluxbase.projects p WHERE p.id = t.project_id)",
+            &[],
         )
         .await?
         .iter()

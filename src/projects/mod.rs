@@ -408,7 +408,7 @@ impl Projects {
             Err(e) => tracing::warn!(
                 project_id = %project.id,
                 error = %format!("{e:#}"),
-                "discarding a project whose creation failed: its row stays, its database too"
+                "discarding a project whose creation failed: its row stays for now; the teardown sweep deletes it within minutes if its record was written"
             ),
         }
     }

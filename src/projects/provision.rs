@@ -337,8 +337,12 @@ impl Projects {
         let mut clean = dropped;
         for (i, sql) in statements.into_iter().enumerate() {
             if i == 1 {
-                // The database is gone; what still names the roles is elsewhere.
-                clean &= self.revoke_elsewhere(&admin, project_id, &roles).await;
+                // The database is gone (or its drop failed: then the role drops fail too, and
+                // the project's own database is never visited); what still names the roles is
+                // elsewhere.
+                clean &= self
+                    .revoke_elsewhere(&admin, project_id, db_name, &roles)
+                    .await;
             }
             let mut attempt = 0;
             loop {
@@ -371,6 +375,7 @@ impl Projects {
         &self,
         admin: &tokio_postgres::Client,
         project_id: &str,
+        db_name: &str,
         roles: &[String],
     ) -> bool {
         let holders = match admin
@@ -381,8 +386,9 @@ impl Projects {
                  LEFT JOIN pg_catalog.pg_database d ON d.oid = s.dbid
                  WHERE s.refclassid = 'pg_catalog.pg_authid'::pg_catalog.regclass
                    AND r.rolname = ANY ($1)
-                   AND (s.dbid = 0 OR d.oid IS NOT NULL)",
-                &[&roles],
+                   AND (s.dbid = 0 OR d.oid IS NOT NULL)
+                   AND d.datname IS DISTINCT FROM $2",
+                &[&roles, &db_name],
             )
             .await
         {
@@ -407,6 +413,9 @@ impl Projects {
         for db in holders {
             let visited = async {
                 let client = self.cluster.connect(&db).await?;
+                // A tenant's long statement on a table whose policy names these roles must not
+                // hold the deletion: it fails here and the sweep tries again.
+                client.batch_execute("SET lock_timeout = '5s'").await?;
                 // Roles dropped already by an earlier attempt are not there to name.
                 let present: Vec<String> = client
                     .query(
@@ -451,12 +460,26 @@ impl Projects {
     /// the projects that have no replication slot yet (the caller creates them).
     pub async fn migrate_all(&self) -> anyhow::Result<Vec<(String, String)>> {
         let latest = latest_version();
+        // A project whose deletion a crash stopped half way may have no database any more:
+        // it is not migrated nor given a slot (the teardown sweep finishes its deletion), and
+        // the server still starts.
+        let deleting = self.being_torn_down().await?;
         let behind = crate::control::projects::behind(&self.control.get().await?, latest).await?;
         for (id, db, from) in behind {
+            if deleting.contains(&id) {
+                tracing::info!(project_id = %id, "not migrating a project whose deletion is under way");
+                continue;
+            }
             tracing::info!(project_id = %id, from, to = latest, "migrating project database");
             self.migrate_project(&id, &db, from).await?;
         }
-        Ok(crate::control::projects::without_slot(&self.control.get().await?).await?)
+        Ok(
+            crate::control::projects::without_slot(&self.control.get().await?)
+                .await?
+                .into_iter()
+                .filter(|(id, _)| !deleting.contains(id))
+                .collect(),
+        )
     }
 
     /// The projects (id, database) whose routine epoch may still be unsealed: those at the

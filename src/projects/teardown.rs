@@ -53,10 +53,25 @@ impl Projects {
         }
     }
 
-    /// Projects whose deletion stopped half way ([`DELETION_GRACE`]): to delete again.
-    pub async fn interrupted_deletions(&self) -> anyhow::Result<Vec<String>> {
+    /// A project whose deletion stopped half way ([`DELETION_GRACE`]), claimed: to delete
+    /// again.
+    pub async fn interrupted_deletion(&self) -> anyhow::Result<Option<String>> {
         let c = self.control.get().await?;
-        Ok(control::teardowns::interrupted_deletions(&c, DELETION_GRACE.as_secs_f64()).await?)
+        Ok(
+            control::teardowns::interrupted_deletions(&c, DELETION_GRACE.as_secs_f64(), 1)
+                .await?
+                .pop(),
+        )
+    }
+
+    /// The projects with a deletion under way or interrupted (their database may be gone):
+    /// start-up does not migrate them or make their slots.
+    pub async fn being_torn_down(&self) -> anyhow::Result<std::collections::HashSet<String>> {
+        let c = self.control.get().await?;
+        Ok(control::teardowns::deleting(&c)
+            .await?
+            .into_iter()
+            .collect())
     }
 
     /// Drops a project's database and roles after recording them (so that a failure or a crash

@@ -79,6 +79,17 @@ async fn a_deletion_whose_drop_fails_is_finished_by_the_sweep() {
         .batch_execute(&format!("DROP DATABASE {blocker}"))
         .await
         .unwrap();
+    // A record whose drop failed waits a minute per failure before it is tried again.
+    assert_eq!(sweep().await.unwrap(), 0);
+    assert_eq!(exists(&postgres, &read_role, &db).await, (true, false));
+    control
+        .execute(
+            "UPDATE fluxbase.project_teardowns SET since = now() - interval '61 seconds'
+             WHERE project_id = $1",
+            &[&f.project],
+        )
+        .await
+        .unwrap();
     assert!(sweep().await.unwrap() >= 1);
     assert_eq!(exists(&postgres, &read_role, &db).await, (false, false));
     assert_eq!(record(&control, &f.project).await, None);
@@ -210,11 +221,11 @@ async fn a_deletion_a_crash_stopped_half_way_is_finished() {
         .await
         .unwrap();
     let pool = t.app.control.get().await.unwrap();
-    let first = fluxbase::control::teardowns::interrupted_deletions(&pool, 60.0)
+    let first = fluxbase::control::teardowns::interrupted_deletions(&pool, 60.0, 100)
         .await
         .unwrap();
     assert_eq!(first, vec![running.project.clone()]);
-    let second = fluxbase::control::teardowns::interrupted_deletions(&pool, 60.0)
+    let second = fluxbase::control::teardowns::interrupted_deletions(&pool, 60.0, 100)
         .await
         .unwrap();
     assert!(second.is_empty(), "{second:?}");
