@@ -89,6 +89,11 @@ pub const PROJECT_MIGRATIONS: &[(i32, &str, &str)] = &[
         "server_schemas_guard",
         include_str!("../../sql/project/0020_server_schemas_guard.sql"),
     ),
+    (
+        21,
+        "other_projects_roles_guard",
+        include_str!("../../sql/project/0021_other_projects_roles_guard.sql"),
+    ),
 ];
 
 /// The migration that makes the routine epoch (sql/project/0014_session_reset_epoch.sql).

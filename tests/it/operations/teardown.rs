@@ -101,33 +101,94 @@ async fn a_deletion_whose_drop_fails_is_finished_by_the_sweep() {
     t.stop().await;
 }
 
-/// Red team rt17: another project's owner grants privileges on its objects to a project's
-/// roles, names them in a policy and in default privileges; deleting that project still drops
-/// every one of its roles at once (what named them is revoked), and leaves no record.
+/// Red team rt17 and its review: another project's owner (or a role it gave GRANT OPTION to)
+/// grants privileges on its objects to a project's roles, names them in a policy or in default
+/// privileges. Each form is refused through the API (bootstrap 21's event trigger); such
+/// grants made before it (here by the superuser acting as the owner) are revoked when that
+/// project is deleted, which drops every one of its roles at once and leaves no record.
 #[tokio::test]
 async fn grants_from_another_project_do_not_keep_a_deleted_projects_roles() {
     let t = spawn_app().await;
     let attacker = t.fixture().await;
     let victim = t.fixture().await;
     let v = &victim.project;
-    let sql = format!(
-        "CREATE TABLE g (x int);
-         GRANT SELECT ON g TO fx_{v}_read;
-         GRANT ALL ON g TO fx_{v}_owner;
-         ALTER TABLE g ENABLE ROW LEVEL SECURITY;
-         CREATE POLICY pv ON g TO fx_{v}_auth USING (true);
-         ALTER DEFAULT PRIVILEGES GRANT SELECT ON TABLES TO fx_{v}_readwrite"
-    );
-    let (status, body) = t
-        .call(
-            "POST",
-            "/api/execute-sql",
-            Some(&attacker.admin),
-            Some(serde_json::json!({ "projectId": attacker.project, "query": sql })),
-        )
-        .await;
+    let a = &attacker.project;
+    let sql = |key: String, query: String| {
+        let (t, a) = (&t, a.clone());
+        async move {
+            t.call(
+                "POST",
+                "/api/execute-sql",
+                Some(&key),
+                Some(serde_json::json!({ "projectId": a, "query": query })),
+            )
+            .await
+        }
+    };
+    let (status, body) = sql(
+        attacker.admin.clone(),
+        format!(
+            "CREATE TABLE g (x int); ALTER TABLE g ENABLE ROW LEVEL SECURITY;
+             GRANT SELECT ON g TO fx_{a}_readwrite WITH GRANT OPTION"
+        ),
+    )
+    .await;
     assert_eq!(status, 200, "{body}");
+    assert_eq!(body["success"], true, "{body}");
+    for (key, attack) in [
+        (&attacker.admin, format!("GRANT SELECT ON g TO fx_{v}_read")),
+        (
+            &attacker.admin,
+            format!("GRANT UPDATE (x) ON g TO fx_{v}_owner"),
+        ),
+        (
+            &attacker.readwrite,
+            format!("GRANT SELECT ON g TO fx_{v}_read"),
+        ),
+        (
+            &attacker.admin,
+            format!("CREATE POLICY pv ON g TO fx_{v}_auth USING (true)"),
+        ),
+        (
+            &attacker.admin,
+            format!("ALTER DEFAULT PRIVILEGES GRANT SELECT ON TABLES TO fx_{v}_readwrite"),
+        ),
+    ] {
+        let (status, body) = sql(key.clone(), attack.clone()).await;
+        assert_eq!(status, 200, "{attack}: {body}");
+        assert_eq!(body["success"], false, "{attack}: {body}");
+        assert!(
+            body["error"]["details"]
+                .as_str()
+                .unwrap_or("")
+                .contains("42501"),
+            "{attack}: {body}"
+        );
+    }
+    // Its own roles it may still name.
+    let (_, body) = sql(
+        attacker.admin.clone(),
+        format!(
+            "GRANT SELECT ON g TO fx_{a}_read; CREATE POLICY own ON g TO fx_{a}_auth USING (true)"
+        ),
+    )
+    .await;
+    assert_eq!(body["success"], true, "{body}");
+
+    // Made before the guard existed: the superuser acting as the attacker's owner.
     let pg = pg().await;
+    let attacker_db = pg.client(&format!("fx_{a}")).await;
+    attacker_db
+        .batch_execute(&format!(
+            "SET ROLE fx_{a}_owner;
+             GRANT SELECT ON g TO fx_{v}_read;
+             GRANT ALL ON g TO fx_{v}_owner;
+             CREATE POLICY pv ON g TO fx_{v}_auth USING (true);
+             ALTER DEFAULT PRIVILEGES GRANT SELECT ON TABLES TO fx_{v}_readwrite;
+             RESET ROLE"
+        ))
+        .await
+        .unwrap();
     let postgres = pg.client("postgres").await;
     let control = pg.client(&t.app.cluster.control_db).await;
     let named: i64 = postgres
@@ -139,7 +200,7 @@ async fn grants_from_another_project_do_not_keep_a_deleted_projects_roles() {
         .await
         .unwrap()
         .get(0);
-    assert!(named >= 4, "the attack names the victim's roles ({named})");
+    assert!(named >= 4, "the grants name the victim's roles ({named})");
     t.delete_project(v, &victim.admin).await;
     let left: Vec<String> = postgres
         .query(
