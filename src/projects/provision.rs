@@ -406,14 +406,6 @@ impl Projects {
                 return false;
             }
         };
-        let drop_owned = format!(
-            "DROP OWNED BY {}",
-            roles
-                .iter()
-                .map(|r| quote_ident(r))
-                .collect::<Vec<_>>()
-                .join(", ")
-        );
         let mut ok = true;
         for db in holders {
             let visited = async {
@@ -433,24 +425,18 @@ impl Projects {
                     .map(|r| r.get(0))
                     .collect();
                 if present.is_empty() {
-                    return anyhow::Ok(());
+                    return anyhow::Ok(None);
                 }
-                client
-                    .batch_execute(&format!(
-                        "DROP OWNED BY {}",
-                        present
-                            .iter()
-                            .map(|r| quote_ident(r))
-                            .collect::<Vec<_>>()
-                            .join(", ")
-                    ))
-                    .await?;
-                Ok(())
+                let names: Vec<String> = present.iter().map(|r| quote_ident(r)).collect();
+                let statement = format!("DROP OWNED BY {}", names.join(", "));
+                client.batch_execute(&statement).await?;
+                Ok(Some(statement))
             }
             .await;
             match visited {
-                Ok(()) => {
-                    tracing::info!(project_id, database = %db, statement = %drop_owned, "revoked what another database granted to a deleted project's roles")
+                Ok(None) => {}
+                Ok(Some(statement)) => {
+                    tracing::info!(project_id, database = %db, statement, "revoked what another database granted to a deleted project's roles")
                 }
                 Err(e) => {
                     ok = false;

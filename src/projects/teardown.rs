@@ -77,21 +77,11 @@ impl Projects {
     /// Drops a project's database and roles after recording them (so that a failure or a crash
     /// on the way leaves the record for the sweep), and forgets the record once they are gone.
     pub async fn tear_down(&self, project_id: &str, db_name: &str, engine: Engine) {
-        let recorded = match self.control.get().await {
-            Ok(c) => control::teardowns::record(&c, project_id, db_name, engine, false)
-                .await
-                .map_err(anyhow::Error::from),
-            Err(e) => Err(e.into()),
-        };
-        if let Err(e) = &recorded {
+        if let Err(e) = self.record_teardown(project_id, db_name, engine).await {
             tracing::warn!(project_id, error = %format!("{e:#}"), "recording a project's teardown");
         }
         if self.drop_database(project_id, db_name, engine).await {
-            if let Ok(c) = self.control.get().await {
-                if let Err(e) = control::teardowns::done(&c, project_id).await {
-                    tracing::warn!(project_id, error = %e, "forgetting a finished teardown (the sweep will drop nothing and forget it)");
-                }
-            }
+            self.teardown_done(project_id).await;
         } else {
             tracing::warn!(
                 project_id,
