@@ -9,12 +9,12 @@
 //! passes through in bounded memory. The spill file is written in [`super::blocking`]: a
 //! tenant's large transaction must not keep the worker other projects' streams run on.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::fs::File;
-use std::io::{BufRead, BufReader, BufWriter, Write};
+use std::io::{BufRead, BufReader, BufWriter, Lines, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use fluxbase_replication::pgoutput::{
     LogicalReplicationMessage as M, Lsn, PgTimestamp, Relation, Xid,
@@ -23,36 +23,81 @@ use fluxbase_replication::values::TypeRegistry;
 
 use super::events::{self, Pending};
 
+/// A change held in memory, with the subtransaction that made it.
+type Entry = (Option<Xid>, Pending);
+
+/// Lists of changes kept for the stream's next transactions: at most this many.
+const SPARE_LISTS: usize = 2;
+/// A list is kept only while it has room for at most this many changes (about 0.7 MiB of
+/// entries): a transaction's list grew to its size change by change, and a stream that made a
+/// new one per transaction spent ≈ 9 % of its thread growing it and faulting in fresh pages
+/// (the allocator had returned the last one's); one past this size goes back to the allocator.
+const SPARE_MAX_ENTRIES: usize = 4096;
+
+/// What the transaction buffers of one stream share.
+#[derive(Default)]
+pub(crate) struct Shared {
+    /// Bytes (as counted against the bound) spilled to disk, by every buffer of the stream.
+    spilled_bytes: AtomicU64,
+    /// Emptied change lists, kept with their room for the next transactions ([`SPARE_LISTS`]).
+    spares: Mutex<Vec<VecDeque<Entry>>>,
+}
+
+impl Shared {
+    fn take_list(&self) -> VecDeque<Entry> {
+        self.spares
+            .lock()
+            .expect("poisoned")
+            .pop()
+            .unwrap_or_default()
+    }
+
+    fn give_list(&self, mut list: VecDeque<Entry>) {
+        if list.capacity() == 0 || list.capacity() > SPARE_MAX_ENTRIES {
+            return;
+        }
+        list.clear();
+        let mut spares = self.spares.lock().expect("poisoned");
+        if spares.len() < SPARE_LISTS {
+            spares.push(list);
+        }
+    }
+
+    /// Bytes (as counted against the bound) spilled to disk so far.
+    pub(crate) fn spilled_bytes(&self) -> u64 {
+        self.spilled_bytes.load(Ordering::Relaxed)
+    }
+}
+
 /// The changes of one open transaction.
 pub struct TxBuffer {
-    mem: Vec<(Option<Xid>, Pending)>,
+    mem: VecDeque<Entry>,
     mem_bytes: usize,
     bound: usize,
     spill_dir: PathBuf,
     spill: Option<(PathBuf, BufWriter<File>)>,
     spilled: usize,
-    /// Bytes (as counted against the bound) spilled to disk, by every buffer of the stream.
-    spilled_bytes: Arc<AtomicU64>,
+    shared: Arc<Shared>,
     aborted: HashSet<Xid>,
 }
 
 impl TxBuffer {
-    pub(crate) fn new(bound: usize, spill_dir: &Path, spilled_bytes: Arc<AtomicU64>) -> TxBuffer {
+    pub(crate) fn new(bound: usize, spill_dir: &Path, shared: &Arc<Shared>) -> TxBuffer {
         TxBuffer {
-            mem: Vec::new(),
+            mem: shared.take_list(),
             mem_bytes: 0,
             bound,
             spill_dir: spill_dir.to_path_buf(),
             spill: None,
             spilled: 0,
-            spilled_bytes,
+            shared: shared.clone(),
             aborted: HashSet::new(),
         }
     }
 
     pub(crate) fn push(&mut self, subxid: Option<Xid>, p: Pending) -> std::io::Result<()> {
         self.mem_bytes += p.size();
-        self.mem.push((subxid, p));
+        self.mem.push_back((subxid, p));
         if self.mem_bytes > self.bound {
             // Up to the bound's worth of JSON written at once: file I/O off the streams' worker.
             super::blocking(|| self.spill_mem())?;
@@ -88,7 +133,8 @@ impl TxBuffer {
             writer.write_all(b"\n")?;
             self.spilled += 1;
         }
-        self.spilled_bytes
+        self.shared
+            .spilled_bytes
             .fetch_add(self.mem_bytes as u64, Ordering::Relaxed);
         self.mem_bytes = 0;
         Ok(())
@@ -110,8 +156,8 @@ impl TxBuffer {
     }
 
     /// The transaction's changes in order, read back from disk first when it spilled.
-    pub fn drain(mut self) -> std::io::Result<impl Iterator<Item = std::io::Result<Pending>>> {
-        let spilled = match self.spill.take() {
+    pub fn drain(mut self) -> std::io::Result<Drain> {
+        let disk = match self.spill.take() {
             Some((path, mut writer)) => {
                 writer.flush()?;
                 drop(writer);
@@ -122,24 +168,57 @@ impl TxBuffer {
             }
             None => None,
         };
-        let aborted = std::mem::take(&mut self.aborted);
-        let aborted2 = aborted.clone();
-        let mem = std::mem::take(&mut self.mem);
-        let from_disk = spilled.into_iter().flatten().filter_map(move |line| {
-            let line = match line {
-                Ok(l) => l,
-                Err(e) => return Some(Err(e)),
-            };
-            match serde_json::from_str::<(Option<Xid>, Pending)>(&line) {
-                Ok((x, p)) => (!x.is_some_and(|x| aborted.contains(&x))).then_some(Ok(p)),
-                Err(e) => Some(Err(std::io::Error::other(e))),
+        Ok(Drain {
+            disk,
+            mem: std::mem::take(&mut self.mem),
+            aborted: std::mem::take(&mut self.aborted),
+            shared: self.shared.clone(),
+        })
+    }
+}
+
+/// A committed transaction's changes in order ([`TxBuffer::drain`]); its list goes back to the
+/// stream's spares when dropped.
+pub struct Drain {
+    disk: Option<Lines<BufReader<File>>>,
+    mem: VecDeque<Entry>,
+    aborted: HashSet<Xid>,
+    shared: Arc<Shared>,
+}
+
+impl Drain {
+    fn aborted(&self, subxid: Option<Xid>) -> bool {
+        subxid.is_some_and(|x| self.aborted.contains(&x))
+    }
+}
+
+impl Iterator for Drain {
+    type Item = std::io::Result<Pending>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        while let Some(lines) = &mut self.disk {
+            match lines.next() {
+                Some(Ok(line)) => match serde_json::from_str::<Entry>(&line) {
+                    Ok((x, p)) if !self.aborted(x) => return Some(Ok(p)),
+                    Ok(_) => {}
+                    Err(e) => return Some(Err(std::io::Error::other(e))),
+                },
+                Some(Err(e)) => return Some(Err(e)),
+                None => self.disk = None,
             }
-        });
-        let from_mem = mem
-            .into_iter()
-            .filter(move |(x, _)| !x.is_some_and(|x| aborted2.contains(&x)))
-            .map(|(_, p)| Ok(p));
-        Ok(from_disk.chain(from_mem))
+        }
+        while let Some((x, p)) = self.mem.pop_front() {
+            if !self.aborted(x) {
+                return Some(Ok(p));
+            }
+        }
+        None
+    }
+}
+
+impl Drop for Drain {
+    fn drop(&mut self) {
+        self.shared.give_list(std::mem::take(&mut self.mem));
     }
 }
 
@@ -174,8 +253,8 @@ pub struct Assembler {
     spill_dir: PathBuf,
     /// Most bytes ever held in memory at once by open transactions.
     peak: usize,
-    /// Bytes of changes spilled to disk so far.
-    spilled_bytes: Arc<AtomicU64>,
+    /// What the transaction buffers share: bytes spilled to disk so far, spare lists.
+    shared: Arc<Shared>,
     /// The key of the tags the server's own `fluxbase.*` messages carry (see
     /// [`super::message_key`]); without one, every such message is dropped.
     message_key: Option<ring::hmac::Key>,
@@ -206,7 +285,7 @@ impl Assembler {
             bound,
             spill_dir: spill_dir.to_path_buf(),
             peak: 0,
-            spilled_bytes: Arc::default(),
+            shared: Arc::default(),
             message_key: None,
             rejected: 0,
             max_row_bytes: 0,
@@ -255,7 +334,7 @@ impl Assembler {
 
     /// Bytes of changes (as counted against the bound) spilled to disk so far.
     pub fn spilled_bytes(&self) -> u64 {
-        self.spilled_bytes.load(Ordering::Relaxed)
+        self.shared.spilled_bytes()
     }
 
     /// True when no transaction is open: everything received has been released.
@@ -275,9 +354,10 @@ impl Assembler {
 
     fn buffer(&mut self, what: &'static str) -> Result<&mut TxBuffer, AssembleError> {
         match self.stream_xid {
-            Some(xid) => Ok(self.streams.entry(xid).or_insert_with(|| {
-                TxBuffer::new(self.bound, &self.spill_dir, self.spilled_bytes.clone())
-            })),
+            Some(xid) => Ok(self
+                .streams
+                .entry(xid)
+                .or_insert_with(|| TxBuffer::new(self.bound, &self.spill_dir, &self.shared))),
             None => self
                 .current
                 .as_mut()
@@ -308,7 +388,7 @@ impl Assembler {
             M::Begin(b) => {
                 self.current = Some(OpenTx {
                     commit_timestamp: b.commit_timestamp,
-                    buf: TxBuffer::new(self.bound, &self.spill_dir, self.spilled_bytes.clone()),
+                    buf: TxBuffer::new(self.bound, &self.spill_dir, &self.shared),
                 });
             }
             M::Commit(c) => {
@@ -381,9 +461,10 @@ impl Assembler {
             M::StreamStart(s) => self.stream_xid = Some(s.xid),
             M::StreamStop => self.stream_xid = None,
             M::StreamCommit(c) => {
-                let buf = self.streams.remove(&c.xid).unwrap_or_else(|| {
-                    TxBuffer::new(self.bound, &self.spill_dir, self.spilled_bytes.clone())
-                });
+                let buf = self
+                    .streams
+                    .remove(&c.xid)
+                    .unwrap_or_else(|| TxBuffer::new(self.bound, &self.spill_dir, &self.shared));
                 return Ok(Some(Committed {
                     commit_lsn: c.commit_lsn,
                     end_lsn: c.end_lsn,
@@ -408,6 +489,98 @@ impl Assembler {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn change(n: usize) -> Pending {
+        Pending::Broadcast {
+            event: format!("e{n}"),
+            payload: "{}".to_string(),
+        }
+    }
+
+    fn names(drain: Drain) -> Vec<String> {
+        drain
+            .map(|p| match p.expect("read back") {
+                Pending::Broadcast { event, .. } => event,
+                other => panic!("unexpected {other:?}"),
+            })
+            .collect()
+    }
+
+    /// A released transaction's list of changes is kept, emptied, for the next transaction (no
+    /// growing and no fresh pages per transaction), at most [`SPARE_LISTS`] of them and none
+    /// past [`SPARE_MAX_ENTRIES`]; what a buffer gives back never leaks into the next one's
+    /// changes, spilled, aborted or dropped half-read.
+    #[test]
+    fn released_change_lists_are_kept_for_the_next_transactions_within_bounds() {
+        let dir =
+            std::env::temp_dir().join(format!("fx-assemble-{}", crate::secrets::random_hex::<8>()));
+        let shared = Arc::new(Shared::default());
+        let mut first = TxBuffer::new(usize::MAX, &dir, &shared);
+        for n in 0..100 {
+            first.push(None, change(n)).expect("push");
+        }
+        let room = first.mem.capacity();
+        assert!(room >= 100);
+        let expected: Vec<String> = (0..100).map(|n| format!("e{n}")).collect();
+        assert_eq!(names(first.drain().expect("drain")), expected);
+
+        let mut second = TxBuffer::new(usize::MAX, &dir, &shared);
+        assert!(second.mem.is_empty());
+        assert_eq!(second.mem.capacity(), room, "the first one's list, kept");
+        assert!(shared.spares.lock().unwrap().is_empty());
+        // Aborted subtransaction, then read only in part: the rest is dropped with the list.
+        second.push(Some(7), change(1)).unwrap();
+        second.push(None, change(2)).unwrap();
+        second.push(None, change(3)).unwrap();
+        second.abort_subtransaction(7);
+        let mut drain = second.drain().unwrap();
+        assert_eq!(names_one(&mut drain), "e2");
+        drop(drain);
+        let third = TxBuffer::new(usize::MAX, &dir, &shared);
+        assert!(third.mem.is_empty(), "nothing of the half-read one left");
+        assert_eq!(third.mem.capacity(), room);
+
+        // Spilled: the disk's part first, then memory's, and the list still comes back.
+        let mut spilled = TxBuffer::new(200, &dir, &shared);
+        for n in 0..10 {
+            spilled.push(None, change(n)).unwrap();
+        }
+        assert!(spilled.is_spilled());
+        assert_eq!(
+            names(spilled.drain().unwrap()),
+            (0..10).map(|n| format!("e{n}")).collect::<Vec<_>>()
+        );
+        assert!(shared.spilled_bytes() > 0);
+
+        // A list past the bound goes back to the allocator; at most SPARE_LISTS are kept.
+        let mut large = TxBuffer::new(usize::MAX, &dir, &shared);
+        for n in 0..=SPARE_MAX_ENTRIES {
+            large.push(None, change(n)).unwrap();
+        }
+        let kept_before = shared.spares.lock().unwrap().len();
+        drop(large.drain().unwrap());
+        assert_eq!(shared.spares.lock().unwrap().len(), kept_before);
+        let lists: Vec<TxBuffer> = (0..4)
+            .map(|_| {
+                let mut b = TxBuffer::new(usize::MAX, &dir, &shared);
+                b.push(None, change(0)).unwrap();
+                b
+            })
+            .collect();
+        for b in lists {
+            drop(b.drain().unwrap());
+        }
+        assert_eq!(shared.spares.lock().unwrap().len(), SPARE_LISTS);
+        drop(third);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    fn names_one(drain: &mut Drain) -> String {
+        match drain.next().expect("one").expect("read") {
+            Pending::Broadcast { event, .. } => event,
+            other => panic!("unexpected {other:?}"),
+        }
+    }
 
     fn tagged(key: &[u8], prefix: &str, body: &str) -> Vec<u8> {
         let k = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, key);

@@ -31,7 +31,6 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use fluxbase_replication::pgoutput::{Lsn, PgTimestamp};
@@ -47,7 +46,7 @@ use mysql_async::Value;
 use super::ddl;
 use super::position;
 use crate::bus::RowOp;
-use crate::cdc::assemble::{Committed, TxBuffer};
+use crate::cdc::assemble::{Committed, Shared, TxBuffer};
 use crate::cdc::events::Pending;
 use crate::mysql::render::ColumnKind;
 
@@ -289,7 +288,8 @@ pub struct Decoder {
     shared_db: Arc<str>,
     bound: usize,
     spill_dir: PathBuf,
-    spilled_bytes: Arc<AtomicU64>,
+    /// What the transaction buffers share: bytes spilled to disk so far, spare lists.
+    shared: Arc<Shared>,
     peak: usize,
     file: Option<String>,
     seq: u32,
@@ -330,7 +330,7 @@ impl Decoder {
             shared_db: Arc::from(db),
             bound,
             spill_dir: spill_dir.to_path_buf(),
-            spilled_bytes: Arc::default(),
+            shared: Arc::default(),
             peak: 0,
             file: None,
             seq: 0,
@@ -394,7 +394,7 @@ impl Decoder {
     }
 
     pub fn spilled_bytes(&self) -> u64 {
-        self.spilled_bytes.load(Ordering::Relaxed)
+        self.shared.spilled_bytes()
     }
 
     /// Statement-logged row changes of the project skipped so far.
@@ -446,7 +446,7 @@ impl Decoder {
 
     fn open(&mut self, explicit: bool, standalone: bool) {
         self.current = Some(OpenTx {
-            buf: TxBuffer::new(self.bound, &self.spill_dir, self.spilled_bytes.clone()),
+            buf: TxBuffer::new(self.bound, &self.spill_dir, &self.shared),
             gtid: self.next_gtid.take(),
             standalone,
             explicit,
