@@ -618,6 +618,33 @@ pub fn to_json_value(type_oid: u32, text: Option<&str>, reg: &TypeRegistry) -> V
 /// The text does not have the shape its type prints: the caller writes it as a string instead.
 struct Malformed;
 
+/// How the values of one column are written as JSON ([`write_json`]), with a built-in type's
+/// category looked up once instead of for every value (a change stream writes every column of
+/// every row). A type of the database's own is still resolved through the registry at each
+/// value: what the registry knows of it may change.
+#[derive(Clone, Copy, Debug)]
+pub struct ColumnWriter {
+    oid: u32,
+    builtin: Option<Kind<'static>>,
+}
+
+impl ColumnWriter {
+    pub fn new(type_oid: u32) -> ColumnWriter {
+        ColumnWriter {
+            oid: type_oid,
+            builtin: builtin(type_oid),
+        }
+    }
+
+    /// [`write_json`] of a non-NULL value of this column.
+    pub fn write(&self, out: &mut String, text: &str, reg: &TypeRegistry) {
+        match self.builtin {
+            Some(kind) => write_kind(out, kind, text, reg, 0),
+            None => write_value(out, self.oid, text, reg, 0),
+        }
+    }
+}
+
 fn write_value<O: Out>(out: &mut O, oid: u32, text: &str, reg: &TypeRegistry, depth: usize) {
     write_kind(out, reg.resolve(oid), text, reg, depth);
 }

@@ -24,7 +24,8 @@ pub async fn health(_app: SharedApp, _req: Request) -> ApiResult<Json<Status>> {
 
 /// The control database answers and the storage backend is usable. Why the storage backend is
 /// not is told to operators only (the metrics token, or a local request): it names paths,
-/// endpoints and buckets; everyone else gets the code, and the server's log has the cause.
+/// endpoints and buckets; everyone else gets the code, and the server's log has the cause. In
+/// cluster mode, the projects the node leads (`cluster.leads`) are told to operators only too.
 #[utoipa::path(get, path = "/ready", tag = "operations",
     responses((status = 200, description = "`{\"status\":\"ready\"}`", body = Status)))]
 pub async fn ready(app: SharedApp, req: Request) -> ApiResult<Response> {
@@ -58,7 +59,12 @@ pub async fn ready(app: SharedApp, req: Request) -> ApiResult<Response> {
     if let Some(mode) = app.cluster_mode.as_ref() {
         // Cluster mode: which node this is, what it leads, whether it reaches NATS. Not ready
         // without NATS or the leadership connection: a load balancer sends realtime elsewhere.
-        let report = mode.node_report();
+        let mut report = mode.node_report();
+        // Which projects this node leads names every tenant's project id to whoever asks each
+        // node (red team rt18 LOW): operators only, as the storage cause above.
+        if !super::metrics::operator(&app.config, req.peer, &req.headers) {
+            report.leads.clear();
+        }
         if report.nats && report.leadership {
             return Ok(json_response(
                 StatusCode::OK,

@@ -92,6 +92,9 @@ pub struct ProjectLeadership {
     /// On the leader: times the stream was found without events the slot had already been
     /// confirmed past (JetStream lost them after `nats_publish_settle_ms`; see docs/cluster.md).
     pub lost_tails: Option<u64>,
+    /// On the leader: events larger than a NATS message may be (row changes published with
+    /// their rows left out, others not at all; see docs/cluster.md).
+    pub too_large: Option<u64>,
     pub publish_error: Option<String>,
 }
 
@@ -128,6 +131,7 @@ impl ClusterMode {
             published: publisher.as_ref().map(|p| p.published),
             skipped: publisher.as_ref().map(|p| p.skipped),
             lost_tails: publisher.as_ref().map(|p| p.lost_tails),
+            too_large: publisher.as_ref().map(|p| p.too_large),
             publish_error: publisher.and_then(|p| p.last_error),
         }
     }

@@ -90,6 +90,9 @@ pub struct Table {
     pub name: Arc<str>,
     /// What the row bound needs of the columns, made once ([`left_out`]).
     sizing: Sizing,
+    /// Per column, made once: its name as a JSON object's key (`"name":`) and how its values
+    /// are written (a built-in type's category looked up once, not per value).
+    columns: Vec<(String, values::ColumnWriter)>,
 }
 
 /// Per column: the bytes its name takes in a row's JSON (`"name":` and a comma), and how its
@@ -125,11 +128,22 @@ impl Table {
                 .iter()
                 .any(|c| !values::renders_within_six_times(c.type_id, reg)),
         };
+        let columns = rel
+            .columns
+            .iter()
+            .map(|c| {
+                let mut key = String::with_capacity(c.name.len() + 3);
+                quote(&mut key, &c.name);
+                key.push(':');
+                (key, values::ColumnWriter::new(c.type_id))
+            })
+            .collect();
         Table {
             schema: Arc::from(rel.namespace.as_str()),
             name: Arc::from(rel.name.as_str()),
             rel,
             sizing,
+            columns,
         }
     }
 }
@@ -200,17 +214,24 @@ fn tuple_capacity(rel: &Relation, tuple: &Tuple) -> usize {
 /// Renders a tuple as a JSON object. `old` fills unchanged TOAST values when it has them;
 /// otherwise such columns are left out and named in the returned list.
 pub fn tuple_json(
-    rel: &Relation,
+    table: &Table,
     tuple: &Tuple,
     old: Option<&Tuple>,
     reg: &TypeRegistry,
     omit: &[bool],
 ) -> (String, Vec<String>) {
+    let rel = &table.rel;
     let mut out = String::with_capacity(tuple_capacity(rel, tuple));
     let mut missing = Vec::new();
     out.push('{');
     let mut first = true;
-    for (i, (col, value)) in rel.columns.iter().zip(tuple.0.iter()).enumerate() {
+    for (i, ((col, (key, writer)), value)) in rel
+        .columns
+        .iter()
+        .zip(&table.columns)
+        .zip(tuple.0.iter())
+        .enumerate()
+    {
         if omit.get(i).copied().unwrap_or(false) {
             continue;
         }
@@ -228,13 +249,10 @@ pub fn tuple_json(
             out.push(',');
         }
         first = false;
-        quote(&mut out, &col.name);
-        out.push(':');
+        out.push_str(key);
         match value {
             pgoutput::Column::Null => out.push_str("null"),
-            pgoutput::Column::Text(bytes) => {
-                values::write_json(&mut out, col.type_id, Some(&text_of(bytes)), reg);
-            }
+            pgoutput::Column::Text(bytes) => writer.write(&mut out, &text_of(bytes), reg),
             // Binary mode is never requested; render defensively as a string.
             pgoutput::Column::Binary(bytes) => {
                 quote(&mut out, &format!("\\x{}", hex::encode(bytes)))
@@ -247,10 +265,16 @@ pub fn tuple_json(
 }
 
 /// An old key tuple carries only the replica identity's columns: render just those.
-pub fn key_json(rel: &Relation, tuple: &Tuple, reg: &TypeRegistry) -> String {
+pub fn key_json(table: &Table, tuple: &Tuple, reg: &TypeRegistry) -> String {
     let mut out = String::from("{");
     let mut first = true;
-    for (col, value) in rel.columns.iter().zip(tuple.0.iter()) {
+    for ((col, (key, writer)), value) in table
+        .rel
+        .columns
+        .iter()
+        .zip(&table.columns)
+        .zip(tuple.0.iter())
+    {
         if !col.is_key {
             continue;
         }
@@ -258,12 +282,9 @@ pub fn key_json(rel: &Relation, tuple: &Tuple, reg: &TypeRegistry) -> String {
             out.push(',');
         }
         first = false;
-        quote(&mut out, &col.name);
-        out.push(':');
+        out.push_str(key);
         match value {
-            pgoutput::Column::Text(bytes) => {
-                values::write_json(&mut out, col.type_id, Some(&text_of(bytes)), reg)
-            }
+            pgoutput::Column::Text(bytes) => writer.write(&mut out, &text_of(bytes), reg),
             _ => out.push_str("null"),
         }
     }
@@ -277,8 +298,9 @@ pub fn key_json(rel: &Relation, tuple: &Tuple, reg: &TypeRegistry) -> String {
 /// update), `NOTHING`, a table without a primary key, or a key value PostgreSQL did not send
 /// (an unchanged TOASTed key column): webhook ordering then orders the table's changes as one
 /// row.
-pub fn identity_key(rel: &Relation, tuple: &Tuple, reg: &TypeRegistry) -> Option<String> {
+pub fn identity_key(table: &Table, tuple: &Tuple, reg: &TypeRegistry) -> Option<String> {
     use pgoutput::ReplicaIdentity;
+    let rel = &table.rel;
     if !matches!(
         rel.replica_identity,
         ReplicaIdentity::Default | ReplicaIdentity::Index
@@ -294,14 +316,13 @@ pub fn identity_key(rel: &Relation, tuple: &Tuple, reg: &TypeRegistry) -> Option
             any = true;
         }
     }
-    any.then(|| key_json(rel, tuple, reg))
+    any.then(|| key_json(table, tuple, reg))
 }
 
 pub fn insert(table: &Table, new: &Tuple, reg: &TypeRegistry, cap: usize) -> Pending {
-    let rel = &table.rel;
     let omit = left_out(table, &[new], reg, cap);
-    let (record, unchanged_toast) = tuple_json(rel, new, None, reg, &omit);
-    let key = identity_key(rel, new, reg);
+    let (record, unchanged_toast) = tuple_json(table, new, None, reg, &omit);
+    let key = identity_key(table, new, reg);
     row(
         table,
         RowOp::Insert,
@@ -318,7 +339,6 @@ pub fn update(
     reg: &TypeRegistry,
     cap: usize,
 ) -> Pending {
-    let rel = &table.rel;
     let old_row = match old {
         Some(OldTuple::Row(t)) => Some(t),
         _ => None,
@@ -329,11 +349,11 @@ pub fn update(
         Some(o) => left_out(table, &[new, o], reg, cap),
         None => left_out(table, &[new], reg, cap),
     };
-    let (record, unchanged_toast) = tuple_json(rel, new, old_row, reg, &omit);
-    let key = identity_key(rel, new, reg);
+    let (record, unchanged_toast) = tuple_json(table, new, old_row, reg, &omit);
+    let key = identity_key(table, new, reg);
     let old_json = match old {
-        Some(OldTuple::Row(t)) => Some(tuple_json(rel, t, None, reg, &omit).0),
-        Some(OldTuple::Key(t)) => Some(key_json(rel, t, reg)),
+        Some(OldTuple::Row(t)) => Some(tuple_json(table, t, None, reg, &omit).0),
+        Some(OldTuple::Key(t)) => Some(key_json(table, t, reg)),
         None => None,
     };
     row(
@@ -346,13 +366,16 @@ pub fn update(
 }
 
 pub fn delete(table: &Table, old: &OldTuple, reg: &TypeRegistry, cap: usize) -> Pending {
-    let rel = &table.rel;
     let (old_json, key, omit) = match old {
         OldTuple::Row(t) => {
             let omit = left_out(table, &[t], reg, cap);
-            (tuple_json(rel, t, None, reg, &omit).0, None, omit)
+            (tuple_json(table, t, None, reg, &omit).0, None, omit)
         }
-        OldTuple::Key(t) => (key_json(rel, t, reg), identity_key(rel, t, reg), Vec::new()),
+        OldTuple::Key(t) => (
+            key_json(table, t, reg),
+            identity_key(table, t, reg),
+            Vec::new(),
+        ),
     };
     // The guide's client prints `record` for DELETE: it is the deleted row (or its key).
     row(
@@ -782,6 +805,75 @@ pub fn finish(
     }
 }
 
+/// A row change with its rows left out: `record` (and `old`, when it had one) an empty object
+/// and every column they held named in `tooLarge` (after any already there), as if each value
+/// had passed `cdc_max_row_bytes`; the same id, names, times and notes otherwise. For a
+/// channel that cannot carry the change whole (the cluster's stream past NATS's
+/// `max_payload`). `None` for anything but a row change made by [`finish`].
+pub fn without_rows(event: &Event) -> Option<Event> {
+    let EventKind::Row { operation } = event.kind else {
+        return None;
+    };
+    let index = u32::from_str_radix(event.id.rsplit_once('-')?.1, 16).ok()?;
+    let mut too_large = event.too_large.clone();
+    for image in [event.record(), event.old()].into_iter().flatten() {
+        for name in object_keys(image)? {
+            if !too_large.contains(&name) {
+                too_large.push(name);
+            }
+        }
+    }
+    let pending = Pending::Row {
+        operation,
+        schema: event.schema.clone()?,
+        table: event.table.clone()?,
+        record: "{}".to_string(),
+        old: event.old.is_some().then(|| "{}".to_string()),
+        unchanged_toast: event.unchanged_toast.clone(),
+        too_large,
+        relation: event.relation,
+        key: event.row_key.clone(),
+    };
+    let mut smaller = finish(
+        pending,
+        event.commit_lsn,
+        event.end_lsn,
+        index,
+        &event.commit_timestamp,
+        event.last_in_transaction,
+    );
+    (smaller.id == event.id).then(|| {
+        smaller.gap_before = event.gap_before;
+        smaller
+    })
+}
+
+/// The keys of a JSON object, in their order.
+fn object_keys(json: &str) -> Option<Vec<String>> {
+    struct Keys;
+    impl<'de> serde::de::Visitor<'de> for Keys {
+        type Value = Vec<String>;
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("a JSON object")
+        }
+        fn visit_map<A: serde::de::MapAccess<'de>>(
+            self,
+            mut map: A,
+        ) -> Result<Self::Value, A::Error> {
+            let mut keys = Vec::new();
+            while let Some(key) = map.next_key::<String>()? {
+                map.next_value::<serde::de::IgnoredAny>()?;
+                keys.push(key);
+            }
+            Ok(keys)
+        }
+    }
+    use serde::Deserializer as _;
+    serde_json::Deserializer::from_str(json)
+        .deserialize_map(Keys)
+        .ok()
+}
+
 /// Whether a row change's payload is the one [`finish`] wrote for it: it begins with the
 /// event's own id, operation, schema and table, then `record` and `old` exactly as the event
 /// holds them, then `commitTimestamp`. Then its top-level `record` and `old` are the event's,
@@ -1096,6 +1188,47 @@ mod tests {
         // Payloads that are not a row change's.
         assert!(finished_fields(r#"{"event":"x","payload":{}}"#).is_none());
         assert!(finished_fields("not json").is_none());
+    }
+
+    /// The stand-in the cluster's stream carries for a change NATS cannot: the same change,
+    /// its rows left out and every column named in `tooLarge` in the rows' order, as
+    /// `cdc_max_row_bytes` writes it (the history and every channel read it as theirs).
+    #[test]
+    fn a_change_without_its_rows_keeps_everything_else_and_names_every_column() {
+        let event = row_event(
+            "public",
+            r#"{"id":7,"body":"xxxxxxxx","z":{"a":1},"é":null}"#,
+            Some(r#"{"id":7,"old_only":[1,2]}"#),
+        );
+        let smaller = without_rows(&event).expect("a row change");
+        assert_eq!(smaller.id, event.id);
+        assert_eq!(smaller.record(), Some("{}"));
+        assert_eq!(smaller.old(), Some("{}"));
+        assert_eq!(smaller.too_large, ["id", "body", "z", "é", "old_only"]);
+        assert_eq!(smaller.unchanged_toast, event.unchanged_toast);
+        assert_eq!(
+            (smaller.commit_lsn, smaller.end_lsn),
+            (event.commit_lsn, event.end_lsn)
+        );
+        assert!(smaller.last_in_transaction && payload_is_finished(&smaller));
+        let payload: serde_json::Value = serde_json::from_str(&smaller.payload).unwrap();
+        assert_eq!(payload["record"], serde_json::json!({}));
+        assert_eq!(payload["tooLarge"][4], "old_only");
+        assert_eq!(payload["id"], event.id.as_str());
+        // An insert has no old image, and keeps none.
+        let mut insert = row_event("public", r#"{"a":1}"#, None);
+        insert.kind = EventKind::Row {
+            operation: RowOp::Insert,
+        };
+        let smaller = without_rows(&insert).unwrap();
+        assert_eq!(
+            (smaller.old(), smaller.too_large.as_slice()),
+            (None, &["a".to_string()][..])
+        );
+        // Not a row change: nothing to leave out.
+        let mut broadcast = row_event("public", "{}", None);
+        broadcast.kind = EventKind::Broadcast { event: "e".into() };
+        assert!(without_rows(&broadcast).is_none());
     }
 
     #[test]

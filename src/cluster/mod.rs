@@ -191,6 +191,11 @@ impl Cluster {
             .name(format!("fluxbase-{node_id}"))
             .retry_on_initial_connect()
             .connection_timeout(Duration::from_secs(5))
+            // A server that stops answering (hung, or cut off without a reset) is noticed after
+            // two unanswered pings: within about 3 s, not the client's default of minutes
+            // (red team rt18: `/ready` said `"nats": true` for 182 s of a stopped nats-server,
+            // and the request limits were not shared meanwhile).
+            .ping_interval(Duration::from_secs(1))
             .event_callback(move |event| {
                 let counter = counter.clone();
                 async move {
@@ -237,6 +242,15 @@ impl Cluster {
     /// Changes each time the NATS connection is made again.
     pub fn connections(&self) -> tokio::sync::watch::Receiver<u64> {
         self.connections.subscribe()
+    }
+
+    /// The largest message the NATS server takes (its `max_payload`); NATS's default (1 MiB)
+    /// until the first connection told.
+    pub fn max_payload(&self) -> usize {
+        match self.nats.server_info().max_payload {
+            0 => 1 << 20,
+            n => n,
+        }
     }
 
     /// True while the NATS connection is up.

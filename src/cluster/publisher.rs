@@ -75,6 +75,9 @@ pub struct PublisherStatus {
     /// Terms that found the stream without events already let go to the slot: lost by
     /// JetStream after the settle window.
     pub lost_tails: u64,
+    /// Events larger than a NATS message may be (the server's `max_payload`): a row change
+    /// went with its rows left out (`tooLarge`), anything else was not published (logged).
+    pub too_large: u64,
 }
 
 /// Transaction ends acknowledged by JetStream, waiting out the settle window.
@@ -320,8 +323,30 @@ async fn term(
                     in_flight.push_back(Box::pin(async move { (Ok(0), end, None, id) }));
                     continue;
                 }
+                // An event NATS refuses for its size would be refused again after every rewind:
+                // the project's realtime would stop for good and its slot keep the cluster's WAL
+                // (red team rt18 HIGH). It goes smaller, or not at all.
+                let body = match fitting(cluster, &event, project_id) {
+                    Fits::As(body) => body,
+                    Fits::Smaller(smaller, body) => {
+                        status.lock().expect("poisoned").too_large += 1;
+                        expected += 1;
+                        let ack = publish(cluster, &subject, &smaller, body, expected - 1, None).await?;
+                        last_id = Some(event.id.clone());
+                        last_end = event.end_lsn;
+                        in_flight.push_back(pending(Pending { ack: Some(ack), end, reply: None, id: event.id.clone() }));
+                        continue;
+                    }
+                    Fits::Not => {
+                        status.lock().expect("poisoned").too_large += 1;
+                        let id = event.id.clone();
+                        // Acknowledged as a replay is: settled, never published.
+                        in_flight.push_back(Box::pin(async move { (Ok(0), end, None, id) }));
+                        continue;
+                    }
+                };
                 expected += 1;
-                let ack = publish(cluster, &subject, &event, expected - 1, None).await?;
+                let ack = publish(cluster, &subject, &event, body, expected - 1, None).await?;
                 last_id = Some(event.id.clone());
                 last_end = event.end_lsn;
                 in_flight.push_back(pending(Pending { ack: Some(ack), end, reply: None, id: event.id.clone() }));
@@ -348,8 +373,12 @@ async fn term(
                     continue;
                 };
                 let event = broadcast_event(id.clone(), &ask, last_end);
+                let Fits::As(body) = fitting(cluster, &event, project_id) else {
+                    answer(cluster, reply, None, Some("the broadcast is larger than a NATS message may be".into())).await;
+                    continue;
+                };
                 expected += 1;
-                let ack = publish(cluster, &subject, &event, expected - 1, ask.sender.as_ref()).await?;
+                let ack = publish(cluster, &subject, &event, body, expected - 1, ask.sender.as_ref()).await?;
                 last_id = Some(id.clone());
                 in_flight.push_back(pending(Pending { ack: Some(ack), end: None, reply: Some(reply), id }));
             }
@@ -416,10 +445,60 @@ fn broadcast_event(id: String, ask: &BroadcastAsk, last_end: Lsn) -> Event {
     }
 }
 
+/// Room left in a NATS message for the headers [`publish`] adds (id, expected sequence, sender)
+/// and the protocol's framing.
+const HEADER_ROOM: usize = 1024;
+
+/// How an event goes into the project's stream: a NATS server refuses a message over its
+/// `max_payload` (1 MiB unless configured), which `cdc_max_row_bytes` (16 MiB) and a
+/// broadcast from SQL can pass.
+enum Fits {
+    /// As it is, with its encoded body.
+    As(Vec<u8>),
+    /// A row change too large: the same change with its rows left out, every column named in
+    /// `tooLarge` (as `cdc_max_row_bytes` leaves values out), and its encoded body.
+    Smaller(Box<Event>, Vec<u8>),
+    /// Anything else too large: not published.
+    Not,
+}
+
+fn fitting(cluster: &Cluster, event: &Event, project_id: &str) -> Fits {
+    let body = crate::realtime::history::encode(event, chrono::Utc::now().timestamp_millis());
+    let limit = cluster.max_payload().saturating_sub(HEADER_ROOM);
+    if body.len() <= limit {
+        return Fits::As(body);
+    }
+    if let Some(smaller) = crate::cdc::events::without_rows(event) {
+        let body =
+            crate::realtime::history::encode(&smaller, chrono::Utc::now().timestamp_millis());
+        if body.len() <= limit {
+            tracing::warn!(
+                project_id,
+                id = %event.id,
+                bytes = body.len(),
+                max_payload = limit + HEADER_ROOM,
+                "a row change is larger than a NATS message may be: published with its rows \
+                 left out (tooLarge); lower cdc_max_row_bytes or raise nats-server's max_payload"
+            );
+            return Fits::Smaller(Box::new(smaller), body);
+        }
+    }
+    tracing::error!(
+        project_id,
+        id = %event.id,
+        bytes = body.len(),
+        max_payload = limit + HEADER_ROOM,
+        "an event is larger than a NATS message may be: not published to the cluster's stream \
+         (webhooks still get row changes); raise nats-server's max_payload"
+    );
+    Fits::Not
+}
+
 async fn publish(
     cluster: &Cluster,
     subject: &str,
     event: &Event,
+    body: Vec<u8>,
     expected_last: u64,
     sender: Option<&(String, u64)>,
 ) -> anyhow::Result<PublishAckFuture> {
@@ -432,7 +511,6 @@ async fn publish(
     if let Some((node, socket)) = sender {
         headers.insert(SENDER_HEADER, format!("{node}/{socket}").as_str());
     }
-    let body = crate::realtime::history::encode(event, chrono::Utc::now().timestamp_millis());
     Ok(cluster
         .js
         .publish_with_headers(subject.to_string(), headers, body.into())

@@ -24,7 +24,13 @@ async fn a_change_through_node_a_reaches_node_c_and_broadcasts_from_b_reach_a_an
         let nodes = Nodes::start(3, &[]).await;
         let (a, b, c) = (nodes.base(0), nodes.base(1), nodes.base(2));
         let p = project(a).await;
-        sql(a, &p.admin, &p.project, "CREATE TABLE t (id int PRIMARY KEY)").await;
+        sql(
+            a,
+            &p.admin,
+            &p.project,
+            "CREATE TABLE t (id int PRIMARY KEY, body text)",
+        )
+        .await;
         // Every node has a room for the project whoever leads it.
         let (leader, _) = nodes.wait_leader(&p, None, Duration::from_secs(60)).await;
         nodes.wait_agreed(&p, &leader, Duration::from_secs(30)).await;
@@ -45,6 +51,18 @@ async fn a_change_through_node_a_reaches_node_c_and_broadcasts_from_b_reach_a_an
                 "node {} (the leader is {leader}): {body}",
                 nodes.ids[i]
             );
+            // Asked from elsewhere, no node lists the projects it leads (red team rt18 LOW).
+            let forwarded: serde_json::Value = reqwest::Client::new()
+                .get(format!("{}/ready", nodes.base(i)))
+                .header("X-Forwarded-For", "203.0.113.9")
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+            assert_eq!(forwarded["cluster"]["leads"], json!([]), "{forwarded}");
+            assert_eq!(forwarded["cluster"]["node"], nodes.ids[i], "{forwarded}");
         }
         let mut on_a = subscribed(a, &p, None).await;
         let mut on_b = subscribed(b, &p, None).await;
@@ -96,6 +114,41 @@ async fn a_change_through_node_a_reaches_node_c_and_broadcasts_from_b_reach_a_an
             assert_eq!(t_row(ws, on).await, 3, "node {on}: the sentinel row");
             nothing_more(ws).await;
         }
+
+        // Red team rt18 HIGH: an event larger than a NATS message may be (1 MiB here, NATS's
+        // default) stopped the project's realtime for good (each rewind met it again) and kept
+        // the cluster's WAL. A 2 MB row now goes with its rows left out (`tooLarge`), a 2 MB
+        // broadcast from SQL is not published, and what follows arrives.
+        sql(
+            a,
+            &p.readwrite,
+            &p.project,
+            "INSERT INTO t VALUES (4, repeat('y', 2000000))",
+        )
+        .await;
+        for (ws, on) in [(&mut on_a, "a"), (&mut on_b, "b"), (&mut on_c, "c")] {
+            let m = next(ws).await;
+            assert_eq!(m["type"], "db_event", "node {on}: {m}");
+            assert_eq!(m["payload"]["operation"], "INSERT", "node {on}: {m}");
+            assert_eq!(m["payload"]["record"], json!({}), "node {on}: {m}");
+            assert_eq!(m["payload"]["tooLarge"], json!(["id", "body"]), "node {on}: {m}");
+        }
+        sql(
+            a,
+            &p.readwrite,
+            &p.project,
+            "SELECT realtime.broadcast('big', json_build_object('x', repeat('y', 2000000))::jsonb)",
+        )
+        .await;
+        sql(b, &p.readwrite, &p.project, "INSERT INTO t VALUES (5)").await;
+        for (ws, on) in [(&mut on_a, "a"), (&mut on_b, "b"), (&mut on_c, "c")] {
+            assert_eq!(t_row(ws, on).await, 5, "node {on}: the row after the large ones");
+            nothing_more(ws).await;
+        }
+        let leader_at = nodes.ids.iter().position(|id| *id == leader).unwrap();
+        let (_, status) = nodes.cdc_status(leader_at, &p).await.expect("status");
+        assert_eq!(status["cluster"]["tooLarge"], 2, "{status}");
+        assert_eq!(status["cluster"]["publishError"], json!(null), "{status}");
     })
     .await;
 }
