@@ -164,3 +164,52 @@ async fn after_all_three_nodes_restarted_a_since_resume_on_any_node_gets_what_it
     })
     .await;
 }
+
+/// Red team rt18 MEDIUM: a nats-server that hangs (stopped, its connections open and silent)
+/// went unnoticed for about three minutes (the client's default ping interval): `/ready` said
+/// `"nats": true` and the request limits were not shared meanwhile. The node now pings every
+/// second and notices within seconds, and is ready again once NATS answers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hung_nats_server_is_noticed_within_seconds() {
+    bounded(Duration::from_secs(300), async {
+        let nats = crate::support::nats::NatsServer::start().await;
+        let nodes = Nodes::start_with_nats(&nats.url(), 1, &[]).await;
+        let ready = |base: String| async move {
+            let (status, body) =
+                crate::support::http::call(&base, "GET", "/ready", None, serde_json::json!(null))
+                    .await;
+            (status, body["cluster"]["nats"].as_bool())
+        };
+        let base = nodes.base(0).to_string();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while ready(base.clone()).await != (200, Some(true)) {
+            assert!(Instant::now() < deadline, "never ready");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        nats.pause(true);
+        let paused = Instant::now();
+        let noticed = loop {
+            let (status, connected) = ready(base.clone()).await;
+            if status == 503 && connected == Some(false) {
+                break paused.elapsed();
+            }
+            // The client's own default would take minutes; a minute is the test's patience.
+            assert!(
+                paused.elapsed() < Duration::from_secs(60),
+                "/ready still {status} with nats {connected:?} after a minute"
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        };
+        eprintln!("a hung nats-server was noticed after {noticed:?}");
+        nats.pause(false);
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while ready(base.clone()).await != (200, Some(true)) {
+            assert!(
+                Instant::now() < deadline,
+                "not ready again after NATS resumed"
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    })
+    .await;
+}

@@ -154,6 +154,18 @@ impl NatsServer {
         }
     }
 
+    /// Stops (`SIGSTOP`) or resumes (`SIGCONT`) the server: a server that hangs, its
+    /// connections open and silent.
+    pub fn pause(&self, paused: bool) {
+        let pid = self.child.as_ref().expect("running").id();
+        let signal = if paused { "-STOP" } else { "-CONT" };
+        let status = std::process::Command::new("kill")
+            .args([signal, &pid.to_string()])
+            .status()
+            .expect("kill");
+        assert!(status.success(), "kill {signal} {pid}");
+    }
+
     /// Ends the server as a crash would (SIGKILL) and reaps it.
     pub fn kill9(&mut self) {
         if let Some(mut child) = self.child.take() {
