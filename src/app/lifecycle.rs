@@ -75,7 +75,9 @@ impl App {
     /// run). Each MySQL project keeps one connection for its binlog dump: MySQL projects
     /// together may hold at most a fifth of the MySQL server's `max_connections`, the rest
     /// staying for SQL (the SQL connection budget is sized from what is left when it is first
-    /// needed). Refused before anything is made, naming what is full (403, as a quota).
+    /// needed). In cluster mode, NATS JetStream's room for the project's stream
+    /// ([`crate::cluster::Cluster::room_for_stream`]). Refused before anything is made, naming
+    /// what is full (403, as a quota).
     pub async fn room_for_project(&self, engine: Engine) -> Result<(), ProjectsError> {
         let control = self
             .control
@@ -89,6 +91,17 @@ impl App {
                 "This server holds as many projects as it is set to ({all}; max_projects = \
                  {cap}). Delete a project or ask the operator to raise max_projects."
             )));
+        }
+        if let Some(mode) = self.cluster_mode.as_ref() {
+            if let Err(why) = mode.cluster.room_for_stream().await {
+                return Err(ProjectsError::ServerFull(format!(
+                    "NATS JetStream has no room for a new project's stream ({why}): each \
+                     project's stream reserves nats_retention_bytes = {} bytes of its store. \
+                     Delete a project, or ask the operator to give JetStream more storage \
+                     (max_file_store) or lower nats_retention_bytes.",
+                    self.config.nats_retention_bytes
+                )));
+            }
         }
         match engine {
             Engine::Postgresql => {

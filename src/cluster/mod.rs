@@ -287,6 +287,49 @@ impl Cluster {
         }
     }
 
+    /// Whether JetStream has room for one more project's stream: a stream like a project's (its
+    /// `max_bytes`, file storage, replicas) is made under a name of this node's and deleted
+    /// again. JetStream reserves each stream's `max_bytes` when it is made, so once the
+    /// reservations fill its store a new project's stream cannot be made and the project would
+    /// never have realtime (red team rt18). `Err` with JetStream's words only when it refuses
+    /// for lack of resources; anything else (NATS unreachable) is no answer: `Ok`, and the
+    /// stream is made when the project's leader starts.
+    pub async fn room_for_stream(&self) -> std::result::Result<(), String> {
+        use async_nats::jetstream::context::CreateStreamErrorKind;
+        use async_nats::jetstream::ErrorCode;
+        let name = format!("FLUXBASE_ROOM_{}", self.node_id);
+        let config = jetstream::stream::Config {
+            name: name.clone(),
+            subjects: vec![format!("fluxbase.room.{}", self.node_id)],
+            max_bytes: self.retention.max_bytes,
+            num_replicas: self.retention.replicas,
+            storage: jetstream::stream::StorageType::File,
+            ..Default::default()
+        };
+        match self.js.create_stream(config).await {
+            Ok(_) => {
+                if let Err(e) = self.js.delete_stream(&name).await {
+                    tracing::warn!(error = %e, stream = name, "deleting the JetStream room probe");
+                }
+                Ok(())
+            }
+            Err(e) => match e.kind() {
+                CreateStreamErrorKind::JetStream(js)
+                    if matches!(
+                        js.error_code(),
+                        ErrorCode::STORAGE_RESOURCES_EXCEEDED | ErrorCode::INSUFFICIENT_RESOURCES
+                    ) =>
+                {
+                    Err(js.to_string())
+                }
+                _ => {
+                    tracing::debug!(error = %e, "JetStream did not say whether a project's stream fits");
+                    Ok(())
+                }
+            },
+        }
+    }
+
     /// Deletes a project's stream (the project was deleted).
     pub async fn delete_stream(&self, project_id: &str) {
         if let Err(e) = self.js.delete_stream(stream_name(project_id)).await {

@@ -114,3 +114,53 @@ async fn a_project_whose_slot_waits_for_older_transactions_still_streams_on_ever
     })
     .await;
 }
+
+/// Red team rt18 MEDIUM: JetStream reserves each project stream's `nats_retention_bytes` when
+/// the stream is made; once the reservations filled its store, a new project was still created
+/// (201) and never had realtime (its sockets said `degraded` for good, its slot kept the WAL).
+/// A project is now refused first (403, naming JetStream), as when the database cluster has no
+/// free replication slot, and made again once there is room.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_project_jetstream_has_no_room_for_is_refused_before_anything_is_made() {
+    bounded(Duration::from_secs(300), async {
+        let nats = crate::support::nats::NatsServer::start().await;
+        let nodes = Nodes::start_with_nats(&nats.url(), 1, &[]).await;
+        let base = nodes.base(0);
+        let token = crate::support::fixtures::signup_on(base).await;
+        // Another stream takes all but 128 MiB of the store: less than a project's 256 MiB.
+        let (max, reserved) = nats.store_room().await;
+        let client = async_nats::connect(nats.url()).await.unwrap();
+        let js = async_nats::jetstream::new(client);
+        js.create_stream(async_nats::jetstream::stream::Config {
+            name: "FILLER".into(),
+            subjects: vec!["filler".into()],
+            max_bytes: (max - reserved - (128 << 20)) as i64,
+            storage: async_nats::jetstream::stream::StorageType::File,
+            ..Default::default()
+        })
+        .await
+        .expect("the filler stream");
+        let create = || {
+            call(
+                base,
+                "POST",
+                "/api/projects",
+                Some(&token),
+                json!({ "name": "room", "engine": "postgresql" }),
+            )
+        };
+        let (status, body) = create().await;
+        assert_eq!(status, 403, "{body}");
+        assert_eq!(body["error"]["code"], "INSUFFICIENT_PERMISSIONS", "{body}");
+        let message = body["error"]["message"].as_str().unwrap();
+        assert!(message.contains("NATS JetStream has no room"), "{message}");
+        let (status, body) = call(base, "GET", "/api/projects", Some(&token), json!(null)).await;
+        assert_eq!(status, 200, "{body}");
+        assert_eq!(body["projects"], json!([]), "nothing made: {body}");
+        // Room again: the project is made.
+        js.delete_stream("FILLER").await.unwrap();
+        let (status, body) = create().await;
+        assert_eq!(status, 201, "{body}");
+    })
+    .await;
+}

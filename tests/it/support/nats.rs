@@ -166,6 +166,17 @@ impl NatsServer {
         assert!(status.success(), "kill {signal} {pid}");
     }
 
+    /// JetStream's store: its most bytes (`max_file_store`, by default three quarters of the
+    /// disk's free space) and the bytes its streams have reserved (each its `max_bytes`).
+    pub async fn store_room(&self) -> (u64, u64) {
+        let url = format!("http://127.0.0.1:{}/jsz?config=true", self.monitor);
+        let jsz: serde_json::Value = reqwest::get(&url).await.unwrap().json().await.unwrap();
+        (
+            jsz["config"]["max_storage"].as_u64().expect("max_storage"),
+            jsz["reserved_storage"].as_u64().unwrap_or(0),
+        )
+    }
+
     /// Ends the server as a crash would (SIGKILL) and reaps it.
     pub fn kill9(&mut self) {
         if let Some(mut child) = self.child.take() {
