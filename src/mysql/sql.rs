@@ -310,16 +310,22 @@ impl Pools {
     /// connection of any project, or one that frees up within `sql_queue_timeout_ms`.
     async fn permit(&self) -> Result<tokio::sync::OwnedSemaphorePermit, SqlError> {
         let (permits, size) = self.budget.permits.get().expect("ensure_budget ran");
+        // A cluster's nodes size the budget from the same MySQL server: each takes its share
+        // (as `crate::sql::pool::Budget::share`, red team rt18).
+        let share = crate::cluster::per_node(*size, self.nodes());
         let busy = || {
             SqlError::Busy(format!(
-                "All {size} SQL connections of the MySQL server are in use \
+                "All {share} SQL connections of the MySQL server are in use \
                  (sql_max_connections); retry in a moment."
             ))
         };
+        let within = || size - permits.available_permits() <= share;
         let deadline = tokio::time::Instant::now() + self.queue_timeout;
         loop {
             if let Ok(p) = permits.clone().try_acquire_owned() {
-                return Ok(p);
+                if within() {
+                    return Ok(p);
+                }
             }
             // Registered before looking for idle connections, so none going idle is missed.
             let went_idle = self.budget.went_idle.notified();
@@ -328,7 +334,21 @@ impl Pools {
             // A closed connection gives its place back once it is closed.
             self.close_longest_idle();
             tokio::select! {
-                p = permits.clone().acquire_owned() => return p.map_err(|_| busy()),
+                p = permits.clone().acquire_owned() => match p {
+                    Ok(p) if within() => return Ok(p),
+                    // At this node's share: a connection closing, or going idle, makes room.
+                    Ok(p) => {
+                        drop(p);
+                        tokio::select! {
+                            _ = &mut went_idle => {}
+                            _ = tokio::time::sleep(std::time::Duration::from_millis(10)) => {}
+                        }
+                        if tokio::time::Instant::now() >= deadline {
+                            return Err(busy());
+                        }
+                    }
+                    Err(_) => return Err(busy()),
+                },
                 _ = &mut went_idle => continue,
                 _ = tokio::time::sleep_until(deadline) => return Err(busy()),
             }
@@ -543,7 +563,9 @@ impl Mysql {
                 .place(
                     project,
                     self.sql.nodes(),
-                    self.sql.budget.permits.get().map_or(0, |(_, size)| *size),
+                    self.sql.budget.permits.get().map_or(0, |(_, size)| {
+                        crate::cluster::per_node(*size, self.sql.nodes())
+                    }),
                     deadline,
                 )
                 .await?,
