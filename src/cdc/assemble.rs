@@ -26,21 +26,34 @@ use super::events::{self, Pending};
 /// A change held in memory, with the subtransaction that made it.
 type Entry = (Option<Xid>, Pending);
 
-/// Lists of changes kept for the stream's next transactions: at most this many.
-const SPARE_LISTS: usize = 2;
+/// Lists of changes kept for the next transactions, by every stream of the process together:
+/// at most this many (about 3 MiB).
+const SPARE_LISTS: usize = 4;
 /// A list is kept only while it has room for at most this many changes (about 0.7 MiB of
 /// entries): a transaction's list grew to its size change by change, and a stream that made a
 /// new one per transaction spent ≈ 9 % of its thread growing it and faulting in fresh pages
 /// (the allocator had returned the last one's); one past this size goes back to the allocator.
 const SPARE_MAX_ENTRIES: usize = 4096;
 
+/// Emptied change lists, kept with their room for the next transactions of any stream
+/// ([`SPARE_LISTS`]): process-wide, so that idle projects' streams keep none of their own.
+static SPARES: Mutex<Vec<VecDeque<Entry>>> = Mutex::new(Vec::new());
+
 /// What the transaction buffers of one stream share.
-#[derive(Default)]
 pub(crate) struct Shared {
     /// Bytes (as counted against the bound) spilled to disk, by every buffer of the stream.
     spilled_bytes: AtomicU64,
-    /// Emptied change lists, kept with their room for the next transactions ([`SPARE_LISTS`]).
-    spares: Mutex<Vec<VecDeque<Entry>>>,
+    /// Where emptied lists are kept: [`SPARES`] (a test gives its own).
+    spares: &'static Mutex<Vec<VecDeque<Entry>>>,
+}
+
+impl Default for Shared {
+    fn default() -> Shared {
+        Shared {
+            spilled_bytes: AtomicU64::new(0),
+            spares: &SPARES,
+        }
+    }
 }
 
 impl Shared {
@@ -507,14 +520,20 @@ mod tests {
     }
 
     /// A released transaction's list of changes is kept, emptied, for the next transaction (no
-    /// growing and no fresh pages per transaction), at most [`SPARE_LISTS`] of them and none
+    /// growing and no fresh pages per transaction), at most [`SPARE_LISTS`] of them (by every
+    /// stream together) and none
     /// past [`SPARE_MAX_ENTRIES`]; what a buffer gives back never leaks into the next one's
     /// changes, spilled, aborted or dropped half-read.
     #[test]
     fn released_change_lists_are_kept_for_the_next_transactions_within_bounds() {
         let dir =
             std::env::temp_dir().join(format!("fx-assemble-{}", crate::secrets::random_hex::<8>()));
-        let shared = Arc::new(Shared::default());
+        // A pool of its own: other tests' streams use the process's.
+        let pool: &'static Mutex<Vec<VecDeque<Entry>>> = Box::leak(Box::default());
+        let shared = Arc::new(Shared {
+            spilled_bytes: AtomicU64::new(0),
+            spares: pool,
+        });
         let mut first = TxBuffer::new(usize::MAX, &dir, &shared);
         for n in 0..100 {
             first.push(None, change(n)).expect("push");
@@ -527,7 +546,7 @@ mod tests {
         let mut second = TxBuffer::new(usize::MAX, &dir, &shared);
         assert!(second.mem.is_empty());
         assert_eq!(second.mem.capacity(), room, "the first one's list, kept");
-        assert!(shared.spares.lock().unwrap().is_empty());
+        assert!(pool.lock().unwrap().is_empty());
         // Aborted subtransaction, then read only in part: the rest is dropped with the list.
         second.push(Some(7), change(1)).unwrap();
         second.push(None, change(2)).unwrap();
@@ -557,9 +576,9 @@ mod tests {
         for n in 0..=SPARE_MAX_ENTRIES {
             large.push(None, change(n)).unwrap();
         }
-        let kept_before = shared.spares.lock().unwrap().len();
+        let kept_before = pool.lock().unwrap().len();
         drop(large.drain().unwrap());
-        assert_eq!(shared.spares.lock().unwrap().len(), kept_before);
+        assert_eq!(pool.lock().unwrap().len(), kept_before);
         let lists: Vec<TxBuffer> = (0..4)
             .map(|_| {
                 let mut b = TxBuffer::new(usize::MAX, &dir, &shared);
@@ -570,7 +589,7 @@ mod tests {
         for b in lists {
             drop(b.drain().unwrap());
         }
-        assert_eq!(shared.spares.lock().unwrap().len(), SPARE_LISTS);
+        assert_eq!(pool.lock().unwrap().len(), SPARE_LISTS);
         drop(third);
         let _ = std::fs::remove_dir_all(&dir);
     }

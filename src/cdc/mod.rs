@@ -943,12 +943,6 @@ async fn stream_once<B: EventBus>(
     let mut received = Lsn(0);
     loop {
         tokio::select! {
-            // The stream first: while a backlog drains, a message is nearly always ready and
-            // the tick's timer is then not polled for each one (unbiased, it was for every
-            // other message: a timer registration each). The tick still runs: a stream read
-            // spends tokio's cooperative budget and yields once it is spent, and each
-            // transaction released spends a unit of it.
-            biased;
             event = stream.next() => {
                 let event = match event {
                     Ok(Some(e)) => e,

@@ -172,6 +172,10 @@ pub fn broadcast_subject(project_id: &str) -> String {
     format!("fluxbase.broadcast.{project_id}")
 }
 
+/// The stream [`Cluster::room_for_stream`] makes and deletes, and its subject.
+const ROOM_PROBE: &str = "FLUXBASE_ROOM_PROBE";
+const ROOM_PROBE_SUBJECT: &str = "fluxbase.room.probe";
+
 /// Wakes every node's leadership loop (a node stopped, or joined).
 pub const REBALANCE_SUBJECT: &str = "fluxbase.cluster.rebalance";
 
@@ -192,10 +196,12 @@ impl Cluster {
             .retry_on_initial_connect()
             .connection_timeout(Duration::from_secs(5))
             // A server that stops answering (hung, or cut off without a reset) is noticed after
-            // two unanswered pings: within about 3 s, not the client's default of minutes
+            // two unanswered pings: within about 6 s, not the client's default of minutes
             // (red team rt18: `/ready` said `"nats": true` for 182 s of a stopped nats-server,
-            // and the request limits were not shared meanwhile).
-            .ping_interval(Duration::from_secs(1))
+            // and the request limits were not shared meanwhile). Not shorter: any message the
+            // server sends resets the count, but one that takes longer than this to arrive (a
+            // large `max_payload` over a slow link) would end the connection.
+            .ping_interval(Duration::from_secs(2))
             .event_callback(move |event| {
                 let counter = counter.clone();
                 async move {
@@ -288,8 +294,7 @@ impl Cluster {
     }
 
     /// Whether JetStream has room for one more project's stream: a stream like a project's (its
-    /// `max_bytes`, file storage, replicas) is made under a name of this node's and deleted
-    /// again. JetStream reserves each stream's `max_bytes` when it is made, so once the
+    /// `max_bytes`, file storage, replicas) is made under [`ROOM_PROBE`] and deleted again. JetStream reserves each stream's `max_bytes` when it is made, so once the
     /// reservations fill its store a new project's stream cannot be made and the project would
     /// never have realtime (red team rt18). `Err` with JetStream's words only when it refuses
     /// for lack of resources; anything else (NATS unreachable) is no answer: `Ok`, and the
@@ -297,37 +302,54 @@ impl Cluster {
     pub async fn room_for_stream(&self) -> std::result::Result<(), String> {
         use async_nats::jetstream::context::CreateStreamErrorKind;
         use async_nats::jetstream::ErrorCode;
-        let name = format!("FLUXBASE_ROOM_{}", self.node_id);
+        if !self.connected() {
+            return Ok(());
+        }
+        // One name for every node: a probe left behind (a crash between its making and its
+        // deletion) is found by the next one, whichever node makes it.
         let config = jetstream::stream::Config {
-            name: name.clone(),
-            subjects: vec![format!("fluxbase.room.{}", self.node_id)],
+            name: ROOM_PROBE.to_string(),
+            subjects: vec![ROOM_PROBE_SUBJECT.to_string()],
             max_bytes: self.retention.max_bytes,
             num_replicas: self.retention.replicas,
             storage: jetstream::stream::StorageType::File,
             ..Default::default()
         };
-        match self.js.create_stream(config).await {
-            Ok(_) => {
-                if let Err(e) = self.js.delete_stream(&name).await {
-                    tracing::warn!(error = %e, stream = name, "deleting the JetStream room probe");
+        for _ in 0..2 {
+            let e = match self.js.create_stream(config.clone()).await {
+                Ok(_) => {
+                    if let Err(e) = self.js.delete_stream(ROOM_PROBE).await {
+                        tracing::debug!(error = %e, "deleting the JetStream room probe");
+                    }
+                    return Ok(());
                 }
-                Ok(())
-            }
-            Err(e) => match e.kind() {
-                CreateStreamErrorKind::JetStream(js)
-                    if matches!(
-                        js.error_code(),
-                        ErrorCode::STORAGE_RESOURCES_EXCEEDED | ErrorCode::INSUFFICIENT_RESOURCES
-                    ) =>
+                Err(e) => e,
+            };
+            let CreateStreamErrorKind::JetStream(js) = e.kind() else {
+                tracing::debug!(error = %e, "JetStream did not say whether a project's stream fits");
+                return Ok(());
+            };
+            match js.error_code() {
+                ErrorCode::STORAGE_RESOURCES_EXCEEDED | ErrorCode::INSUFFICIENT_RESOURCES => {
+                    return Err(js.to_string())
+                }
+                // A NATS cluster: no server has room for the stream's replicas.
+                ErrorCode::CLUSTER_NO_PEERS
+                    if js.to_string().to_lowercase().contains("insufficient") =>
                 {
-                    Err(js.to_string())
+                    return Err(js.to_string())
+                }
+                // A probe left behind with other limits: gone, then asked again.
+                ErrorCode::STREAM_NAME_EXIST => {
+                    let _ = self.js.delete_stream(ROOM_PROBE).await;
                 }
                 _ => {
                     tracing::debug!(error = %e, "JetStream did not say whether a project's stream fits");
-                    Ok(())
+                    return Ok(());
                 }
-            },
+            }
         }
+        Ok(())
     }
 
     /// Deletes a project's stream (the project was deleted).

@@ -278,7 +278,9 @@ async fn term(
                 }
                 if let Some((end, id)) = settling.take_due(tokio::time::Instant::now()) {
                     sub.ack(end);
-                    *released = Some(id);
+                    if !id.is_empty() {
+                        *released = Some(id);
+                    }
                 }
             }
             done = in_flight.next(), if !in_flight.is_empty() => {
@@ -296,7 +298,9 @@ async fn term(
                         if let Some(end) = end {
                             if settle.is_zero() {
                                 sub.ack(end);
-                                *released = Some(id.clone());
+                                if !id.is_empty() {
+                                    *released = Some(id.clone());
+                                }
                             } else {
                                 settling.push(tokio::time::Instant::now() + settle, end, id.clone());
                             }
@@ -339,8 +343,11 @@ async fn term(
                     }
                     Fits::Not => {
                         status.lock().expect("poisoned").too_large += 1;
-                        let id = event.id.clone();
-                        // Acknowledged as a replay is: settled, never published.
+                        // Acknowledged as a replay is: settled, never published. What it lets go
+                        // is the stream's last event, not this one (the stream never holds it:
+                        // the next term would report a lost tail); none (empty) if the stream
+                        // holds nothing yet.
+                        let id = last_id.clone().unwrap_or_default();
                         in_flight.push_back(Box::pin(async move { (Ok(0), end, None, id) }));
                         continue;
                     }
@@ -469,13 +476,14 @@ fn fitting(cluster: &Cluster, event: &Event, project_id: &str) -> Fits {
         return Fits::As(body);
     }
     if let Some(smaller) = crate::cdc::events::without_rows(event) {
+        let whole = body.len();
         let body =
             crate::realtime::history::encode(&smaller, chrono::Utc::now().timestamp_millis());
         if body.len() <= limit {
             tracing::warn!(
                 project_id,
                 id = %event.id,
-                bytes = body.len(),
+                bytes = whole,
                 max_payload = limit + HEADER_ROOM,
                 "a row change is larger than a NATS message may be: published with its rows \
                  left out (tooLarge); lower cdc_max_row_bytes or raise nats-server's max_payload"

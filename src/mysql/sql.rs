@@ -312,18 +312,20 @@ impl Pools {
         let (permits, size) = self.budget.permits.get().expect("ensure_budget ran");
         // A cluster's nodes size the budget from the same MySQL server: each takes its share
         // (as `crate::sql::pool::Budget::share`, red team rt18).
-        let share = crate::cluster::per_node(*size, self.nodes());
-        let busy = || {
+        let busy = |share: usize| {
             SqlError::Busy(format!(
                 "All {share} SQL connections of the MySQL server are in use \
                  (sql_max_connections); retry in a moment."
             ))
         };
-        let within = || size - permits.available_permits() <= share;
+        let within = |share: usize| size - permits.available_permits() <= share;
         let deadline = tokio::time::Instant::now() + self.queue_timeout;
+        // One idle connection closed per wait, and again each time one goes idle.
+        let mut may_close = true;
         loop {
+            let share = crate::cluster::per_node(*size, self.nodes());
             if let Ok(p) = permits.clone().try_acquire_owned() {
-                if within() {
+                if within(share) {
                     return Ok(p);
                 }
             }
@@ -332,25 +334,27 @@ impl Pools {
             tokio::pin!(went_idle);
             went_idle.as_mut().enable();
             // A closed connection gives its place back once it is closed.
-            self.close_longest_idle();
+            if std::mem::take(&mut may_close) {
+                self.close_longest_idle();
+            }
             tokio::select! {
                 p = permits.clone().acquire_owned() => match p {
-                    Ok(p) if within() => return Ok(p),
+                    Ok(p) if within(share) => return Ok(p),
                     // At this node's share: a connection closing, or going idle, makes room.
                     Ok(p) => {
                         drop(p);
                         tokio::select! {
-                            _ = &mut went_idle => {}
+                            _ = &mut went_idle => may_close = true,
                             _ = tokio::time::sleep(std::time::Duration::from_millis(10)) => {}
                         }
                         if tokio::time::Instant::now() >= deadline {
-                            return Err(busy());
+                            return Err(busy(share));
                         }
                     }
-                    Err(_) => return Err(busy()),
+                    Err(_) => return Err(busy(share)),
                 },
-                _ = &mut went_idle => continue,
-                _ = tokio::time::sleep_until(deadline) => return Err(busy()),
+                _ = &mut went_idle => may_close = true,
+                _ = tokio::time::sleep_until(deadline) => return Err(busy(share)),
             }
         }
     }

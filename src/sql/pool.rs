@@ -278,6 +278,9 @@ impl Budget {
         let deadline = tokio::time::Instant::now() + self.wait;
         // Held by this node now: within its share, or the permit goes back at once.
         let within = |share: usize| size - permits.available_permits() <= share;
+        // One idle connection closed per wait (and again each time one goes idle): a waiter at
+        // its node's share, woken every 10 ms, would otherwise close one each time.
+        let mut may_close = true;
         loop {
             let share = self.share(*size);
             if let Ok(p) = permits.clone().try_acquire_owned() {
@@ -290,7 +293,9 @@ impl Budget {
             tokio::pin!(went_idle);
             went_idle.as_mut().enable();
             // A closed connection gives its permit back as it finishes closing.
-            self.close_longest_idle();
+            if std::mem::take(&mut may_close) {
+                self.close_longest_idle();
+            }
             tokio::select! {
                 p = permits.clone().acquire_owned() => match p {
                     Ok(p) if within(share) => return Ok(p),
@@ -299,7 +304,7 @@ impl Budget {
                     Ok(p) => {
                         drop(p);
                         tokio::select! {
-                            _ = &mut went_idle => {}
+                            _ = &mut went_idle => may_close = true,
                             _ = tokio::time::sleep(Duration::from_millis(10)) => {}
                         }
                         if tokio::time::Instant::now() >= deadline {
@@ -308,7 +313,7 @@ impl Budget {
                     }
                     Err(_) => return Err(PoolFailure::Budget(share)),
                 },
-                _ = &mut went_idle => continue,
+                _ = &mut went_idle => may_close = true,
                 _ = tokio::time::sleep_until(deadline) => return Err(PoolFailure::Budget(share)),
             }
         }
