@@ -307,56 +307,26 @@ impl Pools {
     }
 
     /// A place for one more connection: a free one, one freed by closing the longest-idle
-    /// connection of any project, or one that frees up within `sql_queue_timeout_ms`.
+    /// connection of any project, or one that frees up within `sql_queue_timeout_ms`; a
+    /// cluster's node takes its share of the budget (as PostgreSQL's, red team rt18).
     async fn permit(&self) -> Result<tokio::sync::OwnedSemaphorePermit, SqlError> {
         let (permits, size) = self.budget.permits.get().expect("ensure_budget ran");
-        // A cluster's nodes size the budget from the same MySQL server: each takes its share
-        // (as `crate::sql::pool::Budget::share`, red team rt18).
-        let busy = |share: usize| {
+        let deadline = tokio::time::Instant::now() + self.queue_timeout;
+        crate::sql::permit_within_share(
+            permits,
+            *size,
+            || crate::cluster::per_node(*size, self.nodes()),
+            &self.budget.went_idle,
+            || self.close_longest_idle(),
+            deadline,
+        )
+        .await
+        .map_err(|share| {
             SqlError::Busy(format!(
                 "All {share} SQL connections of the MySQL server are in use \
                  (sql_max_connections); retry in a moment."
             ))
-        };
-        let within = |share: usize| size - permits.available_permits() <= share;
-        let deadline = tokio::time::Instant::now() + self.queue_timeout;
-        // One idle connection closed per wait, and again each time one goes idle.
-        let mut may_close = true;
-        loop {
-            let share = crate::cluster::per_node(*size, self.nodes());
-            if let Ok(p) = permits.clone().try_acquire_owned() {
-                if within(share) {
-                    return Ok(p);
-                }
-            }
-            // Registered before looking for idle connections, so none going idle is missed.
-            let went_idle = self.budget.went_idle.notified();
-            tokio::pin!(went_idle);
-            went_idle.as_mut().enable();
-            // A closed connection gives its place back once it is closed.
-            if std::mem::take(&mut may_close) {
-                self.close_longest_idle();
-            }
-            tokio::select! {
-                p = permits.clone().acquire_owned() => match p {
-                    Ok(p) if within(share) => return Ok(p),
-                    // At this node's share: a connection closing, or going idle, makes room.
-                    Ok(p) => {
-                        drop(p);
-                        tokio::select! {
-                            _ = &mut went_idle => may_close = true,
-                            _ = tokio::time::sleep(std::time::Duration::from_millis(10)) => {}
-                        }
-                        if tokio::time::Instant::now() >= deadline {
-                            return Err(busy(share));
-                        }
-                    }
-                    Err(_) => return Err(busy(share)),
-                },
-                _ = &mut went_idle => may_close = true,
-                _ = tokio::time::sleep_until(deadline) => return Err(busy(share)),
-            }
-        }
+        })
     }
 
     /// Closes the connection idle longest, whatever its project.

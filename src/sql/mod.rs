@@ -56,6 +56,7 @@ use crate::rls::Identities;
 use crate::secrets::Secrets;
 
 pub use building::{AnswerMemory, AnswerText};
+pub(crate) use pool::permit_within_share;
 pub use pool::{own_connections, release, Checkout, PoolFailure, PooledConnection, LOGIN_BOUND};
 pub use render::SqlResponse;
 

@@ -176,6 +176,62 @@ pub struct Budget {
     cluster: std::sync::OnceLock<Arc<crate::cluster::leadership::Leadership>>,
 }
 
+/// A permit of a connection budget whose semaphore holds `size` places, while this node holds
+/// at most `share()` of them (all on a single node; a cluster's node its part, see
+/// [`Budget::share`]): a free place, or one freed by closing an idle connection
+/// (`close_idle`, once per wait and again each time `idle` tells one went idle), or one that
+/// frees up before `deadline`. `Err(share)` when none did. Both engines' budgets wait here.
+pub(crate) async fn permit_within_share(
+    permits: &Arc<tokio::sync::Semaphore>,
+    size: usize,
+    share: impl Fn() -> usize,
+    idle: &tokio::sync::Notify,
+    close_idle: impl Fn(),
+    deadline: tokio::time::Instant,
+) -> Result<tokio::sync::OwnedSemaphorePermit, usize> {
+    // Held by this node now: within its share, or the permit goes back at once.
+    let within = |share: usize| size - permits.available_permits() <= share;
+    // One idle connection closed per wait (and again each time one goes idle): a waiter at its
+    // node's share, woken every 10 ms, would otherwise close one each time.
+    let mut may_close = true;
+    loop {
+        let share = share();
+        if let Ok(p) = permits.clone().try_acquire_owned() {
+            if within(share) {
+                return Ok(p);
+            }
+        }
+        // Registered before looking for idle connections, so none going idle is missed.
+        let went_idle = idle.notified();
+        tokio::pin!(went_idle);
+        went_idle.as_mut().enable();
+        // A closed connection gives its permit back as it finishes closing.
+        if std::mem::take(&mut may_close) {
+            close_idle();
+        }
+        tokio::select! {
+            p = permits.clone().acquire_owned() => match p {
+                Ok(p) if within(share) => return Ok(p),
+                // At this node's share of a cluster's budget (the semaphore holds the whole): a
+                // connection closing, or going idle, makes room.
+                Ok(p) => {
+                    drop(p);
+                    tokio::select! {
+                        _ = &mut went_idle => may_close = true,
+                        _ = tokio::time::sleep(Duration::from_millis(10)) => {}
+                    }
+                    if tokio::time::Instant::now() >= deadline {
+                        return Err(share);
+                    }
+                }
+                Err(_) => return Err(share),
+            },
+            _ = &mut went_idle => may_close = true,
+            _ = tokio::time::sleep_until(deadline) => return Err(share),
+        }
+    }
+}
+
 impl Budget {
     pub(super) fn new(
         configured: usize,
@@ -276,47 +332,18 @@ impl Budget {
             return Err(PoolFailure::Budget(0));
         };
         let deadline = tokio::time::Instant::now() + self.wait;
-        // Held by this node now: within its share, or the permit goes back at once.
-        let within = |share: usize| size - permits.available_permits() <= share;
-        // One idle connection closed per wait (and again each time one goes idle): a waiter at
-        // its node's share, woken every 10 ms, would otherwise close one each time.
-        let mut may_close = true;
-        loop {
-            let share = self.share(*size);
-            if let Ok(p) = permits.clone().try_acquire_owned() {
-                if within(share) {
-                    return Ok(p);
-                }
-            }
-            // Registered before looking for idle connections, so none going idle is missed.
-            let went_idle = self.idle.notified();
-            tokio::pin!(went_idle);
-            went_idle.as_mut().enable();
-            // A closed connection gives its permit back as it finishes closing.
-            if std::mem::take(&mut may_close) {
+        permit_within_share(
+            permits,
+            *size,
+            || self.share(*size),
+            &self.idle,
+            || {
                 self.close_longest_idle();
-            }
-            tokio::select! {
-                p = permits.clone().acquire_owned() => match p {
-                    Ok(p) if within(share) => return Ok(p),
-                    // At this node's share of a cluster's budget (the semaphore holds the
-                    // whole): a connection closing, or going idle, makes room.
-                    Ok(p) => {
-                        drop(p);
-                        tokio::select! {
-                            _ = &mut went_idle => may_close = true,
-                            _ = tokio::time::sleep(Duration::from_millis(10)) => {}
-                        }
-                        if tokio::time::Instant::now() >= deadline {
-                            return Err(PoolFailure::Budget(share));
-                        }
-                    }
-                    Err(_) => return Err(PoolFailure::Budget(share)),
-                },
-                _ = &mut went_idle => may_close = true,
-                _ = tokio::time::sleep_until(deadline) => return Err(PoolFailure::Budget(share)),
-            }
-        }
+            },
+            deadline,
+        )
+        .await
+        .map_err(PoolFailure::Budget)
     }
 
     /// Closes the pooled connection that has been idle longest, whatever its project.
