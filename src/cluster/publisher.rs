@@ -224,6 +224,9 @@ async fn term(
     // The subscription asked the change stream to rewind to the slot's confirmed position:
     // nothing this publisher has not had acknowledged is lost.
     let (mut expected, mut last_id, mut last_end) = stream_tail(cluster, project_id).await?;
+    // A loss found now stays the publisher's error once the term runs (the start clears the
+    // last term's error, not this one).
+    let mut lost = None;
     if let Some(gone) = released.as_deref() {
         let holds = match last_id.as_deref() {
             Some(last) => last >= gone,
@@ -240,9 +243,8 @@ async fn term(
                 last_id.as_deref().unwrap_or("nothing")
             );
             tracing::error!(project_id, "{why}");
-            let mut s = status.lock().expect("poisoned");
-            s.lost_tails += 1;
-            s.last_error = Some(why);
+            status.lock().expect("poisoned").lost_tails += 1;
+            lost = Some(why);
         }
         // What is there now is the reference from here on.
         *released = last_id.clone();
@@ -255,7 +257,7 @@ async fn term(
         .await?;
     {
         let mut s = status.lock().expect("poisoned");
-        s.last_error = None;
+        s.last_error = lost;
         s.sequence = expected;
     }
     let subject = super::subject(project_id);
